@@ -1,0 +1,26 @@
+"""salience: saliency maps for PyTorch image models: which pixels made the model decide.
+
+Every method is a plain function ``method(model, x, target=None, *, reduce=...)`` over an
+image batch ``x`` of shape ``(B, C, H, W)``; it returns the raw map ``(B, H, W)`` (or
+``(B, C, H, W)`` with ``reduce=None`` / ``"colored"``) and leaves the model as it was.
+"""
+from __future__ import annotations
+
+from . import reduce, targets
+from ._errors import SalienceError
+from ._guard import model_guard
+from .methods import METHODS, vanilla
+from .reduce import normalize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SalienceError",
+    "METHODS",
+    "model_guard",
+    "normalize",
+    "reduce",
+    "targets",
+    "vanilla",
+    "__version__",
+]

@@ -1,0 +1,229 @@
+"""The one place that calls ``torch.autograd``: target scores -> gradients.
+
+:func:`gradients` runs the model on ``x`` under :func:`salience._guard.model_guard` (eval
+mode, frozen parameters, everything restored afterwards), takes the score of the target
+before any final softmax, and differentiates it with respect to the input and, optionally,
+inner layers' outputs. Only those gradients are computed: parameters' ``.grad`` are never
+touched and no graph is built for parameters.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ._errors import SalienceError
+from ._guard import model_guard
+from ._layers import LayerSpec, resolve_layer
+from .targets import Target, TargetLike, as_target
+
+__all__ = ["Pass", "gradients", "check_input"]
+
+
+def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
+    """Validate an image batch ``(B, C, H, W)``: a finite floating tensor on the model's device."""
+    if not isinstance(x, Tensor):
+        raise SalienceError(f"expected x as a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        hint = "; add the batch dimension with x.unsqueeze(0)" if x.dim() == 3 else ""
+        raise SalienceError(f"expected x of shape (B, C, H, W), got shape {tuple(x.shape)}{hint}")
+    if not x.is_floating_point():
+        raise SalienceError(
+            f"expected a floating-point x, got dtype {x.dtype}; convert it, e.g. x.float() / 255"
+        )
+    if x.shape[0] == 0:
+        raise SalienceError("x is an empty batch (B = 0)")
+    if not bool(torch.isfinite(x).all()):
+        n = int((~torch.isfinite(x)).sum())
+        raise SalienceError(f"x contains {n} NaN or infinite values; saliency needs finite input")
+    if model is not None:
+        p = next(model.parameters(), None)
+        if p is None:
+            p = next(model.buffers(), None)
+        if p is not None and p.device != x.device:
+            raise SalienceError(
+                f"x is on {x.device} but the model is on {p.device}; move one, e.g. x.to('{p.device}')"
+            )
+    return x
+
+
+_SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, Tensor.softmax, Tensor.log_softmax,
+            torch.special.softmax, torch.special.log_softmax}
+
+
+class _SoftmaxTap(TorchFunctionMode):
+    """Remembers the last softmax/log-softmax call (module or functional) of a forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: Optional[tuple[Tensor, Tensor]] = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        if func in _SOFTMAX and args and isinstance(args[0], Tensor):
+            self.last = (args[0], out)
+        return out
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end the forward pass at the target's layer."""
+
+    def __init__(self, value: Tensor):
+        self.value = value
+
+
+def _unwrap_output(out: Any) -> Tensor:
+    """The model's score tensor from what its forward returned."""
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(out, dict):
+        for key in ("logits", "out", "output"):
+            if isinstance(out.get(key), Tensor):
+                return out[key]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise SalienceError(
+        f"the model returned {type(out).__name__}; expected a tensor of scores. Wrap the model so that "
+        "forward returns one tensor, or pass a custom target"
+    )
+
+
+@dataclass
+class Pass:
+    """The result of one forward and backward pass.
+
+    ``output``: the model's output (pre-softmax if stripped), detached, ``(B, K)``;
+    ``scores``: the target's scores, detached, ``(B,)`` (or ``()`` for a scalar loss);
+    ``grad``: d scores / d x, ``(B, C, H, W)``, or ``None`` if not asked;
+    ``activations`` and ``layer_grads``: the captured layers' outputs and their gradients,
+    in the order of ``layers``.
+    """
+
+    output: Tensor
+    scores: Tensor
+    grad: Optional[Tensor]
+    activations: list[Tensor]
+    layer_grads: list[Tensor]
+
+
+def _capture_hook(store: list, stop: bool):
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        if not store:  # the first call of a reused module
+            store.append(output)
+            if stop:
+                raise _StopForward(output)
+
+    return hook
+
+
+def gradients(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetLike = None,
+    *,
+    layers: Sequence[LayerSpec] = (),
+    input_grad: bool = True,
+    strip_softmax: bool = True,
+    extra_modes: Sequence[Any] = (),
+) -> Pass:
+    """Differentiate the target's score w.r.t. ``x`` ``(B, C, H, W)`` and ``layers``' outputs.
+
+    ``extra_modes`` are context managers entered around the forward pass (backprop rules).
+    The model is restored afterwards whatever happens.
+    """
+    check_input(x, model)
+    tgt: Target = as_target(target)
+    with ExitStack() as stack:
+        stack.enter_context(model_guard(model))
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        x_in = (x.clone() if x.is_inference() else x).detach().requires_grad_(input_grad)
+
+        captured: list[list[Any]] = [[] for _ in layers]
+        handles = []
+        target_store: list[Any] = []
+        try:
+            for layer, store in zip(layers, captured):
+                handles.append(resolve_layer(model, layer).register_forward_hook(_capture_hook(store, False)))
+            if tgt.layer is not None:
+                # Registered last, so the other layers' hooks on the same module run first.
+                handles.append(resolve_layer(model, tgt.layer).register_forward_hook(_capture_hook(target_store, True)))
+            tap = _SoftmaxTap() if strip_softmax and tgt.layer is None else None
+            try:
+                with ExitStack() as modes:
+                    for mode in extra_modes:
+                        modes.enter_context(mode)
+                    if tap is not None:
+                        modes.enter_context(tap)
+                    out = model(x_in)
+            except _StopForward as stop:
+                out = stop.value
+        finally:
+            for h in handles:
+                h.remove()
+
+        if tgt.layer is not None:
+            if not target_store:
+                raise SalienceError(f"the target's layer {tgt.layer!r} was not called in the forward pass")
+            out = target_store[0]
+        out = _unwrap_output(out)
+        if tap is not None and tap.last is not None and out is tap.last[1]:
+            out = tap.last[0]
+        elif strip_softmax and tgt.layer is None and _looks_like_probabilities(out):
+            warnings.warn(
+                "the model's output looks like probabilities (non-negative rows summing to 1) but no final "
+                "softmax call was seen to take the scores before it; saliency of probabilities is dominated "
+                "by the other classes. Give salience the model without its final softmax.",
+                stacklevel=3,
+            )
+        for layer, store in zip(layers, captured):
+            if not store or not isinstance(store[0], Tensor):
+                raise SalienceError(f"layer {layer!r} was not called in the forward pass (or returned no tensor)")
+
+        scores = tgt(out)
+        if not isinstance(scores, Tensor) or not (scores.dim() == 0 or scores.shape == (x.shape[0],)):
+            raise SalienceError(
+                f"the target must return one score per sample, shape ({x.shape[0]},), or a scalar; got "
+                f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
+            )
+        wrt = ([x_in] if input_grad else []) + [s[0] for s in captured]
+        if not scores.requires_grad or not wrt:
+            if wrt:
+                raise SalienceError(
+                    "the target's score does not depend on the input: the model has no gradient path from "
+                    "x to the output (is a part of it non-differentiable, detached, or under no_grad?)"
+                )
+            grads: Sequence[Optional[Tensor]] = []
+        else:
+            grads = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
+        if input_grad and grads[0] is None:
+            raise SalienceError(
+                "the target's score does not depend on the input x (no gradient path); check that the "
+                "model uses its input and that the target reads the model's output"
+            )
+        grads = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, wrt)]
+        grad = tgt.modify_gradient(grads[0]) if input_grad else None
+        layer_grads = list(grads[1:] if input_grad else grads)
+        return Pass(
+            output=out.detach(),
+            scores=scores.detach(),
+            grad=grad,
+            activations=[s[0].detach() for s in captured],
+            layer_grads=layer_grads,
+        )
+
+
+def _looks_like_probabilities(out: Tensor) -> bool:
+    if out.dim() != 2 or out.shape[1] < 2 or not out.is_floating_point():
+        return False
+    o = out.detach()
+    return bool((o >= 0).all()) and bool(torch.allclose(o.sum(1), torch.ones_like(o[:, 0]), atol=1e-4))

@@ -1,0 +1,110 @@
+"""Scope every change salience makes to a user's model, and always undo it.
+
+While salience explains a model it puts it in eval mode (so BatchNorm neither mixes the
+samples of a batch nor updates its running statistics, and Dropout is off) and turns off
+``requires_grad`` of the parameters (so only input gradients are computed and no memory
+is spent on parameter gradients). :func:`model_guard` records the model's state first and
+puts it back afterwards, on success, on an exception and on ``KeyboardInterrupt``.
+
+The guard is reference counted per model: nested calls (SmoothGrad around vanilla) and
+concurrent calls from several threads on the same model share one saved state, which is
+restored when the last of them leaves. Without that, a second thread would record the
+first thread's temporary eval mode as "the user's" and restore the wrong one.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["model_guard", "ModelState"]
+
+
+@dataclass
+class ModelState:
+    """What salience may touch in a model: modes, ``requires_grad``, ``.grad``, buffers."""
+
+    training: list[tuple[nn.Module, bool]]
+    requires_grad: list[tuple[nn.Parameter, bool]]
+    grads: list[tuple[nn.Parameter, "torch.Tensor | None"]]
+    buffers: list[tuple[nn.Module, str, torch.Tensor, int, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def capture(cls, model: nn.Module) -> "ModelState":
+        params = list(model.parameters())
+        buffers = []
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    # The version counter tells whether the buffer was written in place;
+                    # the clone lets us put back the values if it was.
+                    buffers.append((module, name, buf, buf._version, buf.detach().clone()))
+        return cls(
+            training=[(m, m.training) for m in model.modules()],
+            requires_grad=[(p, p.requires_grad) for p in params],
+            grads=[(p, p.grad) for p in params],
+            buffers=buffers,
+        )
+
+    def restore(self) -> None:
+        for module, mode in self.training:
+            module.training = mode
+        for param, flag in self.requires_grad:
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
+        for param, grad in self.grads:
+            if param.grad is not grad:
+                param.grad = grad
+        for module, name, buf, version, copy in self.buffers:
+            if module._buffers.get(name) is not buf:
+                module._buffers[name] = buf
+            if buf._version != version:
+                with torch.no_grad():
+                    buf.copy_(copy)
+
+
+_lock = threading.Lock()
+_active: dict[int, tuple[int, ModelState]] = {}
+
+
+@contextmanager
+def model_guard(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode with frozen parameters for the block, then restore it.
+
+    Restores every module's train/eval flag, every parameter's ``requires_grad`` and
+    ``.grad``, and any buffer written in place, also if the block raises.
+    """
+    if not isinstance(model, nn.Module):
+        from ._errors import SalienceError
+
+        raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
+    key = id(model)
+    with _lock:
+        if key in _active:
+            count, state = _active[key]
+            _active[key] = (count + 1, state)
+        else:
+            state = ModelState.capture(model)
+            _active[key] = (1, state)
+            try:
+                model.eval()
+                for p in model.parameters():
+                    p.requires_grad_(False)
+            except BaseException:
+                state.restore()
+                del _active[key]
+                raise
+    try:
+        yield model
+    finally:
+        with _lock:
+            count, state = _active[key]
+            if count == 1:
+                del _active[key]
+                state.restore()
+            else:
+                _active[key] = (count - 1, state)

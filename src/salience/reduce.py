@@ -1,0 +1,168 @@
+"""Pure tensor -> tensor steps after the gradient: grad modifiers, channel reductions, scaling.
+
+Nothing here sees a model. Grad modifiers keep the shape ``(B, C, H, W)``; channel
+reductions turn ``(B, C, H, W)`` into a map ``(B, H, W)`` (or keep ``C`` for the
+per-channel "colored" variant); :func:`normalize` is for the caller who wants ``[0, 1]``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._errors import SalienceError
+from .targets import small_values
+
+__all__ = [
+    "GradModifier",
+    "Reduction",
+    "GRAD_MODIFIERS",
+    "REDUCTIONS",
+    "absolute",
+    "negate",
+    "small_values",
+    "relu",
+    "max_abs",
+    "max_signed",
+    "colored",
+    "grayscale",
+    "l2",
+    "get_grad_modifier",
+    "get_reduction",
+    "normalize",
+]
+
+GradModifier = Callable[[Tensor], Tensor]
+Reduction = Callable[[Tensor], Tensor]
+
+
+def absolute(grad: Tensor) -> Tensor:
+    """``|g|``."""
+    return grad.abs()
+
+
+def negate(grad: Tensor) -> Tensor:
+    """``-g``: what *decreases* the score."""
+    return -grad
+
+
+def relu(grad: Tensor) -> Tensor:
+    """``max(g, 0)``: only what increases the score."""
+    return grad.clamp(min=0)
+
+
+GRAD_MODIFIERS: dict[str, Optional[GradModifier]] = {
+    "absolute": absolute,
+    "negate": negate,
+    "small_values": small_values,
+    "relu": relu,
+    "none": None,
+}
+
+
+def get_grad_modifier(modifier: Union[None, str, GradModifier]) -> Optional[GradModifier]:
+    """A grad modifier by keras-vis name (``"absolute"``, ``"negate"``, ``"small_values"``,
+    ``"relu"``, ``"none"``) or a function ``(B, C, H, W) -> (B, C, H, W)``; ``None`` is none."""
+    if modifier is None:
+        return None
+    if isinstance(modifier, str):
+        try:
+            return GRAD_MODIFIERS[modifier]
+        except KeyError:
+            raise SalienceError(
+                f"unknown grad_modifier {modifier!r}; expected one of {', '.join(GRAD_MODIFIERS)} or a function"
+            ) from None
+    if callable(modifier):
+        return modifier
+    raise SalienceError(f"grad_modifier must be a name or a function, got {type(modifier).__name__}")
+
+
+def _check4(g: Tensor) -> None:
+    if g.dim() != 4:
+        raise SalienceError(f"channel reductions expect (B, C, H, W), got shape {tuple(g.shape)}")
+
+
+def max_abs(grad: Tensor) -> Tensor:
+    """``max_c |g|``: Simonyan et al.'s map, ``(B, C, H, W) -> (B, H, W)``."""
+    _check4(grad)
+    return grad.abs().amax(dim=1)
+
+
+def max_signed(grad: Tensor) -> Tensor:
+    """``max_c g`` without the absolute value (keras-vis's reduction after its modifier)."""
+    _check4(grad)
+    return grad.amax(dim=1)
+
+
+def colored(grad: Tensor) -> Tensor:
+    """``|g|`` per channel ("colored" saliency), ``(B, C, H, W)`` kept."""
+    _check4(grad)
+    return grad.abs()
+
+
+def grayscale(grad: Tensor) -> Tensor:
+    """``sum_c |g|``, ``(B, H, W)``."""
+    _check4(grad)
+    return grad.abs().sum(dim=1)
+
+
+def l2(grad: Tensor) -> Tensor:
+    """``sqrt(sum_c g^2)``, ``(B, H, W)``."""
+    _check4(grad)
+    return grad.pow(2).sum(dim=1).sqrt()
+
+
+REDUCTIONS: dict[str, Reduction] = {
+    "max_abs": max_abs,
+    "max": max_signed,
+    "colored": colored,
+    "abs": colored,
+    "grayscale": grayscale,
+    "sum_abs": grayscale,
+    "l2": l2,
+}
+
+
+def get_reduction(reduce: Union[None, str, Reduction]) -> Optional[Reduction]:
+    """A channel reduction by name (``"max_abs"``, ``"max"``, ``"colored"``, ``"grayscale"``,
+    ``"l2"``) or a function; ``None`` keeps the raw signed ``(B, C, H, W)``."""
+    if reduce is None:
+        return None
+    if isinstance(reduce, str):
+        try:
+            return REDUCTIONS[reduce]
+        except KeyError:
+            raise SalienceError(
+                f"unknown reduce {reduce!r}; expected None (raw gradient), one of {', '.join(REDUCTIONS)}, or a function"
+            ) from None
+    if callable(reduce):
+        return reduce
+    raise SalienceError(f"reduce must be None, a name or a function, got {type(reduce).__name__}")
+
+
+def apply(grad: Tensor, grad_modifier: Union[None, str, GradModifier], reduce: Union[None, str, Reduction]) -> Tensor:
+    """Grad modifier, then channel reduction: the tail every method shares."""
+    mod = get_grad_modifier(grad_modifier)
+    red = get_reduction(reduce)
+    if mod is not None:
+        grad = mod(grad)
+    return red(grad) if red is not None else grad
+
+
+def normalize(m: Tensor, *, mode: str = "minmax", percentile: float = 99.0, eps: float = 1e-12) -> Tensor:
+    """Scale each sample's map to ``[0, 1]``: ``"minmax"`` or ``"percentile"`` (clip the values above
+    the given percentile first, so a few pixels don't wash the map out). Shape is kept; dim 0 is the batch."""
+    if mode not in ("minmax", "percentile"):
+        raise SalienceError(f"normalize mode must be 'minmax' or 'percentile', got {mode!r}")
+    flat = m.reshape(m.shape[0], -1).float()
+    lo = flat.amin(dim=1, keepdim=True)
+    if mode == "percentile":
+        if not 0 < percentile <= 100:
+            raise SalienceError(f"percentile must be in (0, 100], got {percentile}")
+        hi = torch.quantile(flat, percentile / 100.0, dim=1, keepdim=True)
+        flat = torch.minimum(flat, hi)
+    else:
+        hi = flat.amax(dim=1, keepdim=True)
+    out = (flat - lo) / (hi - lo).clamp_min(eps)
+    return out.reshape(m.shape).to(m.dtype)

@@ -1,0 +1,290 @@
+"""What to differentiate: a target maps the model's output to one score per sample.
+
+A target is a small callable object used as the gradient seed. It receives the model's
+output (the scores before softmax; see :func:`salience.vanilla`) of shape ``(B, K)``, or,
+when its ``layer`` is set, the output of that inner layer, and returns scores ``(B,)``.
+Samples are independent, so the gradient of the summed scores w.r.t. the input is the
+per-sample gradient.
+
+Anything a method accepts as ``target`` goes through :func:`as_target`:
+
+==========================  ===================================================
+``None``                    :func:`predicted`: the top class of each sample
+``int``                     that class for every sample
+int tensor ``(B,)``/list    one class per sample
+a :class:`Target`           itself (``multilabel``, ``regression``, ``activation``...)
+any other callable          :func:`custom`: ``fn(output) -> (B,)`` scores or a scalar loss
+==========================  ===================================================
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ._errors import SalienceError
+from ._layers import LayerSpec
+
+__all__ = [
+    "Target",
+    "TargetLike",
+    "as_target",
+    "predicted",
+    "classes",
+    "multilabel",
+    "regression",
+    "activation",
+    "custom",
+    "Predicted",
+    "Classes",
+    "MultiLabel",
+    "Regression",
+    "Activation",
+    "Custom",
+]
+
+
+class Target:
+    """Base class: ``target(output) -> scores (B,)``.
+
+    ``layer``: if not ``None``, the target is evaluated on that layer's output instead of the
+    model's, and the forward pass stops there. ``modify_gradient`` post-processes the input
+    gradient (used by ``regression(mode="maintain")``); by default it does nothing.
+    """
+
+    layer: Optional[LayerSpec] = None
+
+    def __call__(self, output: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def modify_gradient(self, grad: Tensor) -> Tensor:
+        return grad
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+TargetLike = Union[None, int, Sequence[int], Tensor, Target, Callable[[Tensor], Tensor]]
+
+
+def _class_scores(output: Tensor) -> Tensor:
+    """The model output as ``(B, K)`` class scores, or a clear error."""
+    if output.dim() == 1:
+        return output.unsqueeze(1)
+    if output.dim() != 2:
+        raise SalienceError(
+            f"class targets need a model output of shape (B, K), got {tuple(output.shape)}; "
+            "for other outputs pass a custom target, e.g. target=lambda out: out[:, 3].mean((1, 2))"
+        )
+    return output
+
+
+def _check_range(idx: Tensor, k: int) -> None:
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= k):
+        bad = idx[(idx < 0) | (idx >= k)][0].item()
+        raise SalienceError(
+            f"target class {bad} is out of range for a model with {k} outputs (valid: 0..{k - 1})"
+        )
+
+
+class Predicted(Target):
+    """The score of each sample's top class (argmax of the output)."""
+
+    def __call__(self, output: Tensor) -> Tensor:
+        scores = _class_scores(output)
+        top = scores.detach().argmax(dim=1, keepdim=True)
+        return scores.gather(1, top).squeeze(1)
+
+
+class Classes(Target):
+    """The score of a given class: one for all samples, or one per sample."""
+
+    def __init__(self, index: Union[int, Sequence[int], Tensor]):
+        if isinstance(index, bool):
+            raise SalienceError("expected a class index as an int, got a bool")
+        if isinstance(index, int):
+            self.index: Union[int, Tensor] = index
+        else:
+            t = torch.as_tensor(index)
+            if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+                raise SalienceError(f"expected integer class indices, got a tensor of dtype {t.dtype}")
+            if t.dim() > 1:
+                raise SalienceError(
+                    f"expected one class per sample, shape (B,), got shape {tuple(t.shape)}; "
+                    "for several classes per sample use salience.targets.multilabel"
+                )
+            self.index = int(t) if t.dim() == 0 else t.long()
+
+    def __call__(self, output: Tensor) -> Tensor:
+        scores = _class_scores(output)
+        b, k = scores.shape
+        if isinstance(self.index, int):
+            _check_range(torch.tensor([self.index]), k)
+            return scores[:, self.index]
+        idx = self.index.to(scores.device)
+        if idx.numel() != b:
+            raise SalienceError(f"got {idx.numel()} target classes for a batch of {b} images; give one per image")
+        _check_range(idx, k)
+        return scores.gather(1, idx.view(-1, 1)).squeeze(1)
+
+    def __repr__(self) -> str:
+        return f"Classes({self.index if isinstance(self.index, int) else self.index.tolist()})"
+
+
+class MultiLabel(Target):
+    """The sum of several classes' scores: the same classes for every sample, or ``(B, k)``."""
+
+    def __init__(self, indices: Union[Sequence[int], Tensor]):
+        t = torch.as_tensor(indices)
+        if t.is_floating_point() or t.dtype == torch.bool or t.dim() not in (1, 2) or t.numel() == 0:
+            raise SalienceError(
+                f"multilabel expects a non-empty list of class indices or a (B, k) integer tensor, got {indices!r}"
+            )
+        self.indices = t.long()
+
+    def __call__(self, output: Tensor) -> Tensor:
+        scores = _class_scores(output)
+        b, k = scores.shape
+        idx = self.indices.to(scores.device)
+        _check_range(idx, k)
+        if idx.dim() == 1:
+            return scores[:, idx].sum(dim=1)
+        if idx.shape[0] != b:
+            raise SalienceError(f"multilabel got class sets for {idx.shape[0]} samples, but the batch has {b}")
+        return scores.gather(1, idx).sum(dim=1)
+
+    def __repr__(self) -> str:
+        return f"MultiLabel({self.indices.tolist()})"
+
+
+def small_values(grad: Tensor) -> Tensor:
+    """``|1/g|``, finite at zero: highlights the inputs the score is *least* sensitive to."""
+    eps = torch.finfo(grad.dtype).eps if grad.is_floating_point() else 1e-7
+    return 1.0 / (grad.abs() + eps)
+
+
+_MODES = ("increase", "decrease", "maintain")
+
+
+class Regression(Target):
+    """A regression output: what increases it, decreases it, or keeps it as it is.
+
+    ``increase``: the gradient of the output; ``decrease``: of its negation; ``maintain``:
+    ``|1/grad|`` (keras-vis's ``small_values``): the pixels the output is least sensitive to.
+    """
+
+    def __init__(self, index: int = 0, mode: str = "increase"):
+        if mode not in _MODES:
+            raise SalienceError(f"regression mode must be one of {', '.join(_MODES)}; got {mode!r}")
+        self.index = int(index)
+        self.mode = mode
+
+    def __call__(self, output: Tensor) -> Tensor:
+        out = output.reshape(output.shape[0], -1)
+        if not 0 <= self.index < out.shape[1]:
+            raise SalienceError(
+                f"regression output {self.index} is out of range for a model with {out.shape[1]} outputs"
+            )
+        y = out[:, self.index]
+        return -y if self.mode == "decrease" else y
+
+    def modify_gradient(self, grad: Tensor) -> Tensor:
+        return small_values(grad) if self.mode == "maintain" else grad
+
+    def __repr__(self) -> str:
+        return f"Regression(index={self.index}, mode={self.mode!r})"
+
+
+class Activation(Target):
+    """The mean activation of one channel (filter) of an inner layer: conv filter saliency.
+
+    The forward pass stops at ``layer`` (its first call, if the module is reused).
+    """
+
+    def __init__(self, layer: LayerSpec, channel: int):
+        self.layer = layer
+        self.channel = int(channel)
+
+    def __call__(self, output: Tensor) -> Tensor:
+        if not isinstance(output, Tensor) or output.dim() < 2:
+            raise SalienceError(
+                f"activation target expects the layer to output (B, C, ...), got "
+                f"{tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__}"
+            )
+        c = output.shape[1]
+        if not 0 <= self.channel < c:
+            raise SalienceError(
+                f"channel {self.channel} is out of range for layer {self.layer!r} with {c} channels (valid: 0..{c - 1})"
+            )
+        a = output[:, self.channel]
+        return a.reshape(a.shape[0], -1).mean(dim=1)
+
+    def __repr__(self) -> str:
+        return f"Activation({self.layer!r}, channel={self.channel})"
+
+
+class Custom(Target):
+    """Any function of the output (or of ``layer``'s output): scores ``(B,)`` or a scalar loss."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], layer: Optional[LayerSpec] = None):
+        if not callable(fn):
+            raise SalienceError(f"custom target needs a callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.layer = layer
+
+    def __call__(self, output: Tensor) -> Tensor:
+        return self.fn(output)
+
+    def __repr__(self) -> str:
+        return f"Custom({getattr(self.fn, '__name__', repr(self.fn))})"
+
+
+def predicted() -> Target:
+    """The top class of each sample (the default)."""
+    return Predicted()
+
+
+def classes(index: Union[int, Sequence[int], Tensor]) -> Target:
+    """One class for all samples (``int``) or one per sample (``(B,)``)."""
+    return Classes(index)
+
+
+def multilabel(indices: Union[Sequence[int], Tensor]) -> Target:
+    """Several classes at once: the sum of their scores."""
+    return MultiLabel(indices)
+
+
+def regression(index: int = 0, mode: str = "increase") -> Target:
+    """A regression output; ``mode`` is ``"increase"``, ``"decrease"`` or ``"maintain"``."""
+    return Regression(index, mode)
+
+
+def activation(layer: LayerSpec, channel: int) -> Target:
+    """Mean activation of filter ``channel`` of ``layer`` (a module or a dotted name)."""
+    return Activation(layer, channel)
+
+
+def custom(fn: Callable[[Tensor], Tensor], layer: Optional[LayerSpec] = None) -> Target:
+    """Any function of the output, e.g. a loss; with ``layer``, of that layer's output."""
+    return Custom(fn, layer)
+
+
+def as_target(target: TargetLike) -> Target:
+    """Turn anything a method accepts as ``target`` into a :class:`Target`."""
+    if target is None:
+        return Predicted()
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, bool):
+        raise SalienceError("expected a target class as an int, got a bool")
+    if isinstance(target, (int, Tensor, list, tuple)):
+        return Classes(target)  # type: ignore[arg-type]
+    if hasattr(target, "__index__") and not callable(target):
+        return Classes(int(target))  # numpy integers
+    if callable(target):
+        return Custom(target)
+    raise SalienceError(
+        f"cannot use {type(target).__name__} as a target; pass None, a class index, a tensor of "
+        "indices, a salience.targets.Target, or a function of the output"
+    )
