@@ -43,6 +43,8 @@ def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
         n = int((~torch.isfinite(x)).sum())
         raise SalienceError(f"x contains {n} NaN or infinite values; saliency needs finite input")
     if model is not None:
+        if not isinstance(model, nn.Module):
+            raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
         p = next(model.parameters(), None)
         if p is None:
             p = next(model.buffers(), None)

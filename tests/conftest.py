@@ -1,0 +1,101 @@
+"""Shared test helpers: tiny models and a strict check that a model comes back unchanged."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+
+
+def model_snapshot(model: nn.Module) -> dict:
+    """Everything an explainer could leave changed: modes, flags, grads, hooks, tensors, classes."""
+    from torch.nn.modules import module as module_mod
+
+    snap = {
+        "training": [(n, m.training) for n, m in model.named_modules()],
+        "requires_grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
+        "grad": [(n, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()],
+        "grad_ids": [(n, id(p.grad)) for n, p in model.named_parameters()],
+        "hooks": [(n, tuple(len(getattr(m, d, {}) or {}) for d in _HOOK_DICTS)) for n, m in model.named_modules()],
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "types": [(n, type(m)) for n, m in model.named_modules()],
+        "forwards": [(n, m.__dict__.get("forward")) for n, m in model.named_modules()],
+        "global_hooks": tuple(
+            len(getattr(module_mod, name, {}) or {})
+            for name in dir(module_mod)
+            if name.startswith("_global_") and name.endswith("hooks")
+        ),
+        "torch_function_modes": torch._C._len_torch_function_stack(),
+        "grad_enabled": torch.is_grad_enabled(),
+    }
+    return snap
+
+
+def assert_same_snapshot(before: dict, after: dict) -> None:
+    for key in before:
+        if key == "state":
+            assert before[key].keys() == after[key].keys(), "state_dict keys changed"
+            for k in before[key]:
+                assert torch.equal(before[key][k], after[key][k]), f"state_dict entry {k} changed"
+        elif key == "grad":
+            for (n, g0), (_, g1) in zip(before[key], after[key]):
+                assert (g0 is None) == (g1 is None), f".grad of {n} changed"
+                if g0 is not None:
+                    assert torch.equal(g0, g1), f".grad of {n} changed"
+        else:
+            assert before[key] == after[key], f"model {key} changed"
+
+
+@contextlib.contextmanager
+def unchanged(model: nn.Module) -> Iterator[None]:
+    """Assert that ``model`` is exactly as before when the block ends (also if it raises)."""
+    before = model_snapshot(model)
+    try:
+        yield
+    finally:
+        assert_same_snapshot(before, model_snapshot(model))
+
+
+class SmallCNN(nn.Module):
+    """A tiny conv net with BatchNorm, Dropout and module ReLUs; output (B, 4)."""
+
+    def __init__(self, c: int = 3, classes: int = 4):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        )
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        return self.head(self.drop(h.mean((2, 3))))
+
+
+@pytest.fixture
+def small_cnn() -> SmallCNN:
+    torch.manual_seed(0)
+    m = SmallCNN()
+    # Non-trivial BatchNorm statistics, so a forward in train mode would change them visibly.
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m

@@ -1,0 +1,152 @@
+"""The user's model comes back exactly as it was: after success, an exception, or Ctrl-C."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import salience
+from salience import SalienceError, targets
+from salience._guard import model_guard
+
+from conftest import model_snapshot, unchanged
+
+
+def _train_mode_with_grads(m: nn.Module) -> None:
+    m.train()
+    m.head.eval()  # a mixed state must come back mixed
+    m.features[0].weight.requires_grad_(False)
+    m.head.weight.grad = torch.ones_like(m.head.weight)
+
+
+def test_success_leaves_model_unchanged(small_cnn):
+    _train_mode_with_grads(small_cnn)
+    x = torch.rand(4, 3, 8, 8)
+    with unchanged(small_cnn):
+        salience.vanilla(small_cnn, x)
+        salience.vanilla(small_cnn, x, targets.activation("features.3", 1))
+        salience.vanilla(small_cnn, x, targets.multilabel([0, 1]), reduce="colored")
+
+
+def test_batchnorm_statistics_not_updated_and_samples_not_mixed(small_cnn):
+    small_cnn.train()
+    bn = small_cnn.features[1]
+    mean0 = bn.running_mean.clone()
+    batches = bn.num_batches_tracked.clone()
+    x = torch.rand(4, 3, 8, 8)
+    a = salience.vanilla(small_cnn, x)
+    b = salience.vanilla(small_cnn, x[:1])
+    assert torch.equal(bn.running_mean, mean0) and torch.equal(bn.num_batches_tracked, batches)
+    assert torch.allclose(a[:1], b, atol=1e-6)
+    assert small_cnn.training and bn.training
+
+
+class Boom(Exception):
+    pass
+
+
+def _exploding_target(exc):
+    def fn(out):
+        raise exc
+
+    return fn
+
+
+@pytest.mark.parametrize("exc", [Boom("midway"), KeyboardInterrupt()])
+def test_exception_midway_leaves_model_unchanged(small_cnn, exc):
+    _train_mode_with_grads(small_cnn)
+    with unchanged(small_cnn):
+        with pytest.raises(type(exc)):
+            salience.vanilla(small_cnn, torch.rand(2, 3, 8, 8), _exploding_target(exc))
+
+
+def test_exception_inside_forward_leaves_model_unchanged(small_cnn):
+    _train_mode_with_grads(small_cnn)
+
+    def bad_hook(module, inp, out):
+        raise KeyboardInterrupt
+
+    with unchanged(small_cnn):
+        handle = small_cnn.features[2].register_forward_hook(bad_hook)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                salience.vanilla(small_cnn, torch.rand(2, 3, 8, 8), targets.activation("features.3", 0))
+        finally:
+            handle.remove()
+
+
+def test_validation_errors_leave_model_unchanged(small_cnn):
+    _train_mode_with_grads(small_cnn)
+    with unchanged(small_cnn):
+        for bad in (dict(target=9), dict(target=targets.activation("nope", 0)), dict(reduce="bad")):
+            with pytest.raises(SalienceError):
+                salience.vanilla(small_cnn, torch.rand(2, 3, 8, 8), **bad)
+
+
+def test_buffers_written_in_place_are_restored():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(12, 2)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1  # a model that writes its own state in forward
+            return self.lin(x.flatten(1))
+
+    m = Counter()
+    with unchanged(m):
+        salience.vanilla(m, torch.rand(1, 3, 2, 2), 0)
+    assert m.calls == 0
+
+
+def test_guard_is_reentrant_and_thread_safe(small_cnn):
+    small_cnn.train()
+    before = model_snapshot(small_cnn)
+    barrier = threading.Barrier(4)
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            barrier.wait()
+            for _ in range(5):
+                with model_guard(small_cnn):
+                    assert not small_cnn.training
+                    results[i] = salience.vanilla(small_cnn, torch.ones(2, 3, 8, 8) * i / 4)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert small_cnn.training
+    for i in range(4):
+        assert torch.allclose(results[i], salience.vanilla(small_cnn, torch.ones(2, 3, 8, 8) * i / 4))
+    from conftest import assert_same_snapshot
+
+    assert_same_snapshot(before, model_snapshot(small_cnn))
+
+
+def test_nested_guard_restores_once_at_the_end(small_cnn):
+    small_cnn.train()
+    with model_guard(small_cnn):
+        with model_guard(small_cnn):
+            assert not small_cnn.training
+        assert not small_cnn.training  # still inside the outer guard
+    assert small_cnn.training
+
+
+def test_non_module_model_is_rejected():
+    with pytest.raises(SalienceError, match="torch.nn.Module"):
+        salience.vanilla(lambda x: x, torch.rand(1, 3, 2, 2), 0)
+
+
+def test_device_mismatch_is_a_clear_error():
+    m = nn.Sequential(nn.Flatten(), nn.Linear(12, 2)).to("meta")
+    with pytest.raises(SalienceError, match="x is on cpu but the model is on meta"):
+        salience.vanilla(m, torch.rand(1, 3, 2, 2), 0)
