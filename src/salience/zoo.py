@@ -1,0 +1,147 @@
+"""Demo models shipped with salience, trained on :mod:`salience.data` shapes (no downloads).
+
+:func:`load_demo` builds a :class:`ShapesNet` and loads its weights from the package
+(``salience/_weights/<name>.pt``, float16 on disk, float32 in memory). Each model takes images
+``(B, 3, 64, 64)`` in ``[0, 1]`` (it normalizes internally), so preprocessing is only "resize to
+64x64, scale to [0, 1]". The metadata (held-out accuracy or error, seed, training command) sits
+beside the weights in ``<name>.json`` and is available as ``model.salience_info.extra``.
+"""
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ._errors import SalienceError
+from ._info import ModelInfo, attach_info
+
+__all__ = ["DEMOS", "ShapesNet", "load_demo", "demo_metadata"]
+
+DEMOS: dict[str, str] = {
+    "shapes": "CNN classifying the five shapes of salience.data (circle, square, triangle, cross, star)",
+    "shapes-regression": "CNN regressing the shape's size and horizontal position, outputs (B, 2)",
+    "shapes-cue": "CNN classifier trained with a class-revealing cue mark (a 'Clever Hans' model)",
+}
+"""Name -> one-line description of each demo model."""
+
+_MEAN = (0.5, 0.5, 0.5)
+_STD = (0.25, 0.25, 0.25)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel; the fixed first layer of :class:`ShapesNet`."""
+
+    def __init__(self, mean: Sequence[float] = _MEAN, std: Sequence[float] = _STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class ConvBlock(nn.Sequential):
+    """3x3 convolution, batch norm, ``nn.ReLU`` (a module, so guided backprop can find it)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+        )
+
+
+class ShapesNet(nn.Module):
+    """A small CNN for ``(B, 3, 64, 64)`` images in ``[0, 1]``; output ``(B, num_outputs)``.
+
+    ``normalize`` -> ``features`` (conv blocks with 2x2 max pooling between them) -> ``pool`` ->
+    ``head``. ``head="avg"``: global average pooling then a linear layer (a classifier that does
+    not care where the shape is); ``head="flatten"``: a linear layer over the last feature map,
+    which keeps positions (for regressing where the shape is; needs 64x64 input). ``hidden``:
+    width of a hidden layer (with ``nn.ReLU``) in the head; 0 for none.
+    """
+
+    def __init__(
+        self,
+        num_outputs: int = 5,
+        widths: Sequence[int] = (16, 32, 64, 64),
+        head: str = "avg",
+        hidden: int = 0,
+        input_size: int = 64,
+    ):
+        super().__init__()
+        if head not in ("avg", "flatten"):
+            raise SalienceError(f"ShapesNet: head must be 'avg' or 'flatten', got {head!r}.")
+        self.normalize = Normalize()
+        layers: list[nn.Module] = []
+        c = 3
+        for i, w in enumerate(widths):
+            if i:
+                layers.append(nn.MaxPool2d(2))
+            layers.append(ConvBlock(c, int(w)))
+            c = int(w)
+        self.features = nn.Sequential(*layers)
+        side = input_size // 2 ** (len(widths) - 1)
+        self.pool = nn.AdaptiveAvgPool2d(1) if head == "avg" else nn.Identity()
+        self.flatten = nn.Flatten()
+        n_in = c if head == "avg" else c * side * side
+        if hidden:
+            self.head: nn.Module = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
+        else:
+            self.head = nn.Linear(n_in, num_outputs)
+        self.config = {"num_outputs": num_outputs, "widths": [int(w) for w in widths], "head": head,
+                       "hidden": hidden, "input_size": input_size}
+
+    @property
+    def last_block(self) -> str:
+        """Dotted name of the last conv block (Grad-CAM's default layer)."""
+        return f"features.{len(self.features) - 1}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.flatten(self.pool(self.features(self.normalize(x)))))
+
+
+def demo_metadata(name: str) -> dict[str, Any]:
+    """The metadata stored beside demo model ``name`` (accuracy, seed, training command ...)."""
+    _check(name)
+    text = resources.files("salience").joinpath("_weights", f"{name}.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def load_demo(name: str, *, device: Optional[torch.device | str] = None) -> nn.Module:
+    """Demo model ``name`` (a key of :data:`DEMOS`) with its weights, in eval mode, float32.
+
+    The model carries a :class:`~salience._info.ModelInfo` (``model.salience_info``) with its
+    class names, input size and Grad-CAM layer. ``device``: where to put it (default: CPU).
+    """
+    meta = demo_metadata(name)
+    model = ShapesNet(**meta["arch"])
+    blob = resources.files("salience").joinpath("_weights", f"{name}.pt").read_bytes()
+    import io
+
+    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    info = ModelInfo(
+        name=f"demo:{name}",
+        input_size=(64, 64),
+        class_names=tuple(meta["class_names"]),
+        task=meta["task"],
+        default_layer=model.last_block,
+        extra=meta,
+    )
+    return attach_info(model, info)
+
+
+def _check(name: str) -> None:
+    if name not in DEMOS:
+        raise SalienceError(
+            f"Unknown demo model {name!r}; available: {', '.join(sorted(DEMOS))}. "
+            "Use one of these names (e.g. load_demo('shapes'))."
+        )
