@@ -7,6 +7,7 @@ image batch ``x`` of shape ``(B, C, H, W)``; it returns the raw map ``(B, H, W)`
 from __future__ import annotations
 
 from . import reduce, targets
+from . import data, zoo
 from ._errors import SalienceError
 from ._guard import model_guard
 from .methods import METHODS, vanilla
@@ -21,6 +22,8 @@ __all__ = [
     "normalize",
     "reduce",
     "targets",
+    "data",
+    "zoo",
     "vanilla",
     "__version__",
 ]
