@@ -118,3 +118,22 @@ def test_train_is_reproducible(tmp_path):
     assert got == pytest.approx(meta["held_out"]["accuracy"], abs=1e-5)
     with pytest.raises(SalienceError, match="trainable"):
         train.train("nope", out=tmp_path)
+
+
+def _saliency_fractions(model, b):
+    """Share of |d score / d input| (max over channels) on the shape and on the cue mark."""
+    x = b.images.clone().requires_grad_(True)
+    out = model(x)
+    out.gather(1, out.argmax(1, keepdim=True)).sum().backward()
+    s = x.grad.abs().amax(1)
+    total = s.flatten(1).sum(1)
+    return ((s * b.masks).flatten(1).sum(1) / total).mean().item(), ((s * b.cue_masks).flatten(1).sum(1) / total).mean().item()
+
+
+def test_models_look_where_they_should():
+    b = data.shapes_batch(100, FRESH_SEED + 1, cue="train")
+    mask_area, cue_area = b.masks.float().mean().item(), b.cue_masks.float().mean().item()
+    on_mask, on_cue = _saliency_fractions(zoo.load_demo("shapes"), b)
+    assert on_mask > 2 * mask_area and on_cue < 2 * cue_area  # the shape, not the mark
+    on_mask, on_cue = _saliency_fractions(zoo.load_demo("shapes-cue"), b)
+    assert on_cue > 5 * cue_area and on_mask < 1.5 * mask_area  # the mark, not the shape
