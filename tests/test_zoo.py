@@ -137,3 +137,19 @@ def test_models_look_where_they_should():
     assert on_mask > 2 * mask_area and on_cue < 2 * cue_area  # the shape, not the mark
     on_mask, on_cue = _saliency_fractions(zoo.load_demo("shapes-cue"), b)
     assert on_cue > 5 * cue_area and on_mask < 1.5 * mask_area  # the mark, not the shape
+
+
+def test_train_command_line(tmp_path):
+    assert train.main(["shapes-cue", "--out", str(tmp_path), "--n-train", "32", "--epochs", "1", "--seed", "2"]) == 0
+    meta = json.loads((tmp_path / "shapes-cue.json").read_text())
+    assert meta["train_command"] == "python -m salience.train shapes-cue --seed 2 --n-train 32 --epochs 1"
+    assert {"accuracy_cue_train", "accuracy_cue_moved", "accuracy_cue_none"} <= meta["held_out"].keys()
+    assert oct((tmp_path / "shapes-cue.pt").stat().st_mode & 0o777) == "0o644"
+    assert not list(tmp_path.glob(".*.tmp"))  # no leftovers of the atomic write
+
+
+def test_shapesnet_options():
+    net = zoo.ShapesNet(num_outputs=3, widths=(4, 8), head="flatten", hidden=5)
+    assert net(torch.rand(2, 3, 64, 64)).shape == (2, 3) and net.last_block == "features.2"
+    with pytest.raises(SalienceError, match="head"):
+        zoo.ShapesNet(head="max")
