@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from . import reduce, targets
 from . import data, zoo
+from . import io
+from .io import load_model
 from ._errors import SalienceError
 from ._guard import model_guard
 from .methods import METHODS, vanilla
@@ -25,5 +27,7 @@ __all__ = [
     "data",
     "zoo",
     "vanilla",
+    "io",
+    "load_model",
     "__version__",
 ]

@@ -1,0 +1,533 @@
+"""Images and models in: image files -> tensors the model expects, model specs -> ``nn.Module``.
+
+Images: :func:`load_image` reads one file into a ``(3, H, W)`` float tensor in ``[0, 1]``,
+refusing (before decoding) an image larger than ``max_pixels``, and converting every mode PIL
+knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``) are scaled by
+``1/65535``, CMYK / YCbCr / palette images go through PIL's conversion, and transparent images
+(RGBA, LA, palette with transparency) are **composited on white** (a transparent background
+reads as paper, not as black). :func:`preprocess` applies a model's :class:`~salience._info.ModelInfo`
+(resize + centre crop, mean/std); :func:`load_images` does both for a list of files and keeps
+going past bad ones.
+
+Models: :func:`load_model` turns a spec string into a model in eval mode with its ``ModelInfo``
+attached. Specs: ``demo:NAME`` (bundled, :mod:`salience.zoo`), ``torchvision:ARCH`` (with
+``weights=FILE`` a state dict, ``weights="random"`` random weights, or by default torchvision's
+own pretrained weights, fetched by torchvision), a TorchScript file, a Keras file
+(``.keras``/``.h5``), or an ONNX file (through ``onnx2torch`` when it is installed). Files are
+never unpickled unless ``trust_pickle=True``.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._errors import SalienceError
+from ._info import ModelInfo, attach_info, model_info
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "load_image",
+    "load_images",
+    "preprocess",
+    "resize_crop",
+    "normalize_input",
+    "unnormalize",
+    "load_model",
+    "suggest",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Largest image (width x height) :func:`load_image` decodes by default: 50 megapixels
+(about 600 MB as float32 RGB)."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_KERAS_EXT = (".keras", ".h5", ".hdf5")
+_ONNX_EXT = (".onnx",)
+
+
+def suggest(name: str, choices: Sequence[str], n: int = 3) -> str:
+    """``"; did you mean 'a' or 'b'?"`` for the choices closest to ``name``, or ``""``."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    if not close:
+        lowered = [c for c in choices if name.lower() in c.lower()][:n]
+        close = lowered
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+# --------------------------------------------------------------------------------------- images
+
+
+def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Tensor:
+    """Read an image file as an RGB float tensor ``(3, H, W)`` in ``[0, 1]``.
+
+    The size is read from the file's header and checked against ``max_pixels`` (width x height;
+    ``None``: no limit) before any pixel is decoded. EXIF orientation is applied. Alpha is
+    composited on white; 16-bit images keep their precision (scaled by ``1/65535``).
+    Raises :class:`SalienceError` with one line for a missing, unreadable, corrupt or truncated
+    file, or an image over the limit.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.exists():
+        raise SalienceError(f"{p}: no such file; check the path")
+    if p.is_dir():
+        raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
+    PIL_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        # We check the size ourselves (below) against max_pixels; PIL's own bomb check would
+        # otherwise refuse or warn on its own, different limit.
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            img = Image.open(p)
+        finally:
+            Image.MAX_IMAGE_PIXELS = PIL_limit
+    except UnidentifiedImageError:
+        raise SalienceError(
+            f"{p}: not an image file PIL can read (expected PNG, JPEG, BMP, TIFF, WebP, GIF ...); "
+            "check that the file is an image and not empty or truncated"
+        ) from None
+    except Image.DecompressionBombError as e:  # pragma: no cover - the limit is lifted above
+        raise SalienceError(f"{p}: refused as too large to decode ({e}); raise the pixel limit if you trust it") from None
+    except OSError as e:
+        raise SalienceError(f"{p}: cannot be opened ({e})") from None
+    with img:
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise SalienceError(
+                f"{p}: {w}x{h} = {w * h / 1e6:.1f} megapixels is over the limit of {max_pixels / 1e6:g} "
+                "megapixels; shrink the image, or raise the limit (--max-pixels / max_pixels=) if you "
+                "have the memory"
+            )
+        if w == 0 or h == 0:
+            raise SalienceError(f"{p}: the image is empty ({w}x{h})")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                Image.MAX_IMAGE_PIXELS = None
+                try:
+                    img.load()
+                    img = ImageOps.exif_transpose(img) or img
+                finally:
+                    Image.MAX_IMAGE_PIXELS = PIL_limit
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+            raise SalienceError(
+                f"{p}: corrupt or truncated {img.format or 'image'} file ({e}); re-export or re-download it"
+            ) from None
+        return _to_rgb_tensor(img)
+
+
+def _to_rgb_tensor(img) -> Tensor:
+    """A PIL image of any mode -> ``(3, H, W)`` float32 in ``[0, 1]``."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit grayscale (PNG/TIFF): keep its precision. PIL's "I" (32-bit) comes from 16-bit files.
+        a = np.asarray(img, dtype=np.float64) / 65535.0
+        a = np.clip(a, 0.0, 1.0).astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0).repeat(3, 1, 1)
+    if mode == "F":
+        a = np.clip(np.asarray(img, dtype=np.float32) / 255.0, 0.0, 1.0)
+        return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0).repeat(3, 1, 1)
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    rgb = img.convert("RGB")
+    a = np.array(rgb, dtype=np.uint8)  # a writable copy
+    return torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0)
+
+
+def resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
+    """Resize (and centre-crop) ``image`` ``(C, H, W)`` or ``(B, C, H, W)`` as ``info`` says.
+
+    ``info.resize`` set: the shorter side goes to ``resize`` then a centre crop of
+    ``info.input_size`` (torchvision's ``Resize + CenterCrop``); otherwise a plain resize to
+    ``info.input_size``; with no ``input_size`` the image is unchanged. Bilinear, antialiased,
+    values clamped to ``[0, 1]``.
+    """
+    x = image.unsqueeze(0) if image.dim() == 3 else image
+    if info.input_size is None:
+        return image
+    th, tw = (int(s) for s in info.input_size)
+    h, w = x.shape[-2:]
+    if info.resize:
+        s = int(info.resize)
+        nh, nw = (s, max(1, round(w * s / h))) if h <= w else (max(1, round(h * s / w)), s)
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        if nh < th or nw < tw:
+            x = F.interpolate(x, size=(max(nh, th), max(nw, tw)), mode="bilinear", align_corners=False)
+            nh, nw = x.shape[-2:]
+        top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+        x = x[..., top:top + th, left:left + tw]
+    elif (h, w) != (th, tw):
+        x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
+    x = x.clamp(0.0, 1.0)
+    return x[0] if image.dim() == 3 else x
+
+
+def _stats(values: Optional[Sequence[float]], c: int, like: Tensor) -> Optional[Tensor]:
+    if values is None:
+        return None
+    t = torch.as_tensor(values, dtype=like.dtype, device=like.device)
+    return t.view(-1, 1, 1) if like.dim() == 3 else t.view(1, -1, 1, 1)
+
+
+def normalize_input(image: Tensor, info: ModelInfo) -> Tensor:
+    """A ``[0, 1]`` image ``(C, H, W)``/``(B, C, H, W)`` -> the tensor the model takes.
+
+    Converts RGB to one channel (ITU-R 601 luma) when ``info.channels == 1``, then applies
+    ``(x - mean) / std`` when ``info`` has them.
+    """
+    x = image
+    cdim = 0 if x.dim() == 3 else 1
+    if info.channels == 1 and x.shape[cdim] == 3:
+        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
+        x = (x * (w.view(-1, 1, 1) if cdim == 0 else w.view(1, -1, 1, 1))).sum(cdim, keepdim=True)
+    mean, std = _stats(info.mean, x.shape[cdim], x), _stats(info.std, x.shape[cdim], x)
+    if mean is not None:
+        x = x - mean
+    if std is not None:
+        x = x / std
+    return x
+
+
+def unnormalize(x: Tensor, info: ModelInfo) -> Tensor:
+    """Undo :func:`normalize_input`'s mean/std: the model's input back to a ``[0, 1]`` picture."""
+    std, mean = _stats(info.std, 0, x), _stats(info.mean, 0, x)
+    if std is not None:
+        x = x * std
+    if mean is not None:
+        x = x + mean
+    return x.clamp(0.0, 1.0)
+
+
+def preprocess(image: Tensor, info: ModelInfo) -> Tensor:
+    """``image`` ``(3, H, W)`` in ``[0, 1]`` -> the model's input ``(C, h, w)``: resize, crop, normalize."""
+    return normalize_input(resize_crop(image, info), info)
+
+
+def load_images(
+    paths: Sequence[PathLike],
+    info: ModelInfo,
+    *,
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+) -> tuple[Optional[Tensor], list[str], list[tuple[str, str]]]:
+    """Load and preprocess several image files into one batch, skipping the bad ones.
+
+    Returns ``(batch, ok_paths, errors)``: ``batch`` ``(N, C, h, w)`` is the model's input for
+    the ``N`` files in ``ok_paths`` (``None`` if no file could be read); ``errors`` lists
+    ``(path, message)`` for each file that failed. When the model accepts any size
+    (``info.input_size`` is ``None``), images are resized to the first good image's size so
+    that they form one batch.
+    """
+    tensors: list[Tensor] = []
+    ok: list[str] = []
+    errors: list[tuple[str, str]] = []
+    size: Optional[tuple[int, int]] = None
+    for path in paths:
+        try:
+            img = resize_crop(load_image(path, max_pixels=max_pixels), info)
+        except SalienceError as e:
+            errors.append((str(path), str(e)))
+            continue
+        except MemoryError:
+            errors.append((str(path), f"{path}: out of memory while decoding; lower --max-pixels"))
+            continue
+        if size is None:
+            size = (int(img.shape[-2]), int(img.shape[-1]))
+        elif tuple(img.shape[-2:]) != size:
+            img = F.interpolate(img.unsqueeze(0), size=size, mode="bilinear", align_corners=False,
+                                antialias=True)[0].clamp(0, 1)
+        tensors.append(normalize_input(img, info))
+        ok.append(str(path))
+    batch = torch.stack(tensors) if tensors else None
+    return batch, ok, errors
+
+
+# --------------------------------------------------------------------------------------- models
+
+
+def _torchvision_info(arch: str, num_classes: int, weights_enum) -> ModelInfo:
+    """ImageNet preprocessing (from the weights' transforms where known) and class names."""
+    crop, resize = 224, 256
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    categories = None
+    if weights_enum is not None:
+        try:
+            t = weights_enum.transforms()
+            crop = int(t.crop_size[0]) if isinstance(t.crop_size, (list, tuple)) else int(t.crop_size)
+            resize = int(t.resize_size[0]) if isinstance(t.resize_size, (list, tuple)) else int(t.resize_size)
+            mean, std = tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+        except Exception:  # noqa: BLE001 - a transform without these fields: keep ImageNet's
+            pass
+        cats = weights_enum.meta.get("categories")
+        if cats and len(cats) == num_classes:
+            categories = tuple(str(c) for c in cats)
+    return ModelInfo(
+        name=f"torchvision:{arch}",
+        input_size=(crop, crop),
+        resize=resize,
+        mean=mean,
+        std=std,
+        class_names=categories,
+        task="classification",
+    )
+
+
+def _num_outputs(model: nn.Module) -> Optional[int]:
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m.out_features
+        elif isinstance(m, nn.Conv2d):
+            last = m.out_channels
+    return last
+
+
+def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "net"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise SalienceError(
+            f"{path}: expected a state dict (a dict of parameter name -> tensor, made with "
+            f"torch.save(model.state_dict(), path)), got {type(obj).__name__}"
+        )
+    # Weights saved from DataParallel / torch.compile carry a prefix.
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def _torch_load(path: Path, trust_pickle: bool):
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if trust_pickle or "weights only" not in str(e).lower():
+            raise SalienceError(f"{path}: not a PyTorch file salience can read ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        raise SalienceError(
+            f"{path}: contains pickled Python objects (e.g. a whole model saved with torch.save(model)), "
+            "which can run arbitrary code when loaded, so salience refused it. If you trust the file, "
+            "pass --trust-pickle (trust_pickle=True); better, save a state dict or TorchScript"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types on a foreign file
+        text = str(e).strip()
+        msg = text.splitlines()[0] if text and not isinstance(e, KeyError) else type(e).__name__
+        raise SalienceError(
+            f"{path}: not a PyTorch model file salience can read ({msg}); expected TorchScript "
+            "(torch.jit.save) or a state dict (torch.save(model.state_dict()))"
+        ) from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _load_torchvision(arch: str, weights: Optional[PathLike], trust_pickle: bool) -> nn.Module:
+    try:
+        import torchvision.models as tvm
+    except ImportError:
+        raise SalienceError(
+            f"torchvision:{arch} needs torchvision, which is not installed; pip install torchvision"
+        ) from None
+    names = tvm.list_models()
+    if arch not in names:
+        raise SalienceError(
+            f"unknown torchvision model {arch!r}{suggest(arch, names)} "
+            "(see torchvision.models.list_models() for all names)"
+        )
+    try:
+        weights_enum = tvm.get_model_weights(arch).DEFAULT
+    except Exception:  # noqa: BLE001 - architectures without published weights
+        weights_enum = None
+
+    if weights is None:
+        if weights_enum is None:
+            raise SalienceError(
+                f"torchvision has no pretrained weights for {arch!r}; pass --weights FILE (a state dict) "
+                "or --weights random"
+            )
+        try:
+            model = tvm.get_model(arch, weights=weights_enum)
+        except Exception as e:  # noqa: BLE001 - any download failure becomes one line
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SalienceError(
+                f"could not get torchvision's pretrained weights for {arch} ({type(e).__name__}: {msg}); "
+                "torchvision downloads them on first use, which needs the internet. Pass --weights FILE "
+                "(a state dict) or --weights random to explain random weights"
+            ) from None
+        n = _num_outputs(model) or 1000
+        return attach_info(model.eval(), _torchvision_info(arch, n, weights_enum))
+
+    if str(weights) == "random":
+        model = tvm.get_model(arch, weights=None)
+        n = _num_outputs(model) or 1000
+        return attach_info(model.eval(), _torchvision_info(arch, n, weights_enum))
+
+    wpath = Path(weights)
+    if not wpath.is_file():
+        raise SalienceError(f"weights file {wpath}: no such file; check the path")
+    state = _read_state_dict(wpath, trust_pickle)
+    model = tvm.get_model(arch, weights=None)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        # A model fine-tuned to another number of classes: the last 2-D weight says how many.
+        mats = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+        n = int(mats[-1].shape[0]) if mats else None
+        try:
+            if n is None:
+                raise RuntimeError("no linear layer")
+            model = tvm.get_model(arch, weights=None, num_classes=n)
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, ValueError) as e:
+            first = str(e).strip().splitlines()
+            detail = first[1].strip() if len(first) > 1 else (first[0] if first else "")
+            raise SalienceError(
+                f"{wpath}: the state dict does not fit torchvision's {arch} ({detail}); check the "
+                "architecture name"
+            ) from None
+    n = _num_outputs(model) or 1000
+    return attach_info(model.eval(), _torchvision_info(arch, n, weights_enum))
+
+
+def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
+    suffix = path.suffix.lower()
+    if suffix in _KERAS_EXT:
+        try:
+            from ._keras import load_keras
+        except ImportError as e:
+            raise SalienceError(f"{path}: loading Keras models needs keras (pip install keras) ({e})") from None
+        return load_keras(path)
+    if suffix in _ONNX_EXT:
+        try:
+            import onnx2torch  # type: ignore[import-not-found]
+        except ImportError:
+            raise SalienceError(
+                f"{path}: ONNX models are supported only through onnx2torch, which is not installed; "
+                "pip install onnx2torch, or convert the model to TorchScript (torch.jit.save) where it was made"
+            ) from None
+        try:
+            model = onnx2torch.convert(str(path))
+        except Exception as e:  # noqa: BLE001 - converter errors become one line
+            raise SalienceError(f"{path}: onnx2torch could not convert this ONNX model ({e})") from None
+        return model
+    if _is_torchscript(path):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+                return torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else "RuntimeError"
+            raise SalienceError(f"{path}: a TorchScript archive that torch.jit.load could not read ({msg})") from None
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        return obj  # only reachable with trust_pickle=True
+    if isinstance(obj, dict):
+        raise SalienceError(
+            f"{path}: holds a state dict (weights only); give its architecture too, e.g. "
+            f"--model torchvision:resnet50 --weights {path} (load_model('torchvision:resnet50', weights=...)), "
+            "or save the model as TorchScript"
+        )
+    raise SalienceError(
+        f"{path}: holds a {type(obj).__name__}, not a model; expected TorchScript (torch.jit.save) "
+        "or a state dict with --weights"
+    )
+
+
+def load_model(
+    spec: Union[str, "os.PathLike[str]"],
+    *,
+    weights: Optional[PathLike] = None,
+    trust_pickle: bool = False,
+    device: Optional[Union[str, torch.device]] = None,
+) -> nn.Module:
+    """Load a model from a spec string, in eval mode, with its :class:`ModelInfo` attached.
+
+    ``spec``: ``"demo:NAME"`` (a bundled demo model, see ``salience.zoo.DEMOS``),
+    ``"torchvision:ARCH"`` (``weights``: a state-dict file, ``"random"``, or ``None`` for
+    torchvision's pretrained weights, which torchvision downloads), or a file: TorchScript
+    (``.pt``/``.pth``/``.ts``...), Keras (``.keras``/``.h5``) or ONNX (``.onnx``, needs
+    ``onnx2torch``). Pickled files are loaded only with ``trust_pickle=True`` (unpickling
+    can run arbitrary code). ``device``: where to put the model (default: CPU).
+    Raises :class:`SalienceError` with one line saying what went wrong and what to do.
+    """
+    s = os.fspath(spec)
+    if not isinstance(s, str) or not s:
+        raise SalienceError(f"expected a model spec such as 'demo:shapes', got {spec!r}")
+    is_file = Path(s).exists()
+    if weights is not None and not s.startswith("torchvision:"):
+        raise SalienceError(
+            f"weights {weights!r} go with a torchvision:ARCH model; {s!r} carries its own weights"
+        )
+    if s.startswith("demo:") and not is_file:
+        from . import zoo
+
+        name = s[len("demo:"):]
+        if name not in zoo.DEMOS:
+            raise SalienceError(
+                f"unknown demo model {name!r}{suggest(name, list(zoo.DEMOS))} "
+                f"(available: {', '.join('demo:' + n for n in zoo.DEMOS)})"
+            )
+        model = zoo.load_demo(name)
+    elif s.startswith("torchvision:") and not is_file:
+        model = _load_torchvision(s[len("torchvision:"):], weights, trust_pickle)
+    elif is_file:
+        p = Path(s)
+        if p.is_dir():
+            raise SalienceError(f"{p}: is a directory; expected a model file or 'demo:NAME' / 'torchvision:ARCH'")
+        model = _load_file(p, trust_pickle)
+    else:
+        from . import zoo
+
+        demos = ["demo:" + n for n in zoo.DEMOS]
+        hint = suggest(s, demos) or suggest("demo:" + s, demos)
+        raise SalienceError(
+            f"unknown model {s!r}{hint} (expected demo:NAME ({', '.join(demos)}), torchvision:ARCH, "
+            "or the path of an existing model file)"
+        )
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"{s}: loaded a {type(model).__name__}, expected a torch.nn.Module")
+    model.eval()
+    if device is not None:
+        model.to(device)
+    if getattr(model, "salience_info", None) is None or not isinstance(model.salience_info, ModelInfo):
+        base = model_info(model)
+        name = Path(s).name if is_file else s
+        attach_info(model, ModelInfo(name=name, input_size=base.input_size, channels=base.channels))
+    return model
