@@ -1,0 +1,135 @@
+"""A small, self-contained HTML page builder for saliency reports (``salience demo``).
+
+``Report`` collects sections (headings, paragraphs, tables, figures, raw HTML fragments) and
+writes one ``index.html`` with inline CSS and no scripts. Images are linked by paths relative
+to the page, so the output folder can be moved or zipped as a whole. Every text is escaped;
+only :meth:`Report.raw` inserts HTML as it is (for fragments made by other salience modules).
+The page is written atomically: a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+__all__ = ["Report", "atomic_write"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:72em;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd}
+figure{display:inline-block;margin:.6em .8em .6em 0;vertical-align:top}
+figure img{image-rendering:pixelated;border:1px solid #ccc;max-width:100%}
+figcaption{font-size:.85em;color:#444;max-width:40em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left}
+th{background:#f4f4f4}.ok{color:#176f2c}.bad{color:#b00020}.note{color:#666;font-size:.9em}
+"""
+
+
+def atomic_write(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    Uses ``salience._files.atomic_write`` when that module exists, so all of salience writes
+    files one way.
+    """
+    try:
+        from ._files import atomic_write as shared  # type: ignore[attr-defined]
+    except ImportError:
+        shared = None
+    if shared is not None:
+        shared(path, data)
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class Report:
+    """An HTML page built section by section; ``write(path)`` saves it.
+
+    Image paths given to :meth:`figure` are made relative to the folder of the page at write
+    time, so pass the paths where the images are (absolute or relative to the working folder).
+    """
+
+    def __init__(self, title: str, subtitle: Optional[str] = None):
+        self.title = title
+        self._parts: list[tuple[str, object]] = []
+        if subtitle:
+            self.paragraph(subtitle, css="note")
+
+    def heading(self, text: str) -> "Report":
+        """A section heading."""
+        self._parts.append(("html", f"<h2>{html.escape(text)}</h2>"))
+        return self
+
+    def paragraph(self, text: str, *, css: Optional[str] = None) -> "Report":
+        """A paragraph of plain text (escaped)."""
+        cls = f' class="{html.escape(css)}"' if css else ""
+        self._parts.append(("html", f"<p{cls}>{html.escape(text)}</p>"))
+        return self
+
+    def table(self, header: Sequence[str], rows: Iterable[Sequence[object]]) -> "Report":
+        """A table of plain-text cells."""
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+        )
+        self._parts.append(("html", f"<table><tr>{head}</tr>{body}</table>"))
+        return self
+
+    def figure(self, image: PathLike, caption: str = "", *, css: Optional[str] = None,
+               width: Optional[int] = None) -> "Report":
+        """An image (linked relative to the page) with a caption."""
+        self._parts.append(("figure", (Path(image), caption, css, width)))
+        return self
+
+    def raw(self, fragment: str) -> "Report":
+        """An HTML fragment inserted as it is (trusted: made by salience itself)."""
+        self._parts.append(("html", fragment))
+        return self
+
+    def render(self, base: PathLike = ".") -> str:
+        """The page as a string; image links relative to the folder ``base``."""
+        base_path = Path(base).resolve()
+        out = [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{html.escape(self.title)}</title><style>{_CSS}</style></head><body>",
+            f"<h1>{html.escape(self.title)}</h1>",
+        ]
+        for kind, value in self._parts:
+            if kind == "html":
+                out.append(str(value))
+                continue
+            path, caption, css, width = value  # type: ignore[misc]
+            rel = Path(os.path.relpath(Path(path).resolve(), base_path)).as_posix()
+            src = html.escape(rel, quote=True)
+            w = f' width="{int(width)}"' if width else ""
+            cls = f' class="{html.escape(css)}"' if css else ""
+            cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+            out.append(f'<figure{cls}><img src="{src}" alt="{html.escape(caption, quote=True)}"{w}>{cap}</figure>')
+        out.append("</body></html>\n")
+        return "\n".join(out)
+
+    def write(self, path: PathLike) -> Path:
+        """Write the page to ``path`` atomically; returns the path."""
+        p = Path(path)
+        atomic_write(p, self.render(p.parent).encode("utf-8"))
+        return p
