@@ -4,8 +4,8 @@ Commands: ``explain`` (saliency maps of image files), ``demo`` (an HTML report o
 demo models), ``list``, ``visualize`` (class model images) and ``evaluate`` (metrics).
 
 Exit codes: 0 success; 1 some inputs failed (the others' results are written); 2 bad
-arguments, model, method or target (nothing explained); 130 interrupted. Every error is one
-line on stderr, never a traceback.
+arguments, model, method or target (nothing explained); 3 an unexpected internal error (set
+``SALIENCE_DEBUG=1`` for its traceback); 130 interrupted. Every error is one line on stderr.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from .reduce import GRAD_MODIFIERS, REDUCTIONS
 EXIT_OK = 0
 EXIT_PARTIAL = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
 DEMO_SEED = 10_000
@@ -538,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="salience",
         description="Saliency maps for PyTorch image models: which pixels made the model decide.",
-        epilog="Exit codes: 0 ok, 1 some inputs failed (others written), 2 bad arguments/model/method/target.",
+        epilog="Exit codes: 0 ok, 1 some inputs failed (others written), 2 bad arguments/model/method/target, "
+               "3 internal error.",
     )
     parser.add_argument("--version", action="version", version=f"salience {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -613,6 +615,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. piped into head
         return EXIT_OK
+    except Exception as e:  # noqa: BLE001 - a bug or an unforeseen model: one line, traceback on request
+        import os
+
+        if os.environ.get("SALIENCE_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        _err(f"unexpected {type(e).__name__}: {first} (set SALIENCE_DEBUG=1 to see the traceback, and "
+             "please report it)")
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,323 @@
+"""The salience command end to end on the bundled demo model, its error messages, and report.py."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import salience
+from salience import METHODS, zoo
+from salience.cli import main
+from salience.io import load_image, preprocess
+from salience.report import Report, atomic_write
+from salience.targets import regression
+
+
+@pytest.fixture(scope="module")
+def shapes_model():
+    return zoo.load_demo("shapes")
+
+
+@pytest.fixture(scope="module")
+def pics(tmp_path_factory):
+    """Three demo images as PNG files (held-out seed) and their labels."""
+    d = tmp_path_factory.mktemp("pics")
+    images, labels, _ = salience.data.shapes(3, seed=10_001)
+    paths = []
+    for i in range(3):
+        p = d / f"img{i}.png"
+        Image.fromarray((images[i].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)).save(p)
+        paths.append(p)
+    return paths, labels
+
+
+def _input(model, path):
+    return preprocess(load_image(path), model.salience_info).unsqueeze(0)
+
+
+def run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_explain_writes_figures_and_exact_maps(tmp_path, pics, shapes_model, capsys):
+    paths, _ = pics
+    out_dir = tmp_path / "out"
+    rc, out, err = run(["explain", *paths, "--model", "demo:shapes", "--out", out_dir], capsys)
+    assert rc == 0, err
+    assert err == ""
+    names = shapes_model.salience_info.class_names
+    for p in paths:
+        x = _input(shapes_model, p)
+        with torch.no_grad():
+            logits = shapes_model(x)[0]
+        c = int(logits.argmax())
+        line = next(ln for ln in out.splitlines() if ln.startswith(str(p)))
+        prob = float(logits.softmax(0)[c])
+        assert line.split(": ", 1)[1].startswith(f"{names[c]} {prob:.3f}")  # printed class and score
+        fig = np.asarray(Image.open(out_dir / f"{p.stem}.png"))
+        assert fig.dtype == np.uint8 and fig.ndim == 3 and fig.shape[0] >= 64 and fig.shape[1] >= 128
+        saved = np.load(out_dir / f"{p.stem}_vanilla_top1-class{c}.npy")
+        ref = METHODS["vanilla"](shapes_model, x, c)[0].numpy()
+        assert saved.shape == (64, 64) and np.allclose(saved, ref, atol=1e-6)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["model"] == "demo:shapes" and len(summary["images"]) == 3 and summary["errors"] == []
+    assert not [f for f in os.listdir(out_dir) if f.endswith(".tmp") or f.startswith(".")]  # no leftovers
+
+
+def test_top_k_several_methods_and_class_names(tmp_path, pics, shapes_model, capsys, monkeypatch):
+    paths, _ = pics
+
+    def negated(model, x, target=None, *, reduce="max_abs"):
+        """Minus the raw gradient (a second method for the test)."""
+        return -METHODS["vanilla"](model, x, target, reduce=None)
+
+    monkeypatch.setitem(METHODS, "negated", negated)
+    out_dir = tmp_path / "o"
+    rc, out, err = run(["explain", paths[0], "-m", "demo:shapes", "--method", "vanilla,negated", "--method",
+                        "vanilla", "--top", "2", "-o", out_dir], capsys)
+    assert rc == 0, err
+    x = _input(shapes_model, paths[0])
+    top = shapes_model(x)[0].topk(2).indices.tolist()
+    raw = METHODS["vanilla"](shapes_model, x, top[1], reduce=None)[0].numpy()
+    got = np.load(out_dir / f"img0_negated_top2-class{top[1]}.npy")
+    assert got.shape == (3, 64, 64) and np.allclose(got, -raw, atol=1e-6)
+    assert (out_dir / f"img0_vanilla_top2-class{top[1]}.npy").exists()
+    assert len(list(out_dir.glob("img0_*.npy"))) == 4  # 2 methods (vanilla once) x 2 ranks
+    wide = np.asarray(Image.open(out_dir / "img0.png"))
+    # one column per method and one row per rank: bigger than a 1 x 2 figure
+    rc, _, _ = run(["explain", paths[0], "-m", "demo:shapes", "-o", tmp_path / "one"], capsys)
+    narrow = np.asarray(Image.open(tmp_path / "one" / "img0.png"))
+    assert wide.shape[1] > narrow.shape[1] and wide.shape[0] > narrow.shape[0]
+    # --target by name (case-insensitive) explains that class
+    rc, out, err = run(["explain", paths[0], "-m", "demo:shapes", "--target", "STAR", "-o", tmp_path / "t"], capsys)
+    assert rc == 0 and "[explained: star (4)]" in out
+    ref = METHODS["vanilla"](shapes_model, x, 4)[0].numpy()
+    assert np.allclose(np.load(tmp_path / "t" / "img0_vanilla_target-class4.npy"), ref, atol=1e-6)
+
+
+def test_regression_model_targets(tmp_path, pics, capsys):
+    paths, _ = pics
+    reg = zoo.load_demo("shapes-regression")
+    rc, out, err = run(["explain", paths[1], "-m", "demo:shapes-regression", "--target", "x_position",
+                        "--mode", "decrease", "-o", tmp_path], capsys)
+    assert rc == 0, err
+    x = _input(reg, paths[1])
+    value = float(reg(x)[0, 1])
+    assert f"x_position={value:.4g}" in out
+    ref = METHODS["vanilla"](reg, x, regression(1, "decrease"))[0].numpy()
+    assert np.allclose(np.load(tmp_path / "img1_vanilla_x_position-decrease.npy"), ref, atol=1e-6)
+    rc, _, err = run(["explain", paths[1], "-m", "demo:shapes-regression", "--top", "2", "-o", tmp_path], capsys)
+    assert rc == 2 and "regression model" in err
+
+
+def _huge_png(path: Path) -> None:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 90_000, 90_000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_bad_files_in_a_batch_keep_the_others(tmp_path, pics, capsys):
+    paths, _ = pics
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "text.png").write_text("I am not a picture\n")
+    good = np.asarray(Image.open(paths[0]))
+    Image.fromarray(good).save(d / "full.png")
+    Image.fromarray(good).save(d / "full.jpg", quality=95)
+    for ext in ("png", "jpg"):
+        data = (d / f"full.{ext}").read_bytes()
+        (d / f"cut.{ext}").write_bytes(data[: len(data) // 2])
+    _huge_png(d / "huge.png")
+    bad = [d / "missing.png", d / "text.png", d / "cut.png", d / "cut.jpg", d / "huge.png"]
+    out_dir = tmp_path / "out"
+    rc, out, err = run(["explain", paths[0], *bad, paths[2], "-m", "demo:shapes", "-o", out_dir], capsys)
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == len(bad) and "Traceback" not in err
+    for b, ln in zip(bad, lines):
+        assert ln.startswith("salience: skipped ") and str(b) in ln
+    assert "no such file" in lines[0] and "not an image file" in lines[1]
+    assert "corrupt or truncated" in lines[2] and "corrupt or truncated" in lines[3]
+    assert "90000x90000" in lines[4] and "limit of 50 megapixels" in lines[4]
+    assert (out_dir / "img0.png").exists() and (out_dir / "img2.png").exists()
+    assert "5 image(s) skipped" in out
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert [e["image"] for e in summary["errors"]] == [str(b) for b in bad]
+    # every file bad: exit 1, nothing explained
+    rc, _, err = run(["explain", d / "text.png", "-m", "demo:shapes", "-o", tmp_path / "none"], capsys)
+    assert rc == 1 and "none of the 1 image(s)" in err
+    # a lower --max-pixels refuses an ordinary image
+    rc, _, err = run(["explain", paths[0], "-m", "demo:shapes", "--max-pixels", "1000", "-o", tmp_path / "m"], capsys)
+    assert rc == 1 and "limit of 0.001 megapixels" in err
+
+
+def test_odd_image_modes_are_explained(tmp_path, pics, capsys):
+    paths, _ = pics
+    rgb = np.asarray(Image.open(paths[0]))
+    Image.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)])
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(tmp_path / "deep.png")
+    files = [tmp_path / n for n in ("gray.png", "rgba.png", "cmyk.jpg", "deep.png")]
+    rc, out, err = run(["explain", *files, "-m", "demo:shapes", "-o", tmp_path / "o"], capsys)
+    assert rc == 0, err
+    for f in files:
+        assert (tmp_path / "o" / f"{f.stem}.png").exists()
+        assert np.isfinite(np.load(next((tmp_path / "o").glob(f"{f.stem}_vanilla_*.npy")))).all()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["-m", "demo:shape"], "did you mean 'shapes'"),
+        (["-m", "resnet50"], "unknown model 'resnet50'"),
+        (["-m", "demo:shapes", "--method", "vanila"], "did you mean 'vanilla'"),
+        (["-m", "demo:shapes", "--target", "7"], "target class 7 is out of range for demo:shapes with 5 outputs"),
+        (["-m", "demo:shapes", "--target", "sqare"], "did you mean 'square'"),
+        (["-m", "demo:shapes", "--top", "9"], "more than the model's 5 classes"),
+        (["-m", "torchvision:resnet18", "--weights", "nothere.pth"], "no such file"),
+    ],
+)
+def test_bad_arguments_are_one_line_exit_2(tmp_path, pics, capsys, argv, words):
+    paths, _ = pics
+    rc, out, err = run(["explain", paths[0], *argv, "-o", tmp_path], capsys)
+    assert rc == 2
+    assert err.startswith("salience: error: ") and err.count("\n") == 1 and words in err
+    assert not list(tmp_path.glob("*.png"))  # nothing explained
+
+
+def test_pickled_model_needs_trust_flag(tmp_path, pics, capsys):
+    paths, _ = pics
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    torch.save(model, tmp_path / "whole.pt")
+    rc, _, err = run(["explain", paths[0], "-m", tmp_path / "whole.pt", "-o", tmp_path / "o"], capsys)
+    assert rc == 2 and "--trust-pickle" in err and err.count("\n") == 1
+    rc, out, err = run(["explain", paths[0], "-m", tmp_path / "whole.pt", "--trust-pickle", "-o", tmp_path / "o"], capsys)
+    assert rc == 0, err
+    x = load_image(paths[0]).unsqueeze(0)  # no ModelInfo: the image as it is
+    c = int(model(x).argmax())
+    ref = METHODS["vanilla"](model, x, c)[0].numpy()
+    assert np.allclose(np.load(tmp_path / "o" / f"img0_vanilla_top1-class{c}.npy"), ref, atol=1e-6)
+
+
+def test_progress_bar_on_request(tmp_path, pics, capsys):
+    paths, _ = pics
+    rc, _, err = run(["explain", *paths, "-m", "demo:shapes", "--batch-size", "1", "--progress", "-o", tmp_path], capsys)
+    assert rc == 0 and re.search(r"explain 100%\|#+\| 3/3", err)
+
+
+def test_list_names_methods_and_models(capsys):
+    rc, out, _ = run(["list"], capsys)
+    assert rc == 0
+    for name in METHODS:
+        assert f"  {name} " in out
+    for name in zoo.DEMOS:
+        assert f"demo:{name}" in out
+
+
+def test_visualize_and_evaluate_are_wired(tmp_path, capsys):
+    if getattr(salience, "class_model", None) is None:
+        rc, _, err = run(["visualize", "-m", "demo:shapes", "--target", "1", "-o", tmp_path / "c.png"], capsys)
+        assert rc == 2 and "salience.class_model" in err
+    else:
+        rc, out, err = run(["visualize", "-m", "demo:shapes", "--target", "square", "--steps", "2",
+                            "-o", tmp_path / "c.png"], capsys)
+        assert rc == 0, err
+        assert np.asarray(Image.open(tmp_path / "c.png")).shape == (64, 64, 3)
+        rc, _, err = run(["visualize", "-m", "demo:shapes", "--target", "5", "-o", tmp_path / "c.png"], capsys)
+        assert rc == 2 and "out of range" in err
+    try:
+        import salience.evaluate as ev  # noqa: F401
+    except ImportError:
+        rc, _, err = run(["evaluate", "-m", "demo:shapes", "-o", tmp_path / "ev"], capsys)
+        assert rc == 2 and "salience.evaluate" in err
+    rc, _, err = run(["evaluate", "-m", "demo:shapes", "--images", tmp_path, "-o", tmp_path / "ev"], capsys)
+    assert rc == 2 and ("--masks" in err or "salience.evaluate" in err)
+
+
+def test_demo_report(tmp_path, capsys):
+    import time
+
+    t = time.perf_counter()
+    rc, out, err = run(["demo", "--out", tmp_path / "demo"], capsys)
+    took = time.perf_counter() - t
+    assert rc == 0, err
+    index = tmp_path / "demo" / "index.html"
+    assert str(index.resolve()) in out
+    page = index.read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert srcs and all(not s.startswith("/") and (index.parent / s).is_file() for s in srcs)
+    assert "classification.png" in srcs and any(s.startswith("regression_") for s in srcs)
+    for name in METHODS:
+        assert name in page
+    # the true and predicted classes of the demo images, as the model says
+    model = zoo.load_demo("shapes")
+    images, labels, _ = salience.data.shapes(8, seed=10_000)
+    pred = model(images).argmax(1)
+    names = model.salience_info.class_names
+    rows = re.findall(r"<tr><td>(\d+)</td><td>(\w+)</td><td>(\w+)</td>", page)
+    assert [(int(r), t_, p) for r, t_, p in rows] == [
+        (i + 1, names[int(labels[i])], names[int(pred[i])]) for i in range(8)
+    ]
+    assert took < 60
+
+
+def test_report_escapes_text_and_links_relatively(tmp_path):
+    (tmp_path / "img").mkdir()
+    pic = tmp_path / "img" / "a b.png"
+    pic.write_bytes(b"")
+    rep = Report("<script>alert(1)</script>")
+    rep.heading("a & b").paragraph("x < y").table(["h<"], [["<td>"]]).figure(pic, 'say "hi"').raw("<hr>")
+    path = rep.write(tmp_path / "site" / "index.html")
+    page = path.read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "a &amp; b" in page and "x &lt; y" in page and "&lt;td&gt;" in page and "<hr>" in page
+    assert 'src="../img/a b.png"' in page and 'alt="say &quot;hi&quot;"' in page
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "f.bin"
+    atomic_write(target, b"old")
+
+    def boom(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, b"new contents")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_real_command_lines(tmp_path, pics):
+    """Two real processes: the installed entry point's exit codes and its stderr on bad input."""
+    paths, _ = pics
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(
+        [sys.executable, "-m", "salience", "explain", str(paths[0]), str(tmp_path / "bad.jpg"), "-m", "demo:shapes",
+         "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.count("\n") == 1 and "bad.jpg" in p.stderr
+    assert (tmp_path / "o" / "img0.png").exists() and "img0.png: " in p.stdout
+    p = subprocess.run([sys.executable, "-m", "salience", "explain", str(paths[0]), "-m", "demo:nope"],
+                       capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.startswith("salience: error: unknown demo model 'nope'")
+    assert "Traceback" not in p.stderr
