@@ -115,7 +115,8 @@ def test_regression_model_targets(tmp_path, pics, capsys):
                         "--mode", "decrease", "-o", tmp_path], capsys)
     assert rc == 0, err
     x = _input(reg, paths[1])
-    value = float(reg(x)[0, 1])
+    with torch.no_grad():
+        value = float(reg(x)[0, 1])
     assert f"x_position={value:.4g}" in out
     ref = METHODS["vanilla"](reg, x, regression(1, "decrease"))[0].numpy()
     assert np.allclose(np.load(tmp_path / "img1_vanilla_x_position-decrease.npy"), ref, atol=1e-6)
