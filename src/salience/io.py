@@ -96,7 +96,9 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         # otherwise refuse or warn on its own, different limit.
         Image.MAX_IMAGE_PIXELS = None
         try:
-            img = Image.open(p)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PIL's notes on odd metadata; errors are raised below
+                img = Image.open(p)
         finally:
             Image.MAX_IMAGE_PIXELS = PIL_limit
     except UnidentifiedImageError:
@@ -106,8 +108,10 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         ) from None
     except Image.DecompressionBombError as e:  # pragma: no cover - the limit is lifted above
         raise SalienceError(f"{p}: refused as too large to decode ({e}); raise the pixel limit if you trust it") from None
-    except OSError as e:
-        raise SalienceError(f"{p}: cannot be opened ({e})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL's plugins raise many types on a foreign file
+        raise SalienceError(f"{p}: cannot be read as an image ({type(e).__name__}: {e})") from None
     with img:
         w, h = img.size
         if max_pixels is not None and w * h > max_pixels:
@@ -127,7 +131,9 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
                     img = ImageOps.exif_transpose(img) or img
                 finally:
                     Image.MAX_IMAGE_PIXELS = PIL_limit
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error ...
             raise SalienceError(
                 f"{p}: corrupt or truncated {img.format or 'image'} file ({e}); re-export or re-download it"
             ) from None
