@@ -340,6 +340,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------- demo
 
 
+def _shown_width(arr: np.ndarray) -> int:
+    """Display width of a figure of 64-pixel images: enlarged (pixelated) up to a page's width."""
+    return int(min(arr.shape[1] * 3, max(arr.shape[1], 1100)))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import data, zoo
     from .report import Report
@@ -376,8 +381,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "explaining the predicted class's score before softmax."
     )
     fig = out_dir / "classification.png"
-    _save_png(fig, _figure(images, {m: v for m, v in maps.items()}))
-    rep.figure(fig, "rows: images; columns: image, " + ", ".join(maps))
+    arr = _figure(images, {m: v for m, v in maps.items()})
+    _save_png(fig, arr)
+    rep.figure(fig, "rows: images; columns: image, " + ", ".join(maps), width=_shown_width(arr))
     rep.table(
         ["row", "true class", "predicted", "probability", ""],
         [
@@ -403,9 +409,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for j, oname in enumerate(rinfo.class_names or ("output",)):
         rmaps = {mode: vanilla(reg, r_images, regression(j, mode)).detach() for mode in ("increase", "decrease", "maintain")}
         path = out_dir / f"regression_{_safe(oname)}.png"
-        _save_png(path, _figure(r_images, rmaps))
+        arr = _figure(r_images, rmaps)
+        _save_png(path, arr)
         vals = ", ".join(f"{float(v):.3f}" for v in r_out[:, j])
-        rep.figure(path, f"{oname}: columns image, increase, decrease, maintain; predicted {vals}")
+        rep.figure(path, f"{oname}: columns image, increase, decrease, maintain; predicted {vals}",
+                   width=_shown_width(arr))
 
     # 3. Class model visualization, if this installation has it.
     import salience
@@ -419,8 +427,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 pics.append(class_model(model, c, shape=(3, 64, 64), steps=args.class_model_steps).detach().cpu())
             grid = torch.cat(pics)
             path = out_dir / "class_models.png"
-            _save_png(path, _figure(grid, {}))
-            rep.figure(path, "rows: " + ", ".join(info.class_names or ()))
+            arr = _figure(grid, {})
+            _save_png(path, arr)
+            rep.figure(path, "rows: " + ", ".join(info.class_names or ()), width=_shown_width(arr))
         except Exception as e:  # noqa: BLE001
             rep.paragraph(f"class model visualization failed: {type(e).__name__}: {e}", css="bad")
 
