@@ -92,7 +92,7 @@ def test_cmyk_is_converted_like_pil(tmp_path):
     cmyk = Image.fromarray(a).convert("CMYK")
     cmyk.save(tmp_path / "c.tiff")
     x = load_image(tmp_path / "c.tiff")
-    want = torch.from_numpy(np.asarray(cmyk.convert("RGB"))).permute(2, 0, 1).float() / 255
+    want = torch.from_numpy(np.array(cmyk.convert("RGB"))).permute(2, 0, 1).float() / 255
     assert x.shape == (3, 6, 5) and torch.equal(x, want)
 
 
