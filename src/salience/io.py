@@ -436,9 +436,12 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
     suffix = path.suffix.lower()
     if suffix in _KERAS_EXT:
         try:
-            from ._keras import load_keras
+            from ._keras import load_keras  # type: ignore[attr-defined]
         except ImportError as e:
-            raise SalienceError(f"{path}: loading Keras models needs keras (pip install keras) ({e})") from None
+            missing = getattr(e, "name", "") or ""
+            need = "keras (pip install keras)" if missing.split(".")[0] == "keras" else \
+                "salience's Keras support (salience._keras), which this installation lacks"
+            raise SalienceError(f"{path}: loading Keras models needs {need}") from None
         return load_keras(path)
     if suffix in _ONNX_EXT:
         try:
