@@ -13,6 +13,8 @@ from .io import load_model
 from ._errors import SalienceError
 from ._guard import model_guard
 from .methods import METHODS, vanilla
+from .methods import deconvnet, gradcam, guided_backprop, guided_gradcam
+from . import rules
 from .reduce import normalize
 
 __version__ = "0.1.0"
@@ -27,6 +29,11 @@ __all__ = [
     "data",
     "zoo",
     "vanilla",
+    "guided_backprop",
+    "deconvnet",
+    "gradcam",
+    "guided_gradcam",
+    "rules",
     "io",
     "load_model",
     "__version__",

@@ -8,9 +8,15 @@ from __future__ import annotations
 from typing import Callable
 
 from .vanilla import vanilla
+from .guided import deconvnet, guided_backprop
+from .gradcam import gradcam, guided_gradcam
 
 METHODS: dict[str, Callable] = {
     "vanilla": vanilla,
+    "guided_backprop": guided_backprop,
+    "deconvnet": deconvnet,
+    "gradcam": gradcam,
+    "guided_gradcam": guided_gradcam,
 }
 
-__all__ = ["METHODS", "vanilla"]
+__all__ = ["METHODS", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam"]

@@ -1,0 +1,73 @@
+"""Guided backpropagation (Springenberg et al. 2015) and deconvnet (Zeiler & Fergus 2014).
+
+Both are the input gradient of the target's score taken under a backprop rule from
+:mod:`salience.rules`, which acts at every ReLU of the model whatever its form (modules,
+reused modules, in-place, functional, ReLU6).
+"""
+from __future__ import annotations
+
+from typing import Union
+
+from torch import Tensor, nn
+
+from .. import reduce as _reduce
+from .. import rules
+from .._autograd import check_input, gradients
+from ..reduce import GradModifier, Reduction
+from ..targets import TargetLike
+
+__all__ = ["guided_backprop", "deconvnet"]
+
+
+def _ruled_gradient(model: nn.Module, x: Tensor, target: TargetLike, rule: rules.BackpropRule,
+                    method: str, strip_softmax: bool) -> Tensor:
+    check_input(x, model)
+    rules.check_model(model, method)
+    p = gradients(model, x, target, strip_softmax=strip_softmax, extra_modes=[rule])
+    assert p.grad is not None
+    return p.grad
+
+
+def guided_backprop(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetLike = None,
+    *,
+    reduce: Union[None, str, Reduction] = "max_abs",
+    grad_modifier: Union[None, str, GradModifier] = None,
+    unsupported: str = "error",
+    strip_softmax: bool = True,
+) -> Tensor:
+    """Guided backpropagation: the input gradient with every ReLU passing back positive gradients only.
+
+    At each ReLU (any form, see :mod:`salience.rules`) only positive gradients pass back, and only
+    where the forward input was positive (Springenberg et al. 2015).
+    ``x``: ``(B, C, H, W)``; returns ``(B, H, W)`` (``reduce="max_abs"``, default) or the raw
+    ``(B, C, H, W)`` with ``reduce=None``; ``target``, ``grad_modifier``, ``reduce`` and
+    ``strip_softmax`` as in :func:`salience.vanilla`. ``unsupported``: what to do with
+    activations the rule is not defined for (GELU, SiLU, LeakyReLU, ...): ``"error"``
+    (default), ``"warn"`` or ``"ignore"`` (both let the plain gradient through them). See
+    :mod:`salience.rules`. TorchScript models are refused (the rule cannot see inside them).
+    """
+    g = _ruled_gradient(model, x, target, rules.guided(unsupported=unsupported), "guided backprop", strip_softmax)
+    return _reduce.apply(g, grad_modifier, reduce)
+
+
+def deconvnet(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetLike = None,
+    *,
+    reduce: Union[None, str, Reduction] = "max_abs",
+    grad_modifier: Union[None, str, GradModifier] = None,
+    unsupported: str = "error",
+    strip_softmax: bool = True,
+) -> Tensor:
+    """Deconvnet: every ReLU passes back positive gradients only, whatever its forward input.
+
+    Zeiler & Fergus 2014; keras-vis's ``backprop_modifier='relu'`` ("rectified" saliency).
+
+    Shapes and options as in :func:`guided_backprop`.
+    """
+    g = _ruled_gradient(model, x, target, rules.deconvnet(unsupported=unsupported), "deconvnet", strip_softmax)
+    return _reduce.apply(g, grad_modifier, reduce)

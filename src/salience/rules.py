@@ -1,0 +1,266 @@
+"""Backprop rules: guided backpropagation and deconvnet at every ReLU, whatever its form.
+
+A rule changes what the backward pass does at each rectifier (ReLU) of the model while the
+forward pass stays exactly the same:
+
+* **guided** (Springenberg et al. 2015, "Striving for Simplicity"): pass back only the positive
+  part of the incoming gradient, and only where the rectifier's forward input was in its open
+  range (``x > 0``; for a capped ReLU such as ReLU6 ``0 < x < 6``): ``g_in = max(g_out, 0) * 1[gate]``.
+* **deconvnet** (Zeiler & Fergus 2014; keras-vis's ``backprop_modifier='relu'``): pass back only
+  the positive part of the incoming gradient, ignoring the forward pass: ``g_in = max(g_out, 0)``.
+
+Why an operation-level mode and not module hooks: real models apply ReLU in many ways:
+``nn.ReLU`` modules (also one module reused several times, as in torchvision's ResNet),
+``inplace=True``, and functional calls in ``forward`` (``F.relu``, ``torch.relu``, ``x.relu()``,
+``relu_``, ``F.relu(x, inplace=True)`` as in torchvision's DenseNet), ``nn.ReLU6`` /
+``F.relu6`` / ``F.hardtanh(x, 0, 6)``. Hooks on ``nn.ReLU`` modules see only the first kind and
+silently give plain gradients for the others. A rule here is a
+:class:`torch.overrides.TorchFunctionMode`: while it is active (only around the forward pass,
+only in the thread that entered it) every rectifier call is routed through a custom
+:class:`torch.autograd.Function` whose forward is the original call (in-place forms still modify
+and return their input) and whose backward is the rule's. The model itself is never modified:
+no module is swapped, no hook registered, nothing patched.
+
+What counts as a rectifier (the rule applies): ``relu`` / ``relu_`` in all spellings (including
+``nn.ReLU``, which calls ``F.relu``), ``relu6``, ``hardtanh`` with ``min_val == 0`` (a capped
+ReLU), ``threshold(x, 0, 0)``, ``leaky_relu`` with ``negative_slope == 0``, and ``clamp`` /
+``clip`` / ``clamp_min`` with a lower bound of exactly ``0`` (a Python number) and no tensor
+bound: ``x.clamp(min=0)`` *is* a ReLU, so it is treated as one (its plain gradient at exactly
+``x == 0`` is 1 where ReLU's is 0; the rule uses the strict gate ``x > 0``). Other clamps
+(``clamp(min=eps)``, tensor bounds) are left alone.
+
+Activations the rules are not defined for (GELU, SiLU/Swish, Mish, ELU, CELU, SELU, LeakyReLU
+with a non-zero slope, PReLU, RReLU, Hardswish, Softplus, ``hardtanh`` with a non-zero lower
+bound, other thresholds) are handled by the ``unsupported`` option: ``"error"`` (default) raises
+:class:`~salience.SalienceError` at the first one; ``"warn"`` lets the plain gradient through them
+and warns once per pass with their count; ``"ignore"`` lets the plain gradient through silently.
+Gates such as ``sigmoid``, ``tanh`` and ``hardsigmoid`` (squeeze-and-excitation blocks, LSTMs)
+are not rectifiers and always pass the plain gradient.
+
+Limits: a TorchScript model (``torch.jit.ScriptModule``, also as a submodule) runs its compiled
+graph without Python dispatch, so no mode can see its ReLUs: :func:`check_model` refuses it.
+ReLUs written as arithmetic (``x * (x > 0)``, ``torch.where(x > 0, x, 0)``, ``torch.maximum``)
+are not recognised and get the plain gradient.
+"""
+from __future__ import annotations
+
+import collections
+import numbers
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ._errors import SalienceError
+
+__all__ = ["BackpropRule", "GuidedRule", "DeconvnetRule", "guided", "deconvnet", "check_model", "UNSUPPORTED"]
+
+UNSUPPORTED = ("error", "warn", "ignore")
+
+# Parameter names after the input, in positional order, with defaults, per kind of call.
+_PARAMS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "relu": (("inplace", False),),
+    "relu6": (("inplace", False),),
+    "hardtanh": (("min_val", -1.0), ("max_val", 1.0), ("inplace", False)),
+    "threshold": (("threshold", None), ("value", None), ("inplace", False)),
+    "leaky_relu": (("negative_slope", 0.01), ("inplace", False)),
+    "clamp": (("min", None), ("max", None)),
+    "clip": (("min", None), ("max", None)),
+    "clamp_min": (("min", None),),
+}
+
+# ReLU-like activations the rules are not defined for.
+_UNSUPPORTED_NAMES = frozenset(
+    {"gelu", "silu", "mish", "elu", "celu", "selu", "prelu", "rrelu", "hardswish", "softplus", "leaky_relu",
+     "hardtanh", "threshold"}
+)
+
+
+def _base_name(func: Callable) -> tuple[str, bool]:
+    """``(canonical name, in-place?)`` of a torch callable: ``relu_`` -> ``("relu", True)``,
+    ``F._threshold`` -> ``("threshold", False)``, ``aten.relu.default`` -> ``("relu", False)``."""
+    name = getattr(func, "__name__", "") or ""
+    if not isinstance(name, str) or name.startswith("__"):
+        return "", False
+    name = name.split(".")[0]  # aten overloads: "relu_.default"
+    inplace = name.endswith("_")
+    return name.strip("_"), inplace
+
+
+def _bind(kind: str, args: tuple, kwargs: dict) -> Optional[dict]:
+    """The call's arguments by name (the input as ``"input"``), or None if they don't fit."""
+    params = _PARAMS[kind]
+    if not args:
+        return None
+    bound: dict[str, Any] = {"input": args[0]}
+    rest = args[1:]
+    if len(rest) > len(params):
+        return None
+    for i, (pname, default) in enumerate(params):
+        bound[pname] = rest[i] if i < len(rest) else default
+    for k, v in kwargs.items():
+        if k in ("input", "self"):
+            bound["input"] = v
+        elif any(k == p for p, _ in params):
+            bound[k] = v
+        else:  # e.g. out=: leave the call alone
+            return None
+    return bound
+
+
+def _is_num(v: Any, value: Optional[float] = None) -> bool:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return False
+    return value is None or float(v) == value
+
+
+def _classify(func: Callable, args: tuple, kwargs: dict) -> tuple[str, Optional[tuple[Tensor, bool, Optional[float]]], str]:
+    """Sort one torch call: ``("rectifier", (x, inplace, upper cap), name)``, ``("unsupported", None,
+    name)`` or ``("other", None, name)``."""
+    name, inplace = _base_name(func)
+    if name not in _PARAMS:
+        return ("unsupported" if name in _UNSUPPORTED_NAMES else "other"), None, name
+    b = _bind(name, args, kwargs)
+    if b is None or not isinstance(b["input"], Tensor):
+        return "other", None, name
+    x = b["input"]
+    inplace = inplace or bool(b.get("inplace", False))
+    if name == "relu":
+        return "rectifier", (x, inplace, None), name
+    if name == "relu6":
+        return "rectifier", (x, inplace, 6.0), name
+    if name == "hardtanh":
+        if _is_num(b["min_val"], 0.0) and _is_num(b["max_val"]):
+            return "rectifier", (x, inplace, float(b["max_val"])), name
+        return "unsupported", None, f"hardtanh(min_val={b['min_val']})"
+    if name == "threshold":
+        if _is_num(b["threshold"], 0.0) and _is_num(b["value"], 0.0):
+            return "rectifier", (x, inplace, None), name
+        return "unsupported", None, f"threshold({b['threshold']}, {b['value']})"
+    if name == "leaky_relu":
+        if _is_num(b["negative_slope"], 0.0):
+            return "rectifier", (x, inplace, None), name
+        return "unsupported", None, name
+    # clamp / clip / clamp_min: a ReLU only with a lower bound of exactly 0 and no tensor bounds
+    lo, hi = b.get("min"), b.get("max")
+    if _is_num(lo, 0.0) and (hi is None or _is_num(hi)):
+        return "rectifier", (x, inplace, None if hi is None else float(hi)), name
+    return "other", None, name
+
+
+class _Rectify(torch.autograd.Function):
+    """Forward: the original rectifier call, unchanged (in-place stays in-place).
+    Backward: ``max(g, 0)``, masked by the forward gate unless the rule is deconvnet."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, call: Callable[[], Tensor], inplace: bool, cap: Optional[float],  # type: ignore[override]
+                use_gate: bool) -> Tensor:
+        gate = None
+        if use_gate:  # taken before an in-place call overwrites x
+            gate = x > 0
+            if cap is not None:
+                gate &= x < cap
+        out = call()
+        if inplace:
+            if out is not x:
+                raise SalienceError("an in-place rectifier did not return its input; cannot apply the rule")
+            ctx.mark_dirty(x)
+        ctx.gate = gate
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        g = g.clamp(min=0)
+        if ctx.gate is not None:
+            g = g * ctx.gate.to(g.dtype)
+        return g, None, None, None, None
+
+
+class BackpropRule(TorchFunctionMode):
+    """A backprop rule as a context manager: enter it around a model's forward pass only.
+
+    ``rectified``: how many rectifier calls the rule took over; ``unsupported_seen``: a
+    :class:`collections.Counter` of unsupported activations met (with ``"warn"`` / ``"ignore"``).
+    Use a fresh instance per pass; it is thread-local like every TorchFunctionMode.
+    """
+
+    name = "rule"
+    use_gate = True
+
+    def __init__(self, *, unsupported: str = "error"):
+        super().__init__()
+        if unsupported not in UNSUPPORTED:
+            raise SalienceError(f"unsupported must be one of {', '.join(map(repr, UNSUPPORTED))}; got {unsupported!r}")
+        self.unsupported = unsupported
+        self.rectified = 0
+        self.unsupported_seen: collections.Counter = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        kind, info, name = _classify(func, tuple(args), kwargs)
+        if kind == "rectifier":
+            assert info is not None
+            x, inplace, cap = info
+            if torch.is_grad_enabled() and x.requires_grad and x.is_floating_point():
+                self.rectified += 1
+                return _Rectify.apply(x, lambda: func(*args, **kwargs), inplace, cap, self.use_gate)
+        elif kind == "unsupported":
+            if self.unsupported == "error":
+                raise SalienceError(
+                    f"{self.name} is defined for ReLU-type activations only, but the model calls {name}; pass "
+                    f"unsupported='warn' (or 'ignore') to let the plain gradient through such activations, "
+                    f"or use another method (e.g. vanilla)"
+                )
+            self.unsupported_seen[name] += 1
+        return func(*args, **kwargs)
+
+    def __exit__(self, exc_type, exc, tb):  # type: ignore[override]
+        result = super().__exit__(exc_type, exc, tb)
+        if self.unsupported == "warn" and self.unsupported_seen and (exc_type is None or exc_type.__name__ == "_StopForward"):
+            what = ", ".join(f"{n} x{c}" for n, c in sorted(self.unsupported_seen.items()))
+            warnings.warn(
+                f"{self.name}: the rule is not defined for {sum(self.unsupported_seen.values())} activation "
+                f"call(s) in this model ({what}); the plain gradient passed through them",
+                stacklevel=2,
+            )
+        return result
+
+
+class GuidedRule(BackpropRule):
+    """Guided backpropagation: ``g_in = max(g_out, 0) * 1[forward gate open]`` at every rectifier."""
+
+    name = "guided backprop"
+    use_gate = True
+
+
+class DeconvnetRule(BackpropRule):
+    """Deconvnet ("rectified" backprop): ``g_in = max(g_out, 0)`` at every rectifier, forward ignored."""
+
+    name = "deconvnet"
+    use_gate = False
+
+
+def guided(*, unsupported: str = "error") -> GuidedRule:
+    """A fresh guided-backprop rule (context manager) for one forward pass."""
+    return GuidedRule(unsupported=unsupported)
+
+
+def deconvnet(*, unsupported: str = "error") -> DeconvnetRule:
+    """A fresh deconvnet rule (context manager) for one forward pass."""
+    return DeconvnetRule(unsupported=unsupported)
+
+
+def check_model(model: nn.Module, method: str = "this method") -> None:
+    """Refuse models whose rectifiers a rule cannot see (TorchScript), with a clear message."""
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            where = "the model is" if name == "" else f"its submodule {name!r} is"
+            raise SalienceError(
+                f"{method} cannot be applied to TorchScript: {where} a torch.jit.ScriptModule, whose compiled "
+                "graph runs its ReLUs out of salience's reach (the result would silently be plain gradients). "
+                "Pass the original Python nn.Module instead"
+            )
