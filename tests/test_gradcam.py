@@ -220,3 +220,15 @@ def test_model_unchanged_and_errors(small_cnn):
 def test_registered_in_methods():
     for name in ("guided_backprop", "deconvnet", "gradcam", "guided_gradcam"):
         assert salience.METHODS[name] is getattr(salience, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    m = VggLike().eval()
+    x = torch.randn(2, 3, 8, 8)
+    cpu = (salience.gradcam(m, x), salience.guided_gradcam(m, x))
+    gpu = (salience.gradcam(m.cuda(), x.cuda()), salience.guided_gradcam(m, x.cuda()))
+    for a, b in zip(cpu, gpu):
+        assert b.device.type == "cuda"
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-6)

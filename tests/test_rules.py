@@ -398,3 +398,31 @@ def test_batch_equals_one_image_at_a_time(method, small_cnn, x8):
     batch = method(small_cnn, x8, t, reduce=None)
     single = torch.cat([method(small_cnn, x8[i:i + 1], t[i:i + 1], reduce=None) for i in range(3)])
     torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-7)
+
+
+def test_densenet_functional_relu_is_rectified_captum_misses_it():
+    """torchvision's DenseNet ends with F.relu(features, inplace=True) in forward: no module to hook."""
+    captum_attr = pytest.importorskip("captum.attr")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    m = torchvision.models.densenet121(weights=None).eval()
+    x = torch.rand(1, 3, 32, 32)
+    n_modules = sum(isinstance(mod, nn.ReLU) for mod in m.modules())
+    rule = rules.guided()
+    with rule:
+        m(x.clone().requires_grad_())
+    assert rule.rectified == n_modules + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = captum_attr.GuidedBackprop(m).attribute(x, target=5)
+    ours = salience.guided_backprop(m, x, 5, reduce=None)
+    assert not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * ours.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(x8):
+    model, _ = _pair("F.relu_inplace", RefGuided)
+    cpu = salience.guided_backprop(model, x8, reduce=None)
+    gpu = salience.guided_backprop(model.cuda(), x8.cuda(), reduce=None)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-6)
