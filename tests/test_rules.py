@@ -302,8 +302,9 @@ def test_unsupported_activation_warn_counts_and_ignore_is_silent(x8):
     r = MixedNet(ref=RefGuided)
     r.load_state_dict(m.state_dict())
     expected = salience.vanilla(r, x8, reduce=None)  # guided at the ReLU, plain through GELU / SiLU
-    with pytest.warns(UserWarning, match=r"3 activation call\(s\).*gelu x2, silu x1"):
+    with pytest.warns(UserWarning, match=r"3 activation call\(s\).*gelu x2, silu x1") as rec:
         warned = salience.guided_backprop(m, x8, reduce=None, unsupported="warn")
+    assert rec[0].filename == __file__  # the warning points at the caller's line
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ignored = salience.guided_backprop(m, x8, reduce=None, unsupported="ignore")
