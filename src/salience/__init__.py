@@ -15,6 +15,7 @@ from ._guard import model_guard
 from .methods import METHODS, vanilla
 from .methods import deconvnet, gradcam, guided_backprop, guided_gradcam
 from . import rules
+from .methods.class_model import class_model
 from .reduce import normalize
 
 __version__ = "0.1.0"
@@ -36,5 +37,6 @@ __all__ = [
     "rules",
     "io",
     "load_model",
+    "class_model",
     "__version__",
 ]
