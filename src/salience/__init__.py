@@ -16,6 +16,7 @@ from .methods import METHODS, vanilla
 from .methods import deconvnet, gradcam, guided_backprop, guided_gradcam
 from . import rules
 from .methods.class_model import class_model
+from . import keras_vis
 from .reduce import normalize
 
 __version__ = "0.1.0"
@@ -38,5 +39,6 @@ __all__ = [
     "io",
     "load_model",
     "class_model",
+    "keras_vis",
     "__version__",
 ]

@@ -1,0 +1,399 @@
+"""A keras-vis style saliency API on PyTorch models and on Keras 3 models (PyTorch backend).
+
+For people who know keras-vis (``vis.visualization``): the same calls, arguments, defaults and
+results, computed by salience's own methods::
+
+    from salience.keras_vis import visualize_saliency, find_layer_idx
+    idx = find_layer_idx(model, "head")              # or -1: the final layer -> class saliency
+    heat = visualize_saliency(model, idx, filter_indices=3, seed_input=img)   # (H, W) in [0, 1]
+
+What it computes, as keras-vis did: the gradient of the mean output of ``filter_indices`` (summed
+over several indices) of the layer ``model.layers[layer_idx]`` w.r.t. the input (or
+``wrt_tensor``): for a Dense/Linear layer ``output[:, i]`` (class saliency), for a conv layer the
+mean of channel ``i`` over positions (conv filter saliency). ``backprop_modifier`` is ``None``
+(plain gradients), ``"guided"`` (guided backprop) or ``"relu"`` (alias ``"rectified"``,
+``"deconv"``: deconvnet). ``grad_modifier`` is then applied to the gradient (``"absolute"``,
+``"negate"``, ``"relu"``, ``"small_values"``, ``None``); without ``keepdims`` the channels are
+reduced by their (signed) maximum; and the whole map is scaled to ``[0, 1]`` by
+``(m - min) / (max - min + 1e-7)``. The result is a NumPy array, as in keras-vis.
+
+Layouts: ``seed_input`` is one image without the batch dimension in the model's own layout,
+``(C, H, W)`` for a PyTorch model and ``(H, W, C)`` for a Keras model; ``keepdims=True`` keeps
+that layout. Layers: a Keras model's ``layer_idx`` indexes ``model.layers``; a PyTorch model's
+indexes :func:`model_layers` (its leaf modules in definition order), and may also be a module's
+dotted name or the module. A Keras model's final Dense layer is read *before* its activation
+(keras-vis users swapped a final softmax for a linear activation by hand; here the
+pre-activation ``inputs @ kernel + bias`` is computed from a temporary function of the model,
+which is left untouched).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import reduce as _reduce
+from . import rules
+from ._autograd import gradients
+from ._errors import SalienceError
+from ._keras import import_keras, is_keras_model, layer_module_name
+from ._layers import resolve_layer
+from .methods import METHODS
+from .targets import Target
+
+__all__ = [
+    "visualize_saliency",
+    "visualize_saliency_with_losses",
+    "find_layer_idx",
+    "model_layers",
+    "ActivationMaximization",
+    "BACKPROP_MODIFIERS",
+]
+
+BACKPROP_MODIFIERS: dict[str, str] = {"guided": "guided_backprop", "relu": "deconvnet", "rectified": "deconvnet",
+                                      "deconv": "deconvnet"}
+"""keras-vis backprop modifier name -> salience method name (in :data:`salience.METHODS`)."""
+
+_EPS = 1e-7  # keras-vis's K.epsilon() in its normalize
+
+
+class ActivationMaximization(Target):
+    """keras-vis's loss: minus the mean output of ``filter_indices`` of ``layer`` (summed), ``(B,)``.
+
+    ``layer``: a module or dotted name. For 2-D outputs ``(B, K)`` the loss reads ``output[:, i]``;
+    for larger outputs the channel axis is ``channel_axis`` (default: -1 for a Keras layer, whose
+    outputs are channels-last, 1 otherwise) and the mean is over all other axes. Use it with weight ``-1``, as keras-vis did,
+    so that the gradient points where the activation grows.
+    """
+
+    def __init__(self, layer: Any, filter_indices: Union[int, Sequence[int]], *,
+                 channel_axis: Optional[int] = None):
+        self.layer = layer
+        self.filter_indices = _indices(filter_indices)
+        if channel_axis is None:  # Keras layers are channels-last, PyTorch's channels-first
+            keras_layer = type(layer).__module__.split(".")[0] == "keras"
+            channel_axis = -1 if keras_layer else 1
+        self.channel_axis = channel_axis
+
+    def __call__(self, output: Tensor) -> Tensor:
+        if not isinstance(output, Tensor) or output.dim() < 2:
+            raise SalienceError(f"ActivationMaximization expects a layer output (B, ...), got {type(output).__name__}")
+        axis = 1 if output.dim() == 2 else self.channel_axis
+        n = output.shape[axis]
+        loss = output.new_zeros(output.shape[0])
+        for i in self.filter_indices:
+            if not -n <= i < n:
+                raise SalienceError(f"filter index {i} is out of range for a layer output with {n} channels/units")
+            a = output.select(axis, i)
+            loss = loss - a.reshape(a.shape[0], -1).mean(dim=1)
+        return loss
+
+    def __repr__(self) -> str:
+        return f"ActivationMaximization({self.layer!r}, {self.filter_indices})"
+
+
+def _indices(filter_indices: Union[int, Sequence[int], Any]) -> list[int]:
+    if isinstance(filter_indices, (int, np.integer)) and not isinstance(filter_indices, bool):
+        return [int(filter_indices)]
+    try:
+        out = [int(i) for i in filter_indices]
+    except TypeError:
+        raise SalienceError(f"filter_indices must be an int or a list of ints, got {filter_indices!r}") from None
+    if not out:
+        raise SalienceError("filter_indices is empty; give at least one index")
+    return out
+
+
+def model_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A PyTorch model's "layers" in keras-vis's sense: its leaf modules (no children), in order,
+    as ``(dotted name, module)``; ``layer_idx`` indexes this list."""
+    return [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+
+
+def find_layer_idx(model: Any, layer_name: str) -> int:
+    """The index of the layer called ``layer_name``: in ``model.layers`` for a Keras model, in
+    :func:`model_layers` (dotted module names) for a PyTorch model."""
+    if is_keras_model(model):
+        from ._keras import find_layer_idx as _find
+
+        return _find(model, layer_name)
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"expected a torch.nn.Module or a keras.Model, got {type(model).__name__}")
+    for i, (name, _) in enumerate(model_layers(model)):
+        if name == layer_name:
+            return i
+    names = [n for n, _ in model_layers(model)]
+    raise SalienceError(f"the model has no leaf layer named {layer_name!r}; its layers are {names}")
+
+
+def _pick(seq: Sequence[Any], idx: int, what: str) -> Any:
+    if isinstance(idx, bool) or not isinstance(idx, (int, np.integer)):
+        raise SalienceError(f"layer_idx must be an int (or, for PyTorch models, a name or module), got {idx!r}")
+    if not -len(seq) <= int(idx) < len(seq):
+        raise SalienceError(f"layer_idx {idx} is out of range for {what} with {len(seq)} layers")
+    return seq[int(idx)]
+
+
+def _torch_layer(model: nn.Module, layer_idx: Any) -> nn.Module:
+    if isinstance(layer_idx, (str, nn.Module)):
+        return resolve_layer(model, layer_idx)
+    return _pick(model_layers(model), layer_idx, "the model")[1]
+
+
+def _to_batch(seed_input: Any, channels_last: bool) -> Tensor:
+    """One image (no batch dimension) in the model's layout -> ``(1, C, H, W)`` float tensor."""
+    x = torch.as_tensor(np.asarray(seed_input) if not isinstance(seed_input, Tensor) else seed_input)
+    if not x.is_floating_point():
+        x = x.float()
+    if x.dim() != 3:
+        layout = "(H, W, C)" if channels_last else "(C, H, W)"
+        raise SalienceError(
+            f"seed_input must be one image {layout} without the batch dimension, got shape {tuple(x.shape)}"
+        )
+    if channels_last:
+        x = x.permute(2, 0, 1)
+    return x.unsqueeze(0).contiguous()
+
+
+def _small_values(grad: Tensor) -> Tensor:
+    """keras-vis's ``small_values``: ``|1 / (g + 1e-7)|``."""
+    return (1.0 / (grad + _EPS)).abs()
+
+
+def _finish(grad: Tensor, grad_modifier: Optional[str], keepdims: bool, channel_axis: int, to_hwc: bool) -> np.ndarray:
+    """keras-vis's tail: grad modifier, signed max over ``channel_axis`` (unless ``keepdims``), then
+    the whole map scaled to ``[0, 1]``; ``to_hwc`` turns a kept ``(C, H, W)`` into ``(H, W, C)``."""
+    mod = _small_values if grad_modifier == "small_values" else _reduce.get_grad_modifier(grad_modifier)
+    g = grad.detach().float()
+    if mod is not None:
+        g = mod(g)
+    g = g[0]  # one image: (C, H, W), or the wrt layer's output shape
+    if keepdims:
+        if to_hwc and g.dim() == 3:
+            g = g.permute(1, 2, 0)
+    elif g.dim() >= 2:
+        g = g.amax(dim=channel_axis)
+    lo, hi = g.min(), g.max()
+    return ((g - lo) / (hi - lo + _EPS)).cpu().numpy()
+
+
+def _rule(backprop_modifier: Optional[str]) -> Optional[str]:
+    if backprop_modifier is None:
+        return None
+    if backprop_modifier not in BACKPROP_MODIFIERS:
+        raise SalienceError(
+            f"unknown backprop_modifier {backprop_modifier!r}; expected None, 'guided' or 'relu' "
+            f"(aliases: {', '.join(BACKPROP_MODIFIERS)})"
+        )
+    return BACKPROP_MODIFIERS[backprop_modifier]
+
+
+class _Weighted(Target):
+    """``sum_i w_i * loss_i(output)`` for losses on the same layer: one pass, weights inside the graph."""
+
+    def __init__(self, terms: Sequence[tuple[Target, float]]):
+        self.terms = list(terms)
+        self.layer = self.terms[0][0].layer
+
+    def __call__(self, output: Tensor) -> Tensor:
+        total = None
+        for loss, weight in self.terms:
+            v = loss(output) * weight
+            total = v if total is None else total + v
+        return total
+
+
+def _same_layer(a: Any, b: Any) -> bool:
+    return a is b or (isinstance(a, str) and a == b)
+
+
+def _loss_gradient(model: nn.Module, x: Tensor, losses: Sequence[tuple[Target, float]], method: Optional[str],
+                   wrt: Optional[nn.Module]) -> Tensor:
+    """``d(sum_i w_i * loss_i) / d(input or wrt)``, the weights applied before differentiating (as in
+    keras-vis: it matters under guided/deconvnet rules, which are not linear in the seed).
+
+    Losses on one layer share one pass; plain gradients of losses on different layers are summed
+    (gradients are linear); rules with losses on different layers are refused.
+    """
+    if not losses:
+        raise SalienceError("losses is empty; give a list of (loss, weight) pairs")
+    groups: list[list[tuple[Target, float]]] = []
+    for item in losses:
+        try:
+            loss, weight = item
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise SalienceError(f"each loss must be a (loss, weight) pair, got {item!r}") from None
+        if not isinstance(loss, Target):
+            raise SalienceError(
+                f"a loss must be an ActivationMaximization or another salience Target, got {type(loss).__name__}"
+            )
+        for g in groups:
+            if _same_layer(g[0][0].layer, loss.layer):
+                g.append((loss, weight))
+                break
+        else:
+            groups.append([(loss, weight)])
+    if len(groups) > 1 and method is not None:
+        raise SalienceError(
+            f"backprop_modifier with losses on {len(groups)} different layers is not supported (the rules are "
+            "not linear, so the passes cannot be added); give losses on one layer"
+        )
+    total: Optional[Tensor] = None
+    for group in groups:
+        target = _Weighted(group)
+        if wrt is None:
+            g = METHODS["vanilla" if method is None else method](model, x, target, reduce=None)
+        else:
+            modes = []
+            if method is not None:
+                rules.check_model(model, method)
+                modes = [rules.guided() if method == "guided_backprop" else rules.deconvnet()]
+            # The input must require grad for the layer output to be part of a graph (the parameters are frozen).
+            g = gradients(model, x, target, layers=[wrt], extra_modes=modes).layer_grads[0]
+        total = g if total is None else total + g
+    assert total is not None
+    return total
+
+
+def visualize_saliency_with_losses(
+    input_tensor: Any,
+    losses: Sequence[tuple[Target, float]],
+    seed_input: Any,
+    wrt_tensor: Any = None,
+    grad_modifier: Optional[str] = "absolute",
+    keepdims: bool = False,
+    *,
+    backprop_modifier: Optional[str] = None,
+) -> np.ndarray:
+    """keras-vis's ``visualize_saliency_with_losses``: the saliency of a weighted sum of losses.
+
+    ``input_tensor``: the model (there is no symbolic input tensor in PyTorch). ``losses``: a
+    list of ``(loss, weight)``; a loss is an :class:`ActivationMaximization` or any
+    :class:`~salience.targets.Target` (its score is the loss); the map is the gradient of
+    ``sum(weight * loss)``. ``wrt_tensor``: a layer (index, name or module) whose output the
+    gradient is taken against instead of the input. Returns the normalized map (see module doc).
+    """
+    model = input_tensor
+    method = _rule(backprop_modifier)
+    if is_keras_model(model):
+        from ._keras import wrap_keras
+
+        wrapped = wrap_keras(model)
+        x = _to_batch(seed_input, wrapped.channels_last).to(_device(wrapped))
+        wrt = None if wrt_tensor is None else resolve_layer(wrapped, layer_module_name(_keras_layer(model, wrt_tensor)))
+        grad = _loss_gradient(wrapped, x, losses, method, wrt)
+        # Input gradients are (1, C, H, W) here; a Keras layer's are channels-last already.
+        axis = 0 if wrt is None or not wrapped.channels_last else -1
+        return _finish(grad, grad_modifier, keepdims, axis, wrapped.channels_last and wrt is None)
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"expected a torch.nn.Module or a keras.Model, got {type(model).__name__}")
+    x = _to_batch(seed_input, False).to(_device(model))
+    wrt = None if wrt_tensor is None else _torch_layer(model, wrt_tensor)
+    grad = _loss_gradient(model, x, losses, method, wrt)
+    return _finish(grad, grad_modifier, keepdims, 0, False)
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _keras_layer(model: Any, layer: Any) -> Any:
+    if isinstance(layer, str):
+        from ._keras import find_layer_idx as _find
+
+        return model.layers[_find(model, layer)]
+    if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+        return _pick(model.layers, layer, "the Keras model")
+    if any(layer is l for l in model.layers):
+        return layer
+    raise SalienceError(f"expected a layer index, name or layer of the Keras model, got {layer!r}")
+
+
+def visualize_saliency(
+    model: Any,
+    layer_idx: Any,
+    filter_indices: Union[int, Sequence[int]],
+    seed_input: Any,
+    wrt_tensor: Any = None,
+    backprop_modifier: Optional[str] = None,
+    grad_modifier: Optional[str] = "absolute",
+    keepdims: bool = False,
+) -> np.ndarray:
+    """keras-vis's ``visualize_saliency``: the normalized saliency of ``filter_indices`` of a layer.
+
+    ``model``: a PyTorch ``nn.Module`` or a Keras 3 model (PyTorch backend). ``layer_idx``: the
+    layer whose outputs ``filter_indices`` (one or several, summed) are explained: the final
+    Dense/Linear for class saliency, a conv layer for filter saliency (see module doc for how
+    layers are indexed). ``seed_input``: one image in the model's layout, ``(C, H, W)`` for
+    PyTorch, ``(H, W, C)`` for Keras. Returns a NumPy ``(H, W)`` map in ``[0, 1]`` (or the
+    gradient's own layout with ``keepdims=True``).
+    """
+    method = _rule(backprop_modifier)
+    idx = _indices(filter_indices)
+    if is_keras_model(model):
+        return _keras_saliency(model, layer_idx, idx, seed_input, wrt_tensor, method, grad_modifier, keepdims)
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"expected a torch.nn.Module or a keras.Model, got {type(model).__name__}")
+    from ._keras import KerasModel
+
+    if isinstance(model, KerasModel):
+        return _keras_saliency(model.keras_model, layer_idx, idx, seed_input, wrt_tensor, method, grad_modifier,
+                               keepdims)
+    layer = _torch_layer(model, layer_idx)
+    loss = ActivationMaximization(layer, idx, channel_axis=1)
+    return visualize_saliency_with_losses(model, [(loss, -1.0)], seed_input, wrt_tensor, grad_modifier, keepdims,
+                                          backprop_modifier=backprop_modifier)
+
+
+class _PreActivation(Target):
+    """Minus the mean pre-activation ``h @ kernel + bias`` of units of a Keras Dense layer (a loss)."""
+
+    def __init__(self, dense: Any, indices: list[int]):
+        self.dense = dense
+        self.indices = indices
+
+    def __call__(self, h: Tensor) -> Tensor:
+        z = h @ self.dense.kernel.value
+        if self.dense.bias is not None:
+            z = z + self.dense.bias.value
+        n = z.shape[-1]
+        loss = z.new_zeros(z.shape[0])
+        for i in self.indices:
+            if not -n <= i < n:
+                raise SalienceError(f"filter index {i} is out of range for Dense layer {self.dense.name!r} with {n} units")
+            loss = loss - z[..., i].reshape(z.shape[0], -1).mean(dim=1)
+        return loss
+
+
+def _keras_saliency(model: Any, layer_idx: Any, idx: list[int], seed_input: Any, wrt_tensor: Any,
+                    method: Optional[str], grad_modifier: Optional[str], keepdims: bool) -> np.ndarray:
+    keras = import_keras()
+    from ._keras import KerasModel
+
+    layer = _keras_layer(model, layer_idx)
+    is_final = layer is model.layers[-1]
+    linear = getattr(keras.activations, "linear", None)
+    pre_activation = (is_final and isinstance(layer, keras.layers.Dense)
+                      and getattr(layer, "activation", None) not in (None, linear))
+    try:
+        sub = keras.Model(model.inputs, layer.input if pre_activation else layer.output)
+    except (AttributeError, ValueError) as e:
+        raise SalienceError(
+            f"cannot build a function of the Keras model up to layer {layer.name!r} ({e}); build the model with "
+            "keras.Input(shape=...) so that its layers have symbolic inputs and outputs"
+        ) from None
+    channels_last = keras.config.image_data_format() == "channels_last"
+    wrapped = KerasModel(sub, channels_last=channels_last)
+    loss: Target = _PreActivation(layer, idx) if pre_activation else ActivationMaximization(
+        None, idx, channel_axis=-1 if channels_last else 1)
+    x = _to_batch(seed_input, channels_last).to(_device(wrapped))
+    wrt = None
+    if wrt_tensor is not None:
+        wrt = resolve_layer(wrapped, layer_module_name(_keras_layer(model, wrt_tensor)))
+    grad = _loss_gradient(wrapped, x, [(loss, -1.0)], method, wrt)
+    axis = 0 if wrt is None or not channels_last else -1
+    return _finish(grad, grad_modifier, keepdims, axis, channels_last and wrt is None)
