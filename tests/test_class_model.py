@@ -14,6 +14,8 @@ from salience.methods.class_model import class_model, gaussian_blur, total_varia
 
 from conftest import unchanged
 
+PLAIN = dict(tv=0.0, jitter=0, blur_every=0)  # the paper's ascent: no regularizer but L2
+
 
 def _linear(c: int = 2, h: int = 4, w: int = 5, k: int = 3, softmax: bool = False) -> nn.Module:
     torch.manual_seed(0)
@@ -30,7 +32,8 @@ def test_linear_model_closed_form(softmax: bool) -> None:
     model = _linear(softmax=softmax)
     lam = 0.25
     with unchanged(model):
-        img = class_model(model, [0, 2], shape=(2, 4, 5), optimizer="ascent", lr=1.0, l2=lam, steps=60, clip=None)
+        img = class_model(model, [0, 2], shape=(2, 4, 5), optimizer="ascent", lr=1.0, l2=lam, steps=60, clip=None,
+                          **PLAIN)
     w = model[1].weight.detach()
     assert img.shape == (2, 2, 4, 5)
     torch.testing.assert_close(img[0].flatten(), w[0] / (2 * lam), rtol=1e-5, atol=1e-6)
@@ -42,7 +45,7 @@ def test_history_and_callback_follow_the_ascent() -> None:
     lam, lr = 0.25, 1.0
     seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     img, hist = class_model(
-        model, 1, shape=(2, 4, 5), optimizer="ascent", lr=lr, l2=lam, steps=5, clip=None, return_history=True,
+        model, 1, shape=(2, 4, 5), optimizer="ascent", lr=lr, l2=lam, steps=5, clip=None, return_history=True, **PLAIN,
         callback=lambda s, im, sc: seen.append((s, im.clone(), sc.clone())),
     )
     w, b = model[1].weight.detach()[1], model[1].bias.detach()[1]
@@ -69,23 +72,23 @@ def test_callback_stops_early() -> None:
 def test_demo_model_class_scores_rise_above_the_others() -> None:
     model = salience.zoo.load_demo("shapes")
     with unchanged(model):
-        img, hist = class_model(model, [0, 1, 2, 3, 4], steps=40, seed=0.5, tv=0.05, return_history=True)
+        img, hist = class_model(model, [0, 1, 2, 3, 4], steps=100, return_history=True,
+                                 generator=torch.Generator().manual_seed(0))  # the default regularizers
     assert img.shape == (5, 3, 64, 64)  # default shape from the model's ModelInfo
     assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0  # clip="auto": [0, 1] for this model
     with torch.no_grad():
         out = model(img)
     for c in range(5):
         start, end = float(hist[0, c]), float(out[c, c])
-        assert end > start + 20.0, (c, start, end)
+        assert end > start + 10.0, (c, start, end)
         others = torch.cat([out[c, :c], out[c, c + 1:]])
-        assert end > float(others.max()) + 10.0, (c, out[c])
-    torch.testing.assert_close(hist[-1], out.diagonal(), rtol=0.5, atol=50)  # same scale as the final scores
+        assert end > float(others.max()) + 5.0, (c, out[c])
 
 
 def test_l2_shrinks_the_image(small_cnn: nn.Module) -> None:
     norms = []
     for lam in (0.01, 0.1, 1.0):
-        img = class_model(small_cnn, 2, shape=(3, 12, 12), steps=60, l2=lam, clip=None)
+        img = class_model(small_cnn, 2, shape=(3, 12, 12), steps=60, l2=lam, clip=None, **PLAIN)
         norms.append(float(img.norm()))
     assert norms[0] > norms[1] > norms[2] > 0, norms
     assert norms[0] > 2 * norms[2]
@@ -105,7 +108,8 @@ def test_filter_visualization_raises_the_filters_activation() -> None:
         handle.remove()
     best_real = float(acts[-1].max())
     with unchanged(model):
-        img, hist = class_model(model, targets.activation(layer, ch), steps=30, seed=0.4, return_history=True)
+        img, hist = class_model(model, targets.activation(layer, ch), steps=30, seed=0.4, l2=1e-3, return_history=True,
+                                **PLAIN)
     with torch.no_grad():
         final = float(model.features[:3](model.normalize(img))[0, ch].mean())
     assert final > 2 * best_real > 0, (best_real, final)
@@ -114,7 +118,7 @@ def test_filter_visualization_raises_the_filters_activation() -> None:
 
 def test_several_targets_on_different_layers_match_separate_runs(small_cnn: nn.Module) -> None:
     t1, t2, t3 = targets.activation("features.0", 1), targets.classes(3), targets.activation("features.0", 4)
-    kw = dict(shape=(3, 8, 8), steps=15, clip=None)
+    kw = dict(shape=(3, 8, 8), steps=15, clip=None, **PLAIN)
     together = class_model(small_cnn, [t1, t2, t3], **kw)
     for i, t in enumerate((t1, t2, t3)):
         torch.testing.assert_close(together[i:i + 1], class_model(small_cnn, t, **kw))
@@ -145,15 +149,15 @@ def test_tv_optimum_is_stationary_and_smoother() -> None:
     # w - 2 l2 I - tv dTV/dI = 0, checked with the closed-form TV gradient.
     model = _linear(c=1, h=6, w=6, k=2)
     w = model[1].weight.detach()[0].view(1, 1, 6, 6)
-    kw = dict(shape=(1, 6, 6), optimizer="ascent", lr=0.05, l2=0.5, steps=600, clip=None)
-    rough = class_model(model, 0, **kw)
-    smooth = class_model(model, 0, tv=2.0, **kw)
+    kw = dict(shape=(1, 6, 6), optimizer="ascent", lr=0.05, l2=0.5, steps=600, clip=None, jitter=0)
+    rough = class_model(model, 0, tv=0.0, blur_every=0, **kw)
+    smooth = class_model(model, 0, tv=2.0, blur_every=0, **kw)
     torch.testing.assert_close(w - 2 * 0.5 * smooth - 2.0 * tv_gradient(smooth), torch.zeros_like(w),
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(rough, w)  # w / (2 l2)
     rel = lambda im: float(total_variation(im)) / float((im - im.mean()).pow(2).sum())  # noqa: E731
     assert rel(smooth) < 0.5 * rel(rough)
-    blurred = class_model(model, 0, blur_every=1, blur_sigma=1.0, **kw)
+    blurred = class_model(model, 0, tv=0.0, blur_every=1, blur_sigma=1.0, **kw)
     assert rel(blurred) < 0.5 * rel(rough)
 
 
@@ -164,7 +168,7 @@ def test_jitter_rolls_the_gradient_back() -> None:
     dy, dx = (int(s) for s in torch.randint(-2, 3, (2,), generator=torch.Generator().manual_seed(3)))
     assert (dy, dx) != (0, 0)
     img = class_model(model, 1, shape=(1, 6, 6), steps=1, optimizer="ascent", lr=1.0, l2=0.0, jitter=2,
-                      clip=None, generator=gen)
+                      clip=None, generator=gen, tv=0.0, blur_every=0)
     w = model[1].weight.detach()[1].view(1, 6, 6)
     torch.testing.assert_close(img[0], torch.roll(w, (-dy, -dx), (1, 2)))
     # Its score on the shifted view is the best a unit step can do: |w|^2 + b.
@@ -178,7 +182,7 @@ def test_clip_auto_uses_model_info_mean_and_std() -> None:
     model = _linear(c=3, h=4, w=4, k=2)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     attach_info(model, ModelInfo(input_size=(4, 4), mean=mean, std=std))
-    img = class_model(model, 0, steps=30, lr=1e3, l2=0.0, optimizer="ascent")
+    img = class_model(model, 0, steps=30, lr=1e3, l2=0.0, optimizer="ascent", **PLAIN)
     assert img.shape == (1, 3, 4, 4)
     lo = (0 - torch.tensor(mean)) / torch.tensor(std)
     hi = (1 - torch.tensor(mean)) / torch.tensor(std)
@@ -186,7 +190,7 @@ def test_clip_auto_uses_model_info_mean_and_std() -> None:
     # Without a penalty the linear score is maximized at the bounds: hi where w > 0, lo where w < 0.
     expected = torch.where(w > 0, hi.view(3, 1, 1), lo.view(3, 1, 1))
     torch.testing.assert_close(img[0], expected)
-    fixed = class_model(model, 0, steps=30, lr=1e3, l2=0.0, optimizer="ascent", clip=(-0.5, 0.25))
+    fixed = class_model(model, 0, steps=30, lr=1e3, l2=0.0, optimizer="ascent", clip=(-0.5, 0.25), **PLAIN)
     torch.testing.assert_close(fixed[0], torch.where(w > 0, 0.25, -0.5))
 
 
@@ -223,7 +227,7 @@ def test_model_is_restored_after_errors_and_interrupts(small_cnn: nn.Module) -> 
         (dict(optimizer="sgd"), "optimizer must be one of"),
         (dict(l2=-1.0), "l2 must be a finite number"),
         (dict(lr=0.0), "lr must be > 0"),
-        (dict(jitter=8), "jitter"),
+        (dict(jitter=-1), "jitter must be"),
         (dict(clip=(1, 0)), "low < high"),
         (dict(clip="yes"), "clip must be"),
         (dict(seed=torch.zeros(2, 3, 8, 8)), "seed batch of 2"),
