@@ -1,0 +1,114 @@
+"""Atomic file writes: a reader (or a crash) never sees half a file.
+
+Everything salience writes (pictures, raw maps, reports, summaries) goes through
+:func:`atomic_path` or :func:`atomic_write`: the bytes go to a temporary file in the target's own
+folder, are flushed to disk, and the temporary file is renamed over the target in one step
+(``os.replace``). If anything fails on the way, including ``KeyboardInterrupt``, the temporary
+file is removed and an existing target is left exactly as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import Iterator, Union
+
+from ._errors import SalienceError
+
+__all__ = ["atomic_path", "atomic_write"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _target(path: PathLike) -> Path:
+    """The target as a ``Path``, its folder created; a folder in its place is an error."""
+    try:
+        p = Path(os.fspath(path))
+    except TypeError:
+        raise SalienceError(f"expected a file path (str or os.PathLike), got {type(path).__name__}") from None
+    if p.name in ("", ".", ".."):
+        raise SalienceError(f"expected a file path, got {str(path)!r}, which names a folder")
+    if p.is_dir():
+        raise SalienceError(f"cannot write the file {p}: a folder of that name exists; choose another path")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _new_temp(p: Path) -> Path:
+    """Create an empty, new temporary file next to ``p``; it keeps ``p``'s suffix (tools such as
+    ``np.save`` or ``PIL.Image.save`` choose the format by it). Mode ``0o666`` minus the umask,
+    like any newly created file."""
+    while True:
+        tmp = p.with_name(f".{p.stem}.{secrets.token_hex(4)}.tmp{p.suffix}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # pragma: no cover - 32 random bits colliding
+            continue
+        os.close(fd)
+        return tmp
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable where the platform allows it (POSIX); best effort."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; write the file there, in any way you like.
+
+    When the ``with`` block ends normally the file is flushed to disk and renamed to ``path``
+    (replacing an existing file in one step). When the block raises (any exception, also
+    ``KeyboardInterrupt``) the temporary file is removed and ``path`` is untouched. Parent folders
+    are created. The temporary name keeps ``path``'s suffix, so ``np.save`` / ``Image.save`` pick
+    the right format and do not append one::
+
+        with atomic_path("out/fig.png") as tmp:
+            Image.fromarray(arr).save(tmp)
+    """
+    p = _target(path)
+    tmp = _new_temp(p)
+    try:
+        yield tmp
+        if not tmp.is_file():
+            raise SalienceError(
+                f"nothing was written to the temporary file {tmp.name} for {p}; write to the path that "
+                "atomic_path yields (not a renamed or suffixed copy of it)"
+            )
+        _fsync_file(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(p.parent)
+
+
+def atomic_write(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`); returns the path."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SalienceError(
+            f"atomic_write expects bytes, got {type(data).__name__}; encode text first (e.g. s.encode('utf-8'))"
+        )
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return Path(os.fspath(path))
