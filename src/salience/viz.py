@@ -1,0 +1,618 @@
+"""Pictures of saliency maps: colormaps, heatmaps, overlays, side-by-side figures, files.
+
+Pure numpy + pillow; never sees a model. Every function accepts torch tensors (any device; they
+are detached and copied to the CPU) and numpy arrays alike and gives the same picture for both.
+
+Normalization is explicit and per image (the ``norm`` argument):
+
+* ``"percentile"`` (default): values above the ``percentile``-th percentile (99: the top 1 %) are
+  clipped before scaling, so a few extreme pixels do not wash the rest of the map out;
+* ``"minmax"``: the smallest value becomes the bottom colour and the largest the top one;
+* ``None``: the values are used as they are; they must already lie in ``[0, 1]`` (``[-1, 1]`` for
+  signed maps), else :class:`~salience.SalienceError` (no silent clipping).
+
+A map with negative values is *signed* (auto-detected; force with ``signed=True/False``): it is
+scaled symmetrically by its largest ``|value|`` (or that percentile of ``|value|``), zero lands
+exactly on the middle colour of a diverging colormap (``"bwr"``: blue - white - red) and ``+a`` /
+``-a`` get mirror colours. Unsigned maps use a sequential colormap (``"fire"``, dark to bright).
+"""
+from __future__ import annotations
+
+import io as _io
+import os
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from ._errors import SalienceError
+from ._files import atomic_path, atomic_write
+
+__all__ = [
+    "COLORMAPS",
+    "colormap",
+    "scale",
+    "heatmap",
+    "colored",
+    "grayscale",
+    "overlay",
+    "to_uint8_image",
+    "figure",
+    "save_png",
+    "save_npy",
+    "save_figure",
+]
+
+ArrayLike = Union[np.ndarray, "torch.Tensor"]  # noqa: F821 - torch is only needed for its tensors
+PathLike = Union[str, "os.PathLike[str]"]
+Norm = Optional[str]
+
+# ----------------------------------------------------------------------------- colormaps
+# Compact anchors (position in [0, 1], RGB) interpolated linearly to 256 entries. Our own
+# choices: "fire" rises monotonically in luminance (black - violet - red - orange - pale yellow),
+# so brighter always means more; "bwr" is built from one half (white -> dark red) and its mirror
+# image with red and blue swapped, so it is symmetric about the middle by construction.
+_SEQUENTIAL: dict[str, tuple[tuple[float, tuple[int, int, int]], ...]] = {
+    "fire": (
+        (0.0, (0, 0, 0)),
+        (0.2, (40, 10, 90)),
+        (0.4, (120, 20, 110)),
+        (0.6, (200, 50, 60)),
+        (0.8, (245, 140, 20)),
+        (1.0, (255, 250, 180)),
+    ),
+    "gray": ((0.0, (0, 0, 0)), (1.0, (255, 255, 255))),
+}
+_DIVERGING_HALF: dict[str, tuple[tuple[float, tuple[int, int, int]], ...]] = {
+    "bwr": (
+        (0.0, (255, 255, 255)),
+        (0.35, (244, 170, 135)),
+        (0.7, (214, 72, 58)),
+        (1.0, (120, 0, 30)),
+    ),
+}
+COLORMAPS: tuple[str, ...] = tuple(_SEQUENTIAL) + tuple(_DIVERGING_HALF)
+_DEFAULT_SEQUENTIAL = "fire"
+_DEFAULT_DIVERGING = "bwr"
+_LUTS: dict[str, np.ndarray] = {}
+
+
+def _interp(anchors: Sequence[tuple[float, tuple[int, int, int]]], n: int) -> np.ndarray:
+    pos = np.array([a[0] for a in anchors], dtype=np.float64)
+    rgb = np.array([a[1] for a in anchors], dtype=np.float64)
+    t = np.linspace(0.0, 1.0, n)
+    out = np.stack([np.interp(t, pos, rgb[:, c]) for c in range(3)], axis=1)
+    return np.floor(out + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def colormap(name: str) -> np.ndarray:
+    """The colormap ``name`` (one of :data:`COLORMAPS`) as a ``(256, 3)`` uint8 lookup table.
+
+    Sequential maps run from entry 0 (lowest) to 255 (highest). Diverging maps have their middle
+    colour at entries 127 and 128 (zero) and ``lut[127 - k]`` is ``lut[128 + k]`` with red and blue
+    swapped.
+    """
+    if not isinstance(name, str) or name not in COLORMAPS:
+        raise SalienceError(f"unknown colormap {name!r}; expected one of {', '.join(COLORMAPS)}")
+    if name not in _LUTS:
+        if name in _SEQUENTIAL:
+            lut = _interp(_SEQUENTIAL[name], 256)
+        else:
+            half = _interp(_DIVERGING_HALF[name], 128)        # middle (0) -> top (+max)
+            lut = np.concatenate([half[::-1, ::-1], half])    # bottom half: mirrored, red<->blue
+        lut.setflags(write=False)
+        _LUTS[name] = lut
+    return _LUTS[name].copy()
+
+
+def _lut(cmap: Union[None, str, ArrayLike], signed: bool) -> np.ndarray:
+    if cmap is None:
+        return colormap(_DEFAULT_DIVERGING if signed else _DEFAULT_SEQUENTIAL)
+    if isinstance(cmap, str):
+        return colormap(cmap)
+    lut = _as_array(cmap, "cmap")
+    if lut.shape != (256, 3) or lut.dtype != np.uint8:
+        raise SalienceError(
+            f"cmap must be a colormap name ({', '.join(COLORMAPS)}) or a (256, 3) uint8 table, "
+            f"got an array of shape {tuple(lut.shape)} and dtype {lut.dtype}"
+        )
+    return lut
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _as_array(x: object, what: str) -> np.ndarray:
+    """A numpy view of a tensor (detached, on the CPU; bfloat16/half as float32) or array."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch here
+        t = x.detach().cpu()
+        if t.is_complex():
+            raise SalienceError(f"{what} must be real, got a complex tensor")
+        if t.dtype.is_floating_point and t.dtype.itemsize < 4:
+            t = t.float()
+        return t.numpy()
+    try:
+        a = np.asarray(x)
+    except Exception as e:  # noqa: BLE001 - ragged lists and the like
+        raise SalienceError(f"{what} must be a tensor or numpy array, got {type(x).__name__} ({e})") from None
+    if a.dtype.kind not in "biuf":
+        raise SalienceError(f"{what} must hold real numbers, got dtype {a.dtype} ({type(x).__name__})")
+    return a
+
+
+def _finite(a: np.ndarray, what: str) -> np.ndarray:
+    """``a`` as float64, refusing NaN/inf and empty arrays."""
+    if a.size == 0:
+        raise SalienceError(f"{what} is empty (shape {tuple(a.shape)}); expected at least one pixel")
+    f = a.astype(np.float64, copy=False)
+    bad = ~np.isfinite(f)
+    if bad.any():
+        raise SalienceError(
+            f"{what} has {int(bad.sum())} NaN or infinite value(s) of {f.size}; a picture needs finite "
+            "numbers (check the method's input and options, or replace them, e.g. np.nan_to_num)"
+        )
+    return f
+
+
+def _is_tensor(x: object) -> bool:
+    return hasattr(x, "detach") and hasattr(x, "cpu")
+
+
+# ----------------------------------------------------------------------------- scaling
+
+
+def _scale(a: np.ndarray, norm: Norm, percentile: float, signed: Optional[bool], what: str) -> tuple[np.ndarray, bool]:
+    """Scale ``a`` (batch on axis 0, everything else is one image) to [0, 1] or, signed, [-1, 1]."""
+    if norm not in ("percentile", "minmax", None):
+        raise SalienceError(f"norm must be 'percentile', 'minmax' or None, got {norm!r}")
+    if norm == "percentile" and not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
+        raise SalienceError(f"percentile must be a number in (0, 100], got {percentile!r}")
+    if signed is None:
+        signed = bool((a < 0).any())
+    if norm is None:
+        lo = -1.0 if signed else 0.0
+        if a.min() < lo or a.max() > 1.0:
+            raise SalienceError(
+                f"norm=None needs {what} values in [{lo:g}, 1] already, got [{a.min():.4g}, {a.max():.4g}]; "
+                "pass norm='percentile' or 'minmax' to scale it"
+            )
+        return a.astype(np.float64), signed
+    flat = a.reshape(a.shape[0], -1)
+    if signed:
+        mag = np.abs(flat)
+        top = mag.max(axis=1)
+        s = np.percentile(mag, percentile, axis=1) if norm == "percentile" else top
+        s = np.where(s > 0, s, top)                      # a mostly-zero map: fall back to the max
+        s = np.where(s > 0, s, 1.0)                      # an all-zero map stays zero (middle colour)
+        out = np.clip(flat / s[:, None], -1.0, 1.0)
+    else:
+        lo = flat.min(axis=1)
+        top = flat.max(axis=1)
+        hi = np.percentile(flat, percentile, axis=1) if norm == "percentile" else top
+        hi = np.where(hi > lo, hi, top)                  # a mostly-constant map: fall back to the max
+        span = hi - lo
+        out = np.where(span[:, None] > 0, (flat - lo[:, None]) / np.where(span > 0, span, 1.0)[:, None], 0.0)
+        out = np.clip(out, 0.0, 1.0)
+    return out.reshape(a.shape), signed
+
+
+def scale(m: ArrayLike, norm: Norm = "percentile", *, percentile: float = 99.0,
+          signed: Optional[bool] = None) -> np.ndarray:
+    """Scale a map for display, per image: float64 in ``[0, 1]``, or ``[-1, 1]`` when signed.
+
+    ``m`` is one map ``(H, W)`` or a batch ``(B, ...)`` (each ``m[i]`` is scaled on its own, all of
+    its channels together). ``norm``: ``"percentile"`` (clip above the ``percentile``-th percentile,
+    then min-max; signed maps: divide by that percentile of ``|m|``), ``"minmax"``, or ``None``
+    (values must already lie in range; else an error). ``signed=None`` means "signed if any value
+    is negative" (decided over the whole input, so a batch shares one scheme); signed scaling is
+    symmetric and keeps 0 at 0. A constant map scales to 0.
+    """
+    a = _finite(_as_array(m, "map"), "map")
+    if a.ndim < 2:
+        raise SalienceError(f"map must be (H, W) or a batch (B, H, W) / (B, C, H, W), got shape {tuple(a.shape)}")
+    one = a.ndim == 2
+    out, _ = _scale(a[None] if one else a, norm, percentile, signed, "map")
+    return out[0] if one else out
+
+
+def _index(v: np.ndarray, signed: bool) -> np.ndarray:
+    """Scaled values -> LUT indices. Unsigned [0, 1] -> 0..255; signed [-1, 1] -> 0 at 128, +a at
+    128 + k and -a at 127 - k (mirror entries), +1 at 255 and -1 at 0."""
+    if not signed:
+        return np.floor(v * 255.0 + 0.5).astype(np.intp)
+    k = np.floor(np.abs(v) * 127.0 + 0.5).astype(np.intp)
+    return np.where(v >= 0, 128 + k, 127 - k)
+
+
+# ----------------------------------------------------------------------------- maps -> RGB
+
+
+def heatmap(m: ArrayLike, *, cmap: Union[None, str, ArrayLike] = None, norm: Norm = "percentile",
+            percentile: float = 99.0, signed: Optional[bool] = None) -> np.ndarray:
+    """A map in colour: ``(H, W)`` -> uint8 ``(H, W, 3)``, or a batch ``(B, H, W)`` -> ``(B, H, W, 3)``.
+
+    Scaled per image by ``norm`` (see :func:`scale`). ``cmap``: a name from :data:`COLORMAPS` or a
+    ``(256, 3)`` uint8 table; default ``"bwr"`` for signed maps (0 is white), ``"fire"`` otherwise.
+    Per-channel maps ``(C, H, W)`` go through :func:`colored` or :func:`grayscale` instead.
+    """
+    a = _finite(_as_array(m, "map"), "map")
+    if a.ndim not in (2, 3):
+        raise SalienceError(
+            f"heatmap expects one map (H, W) or a batch (B, H, W), got shape {tuple(a.shape)}; "
+            "for per-channel maps use viz.colored (RGB) or viz.grayscale"
+        )
+    one = a.ndim == 2
+    v, sig = _scale(a[None] if one else a, norm, percentile, signed, "map")
+    rgb = _lut(cmap, sig)[_index(v, sig)]
+    return rgb[0] if one else rgb
+
+
+def _colored_scaled(v: np.ndarray, signed: bool) -> np.ndarray:
+    """Scaled ``(B, 3, H, W)`` -> uint8 ``(B, H, W, 3)``; signed values put 0 at mid-gray (128)."""
+    u = (v + 1.0) / 2.0 if signed else v
+    return np.floor(u * 255.0 + 0.5).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def colored(m: ArrayLike, *, norm: Norm = "percentile", percentile: float = 99.0,
+            signed: Optional[bool] = None) -> np.ndarray:
+    """A per-channel map shown as RGB ("colored vanilla backprop"): ``(3, H, W)`` -> uint8
+    ``(H, W, 3)``, or ``(B, 3, H, W)`` -> ``(B, H, W, 3)``.
+
+    The three channels of an image are scaled together (so their balance, the hue, is kept).
+    Unsigned: 0 is black. Signed: symmetric, 0 is mid-gray, positive brighter, negative darker.
+    """
+    a = _finite(_as_array(m, "map"), "map")
+    if a.ndim not in (3, 4) or a.shape[-3] != 3:
+        raise SalienceError(
+            f"colored expects a per-channel map (3, H, W) or (B, 3, H, W), got shape {tuple(a.shape)}; "
+            "single-channel maps go through viz.heatmap"
+        )
+    one = a.ndim == 3
+    v, sig = _scale(a[None] if one else a, norm, percentile, signed, "map")
+    rgb = _colored_scaled(v, sig)
+    return rgb[0] if one else rgb
+
+
+def grayscale(m: ArrayLike, *, norm: Norm = "percentile", percentile: float = 99.0,
+              cmap: Union[str, ArrayLike] = "gray") -> np.ndarray:
+    """The grayscale version of a per-channel map: ``sum_c |m_c|``, scaled, in ``cmap`` (gray).
+
+    ``(C, H, W)`` -> uint8 ``(H, W, 3)``; ``(B, C, H, W)`` -> ``(B, H, W, 3)``.
+    """
+    a = _finite(_as_array(m, "map"), "map")
+    if a.ndim not in (3, 4):
+        raise SalienceError(
+            f"grayscale expects a per-channel map (C, H, W) or (B, C, H, W), got shape {tuple(a.shape)}; "
+            "a map (H, W) is already single-channel: use viz.heatmap(m, cmap='gray')"
+        )
+    return heatmap(np.abs(a).sum(axis=-3), cmap=cmap, norm=norm, percentile=percentile, signed=False)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _one_image(a: np.ndarray, tensor: bool) -> np.ndarray:
+    """One image array -> uint8 (H, W, 3)."""
+    if a.ndim == 2:
+        a = a[..., None]
+    elif a.ndim == 3:
+        first, last = a.shape[0] in (1, 3, 4), a.shape[-1] in (1, 3, 4)
+        if first and last:  # e.g. 3x5x3: tensors and float arrays are (C, H, W); uint8 arrays (H, W, C)
+            first = tensor or a.dtype != np.uint8
+        if first:
+            a = a.transpose(1, 2, 0)
+        elif not last:
+            raise SalienceError(
+                f"an image must be (C, H, W) or (H, W, C) with 1, 3 or 4 channels, got shape {tuple(a.shape)}"
+            )
+    else:
+        raise SalienceError(f"an image must be (C, H, W), (H, W, C) or (H, W), got shape {tuple(a.shape)}")
+    a = a[..., :3] if a.shape[-1] == 4 else a  # RGBA: drop alpha
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    if a.size == 0:
+        raise SalienceError(f"the image is empty (shape {tuple(a.shape)})")
+    if a.dtype == np.uint8:
+        return np.ascontiguousarray(a)
+    if a.dtype.kind == "b":
+        raise SalienceError("an image must be numbers (uint8 0..255 or float 0..1), got booleans")
+    if a.dtype.kind in "iu":
+        if a.min() < 0 or a.max() > 255:
+            raise SalienceError(
+                f"an integer image must lie in 0..255, got [{a.min()}, {a.max()}]; use uint8 or float in [0, 1]"
+            )
+        return a.astype(np.uint8)
+    f = _finite(a, "image")
+    lo, hi = float(f.min()), float(f.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise SalienceError(
+            f"a float image must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]; un-normalize it first "
+            "(salience.io.unnormalize for a model's mean/std) or divide 0..255 values by 255"
+        )
+    return np.floor(f.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def to_uint8_image(x: ArrayLike) -> np.ndarray:
+    """An image for display: uint8 ``(H, W, 3)``; a batch (4-D) gives ``(B, H, W, 3)``.
+
+    Accepts ``(C, H, W)`` with C = 1, 3 or 4 (torch layout), ``(H, W, C)`` (PIL/numpy layout),
+    ``(H, W)`` gray; uint8 (0..255) or float in ``[0, 1]`` (values outside by more than 0.001 are
+    an error: un-normalize first). Where both layouts fit (e.g. ``(3, 5, 3)``), tensors and float
+    arrays are read as ``(C, H, W)``, uint8 numpy arrays as ``(H, W, C)``.
+    """
+    tensor = _is_tensor(x)
+    a = _as_array(x, "image")
+    if a.ndim == 4:
+        if a.shape[0] == 0:
+            raise SalienceError("the image batch is empty (B = 0)")
+        return np.stack([_one_image(a[i], tensor) for i in range(a.shape[0])])
+    return _one_image(a, tensor)
+
+
+def _resize(a: np.ndarray, size: tuple[int, int], smooth: bool = True) -> np.ndarray:
+    """Resize float (H, W) values or uint8 (H, W, 3) pixels to ``size`` = (H, W) with pillow.
+
+    Float maps: bilinear (stays within the input's range). Pixels: nearest when enlarging (keeps
+    small images crisp), box averaging when shrinking."""
+    from PIL import Image
+
+    h, w = size
+    if a.shape[:2] == (h, w):
+        return a
+    if a.dtype == np.uint8:
+        enlarge = h >= a.shape[0] and w >= a.shape[1]
+        img = Image.fromarray(np.ascontiguousarray(a)).resize((w, h), Image.NEAREST if enlarge else Image.BOX)
+        return np.asarray(img)
+    img = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F")
+    out = np.asarray(img.resize((w, h), Image.BILINEAR if smooth else Image.NEAREST), dtype=np.float64)
+    return np.clip(out, a.min(), a.max())
+
+
+def _map_tiles(m: np.ndarray, size: tuple[int, int], *, cmap, norm: Norm, percentile: float,
+               signed: Optional[bool]) -> np.ndarray:
+    """Maps ``(B, H', W')`` or colored ``(B, 3, H', W')`` -> uint8 ``(B, H, W, 3)`` at ``size``:
+    scaled on the raw map, then resized (bilinear), then coloured."""
+    v, sig = _scale(m, norm, percentile, signed, "map")
+    if v.ndim == 4:
+        v = np.stack([np.stack([_resize(c, size) for c in img]) for img in v])
+        return _colored_scaled(v, sig)
+    v = np.stack([_resize(img, size) for img in v])
+    return _lut(cmap, sig)[_index(v, sig)]
+
+
+def _blend(image: np.ndarray, tile: np.ndarray, alpha: float) -> np.ndarray:
+    out = (1.0 - alpha) * image.astype(np.float64) + alpha * tile.astype(np.float64)
+    return np.floor(out + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def _check_alpha(alpha: float) -> float:
+    if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise SalienceError(f"alpha must be a number in [0, 1] (0: only the image, 1: only the map), got {alpha!r}")
+    return float(alpha)
+
+
+def overlay(image: ArrayLike, m: ArrayLike, *, alpha: float = 0.5, cmap: Union[None, str, ArrayLike] = None,
+            norm: Norm = "percentile", percentile: float = 99.0, signed: Optional[bool] = None) -> np.ndarray:
+    """The map's heatmap blended on the image: ``(1 - alpha) * image + alpha * heatmap``, uint8.
+
+    ``image``: ``(3, H, W)`` / ``(1, H, W)`` float in [0, 1] or uint8 ``(H, W, 3)`` (see
+    :func:`to_uint8_image`); ``m``: ``(h, w)``, or a per-channel ``(3, h, w)`` shown as RGB
+    (:func:`colored`); a map smaller than the image (a low-res CAM) is scaled, then upsampled
+    bilinearly. A batch of images ``(B, C, H, W)`` with maps ``(B, h, w)`` / ``(B, 3, h, w)``
+    gives ``(B, H, W, 3)``; one image gives ``(H, W, 3)``. ``alpha`` 0 returns the image, 1 the
+    heatmap.
+    """
+    alpha = _check_alpha(alpha)
+    img = to_uint8_image(image)
+    one = img.ndim == 3
+    imgs = img[None] if one else img
+    a = _finite(_as_array(m, "map"), "map")
+    want = 2 if one else 3
+    if a.ndim == want + 1 and a.shape[-3] == 1:
+        a = a[..., 0, :, :]
+    if one:
+        a = a[None]
+    if a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[1] != 3) or a.shape[0] != imgs.shape[0]:
+        raise SalienceError(
+            f"overlay expects a map (h, w) or (3, h, w) for one image, (B, h, w) or (B, 3, h, w) for a batch "
+            f"of B images; got image {tuple(np.shape(image))} and map {tuple(np.shape(m))}"
+        )
+    tiles = _map_tiles(a, imgs.shape[1:3], cmap=cmap, norm=norm, percentile=percentile, signed=signed)
+    out = _blend(imgs, tiles, alpha)
+    return out[0] if one else out
+
+
+# ----------------------------------------------------------------------------- figures
+
+_BG = 255
+_FG = (0, 0, 0)
+
+
+def _font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
+
+
+def _text_size(draw, text: str, font) -> tuple[int, int]:
+    box = draw.textbbox((0, 0), text, font=font)
+    return box[2] - box[0], box[3] - box[1]
+
+
+def _fit(draw, text: str, width: int, font) -> str:
+    """``text`` cut (with '..') to fit ``width`` pixels."""
+    if _text_size(draw, text, font)[0] <= width:
+        return text
+    while text and _text_size(draw, text + "..", font)[0] > width:
+        text = text[:-1]
+    return text + ".." if text else ""
+
+
+def _figure_maps(maps: Mapping[str, ArrayLike], n: int) -> list[tuple[str, np.ndarray]]:
+    if not isinstance(maps, Mapping):
+        raise SalienceError(f"maps must be a mapping {{method name: maps}}, got {type(maps).__name__}")
+    out = []
+    for name, m in maps.items():
+        a = _finite(_as_array(m, f"map {name!r}"), f"map {name!r}")
+        if n == 1 and a.ndim in (2, 3) and (a.ndim == 2 or a.shape[0] in (1, 3)):
+            a = a[None]  # one image: (H, W) or a per-channel (C, H, W)
+        if a.ndim == 4:
+            if a.shape[1] == 1:
+                a = a[:, 0]
+            elif a.shape[1] != 3:
+                a = np.abs(a).max(axis=1)  # C channels that are not RGB: the largest magnitude
+        if a.ndim not in (3, 4) or a.shape[0] != n:
+            raise SalienceError(
+                f"map {name!r}: expected (B, H, W) or (B, C, H, W) with B = {n} (one per image), "
+                f"got shape {tuple(np.shape(m))}"
+            )
+        out.append((str(name), a))
+    return out
+
+
+def figure(images: Union[ArrayLike, Sequence[ArrayLike]], maps: Mapping[str, ArrayLike], *,
+           norm: Norm = "percentile", percentile: float = 99.0, overlay: bool = True, alpha: float = 0.5,
+           cmap: Union[None, str, ArrayLike] = None, signed: Optional[bool] = None,
+           titles: Optional[Sequence[str]] = None, row_labels: Optional[Sequence[str]] = None,
+           scale_to: Union[None, int, tuple[int, int]] = None, labels: bool = True, pad: int = 4) -> np.ndarray:
+    """The side-by-side figure: one row per image; columns: the image, then for each method its
+    map and (if ``overlay``) the map blended on the image. Returns uint8 ``(H, W, 3)``.
+
+    ``images``: ``(B, C, H, W)`` (or ``(B, H, W, C)`` uint8, a sequence of images, or one image);
+    ``maps``: ``{method name: (B, h, w) maps}``; per-channel ``(B, 3, h, w)`` maps are shown as RGB
+    (:func:`colored`), ``(B, 1, h, w)`` as a single channel, other channel counts by their largest
+    ``|value|``. Maps of another size than the images (a low-res CAM) are resized to them. Each map
+    is scaled per image by ``norm``; signedness (``signed=None``: auto) is decided per method over
+    its whole batch so a column uses one colour scheme. ``titles`` replace the method names in the
+    header, ``row_labels`` (one per image) add a left margin. ``scale_to``: tile height in pixels
+    (int, width kept in proportion) or ``(h, w)``; small images are enlarged without smoothing.
+    ``labels=False`` draws no text. Layout: tiles of equal size with ``pad`` white pixels between
+    them and around the edge, below a header line of text.
+    """
+    from PIL import Image, ImageDraw
+
+    alpha = _check_alpha(alpha)
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise SalienceError("images is an empty sequence; expected at least one image")
+        imgs = np.stack([to_uint8_image(i) for i in images])
+        if imgs.ndim != 4:
+            raise SalienceError("images: each item of the sequence must be one image (C, H, W) or (H, W, C)")
+    else:
+        imgs = to_uint8_image(images)
+        if imgs.ndim == 3:
+            imgs = imgs[None]
+    n, h, w = imgs.shape[:3]
+    methods = _figure_maps(maps, n)
+    if titles is not None:
+        titles = [str(t) for t in titles]
+        if len(titles) != len(methods):
+            raise SalienceError(f"titles: expected {len(methods)} (one per method), got {len(titles)}")
+    else:
+        titles = [name for name, _ in methods]
+    if row_labels is not None:
+        row_labels = [str(t) for t in row_labels]
+        if len(row_labels) != n:
+            raise SalienceError(f"row_labels: expected {n} (one per image), got {len(row_labels)}")
+    if not isinstance(pad, int) or pad < 0:
+        raise SalienceError(f"pad must be an int >= 0, got {pad!r}")
+    if scale_to is None:
+        th, tw = h, w
+    elif isinstance(scale_to, int) and not isinstance(scale_to, bool) and scale_to > 0:
+        th, tw = scale_to, max(1, round(w * scale_to / h))
+    elif (isinstance(scale_to, (tuple, list)) and len(scale_to) == 2
+          and all(isinstance(s, int) and s > 0 for s in scale_to)):
+        th, tw = int(scale_to[0]), int(scale_to[1])
+    else:
+        raise SalienceError(f"scale_to must be a positive int (tile height) or (height, width), got {scale_to!r}")
+
+    # Columns of tiles, each (n, th, tw, 3).
+    columns: list[np.ndarray] = [np.stack([_resize(im, (th, tw)) for im in imgs])]
+    for name, a in methods:
+        heat = _map_tiles(a, (h, w), cmap=cmap, norm=norm, percentile=percentile, signed=signed)
+        cols = [heat] + ([_blend(imgs, heat, alpha)] if overlay else [])
+        columns += [np.stack([_resize(t, (th, tw)) for t in c]) for c in cols]
+    per_method = 2 if overlay else 1
+
+    font = _font() if labels else None
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    if labels:
+        text_h = max(_text_size(probe, "Ag|", font)[1], 1)
+        header = text_h + pad + 2
+        left = (max(_text_size(probe, t, font)[0] for t in row_labels) + pad) if row_labels else 0
+    else:
+        header, left = 0, 0
+    ncol = len(columns)
+    height = header + n * th + (n + 1) * pad
+    width = left + ncol * tw + (ncol + 1) * pad
+    canvas = np.full((height, width, 3), _BG, dtype=np.uint8)
+    for c, col in enumerate(columns):
+        x = left + pad + c * (tw + pad)
+        for r in range(n):
+            y = header + pad + r * (th + pad)
+            canvas[y:y + th, x:x + tw] = col[r]
+    if not labels:
+        return canvas
+
+    pic = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(pic)
+
+    def label(text: str, x0: int, span: int, y: int) -> None:
+        text = _fit(draw, text, span, font)
+        tw_, _ = _text_size(draw, text, font)
+        bx = draw.textbbox((0, 0), text, font=font)
+        draw.text((x0 + (span - tw_) // 2 - bx[0], y - bx[1]), text, fill=_FG, font=font)
+
+    top = pad
+    label("image", left + pad, tw, top)
+    for i, t in enumerate(titles):
+        x0 = left + pad + (1 + i * per_method) * (tw + pad)
+        label(t, x0, per_method * tw + (per_method - 1) * pad, top)
+    if row_labels:
+        for r, t in enumerate(row_labels):
+            y = header + pad + r * (th + pad) + (th - text_h) // 2
+            bx = draw.textbbox((0, 0), t, font=font)
+            draw.text((pad // 2 - bx[0], y - bx[1]), t, fill=_FG, font=font)
+    return np.asarray(pic).copy()
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_png(path: PathLike, array: ArrayLike) -> Path:
+    """Write a picture as PNG, atomically; returns the path.
+
+    uint8 ``(H, W)`` is saved as gray, ``(H, W, 3)`` as RGB, ``(H, W, 4)`` as RGBA, exactly; any
+    other image :func:`to_uint8_image` accepts (a float ``(3, H, W)`` tensor...) is converted first.
+    """
+    from PIL import Image
+
+    a = _as_array(array, "picture")
+    if not (a.dtype == np.uint8 and not _is_tensor(array)
+            and (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4)))):
+        if a.ndim == 4:
+            raise SalienceError(f"save_png writes one picture per file, got a batch of shape {tuple(a.shape)}")
+        a = to_uint8_image(array)
+    if a.size == 0:
+        raise SalienceError(f"the picture is empty (shape {tuple(a.shape)})")
+    buf = _io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
+    return atomic_write(path, buf.getvalue())
+
+
+def save_npy(path: PathLike, m: ArrayLike) -> Path:
+    """Write a raw map (tensor or array, unscaled) as ``.npy``, atomically; returns the path.
+
+    bfloat16/half tensors are stored as float32 (numpy has no bfloat16). No pickling.
+    """
+    a = _as_array(m, "map")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(a), allow_pickle=False)
+    return Path(os.fspath(path))
+
+
+def save_figure(path: PathLike, images: Union[ArrayLike, Sequence[ArrayLike]], maps: Mapping[str, ArrayLike],
+                **options) -> Path:
+    """:func:`figure` written as PNG (atomically) to ``path``; ``options`` go to :func:`figure`."""
+    return save_png(path, figure(images, maps, **options))
