@@ -18,6 +18,7 @@ from . import rules
 from .methods.class_model import class_model
 from . import keras_vis
 from .reduce import normalize
+from . import viz
 
 __version__ = "0.1.0"
 
@@ -40,5 +41,6 @@ __all__ = [
     "load_model",
     "class_model",
     "keras_vis",
+    "viz",
     "__version__",
 ]
