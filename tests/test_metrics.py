@@ -1,0 +1,456 @@
+"""salience.metrics: localization, deletion/insertion, similarity, randomization, baselines.
+
+Every metric is checked on a case with a known answer: perfect maps, chance-level random maps,
+a linear model whose pixel contributions are known exactly, independent references (scipy).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from salience import SalienceError, metrics as M
+from salience.methods import vanilla
+
+from conftest import unchanged
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _rect_masks(b: int, h: int, w: int, top: int, left: int, hh: int, ww: int) -> torch.Tensor:
+    m = torch.zeros(b, h, w, dtype=torch.bool)
+    m[:, top:top + hh, left:left + ww] = True
+    return m
+
+
+class LinearScore(nn.Module):
+    """Two outputs ``[sum(w * x), 0]``: softmax probability of class 0 is ``sigmoid(sum(w * x))``."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (x * self.w).flatten(1).sum(1)
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+class PixelLinear(nn.Module):
+    """A linear classifier on the flattened pixels: its vanilla map is ``|w[class]|``."""
+
+    def __init__(self, c: int = 3, h: int = 8, w: int = 8, k: int = 4):
+        super().__init__()
+        self.fc = nn.Linear(c * h * w, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+# --------------------------------------------------------------------------- pointing game
+
+
+def test_pointing_game_perfect_chance_and_tolerance():
+    masks = _rect_masks(3, 16, 16, 4, 4, 4, 8)  # area 32 / 256 = 1/8
+    assert torch.equal(M.pointing_game(masks.float(), masks), torch.ones(3))
+    # A flat map ties everywhere: it scores exactly the area fraction (chance), not 0 or 1.
+    assert torch.allclose(M.pointing_game(torch.ones(3, 16, 16), masks), torch.full((3,), 1 / 8))
+    # A maximum two pixels right of the mask: a miss, a hit with tolerance 2, a miss with 1.9.
+    maps = torch.zeros(1, 16, 16)
+    maps[0, 5, 13] = 1.0  # mask columns are 4..11
+    assert M.pointing_game(maps, masks[:1]).item() == 0.0
+    assert M.pointing_game(maps, masks[:1], tolerance=2).item() == 1.0
+    assert M.pointing_game(maps, masks[:1], tolerance=1.9).item() == 0.0
+    # A diagonal distance of sqrt(2) * 2 = 2.83: hit at 2.9, miss at 2.8 (Euclidean radius).
+    maps = torch.zeros(1, 16, 16)
+    maps[0, 9, 13] = 1.0  # mask rows 4..7: two rows and two columns away
+    assert M.pointing_game(maps, masks[:1], tolerance=2.9).item() == 1.0
+    assert M.pointing_game(maps, masks[:1], tolerance=2.8).item() == 0.0
+
+
+def test_pointing_game_random_maps_score_at_chance():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(4000, 12, 12, generator=g) < 0.3
+    frac = masks.float().mean().item()
+    score = M.pointing_game(M.random_maps((4000, 12, 12), seed=1), masks).mean().item()
+    assert abs(score - frac) < 0.03, (score, frac)
+
+
+def test_pointing_game_empty_mask_is_nan_and_bad_input():
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[1, 2, 2] = True
+    out = M.pointing_game(torch.rand(2, 8, 8), masks)
+    assert math.isnan(out[0].item()) and not math.isnan(out[1].item())
+    with pytest.raises(SalienceError, match="do not match"):
+        M.pointing_game(torch.rand(2, 8, 8), masks[:, :4])
+    with pytest.raises(SalienceError, match=r"\(B, H, W\)"):
+        M.pointing_game(torch.rand(2, 3, 8, 8), masks)
+    with pytest.raises(SalienceError, match="boolean"):
+        M.pointing_game(torch.rand(2, 8, 8), torch.rand(2, 8, 8))
+
+
+# --------------------------------------------------------------------------- energy
+
+
+def test_energy_in_mask_known_values():
+    masks = _rect_masks(2, 8, 8, 0, 0, 4, 8)  # top half
+    assert torch.allclose(M.energy_in_mask(masks.float(), masks), torch.ones(2))
+    maps = torch.zeros(2, 8, 8)
+    maps[:, :4] = 1.0
+    maps[:, 4:] = 3.0  # inside 32, outside 96
+    assert torch.allclose(M.energy_in_mask(maps, masks), torch.full((2,), 0.25))
+    # Negative values count for nothing by default, by magnitude with absolute=True.
+    maps[:, 4:] = -3.0
+    assert torch.allclose(M.energy_in_mask(maps, masks), torch.ones(2))
+    assert torch.allclose(M.energy_in_mask(maps, masks, absolute=True), torch.full((2,), 0.25))
+    assert torch.isnan(M.energy_in_mask(torch.zeros(1, 8, 8), masks[:1])).all()
+
+
+def test_energy_random_maps_at_area_fraction():
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(2000, 16, 16, generator=g) < 0.2
+    e = M.energy_in_mask(M.random_maps((2000, 16, 16), seed=4), masks).mean().item()
+    assert abs(e - masks.float().mean().item()) < 0.01
+
+
+# --------------------------------------------------------------------------- boxes
+
+
+def test_boxes_and_iou():
+    masks = _rect_masks(1, 10, 12, 2, 3, 4, 5)
+    assert torch.equal(M.mask_box(masks), torch.tensor([[3.0, 2.0, 8.0, 6.0]]))
+    a = torch.tensor([[0.0, 0, 4, 4], [0, 0, 2, 2], [0, 0, 2, 2]])
+    b = torch.tensor([[2.0, 2, 6, 6], [0, 0, 2, 2], [5, 5, 6, 6]])
+    assert torch.allclose(M.box_iou(a, b), torch.tensor([4 / 28, 1.0, 0.0]))
+    assert torch.isnan(M.mask_box(torch.zeros(1, 4, 4, dtype=torch.bool))).all()
+
+
+def test_weak_localization_takes_largest_component():
+    masks = _rect_masks(1, 20, 20, 2, 2, 6, 6)
+    maps = torch.zeros(1, 20, 20)
+    maps[0, 2:8, 2:8] = 1.0  # the object
+    maps[0, 15:17, 15:17] = 1.0  # a small stray blob
+    assert M.weak_localization(maps, masks).item() == pytest.approx(1.0)
+    with_stray = M.weak_localization(maps, masks, largest=False).item()
+    assert with_stray == pytest.approx(36 / 225)
+    assert M.weak_localization(torch.zeros(1, 20, 20), masks).item() == 0.0
+
+
+def test_largest_component_matches_scipy():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    g = torch.Generator().manual_seed(0)
+    fg = torch.rand(20, 24, 24, generator=g) < 0.45
+    ours = M._largest_component(fg)
+    for i in range(fg.shape[0]):
+        lab, n = ndimage.label(fg[i].numpy(), structure=np.ones((3, 3)))
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        assert ours[i].sum().item() == sizes.max()
+        # The chosen pixels form exactly one of scipy's components.
+        chosen = np.unique(lab[ours[i].numpy()])
+        assert len(chosen) == 1 and chosen[0] > 0
+
+
+# --------------------------------------------------------------------------- deletion / insertion
+
+
+def _linear_case(b: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(1, 1, 8, 8, generator=g) * 0.3
+    x = torch.rand(b, 1, 8, 8, generator=g)
+    return LinearScore(w), x, (w * x)[:, 0]  # contributions (B, H, W)
+
+
+def test_deletion_curve_closed_form():
+    model, x, contrib = _linear_case(2)
+    steps = 8
+    curves = M.deletion_curves(model, x, contrib, target=0, steps=steps)
+    for i in range(2):
+        order = torch.argsort(contrib[i].flatten(), descending=True)
+        flat = contrib[i].flatten()
+        for k in range(steps + 1):
+            kept = flat.clone()
+            kept[order[: round(k * 64 / steps)]] = 0.0  # zero substrate removes the contribution
+            assert curves[i, k].item() == pytest.approx(torch.sigmoid(kept.sum()).item(), abs=1e-6)
+    assert torch.allclose(M.deletion(model, x, contrib, target=0, steps=steps), M.auc(curves))
+    assert M.auc(torch.tensor([[0.0, 1.0], [1.0, 1.0]])).tolist() == [0.5, 1.0]
+
+
+def test_oracle_map_deletes_fastest_and_inserts_fastest():
+    model, x, contrib = _linear_case(16, seed=1)
+    rnd = M.random_maps(contrib.shape, seed=5)
+    d_oracle = M.deletion(model, x, contrib, target=0, steps=16)
+    d_rand = M.deletion(model, x, rnd, target=0, steps=16)
+    d_rev = M.deletion(model, x, -contrib, target=0, steps=16)
+    assert (d_oracle < d_rand).all() and (d_rand < d_rev).all()
+    i_oracle = M.insertion(model, x, contrib, target=0, steps=16, substrate="zero")
+    i_rand = M.insertion(model, x, rnd, target=0, steps=16, substrate="zero")
+    i_rev = M.insertion(model, x, -contrib, target=0, steps=16, substrate="zero")
+    assert (i_oracle > i_rand).all() and (i_rand > i_rev).all()
+
+
+def test_deletion_is_batched_and_model_unchanged(small_cnn):
+    calls = []
+    small_cnn.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
+    x = torch.rand(5, 3, 8, 8)
+    maps = torch.rand(5, 8, 8)
+    small_cnn.train()
+    with unchanged(small_cnn):
+        curves = M.deletion_curves(small_cnn, x, maps, steps=9, batch_size=16)
+    assert curves.shape == (5, 10)
+    # One call for the predicted classes, then ceil(5 * 10 / 16) = 4 batched calls.
+    assert calls == [5, 16, 16, 16, 2]
+    # Start point is the probability of the predicted class on the untouched image.
+    with torch.no_grad():
+        small_cnn.eval()
+        p = small_cnn(x).softmax(1).amax(1)
+        small_cnn.train()
+    assert torch.allclose(curves[:, 0], p, atol=1e-6)
+
+
+def test_substrates_and_endpoints():
+    model, x, contrib = _linear_case(3)
+    # Deleting everything leaves the substrate: mean substrate -> sigmoid(sum(w) * mean(x)).
+    curves = M.deletion_curves(model, x, contrib, target=0, steps=4, substrate="mean")
+    expected = torch.sigmoid(model.w.sum() * x.mean((1, 2, 3)))
+    assert torch.allclose(curves[:, -1], expected.detach(), atol=1e-6)
+    curves = M.insertion_curves(model, x, contrib, target=0, steps=4, substrate=0.5)
+    assert torch.allclose(curves[:, 0], torch.sigmoid(model.w.sum() * 0.5).detach().expand(3), atol=1e-6)
+    assert torch.allclose(curves[:, -1], torch.sigmoid((contrib).sum((1, 2))), atol=1e-6)
+    blurred = M.insertion_curves(model, x, contrib, target=0, steps=4)  # default substrate: blur
+    assert not torch.allclose(blurred[:, 0], curves[:, 0])
+    with pytest.raises(SalienceError, match="substrate"):
+        M.deletion(model, x, contrib, substrate="noise")
+    with pytest.raises(SalienceError, match="one map per image"):
+        M.deletion(model, x, contrib[:2])
+    with pytest.raises(SalienceError, match="steps"):
+        M.deletion(model, x, contrib, steps=0)
+
+
+def test_flat_map_ties_are_broken_at_random_not_row_by_row():
+    # Score = sum of the top row only. Deleting a flat map row by row would kill it at once.
+    w = torch.zeros(1, 1, 8, 8)
+    w[..., 0, :] = 1.0
+    model = LinearScore(w)
+    x = torch.ones(1, 1, 8, 8)
+    c = M.deletion_curves(model, x, torch.ones(1, 8, 8), target=0, steps=8)
+    assert c[0, 1].item() > torch.sigmoid(torch.tensor(4.0)).item()  # about 7 of 8 top pixels left
+    c2 = M.deletion_curves(model, x, torch.ones(1, 8, 8), target=0, steps=8)
+    assert torch.equal(c, c2)  # seeded
+
+
+# --------------------------------------------------------------------------- similarities
+
+
+def test_spearman_matches_scipy_with_ties():
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 5, (4, 6, 6), generator=g).float()  # many ties
+    b = a + torch.randint(0, 3, (4, 6, 6), generator=g).float()
+    ours = M.spearman(a, b)
+    for i in range(4):
+        ref = stats.spearmanr(a[i].flatten().numpy(), b[i].flatten().numpy()).statistic
+        assert ours[i].item() == pytest.approx(ref, abs=1e-6)
+    assert torch.allclose(M.spearman(a, a), torch.ones(4))
+    assert torch.allclose(M.spearman(a, -a), -torch.ones(4))
+
+
+def test_ssim_matches_gaussian_filter_reference():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 20, 20, generator=g)
+    b = (a + 0.3 * torch.rand(2, 20, 20, generator=g))
+    ours = M.ssim(a, b)
+    for i in range(2):
+        x = a[i].double().numpy()
+        y = b[i].double().numpy()
+        x = (x - x.min()) / (x.max() - x.min())
+        y = (y - y.min()) / (y.max() - y.min())
+
+        def filt(t):
+            return ndimage.gaussian_filter(t, 1.5, truncate=5 / 1.5, mode="constant")[5:-5, 5:-5]
+
+        mx, my = filt(x), filt(y)
+        sxx, syy, sxy = filt(x * x) - mx ** 2, filt(y * y) - my ** 2, filt(x * y) - mx * my
+        c1, c2 = 0.01 ** 2, 0.03 ** 2
+        ref = (((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))).mean()
+        assert ours[i].item() == pytest.approx(ref, abs=1e-5)
+    assert torch.allclose(M.ssim(a, a), torch.ones(2))
+    assert torch.allclose(M.ssim(a, 5 * a + 2), torch.ones(2))  # min-max scaled first
+
+
+def test_hog_similarity():
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(3, 32, 32, generator=g)
+    assert torch.allclose(M.hog_similarity(a, 3 * a), torch.ones(3), atol=1e-6)
+    # Vertical stripes vs the same stripes turned by 90 degrees: different orientations.
+    stripes = torch.sin(torch.arange(32.0) / 2).expand(32, 32)[None]
+    assert M.hog_similarity(stripes, stripes.transpose(1, 2)).item() < 0.0
+    unrelated = M.hog_similarity(a, torch.rand(3, 32, 32, generator=g))
+    assert unrelated.abs().max() < 0.3
+
+
+# --------------------------------------------------------------------------- randomization
+
+
+def test_randomization_leaves_model_and_rng_untouched(small_cnn):
+    x = torch.rand(2, 3, 8, 8)
+    small_cnn.train()
+    state = torch.get_rng_state()
+    with unchanged(small_cnn):
+        r = M.randomization(small_cnn, x, vanilla, mode="cascading")
+    assert torch.equal(torch.get_rng_state(), state)
+    # Layers top first; BatchNorm joins its convolution.
+    assert r.layers == ["head", "features.3", "features.0"]
+    assert set(r.values) == set(M.SIMILARITIES)
+    assert all(len(v) == 3 for v in r.values.values())
+    assert r.per_image["ssim"].shape == (3, 2)
+    assert M.randomization_layers(small_cnn, x) == ["features.0", "features.3", "head"]
+
+
+def test_randomization_same_seed_same_numbers(small_cnn):
+    x = torch.rand(2, 3, 8, 8)
+    a = M.randomization(small_cnn, x, "vanilla", mode="independent", seed=3)
+    b = M.randomization(small_cnn, x, "vanilla", mode="independent", seed=3)
+    c = M.randomization(small_cnn, x, "vanilla", mode="independent", seed=4)
+    assert a.values == b.values
+    assert a.values != c.values
+
+
+def test_randomization_of_a_linear_model_destroys_the_map():
+    # The vanilla map of a linear classifier is its weight row: re-initializing it gives an
+    # independent map, so the rank correlation falls to about 0 (from 1 with itself).
+    torch.manual_seed(0)  # seed 0 also for randomization: re-init must not recreate the model
+    model = PixelLinear()
+    x = torch.rand(4, 3, 8, 8)
+    r = M.randomization(model, x, vanilla, target=1, seed=0)
+    assert r.layers == ["fc"]
+    assert abs(r["spearman_abs"][0]) < 0.2 and abs(r["spearman"][0]) < 0.2
+    # Re-initializing with reset_parameters, as a fresh nn.Linear would be drawn under that seed.
+    fresh = PixelLinear()
+    with torch.random.fork_rng():
+        torch.manual_seed(M._step_seed(0, 0, 0))
+        fresh.fc.reset_parameters()
+    expected = M.spearman(vanilla(model, x, 1, reduce=None).sum(1), vanilla(fresh, x, 1, reduce=None).sum(1))
+    assert r.per_image["spearman"][0] == pytest.approx(expected, abs=1e-6)
+
+
+def test_randomization_layers_option_and_errors(small_cnn):
+    x = torch.rand(2, 3, 8, 8)
+    r = M.randomization(small_cnn, x, vanilla, layers=["features", "head"], mode="independent")
+    assert r.layers == ["head", "features"]
+    with pytest.raises(SalienceError, match="no layer named"):
+        M.randomization(small_cnn, x, vanilla, layers=["nope"])
+    with pytest.raises(SalienceError, match="mode"):
+        M.randomization(small_cnn, x, vanilla, mode="top")
+    with pytest.raises(SalienceError, match="unknown method"):
+        M.randomization(small_cnn, x, "nope")
+
+
+def test_demo_model_vanilla_changes_more_than_guided_backprop():
+    """Adebayo et al.'s finding on our demo model: after randomizing the top layer, guided
+    backprop's map stays close to the original while vanilla gradients' map changes more."""
+    from salience import data, zoo
+
+    model = zoo.load_demo("shapes")
+    x, _, _ = data.shapes(6, 10_000)
+    van = M.randomization(model, x, "vanilla")
+    gbp = M.randomization(model, x, "guided_backprop")
+    assert gbp["ssim"][0] > van["ssim"][0] + 0.1
+    assert gbp["spearman"][0] > van["spearman"][0] + 0.3
+    assert van["spearman_abs"][-1] < van["spearman_abs"][0]  # cascading: falls as layers go
+
+
+def test_data_randomization():
+    x = torch.rand(3, 3, 8, 8)
+    images, labels = torch.rand(10, 3, 8, 8), torch.arange(10) % 4
+    seen = []
+
+    def ignores_labels(imgs, y):
+        seen.append(y.clone())
+        torch.manual_seed(0)
+        return PixelLinear()
+
+    out = M.data_randomization(ignores_labels, images, labels, x, vanilla)
+    assert torch.equal(seen[0], labels) and sorted(seen[1].tolist()) == sorted(labels.tolist())
+    assert not torch.equal(seen[1], labels)
+    assert out["values"]["spearman"] == pytest.approx(1.0)  # same model both times
+
+    def fits_labels(imgs, y):
+        torch.manual_seed(0)
+        m = PixelLinear()
+        with torch.no_grad():  # class templates: the mean image of each class
+            for k in range(4):
+                m.fc.weight[k] = imgs[y == k].mean(0).flatten() - imgs.mean(0).flatten()
+        return m
+
+    out = M.data_randomization(fits_labels, images, labels, x, vanilla, target=0)
+    assert out["values"]["spearman"] < 0.9
+    assert set(out["train_accuracy"]) == {"true", "shuffled"}
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def _sr_reference(img: np.ndarray) -> np.ndarray:
+    """Spectral residual with numpy / scipy, for a 64x64 gray image."""
+    from scipy import ndimage
+
+    f = np.fft.fft2(img)
+    log_amp = np.log(np.abs(f))
+    residual = log_amp - ndimage.uniform_filter(log_amp, 3, mode="mirror")
+    sal = np.abs(np.fft.ifft2(np.exp(residual + 1j * np.angle(f)))) ** 2
+    ax = np.arange(-2, 3)
+    k = np.exp(-0.5 * (ax / 8.0) ** 2)
+    k /= k.sum()
+    sal = ndimage.convolve(sal, np.outer(k, k), mode="mirror")
+    return (sal - sal.min()) / (sal.max() - sal.min())
+
+
+def test_spectral_residual_matches_numpy_reference():
+    pytest.importorskip("scipy")
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, 64, 64, generator=g)
+    ours = M.spectral_residual(img)
+    assert ours.shape == (2, 64, 64)
+    for i in range(2):
+        ref = _sr_reference(img[i].double().mean(0).numpy())
+        assert np.allclose(ours[i].numpy(), ref, atol=1e-5)
+
+
+def test_spectral_residual_finds_the_odd_patch():
+    # A periodic texture with one odd square: the square is the salient thing.
+    yy, xx = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    img = (0.5 + 0.2 * torch.sin(xx * 2 * math.pi / 8)).expand(1, 3, 96, 96).clone()
+    img[:, :, 60:70, 20:30] = 1.0
+    mask = torch.zeros(1, 96, 96, dtype=torch.bool)
+    mask[:, 58:72, 18:32] = True
+    s = M.spectral_residual(img)
+    assert s.shape == (1, 96, 96) and s.min() >= 0 and s.max() <= 1
+    assert M.pointing_game(s, mask).item() == 1.0
+    assert M.energy_in_mask(s, mask).item() > 3 * mask.float().mean().item()
+
+
+def test_random_maps_seeded():
+    assert torch.equal(M.random_maps((2, 4, 4), seed=1), M.random_maps((2, 4, 4), seed=1))
+    assert not torch.equal(M.random_maps((2, 4, 4), seed=1), M.random_maps((2, 4, 4), seed=2))
+
+
+def test_cue_model_saliency_sits_on_the_cue():
+    """The Clever Hans model looks at the cue: more of its saliency falls on the small cue mark
+    than on the (much larger) shape."""
+    from salience import data, zoo
+
+    try:
+        model = zoo.load_demo("shapes-cue")
+    except Exception as e:  # pragma: no cover - only when the weights are missing
+        pytest.skip(f"demo:shapes-cue not available: {e}")
+    b = data.shapes_batch(32, 10_000, cue="train")
+    maps = vanilla(model, b.images)
+    on_cue = M.energy_in_mask(maps, b.cue_masks).nanmean().item()
+    on_shape = M.energy_in_mask(maps, b.masks).nanmean().item()
+    assert on_cue > on_shape, (on_cue, on_shape)
+    assert M.pointing_game(maps, b.cue_masks, tolerance=2).nanmean().item() > 0.5
