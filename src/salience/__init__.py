@@ -17,6 +17,7 @@ from .methods import deconvnet, gradcam, guided_backprop, guided_gradcam
 from . import rules
 from .methods.class_model import class_model
 from . import keras_vis
+from . import metrics
 from .reduce import normalize
 from . import viz
 
@@ -41,6 +42,7 @@ __all__ = [
     "load_model",
     "class_model",
     "keras_vis",
+    "metrics",
     "viz",
     "__version__",
 ]
