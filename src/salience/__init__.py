@@ -14,6 +14,7 @@ from ._errors import SalienceError
 from ._guard import model_guard
 from .methods import METHODS, vanilla
 from .methods import deconvnet, gradcam, guided_backprop, guided_gradcam
+from .methods import input_x_gradient, integrated_gradients, smoothgrad
 from . import rules
 from .methods.class_model import class_model
 from . import keras_vis
@@ -37,6 +38,9 @@ __all__ = [
     "deconvnet",
     "gradcam",
     "guided_gradcam",
+    "smoothgrad",
+    "integrated_gradients",
+    "input_x_gradient",
     "rules",
     "io",
     "load_model",

@@ -10,6 +10,8 @@ from typing import Callable
 from .vanilla import vanilla
 from .guided import deconvnet, guided_backprop
 from .gradcam import gradcam, guided_gradcam
+from .smoothgrad import smoothgrad
+from .integrated import input_x_gradient, integrated_gradients
 
 METHODS: dict[str, Callable] = {
     "vanilla": vanilla,
@@ -17,6 +19,10 @@ METHODS: dict[str, Callable] = {
     "deconvnet": deconvnet,
     "gradcam": gradcam,
     "guided_gradcam": guided_gradcam,
+    "smoothgrad": smoothgrad,
+    "integrated_gradients": integrated_gradients,
+    "input_x_gradient": input_x_gradient,
 }
 
-__all__ = ["METHODS", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam"]
+__all__ = ["METHODS", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
+           "smoothgrad", "integrated_gradients", "input_x_gradient"]

@@ -1,0 +1,416 @@
+"""The engine shared by methods that need many passes (SmoothGrad, Integrated Gradients).
+
+Such a method evaluates a per-item function (a saliency map of one noisy copy, the gradient at
+one point of a path) on ``total`` *items* that belong to the ``B`` images of a batch, and sums
+the results per image with weights. Items are numbered rep-major, ``j = r * B + b``: item ``j``
+belongs to image ``j % B``. :func:`accumulate`
+
+- runs the items in chunks, all images together, and keeps only running sums ``(B, ...)``
+  (weighted sum, and the sum of squares when asked), so peak memory depends on the chunk, never
+  on the number of samples or steps;
+- picks the chunk size itself: the first chunk (one item per image) is run under
+  :class:`MemoryProbe`, which records the peak bytes of the tensors the pass creates (forward,
+  saved activations, backward; on any device), and the chunk is the memory budget divided by the
+  bytes per item. The probe's results are kept, so no work is done twice. ``chunk=`` fixes the
+  size, ``max_memory=`` sets the budget (default: :func:`default_budget`);
+- shows a progress bar when asked.
+
+:func:`input_gradients` differentiates several targets of the same inputs with one forward
+pass and one backward pass per target (the graph is kept between the backward passes with
+``retain_graph``), instead of one forward and backward per target.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ._autograd import gradients
+from ._errors import SalienceError
+from ._progress import progress as _progress
+from .targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
+
+__all__ = [
+    "MemoryProbe",
+    "Sums",
+    "accumulate",
+    "default_budget",
+    "input_gradients",
+    "split_targets",
+    "resolve_targets",
+    "targets_for",
+    "check_memory_options",
+]
+
+_GiB = 1 << 30
+
+
+# --------------------------------------------------------------------------- memory
+
+
+class MemoryProbe(TorchDispatchMode):
+    """Peak bytes of the tensors created while the mode is active (device-agnostic).
+
+    Every operator's output storages are tracked with weak references until they are freed;
+    ``peak`` is the largest total alive at any operator. Storages that existed before (the
+    model's parameters, the caller's tensors) and views of them are not counted. Backward
+    operators are seen too (autograd runs them under the same dispatch modes).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._ref = StorageWeakRef
+        self._live: dict[int, tuple[Any, int]] = {}
+        self._external: set[int] = set()
+        self.current = 0
+        self.peak = 0
+
+    def _prune(self) -> None:
+        dead = [k for k, (ref, _) in self._live.items() if ref.expired()]
+        for k in dead:
+            self.current -= self._live.pop(k)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        flat_in = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        for t in flat_in:
+            if isinstance(t, Tensor):
+                key = _storage_key(t)
+                if key is not None and key not in self._live:
+                    self._external.add(key)
+        out = func(*args, **(kwargs or {}))
+        self._prune()
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, Tensor):
+                key = _storage_key(t)
+                if key is None or key in self._live or key in self._external:
+                    continue
+                st = t.untyped_storage()
+                n = st.nbytes()
+                if n:
+                    self._live[key] = (self._ref(st), n)
+                    self.current += n
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def _storage_key(t: Tensor) -> Optional[int]:
+    try:
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+    except Exception:  # tensors without storage (meta, sparse, nested)
+        return None
+    return ptr if ptr else None
+
+
+def default_budget(device: torch.device) -> int:
+    """The memory a chunk may use when ``max_memory`` is not given, in bytes.
+
+    CUDA: half the free device memory, at most 4 GiB. Otherwise a quarter of the available
+    host memory (``MemAvailable`` on Linux), at most 1 GiB; larger chunks do not run faster
+    on a CPU, they only take memory from everything else.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(free // 2, 4 * _GiB))
+    avail = _available_host_memory()
+    return int(min(avail // 4, 1 * _GiB)) if avail else 512 << 20
+
+
+def _available_host_memory() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory_options(chunk: Optional[int], max_memory: Union[None, int, float, str]) -> Optional[int]:
+    """Validate ``chunk`` and ``max_memory``; returns the budget in bytes (``None``: default).
+
+    ``max_memory``: bytes (int), or a string like ``"2GiB"``, ``"500MB"``, ``"1.5G"``.
+    """
+    if chunk is not None:
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise SalienceError(f"chunk must be a positive int (items per pass), got {chunk!r}")
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, str):
+        budget = _parse_bytes(max_memory)
+    elif isinstance(max_memory, (int, float)) and not isinstance(max_memory, bool):
+        budget = int(max_memory)
+    else:
+        raise SalienceError(f"max_memory must be bytes (int) or a size like '2GiB', got {max_memory!r}")
+    if budget <= 0:
+        raise SalienceError(f"max_memory must be positive, got {max_memory!r}")
+    return budget
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024 ** 2,
+          "g": 1e9, "gb": 1e9, "gib": 1024 ** 3, "t": 1e12, "tb": 1e12, "tib": 1024 ** 4}
+
+
+def _parse_bytes(text: str) -> int:
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("kmgtib")
+    unit = s[len(num):]
+    try:
+        return int(float(num) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise SalienceError(f"cannot read max_memory {text!r}; write e.g. '2GiB', '500MB' or a number of bytes") from None
+
+
+# --------------------------------------------------------------------------- accumulation
+
+
+@dataclass
+class Sums:
+    """Running sums per image: ``total = sum_j w_j m_j``, ``squares = sum_j w_j m_j**2``.
+
+    ``chunks``: the size of every chunk that was run (the first is the probe);
+    ``per_item_bytes``: what the probe measured (``None`` if ``chunk`` was given).
+    """
+
+    total: Tensor
+    squares: Optional[Tensor]
+    chunks: list[int]
+    per_item_bytes: Optional[int]
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    if t.device.type in ("cpu", "cuda") and t.is_floating_point():
+        return torch.float64
+    return torch.float32
+
+
+def accumulate(
+    compute: Callable[[int, int], Tensor],
+    total: int,
+    n_images: int,
+    *,
+    weights: Optional[Sequence[float]] = None,
+    squares: bool = False,
+    chunk: Optional[int] = None,
+    max_memory: Optional[int] = None,
+    progress: bool = False,
+    desc: str = "",
+    device: Optional[torch.device] = None,
+) -> Sums:
+    """Run ``compute(start, stop) -> maps (stop - start, ...)`` over all items in chunks and sum.
+
+    Item ``j`` belongs to image ``j % n_images`` and counts with weight ``weights[j // n_images]``
+    (one weight per repetition; default 1). Sums are kept in float64 (float32 where the device
+    has no float64), so the result does not depend on the chunking beyond rounding.
+    ``max_memory``: budget in bytes for one chunk (default :func:`default_budget`).
+    """
+    if total < 1:
+        raise SalienceError("nothing to compute (0 items)")
+    w = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float64)
+    acc: Optional[Tensor] = None
+    acc2: Optional[Tensor] = None
+    sizes: list[int] = []
+    per_item: Optional[int] = None
+
+    def add(start: int, maps: Tensor) -> None:
+        nonlocal acc, acc2
+        n = maps.shape[0]
+        if acc is None:
+            dt = _acc_dtype(maps)
+            acc = torch.zeros((n_images,) + tuple(maps.shape[1:]), dtype=dt, device=maps.device)
+            if squares:
+                acc2 = torch.zeros_like(acc)
+        idx = torch.arange(start, start + n, device=maps.device)
+        owner = idx % n_images
+        m = maps.detach().to(acc.dtype)
+        if w is not None:
+            ww = w.to(device=maps.device, dtype=acc.dtype)[idx // n_images]
+            ww = ww.view((n,) + (1,) * (m.dim() - 1))
+            acc.index_add_(0, owner, m * ww)
+            if acc2 is not None:
+                acc2.index_add_(0, owner, m * m * ww)
+        else:
+            acc.index_add_(0, owner, m)
+            if acc2 is not None:
+                acc2.index_add_(0, owner, m * m)
+
+    with _progress(total, desc, enabled=progress) as bar:
+        start = 0
+        if chunk is None:
+            first = min(total, n_images)
+            probe = MemoryProbe()
+            with probe:
+                maps = compute(0, first)
+            add(0, maps)
+            del maps
+            sizes.append(first)
+            bar.update(first)
+            start = first
+            per_item = max(1, -(-probe.peak // first))
+            budget = max_memory if max_memory is not None else default_budget(device or torch.device("cpu"))
+            chunk = max(1, budget // per_item)
+        while start < total:
+            stop = min(total, start + chunk)
+            maps = compute(start, stop)
+            add(start, maps)
+            del maps
+            sizes.append(stop - start)
+            bar.update(stop - start)
+            start = stop
+    assert acc is not None
+    return Sums(acc, acc2, sizes, per_item)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def split_targets(target: Any) -> tuple[list[Target], bool]:
+    """``target`` -> (targets, multi). Several targets per image are a ``(B, K)`` integer tensor
+    (or nested list), or a list/tuple of targets (``Target`` objects, functions, class indices);
+    anything else is one target (see :func:`salience.targets.as_target`)."""
+    if isinstance(target, Tensor) and target.dim() == 2:
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise SalienceError(f"expected integer class indices (B, K), got a tensor of dtype {target.dtype}")
+        if target.shape[1] == 0:
+            raise SalienceError("the target tensor has K = 0 targets per image")
+        return [Classes(target[:, k]) for k in range(target.shape[1])], True
+    if isinstance(target, (list, tuple)) and target and all(isinstance(t, (list, tuple)) for t in target):
+        return split_targets(torch.as_tensor(target))
+    if isinstance(target, (list, tuple)) and target and any(isinstance(t, Target) or callable(t) for t in target):
+        return [as_target(t) for t in target], True
+    return [as_target(target)], False
+
+
+def resolve_targets(
+    model: nn.Module, x: Tensor, targets: list[Target], *, strip_softmax: bool = True,
+    output: Optional[Tensor] = None,
+) -> list[Target]:
+    """Replace "predicted class" targets by the classes predicted for the clean ``x``.
+
+    One forward pass without gradients, and only if a target needs it (or pass its ``output``).
+    """
+    if not any(isinstance(t, Predicted) for t in targets):
+        return targets
+    if output is None:
+        output = gradients(model, x, _Output(), input_grad=False, strip_softmax=strip_softmax).output
+    if output.dim() == 1:
+        output = output.unsqueeze(1)
+    if output.dim() != 2:
+        raise SalienceError(
+            f"the predicted-class target needs a model output of shape (B, K), got {tuple(output.shape)}; "
+            "pass a target, e.g. a custom one"
+        )
+    top = output.argmax(dim=1)
+    return [Classes(top) if isinstance(t, Predicted) else t for t in targets]
+
+
+class _Output(Target):
+    """A target that only reads the output (a forward pass with no backward)."""
+
+    def __call__(self, output: Tensor) -> Tensor:
+        return output.reshape(output.shape[0], -1)[:, 0]
+
+
+def targets_for(target: Target, owner: Tensor) -> Target:
+    """The target for items whose images are ``owner`` ``(n,)`` (indices into the batch).
+
+    Per-image class indices are gathered; targets that are functions of each sample's output
+    (regression, activation, custom) apply to the items as they are.
+    """
+    if isinstance(target, Classes) and isinstance(target.index, Tensor):
+        return Classes(target.index.to(owner.device)[owner])
+    if isinstance(target, MultiLabel) and target.indices.dim() == 2:
+        return MultiLabel(target.indices.to(owner.device)[owner])
+    if isinstance(target, Predicted):
+        raise AssertionError("resolve the predicted class before expanding targets")
+    return target
+
+
+# --------------------------------------------------------------------------- several targets, one forward
+
+
+class _Shared(Target):
+    """Evaluates K targets on one output; the first one's gradient is left to ``gradients``, the
+    others are taken inside, with the graph retained (one forward, K backward passes)."""
+
+    def __init__(self, targets: Sequence[Target], inputs: list) -> None:
+        layers = {id(t.layer) if not isinstance(t.layer, str) else t.layer for t in targets}
+        if len(layers) > 1:
+            raise SalienceError("several targets at once must all read the same layer (or all the model's output)")
+        self.targets = list(targets)
+        self.layer = targets[0].layer
+        self.inputs = inputs
+        self.scores: list[Tensor] = []
+        self.grads: list[Tensor] = []
+
+    def __call__(self, output: Tensor) -> Tensor:
+        scores = [t(output) for t in self.targets]
+        x_in = self.inputs[0]
+        for t, s in zip(self.targets[1:], scores[1:]):
+            if not isinstance(s, Tensor) or not s.requires_grad:
+                raise SalienceError("a target's score does not depend on the input (no gradient path)")
+            (g,) = torch.autograd.grad(s.sum(), x_in, retain_graph=True, allow_unused=True)
+            g = torch.zeros_like(x_in) if g is None else g
+            self.grads.append(t.modify_gradient(g))
+        self.scores = [s.detach() for s in scores]
+        return scores[0]
+
+    def modify_gradient(self, grad: Tensor) -> Tensor:
+        return self.targets[0].modify_gradient(grad)
+
+
+def input_gradients(
+    model: nn.Module,
+    x: Tensor,
+    targets: Sequence[Target],
+    *,
+    strip_softmax: bool = True,
+    extra_modes: Sequence[Any] = (),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of K targets w.r.t. ``x`` ``(n, C, H, W)`` from one forward pass.
+
+    Returns ``(grads (K, n, C, H, W), scores (K, n), output)``. With K > 1 the graph of the
+    forward pass is kept and walked back once per target (``retain_graph``), which costs one
+    forward less per extra target than separate calls.
+    """
+    if len(targets) == 1:
+        p = gradients(model, x, targets[0], strip_softmax=strip_softmax, extra_modes=extra_modes)
+        assert p.grad is not None
+        s = p.scores.reshape(-1) if p.scores.dim() else p.scores.expand(x.shape[0])
+        return p.grad.unsqueeze(0), s.unsqueeze(0), p.output
+    inputs: list = []
+    shared = _Shared(targets, inputs)
+
+    def grab(module: nn.Module, args: Any) -> None:
+        if not inputs and args and isinstance(args[0], Tensor):
+            inputs.append(args[0])
+
+    handle = model.register_forward_pre_hook(grab)
+    try:
+        p = gradients(model, x, shared, strip_softmax=strip_softmax, extra_modes=extra_modes)
+    finally:
+        handle.remove()
+    assert p.grad is not None
+    grads = torch.stack([p.grad] + shared.grads)
+    scores = torch.stack([s.reshape(-1) if s.dim() else s.expand(x.shape[0]) for s in shared.scores])
+    return grads, scores, p.output
+
+
+def accepts(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` takes the keyword ``name`` (or any keyword)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
