@@ -1,0 +1,198 @@
+"""SmoothGrad: equal to a plain loop over the same seeded noise, wraps any method, hygiene."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import salience
+from salience import SalienceError
+from conftest import unchanged
+
+
+def _x(b: int = 3, size: int = 10) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(b, 3, size, size, generator=g)
+
+
+def _noise_loop(x: torch.Tensor, samples: int, noise: float, seed: int):
+    """The noisy copies the docs promise: one N(0, 1) draw of the batch's shape per copy."""
+    gen = torch.Generator().manual_seed(seed)
+    sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
+    for _ in range(samples):
+        yield x + sigma.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=gen)
+
+
+def test_samples_1_noise_0_is_the_method(small_cnn):
+    x = _x()
+    assert torch.equal(salience.smoothgrad(small_cnn, x, samples=1, noise=0), salience.vanilla(small_cnn, x))
+    assert torch.equal(salience.smoothgrad(small_cnn, x, 2, samples=1, noise=0.0, reduce=None),
+                       salience.vanilla(small_cnn, x, 2, reduce=None))
+    assert torch.equal(salience.smoothgrad(small_cnn, x, method=salience.guided_backprop, samples=1, noise=0),
+                       salience.guided_backprop(small_cnn, x))
+    assert torch.equal(salience.smoothgrad(small_cnn, x, method=salience.gradcam, samples=1, noise=0),
+                       salience.gradcam(small_cnn, x))
+    assert torch.equal(
+        salience.smoothgrad(small_cnn, x, method=salience.gradcam, samples=1, noise=0, layer="features.2"),
+        salience.gradcam(small_cnn, x, layer="features.2"))
+
+
+@pytest.mark.parametrize("variant", ["mean", "squared", "vargrad"])
+def test_equals_plain_loop_over_seeded_noise(small_cnn, variant):
+    x = _x()
+    with torch.no_grad():
+        cls = small_cnn.eval()(x).argmax(1)
+    maps = torch.stack([salience.vanilla(small_cnn, xs, cls, reduce=None)
+                        for xs in _noise_loop(x, 12, 0.2, seed=5)])
+    ref = {"mean": maps.mean(0), "squared": (maps ** 2).mean(0), "vargrad": maps.var(0, unbiased=False)}[variant]
+    got = salience.smoothgrad(small_cnn, x, samples=12, noise=0.2, seed=5, variant=variant, reduce=None)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    # reduce acts on the average, once
+    red = salience.smoothgrad(small_cnn, x, samples=12, noise=0.2, seed=5, variant=variant)
+    torch.testing.assert_close(red, ref.abs().amax(1), rtol=1e-5, atol=1e-7)
+
+
+def test_reduce_each_averages_reduced_maps(small_cnn):
+    x = _x()
+    with torch.no_grad():
+        cls = small_cnn.eval()(x).argmax(1)
+    ref = torch.stack([salience.vanilla(small_cnn, xs, cls, grad_modifier="negate", reduce="grayscale")
+                       for xs in _noise_loop(x, 6, 0.1, seed=0)]).mean(0)
+    got = salience.smoothgrad(small_cnn, x, samples=6, noise=0.1, grad_modifier="negate", reduce="grayscale",
+                              reduce_each=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    # and the default (reduce the average) differs from it
+    assert not torch.allclose(salience.smoothgrad(small_cnn, x, samples=6, noise=0.1, reduce="grayscale"), ref)
+
+
+def test_wraps_gradcam_and_guided_backprop(small_cnn):
+    x = _x(2)
+    with torch.no_grad():
+        cls = small_cnn.eval()(x).argmax(1)
+    for method, opts in ((salience.gradcam, {"layer": "features.2"}), (salience.guided_backprop, {})):
+        kw = {} if method is salience.gradcam else {"reduce": None}
+        ref = torch.stack([method(small_cnn, xs, cls, **opts, **kw) for xs in _noise_loop(x, 5, 0.15, seed=3)]).mean(0)
+        got = salience.smoothgrad(small_cnn, x, method=method, samples=5, seed=3, reduce=None, chunk=3, **opts)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_chunking_does_not_change_the_result(small_cnn):
+    x = _x(3)
+    ref = salience.smoothgrad(small_cnn, x, samples=7, reduce=None, chunk=100)
+    for chunk in (1, 2, 3, 5, None):
+        got = salience.smoothgrad(small_cnn, x, samples=7, reduce=None, chunk=chunk)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    tiny = salience.smoothgrad(small_cnn, x, samples=7, reduce=None, max_memory=1)  # one copy per pass
+    torch.testing.assert_close(tiny, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_seed_reproducible_and_global_rng_untouched(small_cnn):
+    x = _x(2)
+    state = torch.get_rng_state()
+    a = salience.smoothgrad(small_cnn, x, samples=4, seed=11)
+    assert torch.equal(torch.get_rng_state(), state), "the global RNG was used"
+    torch.manual_seed(123)
+    b = salience.smoothgrad(small_cnn, x, samples=4, seed=11)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, salience.smoothgrad(small_cnn, x, samples=4, seed=12))
+    c1 = salience.smoothgrad(small_cnn, x, samples=4, seed=None)
+    c2 = salience.smoothgrad(small_cnn, x, samples=4, seed=None)
+    assert not torch.equal(c1, c2)
+
+
+def test_target_resolved_once_on_the_clean_image():
+    # Two nearly tied classes: noisy copies often predict the other one.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.stack([torch.linspace(-1, 1, 12), torch.linspace(1, -1, 12)]))
+        model[1].bias.zero_()
+    x = torch.full((1, 3, 2, 2), 0.5)
+    x[0, 0, 0, 0] = 0.52
+    clean = int(model(x).argmax(1))
+    preds = [int(model(xs).argmax(1)) for xs in _noise_loop(x, 20, 0.5, seed=0)]
+    assert 0 < preds.count(clean) < 20, "the case must have noisy copies predicting the other class"
+    got = salience.smoothgrad(model, x, samples=20, noise=0.5, reduce=None)
+    w = model[1].weight[clean].view(1, 3, 2, 2)
+    torch.testing.assert_close(got, w.expand_as(got))
+
+
+def test_several_targets_equal_separate_calls(small_cnn):
+    x = _x(3)
+    t = torch.tensor([[0, 1], [2, 3], [1, 1]])
+    for method in (salience.vanilla, salience.guided_backprop):
+        both = salience.smoothgrad(small_cnn, x, t, method=method, samples=4, reduce=None)
+        assert both.shape == (3, 2, 3, 10, 10)
+        for k in range(2):
+            one = salience.smoothgrad(small_cnn, x, t[:, k], method=method, samples=4, reduce=None)
+            torch.testing.assert_close(both[:, k], one, rtol=1e-5, atol=1e-7)
+    reduced = salience.smoothgrad(small_cnn, x, [salience.targets.classes(1), 2], samples=3)
+    assert reduced.shape == (3, 2, 10, 10)
+    torch.testing.assert_close(reduced[:, 1], salience.smoothgrad(small_cnn, x, 2, samples=3))
+
+
+def test_vanilla_several_targets_share_a_forward(small_cnn):
+    calls = []
+    h = small_cnn.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        salience.smoothgrad(small_cnn, _x(2), torch.tensor([[0, 1, 2], [3, 2, 1]]), samples=5, chunk=2)
+    finally:
+        h.remove()
+    assert len(calls) == 5  # 10 copies in chunks of 2; 3 targets each; no clean pass (classes given)
+    calls.clear()
+    h = small_cnn.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        salience.smoothgrad(small_cnn, _x(2), samples=4, chunk=8)
+    finally:
+        h.remove()
+    assert len(calls) == 2  # the clean pass that picks the class, then one pass of 8 copies
+
+
+def test_model_unchanged_also_after_errors(small_cnn):
+    x = _x(2)
+    small_cnn.train()
+    small_cnn.head.weight.grad = torch.ones_like(small_cnn.head.weight)
+    with unchanged(small_cnn):
+        salience.smoothgrad(small_cnn, x, samples=3, method=salience.guided_backprop)
+        salience.smoothgrad(small_cnn, x, samples=3, method=salience.gradcam, progress=False)
+    with unchanged(small_cnn), pytest.raises(SalienceError, match="out of range"):
+        salience.smoothgrad(small_cnn, x, 9, samples=3)
+
+    calls = []
+
+    def interrupted(model, x, target, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # in the middle of the run
+            raise KeyboardInterrupt
+        return salience.vanilla(model, x, target, **kw)
+
+    with unchanged(small_cnn), pytest.raises(KeyboardInterrupt):
+        salience.smoothgrad(small_cnn, x, samples=6, method=interrupted, chunk=4)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"samples": 0}, "samples must be an int >= 1"),
+    ({"samples": 2.5}, "samples must be an int >= 1"),
+    ({"noise": -0.1}, "noise must be a finite number >= 0"),
+    ({"noise": float("nan")}, "noise must be a finite number >= 0"),
+    ({"variant": "median"}, "variant must be one of"),
+    ({"seed": 1.5}, "seed must be an int"),
+    ({"chunk": 0}, "chunk must be a positive int"),
+    ({"max_memory": "lots"}, "cannot read max_memory"),
+    ({"max_memory": -5}, "max_memory must be positive"),
+    ({"reduce": "mean"}, "unknown reduce"),
+    ({"layer": "features.2"}, "vanilla has no option 'layer'"),
+    ({"method": "vanilla"}, "method must be a saliency function"),
+])
+def test_bad_input(small_cnn, kw, msg):
+    with pytest.raises(SalienceError, match=msg):
+        salience.smoothgrad(small_cnn, _x(1), **kw)
+
+
+def test_progress_bar(small_cnn, capsys):
+    salience.smoothgrad(small_cnn, _x(1), samples=3, progress=True)
+    err = capsys.readouterr().err
+    assert "smoothgrad" in err and "3/3" in err
+    salience.smoothgrad(small_cnn, _x(1), samples=3)
+    assert capsys.readouterr().err == ""
