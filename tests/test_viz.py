@@ -407,3 +407,25 @@ def test_bad_maps_give_clear_errors():
         viz.heatmap(np.array([["a", "b"]]))
     with pytest.raises(SalienceError, match="mapping"):
         viz.figure(torch.rand(1, 3, 4, 4), [torch.rand(1, 4, 4)])  # type: ignore[arg-type]
+
+
+def test_unsigned_scaling_agrees_with_reduce_normalize():
+    """Two independent implementations of the same rule (numpy here, torch in salience.reduce)."""
+    from salience import reduce
+
+    m = torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(8)) ** 3
+    for mode in ("percentile", "minmax"):
+        np.testing.assert_allclose(viz.scale(m, mode), reduce.normalize(m, mode=mode).double().numpy(), atol=1e-6)
+
+
+def test_figure_signed_column_is_diverging_and_gray_images_work():
+    images = torch.rand(2, 1, 6, 6)
+    m = torch.zeros(2, 6, 6)
+    m[:, 0, 0], m[:, 5, 5] = 1.0, -1.0
+    fig = viz.figure(images, {"signed": m}, labels=False, overlay=False, norm="minmax")
+    lut = viz.colormap("bwr")
+    t = tile(fig, 1, 1, 6, 6)
+    assert t[0, 0].tolist() == lut[255].tolist() and t[5, 5].tolist() == lut[0].tolist()
+    assert t[2, 2].tolist() == [255, 255, 255]
+    g = tile(fig, 0, 0, 6, 6)
+    assert np.array_equal(g[..., 0], g[..., 1]) and np.array_equal(g[..., 0], g[..., 2])
