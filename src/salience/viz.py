@@ -21,12 +21,15 @@ from __future__ import annotations
 import io as _io
 import os
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from ._errors import SalienceError
 from ._files import atomic_path, atomic_write
+
+if TYPE_CHECKING:  # tensors are accepted everywhere; torch itself is not needed to draw
+    import torch
 
 __all__ = [
     "COLORMAPS",
@@ -43,7 +46,7 @@ __all__ = [
     "save_figure",
 ]
 
-ArrayLike = Union[np.ndarray, "torch.Tensor"]  # noqa: F821 - torch is only needed for its tensors
+ArrayLike = Union[np.ndarray, "torch.Tensor"]
 PathLike = Union[str, "os.PathLike[str]"]
 Norm = Optional[str]
 
