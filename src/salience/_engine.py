@@ -250,16 +250,16 @@ def accumulate(
         if chunk is None:
             first = min(total, n_images)
             probe = MemoryProbe()
-            with probe:
-                maps = compute(0, first)
-            add(0, maps)
-            del maps
+            with probe:  # the sums' own temporaries count too
+                add(0, compute(0, first))
             sizes.append(first)
             bar.update(first)
             start = first
             per_item = max(1, -(-probe.peak // first))
             budget = max_memory if max_memory is not None else default_budget(device or torch.device("cpu"))
-            chunk = max(1, budget // per_item)
+            # 80% of the budget for the chunk: the rest is headroom for what the probe cannot
+            # see (inputs built per chunk that the first chunk did not need, per-call buffers).
+            chunk = max(1, int(0.8 * budget) // per_item)
         while start < total:
             stop = min(total, start + chunk)
             maps = compute(start, stop)
@@ -277,7 +277,8 @@ def accumulate(
 
 def split_targets(target: Any) -> tuple[list[Target], bool]:
     """``target`` -> (targets, multi). Several targets per image are a ``(B, K)`` integer tensor
-    (or nested list), or a list/tuple of targets (``Target`` objects, functions, class indices);
+    (or nested list), or a list/tuple of targets (``Target`` objects, functions, ``None``, class
+    indices) with at least one that is not a class index;
     anything else is one target (see :func:`salience.targets.as_target`)."""
     if isinstance(target, Tensor) and target.dim() == 2:
         if target.is_floating_point() or target.dtype == torch.bool:
@@ -287,7 +288,7 @@ def split_targets(target: Any) -> tuple[list[Target], bool]:
         return [Classes(target[:, k]) for k in range(target.shape[1])], True
     if isinstance(target, (list, tuple)) and target and all(isinstance(t, (list, tuple)) for t in target):
         return split_targets(torch.as_tensor(target))
-    if isinstance(target, (list, tuple)) and target and any(isinstance(t, Target) or callable(t) for t in target):
+    if isinstance(target, (list, tuple)) and target and any(t is None or isinstance(t, Target) or callable(t) for t in target):
         return [as_target(t) for t in target], True
     return [as_target(target)], False
 

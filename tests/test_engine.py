@@ -1,0 +1,130 @@
+"""The engine: memory probe, chunk choice, running sums, several targets from one forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import salience
+from salience import SalienceError
+from salience import _engine
+from salience.targets import Classes, Predicted
+
+
+def test_memory_probe_counts_live_tensors_exactly():
+    ext = torch.zeros(1000)
+    with _engine.MemoryProbe() as probe:
+        a = torch.empty(1000)          # 4000 B
+        b = torch.empty(2000)          # +8000 -> 12000
+        view = ext.view(10, 100)       # a view of an outside tensor: not counted
+        del a
+        c = torch.empty(500)           # a freed: 8000 + 2000
+        d = ext + 1                    # +4000 -> 14000 (peak)
+        e = d.view(-1)                 # view of a counted tensor: not again
+    assert probe.peak == 14000
+    assert probe.current == 14000
+    del b, c, d, e, view
+
+
+def test_memory_probe_sees_the_backward_pass():
+    x = torch.randn(4, 100, requires_grad=True)
+    w = torch.randn(100, 100)
+    with _engine.MemoryProbe() as fwd_only:
+        (x @ w).tanh().sum()
+    with _engine.MemoryProbe() as both:
+        y = (x @ w).tanh().sum()
+        torch.autograd.grad(y, x)
+    assert both.peak > fwd_only.peak
+
+
+def test_chunk_follows_the_budget():
+    per_item = 4 * 1000
+    seen = []
+
+    def compute(start, stop):
+        seen.append(stop - start)
+        return torch.ones(stop - start, 1000)
+
+    budget = 50 * per_item
+    sums = _engine.accumulate(compute, 50, 2, max_memory=budget)
+    assert sums.chunks[0] == 2  # the probe: one item per image
+    # the map (4 kB per item) and the float64 copies the sums make of it (8 kB + 8 kB)
+    assert sums.per_item_bytes is not None and 5 * per_item <= sums.per_item_bytes <= 6 * per_item
+    assert max(sums.chunks[1:]) == int(0.8 * budget) // sums.per_item_bytes and sum(sums.chunks) == 50
+    assert seen == sums.chunks
+    torch.testing.assert_close(sums.total, torch.full((2, 1000), 25.0, dtype=torch.float64))
+    fixed = _engine.accumulate(compute, 50, 2, chunk=7)
+    assert fixed.chunks == [7] * 7 + [1] and fixed.per_item_bytes is None
+
+
+def test_weighted_sums_and_squares():
+    vals = torch.arange(12, dtype=torch.float32).view(12, 1)  # item j has value j
+    sums = _engine.accumulate(lambda s, e: vals[s:e], 12, 3, weights=[1.0, 2.0, 0.5, 0.0], squares=True, chunk=5)
+    j = torch.arange(12, dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 0.5, 0.0], dtype=torch.float64)[j.long() // 3]
+    exp = torch.zeros(3, dtype=torch.float64).index_add_(0, j.long() % 3, w * j)
+    exp2 = torch.zeros(3, dtype=torch.float64).index_add_(0, j.long() % 3, w * j * j)
+    torch.testing.assert_close(sums.total[:, 0], exp)
+    torch.testing.assert_close(sums.squares[:, 0], exp2)
+
+
+def test_peak_memory_flat_as_samples_grow(small_cnn):
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    budget = 100 << 10
+    for run in (lambda n: salience.smoothgrad(small_cnn, x, samples=n, max_memory=budget),
+                lambda n: salience.integrated_gradients(small_cnn, x, steps=n, max_memory=budget)):
+        peaks = []
+        for n in (16, 64):
+            with _engine.MemoryProbe() as probe:
+                run(n)
+            peaks.append(probe.peak)
+        assert peaks[1] <= peaks[0] * 1.05, peaks
+        assert peaks[1] <= budget, peaks  # the whole call, sums included, stays within the budget
+    # and the budget is what bounds it: a larger one gives larger chunks
+    with _engine.MemoryProbe() as big:
+        salience.smoothgrad(small_cnn, x, samples=64, max_memory="1MiB")
+    assert big.peak > 2 * budget
+
+
+def test_input_gradients_one_forward_for_k_targets(small_cnn):
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    calls = []
+    h = small_cnn.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        grads, scores, out = _engine.input_gradients(small_cnn, x, [Classes(0), Classes(torch.tensor([1, 2, 3])),
+                                                                    salience.targets.regression(2, "decrease")])
+    finally:
+        h.remove()
+    assert len(calls) == 1 and grads.shape == (3, 3, 3, 8, 8) and scores.shape == (3, 3)
+    for k, t in enumerate([0, [1, 2, 3], salience.targets.regression(2, "decrease")]):
+        torch.testing.assert_close(grads[k], salience.vanilla(small_cnn, x, t, reduce=None))
+    torch.testing.assert_close(scores[2], -out[:, 2])
+
+
+def test_split_and_resolve_targets(small_cnn):
+    ts, multi = _engine.split_targets(torch.tensor([[1, 2], [3, 0]]))
+    assert multi and [t.index.tolist() for t in ts] == [[1, 3], [2, 0]]
+    ts, multi = _engine.split_targets([[1, 2], [3, 0]])
+    assert multi and len(ts) == 2
+    ts, multi = _engine.split_targets([1, 2])  # one class per image
+    assert not multi and ts[0].index.tolist() == [1, 2]
+    ts, multi = _engine.split_targets([None, 2])
+    assert multi and isinstance(ts[0], Predicted)
+    with pytest.raises(SalienceError, match="integer class indices"):
+        _engine.split_targets(torch.zeros(2, 2))
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        pred = small_cnn.eval()(x).argmax(1)
+    (r,) = _engine.resolve_targets(small_cnn, x, [Predicted()])
+    assert r.index.tolist() == pred.tolist()
+    owner = torch.tensor([1, 1, 0])
+    assert _engine.targets_for(r, owner).index.tolist() == pred[owner].tolist()
+
+
+@pytest.mark.parametrize("text, value", [("2GiB", 2 << 30), ("500MB", 500_000_000), ("1.5k", 1500), ("64", 64)])
+def test_parse_memory(text, value):
+    assert _engine.check_memory_options(None, text) == value
+
+
+def test_default_budget_is_capped():
+    b = _engine.default_budget(torch.device("cpu"))
+    assert 0 < b <= 1 << 30
