@@ -594,13 +594,14 @@ def clever_hans(n: int = 200, n_maps: int = 32, seed: int = 10_000,
     return {"accuracy": acc, "energy": energy, "maps": maps, "images": b.images, "labels": b.labels}
 
 
-def clever_hans_report(out_dir: PathLike) -> str:
+def clever_hans_report(out_dir: PathLike, *, n: int = 200, n_maps: int = 16) -> str:
     """The Clever Hans section of the demo report: an HTML fragment; writes ``clever_hans.png``
-    into ``out_dir`` (the fragment links it by that relative name)."""
+    into ``out_dir`` (the fragment links it by that relative name). ``n``: images per accuracy,
+    ``n_maps``: images whose saliency is measured (see :func:`clever_hans`)."""
     from . import viz
 
     out = Path(out_dir)
-    r = clever_hans()
+    r = clever_hans(n=n, n_maps=n_maps)
     k = 4
     pic = viz.figure(r["images"][:k], {name: m[:k] for name, m in r["maps"].items()
                                        if name.endswith(("vanilla", "gradcam"))}, overlay=True, scale_to=96)

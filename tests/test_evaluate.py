@@ -1,0 +1,116 @@
+"""salience.evaluate: the report of every method through the metrics, and the Clever Hans demo."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from salience import SalienceError, data, metrics as M, zoo
+from salience import evaluate as E
+from salience.methods import vanilla
+
+from conftest import SmallCNN, unchanged
+
+
+@pytest.fixture(scope="module")
+def shapes_model():
+    return zoo.load_demo("shapes")
+
+
+def test_run_evaluation_on_demo_shapes(tmp_path, shapes_model):
+    with unchanged(shapes_model):
+        path = E.run_evaluation(shapes_model, tmp_path, methods=["vanilla", "gradcam"], n=8, steps=4,
+                                randomization_images=2, progress=False)
+    assert path == tmp_path / "report.html"
+    for name in ("report.html", "report.md", "results.json", "curves.png", "randomization.png", "examples.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    assert list(rows) == ["vanilla", "gradcam", "spectral_residual", "random"]
+    # The numbers in the report are the metrics of the same maps, recomputed here.
+    x, _, masks = data.shapes(8, 10_000)
+    maps = vanilla(shapes_model, x)
+    assert rows["vanilla"]["pointing"] == pytest.approx(M.pointing_game(maps, masks).mean().item(), abs=1e-6)
+    assert rows["vanilla"]["energy"] == pytest.approx(M.energy_in_mask(maps, masks).mean().item(), abs=1e-5)
+    assert rows["vanilla"]["deletion"] == pytest.approx(M.deletion(shapes_model, x, maps, steps=4).mean().item(),
+                                                        abs=1e-5)
+    sr = M.spectral_residual(x)
+    assert rows["spectral_residual"]["energy"] == pytest.approx(M.energy_in_mask(sr, masks).mean().item(), abs=1e-5)
+    assert rows["random"]["rand_top"] is None and rows["vanilla"]["rand_top"] is not None
+    md = (tmp_path / "report.md").read_text()
+    assert "| vanilla |" in md and "| spectral_residual |" in md and "pointing game" in md
+    page = (tmp_path / "report.html").read_text()
+    assert 'src="curves.png"' in page and "<table>" in page
+
+
+def test_failing_method_is_reported_and_others_go_on(tmp_path, shapes_model):
+    def broken(model, x, target=None):
+        raise RuntimeError("boom")
+
+    rows, maps = E.evaluate_methods(shapes_model, data.shapes(4, 1)[0], None, methods=["vanilla", broken],
+                                    baselines=False, steps=2, randomization_images=1)
+    assert [r.name for r in rows] == ["vanilla", "broken"]
+    assert rows[1].error == "RuntimeError: boom" and rows[0].error is None
+    assert rows[0].pointing is None  # no masks: no localization
+    assert "failed: RuntimeError: boom" in E.markdown_table(rows)
+
+
+def test_folder_of_images_and_masks(tmp_path):
+    from PIL import Image
+
+    imgs, _, masks = data.shapes(3, 7, size=32)
+    (tmp_path / "im").mkdir()
+    (tmp_path / "mk").mkdir()
+    for i in range(3):
+        a = (imgs[i].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+        Image.fromarray(a).save(tmp_path / "im" / f"s{i}.png")
+        Image.fromarray(masks[i].numpy().astype(np.uint8) * 255).save(tmp_path / "mk" / f"s{i}.png")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "im" / "nomask.png")  # skipped
+    torch.manual_seed(0)
+    model = SmallCNN()
+    x, raw, m, source = E._folder_inputs(model, tmp_path / "im", tmp_path / "mk", 10)
+    assert torch.equal(m, masks) and torch.allclose(x, imgs, atol=1 / 255)
+    assert "3 images" in source
+    with unchanged(model):
+        path = E.run_evaluation(model, tmp_path / "out", images=tmp_path / "im", masks=tmp_path / "mk",
+                                methods=["vanilla"], steps=2, randomization_images=1, progress=False)
+    rows = json.loads((path.parent / "results.json").read_text())["rows"]
+    assert rows[0]["pointing"] is not None
+    with pytest.raises(SalienceError, match="masks need their images"):
+        E.run_evaluation(model, tmp_path / "o2", masks=tmp_path / "mk")
+    with pytest.raises(SalienceError, match="not a folder"):
+        E.run_evaluation(model, tmp_path / "o2", images=tmp_path / "nothing")
+    (tmp_path / "other").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "other" / "zzz.png")
+    with pytest.raises(SalienceError, match="same name"):
+        E.run_evaluation(model, tmp_path / "o2", images=tmp_path / "im", masks=tmp_path / "other")
+
+
+def test_line_plot_draws_each_series():
+    a = E.line_plot({"up": [0.0, 0.5, 1.0], "flat": [0.5, 0.5, 0.5]}, title="t", size=(300, 200))
+    assert a.shape == (200, 300, 3) and a.dtype == np.uint8
+    colours = {tuple(c) for c in a.reshape(-1, 3)}
+    assert tuple(E._PALETTE[0]) in colours and tuple(E._PALETTE[1]) in colours
+
+
+def test_clever_hans_report(tmp_path):
+    frag = E.clever_hans_report(tmp_path, n=20, n_maps=4)
+    assert (tmp_path / "clever_hans.png").stat().st_size > 0
+    assert 'src="clever_hans.png"' in frag and frag.count("<table>") == 2
+    r = E.clever_hans(n=100, n_maps=16, methods=("vanilla",))
+    acc = r["accuracy"]
+    assert acc["shapes-cue"]["train"] > 0.95 and acc["shapes-cue"]["moved"] < 0.2
+    assert acc["shapes"]["moved"] > 0.9  # the clean model does not care about the mark
+    e = r["energy"]["shapes-cue"]["vanilla"]
+    assert e["cue"] / e["cue_area"] > 5 * e["shape"] / e["shape_area"]
+
+
+def test_cli_evaluate(tmp_path):
+    from salience.cli import main
+
+    code = main(["evaluate", "--model", "demo:shapes", "--method", "vanilla", "--out", str(tmp_path / "ev")])
+    assert code == 0
+    rows = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["vanilla", "spectral_residual", "random"]
