@@ -65,8 +65,8 @@ class MetricRow:
     ``insertion``: AUCs; ``rand_top`` / ``rand_all``: mean Spearman rank correlation of the
     absolute maps after re-initializing the top layer / all layers (cascading); ``None`` for
     baselines. ``curves``: mean deletion and insertion curves; ``randomization``: the full
-    :class:`salience.metrics.RandomizationResult` as a dict; ``seconds``: time to compute the
-    maps; ``error``: why the method could not run, if it could not.
+    :class:`salience.metrics.RandomizationResult` as a dict; ``seconds``: time of the maps and
+    of the randomization test; ``error``: why the method could not run, if it could not.
     """
 
     name: str
@@ -206,7 +206,7 @@ def _fmt(v: Optional[float]) -> str:
 
 def _table(rows: Sequence[MetricRow]) -> tuple[list[str], list[list[str]]]:
     cols = [(k, t) for k, t in _COLUMNS if any(getattr(r, k) is not None for r in rows)]
-    header = ["method"] + [t for _, t in cols] + ["maps (s)"]
+    header = ["method"] + [t for _, t in cols] + ["time (s)"]
     body = []
     for r in rows:
         if r.error:
