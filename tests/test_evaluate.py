@@ -99,18 +99,9 @@ def test_clever_hans_report(tmp_path):
     frag = E.clever_hans_report(tmp_path, n=20, n_maps=4)
     assert (tmp_path / "clever_hans.png").stat().st_size > 0
     assert 'src="clever_hans.png"' in frag and frag.count("<table>") == 2
-    r = E.clever_hans(n=100, n_maps=16, methods=("vanilla",))
+    r = E.clever_hans(n=50, n_maps=8, methods=("vanilla",))
     acc = r["accuracy"]
     assert acc["shapes-cue"]["train"] > 0.95 and acc["shapes-cue"]["moved"] < 0.2
     assert acc["shapes"]["moved"] > 0.9  # the clean model does not care about the mark
     e = r["energy"]["shapes-cue"]["vanilla"]
     assert e["cue"] / e["cue_area"] > 5 * e["shape"] / e["shape_area"]
-
-
-def test_cli_evaluate(tmp_path):
-    from salience.cli import main
-
-    code = main(["evaluate", "--model", "demo:shapes", "--method", "vanilla", "--out", str(tmp_path / "ev")])
-    assert code == 0
-    rows = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["vanilla", "spectral_residual", "random"]
