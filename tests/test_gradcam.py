@@ -232,3 +232,23 @@ def test_cuda_matches_cpu():
     for a, b in zip(cpu, gpu):
         assert b.device.type == "cuda"
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-6)
+
+
+def test_layer_gradients_without_the_input_gradient(resnet, x96):
+    """Grad-CAM asks only for the layer's gradient: same numbers, and backward stops at the layer."""
+    t = [3, 9]
+    both = gradients(resnet, x96, t, layers=["layer4"])
+    only = gradients(resnet, x96, t, layers=["layer4"], input_grad=False)
+    assert only.grad is None and both.grad is not None
+    torch.testing.assert_close(only.layer_grads[0], both.layer_grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(only.activations[0], both.activations[0], rtol=0, atol=0)
+    # No backward runs through the stem (conv1) when only layer4's gradient is needed.
+    seen = []
+    handle = resnet.conv1.register_full_backward_hook(lambda m, gi, go: seen.append(1))
+    try:
+        salience.gradcam(resnet, x96, t, layer="layer4")
+        assert seen == []
+        salience.vanilla(resnet, x96, t)
+        assert seen == [1]  # the hook itself works: an input gradient goes through conv1
+    finally:
+        handle.remove()

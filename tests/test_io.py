@@ -229,8 +229,6 @@ def test_load_model_torchscript(tmp_path):
     assert loaded.salience_info.name == "tiny.pt"
 
 
-@pytest.mark.xfail(raises=AttributeError, strict=False,
-                   reason="salience._guard reads module._buffers.get, which TorchScript modules lack (reported)")
 def test_torchscript_model_is_explained_like_the_original(tmp_path):
     torch.manual_seed(0)
     m = Tiny().eval()

@@ -148,7 +148,9 @@ def gradients(
         stack.enter_context(model_guard(model))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
-        x_in = (x.clone() if x.is_inference() else x).detach().requires_grad_(input_grad)
+        # With parameters frozen, the graph to the layers' outputs starts at x: it needs grad even
+        # when only the layers' gradients are asked for.
+        x_in = (x.clone() if x.is_inference() else x).detach().requires_grad_(input_grad or bool(layers))
 
         captured: list[list[Any]] = [[] for _ in layers]
         handles = []

@@ -60,7 +60,9 @@ class ModelState:
             if param.grad is not grad:
                 param.grad = grad
         for module, name, buf, version, copy in self.buffers:
-            if module._buffers.get(name) is not buf:
+            # TorchScript modules' _buffers is a mapping without .get()
+            current = module._buffers[name] if name in module._buffers else None
+            if current is not buf:
                 module._buffers[name] = buf
             if buf._version != version:
                 with torch.no_grad():

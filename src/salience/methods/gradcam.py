@@ -145,7 +145,7 @@ def gradcam(
     """
     check_input(x, model)
     mod = _resolve(model, x, layer)
-    p = gradients(model, x, target, layers=[mod], strip_softmax=strip_softmax)
+    p = gradients(model, x, target, layers=[mod], input_grad=False, strip_softmax=strip_softmax)
     cam = _cam(p.activations[0], p.layer_grads[0], relu)
     return _upsample(cam, tuple(x.shape[-2:])) if upsample else cam
 
@@ -198,7 +198,7 @@ def guided_gradcam(
     if mark and mark[0] == rule.rectified:
         cam = _cam(p.activations[0], p.layer_grads[0], relu=True)
     else:
-        plain = gradients(model, x, target, layers=[mod], strip_softmax=strip_softmax)
+        plain = gradients(model, x, target, layers=[mod], input_grad=False, strip_softmax=strip_softmax)
         cam = _cam(plain.activations[0], plain.layer_grads[0], relu=True)
     cam = _upsample(cam, tuple(x.shape[-2:]))
     return _reduce.apply(p.grad * cam.unsqueeze(1), grad_modifier, reduce)
