@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _engine
 from .. import reduce as _reduce
 from .. import rules
 from .._autograd import check_input, gradients
@@ -144,6 +145,10 @@ def gradcam(
     :func:`salience.vanilla`. The model comes back exactly as it was.
     """
     check_input(x, model)
+    targets, multi = _engine.split_targets(target)
+    if multi:  # K targets: one pass each (the layer's gradient differs per target)
+        return torch.stack([gradcam(model, x, t, layer=layer, upsample=upsample, relu=relu,
+                                    strip_softmax=strip_softmax) for t in targets], dim=1)
     mod = _resolve(model, x, layer)
     p = gradients(model, x, target, layers=[mod], input_grad=False, strip_softmax=strip_softmax)
     cam = _cam(p.activations[0], p.layer_grads[0], relu)
@@ -189,6 +194,11 @@ def guided_gradcam(
     takes a second, plain pass.
     """
     check_input(x, model)
+    targets, multi = _engine.split_targets(target)
+    if multi:
+        return torch.stack([guided_gradcam(model, x, t, layer=layer, reduce=reduce, grad_modifier=grad_modifier,
+                                           unsupported=unsupported, strip_softmax=strip_softmax)
+                            for t in targets], dim=1)
     rules.check_model(model, "guided Grad-CAM")
     mod = _resolve(model, x, layer)
     rule = rules.guided(unsupported=unsupported)

@@ -10,22 +10,22 @@ from typing import Union
 
 from torch import Tensor, nn
 
-from .. import reduce as _reduce
 from .. import rules
-from .._autograd import check_input, gradients
+from .._autograd import check_input
 from ..reduce import GradModifier, Reduction
 from ..targets import TargetLike
+from ._multi import input_gradient_maps
 
 __all__ = ["guided_backprop", "deconvnet"]
 
 
-def _ruled_gradient(model: nn.Module, x: Tensor, target: TargetLike, rule: rules.BackpropRule,
-                    method: str, strip_softmax: bool) -> Tensor:
+def _ruled_maps(model: nn.Module, x: Tensor, target: TargetLike, rule: rules.BackpropRule, method: str,
+                strip_softmax: bool, grad_modifier: Union[None, str, GradModifier],
+                reduce: Union[None, str, Reduction]) -> Tensor:
     check_input(x, model)
     rules.check_model(model, method)
-    p = gradients(model, x, target, strip_softmax=strip_softmax, extra_modes=[rule])
-    assert p.grad is not None
-    return p.grad
+    return input_gradient_maps(model, x, target, grad_modifier=grad_modifier, reduce=reduce,
+                               strip_softmax=strip_softmax, extra_modes=[rule])
 
 
 def guided_backprop(
@@ -49,8 +49,8 @@ def guided_backprop(
     (default), ``"warn"`` or ``"ignore"`` (both let the plain gradient through them). See
     :mod:`salience.rules`. TorchScript models are refused (the rule cannot see inside them).
     """
-    g = _ruled_gradient(model, x, target, rules.guided(unsupported=unsupported), "guided backprop", strip_softmax)
-    return _reduce.apply(g, grad_modifier, reduce)
+    return _ruled_maps(model, x, target, rules.guided(unsupported=unsupported), "guided backprop",
+                       strip_softmax, grad_modifier, reduce)
 
 
 def deconvnet(
@@ -69,5 +69,5 @@ def deconvnet(
 
     Shapes and options as in :func:`guided_backprop`.
     """
-    g = _ruled_gradient(model, x, target, rules.deconvnet(unsupported=unsupported), "deconvnet", strip_softmax)
-    return _reduce.apply(g, grad_modifier, reduce)
+    return _ruled_maps(model, x, target, rules.deconvnet(unsupported=unsupported), "deconvnet",
+                       strip_softmax, grad_modifier, reduce)

@@ -5,8 +5,7 @@ from typing import Union
 
 from torch import Tensor, nn
 
-from .. import reduce as _reduce
-from .._autograd import gradients
+from ._multi import input_gradient_maps
 from ..reduce import GradModifier, Reduction
 from ..targets import TargetLike
 
@@ -32,9 +31,10 @@ def vanilla(
     ``(B, C, H, W)`` gradient. If the model's output comes from a softmax or log-softmax
     (module or functional), the score is taken before it unless ``strip_softmax=False``.
 
+    Several targets per image (a ``(B, K)`` tensor of classes, or a list of targets) give
+    ``(B, K, ...)`` from one forward pass walked back K times.
     The model is explained in eval mode with its parameters frozen, and comes back exactly
     as it was. Raw values are returned; scaling for display is :func:`salience.reduce.normalize`.
     """
-    p = gradients(model, x, target, strip_softmax=strip_softmax)
-    assert p.grad is not None
-    return _reduce.apply(p.grad, grad_modifier, reduce)
+    return input_gradient_maps(model, x, target, grad_modifier=grad_modifier, reduce=reduce,
+                               strip_softmax=strip_softmax)

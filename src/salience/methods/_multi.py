@@ -1,0 +1,53 @@
+"""Several targets per image for the one-pass methods (vanilla, guided backprop, deconvnet).
+
+A target given as a ``(B, K)`` integer tensor, a list of per-image class lists, or a list of
+targets that contains ``None``, a :class:`~salience.targets.Target` or a function is *K
+targets*: the result gains a ``K`` axis after the batch, ``(B, K, ...)``. The K gradients come
+from one forward pass walked back K times (see :func:`salience._engine.input_gradients`), so
+``--top 5`` costs one forward, not five.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import Tensor, nn
+
+from .. import _engine
+from .. import reduce as _reduce
+from .._autograd import gradients
+from .._guard import model_guard
+
+
+def finish(maps: Tensor, grad_modifier: Any, reduce: Any, multi: bool) -> Tensor:
+    """``(B, K, C, H, W)`` -> modifier and reduction per map; the K axis is dropped unless ``multi``."""
+    b, k = maps.shape[:2]
+    out = _reduce.apply(maps.reshape((b * k,) + tuple(maps.shape[2:])), grad_modifier, reduce)
+    out = out.reshape((b, k) + tuple(out.shape[1:]))
+    return out if multi else out[:, 0]
+
+
+def input_gradient_maps(
+    model: nn.Module,
+    x: Tensor,
+    target: Any,
+    *,
+    grad_modifier: Any,
+    reduce: Any,
+    strip_softmax: bool,
+    extra_modes: Sequence[Any] = (),
+) -> Tensor:
+    """The (ruled) input gradient of one or several targets, modified and reduced.
+
+    ``x`` ``(B, C, H, W)`` -> ``(B, ...)`` for one target, ``(B, K, ...)`` for K targets.
+    """
+    targets, multi = _engine.split_targets(target)
+    if not multi:
+        p = gradients(model, x, targets[0], strip_softmax=strip_softmax, extra_modes=extra_modes)
+        assert p.grad is not None
+        return _reduce.apply(p.grad, grad_modifier, reduce)
+    _reduce.get_grad_modifier(grad_modifier)
+    _reduce.get_reduction(reduce)
+    with model_guard(model):
+        grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax,
+                                              extra_modes=extra_modes)
+    return finish(grads.transpose(0, 1), grad_modifier, reduce, multi)
