@@ -10,7 +10,6 @@ arguments, model, method or target (nothing explained); 3 an unexpected internal
 from __future__ import annotations
 
 import argparse
-import io as _stdio
 import json
 import re
 import sys
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from ._errors import SalienceError
+from ._files import atomic_write
 from .methods import METHODS
 from .reduce import GRAD_MODIFIERS, REDUCTIONS
 
@@ -124,71 +124,39 @@ def display_map(m: Tensor) -> Tensor:
     return m.abs().amax(0) if m.dim() == 3 else m
 
 
-def _figure(images: Tensor, maps: dict[str, Tensor], titles: Optional[Sequence[str]] = None) -> np.ndarray:
-    """A grid: one row per image, the image then one column per map. uint8 ``(H, W, 3)``."""
-    try:
-        from . import viz  # type: ignore[attr-defined]
-    except ImportError:
-        viz = None
-    if viz is not None and hasattr(viz, "figure"):
-        return viz.figure(images, maps)
-    return _plain_figure(images, maps)
+def _figure(images: Tensor, maps: dict[str, Tensor], row_labels: Optional[Sequence[str]] = None) -> np.ndarray:
+    """The side-by-side figure (:func:`salience.viz.figure`): a row per image, then each map and
+    its overlay; small images (the 64-pixel demo shapes) are enlarged to 160-pixel tiles."""
+    from . import viz
+
+    tile = max(int(images.shape[-2]), 160)
+    return viz.figure(images, maps, row_labels=row_labels, scale_to=tile)
 
 
-def _plain_figure(images: Tensor, maps: dict[str, Tensor]) -> np.ndarray:
-    """A dependency-free grid used only when :mod:`salience.viz` is absent: grayscale maps."""
-    rows = []
-    pad = 4
-    for i in range(images.shape[0]):
-        img = images[i].detach().float().cpu().clamp(0, 1)
-        if img.shape[0] == 1:
-            img = img.repeat(3, 1, 1)
-        cells = [img.permute(1, 2, 0).numpy()]
-        for m in maps.values():
-            a = display_map(m[i].detach().float().cpu()).abs()
-            hi = float(torch.quantile(a.flatten(), 0.99)) if a.numel() else 0.0
-            a = (a / hi).clamp(0, 1) if hi > 0 else torch.zeros_like(a)
-            if a.shape != img.shape[1:]:
-                a = torch.nn.functional.interpolate(a[None, None], size=img.shape[1:], mode="bilinear")[0, 0]
-            cells.append(np.repeat(a.numpy()[..., None], 3, axis=2))
-        h = cells[0].shape[0]
-        sep = np.ones((h, pad, 3), dtype=np.float32)
-        rows.append(np.concatenate(sum(([c, sep] for c in cells), [])[:-1], axis=1))
-        rows.append(np.ones((pad, rows[-1].shape[1], 3), dtype=np.float32))
-    grid = np.concatenate(rows[:-1], axis=0)
-    return (grid * 255 + 0.5).clip(0, 255).astype(np.uint8)
+def _strip(images: Tensor, tile: int = 160, pad: int = 4) -> np.ndarray:
+    """Images ``(B, C, H, W)`` side by side, enlarged to ``tile`` pixels, as uint8 ``(H, W, 3)``."""
+    from PIL import Image
+
+    from . import viz
+
+    cells = []
+    for img in images:
+        arr = viz.to_uint8_image(img)
+        arr = np.asarray(Image.fromarray(arr).resize((tile, tile), Image.NEAREST))
+        cells += [arr, np.full((tile, pad, 3), 255, np.uint8)]
+    return np.concatenate(cells[:-1], axis=1)
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:
-    try:
-        from . import viz  # type: ignore[attr-defined]
-    except ImportError:
-        viz = None
-    if viz is not None and hasattr(viz, "save_png"):
-        viz.save_png(path, arr)
-        return
-    from PIL import Image
+    from . import viz
 
-    from .report import atomic_write
-
-    buf = _stdio.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
-    atomic_write(path, buf.getvalue())
+    viz.save_png(path, arr)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    try:
-        from . import viz  # type: ignore[attr-defined]
-    except ImportError:
-        viz = None
-    if viz is not None and hasattr(viz, "save_npy"):
-        viz.save_npy(path, arr)
-        return
-    from .report import atomic_write
+    from . import viz
 
-    buf = _stdio.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    atomic_write(path, buf.getvalue())
+    viz.save_npy(path, arr)
 
 
 def _safe(name: str) -> str:
@@ -212,6 +180,16 @@ def _to_image(x: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------- explain
+
+
+def _with_options(fn: Callable[..., Tensor], **options: Any) -> Callable[..., Tensor]:
+    """``fn`` with those of ``options`` that it takes as keywords (the others are for other methods)."""
+    import functools
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    taken = {k: v for k, v in options.items() if k in params}
+    return functools.partial(fn, **taken) if taken else fn
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -259,26 +237,34 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         for j in range(chosen.shape[1]):
             ranks.append((f"top{j + 1}" if args.target is None else "target", None, chosen[:, j]))
 
-    # Saliency: every method x rank x chunk, with a progress bar on long work.
+    # Saliency: every method x chunk, all R targets of a chunk in one call (methods take (b, R)
+    # class tensors and share the forward pass between them), with a progress bar on long work.
     chunks = list(range(0, n, args.batch_size))
-    total = len(methods) * len(ranks) * len(chunks)
+    total = len(methods) * len(chunks)
     maps: dict[str, list[Tensor]] = {m: [] for m in methods}  # per method: R tensors (N, ...)
     failed: list[str] = []
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     with progress(total, "explain", enabled=show and total > 1) as bar:
         for name in methods:
-            fn = METHODS[name]
+            fn = _with_options(METHODS[name], unsupported=args.unsupported)
             try:
-                for _, fixed, per_sample in ranks:
-                    parts = []
-                    for s in chunks:
-                        xb = batch[s:s + args.batch_size]
-                        tgt = fixed[0] if fixed is not None else per_sample[s:s + xb.shape[0]].to(xb.device)
-                        parts.append(fn(model, xb, tgt).detach().cpu())
-                        bar.update(1)
-                    maps[name].append(torch.cat(parts))
+                parts = []
+                for s in chunks:
+                    xb = batch[s:s + args.batch_size]
+                    if regress:
+                        part = fn(model, xb, ranks[0][1][0]).detach().cpu().unsqueeze(1)
+                    elif len(ranks) == 1:
+                        part = fn(model, xb, chosen[s:s + xb.shape[0], 0].to(xb.device)).detach().cpu().unsqueeze(1)
+                    else:
+                        part = fn(model, xb, chosen[s:s + xb.shape[0]].to(xb.device)).detach().cpu()
+                    parts.append(part)  # (b, R, ...)
+                    bar.update(1)
+                every = torch.cat(parts)
+                maps[name] = [every[:, j] for j in range(len(ranks))]
             except SalienceError as e:
-                _warn(f"method {name} failed: {e}")
+                hint = (" (--unsupported warn passes their plain gradient instead)"
+                        if "unsupported" in str(e) and args.unsupported == "error" else "")
+                _warn(f"method {name} failed: {e}{hint}")
                 failed.append(name)
                 maps.pop(name)
     if not maps:
@@ -300,7 +286,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         rows = picture.unsqueeze(0).repeat(len(ranks), 1, 1, 1)
         fig_maps = {name: torch.stack([display_map(ms[j][i]) for j in range(len(ranks))]) for name, ms in maps.items()}
         fig_path = out_dir / f"{stem}.png"
-        _save_png(fig_path, _figure(rows, fig_maps))
+        row_labels = ([info.class_name(int(chosen[i, 0])) + f" {args.mode}"] if regress else
+                      [f"{label}: {info.class_name(int(chosen[i, j]))}" for j, (label, _, _) in enumerate(ranks)])
+        _save_png(fig_path, _figure(rows, fig_maps, row_labels))
         files = {"figure": str(fig_path), "maps": []}
         for name, ms in maps.items():
             for j, (label, _, _) in enumerate(ranks):
@@ -326,8 +314,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 "explained": [int(c) for c in chosen[i]],
                 **files,
             })
-    from .report import atomic_write
-
     atomic_write(out_dir / "summary.json", json.dumps({
         "model": info.name, "methods": list(maps), "images": summary,
         "errors": [{"image": p, "error": m} for p, m in errors],
@@ -338,11 +324,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------- demo
-
-
-def _shown_width(arr: np.ndarray) -> int:
-    """Display width of a figure of 64-pixel images: enlarged (pixelated) up to a page's width."""
-    return int(min(arr.shape[1] * 3, max(arr.shape[1], 1100)))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -381,9 +362,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "explaining the predicted class's score before softmax."
     )
     fig = out_dir / "classification.png"
-    arr = _figure(images, {m: v for m, v in maps.items()})
+    arr = _figure(images, maps, [
+        f"{info.class_name(int(labels[i]))} -> {info.class_name(int(pred[i]))}" for i in range(images.shape[0])])
     _save_png(fig, arr)
-    rep.figure(fig, "rows: images; columns: image, " + ", ".join(maps), width=_shown_width(arr))
+    rep.figure(fig, "rows: images; columns: image, " + ", ".join(maps))
     rep.table(
         ["row", "true class", "predicted", "probability", ""],
         [
@@ -412,38 +394,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         arr = _figure(r_images, rmaps)
         _save_png(path, arr)
         vals = ", ".join(f"{float(v):.3f}" for v in r_out[:, j])
-        rep.figure(path, f"{oname}: columns image, increase, decrease, maintain; predicted {vals}",
-                   width=_shown_width(arr))
+        rep.figure(path, f"{oname}: columns image, increase, decrease, maintain; predicted {vals}")
 
     # 3. Class model visualization, if this installation has it.
-    import salience
+    from . import evaluate
+    from .methods.class_model import class_model
 
-    class_model = getattr(salience, "class_model", None)
-    if class_model is not None:
-        rep.heading("What each class looks like to the model (class model visualization)")
-        try:
-            pics = []
-            for c in range(len(info.class_names or ())):
-                pics.append(class_model(model, c, shape=(3, 64, 64), steps=args.class_model_steps).detach().cpu())
-            grid = torch.cat(pics)
-            path = out_dir / "class_models.png"
-            arr = _figure(grid, {})
-            _save_png(path, arr)
-            rep.figure(path, "rows: " + ", ".join(info.class_names or ()), width=_shown_width(arr))
-        except Exception as e:  # noqa: BLE001
-            rep.paragraph(f"class model visualization failed: {type(e).__name__}: {e}", css="bad")
-
-    # 4. The Clever Hans check, if this installation has the evaluation module.
+    rep.heading("What each class looks like to the model (class model visualization)")
     try:
-        from . import evaluate  # type: ignore[attr-defined]
-    except ImportError:
-        evaluate = None
-    if evaluate is not None and hasattr(evaluate, "clever_hans_report"):
-        rep.heading("Clever Hans: does the model look at the shape or at a cue?")
-        try:
-            rep.raw(evaluate.clever_hans_report(out_dir))
-        except Exception as e:  # noqa: BLE001
-            rep.paragraph(f"the Clever Hans section failed: {type(e).__name__}: {e}", css="bad")
+        names = list(info.class_names or ())
+        grid = class_model(model, list(range(len(names))), shape=(3, 64, 64), steps=args.class_model_steps,
+                           seed=0.5, generator=torch.Generator().manual_seed(0)).detach().cpu()
+        path = out_dir / "class_models.png"
+        _save_png(path, _strip(grid))
+        rep.figure(path, "the image that maximizes each class's score (L2, total variation, jitter, blur), "
+                   "left to right: " + ", ".join(names))
+    except Exception as e:  # noqa: BLE001 - one broken section must not sink the report
+        notes.append(f"class model visualization: failed ({type(e).__name__}: {e})")
+        rep.paragraph(notes[-1], css="bad")
+
+    # 4. The Clever Hans check.
+    rep.heading("Clever Hans: does the model look at the shape or at a cue?")
+    try:
+        rep.raw(evaluate.clever_hans_report(out_dir))
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"Clever Hans section: failed ({type(e).__name__}: {e})")
+        rep.paragraph(notes[-1], css="bad")
 
     rep.paragraph(f"Made in {time.perf_counter() - start:.1f} s.", css="note")
     index = rep.write(out_dir / "index.html")
@@ -475,14 +451,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    import salience
     from ._info import model_info
     from .io import load_model
+    from .methods.class_model import class_model
 
-    class_model = getattr(salience, "class_model", None)
-    if class_model is None:
-        _err("visualize needs salience.class_model, which this installation of salience does not have")
-        return EXIT_USAGE
     model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=args.device)
     info = model_info(model)
     k = forward(model, torch.zeros(1, info.channels, *(info.input_size or (args.size, args.size)),
@@ -505,13 +477,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    try:
-        from . import evaluate  # type: ignore[attr-defined]
-    except ImportError:
-        evaluate = None
-    if evaluate is None or not hasattr(evaluate, "run_evaluation"):
-        _err("evaluate needs salience.evaluate, which this installation of salience does not have")
-        return EXIT_USAGE
+    from . import evaluate
     from .io import load_model
 
     if (args.images is None) != (args.masks is None):
@@ -569,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse images over N pixels before decoding (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per forward/backward pass")
+    p.add_argument("--unsupported", choices=("error", "warn", "ignore"), default="error",
+                   help="guided backprop / deconvnet on activations the rule is not defined for (GELU, SiLU, ...): "
+                        "refuse (default), or pass their plain gradient with a warning or silently")
     pg = p.add_mutually_exclusive_group()
     pg.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
     pg.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
@@ -577,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="an HTML report on the bundled demo models (no downloads)")
     p.add_argument("--out", "-o", default="salience-demo", metavar="DIR", help="output folder (default salience-demo)")
     p.add_argument("--n", type=int, default=8, help="number of images (default 8)")
-    p.add_argument("--class-model-steps", type=int, default=30, help=argparse.SUPPRESS)
+    p.add_argument("--class-model-steps", type=int, default=300, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("list", help="list the methods, targets, models and options available")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
+
+from ._files import atomic_write  # re-exported: salience writes files one way
 
 __all__ = ["Report", "atomic_write"]
 
@@ -28,36 +29,6 @@ figcaption{font-size:.85em;color:#444;max-width:40em}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left}
 th{background:#f4f4f4}.ok{color:#176f2c}.bad{color:#b00020}.note{color:#666;font-size:.9em}
 """
-
-
-def atomic_write(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
-
-    Uses ``salience._files.atomic_write`` when that module exists, so all of salience writes
-    files one way.
-    """
-    try:
-        from ._files import atomic_write as shared  # type: ignore[attr-defined]
-    except ImportError:
-        shared = None
-    if shared is not None:
-        shared(path, data)
-        return
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class Report:

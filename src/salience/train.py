@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -24,6 +23,7 @@ from torch import nn
 
 from . import data
 from ._errors import SalienceError
+from ._files import atomic_path, atomic_write
 from .zoo import DEMOS, ShapesNet
 
 __all__ = ["CONFIGS", "train", "evaluate", "main"]
@@ -169,24 +169,12 @@ def train(
     }
     out_dir = Path(out) if out is not None else Path(__file__).resolve().parent / "_weights"
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / f"{name}.pt", lambda f: torch.save(state, f))
-    _atomic_write(out_dir / f"{name}.json", lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))
+    with atomic_path(out_dir / f"{name}.pt") as tmp:
+        torch.save(state, tmp)
+    atomic_write(out_dir / f"{name}.json", json.dumps(meta, indent=2).encode() + b"\n")
     if verbose:
         print(f"[{name}] held-out: {meta['held_out']}; wrote {out_dir / (name + '.pt')}", file=sys.stderr)
     return meta
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
