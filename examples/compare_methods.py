@@ -3,7 +3,7 @@
     python examples/compare_methods.py --n 4
 
 Runs each method of ``salience.METHODS`` on held-out demo images for the predicted class and
-writes ``<out>/<method>.npy`` (``(n, H, W)``) and, with :mod:`salience.viz`, ``<out>/compare.png``
+writes ``<out>/<method>.npy`` (``(n, H, W)``) and ``<out>/compare.png``
 (rows: images; columns: the image, then one method each).
 """
 from __future__ import annotations
@@ -39,12 +39,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         maps[name] = m if m.dim() == 3 else m.abs().amax(1)            # (n, H, W) for the picture
         np.save(out / f"{name}.npy", m.numpy())
         print(f"{name:<22} {time.perf_counter() - t:6.2f} s")
-    try:
-        from salience import viz
-    except ImportError:
-        viz = None
-    if viz is not None:
-        viz.save_png(out / "compare.png", viz.figure(images, maps))
+    from salience import viz
+
+    names = model.salience_info.class_names
+    viz.save_png(out / "compare.png", viz.figure(images, maps, overlay=False, scale_to=128,
+                                                 row_labels=[names[int(c)] for c in predicted]))
     return {"model": model, "images": images, "predicted": predicted, "maps": maps}
 
 
