@@ -20,7 +20,7 @@ import salience
 from salience import METHODS, zoo
 from salience.cli import main
 from salience.io import load_image, preprocess
-from salience.report import Report, atomic_write
+from salience.report import Report
 from salience.targets import regression
 
 
@@ -281,19 +281,6 @@ def test_report_escapes_text_and_links_relatively(tmp_path):
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "a &amp; b" in page and "x &lt; y" in page and "&lt;td&gt;" in page and "<hr>" in page
     assert 'src="../img/a b.png"' in page and 'alt="say &quot;hi&quot;"' in page
-
-
-def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
-    target = tmp_path / "f.bin"
-    atomic_write(target, b"old")
-
-    def boom(fd):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "fsync", boom)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(target, b"new contents")
-    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
 
 
 def test_real_command_lines(tmp_path, pics):
