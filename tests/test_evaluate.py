@@ -57,35 +57,83 @@ def test_failing_method_is_reported_and_others_go_on(tmp_path, shapes_model):
     assert "failed: RuntimeError: boom" in E.markdown_table(rows)
 
 
-def test_folder_of_images_and_masks(tmp_path):
+def _write_shapes_folder(tmp_path, n=3, size=32, mask_scale=255):
     from PIL import Image
 
-    imgs, _, masks = data.shapes(3, 7, size=32)
+    imgs, _, masks = data.shapes(n, 7, size=size)
     (tmp_path / "im").mkdir()
     (tmp_path / "mk").mkdir()
-    for i in range(3):
+    for i in range(n):
         a = (imgs[i].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
         Image.fromarray(a).save(tmp_path / "im" / f"s{i}.png")
-        Image.fromarray(masks[i].numpy().astype(np.uint8) * 255).save(tmp_path / "mk" / f"s{i}.png")
-    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "im" / "nomask.png")  # skipped
+        suffix = ".jpg" if i == 0 and mask_scale == 255 else ".png"  # one lossy white-on-black mask
+        Image.fromarray(masks[i].numpy().astype(np.uint8) * mask_scale).save(tmp_path / "mk" / f"s{i}{suffix}")
+    return imgs, masks
+
+
+def test_folder_of_images_and_masks(tmp_path):
+    imgs, masks = _write_shapes_folder(tmp_path)
     torch.manual_seed(0)
     model = SmallCNN()
     x, raw, m, source = E._folder_inputs(model, tmp_path / "im", tmp_path / "mk", 10)
-    assert torch.equal(m, masks) and torch.allclose(x, imgs, atol=1 / 255)
+    # One mask is a JPEG (compression noise around the edges): thresholding at half still gives it back.
+    assert torch.equal(m, masks) and torch.allclose(x, imgs, atol=1 / 255) and torch.equal(raw, x)
     assert "3 images" in source
     with unchanged(model):
         path = E.run_evaluation(model, tmp_path / "out", images=tmp_path / "im", masks=tmp_path / "mk",
                                 methods=["vanilla"], steps=2, randomization_images=1, progress=False)
-    rows = json.loads((path.parent / "results.json").read_text())["rows"]
-    assert rows[0]["pointing"] is not None
+    rows = {r["name"]: r for r in json.loads((path.parent / "results.json").read_text())["rows"]}
+    maps = vanilla(model, x)
+    assert rows["vanilla"]["energy"] == pytest.approx(M.energy_in_mask(maps, masks).nanmean().item(), abs=1e-5)
     with pytest.raises(SalienceError, match="masks need their images"):
         E.run_evaluation(model, tmp_path / "o2", masks=tmp_path / "mk")
     with pytest.raises(SalienceError, match="not a folder"):
         E.run_evaluation(model, tmp_path / "o2", images=tmp_path / "nothing")
+
+
+def test_label_masks_with_values_0_and_1(tmp_path):
+    _, masks = _write_shapes_folder(tmp_path, mask_scale=1)
+    _, _, m, _ = E._folder_inputs(SmallCNN(), tmp_path / "im", tmp_path / "mk", 10)
+    assert torch.equal(m, masks)  # a 1/255 object on a 0 background is the object, not "empty"
+
+
+def test_images_without_masks_are_an_error_naming_them(tmp_path):
+    from PIL import Image
+
+    _write_shapes_folder(tmp_path)
+    for name in ("zz_a.png", "zz_b.png"):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "im" / name)
+    with pytest.raises(SalienceError, match=r"2 of 5 images .* no mask .*zz_a\.png, zz_b\.png"):
+        E._folder_inputs(SmallCNN(), tmp_path / "im", tmp_path / "mk", 10)
+    # Only the first n images (by name) are used, and only they need masks.
+    _, _, m, _ = E._folder_inputs(SmallCNN(), tmp_path / "im", tmp_path / "mk", 3)
+    assert m.shape[0] == 3
     (tmp_path / "other").mkdir()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "other" / "zzz.png")
-    with pytest.raises(SalienceError, match="same name"):
-        E.run_evaluation(model, tmp_path / "o2", images=tmp_path / "im", masks=tmp_path / "other")
+    with pytest.raises(SalienceError, match="no mask of the same name"):
+        E._folder_inputs(SmallCNN(), tmp_path / "im", tmp_path / "other", 10)
+
+
+def test_unreadable_image_is_an_error(tmp_path):
+    _write_shapes_folder(tmp_path)
+    (tmp_path / "im" / "s1.png").write_bytes(b"not a png")
+    with pytest.raises(SalienceError, match=r"1 of 3 images could not be read.*s1\.png"):
+        E._folder_inputs(SmallCNN(), tmp_path / "im", tmp_path / "mk", 10)
+
+
+def test_images_of_different_sizes_for_a_model_of_any_size(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "im").mkdir()
+    (tmp_path / "mk").mkdir()
+    for name, (h, w) in (("a", (20, 30)), ("b", (40, 24))):
+        Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(tmp_path / "im" / f"{name}.png")
+        mk = np.zeros((h, w), np.uint8)
+        mk[: h // 2] = 255
+        Image.fromarray(mk).save(tmp_path / "mk" / f"{name}.png")
+    x, raw, m, _ = E._folder_inputs(SmallCNN(), tmp_path / "im", tmp_path / "mk", 10)
+    assert x.shape == (2, 3, 20, 30) and raw.shape == x.shape and m.shape == (2, 20, 30)
+    assert m[1, :10].all() and not m[1, 10:].any()  # the top half stays the top half
 
 
 def test_line_plot_draws_each_series():

@@ -441,13 +441,12 @@ def test_random_maps_seeded():
 
 def test_cue_model_saliency_sits_on_the_cue():
     """The Clever Hans model looks at the cue: per pixel, its saliency is far denser on the small
-    cue mark than on the shape, while the clean model's is denser on the shape."""
+    cue mark than on the shape, while the clean model's, on the same images, is denser on the
+    shape. (The model-free spectral-residual map also likes the sharp mark, so the evidence is
+    the contrast between the two models, not the cue model's number alone.)"""
     from salience import data, zoo
 
-    try:
-        cue_model, clean = zoo.load_demo("shapes-cue"), zoo.load_demo("shapes")
-    except Exception as e:  # pragma: no cover - only when the weights are missing
-        pytest.skip(f"demo models not available: {e}")
+    cue_model, clean = zoo.load_demo("shapes-cue"), zoo.load_demo("shapes")
     b = data.shapes_batch(32, 10_000, cue="train")
 
     def density(model, masks):
@@ -455,5 +454,7 @@ def test_cue_model_saliency_sits_on_the_cue():
 
     assert density(cue_model, b.cue_masks) > 5 * density(cue_model, b.masks)
     assert density(clean, b.masks) > 2 * density(clean, b.cue_masks)
+    assert density(cue_model, b.cue_masks) > 10 * density(clean, b.cue_masks)
     maps = vanilla(cue_model, b.images)
     assert M.pointing_game(maps, b.cue_masks, tolerance=2).nanmean().item() > 0.5
+    assert M.pointing_game(vanilla(clean, b.images), b.cue_masks, tolerance=2).nanmean().item() < 0.1

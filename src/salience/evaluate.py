@@ -313,15 +313,29 @@ def _demo_inputs(model: nn.Module, n: int, seed: int) -> tuple[Tensor, Tensor, T
     return x, b.images, b.masks, f"{n} held-out shapes images (salience.data, seed {seed}, {size}x{size})"
 
 
+def _names(paths: Sequence[Path], k: int = 5) -> str:
+    shown = ", ".join(p.name for p in paths[:k])
+    return shown + (f" and {len(paths) - k} more" if len(paths) > k else "")
+
+
 def _folder_inputs(model: nn.Module, images: PathLike, masks: Optional[PathLike], n: int
                    ) -> tuple[Tensor, Tensor, Optional[Tensor], str]:
-    from .io import load_image, load_images, normalize_input, resize_crop
+    """The first ``n`` image files of ``images`` (sorted by name) as the model's input
+    ``(N, C, h, w)``, the same images in ``[0, 1]`` for pictures ``(N, 3, h, w)``, their masks
+    ``(N, h, w)`` bool (``None`` without ``masks``) and a one-line description.
+
+    A mask is the file in ``masks`` with the image's stem (``cat.jpg`` <-> ``cat.png``), resized
+    and cropped like the image, and set where its brightest channel is at least half the mask's
+    maximum (so white-on-black, 0/1 label images and coloured label images all work). Any image without a mask, or any unreadable file, is an error:
+    an evaluation that silently drops images is not the evaluation the user asked for.
+    """
+    from .io import load_image, load_images, resize_crop
 
     info = model_info(model)
     folder = Path(images)
     if not folder.is_dir():
         raise SalienceError(f"--images: {folder} is not a folder; give a folder of image files")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:n]
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)[:n]
     if not files:
         raise SalienceError(f"--images: no image files ({', '.join(_IMAGE_SUFFIXES)}) in {folder}")
     mask_files: dict[str, Path] = {}
@@ -329,27 +343,40 @@ def _folder_inputs(model: nn.Module, images: PathLike, masks: Optional[PathLike]
         mfolder = Path(masks)
         if not mfolder.is_dir():
             raise SalienceError(f"--masks: {mfolder} is not a folder; give a folder of mask images")
-        mask_files = {p.stem: p for p in mfolder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES}
-        files = [p for p in files if p.stem in mask_files]
-        if not files:
+        for p in sorted(mfolder.iterdir()):
+            if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES:
+                if p.stem in mask_files:
+                    raise SalienceError(f"--masks: two masks for the image {p.stem!r} in {mfolder}: "
+                                        f"{mask_files[p.stem].name} and {p.name}; keep one")
+                mask_files[p.stem] = p
+        missing = [p for p in files if p.stem not in mask_files]
+        if missing:
             raise SalienceError(
-                f"no image in {folder} has a mask of the same name (stem) in {mfolder}; name the mask of "
-                "cat.jpg e.g. cat.png"
+                f"{len(missing)} of {len(files)} images in {folder} have no mask of the same name in {mfolder} "
+                f"({_names(missing)}); the mask of cat.jpg is e.g. cat.png"
             )
     x, ok, errors = load_images(files, info)
-    if x is None:
-        raise SalienceError(f"none of the images in {folder} could be read: {errors[0][1] if errors else ''}")
-    raw = torch.stack([resize_crop(load_image(p), info) for p in ok])
+    if errors:
+        raise SalienceError(f"{len(errors)} of {len(files)} images could not be read; the first: {errors[0][1]}")
+    assert x is not None
+    size = tuple(x.shape[-2:])
+
+    def fit(t: Tensor, mode: str) -> Tensor:  # (C, H, W) at the model's input size
+        t = resize_crop(t, info)
+        if tuple(t.shape[-2:]) != size:
+            kw = {"align_corners": False} if mode == "bilinear" else {}
+            t = torch.nn.functional.interpolate(t[None], size=size, mode=mode, **kw)[0]
+        return t
+
+    raw = torch.stack([fit(load_image(p), "bilinear") for p in ok])
     m = None
     if masks is not None:
         ms = []
         for p in ok:
-            mk = resize_crop(load_image(mask_files[Path(p).stem])[:1], info)
-            if mk.shape[-2:] != x.shape[-2:]:
-                mk = torch.nn.functional.interpolate(mk[None], size=x.shape[-2:], mode="nearest")[0]
-            ms.append(mk[0] > 0.5)
+            mk = fit(load_image(mask_files[Path(p).stem]).amax(0, keepdim=True), "nearest")[0]
+            top = float(mk.max())
+            ms.append(mk >= 0.5 * top if top > 0 else torch.zeros_like(mk, dtype=torch.bool))
         m = torch.stack(ms)
-    del normalize_input
     return x, raw, m, f"{len(ok)} images from {folder}" + (f" with masks from {masks}" if masks else "")
 
 
@@ -391,13 +418,20 @@ def run_evaluation(
         raise SalienceError(f"n must be an int >= 1, got {n!r}")
     if masks is not None and images is None:
         raise SalienceError("masks need their images: give images=DIR too")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if methods is not None:
+        methods = list(methods)
+        for mm in methods:
+            _method_fn(mm)  # unknown names fail here, before any work
     start = time.perf_counter()
     if images is None:
         x, raw, m, source = _demo_inputs(model, n, seed)
     else:
         x, raw, m, source = _folder_inputs(model, images, masks, n)
+    out = Path(out_dir)  # created only once the inputs are known to be good
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SalienceError(f"cannot create the output folder {out} ({e.strerror or e})") from None
     device = _device_of(model)
     x, m = x.to(device), (m.to(device) if m is not None else None)
     rows, maps = evaluate_methods(model, x, m, methods=methods, steps=steps,
@@ -559,7 +593,11 @@ def clever_hans(n: int = 200, n_maps: int = 32, seed: int = 10_000,
     """The numbers of the Clever Hans demo: accuracy of ``demo:shapes-cue`` (and of the clean
     ``demo:shapes``) with the cue as in training, moved to a wrong class's slot, and absent; and,
     per method, the mean share of saliency on the cue mark and on the shape (images with the
-    training cue). Returns a dict (see the keys)."""
+    training cue), with the model-free spectral-residual map as the baseline (model ``"none"``).
+
+    Returns ``{"accuracy": {model: {"train" | "moved" | "none": acc}}, "energy": {model:
+    {method: {"cue", "shape", "cue_area", "shape_area"}}}, "maps": {"model: method": (n_maps, H,
+    W)}, "images": (n_maps, 3, H, W), "labels": (n_maps,)}``."""
     from . import data, zoo
     from .methods import METHODS
 
@@ -591,6 +629,15 @@ def clever_hans(n: int = 200, n_maps: int = 32, seed: int = 10_000,
                 "shape_area": float(b.masks.float().mean()),
             }
             maps[f"{mname}: {meth}"] = mp
+    # The model-free baseline: what the image alone makes salient (the cue is a small, sharp,
+    # high-contrast pattern, so a model-free map may also like it; the models are compared to it).
+    sr = M.spectral_residual(b.images)
+    energy["none"] = {"spectral_residual": {
+        "cue": _mean(M.energy_in_mask(sr, b.cue_masks)),
+        "shape": _mean(M.energy_in_mask(sr, b.masks)),
+        "cue_area": float(b.cue_masks.float().mean()),
+        "shape_area": float(b.masks.float().mean()),
+    }}
     return {"accuracy": acc, "energy": energy, "maps": maps, "images": b.images, "labels": b.labels}
 
 
@@ -616,7 +663,8 @@ def clever_hans_report(out_dir: PathLike, *, n: int = 200, n_maps: int = 16) -> 
         return e[part] / max(e[f"{part}_area"], 1e-12)
 
     rows_e = "".join(
-        f"<tr><td>demo:{esc(mn)}</td><td>{esc(meth)}</td><td>{e['cue']:.3f}</td><td>{e['shape']:.3f}</td>"
+        f"<tr><td>{'none (the image alone)' if mn == 'none' else 'demo:' + esc(mn)}</td><td>{esc(meth)}</td>"
+        f"<td>{e['cue']:.3f}</td><td>{e['shape']:.3f}</td>"
         f"<td>{dens(e, 'cue'):.1f}</td><td>{dens(e, 'shape'):.1f}</td></tr>"
         for mn, per in r["energy"].items() for meth, e in per.items()
     )
@@ -629,6 +677,10 @@ def clever_hans_report(out_dir: PathLike, *, n: int = 200, n_maps: int = 16) -> 
             f"{esc(meth)}: {dens(e, 'cue'):.1f}x on the cue vs {dens(e, 'shape'):.1f}x on the shape"
             + (f" (clean model: {dens(c, 'cue'):.1f}x vs {dens(c, 'shape'):.1f}x)" if c else "")
         )
+    sr_e = r["energy"].get("none", {}).get("spectral_residual")
+    if sr_e:
+        lines.append(f"the image alone (spectral residual, no model): {dens(sr_e, 'cue'):.1f}x vs "
+                     f"{dens(sr_e, 'shape'):.1f}x")
     any_e = next(iter(cue_e.values()), None)
     areas = (f" The cue covers {any_e['cue_area']:.1%} of the image and the shape {any_e['shape_area']:.1%}, so "
              "we also give each share divided by its area (1 = no preference; higher = more saliency per "

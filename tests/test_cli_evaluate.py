@@ -1,0 +1,143 @@
+"""``salience evaluate`` end to end: the demo model, a folder of images and masks, bad input.
+
+Every run goes through :func:`salience.cli.main`, as the shell would; the numbers in the written
+report are checked against the metrics recomputed here on the same images.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from salience import data, metrics as M, zoo
+from salience.cli import main
+from salience.methods import vanilla
+
+
+def _rows(out: Path) -> dict:
+    return {r["name"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+
+
+N_SMALL = 16
+
+
+def test_evaluate_demo_shapes_end_to_end(tmp_path, capsys, monkeypatch):
+    # The command has no option for the number of images or steps; to keep the test at a few
+    # seconds, the evaluation the CLI calls runs on 16 images and 8 steps instead of 64 and 24.
+    from salience import evaluate as E
+
+    real, seen = E.run_evaluation, []
+
+    def smaller(model, out_dir, **kwargs):
+        seen.append(kwargs)
+        return real(model, out_dir, n=N_SMALL, steps=8, randomization_images=4, **kwargs)
+
+    monkeypatch.setattr(E, "run_evaluation", smaller)
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--model", "demo:shapes", "--method", "vanilla", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert seen == [{"methods": ["vanilla"]}]
+    assert f"evaluation written to {out}" in captured.out
+    for name in ("report.html", "report.md", "results.json", "curves.png", "randomization.png", "examples.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = _rows(out)
+    assert list(rows) == ["vanilla", "spectral_residual", "random"]  # the baselines are always there
+    # Held-out shapes (seed 10000) with exact masks, as in the command's default setting.
+    model = zoo.load_demo("shapes")
+    x, _, masks = data.shapes(N_SMALL, 10_000)
+    maps = vanilla(model, x)
+    assert rows["vanilla"]["pointing"] == pytest.approx(M.pointing_game(maps, masks).nanmean().item(), abs=1e-6)
+    assert rows["vanilla"]["energy"] == pytest.approx(M.energy_in_mask(maps, masks).nanmean().item(), abs=1e-5)
+    sr = M.spectral_residual(x)
+    assert rows["spectral_residual"]["pointing"] == pytest.approx(M.pointing_game(sr, masks).nanmean().item(),
+                                                                  abs=1e-6)
+    # The demo model's maps beat both model-free baselines at localization.
+    assert rows["vanilla"]["energy"] > rows["spectral_residual"]["energy"] > rows["random"]["energy"]
+    assert rows["vanilla"]["rand_top"] is not None and rows["random"]["rand_top"] is None
+    md = (out / "report.md").read_text()
+    for column in ("pointing game", "energy in mask", "deletion AUC", "insertion AUC", "rand. similarity"):
+        assert column in md
+    page = (out / "report.html").read_text()
+    assert 'src="curves.png"' in page and 'src="randomization.png"' in page
+
+
+def _shapes_folder(root: Path, names: list[str], mask_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes images saved as 8-bit PNG in root/im and their masks in root/mk; returns the images
+    exactly as the files hold them ``(N, 3, 64, 64)`` and the masks ``(N, 64, 64)``."""
+    from PIL import Image
+
+    imgs, _, masks = data.shapes(len(names), 5)
+    (root / "im").mkdir()
+    (root / "mk").mkdir()
+    u8 = (imgs.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    for i, name in enumerate(names):
+        Image.fromarray(u8[i]).save(root / "im" / f"{name}.png")
+    for i, name in enumerate(mask_names):
+        Image.fromarray(masks[i].numpy().astype(np.uint8) * 255).save(root / "mk" / f"{name}.png")
+    return torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255, masks
+
+
+def test_evaluate_folder_of_images_and_masks(tmp_path, capsys):
+    x, masks = _shapes_folder(tmp_path, ["a", "b", "c"], ["a", "b", "c"])
+    out = tmp_path / "out"
+    code = main(["evaluate", "--model", "demo:shapes", "--images", str(tmp_path / "im"),
+                 "--masks", str(tmp_path / "mk"), "--method", "vanilla", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = _rows(out)
+    assert list(rows) == ["vanilla", "spectral_residual", "random"]
+    assert json.loads((out / "results.json").read_text())["source"].startswith("3 images from")
+    maps = vanilla(zoo.load_demo("shapes"), x)
+    assert rows["vanilla"]["energy"] == pytest.approx(M.energy_in_mask(maps, masks).nanmean().item(), abs=1e-5)
+    assert rows["vanilla"]["pointing"] == pytest.approx(M.pointing_game(maps, masks).nanmean().item(), abs=1e-6)
+
+
+def _one_error_line(capsys, code: int) -> str:
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("salience: error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_images_without_masks(tmp_path, capsys):
+    _shapes_folder(tmp_path, ["a"], ["a"])
+    out = tmp_path / "out"
+    code = main(["evaluate", "--model", "demo:shapes", "--images", str(tmp_path / "im"), "--out", str(out)])
+    assert "--masks" in _one_error_line(capsys, code)
+    assert not out.exists()
+
+
+def test_mismatched_names(tmp_path, capsys):
+    _shapes_folder(tmp_path, ["cat", "dog", "owl"], ["cat", "dgo", "owl_mask"])
+    out = tmp_path / "out"
+    code = main(["evaluate", "--model", "demo:shapes", "--images", str(tmp_path / "im"),
+                 "--masks", str(tmp_path / "mk"), "--out", str(out)])
+    line = _one_error_line(capsys, code)
+    assert "2 of 3 images" in line and "dog.png, owl.png" in line and "no mask of the same name" in line
+    assert not out.exists()  # nothing written for a run that could not start
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("masks_not_a_folder", "not a folder"),
+    ("empty_images", "no image files"),
+    ("unknown_method", "unknown method"),
+])
+def test_other_bad_inputs(tmp_path, capsys, case, expected):
+    _shapes_folder(tmp_path, ["a"], ["a"])
+    (tmp_path / "empty").mkdir()
+    images, masks, extra = tmp_path / "im", tmp_path / "mk", []
+    if case == "masks_not_a_folder":
+        masks = tmp_path / "mk" / "a.png"
+    elif case == "empty_images":
+        images = tmp_path / "empty"
+    else:
+        extra = ["--method", "vanila"]
+    code = main(["evaluate", "--model", "demo:shapes", "--images", str(images), "--masks", str(masks),
+                 "--out", str(tmp_path / "out"), *extra])
+    assert expected in _one_error_line(capsys, code)
