@@ -58,8 +58,13 @@ def test_evaluate_demo_shapes_end_to_end(tmp_path, capsys, monkeypatch):
     # The demo model's maps beat both model-free baselines at localization.
     assert rows["vanilla"]["energy"] > rows["spectral_residual"]["energy"] > rows["random"]["energy"]
     assert rows["vanilla"]["rand_top"] is not None and rows["random"]["rand_top"] is None
+    # The table's randomization columns are the first and last points of the cascade.
+    r = rows["vanilla"]["randomization"]
+    assert r["layers"][0] == "head" and len(r["layers"]) == 5
+    assert (rows["vanilla"]["rand_top"], rows["vanilla"]["rand_all"]) == (r["spearman_abs"][0], r["spearman_abs"][-1])
+    assert (rows["vanilla"]["rand_ssim_top"], rows["vanilla"]["rand_ssim_all"]) == (r["ssim"][0], r["ssim"][-1])
     md = (out / "report.md").read_text()
-    for column in ("pointing game", "energy in mask", "deletion AUC", "insertion AUC", "rand. similarity"):
+    for column in ("pointing game", "energy in mask", "deletion AUC", "insertion AUC", "rand. Spearman", "rand. SSIM"):
         assert column in md
     page = (out / "report.html").read_text()
     assert 'src="curves.png"' in page and 'src="randomization.png"' in page

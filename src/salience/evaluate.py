@@ -63,8 +63,8 @@ class MetricRow:
 
     ``pointing``, ``energy``, ``box_iou``: localization (``None`` without masks); ``deletion``,
     ``insertion``: AUCs; ``rand_top`` / ``rand_all``: mean Spearman rank correlation of the
-    absolute maps after re-initializing the top layer / all layers (cascading); ``None`` for
-    baselines. ``curves``: mean deletion and insertion curves; ``randomization``: the full
+    absolute maps after re-initializing the top layer / all layers (cascading), and
+    ``rand_ssim_top`` / ``rand_ssim_all`` the same with SSIM; ``None`` for baselines. ``curves``: mean deletion and insertion curves; ``randomization``: the full
     :class:`salience.metrics.RandomizationResult` as a dict; ``seconds``: time of the maps and
     of the randomization test; ``error``: why the method could not run, if it could not.
     """
@@ -77,6 +77,8 @@ class MetricRow:
     insertion: Optional[float] = None
     rand_top: Optional[float] = None
     rand_all: Optional[float] = None
+    rand_ssim_top: Optional[float] = None
+    rand_ssim_all: Optional[float] = None
     seconds: float = 0.0
     error: Optional[str] = None
     curves: dict[str, list[float]] = field(default_factory=dict)
@@ -92,8 +94,10 @@ _COLUMNS = (
     ("box_iou", "box IoU ↑"),
     ("deletion", "deletion AUC ↓"),
     ("insertion", "insertion AUC ↑"),
-    ("rand_top", "rand. similarity, top layer ↓"),
-    ("rand_all", "rand. similarity, all layers ↓"),
+    ("rand_top", "rand. Spearman, top layer ↓"),
+    ("rand_all", "rand. Spearman, all layers ↓"),
+    ("rand_ssim_top", "rand. SSIM, top layer ↓"),
+    ("rand_ssim_all", "rand. SSIM, all layers ↓"),
 )
 
 
@@ -173,6 +177,8 @@ def evaluate_methods(
                     row.randomization = r.as_dict()
                     row.rand_top = r["spearman_abs"][0]
                     row.rand_all = r["spearman_abs"][-1]
+                    row.rand_ssim_top = r["ssim"][0]
+                    row.rand_ssim_all = r["ssim"][-1]
             except Exception as e:  # noqa: BLE001 - one method's failure must not end the evaluation
                 row.error = f"{type(e).__name__}: {e}"
                 rows.append(row)
@@ -508,9 +514,10 @@ _LEGEND = (
     "pointing game: share of images whose map maximum is on the object; energy in mask: share of the map's "
     "mass on the object; box IoU: box of the map thresholded at 20% of its maximum vs the object's box; "
     "deletion / insertion AUC: area under the probability of the predicted class as pixels are removed "
-    "(zero) / put back on a blurred image in the map's order; rand. similarity: Spearman rank correlation "
-    "of |map| with the map after re-initializing the top layer / all layers (Adebayo et al.; low means the "
-    "map depends on the weights). Baselines: spectral residual (the image alone) and a random map."
+    "(zero) / put back on a blurred image in the map's order; rand. Spearman / SSIM: Spearman rank "
+    "correlation / structural similarity of |map| with the map after re-initializing the top layer / all "
+    "layers, top down (Adebayo et al.; low means the map depends on the weights; a map of the image "
+    "alone would score 1). Baselines: spectral residual (the image alone) and a random map."
 )
 
 
