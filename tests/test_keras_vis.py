@@ -245,3 +245,22 @@ def test_bad_input(pair, seed_chw, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
     with pytest.raises(SalienceError, match="KERAS_BACKEND='tensorflow'"):
         import_keras()
+
+
+def test_gradcam_on_keras_layers_equals_the_twin(pair):
+    """Keras layers give channels-last outputs: Grad-CAM (and Guided Grad-CAM) read them as such."""
+    km, tm = pair
+    wrapped = wrap_keras(km)
+    x = torch.rand(2, 3, 9, 9, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([1, 4])
+    ours = salience.gradcam(wrapped, x, t, layer="layers.c2", upsample=False)
+    ref = salience.gradcam(tm, x, t, layer="r2", upsample=False)  # Keras's c2 output is after its ReLU
+    assert ours.shape == (2, 5, 5)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(salience.gradcam(wrapped, x, t, layer="layers.c2"),
+                               salience.gradcam(tm, x, t, layer="r2"), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(salience.guided_gradcam(wrapped, x, t, layer="layers.c2", reduce=None),
+                               salience.guided_gradcam(tm, x, t, layer="r2", reduce=None), rtol=1e-4, atol=1e-6)
+    # The default layer of the Keras model is its last conv layer.
+    torch.testing.assert_close(salience.gradcam(wrapped, x, t), salience.gradcam(tm, x, t, layer="r2"),
+                               rtol=1e-4, atol=1e-6)

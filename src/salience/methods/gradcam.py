@@ -82,7 +82,7 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
     cands = [(name, out) for name, m, out in calls
              if counts[name] == 1 and isinstance(out, Tensor) and out.dim() == 4
              and not isinstance(m, _POOLS) and id(out) not in pooled]
-    spatial = [c for c in cands if c[1].shape[-1] * c[1].shape[-2] > 1]
+    spatial = [c for c in cands if _channels_first(model, c[1]).shape[-2:].numel() > 1]
     chosen = spatial or cands
     if not chosen:
         raise SalienceError(
@@ -107,6 +107,14 @@ def _resolve(model: nn.Module, x: Tensor, layer: Optional[LayerSpec]) -> nn.Modu
             "pass a Python (non-scripted) layer"
         )
     return mod
+
+
+def _channels_first(model: nn.Module, t: Tensor) -> Tensor:
+    """A layer output of a channels-last model (a Keras model, ``ModelInfo.layout == "NHWC"``:
+    its layers give ``(B, h, w, K)``) as ``(B, K, h, w)``; other models' outputs as they are."""
+    if t.dim() == 4 and model_info(model).layout == "NHWC":
+        return t.permute(0, 3, 1, 2)
+    return t
 
 
 def _cam(acts: Tensor, grads: Tensor, relu: bool) -> Tensor:
@@ -151,7 +159,7 @@ def gradcam(
                                     strip_softmax=strip_softmax) for t in targets], dim=1)
     mod = _resolve(model, x, layer)
     p = gradients(model, x, target, layers=[mod], input_grad=False, strip_softmax=strip_softmax)
-    cam = _cam(p.activations[0], p.layer_grads[0], relu)
+    cam = _cam(_channels_first(model, p.activations[0]), _channels_first(model, p.layer_grads[0]), relu)
     return _upsample(cam, tuple(x.shape[-2:])) if upsample else cam
 
 
@@ -206,9 +214,9 @@ def guided_gradcam(
         p = gradients(model, x, target, layers=[mod], strip_softmax=strip_softmax, extra_modes=[rule])
     assert p.grad is not None
     if mark and mark[0] == rule.rectified:
-        cam = _cam(p.activations[0], p.layer_grads[0], relu=True)
+        cam = _cam(_channels_first(model, p.activations[0]), _channels_first(model, p.layer_grads[0]), relu=True)
     else:
         plain = gradients(model, x, target, layers=[mod], input_grad=False, strip_softmax=strip_softmax)
-        cam = _cam(plain.activations[0], plain.layer_grads[0], relu=True)
+        cam = _cam(_channels_first(model, plain.activations[0]), _channels_first(model, plain.layer_grads[0]), relu=True)
     cam = _upsample(cam, tuple(x.shape[-2:]))
     return _reduce.apply(p.grad * cam.unsqueeze(1), grad_modifier, reduce)
