@@ -136,6 +136,14 @@ def test_images_of_different_sizes_for_a_model_of_any_size(tmp_path):
     assert m[1, :10].all() and not m[1, 10:].any()  # the top half stays the top half
 
 
+def test_nice_ticks_label_the_gridlines_exactly():
+    assert E.nice_ticks(-0.2, 1.0) == pytest.approx([-0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert E.nice_ticks(0.0, 1.0) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert E.nice_ticks(0.0, 25.0) == pytest.approx([0.0, 5.0, 10.0, 15.0, 20.0, 25.0])
+    assert E.nice_ticks(0.13, 0.9) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert [f"{v:g}" for v in E.nice_ticks(-0.2, 1.0)][:2] == ["-0.2", "0"]
+
+
 def test_line_plot_draws_each_series():
     a = E.line_plot({"up": [0.0, 0.5, 1.0], "flat": [0.5, 0.5, 0.5]}, title="t", size=(300, 200))
     assert a.shape == (200, 300, 3) and a.dtype == np.uint8

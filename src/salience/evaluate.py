@@ -236,6 +236,23 @@ _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
             (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
+def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
+    """Round tick values covering ``[lo, hi]``: a step of 1, 2, 2.5 or 5 times a power of ten
+    giving about ``target`` intervals, e.g. ``(-0.2, 1.0) -> [-0.2, 0, 0.2, ..., 1.0]``."""
+    if not hi > lo:
+        return [lo]
+    raw = (hi - lo) / target
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
+    first = math.ceil(lo / step - 1e-9)
+    ticks = []
+    k = first
+    while k * step <= hi + 1e-9 * step:
+        ticks.append(round(k * step, 10) + 0.0)
+        k += 1
+    return ticks
+
+
 def line_plot(series: Mapping[str, Sequence[float]], *, title: str = "", xlabel: str = "",
               ylabel: str = "", xticks: Optional[Sequence[str]] = None, ylim: tuple[float, float] = (0.0, 1.0),
               size: tuple[int, int] = (520, 340)) -> np.ndarray:
@@ -251,17 +268,16 @@ def line_plot(series: Mapping[str, Sequence[float]], *, title: str = "", xlabel:
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     names = list(series)
-    left, right, top = 48, 150, 26
+    left, right, top = 48, 170, 26
     bottom = 62 if xticks else 42
     pw, ph = w - left - right, h - top - bottom
     lo, hi = ylim
     d.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))
-    for k in range(6):
-        v = lo + (hi - lo) * k / 5
-        y = top + ph - ph * k / 5
+    for v in nice_ticks(lo, hi):
+        y = top + ph - ph * (v - lo) / (hi - lo)
         d.line([left - 4, y, left, y], fill=(0, 0, 0))
         d.line([left + 1, y, left + pw - 1, y], fill=(235, 235, 235))
-        d.text((4, y - 6), f"{v:.1f}", fill=(0, 0, 0), font=font)
+        d.text((4, y - 6), f"{v:g}", fill=(0, 0, 0), font=font)
     n_pts = max((len(v) for v in series.values()), default=2)
     if xticks:
         for i, t in enumerate(xticks):
@@ -292,7 +308,7 @@ def line_plot(series: Mapping[str, Sequence[float]], *, title: str = "", xlabel:
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
         ly = top + 14 * j
         d.line([left + pw + 10, ly + 6, left + pw + 28, ly + 6], fill=colour, width=3)
-        d.text((left + pw + 32, ly), name[:18], fill=(0, 0, 0), font=font)
+        d.text((left + pw + 32, ly), name[:22], fill=(0, 0, 0), font=font)
     del n_pts
     return np.asarray(img).copy()
 
