@@ -140,7 +140,7 @@ def test_weak_localization_takes_largest_component():
 
 
 def test_largest_component_matches_scipy():
-    from scipy import ndimage  # the reference (installed with grad-cam; a test dependency)
+    from scipy import ndimage  # the reference (a test dependency)
     g = torch.Generator().manual_seed(0)
     fg = torch.rand(20, 24, 24, generator=g) < 0.45
     ours = M._largest_component(fg)
@@ -259,7 +259,7 @@ def test_spearman_matches_scipy_with_ties():
 
 
 def test_ssim_matches_gaussian_filter_reference():
-    from scipy import ndimage  # the reference (installed with grad-cam; a test dependency)
+    from scipy import ndimage  # the reference (a test dependency)
     g = torch.Generator().manual_seed(1)
     a = torch.rand(2, 20, 20, generator=g)
     b = (a + 0.3 * torch.rand(2, 20, 20, generator=g))
