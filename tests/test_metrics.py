@@ -255,6 +255,9 @@ def test_spearman_matches_scipy_with_ties():
         ref = stats.spearmanr(a[i].flatten().numpy(), b[i].flatten().numpy()).statistic
         assert ours[i].item() == pytest.approx(ref, abs=1e-6)
     assert torch.allclose(M.spearman(a, a), torch.ones(4))
+    # The batched tie-averaged ranks are scipy's rankdata, row by row (a constant row included).
+    rows = torch.cat([a.flatten(1), torch.full((1, 36), 2.0)])
+    assert torch.equal(M._average_ranks(rows), torch.from_numpy(stats.rankdata(rows.numpy(), axis=1)).double())
     assert torch.allclose(M.spearman(a, -a), -torch.ones(4))
 
 

@@ -499,13 +499,19 @@ def insertion(
 
 
 def _average_ranks(v: Tensor) -> Tensor:
-    """Ranks of a 1-D tensor, ties given their average rank (as ``scipy.stats.rankdata``)."""
-    sorted_v, order = torch.sort(v, stable=True)
-    _, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).to(torch.float64)
-    avg = ends - (counts.to(torch.float64) - 1) / 2  # 1-based average rank of each tie group
-    ranks = torch.empty_like(avg[inverse])
-    ranks[order] = avg[inverse]
+    """Ranks ``(B, n)`` float64 of each row of ``v`` ``(B, n)``, 1-based, ties given their
+    average rank (as ``scipy.stats.rankdata``); all rows at once."""
+    b, n = v.shape
+    sorted_v, order = torch.sort(v, dim=1, stable=True)
+    starts = torch.ones_like(sorted_v, dtype=torch.bool)  # first position of a tie group
+    starts[:, 1:] = sorted_v[:, 1:] != sorted_v[:, :-1]
+    ends = torch.ones_like(starts)  # last position of a tie group
+    ends[:, :-1] = starts[:, 1:]
+    pos = torch.arange(1, n + 1, device=v.device, dtype=torch.float64).expand(b, n)
+    first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values
+    last = torch.where(ends, pos, torch.full_like(pos, n + 1)).flip(1).cummin(1).values.flip(1)
+    ranks = torch.empty_like(pos)
+    ranks.scatter_(1, order, (first + last) / 2)
     return ranks
 
 
@@ -526,9 +532,7 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     if a.shape != b.shape:
         raise SalienceError(f"spearman needs maps of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     fa, fb = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    ra = torch.stack([_average_ranks(r) for r in fa])
-    rb = torch.stack([_average_ranks(r) for r in fb])
-    return _pearson(ra, rb)
+    return _pearson(_average_ranks(fa), _average_ranks(fb))
 
 
 def _minmax(m: Tensor) -> Tensor:
