@@ -155,9 +155,14 @@ def test_clever_hans_report(tmp_path):
     frag = E.clever_hans_report(tmp_path, n=20, n_maps=4)
     assert (tmp_path / "clever_hans.png").stat().st_size > 0
     assert 'src="clever_hans.png"' in frag and frag.count("<table>") == 2
+    assert "<td>none (the image alone)</td><td>spectral_residual</td>" in frag  # the baseline row
     r = E.clever_hans(n=50, n_maps=8, methods=("vanilla",))
     acc = r["accuracy"]
     assert acc["shapes-cue"]["train"] > 0.95 and acc["shapes-cue"]["moved"] < 0.2
     assert acc["shapes"]["moved"] > 0.9  # the clean model does not care about the mark
     e = r["energy"]["shapes-cue"]["vanilla"]
     assert e["cue"] / e["cue_area"] > 5 * e["shape"] / e["shape_area"]
+    sr = r["energy"]["none"]["spectral_residual"]  # the same for any model: computed from the images
+    assert sr["cue"] == pytest.approx(M.energy_in_mask(M.spectral_residual(r["images"]),
+                                                       data.shapes_batch(8, 10_000, cue="train").cue_masks
+                                                       ).nanmean().item(), abs=1e-6)
