@@ -240,8 +240,8 @@ def test_visualize_and_evaluate_are_wired(tmp_path, capsys):
     assert np.asarray(Image.open(tmp_path / "c.png")).shape == (64, 64, 3)
     rc, _, err = run(["visualize", "-m", "demo:shapes", "--target", "5", "-o", tmp_path / "c.png"], capsys)
     assert rc == 2 and "out of range" in err
-    rc, _, err = run(["evaluate", "-m", "demo:shapes", "--images", tmp_path, "-o", tmp_path / "ev"], capsys)
-    assert rc == 2 and "--masks" in err
+    rc, _, err = run(["evaluate", "-m", "demo:shapes", "--masks", tmp_path, "-o", tmp_path / "ev"], capsys)
+    assert rc == 2 and "--images" in err
 
 
 def test_demo_report(tmp_path, capsys):

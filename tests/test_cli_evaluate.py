@@ -24,24 +24,14 @@ def _rows(out: Path) -> dict:
 N_SMALL = 16
 
 
-def test_evaluate_demo_shapes_end_to_end(tmp_path, capsys, monkeypatch):
-    # The command has no option for the number of images or steps; to keep the test at a few
-    # seconds, the evaluation the CLI calls runs on 16 images and 8 steps instead of 64 and 24.
-    from salience import evaluate as E
-
-    real, seen = E.run_evaluation, []
-
-    def smaller(model, out_dir, **kwargs):
-        seen.append(kwargs)
-        return real(model, out_dir, n=N_SMALL, steps=8, randomization_images=4, **kwargs)
-
-    monkeypatch.setattr(E, "run_evaluation", smaller)
+def test_evaluate_demo_shapes_end_to_end(tmp_path, capsys):
     out = tmp_path / "eval"
-    code = main(["evaluate", "--model", "demo:shapes", "--method", "vanilla", "--out", str(out)])
+    code = main(["evaluate", "--model", "demo:shapes", "--method", "vanilla", "--n", str(N_SMALL), "--steps", "8",
+                 "--randomization-images", "4", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert seen == [{"methods": ["vanilla"]}]
     assert f"evaluation written to {out}" in captured.out
+    assert f"report: {(out / 'report.html').resolve()}" in captured.out
     for name in ("report.html", "report.md", "results.json", "curves.png", "randomization.png", "examples.png"):
         assert (out / name).stat().st_size > 0, name
     rows = _rows(out)
@@ -111,10 +101,23 @@ def _one_error_line(capsys, code: int) -> str:
 
 
 def test_images_without_masks(tmp_path, capsys):
+    """Masks are optional: without them the faithfulness and randomization columns are still measured."""
+    _shapes_folder(tmp_path, ["a", "b"], [])
+    out = tmp_path / "out"
+    code = main(["evaluate", "--model", "demo:shapes", "--images", str(tmp_path / "im"), "--method", "vanilla",
+                 "--steps", "4", "--randomization-images", "2", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    row = _rows(out)["vanilla"]
+    assert row["pointing"] is None and row["energy"] is None
+    assert 0 <= row["deletion"] <= 1 and 0 <= row["insertion"] <= 1 and row["rand_top"] is not None
+
+
+def test_masks_without_images(tmp_path, capsys):
     _shapes_folder(tmp_path, ["a"], ["a"])
     out = tmp_path / "out"
-    code = main(["evaluate", "--model", "demo:shapes", "--images", str(tmp_path / "im"), "--out", str(out)])
-    assert "--masks" in _one_error_line(capsys, code)
+    code = main(["evaluate", "--model", "demo:shapes", "--masks", str(tmp_path / "mk"), "--out", str(out)])
+    assert "--images" in _one_error_line(capsys, code)
     assert not out.exists()
 
 

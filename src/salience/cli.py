@@ -480,18 +480,27 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from . import evaluate
     from .io import load_model
 
-    if (args.images is None) != (args.masks is None):
-        raise SalienceError("--images and --masks go together (a mask per image); give both or neither")
+    if args.masks is not None and args.images is None:
+        raise SalienceError("--masks needs its images: give --images DIR too (a mask per image, same file names)")
+    for opt in ("n", "steps", "randomization_images"):
+        if getattr(args, opt) < 1:
+            raise SalienceError(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
     model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=args.device)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"n": args.n, "steps": args.steps, "randomization_images": args.randomization_images,
+                              "progress": sys.stderr.isatty()}
     if args.images is not None:
-        kwargs.update(images=args.images, masks=args.masks)
+        kwargs["images"] = args.images
+    if args.masks is not None:
+        kwargs["masks"] = args.masks
     if args.method:
         kwargs["methods"] = parse_methods(args.method)
-    result = evaluate.run_evaluation(model, args.out, **kwargs)
-    if result is not None and not isinstance(result, (int, bool)):
-        print(result if isinstance(result, str) else json.dumps(result, indent=2, default=str))
+    if args.data_randomization:
+        if not args.model.startswith("demo:shapes") or args.model == "demo:shapes-regression":
+            raise SalienceError("--data-randomization retrains the demo recipe, so it needs a demo:shapes classifier")
+        kwargs.update(train_fn=evaluate.demo_train_fn(epochs=6), train_images=2000)
+    report = evaluate.run_evaluation(model, args.out, **kwargs)
     print(f"evaluation written to {args.out}")
+    print(f"report: {Path(report).resolve()}")
     return EXIT_OK
 
 
@@ -563,8 +572,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="saliency metrics (pointing game, deletion, Clever Hans check)")
     _model_args(p)
     p.add_argument("--images", metavar="DIR", help="folder of images (default: held-out demo shapes)")
-    p.add_argument("--masks", metavar="DIR", help="folder of ground-truth masks, same file names")
-    p.add_argument("--method", action="append", metavar="NAME")
+    p.add_argument("--masks", metavar="DIR",
+                   help="folder of ground-truth masks, same file names (without: no localization metrics)")
+    p.add_argument("--method", action="append", metavar="NAME", help="methods to evaluate (default: all)")
+    p.add_argument("--n", type=int, default=64, help="held-out demo images when no --images (default 64)")
+    p.add_argument("--steps", type=int, default=24, help="deletion/insertion steps (default 24)")
+    p.add_argument("--randomization-images", type=int, default=8, metavar="N",
+                   help="images for the model randomization test (default 8)")
+    p.add_argument("--data-randomization", action="store_true",
+                   help="also retrain the demo recipe on true and shuffled labels and compare maps (about 10 min)")
     p.add_argument("--out", "-o", default="salience-eval", metavar="DIR")
     p.set_defaults(func=_cmd_evaluate)
     return parser
