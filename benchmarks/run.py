@@ -466,7 +466,7 @@ def main(argv=None) -> int:
             # written after every case, so that an interrupted run keeps what it measured
             info["loadavg_end"] = os.getloadavg()
             info["rounds_done"] = rnd + (1 if case == cases[-1] else 0)
-            write_results([by[c] for c in cases if c in by], info, cfg, out.with_suffix(".md"), out.with_suffix(".json"))
+            write_results([by[c] for c in dict.fromkeys(cases) if c in by], info, cfg, out.with_suffix(".md"), out.with_suffix(".json"))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 0
 
