@@ -2,11 +2,14 @@
 
 Each case runs in a fresh subprocess (so one case's memory cannot flatter or hurt the next),
 under a memory cap: on CPU an address-space limit (``RLIMIT_AS``) of what the process had after
-its imports plus ``--cap-gib``; a case that needs more fails its allocation and is recorded as
-"exceeded N GiB" instead of taking the machine down. The child reports the median wall time of
-``--repeats`` runs (after one warm-up run when a run is short), and its peak RSS
-(``getrusage(RUSAGE_SELF).ru_maxrss`` of that child, which is what ``RUSAGE_CHILDREN`` gives the
-parent for it); on CUDA also ``torch.cuda.max_memory_allocated``.
+its imports plus ``--cap-gib`` (never more than the machine's available memory less 3 GiB: it is
+shared); a case that needs more fails its allocation and is recorded as "exceeded N GiB" instead
+of taking the machine down. A child times ``--repeats`` runs (at least 3, after a warm-up, when a
+run is under 5 s) and reports its peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``), the load
+average, and the chunk sizes salience chose; on CUDA also ``torch.cuda.max_memory_allocated``.
+The multi-pass cases and their floors run in ``--rounds`` interleaved rounds (a fresh process per
+case per round), so that load from other work on a shared machine hits them alike; a case's time
+is the median (and minimum) over all its runs. Results are rewritten after every case.
 
 Workload (default): torchvision ``resnet50`` with random weights, 8 images of 224x224,
 ``torch.set_num_threads(2)``. ``--quick``: resnet18, 8 images of 112x112, 2 repeats.
