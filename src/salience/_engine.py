@@ -260,6 +260,11 @@ def accumulate(
             # 80% of the budget for the chunk: the rest is headroom for what the probe cannot
             # see (inputs built per chunk that the first chunk did not need, per-call buffers).
             chunk = max(1, int(0.8 * budget) // per_item)
+            # Whole copies of the batch per pass when the budget allows: every pass then has the
+            # same shape (the caller's batch size, or a multiple), which is what the model's kernels
+            # are tuned to, and no pass mixes a partial copy.
+            if chunk >= n_images:
+                chunk -= chunk % n_images
         while start < total:
             stop = min(total, start + chunk)
             maps = compute(start, stop)
