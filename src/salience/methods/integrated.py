@@ -23,6 +23,7 @@ from .._errors import SalienceError
 from .._guard import model_guard
 from ..reduce import GradModifier, Reduction
 from ..targets import Predicted
+from ._multi import finish
 
 __all__ = ["integrated_gradients", "input_x_gradient", "quadrature", "RULES", "IGResult"]
 
@@ -240,7 +241,7 @@ def integrated_gradients(
             delta = state["fx"] - state["f0"]
             gap = attr.flatten(2).sum(2) - delta
         attr = attr.to(x.dtype)
-    out = _finish(attr, grad_modifier, reduce, multi)
+    out = finish(attr, grad_modifier, reduce, multi)
     if not return_gap:
         return out
     gap_t = gap.to(x.dtype)
@@ -255,15 +256,6 @@ def _scores(output: Tensor, targets: list) -> Tensor:
         s = t(output)
         cols.append(s.reshape(-1) if s.dim() else s.expand(output.shape[0]))
     return torch.stack(cols, dim=1).to(torch.float64)
-
-
-def _finish(maps: Tensor, grad_modifier: Any, reduce: Any, multi: bool) -> Tensor:
-    """(B, K, C, H, W) -> modifier + reduction per map; K dropped unless several targets."""
-    b, k = maps.shape[:2]
-    flat = maps.reshape((b * k,) + tuple(maps.shape[2:]))
-    out = _reduce.apply(flat, grad_modifier, reduce)
-    out = out.reshape((b, k) + tuple(out.shape[1:]))
-    return out if multi else out[:, 0]
 
 
 def input_x_gradient(
@@ -288,4 +280,4 @@ def input_x_gradient(
     targets, multi = _engine.split_targets(target)
     with model_guard(model):
         grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax)
-    return _finish((grads * x.unsqueeze(0)).transpose(0, 1), grad_modifier, reduce, multi)
+    return finish((grads * x.unsqueeze(0)).transpose(0, 1), grad_modifier, reduce, multi)
