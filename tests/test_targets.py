@@ -143,7 +143,8 @@ def test_custom_target_on_a_layer():
     assert torch.allclose(g, expected)
 
 
-@pytest.mark.parametrize("bad", [1.5, "cat", True, torch.tensor([0.5]), torch.zeros(2, 2, dtype=torch.long)])
+@pytest.mark.parametrize("bad", [1.5, "cat", True, torch.tensor([0.5]), torch.zeros(2, 2, 2, dtype=torch.long),
+                                 torch.zeros(3, 2, dtype=torch.long), torch.zeros(2, 2)])
 def test_bad_targets(bad):
     with pytest.raises(SalienceError):
         salience.vanilla(linear(), torch.rand(2, 3, 4, 4), bad)
