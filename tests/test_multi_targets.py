@@ -27,16 +27,21 @@ def _method(name):
 @pytest.mark.parametrize("name", ALL)
 def test_k_targets_equal_k_calls(name, small_cnn, x):
     fn = _method(name)
-    k = torch.tensor([[0, 1, 3], [2, 2, 0], [3, 1, 2]])
+    k = torch.tensor([[0, 3], [2, 2], [3, 1]])  # B = 3 images, K = 2 targets (C = 3 channels: no axis to confuse)
     with unchanged(small_cnn):
         both = fn(small_cnn, x, k)
     single = torch.stack([fn(small_cnn, x, k[:, j]) for j in range(k.shape[1])], dim=1)
-    assert both.shape == single.shape == (3, 3, 16, 16)
+    assert both.shape == single.shape == (3, 2, 16, 16)
     torch.testing.assert_close(both, single, rtol=1e-5, atol=1e-7)
-    # The raw, per-channel form has the K axis too.
-    if "gradcam" != name:
+    if name != "gradcam":  # the raw, per-channel maps have the K axis too, value for value
         raw = fn(small_cnn, x, k, reduce=None)
-        assert raw.shape == (3, 3, 3, 16, 16)
+        ref = torch.stack([fn(small_cnn, x, k[:, j], reduce=None) for j in range(2)], dim=1)
+        assert raw.shape == (3, 2, 3, 16, 16)
+        torch.testing.assert_close(raw, ref, rtol=1e-5, atol=1e-7)
+    # One image with K targets.
+    one = fn(small_cnn, x[:1], k[:1])
+    assert one.shape == (1, 2, 16, 16)
+    torch.testing.assert_close(one, single[:1], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ONE_PASS)
@@ -64,3 +69,24 @@ def test_mixed_target_list(small_cnn, x):
 def test_k_targets_out_of_range(small_cnn, x):
     with pytest.raises(salience.SalienceError, match="range|out of"):
         salience.vanilla(small_cnn, x, torch.tensor([[0, 9]] * 3))
+
+
+@pytest.mark.parametrize("name", ALL + ["smoothgrad", "integrated_gradients"])
+def test_k_targets_of_the_wrong_batch(name, small_cnn, x):
+    with unchanged(small_cnn), pytest.raises(salience.SalienceError, match=r"\(B, K\).*B = 3"):
+        _method(name)(small_cnn, x, torch.tensor([[0, 1]]))
+
+
+def test_a_later_target_with_the_wrong_shape(small_cnn, x):
+    """Every target's scores are checked, not only the first one's; the model comes back as it was."""
+    with unchanged(small_cnn), pytest.raises(salience.SalienceError, match=r"one score per sample, shape \(3,\)"):
+        salience.vanilla(small_cnn, x, [lambda out: out[:, 0], lambda out: out])
+
+
+def test_regression_targets_at_once(x):
+    torch.manual_seed(0)
+    reg = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    ts = [targets.regression(0, "increase"), targets.regression(1, "decrease"), targets.regression(0, "maintain")]
+    both = salience.vanilla(reg, x, ts, reduce=None)
+    for j, t in enumerate(ts):
+        torch.testing.assert_close(both[:, j], salience.vanilla(reg, x, t, reduce=None), rtol=1e-5, atol=1e-7)

@@ -193,12 +193,7 @@ def gradients(
             if not store or not isinstance(store[0], Tensor):
                 raise SalienceError(f"layer {layer!r} was not called in the forward pass (or returned no tensor)")
 
-        scores = tgt(out)
-        if not isinstance(scores, Tensor) or not (scores.dim() == 0 or scores.shape == (x.shape[0],)):
-            raise SalienceError(
-                f"the target must return one score per sample, shape ({x.shape[0]},), or a scalar; got "
-                f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
-            )
+        scores = check_scores(tgt(out), x.shape[0])
         wrt = ([x_in] if input_grad else []) + [s[0] for s in captured]
         if not scores.requires_grad or not wrt:
             if wrt:
@@ -224,6 +219,16 @@ def gradients(
             activations=[s[0].detach() for s in captured],
             layer_grads=layer_grads,
         )
+
+
+def check_scores(scores: Any, batch: int) -> Tensor:
+    """A target's scores must be one per sample ``(B,)`` or a scalar; anything else is a clear error."""
+    if not isinstance(scores, Tensor) or not (scores.dim() == 0 or scores.shape == (batch,)):
+        raise SalienceError(
+            f"the target must return one score per sample, shape ({batch},), or a scalar; got "
+            f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
+        )
+    return scores
 
 
 def _looks_like_probabilities(out: Tensor) -> bool:

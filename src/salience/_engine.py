@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._autograd import gradients
+from ._autograd import check_scores, gradients
 from ._errors import SalienceError
 from ._progress import progress as _progress
 from .targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
@@ -280,19 +280,25 @@ def accumulate(
 # --------------------------------------------------------------------------- targets
 
 
-def split_targets(target: Any) -> tuple[list[Target], bool]:
+def split_targets(target: Any, batch: Optional[int] = None) -> tuple[list[Target], bool]:
     """``target`` -> (targets, multi). Several targets per image are a ``(B, K)`` integer tensor
     (or nested list), or a list/tuple of targets (``Target`` objects, functions, ``None``, class
     indices) with at least one that is not a class index;
-    anything else is one target (see :func:`salience.targets.as_target`)."""
+    anything else is one target (see :func:`salience.targets.as_target`). ``batch``: the ``B``
+    a ``(B, K)`` tensor must have."""
     if isinstance(target, Tensor) and target.dim() == 2:
         if target.is_floating_point() or target.dtype == torch.bool:
             raise SalienceError(f"expected integer class indices (B, K), got a tensor of dtype {target.dtype}")
         if target.shape[1] == 0:
             raise SalienceError("the target tensor has K = 0 targets per image")
+        if batch is not None and target.shape[0] != batch:
+            raise SalienceError(
+                f"several targets per image are a (B, K) tensor with B = {batch} (the batch), got shape "
+                f"{tuple(target.shape)}"
+            )
         return [Classes(target[:, k]) for k in range(target.shape[1])], True
     if isinstance(target, (list, tuple)) and target and all(isinstance(t, (list, tuple)) for t in target):
-        return split_targets(torch.as_tensor(target))
+        return split_targets(torch.as_tensor(target), batch)
     if isinstance(target, (list, tuple)) and target and any(t is None or isinstance(t, Target) or callable(t) for t in target):
         return [as_target(t) for t in target], True
     return [as_target(target)], False
@@ -361,8 +367,8 @@ class _Shared(Target):
         self.grads: list[Tensor] = []
 
     def __call__(self, output: Tensor) -> Tensor:
-        scores = [t(output) for t in self.targets]
         x_in = self.inputs[0]
+        scores = [check_scores(t(output), x_in.shape[0]) for t in self.targets]
         for t, s in zip(self.targets[1:], scores[1:]):
             if not isinstance(s, Tensor) or not s.requires_grad:
                 raise SalienceError("a target's score does not depend on the input (no gradient path)")

@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 from .. import _engine
 from .. import reduce as _reduce
-from .._autograd import gradients
-from .._guard import model_guard
+from .._autograd import check_input
 
 
 def finish(maps: Tensor, grad_modifier: Any, reduce: Any, multi: bool) -> Tensor:
@@ -40,14 +39,9 @@ def input_gradient_maps(
 
     ``x`` ``(B, C, H, W)`` -> ``(B, ...)`` for one target, ``(B, K, ...)`` for K targets.
     """
-    targets, multi = _engine.split_targets(target)
-    if not multi:
-        p = gradients(model, x, targets[0], strip_softmax=strip_softmax, extra_modes=extra_modes)
-        assert p.grad is not None
-        return _reduce.apply(p.grad, grad_modifier, reduce)
+    check_input(x, model)
+    targets, multi = _engine.split_targets(target, x.shape[0])
     _reduce.get_grad_modifier(grad_modifier)
     _reduce.get_reduction(reduce)
-    with model_guard(model):
-        grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax,
-                                              extra_modes=extra_modes)
+    grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax, extra_modes=extra_modes)
     return finish(grads.transpose(0, 1), grad_modifier, reduce, multi)

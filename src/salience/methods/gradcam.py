@@ -153,11 +153,11 @@ def gradcam(
     :func:`salience.vanilla`. The model comes back exactly as it was.
     """
     check_input(x, model)
-    targets, multi = _engine.split_targets(target)
-    if multi:  # K targets: one pass each (the layer's gradient differs per target)
-        return torch.stack([gradcam(model, x, t, layer=layer, upsample=upsample, relu=relu,
-                                    strip_softmax=strip_softmax) for t in targets], dim=1)
+    targets, multi = _engine.split_targets(target, x.shape[0])
     mod = _resolve(model, x, layer)
+    if multi:  # K targets: one pass each (the layer's gradient differs per target)
+        return torch.stack([gradcam(model, x, t, layer=mod, upsample=upsample, relu=relu,
+                                    strip_softmax=strip_softmax) for t in targets], dim=1)
     p = gradients(model, x, target, layers=[mod], input_grad=False, strip_softmax=strip_softmax)
     cam = _cam(_channels_first(model, p.activations[0]), _channels_first(model, p.layer_grads[0]), relu)
     return _upsample(cam, tuple(x.shape[-2:])) if upsample else cam
@@ -202,13 +202,13 @@ def guided_gradcam(
     takes a second, plain pass.
     """
     check_input(x, model)
-    targets, multi = _engine.split_targets(target)
+    targets, multi = _engine.split_targets(target, x.shape[0])
+    mod = _resolve(model, x, layer)
     if multi:
-        return torch.stack([guided_gradcam(model, x, t, layer=layer, reduce=reduce, grad_modifier=grad_modifier,
+        return torch.stack([guided_gradcam(model, x, t, layer=mod, reduce=reduce, grad_modifier=grad_modifier,
                                            unsupported=unsupported, strip_softmax=strip_softmax)
                             for t in targets], dim=1)
     rules.check_model(model, "guided Grad-CAM")
-    mod = _resolve(model, x, layer)
     rule = rules.guided(unsupported=unsupported)
     with _rectified_before(mod, rule) as mark:
         p = gradients(model, x, target, layers=[mod], strip_softmax=strip_softmax, extra_modes=[rule])

@@ -174,7 +174,7 @@ def integrated_gradients(
     _reduce.get_reduction(reduce)
     x0 = _baseline(x, baseline, blur_sigma)
     diff = x - x0
-    targets, multi = _engine.split_targets(target)
+    targets, multi = _engine.split_targets(target, x.shape[0])
     b, k = x.shape[0], len(targets)
 
     # Put the end point a = 1 first (it picks the predicted class and gives f(x)), a = 0 second.
@@ -277,7 +277,7 @@ def input_x_gradient(
     check_input(x, model)
     _reduce.get_grad_modifier(grad_modifier)
     _reduce.get_reduction(reduce)
-    targets, multi = _engine.split_targets(target)
+    targets, multi = _engine.split_targets(target, x.shape[0])
     with model_guard(model):
         grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax)
     return finish((grads * x.unsqueeze(0)).transpose(0, 1), grad_modifier, reduce, multi)

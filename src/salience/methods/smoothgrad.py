@@ -94,7 +94,7 @@ def smoothgrad(
     if _engine.accepts(method, "strip_softmax"):
         raw_options["strip_softmax"] = strip_softmax
 
-    targets, multi = _engine.split_targets(target)
+    targets, multi = _engine.split_targets(target, x.shape[0])
     b = x.shape[0]
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(torch.seed())))
