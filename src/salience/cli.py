@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import __version__
+from . import __version__, viz
 from ._errors import SalienceError
 from ._files import atomic_write
 from .methods import METHODS
@@ -127,8 +127,6 @@ def display_map(m: Tensor) -> Tensor:
 def _figure(images: Tensor, maps: dict[str, Tensor], row_labels: Optional[Sequence[str]] = None) -> np.ndarray:
     """The side-by-side figure (:func:`salience.viz.figure`): a row per image, then each map and
     its overlay; small images (the 64-pixel demo shapes) are enlarged to 160-pixel tiles."""
-    from . import viz
-
     tile = max(int(images.shape[-2]), 160)
     return viz.figure(images, maps, row_labels=row_labels, scale_to=tile)
 
@@ -137,26 +135,12 @@ def _strip(images: Tensor, tile: int = 160, pad: int = 4) -> np.ndarray:
     """Images ``(B, C, H, W)`` side by side, enlarged to ``tile`` pixels, as uint8 ``(H, W, 3)``."""
     from PIL import Image
 
-    from . import viz
-
     cells = []
     for img in images:
         arr = viz.to_uint8_image(img)
         arr = np.asarray(Image.fromarray(arr).resize((tile, tile), Image.NEAREST))
         cells += [arr, np.full((tile, pad, 3), 255, np.uint8)]
     return np.concatenate(cells[:-1], axis=1)
-
-
-def _save_png(path: Path, arr: np.ndarray) -> None:
-    from . import viz
-
-    viz.save_png(path, arr)
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    from . import viz
-
-    viz.save_npy(path, arr)
 
 
 def _safe(name: str) -> str:
@@ -187,6 +171,8 @@ def _with_options(fn: Callable[..., Tensor], **options: Any) -> Callable[..., Te
     import functools
     import inspect
 
+    # Named parameters only (not _engine.accepts, which also says yes to **options: smoothgrad
+    # would hand unsupported= on to vanilla, which has no such option).
     params = inspect.signature(fn).parameters
     taken = {k: v for k, v in options.items() if k in params}
     return functools.partial(fn, **taken) if taken else fn
@@ -288,14 +274,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         fig_path = out_dir / f"{stem}.png"
         row_labels = ([info.class_name(int(chosen[i, 0])) + f" {args.mode}"] if regress else
                       [f"{label}: {info.class_name(int(chosen[i, j]))}" for j, (label, _, _) in enumerate(ranks)])
-        _save_png(fig_path, _figure(rows, fig_maps, row_labels))
+        viz.save_png(fig_path, _figure(rows, fig_maps, row_labels))
         files = {"figure": str(fig_path), "maps": []}
         for name, ms in maps.items():
             for j, (label, _, _) in enumerate(ranks):
                 cls = int(chosen[i, j])
                 tag = label if regress else f"{label}-class{cls}"
                 npy = out_dir / f"{stem}_{_safe(name)}_{tag}.npy"
-                _save_npy(npy, ms[j][i].numpy())
+                viz.save_npy(npy, ms[j][i].numpy())
                 files["maps"].append(str(npy))
                 n_maps += 1
         if regress:
@@ -364,7 +350,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     fig = out_dir / "classification.png"
     arr = _figure(images, maps, [
         f"{info.class_name(int(labels[i]))} -> {info.class_name(int(pred[i]))}" for i in range(images.shape[0])])
-    _save_png(fig, arr)
+    viz.save_png(fig, arr)
     rep.figure(fig, "rows: images; columns: image, " + ", ".join(maps))
     rep.table(
         ["row", "true class", "predicted", "probability", ""],
@@ -392,7 +378,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         rmaps = {mode: vanilla(reg, r_images, regression(j, mode)).detach() for mode in ("increase", "decrease", "maintain")}
         path = out_dir / f"regression_{_safe(oname)}.png"
         arr = _figure(r_images, rmaps)
-        _save_png(path, arr)
+        viz.save_png(path, arr)
         vals = ", ".join(f"{float(v):.3f}" for v in r_out[:, j])
         rep.figure(path, f"{oname}: columns image, increase, decrease, maintain; predicted {vals}")
 
@@ -406,7 +392,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         grid = class_model(model, list(range(len(names))), shape=(3, 64, 64), steps=args.class_model_steps,
                            seed=0.5, generator=torch.Generator().manual_seed(0)).detach().cpu()
         path = out_dir / "class_models.png"
-        _save_png(path, _strip(grid))
+        viz.save_png(path, _strip(grid))
         rep.figure(path, "the image that maximizes each class's score (L2, total variation, jitter, blur), "
                    "left to right: " + ", ".join(names))
     except Exception as e:  # noqa: BLE001 - one broken section must not sink the report
@@ -471,7 +457,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     arr = (pic.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _save_png(out, arr)
+    viz.save_png(out, arr)
     print(f"class model of {info.class_name(target)} ({target}): {out}")
     return EXIT_OK
 
