@@ -90,3 +90,20 @@ def test_regression_targets_at_once(x):
     both = salience.vanilla(reg, x, ts, reduce=None)
     for j, t in enumerate(ts):
         torch.testing.assert_close(both[:, j], salience.vanilla(reg, x, t, reduce=None), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["vanilla", "guided_backprop", "deconvnet", "input_x_gradient"])
+def test_smoothgrad_shares_each_chunk_between_targets(name, small_cnn, x):
+    """SmoothGrad over a one-pass method: K targets cost one forward per chunk, not K."""
+    method = salience.METHODS[name]
+    k = torch.tensor([[0, 3, 1], [2, 2, 0], [3, 1, 2]])
+    calls = []
+    handle = small_cnn.register_forward_pre_hook(lambda m, i: calls.append(1))
+    try:
+        both = salience.smoothgrad(small_cnn, x, k, method=method, samples=4, chunk=6, noise=0.1)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # 4 copies of 3 images in chunks of 6
+    single = torch.stack([salience.smoothgrad(small_cnn, x, k[:, j], method=method, samples=4, chunk=6, noise=0.1)
+                          for j in range(3)], dim=1)
+    torch.testing.assert_close(both, single, rtol=1e-5, atol=1e-7)

@@ -17,6 +17,8 @@ from .._autograd import check_input
 from .._errors import SalienceError
 from .._guard import model_guard
 from ..reduce import GradModifier, Reduction
+from .guided import deconvnet, guided_backprop
+from .integrated import input_x_gradient
 from .vanilla import vanilla
 
 __all__ = ["smoothgrad", "VARIANTS"]
@@ -52,8 +54,8 @@ def smoothgrad(
 
     ``target`` is resolved once, on the clean images (default: each image's predicted class),
     and used for every copy. Several targets per image (a ``(B, K)`` class tensor or a list of
-    targets) give maps ``(B, K, ...)``; for ``method=vanilla`` they share one forward pass per
-    chunk.
+    targets) give maps ``(B, K, ...)``; for the one-pass methods (vanilla, guided backprop,
+    deconvnet, input x gradient) they share one forward pass per chunk.
 
     The wrapped method returns its raw map (``reduce=None``); ``grad_modifier`` and ``reduce``
     (default ``"max_abs"``, ``(B, H, W)``; ``None`` for the raw ``(B, C, H, W)``) are applied
@@ -102,7 +104,8 @@ def smoothgrad(
     gen = torch.Generator(device=x.device)
     gen.manual_seed(seed)
     current: dict[str, Any] = {"rep": -1, "noise": None}
-    fast = method is vanilla and multi and not options
+    # Methods that take the K targets in one call share each chunk's forward pass between them.
+    shared = multi and method in (vanilla, guided_backprop, deconvnet, input_x_gradient)
 
     def finish(maps: Tensor) -> Tensor:
         """grad modifier + reduction of maps (n, ...) [reduce_each] or the average (B, ...)."""
@@ -141,9 +144,8 @@ def smoothgrad(
         def compute(start: int, stop: int) -> Tensor:
             xs, owner = noisy(start, stop)
             tgts = [_engine.targets_for(t, owner) for t in resolved]
-            if fast:
-                grads, _, _ = _engine.input_gradients(model, xs, tgts, strip_softmax=strip_softmax)
-                maps = grads.transpose(0, 1)
+            if shared:
+                maps = _call(method, model, xs, tgts, raw_options)  # (n, K, ...)
             else:
                 outs = [_call(method, model, xs, t, raw_options) for t in tgts]
                 maps = torch.stack(outs, dim=1) if multi else outs[0]
