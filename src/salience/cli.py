@@ -422,7 +422,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     print("methods:")
     for name, fn in METHODS.items():
-        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        doc = (fn.__doc__ or "").strip().splitlines()[0].replace("``", "") if fn.__doc__ else ""
         print(f"  {name:<20} {doc}")
     print("targets: predicted (default), --target CLASS (index or name), --top K; regression models: "
           "--target OUTPUT --mode increase|decrease|maintain")
@@ -431,8 +431,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("models:")
     for name, desc in zoo.DEMOS.items():
         print(f"  demo:{name:<18} {desc}")
-    print("  torchvision:ARCH      any torchvision classifier (--weights FILE | random; default: pretrained)")
-    print("  FILE                  TorchScript (.pt), Keras (.keras/.h5), ONNX (.onnx, needs onnx2torch)")
+    print("  torchvision:ARCH        any torchvision classifier (--weights FILE | random; default: pretrained)")
+    print("  FILE                    TorchScript (.pt), Keras (.keras/.h5), ONNX (.onnx, needs onnx2torch)")
     return EXIT_OK
 
 
