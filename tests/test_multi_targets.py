@@ -44,12 +44,12 @@ def test_k_targets_equal_k_calls(name, small_cnn, x):
     torch.testing.assert_close(one, single[:1], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ONE_PASS)
+@pytest.mark.parametrize("name", ONE_PASS + ["gradcam"])
 def test_k_targets_share_one_forward(name, small_cnn, x):
     calls = []
     handle = small_cnn.register_forward_pre_hook(lambda m, i: calls.append(1))
     try:
-        salience.METHODS[name](small_cnn, x, torch.tensor([[0, 1, 2, 3]] * 3))
+        _method(name)(small_cnn, x, torch.tensor([[0, 1, 2, 3]] * 3))
     finally:
         handle.remove()
     assert len(calls) == 1

@@ -41,6 +41,7 @@ __all__ = [
     "accumulate",
     "default_budget",
     "input_gradients",
+    "layer_gradients",
     "split_targets",
     "resolve_targets",
     "targets_for",
@@ -354,15 +355,20 @@ def targets_for(target: Target, owner: Tensor) -> Target:
 
 class _Shared(Target):
     """Evaluates K targets on one output; the first one's gradient is left to ``gradients``, the
-    others are taken inside, with the graph retained (one forward, K backward passes)."""
+    others are taken inside, with the graph retained (one forward, K backward passes).
 
-    def __init__(self, targets: Sequence[Target], inputs: list) -> None:
+    ``inputs``: a list that holds, once the forward pass has run, the tensor to differentiate
+    with respect to (the model's input, or a layer's output with ``modify=False``: targets'
+    gradient modifiers act on input gradients only)."""
+
+    def __init__(self, targets: Sequence[Target], inputs: list, modify: bool = True) -> None:
         layers = {id(t.layer) if not isinstance(t.layer, str) else t.layer for t in targets}
         if len(layers) > 1:
             raise SalienceError("several targets at once must all read the same layer (or all the model's output)")
         self.targets = list(targets)
         self.layer = targets[0].layer
         self.inputs = inputs
+        self.modify = modify
         self.scores: list[Tensor] = []
         self.grads: list[Tensor] = []
 
@@ -374,7 +380,7 @@ class _Shared(Target):
                 raise SalienceError("a target's score does not depend on the input (no gradient path)")
             (g,) = torch.autograd.grad(s.sum(), x_in, retain_graph=True, allow_unused=True)
             g = torch.zeros_like(x_in) if g is None else g
-            self.grads.append(t.modify_gradient(g))
+            self.grads.append(t.modify_gradient(g) if self.modify else g)
         self.scores = [s.detach() for s in scores]
         return scores[0]
 
@@ -426,3 +432,36 @@ def accepts(fn: Callable, name: str) -> bool:
     except (TypeError, ValueError):
         return True
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def layer_gradients(
+    model: nn.Module,
+    x: Tensor,
+    targets: Sequence[Target],
+    layer: nn.Module,
+    *,
+    strip_softmax: bool = True,
+    extra_modes: Sequence[Any] = (),
+) -> tuple[Tensor, Tensor]:
+    """A layer's output and the gradients of K targets w.r.t. it, from one forward pass.
+
+    Returns ``(activation (B, ...), grads (K, B, ...))``; the backward passes stop at the layer.
+    """
+    if len(targets) == 1:
+        p = gradients(model, x, targets[0], layers=[layer], input_grad=False, strip_softmax=strip_softmax,
+                      extra_modes=extra_modes)
+        return p.activations[0], p.layer_grads[0].unsqueeze(0)
+    store: list = []
+    shared = _Shared(targets, store, modify=False)
+
+    def grab(module: nn.Module, args: Any, output: Any) -> None:
+        if not store and isinstance(output, Tensor):
+            store.append(output)
+
+    handle = layer.register_forward_hook(grab)  # before gradients' own hook: both see the same tensor
+    try:
+        p = gradients(model, x, shared, layers=[layer], input_grad=False, strip_softmax=strip_softmax,
+                      extra_modes=extra_modes)
+    finally:
+        handle.remove()
+    return p.activations[0], torch.stack([p.layer_grads[0]] + shared.grads)

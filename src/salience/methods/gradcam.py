@@ -155,12 +155,14 @@ def gradcam(
     check_input(x, model)
     targets, multi = _engine.split_targets(target, x.shape[0])
     mod = _resolve(model, x, layer)
-    if multi:  # K targets: one pass each (the layer's gradient differs per target)
-        return torch.stack([gradcam(model, x, t, layer=mod, upsample=upsample, relu=relu,
-                                    strip_softmax=strip_softmax) for t in targets], dim=1)
-    p = gradients(model, x, target, layers=[mod], input_grad=False, strip_softmax=strip_softmax)
-    cam = _cam(_channels_first(model, p.activations[0]), _channels_first(model, p.layer_grads[0]), relu)
-    return _upsample(cam, tuple(x.shape[-2:])) if upsample else cam
+    # One forward pass; one backward pass per target, down to the layer only.
+    acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+    acts = _channels_first(model, acts)
+    cam = torch.stack([_cam(acts, _channels_first(model, g), relu) for g in grads], dim=1)  # (B, K, h, w)
+    if upsample:
+        b, k = cam.shape[:2]
+        cam = _upsample(cam.flatten(0, 1), tuple(x.shape[-2:])).unflatten(0, (b, k))
+    return cam if multi else cam[:, 0]
 
 
 @contextmanager
