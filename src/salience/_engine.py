@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._autograd import check_scores, gradients
+from ._autograd import _capture_hook, check_scores, gradients
 from ._errors import SalienceError
 from ._progress import progress as _progress
 from .targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
@@ -376,7 +376,7 @@ class _Shared(Target):
         x_in = self.inputs[0]
         scores = [check_scores(t(output), x_in.shape[0]) for t in self.targets]
         for t, s in zip(self.targets[1:], scores[1:]):
-            if not isinstance(s, Tensor) or not s.requires_grad:
+            if not s.requires_grad:
                 raise SalienceError("a target's score does not depend on the input (no gradient path)")
             (g,) = torch.autograd.grad(s.sum(), x_in, retain_graph=True, allow_unused=True)
             g = torch.zeros_like(x_in) if g is None else g
@@ -453,12 +453,8 @@ def layer_gradients(
         return p.activations[0], p.layer_grads[0].unsqueeze(0)
     store: list = []
     shared = _Shared(targets, store, modify=False)
-
-    def grab(module: nn.Module, args: Any, output: Any) -> None:
-        if not store and isinstance(output, Tensor):
-            store.append(output)
-
-    handle = layer.register_forward_hook(grab)  # before gradients' own hook: both see the same tensor
+    # Registered before gradients' own hook on the layer: both keep the same output tensor.
+    handle = layer.register_forward_hook(_capture_hook(store, False))
     try:
         p = gradients(model, x, shared, layers=[layer], input_grad=False, strip_softmax=strip_softmax,
                       extra_modes=extra_modes)

@@ -1,4 +1,4 @@
-"""Several targets per image for the one-pass methods (vanilla, guided backprop, deconvnet).
+"""The one-pass methods (vanilla, guided backprop, deconvnet, input x gradient), one or several targets.
 
 A target given as a ``(B, K)`` integer tensor, a list of per-image class lists, or a list of
 targets that contains ``None``, a :class:`~salience.targets.Target` or a function is *K
@@ -34,8 +34,10 @@ def input_gradient_maps(
     reduce: Any,
     strip_softmax: bool,
     extra_modes: Sequence[Any] = (),
+    times_input: bool = False,
 ) -> Tensor:
-    """The (ruled) input gradient of one or several targets, modified and reduced.
+    """The (ruled) input gradient of one or several targets (times ``x`` with ``times_input``),
+    modified and reduced.
 
     ``x`` ``(B, C, H, W)`` -> ``(B, ...)`` for one target, ``(B, K, ...)`` for K targets.
     """
@@ -44,4 +46,6 @@ def input_gradient_maps(
     _reduce.get_grad_modifier(grad_modifier)
     _reduce.get_reduction(reduce)
     grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax, extra_modes=extra_modes)
+    if times_input:
+        grads = grads * x.unsqueeze(0)
     return finish(grads.transpose(0, 1), grad_modifier, reduce, multi)

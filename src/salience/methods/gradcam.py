@@ -117,8 +117,10 @@ def _channels_first(model: nn.Module, t: Tensor) -> Tensor:
     return t
 
 
-def _cam(acts: Tensor, grads: Tensor, relu: bool) -> Tensor:
-    """``ReLU(sum_k mean_ij(G_k) A_k)``: ``(B, K, h, w)`` x 2 -> ``(B, h, w)``."""
+def _cam(model: nn.Module, acts: Tensor, grads: Tensor, relu: bool) -> Tensor:
+    """``ReLU(sum_k mean_ij(G_k) A_k)``: ``(B, K, h, w)`` x 2 -> ``(B, h, w)`` (channels-last
+    layer outputs of ``model`` are read as such)."""
+    acts, grads = _channels_first(model, acts), _channels_first(model, grads)
     if acts.dim() != 4:
         raise SalienceError(
             f"Grad-CAM needs a layer whose output is (B, K, h, w); the chosen layer gives shape "
@@ -157,8 +159,7 @@ def gradcam(
     mod = _resolve(model, x, layer)
     # One forward pass; one backward pass per target, down to the layer only.
     acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
-    acts = _channels_first(model, acts)
-    cam = torch.stack([_cam(acts, _channels_first(model, g), relu) for g in grads], dim=1)  # (B, K, h, w)
+    cam = torch.stack([_cam(model, acts, g, relu) for g in grads], dim=1)  # (B, K, h, w)
     if upsample:
         b, k = cam.shape[:2]
         cam = _upsample(cam.flatten(0, 1), tuple(x.shape[-2:])).unflatten(0, (b, k))
@@ -216,9 +217,9 @@ def guided_gradcam(
         p = gradients(model, x, target, layers=[mod], strip_softmax=strip_softmax, extra_modes=[rule])
     assert p.grad is not None
     if mark and mark[0] == rule.rectified:
-        cam = _cam(_channels_first(model, p.activations[0]), _channels_first(model, p.layer_grads[0]), relu=True)
+        cam = _cam(model, p.activations[0], p.layer_grads[0], relu=True)
     else:
         plain = gradients(model, x, target, layers=[mod], input_grad=False, strip_softmax=strip_softmax)
-        cam = _cam(_channels_first(model, plain.activations[0]), _channels_first(model, plain.layer_grads[0]), relu=True)
+        cam = _cam(model, plain.activations[0], plain.layer_grads[0], relu=True)
     cam = _upsample(cam, tuple(x.shape[-2:]))
     return _reduce.apply(p.grad * cam.unsqueeze(1), grad_modifier, reduce)

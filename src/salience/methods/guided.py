@@ -11,7 +11,6 @@ from typing import Union
 from torch import Tensor, nn
 
 from .. import rules
-from .._autograd import check_input
 from ..reduce import GradModifier, Reduction
 from ..targets import TargetLike
 from ._multi import input_gradient_maps
@@ -22,7 +21,6 @@ __all__ = ["guided_backprop", "deconvnet"]
 def _ruled_maps(model: nn.Module, x: Tensor, target: TargetLike, rule: rules.BackpropRule, method: str,
                 strip_softmax: bool, grad_modifier: Union[None, str, GradModifier],
                 reduce: Union[None, str, Reduction]) -> Tensor:
-    check_input(x, model)
     rules.check_model(model, method)
     return input_gradient_maps(model, x, target, grad_modifier=grad_modifier, reduce=reduce,
                                strip_softmax=strip_softmax, extra_modes=[rule])

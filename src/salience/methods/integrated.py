@@ -23,7 +23,7 @@ from .._errors import SalienceError
 from .._guard import model_guard
 from ..reduce import GradModifier, Reduction
 from ..targets import Predicted
-from ._multi import finish
+from ._multi import finish, input_gradient_maps
 
 __all__ = ["integrated_gradients", "input_x_gradient", "quadrature", "RULES", "IGResult"]
 
@@ -274,10 +274,5 @@ def input_x_gradient(
     signed ``(B, C, H, W)``. Several targets per image (``(B, K)`` or a list) give ``(B, K, ...)``
     from one forward pass.
     """
-    check_input(x, model)
-    _reduce.get_grad_modifier(grad_modifier)
-    _reduce.get_reduction(reduce)
-    targets, multi = _engine.split_targets(target, x.shape[0])
-    with model_guard(model):
-        grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax)
-    return finish((grads * x.unsqueeze(0)).transpose(0, 1), grad_modifier, reduce, multi)
+    return input_gradient_maps(model, x, target, grad_modifier=grad_modifier, reduce=reduce,
+                               strip_softmax=strip_softmax, times_input=True)
