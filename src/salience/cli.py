@@ -205,10 +205,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     out = forward(model, batch, args.batch_size)
     n, k = out.shape
 
-    # What to explain: R targets per image, as (label, target) per rank.
+    # What to explain: R targets per image, the classes in chosen (N, R), a file label per rank.
     if regress:
         idx = parse_class(args.target, info, k) if args.target is not None else 0
-        ranks = [(f"{_safe(info.class_name(idx))}-{args.mode}", [regression(idx, args.mode)], None)]
+        ranks = [f"{_safe(info.class_name(idx))}-{args.mode}"]
         chosen = torch.full((n, 1), idx, dtype=torch.long)
     else:
         if args.target is not None:
@@ -219,9 +219,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             if args.top and args.top > k:
                 raise SalienceError(f"--top {args.top} is more than the model's {k} classes; use --top {k} or less")
             chosen = out.topk(r, dim=1).indices.cpu()
-        ranks = []
-        for j in range(chosen.shape[1]):
-            ranks.append((f"top{j + 1}" if args.target is None else "target", None, chosen[:, j]))
+        ranks = [f"top{j + 1}" if args.target is None else "target" for j in range(chosen.shape[1])]
 
     # Saliency: every method x chunk, all R targets of a chunk in one call (methods take (b, R)
     # class tensors and share the forward pass between them), with a progress bar on long work.
@@ -238,7 +236,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 for s in chunks:
                     xb = batch[s:s + args.batch_size]
                     if regress:
-                        part = fn(model, xb, ranks[0][1][0]).detach().cpu().unsqueeze(1)
+                        part = fn(model, xb, regression(idx, args.mode)).detach().cpu().unsqueeze(1)
                     elif len(ranks) == 1:
                         part = fn(model, xb, chosen[s:s + xb.shape[0], 0].to(xb.device)).detach().cpu().unsqueeze(1)
                     else:
@@ -273,11 +271,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         fig_maps = {name: torch.stack([display_map(ms[j][i]) for j in range(len(ranks))]) for name, ms in maps.items()}
         fig_path = out_dir / f"{stem}.png"
         row_labels = ([info.class_name(int(chosen[i, 0])) + f" {args.mode}"] if regress else
-                      [f"{label}: {info.class_name(int(chosen[i, j]))}" for j, (label, _, _) in enumerate(ranks)])
+                      [f"{label}: {info.class_name(int(chosen[i, j]))}" for j, label in enumerate(ranks)])
         viz.save_png(fig_path, _figure(rows, fig_maps, row_labels))
         files = {"figure": str(fig_path), "maps": []}
         for name, ms in maps.items():
-            for j, (label, _, _) in enumerate(ranks):
+            for j, label in enumerate(ranks):
                 cls = int(chosen[i, j])
                 tag = label if regress else f"{label}-class{cls}"
                 npy = out_dir / f"{stem}_{_safe(name)}_{tag}.npy"
