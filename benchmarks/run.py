@@ -120,7 +120,7 @@ def _available_gib() -> float:
 
 def _record_chunks() -> list:
     """Wrap salience's engine so the child can report the chunk sizes it chose (last call)."""
-    from salience import _engine
+    from salience._core import engine as _engine
 
     seen: list = []
     inner = _engine.accumulate

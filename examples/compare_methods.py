@@ -39,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         maps[name] = m if m.dim() == 3 else m.abs().amax(1)            # (n, H, W) for the picture
         np.save(out / f"{name}.npy", m.numpy())
         print(f"{name:<22} {time.perf_counter() - t:6.2f} s")
-    from salience import viz
+    from salience.render import viz
 
     names = model.salience_info.class_names
     viz.save_png(out / "compare.png", viz.figure(images, maps, overlay=False, scale_to=128,

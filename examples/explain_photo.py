@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import salience
-from salience.io import load_image, preprocess, unnormalize
+from salience.loading import load_image, preprocess, unnormalize
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for name, m in maps.items():
         np.save(out / f"{stem}_{name}.npy", m.numpy())
     try:
-        from salience import viz
+        from salience.render import viz
     except ImportError:
         viz = None
     if viz is not None:

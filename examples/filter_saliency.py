@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     path = out / f"filter_{layer}_{args.channel}.npy"
     np.save(path, maps.numpy())
     try:
-        from salience import viz
+        from salience.render import viz
     except ImportError:
         viz = None
     if viz is not None:

@@ -39,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for mode, m in maps.items():
         np.save(out / f"{names[index]}_{mode}.npy", m.numpy())
     try:
-        from salience import viz
+        from salience.render import viz
     except ImportError:
         viz = None
     if viz is not None:

@@ -9,7 +9,7 @@ from torch import nn
 
 import salience
 from salience import SalienceError, targets
-from salience._info import ModelInfo, attach_info
+from salience._core.info import ModelInfo, attach_info
 from salience.methods.class_model import class_model, gaussian_blur, total_variation, tv_gradient
 
 from conftest import unchanged

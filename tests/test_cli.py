@@ -17,10 +17,11 @@ from PIL import Image
 from torch import nn
 
 import salience
-from salience import METHODS, zoo
+from salience import METHODS
+from salience.demo import zoo
 from salience.cli import main
-from salience.io import load_image, preprocess
-from salience.report import Report
+from salience.loading import load_image, preprocess
+from salience.render.report import Report
 from salience.targets import regression
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from salience import data, metrics as M, zoo
+from salience.demo import data, zoo
+from salience.evidence import metrics as M
 from salience.cli import main
 from salience.methods import vanilla
 

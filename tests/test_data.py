@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from salience import SalienceError, data
+from salience import SalienceError
+from salience.demo import data
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 
 import salience
 from salience import SalienceError
-from salience import _engine
+from salience._core import engine as _engine
 from salience.targets import Classes, Predicted
 
 

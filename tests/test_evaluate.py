@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from salience import SalienceError, data, metrics as M, zoo
-from salience import evaluate as E
+from salience import SalienceError
+from salience.demo import data, zoo
+from salience.evidence import metrics as M
+from salience.evidence import evaluate as E
 from salience.methods import vanilla
 
 from conftest import SmallCNN, unchanged

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from salience import SalienceError
-from salience._files import atomic_path, atomic_write
+from salience._core.files import atomic_path, atomic_write
 
 
 def test_write_creates_parents_and_leaves_nothing_else(tmp_path):

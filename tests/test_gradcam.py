@@ -11,8 +11,8 @@ from torch import nn
 
 import salience
 from salience import SalienceError, rules
-from salience._autograd import gradients
-from salience._info import ModelInfo, attach_info
+from salience._core.autograd import gradients
+from salience._core.info import ModelInfo, attach_info
 from salience.methods.gradcam import default_layer
 
 from conftest import unchanged

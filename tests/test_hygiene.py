@@ -9,7 +9,7 @@ from torch import nn
 
 import salience
 from salience import SalienceError, targets
-from salience._guard import model_guard
+from salience._core.guard import model_guard
 
 from conftest import model_snapshot, unchanged
 

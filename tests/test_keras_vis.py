@@ -12,7 +12,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import salience  # noqa: E402
-from salience import SalienceError, keras_vis as kv, targets  # noqa: E402
+from salience import SalienceError, targets
+from salience.compat import keras_vis as kv  # noqa: E402
 from salience.methods import METHODS  # noqa: E402
 
 from conftest import unchanged  # noqa: E402
@@ -21,7 +22,7 @@ keras = pytest.importorskip("keras")
 if keras.backend.backend() != "torch":  # pragma: no cover - another test imported keras differently
     pytest.skip("keras was imported with another backend in this process", allow_module_level=True)
 
-from salience._keras import KerasModel, import_keras, load_keras, wrap_keras  # noqa: E402
+from salience.loading.keras import KerasModel, import_keras, load_keras, wrap_keras  # noqa: E402
 
 RULES = {None: "vanilla", "guided": "guided_backprop", "relu": "deconvnet"}
 GRAD_MODIFIERS = ["absolute", "negate", "relu", "small_values", None]
@@ -147,7 +148,7 @@ def test_with_losses_is_the_weighted_sum_and_wrt_tensor(pair, seed_chw) -> None:
     np.testing.assert_allclose(got, _keras_vis_tail(g0 - 0.5 * (g1 + g5), None, False), rtol=1e-4, atol=1e-6)
     # wrt_tensor: the gradient w.r.t. the output of c1 (4 x 7 x 7), channel max over its 4 channels.
     got = kv.visualize_saliency(tm, -1, 2, seed_chw, wrt_tensor="c1", keepdims=True)
-    p = salience._autograd.gradients(tm, seed_chw[None], 2, layers=["c1"])
+    p = salience._core.autograd.gradients(tm, seed_chw[None], 2, layers=["c1"])
     np.testing.assert_allclose(got, _keras_vis_tail(p.layer_grads[0], "absolute", True), rtol=1e-4, atol=1e-6)
 
 
@@ -187,7 +188,7 @@ def test_keras_wrt_tensor_is_channels_last(pair, seed_chw) -> None:
 def test_wrapped_keras_model_works_with_every_method(pair) -> None:
     km, tm = pair
     wm = wrap_keras(km)
-    info = salience._info.model_info(wm)
+    info = salience._core.info.model_info(wm)
     assert (info.layout, info.input_size, info.channels) == ("NHWC", (9, 9), 3)
     x = torch.rand(2, 3, 9, 9)
     with unchanged(wm):
@@ -206,7 +207,7 @@ def test_save_and_load_round_trip(pair, tmp_path, suffix) -> None:
     path = tmp_path / f"model{suffix}"
     km.save(str(path))
     loaded = load_keras(path)
-    assert isinstance(loaded, KerasModel) and salience._info.model_info(loaded).name == f"keras:model{suffix}"
+    assert isinstance(loaded, KerasModel) and salience._core.info.model_info(loaded).name == f"keras:model{suffix}"
     same = salience.load_model(str(path))
     x = torch.rand(2, 3, 9, 9)
     with torch.no_grad():

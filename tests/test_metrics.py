@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from salience import SalienceError, metrics as M
+from salience import SalienceError
+from salience.evidence import metrics as M
 from salience.methods import vanilla
 
 from conftest import unchanged
@@ -357,7 +358,7 @@ def test_demo_model_vanilla_changes_more_than_guided_backprop():
     """Adebayo et al.'s finding on our demo model: after randomizing the top layer, guided
     backprop's map stays close to the original while vanilla gradients' map changes more; with
     all layers randomized, Guided Grad-CAM's map keeps its structure (SSIM)."""
-    from salience import data, zoo
+    from salience.demo import data, zoo
 
     model = zoo.load_demo("shapes")
     x, _, _ = data.shapes(6, 10_000)
@@ -450,7 +451,7 @@ def test_cue_model_saliency_sits_on_the_cue():
     cue mark than on the shape, while the clean model's, on the same images, is denser on the
     shape. (The model-free spectral-residual map also likes the sharp mark, so the evidence is
     the contrast between the two models, not the cue model's number alone.)"""
-    from salience import data, zoo
+    from salience.demo import data, zoo
 
     cue_model, clean = zoo.load_demo("shapes-cue"), zoo.load_demo("shapes")
     b = data.shapes_batch(32, 10_000, cue="train")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from salience import SalienceError, viz
+from salience import SalienceError
+from salience.render import viz
 
 
 def ramp(h: int = 10, w: int = 10) -> np.ndarray:

@@ -7,8 +7,9 @@ from importlib import resources
 import pytest
 import torch
 
-from salience import SalienceError, data, train, zoo
-from salience._info import model_info
+from salience import SalienceError
+from salience.demo import data, train, zoo
+from salience._core.info import model_info
 
 FRESH_SEED = 20_000  # neither the training seed (0) nor the held-out seed (10_000)
 
@@ -24,7 +25,7 @@ def _predict(model, images):
 
 
 def test_weights_ship_small_and_complete():
-    folder = resources.files("salience").joinpath("_weights")
+    folder = resources.files("salience.demo").joinpath("_weights")
     total = 0
     for name in zoo.DEMOS:
         pt = folder.joinpath(f"{name}.pt").read_bytes()
@@ -33,7 +34,7 @@ def test_weights_ship_small_and_complete():
         meta = json.loads(folder.joinpath(f"{name}.json").read_text())
         for key in ("held_out", "seed", "train_command", "n_train", "epochs", "date", "arch"):
             assert key in meta, (name, key)
-        assert meta["train_command"].startswith(f"python -m salience.train {name}")
+        assert meta["train_command"].startswith(f"python -m salience.demo.train {name}")
     assert total < 5e6
 
 
@@ -108,7 +109,7 @@ def test_train_is_reproducible(tmp_path):
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     assert all(v.dtype == torch.float16 for v in w1.values() if v.is_floating_point())
     assert m1["held_out"] == m2["held_out"] and m1["held_out"]["seed"] == 10_003
-    assert m1["train_command"] == "python -m salience.train shapes --seed 3 --n-train 64 --epochs 1"
+    assert m1["train_command"] == "python -m salience.demo.train shapes --seed 3 --n-train 64 --epochs 1"
     meta = json.loads((tmp_path / "a" / "shapes.json").read_text())
     assert meta["held_out"] == m1["held_out"]
     # The stored figure is that of the stored (float16) weights.
@@ -142,7 +143,7 @@ def test_models_look_where_they_should():
 def test_train_command_line(tmp_path):
     assert train.main(["shapes-cue", "--out", str(tmp_path), "--n-train", "32", "--epochs", "1", "--seed", "2"]) == 0
     meta = json.loads((tmp_path / "shapes-cue.json").read_text())
-    assert meta["train_command"] == "python -m salience.train shapes-cue --seed 2 --n-train 32 --epochs 1"
+    assert meta["train_command"] == "python -m salience.demo.train shapes-cue --seed 2 --n-train 32 --epochs 1"
     assert {"accuracy_cue_train", "accuracy_cue_moved", "accuracy_cue_none"} <= meta["held_out"].keys()
     assert oct((tmp_path / "shapes-cue.pt").stat().st_mode & 0o777) == "0o644"
     assert not list(tmp_path.glob(".*.tmp"))  # no leftovers of the atomic write

@@ -3,24 +3,29 @@
 Every method is a plain function ``method(model, x, target=None, *, reduce=...)`` over an
 image batch ``x`` of shape ``(B, C, H, W)``; it returns the raw map ``(B, H, W)`` (or
 ``(B, C, H, W)`` with ``reduce=None`` / ``"colored"``) and leaves the model as it was.
+
+The packages are the layers (``docs/architecture.md``): ``_core`` (machinery), ``targets``,
+``rules`` and ``reduce``, ``methods``, then ``evidence`` (metrics, evaluation), ``loading``
+(images and models in), ``render`` (pictures), ``demo`` (synthetic data, shipped models) and
+``compat`` (keras-vis), with the command line on top.
 """
 from __future__ import annotations
 
-from . import reduce, targets
-from . import data, zoo
-from . import io
-from .io import load_model
-from ._errors import SalienceError
-from ._guard import model_guard
-from .methods import METHODS, vanilla
-from .methods import deconvnet, gradcam, guided_backprop, guided_gradcam
-from .methods import input_x_gradient, integrated_gradients, smoothgrad
-from . import rules
-from .methods.class_model import class_model
-from . import keras_vis
-from . import metrics
-from .reduce import normalize
-from . import viz
+from salience import reduce, rules, targets
+from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
+from salience.methods import (METHODS, class_model, deconvnet, gradcam, guided_backprop, guided_gradcam,
+                              input_x_gradient, integrated_gradients, smoothgrad, vanilla)
+from salience.reduce import normalize
+from salience import methods, evidence, loading, render, demo, compat
+from salience.loading import load_model
+
+# Shorter names for the modules users reach most (and the names of salience 0.1).
+from salience.demo import data, zoo
+from salience.render import viz
+from salience.compat import keras_vis
+metrics = evidence
+io = loading
 
 __version__ = "0.1.0"
 
@@ -29,10 +34,7 @@ __all__ = [
     "METHODS",
     "model_guard",
     "normalize",
-    "reduce",
-    "targets",
-    "data",
-    "zoo",
+    "load_model",
     "vanilla",
     "guided_backprop",
     "deconvnet",
@@ -41,12 +43,21 @@ __all__ = [
     "smoothgrad",
     "integrated_gradients",
     "input_x_gradient",
-    "rules",
-    "io",
-    "load_model",
     "class_model",
+    "reduce",
+    "rules",
+    "targets",
+    "methods",
+    "evidence",
+    "loading",
+    "render",
+    "demo",
+    "compat",
+    "data",
+    "zoo",
+    "viz",
     "keras_vis",
     "metrics",
-    "viz",
+    "io",
     "__version__",
 ]

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from salience.cli import main
 
 sys.exit(main())

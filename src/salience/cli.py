@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import __version__, viz
-from ._errors import SalienceError
-from ._files import atomic_write
-from .methods import METHODS
-from .reduce import GRAD_MODIFIERS, REDUCTIONS
+from salience import __version__
+from salience.render import viz
+from salience._core.errors import SalienceError
+from salience._core.files import atomic_write
+from salience.methods import METHODS
+from salience.reduce import GRAD_MODIFIERS, REDUCTIONS
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1
@@ -58,7 +59,7 @@ def parse_methods(values: Optional[Sequence[str]]) -> list[str]:
                 names.append(name)
     if not names:
         raise SalienceError("--method got no method name; e.g. --method vanilla")
-    from .io import suggest
+    from salience.loading.models import suggest
 
     for name in names:
         if name not in METHODS:
@@ -77,7 +78,7 @@ def parse_class(value: str, info: Any, num_outputs: int) -> int:
     else:
         lowered = [n.lower() for n in names]
         if v.lower() not in lowered:
-            from .io import suggest
+            from salience.loading.models import suggest
 
             known = f" (classes: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else \
                 " (the model has no class names; give an index)"
@@ -101,8 +102,8 @@ def _device(model: nn.Module) -> torch.device:
 
 def forward(model: nn.Module, x: Tensor, batch_size: int = 32) -> Tensor:
     """The model's output for ``x`` ``(B, C, H, W)``, in eval mode, no gradients, in chunks."""
-    from ._autograd import _unwrap_output
-    from ._guard import model_guard
+    from salience._core.autograd import _unwrap_output
+    from salience._core.guard import model_guard
 
     outs = []
     with model_guard(model), torch.no_grad():
@@ -114,7 +115,7 @@ def forward(model: nn.Module, x: Tensor, batch_size: int = 32) -> Tensor:
 
 def probabilities(out: Tensor) -> Tensor:
     """Class probabilities: ``out`` itself if it already is (rows of a softmax), else its softmax."""
-    from ._autograd import _looks_like_probabilities
+    from salience._core.autograd import _looks_like_probabilities
 
     return out if _looks_like_probabilities(out) else out.float().softmax(dim=1)
 
@@ -179,10 +180,10 @@ def _with_options(fn: Callable[..., Tensor], **options: Any) -> Callable[..., Te
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from ._info import model_info
-    from ._progress import progress
-    from .io import load_images, load_model, unnormalize
-    from .targets import regression
+    from salience._core.info import model_info
+    from salience._core.progress import progress
+    from salience.loading import load_images, load_model, unnormalize
+    from salience.targets import regression
 
     methods = parse_methods(args.method)
     if args.top is not None and args.top < 1:
@@ -311,9 +312,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from . import data, zoo
-    from .report import Report
-    from .targets import regression
+    from salience.demo import data, zoo
+    from salience.render.report import Report
+    from salience.targets import regression
 
     start = time.perf_counter()
     out_dir = Path(args.out)
@@ -381,8 +382,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         rep.figure(path, f"{oname}: columns image, increase, decrease, maintain; predicted {vals}")
 
     # 3. Class model visualization, if this installation has it.
-    from . import evaluate
-    from .methods.class_model import class_model
+    from salience.evidence import evaluate
+    from salience.methods.class_model import class_model
 
     rep.heading("What each class looks like to the model (class model visualization)")
     try:
@@ -416,7 +417,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from . import zoo
+    from salience.demo import zoo
 
     print("methods:")
     for name, fn in METHODS.items():
@@ -435,9 +436,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    from ._info import model_info
-    from .io import load_model
-    from .methods.class_model import class_model
+    from salience._core.info import model_info
+    from salience.loading import load_model
+    from salience.methods.class_model import class_model
 
     model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=args.device)
     info = model_info(model)
@@ -449,7 +450,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     if args.steps is not None:
         kwargs["steps"] = args.steps
     img = class_model(model, target, **kwargs).detach().cpu()
-    from .io import unnormalize
+    from salience.loading import unnormalize
 
     pic = _to_image(unnormalize(img[0], info)) if info.mean is not None else _to_image(img[0].clamp(0, 1))
     arr = (pic.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
@@ -461,8 +462,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import evaluate
-    from .io import load_model
+    from salience.evidence import evaluate
+    from salience.loading import load_model
 
     if args.masks is not None and args.images is None:
         raise SalienceError("--masks needs its images: give --images DIR too (a mask per image, same file names)")
@@ -502,7 +503,7 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .io import DEFAULT_MAX_PIXELS
+    from salience.loading import DEFAULT_MAX_PIXELS
 
     parser = argparse.ArgumentParser(
         prog="salience",

@@ -11,8 +11,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from ._errors import SalienceError
-from .targets import small_values
+from salience._core.errors import SalienceError
+from salience.targets import small_values
 
 __all__ = [
     "GradModifier",

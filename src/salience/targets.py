@@ -23,8 +23,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._errors import SalienceError
-from ._layers import LayerSpec
+from salience._core.errors import SalienceError
+from salience._core.layers import LayerSpec
 
 __all__ = [
     "Target",

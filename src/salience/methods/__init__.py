@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .vanilla import vanilla
-from .guided import deconvnet, guided_backprop
-from .gradcam import gradcam, guided_gradcam
-from .smoothgrad import smoothgrad
-from .integrated import input_x_gradient, integrated_gradients
+from salience.methods.vanilla import vanilla
+from salience.methods.guided import deconvnet, guided_backprop
+from salience.methods.gradcam import gradcam, guided_gradcam
+from salience.methods.smoothgrad import smoothgrad
+from salience.methods.integrated import input_x_gradient, integrated_gradients
+from salience.methods.class_model import class_model
 
 METHODS: dict[str, Callable] = {
     "vanilla": vanilla,
@@ -25,4 +26,4 @@ METHODS: dict[str, Callable] = {
 }
 
 __all__ = ["METHODS", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
-           "smoothgrad", "integrated_gradients", "input_x_gradient"]
+           "smoothgrad", "integrated_gradients", "input_x_gradient", "class_model"]

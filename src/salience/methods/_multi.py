@@ -12,9 +12,9 @@ from typing import Any, Sequence
 
 from torch import Tensor, nn
 
-from .. import _engine
-from .. import reduce as _reduce
-from .._autograd import check_input
+from salience._core import engine as _engine
+from salience import reduce as _reduce
+from salience._core.autograd import check_input
 
 
 def finish(maps: Tensor, grad_modifier: Any, reduce: Any, multi: bool) -> Tensor:

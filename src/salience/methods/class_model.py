@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._autograd import gradients
-from .._errors import SalienceError
-from .._guard import model_guard
-from .._info import model_info
-from .._progress import progress as _progress
-from ..targets import Classes, Target, TargetLike, as_target
+from salience._core.autograd import gradients
+from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
+from salience._core.info import model_info
+from salience._core.progress import progress as _progress
+from salience.targets import Classes, Target, TargetLike, as_target
 
 __all__ = ["class_model", "total_variation", "tv_gradient", "gaussian_blur"]
 

@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _engine
-from .. import reduce as _reduce
-from .. import rules
-from .._autograd import check_input, gradients
-from .._errors import SalienceError
-from .._guard import model_guard
-from .._info import model_info
-from .._layers import LayerSpec, layer_name, resolve_layer
-from ..reduce import GradModifier, Reduction
-from ..targets import TargetLike
+from salience._core import engine as _engine
+from salience import reduce as _reduce
+from salience import rules
+from salience._core.autograd import check_input, gradients
+from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
+from salience._core.info import model_info
+from salience._core.layers import LayerSpec, layer_name, resolve_layer
+from salience.reduce import GradModifier, Reduction
+from salience.targets import TargetLike
 
 __all__ = ["gradcam", "guided_gradcam", "default_layer"]
 

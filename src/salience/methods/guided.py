@@ -10,10 +10,10 @@ from typing import Union
 
 from torch import Tensor, nn
 
-from .. import rules
-from ..reduce import GradModifier, Reduction
-from ..targets import TargetLike
-from ._multi import input_gradient_maps
+from salience import rules
+from salience.reduce import GradModifier, Reduction
+from salience.targets import TargetLike
+from salience.methods._multi import input_gradient_maps
 
 __all__ = ["guided_backprop", "deconvnet"]
 

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import reduce as _reduce
-from .. import _engine
-from .._autograd import check_input, gradients
-from .._errors import SalienceError
-from .._guard import model_guard
-from ..reduce import GradModifier, Reduction
-from ..targets import Predicted
-from ._multi import finish, input_gradient_maps
+from salience import reduce as _reduce
+from salience._core import engine as _engine
+from salience._core.autograd import check_input, gradients
+from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
+from salience.reduce import GradModifier, Reduction
+from salience.targets import Predicted
+from salience.methods._multi import finish, input_gradient_maps
 
 __all__ = ["integrated_gradients", "input_x_gradient", "quadrature", "RULES", "IGResult"]
 

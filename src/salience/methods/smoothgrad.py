@@ -11,15 +11,15 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .. import reduce as _reduce
-from .. import _engine
-from .._autograd import check_input
-from .._errors import SalienceError
-from .._guard import model_guard
-from ..reduce import GradModifier, Reduction
-from .guided import deconvnet, guided_backprop
-from .integrated import input_x_gradient
-from .vanilla import vanilla
+from salience import reduce as _reduce
+from salience._core import engine as _engine
+from salience._core.autograd import check_input
+from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
+from salience.reduce import GradModifier, Reduction
+from salience.methods.guided import deconvnet, guided_backprop
+from salience.methods.integrated import input_x_gradient
+from salience.methods.vanilla import vanilla
 
 __all__ = ["smoothgrad", "VARIANTS"]
 

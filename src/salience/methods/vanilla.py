@@ -5,9 +5,9 @@ from typing import Union
 
 from torch import Tensor, nn
 
-from ._multi import input_gradient_maps
-from ..reduce import GradModifier, Reduction
-from ..targets import TargetLike
+from salience.methods._multi import input_gradient_maps
+from salience.reduce import GradModifier, Reduction
+from salience.targets import TargetLike
 
 __all__ = ["vanilla"]
 

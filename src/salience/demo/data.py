@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._errors import SalienceError
+from salience._core.errors import SalienceError
 
 __all__ = ["CLASSES", "CUES", "ShapesBatch", "shapes", "shapes_batch", "cue_box"]
 

@@ -14,8 +14,8 @@ from torch import nn
 
 import salience
 from salience import SalienceError
-from salience._info import ModelInfo
-from salience.io import load_image, load_images, load_model, normalize_input, preprocess, resize_crop, unnormalize
+from salience._core.info import ModelInfo
+from salience.loading import load_image, load_images, load_model, normalize_input, preprocess, resize_crop, unnormalize
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 

@@ -6,7 +6,7 @@ from typing import Union
 
 from torch import nn
 
-from ._errors import SalienceError
+from salience._core.errors import SalienceError
 
 LayerSpec = Union[str, nn.Module]
 

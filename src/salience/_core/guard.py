@@ -81,7 +81,7 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     ``.grad``, and any buffer written in place, also if the block raises.
     """
     if not isinstance(model, nn.Module):
-        from ._errors import SalienceError
+        from salience._core.errors import SalienceError
 
         raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
     key = id(model)

@@ -30,10 +30,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._autograd import _capture_hook, check_scores, gradients
-from ._errors import SalienceError
-from ._progress import progress as _progress
-from .targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
+from salience._core.autograd import _capture_hook, check_scores, gradients
+from salience._core.errors import SalienceError
+from salience._core.progress import progress as _progress
+from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
 
 __all__ = [
     "MemoryProbe",

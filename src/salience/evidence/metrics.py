@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._autograd import _looks_like_probabilities, _unwrap_output, check_input
-from ._errors import SalienceError
-from ._guard import model_guard
-from ._layers import resolve_layer
-from .targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
+from salience._core.autograd import _looks_like_probabilities, _unwrap_output, check_input
+from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
+from salience._core.layers import resolve_layer
+from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
 
 __all__ = [
     "pointing_game",
@@ -626,7 +626,7 @@ def similarity(signed_a: Tensor, signed_b: Tensor, abs_a: Optional[Tensor] = Non
 
 def _method(method: MethodLike) -> Callable[..., Tensor]:
     if isinstance(method, str):
-        from .methods import METHODS
+        from salience.methods import METHODS
 
         if method not in METHODS:
             raise SalienceError(f"unknown method {method!r}; available: {', '.join(METHODS)}")

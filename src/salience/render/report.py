@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
-from ._files import atomic_write  # re-exported: salience writes files one way
+from salience._core.files import atomic_write  # re-exported: salience writes files one way
 
 __all__ = ["Report", "atomic_write"]
 

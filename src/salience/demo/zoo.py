@@ -1,7 +1,7 @@
 """Demo models shipped with salience, trained on :mod:`salience.data` shapes (no downloads).
 
 :func:`load_demo` builds a :class:`ShapesNet` and loads its weights from the package
-(``salience/_weights/<name>.pt``, float16 on disk, float32 in memory). Each model takes images
+(``salience/demo/_weights/<name>.pt``, float16 on disk, float32 in memory). Each model takes images
 ``(B, 3, 64, 64)`` in ``[0, 1]`` (it normalizes internally), so preprocessing is only "resize to
 64x64, scale to [0, 1]". The metadata (held-out accuracy or error, seed, training command) sits
 beside the weights in ``<name>.json`` and is available as ``model.salience_info.extra``.
@@ -15,8 +15,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ._errors import SalienceError
-from ._info import ModelInfo, attach_info
+from salience._core.errors import SalienceError
+from salience._core.info import ModelInfo, attach_info
 
 __all__ = ["DEMOS", "ShapesNet", "load_demo", "demo_metadata"]
 
@@ -107,7 +107,7 @@ class ShapesNet(nn.Module):
 def demo_metadata(name: str) -> dict[str, Any]:
     """The metadata stored beside demo model ``name`` (accuracy, seed, training command ...)."""
     _check(name)
-    text = resources.files("salience").joinpath("_weights", f"{name}.json").read_text(encoding="utf-8")
+    text = resources.files("salience.demo").joinpath("_weights", f"{name}.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 
@@ -119,7 +119,7 @@ def load_demo(name: str, *, device: Optional[torch.device | str] = None) -> nn.M
     """
     meta = demo_metadata(name)
     model = ShapesNet(**meta["arch"])
-    blob = resources.files("salience").joinpath("_weights", f"{name}.pt").read_bytes()
+    blob = resources.files("salience.demo").joinpath("_weights", f"{name}.pt").read_bytes()
     import io
 
     state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import metrics as M
-from ._autograd import _unwrap_output
-from ._errors import SalienceError
-from ._files import atomic_write
-from ._guard import model_guard
-from ._info import model_info
-from ._progress import progress as _progress
+from salience.evidence import metrics as M
+from salience._core.autograd import _unwrap_output
+from salience._core.errors import SalienceError
+from salience._core.files import atomic_write
+from salience._core.guard import model_guard
+from salience._core.info import model_info
+from salience._core.progress import progress as _progress
 
 __all__ = [
     "MetricRow",
@@ -108,7 +108,7 @@ def _mean(t: Tensor) -> float:
 
 def _method_fn(method: MethodLike) -> tuple[str, Callable[..., Tensor]]:
     if isinstance(method, str):
-        from .methods import METHODS
+        from salience.methods import METHODS
 
         if method not in METHODS:
             raise SalienceError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -152,7 +152,7 @@ def evaluate_methods(
     per method and the maps ``{name: (B, H, W)}``. A method that fails (e.g. Grad-CAM on a model
     without convolutions) gets a row with its ``error`` and the others go on.
     """
-    from .methods import METHODS
+    from salience.methods import METHODS
 
     items = [_method_fn(m) for m in (methods if methods is not None else list(METHODS))]
     names = [n for n, _ in items] + (list(BASELINES) if baselines else [])
@@ -314,7 +314,7 @@ def line_plot(series: Mapping[str, Sequence[float]], *, title: str = "", xlabel:
 
 
 def _save_png(path: Path, arr: np.ndarray) -> Path:
-    from . import viz
+    from salience.render import viz
 
     return viz.save_png(path, arr)
 
@@ -323,8 +323,8 @@ def _save_png(path: Path, arr: np.ndarray) -> Path:
 
 
 def _demo_inputs(model: nn.Module, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor, str]:
-    from . import data
-    from .io import normalize_input
+    from salience.demo import data
+    from salience.loading import normalize_input
 
     info = model_info(model)
     size = 64
@@ -351,7 +351,7 @@ def _folder_inputs(model: nn.Module, images: PathLike, masks: Optional[PathLike]
     maximum (so white-on-black, 0/1 label images and coloured label images all work). Any image without a mask, or any unreadable file, is an error:
     an evaluation that silently drops images is not the evaluation the user asked for.
     """
-    from .io import load_image, load_images, resize_crop
+    from salience.loading import load_image, load_images, resize_crop
 
     info = model_info(model)
     folder = Path(images)
@@ -434,7 +434,7 @@ def run_evaluation(
     model``: if given, also the data randomization test on ``train_images`` shapes (slow: it
     trains two models; see :func:`demo_train_fn`).
     """
-    from .report import Report
+    from salience.render.report import Report
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise SalienceError(f"n must be an int >= 1, got {n!r}")
@@ -480,7 +480,7 @@ def run_evaluation(
         rand_png = _save_png(out / "randomization.png", np.concatenate(plots, axis=1))
     examples = None
     if maps:
-        from . import viz
+        from salience.render import viz
 
         k = min(4, x.shape[0])
         examples = _save_png(out / "examples.png", viz.figure(raw[:k], {nm: mp[:k] for nm, mp in maps.items()},
@@ -559,7 +559,7 @@ def demo_train_fn(epochs: int = 4, seed: int = 0, lr: float = 4e-3, batch: int =
                   ) -> Callable[[Tensor, Tensor], nn.Module]:
     """A ``train_fn(images, labels) -> model`` for the data randomization test: a fresh
     :class:`salience.zoo.ShapesNet` trained for ``epochs`` with AdamW (seeded, scoped RNG)."""
-    from .zoo import ShapesNet
+    from salience.demo.zoo import ShapesNet
 
     def train(images: Tensor, labels: Tensor) -> nn.Module:
         with torch.random.fork_rng():
@@ -583,8 +583,8 @@ def demo_train_fn(epochs: int = 4, seed: int = 0, lr: float = 4e-3, batch: int =
 
 def _data_randomization_rows(train_fn: Callable[[Tensor, Tensor], nn.Module], model: nn.Module,
                              methods: Optional[Sequence[MethodLike]], n_train: int, x: Tensor) -> dict:
-    from . import data
-    from .methods import METHODS
+    from salience.demo import data
+    from salience.methods import METHODS
 
     b = data.shapes_batch(n_train, 0)
     images, labels = b.images.to(x.device), b.labels.to(x.device)
@@ -621,8 +621,8 @@ def clever_hans(n: int = 200, n_maps: int = 32, seed: int = 10_000,
     Returns ``{"accuracy": {model: {"train" | "moved" | "none": acc}}, "energy": {model:
     {method: {"cue", "shape", "cue_area", "shape_area"}}}, "maps": {"model: method": (n_maps, H,
     W)}, "images": (n_maps, 3, H, W), "labels": (n_maps,)}``."""
-    from . import data, zoo
-    from .methods import METHODS
+    from salience.demo import data, zoo
+    from salience.methods import METHODS
 
     cue_model = zoo.load_demo("shapes-cue")
     clean = zoo.load_demo("shapes")
@@ -668,7 +668,7 @@ def clever_hans_report(out_dir: PathLike, *, n: int = 200, n_maps: int = 16) -> 
     """The Clever Hans section of the demo report: an HTML fragment; writes ``clever_hans.png``
     into ``out_dir`` (the fragment links it by that relative name). ``n``: images per accuracy,
     ``n_maps``: images whose saliency is measured (see :func:`clever_hans`)."""
-    from . import viz
+    from salience.render import viz
 
     out = Path(out_dir)
     r = clever_hans(n=n, n_maps=n_maps)

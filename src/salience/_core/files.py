@@ -14,7 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Iterator, Union
 
-from ._errors import SalienceError
+from salience._core.errors import SalienceError
 
 __all__ = ["atomic_path", "atomic_write"]
 

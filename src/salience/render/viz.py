@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from ._errors import SalienceError
-from ._files import atomic_path, atomic_write
+from salience._core.errors import SalienceError
+from salience._core.files import atomic_path, atomic_write
 
 if TYPE_CHECKING:  # tensors are accepted everywhere; torch itself is not needed to draw
     import torch

@@ -3,7 +3,7 @@
 For people who know keras-vis (``vis.visualization``): the same calls, arguments, defaults and
 results, computed by salience's own methods::
 
-    from salience.keras_vis import visualize_saliency, find_layer_idx
+    from salience.compat.keras_vis import visualize_saliency, find_layer_idx
     idx = find_layer_idx(model, "head")              # or -1: the final layer -> class saliency
     heat = visualize_saliency(model, idx, filter_indices=3, seed_input=img)   # (H, W) in [0, 1]
 
@@ -34,14 +34,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import reduce as _reduce
-from . import rules
-from ._autograd import gradients
-from ._errors import SalienceError
-from ._keras import import_keras, is_keras_model, layer_module_name
-from ._layers import resolve_layer
-from .methods import METHODS
-from .targets import Target
+from salience import reduce as _reduce
+from salience import rules
+from salience._core.autograd import gradients
+from salience._core.errors import SalienceError
+from salience.loading.keras import import_keras, is_keras_model, layer_module_name
+from salience._core.layers import resolve_layer
+from salience.methods import METHODS
+from salience.targets import Target
 
 __all__ = [
     "visualize_saliency",
@@ -116,7 +116,7 @@ def find_layer_idx(model: Any, layer_name: str) -> int:
     """The index of the layer called ``layer_name``: in ``model.layers`` for a Keras model, in
     :func:`model_layers` (dotted module names) for a PyTorch model."""
     if is_keras_model(model):
-        from ._keras import find_layer_idx as _find
+        from salience.loading.keras import find_layer_idx as _find
 
         return _find(model, layer_name)
     if not isinstance(model, nn.Module):
@@ -279,7 +279,7 @@ def visualize_saliency_with_losses(
     model = input_tensor
     method = _rule(backprop_modifier)
     if is_keras_model(model):
-        from ._keras import wrap_keras
+        from salience.loading.keras import wrap_keras
 
         wrapped = wrap_keras(model)
         x = _to_batch(seed_input, wrapped.channels_last).to(_device(wrapped))
@@ -303,7 +303,7 @@ def _device(model: nn.Module) -> torch.device:
 
 def _keras_layer(model: Any, layer: Any) -> Any:
     if isinstance(layer, str):
-        from ._keras import find_layer_idx as _find
+        from salience.loading.keras import find_layer_idx as _find
 
         return model.layers[_find(model, layer)]
     if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
@@ -338,7 +338,7 @@ def visualize_saliency(
         return _keras_saliency(model, layer_idx, idx, seed_input, wrt_tensor, method, grad_modifier, keepdims)
     if not isinstance(model, nn.Module):
         raise SalienceError(f"expected a torch.nn.Module or a keras.Model, got {type(model).__name__}")
-    from ._keras import KerasModel
+    from salience.loading.keras import KerasModel
 
     if isinstance(model, KerasModel):
         return _keras_saliency(model.keras_model, layer_idx, idx, seed_input, wrt_tensor, method, grad_modifier,
@@ -372,7 +372,7 @@ class _PreActivation(Target):
 def _keras_saliency(model: Any, layer_idx: Any, idx: list[int], seed_input: Any, wrt_tensor: Any,
                     method: Optional[str], grad_modifier: Optional[str], keepdims: bool) -> np.ndarray:
     keras = import_keras()
-    from ._keras import KerasModel
+    from salience.loading.keras import KerasModel
 
     layer = _keras_layer(model, layer_idx)
     is_final = layer is model.layers[-1]

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ._errors import SalienceError
-from ._guard import model_guard
-from ._layers import LayerSpec, resolve_layer
-from .targets import Target, TargetLike, as_target
+from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
+from salience._core.layers import LayerSpec, resolve_layer
+from salience.targets import Target, TargetLike, as_target
 
 __all__ = ["Pass", "gradients", "check_input"]
 

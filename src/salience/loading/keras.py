@@ -27,8 +27,8 @@ from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 
-from ._errors import SalienceError
-from ._info import ModelInfo, attach_info
+from salience._core.errors import SalienceError
+from salience._core.info import ModelInfo, attach_info
 
 __all__ = ["import_keras", "is_keras_model", "KerasModel", "wrap_keras", "load_keras", "find_layer_idx",
            "layer_module_name"]

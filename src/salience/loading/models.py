@@ -1,15 +1,6 @@
-"""Images and models in: image files -> tensors the model expects, model specs -> ``nn.Module``.
+"""Models in: a spec string -> an ``nn.Module`` in eval mode with its preprocessing attached.
 
-Images: :func:`load_image` reads one file into a ``(3, H, W)`` float tensor in ``[0, 1]``,
-refusing (before decoding) an image larger than ``max_pixels``, and converting every mode PIL
-knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``) are scaled by
-``1/65535``, CMYK / YCbCr / palette images go through PIL's conversion, and transparent images
-(RGBA, LA, palette with transparency) are **composited on white** (a transparent background
-reads as paper, not as black). :func:`preprocess` applies a model's :class:`~salience._info.ModelInfo`
-(resize + centre crop, mean/std); :func:`load_images` does both for a list of files and keeps
-going past bad ones.
-
-Models: :func:`load_model` turns a spec string into a model in eval mode with its ``ModelInfo``
+:func:`load_model` turns a spec string into a model in eval mode with its ``ModelInfo``
 attached. Specs: ``demo:NAME`` (bundled, :mod:`salience.zoo`), ``torchvision:ARCH`` (with
 ``weights=FILE`` a state dict, ``weights="random"`` random weights, or by default torchvision's
 own pretrained weights, fetched by torchvision), a TorchScript file, a Keras file
@@ -25,33 +16,15 @@ import zipfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._errors import SalienceError
-from ._info import ModelInfo, attach_info, model_info
+from salience._core.errors import SalienceError
+from salience._core.info import ModelInfo, attach_info, model_info
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "load_image",
-    "load_images",
-    "preprocess",
-    "resize_crop",
-    "normalize_input",
-    "unnormalize",
-    "load_model",
-    "suggest",
-]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_model", "suggest"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-DEFAULT_MAX_PIXELS = 50_000_000
-"""Largest image (width x height) :func:`load_image` decodes by default: 50 megapixels
-(about 600 MB as float32 RGB)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,211 +42,6 @@ def suggest(name: str, choices: Sequence[str], n: int = 3) -> str:
     if not close:
         return ""
     return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
-
-
-# --------------------------------------------------------------------------------------- images
-
-
-def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Tensor:
-    """Read an image file as an RGB float tensor ``(3, H, W)`` in ``[0, 1]``.
-
-    The size is read from the file's header and checked against ``max_pixels`` (width x height;
-    ``None``: no limit) before any pixel is decoded. EXIF orientation is applied. Alpha is
-    composited on white; 16-bit images keep their precision (scaled by ``1/65535``).
-    Raises :class:`SalienceError` with one line for a missing, unreadable, corrupt or truncated
-    file, or an image over the limit.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.exists():
-        raise SalienceError(f"{p}: no such file; check the path")
-    if p.is_dir():
-        raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
-    PIL_limit = Image.MAX_IMAGE_PIXELS
-    try:
-        # We check the size ourselves (below) against max_pixels; PIL's own bomb check would
-        # otherwise refuse or warn on its own, different limit.
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # PIL's notes on odd metadata; errors are raised below
-                img = Image.open(p)
-        finally:
-            Image.MAX_IMAGE_PIXELS = PIL_limit
-    except UnidentifiedImageError:
-        raise SalienceError(
-            f"{p}: not an image file PIL can read (expected PNG, JPEG, BMP, TIFF, WebP, GIF ...); "
-            "check that the file is an image and not empty or truncated"
-        ) from None
-    except Image.DecompressionBombError as e:  # pragma: no cover - the limit is lifted above
-        raise SalienceError(f"{p}: refused as too large to decode ({e}); raise the pixel limit if you trust it") from None
-    except MemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - PIL's plugins raise many types on a foreign file
-        raise SalienceError(f"{p}: cannot be read as an image ({type(e).__name__}: {e})") from None
-    with img:
-        w, h = img.size
-        if max_pixels is not None and w * h > max_pixels:
-            raise SalienceError(
-                f"{p}: {w}x{h} = {w * h / 1e6:.1f} megapixels is over the limit of {max_pixels / 1e6:g} "
-                "megapixels; shrink the image, or raise the limit (--max-pixels / max_pixels=) if you "
-                "have the memory"
-            )
-        if w == 0 or h == 0:
-            raise SalienceError(f"{p}: the image is empty ({w}x{h})")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                Image.MAX_IMAGE_PIXELS = None
-                try:
-                    img.load()
-                    img = ImageOps.exif_transpose(img) or img
-                finally:
-                    Image.MAX_IMAGE_PIXELS = PIL_limit
-        except MemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error ...
-            raise SalienceError(
-                f"{p}: corrupt or truncated {img.format or 'image'} file ({e}); re-export or re-download it"
-            ) from None
-        return _to_rgb_tensor(img)
-
-
-def _to_rgb_tensor(img) -> Tensor:
-    """A PIL image of any mode -> ``(3, H, W)`` float32 in ``[0, 1]``."""
-    from PIL import Image
-
-    mode = img.mode
-    if mode.startswith("I;16") or mode == "I":
-        # 16-bit grayscale (PNG/TIFF): keep its precision. PIL's "I" (32-bit) comes from 16-bit files.
-        a = np.asarray(img, dtype=np.float64) / 65535.0
-        a = np.clip(a, 0.0, 1.0).astype(np.float32)
-        return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0).repeat(3, 1, 1)
-    if mode == "F":
-        a = np.clip(np.asarray(img, dtype=np.float32) / 255.0, 0.0, 1.0)
-        return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0).repeat(3, 1, 1)
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    rgb = img.convert("RGB")
-    a = np.array(rgb, dtype=np.uint8)  # a writable copy
-    return torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0)
-
-
-def resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
-    """Resize (and centre-crop) ``image`` ``(C, H, W)`` or ``(B, C, H, W)`` as ``info`` says.
-
-    ``info.resize`` set: the shorter side goes to ``resize`` then a centre crop of
-    ``info.input_size`` (torchvision's ``Resize + CenterCrop``); otherwise a plain resize to
-    ``info.input_size``; with no ``input_size`` the image is unchanged. Bilinear, antialiased,
-    values clamped to ``[0, 1]``.
-    """
-    x = image.unsqueeze(0) if image.dim() == 3 else image
-    if info.input_size is None:
-        return image
-    th, tw = (int(s) for s in info.input_size)
-    h, w = x.shape[-2:]
-    if info.resize:
-        s = int(info.resize)
-        nh, nw = (s, max(1, round(w * s / h))) if h <= w else (max(1, round(h * s / w)), s)
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-        if nh < th or nw < tw:
-            x = F.interpolate(x, size=(max(nh, th), max(nw, tw)), mode="bilinear", align_corners=False)
-            nh, nw = x.shape[-2:]
-        top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
-        x = x[..., top:top + th, left:left + tw]
-    elif (h, w) != (th, tw):
-        x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
-    x = x.clamp(0.0, 1.0)
-    return x[0] if image.dim() == 3 else x
-
-
-def _stats(values: Optional[Sequence[float]], c: int, like: Tensor) -> Optional[Tensor]:
-    if values is None:
-        return None
-    t = torch.as_tensor(values, dtype=like.dtype, device=like.device)
-    return t.view(-1, 1, 1) if like.dim() == 3 else t.view(1, -1, 1, 1)
-
-
-def normalize_input(image: Tensor, info: ModelInfo) -> Tensor:
-    """A ``[0, 1]`` image ``(C, H, W)``/``(B, C, H, W)`` -> the tensor the model takes.
-
-    Converts RGB to one channel (ITU-R 601 luma) when ``info.channels == 1``, then applies
-    ``(x - mean) / std`` when ``info`` has them.
-    """
-    x = image
-    cdim = 0 if x.dim() == 3 else 1
-    if info.channels == 1 and x.shape[cdim] == 3:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
-        x = (x * (w.view(-1, 1, 1) if cdim == 0 else w.view(1, -1, 1, 1))).sum(cdim, keepdim=True)
-    mean, std = _stats(info.mean, x.shape[cdim], x), _stats(info.std, x.shape[cdim], x)
-    if mean is not None:
-        x = x - mean
-    if std is not None:
-        x = x / std
-    return x
-
-
-def unnormalize(x: Tensor, info: ModelInfo) -> Tensor:
-    """Undo :func:`normalize_input`'s mean/std: the model's input back to a ``[0, 1]`` picture."""
-    std, mean = _stats(info.std, 0, x), _stats(info.mean, 0, x)
-    if std is not None:
-        x = x * std
-    if mean is not None:
-        x = x + mean
-    return x.clamp(0.0, 1.0)
-
-
-def preprocess(image: Tensor, info: ModelInfo) -> Tensor:
-    """``image`` ``(3, H, W)`` in ``[0, 1]`` -> the model's input ``(C, h, w)``: resize, crop, normalize."""
-    return normalize_input(resize_crop(image, info), info)
-
-
-def load_images(
-    paths: Sequence[PathLike],
-    info: ModelInfo,
-    *,
-    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-) -> tuple[Optional[Tensor], list[str], list[tuple[str, str]]]:
-    """Load and preprocess several image files into one batch, skipping the bad ones.
-
-    Returns ``(batch, ok_paths, errors)``: ``batch`` ``(N, C, h, w)`` is the model's input for
-    the ``N`` files in ``ok_paths`` (``None`` if no file could be read); ``errors`` lists
-    ``(path, message)`` for each file that failed. When the model accepts any size
-    (``info.input_size`` is ``None``), images are resized to the first good image's size so
-    that they form one batch.
-    """
-    tensors: list[Tensor] = []
-    ok: list[str] = []
-    errors: list[tuple[str, str]] = []
-    size: Optional[tuple[int, int]] = None
-    for path in paths:
-        try:
-            img = resize_crop(load_image(path, max_pixels=max_pixels), info)
-        except SalienceError as e:
-            errors.append((str(path), str(e)))
-            continue
-        except MemoryError:
-            errors.append((str(path), f"{path}: out of memory while decoding; lower --max-pixels"))
-            continue
-        if size is None:
-            size = (int(img.shape[-2]), int(img.shape[-1]))
-        elif tuple(img.shape[-2:]) != size:
-            img = F.interpolate(img.unsqueeze(0), size=size, mode="bilinear", align_corners=False,
-                                antialias=True)[0].clamp(0, 1)
-        tensors.append(normalize_input(img, info))
-        ok.append(str(path))
-    batch = torch.stack(tensors) if tensors else None
-    return batch, ok, errors
-
-
-# --------------------------------------------------------------------------------------- models
 
 
 def _torchvision_info(arch: str, num_classes: int, weights_enum) -> ModelInfo:
@@ -436,7 +204,7 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
     suffix = path.suffix.lower()
     if suffix in _KERAS_EXT:
         try:
-            from ._keras import load_keras  # type: ignore[attr-defined]
+            from salience.loading.keras import load_keras  # type: ignore[attr-defined]
         except ImportError as e:
             missing = getattr(e, "name", "") or ""
             need = "keras (pip install keras)" if missing.split(".")[0] == "keras" else \
@@ -505,7 +273,7 @@ def load_model(
             f"weights {weights!r} go with a torchvision:ARCH model; {s!r} carries its own weights"
         )
     if s.startswith("demo:") and not is_file:
-        from . import zoo
+        from salience.demo import zoo
 
         name = s[len("demo:"):]
         if name not in zoo.DEMOS:
@@ -522,7 +290,7 @@ def load_model(
             raise SalienceError(f"{p}: is a directory; expected a model file or 'demo:NAME' / 'torchvision:ARCH'")
         model = _load_file(p, trust_pickle)
     else:
-        from . import zoo
+        from salience.demo import zoo
 
         demos = ["demo:" + n for n in zoo.DEMOS]
         hint = suggest(s, demos) or suggest("demo:" + s, demos)

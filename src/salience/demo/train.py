@@ -1,6 +1,6 @@
 """Train the demo models of :mod:`salience.zoo` on :mod:`salience.data` shapes, reproducibly.
 
-``python -m salience.train shapes|shapes-regression|shapes-cue [--out DIR] [--seed 0]``
+``python -m salience.demo.train shapes|shapes-regression|shapes-cue [--out DIR] [--seed 0]``
 
 Seeded (data, initialization, shuffling), two CPU threads, a few minutes per model on two
 cores. The model is evaluated on a fresh held-out draw (seed ``10_000 + seed``) *after* its
@@ -21,10 +21,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from . import data
-from ._errors import SalienceError
-from ._files import atomic_path, atomic_write
-from .zoo import DEMOS, ShapesNet
+from salience.demo import data
+from salience._core.errors import SalienceError
+from salience._core.files import atomic_path, atomic_write
+from salience.demo.zoo import DEMOS, ShapesNet
 
 __all__ = ["CONFIGS", "train", "evaluate", "main"]
 
@@ -142,7 +142,7 @@ def train(
             results["accuracy"] = results[f"accuracy_cue_{cue}"]
     finally:
         torch.set_num_threads(threads)
-    command = f"python -m salience.train {name} --seed {seed}"
+    command = f"python -m salience.demo.train {name} --seed {seed}"
     if n_train is not None:
         command += f" --n-train {cfg['n_train']}"
     if epochs is not None:
@@ -178,8 +178,8 @@ def train(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line: ``python -m salience.train NAME [--out DIR] [--seed N]``."""
-    p = argparse.ArgumentParser(prog="python -m salience.train", description=__doc__.split("\n\n")[0])
+    """Command line: ``python -m salience.demo.train NAME [--out DIR] [--seed N]``."""
+    p = argparse.ArgumentParser(prog="python -m salience.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("name", choices=sorted(CONFIGS))
     p.add_argument("--out", default=None, help="output folder (default: the package's _weights)")
     p.add_argument("--seed", type=int, default=0)
