@@ -59,7 +59,7 @@ def parse_methods(values: Optional[Sequence[str]]) -> list[str]:
                 names.append(name)
     if not names:
         raise SalienceError("--method got no method name; e.g. --method vanilla")
-    from salience.loading.models import suggest
+    from salience._core.errors import suggest
 
     for name in names:
         if name not in METHODS:
@@ -78,7 +78,7 @@ def parse_class(value: str, info: Any, num_outputs: int) -> int:
     else:
         lowered = [n.lower() for n in names]
         if v.lower() not in lowered:
-            from salience.loading.models import suggest
+            from salience._core.errors import suggest
 
             known = f" (classes: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else \
                 " (the model has no class names; give an index)"
@@ -102,22 +102,22 @@ def _device(model: nn.Module) -> torch.device:
 
 def forward(model: nn.Module, x: Tensor, batch_size: int = 32) -> Tensor:
     """The model's output for ``x`` ``(B, C, H, W)``, in eval mode, no gradients, in chunks."""
-    from salience._core.autograd import _unwrap_output
+    from salience._core.autograd import unwrap_output
     from salience._core.guard import model_guard
 
     outs = []
     with model_guard(model), torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
-            outs.append(_unwrap_output(model(x[s:s + batch_size])).detach())
+            outs.append(unwrap_output(model(x[s:s + batch_size])).detach())
     out = torch.cat(outs)
     return out.reshape(out.shape[0], -1) if out.dim() != 2 else out
 
 
 def probabilities(out: Tensor) -> Tensor:
     """Class probabilities: ``out`` itself if it already is (rows of a softmax), else its softmax."""
-    from salience._core.autograd import _looks_like_probabilities
+    from salience._core.autograd import looks_like_probabilities
 
-    return out if _looks_like_probabilities(out) else out.float().softmax(dim=1)
+    return out if looks_like_probabilities(out) else out.float().softmax(dim=1)
 
 
 def display_map(m: Tensor) -> Tensor:

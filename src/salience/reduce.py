@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from salience._core.errors import SalienceError
-from salience.targets import small_values
 
 __all__ = [
     "GradModifier",
@@ -45,6 +44,12 @@ def absolute(grad: Tensor) -> Tensor:
 def negate(grad: Tensor) -> Tensor:
     """``-g``: what *decreases* the score."""
     return -grad
+
+
+def small_values(grad: Tensor) -> Tensor:
+    """``|1/g|``, finite at zero: highlights the inputs the score is *least* sensitive to."""
+    eps = torch.finfo(grad.dtype).eps if grad.is_floating_point() else 1e-7
+    return 1.0 / (grad.abs() + eps)
 
 
 def relu(grad: Tensor) -> Tensor:

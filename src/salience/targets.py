@@ -25,6 +25,7 @@ from torch import Tensor
 
 from salience._core.errors import SalienceError
 from salience._core.layers import LayerSpec
+from salience.reduce import small_values
 
 __all__ = [
     "Target",
@@ -156,12 +157,6 @@ class MultiLabel(Target):
 
     def __repr__(self) -> str:
         return f"MultiLabel({self.indices.tolist()})"
-
-
-def small_values(grad: Tensor) -> Tensor:
-    """``|1/g|``, finite at zero: highlights the inputs the score is *least* sensitive to."""
-    eps = torch.finfo(grad.dtype).eps if grad.is_floating_point() else 1e-7
-    return 1.0 / (grad.abs() + eps)
 
 
 _MODES = ("increase", "decrease", "maintain")

@@ -23,7 +23,8 @@ from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec, resolve_layer
 from salience.targets import Target, TargetLike, as_target
 
-__all__ = ["Pass", "gradients", "check_input"]
+__all__ = ["Pass", "gradients", "check_input", "forward_scores", "predicted_classes", "unwrap_output",
+           "looks_like_probabilities"]
 
 
 def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
@@ -80,7 +81,7 @@ class _StopForward(Exception):
         self.value = value
 
 
-def _unwrap_output(out: Any) -> Tensor:
+def unwrap_output(out: Any) -> Tensor:
     """The model's score tensor from what its forward returned."""
     if isinstance(out, Tensor):
         return out
@@ -179,10 +180,10 @@ def gradients(
             if not target_store:
                 raise SalienceError(f"the target's layer {tgt.layer!r} was not called in the forward pass")
             out = target_store[0]
-        out = _unwrap_output(out)
+        out = unwrap_output(out)
         if tap is not None and tap.last is not None and out is tap.last[1]:
             out = tap.last[0]
-        elif strip_softmax and tgt.layer is None and _looks_like_probabilities(out):
+        elif strip_softmax and tgt.layer is None and looks_like_probabilities(out):
             warnings.warn(
                 "the model's output looks like probabilities (non-negative rows summing to 1) but no final "
                 "softmax call was seen to take the scores before it; saliency of probabilities is dominated "
@@ -231,8 +232,37 @@ def check_scores(scores: Any, batch: int) -> Tensor:
     return scores
 
 
-def _looks_like_probabilities(out: Tensor) -> bool:
+def looks_like_probabilities(out: Tensor) -> bool:
     if out.dim() != 2 or out.shape[1] < 2 or not out.is_floating_point():
         return False
     o = out.detach()
     return bool((o >= 0).all()) and bool(torch.allclose(o.sum(1), torch.ones_like(o[:, 0]), atol=1e-4))
+
+
+def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
+                   batch_size: Optional[int] = None) -> Tensor:
+    """The model's scores for ``x`` ``(B, C, H, W)``, detached: one forward pass, no gradient.
+
+    Under :func:`model_guard` (eval mode, everything restored), the output unwrapped to a tensor
+    and, with ``strip_softmax``, taken before a final softmax / log-softmax. ``batch_size``: run
+    the images in chunks of that many (``None``: all at once).
+    """
+    step = x.shape[0] if batch_size is None else max(1, int(batch_size))
+    outs = []
+    with model_guard(model), torch.no_grad():
+        for i in range(0, x.shape[0], step):
+            tap = _SoftmaxTap() if strip_softmax else None
+            with ExitStack() as stack:
+                if tap is not None:
+                    stack.enter_context(tap)
+                out = unwrap_output(model(x[i:i + step]))
+            if tap is not None and tap.last is not None and out is tap.last[1]:
+                out = tap.last[0]
+            outs.append(out.detach())
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def predicted_classes(model: nn.Module, x: Tensor, *, batch_size: Optional[int] = None) -> Tensor:
+    """Each image's top class ``(B,)``: the argmax of the model's scores, no gradient."""
+    out = forward_scores(model, x, strip_softmax=False, batch_size=batch_size)
+    return out.reshape(out.shape[0], -1).argmax(1)

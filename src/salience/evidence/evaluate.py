@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from salience.evidence import metrics as M
-from salience._core.autograd import _unwrap_output
+from salience._core.autograd import unwrap_output
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write
 from salience._core.guard import model_guard
@@ -157,7 +157,7 @@ def evaluate_methods(
     items = [_method_fn(m) for m in (methods if methods is not None else list(METHODS))]
     names = [n for n, _ in items] + (list(BASELINES) if baselines else [])
     with model_guard(model), torch.no_grad():
-        out = torch.cat([_unwrap_output(model(x[i:i + batch_size])) for i in range(0, x.shape[0], batch_size)])
+        out = torch.cat([unwrap_output(model(x[i:i + batch_size])) for i in range(0, x.shape[0], batch_size)])
     target = out.reshape(out.shape[0], -1).argmax(1)
     rows: list[MetricRow] = []
     all_maps: dict[str, Tensor] = {}

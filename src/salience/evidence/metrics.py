@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience._core.autograd import _looks_like_probabilities, _unwrap_output, check_input
+from salience._core.autograd import looks_like_probabilities, unwrap_output, check_input
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import resolve_layer
@@ -329,7 +329,7 @@ def _resolve_class_target(model: nn.Module, x: Tensor, target: TargetLike, batch
     tgt = as_target(target)
     if isinstance(tgt, Predicted):
         with torch.no_grad():
-            out = torch.cat([_unwrap_output(model(x[i:i + batch_size])) for i in range(0, x.shape[0], batch_size)])
+            out = torch.cat([unwrap_output(model(x[i:i + batch_size])) for i in range(0, x.shape[0], batch_size)])
         tgt = Classes(out.reshape(out.shape[0], -1).argmax(1))
     return tgt
 
@@ -375,8 +375,8 @@ def _curves(
             # Pixels with rank < count are switched from the start image to the end image.
             switched = (rank[img] < counts[step][:, None, None])[:, None]
             batch = torch.where(switched, end[img], start[img])
-            out = _unwrap_output(model(batch))
-            if probability and is_class and out.dim() == 2 and not _looks_like_probabilities(out):
+            out = unwrap_output(model(batch))
+            if probability and is_class and out.dim() == 2 and not looks_like_probabilities(out):
                 out = out.softmax(dim=1)
             scores[s:s + len(ids)] = _gather_scores(tgt, out, img)
     return scores.reshape(b, steps + 1)
@@ -777,7 +777,7 @@ def randomization(
     tgt = target
     if target is None:
         with model_guard(model), torch.no_grad():
-            tgt = _unwrap_output(model(x)).reshape(x.shape[0], -1).argmax(1)
+            tgt = unwrap_output(model(x)).reshape(x.shape[0], -1).argmax(1)
     work = copy.deepcopy(model)
     groups = _layer_groups(model, x)
     if layers is not None:
@@ -844,13 +844,13 @@ def data_randomization(
 
     def accuracy(m: nn.Module, y: Tensor) -> float:
         with model_guard(m), torch.no_grad():
-            out = torch.cat([_unwrap_output(m(images[i:i + 256])) for i in range(0, images.shape[0], 256)])
+            out = torch.cat([unwrap_output(m(images[i:i + 256])) for i in range(0, images.shape[0], 256)])
         return float((out.argmax(1) == y.to(out.device)).float().mean())
 
     tgt = target
     if target is None:
         with model_guard(m_true), torch.no_grad():
-            tgt = _unwrap_output(m_true(x)).reshape(x.shape[0], -1).argmax(1)
+            tgt = unwrap_output(m_true(x)).reshape(x.shape[0], -1).argmax(1)
     s0, a0 = _signed_and_abs(fn, m_true, x, tgt, kw)
     s1, a1 = _signed_and_abs(fn, m_rand, x, tgt, kw)
     per = {k: v.cpu() for k, v in similarity(s0, s1, a0, a1).items()}

@@ -9,20 +9,19 @@ never unpickled unless ``trust_pickle=True``.
 """
 from __future__ import annotations
 
-import difflib
 import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, suggest
 from salience._core.info import ModelInfo, attach_info, model_info
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_model", "suggest"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_model"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -31,17 +30,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _KERAS_EXT = (".keras", ".h5", ".hdf5")
 _ONNX_EXT = (".onnx",)
-
-
-def suggest(name: str, choices: Sequence[str], n: int = 3) -> str:
-    """``"; did you mean 'a' or 'b'?"`` for the choices closest to ``name``, or ``""``."""
-    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
-    if not close:
-        lowered = [c for c in choices if name.lower() in c.lower()][:n]
-        close = lowered
-    if not close:
-        return ""
-    return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
 
 
 def _torchvision_info(arch: str, num_classes: int, weights_enum) -> ModelInfo:

@@ -1,0 +1,87 @@
+"""The one home of small tensor and argument helpers that several layers need.
+
+Gaussian blur, per-sample scaling to ``[0, 1]``, the device and dtype of a model, and the checks
+of integer and number arguments (one message shape for every option of every method).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from salience._core.errors import SalienceError
+
+__all__ = ["gaussian_blur", "minmax", "model_device", "model_dtype", "check_int", "check_number"]
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Each channel of ``x`` ``(B, C, H, W)`` smoothed by a Gaussian of ``sigma`` pixels.
+
+    Separable, reflect padding, kernel cut at 3 sigma (and at the image size: reflect padding
+    needs a radius below each side). ``sigma <= 0`` or a one-pixel side: a copy of ``x``.
+    """
+    radius = min(int(math.ceil(3 * sigma)) if sigma > 0 else 0, x.shape[-1] - 1, x.shape[-2] - 1)
+    if radius < 1:
+        return x.clone()
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    y = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def minmax(m: Tensor, eps: float = 1e-12) -> Tensor:
+    """Each sample of ``m`` ``(B, ...)`` scaled to ``[0, 1]`` by its own min and max; a constant map is 0."""
+    flat = m.reshape(m.shape[0], -1)
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    return ((flat - lo) / (hi - lo).clamp_min(eps)).reshape(m.shape)
+
+
+def _first_tensor(model: nn.Module) -> Optional[Tensor]:
+    p = next(model.parameters(), None)
+    return p if p is not None else next(model.buffers(), None)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model lives: its first parameter's (or buffer's) device; CPU for a model with neither."""
+    p = _first_tensor(model)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype the model computes in (its first floating parameter's); float32 by default."""
+    p = _first_tensor(model)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
+def check_int(value: Any, name: str, *, minimum: int = 0, what: str = "") -> int:
+    """``value`` as an int ``>= minimum``, or a :class:`SalienceError` naming the option.
+
+    Bools are refused (``True`` is not a count); numpy integers are accepted.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        hint = f" ({what})" if what else ""
+        raise SalienceError(f"{name} must be an int >= {minimum}{hint}, got {value!r}")
+    return int(value)
+
+
+def check_number(value: Any, name: str, *, minimum: Optional[float] = None, what: str = "",
+                 finite: bool = True) -> float:
+    """``value`` as a real number (``>= minimum`` when given), or a :class:`SalienceError` naming the option."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
+    if ok:
+        v = float(value)
+        ok = not math.isnan(v) and (not finite or math.isfinite(v)) and (minimum is None or v >= minimum)
+    if not ok:
+        bound = f" >= {minimum:g}" if minimum is not None else ""
+        kind = "a finite number" if finite else "a number"
+        hint = f" ({what})" if what else ""
+        raise SalienceError(f"{name} must be {kind}{bound}{hint}, got {value!r}")
+    return float(value)
