@@ -103,23 +103,23 @@ def test_input_gradients_one_forward_for_k_targets(small_cnn):
 
 
 def test_split_and_resolve_targets(small_cnn):
-    ts, multi = _engine.split_targets(torch.tensor([[1, 2], [3, 0]]))
+    ts, multi = salience.targets.split(torch.tensor([[1, 2], [3, 0]]))
     assert multi and [t.index.tolist() for t in ts] == [[1, 3], [2, 0]]
-    ts, multi = _engine.split_targets([[1, 2], [3, 0]])
+    ts, multi = salience.targets.split([[1, 2], [3, 0]])
     assert multi and len(ts) == 2
-    ts, multi = _engine.split_targets([1, 2])  # one class per image
+    ts, multi = salience.targets.split([1, 2])  # one class per image
     assert not multi and ts[0].index.tolist() == [1, 2]
-    ts, multi = _engine.split_targets([None, 2])
+    ts, multi = salience.targets.split([None, 2])
     assert multi and isinstance(ts[0], Predicted)
     with pytest.raises(SalienceError, match="integer class indices"):
-        _engine.split_targets(torch.zeros(2, 2))
+        salience.targets.split(torch.zeros(2, 2))
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         pred = small_cnn.eval()(x).argmax(1)
-    (r,) = _engine.resolve_targets(small_cnn, x, [Predicted()])
+    (r,) = salience.targets.resolve([Predicted()], small_cnn, x)
     assert r.index.tolist() == pred.tolist()
     owner = torch.tensor([1, 1, 0])
-    assert _engine.targets_for(r, owner).index.tolist() == pred[owner].tolist()
+    assert r.for_items(owner).index.tolist() == pred[owner].tolist()
 
 
 @pytest.mark.parametrize("text, value", [("2GiB", 2 << 30), ("500MB", 500_000_000), ("1.5k", 1500), ("64", 64)])

@@ -12,6 +12,7 @@ from torch import nn
 import salience
 from salience import SalienceError, rules
 from salience._core.autograd import gradients
+from salience.targets import as_target
 from salience._core.info import ModelInfo, attach_info
 from salience.methods.gradcam import default_layer
 
@@ -180,8 +181,8 @@ def test_guided_gradcam_two_passes_when_relus_follow_the_layer():
         ref = captum_attr.GuidedGradCam(m, m.features).attribute(x, target=t, interpolate_mode="bilinear")
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-9)
     # Why two passes: the layer's gradient under the guided rule is not the plain one here.
-    guided_pass = gradients(m, x, torch.tensor(t), layers=["features"], extra_modes=[rules.guided()])
-    plain_pass = gradients(m, x, torch.tensor(t), layers=["features"])
+    guided_pass = gradients(m, x, as_target(torch.tensor(t)), layers=["features"], extra_modes=[rules.guided()])
+    plain_pass = gradients(m, x, as_target(torch.tensor(t)), layers=["features"])
     assert not torch.allclose(guided_pass.layer_grads[0], plain_pass.layer_grads[0], atol=1e-5)
 
 
@@ -237,8 +238,8 @@ def test_cuda_matches_cpu():
 def test_layer_gradients_without_the_input_gradient(resnet, x96):
     """Grad-CAM asks only for the layer's gradient: same numbers, and backward stops at the layer."""
     t = [3, 9]
-    both = gradients(resnet, x96, t, layers=["layer4"])
-    only = gradients(resnet, x96, t, layers=["layer4"], input_grad=False)
+    both = gradients(resnet, x96, as_target(t), layers=["layer4"])
+    only = gradients(resnet, x96, as_target(t), layers=["layer4"], input_grad=False)
     assert only.grad is None and both.grad is not None
     torch.testing.assert_close(only.layer_grads[0], both.layer_grads[0], rtol=0, atol=0)
     torch.testing.assert_close(only.activations[0], both.activations[0], rtol=0, atol=0)

@@ -159,7 +159,7 @@ def test_several_targets_equal_separate_calls(small_cnn):
 
 def test_blur_baseline():
     scipy_ndimage = pytest.importorskip("scipy.ndimage")
-    from salience.methods.integrated import _blur
+    from salience._core.tensors import gaussian_blur as _blur
 
     x = _x(1, 24)
     ours = _blur(x, 2.0)

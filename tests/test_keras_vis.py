@@ -148,7 +148,7 @@ def test_with_losses_is_the_weighted_sum_and_wrt_tensor(pair, seed_chw) -> None:
     np.testing.assert_allclose(got, _keras_vis_tail(g0 - 0.5 * (g1 + g5), None, False), rtol=1e-4, atol=1e-6)
     # wrt_tensor: the gradient w.r.t. the output of c1 (4 x 7 x 7), channel max over its 4 channels.
     got = kv.visualize_saliency(tm, -1, 2, seed_chw, wrt_tensor="c1", keepdims=True)
-    p = salience._core.autograd.gradients(tm, seed_chw[None], 2, layers=["c1"])
+    p = salience._core.autograd.gradients(tm, seed_chw[None], salience.targets.as_target(2), layers=["c1"])
     np.testing.assert_allclose(got, _keras_vis_tail(p.layer_grads[0], "absolute", True), rtol=1e-4, atol=1e-6)
 
 

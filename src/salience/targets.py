@@ -18,11 +18,12 @@ any other callable          :func:`custom`: ``fn(output) -> (B,)`` scores or a s
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from salience._core.autograd import forward_scores
 from salience._core.errors import SalienceError
 from salience._core.layers import LayerSpec
 from salience.reduce import small_values
@@ -43,6 +44,8 @@ __all__ = [
     "Regression",
     "Activation",
     "Custom",
+    "split",
+    "resolve",
 ]
 
 
@@ -61,6 +64,16 @@ class Target:
 
     def modify_gradient(self, grad: Tensor) -> Tensor:
         return grad
+
+    def resolved(self, output: Tensor) -> "Target":
+        """This target fixed by the model's ``output`` on the clean images (``(B, K)``): the
+        predicted class becomes that class; every other target stays as it is."""
+        return self
+
+    def for_items(self, owner: Tensor) -> "Target":
+        """This target for items (noisy copies, path points) whose images are ``owner`` ``(n,)``:
+        per-image classes are gathered; targets that are functions of each output stay as they are."""
+        return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -97,6 +110,12 @@ class Predicted(Target):
         top = scores.detach().argmax(dim=1, keepdim=True)
         return scores.gather(1, top).squeeze(1)
 
+    def resolved(self, output: Tensor) -> Target:
+        return Classes(_class_scores(output.detach()).argmax(dim=1))
+
+    def for_items(self, owner: Tensor) -> Target:
+        raise SalienceError("internal: resolve the predicted class (Target.resolved) before expanding targets")
+
 
 class Classes(Target):
     """The score of a given class: one for all samples, or one per sample."""
@@ -129,6 +148,9 @@ class Classes(Target):
         _check_range(idx, k)
         return scores.gather(1, idx.view(-1, 1)).squeeze(1)
 
+    def for_items(self, owner: Tensor) -> Target:
+        return self if isinstance(self.index, int) else Classes(self.index.to(owner.device)[owner])
+
     def __repr__(self) -> str:
         return f"Classes({self.index if isinstance(self.index, int) else self.index.tolist()})"
 
@@ -154,6 +176,9 @@ class MultiLabel(Target):
         if idx.shape[0] != b:
             raise SalienceError(f"multilabel got class sets for {idx.shape[0]} samples, but the batch has {b}")
         return scores.gather(1, idx).sum(dim=1)
+
+    def for_items(self, owner: Tensor) -> Target:
+        return self if self.indices.dim() == 1 else MultiLabel(self.indices.to(owner.device)[owner])
 
     def __repr__(self) -> str:
         return f"MultiLabel({self.indices.tolist()})"
@@ -283,3 +308,39 @@ def as_target(target: TargetLike) -> Target:
         f"cannot use {type(target).__name__} as a target; pass None, a class index, a tensor of "
         "indices, a salience.targets.Target, or a function of the output"
     )
+
+
+def split(target: Any, batch: Optional[int] = None) -> tuple[list[Target], bool]:
+    """``target`` -> (targets, several). Several targets per image are a ``(B, K)`` integer tensor
+    (or nested list), or a list/tuple of targets (``Target`` objects, functions, ``None``, class
+    indices) with at least one that is not a class index; anything else is one target (see
+    :func:`as_target`). ``batch``: the ``B`` a ``(B, K)`` tensor must have."""
+    if isinstance(target, Tensor) and target.dim() == 2:
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise SalienceError(f"expected integer class indices (B, K), got a tensor of dtype {target.dtype}")
+        if target.shape[1] == 0:
+            raise SalienceError("the target tensor has K = 0 targets per image")
+        if batch is not None and target.shape[0] != batch:
+            raise SalienceError(
+                f"several targets per image are a (B, K) tensor with B = {batch} (the batch), got shape "
+                f"{tuple(target.shape)}"
+            )
+        return [Classes(target[:, k]) for k in range(target.shape[1])], True
+    if isinstance(target, (list, tuple)) and target and all(isinstance(t, (list, tuple)) for t in target):
+        return split(torch.as_tensor(target), batch)
+    if isinstance(target, (list, tuple)) and target and any(
+            t is None or isinstance(t, Target) or callable(t) for t in target):
+        return [as_target(t) for t in target], True
+    return [as_target(target)], False
+
+
+def resolve(targets: Sequence[Target], model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
+            output: Optional[Tensor] = None) -> list[Target]:
+    """The targets fixed on the clean images ``x`` (:meth:`Target.resolved`): the predicted class
+    becomes the class the model predicts for ``x``. One forward pass without gradient, and only
+    when a target needs it (or pass the model's ``output`` for ``x``)."""
+    if not any(isinstance(t, Predicted) for t in targets):
+        return list(targets)
+    if output is None:
+        output = forward_scores(model, x, strip_softmax=strip_softmax)
+    return [t.resolved(output) for t in targets]

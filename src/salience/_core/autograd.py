@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +21,8 @@ from torch.overrides import TorchFunctionMode
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec, resolve_layer
-from salience.targets import Target, TargetLike, as_target
 
-__all__ = ["Pass", "gradients", "check_input", "forward_scores", "predicted_classes", "unwrap_output",
+__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output",
            "looks_like_probabilities"]
 
 
@@ -100,9 +99,43 @@ def unwrap_output(out: Any) -> Tensor:
     )
 
 
+class TargetLike(Protocol):
+    """What the core needs of a target (:mod:`salience.targets` implements it): a callable from
+    the model's output (or ``layer``'s output) to scores ``(B,)`` or a scalar loss, and a
+    modifier of the input gradient."""
+
+    layer: Optional[LayerSpec]
+
+    def __call__(self, output: Tensor) -> Tensor: ...
+
+    def modify_gradient(self, grad: Tensor) -> Tensor: ...
+
+
+@dataclass
+class Gradients:
+    """The result of one forward pass walked back once per target (K targets).
+
+    ``output``: the model's output (pre-softmax if stripped), detached, ``(B, ...)``;
+    ``scores``: each target's scores, detached, ``(B,)`` (or ``()`` for a scalar loss);
+    ``inputs``: d score_k / d x with each target's gradient modifier, ``(K, B, C, H, W)``, or
+    ``None`` if not asked; ``activations``: the captured layers' outputs ``(B, ...)`` and
+    ``layer_grads``: their gradients ``(K, B, ...)``, in the order of ``layers``.
+    """
+
+    output: Tensor
+    scores: list[Tensor]
+    inputs: Optional[Tensor]
+    activations: list[Tensor]
+    layer_grads: list[Tensor]
+
+    def score_matrix(self, batch: int) -> Tensor:
+        """The scores as ``(K, B)`` (a scalar loss repeated over the batch)."""
+        return torch.stack([s.reshape(-1) if s.dim() else s.expand(batch) for s in self.scores])
+
+
 @dataclass
 class Pass:
-    """The result of one forward and backward pass.
+    """One target's forward and backward pass (:func:`gradients`).
 
     ``output``: the model's output (pre-softmax if stripped), detached, ``(B, K)``;
     ``scores``: the target's scores, detached, ``(B,)`` (or ``()`` for a scalar loss);
@@ -118,7 +151,8 @@ class Pass:
     layer_grads: list[Tensor]
 
 
-def _capture_hook(store: list, stop: bool):
+def capture_hook(store: list, stop: bool):
+    """A forward hook that keeps a module's first output in ``store`` (and ends the pass with ``stop``)."""
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
         if not store:  # the first call of a reused module
             store.append(output)
@@ -128,23 +162,105 @@ def _capture_hook(store: list, stop: bool):
     return hook
 
 
-def gradients(
+def _common_layer(targets: Sequence[TargetLike]) -> Optional[LayerSpec]:
+    layers = {id(t.layer) if not isinstance(t.layer, str) else t.layer for t in targets}
+    if len(layers) > 1:
+        raise SalienceError(
+            "several targets at once must all read the same layer (or all the model's output); "
+            "explain targets of different layers in separate calls"
+        )
+    return targets[0].layer
+
+
+def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], layers: Sequence[LayerSpec],
+             strip_softmax: bool, extra_modes: Sequence[Any]) -> tuple[Tensor, list[list[Any]]]:
+    """Run the model on ``x_in`` with hooks on ``layers`` (and the target's layer, where the pass
+    stops); returns the scored tensor (pre-softmax when stripped) and the captured outputs."""
+    captured: list[list[Any]] = [[] for _ in layers]
+    target_store: list[Any] = []
+    handles = []
+    tap = _SoftmaxTap() if strip_softmax and target_layer is None else None
+    try:
+        for layer, store in zip(layers, captured):
+            handles.append(resolve_layer(model, layer).register_forward_hook(capture_hook(store, False)))
+        if target_layer is not None:
+            # Registered last, so the other layers' hooks on the same module run first.
+            handles.append(resolve_layer(model, target_layer).register_forward_hook(capture_hook(target_store, True)))
+        try:
+            with ExitStack() as modes:
+                for mode in extra_modes:
+                    modes.enter_context(mode)
+                if tap is not None:
+                    modes.enter_context(tap)
+                out = model(x_in)
+        except _StopForward as stop:
+            out = stop.value
+    finally:
+        for h in handles:
+            h.remove()
+    if target_layer is not None:
+        if not target_store:
+            raise SalienceError(f"the target's layer {target_layer!r} was not called in the forward pass")
+        out = target_store[0]
+    out = unwrap_output(out)
+    if tap is not None and tap.last is not None and out is tap.last[1]:
+        out = tap.last[0]
+    elif strip_softmax and target_layer is None and looks_like_probabilities(out):
+        warnings.warn(
+            "the model's output looks like probabilities (non-negative rows summing to 1) but no final "
+            "softmax call was seen to take the scores before it; saliency of probabilities is dominated "
+            "by the other classes. Give salience the model without its final softmax.",
+            stacklevel=4,
+        )
+    for layer, store in zip(layers, captured):
+        if not store or not isinstance(store[0], Tensor):
+            raise SalienceError(f"layer {layer!r} was not called in the forward pass (or returned no tensor)")
+    return out, captured
+
+
+def _walk_back(scores: list[Tensor], wrt: list[Tensor], need_input: bool) -> list[list[Tensor]]:
+    """One backward pass per target's scores, the graph kept until the last; zeros where unused."""
+    if not wrt:
+        return [[] for _ in scores]
+    out = []
+    for k, s in enumerate(scores):
+        if not s.requires_grad:
+            raise SalienceError(
+                "the target's score does not depend on the input: the model has no gradient path from "
+                "x to the output (is a part of it non-differentiable, detached, or under no_grad?)"
+            )
+        grads = torch.autograd.grad(s.sum(), wrt, retain_graph=k < len(scores) - 1, allow_unused=True)
+        if need_input and grads[0] is None:
+            raise SalienceError(
+                "the target's score does not depend on the input x (no gradient path); check that the "
+                "model uses its input and that the target reads the model's output"
+            )
+        out.append([g if g is not None else torch.zeros_like(w) for g, w in zip(grads, wrt)])
+    return out
+
+
+def backward(
     model: nn.Module,
     x: Tensor,
-    target: TargetLike = None,
+    targets: Sequence[TargetLike],
     *,
     layers: Sequence[LayerSpec] = (),
     input_grad: bool = True,
     strip_softmax: bool = True,
     extra_modes: Sequence[Any] = (),
-) -> Pass:
-    """Differentiate the target's score w.r.t. ``x`` ``(B, C, H, W)`` and ``layers``' outputs.
+) -> Gradients:
+    """Differentiate K targets' scores w.r.t. ``x`` ``(B, C, H, W)`` and ``layers``' outputs.
 
-    ``extra_modes`` are context managers entered around the forward pass (backprop rules).
-    The model is restored afterwards whatever happens.
+    One forward pass, then one backward pass per target (the graph is kept between them with
+    ``retain_graph``): K targets cost one forward, not K. All targets read the same output (the
+    model's, or the same layer's). ``extra_modes`` are context managers entered around the
+    forward pass (backprop rules). Runs under :func:`model_guard`: eval mode, parameters frozen
+    (only these gradients are computed, ``.grad`` is never touched), everything restored.
     """
     check_input(x, model)
-    tgt: Target = as_target(target)
+    if not targets:
+        raise SalienceError("no target to differentiate")
+    target_layer = _common_layer(targets)
     with ExitStack() as stack:
         stack.enter_context(model_guard(model))
         stack.enter_context(torch.inference_mode(False))
@@ -152,74 +268,48 @@ def gradients(
         # With parameters frozen, the graph to the layers' outputs starts at x: it needs grad even
         # when only the layers' gradients are asked for.
         x_in = (x.clone() if x.is_inference() else x).detach().requires_grad_(input_grad or bool(layers))
+        out, captured = _forward(model, x_in, target_layer, layers, strip_softmax, extra_modes)
+        scores = [check_scores(t(out), x.shape[0]) for t in targets]
+        wrt = ([x_in] if input_grad else []) + [c[0] for c in captured]
+        per_target = _walk_back(scores, wrt, input_grad)
+    inputs = None
+    if input_grad:
+        inputs = torch.stack([t.modify_gradient(g[0]) for t, g in zip(targets, per_target)])
+    first = 1 if input_grad else 0
+    layer_grads = [torch.stack([g[first + i] for g in per_target]) for i in range(len(layers))]
+    return Gradients(
+        output=out.detach(),
+        scores=[s.detach() for s in scores],
+        inputs=inputs,
+        activations=[c[0].detach() for c in captured],
+        layer_grads=layer_grads,
+    )
 
-        captured: list[list[Any]] = [[] for _ in layers]
-        handles = []
-        target_store: list[Any] = []
-        try:
-            for layer, store in zip(layers, captured):
-                handles.append(resolve_layer(model, layer).register_forward_hook(_capture_hook(store, False)))
-            if tgt.layer is not None:
-                # Registered last, so the other layers' hooks on the same module run first.
-                handles.append(resolve_layer(model, tgt.layer).register_forward_hook(_capture_hook(target_store, True)))
-            tap = _SoftmaxTap() if strip_softmax and tgt.layer is None else None
-            try:
-                with ExitStack() as modes:
-                    for mode in extra_modes:
-                        modes.enter_context(mode)
-                    if tap is not None:
-                        modes.enter_context(tap)
-                    out = model(x_in)
-            except _StopForward as stop:
-                out = stop.value
-        finally:
-            for h in handles:
-                h.remove()
 
-        if tgt.layer is not None:
-            if not target_store:
-                raise SalienceError(f"the target's layer {tgt.layer!r} was not called in the forward pass")
-            out = target_store[0]
-        out = unwrap_output(out)
-        if tap is not None and tap.last is not None and out is tap.last[1]:
-            out = tap.last[0]
-        elif strip_softmax and tgt.layer is None and looks_like_probabilities(out):
-            warnings.warn(
-                "the model's output looks like probabilities (non-negative rows summing to 1) but no final "
-                "softmax call was seen to take the scores before it; saliency of probabilities is dominated "
-                "by the other classes. Give salience the model without its final softmax.",
-                stacklevel=3,
-            )
-        for layer, store in zip(layers, captured):
-            if not store or not isinstance(store[0], Tensor):
-                raise SalienceError(f"layer {layer!r} was not called in the forward pass (or returned no tensor)")
+def gradients(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetLike,
+    *,
+    layers: Sequence[LayerSpec] = (),
+    input_grad: bool = True,
+    strip_softmax: bool = True,
+    extra_modes: Sequence[Any] = (),
+) -> Pass:
+    """One target's :func:`backward`: d score / d ``x`` ``(B, C, H, W)`` and ``layers``' gradients.
 
-        scores = check_scores(tgt(out), x.shape[0])
-        wrt = ([x_in] if input_grad else []) + [s[0] for s in captured]
-        if not scores.requires_grad or not wrt:
-            if wrt:
-                raise SalienceError(
-                    "the target's score does not depend on the input: the model has no gradient path from "
-                    "x to the output (is a part of it non-differentiable, detached, or under no_grad?)"
-                )
-            grads: Sequence[Optional[Tensor]] = []
-        else:
-            grads = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
-        if input_grad and grads[0] is None:
-            raise SalienceError(
-                "the target's score does not depend on the input x (no gradient path); check that the "
-                "model uses its input and that the target reads the model's output"
-            )
-        grads = [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, wrt)]
-        grad = tgt.modify_gradient(grads[0]) if input_grad else None
-        layer_grads = list(grads[1:] if input_grad else grads)
-        return Pass(
-            output=out.detach(),
-            scores=scores.detach(),
-            grad=grad,
-            activations=[s[0].detach() for s in captured],
-            layer_grads=layer_grads,
-        )
+    ``target``: a target object (see :func:`salience.targets.as_target` to make one from an
+    int, a tensor or a function).
+    """
+    g = backward(model, x, [target], layers=layers, input_grad=input_grad, strip_softmax=strip_softmax,
+                 extra_modes=extra_modes)
+    return Pass(
+        output=g.output,
+        scores=g.scores[0],
+        grad=None if g.inputs is None else g.inputs[0],
+        activations=g.activations,
+        layer_grads=[lg[0] for lg in g.layer_grads],
+    )
 
 
 def check_scores(scores: Any, batch: int) -> Tensor:

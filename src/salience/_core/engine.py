@@ -15,9 +15,10 @@ belongs to image ``j % B``. :func:`accumulate`
   size, ``max_memory=`` sets the budget (default: :func:`default_budget`);
 - shows a progress bar when asked.
 
-:func:`input_gradients` differentiates several targets of the same inputs with one forward
-pass and one backward pass per target (the graph is kept between the backward passes with
-``retain_graph``), instead of one forward and backward per target.
+:func:`input_gradients` and :func:`layer_gradients` are what methods ask of the engine: the
+gradients of K targets over given items, from one forward pass and one backward pass per target
+(:func:`salience._core.autograd.backward`). Nothing else happens inside a target's call, and no
+result depends on the order of hooks or chunks.
 """
 from __future__ import annotations
 
@@ -30,10 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from salience._core.autograd import _capture_hook, check_scores, gradients
+from salience._core.autograd import TargetLike, backward
 from salience._core.errors import SalienceError
 from salience._core.progress import progress as _progress
-from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
 
 __all__ = [
     "MemoryProbe",
@@ -42,9 +42,8 @@ __all__ = [
     "default_budget",
     "input_gradients",
     "layer_gradients",
-    "split_targets",
-    "resolve_targets",
-    "targets_for",
+    "accepts",
+    "acc_dtype",
     "check_memory_options",
 ]
 
@@ -180,24 +179,28 @@ def _parse_bytes(text: str) -> int:
 class Sums:
     """Running sums per image: ``total = sum_j w_j m_j``, ``squares = sum_j w_j m_j**2``.
 
-    ``chunks``: the size of every chunk that was run (the first is the probe);
-    ``per_item_bytes``: what the probe measured (``None`` if ``chunk`` was given).
+    ``scores``: what ``compute`` returned beside the maps for each item ``(total, ...)`` (the
+    targets' scores), when it returned any; ``chunks``: the size of every chunk that was run (the
+    first is the probe); ``per_item_bytes``: what the probe measured (``None`` if ``chunk`` was
+    given).
     """
 
     total: Tensor
     squares: Optional[Tensor]
+    scores: Optional[Tensor]
     chunks: list[int]
     per_item_bytes: Optional[int]
 
 
-def _acc_dtype(t: Tensor) -> torch.dtype:
+def acc_dtype(t: Tensor) -> torch.dtype:
+    """The dtype running sums of ``t`` are kept in: float64 where the device has it, else float32."""
     if t.device.type in ("cpu", "cuda") and t.is_floating_point():
         return torch.float64
     return torch.float32
 
 
 def accumulate(
-    compute: Callable[[int, int], Tensor],
+    compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]],
     total: int,
     n_images: int,
     *,
@@ -211,6 +214,10 @@ def accumulate(
 ) -> Sums:
     """Run ``compute(start, stop) -> maps (stop - start, ...)`` over all items in chunks and sum.
 
+    Items are computed once each, in increasing order (a chunk never goes back), so ``compute``
+    may draw from a stream (SmoothGrad's seeded noise). ``compute`` may also return ``(maps, scores)``: the per-item ``scores`` ``(stop - start, ...)``
+    are kept, in item order, in :attr:`Sums.scores` (they are small: the targets' scores).
+
     Item ``j`` belongs to image ``j % n_images`` and counts with weight ``weights[j // n_images]``
     (one weight per repetition; default 1). Sums are kept in float64 (float32 where the device
     has no float64), so the result does not depend on the chunking beyond rounding.
@@ -221,14 +228,19 @@ def accumulate(
     w = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float64)
     acc: Optional[Tensor] = None
     acc2: Optional[Tensor] = None
+    item_scores: list[Tensor] = []
     sizes: list[int] = []
     per_item: Optional[int] = None
 
-    def add(start: int, maps: Tensor) -> None:
+    def add(start: int, result: Union[Tensor, tuple[Tensor, Tensor]]) -> None:
         nonlocal acc, acc2
+        maps = result
+        if isinstance(result, tuple):
+            maps = result[0]
+            item_scores.append(result[1].detach())
         n = maps.shape[0]
         if acc is None:
-            dt = _acc_dtype(maps)
+            dt = acc_dtype(maps)
             acc = torch.zeros((n_images,) + tuple(maps.shape[1:]), dtype=dt, device=maps.device)
             if squares:
                 acc2 = torch.zeros_like(acc)
@@ -268,176 +280,41 @@ def accumulate(
                 chunk -= chunk % n_images
         while start < total:
             stop = min(total, start + chunk)
-            maps = compute(start, stop)
-            add(start, maps)
-            del maps
+            add(start, compute(start, stop))
             sizes.append(stop - start)
             bar.update(stop - start)
             start = stop
     assert acc is not None
-    return Sums(acc, acc2, sizes, per_item)
-
-
-# --------------------------------------------------------------------------- targets
-
-
-def split_targets(target: Any, batch: Optional[int] = None) -> tuple[list[Target], bool]:
-    """``target`` -> (targets, multi). Several targets per image are a ``(B, K)`` integer tensor
-    (or nested list), or a list/tuple of targets (``Target`` objects, functions, ``None``, class
-    indices) with at least one that is not a class index;
-    anything else is one target (see :func:`salience.targets.as_target`). ``batch``: the ``B``
-    a ``(B, K)`` tensor must have."""
-    if isinstance(target, Tensor) and target.dim() == 2:
-        if target.is_floating_point() or target.dtype == torch.bool:
-            raise SalienceError(f"expected integer class indices (B, K), got a tensor of dtype {target.dtype}")
-        if target.shape[1] == 0:
-            raise SalienceError("the target tensor has K = 0 targets per image")
-        if batch is not None and target.shape[0] != batch:
-            raise SalienceError(
-                f"several targets per image are a (B, K) tensor with B = {batch} (the batch), got shape "
-                f"{tuple(target.shape)}"
-            )
-        return [Classes(target[:, k]) for k in range(target.shape[1])], True
-    if isinstance(target, (list, tuple)) and target and all(isinstance(t, (list, tuple)) for t in target):
-        return split_targets(torch.as_tensor(target), batch)
-    if isinstance(target, (list, tuple)) and target and any(t is None or isinstance(t, Target) or callable(t) for t in target):
-        return [as_target(t) for t in target], True
-    return [as_target(target)], False
-
-
-def resolve_targets(
-    model: nn.Module, x: Tensor, targets: list[Target], *, strip_softmax: bool = True,
-    output: Optional[Tensor] = None,
-) -> list[Target]:
-    """Replace "predicted class" targets by the classes predicted for the clean ``x``.
-
-    One forward pass without gradients, and only if a target needs it (or pass its ``output``).
-    """
-    if not any(isinstance(t, Predicted) for t in targets):
-        return targets
-    if output is None:
-        output = gradients(model, x, _Output(), input_grad=False, strip_softmax=strip_softmax).output
-    if output.dim() == 1:
-        output = output.unsqueeze(1)
-    if output.dim() != 2:
-        raise SalienceError(
-            f"the predicted-class target needs a model output of shape (B, K), got {tuple(output.shape)}; "
-            "pass a target, e.g. a custom one"
-        )
-    top = output.argmax(dim=1)
-    return [Classes(top) if isinstance(t, Predicted) else t for t in targets]
-
-
-class _Output(Target):
-    """A target that only reads the output (a forward pass with no backward)."""
-
-    def __call__(self, output: Tensor) -> Tensor:
-        return output.reshape(output.shape[0], -1)[:, 0]
-
-
-def targets_for(target: Target, owner: Tensor) -> Target:
-    """The target for items whose images are ``owner`` ``(n,)`` (indices into the batch).
-
-    Per-image class indices are gathered; targets that are functions of each sample's output
-    (regression, activation, custom) apply to the items as they are.
-    """
-    if isinstance(target, Classes) and isinstance(target.index, Tensor):
-        return Classes(target.index.to(owner.device)[owner])
-    if isinstance(target, MultiLabel) and target.indices.dim() == 2:
-        return MultiLabel(target.indices.to(owner.device)[owner])
-    if isinstance(target, Predicted):
-        raise AssertionError("resolve the predicted class before expanding targets")
-    return target
+    scores = torch.cat(item_scores) if item_scores else None
+    return Sums(acc, acc2, scores, sizes, per_item)
 
 
 # --------------------------------------------------------------------------- several targets, one forward
 
 
-class _Shared(Target):
-    """Evaluates K targets on one output; the first one's gradient is left to ``gradients``, the
-    others are taken inside, with the graph retained (one forward, K backward passes).
-
-    ``inputs``: a list that holds, once the forward pass has run, the tensor to differentiate
-    with respect to (the model's input, or a layer's output with ``modify=False``: targets'
-    gradient modifiers act on input gradients only)."""
-
-    def __init__(self, targets: Sequence[Target], inputs: list, modify: bool = True) -> None:
-        layers = {id(t.layer) if not isinstance(t.layer, str) else t.layer for t in targets}
-        if len(layers) > 1:
-            raise SalienceError("several targets at once must all read the same layer (or all the model's output)")
-        self.targets = list(targets)
-        self.layer = targets[0].layer
-        self.inputs = inputs
-        self.modify = modify
-        self.scores: list[Tensor] = []
-        self.grads: list[Tensor] = []
-
-    def __call__(self, output: Tensor) -> Tensor:
-        x_in = self.inputs[0]
-        scores = [check_scores(t(output), x_in.shape[0]) for t in self.targets]
-        for t, s in zip(self.targets[1:], scores[1:]):
-            if not s.requires_grad:
-                raise SalienceError("a target's score does not depend on the input (no gradient path)")
-            (g,) = torch.autograd.grad(s.sum(), x_in, retain_graph=True, allow_unused=True)
-            g = torch.zeros_like(x_in) if g is None else g
-            self.grads.append(t.modify_gradient(g) if self.modify else g)
-        self.scores = [s.detach() for s in scores]
-        return scores[0]
-
-    def modify_gradient(self, grad: Tensor) -> Tensor:
-        return self.targets[0].modify_gradient(grad)
-
-
 def input_gradients(
     model: nn.Module,
     x: Tensor,
-    targets: Sequence[Target],
+    targets: Sequence[TargetLike],
     *,
     strip_softmax: bool = True,
     extra_modes: Sequence[Any] = (),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of K targets w.r.t. ``x`` ``(n, C, H, W)`` from one forward pass.
 
-    Returns ``(grads (K, n, C, H, W), scores (K, n), output)``. With K > 1 the graph of the
-    forward pass is kept and walked back once per target (``retain_graph``), which costs one
-    forward less per extra target than separate calls.
+    Returns ``(grads (K, n, C, H, W), scores (K, n), output)``: the forward pass is walked back
+    once per target (:func:`salience._core.autograd.backward`), which costs one forward less per
+    extra target than separate calls.
     """
-    if len(targets) == 1:
-        p = gradients(model, x, targets[0], strip_softmax=strip_softmax, extra_modes=extra_modes)
-        assert p.grad is not None
-        s = p.scores.reshape(-1) if p.scores.dim() else p.scores.expand(x.shape[0])
-        return p.grad.unsqueeze(0), s.unsqueeze(0), p.output
-    inputs: list = []
-    shared = _Shared(targets, inputs)
-
-    def grab(module: nn.Module, args: Any) -> None:
-        if not inputs and args and isinstance(args[0], Tensor):
-            inputs.append(args[0])
-
-    handle = model.register_forward_pre_hook(grab)
-    try:
-        p = gradients(model, x, shared, strip_softmax=strip_softmax, extra_modes=extra_modes)
-    finally:
-        handle.remove()
-    assert p.grad is not None
-    grads = torch.stack([p.grad] + shared.grads)
-    scores = torch.stack([s.reshape(-1) if s.dim() else s.expand(x.shape[0]) for s in shared.scores])
-    return grads, scores, p.output
-
-
-def accepts(fn: Callable, name: str) -> bool:
-    """Whether ``fn`` takes the keyword ``name`` (or any keyword)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    g = backward(model, x, targets, strip_softmax=strip_softmax, extra_modes=extra_modes)
+    assert g.inputs is not None
+    return g.inputs, g.score_matrix(x.shape[0]), g.output
 
 
 def layer_gradients(
     model: nn.Module,
     x: Tensor,
-    targets: Sequence[Target],
+    targets: Sequence[TargetLike],
     layer: nn.Module,
     *,
     strip_softmax: bool = True,
@@ -447,17 +324,15 @@ def layer_gradients(
 
     Returns ``(activation (B, ...), grads (K, B, ...))``; the backward passes stop at the layer.
     """
-    if len(targets) == 1:
-        p = gradients(model, x, targets[0], layers=[layer], input_grad=False, strip_softmax=strip_softmax,
-                      extra_modes=extra_modes)
-        return p.activations[0], p.layer_grads[0].unsqueeze(0)
-    store: list = []
-    shared = _Shared(targets, store, modify=False)
-    # Registered before gradients' own hook on the layer: both keep the same output tensor.
-    handle = layer.register_forward_hook(_capture_hook(store, False))
+    g = backward(model, x, targets, layers=[layer], input_grad=False, strip_softmax=strip_softmax,
+                 extra_modes=extra_modes)
+    return g.activations[0], g.layer_grads[0]
+
+
+def accepts(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` takes the keyword ``name`` (or any keyword)."""
     try:
-        p = gradients(model, x, shared, layers=[layer], input_grad=False, strip_softmax=strip_softmax,
-                      extra_modes=extra_modes)
-    finally:
-        handle.remove()
-    return p.activations[0], torch.stack([p.layer_grads[0]] + shared.grads)
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

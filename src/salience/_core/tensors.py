@@ -61,14 +61,16 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return p.dtype if p is not None and p.is_floating_point() else torch.float32
 
 
-def check_int(value: Any, name: str, *, minimum: int = 0, what: str = "") -> int:
-    """``value`` as an int ``>= minimum``, or a :class:`SalienceError` naming the option.
-
-    Bools are refused (``True`` is not a count); numpy integers are accepted.
+def check_int(value: Any, name: str, *, minimum: Optional[int] = 0, what: str = "") -> int:
+    """``value`` as an int ``>= minimum`` (any int with ``minimum=None``), or a
+    :class:`SalienceError` naming the option. Bools are refused (``True`` is not a count); numpy
+    integers are accepted.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or (minimum is not None and value < minimum)):
+        bound = f" >= {minimum}" if minimum is not None else ""
         hint = f" ({what})" if what else ""
-        raise SalienceError(f"{name} must be an int >= {minimum}{hint}, got {value!r}")
+        raise SalienceError(f"{name} must be an int{bound}{hint}, got {value!r}")
     return int(value)
 
 

@@ -3,18 +3,39 @@
 A target given as a ``(B, K)`` integer tensor, a list of per-image class lists, or a list of
 targets that contains ``None``, a :class:`~salience.targets.Target` or a function is *K
 targets*: the result gains a ``K`` axis after the batch, ``(B, K, ...)``. The K gradients come
-from one forward pass walked back K times (see :func:`salience._engine.input_gradients`), so
-``--top 5`` costs one forward, not five.
+from one forward pass walked back K times (see :func:`salience._core.engine.input_gradients`),
+so ``--top 5`` costs one forward, not five.
+
+:func:`several_targets` marks a method that takes K targets in one call this way, so that
+wrappers (SmoothGrad) hand it all K at once instead of calling it K times.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence, TypeVar
 
 from torch import Tensor, nn
 
 from salience._core import engine as _engine
 from salience import reduce as _reduce
 from salience._core.autograd import check_input
+from salience.targets import split
+
+F = TypeVar("F", bound=Callable[..., Tensor])
+
+
+def several_targets(method: F) -> F:
+    """Mark ``method`` as taking K targets in one call (a ``(B, K)`` tensor or a list of targets ->
+    ``(B, K, ...)``) at the cost of one forward pass: SmoothGrad then gives it all K at once."""
+    method.several_targets = True  # type: ignore[attr-defined]
+    return method
+
+
+def takes_several_targets(method: Callable[..., Any]) -> bool:
+    """Whether ``method`` (or the function a ``functools.partial`` wraps) is marked by :func:`several_targets`."""
+    while isinstance(method, functools.partial):
+        method = method.func
+    return bool(getattr(method, "several_targets", False))
 
 
 def finish(maps: Tensor, grad_modifier: Any, reduce: Any, multi: bool) -> Tensor:
@@ -42,7 +63,7 @@ def input_gradient_maps(
     ``x`` ``(B, C, H, W)`` -> ``(B, ...)`` for one target, ``(B, K, ...)`` for K targets.
     """
     check_input(x, model)
-    targets, multi = _engine.split_targets(target, x.shape[0])
+    targets, multi = split(target, x.shape[0])
     _reduce.get_grad_modifier(grad_modifier)
     _reduce.get_reduction(reduce)
     grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax, extra_modes=extra_modes)

@@ -20,15 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salience._core import engine as _engine
-from salience import reduce as _reduce
 from salience import rules
-from salience._core.autograd import check_input, gradients
+from salience._core.autograd import backward, check_input
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience.reduce import GradModifier, Reduction
-from salience.targets import TargetLike
+from salience.targets import TargetLike, split
+from salience.methods._multi import finish, several_targets
 
 __all__ = ["gradcam", "guided_gradcam", "default_layer"]
 
@@ -137,6 +137,7 @@ def _upsample(cam: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(cam.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
+@several_targets
 def gradcam(
     model: nn.Module,
     x: Tensor,
@@ -155,7 +156,7 @@ def gradcam(
     :func:`salience.vanilla`. The model comes back exactly as it was.
     """
     check_input(x, model)
-    targets, multi = _engine.split_targets(target, x.shape[0])
+    targets, multi = split(target, x.shape[0])
     mod = _resolve(model, x, layer)
     # One forward pass; one backward pass per target, down to the layer only.
     acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
@@ -182,6 +183,7 @@ def _rectified_before(module: nn.Module, rule: rules.BackpropRule) -> Iterator[l
         handle.remove()
 
 
+@several_targets
 def guided_gradcam(
     model: nn.Module,
     x: Tensor,
@@ -202,24 +204,23 @@ def guided_gradcam(
     resnet's ``layer4`` followed by pooling and one linear layer): then the layer's gradient
     under the guided rule *is* the plain gradient that Grad-CAM's weights need. Otherwise (e.g.
     vgg, whose classifier has ReLUs) the guided rule changes the layer's gradient, so Grad-CAM
-    takes a second, plain pass.
+    takes a second, plain pass. Several targets share those passes (one forward each, one
+    backward per target).
     """
     check_input(x, model)
-    targets, multi = _engine.split_targets(target, x.shape[0])
+    targets, multi = split(target, x.shape[0])
     mod = _resolve(model, x, layer)
-    if multi:
-        return torch.stack([guided_gradcam(model, x, t, layer=mod, reduce=reduce, grad_modifier=grad_modifier,
-                                           unsupported=unsupported, strip_softmax=strip_softmax)
-                            for t in targets], dim=1)
     rules.check_model(model, "guided Grad-CAM")
     rule = rules.guided(unsupported=unsupported)
+    # One ruled pass gives all K targets' guided input gradients and the layer's gradients.
     with _rectified_before(mod, rule) as mark:
-        p = gradients(model, x, target, layers=[mod], strip_softmax=strip_softmax, extra_modes=[rule])
-    assert p.grad is not None
-    if mark and mark[0] == rule.rectified:
-        cam = _cam(model, p.activations[0], p.layer_grads[0], relu=True)
-    else:
-        plain = gradients(model, x, target, layers=[mod], input_grad=False, strip_softmax=strip_softmax)
-        cam = _cam(model, plain.activations[0], plain.layer_grads[0], relu=True)
-    cam = _upsample(cam, tuple(x.shape[-2:]))
-    return _reduce.apply(p.grad * cam.unsqueeze(1), grad_modifier, reduce)
+        g = backward(model, x, targets, layers=[mod], strip_softmax=strip_softmax, extra_modes=[rule])
+    assert g.inputs is not None
+    acts, layer_grads = g.activations[0], g.layer_grads[0]
+    if not (mark and mark[0] == rule.rectified):
+        # ReLUs ran after the layer: the rule changed its gradient; Grad-CAM needs the plain one.
+        acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+    cams = torch.stack([_cam(model, acts, lg, relu=True) for lg in layer_grads], dim=1)  # (B, K, h, w)
+    b, k = cams.shape[:2]
+    cams = _upsample(cams.flatten(0, 1), tuple(x.shape[-2:])).unflatten(0, (b, k))
+    return finish(g.inputs.transpose(0, 1) * cams.unsqueeze(2), grad_modifier, reduce, multi)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from salience import rules
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike
-from salience.methods._multi import input_gradient_maps
+from salience.methods._multi import several_targets, input_gradient_maps
 
 __all__ = ["guided_backprop", "deconvnet"]
 
@@ -26,6 +26,7 @@ def _ruled_maps(model: nn.Module, x: Tensor, target: TargetLike, rule: rules.Bac
                                strip_softmax=strip_softmax, extra_modes=[rule])
 
 
+@several_targets
 def guided_backprop(
     model: nn.Module,
     x: Tensor,
@@ -51,6 +52,7 @@ def guided_backprop(
                        strip_softmax, grad_modifier, reduce)
 
 
+@several_targets
 def deconvnet(
     model: nn.Module,
     x: Tensor,

@@ -7,23 +7,22 @@ The points of all images are run together in chunks by :mod:`salience._engine`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salience import reduce as _reduce
 from salience._core import engine as _engine
-from salience._core.autograd import check_input, gradients
+from salience._core.autograd import backward, check_input
 from salience._core.errors import SalienceError
+from salience._core.tensors import check_int, gaussian_blur
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
-from salience.targets import Predicted
-from salience.methods._multi import finish, input_gradient_maps
+from salience.targets import Predicted, Target, split
+from salience.methods._multi import several_targets, finish, input_gradient_maps
 
 __all__ = ["integrated_gradients", "input_x_gradient", "quadrature", "RULES", "IGResult"]
 
@@ -85,22 +84,6 @@ class IGResult:
         return iter((self.attributions, self.gap))
 
 
-def _blur(x: Tensor, sigma: float) -> Tensor:
-    """Gaussian blur of ``(B, C, H, W)`` per channel, reflect padding (kernel cut at 3 sigma)."""
-    radius = max(1, int(math.ceil(3 * sigma)))
-    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1) if min(x.shape[-2:]) > 1 else 0
-    if radius < 1:
-        return x.clone()
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    y = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    return y
-
-
 def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
     if baseline is None:
         return torch.zeros_like(x)
@@ -111,7 +94,7 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
             sigma = blur_sigma if blur_sigma is not None else max(1.0, min(x.shape[-2:]) / 20)
             if not sigma > 0:
                 raise SalienceError(f"blur_sigma must be > 0 pixels, got {blur_sigma!r}")
-            return _blur(x.detach(), float(sigma))
+            return gaussian_blur(x.detach(), float(sigma))
         raise SalienceError(f"unknown baseline {baseline!r}; expected None/'black' (zeros), 'blur', a number or a tensor")
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
         return torch.full_like(x, float(baseline))
@@ -130,6 +113,7 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
     return bl.expand_as(x)
 
 
+@several_targets
 def integrated_gradients(
     model: nn.Module,
     x: Tensor,
@@ -152,7 +136,7 @@ def integrated_gradients(
     ``x``: ``(B, C, H, W)``. ``baseline``: ``None`` (black: zeros), a number, a tensor
     ``(B, C, H, W)`` / ``(1, C, H, W)`` / ``(C, H, W)``, or ``"blur"`` (``x`` blurred with a Gaussian
     of ``blur_sigma`` pixels, default ``min(H, W) / 20``). ``steps`` points, ``rule``:
-    ``"trapezoid"`` (default; its end points give ``f(x)`` and ``f(x')`` with no extra pass),
+    ``"trapezoid"`` (default; exact for a linear path integrand),
     ``"gausslegendre"``, ``"left"``, ``"right"``, ``"middle"`` (also Captum's names such as
     ``"riemann_trapezoid"``); see :func:`quadrature`.
 
@@ -160,104 +144,114 @@ def integrated_gradients(
     ``(B, H, W)``); ``None`` gives the signed ``(B, C, H, W)`` attributions, whose sum is
     ``f(x) - f(x')``. With ``return_gap=True``, an :class:`IGResult` ``(attributions, gap)`` where
     ``gap = sum(IG) - (f(x) - f(x'))`` per image. ``target`` as in :func:`salience.vanilla`, resolved
-    on ``x``; several per image (``(B, K)`` or a list) give ``(B, K, ...)``, one forward and K
-    backward passes per chunk. ``chunk``, ``max_memory``, ``progress`` as in :func:`salience.smoothgrad`.
+    on ``x``: the end point ``x`` runs first, in a pass of its own (a gradient pass that the path
+    needs anyway when the rule has ``a = 1``, as the trapezoid does; else a forward pass), and so
+    does ``x'`` for the gap. Several targets per image (``(B, K)`` or a list) give ``(B, K, ...)``,
+    one forward and K backward passes per chunk. ``chunk``, ``max_memory``, ``progress`` as in
+    :func:`salience.smoothgrad`.
     """
     check_input(x, model)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise SalienceError(f"steps must be an int >= 1 (points on the path), got {steps!r}")
+    check_int(steps, "steps", minimum=1, what="points on the path")
     if not isinstance(rule, str):
         raise SalienceError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
-    nodes, weights = quadrature(rule, steps)
+    alphas, weights = quadrature(rule, steps)
     budget = _engine.check_memory_options(chunk, max_memory)
     _reduce.get_grad_modifier(grad_modifier)
     _reduce.get_reduction(reduce)
     x0 = _baseline(x, baseline, blur_sigma)
-    diff = x - x0
-    targets, multi = _engine.split_targets(target, x.shape[0])
-    b, k = x.shape[0], len(targets)
-
-    # Put the end point a = 1 first (it picks the predicted class and gives f(x)), a = 0 second.
-    order = sorted(range(len(nodes)), key=lambda i: (nodes[i] != 1.0, nodes[i] != 0.0, i))
-    alphas = [nodes[i] for i in order]
-    w = [weights[i] for i in order]
-    state: dict[str, Any] = {"targets": targets}
-
-    def point(rep: int, img: slice) -> Tensor:
-        a = alphas[rep]
-        if a == 1.0:
-            return x[img]
-        if a == 0.0:
-            return x0[img]
-        return x0[img] + a * diff[img]
-
-    def compute(start: int, stop: int) -> Tensor:
-        if start < b < stop and any(isinstance(t, Predicted) for t in state["targets"]):
-            # The a = 1 items pick the classes for the others: run them first.
-            return torch.cat([compute(start, b), compute(b, stop)])
-        parts, j = [], start
-        while j < stop:
-            rep, img = divmod(j, b)
-            n = min(stop - j, b - img)
-            parts.append(point(rep, slice(img, img + n)))
-            j += n
-        xs = parts[0] if len(parts) == 1 else torch.cat(parts)
-        owner = torch.arange(start, stop, device=x.device) % b
-        reps = [j // b for j in range(start, stop)]
-        tg = state["targets"]
-        # Unresolved "predicted" targets only reach here for the a = 1 items (x itself).
-        items = [t if isinstance(t, Predicted) else _engine.targets_for(t, owner) for t in tg]
-        grads, scores, output = _engine.input_gradients(model, xs, items, strip_softmax=strip_softmax)
-        if any(isinstance(t, Predicted) for t in tg):
-            state["pred"][owner] = output.reshape(output.shape[0], -1).argmax(dim=1)
-            if stop >= b:
-                state["targets"] = [_engine.Classes(state["pred"]) if isinstance(t, Predicted) else t for t in tg]
-        for a, store in ((1.0, "fx"), (0.0, "f0")):
-            m = torch.tensor([alphas[r] == a for r in reps], device=x.device)
-            if bool(m.any()):
-                state[store][owner[m]] = scores.t()[m].to(torch.float64)
-        return grads.transpose(0, 1)  # (n, K, C, H, W)
+    targets, multi = split(target, x.shape[0])
+    b = x.shape[0]
+    ends = _Ends(model, strip_softmax, dict(zip(alphas, weights)))
 
     with model_guard(model):
-        need_pred = any(isinstance(t, Predicted) for t in targets)
-        if alphas[0] == 1.0:
-            state["pred"] = torch.empty(b, dtype=torch.long, device=x.device)
-        elif need_pred or return_gap:
-            # No a = 1 point: one forward pass of x (no backward) for the predicted class and f(x).
-            out_x = gradients(model, x, _engine._Output(), input_grad=False, strip_softmax=strip_softmax).output
-            state["targets"] = _engine.resolve_targets(model, x, targets, output=out_x)
-            state["fx"] = _scores(out_x, state["targets"])
-        state.setdefault("fx", torch.zeros(b, k, dtype=torch.float64, device=x.device))
-        state["f0"] = torch.zeros(b, k, dtype=torch.float64, device=x.device)
-        sums = _engine.accumulate(
-            compute, len(alphas) * b, b, weights=w, chunk=chunk, max_memory=budget,
-            progress=progress, desc="integrated gradients", device=x.device,
-        )
-        attr = sums.total * diff.unsqueeze(1).to(sums.total.dtype)  # (B, K, C, H, W), float64
+        if any(isinstance(t, Predicted) for t in targets):
+            # The predicted class is fixed on x before the path: x's pass runs first, explicitly (a
+            # gradient pass that the path needs anyway when the rule has a = 1, else a forward pass).
+            targets = ends.at(x, 1.0, targets)
+        rest = [a for a in alphas if a not in ends.done]
+        path = PathPoints(x, x0, rest)
+
+        def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
+            xs, owner = path(start, stop)
+            items = [t.for_items(owner) for t in targets]
+            grads, scores, _ = _engine.input_gradients(model, xs, items, strip_softmax=strip_softmax)
+            return grads.transpose(0, 1), scores.t()  # (n, K, C, H, W), (n, K)
+
+        sums = None
+        if rest:
+            sums = _engine.accumulate(
+                compute, len(rest) * b, b, weights=[ends.weights[a] for a in rest], chunk=chunk,
+                max_memory=budget, progress=progress, desc="integrated gradients", device=x.device,
+            )
+            # The targets' scores at the end points of the path, where the path has them.
+            assert sums.scores is not None
+            for a in (1.0, 0.0):
+                if a in rest:
+                    ends.scores[a] = sums.scores[rest.index(a) * b:(rest.index(a) + 1) * b].to(torch.float64)
         if return_gap:
-            if 0.0 not in alphas:
-                out_0 = gradients(model, x0, _engine._Output(), input_grad=False, strip_softmax=strip_softmax).output
-                state["f0"] = _scores(out_0, state["targets"])
-            delta = state["fx"] - state["f0"]
-            gap = attr.flatten(2).sum(2) - delta
-        attr = attr.to(x.dtype)
-    out = finish(attr, grad_modifier, reduce, multi)
+            for point, a in ((x, 1.0), (x0, 0.0)):
+                if a not in ends.scores:
+                    ends.at(point, a, targets, on_path=False)  # a forward pass: the rule lacks the point
+    parts = [t for t in (ends.grads, None if sums is None else sums.total) if t is not None]
+    total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    attr = total * (x - x0).unsqueeze(1).to(total.dtype)  # (B, K, C, H, W), float64
+    out = finish(attr.to(x.dtype), grad_modifier, reduce, multi)
     if not return_gap:
         return out
-    gap_t = gap.to(x.dtype)
-    delta_t = delta.to(x.dtype)
-    return IGResult(out, gap_t if multi else gap_t[:, 0], delta_t if multi else delta_t[:, 0])
+    delta = ends.scores[1.0] - ends.scores[0.0]
+    gap = (attr.flatten(2).sum(2) - delta).to(x.dtype)
+    return IGResult(out, gap if multi else gap[:, 0], delta.to(x.dtype) if multi else delta.to(x.dtype)[:, 0])
 
 
-def _scores(output: Tensor, targets: list) -> Tensor:
-    """Target scores ``(B, K)`` (float64) from a model output."""
-    cols = []
-    for t in targets:
-        s = t(output)
-        cols.append(s.reshape(-1) if s.dim() else s.expand(output.shape[0]))
-    return torch.stack(cols, dim=1).to(torch.float64)
+class _Ends:
+    """The path's end points run as passes of their own: the target scores ``f`` there ``(B, K)``
+    by ``alpha``, the targets fixed on ``x`` (the predicted class becomes a class), and, where the
+    quadrature rule has the point, its weighted gradient (so the path does not run it again)."""
+
+    def __init__(self, model: nn.Module, strip_softmax: bool, weights: dict[float, float]) -> None:
+        self.model, self.strip_softmax, self.weights = model, strip_softmax, weights
+        self.scores: dict[float, Tensor] = {}
+        self.done: set[float] = set()
+        self.grads: Optional[Tensor] = None  # sum of the weighted end-point gradients, (B, K, C, H, W)
+
+    def at(self, point: Tensor, alpha: float, targets: list[Target], on_path: bool = True) -> list[Target]:
+        on_path = on_path and alpha in self.weights
+        g = backward(self.model, point, targets, input_grad=on_path, strip_softmax=self.strip_softmax)
+        self.scores[alpha] = g.score_matrix(point.shape[0]).t().to(torch.float64)
+        if on_path:
+            assert g.inputs is not None
+            self.grads = g.inputs.transpose(0, 1).to(_engine.acc_dtype(g.inputs)) * self.weights[alpha]
+            self.done.add(alpha)
+        return [t.resolved(g.output) for t in targets]
 
 
+class PathPoints:
+    """The points of the straight paths from ``baseline`` to ``x`` ``(B, C, H, W)`` as items: item
+    ``j`` is point ``alphas[j // B]`` of image ``j % B``, ``x' + a (x - x')`` (exactly ``x`` at
+    ``a = 1`` and ``x'`` at ``a = 0``). Any chunk of items can be made on its own, in any order."""
+
+    def __init__(self, x: Tensor, baseline: Tensor, alphas: Sequence[float]) -> None:
+        self.x, self.baseline, self.alphas = x, baseline, list(alphas)
+        self.diff = x - baseline
+
+    def point(self, rep: int, lo: int, hi: int) -> Tensor:
+        a = self.alphas[rep]
+        if a == 1.0:
+            return self.x[lo:hi]
+        if a == 0.0:
+            return self.baseline[lo:hi]
+        return self.baseline[lo:hi] + a * self.diff[lo:hi]
+
+    def __call__(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Items ``start..stop-1`` ``(n, C, H, W)`` and the image each belongs to ``(n,)``."""
+        b = self.x.shape[0]
+        parts = [self.point(rep, max(start, rep * b) - rep * b, min(stop, (rep + 1) * b) - rep * b)
+                 for rep in range(start // b, (stop - 1) // b + 1)]
+        owner = torch.arange(start, stop, device=self.x.device) % b
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), owner
+
+
+@several_targets
 def input_x_gradient(
     model: nn.Module,
     x: Tensor,

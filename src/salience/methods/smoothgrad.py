@@ -15,11 +15,12 @@ from salience import reduce as _reduce
 from salience._core import engine as _engine
 from salience._core.autograd import check_input
 from salience._core.errors import SalienceError
+from salience._core.tensors import check_int, check_number
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
-from salience.methods.guided import deconvnet, guided_backprop
-from salience.methods.integrated import input_x_gradient
+from salience.methods._multi import takes_several_targets
 from salience.methods.vanilla import vanilla
+from salience.targets import resolve, split
 
 __all__ = ["smoothgrad", "VARIANTS"]
 
@@ -54,8 +55,9 @@ def smoothgrad(
 
     ``target`` is resolved once, on the clean images (default: each image's predicted class),
     and used for every copy. Several targets per image (a ``(B, K)`` class tensor or a list of
-    targets) give maps ``(B, K, ...)``; for the one-pass methods (vanilla, guided backprop,
-    deconvnet, input x gradient) they share one forward pass per chunk.
+    targets) give maps ``(B, K, ...)``; for every method that takes K targets in one call
+    (salience's own, also through ``functools.partial``; see
+    :func:`salience.methods._multi.several_targets`) they share one forward pass per chunk.
 
     The wrapped method returns its raw map (``reduce=None``); ``grad_modifier`` and ``reduce``
     (default ``"max_abs"``, ``(B, H, W)``; ``None`` for the raw ``(B, C, H, W)``) are applied
@@ -72,90 +74,32 @@ def smoothgrad(
     ``method`` (e.g. ``layer=`` for Grad-CAM).
     """
     check_input(x, model)
-    if not callable(method):
-        raise SalienceError(f"method must be a saliency function such as salience.vanilla, got {type(method).__name__}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise SalienceError(f"samples must be an int >= 1 (noisy copies per image), got {samples!r}")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0 or noise == float("inf"):
-        raise SalienceError(f"noise must be a finite number >= 0 (a fraction of each image's range, e.g. 0.15), got {noise!r}")
-    if variant not in VARIANTS:
-        raise SalienceError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise SalienceError(f"seed must be an int or None, got {seed!r}")
+    _check_options(method, samples, noise, variant, seed, options)
     budget = _engine.check_memory_options(chunk, max_memory)
     mod = _reduce.get_grad_modifier(grad_modifier)
     red = _reduce.get_reduction(reduce)
-    for name in options:
-        if not _engine.accepts(method, name):
-            raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r}")
-    raw_options = dict(options)
-    if _engine.accepts(method, "reduce"):
-        raw_options["reduce"] = None
-    if _engine.accepts(method, "grad_modifier"):
-        raw_options["grad_modifier"] = None
-    if _engine.accepts(method, "strip_softmax"):
-        raw_options["strip_softmax"] = strip_softmax
-
-    targets, multi = _engine.split_targets(target, x.shape[0])
-    b = x.shape[0]
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(torch.seed())))
-    sigma = (noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))).view(b, 1, 1, 1)
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
-    current: dict[str, Any] = {"rep": -1, "noise": None}
+    raw_options = _raw_options(method, options, strip_softmax)
+    targets, multi = split(target, x.shape[0])
+    copies = NoisyCopies(x, noise, _fresh_seed() if seed is None else seed)
     # Methods that take the K targets in one call share each chunk's forward pass between them.
-    shared = multi and method in (vanilla, guided_backprop, deconvnet, input_x_gradient)
-
-    def finish(maps: Tensor) -> Tensor:
-        """grad modifier + reduction of maps (n, ...) [reduce_each] or the average (B, ...)."""
-        if mod is not None:
-            maps = mod(maps)
-        if red is None or maps.dim() - (1 if multi else 0) != 4:
-            return maps
-        if multi:
-            n, k = maps.shape[:2]
-            out = red(maps.reshape((n * k,) + tuple(maps.shape[2:])))
-            return out.reshape((n, k) + tuple(out.shape[1:]))
-        return red(maps)
-
-    def noisy(start: int, stop: int) -> tuple[Tensor, Tensor]:
-        """The copies for items start..stop-1 (item j: copy j // B of image j % B)."""
-        parts = []
-        j = start
-        while j < stop:
-            rep, img = divmod(j, b)
-            n = min(stop - j, b - img)
-            if noise == 0:
-                parts.append(x[img:img + n])
-            else:
-                if current["rep"] != rep:
-                    # One draw per copy of the whole batch, so chunking does not change the noise.
-                    current["noise"] = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-                    current["rep"] = rep
-                parts.append(x[img:img + n] + sigma[img:img + n] * current["noise"][img:img + n])
-            j += n
-        owner = torch.arange(start, stop, device=x.device) % b
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)), owner
+    shared = multi and takes_several_targets(method)
 
     with model_guard(model):
-        resolved = _engine.resolve_targets(model, x, targets, strip_softmax=strip_softmax)
+        resolved = resolve(targets, model, x, strip_softmax=strip_softmax)
 
         def compute(start: int, stop: int) -> Tensor:
-            xs, owner = noisy(start, stop)
-            tgts = [_engine.targets_for(t, owner) for t in resolved]
+            xs, owner = copies(start, stop)
+            tgts = [t.for_items(owner) for t in resolved]
             if shared:
                 maps = _call(method, model, xs, tgts, raw_options)  # (n, K, ...)
             else:
                 outs = [_call(method, model, xs, t, raw_options) for t in tgts]
                 maps = torch.stack(outs, dim=1) if multi else outs[0]
-            if reduce_each:
-                maps = finish(maps)
-            return maps
+            return _finish(maps, mod, red, multi) if reduce_each else maps
 
         sums = _engine.accumulate(
-            compute, samples * b, b, squares=variant != "mean", chunk=chunk, max_memory=budget,
-            progress=progress, desc="smoothgrad", device=x.device,
+            compute, samples * x.shape[0], x.shape[0], squares=variant != "mean", chunk=chunk,
+            max_memory=budget, progress=progress, desc="smoothgrad", device=x.device,
         )
     mean = sums.total / samples
     if variant == "mean":
@@ -165,7 +109,90 @@ def smoothgrad(
         sq = sums.squares / samples
         out = sq if variant == "squared" else (sq - mean * mean).clamp_min(0)
     out = out.to(x.dtype)
-    return out if reduce_each else finish(out)
+    return out if reduce_each else _finish(out, mod, red, multi)
+
+
+def _check_options(method: Any, samples: Any, noise: Any, variant: Any, seed: Any, options: dict) -> None:
+    if not callable(method):
+        raise SalienceError(f"method must be a saliency function such as salience.vanilla, got {type(method).__name__}")
+    check_int(samples, "samples", minimum=1, what="noisy copies per image")
+    check_number(noise, "noise", minimum=0, what="a fraction of each image's range, e.g. 0.15")
+    if variant not in VARIANTS:
+        raise SalienceError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+    if seed is not None:
+        check_int(seed, "seed", minimum=None, what="or None")
+    for name in options:
+        if not _engine.accepts(method, name):
+            raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r}")
+
+
+def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bool) -> dict:
+    """The wrapped method's options with its reduction and modifier off: SmoothGrad averages raw maps."""
+    raw = dict(options)
+    if _engine.accepts(method, "reduce"):
+        raw["reduce"] = None
+    if _engine.accepts(method, "grad_modifier"):
+        raw["grad_modifier"] = None
+    if _engine.accepts(method, "strip_softmax"):
+        raw["strip_softmax"] = strip_softmax
+    return raw
+
+
+def _fresh_seed() -> int:
+    return int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(torch.seed())))
+
+
+class NoisyCopies:
+    """The noisy copies of a batch ``x`` ``(B, C, H, W)`` as items: item ``j`` is copy ``j // B`` of
+    image ``j % B``, ``x + sigma * N(0, 1)`` with ``sigma = noise * (max - min)`` per image.
+
+    The noise is the documented stream: one ``N(0, 1)`` draw of the batch's shape per copy, in
+    copy order, from a generator of its own seeded with ``seed``; so the same seed gives the same
+    noise whatever the chunking. It is a stream: chunks must be asked for in increasing order,
+    as :func:`salience._core.engine.accumulate` runs them (asking for an earlier copy is an error).
+    """
+
+    def __init__(self, x: Tensor, noise: float, seed: int) -> None:
+        self.x, self.noise = x, float(noise)
+        b = x.shape[0]
+        self.sigma = (self.noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))).view(b, 1, 1, 1)
+        self._gen = torch.Generator(device=x.device)
+        self._gen.manual_seed(seed)
+        self._rep, self._draw = -1, x  # the last copy drawn and its noise
+
+    def _noise(self, rep: int) -> Tensor:
+        if rep < self._rep:
+            raise RuntimeError(f"noisy copy {rep} asked for after copy {self._rep}: copies are a stream")
+        while self._rep < rep:
+            self._draw = torch.randn(self.x.shape, generator=self._gen, device=self.x.device, dtype=self.x.dtype)
+            self._rep += 1
+        return self._draw
+
+    def __call__(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Items ``start..stop-1`` ``(n, C, H, W)`` and the image each belongs to ``(n,)``."""
+        b = self.x.shape[0]
+        parts = []
+        for rep in range(start // b, (stop - 1) // b + 1):
+            lo, hi = max(start, rep * b) - rep * b, min(stop, (rep + 1) * b) - rep * b
+            part = self.x[lo:hi]
+            if self.noise != 0:
+                part = part + self.sigma[lo:hi] * self._noise(rep)[lo:hi]
+            parts.append(part)
+        owner = torch.arange(start, stop, device=self.x.device) % b
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), owner
+
+
+def _finish(maps: Tensor, mod: Optional[GradModifier], red: Optional[Reduction], multi: bool) -> Tensor:
+    """Grad modifier and reduction of maps ``(n, [K,] ...)``; maps already ``(n, [K,] H, W)`` stay unreduced."""
+    if mod is not None:
+        maps = mod(maps)
+    if red is None or maps.dim() - (1 if multi else 0) != 4:
+        return maps
+    if multi:
+        n, k = maps.shape[:2]
+        out = red(maps.reshape((n * k,) + tuple(maps.shape[2:])))
+        return out.reshape((n, k) + tuple(out.shape[1:]))
+    return red(maps)
 
 
 def _call(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Any, options: dict) -> Tensor:
