@@ -204,6 +204,43 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, pics, capsys, argv, words):
     assert not list(tmp_path.glob("*.png"))  # nothing explained
 
 
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["explain", "IMG", "-m", "demo:shapes", "--top", "0"], "--top must be an int >= 1, got 0"),
+        (["explain", "IMG", "-m", "demo:shapes", "--top", "-3"], "--top must be an int >= 1, got -3"),
+        (["explain", "IMG", "-m", "demo:shapes", "--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
+        (["evaluate", "-m", "demo:shapes", "--n", "0"], "--n must be an int >= 1, got 0"),
+        (["evaluate", "-m", "demo:shapes", "--steps", "0"], "--steps must be an int >= 1, got 0"),
+        (["evaluate", "-m", "demo:shapes", "--randomization-images", "-1"],
+         "--randomization-images must be an int >= 1, got -1"),
+    ],
+)
+def test_bad_integer_options_are_one_line_exit_2(tmp_path, pics, capsys, argv, words):
+    paths, _ = pics
+    argv = [paths[0] if a == "IMG" else a for a in argv]
+    rc, out, err = run([*argv, "-o", tmp_path / "o"], capsys)
+    assert rc == 2 and out == ""
+    assert err == f"salience: error: {words}\n"
+    assert not (tmp_path / "o").exists()  # checked before anything is loaded or written
+
+
+@pytest.mark.parametrize("command", [["explain", "IMG", "-m", "demo:shapes"], ["demo", "--n", "1"]])
+def test_output_folder_that_cannot_be_made(tmp_path, pics, capsys, command):
+    paths, _ = pics
+    (tmp_path / "file").write_text("x")
+    argv = [paths[0] if a == "IMG" else a for a in command]
+    rc, out, err = run([*argv, "-o", tmp_path / "file" / "sub"], capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert err.startswith("salience: error: cannot create the output folder ") and err.count("\n") == 1
+
+
+def test_python_m_salience_cli_runs_main(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "salience.cli", "--version"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0 and p.stdout.strip() == f"salience {salience.__version__}"
+
+
 def test_pickled_model_needs_trust_flag(tmp_path, pics, capsys):
     paths, _ = pics
     torch.manual_seed(0)

@@ -1,0 +1,82 @@
+"""The ``salience`` command.
+
+Commands, a module each: ``explain`` (saliency maps of image files), ``demo`` (an HTML report on
+the bundled demo models), ``list``, ``visualize`` (class model images) and ``evaluate`` (metrics);
+:mod:`salience.cli.common` holds what they share.
+
+Command-line strings reach functions only through the library's registries, never a table of
+the CLI's own: method names through :data:`salience.methods.METHODS` (as the metrics and
+evaluation do), the reductions and gradient modifiers that ``list`` names through
+:data:`salience.reduce.REDUCTIONS` and :data:`salience.reduce.GRAD_MODIFIERS`; ``--mode`` and
+``--unsupported`` are handed to :func:`salience.targets.regression` and the methods as given
+(``--unsupported``'s choices are :data:`salience.rules.UNSUPPORTED`).
+
+Exit codes: 0 success; 1 some inputs failed (the others' results are written); 2 bad
+arguments, model, method or target (nothing explained); 3 an unexpected internal error (set
+``SALIENCE_DEBUG=1`` for its traceback); 130 interrupted. Every error is one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+from salience import __version__
+from salience._core.errors import SalienceError
+from salience.cli import demo_cmd, evaluate_cmd, explain_cmd, list_cmd, visualize_cmd
+from salience.cli.common import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, error,
+                                 parse_class, parse_methods)
+from salience.cli.demo_cmd import DEMO_SEED
+
+__all__ = ["main", "build_parser", "parse_methods", "parse_class", "DEMO_SEED",
+           "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "EXIT_INTERNAL", "EXIT_INTERRUPTED"]
+
+_COMMANDS = (explain_cmd, demo_cmd, list_cmd, visualize_cmd, evaluate_cmd)
+"""The command modules, in the order of the help: each has ``add_parser(subparsers)`` and ``run(args)``."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command; each subcommand's ``func`` default is the function that runs it."""
+    parser = argparse.ArgumentParser(
+        prog="salience",
+        description="Saliency maps for PyTorch image models: which pixels made the model decide.",
+        epilog="Exit codes: 0 ok, 1 some inputs failed (others written), 2 bad arguments/model/method/target, "
+               "3 internal error.",
+    )
+    parser.add_argument("--version", action="version", version=f"salience {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in _COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or argparse's own usage error
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_OK
+    try:
+        return int(args.func(args))
+    except SalienceError as e:
+        error(str(e))
+        return EXIT_USAGE
+    except MemoryError:
+        error("out of memory; use fewer or smaller images (--batch-size, --max-pixels)")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. piped into head
+        return EXIT_OK
+    except Exception as e:  # noqa: BLE001 - a bug or an unforeseen model: one line, traceback on request
+        if os.environ.get("SALIENCE_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        error(f"unexpected {type(e).__name__}: {first} (set SALIENCE_DEBUG=1 to see the traceback, and "
+              "please report it)")
+        return EXIT_INTERNAL

@@ -1,0 +1,137 @@
+"""What several commands share: exit codes, messages, argument parsing, the model's scores, files."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from torch import Tensor, nn
+
+from salience._core.autograd import forward_scores, looks_like_probabilities
+from salience._core.errors import SalienceError, suggest
+from salience.loading import load_model
+from salience.methods import METHODS
+from salience.render import viz
+
+EXIT_OK = 0
+EXIT_PARTIAL = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+
+def error(msg: str) -> None:
+    """The one-line error of a failed command, on stderr."""
+    print(f"salience: error: {msg}", file=sys.stderr)
+
+
+def warn(msg: str) -> None:
+    """A one-line note on stderr (a skipped input, a failed method)."""
+    print(f"salience: {msg}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------- arguments
+
+
+def parse_methods(values: Optional[Sequence[str]]) -> list[str]:
+    """``["vanilla,gradcam", "smoothgrad"]`` -> known method names, in order, without repeats."""
+    names: list[str] = []
+    for v in values or ["vanilla"]:
+        for name in v.split(","):
+            name = name.strip()
+            if name and name not in names:
+                names.append(name)
+    if not names:
+        raise SalienceError("--method got no method name; e.g. --method vanilla")
+    for name in names:
+        if name not in METHODS:
+            raise SalienceError(
+                f"unknown method {name!r}{suggest(name, list(METHODS))} (available: {', '.join(METHODS)})"
+            )
+    return names
+
+
+def parse_class(value: str, info: Any, num_outputs: int) -> int:
+    """A class given as an index or a name (case-insensitive) -> its index, checked against the model."""
+    names = list(info.class_names or ())
+    v = value.strip()
+    if re.fullmatch(r"-?\d+", v):
+        idx = int(v)
+    else:
+        lowered = [n.lower() for n in names]
+        if v.lower() not in lowered:
+            known = f" (classes: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else \
+                " (the model has no class names; give an index)"
+            raise SalienceError(f"unknown target class {v!r}{suggest(v, names)}{known}")
+        idx = lowered.index(v.lower())
+    if not 0 <= idx < num_outputs:
+        labels = f": {', '.join(names)}" if names and len(names) <= 10 else ""
+        raise SalienceError(
+            f"target class {idx} is out of range for {info.name} with {num_outputs} outputs "
+            f"(valid: 0..{num_outputs - 1}{labels})"
+        )
+    return idx
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model`` and the options of loading it (explain, visualize, evaluate)."""
+    p.add_argument("--model", "-m", required=True, metavar="MODEL",
+                   help="demo:NAME, torchvision:ARCH, or a model file (TorchScript, .keras/.h5, .onnx)")
+    p.add_argument("--weights", metavar="FILE",
+                   help="state dict for torchvision:ARCH ('random' for random weights; default: pretrained)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling the model file (can run arbitrary code: only for files you trust)")
+    p.add_argument("--device", default=None, help="e.g. cuda or cpu (default: cpu)")
+
+
+def load_model_arg(args: argparse.Namespace) -> nn.Module:
+    """The model that :func:`add_model_args`'s options name."""
+    return load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=args.device)
+
+
+# --------------------------------------------------------------------------------- scores
+
+
+def scores(model: nn.Module, x: Tensor, batch_size: int = 32) -> Tensor:
+    """The model's outputs ``(N, K)`` for ``x`` ``(N, C, H, W)``: no gradient, ``batch_size`` images
+    per forward, a final softmax kept (the printed probabilities are the model's own)."""
+    out = forward_scores(model, x, strip_softmax=False, batch_size=batch_size)
+    return out.reshape(out.shape[0], -1) if out.dim() != 2 else out
+
+
+def probabilities(out: Tensor) -> Tensor:
+    """Class probabilities: ``out`` itself if it already is (rows of a softmax), else its softmax."""
+    return out if looks_like_probabilities(out) else out.float().softmax(dim=1)
+
+
+# --------------------------------------------------------------------------------- files and pictures
+
+
+def output_folder(path: str) -> Path:
+    """The folder ``path``, created with its parents; a :class:`SalienceError` if it cannot be."""
+    out_dir = Path(path)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SalienceError(f"cannot create the output folder {out_dir} ({e.strerror or e})") from None
+    return out_dir
+
+
+def safe_name(name: str) -> str:
+    """``name`` as a file name part: runs of other characters than ``A-Za-z0-9._-`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "x"
+
+
+def to_image(x: Tensor) -> Tensor:
+    """An image tensor ``(1|3, H, W)`` -> ``(3, H, W)`` for pictures."""
+    return x.repeat(3, 1, 1) if x.shape[0] == 1 else x[:3]
+
+
+def figure(images: Tensor, maps: dict[str, Tensor], row_labels: Optional[Sequence[str]] = None) -> np.ndarray:
+    """The side-by-side figure (:func:`salience.viz.figure`): a row per image, then each map and
+    its overlay; small images (the 64-pixel demo shapes) are enlarged to 160-pixel tiles."""
+    tile = max(int(images.shape[-2]), 160)
+    return viz.figure(images, maps, row_labels=row_labels, scale_to=tile)

@@ -1,0 +1,146 @@
+"""``salience demo``: an HTML report of every method on the bundled demo models (no downloads)."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from salience import __version__
+from salience._core.info import ModelInfo
+from salience.cli.common import EXIT_OK, EXIT_PARTIAL, figure, output_folder, probabilities, safe_name, scores
+from salience.demo import data, zoo
+from salience.evidence import evaluate
+from salience.methods import METHODS
+from salience.methods.class_model import class_model
+from salience.render import viz
+from salience.render.report import Report
+from salience.targets import regression
+
+DEMO_SEED = 10_000
+"""Seed of the demo report's images: the demo models' held-out set (never trained on)."""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="an HTML report on the bundled demo models (no downloads)")
+    p.add_argument("--out", "-o", default="salience-demo", metavar="DIR", help="output folder (default salience-demo)")
+    p.add_argument("--n", type=int, default=8, help="number of images (default 8)")
+    p.add_argument("--class-model-steps", type=int, default=300, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the report (``index.html`` and its pictures) to ``args.out``; exit 1 if a part failed."""
+    start = time.perf_counter()
+    out_dir = output_folder(args.out)
+    rep = Report(
+        "salience demo",
+        f"Saliency maps of the bundled demo models on {args.n} held-out shapes images (seed {DEMO_SEED}), "
+        f"made by salience {__version__} with every method it has ({', '.join(METHODS)}).",
+    )
+    notes: list[str] = []  # what failed, each also said in the report
+    model = zoo.load_demo("shapes")
+    images, labels, _ = data.shapes(args.n, seed=DEMO_SEED)
+    _classification(rep, out_dir, model, images, labels, notes)
+    _regression(rep, out_dir, images[: min(4, args.n)])
+    rep.heading("What each class looks like to the model (class model visualization)")
+    _section(rep, notes, "class model visualization",
+             lambda: _class_models(rep, out_dir, model, args.class_model_steps))
+    rep.heading("Clever Hans: does the model look at the shape or at a cue?")
+    _section(rep, notes, "Clever Hans section", lambda: rep.raw(evaluate.clever_hans_report(out_dir)))
+    rep.paragraph(f"Made in {time.perf_counter() - start:.1f} s.", css="note")
+    index = rep.write(out_dir / "index.html")
+    print(f"demo report: {index.resolve()}")
+    print("open it in a browser, e.g. python -m webbrowser " + str(index.resolve()))
+    return EXIT_OK if not notes else EXIT_PARTIAL
+
+
+def _section(rep: Report, notes: list[str], what: str, write: Callable[[], Any]) -> None:
+    """Run ``write``; if it fails, say so in the report and in ``notes`` (one broken section must
+    not sink the report)."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"{what}: failed ({type(e).__name__}: {e})")
+        rep.paragraph(notes[-1], css="bad")
+
+
+def _classification(rep: Report, out_dir: Path, model: nn.Module, images: Tensor, labels: Tensor,
+                    notes: list[str]) -> None:
+    """1. Every method on the classifier's predicted classes, side by side, and a table of the predictions."""
+    info = model.salience_info
+    out = scores(model, images)
+    probs, pred = probabilities(out), out.argmax(1)
+    maps: dict[str, Tensor] = {}
+    failed = []
+    for name, fn in METHODS.items():
+        try:
+            maps[name] = fn(model, images, pred).detach()
+        except Exception as e:  # noqa: BLE001 - one broken method must not sink the report
+            failed.append(f"{name}: failed ({type(e).__name__}: {e})")
+    rep.heading("Which pixels decided the class? (demo:shapes)")
+    rep.paragraph(
+        "Each row is one image; the first column is the image, then one column per method, each map "
+        "explaining the predicted class's score before softmax."
+    )
+    fig = out_dir / "classification.png"
+    viz.save_png(fig, figure(images, maps, [
+        f"{info.class_name(int(labels[i]))} -> {info.class_name(int(pred[i]))}" for i in range(images.shape[0])]))
+    rep.figure(fig, "rows: images; columns: image, " + ", ".join(maps))
+    rep.table(["row", "true class", "predicted", "probability", ""], _prediction_rows(info, labels, pred, probs))
+    for note in failed:
+        rep.paragraph(note, css="bad")
+    notes += failed
+
+
+def _prediction_rows(info: ModelInfo, labels: Tensor, pred: Tensor, probs: Tensor) -> list[tuple]:
+    """A table row per image: its number, true and predicted class, the probability, and ok / WRONG."""
+    return [
+        (i + 1, info.class_name(int(labels[i])), info.class_name(int(pred[i])), f"{float(probs[i, pred[i]]):.3f}",
+         "ok" if int(labels[i]) == int(pred[i]) else "WRONG")
+        for i in range(labels.shape[0])
+    ]
+
+
+def _regression(rep: Report, out_dir: Path, images: Tensor) -> None:
+    """2. What increases, decreases or keeps each output of the regression model: a figure per output."""
+    reg = zoo.load_demo("shapes-regression")
+    out = scores(reg, images)
+    vanilla = METHODS["vanilla"]
+    rep.heading("Regression targets (demo:shapes-regression)")
+    rep.paragraph(
+        "Vanilla gradients of each regressed output: 'increase' shows what would raise it, 'decrease' what "
+        "would lower it, 'maintain' the pixels it is least sensitive to (|1/gradient|)."
+    )
+    for j, name in enumerate(reg.salience_info.class_names or ("output",)):
+        maps = {mode: vanilla(reg, images, regression(j, mode)).detach() for mode in ("increase", "decrease", "maintain")}
+        path = out_dir / f"regression_{safe_name(name)}.png"
+        viz.save_png(path, figure(images, maps))
+        vals = ", ".join(f"{float(v):.3f}" for v in out[:, j])
+        rep.figure(path, f"{name}: columns image, increase, decrease, maintain; predicted {vals}")
+
+
+def _class_models(rep: Report, out_dir: Path, model: nn.Module, steps: int) -> None:
+    """3. The image that maximizes each class's score (class model visualization), side by side."""
+    names = list(model.salience_info.class_names or ())
+    grid = class_model(model, list(range(len(names))), shape=(3, 64, 64), steps=steps,
+                       seed=0.5, generator=torch.Generator().manual_seed(0)).detach().cpu()
+    path = out_dir / "class_models.png"
+    viz.save_png(path, _strip(grid))
+    rep.figure(path, "the image that maximizes each class's score (L2, total variation, jitter, blur), "
+               "left to right: " + ", ".join(names))
+
+
+def _strip(images: Tensor, tile: int = 160, pad: int = 4) -> np.ndarray:
+    """Images ``(B, C, H, W)`` side by side, enlarged to ``tile`` pixels, as uint8 ``(H, W, 3)``."""
+    cells = []
+    for img in images:
+        arr = viz.to_uint8_image(img)
+        arr = np.asarray(Image.fromarray(arr).resize((tile, tile), Image.NEAREST))
+        cells += [arr, np.full((tile, pad, 3), 255, np.uint8)]
+    return np.concatenate(cells[:-1], axis=1)

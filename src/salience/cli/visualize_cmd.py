@@ -1,0 +1,47 @@
+"""``salience visualize``: the image a model finds most typical of a class (class model visualization)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from salience._core.info import model_info
+from salience._core.tensors import model_device
+from salience.cli.common import EXIT_OK, add_model_args, load_model_arg, parse_class, scores, to_image
+from salience.loading import unnormalize
+from salience.methods.class_model import class_model
+from salience.render import viz
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("visualize", help="the image a model finds most typical of a class (class model)")
+    add_model_args(p)
+    p.add_argument("--target", required=True, metavar="CLASS", help="class index or name")
+    p.add_argument("--out", "-o", default="class.png", metavar="PNG")
+    p.add_argument("--steps", type=int, default=None, help="optimization steps")
+    p.add_argument("--size", type=int, default=224, help="image side when the model does not say (default 224)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Optimize the class model image of ``args.target`` and write it as a PNG to ``args.out``."""
+    model = load_model_arg(args)
+    info = model_info(model)
+    h, w = info.input_size or (args.size, args.size)
+    k = scores(model, torch.zeros(1, info.channels, h, w, device=model_device(model))).shape[1]
+    target = parse_class(args.target, info, k)
+    kwargs: dict[str, Any] = {"shape": (info.channels, h, w), "progress": sys.stderr.isatty()}
+    if args.steps is not None:
+        kwargs["steps"] = args.steps  # checked by class_model
+    img = class_model(model, target, **kwargs).detach().cpu()
+    pic = to_image(unnormalize(img[0], info)) if info.mean is not None else to_image(img[0].clamp(0, 1))
+    arr = (pic.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    viz.save_png(out, arr)
+    print(f"class model of {info.class_name(target)} ({target}): {out}")
+    return EXIT_OK
