@@ -107,3 +107,72 @@ def test_smoothgrad_shares_each_chunk_between_targets(name, small_cnn, x):
     single = torch.stack([salience.smoothgrad(small_cnn, x, k[:, j], method=method, samples=4, chunk=6, noise=0.1)
                           for j in range(3)], dim=1)
     torch.testing.assert_close(both, single, rtol=1e-5, atol=1e-7)
+
+
+def _forwards(model):
+    calls = []
+    return calls, model.register_forward_pre_hook(lambda m, i: calls.append(1))
+
+
+def test_guided_gradcam_shares_its_passes_between_targets(small_cnn, x):
+    """K targets: one ruled pass (no ReLU after features.5 here), not K; equal to K calls."""
+    k = torch.tensor([[0, 3, 1], [2, 2, 0], [3, 1, 2]])
+    calls, h = _forwards(small_cnn)
+    try:
+        both = salience.guided_gradcam(small_cnn, x, k, layer="features.5")
+    finally:
+        h.remove()
+    assert len(calls) == 1
+    single = torch.stack([salience.guided_gradcam(small_cnn, x, k[:, j], layer="features.5") for j in range(3)], 1)
+    torch.testing.assert_close(both, single, rtol=1e-5, atol=1e-7)
+
+
+def test_guided_gradcam_with_relus_after_the_layer_takes_two_passes_for_all_targets(small_cnn, x):
+    """features.3 (a conv) is followed by a ReLU: the ruled pass and one plain pass serve all K targets."""
+    k = torch.tensor([[0, 3], [2, 2], [3, 1]])
+    calls, h = _forwards(small_cnn)
+    try:
+        both = salience.guided_gradcam(small_cnn, x, k, layer="features.3")
+    finally:
+        h.remove()
+    assert len(calls) == 2
+    single = torch.stack([salience.guided_gradcam(small_cnn, x, k[:, j], layer="features.3") for j in range(2)], 1)
+    torch.testing.assert_close(both, single, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("wrap", ["partial", "gradcam"])
+def test_smoothgrad_shares_the_forward_for_any_marked_method(wrap, small_cnn, x):
+    """Not a list of four function objects: a functools.partial of a method, or Grad-CAM, shares too."""
+    import functools
+
+    method = (functools.partial(salience.guided_backprop, unsupported="ignore") if wrap == "partial"
+              else functools.partial(salience.gradcam, layer="features.5"))
+    k = torch.tensor([[0, 3, 1], [2, 2, 0], [3, 1, 2]])
+    calls, h = _forwards(small_cnn)
+    try:
+        both = salience.smoothgrad(small_cnn, x, k, method=method, samples=4, chunk=6, noise=0.1)
+    finally:
+        h.remove()
+    assert len(calls) == 2  # 4 copies of 3 images in chunks of 6, the 3 targets sharing each
+    single = torch.stack([salience.smoothgrad(small_cnn, x, k[:, j], method=method, samples=4, chunk=6, noise=0.1)
+                          for j in range(3)], dim=1)
+    torch.testing.assert_close(both, single, rtol=1e-5, atol=1e-7)
+
+
+def test_smoothgrad_over_an_unmarked_function_calls_it_per_target(small_cnn, x):
+    """A user's own method (not marked several_targets) is called once per target, and still right."""
+    def mine(model, x, target=None, *, reduce=None):
+        return salience.vanilla(model, x, target, reduce=reduce)
+
+    k = torch.tensor([[0, 3], [2, 2], [3, 1]])
+    both = salience.smoothgrad(small_cnn, x, k, method=mine, samples=2, noise=0.1)
+    ref = salience.smoothgrad(small_cnn, x, k, method=salience.vanilla, samples=2, noise=0.1)
+    torch.testing.assert_close(both, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_torchscript_model_with_several_targets(small_cnn, x):
+    """K targets need no hook on the model: a TorchScript model takes them (it refuses hooks)."""
+    scripted = torch.jit.script(small_cnn.eval())
+    k = torch.tensor([[0, 3], [2, 2], [3, 1]])
+    got = salience.vanilla(scripted, x, k)
+    torch.testing.assert_close(got, salience.vanilla(small_cnn, x, k), rtol=1e-5, atol=1e-6)

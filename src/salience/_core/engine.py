@@ -199,6 +199,21 @@ def acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float32
 
 
+def chunk_size(per_item: int, budget: int, n_images: int) -> int:
+    """Items per pass for ``per_item`` bytes each under a ``budget`` in bytes.
+
+    80% of the budget goes to the chunk: the rest is headroom for what the probe cannot see
+    (inputs built per chunk that the first chunk did not need, per-call buffers). Whole copies of
+    the batch per pass when the budget allows: every pass then has the same shape (the caller's
+    batch size, or a multiple), which is what the model's kernels are tuned to, and no pass mixes
+    a partial copy.
+    """
+    chunk = max(1, int(0.8 * budget) // per_item)
+    if chunk >= n_images:
+        chunk -= chunk % n_images
+    return chunk
+
+
 def accumulate(
     compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]],
     total: int,
@@ -270,14 +285,7 @@ def accumulate(
             start = first
             per_item = max(1, -(-probe.peak // first))
             budget = max_memory if max_memory is not None else default_budget(device or torch.device("cpu"))
-            # 80% of the budget for the chunk: the rest is headroom for what the probe cannot
-            # see (inputs built per chunk that the first chunk did not need, per-call buffers).
-            chunk = max(1, int(0.8 * budget) // per_item)
-            # Whole copies of the batch per pass when the budget allows: every pass then has the
-            # same shape (the caller's batch size, or a multiple), which is what the model's kernels
-            # are tuned to, and no pass mixes a partial copy.
-            if chunk >= n_images:
-                chunk -= chunk % n_images
+            chunk = chunk_size(per_item, budget, n_images)
         while start < total:
             stop = min(total, start + chunk)
             add(start, compute(start, stop))

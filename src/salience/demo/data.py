@@ -186,17 +186,31 @@ def _t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).float()
 
 
-def _render(p: dict[str, np.ndarray], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Paint one chunk: background, clutter, shape, cue. Returns images, masks, cue masks."""
-    n = p["label"].shape[0]
-    k = size / 64.0
-    ys, xs = torch.meshgrid(
+def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel centres ``(H, W)`` in pixels: ``ys``, ``xs``."""
+    return torch.meshgrid(
         torch.arange(size, dtype=torch.float32) + 0.5,
         torch.arange(size, dtype=torch.float32) + 0.5,
         indexing="ij",
     )
-    x, y = xs[None] / size, ys[None] / size  # (1, H, W) in [0, 1]
 
+
+def _render(p: dict[str, np.ndarray], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paint one chunk: background, clutter, shape, cue. Returns images, masks, cue masks."""
+    ys, xs = _grid(size)
+    x, y = xs[None] / size, ys[None] / size  # (1, H, W) in [0, 1]
+    img = _clutter(p, size, x, y, _background(p, size, x, y))
+    # --- the shape -----------------------------------------------------------------------------
+    masks = _shape_masks(p, size, xs * 1.0, ys * 1.0)
+    fg = _t(p["fg"])[:, :, None, None]
+    img = torch.where(masks[:, None], fg, img)
+    img, cue_masks = _cue(p, size, img)
+    return img.contiguous(), masks, cue_masks
+
+
+def _background(p: dict[str, np.ndarray], size: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Base colour + smooth noise + stripes + linear gradient, ``(n, 3, H, W)`` in ``[0, 1]``."""
+    n = p["label"].shape[0]
     # --- background: base colour + smooth noise + stripes + linear gradient -------------------
     tex = _t(p["tex"])  # (n, 6)
     bg, bg2 = _t(p["bg"])[:, :, None, None], _t(p["bg2"])[:, :, None, None]
@@ -213,7 +227,13 @@ def _render(p: dict[str, np.ndarray], size: int) -> tuple[torch.Tensor, torch.Te
     mix = (stripe_amp * stripes[:, None] + 0.4 * (1 - stripe_amp) * ramp[:, None]).clamp(0, 1)
     img = bg * (1 - mix) + bg2 * mix + noise_amp * noise
     img = img.clamp(0, 1)
+    return img
 
+
+def _clutter(p: dict[str, np.ndarray], size: int, x: torch.Tensor, y: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    """Line segments and dots painted over ``img`` (never one of the five shapes)."""
+    n = p["label"].shape[0]
+    k = size / 64.0
     # --- clutter: line segments and dots (never one of the five shapes) -----------------------
     lines = _t(p["lines"]).reshape(n, _N_LINES, 8)
     n_lines = torch.from_numpy((p["n_lines"] * (_N_LINES + 1)).astype(np.int64)).clamp(max=_N_LINES)
@@ -236,12 +256,12 @@ def _render(p: dict[str, np.ndarray], size: int) -> tuple[torch.Tensor, torch.Te
         colour = D[:, 3:6][:, :, None, None]
         on = (torch.hypot(x - dx_, y - dy_) <= r) & (j < n_dots)[:, None, None]
         img = torch.where(on[:, None], colour, img)
+    return img
 
-    # --- the shape -----------------------------------------------------------------------------
-    masks = _shape_masks(p, size, xs * 1.0, ys * 1.0)
-    fg = _t(p["fg"])[:, :, None, None]
-    img = torch.where(masks[:, None], fg, img)
 
+def _cue(p: dict[str, np.ndarray], size: int, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class-specific checkerboard mark where ``p["cue_label"]`` asks for one; its masks."""
+    n = p["label"].shape[0]
     # --- the cue -------------------------------------------------------------------------------
     cue_masks = torch.zeros(n, size, size, dtype=torch.bool)
     for i, c in enumerate(p["cue_label"].tolist()):
@@ -252,7 +272,7 @@ def _render(p: dict[str, np.ndarray], size: int) -> tuple[torch.Tensor, torch.Te
         half = max(1, h // 2)
         check = ((torch.arange(h)[:, None] // half + torch.arange(w)[None] // half) % 2).float()
         img[i, :, top:top + h, left:left + w] = check
-    return img.contiguous(), masks, cue_masks
+    return img, cue_masks
 
 
 def _shape_masks(p: dict[str, np.ndarray], size: int, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:

@@ -120,48 +120,26 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
-def _load_torchvision(arch: str, weights: Optional[PathLike], trust_pickle: bool) -> nn.Module:
-    try:
-        import torchvision.models as tvm
-    except ImportError:
+def _torchvision_pretrained(tvm, arch: str, weights_enum) -> nn.Module:
+    """torchvision's own pretrained weights for ``arch`` (downloaded by torchvision on first use)."""
+    if weights_enum is None:
         raise SalienceError(
-            f"torchvision:{arch} needs torchvision, which is not installed; pip install torchvision"
-        ) from None
-    names = tvm.list_models()
-    if arch not in names:
-        raise SalienceError(
-            f"unknown torchvision model {arch!r}{suggest(arch, names)} "
-            "(see torchvision.models.list_models() for all names)"
+            f"torchvision has no pretrained weights for {arch!r}; pass --weights FILE (a state dict) "
+            "or --weights random"
         )
     try:
-        weights_enum = tvm.get_model_weights(arch).DEFAULT
-    except Exception:  # noqa: BLE001 - architectures without published weights
-        weights_enum = None
+        return tvm.get_model(arch, weights=weights_enum)
+    except Exception as e:  # noqa: BLE001 - any download failure becomes one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SalienceError(
+            f"could not get torchvision's pretrained weights for {arch} ({type(e).__name__}: {msg}); "
+            "torchvision downloads them on first use, which needs the internet. Pass --weights FILE "
+            "(a state dict) or --weights random to explain random weights"
+        ) from None
 
-    if weights is None:
-        if weights_enum is None:
-            raise SalienceError(
-                f"torchvision has no pretrained weights for {arch!r}; pass --weights FILE (a state dict) "
-                "or --weights random"
-            )
-        try:
-            model = tvm.get_model(arch, weights=weights_enum)
-        except Exception as e:  # noqa: BLE001 - any download failure becomes one line
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SalienceError(
-                f"could not get torchvision's pretrained weights for {arch} ({type(e).__name__}: {msg}); "
-                "torchvision downloads them on first use, which needs the internet. Pass --weights FILE "
-                "(a state dict) or --weights random to explain random weights"
-            ) from None
-        n = _num_outputs(model) or 1000
-        return attach_info(model.eval(), _torchvision_info(arch, n, weights_enum))
 
-    if str(weights) == "random":
-        model = tvm.get_model(arch, weights=None)
-        n = _num_outputs(model) or 1000
-        return attach_info(model.eval(), _torchvision_info(arch, n, weights_enum))
-
-    wpath = Path(weights)
+def _torchvision_from_file(tvm, arch: str, wpath: Path, trust_pickle: bool) -> nn.Module:
+    """torchvision's ``arch`` with a state dict from ``wpath`` (also one fine-tuned to other classes)."""
     if not wpath.is_file():
         raise SalienceError(f"weights file {wpath}: no such file; check the path")
     state = _read_state_dict(wpath, trust_pickle)
@@ -184,6 +162,33 @@ def _load_torchvision(arch: str, weights: Optional[PathLike], trust_pickle: bool
                 f"{wpath}: the state dict does not fit torchvision's {arch} ({detail}); check the "
                 "architecture name"
             ) from None
+    return model
+
+
+def _load_torchvision(arch: str, weights: Optional[PathLike], trust_pickle: bool) -> nn.Module:
+    try:
+        import torchvision.models as tvm
+    except ImportError:
+        raise SalienceError(
+            f"torchvision:{arch} needs torchvision, which is not installed; pip install torchvision"
+        ) from None
+    names = tvm.list_models()
+    if arch not in names:
+        raise SalienceError(
+            f"unknown torchvision model {arch!r}{suggest(arch, names)} "
+            "(see torchvision.models.list_models() for all names)"
+        )
+    try:
+        weights_enum = tvm.get_model_weights(arch).DEFAULT
+    except Exception:  # noqa: BLE001 - architectures without published weights
+        weights_enum = None
+
+    if weights is None:
+        model = _torchvision_pretrained(tvm, arch, weights_enum)
+    elif str(weights) == "random":
+        model = tvm.get_model(arch, weights=None)
+    else:
+        model = _torchvision_from_file(tvm, arch, Path(weights), trust_pickle)
     n = _num_outputs(model) or 1000
     return attach_info(model.eval(), _torchvision_info(arch, n, weights_enum))
 
