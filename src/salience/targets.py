@@ -46,6 +46,7 @@ __all__ = [
     "Custom",
     "split",
     "resolve",
+    "REGRESSION_MODES",
 ]
 
 
@@ -184,7 +185,7 @@ class MultiLabel(Target):
         return f"MultiLabel({self.indices.tolist()})"
 
 
-_MODES = ("increase", "decrease", "maintain")
+REGRESSION_MODES = ("increase", "decrease", "maintain")
 
 
 class Regression(Target):
@@ -195,8 +196,8 @@ class Regression(Target):
     """
 
     def __init__(self, index: int = 0, mode: str = "increase"):
-        if mode not in _MODES:
-            raise SalienceError(f"regression mode must be one of {', '.join(_MODES)}; got {mode!r}")
+        if mode not in REGRESSION_MODES:
+            raise SalienceError(f"regression mode must be one of {', '.join(REGRESSION_MODES)}; got {mode!r}")
         self.index = int(index)
         self.mode = mode
 

@@ -20,7 +20,7 @@ from salience.methods import METHODS
 from salience.methods.class_model import class_model
 from salience.render import viz
 from salience.render.report import Report
-from salience.targets import regression
+from salience.targets import REGRESSION_MODES, regression
 
 DEMO_SEED = 10_000
 """Seed of the demo report's images: the demo models' held-out set (never trained on)."""
@@ -118,7 +118,7 @@ def _regression(rep: Report, out_dir: Path, images: Tensor) -> None:
         "would lower it, 'maintain' the pixels it is least sensitive to (|1/gradient|)."
     )
     for j, name in enumerate(reg.salience_info.class_names or ("output",)):
-        maps = {mode: vanilla(reg, images, regression(j, mode)).detach() for mode in ("increase", "decrease", "maintain")}
+        maps = {mode: vanilla(reg, images, regression(j, mode)).detach() for mode in REGRESSION_MODES}
         path = out_dir / f"regression_{safe_name(name)}.png"
         viz.save_png(path, figure(images, maps))
         vals = ", ".join(f"{float(v):.3f}" for v in out[:, j])
