@@ -135,6 +135,14 @@ def test_tv_gradient_is_the_gradient_of_total_variation() -> None:
     assert float(total_variation(torch.tensor([[[[0.0, 1.0, 3.0]]]]))) == 5.0
 
 
+def test_gaussian_blur_is_the_core_one() -> None:
+    from salience._core import tensors
+
+    assert gaussian_blur is tensors.gaussian_blur
+    x = torch.rand(1, 2, 5, 5)
+    assert gaussian_blur(x, 0.0) is not x and torch.equal(gaussian_blur(x, 0.0), x)   # sigma <= 0: a copy
+
+
 def test_gaussian_blur_matches_scipy() -> None:
     ndimage = pytest.importorskip("scipy.ndimage")
     x = torch.rand(1, 2, 9, 11, dtype=torch.float64)

@@ -411,13 +411,54 @@ def test_bad_maps_give_clear_errors():
 
 
 def test_unsigned_scaling_agrees_with_reduce_normalize():
-    """Two independent implementations of the same rule (numpy here, torch in salience.reduce)."""
+    """The same rule in both places (one implementation: salience._core.tensors.unit_scale)."""
     from salience import reduce
 
     m = torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(8)) ** 3
     for mode in ("percentile", "minmax"):
         np.testing.assert_allclose(viz.scale(m, mode), reduce.normalize(m, mode=mode).double().numpy(), atol=1e-6)
 
+
+
+@pytest.mark.parametrize("mode", ["minmax", "percentile"])
+def test_reduce_normalize_and_unsigned_scale_agree_on_random_constant_and_sparse_maps(mode):
+    from salience import reduce
+
+    g = torch.Generator().manual_seed(11)
+    sparse = torch.zeros(2, 20, 20, dtype=torch.float64)      # mostly zero: the 99th percentile is the minimum
+    sparse[0, 3, 4] = 5.0
+    sparse[1, 1, 1], sparse[1, 7, 2], sparse[1, 9, 9] = 2.0, 1.0, 0.5
+    cases = {
+        "random": torch.rand(3, 17, 13, generator=g, dtype=torch.float64) ** 3,
+        "random per-channel": torch.rand(2, 3, 6, 7, generator=g, dtype=torch.float64),
+        "signed values, unsigned scaling": torch.randn(2, 9, 9, generator=g, dtype=torch.float64),
+        "constant": torch.full((2, 5, 5), 7.0, dtype=torch.float64),
+        "sparse": sparse,
+        "tiny span": 1e-14 * torch.rand(2, 8, 8, generator=g, dtype=torch.float64),
+    }
+    for name, m in cases.items():
+        v = viz.scale(m, mode, signed=False)
+        n = reduce.normalize(m, mode=mode)
+        assert n.dtype == torch.float64
+        assert np.array_equal(v, n.numpy()), name                   # float64: the same numbers exactly
+        np.testing.assert_allclose(reduce.normalize(m.float(), mode=mode).numpy(), v, atol=1e-6, err_msg=name)
+        assert v.min() >= 0.0 and v.max() <= 1.0, name
+    assert np.all(viz.scale(cases["constant"], mode, signed=False) == 0)
+    s = reduce.normalize(sparse, mode=mode)
+    assert s[0, 3, 4] == 1.0 and s[1, 1, 1] == 1.0 and s[1, 7, 2] == 0.5 and s[1, 9, 9] == 0.25  # still shown
+    assert float(s[0].sum()) == 1.0
+    t = reduce.normalize(cases["tiny span"], mode="minmax")
+    assert float(t.amin()) == 0.0 and float(t.amax()) == 1.0      # scale-free: no floor on the span by default
+
+
+def test_reduce_normalize_dtypes_and_eps():
+    from salience import reduce
+
+    m = torch.tensor([[[0.0, 1.0], [2.0, 4.0]]])
+    assert reduce.normalize(m.half()).dtype == torch.float16
+    assert reduce.normalize(m.to(torch.int64)).dtype == torch.float32          # not cast back to integers
+    torch.testing.assert_close(reduce.normalize(m.to(torch.int64)), m / 4)
+    torch.testing.assert_close(reduce.normalize(1e-13 * m, eps=1e-12), 1e-13 * m / 1e-12)  # span floored at eps
 
 def test_figure_signed_column_is_diverging_and_gray_images_work():
     images = torch.rand(2, 1, 6, 6)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from salience._core.errors import SalienceError
+from salience._core.tensors import unit_scale
 
 __all__ = [
     "GradModifier",
@@ -155,19 +156,20 @@ def apply(grad: Tensor, grad_modifier: Union[None, str, GradModifier], reduce: U
     return red(grad) if red is not None else grad
 
 
-def normalize(m: Tensor, *, mode: str = "minmax", percentile: float = 99.0, eps: float = 1e-12) -> Tensor:
+def normalize(m: Tensor, *, mode: str = "minmax", percentile: float = 99.0, eps: float = 0.0) -> Tensor:
     """Scale each sample's map to ``[0, 1]``: ``"minmax"`` or ``"percentile"`` (clip the values above
-    the given percentile first, so a few pixels don't wash the map out). Shape is kept; dim 0 is the batch."""
+    the given percentile first, so a few pixels don't wash the map out). Shape is kept; dim 0 is the batch.
+
+    A mostly-constant map whose percentile equals its minimum (zero but for a few salient pixels) is
+    scaled by its max instead, so those pixels still show; a constant map is 0. ``eps`` floors each
+    map's span (0: any nonzero span is stretched to ``[0, 1]``, whatever its scale). Floating maps
+    keep their dtype (half and bfloat16 are computed in float32); other maps come back as float32.
+    The same numbers as ``viz.scale(m, mode, signed=False)``: both are
+    :func:`salience._core.tensors.unit_scale`."""
     if mode not in ("minmax", "percentile"):
         raise SalienceError(f"normalize mode must be 'minmax' or 'percentile', got {mode!r}")
-    flat = m.reshape(m.shape[0], -1).float()
-    lo = flat.amin(dim=1, keepdim=True)
-    if mode == "percentile":
-        if not 0 < percentile <= 100:
-            raise SalienceError(f"percentile must be in (0, 100], got {percentile}")
-        hi = torch.quantile(flat, percentile / 100.0, dim=1, keepdim=True)
-        flat = torch.minimum(flat, hi)
-    else:
-        hi = flat.amax(dim=1, keepdim=True)
-    out = (flat - lo) / (hi - lo).clamp_min(eps)
-    return out.reshape(m.shape).to(m.dtype)
+    if mode == "percentile" and not 0 < percentile <= 100:
+        raise SalienceError(f"percentile must be in (0, 100], got {percentile}")
+    work = m if m.dtype in (torch.float32, torch.float64) else m.float()
+    out = unit_scale(work, percentile if mode == "percentile" else None, eps)
+    return out.to(m.dtype) if m.is_floating_point() else out

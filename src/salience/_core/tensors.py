@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 
-__all__ = ["gaussian_blur", "minmax", "model_device", "model_dtype", "check_int", "check_number"]
+__all__ = ["gaussian_blur", "minmax", "unit_scale", "model_device", "model_dtype", "check_int", "check_number"]
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -42,6 +42,36 @@ def minmax(m: Tensor, eps: float = 1e-12) -> Tensor:
     flat = m.reshape(m.shape[0], -1)
     lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
     return ((flat - lo) / (hi - lo).clamp_min(eps)).reshape(m.shape)
+
+
+def unit_scale(m: Tensor, percentile: Optional[float] = None, eps: float = 0.0) -> Tensor:
+    """Each sample of ``m`` ``(B, ...)`` scaled to ``[0, 1]`` for display, in ``m``'s (floating) dtype.
+
+    Min-max; with ``percentile`` (in ``(0, 100]``) the values above that percentile of the sample
+    are clipped first, so a few extreme pixels do not wash the rest out. A sample whose percentile
+    equals its minimum (mostly constant, e.g. zero but for a few salient pixels) falls back to its
+    max, so those pixels still show. A constant sample is 0. The span ``top - min`` is floored at
+    ``eps``; 0 stretches any nonzero span to ``[0, 1]`` whatever its scale. The percentile is
+    ``numpy.percentile``'s (linear between order statistics; in float64 the same to the last bit),
+    without ``torch.quantile``'s limit on the input size.
+    The one implementation behind ``salience.reduce.normalize`` and ``salience.render.viz.scale``.
+    """
+    flat = m.reshape(m.shape[0], -1)
+    lo = flat.amin(1, keepdim=True)
+    top = flat.amax(1, keepdim=True)
+    hi = top
+    if percentile is not None:
+        # numpy.percentile's default ("linear"), with its rounding: rank (n - 1) q, lerp between neighbours.
+        n = flat.shape[1]
+        rank = (n - 1) * (percentile / 100.0)
+        below = int(math.floor(rank))
+        above, t = min(below + 1, n - 1), rank - below
+        s = flat.sort(dim=1).values
+        a, b = s[:, below:below + 1], s[:, above:above + 1]
+        hi = a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
+        hi = torch.where(hi > lo, hi, top)  # mostly constant: fall back to the max
+    span = hi - lo
+    return ((torch.minimum(flat, hi) - lo) / torch.where(span > 0, span.clamp_min(eps), 1.0)).reshape(m.shape)
 
 
 def _first_tensor(model: nn.Module) -> Optional[Tensor]:

@@ -38,6 +38,7 @@ from salience import reduce as _reduce
 from salience import rules
 from salience._core.autograd import gradients
 from salience._core.errors import SalienceError
+from salience._core.tensors import model_device
 from salience.loading.keras import import_keras, is_keras_model, layer_module_name
 from salience._core.layers import resolve_layer
 from salience.methods import METHODS
@@ -129,6 +130,7 @@ def find_layer_idx(model: Any, layer_name: str) -> int:
 
 
 def _pick(seq: Sequence[Any], idx: int, what: str) -> Any:
+    # Not check_int: negative indices count from the end, and both ends say "out of range".
     if isinstance(idx, bool) or not isinstance(idx, (int, np.integer)):
         raise SalienceError(f"layer_idx must be an int (or, for PyTorch models, a name or module), got {idx!r}")
     if not -len(seq) <= int(idx) < len(seq):
@@ -158,7 +160,8 @@ def _to_batch(seed_input: Any, channels_last: bool) -> Tensor:
 
 
 def _small_values(grad: Tensor) -> Tensor:
-    """keras-vis's ``small_values``: ``|1 / (g + 1e-7)|``."""
+    """keras-vis's ``small_values``: ``|1 / (g + 1e-7)|`` (not :func:`salience.reduce.small_values`,
+    ``1 / (|g| + eps)``: keras-vis adds its epsilon before the absolute value)."""
     return (1.0 / (grad + _EPS)).abs()
 
 
@@ -176,6 +179,7 @@ def _finish(grad: Tensor, grad_modifier: Optional[str], keepdims: bool, channel_
     elif g.dim() >= 2:
         g = g.amax(dim=channel_axis)
     lo, hi = g.min(), g.max()
+    # Not _core.tensors.minmax / reduce.normalize: keras-vis adds K.epsilon() to the span (its max lands just below 1).
     return ((g - lo) / (hi - lo + _EPS)).cpu().numpy()
 
 
@@ -282,7 +286,7 @@ def visualize_saliency_with_losses(
         from salience.loading.keras import wrap_keras
 
         wrapped = wrap_keras(model)
-        x = _to_batch(seed_input, wrapped.channels_last).to(_device(wrapped))
+        x = _to_batch(seed_input, wrapped.channels_last).to(model_device(wrapped))
         wrt = None if wrt_tensor is None else resolve_layer(wrapped, layer_module_name(_keras_layer(model, wrt_tensor)))
         grad = _loss_gradient(wrapped, x, losses, method, wrt)
         # Input gradients are (1, C, H, W) here; a Keras layer's are channels-last already.
@@ -290,15 +294,10 @@ def visualize_saliency_with_losses(
         return _finish(grad, grad_modifier, keepdims, axis, wrapped.channels_last and wrt is None)
     if not isinstance(model, nn.Module):
         raise SalienceError(f"expected a torch.nn.Module or a keras.Model, got {type(model).__name__}")
-    x = _to_batch(seed_input, False).to(_device(model))
+    x = _to_batch(seed_input, False).to(model_device(model))
     wrt = None if wrt_tensor is None else _torch_layer(model, wrt_tensor)
     grad = _loss_gradient(model, x, losses, method, wrt)
     return _finish(grad, grad_modifier, keepdims, 0, False)
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _keras_layer(model: Any, layer: Any) -> Any:
@@ -390,7 +389,7 @@ def _keras_saliency(model: Any, layer_idx: Any, idx: list[int], seed_input: Any,
     wrapped = KerasModel(sub, channels_last=channels_last)
     loss: Target = _PreActivation(layer, idx) if pre_activation else ActivationMaximization(
         None, idx, channel_axis=-1 if channels_last else 1)
-    x = _to_batch(seed_input, channels_last).to(_device(wrapped))
+    x = _to_batch(seed_input, channels_last).to(model_device(wrapped))
     wrt = None
     if wrt_tensor is not None:
         wrt = resolve_layer(wrapped, layer_module_name(_keras_layer(model, wrt_tensor)))

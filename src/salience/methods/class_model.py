@@ -30,12 +30,10 @@ Regularizers that make the picture readable, each optional:
 """
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salience._core.autograd import gradients
@@ -43,12 +41,14 @@ from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.progress import progress as _progress
-from salience.targets import Classes, Target, TargetLike, as_target
+from salience._core.tensors import check_int, check_number, gaussian_blur, model_device, model_dtype
+from salience.targets import Classes, Target, as_target
 
-__all__ = ["class_model", "total_variation", "tv_gradient", "gaussian_blur"]
+__all__ = ["class_model", "total_variation", "tv_gradient", "gaussian_blur"]  # gaussian_blur: re-export of the core one
 
 Callback = Callable[[int, Tensor, Tensor], Optional[bool]]
 ClassModelTarget = Union[int, Sequence[int], Tensor, Target, Sequence[Target], Callable[[Tensor], Tensor]]
+Bounds = Optional[tuple[Tensor, Tensor]]
 
 _OPTIMIZERS = ("ascent", "adam")
 
@@ -72,24 +72,6 @@ def tv_gradient(img: Tensor) -> Tensor:
     return g
 
 
-def gaussian_blur(img: Tensor, sigma: float) -> Tensor:
-    """Each channel of ``img`` ``(B, C, H, W)`` smoothed by a Gaussian of ``sigma`` pixels (reflect padding)."""
-    if sigma <= 0:
-        return img
-    radius = max(1, int(math.ceil(3 * sigma)))
-    radius = min(radius, img.shape[-1] - 1, img.shape[-2] - 1)
-    if radius < 1:
-        return img
-    t = torch.arange(-radius, radius + 1, device=img.device, dtype=img.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = img.shape[1]
-    x = F.pad(img, (radius, radius, 0, 0), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
 class _PerSample(Target):
     """Sample ``i`` of the batch is scored by target ``i`` (all on the same layer)."""
 
@@ -110,11 +92,9 @@ def _targets_and_batch(target: ClassModelTarget, seed_batch: Optional[int]) -> l
     """Split the request into groups ``(target, sample indices)`` that can share a forward pass."""
     if isinstance(target, (list, tuple)) and target and all(isinstance(t, Target) for t in target):
         groups: dict[int, list[int]] = {}
-        layer_of: dict[int, object] = {}
         for i, t in enumerate(target):
             key = id(t.layer) if not isinstance(t.layer, str) else hash(t.layer)
             groups.setdefault(key, []).append(i)
-            layer_of[key] = t.layer
         n = len(target)
         if seed_batch is not None and seed_batch != n:
             raise SalienceError(f"got {n} targets but a seed batch of {seed_batch} images; give one seed per target")
@@ -135,7 +115,8 @@ def _targets_and_batch(target: ClassModelTarget, seed_batch: Optional[int]) -> l
 
 
 def _clip_range(model: nn.Module, clip: Union[None, str, tuple], channels: int,
-                device: torch.device, dtype: torch.dtype) -> Optional[tuple[Tensor, Tensor]]:
+                device: torch.device, dtype: torch.dtype) -> Bounds:
+    """The ``(low, high)`` bounds ``(1, C or 1, 1, 1)`` that ``clip`` asks for, or ``None``: no clamping."""
     if clip is None:
         return None
     if isinstance(clip, str):
@@ -161,13 +142,171 @@ def _clip_range(model: nn.Module, clip: Union[None, str, tuple], channels: int,
             torch.full((1, 1, 1, 1), hi_f, device=device, dtype=dtype))
 
 
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters(), None)
-    if p is None:
-        p = next(model.buffers(), None)
-    if p is None:
-        return torch.device("cpu"), torch.float32
-    return p.device, (p.dtype if p.is_floating_point() else torch.float32)
+def _check_options(model: nn.Module, steps: int, optimizer: str, lr: float, l2: float, tv: float, jitter: int,
+                   blur_every: int, blur_sigma: float, callback: Optional[Callback]) -> None:
+    """Refuse bad arguments of :func:`class_model` with a message naming the option."""
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
+    # Not check_int: its wording ("an int >= 1") would drop "a positive integer", which callers match.
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise SalienceError(f"steps must be a positive integer, got {steps!r}")
+    if optimizer not in _OPTIMIZERS:
+        raise SalienceError(f"optimizer must be one of {', '.join(_OPTIMIZERS)}, got {optimizer!r}")
+    for name, value in (("lr", lr), ("l2", l2), ("tv", tv), ("blur_sigma", blur_sigma)):
+        check_number(value, name, minimum=0)
+    if lr <= 0:
+        raise SalienceError(f"lr must be > 0, got {lr}")
+    check_int(jitter, "jitter", minimum=0, what="pixels")
+    check_int(blur_every, "blur_every", minimum=0, what="0: never")
+    if callback is not None and not callable(callback):
+        raise SalienceError(f"callback must be callable as callback(step, image, score), got {type(callback).__name__}")
+
+
+def _seed_tensor(seed: Union[None, float, Tensor], shape: Optional[Sequence[int]], device: torch.device,
+                 dtype: torch.dtype) -> tuple[Union[None, float, Tensor], Optional[int], Optional[Sequence[int]]]:
+    """The seed on the model's device and dtype, its batch size (``None`` unless a batch
+    ``(B, C, H, W)``) and the image shape it implies (``shape`` when given, which it must match)."""
+    if isinstance(seed, Tensor):
+        if seed.dim() not in (3, 4) or not seed.is_floating_point():
+            raise SalienceError(
+                f"seed must be a floating image (C, H, W) or batch (B, C, H, W), got dtype {seed.dtype}, "
+                f"shape {tuple(seed.shape)}"
+            )
+        seed = seed.detach().to(device=device, dtype=dtype)
+        if shape is None:
+            shape = tuple(seed.shape[-3:])
+        elif tuple(seed.shape[-3:]) != tuple(shape):
+            raise SalienceError(f"seed has shape {tuple(seed.shape)} but shape={tuple(shape)} was asked")
+        return seed, (seed.shape[0] if seed.dim() == 4 else None), shape
+    if seed is not None and not isinstance(seed, (int, float)):
+        raise SalienceError(f"seed must be None, a number or an image tensor, got {type(seed).__name__}")
+    return seed, None, shape
+
+
+def _image_shape(model: nn.Module, shape: Optional[Sequence[int]]) -> tuple[int, int, int]:
+    """``(C, H, W)``: ``shape`` checked, or the model's ``ModelInfo`` channels and input size."""
+    if shape is None:
+        info = model_info(model)
+        if info.input_size is None:
+            raise SalienceError(
+                "class_model needs the image shape: pass shape=(C, H, W) (the model carries no ModelInfo "
+                "with an input size)"
+            )
+        shape = (info.channels, *info.input_size)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise SalienceError(f"shape must be (C, H, W) with positive sizes, got {shape}")
+    return shape  # type: ignore[return-value]
+
+
+def _start_image(seed: Union[None, float, Tensor], batch: int, shape: tuple[int, int, int], bounds: Bounds,
+                 device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The first image ``(batch, C, H, W)``: the seed (broadcast) or a constant, clipped to ``bounds``."""
+    if isinstance(seed, Tensor):
+        img = (seed if seed.dim() == 4 else seed.unsqueeze(0)).expand(batch, *shape).clone()
+    else:
+        img = torch.full((batch, *shape), float(seed or 0.0), device=device, dtype=dtype)
+    return _clip(img, bounds)
+
+
+def _clip(img: Tensor, bounds: Bounds) -> Tensor:
+    return img if bounds is None else torch.maximum(torch.minimum(img, bounds[1]), bounds[0])
+
+
+def _scores_and_gradient(model: nn.Module, img: Tensor, groups: list[tuple[Target, list[int]]], jitter: int,
+                         generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """The targets' scores ``(B,)`` on the image shifted by a random jitter, and their gradient
+    ``(B, C, H, W)`` shifted back: one pass per group of targets that share a layer."""
+    if jitter:
+        dy, dx = (int(s) for s in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
+    else:
+        dy = dx = 0
+    seen = torch.roll(img, (dy, dx), (2, 3)) if (dy or dx) else img
+    grad = torch.empty_like(img)
+    scores = torch.empty(img.shape[0], device=img.device, dtype=img.dtype)
+    for tgt, idx in groups:
+        p = gradients(model, seen if len(groups) == 1 else seen[idx], tgt)
+        if p.scores.dim() == 0:
+            raise SalienceError(
+                "class_model needs one score per image; the target returned a scalar. Return the "
+                "scores (B,) instead of their sum or mean"
+            )
+        assert p.grad is not None
+        grad[idx] = p.grad.to(img.dtype)
+        scores[idx] = p.scores.to(img.dtype)
+    if dy or dx:
+        grad = torch.roll(grad, (-dy, -dx), (2, 3))
+    return scores, grad
+
+
+class _Update:
+    """The image's update from the regularized gradient: plain ascent ``lr * grad`` or Adam, whose
+    moments are kept here by hand so that no tensor but the image is ever touched."""
+
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+
+    def __init__(self, optimizer: str, lr: float, img: Tensor):
+        self.adam = optimizer == "adam"
+        self.lr = lr
+        self.m = torch.zeros_like(img)
+        self.v = torch.zeros_like(img)
+
+    def __call__(self, img: Tensor, grad: Tensor, t: int) -> Tensor:
+        """``img`` after step ``t`` (1-based)."""
+        if not self.adam:
+            return img + self.lr * grad
+        b1, b2 = self.beta1, self.beta2
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
+        return img + self.lr * (self.m / (1 - b1 ** t)) / ((self.v / (1 - b2 ** t)).sqrt() + self.eps)
+
+
+class _Regularizers:
+    """The readability terms: ``l2`` and ``tv`` in the gradient, then Gaussian blur every
+    ``blur_every`` steps and clipping to ``bounds`` after the update."""
+
+    def __init__(self, l2: float, tv: float, blur_every: int, blur_sigma: float, bounds: Bounds):
+        self.l2, self.tv, self.bounds = l2, tv, bounds
+        self.blur_every, self.blur_sigma = blur_every, blur_sigma
+
+    def gradient(self, grad: Tensor, img: Tensor) -> Tensor:
+        """The score's gradient minus the penalties' gradients."""
+        if self.l2:
+            grad = grad - 2 * self.l2 * img
+        if self.tv:
+            grad = grad - self.tv * tv_gradient(img)
+        return grad
+
+    def after_update(self, img: Tensor, step: int) -> Tensor:
+        """Blur (on every ``blur_every``-th step, 0-based ``step``) and clip the updated image."""
+        if self.blur_every and (step + 1) % self.blur_every == 0:
+            img = gaussian_blur(img, self.blur_sigma)
+        return _clip(img, self.bounds)
+
+
+def _ascend(model: nn.Module, img: Tensor, groups: list[tuple[Target, list[int]]], update: _Update,
+            reg: _Regularizers, *, steps: int, jitter: int, generator: Optional[torch.Generator], progress: bool,
+            callback: Optional[Callback]) -> tuple[Tensor, list[Tensor]]:
+    """Run up to ``steps`` steps under one model guard; the last image and the scores of each step.
+
+    After each step: the progress bar advances, then ``callback(step, image, scores)`` may stop the run."""
+    history: list[Tensor] = []
+    with ExitStack() as stack:
+        stack.enter_context(model_guard(model))  # one guard for all steps
+        bar = stack.enter_context(_progress(steps, "class model", enabled=progress))
+        for step in range(steps):
+            scores, grad = _scores_and_gradient(model, img, groups, jitter, generator)
+            img = reg.after_update(update(img, reg.gradient(grad, img), step + 1), step)
+            if not bool(torch.isfinite(img).all()):
+                raise SalienceError(
+                    f"class_model diverged at step {step + 1} (the image has NaN or infinite values); "
+                    "lower lr, raise l2, or use optimizer='adam' or clip"
+                )
+            history.append(scores.detach().clone())
+            bar.update(1)
+            if callback is not None and callback(step, img.detach(), scores.detach()) is True:
+                break
+    return img, history
 
 
 def class_model(
@@ -217,118 +356,17 @@ def class_model(
     Returns the image ``(B, C, H, W)``, detached; with ``return_history=True`` also the target's
     scores at every step, ``(steps_run, B)``.
     """
-    if not isinstance(model, nn.Module):
-        raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise SalienceError(f"steps must be a positive integer, got {steps!r}")
-    if optimizer not in _OPTIMIZERS:
-        raise SalienceError(f"optimizer must be one of {', '.join(_OPTIMIZERS)}, got {optimizer!r}")
-    for name, value in (("lr", lr), ("l2", l2), ("tv", tv), ("blur_sigma", blur_sigma)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise SalienceError(f"{name} must be a finite number >= 0, got {value!r}")
-    if lr <= 0:
-        raise SalienceError(f"lr must be > 0, got {lr}")
-    if isinstance(jitter, bool) or not isinstance(jitter, int) or jitter < 0:
-        raise SalienceError(f"jitter must be an integer number of pixels >= 0, got {jitter!r}")
-    if isinstance(blur_every, bool) or not isinstance(blur_every, int) or blur_every < 0:
-        raise SalienceError(f"blur_every must be an integer >= 0 (0: never), got {blur_every!r}")
-    if callback is not None and not callable(callback):
-        raise SalienceError(f"callback must be callable as callback(step, image, score), got {type(callback).__name__}")
-
-    device, dtype = _model_device_dtype(model)
-    seed_batch: Optional[int] = None
-    if isinstance(seed, Tensor):
-        if seed.dim() not in (3, 4) or not seed.is_floating_point():
-            raise SalienceError(
-                f"seed must be a floating image (C, H, W) or batch (B, C, H, W), got dtype {seed.dtype}, "
-                f"shape {tuple(seed.shape)}"
-            )
-        seed = seed.detach().to(device=device, dtype=dtype)
-        if seed.dim() == 4:
-            seed_batch = seed.shape[0]
-        if shape is None:
-            shape = tuple(seed.shape[-3:])
-        elif tuple(seed.shape[-3:]) != tuple(shape):
-            raise SalienceError(f"seed has shape {tuple(seed.shape)} but shape={tuple(shape)} was asked")
-    elif seed is not None and not isinstance(seed, (int, float)):
-        raise SalienceError(f"seed must be None, a number or an image tensor, got {type(seed).__name__}")
-
-    if shape is None:
-        info = model_info(model)
-        if info.input_size is None:
-            raise SalienceError(
-                "class_model needs the image shape: pass shape=(C, H, W) (the model carries no ModelInfo "
-                "with an input size)"
-            )
-        shape = (info.channels, *info.input_size)
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise SalienceError(f"shape must be (C, H, W) with positive sizes, got {shape}")
-    jitter = min(jitter, (min(shape[1:]) - 1) // 2)  # at most half the image
-
+    _check_options(model, steps, optimizer, lr, l2, tv, jitter, blur_every, blur_sigma, callback)
+    device, dtype = model_device(model), model_dtype(model)
+    seed, seed_batch, shape = _seed_tensor(seed, shape, device, dtype)
+    shape = _image_shape(model, shape)
+    jitter = min(int(jitter), (min(shape[1:]) - 1) // 2)  # at most half the image
     groups = _targets_and_batch(target, seed_batch)
-    batch = sum(len(idx) for _, idx in groups)
-    if isinstance(seed, Tensor):
-        img = (seed if seed.dim() == 4 else seed.unsqueeze(0)).expand(batch, *shape).clone()
-    else:
-        img = torch.full((batch, *shape), float(seed or 0.0), device=device, dtype=dtype)
     bounds = _clip_range(model, clip, shape[0], device, dtype)
-    if bounds is not None:
-        img = torch.maximum(torch.minimum(img, bounds[1]), bounds[0])
-
-    # Adam moments, kept by hand so that no tensor but the image is ever touched.
-    m = torch.zeros_like(img)
-    v = torch.zeros_like(img)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    history: list[Tensor] = []
-    with ExitStack() as stack:
-        stack.enter_context(model_guard(model))  # one guard for all steps
-        bar = stack.enter_context(_progress(steps, "class model", enabled=progress))
-        for step in range(steps):
-            if jitter:
-                dy, dx = (int(s) for s in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
-            else:
-                dy = dx = 0
-            seen = torch.roll(img, (dy, dx), (2, 3)) if (dy or dx) else img
-            grad = torch.empty_like(img)
-            scores = torch.empty(batch, device=device, dtype=dtype)
-            for tgt, idx in groups:
-                sel = seen if len(groups) == 1 else seen[idx]
-                p = gradients(model, sel, tgt)
-                if p.scores.dim() == 0:
-                    raise SalienceError(
-                        "class_model needs one score per image; the target returned a scalar. Return the "
-                        "scores (B,) instead of their sum or mean"
-                    )
-                assert p.grad is not None
-                grad[idx] = p.grad.to(dtype)
-                scores[idx] = p.scores.to(dtype)
-            if dy or dx:
-                grad = torch.roll(grad, (-dy, -dx), (2, 3))
-            if l2:
-                grad = grad - 2 * l2 * img
-            if tv:
-                grad = grad - tv * tv_gradient(img)
-            if optimizer == "ascent":
-                img = img + lr * grad
-            else:
-                t = step + 1
-                m = beta1 * m + (1 - beta1) * grad
-                v = beta2 * v + (1 - beta2) * grad * grad
-                img = img + lr * (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
-            if blur_every and (step + 1) % blur_every == 0:
-                img = gaussian_blur(img, blur_sigma)
-            if bounds is not None:
-                img = torch.maximum(torch.minimum(img, bounds[1]), bounds[0])
-            if not bool(torch.isfinite(img).all()):
-                raise SalienceError(
-                    f"class_model diverged at step {step + 1} (the image has NaN or infinite values); "
-                    "lower lr, raise l2, or use optimizer='adam' or clip"
-                )
-            history.append(scores.detach().clone())
-            bar.update(1)
-            if callback is not None and callback(step, img.detach(), scores.detach()) is True:
-                break
+    img = _start_image(seed, sum(len(idx) for _, idx in groups), shape, bounds, device, dtype)
+    img, history = _ascend(model, img, groups, _Update(optimizer, lr, img),
+                           _Regularizers(l2, tv, int(blur_every), blur_sigma, bounds), steps=steps, jitter=jitter,
+                           generator=generator, progress=progress, callback=callback)
     img = img.detach()
     if return_history:
         return img, torch.stack(history)

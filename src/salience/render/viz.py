@@ -1,12 +1,14 @@
 """Pictures of saliency maps: colormaps, heatmaps, overlays, side-by-side figures, files.
 
-Pure numpy + pillow; never sees a model. Every function accepts torch tensors (any device; they
-are detached and copied to the CPU) and numpy arrays alike and gives the same picture for both.
+numpy + pillow (and pure tensor code from ``salience._core``); never sees a model. Every function
+accepts torch tensors (any device; they are detached and copied to the CPU) and numpy arrays alike
+and gives the same picture for both.
 
 Normalization is explicit and per image (the ``norm`` argument):
 
 * ``"percentile"`` (default): values above the ``percentile``-th percentile (99: the top 1 %) are
-  clipped before scaling, so a few extreme pixels do not wash the rest of the map out;
+  clipped before scaling, so a few extreme pixels do not wash the rest of the map out (a map whose
+  percentile is its minimum, zero but for a few pixels, is scaled by its max so they still show);
 * ``"minmax"``: the smallest value becomes the bottom colour and the largest the top one;
 * ``None``: the values are used as they are; they must already lie in ``[0, 1]`` (``[-1, 1]`` for
   signed maps), else :class:`~salience.SalienceError` (no silent clipping).
@@ -21,15 +23,14 @@ from __future__ import annotations
 import io as _io
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_path, atomic_write
-
-if TYPE_CHECKING:  # tensors are accepted everywhere; torch itself is not needed to draw
-    import torch
+from salience._core.tensors import unit_scale
 
 __all__ = [
     "COLORMAPS",
@@ -127,7 +128,7 @@ def _lut(cmap: Union[None, str, ArrayLike], signed: bool) -> np.ndarray:
 
 def _as_array(x: object, what: str) -> np.ndarray:
     """A numpy view of a tensor (detached, on the CPU; bfloat16/half as float32) or array."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch here
+    if _is_tensor(x):
         t = x.detach().cpu()
         if t.is_complex():
             raise SalienceError(f"{what} must be real, got a complex tensor")
@@ -188,14 +189,9 @@ def _scale(a: np.ndarray, norm: Norm, percentile: float, signed: Optional[bool],
         s = np.where(s > 0, s, top)                      # a mostly-zero map: fall back to the max
         s = np.where(s > 0, s, 1.0)                      # an all-zero map stays zero (middle colour)
         out = np.clip(flat / s[:, None], -1.0, 1.0)
-    else:
-        lo = flat.min(axis=1)
-        top = flat.max(axis=1)
-        hi = np.percentile(flat, percentile, axis=1) if norm == "percentile" else top
-        hi = np.where(hi > lo, hi, top)                  # a mostly-constant map: fall back to the max
-        span = hi - lo
-        out = np.where(span[:, None] > 0, (flat - lo[:, None]) / np.where(span > 0, span, 1.0)[:, None], 0.0)
-        out = np.clip(out, 0.0, 1.0)
+    else:  # the one per-sample [0, 1] scaling (reduce.normalize's too), on a float64 view of the array
+        out = unit_scale(torch.from_numpy(np.require(flat, np.float64, ["C", "W"])),
+                         percentile if norm == "percentile" else None).numpy()
     return out.reshape(a.shape), signed
 
 
