@@ -38,10 +38,9 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
 
 
 def minmax(m: Tensor, eps: float = 1e-12) -> Tensor:
-    """Each sample of ``m`` ``(B, ...)`` scaled to ``[0, 1]`` by its own min and max; a constant map is 0."""
-    flat = m.reshape(m.shape[0], -1)
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    return ((flat - lo) / (hi - lo).clamp_min(eps)).reshape(m.shape)
+    """Each sample of ``m`` ``(B, ...)`` scaled to ``[0, 1]`` by its own min and max (the span
+    floored at ``eps``); a constant map is 0. :func:`unit_scale` without a percentile."""
+    return unit_scale(m, eps=eps)
 
 
 def unit_scale(m: Tensor, percentile: Optional[float] = None, eps: float = 0.0) -> Tensor:
