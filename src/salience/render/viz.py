@@ -488,42 +488,15 @@ def figure(images: Union[ArrayLike, Sequence[ArrayLike]], maps: Mapping[str, Arr
     ``labels=False`` draws no text. Layout: tiles of equal size with ``pad`` white pixels between
     them and around the edge, below a header line of text.
     """
-    from PIL import Image, ImageDraw
-
     alpha = _check_alpha(alpha)
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise SalienceError("images is an empty sequence; expected at least one image")
-        imgs = np.stack([to_uint8_image(i) for i in images])
-        if imgs.ndim != 4:
-            raise SalienceError("images: each item of the sequence must be one image (C, H, W) or (H, W, C)")
-    else:
-        imgs = to_uint8_image(images)
-        if imgs.ndim == 3:
-            imgs = imgs[None]
+    imgs = _figure_images(images)
     n, h, w = imgs.shape[:3]
     methods = _figure_maps(maps, n)
-    if titles is not None:
-        titles = [str(t) for t in titles]
-        if len(titles) != len(methods):
-            raise SalienceError(f"titles: expected {len(methods)} (one per method), got {len(titles)}")
-    else:
-        titles = [name for name, _ in methods]
-    if row_labels is not None:
-        row_labels = [str(t) for t in row_labels]
-        if len(row_labels) != n:
-            raise SalienceError(f"row_labels: expected {n} (one per image), got {len(row_labels)}")
+    titles = _names(titles, [name for name, _ in methods], "titles", "method")
+    row_labels = None if row_labels is None else _names(row_labels, None, "row_labels", "image", n)
     if not isinstance(pad, int) or pad < 0:
         raise SalienceError(f"pad must be an int >= 0, got {pad!r}")
-    if scale_to is None:
-        th, tw = h, w
-    elif isinstance(scale_to, int) and not isinstance(scale_to, bool) and scale_to > 0:
-        th, tw = scale_to, max(1, round(w * scale_to / h))
-    elif (isinstance(scale_to, (tuple, list)) and len(scale_to) == 2
-          and all(isinstance(s, int) and s > 0 for s in scale_to)):
-        th, tw = int(scale_to[0]), int(scale_to[1])
-    else:
-        raise SalienceError(f"scale_to must be a positive int (tile height) or (height, width), got {scale_to!r}")
+    th, tw = _tile_size(scale_to, h, w)
 
     # Columns of tiles, each (n, th, tw, 3).
     columns: list[np.ndarray] = [np.stack([_resize(im, (th, tw)) for im in imgs])]
@@ -531,29 +504,74 @@ def figure(images: Union[ArrayLike, Sequence[ArrayLike]], maps: Mapping[str, Arr
         heat = _map_tiles(a, (h, w), cmap=cmap, norm=norm, percentile=percentile, signed=signed)
         cols = [heat] + ([_blend(imgs, heat, alpha)] if overlay else [])
         columns += [np.stack([_resize(t, (th, tw)) for t in c]) for c in cols]
-    per_method = 2 if overlay else 1
+    if not labels:
+        return _canvas(columns, 0, 0, pad)
+    return _labelled(columns, titles, row_labels, 2 if overlay else 1, pad)
 
-    font = _font() if labels else None
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    if labels:
-        text_h = max(_text_size(probe, "Ag|", font)[1], 1)
-        header = text_h + pad + 2
-        left = (max(_text_size(probe, t, font)[0] for t in row_labels) + pad) if row_labels else 0
-    else:
-        header, left = 0, 0
+
+def _figure_images(images: Union[ArrayLike, Sequence[ArrayLike]]) -> np.ndarray:
+    """The figure's images as uint8 ``(n, H, W, 3)``."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise SalienceError("images is an empty sequence; expected at least one image")
+        imgs = np.stack([to_uint8_image(i) for i in images])
+        if imgs.ndim != 4:
+            raise SalienceError("images: each item of the sequence must be one image (C, H, W) or (H, W, C)")
+        return imgs
+    imgs = to_uint8_image(images)
+    return imgs[None] if imgs.ndim == 3 else imgs
+
+
+def _names(given: Optional[Sequence[str]], default: Optional[list[str]], what: str, per: str,
+           n: Optional[int] = None) -> list[str]:
+    """``given`` labels as strings, one per ``per`` (``n`` of them, or as many as ``default``)."""
+    if given is None:
+        assert default is not None
+        return default
+    names = [str(t) for t in given]
+    want = n if n is not None else len(default or [])
+    if len(names) != want:
+        raise SalienceError(f"{what}: expected {want} (one per {per}), got {len(names)}")
+    return names
+
+
+def _tile_size(scale_to: Union[None, int, tuple[int, int]], h: int, w: int) -> tuple[int, int]:
+    if scale_to is None:
+        return h, w
+    if isinstance(scale_to, int) and not isinstance(scale_to, bool) and scale_to > 0:
+        return scale_to, max(1, round(w * scale_to / h))
+    if (isinstance(scale_to, (tuple, list)) and len(scale_to) == 2
+            and all(isinstance(s, int) and s > 0 for s in scale_to)):
+        return int(scale_to[0]), int(scale_to[1])
+    raise SalienceError(f"scale_to must be a positive int (tile height) or (height, width), got {scale_to!r}")
+
+
+def _canvas(columns: list[np.ndarray], header: int, left: int, pad: int) -> np.ndarray:
+    """Tiles ``columns`` (each ``(n, th, tw, 3)``) on a white canvas, ``pad`` apart, below ``header``."""
+    n, th, tw = columns[0].shape[:3]
     ncol = len(columns)
-    height = header + n * th + (n + 1) * pad
-    width = left + ncol * tw + (ncol + 1) * pad
-    canvas = np.full((height, width, 3), _BG, dtype=np.uint8)
+    canvas = np.full((header + n * th + (n + 1) * pad, left + ncol * tw + (ncol + 1) * pad, 3), _BG, dtype=np.uint8)
     for c, col in enumerate(columns):
         x = left + pad + c * (tw + pad)
         for r in range(n):
             y = header + pad + r * (th + pad)
             canvas[y:y + th, x:x + tw] = col[r]
-    if not labels:
-        return canvas
+    return canvas
 
-    pic = Image.fromarray(canvas)
+
+def _labelled(columns: list[np.ndarray], titles: list[str], row_labels: Optional[list[str]], per_method: int,
+              pad: int) -> np.ndarray:
+    """The canvas with a header line (``image``, then each method's title over its columns) and
+    ``row_labels`` in a left margin."""
+    from PIL import Image, ImageDraw
+
+    n, th, tw = columns[0].shape[:3]
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_h = max(_text_size(probe, "Ag|", font)[1], 1)
+    header = text_h + pad + 2
+    left = (max(_text_size(probe, t, font)[0] for t in row_labels) + pad) if row_labels else 0
+    pic = Image.fromarray(_canvas(columns, header, left, pad))
     draw = ImageDraw.Draw(pic)
 
     def label(text: str, x0: int, span: int, y: int) -> None:
@@ -562,16 +580,14 @@ def figure(images: Union[ArrayLike, Sequence[ArrayLike]], maps: Mapping[str, Arr
         bx = draw.textbbox((0, 0), text, font=font)
         draw.text((x0 + (span - tw_) // 2 - bx[0], y - bx[1]), text, fill=_FG, font=font)
 
-    top = pad
-    label("image", left + pad, tw, top)
+    label("image", left + pad, tw, pad)
     for i, t in enumerate(titles):
         x0 = left + pad + (1 + i * per_method) * (tw + pad)
-        label(t, x0, per_method * tw + (per_method - 1) * pad, top)
-    if row_labels:
-        for r, t in enumerate(row_labels):
-            y = header + pad + r * (th + pad) + (th - text_h) // 2
-            bx = draw.textbbox((0, 0), t, font=font)
-            draw.text((pad // 2 - bx[0], y - bx[1]), t, fill=_FG, font=font)
+        label(t, x0, per_method * tw + (per_method - 1) * pad, pad)
+    for r, t in enumerate(row_labels or []):
+        y = header + pad + r * (th + pad) + (th - text_h) // 2
+        bx = draw.textbbox((0, 0), t, font=font)
+        draw.text((pad // 2 - bx[0], y - bx[1]), t, fill=_FG, font=font)
     return np.asarray(pic).copy()
 
 
