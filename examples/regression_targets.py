@@ -3,8 +3,9 @@
     python examples/regression_targets.py --output x_position
 
 ``demo:shapes-regression`` predicts a shape's size and horizontal position. For one output,
-``targets.regression(i, mode)`` gives three maps: ``increase`` (the gradient), ``decrease``
-(its negation) and ``maintain`` (``|1/gradient|``: where the output is least sensitive).
+``targets.regression(i, mode)`` gives three maps: ``increase`` (where the gradient is positive),
+``decrease`` (where it is negative) and ``maintain`` (``|1/gradient|``: where the output is least
+sensitive). The raw gradients (``reduce=None``) are saved signed.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     except ImportError:
         viz = None
     if viz is not None:
-        shown = {mode: m.abs().amax(1) if mode == "maintain" else m.clamp(min=0).amax(1) for mode, m in maps.items()}
+        # The default reduction keeps each direction's part: max_c max(g, 0) for increase / decrease.
+        shown = {mode: salience.vanilla(model, images, targets.regression(index, mode)) for mode in maps}
         viz.save_png(out / f"{names[index]}.png", viz.figure(images, shown))
     pred = model(images)[:, index].detach()
     print(f"{names[index]} predicted: {', '.join(f'{v:.3f}' for v in pred.tolist())}; maps in {out}/")

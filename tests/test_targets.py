@@ -157,3 +157,28 @@ def test_class_target_needs_2d_output():
 
     with pytest.raises(SalienceError, match=r"\(B, K\).*custom target"):
         salience.vanilla(Seg(), torch.rand(1, 3, 4, 4), 0)
+
+
+def test_regression_maps_keep_the_direction():
+    """Reduced maps: increase = max_c of the gradient's positive part, decrease = the same of the
+    negated gradient (keras-vis keeps the sign), maintain = max_c |1/g|; increase and decrease differ."""
+    torch.manual_seed(0)
+    reg = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    x = torch.rand(2, 3, 6, 6)
+    x_ = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(reg(x_)[:, 1].sum(), x_)  # the raw gradient of output 1, by hand
+    inc = salience.vanilla(reg, x, targets.regression(1, "increase"))
+    dec = salience.vanilla(reg, x, targets.regression(1, "decrease"))
+    keep = salience.vanilla(reg, x, targets.regression(1, "maintain"))
+    torch.testing.assert_close(inc, g.clamp(min=0).amax(1))
+    torch.testing.assert_close(dec, (-g).clamp(min=0).amax(1))
+    torch.testing.assert_close(keep, (1 / (g.abs() + torch.finfo(g.dtype).eps)).amax(1))
+    assert not torch.allclose(inc, dec)
+    # Integrated gradients' default grayscale map: the positive part of the attributions, summed.
+    ig_inc = salience.integrated_gradients(reg, x, targets.regression(1, "increase"), steps=4)
+    ig_raw = salience.integrated_gradients(reg, x, targets.regression(1, "increase"), steps=4, reduce=None)
+    torch.testing.assert_close(ig_inc, ig_raw.clamp(min=0).sum(1))
+    # SmoothGrad averages the signed gradients, then takes the direction's part.
+    sg = salience.smoothgrad(reg, x, targets.regression(1, "decrease"), samples=3, seed=2)
+    sg_raw = salience.smoothgrad(reg, x, targets.regression(1, "decrease"), samples=3, seed=2, reduce=None)
+    torch.testing.assert_close(sg, sg_raw.clamp(min=0).amax(1))

@@ -71,6 +71,12 @@ class Target:
         predicted class becomes that class; every other target stays as it is."""
         return self
 
+    def map_part(self, grad: Tensor) -> Tensor:
+        """The part of the (modified) gradient ``(B, C, H, W)`` this target's *map* shows: a
+        reduction (``max_abs``, ``grayscale``...) is applied to it. All of it by default; the
+        positive part for a regression direction (the raw ``reduce=None`` gradient stays signed)."""
+        return grad
+
     def for_items(self, owner: Tensor) -> "Target":
         """This target for items (noisy copies, path points) whose images are ``owner`` ``(n,)``:
         per-image classes are gathered; targets that are functions of each output stay as they are."""
@@ -193,6 +199,9 @@ class Regression(Target):
 
     ``increase``: the gradient of the output; ``decrease``: of its negation; ``maintain``:
     ``|1/grad|`` (keras-vis's ``small_values``): the pixels the output is least sensitive to.
+    A reduced map of ``increase`` / ``decrease`` shows the positive part of that gradient (the
+    default ``max_abs`` gives ``max_c max(g, 0)``, so the two maps differ and do not overlap);
+    ``reduce=None`` returns the signed gradient.
     """
 
     def __init__(self, index: int = 0, mode: str = "increase"):
@@ -212,6 +221,11 @@ class Regression(Target):
 
     def modify_gradient(self, grad: Tensor) -> Tensor:
         return small_values(grad) if self.mode == "maintain" else grad
+
+    def map_part(self, grad: Tensor) -> Tensor:
+        # keras-vis keeps the sign: the increase map is where the gradient of the output is
+        # positive, the decrease map where it is negative (the gradient of -output is positive).
+        return grad if self.mode == "maintain" else grad.clamp(min=0)
 
     def __repr__(self) -> str:
         return f"Regression(index={self.index}, mode={self.mode!r})"

@@ -12,14 +12,16 @@ wrappers (SmoothGrad) hand it all K at once instead of calling it K times.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+import torch
 
 from torch import Tensor, nn
 
 from salience._core import engine as _engine
 from salience import reduce as _reduce
 from salience._core.autograd import check_input
-from salience.targets import split
+from salience.targets import Target, split
 
 F = TypeVar("F", bound=Callable[..., Tensor])
 
@@ -38,11 +40,22 @@ def takes_several_targets(method: Callable[..., Any]) -> bool:
     return bool(getattr(method, "several_targets", False))
 
 
-def finish(maps: Tensor, grad_modifier: Any, reduce: Any, multi: bool) -> Tensor:
-    """``(B, K, C, H, W)`` -> modifier and reduction per map; the K axis is dropped unless ``multi``."""
-    b, k = maps.shape[:2]
-    out = _reduce.apply(maps.reshape((b * k,) + tuple(maps.shape[2:])), grad_modifier, reduce)
-    out = out.reshape((b, k) + tuple(out.shape[1:]))
+def finish(maps: Tensor, grad_modifier: Any, reduce: Any, multi: bool,
+           targets: Optional[Sequence[Target]] = None) -> Tensor:
+    """``(B, K, C, H, W)`` -> the grad modifier, then the reduction, per target ``k``; the K axis is
+    dropped unless ``multi``. A reduction sees the part of the gradient its target's map shows
+    (:meth:`salience.targets.Target.map_part`: the positive part for a regression direction)."""
+    mod = _reduce.get_grad_modifier(grad_modifier)
+    red = _reduce.get_reduction(reduce)
+    outs = []
+    for k in range(maps.shape[1]):
+        m = maps[:, k]
+        if mod is not None:
+            m = mod(m)
+        if red is not None:
+            m = red(targets[k].map_part(m) if targets is not None else m)
+        outs.append(m)
+    out = torch.stack(outs, dim=1)
     return out if multi else out[:, 0]
 
 
@@ -69,4 +82,4 @@ def input_gradient_maps(
     grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax, extra_modes=extra_modes)
     if times_input:
         grads = grads * x.unsqueeze(0)
-    return finish(grads.transpose(0, 1), grad_modifier, reduce, multi)
+    return finish(grads.transpose(0, 1), grad_modifier, reduce, multi, targets)

@@ -223,4 +223,4 @@ def guided_gradcam(
     cams = torch.stack([_cam(model, acts, lg, relu=True) for lg in layer_grads], dim=1)  # (B, K, h, w)
     b, k = cams.shape[:2]
     cams = _upsample(cams.flatten(0, 1), tuple(x.shape[-2:])).unflatten(0, (b, k))
-    return finish(g.inputs.transpose(0, 1) * cams.unsqueeze(2), grad_modifier, reduce, multi)
+    return finish(g.inputs.transpose(0, 1) * cams.unsqueeze(2), grad_modifier, reduce, multi, targets)

@@ -195,7 +195,7 @@ def integrated_gradients(
     parts = [t for t in (ends.grads, None if sums is None else sums.total) if t is not None]
     total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
     attr = total * (x - x0).unsqueeze(1).to(total.dtype)  # (B, K, C, H, W), float64
-    out = finish(attr.to(x.dtype), grad_modifier, reduce, multi)
+    out = finish(attr.to(x.dtype), grad_modifier, reduce, multi, targets)
     if not return_gap:
         return out
     delta = ends.scores[1.0] - ends.scores[0.0]

@@ -20,7 +20,7 @@ from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.methods._multi import takes_several_targets
 from salience.methods.vanilla import vanilla
-from salience.targets import resolve, split
+from salience.targets import Target, resolve, split
 
 __all__ = ["smoothgrad", "VARIANTS"]
 
@@ -95,7 +95,7 @@ def smoothgrad(
             else:
                 outs = [_call(method, model, xs, t, raw_options) for t in tgts]
                 maps = torch.stack(outs, dim=1) if multi else outs[0]
-            return _finish(maps, mod, red, multi) if reduce_each else maps
+            return _finish(maps, mod, red, multi, resolved) if reduce_each else maps
 
         sums = _engine.accumulate(
             compute, samples * x.shape[0], x.shape[0], squares=variant != "mean", chunk=chunk,
@@ -109,7 +109,7 @@ def smoothgrad(
         sq = sums.squares / samples
         out = sq if variant == "squared" else (sq - mean * mean).clamp_min(0)
     out = out.to(x.dtype)
-    return out if reduce_each else _finish(out, mod, red, multi)
+    return out if reduce_each else _finish(out, mod, red, multi, resolved)
 
 
 def _check_options(method: Any, samples: Any, noise: Any, variant: Any, seed: Any, options: dict) -> None:
@@ -182,17 +182,17 @@ class NoisyCopies:
         return (parts[0] if len(parts) == 1 else torch.cat(parts)), owner
 
 
-def _finish(maps: Tensor, mod: Optional[GradModifier], red: Optional[Reduction], multi: bool) -> Tensor:
-    """Grad modifier and reduction of maps ``(n, [K,] ...)``; maps already ``(n, [K,] H, W)`` stay unreduced."""
+def _finish(maps: Tensor, mod: Optional[GradModifier], red: Optional[Reduction], multi: bool,
+            targets: list[Target]) -> Tensor:
+    """Grad modifier and reduction of maps ``(n, [K,] ...)``; maps already ``(n, [K,] H, W)`` stay
+    unreduced. The reduction sees each target's :meth:`~salience.targets.Target.map_part`."""
     if mod is not None:
         maps = mod(maps)
     if red is None or maps.dim() - (1 if multi else 0) != 4:
         return maps
     if multi:
-        n, k = maps.shape[:2]
-        out = red(maps.reshape((n * k,) + tuple(maps.shape[2:])))
-        return out.reshape((n, k) + tuple(out.shape[1:]))
-    return red(maps)
+        return torch.stack([red(t.map_part(maps[:, k])) for k, t in enumerate(targets)], dim=1)
+    return red(targets[0].map_part(maps))
 
 
 def _call(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Any, options: dict) -> Tensor:
