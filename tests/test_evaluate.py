@@ -9,7 +9,7 @@ import torch
 
 from salience import SalienceError
 from salience.demo import data, zoo
-from salience.evidence import metrics as M
+from salience import evidence as M
 from salience.evidence import evaluate as E
 from salience.methods import vanilla
 

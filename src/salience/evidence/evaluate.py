@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from salience.evidence import metrics as M
+from salience import evidence as M
 from salience._core.autograd import unwrap_output
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write
