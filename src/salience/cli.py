@@ -382,7 +382,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         rep.figure(path, f"{oname}: columns image, increase, decrease, maintain; predicted {vals}")
 
     # 3. Class model visualization, if this installation has it.
-    from salience.evidence import evaluate
+    from salience.demo.clever_hans import clever_hans_report
     from salience.methods.class_model import class_model
 
     rep.heading("What each class looks like to the model (class model visualization)")
@@ -401,7 +401,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # 4. The Clever Hans check.
     rep.heading("Clever Hans: does the model look at the shape or at a cue?")
     try:
-        rep.raw(evaluate.clever_hans_report(out_dir))
+        rep.raw(clever_hans_report(out_dir))
     except Exception as e:  # noqa: BLE001
         notes.append(f"Clever Hans section: failed ({type(e).__name__}: {e})")
         rep.paragraph(notes[-1], css="bad")
@@ -463,6 +463,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from salience.evidence import evaluate
+    from salience.demo.train import demo_train_fn
     from salience.loading import load_model
 
     if args.masks is not None and args.images is None:
@@ -482,7 +483,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.data_randomization:
         if not args.model.startswith("demo:shapes") or args.model == "demo:shapes-regression":
             raise SalienceError("--data-randomization retrains the demo recipe, so it needs a demo:shapes classifier")
-        kwargs.update(train_fn=evaluate.demo_train_fn(epochs=6), train_images=2000)
+        kwargs.update(train_fn=demo_train_fn(epochs=6), train_images=2000)
     report = evaluate.run_evaluation(model, args.out, **kwargs)
     print(f"evaluation written to {args.out}")
     print(f"report: {Path(report).resolve()}")
