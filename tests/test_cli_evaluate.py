@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from salience.demo import data, zoo
-from salience.evidence import metrics as M
+from salience import evidence as M
 from salience.cli import main
 from salience.methods import vanilla
 

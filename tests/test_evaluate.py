@@ -9,8 +9,10 @@ import torch
 
 from salience import SalienceError
 from salience.demo import data, zoo
-from salience.evidence import metrics as M
+from salience import evidence as M
+from salience.demo import clever_hans as CH
 from salience.evidence import evaluate as E
+from salience.render import plots
 from salience.methods import vanilla
 
 from conftest import SmallCNN, unchanged
@@ -139,26 +141,26 @@ def test_images_of_different_sizes_for_a_model_of_any_size(tmp_path):
 
 
 def test_nice_ticks_label_the_gridlines_exactly():
-    assert E.nice_ticks(-0.2, 1.0) == pytest.approx([-0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    assert E.nice_ticks(0.0, 1.0) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    assert E.nice_ticks(0.0, 25.0) == pytest.approx([0.0, 5.0, 10.0, 15.0, 20.0, 25.0])
-    assert E.nice_ticks(0.13, 0.9) == pytest.approx([0.2, 0.4, 0.6, 0.8])
-    assert [f"{v:g}" for v in E.nice_ticks(-0.2, 1.0)][:2] == ["-0.2", "0"]
+    assert plots.nice_ticks(-0.2, 1.0) == pytest.approx([-0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert plots.nice_ticks(0.0, 1.0) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert plots.nice_ticks(0.0, 25.0) == pytest.approx([0.0, 5.0, 10.0, 15.0, 20.0, 25.0])
+    assert plots.nice_ticks(0.13, 0.9) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert [f"{v:g}" for v in plots.nice_ticks(-0.2, 1.0)][:2] == ["-0.2", "0"]
 
 
 def test_line_plot_draws_each_series():
-    a = E.line_plot({"up": [0.0, 0.5, 1.0], "flat": [0.5, 0.5, 0.5]}, title="t", size=(300, 200))
+    a = plots.line_plot({"up": [0.0, 0.5, 1.0], "flat": [0.5, 0.5, 0.5]}, title="t", size=(300, 200))
     assert a.shape == (200, 300, 3) and a.dtype == np.uint8
     colours = {tuple(c) for c in a.reshape(-1, 3)}
-    assert tuple(E._PALETTE[0]) in colours and tuple(E._PALETTE[1]) in colours
+    assert tuple(plots.PALETTE[0]) in colours and tuple(plots.PALETTE[1]) in colours
 
 
 def test_clever_hans_report(tmp_path):
-    frag = E.clever_hans_report(tmp_path, n=20, n_maps=4)
+    frag = CH.clever_hans_report(tmp_path, n=20, n_maps=4)
     assert (tmp_path / "clever_hans.png").stat().st_size > 0
     assert 'src="clever_hans.png"' in frag and frag.count("<table>") == 2
     assert "<td>none (the image alone)</td><td>spectral_residual</td>" in frag  # the baseline row
-    r = E.clever_hans(n=50, n_maps=8, methods=("vanilla",))
+    r = CH.clever_hans(n=50, n_maps=8, methods=("vanilla",))
     acc = r["accuracy"]
     assert acc["shapes-cue"]["train"] > 0.95 and acc["shapes-cue"]["moved"] < 0.2
     assert acc["shapes"]["moved"] > 0.9  # the clean model does not care about the mark

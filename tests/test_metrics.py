@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 from salience import SalienceError
-from salience.evidence import metrics as M
+from salience import evidence as M
+from salience.evidence.localization import _largest_component
+from salience.evidence.randomization import _step_seed
+from salience.evidence.similarity import _average_ranks
 from salience.methods import vanilla
 
 from conftest import unchanged
@@ -144,7 +147,7 @@ def test_largest_component_matches_scipy():
     from scipy import ndimage  # the reference (a test dependency)
     g = torch.Generator().manual_seed(0)
     fg = torch.rand(20, 24, 24, generator=g) < 0.45
-    ours = M._largest_component(fg)
+    ours = _largest_component(fg)
     for i in range(fg.shape[0]):
         lab, n = ndimage.label(fg[i].numpy(), structure=np.ones((3, 3)))
         sizes = np.bincount(lab.ravel())
@@ -258,7 +261,7 @@ def test_spearman_matches_scipy_with_ties():
     assert torch.allclose(M.spearman(a, a), torch.ones(4))
     # The batched tie-averaged ranks are scipy's rankdata, row by row (a constant row included).
     rows = torch.cat([a.flatten(1), torch.full((1, 36), 2.0)])
-    assert torch.equal(M._average_ranks(rows), torch.from_numpy(stats.rankdata(rows.numpy(), axis=1)).double())
+    assert torch.equal(_average_ranks(rows), torch.from_numpy(stats.rankdata(rows.numpy(), axis=1)).double())
     assert torch.allclose(M.spearman(a, -a), -torch.ones(4))
 
 
@@ -336,7 +339,7 @@ def test_randomization_of_a_linear_model_destroys_the_map():
     # Re-initializing with reset_parameters, as a fresh nn.Linear would be drawn under that seed.
     fresh = PixelLinear()
     with torch.random.fork_rng():
-        torch.manual_seed(M._step_seed(0, 0, 0))
+        torch.manual_seed(_step_seed(0, 0, 0))
         fresh.fc.reset_parameters()
     expected = M.spearman(vanilla(model, x, 1, reduce=None).sum(1), vanilla(fresh, x, 1, reduce=None).sum(1))
     assert r.per_image["spearman"][0] == pytest.approx(expected, abs=1e-6)

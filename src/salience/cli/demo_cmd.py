@@ -15,7 +15,7 @@ from salience import __version__
 from salience._core.info import ModelInfo
 from salience.cli.common import EXIT_OK, EXIT_PARTIAL, figure, output_folder, probabilities, safe_name, scores
 from salience.demo import data, zoo
-from salience.evidence import evaluate
+from salience.demo.clever_hans import clever_hans_report
 from salience.methods import METHODS
 from salience.methods.class_model import class_model
 from salience.render import viz
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     _section(rep, notes, "class model visualization",
              lambda: _class_models(rep, out_dir, model, args.class_model_steps))
     rep.heading("Clever Hans: does the model look at the shape or at a cue?")
-    _section(rep, notes, "Clever Hans section", lambda: rep.raw(evaluate.clever_hans_report(out_dir)))
+    _section(rep, notes, "Clever Hans section", lambda: rep.raw(clever_hans_report(out_dir)))
     rep.paragraph(f"Made in {time.perf_counter() - start:.1f} s.", css="note")
     index = rep.write(out_dir / "index.html")
     print(f"demo report: {index.resolve()}")

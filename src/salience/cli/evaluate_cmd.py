@@ -9,6 +9,7 @@ from typing import Any
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int
 from salience.cli.common import EXIT_OK, add_model_args, load_model_arg, parse_methods
+from salience.demo.train import demo_train_fn
 from salience.evidence import evaluate
 
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_randomization:
         if not args.model.startswith("demo:shapes") or args.model == "demo:shapes-regression":
             raise SalienceError("--data-randomization retrains the demo recipe, so it needs a demo:shapes classifier")
-        kwargs.update(train_fn=evaluate.demo_train_fn(epochs=6), train_images=2000)
+        kwargs.update(train_fn=demo_train_fn(epochs=6), train_images=2000)
     report = evaluate.run_evaluation(model, args.out, **kwargs)
     print(f"evaluation written to {args.out}")
     print(f"report: {Path(report).resolve()}")

@@ -6,6 +6,9 @@ Seeded (data, initialization, shuffling), two CPU threads, a few minutes per mod
 cores. The model is evaluated on a fresh held-out draw (seed ``10_000 + seed``) *after* its
 weights were rounded to float16 as stored; weights (``<name>.pt``) and metadata (``<name>.json``)
 are written atomically to ``DIR`` (default: the package's ``_weights`` folder).
+
+:func:`demo_train_fn` gives the same training loop as a ``train_fn(images, labels) -> model`` for
+the data randomization test of ``salience evaluate``.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,7 +29,7 @@ from salience._core.errors import SalienceError
 from salience._core.files import atomic_path, atomic_write
 from salience.demo.zoo import DEMOS, ShapesNet
 
-__all__ = ["CONFIGS", "train", "evaluate", "main"]
+__all__ = ["CONFIGS", "train", "evaluate", "demo_train_fn", "main"]
 
 HELD_OUT_OFFSET = 10_000
 """The held-out draw uses seed ``HELD_OUT_OFFSET + seed``, never seen in training."""
@@ -78,6 +81,74 @@ def evaluate(model: nn.Module, b: data.ShapesBatch, task: str, batch: int = 500)
     return {"mae_size": float(err[0]), "mae_x_position": float(err[1])}
 
 
+def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, epochs: int, batch: int, lr: float,
+         order: Callable[[], torch.Tensor], one_cycle: bool = False,
+         on_epoch: Optional[Callable[[int, float], None]] = None) -> None:
+    """The training loop of every demo recipe: AdamW (weight decay 1e-4, with a OneCycle schedule
+    when ``one_cycle``) over mini-batches of ``batch`` in the order ``order()`` draws each epoch;
+    ``on_epoch(epoch, mean loss)`` after each epoch. Leaves the model in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = None
+    if one_cycle:
+        steps = epochs * ((len(x) + batch - 1) // batch)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+    model.train()
+    for epoch in range(epochs):
+        perm = order()
+        total = 0.0
+        for i in range(0, len(x), batch):
+            idx = perm[i:i + batch]
+            loss = loss_fn(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += float(loss.detach()) * len(idx)
+        if on_epoch is not None:
+            on_epoch(epoch, total / len(x))
+    model.eval()
+
+
+def _held_out(model: nn.Module, task: str, cue: Optional[str], held: int, n_held_out: int) -> dict[str, Any]:
+    """The held-out figures of a trained model; for a cue model, with the cue as in training, moved, absent."""
+    results: dict[str, Any] = {}
+    if cue is None:
+        results.update(evaluate(model, data.shapes_batch(n_held_out, held), task))
+    else:
+        for c in (cue, "moved", None):
+            r = evaluate(model, data.shapes_batch(n_held_out, held, cue=c), task)
+            results.update({f"{k}_cue_{c or 'none'}": v for k, v in r.items()})
+        results["accuracy"] = results[f"accuracy_cue_{cue}"]
+    return results
+
+
+def _metadata(name: str, cfg: dict[str, Any], model: ShapesNet, *, seed: int, held: int, n_held_out: int,
+              results: dict[str, Any], command: str, seconds: float) -> dict[str, Any]:
+    """What ``<name>.json`` says about a trained demo model."""
+    return {
+        "name": name,
+        "description": DEMOS[name],
+        "task": cfg["task"],
+        "class_names": list(data.CLASSES) if cfg["task"] == "classification" else ["size", "x_position"],
+        "arch": dict(model.config),
+        "train_cue": cfg["cue"],
+        "held_out": {"seed": held, "n": n_held_out, **{k: round(v, 5) for k, v in results.items()}},
+        "seed": seed,
+        "n_train": cfg["n_train"],
+        "epochs": cfg["epochs"],
+        "batch_size": cfg["batch"],
+        "optimizer": f"AdamW(lr={cfg['lr']}, weight_decay=1e-4), OneCycleLR",
+        "train_command": command,
+        "train_seconds": round(seconds, 1),
+        "threads": 2,
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "weights_dtype": "float16",
+    }
+
+
 def train(
     name: str,
     *,
@@ -108,38 +179,20 @@ def train(
         model = ShapesNet(**cfg["arch"])
         train_set = data.shapes_batch(cfg["n_train"], seed, cue=cue)
         x, y = train_set.images, _targets(train_set, task)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=1e-4)
-        steps = cfg["epochs"] * ((len(x) + cfg["batch"] - 1) // cfg["batch"])
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=steps, pct_start=0.2)
         gen = torch.Generator().manual_seed(seed)
-        model.train()
-        for epoch in range(cfg["epochs"]):
-            order = torch.randperm(len(x), generator=gen)
-            total = 0.0
-            for i in range(0, len(x), cfg["batch"]):
-                idx = order[i:i + cfg["batch"]]
-                loss = _loss(model(x[idx]), y[idx], task)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(idx)
+
+        def report(epoch: int, loss: float) -> None:
             if verbose:
-                print(f"[{name}] epoch {epoch + 1}/{cfg['epochs']} loss {total / len(x):.4f} "
+                print(f"[{name}] epoch {epoch + 1}/{cfg['epochs']} loss {loss:.4f} "
                       f"({time.time() - t0:.0f} s)", file=sys.stderr)
-        model.eval()
+
+        _fit(model, x, y, lambda out, t: _loss(out, t, task), epochs=cfg["epochs"], batch=cfg["batch"],
+             lr=cfg["lr"], order=lambda: torch.randperm(len(x), generator=gen), one_cycle=True, on_epoch=report)
         # Round to float16 as stored, so the figures below are those of the shipped weights.
         state = {k: v.detach().half() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         held = HELD_OUT_OFFSET + seed
-        results: dict[str, Any] = {}
-        if cue is None:
-            results.update(evaluate(model, data.shapes_batch(n_held_out, held), task))
-        else:
-            for c in (cue, "moved", None):
-                r = evaluate(model, data.shapes_batch(n_held_out, held, cue=c), task)
-                results.update({f"{k}_cue_{c or 'none'}": v for k, v in r.items()})
-            results["accuracy"] = results[f"accuracy_cue_{cue}"]
+        results = _held_out(model, task, cue, held, n_held_out)
     finally:
         torch.set_num_threads(threads)
     command = f"python -m salience.demo.train {name} --seed {seed}"
@@ -147,26 +200,8 @@ def train(
         command += f" --n-train {cfg['n_train']}"
     if epochs is not None:
         command += f" --epochs {cfg['epochs']}"
-    meta: dict[str, Any] = {
-        "name": name,
-        "description": DEMOS[name],
-        "task": task,
-        "class_names": list(data.CLASSES) if task == "classification" else ["size", "x_position"],
-        "arch": dict(model.config),
-        "train_cue": cue,
-        "held_out": {"seed": held, "n": n_held_out, **{k: round(v, 5) for k, v in results.items()}},
-        "seed": seed,
-        "n_train": cfg["n_train"],
-        "epochs": cfg["epochs"],
-        "batch_size": cfg["batch"],
-        "optimizer": f"AdamW(lr={cfg['lr']}, weight_decay=1e-4), OneCycleLR",
-        "train_command": command,
-        "train_seconds": round(time.time() - t0, 1),
-        "threads": 2,
-        "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
-        "weights_dtype": "float16",
-    }
+    meta = _metadata(name, cfg, model, seed=seed, held=held, n_held_out=n_held_out, results=results,
+                     command=command, seconds=time.time() - t0)
     out_dir = Path(out) if out is not None else Path(__file__).resolve().parent / "_weights"
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / f"{name}.pt") as tmp:
@@ -175,6 +210,25 @@ def train(
     if verbose:
         print(f"[{name}] held-out: {meta['held_out']}; wrote {out_dir / (name + '.pt')}", file=sys.stderr)
     return meta
+
+
+def demo_train_fn(epochs: int = 4, seed: int = 0, lr: float = 4e-3, batch: int = 64
+                  ) -> Callable[[torch.Tensor, torch.Tensor], nn.Module]:
+    """A ``train_fn(images, labels) -> model`` for the data randomization test
+    (:func:`salience.evidence.data_randomization`, ``salience evaluate --data-randomization``): a
+    fresh :class:`salience.demo.zoo.ShapesNet` trained for ``epochs`` with AdamW (seeded, scoped
+    RNG: the global RNG is left as it was)."""
+
+    def train_fn(images: torch.Tensor, labels: torch.Tensor) -> nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = ShapesNet(num_outputs=int(labels.max()) + 1, widths=(16, 32, 48, 64)).to(images.device)
+            n = images.shape[0]
+            _fit(model, images, labels, lambda out, t: _loss(out, t, "classification"), epochs=epochs, batch=batch,
+                 lr=lr, order=lambda: torch.randperm(n, device=images.device))
+        return model
+
+    return train_fn
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

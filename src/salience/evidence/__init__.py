@@ -1,7 +1,48 @@
-"""Evidence about saliency maps: can a map be trusted? Metrics by family and the evaluation run."""
+"""Evidence about saliency maps: can a map be trusted? Metrics by family and the evaluation run.
+
+Every metric returns *per-image* values (a tensor ``(B,)``, or a small result object for the
+randomization tests), so a caller can average, plot or test them as it likes. The families:
+
+* :mod:`~salience.evidence.localization`: against ground-truth masks (pointing game, energy in
+  the mask, weak localization and its boxes);
+* :mod:`~salience.evidence.faithfulness`: deletion / insertion curves and their areas;
+* :mod:`~salience.evidence.similarity`: Spearman, SSIM and HOG similarity of two sets of maps;
+* :mod:`~salience.evidence.randomization`: the model and data randomization sanity checks;
+* :mod:`~salience.evidence.baselines`: model-free maps (spectral residual, random).
+
+:mod:`~salience.evidence.evaluate` runs every method through them and writes a report.
+"""
 from __future__ import annotations
 
-from salience.evidence.metrics import *  # noqa: F401,F403
-from salience.evidence.metrics import __all__ as _metrics_all
+from salience.evidence.baselines import random_maps, spectral_residual
+from salience.evidence.faithfulness import auc, deletion, deletion_curves, insertion, insertion_curves
+from salience.evidence.localization import (box_iou, energy_in_mask, mask_box, pointing_game, saliency_box,
+                                            weak_localization)
+from salience.evidence.randomization import (RandomizationResult, data_randomization, randomization,
+                                             randomization_layers)
+from salience.evidence.similarity import SIMILARITIES, hog_similarity, similarity, spearman, ssim
 
-__all__ = list(_metrics_all)
+__all__ = [
+    "pointing_game",
+    "energy_in_mask",
+    "mask_box",
+    "saliency_box",
+    "box_iou",
+    "weak_localization",
+    "deletion",
+    "insertion",
+    "deletion_curves",
+    "insertion_curves",
+    "auc",
+    "spearman",
+    "ssim",
+    "hog_similarity",
+    "similarity",
+    "SIMILARITIES",
+    "RandomizationResult",
+    "randomization",
+    "randomization_layers",
+    "data_randomization",
+    "spectral_residual",
+    "random_maps",
+]

@@ -1,0 +1,242 @@
+"""Faithfulness (Petsiuk et al., RISE, 2018): does the model's score follow the map?
+
+:func:`deletion` / :func:`insertion` remove / add pixels in the order of the map and return the
+area under the target's probability curve (:func:`deletion_curves` / :func:`insertion_curves`
+give the curves, :func:`auc` the area). All steps of all images are evaluated in batches of
+``batch_size`` images, never one model call per step and image. What a removed pixel becomes is
+the *substrate*: zeros, a blurred copy, the channel means, a number or a tensor like ``x``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from salience._core.autograd import check_input, looks_like_probabilities, unwrap_output, predicted_classes
+from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
+from salience._core.tensors import check_int, gaussian_blur
+from salience.evidence._checks import check_maps
+from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
+
+__all__ = ["deletion", "insertion", "deletion_curves", "insertion_curves", "auc"]
+
+SubstrateLike = Union[str, float, Tensor]
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The options every deletion / insertion function takes (see :func:`deletion_curves`)."""
+
+    steps: int
+    substrate: SubstrateLike
+    blur_sigma: float
+    batch_size: int
+    probability: bool
+    seed: int
+
+
+def _substrate(x: Tensor, substrate: SubstrateLike, blur_sigma: float) -> Tensor:
+    """The image that replaces removed pixels: ``"zero"``, ``"blur"``, ``"mean"``, a number, or a tensor."""
+    if isinstance(substrate, Tensor):
+        try:
+            return torch.broadcast_to(substrate.to(x.device, x.dtype), x.shape)
+        except RuntimeError:
+            raise SalienceError(
+                f"a substrate tensor must broadcast to x's shape {tuple(x.shape)}, got {tuple(substrate.shape)}"
+            ) from None
+    if isinstance(substrate, (int, float)) and not isinstance(substrate, bool):
+        return torch.full_like(x, float(substrate))
+    if substrate == "zero":
+        return torch.zeros_like(x)
+    if substrate == "mean":
+        return x.mean((2, 3), keepdim=True).expand_as(x)
+    if substrate == "blur":
+        return gaussian_blur(x, blur_sigma)
+    raise SalienceError(
+        f"unknown substrate {substrate!r}; expected 'zero', 'blur', 'mean', a number or a tensor like x"
+    )
+
+
+def _order(maps: Tensor, seed: int) -> Tensor:
+    """Rank of each pixel ``(B, H*W)`` when sorted by decreasing saliency (0 = most salient).
+
+    Ties are broken in a seeded random order, so a flat map does not delete the image row by row.
+    """
+    b = maps.shape[0]
+    flat = maps.reshape(b, -1)
+    n = flat.shape[1]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    perm = torch.randperm(n, generator=gen).to(maps.device)
+    shuffled = flat[:, perm]
+    order = torch.sort(shuffled, dim=1, descending=True, stable=True).indices
+    order = perm[order]  # pixel indices, most salient first
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=maps.device).expand(b, n))
+    return rank
+
+
+def _resolve_class_target(model: nn.Module, x: Tensor, target: TargetLike, batch_size: int) -> Target:
+    """``None`` becomes the class predicted on the *unperturbed* image, fixed for all steps."""
+    tgt = as_target(target)
+    if isinstance(tgt, Predicted):
+        tgt = Classes(predicted_classes(model, x, batch_size=batch_size))
+    return tgt
+
+
+def _gather_scores(tgt: Target, out: Tensor, img: Tensor) -> Tensor:
+    """The target's score of each row of ``out``, where row ``i`` belongs to image ``img[i]``."""
+    if isinstance(tgt, Classes) and not isinstance(tgt.index, int):
+        return Classes(tgt.index.to(out.device)[img])(out)
+    scores = tgt(out)
+    if scores.shape != (out.shape[0],):
+        raise SalienceError(
+            f"the target must give one score per image for deletion/insertion, got shape {tuple(scores.shape)}"
+        )
+    return scores
+
+
+def _curves(model: nn.Module, x: Tensor, maps: Tensor, target: TargetLike, *, insert: bool,
+            opts: _Options) -> Tensor:
+    """The one implementation behind the four public functions: ``(B, steps + 1)`` scores."""
+    check_input(x, model)
+    maps = check_maps(maps)
+    if maps.shape[0] != x.shape[0]:
+        raise SalienceError(f"got {maps.shape[0]} maps for {x.shape[0]} images; give one map per image")
+    steps = check_int(opts.steps, "steps", minimum=1)
+    batch_size = check_int(opts.batch_size, "batch_size", minimum=1)
+    b, c, h, w = x.shape
+    maps = maps.to(x.device)
+    if maps.shape[-2:] != (h, w):
+        maps = F.interpolate(maps[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    rank = _order(maps, opts.seed).reshape(b, h, w)
+    base = _substrate(x, opts.substrate, opts.blur_sigma)
+    start, end = (base, x) if insert else (x, base)
+    counts = torch.tensor([round(k * h * w / steps) for k in range(steps + 1)], device=x.device)
+    total = b * (steps + 1)
+    scores = torch.empty(total, device=x.device, dtype=torch.float32)
+    with model_guard(model), torch.no_grad():
+        tgt = _resolve_class_target(model, x, target, batch_size)
+        softmax = opts.probability and isinstance(tgt, (Classes, MultiLabel))
+        for s in range(0, total, batch_size):
+            ids = torch.arange(s, min(s + batch_size, total), device=x.device)
+            img, step = ids // (steps + 1), ids % (steps + 1)
+            # Pixels with rank < count are switched from the start image to the end image.
+            switched = (rank[img] < counts[step][:, None, None])[:, None]
+            out = unwrap_output(model(torch.where(switched, end[img], start[img])))
+            if softmax and out.dim() == 2 and not looks_like_probabilities(out):
+                out = out.softmax(dim=1)
+            scores[s:s + len(ids)] = _gather_scores(tgt, out, img)
+    return scores.reshape(b, steps + 1)
+
+
+def deletion_curves(
+    model: nn.Module,
+    x: Tensor,
+    maps: Tensor,
+    target: TargetLike = None,
+    *,
+    steps: int = 32,
+    substrate: SubstrateLike = "zero",
+    blur_sigma: float = 5.0,
+    batch_size: int = 64,
+    probability: bool = True,
+    seed: int = 0,
+) -> Tensor:
+    """The target's probability as the most salient pixels are removed first: ``(B, steps + 1)``.
+
+    ``x`` ``(B, C, H, W)``; ``maps`` ``(B, H, W)`` (resized bilinearly to ``x`` if needed).
+    ``target``: default the class predicted on the unperturbed image, kept for every step; or
+    anything :func:`salience.targets.as_target` accepts (a class, classes per image, a
+    regression output). ``probability``: for class targets, score the softmax probability
+    (RISE) rather than the raw output (other targets are always raw). ``steps``: the curve has
+    ``steps + 1`` points, at ``k / steps`` of the pixels. ``substrate``: what a removed pixel
+    becomes: ``"zero"``, ``"blur"`` (Gaussian, ``blur_sigma`` px), ``"mean"`` (the image's
+    channel means), a number, or a tensor like ``x``. Ties in the map are broken in a random
+    order fixed by ``seed``. The model runs under :func:`salience.model_guard` (eval mode,
+    restored after) in batches of ``batch_size``.
+    """
+    opts = _Options(steps, substrate, blur_sigma, batch_size, probability, seed)
+    return _curves(model, x, maps, target, insert=False, opts=opts)
+
+
+def insertion_curves(
+    model: nn.Module,
+    x: Tensor,
+    maps: Tensor,
+    target: TargetLike = None,
+    *,
+    steps: int = 32,
+    substrate: SubstrateLike = "blur",
+    blur_sigma: float = 5.0,
+    batch_size: int = 64,
+    probability: bool = True,
+    seed: int = 0,
+) -> Tensor:
+    """The target's probability as the most salient pixels are put back first onto the
+    substrate (default: a blurred copy, as in RISE): ``(B, steps + 1)``.
+
+    ``x`` ``(B, C, H, W)``; ``maps`` ``(B, H, W)`` (resized bilinearly to ``x`` if needed).
+    ``target``: default the class predicted on the unperturbed image, kept for every step; or
+    anything :func:`salience.targets.as_target` accepts (a class, classes per image, a
+    regression output). ``probability``: for class targets, score the softmax probability
+    (RISE) rather than the raw output (other targets are always raw). ``steps``: the curve has
+    ``steps + 1`` points, at ``k / steps`` of the pixels. ``substrate``: what a pixel not yet
+    inserted is: ``"zero"``, ``"blur"`` (Gaussian, ``blur_sigma`` px), ``"mean"`` (the image's
+    channel means), a number, or a tensor like ``x``. Ties in the map are broken in a random
+    order fixed by ``seed``. The model runs under :func:`salience.model_guard` (eval mode,
+    restored after) in batches of ``batch_size``.
+    """
+    opts = _Options(steps, substrate, blur_sigma, batch_size, probability, seed)
+    return _curves(model, x, maps, target, insert=True, opts=opts)
+
+
+def auc(curves: Tensor) -> Tensor:
+    """Area under curves ``(B, n)`` sampled evenly on ``[0, 1]`` (trapezoid rule): ``(B,)``."""
+    if curves.dim() != 2 or curves.shape[1] < 2:
+        raise SalienceError(f"expected curves of shape (B, n) with n >= 2, got {tuple(curves.shape)}")
+    n = curves.shape[1] - 1
+    return (curves.sum(1) - 0.5 * (curves[:, 0] + curves[:, -1])) / n
+
+
+def deletion(
+    model: nn.Module,
+    x: Tensor,
+    maps: Tensor,
+    target: TargetLike = None,
+    *,
+    steps: int = 32,
+    substrate: SubstrateLike = "zero",
+    blur_sigma: float = 5.0,
+    batch_size: int = 64,
+    probability: bool = True,
+    seed: int = 0,
+) -> Tensor:
+    """Deletion metric (Petsiuk et al. 2018): area under :func:`deletion_curves`, ``(B,)``.
+    Lower is better: a faithful map names the pixels whose removal kills the score first.
+    The arguments are those of :func:`deletion_curves`."""
+    opts = _Options(steps, substrate, blur_sigma, batch_size, probability, seed)
+    return auc(_curves(model, x, maps, target, insert=False, opts=opts))
+
+
+def insertion(
+    model: nn.Module,
+    x: Tensor,
+    maps: Tensor,
+    target: TargetLike = None,
+    *,
+    steps: int = 32,
+    substrate: SubstrateLike = "blur",
+    blur_sigma: float = 5.0,
+    batch_size: int = 64,
+    probability: bool = True,
+    seed: int = 0,
+) -> Tensor:
+    """Insertion metric (Petsiuk et al. 2018): area under :func:`insertion_curves`, ``(B,)``.
+    Higher is better: a faithful map names the pixels that restore the score first.
+    The arguments are those of :func:`insertion_curves`."""
+    opts = _Options(steps, substrate, blur_sigma, batch_size, probability, seed)
+    return auc(_curves(model, x, maps, target, insert=True, opts=opts))
