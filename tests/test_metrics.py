@@ -15,8 +15,8 @@ from torch import nn
 from salience import SalienceError
 from salience import evidence as M
 from salience.evidence.localization import _largest_component
-from salience.evidence.randomization import _step_seed
-from salience.evidence.similarity import _average_ranks
+from salience.evidence.sanity import _step_seed
+from salience.evidence.compare import _average_ranks
 from salience.methods import vanilla
 
 from conftest import unchanged

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 
-__all__ = ["gaussian_blur", "minmax", "unit_scale", "model_device", "model_dtype", "check_int", "check_number"]
+__all__ = ["gaussian_blur", "gaussian_kernel1d", "minmax", "unit_scale", "model_device", "model_dtype", "check_int", "check_number"]
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -27,14 +27,21 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     radius = min(int(math.ceil(3 * sigma)) if sigma > 0 else 0, x.shape[-1] - 1, x.shape[-2] - 1)
     if radius < 1:
         return x.clone()
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
+    k = gaussian_kernel1d(sigma, radius, x.device, x.dtype)
     c = x.shape[1]
     y = F.pad(x, (radius, radius, 0, 0), mode="reflect")
     y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     y = F.pad(y, (0, 0, radius, radius), mode="reflect")
     return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def gaussian_kernel1d(sigma: float, radius: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A normalized 1-D Gaussian of ``sigma`` with exactly ``2 * radius + 1`` taps: the kernel of
+    :func:`gaussian_blur`, and of the filters whose size is part of their definition (the SSIM
+    window, the 5-tap blur of the spectral residual)."""
+    ax = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    k = torch.exp(-0.5 * (ax / sigma) ** 2)
+    return k / k.sum()
 
 
 def minmax(m: Tensor, eps: float = 1e-12) -> Tensor:

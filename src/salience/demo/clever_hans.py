@@ -140,8 +140,4 @@ def clever_hans_report(out_dir: PathLike, *, n: int = 200, n_maps: int = 16) -> 
     :meth:`salience.render.report.Report.raw`; writes ``clever_hans.png`` into ``out_dir`` (the
     fragment links it by that relative name). Built with :func:`add_clever_hans`: every text is
     escaped by :class:`~salience.render.report.Report`."""
-    title = "Clever Hans"
-    page = add_clever_hans(Report(title), out_dir, n=n, n_maps=n_maps).render(out_dir)
-    # The body of the page after its title: the sections, as Report rendered them.
-    start = page.index("</h1>\n", page.index("<body>")) + len("</h1>\n")
-    return page[start:page.rindex("\n</body></html>")]
+    return add_clever_hans(Report("Clever Hans"), out_dir, n=n, n_maps=n_maps).fragment(out_dir)

@@ -6,8 +6,8 @@ randomization tests), so a caller can average, plot or test them as it likes. Th
 * :mod:`~salience.evidence.localization`: against ground-truth masks (pointing game, energy in
   the mask, weak localization and its boxes);
 * :mod:`~salience.evidence.faithfulness`: deletion / insertion curves and their areas;
-* :mod:`~salience.evidence.similarity`: Spearman, SSIM and HOG similarity of two sets of maps;
-* :mod:`~salience.evidence.randomization`: the model and data randomization sanity checks;
+* :mod:`~salience.evidence.compare`: Spearman, SSIM and HOG similarity of two sets of maps;
+* :mod:`~salience.evidence.sanity`: the model and data randomization sanity checks;
 * :mod:`~salience.evidence.baselines`: model-free maps (spectral residual, random).
 
 :mod:`~salience.evidence.evaluate` runs every method through them and writes a report.
@@ -18,9 +18,9 @@ from salience.evidence.baselines import random_maps, spectral_residual
 from salience.evidence.faithfulness import auc, deletion, deletion_curves, insertion, insertion_curves
 from salience.evidence.localization import (box_iou, energy_in_mask, mask_box, pointing_game, saliency_box,
                                             weak_localization)
-from salience.evidence.randomization import (RandomizationResult, data_randomization, randomization,
+from salience.evidence.sanity import (RandomizationResult, data_randomization, randomization,
                                              randomization_layers)
-from salience.evidence.similarity import SIMILARITIES, hog_similarity, similarity, spearman, ssim
+from salience.evidence.compare import SIMILARITIES, hog_similarity, similarity, spearman, ssim
 
 __all__ = [
     "pointing_game",

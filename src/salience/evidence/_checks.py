@@ -59,14 +59,3 @@ def resolve_method(method: MethodLike) -> tuple[str, Callable[..., Tensor]]:
         return getattr(method, "__name__", "method"), method
     raise SalienceError(f"expected a method as a name or a function, got {type(method).__name__}")
 
-
-def gaussian_kernel1d(sigma: float, radius: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A normalized 1-D Gaussian of ``sigma`` with exactly ``2 * radius + 1`` taps.
-
-    For the filters whose size is part of their definition (the SSIM window, the 5-tap blur of
-    the spectral residual); :func:`salience._core.tensors.gaussian_blur` cuts its kernel at
-    3 sigma instead, which would change their values.
-    """
-    ax = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
-    k = torch.exp(-0.5 * (ax / sigma) ** 2)
-    return k / k.sum()

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import minmax
-from salience.evidence._checks import gaussian_kernel1d
+from salience._core.tensors import gaussian_kernel1d
 
 __all__ = ["spectral_residual", "random_maps"]
 

@@ -42,8 +42,8 @@ from salience.evidence._checks import MethodLike, resolve_method
 from salience.evidence.baselines import random_maps, spectral_residual
 from salience.evidence.faithfulness import auc, deletion_curves, insertion_curves
 from salience.evidence.localization import energy_in_mask, pointing_game, weak_localization
-from salience.evidence.randomization import data_randomization, randomization
-from salience.evidence.similarity import SIMILARITIES
+from salience.evidence.sanity import data_randomization, randomization
+from salience.evidence.compare import SIMILARITIES
 from salience.loading import load_image, normalize_input, resize_crop
 from salience.methods import METHODS
 from salience.render import plots, viz

@@ -75,16 +75,11 @@ class Report:
         self._parts.append(("html", fragment))
         return self
 
-    def render(self, base: PathLike = ".") -> str:
-        """The page as a string; image links relative to the folder ``base``."""
+    def fragment(self, base: PathLike = ".") -> str:
+        """The sections alone (no page, no title), for another page to insert with :meth:`raw`;
+        image links relative to the folder ``base``."""
         base_path = Path(base).resolve()
-        out = [
-            "<!DOCTYPE html>",
-            '<html lang="en"><head><meta charset="utf-8">',
-            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-            f"<title>{html.escape(self.title)}</title><style>{_CSS}</style></head><body>",
-            f"<h1>{html.escape(self.title)}</h1>",
-        ]
+        out = []
         for kind, value in self._parts:
             if kind == "html":
                 out.append(str(value))
@@ -96,8 +91,19 @@ class Report:
             cls = f' class="{html.escape(css)}"' if css else ""
             cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
             out.append(f'<figure{cls}><img src="{src}" alt="{html.escape(caption, quote=True)}"{w}>{cap}</figure>')
-        out.append("</body></html>\n")
         return "\n".join(out)
+
+    def render(self, base: PathLike = ".") -> str:
+        """The page as a string; image links relative to the folder ``base``."""
+        head = [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{html.escape(self.title)}</title><style>{_CSS}</style></head><body>",
+            f"<h1>{html.escape(self.title)}</h1>",
+        ]
+        body = self.fragment(base)
+        return "\n".join(head + ([body] if body else []) + ["</body></html>\n"])
 
     def write(self, path: PathLike) -> Path:
         """Write the page to ``path`` atomically; returns the path."""

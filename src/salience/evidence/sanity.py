@@ -4,7 +4,7 @@
 time (``"independent"``) on a *copy* of the model, and :func:`data_randomization` compares the
 maps of models trained on true and on shuffled labels. Both report Spearman rank correlation of
 absolute and signed maps, SSIM, and the Pearson correlation of HOG features
-(:func:`salience.evidence.similarity.similarity`).
+(:func:`salience.evidence.compare.similarity`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import resolve_layer
 from salience.evidence._checks import MethodLike, resolve_method
-from salience.evidence.similarity import SIMILARITIES, similarity
+from salience.evidence.compare import SIMILARITIES, similarity
 from salience.targets import TargetLike
 
 __all__ = ["RandomizationResult", "randomization", "randomization_layers", "data_randomization"]
@@ -155,7 +155,7 @@ def randomization(
     keeping earlier re-initializations; ``"independent"``: re-initialize one layer at a time,
     the rest as trained. After each step compute ``method(copy, x, target)`` and compare it to
     the original map with
-    :func:`salience.evidence.similarity.similarity`. A map that stays similar after the weights are
+    :func:`salience.evidence.compare.similarity`. A map that stays similar after the weights are
     destroyed is not explaining the model. ``layers``: dotted names in forward order (default
     :func:`randomization_layers`). ``target``: default the class the *original* model predicts,
     fixed for every step. Re-initialization uses each module's ``reset_parameters`` under a

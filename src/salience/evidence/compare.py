@@ -1,6 +1,6 @@
 """Similarity of two sets of saliency maps ``(B, H, W)``, image by image.
 
-What the randomization tests (:mod:`salience.evidence.randomization`) report, after Adebayo et
+What the randomization tests (:mod:`salience.evidence.sanity`) report, after Adebayo et
 al. 2018: Spearman rank correlation of the absolute and of the signed maps (:func:`spearman`),
 structural similarity (:func:`ssim`) and the Pearson correlation of HOG features
 (:func:`hog_similarity`); :func:`similarity` gives all of :data:`SIMILARITIES` at once.
@@ -16,7 +16,8 @@ from torch import Tensor
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import minmax
-from salience.evidence._checks import check_maps, gaussian_kernel1d
+from salience._core.tensors import gaussian_kernel1d
+from salience.evidence._checks import check_maps
 
 __all__ = ["spearman", "ssim", "hog_similarity", "similarity", "SIMILARITIES"]
 
