@@ -27,6 +27,13 @@ from salience.compat import keras_vis
 metrics = evidence
 io = loading
 
+# ...also as modules, so that salience 0.1's `import salience.zoo` / `from salience.metrics import ...` keep working.
+import sys as _sys
+
+for _name, _module in {"data": data, "zoo": zoo, "viz": viz, "keras_vis": keras_vis, "metrics": evidence,
+                       "io": loading}.items():
+    _sys.modules.setdefault(f"{__name__}.{_name}", _module)
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The one place that calls ``torch.autograd``: target scores -> gradients.
 
-:func:`gradients` runs the model on ``x`` under :func:`salience._guard.model_guard` (eval
+:func:`gradients` runs the model on ``x`` under :func:`salience._core.guard.model_guard` (eval
 mode, frozen parameters, everything restored afterwards), takes the score of the target
 before any final softmax, and differentiates it with respect to the input and, optionally,
 inner layers' outputs. Only those gradients are computed: parameters' ``.grad`` are never

@@ -114,7 +114,7 @@ def demo_metadata(name: str) -> dict[str, Any]:
 def load_demo(name: str, *, device: Optional[torch.device | str] = None) -> nn.Module:
     """Demo model ``name`` (a key of :data:`DEMOS`) with its weights, in eval mode, float32.
 
-    The model carries a :class:`~salience._info.ModelInfo` (``model.salience_info``) with its
+    The model carries a :class:`~salience._core.info.ModelInfo` (``model.salience_info``) with its
     class names, input size and Grad-CAM layer. ``device``: where to put it (default: CPU).
     """
     meta = demo_metadata(name)

@@ -201,7 +201,7 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
         except ImportError as e:
             missing = getattr(e, "name", "") or ""
             need = "keras (pip install keras)" if missing.split(".")[0] == "keras" else \
-                "salience's Keras support (salience._keras), which this installation lacks"
+                "salience's Keras support (salience.loading.keras), which this installation lacks"
             raise SalienceError(f"{path}: loading Keras models needs {need}") from None
         return load_keras(path)
     if suffix in _ONNX_EXT:

@@ -338,7 +338,7 @@ def class_model(
     taken before a final softmax, as in the paper.
 
     ``shape``: ``(C, H, W)`` of the image; default ``(channels, *input_size)`` from the model's
-    :class:`~salience._info.ModelInfo`. ``seed``: the start, ``None`` for zeros (the paper), a
+    :class:`~salience._core.info.ModelInfo`. ``seed``: the start, ``None`` for zeros (the paper), a
     number for a constant image, or an image ``(C, H, W)`` / ``(B, C, H, W)``.
 
     ``optimizer``: ``"adam"`` (default: steps of about ``lr`` per pixel whatever the scale of

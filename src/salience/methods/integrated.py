@@ -3,7 +3,7 @@
 Integrated Gradients attributes ``f(x) - f(x')`` to the input's features:
 ``IG_i = (x_i - x'_i) * integral_0^1 df/dx_i(x' + a (x - x')) da``, the integral taken by a
 quadrature rule over ``steps`` points of the straight path from the baseline ``x'`` to ``x``.
-The points of all images are run together in chunks by :mod:`salience._engine`.
+The points of all images are run together in chunks by :mod:`salience._core.engine`.
 """
 from __future__ import annotations
 

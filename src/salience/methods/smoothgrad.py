@@ -2,7 +2,7 @@
 
 Wraps any method of the contract ``method(model, x, target, **options)``: vanilla gradients,
 guided backprop, Grad-CAM, input x gradient... The noisy copies of all images are run together,
-in chunks sized by :mod:`salience._engine`, and only running sums are kept.
+in chunks sized by :mod:`salience._core.engine`, and only running sums are kept.
 """
 from __future__ import annotations
 

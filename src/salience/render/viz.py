@@ -326,7 +326,7 @@ def _one_image(a: np.ndarray, tensor: bool) -> np.ndarray:
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise SalienceError(
             f"a float image must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]; un-normalize it first "
-            "(salience.io.unnormalize for a model's mean/std) or divide 0..255 values by 255"
+            "(salience.loading.unnormalize for a model's mean/std) or divide 0..255 values by 255"
         )
     return np.floor(f.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
