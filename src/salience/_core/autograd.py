@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec, resolve_layer
+from salience._core.tensors import first_tensor
 
 __all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output",
            "looks_like_probabilities"]
@@ -45,9 +46,7 @@ def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
     if model is not None:
         if not isinstance(model, nn.Module):
             raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
-        p = next(model.parameters(), None)
-        if p is None:
-            p = next(model.buffers(), None)
+        p = first_tensor(model)
         if p is not None and p.device != x.device:
             raise SalienceError(
                 f"x is on {x.device} but the model is on {p.device}; move one, e.g. x.to('{p.device}')"

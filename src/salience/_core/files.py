@@ -16,7 +16,7 @@ from typing import Iterator, Union
 
 from salience._core.errors import SalienceError
 
-__all__ = ["atomic_path", "atomic_write"]
+__all__ = ["atomic_path", "atomic_write", "make_folder"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -112,3 +112,13 @@ def atomic_write(path: PathLike, data: bytes) -> Path:
         with open(tmp, "wb") as f:
             f.write(data)
     return Path(os.fspath(path))
+
+
+def make_folder(path: PathLike) -> Path:
+    """The folder ``path``, created with its parents; a :class:`SalienceError` saying why if it cannot be."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SalienceError(f"cannot create the output folder {folder} ({e.strerror or e})") from None
+    return folder

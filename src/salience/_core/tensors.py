@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 
-__all__ = ["gaussian_blur", "gaussian_kernel1d", "minmax", "unit_scale", "model_device", "model_dtype", "check_int", "check_number"]
+__all__ = ["gaussian_blur", "gaussian_kernel1d", "minmax", "unit_scale", "first_tensor", "model_device", "model_dtype", "check_int", "check_number"]
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -80,20 +80,21 @@ def unit_scale(m: Tensor, percentile: Optional[float] = None, eps: float = 0.0) 
     return ((torch.minimum(flat, hi) - lo) / torch.where(span > 0, span.clamp_min(eps), 1.0)).reshape(m.shape)
 
 
-def _first_tensor(model: nn.Module) -> Optional[Tensor]:
+def first_tensor(model: nn.Module) -> Optional[Tensor]:
+    """The model's first parameter, else its first buffer, else ``None``."""
     p = next(model.parameters(), None)
     return p if p is not None else next(model.buffers(), None)
 
 
 def model_device(model: nn.Module) -> torch.device:
     """Where the model lives: its first parameter's (or buffer's) device; CPU for a model with neither."""
-    p = _first_tensor(model)
+    p = first_tensor(model)
     return p.device if p is not None else torch.device("cpu")
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype the model computes in (its first floating parameter's); float32 by default."""
-    p = _first_tensor(model)
+    p = first_tensor(model)
     return p.dtype if p is not None and p.is_floating_point() else torch.float32
 
 

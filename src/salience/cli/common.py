@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from salience._core.autograd import forward_scores, looks_like_probabilities
 from salience._core.errors import SalienceError, suggest
+from salience._core.files import make_folder
 from salience.loading import load_model
 from salience.methods import METHODS
 from salience.render import viz
@@ -112,12 +113,7 @@ def probabilities(out: Tensor) -> Tensor:
 
 def output_folder(path: str) -> Path:
     """The folder ``path``, created with its parents; a :class:`SalienceError` if it cannot be."""
-    out_dir = Path(path)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SalienceError(f"cannot create the output folder {out_dir} ({e.strerror or e})") from None
-    return out_dir
+    return make_folder(path)
 
 
 def safe_name(name: str) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from salience._core.errors import SalienceError
+from salience._core.tensors import check_int
 
 __all__ = ["CLASSES", "CUES", "ShapesBatch", "shapes", "shapes_batch", "cue_box"]
 
@@ -109,15 +110,10 @@ def shapes_batch(
     mark of the image's own class) or ``"moved"`` (the mark of a random other class). Apart from
     the mark, the same ``(n, seed, size)`` gives the same images for every ``cue``.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise SalienceError(f"shapes: n must be an int >= 0, got {n!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise SalienceError(f"shapes: seed must be an int >= 0, got {seed!r}.")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 32:
-        raise SalienceError(f"shapes: size must be an int >= 32 (pixels), got {size!r}.")
+    n, seed = check_int(n, "shapes: n"), check_int(seed, "shapes: seed")
+    size = check_int(size, "shapes: size", minimum=32, what="pixels")
     if cue not in CUES:
         raise SalienceError(f"shapes: cue must be one of {CUES}, got {cue!r}.")
-    n, seed, size = int(n), int(seed), int(size)
     u = np.empty((n, _D), dtype=np.float64)
     for i in range(n):
         u[i] = np.random.default_rng((seed, i)).random(_D)

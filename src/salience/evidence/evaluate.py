@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from salience._core.autograd import predicted_classes
 from salience._core.errors import SalienceError
-from salience._core.files import atomic_write
+from salience._core.files import atomic_write, make_folder
 from salience._core.info import ModelInfo, model_info
 from salience._core.progress import progress as _progress
 from salience._core.tensors import check_int, model_device
@@ -376,11 +376,7 @@ def run_evaluation(
         x, raw, m, source = _demo_inputs(model, n, seed)
     else:
         x, raw, m, source = _folder_inputs(model, images, masks, n)
-    out = Path(out_dir)  # created only once the inputs are known to be good
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SalienceError(f"cannot create the output folder {out} ({e.strerror or e})") from None
+    out = make_folder(out_dir)  # created only once the inputs are known to be good
     device = model_device(model)
     x, m = x.to(device), (m.to(device) if m is not None else None)
     rows, maps = evaluate_methods(model, x, m, methods=methods, steps=steps,
