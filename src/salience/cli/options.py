@@ -274,3 +274,52 @@ def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dic
                 raise SalienceError(msg) from None
         except Exception:  # noqa: BLE001 - not about the options: the real run reports it
             pass
+
+
+# --------------------------------------------------------------------------------- salience list METHOD
+
+
+def describe(name: str) -> list[str]:
+    """``salience list NAME``: the method's first doc line, then each option: its flag, keyword,
+    type and default (from the signature) and what the docstrings say of it."""
+    if name not in METHODS:
+        raise SalienceError(f"unknown method {name!r}{suggest(name, list(METHODS))} (available: {', '.join(METHODS)})")
+    fn = METHODS[name]
+    doc = inspect.getdoc(fn) or ""
+    lines = [f"{name}: {_clean(doc.splitlines()[0]) if doc else ''}",
+             f"options (salience explain IMAGE --model MODEL --method {name} OPTIONS):"]
+    flags = method_options()
+    for p in keyword_parameters(fn):
+        opt = flags[p.name]
+        flag = f"{opt.flag}/--no-{opt.flag[2:]}" if opt.kind == "bool" else f"{opt.flag} {opt.metavar()}"
+        lines.append(f"  {flag:<36} {p.name}: {opt.annotation or '?'} = {show_default(p.default)}")
+        said = _doc_sentence(p.name, fn)
+        if said:
+            lines.append(f"  {'':<36}   {said}")
+    if wraps_methods(fn):
+        lines.append(f"  the inner method's options (--smooth-method NAME) go to it, e.g. --layer for gradcam; "
+                     f"'salience list NAME' lists them")
+    skipped = [k for k in _signature(fn).parameters if k in NOT_FLAGS]
+    lines += [f"  ({k}= is no flag: {NOT_FLAGS[k]})" for k in skipped]
+    return lines
+
+
+def _clean(text: str) -> str:
+    """reStructuredText markup off: ``x`` -> x, :func:`a.b` -> a.b."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+    return " ".join(text.replace("``", "").split())
+
+
+def _doc_sentence(keyword: str, fn: Callable[..., Any], limit: int = 160) -> str:
+    """What ``fn``'s docstring (else another method's) says of ``keyword``: the first sentence that
+    starts with it, else the first that names it."""
+    own = inspect.getdoc(fn) or ""
+    others = " ".join(inspect.getdoc(f) or "" for f in METHODS.values() if f is not fn)
+    for doc in (own, others):
+        sentences = re.split(r"(?<=[.])\s+(?=[A-Z`(])", " ".join(doc.split()))
+        named = [t for t in sentences if f"``{keyword}``" in t or f"``{keyword}=" in t]
+        first = next((t for t in named if t.startswith(f"``{keyword}``")), named[0] if named else "")
+        if first:
+            text = _clean(first)
+            return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+    return ""
