@@ -261,6 +261,8 @@ def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dic
     pass (a dry run on ``x``, nothing computed): a bad value is a :class:`SalienceError` naming the
     flag. Errors that name no given option (the model, the input) are left to the real run."""
     options = {k: v for k, v in given.items() if k != "layer"}  # looked up in the model by check_layer
+    if not options:
+        return
     halting = _Halting(model)
     for name in methods:
         fn, _ = bind(name, options)
