@@ -14,6 +14,7 @@ from salience._core.autograd import forward_scores, looks_like_probabilities
 from salience._core.errors import SalienceError, suggest
 from salience._core.files import make_folder
 from salience.loading import load_model
+from salience.loading.models import MODEL_SPECS
 from salience.methods import METHODS
 from salience.render import viz
 
@@ -80,12 +81,18 @@ def parse_class(value: str, info: Any, num_outputs: int) -> int:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """``--model`` and the options of loading it (explain, visualize, evaluate)."""
     p.add_argument("--model", "-m", required=True, metavar="MODEL",
-                   help="demo:NAME, torchvision:ARCH, or a model file (TorchScript, .keras/.h5, .onnx)")
+                   help="; ".join(f"{spec}: {desc}" for spec, desc in MODEL_SPECS).replace("%", "%%"))
     p.add_argument("--weights", metavar="FILE",
                    help="state dict for torchvision:ARCH ('random' for random weights; default: pretrained)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling the model file (can run arbitrary code: only for files you trust)")
     p.add_argument("--device", default=None, help="e.g. cuda or cpu (default: cpu)")
+
+
+def model_specs_help(indent: str = "  ") -> str:
+    """The model specs (:data:`salience.loading.models.MODEL_SPECS`), a line each."""
+    width = max(len(spec) for spec, _ in MODEL_SPECS) + 2
+    return "\n".join(f"{indent}{spec:<{width}}{desc}" for spec, desc in MODEL_SPECS)
 
 
 def load_model_arg(args: argparse.Namespace) -> nn.Module:

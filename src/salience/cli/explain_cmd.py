@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import inspect
 import json
 import sys
 from dataclasses import dataclass
@@ -19,13 +17,14 @@ from salience._core.files import atomic_write
 from salience._core.info import ModelInfo, model_info
 from salience._core.progress import Progress, progress
 from salience._core.tensors import check_int, model_device
+from salience.cli import options as _options
 from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, add_model_args, error, figure,
-                                 load_model_arg, output_folder, parse_class, parse_methods, probabilities,
-                                 safe_name, scores, to_image, warn)
+                                 load_model_arg, model_specs_help, output_folder, parse_class, parse_methods,
+                                 probabilities, safe_name, scores, to_image, warn)
+from salience.cli.inputs import Inputs, add_input_args, class_names, preprocessing_info, read_inputs
 from salience.loading import DEFAULT_MAX_PIXELS, load_images, unnormalize
-from salience.methods import METHODS
+from salience.loading.images import preprocessing_record
 from salience.render import viz
-from salience.rules import UNSUPPORTED
 
 Maps = dict[str, list[Tensor]]
 """Per method name: a tensor ``(N, ...)`` of every image's map for each of the R targets."""
@@ -33,7 +32,9 @@ Maps = dict[str, list[Tensor]]
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("explain", help="explain image files: figures (PNG) and raw maps (.npy)",
-                       description="Explain image files with one or more saliency methods.")
+                       description="Explain image files with one or more saliency methods.",
+                       epilog="models (--model):\n" + model_specs_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     add_model_args(p)
     p.add_argument("--method", action="append", metavar="NAME",
@@ -47,46 +48,62 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse images over N pixels before decoding (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per forward/backward pass")
-    p.add_argument("--unsupported", choices=UNSUPPORTED, default="error",
-                   help="guided backprop / deconvnet on activations the rule is not defined for (GELU, SiLU, ...): "
-                        "refuse (default), or pass their plain gradient with a warning or silently")
     pg = p.add_mutually_exclusive_group()
     pg.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
     pg.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
+    add_input_args(p)
+    _options.add_method_args(p)
     p.set_defaults(func=run)
+
+
+@dataclass
+class Request:
+    """What the command line asks for, read and checked before the model is loaded: the methods,
+    their options (by keyword), and the preprocessing and class names."""
+
+    methods: list[str]
+    options: dict[str, Any]
+    inputs: Inputs
 
 
 def run(args: argparse.Namespace) -> int:
     """Explain ``args.images``: figures, maps and ``summary.json`` in ``args.out``; prints a line per image."""
-    methods = _check_args(args)
+    request = _check_args(args)
     model = load_model_arg(args)
-    info = model_info(model)
+    _options.check_layer(model, request.options)
+    info = preprocessing_info(model_info(model), request.inputs)
     if info.task == "regression" and args.top is not None:
         raise SalienceError(f"--top ranks classes, but {info.name} is a regression model; use --target OUTPUT --mode")
     batch, ok_paths, errors = _load_images(args, info, model)
     if batch is None:
         error(f"none of the {len(args.images)} image(s) could be read; nothing explained")
         return EXIT_PARTIAL
+    _options.check_values(model, batch[:1], request.methods, request.options)
     out = scores(model, batch, args.batch_size)
+    info, names_from = class_names(info, out.shape[1], request.inputs)
     chosen = _choose_targets(args, info, out)
-    maps, failed = _compute_maps(args, model, batch, chosen, methods)
+    maps, failed = _compute_maps(args, model, batch, chosen, request)
     if not maps:
         error("every method failed; nothing written")
         return EXIT_USAGE
     out_dir = output_folder(args.out)
-    n_maps = _write_results(args, info, out_dir, batch, out, chosen, maps, ok_paths, errors)
+    about = _about(args, info, request, names_from)
+    n_maps = _write_results(args, info, out_dir, batch, out, chosen, maps, ok_paths, errors, about)
     print(f"wrote {len(ok_paths)} figure(s) and {n_maps} map(s) to {out_dir}/"
           + (f"; {len(errors)} image(s) skipped" if errors else ""))
     return EXIT_PARTIAL if errors or failed else EXIT_OK
 
 
-def _check_args(args: argparse.Namespace) -> list[str]:
-    """The method names; the integer options checked (before any model is loaded)."""
+def _check_args(args: argparse.Namespace) -> Request:
+    """The method names, their options, the preprocessing and labels; the integer options checked
+    (all before any model is loaded)."""
     methods = parse_methods(args.method)
     if args.top is not None:
         check_int(args.top, "--top", minimum=1)
     check_int(args.batch_size, "--batch-size", minimum=1)
-    return methods
+    given = _options.given_options(args)
+    _options.check_applicable(methods, given)
+    return Request(methods, given, read_inputs(args))
 
 
 def _load_images(args: argparse.Namespace, info: ModelInfo,
@@ -154,19 +171,11 @@ def _choose_targets(args: argparse.Namespace, info: ModelInfo, out: Tensor) -> C
 # --------------------------------------------------------------------------------- maps
 
 
-def _with_options(fn: Callable[..., Tensor], **options: Any) -> Callable[..., Tensor]:
-    """``fn`` with those of ``options`` that it takes as keywords (the others are for other methods)."""
-    # Named parameters only (not _engine.accepts, which also says yes to **options: smoothgrad
-    # would hand unsupported= on to vanilla, which has no such option).
-    params = inspect.signature(fn).parameters
-    taken = {k: v for k, v in options.items() if k in params}
-    return functools.partial(fn, **taken) if taken else fn
-
-
 def _compute_maps(args: argparse.Namespace, model: nn.Module, batch: Tensor, chosen: Chosen,
-                  methods: Sequence[str]) -> tuple[Maps, list[str]]:
+                  request: Request) -> tuple[Maps, list[str]]:
     """Every method's maps (the methods that failed left out, warned about, and named in the list),
     with a progress bar on long work."""
+    methods = request.methods
     chunks = list(range(0, batch.shape[0], args.batch_size))
     total = len(methods) * len(chunks)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -174,13 +183,14 @@ def _compute_maps(args: argparse.Namespace, model: nn.Module, batch: Tensor, cho
     failed: list[str] = []
     with progress(total, "explain", enabled=show and total > 1) as bar:
         for name in methods:
-            fn = _with_options(METHODS[name], unsupported=args.unsupported)
+            fn, _ = _options.bind(name, request.options)
             try:
                 every = torch.cat([_chunk_maps(fn, model, batch[s:s + args.batch_size], s, chosen, bar)
                                    for s in chunks])
             except SalienceError as e:
                 hint = (" (--unsupported warn passes their plain gradient instead)"
-                        if "unsupported" in str(e) and args.unsupported == "error" else "")
+                        if "unsupported" in str(e) and request.options.get("unsupported", "error") == "error"
+                        else "")
                 warn(f"method {name} failed: {e}{hint}")
                 failed.append(name)
                 continue
@@ -200,7 +210,8 @@ def _chunk_maps(fn: Callable[..., Tensor], model: nn.Module, xb: Tensor, start: 
 
 
 def _write_results(args: argparse.Namespace, info: ModelInfo, out_dir: Path, batch: Tensor, out: Tensor,
-                   chosen: Chosen, maps: Maps, ok_paths: Sequence[str], errors: Sequence[tuple[str, str]]) -> int:
+                   chosen: Chosen, maps: Maps, ok_paths: Sequence[str], errors: Sequence[tuple[str, str]],
+                   about: dict[str, Any]) -> int:
     """Each image's figure and maps, its printed line, then ``summary.json``; returns the number of maps."""
     probs = probabilities(out) if not chosen.regression else out
     summary = []
@@ -216,7 +227,7 @@ def _write_results(args: argparse.Namespace, info: ModelInfo, out_dir: Path, bat
             line, entry = _class_result(path, probs[i], chosen.classes[i], info, args.top)
         print(line)
         summary.append({**entry, **files})
-    _write_summary(out_dir, info, maps, summary, errors)
+    _write_summary(out_dir, info, maps, summary, errors, about)
     return n_maps
 
 
@@ -276,13 +287,27 @@ def _class_result(path: str, probs: Tensor, explained: Tensor, info: ModelInfo,
         "predicted": [{"class": int(c), "name": info.class_name(int(c)), "probability": float(p)}
                       for p, c in zip(top.values, top.indices)],
         "explained": [int(c) for c in explained],
+        "explained_names": [info.class_name(int(c)) for c in explained],
     }
 
 
+def _about(args: argparse.Namespace, info: ModelInfo, request: Request, names_from: Optional[str]) -> dict[str, Any]:
+    """What ``summary.json`` says of the run beside its results: the model spec, the preprocessing
+    used, where the class names came from, and each method's options given on the command line."""
+    methods = {}
+    for name in request.methods:
+        _, taken = _options.bind(name, request.options)
+        methods[name] = {k: _options.show_default(v) if callable(v) else v for k, v in taken.items()}
+    return {"model_spec": args.model, "weights": args.weights, "preprocessing": preprocessing_record(info),
+            "class_names": "labels: " + str(args.labels) if names_from == "labels" else names_from,
+            "method_options": methods}
+
+
 def _write_summary(out_dir: Path, info: ModelInfo, maps: Maps, images: list[dict[str, Any]],
-                   errors: Sequence[tuple[str, str]]) -> None:
-    """``summary.json``: the model, the methods that ran, each image's entry and the skipped files."""
+                   errors: Sequence[tuple[str, str]], about: dict[str, Any]) -> None:
+    """``summary.json``: the model, the methods that ran, the run's settings (:func:`_about`), each
+    image's entry and the skipped files."""
     atomic_write(out_dir / "summary.json", json.dumps({
-        "model": info.name, "methods": list(maps), "images": images,
+        "model": info.name, "methods": list(maps), **about, "images": images,
         "errors": [{"image": p, "error": m} for p, m in errors],
     }, indent=2).encode("utf-8"))

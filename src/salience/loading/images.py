@@ -11,10 +11,12 @@ does both for a list of files and keeps going past bad ones.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,6 +34,10 @@ __all__ = [
     "resize_crop",
     "normalize_input",
     "unnormalize",
+    "RESIZE_MODES",
+    "resize_mode",
+    "with_preprocessing",
+    "preprocessing_record",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -200,6 +206,116 @@ def unnormalize(x: Tensor, info: ModelInfo) -> Tensor:
 def preprocess(image: Tensor, info: ModelInfo) -> Tensor:
     """``image`` ``(3, H, W)`` in ``[0, 1]`` -> the model's input ``(C, h, w)``: resize, crop, normalize."""
     return normalize_input(resize_crop(image, info), info)
+
+
+RESIZE_MODES = ("crop", "stretch", "none")
+"""How :func:`resize_crop` brings an image to the model's input size: ``crop`` (shorter side to
+``resize``, then a centre crop of ``input_size``), ``stretch`` (straight to ``input_size``),
+``none`` (the image as it is)."""
+
+
+def resize_mode(info: ModelInfo) -> str:
+    """``info``'s resizing as one of :data:`RESIZE_MODES`."""
+    if info.input_size is None:
+        return "none"
+    return "crop" if info.resize else "stretch"
+
+
+def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]] = None, resize: Optional[int] = None,
+                       resize_mode: Optional[str] = None, mean: Optional[Sequence[float]] = None,
+                       std: Optional[Sequence[float]] = None) -> ModelInfo:
+    """``info`` with the given preprocessing in place of its own (``None`` keeps the model's).
+
+    ``size``: the model's input ``(H, W)`` (or one side for a square). ``resize``: the shorter
+    side before the centre crop of ``size`` (so ``resize_mode="crop"``). ``resize_mode``: one of
+    :data:`RESIZE_MODES`; default: ``"crop"`` when ``resize`` is given, else the model's own, or
+    ``"stretch"`` when ``size`` is given to a model without one. In ``crop`` mode without a
+    ``resize``, a model's own resize keeps its ratio to the crop (torchvision's 256 / 224) when
+    ``size`` changes; a model without one resizes its shorter side to ``max(size)``.
+    ``mean`` / ``std``: per-channel normalization, one value or one per channel.
+    """
+    size_t = _check_size(size)
+    if resize is not None:
+        _positive_int(resize, "resize")
+    mode = _choose_mode(info, size_t, resize, resize_mode)
+    if mode == "none":
+        if size_t is not None or resize is not None:
+            raise SalienceError("resize_mode 'none' keeps each image as it is; it takes no size or resize")
+        return dataclasses.replace(info, input_size=None, resize=None, mean=_stats_arg(info, mean, "mean", info.mean),
+                                   std=_stats_arg(info, std, "std", info.std))
+    target = size_t or info.input_size
+    if target is None:
+        raise SalienceError(f"resize_mode {mode!r} needs the input size (size), which {info.name} does not say")
+    if mode == "stretch" and resize is not None:
+        raise SalienceError("resize (the shorter side before a centre crop) goes with resize_mode 'crop', not 'stretch'")
+    new_resize = _crop_resize(info, target, resize) if mode == "crop" else None
+    return dataclasses.replace(info, input_size=tuple(int(v) for v in target), resize=new_resize,
+                               mean=_stats_arg(info, mean, "mean", info.mean),
+                               std=_stats_arg(info, std, "std", info.std))
+
+
+def _choose_mode(info: ModelInfo, size: Optional[tuple[int, int]], resize: Optional[int],
+                 mode: Optional[str]) -> str:
+    if mode is not None:
+        if mode not in RESIZE_MODES:
+            raise SalienceError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+        return mode
+    if resize is not None:
+        return "crop"
+    own = resize_mode(info)
+    return "stretch" if own == "none" and size is not None else own
+
+
+def _crop_resize(info: ModelInfo, target: tuple[int, int], resize: Optional[int]) -> int:
+    """The shorter side before the centre crop of ``target``."""
+    if resize is not None:
+        return int(resize)
+    if info.resize and info.input_size:
+        if tuple(target) == tuple(info.input_size):
+            return int(info.resize)
+        return max(1, round(int(info.resize) * min(target) / min(info.input_size)))
+    return max(target)
+
+
+def _positive_int(v: Any, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise SalienceError(f"{name} must be a positive int (pixels), got {v!r}")
+    return v
+
+
+def _check_size(size: Union[None, int, Sequence[int]]) -> Optional[tuple[int, int]]:
+    if size is None:
+        return None
+    values = [size] if isinstance(size, int) else list(size)
+    if len(values) not in (1, 2):
+        raise SalienceError(f"size must be one side or (H, W), got {size!r}")
+    for v in values:
+        _positive_int(v, "size")
+    return (values[0], values[-1])
+
+
+def _stats_arg(info: ModelInfo, values: Optional[Sequence[float]], name: str,
+               own: Optional[tuple[float, ...]]) -> Optional[tuple[float, ...]]:
+    """``mean`` / ``std`` checked: one value or one per channel, finite (``std`` > 0)."""
+    if values is None:
+        return own
+    vals = tuple(float(v) for v in values)
+    if len(vals) not in (1, info.channels):
+        raise SalienceError(f"{name} needs 1 or {info.channels} values (one per channel), got {len(vals)}")
+    if not all(math.isfinite(v) for v in vals) or (name == "std" and min(vals) <= 0):
+        raise SalienceError(f"{name} values must be finite{' and > 0' if name == 'std' else ''}, got {vals}")
+    return vals if len(vals) == info.channels else vals * info.channels
+
+
+def preprocessing_record(info: ModelInfo) -> dict[str, Any]:
+    """What :func:`preprocess` does with ``info``, as plain JSON values: the resize mode, the input
+    size, the shorter side resized to and the crop (``crop`` mode), mean, std and channels."""
+    mode = resize_mode(info)
+    size = list(info.input_size) if info.input_size is not None else None
+    return {"mode": mode, "input_size": size, "resize": int(info.resize) if mode == "crop" else None,
+            "crop": size if mode == "crop" else None,
+            "mean": list(info.mean) if info.mean is not None else None,
+            "std": list(info.std) if info.std is not None else None, "channels": info.channels}
 
 
 def load_images(

@@ -9,11 +9,12 @@ never unpickled unless ``trust_pickle=True``.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +22,8 @@ from torch import Tensor, nn
 from salience._core.errors import SalienceError, suggest
 from salience._core.info import ModelInfo, attach_info, model_info
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_model"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODEL_SPECS", "load_model", "imagenet_class_names", "read_labels",
+           "name_classes"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -30,6 +32,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _KERAS_EXT = (".keras", ".h5", ".hdf5")
 _ONNX_EXT = (".onnx",)
+
+MODEL_SPECS: tuple[tuple[str, str], ...] = (
+    ("demo:NAME", "a bundled demo model, no download (salience list names them)"),
+    ("torchvision:ARCH", "a torchvision classifier: --weights FILE (a state dict), --weights random, or "
+                         "torchvision's pretrained weights (downloaded by torchvision)"),
+    ("FILE.pt / .pth / .ts", "a TorchScript archive (torch.jit.save); a state dict alone needs "
+                             "torchvision:ARCH --weights FILE"),
+    ("FILE.keras / .h5 / .hdf5", "a Keras model (needs keras)"),
+    ("FILE.onnx", "an ONNX model (needs onnx2torch)"),
+)
+"""Every model spec :func:`load_model` accepts, as ``(spec, description)``: the one list that the
+command line's ``--model`` help and ``salience list`` print."""
 
 
 def _torchvision_info(arch: str, num_classes: int, weights_enum) -> ModelInfo:
@@ -301,3 +315,81 @@ def load_model(
         name = Path(s).name if is_file else s
         attach_info(model, ModelInfo(name=name, input_size=base.input_size, channels=base.channels))
     return model
+
+
+# --------------------------------------------------------------------------------- class names
+
+
+def imagenet_class_names() -> Optional[tuple[str, ...]]:
+    """The 1000 ImageNet-1k class names as torchvision ships them (no network), or ``None``
+    without torchvision."""
+    try:
+        from torchvision.models import get_weight
+        cats = get_weight("ResNet50_Weights.IMAGENET1K_V1").meta.get("categories")
+    except Exception:  # noqa: BLE001 - torchvision missing, or a version without this metadata
+        return None
+    return tuple(str(c) for c in cats) if cats and len(cats) == 1000 else None
+
+
+def read_labels(path: PathLike) -> tuple[str, ...]:
+    """Class names from a file: one name per line (blank lines skipped), a JSON list, or a JSON
+    object ``{index: name}`` whose indices are ``0..K-1``. A :class:`SalienceError` names the file
+    when it cannot be read or is none of these."""
+    import json
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SalienceError(f"labels file {p}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    if text.lstrip()[:1] in ("[", "{"):
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise SalienceError(f"labels file {p}: not valid JSON ({e})") from None
+        names = _json_labels(p, data)
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise SalienceError(f"labels file {p}: holds no class names")
+    return tuple(names)
+
+
+def _json_labels(p: Path, data: object) -> list[str]:
+    """A JSON list of names, or ``{index: name}`` covering ``0..K-1``, as a list."""
+    if isinstance(data, list) and all(isinstance(v, (str, int, float)) for v in data):
+        return [str(v) for v in data]
+    if isinstance(data, dict):
+        try:
+            by_index = {int(k): str(v) for k, v in data.items()}
+        except ValueError:
+            raise SalienceError(f"labels file {p}: the keys of a JSON object must be class indices 0, 1, ...") from None
+        if sorted(by_index) != list(range(len(by_index))):
+            missing = sorted(set(range(max(by_index, default=-1) + 1)) - set(by_index))[:5]
+            raise SalienceError(f"labels file {p}: the indices must run 0..{len(by_index) - 1} without gaps "
+                                f"(missing {', '.join(map(str, missing)) or 'negative indices'})")
+        return [by_index[i] for i in range(len(by_index))]
+    raise SalienceError(f"labels file {p}: expected a JSON list of names or an object {{index: name}}")
+
+
+def name_classes(info: ModelInfo, num_outputs: int,
+                 labels: Optional[Sequence[str]] = None) -> tuple[ModelInfo, Optional[str]]:
+    """``info`` with class names for a model of ``num_outputs`` outputs, and where they came from.
+
+    ``labels`` (e.g. from :func:`read_labels`) name the outputs of any model and must be one per
+    output; otherwise the model's own names stay, and a classifier with 1000 outputs and no names
+    gets ImageNet-1k's (:func:`imagenet_class_names`, when torchvision is installed). The source is
+    ``"labels"``, ``"model"``, ``"imagenet-1k"`` or ``None`` (no names).
+    """
+    if labels is not None:
+        if len(labels) != num_outputs:
+            raise SalienceError(f"{len(labels)} class names for a model with {num_outputs} outputs; "
+                                f"give one name per output")
+        return dataclasses.replace(info, class_names=tuple(str(n) for n in labels)), "labels"
+    if info.class_names is not None:
+        return info, "model"
+    if num_outputs == 1000 and info.task == "classification":
+        names = imagenet_class_names()
+        if names is not None:
+            return dataclasses.replace(info, class_names=names), "imagenet-1k"
+    return info, None

@@ -1,0 +1,123 @@
+"""What the command line says about the model's input and output: preprocessing and class names.
+
+The model's own :class:`~salience._core.info.ModelInfo` is the default; ``--size``, ``--crop``,
+``--resize``, ``--resize-mode``, ``--mean`` and ``--std`` replace parts of it
+(:func:`salience.loading.images.with_preprocessing`), ``--labels FILE`` names the outputs of any
+model, and a classifier with 1000 outputs and no names gets ImageNet-1k's
+(:func:`salience.loading.models.name_classes`).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from salience._core.errors import SalienceError
+from salience._core.info import ModelInfo
+from salience.loading.images import RESIZE_MODES, with_preprocessing
+from salience.loading.models import name_classes, read_labels
+
+
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    """The preprocessing options and ``--labels``."""
+    g = p.add_argument_group("preprocessing", "  default: the model's own (torchvision: resize 256, crop 224, "
+                             "ImageNet mean/std;\n  demo models: 64x64); these replace parts of it")
+    g.add_argument("--size", metavar="H[,W]", help="the model's input size (in crop mode: the centre crop)")
+    g.add_argument("--crop", metavar="H[,W]", help="centre-crop size after --resize: --size with --resize-mode crop")
+    g.add_argument("--resize", metavar="N", help="shorter side before the centre crop (implies --resize-mode crop); "
+                   "default: the model's, kept in ratio to a new --size, or max(size)")
+    g.add_argument("--resize-mode", metavar="MODE",
+                   help=f"one of {', '.join(RESIZE_MODES)}: resize the shorter side then centre-crop, resize to the "
+                        "size directly, or keep the image as it is (default: the model's)")
+    g.add_argument("--mean", metavar="A,B,C", help="per-channel mean subtracted from the [0, 1] image")
+    g.add_argument("--std", metavar="A,B,C", help="per-channel std the image is divided by")
+    p.add_argument("--labels", metavar="FILE", help="class names: one per line, a JSON list, or JSON {index: name}; "
+                   "one per model output (default: the model's; 1000 outputs without names: ImageNet-1k's)")
+
+
+@dataclass
+class Inputs:
+    """The preprocessing options given (as :func:`with_preprocessing` keywords), their flags, and
+    the names of ``--labels``."""
+
+    preprocessing: dict[str, Any]
+    flags: dict[str, str]
+    labels: Optional[tuple[str, ...]]
+
+
+def read_inputs(args: argparse.Namespace) -> Inputs:
+    """The options read and checked one by one (before the model is loaded)."""
+    if args.size is not None and args.crop is not None:
+        raise SalienceError("--size and --crop both set the input size; give one")
+    if args.crop is not None and args.resize_mode not in (None, "crop"):
+        raise SalienceError(f"--crop is the centre crop of --resize-mode crop, not of {args.resize_mode!r}")
+    given: dict[str, Any] = {}
+    flags = {"size": "--crop" if args.crop is not None else "--size", "resize": "--resize",
+             "resize_mode": "--resize-mode", "mean": "--mean", "std": "--std"}
+    size_text = args.crop if args.crop is not None else args.size
+    if size_text is not None:
+        given["size"] = _ints(size_text, flags["size"], "H or H,W in pixels")
+    if args.crop is not None:
+        given["resize_mode"] = "crop"
+    if args.resize is not None:
+        given["resize"] = _ints(args.resize, "--resize", "the shorter side in pixels", count=1)[0]
+    if args.resize_mode is not None:
+        given["resize_mode"] = args.resize_mode
+    for key in ("mean", "std"):
+        if getattr(args, key) is not None:
+            given[key] = _numbers(getattr(args, key), flags[key])
+    labels = None
+    if args.labels is not None:
+        try:
+            labels = read_labels(args.labels)
+        except SalienceError as e:
+            raise SalienceError(f"--labels: {e}") from None
+    return Inputs(given, flags, labels)
+
+
+def _split(text: str) -> list[str]:
+    return [t for t in re.split(r"[,x\s]+", text.strip()) if t]
+
+
+def _ints(text: str, flag: str, what: str, count: int = 2) -> tuple[int, ...]:
+    parts = _split(text)
+    try:
+        values = tuple(int(t) for t in parts)
+    except ValueError:
+        values = ()
+    if not 1 <= len(values) <= count:
+        raise SalienceError(f"{flag} must be {what}, got {text!r}")
+    return values
+
+
+def _numbers(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        values = ()
+    if not values:
+        raise SalienceError(f"{flag} must be numbers separated by commas, e.g. 0.485,0.456,0.406, got {text!r}")
+    return values
+
+
+def preprocessing_info(info: ModelInfo, inputs: Inputs) -> ModelInfo:
+    """``info`` with the given preprocessing; a bad combination is an error naming its flag."""
+    if not inputs.preprocessing:
+        return info
+    try:
+        return with_preprocessing(info, **inputs.preprocessing)
+    except SalienceError as e:
+        msg = str(e)
+        named = [(m.start(), k) for k in inputs.preprocessing
+                 for m in [re.search(rf"\b{re.escape(k)}\b", msg)] if m]
+        flag = inputs.flags[min(named)[1]] if named else "preprocessing"
+        raise SalienceError(f"{flag}: {msg}") from None
+
+
+def class_names(info: ModelInfo, num_outputs: int, inputs: Inputs) -> tuple[ModelInfo, Optional[str]]:
+    """``info`` with the model's class names, ``--labels``' or ImageNet-1k's, and which."""
+    try:
+        return name_classes(info, num_outputs, inputs.labels)
+    except SalienceError as e:
+        raise SalienceError(f"--labels: {e}") from None
