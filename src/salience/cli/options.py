@@ -299,8 +299,8 @@ def describe(name: str) -> list[str]:
         if said:
             lines.append(f"  {'':<36}   {said}")
     if wraps_methods(fn):
-        lines.append(f"  the inner method's options (--smooth-method NAME) go to it, e.g. --layer for gradcam; "
-                     f"'salience list NAME' lists them")
+        lines.append("  the inner method's options (--smooth-method NAME) go to it, e.g. --layer for gradcam; "
+                     "'salience list NAME' lists them")
     skipped = [k for k in _signature(fn).parameters if k in NOT_FLAGS]
     lines += [f"  ({k}= is no flag: {NOT_FLAGS[k]})" for k in skipped]
     return lines

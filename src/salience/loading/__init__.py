@@ -4,9 +4,9 @@ preprocessing attached (:mod:`~salience.loading.models`, Keras through
 :mod:`~salience.loading.keras`). Nothing here computes saliency."""
 from __future__ import annotations
 
-from salience.loading.images import (DEFAULT_MAX_PIXELS, load_image, load_images, normalize_input, preprocess,
-                                     resize_crop, unnormalize)
-from salience.loading.models import IMAGENET_MEAN, IMAGENET_STD, load_model
+from salience.loading.images import *  # noqa: F401,F403
+from salience.loading.images import __all__ as _images_all
+from salience.loading.models import *  # noqa: F401,F403
+from salience.loading.models import __all__ as _models_all
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGENET_MEAN", "IMAGENET_STD", "load_image", "load_images", "load_model",
-           "normalize_input", "preprocess", "resize_crop", "unnormalize"]
+__all__ = sorted(set(_images_all) | set(_models_all))
