@@ -11,12 +11,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "salience"
 
 # What each room may import from salience (prefixes; a room may always import itself).
 CORE = ("salience._core",)
-BASICS = CORE + ("salience.reduce", "salience.targets", "salience.rules")
+BASICS = CORE + ("salience.reduce", "salience.targets", "salience.rules", "salience.attention")
 DEMO_LEAVES = ("salience.demo.data", "salience.demo.zoo")
 ALLOWED: dict[str, tuple[str, ...]] = {
     "salience._core": CORE,
     "salience.reduce": CORE,
     "salience.rules": CORE,
+    "salience.attention": CORE,
     "salience.targets": CORE + ("salience.reduce",),
     "salience.methods": BASICS + ("salience.methods",),
     "salience.render": CORE + ("salience.reduce", "salience.render"),

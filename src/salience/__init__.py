@@ -11,11 +11,12 @@ The packages are the layers (``docs/architecture.md``): ``_core`` (machinery), `
 """
 from __future__ import annotations
 
-from salience import reduce, rules, targets
+from salience import attention, reduce, rules, targets
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
-from salience.methods import (METHODS, class_model, deconvnet, gradcam, guided_backprop, guided_gradcam,
-                              input_x_gradient, integrated_gradients, smoothgrad, vanilla)
+from salience.methods import (METHODS, TRANSFORMER_METHODS, attention_rollout, class_model, deconvnet, gradcam,
+                              guided_backprop, guided_gradcam, input_x_gradient, integrated_gradients, smoothgrad,
+                              transformer_attribution, vanilla)
 from salience.reduce import normalize
 from salience import methods, evidence, loading, render, demo, compat
 from salience.loading import load_model
@@ -51,6 +52,10 @@ __all__ = [
     "integrated_gradients",
     "input_x_gradient",
     "class_model",
+    "attention_rollout",
+    "transformer_attribution",
+    "TRANSFORMER_METHODS",
+    "attention",
     "reduce",
     "rules",
     "targets",

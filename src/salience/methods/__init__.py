@@ -13,6 +13,7 @@ from salience.methods.gradcam import gradcam, guided_gradcam
 from salience.methods.smoothgrad import smoothgrad
 from salience.methods.integrated import input_x_gradient, integrated_gradients
 from salience.methods.class_model import class_model
+from salience.methods.transformer import attention_rollout, transformer_attribution
 
 METHODS: dict[str, Callable] = {
     "vanilla": vanilla,
@@ -25,5 +26,13 @@ METHODS: dict[str, Callable] = {
     "input_x_gradient": input_x_gradient,
 }
 
-__all__ = ["METHODS", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
-           "smoothgrad", "integrated_gradients", "input_x_gradient", "class_model"]
+# Methods for transformers only (they read attention matrices): not in METHODS, whose every entry the
+# demo report and `salience evaluate` run on convolutional demo models, where these can only fail.
+TRANSFORMER_METHODS: dict[str, Callable] = {
+    "attention_rollout": attention_rollout,
+    "transformer_attribution": transformer_attribution,
+}
+
+__all__ = ["METHODS", "TRANSFORMER_METHODS", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
+           "smoothgrad", "integrated_gradients", "input_x_gradient", "class_model", "attention_rollout",
+           "transformer_attribution"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
 import torch
@@ -29,8 +30,9 @@ from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike, split
 from salience.methods._multi import finish, several_targets
+from salience.methods._tokens import Layout, channel_count, layer_layout
 
-__all__ = ["gradcam", "guided_gradcam", "default_layer"]
+__all__ = ["gradcam", "guided_gradcam", "default_layer", "describe_default_layer"]
 
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
           nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -42,54 +44,151 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
 
     In order: ``model.salience_default_layer`` (a name or a module), ``model_info(model)
     .default_layer`` (set by :func:`salience.load_model`), else a heuristic from one forward
-    pass of ``x[:1]`` without gradients: the module that *finished last* among those whose output
-    is a 4-D ``(B, K, h, w)`` tensor, leaving out pooling layers, containers whose output is a
-    pooling layer's, and modules called more than once; modules with ``h * w > 1`` are
-    preferred. A container is preferred to its last child (it finishes later). This gives
-    torchvision's resnet ``layer4``, densenet / mobilenet / efficientnet ``features``, and vgg
-    the last ReLU of ``features`` (before the final max-pool).
+    pass of ``x[:1]`` without gradients:
+
+    * **Vision Transformers** (an attention module, ``nn.MultiheadAttention`` or a class named
+      ``...Attention``, on tokens ``(B, N, D)``): the last module that finished before the *last*
+      attention call, outside it, with an output of the attention's shape: the LayerNorm before
+      the last block's attention (torchvision ViT's ``encoder.layers[-1].ln_1``, timm's
+      ``blocks[-1].norm1``). Not the final output: after the last attention only the class token
+      reaches the head, so the patch tokens there get exactly zero gradient (measured in
+      ``tests/test_gradcam_transformers.py``) and Grad-CAM's weights would all be 0.
+    * **Maps**: the module that *finished last* among those whose output is a 4-D map, channels
+      first or channels last (the rule in :mod:`salience.methods._tokens`; torchvision Swin's
+      ``norm``, ConvNeXt's blocks; a module with no known channel count, such as an activation,
+      keeps the layout of the last output of its shape), leaving out pooling layers, containers whose output is a
+      pooling layer's, modules called more than once, and outputs that are a permuted / reshaped
+      view of an earlier candidate's (Swin's ``permute`` after ``norm``); modules with
+      ``h * w > 1`` are preferred. A container is preferred to its last child (it finishes later).
+      This gives torchvision's resnet ``layer4``, densenet / mobilenet / efficientnet / convnext
+      ``features`` (the last stage's output), swin ``norm``, and vgg the last ReLU of ``features``
+      (before the final max-pool).
+
+    :func:`describe_default_layer` says which layer this is and why.
     """
-    attr = getattr(model, "salience_default_layer", None)
-    if attr is not None:
-        return attr if isinstance(attr, str) else layer_name(model, resolve_layer(model, attr))
-    info_layer = model_info(model).default_layer
-    if info_layer:
-        resolve_layer(model, info_layer)
-        return info_layer
+    return _pick_default(model, x)[0]
+
+
+def describe_default_layer(model: nn.Module, x: Tensor) -> str:
+    """One line: the default Grad-CAM layer for ``model`` on ``x`` ``(B, C, H, W)``, its output's
+    layout and why it was picked (for error messages and listings)."""
+    name, why = _pick_default(model, x)
+    calls = _record_calls(model, x, only=resolve_layer(model, name))
+    if not calls or not isinstance(calls[0].output, Tensor):
+        return f"{name} ({why})"
+    out = calls[0].output
+    try:
+        layout = layer_layout(model, calls[0].module, out.shape, x.shape, what=f"layer {name!r}").describe()
+    except SalienceError as e:
+        layout = f"not usable: {e}"
+    return f"{name} ({type(calls[0].module).__name__}, output {tuple(out.shape)}: {layout}; {why})"
+
+
+@dataclass
+class _Call:
+    name: str
+    module: nn.Module
+    output: Any
+
+
+def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None) -> list[_Call]:
+    """Every named module's call on ``x[:1]`` (no gradients), in the order they *finished*."""
     check_input(x, model)
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError("cannot look inside a TorchScript model for a Grad-CAM layer; pass the Python nn.Module")
-    calls: list[tuple[str, nn.Module, Any]] = []
-    counts: collections.Counter = collections.Counter()
+    calls: list[_Call] = []
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            counts[name] += 1
-            calls.append((name, module, output))
+            calls.append(_Call(name, module, output))
         return hook
 
     handles = []
     try:
         for name, m in model.named_modules():
-            if name and not isinstance(m, torch.jit.ScriptModule):
+            if name and not isinstance(m, torch.jit.ScriptModule) and (only is None or m is only):
                 handles.append(m.register_forward_hook(make_hook(name)))
         with model_guard(model), torch.no_grad():
             model(x[:1])
     finally:
         for h in handles:
             h.remove()
-    pooled = {id(out) for _, m, out in calls if isinstance(m, _POOLS)}
-    cands = [(name, out) for name, m, out in calls
-             if counts[name] == 1 and isinstance(out, Tensor) and out.dim() == 4
-             and not isinstance(m, _POOLS) and id(out) not in pooled]
-    spatial = [c for c in cands if _channels_first(model, c[1]).shape[-2:].numel() > 1]
+    return calls
+
+
+def _first_tensor(out: Any) -> Any:
+    return out[0] if isinstance(out, (tuple, list)) and out else out
+
+
+def _is_attention(m: nn.Module) -> bool:
+    return isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
+
+
+def _before_last_attention(calls: list[_Call]) -> Optional[str]:
+    """The ViT rule of :func:`default_layer`: the module that finished last before the last
+    attention call on tokens, outside it, with the attention's output shape; None if none."""
+    at = [i for i, c in enumerate(calls) if _is_attention(c.module)
+          and isinstance(_first_tensor(c.output), Tensor) and _first_tensor(c.output).dim() == 3]
+    if not at:
+        return None
+    att = calls[at[-1]]
+    shape = _first_tensor(att.output).shape
+    for c in reversed(calls[:at[-1]]):
+        inside = c.name.startswith(att.name + ".")
+        if not inside and isinstance(c.output, Tensor) and c.output.shape == shape:
+            return c.name
+    return None
+
+
+def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call]) -> list[tuple[str, Tensor]]:
+    """4-D outputs as ``(name, (B, K, h, w))``, in finishing order, by the rules of :func:`default_layer`."""
+    counts = collections.Counter(c.name for c in calls)
+    pooled = {id(c.output) for c in calls if isinstance(c.module, _POOLS)}
+    kept: list[Tensor] = []
+    seen: dict[tuple[int, ...], Layout] = {}
+    cands = []
+    for c in calls:
+        out = c.output
+        if (counts[c.name] != 1 or not isinstance(out, Tensor) or out.dim() != 4
+                or isinstance(c.module, _POOLS) or id(out) in pooled):
+            continue
+        if any(out is not k and out.data_ptr() == k.data_ptr() and out.numel() == k.numel() for k in kept):
+            continue  # a permuted / reshaped view of an earlier candidate: keep the original
+        kept.append(out)
+        if channel_count(c.module) is None and tuple(out.shape) in seen:
+            layout = seen[tuple(out.shape)]  # an activation keeps the layout of the map it came from
+        else:
+            layout = layer_layout(model, c.module, out.shape, x.shape, what=f"layer {c.name!r}")
+            seen[tuple(out.shape)] = layout
+        cands.append((c.name, layout.to_grid(out)))
+    return cands
+
+
+def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
+    """``(dotted name, why)`` of the default Grad-CAM layer (see :func:`default_layer`)."""
+    attr = getattr(model, "salience_default_layer", None)
+    if attr is not None:
+        name = attr if isinstance(attr, str) else layer_name(model, resolve_layer(model, attr))
+        return name, "the model's salience_default_layer"
+    info_layer = model_info(model).default_layer
+    if info_layer:
+        resolve_layer(model, info_layer)
+        return info_layer, "the model's ModelInfo.default_layer"
+    calls = _record_calls(model, x)
+    vit = _before_last_attention(calls)
+    if vit is not None:
+        return vit, ("the layer before the last attention: after it only the class token reaches the head, "
+                     "so patch tokens there get no gradient")
+    cands = _map_candidates(model, x, calls)
+    spatial = [c for c in cands if c[1].shape[-2:].numel() > 1]
     chosen = spatial or cands
     if not chosen:
         raise SalienceError(
-            "found no layer with a 4-D (B, K, h, w) output to use for Grad-CAM; pass layer= (a module or a "
-            "dotted name from model.named_modules()) with a spatial output"
+            "found no layer with a 4-D map (B, K, h, w) / (B, h, w, K) or a transformer block to use for "
+            "Grad-CAM; pass layer= (a module or a dotted name from model.named_modules()) with a spatial output"
         )
-    return chosen[-1][0]
+    return chosen[-1][0], ("the last layer with a spatial map" if spatial else
+                           "the last layer with a 4-D output (none has h * w > 1 on this input)")
 
 
 def _resolve(model: nn.Module, x: Tensor, layer: Optional[LayerSpec]) -> nn.Module:
@@ -109,23 +208,19 @@ def _resolve(model: nn.Module, x: Tensor, layer: Optional[LayerSpec]) -> nn.Modu
     return mod
 
 
-def _channels_first(model: nn.Module, t: Tensor) -> Tensor:
-    """A layer output of a channels-last model (a Keras model, ``ModelInfo.layout == "NHWC"``:
-    its layers give ``(B, h, w, K)``) as ``(B, K, h, w)``; other models' outputs as they are."""
-    if t.dim() == 4 and model_info(model).layout == "NHWC":
-        return t.permute(0, 3, 1, 2)
-    return t
+def _layout(model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor, grid: object,
+            prefix_tokens: object) -> Layout:
+    """How the layer's output ``acts`` becomes ``(B, K, h, w)`` (see :mod:`salience.methods._tokens`)."""
+    try:
+        name = layer_name(model, mod)
+    except SalienceError:
+        name = type(mod).__name__
+    return layer_layout(model, mod, acts.shape, x.shape, grid=grid, prefix_tokens=prefix_tokens,
+                        what=f"the Grad-CAM layer {name!r}")
 
 
-def _cam(model: nn.Module, acts: Tensor, grads: Tensor, relu: bool) -> Tensor:
-    """``ReLU(sum_k mean_ij(G_k) A_k)``: ``(B, K, h, w)`` x 2 -> ``(B, h, w)`` (channels-last
-    layer outputs of ``model`` are read as such)."""
-    acts, grads = _channels_first(model, acts), _channels_first(model, grads)
-    if acts.dim() != 4:
-        raise SalienceError(
-            f"Grad-CAM needs a layer whose output is (B, K, h, w); the chosen layer gives shape "
-            f"{tuple(acts.shape)}. Pass layer= a convolutional block (see model.named_modules())"
-        )
+def _cam(acts: Tensor, grads: Tensor, relu: bool) -> Tensor:
+    """``ReLU(sum_k mean_ij(G_k) A_k)``: ``(B, K, h, w)`` x 2 -> ``(B, h, w)``."""
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = (weights * acts).sum(dim=1)
     return cam.clamp(min=0) if relu else cam
@@ -147,20 +242,30 @@ def gradcam(
     upsample: bool = True,
     relu: bool = True,
     strip_softmax: bool = True,
+    grid: Optional[tuple[int, int]] = None,
+    prefix_tokens: Optional[int] = None,
 ) -> Tensor:
     """Grad-CAM: a layer's channels weighted by the target's mean gradient, ReLU, upsampled.
 
-    ``layer``: a module or dotted name (default: see :func:`default_layer`). ``x``: ``(B, C, H, W)``; returns raw values ``(B, H, W)``, or ``(B, h, w)`` at the layer's
-    resolution with ``upsample=False``. ``relu=False`` keeps the negative part of the weighted
-    sum (Captum's ``relu_attributions=False``). ``target`` and ``strip_softmax`` as in
-    :func:`salience.vanilla`. The model comes back exactly as it was.
+    ``layer``: a module or dotted name (default: see :func:`default_layer`). ``x``: ``(B, C, H, W)``;
+    returns raw values ``(B, H, W)``, or ``(B, h, w)`` at the layer's resolution with
+    ``upsample=False``. ``relu=False`` keeps the negative part of the weighted sum (Captum's
+    ``relu_attributions=False``). ``target`` and ``strip_softmax`` as in :func:`salience.vanilla`.
+
+    The layer's output may be a map ``(B, K, h, w)``, channels-last ``(B, h, w, K)`` (Swin,
+    ConvNeXt's blocks, Keras) or tokens ``(B, N, D)`` (a ViT block): tokens are read as
+    ``prefix_tokens`` class / distillation / register tokens, then a ``grid=(h, w)`` of patches;
+    both are inferred from the patch embedding when not given (rules in
+    :mod:`salience.methods._tokens`). The model comes back exactly as it was.
     """
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
     mod = _resolve(model, x, layer)
     # One forward pass; one backward pass per target, down to the layer only.
     acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
-    cam = torch.stack([_cam(model, acts, g, relu) for g in grads], dim=1)  # (B, K, h, w)
+    layout = _layout(model, mod, acts, x, grid, prefix_tokens)
+    acts, grads = layout.to_grid(acts), layout.to_grid(grads)  # (B, D, h, w), (K, B, D, h, w)
+    cam = torch.stack([_cam(acts, g, relu) for g in grads], dim=1)  # (B, K, h, w)
     if upsample:
         b, k = cam.shape[:2]
         cam = _upsample(cam.flatten(0, 1), tuple(x.shape[-2:])).unflatten(0, (b, k))
@@ -194,11 +299,14 @@ def guided_gradcam(
     grad_modifier: Union[None, str, GradModifier] = None,
     unsupported: str = "error",
     strip_softmax: bool = True,
+    grid: Optional[tuple[int, int]] = None,
+    prefix_tokens: Optional[int] = None,
 ) -> Tensor:
     """Guided Grad-CAM: guided backprop ``(B, C, H, W)`` times the upsampled Grad-CAM map.
 
     Returns ``(B, H, W)`` (``reduce="max_abs"``) or the raw product ``(B, C, H, W)`` with
-    ``reduce=None``. Options as in :func:`gradcam` and :func:`salience.guided_backprop`.
+    ``reduce=None``. Options (``layer``, ``grid``, ``prefix_tokens``) as in :func:`gradcam` and
+    :func:`salience.guided_backprop`.
 
     One forward and backward pass serves both parts when no ReLU runs after ``layer`` (e.g.
     resnet's ``layer4`` followed by pooling and one linear layer): then the layer's gradient
@@ -220,7 +328,9 @@ def guided_gradcam(
     if not (mark and mark[0] == rule.rectified):
         # ReLUs ran after the layer: the rule changed its gradient; Grad-CAM needs the plain one.
         acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
-    cams = torch.stack([_cam(model, acts, lg, relu=True) for lg in layer_grads], dim=1)  # (B, K, h, w)
+    layout = _layout(model, mod, acts, x, grid, prefix_tokens)
+    acts, layer_grads = layout.to_grid(acts), layout.to_grid(layer_grads)
+    cams = torch.stack([_cam(acts, lg, relu=True) for lg in layer_grads], dim=1)  # (B, K, h, w)
     b, k = cams.shape[:2]
     cams = _upsample(cams.flatten(0, 1), tuple(x.shape[-2:])).unflatten(0, (b, k))
     return finish(g.inputs.transpose(0, 1) * cams.unsqueeze(2), grad_modifier, reduce, multi, targets)

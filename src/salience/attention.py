@@ -1,0 +1,220 @@
+"""Attention capture: every attention matrix a model computes, whatever kernel it runs.
+
+Attention rollout and transformer attribution (:mod:`salience.methods.transformer`) need the
+attention matrices ``A = softmax(Q K^T / sqrt(d) + mask)`` ``(B, heads, N, N)`` of every layer,
+and for the latter their gradients. Real models rarely hand them out: torchvision's ViT calls
+``nn.MultiheadAttention`` with ``need_weights=False``, which runs the fused
+``F.scaled_dot_product_attention``, whose kernels never form ``A``. Hooks on modules cannot see
+inside. As :mod:`salience.rules` intercepts ReLU operations, :class:`AttentionCapture` is a
+:class:`torch.overrides.TorchFunctionMode` that intercepts the attention *operation* while it is
+active (around one forward pass, in the entering thread only):
+
+* ``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)``:
+  computed explicitly, ``A = softmax(q k^T * scale + mask)`` (a boolean mask keeps ``True``, a
+  float mask is added, ``is_causal`` keeps the lower triangle), then ``A @ v``;
+* ``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention`` calls, with or without
+  ``need_weights``): the in-projection, the same explicit attention per head (``attn_mask`` and
+  ``key_padding_mask`` with PyTorch's meaning: ``True`` = not allowed), the out-projection; the
+  weights it returns when asked are ``A`` (averaged over heads if ``average_attn_weights``);
+* an explicit ``softmax(..., dim=-1)`` of a tensor of 3 or more dims (``torch.softmax``,
+  ``F.softmax``, ``x.softmax(-1)``): taken to be attention; its output is recorded as it is.
+
+So the numbers are the attention's own (up to float rounding of a fused kernel) and the recorded
+``A`` is the very tensor the output is computed from: a gradient reaches it. Each ``A`` is
+recorded as ``(B, heads, L, S)``: 4-D as it is; a 3-D ``(B * heads, L, S)`` (``bmm``-style) is
+split with the batch size ``batch`` when given, else read as one head. Dropout inside attention
+runs as the model asks (explaining runs in eval mode, where modules pass ``dropout_p=0``).
+
+Not supported (a :class:`~salience.SalienceError`): ``nn.MultiheadAttention`` with ``bias_k`` /
+``bias_v``, ``add_zero_attn``, static keys or unbatched input. A TorchScript model runs out of
+reach of any mode: refused. Attention written without a ``softmax`` call (e.g. ``exp`` / sum)
+is not seen.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
+
+__all__ = ["AttentionCapture", "attention_maps", "check_model"]
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def _additive(mask: Optional[Tensor], allowed_when_true: bool, like: Tensor) -> Optional[Tensor]:
+    """A boolean or float mask as a float mask to add to the logits (``-inf`` where not allowed)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        blocked = ~mask if allowed_when_true else mask
+        return torch.zeros(blocked.shape, dtype=like.dtype, device=like.device).masked_fill(blocked, float("-inf"))
+    return mask.to(like.dtype)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optional[Tensor], causal: bool,
+            dropout_p: float) -> tuple[Tensor, Tensor]:
+    """``(A @ v, A)`` with ``A = softmax(q k^T * scale + mask)``: ``q`` ``(..., L, E)``, ``k``, ``v`` ``(..., S, E)``."""
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        logits = logits + mask
+    a = torch.softmax(logits, dim=-1)
+    used = F.dropout(a, dropout_p) if dropout_p > 0 else a
+    return used @ v, a
+
+
+class AttentionCapture(TorchFunctionMode):
+    """Record every attention matrix of the forward pass it is entered around (see the module doc).
+
+    ``maps``: the matrices ``(B, heads, L, S)`` in call order; ``kinds``: how each was computed
+    (``"sdpa"``, ``"mha"``, ``"softmax"``); with ``grads=True``, ``grads[i]`` lists the gradient
+    of ``maps[i]`` from each backward pass that reached it, in order. A fresh instance per pass.
+    """
+
+    def __init__(self, *, batch: Optional[int] = None, grads: bool = False):
+        super().__init__()
+        self.batch, self.keep_grads = batch, grads
+        self._raw: list[Tensor] = []
+        self._grads: list[list[Tensor]] = []
+        self.kinds: list[str] = []
+
+    def _shape(self, t: Tensor) -> Tensor:
+        if t.dim() == 3:
+            b = self.batch if self.batch and t.shape[0] % self.batch == 0 else t.shape[0]
+            return t.reshape(b, -1, *t.shape[-2:])
+        return t if t.dim() == 4 else t.reshape(t.shape[0], -1, *t.shape[-2:])
+
+    @property
+    def maps(self) -> list[Tensor]:
+        return [self._shape(a) for a in self._raw]
+
+    @property
+    def grads(self) -> list[list[Tensor]]:
+        return [[self._shape(g) for g in gs] for gs in self._grads]
+
+    def _record(self, a: Tensor, kind: str) -> None:
+        store: list[Tensor] = []
+        self._raw.append(a)
+        self._grads.append(store)
+        self.kinds.append(kind)
+        if self.keep_grads and a.requires_grad:
+            a.register_hook(lambda g: store.append(g))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "scaled_dot_product_attention":
+            return self._sdpa(*args, **kwargs)
+        if func is F.multi_head_attention_forward:
+            return self._mha(args, kwargs)
+        out = func(*args, **kwargs)
+        if name == "softmax" and _is_attention_softmax(args, kwargs):
+            self._record(out, "softmax")
+        return out
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+              is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
+        if enable_gqa and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+            rep = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+        s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        out, a = _attend(q, k, v, s, _additive(attn_mask, True, q), is_causal, dropout_p)
+        self._record(a, "sdpa")
+        return out
+
+    def _mha(self, args: tuple, kwargs: dict) -> tuple[Tensor, Optional[Tensor]]:
+        p = _MHA_SIGNATURE.bind(*args, **kwargs)
+        p.apply_defaults()
+        a = p.arguments
+        query, key, value, h = a["query"], a["key"], a["value"], int(a["num_heads"])
+        if (a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"] or a["static_k"] is not None
+                or a["static_v"] is not None or query.dim() != 3):
+            raise SalienceError(
+                "attention capture supports nn.MultiheadAttention on batched input without bias_k / bias_v, "
+                "add_zero_attn or static keys; this model uses one of them"
+            )
+        q, k, v = _in_projection(a, query, key, value)
+        (ln, b, e), s = query.shape, key.shape[0]
+        q, k, v = (t.reshape(t.shape[0], b, h, e // h).permute(1, 2, 0, 3) for t in (q, k, v))  # (B, h, L|S, d)
+        mask = _mha_mask(a, b, h, ln, s, q)
+        causal = bool(a["is_causal"]) and a["attn_mask"] is None
+        drop = float(a["dropout_p"]) if a["training"] else 0.0
+        out, att = _attend(q, k, v, 1.0 / math.sqrt(e // h), mask, causal, drop)
+        self._record(att, "mha")
+        out = F.linear(out.permute(2, 0, 1, 3).reshape(ln, b, e), a["out_proj_weight"], a["out_proj_bias"])
+        if not a["need_weights"]:
+            return out, None
+        return out, att.mean(dim=1) if a["average_attn_weights"] else att
+
+
+def _in_projection(a: dict, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``nn.MultiheadAttention``'s input projections (packed or separate weights), ``(L|S, B, E)`` each."""
+    if not a["use_separate_proj_weight"]:
+        return F._in_projection_packed(query, key, value, a["in_proj_weight"], a["in_proj_bias"])
+    bias = a["in_proj_bias"]
+    bq, bk, bv = bias.chunk(3) if bias is not None else (None, None, None)
+    return F._in_projection(query, key, value, a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"], bq, bk, bv)
+
+
+def _mha_mask(a: dict, b: int, h: int, ln: int, s: int, like: Tensor) -> Optional[Tensor]:
+    """``attn_mask`` ``(L, S)`` / ``(B * h, L, S)`` and ``key_padding_mask`` ``(B, S)`` as one
+    additive mask broadcastable to ``(B, h, L, S)`` (``True`` = not allowed, as in PyTorch)."""
+    mask = _additive(a["attn_mask"], False, like)
+    if mask is not None:
+        mask = mask.reshape(b, h, ln, s) if mask.dim() == 3 else mask.reshape(1, 1, ln, s)
+    pad = _additive(a["key_padding_mask"], False, like)
+    if pad is not None:
+        pad = pad.reshape(b, 1, 1, s)
+        mask = pad if mask is None else mask + pad
+    return mask
+
+
+def _is_attention_softmax(args: tuple, kwargs: dict) -> bool:
+    """A softmax over the last dim of a tensor of 3 or more dims (attention weights, not class scores)."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if not isinstance(x, Tensor) or x.dim() < 3 or not isinstance(dim, int):
+        return False
+    return dim in (-1, x.dim() - 1)
+
+
+def check_model(model: nn.Module, method: str = "this method") -> None:
+    """Refuse what a mode cannot see into (TorchScript), and what is no model, with a clear message."""
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            where = "the model is" if name == "" else f"its submodule {name!r} is"
+            raise SalienceError(
+                f"{method} cannot see the attention inside TorchScript: {where} a torch.jit.ScriptModule; pass "
+                "the original Python nn.Module"
+            )
+
+
+@contextmanager
+def capturing(model: nn.Module, *, batch: Optional[int] = None, grads: bool = False) -> Iterator[AttentionCapture]:
+    """``model`` under :func:`~salience._core.guard.model_guard` with an :class:`AttentionCapture`
+    active for the block; everything is undone when it ends, also after an exception."""
+    check_model(model, "attention capture")
+    with model_guard(model), AttentionCapture(batch=batch, grads=grads) as cap:
+        yield cap
+
+
+def attention_maps(model: nn.Module, x: Tensor, *, forward: Optional[Callable[[nn.Module, Tensor], Any]] = None
+                   ) -> list[Tensor]:
+    """The attention matrices ``(B, heads, L, S)`` of one forward pass of ``model`` on ``x``
+    ``(B, C, H, W)``, without gradients, in call order (``forward(model, x)`` runs it; default ``model(x)``)."""
+    with capturing(model, batch=x.shape[0]) as cap, torch.no_grad():
+        (forward or (lambda m, t: m(t)))(model, x)
+    return [a.detach() for a in cap.maps]

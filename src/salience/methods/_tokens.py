@@ -1,0 +1,204 @@
+"""Layer outputs as ``(B, D, h, w)`` grids: token sequences and channels-last maps.
+
+Grad-CAM and the transformer methods (:mod:`salience.methods.transformer`) read three layouts:
+
+* ``channels_first``: ``(B, K, h, w)``, a convolutional map, used as it is;
+* ``channels_last``: ``(B, h, w, K)`` (Keras models, torchvision Swin's stages and norm, the
+  LayerNorm / Linear inside ConvNeXt's blocks), permuted to ``(B, K, h, w)``;
+* ``tokens``: ``(B, N, D)`` with ``k`` prefix tokens (class, distillation, register tokens) before
+  ``h * w`` patch tokens in row-major order: the prefix is dropped and the patches reshaped to
+  ``(B, D, h, w)``.
+
+**Channels-last rule** (a 4-D output ``(B, a, b, c)``, no ``grid`` given): it is read as
+``(B, h, w, K)`` when the model is a Keras model (``ModelInfo.layout == "NHWC"``), or when
+``c`` equals the layer's known channel count (``normalized_shape[-1]`` of a LayerNorm,
+``out_features`` of a Linear, ``out_channels`` of a convolution, ``num_features`` of a norm; for
+a container, of its last such submodule), ``a`` does not, and ``(a, b)`` fits in the input
+(``a <= H``, ``b <= W``). Otherwise it is ``(B, K, h, w)``. With ``grid=(h, w)`` the output's
+dims that equal ``(h, w)`` decide. A layer with no known channel count (an activation) whose
+output is channels-last needs ``grid=``.
+
+**Tokens rule** (``(B, N, D)``): ``grid`` and ``prefix_tokens`` if given; else the patch
+embedding gives ``(h, w)``: the first ``Conv2d`` of the model (in ``named_modules()`` order) with
+``in_channels`` equal to the input's channels, ``stride == kernel_size`` and a kernel larger than
+1 (torchvision ViT's ``conv_proj``, timm's ``patch_embed.proj``), its output size computed from
+the input's ``(H, W)`` (non-square inputs too); then ``prefix = N - h * w``. With only
+``prefix_tokens`` and no patch embedding, ``(h, w)`` keeps the input's aspect ratio.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from torch import Tensor, nn
+
+from salience._core.errors import SalienceError
+from salience._core.info import model_info
+
+__all__ = ["Layout", "layer_layout", "token_layout", "patch_embedding", "channel_count"]
+
+_HOW = ("pass grid=(h, w) (the patch grid) and prefix_tokens=k (the class / distillation / register tokens "
+        "before the patches), with k + h * w equal to the number of tokens")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a layer's output ``(B, ...)`` becomes ``(B, D, h, w)``: ``kind`` is ``"channels_first"``,
+    ``"channels_last"`` or ``"tokens"``; ``prefix`` and ``grid`` are set for tokens."""
+
+    kind: str
+    prefix: int = 0
+    grid: Optional[tuple[int, int]] = None
+
+    def to_grid(self, t: Tensor) -> Tensor:
+        """``(..., B, ...)`` the layer's output (any leading dims) -> ``(..., B, D, h, w)``."""
+        if self.kind == "channels_last":
+            return t.movedim(-1, -3)
+        if self.kind == "tokens":
+            assert self.grid is not None
+            patches = t[..., self.prefix:, :]  # (..., h*w, D)
+            return patches.transpose(-1, -2).unflatten(-1, self.grid)
+        return t
+
+    def describe(self) -> str:
+        if self.kind == "tokens":
+            assert self.grid is not None
+            return (f"tokens (B, N, D): {self.prefix} prefix token(s) + a {self.grid[0]}x{self.grid[1]} "
+                    "grid of patches")
+        return "channels-last (B, h, w, K)" if self.kind == "channels_last" else "(B, K, h, w)"
+
+
+def channel_count(module: nn.Module) -> Optional[int]:
+    """The number of channels ``module`` outputs when its type says it (see the module doc), else None."""
+    for m in reversed(list(module.modules())):
+        if isinstance(m, nn.LayerNorm) and m.normalized_shape:
+            return int(m.normalized_shape[-1])
+        if isinstance(m, nn.Linear):
+            return int(m.out_features)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
+            return int(m.out_channels)
+        if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)):
+            return int(m.num_features)
+        if isinstance(m, nn.GroupNorm):
+            return int(m.num_channels)
+    return None
+
+
+def patch_embedding(model: nn.Module, channels: int) -> Optional[tuple[str, nn.Conv2d]]:
+    """The first ``Conv2d`` with ``in_channels == channels``, ``stride == kernel_size`` and a kernel
+    larger than 1: the patch embedding of a ViT-like model; ``None`` if there is none."""
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Conv2d) and m.in_channels == channels and tuple(m.stride) == tuple(m.kernel_size)
+                and max(m.kernel_size) > 1 and not isinstance(m.padding, str)):
+            return name, m
+    return None
+
+
+def _conv_grid(conv: nn.Conv2d, size: Sequence[int]) -> tuple[int, int]:
+    """The output ``(h, w)`` of ``conv`` on an input of spatial ``size`` ``(H, W)``."""
+    out = []
+    for i in range(2):
+        k, s, p, d = conv.kernel_size[i], conv.stride[i], conv.padding[i], conv.dilation[i]  # type: ignore[index]
+        out.append((int(size[i]) + 2 * p - d * (k - 1) - 1) // s + 1)
+    return out[0], out[1]
+
+
+def _check_grid(grid: object) -> Optional[tuple[int, int]]:
+    if grid is None:
+        return None
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)):
+        raise SalienceError(
+            f"grid must be (h, w), two positive ints (the patch grid, e.g. grid=(14, 14) for a 224x224 "
+            f"input and 16-pixel patches); got {grid!r}"
+        )
+    return int(grid[0]), int(grid[1])
+
+
+def _check_prefix(prefix_tokens: object) -> Optional[int]:
+    if prefix_tokens is None:
+        return None
+    if not isinstance(prefix_tokens, int) or isinstance(prefix_tokens, bool) or prefix_tokens < 0:
+        raise SalienceError(
+            f"prefix_tokens must be a non-negative int (the class / distillation / register tokens before "
+            f"the patches, e.g. 1 for a ViT's class token); got {prefix_tokens!r}"
+        )
+    return prefix_tokens
+
+
+def _aspect_grid(n: int, size: Sequence[int]) -> Optional[tuple[int, int]]:
+    """``(h, w)`` with ``h * w == n`` and ``h / w == H / W``, if there is one."""
+    h = round(math.sqrt(n * size[0] / size[1])) if n > 0 else 0
+    if h > 0 and n % h == 0 and (n // h) * size[0] == h * size[1]:
+        return h, n // h
+    return None
+
+
+def token_layout(model: nn.Module, x_shape: Sequence[int], n_tokens: int, *, grid: object = None,
+                 prefix_tokens: object = None, what: str = "the layer") -> Layout:
+    """Which of ``n_tokens`` tokens are patches, and their grid, for an input of shape ``x_shape``
+    ``(B, C, H, W)`` (see the module doc for the rule). Raises :class:`SalienceError` saying what to pass."""
+    g, k = _check_grid(grid), _check_prefix(prefix_tokens)
+    if g is None:
+        embed = patch_embedding(model, int(x_shape[1]))
+        if embed is not None:
+            g = _conv_grid(embed[1], x_shape[-2:])
+        elif k is not None:
+            g = _aspect_grid(n_tokens - k, x_shape[-2:])
+        if g is None:
+            raise SalienceError(
+                f"{what} gives {n_tokens} tokens, and salience cannot tell which are patches: the model has no "
+                f"patch embedding (a Conv2d with stride == kernel_size on the {x_shape[1]}-channel input); {_HOW}"
+            )
+    if k is None:
+        k = n_tokens - g[0] * g[1]
+        if k < 0:
+            raise SalienceError(f"{what} gives {n_tokens} tokens, fewer than the {g[0]}x{g[1]} = {g[0] * g[1]} "
+                                f"patches of the grid; {_HOW}")
+    if k < 0 or k + g[0] * g[1] != n_tokens:
+        raise SalienceError(
+            f"{what} gives {n_tokens} tokens, but a {g[0]}x{g[1]} grid of patches and {k} prefix token(s) make "
+            f"{k + g[0] * g[1]}; {_HOW}"
+        )
+    return Layout("tokens", prefix=k, grid=g)
+
+
+def _four_d(model: nn.Module, module: Optional[nn.Module], shape: Sequence[int], x_shape: Sequence[int],
+            grid: Optional[tuple[int, int]]) -> Layout:
+    a, b, c = int(shape[1]), int(shape[2]), int(shape[3])
+    if grid is not None:
+        if (b, c) == grid:
+            return Layout("channels_first")
+        if (a, b) == grid:
+            return Layout("channels_last")
+        raise SalienceError(f"grid={grid} matches neither (h, w) of a (B, K, h, w) nor of a (B, h, w, K) output "
+                            f"of shape {tuple(shape)}; pass the output's spatial size as grid=")
+    if model_info(model).layout == "NHWC":
+        return Layout("channels_last")
+    known = channel_count(module) if module is not None else None
+    if known is not None and c == known and a != known and a <= x_shape[-2] and b <= x_shape[-1]:
+        return Layout("channels_last")
+    return Layout("channels_first")
+
+
+def layer_layout(model: nn.Module, module: Optional[nn.Module], shape: Sequence[int], x_shape: Sequence[int], *,
+                 grid: object = None, prefix_tokens: object = None, what: str = "the layer") -> Layout:
+    """The :class:`Layout` of ``module``'s output of ``shape`` for an input of shape ``x_shape``.
+
+    4-D: channels first or last (see the module doc); 3-D ``(B, N, D)``: tokens. Anything else is
+    a :class:`SalienceError` that says which layers fit.
+    """
+    g = _check_grid(grid)
+    if len(shape) == 4:
+        if prefix_tokens:
+            raise SalienceError(f"prefix_tokens={prefix_tokens!r} applies to token outputs (B, N, D); {what} "
+                                f"gives a 4-D map of shape {tuple(shape)}: leave prefix_tokens out")
+        return _four_d(model, module, shape, x_shape, g)
+    if len(shape) == 3:
+        return token_layout(model, x_shape, int(shape[1]), grid=g, prefix_tokens=prefix_tokens, what=what)
+    raise SalienceError(
+        f"Grad-CAM needs a layer whose output is a map (B, K, h, w) or (B, h, w, K), or tokens (B, N, D); "
+        f"{what} gives shape {tuple(shape)}. Pass layer= a convolutional block or a transformer block's norm "
+        "(see model.named_modules())"
+    )

@@ -1,0 +1,170 @@
+"""Attention rollout (Abnar & Zuidema 2020) and transformer attribution (Chefer, Gur & Wolf 2021).
+
+Both read the attention matrices ``A`` ``(B, heads, N, N)`` of every self-attention layer,
+captured at the attention operation itself (:mod:`salience.attention`: fused
+``scaled_dot_product_attention``, ``nn.MultiheadAttention`` and explicit softmax alike), and
+return the class token's row over the patch tokens, reshaped to the patch grid ``(h, w)`` and
+upsampled bilinearly to the input (like Grad-CAM): raw ``(B, H, W)``, or ``(B, K, H, W)`` for K
+targets. The prefix tokens (class, distillation, register) and the grid come from the patch
+embedding or from ``prefix_tokens=`` / ``grid=`` (rules in :mod:`salience.methods._tokens`).
+
+* **Attention rollout**: per layer, the heads fused (``mean``, ``max`` or ``min``), the lowest
+  ``discard_ratio`` of the fused weights of each image set to 0 (never the class token's
+  attention to itself, entry ``[0, 0]``, as in Gildenblat's reference implementation), then
+  ``A' = 0.5 A + 0.5 I`` with rows renormalized to sum to 1; ``R = A'_L ... A'_2 A'_1``. One
+  forward pass without gradient; the target is ignored (the map does not depend on the class).
+* **Transformer attribution** (Chefer et al. 2021, "Generic Attention-model Explainability",
+  eqs. 5-6): per layer ``Abar = mean_heads(ReLU(dS/dA * A))``, ``R <- R + Abar R`` from
+  ``R = I``, layers in forward order. One forward pass, one backward pass per target.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from salience.attention import AttentionCapture, attention_maps, check_model
+from salience._core.autograd import backward, check_input
+from salience._core.errors import SalienceError
+from salience.methods._multi import several_targets
+from salience.methods._tokens import Layout, token_layout
+from salience.methods.gradcam import _upsample
+from salience.targets import TargetLike, split
+
+__all__ = ["attention_rollout", "transformer_attribution", "HEAD_FUSIONS"]
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def _check_maps(maps: list[Tensor], batch: int, method: str) -> int:
+    """The common token count ``N`` of the captured ``(B, heads, N, N)`` matrices, or a clear error."""
+    if not maps:
+        raise SalienceError(
+            f"{method} saw no attention operation in the model's forward pass: it needs a transformer whose "
+            "attention runs through F.scaled_dot_product_attention, nn.MultiheadAttention or a softmax over the "
+            "last dim. For a convolutional model use gradcam"
+        )
+    n = maps[0].shape[-1]
+    bad = [tuple(a.shape) for a in maps if a.dim() != 4 or a.shape[0] != batch or tuple(a.shape[-2:]) != (n, n)]
+    if bad:
+        raise SalienceError(
+            f"{method} needs global self-attention over the same N tokens in every layer, one sequence per image "
+            f"(B = {batch}): (B, heads, N, N); the model's attention gives {bad[:3]}. Windowed attention (Swin) "
+            "and cross-attention are not supported: use gradcam"
+        )
+    return n
+
+
+def _layout(model: nn.Module, x: Tensor, n: int, prefix_tokens: object, grid: object, method: str) -> Layout:
+    layout = token_layout(model, x.shape, n, grid=grid, prefix_tokens=prefix_tokens, what=f"{method}'s attention")
+    if layout.prefix < 1:
+        raise SalienceError(
+            f"{method} reads the class token's row, but the attention's {n} tokens are all patches "
+            f"({layout.grid[0]}x{layout.grid[1]}); if the first token is a class token pass prefix_tokens=1"
+        )
+    return layout
+
+
+def _row_map(r: Tensor, layout: Layout, x: Tensor, upsample: bool) -> Tensor:
+    """The class token's row of ``r`` ``(B, N, N)`` over the patches -> ``(B, H, W)`` (or ``(B, h, w)``)."""
+    assert layout.grid is not None
+    m = r[:, 0, layout.prefix:].unflatten(-1, layout.grid)
+    return _upsample(m, tuple(x.shape[-2:])) if upsample else m
+
+
+def _fuse(a: Tensor, head_fusion: str, discard_ratio: float) -> Tensor:
+    """``(B, heads, N, N)`` -> ``(B, N, N)``: heads fused, the lowest weights discarded (not ``[0, 0]``)."""
+    fused = {"mean": a.mean(1), "max": a.amax(1), "min": a.amin(1)}[head_fusion]
+    flat = fused.flatten(1)
+    n = int(flat.shape[1] * discard_ratio)
+    if n:
+        drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.topk(n, dim=1, largest=False).indices, True)
+        drop[:, 0] = False
+        fused = flat.masked_fill(drop, 0).view_as(fused)
+    return fused
+
+
+def _count_targets(target: TargetLike, batch: int) -> tuple[int, bool]:
+    targets, multi = split(target, batch)
+    return len(targets), multi
+
+
+@several_targets
+def attention_rollout(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetLike = None,
+    *,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    prefix_tokens: Optional[int] = None,
+    grid: Optional[tuple[int, int]] = None,
+    upsample: bool = True,
+) -> Tensor:
+    """Attention rollout: the product of every layer's head-fused attention plus identity, class token's row.
+
+    ``x`` ``(B, C, H, W)`` -> raw ``(B, H, W)`` (``(B, h, w)`` with ``upsample=False``). ``target``
+    is accepted for the common signature and ignored; K targets give the same map K times,
+    ``(B, K, H, W)``. ``head_fusion``: ``"mean"``, ``"max"`` or ``"min"`` over heads;
+    ``discard_ratio`` in ``[0, 1)``: the share of lowest fused weights set to 0 per layer.
+    One forward pass, no gradient; the model comes back exactly as it was.
+    """
+    check_input(x, model)
+    check_model(model, "attention_rollout")
+    k, multi = _count_targets(target, x.shape[0])
+    if head_fusion not in HEAD_FUSIONS:
+        raise SalienceError(f"head_fusion must be one of {', '.join(map(repr, HEAD_FUSIONS))}; got {head_fusion!r}")
+    if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not 0 <= discard_ratio < 1:
+        raise SalienceError(f"discard_ratio must be a number in [0, 1), e.g. 0.9; got {discard_ratio!r}")
+    maps = attention_maps(model, x)
+    n = _check_maps(maps, x.shape[0], "attention_rollout")
+    layout = _layout(model, x, n, prefix_tokens, grid, "attention_rollout")
+    eye = torch.eye(n, dtype=maps[0].dtype, device=maps[0].device)
+    r = eye.expand(x.shape[0], n, n)
+    for a in maps:
+        a = 0.5 * _fuse(a, head_fusion, discard_ratio) + 0.5 * eye
+        r = (a / a.sum(dim=-1, keepdim=True)) @ r
+    m = _row_map(r, layout, x, upsample)
+    return m.unsqueeze(1).repeat(1, k, 1, 1) if multi else m
+
+
+@several_targets
+def transformer_attribution(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetLike = None,
+    *,
+    prefix_tokens: Optional[int] = None,
+    grid: Optional[tuple[int, int]] = None,
+    upsample: bool = True,
+    strip_softmax: bool = True,
+) -> Tensor:
+    """Transformer attribution (Chefer et al. 2021): ``R <- R + mean_h(ReLU(dS/dA * A)) R``, class token's row.
+
+    ``x`` ``(B, C, H, W)`` -> raw ``(B, H, W)`` (``(B, h, w)`` with ``upsample=False``), or
+    ``(B, K, H, W)`` for K targets, which share one forward pass (one backward pass each).
+    ``target`` and ``strip_softmax`` as in :func:`salience.vanilla`; ``prefix_tokens`` / ``grid``
+    as in :func:`salience.gradcam`. The model comes back exactly as it was.
+    """
+    check_input(x, model)
+    check_model(model, "transformer_attribution")
+    targets, multi = split(target, x.shape[0])
+    cap = AttentionCapture(batch=x.shape[0], grads=True)
+    backward(model, x, targets, extra_modes=[cap], strip_softmax=strip_softmax)
+    maps, grads = [a.detach() for a in cap.maps], cap.grads
+    n = _check_maps(maps, x.shape[0], "transformer_attribution")
+    layout = _layout(model, x, n, prefix_tokens, grid, "transformer_attribution")
+    if any(len(g) not in (0, len(targets)) for g in grads):
+        raise SalienceError("an attention matrix got gradients from some targets' backward passes but not others'; "
+                            "explain these targets in separate calls")
+    eye = torch.eye(n, dtype=maps[0].dtype, device=maps[0].device)
+    out = []
+    for k in range(len(targets)):
+        r = eye.expand(x.shape[0], n, n)
+        for a, g in zip(maps, grads):
+            if g:  # a layer the score does not depend on adds nothing
+                r = r + (g[k] * a).clamp(min=0).mean(dim=1) @ r
+        out.append(_row_map(r, layout, x, upsample))
+    maps_k = torch.stack(out, dim=1)
+    return maps_k if multi else maps_k[:, 0]

@@ -1,0 +1,295 @@
+"""Attention capture (salience.attention), attention rollout and transformer attribution, against
+hand-written references that compute every attention matrix explicitly from the modules' weights."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import salience
+from salience import SalienceError
+from salience.attention import AttentionCapture, attention_maps
+
+from conftest import SmallCNN, unchanged
+from tiny_vit import TinyViT
+
+torchvision = pytest.importorskip("torchvision")
+from torchvision.models.swin_transformer import SwinTransformer  # noqa: E402
+from torchvision.models.vision_transformer import VisionTransformer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                              num_classes=5).eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision initializes the head to zeros
+    return model
+
+
+@pytest.fixture(scope="module")
+def x32():
+    torch.manual_seed(1)
+    return torch.rand(2, 3, 32, 32)
+
+
+def explicit_attention(mha: nn.MultiheadAttention, h: torch.Tensor, atts: list) -> torch.Tensor:
+    """Self-attention of batch-first tokens ``h`` (B, N, D) written out from the module's weights;
+    the attention matrix (B, heads, N, N) is appended to ``atts`` (with its gradient kept)."""
+    b, n, d = h.shape
+    heads = mha.num_heads
+    q, k, v = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(b, n, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+    a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // heads), dim=-1)
+    if a.requires_grad:
+        a.retain_grad()
+    atts.append(a)
+    return mha.out_proj((a @ v).transpose(1, 2).reshape(b, n, d))
+
+
+def vit_by_hand(vit, x):
+    """torchvision's ViT forward, its attention explicit: (output (B, classes), attentions)."""
+    atts: list = []
+    t = vit._process_input(x)
+    t = torch.cat([vit.class_token.expand(x.shape[0], -1, -1), t], dim=1) + vit.encoder.pos_embedding
+    for blk in vit.encoder.layers:
+        t = t + explicit_attention(blk.self_attention, blk.ln_1(t), atts)
+        t = t + blk.mlp(blk.ln_2(t))
+    return vit.heads(vit.encoder.ln(t)[:, 0]), atts
+
+
+def tiny_by_hand(model, x):
+    """TinyViT's forward, its attention explicit."""
+    atts: list = []
+    t = model.embed(x).flatten(2).transpose(1, 2)
+    t = torch.cat([model.prefix.expand(x.shape[0], -1, -1), t], dim=1) + model.pos
+    for blk in model.blocks:
+        t = t + explicit_attention(blk.attn.mha, blk.norm1(t), atts)
+        t = t + blk.mlp(blk.norm2(t))
+    return model.head(model.norm(t)[:, 0]), atts
+
+
+def ref_rollout(atts, prefix, grid, size, fusion="mean", discard=0.0):
+    """Abnar & Zuidema's rollout, one image at a time, in the reference implementation's steps."""
+    maps = []
+    for b in range(atts[0].shape[0]):
+        n = atts[0].shape[-1]
+        result = torch.eye(n)
+        for a in atts:
+            f = {"mean": a[b].mean(0), "max": a[b].max(0).values, "min": a[b].min(0).values}[fusion]
+            flat = f.flatten().clone()
+            idx = flat.argsort()[:int(flat.numel() * discard)]
+            flat[idx[idx != 0]] = 0
+            a2 = (flat.view(n, n) + torch.eye(n)) / 2
+            result = (a2 / a2.sum(dim=-1, keepdim=True)) @ result
+        maps.append(result[0, prefix:].reshape(grid))
+    m = torch.stack(maps)
+    return F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def ref_attribution(by_hand, model, x, target, prefix, grid):
+    """Chefer et al. 2021 written out: R = I; R += mean_h(ReLU(grad_A * A)) R per layer; class token's row."""
+    out, atts = by_hand(model, x.clone().requires_grad_(True))
+    out[torch.arange(len(x)), target].sum().backward()
+    n = atts[0].shape[-1]
+    r = torch.eye(n).expand(len(x), n, n)
+    for a in atts:
+        r = r + (a.grad * a).clamp(min=0).mean(1) @ r
+    m = r[:, 0, prefix:].reshape(len(x), *grid)
+    return F.interpolate(m[:, None].detach(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+# --- attention capture ------------------------------------------------------------------------
+
+def test_capture_sees_torchvision_vit_attention_exactly(vit, x32):
+    out_ref, atts = vit_by_hand(vit, x32)
+    torch.testing.assert_close(out_ref, vit(x32), rtol=1e-5, atol=1e-5)
+    with unchanged(vit):
+        with AttentionCapture(batch=2) as cap:
+            out = vit(x32)
+    assert cap.kinds == ["mha", "mha"]
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(cap.maps, atts):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"attn_mask": "bool"}, {"attn_mask": "float"},
+                                {"scale": 0.3}, {"gqa": True}])
+def test_capture_of_sdpa_equals_the_fused_kernel(kw):
+    torch.manual_seed(5)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    kw = dict(kw)
+    if kw.get("attn_mask") == "bool":
+        kw["attn_mask"] = torch.rand(6, 6) > 0.3
+        kw["attn_mask"][:, 0] = True  # no fully masked row
+    elif kw.get("attn_mask") == "float":
+        kw["attn_mask"] = torch.randn(2, 1, 6, 6)
+    if kw.pop("gqa", False):
+        k, v, kw["enable_gqa"] = k[:, :2], v[:, :2], True
+    ref = F.scaled_dot_product_attention(q, k, v, **kw)
+    with AttentionCapture() as cap:
+        out = F.scaled_dot_product_attention(q, k, v, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert cap.kinds == ["sdpa"] and cap.maps[0].shape == (2, 4, 6, 6)
+    torch.testing.assert_close(cap.maps[0].sum(-1), torch.ones(2, 4, 6))
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("masks", ["none", "padding", "attn", "both", "per_head"])
+def test_capture_of_multihead_attention_keeps_its_outputs_and_masks(need_weights, masks):
+    torch.manual_seed(6)
+    mha = nn.MultiheadAttention(8, 2).eval()
+    q = torch.randn(5, 3, 8)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, 3:] = True
+    kw = {"none": {}, "padding": {"key_padding_mask": pad}, "attn": {"attn_mask": torch.randn(5, 5)},
+          "both": {"attn_mask": torch.rand(5, 5) > 0.7, "key_padding_mask": pad},
+          "per_head": {"attn_mask": torch.randn(6, 5, 5)}}[masks]
+    ref, ref_w = mha(q, q, q, need_weights=need_weights, average_attn_weights=False, **kw)
+    with AttentionCapture() as cap:
+        out, w = mha(q, q, q, need_weights=need_weights, average_attn_weights=False, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert (w is None) == (ref_w is None) and cap.kinds == ["mha"]
+    if w is not None:
+        torch.testing.assert_close(w, ref_w)
+        assert w is cap.maps[0]
+
+
+def test_capture_gradient_reaches_the_recorded_matrix(vit, x32):
+    """The recorded A is the tensor the output is computed from: its gradient is the hand-written one."""
+    out_ref, atts = vit_by_hand(vit, x32.clone().requires_grad_(True))
+    out_ref[:, 3].sum().backward()
+    cap = AttentionCapture(batch=2, grads=True)
+    xg = x32.clone().requires_grad_(True)
+    with cap:
+        out = vit(xg)
+    torch.autograd.grad(out[:, 3].sum(), xg)  # as the engine does: the hooks on A keep its gradient
+    assert [len(gs) for gs in cap.grads] == [1, 1]
+    for gs, a in zip(cap.grads, atts):
+        torch.testing.assert_close(gs[0], a.grad, rtol=1e-4, atol=1e-6)
+
+
+# --- attention rollout ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fusion, discard", [("mean", 0.0), ("max", 0.0), ("min", 0.5), ("mean", 0.9)])
+def test_rollout_equals_reference_on_torchvision_vit(vit, x32, fusion, discard):
+    _, atts = vit_by_hand(vit, x32)
+    ref = ref_rollout([a.detach() for a in atts], 1, (4, 4), (32, 32), fusion, discard)
+    with unchanged(vit):
+        m = salience.attention_rollout(vit, x32, head_fusion=fusion, discard_ratio=discard)
+    assert m.shape == (2, 32, 32) and m.std() > 0
+    torch.testing.assert_close(m, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_rollout_and_attribution_are_the_same_whatever_the_attention_kernel():
+    torch.manual_seed(7)
+    model = TinyViT(size=(24, 40), prefix=2).eval()
+    x = torch.rand(2, 3, 24, 40)
+    _, atts = tiny_by_hand(model, x)
+    ref_roll = ref_rollout([a.detach() for a in atts], 2, (3, 5), (24, 40))
+    ref_attr = ref_attribution(tiny_by_hand, model, x, torch.tensor([1, 3]), 2, (3, 5))
+    for mode in ("mha", "sdpa", "explicit"):
+        model.set_attention(mode)
+        with unchanged(model):
+            roll = salience.attention_rollout(model, x)
+            attr = salience.transformer_attribution(model, x, torch.tensor([1, 3]))
+        torch.testing.assert_close(roll, ref_roll, rtol=1e-5, atol=1e-6, msg=mode)
+        torch.testing.assert_close(attr, ref_attr, rtol=1e-4, atol=1e-6, msg=mode)
+        assert attr.std() > 0
+    model.set_attention("mha")
+
+
+def test_rollout_ignores_the_target_and_repeats_for_several(vit, x32):
+    one = salience.attention_rollout(vit, x32)
+    torch.testing.assert_close(salience.attention_rollout(vit, x32, 3), one)
+    several = salience.attention_rollout(vit, x32, torch.tensor([[0, 1, 2], [3, 4, 0]]))
+    assert several.shape == (2, 3, 32, 32)
+    for k in range(3):
+        torch.testing.assert_close(several[:, k], one)
+    assert salience.attention_rollout(vit, x32, upsample=False).shape == (2, 4, 4)
+
+
+# --- transformer attribution ------------------------------------------------------------------
+
+def test_attribution_equals_reference_on_torchvision_vit(vit, x32):
+    target = torch.tensor([2, 0])
+    with unchanged(vit):
+        m = salience.transformer_attribution(vit, x32, target)
+    ref = ref_attribution(vit_by_hand, vit, x32, target, 1, (4, 4))
+    assert m.shape == (2, 32, 32) and m.std() > 0
+    torch.testing.assert_close(m, ref, rtol=1e-4, atol=1e-6)
+    pred = vit(x32).argmax(1)
+    torch.testing.assert_close(salience.transformer_attribution(vit, x32), ref_attribution(
+        vit_by_hand, vit, x32, pred, 1, (4, 4)), rtol=1e-4, atol=1e-6)
+
+
+def test_several_targets_are_separate_calls_from_one_forward(vit, x32):
+    calls = []
+    handle = vit.register_forward_pre_hook(lambda m, i: calls.append(1))
+    try:
+        several = salience.transformer_attribution(vit, x32, torch.tensor([[0, 1, 2], [3, 4, 0]]))
+        assert len(calls) == 1
+        calls.clear()
+        salience.attention_rollout(vit, x32, torch.tensor([[0, 1], [3, 4]]))
+        assert len(calls) == 1
+    finally:
+        handle.remove()
+    assert several.shape == (2, 3, 32, 32)
+    for k, t in enumerate(([0, 3], [1, 4], [2, 0])):
+        torch.testing.assert_close(several[:, k], salience.transformer_attribution(vit, x32, torch.tensor(t)),
+                                   rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(several[:, 0], several[:, 1])
+
+
+# --- errors and the model left as it was ------------------------------------------------------
+
+def test_errors_say_what_to_do(vit, x32):
+    cnn = SmallCNN().eval()
+    for method in (salience.attention_rollout, salience.transformer_attribution):
+        with unchanged(cnn):
+            with pytest.raises(SalienceError, match="saw no attention operation.*use gradcam"):
+                method(cnn, x32)
+    torch.manual_seed(0)
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2],
+                           num_classes=5).eval()
+    with pytest.raises(SalienceError, match="Windowed attention"):
+        salience.attention_rollout(swin, x32)
+    with unchanged(vit):
+        with pytest.raises(SalienceError, match="head_fusion must be one of"):
+            salience.attention_rollout(vit, x32, head_fusion="median")
+        with pytest.raises(SalienceError, match=r"discard_ratio must be a number in \[0, 1\)"):
+            salience.attention_rollout(vit, x32, discard_ratio=1.0)
+        with pytest.raises(SalienceError, match="grid"):
+            salience.transformer_attribution(vit, x32, grid=(5, 5))
+        with pytest.raises(SalienceError, match="out of range"):
+            salience.transformer_attribution(vit, x32, 9)
+    no_cls = TinyViT(size=(16, 16), prefix=0).eval()
+    with pytest.raises(SalienceError, match="pass prefix_tokens=1"):
+        salience.attention_rollout(no_cls, torch.rand(1, 3, 16, 16))
+
+
+class Broken(nn.Module):
+    """Attention, then an error in the middle of the forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = TinyViT(size=(16, 16)).train()
+
+    def forward(self, x):
+        self.vit(x)
+        raise RuntimeError("boom")
+
+
+def test_model_unchanged_after_an_exception_inside_the_capture():
+    model = Broken()
+    for method in (salience.attention_rollout, salience.transformer_attribution):
+        with unchanged(model):
+            with pytest.raises(RuntimeError, match="boom"):
+                method(model, torch.rand(1, 3, 16, 16), 0)
+    with unchanged(model):
+        with pytest.raises(RuntimeError, match="boom"):
+            attention_maps(model, torch.rand(1, 3, 16, 16))
+    assert model.training and model.vit.blocks[0].attn.mha.training
