@@ -2,7 +2,7 @@
 
     python examples/compare_methods.py --n 4
 
-Runs each method of ``salience.METHODS`` on held-out demo images for the predicted class and
+Runs each method of ``salience.METHODS`` that applies to the model on held-out demo images for the predicted class and
 writes ``<out>/<method>.npy`` (``(n, H, W)``) and ``<out>/compare.png``
 (rows: images; columns: the image, then one method each).
 """
@@ -33,7 +33,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     maps = {}
-    for name, method in salience.METHODS.items():
+    for name in salience.methods.default_methods(model):                  # those that apply to a CNN
+        method = salience.METHODS[name]
         t = time.perf_counter()
         m = method(model, images, predicted)
         maps[name] = m if m.dim() == 3 else m.abs().amax(1)            # (n, H, W) for the picture

@@ -14,7 +14,7 @@ from __future__ import annotations
 from salience import attention, reduce, rules, targets
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
-from salience.methods import (METHODS, TRANSFORMER_METHODS, attention_rollout, class_model, deconvnet, gradcam,
+from salience.methods import (METHODS, attention_rollout, class_model, deconvnet, gradcam,
                               guided_backprop, guided_gradcam, input_x_gradient, integrated_gradients, smoothgrad,
                               transformer_attribution, vanilla)
 from salience.reduce import normalize
@@ -54,7 +54,6 @@ __all__ = [
     "class_model",
     "attention_rollout",
     "transformer_attribution",
-    "TRANSFORMER_METHODS",
     "attention",
     "reduce",
     "rules",

@@ -16,7 +16,7 @@ from salience._core.info import ModelInfo
 from salience.cli.common import EXIT_OK, EXIT_PARTIAL, figure, output_folder, probabilities, safe_name, scores
 from salience.demo import data, zoo
 from salience.demo.clever_hans import clever_hans_report
-from salience.methods import METHODS
+from salience.methods import METHODS, default_methods
 from salience.methods.class_model import class_model
 from salience.render import viz
 from salience.render.report import Report
@@ -38,13 +38,14 @@ def run(args: argparse.Namespace) -> int:
     """Write the report (``index.html`` and its pictures) to ``args.out``; exit 1 if a part failed."""
     start = time.perf_counter()
     out_dir = output_folder(args.out)
+    model = zoo.load_demo("shapes")
     rep = Report(
         "salience demo",
         f"Saliency maps of the bundled demo models on {args.n} held-out shapes images (seed {DEMO_SEED}), "
-        f"made by salience {__version__} with every method it has ({', '.join(METHODS)}).",
+        f"made by salience {__version__} with every method that applies to these CNNs "
+        f"({', '.join(default_methods(model))}; the attention methods need a transformer).",
     )
     notes: list[str] = []  # what failed, each also said in the report
-    model = zoo.load_demo("shapes")
     images, labels, _ = data.shapes(args.n, seed=DEMO_SEED)
     _classification(rep, out_dir, model, images, labels, notes)
     _regression(rep, out_dir, images[: min(4, args.n)])
@@ -78,9 +79,9 @@ def _classification(rep: Report, out_dir: Path, model: nn.Module, images: Tensor
     probs, pred = probabilities(out), out.argmax(1)
     maps: dict[str, Tensor] = {}
     failed = []
-    for name, fn in METHODS.items():
+    for name in default_methods(model):
         try:
-            maps[name] = fn(model, images, pred).detach()
+            maps[name] = METHODS[name](model, images, pred).detach()
         except Exception as e:  # noqa: BLE001 - one broken method must not sink the report
             failed.append(f"{name}: failed ({type(e).__name__}: {e})")
     rep.heading("Which pixels decided the class? (demo:shapes)")

@@ -1,6 +1,6 @@
 """``salience evaluate``: every method through the metrics, as a report a person can read.
 
-:func:`run_evaluation` runs each saliency method of :data:`salience.METHODS`, plus two model-free
+:func:`run_evaluation` runs each saliency method that applies to the model (:func:`salience.methods.default_methods`), plus two model-free
 baselines (the spectral-residual map of the image alone and a random map), over a set of images
 with ground-truth masks (by default held-out :mod:`salience.demo.data` shapes), and writes to a
 folder:
@@ -45,7 +45,7 @@ from salience.evidence.localization import energy_in_mask, pointing_game, weak_l
 from salience.evidence.sanity import data_randomization, randomization
 from salience.evidence.compare import SIMILARITIES
 from salience.loading import load_image, normalize_input, resize_crop
-from salience.methods import METHODS
+from salience.methods import default_methods
 from salience.render import plots, viz
 from salience.render.report import Report
 
@@ -162,14 +162,14 @@ def evaluate_methods(
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[list[MetricRow], dict[str, Tensor]]:
-    """Every method (default: all of :data:`salience.METHODS`) and the baselines through the
+    """Every method (default: those that apply, :func:`salience.methods.default_methods`) and the baselines through the
     metrics on ``x`` ``(B, C, H, W)`` with optional ``masks`` ``(B, H, W)``.
 
     The target is the class the model predicts on each image. Returns one :class:`MetricRow`
     per method and the maps ``{name: (B, H, W)}``. A method that fails (e.g. Grad-CAM on a model
     without convolutions) gets a row with its ``error`` and the others go on.
     """
-    items = [resolve_method(m) for m in (methods if methods is not None else list(METHODS))]
+    items = [resolve_method(m) for m in (methods if methods is not None else default_methods(model))]
     fns = dict(items)
     names = [n for n, _ in items] + (list(BASELINES) if baselines else [])
     target = predicted_classes(model, x, batch_size=batch_size)
@@ -360,7 +360,7 @@ def run_evaluation(
 
     ``images``/``masks``: folders of image files and of masks with the same file names (stems);
     without them, ``n`` held-out shapes images with exact masks (seed ``seed``). ``methods``:
-    names or functions (default all of :data:`salience.METHODS`). ``train_fn(images, labels) ->
+    names or functions (default: those that apply, :func:`salience.methods.default_methods`). ``train_fn(images, labels) ->
     model``: if given, also the data randomization test on ``train_images`` shapes (slow: it
     trains two models; see :func:`salience.demo.train.demo_train_fn`).
     """
@@ -384,7 +384,8 @@ def run_evaluation(
     pictures = _write_pictures(out, rows, raw, maps)
     data_rand = None
     if train_fn is not None:
-        data_rand = _data_randomization_rows(train_fn, methods, train_images, x[:randomization_images])
+        data_rand = _data_randomization_rows(train_fn, methods if methods is not None else default_methods(model),
+                                             train_images, x[:randomization_images])
 
     md = _markdown_report(rows, source, model, data_rand, time.perf_counter() - start)
     atomic_write(out / "report.md", md.encode("utf-8"))
@@ -493,7 +494,7 @@ def _markdown_report(rows: Sequence[MetricRow], source: str, model: nn.Module, d
 # ----------------------------------------------------------------------------- data randomization
 
 
-def _data_randomization_rows(train_fn: TrainFn, methods: Optional[Sequence[MethodLike]], n_train: int,
+def _data_randomization_rows(train_fn: TrainFn, methods: Sequence[MethodLike], n_train: int,
                              x: Tensor) -> dict:
     """The data randomization test of every method on ``n_train`` shapes (two models trained once,
     shared by all methods). A method that does not apply to the model (a :class:`SalienceError`)
@@ -511,7 +512,7 @@ def _data_randomization_rows(train_fn: TrainFn, methods: Optional[Sequence[Metho
     values: dict[str, dict[str, float]] = {}
     errors: dict[str, str] = {}
     acc: dict[str, float] = {}
-    for name, fn in [resolve_method(mm) for mm in (methods if methods is not None else list(METHODS))]:
+    for name, fn in [resolve_method(mm) for mm in methods]:
         try:
             r = data_randomization(cached, images, labels, x, fn)
         except SalienceError as e:

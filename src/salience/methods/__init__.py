@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from torch import nn
+
 from salience.methods.vanilla import vanilla
 from salience.methods.guided import deconvnet, guided_backprop
 from salience.methods.gradcam import gradcam, guided_gradcam
@@ -24,15 +26,31 @@ METHODS: dict[str, Callable] = {
     "smoothgrad": smoothgrad,
     "integrated_gradients": integrated_gradients,
     "input_x_gradient": input_x_gradient,
-}
-
-# Methods for transformers only (they read attention matrices): not in METHODS, whose every entry the
-# demo report and `salience evaluate` run on convolutional demo models, where these can only fail.
-TRANSFORMER_METHODS: dict[str, Callable] = {
     "attention_rollout": attention_rollout,
     "transformer_attribution": transformer_attribution,
 }
 
-__all__ = ["METHODS", "TRANSFORMER_METHODS", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
-           "smoothgrad", "integrated_gradients", "input_x_gradient", "class_model", "attention_rollout",
-           "transformer_attribution"]
+ATTENTION_METHODS = frozenset({"attention_rollout", "transformer_attribution"})
+"""The methods that read attention matrices: they apply to transformers only (on other models they
+raise a :class:`~salience.SalienceError` saying so)."""
+
+
+def has_attention(model: nn.Module) -> bool:
+    """Whether ``model`` has an attention module (``nn.MultiheadAttention``, or a module whose class
+    name says attention, as timm's and Hugging Face's do). It only chooses defaults (see
+    :func:`default_methods`); the attention methods themselves look at the operations that run."""
+    return any(isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
+               for m in model.modules())
+
+
+def default_methods(model: nn.Module) -> list[str]:
+    """The names of the methods that apply to ``model``: every method, less the attention methods
+    on a model without attention. What ``salience demo``, ``salience evaluate`` and the examples
+    run when no method is named."""
+    attention = has_attention(model)
+    return [n for n in METHODS if attention or n not in ATTENTION_METHODS]
+
+
+__all__ = ["METHODS", "ATTENTION_METHODS", "default_methods", "has_attention", "vanilla", "guided_backprop",
+           "deconvnet", "gradcam", "guided_gradcam", "smoothgrad", "integrated_gradients", "input_x_gradient",
+           "class_model", "attention_rollout", "transformer_attribution"]
