@@ -21,7 +21,8 @@ def example(name: str):
 
 
 def test_every_example_is_tested():
-    tested = {"explain_photo.py", "filter_saliency.py", "regression_targets.py", "compare_methods.py"}
+    tested = {"explain_photo.py", "filter_saliency.py", "regression_targets.py", "compare_methods.py",
+              "explain_real_photos.py"}  # tested in test_real_model.py (it needs the test extra's model)
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
