@@ -128,7 +128,7 @@ def describe_output(out: Any) -> str:
     if isinstance(out, (tuple, list)):
         kinds = ", ".join("tensor" if isinstance(v, Tensor) else type(v).__name__ for v in out[:8])
         return f"a {type(out).__name__} of length {len(out)} ({kinds}{', ...' if len(out) > 8 else ''})"
-    return f"a {type(out).__name__}"
+    return type(out).__name__
 
 
 def _pick_output(out: Any, pick: Any) -> Tensor:
