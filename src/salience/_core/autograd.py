@@ -20,10 +20,11 @@ from torch.overrides import TorchFunctionMode
 
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
+from salience._core.info import model_info
 from salience._core.layers import LayerSpec, resolve_layer
 from salience._core.tensors import first_tensor
 
-__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output",
+__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output",
            "looks_like_probabilities"]
 
 
@@ -79,23 +80,76 @@ class _StopForward(Exception):
         self.value = value
 
 
-def unwrap_output(out: Any) -> Tensor:
-    """The model's score tensor from what its forward returned."""
+def unwrap_output(out: Any, model: Optional[nn.Module] = None) -> Tensor:
+    """The model's score tensor from what its forward returned (the one rule of outputs).
+
+    With ``model`` given and its :class:`~salience._core.info.ModelInfo` ``output`` set (a dict
+    key, a sequence index, or a function of the returned value; see
+    ``salience.loading.select_output``), that part is taken. Otherwise: a tensor as it is; an
+    object with a tensor ``.logits`` (a Hugging Face ``ModelOutput``) -> its logits; a dict ->
+    its ``"logits"`` key, else its only tensor value; a tuple or list -> its first element when
+    that is a tensor (Hugging Face's ``return_dict=False`` puts the logits first). Anything else,
+    and a dict with several tensors and no ``"logits"``, is a :class:`SalienceError` naming what
+    the model returned and saying to pass ``output=``.
+    """
+    pick = model_info(model).output if model is not None else None
+    if pick is not None:
+        return _pick_output(out, pick)
     if isinstance(out, Tensor):
         return out
     logits = getattr(out, "logits", None)
     if isinstance(logits, Tensor):
         return logits
     if isinstance(out, dict):
-        for key in ("logits", "out", "output"):
-            if isinstance(out.get(key), Tensor):
-                return out[key]
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        if isinstance(out.get("logits"), Tensor):
+            return out["logits"]
+        tensors = [k for k, v in out.items() if isinstance(v, Tensor)]
+        if len(tensors) == 1:
+            return out[tensors[0]]
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
     raise SalienceError(
-        f"the model returned {type(out).__name__}; expected a tensor of scores. Wrap the model so that "
-        "forward returns one tensor, or pass a custom target"
+        f"the model returned {describe_output(out)}; salience needs one tensor of scores: pass output= "
+        "(a key, an index or a function; --output on the command line) to say which, e.g. "
+        "salience.loading.select_output(model, 'logits')"
     )
+
+
+def describe_output(out: Any) -> str:
+    """What a forward returned, in words: its type, and its keys or length."""
+    if isinstance(out, Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        try:
+            keys = list(out.keys())
+        except Exception:  # noqa: BLE001 - a keys() that is not a mapping's
+            keys = []
+        return f"a {type(out).__name__} with keys {keys}"
+    if isinstance(out, (tuple, list)):
+        kinds = ", ".join("tensor" if isinstance(v, Tensor) else type(v).__name__ for v in out[:8])
+        return f"a {type(out).__name__} of length {len(out)} ({kinds}{', ...' if len(out) > 8 else ''})"
+    return type(out).__name__
+
+
+def _pick_output(out: Any, pick: Any) -> Tensor:
+    """The part ``pick`` (a key, an index, or a function) of what the model returned."""
+    what = f"output={pick!r}"
+    try:
+        if callable(pick):
+            what = f"the output function {getattr(pick, '__name__', type(pick).__name__)}"
+            value = pick(out)
+        elif isinstance(out, Tensor):
+            raise TypeError("a key or an index picks from a tuple, list or dict, not from a tensor")
+        else:
+            value = out[pick]
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        detail = "" if isinstance(e, (KeyError, IndexError)) else f" ({type(e).__name__}: {e})"
+        raise SalienceError(f"{what} does not fit: the model returned {describe_output(out)}{detail}") from None
+    if not isinstance(value, Tensor):
+        raise SalienceError(
+            f"{what} picked a {type(value).__name__}, not a tensor; the model returned {describe_output(out)}"
+        )
+    return value
 
 
 class TargetLike(Protocol):
@@ -201,7 +255,7 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
         if not target_store:
             raise SalienceError(f"the target's layer {target_layer!r} was not called in the forward pass")
         out = target_store[0]
-    out = unwrap_output(out)
+    out = unwrap_output(out, model if target_layer is None else None)
     if tap is not None and tap.last is not None and out is tap.last[1]:
         out = tap.last[0]
     elif strip_softmax and target_layer is None and looks_like_probabilities(out):
@@ -344,7 +398,7 @@ def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
             with ExitStack() as stack:
                 if tap is not None:
                     stack.enter_context(tap)
-                out = unwrap_output(model(x[i:i + step]))
+                out = unwrap_output(model(x[i:i + step]), model)
             if tap is not None and tap.last is not None and out is tap.last[1]:
                 out = tap.last[0]
             outs.append(out.detach())

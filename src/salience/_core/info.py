@@ -9,7 +9,7 @@ tensor the model actually sees; ``mean``/``std`` say how that tensor was made fr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
@@ -28,6 +28,10 @@ class ModelInfo:
     ``class_names``: one name per output (classification) or per regressed quantity.
     ``task``: ``"classification"`` or ``"regression"``. ``default_layer``: dotted name of the
     layer Grad-CAM uses when none is given. ``layout``: ``"NCHW"`` (PyTorch) or ``"NHWC"`` (Keras).
+    ``interpolation``: how images are resized, ``"bilinear"`` or ``"bicubic"`` (both antialiased).
+    ``output``: which part of what the model's forward returns holds the scores, when it is not
+    a tensor (:func:`salience._core.autograd.unwrap_output`): ``None`` (the rule), a dict key, a
+    sequence index, or a function of the returned value (``salience.loading.select_output``).
     """
 
     name: str = "model"
@@ -40,6 +44,8 @@ class ModelInfo:
     task: str = "classification"
     default_layer: Optional[str] = None
     layout: str = "NCHW"
+    interpolation: str = "bilinear"
+    output: Any = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def class_name(self, index: int) -> str:

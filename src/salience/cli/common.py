@@ -83,7 +83,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, metavar="MODEL",
                    help="; ".join(f"{spec}: {desc}" for spec, desc in MODEL_SPECS).replace("%", "%%"))
     p.add_argument("--weights", metavar="FILE",
-                   help="state dict for torchvision:ARCH ('random' for random weights; default: pretrained)")
+                   help="state dict (.pt/.pth/.safetensors) for torchvision:ARCH, timm:NAME or python:MODULE:FUNC "
+                        "('random' for random weights; default: pretrained)")
+    p.add_argument("--output", metavar="KEY|INDEX", default=None,
+                   help="which part of what the model returns holds the scores: a dict key or a tuple index "
+                        "(default: a tensor as it is, .logits, a dict's 'logits' or only tensor, a tuple's first)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling the model file (can run arbitrary code: only for files you trust)")
     p.add_argument("--device", default=None, help="e.g. cuda or cpu (default: cpu)")
@@ -97,7 +101,11 @@ def model_specs_help(indent: str = "  ") -> str:
 
 def load_model_arg(args: argparse.Namespace) -> nn.Module:
     """The model that :func:`add_model_args`'s options name."""
-    return load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=args.device)
+    output = getattr(args, "output", None)
+    if output is not None and re.fullmatch(r"-?\d+", output.strip()):
+        output = int(output)
+    return load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=args.device,
+                      output=output)
 
 
 # --------------------------------------------------------------------------------- scores

@@ -126,7 +126,7 @@ def _curves(model: nn.Module, x: Tensor, maps: Tensor, target: TargetLike, *, in
             img, step = ids // (steps + 1), ids % (steps + 1)
             # Pixels with rank < count are switched from the start image to the end image.
             switched = (rank[img] < counts[step][:, None, None])[:, None]
-            out = unwrap_output(model(torch.where(switched, end[img], start[img])))
+            out = unwrap_output(model(torch.where(switched, end[img], start[img])), model)
             if softmax and out.dim() == 2 and not looks_like_probabilities(out):
                 out = out.softmax(dim=1)
             scores[s:s + len(ids)] = _gather_scores(tgt, out, img)

@@ -143,26 +143,27 @@ def resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
 
     ``info.resize`` set: the shorter side goes to ``resize`` then a centre crop of
     ``info.input_size`` (torchvision's ``Resize + CenterCrop``); otherwise a plain resize to
-    ``info.input_size``; with no ``input_size`` the image is unchanged. Bilinear, antialiased,
-    values clamped to ``[0, 1]``.
+    ``info.input_size``; with no ``input_size`` the image is unchanged. ``info.interpolation``
+    (bilinear or bicubic), antialiased, values clamped to ``[0, 1]``.
     """
     x = image.unsqueeze(0) if image.dim() == 3 else image
     if info.input_size is None:
         return image
     th, tw = (int(s) for s in info.input_size)
     h, w = x.shape[-2:]
+    mode = info.interpolation if info.interpolation in ("bilinear", "bicubic") else "bilinear"
     if info.resize:
         s = int(info.resize)
         nh, nw = (s, max(1, round(w * s / h))) if h <= w else (max(1, round(h * s / w)), s)
         if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=(nh, nw), mode=mode, align_corners=False, antialias=True)
         if nh < th or nw < tw:
-            x = F.interpolate(x, size=(max(nh, th), max(nw, tw)), mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=(max(nh, th), max(nw, tw)), mode=mode, align_corners=False)
             nh, nw = x.shape[-2:]
         top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
         x = x[..., top:top + th, left:left + tw]
     elif (h, w) != (th, tw):
-        x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(th, tw), mode=mode, align_corners=False, antialias=True)
     x = x.clamp(0.0, 1.0)
     return x[0] if image.dim() == 3 else x
 

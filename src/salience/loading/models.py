@@ -14,7 +14,7 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from salience._core.errors import SalienceError, suggest
 from salience._core.info import ModelInfo, attach_info, model_info
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODEL_SPECS", "load_model", "imagenet_class_names", "read_labels",
-           "name_classes"]
+           "name_classes", "read_state_dict", "load_state"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -37,8 +37,15 @@ MODEL_SPECS: tuple[tuple[str, str], ...] = (
     ("demo:NAME", "a bundled demo model, no download (salience list names them)"),
     ("torchvision:ARCH", "a torchvision classifier: --weights FILE (a state dict), --weights random, or "
                          "torchvision's pretrained weights (downloaded by torchvision)"),
+    ("timm:NAME", "a timm architecture (needs timm): --weights FILE (a state dict), --weights random, or "
+                  "timm's pretrained weights from the local cache (never downloaded)"),
+    ("hf:DIR_OR_ID", "a Hugging Face transformers image classifier (needs transformers): a save_pretrained "
+                     "folder, or a model id in the local cache (offline)"),
+    ("python:MODULE:FUNC", "your own code: python:mypkg.nets:build or python:path/to/file.py:build returns the "
+                           "nn.Module; --weights FILE a state dict for it"),
     ("FILE.pt / .pth / .ts", "a TorchScript archive (torch.jit.save); a state dict alone needs "
-                             "torchvision:ARCH --weights FILE"),
+                             "torchvision:ARCH / timm:NAME / python:... --weights FILE"),
+    ("FILE.pt2", "a torch.export program (torch.export.save), exported in eval mode with a dynamic batch"),
     ("FILE.keras / .h5 / .hdf5", "a Keras model (needs keras)"),
     ("FILE.onnx", "an ONNX model (needs onnx2torch)"),
 )
@@ -83,8 +90,46 @@ def _num_outputs(model: nn.Module) -> Optional[int]:
     return last
 
 
+def _read_safetensors(path: Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise SalienceError(f"{path}: reading .safetensors files needs safetensors; pip install safetensors") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on a bad file
+        text = str(e).strip()
+        raise SalienceError(f"{path}: not a safetensors file salience can read "
+                            f"({text.splitlines()[0] if text else type(e).__name__})") from None
+
+
+def read_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """A state dict (parameter name -> tensor) from a file: ``.safetensors``, or a PyTorch file
+    read with ``torch.load(weights_only=True)`` unless ``trust_pickle``. A checkpoint's
+    ``state_dict`` / ``model`` entry is taken, and ``module.`` / ``_orig_mod.`` prefixes removed."""
+    p = Path(path)
+    if not p.is_file():
+        raise SalienceError(f"weights file {p}: no such file; check the path")
+    return _read_state_dict(p, trust_pickle)
+
+
+def load_state(model: nn.Module, state: dict, path: PathLike, what: str) -> nn.Module:
+    """Load ``state`` into ``model`` (strict); a mismatch is one line naming the first keys that differ."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = [f"{label} {', '.join(keys[:3])}{f' (+{len(keys) - 3} more)' if len(keys) > 3 else ''}"
+             for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
+    if parts:
+        raise SalienceError(f"{path}: the state dict does not fit {what} ({'; '.join(parts)})")
+    model.load_state_dict(state)
+    return model
+
+
 def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
-    obj = _torch_load(path, trust_pickle)
+    obj = _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _torch_load(path, trust_pickle)
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model", "net"):
             if isinstance(obj.get(key), dict):
@@ -231,6 +276,15 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
         except Exception as e:  # noqa: BLE001 - converter errors become one line
             raise SalienceError(f"{path}: onnx2torch could not convert this ONNX model ({e})") from None
         return model
+    if suffix == ".pt2":
+        from salience.loading.custom import load_exported
+
+        return load_exported(path)
+    if suffix == ".safetensors":
+        raise SalienceError(
+            f"{path}: a .safetensors file holds weights only; give its architecture too, e.g. "
+            f"--model timm:resnet50 --weights {path} (or torchvision:ARCH, python:MODULE:FUNC)"
+        )
     if _is_torchscript(path):
         try:
             with warnings.catch_warnings():
@@ -254,57 +308,43 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
     )
 
 
+_WEIGHTS_SPECS = ("torchvision:", "timm:", "python:")
+
+
 def load_model(
     spec: Union[str, "os.PathLike[str]"],
     *,
     weights: Optional[PathLike] = None,
     trust_pickle: bool = False,
     device: Optional[Union[str, torch.device]] = None,
+    output: Any = None,
 ) -> nn.Module:
     """Load a model from a spec string, in eval mode, with its :class:`ModelInfo` attached.
 
-    ``spec``: ``"demo:NAME"`` (a bundled demo model, see ``salience.zoo.DEMOS``),
-    ``"torchvision:ARCH"`` (``weights``: a state-dict file, ``"random"``, or ``None`` for
-    torchvision's pretrained weights, which torchvision downloads), or a file: TorchScript
-    (``.pt``/``.pth``/``.ts``...), Keras (``.keras``/``.h5``) or ONNX (``.onnx``, needs
-    ``onnx2torch``). Pickled files are loaded only with ``trust_pickle=True`` (unpickling
-    can run arbitrary code). ``device``: where to put the model (default: CPU).
+    ``spec`` (:data:`MODEL_SPECS`): ``"demo:NAME"`` (a bundled demo model, see
+    ``salience.zoo.DEMOS``); ``"torchvision:ARCH"`` (``weights``: a state-dict file, ``"random"``,
+    or ``None`` for torchvision's pretrained weights, which torchvision downloads);
+    ``"timm:NAME"`` (``weights`` as for torchvision; ``None``: timm's pretrained weights from the
+    local cache, never downloaded); ``"hf:DIR_OR_ID"`` (a transformers image classifier, offline);
+    ``"python:MODULE:FUNC"`` / ``"python:FILE.py:FUNC"`` (your function, called with no argument,
+    returns the model; ``weights`` a state dict for it); or a file: TorchScript
+    (``.pt``/``.pth``/``.ts``...), a ``torch.export`` program (``.pt2``), Keras
+    (``.keras``/``.h5``) or ONNX (``.onnx``, needs ``onnx2torch``). State dicts may be
+    ``.safetensors``. Pickled files are loaded only with ``trust_pickle=True`` (unpickling can run
+    arbitrary code). ``device``: where to put the model (default: CPU). ``output``: which part of
+    what the model returns holds the scores (:func:`salience.loading.select_output`).
     Raises :class:`SalienceError` with one line saying what went wrong and what to do.
     """
     s = os.fspath(spec)
     if not isinstance(s, str) or not s:
         raise SalienceError(f"expected a model spec such as 'demo:shapes', got {spec!r}")
-    is_file = Path(s).exists()
-    if weights is not None and not s.startswith("torchvision:"):
+    is_file = Path(s).exists() and not s.startswith(("hf:", "python:"))
+    if weights is not None and (is_file or not s.startswith(_WEIGHTS_SPECS)):
         raise SalienceError(
-            f"weights {weights!r} go with a torchvision:ARCH model; {s!r} carries its own weights"
+            f"weights {os.fspath(weights)!r} go with a torchvision:ARCH, timm:NAME or python:MODULE:FUNC model; "
+            f"{s!r} carries its own weights"
         )
-    if s.startswith("demo:") and not is_file:
-        from salience.demo import zoo
-
-        name = s[len("demo:"):]
-        if name not in zoo.DEMOS:
-            raise SalienceError(
-                f"unknown demo model {name!r}{suggest(name, list(zoo.DEMOS))} "
-                f"(available: {', '.join('demo:' + n for n in zoo.DEMOS)})"
-            )
-        model = zoo.load_demo(name)
-    elif s.startswith("torchvision:") and not is_file:
-        model = _load_torchvision(s[len("torchvision:"):], weights, trust_pickle)
-    elif is_file:
-        p = Path(s)
-        if p.is_dir():
-            raise SalienceError(f"{p}: is a directory; expected a model file or 'demo:NAME' / 'torchvision:ARCH'")
-        model = _load_file(p, trust_pickle)
-    else:
-        from salience.demo import zoo
-
-        demos = ["demo:" + n for n in zoo.DEMOS]
-        hint = suggest(s, demos) or suggest("demo:" + s, demos)
-        raise SalienceError(
-            f"unknown model {s!r}{hint} (expected demo:NAME ({', '.join(demos)}), torchvision:ARCH, "
-            "or the path of an existing model file)"
-        )
+    model = _load_spec(s, is_file, weights, trust_pickle)
     if not isinstance(model, nn.Module):
         raise SalienceError(f"{s}: loaded a {type(model).__name__}, expected a torch.nn.Module")
     model.eval()
@@ -314,7 +354,51 @@ def load_model(
         base = model_info(model)
         name = Path(s).name if is_file else s
         attach_info(model, ModelInfo(name=name, input_size=base.input_size, channels=base.channels))
+    if output is not None:
+        from salience.loading.custom import select_output
+
+        select_output(model, output)
     return model
+
+
+def _load_spec(s: str, is_file: bool, weights: Optional[PathLike], trust_pickle: bool) -> nn.Module:
+    """The model a spec names (before eval mode, device and info)."""
+    if s.startswith("demo:") and not is_file:
+        from salience.demo import zoo
+
+        name = s[len("demo:"):]
+        if name not in zoo.DEMOS:
+            raise SalienceError(
+                f"unknown demo model {name!r}{suggest(name, list(zoo.DEMOS))} "
+                f"(available: {', '.join('demo:' + n for n in zoo.DEMOS)})"
+            )
+        return zoo.load_demo(name)
+    if s.startswith("torchvision:") and not is_file:
+        return _load_torchvision(s[len("torchvision:"):], weights, trust_pickle)
+    if s.startswith(("timm:", "hf:")) and not is_file:
+        from salience.loading import libraries
+
+        if s.startswith("timm:"):
+            return libraries.load_timm(s[len("timm:"):], weights, trust_pickle)
+        return libraries.load_hf(s[len("hf:"):])
+    if s.startswith("python:"):
+        from salience.loading.custom import load_python
+
+        return load_python(s[len("python:"):], weights, trust_pickle)
+    if is_file:
+        p = Path(s)
+        if p.is_dir():
+            raise SalienceError(f"{p}: is a directory; expected a model file, hf:{p} for a Hugging Face folder, "
+                                "or 'demo:NAME' / 'torchvision:ARCH'")
+        return _load_file(p, trust_pickle)
+    from salience.demo import zoo
+
+    demos = ["demo:" + n for n in zoo.DEMOS]
+    hint = suggest(s, demos) or suggest("demo:" + s, demos)
+    raise SalienceError(
+        f"unknown model {s!r}{hint} (expected demo:NAME ({', '.join(demos)}), torchvision:ARCH, timm:NAME, "
+        "hf:DIR_OR_ID, python:MODULE:FUNC, or the path of an existing model file)"
+    )
 
 
 # --------------------------------------------------------------------------------- class names

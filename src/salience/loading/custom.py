@@ -1,0 +1,183 @@
+"""Models of your own: ``python:MODULE:FUNC`` specs, ``torch.export`` programs (``.pt2``), and
+:func:`select_output`, which says where in what a model returns its scores are.
+
+``python:mypkg.nets:build`` imports ``mypkg.nets`` (the current folder is searched too) and
+``python:path/to/file.py:build`` runs that file as a module; ``build()`` is called with no
+argument and must return an ``nn.Module``. A ``.pt2`` file is loaded with ``torch.export.load``
+and unflattened back into its module tree (``torch.export.unflatten``), so that Grad-CAM can
+hook a named submodule; where unflattening fails the flat ``ExportedProgram.module()`` is used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from salience._core.errors import SalienceError, suggest
+from salience._core.info import ModelInfo, attach_info, model_info
+from salience.loading.models import PathLike, load_state, read_state_dict
+
+__all__ = ["select_output", "load_python", "load_exported"]
+
+OutputPick = Union[str, int, Callable[[Any], Tensor]]
+
+
+def select_output(model: nn.Module, output: Optional[OutputPick]) -> nn.Module:
+    """Say which part of what ``model`` returns holds its scores; returns the same model.
+
+    ``output``: a dict key (or a ``ModelOutput`` field) such as ``"aux"``, an index into a
+    returned tuple or list such as ``1``, a function of the returned value such as
+    ``lambda o: o["x"]`` that gives the scores tensor ``(B, K)``, or ``None`` for the default rule
+    (:func:`salience._core.autograd.unwrap_output`). It is stored in the model's
+    :class:`~salience._core.info.ModelInfo` (``output``), so every method and metric honours it;
+    no wrapper module is made. A wrong pick is a :class:`SalienceError` naming what the model
+    returned, at its first forward pass.
+    """
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"select_output needs a torch.nn.Module, got {type(model).__name__}")
+    if output is not None and not (callable(output) or isinstance(output, (str, int))) or isinstance(output, bool):
+        raise SalienceError(f"output must be a key (str), an index (int) or a function, got {output!r}")
+    return attach_info(model, dataclasses.replace(model_info(model), output=output))
+
+
+# --------------------------------------------------------------------------------- python:MODULE:FUNC
+
+
+def load_python(ref: str, weights: Optional[PathLike] = None, trust_pickle: bool = False) -> nn.Module:
+    """The model that ``FUNC()`` of ``ref`` = ``"MODULE:FUNC"`` or ``"FILE.py:FUNC"`` returns,
+    with ``weights`` (a state-dict file: ``.pt`` / ``.pth`` / ``.safetensors``) loaded into it."""
+    target, _, attr = ref.rpartition(":")
+    if not target or not attr:
+        raise SalienceError(f"python:{ref}: expected python:MODULE:FUNC, e.g. python:mypkg.nets:build or "
+                            "python:path/to/file.py:build")
+    module = _import(target)
+    fn = getattr(module, attr, None)
+    if fn is None:
+        names = [n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise SalienceError(f"python:{ref}: {target} has no {attr!r}{suggest(attr, names)}")
+    if not callable(fn):
+        raise SalienceError(f"python:{ref}: {attr} is a {type(fn).__name__}, not a function that builds the model")
+    try:
+        model = fn()
+    except Exception as e:  # noqa: BLE001 - the user's code can raise anything; one line says what
+        raise SalienceError(f"python:{ref}: {attr}() raised {type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"python:{ref}: {attr}() returned a {type(model).__name__}, expected a torch.nn.Module")
+    if weights is not None and str(weights) != "random":
+        load_state(model, read_state_dict(weights, trust_pickle=trust_pickle), weights, f"python:{ref}")
+    if not isinstance(getattr(model, "salience_info", None), ModelInfo):
+        attach_info(model, ModelInfo(name=f"python:{ref}"))
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _import(target: str) -> types.ModuleType:
+    """A module by dotted name (the current folder searched too) or a ``.py`` file."""
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        return _import_file(Path(target))
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.append(os.getcwd())
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as e:
+        if e.name and (target == e.name or target.startswith(e.name + ".")):
+            raise SalienceError(f"python:{target}: no module named {target!r} (not on sys.path nor in the current "
+                                "folder); give a file instead: python:path/to/file.py:FUNC") from None
+        raise SalienceError(f"python:{target}: importing it failed: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - the module's own code raised while importing
+        raise SalienceError(f"python:{target}: importing it raised {type(e).__name__}: {_first_line(e)}") from None
+    finally:
+        if added and os.getcwd() in sys.path:
+            sys.path.remove(os.getcwd())
+
+
+def _import_file(path: Path) -> types.ModuleType:
+    if not path.is_file():
+        raise SalienceError(f"python:{path}: no such file; check the path")
+    name = f"salience_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise SalienceError(f"python:{path}: not a Python file that can be imported")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the file's own code raised
+        sys.modules.pop(name, None)
+        raise SalienceError(f"python:{path}: running it raised {type(e).__name__}: {_first_line(e)}") from None
+    return module
+
+
+# --------------------------------------------------------------------------------- .pt2 (torch.export)
+
+
+def load_exported(path: PathLike) -> nn.Module:
+    """A ``torch.export.save`` program as a module: unflattened into its module tree (so Grad-CAM
+    can hook ``layer="features"``), or flat where that fails. The graph is fixed in the mode it
+    was exported in, so a program exported in train mode (BatchNorm batch statistics, Dropout on)
+    or with a fixed batch size is refused, with how to export it instead."""
+    p = Path(path)
+    try:
+        ep = torch.export.load(str(p))
+    except Exception as e:  # noqa: BLE001 - torch.export.load raises many types on a foreign file
+        raise SalienceError(f"{p}: not a torch.export program torch.export.load can read ({_first_line(e)})") from None
+    _check_exported(p, ep)
+    try:
+        model: nn.Module = torch.export.unflatten(ep)
+    except Exception:  # noqa: BLE001 - unflatten is best-effort: fall back to the flat module
+        model = ep.module()
+        # ExportedProgram.module() refuses .eval(); its graph is fixed in eval mode (checked above),
+        # so eval() only sets the flags.
+        object.__setattr__(model, "eval", types.MethodType(_flags_eval, model))
+    shape = _input_shape(ep)
+    size = (int(shape[2]), int(shape[3])) if shape and len(shape) == 4 and all(isinstance(v, int) for v in shape[2:]) \
+        else None
+    channels = int(shape[1]) if shape and len(shape) == 4 and isinstance(shape[1], int) else 3
+    return attach_info(model, ModelInfo(name=p.name, input_size=size, channels=channels))
+
+
+def _flags_eval(self: nn.Module) -> nn.Module:
+    for m in self.modules():
+        m.training = False
+    return self
+
+
+def _input_shape(ep: Any) -> Optional[tuple]:
+    """The first user input's shape, ints where static (``None`` when unknown)."""
+    names = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in names:
+            val = node.meta.get("val")
+            if isinstance(val, Tensor):
+                return tuple(int(v) if isinstance(v, int) else v for v in val.shape)
+    return None
+
+
+def _check_exported(p: Path, ep: Any) -> None:
+    """Refuse a program that salience cannot run as exported: train mode, or a fixed batch."""
+    for node in ep.graph.nodes:
+        name = str(node.target) if node.op == "call_function" else ""
+        if ("batch_norm" in name and len(node.args) > 5 and node.args[5] is True) or \
+                ("dropout" in name and len(node.args) > 2 and node.args[2] is True):
+            raise SalienceError(
+                f"{p}: exported in train mode ({name} with training on), and an exported graph keeps that mode: "
+                "BatchNorm would mix the images of a batch. Export it after model.eval()")
+    shape = _input_shape(ep)
+    if shape and isinstance(shape[0], int):
+        raise SalienceError(
+            f"{p}: exported with a fixed batch size of {shape[0]}; salience runs batches of other sizes (noisy "
+            "copies, path points). Export with a dynamic batch: torch.export.export(model, (x,), "
+            "dynamic_shapes={'x': {0: torch.export.Dim('batch')}}) with x of batch 2 or more")

@@ -1,0 +1,239 @@
+"""Models from other libraries: ``timm:NAME`` (timm) and ``hf:DIR_OR_ID`` (Hugging Face transformers).
+
+Nothing here downloads. timm's pretrained weights come from the local caches only (the Hugging
+Face hub cache, ``HF_HUB_CACHE``, and torch hub's ``checkpoints`` folder, ``TORCH_HOME``), and a
+transformers model from a ``save_pretrained`` folder or the local cache (``local_files_only``).
+Preprocessing comes from the library's own record: timm's ``pretrained_cfg`` through
+``timm.data.resolve_data_config``, transformers' image-processor config
+(``preprocessor_config.json``); class names from timm's ``label_names`` or ImageNet-1k's for
+1000 classes, and from transformers' ``config.id2label``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from salience._core.errors import SalienceError, suggest
+from salience._core.info import ModelInfo, attach_info
+from salience.loading.models import PathLike, imagenet_class_names, load_state, read_state_dict
+
+__all__ = ["load_timm", "load_hf", "timm_info", "hf_info"]
+
+_INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def _require(package: str, spec: str):
+    try:
+        return __import__(package)
+    except ImportError:
+        raise SalienceError(f"{spec} needs the {package} package, which is not installed; pip install {package}") \
+            from None
+
+
+# --------------------------------------------------------------------------------- timm
+
+
+def load_timm(name: str, weights: Optional[PathLike] = None, trust_pickle: bool = False) -> nn.Module:
+    """timm's architecture ``name`` (``"resnet50"``, ``"vit_base_patch16_224.augreg_in1k"``) with
+    ``weights``: a state-dict file (``.pth`` / ``.pt`` / ``.safetensors``; another number of
+    classes is read from its classifier), ``"random"``, or ``None`` for timm's pretrained
+    weights from the local cache (a :class:`SalienceError` says how to get them when absent)."""
+    timm = _require("timm", f"timm:{name}")
+    if not name or not timm.is_model(name):
+        raise SalienceError(f"unknown timm model {name!r}{suggest(name, timm.list_models())} "
+                            "(see timm.list_models() for all names)")
+    if weights is None:
+        model = _timm_pretrained(timm, name, trust_pickle)
+    elif str(weights) == "random":
+        model = timm.create_model(name, pretrained=False)
+    else:
+        state = read_state_dict(weights, trust_pickle=trust_pickle)
+        model = timm.create_model(name, pretrained=False)
+        classes = _classifier_outputs(model, state)
+        if classes is not None and classes != getattr(model, "num_classes", classes):
+            model = timm.create_model(name, pretrained=False, num_classes=classes)
+        load_state(model, state, weights, f"timm's {name}")
+    return attach_info(model.eval(), timm_info(model, f"timm:{name}"))
+
+
+def _classifier_outputs(model: nn.Module, state: dict) -> Optional[int]:
+    """The number of classes of a state dict, read from the model's classifier's weight."""
+    key = f"{model.pretrained_cfg.get('classifier') or ''}.weight"
+    w = state.get(key)
+    return int(w.shape[0]) if w is not None and w.dim() >= 1 else None
+
+
+def _timm_pretrained(timm: Any, name: str, trust_pickle: bool) -> nn.Module:
+    model = timm.create_model(name, pretrained=False)
+    path = _timm_cached_file(model.pretrained_cfg)
+    if path is None:
+        raise SalienceError(
+            f"timm:{name}: timm's pretrained weights are not in the local cache and salience never downloads. "
+            f"Get them once online (python -c \"import timm; timm.create_model('{name}', pretrained=True)\"), "
+            "or pass --weights FILE (a state dict) or --weights random")
+    state = read_state_dict(path, trust_pickle=trust_pickle)
+    # timm applies its own conversion of the checkpoint (filter_fn) to a state dict handed over.
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": state})
+
+
+def _timm_cached_file(cfg: dict) -> Optional[Path]:
+    """The cached file of timm's pretrained weights (hub cache, then torch hub), or ``None``."""
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = str(hub_id).partition("@")
+        names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors",
+                                                                               "pytorch_model.bin"]
+        for filename in names:
+            found = try_to_load_from_cache(repo, filename, cache_dir=os.environ.get("HF_HUB_CACHE"),
+                                           revision=revision or None)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+    url = cfg.get("url")
+    if url:
+        p = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if p.is_file() and p.suffix in (".pth", ".pt", ".bin", ".safetensors"):
+            return p
+    return None
+
+
+def timm_info(model: nn.Module, name: str) -> ModelInfo:
+    """A timm model's preprocessing (``resolve_data_config``: input size, ``crop_pct`` -> the
+    shorter side resized to, mean, std, interpolation) and class names."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config(model=model)
+    _, h, w = (int(v) for v in cfg["input_size"])
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    center = cfg.get("crop_mode", "center") == "center"
+    interpolation = cfg.get("interpolation", "bilinear")
+    classes = int(getattr(model, "num_classes", 0) or 0)
+    labels = model.pretrained_cfg.get("label_names")
+    names = tuple(str(n) for n in labels) if labels and len(labels) == classes else \
+        imagenet_class_names() if classes == 1000 else None
+    return ModelInfo(
+        name=name, input_size=(h, w), resize=math.floor(min(h, w) / crop_pct) if center else None,
+        mean=tuple(float(v) for v in cfg["mean"]), std=tuple(float(v) for v in cfg["std"]),
+        class_names=names, interpolation=interpolation if interpolation in _INTERPOLATIONS else "bilinear",
+    )
+
+
+# --------------------------------------------------------------------------------- Hugging Face
+
+
+def load_hf(ref: str) -> nn.Module:
+    """A transformers image classifier (``AutoModelForImageClassification``) from a
+    ``save_pretrained`` folder or a model id in the local cache, offline, with the preprocessing
+    of its image-processor config and the class names of ``config.id2label``. It returns a
+    ``ModelOutput``, whose ``logits`` salience takes."""
+    _require("transformers", f"hf:{ref}")
+    from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForImageClassification.from_pretrained(ref, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        if Path(ref).is_dir():
+            raise SalienceError(f"hf:{ref}: transformers could not load an image classifier from this folder "
+                                f"({_first_line(e)})") from None
+        raise SalienceError(
+            f"hf:{ref}: not a folder, and not in the local Hugging Face cache; salience loads offline only. "
+            f"Save the model with save_pretrained(DIR) and pass hf:DIR, or download it once online "
+            f"(hf download {ref})") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return attach_info(model.eval(), hf_info(model, ref))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _processor_config(ref: str) -> Optional[dict]:
+    """The image processor's settings (``preprocessor_config.json``), or ``None`` without one."""
+    from transformers import AutoImageProcessor
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoImageProcessor.from_pretrained(ref, local_files_only=True).to_dict()
+    except Exception:  # noqa: BLE001 - a model saved without its processor
+        return None
+
+
+def hf_info(model: nn.Module, ref: str) -> ModelInfo:
+    """A transformers model's preprocessing (size, centre crop, mean, std, resampling) and names."""
+    cfg = _processor_config(ref)
+    names = _id2label(model)
+    if cfg is None:
+        side = getattr(model.config, "image_size", None)
+        size = (int(side), int(side)) if isinstance(side, int) else None
+        warnings.warn(f"hf:{ref} has no image-processor config (preprocessor_config.json): images are "
+                      f"resized to {size} without normalization; save the processor beside the model", stacklevel=3)
+        return ModelInfo(name=f"hf:{ref}", input_size=size, class_names=names)
+    size, resize = _hf_geometry(cfg, getattr(model.config, "image_size", None))
+    normalize = cfg.get("do_normalize", True)
+    resample = cfg.get("resample", cfg.get("interpolation"))
+    interpolation = "bicubic" if resample in (3, "bicubic", "BICUBIC") else "bilinear"
+    return ModelInfo(
+        name=f"hf:{ref}", input_size=size, resize=resize, class_names=names, interpolation=interpolation,
+        mean=tuple(float(v) for v in cfg["image_mean"]) if normalize and cfg.get("image_mean") else None,
+        std=tuple(float(v) for v in cfg["image_std"]) if normalize and cfg.get("image_std") else None,
+    )
+
+
+def _side(size: Any) -> tuple[Optional[tuple[int, int]], Optional[int]]:
+    """A processor's ``size`` as ``((H, W) or None, shortest_edge or None)``."""
+    if isinstance(size, int):
+        return None, size
+    if isinstance(size, dict):
+        if size.get("height") and size.get("width"):
+            return (int(size["height"]), int(size["width"])), None
+        if size.get("shortest_edge"):
+            return None, int(size["shortest_edge"])
+    return None, None
+
+
+def _hf_geometry(cfg: dict, image_size: Any) -> tuple[Optional[tuple[int, int]], Optional[int]]:
+    """``(input_size, resize)`` of :class:`ModelInfo` from the processor's resize and crop."""
+    hw, short = _side(cfg.get("size")) if cfg.get("do_resize", True) else (None, None)
+    crop, _ = _side(cfg.get("crop_size")) if cfg.get("do_center_crop") else (None, None)
+    if crop is not None:  # resize (a square or the shorter side), then the centre crop
+        return crop, (min(hw) if hw else short or max(crop))
+    if hw is not None:
+        return hw, None
+    if short is not None:
+        pct = cfg.get("crop_pct")
+        if pct and short < 384:  # ConvNeXt's processor: shorter side to short / crop_pct, then crop
+            return (short, short), int(short / float(pct))
+        return (short, short), short
+    side = int(image_size) if isinstance(image_size, int) else None
+    return ((side, side) if side else None), None
+
+
+def _id2label(model: nn.Module) -> Optional[tuple[str, ...]]:
+    """``config.id2label`` as names ``0..K-1``; transformers' placeholders (``LABEL_0``) are no names."""
+    mapping = getattr(model.config, "id2label", None) or {}
+    try:
+        by_index = {int(k): str(v) for k, v in mapping.items()}
+    except (TypeError, ValueError):
+        return None
+    if not by_index or sorted(by_index) != list(range(len(by_index))):
+        return None
+    names = tuple(by_index[i] for i in range(len(by_index)))
+    if all(re.fullmatch(rf"LABEL_{i}", n) for i, n in enumerate(names)):
+        return imagenet_class_names() if len(names) == 1000 else None
+    return names
