@@ -112,7 +112,8 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None)
         # With the input's gradient on (parameters frozen by the guard), an output that requires grad
         # depends on the input: Swin's relative position bias (B, heads, n, n) does not.
         with model_guard(model), torch.enable_grad():
-            model(x[:1].detach().requires_grad_(True))
+            one = x[:1].clone() if x.is_inference() else x[:1]
+            model(one.detach().requires_grad_(True))
     finally:
         for h in handles:
             h.remove()
