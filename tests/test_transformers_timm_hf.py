@@ -119,6 +119,12 @@ def reference_cam(net, x, layer, target, to_grid):
     return F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
+def last_layernorm_before(net):
+    """Hugging Face ViT / DeiT: the last block's ``layernorm_before`` (``vit.layers.1.layernorm_before``
+    in transformers 5, ``vit.encoder.layer.1.layernorm_before`` in 4.x)."""
+    return [n for n, _ in net.named_modules() if n.endswith("layernorm_before")][-1]
+
+
 # name -> (default layer, its layout as describe_default_layer says it, hand-written to_grid)
 DEFAULTS = {
     "timm_vit": ("blocks.1.norm1", "1 prefix token(s) + a 4x4 grid", tokens(1, 4, 4)),
@@ -126,9 +132,9 @@ DEFAULTS = {
     "timm_vit_registers": ("blocks.1.norm1", "5 prefix token(s) + a 4x4 grid", tokens(5, 4, 4)),
     "timm_swin": ("norm", "channels-last (B, h, w, K)", nhwc),
     "timm_convnext": ("stages", "(B, K, h, w)", nchw),
-    "hf_vit_eager": ("vit.layers.1.layernorm_before", "1 prefix token(s) + a 4x4 grid", tokens(1, 4, 4)),
-    "hf_vit_sdpa": ("vit.layers.1.layernorm_before", "1 prefix token(s) + a 4x4 grid", tokens(1, 4, 4)),
-    "hf_deit_teacher": ("deit.layers.1.layernorm_before", "2 prefix token(s) + a 4x4 grid", tokens(2, 4, 4)),
+    "hf_vit_eager": (last_layernorm_before, "1 prefix token(s) + a 4x4 grid", tokens(1, 4, 4)),
+    "hf_vit_sdpa": (last_layernorm_before, "1 prefix token(s) + a 4x4 grid", tokens(1, 4, 4)),
+    "hf_deit_teacher": (last_layernorm_before, "2 prefix token(s) + a 4x4 grid", tokens(2, 4, 4)),
     "hf_swin": ("swin.layernorm", "0 prefix token(s) + a 8x8 grid", tokens(0, 8, 8)),
     "hf_convnext": ("convnext.encoder.stages.3", "(B, K, h, w)", nchw),
 }
@@ -138,6 +144,7 @@ DEFAULTS = {
 def test_default_layer_and_gradcam_equal_the_reference(name):
     net, x = model(name), image(name)
     layer_name, layout, to_grid = DEFAULTS[name]
+    layer_name = layer_name if isinstance(layer_name, str) else layer_name(net)
     assert default_layer(net, x) == layer_name
     assert layout in describe_default_layer(net, x)
     target = torch.tensor([1, 2])
