@@ -414,3 +414,18 @@ def test_default_layer_search_takes_an_inference_tensor():
         x = image("hf_swin", 1) + 0
     assert default_layer(net, x) == "swin.layernorm"
     assert salience.gradcam(net, x).shape == (1, 64, 64)
+
+
+def test_hf_vit_in_bfloat16_gives_one_dtype_and_nearly_one_map_eager_or_sdpa():
+    """Eager attention forms A in float32 (``softmax(..., dtype=float32)``), SDPA in the model's
+    dtype: the methods work in float32 either way and return x's dtype."""
+    torch.manual_seed(0)
+    eager, sdpa = _hf_vit("eager").eval(), _hf_vit("sdpa").eval()
+    sdpa.load_state_dict(eager.state_dict())
+    eager, sdpa = eager.to(torch.bfloat16), sdpa.to(torch.bfloat16)
+    x = image("hf_vit_eager").to(torch.bfloat16)
+    for method in (salience.attention_rollout, salience.transformer_attribution):
+        a, b = method(eager, x, 1), method(sdpa, x, 1)
+        assert a.dtype == b.dtype == torch.bfloat16
+        scale = float(a.float().abs().amax())
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.05 * scale)
