@@ -44,25 +44,30 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
 
     In order: ``model.salience_default_layer`` (a name or a module), ``model_info(model)
     .default_layer`` (set by :func:`salience.load_model`), else a heuristic from one forward
-    pass of ``x[:1]`` without gradients:
+    pass of ``x[:1]`` with the input's gradient on (parameters frozen: an output that requires
+    grad depends on the input):
 
-    * **Vision Transformers** (an attention module, ``nn.MultiheadAttention`` or a class named
-      ``...Attention``, on tokens ``(B, N, D)``): the last module that finished before the *last*
-      attention call, outside it, with an output of the attention's shape: the LayerNorm before
-      the last block's attention (torchvision ViT's ``encoder.layers[-1].ln_1``, timm's
-      ``blocks[-1].norm1``). Not the final output: after the last attention only the class token
-      reaches the head, so the patch tokens there get exactly zero gradient (measured in
-      ``tests/test_gradcam_transformers.py``) and Grad-CAM's weights would all be 0.
-    * **Maps**: the module that *finished last* among those whose output is a 4-D map, channels
-      first or channels last (the rule in :mod:`salience.methods._tokens`; torchvision Swin's
-      ``norm``, ConvNeXt's blocks; a module with no known channel count, such as an activation,
-      keeps the layout of the last output of its shape), leaving out pooling layers, containers whose output is a
-      pooling layer's, modules called more than once, and outputs that are a permuted / reshaped
-      view of an earlier candidate's (Swin's ``permute`` after ``norm``); modules with
-      ``h * w > 1`` are preferred. A container is preferred to its last child (it finishes later).
-      This gives torchvision's resnet ``layer4``, densenet / mobilenet / efficientnet / convnext
-      ``features`` (the last stage's output), swin ``norm``, and vgg the last ReLU of ``features``
-      (before the final max-pool).
+    * **Vision Transformers** (global attention: an attention module, ``nn.MultiheadAttention`` or
+      a class named ``...Attention``, whose output is the image's whole token sequence ``(1, N, D)``,
+      ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not): the last
+      module that finished before the *last* such attention call, outside it, with an output of
+      the attention's shape: the LayerNorm before the last block's attention (torchvision ViT's
+      ``encoder.layers[-1].ln_1``, timm's ``blocks[-1].norm1``, Hugging Face's
+      ``layernorm_before`` of the last layer). Not the final output: after the last attention only
+      the class token reaches the head, so the patch tokens there get exactly zero gradient
+      (measured in ``tests/test_gradcam_transformers.py``) and Grad-CAM's weights would all be 0.
+    * **Maps**: the module that *finished last* among those whose output depends on the input and
+      is a 4-D map, channels first or channels last, or tokens ``(1, N, D)`` that are all patches
+      (the rules in :mod:`salience.methods._tokens`; torchvision / timm Swin's ``norm``, ConvNeXt's
+      blocks, Hugging Face Swin's ``layernorm``; a module with no known channel count, such as an
+      activation, keeps the layout of the last output of its shape), leaving out pooling layers,
+      ``nn.Identity``, containers whose output is a pooling layer's, modules called more than once,
+      and outputs that are a permuted / reshaped view of an earlier candidate's (Swin's
+      ``permute`` after ``norm``); modules with ``h * w > 1`` are preferred. A container is
+      preferred to its last child (it finishes later). This gives torchvision's resnet
+      ``layer4``, densenet / mobilenet / efficientnet / convnext ``features`` (the last stage's
+      output), swin ``norm``, vgg the last ReLU of ``features`` (before the final max-pool), timm
+      ConvNeXt's ``stages``, Hugging Face ConvNeXt's ``convnext.encoder.stages.3``.
 
     :func:`describe_default_layer` says which layer this is and why.
     """
