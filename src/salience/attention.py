@@ -19,6 +19,11 @@ active (around one forward pass, in the entering thread only):
 * an explicit ``softmax(..., dim=-1)`` of a tensor of 3 or more dims (``torch.softmax``,
   ``F.softmax``, ``x.softmax(-1)``): taken to be attention; its output is recorded as it is.
 
+What real models run is covered: timm's ``Attention`` (SDPA when ``fused_attn``, else
+``(q * scale) @ k^T``, ``softmax(dim=-1)``, ``attn_drop``), Hugging Face eager attention
+(``softmax(..., dim=-1, dtype=float32)``, then dropout; ``A`` recorded in float32) and SDPA
+(``scaled_dot_product_attention(..., scale=...)``), tested in ``tests/test_transformers_timm_hf.py``.
+
 So the numbers are the attention's own (up to float rounding of a fused kernel) and the recorded
 ``A`` is the very tensor the output is computed from: a gradient reaches it. Each ``A`` is
 recorded as ``(B, heads, L, S)``: 4-D as it is; a 3-D ``(B * heads, L, S)`` (``bmm``-style) is

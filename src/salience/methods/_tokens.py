@@ -22,8 +22,11 @@ output is channels-last needs ``grid=``.
 embedding gives ``(h, w)``: the first ``Conv2d`` of the model (in ``named_modules()`` order) with
 ``in_channels`` equal to the input's channels, ``stride == kernel_size`` and a kernel larger than
 1 (torchvision ViT's ``conv_proj``, timm's ``patch_embed.proj``), its output size computed from
-the input's ``(H, W)`` (non-square inputs too); then ``prefix = N - h * w``. With only
-``prefix_tokens`` and no patch embedding, ``(h, w)`` keeps the input's aspect ratio.
+the input's ``(H, W)`` (non-square inputs too); then ``prefix = N - h * w``. When ``N`` is smaller
+than that grid and no prefix is given (a hierarchical model: Hugging Face Swin's stages and final
+``layernorm`` are tokens ``(B, h * w, C)`` after patch merging), the grid is halved, rounding up,
+until it has ``N`` cells, with no prefix tokens. With only ``prefix_tokens`` and no patch
+embedding, ``(h, w)`` keeps the input's aspect ratio.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from torch import Tensor, nn
 from salience._core.errors import SalienceError
 from salience._core.info import model_info
 
-__all__ = ["Layout", "layer_layout", "token_layout", "patch_embedding", "channel_count"]
+__all__ = ["Layout", "layer_layout", "token_layout", "patch_embedding", "patch_grid", "channel_count"]
 
 _HOW = ("pass grid=(h, w) (the patch grid) and prefix_tokens=k (the class / distillation / register tokens "
         "before the patches), with k + h * w equal to the number of tokens")
@@ -135,16 +138,33 @@ def _aspect_grid(n: int, size: Sequence[int]) -> Optional[tuple[int, int]]:
     return None
 
 
+def _merged_grid(g: tuple[int, int], n_tokens: int) -> Optional[tuple[int, int]]:
+    """The grid of a hierarchical model's later stage: ``g`` halved (rounding up, as patch merging
+    pads odd sizes) until it has ``n_tokens`` cells; None if no halving does."""
+    h, w = g
+    while h * w > n_tokens and (h > 1 or w > 1):
+        h, w = -(-h // 2), -(-w // 2)
+        if h * w == n_tokens:
+            return h, w
+    return None
+
+
+def patch_grid(model: nn.Module, x_shape: Sequence[int]) -> Optional[tuple[int, int]]:
+    """The patch embedding's output grid ``(h, w)`` for an input of shape ``x_shape``; None without one."""
+    embed = patch_embedding(model, int(x_shape[1]))
+    return None if embed is None else _conv_grid(embed[1], x_shape[-2:])
+
+
 def token_layout(model: nn.Module, x_shape: Sequence[int], n_tokens: int, *, grid: object = None,
                  prefix_tokens: object = None, what: str = "the layer") -> Layout:
     """Which of ``n_tokens`` tokens are patches, and their grid, for an input of shape ``x_shape``
     ``(B, C, H, W)`` (see the module doc for the rule). Raises :class:`SalienceError` saying what to pass."""
     g, k = _check_grid(grid), _check_prefix(prefix_tokens)
     if g is None:
-        embed = patch_embedding(model, int(x_shape[1]))
-        if embed is not None:
-            g = _conv_grid(embed[1], x_shape[-2:])
-        elif k is not None:
+        g = patch_grid(model, x_shape)
+        if g is not None and g[0] * g[1] > n_tokens and not k:
+            g = _merged_grid(g, n_tokens) or g  # Hugging Face Swin's later stages: (B, h * w, C), no prefix
+        elif g is None and k is not None:
             g = _aspect_grid(n_tokens - k, x_shape[-2:])
         if g is None:
             raise SalienceError(

@@ -30,7 +30,7 @@ from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike, split
 from salience.methods._multi import finish, several_targets
-from salience.methods._tokens import Layout, channel_count, layer_layout
+from salience.methods._tokens import Layout, channel_count, layer_layout, patch_grid
 
 __all__ = ["gradcam", "guided_gradcam", "default_layer", "describe_default_layer"]
 
@@ -44,25 +44,30 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
 
     In order: ``model.salience_default_layer`` (a name or a module), ``model_info(model)
     .default_layer`` (set by :func:`salience.load_model`), else a heuristic from one forward
-    pass of ``x[:1]`` without gradients:
+    pass of ``x[:1]`` with the input's gradient on (parameters frozen: an output that requires
+    grad depends on the input):
 
-    * **Vision Transformers** (an attention module, ``nn.MultiheadAttention`` or a class named
-      ``...Attention``, on tokens ``(B, N, D)``): the last module that finished before the *last*
-      attention call, outside it, with an output of the attention's shape: the LayerNorm before
-      the last block's attention (torchvision ViT's ``encoder.layers[-1].ln_1``, timm's
-      ``blocks[-1].norm1``). Not the final output: after the last attention only the class token
-      reaches the head, so the patch tokens there get exactly zero gradient (measured in
-      ``tests/test_gradcam_transformers.py``) and Grad-CAM's weights would all be 0.
-    * **Maps**: the module that *finished last* among those whose output is a 4-D map, channels
-      first or channels last (the rule in :mod:`salience.methods._tokens`; torchvision Swin's
-      ``norm``, ConvNeXt's blocks; a module with no known channel count, such as an activation,
-      keeps the layout of the last output of its shape), leaving out pooling layers, containers whose output is a
-      pooling layer's, modules called more than once, and outputs that are a permuted / reshaped
-      view of an earlier candidate's (Swin's ``permute`` after ``norm``); modules with
-      ``h * w > 1`` are preferred. A container is preferred to its last child (it finishes later).
-      This gives torchvision's resnet ``layer4``, densenet / mobilenet / efficientnet / convnext
-      ``features`` (the last stage's output), swin ``norm``, and vgg the last ReLU of ``features``
-      (before the final max-pool).
+    * **Vision Transformers** (global attention: an attention module, ``nn.MultiheadAttention`` or
+      a class named ``...Attention``, whose output is the image's whole token sequence ``(1, N, D)``,
+      ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not): the last
+      module that finished before the *last* such attention call, outside it, with an output of
+      the attention's shape: the LayerNorm before the last block's attention (torchvision ViT's
+      ``encoder.layers[-1].ln_1``, timm's ``blocks[-1].norm1``, Hugging Face's
+      ``layernorm_before`` of the last layer). Not the final output: after the last attention only
+      the class token reaches the head, so the patch tokens there get exactly zero gradient
+      (measured in ``tests/test_gradcam_transformers.py``) and Grad-CAM's weights would all be 0.
+    * **Maps**: the module that *finished last* among those whose output depends on the input and
+      is a 4-D map, channels first or channels last, or tokens ``(1, N, D)`` that are all patches
+      (the rules in :mod:`salience.methods._tokens`; torchvision / timm Swin's ``norm``, ConvNeXt's
+      blocks, Hugging Face Swin's ``layernorm``; a module with no known channel count, such as an
+      activation, keeps the layout of the last output of its shape), leaving out pooling layers,
+      ``nn.Identity``, containers whose output is a pooling layer's, modules called more than once,
+      and outputs that are a permuted / reshaped view of an earlier candidate's (Swin's
+      ``permute`` after ``norm``); modules with ``h * w > 1`` are preferred. A container is
+      preferred to its last child (it finishes later). This gives torchvision's resnet
+      ``layer4``, densenet / mobilenet / efficientnet / convnext ``features`` (the last stage's
+      output), swin ``norm``, vgg the last ReLU of ``features`` (before the final max-pool), timm
+      ConvNeXt's ``stages``, Hugging Face ConvNeXt's ``convnext.encoder.stages.3``.
 
     :func:`describe_default_layer` says which layer this is and why.
     """
@@ -92,7 +97,8 @@ class _Call:
 
 
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None) -> list[_Call]:
-    """Every named module's call on ``x[:1]`` (no gradients), in the order they *finished*."""
+    """Every named module's call on ``x[:1]``, in the order they *finished*; an output requires grad
+    exactly when it depends on the input (the parameters are frozen)."""
     check_input(x, model)
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError("cannot look inside a TorchScript model for a Grad-CAM layer; pass the Python nn.Module")
@@ -108,8 +114,11 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None)
         for name, m in model.named_modules():
             if name and not isinstance(m, torch.jit.ScriptModule) and (only is None or m is only):
                 handles.append(m.register_forward_hook(make_hook(name)))
-        with model_guard(model), torch.no_grad():
-            model(x[:1])
+        # With the input's gradient on (parameters frozen by the guard), an output that requires grad
+        # depends on the input: Swin's relative position bias (B, heads, n, n) does not.
+        with model_guard(model), torch.enable_grad():
+            one = x[:1].clone() if x.is_inference() else x[:1]
+            model(one.detach().requires_grad_(True))
     finally:
         for h in handles:
             h.remove()
@@ -124,11 +133,21 @@ def _is_attention(m: nn.Module) -> bool:
     return isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
 
 
-def _before_last_attention(calls: list[_Call]) -> Optional[str]:
+def _global_attention(c: _Call, grid: Optional[tuple[int, int]]) -> bool:
+    """An attention call over one image's whole token sequence ``(1, N, D)`` (the calls run on
+    ``x[:1]``), ``N`` at least the patch grid's cells: not a window of a Swin (``(windows, n, D)``,
+    or one window with fewer tokens than patches)."""
+    out = _first_tensor(c.output)
+    if not (_is_attention(c.module) and isinstance(out, Tensor) and out.dim() == 3 and out.shape[0] == 1):
+        return False
+    return grid is None or out.shape[1] >= grid[0] * grid[1]
+
+
+def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call]) -> Optional[str]:
     """The ViT rule of :func:`default_layer`: the module that finished last before the last
-    attention call on tokens, outside it, with the attention's output shape; None if none."""
-    at = [i for i, c in enumerate(calls) if _is_attention(c.module)
-          and isinstance(_first_tensor(c.output), Tensor) and _first_tensor(c.output).dim() == 3]
+    global attention call on tokens, outside it, with the attention's output shape; None if none."""
+    grid = patch_grid(model, x.shape)
+    at = [i for i, c in enumerate(calls) if _global_attention(c, grid)]
     if not at:
         return None
     att = calls[at[-1]]
@@ -140,8 +159,27 @@ def _before_last_attention(calls: list[_Call]) -> Optional[str]:
     return None
 
 
+def _candidate_layout(model: nn.Module, x: Tensor, c: _Call, seen: dict) -> Optional[Layout]:
+    """The layout of a 4-D output, or of tokens ``(1, N, D)`` that are all patches (a hierarchical
+    model's, such as Hugging Face Swin's; ViTs take the attention rule); None if it is neither."""
+    out = c.output
+    if out.dim() == 3:
+        if out.shape[0] != 1 or patch_grid(model, x.shape) is None:
+            return None
+        try:
+            layout = layer_layout(model, c.module, out.shape, x.shape, what=f"layer {c.name!r}")
+        except SalienceError:
+            return None
+        return layout if layout.prefix == 0 else None
+    if channel_count(c.module) is None and tuple(out.shape) in seen:
+        return seen[tuple(out.shape)]  # an activation keeps the layout of the map it came from
+    layout = layer_layout(model, c.module, out.shape, x.shape, what=f"layer {c.name!r}")
+    seen[tuple(out.shape)] = layout
+    return layout
+
+
 def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call]) -> list[tuple[str, Tensor]]:
-    """4-D outputs as ``(name, (B, K, h, w))``, in finishing order, by the rules of :func:`default_layer`."""
+    """Map outputs as ``(name, (B, K, h, w))``, in finishing order, by the rules of :func:`default_layer`."""
     counts = collections.Counter(c.name for c in calls)
     pooled = {id(c.output) for c in calls if isinstance(c.module, _POOLS)}
     kept: list[Tensor] = []
@@ -149,18 +187,15 @@ def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call]) -> list[tup
     cands = []
     for c in calls:
         out = c.output
-        if (counts[c.name] != 1 or not isinstance(out, Tensor) or out.dim() != 4
-                or isinstance(c.module, _POOLS) or id(out) in pooled):
+        if (counts[c.name] != 1 or not isinstance(out, Tensor) or out.dim() not in (3, 4) or not out.requires_grad
+                or isinstance(c.module, _POOLS + (nn.Identity,)) or id(out) in pooled):
             continue
         if any(out is not k and out.data_ptr() == k.data_ptr() and out.numel() == k.numel() for k in kept):
             continue  # a permuted / reshaped view of an earlier candidate: keep the original
-        kept.append(out)
-        if channel_count(c.module) is None and tuple(out.shape) in seen:
-            layout = seen[tuple(out.shape)]  # an activation keeps the layout of the map it came from
-        else:
-            layout = layer_layout(model, c.module, out.shape, x.shape, what=f"layer {c.name!r}")
-            seen[tuple(out.shape)] = layout
-        cands.append((c.name, layout.to_grid(out)))
+        layout = _candidate_layout(model, x, c, seen)
+        if layout is not None:
+            kept.append(out)
+            cands.append((c.name, layout.to_grid(out)))
     return cands
 
 
@@ -175,7 +210,7 @@ def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
         resolve_layer(model, info_layer)
         return info_layer, "the model's ModelInfo.default_layer"
     calls = _record_calls(model, x)
-    vit = _before_last_attention(calls)
+    vit = _before_last_attention(model, x, calls)
     if vit is not None:
         return vit, ("the layer before the last attention: after it only the class token reaches the head, "
                      "so patch tokens there get no gradient")

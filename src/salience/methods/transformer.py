@@ -73,6 +73,13 @@ def _row_map(r: Tensor, layout: Layout, x: Tensor, upsample: bool) -> Tensor:
     return _upsample(m, tuple(x.shape[-2:])) if upsample else m
 
 
+def _working(a: Tensor, x: Tensor) -> Tensor:
+    """``a`` in the working precision: at least float32 (a model in half precision may form ``A`` in
+    float32, as Hugging Face's eager attention does, or in its own dtype, as SDPA does: the same
+    arithmetic either way), the map returned in ``x``'s dtype."""
+    return a.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _fuse(a: Tensor, head_fusion: str, discard_ratio: float) -> Tensor:
     """``(B, heads, N, N)`` -> ``(B, N, N)``: heads fused, the lowest weights discarded (not ``[0, 0]``)."""
     fused = {"mean": a.mean(1), "max": a.amax(1), "min": a.amin(1)}[head_fusion]
@@ -117,7 +124,7 @@ def attention_rollout(
         raise SalienceError(f"head_fusion must be one of {', '.join(map(repr, HEAD_FUSIONS))}; got {head_fusion!r}")
     if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not 0 <= discard_ratio < 1:
         raise SalienceError(f"discard_ratio must be a number in [0, 1), e.g. 0.9; got {discard_ratio!r}")
-    maps = attention_maps(model, x)
+    maps = [_working(a, x) for a in attention_maps(model, x)]
     n = _check_maps(maps, x.shape[0], "attention_rollout")
     layout = _layout(model, x, n, prefix_tokens, grid, "attention_rollout")
     eye = torch.eye(n, dtype=maps[0].dtype, device=maps[0].device)
@@ -125,7 +132,7 @@ def attention_rollout(
     for a in maps:
         a = 0.5 * _fuse(a, head_fusion, discard_ratio) + 0.5 * eye
         r = (a / a.sum(dim=-1, keepdim=True)) @ r
-    m = _row_map(r, layout, x, upsample)
+    m = _row_map(r, layout, x, upsample).to(x.dtype)
     return m.unsqueeze(1).repeat(1, k, 1, 1) if multi else m
 
 
@@ -152,7 +159,7 @@ def transformer_attribution(
     targets, multi = split(target, x.shape[0])
     cap = AttentionCapture(batch=x.shape[0], grads=True)
     backward(model, x, targets, extra_modes=[cap], strip_softmax=strip_softmax)
-    maps, grads = [a.detach() for a in cap.maps], cap.grads
+    maps, grads = [_working(a.detach(), x) for a in cap.maps], [[_working(g, x) for g in gs] for gs in cap.grads]
     n = _check_maps(maps, x.shape[0], "transformer_attribution")
     layout = _layout(model, x, n, prefix_tokens, grid, "transformer_attribution")
     if any(len(g) not in (0, len(targets)) for g in grads):
@@ -166,5 +173,5 @@ def transformer_attribution(
             if g:  # a layer the score does not depend on adds nothing
                 r = r + (g[k] * a).clamp(min=0).mean(dim=1) @ r
         out.append(_row_map(r, layout, x, upsample))
-    maps_k = torch.stack(out, dim=1)
+    maps_k = torch.stack(out, dim=1).to(x.dtype)
     return maps_k if multi else maps_k[:, 0]
