@@ -29,8 +29,8 @@ from salience.methods.gradcam import default_layer, describe_default_layer
 
 from conftest import unchanged
 
-timm = pytest.importorskip("timm")
-transformers = pytest.importorskip("transformers")
+import timm  # noqa: E402 - in the test extra: tested, never skipped
+import transformers  # noqa: E402
 from timm.models.convnext import ConvNeXt  # noqa: E402
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402
 from timm.models.swin_transformer import SwinTransformer  # noqa: E402
@@ -429,3 +429,15 @@ def test_hf_vit_in_bfloat16_gives_one_dtype_and_nearly_one_map_eager_or_sdpa():
         assert a.dtype == b.dtype == torch.bfloat16
         scale = float(a.float().abs().amax())
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.05 * scale)
+
+
+def test_default_methods_leave_out_the_attention_methods_for_swin_and_cnns():
+    """Windowed attention (Swin) is refused by the attention methods, so the defaults leave them out;
+    a ViT gets them."""
+    swin = SwinTransformer(img_size=64, patch_size=4, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
+                           num_classes=5)
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                                           num_heads=2, num_classes=5)
+    attention = salience.methods.ATTENTION_METHODS
+    assert not attention & set(salience.methods.default_methods(swin))
+    assert attention <= set(salience.methods.default_methods(vit))

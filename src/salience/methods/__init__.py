@@ -36,11 +36,15 @@ raise a :class:`~salience.SalienceError` saying so)."""
 
 
 def has_attention(model: nn.Module) -> bool:
-    """Whether ``model`` has an attention module (``nn.MultiheadAttention``, or a module whose class
-    name says attention, as timm's and Hugging Face's do). It only chooses defaults (see
-    :func:`default_methods`); the attention methods themselves look at the operations that run."""
-    return any(isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
-               for m in model.modules())
+    """Whether ``model`` has global attention: an ``nn.MultiheadAttention``, or a module whose class
+    name says attention (timm's, Hugging Face's), leaving out windowed attention (Swin), which the
+    attention methods refuse. It only chooses defaults (see :func:`default_methods`); the attention
+    methods themselves look at the operations that run."""
+    def attention(m: nn.Module) -> bool:
+        name = type(m).__name__.lower()
+        return isinstance(m, nn.MultiheadAttention) or ("attention" in name and "window" not in name
+                                                          and "swin" not in name)
+    return any(attention(m) for m in model.modules())
 
 
 def default_methods(model: nn.Module) -> list[str]:
