@@ -141,24 +141,42 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _conv_stem(dim: int, patch: int) -> nn.Sequential:
+    """``log2(patch)`` 3x3 stride-2 convolutions (widths doubling from 16 up to ``dim``) with GELU between them."""
+    steps = patch.bit_length() - 1
+    widths = [min(16 * 2 ** i, dim) for i in range(steps - 1)] + [dim]
+    layers: list[nn.Module] = []
+    c = 3
+    for i, w in enumerate(widths):
+        layers.append(nn.Conv2d(c, w, 3, stride=2, padding=1))
+        if i < steps - 1:
+            layers.append(nn.GELU())
+        c = w
+    return nn.Sequential(*layers)
+
+
 class ShapesViT(nn.Module):
     """A small Vision Transformer for ``(B, 3, 64, 64)`` images in ``[0, 1]``; output ``(B, num_outputs)``.
 
-    ``normalize`` (as :class:`ShapesNet`) -> ``patch_embed`` (``patch`` x ``patch`` convolution with
-    that stride: an ``(input_size / patch)``-square grid of tokens) -> a learned class token in
-    front, learned position embeddings -> ``blocks`` (``depth`` :class:`ViTBlock`) -> ``norm`` ->
-    ``head`` on the class token. Grad-CAM's layer (:attr:`last_block`) is ``ln_1`` of the last
-    block: after the last attention only the class token reaches the head, so later layers'
-    patch tokens get no gradient.
+    ``normalize`` (as :class:`ShapesNet`) -> tokens: ``patch_embed`` (a ``patch`` x ``patch``
+    convolution with that stride, ViT's linear patch embedding: an ``(input_size / patch)``-square
+    grid), plus, with ``stem=True``, a convolutional stem of ``log2(patch)`` 3x3 stride-2
+    convolutions with GELU (Xiao et al. 2021, "Early convolutions help transformers see better")
+    on the same grid -> a learned class token in front, learned position embeddings -> ``blocks``
+    (``depth`` :class:`ViTBlock`) -> ``norm`` -> ``head`` on the class token. Grad-CAM's layer
+    (:attr:`last_block`) is ``ln_1`` of the last block: after the last attention only the class
+    token reaches the head, so later layers' patch tokens get no gradient.
     """
 
     def __init__(self, num_outputs: int = 5, patch: int = 8, dim: int = 48, depth: int = 4, heads: int = 4,
-                 mlp: int = 96, input_size: int = 64):
+                 mlp: int = 96, input_size: int = 64, stem: bool = True):
         super().__init__()
-        if input_size % patch:
-            raise SalienceError(f"ShapesViT: input_size {input_size} is not a multiple of patch {patch}.")
+        if input_size % patch or (stem and patch & (patch - 1)):
+            raise SalienceError(f"ShapesViT: input_size {input_size} is not a multiple of patch {patch} "
+                                "(or, with stem=True, patch is not a power of 2).")
         self.normalize = Normalize()
-        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)  # first Conv2d: where the token grid is read
+        self.stem = _conv_stem(dim, patch) if stem else None
         n = (input_size // patch) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
@@ -166,7 +184,7 @@ class ShapesViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_outputs)
         self.config = {"num_outputs": num_outputs, "patch": patch, "dim": dim, "depth": depth, "heads": heads,
-                       "mlp": mlp, "input_size": input_size}
+                       "mlp": mlp, "input_size": input_size, "stem": stem}
 
     @property
     def last_block(self) -> str:
@@ -174,7 +192,9 @@ class ShapesViT(nn.Module):
         return f"blocks.{len(self.blocks) - 1}.ln_1"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.patch_embed(self.normalize(x)).flatten(2).transpose(1, 2)
+        x = self.normalize(x)
+        t = self.patch_embed(x) if self.stem is None else self.patch_embed(x) + self.stem(x)
+        t = t.flatten(2).transpose(1, 2)
         t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], 1) + self.pos_embed
         return self.head(self.norm(self.blocks(t))[:, 0])
 
