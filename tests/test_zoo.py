@@ -154,3 +154,27 @@ def test_shapesnet_options():
     assert net(torch.rand(2, 3, 64, 64)).shape == (2, 3) and net.last_block == "features.2"
     with pytest.raises(SalienceError, match="head"):
         zoo.ShapesNet(head="max")
+
+
+def test_vit_recipe_trains_and_reloads(tmp_path):
+    meta = train.train("shapes-vit", out=tmp_path, seed=1, n_train=32, epochs=1, n_held_out=20, verbose=False)
+    assert meta["architecture"] == "ShapesViT" and meta["arch"]["patch"] == 8
+    assert meta["train_command"] == "python -m salience.demo.train shapes-vit --seed 1 --n-train 32 --epochs 1"
+    w = torch.load(tmp_path / "shapes-vit.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in w.values() if v.is_floating_point())
+    model = zoo.build(meta["arch"], meta["architecture"])
+    assert isinstance(model, zoo.ShapesViT)
+    model.load_state_dict({k: v.float() for k, v in w.items()})
+    got = train.evaluate(model, data.shapes_batch(20, 10_001), "classification")["accuracy"]
+    assert got == pytest.approx(meta["held_out"]["accuracy"], abs=1e-5)
+
+
+def test_shapesvit_options():
+    net = zoo.ShapesViT(num_outputs=3, patch=16, dim=16, depth=2, heads=2, mlp=8)
+    assert net(torch.rand(2, 3, 64, 64)).shape == (2, 3) and net.last_block == "blocks.1.ln_1"
+    with pytest.raises(SalienceError, match="multiple of patch"):
+        zoo.ShapesViT(patch=7)
+    with pytest.raises(SalienceError, match="multiple of heads"):
+        zoo.ShapesViT(dim=30, heads=4)
+    with pytest.raises(SalienceError, match="architecture"):
+        zoo.build({}, "ResNet")

@@ -12,10 +12,12 @@ from PIL import Image
 from torch import Tensor, nn
 
 from salience import __version__
+from salience._core.errors import SalienceError
 from salience._core.info import ModelInfo
 from salience.cli.common import EXIT_OK, EXIT_PARTIAL, figure, output_folder, probabilities, safe_name, scores
 from salience.demo import data, zoo
 from salience.demo.clever_hans import clever_hans_report
+from salience.evidence.localization import energy_in_mask, pointing_game
 from salience.methods import METHODS, default_methods
 from salience.methods.class_model import class_model
 from salience.render import viz
@@ -43,11 +45,14 @@ def run(args: argparse.Namespace) -> int:
         "salience demo",
         f"Saliency maps of the bundled demo models on {args.n} held-out shapes images (seed {DEMO_SEED}), "
         f"made by salience {__version__} with every method that applies to these CNNs "
-        f"({', '.join(default_methods(model))}; the attention methods need a transformer).",
+        f"({', '.join(default_methods(model))}), and to the demo Vision Transformer (demo:shapes-vit, "
+        "which adds the attention methods).",
     )
     notes: list[str] = []  # what failed, each also said in the report
-    images, labels, _ = data.shapes(args.n, seed=DEMO_SEED)
-    _classification(rep, out_dir, model, images, labels, notes)
+    images, labels, masks = data.shapes(args.n, seed=DEMO_SEED)
+    cnn_maps = _classification(rep, out_dir, model, images, labels, notes)
+    _section(rep, notes, "Vision Transformer section",
+             lambda: _transformer(rep, out_dir, images, labels, masks, cnn_maps, notes))
     _regression(rep, out_dir, images[: min(4, args.n)])
     rep.heading("What each class looks like to the model (class model visualization)")
     _section(rep, notes, "class model visualization",
@@ -72,8 +77,9 @@ def _section(rep: Report, notes: list[str], what: str, write: Callable[[], Any])
 
 
 def _classification(rep: Report, out_dir: Path, model: nn.Module, images: Tensor, labels: Tensor,
-                    notes: list[str]) -> None:
-    """1. Every method on the classifier's predicted classes, side by side, and a table of the predictions."""
+                    notes: list[str]) -> dict[str, Tensor]:
+    """1. Every method on the classifier's predicted classes, side by side, and a table of the
+    predictions; returns the maps."""
     info = model.salience_info
     out = scores(model, images)
     probs, pred = probabilities(out), out.argmax(1)
@@ -94,6 +100,65 @@ def _classification(rep: Report, out_dir: Path, model: nn.Module, images: Tensor
         f"{info.class_name(int(labels[i]))} -> {info.class_name(int(pred[i]))}" for i in range(images.shape[0])]))
     rep.figure(fig, "rows: images; columns: image, " + ", ".join(maps))
     rep.table(["row", "true class", "predicted", "probability", ""], _prediction_rows(info, labels, pred, probs))
+    for note in failed:
+        rep.paragraph(note, css="bad")
+    notes += failed
+    return maps
+
+
+def _vit_maps(model: nn.Module, images: Tensor, pred: Tensor) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    """Every default method on the ViT: ``(maps, what does not apply and why, what failed)``. The
+    guided rules are defined for ReLUs only and refuse the ViT's GELU: that is said, not a failure."""
+    maps: dict[str, Tensor] = {}
+    skipped, failed = [], []
+    for name in default_methods(model):
+        try:
+            maps[name] = METHODS[name](model, images, pred).detach()
+        except SalienceError as e:
+            if "ReLU-type activations only" not in str(e):
+                failed.append(f"{name} (demo:shapes-vit): failed ({e})")
+            else:
+                skipped.append(name)
+        except Exception as e:  # noqa: BLE001 - one broken method must not sink the report
+            failed.append(f"{name} (demo:shapes-vit): failed ({type(e).__name__}: {e})")
+    return maps, skipped, failed
+
+
+def _localization_rows(vit_maps: dict[str, Tensor], cnn_maps: dict[str, Tensor], masks: Tensor) -> list[tuple]:
+    """A row per method: pointing game and energy in mask on the ViT and on the CNN ('-' where it does not apply)."""
+    def score(maps: dict[str, Tensor], name: str, fn: Callable[[Tensor, Tensor], Tensor]) -> str:
+        return f"{float(torch.nanmean(fn(maps[name], masks))):.3f}" if name in maps else "-"
+
+    names = list(cnn_maps) + [n for n in vit_maps if n not in cnn_maps]
+    return [(n, score(vit_maps, n, pointing_game), score(cnn_maps, n, pointing_game),
+             score(vit_maps, n, energy_in_mask), score(cnn_maps, n, energy_in_mask)) for n in names]
+
+
+def _transformer(rep: Report, out_dir: Path, images: Tensor, labels: Tensor, masks: Tensor,
+                 cnn_maps: dict[str, Tensor], notes: list[str]) -> None:
+    """1b. The demo ViT: every method that applies, and pointing game / energy in mask beside the CNN's."""
+    vit = zoo.load_demo("shapes-vit")
+    info = vit.salience_info
+    pred = scores(vit, images).argmax(1)
+    maps, skipped, failed = _vit_maps(vit, images, pred)
+    acc = info.extra.get("held_out", {}).get("accuracy")
+    rep.heading("The same images through a Vision Transformer (demo:shapes-vit)")
+    rep.paragraph(
+        "A small ViT (8x8 patches, a class token, 4 blocks) trained on the same shapes"
+        + (f", held-out accuracy {100 * acc:.2f} %" if acc is not None else "") + ". Grad-CAM reads the tokens "
+        f"before the last block's attention ({info.default_layer}); attention rollout and transformer "
+        "attribution read every attention matrix."
+        + (f" Not run: {', '.join(skipped)}: their backprop rules are defined for ReLUs and this model uses GELU."
+           if skipped else ""))
+    fig = out_dir / "classification_vit.png"
+    viz.save_png(fig, figure(images, maps, [
+        f"{info.class_name(int(labels[i]))} -> {info.class_name(int(pred[i]))}" for i in range(images.shape[0])]))
+    rep.figure(fig, "demo:shapes-vit; rows: images (true -> predicted); columns: image, " + ", ".join(maps))
+    rep.paragraph(f"Do the maps land on the shape? On these {images.shape[0]} images (the predicted class of each "
+                  "model; pointing game: is the map's maximum on the shape; energy in mask: the share of the map's "
+                  "positive mass on it, about 0.1 for a map that ignores the shape):")
+    rep.table(["method", "pointing game, ViT", "pointing game, CNN", "energy in mask, ViT", "energy in mask, CNN"],
+              _localization_rows(maps, cnn_maps, masks))
     for note in failed:
         rep.paragraph(note, css="bad")
     notes += failed

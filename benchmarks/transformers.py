@@ -1,0 +1,182 @@
+"""The attention methods' cost over the bare passes they need, on torchvision ``vit_b_16``, timed in alternating rounds.
+
+    python benchmarks/transformers.py                      # vit_b_16 (random weights), 4 images 224x224, 2 threads, 7 rounds
+    python benchmarks/transformers.py --batch 2 --rounds 5
+    python benchmarks/transformers.py --profile            # also: where the time of one call of each goes (torch.profiler)
+
+Goal (issue "Real models", Speed): attention rollout costs one forward pass, transformer
+attribution one forward and one backward, each within 1.10x of those bare passes. Two tables, one
+process, the same model and images:
+
+* ``attention_rollout`` vs the **bare forward**: ``model(x)`` under ``torch.no_grad()`` (what
+  torchvision runs: the fused attention kernel).
+* ``transformer_attribution`` vs the **bare forward + backward**: ``model(x)`` with the input
+  requiring grad and parameters frozen, then ``torch.autograd.grad`` of the predicted class's score
+  (before softmax) w.r.t. the input (``paired.bare``'s floor).
+
+Each round runs the method and its bare pass back to back, the order alternating from round to
+round (AB, BA, AB ...: the same position bias for both), after one warm-up of each. Reported: min /
+median / max of each, the ratio of the medians and min / median / max of the per-round ratios; the
+same for the process's CPU time (``time.process_time``, all threads), which a shared machine's
+load inflates less than wall time (time spent waiting for a core is not counted).
+Results go to ``transformers.json`` and ``transformers.md`` (``--out PREFIX`` for others).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+
+import salience
+
+HERE = Path(__file__).resolve().parent
+
+
+def bare_forward(model: torch.nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        model(x)
+
+
+def bare_forward_backward(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> None:
+    """Forward with the input requiring grad, then the input gradient of the target's score."""
+    xi = x.detach().clone().requires_grad_(True)
+    out = model(xi)
+    torch.autograd.grad(out.gather(1, target.view(-1, 1)).sum(), xi)
+
+
+def rounds(fn: Callable[[], object], ref: Callable[[], object], n: int) -> dict:
+    """``n`` alternating rounds (AB, BA, ...) of ``fn`` (the method) and ``ref`` (its bare passes)."""
+    fn()
+    ref()
+    t_fn, t_ref, c_fn, c_ref = [], [], [], []
+    for i in range(n):
+        t, c = {}, {}
+        for which in (("fn", "ref") if i % 2 == 0 else ("ref", "fn")):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn() if which == "fn" else ref()
+            t[which], c[which] = time.perf_counter() - t0, time.process_time() - c0
+        t_fn.append(t["fn"])
+        t_ref.append(t["ref"])
+        c_fn.append(c["fn"])
+        c_ref.append(c["ref"])
+    ratios = [a / b for a, b in zip(t_fn, t_ref)]
+    cpu_ratios = [a / b for a, b in zip(c_fn, c_ref)]
+    return {"method_s": t_fn, "bare_s": t_ref, "ratios": ratios, "method_cpu_s": c_fn, "bare_cpu_s": c_ref,
+            "cpu_ratios": cpu_ratios, "cpu_ratio_median": statistics.median(cpu_ratios),
+            "ratio_of_medians": statistics.median(t_fn) / statistics.median(t_ref),
+            "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios)}
+
+
+def _spread(ts: list[float]) -> str:
+    return f"{min(ts):.3f} / {statistics.median(ts):.3f} / {max(ts):.3f}"
+
+
+def markdown(report: dict) -> str:
+    c = report["config"]
+    lines = [f"# Attention methods vs bare passes: torchvision `{c['model']}` (random weights), {c['batch']} images "
+             f"{c['size']}x{c['size']}, {c['threads']} threads, {c['rounds']} alternating rounds", "",
+             f"`{report['command']}`; torch {report['torch']}; load average {report['loadavg_start']} -> "
+             f"{report['loadavg_end']}", ""]
+    for name, r in report["cases"].items():
+        lines += [f"## `{name}` vs {r['bare']}", "",
+                  "| | min / median / max (s) |", "|---|---|",
+                  f"| `salience.{name}` | {_spread(r['method_s'])} |",
+                  f"| {r['bare']} | {_spread(r['bare_s'])} |",
+                  f"| per-round ratio | {r['ratio_min']:.3f} / {r['ratio_median']:.3f} / {r['ratio_max']:.3f} |",
+                  f"| ratio of the medians | {r['ratio_of_medians']:.3f} |",
+                  f"| CPU time (process, all threads): method / bare / per-round ratio | "
+                  f"{_spread(r['method_cpu_s'])} / {_spread(r['bare_cpu_s'])} / {_spread(r['cpu_ratios'])} |", "",
+                  f"Goal 1.10x: **{verdict(r)}**.", ""]
+    if report.get("profile"):
+        lines += ["## Profile (one call each, torch.profiler, self CPU time)", "", "```", report["profile"], "```", ""]
+    return "\n".join(lines)
+
+
+def verdict(r: dict) -> str:
+    if r["ratio_max"] <= 1.10:
+        return "met (every round within 1.10x)"
+    if r["ratio_median"] <= 1.10:
+        return "met by the median, not by every round"
+    if r["ratio_min"] <= 1.10:
+        return "not met by the median (only some rounds within 1.10x)"
+    return "not met (no round within 1.10x)"
+
+
+def profile(calls: dict[str, Callable[[], object]], rows: int = 12) -> str:
+    """The top operators by self CPU time of one call of each."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    out = []
+    for name, fn in calls.items():
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            fn()
+        out.append(f"--- {name}\n" + p.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows,
+                                                             max_name_column_width=48))
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="vit_b_16")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cases", default="attention_rollout,transformer_attribution")
+    ap.add_argument("--profile", action="store_true", help="also profile one call of each method and bare pass")
+    ap.add_argument("--out", default=str(HERE / "transformers"), help="output prefix (.json and .md)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.model)(weights=None).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zeroes the head: every score would be 0
+    x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    frozen = getattr(torchvision.models, args.model)(weights=None).eval()
+    frozen.load_state_dict(model.state_dict())
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    cases = {
+        "attention_rollout": (lambda: salience.attention_rollout(model, x), lambda: bare_forward(frozen, x),
+                              "bare forward (no grad)"),
+        "transformer_attribution": (lambda: salience.transformer_attribution(model, x, target),
+                                    lambda: bare_forward_backward(frozen, x, target),
+                                    "bare forward + backward (input gradient)"),
+    }
+    command = " ".join(["python benchmarks/transformers.py", *(sys.argv[1:] if argv is None else argv)])
+    report = {"config": vars(args), "command": command, "torch": torch.__version__,
+              "loadavg_start": os.getloadavg(), "cases": {}}
+    for name in args.cases.split(","):
+        fn, ref, what = cases[name]
+        r = rounds(fn, ref, args.rounds)
+        r["bare"] = what
+        report["cases"][name] = r
+        print(f"{name:24s} method {_spread(r['method_s'])} s, bare {_spread(r['bare_s'])} s; ratio min/median/max "
+              f"{r['ratio_min']:.3f}/{r['ratio_median']:.3f}/{r['ratio_max']:.3f}: {verdict(r)}; CPU-time ratios "
+              f"{_spread(r['cpu_ratios'])}", flush=True)
+    if args.profile:
+        calls = {}
+        for name in args.cases.split(","):
+            calls[name] = cases[name][0]
+            calls[cases[name][2]] = cases[name][1]
+        report["profile"] = profile(calls)
+        print(report["profile"])
+    report["loadavg_end"] = os.getloadavg()
+    Path(args.out + ".json").write_text(json.dumps(report, indent=2))
+    Path(args.out + ".md").write_text(markdown(report))
+    print(f"load average {report['loadavg_start']} -> {report['loadavg_end']}; wrote {args.out}.json, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
