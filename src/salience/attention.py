@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from salience._core.errors import SalienceError
-from salience._core.guard import model_guard
+from salience._core.guard import check_python_model, model_guard
 
 __all__ = ["AttentionCapture", "attention_maps", "check_model"]
 
@@ -196,15 +196,7 @@ def _is_attention_softmax(args: tuple, kwargs: dict) -> bool:
 
 def check_model(model: nn.Module, method: str = "this method") -> None:
     """Refuse what a mode cannot see into (TorchScript), and what is no model, with a clear message."""
-    if not isinstance(model, nn.Module):
-        raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
-    for name, m in model.named_modules():
-        if isinstance(m, torch.jit.ScriptModule):
-            where = "the model is" if name == "" else f"its submodule {name!r} is"
-            raise SalienceError(
-                f"{method} cannot see the attention inside TorchScript: {where} a torch.jit.ScriptModule; pass "
-                "the original Python nn.Module"
-            )
+    check_python_model(model, method, "whose compiled graph hides its attention from salience")
 
 
 @contextmanager

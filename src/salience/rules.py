@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from salience._core.errors import SalienceError
+from salience._core.guard import check_python_model
 
 __all__ = ["BackpropRule", "GuidedRule", "DeconvnetRule", "guided", "deconvnet", "check_model", "UNSUPPORTED"]
 
@@ -267,13 +268,5 @@ def deconvnet(*, unsupported: str = "error") -> DeconvnetRule:
 
 def check_model(model: nn.Module, method: str = "this method") -> None:
     """Refuse models whose rectifiers a rule cannot see (TorchScript), with a clear message."""
-    if not isinstance(model, nn.Module):
-        raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
-    for name, m in model.named_modules():
-        if isinstance(m, torch.jit.ScriptModule):
-            where = "the model is" if name == "" else f"its submodule {name!r} is"
-            raise SalienceError(
-                f"{method} cannot be applied to TorchScript: {where} a torch.jit.ScriptModule, whose compiled "
-                "graph runs its ReLUs out of salience's reach (the result would silently be plain gradients). "
-                "Pass the original Python nn.Module instead"
-            )
+    check_python_model(model, method, "whose compiled graph runs its ReLUs out of salience's reach (the result "
+                                      "would silently be plain gradients)")

@@ -21,6 +21,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from salience._core.errors import SalienceError
+
 __all__ = ["model_guard", "ModelState"]
 
 
@@ -81,8 +83,6 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     ``.grad``, and any buffer written in place, also if the block raises.
     """
     if not isinstance(model, nn.Module):
-        from salience._core.errors import SalienceError
-
         raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
     key = id(model)
     with _lock:
@@ -110,3 +110,18 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
                 state.restore()
             else:
                 _active[key] = (count - 1, state)
+
+
+def check_python_model(model: nn.Module, method: str, why: str) -> None:
+    """Refuse what is no ``nn.Module``, and a model with TorchScript in it: an interception mode
+    (backprop rules, attention capture) cannot see inside compiled graphs. ``why`` ends the message
+    (what the method would miss there)."""
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            where = "the model is" if name == "" else f"its submodule {name!r} is"
+            raise SalienceError(
+                f"{method} cannot be applied to TorchScript: {where} a torch.jit.ScriptModule, {why}. "
+                "Pass the original Python nn.Module instead"
+            )
