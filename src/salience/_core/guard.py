@@ -23,7 +23,7 @@ from torch import nn
 
 from salience._core.errors import SalienceError
 
-__all__ = ["model_guard", "ModelState"]
+__all__ = ["model_guard", "ModelState", "check_python_model"]
 
 
 @dataclass
