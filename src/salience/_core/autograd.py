@@ -292,6 +292,11 @@ def _walk_back(scores: list[Tensor], wrt: list[Tensor], need_input: bool) -> lis
     return out
 
 
+def _stack(grads: list[Tensor]) -> Tensor:
+    """``(K, ...)`` from K gradients; one target's is a view, not a copy."""
+    return grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)
+
+
 def backward(
     model: nn.Module,
     x: Tensor,
@@ -327,9 +332,9 @@ def backward(
         per_target = _walk_back(scores, wrt, input_grad)
     inputs = None
     if input_grad:
-        inputs = torch.stack([t.modify_gradient(g[0]) for t, g in zip(targets, per_target)])
+        inputs = _stack([t.modify_gradient(g[0]) for t, g in zip(targets, per_target)])
     first = 1 if input_grad else 0
-    layer_grads = [torch.stack([g[first + i] for g in per_target]) for i in range(len(layers))]
+    layer_grads = [_stack([g[first + i] for g in per_target]) for i in range(len(layers))]
     return Gradients(
         output=out.detach(),
         scores=[s.detach() for s in scores],
