@@ -14,20 +14,15 @@ from salience import SalienceError
 from salience.attention import AttentionCapture, attention_maps
 
 from conftest import SmallCNN, unchanged
-from tiny_vit import TinyViT
+from tiny_vit import TinyViT, torchvision_vit
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.swin_transformer import SwinTransformer  # noqa: E402
-from torchvision.models.vision_transformer import VisionTransformer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def vit():
-    torch.manual_seed(0)
-    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
-                              num_classes=5).eval()
-    nn.init.normal_(model.heads.head.weight)  # torchvision initializes the head to zeros
-    return model
+    return torchvision_vit()
 
 
 @pytest.fixture(scope="module")

@@ -76,3 +76,15 @@ class TinyViT(nn.Module):
             t = self.embed_linear(F.unfold(x, self.patch, stride=self.patch).transpose(1, 2))
         t = torch.cat([self.prefix.expand(x.shape[0], -1, -1), t], dim=1) + self.pos
         return self.head(self.norm(self.blocks(t))[:, 0])
+
+
+def torchvision_vit() -> nn.Module:
+    """torchvision's ``VisionTransformer`` in a small configuration (32 px, patch 8, 2 layers, 2 heads,
+    dim 16, 5 classes), seeded, in eval mode, its head re-drawn: torchvision initializes it to zeros."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                              num_classes=5).eval()
+    nn.init.normal_(model.heads.head.weight)
+    return model
