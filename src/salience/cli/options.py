@@ -11,125 +11,26 @@ The flag's value is read by the parameter's annotation (``int``, ``float``, a nu
 
 Each method gets only the given options it takes (a method with ``**options`` and a ``method``
 parameter, SmoothGrad, also takes those of its inner method); an option that no chosen method
-takes is refused, naming the methods that take it.
+takes is refused, naming the methods that take it. Reading values and binding them to methods is
+:mod:`salience.methods.options`'s (shared with the explorer); this module adds the flags.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import inspect
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
-
-from torch import Tensor, nn
+from typing import Any, Callable
 
 from salience._core.errors import SalienceError, suggest
-from salience._core.layers import resolve_layer
 from salience.methods import METHODS
-from salience.methods.smoothgrad import VARIANTS
-from salience.reduce import GRAD_MODIFIERS, REDUCTIONS
-from salience.rules import UNSUPPORTED
+from salience.methods.options import (CHOICES, NOT_FLAGS, MethodOption, accepted, bind, check_applicable,  # noqa: F401
+                                      check_layer, check_values, keyword_parameters, method_options, option_error,
+                                      read_value, show_default, wraps_methods)
+from salience.methods.options import _INNER, _signature
 
-NOT_FLAGS: dict[str, str] = {
-    "progress": "the command draws its own progress bar (--progress)",
-    "return_gap": "it turns the result into (maps, gap); the command writes maps",
-}
-"""Keyword parameters that are no flag, and why."""
-
-_FLAG_NAMES = {"method": "--smooth-method"}
-_INNER = "method"  # the keyword of a method that wraps another (SmoothGrad)
-_CHOICES: dict[str, Sequence[str]] = {
-    "reduce": [*REDUCTIONS, "none"], "grad_modifier": list(GRAD_MODIFIERS), "unsupported": UNSUPPORTED,
-    "variant": VARIANTS, _INNER: list(METHODS),
-}
-"""The registry each named value is looked up in (as the methods themselves do)."""
-
-_DEST = "method_option_"
-
-
-@dataclass
-class MethodOption:
-    """One keyword parameter of one or more methods, as a flag: ``defaults`` per method name."""
-
-    keyword: str
-    flag: str
-    annotation: str
-    kind: str  # "bool", "int", "float", "number" (a number or a name), "name", "method"
-    defaults: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def dest(self) -> str:
-        return _DEST + self.keyword
-
-    def metavar(self) -> str:
-        return {"int": "N", "float": "X", "number": "VALUE"}.get(self.kind, "NAME")
-
-
-def keyword_parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
-    """``fn``'s keyword-only parameters that are flags (not those of :data:`NOT_FLAGS`)."""
-    return [p for p in _signature(fn).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in NOT_FLAGS]
-
-
-def _signature(fn: Callable[..., Any]) -> inspect.Signature:
-    try:
-        return inspect.signature(fn)
-    except (TypeError, ValueError):  # a builtin without a signature: no options
-        return inspect.Signature()
-
-
-def wraps_methods(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` takes an inner method (``method=``) and hands it other options (``**options``)."""
-    params = _signature(fn).parameters.values()
-    return (any(p.name == _INNER and p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
-            and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params))
-
-
-def accepted(fn: Callable[..., Any], inner: Optional[Callable[..., Any]] = None) -> set[str]:
-    """The flag keywords ``fn`` takes; with ``inner`` (for a method that wraps one) also the inner's."""
-    names = {p.name for p in keyword_parameters(fn)}
-    if inner is not None and wraps_methods(fn):
-        names |= {p.name for p in keyword_parameters(inner)} - {_INNER}
-    return names
-
-
-def _annotation(p: inspect.Parameter) -> str:
-    a = p.annotation
-    if a is inspect.Parameter.empty:
-        return type(p.default).__name__ if p.default is not None else ""
-    return a if isinstance(a, str) else getattr(a, "__name__", str(a))
-
-
-def _kind(keyword: str, annotation: str, default: Any) -> str:
-    if keyword == _INNER:
-        return "method"
-    if isinstance(default, bool):
-        return "bool"
-    words = set(re.findall(r"[A-Za-z_]+", annotation))
-    if "str" in words or not words & {"int", "float"}:
-        return "number" if words & {"int", "float"} else "name"
-    return "float" if "float" in words else "int"
-
-
-def method_options(methods: Optional[dict[str, Callable[..., Any]]] = None) -> dict[str, MethodOption]:
-    """Every flag keyword of the methods (default :data:`METHODS`), in the order first met."""
-    options: dict[str, MethodOption] = {}
-    for name, fn in (METHODS if methods is None else methods).items():
-        for p in keyword_parameters(fn):
-            if p.name not in options:
-                ann = _annotation(p)
-                flag = _FLAG_NAMES.get(p.name, "--" + p.name.replace("_", "-"))
-                options[p.name] = MethodOption(p.name, flag, ann, _kind(p.name, ann, p.default))
-            options[p.name].defaults[name] = p.default
-    return options
-
-
-def show_default(value: Any) -> str:
-    """A default as the command line writes it."""
-    if callable(value):
-        return next((n for n, f in METHODS.items() if f is value), getattr(value, "__name__", repr(value)))
-    return "none" if value is None else str(value)
+__all__ = ["NOT_FLAGS", "CHOICES", "MethodOption", "method_options", "keyword_parameters", "accepted",
+           "wraps_methods", "show_default", "read_value", "bind", "check_applicable", "check_layer", "check_values",
+           "option_error", "add_method_args", "given_options", "describe"]
 
 
 # --------------------------------------------------------------------------------- parser
@@ -150,7 +51,7 @@ def _help(opt: MethodOption) -> str:
     for name, d in opt.defaults.items():
         groups.setdefault(show_default(d), []).append(name)
     defaults = "; ".join(f"{', '.join(ns)}: default {d}" for d, ns in groups.items())
-    choices = f" One of {', '.join(_CHOICES[opt.keyword])}." if opt.keyword in _CHOICES else ""
+    choices = f" One of {', '.join(CHOICES[opt.keyword])}." if opt.keyword in CHOICES else ""
     wrappers = [n for n, fn in METHODS.items() if wraps_methods(fn) and opt.keyword not in accepted(fn)]
     via = "".join(f" Also {w} --smooth-method NAME." for w in wrappers) if opt.keyword != _INNER else ""
     return f"{defaults}.{choices}{via}".replace("%", "%%")
@@ -164,118 +65,6 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
         if text is not None:
             given[opt.keyword] = text if opt.kind == "bool" else read_value(opt, text)
     return given
-
-
-def read_value(opt: MethodOption, text: str) -> Any:
-    """``text`` as ``opt``'s value; a :class:`SalienceError` naming the flag if it cannot be."""
-    t = text.strip()
-    if opt.keyword in _CHOICES and t not in _CHOICES[opt.keyword]:
-        raise SalienceError(f"{opt.flag} must be one of {', '.join(_CHOICES[opt.keyword])}, got {t!r}"
-                            f"{suggest(t, list(_CHOICES[opt.keyword]))}")
-    if opt.kind == "method":
-        return METHODS[t]
-    if t.lower() == "none" and ("None" in opt.annotation or opt.keyword in _CHOICES):
-        return None
-    if opt.kind in ("int", "float", "number"):
-        for convert in ((int,) if opt.kind == "int" else (float,) if opt.kind == "float" else (int, float)):
-            try:
-                return convert(t)
-            except ValueError:
-                pass
-        if opt.kind != "number":
-            raise SalienceError(f"{opt.flag} must be {'an int' if opt.kind == 'int' else 'a number'}, got {text!r}")
-    return t
-
-
-# --------------------------------------------------------------------------------- methods
-
-
-def check_applicable(methods: Sequence[str], given: dict[str, Any]) -> None:
-    """Refuse a given option that none of ``methods`` takes, naming the methods that take it."""
-    inner = given.get(_INNER)
-    taken: set[str] = set()
-    for name in methods:
-        taken |= accepted(METHODS[name], inner or _default_inner(METHODS[name]))
-    for keyword in given:
-        if keyword not in taken:
-            opt = method_options()[keyword]
-            raise SalienceError(f"{opt.flag} is an option of {_takers(keyword)}; not of "
-                                f"{', '.join(methods)} (add --method with one that takes it, or drop {opt.flag})")
-
-
-def _default_inner(fn: Callable[..., Any]) -> Optional[Callable[..., Any]]:
-    p = _signature(fn).parameters.get(_INNER)
-    return p.default if p is not None and wraps_methods(fn) and callable(p.default) else None
-
-
-def _takers(keyword: str) -> str:
-    """The methods that take ``keyword``: themselves, and through a wrapping method."""
-    own = [n for n, fn in METHODS.items() if keyword in accepted(fn)]
-    wrappers = [n for n, fn in METHODS.items() if wraps_methods(fn) and keyword not in accepted(fn)]
-    via = [f"{w} --smooth-method {'|'.join(n for n in own if n != w)}" for w in wrappers if own]
-    return ", ".join(own) + (f" (also through {', '.join(via)})" if via else "")
-
-
-def bind(name: str, given: dict[str, Any]) -> tuple[Callable[..., Tensor], dict[str, Any]]:
-    """Method ``name`` with those of the ``given`` options that it takes, and those options."""
-    fn = METHODS[name]
-    taken = {k: v for k, v in given.items() if k in accepted(fn, given.get(_INNER) or _default_inner(fn))}
-    return (functools.partial(fn, **taken) if taken else fn), taken
-
-
-def option_error(message: str, given: dict[str, Any]) -> Optional[str]:
-    """``message`` prefixed with the flag of the first given option it names, or ``None`` if it names none."""
-    options = method_options()
-    for keyword in given:
-        if keyword != _INNER and re.search(rf"\b{re.escape(keyword)}\b", message):
-            return f"{options[keyword].flag}: {message}"
-    return None
-
-
-def check_layer(model: nn.Module, given: dict[str, Any]) -> None:
-    """``--layer`` looked up in the model before anything is computed."""
-    if given.get("layer") is not None:
-        try:
-            resolve_layer(model, given["layer"])
-        except SalienceError as e:
-            raise SalienceError(f"--layer: {e}") from None
-
-
-class _Halt(BaseException):
-    """Raised by :class:`_Halting` at the first forward pass of a dry run."""
-
-
-class _Halting(nn.Module):
-    """The model for a dry run: the same parameters, a forward pass that stops the method."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise _Halt()
-
-
-def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dict[str, Any]) -> None:
-    """Run each method's own checks of the given option values, stopping it at its first forward
-    pass (a dry run on ``x``, nothing computed): a bad value is a :class:`SalienceError` naming the
-    flag. Errors that name no given option (the model, the input) are left to the real run."""
-    options = {k: v for k, v in given.items() if k != "layer"}  # looked up in the model by check_layer
-    if not options:
-        return
-    halting = _Halting(model)
-    for name in methods:
-        fn, _ = bind(name, options)
-        try:
-            fn(halting, x)
-        except _Halt:
-            pass
-        except SalienceError as e:
-            msg = option_error(str(e), given)
-            if msg:
-                raise SalienceError(msg) from None
-        except Exception:  # noqa: BLE001 - not about the options: the real run reports it
-            pass
 
 
 # --------------------------------------------------------------------------------- salience list METHOD
