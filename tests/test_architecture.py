@@ -29,6 +29,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "salience.compat": BASICS + ("salience.methods", "salience.loading", "salience.compat"),
     "salience.demo": BASICS + ("salience.methods", "salience.evidence", "salience.loading", "salience.render",
                                "salience.demo"),
+    "salience.explore": BASICS + ("salience.methods", "salience.evidence", "salience.loading", "salience.render",
+                                  "salience.explore") + DEMO_LEAVES,
     "salience.cli": ("salience",),
 }
 
@@ -85,7 +87,7 @@ def test_imports_point_down(path):
 def test_the_rooms_cover_the_package():
     rooms = {_room(_module_name(p)) for p in MODULES}
     assert {"salience._core", "salience.methods", "salience.evidence", "salience.loading", "salience.render",
-            "salience.demo", "salience.compat", "salience.cli"} <= rooms
+            "salience.demo", "salience.compat", "salience.explore", "salience.cli"} <= rooms
 
 
 def test_core_knows_no_target_class():

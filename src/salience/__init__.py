@@ -20,6 +20,7 @@ from salience.methods import (METHODS, attention_rollout, class_model, deconvnet
 from salience.reduce import normalize
 from salience import methods, evidence, loading, render, demo, compat
 from salience.loading import load_model
+from salience.explore import explore  # the function; the package's modules stay importable
 
 # Shorter names for the modules users reach most (and the names of salience 0.1).
 from salience.demo import data, zoo
@@ -43,6 +44,7 @@ __all__ = [
     "model_guard",
     "normalize",
     "load_model",
+    "explore",
     "vanilla",
     "guided_backprop",
     "deconvnet",

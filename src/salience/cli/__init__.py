@@ -1,8 +1,8 @@
 """The ``salience`` command.
 
 Commands, a module each: ``explain`` (saliency maps of image files), ``demo`` (an HTML report on
-the bundled demo models), ``list``, ``visualize`` (class model images) and ``evaluate`` (metrics);
-:mod:`salience.cli.common` holds what they share.
+the bundled demo models), ``list``, ``visualize`` (class model images), ``evaluate`` (metrics) and
+``explore`` (a local web page); :mod:`salience.cli.common` holds what they share.
 
 Command-line strings reach functions only through the library's registries, never a table of
 the CLI's own: method names through :data:`salience.methods.METHODS` (as the metrics and
@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from salience import __version__
 from salience._core.errors import SalienceError
-from salience.cli import demo_cmd, evaluate_cmd, explain_cmd, list_cmd, visualize_cmd
+from salience.cli import demo_cmd, evaluate_cmd, explain_cmd, explore_cmd, list_cmd, visualize_cmd
 from salience.cli.common import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, error,
                                  parse_class, parse_methods)
 from salience.cli.demo_cmd import DEMO_SEED
@@ -31,7 +31,7 @@ from salience.cli.demo_cmd import DEMO_SEED
 __all__ = ["main", "build_parser", "parse_methods", "parse_class", "DEMO_SEED",
            "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "EXIT_INTERNAL", "EXIT_INTERRUPTED"]
 
-_COMMANDS = (explain_cmd, demo_cmd, list_cmd, visualize_cmd, evaluate_cmd)
+_COMMANDS = (explain_cmd, demo_cmd, list_cmd, visualize_cmd, evaluate_cmd, explore_cmd)
 """The command modules, in the order of the help: each has ``add_parser(subparsers)`` and ``run(args)``."""
 
 

@@ -1,0 +1,50 @@
+"""``salience explore``: a local web page to compare methods, targets and models on your images."""
+from __future__ import annotations
+
+import argparse
+import re
+import webbrowser
+from typing import Any
+
+from salience.cli.common import EXIT_OK, add_model_args, model_specs_help
+from salience.loading import DEFAULT_MAX_PIXELS
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("explore", help="a local web page: compare methods, classes and models on your images",
+                       description="Start the explorer on 127.0.0.1 and a free port and print its URL: drop an "
+                                   "image, click classes, add methods, change settings, compare two models.",
+                       epilog="models (--model, --compare):\n" + model_specs_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files or folders to pick from (only these and uploads are ever served)")
+    add_model_args(p)
+    p.add_argument("--compare", metavar="MODEL", help="a second model shown side by side (same loading options)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; any other lets anyone who reaches the port "
+                        "run the model, and prints a warning)")
+    p.add_argument("--port", type=int, default=0, help="port (default 0: a free port)")
+    p.add_argument("--open", action="store_true", help="open the page in the default browser")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse images over N pixels before decoding (default {DEFAULT_MAX_PIXELS:,})")
+    p.set_defaults(func=run)
+
+
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    output = args.output
+    if output is not None and re.fullmatch(r"-?\d+", output.strip()):
+        output = int(output)
+    return {"weights": args.weights, "trust_pickle": args.trust_pickle, "device": args.device, "output": output}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C."""
+    from salience.explore.server import start
+
+    explorer = start(args.model, args.images, compare=args.compare, host=args.host, port=args.port,
+                     max_pixels=args.max_pixels, load=_load_options(args), background=False)
+    print(f"salience explore: {explorer.url}  (Ctrl-C stops it)", flush=True)
+    if args.open:
+        webbrowser.open(explorer.url)
+    explorer.serve_forever()
+    return EXIT_OK

@@ -1,0 +1,66 @@
+"""The explorer: a local web page to compare methods, targets and models on your own images.
+
+``salience.explore(model, images)`` (or ``salience explore --model M IMAGES``) starts a server on
+127.0.0.1 and a free port: drop an image, see the model's top classes, add methods and classes to
+a grid of maps, change each method's settings, and the display (opacity, colormap, signed /
+absolute, percentile clip) in the browser without recomputing; insertion / deletion curves and the
+randomization sanity check on demand; the figure as PNG and the raw maps as ``.npy``. The page is
+plain HTML / JS / CSS shipped in the package (``static/``), with relative URLs only.
+
+Rooms: :mod:`~salience.explore.jobs` (the worker: one computation at a time per model, a queue
+with positions, progress and cancel), :mod:`~salience.explore.cache`, :mod:`~salience.explore.images`
+(sources of images: files, uploads), :mod:`~salience.explore.compute` (what runs on a model),
+:mod:`~salience.explore.app` (the Starlette app) and :mod:`~salience.explore.server` (uvicorn).
+Starlette and uvicorn are imported only when a server starts (``pip install 'salience[explore]'``).
+
+``salience.explore`` is this function; the package's modules are reached as
+``from salience.explore import server`` or ``import salience.explore.app``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence, Union
+
+from torch import nn
+
+from salience.loading.images import DEFAULT_MAX_PIXELS
+
+__all__ = ["explore"]
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def explore(model: Union[str, nn.Module], images: Optional[Sequence[Union[str, "os.PathLike[str]"]]] = None, *,
+            compare: Union[None, str, nn.Module] = None, host: str = "127.0.0.1", port: int = 0,
+            max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, show: Optional[bool] = None,
+            height: int = 800, **load: Any) -> Any:
+    """Start the explorer for ``model`` (a module, or any spec :func:`salience.load_model` takes;
+    ``load`` keywords go to it) in a background thread and return its handle
+    (:class:`salience.explore.server.Explorer`: ``.url``, ``.stop()``).
+
+    ``images``: image files or folders to pick from (only these and uploads are served).
+    ``compare``: a second model shown side by side. ``host`` / ``port``: where to listen (default
+    loopback and a free port; another host prints a warning). ``show``: display the page inline
+    (an IFrame) when in a Jupyter notebook (default), else print the URL.
+    """
+    from salience.explore.server import start
+
+    explorer = start(model, list(images or []), compare=compare, host=host, port=port, max_pixels=max_pixels,
+                     load=load)
+    notebook = _in_notebook() if show is None else show
+    if notebook:
+        from IPython.display import IFrame, display
+
+        prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX")  # behind JupyterHub: jupyter-server-proxy's path
+        src = f"{prefix.rstrip('/')}/proxy/{explorer.port}/" if prefix else explorer.url
+        display(IFrame(src, width="100%", height=height))
+    else:
+        print(f"salience explore: {explorer.url}")
+    return explorer

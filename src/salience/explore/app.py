@@ -1,0 +1,464 @@
+"""The explorer's web application (Starlette): the page, its static files, and the JSON API.
+
+Every URL is relative to where the app is mounted (the page uses ``api/...`` and
+``static/...``), so it works behind the proxies of VS Code, JupyterHub and hosted notebooks.
+Requests are checked before anything is queued: a bad one gets a 4xx with ``{"error": "..."}``
+and the server goes on. Computations are jobs on the model's worker (:mod:`salience.explore.jobs`):
+``POST api/explain`` answers at once, with the map's key when it is cached, else with a job to
+poll (``GET api/jobs/ID``: state, queue position, progress) or cancel (``DELETE api/jobs/ID``).
+
+Endpoints: ``GET api/info`` (models, methods and their options, colormaps, limits), ``GET
+api/colormaps/NAME``, ``GET/POST api/images``, ``GET api/images/ID/picture.png?slot=``, ``GET
+api/models/SLOT/top?image=&k=``, ``GET api/models/SLOT/layers``, ``POST api/explain``, ``GET/DELETE
+api/jobs/ID``, ``GET api/maps/KEY.npy`` (raw float32), ``GET api/maps/KEY/display.npy`` (the
+``(H, W)`` map drawn), ``GET api/maps/KEY.png``, ``POST api/maps/KEY/curves``, ``POST
+api/maps/KEY/sanity``, ``GET api/figure.png?image=&keys=``, ``GET api/status``, ``GET api/runs``.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+import torch
+
+from salience import __version__
+from salience._core.errors import SalienceError
+from salience._core.tensors import model_device
+from salience.explore import compute
+from salience.explore.cache import ResultCache, key_of
+from salience.explore.compute import ExplainRequest, ModelSlot
+from salience.explore.images import ImageStore
+from salience.explore.jobs import Job, QueueFull, Ticker
+from salience.methods.gradcam import default_layer
+from salience.render import viz
+
+__all__ = ["Hub", "create_app", "STATIC"]
+
+STATIC = Path(__file__).resolve().parent / "static"
+_MAX_JOBS = 4096  # finished jobs kept for polling (oldest dropped first)
+_WAIT_S = 120.0  # longest a request waits for a quick job (top classes, default layer)
+
+
+class Hub:
+    """The server's state: the model slots, the images, the cache of results, the jobs."""
+
+    def __init__(self, slots: Sequence[ModelSlot], images: ImageStore, *, cache_bytes: int = 512 * 2**20,
+                 runs: Optional[Any] = None) -> None:
+        self.slots = {s.name: s for s in slots}
+        self.images = images
+        self.cache = ResultCache(cache_bytes)
+        self.runs = runs  # a dataset-run source plugs in here (not built yet)
+        self.jobs: collections.OrderedDict[str, tuple[Job, ModelSlot]] = collections.OrderedDict()
+        self.maps: dict[str, ExplainRequest] = {}
+        self.inflight: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lookups (404s)
+
+    def slot(self, name: str) -> ModelSlot:
+        if name not in self.slots:
+            raise HTTPException(404, f"no model {name!r}; the models are {', '.join(self.slots)}")
+        return self.slots[name]
+
+    def image(self, image_id: Any) -> Any:
+        try:
+            return self.images.load(str(image_id))
+        except KeyError:
+            raise HTTPException(404, f"no image {image_id!r}; upload it or pick one of GET api/images") from None
+
+    def request_of(self, key: str) -> ExplainRequest:
+        if key not in self.maps:
+            raise HTTPException(404, f"no map {key!r}; ask for it with POST api/explain")
+        return self.maps[key]
+
+    def job(self, job_id: str) -> tuple[Job, ModelSlot]:
+        with self._lock:
+            if job_id not in self.jobs:
+                raise HTTPException(404, f"no job {job_id!r}")
+            return self.jobs[job_id]
+
+    # ------------------------------------------------------------------ jobs
+
+    def submit(self, slot: ModelSlot, kind: str, run: Callable[[Ticker], Any], key: Optional[str] = None,
+               **meta: Any) -> Job:
+        """A job on ``slot``'s worker; the same ``key`` in flight gives the job already queued."""
+        with self._lock:
+            if key is not None and key in self.inflight and not self.inflight[key].ended.is_set():
+                return self.inflight[key]
+
+        def keep(ticker: Ticker) -> Any:
+            try:
+                result = run(ticker)
+                if key is not None:
+                    self.cache.put(key, result)
+                return result
+            finally:
+                with self._lock:
+                    if key is not None and self.inflight.get(key) is job:
+                        del self.inflight[key]
+
+        job = Job(kind, keep, meta={"key": key, **meta})
+        try:
+            slot.worker.submit(job)
+        except QueueFull as e:
+            raise HTTPException(503, str(e)) from None
+        with self._lock:
+            if key is not None:
+                self.inflight[key] = job
+            self.jobs[job.id] = (job, slot)
+            while len(self.jobs) > _MAX_JOBS:
+                old = next(iter(self.jobs))
+                if not self.jobs[old][0].ended.is_set():
+                    break
+                del self.jobs[old]
+        return job
+
+    def map_raw(self, key: str, ticker: Optional[Ticker] = None) -> Any:
+        """The raw map ``key`` from the cache, or computed again (in the worker) when it was dropped."""
+        raw = self.cache.get(key)
+        if raw is None:
+            if ticker is None:
+                raise HTTPException(409, f"map {key!r} is not computed yet (or was dropped): POST api/explain again")
+            req = self.request_of(key)
+            slot = self.slot(req.slot)
+            image, _ = self.image(req.image)
+            raw = compute.explain(slot, image, req.method, req.target, compute.read_options(req.method, req.given()),
+                                  ticker)
+            self.cache.put(key, raw)
+        return raw
+
+    def job_json(self, job: Job, slot: ModelSlot) -> dict[str, Any]:
+        out = {"job": job.id, "kind": job.kind, "state": job.state, "progress": job.progress(),
+               "position": slot.worker.position(job) if job.state == "queued" else None,
+               "key": job.meta.get("key"), "model": slot.name}
+        if job.state == "error":
+            out.update(error=job.error, code=job.status_code)
+        if job.state == "done" and job.kind in ("curves", "sanity", "top"):
+            out["result"] = job.result
+        return out
+
+    def close(self) -> None:
+        for s in self.slots.values():
+            s.worker.stop()
+        self.images.close()
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        raise HTTPException(400, "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, "the body must be a JSON object")
+    return body
+
+
+async def _wait(job: Job, timeout: float = _WAIT_S) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not job.ended.is_set():
+        if loop.time() > end:
+            raise HTTPException(504, "the model is busy; try again")
+        await asyncio.sleep(0.01)
+    if job.state == "error":
+        raise HTTPException(job.status_code, job.error or "failed")
+    if job.state == "cancelled":
+        raise HTTPException(409, "cancelled")
+
+
+def _float(request: Request, name: str, default: float, lo: float, hi: float) -> float:
+    text = request.query_params.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        v = float(text)
+    except ValueError:
+        raise HTTPException(400, f"{name} must be a number, got {text!r}") from None
+    if not lo <= v <= hi:
+        raise HTTPException(400, f"{name} must be in [{lo:g}, {hi:g}], got {text!r}")
+    return v
+
+
+def _display(request: Request) -> dict[str, Any]:
+    """Colormap, percentile and signedness from the query (as the page's display controls)."""
+    cmap = request.query_params.get("cmap") or None
+    if cmap is not None and cmap not in viz.COLORMAPS:
+        raise HTTPException(400, f"unknown colormap {cmap!r}; one of {', '.join(viz.COLORMAPS)}")
+    signed_text = request.query_params.get("signed", "auto")
+    if signed_text not in ("auto", "signed", "abs"):
+        raise HTTPException(400, f"signed must be auto, signed or abs, got {signed_text!r}")
+    signed = {"auto": None, "signed": True, "abs": False}[signed_text]
+    return {"cmap": cmap, "percentile": _float(request, "percentile", 99.0, 50.0, 100.0), "signed": signed}
+
+
+def _hub(request: Request) -> Hub:
+    return request.app.state.hub
+
+
+# --------------------------------------------------------------------------------- endpoints
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def info(request: Request) -> Response:
+    hub = _hub(request)
+    return JSONResponse({
+        "version": __version__, "models": [s.describe() for s in hub.slots.values()],
+        "methods": compute.options_schema(), "colormaps": list(viz.COLORMAPS),
+        "limits": {"max_pixels": hub.images.max_pixels, "max_upload_bytes": hub.images.max_upload_bytes},
+        "runs": hub.runs is not None,
+    })
+
+
+async def colormap(request: Request) -> Response:
+    name = request.path_params["name"]
+    if name not in viz.COLORMAPS:
+        raise HTTPException(404, f"unknown colormap {name!r}; one of {', '.join(viz.COLORMAPS)}")
+    return JSONResponse({"name": name, "lut": viz.colormap(name).tolist()})
+
+
+async def list_images(request: Request) -> Response:
+    return JSONResponse({"images": [e.public() for e in _hub(request).images.entries()]})
+
+
+async def upload(request: Request) -> Response:
+    hub = _hub(request)
+    limit = hub.images.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit + 65536:
+        raise HTTPException(413, f"the upload is over the limit of {limit / 2**20:g} MB")
+    name = request.query_params.get("name", "upload")
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=4)
+        item = form.get("file")
+        if item is None or isinstance(item, str):
+            raise HTTPException(400, "a multipart upload needs the image in a field named 'file'")
+        data, name = await item.read(limit + 1), item.filename or name
+    else:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"the upload is over the limit of {limit / 2**20:g} MB")
+            chunks.append(chunk)
+        data = b"".join(chunks)
+    if not data:
+        raise HTTPException(400, "the upload is empty; send the image file's bytes")
+    if len(data) > limit:
+        raise HTTPException(413, f"the upload is over the limit of {limit / 2**20:g} MB")
+    entry = await asyncio.to_thread(hub.images.add_upload, data, name)
+    image, _ = hub.images.load(entry.id)
+    return JSONResponse({**entry.public(), "width": int(image.shape[-1]), "height": int(image.shape[-2])}, 201)
+
+
+async def picture(request: Request) -> Response:
+    hub = _hub(request)
+    slot = hub.slot(request.query_params.get("slot", "a"))
+    image, _ = hub.image(request.path_params["id"])
+    pic = viz.to_uint8_image(slot.picture(image))
+    return Response(compute.png_bytes(pic), media_type="image/png")
+
+
+async def top(request: Request) -> Response:
+    hub = _hub(request)
+    slot = hub.slot(request.path_params["slot"])
+    image_id = request.query_params.get("image", "")
+    image, digest = hub.image(image_id)
+    k = int(_float(request, "k", 5, 1, 1000))
+    key = key_of(kind="top", model=slot.info.name, slot=slot.name, image=digest or image_id, k=k)
+    cached = hub.cache.get(key)
+    if cached is None:
+        job = hub.submit(slot, "top", lambda t: compute.top_classes(slot, image, k), key=key)
+        await _wait(job)
+        cached = job.result
+    return JSONResponse({"model": slot.name, "image": image_id, "classes": cached})
+
+
+async def layers(request: Request) -> Response:
+    hub = _hub(request)
+    slot = hub.slot(request.path_params["slot"])
+    if slot.default_layer is None:
+        def find(t: Ticker) -> str:
+            x = torch.zeros(1, slot.info.channels, *slot.size, device=model_device(slot.model))
+            return default_layer(slot.model, x)
+        job = hub.submit(slot, "layers", find)
+        try:
+            await _wait(job)
+            slot.default_layer = job.result
+        except HTTPException:
+            slot.default_layer = ""
+    return JSONResponse({"model": slot.name, "default": slot.default_layer or None,
+                         "layers": compute.layer_tree(slot.model)})
+
+
+async def explain(request: Request) -> Response:
+    hub = _hub(request)
+    body = await _json_body(request)
+    slot = hub.slot(str(body.get("model", "a")))
+    image_id = body.get("image")
+    image, digest = hub.image(image_id)
+    method = body.get("method")
+    if not isinstance(method, str):
+        raise HTTPException(400, "method must be a method name, e.g. vanilla")
+    raw_options = body.get("options") or {}
+    if not isinstance(raw_options, dict):
+        raise HTTPException(400, "options must be an object {keyword: value}")
+    target = body.get("target")
+    given = compute.check_request(slot, method, target, raw_options)
+    canon = {k: str(v).strip() for k, v in raw_options.items() if k in given}
+    key = key_of(kind="map", model=slot.info.name, slot=slot.name, image=digest or image_id, method=method,
+                 target=target, options=canon)
+    hub.maps[key] = ExplainRequest(slot.name, str(image_id), method, int(target),
+                                   tuple(sorted((k, v) for k, v in canon.items())))
+    about = {"key": key, "model": slot.name, "method": method, "target": target,
+             "target_name": slot.class_name(int(target))}
+    if key in hub.cache:
+        return JSONResponse({**about, "state": "done", "progress": 1.0})
+    job = hub.submit(slot, "explain", lambda t: compute.explain(slot, image, method, int(target), given, t), key=key)
+    return JSONResponse({**about, **hub.job_json(job, slot)}, 202)
+
+
+async def job_status(request: Request) -> Response:
+    hub = _hub(request)
+    job, slot = hub.job(request.path_params["id"])
+    return JSONResponse(hub.job_json(job, slot))
+
+
+async def job_cancel(request: Request) -> Response:
+    hub = _hub(request)
+    job, slot = hub.job(request.path_params["id"])
+    slot.worker.cancel(job)
+    return JSONResponse(hub.job_json(job, slot))
+
+
+async def map_npy(request: Request) -> Response:
+    hub = _hub(request)
+    key = request.path_params["key"]
+    hub.request_of(key)
+    raw = hub.map_raw(key)
+    data = raw if request.path_params.get("what") != "display" else compute.display_map(raw)
+    return Response(compute.npy_bytes(data), media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{_file_name(hub, key)}.npy"'})
+
+
+def _file_name(hub: Hub, key: str) -> str:
+    req = hub.maps[key]
+    return f"{req.method}-class{req.target}-{req.image}-{req.slot}"
+
+
+async def map_png(request: Request) -> Response:
+    hub = _hub(request)
+    key = request.path_params["key"]
+    hub.request_of(key)
+    png = compute.map_png(hub.map_raw(key), **_display(request))
+    return Response(png, media_type="image/png",
+                    headers={"Content-Disposition": f'inline; filename="{_file_name(hub, key)}.png"'})
+
+
+async def on_map(request: Request) -> Response:
+    """``POST api/maps/KEY/curves`` and ``.../sanity``: a job, or the cached result."""
+    hub = _hub(request)
+    key, what = request.path_params["key"], request.path_params["what"]
+    if what not in ("curves", "sanity"):
+        raise HTTPException(404, f"no {what!r} for a map; curves or sanity")
+    req = hub.request_of(key)
+    slot = hub.slot(req.slot)
+    rkey = key_of(kind=what, map=key)
+    cached = hub.cache.get(rkey)
+    if cached is not None:
+        return JSONResponse({"key": key, "state": "done", "kind": what, "result": cached, "progress": 1.0})
+    image, _ = hub.image(req.image)
+    given = compute.read_options(req.method, req.given())
+
+    def run(t: Ticker) -> Any:
+        raw = hub.map_raw(key, t)
+        if what == "curves":
+            return compute.curves(slot, image, raw, req.target, t)
+        return compute.sanity(slot, image, req.method, req.target, given, t)
+    job = hub.submit(slot, what, run, key=rkey)
+    return JSONResponse({**hub.job_json(job, slot), "key": key}, 202)
+
+
+async def figure(request: Request) -> Response:
+    hub = _hub(request)
+    keys = [k for k in request.query_params.get("keys", "").split(",") if k]
+    if not keys:
+        raise HTTPException(400, "keys must name one or more maps (from POST api/explain), comma-separated")
+    reqs = [hub.request_of(k) for k in keys]
+    if len({r.image for r in reqs}) != 1:
+        raise HTTPException(400, "a figure shows the maps of one image; these keys are of several")
+    slot = hub.slot(reqs[0].slot)
+    image, _ = hub.image(reqs[0].image)
+    maps = {}
+    for k, r in zip(keys, reqs):
+        label = f"{r.method} {hub.slot(r.slot).class_name(r.target)}" + (f" ({r.slot})" if len(hub.slots) > 1 else "")
+        maps[label] = hub.map_raw(k)
+    d = _display(request)
+    png = compute.figure_png(slot.picture(image), maps, cmap=d["cmap"], percentile=d["percentile"],
+                             signed=d["signed"], alpha=_float(request, "alpha", 0.5, 0.0, 1.0))
+    return Response(png, media_type="image/png", headers={"Content-Disposition": 'attachment; filename="figure.png"'})
+
+
+async def status(request: Request) -> Response:
+    hub = _hub(request)
+    return JSONResponse({"models": {n: {"queue": s.worker.waiting(), "busy": s.worker.current is not None}
+                                    for n, s in hub.slots.items()},
+                         "jobs": len(hub.jobs), "cache": {"items": len(hub.cache), "bytes": hub.cache.bytes}})
+
+
+async def runs(request: Request) -> Response:
+    return JSONResponse({"runs": [], "note": "dataset runs (salience explain --out) are not supported yet"})
+
+
+# --------------------------------------------------------------------------------- errors
+
+
+async def _salience_error(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": str(exc)}, 400)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return JSONResponse({"error": f"unexpected {type(exc).__name__}: {first}"}, 500)
+
+
+def create_app(hub: Hub) -> Starlette:
+    """The Starlette app serving ``hub``."""
+    api = [
+        Route("/api/info", info), Route("/api/status", status), Route("/api/runs", runs),
+        Route("/api/colormaps/{name}", colormap),
+        Route("/api/images", list_images, methods=["GET"]), Route("/api/images", upload, methods=["POST"]),
+        Route("/api/images/{id}/picture.png", picture),
+        Route("/api/models/{slot}/top", top), Route("/api/models/{slot}/layers", layers),
+        Route("/api/explain", explain, methods=["POST"]),
+        Route("/api/jobs/{id}", job_status, methods=["GET"]), Route("/api/jobs/{id}", job_cancel, methods=["DELETE"]),
+        Route("/api/maps/{key}.npy", map_npy), Route("/api/maps/{key}/{what:str}.npy", map_npy),
+        Route("/api/maps/{key}.png", map_png), Route("/api/maps/{key}/{what}", on_map, methods=["POST"]),
+        Route("/api/figure.png", figure),
+    ]
+    app = Starlette(routes=[Route("/", index), *api, Mount("/static", StaticFiles(directory=STATIC), name="static")],
+                    exception_handlers={SalienceError: _salience_error, HTTPException: _http_error,
+                                        Exception: _internal_error})
+    app.state.hub = hub
+    return app

@@ -1,0 +1,331 @@
+"""What the explorer computes, on one model: top classes, maps, curves, the sanity check, figures.
+
+A :class:`ModelSlot` holds one copy of a model with its :class:`~salience._core.info.ModelInfo`
+and the :class:`~salience.explore.jobs.Worker` that runs its computations one at a time. The
+functions here run inside that worker; they report progress and stop when cancelled through a
+forward pre-hook on the model that calls :meth:`Ticker.tick` with the number of images in each
+forward pass (a TorchScript model takes no hook: its computations show no progress and stop
+only between jobs). Requests are checked by :func:`check_request` before they are queued, so a
+bad method, option, layer or class gets its 4xx at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from salience import targets as _targets
+from salience._core.autograd import forward_scores, looks_like_probabilities
+from salience._core.errors import SalienceError, suggest
+from salience._core.info import ModelInfo, attach_info, model_info
+from salience._core.tensors import model_device
+from salience.evidence.faithfulness import auc, deletion_curves, insertion_curves
+from salience.evidence.sanity import randomization
+from salience.explore.jobs import Ticker, Worker
+from salience.loading.images import preprocess, resize_crop
+from salience.loading.models import name_classes
+from salience.methods import METHODS
+from salience.methods import options as _options
+from salience.render import viz
+
+__all__ = ["ModelSlot", "ExplainRequest", "check_request", "explain", "top_classes", "curves", "sanity",
+           "figure_png", "map_png", "png_bytes", "npy_bytes", "display_map", "options_schema", "layer_tree"]
+
+_DEFAULT_SIZE = (224, 224)
+CURVE_STEPS = 24  # points of the insertion / deletion curves (as salience evaluate)
+SANITY_PASS = 0.5
+"""The sanity badge passes when the Spearman rank correlation of the absolute maps before and
+after re-initializing every layer (cascading, Adebayo et al. 2018) is below this. A display
+choice, not the paper's: the paper judges the maps by eye. For reference, on demo:shapes
+(README's table) Grad-CAM is at -0.18 and vanilla at 0.24, guided backprop at 0.36."""
+
+
+class ModelSlot:
+    """One model of the page (``name`` "a", or "b" with ``--compare``): the model, its info with
+    class names, the number of outputs, and its worker."""
+
+    def __init__(self, name: str, model: nn.Module, *, max_queue: int = 256) -> None:
+        self.name = name
+        self.model = model.eval()
+        info = model_info(model)
+        self.size = tuple(info.input_size) if info.input_size else _DEFAULT_SIZE
+        probe = torch.zeros(1, info.channels, *self.size, device=model_device(model))
+        out = forward_scores(model, probe)
+        self.num_outputs = int(out.reshape(1, -1).shape[1])
+        self.info: ModelInfo = name_classes(info, self.num_outputs)[0]
+        self.default_layer: Optional[str] = None
+        self.worker = Worker(f"model {name} ({self.info.name})", max_queue=max_queue, errors=(SalienceError,))
+
+    def describe(self) -> dict[str, Any]:
+        names = list(self.info.class_names or [])
+        return {"slot": self.name, "name": self.info.name, "task": self.info.task, "outputs": self.num_outputs,
+                "classes": names if len(names) <= 2000 else [], "input_size": list(self.size),
+                "methods": list(METHODS), "queue": self.worker.waiting(),
+                "busy": self.worker.current is not None}
+
+    def input(self, image: Tensor) -> Tensor:
+        """The model's input ``(1, C, h, w)`` for an image ``(3, H, W)`` in ``[0, 1]``."""
+        return preprocess(image, self.info).unsqueeze(0).to(model_device(self.model))
+
+    def picture(self, image: Tensor) -> Tensor:
+        """What the model sees, as a ``[0, 1]`` RGB picture ``(3, h, w)`` (resized and cropped)."""
+        return resize_crop(image, self.info) if self.info.input_size else image
+
+    def target(self, index: int) -> Any:
+        """The target argument of a method for output ``index``."""
+        if self.info.task == "regression":
+            return _targets.regression(index, "increase")
+        return index
+
+    def class_name(self, index: int) -> str:
+        return self.info.class_name(index)
+
+
+# --------------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """A map to compute: model slot, image id, method, output index, and the options by keyword
+    as given (texts or JSON values, before reading)."""
+
+    slot: str
+    image: str
+    method: str
+    target: int
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def given(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+def read_options(method: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``raw`` (keyword -> JSON value or text) read into values; empty values are
+    left out (the method's default). A :class:`SalienceError` names the option."""
+    if method not in METHODS:
+        raise SalienceError(f"unknown method {method!r}{suggest(method, list(METHODS))} "
+                            f"(available: {', '.join(METHODS)})")
+    known = _options.method_options()
+    given: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise SalienceError(f"unknown option {key!r}{suggest(key, list(known))}")
+        opt = known[key]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if opt.kind == "bool":
+            if not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
+                raise SalienceError(f"option {key} must be true or false, got {value!r}")
+            given[key] = value if isinstance(value, bool) else str(value).lower() == "true"
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise SalienceError(f"option {key} must be a number or a name, got {value!r}")
+        try:
+            v = _options.read_value(opt, str(value))
+        except SalienceError as e:
+            raise SalienceError(f"option {key}: {str(e).replace(opt.flag + ' ', '')}") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SalienceError(f"option {key} must be a finite number, got {value!r}")
+        given[key] = v
+    _options.check_applicable([method], given)
+    return given
+
+
+class _Stub(nn.Module):
+    """A model without parameters for the dry run of :func:`check_request`: the methods check
+    their option values before the first forward pass, which this model never gets to."""
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - stopped before by _Halting
+        return x.flatten(1)
+
+
+def check_request(slot: ModelSlot, method: str, target: Any, raw: dict[str, Any]) -> dict[str, Any]:
+    """Everything about an explain request that can be checked without computing: the method, the
+    options (types, choices, finite numbers, and the method's own checks of the values, on a
+    stand-in model so the worker's model is not touched), the layer, the output index."""
+    given = read_options(method, raw)
+    try:
+        _options.check_layer(slot.model, given)
+    except SalienceError as e:
+        raise SalienceError(str(e).replace("--layer: ", "option layer: ")) from None
+    if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < slot.num_outputs:
+        raise SalienceError(f"target must be an output index 0..{slot.num_outputs - 1} of {slot.info.name}, "
+                            f"got {target!r}")
+    x = torch.zeros(1, slot.info.channels, *slot.size)
+    try:
+        _options.check_values(_Stub(), x, [method], given)
+    except SalienceError as e:
+        raise SalienceError(str(e).replace("--", "option ")) from None
+    return given
+
+
+# --------------------------------------------------------------------------------- progress and cancel
+
+
+def _expected_items(method: str, given: dict[str, Any]) -> int:
+    """About how many images the model's forward passes take in all for one map: the samples
+    or steps of a many-pass method (its default when not given), plus the clean image."""
+    fn = METHODS[method]
+    opts = _options.method_options()
+    for key in ("samples", "steps"):
+        if key in _options.accepted(fn):
+            value = given.get(key, opts[key].defaults.get(method))
+            if isinstance(value, int):
+                return value + 1
+    return 1
+
+
+@contextlib.contextmanager
+def _watched(model: nn.Module, ticker: Ticker) -> Iterator[None]:
+    """A forward pre-hook on ``model`` that ticks the images of each forward pass (and so stops a
+    cancelled job at its next pass); nothing on a model that takes no hooks."""
+    def hook(module: nn.Module, args: tuple) -> None:
+        first = args[0] if args else None
+        ticker.tick(int(first.shape[0]) if isinstance(first, Tensor) and first.dim() > 0 else 1)
+
+    try:
+        handle = model.register_forward_pre_hook(hook)
+    except (RuntimeError, AttributeError, TypeError):  # TorchScript: no hooks
+        handle = None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------------- computations
+
+
+def top_classes(slot: ModelSlot, image: Tensor, k: int = 5) -> list[dict[str, Any]]:
+    """The ``k`` highest outputs: index, name, probability (``None`` for a regression model) and score."""
+    out = forward_scores(slot.model, slot.input(image), strip_softmax=False).reshape(1, -1).float().cpu()
+    regression = slot.info.task == "regression"
+    probs = None if regression else (out if looks_like_probabilities(out) else out.softmax(1))
+    order = (torch.arange(out.shape[1]) if regression else out[0].argsort(descending=True))[:k]
+    return [{"index": int(i), "name": slot.class_name(int(i)), "score": float(out[0, i]),
+             "probability": None if probs is None else float(probs[0, i])} for i in order]
+
+
+def explain(slot: ModelSlot, image: Tensor, method: str, target: int, given: dict[str, Any],
+            ticker: Ticker) -> np.ndarray:
+    """The raw map, float32: ``(H, W)``, or ``(C, H, W)`` for a per-channel reduction."""
+    fn, _ = _options.bind(method, given)
+    ticker.total = _expected_items(method, given)
+    x = slot.input(image)
+    with _watched(slot.model, ticker):
+        m = fn(slot.model, x, slot.target(target))
+    return m.detach()[0].float().cpu().numpy()
+
+
+def display_map(raw: np.ndarray) -> np.ndarray:
+    """The ``(H, W)`` map the page draws: the raw map, or the largest ``|value|`` over channels."""
+    if raw.ndim == 3:
+        return np.abs(raw).max(0) if raw.shape[0] > 1 else raw[0]
+    return raw
+
+
+def curves(slot: ModelSlot, image: Tensor, raw: np.ndarray, target: int, ticker: Ticker) -> dict[str, Any]:
+    """Insertion and deletion curves (probability of the target, ``CURVE_STEPS + 1`` points) and their AUCs."""
+    x = slot.input(image)
+    m = torch.from_numpy(display_map(raw)).to(x.device)[None]
+    ticker.total = 2 * (CURVE_STEPS + 1)
+    tgt = slot.target(target)
+    with _watched(slot.model, ticker):
+        ins = insertion_curves(slot.model, x, m, tgt, steps=CURVE_STEPS)
+        dele = deletion_curves(slot.model, x, m, tgt, steps=CURVE_STEPS)
+    return {"insertion": ins[0].tolist(), "deletion": dele[0].tolist(),
+            "insertion_auc": float(auc(ins)[0]), "deletion_auc": float(auc(dele)[0]), "steps": CURVE_STEPS}
+
+
+def sanity(slot: ModelSlot, image: Tensor, method: str, target: int, given: dict[str, Any],
+           ticker: Ticker) -> dict[str, Any]:
+    """The cascading model randomization test (:func:`salience.evidence.randomization`) of one map:
+    the rank correlation and SSIM after the top layer and after all layers, and the badge."""
+    fn, _ = _options.bind(method, given)
+    x = slot.input(image)
+    with _watched(slot.model, ticker):  # the test's copy of the model keeps the hook
+        r = randomization(slot.model, x, fn, slot.target(target), seed=0)
+    top, every = r["spearman_abs"][0], r["spearman_abs"][-1]
+    passed = math.isfinite(every) and every < SANITY_PASS
+    return {"spearman_top": top, "spearman_all": every, "ssim_top": r["ssim"][0], "ssim_all": r["ssim"][-1],
+            "layers": len(r.layers), "passed": passed, "threshold": SANITY_PASS,
+            "badge": "changes with the weights" if passed else "barely changes with the weights"}
+
+
+# --------------------------------------------------------------------------------- files
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    """``a`` as the bytes of a ``.npy`` file."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def map_png(raw: np.ndarray, *, cmap: Optional[str] = None, percentile: float = 99.0,
+            signed: Optional[bool] = None) -> bytes:
+    """The map as a heatmap PNG (:func:`salience.viz.heatmap`)."""
+    return png_bytes(viz.heatmap(display_map(raw), cmap=cmap, percentile=percentile, signed=signed))
+
+
+def figure_png(picture: Tensor, maps: dict[str, np.ndarray], **display: Any) -> bytes:
+    """The side-by-side figure (:func:`salience.viz.figure`) of one picture ``(3, h, w)`` and its maps."""
+    tile = max(int(picture.shape[-2]), 160)
+    arr = viz.figure(picture[None], {k: display_map(v)[None] for k, v in maps.items()}, scale_to=tile,
+                     **display)
+    return png_bytes(arr)
+
+
+# --------------------------------------------------------------------------------- what the page shows
+
+
+def options_schema() -> dict[str, Any]:
+    """Each method's options as controls: keyword, kind, default, choices (from the signatures)."""
+    opts = _options.method_options()
+    out: dict[str, Any] = {}
+    for name, fn in METHODS.items():
+        keys = sorted(_options.accepted(fn), key=list(opts).index)
+        out[name] = [{"keyword": k, "kind": opts[k].kind, "annotation": opts[k].annotation,
+                      "default": _options.show_default(opts[k].defaults.get(name, _inner_default(k))),
+                      "choices": list(_options.CHOICES.get(k, []))} for k in keys]
+    return out
+
+
+def _inner_default(keyword: str) -> Any:
+    return next(iter(_options.method_options()[keyword].defaults.values()))
+
+
+def layer_tree(model: nn.Module, limit: int = 5000) -> list[dict[str, Any]]:
+    """The model's modules in order: dotted name, class name, depth (the root left out)."""
+    out = []
+    for name, module in model.named_modules():
+        if name:
+            out.append({"name": name, "type": type(module).__name__, "depth": name.count(".")})
+            if len(out) >= limit:
+                break
+    return out
+
+
+def name_model(model: nn.Module, name: str) -> nn.Module:
+    """``model`` with ``name`` in its info (a module passed from Python has its class name)."""
+    info = model_info(model)
+    if info.name == type(model).__name__ and name:
+        import dataclasses
+
+        attach_info(model, dataclasses.replace(info, name=name))
+    return model

@@ -1,0 +1,149 @@
+"""The images the explorer shows: from the files and folders the user named, and uploads.
+
+The page refers to an image by its id only, never by a path: the files that can be read are
+exactly those listed when the server started (the files named, and the image files directly
+inside the folders named) and the uploads, so no request can reach another file. Each source is
+a :class:`Source` (``name`` and ``entries()``); a dataset run (``salience explain --out``) is
+meant to plug in as one more source whose entries carry its table's columns in ``fields``.
+Every image is read with :func:`salience.loading.load_image`, so the explorer refuses what the
+command line refuses (not an image, truncated, over ``max_pixels``), with the same messages.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol, Sequence, Union
+
+from torch import Tensor
+
+from salience._core.errors import SalienceError
+from salience.loading.images import DEFAULT_MAX_PIXELS, load_image
+
+__all__ = ["ImageEntry", "Source", "FileSource", "ImageStore", "IMAGE_SUFFIXES", "MAX_UPLOAD_BYTES"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MAX_UPLOAD_BYTES = 64 * 2**20
+"""Largest upload accepted (bytes); larger bodies get 413 before they are read whole."""
+
+
+@dataclass
+class ImageEntry:
+    """One image: its ``id`` (what the page uses), a display ``name``, the ``source`` it comes
+    from, the file it is read from, and any ``fields`` its source knows (a run's class, metrics)."""
+
+    id: str
+    name: str
+    source: str
+    path: Path
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "source": self.source, **self.fields}
+
+
+class Source(Protocol):
+    """Where images come from: a name and its entries (ids unique across sources)."""
+
+    name: str
+
+    def entries(self) -> list[ImageEntry]: ...
+
+
+class FileSource:
+    """The image files named, and the image files directly inside the folders named, in order."""
+
+    name = "files"
+
+    def __init__(self, paths: Sequence[Union[str, "os.PathLike[str]"]]) -> None:
+        files: list[Path] = []
+        for p in map(Path, paths):
+            if p.is_dir():
+                files += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            elif p.exists():
+                files.append(p)
+            else:
+                raise SalienceError(f"{p}: no such file or folder; check the path")
+        self._entries = [ImageEntry(f"f{i}", f.name, self.name, f.resolve()) for i, f in enumerate(files)]
+
+    def entries(self) -> list[ImageEntry]:
+        return list(self._entries)
+
+
+class ImageStore:
+    """The images of every source and the uploads (the last ``max_uploads`` kept, in a temporary
+    folder removed by :meth:`close`); decoded images are kept for the last few used."""
+
+    def __init__(self, sources: Sequence[Source] = (), *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                 max_uploads: int = 256, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
+        self.sources = list(sources)
+        self.max_pixels = max_pixels
+        self.max_uploads = max_uploads
+        self.max_upload_bytes = max_upload_bytes
+        self._tmp = tempfile.TemporaryDirectory(prefix="salience-explore-")
+        self._uploads: collections.OrderedDict[str, ImageEntry] = collections.OrderedDict()
+        self._decoded: collections.OrderedDict[str, tuple[Tensor, str]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._fixed = {e.id: e for s in self.sources for e in s.entries()}
+
+    def entries(self) -> list[ImageEntry]:
+        with self._lock:
+            return list(self._fixed.values()) + list(self._uploads.values())
+
+    def entry(self, image_id: str) -> ImageEntry:
+        with self._lock:
+            e = self._fixed.get(image_id) or self._uploads.get(image_id)
+        if e is None:
+            raise KeyError(image_id)
+        return e
+
+    def add_upload(self, data: bytes, filename: str) -> ImageEntry:
+        """Store uploaded bytes; refuse (``SalienceError``) what :func:`load_image` refuses."""
+        name = re.sub(r"[^A-Za-z0-9._ -]+", "_", os.path.basename(filename or "upload"))[:80] or "upload"
+        if len(data) > self.max_upload_bytes:
+            raise SalienceError(f"{name}: {len(data) / 2**20:.1f} MB is over the upload limit of "
+                                f"{self.max_upload_bytes / 2**20:g} MB")
+        digest = hashlib.sha256(data).hexdigest()
+        image_id = "u" + digest[:16]
+        path = Path(self._tmp.name) / image_id
+        path.write_bytes(data)
+        entry = ImageEntry(image_id, name, "upload", path)
+        try:
+            self._decode(entry)
+        except SalienceError as e:
+            path.unlink(missing_ok=True)
+            raise SalienceError(str(e).replace(str(path), name)) from None
+        with self._lock:
+            self._uploads[image_id] = entry
+            self._uploads.move_to_end(image_id)
+            while len(self._uploads) > self.max_uploads:
+                old, e_old = self._uploads.popitem(last=False)
+                self._decoded.pop(old, None)
+                e_old.path.unlink(missing_ok=True)
+        return entry
+
+    def load(self, image_id: str) -> tuple[Tensor, str]:
+        """Image ``image_id`` as ``(3, H, W)`` in ``[0, 1]`` and the digest of its file's bytes."""
+        return self._decode(self.entry(image_id))
+
+    def _decode(self, entry: ImageEntry) -> tuple[Tensor, str]:
+        with self._lock:
+            hit = self._decoded.get(entry.id)
+            if hit is not None:
+                self._decoded.move_to_end(entry.id)
+                return hit
+        digest = hashlib.sha256(entry.path.read_bytes()).hexdigest() if entry.path.is_file() else ""
+        image = load_image(entry.path, max_pixels=self.max_pixels)
+        with self._lock:
+            self._decoded[entry.id] = (image, digest)
+            while len(self._decoded) > 16:
+                self._decoded.popitem(last=False)
+        return image, digest
+
+    def close(self) -> None:
+        self._tmp.cleanup()

@@ -1,0 +1,163 @@
+"""Serving the explorer: a uvicorn server on a socket of its own, in a thread, and its handle."""
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any, Optional, Sequence, Union
+
+from torch import nn
+
+from salience._core.errors import SalienceError
+from salience.explore.app import Hub, create_app
+from salience.explore.compute import ModelSlot, name_model
+from salience.explore.images import FileSource, ImageStore
+from salience.loading.images import DEFAULT_MAX_PIXELS
+from salience.loading.models import load_model
+
+__all__ = ["Explorer", "start", "build_hub", "is_local", "bind_socket", "REMOTE_WARNING"]
+
+REMOTE_WARNING = ("warning: the explorer listens on {host}: anyone who can reach port {port} can run the model "
+                  "on their images and read the images you named. Use the default 127.0.0.1 (with SSH port "
+                  "forwarding) unless this is what you want.")
+
+ModelLike = Union[str, nn.Module]
+
+
+def is_local(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``port`` 0: a free port the system picks)."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise SalienceError(f"port must be 0..65535 (0: a free port), got {port!r}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise SalienceError(f"cannot resolve host {host!r} ({e}); e.g. 127.0.0.1") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise SalienceError(f"cannot listen on {host}:{port} ({e.strerror}); use another --port, or 0 for a free one") \
+            from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _slot(name: str, model: ModelLike, load: dict[str, Any]) -> ModelSlot:
+    m = load_model(model, **load) if isinstance(model, (str, os.PathLike)) else model
+    if not isinstance(m, nn.Module):
+        raise SalienceError(f"expected a model spec such as 'demo:shapes' or a torch.nn.Module, got {type(m).__name__}")
+    return ModelSlot(name, name_model(m, type(m).__name__) if not isinstance(model, str) else m)
+
+
+def build_hub(model: ModelLike, images: Sequence[Any] = (), *, compare: Optional[ModelLike] = None,
+              max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, load: Optional[dict[str, Any]] = None) -> Hub:
+    """The server's state: the model (and the ``compare`` model), loaded once, and the images."""
+    load = dict(load or {})
+    slots = [_slot("a", model, load)] + ([_slot("b", compare, load)] if compare is not None else [])
+    sources = [FileSource(images)] if images else []
+    return Hub(slots, ImageStore(sources, max_pixels=max_pixels))
+
+
+class Explorer:
+    """A running explorer: its ``url``; :meth:`stop` ends the server and the workers."""
+
+    def __init__(self, hub: Hub, sock: socket.socket, host: str) -> None:
+        import uvicorn
+
+        self.hub = hub
+        self.app = create_app(hub)
+        port = sock.getsockname()[1]
+        shown = host if is_local(host) or host not in ("0.0.0.0", "::") else socket.gethostname()
+        self.url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/"
+        self.port = port
+        self._sock = sock
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False)
+        self._server = uvicorn.Server(config)
+        self._thread: Optional[threading.Thread] = None
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until interrupted (the command line)."""
+        try:
+            self._server.run(sockets=[self._sock])
+        finally:
+            self.hub.close()
+
+    def start(self) -> "Explorer":
+        """Serve in a background thread; returns once the server answers."""
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name="salience-explore-server", daemon=True)
+        self._thread.start()
+        end = time.monotonic() + 30
+        while not self._server.started and self._thread.is_alive() and time.monotonic() < end:
+            time.sleep(0.01)
+        if not self._server.started:
+            raise SalienceError("the explorer's server did not start")
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, cancel queued computations, and free the socket."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        self.hub.close()
+
+    def __enter__(self) -> "Explorer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _repr_html_(self) -> str:
+        return f'<a href="{self.url}" target="_blank">{self.url}</a>'
+
+    def __repr__(self) -> str:
+        return f"Explorer({self.url!r})"
+
+
+def start(model: ModelLike, images: Sequence[Any] = (), *, compare: Optional[ModelLike] = None,
+          host: str = "127.0.0.1", port: int = 0, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+          load: Optional[dict[str, Any]] = None, background: bool = True) -> Explorer:
+    """Load the models, bind the socket, and (``background``) serve in a thread. A host that is
+    not loopback prints :data:`REMOTE_WARNING` on stderr."""
+    _check_deps()
+    hub = build_hub(model, images, compare=compare, max_pixels=max_pixels, load=load)
+    try:
+        sock = bind_socket(host, port)
+    except BaseException:
+        hub.close()
+        raise
+    if not is_local(host):
+        print("salience: " + REMOTE_WARNING.format(host=host, port=sock.getsockname()[1]), file=sys.stderr)
+    explorer = Explorer(hub, sock, host)
+    return explorer.start() if background else explorer
+
+
+def _check_deps() -> None:
+    missing = []
+    for module in ("starlette", "uvicorn"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise SalienceError(f"the explorer needs {' and '.join(missing)}: pip install 'salience[explore]'")

@@ -1,0 +1,328 @@
+// salience explore: the page. Plain JS, no build step; every URL is relative (works behind proxies).
+"use strict";
+
+const S = {
+  info: null, image: null, pictures: {}, targets: [], rows: [], cells: new Map(), luts: {}, layers: {},
+  display: { opacity: 0.6, cmap: "fire", mode: "abs", clip: 99 }, nextRow: 1,
+};
+const $ = (id) => document.getElementById(id);
+const el = (tag, attrs = {}, ...kids) => {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v; else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const k of kids) e.append(k);
+  return e;
+};
+
+function status(text, error = false) { $("status").textContent = text; $("status").className = error ? "error" : ""; }
+
+async function api(path, options = {}) {
+  const r = await fetch(path, options);
+  const type = r.headers.get("content-type") || "";
+  const body = type.includes("json") ? await r.json() : await r.arrayBuffer();
+  if (!r.ok) throw new Error((body && body.error) || `${r.status} ${r.statusText}`);
+  return body;
+}
+
+// ------------------------------------------------------------------ start
+
+async function start() {
+  S.info = await api("api/info");
+  $("models").textContent = S.info.models.map((m) => `${m.slot}: ${m.name}`).join("  vs  ");
+  for (const name of S.info.colormaps) $("cmap").append(el("option", { value: name }, name));
+  $("cmap").value = S.display.cmap;
+  for (const name of Object.keys(S.info.methods)) $("method").append(el("option", { value: name }, name));
+  $("method").value = Object.keys(S.info.methods).includes("gradcam") ? "gradcam" : $("method").value;
+  await Promise.all(S.info.colormaps.map(async (n) => { S.luts[n] = (await api(`api/colormaps/${n}`)).lut; }));
+  bindControls();
+  await listImages();
+  status("ready");
+}
+
+function bindControls() {
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault(); drop.classList.remove("over");
+    if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]);
+  });
+  $("file").addEventListener("change", (e) => { if (e.target.files.length) upload(e.target.files[0]); });
+  $("add").addEventListener("click", () => addRow($("method").value));
+  const redraw = () => {
+    S.display = { opacity: +$("opacity").value, cmap: $("cmap").value, mode: $("mode").value, clip: +$("clip").value };
+    $("opacity-out").textContent = S.display.opacity; $("clip-out").textContent = S.display.clip;
+    for (const c of S.cells.values()) draw(c);
+    figureLink();
+  };
+  for (const id of ["opacity", "cmap", "mode", "clip"]) $(id).addEventListener("input", redraw);
+}
+
+// ------------------------------------------------------------------ images
+
+async function listImages() {
+  const { images } = await api("api/images");
+  const box = $("images"); box.textContent = "";
+  for (const im of images) {
+    box.append(el("img", { src: `api/images/${im.id}/picture.png?slot=a`, title: im.name, "data-id": im.id,
+                           class: S.image === im.id ? "current" : "", onclick: () => pick(im.id) }));
+  }
+}
+
+async function upload(file) {
+  status(`uploading ${file.name}…`);
+  try {
+    const im = await api(`api/images?name=${encodeURIComponent(file.name)}`, { method: "POST", body: file });
+    await listImages();
+    await pick(im.id);
+  } catch (e) { status(`${file.name}: ${e.message}`, true); }
+}
+
+async function pick(id) {
+  S.image = id;
+  for (const img of $("images").children) img.classList.toggle("current", img.dataset.id === id);
+  S.pictures = {};
+  await Promise.all(S.info.models.map((m) => new Promise((ok) => {
+    const img = new Image(); img.onload = () => ok(); img.onerror = () => ok();
+    img.src = `api/images/${id}/picture.png?slot=${m.slot}`; S.pictures[m.slot] = img;
+  })));
+  $("preview").src = S.pictures.a.src; $("picked").hidden = false;
+  const box = $("classes"); box.textContent = "";
+  for (const m of S.info.models) {
+    box.append(el("h3", {}, `${m.slot}: ${m.name}`));
+    try {
+      const { classes } = await api(`api/models/${m.slot}/top?image=${id}&k=5`);
+      for (const c of classes) {
+        const p = c.probability === null ? c.score.toFixed(3) : `${(100 * c.probability).toFixed(1)}%`;
+        box.append(el("button", { class: "class", "data-model": m.slot, "data-index": c.index,
+                                  onclick: () => addTarget(m.slot, c.index, c.name) }, el("span", {}, c.name), el("span", {}, p)));
+      }
+    } catch (e) { box.append(el("div", { class: "error" }, e.message)); }
+  }
+  status(`image ${id}`);
+  refreshAll();
+}
+
+// ------------------------------------------------------------------ grid
+
+function addTarget(model, index, name) {
+  if (!S.targets.some((t) => t.model === model && t.index === index)) S.targets.push({ model, index, name });
+  renderGrid();
+}
+
+async function addRow(method) {
+  const row = { id: S.nextRow++, method, options: {} };
+  if (S.info.methods[method].some((o) => o.keyword === "layer") && !S.layers.a) {
+    try { S.layers.a = await api("api/models/a/layers"); } catch (e) { status(e.message, true); }
+  }
+  S.rows.push(row);
+  renderGrid();
+}
+
+function optionControl(row, o) {
+  const set = (v) => { if (v === "") delete row.options[o.keyword]; else row.options[o.keyword] = v; refreshRow(row); };
+  let input;
+  if (o.keyword === "layer" && S.layers.a) {
+    input = el("select", {}, el("option", { value: "" }, `default (${S.layers.a.default || "auto"})`));
+    for (const l of S.layers.a.layers) input.append(el("option", { value: l.name }, `${"  ".repeat(l.depth)}${l.name} ${l.type}`));
+  } else if (o.choices.length || o.kind === "bool") {
+    const choices = o.kind === "bool" ? ["true", "false"] : o.choices;
+    input = el("select", {}, el("option", { value: "" }, `default (${o.default})`));
+    for (const c of choices) input.append(el("option", { value: c }, c));
+  } else {
+    input = el("input", { type: "text", placeholder: o.default, inputmode: o.kind === "name" ? "text" : "decimal" });
+  }
+  input.dataset.option = o.keyword;
+  input.addEventListener("change", () => set(input.value.trim()));
+  return el("label", {}, o.keyword, input);
+}
+
+function renderGrid() {
+  const head = $("grid-head"); head.textContent = "";
+  head.append(el("th", {}, "method"));
+  for (const t of S.targets) {
+    head.append(el("th", {}, `${t.model}: ${t.name}`,
+      el("button", { class: "remove", title: "remove", onclick: () => { S.targets = S.targets.filter((x) => x !== t); renderGrid(); } }, "×")));
+  }
+  const body = $("grid-body"); body.textContent = "";
+  for (const row of S.rows) {
+    const opts = el("div", { class: "options" });
+    for (const o of S.info.methods[row.method]) opts.append(optionControl(row, o));
+    const tr = el("tr", { "data-row": row.id }, el("td", { class: "row-head" }, el("strong", {}, row.method),
+      el("button", { class: "remove", title: "remove", onclick: () => { S.rows = S.rows.filter((x) => x !== row); renderGrid(); } }, "×"), opts));
+    for (const t of S.targets) tr.append(cellFor(row, t).td);
+    body.append(tr);
+  }
+  for (const row of S.rows) {
+    for (const [k, v] of Object.entries(row.options)) {
+      const input = body.querySelector(`tr[data-row="${row.id}"] [data-option="${k}"]`); if (input) input.value = v;
+    }
+  }
+  refreshAll();
+}
+
+function cellFor(row, t) {
+  const id = `${row.id}|${t.model}|${t.index}`;
+  if (S.cells.has(id)) return S.cells.get(id);
+  const canvas = el("canvas", { width: 192, height: 192 });
+  const state = el("div", { class: "state" });
+  const bar = el("progress", { max: 1, hidden: "" });
+  const cancel = el("button", { hidden: "", onclick: () => cell.job && api(`api/jobs/${cell.job}`, { method: "DELETE" }).catch(() => {}) }, "cancel");
+  const tools = el("div", { class: "tools" });
+  const extra = el("div", {});
+  const td = el("td", { class: "cell", "data-target": `${t.model}:${t.index}` }, canvas, bar, state, cancel, tools, extra);
+  const cell = { id, row, t, td, canvas, state, bar, cancel, tools, extra, key: null, map: null, job: null, serial: 0 };
+  S.cells.set(id, cell);
+  return cell;
+}
+
+function refreshRow(row) { for (const c of S.cells.values()) if (c.row === row) request(c); }
+function refreshAll() { for (const c of S.cells.values()) if (c.td.isConnected) request(c); }
+
+// ------------------------------------------------------------------ computing a map
+
+function sleep(ms) { return new Promise((ok) => setTimeout(ok, ms)); }
+
+function showJob(cell, j) {
+  const running = j.state === "queued" || j.state === "running";
+  cell.bar.hidden = !running; cell.cancel.hidden = !running;
+  if (j.progress === null || j.progress === undefined) cell.bar.removeAttribute("value"); else cell.bar.value = j.progress;
+  cell.state.className = "state" + (j.state === "error" ? " error" : "");
+  cell.state.textContent = j.state === "queued" ? `queued (${j.position || "…"} in line)`
+    : j.state === "running" ? (j.progress ? `running ${Math.round(100 * j.progress)}%` : "running…")
+    : j.state === "error" ? j.error : j.state === "cancelled" ? "cancelled" : "";
+}
+
+async function poll(cell, j, serial) {
+  cell.job = j.job;
+  while ((j.state === "queued" || j.state === "running") && serial === cell.serial) {
+    showJob(cell, j);
+    await sleep(250);
+    j = await api(`api/jobs/${j.job}`);
+  }
+  if (serial === cell.serial) showJob(cell, j);
+  return j;
+}
+
+async function request(cell) {
+  if (!S.image) return;
+  const serial = ++cell.serial;
+  const options = { ...cell.row.options };
+  if (cell.t.model !== "a") delete options.layer; // the layer list is model a's
+  cell.extra.textContent = ""; cell.tools.textContent = "";
+  try {
+    let j = await api("api/explain", { method: "POST", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model: cell.t.model, image: S.image, method: cell.row.method, target: cell.t.index, options }) });
+    cell.key = j.key;
+    if (j.state !== "done") j = await poll(cell, j, serial);
+    if (serial !== cell.serial || j.state !== "done") return;
+    cell.map = parseNpy(await api(`api/maps/${j.key}/display.npy`));
+    cell.image = S.image;
+    showJob(cell, { state: "done" });
+    cell.state.textContent = `${cell.row.method} · ${cell.t.name}`;
+    draw(cell); tools(cell); figureLink();
+  } catch (e) {
+    if (serial !== cell.serial) return;
+    cell.map = null; cell.key = null; draw(cell);
+    showJob(cell, { state: "error", error: e.message });
+  }
+}
+
+function parseNpy(buf) {
+  const bytes = new Uint8Array(buf);
+  const major = bytes[6];
+  const view = new DataView(buf);
+  const hlen = major === 1 ? view.getUint16(8, true) : view.getUint32(8, true);
+  const start = major === 1 ? 10 : 12;
+  const header = new TextDecoder().decode(bytes.slice(start, start + hlen));
+  const shape = header.match(/'shape': \(([^)]*)\)/)[1].split(",").filter((s) => s.trim()).map(Number);
+  const data = new Float32Array(buf.slice(start + hlen));
+  return { h: shape[shape.length - 2], w: shape[shape.length - 1], data };
+}
+
+// ------------------------------------------------------------------ drawing (display settings, no recomputing)
+
+function quantile(values, q) {
+  const a = Float32Array.from(values).sort();
+  return a[Math.min(a.length - 1, Math.max(0, Math.floor(q * (a.length - 1))))];
+}
+
+function draw(cell) {
+  const ctx = cell.canvas.getContext("2d");
+  ctx.clearRect(0, 0, cell.canvas.width, cell.canvas.height);
+  const pic = S.pictures[cell.t.model];
+  ctx.imageSmoothingEnabled = false;
+  if (!cell.map || !pic) { if (pic && pic.complete) ctx.drawImage(pic, 0, 0, 192, 192); return; }
+  const { h, w, data } = cell.map;
+  const d = S.display, lut = S.luts[d.cmap], signed = d.mode === "signed";
+  const mags = data.map(Math.abs);
+  let top = 0; for (const v of mags) if (v > top) top = v;
+  const hi = quantile(mags, d.clip / 100) || top || 1;
+  const base = document.createElement("canvas"); base.width = w; base.height = h;
+  const bctx = base.getContext("2d");
+  bctx.drawImage(pic, 0, 0, w, h);
+  const img = bctx.getImageData(0, 0, w, h), px = img.data, a = d.opacity;
+  for (let i = 0; i < h * w; i++) {
+    const t = signed ? 0.5 + 0.5 * Math.max(-1, Math.min(1, data[i] / hi)) : Math.min(1, mags[i] / hi);
+    const c = lut[Math.round(t * 255)];
+    for (let k = 0; k < 3; k++) px[4 * i + k] = (1 - a) * px[4 * i + k] + a * c[k];
+  }
+  bctx.putImageData(img, 0, 0);
+  ctx.drawImage(base, 0, 0, 192, 192);
+}
+
+// ------------------------------------------------------------------ per-map tools
+
+function tools(cell) {
+  const key = cell.key;
+  cell.tools.append(
+    el("a", { class: "button", href: `api/maps/${key}.npy`, download: "" }, ".npy"),
+    el("a", { class: "button", href: `api/maps/${key}.png`, target: "_blank" }, "PNG"),
+    el("button", { class: "button", onclick: () => onMap(cell, "curves") }, "curves"),
+    el("button", { class: "button", onclick: () => onMap(cell, "sanity") }, "sanity"));
+}
+
+async function onMap(cell, what) {
+  const serial = cell.serial;
+  try {
+    let j = await api(`api/maps/${cell.key}/${what}`, { method: "POST" });
+    if (j.state !== "done") j = await poll(cell, j, serial);
+    if (serial !== cell.serial || j.state !== "done") return;
+    showJob(cell, { state: "done" });
+    cell.state.textContent = `${cell.row.method} · ${cell.t.name}`;
+    if (what === "curves") drawCurves(cell, j.result); else badge(cell, j.result);
+  } catch (e) { showJob(cell, { state: "error", error: e.message }); }
+}
+
+function badge(cell, r) {
+  cell.extra.append(el("div", {}, el("span", { class: `badge ${r.passed ? "pass" : "fail"}`,
+    title: `rank correlation with the map after re-initializing the top layer: ${r.spearman_top.toFixed(2)}, all ${r.layers} layers: ${r.spearman_all.toFixed(2)}` },
+  `sanity: ${r.badge} (r ${r.spearman_all.toFixed(2)})`)));
+}
+
+function drawCurves(cell, r) {
+  const c = el("canvas", { class: "curves", width: 192, height: 96 });
+  const ctx = c.getContext("2d");
+  const line = (ys, color) => {
+    ctx.strokeStyle = color; ctx.beginPath();
+    ys.forEach((y, i) => { const X = 4 + 184 * i / (ys.length - 1), Y = 80 - 72 * y; i ? ctx.lineTo(X, Y) : ctx.moveTo(X, Y); });
+    ctx.stroke();
+  };
+  line(r.insertion, "#2e7d32"); line(r.deletion, "#b3261e");
+  ctx.fillStyle = "#1d2330"; ctx.font = "11px sans-serif";
+  ctx.fillText(`insertion AUC ${r.insertion_auc.toFixed(3)}`, 4, 92);
+  ctx.fillText(`deletion ${r.deletion_auc.toFixed(3)}`, 118, 92);
+  cell.extra.append(c);
+}
+
+function figureLink() {
+  const keys = [...S.cells.values()].filter((c) => c.td.isConnected && c.key && c.map && c.image === S.image).map((c) => c.key);
+  const d = S.display;
+  const q = new URLSearchParams({ keys: keys.join(","), cmap: d.cmap, percentile: d.clip, alpha: d.opacity,
+                                  signed: d.mode === "signed" ? "signed" : "abs" });
+  $("download-figure").href = keys.length ? `api/figure.png?${q}` : "#";
+}
+
+start().catch((e) => status(e.message, true));
