@@ -1,0 +1,528 @@
+"""The explorer's API through Starlette's test client: every endpoint, and every bad input gets a
+clear 4xx while the server goes on. Maps, curves and the sanity check are compared with the
+library called directly on the same image file (the server must add nothing and lose nothing)."""
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("starlette")
+pytest.importorskip("httpx")
+from starlette.testclient import TestClient  # noqa: E402
+
+import salience  # noqa: E402
+from conftest import unchanged  # noqa: E402
+from explore_helpers import npy, shapes_files, wait_job  # noqa: E402
+from salience.explore.app import Hub, create_app  # noqa: E402
+from salience.explore.compute import ModelSlot  # noqa: E402
+from salience.explore.images import FileSource, ImageStore  # noqa: E402
+from salience.loading import load_image, preprocess  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("explore-images")
+    paths, labels, masks = shapes_files(folder)
+    (folder / "notes.txt").write_text("not listed: not an image suffix")
+    model = salience.load_model("demo:shapes")
+    hub = Hub([ModelSlot("a", model)], ImageStore([FileSource([folder])]))
+    client = TestClient(create_app(hub))
+    yield {"client": client, "hub": hub, "model": model, "paths": paths, "labels": labels, "masks": masks,
+           "folder": folder}
+    hub.close()
+
+
+def _get(client):
+    return lambda url: client.get(url).json()
+
+
+def _x(env, i=0):
+    info = env["model"].salience_info
+    return preprocess(load_image(env["paths"][i]), info).unsqueeze(0)
+
+
+def _map(env, method="vanilla", target=None, options=None, image="f0"):
+    c = env["client"]
+    target = int(env["labels"][0]) if target is None else target
+    r = c.post("api/explain", json={"model": "a", "image": image, "method": method, "target": target,
+                                    "options": options or {}})
+    assert r.status_code in (200, 202), r.text
+    j = wait_job(_get(c), r.json())
+    assert j["state"] == "done", j
+    return j["key"], npy(c.get(f"api/maps/{j['key']}.npy").content)
+
+
+def _png_file(width: int, height: int, data: bytes = b"") -> bytes:
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + (chunk(b"IDAT", data) if data else b"") + chunk(b"IEND", b"")
+
+
+# --------------------------------------------------------------------------------- page, info, colormaps
+
+
+def test_page_and_static_files_use_relative_urls(env):
+    c = env["client"]
+    page = c.get("/")
+    assert page.status_code == 200 and "salience explore" in page.text
+    assert 'src="static/app.js"' in page.text and 'href="static/style.css"' in page.text
+    js = c.get("static/app.js").text
+    # Relative URLs only (no leading slash, no scheme, no CDN): the page works behind a proxy's path.
+    assert "fetch(\"/" not in js and "http://" not in js and "https://" not in js and "`/api" not in js
+    assert c.get("static/style.css").status_code == 200
+
+
+def test_info_lists_models_methods_and_option_controls(env):
+    info = env["client"].get("api/info").json()
+    m = info["models"][0]
+    assert (m["slot"], m["name"], m["outputs"]) == ("a", "demo:shapes", 5)
+    assert m["classes"] == list(salience.data.CLASSES)
+    assert list(info["methods"]) == list(salience.METHODS)
+    sg = {o["keyword"]: o for o in info["methods"]["smoothgrad"]}
+    assert sg["samples"]["kind"] == "int" and sg["noise"]["kind"] == "float"
+    import inspect
+    assert sg["samples"]["default"] == str(inspect.signature(salience.smoothgrad).parameters["samples"].default)
+    assert "vanilla" in sg["method"]["choices"]
+    ig = {o["keyword"] for o in info["methods"]["integrated_gradients"]}
+    assert {"steps", "baseline"} <= ig
+    assert "layer" in {o["keyword"] for o in info["methods"]["gradcam"]}
+    guided = {o["keyword"]: o for o in info["methods"]["guided_backprop"]}
+    assert guided["unsupported"]["choices"] == list(salience.rules.UNSUPPORTED)
+    assert info["colormaps"] == list(salience.viz.COLORMAPS)
+
+
+def test_colormap_tables_are_the_librarys(env):
+    c = env["client"]
+    for name in salience.viz.COLORMAPS:
+        assert c.get(f"api/colormaps/{name}").json()["lut"] == salience.viz.colormap(name).tolist()
+    r = c.get("api/colormaps/nope")
+    assert r.status_code == 404 and "fire" in r.json()["error"]
+
+
+# --------------------------------------------------------------------------------- images
+
+
+def test_images_are_the_named_files_only(env):
+    c = env["client"]
+    images = c.get("api/images").json()["images"]
+    assert [i["name"] for i in images] == [p.name for p in env["paths"]]
+    assert [i["id"] for i in images] == ["f0", "f1", "f2", "f3"]
+
+
+@pytest.mark.parametrize("url", [
+    "api/images/../../../../etc/passwd/picture.png", "api/images/%2e%2e%2f%2e%2e%2fetc%2fpasswd/picture.png",
+    "api/images/..%2Fnotes.txt/picture.png", "static/../app.py", "static/%2e%2e/app.py", "static/..%2F..%2F__init__.py",
+    "api/images/notes.txt/picture.png", "api/images/f9/picture.png",
+])
+def test_no_path_reaches_another_file(env, url):
+    r = env["client"].get(url)
+    assert r.status_code == 404, (url, r.status_code)
+    assert b"import" not in r.content and b"root:" not in r.content
+
+
+def test_picture_is_what_the_model_sees(env):
+    from PIL import Image
+    import io
+
+    c = env["client"]
+    r = c.get("api/images/f1/picture.png?slot=a")
+    assert r.headers["content-type"] == "image/png"
+    pic = np.asarray(Image.open(io.BytesIO(r.content)))
+    expected = (load_image(env["paths"][1]).permute(1, 2, 0).numpy() * 255).round()
+    assert pic.shape == (64, 64, 3) and np.abs(pic - expected).max() <= 1
+    assert c.get("api/images/f1/picture.png?slot=z").status_code == 404
+
+
+def test_upload_raw_and_multipart(env):
+    c = env["client"]
+    data = env["paths"][2].read_bytes()
+    r = c.post("api/images?name=my%20shape.png", content=data)
+    assert r.status_code == 201, r.text
+    j = r.json()
+    assert j["id"].startswith("u") and (j["width"], j["height"]) == (64, 64) and j["name"] == "my shape.png"
+    r2 = c.post("api/images", files={"file": ("again.png", data, "image/png")})
+    assert r2.status_code == 201 and r2.json()["id"] == j["id"]  # same bytes, same image
+    assert j["id"] in [i["id"] for i in c.get("api/images").json()["images"]]
+    top_u = c.get(f"api/models/a/top?image={j['id']}").json()["classes"]
+    top_f = c.get("api/models/a/top?image=f2").json()["classes"]
+    assert top_u == top_f
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"hello, I am text", 400, "not an image"),
+    (b"", 400, "empty"),
+    ("truncated", 400, "truncated"),
+    ("huge", 400, "over the limit"),
+])
+def test_bad_uploads_get_a_4xx_and_the_server_goes_on(env, body, status, words):
+    c = env["client"]
+    if body == "truncated":
+        body = env["paths"][0].read_bytes()[:300]
+    elif body == "huge":
+        body = _png_file(20_000, 20_000, zlib.compress(b"\0" * 64))  # 400 megapixels, refused before decoding
+    r = c.post("api/images?name=bad.png", content=body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+    assert "/tmp" not in r.json()["error"] and "salience-explore-" not in r.json()["error"]
+    assert c.get("api/info").status_code == 200
+
+
+def test_upload_over_the_byte_limit_is_413(env):
+    c, store = env["client"], env["hub"].images
+    old = store.max_upload_bytes
+    store.max_upload_bytes = 1000
+    try:
+        r = c.post("api/images", content=b"\0" * 5000)
+        assert r.status_code == 413 and "limit" in r.json()["error"]
+        r = c.post("api/images", files={"file": ("big.png", b"\0" * 5000, "image/png")})
+        assert r.status_code == 413
+    finally:
+        store.max_upload_bytes = old
+
+
+def test_max_pixels_is_the_servers_limit(env, tmp_path):
+    store = ImageStore([], max_pixels=64 * 64 - 1)
+    try:
+        with pytest.raises(salience.SalienceError, match="over the limit"):
+            store.add_upload(env["paths"][0].read_bytes(), "x.png")
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------------- models
+
+
+def test_top_classes_are_the_models_probabilities(env):
+    c = env["client"]
+    j = c.get("api/models/a/top?image=f0&k=3").json()
+    with torch.no_grad():
+        p = env["model"](_x(env)).softmax(1)[0]
+    order = p.argsort(descending=True)[:3]
+    assert [x["index"] for x in j["classes"]] == order.tolist()
+    assert np.allclose([x["probability"] for x in j["classes"]], p[order].numpy(), atol=1e-6)
+    assert j["classes"][0]["name"] == salience.data.CLASSES[int(order[0])]
+    assert c.get("api/models/a/top?image=nope").status_code == 404
+    assert c.get("api/models/b/top?image=f0").status_code == 404
+    assert c.get("api/models/a/top?image=f0&k=abc").status_code == 400
+    assert c.get("api/models/a/top?image=f0&k=0").status_code == 400
+
+
+def test_layer_tree_and_default_layer(env):
+    from salience.methods.gradcam import default_layer
+
+    j = env["client"].get("api/models/a/layers").json()
+    model = env["model"]
+    assert [x["name"] for x in j["layers"]] == [n for n, _ in model.named_modules() if n]
+    assert j["default"] == default_layer(model, _x(env))
+
+
+# --------------------------------------------------------------------------------- explain
+
+
+def test_maps_equal_the_library_called_directly(env):
+    model, t = env["model"], int(env["labels"][0])
+    x = _x(env)
+    key, m = _map(env, "vanilla", t)
+    assert m.dtype == np.float32 and m.shape == (64, 64)
+    np.testing.assert_allclose(m, salience.vanilla(model, x, t)[0].numpy(), rtol=1e-5, atol=1e-7)
+    _, m = _map(env, "smoothgrad", t, {"samples": 3, "noise": "0.2"})
+    np.testing.assert_allclose(m, salience.smoothgrad(model, x, t, samples=3, noise=0.2)[0].numpy(), rtol=1e-5,
+                               atol=1e-7)
+    _, m = _map(env, "gradcam", t, {"layer": "features.3"})
+    np.testing.assert_allclose(m, salience.gradcam(model, x, t, layer="features.3")[0].numpy(), rtol=1e-5, atol=1e-7)
+    _, m = _map(env, "vanilla", t, {"reduce": "colored"})
+    assert m.shape == (3, 64, 64)
+    d = npy(env["client"].get(f"api/maps/{_map(env, 'vanilla', t, {'reduce': 'colored'})[0]}/display.npy").content)
+    np.testing.assert_allclose(d, np.abs(m).max(0))
+
+
+def test_a_cached_map_answers_at_once_and_the_model_is_unchanged(env):
+    c, t = env["client"], int(env["labels"][1])
+    with unchanged(env["model"]):
+        key, _ = _map(env, "integrated_gradients", t, {"steps": 8}, image="f1")
+        r = c.post("api/explain", json={"model": "a", "image": "f1", "method": "integrated_gradients",
+                                        "target": t, "options": {"steps": "8"}})
+    assert r.status_code == 200 and r.json()["state"] == "done" and r.json()["key"] == key
+    # The same bytes uploaded are the same image for the cache.
+    up = c.post("api/images", content=env["paths"][1].read_bytes()).json()["id"]
+    r = c.post("api/explain", json={"model": "a", "image": up, "method": "integrated_gradients", "target": t,
+                                    "options": {"steps": 8}})
+    assert r.json()["state"] == "done"
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"method": "nope"}, 400, "unknown method 'nope'"),
+    ({"method": "vanila"}, 400, "vanilla"),
+    ({"method": 3}, 400, "method must be"),
+    ({"method": "smoothgrad", "options": {"samples": "abc"}}, 400, "samples"),
+    ({"method": "smoothgrad", "options": {"samples": 0}}, 400, "samples"),
+    ({"method": "smoothgrad", "options": {"noise": "-1"}}, 400, "noise"),
+    ({"method": "smoothgrad", "options": {"noise": "nan"}}, 400, "finite"),
+    ({"method": "smoothgrad", "options": {"noise": [1]}}, 400, "noise"),
+    ({"method": "smoothgrad", "options": {"variant": "nope"}}, 400, "variant"),
+    ({"method": "integrated_gradients", "options": {"steps": "1e9x"}}, 400, "steps"),
+    ({"method": "vanilla", "options": {"samples": 4}}, 400, "samples"),
+    ({"method": "vanilla", "options": {"bogus": 1}}, 400, "unknown option"),
+    ({"method": "vanilla", "options": [1]}, 400, "options must be"),
+    ({"method": "gradcam", "options": {"layer": "zzz"}}, 400, "zzz"),
+    ({"method": "guided_backprop", "options": {"unsupported": "maybe"}}, 400, "unsupported"),
+    ({"method": "vanilla", "target": 99}, 400, "0..4"),
+    ({"method": "vanilla", "target": -1}, 400, "0..4"),
+    ({"method": "vanilla", "target": "cat"}, 400, "target"),
+    ({"method": "vanilla", "target": True}, 400, "target"),
+    ({"method": "vanilla", "target": None}, 400, "target"),
+    ({"method": "vanilla", "image": "nope"}, 404, "no image"),
+    ({"method": "vanilla", "image": "../../etc/passwd"}, 404, "no image"),
+    ({"method": "vanilla", "model": "b"}, 404, "no model"),
+])
+def test_bad_explain_requests_get_a_4xx(env, body, status, words):
+    c = env["client"]
+    r = c.post("api/explain", json={"model": "a", "image": "f0", "target": 0, **body})
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+    assert c.get("api/info").status_code == 200
+
+
+def test_a_body_that_is_not_a_json_object_is_400(env):
+    c = env["client"]
+    for content in (b"{nope", b"[1, 2]", b"\xff\xfe"):
+        r = c.post("api/explain", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "JSON object" in r.json()["error"]
+
+
+def test_a_model_error_ends_the_job_not_the_server(env):
+    """A method that fails on this model (attention rollout on a CNN) ends its job with the message."""
+    c = env["client"]
+    r = c.post("api/explain", json={"model": "a", "image": "f0", "method": "attention_rollout", "target": 0})
+    j = wait_job(_get(c), r.json())
+    assert j["state"] == "error" and j["code"] == 400 and "attention" in j["error"]
+    assert c.get("api/status").status_code == 200
+
+
+# --------------------------------------------------------------------------------- jobs: queue, progress, cancel
+
+
+def _block(hub):
+    """Occupy model a's worker until the returned event is set."""
+    gate, started = threading.Event(), threading.Event()
+
+    def run(ticker):
+        started.set()
+        gate.wait(30)
+    hub.submit(hub.slots["a"], "block", run)
+    assert started.wait(10)
+    return gate
+
+
+def test_queue_positions_and_cancel_of_a_waiting_job(env):
+    c, hub = env["client"], env["hub"]
+    gate = _block(hub)
+    try:
+        jobs = [c.post("api/explain", json={"model": "a", "image": "f2", "method": "vanilla", "target": k}).json()
+                for k in range(3)]
+        assert [j["state"] for j in jobs] == ["queued"] * 3
+        assert [j["position"] for j in jobs] == [1, 2, 3]
+        assert c.get("api/status").json()["models"]["a"] == {"queue": 3, "busy": True}
+        r = c.delete(f"api/jobs/{jobs[1]['job']}").json()
+        assert r["state"] == "cancelled"
+        assert c.get(f"api/jobs/{jobs[2]['job']}").json()["position"] == 2
+    finally:
+        gate.set()
+    ends = [wait_job(_get(c), j) for j in jobs]
+    assert [e["state"] for e in ends] == ["done", "cancelled", "done"]
+    assert c.get("api/status").json()["models"]["a"]["queue"] == 0
+
+
+def test_a_long_job_shows_progress_and_stops_when_cancelled(env):
+    c = env["client"]
+    with unchanged(env["model"]):
+        r = c.post("api/explain", json={"model": "a", "image": "f3", "method": "smoothgrad", "target": 0,
+                                        "options": {"samples": 100000, "chunk": 8}}).json()
+        seen = None
+        for _ in range(3000):
+            j = c.get(f"api/jobs/{r['job']}").json()
+            if j["state"] == "running" and j["progress"]:
+                seen = j["progress"]
+                break
+            threading.Event().wait(0.01)
+        assert seen is not None and 0 < seen < 0.5
+        c.delete(f"api/jobs/{r['job']}")
+        end = wait_job(_get(c), j, timeout=20)
+    assert end["state"] == "cancelled"
+    assert c.get("api/jobs/nope").status_code == 404
+    assert c.delete("api/jobs/nope").status_code == 404
+
+
+# --------------------------------------------------------------------------------- maps: files, curves, sanity, figure
+
+
+def test_map_files(env):
+    from PIL import Image
+    import io
+
+    c = env["client"]
+    key, m = _map(env, "gradcam", int(env["labels"][0]))
+    r = c.get(f"api/maps/{key}.npy")
+    assert r.headers["content-disposition"].startswith("attachment") and ".npy" in r.headers["content-disposition"]
+    png = c.get(f"api/maps/{key}.png?cmap=gray&percentile=99.5&signed=abs")
+    img = np.asarray(Image.open(io.BytesIO(png.content)))
+    assert img.shape == (64, 64, 3)
+    expected = salience.viz.heatmap(m, cmap="gray", percentile=99.5, signed=False)
+    np.testing.assert_array_equal(img, expected)
+    for bad in ("cmap=nope", "percentile=abc", "percentile=10", "signed=maybe"):
+        assert c.get(f"api/maps/{key}.png?{bad}").status_code == 400, bad
+    assert c.get("api/maps/nope.npy").status_code == 404
+    assert c.get("api/maps/nope.png").status_code == 404
+
+
+def test_curves_and_sanity_equal_the_evidence_functions(env):
+    from salience import evidence
+
+    c, model, t = env["client"], env["model"], int(env["labels"][0])
+    key, m = _map(env, "gradcam", t)
+    x, maps = _x(env), torch.from_numpy(m)[None]
+    j = wait_job(_get(c), c.post(f"api/maps/{key}/curves").json())
+    res = j["result"]
+    ins = evidence.insertion_curves(model, x, maps, t, steps=res["steps"])
+    dele = evidence.deletion_curves(model, x, maps, t, steps=res["steps"])
+    np.testing.assert_allclose(res["insertion"], ins[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(res["deletion"], dele[0].numpy(), atol=1e-6)
+    assert res["insertion_auc"] == pytest.approx(float(evidence.auc(ins)[0]), abs=1e-6)
+    assert c.post(f"api/maps/{key}/curves").json()["state"] == "done"  # cached
+    j = wait_job(_get(c), c.post(f"api/maps/{key}/sanity").json(), timeout=120)
+    s = j["result"]
+    r = evidence.randomization(model, x, salience.gradcam, t, seed=0)
+    assert s["spearman_all"] == pytest.approx(r["spearman_abs"][-1], abs=1e-6)
+    assert s["spearman_top"] == pytest.approx(r["spearman_abs"][0], abs=1e-6)
+    assert s["passed"] == (s["spearman_all"] < s["threshold"])
+    assert c.post("api/maps/nope/curves").status_code == 404
+    assert c.post(f"api/maps/{key}/bogus").status_code == 404
+
+
+def test_a_dropped_map_is_computed_again_for_its_curves(env):
+    c, hub = env["client"], env["hub"]
+    key, m = _map(env, "vanilla", 2, image="f3")
+    hub.cache._items.pop(key)
+    hub.cache.bytes = sum(s for _, s in hub.cache._items.values())
+    assert c.get(f"api/maps/{key}.npy").status_code == 409
+    j = wait_job(_get(c), c.post(f"api/maps/{key}/curves").json())
+    assert j["state"] == "done"
+    np.testing.assert_array_equal(npy(c.get(f"api/maps/{key}.npy").content), m)
+
+
+def test_figure(env):
+    from PIL import Image
+    import io
+
+    c, t = env["client"], int(env["labels"][0])
+    k1, m1 = _map(env, "vanilla", t)
+    k2, m2 = _map(env, "gradcam", t)
+    r = c.get(f"api/figure.png?keys={k1},{k2}&cmap=fire&alpha=0.3")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    fig = np.asarray(Image.open(io.BytesIO(r.content)))
+    pic = load_image(env["paths"][0])[None]
+    expected = salience.viz.figure(pic, {f"vanilla {salience.data.CLASSES[t]}": m1[None],
+                                         f"gradcam {salience.data.CLASSES[t]}": m2[None]},
+                                   scale_to=160, cmap="fire", alpha=0.3, percentile=99.0)
+    assert fig.shape == expected.shape
+    assert np.abs(fig.astype(int) - expected.astype(int)).max() <= 1
+    k3, _ = _map(env, "vanilla", t, image="f1")
+    assert c.get(f"api/figure.png?keys={k1},{k3}").status_code == 400
+    assert c.get("api/figure.png").status_code == 400
+    assert c.get("api/figure.png?keys=nope").status_code == 404
+    assert c.get(f"api/figure.png?keys={k1}&alpha=7").status_code == 400
+
+
+def test_status_and_runs(env):
+    c = env["client"]
+    s = c.get("api/status").json()
+    assert s["models"]["a"]["queue"] == 0 and s["cache"]["items"] >= 1
+    assert c.get("api/runs").json()["runs"] == []
+    assert c.get("api/nothing").status_code == 404
+
+
+def test_compare_two_models_side_by_side(tmp_path):
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    a, b = salience.load_model("demo:shapes"), salience.load_model("demo:shapes-cue")
+    hub = Hub([ModelSlot("a", a), ModelSlot("b", b)], ImageStore([FileSource(paths)]))
+    try:
+        c = TestClient(create_app(hub))
+        assert [m["name"] for m in c.get("api/info").json()["models"]] == ["demo:shapes", "demo:shapes-cue"]
+        x = preprocess(load_image(paths[0]), a.salience_info).unsqueeze(0)
+        t = int(labels[0])
+        for slot, model in (("a", a), ("b", b)):
+            r = c.post("api/explain", json={"model": slot, "image": "f0", "method": "vanilla", "target": t}).json()
+            j = wait_job(_get(c), r)
+            m = npy(c.get(f"api/maps/{j['key']}.npy").content)
+            np.testing.assert_allclose(m, salience.vanilla(model, x, t)[0].numpy(), rtol=1e-5, atol=1e-7)
+        assert c.get(f"api/figure.png?keys={j['key']}").status_code == 200
+    finally:
+        hub.close()
+
+
+# --------------------------------------------------------------------------------- server, Python, CLI
+
+
+def test_hosts_ports_and_the_remote_warning(capsys):
+    from salience.explore import server
+
+    assert server.is_local("127.0.0.1") and server.is_local("localhost") and server.is_local("::1")
+    assert not server.is_local("0.0.0.0") and not server.is_local("192.168.1.4")
+    with pytest.raises(salience.SalienceError, match="port"):
+        server.bind_socket("127.0.0.1", 70000)
+    s = server.bind_socket("127.0.0.1", 0)
+    try:
+        with pytest.raises(salience.SalienceError, match="cannot listen"):
+            server.bind_socket("127.0.0.1", s.getsockname()[1])
+    finally:
+        s.close()
+    ex = salience.explore("demo:shapes", host="0.0.0.0", show=False)
+    try:
+        err = capsys.readouterr()
+        assert "anyone who can reach port" in err.err and str(ex.port) in err.err
+        assert ex.url in err.out
+    finally:
+        ex.stop()
+
+
+def test_explore_from_python_shows_an_iframe_in_a_notebook(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    shown = []
+    ipython = types.ModuleType("IPython")
+    ipython.get_ipython = lambda: types.SimpleNamespace(kernel=object())
+    display = types.ModuleType("IPython.display")
+    display.IFrame = lambda src, width, height: ("iframe", src, width, height)
+    display.display = shown.append
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "IPython.display", display)
+    model = salience.load_model("demo:shapes")
+    ex = salience.explore(model, [tmp_path])
+    try:
+        assert shown == [("iframe", ex.url, "100%", 800)]
+        import httpx
+        assert httpx.get(ex.url + "api/info").json()["models"][0]["outputs"] == 5
+    finally:
+        ex.stop()
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/me/")
+    ex = salience.explore(model)
+    try:
+        assert shown[-1][1] == f"/user/me/proxy/{ex.port}/"
+    finally:
+        ex.stop()
+
+
+def test_cli_explore_bad_arguments():
+    from salience.cli import main
+
+    assert main(["explore", "--model", "demo:nope"]) == 2
+    assert main(["explore", "--model", "demo:shapes", "/no/such/image.png"]) == 2
+    assert main(["explore", "--model", "demo:shapes", "--port", "99999"]) == 2
+    assert main(["explore", "--model", "demo:shapes", "--host", "no.such.host.invalid"]) == 2
