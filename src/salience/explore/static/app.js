@@ -179,7 +179,8 @@ function cellFor(row, t) {
 }
 
 function refreshRow(row) { for (const c of S.cells.values()) if (c.row === row) request(c); }
-function refreshAll() { for (const c of S.cells.values()) if (c.td.isConnected) request(c); }
+// The cells not yet showing the current image (new cells, or all after another image is picked).
+function refreshAll() { for (const c of S.cells.values()) if (c.td.isConnected && c.want !== S.image) request(c); }
 
 // ------------------------------------------------------------------ computing a map
 
@@ -209,6 +210,7 @@ async function poll(cell, j, serial) {
 async function request(cell) {
   if (!S.image) return;
   const serial = ++cell.serial;
+  cell.want = S.image;
   const options = { ...cell.row.options };
   if (cell.t.model !== "a") delete options.layer; // the layer list is model a's
   cell.extra.textContent = ""; cell.tools.textContent = "";
@@ -218,8 +220,9 @@ async function request(cell) {
     cell.key = j.key;
     if (j.state !== "done") j = await poll(cell, j, serial);
     if (serial !== cell.serial || j.state !== "done") return;
-    cell.map = parseNpy(await api(`api/maps/${j.key}/display.npy`));
-    cell.image = S.image;
+    const map = parseNpy(await api(`api/maps/${j.key}/display.npy`));
+    if (serial !== cell.serial) return;
+    cell.map = map; cell.image = S.image;
     showJob(cell, { state: "done" });
     cell.state.textContent = `${cell.row.method} · ${cell.t.name}`;
     draw(cell); tools(cell); figureLink();
