@@ -32,7 +32,6 @@ from starlette.staticfiles import StaticFiles
 
 import torch
 
-from salience import __version__
 from salience._core.errors import SalienceError
 from salience._core.tensors import model_device
 from salience.explore import compute
@@ -219,7 +218,7 @@ async def index(request: Request) -> Response:
 async def info(request: Request) -> Response:
     hub = _hub(request)
     return JSONResponse({
-        "version": __version__, "models": [s.describe() for s in hub.slots.values()],
+        "models": [s.describe() for s in hub.slots.values()],
         "methods": compute.options_schema(), "colormaps": list(viz.COLORMAPS),
         "limits": {"max_pixels": hub.images.max_pixels, "max_upload_bytes": hub.images.max_upload_bytes},
         "runs": hub.runs is not None,
