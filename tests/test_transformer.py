@@ -99,12 +99,18 @@ def ref_attribution(by_hand, model, x, target, prefix, grid):
 
 # --- attention capture ------------------------------------------------------------------------
 
-def test_capture_sees_torchvision_vit_attention_exactly(vit, x32):
+@pytest.mark.parametrize("grad", [True, False], ids=["python-attention", "native-kernel-no-grad"])
+def test_capture_sees_torchvision_vit_attention_exactly(vit, x32, grad, monkeypatch):
+    """With autograd the capture runs its Python attention; without (rollout), PyTorch's C++ kernel
+    asked for the weights. Both give the hand-written attention and the model's own output."""
+    native, calls = torch._native_multi_head_attention, []
+    monkeypatch.setattr(torch, "_native_multi_head_attention", lambda *a: calls.append(1) or native(*a))
     out_ref, atts = vit_by_hand(vit, x32)
     torch.testing.assert_close(out_ref, vit(x32), rtol=1e-5, atol=1e-5)
     with unchanged(vit):
-        with AttentionCapture(batch=2) as cap:
+        with AttentionCapture(batch=2) as cap, torch.set_grad_enabled(grad):
             out = vit(x32)
+    assert out.requires_grad == grad and len(calls) == (0 if grad else 2)
     assert cap.kinds == ["mha", "mha"]
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(cap.maps, atts):

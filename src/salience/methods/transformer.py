@@ -82,7 +82,7 @@ def _working(a: Tensor, x: Tensor) -> Tensor:
 
 def _fuse(a: Tensor, head_fusion: str, discard_ratio: float) -> Tensor:
     """``(B, heads, N, N)`` -> ``(B, N, N)``: heads fused, the lowest weights discarded (not ``[0, 0]``)."""
-    fused = {"mean": a.mean(1), "max": a.amax(1), "min": a.amin(1)}[head_fusion]
+    fused = a.mean(1) if head_fusion == "mean" else a.amax(1) if head_fusion == "max" else a.amin(1)
     flat = fused.flatten(1)
     n = int(flat.shape[1] * discard_ratio)
     if n:
@@ -127,11 +127,13 @@ def attention_rollout(
     maps = [_working(a, x) for a in attention_maps(model, x)]
     n = _check_maps(maps, x.shape[0], "attention_rollout")
     layout = _layout(model, x, n, prefix_tokens, grid, "attention_rollout")
-    eye = torch.eye(n, dtype=maps[0].dtype, device=maps[0].device)
-    r = eye.expand(x.shape[0], n, n)
+    r: Optional[Tensor] = None
     for a in maps:
-        a = 0.5 * _fuse(a, head_fusion, discard_ratio) + 0.5 * eye
-        r = (a / a.sum(dim=-1, keepdim=True)) @ r
+        f = _fuse(a, head_fusion, discard_ratio).mul_(0.5)  # 0.5 A + 0.5 I, rows renormalized, in place
+        f.diagonal(dim1=-2, dim2=-1).add_(0.5)
+        f.div_(f.sum(dim=-1, keepdim=True))
+        r = f if r is None else torch.bmm(f, r)  # the first layer's product with R = I is the layer itself
+    assert r is not None
     m = _row_map(r, layout, x, upsample).to(x.dtype)
     return m.unsqueeze(1).repeat(1, k, 1, 1) if multi else m
 
