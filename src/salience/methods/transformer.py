@@ -170,10 +170,11 @@ def transformer_attribution(
     eye = torch.eye(n, dtype=maps[0].dtype, device=maps[0].device)
     out = []
     for k in range(len(targets)):
-        r = eye.expand(x.shape[0], n, n)
+        r: Optional[Tensor] = None  # R = I until the first layer the score depends on
         for a, g in zip(maps, grads):
             if g:  # a layer the score does not depend on adds nothing
-                r = r + (g[k] * a).clamp(min=0).mean(dim=1) @ r
-        out.append(_row_map(r, layout, x, upsample))
+                abar = (g[k] * a).clamp_(min=0).mean(dim=1)
+                r = eye + abar if r is None else r + torch.bmm(abar, r)  # I + Abar I = I + Abar, exactly
+        out.append(_row_map(eye.expand(x.shape[0], n, n) if r is None else r, layout, x, upsample))
     maps_k = torch.stack(out, dim=1).to(x.dtype)
     return maps_k if multi else maps_k[:, 0]
