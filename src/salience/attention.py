@@ -15,7 +15,10 @@ active (around one forward pass, in the entering thread only):
 * ``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention`` calls, with or without
   ``need_weights``): the in-projection, the same explicit attention per head (``attn_mask`` and
   ``key_padding_mask`` with PyTorch's meaning: ``True`` = not allowed), the out-projection; the
-  weights it returns when asked are ``A`` (averaged over heads if ``average_attn_weights``);
+  weights it returns when asked are ``A`` (averaged over heads if ``average_attn_weights``).
+  Without autograd (rollout) and on the fast path's conditions, PyTorch's own C++ kernel
+  ``torch._native_multi_head_attention`` asked for the per-head weights instead: the operators
+  of the bare fast-path forward, the same ``A``;
 * an explicit ``softmax(..., dim=-1)`` of a tensor of 3 or more dims (``torch.softmax``,
   ``F.softmax``, ``x.softmax(-1)``): taken to be attention; its output is recorded as it is.
 
