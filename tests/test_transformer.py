@@ -99,12 +99,18 @@ def ref_attribution(by_hand, model, x, target, prefix, grid):
 
 # --- attention capture ------------------------------------------------------------------------
 
-def test_capture_sees_torchvision_vit_attention_exactly(vit, x32):
+@pytest.mark.parametrize("grad", [True, False], ids=["python-attention", "native-kernel-no-grad"])
+def test_capture_sees_torchvision_vit_attention_exactly(vit, x32, grad, monkeypatch):
+    """With autograd the capture runs its Python attention; without (rollout), PyTorch's C++ kernel
+    asked for the weights. Both give the hand-written attention and the model's own output."""
+    native, calls = torch._native_multi_head_attention, []
+    monkeypatch.setattr(torch, "_native_multi_head_attention", lambda *a: calls.append(1) or native(*a))
     out_ref, atts = vit_by_hand(vit, x32)
     torch.testing.assert_close(out_ref, vit(x32), rtol=1e-5, atol=1e-5)
     with unchanged(vit):
-        with AttentionCapture(batch=2) as cap:
+        with AttentionCapture(batch=2) as cap, torch.set_grad_enabled(grad):
             out = vit(x32)
+    assert out.requires_grad == grad and len(calls) == (0 if grad else 2)
     assert cap.kinds == ["mha", "mha"]
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(cap.maps, atts):
@@ -132,9 +138,10 @@ def test_capture_of_sdpa_equals_the_fused_kernel(kw):
     torch.testing.assert_close(cap.maps[0].sum(-1), torch.ones(2, 4, 6))
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])  # no grad, no mask: the C++ kernel
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("masks", ["none", "padding", "attn", "both", "per_head"])
-def test_capture_of_multihead_attention_keeps_its_outputs_and_masks(need_weights, masks):
+def test_capture_of_multihead_attention_keeps_its_outputs_and_masks(need_weights, masks, grad):
     torch.manual_seed(6)
     mha = nn.MultiheadAttention(8, 2).eval()
     q = torch.randn(5, 3, 8)
@@ -143,9 +150,10 @@ def test_capture_of_multihead_attention_keeps_its_outputs_and_masks(need_weights
     kw = {"none": {}, "padding": {"key_padding_mask": pad}, "attn": {"attn_mask": torch.randn(5, 5)},
           "both": {"attn_mask": torch.rand(5, 5) > 0.7, "key_padding_mask": pad},
           "per_head": {"attn_mask": torch.randn(6, 5, 5)}}[masks]
-    ref, ref_w = mha(q, q, q, need_weights=need_weights, average_attn_weights=False, **kw)
-    with AttentionCapture() as cap:
-        out, w = mha(q, q, q, need_weights=need_weights, average_attn_weights=False, **kw)
+    with torch.set_grad_enabled(grad):
+        ref, ref_w = mha(q, q, q, need_weights=need_weights, average_attn_weights=False, **kw)
+        with AttentionCapture() as cap:  # batch_first=False: the kernel gets a transposed view
+            out, w = mha(q, q, q, need_weights=need_weights, average_attn_weights=False, **kw)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert (w is None) == (ref_w is None) and cap.kinds == ["mha"]
     if w is not None:

@@ -15,7 +15,10 @@ active (around one forward pass, in the entering thread only):
 * ``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention`` calls, with or without
   ``need_weights``): the in-projection, the same explicit attention per head (``attn_mask`` and
   ``key_padding_mask`` with PyTorch's meaning: ``True`` = not allowed), the out-projection; the
-  weights it returns when asked are ``A`` (averaged over heads if ``average_attn_weights``);
+  weights it returns when asked are ``A`` (averaged over heads if ``average_attn_weights``).
+  Without autograd (rollout) and on the fast path's conditions, PyTorch's own C++ kernel
+  ``torch._native_multi_head_attention`` asked for the per-head weights instead: the operators
+  of the bare fast-path forward, the same ``A``;
 * an explicit ``softmax(..., dim=-1)`` of a tensor of 3 or more dims (``torch.softmax``,
   ``F.softmax``, ``x.softmax(-1)``): taken to be attention; its output is recorded as it is.
 
@@ -68,7 +71,7 @@ def _additive(mask: Optional[Tensor], allowed_when_true: bool, like: Tensor) -> 
 def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optional[Tensor], causal: bool,
             dropout_p: float) -> tuple[Tensor, Tensor]:
     """``(A @ v, A)`` with ``A = softmax(q k^T * scale + mask)``: ``q`` ``(..., L, E)``, ``k``, ``v`` ``(..., S, E)``."""
-    logits = (q @ k.transpose(-2, -1)) * scale
+    logits = (q * scale) @ k.transpose(-2, -1)  # q scaled, not the N x N logits (exact for d = 4^n, e.g. 64)
     if causal:
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         logits = logits.masked_fill(~keep, float("-inf"))
@@ -149,27 +152,64 @@ class AttentionCapture(TorchFunctionMode):
                 "attention capture supports nn.MultiheadAttention on batched input without bias_k / bias_v, "
                 "add_zero_attn or static keys; this model uses one of them"
             )
-        q, k, v = _in_projection(a, query, key, value)
+        native = _native_mha(a, query, key, value, h)
+        if native is not None:
+            out, att = native
+            self._record(att, "mha")
+        else:
+            out, att = self._explicit_mha(a, query, key, value, h)
+        if not a["need_weights"]:
+            return out, None
+        return out, att.mean(dim=1) if a["average_attn_weights"] else att
+
+    def _explicit_mha(self, a: dict, query: Tensor, key: Tensor, value: Tensor, h: int) -> tuple[Tensor, Tensor]:
+        """The Python attention: batch-first throughout (``query`` ``(L, B, E)`` is usually a view of a
+        batch-first input), q, k, v as views of the projection, one copy back after ``A v``."""
         (ln, b, e), s = query.shape, key.shape[0]
-        q, k, v = (t.reshape(t.shape[0], b, h, e // h).permute(1, 2, 0, 3) for t in (q, k, v))  # (B, h, L|S, d)
+        q, k, v = (t.unflatten(-1, (h, e // h)).transpose(1, 2)  # (B, h, L|S, d)
+                   for t in _in_projection(a, query, key, value))
         mask = _mha_mask(a, b, h, ln, s, q)
         causal = bool(a["is_causal"]) and a["attn_mask"] is None
         drop = float(a["dropout_p"]) if a["training"] else 0.0
         out, att = _attend(q, k, v, 1.0 / math.sqrt(e // h), mask, causal, drop)
         self._record(att, "mha")
-        out = F.linear(out.permute(2, 0, 1, 3).reshape(ln, b, e), a["out_proj_weight"], a["out_proj_bias"])
-        if not a["need_weights"]:
-            return out, None
-        return out, att.mean(dim=1) if a["average_attn_weights"] else att
+        out = F.linear(out.transpose(1, 2).reshape(b, ln, e), a["out_proj_weight"], a["out_proj_bias"])
+        return out.transpose(0, 1), att
 
 
-def _in_projection(a: dict, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``nn.MultiheadAttention``'s input projections (packed or separate weights), ``(L|S, B, E)`` each."""
-    if not a["use_separate_proj_weight"]:
-        return F._in_projection_packed(query, key, value, a["in_proj_weight"], a["in_proj_bias"])
+def _native_mha(a: dict, query: Tensor, key: Tensor, value: Tensor, h: int) -> Optional[tuple[Tensor, Tensor]]:
+    """Self-attention without masks, dropout or autograd through PyTorch's own C++ kernel (what
+    ``nn.MultiheadAttention``'s fast path calls, which a mode turns off) asked for the per-head
+    weights: ``(out (L, B, E), A (B, h, L, L))``, the same numbers as the fast path, without the
+    Python re-implementation's copies. ``None`` when a condition does not hold (then explicit)."""
+    tensors = (query, a["in_proj_weight"], a["in_proj_bias"], a["out_proj_weight"], a["out_proj_bias"])
+    e = query.shape[-1]
+    if (not hasattr(torch, "_native_multi_head_attention") or not (query is key is value)
+            or a["use_separate_proj_weight"] or any(t is None for t in tensors)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            or a["attn_mask"] is not None or a["key_padding_mask"] is not None or a["is_causal"]
+            or (a["training"] and a["dropout_p"] > 0) or e % h or query.dtype not in (torch.float32, torch.float64)
+            or any(t.dtype != query.dtype or t.device != query.device for t in tensors)):
+        return None
+    qb = query.transpose(0, 1)  # (B, L, E): nn.MultiheadAttention(batch_first=True) passed a view of its input
+    out, att = torch._native_multi_head_attention(qb, qb, qb, e, h, *tensors[1:], None, True, False)
+    return out.transpose(0, 1), att
+
+
+def _in_projection(a: dict, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, ...]:
+    """``nn.MultiheadAttention``'s input projections (packed or separate weights) of ``(L|S, B, E)``
+    inputs, batch-first ``(B, L|S, E)`` each; self-attention as one product, q, k, v its views."""
+    qb, kb, vb = (t.transpose(0, 1) for t in (query, key, value))
     bias = a["in_proj_bias"]
+    if not a["use_separate_proj_weight"]:
+        w = a["in_proj_weight"]
+        if query is key is value:
+            return tuple(F.linear(qb, w, bias).chunk(3, dim=-1))
+        wq, wk, wv = w.chunk(3)
+    else:
+        wq, wk, wv = a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]
     bq, bk, bv = bias.chunk(3) if bias is not None else (None, None, None)
-    return F._in_projection(query, key, value, a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"], bq, bk, bv)
+    return F.linear(qb, wq, bq), F.linear(kb, wk, bk), F.linear(vb, wv, bv)
 
 
 def _mha_mask(a: dict, b: int, h: int, ln: int, s: int, like: Tensor) -> Optional[Tensor]:

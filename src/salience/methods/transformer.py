@@ -80,14 +80,21 @@ def _working(a: Tensor, x: Tensor) -> Tensor:
     return a.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _fuse(a: Tensor, head_fusion: str, discard_ratio: float) -> Tensor:
-    """``(B, heads, N, N)`` -> ``(B, N, N)``: heads fused, the lowest weights discarded (not ``[0, 0]``)."""
-    fused = {"mean": a.mean(1), "max": a.amax(1), "min": a.amin(1)}[head_fusion]
-    flat = fused.flatten(1)
-    n = int(flat.shape[1] * discard_ratio)
+def _fuse(maps: list[Tensor], head_fusion: str, discard_ratio: float) -> Tensor:
+    """``L`` x ``(B, heads, N, N)`` -> ``(L, B, N, N)``: heads fused, the lowest weights of each
+    layer and image discarded (not ``[0, 0]``). Batched over the layers, so a few operator calls
+    in all (on a busy machine each call waits for every thread); the mean is PyTorch's own, a sum
+    then a division by the head count, so the numbers are those of ``a.mean(1)``."""
+    if head_fusion == "mean":
+        heads = torch.tensor([a.shape[1] for a in maps], dtype=maps[0].dtype, device=maps[0].device)
+        fused = torch.stack([a.sum(1) for a in maps]).div_(heads.view(-1, 1, 1, 1))
+    else:
+        fused = torch.stack([a.amax(1) if head_fusion == "max" else a.amin(1) for a in maps])
+    flat = fused.flatten(2)
+    n = int(flat.shape[-1] * discard_ratio)
     if n:
-        drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.topk(n, dim=1, largest=False).indices, True)
-        drop[:, 0] = False
+        drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(n, dim=-1, largest=False).indices, True)
+        drop[..., 0] = False
         fused = flat.masked_fill(drop, 0).view_as(fused)
     return fused
 
@@ -127,11 +134,14 @@ def attention_rollout(
     maps = [_working(a, x) for a in attention_maps(model, x)]
     n = _check_maps(maps, x.shape[0], "attention_rollout")
     layout = _layout(model, x, n, prefix_tokens, grid, "attention_rollout")
-    eye = torch.eye(n, dtype=maps[0].dtype, device=maps[0].device)
-    r = eye.expand(x.shape[0], n, n)
-    for a in maps:
-        a = 0.5 * _fuse(a, head_fusion, discard_ratio) + 0.5 * eye
-        r = (a / a.sum(dim=-1, keepdim=True)) @ r
+    # 0.5 A + 0.5 I with rows renormalized, all layers at once (L, B, N, N), in place: few operator
+    # calls, each a wait for every thread on a busy machine
+    f = _fuse(maps, head_fusion, discard_ratio).mul_(0.5)
+    f.diagonal(dim1=-2, dim2=-1).add_(0.5)
+    f.div_(f.sum(dim=-1, keepdim=True))
+    r = f[0]  # R = A'_1 I = A'_1 exactly
+    for a in f[1:]:
+        r = torch.bmm(a, r)
     m = _row_map(r, layout, x, upsample).to(x.dtype)
     return m.unsqueeze(1).repeat(1, k, 1, 1) if multi else m
 
@@ -168,10 +178,11 @@ def transformer_attribution(
     eye = torch.eye(n, dtype=maps[0].dtype, device=maps[0].device)
     out = []
     for k in range(len(targets)):
-        r = eye.expand(x.shape[0], n, n)
+        r: Optional[Tensor] = None  # R = I until the first layer the score depends on
         for a, g in zip(maps, grads):
             if g:  # a layer the score does not depend on adds nothing
-                r = r + (g[k] * a).clamp(min=0).mean(dim=1) @ r
-        out.append(_row_map(r, layout, x, upsample))
+                abar = (g[k] * a).clamp_(min=0).mean(dim=1)
+                r = eye + abar if r is None else r + torch.bmm(abar, r)  # I + Abar I = I + Abar, exactly
+        out.append(_row_map(eye.expand(x.shape[0], n, n) if r is None else r, layout, x, upsample))
     maps_k = torch.stack(out, dim=1).to(x.dtype)
     return maps_k if multi else maps_k[:, 0]
