@@ -208,9 +208,9 @@ def eigencam(
     Per image, the activations as a matrix ``M`` ``(h w, K)`` (positions x channels) and its first
     right-singular vector ``v``: the map is ``M v`` ``(h, w)``, upsampled like Grad-CAM. One forward
     pass in inference mode, stopped at the layer; no gradient. ``center=True`` subtracts each
-    channel's mean over the positions first (pytorch-grad-cam does). The sign of ``v`` is chosen so
-    that its entries sum to ``>= 0`` (the direction in which the channels grow; for non-negative
-    activations, uncentered, the map is then ``>= 0``): an SVD's sign is arbitrary otherwise.
+    channel's mean over the positions first (pytorch-grad-cam does). An SVD's sign is arbitrary: it is
+    chosen so that the map's largest magnitude is positive (the sign correction of Seg-Eigen-CAM, Chung
+    & Ying 2025, Eq. 13); uncentered non-negative activations (after a ReLU) give a map ``>= 0``.
     Signed raw values ``(B, H, W)`` (``(B, h, w)`` with ``upsample=False``). ``target`` must be None:
     the map is the same for every class. ``layer``, ``grid``, ``prefix_tokens`` as in
     :func:`salience.gradcam`. The model comes back exactly as it was.
@@ -226,12 +226,26 @@ def eigencam(
     acts = layer_output(model, x, mod)
     a = grid_layout(model, mod, acts, x, grid, prefix_tokens).to_grid(acts)  # (B, K, h, w)
     h, w = a.shape[-2:]
-    m = a.flatten(2).transpose(1, 2)  # (B, h w, K)
-    m = m.float() if m.dtype in (torch.float16, torch.bfloat16) else m
+    cam = _first_component(a.flatten(2).transpose(1, 2), center)  # (B, h w)
+    cam = cam.unflatten(1, (h, w)).to(a.dtype)
+    return upsample_maps(cam.unsqueeze(1), tuple(x.shape[-2:]))[:, 0] if upsample else cam
+
+
+def _first_component(m: Tensor, center: bool) -> Tensor:
+    """``M v`` for each ``M`` ``(B, n, K)`` (positions x channels), ``v`` its first right-singular vector,
+    signed so that the largest magnitude of ``M v`` is positive; float64 ``(B, n)`` (float32 on MPS).
+
+    From the smaller Gram matrix in float64 (``M M^T`` ``(n, n)``: ``M v = sqrt(lambda_1) u_1``; or
+    ``M^T M`` ``(K, K)``: ``v = v_1``): the same vector as the SVD, ~30x faster than ``torch.linalg.svd``
+    on CPU for resnet50's ``(49, 2048)``."""
+    m = m.to(torch.float32 if m.device.type == "mps" else torch.float64)  # MPS has no float64
     if center:
         m = m - m.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(m, full_matrices=False)
-    v = vh[:, 0]  # (B, K)
-    v = torch.where(v.sum(dim=1, keepdim=True) < 0, -v, v)
-    cam = (m @ v.unsqueeze(-1)).squeeze(-1).unflatten(1, (h, w)).to(a.dtype)
-    return upsample_maps(cam.unsqueeze(1), tuple(x.shape[-2:]))[:, 0] if upsample else cam
+    if m.shape[1] <= m.shape[2]:
+        vals, vecs = torch.linalg.eigh(m @ m.transpose(1, 2))
+        proj = vecs[..., -1] * vals[..., -1:].clamp(min=0).sqrt()
+    else:
+        _, vecs = torch.linalg.eigh(m.transpose(1, 2) @ m)
+        proj = (m @ vecs[..., -1:]).squeeze(-1)
+    flip = proj.amin(dim=1, keepdim=True).abs() > proj.amax(dim=1, keepdim=True).abs()
+    return torch.where(flip, -proj, proj)
