@@ -17,6 +17,7 @@ from salience._core.guard import model_guard
 from salience.methods import (METHODS, attention_rollout, class_model, deconvnet, gradcam,
                               guided_backprop, guided_gradcam, input_x_gradient, integrated_gradients, smoothgrad,
                               transformer_attribution, vanilla)
+from salience.methods import eigencam, gradcam_plus_plus, hirescam, layercam, xgradcam
 from salience.reduce import normalize
 from salience import methods, evidence, loading, render, demo, compat
 from salience.loading import load_model
@@ -50,6 +51,11 @@ __all__ = [
     "deconvnet",
     "gradcam",
     "guided_gradcam",
+    "gradcam_plus_plus",
+    "hirescam",
+    "xgradcam",
+    "layercam",
+    "eigencam",
     "smoothgrad",
     "integrated_gradients",
     "input_x_gradient",

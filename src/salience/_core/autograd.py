@@ -24,7 +24,7 @@ from salience._core.info import model_info
 from salience._core.layers import LayerSpec, resolve_layer
 from salience._core.tensors import first_tensor
 
-__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output",
+__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_output", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output",
            "looks_like_probabilities"]
 
 
@@ -213,6 +213,26 @@ def capture_hook(store: list, stop: bool):
                 raise _StopForward(output)
 
     return hook
+
+
+def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
+    """``layer``'s output on ``x`` ``(B, C, H, W)`` from one forward pass, under :func:`model_guard` and
+    ``torch.inference_mode`` (no graph is built), stopped when the layer returns: the layers after
+    it do not run. For the gradient-free methods that read a layer (Eigen-CAM)."""
+    check_input(x, model)
+    store: list[Any] = []
+    handle = resolve_layer(model, layer).register_forward_hook(capture_hook(store, True))
+    try:
+        with model_guard(model), torch.inference_mode():
+            try:
+                model(x)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if not store or not isinstance(store[0], Tensor):
+        raise SalienceError(f"layer {layer!r} was not called in the forward pass (or returned no tensor)")
+    return store[0]
 
 
 def _common_layer(targets: Sequence[TargetLike]) -> Optional[LayerSpec]:

@@ -45,7 +45,7 @@ from salience.evidence.localization import energy_in_mask, pointing_game, weak_l
 from salience.evidence.sanity import data_randomization, randomization
 from salience.evidence.compare import SIMILARITIES
 from salience.loading import load_image, normalize_input, resize_crop
-from salience.methods import default_methods
+from salience.methods import apply_method, default_methods
 from salience.render import plots, viz
 from salience.render.report import Report
 
@@ -112,7 +112,7 @@ def _maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor
     """``fn``'s ``(B, H, W)`` maps of ``x`` in chunks of ``batch``; 4-D maps reduced by max |.|."""
     out = []
     for i in range(0, x.shape[0], batch):
-        m = fn(model, x[i:i + batch], target[i:i + batch]).detach()
+        m = apply_method(fn, model, x[i:i + batch], target[i:i + batch]).detach()
         if m.dim() == 4:
             m = m.abs().amax(1)
         if m.shape[-2:] != x.shape[-2:]:

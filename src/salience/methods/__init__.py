@@ -12,6 +12,8 @@ from torch import nn
 from salience.methods.vanilla import vanilla
 from salience.methods.guided import deconvnet, guided_backprop
 from salience.methods.gradcam import gradcam, guided_gradcam
+from salience.methods.cams import eigencam, gradcam_plus_plus, hirescam, layercam, xgradcam
+from salience.methods._multi import apply_method, is_target_free
 from salience.methods.smoothgrad import smoothgrad
 from salience.methods.integrated import input_x_gradient, integrated_gradients
 from salience.methods.class_model import class_model
@@ -23,12 +25,21 @@ METHODS: dict[str, Callable] = {
     "deconvnet": deconvnet,
     "gradcam": gradcam,
     "guided_gradcam": guided_gradcam,
+    "gradcam_plus_plus": gradcam_plus_plus,
+    "hirescam": hirescam,
+    "xgradcam": xgradcam,
+    "layercam": layercam,
+    "eigencam": eigencam,
     "smoothgrad": smoothgrad,
     "integrated_gradients": integrated_gradients,
     "input_x_gradient": input_x_gradient,
     "attention_rollout": attention_rollout,
     "transformer_attribution": transformer_attribution,
 }
+
+TARGET_FREE_METHODS = frozenset(n for n, f in METHODS.items() if is_target_free(f))
+"""The methods that take no target (Eigen-CAM): one map per image whatever the class; the command
+line and the evaluation call them through :func:`apply_method`."""
 
 ATTENTION_METHODS = frozenset({"attention_rollout", "transformer_attribution"})
 """The methods that read attention matrices: they apply to transformers only (on other models they
@@ -55,6 +66,7 @@ def default_methods(model: nn.Module) -> list[str]:
     return [n for n in METHODS if attention or n not in ATTENTION_METHODS]
 
 
-__all__ = ["METHODS", "ATTENTION_METHODS", "default_methods", "has_attention", "vanilla", "guided_backprop",
-           "deconvnet", "gradcam", "guided_gradcam", "smoothgrad", "integrated_gradients", "input_x_gradient",
-           "class_model", "attention_rollout", "transformer_attribution"]
+__all__ = ["METHODS", "ATTENTION_METHODS", "TARGET_FREE_METHODS", "apply_method", "is_target_free", "default_methods",
+           "has_attention", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
+           "gradcam_plus_plus", "hirescam", "xgradcam", "layercam", "eigencam", "smoothgrad", "integrated_gradients",
+           "input_x_gradient", "class_model", "attention_rollout", "transformer_attribution"]

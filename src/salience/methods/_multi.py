@@ -40,6 +40,31 @@ def takes_several_targets(method: Callable[..., Any]) -> bool:
     return bool(getattr(method, "several_targets", False))
 
 
+def target_free(method: F) -> F:
+    """Mark ``method`` as taking no target (Eigen-CAM: the same map for every class): callers that
+    explain targets call it through :func:`apply_method`, which leaves the target out."""
+    method.target_free = True  # type: ignore[attr-defined]
+    return method
+
+
+def is_target_free(method: Callable[..., Any]) -> bool:
+    """Whether ``method`` (or the function a ``functools.partial`` wraps) is marked by :func:`target_free`."""
+    while isinstance(method, functools.partial):
+        method = method.func
+    return bool(getattr(method, "target_free", False))
+
+
+def apply_method(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Any, **options: Any) -> Tensor:
+    """``method(model, x, target, **options)``; a target-free method is called without the target and
+    its map ``(B, ...)`` stands for each of the K targets (``(B, K, ...)`` when ``target`` is several,
+    as :func:`salience.targets.split` reads it): what the command line and the evaluation call."""
+    if not is_target_free(method):
+        return method(model, x, target, **options)
+    maps = method(model, x, **options)
+    targets, multi = split(target, x.shape[0])
+    return maps.unsqueeze(1).repeat(1, len(targets), *([1] * (maps.dim() - 1))) if multi else maps
+
+
 def finish(maps: Tensor, grad_modifier: Any, reduce: Any, multi: bool,
            targets: Optional[Sequence[Target]] = None) -> Tensor:
     """``(B, K, C, H, W)`` -> the grad modifier, then the reduction, per target ``k``; the K axis is

@@ -218,7 +218,7 @@ def layer_layout(model: nn.Module, module: Optional[nn.Module], shape: Sequence[
     if len(shape) == 3:
         return token_layout(model, x_shape, int(shape[1]), grid=g, prefix_tokens=prefix_tokens, what=what)
     raise SalienceError(
-        f"Grad-CAM needs a layer whose output is a map (B, K, h, w) or (B, h, w, K), or tokens (B, N, D); "
+        f"Grad-CAM and the other CAMs need a layer whose output is a map (B, K, h, w) or (B, h, w, K), or tokens (B, N, D); "
         f"{what} gives shape {tuple(shape)}. Pass layer= a convolutional block or a transformer block's norm "
         "(see model.named_modules())"
     )

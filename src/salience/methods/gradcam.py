@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,8 @@ from salience.targets import TargetLike, split
 from salience.methods._multi import finish, several_targets
 from salience.methods._tokens import Layout, channel_count, layer_layout, patch_grid
 
-__all__ = ["gradcam", "guided_gradcam", "default_layer", "describe_default_layer"]
+__all__ = ["gradcam", "guided_gradcam", "default_layer", "describe_default_layer", "gradient_cam",
+           "resolve_cam_layer", "grid_layout", "upsample_maps"]
 
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
           nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -226,10 +227,11 @@ def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
                            "the last layer with a 4-D output (none has h * w > 1 on this input)")
 
 
-def _resolve(model: nn.Module, x: Tensor, layer: Optional[LayerSpec]) -> nn.Module:
+def resolve_cam_layer(model: nn.Module, x: Tensor, layer: Optional[LayerSpec]) -> nn.Module:
+    """The module of ``layer`` (default: :func:`default_layer`), refused on TorchScript (no hooks)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError(
-            "Grad-CAM reads a layer's output with a forward hook, which a TorchScript model "
+            "Grad-CAM and the other CAMs read a layer's output with a forward hook, which a TorchScript model "
             "(torch.jit.ScriptModule) does not support; pass the original Python nn.Module"
         )
     if layer is None:
@@ -237,34 +239,73 @@ def _resolve(model: nn.Module, x: Tensor, layer: Optional[LayerSpec]) -> nn.Modu
     mod = resolve_layer(model, layer)
     if isinstance(mod, torch.jit.ScriptModule):
         raise SalienceError(
-            f"the Grad-CAM layer {layer!r} is a TorchScript module, which does not support forward hooks; "
+            f"the CAM layer {layer!r} is a TorchScript module, which does not support forward hooks; "
             "pass a Python (non-scripted) layer"
         )
     return mod
 
 
-def _layout(model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor, grid: object,
-            prefix_tokens: object) -> Layout:
+def grid_layout(model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor, grid: object,
+                prefix_tokens: object) -> Layout:
     """How the layer's output ``acts`` becomes ``(B, K, h, w)`` (see :mod:`salience.methods._tokens`)."""
     try:
         name = layer_name(model, mod)
     except SalienceError:
         name = type(mod).__name__
     return layer_layout(model, mod, acts.shape, x.shape, grid=grid, prefix_tokens=prefix_tokens,
-                        what=f"the Grad-CAM layer {name!r}")
-
-
-def _cam(acts: Tensor, grads: Tensor, relu: bool) -> Tensor:
-    """``ReLU(sum_k mean_ij(G_k) A_k)``: ``(B, K, h, w)`` x 2 -> ``(B, h, w)``."""
-    weights = grads.mean(dim=(2, 3), keepdim=True)
-    cam = (weights * acts).sum(dim=1)
-    return cam.clamp(min=0) if relu else cam
+                        what=f"the CAM layer {name!r}")
 
 
 def _upsample(cam: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(cam.shape[-2:]) == tuple(size):
         return cam
     return F.interpolate(cam.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def _gradcam_map(acts: Tensor, grads: Tensor) -> Tensor:
+    """Grad-CAM before its ReLU: ``sum_k mean_ij(G_k) A_k``, ``(B, K, h, w)`` x 2 -> ``(B, h, w)``."""
+    return (grads.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1)
+
+
+def upsample_maps(cam: Tensor, size: tuple[int, int]) -> Tensor:
+    """``(B, K, h, w)`` -> ``(B, K, H, W)`` by Grad-CAM's bilinear upsampling (see the module doc)."""
+    b, k = cam.shape[:2]
+    return _upsample(cam.flatten(0, 1), size).unflatten(0, (b, k))
+
+
+def gradient_cam(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetLike,
+    combine: Callable[[Tensor, Tensor], Tensor],
+    *,
+    layer: Optional[LayerSpec],
+    upsample: bool,
+    relu: bool,
+    strip_softmax: bool,
+    grid: Optional[tuple[int, int]],
+    prefix_tokens: Optional[int],
+) -> Tensor:
+    """A gradient CAM of one or K targets: ``combine(A, G)`` ``(B, D, h, w)`` x 2 -> ``(B, h, w)``
+    for each target's layer gradient ``G``, then the ReLU (``relu``) and the upsampling.
+
+    One forward pass, one backward per target down to the layer only (the engine's
+    :func:`~salience._core.engine.layer_gradients`); the layer's output read as a grid by
+    :mod:`salience.methods._tokens`. Returns ``(B, H, W)``, or ``(B, K, H, W)`` for K targets.
+    """
+    check_input(x, model)
+    targets, multi = split(target, x.shape[0])
+    mod = resolve_cam_layer(model, x, layer)
+    # One forward pass; one backward pass per target, down to the layer only.
+    acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+    layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
+    acts, grads = layout.to_grid(acts), layout.to_grid(grads)  # (B, D, h, w), (K, B, D, h, w)
+    cam = torch.stack([combine(acts, g) for g in grads], dim=1)  # (B, K, h, w)
+    if relu:
+        cam = cam.clamp(min=0)
+    if upsample:
+        cam = upsample_maps(cam, tuple(x.shape[-2:]))
+    return cam if multi else cam[:, 0]
 
 
 @several_targets
@@ -293,18 +334,8 @@ def gradcam(
     both are inferred from the patch embedding when not given (rules in
     :mod:`salience.methods._tokens`). The model comes back exactly as it was.
     """
-    check_input(x, model)
-    targets, multi = split(target, x.shape[0])
-    mod = _resolve(model, x, layer)
-    # One forward pass; one backward pass per target, down to the layer only.
-    acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
-    layout = _layout(model, mod, acts, x, grid, prefix_tokens)
-    acts, grads = layout.to_grid(acts), layout.to_grid(grads)  # (B, D, h, w), (K, B, D, h, w)
-    cam = torch.stack([_cam(acts, g, relu) for g in grads], dim=1)  # (B, K, h, w)
-    if upsample:
-        b, k = cam.shape[:2]
-        cam = _upsample(cam.flatten(0, 1), tuple(x.shape[-2:])).unflatten(0, (b, k))
-    return cam if multi else cam[:, 0]
+    return gradient_cam(model, x, target, _gradcam_map, layer=layer, upsample=upsample, relu=relu,
+                        strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
 
 
 @contextmanager
@@ -352,7 +383,7 @@ def guided_gradcam(
     """
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
-    mod = _resolve(model, x, layer)
+    mod = resolve_cam_layer(model, x, layer)
     rules.check_model(model, "guided Grad-CAM")
     rule = rules.guided(unsupported=unsupported)
     # One ruled pass gives all K targets' guided input gradients and the layer's gradients.
@@ -363,9 +394,8 @@ def guided_gradcam(
     if not (mark and mark[0] == rule.rectified):
         # ReLUs ran after the layer: the rule changed its gradient; Grad-CAM needs the plain one.
         acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
-    layout = _layout(model, mod, acts, x, grid, prefix_tokens)
+    layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
     acts, layer_grads = layout.to_grid(acts), layout.to_grid(layer_grads)
-    cams = torch.stack([_cam(acts, lg, relu=True) for lg in layer_grads], dim=1)  # (B, K, h, w)
-    b, k = cams.shape[:2]
-    cams = _upsample(cams.flatten(0, 1), tuple(x.shape[-2:])).unflatten(0, (b, k))
+    cams = torch.stack([_gradcam_map(acts, lg).clamp(min=0) for lg in layer_grads], dim=1)  # (B, K, h, w)
+    cams = upsample_maps(cams, tuple(x.shape[-2:]))
     return finish(g.inputs.transpose(0, 1) * cams.unsqueeze(2), grad_modifier, reduce, multi, targets)

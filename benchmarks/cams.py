@@ -1,0 +1,178 @@
+"""The gradient CAMs against Grad-CAM and against pytorch-grad-cam, timed in interleaved rounds.
+
+    python benchmarks/cams.py                          # resnet50 (random weights), 8 images 224x224, 2 threads, 5 rounds
+    python benchmarks/cams.py --rounds 7 --batch 4     # other workloads: --model, --size, --batch, --threads
+
+Goal (issue 15, Fast): each gradient CAM (Grad-CAM++, HiResCAM, XGrad-CAM, LayerCAM) within 1.05x of
+salience's Grad-CAM on the same layer; beside it, pytorch-grad-cam's class for the same method. One
+process, one model, the same images and targets (the predicted classes, fixed first), the layer
+``layer4`` given to every case (so no case pays for a default-layer search).
+
+* **vs Grad-CAM**: each round times the method and ``salience.gradcam`` back to back, the order
+  alternating from round to round (AB, BA, ...); the per-round ratio method / Grad-CAM is reported as
+  min / median / max. A goal is met only when the maximum is within 1.05.
+* **vs pytorch-grad-cam**: its ``__call__`` returns the map min-max scaled per image and resized with
+  OpenCV; so salience's side is timed with the same work, ``salience.normalize(method(...))`` (its
+  upsampling and min-max scaling). Each round times the two back to back, alternating.
+* Eigen-CAM (no gradient) against pytorch-grad-cam's ``EigenCAM`` the same way (``center=True``, as it
+  does), and against a bare ``model(x)`` under ``torch.no_grad()``.
+
+Every round records the 1-minute load average (``os.getloadavg()``) before it; the table gives the
+range. Wall time and the process's CPU time (``time.process_time``, which waiting for a core does not
+count) are both recorded. Results: ``cams.json`` and ``cams.md`` (``--out PREFIX`` for others).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+
+import salience
+
+HERE = Path(__file__).resolve().parent
+METHODS = {"gradcam_plus_plus": "GradCAMPlusPlus", "hirescam": "HiResCAM", "xgradcam": "XGradCAM",
+           "layercam": "LayerCAM"}
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _pgc_call(cls_name: str, model: torch.nn.Module, x: torch.Tensor, targets) -> Callable[[], object]:
+    """pytorch-grad-cam's class on ``layer4``, built and released in the call (its hooks must not stay on
+    the model while the other cases run)."""
+    import pytorch_grad_cam
+
+    cls = getattr(pytorch_grad_cam, cls_name)
+
+    def run():
+        with cls(model=model, target_layers=[model.layer4]) as cam:
+            return cam(input_tensor=x, targets=targets)
+
+    return run
+
+
+def _cases(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[str, tuple[Callable, Callable]]:
+    """Pairs ``name -> (A, B)`` timed back to back each round; the table reports A / B."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    targets = [ClassifierOutputTarget(int(c)) for c in t]
+    gradcam = lambda: salience.gradcam(model, x, t, layer="layer4")  # noqa: E731
+    pairs: dict[str, tuple[Callable, Callable]] = {}
+    for name, cls_name in METHODS.items():
+        fn = getattr(salience, name)
+        pairs[f"{name} / gradcam"] = (lambda fn=fn: fn(model, x, t, layer="layer4"), gradcam)
+        pairs[f"{name} / pytorch-grad-cam {cls_name}"] = (
+            lambda fn=fn: salience.normalize(fn(model, x, t, layer="layer4")), _pgc_call(cls_name, model, x, targets))
+    pairs["eigencam / pytorch-grad-cam EigenCAM"] = (
+        lambda: salience.normalize(salience.eigencam(model, x, layer="layer4", center=True).clamp(min=0)),
+        _pgc_call("EigenCAM", model, x, None))
+
+    def bare():
+        with torch.no_grad():
+            model(x)
+
+    pairs["eigencam / bare forward (no grad)"] = (lambda: salience.eigencam(model, x, layer="layer4"), bare)
+    return pairs
+
+
+def run_rounds(pairs: dict[str, tuple[Callable, Callable]], n: int) -> tuple[dict, list[float]]:
+    """``n`` rounds; in each, every pair's two sides back to back (AB in even rounds, BA in odd ones),
+    the pairs in a rotated order. One warm-up of every side first."""
+    for a, b in pairs.values():
+        a()
+        b()
+    names = list(pairs)
+    raw = {k: {"a_s": [], "b_s": [], "a_cpu_s": [], "b_cpu_s": []} for k in names}
+    loads = []
+    for r in range(n):
+        loads.append(os.getloadavg()[0])
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            a, b = pairs[k]
+            order = ("a", "b") if r % 2 == 0 else ("b", "a")
+            for side in order:
+                wall, cpu = _timed(a if side == "a" else b)
+                raw[k][f"{side}_s"].append(wall)
+                raw[k][f"{side}_cpu_s"].append(cpu)
+        print(f"round {r + 1}/{n} done, load {loads[-1]:.1f}", flush=True)
+    loads.append(os.getloadavg()[0])
+    out = {}
+    for k, v in raw.items():
+        ratios = [a / b for a, b in zip(v["a_s"], v["b_s"])]
+        cpu = [a / b for a, b in zip(v["a_cpu_s"], v["b_cpu_s"])]
+        out[k] = {**v, "ratios": ratios, "cpu_ratios": cpu}
+    return out, loads
+
+
+def _mmm(ts: list[float], fmt: str = "{:.2f}") -> str:
+    return " / ".join(fmt.format(v) for v in (min(ts), statistics.median(ts), max(ts)))
+
+
+def markdown(res: dict, loads: list[float], meta: dict) -> str:
+    lines = [
+        "# Gradient CAMs vs Grad-CAM and pytorch-grad-cam",
+        "",
+        f"`{meta['command']}`: {meta['model']} (random weights), {meta['batch']} images {meta['size']}x{meta['size']}, "
+        f"layer4, {meta['threads']} threads, {meta['rounds']} interleaved rounds; {meta['machine']}; torch "
+        f"{meta['torch']}, grad-cam {meta['grad_cam']}. 1-minute load average over the rounds: "
+        f"{min(loads):.1f} to {max(loads):.1f} (2 = the benchmark's own 2 threads on 2 cores).",
+        "",
+        "Each row: A and B timed back to back every round, the order alternating. Times min / median / max "
+        "(s); ratio A / B per round, min / median / max, wall and CPU time.",
+        "",
+        "| A / B | A (s) | B (s) | A / B, wall | A / B, CPU time |",
+        "|---|---|---|---|---|",
+    ]
+    for k, v in res.items():
+        lines.append(f"| {k} | {_mmm(v['a_s'])} | {_mmm(v['b_s'])} | {_mmm(v['ratios'], '{:.3f}')} | "
+                     f"{_mmm(v['cpu_ratios'], '{:.3f}')} |")
+    lines += ["", "Goal: each gradient CAM within 1.05x of Grad-CAM (met only when the maximum ratio is):", ""]
+    for name in METHODS:
+        v = res[f"{name} / gradcam"]
+        hi, med = max(v["ratios"]), statistics.median(v["ratios"])
+        verdict = "met" if hi <= 1.05 else ("open (median within, spread not)" if med <= 1.05 else "not met")
+        lines.append(f"- `{name}`: median {med:.3f}, max {hi:.3f}: **{verdict}**")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(HERE / "cams"), help="output prefix (.json and .md)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.model)(weights=None).eval()
+    x = torch.rand(args.batch, 3, args.size, args.size)
+    with torch.no_grad():
+        t = model(x).argmax(1)
+    res, loads = run_rounds(_cases(model, x, t), args.rounds)
+    import importlib.metadata as md
+
+    meta = {"command": "python benchmarks/cams.py " + " ".join(
+                f"--{k} {getattr(args, k)}" for k in ("model", "size", "batch", "rounds", "threads")),
+            "model": args.model, "size": args.size, "batch": args.batch, "rounds": args.rounds,
+            "threads": args.threads, "machine": f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs", "torch": torch.__version__, "grad_cam": md.version("grad-cam"),
+            "loads": loads}
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
+    Path(args.out + ".md").write_text(markdown(res, loads, meta))
+    print(markdown(res, loads, meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The gradient CAMs beside Grad-CAM, and Eigen-CAM.
+
+Each reads a layer's output ``A`` ``(B, K, h, w)`` (a map, channels-last, or a transformer's
+tokens, read as in :func:`salience.gradcam`) and, for the gradient CAMs, the target score's gradient
+``G = dS/dA`` there; ``S_k = sum_ab A_kab``:
+
+* Grad-CAM++ (Chattopadhyay et al. 2018, Eq. 19 with the exponential): ``alpha_kij = G^2 /
+  (2 G^2 + S_k G^3) = 1 / (2 + S_k G_kij)`` where ``G_kij != 0`` (else 0), ``w_k = sum_ij alpha_kij
+  ReLU(G_kij)``, map ``ReLU(sum_k w_k A_k)``;
+* HiResCAM (Draelos & Carin 2020): ``ReLU(sum_k G_k * A_k)``, element-wise;
+* XGrad-CAM (Fu et al. 2020): ``w_k = sum_ij (A_kij / S_k) G_kij`` (0 where ``S_k = 0``), map
+  ``ReLU(sum_k w_k A_k)``;
+* LayerCAM (Jiang et al. 2021): ``ReLU(sum_k ReLU(G_k) * A_k)``; with several layers, each layer's
+  map is scaled as the paper's Eq. 9, ``tanh(gamma * M / max M)``, and they are fused by the
+  element-wise maximum;
+* Eigen-CAM (Muhammad & Yeasin 2020): no target and no gradient; the projection of each position's
+  activations ``(h w, K)`` on their first principal direction (first right-singular vector).
+
+Values are raw (not min-max scaled), upsampled like Grad-CAM. ``docs/methods-cams.md`` says where
+and why they differ from pytorch-grad-cam.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from salience._core.autograd import backward, check_input, layer_output
+from salience._core.errors import SalienceError
+from salience._core.layers import LayerSpec
+from salience.targets import TargetLike, split
+from salience.methods._multi import several_targets, target_free
+from salience.methods.gradcam import gradient_cam, grid_layout, resolve_cam_layer, upsample_maps
+
+__all__ = ["gradcam_plus_plus", "hirescam", "xgradcam", "layercam", "eigencam"]
+
+LayerOrLayers = Union[LayerSpec, Sequence[LayerSpec], None]
+
+
+def _plus_plus_map(acts: Tensor, grads: Tensor) -> Tensor:
+    """Grad-CAM++ before its ReLU, ``(B, K, h, w)`` x 2 -> ``(B, h, w)``. ``G^2 / (2 G^2 + S G^3)`` is
+    computed as ``1 / (2 + S G)``: the same where ``G != 0``, and no ``G^3`` to underflow."""
+    s = acts.sum(dim=(2, 3), keepdim=True)
+    denom = 2 + s * grads
+    alpha = torch.where((grads != 0) & (denom != 0), 1 / denom, torch.zeros_like(denom))
+    weights = (alpha * grads.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
+    return (weights * acts).sum(dim=1)
+
+
+def _hires_map(acts: Tensor, grads: Tensor) -> Tensor:
+    """HiResCAM before its ReLU: ``sum_k G_k * A_k``."""
+    return (grads * acts).sum(dim=1)
+
+
+def _xgrad_map(acts: Tensor, grads: Tensor) -> Tensor:
+    """XGrad-CAM before its ReLU: ``sum_k (sum_ij A_kij G_kij / S_k) A_k``, a channel with ``S_k = 0`` weighing 0."""
+    s = acts.sum(dim=(2, 3), keepdim=True)
+    num = (acts * grads).sum(dim=(2, 3), keepdim=True)
+    weights = torch.where(s != 0, num / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    return (weights * acts).sum(dim=1)
+
+
+def _layer_map(acts: Tensor, grads: Tensor) -> Tensor:
+    """LayerCAM before its ReLU: ``sum_k ReLU(G_k) * A_k``."""
+    return (grads.clamp(min=0) * acts).sum(dim=1)
+
+
+_DOC_OPTIONS = """
+    ``layer``: a module or dotted name (default: Grad-CAM's, :func:`salience.methods.gradcam.default_layer`;
+    maps, channels-last maps and transformer tokens, with ``grid`` / ``prefix_tokens`` as in
+    :func:`salience.gradcam`). ``x``: ``(B, C, H, W)``; returns raw values ``(B, H, W)`` (``(B, K, H, W)``
+    for K targets, from one forward pass and K backward passes down to the layer), or at the layer's
+    resolution with ``upsample=False``. ``relu=False`` keeps the negative part of the map. ``target``
+    and ``strip_softmax`` as in :func:`salience.vanilla`. The model comes back exactly as it was."""
+
+
+@several_targets
+def gradcam_plus_plus(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetLike = None,
+    *,
+    layer: Optional[LayerSpec] = None,
+    upsample: bool = True,
+    relu: bool = True,
+    strip_softmax: bool = True,
+    grid: Optional[tuple[int, int]] = None,
+    prefix_tokens: Optional[int] = None,
+) -> Tensor:
+    """Grad-CAM++: channels weighted by the positive gradients, each scaled by ``1 / (2 + S_k G)``."""
+    return gradient_cam(model, x, target, _plus_plus_map, layer=layer, upsample=upsample, relu=relu,
+                        strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
+
+
+@several_targets
+def hirescam(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetLike = None,
+    *,
+    layer: Optional[LayerSpec] = None,
+    upsample: bool = True,
+    relu: bool = True,
+    strip_softmax: bool = True,
+    grid: Optional[tuple[int, int]] = None,
+    prefix_tokens: Optional[int] = None,
+) -> Tensor:
+    """HiResCAM: the gradient times the activation, summed over channels (no spatial averaging)."""
+    return gradient_cam(model, x, target, _hires_map, layer=layer, upsample=upsample, relu=relu,
+                        strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
+
+
+@several_targets
+def xgradcam(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetLike = None,
+    *,
+    layer: Optional[LayerSpec] = None,
+    upsample: bool = True,
+    relu: bool = True,
+    strip_softmax: bool = True,
+    grid: Optional[tuple[int, int]] = None,
+    prefix_tokens: Optional[int] = None,
+) -> Tensor:
+    """XGrad-CAM: channels weighted by their activation-weighted mean gradient ``sum_ij A G / sum_ij A``."""
+    return gradient_cam(model, x, target, _xgrad_map, layer=layer, upsample=upsample, relu=relu,
+                        strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
+
+
+@several_targets
+def layercam(
+    model: nn.Module,
+    x: Tensor,
+    target: TargetLike = None,
+    *,
+    layer: LayerOrLayers = None,
+    upsample: bool = True,
+    relu: bool = True,
+    gamma: float = 2.0,
+    strip_softmax: bool = True,
+    grid: Optional[tuple[int, int]] = None,
+    prefix_tokens: Optional[int] = None,
+) -> Tensor:
+    """LayerCAM: the positive gradient times the activation, element-wise; several layers fused.
+
+    ``layer`` may be a list of layers: one forward pass and one backward per target give every
+    layer's map; each is upsampled (to the input, or without upsampling to the largest layer's
+    size), scaled per image as the paper's Eq. 9, ``tanh(gamma * M / max |M|)`` (a map that is all 0
+    stays 0), and fused by the element-wise maximum: values in ``[0, tanh(gamma)]``, no longer raw.
+    ``gamma``: the scaling's slope (2 in the paper); used only with a list of layers.
+    """
+    if isinstance(layer, (list, tuple)):
+        return _fused_layercam(model, x, target, list(layer), upsample=upsample, relu=relu, gamma=gamma,
+                               strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
+    return gradient_cam(model, x, target, _layer_map, layer=layer, upsample=upsample, relu=relu,
+                        strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
+
+
+for _f in (gradcam_plus_plus, hirescam, xgradcam, layercam):
+    _f.__doc__ = (_f.__doc__ or "") + "\n" + _DOC_OPTIONS
+
+
+def _fused_layercam(model: nn.Module, x: Tensor, target: TargetLike, layers: list[LayerSpec], *, upsample: bool,
+                    relu: bool, gamma: float, strip_softmax: bool, grid: Optional[tuple[int, int]],
+                    prefix_tokens: Optional[int]) -> Tensor:
+    """LayerCAM over several layers (see :func:`layercam`): ``(B, H, W)`` or ``(B, K, H, W)``."""
+    check_input(x, model)
+    if not layers:
+        raise SalienceError("layer=[] names no layer; give one layer, or a list of layers to fuse")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+        raise SalienceError(f"gamma must be a positive number (the paper's is 2), got {gamma!r}")
+    targets, multi = split(target, x.shape[0])
+    mods = [resolve_cam_layer(model, x, spec) for spec in layers]
+    g = backward(model, x, targets, layers=mods, input_grad=False, strip_softmax=strip_softmax)
+    maps = []
+    for mod, acts, grads in zip(mods, g.activations, g.layer_grads):
+        layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
+        a, gr = layout.to_grid(acts), layout.to_grid(grads)
+        cam = torch.stack([_layer_map(a, gk) for gk in gr], dim=1)  # (B, K, h, w)
+        maps.append(cam.clamp(min=0) if relu else cam)
+    size = tuple(x.shape[-2:]) if upsample else (max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps))
+    fused = None
+    for cam in maps:
+        cam = upsample_maps(cam, size)
+        peak = cam.abs().amax(dim=(2, 3), keepdim=True)
+        scaled = torch.tanh(gamma * cam / torch.where(peak > 0, peak, torch.ones_like(peak)))
+        fused = scaled if fused is None else torch.maximum(fused, scaled)
+    assert fused is not None
+    return fused if multi else fused[:, 0]
+
+
+@target_free
+def eigencam(
+    model: nn.Module,
+    x: Tensor,
+    target: None = None,
+    *,
+    layer: Optional[LayerSpec] = None,
+    center: bool = False,
+    upsample: bool = True,
+    grid: Optional[tuple[int, int]] = None,
+    prefix_tokens: Optional[int] = None,
+) -> Tensor:
+    """Eigen-CAM: a layer's activations projected on their first principal direction; no target.
+
+    Per image, the activations as a matrix ``M`` ``(h w, K)`` (positions x channels) and its first
+    right-singular vector ``v``: the map is ``M v`` ``(h, w)``, upsampled like Grad-CAM. One forward
+    pass in inference mode, stopped at the layer; no gradient. ``center=True`` subtracts each
+    channel's mean over the positions first (pytorch-grad-cam does). An SVD's sign is arbitrary: it is
+    chosen so that the map's largest magnitude is positive (the sign correction of Seg-Eigen-CAM, Chung
+    & Ying 2025, Eq. 13); uncentered non-negative activations (after a ReLU) give a map ``>= 0``.
+    Signed raw values ``(B, H, W)`` (``(B, h, w)`` with ``upsample=False``). ``target`` must be None:
+    the map is the same for every class. ``layer``, ``grid``, ``prefix_tokens`` as in
+    :func:`salience.gradcam`. The model comes back exactly as it was.
+    """
+    if target is not None:
+        raise SalienceError(
+            "eigencam takes no target: its map is the first principal component of the layer's activations, "
+            f"the same for every class; call eigencam(model, x) (got target={target!r}). For a class's map use "
+            "gradcam, hirescam, layercam ..."
+        )
+    check_input(x, model)
+    mod = resolve_cam_layer(model, x, layer)
+    acts = layer_output(model, x, mod)
+    a = grid_layout(model, mod, acts, x, grid, prefix_tokens).to_grid(acts)  # (B, K, h, w)
+    h, w = a.shape[-2:]
+    cam = _first_component(a.flatten(2).transpose(1, 2), center)  # (B, h w)
+    cam = cam.unflatten(1, (h, w)).to(a.dtype)
+    return upsample_maps(cam.unsqueeze(1), tuple(x.shape[-2:]))[:, 0] if upsample else cam
+
+
+def _first_component(m: Tensor, center: bool) -> Tensor:
+    """``M v`` for each ``M`` ``(B, n, K)`` (positions x channels), ``v`` its first right-singular vector,
+    signed so that the largest magnitude of ``M v`` is positive; float64 ``(B, n)`` (float32 on MPS).
+
+    From the smaller Gram matrix in float64 (``M M^T`` ``(n, n)``: ``M v = sqrt(lambda_1) u_1``; or
+    ``M^T M`` ``(K, K)``: ``v = v_1``): the same vector as the SVD, ~30x faster than ``torch.linalg.svd``
+    on CPU for resnet50's ``(49, 2048)``."""
+    m = m.to(torch.float32 if m.device.type == "mps" else torch.float64)  # MPS has no float64
+    if center:
+        m = m - m.mean(dim=1, keepdim=True)
+    if m.shape[1] <= m.shape[2]:
+        vals, vecs = torch.linalg.eigh(m @ m.transpose(1, 2))
+        proj = vecs[..., -1] * vals[..., -1:].clamp(min=0).sqrt()
+    else:
+        _, vecs = torch.linalg.eigh(m.transpose(1, 2) @ m)
+        proj = (m @ vecs[..., -1:]).squeeze(-1)
+    flip = proj.amin(dim=1, keepdim=True).abs() > proj.amax(dim=1, keepdim=True).abs()
+    return torch.where(flip, -proj, proj)
