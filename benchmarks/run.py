@@ -94,6 +94,20 @@ CASES: dict[str, Case] = {
 FLOOR = {"vanilla": "bare_1", "guided_backprop": "bare_1", "deconvnet": "bare_1", "input_x_gradient": "bare_1",
          "gradcam": "bare_1", "guided_gradcam": "bare_1", "smoothgrad": "bare_sg", "integrated_gradients": "bare_ig"}
 SALIENCE = {c.group: name for name, c in CASES.items() if c.role == "salience"}
+# the "part" rows' ratio: (numerator, denominator, what it says)
+PART = {"sal_gradcam_scaled": ("gradcam_lib", "sal_gradcam_scaled", "pytorch-grad-cam / this (both scaled)"),
+        "gradcam_lib_scaling": ("gradcam_lib_scaling", "gradcam_lib", "share of pytorch-grad-cam's time")}
+
+
+def peer_ratio(times: dict, name: str) -> tuple[Optional[list[float]], str]:
+    """The peer / salience ratios of a row within rounds, and what they say ("" for plain peer / salience)."""
+    c = CASES[name]
+    if name in PART:
+        a, b, what = PART[name]
+        return ratios(times, a, b), what
+    if c.role == "peer" and c.group in SALIENCE:
+        return ratios(times, name, SALIENCE[c.group]), ""
+    return None, ""
 
 
 class Workload:
@@ -373,6 +387,25 @@ def _mib(v: float) -> str:
     return f"{v / 1024:.2f} GiB" if v >= 1024 else f"{v:.0f} MiB"
 
 
+def summary(report: dict) -> str:
+    """The compact table (the README's): per method, salience and each peer, medians, ratios within rounds."""
+    times, mem = report["times"], report["memory"]
+    lines = ["| method | case | median s | vs bare passes | peer / salience (> 1: salience faster) | peak RSS |",
+             "|---|---|---:|---|---|---:|"]
+    for name, c in CASES.items():
+        if name not in times or c.role == "floor":
+            continue
+        ok = [t for t in times[name] if t is not None]
+        med = (f"{statistics.median(ok):.3f}" if statistics.median(ok) >= 0.1 else f"{statistics.median(ok):.5f}"
+               ) if ok else report["extra"][name].get("error", "no run")
+        fl = ratios(times, name, FLOOR.get(c.group, "")) if c.role in ("salience", "peer") else None
+        pr, say = peer_ratio(times, name)
+        lines.append(f"| {c.group if c.role == 'salience' else ''} | {c.what} | {med} | "
+                     f"{fmt_spread(fl, 2) if fl else ''} | {(say + ': ' if say else '') + fmt_spread(pr, 4 if say.startswith('share') else 2) if pr else ''} | "
+                     f"{_mib(mem[name]) if name in mem else ''} |")
+    return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:  # long: the whole results file, one table after the other
     cfg, info, times, extra, mem = (report["config"], report["machine"], report["times"], report["extra"],
                                     report["memory"])
@@ -396,6 +429,8 @@ def markdown(report: dict) -> str:  # long: the whole results file, one table af
         + ("**The machine was shared with other jobs (load above the CPU count): times are inflated and noisy; the "
            "within-round ratios are the figures to read.**" if max(loads) > (info["cpus"] or 1) else ""),
         "",
+        "## Summary", "", "Medians; ratios within rounds as min / median / max.", "", summary(report), "",
+        "## Every case", "",
         "| group | case | what | time, s | vs floor | peer / salience | peak RSS |",
         "|---|---|---|---|---|---|---:|",
     ]
@@ -406,17 +441,16 @@ def markdown(report: dict) -> str:  # long: the whole results file, one table af
             lines.append(f"| {c.group} | `{name}` | {c.what} | {extra[name].get('error', 'no run')} | | | |")
             continue
         fl = ratios(times, name, FLOOR[c.group]) if c.role in ("salience", "peer") and c.group in FLOOR else None
-        sal = SALIENCE.get(c.group)
-        pr = ratios(times, name, sal) if c.role in ("peer", "part") and sal else None
+        pr, say = peer_ratio(times, name)
         flag = " **(salience slower)**" if pr and statistics.median(pr) < 1 and c.role == "peer" else ""
         m = mem.get(name)
         lines.append(f"| {c.group} | `{name}` | {c.what} | {fmt_spread(ok, 3 if max(ok) >= 0.1 else 5)}{'' if len(ok) == len(ts) else ' (' + str(len(ok)) + ' runs)'} | "
-                     f"{fmt_spread(fl) if fl else ''} | {fmt_spread(pr) + flag if pr else ''} | {_mib(m) if m else ''} |")
+                     f"{fmt_spread(fl) if fl else ''} | {(say + ': ' if say else '') + fmt_spread(pr, 5 if say.startswith('share') else 3) + flag if pr else ''} | {_mib(m) if m else ''} |")
     lines += [
         "",
         "\"vs floor\": the case's time over the bare passes its method needs, in the same round. \"peer / salience\": "
-        "the case's time over salience's for the same map, in the same round (> 1: salience is faster; for the "
-        "`part` rows, a piece of a peer's work or salience plus a step, the same ratio for reference). Peak RSS: "
+        "the case's time over salience's for the same map, in the same round (> 1: salience is faster); for the "
+        "two Grad-CAM rows that time a part, the ratio they name. Peak RSS: "
         "`ru_maxrss` of a fresh process that ran the case once (it includes Python, torch and the model; see "
         "`bare_1`); blank: not measured (one-pass cases all sit near the floor's).",
         "",
@@ -425,7 +459,7 @@ def markdown(report: dict) -> str:  # long: the whole results file, one table af
         "| goal | measured | verdict |",
         "|---|---|---|",
     ]
-    lines += [f"| {g} | {m} | {v} |" for g, m, v in goals(times, report["cpu"], mem)]
+    lines += [f"| {g} | {m} | {v} |" for g, m, v in goals(times, report.get("cpu", {}), mem)]
     lines += ["", "A goal is met only when every round meets its wall-time ratio, not met when no round does, open "
               "otherwise. \"CPU time\": the same ratios in the process's CPU time (`time.process_time`, all threads), "
               "which time spent waiting for a core does not inflate.", ""]
@@ -449,11 +483,17 @@ def main(argv=None) -> int:  # long: options, then the rounds, the memory pass a
     ap.add_argument("--cap-gib", type=float, default=12.0, help="memory cap of an isolated case above its imports")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per isolated case")
     ap.add_argument("--out", help="output path without extension (default benchmarks/results, quick results-quick)")
+    ap.add_argument("--from-json", help="rewrite the markdown of a finished run from its .json, run nothing")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, json.loads(args.config))), flush=True)
+        return 0
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        Path(args.from_json).with_suffix(".md").write_text(markdown(report))
+        print(markdown(report))
         return 0
     if args.list:
         for name, c in CASES.items():
