@@ -1,6 +1,6 @@
 """The headline benchmark: every method of salience and its peers, in one run of one command.
 
-    python benchmarks/run.py --quick        # resnet18, 8 images 112x112, 8 samples / steps, 5 rounds: the README's table
+    python benchmarks/run.py --quick        # resnet18, 4 images 64x64, 8 samples / steps, 5 rounds (the README's table)
     python benchmarks/run.py                # resnet50, 8 images 224x224, 5 rounds (about an hour on 2 idle cores)
     python benchmarks/run.py --quick --rounds 7 --cases sal_guided,sal_vanilla,captum_guided
     python benchmarks/run.py --list
@@ -290,7 +290,8 @@ def timed_rounds(names: list[str], cfg: dict, timeout: float) -> tuple[dict, lis
 
     w = Workload(cfg)
     sync = torch.cuda.synchronize if w.device.type == "cuda" else (lambda: None)
-    fns = {n: case_fn(n, w) for n in names if not CASES[n].isolated}
+    isolated = {n for n in names if CASES[n].isolated and cfg["isolate"]}
+    fns = {n: case_fn(n, w) for n in names if n not in isolated}
     for n, fn in fns.items():  # warm-up
         fn()
         print(f"warm-up  {n}", flush=True)
@@ -302,7 +303,7 @@ def timed_rounds(names: list[str], cfg: dict, timeout: float) -> tuple[dict, lis
         order = names[r % len(names):] + names[:r % len(names)]
         load0, t_round = os.getloadavg(), time.perf_counter()
         for n in order:
-            if CASES[n].isolated:
+            if n in isolated:
                 if "error" in extra[n]:  # failed once (e.g. over the memory cap): it will again
                     times[n].append(None)
                     continue
@@ -416,8 +417,8 @@ def markdown(report: dict) -> str:  # long: the whole results file, one table af
         f"Written by `{report['command']}`: torchvision `{cfg['model']}` (random weights), {cfg['batch']} images "
         f"{cfg['size']}x{cfg['size']}, device `{cfg['device']}`, {cfg['threads']} threads; SmoothGrad "
         f"{cfg['samples']} samples, Integrated Gradients {cfg['steps']} steps (trapezoid). {cfg['rounds']} interleaved "
-        f"rounds in one process (order rotated each round, every case warmed up first); Captum's defaults isolated, "
-        f"a fresh process per round. Times in seconds: min / median / max over the rounds. Ratios are taken within "
+        f"rounds in one process (order rotated each round, every case warmed up first); Captum's defaults "
+        + ("isolated, a fresh process per round. " if cfg.get("isolate", True) else "in the same process. ") + f"Times in seconds: min / median / max over the rounds. Ratios are taken within "
         f"each round, then min / median / max. Total {report['wall_s'] / 60:.1f} min.",
         "",
         f"Machine: {info['cpu']}, **{info['cpus']} CPUs**, {info['mem_total_gib']} GiB RAM"
@@ -468,18 +469,22 @@ def markdown(report: dict) -> str:  # long: the whole results file, one table af
 
 def main(argv=None) -> int:  # long: options, then the rounds, the memory pass and the files
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="resnet18 at 112x112, 8 samples / steps (the README's table)")
+    ap.add_argument("--quick", action="store_true", help="resnet18, 4 images 64x64, 8 samples / steps, Captum's "
+                    "defaults in the same process (the README's table: what a loaded 2-core machine allows)")
     ap.add_argument("--cases", help="comma-separated case names (default: all); see --list")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (at least 5 for a headline table)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--model", help="torchvision ResNet (default resnet50, quick resnet18): Grad-CAM uses layer4")
-    ap.add_argument("--size", type=int, help="image side (default 224, quick 112)")
-    ap.add_argument("--batch", type=int, default=8, help="images per call (default 8)")
+    ap.add_argument("--size", type=int, help="image side (default 224, quick 64)")
+    ap.add_argument("--batch", type=int, help="images per call (default 8, quick 4)")
     ap.add_argument("--samples", type=int, help="SmoothGrad samples (default 16, quick 8)")
     ap.add_argument("--steps", type=int, help="Integrated Gradients steps (default 16, quick 8)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                    help="run Captum's defaults in a fresh process per round, under the memory cap (default: on; "
+                    "off with --quick, whose defaults fit in a few hundred MiB)")
     ap.add_argument("--cap-gib", type=float, default=12.0, help="memory cap of an isolated case above its imports")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per isolated case")
     ap.add_argument("--out", help="output path without extension (default benchmarks/results, quick results-quick)")
@@ -503,8 +508,8 @@ def main(argv=None) -> int:  # long: options, then the rounds, the memory pass a
     unknown = [c for c in names if c not in CASES]
     if unknown:
         ap.error(f"unknown cases {unknown}; see --list")
-    cfg = {"model": args.model or ("resnet18" if args.quick else "resnet50"), "batch": args.batch,
-           "size": args.size or (112 if args.quick else 224), "device": args.device, "threads": args.threads,
+    cfg = {"model": args.model or ("resnet18" if args.quick else "resnet50"), "batch": args.batch or (4 if args.quick else 8),
+           "size": args.size or (64 if args.quick else 224), "isolate": not args.quick if args.isolate is None else args.isolate, "device": args.device, "threads": args.threads,
            "samples": args.samples or (8 if args.quick else 16), "steps": args.steps or (8 if args.quick else 16), "rounds": args.rounds, "cap_gib": args.cap_gib,
            "warmup_below_s": 5.0}
     out = Path(args.out or HERE / ("results-quick" if args.quick else "results"))
@@ -516,6 +521,16 @@ def main(argv=None) -> int:  # long: options, then the rounds, the memory pass a
     info = machine_info(args.device)
     data, rounds = timed_rounds(names, cfg, args.timeout)
     memory = {n: data["extra"][n]["peak_rss_mib"] for n in names if "peak_rss_mib" in data["extra"][n]}
+
+    def write() -> dict:  # after the rounds, and again after the memory pass
+        info["loadavg_end"] = os.getloadavg()
+        report = {"command": command, "config": cfg, "machine": info, "rounds": rounds, "times": data["times"],
+                  "cpu": data["cpu"], "extra": data["extra"], "memory": memory, "wall_s": time.perf_counter() - t0}
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        out.with_suffix(".md").write_text(markdown(report))
+        return report
+
+    write()
     if not args.no_memory:
         for n in names:
             if CASES[n].memory:
@@ -523,12 +538,7 @@ def main(argv=None) -> int:  # long: options, then the rounds, the memory pass a
                 if "peak_rss_mib" in res:
                     memory[n] = res["peak_rss_mib"]
                 print(f"memory   {n:22s} {_mib(memory[n]) if n in memory else res.get('error')}", flush=True)
-    info["loadavg_end"] = os.getloadavg()
-    report = {"command": command, "config": cfg, "machine": info, "rounds": rounds, "times": data["times"],
-              "cpu": data["cpu"], "extra": data["extra"], "memory": memory, "wall_s": time.perf_counter() - t0}
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    print(markdown(write()))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 0
 
