@@ -79,6 +79,11 @@ _UNSUPPORTED_NAMES = frozenset(
 )
 
 
+# Torch callables seen to be neither rectifiers nor unsupported activations, whatever their arguments
+# (decided by name only): the mode passes them straight on. Filled as calls are met.
+_PLAIN: set = set()
+
+
 def _base_name(func: Callable) -> tuple[str, bool]:
     """``(canonical name, in-place?)`` of a torch callable: ``relu_`` -> ``("relu", True)``,
     ``F._threshold`` -> ``("threshold", False)``, ``aten.relu.default`` -> ``("relu", False)``."""
@@ -210,7 +215,14 @@ class BackpropRule(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        if func in _PLAIN:  # most calls (conv2d, batch_norm, add_, dim, ...): no rule, no bookkeeping
+            return func(*args, **kwargs)
         kind, info, name = _classify(func, tuple(args), kwargs)
+        if kind == "other" and name not in _PARAMS:
+            try:
+                _PLAIN.add(func)
+            except TypeError:  # an unhashable callable: classified again next time
+                pass
         if kind == "rectifier":
             assert info is not None
             x, inplace, cap = info
