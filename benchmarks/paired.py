@@ -29,23 +29,14 @@ import statistics
 import time
 from pathlib import Path
 
+import sys
+
 import torch
-import torchvision
 
-import salience
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import HERE, bare, frozen_copy, make_workload  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-
-
-def bare(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, n_images: int) -> None:
-    """The floor: forward + input gradient of ``n_images`` images in batches of ``len(x)``."""
-    done = 0
-    while done < n_images:
-        n = min(x.shape[0], n_images - done)
-        xi = x[:n].detach().clone().requires_grad_(True)
-        out = model(xi)
-        (g,) = torch.autograd.grad(out.gather(1, target[:n].view(-1, 1)).sum(), xi)
-        done += n
+import salience  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -61,16 +52,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default benchmarks/paired.json (--captum: paired-captum.json)")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)(weights=None).eval()
-    x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        target = model(x).argmax(1)
-    frozen = getattr(torchvision.models, args.model)(weights=None).eval()
-    frozen.load_state_dict(model.state_dict())
-    for p in frozen.parameters():
-        p.requires_grad_(False)
+    model, x, target = make_workload(args.model, args.batch, args.size, args.threads)
+    frozen = frozen_copy(model)
     b, s = args.batch, args.samples
     cases = {
         "vanilla": (lambda: salience.vanilla(model, x, target, reduce=None), b),

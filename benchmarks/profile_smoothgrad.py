@@ -23,14 +23,16 @@ import collections
 import time
 from pathlib import Path
 
+import sys
+
 import torch
-import torchvision
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import salience
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import HERE, make_images, make_model, predicted  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+import salience  # noqa: E402
 
 
 class Labeled(nn.Module):
@@ -64,12 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "profile.md"))
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = Labeled(getattr(torchvision.models, args.model)(weights=None).eval())
-    x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        target = model(x).argmax(1)
+    model = Labeled(make_model(args.model, args.threads))
+    x = make_images(args.batch, args.size)
+    target = predicted(model, x)
 
     def run():
         return salience.smoothgrad(model, x, target, samples=args.samples, noise=0.15, reduce=None)

@@ -1,105 +1,214 @@
-"""Time salience and its peers in the same run; write benchmarks/results.md and results.json.
+"""The headline benchmark: every method of salience and its peers, in one run of one command.
 
-Each case runs in a fresh subprocess (so one case's memory cannot flatter or hurt the next),
-under a memory cap: on CPU an address-space limit (``RLIMIT_AS``) of what the process had after
-its imports plus ``--cap-gib`` (never more than the machine's available memory less 3 GiB: it is
-shared); a case that needs more fails its allocation and is recorded as "exceeded N GiB" instead
-of taking the machine down. A child times ``--repeats`` runs (at least 3, after a warm-up, when a
-run is under 5 s) and reports its peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``), the load
-average, and the chunk sizes salience chose; on CUDA also ``torch.cuda.max_memory_allocated``.
-The multi-pass cases and their floors run in ``--rounds`` interleaved rounds (a fresh process per
-case per round), so that load from other work on a shared machine hits them alike; a case's time
-is the median (and minimum) over all its runs. Results are rewritten after every case.
+    python benchmarks/run.py --quick        # resnet18, 4 images 64x64, 8 samples / steps, 5 rounds (the README's table)
+    python benchmarks/run.py                # resnet50, 8 images 224x224, 5 rounds (about an hour on 2 idle cores)
+    python benchmarks/run.py --quick --rounds 7 --cases sal_guided,sal_vanilla,captum_guided
+    python benchmarks/run.py --list
 
-Workload (default): torchvision ``resnet50`` with random weights, 8 images of 224x224,
-``torch.set_num_threads(2)``. ``--quick``: resnet18, 8 images of 112x112, 2 repeats.
+One process times every case in ``--rounds`` interleaved rounds (at least 5): each round runs each
+case once, the order rotated from round to round, so a burst of load from other work on a shared
+machine hits all cases alike and no case always runs first. Every case is warmed up once before
+the first round. Captum's defaults for NoiseTunnel and IntegratedGradients put all samples / steps
+in one pass (11.5 GiB on resnet50 with 8 images, or more than the machine has), so they run
+*isolated*: each round in a fresh process under a memory cap (``--cap-gib`` above its imports,
+never more than the machine's available memory less 3 GiB), where a case that needs more fails its
+allocation and is recorded as "exceeded" instead of taking the machine down; a run shorter than 5 s
+is warmed up there first.
 
-    python benchmarks/run.py --quick                     # try it (a few minutes)
-    python benchmarks/run.py                             # the full run (tens of minutes on 2 cores)
-    python benchmarks/run.py --cases sal_sg16,captum_nt_batched --repeats 1
-    python benchmarks/run.py --device cuda               # on a GPU
+Per case: min / median / max of its times over the rounds. Ratios are taken *within* a round
+(the method over its floor, a peer over salience, guided backprop over vanilla) and reported as
+min / median / max over the rounds: a ratio of two runs seconds apart is far less exposed to the
+load than either time. A goal is "met" only when every round meets it, "not met" when no round
+does, and "open" otherwise. The 1-minute load average is recorded before and after every round.
 
-"Bare" cases are the floor: one forward plus ``torch.autograd.grad`` w.r.t. the input (params
-frozen), for as many images as the method evaluates (8 / 128 for 16 noisy copies / 256 for 32
-path points), in batches of the same size as the input batch.
+Memory: after the rounds, every multi-pass case (and the one-pass floor) runs once more in a fresh
+process for its peak resident memory (``ru_maxrss``: it includes Python, torch and the model); the
+isolated cases report theirs from their rounds. Nothing here is a test; CI does not run it.
+
+Floors (``bare_*``): one forward plus ``torch.autograd.grad`` w.r.t. the input, parameters frozen,
+in batches of B, for as many images as a method evaluates: B (one-pass methods), ``samples * B``
+(SmoothGrad), ``steps * B`` (Integrated Gradients with the trapezoid rule).
+
+Like for like: every case returns the raw map for the same target (the predicted class).
+pytorch-grad-cam returns maps min-max scaled per image and resized with OpenCV: its case is timed
+as it is (``gradcam_lib``), its scaling and resizing alone on a CAM of the layer's size
+(``gradcam_lib_scaling``), and salience's Grad-CAM with the same min-max scaling added
+(``sal_gradcam_scaled``), so the comparison can be read either way.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Callable, Optional
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import HERE, bare, fmt_spread, frozen_copy, machine_info, make_workload  # noqa: E402
 
-# name: (group, what it is)
-CASES: dict[str, tuple[str, str]] = {
-    "bare_1": ("floor", "forward + input grad, B images"),
-    "bare_sg16": ("floor", "forward + input grad, 16*B images (batches of B)"),
-    "bare_ig32": ("floor", "forward + input grad, 32*B images (batches of B)"),
-    "sal_vanilla": ("vanilla", "salience.vanilla"),
-    "captum_saliency": ("vanilla", "captum Saliency(abs=False)"),
-    "sal_guided": ("guided", "salience.guided_backprop"),
-    "captum_guided": ("guided", "captum GuidedBackprop"),
-    "sal_gradcam": ("gradcam", "salience.gradcam(layer4)"),
-    "captum_layergradcam": ("gradcam", "captum LayerGradCam(layer4) + upsample"),
-    "gradcam_lib": ("gradcam", "pytorch-grad-cam GradCAM(layer4)"),
-    "sal_guided_gradcam": ("guided_gradcam", "salience.guided_gradcam(layer4)"),
-    "captum_guided_gradcam": ("guided_gradcam", "captum GuidedGradCam(layer4)"),
-    "sal_ixg": ("input_x_gradient", "salience.input_x_gradient"),
-    "captum_ixg": ("input_x_gradient", "captum InputXGradient"),
-    "sal_sg16": ("smoothgrad16", "salience.smoothgrad(samples=16), default chunking"),
-    "captum_nt": ("smoothgrad16", "captum NoiseTunnel(Saliency) nt_samples=16, defaults"),
-    "captum_nt_b1": ("smoothgrad16", "captum NoiseTunnel(Saliency) nt_samples=16, nt_samples_batch_size=1 (B per pass)"),
-    "captum_nt_batched": ("smoothgrad16", "captum NoiseTunnel(Saliency) nt_samples=16, nt_samples_batch_size=2 (2B per pass)"),
-    "sal_ig32": ("ig32", "salience.integrated_gradients(steps=32), default chunking"),
-    "captum_ig": ("ig32", "captum IntegratedGradients n_steps=32, defaults"),
-    "captum_ig_b8": ("ig32", "captum IntegratedGradients n_steps=32, internal_batch_size=B (B per pass)"),
-    "captum_ig_batched": ("ig32", "captum IntegratedGradients n_steps=32, internal_batch_size=2B (2B per pass)"),
-    "sal_sg50": ("memory", "salience.smoothgrad(samples=50), default chunking"),
-    "sal_sg100": ("memory", "salience.smoothgrad(samples=100), default chunking"),
-    "sal_ig64": ("memory", "salience.integrated_gradients(steps=64), default chunking"),
+
+@dataclass(frozen=True)
+class Case:
+    group: str
+    what: str
+    role: str  # "floor", "salience", "peer", "part" (a piece of a peer's time, not compared)
+    isolated: bool = False  # a fresh process per round (Captum's defaults: too big to share a process)
+    memory: bool = False  # measured for peak memory in a fresh process after the rounds
+
+
+CASES: dict[str, Case] = {
+    "bare_1": Case("floor", "forward + input gradient, B images", "floor", memory=True),
+    "sal_vanilla": Case("vanilla", "salience.vanilla", "salience"),
+    "captum_saliency": Case("vanilla", "Captum Saliency(abs=False)", "peer"),
+    "sal_guided": Case("guided_backprop", "salience.guided_backprop", "salience"),
+    "captum_guided": Case("guided_backprop", "Captum GuidedBackprop", "peer"),
+    "sal_deconvnet": Case("deconvnet", "salience.deconvnet", "salience"),
+    "captum_deconvolution": Case("deconvnet", "Captum Deconvolution", "peer"),
+    "sal_ixg": Case("input_x_gradient", "salience.input_x_gradient", "salience"),
+    "captum_ixg": Case("input_x_gradient", "Captum InputXGradient", "peer"),
+    "sal_gradcam": Case("gradcam", "salience.gradcam(layer4), raw, upsampled", "salience"),
+    "captum_layergradcam": Case("gradcam", "Captum LayerGradCam(layer4) + LayerAttribution.interpolate", "peer"),
+    "sal_gradcam_scaled": Case("gradcam", "salience.gradcam(layer4) + normalize (per-image min-max, as pytorch-grad-cam returns)", "part"),
+    "gradcam_lib": Case("gradcam", "pytorch-grad-cam GradCAM(layer4), its min-max scaling and OpenCV resizing included", "peer"),
+    "gradcam_lib_scaling": Case("gradcam", "pytorch-grad-cam's scaling and resizing alone (scale_cam_image + aggregate_multi_layers on a layer-size CAM)", "part"),
+    "sal_guided_gradcam": Case("guided_gradcam", "salience.guided_gradcam(layer4)", "salience"),
+    "captum_guided_gradcam": Case("guided_gradcam", "Captum GuidedGradCam(layer4)", "peer"),
+    "bare_sg": Case("smoothgrad", "forward + input gradient, samples*B images (batches of B)", "floor", memory=True),
+    "sal_sg": Case("smoothgrad", "salience.smoothgrad, default chunks", "salience", memory=True),
+    "captum_nt_b1": Case("smoothgrad", "Captum NoiseTunnel(Saliency), nt_samples_batch_size=1 (B per pass)", "peer", memory=True),
+    "captum_nt_b2": Case("smoothgrad", "Captum NoiseTunnel(Saliency), nt_samples_batch_size=2 (2B per pass)", "peer", memory=True),
+    "captum_nt": Case("smoothgrad", "Captum NoiseTunnel(Saliency), defaults (all samples in one pass)", "peer", isolated=True),
+    "bare_ig": Case("integrated_gradients", "forward + input gradient, steps*B images (batches of B)", "floor", memory=True),
+    "sal_ig": Case("integrated_gradients", "salience.integrated_gradients, default chunks", "salience", memory=True),
+    "captum_ig_b1": Case("integrated_gradients", "Captum IntegratedGradients, internal_batch_size=B (B per pass)", "peer", memory=True),
+    "captum_ig_b2": Case("integrated_gradients", "Captum IntegratedGradients, internal_batch_size=2B (2B per pass)", "peer", memory=True),
+    "captum_ig": Case("integrated_gradients", "Captum IntegratedGradients, defaults (all steps in one pass)", "peer", isolated=True),
 }
-QUICK_SKIP = {"sal_ig64"}
-# not run unless named with --cases (long on 2 cores; sal_sg16 and sal_sg50 already show the flat peak)
-OPTIONAL = {"sal_sg100"}
-# group -> the floor its cases are held to (how many forward+backward passes the method needs)
-FLOOR = {"vanilla": "bare_1", "guided": "bare_1", "gradcam": "bare_1", "guided_gradcam": "bare_1",
-         "input_x_gradient": "bare_1", "smoothgrad16": "bare_sg16", "ig32": "bare_ig32"}
-# the cases that get several rounds (--rounds): the multi-pass comparisons and their floors. Captum's
-# defaults are far enough behind (and heavy enough) for one round; single-pass cases time several runs in one
-# process; the memory group is about peak memory.
-ROUNDED = {c for c, (g, _) in CASES.items() if g in ("floor", "smoothgrad16", "ig32")} - {"captum_nt", "captum_ig"}
+FLOOR = {"vanilla": "bare_1", "guided_backprop": "bare_1", "deconvnet": "bare_1", "input_x_gradient": "bare_1",
+         "gradcam": "bare_1", "guided_gradcam": "bare_1", "smoothgrad": "bare_sg", "integrated_gradients": "bare_ig"}
+SALIENCE = {c.group: name for name, c in CASES.items() if c.role == "salience"}
+# the "part" rows' ratio: (numerator, denominator, what it says)
+PART = {"sal_gradcam_scaled": ("gradcam_lib", "sal_gradcam_scaled", "pytorch-grad-cam / this (both scaled)"),
+        "gradcam_lib_scaling": ("gradcam_lib_scaling", "gradcam_lib", "share of pytorch-grad-cam's time")}
 
 
-def _merge(old, new: dict) -> dict:
-    """Fold one more round of a case into its record: all times, the highest peak, every load average."""
-    if old is None or "error" in old:
-        new = dict(new)
-        if "times_s" in new:
-            new["loadavg"] = [new["loadavg"]]
-            new["median_s"], new["min_s"] = statistics.median(new["times_s"]), min(new["times_s"])
-        return new
-    if "error" in new:
-        old.setdefault("errors", []).append(new["error"])
-        return old
-    old["times_s"] += new["times_s"]
-    old["median_s"], old["min_s"] = statistics.median(old["times_s"]), min(old["times_s"])
-    old["peak_rss_mib"] = max(old["peak_rss_mib"], new["peak_rss_mib"])
-    old["loadavg"].append(new["loadavg"])
-    for k in ("chunks", "per_item_mib", "cuda_peak_mib"):
-        if k in new:
-            old[k] = new[k]
-    return old
+def peer_ratio(times: dict, name: str) -> tuple[Optional[list[float]], str]:
+    """The peer / salience ratios of a row within rounds, and what they say ("" for plain peer / salience)."""
+    c = CASES[name]
+    if name in PART:
+        a, b, what = PART[name]
+        return ratios(times, a, b), what
+    if c.role == "peer" and c.group in SALIENCE:
+        return ratios(times, name, SALIENCE[c.group]), ""
+    return None, ""
 
 
-# ----------------------------------------------------------------------------- child
+class Workload:
+    """The model, images and targets of one process; the copies some cases need are made on first use."""
+
+    def __init__(self, cfg: dict) -> None:
+        import torch
+
+        self.cfg = cfg
+        self.model, x, target = make_workload(cfg["model"], cfg["batch"], cfg["size"], cfg["threads"])
+        self.device = torch.device(cfg["device"])
+        self.model.to(self.device)
+        self.x, self.target = x.to(self.device), target.to(self.device)
+        self.b = x.shape[0]
+
+    @cached_property
+    def frozen(self):
+        return frozen_copy(self.model)
+
+    @cached_property
+    def cam_model(self):  # pytorch-grad-cam fills .grad of every parameter: not on the shared model
+        return frozen_copy(self.model).requires_grad_(True)
+
+    @cached_property
+    def layer_cam(self):  # a CAM of the layer's size (B, h, w), what pytorch-grad-cam scales
+        import salience
+
+        return salience.gradcam(self.model, self.x, self.target, layer=self.model.layer4, upsample=False).cpu().numpy()
+
+
+def case_fn(name: str, w: Workload) -> Callable[[], object]:  # long: one branch per case, a table in code
+    import captum.attr as ca
+
+    import salience
+
+    m, x, t, b = w.model, w.x, w.target, w.b
+    s, steps = w.cfg["samples"], w.cfg["steps"]
+    layer = m.layer4
+    size = tuple(x.shape[-2:])
+    stdevs = 0.15 * float(x.max() - x.min())  # salience's noise=0.15 is relative to the input's range
+    fns: dict[str, Callable[[], Callable[[], object]]] = {
+        "bare_1": lambda: lambda: bare(w.frozen, x, t, b),
+        "bare_sg": lambda: lambda: bare(w.frozen, x, t, s * b),
+        "bare_ig": lambda: lambda: bare(w.frozen, x, t, steps * b),
+        "sal_vanilla": lambda: lambda: salience.vanilla(m, x, t, reduce=None),
+        "captum_saliency": lambda: lambda: ca.Saliency(m).attribute(x, target=t, abs=False),
+        "sal_guided": lambda: lambda: salience.guided_backprop(m, x, t, reduce=None),
+        "captum_guided": lambda: lambda: ca.GuidedBackprop(m).attribute(x, target=t),
+        "sal_deconvnet": lambda: lambda: salience.deconvnet(m, x, t, reduce=None),
+        "captum_deconvolution": lambda: lambda: ca.Deconvolution(m).attribute(x, target=t),
+        "sal_ixg": lambda: lambda: salience.input_x_gradient(m, x, t, reduce=None),
+        "captum_ixg": lambda: lambda: ca.InputXGradient(m).attribute(x, target=t),
+        "sal_gradcam": lambda: lambda: salience.gradcam(m, x, t, layer=layer),
+        "captum_layergradcam": lambda: lambda: ca.LayerAttribution.interpolate(
+            ca.LayerGradCam(m, layer).attribute(x, target=t, relu_attributions=True), size, "bilinear"),
+        "sal_gradcam_scaled": lambda: lambda: salience.normalize(salience.gradcam(m, x, t, layer=layer)),
+        "gradcam_lib": lambda: _gradcam_lib(w),
+        "gradcam_lib_scaling": lambda: _gradcam_lib_scaling(w),
+        "sal_guided_gradcam": lambda: lambda: salience.guided_gradcam(m, x, t, layer=layer, reduce=None),
+        "captum_guided_gradcam": lambda: lambda: ca.GuidedGradCam(m, layer).attribute(x, target=t),
+        "sal_sg": lambda: lambda: salience.smoothgrad(m, x, t, samples=s, noise=0.15, reduce=None),
+        "sal_ig": lambda: lambda: salience.integrated_gradients(m, x, t, steps=steps, reduce=None),
+    }
+    nt = {"captum_nt_b1": {"nt_samples_batch_size": 1}, "captum_nt_b2": {"nt_samples_batch_size": 2}, "captum_nt": {}}
+    ig = {"captum_ig_b1": {"internal_batch_size": b}, "captum_ig_b2": {"internal_batch_size": 2 * b}, "captum_ig": {}}
+    if name in nt:
+        tunnel = ca.NoiseTunnel(ca.Saliency(m))
+        return lambda: tunnel.attribute(x, nt_type="smoothgrad", nt_samples=s, stdevs=stdevs, target=t, abs=False,
+                                        **nt[name])
+    if name in ig:  # the trapezoid rule: the same points (and passes) as salience's default
+        igm = ca.IntegratedGradients(m)
+        return lambda: igm.attribute(x, target=t, n_steps=steps, method="riemann_trapezoid", **ig[name])
+    return fns[name]()
+
+
+def _gradcam_lib(w: Workload) -> Callable[[], object]:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    targets = [ClassifierOutputTarget(int(c)) for c in w.target]
+
+    def run():  # hooks registered and released per call, so they never run under the other cases
+        with GradCAM(model=w.cam_model, target_layers=[w.cam_model.layer4]) as cam:
+            return cam(input_tensor=w.x, targets=targets)
+
+    return run
+
+
+def _gradcam_lib_scaling(w: Workload) -> Callable[[], object]:
+    import numpy as np
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    size = (w.x.shape[-1], w.x.shape[-2])  # OpenCV's (width, height)
+    with GradCAM(model=w.cam_model, target_layers=[w.cam_model.layer4]) as cam:
+        aggregate = cam.aggregate_multi_layers  # what BaseCAM.forward runs after the CAM itself
+    layer_cam = w.layer_cam
+    return lambda: aggregate([scale_cam_image(np.maximum(layer_cam, 0), size)[:, None, :]])
+
+
+# ----------------------------------------------------------------------------- one case in a fresh process
 
 
 def _vm_bytes() -> int:
@@ -118,358 +227,318 @@ def _available_gib() -> float:
     return float("inf")
 
 
-def _record_chunks() -> list:
-    """Wrap salience's engine so the child can report the chunk sizes it chose (last call)."""
-    from salience._core import engine as _engine
-
-    seen: list = []
-    inner = _engine.accumulate
-
-    def accumulate(*args, **kwargs):
-        sums = inner(*args, **kwargs)
-        seen[:] = [sums.chunks, sums.per_item_bytes]
-        return sums
-
-    _engine.accumulate = accumulate
-    return seen
-
-
-def child(case: str, cfg: dict) -> dict:
-    import torch
-    import torchvision
-
-    torch.set_num_threads(cfg["threads"])
-    import salience  # noqa: F401  (imports before the cap is set)
-    import captum.attr  # noqa: F401
+def child(name: str, cfg: dict) -> dict:
+    """Run one case in this (fresh) process under the memory cap: its time and peak RSS."""
+    import captum.attr  # noqa: F401  (imports before the cap is set)
     import pytorch_grad_cam  # noqa: F401
+    import torch
 
-    device = torch.device(cfg["device"])
+    import salience  # noqa: F401
+
     cap_gib = None
-    if device.type == "cpu" and cfg["cap_gib"] > 0 and sys.platform.startswith("linux"):
-        # The machine is shared: never more than what is available now, less 3 GiB for the others.
-        cap_gib = min(cfg["cap_gib"], max(1.0, _available_gib() - 3.0))
+    if cfg["device"] == "cpu" and cfg["cap_gib"] > 0 and sys.platform.startswith("linux"):
+        cap_gib = min(cfg["cap_gib"], max(1.0, _available_gib() - 3.0))  # the machine is shared
         cap = _vm_bytes() + int(cap_gib * (1 << 30))
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         print(f"cap_gib={cap_gib:.2f}", file=sys.stderr, flush=True)
-    chunks = _record_chunks()
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, cfg["model"])(weights=None).to(device).eval()
-    if case.startswith("bare_"):  # the floor: no parameter gradients anywhere (salience freezes them itself)
-        for p in model.parameters():
-            p.requires_grad_(False)
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(cfg["batch"], 3, cfg["size"], cfg["size"], generator=g).to(device)
-    with torch.no_grad():
-        target = model(x).argmax(1)
-    fn = _case_fn(case, model, x, target)
-    times = []
+    w = Workload(cfg)
+    fn = case_fn(name, w)
+    sync = torch.cuda.synchronize if w.device.type == "cuda" else (lambda: None)
 
     def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        del out
-        return dt
+        fn()
+        sync()
+        return time.perf_counter() - t0
 
-    first = once()
-    repeats = cfg["repeats"]
-    if first < cfg["warmup_below_s"]:  # short: the first run was a warm-up, time at least 3
-        times = [once() for _ in range(max(3, repeats))]
-    else:
-        times = [first] + [once() for _ in range(repeats - 1)]
-    res = {
-        "case": case,
-        "times_s": times,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "cap_gib": cap_gib,
-        "loadavg": os.getloadavg(),
-    }
-    if chunks:
-        res["chunks"] = chunks[0][:3] + (["..."] if len(chunks[0]) > 3 else []) + [f"{len(chunks[0])} chunks"]
-        res["per_item_mib"] = None if chunks[1] is None else chunks[1] / 2 ** 20
-    if device.type == "cuda":
-        res["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    dt = once()
+    if dt < cfg["warmup_below_s"]:  # short: that was the warm-up
+        dt = once()
+    res = {"case": name, "time_s": dt, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "cap_gib": cap_gib, "loadavg": os.getloadavg()}
+    if w.device.type == "cuda":
+        res["cuda_peak_mib"] = torch.cuda.max_memory_allocated(w.device) / 2 ** 20
     return res
 
 
-def _bare(model, x, target, n_images: int):
-    import torch
-
-    def run():
-        done = 0
-        while done < n_images:
-            n = min(x.shape[0], n_images - done)
-            xi = x[:n].detach().clone().requires_grad_(True)
-            with torch.enable_grad():
-                out = model(xi)
-                score = out.gather(1, target[:n].view(-1, 1)).sum()
-                (gx,) = torch.autograd.grad(score, xi)
-            done += n
-        return gx
-
-    return run
-
-
-def _case_fn(case: str, model, x, target):
-    import captum.attr as ca
-    import torch
-    import torch.nn.functional as F
-
-    import salience
-
-    layer = model.layer4
-    size = tuple(x.shape[-2:])
-    b = x.shape[0]
-    if case == "bare_1":
-        return _bare(model, x, target, b)
-    if case == "bare_sg16":
-        return _bare(model, x, target, 16 * b)
-    if case == "bare_ig32":
-        return _bare(model, x, target, 32 * b)
-    if case == "sal_vanilla":
-        return lambda: salience.vanilla(model, x, target, reduce=None)
-    if case == "captum_saliency":
-        return lambda: ca.Saliency(model).attribute(x, target=target, abs=False)
-    if case == "sal_guided":
-        return lambda: salience.guided_backprop(model, x, target, reduce=None)
-    if case == "captum_guided":
-        return lambda: ca.GuidedBackprop(model).attribute(x, target=target)
-    if case == "sal_gradcam":
-        return lambda: salience.gradcam(model, x, target, layer=layer)
-    if case == "captum_layergradcam":
-        return lambda: ca.LayerAttribution.interpolate(
-            ca.LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True), size, "bilinear")
-    if case == "gradcam_lib":
-        from pytorch_grad_cam import GradCAM
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-        cam = GradCAM(model=model, target_layers=[layer])
-        targets = [ClassifierOutputTarget(int(t)) for t in target]
-        return lambda: cam(input_tensor=x, targets=targets)
-    if case == "sal_guided_gradcam":
-        return lambda: salience.guided_gradcam(model, x, target, layer=layer, reduce=None)
-    if case == "captum_guided_gradcam":
-        return lambda: ca.GuidedGradCam(model, layer).attribute(x, target=target)
-    if case == "sal_ixg":
-        return lambda: salience.input_x_gradient(model, x, target, reduce=None)
-    if case == "captum_ixg":
-        return lambda: ca.InputXGradient(model).attribute(x, target=target)
-    if case.startswith("sal_sg"):
-        n = int(case[len("sal_sg"):])
-        return lambda: salience.smoothgrad(model, x, target, samples=n, noise=0.15, reduce=None)
-    if case in ("captum_nt", "captum_nt_b1", "captum_nt_batched"):
-        nt = ca.NoiseTunnel(ca.Saliency(model))
-        stdevs = 0.15 * float(x.max() - x.min())
-        kw = {"captum_nt": {}, "captum_nt_b1": {"nt_samples_batch_size": 1},
-              "captum_nt_batched": {"nt_samples_batch_size": 2}}[case]
-        return lambda: nt.attribute(x, nt_type="smoothgrad", nt_samples=16, stdevs=stdevs, target=target,
-                                    abs=False, **kw)
-    if case.startswith("sal_ig"):
-        n = int(case[len("sal_ig"):])
-        return lambda: salience.integrated_gradients(model, x, target, steps=n, reduce=None)
-    if case in ("captum_ig", "captum_ig_b8", "captum_ig_batched"):
-        ig = ca.IntegratedGradients(model)
-        kw = {"captum_ig": {}, "captum_ig_b8": {"internal_batch_size": b},
-              "captum_ig_batched": {"internal_batch_size": 2 * b}}[case]
-        return lambda: ig.attribute(x, target=target, n_steps=32, method="riemann_trapezoid", **kw)
-    raise SystemExit(f"unknown case {case}")
-
-
-# ----------------------------------------------------------------------------- parent
-
-
-def machine_info(device: str) -> dict:
-    import torch
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpus": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),
-        "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
-        "device": device,
-    }
-    try:
-        import captum
-        import pytorch_grad_cam  # noqa: F401
-        from importlib.metadata import version
-
-        info["captum"] = captum.__version__
-        info["grad-cam"] = version("grad-cam")
-        info["torchvision"] = version("torchvision")
-        info["salience"] = version("salience")
-    except Exception:
-        pass
-    if device == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def run_case(case: str, cfg: dict, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case, "--config", json.dumps(cfg)]
-    t0 = time.perf_counter()
+def run_child(name: str, cfg: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--config", json.dumps(cfg)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"case": case, "error": f"timed out after {timeout:.0f} s"}
+        return {"case": name, "error": f"timed out after {timeout:.0f} s"}
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("{"):
-            res = json.loads(line)
-            res["wall_s"] = time.perf_counter() - t0
-            return res
-    err = (p.stderr or "").strip().splitlines()
-    tail = err[-1] if err else f"exit code {p.returncode}"
-    memory = any(s in (p.stderr or "") for s in ("MemoryError", "can't allocate memory", "out of memory",
-                                                  "std::bad_alloc", "Cannot allocate memory"))
-    if memory or p.returncode in (-9, 137):
-        cap = [ln for ln in (p.stderr or "").splitlines() if ln.startswith("cap_gib=")]
-        cap_gib = float(cap[-1].split("=")[1]) if cap else cfg["cap_gib"]
-        return {"case": case, "error": f"exceeded {cap_gib:.1f} GiB", "detail": tail[-300:]}
-    return {"case": case, "error": tail[-300:]}
+            return json.loads(line)
+    err = p.stderr or ""
+    tail = err.strip().splitlines()[-1] if err.strip() else f"exit code {p.returncode}"
+    if p.returncode in (-9, 137) or any(s in err for s in ("MemoryError", "can't allocate memory", "out of memory",
+                                                            "std::bad_alloc", "Cannot allocate memory")):
+        caps = [ln for ln in err.splitlines() if ln.startswith("cap_gib=")]
+        return {"case": name, "error": f"exceeded {float(caps[-1].split('=')[1]) if caps else cfg['cap_gib']:.1f} GiB"}
+    return {"case": name, "error": tail[-300:]}
 
 
-def _fmt_mib(v) -> str:
+# ----------------------------------------------------------------------------- the rounds
+
+
+def timed_rounds(names: list[str], cfg: dict, timeout: float) -> tuple[dict, list]:
+    """Every case once per round, the order rotated each round. Returns ``{case: [time per round or None]}``,
+    errors and the load average before and after each round."""
+    import torch
+
+    w = Workload(cfg)
+    sync = torch.cuda.synchronize if w.device.type == "cuda" else (lambda: None)
+    isolated = {n for n in names if CASES[n].isolated and cfg["isolate"]}
+    fns = {n: case_fn(n, w) for n in names if n not in isolated}
+    for n, fn in fns.items():  # warm-up
+        fn()
+        print(f"warm-up  {n}", flush=True)
+    times: dict[str, list] = {n: [] for n in names}
+    cpu: dict[str, list] = {n: [] for n in names}  # process CPU time (all threads); isolated cases: None
+    extra: dict[str, dict] = {n: {} for n in names}
+    rounds = []
+    for r in range(cfg["rounds"]):
+        order = names[r % len(names):] + names[:r % len(names)]
+        load0, t_round = os.getloadavg(), time.perf_counter()
+        for n in order:
+            if n in isolated:
+                if "error" in extra[n]:  # failed once (e.g. over the memory cap): it will again
+                    times[n].append(None)
+                    continue
+                res = run_child(n, cfg, timeout)
+                times[n].append(res.get("time_s"))
+                cpu[n].append(None)
+                if "error" in res:
+                    extra[n]["error"] = res["error"]
+                else:
+                    extra[n]["peak_rss_mib"] = max(extra[n].get("peak_rss_mib", 0), res["peak_rss_mib"])
+            else:
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                fns[n]()
+                sync()
+                times[n].append(time.perf_counter() - t0)
+                cpu[n].append(time.process_time() - c0)
+            print(f"round {r + 1}  {n:22s} {times[n][-1] if times[n][-1] is not None else extra[n].get('error')}",
+                  flush=True)
+        rounds.append({"loadavg_before": load0, "loadavg_after": os.getloadavg(),
+                       "wall_s": time.perf_counter() - t_round})
+        print(f"round {r + 1} done: load {load0[0]:.1f} -> {rounds[-1]['loadavg_after'][0]:.1f}", flush=True)
+    return {"times": times, "cpu": cpu, "extra": extra}, rounds
+
+
+def ratios(times: dict, a: str, b: str) -> Optional[list[float]]:
+    """``a / b`` within each round where both ran."""
+    if a not in times or b not in times:
+        return None
+    out = [x / y for x, y in zip(times[a], times[b]) if x is not None and y is not None]
+    return out or None
+
+
+def verdict(rs: Optional[list[float]], goal: float, below: bool = True) -> str:
+    """"met" when every round meets ``ratio <= goal`` (``>=`` when ``below`` is False), "not met" when
+    none does, else "open"."""
+    if not rs:
+        return "not measured"
+    ok = [(r <= goal) if below else (r >= goal) for r in rs]
+    return "**met**" if all(ok) else ("**not met**" if not any(ok) else "**open** (the spread straddles it)")
+
+
+def goals(times: dict, cpu: dict, memory: dict) -> list[tuple[str, str, str]]:
+    """(goal, measured, verdict) rows; the verdict is the wall-time one, CPU-time ratios are shown beside it."""
+    rows = []
+    for g, goal in (("sal_guided", 1.05), ("sal_deconvnet", 1.05)):
+        rs = ratios(times, g, "sal_vanilla")
+        rows.append((f"`{g[4:]}` within {goal:.2f}x of `vanilla`", _fr(rs) + _cpu(cpu, g, "sal_vanilla"),
+                     verdict(rs, goal)))
+    for grp, sal in SALIENCE.items():
+        rs = ratios(times, sal, FLOOR[grp])
+        rows.append((f"`{grp}` within 1.10x of its bare passes", _fr(rs) + _cpu(cpu, sal, FLOOR[grp]),
+                     verdict(rs, 1.10)))
+    for grp, peers in (("smoothgrad", ("captum_nt_b1", "captum_nt_b2", "captum_nt")),
+                       ("integrated_gradients", ("captum_ig_b1", "captum_ig_b2", "captum_ig"))):
+        for p in peers:
+            rs = ratios(times, p, SALIENCE[grp])
+            rows.append((f"`{grp}` faster than {CASES[p].what}", _fr(rs, "Captum / salience "), verdict(rs, 1.0, below=False)))
+        rs = ratios(times, peers[-1], SALIENCE[grp])
+        rows.append((f"`{grp}` at least 1.5x faster than Captum's defaults", _fr(rs, "Captum / salience "),
+                     verdict(rs, 1.5, below=False)))
+        sal_mem = memory.get(SALIENCE[grp])
+        peer_mem = {p: memory.get(p) for p in peers[:2]}
+        if sal_mem and all(peer_mem.values()):
+            ok = all(sal_mem < v for v in peer_mem.values())
+            rows.append((f"`{grp}` lower peak memory than Captum batched (B and 2B per pass)",
+                         f"{_mib(sal_mem)} vs " + ", ".join(_mib(v) for v in peer_mem.values()) + " (one run each)",
+                         "**met**" if ok else "**not met**"))
+    return rows
+
+
+def _cpu(cpu: dict, a: str, b: str) -> str:
+    rs = ratios(cpu, a, b)
+    return f"; CPU time {fmt_spread(rs)}" if rs else ""
+
+
+def _fr(rs: Optional[list[float]], prefix: str = "") -> str:
+    return f"{prefix}{fmt_spread(rs)} (min / median / max over {len(rs)} rounds)" if rs else "not measured"
+
+
+def _mib(v: float) -> str:
     return f"{v / 1024:.2f} GiB" if v >= 1024 else f"{v:.0f} MiB"
 
 
-def write_results(results: list[dict], info: dict, cfg: dict, out_md: Path, out_json: Path) -> None:
-    out_json.write_text(json.dumps({"machine": info, "config": cfg, "results": results}, indent=2))
-    by = {r["case"]: r for r in results}
-    lines = [
-        "# Benchmarks: salience and its peers",
-        "",
-        f"Written by `python benchmarks/run.py {cfg['argv']}`. Model `{cfg['model']}` (random weights), "
-        f"{cfg['batch']} images {cfg['size']}x{cfg['size']}, device `{cfg['device']}`, "
-        f"{cfg['threads']} threads. Each case runs in a fresh process capped at {cfg['cap_gib']:g} GiB above its "
-        f"imports; the multi-pass comparisons and their floors run in {cfg['rounds']} interleaved rounds (one "
-        f"process per round); a process times {cfg['repeats']} run(s), or at least 3 after a warm-up when a run "
-        f"is under {cfg['warmup_below_s']:g} s. Times are medians (and minima) over all runs of a case.",
-        "",
-        f"Machine: {info.get('cpu')} ({info.get('cpus')} CPUs), {info.get('mem_total_gib')} GiB RAM"
-        + (f", GPU {info['gpu']}" if info.get("gpu") else "")
-        + f"; Python {info['python']}, torch {info['torch']}, captum {info.get('captum')}, "
-        f"grad-cam {info.get('grad-cam')}. Load average at start {tuple(round(v, 2) for v in info['loadavg_start'])}, "
-        f"at end {tuple(round(v, 2) for v in info.get('loadavg_end', (0, 0, 0)))} (the CPU was shared; timings are noisy).",
-        "",
-        "| group | case | what | median s | min s | runs | vs floor | vs salience | peak RSS | load |" + (" CUDA peak |" if cfg["device"] == "cuda" else ""),
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cfg["device"] == "cuda" else ""),
-    ]
-    sal_of_group = {CASES[c][0]: c for c in CASES if c.startswith("sal_") and CASES[c][0] != "memory"}
-    for r in results:
-        case = r["case"]
-        group, what = CASES[case]
-        if "error" in r:
-            lines.append(f"| {group} | {case} | {what} | {r['error']} | | | | | | |" + (" |" if cfg["device"] == "cuda" else ""))
+def summary(report: dict) -> str:
+    """The compact table (the README's): per method, salience and each peer, medians, ratios within rounds."""
+    times, mem = report["times"], report["memory"]
+    lines = ["| method | case | median s | vs bare passes | peer / salience (> 1: salience faster) | peak RSS |",
+             "|---|---|---:|---|---|---:|"]
+    for name, c in CASES.items():
+        if name not in times or c.role == "floor":
             continue
-        med = r["median_s"]
-        floor = by.get(FLOOR.get(group, ""))
-        vs_floor = f"{med / floor['median_s']:.2f}x" if floor and "median_s" in floor else ""
-        sal = by.get(sal_of_group.get(group, ""))
-        vs_sal = (f"{med / sal['median_s']:.2f}x" if sal and "median_s" in sal and not case.startswith(("sal_", "bare_"))
-                  else "")
-        load = "/".join(f"{la[0]:.1f}" for la in r.get("loadavg", []))
-        row = (f"| {group} | {case} | {what} | {med:.3f} | {r['min_s']:.3f} | {len(r['times_s'])} | {vs_floor} | "
-               f"{vs_sal} | {_fmt_mib(r['peak_rss_mib'])} | {load} |")
-        if cfg["device"] == "cuda":
-            row += f" {_fmt_mib(r.get('cuda_peak_mib', 0))} |"
-        lines.append(row)
+        ok = [t for t in times[name] if t is not None]
+        med = (f"{statistics.median(ok):.3f}" if statistics.median(ok) >= 0.1 else f"{statistics.median(ok):.5f}"
+               ) if ok else report["extra"][name].get("error", "no run")
+        fl = ratios(times, name, FLOOR.get(c.group, "")) if c.role in ("salience", "peer") else None
+        pr, say = peer_ratio(times, name)
+        lines.append(f"| {c.group if c.role == 'salience' else ''} | {c.what} | {med} | "
+                     f"{fmt_spread(fl, 2) if fl else ''} | {(say + ': ' if say else '') + fmt_spread(pr, 4 if say.startswith('share') else 2) if pr else ''} | "
+                     f"{_mib(mem[name]) if name in mem else ''} |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:  # long: the whole results file, one table after the other
+    cfg, info, times, extra, mem = (report["config"], report["machine"], report["times"], report["extra"],
+                                    report["memory"])
+    loads = [rd["loadavg_before"][0] for rd in report["rounds"]] + [report["rounds"][-1]["loadavg_after"][0]]
+    lines = [
+        "# Benchmarks: salience and its peers, one run",
+        "",
+        f"Written by `{report['command']}`: torchvision `{cfg['model']}` (random weights), {cfg['batch']} images "
+        f"{cfg['size']}x{cfg['size']}, device `{cfg['device']}`, {cfg['threads']} threads; SmoothGrad "
+        f"{cfg['samples']} samples, Integrated Gradients {cfg['steps']} steps (trapezoid). {cfg['rounds']} interleaved "
+        f"rounds in one process (order rotated each round, every case warmed up first); Captum's defaults "
+        + ("isolated, a fresh process per round. " if cfg.get("isolate", True) else "in the same process. ") + f"Times in seconds: min / median / max over the rounds. Ratios are taken within "
+        f"each round, then min / median / max. Total {report['wall_s'] / 60:.1f} min.",
+        "",
+        f"Machine: {info['cpu']}, **{info['cpus']} CPUs**, {info['mem_total_gib']} GiB RAM"
+        + (f", GPU {info['gpu']}" if info.get("gpu") else "")
+        + f"; Python {info['python']}, torch {info['torch']}, torchvision {info.get('torchvision')}, captum "
+        f"{info.get('captum')}, grad-cam {info.get('grad-cam')}. **1-minute load average** at the start of each round "
+        f"and at the end: {' / '.join(f'{v:.1f}' for v in loads)} (5-min {report['rounds'][0]['loadavg_before'][1]:.1f} "
+        f"-> {report['rounds'][-1]['loadavg_after'][1]:.1f}). "
+        + ("**The machine was shared with other jobs (load above the CPU count): times are inflated and noisy; the "
+           "within-round ratios are the figures to read.**" if max(loads) > (info["cpus"] or 1) else ""),
+        "",
+        "## Summary", "", "Medians; ratios within rounds as min / median / max.", "", summary(report), "",
+        "## Every case", "",
+        "| group | case | what | time, s | vs floor | peer / salience | peak RSS |",
+        "|---|---|---|---|---|---|---:|",
+    ]
+    for name, ts in times.items():
+        c = CASES[name]
+        ok = [t for t in ts if t is not None]
+        if not ok:
+            lines.append(f"| {c.group} | `{name}` | {c.what} | {extra[name].get('error', 'no run')} | | | |")
+            continue
+        fl = ratios(times, name, FLOOR[c.group]) if c.role in ("salience", "peer") and c.group in FLOOR else None
+        pr, say = peer_ratio(times, name)
+        flag = " **(salience slower)**" if pr and statistics.median(pr) < 1 and c.role == "peer" else ""
+        m = mem.get(name)
+        lines.append(f"| {c.group} | `{name}` | {c.what} | {fmt_spread(ok, 3 if max(ok) >= 0.1 else 5)}{'' if len(ok) == len(ts) else ' (' + str(len(ok)) + ' runs)'} | "
+                     f"{fmt_spread(fl) if fl else ''} | {(say + ': ' if say else '') + fmt_spread(pr, 5 if say.startswith('share') else 3) + flag if pr else ''} | {_mib(m) if m else ''} |")
     lines += [
         "",
-        "\"vs floor\": the case's median time over the bare passes its method needs (forward + input gradient of as many "
-        "images, in batches of B). \"vs salience\": a peer's time over salience's for the same group (> 1: salience "
-        "is faster). \"load\": the 1-minute load average when each round of the case ended (2 cores; above 2 means other "
-        "work competed for the CPU). Peak RSS is the child process's `ru_maxrss`: it includes Python, torch and the model "
-        "(see `bare_1`). \"exceeded\": the case could not allocate within its cap (the cap is the smaller of "
-        "`--cap-gib` and what the shared machine had available less 3 GiB) and was stopped.",
+        "\"vs floor\": the case's time over the bare passes its method needs, in the same round. \"peer / salience\": "
+        "the case's time over salience's for the same map, in the same round (> 1: salience is faster); for the "
+        "two Grad-CAM rows that time a part, the ratio they name. Peak RSS: "
+        "`ru_maxrss` of a fresh process that ran the case once (it includes Python, torch and the model; see "
+        "`bare_1`); blank: not measured (one-pass cases all sit near the floor's).",
         "",
+        "## Goals",
+        "",
+        "| goal | measured | verdict |",
+        "|---|---|---|",
     ]
-    chunked = [r for r in results if r.get("chunks")]
-    if chunked:
-        lines += ["Chunks salience chose (items per pass; the first is the memory probe, one item per image):", ""]
-        lines += [f"- `{r['case']}`: {', '.join(map(str, r['chunks']))}"
-                  + (f"; probe {r['per_item_mib']:.0f} MiB per item" if r.get("per_item_mib") else "")
-                  for r in chunked]
-        lines.append("")
-    out_md.write_text("\n".join(lines))
+    lines += [f"| {g} | {m} | {v} |" for g, m, v in goals(times, report.get("cpu", {}), mem)]
+    lines += ["", "A goal is met only when every round meets its wall-time ratio, not met when no round does, open "
+              "otherwise. \"CPU time\": the same ratios in the process's CPU time (`time.process_time`, all threads), "
+              "which time spent waiting for a core does not inflate.", ""]
+    return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> int:  # long: options, then the rounds, the memory pass and the files
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="resnet18 at 112x112, one round")
+    ap.add_argument("--quick", action="store_true", help="resnet18, 4 images 64x64, 8 samples / steps, Captum's "
+                    "defaults in the same process (the README's table: what a loaded 2-core machine allows)")
     ap.add_argument("--cases", help="comma-separated case names (default: all); see --list")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
-    ap.add_argument("--repeats", type=int, help="timed runs per process (default 1; at least 3 after a warm-up "
-                    "for runs shorter than 5 s)")
-    ap.add_argument("--rounds", type=int, help="rounds over the multi-pass cases, each case in a fresh process "
-                    "per round, interleaved so that the shared CPU's load hits all cases alike (default 2, quick 1)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (at least 5 for a headline table)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--model", help="torchvision model (default resnet50, quick resnet18)")
-    ap.add_argument("--size", type=int, help="image side (default 224, quick 112)")
-    ap.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
+    ap.add_argument("--model", help="torchvision ResNet (default resnet50, quick resnet18): Grad-CAM uses layer4")
+    ap.add_argument("--size", type=int, help="image side (default 224, quick 64)")
+    ap.add_argument("--batch", type=int, help="images per call (default 8, quick 4)")
+    ap.add_argument("--samples", type=int, help="SmoothGrad samples (default 16, quick 8)")
+    ap.add_argument("--steps", type=int, help="Integrated Gradients steps (default 16, quick 8)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cap-gib", type=float, default=12.0, help="memory cap per case above its imports (CPU)")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per case")
-    ap.add_argument("--out", default=str(HERE / "results"), help="output path without extension")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                    help="run Captum's defaults in a fresh process per round, under the memory cap (default: on; "
+                    "off with --quick, whose defaults fit in a few hundred MiB)")
+    ap.add_argument("--cap-gib", type=float, default=12.0, help="memory cap of an isolated case above its imports")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per isolated case")
+    ap.add_argument("--out", help="output path without extension (default benchmarks/results, quick results-quick)")
+    ap.add_argument("--from-json", help="rewrite the markdown of a finished run from its .json, run nothing")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, json.loads(args.config))), flush=True)
         return 0
-    if args.list:
-        for name, (group, what) in CASES.items():
-            print(f"{name:24s} {group:18s} {what}")
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        Path(args.from_json).with_suffix(".md").write_text(markdown(report))
+        print(markdown(report))
         return 0
-    cases = [c for c in CASES if c not in OPTIONAL] if not args.cases else [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in CASES]
+    if args.list:
+        for name, c in CASES.items():
+            print(f"{name:22s} {c.group:22s} {c.what}")
+        return 0
+    names = list(CASES) if not args.cases else [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES]
     if unknown:
         ap.error(f"unknown cases {unknown}; see --list")
-    if args.quick and not args.cases:
-        cases = [c for c in cases if c not in QUICK_SKIP]
-    cfg = {
-        "model": args.model or ("resnet18" if args.quick else "resnet50"),
-        "batch": args.batch,
-        "size": args.size or (112 if args.quick else 224),
-        "device": args.device,
-        "threads": args.threads,
-        "repeats": args.repeats or 1,
-        "rounds": args.rounds or (1 if args.quick else 2),
-        "cap_gib": args.cap_gib,
-        "warmup_below_s": 5.0,
-        "argv": " ".join(sys.argv[1:] if argv is None else argv),
-    }
+    cfg = {"model": args.model or ("resnet18" if args.quick else "resnet50"), "batch": args.batch or (4 if args.quick else 8),
+           "size": args.size or (64 if args.quick else 224), "isolate": not args.quick if args.isolate is None else args.isolate, "device": args.device, "threads": args.threads,
+           "samples": args.samples or (8 if args.quick else 16), "steps": args.steps or (8 if args.quick else 16), "rounds": args.rounds, "cap_gib": args.cap_gib,
+           "warmup_below_s": 5.0}
+    out = Path(args.out or HERE / ("results-quick" if args.quick else "results"))
+    command = " ".join(["python benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
+    t0 = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(args.threads)
     info = machine_info(args.device)
-    out = Path(args.out)
-    by: dict[str, dict] = {}
-    for rnd in range(cfg["rounds"]):
-        for case in cases:
-            if rnd and (case not in ROUNDED or case in by and "error" in by[case]):
-                continue
-            r = run_case(case, cfg, args.timeout)
-            by[case] = _merge(by.get(case), r)
-            msg = r.get("error") or (f"{statistics.median(r['times_s']):.3f} s ({len(r['times_s'])} runs), "
-                                     f"peak RSS {_fmt_mib(r['peak_rss_mib'])}, load {r['loadavg'][0]:.1f}")
-            print(f"round {rnd + 1}  {case:24s} {msg}", flush=True)
-            # written after every case, so that an interrupted run keeps what it measured
-            info["loadavg_end"] = os.getloadavg()
-            info["rounds_done"] = rnd + (1 if case == cases[-1] else 0)
-            write_results([by[c] for c in dict.fromkeys(cases) if c in by], info, cfg, out.with_suffix(".md"), out.with_suffix(".json"))
+    data, rounds = timed_rounds(names, cfg, args.timeout)
+    memory = {n: data["extra"][n]["peak_rss_mib"] for n in names if "peak_rss_mib" in data["extra"][n]}
+
+    def write() -> dict:  # after the rounds, and again after the memory pass
+        info["loadavg_end"] = os.getloadavg()
+        report = {"command": command, "config": cfg, "machine": info, "rounds": rounds, "times": data["times"],
+                  "cpu": data["cpu"], "extra": data["extra"], "memory": memory, "wall_s": time.perf_counter() - t0}
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        out.with_suffix(".md").write_text(markdown(report))
+        return report
+
+    write()
+    if not args.no_memory:
+        for n in names:
+            if CASES[n].memory:
+                res = run_child(n, cfg, args.timeout)
+                if "peak_rss_mib" in res:
+                    memory[n] = res["peak_rss_mib"]
+                print(f"memory   {n:22s} {_mib(memory[n]) if n in memory else res.get('error')}", flush=True)
+    print(markdown(write()))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 0
 

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torchvision
 
-import salience
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import HERE, bare, fmt_spread as _spread, frozen_copy, make_images, make_model, predicted  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+import salience  # noqa: E402
 
 
 def bare_forward(model: torch.nn.Module, x: torch.Tensor) -> None:
@@ -47,9 +47,7 @@ def bare_forward(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 def bare_forward_backward(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> None:
     """Forward with the input requiring grad, then the input gradient of the target's score."""
-    xi = x.detach().clone().requires_grad_(True)
-    out = model(xi)
-    torch.autograd.grad(out.gather(1, target.view(-1, 1)).sum(), xi)
+    bare(model, x, target, x.shape[0])
 
 
 def rounds(fn: Callable[[], object], ref: Callable[[], object], n: int) -> dict:
@@ -74,9 +72,6 @@ def rounds(fn: Callable[[], object], ref: Callable[[], object], n: int) -> dict:
             "ratio_of_medians": statistics.median(t_fn) / statistics.median(t_ref),
             "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios)}
 
-
-def _spread(ts: list[float]) -> str:
-    return f"{min(ts):.3f} / {statistics.median(ts):.3f} / {max(ts):.3f}"
 
 
 def markdown(report: dict) -> str:
@@ -135,17 +130,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "transformers"), help="output prefix (.json and .md)")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)(weights=None).eval()
+    model = make_model(args.model, args.threads)
     torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zeroes the head: every score would be 0
-    x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        target = model(x).argmax(1)
-    frozen = getattr(torchvision.models, args.model)(weights=None).eval()
-    frozen.load_state_dict(model.state_dict())
-    for p in frozen.parameters():
-        p.requires_grad_(False)
+    x = make_images(args.batch, args.size)
+    target = predicted(model, x)
+    frozen = frozen_copy(model)
     cases = {
         "attention_rollout": (lambda: salience.attention_rollout(model, x), lambda: bare_forward(frozen, x),
                               "bare forward (no grad)"),

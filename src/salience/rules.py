@@ -79,6 +79,11 @@ _UNSUPPORTED_NAMES = frozenset(
 )
 
 
+# Torch callables seen to be neither rectifiers nor unsupported activations, whatever their arguments
+# (decided by name only): the mode passes them straight on. Filled as calls are met.
+_PLAIN: set = set()
+
+
 def _base_name(func: Callable) -> tuple[str, bool]:
     """``(canonical name, in-place?)`` of a torch callable: ``relu_`` -> ``("relu", True)``,
     ``F._threshold`` -> ``("threshold", False)``, ``aten.relu.default`` -> ``("relu", False)``."""
@@ -153,30 +158,40 @@ def _classify(func: Callable, args: tuple, kwargs: dict) -> tuple[str, Optional[
 
 class _Rectify(torch.autograd.Function):
     """Forward: the original rectifier call, unchanged (in-place stays in-place).
-    Backward: ``max(g, 0)``, masked by the forward gate unless the rule is deconvnet."""
+    Backward: ``max(g, 0)``, masked by the forward gate unless the rule is deconvnet.
+
+    Cost (``benchmarks/profile_rules.py``): the rule keeps no mask of its own. Guided backprop saves
+    the tensor autograd would save for the plain rectifier anyway (the output of ``relu`` and of
+    in-place calls, the input of the others), so the rule adds no memory and no forward work; its
+    backward is the plain rectifier's own kernel (``threshold_backward``, or ``hardtanh_backward``
+    for a cap) on the incoming gradient, then ``clamp_(min=0)`` in place on that fresh tensor:
+    one extra pass over the gradient per rectifier. The gate from the output equals the gate from
+    the input: ``relu(x) > 0`` iff ``x > 0``, and ``clamp(x, 0, c) < c`` iff ``x < c``.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, call: Callable[[], Tensor], inplace: bool, cap: Optional[float],  # type: ignore[override]
-                use_gate: bool) -> Tensor:
-        gate = None
-        if use_gate:  # taken before an in-place call overwrites x
-            gate = x > 0
-            if cap is not None:
-                gate &= x < cap
+                use_gate: bool, save_output: bool) -> Tensor:
         out = call()
         if inplace:
             if out is not x:
                 raise SalienceError("an in-place rectifier did not return its input; cannot apply the rule")
             ctx.mark_dirty(x)
-        ctx.gate = gate
+        ctx.cap, ctx.use_gate = cap, use_gate
+        if use_gate:
+            ctx.save_for_backward(out if (inplace or save_output) else x)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        g = g.clamp(min=0)
-        if ctx.gate is not None:
-            g = g * ctx.gate.to(g.dtype)
-        return g, None, None, None, None
+        if not ctx.use_gate:
+            return g.clamp(min=0), None, None, None, None, None
+        (a,) = ctx.saved_tensors  # the forward's input or output: the same gate either way
+        if ctx.cap is None:
+            gi = torch.ops.aten.threshold_backward(g, a, 0)  # g where a > 0, else 0
+        else:
+            gi = torch.ops.aten.hardtanh_backward(g, a, 0.0, ctx.cap)  # g where 0 < a < cap, else 0
+        return gi.clamp_(min=0), None, None, None, None, None
 
 
 class BackpropRule(TorchFunctionMode):
@@ -200,13 +215,21 @@ class BackpropRule(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        if func in _PLAIN:  # most calls (conv2d, batch_norm, add_, dim, ...): no rule, no bookkeeping
+            return func(*args, **kwargs)
         kind, info, name = _classify(func, tuple(args), kwargs)
+        if kind == "other" and name not in _PARAMS:
+            try:
+                _PLAIN.add(func)
+            except TypeError:  # an unhashable callable: classified again next time
+                pass
         if kind == "rectifier":
             assert info is not None
             x, inplace, cap = info
             if torch.is_grad_enabled() and x.requires_grad and x.is_floating_point():
                 self.rectified += 1
-                return _Rectify.apply(x, lambda: func(*args, **kwargs), inplace, cap, self.use_gate)
+                return _Rectify.apply(x, lambda: func(*args, **kwargs), inplace, cap, self.use_gate,
+                                      name == "relu")
         elif kind == "unsupported":
             if self.unsupported == "error":
                 raise SalienceError(

@@ -1,0 +1,114 @@
+"""The setup every benchmark script shares: the workload, the bare passes, spreads, the machine and its load.
+
+Not part of salience and not run by the tests. Scripts import it as ``from _common import ...``
+after putting this folder on ``sys.path`` (they are run as ``python benchmarks/NAME.py``).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_model(name: str, threads: int, *, seed: int = 0) -> torch.nn.Module:
+    """A torchvision model with random weights (seeded), in eval mode; sets torch's thread count."""
+    import torchvision
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return getattr(torchvision.models, name)(weights=None).eval()
+
+
+def make_images(batch: int, size: int, *, seed: int = 1) -> torch.Tensor:
+    """``(batch, 3, size, size)`` uniform random images, the same for every script."""
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def predicted(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The predicted class of each image ``(B,)``: the target every case explains."""
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def make_workload(name: str, batch: int, size: int, threads: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """``(model, x, target)``: the model, ``batch`` images of ``size`` x ``size``, their predicted classes."""
+    model = make_model(name, threads)
+    x = make_images(batch, size)
+    return model, x, predicted(model, x)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with every parameter frozen: what the bare passes run on."""
+    frozen = copy.deepcopy(model)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
+
+
+def bare(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, n_images: int) -> torch.Tensor:
+    """The floor: forward + input gradient of ``n_images`` images in batches of ``len(x)``
+    (``model``'s parameters frozen: :func:`frozen_copy`). What any implementation must pay."""
+    done, g = 0, x
+    while done < n_images:
+        n = min(x.shape[0], n_images - done)
+        xi = x[:n].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = model(xi)
+            (g,) = torch.autograd.grad(out.gather(1, target[:n].view(-1, 1)).sum(), xi)
+        done += n
+    return g
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """``(min, median, max)``."""
+    return min(values), statistics.median(values), max(values)
+
+
+def fmt_spread(values: Sequence[float], digits: int = 3) -> str:
+    """``"min / median / max"``."""
+    return " / ".join(f"{v:.{digits}f}" for v in spread(values))
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """What ran the benchmark: CPU, CPU count, memory, versions, the load average now."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu": cpu_name(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
+            "device": device, "loadavg_start": os.getloadavg()}
+    for pkg in ("salience", "torchvision", "captum", "grad-cam"):
+        try:
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
+            info[pkg] = None
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def machine_line(load_start: Sequence[float], load_end: Sequence[float]) -> str:
+    """One sentence on the machine and its load, for a results file."""
+    cpus = os.cpu_count()
+    return (f"Machine: {cpu_name()}, {cpus} CPUs; torch {torch.__version__}. Load average (1, 5, 15 min) "
+            f"{tuple(round(v, 2) for v in load_start)} at the start, {tuple(round(v, 2) for v in load_end)} at the "
+            f"end" + (" (above the CPU count: other work competed for the CPU, timings are noisy)."
+                      if max(load_start[0], load_end[0]) > (cpus or 1) else "."))
