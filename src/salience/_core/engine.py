@@ -226,6 +226,7 @@ def accumulate(
     progress: bool = False,
     desc: str = "",
     device: Optional[torch.device] = None,
+    inference: bool = False,
 ) -> Sums:
     """Run ``compute(start, stop) -> maps (stop - start, ...)`` over all items in chunks and sum.
 
@@ -237,6 +238,9 @@ def accumulate(
     (one weight per repetition; default 1). Sums are kept in float64 (float32 where the device
     has no float64), so the result does not depend on the chunking beyond rounding.
     ``max_memory``: budget in bytes for one chunk (default :func:`default_budget`).
+    ``inference=True`` runs every ``compute`` under ``torch.inference_mode()``: for the
+    gradient-free passes of perturbation methods (occlusion, RISE, Score-CAM, Ablation-CAM), so no
+    autograd state is kept and the probe measures the forward pass alone.
     """
     if total < 1:
         raise SalienceError("nothing to compute (0 items)")
@@ -246,6 +250,12 @@ def accumulate(
     item_scores: list[Tensor] = []
     sizes: list[int] = []
     per_item: Optional[int] = None
+
+    def run(start: int, stop: int) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        if not inference:
+            return compute(start, stop)
+        with torch.inference_mode():
+            return compute(start, stop)
 
     def add(start: int, result: Union[Tensor, tuple[Tensor, Tensor]]) -> None:
         nonlocal acc, acc2
@@ -279,7 +289,7 @@ def accumulate(
             first = min(total, n_images)
             probe = MemoryProbe()
             with probe:  # the sums' own temporaries count too
-                add(0, compute(0, first))
+                add(0, run(0, first))
             sizes.append(first)
             bar.update(first)
             start = first
@@ -288,7 +298,7 @@ def accumulate(
             chunk = chunk_size(per_item, budget, n_images)
         while start < total:
             stop = min(total, start + chunk)
-            add(start, compute(start, stop))
+            add(start, run(start, stop))
             sizes.append(stop - start)
             bar.update(stop - start)
             start = stop

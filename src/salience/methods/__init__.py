@@ -16,6 +16,8 @@ from salience.methods.smoothgrad import smoothgrad
 from salience.methods.integrated import input_x_gradient, integrated_gradients
 from salience.methods.class_model import class_model
 from salience.methods.transformer import attention_rollout, transformer_attribution
+from salience.methods.scorecam import ablationcam, scorecam
+from salience.methods.perturbation import occlusion, rise
 
 METHODS: dict[str, Callable] = {
     "vanilla": vanilla,
@@ -26,6 +28,10 @@ METHODS: dict[str, Callable] = {
     "smoothgrad": smoothgrad,
     "integrated_gradients": integrated_gradients,
     "input_x_gradient": input_x_gradient,
+    "scorecam": scorecam,
+    "ablationcam": ablationcam,
+    "occlusion": occlusion,
+    "rise": rise,
     "attention_rollout": attention_rollout,
     "transformer_attribution": transformer_attribution,
 }
@@ -57,4 +63,5 @@ def default_methods(model: nn.Module) -> list[str]:
 
 __all__ = ["METHODS", "ATTENTION_METHODS", "default_methods", "has_attention", "vanilla", "guided_backprop",
            "deconvnet", "gradcam", "guided_gradcam", "smoothgrad", "integrated_gradients", "input_x_gradient",
-           "class_model", "attention_rollout", "transformer_attribution"]
+           "class_model", "attention_rollout", "transformer_attribution", "scorecam", "ablationcam", "occlusion",
+           "rise"]
