@@ -295,9 +295,11 @@ def rise(
 ) -> Tensor:
     """RISE: the target's score averaged over random masks, as a map ``(B, H, W)``.
 
-    ``x``: ``(B, C, H, W)``; every image is multiplied by ``masks`` random masks (:func:`rise_masks`:
-    ``cell`` cells a side, each kept with probability ``p``; the same masks for all images and, for
-    a ``seed``, whatever the chunking) and the map is ``sum_i S(x * M_i) M_i / (masks * p)``.
+    ``x``: ``(B, C, H, W)``; the map is ``sum_i S(x * M_i) M_i / (masks * p)`` over random masks
+    ``M_i`` (:func:`rise_masks`), the same for all images. ``masks`` is the number of random masks
+    (forward passes per image; the paper used 4000 on 224 x 224 images). ``cell`` is the grid's
+    number of cells a side (the paper's s). ``p`` is the probability of keeping a cell. ``seed``
+    fixes the masks: the same seed gives the same masks whatever the chunking.
     ``softmax="auto"`` scores class probabilities for class targets (the paper), the raw output
     otherwise (see :data:`SOFTMAX`). Several targets give ``(B, K, H, W)`` and share every forward
     pass. ``chunk``, ``max_memory`` and ``progress`` as in :func:`salience.smoothgrad`.
