@@ -150,3 +150,30 @@ def test_device_mismatch_is_a_clear_error():
     m = nn.Sequential(nn.Flatten(), nn.Linear(12, 2)).to("meta")
     with pytest.raises(SalienceError, match="x is on cpu but the model is on meta"):
         salience.vanilla(m, torch.rand(1, 3, 2, 2), 0)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("scorecam", dict(layer="features.3")), ("ablationcam", dict(layer="features.3")),
+    ("occlusion", dict(window=4)), ("rise", dict(masks=4, cell=2)),
+])
+def test_perturbation_methods_leave_the_model_unchanged(small_cnn, name, options):
+    """Success, and an exception raised inside a chunk's forward pass (the CAMs' hooks are removed)."""
+    _train_mode_with_grads(small_cnn)
+    method = salience.METHODS[name]
+    x = torch.rand(2, 3, 8, 8)
+    with unchanged(small_cnn):
+        method(small_cnn, x, torch.tensor([[0, 1], [2, 3]]), **options)
+    calls = []
+
+    def fail_on_second_pass(module, inp, out):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with unchanged(small_cnn):
+        handle = small_cnn.head.register_forward_hook(fail_on_second_pass)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                method(small_cnn, x, 0, **options)
+        finally:
+            handle.remove()

@@ -81,7 +81,9 @@ def test_predicted_classes_of_the_photos_are_right(model, photos):
 
 # -------------------------------------------------------------------- every method runs
 def test_every_method_runs_and_leaves_the_model_as_it_was(model, photos, predicted):
-    options = {"smoothgrad": {"samples": 2}, "integrated_gradients": {"steps": 2}}
+    # The many-pass methods with few passes (the CAMs on the stem's 32 channels, not the head's 1280).
+    options = {"smoothgrad": {"samples": 2}, "integrated_gradients": {"steps": 2}, "rise": {"masks": 16},
+               "occlusion": {"window": 56}, "scorecam": {"layer": "stem_act"}, "ablationcam": {"layer": "stem_act"}}
     x, t = photos[1:2], predicted[1:2]  # coffee (one photo keeps this quick; the others run below)
     with unchanged(model), warnings.catch_warnings():
         warnings.simplefilter("error")  # ReLU6 is a rectifier: the guided rules need no unsupported=

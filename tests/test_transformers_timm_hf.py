@@ -376,7 +376,7 @@ def test_attention_methods_refuse_swin_and_convnext_saying_why(name, says):
 
 # --- every method on a Hugging Face ViT ---------------------------------------------------------
 
-OPTIONS = {"smoothgrad": {"samples": 3}, "integrated_gradients": {"steps": 4}}
+OPTIONS = {"smoothgrad": {"samples": 3}, "integrated_gradients": {"steps": 4}, "rise": {"masks": 32}}
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

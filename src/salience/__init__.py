@@ -16,7 +16,7 @@ from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience.methods import (METHODS, attention_rollout, class_model, deconvnet, gradcam,
                               guided_backprop, guided_gradcam, input_x_gradient, integrated_gradients, smoothgrad,
-                              transformer_attribution, vanilla)
+                              transformer_attribution, vanilla, scorecam, ablationcam, occlusion, rise)
 from salience.methods import eigencam, gradcam_plus_plus, hirescam, layercam, xgradcam
 from salience.reduce import normalize
 from salience import methods, evidence, loading, render, demo, compat
@@ -62,6 +62,10 @@ __all__ = [
     "class_model",
     "attention_rollout",
     "transformer_attribution",
+    "scorecam",
+    "ablationcam",
+    "occlusion",
+    "rise",
     "attention",
     "reduce",
     "rules",

@@ -1,4 +1,4 @@
-"""The engine shared by methods that need many passes (SmoothGrad, Integrated Gradients).
+"""The engine shared by methods that need many passes (SmoothGrad, Integrated Gradients, perturbations).
 
 Such a method evaluates a per-item function (a saliency map of one noisy copy, the gradient at
 one point of a path) on ``total`` *items* that belong to the ``B`` images of a batch, and sums
@@ -13,7 +13,9 @@ belongs to image ``j % B``. :func:`accumulate`
   saved activations, backward; on any device), and the chunk is the memory budget divided by the
   bytes per item. The probe's results are kept, so no work is done twice. ``chunk=`` fixes the
   size, ``max_memory=`` sets the budget (default: :func:`default_budget`);
-- shows a progress bar when asked.
+- shows a progress bar when asked;
+- runs ``compute`` under ``torch.inference_mode()`` with ``inference=True``, for the gradient-free
+  passes of the perturbation methods (Score-CAM, Ablation-CAM, occlusion, RISE).
 
 :func:`input_gradients` and :func:`layer_gradients` are what methods ask of the engine: the
 gradients of K targets over given items, from one forward pass and one backward pass per target
@@ -22,6 +24,7 @@ result depends on the order of hooks or chunks.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -226,6 +229,7 @@ def accumulate(
     progress: bool = False,
     desc: str = "",
     device: Optional[torch.device] = None,
+    inference: bool = False,
 ) -> Sums:
     """Run ``compute(start, stop) -> maps (stop - start, ...)`` over all items in chunks and sum.
 
@@ -237,6 +241,9 @@ def accumulate(
     (one weight per repetition; default 1). Sums are kept in float64 (float32 where the device
     has no float64), so the result does not depend on the chunking beyond rounding.
     ``max_memory``: budget in bytes for one chunk (default :func:`default_budget`).
+    ``inference=True`` runs every ``compute`` under ``torch.inference_mode()``: for the
+    gradient-free passes of perturbation methods (occlusion, RISE, Score-CAM, Ablation-CAM), so no
+    autograd state is kept and the probe measures the forward pass alone.
     """
     if total < 1:
         raise SalienceError("nothing to compute (0 items)")
@@ -279,7 +286,7 @@ def accumulate(
             first = min(total, n_images)
             probe = MemoryProbe()
             with probe:  # the sums' own temporaries count too
-                add(0, compute(0, first))
+                add(0, _run(compute, 0, first, inference))
             sizes.append(first)
             bar.update(first)
             start = first
@@ -288,13 +295,20 @@ def accumulate(
             chunk = chunk_size(per_item, budget, n_images)
         while start < total:
             stop = min(total, start + chunk)
-            add(start, compute(start, stop))
+            add(start, _run(compute, start, stop, inference))
             sizes.append(stop - start)
             bar.update(stop - start)
             start = stop
     assert acc is not None
     scores = torch.cat(item_scores) if item_scores else None
     return Sums(acc, acc2, scores, sizes, per_item)
+
+
+def _run(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]], start: int, stop: int,
+         inference: bool) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """``compute(start, stop)``, under ``torch.inference_mode()`` when ``inference``."""
+    with torch.inference_mode() if inference else contextlib.nullcontext():
+        return compute(start, stop)
 
 
 # --------------------------------------------------------------------------- several targets, one forward

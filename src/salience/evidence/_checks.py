@@ -2,13 +2,14 @@
 fixed-radius Gaussian kernel. Private to :mod:`salience.evidence`."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Union
 
 import torch
 from torch import Tensor
 
 from salience._core.errors import SalienceError
-from salience.methods import METHODS
+from salience.methods import METHODS, QUICK
 
 MethodLike = Union[str, Callable[..., Tensor]]
 
@@ -49,12 +50,14 @@ def check_masks(masks: Tensor, maps: Tensor) -> Tensor:
 
 
 def resolve_method(method: MethodLike) -> tuple[str, Callable[..., Tensor]]:
-    """A method given by name (a key of :data:`salience.methods.METHODS`) or as a function, as
-    ``(name, function)``."""
+    """A method given by name (a key of :data:`salience.methods.METHODS`, with its
+    :data:`~salience.methods.QUICK` options) or as a function, as ``(name, function)``."""
     if isinstance(method, str):
         if method not in METHODS:
             raise SalienceError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-        return method, METHODS[method]
+        fn = METHODS[method]
+        quick = QUICK.get(method)  # the many-pass methods' cheaper options for reports (methods.QUICK)
+        return method, (functools.partial(fn, **quick) if quick else fn)
     if callable(method):
         return getattr(method, "__name__", "method"), method
     raise SalienceError(f"expected a method as a name or a function, got {type(method).__name__}")

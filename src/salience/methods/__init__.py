@@ -5,7 +5,7 @@ and reports use to turn strings into methods.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
@@ -18,6 +18,8 @@ from salience.methods.smoothgrad import smoothgrad
 from salience.methods.integrated import input_x_gradient, integrated_gradients
 from salience.methods.class_model import class_model
 from salience.methods.transformer import attention_rollout, transformer_attribution
+from salience.methods.scorecam import ablationcam, scorecam
+from salience.methods.perturbation import occlusion, rise
 
 METHODS: dict[str, Callable] = {
     "vanilla": vanilla,
@@ -33,6 +35,10 @@ METHODS: dict[str, Callable] = {
     "smoothgrad": smoothgrad,
     "integrated_gradients": integrated_gradients,
     "input_x_gradient": input_x_gradient,
+    "scorecam": scorecam,
+    "ablationcam": ablationcam,
+    "occlusion": occlusion,
+    "rise": rise,
     "attention_rollout": attention_rollout,
     "transformer_attribution": transformer_attribution,
 }
@@ -40,6 +46,13 @@ METHODS: dict[str, Callable] = {
 TARGET_FREE_METHODS = frozenset(n for n, f in METHODS.items() if is_target_free(f))
 """The methods that take no target (Eigen-CAM): one map per image whatever the class; the command
 line and the evaluation call them through :func:`apply_method`."""
+
+QUICK: dict[str, dict[str, Any]] = {"rise": {"masks": 256}}
+"""Cheaper options for the reports that run every method on many images (``salience demo``,
+``salience evaluate``, which also reruns each method on randomized models): RISE's 4000 masks (the
+paper's number for 224 x 224 ImageNet images) cost 4000 forward passes per image; 256 masks keep
+RISE's cost near SmoothGrad's 50 noisy copies with their backward passes on the small demo images.
+A method called directly, or by ``salience explain``, keeps its own defaults."""
 
 ATTENTION_METHODS = frozenset({"attention_rollout", "transformer_attribution"})
 """The methods that read attention matrices: they apply to transformers only (on other models they
@@ -66,7 +79,8 @@ def default_methods(model: nn.Module) -> list[str]:
     return [n for n in METHODS if attention or n not in ATTENTION_METHODS]
 
 
-__all__ = ["METHODS", "ATTENTION_METHODS", "TARGET_FREE_METHODS", "apply_method", "is_target_free", "default_methods",
-           "has_attention", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
+__all__ = ["METHODS", "QUICK", "ATTENTION_METHODS", "TARGET_FREE_METHODS", "apply_method", "is_target_free",
+           "default_methods", "has_attention", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
            "gradcam_plus_plus", "hirescam", "xgradcam", "layercam", "eigencam", "smoothgrad", "integrated_gradients",
-           "input_x_gradient", "class_model", "attention_rollout", "transformer_attribution"]
+           "input_x_gradient", "class_model", "attention_rollout", "transformer_attribution", "scorecam",
+           "ablationcam", "occlusion", "rise"]

@@ -1,0 +1,235 @@
+"""Score-CAM, Ablation-CAM, RISE and occlusion: salience against pytorch-grad-cam, Captum and a plain loop.
+
+One command, one table:
+
+    PYTHONPATH=src python benchmarks/perturbation.py            # writes benchmarks/perturbation.{md,json}
+
+Every measurement runs in a fresh subprocess (``--one METHOD IMPL``) that reports the wall time of
+the call and its peak resident memory above what the process held before the call (``ru_maxrss``
+minus the RSS before; tracemalloc does not see torch's allocations). Rounds are interleaved: each
+round runs every (method, implementation) once, in an order rotated from round to round, so a
+change of the machine's load hits all of them alike. The table gives min / median / max over the
+rounds and the load average before and after each round.
+
+Configuration (smaller than the issue's resnet50 / 8 images / 224 x 224, which is Score-CAM on
+layer4 = 2048 masked forward passes of resnet50 per image: about an hour per run on this 2-core
+machine shared with other jobs): torchvision resnet18 with random weights (seed 0), 2 images of
+64 x 64, the CAMs on ``layer2`` (128 channels), RISE with 128 masks, occlusion with a 16-pixel
+window and stride 8 (49 windows). Each implementation does the same number of forward passes.
+pytorch-grad-cam has no RISE; its batch size and Captum's perturbations_per_eval are searched over
+the values listed (each is a row of its own; the best is the one compared).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SIZE, IMAGES, LAYER, MASKS, WINDOW, STRIDE = 64, 2, "layer2", 128, 16, 8
+PEER_BATCH = (32, 128)
+CAPTUM_PER_EVAL = (16, 64)
+
+IMPLS = {
+    "scorecam": ["salience", "loop"] + [f"pytorch-grad-cam bs={b}" for b in PEER_BATCH],
+    "ablationcam": ["salience", "loop"] + [f"pytorch-grad-cam bs={b}" for b in PEER_BATCH],
+    "rise": ["salience", "loop"],
+    "occlusion": ["salience", "loop"] + [f"captum ppe={p}" for p in CAPTUM_PER_EVAL],
+}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _setup():
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.rand(IMAGES, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    return torch, model, x, target
+
+
+def _score_masks(torch, acts, size):
+    up = torch.nn.functional.interpolate(acts, size=size, mode="bilinear", align_corners=False)
+    lo, hi = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+    return torch.where(hi > lo, (up - lo) / (hi - lo).clamp(min=1e-30), torch.zeros_like(up))
+
+
+def _acts(torch, model, x):
+    store = []
+    h = getattr(model, LAYER).register_forward_hook(lambda m, i, o: store.append(o))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    return store[0]
+
+
+def _loop(method, torch, model, x, target):
+    """The plain way: one forward pass of the B images per channel / mask / window, under no_grad."""
+    rows = torch.arange(x.shape[0])
+    with torch.no_grad():
+        if method in ("scorecam", "ablationcam"):
+            acts = _acts(torch, model, x)
+            y = model(x)[rows, target]
+            w = torch.zeros(acts.shape[:2])
+            for k in range(acts.shape[1]):
+                if method == "scorecam":
+                    m = _score_masks(torch, acts[:, k:k + 1], x.shape[-2:])
+                    w[:, k] = model(x * m).softmax(1)[rows, target]
+                else:
+                    def zero(mod, i, o, k=k):
+                        o = o.clone()
+                        o[:, k] = 0
+                        return o
+                    h = getattr(model, LAYER).register_forward_hook(zero)
+                    w[:, k] = (y - model(x)[rows, target]) / y
+                    h.remove()
+            return torch.relu((w[:, :, None, None] * acts).sum(1))
+        if method == "rise":
+            from salience.methods.perturbation import rise_masks
+
+            sal = torch.zeros(x.shape[0], *x.shape[-2:])
+            for i in range(MASKS):
+                m = rise_masks(i, i + 1, tuple(x.shape[-2:]))[0]
+                sal += model(x * m).softmax(1)[rows, target].view(-1, 1, 1) * m
+            return sal / (MASKS * 0.5)
+        clean = model(x)[rows, target]
+        sal = torch.zeros(x.shape[0], *x.shape[-2:])
+        cover = torch.zeros(x.shape[-2:])
+        n = -(-(SIZE - WINDOW) // STRIDE) + 1
+        for i in range(n):
+            for j in range(n):
+                xo = x.clone()
+                xo[:, :, i * STRIDE:i * STRIDE + WINDOW, j * STRIDE:j * STRIDE + WINDOW] = 0
+                d = clean - model(xo)[rows, target]
+                sal[:, i * STRIDE:i * STRIDE + WINDOW, j * STRIDE:j * STRIDE + WINDOW] += d.view(-1, 1, 1)
+                cover[i * STRIDE:i * STRIDE + WINDOW, j * STRIDE:j * STRIDE + WINDOW] += 1
+        return sal / cover
+
+
+def _peer(method, impl, torch, model, x, target):
+    if impl.startswith("captum"):
+        from captum.attr import Occlusion
+
+        ppe = int(impl.split("=")[1])
+        return Occlusion(model).attribute(x, sliding_window_shapes=(3, WINDOW, WINDOW), strides=(3, STRIDE, STRIDE),
+                                          target=target, baselines=0.0, perturbations_per_eval=ppe)
+    from pytorch_grad_cam import AblationCAM, ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    bs = int(impl.split("=")[1])
+    layer = [getattr(model, LAYER)]
+    if method == "scorecam":
+        cam = ScoreCAM(model, layer)
+        cam.batch_size = bs
+    else:
+        cam = AblationCAM(model, layer, batch_size=bs)
+    with open(os.devnull, "w") as null:  # its tqdm bars
+        err, sys.stderr = sys.stderr, null
+        try:
+            return cam(x, [ClassifierOutputTarget(int(t)) for t in target])
+        finally:
+            sys.stderr = err
+
+
+def one(method: str, impl: str) -> dict:
+    """One measurement in this process: seconds and peak RSS above the RSS before the call."""
+    warnings.simplefilter("ignore")
+    torch, model, x, target = _setup()
+    import salience
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    before = _rss()
+    t0 = time.perf_counter()
+    if impl == "salience":
+        opts = {"scorecam": dict(layer=LAYER), "ablationcam": dict(layer=LAYER), "rise": dict(masks=MASKS),
+                "occlusion": dict(window=WINDOW, stride=STRIDE)}[method]
+        getattr(salience, method)(model, x, target, **opts)
+    elif impl == "loop":
+        _loop(method, torch, model, x, target)
+    else:
+        _peer(method, impl, torch, model, x, target)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": seconds, "peak_mib": max(0, peak - before) / 2 ** 20}
+
+
+def _measure(method: str, impl: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
+    out = subprocess.run([sys.executable, __file__, "--one", method, impl], capture_output=True, text=True, env=env,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _stats(values: list[float]) -> dict:
+    v = sorted(values)
+    return {"min": v[0], "median": v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2,
+            "max": v[-1]}
+
+
+def _table(results: dict) -> list[str]:
+    lines = ["| method | implementation | seconds min / median / max | peak MiB (median) | salience speed-up "
+             "(median; worst: salience max vs their min) |", "|---|---|---|---|---|"]
+    for method, impls in results.items():
+        ours = impls["salience"]
+        for impl, r in impls.items():
+            s = r["seconds"]
+            speed = ""
+            if impl != "salience":
+                speed = (f"{s['median'] / ours['seconds']['median']:.2f}x "
+                         f"(worst {s['min'] / ours['seconds']['max']:.2f}x)")
+            lines.append(f"| {method} | {impl} | {s['min']:.1f} / {s['median']:.1f} / {s['max']:.1f} | "
+                         f"{r['peak_mib']['median']:.0f} | {speed} |")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--one", nargs=2, metavar=("METHOD", "IMPL"), help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--methods", default=",".join(IMPLS))
+    p.add_argument("--out", default=str(HERE / "perturbation"))
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one(*args.one)))
+        return
+    pairs = [(m, i) for m in args.methods.split(",") for i in IMPLS[m]]
+    raw: dict = {f"{m}|{i}": {"seconds": [], "peak_mib": []} for m, i in pairs}
+    loads = []
+    for r in range(args.rounds):
+        order = pairs[r % len(pairs):] + pairs[:r % len(pairs)]
+        load_before = os.getloadavg()
+        for m, i in order:
+            res = _measure(m, i)
+            raw[f"{m}|{i}"]["seconds"].append(res["seconds"])
+            raw[f"{m}|{i}"]["peak_mib"].append(res["peak_mib"])
+            print(f"round {r + 1}: {m:<12} {i:<24} {res['seconds']:7.2f} s {res['peak_mib']:7.0f} MiB", flush=True)
+        loads.append({"before": load_before, "after": os.getloadavg()})
+    results: dict = {}
+    for key, v in raw.items():
+        m, i = key.split("|")
+        results.setdefault(m, {})[i] = {"seconds": _stats(v["seconds"]), "peak_mib": _stats(v["peak_mib"]),
+                                        "raw": v}
+    config = {"model": "torchvision resnet18, random weights", "images": IMAGES, "size": SIZE, "cam_layer": LAYER,
+              "rise_masks": MASKS, "occlusion_window": WINDOW, "occlusion_stride": STRIDE, "rounds": args.rounds,
+              "threads": int(os.environ.get("BENCH_THREADS", "2")), "cpus": os.cpu_count()}
+    Path(args.out + ".json").write_text(json.dumps({"config": config, "loadavg": loads, "results": results}, indent=1))
+    table = _table(results)
+    print("\n".join(table))
+    print(f"load average (1, 5, 15 min) before / after each round: {loads}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""Perturbation methods: occlusion (Zeiler & Fergus 2014) and RISE (Petsiuk et al. 2018).
+
+Both change the input and watch the target's score; no gradient is taken. Each perturbed copy of an
+image is an *item* of :func:`salience._core.engine.accumulate` (item ``j = r * B + b``: perturbation
+``r`` of image ``b``), so the copies of all images run together in chunks sized from the memory
+budget, under ``torch.inference_mode``, and only running sums ``(B, K, H, W)`` are kept: memory does
+not grow with the number of windows or masks. K targets share every forward pass. They need only
+the model's output, so TorchScript models work too.
+
+* **Occlusion**: a ``window`` slides over the image with ``stride``; the pixels under it are
+  replaced by ``baseline`` and the drop of the score is credited to them:
+  ``A(p) = mean over the windows w that cover p of (S(x) - S(x with w occluded))``, as Captum's
+  ``Occlusion`` (windows start at ``0, stride, 2 * stride, ...``, ``ceil((H - window) / stride) + 1``
+  positions a side; the last may be cut by the border).
+* **RISE**: ``N`` random masks ``M_i`` (a ``cell x cell`` grid of cells kept with probability ``p``,
+  bilinearly upsampled to ``(cell + 1)`` cells of ``ceil(H / cell)`` pixels, then cropped to
+  ``(H, W)`` at a random shift below one cell); the map is ``sum_i S(x * M_i) M_i / (N * p)``, the
+  paper's Monte Carlo estimate of ``E[S(x * M) | M(p) = 1]``.
+
+The score ``S`` is the target's score of the model's output; ``softmax="auto"`` takes it of the
+class probabilities for class targets (the papers' choice: RISE scores probabilities) and of the
+raw output otherwise (regression, custom functions).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from salience import reduce as _reduce
+from salience._core import engine as _engine
+from salience._core.autograd import check_input, forward_scores
+from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
+from salience._core.tensors import check_int, check_number, gaussian_blur
+from salience.methods._multi import several_targets
+from salience.reduce import Reduction
+from salience.targets import Classes, MultiLabel, Predicted, Target, resolve, split
+
+__all__ = ["occlusion", "rise", "rise_masks", "occlusion_windows", "SOFTMAX"]
+
+SOFTMAX = ("auto", "classes", "none")
+"""How perturbation methods score an output: ``"classes"``: the target of the softmax over classes
+(probabilities); ``"none"``: the target of the raw output; ``"auto"``: ``"classes"`` for class
+targets (a class, the predicted class, several classes), ``"none"`` for any other target."""
+
+
+# --------------------------------------------------------------------------- scoring (shared with Score-CAM)
+
+
+def check_perturbation_targets(targets: Sequence[Target], method: str) -> None:
+    """Perturbation methods score the model's output: a target on an inner layer is refused."""
+    for t in targets:
+        if t.layer is not None:
+            raise SalienceError(
+                f"{method} scores the model's output for perturbed inputs; a target on an inner layer "
+                f"({t.layer!r}) does not apply. Use a gradient method (vanilla, gradcam) for layer targets"
+            )
+
+
+def use_probabilities(softmax: str, targets: Sequence[Target]) -> bool:
+    """Whether targets are scored on class probabilities (see :data:`SOFTMAX`)."""
+    if softmax not in SOFTMAX:
+        raise SalienceError(f"softmax must be one of {', '.join(SOFTMAX)}; got {softmax!r}")
+    if softmax == "auto":
+        return all(isinstance(t, (Classes, Predicted, MultiLabel)) for t in targets)
+    return softmax == "classes"
+
+
+def score_items(model: nn.Module, xs: Tensor, targets: Sequence[Target], probabilities: bool,
+                strip_softmax: bool) -> Tensor:
+    """The K targets' scores ``(n, K)`` of the model on ``xs`` ``(n, C, H, W)`` (one forward, no gradient)."""
+    out = forward_scores(model, xs, strip_softmax=strip_softmax)
+    return scores_of(out, targets, probabilities)
+
+
+def scores_of(out: Tensor, targets: Sequence[Target], probabilities: bool) -> Tensor:
+    """The K targets' scores ``(n, K)`` of a model output ``(n, ...)``, of its softmax over classes
+    (dim 1 of a ``(n, classes)`` output) when ``probabilities``."""
+    n = out.shape[0]
+    if probabilities:
+        if out.dim() != 2:
+            raise SalienceError(f"softmax='classes' needs a model output of shape (B, classes), got "
+                                f"{tuple(out.shape)}; pass softmax='none'")
+        out = out.softmax(dim=1)
+    cols = []
+    for t in targets:
+        s = t(out)
+        if not isinstance(s, Tensor) or s.shape != (n,):
+            raise SalienceError(
+                f"a perturbation method needs the target's score of each perturbed image, shape ({n},); got "
+                f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__} (a scalar loss does not apply)"
+            )
+        cols.append(s)
+    return torch.stack(cols, dim=1)
+
+
+def _pair(value: Any, name: str, what: str) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise SalienceError(f"{name} must be an int or (h, w), got {value!r}")
+        return check_int(value[0], name, minimum=1, what=what), check_int(value[1], name, minimum=1, what=what)
+    v = check_int(value, name, minimum=1, what=what)
+    return v, v
+
+
+# --------------------------------------------------------------------------- occlusion
+
+
+def occlusion_windows(size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The windows' top-left corners ``(n, 2)`` (row-major, Captum's order transposed: rows first)
+    and how many windows cover each pixel ``(H, W)``."""
+    starts = []
+    for i in range(2):
+        count = math.ceil((size[i] - window[i]) / stride[i]) + 1
+        starts.append(torch.arange(count) * stride[i])
+    ys, xs = torch.meshgrid(starts[0], starts[1], indexing="ij")
+    corners = torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=1)
+    cover = torch.zeros(size)
+    for y, x in corners.tolist():
+        cover[y:y + window[0], x:x + window[1]] += 1
+    return corners, cover
+
+
+def _check_window(x: Tensor, window: Any, stride: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if window is None:
+        side = max(1, round(min(h, w) / 8))
+        win = (side, side)
+    else:
+        win = _pair(window, "window", "pixels, e.g. window=16 or (16, 16)")
+    st = (max(1, win[0] // 2), max(1, win[1] // 2)) if stride is None else _pair(
+        stride, "stride", "pixels, e.g. stride=8 or (8, 8)")
+    for name, v in (("window", win), ("stride", st)):
+        if v[0] > h or v[1] > w:
+            raise SalienceError(f"{name} {v[0]}x{v[1]} is larger than the {h}x{w} image; pass a {name} of at most "
+                                f"({h}, {w})")
+    return win, st
+
+
+def _baseline(x: Tensor, baseline: Any) -> Tensor:
+    """What occluded pixels become: ``(B, C, H, W)`` (a broadcast view for a number)."""
+    if isinstance(baseline, str):
+        if baseline != "blur":
+            raise SalienceError(f"baseline must be a number, 'blur' or a tensor; got {baseline!r}")
+        return gaussian_blur(x, sigma=max(1.0, min(x.shape[-2:]) / 16))
+    if isinstance(baseline, Tensor):
+        try:
+            return baseline.to(device=x.device, dtype=x.dtype).expand_as(x)
+        except RuntimeError:
+            raise SalienceError(f"a baseline tensor must broadcast to the input {tuple(x.shape)}, got "
+                                f"{tuple(baseline.shape)}") from None
+    v = check_number(baseline, "baseline", what="a pixel value, 'blur' or a tensor")
+    return torch.full((1, 1, 1, 1), v, dtype=x.dtype, device=x.device).expand_as(x)
+
+
+class _Occluded:
+    """Items of occlusion: item ``j`` is image ``j % B`` with window ``j // B`` replaced by the baseline."""
+
+    def __init__(self, x: Tensor, base: Tensor, corners: Tensor, window: tuple[int, int]) -> None:
+        self.x, self.base, self.corners, self.window = x, base, corners.tolist(), window
+        h, w = x.shape[-2:]
+        rows = torch.arange(h, device=x.device)
+        cols = torch.arange(w, device=x.device)
+        c = corners.to(x.device)
+        # (n_windows, H) and (n_windows, W) indicators; the window mask is their outer product.
+        self.rows = ((rows >= c[:, :1]) & (rows < c[:, :1] + window[0])).to(x.dtype)
+        self.cols = ((cols >= c[:, 1:]) & (cols < c[:, 1:] + window[1])).to(x.dtype)
+
+    def masks(self, win: Tensor) -> Tensor:
+        """The windows ``win`` ``(n,)`` as masks ``(n, 1, H, W)`` (1 inside)."""
+        return (self.rows[win][:, :, None] * self.cols[win][:, None, :]).unsqueeze(1)
+
+    def __call__(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+        b = self.x.shape[0]
+        idx = torch.arange(start, stop, device=self.x.device)
+        owner, win = idx % b, idx // b
+        m = self.masks(win)
+        xs = self.x[owner] * (1 - m) + self.base[owner] * m
+        return xs, owner, m
+
+
+@several_targets
+def occlusion(
+    model: nn.Module,
+    x: Tensor,
+    target: Any = None,
+    *,
+    window: Union[None, int, tuple[int, int]] = None,
+    stride: Union[None, int, tuple[int, int]] = None,
+    baseline: Union[float, str, Tensor] = 0.0,
+    softmax: str = "none",
+    reduce: Union[None, str, Reduction] = "max",
+    strip_softmax: bool = True,
+    chunk: Optional[int] = None,
+    max_memory: Union[None, int, str] = None,
+    progress: bool = False,
+) -> Tensor:
+    """Occlusion: the drop of the target's score when a window over each pixel is blanked out.
+
+    ``x``: ``(B, C, H, W)``. ``window`` and ``stride``: ints or ``(h, w)`` in pixels (default: an
+    eighth of the shorter side, and half the window); all channels are occluded together.
+    ``baseline``: the value occluded pixels take: a number (default 0), ``"blur"`` (the image
+    blurred with a Gaussian of sigma = side / 16, at least 1 pixel) or a tensor broadcastable to ``x``.
+    Each pixel gets the mean of ``S(x) - S(occluded x)`` over the windows that cover it (Captum's
+    ``Occlusion``). ``softmax``: score the raw output (default, as Captum) or class probabilities
+    (see :data:`SOFTMAX`).
+
+    The raw map is ``(B, C, H, W)``, equal in every channel; ``reduce`` (default ``"max"``, the channel maximum)
+    gives the signed ``(B, H, W)``, ``reduce=None`` the ``(B, C, H, W)`` Captum returns. Several
+    targets give ``(B, K, ...)`` and share every forward pass. ``chunk`` (occluded copies per pass),
+    ``max_memory`` (bytes or ``"2GiB"``) and ``progress`` as in :func:`salience.smoothgrad`.
+    """
+    check_input(x, model)
+    targets, multi = split(target, x.shape[0])
+    check_perturbation_targets(targets, "occlusion")
+    win, st = _check_window(x, window, stride)
+    red = _reduce.get_reduction(reduce)
+    budget = _engine.check_memory_options(chunk, max_memory)
+    base = _baseline(x, baseline)
+    corners, cover = occlusion_windows((int(x.shape[-2]), int(x.shape[-1])), win, st)
+    items = _Occluded(x, base, corners, win)
+    b = x.shape[0]
+    with model_guard(model):
+        out = forward_scores(model, x, strip_softmax=strip_softmax)
+        resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
+        probs = use_probabilities(softmax, resolved)
+        clean = scores_of(out, resolved, probs)  # (B, K)
+
+        def compute(start: int, stop: int) -> Tensor:
+            xs, owner, m = items(start, stop)
+            tg = [t.for_items(owner) for t in resolved]
+            drop = clean[owner] - score_items(model, xs, tg, probs, strip_softmax)  # (n, K)
+            return drop[:, :, None, None] * m  # (n, K, H, W)
+
+        sums = _engine.accumulate(compute, len(corners) * b, b, chunk=chunk, max_memory=budget,
+                                  progress=progress, desc="occlusion", device=x.device, inference=True)
+    cov = cover.to(device=x.device, dtype=sums.total.dtype).clamp(min=1)
+    maps = (sums.total / cov).to(x.dtype)  # (B, K, H, W)
+    maps = maps.unsqueeze(2).expand(-1, -1, x.shape[1], -1, -1)  # (B, K, C, H, W)
+    return _finish(maps, red, multi)
+
+
+def _finish(maps: Tensor, red: Optional[Reduction], multi: bool) -> Tensor:
+    """``(B, K, C, H, W)`` -> reduced per target; the K axis dropped unless ``multi``."""
+    if red is not None:
+        maps = torch.stack([red(maps[:, k]) for k in range(maps.shape[1])], dim=1)
+    return maps if multi else maps[:, 0]
+
+
+# --------------------------------------------------------------------------- RISE
+
+
+def rise_masks(start: int, stop: int, size: tuple[int, int], *, cell: int = 7, p: float = 0.5, seed: int = 0,
+               device: Union[None, str, torch.device] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """RISE masks ``start..stop-1`` ``(n, H, W)`` for images of ``size`` ``(H, W)``.
+
+    Mask ``i`` is drawn from a generator of its own seeded with ``seed * 1_000_003 + i`` (a function
+    of ``(seed, i)`` only), so the same seed gives the same masks whatever the chunking: a
+    ``cell x cell`` grid, each cell 1 with probability ``p``, upsampled bilinearly
+    (``align_corners=False``) to ``(cell + 1) * ceil(H / cell)`` by ``(cell + 1) * ceil(W / cell)``
+    pixels and cropped to ``(H, W)`` at a shift drawn uniformly in ``[0, ceil(H / cell))`` x
+    ``[0, ceil(W / cell))`` (Petsiuk et al.'s construction).
+    """
+    h, w = size
+    ch, cw = math.ceil(h / cell), math.ceil(w / cell)
+    grids, shifts = [], []
+    for i in range(start, stop):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        grids.append((torch.rand(cell, cell, generator=g) < p).to(dtype))
+        shifts.append((int(torch.randint(0, ch, (1,), generator=g)), int(torch.randint(0, cw, (1,), generator=g))))
+    grid = torch.stack(grids).to(device).unsqueeze(1)
+    up = F.interpolate(grid, size=((cell + 1) * ch, (cell + 1) * cw), mode="bilinear", align_corners=False)[:, 0]
+    return torch.stack([up[k, dy:dy + h, dx:dx + w] for k, (dy, dx) in enumerate(shifts)])
+
+
+@several_targets
+def rise(
+    model: nn.Module,
+    x: Tensor,
+    target: Any = None,
+    *,
+    masks: int = 4000,
+    cell: int = 7,
+    p: float = 0.5,
+    seed: int = 0,
+    softmax: str = "auto",
+    strip_softmax: bool = True,
+    chunk: Optional[int] = None,
+    max_memory: Union[None, int, str] = None,
+    progress: bool = False,
+) -> Tensor:
+    """RISE: the target's score averaged over random masks, as a map ``(B, H, W)``.
+
+    ``x``: ``(B, C, H, W)``; the map is ``sum_i S(x * M_i) M_i / (masks * p)`` over random masks
+    ``M_i`` (:func:`rise_masks`), the same for all images. ``masks`` is the number of random masks
+    (forward passes per image; the paper used 4000 on 224 x 224 images). ``cell`` is the grid's
+    number of cells a side (the paper's s). ``p`` is the probability of keeping a cell. ``seed``
+    fixes the masks: the same seed gives the same masks whatever the chunking.
+    ``softmax="auto"`` scores class probabilities for class targets (the paper), the raw output
+    otherwise (see :data:`SOFTMAX`). Several targets give ``(B, K, H, W)`` and share every forward
+    pass. ``chunk``, ``max_memory`` and ``progress`` as in :func:`salience.smoothgrad`.
+    """
+    check_input(x, model)
+    targets, multi = split(target, x.shape[0])
+    check_perturbation_targets(targets, "rise")
+    n_masks = check_int(masks, "masks", minimum=1, what="random masks per image, e.g. 4000")
+    cell = check_int(cell, "cell", minimum=1, what="grid cells a side, e.g. 7")
+    p = check_number(p, "p", what="the probability of keeping a cell, in (0, 1]")
+    if not 0 < p <= 1:
+        raise SalienceError(f"p must be in (0, 1] (the probability of keeping a cell), got {p}")
+    seed = check_int(seed, "seed", minimum=None, what="an int")
+    if cell > min(x.shape[-2:]):
+        raise SalienceError(f"cell={cell} is more cells than the {x.shape[-2]}x{x.shape[-1]} image has pixels a side")
+    budget = _engine.check_memory_options(chunk, max_memory)
+    b = x.shape[0]
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    with model_guard(model):
+        resolved = resolve(targets, model, x, strip_softmax=strip_softmax)
+        probs = use_probabilities(softmax, resolved)
+
+        def compute(start: int, stop: int) -> Tensor:
+            first, last = start // b, (stop - 1) // b
+            m = rise_masks(first, last + 1, size, cell=cell, p=p, seed=seed, device=x.device, dtype=x.dtype)
+            idx = torch.arange(start, stop, device=x.device)
+            owner, mi = idx % b, idx // b - first
+            mm = m[mi].unsqueeze(1)  # (n, 1, H, W)
+            s = score_items(model, x[owner] * mm, [t.for_items(owner) for t in resolved], probs, strip_softmax)
+            return s[:, :, None, None] * mm  # (n, K, H, W)
+
+        sums = _engine.accumulate(compute, n_masks * b, b, chunk=chunk, max_memory=budget, progress=progress,
+                                  desc="rise", device=x.device, inference=True)
+    maps = (sums.total / (n_masks * p)).to(x.dtype)
+    return maps if multi else maps[:, 0]

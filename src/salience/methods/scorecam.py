@@ -1,0 +1,293 @@
+"""Gradient-free CAMs: Score-CAM (Wang et al. 2020) and Ablation-CAM (Desai & Ramaswamy 2020).
+
+Both weigh each channel ``k`` of a layer's output ``A`` ``(B, D, h, w)`` by forward passes alone and
+keep ``ReLU(sum_k w_k A_k)``, upsampled to the input like Grad-CAM (bilinear,
+``align_corners=False``). The layer is chosen as for Grad-CAM (:func:`salience.methods.gradcam.
+default_layer`; token and channels-last layers read by :mod:`salience.methods._tokens`).
+
+* **Score-CAM**: channel ``k``, upsampled to the input and scaled to ``[0, 1]``, masks the image:
+  ``w_k = S(x * H_k)``. The paper scores the masked image by the target class's *probability*
+  (softmax over classes; ``softmax="auto"`` for class targets); pytorch-grad-cam instead takes the
+  raw scores and applies a softmax over the *channels* (``softmax="channels"``).
+* **Ablation-CAM**: channel ``k`` is set to ``value`` (0) in the layer's output and the relative
+  drop of the score is its weight, ``w_k = (S - S_k) / S``.
+
+Every (channel, image) pair is an item of :func:`salience._core.engine.accumulate` (item
+``j = k * B + b``), run in chunks from the memory budget under ``torch.inference_mode``; K targets
+share every pass. Score-CAM runs one forward pass per item, but a channel that is constant on an
+image (a dead ReLU channel: common) masks the image to zeros, and that image's score of zeros is
+computed once. Ablation-CAM replaces the layer's output in the forward pass: the layers before it
+run once per image of a chunk, not once per channel, and the ablated copies of the layer's output
+run through the rest of the model together (when the rest mixes in an earlier tensor of the batch,
+such as a skip connection around the layer, the images are repeated instead).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from salience._core import engine as _engine
+from salience._core.autograd import check_input, forward_scores
+from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
+from salience._core.layers import LayerSpec
+from salience._core.tensors import check_number
+from salience.methods._multi import several_targets
+from salience.methods._tokens import Layout
+from salience.methods.gradcam import _layout, _resolve, _upsample
+from salience.methods.perturbation import (SOFTMAX, check_perturbation_targets, scores_of, score_items,
+                                           use_probabilities)
+from salience.targets import Target, resolve, split
+
+__all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
+
+SCORECAM_SOFTMAX = SOFTMAX + ("channels",)
+"""Score-CAM's weights: ``"classes"`` (the target's probability, the paper), ``"none"`` (the raw
+score), ``"channels"`` (raw scores, softmax over the channels: pytorch-grad-cam), ``"auto"``
+(``"classes"`` for class targets, else ``"none"``)."""
+
+
+def _setup(method: str, model: nn.Module, x: Tensor, target: Any, layer: Optional[LayerSpec]
+           ) -> tuple[list[Target], bool, nn.Module]:
+    check_input(x, model)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise SalienceError(f"{method} reads a layer's output with a forward hook, which a TorchScript model "
+                            "does not support; pass the original Python nn.Module (or use occlusion / rise)")
+    targets, multi = split(target, x.shape[0])
+    check_perturbation_targets(targets, method)
+    return targets, multi, _resolve(model, x, layer)
+
+
+def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
+    """The layer's output (as the layer gives it) and the model's output for ``x``: one forward pass."""
+    store: list[Any] = []
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        if not store:
+            store.append(output)
+
+    handle = mod.register_forward_hook(hook)
+    try:
+        out = forward_scores(model, x, strip_softmax=strip_softmax)
+    finally:
+        handle.remove()
+    if not store or not isinstance(store[0], Tensor):
+        raise SalienceError(f"the layer {type(mod).__name__} was not called in the forward pass or returned no tensor")
+    return store[0].detach(), out
+
+
+def _grid(method: str, model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor, grid: Any,
+          prefix_tokens: Any) -> tuple[Layout, Tensor]:
+    """The layer's layout and its output as ``(B, D, h, w)``; a layer without channels is an error."""
+    try:
+        layout = _layout(model, mod, acts, x, grid, prefix_tokens)
+    except SalienceError as e:
+        raise SalienceError(str(e).replace("Grad-CAM", method)) from None
+    return layout, layout.to_grid(acts)
+
+
+def _cam(weights: Tensor, acts: Tensor, relu: bool, upsample: bool, size: tuple[int, int], multi: bool) -> Tensor:
+    """``ReLU(sum_d w_d A_d)``: weights ``(B, K, D)``, acts ``(B, D, h, w)`` -> ``(B, [K,] H, W)``."""
+    cam = torch.einsum("bkd,bdhw->bkhw", weights.to(acts.dtype), acts)
+    if relu:
+        cam = cam.clamp(min=0)
+    if upsample:
+        b, k = cam.shape[:2]
+        cam = _upsample(cam.flatten(0, 1), size).unflatten(0, (b, k))
+    return cam if multi else cam[:, 0]
+
+
+def _per_image(scores: Tensor, b: int) -> Tensor:
+    """Item scores ``(D * B, K)`` in item order ``j = d * B + b`` -> ``(B, K, D)``."""
+    return scores.unflatten(0, (-1, b)).permute(1, 2, 0)
+
+
+class _ChannelMasks:
+    """Score-CAM's items: item ``j`` is image ``j % B`` times its channel ``j // B``, upsampled to the
+    image and scaled to ``[0, 1]``; constant channels give an empty mask (flagged ``live = False``)."""
+
+    def __init__(self, x: Tensor, acts: Tensor, align_corners: bool) -> None:
+        self.x, self.acts, self.align_corners = x, acts, align_corners
+
+    def __call__(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+        b = self.x.shape[0]
+        idx = torch.arange(start, stop, device=self.x.device)
+        owner, ch = idx % b, idx // b
+        a = self.acts[owner, ch].unsqueeze(1).to(self.x.dtype)  # (n, 1, h, w)
+        up = F.interpolate(a, size=tuple(self.x.shape[-2:]), mode="bilinear", align_corners=self.align_corners)
+        lo = up.amin(dim=(2, 3), keepdim=True)
+        span = up.amax(dim=(2, 3), keepdim=True) - lo
+        live = span.flatten() > 0
+        mask = torch.where(span > 0, (up - lo) / span.clamp(min=torch.finfo(up.dtype).tiny), torch.zeros_like(up))
+        return mask, owner, live
+
+
+@several_targets
+def scorecam(
+    model: nn.Module,
+    x: Tensor,
+    target: Any = None,
+    *,
+    layer: Optional[LayerSpec] = None,
+    softmax: str = "auto",
+    relu: bool = True,
+    upsample: bool = True,
+    align_corners: bool = False,
+    strip_softmax: bool = True,
+    grid: Optional[tuple[int, int]] = None,
+    prefix_tokens: Optional[int] = None,
+    chunk: Optional[int] = None,
+    max_memory: Union[None, int, str] = None,
+    progress: bool = False,
+) -> Tensor:
+    """Score-CAM: each channel of a layer weighted by the target's score of the image it masks.
+
+    ``x``: ``(B, C, H, W)`` -> raw ``(B, H, W)`` (``(B, h, w)`` with ``upsample=False``; ``(B, K, ...)``
+    for K targets, which share every forward pass). Each channel ``A_k``, upsampled bilinearly to
+    ``(H, W)`` (``align_corners``: ``True`` is pytorch-grad-cam's upsampling) and scaled to
+    ``[0, 1]``, masks the image; ``w_k`` is the target's score of ``x * H_k``. ``softmax``: see
+    :data:`SCORECAM_SOFTMAX` (default: the class probability, as the paper). One forward pass per
+    channel and image: a layer with fewer channels is cheaper. ``layer``, ``relu``, ``grid``,
+    ``prefix_tokens`` and ``strip_softmax`` as in :func:`salience.gradcam`; ``chunk``,
+    ``max_memory`` and ``progress`` as in :func:`salience.smoothgrad`.
+    """
+    targets, multi, mod = _setup("Score-CAM", model, x, target, layer)
+    if softmax not in SCORECAM_SOFTMAX:
+        raise SalienceError(f"softmax must be one of {', '.join(SCORECAM_SOFTMAX)}; got {softmax!r}")
+    budget = _engine.check_memory_options(chunk, max_memory)
+    b = x.shape[0]
+    with model_guard(model):
+        acts, out = _capture(model, x, mod, strip_softmax)
+        _, acts = _grid("Score-CAM", model, mod, acts, x, grid, prefix_tokens)
+        resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
+        probs = softmax != "channels" and use_probabilities(softmax, resolved)
+        items = _ChannelMasks(x, acts, align_corners)
+        empty: list[Tensor] = []  # each image's scores of an all-zero mask (B, K), computed once
+
+        def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
+            mask, owner, live = items(start, stop)
+            s = torch.empty(len(owner), len(resolved), dtype=x.dtype, device=x.device)
+            if bool(live.any()):
+                s[live] = score_items(model, x[owner[live]] * mask[live], [t.for_items(owner[live]) for t in resolved],
+                                      probs, strip_softmax)
+            if not bool(live.all()):
+                if not empty:
+                    empty.append(score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax))
+                s[~live] = empty[0][owner[~live]]
+            return s, s  # the scores are the weights: kept per item (small), combined below
+
+        sums = _engine.accumulate(compute, acts.shape[1] * b, b, chunk=chunk, max_memory=budget, progress=progress,
+                                  desc="scorecam", device=x.device, inference=True)
+    assert sums.scores is not None
+    w = _per_image(sums.scores, b)  # (B, K, D)
+    if softmax == "channels":
+        w = w.softmax(dim=-1)
+    return _cam(w, acts, relu, upsample, (int(x.shape[-2]), int(x.shape[-1])), multi)
+
+
+class _Ablated:
+    """Ablation-CAM's items: item ``j`` is image ``j % B`` with channel ``j // B`` of the layer's output
+    set to ``value``. A forward hook replaces the layer's output by the chunk's ablated copies."""
+
+    def __init__(self, model: nn.Module, mod: nn.Module, x: Tensor, layout: Layout, value: float,
+                 score: Callable[[Tensor, Tensor], Tensor]) -> None:
+        self.model, self.mod, self.x, self.layout, self.value, self.score = model, mod, x, layout, value, score
+        self.shared = True  # the layers before run once per image; False: once per item
+
+    def _ablate(self, out: Tensor, rows: Tensor, ch: Tensor) -> Tensor:
+        t = out[rows].clone()
+        n = torch.arange(len(ch), device=t.device)
+        if self.layout.kind == "channels_first":
+            t[n, ch] = self.value
+        else:  # channels last, or tokens (B, N, D): the channel on every position / token
+            t.movedim(-1, 1)[n, ch] = self.value
+        return t
+
+    def _run(self, inputs: Tensor, rows: Tensor, ch: Tensor, owner: Tensor) -> Tensor:
+        calls: list[int] = []
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Optional[Tensor]:
+            calls.append(1)  # a module called more than once: its first call is the layer's output
+            return self._ablate(output, rows, ch) if len(calls) == 1 else None
+
+        handle = self.mod.register_forward_hook(hook)
+        try:
+            return self.score(inputs, owner)
+        finally:
+            handle.remove()
+
+    def __call__(self, start: int, stop: int) -> Tensor:
+        b = self.x.shape[0]
+        idx = torch.arange(start, stop, device=self.x.device)
+        owner, ch = idx % b, idx // b
+        if self.shared:
+            imgs, rows = torch.unique(owner, sorted=True, return_inverse=True)
+            try:
+                s = self._run(self.x[imgs], rows, ch, owner)
+                if s.shape[0] == len(owner):
+                    return s
+            except (RuntimeError, SalienceError):
+                pass  # the rest of the model mixes in an earlier tensor of the batch
+            self.shared = False
+        return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
+
+
+@several_targets
+def ablationcam(
+    model: nn.Module,
+    x: Tensor,
+    target: Any = None,
+    *,
+    layer: Optional[LayerSpec] = None,
+    value: float = 0.0,
+    softmax: str = "none",
+    relu: bool = True,
+    upsample: bool = True,
+    strip_softmax: bool = True,
+    grid: Optional[tuple[int, int]] = None,
+    prefix_tokens: Optional[int] = None,
+    chunk: Optional[int] = None,
+    max_memory: Union[None, int, str] = None,
+    progress: bool = False,
+) -> Tensor:
+    """Ablation-CAM: each channel of a layer weighted by the relative drop of the score without it.
+
+    ``x``: ``(B, C, H, W)`` -> raw ``(B, H, W)`` (``(B, h, w)`` with ``upsample=False``; ``(B, K, ...)``
+    for K targets, which share every forward pass). ``w_k = (S - S_k) / S``, ``S_k`` the target's
+    score with channel ``k`` of the layer's output set to ``value`` (default 0, the paper's
+    ablation); ``S`` near 0 makes the weights large. ``softmax``: score the raw output (default, the
+    paper's class score) or class probabilities (see :data:`salience.methods.perturbation.SOFTMAX`).
+    ``layer``, ``relu``, ``grid``, ``prefix_tokens`` and ``strip_softmax`` as in :func:`salience.gradcam`;
+    ``chunk``, ``max_memory`` and ``progress`` as in :func:`salience.smoothgrad`.
+    """
+    targets, multi, mod = _setup("Ablation-CAM", model, x, target, layer)
+    value = check_number(value, "value", what="the value an ablated channel takes, e.g. 0")
+    budget = _engine.check_memory_options(chunk, max_memory)
+    b = x.shape[0]
+    with model_guard(model):
+        native, out = _capture(model, x, mod, strip_softmax)
+        layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
+        resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
+        probs = use_probabilities(softmax, resolved)
+        clean = scores_of(out, resolved, probs)  # (B, K)
+
+        def score(inputs: Tensor, owner: Tensor) -> Tensor:
+            return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax)
+
+        items = _Ablated(model, mod, x, layout, value, score)
+
+        def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
+            s = items(start, stop)
+            return s, s  # the scores give the weights: kept per item (small), combined below
+
+        depth = int(native.shape[1]) if layout.kind == "channels_first" else int(native.shape[-1])
+        sums = _engine.accumulate(compute, depth * b, b, chunk=chunk, max_memory=budget, progress=progress,
+                                  desc="ablationcam", device=x.device, inference=True)
+    assert sums.scores is not None
+    ablated = _per_image(sums.scores, b)  # (B, K, D)
+    y = clean.unsqueeze(-1)
+    w = (y - ablated) / y
+    return _cam(w, acts, relu, upsample, (int(x.shape[-2]), int(x.shape[-1])), multi)

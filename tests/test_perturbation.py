@@ -1,0 +1,167 @@
+"""Occlusion and RISE (salience.methods.perturbation): Captum's Occlusion, closed forms on a linear
+model, RISE against the paper's formula written out here with the same masks, chunking, several
+targets, TorchScript, memory, and bad input."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import salience
+from salience import SalienceError
+from salience._core.engine import MemoryProbe
+from salience._core.tensors import gaussian_blur
+from salience.methods.perturbation import rise_masks
+
+from conftest import unchanged
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+class Linear(nn.Module):
+    """``f(x) = W x + b`` on the flattened image: occlusion has a closed form."""
+
+    def __init__(self, shape=(3, 8, 8), classes=3):
+        super().__init__()
+        torch.manual_seed(1)
+        self.lin = nn.Linear(int(torch.tensor(shape).prod()), classes)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1))
+
+
+# ----------------------------------------------------------------------------------- occlusion
+
+
+def test_occlusion_equals_captum(resnet):
+    from captum.attr import Occlusion
+
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 16, 16)
+    t = torch.tensor([3, 7])
+    ref = Occlusion(resnet).attribute(x, sliding_window_shapes=(3, 6, 6), strides=(3, 5, 5), target=t,
+                                      baselines=0.25, perturbations_per_eval=64)
+    ours = salience.occlusion(resnet, x, t, window=6, stride=5, baseline=0.25, reduce=None)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    # a tensor baseline (the blurred image), and the signed (B, H, W) map of the default reduction
+    blur = gaussian_blur(x, 2.0)
+    ref = Occlusion(resnet).attribute(x, sliding_window_shapes=(3, 8, 8), strides=(3, 8, 8), target=t,
+                                      baselines=blur, perturbations_per_eval=64)
+    ours = salience.occlusion(resnet, x, t, window=8, stride=8, baseline=blur)
+    torch.testing.assert_close(ours, ref[:, 0], atol=1e-6, rtol=1e-5)
+
+
+def test_occlusion_of_a_linear_model_is_its_closed_form():
+    model = Linear()
+    x = torch.rand(2, 3, 8, 8)
+    w = model.lin.weight[1].view(3, 8, 8)
+    # one pixel at a time: the drop is sum_c w_c x_c there
+    ours = salience.occlusion(model, x, 1, window=1, stride=1)
+    torch.testing.assert_close(ours, (w * x).sum(1), atol=1e-5, rtol=1e-5)
+    # 2 x 2 tiles: each pixel gets its tile's sum of w x; with baseline b, of w (x - b)
+    ours = salience.occlusion(model, x, 1, window=2, stride=2, baseline=0.5)
+    tiles = nn.functional.avg_pool2d((w * (x - 0.5)).sum(1, keepdim=True), 2) * 4
+    torch.testing.assert_close(ours, nn.functional.interpolate(tiles, scale_factor=2)[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_occlusion_several_targets_chunks_and_torchscript():
+    model = Linear()
+    x = torch.rand(2, 3, 8, 8)
+    both = salience.occlusion(model, x, torch.tensor([[0, 2], [1, 2]]), window=3, stride=2, chunk=5)
+    for k, t in enumerate([torch.tensor([0, 1]), 2]):
+        torch.testing.assert_close(both[:, k], salience.occlusion(model, x, t, window=3, stride=2), atol=1e-6,
+                                   rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(model)
+    torch.testing.assert_close(salience.occlusion(scripted, x, 1, window=3, stride=2),
+                               salience.occlusion(model, x, 1, window=3, stride=2))
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(window=9), "larger than the 8x8 image"),
+    (dict(window=(2, 9)), "larger than the 8x8 image"),
+    (dict(window=4, stride=10), "stride 10x10 is larger"),
+    (dict(window=0), "window"),
+    (dict(baseline="mean"), "baseline"),
+    (dict(baseline=torch.zeros(5, 5)), "broadcast"),
+    (dict(reduce="bad"), "reduce"),
+    (dict(softmax="bad"), "softmax"),
+])
+def test_occlusion_bad_input(options, match):
+    model = Linear()
+    with unchanged(model), pytest.raises(SalienceError, match=match):
+        salience.occlusion(model, torch.rand(1, 3, 8, 8), 0, **options)
+
+
+# ----------------------------------------------------------------------------------- RISE
+
+
+def test_rise_masks_do_not_depend_on_the_chunking():
+    whole = rise_masks(0, 10, (20, 24), cell=5, p=0.3, seed=4)
+    parts = torch.cat([rise_masks(0, 3, (20, 24), cell=5, p=0.3, seed=4), rise_masks(3, 10, (20, 24), cell=5, p=0.3,
+                                                                                      seed=4)])
+    assert torch.equal(whole, parts) and whole.shape == (10, 20, 24)
+    assert 0 <= whole.min() and whole.max() <= 1
+    assert not torch.equal(whole, rise_masks(0, 10, (20, 24), cell=5, p=0.3, seed=5))
+
+
+def test_rise_equals_the_papers_formula_with_the_same_masks(small_cnn):
+    x = torch.rand(2, 3, 8, 8)
+    n, p = 12, 0.4
+    masks = rise_masks(0, n, (8, 8), cell=3, p=p, seed=7)
+    t = torch.tensor([1, 3])
+    ref = torch.zeros(2, 8, 8)
+    with torch.no_grad():
+        small_cnn.eval()
+        for m in masks:  # S_i = P(class | x * M_i); saliency = sum_i S_i M_i / (N p)
+            probs = small_cnn(x * m).softmax(1)
+            ref += probs[torch.arange(2), t].view(2, 1, 1) * m
+    ref /= n * p
+    small_cnn.train()
+    with unchanged(small_cnn):
+        ours = salience.rise(small_cnn, x, t, masks=n, cell=3, p=p, seed=7)
+        chunked = salience.rise(small_cnn, x, t, masks=n, cell=3, p=p, seed=7, chunk=5)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked, ours, atol=1e-6, rtol=1e-5)
+    # several targets share the passes and equal one at a time; raw scores with softmax="none"
+    both = salience.rise(small_cnn, x, [1, None], masks=n, cell=3, p=p, seed=7, softmax="none")
+    pred = small_cnn.eval()(x).argmax(1)
+    torch.testing.assert_close(both[:, 1], salience.rise(small_cnn, x, pred, masks=n, cell=3, p=p, seed=7,
+                                                         softmax="none"), atol=1e-6, rtol=1e-5)
+
+
+def test_rise_memory_does_not_grow_with_the_masks(small_cnn):
+    x = torch.rand(2, 3, 8, 8)
+    peaks = []
+    for n in (4, 24):
+        with MemoryProbe() as probe:
+            salience.rise(small_cnn, x, 0, masks=n, cell=2, chunk=4)
+        peaks.append(probe.peak)
+    assert peaks[1] <= 1.1 * peaks[0], peaks
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(masks=0), "masks"),
+    (dict(p=0.0), "p must be in"),
+    (dict(cell=0), "cell"),
+    (dict(cell=40), "more cells"),
+    (dict(softmax="channels"), "softmax"),
+])
+def test_rise_bad_input(small_cnn, options, match):
+    with unchanged(small_cnn), pytest.raises(SalienceError, match=match):
+        salience.rise(small_cnn, torch.rand(1, 3, 8, 8), 0, **options)
+
+
+def test_layer_targets_are_refused(small_cnn):
+    t = salience.targets.activation("features.3", 0)
+    for fn in (salience.rise, salience.occlusion):
+        with pytest.raises(SalienceError, match="inner layer"):
+            fn(small_cnn, torch.rand(1, 3, 8, 8), t)

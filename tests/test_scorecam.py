@@ -1,0 +1,182 @@
+"""Score-CAM and Ablation-CAM (salience.methods.scorecam): pytorch-grad-cam's ScoreCAM and AblationCAM
+before their min-max scaling, the papers' formulas written out here, where we differ from the peer,
+the dead-channel shortcut, the repeated-image fallback, several targets, chunking, bad input."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import salience
+from salience import SalienceError
+
+from conftest import unchanged
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def _acts(model, layer, x):
+    store = []
+    h = layer.register_forward_hook(lambda m, i, o: store.append(o.detach()))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    return store[0]
+
+
+def _peer_cam(cam_class, model, layer, x, classes, **kw):
+    """pytorch-grad-cam's CAM before its min-max scaling: ReLU(sum_k w_k A_k) at the layer's size."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam = cam_class(model, [layer], **kw)
+    acts = _acts(model, layer, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = cam.get_cam_image(x, layer, [ClassifierOutputTarget(int(c)) for c in classes], acts.numpy(), None)
+    return torch.from_numpy(np.maximum(raw, 0))
+
+
+def test_scorecam_equals_pytorch_grad_cam_with_its_softmax_over_channels(resnet):
+    from pytorch_grad_cam import ScoreCAM
+
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 16, 16)
+    t = torch.tensor([3, 5])
+    peer = ScoreCAM  # batch size: the attribute its loop reads
+    ref = _peer_cam(type("Peer", (peer,), {"batch_size": 64}), resnet, resnet.layer1, x, t)
+    ours = salience.scorecam(resnet, x, t, layer="layer1", softmax="channels", align_corners=True, upsample=False)
+    # the peer scales masks by (max - min + 1e-8): a relative difference of 1e-8 / span
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    # The paper weighs each channel by the class *probability* of the masked image (softmax over the
+    # classes); pytorch-grad-cam by a softmax of raw scores over the *channels* (weights summing to 1,
+    # so its map is a weighted mean of the channels): different maps (and the paper's is checked
+    # against its formula below).
+    paper = salience.scorecam(resnet, x[:1], t[:1], layer="layer1", align_corners=True, upsample=False)
+    assert not torch.allclose(paper, ref[:1], rtol=0.5)
+
+
+def test_scorecam_equals_the_papers_formula(small_cnn):
+    x = torch.rand(2, 3, 8, 8)
+    layer = small_cnn.features[5]
+    small_cnn.eval()
+    acts = _acts(small_cnn, layer, x)  # (2, 8, 8, 8)
+    ref = torch.zeros(2, 8, 8)
+    with torch.no_grad():
+        for k in range(acts.shape[1]):
+            up = F.interpolate(acts[:, k:k + 1], size=(8, 8), mode="bilinear", align_corners=False)
+            lo, hi = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+            mask = torch.where(hi > lo, (up - lo) / (hi - lo), torch.zeros_like(up))
+            w = small_cnn(x * mask).softmax(1)[:, 2]  # the class probability of the masked image
+            ref += w.view(2, 1, 1) * acts[:, k]
+    small_cnn.train()
+    with unchanged(small_cnn):
+        ours = salience.scorecam(small_cnn, x, 2, layer=layer)
+        chunked = salience.scorecam(small_cnn, x, 2, layer=layer, chunk=3)
+    torch.testing.assert_close(ours, ref.clamp(min=0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked, ours, atol=1e-6, rtol=1e-5)
+
+
+class DeadChannels(nn.Module):
+    """A conv layer with two constant channels (zero after the ReLU), and a forward counter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight[:2] = 0
+            self.conv.bias[:2] = -1
+        self.act = nn.ReLU()
+        self.head = nn.Linear(6, 4)
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return self.head(self.act(self.conv(x)).mean((2, 3)))
+
+
+def test_scorecam_scores_an_empty_mask_once_per_call():
+    model = DeadChannels()
+    x = torch.rand(3, 3, 8, 8)
+    acts = _acts(model, model.act, x)
+    live = int((acts.amax((2, 3)) > acts.amin((2, 3))).sum())  # at most 4 per image: 2 channels are dead
+    model.images = 0
+    ours = salience.scorecam(model, x, torch.tensor([[0, 1]] * 3), layer="act", softmax="channels")
+    # the capture pass (3 images), one per live (image, channel), the zero image once (3)
+    assert live <= 12 and model.images == 3 + live + 3
+    for k in range(2):  # several targets == one at a time (the dead channels weigh in the softmax)
+        torch.testing.assert_close(ours[:, k], salience.scorecam(model, x, k, layer="act", softmax="channels"))
+
+
+def test_ablationcam_equals_pytorch_grad_cam(resnet):
+    from pytorch_grad_cam import AblationCAM
+
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 16, 16)
+    t = torch.tensor([3, 5])
+    ref = _peer_cam(AblationCAM, resnet, resnet.layer1, x, t, batch_size=64)
+    ours = salience.ablationcam(resnet, x, t, layer="layer1", upsample=False)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    both = salience.ablationcam(resnet, x, torch.stack([t, t.flip(0)], 1), layer="layer1", chunk=7)
+    torch.testing.assert_close(both[:, 0], salience.ablationcam(resnet, x, t, layer="layer1"), atol=1e-5, rtol=1e-4)
+
+
+class SkipAround(nn.Module):
+    """The rest of the model adds an earlier tensor of the batch: the ablated copies cannot run alone."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.stem = nn.Conv2d(3, 5, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(5, 5, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        s = self.stem(x)
+        return self.head((self.block(s) + s).mean((2, 3)))
+
+
+def test_ablationcam_equals_the_papers_formula_with_a_skip_around_the_layer():
+    model = SkipAround().eval()
+    x = torch.rand(2, 3, 8, 8)
+    acts = _acts(model, model.block, x)
+    with torch.no_grad():
+        y = model(x)[:, 1]
+        ref = torch.zeros(2, 8, 8)
+        for k in range(5):  # w_k = (y - y_k) / y, y_k with channel k of the layer's output set to 0
+            def zero(m, i, o, k=k):
+                o = o.clone()
+                o[:, k] = 0
+                return o
+            h = model.block.register_forward_hook(zero)
+            yk = model(x)[:, 1]
+            h.remove()
+            ref += ((y - yk) / y).view(2, 1, 1) * acts[:, k]
+    ours = salience.ablationcam(model, x, 1, layer="block")
+    torch.testing.assert_close(ours, ref.clamp(min=0), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", [salience.scorecam, salience.ablationcam])
+def test_bad_input(method, small_cnn):
+    x = torch.rand(1, 3, 8, 8)
+    with unchanged(small_cnn):
+        with pytest.raises(SalienceError, match="map|tokens"):  # a layer without channels
+            method(small_cnn, x, 0, layer="head")
+        with pytest.raises(SalienceError, match="inner layer"):
+            method(small_cnn, x, salience.targets.activation("features.3", 0), layer="features.5")
+        with pytest.raises(SalienceError, match="softmax"):
+            method(small_cnn, x, 0, layer="features.5", softmax="bad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(small_cnn.eval())
+    with pytest.raises(SalienceError, match="TorchScript"):
+        method(scripted, x, 0)
