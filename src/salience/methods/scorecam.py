@@ -37,7 +37,7 @@ from salience._core.layers import LayerSpec
 from salience._core.tensors import check_number
 from salience.methods._multi import several_targets
 from salience.methods._tokens import Layout
-from salience.methods.gradcam import _layout, _resolve, _upsample
+from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
 from salience.methods.perturbation import (SOFTMAX, check_perturbation_targets, scores_of, score_items,
                                            use_probabilities)
 from salience.targets import Target, resolve, split
@@ -58,7 +58,7 @@ def _setup(method: str, model: nn.Module, x: Tensor, target: Any, layer: Optiona
                             "does not support; pass the original Python nn.Module (or use occlusion / rise)")
     targets, multi = split(target, x.shape[0])
     check_perturbation_targets(targets, method)
-    return targets, multi, _resolve(model, x, layer)
+    return targets, multi, resolve_cam_layer(model, x, layer)
 
 
 def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
@@ -83,7 +83,7 @@ def _grid(method: str, model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor
           prefix_tokens: Any) -> tuple[Layout, Tensor]:
     """The layer's layout and its output as ``(B, D, h, w)``; a layer without channels is an error."""
     try:
-        layout = _layout(model, mod, acts, x, grid, prefix_tokens)
+        layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
     except SalienceError as e:
         raise SalienceError(str(e).replace("Grad-CAM", method)) from None
     return layout, layout.to_grid(acts)
@@ -95,8 +95,7 @@ def _cam(weights: Tensor, acts: Tensor, relu: bool, upsample: bool, size: tuple[
     if relu:
         cam = cam.clamp(min=0)
     if upsample:
-        b, k = cam.shape[:2]
-        cam = _upsample(cam.flatten(0, 1), size).unflatten(0, (b, k))
+        cam = upsample_maps(cam, size)
     return cam if multi else cam[:, 0]
 
 
