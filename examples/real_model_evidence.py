@@ -116,7 +116,7 @@ def randomization_figure(rand: dict, path: Path) -> Path:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="real-evidence")
-    ap.add_argument("--photos", default="chelsea,coffee,rocket,astronaut", help="scikit-image photo names")
+    ap.add_argument("--photos", default="chelsea,coffee,rocket", help="scikit-image photo names")
     ap.add_argument("--method", action="append", choices=METHODS, help=f"default: {', '.join(METHODS)}")
     ap.add_argument("--steps", type=int, default=16, help="insertion / deletion steps")
     ap.add_argument("--fractions", default="0.1,0.3,0.5,0.7,0.9", help="ROAD removal fractions")

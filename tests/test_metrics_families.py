@@ -164,3 +164,19 @@ def test_random_logit_draws_another_class_uniformly():
     counts = torch.bincount(other, minlength=5)
     # 400 draws over the 4 other classes: 100 each, binomial sd sqrt(400 * 1/4 * 3/4) = 8.7
     assert counts[2] == 0 and bool(((counts[[0, 1, 3, 4]] - 100).abs() < 4 * 8.7).all()), counts
+
+
+# ------------------------------------------------------------------------- model-free baselines
+def test_sobel_edges_equal_scipy_and_center_is_a_centred_gaussian():
+    from scipy import ndimage  # the reference
+
+    img = torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(4))
+    ours = M.sobel_edges(img)
+    for i in range(2):
+        g = img[i].mean(0).double().numpy()
+        ref = np.hypot(ndimage.sobel(g, axis=1, mode="nearest"), ndimage.sobel(g, axis=0, mode="nearest"))
+        np.testing.assert_allclose(ours[i].numpy(), ref, rtol=1e-5, atol=1e-6)
+    c = M.center_maps(torch.zeros(1, 3, 8, 8), sigma=0.25)
+    assert c.shape == (1, 8, 8) and torch.equal(c, c.flip(1)) and torch.equal(c, c.flip(2))
+    # pixel (3, 3) is 0.0625 of the side from the centre in each direction: exp(-(2 * 0.0625^2) / (2 * 0.25^2))
+    assert c[0, 3, 3].item() == pytest.approx(math.exp(-0.0625), rel=1e-6)

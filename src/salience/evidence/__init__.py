@@ -12,13 +12,14 @@ randomization tests), so a caller can average, plot or test them as it likes. Th
 * :mod:`~salience.evidence.complexity`: sparseness (Gini) and complexity (entropy);
 * :mod:`~salience.evidence.compare`: Spearman, SSIM and HOG similarity of two sets of maps;
 * :mod:`~salience.evidence.sanity`: the model and data randomization sanity checks, the random-logit test;
-* :mod:`~salience.evidence.baselines`: model-free maps (spectral residual, random).
+* :mod:`~salience.evidence.baselines`: model-free maps (spectral residual, Sobel edges, a centred
+  Gaussian, random).
 
 :mod:`~salience.evidence.evaluate` runs every method through them and writes a report.
 """
 from __future__ import annotations
 
-from salience.evidence.baselines import random_maps, spectral_residual
+from salience.evidence.baselines import center_maps, random_maps, sobel_edges, spectral_residual
 from salience.evidence.complexity import complexity, sparseness
 from salience.evidence.faithfulness import (auc, deletion, deletion_curves, faithfulness_correlation, insertion,
                                            insertion_curves)
@@ -61,5 +62,7 @@ __all__ = [
     "randomization_layers",
     "data_randomization",
     "spectral_residual",
+    "sobel_edges",
+    "center_maps",
     "random_maps",
 ]
