@@ -36,7 +36,8 @@ def test_evaluate_demo_shapes_end_to_end(tmp_path, capsys):
     for name in ("report.html", "report.md", "results.json", "curves.png", "randomization.png", "examples.png"):
         assert (out / name).stat().st_size > 0, name
     rows = _rows(out)
-    assert list(rows) == ["vanilla", "spectral_residual", "random"]  # the baselines are always there
+    # the oracle (with masks) and the model-free baselines are always there
+    assert list(rows) == ["vanilla", "oracle (mask)", "spectral_residual", "sobel_edges", "center", "random"]
     # Held-out shapes (seed 10000) with exact masks, as in the command's default setting.
     model = zoo.load_demo("shapes")
     x, _, masks = data.shapes(N_SMALL, 10_000)
@@ -55,7 +56,9 @@ def test_evaluate_demo_shapes_end_to_end(tmp_path, capsys):
     assert (rows["vanilla"]["rand_top"], rows["vanilla"]["rand_all"]) == (r["spearman_abs"][0], r["spearman_abs"][-1])
     assert (rows["vanilla"]["rand_ssim_top"], rows["vanilla"]["rand_ssim_all"]) == (r["ssim"][0], r["ssim"][-1])
     md = (out / "report.md").read_text()
-    for column in ("pointing game", "energy in mask", "deletion AUC", "insertion AUC", "rand. Spearman", "rand. SSIM"):
+    for column in ("pointing game", "energy in mask", "deletion AUC", "insertion AUC", "ROAD MoRF", "ROAD LeRF",
+                   "faithfulness corr.", "sparseness", "complexity", "max-sensitivity", "random-logit",
+                   "rand. Spearman", "rand. SSIM"):
         assert column in md
     page = (out / "report.html").read_text()
     assert 'src="curves.png"' in page and 'src="randomization.png"' in page
@@ -85,7 +88,7 @@ def test_evaluate_folder_of_images_and_masks(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     rows = _rows(out)
-    assert list(rows) == ["vanilla", "spectral_residual", "random"]
+    assert list(rows) == ["vanilla", "oracle (mask)", "spectral_residual", "sobel_edges", "center", "random"]
     assert json.loads((out / "results.json").read_text())["source"].startswith("3 images from")
     maps = vanilla(zoo.load_demo("shapes"), x)
     assert rows["vanilla"]["energy"] == pytest.approx(M.energy_in_mask(maps, masks).nanmean().item(), abs=1e-5)

@@ -25,26 +25,35 @@ def shapes_model():
 
 def test_run_evaluation_on_demo_shapes(tmp_path, shapes_model):
     with unchanged(shapes_model):
-        path = E.run_evaluation(shapes_model, tmp_path, methods=["vanilla", "gradcam"], n=8, steps=4,
+        path = E.run_evaluation(shapes_model, tmp_path, methods=["vanilla", "gradcam"], n=4, steps=4,
                                 randomization_images=2, progress=False)
     assert path == tmp_path / "report.html"
     for name in ("report.html", "report.md", "results.json", "curves.png", "randomization.png", "examples.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     res = json.loads((tmp_path / "results.json").read_text())
     rows = {r["name"]: r for r in res["rows"]}
-    assert list(rows) == ["vanilla", "gradcam", "spectral_residual", "random"]
+    assert list(rows) == ["vanilla", "gradcam", E.ORACLE, "spectral_residual", "sobel_edges", "center", "random"]
     # The numbers in the report are the metrics of the same maps, recomputed here.
-    x, _, masks = data.shapes(8, 10_000)
+    x, _, masks = data.shapes(4, 10_000)
     maps = vanilla(shapes_model, x)
     assert rows["vanilla"]["pointing"] == pytest.approx(M.pointing_game(maps, masks).mean().item(), abs=1e-6)
     assert rows["vanilla"]["energy"] == pytest.approx(M.energy_in_mask(maps, masks).mean().item(), abs=1e-5)
     assert rows["vanilla"]["deletion"] == pytest.approx(M.deletion(shapes_model, x, maps, steps=4).mean().item(),
                                                         abs=1e-5)
+    assert rows["vanilla"]["road_morf"] == pytest.approx(M.road(shapes_model, x, maps).mean().item(), abs=1e-5)
+    assert rows["vanilla"]["faith_corr"] == pytest.approx(
+        M.faithfulness_correlation(shapes_model, x, maps).nanmean().item(), abs=1e-5)
+    assert rows["vanilla"]["sparseness"] == pytest.approx(M.sparseness(maps).mean().item(), abs=1e-6)
+    assert rows["vanilla"]["max_sens"] == pytest.approx(M.max_sensitivity(shapes_model, x[:2], "vanilla").mean().item(),
+                                                        abs=1e-5)
     sr = M.spectral_residual(x)
     assert rows["spectral_residual"]["energy"] == pytest.approx(M.energy_in_mask(sr, masks).mean().item(), abs=1e-5)
-    assert rows["random"]["rand_top"] is None and rows["vanilla"]["rand_top"] is not None
+    assert rows[E.ORACLE]["energy"] == pytest.approx(1.0) and rows[E.ORACLE]["pointing"] == pytest.approx(1.0)
+    for name in (E.ORACLE, "random", "center"):  # no method: no randomization, sensitivity, random logit
+        assert rows[name]["rand_top"] is None and rows[name]["max_sens"] is None and rows[name]["random_logit"] is None
+    assert rows["vanilla"]["rand_top"] is not None and rows["vanilla"]["random_logit"] is not None
     md = (tmp_path / "report.md").read_text()
-    assert "| vanilla |" in md and "| spectral_residual |" in md and "pointing game" in md
+    assert "| vanilla |" in md and "| spectral_residual |" in md and "| oracle (mask) |" in md and "pointing game" in md
     page = (tmp_path / "report.html").read_text()
     assert 'src="curves.png"' in page and "<table>" in page
 
@@ -170,3 +179,30 @@ def test_clever_hans_report(tmp_path):
     assert sr["cue"] == pytest.approx(M.energy_in_mask(M.spectral_residual(r["images"]),
                                                        data.shapes_batch(8, 10_000, cue="train").cue_masks
                                                        ).nanmean().item(), abs=1e-6)
+
+
+# The oracle as a standing test of the metrics' defaults: the ground-truth mask used as the map
+# must beat a random map on every faithfulness and localization metric, with each metric's
+# default settings (those `salience evaluate` uses). With black deletion it did not (the random
+# map's scattered black pixels break the CNN faster, docs/evaluation.md "Choosing the substrate").
+_ORACLE_METRICS = ("pointing", "energy", "box_iou", "deletion", "insertion", "road_morf", "road_lerf", "faith_corr",
+                   "sparseness", "complexity")
+
+
+@pytest.mark.parametrize("demo", ["shapes", "shapes-vit"])
+def test_the_mask_beats_a_random_map_on_every_metric_with_the_defaults(demo):
+    model = zoo.load_demo(demo)
+    x, _, masks = data.shapes(8, 10_000)  # held out: the demo models were trained on seeds < 10000
+    target = model(x).argmax(1)
+    oracle = E.score_maps(E.MetricRow(E.ORACLE), model, x, masks.float(), masks, target, steps=16)
+    rand = E.score_maps(E.MetricRow("random"), model, x, M.random_maps(masks.shape, seed=0), masks, target, steps=16)
+    for key in _ORACLE_METRICS:
+        if demo == "shapes-vit" and key in ("road_lerf", "faith_corr"):
+            # The two exceptions, measured and reported in docs/evaluation.md ("Choosing the
+            # substrate, and the oracle"): ROAD LeRF ranks random above the mask on the ViT (0.686
+            # vs 0.712 on 32 images), and faithfulness correlation does not separate them (0.073 vs
+            # 0.013 on 32 images; -0.081 vs 0.054 on these 8).
+            continue
+        o, r = getattr(oracle, key), getattr(rand, key)
+        better = o > r if E.BETTER[key] == "higher" else o < r
+        assert better, (demo, key, o, r)

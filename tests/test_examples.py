@@ -22,7 +22,7 @@ def example(name: str):
 
 def test_every_example_is_tested():
     tested = {"explain_photo.py", "filter_saliency.py", "regression_targets.py", "compare_methods.py",
-              "explain_real_photos.py"}  # tested in test_real_model.py (it needs the test extra's model)
+              "explain_real_photos.py", "real_model_evidence.py"}  # these two in test_real_model.py (the test extra's model)
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 

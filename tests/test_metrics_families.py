@@ -1,0 +1,182 @@
+"""The metrics after deletion / insertion (Quantus's families): faithfulness correlation,
+max-sensitivity, sparseness, complexity and the random-logit test, each on a case with a known
+answer or against a hand-written reference of the paper's formula."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from salience import SalienceError
+from salience import evidence as M
+from salience.methods import vanilla
+
+from conftest import unchanged
+
+
+class _LinearScore(nn.Module):
+    """Two outputs ``[sum(w * x), 0]``: removing pixels to zero drops output 0 by their ``w * x``."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (x * self.w).flatten(1).sum(1)
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+def _linear_case(b: int = 3, size: int = 8):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1, 1, size, size, generator=g)
+    x = torch.rand(b, 1, size, size, generator=g)
+    return _LinearScore(w), x, (w * x)[:, 0]
+
+
+# ----------------------------------------------------------------- faithfulness correlation
+def test_faithfulness_correlation_known_answers():
+    model, x, contrib = _linear_case()
+    # With a zero substrate the drop of the raw output over a set S is exactly sum_S w * x, the
+    # map's sum over S: the correlation is 1 (and -1 for the negated map).
+    with unchanged(model):
+        exact = M.faithfulness_correlation(model, x, contrib, target=0, substrate="zero", subsets=20)
+    torch.testing.assert_close(exact, torch.ones(3), rtol=0, atol=1e-6)
+    neg = M.faithfulness_correlation(model, x, -contrib, target=0, substrate="zero", subsets=20)
+    torch.testing.assert_close(neg, -torch.ones(3), rtol=0, atol=1e-6)
+    # A flat map has the same sum over every set of the same size: no correlation is defined.
+    assert torch.isnan(M.faithfulness_correlation(model, x, torch.ones(3, 8, 8), target=0, subsets=8)).all()
+    # The output's probability instead of the raw output: a sigmoid of the drop, monotone but not
+    # linear, so the correlation stays positive but is no longer exactly 1.
+    p = M.faithfulness_correlation(model, x, contrib, target=0, substrate="zero", subsets=20, probability=True)
+    assert bool((p > 0).all()) and bool((p < 1 - 1e-4).all()), p
+    with pytest.raises(SalienceError, match="subsets"):
+        M.faithfulness_correlation(model, x, contrib, subsets=1)
+
+
+def test_faithfulness_correlation_of_two_pixels_is_the_sign_of_agreement():
+    # One-pixel sets on a two-pixel image: the drops and the map's sums each take two values, so
+    # their Pearson correlation over the sets is +1 when the map orders the pixels as the drops
+    # do and -1 when it reverses them (Bhatt et al.'s formula, worked out by hand).
+    w = torch.tensor([1.0, 3.0]).view(1, 1, 1, 2)
+    model, x = _LinearScore(w), torch.ones(2, 1, 1, 2)
+    maps = torch.tensor([[[0.2, 0.9]], [[5.0, -1.0]]])
+    r = M.faithfulness_correlation(model, x, maps, target=0, substrate="zero", subset_size=0.5, subsets=30)
+    torch.testing.assert_close(r, torch.tensor([1.0, -1.0]), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ max-sensitivity
+def test_max_sensitivity_zero_for_a_map_that_does_not_move():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))  # vanilla map = |w[class]|
+    x = torch.rand(3, 3, 8, 8)
+    with unchanged(model):
+        s = M.max_sensitivity(model, x, "vanilla", samples=4, radius=0.1)
+    assert torch.equal(s, torch.zeros(3))
+
+
+def test_max_sensitivity_of_the_identity_map_is_the_noise_norm():
+    # The "map" is the image itself, so the sensitivity is max_k ||d_k|| / ||x||. With d uniform in
+    # [-r, r] on n = 4096 values, ||d||^2 / n has mean r^2 / 3 and relative spread
+    # sqrt(4/45) / (1/3) / sqrt(n) = 1.4 %: each ||d_k|| is r * sqrt(n / 3) within a few percent.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64 * 64, 2))
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+
+    def identity(model, x, target=None):
+        return x[:, 0]
+
+    s = M.max_sensitivity(model, x, identity, samples=5, radius=0.05)
+    span = (x.flatten(1).amax(1) - x.flatten(1).amin(1))
+    expected = 0.05 * span * math.sqrt(64 * 64 / 3) / x.flatten(1).norm(dim=1)
+    ratio = s / expected
+    assert bool(((ratio > 0.97) & (ratio < 1.05)).all()), ratio
+    assert torch.isnan(M.max_sensitivity(model, x, lambda m, x, t=None: torch.zeros_like(x[:, 0]), samples=2)).all()
+    with pytest.raises(SalienceError, match="target"):
+        M.max_sensitivity(model, x, identity, target=[0, 1, 0])
+
+
+# -------------------------------------------------------------------- sparseness, complexity
+def test_sparseness_gini_known_values_and_reference():
+    n = 64
+    one = torch.zeros(1, 8, 8)
+    one[0, 3, 4] = -2.0  # magnitudes count
+    assert M.sparseness(one).item() == pytest.approx(1 - 1 / n)
+    assert M.sparseness(torch.full((1, 8, 8), 0.3)).item() == pytest.approx(0.0, abs=1e-12)
+    assert torch.isnan(M.sparseness(torch.zeros(1, 8, 8))).all()
+    # Reference: the mean absolute difference form, G = sum_ij |a_i - a_j| / (2 n^2 mean(a)).
+    maps = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for i in range(4):
+        a = maps[i].abs().flatten().double().numpy()
+        ref = np.abs(a[:, None] - a[None, :]).sum() / (2 * n * n * a.mean())
+        assert M.sparseness(maps)[i].item() == pytest.approx(ref, abs=1e-6)
+
+
+def test_complexity_entropy_known_values_and_scipy():
+    from scipy import stats  # the reference
+
+    one = torch.zeros(2, 8, 8)
+    one[:, 0, 0] = 5.0
+    assert torch.equal(M.complexity(one), torch.zeros(2))
+    assert M.complexity(torch.ones(1, 8, 8)).item() == pytest.approx(math.log(64))
+    maps = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(1))
+    ours = M.complexity(maps)
+    for i in range(3):
+        assert ours[i].item() == pytest.approx(stats.entropy(maps[i].abs().flatten().numpy()), abs=1e-5)
+
+
+# --------------------------------------------------------------------------- random logit
+def test_random_logit_two_classes_and_a_class_blind_map():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 2))  # vanilla map of class k = |w_k|
+    x = torch.rand(3, 3, 16, 16)
+    with unchanged(model):
+        s = M.random_logit(model, x, vanilla, target=0)
+    # Two classes: the "random other class" is always class 1.
+    w = model[1].weight.detach().view(2, 3, 16, 16).abs().amax(1)
+    expected = M.ssim(w[:1].expand(3, 16, 16), w[1:].expand(3, 16, 16))
+    torch.testing.assert_close(s, expected)
+    sp = M.random_logit(model, x, vanilla, target=[0, 1, 0], kind="spearman_abs")
+    torch.testing.assert_close(sp, M.spearman(w[[0, 1, 0]], w[[1, 0, 1]]))
+
+    def class_blind(model, x, target=None):
+        return x.mean(1)
+
+    torch.testing.assert_close(M.random_logit(model, x, class_blind), torch.ones(3))
+    with pytest.raises(SalienceError, match="kind"):
+        M.random_logit(model, x, vanilla, kind="nope")
+
+
+def test_random_logit_draws_another_class_uniformly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    x = torch.rand(400, 3, 4, 4)
+    seen = []
+
+    def record(model, x, target=None):
+        seen.append(target.clone())
+        return x.mean(1)
+
+    M.random_logit(model, x, record, target=2, batch_size=400)
+    own, other = seen
+    assert bool((own == 2).all()) and bool((other != 2).all())
+    counts = torch.bincount(other, minlength=5)
+    # 400 draws over the 4 other classes: 100 each, binomial sd sqrt(400 * 1/4 * 3/4) = 8.7
+    assert counts[2] == 0 and bool(((counts[[0, 1, 3, 4]] - 100).abs() < 4 * 8.7).all()), counts
+
+
+# ------------------------------------------------------------------------- model-free baselines
+def test_sobel_edges_equal_scipy_and_center_is_a_centred_gaussian():
+    from scipy import ndimage  # the reference
+
+    img = torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(4))
+    ours = M.sobel_edges(img)
+    for i in range(2):
+        g = img[i].mean(0).double().numpy()
+        ref = np.hypot(ndimage.sobel(g, axis=1, mode="nearest"), ndimage.sobel(g, axis=0, mode="nearest"))
+        np.testing.assert_allclose(ours[i].numpy(), ref, rtol=1e-5, atol=1e-6)
+    c = M.center_maps(torch.zeros(1, 3, 8, 8), sigma=0.25)
+    assert c.shape == (1, 8, 8) and torch.equal(c, c.flip(1)) and torch.equal(c, c.flip(2))
+    # pixel (3, 3) is 0.0625 of the side from the centre in each direction: exp(-(2 * 0.0625^2) / (2 * 0.25^2))
+    assert c[0, 3, 3].item() == pytest.approx(math.exp(-0.0625), rel=1e-6)

@@ -1,0 +1,127 @@
+"""ROAD (Rong et al. 2022): the linear imputation against a hand-written dense reference and
+closed forms, the curves against a linear model whose answer is known, batching and errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from salience import SalienceError
+from salience import evidence as M
+from salience.evidence.road import linear_imputation
+
+from conftest import unchanged
+
+pytest.importorskip("scipy")  # ROAD solves its systems with scipy.sparse (the evidence extra)
+
+
+def _dense_reference(img: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """The imputation by its definition, one equation at a time, solved densely: every removed
+    pixel equals the weighted mean of its in-image neighbours (1/6 direct, 1/12 diagonal)."""
+    c, h, w = img.shape
+    cells = [(i, j) for i in range(h) for j in range(w) if removed[i, j]]
+    num = {cell: k for k, cell in enumerate(cells)}
+    a = np.zeros((len(cells), len(cells)))
+    b = np.zeros((len(cells), c))
+    for (i, j), k in num.items():
+        for di in (-1, 0, 1):
+            for dj in (-1, 0, 1):
+                if (di, dj) == (0, 0) or not (0 <= i + di < h and 0 <= j + dj < w):
+                    continue
+                wt = 1 / 6 if di == 0 or dj == 0 else 1 / 12
+                a[k, k] += wt
+                if removed[i + di, j + dj]:
+                    a[k, num[(i + di, j + dj)]] -= wt
+                else:
+                    b[k] += wt * img[:, i + di, j + dj]
+    out = img.copy()
+    sol = np.linalg.solve(a, b)
+    for (i, j), k in num.items():
+        out[:, i, j] = sol[k]
+    return out
+
+
+def test_imputation_equals_the_dense_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 6, 7, generator=g, dtype=torch.float64)
+    removed = torch.rand(3, 6, 7, generator=g) < torch.tensor([0.2, 0.5, 0.9])[:, None, None]
+    removed[2, 0, 0] = False  # one kept pixel at least
+    removed[0, :, 0] = True  # a removed column along the border
+    ours = linear_imputation(x, removed)
+    for i in range(3):
+        ref = _dense_reference(x[i].numpy(), removed[i].numpy())
+        np.testing.assert_allclose(ours[i].numpy(), ref, rtol=0, atol=1e-12)
+    assert torch.equal(ours[~removed[:, None].expand_as(x)], x[~removed[:, None].expand_as(x)])
+
+
+def test_imputation_closed_forms_and_noise():
+    # A linear ramp is reproduced exactly in a hole away from the border (the stencil is
+    # symmetric, so the neighbours' weighted mean of a linear function is its centre value).
+    yy, xx = torch.meshgrid(torch.arange(9.0, dtype=torch.float64), torch.arange(10.0, dtype=torch.float64), indexing="ij")
+    ramp = (0.3 * yy - 0.2 * xx + 1.0)[None, None]
+    removed = torch.zeros(1, 9, 10, dtype=torch.bool)
+    removed[0, 2:7, 3:8] = True
+    torch.testing.assert_close(linear_imputation(ramp, removed), ramp, rtol=0, atol=1e-12)
+    # A constant image stays constant whatever is removed; noise only on the removed pixels.
+    const = torch.full((1, 3, 8, 8), 0.25)
+    rem = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(1)) < 0.6
+    assert torch.allclose(linear_imputation(const, rem), const, atol=1e-7)
+    noisy = linear_imputation(const, rem, noise=0.5, seed=3)
+    assert torch.equal(noisy[:, :, ~rem[0]], const[:, :, ~rem[0]])
+    d = (noisy - const)[:, :, rem[0]]
+    assert d.abs().min() > 0 and torch.equal(noisy, linear_imputation(const, rem, noise=0.5, seed=3))
+    with pytest.raises(SalienceError, match="at least one kept pixel"):
+        linear_imputation(const, torch.ones(1, 8, 8, dtype=torch.bool))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 about scipy's result inside the reference
+def test_imputation_equals_pytorch_grad_cam_road():
+    road_ref = pytest.importorskip("pytorch_grad_cam.metrics.road")  # the authors' code, as shipped there
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 3, 12, 11, generator=g)
+    removed = torch.rand(1, 12, 11, generator=g) < 0.4
+    ref = road_ref.NoisyLinearImputer(noise=0.0)(x[0], (~removed[0]).float())
+    torch.testing.assert_close(linear_imputation(x, removed)[0], ref, rtol=0, atol=1e-5)
+
+
+class _Weighted(nn.Module):
+    """Scores ``[sum(w * x), 0]``; pixels are ``w`` on a flat image of value ``v``."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (x * self.w).flatten(1).sum(1)
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+def test_road_curves_known_answer_and_batching():
+    # One bright 4x4 patch on a dark image; the model sums the pixels under a weight that is 1
+    # on the patch. Removing the patch pixels (MoRF with the patch as the map) fills them from
+    # the dark surroundings; removing background first (LeRF) leaves the patch as it is.
+    w = torch.zeros(1, 1, 16, 16)
+    w[..., 6:10, 6:10] = 0.5
+    model = _Weighted(w)
+    x = torch.zeros(2, 1, 16, 16)
+    x[:, :, 6:10, 6:10] = 1.0
+    patch = (w[0] > 0).expand(2, 16, 16).float()
+    calls = []
+    model.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
+    with unchanged(model):
+        morf = M.road_curves(model, x, patch, target=0, fractions=(0.0625, 0.5), noise=0.0, batch_size=3,
+                             probability=False)
+        lerf = M.road_curves(model, x, patch, target=0, order="lerf", fractions=(0.0625, 0.5), noise=0.0,
+                             probability=False)
+    assert calls[:2] == [3, 1]  # a fixed target: 2 images x 2 fractions in batches of 3, nothing else
+    # 16 of 256 pixels = the patch: all gone, filled from a dark ring -> score 0.
+    torch.testing.assert_close(morf[:, 0], torch.zeros(2), atol=1e-9, rtol=0)
+    torch.testing.assert_close(lerf, torch.full((2, 2), 8.0))  # the patch kept: 16 * 0.5
+    rand = M.random_maps((2, 16, 16), seed=0)
+    assert (M.road(model, x, patch, 0, noise=0.0, probability=False)
+            < M.road(model, x, rand, 0, noise=0.0, probability=False)).all()
+    with pytest.raises(SalienceError, match="between 0 and 1"):
+        M.road(model, x, patch, fractions=(0.5, 1.0))
+    with pytest.raises(SalienceError, match="order"):
+        M.road(model, x, patch, order="top")
