@@ -44,7 +44,7 @@ def _scipy():  # type: ignore[no-untyped-def]
         import scipy.sparse as sparse
         import scipy.sparse.linalg as linalg
     except ImportError:
-        raise SalienceError("ROAD's linear imputation needs scipy: pip install scipy (or salience[evidence])") from None
+        raise SalienceError("ROAD's linear imputation needs scipy: pip install scipy") from None
     return sparse, linalg
 
 
