@@ -29,6 +29,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "salience.compat": BASICS + ("salience.methods", "salience.loading", "salience.compat"),
     "salience.demo": BASICS + ("salience.methods", "salience.evidence", "salience.loading", "salience.render",
                                "salience.demo"),
+    "salience.runs": BASICS + ("salience.methods", "salience.evidence", "salience.loading", "salience.render",
+                               "salience.runs") + DEMO_LEAVES,
     "salience.cli": ("salience",),
 }
 

@@ -20,6 +20,8 @@ from salience.methods import (METHODS, attention_rollout, class_model, deconvnet
 from salience.reduce import normalize
 from salience import methods, evidence, loading, render, demo, compat
 from salience.loading import load_model
+from salience import runs
+from salience.runs import explain_dataset, open_run
 
 # Shorter names for the modules users reach most (and the names of salience 0.1).
 from salience.demo import data, zoo
@@ -64,6 +66,9 @@ __all__ = [
     "render",
     "demo",
     "compat",
+    "runs",
+    "explain_dataset",
+    "open_run",
     "data",
     "zoo",
     "viz",
