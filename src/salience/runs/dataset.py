@@ -65,6 +65,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     labels: Union[None, PathLike, Sequence[Optional[int]]] = None,
     masks: Optional[PathLike] = None,
     metrics: Union[bool, Sequence[str]] = False,
+    metric_steps: int = 32,
     batch_size: Optional[int] = None,
     device: Optional[str] = None,
     workers: Optional[int] = None,
@@ -92,7 +93,8 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     the label of each image (``labels``: a CSV ``path,label`` or one label per image; labels also
     fill the ``label`` / ``correct`` columns). ``metrics``: ``True`` for insertion and deletion AUC
     (and pointing game / energy in mask when ``masks``, a folder of masks by file stem, is
-    given) or a list of those names. ``batch_size``: default from memory. ``workers``: DataLoader
+    given) or a list of those names; ``metric_steps``: points of the insertion / deletion curves.
+    ``batch_size``: default from memory. ``workers``: DataLoader
     processes decoding images (default: up to 4, one core left to the model). ``engine``:
     ``"local"`` or ``"ray"`` (``num_gpus`` per actor, ``actors`` in the pool, ``address`` of the
     cluster). ``model_spec``: the name of a given module in the run's command (default: its class
@@ -118,13 +120,15 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     if isinstance(dataset, sources.ImageFiles):
         dataset = sources.ImageFiles(paths, info, max_pixels, mask_list)
     metric_names = _metric_names(metrics, masks is not None)
-    plan = job.Plan(fns, info, paths, mode=mode, k=k, fixed=target, labels=label_list, metrics=metric_names)
+    check_int(metric_steps, "metric_steps", minimum=1)
+    plan = job.Plan(fns, info, paths, mode=mode, k=k, fixed=target, labels=label_list, metrics=metric_names,
+                    metric_options={"steps": metric_steps})
     command = {
         "model": spec or _module_id(module), "weights": weights, "methods": list(fns), "method_options": options,
         "targets": {"mode": mode, "k": k, "class": target},
         "labels": sources.digest(label_list) if label_list is not None else None,
         "masks": sources.digest(mask_list) if mask_list is not None else None,
-        "metrics": metric_names, "preprocessing": preprocessing_record(info), "map_dtype": map_dtype,
+        "metrics": metric_names, "metric_steps": metric_steps if metric_names else None, "preprocessing": preprocessing_record(info), "map_dtype": map_dtype,
         "shard_size": shard_size, "png": bool(png), "max_pixels": max_pixels,
         "inputs": {"count": len(paths), "digest": sources.digest(paths)},
     }
@@ -142,7 +146,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         from salience.runs import ray_engine
 
         ray_engine.run(run, num_gpus=num_gpus, actors=actors, address=address, show=show_progress, png=png,
-                       weights=weights, device=device)
+                       weights=weights)
     else:
         run_local(run, show=show_progress, png=png)
     store.merge_index()

@@ -85,6 +85,16 @@ def clear_run(folder: Path) -> None:
             with_path.unlink()
 
 
+def _remove_temporaries(folder: Path) -> None:
+    """The temporary files of writes that a crash (``kill -9``) cut short: ``.NAME.XXXXXXXX.tmp.EXT``
+    (:func:`salience._core.files.atomic_path`); never visible as results, removed on resume."""
+    for sub in _RUN_FOLDERS:
+        for p in (folder / sub).rglob(".*.tmp*"):
+            with_suffix = p.name.split(".")
+            if len(with_suffix) >= 4 and "tmp" in with_suffix:
+                p.unlink(missing_ok=True)
+
+
 class Store:
     """Writing side of ``RUN/``: the manifest, the shards, the merged index."""
 
@@ -93,6 +103,16 @@ class Store:
         self.manifest = manifest
         self._open(overwrite)
         self.schema = row_schema(manifest["methods"], labels=manifest["labels"], metrics=manifest["metrics"])
+
+    @classmethod
+    def existing(cls, folder: PathLike) -> "Store":
+        """The store of an existing run, for writing shards (the Ray actors): no checks, no writes."""
+        self = cls.__new__(cls)
+        self.folder = Path(folder)
+        self.manifest = _read_json(self.folder / "run.json")
+        m = self.manifest
+        self.schema = row_schema(m["methods"], labels=m["labels"], metrics=m["metrics"])
+        return self
 
     def _open(self, overwrite: bool) -> None:
         """Create the run, or check that the existing one was made by the same command."""
@@ -112,6 +132,7 @@ class Store:
                                     "command to continue it, choose another --out, or add --overwrite to start again")
             if not diff and not overwrite:
                 self.manifest = {**old, **{k: v for k, v in self.manifest.items() if k not in old}}
+                _remove_temporaries(f)
                 return
             clear_run(f)
         make_folder(f)
