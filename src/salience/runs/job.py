@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from salience._core.autograd import forward_scores, looks_like_probabilities
+from salience._core.autograd import forward_scores, looks_like_probabilities, unwrap_output
 from salience._core.engine import MemoryProbe, default_budget
 from salience._core.errors import SalienceError
 from salience._core.info import ModelInfo
@@ -63,10 +63,36 @@ class Result:
 
 
 def _predictions(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    out = forward_scores(model, x, strip_softmax=False)
-    out = out.reshape(out.shape[0], -1).float()
+    return _probabilities(forward_scores(model, x, strip_softmax=False))
+
+
+def _probabilities(out: Tensor) -> tuple[Tensor, Tensor]:
+    out = out.detach().reshape(out.shape[0], -1).float().cpu()
     probs = out if looks_like_probabilities(out) else out.softmax(dim=1)
     return probs, out
+
+
+def _first_pass(plan: Plan, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Explaining the predicted class (one target): the first method runs with ``target=None`` and
+    the model's output on the clean images is read from that method's own forward pass (a forward
+    hook that keeps the output of the call whose input is ``x``), so no separate prediction pass
+    is paid (a second forward only when the method never ran the model on ``x`` itself, e.g.
+    SmoothGrad's noisy copies). Returns ``(maps (n, 1, ...), output, classes (n, 1))``."""
+    seen: list[Tensor] = []
+
+    def keep(_module: nn.Module, args: tuple, output: Any) -> None:
+        if not seen and args and isinstance(args[0], Tensor) and args[0].shape == x.shape \
+                and args[0].data_ptr() == x.data_ptr():
+            seen.append(unwrap_output(output, model).detach())
+
+    name, fn = next(iter(plan.methods.items()))
+    handle = model.register_forward_hook(keep)
+    try:
+        m = fn(model, x, None).detach().float().cpu().unsqueeze(1)
+    finally:
+        handle.remove()
+    out = seen[0] if seen else forward_scores(model, x, strip_softmax=False)
+    return m, out, out.reshape(out.shape[0], -1).argmax(1, keepdim=True).cpu()
 
 
 def _targets(plan: Plan, probs: Tensor, indices: Sequence[int]) -> Tensor:
@@ -122,14 +148,13 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
         device = model_device(model)
         x = torch.stack([items[j].x for j in good]).to(device)
         indices = [items[j].index for j in good]
-        probs, _ = _predictions(model, x)
-        classes = _targets(plan, probs, indices)
+        first_maps, probs, classes = _predict(plan, model, x, indices)
         masks = _stack_masks([items[j] for j in good])
         for j, pos in enumerate(good):
             _prediction_row(rows[pos], plan, probs[j], classes[j])
-        for name, fn in plan.methods.items():
+        for i_method, (name, fn) in enumerate(plan.methods.items()):
             try:
-                m = _method_maps(fn, model, x, classes)
+                m = first_maps if i_method == 0 and first_maps is not None else _method_maps(fn, model, x, classes)
             except SalienceError as e:
                 for pos in good:
                     rows[pos]["error"] = f"method {name} failed: {e}"
@@ -151,6 +176,20 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
             maps[name] = np.full((n, plan.k, h, w), np.nan, dtype=np.float32)
     tiles = _tiles(plan, items, good, firsts) if plan.thumbs else None
     return Result(rows, maps, tiles)
+
+
+def _predict(plan: Plan, model: nn.Module, x: Tensor,
+             indices: Sequence[int]) -> tuple[Optional[Tensor], Tensor, Tensor]:
+    """The first method's maps when they came with the prediction (:func:`_first_pass`), the
+    probabilities ``(n, classes)`` and the targets ``(n, K)``."""
+    if plan.mode == "predicted" and plan.k == 1:
+        try:
+            first_maps, out, classes = _first_pass(plan, model, x)
+            return first_maps, _probabilities(out)[0], classes
+        except SalienceError:
+            pass  # the method's error is recorded when it runs again with the classes
+    probs, _ = _predictions(model, x)
+    return None, probs, _targets(plan, probs, indices)
 
 
 def _stack_masks(items: Sequence[Item]) -> Optional[Tensor]:

@@ -44,7 +44,7 @@ def pyarrow():
         import pyarrow as pa
         import pyarrow.parquet  # noqa: F401 - the submodule is used as pa.parquet
     except ImportError:  # pragma: no cover - pyarrow is a dependency of the runs
-        raise SalienceError("dataset runs need pyarrow: pip install pyarrow (or pip install salience[ray])") from None
+        raise SalienceError("dataset runs need pyarrow: pip install 'salience[runs]' (or pip install pyarrow)") from None
     return pa
 
 
