@@ -325,7 +325,7 @@ def test_memory_stays_flat(tmp_path):
     Medians of the samples in each quarter (a transient peak of one batch is not growth). Threshold:
     keeping the maps would add 2000 x 64 x 64 x 4 bytes = 33 MB over the run, 16 MB between the
     middles of those two quarters (half the run apart); keeping the inputs (3 x 64 x 64 floats)
-    49 MB. 8 MB is half the smaller of these; the run measured 0-5 MB of allocator noise here."""
+    49 MB. 8 MB is half the smaller of these; the run grew by 0.2 MB when this test was written."""
     from PIL import Image
 
     folder = tmp_path / "tiny"
