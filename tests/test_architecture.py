@@ -29,8 +29,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "salience.compat": BASICS + ("salience.methods", "salience.loading", "salience.compat"),
     "salience.demo": BASICS + ("salience.methods", "salience.evidence", "salience.loading", "salience.render",
                                "salience.demo"),
+    "salience.runs": BASICS + ("salience.methods", "salience.evidence", "salience.loading", "salience.render",
+                               "salience.runs") + DEMO_LEAVES,
     "salience.explore": BASICS + ("salience.methods", "salience.evidence", "salience.loading", "salience.render",
-                                  "salience.explore") + DEMO_LEAVES,
+                                  "salience.runs", "salience.explore") + DEMO_LEAVES,
     "salience.cli": ("salience",),
 }
 

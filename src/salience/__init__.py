@@ -21,6 +21,8 @@ from salience.methods import eigencam, gradcam_plus_plus, hirescam, layercam, xg
 from salience.reduce import normalize
 from salience import methods, evidence, loading, render, demo, compat
 from salience.loading import load_model
+from salience import runs
+from salience.runs import explain_dataset, open_run
 from salience.explore import explore  # the function; the package's modules stay importable
 
 # Shorter names for the modules users reach most (and the names of salience 0.1).
@@ -76,6 +78,9 @@ __all__ = [
     "render",
     "demo",
     "compat",
+    "runs",
+    "explain_dataset",
+    "open_run",
     "data",
     "zoo",
     "viz",

@@ -16,9 +16,11 @@ __all__ = ["progress", "Progress"]
 class Progress:
     """Counts work done out of ``total`` and draws it on ``stream`` when enabled."""
 
-    def __init__(self, total: int, desc: str = "", *, enabled: bool = False, stream: Optional[IO[str]] = None):
+    def __init__(self, total: int, desc: str = "", *, enabled: bool = False, stream: Optional[IO[str]] = None,
+                 unit: str = ""):
         self.total = max(int(total), 0)
         self.desc = desc
+        self.unit = unit
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
         self.n = 0
@@ -42,12 +44,18 @@ class Progress:
             eta = elapsed / frac - elapsed if frac > 0 else 0.0
             line = (
                 f"\r{self.desc} {frac:4.0%}|{'#' * filled}{' ' * (width - filled)}| {self.n}/{self.total} "
-                f"[{_fmt(elapsed)}<{_fmt(eta)}]"
+                f"[{_fmt(elapsed)}<{_fmt(eta)}{self._rate(elapsed)}]"
             )
         else:
-            line = f"\r{self.desc} {self.n} [{_fmt(elapsed)}]"
+            line = f"\r{self.desc} {self.n} [{_fmt(elapsed)}{self._rate(elapsed)}]"
         self.stream.write(line)
         self.stream.flush()
+
+    def _rate(self, elapsed: float) -> str:
+        """``, 12.3 img/s`` when a unit was given (the rate since the start)."""
+        if not self.unit or elapsed <= 0:
+            return ""
+        return f", {self.n / elapsed:.1f} {self.unit}/s"
 
     def close(self) -> None:
         if self.enabled:
@@ -62,9 +70,11 @@ class Progress:
         self.close()
 
 
-def progress(total: int, desc: str = "", *, enabled: bool = False, stream: Optional[IO[str]] = None) -> Progress:
-    """A :class:`Progress` bar over ``total`` units; draws nothing unless ``enabled``."""
-    return Progress(total, desc, enabled=enabled, stream=stream)
+def progress(total: int, desc: str = "", *, enabled: bool = False, stream: Optional[IO[str]] = None,
+             unit: str = "") -> Progress:
+    """A :class:`Progress` bar over ``total`` units; draws nothing unless ``enabled``. With a
+    ``unit`` (``"img"``) it also shows the rate (``12.3 img/s``); the ``<`` time is what is left."""
+    return Progress(total, desc, enabled=enabled, stream=stream, unit=unit)
 
 
 def _fmt(seconds: float) -> str:

@@ -90,7 +90,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: a tensor as it is, .logits, a dict's 'logits' or only tensor, a tuple's first)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling the model file (can run arbitrary code: only for files you trust)")
-    p.add_argument("--device", default=None, help="e.g. cuda or cpu (default: cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (cuda when there is one; default: cpu)")
 
 
 def model_specs_help(indent: str = "  ") -> str:

@@ -17,6 +17,7 @@ from salience._core.files import atomic_write
 from salience._core.info import ModelInfo, model_info
 from salience._core.progress import Progress, progress
 from salience._core.tensors import check_int, model_device
+from salience.cli import explain_many
 from salience.cli import options as _options
 from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, add_model_args, error, figure,
                                  load_model_arg, model_specs_help, output_folder, parse_class, parse_methods,
@@ -36,7 +37,8 @@ def add_parser(sub: Any) -> None:
                        description="Explain image files with one or more saliency methods.",
                        epilog="models (--model):\n" + model_specs_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (PNG, JPEG, ...), or a folder, a glob or a .txt list for a dataset run")
     add_model_args(p)
     p.add_argument("--method", action="append", metavar="NAME",
                    help="saliency method (repeat or comma-separate for several; default vanilla; see 'salience list')")
@@ -53,6 +55,7 @@ def add_parser(sub: Any) -> None:
     pg.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
     pg.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
     add_input_args(p)
+    explain_many.add_dataset_args(p)
     _options.add_method_args(p)
     p.set_defaults(func=run)
 
@@ -68,7 +71,14 @@ class Request:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Explain ``args.images``: figures, maps and ``summary.json`` in ``args.out``; prints a line per image."""
+    """Explain ``args.images``: figures, maps and ``summary.json`` in ``args.out``; prints a line per image.
+    A folder, glob or list (or an option of dataset runs) makes a dataset run (:mod:`.explain_many`)."""
+    if explain_many.wants_dataset(args):
+        return explain_many.run(args)
+    if args.batch is not None:
+        args.batch_size = args.batch
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     request = _check_args(args)
     model = load_model_arg(args)
     _options.check_layer(model, request.options)

@@ -1,0 +1,102 @@
+"""``salience explain DIR|GLOB|LIST.txt --out RUN/``: a dataset run (:func:`salience.explain_dataset`).
+
+``salience explain`` runs this when an input names many images (a folder, a glob, a ``.txt``
+list) or an option of dataset runs is given (``--dataset``, ``--labels-csv``, ``--metrics``,
+``--engine`` ...); image files alone keep the one-shot figures and ``.npy`` files.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from salience._core.errors import SalienceError
+from salience._core.info import attach_info, model_info
+from salience._core.tensors import check_int
+from salience.cli import options as _options
+from salience.cli.common import EXIT_OK, EXIT_PARTIAL, load_model_arg, parse_class, parse_methods
+from salience.cli.inputs import class_names, preprocessing_info, read_inputs
+from salience.runs import explain_dataset
+from salience.runs.dataset import ENGINES, METRICS
+from salience.runs.sources import is_dataset_spec
+
+_DATASET_FLAGS = ("dataset", "labels_csv", "masks", "metrics", "png", "overwrite", "engine", "num_gpus", "workers",
+                  "actors", "address", "shard_size", "map_dtype")
+
+
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    """The options of dataset runs (any of them makes ``explain`` a dataset run)."""
+    g = p.add_argument_group("dataset runs", "  an input that is a folder, a glob or a .txt list (or any option "
+                             "below) makes a resumable run in --out: maps, index.parquet, index.html")
+    g.add_argument("--dataset", action="store_true", default=None, help="a dataset run even for image files")
+    g.add_argument("--batch", type=int, metavar="B", help="images per batch (default: chosen from memory; "
+                   "for image files, --batch-size)")
+    g.add_argument("--labels-csv", metavar="CSV", help="path,label per line: explain the label, mark right / wrong")
+    g.add_argument("--masks", metavar="DIR", help="object masks by file stem: pointing game and energy with --metrics")
+    g.add_argument("--metrics", nargs="?", const="all", metavar="NAMES",
+                   help=f"add metric columns: all (default) or some of {','.join(METRICS)}")
+    g.add_argument("--png", action="store_true", default=None, help="also write each map's overlay (overlays/)")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="start again in an existing run folder made by another command")
+    g.add_argument("--engine", choices=ENGINES, default=None, help="local (default) or ray (a Ray cluster)")
+    g.add_argument("--num-gpus", type=float, default=None, metavar="G", help="GPUs per Ray actor (default 0)")
+    g.add_argument("--actors", type=int, default=None, metavar="N", help="Ray actors, one model each")
+    g.add_argument("--address", default=None, metavar="ADDR", help="Ray cluster address (default: RAY_ADDRESS, or "
+                   "a local cluster)")
+    g.add_argument("--workers", type=int, default=None, metavar="N", help="image decoding processes (default: up "
+                   "to 4, a core left to the model)")
+    g.add_argument("--shard-size", type=int, default=None, metavar="N", help="images per shard file (default 256)")
+    g.add_argument("--map-dtype", choices=("float16", "float32"), default=None, help="stored maps (default float16)")
+
+
+def wants_dataset(args: argparse.Namespace) -> bool:
+    """Whether the command line asks for a dataset run."""
+    return any(getattr(args, f, None) is not None for f in _DATASET_FLAGS) or any(
+        is_dataset_spec(i) for i in args.images)
+
+
+def _metrics(text: Any, masks: bool) -> Any:
+    if text is None:
+        return False
+    if text == "all":
+        return True
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    """The dataset run the command line asks for; prints the count of failed images at the end."""
+    methods = parse_methods(args.method)
+    given = _options.given_options(args)
+    _options.check_applicable(methods, given)
+    inputs = read_inputs(args)
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for flag in ("batch", "workers", "shard_size", "actors"):
+        if getattr(args, flag) is not None:
+            check_int(getattr(args, flag), "--" + flag.replace("_", "-"), minimum=0 if flag == "workers" else 1)
+    model = load_model_arg(args)
+    _options.check_layer(model, given)
+    info = preprocessing_info(model_info(model), inputs)
+    if inputs.labels is not None:
+        info, _ = class_names(info, len(inputs.labels), inputs)
+    attach_info(model, info)
+    fns = {name: _options.bind(name, given)[0] for name in methods}
+    taken = {name: _options.bind(name, given)[1] for name in methods}
+    target = parse_class(args.target, info, len(info.class_names or ()) or 10 ** 9) if args.target else None
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    run_ = explain_dataset(
+        model, list(args.images), fns, args.out, target=target, top=args.top, labels=args.labels_csv,
+        masks=args.masks, metrics=_metrics(args.metrics, args.masks is not None),
+        batch_size=args.batch, workers=args.workers, shard_size=args.shard_size or 256, png=bool(args.png),
+        overwrite=bool(args.overwrite), engine=args.engine or "local", num_gpus=args.num_gpus or 0,
+        actors=args.actors, address=args.address, map_dtype=args.map_dtype or "float16",
+        max_pixels=args.max_pixels, weights=args.weights, method_options=taken, show_progress=show,
+        model_spec=args.model)
+    errors = sum(1 for e in run_.table.column("error").to_pylist() if e is not None)
+    print(f"explained {len(run_) - errors} of {len(run_)} image(s) into {args.out}/ (index.parquet, index.html)"
+          + (f"; {errors} image(s) failed: see the 'error' column" if errors else ""))
+    if not run_.complete:
+        raise SalienceError(f"the run in {args.out} is not complete; run the same command again")
+    return EXIT_PARTIAL if errors else EXIT_OK

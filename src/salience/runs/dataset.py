@@ -1,0 +1,392 @@
+"""``salience.explain_dataset``: a whole dataset explained into a store (:mod:`salience.runs.store`),
+streamed, resumable, with DataLoader workers decoding while the model runs.
+
+The images are numbered ``0..N-1`` in a stable order. Shards hold the images whose maps were
+computed together (at most ``shard_size``); a shard is named after its first image. A run that
+stops (a crash, ``kill -9``, Ctrl-C) and is started again with the same command computes only
+the images that no committed shard holds, in the same batches as before, so the finished store
+equals an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from salience._core.errors import SalienceError
+from salience._core.files import atomic_write
+from salience._core.info import ModelInfo, model_info
+from salience._core.progress import progress
+from salience._core.tensors import check_int, model_device
+from salience.loading import load_model
+from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
+from salience.loading.models import name_classes
+from salience.methods import METHODS
+from salience.render import viz
+from salience.runs import gallery, job, sources
+from salience.runs.store import FORMAT, Run, Store
+
+PathLike = Union[str, "os.PathLike[str]"]
+METRICS = ("insertion", "deletion", "pointing", "energy")
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class Job:
+    """Everything a run needs, checked: the model, the plan of each batch, the dataset, the store."""
+
+    model: nn.Module
+    plan: job.Plan
+    dataset: Dataset
+    store: Store
+    batch: int
+    workers: int
+    spec: Any  # what the Ray actors load the model from: a spec string or the module itself
+
+
+def explain_dataset(  # long: the documented keywords, checked one by one, then one call per step
+    model: Union[nn.Module, str],
+    images: Any,
+    methods: Union[str, Sequence[str], Mapping[str, Callable[..., Any]]] = ("vanilla",),
+    out: PathLike = "salience-run",
+    *,
+    target: Optional[int] = None,
+    top: Optional[int] = None,
+    labels: Union[None, PathLike, Sequence[Optional[int]]] = None,
+    masks: Optional[PathLike] = None,
+    metrics: Union[bool, Sequence[str]] = False,
+    metric_steps: int = 32,
+    batch_size: Optional[int] = None,
+    device: Optional[str] = None,
+    workers: Optional[int] = None,
+    shard_size: int = 256,
+    png: bool = False,
+    overwrite: bool = False,
+    engine: str = "local",
+    num_gpus: float = 0,
+    actors: Optional[int] = None,
+    address: Optional[str] = None,
+    map_dtype: str = "float16",
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+    weights: Optional[str] = None,
+    method_options: Optional[Mapping[str, Any]] = None,
+    show_progress: bool = False,
+    model_spec: Optional[str] = None,
+) -> Run:
+    """Explain every image of ``images`` with ``methods`` into the run folder ``out``; returns the run
+    (:func:`salience.open_run`).
+
+    ``model``: a module, or a spec (``"torchvision:resnet50"``, ``"demo:shapes"``). ``images``: a
+    folder, a glob, a ``.txt`` list, a list of paths, a ``torch.utils.data.Dataset`` (or a
+    ``DataLoader`` of one) whose items are the model's input ``(C, H, W)`` or ``(input, label)``.
+    Targets: the predicted class (default), the ``top`` K classes, one fixed ``target`` class, or
+    the label of each image (``labels``: a CSV ``path,label`` or one label per image; labels also
+    fill the ``label`` / ``correct`` columns). ``metrics``: ``True`` for insertion and deletion AUC
+    (and pointing game / energy in mask when ``masks``, a folder of masks by file stem, is
+    given) or a list of those names; ``metric_steps``: points of the insertion / deletion curves.
+    ``batch_size``: default from memory. ``workers``: DataLoader
+    processes decoding images (default: up to 4, one core left to the model). ``engine``:
+    ``"local"`` or ``"ray"`` (``num_gpus`` per actor, ``actors`` in the pool, ``address`` of the
+    cluster). ``model_spec``: the name of a given module in the run's command (default: its class
+    and a digest of its weights). Running it again with the same arguments continues a stopped run; different
+    arguments on an existing run raise unless ``overwrite``.
+    """
+    if engine not in ENGINES:
+        raise SalienceError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    check_int(shard_size, "shard_size", minimum=1)
+    if batch_size is not None:
+        check_int(batch_size, "batch_size", minimum=1)
+    if map_dtype not in ("float16", "float32"):
+        raise SalienceError(f"map_dtype must be float16 or float32, got {map_dtype!r}")
+    spec = model if isinstance(model, str) else model_spec
+    device = _device(device)
+    module = _model(model, device, weights)
+    fns, options = _methods(methods, method_options)
+    dataset, paths, given_labels, loader_workers = _dataset(images, module)
+    info = _info(module, dataset)
+    label_list = _labels(labels, given_labels, paths, info)
+    mode, k = _mode(target, top, label_list, info)
+    mask_list = sources.mask_files(paths, masks) if masks is not None else None
+    if isinstance(dataset, sources.ImageFiles):
+        dataset = sources.ImageFiles(paths, info, max_pixels, mask_list)
+    metric_names = _metric_names(metrics, masks is not None)
+    check_int(metric_steps, "metric_steps", minimum=1)
+    plan = job.Plan(fns, info, paths, mode=mode, k=k, fixed=target, labels=label_list, metrics=metric_names,
+                    metric_options={"steps": metric_steps})
+    command = {
+        "model": spec or _module_id(module), "weights": weights, "methods": list(fns), "method_options": options,
+        "targets": {"mode": mode, "k": k, "class": target},
+        "labels": sources.digest(label_list) if label_list is not None else None,
+        "masks": sources.digest(mask_list) if mask_list is not None else None,
+        "metrics": metric_names, "metric_steps": metric_steps if metric_names else None, "preprocessing": preprocessing_record(info), "map_dtype": map_dtype,
+        "shard_size": shard_size, "png": bool(png), "max_pixels": max_pixels,
+        "inputs": {"count": len(paths), "digest": sources.digest(paths)},
+    }
+    manifest = {"format": FORMAT, "command": command, "methods": list(fns), "labels": label_list is not None,
+                "metrics": metric_names, "k": k, "map_dtype": map_dtype, "png": bool(png),
+                "class_names": list(info.class_names or ()), "thumb": job.THUMB,
+                "sprite_columns": job.SPRITE_COLUMNS, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    store = Store(out, manifest, overwrite=overwrite)
+    store.write_inputs(paths, label_list)
+    if workers is None:
+        workers = loader_workers if loader_workers is not None else min(4, max((os.cpu_count() or 1) - 1, 0))
+    check_int(workers, "workers", minimum=0)
+    run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module)
+    if engine == "ray":
+        from salience.runs import ray_engine
+
+        ray_engine.run(run, num_gpus=num_gpus, actors=actors, address=address, show=show_progress, png=png,
+                       weights=weights)
+    else:
+        run_local(run, show=show_progress, png=png)
+    store.merge_index()
+    gallery.write(store.folder)
+    return Run(store.folder)
+
+
+# --------------------------------------------------------------------------------- checks
+
+
+def _device(device: Optional[str]) -> Optional[str]:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise SalienceError(f"--device {device}: no CUDA device here; use --device cpu or auto")
+    return device
+
+
+def _model(model: Union[nn.Module, str], device: Optional[str], weights: Optional[str]) -> nn.Module:
+    if isinstance(model, str):
+        return load_model(model, weights=weights, device=device)
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"model must be an nn.Module or a spec string, got {type(model).__name__}")
+    if device is not None and model_device(model) != torch.device(device):
+        return copy.deepcopy(model).to(device)  # the caller's model stays where it is
+    return model
+
+
+def _module_id(model: nn.Module) -> str:
+    """A module's name in the command: its class and a digest of its weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else
+                 t.detach().float().cpu().numpy().tobytes())
+    return f"module:{type(model).__name__}:{h.hexdigest()[:16]}"
+
+
+def _methods(methods: Any, options: Optional[Mapping[str, Any]]) -> tuple[dict[str, Callable[..., Any]], dict]:
+    """Names -> functions, and a JSON record of the options (for the command)."""
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if isinstance(methods, Mapping):
+        fns = dict(methods)
+    else:
+        fns = {}
+        for name in methods:
+            if name not in METHODS:
+                raise SalienceError(f"unknown method {name!r} (available: {', '.join(METHODS)})")
+            fns[name] = METHODS[name]
+    if not fns:
+        raise SalienceError("no method given; e.g. methods=['vanilla', 'gradcam']")
+    for name in fns:
+        if not name or "/" in name or name.startswith("."):
+            raise SalienceError(f"method name {name!r} cannot name a folder of the store; rename it")
+    record = {n: {k: repr(v) for k, v in getattr(fn, "keywords", {}).items()} for n, fn in fns.items()}
+    if options:
+        record = {n: {**record[n], **{k: repr(v) for k, v in options.get(n, {}).items()}} for n in fns}
+    return fns, record
+
+
+def _dataset(images: Any, model: nn.Module) -> tuple[Dataset, list[str], Optional[list], Optional[int]]:
+    """The dataset, a path per index, the labels the dataset carries, and a DataLoader's workers."""
+    loader_workers = None
+    if isinstance(images, DataLoader):
+        loader_workers = images.num_workers
+        images = images.dataset
+    if isinstance(images, Dataset) and not isinstance(images, (str, Path)):
+        wrapped = sources.Wrapped(images)
+        n = len(wrapped)
+        labels = [wrapped.label(i) for i in range(n)] if n and wrapped.label(0) is not None else None
+        return wrapped, [f"{type(images).__name__}[{i}]" for i in range(n)], labels, loader_workers
+    specs = [images] if isinstance(images, (str, Path)) else list(images)
+    paths = sources.expand(specs)
+    return sources.ImageFiles(paths, model_info(model)), paths, None, None
+
+
+def _info(model: nn.Module, dataset: Dataset) -> ModelInfo:
+    """The model's info, with class names (ImageNet's for 1000 outputs without names)."""
+    info = model_info(model)
+    out = _num_outputs(model, dataset, info)
+    named, _ = name_classes(info, out, None)
+    if named.task != "classification":
+        raise SalienceError(f"{info.name} is a {named.task} model; dataset runs explain classifiers (use "
+                            "'salience explain IMAGE ...' for other models)")
+    return named
+
+
+def _num_outputs(model: nn.Module, dataset: Dataset, info: ModelInfo) -> int:
+    if info.class_names:
+        return len(info.class_names)
+    from salience._core.autograd import forward_scores
+
+    c = info.channels
+    h, w = info.input_size or (64, 64)
+    x = torch.zeros(1, c, h, w, device=model_device(model))
+    if isinstance(dataset, sources.Wrapped) and len(dataset):
+        x = dataset[0].x[None].to(model_device(model))
+    return int(forward_scores(model, x, strip_softmax=False).reshape(1, -1).shape[1])
+
+
+def _labels(labels: Any, given: Optional[list], paths: Sequence[str], info: ModelInfo) -> Optional[list]:
+    if labels is None:
+        return given
+    if isinstance(labels, (str, Path)):
+        return sources.read_labels_csv(labels, paths, info.class_names)
+    out = [None if v is None else int(v) for v in labels]
+    if len(out) != len(paths):
+        raise SalienceError(f"labels has {len(out)} entries for {len(paths)} images; give one per image")
+    return out
+
+
+def _mode(target: Optional[int], top: Optional[int], labels: Optional[list], info: ModelInfo) -> tuple[str, int]:
+    if target is not None and top is not None:
+        raise SalienceError("give target or top, not both")
+    n = len(info.class_names or ()) or None
+    if target is not None:
+        check_int(target, "target", minimum=0)
+        if n is not None and target >= n:
+            raise SalienceError(f"target class {target} is out of range for {info.name} with {n} classes")
+        return "target", 1
+    if top is not None:
+        check_int(top, "top", minimum=1)
+        if n is not None and top > n:
+            raise SalienceError(f"top {top} is more than the model's {n} classes; use top {n} or less")
+        return "top", top
+    return ("label", 1) if labels is not None else ("predicted", 1)
+
+
+def _metric_names(metrics: Union[bool, Sequence[str]], masks: bool) -> list[str]:
+    if metrics is True:
+        return ["insertion", "deletion"] + (["pointing", "energy"] if masks else [])
+    if not metrics:
+        return []
+    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics)]
+    for m in names:
+        if m not in METRICS:
+            raise SalienceError(f"unknown metric {m!r} (available: {', '.join(METRICS)})")
+        if m in ("pointing", "energy") and not masks:
+            raise SalienceError(f"metric {m} needs masks (--masks DIR)")
+    return names
+
+
+# --------------------------------------------------------------------------------- the local engine
+
+
+def pending_shards(store: Store, n: int) -> list[list[int]]:
+    """The images still to explain, grouped in shards: the index range ``[s*S, (s+1)*S)`` less the
+    images already stored."""
+    size = int(store.manifest["command"]["shard_size"])
+    done = store.done()
+    shards = []
+    for start in range(0, n, size):
+        todo = [i for i in range(start, min(start + size, n)) if i not in done]
+        if todo:
+            shards.append(todo)
+    return shards
+
+
+def shard_name(indices: Sequence[int]) -> str:
+    return f"{min(indices):09d}"
+
+
+def resolve_batch(run: Job, first: int) -> int:
+    """The batch size: given, or the run's earlier one, or chosen from memory (then kept in run.json)."""
+    manifest = run.store.manifest
+    size = int(manifest["command"]["shard_size"])
+    if run.batch:
+        batch = run.batch
+    elif manifest.get("batch"):
+        batch = int(manifest["batch"])
+    else:
+        cap = 256 if model_device(run.model).type == "cuda" else 64
+        item = run.dataset[first]
+        batch = job.choose_batch(run.model, item, run.plan, cap) if item.error is None else 16
+    batch = min(batch, size)
+    if manifest.get("batch") != batch:
+        manifest["batch"] = batch
+        import json
+
+        atomic_write(run.store.folder / "run.json", json.dumps(manifest, indent=2).encode("utf-8"))
+    return batch
+
+
+def _batches(shards: list[list[int]], batch: int) -> Iterator[tuple[int, list[int]]]:
+    for s, shard in enumerate(shards):
+        for b in range(0, len(shard), batch):
+            yield s, shard[b:b + batch]
+
+
+def run_local(run: Job, *, show: bool = False, png: bool = False) -> None:
+    """Explain the pending shards: a DataLoader decodes batches in its workers while the model runs;
+    a shard is written when its last batch is done."""
+    shards = pending_shards(run.store, len(run.plan.paths))
+    if not shards:
+        return
+    batch = resolve_batch(run, shards[0][0])
+    plan_batches = list(_batches(shards, batch))
+    loader = DataLoader(run.dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
+                        collate_fn=sources.collate, worker_init_fn=sources.worker_init if run.workers else None,
+                        persistent_workers=False)
+    total = sum(len(s) for s in shards)
+    current: list[job.Result] = []
+    with progress(total, "explain", enabled=show, unit="img") as bar:
+        for (s, indices), items in zip(plan_batches, loader):
+            result = job.explain_items(run.model, items, run.plan)
+            if png:
+                write_overlays(run.store.folder, items, result, run.plan)
+            current.append(result)
+            bar.update(len(items))
+            if sum(len(r.rows) for r in current) == len(shards[s]):
+                commit(run.store, shards[s], current)
+                current = []
+
+
+def commit(store: Store, indices: Sequence[int], parts: Sequence[job.Result]) -> None:
+    """Write a shard from its batches' results."""
+    rows = [r for p in parts for r in p.rows]
+    maps = {m: np.concatenate([p.maps[m] for p in parts]) for m in parts[0].maps}
+    tiles = [p.tiles for p in parts if p.tiles is not None]
+    thumbs = job.sprite(np.concatenate(tiles)) if tiles else None
+    store.write_shard(shard_name(indices), rows, maps, thumbs)
+
+
+def write_overlays(folder: Path, items: Sequence[sources.Item], result: job.Result, plan: job.Plan) -> None:
+    """``overlays/<index>_<method>_k<k>.png``: each map on its image, at the model's input size."""
+    from salience.loading.images import unnormalize
+
+    for j, it in enumerate(items):
+        if it.error is not None:
+            continue
+        picture = unnormalize(it.x.float().cpu(), plan.info)
+        for name, arr in result.maps.items():
+            for k in range(arr.shape[1]):
+                m = arr[j, k]
+                if np.isnan(m).all():
+                    continue
+                m = np.abs(m).max(0) if m.ndim == 3 else m
+                viz.save_png(folder / "overlays" / f"{it.index:09d}_{name}_k{k}.png", viz.overlay(picture, m))
+
+
+def log(msg: str) -> None:
+    print(f"salience: {msg}", file=sys.stderr)

@@ -1,0 +1,153 @@
+"""``RUN/index.html``: a static gallery of a run, opened from disk with no server.
+
+One page, plain JavaScript inline (no CDN, nothing fetched): the rows are embedded as JSON; the
+table sorts by any column (click its header), filters by class, right / wrong / failed,
+confidence and any numeric column (a metric or a summary) between two bounds, and shows a page
+of rows at a time. Thumbnails are tiles of the shard sprites (``thumbs/<shard>.jpg``), set as a
+row's background only when the row scrolls into view (``IntersectionObserver``), so a page of a
+100,000-image run loads only what is seen.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from salience._core.files import atomic_write
+from salience.runs.store import Run
+
+_COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "targets", "label", "correct", "error",
+            "shard", "offset")
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def rows_json(run: Run) -> str:
+    """The run's rows as a JSON list of lists (columns in :func:`columns`), safe inside ``<script>``."""
+    table = run.table
+    cols = columns(run)
+    data = {c: table.column(c).to_pylist() for c in cols if c in table.column_names}
+    rows = [[_clean(data[c][i]) if c in data else None for c in cols] for i in range(table.num_rows)]
+    return json.dumps(rows, separators=(",", ":")).replace("</", "<\\/")
+
+
+def columns(run: Run) -> list[str]:
+    names = run.table.column_names
+    return [c for c in _COLUMNS if c in names] + [c for c in names if "." in c]
+
+
+def write(folder: Path) -> Path:
+    """Write ``folder/index.html`` for the run in ``folder``; returns its path."""
+    run = Run(folder)
+    m = run.manifest
+    about = {"columns": columns(run), "methods": run.methods, "thumb": m["thumb"], "per": m["sprite_columns"],
+             "model": run.model, "k": m["k"]}
+    page = _PAGE.replace("__TITLE__", html.escape(f"salience run: {run.model}, {len(run)} images"))
+    page = page.replace("__ABOUT__", json.dumps(about).replace("</", "<\\/")).replace("__ROWS__", rows_json(run))
+    return atomic_write(folder / "index.html", page.encode("utf-8"))
+
+
+_PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:1em;color:#222}
+table{border-collapse:collapse}td,th{padding:2px 6px;border-bottom:1px solid #ddd;text-align:left;vertical-align:middle}
+th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}th.sorted:after{content:" \25B4"}th.desc:after{content:" \25BE"}
+.t{display:inline-block;background-color:#eee;background-repeat:no-repeat}
+.bad{color:#b00}.ok{color:#070}.err{color:#b00;font-size:12px}
+#filters label{margin-right:1em}#nav{margin:.5em 0}
+</style></head><body>
+<h1>__TITLE__</h1>
+<div id="filters">
+<label>class <select id="cls"><option value="">all</option></select></label>
+<label>prediction <select id="rw"><option value="">all</option><option value="right">right</option>
+<option value="wrong">wrong</option><option value="error">failed</option></select></label>
+<label>confidence <input id="pmin" type="number" step="0.01" min="0" max="1" placeholder="min" size="5">
+- <input id="pmax" type="number" step="0.01" min="0" max="1" placeholder="max" size="5"></label>
+<label>column <select id="mcol"></select> <input id="mmin" type="number" step="any" placeholder="min" size="7">
+- <input id="mmax" type="number" step="any" placeholder="max" size="7"></label>
+<label>path <input id="q" placeholder="contains" size="12"></label>
+</div>
+<div id="nav"></div>
+<table><thead><tr id="head"></tr></thead><tbody id="body"></tbody></table>
+<script>
+"use strict";
+const ABOUT = __ABOUT__;
+const ROWS = __ROWS__;
+const C = {}; ABOUT.columns.forEach((c, i) => C[c] = i);
+const PAGE = 100, T = ABOUT.thumb, tiles = 1 + ABOUT.methods.length;
+let sortCol = "index", desc = false, page = 0, shown = [];
+const $ = id => document.getElementById(id);
+const numeric = ABOUT.columns.filter(c => c.includes(".") || c === "probability");
+numeric.forEach(c => $("mcol").add(new Option(c, c)));
+const classes = [...new Set(ROWS.map(r => r[C.predicted_name]).concat(
+  C.label !== undefined ? ROWS.map(r => r[C.label]) : []).filter(v => v !== null))].sort();
+classes.forEach(c => $("cls").add(new Option(String(c), String(c))));
+const headers = ["thumbnails"].concat(ABOUT.columns.filter(c => c !== "shard" && c !== "offset"));
+headers.forEach(c => { const th = document.createElement("th"); th.textContent = c; th.dataset.col = c;
+  if (c !== "thumbnails") th.onclick = () => { desc = sortCol === c ? !desc : false; sortCol = c; page = 0; render(); };
+  $("head").appendChild(th); });
+function num(v) { return v === "" || v === null ? null : Number(v); }
+function keep(r) {
+  const cls = $("cls").value, rw = $("rw").value, q = $("q").value;
+  if (cls && String(r[C.predicted_name]) !== cls && (C.label === undefined || String(r[C.label]) !== cls)) return false;
+  if (rw === "error" && r[C.error] === null) return false;
+  if (rw === "right" && r[C.correct] !== true) return false;
+  if (rw === "wrong" && (r[C.correct] !== false)) return false;
+  const p = r[C.probability], pmin = num($("pmin").value), pmax = num($("pmax").value);
+  if (pmin !== null && !(p >= pmin)) return false; if (pmax !== null && !(p <= pmax)) return false;
+  const mc = $("mcol").value, v = r[C[mc]], mmin = num($("mmin").value), mmax = num($("mmax").value);
+  if (mmin !== null && !(v >= mmin)) return false; if (mmax !== null && !(v <= mmax)) return false;
+  if (q && !String(r[C.path]).includes(q)) return false;
+  return true;
+}
+function cmp(a, b) {
+  const i = C[sortCol], x = a[i], y = b[i];
+  if (x === y) return a[C.index] - b[C.index];
+  if (x === null) return 1; if (y === null) return -1;
+  const r = typeof x === "number" ? x - y : String(x).localeCompare(String(y));
+  return desc ? -r : r;
+}
+const seen = new IntersectionObserver(es => es.forEach(e => { if (e.isIntersecting) {
+  const d = e.target; d.style.backgroundImage = `url("thumbs/${d.dataset.shard}.jpg")`; seen.unobserve(d); } }));
+function thumbs(r) {
+  const o = r[C.offset], col = o % ABOUT.per, row = Math.floor(o / ABOUT.per), box = document.createElement("span");
+  for (let j = 0; j < tiles; j++) { const d = document.createElement("span"); d.className = "t";
+    d.style.width = d.style.height = T + "px"; d.dataset.shard = r[C.shard];
+    d.title = j === 0 ? "image" : ABOUT.methods[j - 1];
+    d.style.backgroundPosition = `-${col * T}px -${(row * tiles + j) * T}px`; box.appendChild(d); seen.observe(d); }
+  return box;
+}
+function cell(c, v) {
+  const td = document.createElement("td");
+  if (v === null || v === undefined) td.textContent = "";
+  else if (typeof v === "number" && !Number.isInteger(v)) td.textContent = v.toPrecision(4);
+  else td.textContent = Array.isArray(v) ? v.join(",") : String(v);
+  if (c === "correct" && v !== null) td.className = v ? "ok" : "bad";
+  if (c === "error") td.className = "err";
+  return td;
+}
+function render() {
+  shown = ROWS.filter(keep).sort(cmp);
+  document.querySelectorAll("th").forEach(th => th.className = th.dataset.col === sortCol ? (desc ? "sorted desc" : "sorted") : "");
+  const pages = Math.max(1, Math.ceil(shown.length / PAGE)); page = Math.min(page, pages - 1);
+  const nav = $("nav"); nav.textContent = `${shown.length} of ${ROWS.length} images; page ${page + 1} of ${pages} `;
+  [["previous", -1], ["next", 1]].forEach(([t, d]) => { const b = document.createElement("button"); b.textContent = t;
+    b.onclick = () => { page = Math.min(pages - 1, Math.max(0, page + d)); render(); }; nav.appendChild(b); });
+  const body = $("body"); body.textContent = "";
+  for (const r of shown.slice(page * PAGE, (page + 1) * PAGE)) {
+    const tr = document.createElement("tr"), td = document.createElement("td");
+    if (r[C.error] === null) td.appendChild(thumbs(r)); tr.appendChild(td);
+    headers.slice(1).forEach(c => tr.appendChild(cell(c, r[C[c]]))); body.appendChild(tr);
+  }
+}
+["cls", "rw", "pmin", "pmax", "mcol", "mmin", "mmax", "q"].forEach(id => $(id).oninput = () => { page = 0; render(); });
+render();
+</script></body></html>
+"""

@@ -1,0 +1,270 @@
+"""One batch of a dataset run: predictions, targets, every method's maps, the summary numbers and
+metrics, the thumbnails. The local engine and the Ray actors both call :func:`explain_items`, so
+the two engines write the same rows and maps.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from salience._core.autograd import forward_scores, looks_like_probabilities, unwrap_output
+from salience._core.engine import MemoryProbe, default_budget
+from salience._core.errors import SalienceError
+from salience._core.info import ModelInfo
+from salience._core.tensors import model_device
+from salience.evidence.faithfulness import deletion, insertion
+from salience.evidence.localization import energy_in_mask, pointing_game
+from salience.loading.images import unnormalize
+from salience.render import viz
+from salience.runs.sources import Item
+
+THUMB = 96
+"""Thumbnail tile size in pixels (the gallery's)."""
+SPRITE_COLUMNS = 16
+"""Images per row of a shard's thumbnail sprite; each image is a column of ``1 + len(methods)``
+tiles: the image, then each method's overlay (first target)."""
+TARGET_MODES = ("predicted", "top", "target", "label")
+
+
+@dataclass
+class Plan:
+    """What each batch needs, picklable (Ray ships it to the actors).
+
+    ``methods``: name -> function ``(model, x, target) -> maps``; ``mode``: how targets are chosen
+    (:data:`TARGET_MODES`), ``k`` targets per image, ``fixed``: the class of mode ``"target"``;
+    ``labels``: per index (or ``None``); ``metrics``: the metric columns to compute.
+    """
+
+    methods: dict[str, Callable[..., Tensor]]
+    info: ModelInfo
+    paths: Sequence[str]
+    mode: str = "predicted"
+    k: int = 1
+    fixed: Optional[int] = None
+    labels: Optional[Sequence[Optional[int]]] = None
+    metrics: Sequence[str] = ()
+    thumbs: bool = True
+    metric_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """A batch's rows (index order), maps per method ``(n, K, ...)`` float32 (NaN for failed
+    images), and the uint8 thumbnail tiles ``(n, 1 + M, T, T, 3)``."""
+
+    rows: list[dict[str, Any]]
+    maps: dict[str, np.ndarray]
+    tiles: Optional[np.ndarray]
+
+
+def _predictions(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    return _probabilities(forward_scores(model, x, strip_softmax=False))
+
+
+def _probabilities(out: Tensor) -> tuple[Tensor, Tensor]:
+    out = out.detach().reshape(out.shape[0], -1).float().cpu()
+    probs = out if looks_like_probabilities(out) else out.softmax(dim=1)
+    return probs, out
+
+
+def _first_pass(plan: Plan, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Explaining the predicted class (one target): the first method runs with ``target=None`` and
+    the model's output on the clean images is read from that method's own forward pass (a forward
+    hook that keeps the output of the call whose input is ``x``), so no separate prediction pass
+    is paid (a second forward only when the method never ran the model on ``x`` itself, e.g.
+    SmoothGrad's noisy copies). Returns ``(maps (n, 1, ...), output, classes (n, 1))``."""
+    seen: list[Tensor] = []
+
+    def keep(_module: nn.Module, args: tuple, output: Any) -> None:
+        if not seen and args and isinstance(args[0], Tensor) and args[0].shape == x.shape \
+                and args[0].data_ptr() == x.data_ptr():
+            seen.append(unwrap_output(output, model).detach())
+
+    name, fn = next(iter(plan.methods.items()))
+    handle = model.register_forward_hook(keep)
+    try:
+        m = fn(model, x, None).detach().float().cpu().unsqueeze(1)
+    finally:
+        handle.remove()
+    out = seen[0] if seen else forward_scores(model, x, strip_softmax=False)
+    return m, out, out.reshape(out.shape[0], -1).argmax(1, keepdim=True).cpu()
+
+
+def _targets(plan: Plan, probs: Tensor, indices: Sequence[int]) -> Tensor:
+    """The ``(n, K)`` classes to explain."""
+    n = probs.shape[0]
+    if plan.mode == "target":
+        return torch.full((n, 1), int(plan.fixed or 0), dtype=torch.long)
+    if plan.mode == "label" and plan.labels is not None:
+        pred = probs.argmax(1)
+        return torch.tensor([[plan.labels[i] if plan.labels[i] is not None else int(pred[j])]
+                             for j, i in enumerate(indices)], dtype=torch.long)
+    return probs.topk(min(plan.k, probs.shape[1]), dim=1).indices.cpu()
+
+
+def display(m: Tensor) -> Tensor:
+    """Maps ``(n, H, W)`` or per channel ``(n, C, H, W)`` -> ``(n, H, W)`` (``max_c |m|``)."""
+    return m.abs().amax(1) if m.dim() == 4 else m
+
+
+def _method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes: Tensor) -> Tensor:
+    """One method's maps ``(n, K, ...)`` float32 on the CPU."""
+    target = classes[:, 0] if classes.shape[1] == 1 else classes
+    m = fn(model, x, target.to(x.device)).detach().float().cpu()
+    return m.unsqueeze(1) if classes.shape[1] == 1 else m
+
+
+def _metrics(plan: Plan, model: nn.Module, x: Tensor, first: Tensor, classes: Tensor,
+             masks: Optional[Tensor]) -> dict[str, list[Optional[float]]]:
+    """The metric columns of one method (first target): insertion / deletion AUC, and with masks the
+    pointing game and energy in mask."""
+    out: dict[str, list[Optional[float]]] = {}
+    opts = plan.metric_options
+    target = classes[:, 0].to(x.device)
+    if "insertion" in plan.metrics:
+        out["insertion"] = insertion(model, x, first.to(x.device), target, **opts).tolist()
+    if "deletion" in plan.metrics:
+        out["deletion"] = deletion(model, x, first.to(x.device), target, **opts).tolist()
+    for name, fn in (("pointing", pointing_game), ("energy", energy_in_mask)):
+        if name in plan.metrics:
+            vals = fn(first, masks).tolist() if masks is not None else [None] * len(first)
+            out[name] = [None if v is None or v != v else float(v) for v in vals]
+    return out
+
+
+def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result:  # long: one batch, step by step
+    """Explain a batch of decoded items (failed ones become rows with their error)."""
+    n = len(items)
+    good = [j for j, it in enumerate(items) if it.error is None]
+    rows = [_row(plan, it) for it in items]
+    maps: dict[str, np.ndarray] = {}
+    firsts: dict[str, Tensor] = {}
+    if good:
+        device = model_device(model)
+        x = torch.stack([items[j].x for j in good]).to(device)
+        indices = [items[j].index for j in good]
+        first_maps, probs, classes = _predict(plan, model, x, indices)
+        masks = _stack_masks([items[j] for j in good])
+        for j, pos in enumerate(good):
+            _prediction_row(rows[pos], plan, probs[j], classes[j])
+        for i_method, (name, fn) in enumerate(plan.methods.items()):
+            try:
+                m = first_maps if i_method == 0 and first_maps is not None else _method_maps(fn, model, x, classes)
+            except SalienceError as e:
+                for pos in good:
+                    rows[pos]["error"] = f"method {name} failed: {e}"
+                continue
+            full = np.full((n, *m.shape[1:]), np.nan, dtype=np.float32)
+            full[good] = m.numpy()
+            maps[name] = full
+            first = display(m[:, 0])
+            firsts[name] = first
+            for col, vals in _summaries(first).items():
+                for j, pos in enumerate(good):
+                    rows[pos][f"{name}.{col}"] = vals[j]
+            for col, vals in _metrics(plan, model, x, first, classes, masks).items():
+                for j, pos in enumerate(good):
+                    rows[pos][f"{name}.{col}"] = vals[j]
+    for name in plan.methods:  # a method that failed on this batch: NaN maps of the right shape
+        if name not in maps:
+            h, w = plan.info.input_size or (1, 1)
+            maps[name] = np.full((n, plan.k, h, w), np.nan, dtype=np.float32)
+    tiles = _tiles(plan, items, good, firsts) if plan.thumbs else None
+    return Result(rows, maps, tiles)
+
+
+def _predict(plan: Plan, model: nn.Module, x: Tensor,
+             indices: Sequence[int]) -> tuple[Optional[Tensor], Tensor, Tensor]:
+    """The first method's maps when they came with the prediction (:func:`_first_pass`), the
+    probabilities ``(n, classes)`` and the targets ``(n, K)``."""
+    if plan.mode == "predicted" and plan.k == 1:
+        try:
+            first_maps, out, classes = _first_pass(plan, model, x)
+            return first_maps, _probabilities(out)[0], classes
+        except SalienceError:
+            pass  # the method's error is recorded when it runs again with the classes
+    probs, _ = _predictions(model, x)
+    return None, probs, _targets(plan, probs, indices)
+
+
+def _stack_masks(items: Sequence[Item]) -> Optional[Tensor]:
+    if any(it.mask is None for it in items) or not items:
+        return None
+    return torch.stack([it.mask for it in items])  # type: ignore[misc]
+
+
+def _row(plan: Plan, it: Item) -> dict[str, Any]:
+    row: dict[str, Any] = {"index": it.index, "path": str(plan.paths[it.index]),
+                           "width": it.width if it.error is None else None,
+                           "height": it.height if it.error is None else None, "error": it.error}
+    if plan.labels is not None:
+        row["label"] = plan.labels[it.index]
+    return row
+
+
+def _prediction_row(row: dict[str, Any], plan: Plan, probs: Tensor, classes: Tensor) -> None:
+    pred = int(probs.argmax())
+    row.update(predicted=pred, predicted_name=plan.info.class_name(pred), probability=float(probs[pred]),
+               targets=[int(c) for c in classes])
+    if plan.labels is not None and row.get("label") is not None:
+        row["correct"] = pred == row["label"]
+
+
+def _summaries(first: Tensor) -> dict[str, list[float]]:
+    flat = first.reshape(first.shape[0], -1).double()
+    return {"min": flat.amin(1).tolist(), "max": flat.amax(1).tolist(), "mean": flat.mean(1).tolist()}
+
+
+def _tiles(plan: Plan, items: Sequence[Item], good: Sequence[int], firsts: dict[str, Tensor]) -> np.ndarray:
+    """Thumbnail tiles ``(n, 1 + M, T, T, 3)`` uint8: the image, then each method's overlay."""
+    import torch.nn.functional as F
+
+    n, cols = len(items), 1 + len(plan.methods)
+    tiles = np.full((n, cols, THUMB, THUMB, 3), 235, dtype=np.uint8)
+    if not good:
+        return tiles
+    x = torch.stack([items[j].x for j in good]).float().cpu()
+    pics = unnormalize(x, plan.info).clamp(0, 1)
+    pics = pics.repeat(1, 3, 1, 1) if pics.shape[1] == 1 else pics[:, :3]
+    small = F.interpolate(pics, size=(THUMB, THUMB), mode="bilinear", align_corners=False, antialias=True)
+    tiles[good, 0] = viz.to_uint8_image(small)
+    for c, name in enumerate(plan.methods, start=1):
+        if name in firsts:
+            m = F.interpolate(firsts[name][:, None], size=(THUMB, THUMB), mode="bilinear", align_corners=False)[:, 0]
+            tiles[good, c] = viz.overlay(small, m)
+    return tiles
+
+
+def sprite(tiles: np.ndarray) -> bytes:
+    """A shard's tiles as one JPEG: :data:`SPRITE_COLUMNS` images a row, each a column of tiles."""
+    from PIL import Image
+
+    n, c = tiles.shape[:2]
+    rows = -(-n // SPRITE_COLUMNS)
+    canvas = np.full((rows * c * THUMB, min(n, SPRITE_COLUMNS) * THUMB, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, SPRITE_COLUMNS)
+        for j in range(c):
+            canvas[(r * c + j) * THUMB:(r * c + j + 1) * THUMB, col * THUMB:(col + 1) * THUMB] = tiles[i, j]
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def choose_batch(model: nn.Module, item: Item, plan: Plan, cap: int) -> int:
+    """Images per batch from memory: one image's peak memory through the first method, measured by
+    :class:`~salience._core.engine.MemoryProbe`, against the engine's budget; at most ``cap``."""
+    device = model_device(model)
+    x = item.x[None].to(device)
+    name, fn = next(iter(plan.methods.items()))
+    probe = MemoryProbe()
+    with probe:
+        probs, _ = _predictions(model, x)
+        _method_maps(fn, model, x, _targets(plan, probs, [item.index]))
+    per = max(int(probe.peak), 1)
+    return int(max(1, min(cap, int(0.8 * default_budget(device)) // per)))

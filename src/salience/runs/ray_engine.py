@@ -1,0 +1,127 @@
+"""``engine="ray"``: the same job on Ray Data, beyond one machine.
+
+The pending images (those in no committed shard) become a ``ray.data`` dataset of
+``(index, path)`` rows; ``map_batches`` tasks decode and resize them (the run's dataset, so the
+same preprocessing as the local engine); a second ``map_batches`` runs on a pool of actors that
+each hold one model (``num_gpus`` per actor, CPU actors otherwise). Each actor batch of
+``shard_size`` images is one shard, written by the actor into the same store layout (a shared
+folder or mount on a cluster); the driver merges the index at the end. A stopped run resumes the
+same way as a local one: only images that no committed shard holds are read again.
+
+Ray is optional: ``pip install salience[ray]``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from salience._core.errors import SalienceError
+from salience._core.progress import progress
+from salience.runs import job
+from salience.runs.sources import Item
+
+
+def _ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise SalienceError("--engine ray needs Ray Data: pip install 'salience[ray]' (or pip install 'ray[data]')"
+                            ) from None
+    return ray
+
+
+def decode(batch: dict[str, np.ndarray], dataset: Any) -> dict[str, np.ndarray]:
+    """Ray task: a batch of ``index`` rows -> decoded inputs (the run's dataset, as the local engine)."""
+    items = [dataset[int(i)] for i in batch["index"]]
+    out = {"index": np.asarray([it.index for it in items], dtype=np.int64),
+           "x": np.stack([it.x.numpy() for it in items]),
+           "width": np.asarray([it.width for it in items], dtype=np.int64),
+           "height": np.asarray([it.height for it in items], dtype=np.int64),
+           "error": np.asarray([it.error or "" for it in items], dtype=object)}
+    if all(it.mask is not None for it in items):
+        out["mask"] = np.stack([it.mask.numpy() for it in items])  # type: ignore[union-attr]
+    return out
+
+
+class Explain:
+    """Ray actor: holds one model; explains a batch of decoded images and writes it as one shard."""
+
+    def __init__(self, model: Any, plan: job.Plan, folder: str, batch: int, png: bool, weights: Optional[str],
+                 gpu: bool):
+        from salience.loading import load_model
+        from salience.runs.store import Store
+
+        device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+        self.model = load_model(model, weights=weights, device=device) if isinstance(model, str) else model.to(device)
+        self.plan, self.batch, self.png = plan, batch, png
+        self.store = Store.existing(folder)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from salience.runs.dataset import commit, shard_name, write_overlays
+
+        n = len(batch["index"])
+        items = [Item(int(batch["index"][j]), torch.from_numpy(np.array(batch["x"][j])), int(batch["width"][j]),
+                      int(batch["height"][j]), str(batch["error"][j]) or None,
+                      torch.from_numpy(np.array(batch["mask"][j])) if "mask" in batch else None) for j in range(n)]
+        parts = []
+        for s in range(0, n, self.batch):
+            part = items[s:s + self.batch]
+            parts.append(job.explain_items(self.model, part, self.plan))
+            if self.png:
+                write_overlays(self.store.folder, part, parts[-1], self.plan)
+        indices = [it.index for it in items]
+        commit(self.store, indices, parts)
+        return {"index": np.asarray(indices, dtype=np.int64), "shard": np.asarray([shard_name(indices)] * n)}
+
+
+def _actors(ray: Any, num_gpus: float, actors: Optional[int]) -> int:
+    if actors is not None:
+        return actors
+    res = ray.cluster_resources()
+    if num_gpus:
+        return max(1, int(res.get("GPU", 0) // num_gpus))
+    return max(1, int(res.get("CPU", 1)) // 2)  # the other half decodes
+
+
+def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address: Optional[str] = None,
+        show: bool = False, png: bool = False, weights: Optional[str] = None) -> None:
+    """Explain the run's pending images on Ray (a cluster at ``address``, ``RAY_ADDRESS``, the one
+    this process joined, or a new local one, shut down after). The actors run on CUDA when
+    ``num_gpus`` > 0, else on the CPU."""
+    from salience.runs.dataset import resolve_batch
+
+    ray = _ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        done = run.store.done()
+        pending = [i for i in range(len(run.plan.paths)) if i not in done]
+        if not pending:
+            return
+        batch = resolve_batch(run, pending[0])
+        size = int(run.store.manifest["command"]["shard_size"])
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # shards of consecutive images, as the local engine's
+        for quiet in ("enable_progress_bars", "print_on_execution_start"):
+            if hasattr(ctx, quiet):
+                setattr(ctx, quiet, False)
+        ds = ray.data.from_items([{"index": i} for i in pending])
+        ds = ds.map_batches(decode, fn_kwargs={"dataset": run.dataset}, batch_size=batch, batch_format="numpy",
+                            num_cpus=1)
+        ds = ds.map_batches(Explain, fn_constructor_args=(run.spec, run.plan, str(run.store.folder), batch, png,
+                                                          weights, bool(num_gpus)),
+                            batch_size=size, batch_format="numpy", concurrency=_actors(ray, num_gpus, actors),
+                            num_gpus=num_gpus or None, num_cpus=1)
+        with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
+            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                bar.update(len(out["index"]))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+__all__ = ["run", "decode", "Explain"]

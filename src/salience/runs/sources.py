@@ -1,0 +1,198 @@
+"""What a dataset run reads: image paths from folders, globs and list files; labels from a CSV;
+a :class:`torch.utils.data.Dataset` that decodes and resizes each image in a DataLoader worker
+(a bad file becomes an item with its error, never an exception that stops the run).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from salience._core.errors import SalienceError
+from salience._core.info import ModelInfo
+from salience.loading.images import DEFAULT_MAX_PIXELS, load_image, normalize_input, resize_crop
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def is_dataset_spec(text: str) -> bool:
+    """Whether a command-line input names many images: a folder, a glob or a ``.txt`` list."""
+    p = Path(text)
+    return p.is_dir() or p.suffix.lower() == ".txt" or (not p.exists() and glob.has_magic(text))
+
+
+def expand(specs: Sequence[PathLike]) -> list[str]:
+    """Image paths, in a stable order: a folder's images (recursively, sorted), a glob's matches
+    (sorted), a ``.txt`` file's lines (as listed; blank lines and ``#`` comments skipped; relative
+    paths from the list's folder), a file as it is."""
+    paths: list[str] = []
+    for spec in specs:
+        text = os.fspath(spec)
+        p = Path(text)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise SalienceError(f"{p}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        elif p.suffix.lower() == ".txt" and p.is_file():
+            paths += _list_file(p)
+        elif not p.exists() and glob.has_magic(text):
+            found = sorted(f for f in glob.glob(text, recursive=True) if Path(f).is_file())
+            if not found:
+                raise SalienceError(f"{text}: the pattern matches no file; check it (quote it so the shell leaves it)")
+            paths += found
+        else:
+            paths.append(text)  # a missing file becomes a row with its error
+    if not paths:
+        raise SalienceError("no images given; name a folder, a glob, a .txt list or image files")
+    return paths
+
+
+def _list_file(p: Path) -> list[str]:
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    out = [ln if Path(ln).is_absolute() else str(p.parent / ln) for ln in lines if ln and not ln.startswith("#")]
+    if not out:
+        raise SalienceError(f"{p}: the list names no image; write one path per line")
+    return out
+
+
+def digest(values: Sequence[Any]) -> str:
+    """A short SHA-256 of ``values`` (the inputs and labels a run's command is known by)."""
+    h = hashlib.sha256()
+    for v in values:
+        h.update(repr(v).encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[Sequence[str]]) -> list[Optional[int]]:
+    """Each image's label from a CSV ``path,label`` (a header row is allowed): the label is a class
+    index or name; an image is matched by its path as given, its absolute path, or its file name.
+    Images missing from the file get ``None``."""
+    p = Path(path)
+    try:
+        with open(p, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+    except OSError as e:
+        raise SalienceError(f"--labels-csv {p}: cannot read it ({e.strerror or e})") from None
+    names = {n.lower(): i for i, n in enumerate(class_names or ())}
+    table: dict[str, int] = {}
+    for n, row in enumerate(rows):
+        if len(row) < 2:
+            raise SalienceError(f"--labels-csv {p}: line {n + 1} needs two columns, path,label")
+        key, value = row[0].strip(), row[1].strip()
+        if value.lstrip("-").isdigit():
+            table[key] = int(value)
+        elif value.lower() in names:
+            table[key] = names[value.lower()]
+        elif n == 0:
+            continue  # a header
+        else:
+            raise SalienceError(f"--labels-csv {p}: line {n + 1}: {value!r} is neither a class index nor a class name")
+    by_name = {Path(k).name: v for k, v in table.items()}
+    by_abs = {str(Path(k).resolve()): v for k, v in table.items()}
+    return [table.get(q, by_abs.get(str(Path(q).resolve()), by_name.get(Path(q).name))) for q in paths]
+
+
+@dataclass
+class Item:
+    """One decoded image: its input ``(C, H, W)`` (zeros when it failed), original size and error."""
+
+    index: int
+    x: Tensor
+    width: int
+    height: int
+    error: Optional[str]
+    mask: Optional[Tensor] = None
+
+
+class ImageFiles(Dataset):
+    """Image files decoded, resized and normalized for ``info`` (in the DataLoader's workers)."""
+
+    def __init__(self, paths: Sequence[str], info: ModelInfo, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                 masks: Optional[Sequence[Optional[str]]] = None):
+        if info.input_size is None:
+            raise SalienceError(f"{info.name} takes any input size, but a dataset run needs one size; give --size H,W")
+        self.paths = list(paths)
+        self.info = info
+        self.max_pixels = max_pixels
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Item:
+        info = self.info
+        h, w = info.input_size  # type: ignore[misc]
+        try:
+            raw = load_image(self.paths[index], max_pixels=self.max_pixels)
+            x = normalize_input(resize_crop(raw, info), info)
+            mask = self._mask(index)
+            return Item(index, x, int(raw.shape[-1]), int(raw.shape[-2]), None, mask)
+        except SalienceError as e:
+            return Item(index, torch.zeros(info.channels, h, w), -1, -1, str(e))
+        except (MemoryError, OSError, ValueError) as e:
+            return Item(index, torch.zeros(info.channels, h, w), -1, -1, f"{self.paths[index]}: {e}")
+
+    def _mask(self, index: int) -> Optional[Tensor]:
+        """The image's mask, resized and cropped like it, bool ``(H, W)`` (``None``: no mask)."""
+        path = self.masks[index] if self.masks is not None else None
+        if path is None:
+            return None
+        mk = resize_crop(load_image(path).amax(0, keepdim=True), self.info)[0]
+        top = float(mk.max())
+        return mk >= 0.5 * top if top > 0 else torch.zeros_like(mk, dtype=torch.bool)
+
+
+class Wrapped(Dataset):
+    """A user's dataset whose items are an image ``(C, H, W)`` or ``(image, label)``: the images
+    as they are (already the model's input), the labels kept."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Item:
+        item = self.dataset[index]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            raise SalienceError(f"the dataset's item {index} is not an image tensor (C, H, W) or (image, label); "
+                                "add a transform that returns the model's input")
+        return Item(index, x, int(x.shape[-1]), int(x.shape[-2]), None)
+
+    def label(self, index: int) -> Optional[int]:
+        item = self.dataset[index]
+        if isinstance(item, (tuple, list)) and len(item) > 1:
+            v = item[1]
+            return int(v.item() if isinstance(v, Tensor) else v)
+        return None
+
+
+def mask_files(paths: Sequence[str], folder: PathLike) -> list[Optional[str]]:
+    """Each image's mask in ``folder``: the file of the same stem (any image suffix), or ``None``."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise SalienceError(f"--masks {d}: no such folder; give the folder of the mask images")
+    by_stem = {f.stem: str(f) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES}
+    return [by_stem.get(Path(p).stem) for p in paths]
+
+
+def collate(items: list[Item]) -> list[Item]:
+    """The DataLoader's batches stay lists of items (the run stacks the good ones itself)."""
+    return items
+
+
+def worker_init(_: int) -> None:
+    """One thread per decoding worker: the cores are the model's."""
+    torch.set_num_threads(1)

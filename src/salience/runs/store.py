@@ -1,0 +1,321 @@
+"""The store of a dataset run (``RUN/``): a layout numpy and pyarrow read without salience.
+
+::
+
+    RUN/run.json                      the manifest: format, the command (what refuses a different one), K, dtype
+    RUN/inputs.parquet                the planned inputs: index, path, label (written once, before any shard)
+    RUN/maps/<method>/<shard>.npy     maps of a shard's images, (n, K, H, W) (or (n, K, C, H, W)), float16
+    RUN/thumbs/<shard>.jpg            a sprite of the shard's thumbnails (the gallery's)
+    RUN/shards/<shard>.parquet        the shard's rows: written LAST, it is the shard's commit mark
+    RUN/index.parquet                 every row, by index (merged when the run ends)
+    RUN/index.html                    the gallery
+    RUN/overlays/<index>_<method>.png with --png
+
+A row says where its maps are: ``shard`` and ``offset``, so that
+``np.load(f"RUN/maps/{m}/{row.shard}.npy", mmap_mode="r")[row.offset, k]`` is the map of image
+``row.index``, method ``m``, target ``k``. Every file is written atomically
+(:mod:`salience._core.files`): a crash leaves either the whole file or none, and a shard counts
+only once its rows file exists, which is written after its maps and thumbnails. A map file
+without its rows file (a crash between the two) is written again on resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from salience._core.errors import SalienceError
+from salience._core.files import atomic_path, atomic_write, make_folder
+
+FORMAT = "salience-run/1"
+PathLike = Union[str, "os.PathLike[str]"]
+
+_RUN_FILES = ("run.json", "inputs.parquet", "index.parquet", "index.html")
+_RUN_FOLDERS = ("maps", "shards", "thumbs", "overlays")
+
+
+def pyarrow():
+    """pyarrow, or a :class:`SalienceError` saying how to install it."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet  # noqa: F401 - the submodule is used as pa.parquet
+    except ImportError:  # pragma: no cover - pyarrow is a dependency of the runs
+        raise SalienceError("dataset runs need pyarrow: pip install 'salience[runs]' (or pip install pyarrow)") from None
+    return pa
+
+
+def row_schema(methods: Sequence[str], *, labels: bool, metrics: Sequence[str]):
+    """The rows' schema: the same in every shard, so the shards concatenate into one table."""
+    pa = pyarrow()
+    fields = [("index", pa.int64()), ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+              ("predicted", pa.int64()), ("predicted_name", pa.string()), ("probability", pa.float64()),
+              ("targets", pa.list_(pa.int64())), ("error", pa.string())]
+    if labels:
+        fields += [("label", pa.int64()), ("correct", pa.bool_())]
+    for m in methods:
+        fields += [(f"{m}.{s}", pa.float64()) for s in ("min", "max", "mean")]
+        fields += [(f"{m}.{s}", pa.float64()) for s in metrics]
+    fields += [("shard", pa.string()), ("offset", pa.int32())]
+    return pa.schema(fields)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SalienceError(f"{path}: cannot read the run's manifest ({e}); use --overwrite to start again") from None
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def clear_run(folder: Path) -> None:
+    """Remove a run's own files and folders from ``folder`` (nothing else in it)."""
+    for name in _RUN_FOLDERS:
+        shutil.rmtree(folder / name, ignore_errors=True)
+    for name in _RUN_FILES:
+        with_path = folder / name
+        if with_path.exists():
+            with_path.unlink()
+
+
+def _remove_temporaries(folder: Path) -> None:
+    """The temporary files of writes that a crash (``kill -9``) cut short: ``.NAME.XXXXXXXX.tmp.EXT``
+    (:func:`salience._core.files.atomic_path`); never visible as results, removed on resume."""
+    for sub in _RUN_FOLDERS:
+        for p in (folder / sub).rglob(".*.tmp*"):
+            with_suffix = p.name.split(".")
+            if len(with_suffix) >= 4 and "tmp" in with_suffix:
+                p.unlink(missing_ok=True)
+
+
+class Store:
+    """Writing side of ``RUN/``: the manifest, the shards, the merged index."""
+
+    def __init__(self, folder: PathLike, manifest: dict[str, Any], *, overwrite: bool = False):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self._open(overwrite)
+        self.schema = row_schema(manifest["methods"], labels=manifest["labels"], metrics=manifest["metrics"])
+
+    @classmethod
+    def existing(cls, folder: PathLike) -> "Store":
+        """The store of an existing run, for writing shards (the Ray actors): no checks, no writes."""
+        self = cls.__new__(cls)
+        self.folder = Path(folder)
+        self.manifest = _read_json(self.folder / "run.json")
+        m = self.manifest
+        self.schema = row_schema(m["methods"], labels=m["labels"], metrics=m["metrics"])
+        return self
+
+    def _open(self, overwrite: bool) -> None:
+        """Create the run, or check that the existing one was made by the same command."""
+        f = self.folder
+        if f.exists() and not f.is_dir():
+            raise SalienceError(f"{f} is a file, not a run folder; choose another --out")
+        existing = f / "run.json"
+        if f.is_dir() and any(f.iterdir()) and not existing.exists():
+            if not overwrite or any(p.name not in _RUN_FILES + _RUN_FOLDERS for p in f.iterdir()):
+                raise SalienceError(f"{f} exists and is not a salience run; choose another --out (an empty or new "
+                                    "folder)")
+        if existing.exists():
+            old = _read_json(existing)
+            diff = _differences(old.get("command", {}), self.manifest["command"])
+            if diff and not overwrite:
+                raise SalienceError(f"{f} holds a run of a different command ({'; '.join(diff[:3])}); run the same "
+                                    "command to continue it, choose another --out, or add --overwrite to start again")
+            if not diff and not overwrite:
+                self.manifest = {**old, **{k: v for k, v in self.manifest.items() if k not in old}}
+                _remove_temporaries(f)
+                return
+            clear_run(f)
+        make_folder(f)
+        atomic_write(existing, json.dumps(self.manifest, indent=2).encode("utf-8"))
+
+    # ----------------------------------------------------------------------------- inputs
+
+    def write_inputs(self, paths: Sequence[str], labels: Optional[Sequence[Optional[int]]]) -> None:
+        """``inputs.parquet``: the planned inputs (kept from the first run of the command)."""
+        target = self.folder / "inputs.parquet"
+        if target.exists():
+            return
+        pa = pyarrow()
+        cols = {"index": pa.array(np.arange(len(paths), dtype=np.int64)), "path": pa.array(list(paths), pa.string())}
+        if labels is not None:
+            cols["label"] = pa.array(list(labels), pa.int64())
+        with atomic_path(target) as tmp:
+            pa.parquet.write_table(pa.table(cols), tmp)
+
+    def done(self) -> set[int]:
+        """The indices of the images in committed shards."""
+        pa = pyarrow()
+        indices: set[int] = set()
+        for p in sorted((self.folder / "shards").glob("*.parquet")):
+            if p.name.startswith("."):
+                continue
+            indices.update(pa.parquet.read_table(p, columns=["index"]).column("index").to_pylist())
+        return indices
+
+    # ----------------------------------------------------------------------------- shards
+
+    def write_shard(self, shard: str, rows: list[dict[str, Any]], maps: dict[str, np.ndarray],
+                    thumbs: Optional[bytes]) -> None:
+        """A shard: its maps (one ``.npy`` per method), its thumbnail sprite, then its rows (the commit)."""
+        dtype = np.dtype(self.manifest["map_dtype"])
+        for m, arr in maps.items():
+            with atomic_path(self.folder / "maps" / m / f"{shard}.npy") as tmp:
+                np.save(tmp, _cast(arr, dtype))
+        if thumbs is not None:
+            atomic_write(self.folder / "thumbs" / f"{shard}.jpg", thumbs)
+        pa = pyarrow()
+        for offset, row in enumerate(rows):
+            row["shard"], row["offset"] = shard, offset
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        with atomic_path(self.folder / "shards" / f"{shard}.parquet") as tmp:
+            pa.parquet.write_table(table, tmp)
+
+    def merge_index(self) -> Any:
+        """``index.parquet``: every committed row, sorted by index (a repeated index kept once)."""
+        table = read_shards(self.folder, self.schema)
+        with atomic_path(self.folder / "index.parquet") as tmp:
+            pyarrow().parquet.write_table(table, tmp)
+        return table
+
+
+def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``arr`` as ``dtype``; float16 clips to its finite range (NaN kept: the rows of failed images)."""
+    if dtype == np.float16:
+        big = float(np.finfo(np.float16).max)
+        arr = np.clip(arr, -big, big)
+    return arr.astype(dtype, copy=False)
+
+
+def read_shards(folder: Path, schema: Any = None) -> Any:
+    """Every committed shard's rows as one table sorted by index."""
+    pa = pyarrow()
+    parts = [pa.parquet.read_table(p, schema=schema) for p in sorted((folder / "shards").glob("*.parquet"))
+             if not p.name.startswith(".")]
+    if not parts:
+        return schema.empty_table() if schema is not None else pa.table({"index": pa.array([], pa.int64())})
+    table = pa.concat_tables(parts)
+    order = np.argsort(np.asarray(table.column("index")), kind="stable")
+    table = table.take(pa.array(order))
+    idx = np.asarray(table.column("index"))
+    keep = np.ones(len(idx), dtype=bool)
+    keep[1:] = idx[1:] != idx[:-1]
+    return table.filter(pa.array(keep)) if not keep.all() else table
+
+
+# --------------------------------------------------------------------------------- reading
+
+
+class Run:
+    """A run read back lazily: the table on first use, each map file memory-mapped when asked for.
+
+    ``run.table`` (pyarrow), ``run.methods``, ``run.model``, ``len(run)``, ``run.map(i, method, k)``
+    ``(H, W)`` float32, ``run.image_path(i)``, ``run.options`` (the command's options).
+    """
+
+    def __init__(self, folder: PathLike):
+        self.folder = Path(folder)
+        manifest = self.folder / "run.json"
+        if not manifest.is_file():
+            raise SalienceError(f"{self.folder} is not a salience run (no run.json); give the --out folder of "
+                                "'salience explain DIR --out RUN'")
+        self.manifest = _read_json(manifest)
+        if self.manifest.get("format") != FORMAT:
+            raise SalienceError(f"{self.folder}: unknown run format {self.manifest.get('format')!r} (this salience "
+                                f"reads {FORMAT}); upgrade salience")
+        self._table: Any = None
+        self._where: Optional[dict[int, tuple[str, int]]] = None
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.manifest["methods"])
+
+    @property
+    def model(self) -> str:
+        return str(self.manifest["command"]["model"])
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.manifest["command"])
+
+    @property
+    def complete(self) -> bool:
+        """Whether every planned image has its row (the run finished)."""
+        return len(self) == int(self.manifest["command"]["inputs"]["count"])
+
+    @property
+    def table(self) -> Any:
+        """One row per image, sorted by index: ``index.parquet`` when the run finished, else the
+        committed shards merged (a run still going, or stopped)."""
+        if self._table is None:
+            index = self.folder / "index.parquet"
+            schema = row_schema(self.methods, labels=self.manifest["labels"], metrics=self.manifest["metrics"])
+            self._table = (pyarrow().parquet.read_table(index) if index.is_file()
+                           else read_shards(self.folder, schema))
+        return self._table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.table.to_pylist())
+
+    def _row_of(self, index: int) -> tuple[str, int]:
+        if self._where is None:
+            t = self.table
+            self._where = {int(i): (s, int(o)) for i, s, o in zip(t.column("index").to_pylist(),
+                                                                  t.column("shard").to_pylist(),
+                                                                  t.column("offset").to_pylist())}
+        if index not in self._where:
+            raise SalienceError(f"image {index} is not in the run (it has {len(self)} rows"
+                                f"{'' if self.complete else ', and is not finished'})")
+        return self._where[index]
+
+    def map(self, index: int, method: str, k: int = 0) -> np.ndarray:
+        """Image ``index``'s map of ``method`` for its ``k``-th target, ``(H, W)`` float32 (a per-channel
+        map is shown as ``max_c |m|``). Reads only that map from its memory-mapped shard file."""
+        if method not in self.methods:
+            raise SalienceError(f"unknown method {method!r} in this run (methods: {', '.join(self.methods)})")
+        shard, offset = self._row_of(int(index))
+        key = (method, shard)
+        if key not in self._arrays:
+            self._arrays[key] = np.load(self.folder / "maps" / method / f"{shard}.npy", mmap_mode="r")
+        arr = self._arrays[key]
+        if not 0 <= k < arr.shape[1]:
+            raise SalienceError(f"target k={k} out of range: the run explains {arr.shape[1]} target(s) per image")
+        m = np.asarray(arr[offset, k], dtype=np.float32)
+        if np.isnan(m).all():
+            raise SalienceError(f"image {index} has no map: {self.row(index).get('error') or 'it failed'}")
+        return np.abs(m).max(0) if m.ndim == 3 else m
+
+    def row(self, index: int) -> dict[str, Any]:
+        """Image ``index``'s row as a dict."""
+        t = self.table
+        pos = int(np.searchsorted(np.asarray(t.column("index")), index))
+        if pos >= t.num_rows or int(t.column("index")[pos].as_py()) != index:
+            raise SalienceError(f"image {index} is not in the run")
+        return t.slice(pos, 1).to_pylist()[0]
+
+    def image_path(self, index: int) -> Path:
+        """The image file of row ``index`` (relative paths are relative to where the run was started)."""
+        return Path(self.row(index)["path"])
+
+    def thumbnail(self, index: int) -> tuple[Path, int]:
+        """The sprite file holding image ``index``'s thumbnail, and its position in the sprite."""
+        shard, offset = self._row_of(int(index))
+        return self.folder / "thumbs" / f"{shard}.jpg", offset
+
+
+def open_run(path: PathLike) -> Run:
+    """The run in ``path`` (the ``--out`` folder of ``salience explain DIR``), read lazily."""
+    return Run(path)

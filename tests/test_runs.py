@@ -1,0 +1,377 @@
+"""Dataset runs (salience.runs): the store, resume after kill -9, bad images, refusal of another
+command, lazy reading, the gallery, flat memory. Small: the demo shapes model on 64x64 images."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import salience
+from salience import SalienceError, open_run
+from salience.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["vanilla", "gradcam"]
+N = 24
+SHARD = 8
+BATCH = 4
+
+
+def _write_images(folder: Path, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    imgs, labels, masks = salience.data.shapes(n, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray((imgs[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return imgs, labels, masks
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """N shape images (PNG), a labels CSV (one wrong label), masks, a broken file; the run of them."""
+    root = tmp_path_factory.mktemp("runs")
+    imgs, labels, masks = _write_images(root / "imgs", N)
+    (root / "imgs" / "zz_broken.png").write_bytes(b"not an image")
+    from PIL import Image
+
+    (root / "masks").mkdir()
+    for i in range(N):
+        Image.fromarray(masks[i].numpy().astype(np.uint8) * 255).save(root / "masks" / f"{i:03d}.png")
+    given = labels.clone()
+    given[5] = (given[5] + 1) % 5  # a label the model will get wrong
+    (root / "labels.csv").write_text("path,label\n" + "".join(f"{i:03d}.png,{int(given[i])}\n" for i in range(N)))
+    run = salience.explain_dataset("demo:shapes", root / "imgs", METHODS, root / "run", labels=root / "labels.csv",
+                                   shard_size=SHARD, batch_size=BATCH, workers=0)
+    return {"root": root, "run": run, "imgs": imgs, "labels": given, "masks": masks}
+
+
+def _cli(root: Path, out: str, *extra: str) -> list[str]:
+    return ["explain", str(root / "imgs"), "--model", "demo:shapes", "--method", ",".join(METHODS), "--out",
+            str(root / out), "--shard-size", str(SHARD), "--batch", str(BATCH), "--workers", "0", *extra]
+
+
+# --------------------------------------------------------------------------------- the store
+
+
+def _inputs(root: Path, n: int = N) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The demo model and the PNG files as its input, read by salience.loading (not by the run)."""
+    model = salience.load_model("demo:shapes")
+    x, ok, errors = salience.loading.load_images([root / "imgs" / f"{i:03d}.png" for i in range(n)],
+                                                 salience.loading.models.model_info(model))
+    assert not errors
+    return model, x
+
+
+def test_rows_and_maps_equal_the_methods_on_the_same_images(data):
+    run = data["run"]
+    t = run.table
+    assert len(run) == N + 1 and t.column("index").to_pylist() == list(range(N + 1))
+    for col in ["index", "path", "width", "height", "predicted", "predicted_name", "probability", "targets", "error",
+                "label", "correct"] + [f"{m}.{s}" for m in METHODS for s in ("min", "max", "mean")]:
+        assert col in t.column_names, col
+    model, x = _inputs(data["root"])
+    with torch.no_grad():
+        probs = model(x).softmax(1)
+    labels = data["labels"]
+    rows = t.to_pylist()[:N]
+    assert [r["predicted"] for r in rows] == probs.argmax(1).tolist()
+    np.testing.assert_allclose([r["probability"] for r in rows], probs.max(1).values.numpy(), rtol=1e-5)
+    assert [r["targets"] for r in rows] == [[int(v)] for v in labels]  # --labels-csv: the label is explained
+    assert [r["correct"] for r in rows] == (probs.argmax(1) == labels).tolist()
+    assert rows[5]["correct"] is False
+    for name in METHODS:
+        want = getattr(salience, name)(model, x, labels).numpy()
+        got = np.stack([run.map(i, name) for i in range(N)])
+        assert got.dtype == np.float32 and got.shape == (N, 64, 64)
+        # float16 storage: relative rounding 2**-11 of each value (plus the smallest subnormal)
+        np.testing.assert_allclose(got, want, rtol=2 ** -10, atol=6e-8)
+        np.testing.assert_allclose([r[f"{name}.max"] for r in rows], want.reshape(N, -1).max(1), rtol=1e-5)
+        np.testing.assert_allclose([r[f"{name}.mean"] for r in rows], want.reshape(N, -1).mean(1), rtol=1e-4)
+
+
+def test_metric_columns_equal_the_metrics(data, tmp_path):
+    """--metrics with masks: insertion / deletion AUC, pointing game and energy of each row equal
+    salience.evidence's on the method's own maps (8 images, 4-step curves to stay quick)."""
+    root, n = data["root"], 8
+    run = salience.explain_dataset("demo:shapes", [root / "imgs" / f"{i:03d}.png" for i in range(n)], ["gradcam"],
+                                   tmp_path / "m", masks=root / "masks", metrics=True, metric_steps=4, workers=0)
+    model, x = _inputs(root, n)
+    pred = model(x).argmax(1)
+    maps = salience.gradcam(model, x, pred).detach()
+    ev = salience.evidence
+    want = {"insertion": ev.faithfulness.insertion(model, x, maps, pred, steps=4),
+            "deletion": ev.faithfulness.deletion(model, x, maps, pred, steps=4),
+            "pointing": ev.localization.pointing_game(maps, data["masks"][:n]),
+            "energy": ev.localization.energy_in_mask(maps, data["masks"][:n])}
+    for name, values in want.items():
+        np.testing.assert_allclose(run.table.column(f"gradcam.{name}").to_numpy(), values.numpy(), rtol=1e-5,
+                                   atol=1e-7, err_msg=name)
+
+
+def test_bad_image_is_a_row_with_its_error(data):
+    row = data["run"].row(N)
+    assert row["path"].endswith("zz_broken.png") and "not an image" in row["error"]
+    assert row["predicted"] is None and row["width"] is None
+    assert all(r["error"] is None for r in data["run"].table.to_pylist()[:N])
+    with pytest.raises(SalienceError, match="no map"):
+        data["run"].map(N, "vanilla")
+
+
+def test_store_reads_without_salience(data):
+    """The documented layout: parquet rows and .npy maps, read with pyarrow and numpy alone."""
+    import pyarrow.parquet as pq
+
+    folder = data["root"] / "run"
+    t = pq.read_table(folder / "index.parquet").to_pylist()
+    r = t[7]
+    arr = np.load(folder / "maps" / "gradcam" / f"{r['shard']}.npy", mmap_mode="r")
+    assert arr.dtype == np.float16 and arr.shape[1:] == (1, 64, 64)
+    np.testing.assert_array_equal(arr[r["offset"], 0].astype(np.float32), data["run"].map(7, "gradcam"))
+    manifest = json.loads((folder / "run.json").read_text())
+    assert manifest["methods"] == METHODS and manifest["command"]["shard_size"] == SHARD
+
+
+def test_open_run_is_lazy(data, tmp_path):
+    run = open_run(data["root"] / "run")
+    assert run._table is None and not run._arrays
+    assert run.methods == METHODS and run.model == "demo:shapes" and run.options["shard_size"] == SHARD
+    assert len(run) == N + 1 and not run._arrays  # the table read, no map yet
+    m = run.map(9, "vanilla")
+    assert list(run._arrays) == [("vanilla", "000000008")]  # only that shard's file, memory-mapped
+    assert isinstance(run._arrays[("vanilla", "000000008")], np.memmap) and m.shape == (64, 64)
+    assert run.image_path(9).name == "009.png"
+    # a stopped run (no index yet, a shard missing) reads its committed shards
+    part = tmp_path / "part"
+    shutil.copytree(data["root"] / "run", part)
+    (part / "index.parquet").unlink()
+    (part / "shards" / "000000016.parquet").unlink()
+    stopped = open_run(part)
+    assert len(stopped) == N + 1 - SHARD and not stopped.complete
+    with pytest.raises(SalienceError, match="not in the run"):
+        stopped.map(17, "vanilla")
+    with pytest.raises(SalienceError, match="not a salience run"):
+        open_run(tmp_path)
+
+
+def test_gallery_is_one_sane_page(data):
+    folder = data["root"] / "run"
+    page = (folder / "index.html").read_text(encoding="utf-8")
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", page)  # nothing fetched: no CDN, no files but
+    assert "https://" not in page and "http://" not in page             # the sprites set by the script
+    rows = json.loads(re.search(r"const ROWS = (.*);\n", page).group(1))
+    about = json.loads(re.search(r"const ABOUT = (.*);\n", page).group(1))
+    assert len(rows) == N + 1 and about["methods"] == METHODS
+    shard_col, offset_col = about["columns"].index("shard"), about["columns"].index("offset")
+    from PIL import Image
+
+    for shard in {r[shard_col] for r in rows}:
+        n = sum(1 for r in rows if r[shard_col] == shard)
+        w, h = Image.open(folder / "thumbs" / f"{shard}.jpg").size
+        per = about["per"]
+        assert (w, h) == (min(n, per) * about["thumb"], -(-n // per) * (1 + len(METHODS)) * about["thumb"])
+    assert max(r[offset_col] for r in rows) < SHARD
+    for word in ("IntersectionObserver", "sort(", "right", "wrong", 'id="cls"', 'id="pmin"', 'id="mcol"'):
+        assert word in page
+    node = shutil.which("node")
+    if node:  # the inline script parses (where Node is installed)
+        script = page.split("<script>")[1].split("</script>")[0]
+        (folder.parent / "gallery.js").write_text(script)
+        subprocess.run([node, "--check", str(folder.parent / "gallery.js")], check=True)
+
+
+# --------------------------------------------------------------------------------- the command
+
+
+def test_cli_bad_image_exit_code_refusal_and_overwrite(data, capsys):
+    root = data["root"]
+    assert main(_cli(root, "cli", "--labels-csv", str(root / "labels.csv"))) == 1
+    out = capsys.readouterr()
+    assert "1 image(s) failed" in out.out
+    cli = open_run(root / "cli")
+    for i in (0, 21):
+        np.testing.assert_array_equal(cli.map(i, "vanilla"), data["run"].map(i, "vanilla"))
+    # another method on the same folder: refused, nothing changed
+    before = sorted(p.name for p in (root / "cli" / "shards").iterdir())
+    assert main(_cli(root, "cli", "--top", "2")) == 2
+    assert "different command" in capsys.readouterr().err
+    assert sorted(p.name for p in (root / "cli" / "shards").iterdir()) == before
+    assert main(_cli(root, "cli", "--top", "2", "--overwrite", "--png")) == 1
+    assert open_run(root / "cli").table.column("targets").to_pylist()[0].__len__() == 2
+    pngs = sorted(p.name for p in (root / "cli" / "overlays").iterdir())
+    assert len(pngs) == N * len(METHODS) * 2 and pngs[0] == "000000000_gradcam_k0.png"
+    # a folder that is not a run is never cleared
+    (root / "other").mkdir()
+    (root / "other" / "keep.txt").write_text("mine")
+    assert main(_cli(root, "other", "--overwrite")) == 2
+    assert (root / "other" / "keep.txt").read_text() == "mine"
+
+
+def test_single_images_keep_the_figures(data, tmp_path):
+    root = data["root"]
+    code = main(["explain", str(root / "imgs" / "000.png"), "--model", "demo:shapes", "--out", str(tmp_path)])
+    assert code == 0 and (tmp_path / "summary.json").exists() and not (tmp_path / "run.json").exists()
+
+
+# --------------------------------------------------------------------------------- resume
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every committed file of a run with its inode and mtime (whether a resume rewrote it)."""
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for sub in ("shards", "maps", "thumbs") for p in (folder / sub).rglob("*") if p.is_file()
+            and not p.name.startswith(".")}
+
+
+def _shards(folder: Path) -> list[Path]:
+    """The committed shards (a write in progress is a hidden temporary file)."""
+    return [p for p in (folder / "shards").glob("*.parquet") if not p.name.startswith(".")]
+
+
+def _committed_shards_whole(folder: Path) -> None:
+    """No half-written shard is visible: every rows file has all its maps, complete."""
+    import pyarrow.parquet as pq
+
+    for p in _shards(folder):
+        n = pq.read_table(p).num_rows
+        for m in METHODS:
+            assert np.load(folder / "maps" / m / f"{p.stem}.npy").shape[0] == n
+
+
+def test_resume_after_kill_9_at_random_points(data):
+    """Kill the command (SIGKILL) at random moments, run it again each time: the finished store
+    equals the uninterrupted run's, and the last run rewrites no shard already committed."""
+    root = data["root"]
+    out = root / "killed"
+    cmd = [sys.executable, "-m", "salience", *_cli(root, "killed", "--labels-csv", str(root / "labels.csv"))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(4):
+        before = len(_shards(out))
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        # attempt 0: a random moment of the start; then a random moment after a new shard appears
+        wait_shard = attempt > 0
+        start = time.monotonic()
+        delay = rng.uniform(0.0, 2.0) if not wait_shard else rng.uniform(0.0, 0.15)
+        while proc.poll() is None and time.monotonic() < deadline:
+            now_shards = len(_shards(out))
+            if (not wait_shard and time.monotonic() - start >= delay) or (wait_shard and now_shards > before):
+                time.sleep(delay if wait_shard else 0)
+                break
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if out.exists() and (out / "shards").exists():
+            _committed_shards_whole(out)
+    assert kills >= 1  # (under load, all 4; on a fast machine the run may finish before a later kill)
+    stored = _tree(out) if (out / "shards").exists() else {}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr  # the broken image
+    after = _tree(out)
+    committed = {k: v for k, v in stored.items() if k.startswith("shards")}
+    assert all(after[k] == v for k, v in committed.items())  # nothing committed was computed again
+    assert not list(out.rglob(".*.tmp*"))  # the temporary files of cut writes are gone
+    _same_store(open_run(out), data["run"])
+
+
+def _same_store(a, b) -> None:
+    ta, tb = a.table, b.table
+    assert ta.equals(tb), (ta.to_pylist()[:2], tb.to_pylist()[:2])
+    for i in range(len(a) - 1):
+        for m in METHODS:
+            np.testing.assert_array_equal(a.map(i, m), b.map(i, m))
+
+
+# --------------------------------------------------------------------------------- memory
+
+
+_MEMORY_CHILD = r"""
+import sys, threading, time, json
+import salience
+samples = []
+def watch():
+    while True:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * 4096
+        samples.append((time.time(), rss))
+        time.sleep(0.05)
+threading.Thread(target=watch, daemon=True).start()
+run = salience.explain_dataset("demo:shapes", sys.argv[1], ["vanilla"], sys.argv[2], shard_size=50,
+                               batch_size=25, workers=1, map_dtype="float32")
+print(json.dumps({"samples": samples, "n": len(run)}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc (Linux)")
+def test_memory_stays_flat(tmp_path):
+    """2,000 images: the resident memory of the run's last quarter is that of its second quarter.
+
+    Medians of the samples in each quarter (a transient peak of one batch is not growth). Threshold:
+    keeping the maps would add 2000 x 64 x 64 x 4 bytes = 33 MB over the run, 16 MB between the
+    middles of those two quarters (half the run apart); keeping the inputs (3 x 64 x 64 floats)
+    49 MB. 8 MB is half the smaller of these; the run grew by 0.2 MB when this test was written."""
+    from PIL import Image
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2000):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(folder), str(tmp_path / "run")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["n"] == 2000
+    shards = sorted(_shards(tmp_path / "run"), key=lambda p: p.stat().st_mtime)
+    times = [p.stat().st_mtime for p in shards]
+    q = len(times) // 4
+    samples = result["samples"]  # (wall clock, bytes) every 50 ms
+    early = [rss for t, rss in samples if times[q] < t <= times[2 * q]]       # the second quarter of the shards
+    late = [rss for t, rss in samples if times[len(times) - q - 1] < t <= times[-1]]  # the last quarter
+    assert len(early) > 5 and len(late) > 5
+    growth = statistics.median(late) - statistics.median(early)
+    print(f"resident memory: {statistics.median(early) / 1e6:.1f} MB in the second quarter, growth {growth / 1e6:.2f} MB")
+    assert growth < 8e6, f"resident memory grew by {growth / 1e6:.1f} MB after the first quarter of the run"
+
+
+# --------------------------------------------------------------------------------- datasets in Python
+
+
+def test_a_torch_dataset_and_the_model_unchanged(tmp_path):
+    """A Dataset of (input, label) and a DataLoader of it: labels read from the items, maps equal to
+    the method's on the same inputs, and the caller's model (in train mode) exactly as it was."""
+    from conftest import SmallCNN, unchanged
+
+    torch.manual_seed(0)
+    model = SmallCNN().train()
+    x = torch.randn(12, 3, 16, 16)
+    y = torch.arange(12) % 4
+    ds = torch.utils.data.TensorDataset(x, y)
+    with unchanged(model):
+        run = salience.explain_dataset(model, ds, ["vanilla", "input_x_gradient"], tmp_path / "ds", shard_size=5,
+                                       batch_size=3, workers=0)
+    assert run.table.column("label").to_pylist() == y.tolist()
+    assert run.table.column("path").to_pylist()[2] == "TensorDataset[2]"
+    with salience.model_guard(model):
+        want = salience.vanilla(model.eval(), x, y).numpy()
+    np.testing.assert_allclose(np.stack([run.map(i, "vanilla") for i in range(12)]), want, rtol=2 ** -10, atol=6e-8)
+    again = salience.explain_dataset(model, torch.utils.data.DataLoader(ds, batch_size=4), ["vanilla"],
+                                     tmp_path / "loader", workers=0)
+    np.testing.assert_array_equal(again.map(7, "vanilla"), run.map(7, "vanilla"))
