@@ -192,17 +192,19 @@ def _timed_compute(cost):
 
 def test_chunk_probe_takes_the_size_fastest_per_item():
     model, x = ThreeConv(), torch.rand(2, 3, 4, 4)
-    # A fixed cost per pass of 20 ms: bigger chunks are faster per item up to 16 items, no faster after.
-    cost = lambda n: 0.02 + 0.001 * n if n <= 16 else n * 0.036 / 16  # noqa: E731
+    # A fixed cost per pass of 20 ms: bigger chunks are faster per item up to 16 items, slower after
+    # (per item: 11, 6, 3.5, 2.25 ms, then 4 ms: margins far above a sleep's overshoot).
+    cost = lambda n: 0.02 + 0.001 * n if n <= 16 else n * 0.004  # noqa: E731
     run = _perf.Run(model, x, _perf.Performance(memory_format="contiguous"), tag="t1")
     sums = _engine.accumulate(_timed_compute(cost), 64, 2, run=run, max_memory=10 ** 9)
     assert sums.chunks == [2, 2, 4, 8, 16, 32] and run.record.size is None  # the items ran out first
     sums = _engine.accumulate(_timed_compute(cost), 50, 2, run=_perf.Run(model, x, run.options, tag="t1"),
                               max_memory=10 ** 9)
     assert run.record.size == 16 and sums.chunks == [2, 16, 16, 16]  # the next call starts from the choice
-    # Per-item cost that doubles past 4 items (a cache that overflows): 4 is best, and the choice is cached.
+    # Per-item cost that triples past 4 items (a cache that overflows): 4 is best (per item 9, 6.5,
+    # 13 ms for 2, 4, 8), and the choice is cached.
     run = _perf.Run(model, x, _perf.Performance(memory_format="contiguous"), tag="t2")
-    cost = lambda n: 0.004 * n * (1 if n <= 4 else 2)  # noqa: E731
+    cost = lambda n: 0.01 + 0.004 * n * (1 if n <= 4 else 3)  # noqa: E731
     _engine.accumulate(_timed_compute(cost), 40, 2, run=run, max_memory=10 ** 9)
     assert run.record.size == 4
     again = _engine.accumulate(_timed_compute(cost), 40, 2, run=_perf.Run(model, x, run.options, tag="t2"),
