@@ -415,13 +415,18 @@ def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
     """
     step = x.shape[0] if batch_size is None else max(1, int(batch_size))
     outs = []
+    run = _perf.active(model)  # inside an engine run: its layout and autocast (never compiled: no grad)
     with model_guard(model), torch.no_grad():
         for i in range(0, x.shape[0], step):
             tap = _SoftmaxTap() if strip_softmax else None
             with ExitStack() as stack:
                 if tap is not None:
                     stack.enter_context(tap)
-                out = unwrap_output(model(x[i:i + step]), model)
+                xb = x[i:i + step]
+                if run is not None:
+                    stack.enter_context(run.autocast())
+                    xb = run.prepare(xb)
+                out = unwrap_output(model(xb), model)
             if tap is not None and tap.last is not None and out is tap.last[1]:
                 out = tap.last[0]
             outs.append(out.detach())
