@@ -429,7 +429,7 @@ def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
                 out = unwrap_output(model(xb), model)
             if tap is not None and tap.last is not None and out is tap.last[1]:
                 out = tap.last[0]
-            outs.append(out.detach())
+            outs.append(out.detach() if run is None or run.dtype is None else out.detach().to(x.dtype))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
