@@ -317,10 +317,11 @@ class Run:
                                 + (" compiled" if self._used_compiled else ""))
 
     def prepare(self, x: Tensor) -> Tensor:
-        """The input of a pass in the run's layout."""
-        if self.channels_last and x.dim() == 4:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
+        """The input of a pass in the run's layout (always the same strides, so that a compiled
+        graph is not recompiled for an input that broadcasting happened to lay out otherwise)."""
+        if x.dim() != 4:
+            return x
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def autocast(self) -> Any:
         if self.dtype is None:
