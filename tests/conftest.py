@@ -33,6 +33,8 @@ def model_snapshot(model: nn.Module) -> dict:
         "grad_ids": [(n, id(p.grad)) for n, p in model.named_parameters()],
         "hooks": [(n, tuple(len(getattr(m, d, {}) or {}) for d in _HOOK_DICTS)) for n, m in model.named_modules()],
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        # storage and strides: a channels-last run must put the user's layout back
+        "layout": [(n, p.data_ptr(), p.stride()) for n, p in model.named_parameters()],
         "types": [(n, type(m)) for n, m in model.named_modules()],
         "forwards": [(n, m.__dict__.get("forward")) for n, m in model.named_modules()],
         "global_hooks": tuple(

@@ -177,3 +177,24 @@ def test_perturbation_methods_leave_the_model_unchanged(small_cnn, name, options
                 method(small_cnn, x, 0, **options)
         finally:
             handle.remove()
+
+
+def _graph_as_is(gm, inputs):  # a torch.compile backend that runs the traced graph: cheap to "compile"
+    return gm.forward
+
+
+@pytest.mark.parametrize("memory_format", ["auto", "contiguous", "channels_last"])
+@pytest.mark.parametrize("compile", [False, _graph_as_is])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_performance_option_leaves_model_unchanged(small_cnn, memory_format, compile, precision):
+    """Every combination of the engine's options (salience._core.perf), through SmoothGrad and
+    Integrated Gradients, leaves modes, flags, grads, buffers and parameter strides as they were."""
+    _train_mode_with_grads(small_cnn)
+    x = torch.rand(2, 3, 8, 8)
+    opts = dict(memory_format=memory_format, compile=compile, precision=precision)
+    with unchanged(small_cnn):
+        salience.smoothgrad(small_cnn, x, samples=3, chunk=2, **opts)
+        with salience.performance(**opts):
+            salience.integrated_gradients(small_cnn, x, steps=4)
+        with pytest.raises(KeyboardInterrupt):
+            salience.smoothgrad(small_cnn, x, _exploding_target(KeyboardInterrupt()), samples=3, **opts)

@@ -94,7 +94,12 @@ def test_seed_reproducible_and_global_rng_untouched(small_cnn):
     assert torch.equal(torch.get_rng_state(), state), "the global RNG was used"
     torch.manual_seed(123)
     b = salience.smoothgrad(small_cnn, x, samples=4, seed=11)
-    assert torch.equal(a, b)
+    # the chunk size is chosen by measured time, so two calls may chunk differently: equal up to
+    # float32 rounding of the passes (a batch's size changes the kernels' order of sums) ...
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # ... and bitwise with a fixed chunk
+    fixed = [salience.smoothgrad(small_cnn, x, samples=4, seed=11, chunk=2) for _ in range(2)]
+    assert torch.equal(fixed[0], fixed[1])
     assert not torch.allclose(a, salience.smoothgrad(small_cnn, x, samples=4, seed=12))
     c1 = salience.smoothgrad(small_cnn, x, samples=4, seed=None)
     c2 = salience.smoothgrad(small_cnn, x, samples=4, seed=None)

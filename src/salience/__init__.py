@@ -14,6 +14,7 @@ from __future__ import annotations
 from salience import attention, reduce, rules, targets
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
+from salience._core.perf import performance, set_performance
 from salience.methods import (METHODS, attention_rollout, class_model, deconvnet, gradcam,
                               guided_backprop, guided_gradcam, input_x_gradient, integrated_gradients, smoothgrad,
                               transformer_attribution, vanilla, scorecam, ablationcam, occlusion, rise)
@@ -43,6 +44,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SalienceError",
+    "set_performance",
+    "performance",
     "METHODS",
     "model_guard",
     "normalize",

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
@@ -252,6 +253,13 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
     captured: list[list[Any]] = [[] for _ in layers]
     target_store: list[Any] = []
     handles = []
+    run = _perf.active(model)
+    if run is not None and not layers and target_layer is None and not extra_modes:
+        compiled = run.forward_fn(True, strip_softmax)
+        if compiled is not None:
+            out, done = _perf.forward_call(model, x_in, True, strip_softmax, lambda: None)
+            if done:  # a plain pass of the compiled model (an eager pass showed no softmax to strip)
+                return unwrap_output(out, model), captured
     tap = _SoftmaxTap() if strip_softmax and target_layer is None else None
     try:
         for layer, store in zip(layers, captured):
@@ -265,6 +273,8 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
                     modes.enter_context(mode)
                 if tap is not None:
                     modes.enter_context(tap)
+                if run is not None:
+                    modes.enter_context(run.autocast())
                 out = model(x_in)
         except _StopForward as stop:
             out = stop.value
@@ -276,7 +286,11 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
             raise SalienceError(f"the target's layer {target_layer!r} was not called in the forward pass")
         out = target_store[0]
     out = unwrap_output(out, model if target_layer is None else None)
-    if tap is not None and tap.last is not None and out is tap.last[1]:
+    stripped = tap is not None and tap.last is not None and out is tap.last[1]
+    if run is not None and tap is not None:
+        run.note_softmax(stripped)
+    if stripped:
+        assert tap is not None and tap.last is not None
         out = tap.last[0]
     elif strip_softmax and target_layer is None and looks_like_probabilities(out):
         warnings.warn(
@@ -345,7 +359,11 @@ def backward(
         stack.enter_context(torch.enable_grad())
         # With parameters frozen, the graph to the layers' outputs starts at x: it needs grad even
         # when only the layers' gradients are asked for.
-        x_in = (x.clone() if x.is_inference() else x).detach().requires_grad_(input_grad or bool(layers))
+        x_in = (x.clone() if x.is_inference() else x).detach()
+        run = _perf.active(model)
+        if run is not None:  # the run's layout (channels-last input for a channels-last model)
+            x_in = run.prepare(x_in)
+        x_in = x_in.requires_grad_(input_grad or bool(layers))
         out, captured = _forward(model, x_in, target_layer, layers, strip_softmax, extra_modes)
         scores = [check_scores(t(out), x.shape[0]) for t in targets]
         wrt = ([x_in] if input_grad else []) + [c[0] for c in captured]
@@ -417,16 +435,21 @@ def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
     """
     step = x.shape[0] if batch_size is None else max(1, int(batch_size))
     outs = []
+    run = _perf.active(model)  # inside an engine run: its layout and autocast (never compiled: no grad)
     with model_guard(model), torch.no_grad():
         for i in range(0, x.shape[0], step):
             tap = _SoftmaxTap() if strip_softmax else None
             with ExitStack() as stack:
                 if tap is not None:
                     stack.enter_context(tap)
-                out = unwrap_output(model(x[i:i + step]), model)
+                xb = x[i:i + step]
+                if run is not None:
+                    stack.enter_context(run.autocast())
+                    xb = run.prepare(xb)
+                out = unwrap_output(model(xb), model)
             if tap is not None and tap.last is not None and out is tap.last[1]:
                 out = tap.last[0]
-            outs.append(out.detach())
+            outs.append(out.detach() if run is None or run.dtype is None else out.detach().to(x.dtype))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 

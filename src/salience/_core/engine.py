@@ -25,15 +25,18 @@ result depends on the order of hooks or chunks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from salience._core import perf as _perf
 from salience._core.autograd import TargetLike, backward
 from salience._core.errors import SalienceError
 from salience._core.progress import progress as _progress
@@ -185,7 +188,8 @@ class Sums:
     ``scores``: what ``compute`` returned beside the maps for each item ``(total, ...)`` (the
     targets' scores), when it returned any; ``chunks``: the size of every chunk that was run (the
     first is the probe); ``per_item_bytes``: what the probe measured (``None`` if ``chunk`` was
-    given).
+    given); ``layouts``: how each chunk ran (``"contiguous"``, ``"channels_last"``, ``+ " compiled"``)
+    when a :class:`~salience._core.perf.Run` was given.
     """
 
     total: Tensor
@@ -193,6 +197,7 @@ class Sums:
     scores: Optional[Tensor]
     chunks: list[int]
     per_item_bytes: Optional[int]
+    layouts: list[str] = field(default_factory=list)
 
 
 def acc_dtype(t: Tensor) -> torch.dtype:
@@ -230,6 +235,7 @@ def accumulate(
     desc: str = "",
     device: Optional[torch.device] = None,
     inference: bool = False,
+    run: Optional[_perf.Run] = None,
 ) -> Sums:
     """Run ``compute(start, stop) -> maps (stop - start, ...)`` over all items in chunks and sum.
 
@@ -244,33 +250,92 @@ def accumulate(
     ``inference=True`` runs every ``compute`` under ``torch.inference_mode()``: for the
     gradient-free passes of perturbation methods (occlusion, RISE, Score-CAM, Ablation-CAM), so no
     autograd state is kept and the probe measures the forward pass alone.
+
+    ``run`` (a :class:`salience._core.perf.Run` on the model ``compute`` uses): each chunk runs
+    under the run's choices (memory format, compiled forward, autocast), and the chunk size is
+    picked by measured seconds per item within the memory budget (see :mod:`salience._core.perf`);
+    the model's layout is put back at the end. Without ``run``: chunks sized by memory only.
     """
     if total < 1:
         raise SalienceError("nothing to compute (0 items)")
-    w = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float64)
-    acc: Optional[Tensor] = None
-    acc2: Optional[Tensor] = None
-    item_scores: list[Tensor] = []
-    sizes: list[int] = []
-    per_item: Optional[int] = None
+    if inference:
+        compute = functools.partial(_run, compute, inference=True)
+    sums = _Adder(n_images, weights, squares)
+    with _progress(total, desc, enabled=progress) as bar:
+        start = 0
+        per_item: Optional[int] = None
+        if chunk is None:
+            first = min(total, n_images)
+            probe = MemoryProbe()
+            ctx = run.chunk(False, False) if run is not None else nullcontext()
+            with ctx, probe:  # the sums' own temporaries count too
+                sums.add(0, compute(0, first))
+            sums.sizes.append(first)
+            bar.update(first)
+            start = first
+            per_item = max(1, -(-probe.peak // first))
+            budget = max_memory if max_memory is not None else default_budget(device or torch.device("cpu"))
+            cap = chunk_size(per_item, budget, n_images)
+        else:
+            cap = chunk
+        if run is None:
+            while start < total:
+                stop = min(total, start + cap)
+                sums.add(start, compute(start, stop))
+                sums.sizes.append(stop - start)
+                bar.update(stop - start)
+                start = stop
+        else:
+            try:
+                _run_planned(compute, sums, run, start, total, n_images, cap, chunk is not None, per_item, bar)
+            finally:
+                run.close()
+    return sums.result(per_item, run)
 
-    def add(start: int, result: Union[Tensor, tuple[Tensor, Tensor]]) -> None:
-        nonlocal acc, acc2
+
+def _run_planned(compute: Callable, sums: "_Adder", run: _perf.Run, start: int, total: int, n_images: int,
+                 cap: int, fixed: bool, per_item: Optional[int], bar: Any) -> None:
+    """The chunks after the first, each of the size and layout the run plans, timed for its probes."""
+    while start < total:
+        size, cl, compiled = run.plan(total - start, n_images, cap, fixed, per_item)
+        stop = start + size
+        with run.chunk(cl, compiled):
+            t0 = run.clock()
+            sums.add(start, compute(start, stop))
+            run.measured(size, cl, run.clock() - t0)
+        sums.sizes.append(size)
+        bar.update(size)
+        start = stop
+
+
+class _Adder:
+    """The running sums per image (float64), and the per-item scores ``compute`` returned."""
+
+    def __init__(self, n_images: int, weights: Optional[Sequence[float]], squares: bool) -> None:
+        self.n_images, self.squares = n_images, squares
+        self.w = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float64)
+        self.acc: Optional[Tensor] = None
+        self.acc2: Optional[Tensor] = None
+        self.item_scores: list[Tensor] = []
+        self.sizes: list[int] = []
+
+    def add(self, start: int, result: Union[Tensor, tuple[Tensor, Tensor]]) -> None:
         maps = result
         if isinstance(result, tuple):
             maps = result[0]
-            item_scores.append(result[1].detach())
+            self.item_scores.append(result[1].detach())
         n = maps.shape[0]
-        if acc is None:
+        if self.acc is None:
             dt = acc_dtype(maps)
-            acc = torch.zeros((n_images,) + tuple(maps.shape[1:]), dtype=dt, device=maps.device)
-            if squares:
-                acc2 = torch.zeros_like(acc)
+            self.acc = torch.zeros((self.n_images,) + tuple(maps.shape[1:]), dtype=dt, device=maps.device)
+            if self.squares:
+                self.acc2 = torch.zeros_like(self.acc)
+        acc, acc2 = self.acc, self.acc2
         idx = torch.arange(start, start + n, device=maps.device)
-        owner = idx % n_images
+        owner = idx % self.n_images
         m = maps.detach().to(acc.dtype)
-        if w is not None:
-            ww = w.to(device=maps.device, dtype=acc.dtype)[idx // n_images]
+        if self.w is not None:
+            ww = self.w.to(device=maps.device, dtype=acc.dtype)[idx // self.n_images]
             ww = ww.view((n,) + (1,) * (m.dim() - 1))
             acc.index_add_(0, owner, m * ww)
             if acc2 is not None:
@@ -280,28 +345,10 @@ def accumulate(
             if acc2 is not None:
                 acc2.index_add_(0, owner, m * m)
 
-    with _progress(total, desc, enabled=progress) as bar:
-        start = 0
-        if chunk is None:
-            first = min(total, n_images)
-            probe = MemoryProbe()
-            with probe:  # the sums' own temporaries count too
-                add(0, _run(compute, 0, first, inference))
-            sizes.append(first)
-            bar.update(first)
-            start = first
-            per_item = max(1, -(-probe.peak // first))
-            budget = max_memory if max_memory is not None else default_budget(device or torch.device("cpu"))
-            chunk = chunk_size(per_item, budget, n_images)
-        while start < total:
-            stop = min(total, start + chunk)
-            add(start, _run(compute, start, stop, inference))
-            sizes.append(stop - start)
-            bar.update(stop - start)
-            start = stop
-    assert acc is not None
-    scores = torch.cat(item_scores) if item_scores else None
-    return Sums(acc, acc2, scores, sizes, per_item)
+    def result(self, per_item: Optional[int], run: Optional[_perf.Run]) -> Sums:
+        assert self.acc is not None
+        scores = torch.cat(self.item_scores) if self.item_scores else None
+        return Sums(self.acc, self.acc2, scores, self.sizes, per_item, list(run.layouts) if run is not None else [])
 
 
 def _run(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]], start: int, stop: int,

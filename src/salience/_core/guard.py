@@ -34,6 +34,9 @@ class ModelState:
     requires_grad: list[tuple[nn.Parameter, bool]]
     grads: list[tuple[nn.Parameter, "torch.Tensor | None"]]
     buffers: list[tuple[nn.Module, str, torch.Tensor, int, torch.Tensor]] = field(default_factory=list)
+    # Each parameter's data as it was (storage, strides): the engine may convert it to
+    # channels-last for a run (salience._core.perf) and must leave the user's layout.
+    data: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
 
     @classmethod
     def capture(cls, model: nn.Module) -> "ModelState":
@@ -50,6 +53,7 @@ class ModelState:
             requires_grad=[(p, p.requires_grad) for p in params],
             grads=[(p, p.grad) for p in params],
             buffers=buffers,
+            data=[(p, p.data) for p in params],
         )
 
     def restore(self) -> None:
@@ -61,6 +65,9 @@ class ModelState:
         for param, grad in self.grads:
             if param.grad is not grad:
                 param.grad = grad
+        for param, data in self.data:
+            if param.data_ptr() != data.data_ptr() or param.stride() != data.stride() or param.shape != data.shape:
+                param.data = data
         for module, name, buf, version, copy in self.buffers:
             # TorchScript modules' _buffers is a mapping without .get()
             current = module._buffers[name] if name in module._buffers else None
@@ -79,8 +86,9 @@ _active: dict[int, tuple[int, ModelState]] = {}
 def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode with frozen parameters for the block, then restore it.
 
-    Restores every module's train/eval flag, every parameter's ``requires_grad`` and
-    ``.grad``, and any buffer written in place, also if the block raises.
+    Restores every module's train/eval flag, every parameter's ``requires_grad``, ``.grad`` and
+    data (storage and strides: a channels-last run is undone), and any buffer written in place,
+    also if the block raises.
     """
     if not isinstance(model, nn.Module):
         raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")

@@ -25,6 +25,7 @@ from salience import __version__
 from salience._core.errors import SalienceError
 from salience.cli import demo_cmd, evaluate_cmd, explain_cmd, explore_cmd, list_cmd, visualize_cmd
 from salience.cli.common import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, error,
+                                 performance_from_args,
                                  parse_class, parse_methods)
 from salience.cli.demo_cmd import DEMO_SEED
 
@@ -61,7 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_OK
     try:
-        return int(args.func(args))
+        with performance_from_args(args):
+            return int(args.func(args))
     except SalienceError as e:
         error(str(e))
         return EXIT_USAGE

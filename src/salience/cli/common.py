@@ -5,7 +5,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, ContextManager, Optional, Sequence
 
 import numpy as np
 from torch import Tensor, nn
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from salience._core.autograd import forward_scores, looks_like_probabilities
 from salience._core.errors import SalienceError, suggest
 from salience._core.files import make_folder
+from salience._core.perf import MEMORY_FORMATS, PRECISIONS, performance
 from salience.loading import load_model
 from salience.loading.models import MODEL_SPECS
 from salience.methods import METHODS
@@ -91,6 +92,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling the model file (can run arbitrary code: only for files you trust)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (cuda when there is one; default: cpu)")
+    g = p.add_argument_group("performance (many-pass methods: smoothgrad, integrated-gradients; docs/performance.md)")
+    g.add_argument("--memory-format", choices=MEMORY_FORMATS, default=None,
+                   help="contiguous (default), channels_last, or auto: channels-last for a convolutional model "
+                        "where a short probe shows it is faster")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="run the passes through torch.compile (inductor); the first compile takes long, so "
+                        "for long jobs; falls back to eager with a warning where unavailable")
+    g.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32 (default), or bf16 / fp16 autocast for the forward pass (for CUDA; maps differ "
+                        "by about 1e-2 relative)")
+
+
+def performance_from_args(args: argparse.Namespace) -> ContextManager[Any]:
+    """The performance options a command's flags give, in force for the command (this thread)."""
+    return performance(memory_format=getattr(args, "memory_format", None), compile=getattr(args, "compile", None),
+                       precision=getattr(args, "precision", None))
 
 
 def model_specs_help(indent: str = "  ") -> str:

@@ -8,7 +8,7 @@ The points of all images are run together in chunks by :mod:`salience._core.engi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from salience import reduce as _reduce
 from salience._core import engine as _engine
+from salience._core import perf as _perf
 from salience._core.autograd import backward, check_input
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int, gaussian_blur
@@ -130,6 +131,9 @@ def integrated_gradients(
     chunk: Optional[int] = None,
     max_memory: Union[None, int, str] = None,
     progress: bool = False,
+    memory_format: Optional[str] = None,
+    compile: Union[None, bool, str, Callable] = None,
+    precision: Optional[str] = None,
 ) -> Union[Tensor, IGResult]:
     """Integrated Gradients of the target's score along the straight path from a baseline to ``x``.
 
@@ -147,8 +151,9 @@ def integrated_gradients(
     on ``x``: the end point ``x`` runs first, in a pass of its own (a gradient pass that the path
     needs anyway when the rule has ``a = 1``, as the trapezoid does; else a forward pass), and so
     does ``x'`` for the gap. Several targets per image (``(B, K)`` or a list) give ``(B, K, ...)``,
-    one forward and K backward passes per chunk. ``chunk``, ``max_memory``, ``progress`` as in
-    :func:`salience.smoothgrad`.
+    one forward and K backward passes per chunk. ``chunk``, ``max_memory``, ``progress``,
+    ``memory_format``, ``compile``, ``precision`` as in :func:`salience.smoothgrad` (they apply to
+    the path's points; the end points run as plain eager passes).
     """
     check_input(x, model)
     check_int(steps, "steps", minimum=1, what="points on the path")
@@ -156,6 +161,7 @@ def integrated_gradients(
         raise SalienceError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     alphas, weights = quadrature(rule, steps)
     budget = _engine.check_memory_options(chunk, max_memory)
+    perf = _perf.resolve(memory_format, compile, precision)
     _reduce.get_grad_modifier(grad_modifier)
     _reduce.get_reduction(reduce)
     x0 = _baseline(x, baseline, blur_sigma)
@@ -182,6 +188,7 @@ def integrated_gradients(
             sums = _engine.accumulate(
                 compute, len(rest) * b, b, weights=[ends.weights[a] for a in rest], chunk=chunk,
                 max_memory=budget, progress=progress, desc="integrated gradients", device=x.device,
+                run=_perf.Run(model, x, perf, tag=f"ig:{strip_softmax}"),
             )
             # The targets' scores at the end points of the path, where the path has them.
             assert sums.scores is not None

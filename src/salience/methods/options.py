@@ -37,6 +37,9 @@ __all__ = ["NOT_FLAGS", "CHOICES", "MethodOption", "method_options", "keyword_pa
 NOT_FLAGS: dict[str, str] = {
     "progress": "the command draws its own progress bar (--progress)",
     "return_gap": "it turns the result into (maps, gap); the command writes maps",
+    "memory_format": "a flag of the command for every method (--memory-format)",
+    "compile": "a flag of the command for every method (--compile)",
+    "precision": "a flag of the command for every method (--precision)",
 }
 """Keyword parameters that are no flag, and why."""
 

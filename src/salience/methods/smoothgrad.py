@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from salience import reduce as _reduce
 from salience._core import engine as _engine
+from salience._core import perf as _perf
 from salience._core.autograd import check_input
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int, check_number
@@ -44,6 +45,9 @@ def smoothgrad(
     chunk: Optional[int] = None,
     max_memory: Union[None, int, str] = None,
     progress: bool = False,
+    memory_format: Optional[str] = None,
+    compile: Union[None, bool, str, Callable] = None,
+    precision: Optional[str] = None,
     **options: Any,
 ) -> Tensor:
     """The mean of ``method``'s raw map over ``samples`` noisy copies of each image.
@@ -70,12 +74,16 @@ def smoothgrad(
     neither used nor changed); ``None`` draws a fresh seed. The same seed gives the same noise
     whatever the chunking. ``samples=1, noise=0`` is exactly ``method``.
     ``chunk`` (copies per pass) or ``max_memory`` (bytes or ``"2GiB"``) override the automatic
-    chunk size; ``progress=True`` draws a progress bar. Other keyword ``options`` go to
+    chunk size; ``progress=True`` draws a progress bar. ``memory_format`` (``"auto"``,
+    ``"contiguous"``, ``"channels_last"``), ``compile`` (``True``, a backend) and ``precision``
+    (``"bf16"``, ``"fp16"``) choose how the passes run (``None``: the settings of
+    :func:`salience.set_performance`; see docs/performance.md). Other keyword ``options`` go to
     ``method`` (e.g. ``layer=`` for Grad-CAM).
     """
     check_input(x, model)
     _check_options(method, samples, noise, variant, seed, options)
     budget = _engine.check_memory_options(chunk, max_memory)
+    perf = _perf.resolve(memory_format, compile, precision)
     mod = _reduce.get_grad_modifier(grad_modifier)
     red = _reduce.get_reduction(reduce)
     raw_options = _raw_options(method, options, strip_softmax)
@@ -97,9 +105,11 @@ def smoothgrad(
                 maps = torch.stack(outs, dim=1) if multi else outs[0]
             return _finish(maps, mod, red, multi, resolved) if reduce_each else maps
 
+        tag = f"smoothgrad:{getattr(method, '__name__', type(method).__name__)}:{sorted(raw_options.items())!r}"
         sums = _engine.accumulate(
             compute, samples * x.shape[0], x.shape[0], squares=variant != "mean", chunk=chunk,
             max_memory=budget, progress=progress, desc="smoothgrad", device=x.device,
+            run=_perf.Run(model, x, perf, tag=tag[:400]),
         )
     mean = sums.total / samples
     if variant == "mean":

@@ -1,0 +1,167 @@
+"""The engine's performance options against the bare eager passes, in interleaved rounds.
+
+    python benchmarks/engine_speed.py            # resnet50, 224 px, SmoothGrad 16 / IG 32 at 1, 4, 8 images, 5 rounds
+    python benchmarks/engine_speed.py --compile  # adds compile=True (the first compile takes minutes)
+    python benchmarks/engine_speed.py --model resnet50 --size 112 --images 1 4 --rounds 3   # what fits a loaded machine
+
+For each method (SmoothGrad with ``--samples`` copies, integrated gradients with ``--steps``
+points) and each number of images B per call, one process times, in every round, in an order
+that rotates from round to round:
+
+- ``bare B``: the bare eager passes the method needs (forward + ``torch.autograd.grad`` w.r.t. the
+  input, parameters frozen, default layout) in passes of B images: the reference of the 0.85x goal;
+- ``bare 8``: the same passes 8 at a time (on this CPU bigger passes are not faster per image); the
+  better of the two is "the best bare pass" of the chunk-probe goal (within 1.05x);
+- ``contiguous``: salience with ``memory_format="contiguous"`` (the chunk chosen by the throughput
+  probe, no layout change);
+- ``auto``: salience's default (``memory_format="auto"``: channels-last where its probe finds it
+  faster);
+- ``compile`` (with ``--compile``): ``auto`` plus ``compile=True``.
+
+Each salience mode is called once before the rounds: that call pays the probes (and the compile)
+and is reported apart as ``first call``; the rounds measure the warm calls. Min / median / max per
+mode, ratios of medians, and the load average before and after each round are written to
+``benchmarks/engine_speed.json`` and a table to ``benchmarks/engine_speed.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+
+import salience
+
+HERE = Path(__file__).resolve().parent
+
+
+def bare(model: torch.nn.Module, items: torch.Tensor, target: torch.Tensor, per_pass: int) -> None:
+    """Forward + input gradient of every item ``(N, C, H, W)``, ``per_pass`` at a time, default layout."""
+    for s in range(0, items.shape[0], per_pass):
+        xi = items[s:s + per_pass].detach().clone().requires_grad_(True)
+        out = model(xi)
+        torch.autograd.grad(out.gather(1, target[s:s + per_pass].view(-1, 1)).sum(), xi)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _job(model, frozen, x, method: str, args) -> dict:
+    """The rounds of one method at one batch size."""
+    b = x.shape[0]
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    n = args.samples if method == "smoothgrad" else args.steps - 1  # IG: x's pass is part of the path
+    items = x.repeat(n, 1, 1, 1)
+    tgt = target.repeat(n)
+    call = (lambda **kw: salience.smoothgrad(model, x, target, samples=args.samples, reduce=None, **kw)) \
+        if method == "smoothgrad" else \
+        (lambda **kw: salience.integrated_gradients(model, x, target, steps=args.steps, reduce=None, **kw))
+    modes: dict[str, Callable[[], object]] = {f"bare {b}": lambda: bare(frozen, items, tgt, b)}
+    if b != 8:
+        modes["bare 8"] = lambda: bare(frozen, items, tgt, 8)
+    modes["contiguous"] = lambda: call(memory_format="contiguous")
+    modes["auto"] = lambda: call(memory_format="auto")
+    if args.compile:
+        modes["compile"] = lambda: call(memory_format="auto", compile=True)
+    first = {k: _timed(f) for k, f in modes.items() if not k.startswith("bare")}
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    loads = []
+    names = list(modes)
+    for r in range(args.rounds):
+        load0 = os.getloadavg()[0]
+        order = names[r % len(names):] + names[:r % len(names)]
+        for k in order:
+            times[k].append(_timed(modes[k]))
+        loads.append((load0, os.getloadavg()[0]))
+        print(f"  {method} B={b} round {r + 1}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in names)
+              + f" (load {load0:.1f})", flush=True)
+    from salience._core import perf as _perf
+
+    tag = "smoothgrad" if method == "smoothgrad" else "ig"
+    decisions = [{"layout": rec.layout, "size": rec.size} for k, rec in _perf._records.items()
+                 if rec.model() is model and k[5] == "auto" and k[1].startswith(tag) and k[2] == tuple(x.shape[1:])]
+    return {"method": method, "images": b, "items": n * b, "first_call_s": first, "times_s": times,
+            "load_1min_before_after": loads, "auto_decisions": decisions}
+
+
+def _stats(v: list[float]) -> tuple[float, float, float]:
+    return min(v), statistics.median(v), max(v)
+
+
+def _table(jobs: list[dict], args) -> str:
+    lines = [
+        "| method | images | mode | min s | median s | max s | median / bare B | median / best bare | first call s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for j in jobs:
+        t = j["times_s"]
+        b = j["images"]
+        ref = statistics.median(t[f"bare {b}"])
+        best = min(statistics.median(v) for k, v in t.items() if k.startswith("bare"))
+        for k, v in t.items():
+            lo, med, hi = _stats(v)
+            first = j["first_call_s"].get(k)
+            lines.append(f"| {j['method']} | {b} | {k} | {lo:.2f} | {med:.2f} | {hi:.2f} | {med / ref:.3f} | "
+                         f"{med / best:.3f} | {'' if first is None else f'{first:.1f}'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--images", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--methods", nargs="+", default=["smoothgrad", "integrated_gradients"])
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "engine_speed"))
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.model)(weights=None).eval()
+    frozen = getattr(torchvision.models, args.model)(weights=None).eval()
+    frozen.load_state_dict(model.state_dict())
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    report = {"config": vars(args), "torch": torch.__version__, "python": platform.python_version(),
+              "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "jobs": []}
+    t0 = time.time()
+    for method in args.methods:
+        for b in args.images:
+            x = torch.rand(b, 3, args.size, args.size, generator=torch.Generator().manual_seed(b))
+            report["jobs"].append(_job(model, frozen, x, method, args))
+    report["loadavg_end"] = os.getloadavg()
+    report["wall_s"] = time.time() - t0
+    Path(args.out + ".json").write_text(json.dumps(report, indent=2))
+    cfg = (f"`python benchmarks/engine_speed.py {' '.join(argv) if argv else ''}`".replace(" `", "`")
+           if argv is not None else "")
+    md = [f"# Engine speed: {args.model}, {args.size} px, SmoothGrad {args.samples} / IG {args.steps}, "
+          f"{args.rounds} interleaved rounds, {args.threads} threads", "",
+          f"torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs. 1-minute load "
+          f"average {report['loadavg_start'][0]:.1f} at the start, {report['loadavg_end'][0]:.1f} at the end "
+          "(2 = our threads alone; per round in the .json). " + cfg, "",
+          _table(report["jobs"], args), "",
+          "Decisions of the auto probe (layout True = channels-last, size = items per pass): "
+          + "; ".join(f"{j['method']} B={j['images']}: {j['auto_decisions']}" for j in report["jobs"]), ""]
+    Path(args.out + ".md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,457 @@
+"""How the engine runs its passes fast: memory format, compiled graphs, autocast, chunk size.
+
+The options (:class:`Performance`) come from a method's keywords, else from the process-wide
+settings (:func:`set_performance`, or :func:`performance` for a block):
+
+- ``memory_format``: ``"contiguous"`` (default: the model as it is), ``"channels_last"``, or
+  ``"auto"``, which runs a convolutional model channels-last when the
+  first chunks of a run, timed in both layouts, show it is faster for that model and input shape;
+  Models with fewer than three 2-D convolutions
+  (transformers) and small ones (under :data:`SMALL_ITEM_BYTES` per item) are left as they are.
+- ``compile``: ``False`` (default), ``True`` (``torch.compile`` with inductor), a backend name or
+  a backend callable. The compiled model is cached for the process; every chunk of the one fixed
+  size runs compiled, a chunk of another size (the first, the last) eagerly, so nothing recompiles
+  across chunks. Where compilation is unavailable or fails, a warning says why and the eager path
+  runs.
+- ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward pass under
+  ``torch.autocast`` (meant for CUDA; see docs/performance.md for the tolerance).
+- ``chunks``: ``"memory"`` (default): the largest chunk the budget allows, so a seeded call gives
+  the same bits every time; ``"throughput"`` picks the chunk size by measured seconds per item,
+  within the memory budget (results then agree only up to float rounding between calls).
+
+``auto`` and ``throughput`` are not the defaults: the only benchmark run so far (under heavy load,
+benchmarks/engine_speed.md) found ``auto`` slower than the default layout at 1 image; they become
+defaults when a quiet run shows they pay.
+
+A :class:`Run` holds one many-pass call's choices; :func:`salience._core.engine.accumulate` runs
+each chunk under :meth:`Run.chunk`, and :func:`salience._core.autograd.backward` asks
+:func:`active` how to run a pass of the model (input layout, compiled forward, autocast). The
+model's parameters are converted in place for channels-last and always put back (also by
+:func:`salience._core.guard.model_guard`, which records their data).
+
+What is measured is cached per model and input shape (:class:`_Record`), so a later call on the
+same model and shape starts from the decision.
+"""
+from __future__ import annotations
+
+import contextvars
+import math
+import threading
+import time
+import warnings
+import weakref
+from collections import OrderedDict
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from salience._core.errors import SalienceError
+
+__all__ = ["Performance", "Run", "set_performance", "performance", "current", "resolve", "active",
+           "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "clear_cache", "compile_unavailable"]
+
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+PRECISIONS = ("fp32", "bf16", "fp16")
+CHUNKING = ("throughput", "memory")
+# A pass that needs less than this per item (measured by the engine's memory probe) is too small
+# for the layout to matter against the noise of timing it: auto leaves such models contiguous.
+SMALL_ITEM_BYTES = 4 << 20
+# Thresholds of the probes: channels-last must be 5% faster per item (the spread of repeated
+# timings of one pass on a shared CPU is a few percent); a bigger chunk 3% faster.
+LAYOUT_GAIN = 0.95
+SIZE_GAIN = 0.97
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Performance:
+    """The engine's options; see the module docstring."""
+
+    memory_format: str = "contiguous"
+    compile: Any = False
+    precision: str = "fp32"
+    chunks: str = "memory"
+
+    def validated(self) -> "Performance":
+        if self.memory_format not in MEMORY_FORMATS:
+            raise SalienceError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}; got {self.memory_format!r}")
+        if self.precision not in PRECISIONS:
+            raise SalienceError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if self.chunks not in CHUNKING:
+            raise SalienceError(f"chunks must be one of {', '.join(CHUNKING)}; got {self.chunks!r}")
+        c = self.compile
+        if not (isinstance(c, (bool, str)) or callable(c)):
+            raise SalienceError(f"compile must be True/False, a torch.compile backend name or callable; got {c!r}")
+        return self
+
+    @property
+    def backend(self) -> Any:
+        """The torch.compile backend, or ``None`` when not compiling."""
+        if self.compile is False:
+            return None
+        return "inductor" if self.compile is True else self.compile
+
+
+_lock = threading.Lock()
+_process = Performance()
+_override: contextvars.ContextVar[Optional[Performance]] = contextvars.ContextVar("salience_perf", default=None)
+
+
+def current() -> Performance:
+    """The settings in force here: the innermost :func:`performance` block, else the process's."""
+    o = _override.get()
+    return o if o is not None else _process
+
+
+def set_performance(**options: Any) -> Performance:
+    """Set the process-wide options (``memory_format``, ``compile``, ``precision``, ``chunks``);
+    returns the previous settings (pass them back with ``set_performance(**vars(prev))``)."""
+    global _process
+    with _lock:
+        prev = _process
+        _process = _replace(prev, options)
+    return prev
+
+
+@contextmanager
+def performance(**options: Any) -> Iterator[Performance]:
+    """The options for the block (this thread / context only), e.g.
+    ``with salience.performance(compile=True): salience.smoothgrad(...)``."""
+    token = _override.set(_replace(current(), options))
+    try:
+        yield current()
+    finally:
+        _override.reset(token)
+
+
+def _replace(base: Performance, options: dict) -> Performance:
+    unknown = set(options) - {"memory_format", "compile", "precision", "chunks"}
+    if unknown:
+        raise SalienceError(f"unknown performance option(s) {sorted(unknown)}; "
+                            "expected memory_format, compile, precision, chunks")
+    return replace(base, **{k: v for k, v in options.items() if v is not None}).validated()
+
+
+def resolve(memory_format: Optional[str] = None, compile: Any = None, precision: Optional[str] = None) -> Performance:
+    """A method's keywords over the settings in force (``None``: the setting)."""
+    return _replace(current(), dict(memory_format=memory_format, compile=compile, precision=precision))
+
+
+# --------------------------------------------------------------------------- compiled models
+
+_compiled: "OrderedDict[tuple[int, Any], tuple[nn.Module, Any]]" = OrderedDict()
+_COMPILED_KEEP = 4  # compiled models kept for the process (each holds its model)
+
+
+def compile_unavailable(backend: Any, device: torch.device) -> Optional[str]:
+    """Why ``torch.compile`` with ``backend`` cannot run here, or ``None`` when it can."""
+    try:
+        import torch._dynamo as dynamo
+    except Exception as e:  # noqa: BLE001 - any import failure means no compiler
+        return f"torch._dynamo cannot be imported ({type(e).__name__}: {e})"
+    if not dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python version"
+    if backend == "inductor":
+        if device.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "inductor on CUDA needs triton, which is not installed"
+        elif device.type == "cpu":
+            import shutil
+
+            from torch._inductor import config as ind_config
+
+            cxx = ind_config.cpp.cxx
+            names = [c for c in (cxx if isinstance(cxx, tuple) else (cxx,)) if c]
+            if names and not any(shutil.which(c) for c in names):
+                return f"inductor on CPU needs a C++ compiler ({', '.join(map(str, names))}); none was found"
+    return None
+
+
+def _compiled_model(model: nn.Module, backend: Any) -> Any:
+    """The process's compiled version of ``model`` for ``backend`` (an exception object if it failed)."""
+    key = (id(model), backend if isinstance(backend, str) else id(backend))
+    with _lock:
+        hit = _compiled.get(key)
+        if hit is not None and hit[0] is model:
+            _compiled.move_to_end(key)
+            return hit[1]
+        compiled = torch.compile(model, backend=backend, dynamic=False)
+        _compiled[key] = (model, compiled)
+        while len(_compiled) > _COMPILED_KEEP:
+            _compiled.popitem(last=False)
+        return compiled
+
+
+def _compile_failed(model: nn.Module, backend: Any, why: str) -> None:
+    key = (id(model), backend if isinstance(backend, str) else id(backend))
+    with _lock:
+        _compiled[key] = (model, SalienceError(why))
+    warnings.warn(f"compile: {why}; running eagerly (the results are the same, only slower)", stacklevel=4)
+
+
+# --------------------------------------------------------------------------- measured choices
+
+
+@dataclass
+class _Record:
+    """What was measured for one model, input shape and options: seconds per item by
+    ``(chunk size, channels_last)``, and the decisions once made."""
+
+    model: Any  # weakref to the model (an id alone could be reused)
+    samples: dict[tuple[int, bool], list[float]] = field(default_factory=dict)
+    layout: Optional[bool] = None
+    size: Optional[int] = None
+    best: Optional[int] = None
+    down: bool = False
+
+    def t(self, size: int, cl: bool) -> float:
+        return min(self.samples.get((size, cl), [math.inf]))
+
+
+_records: dict[tuple, _Record] = {}
+
+
+def clear_cache() -> None:
+    """Forget every measured choice and compiled model (tests, or after changing a model in place)."""
+    with _lock:
+        _records.clear()
+        _compiled.clear()
+
+
+def _is_convolutional(model: nn.Module) -> bool:
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) >= 3
+
+
+# --------------------------------------------------------------------------- one run
+
+
+_active: contextvars.ContextVar[tuple] = contextvars.ContextVar("salience_runs", default=())
+
+
+def active(model: nn.Module) -> Optional["Run"]:
+    """The run whose chunk is executing on ``model`` here, if any."""
+    for run in reversed(_active.get()):
+        if run.model is model:
+            return run
+    return None
+
+
+class Run:
+    """The options of one many-pass call on ``model`` for items shaped like ``x[0]``, and its state:
+    the model's current layout, whether this chunk may run compiled, what the probes measured.
+
+    ``tag`` names the per-item computation (e.g. ``"smoothgrad:vanilla"``): measurements are cached
+    per model, tag, item shape, dtype, device and options. ``close()`` puts the model's parameters
+    back (:func:`salience._core.engine.accumulate` calls it).
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, options: Optional[Performance] = None, *, tag: str = "") -> None:
+        self.model = model
+        self.options = (options or current()).validated()
+        self.device = x.device
+        self.dtype = _DTYPES.get(self.options.precision)
+        self.convolutional = _is_convolutional(model)
+        # Compiled runs share the eager runs' decisions (they measure nothing themselves).
+        key = (id(model), tag, tuple(x.shape[1:]), x.dtype, str(x.device), self.options.memory_format,
+               self.options.precision)
+        with _lock:
+            rec = _records.get(key)
+            if rec is None or rec.model() is not model:
+                rec = _records[key] = _Record(weakref.ref(model))
+        self.record = rec
+        self.channels_last = False
+        self._saved: list[tuple[nn.Parameter, Tensor]] = []
+        self._compiled_now = False
+        self._used_compiled = False
+        self._probing = False
+        self.softmax_checked = False
+        self.softmax_stripped = False
+        self.layouts: list[str] = []  # per chunk, for Sums
+        self._compiled_fn: Any = None
+        if self.options.backend is not None:
+            why = compile_unavailable(self.options.backend, self.device)
+            if why is not None:
+                warnings.warn(f"compile: {why}; running eagerly", stacklevel=3)
+            else:
+                self._compiled_fn = _compiled_model(model, self.options.backend)
+                if isinstance(self._compiled_fn, Exception):
+                    self._compiled_fn = None
+
+    # ---- layout
+
+    def set_layout(self, channels_last: bool) -> None:
+        """Convert the model's 4-D parameters to channels-last (or back to the user's) in place."""
+        if channels_last == self.channels_last:
+            return
+        if channels_last:
+            for p in self.model.parameters():
+                if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
+                    self._saved.append((p, p.data))
+                    p.data = p.data.contiguous(memory_format=torch.channels_last)
+        else:
+            self._restore()
+        self.channels_last = channels_last
+
+    def _restore(self) -> None:
+        while self._saved:
+            p, data = self._saved.pop()
+            p.data = data
+
+    def close(self) -> None:
+        self._restore()
+        self.channels_last = False
+
+    # ---- what a chunk runs under
+
+    @contextmanager
+    def chunk(self, channels_last: bool, compiled: bool) -> Iterator[None]:
+        self.set_layout(channels_last)
+        self._compiled_now = compiled and self._compiled_fn is not None
+        self._used_compiled = False
+        token = _active.set(_active.get() + (self,))
+        try:
+            yield
+        finally:
+            _active.reset(token)
+            self._compiled_now = False
+            self.layouts.append(("channels_last" if channels_last else "contiguous")
+                                + (" compiled" if self._used_compiled else ""))
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """The input of a pass in the run's layout (always the same strides, so that a compiled
+        graph is not recompiled for an input that broadcasting happened to lay out otherwise)."""
+        if x.dim() != 4:
+            return x
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def autocast(self) -> Any:
+        if self.dtype is None:
+            return contextlib_null()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def forward_fn(self, plain: bool, strip_softmax: bool) -> Optional[Callable]:
+        """The compiled model for a plain pass (no hooks, no interception modes) once an eager pass
+        showed no final softmax to strip; ``None``: run the model eagerly."""
+        if not (plain and self._compiled_now):
+            return None
+        if strip_softmax and (not self.softmax_checked or self.softmax_stripped):
+            return None
+        return self._compiled_fn
+
+    def note_softmax(self, stripped: bool) -> None:
+        self.softmax_checked = True
+        self.softmax_stripped = self.softmax_stripped or stripped
+
+    def compile_failed(self, error: BaseException) -> None:
+        why = f"torch.compile failed on this model ({type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''})"
+        _compile_failed(self.model, self.options.backend, why)
+        self._compiled_fn = None
+        self._compiled_now = False
+
+    # ---- the plan: each chunk's size and layout
+
+    def plan(self, remaining: int, start_size: int, cap: int, fixed: bool, per_item_bytes: Optional[int]) -> tuple[int, bool, bool]:
+        """``(size, channels_last, compiled)`` of the next chunk: probes first (until decided), then
+        the decision. ``start_size``: the first size tried (the batch size); ``cap``: the largest size
+        the memory budget allows; ``fixed``: the size was given (no size probe)."""
+        rec, opt = self.record, self.options
+        layout = self._layout_choice(per_item_bytes)
+        if layout is None:  # probe: the two layouts alternately at the start size, two chunks each
+            s = min(start_size, cap)
+            n_cl, n_ct = len(rec.samples.get((s, True), ())), len(rec.samples.get((s, False), ()))
+            if n_cl >= 2 and n_ct >= 2:
+                rec.layout = rec.t(s, True) < LAYOUT_GAIN * rec.t(s, False)
+                layout = rec.layout
+            else:
+                self._probing = s <= remaining  # a chunk cut short by the end is no sample
+                return min(s, remaining), n_ct > n_cl, False
+        self._probing = False
+        if fixed or opt.chunks == "memory":
+            size = cap
+        elif opt.backend is not None:
+            size = rec.size if rec.size is not None else cap
+        else:
+            size = self._size_choice(layout, min(start_size, cap), cap)
+            self._probing = rec.size is None and size <= remaining
+        size = min(size, remaining)
+        full = rec.size if (rec.size is not None and not fixed and opt.chunks != "memory") else cap
+        return size, layout, opt.backend is not None and size == full
+
+    def _layout_choice(self, per_item_bytes: Optional[int]) -> Optional[bool]:
+        mf = self.options.memory_format
+        if mf != "auto":
+            return mf == "channels_last"
+        if self.record.layout is not None:
+            return self.record.layout
+        small = per_item_bytes is not None and per_item_bytes < SMALL_ITEM_BYTES
+        if not self.convolutional or small or self.options.backend is not None:
+            return False  # not measured: compiled graphs are fixed to a layout, and not cached as a decision
+        return None
+
+    def _size_choice(self, cl: bool, start: int, cap: int) -> int:
+        """Hill-climb on seconds per item: double while 3% faster, else (from the start) halve."""
+        rec = self.record
+        if rec.size is not None:
+            return rec.size
+        if rec.best is None:
+            rec.best = start
+        if (rec.best, cl) not in rec.samples:
+            return rec.best
+        while True:
+            cand = rec.best // 2 if rec.down else rec.best * 2
+            if (cand > cap) if not rec.down else (cand < 1):
+                cand = 0
+            if cand and (cand, cl) not in rec.samples:
+                return cand
+            if cand and rec.t(cand, cl) < SIZE_GAIN * rec.t(rec.best, cl):
+                rec.best = cand
+                continue
+            if not rec.down and rec.best == start and start > 1:
+                rec.down = True
+                continue
+            rec.size = rec.best
+            return rec.size
+
+    def measured(self, size: int, channels_last: bool, seconds: float) -> None:
+        """Record a chunk's time (while the choices are still being measured)."""
+        rec = self.record
+        if not self._probing:
+            return
+        rec.samples.setdefault((size, channels_last), []).append(seconds / size)
+
+    def clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+@contextmanager
+def contextlib_null() -> Iterator[None]:
+    yield
+
+
+def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: bool,
+                 eager: Callable[[], Any]) -> tuple[Any, bool]:
+    """Run one pass's forward: the compiled model when the active run allows it, else ``eager()``;
+    under the run's autocast. Returns ``(output, compiled)``."""
+    run = active(model)
+    if run is None:
+        return eager(), False
+    with ExitStack() as stack:
+        stack.enter_context(run.autocast())
+        fn = run.forward_fn(plain, strip_softmax)
+        if fn is not None:
+            try:
+                out = fn(x_in)
+                run._used_compiled = True
+                return out, True
+            except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
+                if isinstance(e, SalienceError):
+                    raise
+                run.compile_failed(e)
+        return eager(), False
