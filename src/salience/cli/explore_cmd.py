@@ -17,7 +17,8 @@ def add_parser(sub: Any) -> None:
                        epilog="models (--model, --compare):\n" + model_specs_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="*", metavar="IMAGE",
-                   help="image files or folders to pick from (only these and uploads are ever served)")
+                   help="image files or folders to pick from (only these and uploads are ever served); a run "
+                        "folder (salience explain DIR --out RUN) adds its gallery of rows")
     add_model_args(p)
     p.add_argument("--compare", metavar="MODEL", help="a second model shown side by side (same loading options)")
     p.add_argument("--host", default="127.0.0.1",

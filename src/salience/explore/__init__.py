@@ -38,22 +38,28 @@ def _in_notebook() -> bool:
 
 
 def explore(model: Union[str, nn.Module], images: Optional[Sequence[Union[str, "os.PathLike[str]"]]] = None, *,
-            compare: Union[None, str, nn.Module] = None, host: str = "127.0.0.1", port: int = 0,
+            compare: Union[None, str, nn.Module] = None,
+            run: Union[None, str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]] = None, host: str = "127.0.0.1", port: int = 0,
             max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, show: Optional[bool] = None,
             height: int = 800, **load: Any) -> Any:
     """Start the explorer for ``model`` (a module, or any spec :func:`salience.load_model` takes;
     ``load`` keywords go to it) in a background thread and return its handle
     (:class:`salience.explore.server.Explorer`: ``.url``, ``.stop()``).
 
-    ``images``: image files or folders to pick from (only these and uploads are served).
+    ``images``: image files or folders to pick from (only these and uploads are served); a folder
+    holding ``run.json`` is a dataset run (``salience explain DIR --out RUN``), as is ``run`` (one
+    run folder or several): its rows are a gallery to sort and filter, each opened in the explorer.
     ``compare``: a second model shown side by side. ``host`` / ``port``: where to listen (default
     loopback and a free port; another host prints a warning). ``show``: display the page inline
     (an IFrame) when in a Jupyter notebook (default), else print the URL.
     """
     from salience.explore.server import start
 
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    runs = [] if run is None else [run] if isinstance(run, (str, os.PathLike)) else list(run)
     explorer = start(model, list(images or []), compare=compare, host=host, port=port, max_pixels=max_pixels,
-                     load=load)
+                     load=load, runs=runs)
     notebook = _in_notebook() if show is None else show
     if notebook:
         from IPython.display import IFrame, display

@@ -12,13 +12,19 @@ api/colormaps/NAME``, ``GET/POST api/images``, ``GET api/images/ID/picture.png?s
 api/models/SLOT/top?image=&k=``, ``GET api/models/SLOT/layers``, ``POST api/explain``, ``GET/DELETE
 api/jobs/ID``, ``GET api/maps/KEY.npy`` (raw float32), ``GET api/maps/KEY/display.npy`` (the
 ``(H, W)`` map drawn), ``GET api/maps/KEY.png``, ``POST api/maps/KEY/curves``, ``POST
-api/maps/KEY/sanity``, ``GET api/figure.png?image=&keys=``, ``GET api/status``, ``GET api/runs``.
+api/maps/KEY/sanity``, ``GET api/figure.png?image=&keys=``, ``GET api/status``; dataset runs
+(:mod:`salience.explore.runs`): ``GET api/runs``, ``GET api/runs/RUN/rows?sort=&order=&class=&correct=&
+min_probability=&max_probability=&metric=&min=&max=&offset=&limit=``, ``GET api/runs/RUN/rows/INDEX``,
+``GET api/runs/RUN/rows/INDEX/thumb.jpg?tile=``, ``GET api/runs/RUN/rows/INDEX/maps/METHOD.npy?k=``.
+A row's image is the image ``RUN-INDEX`` of every image endpoint.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import io
 import json
+import math
 import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -30,6 +36,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+import numpy as np
 import torch
 
 from salience._core.errors import SalienceError
@@ -39,6 +46,7 @@ from salience.explore.cache import ResultCache, key_of
 from salience.explore.compute import ExplainRequest, ModelSlot
 from salience.explore.images import ImageStore
 from salience.explore.jobs import Job, QueueFull, Ticker
+from salience.explore.runs import RunSource
 from salience.methods.gradcam import default_layer
 from salience.render import viz
 
@@ -53,11 +61,11 @@ class Hub:
     """The server's state: the model slots, the images, the cache of results, the jobs."""
 
     def __init__(self, slots: Sequence[ModelSlot], images: ImageStore, *, cache_bytes: int = 512 * 2**20,
-                 runs: Optional[Any] = None) -> None:
+                 runs: Sequence[RunSource] = ()) -> None:
         self.slots = {s.name: s for s in slots}
         self.images = images
         self.cache = ResultCache(cache_bytes)
-        self.runs = runs  # a dataset-run source plugs in here (not built yet)
+        self.runs = {r.id: r for r in runs}  # dataset runs (their rows' images are in ``images`` too)
         self.jobs: collections.OrderedDict[str, tuple[Job, ModelSlot]] = collections.OrderedDict()
         self.maps: dict[str, ExplainRequest] = {}
         self.inflight: dict[str, Job] = {}
@@ -75,6 +83,22 @@ class Hub:
             return self.images.load(str(image_id))
         except KeyError:
             raise HTTPException(404, f"no image {image_id!r}; upload it or pick one of GET api/images") from None
+
+    def run(self, run_id: str) -> RunSource:
+        if run_id not in self.runs:
+            raise HTTPException(404, f"no run {run_id!r}; the runs are GET api/runs")
+        return self.runs[run_id]
+
+    def run_row(self, request: Request) -> tuple[RunSource, int]:
+        """The run and row index of a ``api/runs/RUN/rows/INDEX/...`` URL (404 when there is none)."""
+        source = self.run(request.path_params["run"])
+        text = request.path_params["index"]
+        try:
+            source.row(int(text))
+        except (KeyError, ValueError):
+            raise HTTPException(404, f"no row {text!r} in run {source.id!r} (it has {len(source.all_rows())} rows, "
+                                     "by index)") from None
+        return source, int(text)
 
     def request_of(self, key: str) -> ExplainRequest:
         if key not in self.maps:
@@ -221,7 +245,7 @@ async def info(request: Request) -> Response:
         "models": [s.describe() for s in hub.slots.values()],
         "methods": compute.options_schema(), "colormaps": list(viz.COLORMAPS),
         "limits": {"max_pixels": hub.images.max_pixels, "max_upload_bytes": hub.images.max_upload_bytes},
-        "runs": hub.runs is not None,
+        "runs": [r.id for r in hub.runs.values()],
     })
 
 
@@ -422,7 +446,64 @@ async def status(request: Request) -> Response:
 
 
 async def runs(request: Request) -> Response:
-    return JSONResponse({"runs": [], "note": "dataset runs (salience explain --out) are not supported yet"})
+    hub = _hub(request)
+    described = await asyncio.to_thread(lambda: [r.describe() for r in hub.runs.values()])
+    return JSONResponse({"runs": described})
+
+
+def _bool(request: Request, name: str) -> Optional[bool]:
+    text = request.query_params.get(name, "")
+    if text in ("", "any"):
+        return None
+    if text.lower() not in ("true", "false", "1", "0", "right", "wrong"):
+        raise HTTPException(400, f"{name} must be true (right) or false (wrong), got {text!r}")
+    return text.lower() in ("true", "1", "right")
+
+
+def _opt_float(request: Request, name: str) -> Optional[float]:
+    return None if request.query_params.get(name, "") == "" else _float(request, name, 0.0, -math.inf, math.inf)
+
+
+async def run_rows(request: Request) -> Response:
+    """The run's rows, filtered and sorted, a page of them (``offset``, ``limit`` <= 1000)."""
+    source = _hub(request).run(request.path_params["run"])
+    q = request.query_params
+    order = q.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise HTTPException(400, f"order must be asc or desc, got {order!r}")
+    found = await asyncio.to_thread(
+        source.rows, sort=q.get("sort") or "index", descending=order == "desc", cls=q.get("class") or None,
+        correct=_bool(request, "correct"), min_probability=_opt_float(request, "min_probability"),
+        max_probability=_opt_float(request, "max_probability"), metric=q.get("metric") or None,
+        low=_opt_float(request, "min"), high=_opt_float(request, "max"),
+        offset=int(_float(request, "offset", 0, 0, 2**62)), limit=int(_float(request, "limit", 100, 1, 1000)))
+    return JSONResponse(found)
+
+
+async def run_row(request: Request) -> Response:
+    source, index = _hub(request).run_row(request)
+    return JSONResponse(source.row(index))
+
+
+async def run_thumb(request: Request) -> Response:
+    source, index = _hub(request).run_row(request)
+    tile = int(_float(request, "tile", 0, 0, 1000))
+    jpg = await asyncio.to_thread(source.thumbnail, index, tile)
+    return Response(jpg, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+
+async def run_map(request: Request) -> Response:
+    """A row's map as stored by the run (float16 in the store, sent as float32)."""
+    source, index = _hub(request).run_row(request)
+    method = request.path_params["method"]
+    if method not in source.run.methods:
+        raise HTTPException(404, f"the run has no method {method!r}; its methods are {', '.join(source.run.methods)}")
+    k = int(_float(request, "k", 0, 0, 10**6))
+    m = await asyncio.to_thread(source.stored_map, index, method, k)
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(m, dtype=np.float32))
+    return Response(buf.getvalue(), media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{method}-row{index}-k{k}.npy"'})
 
 
 # --------------------------------------------------------------------------------- errors
@@ -455,6 +536,9 @@ def create_app(hub: Hub) -> Starlette:
         Route("/api/maps/{key}.npy", map_npy), Route("/api/maps/{key}/{what:str}.npy", map_npy),
         Route("/api/maps/{key}.png", map_png), Route("/api/maps/{key}/{what}", on_map, methods=["POST"]),
         Route("/api/figure.png", figure),
+        Route("/api/runs/{run}/rows", run_rows), Route("/api/runs/{run}/rows/{index}", run_row),
+        Route("/api/runs/{run}/rows/{index}/thumb.jpg", run_thumb),
+        Route("/api/runs/{run}/rows/{index}/maps/{method}.npy", run_map),
     ]
     app = Starlette(routes=[Route("/", index), *api, Mount("/static", StaticFiles(directory=STATIC), name="static")],
                     exception_handlers={SalienceError: _salience_error, HTTPException: _http_error,

@@ -3,8 +3,9 @@
 The page refers to an image by its id only, never by a path: the files that can be read are
 exactly those listed when the server started (the files named, and the image files directly
 inside the folders named) and the uploads, so no request can reach another file. Each source is
-a :class:`Source` (``name`` and ``entries()``); a dataset run (``salience explain --out``) is
-meant to plug in as one more source whose entries carry its table's columns in ``fields``.
+a :class:`Source` (``name`` and ``entries()``, the images listed); a source may also answer ids it
+does not list with ``find(id)``: a dataset run (:mod:`salience.explore.runs`) reaches its rows'
+images that way.
 Every image is read with :func:`salience.loading.load_image`, so the explorer refuses what the
 command line refuses (not an image, truncated, over ``max_pixels``), with the same messages.
 """
@@ -98,6 +99,9 @@ class ImageStore:
     def entry(self, image_id: str) -> ImageEntry:
         with self._lock:
             e = self._fixed.get(image_id) or self._uploads.get(image_id)
+        for s in self.sources:
+            if e is None and hasattr(s, "find"):
+                e = s.find(image_id)
         if e is None:
             raise KeyError(image_id)
         return e

@@ -16,6 +16,7 @@ from salience._core.errors import SalienceError
 from salience.explore.app import Hub, create_app
 from salience.explore.compute import ModelSlot, name_model
 from salience.explore.images import FileSource, ImageStore
+from salience.explore.runs import RunSource, is_run
 from salience.loading.images import DEFAULT_MAX_PIXELS
 from salience.loading.models import load_model
 
@@ -68,12 +69,17 @@ def _slot(name: str, model: ModelLike, load: dict[str, Any]) -> ModelSlot:
 
 
 def build_hub(model: ModelLike, images: Sequence[Any] = (), *, compare: Optional[ModelLike] = None,
-              max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, load: Optional[dict[str, Any]] = None) -> Hub:
-    """The server's state: the model (and the ``compare`` model), loaded once, and the images."""
+              max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, load: Optional[dict[str, Any]] = None,
+              runs: Sequence[Any] = ()) -> Hub:
+    """The server's state: the model (and the ``compare`` model), loaded once, and the images.
+    A folder among ``images`` that holds ``run.json`` is a dataset run, as are ``runs``."""
+    run_folders = [p for p in images if is_run(p)] + list(runs)
+    files = [p for p in images if not is_run(p)]
+    run_sources = [RunSource(f, n) for n, f in enumerate(run_folders)]
     load = dict(load or {})
     slots = [_slot("a", model, load)] + ([_slot("b", compare, load)] if compare is not None else [])
-    sources = [FileSource(images)] if images else []
-    return Hub(slots, ImageStore(sources, max_pixels=max_pixels))
+    sources = ([FileSource(files)] if files else []) + run_sources
+    return Hub(slots, ImageStore(sources, max_pixels=max_pixels), runs=run_sources)
 
 
 class Explorer:
@@ -136,11 +142,11 @@ class Explorer:
 
 def start(model: ModelLike, images: Sequence[Any] = (), *, compare: Optional[ModelLike] = None,
           host: str = "127.0.0.1", port: int = 0, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-          load: Optional[dict[str, Any]] = None, background: bool = True) -> Explorer:
+          load: Optional[dict[str, Any]] = None, background: bool = True, runs: Sequence[Any] = ()) -> Explorer:
     """Load the models, bind the socket, and (``background``) serve in a thread. A host that is
     not loopback prints :data:`REMOTE_WARNING` on stderr."""
     _check_deps()
-    hub = build_hub(model, images, compare=compare, max_pixels=max_pixels, load=load)
+    hub = build_hub(model, images, compare=compare, max_pixels=max_pixels, load=load, runs=runs)
     try:
         sock = bind_socket(host, port)
     except BaseException:

@@ -38,6 +38,7 @@ async function start() {
   await Promise.all(S.info.colormaps.map(async (n) => { S.luts[n] = (await api(`api/colormaps/${n}`)).lut; }));
   bindControls();
   await listImages();
+  if (S.info.runs && S.info.runs.length) await startRuns();
   status("ready");
 }
 
@@ -83,6 +84,7 @@ async function upload(file) {
 async function pick(id) {
   S.image = id;
   for (const img of $("images").children) img.classList.toggle("current", img.dataset.id === id);
+  for (const tr of $("run-body").children) tr.classList.toggle("current", tr.dataset.id === id);
   S.pictures = {};
   await Promise.all(S.info.models.map((m) => new Promise((ok) => {
     const img = new Image(); img.onload = () => ok(); img.onerror = () => ok();
@@ -103,6 +105,68 @@ async function pick(id) {
   }
   status(`image ${id}`);
   refreshAll();
+}
+
+// ------------------------------------------------------------------ dataset runs (the gallery)
+
+const R = { runs: [], run: null, offset: 0, limit: 50, total: 0 };
+
+async function startRuns() {
+  R.runs = (await api("api/runs")).runs;
+  $("gallery").hidden = false;
+  for (const r of R.runs) $("run").append(el("option", { value: r.id }, `${r.name} (${r.count})`));
+  $("run").addEventListener("change", () => chooseRun($("run").value));
+  for (const id of ["run-sort", "run-order", "run-class", "run-correct", "run-pmin", "run-pmax", "run-metric", "run-min", "run-max"])
+    $(id).addEventListener("change", () => { R.offset = 0; listRows(); });
+  $("run-prev").addEventListener("click", () => { R.offset = Math.max(0, R.offset - R.limit); listRows(); });
+  $("run-next").addEventListener("click", () => { if (R.offset + R.limit < R.total) { R.offset += R.limit; listRows(); } });
+  await chooseRun(R.runs[0].id);
+}
+
+async function chooseRun(id) {
+  R.run = R.runs.find((r) => r.id === id); R.offset = 0;
+  const r = R.run;
+  $("run-about").textContent = `${r.folder}: ${r.count} images, model ${r.model}, methods ${r.methods.join(", ")}${r.complete ? "" : " (not finished)"}`;
+  const fill = (sel, first, values) => { sel.textContent = ""; if (first) sel.append(el("option", { value: "" }, first));
+    for (const [v, label] of values) sel.append(el("option", { value: v }, label)); };
+  fill($("run-sort"), null, r.sortable.map((c) => [c, c]));
+  fill($("run-class"), "any", r.classes.map((c) => [c.name, c.name]));
+  fill($("run-metric"), "—", r.metrics.map((c) => [c, c]));
+  $("run-correct").disabled = !r.labels;
+  const head = ["image", ...r.methods.map((m) => `${m} (stored)`), "#", "file", "class", "probability",
+                ...(r.labels ? ["label", "right"] : []), ...r.metrics];
+  $("run-head").textContent = "";
+  $("run-head").append(el("tr", {}, ...head.map((h) => el("th", {}, h))));
+  await listRows();
+}
+
+async function listRows() {
+  const r = R.run, q = new URLSearchParams({ sort: $("run-sort").value || "index", order: $("run-order").value,
+                                            offset: R.offset, limit: R.limit });
+  const add = (k, id) => { if ($(id).value !== "") q.set(k, $(id).value); };
+  add("class", "run-class"); add("correct", "run-correct"); add("min_probability", "run-pmin");
+  add("max_probability", "run-pmax");
+  if ($("run-metric").value) { q.set("metric", $("run-metric").value); add("min", "run-min"); add("max", "run-max"); }
+  let found;
+  try { found = await api(`api/runs/${r.id}/rows?${q}`); } catch (e) { status(e.message, true); return; }
+  R.total = found.total;
+  const body = $("run-body"); body.textContent = "";
+  const num = (v) => (v === null || v === undefined ? "" : (typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : String(v)));
+  const names = Object.fromEntries(r.classes.map((c) => [c.index, c.name]));
+  for (const row of found.rows) {
+    const thumbs = [0, ...r.methods.map((_, i) => i + 1)].map((t) =>
+      el("td", {}, el("img", { src: `api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}`, alt: "", loading: "lazy" })));
+    const cells = [...thumbs, el("td", {}, String(row.index)), el("td", { title: row.path }, row.path.split(/[\\/]/).pop()),
+      el("td", {}, row.error ? `failed: ${row.error}` : (row.predicted_name ?? "")), el("td", {}, num(row.probability))];
+    if (r.labels) cells.push(el("td", {}, row.label === null ? "" : (names[row.label] ?? String(row.label))),
+      el("td", { class: row.correct ? "right" : "wrong" }, row.correct === null ? "" : (row.correct ? "right" : "wrong")));
+    for (const m of r.metrics) cells.push(el("td", {}, num(row[m])));
+    const tr = el("tr", { "data-id": row.id, class: (row.image ? "" : "noimage") + (S.image === row.id ? " current" : ""),
+                          title: row.image ? "open in the explorer" : "no image file to open" }, ...cells);
+    if (row.image) tr.addEventListener("click", () => pick(row.id));
+    body.append(tr);
+  }
+  $("run-page").textContent = found.total ? `${R.offset + 1}–${R.offset + found.rows.length} of ${found.total}` : "no rows";
 }
 
 // ------------------------------------------------------------------ grid

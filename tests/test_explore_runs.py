@@ -1,0 +1,153 @@
+"""The explorer on a dataset run (salience explain DIR --out RUN): the gallery's rows, sorted and
+filtered, checked against the run's own table; a row opened as an image (the same picture and the
+same live map as the file itself); the stored thumbnails and maps; bad row ids get 404 and
+nothing outside the run's table is reachable."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("httpx")
+pytest.importorskip("pyarrow")
+from starlette.testclient import TestClient  # noqa: E402
+
+import salience  # noqa: E402
+from explore_helpers import npy, shapes_files, wait_job  # noqa: E402
+from salience.explore.server import build_hub  # noqa: E402
+from salience.explore.app import create_app  # noqa: E402
+from salience.loading import load_image, preprocess  # noqa: E402
+
+N = 6
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explore-runs")
+    (root / "imgs").mkdir()
+    paths, labels, _ = shapes_files(root / "imgs", N)
+    given = labels.clone()
+    given[1] = (given[1] + 1) % 5  # a label the model gets wrong
+    (root / "labels.csv").write_text("path,label\n" + "".join(f"{p.name},{int(g)}\n" for p, g in zip(paths, given)))
+    run = salience.explain_dataset("demo:shapes", paths, ["vanilla"], root / "run", labels=root / "labels.csv",
+                                   metrics=["deletion"], shard_size=4, batch_size=4, workers=0)
+    other = root / "elsewhere.png"
+    other.write_bytes(paths[0].read_bytes())
+    hub = build_hub("demo:shapes", [root / "run"])  # the run folder named like any folder of images
+    client = TestClient(create_app(hub))
+    yield {"client": client, "hub": hub, "run": run, "paths": paths, "root": root}
+    hub.close()
+
+
+def test_runs_are_listed_with_their_columns(env):
+    c = env["client"]
+    assert c.get("api/info").json()["runs"] == ["r0"]
+    (run,) = c.get("api/runs").json()["runs"]
+    assert run["id"] == "r0" and run["count"] == N and run["methods"] == ["vanilla"] and run["labels"]
+    assert "vanilla.deletion" in run["metrics"] and "vanilla.deletion" in run["sortable"]
+    table = env["run"].table
+    assert {x["name"] for x in run["classes"]} == set(table.column("predicted_name").to_pylist())
+    assert c.get("api/images").json()["images"] == []  # rows are listed by the gallery, not with the files
+
+
+def _rows(c, **q):
+    r = c.get("api/runs/r0/rows", params={k: str(v) for k, v in q.items()})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_rows_sorted_and_filtered_as_the_table_says(env):
+    c, table = env["client"], env["run"].table.to_pylist()
+    every = _rows(c)
+    assert every["total"] == N and [r["index"] for r in every["rows"]] == list(range(N))
+    assert [r["id"] for r in every["rows"]] == [f"r0-{i}" for i in range(N)] and all(r["image"] for r in every["rows"])
+    by_p = _rows(c, sort="probability", order="desc")["rows"]
+    assert [r["index"] for r in by_p] == [t["index"] for t in sorted(table, key=lambda t: (-t["probability"],
+                                                                                          -t["index"]))]
+    by_del = _rows(c, sort="vanilla.deletion")["rows"]
+    assert [r["vanilla.deletion"] for r in by_del] == sorted(t["vanilla.deletion"] for t in table)
+    wrong = _rows(c, correct="false")
+    assert [r["index"] for r in wrong["rows"]] == [t["index"] for t in table if not t["correct"]]
+    assert 1 in [r["index"] for r in wrong["rows"]]
+    right = _rows(c, correct="true")
+    assert right["total"] + wrong["total"] == N
+    name = table[0]["predicted_name"]
+    for q in ({"class": name}, {"class": table[0]["predicted"]}):
+        assert [r["index"] for r in _rows(c, **q)["rows"]] == [t["index"] for t in table if t["predicted_name"] == name]
+    p_mid = sorted(t["probability"] for t in table)[N // 2]
+    assert [r["index"] for r in _rows(c, min_probability=p_mid)["rows"]] == [
+        t["index"] for t in table if t["probability"] >= p_mid]
+    d_mid = sorted(t["vanilla.deletion"] for t in table)[N // 2]
+    assert [r["index"] for r in _rows(c, metric="vanilla.deletion", max=d_mid)["rows"]] == [
+        t["index"] for t in table if t["vanilla.deletion"] <= d_mid]
+    page = _rows(c, offset=2, limit=3)
+    assert page["total"] == N and [r["index"] for r in page["rows"]] == [2, 3, 4]
+
+
+def test_a_row_opens_as_an_image_with_live_maps(env):
+    c, run = env["client"], env["run"]
+    path = env["paths"][3]
+    row = c.get("api/runs/r0/rows/3").json()
+    assert row["index"] == 3 and row["predicted_name"] == run.row(3)["predicted_name"]
+    # the same picture and the same live map as the library on the row's image file
+    from PIL import Image
+
+    pic = np.asarray(Image.open(io.BytesIO(c.get("api/images/r0-3/picture.png").content)))
+    assert pic.shape[:2] == (64, 64)
+    top = c.get("api/models/a/top", params={"image": "r0-3", "k": 1}).json()["classes"][0]
+    assert top["index"] == run.row(3)["predicted"]
+    assert top["probability"] == pytest.approx(run.row(3)["probability"], abs=1e-5)
+    target = int(run.row(3)["predicted"])
+    r = c.post("api/explain", json={"model": "a", "image": "r0-3", "method": "vanilla", "target": target})
+    j = wait_job(lambda u: c.get(u).json(), r.json())
+    assert j["state"] == "done", j
+    live = npy(c.get(f"api/maps/{j['key']}.npy").content)
+    model = salience.load_model("demo:shapes")
+    x = preprocess(load_image(path), model.salience_info).unsqueeze(0)
+    expected = salience.vanilla(model, x, target)[0].numpy()
+    np.testing.assert_allclose(live, expected, rtol=1e-5, atol=1e-7)
+    # the stored map (float16 in the store) is the same map, to float16 rounding
+    stored = npy(c.get("api/runs/r0/rows/3/maps/vanilla.npy").content)
+    np.testing.assert_array_equal(stored, run.map(3, "vanilla"))
+    reduced = live if live.ndim == 2 else np.abs(live).max(0)
+    np.testing.assert_allclose(stored, reduced, rtol=2**-10, atol=1e-7)
+
+
+def test_thumbnails_are_the_sprite_tiles(env):
+    c = env["client"]
+    from PIL import Image
+
+    for tile in (0, 1):
+        r = c.get("api/runs/r0/rows/5/thumb.jpg", params={"tile": tile})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(r.content)).size == (96, 96)
+    a = np.asarray(Image.open(io.BytesIO(c.get("api/runs/r0/rows/5/thumb.jpg").content)), dtype=float)
+    b = np.asarray(Image.open(io.BytesIO(c.get("api/runs/r0/rows/4/thumb.jpg").content)), dtype=float)
+    assert np.abs(a - b).mean() > 1  # two images, two different tiles
+    assert c.get("api/runs/r0/rows/5/thumb.jpg", params={"tile": 2}).status_code == 400
+
+
+@pytest.mark.parametrize("url", [
+    "api/runs/r0/rows/99", "api/runs/r0/rows/-1", "api/runs/r0/rows/x", "api/runs/r0/rows/99/thumb.jpg",
+    "api/runs/r0/rows/99/maps/vanilla.npy", "api/runs/r0/rows/1/maps/gradcam.npy", "api/runs/r9/rows",
+    "api/images/r0-99/picture.png", "api/images/r1-0/picture.png", "api/images/r0-x/picture.png",
+    "api/images/r0-/picture.png",
+])
+def test_bad_row_ids_are_404(env, url):
+    r = env["client"].get(url)
+    assert r.status_code == 404 and r.json()["error"]
+
+
+@pytest.mark.parametrize("query", [{"sort": "nope"}, {"sort": "error"}, {"metric": "path", "min": "1"},
+                                   {"order": "up"}, {"correct": "maybe"}, {"min_probability": "x"},
+                                   {"limit": "0"}])
+def test_bad_queries_are_400(env, query):
+    r = env["client"].get("api/runs/r0/rows", params=query)
+    assert r.status_code == 400 and r.json()["error"]
+
+
+def test_explain_on_a_missing_row_is_404(env):
+    r = env["client"].post("api/explain", json={"model": "a", "image": "r0-42", "method": "vanilla", "target": 0})
+    assert r.status_code == 404
