@@ -32,7 +32,7 @@ MAY_FAIL = {
 }
 # The many-pass methods with few passes: the matrix checks that they run, not their quality
 # (occlusion's window of 64 pixels: 1 window on the 64 x 64 demo images, 36 on squeezenet's 224 x 224).
-FEW_PASSES = ["--masks", "8", "--window", "64"]
+FEW_PASSES = ["--rise-masks", "8", "--window", "64"]
 
 
 @pytest.fixture(scope="module")

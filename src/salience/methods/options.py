@@ -43,7 +43,9 @@ NOT_FLAGS: dict[str, str] = {
 }
 """Keyword parameters that are no flag, and why."""
 
-_FLAG_NAMES = {"method": "--smooth-method"}
+_FLAG_NAMES = {"method": "--smooth-method", "masks": "--rise-masks"}
+"""Flags renamed where the plain name means something else on the command line: `--masks DIR` is
+the object masks of `salience evaluate` and of dataset runs."""
 _INNER = "method"  # the keyword of a method that wraps another (SmoothGrad)
 CHOICES: dict[str, Sequence[str]] = {
     "reduce": [*REDUCTIONS, "none"], "grad_modifier": list(GRAD_MODIFIERS), "unsupported": UNSUPPORTED,
