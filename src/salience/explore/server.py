@@ -95,7 +95,8 @@ class Explorer:
         self.url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/"
         self.port = port
         self._sock = sock
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False)
+        # log_config=None: uvicorn leaves the process's logging as it was (no handler bound to this moment's stderr)
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False, log_config=None)
         self._server = uvicorn.Server(config)
         self._thread: Optional[threading.Thread] = None
 
