@@ -152,9 +152,10 @@ def test_settings_keywords_and_errors():
         assert p.memory_format == "contiguous" and _perf.resolve().precision == "bf16"
         assert _perf.resolve(memory_format="channels_last").memory_format == "channels_last"  # keyword wins
     assert _perf.current() == _perf.Performance()
-    prev = salience.set_performance(chunks="memory")
+    assert (_perf.current().memory_format, _perf.current().chunks) == ("contiguous", "memory")  # the defaults
+    prev = salience.set_performance(chunks="throughput")
     try:
-        assert _perf.current().chunks == "memory"
+        assert _perf.current().chunks == "throughput"
     finally:
         salience.set_performance(**vars(prev))
     assert _perf.current() == _perf.Performance()
@@ -195,7 +196,7 @@ def test_chunk_probe_takes_the_size_fastest_per_item():
     # A fixed cost per pass of 20 ms: bigger chunks are faster per item up to 16 items, slower after
     # (per item: 11, 6, 3.5, 2.25 ms, then 4 ms: margins far above a sleep's overshoot).
     cost = lambda n: 0.02 + 0.001 * n if n <= 16 else n * 0.004  # noqa: E731
-    run = _perf.Run(model, x, _perf.Performance(memory_format="contiguous"), tag="t1")
+    run = _perf.Run(model, x, _perf.Performance(memory_format="contiguous", chunks="throughput"), tag="t1")
     sums = _engine.accumulate(_timed_compute(cost), 64, 2, run=run, max_memory=10 ** 9)
     assert sums.chunks == [2, 2, 4, 8, 16, 32] and run.record.size is None  # the items ran out first
     sums = _engine.accumulate(_timed_compute(cost), 50, 2, run=_perf.Run(model, x, run.options, tag="t1"),
@@ -203,7 +204,7 @@ def test_chunk_probe_takes_the_size_fastest_per_item():
     assert run.record.size == 16 and sums.chunks == [2, 16, 16, 16]  # the next call starts from the choice
     # Per-item cost that triples past 4 items (a cache that overflows): 4 is best (per item 9, 6.5,
     # 13 ms for 2, 4, 8), and the choice is cached.
-    run = _perf.Run(model, x, _perf.Performance(memory_format="contiguous"), tag="t2")
+    run = _perf.Run(model, x, _perf.Performance(memory_format="contiguous", chunks="throughput"), tag="t2")
     cost = lambda n: 0.01 + 0.004 * n * (1 if n <= 4 else 3)  # noqa: E731
     _engine.accumulate(_timed_compute(cost), 40, 2, run=run, max_memory=10 ** 9)
     assert run.record.size == 4
@@ -229,19 +230,19 @@ def test_layout_probe_chooses_channels_last_only_when_faster(monkeypatch):
         return compute
 
     with unchanged(model):
-        run = _perf.Run(model, x, _perf.Performance(chunks="memory"), tag="faster")
+        run = _perf.Run(model, x, _perf.Performance(memory_format="auto", chunks="memory"), tag="faster")
         s = _engine.accumulate(compute_for(0.002, 0.006), 20, 2, run=run, chunk=None, max_memory=10 ** 9)
     assert run.record.layout is True
     assert s.layouts[:5] == ["contiguous", "contiguous", "channels_last", "contiguous", "channels_last"]
     assert s.layouts[5:] == ["channels_last"]
     with unchanged(model):
-        run = _perf.Run(model, x, _perf.Performance(chunks="memory"), tag="slower")
+        run = _perf.Run(model, x, _perf.Performance(memory_format="auto", chunks="memory"), tag="slower")
         s = _engine.accumulate(compute_for(0.006, 0.005), 20, 2, run=run, max_memory=10 ** 9)
     assert run.record.layout is False and s.layouts[5:] == ["contiguous"]
     # transformers (fewer than three convolutions) are left alone: no probe
     vit = nn.Sequential(nn.Conv2d(3, 4, 2, 2), nn.Flatten(), nn.Linear(16, 2))
     s = _engine.accumulate(_timed_compute(lambda n: 0), 10, 2, max_memory=10 ** 9,
-                           run=_perf.Run(vit, x, _perf.Performance(chunks="memory"), tag="vit"))
+                           run=_perf.Run(vit, x, _perf.Performance(memory_format="auto", chunks="memory"), tag="vit"))
     assert set(s.layouts) == {"contiguous"}
 
 
