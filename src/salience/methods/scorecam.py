@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salience._core import engine as _engine
-from salience._core.autograd import check_input, forward_scores
+from salience._core.autograd import capture_hook, check_input, forward_scores
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
@@ -64,12 +64,7 @@ def _setup(method: str, model: nn.Module, x: Tensor, target: Any, layer: Optiona
 def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
     """The layer's output (as the layer gives it) and the model's output for ``x``: one forward pass."""
     store: list[Any] = []
-
-    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        if not store:
-            store.append(output)
-
-    handle = mod.register_forward_hook(hook)
+    handle = mod.register_forward_hook(capture_hook(store, False))  # the first output of a reused module
     try:
         out = forward_scores(model, x, strip_softmax=strip_softmax)
     finally:
