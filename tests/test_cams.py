@@ -16,6 +16,7 @@ from salience import SalienceError
 from salience.methods import TARGET_FREE_METHODS, apply_method
 
 from conftest import unchanged
+from cam_net import CamNet
 from tiny_vit import torchvision_vit
 
 torchvision = pytest.importorskip("torchvision")
@@ -116,18 +117,6 @@ def test_gradcam_plus_plus_is_the_papers_formula_and_pytorch_grad_cams_eps_is_th
     theirs = theirs.clamp(min=0)
     assert float((theirs - ours).abs().max()) > 1e-2 * peak  # they differ here ...
     torch.testing.assert_close(theirs.double(), eq19(1e-6), rtol=0, atol=1e-5 * peak)  # ... by their eps
-
-
-class CamNet(nn.Module):
-    """features (conv, ReLU) -> global average pool -> linear: the CAMs have closed forms."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
-        self.head = nn.Linear(6, 4)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))
 
 
 def test_closed_forms_on_a_global_average_pooled_linear_head():

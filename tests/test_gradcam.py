@@ -16,6 +16,7 @@ from salience.targets import as_target
 from salience._core.info import ModelInfo, attach_info
 from salience.methods.gradcam import default_layer
 
+from cam_net import CamNet
 from conftest import unchanged
 
 torchvision = pytest.importorskip("torchvision")
@@ -31,18 +32,6 @@ def resnet():
 def x96():
     torch.manual_seed(1)
     return torch.rand(2, 3, 96, 96)  # layer4 of resnet18: 3 x 3
-
-
-class CamNet(nn.Module):
-    """features (conv, ReLU) -> global average pool -> linear: Grad-CAM has a closed form."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
-        self.head = nn.Linear(6, 4)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))
 
 
 class VggLike(nn.Module):
