@@ -16,7 +16,7 @@ from salience import SalienceError
 from salience.methods import TARGET_FREE_METHODS, apply_method
 
 from conftest import unchanged
-from cam_net import CamNet
+from nets import CamNet
 from tiny_vit import torchvision_vit
 
 torchvision = pytest.importorskip("torchvision")

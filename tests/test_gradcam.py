@@ -16,7 +16,7 @@ from salience.targets import as_target
 from salience._core.info import ModelInfo, attach_info
 from salience.methods.gradcam import default_layer
 
-from cam_net import CamNet
+from nets import CamNet
 from conftest import unchanged
 
 torchvision = pytest.importorskip("torchvision")

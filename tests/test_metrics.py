@@ -20,6 +20,7 @@ from salience.evidence.compare import _average_ranks
 from salience.methods import vanilla
 
 from conftest import unchanged
+from nets import LinearScore
 
 
 # --------------------------------------------------------------------------- helpers
@@ -29,18 +30,6 @@ def _rect_masks(b: int, h: int, w: int, top: int, left: int, hh: int, ww: int) -
     m = torch.zeros(b, h, w, dtype=torch.bool)
     m[:, top:top + hh, left:left + ww] = True
     return m
-
-
-class LinearScore(nn.Module):
-    """Two outputs ``[sum(w * x), 0]``: softmax probability of class 0 is ``sigmoid(sum(w * x))``."""
-
-    def __init__(self, w: torch.Tensor):
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = (x * self.w).flatten(1).sum(1)
-        return torch.stack([s, torch.zeros_like(s)], 1)
 
 
 class PixelLinear(nn.Module):

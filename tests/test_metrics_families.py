@@ -15,25 +15,14 @@ from salience import evidence as M
 from salience.methods import vanilla
 
 from conftest import unchanged
-
-
-class _LinearScore(nn.Module):
-    """Two outputs ``[sum(w * x), 0]``: removing pixels to zero drops output 0 by their ``w * x``."""
-
-    def __init__(self, w: torch.Tensor):
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = (x * self.w).flatten(1).sum(1)
-        return torch.stack([s, torch.zeros_like(s)], 1)
+from nets import LinearScore
 
 
 def _linear_case(b: int = 3, size: int = 8):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(1, 1, size, size, generator=g)
     x = torch.rand(b, 1, size, size, generator=g)
-    return _LinearScore(w), x, (w * x)[:, 0]
+    return LinearScore(w), x, (w * x)[:, 0]
 
 
 # ----------------------------------------------------------------- faithfulness correlation
@@ -61,7 +50,7 @@ def test_faithfulness_correlation_of_two_pixels_is_the_sign_of_agreement():
     # their Pearson correlation over the sets is +1 when the map orders the pixels as the drops
     # do and -1 when it reverses them (Bhatt et al.'s formula, worked out by hand).
     w = torch.tensor([1.0, 3.0]).view(1, 1, 1, 2)
-    model, x = _LinearScore(w), torch.ones(2, 1, 1, 2)
+    model, x = LinearScore(w), torch.ones(2, 1, 1, 2)
     maps = torch.tensor([[[0.2, 0.9]], [[5.0, -1.0]]])
     r = M.faithfulness_correlation(model, x, maps, target=0, substrate="zero", subset_size=0.5, subsets=30)
     torch.testing.assert_close(r, torch.tensor([1.0, -1.0]), rtol=0, atol=1e-6)

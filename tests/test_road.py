@@ -12,6 +12,7 @@ from salience import evidence as M
 from salience.evidence.road import linear_imputation
 
 from conftest import unchanged
+from nets import LinearScore
 
 pytest.importorskip("scipy")  # ROAD solves its systems with scipy.sparse (the evidence extra)
 
@@ -85,25 +86,13 @@ def test_imputation_equals_pytorch_grad_cam_road():
     torch.testing.assert_close(linear_imputation(x, removed)[0], ref, rtol=0, atol=1e-5)
 
 
-class _Weighted(nn.Module):
-    """Scores ``[sum(w * x), 0]``; pixels are ``w`` on a flat image of value ``v``."""
-
-    def __init__(self, w: torch.Tensor):
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = (x * self.w).flatten(1).sum(1)
-        return torch.stack([s, torch.zeros_like(s)], 1)
-
-
 def test_road_curves_known_answer_and_batching():
     # One bright 4x4 patch on a dark image; the model sums the pixels under a weight that is 1
     # on the patch. Removing the patch pixels (MoRF with the patch as the map) fills them from
     # the dark surroundings; removing background first (LeRF) leaves the patch as it is.
     w = torch.zeros(1, 1, 16, 16)
     w[..., 6:10, 6:10] = 0.5
-    model = _Weighted(w)
+    model = LinearScore(w)
     x = torch.zeros(2, 1, 16, 16)
     x[:, :, 6:10, 6:10] = 1.0
     patch = (w[0] > 0).expand(2, 16, 16).float()

@@ -1,0 +1,31 @@
+"""Small nets with closed forms, shared by several test files."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CamNet(nn.Module):
+    """features (conv, ReLU) -> global average pool -> linear: Grad-CAM and the CAM family have
+    closed forms in the linear head's weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class LinearScore(nn.Module):
+    """Two outputs ``[sum(w * x), 0]``: removing pixels to zero drops output 0 by their ``w * x``, and
+    the softmax probability of class 0 is ``sigmoid(sum(w * x))``."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (x * self.w).flatten(1).sum(1)
+        return torch.stack([s, torch.zeros_like(s)], 1)
