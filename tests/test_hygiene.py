@@ -198,3 +198,35 @@ def test_every_performance_option_leaves_model_unchanged(small_cnn, memory_forma
             salience.integrated_gradients(small_cnn, x, steps=4)
         with pytest.raises(KeyboardInterrupt):
             salience.smoothgrad(small_cnn, x, _exploding_target(KeyboardInterrupt()), samples=3, **opts)
+
+
+@pytest.mark.parametrize("name", ["road", "faithfulness_correlation", "max_sensitivity", "random_logit"])
+def test_new_metrics_leave_the_model_unchanged(small_cnn, name):
+    """Issue 16's metrics that run the model: success, and Ctrl-C inside the second forward pass."""
+    from salience import evidence
+
+    _train_mode_with_grads(small_cnn)
+    x = torch.rand(2, 3, 8, 8)
+    maps = torch.rand(2, 8, 8)
+    calls = {
+        "road": lambda: evidence.road(small_cnn, x, maps, fractions=(0.5,)),
+        "faithfulness_correlation": lambda: evidence.faithfulness_correlation(small_cnn, x, maps, subsets=3),
+        "max_sensitivity": lambda: evidence.max_sensitivity(small_cnn, x, "vanilla", samples=2),
+        "random_logit": lambda: evidence.random_logit(small_cnn, x, "vanilla"),
+    }
+    with unchanged(small_cnn):
+        calls[name]()
+    seen = []
+
+    def fail_on_second_pass(module, inp, out):
+        seen.append(1)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with unchanged(small_cnn):
+        handle = small_cnn.head.register_forward_hook(fail_on_second_pass)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                calls[name]()
+        finally:
+            handle.remove()
