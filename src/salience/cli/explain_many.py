@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     target = parse_class(args.target, info, len(info.class_names or ()) or 10 ** 9) if args.target else None
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     run_ = explain_dataset(
-        model, list(args.images), fns, args.out, target=target, top=args.top, labels=args.labels_csv,
+        model, list(args.images), fns, args.out, target=target, top=args.top, mode=args.mode, labels=args.labels_csv,
         masks=args.masks, metrics=_metrics(args.metrics, args.masks is not None),
         batch_size=args.batch, workers=args.workers, shard_size=args.shard_size or 256, png=bool(args.png),
         overwrite=bool(args.overwrite), engine=args.engine or "local", num_gpus=args.num_gpus or 0,

@@ -62,6 +62,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     *,
     target: Optional[int] = None,
     top: Optional[int] = None,
+    mode: str = "increase",
     labels: Union[None, PathLike, Sequence[Optional[int]]] = None,
     masks: Optional[PathLike] = None,
     metrics: Union[bool, Sequence[str]] = False,
@@ -91,7 +92,10 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     ``DataLoader`` of one) whose items are the model's input ``(C, H, W)`` or ``(input, label)``.
     Targets: the predicted class (default), the ``top`` K classes, one fixed ``target`` class, or
     the label of each image (``labels``: a CSV ``path,label`` or one label per image; labels also
-    fill the ``label`` / ``correct`` columns). ``metrics``: ``True`` for insertion and deletion AUC
+    fill the ``label`` / ``correct`` columns). A regression model (``task="regression"``) or a
+    model with one output: ``target`` is the output to explain (default 0) and ``mode`` what the
+    map shows (``"increase"``, ``"decrease"``, ``"maintain"``: :func:`salience.targets.regression`),
+    and the rows hold the output's ``value`` instead of a class. ``metrics``: ``True`` for insertion and deletion AUC
     (and pointing game / energy in mask when ``masks``, a folder of masks by file stem, is
     given) or a list of those names; ``metric_steps``: points of the insertion / deletion curves.
     ``batch_size``: default from memory. ``workers``: DataLoader
@@ -113,26 +117,33 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     module = _model(model, device, weights)
     fns, options = _methods(methods, method_options)
     dataset, paths, given_labels, loader_workers = _dataset(images, module)
-    info = _info(module, dataset)
+    info, n_out = _info(module, dataset)
     label_list = _labels(labels, given_labels, paths, info)
-    mode, k = _mode(target, top, label_list, info)
+    regression = info.task == "regression" or n_out == 1
+    if regression:
+        target_mode, k = _regression_mode(target, top, label_list, mode, n_out, info)
+    else:
+        target_mode, k = _mode(target, top, label_list, info)
     mask_list = sources.mask_files(paths, masks) if masks is not None else None
     if isinstance(dataset, sources.ImageFiles):
         dataset = sources.ImageFiles(paths, info, max_pixels, mask_list)
     metric_names = _metric_names(metrics, masks is not None)
     check_int(metric_steps, "metric_steps", minimum=1)
-    plan = job.Plan(fns, info, paths, mode=mode, k=k, fixed=target, labels=label_list, metrics=metric_names,
-                    metric_options={"steps": metric_steps})
+    if regression and target is None:
+        target = 0
+    plan = job.Plan(fns, info, paths, mode=target_mode, k=k, fixed=target, labels=label_list, metrics=metric_names,
+                    metric_options={"steps": metric_steps}, direction=mode)
     command = {
         "model": spec or _module_id(module), "weights": weights, "methods": list(fns), "method_options": options,
-        "targets": {"mode": mode, "k": k, "class": target},
+        "targets": {"mode": target_mode, "k": k, "class": target, **({"direction": mode} if regression else {})},
         "labels": sources.digest(label_list) if label_list is not None else None,
         "masks": sources.digest(mask_list) if mask_list is not None else None,
         "metrics": metric_names, "metric_steps": metric_steps if metric_names else None, "preprocessing": preprocessing_record(info), "map_dtype": map_dtype,
         "shard_size": shard_size, "png": bool(png), "max_pixels": max_pixels,
         "inputs": {"count": len(paths), "digest": sources.digest(paths)},
     }
-    manifest = {"format": FORMAT, "command": command, "methods": list(fns), "labels": label_list is not None,
+    manifest = {"format": FORMAT, "command": command, "task": "regression" if regression else "classification",
+                "methods": list(fns), "labels": label_list is not None,
                 "metrics": metric_names, "k": k, "map_dtype": map_dtype, "png": bool(png),
                 "class_names": list(info.class_names or ()), "thumb": job.THUMB,
                 "sprite_columns": job.SPRITE_COLUMNS, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -224,15 +235,16 @@ def _dataset(images: Any, model: nn.Module) -> tuple[Dataset, list[str], Optiona
     return sources.ImageFiles(paths, model_info(model)), paths, None, None
 
 
-def _info(model: nn.Module, dataset: Dataset) -> ModelInfo:
-    """The model's info, with class names (ImageNet's for 1000 outputs without names)."""
+def _info(model: nn.Module, dataset: Dataset) -> tuple[ModelInfo, int]:
+    """The model's info, with class names (ImageNet's for 1000 outputs without names), and its
+    number of outputs."""
     info = model_info(model)
     out = _num_outputs(model, dataset, info)
     named, _ = name_classes(info, out, None)
-    if named.task != "classification":
-        raise SalienceError(f"{info.name} is a {named.task} model; dataset runs explain classifiers (use "
-                            "'salience explain IMAGE ...' for other models)")
-    return named
+    if named.task not in ("classification", "regression"):
+        raise SalienceError(f"{info.name} is a {named.task} model; dataset runs explain classifiers and regression "
+                            "models")
+    return named, out
 
 
 def _num_outputs(model: nn.Module, dataset: Dataset, info: ModelInfo) -> int:
@@ -274,6 +286,26 @@ def _mode(target: Optional[int], top: Optional[int], labels: Optional[list], inf
             raise SalienceError(f"top {top} is more than the model's {n} classes; use top {n} or less")
         return "top", top
     return ("label", 1) if labels is not None else ("predicted", 1)
+
+
+def _regression_mode(target: Optional[int], top: Optional[int], labels: Optional[list], mode: str, n_out: int,
+                     info: ModelInfo) -> tuple[str, int]:
+    """A regression (or one-output) model: one target, the output ``target`` (default 0) in ``mode``."""
+    from salience.targets import REGRESSION_MODES
+
+    what = "a regression model" if info.task == "regression" else "a model with one output"
+    if top is not None:
+        raise SalienceError(f"top ranks classes, but {info.name} is {what}; give target=OUTPUT (--target) and "
+                            "mode (--mode increase|decrease|maintain)")
+    if labels is not None:
+        raise SalienceError(f"labels are classes, but {info.name} is {what}; leave out labels (--labels-csv)")
+    if mode not in REGRESSION_MODES:
+        raise SalienceError(f"mode must be one of {', '.join(REGRESSION_MODES)}, got {mode!r}")
+    if target is not None:
+        check_int(target, "target", minimum=0)
+        if target >= n_out:
+            raise SalienceError(f"output {target} is out of range for {info.name} with {n_out} output(s)")
+    return "regression", 1
 
 
 def _metric_names(metrics: Union[bool, Sequence[str]], masks: bool) -> list[str]:

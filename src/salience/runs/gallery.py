@@ -18,8 +18,8 @@ from typing import Any
 from salience._core.files import atomic_write
 from salience.runs.store import Run
 
-_COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "targets", "label", "correct", "error",
-            "shard", "offset")
+_COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "output_name", "value", "targets", "label",
+            "correct", "error", "shard", "offset")
 
 
 def _clean(v: Any) -> Any:
@@ -84,9 +84,9 @@ const C = {}; ABOUT.columns.forEach((c, i) => C[c] = i);
 const PAGE = 100, T = ABOUT.thumb, tiles = 1 + ABOUT.methods.length;
 let sortCol = "index", desc = false, page = 0, shown = [];
 const $ = id => document.getElementById(id);
-const numeric = ABOUT.columns.filter(c => c.includes(".") || c === "probability");
+const numeric = ABOUT.columns.filter(c => c.includes(".") || c === "probability" || c === "value");
 numeric.forEach(c => $("mcol").add(new Option(c, c)));
-const classes = [...new Set(ROWS.map(r => r[C.predicted_name]).concat(
+const classes = [...new Set((C.predicted_name !== undefined ? ROWS.map(r => r[C.predicted_name]) : []).concat(
   C.label !== undefined ? ROWS.map(r => r[C.label]) : []).filter(v => v !== null))].sort();
 classes.forEach(c => $("cls").add(new Option(String(c), String(c))));
 const headers = ["thumbnails"].concat(ABOUT.columns.filter(c => c !== "shard" && c !== "offset"));

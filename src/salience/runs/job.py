@@ -22,13 +22,14 @@ from salience.evidence.localization import energy_in_mask, pointing_game
 from salience.loading.images import unnormalize
 from salience.render import viz
 from salience.runs.sources import Item
+from salience.targets import Regression
 
 THUMB = 96
 """Thumbnail tile size in pixels (the gallery's)."""
 SPRITE_COLUMNS = 16
 """Images per row of a shard's thumbnail sprite; each image is a column of ``1 + len(methods)``
 tiles: the image, then each method's overlay (first target)."""
-TARGET_MODES = ("predicted", "top", "target", "label")
+TARGET_MODES = ("predicted", "top", "target", "label", "regression")
 
 
 @dataclass
@@ -37,7 +38,10 @@ class Plan:
 
     ``methods``: name -> function ``(model, x, target) -> maps``; ``mode``: how targets are chosen
     (:data:`TARGET_MODES`), ``k`` targets per image, ``fixed``: the class of mode ``"target"``;
-    ``labels``: per index (or ``None``); ``metrics``: the metric columns to compute.
+    ``labels``: per index (or ``None``); ``metrics``: the metric columns to compute. Mode
+    ``"regression"`` (a regression or one-output model): ``fixed`` is the explained output and
+    ``direction`` its ``increase`` / ``decrease`` / ``maintain``
+    (:func:`salience.targets.regression`), as ``salience explain IMAGE --target OUTPUT --mode``.
     """
 
     methods: dict[str, Callable[..., Tensor]]
@@ -50,6 +54,11 @@ class Plan:
     metrics: Sequence[str] = ()
     thumbs: bool = True
     metric_options: dict[str, Any] = field(default_factory=dict)
+    direction: str = "increase"
+
+    def regression(self) -> Optional[Regression]:
+        """The regression target of a regression run, else ``None``."""
+        return Regression(int(self.fixed or 0), self.direction) if self.mode == "regression" else None
 
 
 @dataclass
@@ -73,7 +82,8 @@ def _probabilities(out: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _first_pass(plan: Plan, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Explaining the predicted class (one target): the first method runs with ``target=None`` and
+    """Explaining the predicted class (one target), or a regression output: the first method runs
+    with ``target=None`` (or the regression target) and
     the model's output on the clean images is read from that method's own forward pass (a forward
     hook that keeps the output of the call whose input is ``x``), so no separate prediction pass
     is paid (a second forward only when the method never ran the model on ``x`` itself, e.g.
@@ -88,17 +98,19 @@ def _first_pass(plan: Plan, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor
     name, fn = next(iter(plan.methods.items()))
     handle = model.register_forward_hook(keep)
     try:
-        m = fn(model, x, None).detach().float().cpu().unsqueeze(1)
+        m = fn(model, x, plan.regression()).detach().float().cpu().unsqueeze(1)
     finally:
         handle.remove()
     out = seen[0] if seen else forward_scores(model, x, strip_softmax=False)
+    if plan.mode == "regression":
+        return m, out, torch.full((out.shape[0], 1), int(plan.fixed or 0), dtype=torch.long)
     return m, out, out.reshape(out.shape[0], -1).argmax(1, keepdim=True).cpu()
 
 
 def _targets(plan: Plan, probs: Tensor, indices: Sequence[int]) -> Tensor:
     """The ``(n, K)`` classes to explain."""
     n = probs.shape[0]
-    if plan.mode == "target":
+    if plan.mode in ("target", "regression"):
         return torch.full((n, 1), int(plan.fixed or 0), dtype=torch.long)
     if plan.mode == "label" and plan.labels is not None:
         pred = probs.argmax(1)
@@ -112,10 +124,11 @@ def display(m: Tensor) -> Tensor:
     return m.abs().amax(1) if m.dim() == 4 else m
 
 
-def _method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes: Tensor) -> Tensor:
+def _method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes: Tensor, plan: Plan) -> Tensor:
     """One method's maps ``(n, K, ...)`` float32 on the CPU."""
-    target = classes[:, 0] if classes.shape[1] == 1 else classes
-    m = fn(model, x, target.to(x.device)).detach().float().cpu()
+    reg = plan.regression()
+    target = reg if reg is not None else (classes[:, 0] if classes.shape[1] == 1 else classes).to(x.device)
+    m = fn(model, x, target).detach().float().cpu()
     return m.unsqueeze(1) if classes.shape[1] == 1 else m
 
 
@@ -125,7 +138,8 @@ def _metrics(plan: Plan, model: nn.Module, x: Tensor, first: Tensor, classes: Te
     pointing game and energy in mask."""
     out: dict[str, list[Optional[float]]] = {}
     opts = plan.metric_options
-    target = classes[:, 0].to(x.device)
+    reg = plan.regression()
+    target = reg if reg is not None else classes[:, 0].to(x.device)
     if "insertion" in plan.metrics:
         out["insertion"] = insertion(model, x, first.to(x.device), target, **opts).tolist()
     if "deletion" in plan.metrics:
@@ -154,7 +168,7 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
             _prediction_row(rows[pos], plan, probs[j], classes[j])
         for i_method, (name, fn) in enumerate(plan.methods.items()):
             try:
-                m = first_maps if i_method == 0 and first_maps is not None else _method_maps(fn, model, x, classes)
+                m = first_maps if i_method == 0 and first_maps is not None else _method_maps(fn, model, x, classes, plan)
             except SalienceError as e:
                 for pos in good:
                     rows[pos]["error"] = f"method {name} failed: {e}"
@@ -181,15 +195,22 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
 def _predict(plan: Plan, model: nn.Module, x: Tensor,
              indices: Sequence[int]) -> tuple[Optional[Tensor], Tensor, Tensor]:
     """The first method's maps when they came with the prediction (:func:`_first_pass`), the
-    probabilities ``(n, classes)`` and the targets ``(n, K)``."""
-    if plan.mode == "predicted" and plan.k == 1:
+    probabilities ``(n, classes)`` (a regression run: the outputs' values) and the targets ``(n, K)``."""
+    if plan.mode == "regression" or (plan.mode == "predicted" and plan.k == 1):
         try:
             first_maps, out, classes = _first_pass(plan, model, x)
-            return first_maps, _probabilities(out)[0], classes
+            return first_maps, _scores(plan, out), classes
         except SalienceError:
             pass  # the method's error is recorded when it runs again with the classes
-    probs, _ = _predictions(model, x)
+    probs = _scores(plan, forward_scores(model, x, strip_softmax=False))
     return None, probs, _targets(plan, probs, indices)
+
+
+def _scores(plan: Plan, out: Tensor) -> Tensor:
+    """What the rows report: the class probabilities, or a regression run's output values ``(n, outputs)``."""
+    if plan.mode == "regression":
+        return out.detach().reshape(out.shape[0], -1).float().cpu()
+    return _probabilities(out)[0]
 
 
 def _stack_masks(items: Sequence[Item]) -> Optional[Tensor]:
@@ -208,6 +229,11 @@ def _row(plan: Plan, it: Item) -> dict[str, Any]:
 
 
 def _prediction_row(row: dict[str, Any], plan: Plan, probs: Tensor, classes: Tensor) -> None:
+    if plan.mode == "regression":  # probs are the outputs' values
+        out = int(classes[0])
+        row.update(output=out, output_name=plan.info.class_name(out), value=float(probs[out]),
+                   values=[float(v) for v in probs], targets=[out])
+        return
     pred = int(probs.argmax())
     row.update(predicted=pred, predicted_name=plan.info.class_name(pred), probability=float(probs[pred]),
                targets=[int(c) for c in classes])
@@ -265,6 +291,6 @@ def choose_batch(model: nn.Module, item: Item, plan: Plan, cap: int) -> int:
     probe = MemoryProbe()
     with probe:
         probs, _ = _predictions(model, x)
-        _method_maps(fn, model, x, _targets(plan, probs, [item.index]))
+        _method_maps(fn, model, x, _targets(plan, probs, [item.index]), plan)
     per = max(int(probe.peak), 1)
     return int(max(1, min(cap, int(0.8 * default_budget(device)) // per)))

@@ -48,12 +48,17 @@ def pyarrow():
     return pa
 
 
-def row_schema(methods: Sequence[str], *, labels: bool, metrics: Sequence[str]):
-    """The rows' schema: the same in every shard, so the shards concatenate into one table."""
+def row_schema(methods: Sequence[str], *, labels: bool, metrics: Sequence[str], regression: bool = False):
+    """The rows' schema: the same in every shard, so the shards concatenate into one table. A
+    regression run's rows hold the explained output and its value instead of a class."""
     pa = pyarrow()
-    fields = [("index", pa.int64()), ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-              ("predicted", pa.int64()), ("predicted_name", pa.string()), ("probability", pa.float64()),
-              ("targets", pa.list_(pa.int64())), ("error", pa.string())]
+    fields = [("index", pa.int64()), ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32())]
+    if regression:
+        fields += [("output", pa.int64()), ("output_name", pa.string()), ("value", pa.float64()),
+                   ("values", pa.list_(pa.float64()))]
+    else:
+        fields += [("predicted", pa.int64()), ("predicted_name", pa.string()), ("probability", pa.float64())]
+    fields += [("targets", pa.list_(pa.int64())), ("error", pa.string())]
     if labels:
         fields += [("label", pa.int64()), ("correct", pa.bool_())]
     for m in methods:
@@ -61,6 +66,12 @@ def row_schema(methods: Sequence[str], *, labels: bool, metrics: Sequence[str]):
         fields += [(f"{m}.{s}", pa.float64()) for s in metrics]
     fields += [("shard", pa.string()), ("offset", pa.int32())]
     return pa.schema(fields)
+
+
+def schema_of(manifest: dict[str, Any]) -> Any:
+    """The rows' schema of the run a manifest describes."""
+    return row_schema(manifest["methods"], labels=manifest["labels"], metrics=manifest["metrics"],
+                      regression=manifest.get("task") == "regression")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -102,7 +113,7 @@ class Store:
         self.folder = Path(folder)
         self.manifest = manifest
         self._open(overwrite)
-        self.schema = row_schema(manifest["methods"], labels=manifest["labels"], metrics=manifest["metrics"])
+        self.schema = schema_of(self.manifest)
 
     @classmethod
     def existing(cls, folder: PathLike) -> "Store":
@@ -110,8 +121,7 @@ class Store:
         self = cls.__new__(cls)
         self.folder = Path(folder)
         self.manifest = _read_json(self.folder / "run.json")
-        m = self.manifest
-        self.schema = row_schema(m["methods"], labels=m["labels"], metrics=m["metrics"])
+        self.schema = schema_of(self.manifest)
         return self
 
     def _open(self, overwrite: bool) -> None:
@@ -259,7 +269,7 @@ class Run:
         committed shards merged (a run still going, or stopped)."""
         if self._table is None:
             index = self.folder / "index.parquet"
-            schema = row_schema(self.methods, labels=self.manifest["labels"], metrics=self.manifest["metrics"])
+            schema = schema_of(self.manifest)
             self._table = (pyarrow().parquet.read_table(index) if index.is_file()
                            else read_shards(self.folder, schema))
         return self._table
