@@ -9,6 +9,7 @@ import pytest
 
 import salience
 from salience import open_run
+from s3_server import s3  # noqa: F401 - a fixture: the S3 server, started before the cluster (its workers see it)
 
 ray = pytest.importorskip("ray", reason="the ray extra (pip install salience[ray]) is not installed")
 
@@ -17,7 +18,7 @@ METHODS = ["vanilla", "gradcam"]
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
@@ -64,3 +65,17 @@ def test_ray_equals_local_and_resumes(cluster, images):
     assert [n for n in after if after[n] != kept[n]] == ["000000008.parquet"]
     assert again.table.select(cols).equals(local.table.select(cols))
     np.testing.assert_array_equal(open_run(folder).map(9, "gradcam", 1), local.map(9, "gradcam", 1))
+
+
+def test_ray_reads_object_storage(cluster, s3, tmp_path):
+    """The Ray engine on an s3:// prefix (decoded in Ray tasks): the local engine's store of the
+    local copies."""
+    if s3 is None:
+        pytest.skip("moto[server] (the test extra) is not installed")
+    kw = dict(shard_size=4, batch_size=4, workers=0)
+    on_ray = salience.explain_dataset("demo:shapes", s3["url"], ["gradcam"], tmp_path / "ray", engine="ray", **kw)
+    local = salience.explain_dataset("demo:shapes", s3["local"], ["gradcam"], tmp_path / "local", **kw)
+    cols = [c for c in local.table.column_names if c not in ("shard", "path")]
+    assert on_ray.table.select(cols).equals(local.table.select(cols))
+    for i in range(len(local)):
+        np.testing.assert_array_equal(on_ray.map(i, "gradcam"), local.map(i, "gradcam"))

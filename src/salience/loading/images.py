@@ -47,21 +47,25 @@ DEFAULT_MAX_PIXELS = 50_000_000
 (about 600 MB as float32 RGB)."""
 
 
-def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Tensor:
+def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+               data: Optional[bytes] = None) -> Tensor:
     """Read an image file as an RGB float tensor ``(3, H, W)`` in ``[0, 1]``.
 
     The size is read from the file's header and checked against ``max_pixels`` (width x height;
     ``None``: no limit) before any pixel is decoded. EXIF orientation is applied. Alpha is
     composited on white; 16-bit images keep their precision (scaled by ``1/65535``).
     Raises :class:`SalienceError` with one line for a missing, unreadable, corrupt or truncated
-    file, or an image over the limit.
+    file, or an image over the limit. ``data``: the file's bytes, already read (an object from
+    storage, :mod:`salience.loading.remote`); ``path`` then only names it in messages.
     """
+    import io
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    p = Path(path)
-    if not p.exists():
+    p: Any = Path(path) if data is None else str(path)
+    if data is None and not p.exists():
         raise SalienceError(f"{p}: no such file; check the path")
-    if p.is_dir():
+    if data is None and p.is_dir():
         raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
     PIL_limit = Image.MAX_IMAGE_PIXELS
     try:
@@ -71,7 +75,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # PIL's notes on odd metadata; errors are raised below
-                img = Image.open(p)
+                img = Image.open(p if data is None else io.BytesIO(data))
         finally:
             Image.MAX_IMAGE_PIXELS = PIL_limit
     except UnidentifiedImageError:

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from salience._core.errors import SalienceError
 from salience._core.info import ModelInfo
+from salience.loading import remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, load_image, normalize_input, resize_crop
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -25,7 +26,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def is_dataset_spec(text: str) -> bool:
-    """Whether a command-line input names many images: a folder, a glob or a ``.txt`` list."""
+    """Whether a command-line input names many images: a folder, a glob or a ``.txt`` list, or any
+    object storage URL (``s3://bucket/prefix/``)."""
+    if remote.is_remote(text):
+        return True
     p = Path(text)
     return p.is_dir() or p.suffix.lower() == ".txt" or (not p.exists() and glob.has_magic(text))
 
@@ -33,10 +37,15 @@ def is_dataset_spec(text: str) -> bool:
 def expand(specs: Sequence[PathLike]) -> list[str]:
     """Image paths, in a stable order: a folder's images (recursively, sorted), a glob's matches
     (sorted), a ``.txt`` file's lines (as listed; blank lines and ``#`` comments skipped; relative
-    paths from the list's folder), a file as it is."""
+    paths from the list's folder), a file as it is. Each may be an object storage URL
+    (``s3://bucket/prefix/``, :mod:`salience.loading.remote`): a prefix is listed like a folder, a
+    URL glob and a list file in storage work the same, and a list's lines may name URLs."""
     paths: list[str] = []
     for spec in specs:
         text = os.fspath(spec)
+        if remote.is_remote(text):
+            paths += _remote(text)
+            continue
         p = Path(text)
         if p.is_dir():
             found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
@@ -59,10 +68,35 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
 
 def _list_file(p: Path) -> list[str]:
     lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-    out = [ln if Path(ln).is_absolute() else str(p.parent / ln) for ln in lines if ln and not ln.startswith("#")]
+    out = [ln if Path(ln).is_absolute() or remote.is_remote(ln) else str(p.parent / ln)
+           for ln in lines if ln and not ln.startswith("#")]
     if not out:
         raise SalienceError(f"{p}: the list names no image; write one path per line")
     return out
+
+
+def _remote(url: str) -> list[str]:
+    """The image URLs an object storage URL names: a glob's matches, a list file's lines, a prefix's
+    images (recursively, sorted), or the one object."""
+    if glob.has_magic(url.split("://", 1)[1]):
+        found = remote.glob(url)
+        if not found:
+            raise SalienceError(f"{url}: the pattern matches no object; check it (quote it so the shell leaves it)")
+        return found
+    if url.lower().endswith(".txt"):
+        lines = [ln.strip() for ln in remote.read_bytes(url).decode("utf-8").splitlines()]
+        folder = url.rsplit("/", 1)[0]
+        out = [ln if remote.is_remote(ln) or Path(ln).is_absolute() else remote.join(folder, ln)
+               for ln in lines if ln and not ln.startswith("#")]
+        if not out:
+            raise SalienceError(f"{url}: the list names no image; write one path per line")
+        return out
+    if url.endswith("/") or remote.kind(url) == "folder":
+        found = remote.list_files(url, IMAGE_SUFFIXES)
+        if not found:
+            raise SalienceError(f"{url}: no image objects under this prefix (looked for {', '.join(IMAGE_SUFFIXES)})")
+        return found
+    return [url]  # one object (a missing one becomes a row with its error)
 
 
 def digest(values: Sequence[Any]) -> str:
@@ -134,7 +168,9 @@ class ImageFiles(Dataset):
         info = self.info
         h, w = info.input_size  # type: ignore[misc]
         try:
-            raw = load_image(self.paths[index], max_pixels=self.max_pixels)
+            path = self.paths[index]
+            data = remote.read_bytes(path) if remote.is_remote(path) else None
+            raw = load_image(path, max_pixels=self.max_pixels, data=data)
             x = normalize_input(resize_crop(raw, info), info)
             mask = self._mask(index)
             return Item(index, x, int(raw.shape[-1]), int(raw.shape[-2]), None, mask)

@@ -316,9 +316,11 @@ class Run:
             raise SalienceError(f"image {index} is not in the run")
         return t.slice(pos, 1).to_pylist()[0]
 
-    def image_path(self, index: int) -> Path:
-        """The image file of row ``index`` (relative paths are relative to where the run was started)."""
-        return Path(self.row(index)["path"])
+    def image_path(self, index: int) -> Union[Path, str]:
+        """The image file of row ``index`` (relative paths are relative to where the run was started);
+        an object storage URL (``s3://...``) stays a string."""
+        path = self.row(index)["path"]
+        return path if "://" in path else Path(path)
 
     def thumbnail(self, index: int) -> tuple[Path, int]:
         """The sprite file holding image ``index``'s thumbnail, and its position in the sprite."""

@@ -1,0 +1,164 @@
+"""Images in object storage: ``s3://bucket/prefix/...`` (and the other URIs of ``pyarrow.fs``)
+listed and read for dataset runs.
+
+Through ``pyarrow.fs`` (pyarrow is already what dataset runs write their tables with, so no new
+dependency): its ``S3FileSystem`` is a C++ client with its own retries and no event loop, picklable
+for DataLoader workers and Ray tasks. An S3-compatible server (MinIO, Ceph, a local test server) is
+named by the standard ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` variables; the credentials and
+region come from the AWS SDK's usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``,
+``AWS_PROFILE``, an instance role; ``AWS_REGION`` / ``AWS_DEFAULT_REGION``). Other schemes
+(``gs://``, ``abfs://``, ``hdfs://``) go through ``pyarrow.fs.FileSystem.from_uri`` as they are.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Sequence
+
+from salience._core.errors import SalienceError
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_CACHE: dict[tuple[str, str, int], Any] = {}
+
+
+def is_remote(text: Any) -> bool:
+    """Whether ``text`` is an object storage URL (``s3://...``; ``file://`` is a local path)."""
+    m = _SCHEME.match(str(text)) if isinstance(text, str) else None
+    return bool(m) and m.group(1).lower() != "file"
+
+
+def _hint(url: str) -> str:
+    return ("check the bucket and prefix, the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+            "AWS_PROFILE), the region (AWS_REGION) and, for an S3-compatible server, AWS_ENDPOINT_URL"
+            if url.lower().startswith("s3://") else "check the URL and the credentials of its storage")
+
+
+def error(url: str, what: str, e: BaseException) -> SalienceError:
+    """A :class:`SalienceError` for a failed ``what`` on ``url``, with what to check."""
+    detail = str(e).split(" (Request ID")[0].strip()
+    return SalienceError(f"{url}: cannot {what} ({detail}); {_hint(url)}")
+
+
+def _s3(bucket: str) -> Any:
+    import pyarrow.fs as pafs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not endpoint:
+        if region:
+            return pafs.S3FileSystem(region=region)
+        return pafs.FileSystem.from_uri(f"s3://{bucket}")[0]  # asks AWS for the bucket's region
+    scheme, _, host = endpoint.partition("://") if "://" in endpoint else ("https", "", endpoint)
+    return pafs.S3FileSystem(endpoint_override=host.rstrip("/"), scheme=scheme, region=region or "us-east-1",
+                             connect_timeout=10, request_timeout=60)
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """``(pyarrow filesystem, path in it)`` of ``url``; one filesystem per scheme and bucket per
+    process (DataLoader workers and Ray tasks make their own on first use)."""
+    scheme = _SCHEME.match(url).group(1).lower()  # type: ignore[union-attr]
+    rest = url[len(scheme) + 3:]
+    bucket = rest.split("/", 1)[0]
+    key = (scheme, bucket, os.getpid())
+    try:
+        if key not in _CACHE:
+            if scheme in ("s3", "s3a"):
+                _CACHE[key] = _s3(bucket)
+            else:
+                import pyarrow.fs as pafs
+
+                _CACHE[key] = pafs.FileSystem.from_uri(url)[0]
+    except ImportError:  # pragma: no cover - pyarrow is a dependency of the runs
+        raise SalienceError("object storage paths need pyarrow: pip install 'salience[runs]'") from None
+    except (OSError, ValueError) as e:
+        raise error(url, "open its storage", e) from None
+    return _CACHE[key], (rest if scheme in ("s3", "s3a") else _path_of(url))
+
+
+def _path_of(url: str) -> str:
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(url)[1]
+
+
+def _url(url: str, path: str) -> str:
+    """The URL of ``path`` in the filesystem of ``url``."""
+    return f"{_SCHEME.match(url).group(1)}://{path}"  # type: ignore[union-attr]
+
+
+def list_files(url: str, suffixes: Sequence[str]) -> list[str]:
+    """The URLs of the files under ``url`` (a prefix, recursively) with one of ``suffixes``, sorted."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(url)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=False))
+    except FileNotFoundError:
+        raise SalienceError(f"{url}: no such prefix (nothing stored under it); check the path") from None
+    except OSError as e:
+        raise error(url, "list it", e) from None
+    return sorted(_url(url, i.path) for i in infos
+                  if i.type == pafs.FileType.File and i.path.lower().endswith(tuple(suffixes)))
+
+
+def kind(url: str) -> str:
+    """``"file"``, ``"folder"`` (a prefix with objects under it) or ``"missing"``."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(url)
+    try:
+        t = fs.get_file_info(path.rstrip("/")).type
+    except OSError as e:
+        raise error(url, "look it up", e) from None
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "folder"}.get(t, "missing")
+
+
+def glob(pattern: str) -> list[str]:
+    """The URLs matching ``pattern`` (``*`` and ``?`` within a path part, ``**`` across parts),
+    listed from the pattern's fixed prefix, sorted."""
+    scheme_len = _SCHEME.match(pattern).end()  # type: ignore[union-attr]
+    parts = pattern[scheme_len:].split("/")
+    fixed = next(i for i, p in enumerate(parts) if re.search(r"[*?\[]", p))
+    base = pattern[:scheme_len] + "/".join(parts[:fixed])
+    regex = re.compile(_translate(pattern))
+    return [u for u in list_files(base, ("",)) if regex.fullmatch(u)]
+
+
+def _translate(pattern: str) -> str:
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        end = pattern.find("]", i + 2) if c == "[" else -1
+        if end > 0:  # a class: [abc], [0-9], [!x]
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body.replace("\\", "\\\\")) + "]")
+            i = end + 1
+            continue
+        out.append("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole object at ``url``; a :class:`SalienceError` naming it when it cannot be read."""
+    fs, path = filesystem(url)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise SalienceError(f"{url}: no such object; check the path") from None
+    except OSError as e:
+        raise error(url, "read it", e) from None
+
+
+def join(folder_url: str, relative: str) -> str:
+    """``relative`` (a line of a list file) from the list's folder ``folder_url``."""
+    return folder_url.rstrip("/") + "/" + (relative[2:] if relative.startswith("./") else relative)
