@@ -1,25 +1,31 @@
 """Images per second of a dataset run against the bare passes and a plain Captum loop.
 
-    python benchmarks/dataset.py                                 # resnet50, 160 JPEGs at 112x112, 3 rounds
-    python benchmarks/dataset.py --n 2000 --size 224 --rounds 3  # the full configuration (a GPU, or hours)
+    python benchmarks/dataset.py                       # the issue's: 2,000 JPEGs, resnet50 at 224, 5 rounds of 400
+    python benchmarks/dataset.py --compile             # also a salience row with compile=True (issue 19)
+    python benchmarks/dataset.py --n 40 --size 64 --model resnet18 --rounds 1 --out /tmp/ds   # a smoke test
 
-Three cases over the same JPEG files (photographs from scikit-image, cropped and flipped so that
-no two files are alike, saved at 1.25x the input size so that every case decodes and resizes):
+Peers over the same JPEG files (photographs from scikit-image, cropped and flipped so that no two
+files are alike, saved at 1.25x the input size so that every peer decodes and resizes):
 
 - ``salience``: ``salience.explain_dataset(model, folder, ["vanilla"], out, batch_size=B)``, the
   code of ``salience explain DIR --method vanilla --batch B`` after its argument parsing: DataLoader
   workers decode while the model runs; predictions, maps, summaries, float16 shards, thumbnails,
   the Parquet index and the gallery are written.
-- ``bare``: the floor, no decoding, nothing written: the images already decoded into tensors, then
-  per batch of B one forward and ``torch.autograd.grad`` of the predicted class's score w.r.t. the
-  input (what a vanilla map needs).
+- ``salience+compile`` (with ``--compile``): the same with ``compile=True``, when dataset runs take
+  that option; otherwise the row says "not supported" and nothing is timed.
+- ``bare``: the floor, no decoding, nothing written: the images already decoded into tensors (not
+  timed), then per batch of B one forward and ``torch.autograd.grad`` of the predicted class's score
+  w.r.t. the input (what a vanilla map needs).
 - ``captum``: what people write by hand: a ``DataLoader`` over the files (PIL + torchvision
   transforms, the same workers), per batch a forward for the predicted class, Captum
   ``Saliency.attribute`` (its own forward + backward), maps saved as float16 ``.npy`` per batch.
 
-Rounds are interleaved (the order rotates each round) so that a change of the shared machine's
-load hits every case alike; reported: images/s min / median / max per case, the ratios of the
-medians and of each round, and the 1-minute load average before and after each case.
+The files are split into ``--rounds`` blocks (2,000 files, 5 rounds: 400 a round). Round ``r``
+times every peer on block ``r``, the order of the peers rotated each round, so that a change of
+the shared machine's load hits every peer alike and every peer covers all the files once.
+Reported: images/s min / median / max over the rounds and overall (all files / total time) per
+peer, the time ratios of salience to the bare passes and to Captum (of the medians and per
+round), and the 1-minute load average before and after each peer's round.
 """
 from __future__ import annotations
 
@@ -40,8 +46,9 @@ import salience
 HERE = Path(__file__).resolve().parent
 
 
-def make_jpegs(folder: Path, n: int, size: int) -> list[Path]:
-    """``n`` distinct JPEG files of ``1.25 * size`` pixels, from scikit-image's photographs."""
+def make_jpegs(folder: Path, n: int, size: int, rounds: int = 1) -> list[list[Path]]:
+    """``n`` distinct JPEG files of ``1.25 * size`` pixels, from scikit-image's photographs, in
+    ``rounds`` blocks (``folder/block<r>/``), the files of each block."""
     from PIL import Image
     from skimage import data as skdata
 
@@ -49,18 +56,20 @@ def make_jpegs(folder: Path, n: int, size: int) -> list[Path]:
     photos = [np.stack([p] * 3, -1) if p.ndim == 2 else p[..., :3] for p in photos]
     rng = np.random.default_rng(0)
     side = int(size * 1.25)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    bounds = [round(r * n / rounds) for r in range(rounds + 1)]
+    blocks: list[list[Path]] = [[] for _ in range(rounds)]
     for i in range(n):
         p = photos[i % len(photos)]
         h, w = p.shape[:2]
         c = int(rng.integers(min(h, w) // 2, min(h, w)))
         y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
         crop = p[y:y + c, x:x + c][:, ::-1] if i % 2 else p[y:y + c, x:x + c]
-        path = folder / f"{i:05d}.jpg"
+        r = next(b for b in range(rounds) if bounds[b] <= i < bounds[b + 1])
+        path = folder / f"block{r}" / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(crop)).resize((side, side), Image.BILINEAR).save(path, quality=90)
-        paths.append(path)
-    return paths
+        blocks[r].append(path)
+    return blocks
 
 
 def decoded(paths: list[Path], info) -> torch.Tensor:
@@ -70,8 +79,9 @@ def decoded(paths: list[Path], info) -> torch.Tensor:
 
 
 def run_bare(model: torch.nn.Module, x: torch.Tensor, batch: int) -> None:
+    device = next(model.parameters()).device
     for s in range(0, x.shape[0], batch):
-        xi = x[s:s + batch].detach().clone().requires_grad_(True)
+        xi = x[s:s + batch].to(device).detach().clone().requires_grad_(True)
         out = model(xi)
         pred = out.argmax(1)
         (g,) = torch.autograd.grad(out.gather(1, pred[:, None]).sum(), xi)
@@ -101,76 +111,109 @@ def run_captum(model: torch.nn.Module, paths: list[Path], size: int, batch: int,
     out.mkdir(parents=True, exist_ok=True)
     loader = torch.utils.data.DataLoader(Files(paths, size), batch_size=batch, num_workers=workers)
     sal = Saliency(model)
+    device = next(model.parameters()).device
     for b, x in enumerate(loader):
+        x = x.to(device)
         with torch.no_grad():
             pred = model(x).argmax(1)
         maps = sal.attribute(x, target=pred, abs=True).amax(1)
-        np.save(out / f"{b:05d}.npy", maps.numpy().astype(np.float16))
+        np.save(out / f"{b:05d}.npy", maps.cpu().numpy().astype(np.float16))
 
 
-def run_salience(model: torch.nn.Module, folder: Path, batch: int, workers: int, out: Path) -> None:
+def run_salience(model: torch.nn.Module, folder: Path, batch: int, workers: int, out: Path, **options) -> None:
     salience.explain_dataset(model, folder, ["vanilla"], out, batch_size=batch, workers=workers, overwrite=True,
-                             model_spec="benchmark")
+                             model_spec="benchmark", **options)
+
+
+def compile_supported() -> bool:
+    """Whether dataset runs take ``compile=`` (issue 19 adds it)."""
+    import inspect
+
+    return "compile" in inspect.signature(salience.explain_dataset).parameters
 
 
 def main(argv=None) -> int:  # long: the options, the rounds and the report in one readable place
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="resnet50")
-    ap.add_argument("--n", type=int, default=160, help="JPEG files")
-    ap.add_argument("--size", type=int, default=112, help="input size (the files are 1.25x larger)")
+    ap.add_argument("--model", default="resnet50", help="a torchvision model (random weights)")
+    ap.add_argument("--n", type=int, default=2000, help="JPEG files, split into --rounds blocks")
+    ap.add_argument("--size", type=int, default=224, help="input size (the files are 1.25x larger)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers (salience and captum)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds, each on its own block of n / rounds files")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="add a salience row with compile=True")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU: e.g. --model vit_b_16 --batch 64)")
     ap.add_argument("--out", default=str(HERE / "dataset"), help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
+    if args.n < args.rounds:
+        ap.error("--n must be at least --rounds (a block of files per round)")
     torch.set_num_threads(args.threads)
-    model = salience.load_model(f"torchvision:{args.model}", weights="random")
+    model = salience.load_model(f"torchvision:{args.model}", weights="random", device=args.device)
     info = salience.loading.images.with_preprocessing(salience.loading.models.model_info(model),
                                                       size=args.size, resize=int(args.size * 256 / 224))
     salience._core.info.attach_info(model, info)
     tmp = Path(tempfile.mkdtemp(prefix="salience-bench-"))
+    skipped: dict[str, str] = {}
     try:
-        paths = make_jpegs(tmp / "jpegs", args.n, args.size)
-        x = decoded(paths, info)
+        blocks = make_jpegs(tmp / "jpegs", args.n, args.size, args.rounds)
         cases = {
-            "bare": lambda: run_bare(model, x, args.batch),
-            "salience": lambda: run_salience(model, tmp / "jpegs", args.batch, args.workers, tmp / "run"),
-            "captum": lambda: run_captum(model, paths, args.size, args.batch, args.workers, tmp / "captum"),
+            "bare": lambda r, x: run_bare(model, x, args.batch),
+            "salience": lambda r, x: run_salience(model, tmp / "jpegs" / f"block{r}", args.batch, args.workers,
+                                                  tmp / "run"),
+            "captum": lambda r, x: run_captum(model, blocks[r], args.size, args.batch, args.workers, tmp / "captum"),
         }
-        run_bare(model, x[:args.batch], args.batch)  # warm-up
+        if args.compile and compile_supported():
+            cases["salience+compile"] = lambda r, x: run_salience(model, tmp / "jpegs" / f"block{r}", args.batch,
+                                                                  args.workers, tmp / "run-compiled", compile=True)
+        elif args.compile:
+            skipped["salience+compile"] = "not supported: explain_dataset takes no compile= yet (issue 19)"
+            print("salience+compile: not supported (explain_dataset takes no compile= yet); row left out", flush=True)
+        warm = decoded(blocks[0][:args.batch], info)
+        run_bare(model, warm, args.batch)  # warm-up (and, with --compile, the compiled run's first trace below)
+        if "salience+compile" in cases:
+            run_salience(model, tmp / "jpegs" / "block0", args.batch, args.workers, tmp / "warm-compiled",
+                         compile=True)
         times: dict[str, list[float]] = {c: [] for c in cases}
         loads: dict[str, list[list[float]]] = {c: [] for c in cases}
+        counts = [len(b) for b in blocks]
         order = list(cases)
         for r in range(args.rounds):
+            x = decoded(blocks[r], info)  # the bare passes' input, decoded before any timing
             for c in order[r % len(order):] + order[:r % len(order)]:
                 before = os.getloadavg()[0]
                 t = time.perf_counter()
-                cases[c]()
+                cases[c](r, x)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
                 times[c].append(time.perf_counter() - t)
                 loads[c].append([round(before, 2), round(os.getloadavg()[0], 2)])
-                print(f"round {r + 1} {c:9s} {args.n / times[c][-1]:7.2f} img/s  (load {before:.1f})", flush=True)
+                print(f"round {r + 1} {c:16s} {counts[r] / times[c][-1]:7.2f} img/s  (load {before:.1f})", flush=True)
+            del x
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report = _report(args, times, loads)
+    report = _report(args, counts, times, loads, skipped)
     Path(args.out + ".json").write_text(json.dumps(report, indent=2))
     Path(args.out + ".md").write_text(_markdown(report))
     print(_markdown(report))
     return 0
 
 
-def _report(args, times, loads) -> dict:
-    rate = {c: [args.n / t for t in ts] for c, ts in times.items()}
+def _report(args, counts, times, loads, skipped) -> dict:
+    rate = {c: [n / t for n, t in zip(counts, ts)] for c, ts in times.items()}
     med = {c: statistics.median(v) for c, v in rate.items()}
-    per_round_bare = [times["salience"][r] / times["bare"][r] for r in range(args.rounds)]
-    per_round_captum = [times["salience"][r] / times["captum"][r] for r in range(args.rounds)]
+    rounds = range(args.rounds)
     return {
-        "config": {k: getattr(args, k) for k in ("model", "n", "size", "batch", "workers", "rounds", "threads")},
+        "config": {k: getattr(args, k) for k in ("model", "n", "size", "batch", "workers", "rounds", "threads",
+                                                 "compile", "device")},
+        "files_per_round": counts,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "salience": salience.__version__},
-        "images_per_s": {c: {"min": min(v), "median": med[c], "max": max(v), "all": v} for c, v in rate.items()},
-        "time_ratio_salience_over_bare": {"of_medians": med["bare"] / med["salience"], "per_round": per_round_bare},
+        "images_per_s": {c: {"min": min(v), "median": med[c], "max": max(v), "overall": sum(counts) / sum(times[c]),
+                             "all": v} for c, v in rate.items()},
+        "not_run": skipped,
+        "time_ratio_salience_over_bare": {"of_medians": med["bare"] / med["salience"],
+                                          "per_round": [times["salience"][r] / times["bare"][r] for r in rounds]},
         "time_ratio_salience_over_captum": {"of_medians": med["captum"] / med["salience"],
-                                            "per_round": per_round_captum},
+                                            "per_round": [times["salience"][r] / times["captum"][r] for r in rounds]},
         "load_before_after": loads,
     }
 
@@ -178,16 +221,20 @@ def _report(args, times, loads) -> dict:
 def _markdown(rep: dict) -> str:
     cfg = rep["config"]
     lines = [f"# Dataset run: {cfg['model']}, {cfg['n']} JPEGs at {cfg['size']}x{cfg['size']}, batch {cfg['batch']}, "
-             f"{cfg['workers']} worker(s), {cfg['threads']} threads, {cfg['rounds']} interleaved rounds", "",
-             "| case | images/s min | median | max |", "|---|---|---|---|"]
+             f"{cfg['workers']} worker(s), {cfg['threads']} threads, {cfg.get('device', 'cpu')}, "
+             f"{cfg['rounds']} interleaved rounds of "
+             f"{'/'.join(str(c) for c in sorted(set(rep['files_per_round'])))} files", "",
+             "| peer | images/s min | median | max | overall |", "|---|---|---|---|---|"]
     for c, v in rep["images_per_s"].items():
-        lines.append(f"| {c} | {v['min']:.2f} | {v['median']:.2f} | {v['max']:.2f} |")
+        lines.append(f"| {c} | {v['min']:.2f} | {v['median']:.2f} | {v['max']:.2f} | {v['overall']:.2f} |")
+    for c, why in rep.get("not_run", {}).items():
+        lines.append(f"| {c} | {why} | | | |")
     b, c = rep["time_ratio_salience_over_bare"], rep["time_ratio_salience_over_captum"]
     lines += ["", f"time salience / bare: {b['of_medians']:.3f} (medians); per round "
               + ", ".join(f"{r:.3f}" for r in b["per_round"]),
               f"time salience / captum: {c['of_medians']:.3f} (medians); per round "
               + ", ".join(f"{r:.3f}" for r in c["per_round"]), "",
-              "load average (1 min) before / after each case: "
+              "load average (1 min) before / after each peer's round: "
               + "; ".join(f"{k}: " + ", ".join(f"{a}/{z}" for a, z in v) for k, v in rep["load_before_after"].items())]
     return "\n".join(lines) + "\n"
 

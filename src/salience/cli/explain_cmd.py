@@ -46,7 +46,7 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--target", metavar="CLASS", help="class index or name to explain (default: predicted)")
     g.add_argument("--top", type=int, metavar="K", help="explain each of the K top classes")
     p.add_argument("--mode", choices=_targets.REGRESSION_MODES, default="increase",
-                   help="regression models: what the map shows (default increase)")
+                   help="regression and one-output models: what the map shows (default increase)")
     p.add_argument("--out", "-o", default="salience-out", metavar="DIR", help="output folder (default salience-out)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse images over N pixels before decoding (default {DEFAULT_MAX_PIXELS:,})")
