@@ -359,6 +359,41 @@ def test_a_long_job_shows_progress_and_stops_when_cancelled(env):
     assert c.delete("api/jobs/nope").status_code == 404
 
 
+def test_torchscript_jobs_show_progress_and_stop_when_cancelled(env):
+    """A TorchScript model takes no forward hook of its own: its jobs are counted by a global
+    pre-hook, so they show progress, count every image, and stop when cancelled."""
+    from salience._core.info import attach_info
+
+    scripted = attach_info(torch.jit.script(env["model"]), env["model"].salience_info)
+    hub = Hub([ModelSlot("a", scripted)], ImageStore([FileSource([env["folder"]])]))
+    try:
+        c = TestClient(create_app(hub))
+        r = c.post("api/explain", json={"model": "a", "image": "f1", "method": "occlusion", "target": 0,
+                                        "options": {"window": 16, "stride": 12}}).json()
+        end = wait_job(_get(c), r)
+        # 16-pixel windows every 12 pixels on 64 x 64: ceil((64 - 16) / 12) + 1 = 5 per side; 5 * 5
+        # windows and the clean image
+        assert end["state"] == "done" and end["done"] == 5 * 5 + 1
+        r = c.post("api/explain", json={"model": "a", "image": "f1", "method": "smoothgrad", "target": 0,
+                                        "options": {"samples": 100000, "chunk": 8}}).json()
+        seen = None
+        for _ in range(3000):
+            j = c.get(f"api/jobs/{r['job']}").json()
+            if j["state"] == "running" and j["progress"]:
+                seen = j
+                break
+            threading.Event().wait(0.01)
+        assert seen is not None and 0 < seen["progress"] < 0.5 and seen["done"] >= 8 and "note" not in seen
+        c.delete(f"api/jobs/{r['job']}")
+        assert wait_job(_get(c), j, timeout=20)["state"] == "cancelled"
+        key = wait_job(_get(c), c.post("api/explain", json={"model": "a", "image": "f1", "method": "vanilla",
+                                                             "target": 0}).json())["key"]
+        bad = c.post(f"api/maps/{key}/sanity")
+        assert bad.status_code == 400 and "TorchScript" in bad.json()["error"]
+    finally:
+        hub.close()
+
+
 # --------------------------------------------------------------------------------- maps: files, curves, sanity, figure
 
 

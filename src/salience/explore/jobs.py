@@ -44,6 +44,15 @@ class Ticker:
     def total(self, value: int) -> None:
         self._job.total = max(0, int(value))
 
+    @property
+    def note(self) -> str:
+        return self._job.note
+
+    @note.setter
+    def note(self, value: str) -> None:
+        """Why the progress is not a fraction (``total`` unknown), shown with the images done."""
+        self._job.note = str(value)
+
     def tick(self, n: int = 1) -> None:
         if self._job.cancel_requested.is_set():
             raise Cancelled()
@@ -64,6 +73,7 @@ class Job:
     state: str = "queued"
     total: int = 0
     done_units: int = 0
+    note: str = ""
     result: Any = None
     error: Optional[str] = None
     status_code: int = 400

@@ -255,8 +255,10 @@ function showJob(cell, j) {
   cell.bar.hidden = !running; cell.cancel.hidden = !running;
   if (j.progress === null || j.progress === undefined) cell.bar.removeAttribute("value"); else cell.bar.value = j.progress;
   cell.state.className = "state" + (j.state === "error" ? " error" : "");
+  cell.state.title = j.note ? `progress not known ahead: ${j.note}` : "";
   cell.state.textContent = j.state === "queued" ? `queued (${j.position || "…"} in line)`
-    : j.state === "running" ? (j.progress ? `running ${Math.round(100 * j.progress)}%` : "running…")
+    : j.state === "running" ? (j.progress ? `running ${Math.round(100 * j.progress)}%`
+      : `running… ${j.done ? `${j.done} images` : ""}`)
     : j.state === "error" ? j.error : j.state === "cancelled" ? "cancelled" : "";
 }
 
