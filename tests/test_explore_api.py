@@ -501,6 +501,55 @@ def test_compare_two_models_side_by_side(tmp_path):
         hub.close()
 
 
+class _Other(torch.nn.Module):
+    """A second model whose layers are named unlike demo:shapes's (``body.0``, ``top``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU())
+        self.top = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.top(self.body(x).mean((2, 3)))
+
+
+def test_each_model_of_a_comparison_has_its_own_layers(tmp_path):
+    import dataclasses
+
+    from salience._core.info import attach_info
+
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    a = salience.load_model("demo:shapes")
+    b = attach_info(_Other(), dataclasses.replace(a.salience_info, name="other", default_layer=None))
+    hub = Hub([ModelSlot("a", a), ModelSlot("b", b)], ImageStore([FileSource(paths)]))
+    try:
+        c = TestClient(create_app(hub))
+        la, lb = (c.get(f"api/models/{s}/layers").json() for s in ("a", "b"))
+        assert [x["name"] for x in lb["layers"]] == ["body", "body.0", "body.1", "top"]
+        assert lb["default"] in ("body", "body.1")  # the last block with a spatial output (the ReLU's, either name)
+        assert "features.6" in [x["name"] for x in la["layers"]]
+        t = int(labels[0])
+        bad = c.post("api/explain", json={"model": "b", "image": "f0", "method": "gradcam", "target": t,
+                                          "options": {"layer": "features.6"}})
+        assert bad.status_code == 400
+        said = bad.json()["error"]
+        assert "model b (other) has no layer named 'features.6'" in said and "api/models/b/layers" in said, said
+        r = c.post("api/explain", json={"model": "b", "image": "f0", "method": "gradcam", "target": t,
+                                        "options": {"layer": "body.0"}}).json()
+        m = npy(c.get(f"api/maps/{wait_job(_get(c), r)['key']}.npy").content)
+        x = preprocess(load_image(paths[0]), a.salience_info).unsqueeze(0)
+        np.testing.assert_allclose(m, salience.gradcam(b, x, t, layer="body.0")[0].numpy(), rtol=1e-5, atol=1e-7)
+        # each model's own top classes: b's are its own probabilities
+        top_b = c.get("api/models/b/top", params={"image": "f0", "k": 5}).json()["classes"]
+        with torch.no_grad():
+            probs = b(x).softmax(1)[0]
+        assert [k["index"] for k in top_b] == probs.argsort(descending=True).tolist()
+        assert top_b[0]["probability"] == pytest.approx(float(probs.max()), abs=1e-6)
+    finally:
+        hub.close()
+
+
 # --------------------------------------------------------------------------------- server, Python, CLI
 
 

@@ -154,8 +154,10 @@ def check_request(slot: ModelSlot, method: str, target: Any, raw: dict[str, Any]
     given = read_options(method, raw)
     try:
         _options.check_layer(slot.model, given)
-    except SalienceError as e:
-        raise SalienceError(str(e).replace("--layer: ", "option layer: ")) from None
+    except SalienceError as e:  # e.g. model a's layer asked of model b: name the model and where its layers are
+        said = str(e).replace("--layer: ", "").replace("the model", f"model {slot.name} ({slot.info.name})", 1)
+        raise SalienceError(f"option layer: {said}; the layers of model {slot.name} are listed by "
+                            f"GET api/models/{slot.name}/layers") from None
     if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < slot.num_outputs:
         raise SalienceError(f"target must be an output index 0..{slot.num_outputs - 1} of {slot.info.name}, "
                             f"got {target!r}")
