@@ -601,6 +601,37 @@ def test_explore_from_python_shows_an_iframe_in_a_notebook(monkeypatch, tmp_path
         assert shown[-1][1] == f"/user/me/proxy/{ex.port}/"
     finally:
         ex.stop()
+    colab = types.ModuleType("google.colab")
+    colab.output = types.SimpleNamespace(serve_kernel_port_as_iframe=lambda **kw: shown.append(("colab", kw)))
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    ex = salience.explore(model, height=500)
+    try:
+        assert shown[-1] == ("colab", {"port": ex.port, "path": "/", "width": "100%", "height": 500})
+    finally:
+        ex.stop()
+
+
+def test_compare_weights_and_performance_settings_reach_the_models(monkeypatch):
+    from salience._core import perf
+    from salience.explore import server
+    from salience.explore.jobs import Job
+
+    seen = []
+    real = server.load_model
+    monkeypatch.setattr(server, "load_model", lambda spec, **kw: seen.append(kw) or real("demo:shapes"))
+    with salience.performance(memory_format="channels_last"):  # as the command's --memory-format
+        hub = server.build_hub("demo:shapes", compare="demo:shapes", load={"weights": "a.pt", "device": "cpu"},
+                               compare_load={"weights": "random"})
+    try:
+        assert seen == [{"weights": "a.pt", "device": "cpu"}, {"weights": "random", "device": "cpu"}]
+        job = hub.slots["b"].worker.submit(Job("probe", lambda t: perf.current().memory_format))
+        assert job.wait(30) and job.result == "channels_last"
+    finally:
+        hub.close()
+    from salience.cli import main
+
+    assert main(["explore", "--model", "demo:shapes", "--compare-weights", "random"]) == 2
 
 
 def test_cli_explore_bad_arguments():

@@ -10,6 +10,7 @@ cancelled, so a long computation stops at its next forward pass. The queue is bo
 from __future__ import annotations
 
 import collections
+import contextvars
 import itertools
 import threading
 import time
@@ -114,6 +115,9 @@ class Worker:
         self._cond = threading.Condition()
         self._stop = False
         self.current: Optional[Job] = None
+        # the jobs run in the context the worker was made in: salience.performance(...) (the command's
+        # --memory-format / --compile / --precision) holds in the worker's thread as where it was set
+        self._context = contextvars.copy_context()
         self._thread = threading.Thread(target=self._loop, name=f"salience-explore-{name}", daemon=True)
         self._thread.start()
 
@@ -171,7 +175,7 @@ class Worker:
                 self.current = job
                 job.state = "running"
             try:
-                self._run(job)
+                self._context.run(self._run, job)
             finally:
                 self.current = None
 
