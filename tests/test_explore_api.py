@@ -359,6 +359,7 @@ def test_a_long_job_shows_progress_and_stops_when_cancelled(env):
     assert c.delete("api/jobs/nope").status_code == 404
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_torchscript_jobs_show_progress_and_stop_when_cancelled(env):
     """A TorchScript model takes no forward hook of its own: its jobs are counted by a global
     pre-hook, so they show progress, count every image, and stop when cancelled."""
