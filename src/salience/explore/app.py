@@ -96,7 +96,7 @@ class Hub:
         try:
             source.row(int(text))
         except (KeyError, ValueError):
-            raise HTTPException(404, f"no row {text!r} in run {source.id!r} (it has {len(source)} rows, "
+            raise HTTPException(404, f"no row {text!r} in run {source.id!r} (it has {source.count()} rows, "
                                      "by index)") from None
         return source, int(text)
 

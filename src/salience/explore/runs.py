@@ -61,7 +61,8 @@ class RunSource:
     def metric_columns(self) -> list[str]:
         return [c for c in self.run.table.column_names if "." in c]
 
-    def __len__(self) -> int:
+    def count(self) -> int:
+        """How many rows the run has (a method, not ``len``: an empty run is still a source)."""
         return int(self.run.table.num_rows)
 
     def _columns(self) -> list[str]:
@@ -92,7 +93,7 @@ class RunSource:
     def describe(self) -> dict[str, Any]:
         """What the page needs to draw the gallery: name, model, methods, columns, classes."""
         return {"id": self.id, "name": self.name, "folder": str(self.run.folder), "model": self.run.model,
-                "methods": self.run.methods, "count": len(self), "complete": self.run.complete,
+                "methods": self.run.methods, "count": self.count(), "complete": self.run.complete,
                 "labels": "correct" in self.run.table.column_names, "metrics": self.metric_columns(),
                 "classes": self.classes(), "sortable": self.sortable()}
 

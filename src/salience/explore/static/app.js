@@ -299,8 +299,10 @@ async function request(cell) {
   const serial = ++cell.serial;
   cell.want = S.image;
   const options = { ...cell.row.options };
-  delete options.layer;
-  if (cell.row.layers[cell.t.model]) options.layer = cell.row.layers[cell.t.model]; // this model's own layer
+  if (S.layers[cell.t.model]) { // this model's own layer menu (else the text field, if any, holds the layer)
+    delete options.layer;
+    if (cell.row.layers[cell.t.model]) options.layer = cell.row.layers[cell.t.model];
+  }
   cell.extra.textContent = ""; cell.tools.textContent = "";
   try {
     let j = await api("api/explain", { method: "POST", headers: { "content-type": "application/json" },
