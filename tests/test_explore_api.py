@@ -359,6 +359,42 @@ def test_a_long_job_shows_progress_and_stops_when_cancelled(env):
     assert c.delete("api/jobs/nope").status_code == 404
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_torchscript_jobs_show_progress_and_stop_when_cancelled(env):
+    """A TorchScript model takes no forward hook of its own: its jobs are counted by a global
+    pre-hook, so they show progress, count every image, and stop when cancelled."""
+    from salience._core.info import attach_info
+
+    scripted = attach_info(torch.jit.script(env["model"]), env["model"].salience_info)
+    hub = Hub([ModelSlot("a", scripted)], ImageStore([FileSource([env["folder"]])]))
+    try:
+        c = TestClient(create_app(hub))
+        r = c.post("api/explain", json={"model": "a", "image": "f1", "method": "occlusion", "target": 0,
+                                        "options": {"window": 16, "stride": 12}}).json()
+        end = wait_job(_get(c), r)
+        # 16-pixel windows every 12 pixels on 64 x 64: ceil((64 - 16) / 12) + 1 = 5 per side; 5 * 5
+        # windows and the clean image
+        assert end["state"] == "done" and end["done"] == 5 * 5 + 1
+        r = c.post("api/explain", json={"model": "a", "image": "f1", "method": "smoothgrad", "target": 0,
+                                        "options": {"samples": 100000, "chunk": 8}}).json()
+        seen = None
+        for _ in range(3000):
+            j = c.get(f"api/jobs/{r['job']}").json()
+            if j["state"] == "running" and j["progress"]:
+                seen = j
+                break
+            threading.Event().wait(0.01)
+        assert seen is not None and 0 < seen["progress"] < 0.5 and seen["done"] >= 8 and "note" not in seen
+        c.delete(f"api/jobs/{r['job']}")
+        assert wait_job(_get(c), j, timeout=20)["state"] == "cancelled"
+        key = wait_job(_get(c), c.post("api/explain", json={"model": "a", "image": "f1", "method": "vanilla",
+                                                             "target": 0}).json())["key"]
+        bad = c.post(f"api/maps/{key}/sanity")
+        assert bad.status_code == 400 and "TorchScript" in bad.json()["error"]
+    finally:
+        hub.close()
+
+
 # --------------------------------------------------------------------------------- maps: files, curves, sanity, figure
 
 
@@ -466,6 +502,55 @@ def test_compare_two_models_side_by_side(tmp_path):
         hub.close()
 
 
+class _Other(torch.nn.Module):
+    """A second model whose layers are named unlike demo:shapes's (``body.0``, ``top``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU())
+        self.top = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.top(self.body(x).mean((2, 3)))
+
+
+def test_each_model_of_a_comparison_has_its_own_layers(tmp_path):
+    import dataclasses
+
+    from salience._core.info import attach_info
+
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    a = salience.load_model("demo:shapes")
+    b = attach_info(_Other(), dataclasses.replace(a.salience_info, name="other", default_layer=None))
+    hub = Hub([ModelSlot("a", a), ModelSlot("b", b)], ImageStore([FileSource(paths)]))
+    try:
+        c = TestClient(create_app(hub))
+        la, lb = (c.get(f"api/models/{s}/layers").json() for s in ("a", "b"))
+        assert [x["name"] for x in lb["layers"]] == ["body", "body.0", "body.1", "top"]
+        assert lb["default"] in ("body", "body.1")  # the last block with a spatial output (the ReLU's, either name)
+        assert "features.6" in [x["name"] for x in la["layers"]]
+        t = int(labels[0])
+        bad = c.post("api/explain", json={"model": "b", "image": "f0", "method": "gradcam", "target": t,
+                                          "options": {"layer": "features.6"}})
+        assert bad.status_code == 400
+        said = bad.json()["error"]
+        assert "model b (other) has no layer named 'features.6'" in said and "api/models/b/layers" in said, said
+        r = c.post("api/explain", json={"model": "b", "image": "f0", "method": "gradcam", "target": t,
+                                        "options": {"layer": "body.0"}}).json()
+        m = npy(c.get(f"api/maps/{wait_job(_get(c), r)['key']}.npy").content)
+        x = preprocess(load_image(paths[0]), a.salience_info).unsqueeze(0)
+        np.testing.assert_allclose(m, salience.gradcam(b, x, t, layer="body.0")[0].numpy(), rtol=1e-5, atol=1e-7)
+        # each model's own top classes: b's are its own probabilities
+        top_b = c.get("api/models/b/top", params={"image": "f0", "k": 5}).json()["classes"]
+        with torch.no_grad():
+            probs = b(x).softmax(1)[0]
+        assert [k["index"] for k in top_b] == probs.argsort(descending=True).tolist()
+        assert top_b[0]["probability"] == pytest.approx(float(probs.max()), abs=1e-6)
+    finally:
+        hub.close()
+
+
 # --------------------------------------------------------------------------------- server, Python, CLI
 
 
@@ -517,6 +602,37 @@ def test_explore_from_python_shows_an_iframe_in_a_notebook(monkeypatch, tmp_path
         assert shown[-1][1] == f"/user/me/proxy/{ex.port}/"
     finally:
         ex.stop()
+    colab = types.ModuleType("google.colab")
+    colab.output = types.SimpleNamespace(serve_kernel_port_as_iframe=lambda **kw: shown.append(("colab", kw)))
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    ex = salience.explore(model, height=500)
+    try:
+        assert shown[-1] == ("colab", {"port": ex.port, "path": "/", "width": "100%", "height": 500})
+    finally:
+        ex.stop()
+
+
+def test_compare_weights_and_performance_settings_reach_the_models(monkeypatch):
+    from salience._core import perf
+    from salience.explore import server
+    from salience.explore.jobs import Job
+
+    seen = []
+    real = server.load_model
+    monkeypatch.setattr(server, "load_model", lambda spec, **kw: seen.append(kw) or real("demo:shapes"))
+    with salience.performance(memory_format="channels_last"):  # as the command's --memory-format
+        hub = server.build_hub("demo:shapes", compare="demo:shapes", load={"weights": "a.pt", "device": "cpu"},
+                               compare_load={"weights": "random"})
+    try:
+        assert seen == [{"weights": "a.pt", "device": "cpu"}, {"weights": "random", "device": "cpu"}]
+        job = hub.slots["b"].worker.submit(Job("probe", lambda t: perf.current().memory_format))
+        assert job.wait(30) and job.result == "channels_last"
+    finally:
+        hub.close()
+    from salience.cli import main
+
+    assert main(["explore", "--model", "demo:shapes", "--compare-weights", "random"]) == 2
 
 
 def test_cli_explore_bad_arguments():

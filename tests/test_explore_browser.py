@@ -2,7 +2,8 @@
 uvicorn server on 127.0.0.1 and a free port. As a person uses it: open the page, upload a demo
 shapes image, click its class, add Grad-CAM, wait for the map, change the sliders, download the
 figure. The map drawn on the page is read back from a screenshot and must be bright where the
-shape is (the mask is known exactly) and dark elsewhere."""
+shape is (the mask is known exactly) and dark elsewhere. And a dataset run's gallery: sorted,
+filtered, a row opened in the explorer, with a second model whose own layers its row offers."""
 from __future__ import annotations
 
 import io
@@ -95,3 +96,104 @@ def test_a_person_uses_the_page(tmp_path):
     inside, outside = lum[mask].mean(), lum[~mask].mean()
     assert lum.max() > 200, "the map is empty"
     assert inside > INSIDE_OVER_OUTSIDE * outside, (inside, outside)
+
+
+def _rows_shown(page) -> list[int]:
+    """The gallery's row indexes as the page shows them, once the table has settled."""
+    return [int(i) for i in page.eval_on_selector_all("#run-body tr", "trs => trs.map(t => t.dataset.id.split('-')[1])")]
+
+
+def test_a_person_browses_a_dataset_run_and_compares_two_models(tmp_path):
+    """The gallery of a dataset run (made here with salience.explain_dataset on the demo model):
+    sorted and filtered as the run's table says; a row opened in the explorer shows its map where
+    the shape is. With a second model (--compare), each model's row offers its own layers."""
+    import dataclasses
+
+    import torch
+
+    from salience._core.info import attach_info
+
+    sync_api = _browser()
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    (tmp_path / "imgs").mkdir()
+    paths, labels, masks = shapes_files(tmp_path / "imgs", n=4)
+    given = labels.clone()
+    given[1] = (given[1] + 1) % 5  # one label the model gets wrong
+    (tmp_path / "labels.csv").write_text("path,label\n" + "".join(f"{p.name},{int(g)}\n" for p, g in zip(paths, given)))
+    run = salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", labels=tmp_path / "labels.csv",
+                                   shard_size=4, batch_size=4, workers=0)
+    table = run.table.to_pylist()
+    by_p = [t["index"] for t in sorted(table, key=lambda t: (t["probability"], t["index"]), reverse=True)]
+    wrong = [t["index"] for t in table if not t["correct"]]
+    assert 1 in wrong
+
+    class Other(torch.nn.Module):  # the second model: its layers are named unlike demo:shapes's
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU())
+            self.top = torch.nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.top(self.body(x).mean((2, 3)))
+
+    a = salience.load_model("demo:shapes")
+    b = attach_info(Other(), dataclasses.replace(a.salience_info, name="other", default_layer=None))
+    explorer = salience.explore(a, run=tmp_path / "run", compare=b, show=False)
+    errors: list[str] = []
+    row = 3
+    label = int(labels[row])
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.set_default_timeout(30_000)
+                page.goto(explorer.url)
+                page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+                assert _rows_shown(page) == [t["index"] for t in table]
+
+                page.select_option("#run-sort", "probability")
+                page.select_option("#run-order", "desc")
+                page.wait_for_function(f"[...document.querySelectorAll('#run-body tr')].map(t => t.dataset.id)"
+                                       f".join() === {','.join(f'r0-{i}' for i in by_p)!r}")
+                page.select_option("#run-correct", "false")
+                page.wait_for_function(f"document.querySelectorAll('#run-body tr').length === {len(wrong)}")
+                assert _rows_shown(page) == sorted(wrong, key=by_p.index)
+                page.select_option("#run-correct", "")
+                name = table[row]["predicted_name"]
+                page.select_option("#run-class", name)
+                want = [i for i in by_p if table[i]["predicted_name"] == name]
+                page.wait_for_function(f"document.querySelectorAll('#run-body tr').length === {len(want)}")
+                assert _rows_shown(page) == want
+
+                page.click(f"#run-body tr[data-id='r0-{row}']")  # open the row in the explorer
+                button = page.locator(f"#classes button.class[data-model='a'][data-index='{label}']")
+                button.click()
+                page.locator("#classes button.class[data-model='b']").first.click()
+                page.select_option("#method", "gradcam")
+                page.click("#add")
+                layers_a = page.eval_on_selector_all("select[data-layer-model='a'] option", "os => os.map(o => o.value)")
+                layers_b = page.eval_on_selector_all("select[data-layer-model='b'] option", "os => os.map(o => o.value)")
+                assert "features.6" in layers_a and "body.0" not in layers_a
+                assert layers_b == ["", "body", "body.0", "body.1", "top"]
+                page.select_option("select[data-layer-model='b']", "body.0")
+                page.select_option("#cmap", "gray")
+                page.fill("#opacity", "1")
+                for slot in ("a", "b"):
+                    page.wait_for_function(
+                        f"() => {{ const s = document.querySelector(\"td.cell[data-target^='{slot}:'] .state\"); "
+                        "return s && s.textContent.startsWith('gradcam'); }")
+                shot = page.locator(f"td.cell[data-target='a:{label}'] canvas").screenshot()
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    lum = _luminance(shot, (192, 192))
+    mask = np.kron(masks[row].numpy(), np.ones((3, 3), dtype=bool))
+    assert lum.max() > 200, "the map is empty"
+    assert lum[mask].mean() > INSIDE_OVER_OUTSIDE * lum[~mask].mean()

@@ -6,6 +6,7 @@ import re
 import webbrowser
 from typing import Any
 
+from salience._core.errors import SalienceError
 from salience.cli.common import EXIT_OK, add_model_args, model_specs_help
 from salience.loading import DEFAULT_MAX_PIXELS
 
@@ -21,6 +22,9 @@ def add_parser(sub: Any) -> None:
                         "folder (salience explain DIR --out RUN) adds its gallery of rows")
     add_model_args(p)
     p.add_argument("--compare", metavar="MODEL", help="a second model shown side by side (same loading options)")
+    p.add_argument("--compare-weights", metavar="FILE",
+                   help="the --weights of the --compare model, when not the same as --model's ('random' for "
+                        "random weights, e.g. to compare a trained model with its untrained self)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other lets anyone who reaches the port "
                         "run the model, and prints a warning)")
@@ -42,8 +46,11 @@ def run(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C."""
     from salience.explore.server import start
 
+    if args.compare_weights is not None and args.compare is None:
+        raise SalienceError("--compare-weights is the weights of the --compare model: give --compare MODEL too")
     explorer = start(args.model, args.images, compare=args.compare, host=args.host, port=args.port,
-                     max_pixels=args.max_pixels, load=_load_options(args), background=False)
+                     max_pixels=args.max_pixels, load=_load_options(args), background=False,
+                     compare_load=None if args.compare_weights is None else {"weights": args.compare_weights})
     print(f"salience explore: {explorer.url}  (Ctrl-C stops it)", flush=True)
     if args.open:
         webbrowser.open(explorer.url)

@@ -19,6 +19,7 @@ Starlette and uvicorn are imported only when a server starts (``pip install 'sal
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Optional, Sequence, Union
 
 from torch import nn
@@ -51,7 +52,9 @@ def explore(model: Union[str, nn.Module], images: Optional[Sequence[Union[str, "
     run folder or several): its rows are a gallery to sort and filter, each opened in the explorer.
     ``compare``: a second model shown side by side. ``host`` / ``port``: where to listen (default
     loopback and a free port; another host prints a warning). ``show``: display the page inline
-    (an IFrame) when in a Jupyter notebook (default), else print the URL.
+    when in a Jupyter notebook (default), else print the URL: an IFrame of the URL, or of
+    ``$JUPYTERHUB_SERVICE_PREFIX/proxy/PORT/`` under JupyterHub (jupyter-server-proxy), or Colab's
+    ``serve_kernel_port_as_iframe`` in Google Colab.
     """
     from salience.explore.server import start
 
@@ -61,7 +64,11 @@ def explore(model: Union[str, nn.Module], images: Optional[Sequence[Union[str, "
     explorer = start(model, list(images or []), compare=compare, host=host, port=port, max_pixels=max_pixels,
                      load=load, runs=runs)
     notebook = _in_notebook() if show is None else show
-    if notebook:
+    if notebook and "google.colab" in sys.modules:  # Colab: the kernel's port reached through Colab's proxy
+        from google.colab import output
+
+        output.serve_kernel_port_as_iframe(port=explorer.port, path="/", width="100%", height=height)
+    elif notebook:
         from IPython.display import IFrame, display
 
         prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX")  # behind JupyterHub: jupyter-server-proxy's path

@@ -96,7 +96,7 @@ class Hub:
         try:
             source.row(int(text))
         except (KeyError, ValueError):
-            raise HTTPException(404, f"no row {text!r} in run {source.id!r} (it has {len(source.all_rows())} rows, "
+            raise HTTPException(404, f"no row {text!r} in run {source.id!r} (it has {source.count()} rows, "
                                      "by index)") from None
         return source, int(text)
 
@@ -164,7 +164,9 @@ class Hub:
     def job_json(self, job: Job, slot: ModelSlot) -> dict[str, Any]:
         out = {"job": job.id, "kind": job.kind, "state": job.state, "progress": job.progress(),
                "position": slot.worker.position(job) if job.state == "queued" else None,
-               "key": job.meta.get("key"), "model": slot.name}
+               "key": job.meta.get("key"), "model": slot.name, "done": job.done_units}
+        if job.state == "running" and not job.total:
+            out["note"] = job.note or "the amount of work is not known ahead"
         if job.state == "error":
             out.update(error=job.error, code=job.status_code)
         if job.state == "done" and job.kind in ("curves", "sanity", "top"):
@@ -402,6 +404,8 @@ async def on_map(request: Request) -> Response:
         raise HTTPException(404, f"no {what!r} for a map; curves or sanity")
     req = hub.request_of(key)
     slot = hub.slot(req.slot)
+    if what == "sanity":
+        compute.check_sanity(slot)
     rkey = key_of(kind=what, map=key)
     cached = hub.cache.get(rkey)
     if cached is not None:

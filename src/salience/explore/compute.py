@@ -4,8 +4,8 @@ A :class:`ModelSlot` holds one copy of a model with its :class:`~salience._core.
 and the :class:`~salience.explore.jobs.Worker` that runs its computations one at a time. The
 functions here run inside that worker; they report progress and stop when cancelled through a
 forward pre-hook on the model that calls :meth:`Ticker.tick` with the number of images in each
-forward pass (a TorchScript model takes no hook: its computations show no progress and stop
-only between jobs). Requests are checked by :func:`check_request` before they are queued, so a
+forward pass (a TorchScript model takes no hook of its own: a global pre-hook counts its calls
+instead, so its jobs show progress and stop when cancelled too). Requests are checked by :func:`check_request` before they are queued, so a
 bad method, option, layer or class gets its 4xx at once.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -36,7 +37,7 @@ from salience.methods import options as _options
 from salience.render import viz
 
 __all__ = ["ModelSlot", "ExplainRequest", "check_request", "explain", "top_classes", "curves", "sanity",
-           "figure_png", "map_png", "png_bytes", "npy_bytes", "display_map", "options_schema", "layer_tree"]
+           "check_sanity", "figure_png", "map_png", "png_bytes", "npy_bytes", "display_map", "options_schema", "layer_tree"]
 
 _DEFAULT_SIZE = (224, 224)
 CURVE_STEPS = 24  # points of the insertion / deletion curves (as salience evaluate)
@@ -153,8 +154,10 @@ def check_request(slot: ModelSlot, method: str, target: Any, raw: dict[str, Any]
     given = read_options(method, raw)
     try:
         _options.check_layer(slot.model, given)
-    except SalienceError as e:
-        raise SalienceError(str(e).replace("--layer: ", "option layer: ")) from None
+    except SalienceError as e:  # e.g. model a's layer asked of model b: name the model and where its layers are
+        said = str(e).replace("--layer: ", "").replace("the model", f"model {slot.name} ({slot.info.name})", 1)
+        raise SalienceError(f"option layer: {said}; the layers of model {slot.name} are listed by "
+                            f"GET api/models/{slot.name}/layers") from None
     if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < slot.num_outputs:
         raise SalienceError(f"target must be an output index 0..{slot.num_outputs - 1} of {slot.info.name}, "
                             f"got {target!r}")
@@ -169,36 +172,67 @@ def check_request(slot: ModelSlot, method: str, target: Any, raw: dict[str, Any]
 # --------------------------------------------------------------------------------- progress and cancel
 
 
-def _expected_items(method: str, given: dict[str, Any]) -> int:
-    """About how many images the model's forward passes take in all for one map: the samples
-    or steps of a many-pass method (its default when not given), plus the clean image."""
+UNCOUNTED = {"scorecam": "one masked forward pass per channel of the layer, counted as they run",
+             "ablationcam": "one forward pass per channel of the layer, counted as they run"}
+"""Methods whose number of forward passes is not known before they run: their jobs show the images
+done so far and this reason instead of a fraction."""
+
+
+def _expected_items(method: str, given: dict[str, Any], x: Tensor) -> int:
+    """How many images the model's forward passes take in all for one map of ``x`` ``(1, C, H, W)``:
+    the samples, steps or masks of a many-pass method (its default when not given) or occlusion's
+    windows, plus the clean image; 1 for a one-pass method, 0 when unknown (:data:`UNCOUNTED`)."""
+    if method in UNCOUNTED:
+        return 0
     fn = METHODS[method]
     opts = _options.method_options()
-    for key in ("samples", "steps"):
+    for key in ("samples", "steps", "masks"):
         if key in _options.accepted(fn):
             value = given.get(key, opts[key].defaults.get(method))
             if isinstance(value, int):
                 return value + 1
+    if method == "occlusion":
+        from salience.methods.perturbation import _check_window, occlusion_windows
+
+        window, stride = _check_window(x, given.get("window"), given.get("stride"))
+        return len(occlusion_windows(tuple(x.shape[-2:]), window, stride)[0]) + 1
     return 1
+
+
+def _randomized_layers(model: nn.Module) -> int:
+    """About how many layers the randomization test re-initializes: the modules owning parameters,
+    less the normalization layers (joined to the layer before them). Only sizes the progress bar."""
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    return sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False))
+               and not isinstance(m, norms))
 
 
 @contextlib.contextmanager
 def _watched(model: nn.Module, ticker: Ticker) -> Iterator[None]:
-    """A forward pre-hook on ``model`` that ticks the images of each forward pass (and so stops a
-    cancelled job at its next pass); nothing on a model that takes no hooks."""
+    """Tick the images of each forward pass of ``model`` (and so stop a cancelled job at its next
+    pass). A forward pre-hook on the model; a TorchScript model takes none, so for it a global
+    forward pre-hook (``torch.nn.modules.module.register_module_forward_pre_hook``) ticks the calls
+    of TorchScript modules made from Python in this thread only (a scripted model's own submodules
+    run inside its compiled graph, so each call seen is one whole forward pass; other threads, and
+    so the other model's worker, are not counted)."""
     def hook(module: nn.Module, args: tuple) -> None:
         first = args[0] if args else None
         ticker.tick(int(first.shape[0]) if isinstance(first, Tensor) and first.dim() > 0 else 1)
 
+    thread = threading.get_ident()
+
+    def script_hook(module: nn.Module, args: tuple) -> None:
+        if threading.get_ident() == thread and isinstance(module, torch.jit.ScriptModule):
+            hook(module, args)
+
     try:
         handle = model.register_forward_pre_hook(hook)
-    except (RuntimeError, AttributeError, TypeError):  # TorchScript: no hooks
-        handle = None
+    except (RuntimeError, AttributeError, TypeError):  # TorchScript: "not supported on ScriptModules"
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(script_hook)
     try:
         yield
     finally:
-        if handle is not None:
-            handle.remove()
+        handle.remove()
 
 
 # --------------------------------------------------------------------------------- computations
@@ -218,8 +252,9 @@ def explain(slot: ModelSlot, image: Tensor, method: str, target: int, given: dic
             ticker: Ticker) -> np.ndarray:
     """The raw map, float32: ``(H, W)``, or ``(C, H, W)`` for a per-channel reduction."""
     fn, _ = _options.bind(method, given)
-    ticker.total = _expected_items(method, given)
     x = slot.input(image)
+    ticker.total = _expected_items(method, given, x)
+    ticker.note = UNCOUNTED.get(method, "")
     with _watched(slot.model, ticker):
         m = apply_method(fn, slot.model, x, slot.target(target))
     return m.detach()[0].float().cpu().numpy()
@@ -245,12 +280,25 @@ def curves(slot: ModelSlot, image: Tensor, raw: np.ndarray, target: int, ticker:
             "insertion_auc": float(auc(ins)[0]), "deletion_auc": float(auc(dele)[0]), "steps": CURVE_STEPS}
 
 
+def check_sanity(slot: ModelSlot) -> None:
+    """The randomization test finds and re-initializes the layers with forward hooks on them,
+    which a TorchScript model does not take: a :class:`SalienceError` saying so."""
+    if isinstance(slot.model, torch.jit.ScriptModule):
+        raise SalienceError(f"the sanity check re-initializes the layers of {slot.info.name} one by one and finds "
+                            "them with forward hooks, which a TorchScript model does not support; load the "
+                            "Python nn.Module to run it")
+
+
 def sanity(slot: ModelSlot, image: Tensor, method: str, target: int, given: dict[str, Any],
            ticker: Ticker) -> dict[str, Any]:
     """The cascading model randomization test (:func:`salience.evidence.randomization`) of one map:
     the rank correlation and SSIM after the top layer and after all layers, and the badge."""
+    check_sanity(slot)
     fn, _ = _options.bind(method, given)
     x = slot.input(image)
+    per_map = _expected_items(method, given, x)
+    ticker.total = per_map * (1 + _randomized_layers(slot.model)) + 2 if per_map else 0  # the maps, two probes
+    ticker.note = UNCOUNTED.get(method, "")
     with _watched(slot.model, ticker):  # the test's copy of the model keeps the hook
         r = randomization(slot.model, x, fn, slot.target(target), seed=0)
     top, every = r["spearman_abs"][0], r["spearman_abs"][-1]

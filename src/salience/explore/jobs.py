@@ -10,6 +10,7 @@ cancelled, so a long computation stops at its next forward pass. The queue is bo
 from __future__ import annotations
 
 import collections
+import contextvars
 import itertools
 import threading
 import time
@@ -44,6 +45,15 @@ class Ticker:
     def total(self, value: int) -> None:
         self._job.total = max(0, int(value))
 
+    @property
+    def note(self) -> str:
+        return self._job.note
+
+    @note.setter
+    def note(self, value: str) -> None:
+        """Why the progress is not a fraction (``total`` unknown), shown with the images done."""
+        self._job.note = str(value)
+
     def tick(self, n: int = 1) -> None:
         if self._job.cancel_requested.is_set():
             raise Cancelled()
@@ -64,6 +74,7 @@ class Job:
     state: str = "queued"
     total: int = 0
     done_units: int = 0
+    note: str = ""
     result: Any = None
     error: Optional[str] = None
     status_code: int = 400
@@ -104,6 +115,9 @@ class Worker:
         self._cond = threading.Condition()
         self._stop = False
         self.current: Optional[Job] = None
+        # the jobs run in the context the worker was made in: salience.performance(...) (the command's
+        # --memory-format / --compile / --precision) holds in the worker's thread as where it was set
+        self._context = contextvars.copy_context()
         self._thread = threading.Thread(target=self._loop, name=f"salience-explore-{name}", daemon=True)
         self._thread.start()
 
@@ -161,7 +175,7 @@ class Worker:
                 self.current = job
                 job.state = "running"
             try:
-                self._run(job)
+                self._context.run(self._run, job)
             finally:
                 self.current = None
 

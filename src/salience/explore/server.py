@@ -70,14 +70,17 @@ def _slot(name: str, model: ModelLike, load: dict[str, Any]) -> ModelSlot:
 
 def build_hub(model: ModelLike, images: Sequence[Any] = (), *, compare: Optional[ModelLike] = None,
               max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, load: Optional[dict[str, Any]] = None,
-              runs: Sequence[Any] = ()) -> Hub:
+              runs: Sequence[Any] = (), compare_load: Optional[dict[str, Any]] = None) -> Hub:
     """The server's state: the model (and the ``compare`` model), loaded once, and the images.
-    A folder among ``images`` that holds ``run.json`` is a dataset run, as are ``runs``."""
+    A folder among ``images`` that holds ``run.json`` is a dataset run, as are ``runs``.
+    ``load``: :func:`load_model`'s keywords for a model spec; ``compare_load``: over them for the
+    ``compare`` model (e.g. other ``weights``)."""
     run_folders = [p for p in images if is_run(p)] + list(runs)
     files = [p for p in images if not is_run(p)]
     run_sources = [RunSource(f, n) for n, f in enumerate(run_folders)]
     load = dict(load or {})
-    slots = [_slot("a", model, load)] + ([_slot("b", compare, load)] if compare is not None else [])
+    slots = [_slot("a", model, load)] + ([_slot("b", compare, {**load, **(compare_load or {})})]
+                                         if compare is not None else [])
     sources = ([FileSource(files)] if files else []) + run_sources
     return Hub(slots, ImageStore(sources, max_pixels=max_pixels), runs=run_sources)
 
@@ -143,11 +146,13 @@ class Explorer:
 
 def start(model: ModelLike, images: Sequence[Any] = (), *, compare: Optional[ModelLike] = None,
           host: str = "127.0.0.1", port: int = 0, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-          load: Optional[dict[str, Any]] = None, background: bool = True, runs: Sequence[Any] = ()) -> Explorer:
+          load: Optional[dict[str, Any]] = None, background: bool = True, runs: Sequence[Any] = (),
+          compare_load: Optional[dict[str, Any]] = None) -> Explorer:
     """Load the models, bind the socket, and (``background``) serve in a thread. A host that is
     not loopback prints :data:`REMOTE_WARNING` on stderr."""
     _check_deps()
-    hub = build_hub(model, images, compare=compare, max_pixels=max_pixels, load=load, runs=runs)
+    hub = build_hub(model, images, compare=compare, max_pixels=max_pixels, load=load, runs=runs,
+                    compare_load=compare_load)
     try:
         sock = bind_socket(host, port)
     except BaseException:

@@ -176,21 +176,39 @@ function addTarget(model, index, name) {
   renderGrid();
 }
 
+// A row's options are shared by its cells, but for the layer: each model has its own layer tree, so
+// row.layers[slot] is the layer picked for that model's cells (empty: the model's default layer).
 async function addRow(method) {
-  const row = { id: S.nextRow++, method, options: {} };
-  if (S.info.methods[method].some((o) => o.keyword === "layer") && !S.layers.a) {
-    try { S.layers.a = await api("api/models/a/layers"); } catch (e) { status(e.message, true); }
+  const row = { id: S.nextRow++, method, options: {}, layers: {} };
+  if (S.info.methods[method].some((o) => o.keyword === "layer")) {
+    await Promise.all(S.info.models.filter((m) => !S.layers[m.slot]).map(async (m) => {
+      try { S.layers[m.slot] = await api(`api/models/${m.slot}/layers`); } catch (e) { status(e.message, true); }
+    }));
   }
   S.rows.push(row);
   renderGrid();
 }
 
+function layerControls(row) {
+  return S.info.models.filter((m) => S.layers[m.slot]).map((m) => {
+    const tree = S.layers[m.slot];
+    const input = el("select", { "data-layer-model": m.slot },
+      el("option", { value: "" }, `default (${tree.default || "auto"})`));
+    for (const l of tree.layers) input.append(el("option", { value: l.name }, `${"  ".repeat(l.depth)}${l.name} ${l.type}`));
+    input.addEventListener("change", () => {
+      if (input.value === "") delete row.layers[m.slot]; else row.layers[m.slot] = input.value;
+      for (const c of S.cells.values()) if (c.row === row && c.t.model === m.slot) request(c);
+    });
+    const label = S.info.models.length > 1 ? `layer (${m.slot}: ${m.name})` : "layer";
+    return el("label", {}, label, input);
+  });
+}
+
 function optionControl(row, o) {
   const set = (v) => { if (v === "") delete row.options[o.keyword]; else row.options[o.keyword] = v; refreshRow(row); };
   let input;
-  if (o.keyword === "layer" && S.layers.a) {
-    input = el("select", {}, el("option", { value: "" }, `default (${S.layers.a.default || "auto"})`));
-    for (const l of S.layers.a.layers) input.append(el("option", { value: l.name }, `${"  ".repeat(l.depth)}${l.name} ${l.type}`));
+  if (o.keyword === "layer" && S.info.models.some((m) => S.layers[m.slot])) {
+    return layerControls(row);
   } else if (o.choices.length || o.kind === "bool") {
     const choices = o.kind === "bool" ? ["true", "false"] : o.choices;
     input = el("select", {}, el("option", { value: "" }, `default (${o.default})`));
@@ -213,7 +231,7 @@ function renderGrid() {
   const body = $("grid-body"); body.textContent = "";
   for (const row of S.rows) {
     const opts = el("div", { class: "options" });
-    for (const o of S.info.methods[row.method]) opts.append(optionControl(row, o));
+    for (const o of S.info.methods[row.method]) { const c = optionControl(row, o); opts.append(...(Array.isArray(c) ? c : [c])); }
     const tr = el("tr", { "data-row": row.id }, el("td", { class: "row-head" }, el("strong", {}, row.method),
       el("button", { class: "remove", title: "remove", onclick: () => { S.rows = S.rows.filter((x) => x !== row); renderGrid(); } }, "×"), opts));
     for (const t of S.targets) tr.append(cellFor(row, t).td);
@@ -222,6 +240,9 @@ function renderGrid() {
   for (const row of S.rows) {
     for (const [k, v] of Object.entries(row.options)) {
       const input = body.querySelector(`tr[data-row="${row.id}"] [data-option="${k}"]`); if (input) input.value = v;
+    }
+    for (const [slot, v] of Object.entries(row.layers)) {
+      const input = body.querySelector(`tr[data-row="${row.id}"] [data-layer-model="${slot}"]`); if (input) input.value = v;
     }
   }
   refreshAll();
@@ -255,8 +276,10 @@ function showJob(cell, j) {
   cell.bar.hidden = !running; cell.cancel.hidden = !running;
   if (j.progress === null || j.progress === undefined) cell.bar.removeAttribute("value"); else cell.bar.value = j.progress;
   cell.state.className = "state" + (j.state === "error" ? " error" : "");
+  cell.state.title = j.note ? `progress not known ahead: ${j.note}` : "";
   cell.state.textContent = j.state === "queued" ? `queued (${j.position || "…"} in line)`
-    : j.state === "running" ? (j.progress ? `running ${Math.round(100 * j.progress)}%` : "running…")
+    : j.state === "running" ? (j.progress ? `running ${Math.round(100 * j.progress)}%`
+      : `running… ${j.done ? `${j.done} images` : ""}`)
     : j.state === "error" ? j.error : j.state === "cancelled" ? "cancelled" : "";
 }
 
@@ -276,7 +299,10 @@ async function request(cell) {
   const serial = ++cell.serial;
   cell.want = S.image;
   const options = { ...cell.row.options };
-  if (cell.t.model !== "a") delete options.layer; // the layer list is model a's
+  if (S.layers[cell.t.model]) { // this model's own layer menu (else the text field, if any, holds the layer)
+    delete options.layer;
+    if (cell.row.layers[cell.t.model]) options.layer = cell.row.layers[cell.t.model];
+  }
   cell.extra.textContent = ""; cell.tools.textContent = "";
   try {
     let j = await api("api/explain", { method: "POST", headers: { "content-type": "application/json" },
