@@ -114,3 +114,21 @@ def test_road_curves_known_answer_and_batching():
         M.road(model, x, patch, fractions=(0.5, 1.0))
     with pytest.raises(SalienceError, match="order"):
         M.road(model, x, patch, order="top")
+
+
+def test_road_noise_is_seeded_per_item_not_per_batch():
+    # With noise on, each (image, fraction) item draws its own noise: batch_size changes nothing.
+    g = torch.Generator().manual_seed(4)
+    model = LinearScore(torch.rand(1, 1, 8, 8, generator=g))
+    x = torch.rand(3, 1, 8, 8, generator=g)
+    maps = torch.rand(3, 8, 8, generator=g)
+    kw = dict(target=0, fractions=(0.25, 0.5, 0.75), noise=0.1, probability=False, seed=5)
+    one = M.road_curves(model, x, maps, batch_size=1, **kw)
+    assert torch.equal(one, M.road_curves(model, x, maps, batch_size=4, **kw))
+    assert not torch.equal(one, M.road_curves(model, x, maps, batch_size=4, **{**kw, "seed": 6}))
+    # The per-image seeds of linear_imputation: image i's result is the one it gets alone.
+    removed = maps > 0.5
+    both = linear_imputation(x, removed, noise=0.1, seed=[7, 8, 9])
+    assert torch.equal(both[1:2], linear_imputation(x[1:2], removed[1:2], noise=0.1, seed=[8]))
+    with pytest.raises(SalienceError, match="one seed per image"):
+        linear_imputation(x, removed, noise=0.1, seed=[7, 8])
