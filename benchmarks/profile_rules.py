@@ -8,7 +8,8 @@ Runs ``salience.vanilla``, ``salience.guided_backprop`` and ``salience.deconvnet
 ...) and prints, per method, the self CPU time of every operator, then the operators whose total
 differs most from vanilla's. Self CPU time (the sum of operators' own times) is far less exposed to
 a shared machine's load than wall time: what the rule adds shows up as operators vanilla does not
-run (``_RectifyBackward``, ``clamp_``) or runs fewer times. Writes ``--out`` (markdown).
+run (``clamp_`` for guided backprop, ``_RectifyBackward`` and ``clamp`` for deconvnet) or runs
+more or fewer times. Writes ``--out`` (markdown).
 """
 from __future__ import annotations
 

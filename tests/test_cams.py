@@ -99,9 +99,6 @@ def _hooked(model, layer, x, score):
 def test_gradcam_plus_plus_is_the_papers_formula_and_pytorch_grad_cams_eps_is_the_difference(resnet, x64):
     """Eq. 19 with the exponential: alpha = G^2 / (2 G^2 + sum_ab A_ab G^3), w_k = sum_ij alpha ReLU(G);
     on the plain logits pytorch-grad-cam's +1e-6 in the denominator moves the map."""
-    pgc = pytest.importorskip("pytorch_grad_cam")
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
     a, g = _hooked(resnet, resnet.layer3, x64, lambda out: out[torch.arange(2), T])
     s = a.sum((2, 3), keepdim=True)
 
@@ -113,6 +110,10 @@ def test_gradcam_plus_plus_is_the_papers_formula_and_pytorch_grad_cams_eps_is_th
     ours = salience.gradcam_plus_plus(resnet, x64, T, layer="layer3", upsample=False)
     peak = float(ours.abs().max())
     torch.testing.assert_close(ours.double(), eq19(0.0), rtol=0, atol=1e-5 * peak)
+    # The peer's part (the closed form above runs without it).
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     theirs, _, _ = pgc_raw(pgc.GradCAMPlusPlus, resnet, resnet.layer3, x64, [ClassifierOutputTarget(int(c)) for c in T])
     theirs = theirs.clamp(min=0)
     assert float((theirs - ours).abs().max()) > 1e-2 * peak  # they differ here ...

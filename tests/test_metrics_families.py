@@ -29,7 +29,8 @@ def _linear_case(b: int = 3, size: int = 8):
 def test_faithfulness_correlation_known_answers():
     model, x, contrib = _linear_case()
     # With a zero substrate the drop of the raw output over a set S is exactly sum_S w * x, the
-    # map's sum over S: the correlation is 1 (and -1 for the negated map).
+    # map's sum over S: the correlation is 1 (and -1 for the negated map), up to float32 rounding
+    # of sums of 64 values of order 1 (eps 6e-8 times a few dozen: atol 1e-6).
     with unchanged(model):
         exact = M.faithfulness_correlation(model, x, contrib, target=0, substrate="zero", subsets=20)
     torch.testing.assert_close(exact, torch.ones(3), rtol=0, atol=1e-6)
@@ -38,9 +39,10 @@ def test_faithfulness_correlation_known_answers():
     # A flat map has the same sum over every set of the same size: no correlation is defined.
     assert torch.isnan(M.faithfulness_correlation(model, x, torch.ones(3, 8, 8), target=0, subsets=8)).all()
     # The output's probability instead of the raw output: a sigmoid of the drop, monotone but not
-    # linear, so the correlation stays positive but is no longer exactly 1.
+    # linear, so the correlation stays positive but is no longer exactly 1: "not 1" is taken as
+    # 100x the rounding allowed for the exact case above (here it is 0.70 to 0.90).
     p = M.faithfulness_correlation(model, x, contrib, target=0, substrate="zero", subsets=20, probability=True)
-    assert bool((p > 0).all()) and bool((p < 1 - 1e-4).all()), p
+    assert bool((p > 0).all()) and bool((p < 1 - 100 * 1e-6).all()), p
     with pytest.raises(SalienceError, match="subsets"):
         M.faithfulness_correlation(model, x, contrib, subsets=1)
 
@@ -69,7 +71,9 @@ def test_max_sensitivity_zero_for_a_map_that_does_not_move():
 def test_max_sensitivity_of_the_identity_map_is_the_noise_norm():
     # The "map" is the image itself, so the sensitivity is max_k ||d_k|| / ||x||. With d uniform in
     # [-r, r] on n = 4096 values, ||d||^2 / n has mean r^2 / 3 and relative spread
-    # sqrt(4/45) / (1/3) / sqrt(n) = 1.4 %: each ||d_k|| is r * sqrt(n / 3) within a few percent.
+    # sqrt(4/45) / (1/3) / sqrt(n) = 1.4 %, so each ||d_k|| is r * sqrt(n / 3) with a relative sd of
+    # 0.7 %. The largest of 5 such normals lies 1.16 sd above the mean with sd 0.67 sd: the ratio
+    # is 1.008 +- 0.005 (measured: 1.004, 1.007); the bounds are 5 of its sd either side.
     model = nn.Sequential(nn.Flatten(), nn.Linear(64 * 64, 2))
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
 
@@ -80,7 +84,7 @@ def test_max_sensitivity_of_the_identity_map_is_the_noise_norm():
     span = (x.flatten(1).amax(1) - x.flatten(1).amin(1))
     expected = 0.05 * span * math.sqrt(64 * 64 / 3) / x.flatten(1).norm(dim=1)
     ratio = s / expected
-    assert bool(((ratio > 0.97) & (ratio < 1.05)).all()), ratio
+    assert bool(((ratio > 1.008 - 5 * 0.0047) & (ratio < 1.008 + 5 * 0.0047)).all()), ratio
     assert torch.isnan(M.max_sensitivity(model, x, lambda m, x, t=None: torch.zeros_like(x[:, 0]), samples=2)).all()
     with pytest.raises(SalienceError, match="target"):
         M.max_sensitivity(model, x, identity, target=[0, 1, 0])
@@ -99,7 +103,7 @@ def test_sparseness_gini_known_values_and_reference():
     for i in range(4):
         a = maps[i].abs().flatten().double().numpy()
         ref = np.abs(a[:, None] - a[None, :]).sum() / (2 * n * n * a.mean())
-        assert M.sparseness(maps)[i].item() == pytest.approx(ref, abs=1e-6)
+        assert M.sparseness(maps)[i].item() == pytest.approx(ref, abs=1e-6)  # float32 sums of 64 vs float64
 
 
 def test_complexity_entropy_known_values_and_scipy():
@@ -112,6 +116,7 @@ def test_complexity_entropy_known_values_and_scipy():
     maps = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(1))
     ours = M.complexity(maps)
     for i in range(3):
+        # float32 p * log p over 36 values (entropy ~ 3.4) against scipy's float64: a few ulp of 3.4 each
         assert ours[i].item() == pytest.approx(stats.entropy(maps[i].abs().flatten().numpy()), abs=1e-5)
 
 
@@ -164,7 +169,7 @@ def test_sobel_edges_equal_scipy_and_center_is_a_centred_gaussian():
     for i in range(2):
         g = img[i].mean(0).double().numpy()
         ref = np.hypot(ndimage.sobel(g, axis=1, mode="nearest"), ndimage.sobel(g, axis=0, mode="nearest"))
-        np.testing.assert_allclose(ours[i].numpy(), ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ours[i].numpy(), ref, rtol=1e-5, atol=1e-6)  # float32 vs scipy's float64
     c = M.center_maps(torch.zeros(1, 3, 8, 8), sigma=0.25)
     assert c.shape == (1, 8, 8) and torch.equal(c, c.flip(1)) and torch.equal(c, c.flip(2))
     # pixel (3, 3) is 0.0625 of the side from the centre in each direction: exp(-(2 * 0.0625^2) / (2 * 0.25^2))

@@ -175,6 +175,26 @@ def test_in_place_forms_keep_in_place_semantics(spelling):
     assert torch.equal(grad, torch.where(gate, g.clamp(min=0), torch.zeros_like(g)) * 7.0)
 
 
+def test_gradients_shared_with_other_branches_are_left_alone():
+    # The rule clamps only the rectifier's own gradient, never a tensor another branch also reads:
+    # y = relu(h) + h (a residual around the ReLU; the add's backward hands the same gradient
+    # tensor to both branches) and z = relu(h) used twice. By the formula, at h:
+    # dy = max(g, 0) * 1[h > 0] + g and dz = max(2g, 0) * 1[h > 0].
+    leaf = torch.randn(4, 6, requires_grad=True)
+    g = torch.randn(4, 6)
+    gate = leaf.detach() > 0
+    for inplace in (False, True):
+        h = leaf * 1.0
+        with rules.guided():
+            r = F.relu(h.clone() if inplace else h, inplace=inplace)
+            y = r + h
+            z = r * 1.0 + r
+        (dy,) = torch.autograd.grad(y, leaf, g, retain_graph=True)
+        (dz,) = torch.autograd.grad(z, leaf, g)
+        assert torch.equal(dy, torch.where(gate, g.clamp(min=0), torch.zeros_like(g)) + g)
+        assert torch.equal(dz, torch.where(gate, (2 * g).clamp(min=0), torch.zeros_like(g)))
+
+
 def test_in_place_on_a_view():
     leaf = torch.randn(2, 6, requires_grad=True)
     h = leaf * 1.0
@@ -403,7 +423,6 @@ def test_batch_equals_one_image_at_a_time(method, small_cnn, x8):
 
 def test_densenet_functional_relu_is_rectified_captum_misses_it():
     """torchvision's DenseNet ends with F.relu(features, inplace=True) in forward: no module to hook."""
-    captum_attr = pytest.importorskip("captum.attr")
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     m = torchvision.models.densenet121(weights=None).eval()
@@ -413,6 +432,7 @@ def test_densenet_functional_relu_is_rectified_captum_misses_it():
     with rule:
         m(x.clone().requires_grad_())
     assert rule.rectified == n_modules + 1
+    captum_attr = pytest.importorskip("captum.attr")  # the peer's part (the count above runs without it)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = captum_attr.GuidedBackprop(m).attribute(x, target=5)

@@ -35,7 +35,7 @@ def _acts(model, layer, x):
 
 def _peer_cam(cam_class, model, layer, x, classes, **kw):
     """pytorch-grad-cam's CAM before its min-max scaling: ReLU(sum_k w_k A_k) at the layer's size."""
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    ClassifierOutputTarget = pytest.importorskip("pytorch_grad_cam.utils.model_targets").ClassifierOutputTarget
 
     cam = cam_class(model, [layer], **kw)
     acts = _acts(model, layer, x)
@@ -46,7 +46,7 @@ def _peer_cam(cam_class, model, layer, x, classes, **kw):
 
 
 def test_scorecam_equals_pytorch_grad_cam_with_its_softmax_over_channels(resnet):
-    from pytorch_grad_cam import ScoreCAM
+    ScoreCAM = pytest.importorskip("pytorch_grad_cam").ScoreCAM
 
     torch.manual_seed(1)
     x = torch.rand(2, 3, 16, 16)
@@ -118,7 +118,7 @@ def test_scorecam_scores_an_empty_mask_once_per_call():
 
 
 def test_ablationcam_equals_pytorch_grad_cam(resnet):
-    from pytorch_grad_cam import AblationCAM
+    AblationCAM = pytest.importorskip("pytorch_grad_cam").AblationCAM
 
     torch.manual_seed(1)
     x = torch.rand(2, 3, 16, 16)

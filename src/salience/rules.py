@@ -160,6 +160,7 @@ class _Rectify(torch.autograd.Function):
     """Forward: the original rectifier call, unchanged (in-place stays in-place).
     Backward: ``max(g, 0)``, masked by the forward gate unless the rule is deconvnet.
 
+    Used for every rectifier except guided backprop at a plain ``relu`` (see :func:`_guided_relu`).
     Cost (``benchmarks/profile_rules.py``): the rule keeps no mask of its own. Guided backprop saves
     the tensor autograd would save for the plain rectifier anyway (the output of ``relu`` and of
     in-place calls, the input of the others), so the rule adds no memory and no forward work; its
@@ -192,6 +193,35 @@ class _Rectify(torch.autograd.Function):
         else:
             gi = torch.ops.aten.hardtanh_backward(g, a, 0.0, ctx.cap)  # g where 0 < a < cap, else 0
         return gi.clamp_(min=0), None, None, None, None, None
+
+
+def _clamp_grad(g: Tensor) -> Tensor:
+    return g.clamp(min=0)
+
+
+def _clamp_grad_input(grad_inputs: tuple, grad_outputs: tuple) -> tuple:
+    # The node's fresh output (threshold_backward's result): clamped in place, no new tensor.
+    return tuple(g.clamp_(min=0) if g is not None else None for g in grad_inputs)
+
+
+def _guided_relu(out: Tensor) -> Tensor:
+    """Guided backprop at a plain ``relu`` (the common case), without a custom Function: the
+    plain ``relu``'s own backward (``ReluBackward0``: ``threshold_backward``, gate ``x > 0``) runs,
+    and a hook on that node clamps the gradient it produces, in place (a fresh tensor of the node's
+    own). Gating and clamping commute, so this is ``max(g, 0) * 1[x > 0]`` exactly, as
+    :class:`_Rectify` computes it, with one short Python call per rectifier in the backward pass
+    instead of a Function's forward and backward (``benchmarks/profile-rules.md``). Where the
+    output's node is not ``ReluBackward0`` (never seen), a tensor hook clamps the incoming gradient
+    instead (same values; a new tensor per rectifier). Not used for an in-place call on a view (the
+    gradient reaches the base through ``CopySlices``) nor for clamps (their plain gate is
+    ``x >= 0``): those take :class:`_Rectify`.
+    """
+    node = out.grad_fn
+    if node is not None and type(node).__name__ == "ReluBackward0":
+        node.register_hook(_clamp_grad_input)
+    else:
+        out.register_hook(_clamp_grad)
+    return out
 
 
 class BackpropRule(TorchFunctionMode):
@@ -228,6 +258,8 @@ class BackpropRule(TorchFunctionMode):
             x, inplace, cap = info
             if torch.is_grad_enabled() and x.requires_grad and x.is_floating_point():
                 self.rectified += 1
+                if self.use_gate and name == "relu" and not (inplace and x._is_view()):
+                    return _guided_relu(func(*args, **kwargs))
                 return _Rectify.apply(x, lambda: func(*args, **kwargs), inplace, cap, self.use_gate,
                                       name == "relu")
         elif kind == "unsupported":

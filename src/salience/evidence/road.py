@@ -89,10 +89,12 @@ def _impute_one(img: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return out.reshape(c, h, w)
 
 
-def linear_imputation(x: Tensor, removed: Tensor, *, noise: float = 0.0, seed: int = 0) -> Tensor:
+def linear_imputation(x: Tensor, removed: Tensor, *, noise: float = 0.0, seed: int | Sequence[int] = 0) -> Tensor:
     """``x`` ``(B, C, H, W)`` with the pixels ``removed`` ``(B, H, W)`` (bool, all channels)
     filled by ROAD's linear imputation, plus Gaussian noise of standard deviation ``noise`` (in
-    ``x``'s units) on the filled pixels only, from ``seed``. Kept pixels are returned unchanged.
+    ``x``'s units) on the filled pixels only, from ``seed``: one int for the whole batch, or one
+    int per image (each image's noise from its own generator, so an image's result does not
+    depend on the batch it is in). Kept pixels are returned unchanged.
     Solved in float64 on the CPU; returned in ``x``'s dtype and device. At least one pixel per
     image must be kept.
     """
@@ -106,10 +108,21 @@ def linear_imputation(x: Tensor, removed: Tensor, *, noise: float = 0.0, seed: i
     xs = x.detach().to("cpu", torch.float64).numpy()
     out = torch.from_numpy(np.stack([_impute_one(xs[i], rem[i]) for i in range(xs.shape[0])]))
     if noise > 0:
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        eps = torch.randn(out.shape, generator=gen, dtype=torch.float64) * noise
+        eps = _noise(out.shape, seed) * noise
         out = torch.where(torch.from_numpy(rem)[:, None], out + eps, out)
     return out.to(x.device, x.dtype)
+
+
+def _noise(shape: torch.Size, seed: int | Sequence[int]) -> Tensor:
+    """Standard normal float64 noise of ``shape`` ``(B, ...)``: from one generator seeded with
+    ``seed``, or, given one seed per image, image ``i``'s slice from its own generator."""
+    if isinstance(seed, (int, np.integer)):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+    seeds = [int(s) for s in seed]
+    if len(seeds) != shape[0]:
+        raise SalienceError(f"expected one seed per image ({shape[0]}), got {len(seeds)}")
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                        for s in seeds])
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:
@@ -156,7 +169,9 @@ def road_curves(
     def make(ids: Tensor) -> tuple[Tensor, Tensor]:
         img, step = ids // k, ids % k
         removed = rank[img] < counts[step][:, None, None]
-        return linear_imputation(x[img], removed, noise=noise, seed=seed * 1_000_003 + int(ids[0])), img
+        # One noise seed per item (image, fraction): the curves do not depend on batch_size.
+        seeds = [seed * 1_000_003 + i for i in ids.tolist()]
+        return linear_imputation(x[img], removed, noise=noise, seed=seeds), img
 
     return score_items(model, x, target, b * k, make, batch_size=batch_size, probability=probability).reshape(b, k)
 
