@@ -3,7 +3,6 @@ within a stated tolerance, the chunk and layout probes choose by measured time, 
 back to eager with a warning, and the model comes back as it was."""
 from __future__ import annotations
 
-import time
 import warnings
 
 import pytest
@@ -183,18 +182,37 @@ def test_cli_flags_reach_the_engine_and_do_not_leak(monkeypatch):
 # --------------------------------------------------------------------------- chunks by throughput
 
 
+class _VirtualClock:
+    """The probes' clock made exact: ``Run.clock`` reads it, a chunk advances it by its stated cost,
+    so what the probes decide does not depend on the machine's load (nothing sleeps)."""
+
+    now = 0.0
+
+    def advance(self, seconds: float) -> None:
+        type(self).now += seconds
+
+
+_CLOCK = _VirtualClock()
+
+
+@pytest.fixture
+def virtual_clock(monkeypatch):
+    monkeypatch.setattr(_perf.Run, "clock", lambda self: _CLOCK.now)
+    return _CLOCK
+
+
 def _timed_compute(cost):
-    """A compute whose chunk of n items takes ``cost(n)`` seconds (sleeping: independent of the load)."""
+    """A compute whose chunk of n items takes ``cost(n)`` seconds of the virtual clock."""
     def compute(start, stop):
-        time.sleep(cost(stop - start))
+        _CLOCK.advance(cost(stop - start))
         return torch.ones(stop - start, 1)
     return compute
 
 
-def test_chunk_probe_takes_the_size_fastest_per_item():
+def test_chunk_probe_takes_the_size_fastest_per_item(virtual_clock):
     model, x = ThreeConv(), torch.rand(2, 3, 4, 4)
     # A fixed cost per pass of 20 ms: bigger chunks are faster per item up to 16 items, slower after
-    # (per item: 11, 6, 3.5, 2.25 ms, then 4 ms: margins far above a sleep's overshoot).
+    # (per item: 11, 6, 3.5, 2.25 ms, then 4 ms).
     cost = lambda n: 0.02 + 0.001 * n if n <= 16 else n * 0.004  # noqa: E731
     run = _perf.Run(model, x, _perf.Performance(memory_format="contiguous", chunks="throughput"), tag="t1")
     sums = _engine.accumulate(_timed_compute(cost), 64, 2, run=run, max_memory=10 ** 9)
@@ -217,7 +235,7 @@ def test_chunk_probe_takes_the_size_fastest_per_item():
     assert mem.chunks == [2, 38]
 
 
-def test_layout_probe_chooses_channels_last_only_when_faster(monkeypatch):
+def test_layout_probe_chooses_channels_last_only_when_faster(monkeypatch, virtual_clock):
     model, x = ThreeConv(), torch.rand(2, 3, 4, 4)
     monkeypatch.setattr(_perf, "SMALL_ITEM_BYTES", 0)  # the tiny net counts as big here
 
@@ -225,7 +243,7 @@ def test_layout_probe_chooses_channels_last_only_when_faster(monkeypatch):
         def compute(start, stop):
             cl = model.body[0].weight.is_contiguous(memory_format=torch.channels_last) and \
                 model.body[0].weight.stride(1) == 1
-            time.sleep((cl_cost if cl else ct_cost) * (stop - start))
+            _CLOCK.advance((cl_cost if cl else ct_cost) * (stop - start))
             return torch.ones(stop - start, 1)
         return compute
 
