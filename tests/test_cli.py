@@ -271,6 +271,21 @@ def test_list_names_methods_and_models(capsys):
         assert f"demo:{name}" in out
 
 
+def test_list_says_what_salience_picks_for_a_model(capsys):
+    from salience.methods import ATTENTION_METHODS
+    from salience.methods.gradcam import default_layer
+
+    for spec in ("demo:shapes-vit", "demo:shapes"):
+        rc, out, err = run(["list", "--model", spec], capsys)
+        assert rc == 0, err
+        model = zoo.load_demo(spec.split(":")[1])
+        layer = default_layer(model, torch.rand(1, 3, 64, 64))
+        assert f"Grad-CAM layer (default; --layer to change): {layer} (" in out
+        applies = out.split("methods that apply (run when none is named): ")[1].split("\n")[0].split(", ")
+        assert ("attention_rollout" in applies) == (spec == "demo:shapes-vit")
+        assert set(applies) >= set(METHODS) - set(ATTENTION_METHODS)
+
+
 def test_visualize_and_evaluate_are_wired(tmp_path, capsys):
     rc, out, err = run(["visualize", "-m", "demo:shapes", "--target", "square", "--steps", "2",
                         "-o", tmp_path / "c.png"], capsys)

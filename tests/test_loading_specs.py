@@ -255,6 +255,40 @@ def test_pt2_every_method_equals_the_eager_model(exported):
         assert torch.allclose(got, call(eager), atol=1e-5), name
 
 
+def test_onnx_model_every_method_equals_the_pytorch_model(tmp_path, small_cnn):
+    """ONNX for real: exported by torch.onnx (BatchNorm folded into the convs), loaded through
+    onnx2torch by load_model; the maps equal the PyTorch model's (guided ones included: onnx2torch's
+    ReLU modules call the ReLU operation the rules intercept)."""
+    import warnings
+
+    import onnx2torch  # noqa: F401 - in the test extra: tested, never skipped
+    eager = small_cnn.eval()
+    path = tmp_path / "cnn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(eager, _x(2, 16), str(path), dynamo=False, opset_version=13, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    m = load_model(path)
+    relu = [n for n, mod in m.named_modules() if n.endswith("Relu")][-1]  # onnx2torch's name for features.5
+    x = _x(3, 16, seed=4)
+    calls = {
+        "vanilla": (lambda mod: salience.vanilla(mod, x),) * 2,
+        "input_x_gradient": (lambda mod: salience.input_x_gradient(mod, x),) * 2,
+        "guided_backprop": (lambda mod: salience.guided_backprop(mod, x),) * 2,
+        "deconvnet": (lambda mod: salience.deconvnet(mod, x),) * 2,
+        "integrated_gradients": (lambda mod: salience.integrated_gradients(mod, x, steps=4),) * 2,
+        "gradcam": (lambda mod: salience.gradcam(mod, x, layer=relu), lambda mod: salience.gradcam(mod, x, layer="features")),
+        "guided_gradcam": (lambda mod: salience.guided_gradcam(mod, x, layer=relu),
+                           lambda mod: salience.guided_gradcam(mod, x, layer="features")),
+    }
+    for name, (on_onnx, on_eager) in calls.items():
+        with unchanged(m):
+            got = on_onnx(m)
+        ref = on_eager(eager)
+        assert ref.abs().max() > 0, name
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_pt2_exported_in_train_mode_or_with_a_fixed_batch_is_refused(tmp_path, small_cnn):
     torch.export.save(torch.export.export(small_cnn.eval(), (_x(2, 16),)), tmp_path / "fixed.pt2")
     with pytest.raises(SalienceError, match=r"fixed batch size of 2.*Dim\('batch'\)"):

@@ -175,6 +175,18 @@ def test_capture_gradient_reaches_the_recorded_matrix(vit, x32):
         torch.testing.assert_close(gs[0], a.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_capture_reduces_each_matrix_as_it_is_formed(vit, x32):
+    """``reduce=``: each A handed over once, in call order, and only what it returns kept."""
+    _, atts = vit_by_hand(vit, x32)
+    seen: list = []
+    fused = attention_maps(vit, x32, reduce=lambda a: seen.append(a.shape) or a.amax(1))
+    assert seen == [(2, 2, 17, 17)] * 2 and [f.shape for f in fused] == [(2, 17, 17)] * 2
+    for f, a in zip(fused, atts):
+        torch.testing.assert_close(f, a.detach().amax(1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="grads=True"):
+        AttentionCapture(grads=True, reduce=lambda a: a)
+
+
 # --- attention rollout ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fusion, discard", [("mean", 0.0), ("max", 0.0), ("min", 0.5), ("mean", 0.9)])
@@ -207,6 +219,8 @@ def test_rollout_and_attribution_are_the_same_whatever_the_attention_kernel():
 
 def test_rollout_ignores_the_target_and_repeats_for_several(vit, x32):
     one = salience.attention_rollout(vit, x32)
+    assert not one.is_inference()  # computed under inference mode, handed back as a normal tensor
+    assert not salience.attention_rollout(vit, x32, upsample=False).is_inference()
     torch.testing.assert_close(salience.attention_rollout(vit, x32, 3), one)
     several = salience.attention_rollout(vit, x32, torch.tensor([[0, 1, 2], [3, 4, 0]]))
     assert several.shape == (2, 3, 32, 32)
@@ -275,24 +289,26 @@ def test_errors_say_what_to_do(vit, x32):
 
 
 class Broken(nn.Module):
-    """Attention, then an error in the middle of the forward pass."""
+    """Attention, then an error (or Ctrl-C) in the middle of the forward pass."""
 
-    def __init__(self):
+    def __init__(self, exc: BaseException):
         super().__init__()
         self.vit = TinyViT(size=(16, 16)).train()
+        self.exc = exc
 
     def forward(self, x):
         self.vit(x)
-        raise RuntimeError("boom")
+        raise self.exc
 
 
-def test_model_unchanged_after_an_exception_inside_the_capture():
-    model = Broken()
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_model_unchanged_after_an_exception_inside_the_capture(exc):
+    model = Broken(exc)
     for method in (salience.attention_rollout, salience.transformer_attribution):
         with unchanged(model):
-            with pytest.raises(RuntimeError, match="boom"):
+            with pytest.raises(type(exc)):
                 method(model, torch.rand(1, 3, 16, 16), 0)
     with unchanged(model):
-        with pytest.raises(RuntimeError, match="boom"):
-            attention_maps(model, torch.rand(1, 3, 16, 16))
+        with pytest.raises(type(exc)):
+            attention_maps(model, torch.rand(1, 3, 16, 16), reduce=lambda a: a.sum(1))
     assert model.training and model.vit.blocks[0].attn.mha.training

@@ -87,13 +87,18 @@ class AttentionCapture(TorchFunctionMode):
 
     ``maps``: the matrices ``(B, heads, L, S)`` in call order; ``kinds``: how each was computed
     (``"sdpa"``, ``"mha"``, ``"softmax"``); with ``grads=True``, ``grads[i]`` lists the gradient
-    of ``maps[i]`` from each backward pass that reached it, in order. A fresh instance per pass.
+    of ``maps[i]`` from each backward pass that reached it, in order. With ``reduce=f``, ``maps[i]``
+    is ``f(A_i)``, computed as soon as ``A_i`` is (the matrix is not kept: a batch of ``L`` layers'
+    ``(B, heads, N, N)`` matrices can take more memory than the model). A fresh instance per pass.
     """
 
-    def __init__(self, *, batch: Optional[int] = None, grads: bool = False):
+    def __init__(self, *, batch: Optional[int] = None, grads: bool = False,
+                 reduce: Optional[Callable[[Tensor], Tensor]] = None):
         super().__init__()
-        self.batch, self.keep_grads = batch, grads
-        self._raw: list[Tensor] = []
+        if grads and reduce is not None:
+            raise ValueError("AttentionCapture: grads=True needs the matrices themselves, not reduce=")
+        self.batch, self.keep_grads, self.reduce = batch, grads, reduce
+        self._maps: list[Tensor] = []
         self._grads: list[list[Tensor]] = []
         self.kinds: list[str] = []
 
@@ -105,7 +110,7 @@ class AttentionCapture(TorchFunctionMode):
 
     @property
     def maps(self) -> list[Tensor]:
-        return [self._shape(a) for a in self._raw]
+        return list(self._maps)
 
     @property
     def grads(self) -> list[list[Tensor]]:
@@ -113,7 +118,9 @@ class AttentionCapture(TorchFunctionMode):
 
     def _record(self, a: Tensor, kind: str) -> None:
         store: list[Tensor] = []
-        self._raw.append(a)
+        shaped = self._shape(a)  # ``a`` itself or a view of it
+        # reduced at once, while A is still in the cache; A itself is then free to go
+        self._maps.append(shaped if self.reduce is None else self.reduce(shaped))
         self._grads.append(store)
         self.kinds.append(kind)
         if self.keep_grads and a.requires_grad:
@@ -240,18 +247,24 @@ def check_model(model: nn.Module, method: str = "this method") -> None:
 
 
 @contextmanager
-def capturing(model: nn.Module, *, batch: Optional[int] = None, grads: bool = False) -> Iterator[AttentionCapture]:
+def capturing(model: nn.Module, *, batch: Optional[int] = None, grads: bool = False,
+              reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Iterator[AttentionCapture]:
     """``model`` under :func:`~salience._core.guard.model_guard` with an :class:`AttentionCapture`
     active for the block; everything is undone when it ends, also after an exception."""
     check_model(model, "attention capture")
-    with model_guard(model), AttentionCapture(batch=batch, grads=grads) as cap:
+    with model_guard(model), AttentionCapture(batch=batch, grads=grads, reduce=reduce) as cap:
         yield cap
 
 
-def attention_maps(model: nn.Module, x: Tensor, *, forward: Optional[Callable[[nn.Module, Tensor], Any]] = None
-                   ) -> list[Tensor]:
+def attention_maps(model: nn.Module, x: Tensor, *, forward: Optional[Callable[[nn.Module, Tensor], Any]] = None,
+                   reduce: Optional[Callable[[Tensor], Tensor]] = None) -> list[Tensor]:
     """The attention matrices ``(B, heads, L, S)`` of one forward pass of ``model`` on ``x``
-    ``(B, C, H, W)``, without gradients, in call order (``forward(model, x)`` runs it; default ``model(x)``)."""
-    with capturing(model, batch=x.shape[0]) as cap, torch.no_grad():
+    ``(B, C, H, W)``, without gradients, in call order (``forward(model, x)`` runs it; default ``model(x)``);
+    with ``reduce``, ``reduce(A)`` of each instead, computed as each ``A`` is formed.
+
+    The pass runs under :func:`torch.inference_mode` (no autograd bookkeeping at all), so what comes
+    back are inference tensors: fine for any out-of-place operation, not for in-place ones or autograd.
+    """
+    with capturing(model, batch=x.shape[0], reduce=reduce) as cap, torch.inference_mode():
         (forward or (lambda m, t: m(t)))(model, x)
-    return [a.detach() for a in cap.maps]
+    return cap.maps

@@ -1,14 +1,19 @@
-"""``salience list [METHOD]``: the methods, targets, reductions, grad modifiers and models available,
-or one method's options."""
+"""``salience list [METHOD] [--model MODEL]``: the methods, targets, reductions, grad modifiers and models
+available, one method's options, or what salience picks for a model (Grad-CAM layer, methods)."""
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from salience.cli.common import EXIT_OK, model_specs_help
+import torch
+
+from salience._core.info import model_info
+from salience._core.tensors import model_device
+from salience.cli.common import EXIT_OK, load_model_arg, model_specs_help
 from salience.cli.options import describe
 from salience.demo import zoo
-from salience.methods import METHODS
+from salience.methods import METHODS, default_methods
+from salience.methods.gradcam import describe_default_layer
 from salience.reduce import GRAD_MODIFIERS, REDUCTIONS
 
 
@@ -17,13 +22,36 @@ def add_parser(sub: Any) -> None:
                        description="Without METHOD: every method, target, reduction, grad modifier and model "
                                    "spec. With METHOD: its options, their defaults and flags.")
     p.add_argument("method", nargs="?", metavar="METHOD", help="a method whose options to list (e.g. gradcam)")
+    p.add_argument("--model", "-m", default=None, metavar="MODEL",
+                   help="also say what salience picks for this model (as in explain): the Grad-CAM layer, the "
+                        "methods that apply")
+    p.add_argument("--weights", metavar="FILE", help="as in explain")
+    p.add_argument("--output", metavar="KEY|INDEX", default=None, help="as in explain")
+    p.add_argument("--trust-pickle", action="store_true", help="as in explain")
+    p.add_argument("--device", default=None, help="as in explain")
+    p.add_argument("--size", type=int, default=224, help="image side when the model does not say (default 224)")
     p.set_defaults(func=run)
+
+
+def describe_model(args: argparse.Namespace) -> list[str]:
+    """What salience picks for ``args.model`` on an image of its input size: the default Grad-CAM
+    layer with its layout and why, and the methods that apply (``default_methods``)."""
+    model = load_model_arg(args)
+    info = model_info(model)
+    h, w = info.input_size or (args.size, args.size)
+    x = torch.rand(1, info.channels, h, w, device=model_device(model))
+    return [f"model {args.model} ({info.channels} x {h} x {w} input):",
+            f"  Grad-CAM layer (default; --layer to change): {describe_default_layer(model, x)}",
+            f"  methods that apply (run when none is named): {', '.join(default_methods(model))}"]
 
 
 def run(args: argparse.Namespace) -> int:
     """Print one method's options, or the registries' names (and each method's first doc line) and the model specs."""
     if args.method:
         print("\n".join(describe(args.method)))
+    if args.model:
+        print("\n".join(describe_model(args)))
+    if args.method or args.model:
         return EXIT_OK
     print("methods:")
     for name, fn in METHODS.items():

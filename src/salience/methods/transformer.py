@@ -12,7 +12,9 @@ embedding or from ``prefix_tokens=`` / ``grid=`` (rules in :mod:`salience.method
   ``discard_ratio`` of the fused weights of each image set to 0 (never the class token's
   attention to itself, entry ``[0, 0]``, as in Gildenblat's reference implementation), then
   ``A' = 0.5 A + 0.5 I`` with rows renormalized to sum to 1; ``R = A'_L ... A'_2 A'_1``. One
-  forward pass without gradient; the target is ignored (the map does not depend on the class).
+  forward pass under inference mode, each layer's ``A'`` formed as soon as its ``A`` is (the
+  ``(B, heads, N, N)`` matrices are not kept), only ``R``'s class-token row computed (from the
+  left: vector-matrix products); the target is ignored (the map does not depend on the class).
 * **Transformer attribution** (Chefer et al. 2021, "Generic Attention-model Explainability",
   eqs. 5-6): per layer ``Abar = mean_heads(ReLU(dS/dA * A))``, ``R <- R + Abar R`` from
   ``R = I``, layers in forward order. One forward pass, one backward pass per target.
@@ -37,16 +39,16 @@ __all__ = ["attention_rollout", "transformer_attribution", "HEAD_FUSIONS"]
 HEAD_FUSIONS = ("mean", "max", "min")
 
 
-def _check_maps(maps: list[Tensor], batch: int, method: str) -> int:
-    """The common token count ``N`` of the captured ``(B, heads, N, N)`` matrices, or a clear error."""
-    if not maps:
+def _check_maps(shapes: list[tuple[int, ...]], batch: int, method: str) -> int:
+    """The common token count ``N`` of the captured ``(B, heads, N, N)`` matrices (their shapes), or a clear error."""
+    if not shapes:
         raise SalienceError(
             f"{method} saw no attention operation in the model's forward pass: it needs a transformer whose "
             "attention runs through F.scaled_dot_product_attention, nn.MultiheadAttention or a softmax over the "
             "last dim. For a convolutional model use gradcam"
         )
-    n = maps[0].shape[-1]
-    bad = [tuple(a.shape) for a in maps if a.dim() != 4 or a.shape[0] != batch or tuple(a.shape[-2:]) != (n, n)]
+    n = shapes[0][-1]
+    bad = [s for s in shapes if len(s) != 4 or s[0] != batch or tuple(s[-2:]) != (n, n)]
     if bad:
         raise SalienceError(
             f"{method} needs global self-attention over the same N tokens in every layer, one sequence per image "
@@ -80,23 +82,33 @@ def _working(a: Tensor, x: Tensor) -> Tensor:
     return a.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _fuse(maps: list[Tensor], head_fusion: str, discard_ratio: float) -> Tensor:
-    """``L`` x ``(B, heads, N, N)`` -> ``(L, B, N, N)``: heads fused, the lowest weights of each
-    layer and image discarded (not ``[0, 0]``). Batched over the layers, so a few operator calls
-    in all (on a busy machine each call waits for every thread); the mean is PyTorch's own, a sum
-    then a division by the head count, so the numbers are those of ``a.mean(1)``."""
+def _rollout_layer(a: Tensor, head_fusion: str, discard_ratio: float) -> Tensor:
+    """One layer's ``(B, heads, N, N)`` -> ``A' = 0.5 A_f + 0.5 I``, rows renormalized, ``(B, N, N)``:
+    the heads fused (the mean is PyTorch's sum, then a division by the head count), the lowest
+    ``discard_ratio`` of each image's fused weights set to 0 (never ``[0, 0]``). Called by the capture
+    as soon as the layer's attention is formed (in the cache still), so only ``(B, N, N)`` is kept."""
     if head_fusion == "mean":
-        heads = torch.tensor([a.shape[1] for a in maps], dtype=maps[0].dtype, device=maps[0].device)
-        fused = torch.stack([a.sum(1) for a in maps]).div_(heads.view(-1, 1, 1, 1))
+        fused = a.sum(1).div_(a.shape[1])
     else:
-        fused = torch.stack([a.amax(1) if head_fusion == "max" else a.amin(1) for a in maps])
-    flat = fused.flatten(2)
+        fused = a.amax(1) if head_fusion == "max" else a.amin(1)
+    flat = fused.flatten(1)
     n = int(flat.shape[-1] * discard_ratio)
     if n:
         drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(n, dim=-1, largest=False).indices, True)
         drop[..., 0] = False
-        fused = flat.masked_fill(drop, 0).view_as(fused)
-    return fused
+        fused = flat.masked_fill_(drop, 0).view_as(fused)
+    fused.mul_(0.5).diagonal(dim1=-2, dim2=-1).add_(0.5)
+    return fused.div_(fused.sum(dim=-1, keepdim=True))
+
+
+def _class_row(layers: list[Tensor]) -> Tensor:
+    """Row 0 of ``R = A'_L ... A'_2 A'_1`` ``(B, 1, N)``, from the left: ``e_0^T A'_L``, then one
+    vector-matrix product per layer (``L N^2`` work per image instead of the full product's ``L N^3``;
+    the same numbers up to float rounding)."""
+    v = layers[-1][:, :1]
+    for a in reversed(layers[:-1]):
+        v = torch.bmm(v, a)
+    return v
 
 
 def _count_targets(target: TargetLike, batch: int) -> tuple[int, bool]:
@@ -131,18 +143,18 @@ def attention_rollout(
         raise SalienceError(f"head_fusion must be one of {', '.join(map(repr, HEAD_FUSIONS))}; got {head_fusion!r}")
     if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not 0 <= discard_ratio < 1:
         raise SalienceError(f"discard_ratio must be a number in [0, 1), e.g. 0.9; got {discard_ratio!r}")
-    maps = [_working(a, x) for a in attention_maps(model, x)]
-    n = _check_maps(maps, x.shape[0], "attention_rollout")
+    shapes: list[tuple[int, ...]] = []
+
+    def layer(a: Tensor) -> Tensor:  # each layer's A -> A' as soon as it is formed
+        shapes.append(tuple(a.shape))
+        return _rollout_layer(_working(a, x), head_fusion, discard_ratio)
+
+    layers = attention_maps(model, x, reduce=layer)  # one forward pass under inference mode
+    n = _check_maps(shapes, x.shape[0], "attention_rollout")
     layout = _layout(model, x, n, prefix_tokens, grid, "attention_rollout")
-    # 0.5 A + 0.5 I with rows renormalized, all layers at once (L, B, N, N), in place: few operator
-    # calls, each a wait for every thread on a busy machine
-    f = _fuse(maps, head_fusion, discard_ratio).mul_(0.5)
-    f.diagonal(dim1=-2, dim2=-1).add_(0.5)
-    f.div_(f.sum(dim=-1, keepdim=True))
-    r = f[0]  # R = A'_1 I = A'_1 exactly
-    for a in f[1:]:
-        r = torch.bmm(a, r)
-    m = _row_map(r, layout, x, upsample).to(x.dtype)
+    with torch.inference_mode():
+        m = _row_map(_class_row(layers), layout, x, upsample).to(x.dtype)
+    m = m.clone()  # a normal tensor for the caller (in-place operations allowed), (B, h, w) or (B, H, W): small
     return m.unsqueeze(1).repeat(1, k, 1, 1) if multi else m
 
 
@@ -170,7 +182,7 @@ def transformer_attribution(
     cap = AttentionCapture(batch=x.shape[0], grads=True)
     backward(model, x, targets, extra_modes=[cap], strip_softmax=strip_softmax)
     maps, grads = [_working(a.detach(), x) for a in cap.maps], [[_working(g, x) for g in gs] for gs in cap.grads]
-    n = _check_maps(maps, x.shape[0], "transformer_attribution")
+    n = _check_maps([tuple(a.shape) for a in maps], x.shape[0], "transformer_attribution")
     layout = _layout(model, x, n, prefix_tokens, grid, "transformer_attribution")
     if any(len(g) not in (0, len(targets)) for g in grads):
         raise SalienceError("an attention matrix got gradients from some targets' backward passes but not others'; "
