@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
@@ -67,6 +68,8 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     adapted functions, and every caller that takes a user's function passes it through here."""
     if not is_target_free(method) or getattr(method, "adapts", None) is not None:
         return method
+    if isinstance(method, types.FunctionType) and method in _ADAPTED:
+        return _ADAPTED[method]
 
     def call(model: nn.Module, x: Tensor, target: Any = None, **options: Any) -> Tensor:
         targets, multi = split(target, x.shape[0])
@@ -84,7 +87,12 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     call.target_free = True  # type: ignore[attr-defined]
     call.several_targets = True  # type: ignore[attr-defined]  # K targets cost the one map
     call.adapts = method  # type: ignore[attr-defined]
+    if isinstance(method, types.FunctionType):  # the same adapter for the same function (not for partials,
+        _ADAPTED[method] = call                   # which callers make per call)
     return call  # type: ignore[return-value]
+
+
+_ADAPTED: dict[Callable[..., Any], Callable[..., Tensor]] = {}
 
 
 def apply_method(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Any, **options: Any) -> Tensor:
