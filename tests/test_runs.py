@@ -393,8 +393,8 @@ def test_performance_options_reach_every_method_of_a_dataset_run(tmp_path, monke
         return salience.vanilla(model, x, target)
 
     ds = torch.utils.data.TensorDataset(torch.randn(4, 3, 8, 8), torch.arange(4))
-    salience.explain_dataset(SmallCNN(), ds, {"probe": probe}, tmp_path / "run", workers=0, memory_format="channels_last",
-                             compile=True, precision="bf16")
+    salience.explain_dataset(SmallCNN(), ds, {"probe": probe}, tmp_path / "run", workers=0,
+                             memory_format="channels_last", compile=True, precision="bf16")
     assert seen and all(p == perf.Performance("channels_last", True, "bf16") for p in seen)
     assert perf.current() == perf.Performance()
     with pytest.raises(SalienceError, match="precision"):

@@ -83,7 +83,8 @@ def default_methods(model: nn.Module) -> list[str]:
     return [n for n in METHODS if attention or n not in ATTENTION_METHODS]
 
 
-__all__ = ["METHODS", "QUICK", "ATTENTION_METHODS", "TARGET_FREE_METHODS", "as_method", "apply_method", "is_target_free",
+__all__ = ["METHODS", "QUICK", "ATTENTION_METHODS", "TARGET_FREE_METHODS", "as_method", "apply_method",
+           "is_target_free",
            "default_methods", "has_attention", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
            "gradcam_plus_plus", "hirescam", "xgradcam", "layercam", "eigencam", "smoothgrad", "integrated_gradients",
            "input_x_gradient", "class_model", "attention_rollout", "transformer_attribution", "scorecam",
