@@ -36,8 +36,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for name in salience.methods.default_methods(model):                  # those that apply to a CNN
         method = salience.METHODS[name]
         t = time.perf_counter()
-        # a target-free method (Eigen-CAM) is called without the class; reports' cheaper options (RISE's masks)
-        m = salience.methods.apply_method(method, model, images, predicted, **salience.methods.QUICK.get(name, {}))
+        # every method takes the class (Eigen-CAM's one map stands for it); reports' cheaper options (RISE's masks)
+        m = method(model, images, predicted, **salience.methods.QUICK.get(name, {}))
         maps[name] = m if m.dim() == 3 else m.abs().amax(1)            # (n, H, W) for the picture
         np.save(out / f"{name}.npy", m.numpy())
         print(f"{name:<22} {time.perf_counter() - t:6.2f} s")

@@ -13,7 +13,7 @@ from torch import nn
 
 import salience
 from salience import SalienceError
-from salience.methods import TARGET_FREE_METHODS, apply_method
+from salience.methods import METHODS, TARGET_FREE_METHODS, apply_method, as_method
 
 from conftest import unchanged
 from nets import CamNet
@@ -285,15 +285,32 @@ def test_eigencam_runs_one_forward_in_inference_mode_up_to_the_layer(small_cnn):
     assert seen == [("features", True)]  # one pass, no graph, the head never ran
 
 
-def test_eigencam_takes_no_target_and_the_cli_gives_its_map_for_each(small_cnn):
+def test_eigencam_takes_no_target_and_the_registry_gives_its_map_for_each(small_cnn):
+    """salience.eigencam refuses a target; its registry entry (and as_method of it, or of a partial of
+    it) takes the target like every method and gives the one map for each of K targets."""
+    import functools
+    import inspect
+
     x = torch.rand(2, 3, 8, 8)
     with pytest.raises(SalienceError, match="eigencam takes no target"):
         salience.eigencam(small_cnn, x, 1)
     assert TARGET_FREE_METHODS == {"eigencam"}
-    one = salience.eigencam(small_cnn, x)
-    torch.testing.assert_close(apply_method(salience.eigencam, small_cnn, x, torch.tensor([0, 1])), one)
-    k = apply_method(salience.eigencam, small_cnn, x, torch.tensor([[0, 1, 2], [1, 2, 3]]))
+    assert list(inspect.signature(salience.eigencam).parameters)[:4] == ["model", "x", "target", "layer"]
+    adapted = METHODS["eigencam"]
+    assert as_method(adapted) is adapted and as_method(salience.gradcam) is salience.gradcam
+    assert list(inspect.signature(adapted).parameters) == list(inspect.signature(salience.eigencam).parameters)
+    one = salience.eigencam(small_cnn, x, layer="features.3")
+    for fn in (adapted, as_method(salience.eigencam)):
+        torch.testing.assert_close(fn(small_cnn, x, torch.tensor([0, 1]), layer="features.3"), one)
+        torch.testing.assert_close(fn(small_cnn, x, layer="features.3"), one)
+    part = as_method(functools.partial(salience.eigencam, layer="features.3"))
+    k = part(small_cnn, x, torch.tensor([[0, 1, 2], [1, 2, 3]]))
     assert k.shape == (2, 3, 8, 8) and all(torch.equal(k[:, j], one) for j in range(3))
+    torch.testing.assert_close(apply_method(salience.eigencam, small_cnn, x, 1, layer="features.3"), one)
+    with pytest.raises(SalienceError):  # a target that is not one: still an error
+        adapted(small_cnn, x, "cat")
+    with pytest.raises(SalienceError, match=r"Eigen-CAM needs a layer whose output is a map"):
+        adapted(small_cnn, x, 0, layer="drop")  # a layer without channels, named for Eigen-CAM
 
 
 # --------------------------------------------------------------------------------- errors, hygiene
@@ -347,6 +364,6 @@ def test_model_unchanged_after_success_exception_and_interrupt(name, small_cnn):
 
 
 def test_registered_and_exported():
-    for name in ALL:
-        assert salience.METHODS[name] is getattr(salience, name)
-        assert name in salience.__all__
+    for name in ALL:  # Eigen-CAM's entry is its adapter to the registry's contract (as_method)
+        assert salience.METHODS[name] is as_method(getattr(salience, name)) and name in salience.__all__
+        assert getattr(salience.METHODS[name], "adapts", getattr(salience, name)) is getattr(salience, name)

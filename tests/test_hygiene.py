@@ -200,6 +200,42 @@ def test_every_performance_option_leaves_model_unchanged(small_cnn, memory_forma
             salience.smoothgrad(small_cnn, x, _exploding_target(KeyboardInterrupt()), samples=3, **opts)
 
 
+PERTURBATION_OPTIONS = [("scorecam", dict(layer="features.3")), ("ablationcam", dict(layer="features.3")),
+                        ("occlusion", dict(window=4)), ("rise", dict(masks=4, cell=2))]
+
+
+@pytest.mark.parametrize("memory_format", ["auto", "contiguous", "channels_last"])
+@pytest.mark.parametrize("compile", [False, _graph_as_is])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_performance_option_of_the_perturbation_methods_leaves_model_unchanged(
+        small_cnn, memory_format, compile, precision):
+    """Score-CAM, Ablation-CAM, occlusion and RISE with every combination of the engine's options (as
+    keywords and as settings): success, and Ctrl-C in the third chunk (raised by the target, outside
+    the model: a hook on the model would be traced into a compiled graph)."""
+    _train_mode_with_grads(small_cnn)
+    x = torch.rand(2, 3, 8, 8)
+    opts = dict(memory_format=memory_format, compile=compile, precision=precision)
+    calls = []
+
+    def interrupted_in_the_third_chunk(out):
+        calls.append(1)
+        if len(calls) == 4:  # the clean images' scores first, then one call per chunk (of 2 items)
+            raise KeyboardInterrupt
+        return out[:, 0]
+
+    for name, options in PERTURBATION_OPTIONS:
+        method = salience.METHODS[name]
+        with unchanged(small_cnn):
+            method(small_cnn, x, 0, chunk=2, **options, **opts)
+            with salience.performance(**opts):
+                method(small_cnn, x, [0, 1], **options)
+        calls.clear()
+        with unchanged(small_cnn):
+            with pytest.raises(KeyboardInterrupt):
+                method(small_cnn, x, interrupted_in_the_third_chunk, chunk=2, **options, **opts)
+        assert len(calls) == 4, name
+
+
 @pytest.mark.parametrize("name", ["road", "faithfulness_correlation", "max_sensitivity", "random_logit"])
 def test_new_metrics_leave_the_model_unchanged(small_cnn, name):
     """Issue 16's metrics that run the model: success, and Ctrl-C inside the second forward pass."""

@@ -142,6 +142,80 @@ def test_bf16_autocast_within_the_documented_tolerance():
     assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] >= BF16_CORR
 
 
+# The perturbation methods' maps are differences of scores (occlusion: S(x) - S(occluded x);
+# Ablation-CAM's weights: (S - S_k) / S): under bf16 each score is rounded to about 2^-8 of itself,
+# so their error is bounded in the scores' units, not the map's: occlusion within BF16_SCORE of the
+# largest clean score, Ablation-CAM (linear map) within BF16_SCORE of sum_k |A_k| per position.
+# Measured on ThreeConv (16 px) and resnet18 (32 px): 4e-3 to 8.4e-3.
+BF16_SCORE = 2e-2
+PERTURBATION = [
+    ("occlusion", dict(window=3, stride=2)),
+    ("rise", dict(masks=12, cell=2)),
+    ("scorecam", dict(layer="body.3")),
+    ("ablationcam", dict(layer="body.3")),
+]
+
+
+def test_perturbation_methods_run_their_passes_with_the_options():
+    """Score-CAM, Ablation-CAM, RISE and occlusion: channels-last (keyword, or the settings) runs the
+    passes channels-last, compile runs them compiled (one graph for every chunk of every method; not
+    Ablation-CAM's hooked passes), and the maps equal the default maps."""
+    model, x = ThreeConv(), torch.rand(2, 3, 8, 8)
+    compiles, compiled_calls, layouts = [], [], []
+
+    def backend(gm, inputs):
+        compiles.append(1)
+
+        def call(*args):
+            compiled_calls.append(1)
+            return gm.forward(*args)
+        return call
+
+    for name, kw in PERTURBATION:
+        fn = salience.METHODS[name]
+        ref = fn(model, x, [0, 2], chunk=4, **kw)
+        h = model.body[3].register_forward_pre_hook(  # removed before compiling: dynamo would trace it
+            lambda mod, inp: layouts.append(mod.weight.is_contiguous(memory_format=torch.channels_last)))
+        try:
+            with unchanged(model):
+                layouts.clear()
+                cl = fn(model, x, [0, 2], chunk=4, memory_format="channels_last", **kw)
+                assert any(layouts), name
+                layouts.clear()
+                with salience.performance(memory_format="channels_last"):
+                    fn(model, x, [0, 2], chunk=4, **kw)
+                assert any(layouts), name
+        finally:
+            h.remove()
+        with unchanged(model):
+            before = len(compiled_calls)
+            comp = fn(model, x, [0, 2], chunk=4, compile=backend, **kw)
+        assert (len(compiled_calls) > before) == (name != "ablationcam"), name
+        assert _rel(cl, ref) <= CL_RTOL, (name, _rel(cl, ref))
+        assert _rel(comp, ref) <= 1e-6, (name, _rel(comp, ref))
+    assert len(compiles) == 1  # every compiled chunk has the one shape (4, 3, 8, 8), Score-CAM's too
+
+
+def test_perturbation_methods_bf16_within_the_documented_tolerance():
+    from salience._core.autograd import forward_scores, layer_output
+
+    model, x, t = ThreeConv(16), torch.rand(2, 3, 16, 16), [0, 3]
+    with unchanged(model):
+        for name, kw in PERTURBATION:
+            if name in ("rise", "scorecam"):
+                ref = salience.METHODS[name](model, x, t, **kw)
+                out = salience.METHODS[name](model, x, t, precision="bf16", **kw)
+                assert out.dtype == ref.dtype and _rel(out, ref) <= BF16_ATOL, name
+                assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] >= BF16_CORR, name
+        top = forward_scores(model, x).abs().max()  # the largest clean score (eval mode, under the guard)
+        ref, out = (salience.occlusion(model, x, t, window=3, stride=2, precision=p) for p in ("fp32", "bf16"))
+        assert (out - ref).abs().max() <= BF16_SCORE * top
+        ref, out = (salience.ablationcam(model, x, t, layer="body.3", relu=False, upsample=False, precision=p)
+                    for p in ("fp32", "bf16"))
+        per_position = layer_output(model, x, "body.3").abs().sum(1).unsqueeze(1)  # sum_k |A_k| (B, 1, h, w)
+        assert ((out - ref).abs() <= BF16_SCORE * per_position + 1e-7).all()
+
+
 # --------------------------------------------------------------------------- options
 
 

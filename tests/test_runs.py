@@ -375,3 +375,38 @@ def test_a_torch_dataset_and_the_model_unchanged(tmp_path):
     again = salience.explain_dataset(model, torch.utils.data.DataLoader(ds, batch_size=4), ["vanilla"],
                                      tmp_path / "loader", workers=0)
     np.testing.assert_array_equal(again.map(7, "vanilla"), run.map(7, "vanilla"))
+
+
+def test_performance_options_reach_every_method_of_a_dataset_run(tmp_path, monkeypatch):
+    """explain_dataset(memory_format=, compile=, precision=) puts them in force for the methods (the
+    local engine; Ray actors get the same object), and ``salience explain DIR --out RUN`` forwards its
+    --memory-format / --compile / --precision to it."""
+    from conftest import SmallCNN
+
+    from salience._core import perf
+    from salience.cli import explain_many
+
+    seen = []
+
+    def probe(model, x, target=None):
+        seen.append(perf.current())
+        return salience.vanilla(model, x, target)
+
+    ds = torch.utils.data.TensorDataset(torch.randn(4, 3, 8, 8), torch.arange(4))
+    salience.explain_dataset(SmallCNN(), ds, {"probe": probe}, tmp_path / "run", workers=0,
+                             memory_format="channels_last", compile=True, precision="bf16")
+    assert seen and all(p == perf.Performance("channels_last", True, "bf16") for p in seen)
+    assert perf.current() == perf.Performance()
+    with pytest.raises(SalienceError, match="precision"):
+        salience.explain_dataset(SmallCNN(), ds, ["vanilla"], tmp_path / "bad", workers=0, precision="int8")
+    given = {}
+
+    def fake(*args, **kwargs):
+        given.update(kwargs)
+        raise SalienceError("stop here")
+
+    monkeypatch.setattr(explain_many, "explain_dataset", fake)
+    _write_images(tmp_path / "imgs", 1)
+    main(["explain", str(tmp_path / "imgs"), "--model", "demo:shapes", "--out", str(tmp_path / "cli"), "--workers",
+          "0", "--memory-format", "channels_last", "--compile", "--precision", "bf16"])
+    assert (given["memory_format"], given["compile"], given["precision"]) == ("channels_last", True, "bf16")

@@ -201,3 +201,34 @@ def test_progress_bar(small_cnn, capsys):
     assert "smoothgrad" in err and "3/3" in err
     salience.smoothgrad(small_cnn, _x(1), samples=3)
     assert capsys.readouterr().err == ""
+
+
+def test_a_target_free_method_is_the_mean_of_its_map_over_the_copies(small_cnn):
+    """SmoothGrad of Eigen-CAM (issue 15): the mean over the noisy copies of each copy's first
+    principal component of the layer's activations, written here as a loop with an SVD; several
+    targets get that one map each, through the function and through the registry."""
+    x = _x(2, 8)
+    store = []
+    small_cnn.eval()
+    handle = small_cnn.features[3].register_forward_hook(lambda m, i, o: store.append(o.detach()))
+    ref = torch.zeros(2, 8, 8, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for xc in _noise_loop(x, 5, 0.2, 3):
+                store.clear()
+                small_cnn(xc)
+                m = store[0].double().flatten(2).transpose(1, 2)  # (B, h w, channels)
+                v = torch.linalg.svd(m).Vh[:, 0]  # each image's first right-singular vector
+                p = (m @ v.unsqueeze(-1)).squeeze(-1)
+                flip = p.amin(1, keepdim=True).abs() > p.amax(1, keepdim=True).abs()  # largest magnitude > 0
+                ref += torch.where(flip, -p, p).view(2, 8, 8)
+    finally:
+        handle.remove()
+    ref /= 5
+    with unchanged(small_cnn):
+        out = salience.smoothgrad(small_cnn, x, method=salience.eigencam, samples=5, noise=0.2, seed=3,
+                                  layer="features.3", chunk=4)
+        k = salience.smoothgrad(small_cnn, x, torch.tensor([[0, 1, 2], [1, 2, 3]]), method=salience.METHODS["eigencam"],
+                                samples=5, noise=0.2, seed=3, layer="features.3")
+    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-4)
+    assert k.shape == (2, 3, 8, 8) and all(torch.allclose(k[:, j], out, atol=1e-6) for j in range(3))

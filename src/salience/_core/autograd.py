@@ -426,31 +426,51 @@ def looks_like_probabilities(out: Tensor) -> bool:
 
 
 def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
-                   batch_size: Optional[int] = None) -> Tensor:
+                   batch_size: Optional[int] = None, compiled: bool = False) -> Tensor:
     """The model's scores for ``x`` ``(B, C, H, W)``, detached: one forward pass, no gradient.
 
     Under :func:`model_guard` (eval mode, everything restored), the output unwrapped to a tensor
     and, with ``strip_softmax``, taken before a final softmax / log-softmax. ``batch_size``: run
-    the images in chunks of that many (``None``: all at once).
+    the images in chunks of that many (``None``: all at once). Inside an engine run
+    (:class:`salience._core.perf.Run`) the pass takes the run's layout and autocast; with
+    ``compiled=True`` (the caller's promise that no hook of its own is on the model: a plain pass)
+    a chunk the run marks as compiled runs the compiled model.
     """
     step = x.shape[0] if batch_size is None else max(1, int(batch_size))
     outs = []
-    run = _perf.active(model)  # inside an engine run: its layout and autocast (never compiled: no grad)
+    run = _perf.active(model)
     with model_guard(model), torch.no_grad():
         for i in range(0, x.shape[0], step):
-            tap = _SoftmaxTap() if strip_softmax else None
-            with ExitStack() as stack:
-                if tap is not None:
-                    stack.enter_context(tap)
-                xb = x[i:i + step]
-                if run is not None:
-                    stack.enter_context(run.autocast())
-                    xb = run.prepare(xb)
-                out = unwrap_output(model(xb), model)
-            if tap is not None and tap.last is not None and out is tap.last[1]:
-                out = tap.last[0]
+            xb = x[i:i + step]
+            if run is not None:
+                xb = run.prepare(xb)
+            out = _scores_pass(model, xb, run, strip_softmax, compiled)
             outs.append(out.detach() if run is None or run.dtype is None else out.detach().to(x.dtype))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _scores_pass(model: nn.Module, xb: Tensor, run: Optional[_perf.Run], strip_softmax: bool,
+                 compiled: bool) -> Tensor:
+    """One forward pass of :func:`forward_scores`: compiled when the run allows it, else eager under
+    the run's autocast (an eager pass tells the run whether a final softmax was stripped)."""
+    if run is not None and compiled and run.forward_fn(True, strip_softmax) is not None:
+        out, done = _perf.forward_call(model, xb, True, strip_softmax, lambda: None)
+        if done:
+            return unwrap_output(out, model)
+    tap = _SoftmaxTap() if strip_softmax else None
+    with ExitStack() as stack:
+        if tap is not None:
+            stack.enter_context(tap)
+        if run is not None:
+            stack.enter_context(run.autocast())
+        out = unwrap_output(model(xb), model)
+    stripped = tap is not None and tap.last is not None and out is tap.last[1]
+    if run is not None and tap is not None:
+        run.note_softmax(stripped)
+    if stripped:
+        assert tap is not None and tap.last is not None
+        out = tap.last[0]
+    return out
 
 
 def predicted_classes(model: nn.Module, x: Tensor, *, batch_size: Optional[int] = None) -> Tensor:

@@ -322,6 +322,12 @@ class Run:
             self.layouts.append(("channels_last" if channels_last else "contiguous")
                                 + (" compiled" if self._used_compiled else ""))
 
+    @property
+    def compiling(self) -> bool:
+        """Whether the chunk running now may run the compiled model (a chunk of the one fixed size):
+        a method whose passes could change shape within a chunk keeps them at the chunk's size then."""
+        return self._compiled_now
+
     def prepare(self, x: Tensor) -> Tensor:
         """The input of a pass in the run's layout (always the same strides, so that a compiled
         graph is not recompiled for an input that broadcasting happened to lay out otherwise)."""

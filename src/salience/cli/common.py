@@ -92,7 +92,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling the model file (can run arbitrary code: only for files you trust)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (cuda when there is one; default: cpu)")
-    g = p.add_argument_group("performance (many-pass methods: smoothgrad, integrated-gradients; docs/performance.md)")
+    g = p.add_argument_group("performance (many-pass methods: smoothgrad, integrated-gradients, scorecam, ablationcam, "
+                             "occlusion, rise; dataset runs; docs/performance.md)")
     g.add_argument("--memory-format", choices=MEMORY_FORMATS, default=None,
                    help="contiguous (default), channels_last, or auto: channels-last for a convolutional model "
                         "where a short probe shows it is faster")

@@ -18,7 +18,7 @@ from salience.cli.common import EXIT_OK, EXIT_PARTIAL, figure, output_folder, pr
 from salience.demo import data, zoo
 from salience.demo.clever_hans import clever_hans_report
 from salience.evidence.localization import energy_in_mask, pointing_game
-from salience.methods import METHODS, QUICK, apply_method, default_methods
+from salience.methods import METHODS, QUICK, default_methods
 from salience.methods.class_model import class_model
 from salience.render import viz
 from salience.render.report import Report
@@ -87,7 +87,7 @@ def _classification(rep: Report, out_dir: Path, model: nn.Module, images: Tensor
     failed = []
     for name in default_methods(model):
         try:
-            maps[name] = apply_method(METHODS[name], model, images, pred, **QUICK.get(name, {})).detach()
+            maps[name] = METHODS[name](model, images, pred, **QUICK.get(name, {})).detach()
         except Exception as e:  # noqa: BLE001 - one broken method must not sink the report
             failed.append(f"{name}: failed ({type(e).__name__}: {e})")
     rep.heading("Which pixels decided the class? (demo:shapes)")
@@ -113,7 +113,7 @@ def _vit_maps(model: nn.Module, images: Tensor, pred: Tensor) -> tuple[dict[str,
     skipped, failed = [], []
     for name in default_methods(model):
         try:
-            maps[name] = apply_method(METHODS[name], model, images, pred, **QUICK.get(name, {})).detach()
+            maps[name] = METHODS[name](model, images, pred, **QUICK.get(name, {})).detach()
         except SalienceError as e:
             if "ReLU-type activations only" not in str(e):
                 failed.append(f"{name} (demo:shapes-vit): failed ({e})")

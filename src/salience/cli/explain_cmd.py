@@ -23,7 +23,6 @@ from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, add_model_ar
                                  load_model_arg, model_specs_help, output_folder, parse_class, parse_methods,
                                  probabilities, safe_name, scores, to_image, warn)
 from salience.cli.inputs import Inputs, add_input_args, class_names, preprocessing_info, read_inputs
-from salience.methods import apply_method
 from salience.loading import DEFAULT_MAX_PIXELS, load_images, unnormalize
 from salience.loading.images import preprocessing_record
 from salience.render import viz
@@ -213,7 +212,7 @@ def _chunk_maps(fn: Callable[..., Tensor], model: nn.Module, xb: Tensor, start: 
                 bar: Progress) -> Tensor:
     """One method's maps ``(b, R, ...)`` of the images ``xb`` (from ``start``): all R targets in one call
     (a target-free method's one map stands for each)."""
-    part = apply_method(fn, model, xb, chosen.for_chunk(start, xb)).detach().cpu()
+    part = fn(model, xb, chosen.for_chunk(start, xb)).detach().cpu()
     bar.update(1)
     return part if len(chosen.ranks) > 1 else part.unsqueeze(1)
 

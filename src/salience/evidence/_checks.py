@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from salience._core.autograd import predicted_classes
 from salience._core.errors import SalienceError
-from salience.methods import METHODS, QUICK, apply_method
+from salience.methods import METHODS, QUICK, as_method
 
 MethodLike = Union[str, Callable[..., Tensor]]
 
@@ -60,8 +60,8 @@ def resolve_method(method: MethodLike) -> tuple[str, Callable[..., Tensor]]:
         fn = METHODS[method]
         quick = QUICK.get(method)  # the many-pass methods' cheaper options for reports (methods.QUICK)
         return method, (functools.partial(fn, **quick) if quick else fn)
-    if callable(method):
-        return getattr(method, "__name__", "method"), method
+    if callable(method):  # the registry's contract (a target-free function takes the target too)
+        return getattr(method, "__name__", "method"), as_method(method)
     raise SalienceError(f"expected a method as a name or a function, got {type(method).__name__}")
 
 
@@ -73,7 +73,7 @@ def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: 
     channels' largest magnitude, a smaller map (Grad-CAM without upsampling) resized bilinearly."""
     out = []
     for i in range(0, x.shape[0], batch_size):
-        m = apply_method(fn, model, x[i:i + batch_size], target[i:i + batch_size], **(kwargs or {})).detach()
+        m = fn(model, x[i:i + batch_size], target[i:i + batch_size], **(kwargs or {})).detach()
         if m.dim() == 4:
             m = m.abs().amax(1)
         if m.dim() != 3:

@@ -24,7 +24,6 @@ from salience._core.guard import model_guard
 from salience._core.layers import resolve_layer
 from salience.evidence._checks import MethodLike, class_indices, method_maps, resolve_method
 from salience.evidence.compare import SIMILARITIES, similarity
-from salience.methods import apply_method
 from salience.targets import TargetLike
 
 __all__ = ["RandomizationResult", "randomization", "randomization_layers", "data_randomization", "random_logit"]
@@ -45,7 +44,7 @@ def _signed_and_abs(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, targ
     kw = dict(kwargs)
     if "reduce" not in kw and _takes_reduce(fn):
         kw["reduce"] = None
-    m = apply_method(fn, model, x, target, **kw).detach()
+    m = fn(model, x, target, **kw).detach()
     if m.dim() == 4:
         return m.sum(1), m.abs().sum(1)
     if m.dim() != 3:

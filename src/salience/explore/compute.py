@@ -32,7 +32,6 @@ from salience.explore.jobs import Ticker, Worker
 from salience.loading.images import preprocess, resize_crop
 from salience.loading.models import name_classes
 from salience.methods import METHODS
-from salience.methods._multi import apply_method
 from salience.methods import options as _options
 from salience.render import viz
 
@@ -256,7 +255,7 @@ def explain(slot: ModelSlot, image: Tensor, method: str, target: int, given: dic
     ticker.total = _expected_items(method, given, x)
     ticker.note = UNCOUNTED.get(method, "")
     with _watched(slot.model, ticker):
-        m = apply_method(fn, slot.model, x, slot.target(target))
+        m = fn(slot.model, x, slot.target(target))
     return m.detach()[0].float().cpu().numpy()
 
 

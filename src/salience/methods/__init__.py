@@ -1,7 +1,10 @@
 """Saliency methods: plain functions ``method(model, x, target=None, *, reduce=...) -> Tensor``.
 
 ``METHODS`` maps each method's public name to its function: the one registry that the CLI
-and reports use to turn strings into methods.
+and reports use to turn strings into methods. Every entry has the same contract,
+``fn(model, x, target, **options)``: a target-free method (Eigen-CAM) is held through
+:func:`as_method`, which takes the target and gives the one map for it (or for each of K targets).
+A function from a user goes through :func:`as_method` too.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from salience.methods.vanilla import vanilla
 from salience.methods.guided import deconvnet, guided_backprop
 from salience.methods.gradcam import gradcam, guided_gradcam
 from salience.methods.cams import eigencam, gradcam_plus_plus, hirescam, layercam, xgradcam
-from salience.methods._multi import apply_method, is_target_free
+from salience.methods._multi import apply_method, as_method, is_target_free
 from salience.methods.smoothgrad import smoothgrad
 from salience.methods.integrated import input_x_gradient, integrated_gradients
 from salience.methods.class_model import class_model
@@ -31,7 +34,7 @@ METHODS: dict[str, Callable] = {
     "hirescam": hirescam,
     "xgradcam": xgradcam,
     "layercam": layercam,
-    "eigencam": eigencam,
+    "eigencam": as_method(eigencam),  # the registry's contract: takes the target, one map for each
     "smoothgrad": smoothgrad,
     "integrated_gradients": integrated_gradients,
     "input_x_gradient": input_x_gradient,
@@ -44,8 +47,9 @@ METHODS: dict[str, Callable] = {
 }
 
 TARGET_FREE_METHODS = frozenset(n for n, f in METHODS.items() if is_target_free(f))
-"""The methods that take no target (Eigen-CAM): one map per image whatever the class; the command
-line and the evaluation call them through :func:`apply_method`."""
+"""The methods whose map does not depend on the target (Eigen-CAM): one map per image whatever the
+class. Their entries in :data:`METHODS` take the target like every method (:func:`as_method`), so
+callers need not know which they are; the functions themselves (``salience.eigencam``) take none."""
 
 QUICK: dict[str, dict[str, Any]] = {"rise": {"masks": 256}}
 """Cheaper options for the reports that run every method on many images (``salience demo``,
@@ -79,7 +83,8 @@ def default_methods(model: nn.Module) -> list[str]:
     return [n for n in METHODS if attention or n not in ATTENTION_METHODS]
 
 
-__all__ = ["METHODS", "QUICK", "ATTENTION_METHODS", "TARGET_FREE_METHODS", "apply_method", "is_target_free",
+__all__ = ["METHODS", "QUICK", "ATTENTION_METHODS", "TARGET_FREE_METHODS", "as_method", "apply_method",
+           "is_target_free",
            "default_methods", "has_attention", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
            "gradcam_plus_plus", "hirescam", "xgradcam", "layercam", "eigencam", "smoothgrad", "integrated_gradients",
            "input_x_gradient", "class_model", "attention_rollout", "transformer_attribution", "scorecam",

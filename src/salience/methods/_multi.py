@@ -12,6 +12,8 @@ wrappers (SmoothGrad) hand it all K at once instead of calling it K times.
 from __future__ import annotations
 
 import functools
+import inspect
+import types
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
@@ -41,8 +43,9 @@ def takes_several_targets(method: Callable[..., Any]) -> bool:
 
 
 def target_free(method: F) -> F:
-    """Mark ``method`` as taking no target (Eigen-CAM: the same map for every class): callers that
-    explain targets call it through :func:`apply_method`, which leaves the target out."""
+    """Mark ``method`` as taking no target (Eigen-CAM: the same map for every class). The registry
+    (:data:`salience.methods.METHODS`) holds it through :func:`as_method`, so that callers that
+    explain targets call every method alike."""
     method.target_free = True  # type: ignore[attr-defined]
     return method
 
@@ -54,15 +57,48 @@ def is_target_free(method: Callable[..., Any]) -> bool:
     return bool(getattr(method, "target_free", False))
 
 
+def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``method`` under the registry's contract ``method(model, x, target=None, **options)``.
+
+    A method that takes a target is returned as it is. A target-free method (Eigen-CAM) gets an
+    adapter that takes the target and gives the one map ``(B, ...)`` for it, or for each of K
+    targets ``(B, K, ...)`` when ``target`` is several (as :func:`salience.targets.split` reads it);
+    its signature is the method's, with ``target``: option readers (the CLI) see the same options.
+    The one place that knows about target-free methods: :data:`salience.methods.METHODS` holds the
+    adapted functions, and every caller that takes a user's function passes it through here."""
+    if not is_target_free(method) or getattr(method, "adapts", None) is not None:
+        return method
+    if isinstance(method, types.FunctionType) and method in _ADAPTED:
+        return _ADAPTED[method]
+
+    def call(model: nn.Module, x: Tensor, target: Any = None, **options: Any) -> Tensor:
+        targets, multi = split(target, x.shape[0])
+        maps = method(model, x, **options)
+        return maps.unsqueeze(1).repeat(1, len(targets), *([1] * (maps.dim() - 1))) if multi else maps
+
+    functools.update_wrapper(call, method)
+    del call.__wrapped__  # type: ignore[attr-defined]  # the signature below, not the method's
+    sig = inspect.signature(method)
+    params = [p for p in sig.parameters.values() if p.name != "target"]
+    at = 2 if len(params) >= 2 else len(params)
+    params.insert(at, inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                        annotation=Any))
+    call.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    call.target_free = True  # type: ignore[attr-defined]
+    call.several_targets = True  # type: ignore[attr-defined]  # K targets cost the one map
+    call.adapts = method  # type: ignore[attr-defined]
+    if isinstance(method, types.FunctionType):  # the same adapter for the same function (not for partials,
+        _ADAPTED[method] = call                   # which callers make per call)
+    return call  # type: ignore[return-value]
+
+
+_ADAPTED: dict[Callable[..., Any], Callable[..., Tensor]] = {}
+
+
 def apply_method(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Any, **options: Any) -> Tensor:
-    """``method(model, x, target, **options)``; a target-free method is called without the target and
-    its map ``(B, ...)`` stands for each of the K targets (``(B, K, ...)`` when ``target`` is several,
-    as :func:`salience.targets.split` reads it): what the command line and the evaluation call."""
-    if not is_target_free(method):
-        return method(model, x, target, **options)
-    maps = method(model, x, **options)
-    targets, multi = split(target, x.shape[0])
-    return maps.unsqueeze(1).repeat(1, len(targets), *([1] * (maps.dim() - 1))) if multi else maps
+    """``as_method(method)(model, x, target, **options)``: kept for callers written before
+    :func:`as_method`; call ``METHODS[name]`` (or ``as_method(fn)``) directly instead."""
+    return as_method(method)(model, x, target, **options)
 
 
 def finish(maps: Tensor, grad_modifier: Any, reduce: Any, multi: bool,

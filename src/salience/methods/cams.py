@@ -224,7 +224,11 @@ def eigencam(
     check_input(x, model)
     mod = resolve_cam_layer(model, x, layer)
     acts = layer_output(model, x, mod)
-    a = grid_layout(model, mod, acts, x, grid, prefix_tokens).to_grid(acts)  # (B, K, h, w)
+    try:
+        layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
+    except SalienceError as e:  # a layer without channels: say which method asked
+        raise SalienceError(str(e).replace("Grad-CAM and the other CAMs need", "Eigen-CAM needs")) from None
+    a = layout.to_grid(acts)  # (B, K, h, w)
     h, w = a.shape[-2:]
     cam = _first_component(a.flatten(2).transpose(1, 2), center)  # (B, h w)
     cam = cam.unflatten(1, (h, w)).to(a.dtype)

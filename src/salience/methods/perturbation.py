@@ -6,6 +6,8 @@ image is an *item* of :func:`salience._core.engine.accumulate` (item ``j = r * B
 budget, under ``torch.inference_mode``, and only running sums ``(B, K, H, W)`` are kept: memory does
 not grow with the number of windows or masks. K targets share every forward pass. They need only
 the model's output, so TorchScript models work too.
+The chunks run under the engine's performance options (``memory_format``, ``compile``,
+``precision``: :mod:`salience._core.perf`, docs/performance.md), as SmoothGrad's do.
 
 * **Occlusion**: a ``window`` slides over the image with ``stride``; the pixels under it are
   replaced by ``baseline`` and the drop of the score is credited to them:
@@ -24,7 +26,7 @@ raw output otherwise (regression, custom functions).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 
 from salience import reduce as _reduce
 from salience._core import engine as _engine
+from salience._core import perf as _perf
 from salience._core.autograd import check_input, forward_scores
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
@@ -71,9 +74,13 @@ def use_probabilities(softmax: str, targets: Sequence[Target]) -> bool:
 
 
 def score_items(model: nn.Module, xs: Tensor, targets: Sequence[Target], probabilities: bool,
-                strip_softmax: bool) -> Tensor:
-    """The K targets' scores ``(n, K)`` of the model on ``xs`` ``(n, C, H, W)`` (one forward, no gradient)."""
-    out = forward_scores(model, xs, strip_softmax=strip_softmax)
+                strip_softmax: bool, *, plain: bool = True) -> Tensor:
+    """The K targets' scores ``(n, K)`` of the model on ``xs`` ``(n, C, H, W)`` (one forward, no gradient).
+
+    ``plain``: no hook of the caller's is on the model, so inside an engine run with ``compile`` the
+    pass may run the compiled model (Ablation-CAM's passes, which replace a layer's output by a
+    hook, pass ``False``)."""
+    out = forward_scores(model, xs, strip_softmax=strip_softmax, compiled=plain)
     return scores_of(out, targets, probabilities)
 
 
@@ -96,6 +103,21 @@ def scores_of(out: Tensor, targets: Sequence[Target], probabilities: bool) -> Te
             )
         cols.append(s)
     return torch.stack(cols, dim=1)
+
+
+def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Target], probabilities: bool,
+                 strip_softmax: bool, run: _perf.Run) -> Tensor:
+    """The K targets' scores ``(B, K)`` of the clean images, at the precision of the run's passes.
+
+    ``out`` is the model's float32 output on ``x``. Under autocast (``precision="bf16"`` /
+    ``"fp16"``) the clean scores are taken again under the same autocast: a score's rounding there
+    (about 1e-2 of it) can be as large as the drop a perturbation causes, and differences of a
+    float32 score and a bf16 one would show the rounding instead of the drop."""
+    if run.dtype is None:
+        return scores_of(out, targets, probabilities)
+    with run.autocast():
+        low = forward_scores(model, x, strip_softmax=strip_softmax)
+    return scores_of(low.to(out.dtype), targets, probabilities)
 
 
 def _pair(value: Any, name: str, what: str) -> tuple[int, int]:
@@ -198,6 +220,9 @@ def occlusion(
     chunk: Optional[int] = None,
     max_memory: Union[None, int, str] = None,
     progress: bool = False,
+    memory_format: Optional[str] = None,
+    compile: Union[None, bool, str, Callable] = None,
+    precision: Optional[str] = None,
 ) -> Tensor:
     """Occlusion: the drop of the target's score when a window over each pixel is blanked out.
 
@@ -212,7 +237,8 @@ def occlusion(
     The raw map is ``(B, C, H, W)``, equal in every channel; ``reduce`` (default ``"max"``, the channel maximum)
     gives the signed ``(B, H, W)``, ``reduce=None`` the ``(B, C, H, W)`` Captum returns. Several
     targets give ``(B, K, ...)`` and share every forward pass. ``chunk`` (occluded copies per pass),
-    ``max_memory`` (bytes or ``"2GiB"``) and ``progress`` as in :func:`salience.smoothgrad`.
+    ``max_memory`` (bytes or ``"2GiB"``), ``progress``, ``memory_format``, ``compile`` and
+    ``precision`` (how the passes run; ``None``: the settings) as in :func:`salience.smoothgrad`.
     """
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
@@ -220,6 +246,7 @@ def occlusion(
     win, st = _check_window(x, window, stride)
     red = _reduce.get_reduction(reduce)
     budget = _engine.check_memory_options(chunk, max_memory)
+    perf = _perf.resolve(memory_format, compile, precision)
     base = _baseline(x, baseline)
     corners, cover = occlusion_windows((int(x.shape[-2]), int(x.shape[-1])), win, st)
     items = _Occluded(x, base, corners, win)
@@ -228,7 +255,8 @@ def occlusion(
         out = forward_scores(model, x, strip_softmax=strip_softmax)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved)
-        clean = scores_of(out, resolved, probs)  # (B, K)
+        run = _perf.Run(model, x, perf, tag=f"occlusion:{win}:{st}:{probs}:{strip_softmax}")
+        clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run)  # (B, K)
 
         def compute(start: int, stop: int) -> Tensor:
             xs, owner, m = items(start, stop)
@@ -237,7 +265,7 @@ def occlusion(
             return drop[:, :, None, None] * m  # (n, K, H, W)
 
         sums = _engine.accumulate(compute, len(corners) * b, b, chunk=chunk, max_memory=budget,
-                                  progress=progress, desc="occlusion", device=x.device, inference=True)
+                                  progress=progress, desc="occlusion", device=x.device, inference=True, run=run)
     cov = cover.to(device=x.device, dtype=sums.total.dtype).clamp(min=1)
     maps = (sums.total / cov).to(x.dtype)  # (B, K, H, W)
     maps = maps.unsqueeze(2).expand(-1, -1, x.shape[1], -1, -1)  # (B, K, C, H, W)
@@ -292,6 +320,9 @@ def rise(
     chunk: Optional[int] = None,
     max_memory: Union[None, int, str] = None,
     progress: bool = False,
+    memory_format: Optional[str] = None,
+    compile: Union[None, bool, str, Callable] = None,
+    precision: Optional[str] = None,
 ) -> Tensor:
     """RISE: the target's score averaged over random masks, as a map ``(B, H, W)``.
 
@@ -302,7 +333,8 @@ def rise(
     fixes the masks: the same seed gives the same masks whatever the chunking.
     ``softmax="auto"`` scores class probabilities for class targets (the paper), the raw output
     otherwise (see :data:`SOFTMAX`). Several targets give ``(B, K, H, W)`` and share every forward
-    pass. ``chunk``, ``max_memory`` and ``progress`` as in :func:`salience.smoothgrad`.
+    pass. ``chunk``, ``max_memory``, ``progress``, ``memory_format``, ``compile`` and ``precision``
+    (how the passes run; ``None``: the settings) as in :func:`salience.smoothgrad`.
     """
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
@@ -316,6 +348,7 @@ def rise(
     if cell > min(x.shape[-2:]):
         raise SalienceError(f"cell={cell} is more cells than the {x.shape[-2]}x{x.shape[-1]} image has pixels a side")
     budget = _engine.check_memory_options(chunk, max_memory)
+    perf = _perf.resolve(memory_format, compile, precision)
     b = x.shape[0]
     size = (int(x.shape[-2]), int(x.shape[-1]))
     with model_guard(model):
@@ -332,6 +365,7 @@ def rise(
             return s[:, :, None, None] * mm  # (n, K, H, W)
 
         sums = _engine.accumulate(compute, n_masks * b, b, chunk=chunk, max_memory=budget, progress=progress,
-                                  desc="rise", device=x.device, inference=True)
+                                  desc="rise", device=x.device, inference=True,
+                                  run=_perf.Run(model, x, perf, tag=f"rise:{probs}:{strip_softmax}"))
     maps = (sums.total / (n_masks * p)).to(x.dtype)
     return maps if multi else maps[:, 0]

@@ -20,9 +20,14 @@ computed once. Ablation-CAM replaces the layer's output in the forward pass: the
 run once per image of a chunk, not once per channel, and the ablated copies of the layer's output
 run through the rest of the model together (when the rest mixes in an earlier tensor of the batch,
 such as a skip connection around the layer, the images are repeated instead).
+
+Both take the engine's performance options (``memory_format``, ``compile``, ``precision``; see
+docs/performance.md): Score-CAM's compiled chunks score every item (a dead channel's zero mask too)
+to keep the graph's one shape; Ablation-CAM's hooked passes never run compiled.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salience._core import engine as _engine
+from salience._core import perf as _perf
 from salience._core.autograd import capture_hook, check_input, forward_scores
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
@@ -38,7 +44,7 @@ from salience._core.tensors import check_number
 from salience.methods._multi import several_targets
 from salience.methods._tokens import Layout
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
-from salience.methods.perturbation import (SOFTMAX, check_perturbation_targets, scores_of, score_items,
+from salience.methods.perturbation import (SOFTMAX, check_perturbation_targets, clean_scores, score_items,
                                            use_probabilities)
 from salience.targets import Target, resolve, split
 
@@ -136,6 +142,9 @@ def scorecam(
     chunk: Optional[int] = None,
     max_memory: Union[None, int, str] = None,
     progress: bool = False,
+    memory_format: Optional[str] = None,
+    compile: Union[None, bool, str, Callable] = None,
+    precision: Optional[str] = None,
 ) -> Tensor:
     """Score-CAM: each channel of a layer weighted by the target's score of the image it masks.
 
@@ -146,12 +155,14 @@ def scorecam(
     :data:`SCORECAM_SOFTMAX` (default: the class probability, as the paper). One forward pass per
     channel and image: a layer with fewer channels is cheaper. ``layer``, ``relu``, ``grid``,
     ``prefix_tokens`` and ``strip_softmax`` as in :func:`salience.gradcam`; ``chunk``,
-    ``max_memory`` and ``progress`` as in :func:`salience.smoothgrad`.
+    ``max_memory``, ``progress``, ``memory_format``, ``compile`` and ``precision`` (how the masked
+    passes run; ``None``: the settings) as in :func:`salience.smoothgrad`.
     """
     targets, multi, mod = _setup("Score-CAM", model, x, target, layer)
     if softmax not in SCORECAM_SOFTMAX:
         raise SalienceError(f"softmax must be one of {', '.join(SCORECAM_SOFTMAX)}; got {softmax!r}")
     budget = _engine.check_memory_options(chunk, max_memory)
+    perf = _perf.resolve(memory_format, compile, precision)
     b = x.shape[0]
     with model_guard(model):
         acts, out = _capture(model, x, mod, strip_softmax)
@@ -161,8 +172,13 @@ def scorecam(
         items = _ChannelMasks(x, acts, align_corners)
         empty: list[Tensor] = []  # each image's scores of an all-zero mask (B, K), computed once
 
+        run = _perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}")
+
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
             mask, owner, live = items(start, stop)
+            if run.compiling:  # the compiled graph's fixed shape: every item (a dead channel's mask is 0)
+                s = score_items(model, x[owner] * mask, [t.for_items(owner) for t in resolved], probs, strip_softmax)
+                return s, s
             s = torch.empty(len(owner), len(resolved), dtype=x.dtype, device=x.device)
             if bool(live.any()):
                 s[live] = score_items(model, x[owner[live]] * mask[live], [t.for_items(owner[live]) for t in resolved],
@@ -174,7 +190,7 @@ def scorecam(
             return s, s  # the scores are the weights: kept per item (small), combined below
 
         sums = _engine.accumulate(compute, acts.shape[1] * b, b, chunk=chunk, max_memory=budget, progress=progress,
-                                  desc="scorecam", device=x.device, inference=True)
+                                  desc="scorecam", device=x.device, inference=True, run=run)
     assert sums.scores is not None
     w = _per_image(sums.scores, b)  # (B, K, D)
     if softmax == "channels":
@@ -246,6 +262,9 @@ def ablationcam(
     chunk: Optional[int] = None,
     max_memory: Union[None, int, str] = None,
     progress: bool = False,
+    memory_format: Optional[str] = None,
+    compile: Union[None, bool, str, Callable] = None,
+    precision: Optional[str] = None,
 ) -> Tensor:
     """Ablation-CAM: each channel of a layer weighted by the relative drop of the score without it.
 
@@ -255,21 +274,28 @@ def ablationcam(
     ablation); ``S`` near 0 makes the weights large. ``softmax``: score the raw output (default, the
     paper's class score) or class probabilities (see :data:`salience.methods.perturbation.SOFTMAX`).
     ``layer``, ``relu``, ``grid``, ``prefix_tokens`` and ``strip_softmax`` as in :func:`salience.gradcam`;
-    ``chunk``, ``max_memory`` and ``progress`` as in :func:`salience.smoothgrad`.
+    ``chunk``, ``max_memory``, ``progress``, ``memory_format``, ``compile`` and ``precision`` as in
+    :func:`salience.smoothgrad`: the passes take the layout and the autocast, but never run compiled
+    (a forward hook replaces the layer's output in each of them; ``compile`` is accepted, for
+    settings shared with the other methods, and its passes run eagerly).
     """
     targets, multi, mod = _setup("Ablation-CAM", model, x, target, layer)
     value = check_number(value, "value", what="the value an ablated channel takes, e.g. 0")
     budget = _engine.check_memory_options(chunk, max_memory)
+    perf = _perf.resolve(memory_format, compile, precision)
     b = x.shape[0]
     with model_guard(model):
         native, out = _capture(model, x, mod, strip_softmax)
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved)
-        clean = scores_of(out, resolved, probs)  # (B, K)
+        # no compiled passes: a hook replaces the layer's output in each (compile would retrace per chunk)
+        run = _perf.Run(model, x, replace(perf, compile=False), tag=f"ablationcam:{probs}:{strip_softmax}:{value}")
+        clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run)  # (B, K)
 
         def score(inputs: Tensor, owner: Tensor) -> Tensor:
-            return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax)
+            return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax,
+                               plain=False)
 
         items = _Ablated(model, mod, x, layout, value, score)
 
@@ -279,7 +305,7 @@ def ablationcam(
 
         depth = int(native.shape[1]) if layout.kind == "channels_first" else int(native.shape[-1])
         sums = _engine.accumulate(compute, depth * b, b, chunk=chunk, max_memory=budget, progress=progress,
-                                  desc="ablationcam", device=x.device, inference=True)
+                                  desc="ablationcam", device=x.device, inference=True, run=run)
     assert sums.scores is not None
     ablated = _per_image(sums.scores, b)  # (B, K, D)
     y = clean.unsqueeze(-1)

@@ -19,7 +19,7 @@ from salience._core.errors import SalienceError
 from salience._core.tensors import check_int, check_number
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
-from salience.methods._multi import takes_several_targets
+from salience.methods._multi import as_method, is_target_free, takes_several_targets
 from salience.methods.vanilla import vanilla
 from salience.targets import Target, resolve, split
 
@@ -62,6 +62,8 @@ def smoothgrad(
     targets) give maps ``(B, K, ...)``; for every method that takes K targets in one call
     (salience's own, also through ``functools.partial``; see
     :func:`salience.methods._multi.several_targets`) they share one forward pass per chunk.
+    A target-free method (``method=salience.eigencam``) gives the mean of its one map over the
+    copies (no target is resolved); with several targets that map stands for each.
 
     The wrapped method returns its raw map (``reduce=None``); ``grad_modifier`` and ``reduce``
     (default ``"max_abs"``, ``(B, H, W)``; ``None`` for the raw ``(B, C, H, W)``) are applied
@@ -82,6 +84,7 @@ def smoothgrad(
     """
     check_input(x, model)
     _check_options(method, samples, noise, variant, seed, options)
+    method = as_method(method)  # a target-free method (Eigen-CAM) is called with target=None
     budget = _engine.check_memory_options(chunk, max_memory)
     perf = _perf.resolve(memory_format, compile, precision)
     mod = _reduce.get_grad_modifier(grad_modifier)
@@ -91,12 +94,17 @@ def smoothgrad(
     copies = NoisyCopies(x, noise, _fresh_seed() if seed is None else seed)
     # Methods that take the K targets in one call share each chunk's forward pass between them.
     shared = multi and takes_several_targets(method)
+    # A target-free method (Eigen-CAM): the mean of its one map, which stands for every target.
+    free = is_target_free(method)
 
     with model_guard(model):
-        resolved = resolve(targets, model, x, strip_softmax=strip_softmax)
+        resolved = targets if free else resolve(targets, model, x, strip_softmax=strip_softmax)
 
         def compute(start: int, stop: int) -> Tensor:
             xs, owner = copies(start, stop)
+            if free:
+                m = _call(method, model, xs, None, raw_options)
+                return _finish(m, mod, red, False, resolved) if reduce_each else m
             tgts = [t.for_items(owner) for t in resolved]
             if shared:
                 maps = _call(method, model, xs, tgts, raw_options)  # (n, K, ...)
@@ -119,6 +127,9 @@ def smoothgrad(
         sq = sums.squares / samples
         out = sq if variant == "squared" else (sq - mean * mean).clamp_min(0)
     out = out.to(x.dtype)
+    if free:  # one map for every target
+        out = out if reduce_each else _finish(out, mod, red, False, resolved)
+        return out.unsqueeze(1).repeat(1, len(targets), *([1] * (out.dim() - 1))) if multi else out
     return out if reduce_each else _finish(out, mod, red, multi, resolved)
 
 

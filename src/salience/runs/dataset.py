@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write
 from salience._core.info import ModelInfo, model_info
@@ -31,7 +32,7 @@ from salience._core.tensors import check_int, model_device
 from salience.loading import load_model
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
 from salience.loading.models import name_classes
-from salience.methods import METHODS
+from salience.methods import METHODS, as_method
 from salience.render import viz
 from salience.runs import gallery, job, sources
 from salience.runs.store import FORMAT, Run, Store
@@ -83,6 +84,9 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     method_options: Optional[Mapping[str, Any]] = None,
     show_progress: bool = False,
     model_spec: Optional[str] = None,
+    memory_format: Optional[str] = None,
+    compile: Union[None, bool, str, Callable[..., Any]] = None,
+    precision: Optional[str] = None,
 ) -> Run:
     """Explain every image of ``images`` with ``methods`` into the run folder ``out``; returns the run
     (:func:`salience.open_run`).
@@ -103,7 +107,11 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     ``"local"`` or ``"ray"`` (``num_gpus`` per actor, ``actors`` in the pool, ``address`` of the
     cluster). ``model_spec``: the name of a given module in the run's command (default: its class
     and a digest of its weights). Running it again with the same arguments continues a stopped run; different
-    arguments on an existing run raise unless ``overwrite``.
+    arguments on an existing run raise unless ``overwrite``. ``memory_format``, ``compile`` and
+    ``precision``: how every method's passes run (``None``: the settings of
+    :func:`salience.set_performance`; docs/performance.md), on both engines; they change how the
+    maps are computed, not what, so they are not part of the run's command (a run started without
+    ``compile`` may be continued with it).
     """
     if engine not in ENGINES:
         raise SalienceError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -112,6 +120,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         check_int(batch_size, "batch_size", minimum=1)
     if map_dtype not in ("float16", "float32"):
         raise SalienceError(f"map_dtype must be float16 or float32, got {map_dtype!r}")
+    perf = _perf.resolve(memory_format, compile, precision)
     spec = model if isinstance(model, str) else model_spec
     device = _device(device)
     module = _model(model, device, weights)
@@ -157,9 +166,10 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         from salience.runs import ray_engine
 
         ray_engine.run(run, num_gpus=num_gpus, actors=actors, address=address, show=show_progress, png=png,
-                       weights=weights)
+                       weights=weights, performance=perf)
     else:
-        run_local(run, show=show_progress, png=png)
+        with _perf.performance(**vars(perf)):
+            run_local(run, show=show_progress, png=png)
     store.merge_index()
     gallery.write(store.folder)
     return Run(store.folder)
@@ -200,8 +210,8 @@ def _methods(methods: Any, options: Optional[Mapping[str, Any]]) -> tuple[dict[s
     """Names -> functions, and a JSON record of the options (for the command)."""
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
-    if isinstance(methods, Mapping):
-        fns = dict(methods)
+    if isinstance(methods, Mapping):  # the registry's contract (a target-free function takes the target too)
+        fns = {name: as_method(fn) for name, fn in methods.items()}
     else:
         fns = {}
         for name in methods:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.progress import progress
 from salience.runs import job
@@ -50,7 +51,7 @@ class Explain:
     """Ray actor: holds one model; explains a batch of decoded images and writes it as one shard."""
 
     def __init__(self, model: Any, plan: job.Plan, folder: str, batch: int, png: bool, weights: Optional[str],
-                 gpu: bool):
+                 gpu: bool, performance: Optional[_perf.Performance] = None):
         from salience.loading import load_model
         from salience.runs.store import Store
 
@@ -58,6 +59,7 @@ class Explain:
         self.model = load_model(model, weights=weights, device=device) if isinstance(model, str) else model.to(device)
         self.plan, self.batch, self.png = plan, batch, png
         self.store = Store.existing(folder)
+        self.performance = performance or _perf.Performance()  # the driver's options (an actor has its own process)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from salience.runs.dataset import commit, shard_name, write_overlays
@@ -69,7 +71,8 @@ class Explain:
         parts = []
         for s in range(0, n, self.batch):
             part = items[s:s + self.batch]
-            parts.append(job.explain_items(self.model, part, self.plan))
+            with _perf.performance(**vars(self.performance)):
+                parts.append(job.explain_items(self.model, part, self.plan))
             if self.png:
                 write_overlays(self.store.folder, part, parts[-1], self.plan)
         indices = [it.index for it in items]
@@ -87,7 +90,8 @@ def _actors(ray: Any, num_gpus: float, actors: Optional[int]) -> int:
 
 
 def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address: Optional[str] = None,
-        show: bool = False, png: bool = False, weights: Optional[str] = None) -> None:
+        show: bool = False, png: bool = False, weights: Optional[str] = None,
+        performance: Optional[_perf.Performance] = None) -> None:
     """Explain the run's pending images on Ray (a cluster at ``address``, ``RAY_ADDRESS``, the one
     this process joined, or a new local one, shut down after). The actors run on CUDA when
     ``num_gpus`` > 0, else on the CPU."""
@@ -113,7 +117,7 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
         ds = ds.map_batches(decode, fn_kwargs={"dataset": run.dataset}, batch_size=batch, batch_format="numpy",
                             num_cpus=1)
         ds = ds.map_batches(Explain, fn_constructor_args=(run.spec, run.plan, str(run.store.folder), batch, png,
-                                                          weights, bool(num_gpus)),
+                                                          weights, bool(num_gpus), performance),
                             batch_size=size, batch_format="numpy", concurrency=_actors(ray, num_gpus, actors),
                             num_gpus=num_gpus or None, num_cpus=1)
         with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
