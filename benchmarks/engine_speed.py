@@ -12,11 +12,12 @@ that rotates from round to round:
   input, parameters frozen, default layout) in passes of B images: the reference of the 0.85x goal;
 - ``bare 8``: the same passes 8 at a time (on this CPU bigger passes are not faster per image); the
   better of the two is "the best bare pass" of the chunk-probe goal (within 1.05x);
-- ``contiguous``: salience with ``memory_format="contiguous"`` (the chunk chosen by the throughput
-  probe, no layout change);
-- ``auto``: salience's default (``memory_format="auto"``: channels-last where its probe finds it
-  faster);
-- ``compile`` (with ``--compile``): ``auto`` plus ``compile=True``.
+- ``contiguous``: salience's defaults (``memory_format="contiguous"``, ``chunks="memory"``: the
+  largest chunk the memory budget allows, no layout change);
+- ``throughput``: ``chunks="throughput"`` (the chunk size chosen by measured time per item);
+- ``auto``: ``memory_format="auto"`` (channels-last where its probe finds it faster), memory chunks;
+- ``auto+throughput``: both opt-in options;
+- ``compile`` (with ``--compile``): ``auto+throughput`` plus ``compile=True``.
 
 Each salience mode is called once before the rounds: that call pays the probes (and the compile)
 and is reported apart as ``first call``; the rounds measure the warm calls. Min / median / max per
@@ -70,10 +71,18 @@ def _job(model, frozen, x, method: str, args) -> dict:
     modes: dict[str, Callable[[], object]] = {f"bare {b}": lambda: bare(frozen, items, tgt, b)}
     if b != 8:
         modes["bare 8"] = lambda: bare(frozen, items, tgt, 8)
-    modes["contiguous"] = lambda: call(memory_format="contiguous")
-    modes["auto"] = lambda: call(memory_format="auto")
+    def under(memory_format: str, chunks: str, **kw) -> Callable[[], object]:
+        def run() -> object:
+            with salience.performance(memory_format=memory_format, chunks=chunks):
+                return call(**kw)
+        return run
+
+    modes["contiguous"] = under("contiguous", "memory")  # the defaults
+    modes["throughput"] = under("contiguous", "throughput")
+    modes["auto"] = under("auto", "memory")
+    modes["auto+throughput"] = under("auto", "throughput")
     if args.compile:
-        modes["compile"] = lambda: call(memory_format="auto", compile=True)
+        modes["compile"] = under("auto", "throughput", compile=True)
     first = {k: _timed(f) for k, f in modes.items() if not k.startswith("bare")}
     times: dict[str, list[float]] = {k: [] for k in modes}
     loads = []
