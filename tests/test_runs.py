@@ -290,6 +290,24 @@ def test_resume_after_kill_9_at_random_points(data):
     _same_store(open_run(out), data["run"])
 
 
+def test_resume_removes_the_temporaries_of_cut_writes(data, tmp_path):
+    """A kill during the last write leaves ``.index.XXXXXXXX.tmp.parquet`` beside ``run.json`` (the
+    run's own files are written atomically too): the same command run again removes every such file,
+    at the top of the run and in its folders, and leaves everything else as it was."""
+    root = data["root"]
+    files = [root / "imgs" / f"{i:03d}.png" for i in range(4)]
+    out = tmp_path / "run"
+    salience.explain_dataset("demo:shapes", files, ["vanilla"], out, shard_size=SHARD, batch_size=BATCH, workers=0)
+    before = _tree(out)
+    cut = [out / ".index.0123abcd.tmp.parquet", out / ".run.89abcdef.tmp.json",
+           out / "shards" / ".00000.0123abcd.tmp.parquet"]
+    for p in cut:
+        p.write_bytes(b"half a file")
+    salience.explain_dataset("demo:shapes", files, ["vanilla"], out, shard_size=SHARD, batch_size=BATCH, workers=0)
+    assert not any(p.exists() for p in cut)
+    assert _tree(out) == before
+
+
 def _same_store(a, b) -> None:
     ta, tb = a.table, b.table
     assert ta.equals(tb), (ta.to_pylist()[:2], tb.to_pylist()[:2])

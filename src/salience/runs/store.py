@@ -99,11 +99,13 @@ def clear_run(folder: Path) -> None:
 def _remove_temporaries(folder: Path) -> None:
     """The temporary files of writes that a crash (``kill -9``) cut short: ``.NAME.XXXXXXXX.tmp.EXT``
     (:func:`salience._core.files.atomic_path`); never visible as results, removed on resume."""
+    cut = [*folder.glob(".*.tmp*")]  # the run's own files (index.parquet, run.json, index.html)
     for sub in _RUN_FOLDERS:
-        for p in (folder / sub).rglob(".*.tmp*"):
-            with_suffix = p.name.split(".")
-            if len(with_suffix) >= 4 and "tmp" in with_suffix:
-                p.unlink(missing_ok=True)
+        cut += (folder / sub).rglob(".*.tmp*")
+    for p in cut:
+        parts = p.name.split(".")
+        if len(parts) >= 4 and "tmp" in parts and p.is_file():
+            p.unlink(missing_ok=True)
 
 
 class Store:
