@@ -286,13 +286,8 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
             raise SalienceError(f"the target's layer {target_layer!r} was not called in the forward pass")
         out = target_store[0]
     out = unwrap_output(out, model if target_layer is None else None)
-    stripped = tap is not None and tap.last is not None and out is tap.last[1]
-    if run is not None and tap is not None:
-        run.note_softmax(stripped)
-    if stripped:
-        assert tap is not None and tap.last is not None
-        out = tap.last[0]
-    elif strip_softmax and target_layer is None and looks_like_probabilities(out):
+    out, stripped = _before_softmax(out, tap, run)
+    if not stripped and strip_softmax and target_layer is None and looks_like_probabilities(out):
         warnings.warn(
             "the model's output looks like probabilities (non-negative rows summing to 1) but no final "
             "softmax call was seen to take the scores before it; saliency of probabilities is dominated "
@@ -464,13 +459,19 @@ def _scores_pass(model: nn.Module, xb: Tensor, run: Optional[_perf.Run], strip_s
         if run is not None:
             stack.enter_context(run.autocast())
         out = unwrap_output(model(xb), model)
+    return _before_softmax(out, tap, run)[0]
+
+
+def _before_softmax(out: Any, tap: Optional["_SoftmaxTap"], run: Any) -> tuple[Any, bool]:
+    """``out``, or the scores a final softmax turned into ``out`` when the tap saw that call; whether it
+    did (told to the run, which records that the model ends in a softmax)."""
     stripped = tap is not None and tap.last is not None and out is tap.last[1]
     if run is not None and tap is not None:
         run.note_softmax(stripped)
     if stripped:
         assert tap is not None and tap.last is not None
-        out = tap.last[0]
-    return out
+        return tap.last[0], True
+    return out, False
 
 
 def predicted_classes(model: nn.Module, x: Tensor, *, batch_size: Optional[int] = None) -> Tensor:
