@@ -176,6 +176,9 @@ def test_a_person_browses_a_dataset_run_and_compares_two_models(tmp_path):
                 page.locator("#classes button.class[data-model='b']").first.click()
                 page.select_option("#method", "gradcam")
                 page.click("#add")
+                # each model's layer menu is filled when its layer tree arrives (a request of its own)
+                page.wait_for_function("['a', 'b'].every(m => document.querySelectorAll("
+                                       "`select[data-layer-model='${m}'] option`).length > 1)")
                 layers_a = page.eval_on_selector_all("select[data-layer-model='a'] option", "os => os.map(o => o.value)")
                 layers_b = page.eval_on_selector_all("select[data-layer-model='b'] option", "os => os.map(o => o.value)")
                 assert "features.6" in layers_a and "body.0" not in layers_a
