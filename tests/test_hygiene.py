@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,6 +13,25 @@ from salience import SalienceError, targets
 from salience._core.guard import model_guard
 
 from conftest import model_snapshot, unchanged
+
+
+@contextmanager
+def interrupted_on_pass(module: nn.Module, n: int = 1):
+    """Ctrl-C (``KeyboardInterrupt``) raised from ``module``'s ``n``-th forward call inside the block,
+    which must end by it; the hook is removed afterwards whatever happens."""
+    calls = []
+
+    def hook(mod, inp, out):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        handle.remove()
 
 
 def _train_mode_with_grads(m: nn.Module) -> None:
@@ -65,16 +85,8 @@ def test_exception_midway_leaves_model_unchanged(small_cnn, exc):
 def test_exception_inside_forward_leaves_model_unchanged(small_cnn):
     _train_mode_with_grads(small_cnn)
 
-    def bad_hook(module, inp, out):
-        raise KeyboardInterrupt
-
-    with unchanged(small_cnn):
-        handle = small_cnn.features[2].register_forward_hook(bad_hook)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                salience.vanilla(small_cnn, torch.rand(2, 3, 8, 8), targets.activation("features.3", 0))
-        finally:
-            handle.remove()
+    with unchanged(small_cnn), interrupted_on_pass(small_cnn.features[2]):
+        salience.vanilla(small_cnn, torch.rand(2, 3, 8, 8), targets.activation("features.3", 0))
 
 
 def test_validation_errors_leave_model_unchanged(small_cnn):
@@ -163,20 +175,8 @@ def test_perturbation_methods_leave_the_model_unchanged(small_cnn, name, options
     x = torch.rand(2, 3, 8, 8)
     with unchanged(small_cnn):
         method(small_cnn, x, torch.tensor([[0, 1], [2, 3]]), **options)
-    calls = []
-
-    def fail_on_second_pass(module, inp, out):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    with unchanged(small_cnn):
-        handle = small_cnn.head.register_forward_hook(fail_on_second_pass)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                method(small_cnn, x, 0, **options)
-        finally:
-            handle.remove()
+    with unchanged(small_cnn), interrupted_on_pass(small_cnn.head, 2):
+        method(small_cnn, x, 0, **options)
 
 
 def _graph_as_is(gm, inputs):  # a torch.compile backend that runs the traced graph: cheap to "compile"
@@ -252,17 +252,5 @@ def test_new_metrics_leave_the_model_unchanged(small_cnn, name):
     }
     with unchanged(small_cnn):
         calls[name]()
-    seen = []
-
-    def fail_on_second_pass(module, inp, out):
-        seen.append(1)
-        if len(seen) == 2:
-            raise KeyboardInterrupt
-
-    with unchanged(small_cnn):
-        handle = small_cnn.head.register_forward_hook(fail_on_second_pass)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                calls[name]()
-        finally:
-            handle.remove()
+    with unchanged(small_cnn), interrupted_on_pass(small_cnn.head, 2):
+        calls[name]()
