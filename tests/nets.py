@@ -29,3 +29,17 @@ class LinearScore(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = (x * self.w).flatten(1).sum(1)
         return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+class RenamedLayersNet(nn.Module):
+    """A second model for comparisons, its layers named unlike demo:shapes's (``body.0``, ``top``): 5
+    classes from 3-channel images, one convolution, global average pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.top = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.top(self.body(x).mean((2, 3)))

@@ -18,6 +18,7 @@ from starlette.testclient import TestClient  # noqa: E402
 import salience  # noqa: E402
 from conftest import unchanged  # noqa: E402
 from explore_helpers import npy, shapes_files, wait_job  # noqa: E402
+from nets import RenamedLayersNet  # noqa: E402
 from salience.explore.app import Hub, create_app  # noqa: E402
 from salience.explore.compute import ModelSlot  # noqa: E402
 from salience.explore.images import FileSource, ImageStore  # noqa: E402
@@ -502,19 +503,6 @@ def test_compare_two_models_side_by_side(tmp_path):
         hub.close()
 
 
-class _Other(torch.nn.Module):
-    """A second model whose layers are named unlike demo:shapes's (``body.0``, ``top``)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU())
-        self.top = torch.nn.Linear(6, 5)
-
-    def forward(self, x):
-        return self.top(self.body(x).mean((2, 3)))
-
-
 def test_each_model_of_a_comparison_has_its_own_layers(tmp_path):
     import dataclasses
 
@@ -522,7 +510,7 @@ def test_each_model_of_a_comparison_has_its_own_layers(tmp_path):
 
     paths, labels, _ = shapes_files(tmp_path, n=1)
     a = salience.load_model("demo:shapes")
-    b = attach_info(_Other(), dataclasses.replace(a.salience_info, name="other", default_layer=None))
+    b = attach_info(RenamedLayersNet(), dataclasses.replace(a.salience_info, name="other", default_layer=None))
     hub = Hub([ModelSlot("a", a), ModelSlot("b", b)], ImageStore([FileSource(paths)]))
     try:
         c = TestClient(create_app(hub))

@@ -15,6 +15,7 @@ import pytest
 
 import salience
 from explore_helpers import shapes_files
+from nets import RenamedLayersNet
 
 CHROMIUM = os.environ.get("SALIENCE_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -109,8 +110,6 @@ def test_a_person_browses_a_dataset_run_and_compares_two_models(tmp_path):
     the shape is. With a second model (--compare), each model's row offers its own layers."""
     import dataclasses
 
-    import torch
-
     from salience._core.info import attach_info
 
     sync_api = _browser()
@@ -128,18 +127,8 @@ def test_a_person_browses_a_dataset_run_and_compares_two_models(tmp_path):
     wrong = [t["index"] for t in table if not t["correct"]]
     assert 1 in wrong
 
-    class Other(torch.nn.Module):  # the second model: its layers are named unlike demo:shapes's
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU())
-            self.top = torch.nn.Linear(6, 5)
-
-        def forward(self, x):
-            return self.top(self.body(x).mean((2, 3)))
-
     a = salience.load_model("demo:shapes")
-    b = attach_info(Other(), dataclasses.replace(a.salience_info, name="other", default_layer=None))
+    b = attach_info(RenamedLayersNet(), dataclasses.replace(a.salience_info, name="other", default_layer=None))
     explorer = salience.explore(a, run=tmp_path / "run", compare=b, show=False)
     errors: list[str] = []
     row = 3
