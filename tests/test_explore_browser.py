@@ -104,6 +104,13 @@ def _rows_shown(page) -> list[int]:
     return [int(i) for i in page.eval_on_selector_all("#run-body tr", "trs => trs.map(t => t.dataset.id.split('-')[1])")]
 
 
+def _wait_rows(page, want: list[int]) -> None:
+    """Wait until the gallery shows exactly these rows in this order. Waiting for a row count alone
+    is a race: the previous filter's answer can have the same count (CI read a stale table)."""
+    ids = ",".join(f"r0-{i}" for i in want)
+    page.wait_for_function(f"[...document.querySelectorAll('#run-body tr')].map(t => t.dataset.id).join() === {ids!r}")
+
+
 def test_a_person_browses_a_dataset_run_and_compares_two_models(tmp_path):
     """The gallery of a dataset run (made here with salience.explain_dataset on the demo model):
     sorted and filtered as the run's table says; a row opened in the explorer shows its map where
@@ -147,16 +154,23 @@ def test_a_person_browses_a_dataset_run_and_compares_two_models(tmp_path):
 
                 page.select_option("#run-sort", "probability")
                 page.select_option("#run-order", "desc")
-                page.wait_for_function(f"[...document.querySelectorAll('#run-body tr')].map(t => t.dataset.id)"
-                                       f".join() === {','.join(f'r0-{i}' for i in by_p)!r}")
+                _wait_rows(page, by_p)
                 page.select_option("#run-correct", "false")
-                page.wait_for_function(f"document.querySelectorAll('#run-body tr').length === {len(wrong)}")
-                assert _rows_shown(page) == sorted(wrong, key=by_p.index)
+                _wait_rows(page, sorted(wrong, key=by_p.index))
                 page.select_option("#run-correct", "")
+                _wait_rows(page, by_p)
+                # a slow answer to an older request must not replace the newer one's table
+                page.evaluate("""() => { const f = window.fetch; window.fetch = (u, o) => String(u).includes('correct=false')
+                    ? new Promise((ok) => setTimeout(() => ok(f(u, o)), 800)) : f(u, o); }""")
+                page.select_option("#run-correct", "false")
+                page.select_option("#run-correct", "")
+                page.wait_for_timeout(1500)
+                assert _rows_shown(page) == by_p
                 name = table[row]["predicted_name"]
                 page.select_option("#run-class", name)
                 want = [i for i in by_p if table[i]["predicted_name"] == name]
-                page.wait_for_function(f"document.querySelectorAll('#run-body tr').length === {len(want)}")
+                _wait_rows(page, want)
+                page.wait_for_timeout(300)  # no later answer replaces it
                 assert _rows_shown(page) == want
 
                 page.click(f"#run-body tr[data-id='r0-{row}']")  # open the row in the explorer

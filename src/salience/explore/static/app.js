@@ -109,7 +109,7 @@ async function pick(id) {
 
 // ------------------------------------------------------------------ dataset runs (the gallery)
 
-const R = { runs: [], run: null, offset: 0, limit: 50, total: 0 };
+const R = { runs: [], run: null, offset: 0, limit: 50, total: 0, asked: 0 };
 
 async function startRuns() {
   R.runs = (await api("api/runs")).runs;
@@ -147,8 +147,11 @@ async function listRows() {
   add("class", "run-class"); add("correct", "run-correct"); add("min_probability", "run-pmin");
   add("max_probability", "run-pmax");
   if ($("run-metric").value) { q.set("metric", $("run-metric").value); add("min", "run-min"); add("max", "run-max"); }
+  // answers can arrive out of order when filters change quickly: only the latest request draws
+  const asked = ++R.asked;
   let found;
-  try { found = await api(`api/runs/${r.id}/rows?${q}`); } catch (e) { status(e.message, true); return; }
+  try { found = await api(`api/runs/${r.id}/rows?${q}`); } catch (e) { if (asked === R.asked) status(e.message, true); return; }
+  if (asked !== R.asked) return;
   R.total = found.total;
   const body = $("run-body"); body.textContent = "";
   const num = (v) => (v === null || v === undefined ? "" : (typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : String(v)));
