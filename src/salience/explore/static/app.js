@@ -90,12 +90,14 @@ async function pick(id) {
     const img = new Image(); img.onload = () => ok(); img.onerror = () => ok();
     img.src = `api/images/${id}/picture.png?slot=${m.slot}`; S.pictures[m.slot] = img;
   })));
+  if (S.image !== id) return; // another image was picked meanwhile: its own pick draws
   $("preview").src = S.pictures.a.src; $("picked").hidden = false;
   const box = $("classes"); box.textContent = "";
   for (const m of S.info.models) {
     box.append(el("h3", {}, `${m.slot}: ${m.name}`));
     try {
       const { classes } = await api(`api/models/${m.slot}/top?image=${id}&k=5`);
+      if (S.image !== id) return;
       for (const c of classes) {
         const p = c.probability === null ? c.score.toFixed(3) : `${(100 * c.probability).toFixed(1)}%`;
         box.append(el("button", { class: "class", "data-model": m.slot, "data-index": c.index,
