@@ -169,7 +169,9 @@ def test_a_large_run_answers_a_page_without_its_rows_in_python(tmp_path, monkeyp
         "path": pa.array(np.char.add("img", np.arange(LARGE).astype(str)).astype(object)),
         "predicted": pa.array(predicted), "predicted_name": pa.array(np.array(NAMES, dtype=object)[predicted]),
         "probability": pa.array(prob), "label": pa.array(label), "correct": pa.array(predicted == label),
-        "vanilla.deletion": pa.array(rng.random(LARGE))})
+        "vanilla.deletion": pa.array(rng.random(LARGE)),
+        "shard": pa.array(np.char.add("s", (np.arange(LARGE) // 256).astype(str)).astype(object)),
+        "offset": pa.array(np.arange(LARGE, dtype=np.int64) % 256)})
     source.run.table  # read the Parquet file first: Arrow's memory, not what is measured
     converted = []
     dicts = RunSource._dicts
@@ -182,6 +184,14 @@ def test_a_large_run_answers_a_page_without_its_rows_in_python(tmp_path, monkeyp
     finally:
         tracemalloc.stop()
     assert sum(converted) == 50
+    assert peak < PYTHON_PEAK_BYTES, peak
+    tracemalloc.start()  # opening a row deep in the run (its thumbnail's sprite and place): no per-row objects
+    try:
+        sprite, offset = source.run.thumbnail(123_456)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (sprite.name, offset) == (f"s{123_456 // 256}.jpg", 123_456 % 256)
     assert peak < PYTHON_PEAK_BYTES, peak
     keep = (predicted != label) & (prob >= 0.2)  # NaN >= 0.2 is False: left out, as the gallery does
     idx = np.nonzero(keep)[0]

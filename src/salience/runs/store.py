@@ -245,7 +245,7 @@ class Run:
             raise SalienceError(f"{self.folder}: unknown run format {self.manifest.get('format')!r} (this salience "
                                 f"reads {FORMAT}); upgrade salience")
         self._table: Any = None
-        self._where: Optional[dict[int, tuple[str, int]]] = None
+        self._indexes: Optional[np.ndarray] = None  # the table's "index" column (sorted), read once
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
 
     @property
@@ -282,16 +282,21 @@ class Run:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.table.to_pylist())
 
-    def _row_of(self, index: int) -> tuple[str, int]:
-        if self._where is None:
-            t = self.table
-            self._where = {int(i): (s, int(o)) for i, s, o in zip(t.column("index").to_pylist(),
-                                                                  t.column("shard").to_pylist(),
-                                                                  t.column("offset").to_pylist())}
-        if index not in self._where:
+    def _position(self, index: int) -> int:
+        """The table position of image ``index`` (the table is sorted by index): a binary search on
+        the index column, with no Python object per row (a run may have millions of rows)."""
+        if self._indexes is None:
+            self._indexes = np.asarray(self.table.column("index"))
+        pos = int(np.searchsorted(self._indexes, index))
+        if pos >= len(self._indexes) or int(self._indexes[pos]) != index:
             raise SalienceError(f"image {index} is not in the run (it has {len(self)} rows"
                                 f"{'' if self.complete else ', and is not finished'})")
-        return self._where[index]
+        return pos
+
+    def _row_of(self, index: int) -> tuple[str, int]:
+        pos = self._position(index)
+        t = self.table
+        return str(t.column("shard")[pos].as_py()), int(t.column("offset")[pos].as_py())
 
     def map(self, index: int, method: str, k: int = 0) -> np.ndarray:
         """Image ``index``'s map of ``method`` for its ``k``-th target, ``(H, W)`` float32 (a per-channel
@@ -312,11 +317,7 @@ class Run:
 
     def row(self, index: int) -> dict[str, Any]:
         """Image ``index``'s row as a dict."""
-        t = self.table
-        pos = int(np.searchsorted(np.asarray(t.column("index")), index))
-        if pos >= t.num_rows or int(t.column("index")[pos].as_py()) != index:
-            raise SalienceError(f"image {index} is not in the run")
-        return t.slice(pos, 1).to_pylist()[0]
+        return self.table.slice(self._position(index), 1).to_pylist()[0]
 
     def image_path(self, index: int) -> Union[Path, str]:
         """The image file of row ``index`` (relative paths are relative to where the run was started);
