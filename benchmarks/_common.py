@@ -17,6 +17,29 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory, in bytes.
+
+    On Linux, ``VmHWM`` of ``/proc/self/status``: the high-water mark of this process's own memory
+    map, which starts afresh at ``exec``. Not ``getrusage(...).ru_maxrss``: Linux carries a parent's
+    high-water mark into a child across ``fork`` + ``exec`` (``subprocess`` forks the benchmark's
+    parent), so a small case run from a big parent reports the parent's peak (every case of the
+    resnet50 table read 3335.3 MiB that way). Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def make_model(name: str, threads: int, *, seed: int = 0) -> torch.nn.Module:
     """A torchvision model with random weights (seeded), in eval mode; sets torch's thread count."""
     import torchvision
