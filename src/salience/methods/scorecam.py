@@ -16,14 +16,15 @@ Every (channel, image) pair is an item of :func:`salience._core.engine.accumulat
 ``j = k * B + b``), run in chunks from the memory budget under ``torch.inference_mode``; K targets
 share every pass. Score-CAM runs one forward pass per item, but a channel that is constant on an
 image (a dead ReLU channel: common) masks the image to zeros, and that image's score of zeros is
-computed once. Ablation-CAM replaces the layer's output in the forward pass: the layers before it
+computed once: the engine's items are the live (channel, image) pairs, found before the first
+pass, so every full chunk has the same batch size. Ablation-CAM replaces the layer's output in the forward pass: the layers before it
 run once per image of a chunk, not once per channel, and the ablated copies of the layer's output
 run through the rest of the model together (when the rest mixes in an earlier tensor of the batch,
 such as a skip connection around the layer, the images are repeated instead).
 
 Both take the engine's performance options (``memory_format``, ``compile``, ``precision``; see
-docs/performance.md): Score-CAM's compiled chunks score every item (a dead channel's zero mask too)
-to keep the graph's one shape; Ablation-CAM's hooked passes never run compiled.
+docs/performance.md): Score-CAM's chunks of live items keep a compiled graph's one shape;
+Ablation-CAM's hooked passes never run compiled.
 """
 from __future__ import annotations
 
