@@ -98,9 +98,11 @@ class DeadChannels(nn.Module):
         self.act = nn.ReLU()
         self.head = nn.Linear(6, 4)
         self.images = 0
+        self.sizes = []  # the batch size of every forward pass
 
     def forward(self, x):
         self.images += x.shape[0]
+        self.sizes.append(x.shape[0])
         return self.head(self.act(self.conv(x)).mean((2, 3)))
 
 
@@ -115,6 +117,30 @@ def test_scorecam_scores_an_empty_mask_once_per_call():
     assert live <= 12 and model.images == 3 + live + 3
     for k in range(2):  # several targets == one at a time (the dead channels weigh in the softmax)
         torch.testing.assert_close(ours[:, k], salience.scorecam(model, x, k, layer="act", softmax="channels"))
+
+
+def test_scorecam_runs_every_full_chunk_at_one_batch_size():
+    """The passes score live (image, channel) items only, ``chunk`` of them per pass but the last: a
+    chunk of items that skipped its dead channels had a batch size of its own, and glibc kept the
+    freed memory of the varying sizes (resident memory grew with the channels: issue 15,
+    benchmarks/perturbation-memory.md)."""
+    model = DeadChannels()
+    x = torch.rand(3, 3, 8, 8)
+    acts = _acts(model, model.act, x)
+    live = int((acts.amax((2, 3)) > acts.amin((2, 3))).sum())
+    for chunk, first in ((4, 4), (None, 3)):  # a given chunk; the engine's probe of one item per image first
+        model.sizes.clear()
+        ours = salience.scorecam(model, x, 1, layer="act", softmax="none", chunk=chunk)
+        passes = model.sizes[2:]  # after the layer's capture (3 images) and the zero image (3)
+        assert model.sizes[:2] == [3, 3] and sum(passes) == live and passes[0] == first, model.sizes
+        assert len(set(passes[1:-1])) <= 1 and max(passes[1:], default=0) >= passes[-1], model.sizes
+    assert chunk is None and len(passes) == 2  # the budget fits the rest in one pass
+    with torch.no_grad():  # the weights: the score of each masked image (zeros for a dead channel)
+        up = acts.flatten(0, 1).unsqueeze(1)
+        lo, hi = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+        mask = torch.where(hi > lo, (up - lo) / (hi - lo), torch.zeros_like(up)).view(3, 6, 1, 8, 8)
+        w = torch.stack([model(x[i] * mask[i])[:, 1] for i in range(3)])  # (3 images, 6 channels)
+    torch.testing.assert_close(ours, torch.einsum("bk,bkhw->bhw", w, acts).clamp(min=0), atol=1e-5, rtol=1e-4)
 
 
 def test_ablationcam_equals_pytorch_grad_cam(resnet):

@@ -16,14 +16,15 @@ Every (channel, image) pair is an item of :func:`salience._core.engine.accumulat
 ``j = k * B + b``), run in chunks from the memory budget under ``torch.inference_mode``; K targets
 share every pass. Score-CAM runs one forward pass per item, but a channel that is constant on an
 image (a dead ReLU channel: common) masks the image to zeros, and that image's score of zeros is
-computed once. Ablation-CAM replaces the layer's output in the forward pass: the layers before it
+computed once: the engine's items are the live (channel, image) pairs, found before the first
+pass, so every full chunk has the same batch size. Ablation-CAM replaces the layer's output in the forward pass: the layers before it
 run once per image of a chunk, not once per channel, and the ablated copies of the layer's output
 run through the rest of the model together (when the rest mixes in an earlier tensor of the batch,
 such as a skip connection around the layer, the images are repeated instead).
 
 Both take the engine's performance options (``memory_format``, ``compile``, ``precision``; see
-docs/performance.md): Score-CAM's compiled chunks score every item (a dead channel's zero mask too)
-to keep the graph's one shape; Ablation-CAM's hooked passes never run compiled.
+docs/performance.md): Score-CAM's chunks of live items keep a compiled graph's one shape;
+Ablation-CAM's hooked passes never run compiled.
 """
 from __future__ import annotations
 
@@ -107,22 +108,53 @@ def _per_image(scores: Tensor, b: int) -> Tensor:
 
 class _ChannelMasks:
     """Score-CAM's items: item ``j`` is image ``j % B`` times its channel ``j // B``, upsampled to the
-    image and scaled to ``[0, 1]``; constant channels give an empty mask (flagged ``live = False``)."""
+    image and scaled to ``[0, 1]``; a channel constant on its image gives an empty mask (not live).
+
+    :meth:`live` finds the items with a non-empty mask before any pass, so the engine's chunks hold
+    live items only: every full chunk then runs the model on the same batch size, and the C
+    allocator sees the same sizes in every chunk (chunks of varying live counts made glibc keep
+    hundreds of MiB of freed memory: docs/methods-cams.md)."""
+
+    BLOCK_PIXELS = 1 << 22  # items upsampled at once by :meth:`live`: 16 MiB of float32
 
     def __init__(self, x: Tensor, acts: Tensor, align_corners: bool) -> None:
         self.x, self.acts, self.align_corners = x, acts, align_corners
+        self._buffer: Optional[Tensor] = None  # the chunks' upsampled channels, reused by every chunk
 
-    def __call__(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _upsampled(self, items: Tensor, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(up, lo, span, owner)``: the items' channels upsampled ``(n, 1, H, W)`` (into ``out`` when
+        given: the values of ``F.interpolate``), their min and range."""
         b = self.x.shape[0]
-        idx = torch.arange(start, stop, device=self.x.device)
-        owner, ch = idx % b, idx // b
+        owner, ch = items % b, items // b
         a = self.acts[owner, ch].unsqueeze(1).to(self.x.dtype)  # (n, 1, h, w)
-        up = F.interpolate(a, size=tuple(self.x.shape[-2:]), mode="bilinear", align_corners=self.align_corners)
+        size = [int(self.x.shape[-2]), int(self.x.shape[-1])]
+        if out is None:
+            up = F.interpolate(a, size=tuple(size), mode="bilinear", align_corners=self.align_corners)
+        else:
+            up = torch.ops.aten.upsample_bilinear2d.out(a, size, self.align_corners, None, None, out=out)
         lo = up.amin(dim=(2, 3), keepdim=True)
-        span = up.amax(dim=(2, 3), keepdim=True) - lo
-        live = span.flatten() > 0
-        mask = torch.where(span > 0, (up - lo) / span.clamp(min=torch.finfo(up.dtype).tiny), torch.zeros_like(up))
-        return mask, owner, live
+        return up, lo, up.amax(dim=(2, 3), keepdim=True) - lo, owner
+
+    def live(self) -> Tensor:
+        """The items whose mask is not empty, in increasing order ``(n_live,)`` (int64)."""
+        total = self.acts.shape[0] * self.acts.shape[1]
+        block = max(1, self.BLOCK_PIXELS // max(1, int(self.x.shape[-2]) * int(self.x.shape[-1])))
+        out = []
+        for start in range(0, total, block):
+            items = torch.arange(start, min(total, start + block), device=self.x.device)
+            out.append(items[self._upsampled(items)[2].flatten() > 0])
+        return torch.cat(out)
+
+    def __call__(self, items: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mask (n, 1, H, W), owner (n,))`` of live items (the same values :meth:`live` tested). The
+        mask is a view of a buffer that the next call overwrites: a fresh ``(n, 1, H, W)`` per chunk
+        was one more block of freed memory that the allocator kept (docs/methods-perturbation.md)."""
+        n = len(items)
+        if self._buffer is None or self._buffer.shape[0] < n:
+            self._buffer = None  # the smaller one (the probe's) goes first
+            self._buffer = torch.empty((n, 1) + tuple(self.x.shape[-2:]), dtype=self.x.dtype, device=self.x.device)
+        up, lo, span, owner = self._upsampled(items, self._buffer[:n])
+        return up.sub_(lo).div_(span.clamp(min=torch.finfo(up.dtype).tiny)), owner
 
 
 @several_targets
@@ -170,29 +202,26 @@ def scorecam(
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = softmax != "channels" and use_probabilities(softmax, resolved)
         items = _ChannelMasks(x, acts, align_corners)
-        empty: list[Tensor] = []  # each image's scores of an all-zero mask (B, K), computed once
-
+        live = items.live()  # item j = channel j // B of image j % B; the others mask the image to zeros
         run = _perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}")
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            mask, owner, live = items(start, stop)
-            if run.compiling:  # the compiled graph's fixed shape: every item (a dead channel's mask is 0)
-                s = score_items(model, x[owner] * mask, [t.for_items(owner) for t in resolved], probs, strip_softmax)
-                return s, s
-            s = torch.empty(len(owner), len(resolved), dtype=x.dtype, device=x.device)
-            if bool(live.any()):
-                s[live] = score_items(model, x[owner[live]] * mask[live], [t.for_items(owner[live]) for t in resolved],
-                                      probs, strip_softmax)
-            if not bool(live.all()):
-                if not empty:
-                    empty.append(score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax))
-                s[~live] = empty[0][owner[~live]]
+            mask, owner = items(live[start:stop])
+            s = score_items(model, x[owner].mul_(mask), [t.for_items(owner) for t in resolved], probs, strip_softmax)
             return s, s  # the scores are the weights: kept per item (small), combined below
 
-        sums = _engine.accumulate(compute, acts.shape[1] * b, b, chunk=chunk, max_memory=budget, progress=progress,
-                                  desc="scorecam", device=x.device, inference=True, run=run)
-    assert sums.scores is not None
-    w = _per_image(sums.scores, b)  # (B, K, D)
+        total = acts.shape[1] * b
+        scores = torch.empty(total, len(resolved), dtype=x.dtype, device=x.device)
+        if len(live) < total:  # each image's scores of an all-zero mask (B, K), computed once, as the passes run
+            with torch.inference_mode(), run.autocast():
+                empty = score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax)
+            scores[:] = empty[torch.arange(total, device=x.device) % b]
+        if len(live):
+            sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
+                                      desc="scorecam", device=x.device, inference=True, run=run)
+            assert sums.scores is not None
+            scores[live] = sums.scores
+    w = _per_image(scores, b)  # (B, K, D)
     if softmax == "channels":
         w = w.softmax(dim=-1)
     return _cam(w, acts, relu, upsample, (int(x.shape[-2]), int(x.shape[-1])), multi)
