@@ -1,8 +1,11 @@
 """Models from other libraries: ``timm:NAME`` (timm) and ``hf:DIR_OR_ID`` (Hugging Face transformers).
 
 Nothing here downloads. timm's pretrained weights come from the local caches only (the Hugging
-Face hub cache, ``HF_HUB_CACHE``, and torch hub's ``checkpoints`` folder, ``TORCH_HOME``), and a
-transformers model from a ``save_pretrained`` folder or the local cache (``local_files_only``).
+Face hub cache, ``HF_HUB_CACHE`` or ``HF_HOME/hub``, and torch hub's ``checkpoints`` folder,
+``TORCH_HOME``), and a transformers model from a ``save_pretrained`` folder or the local cache
+(``local_files_only``, ``hf:ORG/NAME@REVISION`` for a branch, tag or commit). The cache folder is
+read from the environment at each call (:func:`hub_cache`), so a variable set after
+``huggingface_hub`` was imported counts too.
 Preprocessing comes from the library's own record: timm's ``pretrained_cfg`` through
 ``timm.data.resolve_data_config``, transformers' image-processor config
 (``preprocessor_config.json``); class names from timm's ``label_names`` or ImageNet-1k's for
@@ -25,7 +28,7 @@ from salience._core.errors import SalienceError, suggest
 from salience._core.info import ModelInfo, attach_info
 from salience.loading.models import PathLike, imagenet_class_names, load_state, read_state_dict
 
-__all__ = ["load_timm", "load_hf", "timm_info", "hf_info"]
+__all__ = ["load_timm", "load_hf", "timm_info", "hf_info", "hub_cache"]
 
 _INTERPOLATIONS = ("bilinear", "bicubic")
 
@@ -36,6 +39,16 @@ def _require(package: str, spec: str):
     except ImportError:
         raise SalienceError(f"{spec} needs the {package} package, which is not installed; pip install {package}") \
             from None
+
+
+def hub_cache() -> str:
+    """The Hugging Face hub cache folder as ``huggingface_hub`` defines it (``HF_HUB_CACHE``, else the
+    legacy ``HUGGINGFACE_HUB_CACHE``, else ``HF_HOME/hub``, else ``XDG_CACHE_HOME/huggingface/hub``,
+    else ``~/.cache/huggingface/hub``), read now: ``huggingface_hub`` reads it once, at import."""
+    env = os.environ.get
+    home = env("HF_HOME") or os.path.join(env("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    path = env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return os.path.expandvars(os.path.expanduser(path))
 
 
 # --------------------------------------------------------------------------------- timm
@@ -75,10 +88,12 @@ def _timm_pretrained(timm: Any, name: str, trust_pickle: bool) -> nn.Module:
     model = timm.create_model(name, pretrained=False)
     path = _timm_cached_file(model.pretrained_cfg)
     if path is None:
+        hub_id = model.pretrained_cfg.get("hf_hub_id")
+        hub = f"hf download {hub_id}, or " if hub_id else ""
         raise SalienceError(
-            f"timm:{name}: timm's pretrained weights are not in the local cache and salience never downloads. "
-            f"Get them once online (python -c \"import timm; timm.create_model('{name}', pretrained=True)\"), "
-            "or pass --weights FILE (a state dict) or --weights random")
+            f"timm:{name}: timm's pretrained weights are not in the local cache ({hub_cache()}) and salience "
+            f"never downloads. Get them once online ({hub}python -c \"import timm; timm.create_model('{name}', "
+            "pretrained=True)\"), or pass --weights FILE (a state dict) or --weights random")
     state = read_state_dict(path, trust_pickle=trust_pickle)
     # timm applies its own conversion of the checkpoint (filter_fn) to a state dict handed over.
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": state})
@@ -94,7 +109,7 @@ def _timm_cached_file(cfg: dict) -> Optional[Path]:
         names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors",
                                                                                "pytorch_model.bin"]
         for filename in names:
-            found = try_to_load_from_cache(repo, filename, cache_dir=os.environ.get("HF_HUB_CACHE"),
+            found = try_to_load_from_cache(repo, filename, cache_dir=hub_cache(),
                                            revision=revision or None)
             if isinstance(found, str) and Path(found).is_file():
                 return Path(found)
@@ -132,29 +147,42 @@ def timm_info(model: nn.Module, name: str) -> ModelInfo:
 
 def load_hf(ref: str) -> nn.Module:
     """A transformers image classifier (``AutoModelForImageClassification``) from a
-    ``save_pretrained`` folder or a model id in the local cache, offline, with the preprocessing
-    of its image-processor config and the class names of ``config.id2label``. It returns a
+    ``save_pretrained`` folder or a model id in the local cache (``ORG/NAME``, or
+    ``ORG/NAME@REVISION`` for a branch, tag or commit), offline, with the preprocessing of its
+    image-processor config and the class names of ``config.id2label``. It returns a
     ``ModelOutput``, whose ``logits`` salience takes."""
     _require("transformers", f"hf:{ref}")
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
 
+    source, where = _hf_source(ref)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForImageClassification.from_pretrained(ref, local_files_only=True)
+        model = AutoModelForImageClassification.from_pretrained(source, local_files_only=True, **where)
     except (OSError, ValueError, KeyError) as e:
-        if Path(ref).is_dir():
+        if not where:
             raise SalienceError(f"hf:{ref}: transformers could not load an image classifier from this folder "
                                 f"({_first_line(e)})") from None
+        revision = f" at revision {where['revision']}" if where.get("revision") else ""
         raise SalienceError(
-            f"hf:{ref}: not a folder, and not in the local Hugging Face cache; salience loads offline only. "
-            f"Save the model with save_pretrained(DIR) and pass hf:DIR, or download it once online "
-            f"(hf download {ref})") from None
+            f"hf:{ref}: not a folder, and not in the local Hugging Face cache ({where['cache_dir']}){revision}; "
+            f"salience loads offline only. Save the model with save_pretrained(DIR) and pass hf:DIR, or download "
+            f"it once online (hf download {source}{' --revision ' + where['revision'] if revision else ''}; "
+            "HF_HUB_CACHE / HF_HOME say where the cache is)") from None
     finally:
         if bar:
             hf_logging.enable_progress_bar()
     return attach_info(model.eval(), hf_info(model, ref))
+
+
+def _hf_source(ref: str) -> tuple[str, dict]:
+    """``hf:`` spec -> what ``from_pretrained`` takes: ``(folder, {})``, or ``(model id, {revision,
+    cache_dir})`` read from the cache (:func:`hub_cache`) at ``ID@REVISION`` (default ``main``)."""
+    if Path(ref).is_dir():
+        return ref, {}
+    repo, _, revision = ref.partition("@")
+    return repo, {"cache_dir": hub_cache(), **({"revision": revision} if revision else {})}
 
 
 def _first_line(e: BaseException) -> str:
@@ -166,10 +194,11 @@ def _processor_config(ref: str) -> Optional[dict]:
     """The image processor's settings (``preprocessor_config.json``), or ``None`` without one."""
     from transformers import AutoImageProcessor
 
+    source, where = _hf_source(ref)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoImageProcessor.from_pretrained(ref, local_files_only=True).to_dict()
+            return AutoImageProcessor.from_pretrained(source, local_files_only=True, **where).to_dict()
     except Exception:  # noqa: BLE001 - a model saved without its processor
         return None
 

@@ -40,7 +40,8 @@ MODEL_SPECS: tuple[tuple[str, str], ...] = (
     ("timm:NAME", "a timm architecture (needs timm): --weights FILE (a state dict), --weights random, or "
                   "timm's pretrained weights from the local cache (never downloaded)"),
     ("hf:DIR_OR_ID", "a Hugging Face transformers image classifier (needs transformers): a save_pretrained "
-                     "folder, or a model id in the local cache (offline)"),
+                     "folder, or a model id in the local Hugging Face cache, ID@REVISION for a branch, tag "
+                     "or commit (offline; never downloaded)"),
     ("python:MODULE:FUNC", "your own code: python:mypkg.nets:build or python:path/to/file.py:build returns the "
                            "nn.Module; --weights FILE a state dict for it"),
     ("FILE.pt / .pth / .ts", "a TorchScript archive (torch.jit.save); a state dict alone needs "
@@ -325,7 +326,8 @@ def load_model(
     ``salience.zoo.DEMOS``); ``"torchvision:ARCH"`` (``weights``: a state-dict file, ``"random"``,
     or ``None`` for torchvision's pretrained weights, which torchvision downloads);
     ``"timm:NAME"`` (``weights`` as for torchvision; ``None``: timm's pretrained weights from the
-    local cache, never downloaded); ``"hf:DIR_OR_ID"`` (a transformers image classifier, offline);
+    local cache, never downloaded); ``"hf:DIR_OR_ID"`` (a transformers image classifier, offline;
+    ``"hf:ORG/NAME@REVISION"`` for a branch, tag or commit in the cache);
     ``"python:MODULE:FUNC"`` / ``"python:FILE.py:FUNC"`` (your function, called with no argument,
     returns the model; ``weights`` a state dict for it); or a file: TorchScript
     (``.pt``/``.pth``/``.ts``...), a ``torch.export`` program (``.pt2``), Keras
