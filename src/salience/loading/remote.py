@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from salience._core.errors import SalienceError
 
@@ -33,10 +33,18 @@ def _hint(url: str) -> str:
             if url.lower().startswith("s3://") else "check the URL and the credentials of its storage")
 
 
-def error(url: str, what: str, e: BaseException) -> SalienceError:
-    """A :class:`SalienceError` for a failed ``what`` on ``url``, with what to check."""
+class NoSuchObject(SalienceError):
+    """The URL names no object (never stored, or deleted / moved since it was listed)."""
+
+
+class StorageError(SalienceError):
+    """The storage did not answer as asked: unreachable endpoint, refused credentials, no bucket."""
+
+
+def error(url: str, what: str, e: BaseException) -> StorageError:
+    """A :class:`StorageError` for a failed ``what`` on ``url``, with what to check."""
     detail = str(e).split(" (Request ID")[0].strip()
-    return SalienceError(f"{url}: cannot {what} ({detail}); {_hint(url)}")
+    return StorageError(f"{url}: cannot {what} ({detail}); {_hint(url)}")
 
 
 def _s3(bucket: str) -> Any:
@@ -147,16 +155,22 @@ def _translate(pattern: str) -> str:
     return "".join(out)
 
 
-def read_bytes(url: str) -> bytes:
-    """The whole object at ``url``; a :class:`SalienceError` naming it when it cannot be read."""
+def read_bytes(url: str, max_bytes: Optional[int] = None) -> bytes:
+    """The whole object at ``url``; :class:`NoSuchObject` when there is none, :class:`StorageError`
+    when the storage cannot be read, a :class:`SalienceError` when it is over ``max_bytes``
+    (``None``: no limit; read up to one byte past it, never the whole of a larger object)."""
     fs, path = filesystem(url)
     try:
         with fs.open_input_stream(path) as f:
-            return f.read()
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except FileNotFoundError:
-        raise SalienceError(f"{url}: no such object; check the path") from None
+        raise NoSuchObject(f"{url}: no such object; check the path (was it deleted or moved?)") from None
     except OSError as e:
         raise error(url, "read it", e) from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise SalienceError(f"{url}: the object is over {max_bytes / 2**20:g} MB, more than any image within "
+                            "the pixel limit; raise the limit (--max-pixels / max_pixels=) if it is an image")
+    return data
 
 
 def join(folder_url: str, relative: str) -> str:
