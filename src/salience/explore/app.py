@@ -47,6 +47,7 @@ from salience.explore.compute import ExplainRequest, ModelSlot
 from salience.explore.images import ImageStore
 from salience.explore.jobs import Job, QueueFull, Ticker
 from salience.explore.runs import RunSource
+from salience.loading import remote
 from salience.methods.gradcam import default_layer
 from salience.render import viz
 
@@ -79,10 +80,21 @@ class Hub:
         return self.slots[name]
 
     def image(self, image_id: Any) -> Any:
+        """Image ``image_id`` and its digest (it may be read from object storage: blocking; the
+        endpoints call :meth:`image_async`). A run's object that is gone is 404, storage that does
+        not answer (endpoint, credentials, bucket) 502, both naming the URL and what to check."""
         try:
             return self.images.load(str(image_id))
         except KeyError:
             raise HTTPException(404, f"no image {image_id!r}; upload it or pick one of GET api/images") from None
+        except remote.NoSuchObject as e:
+            raise HTTPException(404, f"{e}; the run names it, but the storage has it no longer") from None
+        except remote.StorageError as e:
+            raise HTTPException(502, str(e)) from None
+
+    async def image_async(self, image_id: Any) -> Any:
+        """:meth:`image` in a thread: a slow or unreachable storage never blocks the server."""
+        return await asyncio.to_thread(self.image, image_id)
 
     def run(self, run_id: str) -> RunSource:
         if run_id not in self.runs:
@@ -295,7 +307,7 @@ async def upload(request: Request) -> Response:
 async def picture(request: Request) -> Response:
     hub = _hub(request)
     slot = hub.slot(request.query_params.get("slot", "a"))
-    image, _ = hub.image(request.path_params["id"])
+    image, _ = await hub.image_async(request.path_params["id"])
     pic = viz.to_uint8_image(slot.picture(image))
     return Response(compute.png_bytes(pic), media_type="image/png")
 
@@ -304,7 +316,7 @@ async def top(request: Request) -> Response:
     hub = _hub(request)
     slot = hub.slot(request.path_params["slot"])
     image_id = request.query_params.get("image", "")
-    image, digest = hub.image(image_id)
+    image, digest = await hub.image_async(image_id)
     k = int(_float(request, "k", 5, 1, 1000))
     key = key_of(kind="top", model=slot.info.name, slot=slot.name, image=digest or image_id, k=k)
     cached = hub.cache.get(key)
@@ -337,7 +349,7 @@ async def explain(request: Request) -> Response:
     body = await _json_body(request)
     slot = hub.slot(str(body.get("model", "a")))
     image_id = body.get("image")
-    image, digest = hub.image(image_id)
+    image, digest = await hub.image_async(image_id)
     method = body.get("method")
     if not isinstance(method, str):
         raise HTTPException(400, "method must be a method name, e.g. vanilla")
@@ -410,7 +422,7 @@ async def on_map(request: Request) -> Response:
     cached = hub.cache.get(rkey)
     if cached is not None:
         return JSONResponse({"key": key, "state": "done", "kind": what, "result": cached, "progress": 1.0})
-    image, _ = hub.image(req.image)
+    image, _ = await hub.image_async(req.image)
     given = compute.read_options(req.method, req.given())
 
     def run(t: Ticker) -> Any:
@@ -431,7 +443,7 @@ async def figure(request: Request) -> Response:
     if len({r.image for r in reqs}) != 1:
         raise HTTPException(400, "a figure shows the maps of one image; these keys are of several")
     slot = hub.slot(reqs[0].slot)
-    image, _ = hub.image(reqs[0].image)
+    image, _ = await hub.image_async(reqs[0].image)
     maps = {}
     for k, r in zip(keys, reqs):
         label = f"{r.method} {hub.slot(r.slot).class_name(r.target)}" + (f" ({r.slot})" if len(hub.slots) > 1 else "")

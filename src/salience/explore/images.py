@@ -7,7 +7,9 @@ a :class:`Source` (``name`` and ``entries()``, the images listed); a source may 
 does not list with ``find(id)``: a dataset run (:mod:`salience.explore.runs`) reaches its rows'
 images that way.
 Every image is read with :func:`salience.loading.load_image`, so the explorer refuses what the
-command line refuses (not an image, truncated, over ``max_pixels``), with the same messages.
+command line refuses (not an image, truncated, over ``max_pixels``), with the same messages. An
+entry with a ``url`` (a run's row in object storage, ``s3://...``) is read through
+:mod:`salience.loading.remote`, with the environment of dataset runs (``AWS_ENDPOINT_URL`` ...).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Any, Optional, Protocol, Sequence, Union
 from torch import Tensor
 
 from salience._core.errors import SalienceError
+from salience.loading import remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, load_image
 
 __all__ = ["ImageEntry", "Source", "FileSource", "ImageStore", "IMAGE_SUFFIXES", "MAX_UPLOAD_BYTES"]
@@ -31,18 +34,23 @@ __all__ = ["ImageEntry", "Source", "FileSource", "ImageStore", "IMAGE_SUFFIXES",
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MAX_UPLOAD_BYTES = 64 * 2**20
 """Largest upload accepted (bytes); larger bodies get 413 before they are read whole."""
+_BYTES_PER_PIXEL = 16
+"""Bytes per pixel of the largest uncompressed image file (RGBA float32 TIFF): an object larger than
+``max_pixels * 16`` + 1 MB of metadata cannot be an image within the pixel limit, so it is not read."""
 
 
 @dataclass
 class ImageEntry:
     """One image: its ``id`` (what the page uses), a display ``name``, the ``source`` it comes
-    from, the file it is read from, and any ``fields`` its source knows (a run's class, metrics)."""
+    from, the file it is read from (``path``) or the object (``url``, then ``path`` is ``None``),
+    and any ``fields`` its source knows (a run's class, metrics)."""
 
     id: str
     name: str
     source: str
-    path: Path
+    path: Optional[Path]
     fields: dict[str, Any] = field(default_factory=dict)
+    url: Optional[str] = None
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "source": self.source, **self.fields}
@@ -128,7 +136,8 @@ class ImageStore:
             while len(self._uploads) > self.max_uploads:
                 old, e_old = self._uploads.popitem(last=False)
                 self._decoded.pop(old, None)
-                e_old.path.unlink(missing_ok=True)
+                if e_old.path is not None:
+                    e_old.path.unlink(missing_ok=True)
         return entry
 
     def load(self, image_id: str) -> tuple[Tensor, str]:
@@ -141,8 +150,15 @@ class ImageStore:
             if hit is not None:
                 self._decoded.move_to_end(entry.id)
                 return hit
-        digest = hashlib.sha256(entry.path.read_bytes()).hexdigest() if entry.path.is_file() else ""
-        image = load_image(entry.path, max_pixels=self.max_pixels)
+        if entry.url is not None:  # blocking network reads: the server calls this in a thread
+            limit = None if self.max_pixels is None else self.max_pixels * _BYTES_PER_PIXEL + 2**20
+            data = remote.read_bytes(entry.url, limit)
+            digest = hashlib.sha256(data).hexdigest()
+            image = load_image(entry.url, max_pixels=self.max_pixels, data=data)
+        else:
+            assert entry.path is not None
+            digest = hashlib.sha256(entry.path.read_bytes()).hexdigest() if entry.path.is_file() else ""
+            image = load_image(entry.path, max_pixels=self.max_pixels)
         with self._lock:
             self._decoded[entry.id] = (image, digest)
             while len(self._decoded) > 16:

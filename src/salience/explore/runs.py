@@ -4,8 +4,10 @@ A :class:`RunSource` wraps :func:`salience.open_run`: its rows are listed, sorte
 :meth:`RunSource.rows` (the page's gallery), and each row's image is reached by the id
 ``r<run>-<index>`` (``r0-17``) only, never by its path: the files that can be read are the
 image paths the run's table names, nothing else. The run's thumbnails (its sprite files) and its
-stored maps are read from the run folder by row. Rows are not listed by ``api/images`` (a run may
-hold a million): :meth:`RunSource.entries` is empty and :meth:`RunSource.find` answers by id.
+stored maps are read from the run folder by row. A row whose path is a URL (a run over
+``s3://...``) is read from object storage when it is opened: only the URLs of the table, never
+one from the page. Rows are not listed by ``api/images`` (a run may hold a million):
+:meth:`RunSource.entries` is empty and :meth:`RunSource.find` answers by id.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from salience._core.errors import SalienceError
 from salience.explore.images import ImageEntry
+from salience.loading import remote
 from salience.runs.store import Run, open_run, pyarrow
 
 __all__ = ["RunSource", "is_run", "SORTABLE"]
@@ -119,9 +122,13 @@ class RunSource:
             raise KeyError(index)
         return self._dicts(self.run.table.slice(pos, 1))[0]
 
-    def _file(self, row: dict[str, Any]) -> Optional[Path]:
-        """The row's image file: its path as given (relative to where the run was started), else
-        relative to the run folder's parent; ``None`` when neither is a file (a ``Dataset`` row)."""
+    def _file(self, row: dict[str, Any]) -> Optional[Union[Path, str]]:
+        """The row's image: its URL when it is in object storage (``s3://...``, not looked up here:
+        a page of rows would cost a request each; a missing object is an error when opened), else
+        its file, the path as given (relative to where the run was started), else relative to the
+        run folder's parent; ``None`` when neither is a file (a ``Dataset`` row)."""
+        if remote.is_remote(row["path"]):
+            return str(row["path"])
         p = Path(row["path"])
         for candidate in ([p] if p.is_absolute() else [p, self.run.folder.parent / p]):
             if candidate.is_file():
@@ -145,8 +152,10 @@ class RunSource:
         path = self._file(r)
         if path is None:
             return None
-        return ImageEntry(image_id, Path(r["path"]).name, self.id, path,
-                          {k: r[k] for k in ("index", "predicted_name", "probability") if k in r})
+        fields = {k: r[k] for k in ("index", "predicted_name", "probability") if k in r}
+        if isinstance(path, str):  # an object: read through salience.loading.remote
+            return ImageEntry(image_id, path.rstrip("/").rsplit("/", 1)[-1], self.id, None, fields, url=path)
+        return ImageEntry(image_id, Path(r["path"]).name, self.id, path, fields)
 
     # ------------------------------------------------------------------ the gallery
 

@@ -6,14 +6,15 @@ dependency): its ``S3FileSystem`` is a C++ client with its own retries and no ev
 for DataLoader workers and Ray tasks. An S3-compatible server (MinIO, Ceph, a local test server) is
 named by the standard ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` variables; the credentials and
 region come from the AWS SDK's usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``,
-``AWS_PROFILE``, an instance role; ``AWS_REGION`` / ``AWS_DEFAULT_REGION``). Other schemes
-(``gs://``, ``abfs://``, ``hdfs://``) go through ``pyarrow.fs.FileSystem.from_uri`` as they are.
+``AWS_PROFILE``, an instance role; ``AWS_REGION`` / ``AWS_DEFAULT_REGION``). ``gs://`` is pyarrow's
+``GcsFileSystem`` (Google's default credentials; ``STORAGE_EMULATOR_HOST`` names an emulator).
+Other schemes (``abfs://``, ``hdfs://``) go through ``pyarrow.fs.FileSystem.from_uri`` as they are.
 """
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from salience._core.errors import SalienceError
 
@@ -28,15 +29,27 @@ def is_remote(text: Any) -> bool:
 
 
 def _hint(url: str) -> str:
-    return ("check the bucket and prefix, the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
-            "AWS_PROFILE), the region (AWS_REGION) and, for an S3-compatible server, AWS_ENDPOINT_URL"
-            if url.lower().startswith("s3://") else "check the URL and the credentials of its storage")
+    if url.lower().startswith(("s3://", "s3a://")):
+        return ("check the bucket and prefix, the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+                "AWS_PROFILE), the region (AWS_REGION) and, for an S3-compatible server, AWS_ENDPOINT_URL")
+    if url.lower().startswith(("gs://", "gcs://")):
+        return ("check the bucket and prefix, the credentials (GOOGLE_APPLICATION_CREDENTIALS or gcloud's) and, "
+                "for a storage emulator, STORAGE_EMULATOR_HOST")
+    return "check the URL and the credentials of its storage"
 
 
-def error(url: str, what: str, e: BaseException) -> SalienceError:
-    """A :class:`SalienceError` for a failed ``what`` on ``url``, with what to check."""
+class NoSuchObject(SalienceError):
+    """The URL names no object (never stored, or deleted / moved since it was listed)."""
+
+
+class StorageError(SalienceError):
+    """The storage did not answer as asked: unreachable endpoint, refused credentials, no bucket."""
+
+
+def error(url: str, what: str, e: BaseException) -> StorageError:
+    """A :class:`StorageError` for a failed ``what`` on ``url``, with what to check."""
     detail = str(e).split(" (Request ID")[0].strip()
-    return SalienceError(f"{url}: cannot {what} ({detail}); {_hint(url)}")
+    return StorageError(f"{url}: cannot {what} ({detail}); {_hint(url)}")
 
 
 def _s3(bucket: str) -> Any:
@@ -53,6 +66,21 @@ def _s3(bucket: str) -> Any:
                              connect_timeout=10, request_timeout=60)
 
 
+def _gcs(url: str) -> Any:
+    """Google Cloud Storage; ``STORAGE_EMULATOR_HOST`` (the variable of Google's own client
+    libraries and tools) names an emulator, reached without credentials, retrying for 15 s."""
+    import datetime
+
+    import pyarrow.fs as pafs
+
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if not host:
+        return pafs.FileSystem.from_uri(url)[0]
+    scheme, _, address = host.partition("://") if "://" in host else ("http", "", host)
+    return pafs.GcsFileSystem(anonymous=True, scheme=scheme, endpoint_override=address.rstrip("/"),
+                              retry_time_limit=datetime.timedelta(seconds=15))
+
+
 def filesystem(url: str) -> tuple[Any, str]:
     """``(pyarrow filesystem, path in it)`` of ``url``; one filesystem per scheme and bucket per
     process (DataLoader workers and Ray tasks make their own on first use)."""
@@ -64,6 +92,8 @@ def filesystem(url: str) -> tuple[Any, str]:
         if key not in _CACHE:
             if scheme in ("s3", "s3a"):
                 _CACHE[key] = _s3(bucket)
+            elif scheme in ("gs", "gcs"):
+                _CACHE[key] = _gcs(url)
             else:
                 import pyarrow.fs as pafs
 
@@ -72,7 +102,7 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise SalienceError("object storage paths need pyarrow: pip install 'salience[runs]'") from None
     except (OSError, ValueError) as e:
         raise error(url, "open its storage", e) from None
-    return _CACHE[key], (rest if scheme in ("s3", "s3a") else _path_of(url))
+    return _CACHE[key], (rest if scheme in ("s3", "s3a", "gs", "gcs") else _path_of(url))
 
 
 def _path_of(url: str) -> str:
@@ -95,10 +125,21 @@ def list_files(url: str, suffixes: Sequence[str]) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=False))
     except FileNotFoundError:
         raise SalienceError(f"{url}: no such prefix (nothing stored under it); check the path") from None
-    except OSError as e:
+    except OSError as e:  # GCS says "no such file" as a plain OSError: ask whether anything is there
+        if url.lower().startswith(("gs://", "gcs://")) and _missing(fs, path):
+            raise SalienceError(f"{url}: no such prefix (nothing stored under it); check the path") from None
         raise error(url, "list it", e) from None
     return sorted(_url(url, i.path) for i in infos
                   if i.type == pafs.FileType.File and i.path.lower().endswith(tuple(suffixes)))
+
+
+def _missing(fs: Any, path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    try:
+        return fs.get_file_info(path.rstrip("/")).type == pafs.FileType.NotFound
+    except OSError:
+        return False
 
 
 def kind(url: str) -> str:
@@ -147,16 +188,22 @@ def _translate(pattern: str) -> str:
     return "".join(out)
 
 
-def read_bytes(url: str) -> bytes:
-    """The whole object at ``url``; a :class:`SalienceError` naming it when it cannot be read."""
+def read_bytes(url: str, max_bytes: Optional[int] = None) -> bytes:
+    """The whole object at ``url``; :class:`NoSuchObject` when there is none, :class:`StorageError`
+    when the storage cannot be read, a :class:`SalienceError` when it is over ``max_bytes``
+    (``None``: no limit; read up to one byte past it, never the whole of a larger object)."""
     fs, path = filesystem(url)
     try:
         with fs.open_input_stream(path) as f:
-            return f.read()
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except FileNotFoundError:
-        raise SalienceError(f"{url}: no such object; check the path") from None
+        raise NoSuchObject(f"{url}: no such object; check the path (was it deleted or moved?)") from None
     except OSError as e:
         raise error(url, "read it", e) from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise SalienceError(f"{url}: the object is over {max_bytes / 2**20:g} MB, more than any image within "
+                            "the pixel limit; raise the limit (--max-pixels / max_pixels=) if it is an image")
+    return data
 
 
 def join(folder_url: str, relative: str) -> str:
