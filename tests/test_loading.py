@@ -155,6 +155,41 @@ def test_huge_header_is_refused_before_decoding(tmp_path, monkeypatch):
     assert Image.MAX_IMAGE_PIXELS == 89478485
 
 
+def test_images_loaded_in_threads_leave_pils_limit_as_it_was(tmp_path, monkeypatch):
+    """The explorer loads images in threads: calls that overlap must still put PIL's bomb limit back
+    (a save / restore per call left it lifted for good; the full suite caught it)."""
+    import threading
+
+    Image.fromarray(_rgb(20, 20)).save(tmp_path / "a.png")
+    limit, real_open = Image.MAX_IMAGE_PIXELS, Image.open
+    meet = threading.Barrier(4)
+
+    def open_together(*args, **kwargs):  # the four threads are inside the lifted limit at once
+        try:
+            meet.wait(timeout=5)
+        except threading.BrokenBarrierError:
+            pass
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_together)
+    errors: list = []
+
+    def work():
+        try:
+            for _ in range(20):
+                assert load_image(tmp_path / "a.png").shape == (3, 20, 20)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert Image.MAX_IMAGE_PIXELS == limit
+
+
 def test_images_over_pils_bomb_limit_but_under_ours_are_read(tmp_path, monkeypatch):
     Image.fromarray(_rgb(40, 30)).save(tmp_path / "a.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL would raise DecompressionBombError

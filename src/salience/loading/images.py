@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import contextlib
 import os
+import threading
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -47,6 +49,34 @@ DEFAULT_MAX_PIXELS = 50_000_000
 (about 600 MB as float32 RGB)."""
 
 
+_bomb_lock = threading.Lock()
+_bomb_lifted = 0  # calls inside _without_pils_bomb_limit now
+_bomb_saved: Any = None  # PIL's limit before the first of them
+
+
+@contextlib.contextmanager
+def _without_pils_bomb_limit() -> Iterator[None]:
+    """PIL's decompression-bomb limit lifted while an image is opened and decoded (we check our own
+    ``max_pixels``). Several threads may load images at once (the explorer, DataLoader threads), so
+    the first one in saves PIL's limit and the last one out puts it back: a plain save / restore
+    in each call left the limit lifted for good when two calls overlapped."""
+    from PIL import Image
+
+    global _bomb_lifted, _bomb_saved
+    with _bomb_lock:
+        if _bomb_lifted == 0:
+            _bomb_saved = Image.MAX_IMAGE_PIXELS
+        _bomb_lifted += 1
+        Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        with _bomb_lock:
+            _bomb_lifted -= 1
+            if _bomb_lifted == 0:
+                Image.MAX_IMAGE_PIXELS = _bomb_saved
+
+
 def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
                data: Optional[bytes] = None) -> Tensor:
     """Read an image file as an RGB float tensor ``(3, H, W)`` in ``[0, 1]``.
@@ -67,17 +97,12 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         raise SalienceError(f"{p}: no such file; check the path")
     if data is None and p.is_dir():
         raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
-    PIL_limit = Image.MAX_IMAGE_PIXELS
     try:
         # We check the size ourselves (below) against max_pixels; PIL's own bomb check would
         # otherwise refuse or warn on its own, different limit.
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # PIL's notes on odd metadata; errors are raised below
-                img = Image.open(p if data is None else io.BytesIO(data))
-        finally:
-            Image.MAX_IMAGE_PIXELS = PIL_limit
+        with _without_pils_bomb_limit(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's notes on odd metadata; errors are raised below
+            img = Image.open(p if data is None else io.BytesIO(data))
     except UnidentifiedImageError:
         raise SalienceError(
             f"{p}: not an image file PIL can read (expected PNG, JPEG, BMP, TIFF, WebP, GIF ...); "
@@ -100,14 +125,10 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         if w == 0 or h == 0:
             raise SalienceError(f"{p}: the image is empty ({w}x{h})")
         try:
-            with warnings.catch_warnings():
+            with _without_pils_bomb_limit(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                Image.MAX_IMAGE_PIXELS = None
-                try:
-                    img.load()
-                    img = ImageOps.exif_transpose(img) or img
-                finally:
-                    Image.MAX_IMAGE_PIXELS = PIL_limit
+                img.load()
+                img = ImageOps.exif_transpose(img) or img
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error ...
