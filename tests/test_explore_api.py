@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -340,21 +341,26 @@ def test_queue_positions_and_cancel_of_a_waiting_job(env):
     assert c.get("api/status").json()["models"]["a"]["queue"] == 0
 
 
+def _long_job_in_progress(c, image: str) -> tuple[dict, Optional[dict]]:
+    """A SmoothGrad job far too long to finish: its first answer, and its state once it shows
+    progress (``None`` if it never did within about 30 s)."""
+    r = c.post("api/explain", json={"model": "a", "image": image, "method": "smoothgrad", "target": 0,
+                                    "options": {"samples": 100000, "chunk": 8}}).json()
+    for _ in range(3000):
+        j = c.get(f"api/jobs/{r['job']}").json()
+        if j["state"] == "running" and j["progress"]:
+            return r, j
+        threading.Event().wait(0.01)
+    return r, None
+
+
 def test_a_long_job_shows_progress_and_stops_when_cancelled(env):
     c = env["client"]
     with unchanged(env["model"]):
-        r = c.post("api/explain", json={"model": "a", "image": "f3", "method": "smoothgrad", "target": 0,
-                                        "options": {"samples": 100000, "chunk": 8}}).json()
-        seen = None
-        for _ in range(3000):
-            j = c.get(f"api/jobs/{r['job']}").json()
-            if j["state"] == "running" and j["progress"]:
-                seen = j["progress"]
-                break
-            threading.Event().wait(0.01)
-        assert seen is not None and 0 < seen < 0.5
+        r, seen = _long_job_in_progress(c, "f3")
+        assert seen is not None and 0 < seen["progress"] < 0.5
         c.delete(f"api/jobs/{r['job']}")
-        end = wait_job(_get(c), j, timeout=20)
+        end = wait_job(_get(c), seen, timeout=20)
     assert end["state"] == "cancelled"
     assert c.get("api/jobs/nope").status_code == 404
     assert c.delete("api/jobs/nope").status_code == 404
@@ -376,18 +382,10 @@ def test_torchscript_jobs_show_progress_and_stop_when_cancelled(env):
         # 16-pixel windows every 12 pixels on 64 x 64: ceil((64 - 16) / 12) + 1 = 5 per side; 5 * 5
         # windows and the clean image
         assert end["state"] == "done" and end["done"] == 5 * 5 + 1
-        r = c.post("api/explain", json={"model": "a", "image": "f1", "method": "smoothgrad", "target": 0,
-                                        "options": {"samples": 100000, "chunk": 8}}).json()
-        seen = None
-        for _ in range(3000):
-            j = c.get(f"api/jobs/{r['job']}").json()
-            if j["state"] == "running" and j["progress"]:
-                seen = j
-                break
-            threading.Event().wait(0.01)
+        r, seen = _long_job_in_progress(c, "f1")
         assert seen is not None and 0 < seen["progress"] < 0.5 and seen["done"] >= 8 and "note" not in seen
         c.delete(f"api/jobs/{r['job']}")
-        assert wait_job(_get(c), j, timeout=20)["state"] == "cancelled"
+        assert wait_job(_get(c), seen, timeout=20)["state"] == "cancelled"
         key = wait_job(_get(c), c.post("api/explain", json={"model": "a", "image": "f1", "method": "vanilla",
                                                              "target": 0}).json())["key"]
         bad = c.post(f"api/maps/{key}/sanity")
