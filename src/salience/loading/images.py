@@ -11,9 +11,9 @@ does both for a list of files and keeps going past bad ones.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import contextlib
 import os
 import threading
 import warnings

@@ -89,26 +89,18 @@ def filesystem(url: str) -> tuple[Any, str]:
     bucket = rest.split("/", 1)[0]
     key = (scheme, bucket, os.getpid())
     try:
-        if key not in _CACHE:
-            if scheme in ("s3", "s3a"):
-                _CACHE[key] = _s3(bucket)
-            elif scheme in ("gs", "gcs"):
-                _CACHE[key] = _gcs(url)
-            else:
-                import pyarrow.fs as pafs
+        if scheme in ("s3", "s3a", "gs", "gcs"):
+            if key not in _CACHE:
+                _CACHE[key] = _s3(bucket) if scheme in ("s3", "s3a") else _gcs(url)
+            return _CACHE[key], rest
+        import pyarrow.fs as pafs
 
-                _CACHE[key] = pafs.FileSystem.from_uri(url)[0]
+        fs, path = pafs.FileSystem.from_uri(url)  # the path in it depends on the scheme (abfs, hdfs ...)
+        return _CACHE.setdefault(key, fs), path
     except ImportError:  # pragma: no cover - pyarrow is a dependency of the runs
         raise SalienceError("object storage paths need pyarrow: pip install 'salience[runs]'") from None
     except (OSError, ValueError) as e:
         raise error(url, "open its storage", e) from None
-    return _CACHE[key], (rest if scheme in ("s3", "s3a", "gs", "gcs") else _path_of(url))
-
-
-def _path_of(url: str) -> str:
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(url)[1]
 
 
 def _url(url: str, path: str) -> str:

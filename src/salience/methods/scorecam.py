@@ -17,10 +17,11 @@ Every (channel, image) pair is an item of :func:`salience._core.engine.accumulat
 share every pass. Score-CAM runs one forward pass per item, but a channel that is constant on an
 image (a dead ReLU channel: common) masks the image to zeros, and that image's score of zeros is
 computed once: the engine's items are the live (channel, image) pairs, found before the first
-pass, so every full chunk has the same batch size. Ablation-CAM replaces the layer's output in the forward pass: the layers before it
-run once per image of a chunk, not once per channel, and the ablated copies of the layer's output
-run through the rest of the model together (when the rest mixes in an earlier tensor of the batch,
-such as a skip connection around the layer, the images are repeated instead).
+pass, so every full chunk has the same batch size. Ablation-CAM replaces the layer's output in the
+forward pass: the layers before it run once per image of a chunk, not once per channel, and the
+ablated copies of the layer's output run through the rest of the model together (when the rest
+mixes in an earlier tensor of the batch, such as a skip connection around the layer, the images
+are repeated instead).
 
 Both take the engine's performance options (``memory_format``, ``compile``, ``precision``; see
 docs/performance.md): Score-CAM's chunks of live items keep a compiled graph's one shape;
@@ -113,7 +114,7 @@ class _ChannelMasks:
     :meth:`live` finds the items with a non-empty mask before any pass, so the engine's chunks hold
     live items only: every full chunk then runs the model on the same batch size, and the C
     allocator sees the same sizes in every chunk (chunks of varying live counts made glibc keep
-    hundreds of MiB of freed memory: docs/methods-cams.md)."""
+    hundreds of MiB of freed memory: docs/methods-perturbation.md)."""
 
     BLOCK_PIXELS = 1 << 22  # items upsampled at once by :meth:`live`: 16 MiB of float32
 
