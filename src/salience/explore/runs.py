@@ -54,7 +54,6 @@ class RunSource:
         self.run = folder if isinstance(folder, Run) else open_run(folder)
         self.id = f"r{number}"
         self.name = self.run.folder.name
-        self._indices: Optional[np.ndarray] = None
         self._classes: Optional[list[dict[str, Any]]] = None
         self._sprites: collections.OrderedDict[Path, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -111,15 +110,11 @@ class RunSource:
         return out
 
     def row(self, index: int) -> dict[str, Any]:
-        """Row ``index`` (``KeyError`` when the run has none): found by binary search on the table's
-        index column (the table is sorted by index)."""
-        with self._lock:
-            if self._indices is None:
-                self._indices = self.run.table.column("index").to_numpy()
-            indices = self._indices
-        pos = int(np.searchsorted(indices, int(index)))
-        if pos >= len(indices) or int(indices[pos]) != int(index):
-            raise KeyError(index)
+        """Row ``index`` (``KeyError`` when the run has none), found by :meth:`Run.position`."""
+        try:
+            pos = self.run.position(int(index))
+        except SalienceError:
+            raise KeyError(index) from None
         return self._dicts(self.run.table.slice(pos, 1))[0]
 
     def _file(self, row: dict[str, Any]) -> Optional[Union[Path, str]]:

@@ -282,9 +282,10 @@ class Run:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.table.to_pylist())
 
-    def _position(self, index: int) -> int:
+    def position(self, index: int) -> int:
         """The table position of image ``index`` (the table is sorted by index): a binary search on
-        the index column, with no Python object per row (a run may have millions of rows)."""
+        the index column, with no Python object per row (a run may have millions of rows).
+        :class:`SalienceError` when the run has no such row."""
         if self._indexes is None:
             self._indexes = np.asarray(self.table.column("index"))
         pos = int(np.searchsorted(self._indexes, index))
@@ -294,7 +295,7 @@ class Run:
         return pos
 
     def _row_of(self, index: int) -> tuple[str, int]:
-        pos = self._position(index)
+        pos = self.position(index)
         t = self.table
         return str(t.column("shard")[pos].as_py()), int(t.column("offset")[pos].as_py())
 
@@ -317,7 +318,7 @@ class Run:
 
     def row(self, index: int) -> dict[str, Any]:
         """Image ``index``'s row as a dict."""
-        return self.table.slice(self._position(index), 1).to_pylist()[0]
+        return self.table.slice(self.position(index), 1).to_pylist()[0]
 
     def image_path(self, index: int) -> Union[Path, str]:
         """The image file of row ``index`` (relative paths are relative to where the run was started);
