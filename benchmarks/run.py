@@ -487,10 +487,10 @@ def markdown(report: dict) -> str:  # long: the whole results file, one table af
     return "\n".join(lines)
 
 
-def memory_pass(names: list[str], cfg: dict, timeout: float, memory: dict, runs: int = 3) -> dict[str, list[float]]:
-    """Each case that has a memory mark ``runs`` times, each in a fresh process,
-    the cases interleaved: ``{name: [peak MiB per run]}``; ``memory[name]`` gets the median. One run is
-    not enough: the same passes peak 0.1 GiB apart from one process to the next (glibc's arenas)."""
+def memory_pass(names: list[str], cfg: dict, timeout: float, runs: int = 3) -> dict[str, list[float]]:
+    """Each case that has a memory mark ``runs`` times, each in a fresh process, the cases
+    interleaved: ``{name: [peak MiB per run]}`` (the tables show the median). One run is not enough:
+    the same passes peak 0.1 GiB apart from one process to the next (glibc's arenas)."""
     peaks: dict[str, list[float]] = {}
     todo = [n for n in names if CASES[n].memory]
     for r in range(runs):
@@ -498,7 +498,6 @@ def memory_pass(names: list[str], cfg: dict, timeout: float, memory: dict, runs:
             res = run_child(n, cfg, timeout)
             if "peak_rss_mib" in res:
                 peaks.setdefault(n, []).append(res["peak_rss_mib"])
-                memory[n] = statistics.median(peaks[n])
             print(f"memory {r + 1} {n:22s} {_mib(res['peak_rss_mib']) if 'peak_rss_mib' in res else res.get('error')}",
                   flush=True)
     return peaks
@@ -511,8 +510,8 @@ def memory_again(path: Path, timeout: float, runs: int) -> int:
     names = list(report["times"])
     memory = {n: v for n, v in report["memory"].items() if CASES[n].isolated}  # measured in their rounds
     t0 = time.perf_counter()
-    report["memory_runs"] = memory_pass(names, report["config"], timeout, memory, runs)
-    report["memory"] = memory
+    report["memory_runs"] = memory_pass(names, report["config"], timeout, runs)
+    report["memory"] = {**memory, **{n: statistics.median(v) for n, v in report["memory_runs"].items()}}
     report["memory_run"] = {"command": f"python benchmarks/run.py --memory-again {path} --memory-runs {runs}",
                             "date": time.strftime("%Y-%m-%d"), "wall_s": time.perf_counter() - t0,
                             "loadavg_end": os.getloadavg(), "measure": f"VmHWM of a fresh process per case, {runs} runs"}
@@ -593,7 +592,8 @@ def main(argv=None) -> int:  # long: options, then the rounds, the memory pass a
 
     write()
     if not args.no_memory:
-        data["memory_runs"] = memory_pass(names, cfg, args.timeout, memory, args.memory_runs)
+        data["memory_runs"] = memory_pass(names, cfg, args.timeout, args.memory_runs)
+        memory.update({n: statistics.median(v) for n, v in data["memory_runs"].items()})
     print(markdown(write()))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 0
