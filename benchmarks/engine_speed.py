@@ -17,7 +17,12 @@ that rotates from round to round:
 - ``throughput``: ``chunks="throughput"`` (the chunk size chosen by measured time per item);
 - ``auto``: ``memory_format="auto"`` (channels-last where its probe finds it faster), memory chunks;
 - ``auto+throughput``: both opt-in options;
-- ``compile`` (with ``--compile``): ``auto+throughput`` plus ``compile=True``.
+- ``compile`` (with ``--compile``): ``auto+throughput`` plus ``compile=True``;
+- with ``--modes``, any of those and: ``fold`` (``fold_batchnorm=True``: BatchNorm folded into the
+  convolutions, default layout), ``fold+channels_last``, ``fold+compile`` (folded, then compiled),
+  ``channels_last``.
+
+    python benchmarks/engine_speed.py --images 4 --modes contiguous fold fold+channels_last channels_last
 
 Each salience mode is called once before the rounds: that call pays the probes (and the compile)
 and is reported apart as ``first call``; the rounds measure the warm calls. Min / median / max per
@@ -41,6 +46,18 @@ import torchvision
 import salience
 
 HERE = Path(__file__).resolve().parent
+# salience's modes: the performance options each runs under
+MODES = {
+    "contiguous": dict(memory_format="contiguous", chunks="memory"),  # the defaults
+    "throughput": dict(memory_format="contiguous", chunks="throughput"),
+    "auto": dict(memory_format="auto", chunks="memory"),
+    "auto+throughput": dict(memory_format="auto", chunks="throughput"),
+    "compile": dict(memory_format="auto", chunks="throughput", compile=True),
+    "channels_last": dict(memory_format="channels_last", chunks="memory"),
+    "fold": dict(memory_format="contiguous", chunks="memory", fold_batchnorm=True),
+    "fold+channels_last": dict(memory_format="channels_last", chunks="memory", fold_batchnorm=True),
+    "fold+compile": dict(memory_format="contiguous", chunks="memory", fold_batchnorm=True, compile=True),
+}
 
 
 def bare(model: torch.nn.Module, items: torch.Tensor, target: torch.Tensor, per_pass: int) -> None:
@@ -71,18 +88,14 @@ def _job(model, frozen, x, method: str, args) -> dict:
     modes: dict[str, Callable[[], object]] = {f"bare {b}": lambda: bare(frozen, items, tgt, b)}
     if b != 8:
         modes["bare 8"] = lambda: bare(frozen, items, tgt, 8)
-    def under(memory_format: str, chunks: str, **kw) -> Callable[[], object]:
+    def under(options: dict) -> Callable[[], object]:
         def run() -> object:
-            with salience.performance(memory_format=memory_format, chunks=chunks):
-                return call(**kw)
+            with salience.performance(**options):
+                return call()
         return run
 
-    modes["contiguous"] = under("contiguous", "memory")  # the defaults
-    modes["throughput"] = under("contiguous", "throughput")
-    modes["auto"] = under("auto", "memory")
-    modes["auto+throughput"] = under("auto", "throughput")
-    if args.compile:
-        modes["compile"] = under("auto", "throughput", compile=True)
+    for name in args.modes:
+        modes[name] = under(MODES[name])
     first = {k: _timed(f) for k, f in modes.items() if not k.startswith("bare")}
     times: dict[str, list[float]] = {k: [] for k in modes}
     loads = []
@@ -136,9 +149,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="add the compile mode to the default modes")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
+                    help="salience's modes to time (default: contiguous throughput auto auto+throughput)")
     ap.add_argument("--out", default=str(HERE / "engine_speed"))
     args = ap.parse_args(argv)
+    if args.modes is None:
+        args.modes = ["contiguous", "throughput", "auto", "auto+throughput"] + (["compile"] if args.compile else [])
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
