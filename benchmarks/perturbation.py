@@ -11,20 +11,26 @@ round runs every (method, implementation) once, in an order rotated from round t
 change of the machine's load hits all of them alike. The table gives min / median / max over the
 rounds and the load average before and after each round.
 
-Configuration (smaller than the issue's resnet50 / 8 images / 224 x 224, which is Score-CAM on
-layer4 = 2048 masked forward passes of resnet50 per image: about an hour per run on this 2-core
-machine shared with other jobs): torchvision resnet18 with random weights (seed 0), 2 images of
-64 x 64, the CAMs on ``layer2`` (128 channels), RISE with 128 masks, occlusion with a 16-pixel
-window and stride 8 (49 windows). Each implementation does the same number of forward passes.
-pytorch-grad-cam has no RISE; its batch size and Captum's perturbations_per_eval are searched over
-the values listed (each is a row of its own; the best is the one compared).
+Default configuration (smaller than the issue's resnet50 / 8 images / 224 x 224, which is Score-CAM
+on layer4 = 2048 masked forward passes of resnet50 per image): torchvision resnet18 with random
+weights (seed 0), 2 images of 64 x 64, the CAMs on ``layer2`` (128 channels), RISE with 128 masks,
+occlusion with a 16-pixel window and stride 8 (49 windows). Each implementation does the same
+number of forward passes. pytorch-grad-cam has no RISE; its batch size and Captum's
+perturbations_per_eval are searched over the values listed (each is a row of its own; the best is
+the one compared). The issue's model and resolution, one image, one thread on a core of its own:
+
+    taskset -c 1 python benchmarks/perturbation.py --model resnet50 --size 224 --images 1 \
+        --layer layer4 --masks 4000 --window 32 --stride 16 --threads 1 --rounds 3 \
+        --methods scorecam,ablationcam,rise --out benchmarks/perturbation-resnet50
+
+Peak memory is the process's ``VmHWM`` (its own high-water mark; ``ru_maxrss`` would carry the
+parent's) above the resident memory just before the call.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -32,16 +38,24 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SIZE, IMAGES, LAYER, MASKS, WINDOW, STRIDE = 64, 2, "layer2", 128, 16, 8
-PEER_BATCH = (32, 128)
-CAPTUM_PER_EVAL = (16, 64)
+sys.path.insert(0, str(HERE))
+from _common import peak_rss_bytes  # noqa: E402
 
-IMPLS = {
-    "scorecam": ["salience", "loop"] + [f"pytorch-grad-cam bs={b}" for b in PEER_BATCH],
-    "ablationcam": ["salience", "loop"] + [f"pytorch-grad-cam bs={b}" for b in PEER_BATCH],
-    "rise": ["salience", "loop"],
-    "occlusion": ["salience", "loop"] + [f"captum ppe={p}" for p in CAPTUM_PER_EVAL],
-}
+# The configuration; main() sets it from the flags and hands it to each measuring child in BENCH_CONFIG.
+CONFIG = {"model": "resnet18", "size": 64, "images": 2, "layer": "layer2", "masks": 128, "window": 16, "stride": 8,
+          "peer_batch": [32, 128], "captum_ppe": [16, 64], "threads": 2}
+if os.environ.get("BENCH_CONFIG"):
+    CONFIG.update(json.loads(os.environ["BENCH_CONFIG"]))
+SIZE, IMAGES, LAYER, MASKS = CONFIG["size"], CONFIG["images"], CONFIG["layer"], CONFIG["masks"]
+WINDOW, STRIDE = CONFIG["window"], CONFIG["stride"]
+
+
+def impls() -> dict[str, list[str]]:
+    """Each method's implementations, in the order of the table."""
+    peers = [f"pytorch-grad-cam bs={b}" for b in CONFIG["peer_batch"]]
+    return {"scorecam": ["salience", "loop"] + peers, "ablationcam": ["salience", "loop"] + peers,
+            "rise": ["salience", "loop"],
+            "occlusion": ["salience", "loop"] + [f"captum ppe={p}" for p in CONFIG["captum_ppe"]]}
 
 
 def _rss() -> int:
@@ -54,7 +68,7 @@ def _setup():
     import torchvision
 
     torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval()
+    model = getattr(torchvision.models, CONFIG["model"])().eval()
     x = torch.rand(IMAGES, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         target = model(x).argmax(1)
@@ -150,7 +164,7 @@ def one(method: str, impl: str) -> dict:
     torch, model, x, target = _setup()
     import salience
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(CONFIG["threads"])
     before = _rss()
     t0 = time.perf_counter()
     if impl == "salience":
@@ -162,12 +176,12 @@ def one(method: str, impl: str) -> dict:
     else:
         _peer(method, impl, torch, model, x, target)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {"seconds": seconds, "peak_mib": max(0, peak - before) / 2 ** 20}
 
 
 def _measure(method: str, impl: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"), BENCH_CONFIG=json.dumps(CONFIG))
     out = subprocess.run([sys.executable, __file__, "--one", method, impl], capture_output=True, text=True, env=env,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -199,13 +213,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--one", nargs=2, metavar=("METHOD", "IMPL"), help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--methods", default=",".join(IMPLS))
+    p.add_argument("--methods", default="scorecam,ablationcam,rise,occlusion")
     p.add_argument("--out", default=str(HERE / "perturbation"))
+    for key, value in CONFIG.items():
+        kind = (lambda t: [int(v) for v in t.split(",")]) if isinstance(value, list) else type(value)
+        p.add_argument("--" + key.replace("_", "-"), type=kind, default=value,
+                       help=f"default {','.join(map(str, value)) if isinstance(value, list) else value}")
     args = p.parse_args()
     if args.one:
         print(json.dumps(one(*args.one)))
         return
-    pairs = [(m, i) for m in args.methods.split(",") for i in IMPLS[m]]
+    CONFIG.update({key: getattr(args, key) for key in CONFIG})
+    pairs = [(m, i) for m in args.methods.split(",") for i in impls()[m]]
     raw: dict = {f"{m}|{i}": {"seconds": [], "peak_mib": []} for m, i in pairs}
     loads = []
     for r in range(args.rounds):
@@ -222,9 +241,8 @@ def main() -> None:
         m, i = key.split("|")
         results.setdefault(m, {})[i] = {"seconds": _stats(v["seconds"]), "peak_mib": _stats(v["peak_mib"]),
                                         "raw": v}
-    config = {"model": "torchvision resnet18, random weights", "images": IMAGES, "size": SIZE, "cam_layer": LAYER,
-              "rise_masks": MASKS, "occlusion_window": WINDOW, "occlusion_stride": STRIDE, "rounds": args.rounds,
-              "threads": int(os.environ.get("BENCH_THREADS", "2")), "cpus": os.cpu_count()}
+    config = dict(CONFIG, model=f"torchvision {CONFIG['model']}, random weights", rounds=args.rounds,
+                  cpus=os.cpu_count(), affinity=sorted(os.sched_getaffinity(0)))
     Path(args.out + ".json").write_text(json.dumps({"config": config, "loadavg": loads, "results": results}, indent=1))
     table = _table(results)
     print("\n".join(table))
