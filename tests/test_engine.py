@@ -131,3 +131,20 @@ def test_parse_memory(text, value):
 def test_default_budget_is_capped():
     b = _engine.default_budget(torch.device("cpu"))
     assert 0 < b <= 1 << 30
+
+
+def test_gradient_free_chunks_on_cpu_stay_small():
+    """Gradient-free passes on a CPU get CPU_INFERENCE_BUDGET (passes of a few hundred MB run slower
+    per image: the numbers are in the constant's comment); gradient passes keep the larger budget."""
+    per_item = 4 << 20  # 4 MiB maps: the float64 sums make it about 20 MiB per item
+
+    def compute(start, stop):
+        return torch.ones(stop - start, per_item // 4)
+
+    quick = _engine.accumulate(compute, 40, 1, inference=True)
+    fits = int(0.8 * _engine.CPU_INFERENCE_BUDGET) // quick.per_item_bytes
+    assert fits >= 1 and max(quick.chunks[1:]) == fits
+    slow = _engine.accumulate(compute, 40, 1)
+    assert max(slow.chunks[1:]) == min(39, int(0.8 * _engine.default_budget(torch.device("cpu"))) // slow.per_item_bytes)
+    given = _engine.accumulate(compute, 40, 1, inference=True, max_memory=1 << 30)
+    assert max(given.chunks[1:]) > fits  # a budget the caller gives wins
