@@ -42,3 +42,33 @@ def wait_job(get, answer: dict, timeout: float = 60.0) -> dict:
 
 def npy(content: bytes) -> np.ndarray:
     return np.load(io.BytesIO(content), allow_pickle=False)
+
+
+def forget(hub) -> None:
+    """Drop every result and decoded image the server keeps, as its least-recently-used caches do
+    in a long session (the maps and images of other pictures push them out)."""
+    with hub.cache._lock:
+        hub.cache._items.clear()
+        hub.cache.bytes = 0
+    with hub.images._lock:
+        hub.images._decoded.clear()
+
+
+def image_endpoints(client, image_id: str, key: str) -> dict:
+    """Every endpoint that reads image ``image_id``, by name -> its response; ``key``: a map of that
+    image (the maps' endpoints read the image again when the map is no longer cached)."""
+    return {"picture": client.get(f"api/images/{image_id}/picture.png"),
+            "top": client.get("api/models/a/top", params={"image": image_id}),
+            "explain": client.post("api/explain", json={"model": "a", "image": image_id, "method": "vanilla",
+                                                        "target": 0}),
+            "curves": client.post(f"api/maps/{key}/curves"), "sanity": client.post(f"api/maps/{key}/sanity"),
+            "figure": client.get("api/figure.png", params={"keys": key})}
+
+
+def block_worker(hub, slot: str = "a"):
+    """A job that holds ``slot``'s worker until the returned event is set (later jobs wait in line)."""
+    import threading
+
+    release = threading.Event()
+    hub.submit(hub.slots[slot], "hold", lambda t: release.wait(60))
+    return release

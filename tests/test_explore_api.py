@@ -18,7 +18,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 import salience  # noqa: E402
 from conftest import unchanged  # noqa: E402
-from explore_helpers import npy, shapes_files, wait_job  # noqa: E402
+from explore_helpers import forget, image_endpoints, npy, shapes_files, wait_job  # noqa: E402
 from nets import RenamedLayersNet  # noqa: E402
 from salience.explore.app import Hub, create_app  # noqa: E402
 from salience.explore.compute import ModelSlot  # noqa: E402
@@ -449,6 +449,31 @@ def test_a_dropped_map_is_computed_again_for_its_curves(env):
     j = wait_job(_get(c), c.post(f"api/maps/{key}/curves").json())
     assert j["state"] == "done"
     np.testing.assert_array_equal(npy(c.get(f"api/maps/{key}.npy").content), m)
+
+
+def test_a_deleted_file_or_upload_is_404_naming_it(tmp_path):
+    """A file named on the command line deleted while serving (was 400, "no such file") and an
+    upload whose stored copy is gone: 404 from every endpoint, naming the file (the upload by its
+    name, never the server's temporary folder), once out of the caches."""
+    paths, _, _ = shapes_files(tmp_path, 2)
+    hub = Hub([ModelSlot("a", salience.load_model("demo:shapes"))], ImageStore([FileSource([tmp_path])]))
+    c = TestClient(create_app(hub))
+    try:
+        up = c.post("api/images?name=mine.png", content=paths[1].read_bytes()).json()
+        for image_id, shown in (("f0", str(paths[0].resolve())), (up["id"], "mine.png")):
+            j = wait_job(_get(c), c.post("api/explain", json={"model": "a", "image": image_id, "method": "vanilla",
+                                                               "target": 0}).json())
+            assert j["state"] == "done", j
+            hub.images.entry(image_id).path.unlink()
+            forget(hub)
+            for name, r in image_endpoints(c, image_id, j["key"]).items():
+                assert r.status_code == 404, (name, r.text)
+                error = r.json()["error"]
+                assert error.startswith(f"the image is gone from disk: {shown}: no such file"), (name, error)
+                assert "salience-explore-" not in error
+        assert c.get("api/images/f1/picture.png").status_code == 200
+    finally:
+        hub.close()
 
 
 def test_figure(env):

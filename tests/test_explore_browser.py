@@ -203,3 +203,69 @@ def test_a_person_browses_a_dataset_run_and_compares_two_models(tmp_path):
     mask = np.kron(masks[row].numpy(), np.ones((3, 3), dtype=bool))
     assert lum.max() > 200, "the map is empty"
     assert lum[mask].mean() > INSIDE_OVER_OUTSIDE * lum[~mask].mean()
+
+
+def test_a_row_whose_image_is_gone_shows_why_and_the_next_row_restores_the_page(tmp_path):
+    """A run row whose file was deleted after the run (the page's path for a deleted object too:
+    the server answers 404 with its message): the picture area shows the message, no broken
+    image, no classes, and the map cells show the same message with no map and no tools. Picking a
+    good row afterwards brings back its picture, its classes and its maps."""
+    sync_api = _browser()
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    (tmp_path / "imgs").mkdir()
+    paths, labels, _ = shapes_files(tmp_path / "imgs", n=2)
+    salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", workers=0)
+    explorer = salience.explore("demo:shapes", run=tmp_path / "run", show=False)
+    errors: list[str] = []
+    label = int(labels[0])
+    cell = f"td.cell[data-target='a:{label}']"
+    broken = """() => [...document.querySelectorAll('#side img, #grid img')]
+                      .filter(i => i.getAttribute('src') && i.complete && i.naturalWidth === 0).length"""
+    blank = f"""() => {{ const c = document.querySelector("{cell} canvas");
+                         return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.every(v => v === 0); }}"""
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 900})
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("console", lambda m: errors.append(m.text)  # the 404s are the answers this test asks for
+                        if m.type == "error" and "status of 404" not in m.text else None)
+                page.set_default_timeout(30_000)
+                page.goto(explorer.url)
+                page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+                page.click("#run-body tr[data-id='r0-0']")
+                page.locator(f"#classes button.class[data-index='{label}']").click()
+                page.select_option("#method", "gradcam")
+                page.click("#add")
+                page.wait_for_function(f"document.querySelector(\"{cell} .state\").textContent.startsWith('gradcam')")
+
+                paths[1].unlink()  # after the gallery listed it as an image to open
+                page.click("#run-body tr[data-id='r0-1']")
+                gone = f"the image is gone from disk: {paths[1].resolve()}"
+                page.locator("#picture-error").wait_for(state="visible")
+                assert page.locator("#picture-error").inner_text().startswith(gone)
+                assert not page.locator("#preview").is_visible()
+                assert page.get_attribute("#preview", "src") is None
+                assert page.locator("#classes button.class").count() == 0
+                page.wait_for_function(f"document.querySelector(\"{cell} .state\").textContent.startsWith({gone!r})")
+                assert page.locator(f"{cell} .tools > *").count() == 0
+                assert page.evaluate(blank)
+                assert page.evaluate(broken) == 0
+                assert page.get_attribute("#download-figure", "href") == "#"
+
+                page.click("#run-body tr[data-id='r0-0']")  # a good row: everything as before
+                page.wait_for_function(f"document.querySelector(\"{cell} .state\").textContent.startsWith('gradcam')")
+                assert page.locator("#preview").is_visible() and not page.locator("#picture-error").is_visible()
+                assert page.evaluate("document.getElementById('preview').naturalWidth") == 64
+                assert page.locator("#classes button.class").count() == 5
+                assert page.locator(f"{cell} .tools > *").count() == 4
+                assert not page.evaluate(blank)
+                assert page.evaluate(broken) == 0
+                assert page.get_attribute("#download-figure", "href").startswith("api/figure.png?")
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors

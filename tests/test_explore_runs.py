@@ -15,7 +15,7 @@ pytest.importorskip("pyarrow")
 from starlette.testclient import TestClient  # noqa: E402
 
 import salience  # noqa: E402
-from explore_helpers import npy, shapes_files, wait_job  # noqa: E402
+from explore_helpers import forget, image_endpoints, npy, shapes_files, wait_job  # noqa: E402
 from salience.explore.server import build_hub  # noqa: E402
 from salience.explore.app import create_app  # noqa: E402
 from salience.loading import load_image, preprocess  # noqa: E402
@@ -151,3 +151,40 @@ def test_bad_queries_are_400(env, query):
 def test_explain_on_a_missing_row_is_404(env):
     r = env["client"].post("api/explain", json={"model": "a", "image": "r0-42", "method": "vanilla", "target": 0})
     assert r.status_code == 404
+
+
+def test_a_deleted_file_is_404_from_every_endpoint_and_from_the_worker(tmp_path):
+    """A local row's file deleted after the run (and out of the caches): every endpoint that reads
+    the image answers 404 naming the file, as for a deleted object, also a job in the worker; the
+    row, its thumbnail and its stored map remain. A Dataset's row (no file) stays "no image"."""
+    import torch
+
+    (tmp_path / "imgs").mkdir()
+    paths, _, _ = shapes_files(tmp_path / "imgs", 2)
+    salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", workers=0)
+    images, _, _ = salience.data.shapes(2, 7)
+    salience.explain_dataset("demo:shapes", torch.utils.data.TensorDataset(images), ["vanilla"], tmp_path / "ds",
+                             workers=0)
+    hub = build_hub("demo:shapes", [tmp_path / "run", tmp_path / "ds"])
+    c = TestClient(create_app(hub))
+    try:
+        j = wait_job(lambda u: c.get(u).json(), c.post("api/explain", json={
+            "model": "a", "image": "r0-1", "method": "vanilla", "target": 1}).json())
+        assert j["state"] == "done", j
+        paths[1].unlink()
+        forget(hub)
+        for name, r in image_endpoints(c, "r0-1", j["key"]).items():
+            assert r.status_code == 404, (name, r.text)
+            assert r.json()["error"].startswith(f"the image is gone from disk: {paths[1].resolve()}: no such file"), \
+                (name, r.text)
+        job = hub.submit(hub.slots["a"], "read", lambda t: hub.image("r0-1"))
+        assert job.wait(30) and job.state == "error" and job.status_code == 404 and "gone" in job.error, job.error
+        assert c.get("api/runs/r0/rows/1/thumb.jpg").status_code == 200
+        assert c.get("api/runs/r0/rows/1/maps/vanilla.npy").status_code == 200
+        assert c.get("api/runs/r0/rows").json()["rows"][1]["image"] is False  # listed again: nothing to open
+        assert c.get("api/images/r0-0/picture.png").status_code == 200
+        assert c.get("api/runs/r1/rows/0").json()["path"] == "TensorDataset[0]"
+        r = c.get("api/images/r1-0/picture.png")
+        assert r.status_code == 404 and r.json()["error"].startswith("no image 'r1-0'"), r.text
+    finally:
+        hub.close()

@@ -15,7 +15,7 @@ pytest.importorskip("pyarrow")
 from starlette.testclient import TestClient  # noqa: E402
 
 import salience  # noqa: E402
-from explore_helpers import npy, wait_job  # noqa: E402
+from explore_helpers import block_worker, forget, image_endpoints, npy, wait_job  # noqa: E402
 from s3_server import BUCKET, jpegs, s3, set_auth  # noqa: E402,F401 - s3 is a fixture
 from salience.explore.app import create_app  # noqa: E402
 from salience.explore.server import build_hub  # noqa: E402
@@ -42,7 +42,7 @@ def env(s3, tmp_path_factory):
     run = salience.explain_dataset("demo:shapes", f"s3://{BUCKET}/{PREFIX}/", ["vanilla"], root / "run",
                                    workers=0, batch_size=8, shard_size=8)
     hub = build_hub("demo:shapes", [root / "local", root / "run"])  # local copies f0..f3, rows r0-0..r0-4
-    yield {"client": TestClient(create_app(hub)), "run": run, "root": root, "boto": client, "s3": s3}
+    yield {"client": TestClient(create_app(hub)), "hub": hub, "run": run, "root": root, "boto": client, "s3": s3}
     hub.close()
 
 
@@ -80,15 +80,56 @@ def test_a_remote_row_opens_like_its_local_file(env):
 
 
 def test_a_deleted_object_is_404_and_the_server_goes_on(env):
-    c = env["client"]
-    env["boto"].delete_object(Bucket=BUCKET, Key=f"{PREFIX}/03.jpg")
+    """Every endpoint that reads the image answers 404 naming the URL once the object is deleted
+    and its decoded pixels and maps are out of the caches, also a map computed again in the
+    worker; the row, its thumbnail and its stored map remain."""
+    c, hub = env["client"], env["hub"]
     url = f"s3://{BUCKET}/{PREFIX}/03.jpg"
-    for r in (c.get("api/images/r0-3/picture.png"), c.get("api/models/a/top", params={"image": "r0-3"}),
-              c.post("api/explain", json={"model": "a", "image": "r0-3", "method": "vanilla", "target": 0})):
-        assert r.status_code == 404 and url in r.json()["error"] and "no such object" in r.json()["error"], r.text
+    j = wait_job(lambda u: c.get(u).json(), c.post("api/explain", json={
+        "model": "a", "image": "r0-3", "method": "vanilla", "target": 1}).json())
+    assert j["state"] == "done", j
+    key = j["key"]
+    env["boto"].delete_object(Bucket=BUCKET, Key=f"{PREFIX}/03.jpg")
+    forget(hub)
+    for name, r in image_endpoints(c, "r0-3", key).items():
+        assert r.status_code == 404, (name, r.text)
+        assert r.json()["error"].startswith(f"the image is gone from storage: {url}: no such object"), (name, r.text)
+    # in the worker: a job that reads the image gets the 404 too, never "unexpected HTTPException" (500)
+    job = hub.submit(hub.slots["a"], "read", lambda t: hub.image("r0-3"))
+    assert job.wait(30) and job.state == "error" and job.status_code == 404 and url in job.error, job.error
+    assert c.get(f"api/jobs/{job.id}").json()["code"] == 404
+    assert c.get(f"api/maps/{key}.npy").status_code == 409  # not cached: POST api/explain again (which says 404)
     assert c.get("api/runs/r0/rows/3").json()["index"] == 3  # the row itself is still listed
+    assert c.get("api/runs/r0/rows/3/thumb.jpg").status_code == 200  # the run's own thumbnail and map
+    assert c.get("api/runs/r0/rows/3/maps/vanilla.npy").status_code == 200
     assert c.get("api/images/r0-1/picture.png").status_code == 200
     assert c.get("api/status").status_code == 200
+
+
+def test_a_map_dropped_while_its_curves_wait_is_computed_from_the_pixels_read(env):
+    """Curves asked while the image is still decoded, then the object deleted and the image and the
+    map dropped from the caches before the worker gets to the job: the job computes the map of the
+    pixels the request read (the same map as before), not a 500."""
+    c, hub = env["client"], env["hub"]
+    env["boto"].put_object(Bucket=BUCKET, Key=f"{PREFIX}/02.jpg", Body=(env["root"] / "local" / "02.jpg").read_bytes())
+    j = wait_job(lambda u: c.get(u).json(), c.post("api/explain", json={
+        "model": "a", "image": "r0-2", "method": "vanilla", "target": 2}).json())
+    key, before = j["key"], npy(c.get(f"api/maps/{j['key']}.npy").content)
+    release = block_worker(hub)
+    try:
+        forget(hub)
+        assert c.get("api/images/r0-2/picture.png").status_code == 200  # decoded again, kept
+        env["boto"].delete_object(Bucket=BUCKET, Key=f"{PREFIX}/02.jpg")
+        asked = c.post(f"api/maps/{key}/curves")
+        assert asked.status_code == 202, asked.text
+        forget(hub)
+    finally:
+        release.set()
+    j = wait_job(lambda u: c.get(u).json(), asked.json())
+    assert j["state"] == "done", j
+    np.testing.assert_array_equal(npy(c.get(f"api/maps/{key}.npy").content), before)
+    forget(hub)
+    assert c.post(f"api/maps/{key}/curves").status_code == 404  # asked now: the image is gone
 
 
 def test_a_truncated_object_is_400(env):
@@ -98,10 +139,12 @@ def test_a_truncated_object_is_400(env):
 
 
 def test_refused_credentials_are_502_naming_what_to_check(env):
-    c = env["client"]
+    c, hub = env["client"], env["hub"]
     set_auth(env["s3"]["endpoint"], True)  # the server checks keys from now on: ours are not known to it
     try:
         r = c.get("api/images/r0-0/picture.png")  # not read yet (no decoded copy kept)
+        job = hub.submit(hub.slots["a"], "read", lambda t: hub.image("r0-0"))  # and in the worker's thread
+        assert job.wait(30) and job.state == "error" and job.status_code == 502, job.error
     finally:
         set_auth(env["s3"]["endpoint"], False)
     assert r.status_code == 502, r.text

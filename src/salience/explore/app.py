@@ -44,8 +44,8 @@ from salience._core.tensors import model_device
 from salience.explore import compute
 from salience.explore.cache import ResultCache, key_of
 from salience.explore.compute import ExplainRequest, ModelSlot
-from salience.explore.images import ImageStore
-from salience.explore.jobs import Job, QueueFull, Ticker
+from salience.explore.images import ImageGone, ImageStore
+from salience.explore.jobs import Job, QueueFull, Refused, Ticker
 from salience.explore.runs import RunSource
 from salience.loading import remote
 from salience.methods.gradcam import default_layer
@@ -81,16 +81,15 @@ class Hub:
 
     def image(self, image_id: Any) -> Any:
         """Image ``image_id`` and its digest (it may be read from object storage: blocking; the
-        endpoints call :meth:`image_async`). A run's object that is gone is 404, storage that does
-        not answer (endpoint, credentials, bucket) 502, both naming the URL and what to check."""
+        endpoints call :meth:`image_async`). A file or object that is gone is 404, storage that
+        does not answer (endpoint, credentials, bucket) 502, both naming the path or URL and what
+        to check (:func:`_refusal`)."""
         try:
             return self.images.load(str(image_id))
         except KeyError:
             raise HTTPException(404, f"no image {image_id!r}; upload it or pick one of GET api/images") from None
-        except remote.NoSuchObject as e:
-            raise HTTPException(404, f"{e}; the run names it, but the storage has it no longer") from None
-        except remote.StorageError as e:
-            raise HTTPException(502, str(e)) from None
+        except (ImageGone, remote.StorageError) as e:
+            raise _refusal(e) from None
 
     async def image_async(self, image_id: Any) -> Any:
         """:meth:`image` in a thread: a slow or unreachable storage never blocks the server."""
@@ -138,6 +137,9 @@ class Hub:
                 if key is not None:
                     self.cache.put(key, result)
                 return result
+            except (HTTPException, SalienceError) as e:  # e.g. the image gone: its own status, not a 500
+                answer = _refusal(e)
+                raise Refused(str(answer.detail), answer.status_code) from None
             finally:
                 with self._lock:
                     if key is not None and self.inflight.get(key) is job:
@@ -159,15 +161,17 @@ class Hub:
                 del self.jobs[old]
         return job
 
-    def map_raw(self, key: str, ticker: Optional[Ticker] = None) -> Any:
-        """The raw map ``key`` from the cache, or computed again (in the worker) when it was dropped."""
+    def map_raw(self, key: str, ticker: Optional[Ticker] = None, image: Any = None) -> Any:
+        """The raw map ``key`` from the cache, or computed again (in the worker) when it was dropped:
+        of ``image``, the pixels the request read (else read again, in the worker)."""
         raw = self.cache.get(key)
         if raw is None:
             if ticker is None:
                 raise HTTPException(409, f"map {key!r} is not computed yet (or was dropped): POST api/explain again")
             req = self.request_of(key)
             slot = self.slot(req.slot)
-            image, _ = self.image(req.image)
+            if image is None:
+                image, _ = self.image(req.image)
             raw = compute.explain(slot, image, req.method, req.target, compute.read_options(req.method, req.given()),
                                   ticker)
             self.cache.put(key, raw)
@@ -426,7 +430,7 @@ async def on_map(request: Request) -> Response:
     given = compute.read_options(req.method, req.given())
 
     def run(t: Ticker) -> Any:
-        raw = hub.map_raw(key, t)
+        raw = hub.map_raw(key, t, image)
         if what == "curves":
             return compute.curves(slot, image, raw, req.target, t)
         return compute.sanity(slot, image, req.method, req.target, given, t)
@@ -525,8 +529,21 @@ async def run_map(request: Request) -> Response:
 # --------------------------------------------------------------------------------- errors
 
 
+def _refusal(exc: Exception) -> HTTPException:
+    """The answer to an error the server expects: an ``HTTPException`` as it is; an image gone
+    from disk or storage 404; storage that does not answer 502; any other ``SalienceError`` (bad
+    input) 400. The same from an endpoint and from a job in the worker's thread."""
+    if isinstance(exc, HTTPException):
+        return exc
+    if isinstance(exc, (ImageGone, remote.NoSuchObject)):
+        return HTTPException(404, str(exc))
+    if isinstance(exc, remote.StorageError):
+        return HTTPException(502, str(exc))
+    return HTTPException(400, str(exc))
+
+
 async def _salience_error(request: Request, exc: Exception) -> Response:
-    return JSONResponse({"error": str(exc)}, 400)
+    return await _http_error(request, _refusal(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -10,6 +10,8 @@ Every image is read with :func:`salience.loading.load_image`, so the explorer re
 command line refuses (not an image, truncated, over ``max_pixels``), with the same messages. An
 entry with a ``url`` (a run's row in object storage, ``s3://...``) is read through
 :mod:`salience.loading.remote`, with the environment of dataset runs (``AWS_ENDPOINT_URL`` ...).
+An image listed whose file or object is gone since (deleted or moved) is an :class:`ImageGone`,
+whatever the source: the server answers it with 404 and that message.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from salience._core.errors import SalienceError
 from salience.loading import remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, load_image
 
-__all__ = ["ImageEntry", "Source", "FileSource", "ImageStore", "IMAGE_SUFFIXES", "MAX_UPLOAD_BYTES"]
+__all__ = ["ImageEntry", "Source", "FileSource", "ImageStore", "ImageGone", "IMAGE_SUFFIXES", "MAX_UPLOAD_BYTES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MAX_UPLOAD_BYTES = 64 * 2**20
@@ -37,6 +39,10 @@ MAX_UPLOAD_BYTES = 64 * 2**20
 _BYTES_PER_PIXEL = 16
 """Bytes per pixel of the largest uncompressed image file (RGBA float32 TIFF): an object larger than
 ``max_pixels * 16`` + 1 MB of metadata cannot be an image within the pixel limit, so it is not read."""
+
+
+class ImageGone(SalienceError):
+    """The image was listed, but its file or object is there no longer (deleted or moved): a 404."""
 
 
 @dataclass
@@ -152,12 +158,22 @@ class ImageStore:
                 return hit
         if entry.url is not None:  # blocking network reads: the server calls this in a thread
             limit = None if self.max_pixels is None else self.max_pixels * _BYTES_PER_PIXEL + 2**20
-            data = remote.read_bytes(entry.url, limit)
+            try:
+                data = remote.read_bytes(entry.url, limit)
+            except remote.NoSuchObject as e:
+                raise ImageGone(f"the image is gone from storage: {e}") from None
             digest = hashlib.sha256(data).hexdigest()
             image = load_image(entry.url, max_pixels=self.max_pixels, data=data)
         else:
             assert entry.path is not None
-            digest = hashlib.sha256(entry.path.read_bytes()).hexdigest() if entry.path.is_file() else ""
+            try:
+                digest = hashlib.sha256(entry.path.read_bytes()).hexdigest() if entry.path.is_file() else ""
+                if not entry.path.exists():
+                    raise FileNotFoundError(entry.path)
+            except FileNotFoundError:
+                shown = entry.name if entry.source == "upload" else entry.path  # never the server's temporary folder
+                raise ImageGone(f"the image is gone from disk: {shown}: no such file; check the path "
+                                "(was it deleted or moved?)") from None
             image = load_image(entry.path, max_pixels=self.max_pixels)
         with self._lock:
             self._decoded[entry.id] = (image, digest)

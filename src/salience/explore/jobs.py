@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-__all__ = ["Job", "Worker", "Ticker", "Cancelled", "QueueFull", "STATES"]
+__all__ = ["Job", "Worker", "Ticker", "Cancelled", "QueueFull", "Refused", "STATES"]
 
 STATES = ("queued", "running", "done", "error", "cancelled")
 
@@ -28,6 +28,16 @@ class Cancelled(Exception):
 
 class QueueFull(Exception):
     """The worker's queue holds ``max_queue`` jobs already."""
+
+
+class Refused(Exception):
+    """Raised by a computation that cannot go on for a reason with an HTTP status of its own (404:
+    the image is gone from storage; 502: the storage does not answer): the job ends in ``error``
+    with this message and ``status_code``, not as an internal error."""
+
+    def __init__(self, message: str, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.status_code = int(status_code)
 
 
 class Ticker:
@@ -103,8 +113,8 @@ class Worker:
     """A thread that runs one model's jobs one at a time, in the order submitted.
 
     ``errors``: exception types whose message is the user's fault (a 4xx): they end the job in
-    ``error`` with that message; any other exception ends it in ``error`` as an internal error
-    (500). ``max_queue`` jobs may wait at most.
+    ``error`` with that message (400; :class:`Refused` with its own status); any other exception
+    ends it in ``error`` as an internal error (500). ``max_queue`` jobs may wait at most.
     """
 
     def __init__(self, name: str, *, max_queue: int = 256, errors: tuple[type, ...] = ()) -> None:
@@ -184,6 +194,9 @@ class Worker:
             result = job.run(Ticker(job))
         except Cancelled:
             job.finish("cancelled")
+        except Refused as e:
+            job.status_code = e.status_code
+            job.finish("error", error=str(e))
         except self.errors as e:
             job.finish("error", error=str(e))
         except MemoryError:

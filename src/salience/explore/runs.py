@@ -15,6 +15,7 @@ import collections
 import io
 import math
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -30,6 +31,8 @@ __all__ = ["RunSource", "is_run", "SORTABLE"]
 
 SORTABLE = ("index", "predicted", "predicted_name", "probability", "label", "correct", "path")
 """Columns the gallery sorts by, besides every ``method.statistic`` column."""
+_DATASET_ITEM = re.compile(r"^[A-Za-z_][\w.]*\[\d+\]$")
+"""The path a run gives the rows of a ``Dataset`` (``ImageFolder[17]``): an item, not a file."""
 _SHOWN = ("index", "path", "predicted", "predicted_name", "probability", "label", "correct", "error", "width",
           "height")
 
@@ -136,7 +139,8 @@ class RunSource:
         return []  # listed by rows(), not with the files (a run may hold a million rows)
 
     def find(self, image_id: str) -> Optional[ImageEntry]:
-        """The image of id ``r<number>-<index>``, or ``None`` (not this run's, no such row, no file)."""
+        """The image of id ``r<number>-<index>``, or ``None`` (not this run's, no such row, a
+        ``Dataset`` row). A row whose file is gone is found: reading it is the error that says so."""
         prefix = self.id + "-"
         if not image_id.startswith(prefix) or not image_id[len(prefix):].isdigit():
             return None
@@ -145,8 +149,11 @@ class RunSource:
         except KeyError:
             return None
         path = self._file(r)
-        if path is None:
-            return None
+        if path is None and _DATASET_ITEM.match(str(r["path"])):
+            return None  # a Dataset's item (``Class[i]``): no file to open
+        if path is None:  # a file gone since the run (deleted or moved): reading it says so (ImageGone, 404)
+            given = Path(r["path"])
+            path = given if given.is_absolute() else self.run.folder.parent / given
         fields = {k: r[k] for k in ("index", "predicted_name", "probability") if k in r}
         if isinstance(path, str):  # an object: read through salience.loading.remote
             return ImageEntry(image_id, path.rstrip("/").rsplit("/", 1)[-1], self.id, None, fields, url=path)

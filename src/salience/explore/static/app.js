@@ -2,7 +2,7 @@
 "use strict";
 
 const S = {
-  info: null, image: null, pictures: {}, targets: [], rows: [], cells: new Map(), luts: {}, layers: {},
+  info: null, image: null, broken: null, pictures: {}, targets: [], rows: [], cells: new Map(), luts: {}, layers: {},
   display: { opacity: 0.6, cmap: "fire", mode: "abs", clip: 99 }, nextRow: 1,
 };
 const $ = (id) => document.getElementById(id);
@@ -81,18 +81,41 @@ async function upload(file) {
   } catch (e) { status(`${file.name}: ${e.message}`, true); }
 }
 
+// The picture of image `id` as model `slot` sees it, loaded; an Error with the server's message
+// when there is none (e.g. 404: the image is gone from disk or storage), never a broken <img>.
+async function loadPicture(id, slot) {
+  const blob = new Blob([await api(`api/images/${id}/picture.png?slot=${slot}`)], { type: "image/png" });
+  const img = new Image();
+  await new Promise((ok, fail) => {
+    img.onload = ok; img.onerror = () => fail(new Error(`image ${id}: the picture cannot be shown`));
+    img.src = URL.createObjectURL(blob);
+  });
+  return img;
+}
+
 async function pick(id) {
   S.image = id;
   for (const img of $("images").children) img.classList.toggle("current", img.dataset.id === id);
   for (const tr of $("run-body").children) tr.classList.toggle("current", tr.dataset.id === id);
-  S.pictures = {};
-  await Promise.all(S.info.models.map((m) => new Promise((ok) => {
-    const img = new Image(); img.onload = () => ok(); img.onerror = () => ok();
-    img.src = `api/images/${id}/picture.png?slot=${m.slot}`; S.pictures[m.slot] = img;
-  })));
-  if (S.image !== id) return; // another image was picked meanwhile: its own pick draws
-  $("preview").src = S.pictures.a.src; $("picked").hidden = false;
+  const pictures = {}, failed = [];
+  await Promise.all(S.info.models.map(async (m) => {
+    try { pictures[m.slot] = await loadPicture(id, m.slot); } catch (e) { failed.push(e.message); }
+  }));
+  const free = (pics) => { for (const img of Object.values(pics)) URL.revokeObjectURL(img.src); };
+  if (S.image !== id) { free(pictures); return; } // another image was picked meanwhile: its own pick draws
+  free(S.pictures);
+  S.pictures = pictures; S.broken = failed.length ? failed[0] : null;
+  $("picked").hidden = false;
+  $("preview").hidden = !!S.broken; $("picture-error").hidden = !S.broken;
+  $("picture-error").textContent = S.broken || "";
+  if (S.broken) $("preview").removeAttribute("src"); else $("preview").src = S.pictures.a.src;
   const box = $("classes"); box.textContent = "";
+  if (S.broken) { // no picture: no classes, and every map cell says why instead of computing
+    status(`image ${id}: ${S.broken}`, true);
+    for (const c of S.cells.values()) request(c);
+    figureLink();
+    return;
+  }
   for (const m of S.info.models) {
     box.append(el("h3", {}, `${m.slot}: ${m.name}`));
     try {
@@ -309,6 +332,11 @@ async function request(cell) {
     if (cell.row.layers[cell.t.model]) options.layer = cell.row.layers[cell.t.model];
   }
   cell.extra.textContent = ""; cell.tools.textContent = "";
+  if (S.broken) { // the image cannot be read: the cell shows why, with no map and no tools
+    cell.map = null; cell.key = null; cell.want = null; draw(cell); // want: asked again once the image reads
+    showJob(cell, { state: "error", error: S.broken });
+    return;
+  }
   try {
     let j = await api("api/explain", { method: "POST", headers: { "content-type": "application/json" },
       body: JSON.stringify({ model: cell.t.model, image: S.image, method: cell.row.method, target: cell.t.index, options }) });
