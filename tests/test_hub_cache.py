@@ -269,6 +269,23 @@ def test_timm_snapshot_of_another_architecture_is_refused(cache, tmp_path):
         load_model("timm:test_resnet@main")
 
 
+def test_timm_flat_legacy_config_with_names_by_index(cache, tmp_path):
+    """An older timm repo's flat ``config.json`` (no ``pretrained_cfg`` object, ``labels`` as
+    ``{index: name}``), read as timm's ``_parse_model_cfg`` reads it."""
+    torch.manual_seed(8)
+    src = timm.create_model("test_resnet", pretrained=False, num_classes=2).eval()
+    (tmp_path / "old").mkdir()
+    torch.save(src.state_dict(), tmp_path / "old" / "pytorch_model.bin")
+    (tmp_path / "old" / "config.json").write_text(json.dumps({
+        "architecture": "test_resnet", "num_classes": 2, "num_features": 96, "input_size": [3, 128, 128],
+        "crop_pct": 1.0, "mean": [0.3, 0.3, 0.3], "std": [0.2, 0.2, 0.2], "labels": {"1": "yes", "0": "no"}}))
+    add_snapshot(cache, TIMM, tmp_path / "old", T_MAIN, refs=["old"])
+    m = load_model("timm:test_resnet@old")
+    assert _same_weights(m, src) and m.salience_info.class_names == ("no", "yes")
+    info = m.salience_info
+    assert info.input_size == (128, 128) and info.resize == 128 and info.mean == (0.3, 0.3, 0.3)
+
+
 # --------------------------------------------------------------------------------- the command line
 
 

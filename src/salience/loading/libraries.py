@@ -148,7 +148,8 @@ def _timm_missing(spec: str, name: str, repo: str, revision: Optional[str]) -> S
 
 
 def _cached(repo: str) -> str:
-    """``"; cached: main, v1 -> 1a2b3c4d5e"``: the refs of ``repo`` that the cache holds, to pick from."""
+    """``"; it holds main -> 1a2b3c4d5e, v1 -> 0f75bd64fe"``: the branches and tags of ``repo`` that
+    the cache holds (their commits shortened), to pick from; ``""`` when it holds none."""
     refs = Path(hub_cache()) / ("models--" + repo.replace("/", "--")) / "refs"
     names = sorted(str(p.relative_to(refs)) for p in refs.rglob("*") if p.is_file()) if refs.is_dir() else []
     return f"; it holds {', '.join(f'{n} -> {(refs / n).read_text().strip()[:10]}' for n in names)}" if names else ""
@@ -192,11 +193,13 @@ def _snapshot_config(path: Path, architecture: str, spec: str) -> tuple[dict, di
     form too) -> ``(pretrained_cfg overlay, model_args)``; a config of another architecture is an error."""
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("pretrained_cfg", {}), dict):
+            raise ValueError("not a timm model config (a JSON object with a pretrained_cfg object)")
     except (OSError, ValueError) as e:
-        raise SalienceError(f"{spec}: the cached {path} is not a readable JSON file ({_first_line(e)}); "
+        raise SalienceError(f"{spec}: the cached {path} is not a readable timm config ({_first_line(e)}); "
                             "download the revision again") from None
     flat = "pretrained_cfg" not in cfg
-    pretrained = dict(cfg if flat else cfg["pretrained_cfg"] or {})
+    pretrained = dict(cfg if flat else cfg["pretrained_cfg"])
     if flat and "labels" in pretrained:
         pretrained["label_names"] = pretrained.pop("labels")
     for key in ("num_classes", "label_names"):
@@ -212,7 +215,10 @@ def _snapshot_config(path: Path, architecture: str, spec: str) -> tuple[dict, di
             overlay[key] = tuple(overlay[key])
     names = overlay.get("label_names")
     if isinstance(names, dict):  # {index: name}, as timm allows where indices have gaps
-        by_index = {int(k): v for k, v in names.items()}
+        try:
+            by_index = {int(k): str(v) for k, v in names.items()}
+        except ValueError:
+            by_index = {}
         overlay["label_names"] = [by_index.get(i, str(i)) for i in range(max(by_index) + 1)] if by_index else None
     model_args = cfg.get("model_args") if isinstance(cfg.get("model_args"), dict) else {}
     return overlay, dict(model_args)
