@@ -56,11 +56,17 @@ def add_snapshot(cache: Path, repo_id: str, folder: Path, commit: str, refs: Ite
     return snapshot
 
 
-def forbid_network(monkeypatch) -> None:
-    """Any attempt to open a connection (the hub, a proxy) raises: loading must stay on disk."""
+def forbid_network(monkeypatch) -> list:
+    """Any attempt to open a connection (the hub, a proxy) raises, and is recorded in the list
+    returned: a library that swallows the error (huggingface_hub's best-effort telemetry does) still
+    leaves its attempt there for the test to see."""
+    attempts: list = []
+
     def refuse(*args, **kwargs):
+        attempts.append(args)
         raise AssertionError(f"network access attempted: {args!r} {kwargs!r}")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts

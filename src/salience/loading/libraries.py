@@ -2,17 +2,21 @@
 
 Nothing here downloads. timm's pretrained weights come from the local caches only (the Hugging
 Face hub cache, ``HF_HUB_CACHE`` or ``HF_HOME/hub``, and torch hub's ``checkpoints`` folder,
-``TORCH_HOME``), and a transformers model from a ``save_pretrained`` folder or the local cache
-(``local_files_only``, ``hf:ORG/NAME@REVISION`` for a branch, tag or commit). The cache folder is
+``TORCH_HOME``; ``timm:NAME.TAG@REVISION`` for a branch, tag or commit of the hub repo
+``timm/NAME.TAG``, from the hub cache only), and a transformers model from a ``save_pretrained``
+folder or the local cache (``local_files_only``, ``hf:ORG/NAME@REVISION`` for a branch, tag or
+commit). The cache folder is
 read from the environment at each call (:func:`hub_cache`), so a variable set after
 ``huggingface_hub`` was imported counts too.
-Preprocessing comes from the library's own record: timm's ``pretrained_cfg`` through
+Preprocessing comes from the library's own record: timm's ``pretrained_cfg`` (with the
+``config.json`` of the hub snapshot the weights came from over it) through
 ``timm.data.resolve_data_config``, transformers' image-processor config
 (``preprocessor_config.json``); class names from timm's ``label_names`` or ImageNet-1k's for
 1000 classes, and from transformers' ``config.id2label``.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -58,23 +62,40 @@ def load_timm(name: str, weights: Optional[PathLike] = None, trust_pickle: bool 
     """timm's architecture ``name`` (``"resnet50"``, ``"vit_base_patch16_224.augreg_in1k"``) with
     ``weights``: a state-dict file (``.pth`` / ``.pt`` / ``.safetensors``; another number of
     classes is read from its classifier), ``"random"``, or ``None`` for timm's pretrained
-    weights from the local cache (a :class:`SalienceError` says how to get them when absent)."""
+    weights from the local cache (a :class:`SalienceError` says how to get them when absent).
+    ``NAME@REVISION`` (a branch, tag or commit of the hub repo ``timm/NAME.TAG``) takes the
+    pretrained weights of that revision, which only the hub cache holds; it goes with no ``weights``."""
     timm = _require("timm", f"timm:{name}")
-    if not name or not timm.is_model(name):
-        raise SalienceError(f"unknown timm model {name!r}{suggest(name, timm.list_models())} "
+    arch, revision = _split_revision(name)
+    if not arch or not timm.is_model(arch):
+        raise SalienceError(f"unknown timm model {arch!r}{suggest(arch, timm.list_models())} "
                             "(see timm.list_models() for all names)")
+    if revision and weights is not None:
+        raise SalienceError(
+            f"timm:{name}: the revision @{revision} picks timm's pretrained weights of that revision from the hub "
+            f"cache, and weights {os.fspath(weights)!r} replace them: give one, timm:{arch} --weights FILE or "
+            f"timm:{name} without weights")
     if weights is None:
-        model = _timm_pretrained(timm, name, trust_pickle)
+        model = _timm_pretrained(timm, arch, revision, trust_pickle)
     elif str(weights) == "random":
-        model = timm.create_model(name, pretrained=False)
+        model = timm.create_model(arch, pretrained=False)
     else:
         state = read_state_dict(weights, trust_pickle=trust_pickle)
-        model = timm.create_model(name, pretrained=False)
+        model = timm.create_model(arch, pretrained=False)
         classes = _classifier_outputs(model, state)
         if classes is not None and classes != getattr(model, "num_classes", classes):
-            model = timm.create_model(name, pretrained=False, num_classes=classes)
-        load_state(model, state, weights, f"timm's {name}")
+            model = timm.create_model(arch, pretrained=False, num_classes=classes)
+        load_state(model, state, weights, f"timm's {arch}")
     return attach_info(model.eval(), timm_info(model, f"timm:{name}"))
+
+
+def _split_revision(name: str) -> tuple[str, Optional[str]]:
+    """``NAME[.TAG][@REVISION]`` -> ``(NAME[.TAG], REVISION or None)``; timm's names have no ``@``."""
+    arch, at, revision = name.partition("@")
+    if at and (not revision or "@" in revision or revision != revision.strip()):
+        raise SalienceError(f"timm:{name}: expected timm:NAME@REVISION with one revision (a branch, tag or "
+                            "commit hash of the hub repo), e.g. timm:resnet50.a1_in1k@main")
+    return arch, revision or None
 
 
 def _classifier_outputs(model: nn.Module, state: dict) -> Optional[int]:
@@ -84,41 +105,123 @@ def _classifier_outputs(model: nn.Module, state: dict) -> Optional[int]:
     return int(w.shape[0]) if w is not None and w.dim() >= 1 else None
 
 
-def _timm_pretrained(timm: Any, name: str, trust_pickle: bool) -> nn.Module:
+def _timm_pretrained(timm: Any, name: str, revision: Optional[str], trust_pickle: bool) -> nn.Module:
+    """timm's ``name`` with the pretrained weights found by :func:`_timm_cached_file` and the
+    ``config.json`` of the same snapshot, as ``create_model('hf-hub:timm/NAME.TAG@REV', pretrained=True)``
+    would load them online."""
     model = timm.create_model(name, pretrained=False)
-    path = _timm_cached_file(model.pretrained_cfg)
-    if path is None:
-        hub_id = model.pretrained_cfg.get("hf_hub_id")
-        hub = f"hf download {hub_id}, or " if hub_id else ""
-        raise SalienceError(
-            f"timm:{name}: timm's pretrained weights are not in the local cache ({hub_cache()}) and salience "
-            f"never downloads. Get them once online ({hub}python -c \"import timm; timm.create_model('{name}', "
-            "pretrained=True)\"), or pass --weights FILE (a state dict) or --weights random")
+    spec = f"timm:{name}" + (f"@{revision}" if revision else "")
+    repo = str(model.pretrained_cfg.get("hf_hub_id") or "").partition("@")[0]
+    found = _timm_cached_file(model.pretrained_cfg, revision)
+    if found is None:
+        raise _timm_missing(spec, name, repo, revision)
+    path, config = found
+    overlay, model_args = _snapshot_config(config, model.pretrained_cfg["architecture"], spec) if config else ({}, {})
+    if revision:
+        overlay["hf_hub_id"] = f"{repo}@{revision}"  # where the weights came from, in timm's own notation
     state = read_state_dict(path, trust_pickle=trust_pickle)
-    # timm applies its own conversion of the checkpoint (filter_fn) to a state dict handed over.
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": state})
+    try:
+        # timm applies its own conversion of the checkpoint (filter_fn) to a state dict handed over.
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={**overlay, "state_dict": state},
+                                  **model_args)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise SalienceError(f"{spec}: the cached weights {path} do not fit timm's {name} ({_first_line(e)})") from None
+    model.pretrained_cfg.pop("state_dict", None)  # timm keeps what it was handed: a second copy of the weights
+    return model
 
 
-def _timm_cached_file(cfg: dict) -> Optional[Path]:
-    """The cached file of timm's pretrained weights (hub cache, then torch hub), or ``None``."""
+def _timm_missing(spec: str, name: str, repo: str, revision: Optional[str]) -> SalienceError:
+    """The error for pretrained weights that are not in the local caches: what to run to get them."""
+    if revision and not repo:
+        return SalienceError(f"{spec}: timm's {name} has no Hugging Face hub repo (its pretrained_cfg has no "
+                             f"hf_hub_id), so a revision names no weights; drop @{revision}")
+    if revision:
+        return SalienceError(
+            f"{spec}: revision {revision} of {repo} is not in the local Hugging Face cache ({hub_cache()}){_cached(repo)}"
+            f" and salience never downloads. Get it once online: hf download {repo} --revision {revision} "
+            "(a branch, a tag or a full commit hash; HF_HUB_CACHE / HF_HOME say where the cache is)")
+    hub = f"hf download {repo}, or " if repo else ""
+    return SalienceError(
+        f"{spec}: timm's pretrained weights are not in the local cache ({hub_cache()}) and salience "
+        f"never downloads. Get them once online ({hub}python -c \"import timm; timm.create_model('{name}', "
+        "pretrained=True)\"), or pass --weights FILE (a state dict) or --weights random")
+
+
+def _cached(repo: str) -> str:
+    """``"; it holds main -> 1a2b3c4d5e, v1 -> 0f75bd64fe"``: the branches and tags of ``repo`` that
+    the cache holds (their commits shortened), to pick from; ``""`` when it holds none."""
+    refs = Path(hub_cache()) / ("models--" + repo.replace("/", "--")) / "refs"
+    names = sorted(str(p.relative_to(refs)) for p in refs.rglob("*") if p.is_file()) if refs.is_dir() else []
+    return f"; it holds {', '.join(f'{n} -> {(refs / n).read_text().strip()[:10]}' for n in names)}" if names else ""
+
+
+def _timm_cached_file(cfg: dict, revision: Optional[str] = None) -> Optional[tuple[Path, Optional[Path]]]:
+    """The cached file of timm's pretrained weights (hub cache at ``revision``, default the
+    ``hf_hub_id``'s own or ``main``; without a revision then torch hub's ``checkpoints``) and the
+    ``config.json`` of the same hub snapshot (``None`` outside the hub cache or when not cached),
+    or ``None``. Reads the disk only: ``try_to_load_from_cache`` never opens a connection."""
     hub_id = cfg.get("hf_hub_id")
     if hub_id:
         from huggingface_hub import try_to_load_from_cache
 
-        repo, _, revision = str(hub_id).partition("@")
+        repo, _, pinned = str(hub_id).partition("@")
         names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors",
                                                                                "pytorch_model.bin"]
         for filename in names:
             found = try_to_load_from_cache(repo, filename, cache_dir=hub_cache(),
-                                           revision=revision or None)
+                                           revision=revision or pinned or None)
             if isinstance(found, str) and Path(found).is_file():
-                return Path(found)
+                snapshot = Path(found).parents[len(Path(filename).parts) - 1]
+                config = snapshot / "config.json"
+                return Path(found), config if config.is_file() else None
     url = cfg.get("url")
-    if url:
+    if url and not revision:
         p = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
         if p.is_file() and p.suffix in (".pth", ".pt", ".bin", ".safetensors"):
-            return p
+            return p, None
     return None
+
+
+_TIMM_CFG_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "num_classes", "label_names")
+"""The ``pretrained_cfg`` entries of a hub snapshot's ``config.json`` that salience takes (the
+preprocessing, the classes and their names); the architecture comes from the spec."""
+
+
+def _snapshot_config(path: Path, architecture: str, spec: str) -> tuple[dict, dict]:
+    """A timm hub repo's ``config.json`` read as timm's ``hf-hub:`` loading reads it (its
+    ``pretrained_cfg``, the top-level ``num_classes`` and ``label_names`` over it, the legacy flat
+    form too) -> ``(pretrained_cfg overlay, model_args)``; a config of another architecture is an error."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("pretrained_cfg", {}), dict):
+            raise ValueError("not a timm model config (a JSON object with a pretrained_cfg object)")
+    except (OSError, ValueError) as e:
+        raise SalienceError(f"{spec}: the cached {path} is not a readable timm config ({_first_line(e)}); "
+                            "download the revision again") from None
+    flat = "pretrained_cfg" not in cfg
+    pretrained = dict(cfg if flat else cfg["pretrained_cfg"])
+    if flat and "labels" in pretrained:
+        pretrained["label_names"] = pretrained.pop("labels")
+    for key in ("num_classes", "label_names"):
+        if not flat and cfg.get(key) is not None:
+            pretrained[key] = cfg[key]
+    arch = cfg.get("architecture")
+    if arch and arch != architecture:
+        raise SalienceError(f"{spec}: the cached {path} describes timm's {arch}, not {architecture}; "
+                            f"name that architecture (timm:{arch})")
+    overlay = {k: pretrained[k] for k in _TIMM_CFG_KEYS if pretrained.get(k) is not None}
+    for key in ("input_size", "mean", "std"):
+        if key in overlay:
+            overlay[key] = tuple(overlay[key])
+    names = overlay.get("label_names")
+    if isinstance(names, dict):  # {index: name}, as timm allows where indices have gaps
+        try:
+            by_index = {int(k): str(v) for k, v in names.items()}
+        except ValueError:
+            by_index = {}
+        overlay["label_names"] = [by_index.get(i, str(i)) for i in range(max(by_index) + 1)] if by_index else None
+    model_args = cfg.get("model_args") if isinstance(cfg.get("model_args"), dict) else {}
+    return overlay, dict(model_args)
 
 
 def timm_info(model: nn.Module, name: str) -> ModelInfo:
@@ -155,34 +258,50 @@ def load_hf(ref: str) -> nn.Module:
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
 
-    source, where = _hf_source(ref)
+    folder = _hf_source(ref)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForImageClassification.from_pretrained(source, local_files_only=True, **where)
+        model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        if not where:
+        if Path(ref).is_dir():
             raise SalienceError(f"hf:{ref}: transformers could not load an image classifier from this folder "
                                 f"({_first_line(e)})") from None
-        revision = f" at revision {where['revision']}" if where.get("revision") else ""
+        repo, _, revision = ref.partition("@")
         raise SalienceError(
-            f"hf:{ref}: not a folder, and not in the local Hugging Face cache ({where['cache_dir']}){revision}; "
-            f"salience loads offline only. Save the model with save_pretrained(DIR) and pass hf:DIR, or download "
-            f"it once online (hf download {source}{' --revision ' + where['revision'] if revision else ''}; "
-            "HF_HUB_CACHE / HF_HOME say where the cache is)") from None
+            f"hf:{ref}: transformers could not load an image classifier from the cached snapshot {folder} "
+            f"({_first_line(e)}); if a download was cut short, get it again online: hf download {repo}"
+            f"{' --revision ' + revision if revision else ''}") from None
     finally:
         if bar:
             hf_logging.enable_progress_bar()
     return attach_info(model.eval(), hf_info(model, ref))
 
 
-def _hf_source(ref: str) -> tuple[str, dict]:
-    """``hf:`` spec -> what ``from_pretrained`` takes: ``(folder, {})``, or ``(model id, {revision,
-    cache_dir})`` read from the cache (:func:`hub_cache`) at ``ID@REVISION`` (default ``main``)."""
+def _hf_source(ref: str) -> str:
+    """``hf:`` spec -> the folder ``from_pretrained`` reads: the spec's own folder, or the snapshot
+    of ``ID@REVISION`` (default ``main``) in the cache (:func:`hub_cache`), found on disk. A folder
+    and not the model id goes to transformers: given an id it calls ``hf_hub_download``, which
+    opens a connection even with ``local_files_only`` unless ``HF_HUB_OFFLINE`` was set before
+    ``huggingface_hub`` was imported (huggingface_hub 2.4 builds its request headers first, and that
+    fetches a registry from the Hub)."""
     if Path(ref).is_dir():
-        return ref, {}
+        return ref
+    from huggingface_hub import try_to_load_from_cache
+
     repo, _, revision = ref.partition("@")
-    return repo, {"cache_dir": hub_cache(), **({"revision": revision} if revision else {})}
+    try:
+        config = try_to_load_from_cache(repo, "config.json", cache_dir=hub_cache(), revision=revision or None)
+    except ValueError:  # not a repo id (huggingface_hub's validation)
+        config = None
+    if isinstance(config, str) and Path(config).is_file():
+        return str(Path(config).parent)
+    at = f" at revision {revision}" if revision else ""
+    raise SalienceError(
+        f"hf:{ref}: not a folder, and not in the local Hugging Face cache ({hub_cache()}){at}; "
+        f"salience loads offline only. Save the model with save_pretrained(DIR) and pass hf:DIR, or download "
+        f"it once online (hf download {repo}{' --revision ' + revision if revision else ''}; "
+        "HF_HUB_CACHE / HF_HOME say where the cache is)")
 
 
 def _first_line(e: BaseException) -> str:
@@ -194,11 +313,10 @@ def _processor_config(ref: str) -> Optional[dict]:
     """The image processor's settings (``preprocessor_config.json``), or ``None`` without one."""
     from transformers import AutoImageProcessor
 
-    source, where = _hf_source(ref)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoImageProcessor.from_pretrained(source, local_files_only=True, **where).to_dict()
+            return AutoImageProcessor.from_pretrained(_hf_source(ref), local_files_only=True).to_dict()
     except Exception:  # noqa: BLE001 - a model saved without its processor
         return None
 

@@ -38,7 +38,9 @@ MODEL_SPECS: tuple[tuple[str, str], ...] = (
     ("torchvision:ARCH", "a torchvision classifier: --weights FILE (a state dict), --weights random, or "
                          "torchvision's pretrained weights (downloaded by torchvision)"),
     ("timm:NAME", "a timm architecture (needs timm): --weights FILE (a state dict), --weights random, or "
-                  "timm's pretrained weights from the local cache (never downloaded)"),
+                  "timm's pretrained weights from the local cache (never downloaded); NAME.TAG for a pretrained "
+                  "tag, NAME.TAG@REVISION for a branch, tag or commit of the hub repo timm/NAME.TAG in the cache "
+                  "(no --weights)"),
     ("hf:DIR_OR_ID", "a Hugging Face transformers image classifier (needs transformers): a save_pretrained "
                      "folder, or a model id in the local Hugging Face cache, ID@REVISION for a branch, tag "
                      "or commit (offline; never downloaded)"),
@@ -326,7 +328,8 @@ def load_model(
     ``salience.zoo.DEMOS``); ``"torchvision:ARCH"`` (``weights``: a state-dict file, ``"random"``,
     or ``None`` for torchvision's pretrained weights, which torchvision downloads);
     ``"timm:NAME"`` (``weights`` as for torchvision; ``None``: timm's pretrained weights from the
-    local cache, never downloaded); ``"hf:DIR_OR_ID"`` (a transformers image classifier, offline;
+    local cache, never downloaded; ``"timm:NAME.TAG@REVISION"`` for a branch, tag or commit of the
+    hub repo ``timm/NAME.TAG``, without ``weights``); ``"hf:DIR_OR_ID"`` (a transformers image classifier, offline;
     ``"hf:ORG/NAME@REVISION"`` for a branch, tag or commit in the cache);
     ``"python:MODULE:FUNC"`` / ``"python:FILE.py:FUNC"`` (your function, called with no argument,
     returns the model; ``weights`` a state dict for it); or a file: TorchScript
