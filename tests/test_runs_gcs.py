@@ -59,7 +59,10 @@ def test_gs_prefix_equals_local_copies_and_opens_in_the_explorer(gcs, tmp_path):
     # a list naming a missing object: a row with its error
     (tmp_path / "list.txt").write_text(f"gs://{BUCKET}/{PREFIX}/01.jpg\ngs://{BUCKET}/{PREFIX}/gone.jpg\n")
     listed = salience.explain_dataset("demo:shapes", tmp_path / "list.txt", ["vanilla"], tmp_path / "list", workers=0)
-    np.testing.assert_array_equal(listed.map(0, "vanilla"), local.map(1, "vanilla"))
+    # this image ran in a batch of one (its neighbour is missing), the local run's in a batch of N: the
+    # convolutions may pick other kernels by batch size and round differently (seen: one pixel of 4096
+    # one float16 step apart, on one pinned core), so equal up to float16 rounding, not bit for bit
+    np.testing.assert_allclose(listed.map(0, "vanilla"), local.map(1, "vanilla"), rtol=2 ** -10, atol=1e-6)
     assert "no such object" in listed.row(1)["error"]
     # the explorer opens a gs:// row as the local file's pixels
     pytest.importorskip("starlette")
