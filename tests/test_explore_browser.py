@@ -239,7 +239,7 @@ def test_a_row_whose_image_is_gone_shows_why_and_the_next_row_restores_the_page(
                 page.locator(f"#classes button.class[data-index='{label}']").click()
                 page.select_option("#method", "gradcam")
                 page.click("#add")
-                page.wait_for_function(f"document.querySelector(\"{cell} .state\").textContent.startsWith('gradcam')")
+                page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('gradcam')")
 
                 paths[1].unlink()  # after the gallery listed it as an image to open
                 page.click("#run-body tr[data-id='r0-1']")
@@ -249,14 +249,14 @@ def test_a_row_whose_image_is_gone_shows_why_and_the_next_row_restores_the_page(
                 assert not page.locator("#preview").is_visible()
                 assert page.get_attribute("#preview", "src") is None
                 assert page.locator("#classes button.class").count() == 0
-                page.wait_for_function(f"document.querySelector(\"{cell} .state\").textContent.startsWith({gone!r})")
+                page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith({gone!r})")
                 assert page.locator(f"{cell} .tools > *").count() == 0
                 assert page.evaluate(blank)
                 assert page.evaluate(broken) == 0
                 assert page.get_attribute("#download-figure", "href") == "#"
 
                 page.click("#run-body tr[data-id='r0-0']")  # a good row: everything as before
-                page.wait_for_function(f"document.querySelector(\"{cell} .state\").textContent.startsWith('gradcam')")
+                page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('gradcam')")
                 assert page.locator("#preview").is_visible() and not page.locator("#picture-error").is_visible()
                 assert page.evaluate("document.getElementById('preview').naturalWidth") == 64
                 assert page.locator("#classes button.class").count() == 5
