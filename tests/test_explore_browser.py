@@ -216,7 +216,10 @@ def test_a_row_whose_image_is_gone_shows_why_and_the_next_row_restores_the_page(
     (tmp_path / "imgs").mkdir()
     paths, labels, _ = shapes_files(tmp_path / "imgs", n=2)
     salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", workers=0)
-    explorer = salience.explore("demo:shapes", run=tmp_path / "run", show=False)
+    named = tmp_path / "named.png"  # a file named on the command line, deleted before the page loads
+    named.write_bytes(paths[0].read_bytes())
+    explorer = salience.explore("demo:shapes", [named], run=tmp_path / "run", show=False)
+    named.unlink()
     errors: list[str] = []
     label = int(labels[0])
     cell = f"td.cell[data-target='a:{label}']"
@@ -235,6 +238,9 @@ def test_a_row_whose_image_is_gone_shows_why_and_the_next_row_restores_the_page(
                 page.set_default_timeout(30_000)
                 page.goto(explorer.url)
                 page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+                # its thumbnail in the side list: a marked box, not the browser's broken-image icon
+                page.wait_for_function("document.querySelectorAll('#images img.gone').length === 1")
+                assert page.evaluate(broken) == 0
                 page.click("#run-body tr[data-id='r0-0']")
                 page.locator(f"#classes button.class[data-index='{label}']").click()
                 page.select_option("#method", "gradcam")

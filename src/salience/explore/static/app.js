@@ -63,12 +63,22 @@ function bindControls() {
 
 // ------------------------------------------------------------------ images
 
+// A thumbnail that cannot be read (the file deleted, a 404) is drawn as a marked empty box, never
+// the browser's broken-image icon; clicking it still picks the image, whose error the page then shows.
+function gone(ev) {
+  const img = ev.target;
+  img.removeAttribute("src");
+  img.classList.add("gone");
+  img.title = `${img.title ? img.title + ": " : ""}cannot be read (gone from disk or storage?)`;
+}
+
 async function listImages() {
   const { images } = await api("api/images");
   const box = $("images"); box.textContent = "";
   for (const im of images) {
     box.append(el("img", { src: `api/images/${im.id}/picture.png?slot=a`, title: im.name, "data-id": im.id,
-                           class: S.image === im.id ? "current" : "", onclick: () => pick(im.id) }));
+                           class: S.image === im.id ? "current" : "", onclick: () => pick(im.id),
+                           onerror: gone }));
   }
 }
 
@@ -183,7 +193,8 @@ async function listRows() {
   const names = Object.fromEntries(r.classes.map((c) => [c.index, c.name]));
   for (const row of found.rows) {
     const thumbs = [0, ...r.methods.map((_, i) => i + 1)].map((t) =>
-      el("td", {}, el("img", { src: `api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}`, alt: "", loading: "lazy" })));
+      el("td", {}, el("img", { src: `api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}`, alt: "", loading: "lazy",
+                               onerror: gone })));
     const cells = [...thumbs, el("td", {}, String(row.index)), el("td", { title: row.path }, row.path.split(/[\\/]/).pop()),
       el("td", {}, row.error ? `failed: ${row.error}` : (row.predicted_name ?? "")), el("td", {}, num(row.probability))];
     if (r.labels) cells.push(el("td", {}, row.label === null ? "" : (names[row.label] ?? String(row.label))),
