@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,6 +43,19 @@ def _luminance(png: bytes, size=None) -> np.ndarray:
     return np.asarray(img if size is None else img.resize(size, Image.BILINEAR), dtype=np.float64)
 
 
+def _open(browser: Any, url: str, errors: list[str], *, allow_404: bool = False, **page_options: Any) -> Any:
+    """A new page on ``url``, ready (the status bar says so), its script errors and console errors
+    collected in ``errors`` (but "status of 404" lines with ``allow_404``)."""
+    page = browser.new_page(**page_options)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text)
+            if m.type == "error" and not (allow_404 and "status of 404" in m.text) else None)
+    page.set_default_timeout(30_000)
+    page.goto(url)
+    page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+    return page
+
+
 def test_a_person_uses_the_page(tmp_path):
     sync_api = _browser()
     pytest.importorskip("starlette")
@@ -53,12 +67,7 @@ def test_a_person_uses_the_page(tmp_path):
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
             try:
-                page = browser.new_page(accept_downloads=True, viewport={"width": 1200, "height": 900})
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-                page.set_default_timeout(30_000)
-                page.goto(explorer.url)
-                page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+                page = _open(browser, explorer.url, errors, accept_downloads=True, viewport={"width": 1200, "height": 900})
 
                 page.set_input_files("#file", str(paths[0]))
                 button = page.locator(f"#classes button.class[data-index='{label}']")
@@ -144,12 +153,7 @@ def test_a_person_browses_a_dataset_run_and_compares_two_models(tmp_path):
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
             try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-                page.set_default_timeout(30_000)
-                page.goto(explorer.url)
-                page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+                page = _open(browser, explorer.url, errors, viewport={"width": 1400, "height": 1000})
                 assert _rows_shown(page) == [t["index"] for t in table]
 
                 page.select_option("#run-sort", "probability")
@@ -231,13 +235,8 @@ def test_a_row_whose_image_is_gone_shows_why_and_the_next_row_restores_the_page(
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
             try:
-                page = browser.new_page(viewport={"width": 1200, "height": 900})
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.on("console", lambda m: errors.append(m.text)  # the 404s are the answers this test asks for
-                        if m.type == "error" and "status of 404" not in m.text else None)
-                page.set_default_timeout(30_000)
-                page.goto(explorer.url)
-                page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+                # the 404s are the answers this test asks for
+                page = _open(browser, explorer.url, errors, allow_404=True, viewport={"width": 1200, "height": 900})
                 # its thumbnail in the side list: a marked box, not the browser's broken-image icon
                 page.wait_for_function("document.querySelectorAll('#images img.gone').length === 1")
                 assert page.evaluate(broken) == 0
