@@ -9,7 +9,7 @@ under ``torch.inference_mode`` (what Score-CAM, Ablation-CAM, RISE and occlusion
 integrated gradients run) at 1 to 16. Each round runs every pass size once, in order; the table
 gives min / median / max seconds per image over the rounds. The engine's
 ``CPU_INFERENCE_BUDGET`` (128 MiB per gradient-free chunk, about 11 images here) comes from this
-curve: the time per image grows by a third to a half from 16 to 64 images per pass.
+curve: the time per image grows by half from 8 to 64 images per pass.
 """
 from __future__ import annotations
 

@@ -116,11 +116,12 @@ def _storage_key(t: Tensor) -> Optional[int]:
 
 
 # Gradient-free passes on a CPU: the chunk's budget. Measured on resnet50 at 224 px (forward under
-# inference_mode, 11 MB per image by the probe; benchmarks/README.md, "chunk size of gradient-free
-# passes"): seconds per image at 1 / 4 / 8 / 16 / 32 / 64 images per pass 0.153 / 0.131 / 0.137 /
-# 0.145 / 0.182 / 0.217 on one thread, 0.195 / 0.166 / 0.146 / 0.152 / 0.201 / 0.248 on two: passes
-# of a few hundred MB run out of the caches and get slower per image (the 1 GiB budget gave 75
-# images per pass, 1.6x the best). 128 MiB gives 11 images there; small inputs still batch widely.
+# inference_mode, 11 MB per image by the probe; benchmarks/chunk-curve-1thread.md, one thread):
+# seconds per image at 1 / 4 / 8 / 16 / 32 / 64 images per pass 0.242 / 0.211 / 0.194 / 0.204 /
+# 0.287 / 0.304: passes of a few hundred MB run out of the caches and get slower per image (the
+# 1 GiB budget gave Score-CAM 75 images per pass there: 472 s for one image in the one round run
+# before this fix, against 313 s for a plain loop in the next run). 128 MiB gives 11 images there;
+# small inputs still batch widely.
 CPU_INFERENCE_BUDGET = 128 << 20
 
 
