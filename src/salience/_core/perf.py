@@ -240,7 +240,7 @@ def _fold(model: nn.Module) -> Any:
         clone = copy.deepcopy(model).eval().requires_grad_(False)
         folded = fuse(clone, inplace=True)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
-        return f"torch.fx cannot trace it ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        return f"torch.fx cannot trace it ({_described(e, 200)})"
     left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     if left == len(norms):
         return "no BatchNorm layer follows a convolution directly"
@@ -255,13 +255,28 @@ def folded_model(model: nn.Module) -> tuple[Optional[nn.Module], str]:
         hit = _folded.get(id(model))
         if hit is not None and hit[0]() is model and sig is not None and hit[1] == sig:
             _folded.move_to_end(id(model))
-            return (hit[2], "") if isinstance(hit[2], nn.Module) else (None, hit[2])
-    made = _fold(model)
+            made = hit[2]
+        else:
+            made = None
+    if made is None:
+        made = _fold(model)
+        _remember_fold(model, sig, made)
+    return (made, "") if isinstance(made, nn.Module) else (None, made)
+
+
+def _remember_fold(model: nn.Module, sig: Optional[tuple], made: Any) -> None:
+    """Cache ``made`` (the folded copy, or why there is none) for ``model`` in the state ``sig``."""
     with _lock:
         _folded[id(model)] = (weakref.ref(model), sig, made)
+        _folded.move_to_end(id(model))
         while len(_folded) > _FOLDED_KEEP:
             _folded.popitem(last=False)
-    return (made, "") if isinstance(made, nn.Module) else (None, made)
+
+
+def _described(error: BaseException, limit: int = 300) -> str:
+    """``"TypeName: first line of the message"`` (cut at ``limit`` characters), for warnings."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0][:limit] if text else ''}"
 
 
 # --------------------------------------------------------------------------- measured choices
@@ -443,9 +458,8 @@ class Run:
         if fn is not self._folded:
             self.compile_failed(error)
             return
-        why = f"the folded copy failed ({type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''})"
-        with _lock:
-            _folded[id(self.model)] = (weakref.ref(self.model), _signature(self.model), why)
+        why = f"the folded copy failed ({_described(error)})"
+        _remember_fold(self.model, _signature(self.model), why)
         warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=4)
         self._folded = None
 
@@ -454,7 +468,7 @@ class Run:
         self.softmax_stripped = self.softmax_stripped or stripped
 
     def compile_failed(self, error: BaseException) -> None:
-        why = f"torch.compile failed on this model ({type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''})"
+        why = f"torch.compile failed on this model ({_described(error)})"
         _compile_failed(self._folded if self._folded is not None else self.model, self.options.backend, why)
         self._compiled_fn = None
         self._compiled_now = False
