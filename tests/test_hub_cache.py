@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -252,6 +253,53 @@ def test_timm_revision_with_weights_is_refused(timm_repo, tmp_path, weights):
     with pytest.raises(SalienceError, match=r"timm:test_resnet@finetune: the revision @finetune picks timm's "
                                             r"pretrained weights .* give one, timm:test_resnet --weights FILE"):
         load_model("timm:test_resnet@finetune", weights=weights)
+
+
+NO_WEIGHTS = "convnext_atto_rms"  # a timm architecture with no pretrained weights: no hub repo, no URL
+URL_ONLY = "gcvit_xxtiny"  # pretrained weights at a release URL of timm's GitHub, no hub repo
+
+
+def _timm_cfg(name: str) -> dict:
+    return timm.create_model(name, pretrained=False).pretrained_cfg
+
+
+def test_the_architectures_without_a_hub_repo_are_what_these_tests_assume():
+    """If timm moves these weights to the hub one day, the next tests must pick other names."""
+    assert not _timm_cfg(NO_WEIGHTS).get("hf_hub_id") and not _timm_cfg(NO_WEIGHTS).get("url")
+    assert not _timm_cfg(URL_ONLY).get("hf_hub_id") and _timm_cfg(URL_ONLY).get("url")
+
+
+@pytest.mark.parametrize("revision", ["", "@main"])
+def test_timm_without_pretrained_weights_says_there_are_none(cache, revision):
+    """No hub repo and no URL: there is nothing to download either, so the message must not send the
+    user online (it did: "Get them once online (... pretrained=True)", which fails there too)."""
+    with pytest.raises(SalienceError) as e:
+        load_model(f"timm:{NO_WEIGHTS}{revision}")
+    msg = str(e.value)
+    assert msg.startswith(f"timm:{NO_WEIGHTS}{revision}: timm has no pretrained weights for {NO_WEIGHTS}")
+    assert "--weights random" in msg and "online" not in msg and "\n" not in msg
+    assert (f"at {revision}" in msg) == bool(revision)
+    m = load_model(f"timm:{NO_WEIGHTS}", weights="random")  # what the message offers works
+    assert m.salience_info.name == f"timm:{NO_WEIGHTS}"
+
+
+def test_timm_url_weights_without_a_hub_repo(cache, tmp_path, monkeypatch):
+    """Weights published at a URL (no hub repo): a revision names nothing; without one, the file is
+    read from torch hub's ``checkpoints`` folder (where ``pretrained=True`` saves it), never fetched."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(SalienceError, match=rf"timm:{URL_ONLY}@main: timm's {URL_ONLY} has no Hugging Face hub "
+                                            r"repo .*so a revision names no weights; drop @main"):
+        load_model(f"timm:{URL_ONLY}@main")
+    with pytest.raises(SalienceError, match=rf"timm:{URL_ONLY}: timm's pretrained weights are not in the local "
+                                            r"cache .*never downloads.*--weights random"):
+        load_model(f"timm:{URL_ONLY}")
+    torch.manual_seed(5)
+    src = timm.create_model(URL_ONLY, pretrained=False).eval()
+    ckpt = tmp_path / "torch" / "hub" / "checkpoints" / Path(urlparse(src.pretrained_cfg["url"]).path).name
+    ckpt.parent.mkdir(parents=True)
+    torch.save(src.state_dict(), ckpt)
+    m = load_model(f"timm:{URL_ONLY}")
+    assert _same_weights(m, src)
 
 
 @pytest.mark.parametrize("spec", ["timm:test_resnet@", "timm:test_resnet@a@b", "timm:test_resnet@ main"])

@@ -114,7 +114,7 @@ def _timm_pretrained(timm: Any, name: str, revision: Optional[str], trust_pickle
     repo = str(model.pretrained_cfg.get("hf_hub_id") or "").partition("@")[0]
     found = _timm_cached_file(model.pretrained_cfg, revision)
     if found is None:
-        raise _timm_missing(spec, name, repo, revision)
+        raise _timm_missing(spec, name, repo, revision, bool(model.pretrained_cfg.get("url")))
     path, config = found
     overlay, model_args = _snapshot_config(config, model.pretrained_cfg["architecture"], spec) if config else ({}, {})
     if revision:
@@ -130,8 +130,14 @@ def _timm_pretrained(timm: Any, name: str, revision: Optional[str], trust_pickle
     return model
 
 
-def _timm_missing(spec: str, name: str, repo: str, revision: Optional[str]) -> SalienceError:
-    """The error for pretrained weights that are not in the local caches: what to run to get them."""
+def _timm_missing(spec: str, name: str, repo: str, revision: Optional[str], url: bool = False) -> SalienceError:
+    """The error for pretrained weights that are not in the local caches: what to run to get them;
+    for an architecture timm has no pretrained weights of (no hub repo, no URL), that there are none."""
+    if not repo and not url:
+        return SalienceError(f"{spec}: timm has no pretrained weights for {name} (its pretrained_cfg names no "
+                             "hub repo and no URL), so there is nothing to load"
+                             f"{f' at @{revision}' if revision else ''}; pass --weights FILE (a state dict) or "
+                             "--weights random (Python: weights=...)")
     if revision and not repo:
         return SalienceError(f"{spec}: timm's {name} has no Hugging Face hub repo (its pretrained_cfg has no "
                              f"hf_hub_id), so a revision names no weights; drop @{revision}")
