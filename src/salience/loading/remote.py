@@ -35,6 +35,14 @@ def _hint(url: str) -> str:
     if url.lower().startswith(("gs://", "gcs://")):
         return ("check the bucket and prefix, the credentials (GOOGLE_APPLICATION_CREDENTIALS or gcloud's) and, "
                 "for a storage emulator, STORAGE_EMULATOR_HOST")
+    if url.lower().startswith(("abfs://", "abfss://")):
+        return ("check the account and container (abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/PATH) and the "
+                "credentials (Azure's default chain: AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET, a "
+                "managed identity, az login)")
+    if url.lower().startswith(("hdfs://", "viewfs://")):
+        return ("HDFS needs Java and Hadoop's libhdfs on this machine (JAVA_HOME, HADOOP_HOME, CLASSPATH from "
+                "`hadoop classpath --glob`; ARROW_LIBHDFS_DIR if libhdfs.so is elsewhere) and the namenode in the "
+                "URL (hdfs://HOST:PORT/PATH)")
     return "check the URL and the credentials of its storage"
 
 
@@ -47,8 +55,9 @@ class StorageError(SalienceError):
 
 
 def error(url: str, what: str, e: BaseException) -> StorageError:
-    """A :class:`StorageError` for a failed ``what`` on ``url``, with what to check."""
-    detail = str(e).split(" (Request ID")[0].strip()
+    """A :class:`StorageError` for a failed ``what`` on ``url``, with what to check; one line (pyarrow's
+    HDFS client without Java lists every path it tried, a line each)."""
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" (Request ID")[0].strip()
     return StorageError(f"{url}: cannot {what} ({detail}); {_hint(url)}")
 
 
@@ -103,9 +112,19 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise error(url, "open its storage", e) from None
 
 
-def _url(url: str, path: str) -> str:
-    """The URL of ``path`` in the filesystem of ``url``."""
-    return f"{_SCHEME.match(url).group(1)}://{path}"  # type: ignore[union-attr]
+def _url(url: str, base: str, path: str) -> str:
+    """The URL of ``path``, listed under ``base`` (the path of ``url`` in its filesystem): ``url``
+    with the rest of ``path`` appended, so that the URL keeps what names the storage. For s3 and gs
+    the path starts with the bucket, but for ``abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/...``
+    it is ``CONTAINER/...`` and for ``hdfs://HOST:PORT/...`` ``/...``: rebuilt from the scheme alone
+    it would name no account or host. A query (``?...``, options of ``from_uri``) stays at the end."""
+    head, sep, query = url.partition("?")
+    b, p = base.strip("/"), path.lstrip("/")
+    if not b:
+        return f"{head.rstrip('/')}/{p}{sep}{query}"
+    if p.startswith(b + "/"):
+        return f"{head.rstrip('/')}/{p[len(b) + 1:]}{sep}{query}"
+    return f"{_SCHEME.match(url).group(1)}://{path}"  # type: ignore[union-attr]  # not under it: as pyarrow names it
 
 
 def list_files(url: str, suffixes: Sequence[str]) -> list[str]:
@@ -121,7 +140,7 @@ def list_files(url: str, suffixes: Sequence[str]) -> list[str]:
         if url.lower().startswith(("gs://", "gcs://")) and _missing(fs, path):
             raise SalienceError(f"{url}: no such prefix (nothing stored under it); check the path") from None
         raise error(url, "list it", e) from None
-    return sorted(_url(url, i.path) for i in infos
+    return sorted(_url(url, path, i.path) for i in infos
                   if i.type == pafs.FileType.File and i.path.lower().endswith(tuple(suffixes)))
 
 
