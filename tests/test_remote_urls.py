@@ -68,3 +68,13 @@ def test_hdfs_that_cannot_start_is_one_line_saying_what_it_needs():
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("hdfs://127.0.0.1:1/data/: cannot ")
     assert "libhdfs" in msg and "JAVA_HOME" in msg
+
+
+def test_abfs_glob_matches_the_listed_urls(monkeypatch, tmp_path):
+    """A glob is listed from its fixed prefix and matched against the listed URLs: both must keep the
+    account for anything to match."""
+    base = "abfs://images@acct.dfs.core.windows.net/val/sub"
+    _, path = pafs.FileSystem.from_uri(base)
+    _listed(monkeypatch, tmp_path, base, path)
+    assert remote.glob(base + "/*.jpg") == [f"{base}/a.jpg", f"{base}/b.jpg"]
+    assert remote.glob(base + "/**/*.png") == [f"{base}/deep/c.png"]
