@@ -3,6 +3,7 @@
 One command, one table:
 
     PYTHONPATH=src python benchmarks/perturbation.py            # writes benchmarks/perturbation.{md,json}
+    python benchmarks/perturbation.py --report benchmarks/perturbation.json   # the .md again from the .json
 
 Every measurement runs in a fresh subprocess (``--one METHOD IMPL``) that reports the wall time of
 the call and its peak resident memory above what the process held before the call (``ru_maxrss``
@@ -209,9 +210,39 @@ def _table(results: dict) -> list[str]:
     return lines
 
 
+def _command(config: dict, methods: list[str], out: str) -> str:
+    """The command line that gives this configuration (each flag, also the defaults)."""
+    flags = " ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in config.items() if k in CONFIG and k != "model")
+    return (f"python benchmarks/perturbation.py --model {config['model'].split()[1].rstrip(',')} {flags} "
+            f"--rounds {config['rounds']} --methods {','.join(methods)} --out {out}")
+
+
+def markdown(data: dict, out: str) -> str:
+    """The report of one run (its ``.json``): the command, the table, salience's time over each
+    other implementation's in every round (rounds are interleaved), the load."""
+    cfg, results = data["config"], data["results"]
+    lines = [f"# {', '.join(results)}: {cfg['model']}, {cfg['size']} x {cfg['size']}, {cfg['images']} image(s), "
+             f"{cfg['rounds']} interleaved rounds", "", f"`{_command(cfg, list(results), out)}`", "",
+             f"CPUs {cfg['cpus']}, affinity {cfg['affinity']}, {cfg['threads']} thread(s); each measurement a fresh "
+             "process; peak MiB = the process's VmHWM above its RSS before the call.", ""]
+    lines += _table(results) + ["", "salience's time / theirs, per round:", ""]
+    for method, impls in results.items():
+        ours = impls["salience"]["raw"]["seconds"]
+        for impl, r in impls.items():
+            if impl != "salience":
+                per = ", ".join(f"{a / b:.3f}" for a, b in zip(ours, r["raw"]["seconds"]))
+                lines.append(f"- {method}, {impl}: {per}")
+    lines += ["", "load average (1 / 5 / 15 min) before -> after each round: " + "; ".join(
+        f"{'/'.join(f'{v:.2f}' for v in ld['before'])} -> {'/'.join(f'{v:.2f}' for v in ld['after'])}"
+        for ld in data["loadavg"])]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--one", nargs=2, metavar=("METHOD", "IMPL"), help=argparse.SUPPRESS)
+    p.add_argument("--report", metavar="JSON", help="write the .md of an earlier run's .json (beside it) and stop")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--methods", default="scorecam,ablationcam,rise,occlusion")
     p.add_argument("--out", default=str(HERE / "perturbation"))
@@ -222,6 +253,10 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         print(json.dumps(one(*args.one)))
+        return
+    if args.report:
+        stem = args.report[:-len(".json")] if args.report.endswith(".json") else args.report
+        Path(stem + ".md").write_text(markdown(json.loads(Path(stem + ".json").read_text()), stem))
         return
     CONFIG.update({key: getattr(args, key) for key in CONFIG})
     pairs = [(m, i) for m in args.methods.split(",") for i in impls()[m]]
@@ -243,10 +278,10 @@ def main() -> None:
                                         "raw": v}
     config = dict(CONFIG, model=f"torchvision {CONFIG['model']}, random weights", rounds=args.rounds,
                   cpus=os.cpu_count(), affinity=sorted(os.sched_getaffinity(0)))
-    Path(args.out + ".json").write_text(json.dumps({"config": config, "loadavg": loads, "results": results}, indent=1))
-    table = _table(results)
-    print("\n".join(table))
-    print(f"load average (1, 5, 15 min) before / after each round: {loads}")
+    data = {"config": config, "loadavg": loads, "results": results}
+    Path(args.out + ".json").write_text(json.dumps(data, indent=1))
+    Path(args.out + ".md").write_text(markdown(data, os.path.relpath(args.out)))
+    print(markdown(data, os.path.relpath(args.out)))
 
 
 if __name__ == "__main__":
