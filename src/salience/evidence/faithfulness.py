@@ -88,14 +88,15 @@ def _resolve_class_target(model: nn.Module, x: Tensor, target: TargetLike, batch
     tgt = as_target(target)
     if isinstance(tgt, Predicted):
         tgt = Classes(predicted_classes(model, x, batch_size=batch_size))
+    tgt.check_batch(x.shape[0])  # one class (or class set) per image of x, not per perturbed copy
     return tgt
 
 
 def _gather_scores(tgt: Target, out: Tensor, img: Tensor) -> Tensor:
-    """The target's score of each row of ``out``, where row ``i`` belongs to image ``img[i]``."""
-    if isinstance(tgt, Classes) and not isinstance(tgt.index, int):
-        return Classes(tgt.index.to(out.device)[img])(out)
-    scores = tgt(out)
+    """The target's score of each row of ``out``, where row ``i`` belongs to image ``img[i]``: a
+    per-image part of the target (a class or a multilabel class set per image) is taken for that
+    image (:meth:`~salience.targets.Target.for_items`)."""
+    scores = tgt.for_items(img.to(out.device))(out)
     if scores.shape != (out.shape[0],):
         raise SalienceError(
             f"the target must give one score per image for deletion/insertion, got shape {tuple(scores.shape)}"
