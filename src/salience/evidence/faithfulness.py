@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from salience._core.autograd import check_input, looks_like_probabilities, unwrap_output, predicted_classes
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
-from salience._core.tensors import check_int, gaussian_blur
+from salience._core.tensors import check_int, check_number, gaussian_blur
 from salience.evidence._checks import check_maps
 from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
 
@@ -300,7 +300,10 @@ def faithfulness_correlation(
     maps = prepare_maps(model, x, maps)
     t = check_int(subsets, "subsets", minimum=2)
     b, c, h, w = x.shape
-    k = min(max(round(float(subset_size) * h * w), 1), h * w)
+    frac = check_number(subset_size, "subset_size", what="the fraction of the pixels each set replaces, in (0, 1]")
+    if not 0 < frac <= 1:
+        raise SalienceError(f"subset_size must be a fraction of the pixels in (0, 1], got {subset_size!r}")
+    k = min(max(round(frac * h * w), 1), h * w)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     keys = torch.rand((b, t, h * w), generator=gen).to(x.device)
     chosen = torch.zeros(b, t, h * w, dtype=torch.bool, device=x.device)
