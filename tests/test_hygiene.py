@@ -254,3 +254,31 @@ def test_new_metrics_leave_the_model_unchanged(small_cnn, name):
         calls[name]()
     with unchanged(small_cnn), interrupted_on_pass(small_cnn.head, 2):
         calls[name]()
+
+
+_CHEAP = {"smoothgrad": dict(samples=2), "integrated_gradients": dict(steps=2), "rise": dict(masks=4, cell=2),
+          "occlusion": dict(window=4)}
+_CNN_METHODS = [n for n in salience.METHODS if n not in ("attention_rollout", "transformer_attribution")]
+
+
+@pytest.mark.parametrize("name", _CNN_METHODS)
+def test_input_dtype_unlike_the_models_is_a_clear_error(small_cnn, name):
+    """A float64 model given a float32 image (and a float32 model given float64): every method says
+    which dtypes met and how to convert, before anything runs (a raw "Input type (float) and bias
+    type (double) should be the same" from inside the model before); the model is untouched."""
+    x = torch.rand(2, 3, 8, 8)
+    small_cnn.double()
+    with unchanged(small_cnn), pytest.raises(SalienceError, match=r"x is torch\.float32 but the model computes in "
+                                                                   r"torch\.float64.*x\.to\(torch\.float64\)"):
+        salience.METHODS[name](small_cnn, x, 0, **_CHEAP.get(name, {}))
+    small_cnn.float()
+    with pytest.raises(SalienceError, match=r"x is torch\.float64 but the model computes in torch\.float32"):
+        salience.METHODS[name](small_cnn, x.double(), 0, **_CHEAP.get(name, {}))
+
+
+@pytest.mark.parametrize("name", _CNN_METHODS)
+def test_input_on_the_meta_device_is_a_clear_error(small_cnn, name):
+    """An image on the meta device (shapes, no values) is refused with the reason, not a raw
+    "Tensor.item() cannot be called on meta tensors" from the finiteness check."""
+    with unchanged(small_cnn), pytest.raises(SalienceError, match="x is on the meta device"):
+        salience.METHODS[name](small_cnn, torch.rand(2, 3, 8, 8, device="meta"), 0, **_CHEAP.get(name, {}))

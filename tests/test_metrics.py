@@ -457,3 +457,36 @@ def test_cue_model_saliency_sits_on_the_cue():
     maps = vanilla(cue_model, b.images)
     assert M.pointing_game(maps, b.cue_masks, tolerance=2).nanmean().item() > 0.5
     assert M.pointing_game(vanilla(clean, b.images), b.cue_masks, tolerance=2).nanmean().item() < 0.1
+
+
+@pytest.mark.parametrize("batch_size", [3, 64])
+def test_perturbation_metrics_take_per_image_targets_image_by_image(small_cnn, batch_size):
+    """A per-image target (a class, or a multilabel class set, per image) scores each perturbed copy
+    with its own image's part. Per-image multilabel sets were applied to the rows of each model call:
+    a SalienceError when a call held more rows than images, and with batch_size = B each copy was
+    silently scored with another image's set. Deletion and insertion (deterministic) equal one call
+    per image; ROAD's raw curves (its noise does not depend on the target) of a class pair are the
+    sum of the two classes' curves; a target for another number of images is refused by all four."""
+    from salience import targets
+    torch.manual_seed(0)
+    x, maps = torch.rand(3, 3, 8, 8), torch.rand(3, 8, 8)
+    sets = torch.tensor([[0, 1], [2, 3], [1, 3]])
+    for metric in (M.deletion_curves, M.insertion_curves):
+        for given, one in [(torch.tensor([2, 0, 3]), lambda i: int([2, 0, 3][i])),
+                           (targets.multilabel(sets), lambda i: targets.multilabel(sets[i].tolist()))]:
+            with unchanged(small_cnn):
+                both = metric(small_cnn, x, maps, given, batch_size=batch_size, steps=4)
+            alone = torch.cat([metric(small_cnn, x[i:i + 1], maps[i:i + 1], one(i), batch_size=batch_size, steps=4)
+                               for i in range(3)])
+            torch.testing.assert_close(both, alone, atol=1e-5, rtol=1e-4)
+    road = dict(batch_size=batch_size, probability=False, fractions=(0.25, 0.5))
+    pair = M.road_curves(small_cnn, x, maps, targets.multilabel(sets), **road)
+    torch.testing.assert_close(pair, M.road_curves(small_cnn, x, maps, sets[:, 0], **road)
+                               + M.road_curves(small_cnn, x, maps, sets[:, 1], **road), atol=1e-5, rtol=1e-4)
+    assert M.faithfulness_correlation(small_cnn, x, maps, targets.multilabel(sets), subsets=4,
+                                      batch_size=batch_size).shape == (3,)
+    for metric, opts in [(M.deletion_curves, dict(steps=4)), (M.insertion_curves, dict(steps=4)),
+                         (M.road_curves, dict(fractions=(0.5,))), (M.faithfulness_correlation, dict(subsets=4))]:
+        for wrong in (torch.tensor([0, 1, 2, 3]), targets.multilabel(sets[:2])):
+            with pytest.raises(SalienceError, match="for a batch of 3|the batch has 3"):
+                metric(small_cnn, x, maps, wrong, batch_size=batch_size, **opts)

@@ -174,3 +174,19 @@ def test_sobel_edges_equal_scipy_and_center_is_a_centred_gaussian():
     assert c.shape == (1, 8, 8) and torch.equal(c, c.flip(1)) and torch.equal(c, c.flip(2))
     # pixel (3, 3) is 0.0625 of the side from the centre in each direction: exp(-(2 * 0.0625^2) / (2 * 0.25^2))
     assert c[0, 3, 3].item() == pytest.approx(math.exp(-0.0625), rel=1e-6)
+
+
+@pytest.mark.parametrize("subset_size", [0, -0.1, 1.5, 2.0, float("nan"), "big"])
+def test_faithfulness_correlation_refuses_a_subset_size_outside_0_1(subset_size):
+    """``subset_size`` is a fraction of the pixels: 2.0 removed every pixel in every set (drops that
+    do not vary: NaN with no word), 0 and negatives one pixel, NaN and text raised raw ValueErrors."""
+    model, x, contrib = _linear_case(2)
+    with pytest.raises(SalienceError, match=r"subset_size must be .*in \(0, 1\]"):
+        M.faithfulness_correlation(model, x, contrib, target=0, subsets=4, subset_size=subset_size)
+
+
+@pytest.mark.parametrize("tolerance", [-1, float("nan"), "15px"])
+def test_pointing_game_refuses_a_tolerance_that_is_no_distance(tolerance):
+    maps, masks = torch.rand(2, 8, 8), torch.rand(2, 8, 8) > 0.5
+    with pytest.raises(SalienceError, match="tolerance must be a finite number >= 0"):
+        M.pointing_game(maps, masks, tolerance=tolerance)

@@ -176,3 +176,22 @@ def test_torchscript_model_with_several_targets(small_cnn, x):
     k = torch.tensor([[0, 3], [2, 2], [3, 1]])
     got = salience.vanilla(scripted, x, k)
     torch.testing.assert_close(got, salience.vanilla(small_cnn, x, k), rtol=1e-5, atol=1e-6)
+
+
+_CHEAP = {"smoothgrad": dict(samples=2), "integrated_gradients": dict(steps=2), "rise": dict(masks=4, cell=2),
+          "occlusion": dict(window=8), "scorecam": dict(layer="features.5"), "ablationcam": dict(layer="features.5")}
+_TARGETED = [n for n in salience.METHODS if n not in salience.methods.TARGET_FREE_METHODS
+             and n not in salience.methods.ATTENTION_METHODS]
+
+
+@pytest.mark.parametrize("name", _TARGETED)
+@pytest.mark.parametrize("given", [[0, 1, 2, 3], [0, 1], "multilabel"])
+def test_per_image_targets_for_another_batch_size(name, given, small_cnn, x):
+    """One class per image (or one class set per image) for 4 or 2 images when the batch has 3:
+    every method refuses it, saying so. SmoothGrad, Integrated Gradients, RISE, Score-CAM and
+    Ablation-CAM used the first 3 of 4 classes silently (each pass indexes the classes by image)."""
+    target = targets.multilabel(torch.tensor([[0, 1]] * 4)) if given == "multilabel" else torch.tensor(given)
+    fn = salience.METHODS[name]
+    opts = dict(_CHEAP.get(name, {}), **({"layer": "features.5"} if "cam" in name and name not in _CHEAP else {}))
+    with unchanged(small_cnn), pytest.raises(salience.SalienceError, match=r"for (a batch of )?\d+ (images|samples)"):
+        fn(small_cnn, x, target, **opts)

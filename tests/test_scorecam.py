@@ -206,3 +206,19 @@ def test_bad_input(method, small_cnn):
         scripted = torch.jit.script(small_cnn.eval())
     with pytest.raises(SalienceError, match="TorchScript"):
         method(scripted, x, 0)
+
+
+def test_ablationcam_refuses_a_score_of_zero_instead_of_a_map_of_nan(small_cnn):
+    """``w_k = (S - S_k) / S`` is 0 / 0 where the clean score ``S`` is 0: a fresh torchvision
+    VisionTransformer (its head initialized to zeros) gave a map of NaN with no word. Now a
+    SalienceError names the image and says what to do; class probabilities (never 0) still work."""
+    with torch.no_grad():
+        small_cnn.head.weight[2] = 0
+        small_cnn.head.bias[2] = 0  # class 2's score is exactly 0 on every image
+    x = torch.rand(2, 3, 8, 8)
+    with unchanged(small_cnn), pytest.raises(SalienceError, match=r"score of class 2 is 0 on image 0.*softmax='classes'"):
+        salience.ablationcam(small_cnn, x, 2, layer="features.5")
+    with pytest.raises(SalienceError, match="is 0 on image 0"):  # one of several targets
+        salience.ablationcam(small_cnn, x, torch.tensor([[1, 2], [1, 2]]), layer="features.5")
+    m = salience.ablationcam(small_cnn, x, 2, layer="features.5", softmax="classes")
+    assert m.shape == (2, 8, 8) and bool(torch.isfinite(m).all())

@@ -312,3 +312,16 @@ def test_model_unchanged_after_an_exception_inside_the_capture(exc):
         with pytest.raises(type(exc)):
             attention_maps(model, torch.rand(1, 3, 16, 16), reduce=lambda a: a.sum(1))
     assert model.training and model.vit.blocks[0].attn.mha.training
+
+
+@pytest.mark.parametrize("name", ["gradcam", "eigencam", "scorecam", "attention_rollout", "transformer_attribution"])
+def test_a_grid_given_as_width_by_height_is_refused(name):
+    """On a 24x40 input with 8-pixel patches the patch grid is 3 rows by 5 columns; grid=(5, 3) has
+    the same 15 cells, so the tokens fit it, and the map came back scrambled (rows read as columns)
+    with no word. Now it is a SalienceError giving (3, 5); the right grid gives the default map."""
+    model = TinyViT(size=(24, 40)).eval()
+    x = torch.rand(2, 3, 24, 40)
+    fn = salience.METHODS[name]
+    with unchanged(model), pytest.raises(SalienceError, match=r"grid=\(5, 3\).*3x5.*grid=\(3, 5\)"):
+        fn(model, x, 0, grid=(5, 3))
+    torch.testing.assert_close(fn(model, x, 0, grid=(3, 5)), fn(model, x, 0))

@@ -77,6 +77,10 @@ class Target:
         positive part for a regression direction (the raw ``reduce=None`` gradient stays signed)."""
         return grad
 
+    def check_batch(self, batch: int) -> None:
+        """Refuse per-image parts (one class per image) given for another number of images than
+        ``batch``; a target without them fits any batch."""
+
     def for_items(self, owner: Tensor) -> "Target":
         """This target for items (noisy copies, path points) whose images are ``owner`` ``(n,)``:
         per-image classes are gathered; targets that are functions of each output stay as they are."""
@@ -155,6 +159,11 @@ class Classes(Target):
         _check_range(idx, k)
         return scores.gather(1, idx.view(-1, 1)).squeeze(1)
 
+    def check_batch(self, batch: int) -> None:
+        if not isinstance(self.index, int) and self.index.numel() != batch:
+            raise SalienceError(f"got {self.index.numel()} target classes for a batch of {batch} images; "
+                                "give one per image (or one int for all)")
+
     def for_items(self, owner: Tensor) -> Target:
         return self if isinstance(self.index, int) else Classes(self.index.to(owner.device)[owner])
 
@@ -183,6 +192,11 @@ class MultiLabel(Target):
         if idx.shape[0] != b:
             raise SalienceError(f"multilabel got class sets for {idx.shape[0]} samples, but the batch has {b}")
         return scores.gather(1, idx).sum(dim=1)
+
+    def check_batch(self, batch: int) -> None:
+        if self.indices.dim() == 2 and self.indices.shape[0] != batch:
+            raise SalienceError(f"multilabel got class sets for {self.indices.shape[0]} samples, but the batch "
+                                f"has {batch}; give one row per image (or one list for all)")
 
     def for_items(self, owner: Tensor) -> Target:
         return self if self.indices.dim() == 1 else MultiLabel(self.indices.to(owner.device)[owner])
@@ -329,7 +343,18 @@ def split(target: Any, batch: Optional[int] = None) -> tuple[list[Target], bool]
     """``target`` -> (targets, several). Several targets per image are a ``(B, K)`` integer tensor
     (or nested list), or a list/tuple of targets (``Target`` objects, functions, ``None``, class
     indices) with at least one that is not a class index; anything else is one target (see
-    :func:`as_target`). ``batch``: the ``B`` a ``(B, K)`` tensor must have."""
+    :func:`as_target`). ``batch``: the ``B`` a ``(B, K)`` tensor, and every per-image target (one
+    class or one class set per image, :meth:`Target.check_batch`), must have: the methods that
+    index targets by image (SmoothGrad's copies, RISE's masked images) would otherwise use the first
+    ``B`` of more classes silently."""
+    targets, several = _split(target, batch)
+    if batch is not None:
+        for t in targets:
+            t.check_batch(batch)
+    return targets, several
+
+
+def _split(target: Any, batch: Optional[int]) -> tuple[list[Target], bool]:
     if isinstance(target, Tensor) and target.dim() == 2:
         if target.is_floating_point() or target.dtype == torch.bool:
             raise SalienceError(f"expected integer class indices (B, K), got a tensor of dtype {target.dtype}")
@@ -342,7 +367,7 @@ def split(target: Any, batch: Optional[int] = None) -> tuple[list[Target], bool]
             )
         return [Classes(target[:, k]) for k in range(target.shape[1])], True
     if isinstance(target, (list, tuple)) and target and all(isinstance(t, (list, tuple)) for t in target):
-        return split(torch.as_tensor(target), batch)
+        return _split(torch.as_tensor(target), batch)
     if isinstance(target, (list, tuple)) and target and any(
             t is None or isinstance(t, Target) or callable(t) for t in target):
         return [as_target(t) for t in target], True

@@ -42,9 +42,9 @@ def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
         )
     if x.shape[0] == 0:
         raise SalienceError("x is an empty batch (B = 0)")
-    if not bool(torch.isfinite(x).all()):
-        n = int((~torch.isfinite(x)).sum())
-        raise SalienceError(f"x contains {n} NaN or infinite values; saliency needs finite input")
+    if x.is_meta:
+        raise SalienceError("x is on the meta device: it has a shape but no values; saliency needs real "
+                            "values (make x on the model's device, e.g. torch.rand(..., device='cpu'))")
     if model is not None:
         if not isinstance(model, nn.Module):
             raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
@@ -53,7 +53,31 @@ def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
             raise SalienceError(
                 f"x is on {x.device} but the model is on {p.device}; move one, e.g. x.to('{p.device}')"
             )
+        dtype = _compute_dtype(model)
+        if dtype is not None and x.dtype != dtype:
+            raise SalienceError(
+                f"x is {x.dtype} but the model computes in {dtype} (its parameters' dtype); convert one, "
+                f"e.g. x.to({dtype}) or model.to({x.dtype})"
+            )
+    if not bool(torch.isfinite(x).all()):
+        n = int((~torch.isfinite(x)).sum())
+        raise SalienceError(f"x contains {n} NaN or infinite values; saliency needs finite input")
     return x
+
+
+def _compute_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The one floating dtype of all of ``model``'s parameters, which its input must have (PyTorch
+    layers do not cast: a float32 image in a float64 model fails inside the model with a raw
+    "Input type ... and bias type ... should be the same"); ``None`` when the parameters mix dtypes,
+    or there are none, or the model casts its input itself (Keras 3 layers do)."""
+    dtypes = set()
+    for module in model.modules():
+        if type(module).__module__.split(".")[0] == "keras":
+            return None
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point():
+                dtypes.add(p.dtype)
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 _SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, Tensor.softmax, Tensor.log_softmax,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from salience._core.autograd import check_input, looks_like_probabilities, unwrap_output, predicted_classes
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
-from salience._core.tensors import check_int, gaussian_blur
+from salience._core.tensors import check_int, check_number, gaussian_blur
 from salience.evidence._checks import check_maps
 from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
 
@@ -88,14 +88,15 @@ def _resolve_class_target(model: nn.Module, x: Tensor, target: TargetLike, batch
     tgt = as_target(target)
     if isinstance(tgt, Predicted):
         tgt = Classes(predicted_classes(model, x, batch_size=batch_size))
+    tgt.check_batch(x.shape[0])  # one class (or class set) per image of x, not per perturbed copy
     return tgt
 
 
 def _gather_scores(tgt: Target, out: Tensor, img: Tensor) -> Tensor:
-    """The target's score of each row of ``out``, where row ``i`` belongs to image ``img[i]``."""
-    if isinstance(tgt, Classes) and not isinstance(tgt.index, int):
-        return Classes(tgt.index.to(out.device)[img])(out)
-    scores = tgt(out)
+    """The target's score of each row of ``out``, where row ``i`` belongs to image ``img[i]``: a
+    per-image part of the target (a class or a multilabel class set per image) is taken for that
+    image (:meth:`~salience.targets.Target.for_items`)."""
+    scores = tgt.for_items(img.to(out.device))(out)
     if scores.shape != (out.shape[0],):
         raise SalienceError(
             f"the target must give one score per image for deletion/insertion, got shape {tuple(scores.shape)}"
@@ -299,7 +300,10 @@ def faithfulness_correlation(
     maps = prepare_maps(model, x, maps)
     t = check_int(subsets, "subsets", minimum=2)
     b, c, h, w = x.shape
-    k = min(max(round(float(subset_size) * h * w), 1), h * w)
+    frac = check_number(subset_size, "subset_size", what="the fraction of the pixels each set replaces, in (0, 1]")
+    if not 0 < frac <= 1:
+        raise SalienceError(f"subset_size must be a fraction of the pixels in (0, 1], got {subset_size!r}")
+    k = min(max(round(frac * h * w), 1), h * w)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     keys = torch.rand((b, t, h * w), generator=gen).to(x.device)
     chosen = torch.zeros(b, t, h * w, dtype=torch.bool, device=x.device)

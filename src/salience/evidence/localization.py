@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from salience._core.errors import SalienceError
+from salience._core.tensors import check_number
 from salience.evidence._checks import check_maps, check_masks
 
 __all__ = ["pointing_game", "energy_in_mask", "mask_box", "saliency_box", "box_iou", "weak_localization"]
@@ -50,7 +51,7 @@ def pointing_game(maps: Tensor, masks: Tensor, *, tolerance: float = 0.0) -> Ten
     """
     maps = check_maps(maps)
     masks = check_masks(masks, maps)
-    hit_zone = _dilate(masks, float(tolerance))
+    hit_zone = _dilate(masks, check_number(tolerance, "tolerance", minimum=0, what="pixels around the mask"))
     flat = maps.reshape(maps.shape[0], -1)
     is_max = flat == flat.amax(dim=1, keepdim=True)
     hits = (is_max & hit_zone.reshape(flat.shape)).sum(1).float() / is_max.sum(1).float()

@@ -18,7 +18,8 @@ a container, of its last such submodule), ``a`` does not, and ``(a, b)`` fits in
 dims that equal ``(h, w)`` decide. A layer with no known channel count (an activation) whose
 output is channels-last needs ``grid=``.
 
-**Tokens rule** (``(B, N, D)``): ``grid`` and ``prefix_tokens`` if given; else the patch
+**Tokens rule** (``(B, N, D)``): ``grid`` and ``prefix_tokens`` if given (a ``grid`` with the
+cells of the patch embedding's grid in another shape, ``(w, h)`` for ``(h, w)``, is refused); else the patch
 embedding gives ``(h, w)``: the first ``Conv2d`` of the model (in ``named_modules()`` order) with
 ``in_channels`` equal to the input's channels, ``stride == kernel_size`` and a kernel larger than
 1 (torchvision ViT's ``conv_proj``, timm's ``patch_embed.proj``), its output size computed from
@@ -155,11 +156,28 @@ def patch_grid(model: nn.Module, x_shape: Sequence[int]) -> Optional[tuple[int, 
     return None if embed is None else _conv_grid(embed[1], x_shape[-2:])
 
 
+def _check_orientation(model: nn.Module, x_shape: Sequence[int], grid: tuple[int, int]) -> None:
+    """Refuse a given ``grid`` with the cells of the patch embedding's grid in another shape (``(w, h)``
+    for ``(h, w)`` on a non-square input): the tokens fit it, and the map would come back scrambled."""
+    embed = patch_embedding(model, int(x_shape[1]))
+    if embed is None:
+        return
+    pg = _conv_grid(embed[1], x_shape[-2:])
+    if pg != grid and pg[0] * pg[1] == grid[0] * grid[1]:
+        raise SalienceError(
+            f"grid={grid} has the {pg[0] * pg[1]} cells of the patch embedding's {pg[0]}x{pg[1]} grid "
+            f"({embed[0]!r} on a {int(x_shape[-2])}x{int(x_shape[-1])} input) in another shape: the map would be "
+            f"scrambled. grid is (rows, columns): pass grid={pg} (or leave grid out)"
+        )
+
+
 def token_layout(model: nn.Module, x_shape: Sequence[int], n_tokens: int, *, grid: object = None,
                  prefix_tokens: object = None, what: str = "the layer") -> Layout:
     """Which of ``n_tokens`` tokens are patches, and their grid, for an input of shape ``x_shape``
     ``(B, C, H, W)`` (see the module doc for the rule). Raises :class:`SalienceError` saying what to pass."""
     g, k = _check_grid(grid), _check_prefix(prefix_tokens)
+    if g is not None:
+        _check_orientation(model, x_shape, g)
     if g is None:
         g = patch_grid(model, x_shape)
         if g is not None and g[0] * g[1] > n_tokens and not k:

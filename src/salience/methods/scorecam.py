@@ -48,7 +48,7 @@ from salience.methods._tokens import Layout
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
 from salience.methods.perturbation import (SOFTMAX, check_perturbation_targets, clean_scores, score_items,
                                            use_probabilities)
-from salience.targets import Target, resolve, split
+from salience.targets import Classes, Target, resolve, split
 
 __all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
 
@@ -275,6 +275,26 @@ class _Ablated:
         return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
 
 
+def _check_nonzero(clean: Tensor, targets: list[Target], probs: bool) -> None:
+    """Refuse a clean score ``S`` of exactly 0 (``clean`` ``(B, K)``): Ablation-CAM's weights
+    ``(S - S_k) / S`` would be 0 / 0 or infinite there, a map of NaN (a fresh torchvision
+    VisionTransformer, whose head starts at zeros, scores 0 for every class)."""
+    zero = (clean == 0).nonzero()
+    if not len(zero):
+        return
+    b, k = (int(i) for i in zero[0])
+    t = targets[k]
+    index = getattr(t, "index", None)
+    what = (f"class {index if isinstance(index, int) else int(index[b])}" if isinstance(t, Classes)
+            else f"the target {t!r}")
+    kind = "probability" if probs else "score"
+    raise SalienceError(
+        f"the {kind} of {what} is 0 on image {b}: Ablation-CAM's weights (S - S_k) / S divide by it "
+        "(a map of NaN); score class probabilities instead (softmax='classes'), or use another method "
+        "(gradcam, scorecam)"
+    )
+
+
 @several_targets
 def ablationcam(
     model: nn.Module,
@@ -301,7 +321,7 @@ def ablationcam(
     ``x``: ``(B, C, H, W)`` -> raw ``(B, H, W)`` (``(B, h, w)`` with ``upsample=False``; ``(B, K, ...)``
     for K targets, which share every forward pass). ``w_k = (S - S_k) / S``, ``S_k`` the target's
     score with channel ``k`` of the layer's output set to ``value`` (default 0, the paper's
-    ablation); ``S`` near 0 makes the weights large. ``softmax``: score the raw output (default, the
+    ablation); ``S`` near 0 makes the weights large, ``S == 0`` is a :class:`SalienceError`. ``softmax``: score the raw output (default, the
     paper's class score) or class probabilities (see :data:`salience.methods.perturbation.SOFTMAX`).
     ``layer``, ``relu``, ``grid``, ``prefix_tokens`` and ``strip_softmax`` as in :func:`salience.gradcam`;
     ``chunk``, ``max_memory``, ``progress``, ``memory_format``, ``compile`` and ``precision`` as in
@@ -322,6 +342,7 @@ def ablationcam(
         # no compiled passes: a hook replaces the layer's output in each (compile would retrace per chunk)
         run = _perf.Run(model, x, replace(perf, compile=False), tag=f"ablationcam:{probs}:{strip_softmax}:{value}")
         clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run)  # (B, K)
+        _check_nonzero(clean, resolved, probs)
 
         def score(inputs: Tensor, owner: Tensor) -> Tensor:
             return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax,
