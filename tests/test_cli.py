@@ -369,3 +369,28 @@ def test_unsupported_activations_option(tmp_path, pics, capsys):
         rc, out, err = run(args + ["--unsupported", "warn"], capsys)
     assert rc == 0, err
     assert len(list((tmp_path / "o").glob("*guided_backprop*.npy"))) == 1
+
+
+@pytest.mark.parametrize("command", [["explain", "IMG", "-o", "OUT"], ["explain", "DIR", "-o", "OUT"],
+                                     ["list"], ["visualize", "--target", "1", "--steps", "1", "-o", "OUT/c.png"]])
+def test_device_auto_works_and_a_missing_device_is_one_line(tmp_path, pics, capsys, monkeypatch, command):
+    """Every command's --device says 'cpu, cuda, cuda:N or auto': auto runs on the CPU when there is no
+    CUDA, and a device that is not there or not a device is one line with exit 2, never an internal error."""
+    paths, _ = pics
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(paths[0].read_bytes())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def argv(device: str, out: str) -> list:
+        swap = {"IMG": paths[0], "DIR": folder, "OUT": tmp_path / out}
+        return [command[0], *[swap.get(a, a) for a in command[1:]], "-m", "demo:shapes", "--device", device]
+
+    rc, out, err = run(argv("auto", "auto"), capsys)
+    assert rc == 0, err
+    assert "Traceback" not in err and "unexpected" not in err
+    for device, words in [("cuda", "no CUDA device"), ("cuda:1", "no CUDA device"), ("tpu", "not a device")]:
+        rc, out, err = run(argv(device, device), capsys)
+        assert rc == 2, err
+        assert err.startswith(f"salience: error: device {device!r}: {words}") and err.count("\n") == 1
+        assert not (tmp_path / device).exists()  # refused before anything is written
