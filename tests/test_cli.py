@@ -394,3 +394,15 @@ def test_device_auto_works_and_a_missing_device_is_one_line(tmp_path, pics, caps
         assert rc == 2, err
         assert err.startswith(f"salience: error: device {device!r}: {words}") and err.count("\n") == 1
         assert not (tmp_path / device).exists()  # refused before anything is written
+
+
+def test_list_describes_a_torchscript_model(tmp_path, capsys):
+    """``salience list --model FILE.pt`` on a TorchScript file (which explain runs) describes it instead of
+    failing: the Grad-CAM line says why there is no layer; exit 0."""
+    torch.jit.trace(zoo.load_demo("shapes"), torch.rand(1, 3, 64, 64)).save(str(tmp_path / "m.pt"))
+    rc, out, err = run(["list", "--model", tmp_path / "m.pt", "--size", "64"], capsys)
+    assert rc == 0, err
+    assert f"model {tmp_path / 'm.pt'} (3 x 64 x 64 input):" in out
+    line = next(ln for ln in out.splitlines() if "Grad-CAM layer" in ln)
+    assert "none" in line and "TorchScript" in line
+    assert "methods that apply" in out
