@@ -406,3 +406,21 @@ def test_list_describes_a_torchscript_model(tmp_path, capsys):
     line = next(ln for ln in out.splitlines() if "Grad-CAM layer" in ln)
     assert "none" in line and "TorchScript" in line
     assert "methods that apply" in out
+
+
+def test_warnings_are_one_line_notes_without_source_lines(tmp_path, pics):
+    """A library warning during a command (here from the user's build function; in practice e.g. an
+    hf: model without its processor config) reaches the terminal as one ``salience: warning:`` line,
+    not Python's ``path.py:LINE: UserWarning`` followed by a line of salience's source."""
+    paths, _ = pics
+    (tmp_path / "nets.py").write_text(
+        "import warnings\nimport torch.nn as nn\n"
+        "def build():\n"
+        "    warnings.warn('no preprocessing config; images go in as they are')\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    p = subprocess.run([sys.executable, "-m", "salience", "explain", str(paths[0]), "-m", "python:nets.py:build",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == "salience: warning: no preprocessing config; images go in as they are\n"
