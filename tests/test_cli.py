@@ -424,3 +424,11 @@ def test_warnings_are_one_line_notes_without_source_lines(tmp_path, pics):
                        cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stderr == "salience: warning: no preprocessing config; images go in as they are\n"
+
+
+def test_visualize_refuses_an_out_file_that_is_not_png(tmp_path, capsys):
+    """visualize writes PNG: an --out named .jpg got PNG bytes under a JPEG name; now one line, exit 2."""
+    rc, out, err = run(["visualize", "-m", "demo:shapes", "--target", "square", "--steps", "1",
+                        "-o", tmp_path / "c.jpg"], capsys)
+    assert rc == 2 and err.startswith("salience: error: --out") and ".png" in err and err.count("\n") == 1
+    assert not (tmp_path / "c.jpg").exists()
