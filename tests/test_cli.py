@@ -369,3 +369,66 @@ def test_unsupported_activations_option(tmp_path, pics, capsys):
         rc, out, err = run(args + ["--unsupported", "warn"], capsys)
     assert rc == 0, err
     assert len(list((tmp_path / "o").glob("*guided_backprop*.npy"))) == 1
+
+
+@pytest.mark.parametrize("command", [["explain", "IMG", "-o", "OUT"], ["explain", "DIR", "-o", "OUT"],
+                                     ["list"], ["visualize", "--target", "1", "--steps", "1", "-o", "OUT/c.png"]])
+def test_device_auto_works_and_a_missing_device_is_one_line(tmp_path, pics, capsys, monkeypatch, command):
+    """Every command's --device says 'cpu, cuda, cuda:N or auto': auto runs on the CPU when there is no
+    CUDA, and a device that is not there or not a device is one line with exit 2, never an internal error."""
+    paths, _ = pics
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(paths[0].read_bytes())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def argv(device: str, out: str) -> list:
+        swap = {"IMG": paths[0], "DIR": folder, "OUT": tmp_path / out}
+        return [command[0], *[swap.get(a, a) for a in command[1:]], "-m", "demo:shapes", "--device", device]
+
+    rc, out, err = run(argv("auto", "auto"), capsys)
+    assert rc == 0, err
+    assert "Traceback" not in err and "unexpected" not in err
+    for device, words in [("cuda", "no CUDA device"), ("cuda:1", "no CUDA device"), ("tpu", "not a device")]:
+        rc, out, err = run(argv(device, device), capsys)
+        assert rc == 2, err
+        assert err.startswith(f"salience: error: device {device!r}: {words}") and err.count("\n") == 1
+        assert not (tmp_path / device).exists()  # refused before anything is written
+
+
+def test_list_describes_a_torchscript_model(tmp_path, capsys):
+    """``salience list --model FILE.pt`` on a TorchScript file (which explain runs) describes it instead of
+    failing: the Grad-CAM line says why there is no layer; exit 0."""
+    torch.jit.trace(zoo.load_demo("shapes"), torch.rand(1, 3, 64, 64)).save(str(tmp_path / "m.pt"))
+    rc, out, err = run(["list", "--model", tmp_path / "m.pt", "--size", "64"], capsys)
+    assert rc == 0, err
+    assert f"model {tmp_path / 'm.pt'} (3 x 64 x 64 input):" in out
+    line = next(ln for ln in out.splitlines() if "Grad-CAM layer" in ln)
+    assert "none" in line and "TorchScript" in line
+    assert "methods that apply" in out
+
+
+def test_warnings_are_one_line_notes_without_source_lines(tmp_path, pics):
+    """A library warning during a command (here from the user's build function; in practice e.g. an
+    hf: model without its processor config) reaches the terminal as one ``salience: warning:`` line,
+    not Python's ``path.py:LINE: UserWarning`` followed by a line of salience's source."""
+    paths, _ = pics
+    (tmp_path / "nets.py").write_text(
+        "import warnings\nimport torch.nn as nn\n"
+        "def build():\n"
+        "    warnings.warn('no preprocessing config; images go in as they are')\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    p = subprocess.run([sys.executable, "-m", "salience", "explain", str(paths[0]), "-m", "python:nets.py:build",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == "salience: warning: no preprocessing config; images go in as they are\n"
+
+
+def test_visualize_refuses_an_out_file_that_is_not_png(tmp_path, capsys):
+    """visualize writes PNG: an --out named .jpg got PNG bytes under a JPEG name; now one line, exit 2."""
+    rc, out, err = run(["visualize", "-m", "demo:shapes", "--target", "square", "--steps", "1",
+                        "-o", tmp_path / "c.jpg"], capsys)
+    assert rc == 2 and err.startswith("salience: error: --out") and ".png" in err and err.count("\n") == 1
+    assert not (tmp_path / "c.jpg").exists()

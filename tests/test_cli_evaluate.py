@@ -153,3 +153,33 @@ def test_other_bad_inputs(tmp_path, capsys, case, expected):
     code = main(["evaluate", "--model", "demo:shapes", "--images", str(images), "--masks", str(masks),
                  "--out", str(tmp_path / "out"), *extra])
     assert expected in _one_error_line(capsys, code)
+
+
+def test_torchscript_model_is_evaluated_and_failed_methods_are_reported(tmp_path, capsys):
+    """A TorchScript file (which ``explain`` handles with the gradient methods) is evaluated: the
+    methods that run get their metrics, equal to those of the original module; the model
+    randomization test, which needs forward hooks and re-initialization that TorchScript lacks, is
+    left out with a note; a method that cannot run (Grad-CAM needs hooks) is named on stderr and
+    makes the exit code 1, as a failed method does in ``explain``."""
+    _shapes_folder(tmp_path, ["a", "b"], [])
+    model = zoo.load_demo("shapes")
+    torch.jit.trace(model, torch.rand(1, 3, 64, 64)).save(str(tmp_path / "m.pt"))
+    out = tmp_path / "out"
+    code = main(["evaluate", "--model", str(tmp_path / "m.pt"), "--images", str(tmp_path / "im"),
+                 "--method", "vanilla,gradcam", "--steps", "4", "--randomization-images", "2", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "Traceback" not in captured.err
+    failed = [ln for ln in captured.err.splitlines() if ln.startswith("salience: method gradcam failed: ")]
+    assert len(failed) == 1 and "TorchScript" in failed[0]
+    assert any("randomization" in ln and "TorchScript" in ln for ln in captured.err.splitlines())
+    rows = _rows(out)
+    assert rows["vanilla"]["error"] is None and rows["gradcam"]["error"] is not None
+    assert rows["vanilla"]["rand_top"] is None and rows["vanilla"]["randomization"] is None
+    assert rows["vanilla"]["max_sens"] is not None and rows["vanilla"]["random_logit"] is not None
+    # The traced file computes what the module computes: its deletion AUC equals the module's.
+    ref = tmp_path / "ref"
+    assert main(["evaluate", "--model", "demo:shapes", "--images", str(tmp_path / "im"), "--method", "vanilla",
+                 "--steps", "4", "--randomization-images", "2", "--out", str(ref)]) == 0
+    capsys.readouterr()
+    assert rows["vanilla"]["deletion"] == pytest.approx(_rows(ref)["vanilla"]["deletion"], abs=1e-5)

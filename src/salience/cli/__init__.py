@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from typing import Optional, Sequence
 
 from salience import __version__
@@ -61,6 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_OK
+    plain_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning  # printed warnings only; recorded ones (tests) are untouched
     try:
         with performance_from_args(args):
             return int(args.func(args))
@@ -82,3 +85,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         error(f"unexpected {type(e).__name__}: {first} (set SALIENCE_DEBUG=1 to see the traceback, and "
               "please report it)")
         return EXIT_INTERNAL
+    finally:
+        warnings.formatwarning = plain_format
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: Optional[str] = None) -> str:
+    """A warning as the command prints it: ``salience: warning: MESSAGE`` (the category named unless
+    it is a plain ``UserWarning``), without Python's file, line number and source line."""
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    return f"salience: warning: {kind}{message}\n"

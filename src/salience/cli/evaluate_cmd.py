@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int
-from salience.cli.common import EXIT_OK, add_model_args, load_model_arg, parse_methods
+from salience.cli.common import EXIT_OK, EXIT_PARTIAL, add_model_args, load_model_arg, parse_methods, warn
 from salience.demo.train import demo_train_fn
 from salience.evidence import evaluate
+from salience.evidence.sanity import NO_HOOKS
 
 
 def add_parser(sub: Any) -> None:
@@ -49,7 +53,13 @@ def run(args: argparse.Namespace) -> int:
         if not args.model.startswith("demo:shapes") or args.model == "demo:shapes-regression":
             raise SalienceError("--data-randomization retrains the demo recipe, so it needs a demo:shapes classifier")
         kwargs.update(train_fn=demo_train_fn(epochs=6), train_images=2000)
+    if isinstance(model, torch.jit.ScriptModule):
+        warn(f"no randomization columns: {NO_HOOKS}")
     report = evaluate.run_evaluation(model, args.out, **kwargs)
     print(f"evaluation written to {args.out}")
     print(f"report: {Path(report).resolve()}")
-    return EXIT_OK
+    rows = json.loads((Path(report).parent / "results.json").read_text())["rows"]
+    failed = [(r["name"], r["error"]) for r in rows if r.get("error")]
+    for name, message in failed:  # in the report's table too; said here as explain says it
+        warn(f"method {name} failed: {message.removeprefix('SalienceError: ')}")
+    return EXIT_PARTIAL if failed else EXIT_OK

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from salience._core.errors import SalienceError
 from salience._core.info import model_info
 from salience._core.tensors import model_device
 from salience.cli.common import EXIT_OK, load_model_arg, model_specs_help
@@ -40,8 +41,12 @@ def describe_model(args: argparse.Namespace) -> list[str]:
     info = model_info(model)
     h, w = info.input_size or (args.size, args.size)
     x = torch.rand(1, info.channels, h, w, device=model_device(model))
+    try:
+        layer = f"(default; --layer to change): {describe_default_layer(model, x)}"
+    except SalienceError as e:  # e.g. a TorchScript file, which explain still runs the gradient methods on
+        layer = f"none ({e})"
     return [f"model {args.model} ({info.channels} x {h} x {w} input):",
-            f"  Grad-CAM layer (default; --layer to change): {describe_default_layer(model, x)}",
+            f"  Grad-CAM layer {layer}",
             f"  methods that apply (run when none is named): {', '.join(default_methods(model))}"]
 
 

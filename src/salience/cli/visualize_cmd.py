@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from salience._core.errors import SalienceError
 from salience._core.info import model_info
 from salience._core.tensors import model_device
 from salience.cli.common import EXIT_OK, add_model_args, load_model_arg, parse_class, scores, to_image
@@ -29,6 +30,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Optimize the class model image of ``args.target`` and write it as a PNG to ``args.out``."""
+    if Path(args.out).suffix.lower() != ".png":
+        raise SalienceError(f"--out {args.out}: visualize writes a PNG image; give a file name ending in .png")
     model = load_model_arg(args)
     info = model_info(model)
     h, w = info.input_size or (args.size, args.size)

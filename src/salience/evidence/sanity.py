@@ -66,7 +66,15 @@ def randomization_layers(model: nn.Module, x: Tensor) -> list[str]:
     return [name for name, _ in groups]
 
 
+NO_HOOKS = ("the model randomization test needs the order in which the forward pass calls the layers (forward "
+            "hooks) and each layer's re-initialization, which a TorchScript model (torch.jit.ScriptModule) lacks; "
+            "pass the original Python nn.Module")
+"""Why the randomization test cannot run on a TorchScript model (the :class:`SalienceError` it raises)."""
+
+
 def _layer_groups(model: nn.Module, x: Tensor) -> list[tuple[str, list[str]]]:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise SalienceError(NO_HOOKS)
     probe = copy.deepcopy(model)
     order: list[str] = []
     handles = []

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from salience._core.errors import SalienceError, suggest
 from salience._core.info import ModelInfo, attach_info, model_info
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODEL_SPECS", "load_model", "imagenet_class_names", "read_labels",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODEL_SPECS", "load_model", "resolve_device", "imagenet_class_names", "read_labels",
            "name_classes", "read_state_dict", "load_state"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -336,13 +336,15 @@ def load_model(
     (``.pt``/``.pth``/``.ts``...), a ``torch.export`` program (``.pt2``), Keras
     (``.keras``/``.h5``) or ONNX (``.onnx``, needs ``onnx2torch``). State dicts may be
     ``.safetensors``. Pickled files are loaded only with ``trust_pickle=True`` (unpickling can run
-    arbitrary code). ``device``: where to put the model (default: CPU). ``output``: which part of
+    arbitrary code). ``device``: where to put the model (default: CPU; ``"auto"``: CUDA when there is
+    one; a device that is not there is refused before loading). ``output``: which part of
     what the model returns holds the scores (:func:`salience.loading.select_output`).
     Raises :class:`SalienceError` with one line saying what went wrong and what to do.
     """
     s = os.fspath(spec)
     if not isinstance(s, str) or not s:
         raise SalienceError(f"expected a model spec such as 'demo:shapes', got {spec!r}")
+    device = resolve_device(device)
     is_file = Path(s).exists() and not s.startswith(("hf:", "python:"))
     if weights is not None and (is_file or not s.startswith(_WEIGHTS_SPECS)):
         raise SalienceError(
@@ -354,7 +356,11 @@ def load_model(
         raise SalienceError(f"{s}: loaded a {type(model).__name__}, expected a torch.nn.Module")
     model.eval()
     if device is not None:
-        model.to(device)
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError) as e:  # a device torch knows but cannot use (no driver, ...)
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise SalienceError(f"device {str(device)!r}: cannot move {s} there ({first}); use cpu or auto") from None
     if getattr(model, "salience_info", None) is None or not isinstance(model.salience_info, ModelInfo):
         base = model_info(model)
         name = Path(s).name if is_file else s
@@ -364,6 +370,32 @@ def load_model(
 
         select_output(model, output)
     return model
+
+
+def resolve_device(device: Optional[Union[str, torch.device]]) -> Optional[torch.device]:
+    """``device`` as a ``torch.device`` that is there: ``None`` stays ``None`` (the model stays on the
+    CPU), ``"auto"`` is CUDA when there is one, else the CPU. A string torch does not know, or a CUDA
+    (or MPS) device this machine lacks, is a :class:`SalienceError` naming it (checked before a model
+    is loaded, so that a typo does not cost a load)."""
+    if device is None:
+        return None
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SalienceError(f"device {device!r}: not a device torch knows; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SalienceError(f"device {device!r}: no CUDA device here (torch.cuda.is_available() is False); "
+                                "use cpu, or auto (CUDA when there is one)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise SalienceError(f"device {device!r}: no CUDA device {dev.index} here ({count} device(s): "
+                                f"cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SalienceError(f"device {device!r}: no MPS device here; use cpu or auto")
+    return dev
 
 
 def _load_spec(s: str, is_file: bool, weights: Optional[PathLike], trust_pickle: bool) -> nn.Module:
