@@ -208,7 +208,7 @@ def test_python_spec_errors_are_one_line(nets_file, tmp_path):
         ("python:no_such_module_for_salience:build", r"no module named 'no_such_module_for_salience'"),
         (f"python:{nets_file}:biuld", r"has no 'biuld'; did you mean 'build'"),
         (f"python:{nets_file}:LIMIT", r"LIMIT is a int, not a function"),
-        (f"python:{nets_file}:builder", r"builder\(\) returned a int, expected a torch.nn.Module"),
+        (f"python:{nets_file}:builder", r"builder\(\) returned an object of type int, expected a torch.nn.Module"),
         (f"python:{tmp_path / 'missing.py'}:build", r"no such file"),
         ("python:justone", r"expected python:MODULE:FUNC"),
     ]

@@ -70,7 +70,8 @@ def load_python(ref: str, weights: Optional[PathLike] = None, trust_pickle: bool
     except Exception as e:  # noqa: BLE001 - the user's code can raise anything; one line says what
         raise SalienceError(f"python:{ref}: {attr}() raised {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(model, nn.Module):
-        raise SalienceError(f"python:{ref}: {attr}() returned a {type(model).__name__}, expected a torch.nn.Module")
+        raise SalienceError(f"python:{ref}: {attr}() returned an object of type {type(model).__name__}, "
+                            "expected a torch.nn.Module")
     if weights is not None and str(weights) != "random":
         load_state(model, read_state_dict(weights, trust_pickle=trust_pickle), weights, f"python:{ref}")
     if not isinstance(getattr(model, "salience_info", None), ModelInfo):
