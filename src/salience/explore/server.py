@@ -107,6 +107,11 @@ class Explorer:
         """Serve in this thread until interrupted (the command line)."""
         try:
             self._server.run(sockets=[self._sock])
+            if self._server.should_exit:
+                # Ctrl-C or SIGTERM, caught by uvicorn, which shuts down and then raises the signal again;
+                # but asyncio's runner turns that SIGINT into a KeyboardInterrupt only while its task is
+                # still running, so the process could end with 0 instead of 130 (seen under load)
+                raise KeyboardInterrupt
         finally:
             self.hub.close()
 
