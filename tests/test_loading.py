@@ -274,6 +274,28 @@ def test_torchscript_model_is_explained_like_the_original(tmp_path):
     assert torch.allclose(salience.vanilla(loaded, x), salience.vanilla(m, x), atol=1e-6)
 
 
+def test_default_methods_of_a_torchscript_model_are_those_that_run_on_it(tmp_path):
+    """``default_methods`` (what evaluate, demo and list offer) on a TorchScript file: each of them
+    runs and equals the original module's map; each method left out refuses it with a SalienceError.
+    A method put on the wrong side fails here either way."""
+    from salience.methods import METHODS, default_methods
+    from salience.demo import zoo
+
+    m = zoo.load_demo("shapes")
+    torch.jit.save(torch.jit.trace(m, torch.rand(1, 3, 64, 64)), str(tmp_path / "m.pt"))
+    loaded = load_model(tmp_path / "m.pt")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    chosen = default_methods(loaded)
+    assert {"vanilla", "smoothgrad", "integrated_gradients", "occlusion", "rise"} <= set(chosen)
+    for name, fn in METHODS.items():
+        opts = {"masks": 64} if name == "rise" else {}
+        if name in chosen:
+            assert torch.allclose(fn(loaded, x, 2, **opts), fn(m, x, 2, **opts), rtol=1e-4, atol=1e-6), name
+        else:
+            with pytest.raises(SalienceError):
+                fn(loaded, x, 2, **opts)
+
+
 def test_load_model_state_dict_with_torchvision_arch(tmp_path):
     tvm = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from salience.methods.vanilla import vanilla
@@ -75,15 +76,26 @@ def has_attention(model: nn.Module) -> bool:
     return any(attention(m) for m in model.modules())
 
 
+HOOKED_METHODS = frozenset({"guided_backprop", "deconvnet", "gradcam", "guided_gradcam", "gradcam_plus_plus",
+                            "hirescam", "xgradcam", "layercam", "eigencam", "scorecam", "ablationcam"}
+                           | ATTENTION_METHODS)
+"""The methods that read a layer's output with a hook, or change the backward pass of the
+activations, or capture attention operations: a TorchScript model runs its own compiled graph, which
+allows none of these, so they refuse it (vanilla, SmoothGrad, integrated gradients, input x gradient,
+occlusion and RISE need only the model's output and the input's gradient)."""
+
+
 def default_methods(model: nn.Module) -> list[str]:
     """The names of the methods that apply to ``model``: every method, less the attention methods
-    on a model without attention. What ``salience demo``, ``salience evaluate`` and the examples
-    run when no method is named."""
+    on a model without attention and the :data:`HOOKED_METHODS` on a TorchScript model. What
+    ``salience demo``, ``salience evaluate``, ``salience list`` and the examples run or show when no
+    method is named."""
     attention = has_attention(model)
-    return [n for n in METHODS if attention or n not in ATTENTION_METHODS]
+    script = isinstance(model, torch.jit.ScriptModule)
+    return [n for n in METHODS if (attention or n not in ATTENTION_METHODS) and not (script and n in HOOKED_METHODS)]
 
 
-__all__ = ["METHODS", "QUICK", "ATTENTION_METHODS", "TARGET_FREE_METHODS", "as_method", "apply_method",
+__all__ = ["METHODS", "QUICK", "ATTENTION_METHODS", "HOOKED_METHODS", "TARGET_FREE_METHODS", "as_method", "apply_method",
            "is_target_free",
            "default_methods", "has_attention", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
            "gradcam_plus_plus", "hirescam", "xgradcam", "layercam", "eigencam", "smoothgrad", "integrated_gradients",
