@@ -434,3 +434,15 @@ def test_performance_options_reach_every_method_of_a_dataset_run(tmp_path, monke
     main(["explain", str(tmp_path / "imgs"), "--model", "demo:shapes", "--out", str(tmp_path / "cli"), "--workers",
           "0", "--memory-format", "channels_last", "--compile", "--precision", "bf16"])
     assert (given["memory_format"], given["compile"], given["precision"]) == ("channels_last", True, "bf16")
+
+
+def test_a_missing_folder_and_an_empty_one_are_one_line_errors(tmp_path, capsys):
+    """``explain nodir/`` names a folder: "no such folder" (exit 2), not a missing image called
+    ``nodir`` skipped with exit 1; an empty folder says it holds no images."""
+    out = str(tmp_path / "out")
+    assert main(["explain", str(tmp_path / "nodir") + "/", "--model", "demo:shapes", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"salience: error: {tmp_path / 'nodir'}/: no such folder; check the path"
+    (tmp_path / "empty").mkdir()
+    assert main(["explain", str(tmp_path / "empty") + "/", "--model", "demo:shapes", "--out", out]) == 2
+    assert "no image files in this folder" in capsys.readouterr().err

@@ -31,7 +31,8 @@ def is_dataset_spec(text: str) -> bool:
     if remote.is_remote(text):
         return True
     p = Path(text)
-    return p.is_dir() or p.suffix.lower() == ".txt" or (not p.exists() and glob.has_magic(text))
+    return (p.is_dir() or p.suffix.lower() == ".txt" or (not p.exists() and glob.has_magic(text))
+            or text.endswith(("/", os.sep)))  # written as a folder, also when there is none
 
 
 def expand(specs: Sequence[PathLike]) -> list[str]:
@@ -54,6 +55,8 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
             paths += found
         elif p.suffix.lower() == ".txt" and p.is_file():
             paths += _list_file(p)
+        elif text.endswith(("/", os.sep)):  # written as a folder: not a missing image of that name
+            raise SalienceError(f"{text}: no such folder; check the path")
         elif not p.exists() and glob.has_magic(text):
             found = sorted(f for f in glob.glob(text, recursive=True) if Path(f).is_file())
             if not found:
