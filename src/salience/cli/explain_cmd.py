@@ -198,10 +198,9 @@ def _compute_maps(args: argparse.Namespace, model: nn.Module, batch: Tensor, cho
                 every = torch.cat([_chunk_maps(fn, model, batch[s:s + args.batch_size], s, chosen, bar)
                                    for s in chunks])
             except SalienceError as e:
-                hint = (" (--unsupported warn passes their plain gradient instead)"
-                        if "unsupported" in str(e) and request.options.get("unsupported", "error") == "error"
-                        else "")
-                warn(f"method {name} failed: {e}{hint}")
+                # the library names its keyword; the command line has the flag
+                warn(f"method {name} failed: " + str(e).replace("unsupported='warn' (or 'ignore')",
+                                                                "--unsupported warn (or ignore)"))
                 failed.append(name)
                 continue
             maps[name] = [every[:, j] for j in range(len(chosen.ranks))]
