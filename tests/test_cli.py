@@ -385,7 +385,9 @@ def test_device_auto_works_and_a_missing_device_is_one_line(tmp_path, pics, caps
 
     def argv(device: str, out: str) -> list:
         swap = {"IMG": paths[0], "DIR": folder, "OUT": tmp_path / out}
-        return [command[0], *[swap.get(a, a) for a in command[1:]], "-m", "demo:shapes", "--device", device]
+        # OUT/c.png too: a path left relative would be written into the directory the tests run from
+        args = [swap.get(a, str(tmp_path / out / a[4:]) if a.startswith("OUT/") else a) for a in command[1:]]
+        return [command[0], *args, "-m", "demo:shapes", "--device", device]
 
     rc, out, err = run(argv("auto", "auto"), capsys)
     assert rc == 0, err
