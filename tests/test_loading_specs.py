@@ -290,6 +290,47 @@ def test_onnx_model_every_method_equals_the_pytorch_model(tmp_path, small_cnn):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("opset", [13, None])  # None: the exporter's default (19 here)
+def test_onnx_with_shared_weights_of_the_legacy_exporter(tmp_path, opset):
+    """torch.onnx's TorchScript-based exporter stores equal tensors once and names the others through
+    Identity nodes (a fresh resnet18's folded convolutions share their zero-ish biases); onnx2torch
+    failed on them ("KeyError: 'onnx::Conv_...'", or no converter for Identity at opset 19). The file
+    loads and computes what the PyTorch model computes; so do its maps."""
+    import warnings
+
+    import onnx
+    import onnx2torch  # noqa: F401 - in the test extra: tested, never skipped
+    tvm = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    eager = tvm.resnet18().eval()
+    path = tmp_path / "r18.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(eager, _x(1, 64), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, **({"opset_version": opset} if opset else {}))
+    graph = onnx.load(str(path)).graph
+    inits = {t.name for t in graph.initializer}
+    assert any(n.op_type == "Identity" and n.input[0] in inits for n in graph.node)  # the case under test
+    m = load_model(path)
+    x = _x(2, 64, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), eager(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(salience.vanilla(m, x), salience.vanilla(eager, x), rtol=1e-4, atol=1e-6)
+
+
+def test_onnx_that_onnx2torch_cannot_convert_is_one_line_with_what_to_do(tmp_path):
+    import onnx
+    from onnx import helper
+
+    node = helper.make_node("NoSuchOp", ["x"], ["y"], domain="")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])])
+    onnx.save(helper.make_model(graph), str(tmp_path / "odd.onnx"))
+    with pytest.raises(SalienceError, match=r"odd\.onnx: onnx2torch could not convert this ONNX model \(\w+: .*\); it "
+                                            r"converts a subset of ONNX: give the PyTorch model if you have it"):
+        load_model(tmp_path / "odd.onnx")
+
+
 def test_pt2_exported_in_train_mode_or_with_a_fixed_batch_is_refused(tmp_path, small_cnn):
     torch.export.save(torch.export.export(small_cnn.eval(), (_x(2, 16),)), tmp_path / "fixed.pt2")
     with pytest.raises(SalienceError, match=r"fixed batch size of 2.*Dim\('batch'\)"):

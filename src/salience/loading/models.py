@@ -275,9 +275,12 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
                 "pip install onnx2torch, or convert the model to TorchScript (torch.jit.save) where it was made"
             ) from None
         try:
-            model = onnx2torch.convert(str(path))
+            model = onnx2torch.convert(_onnx_without_aliases(path))
         except Exception as e:  # noqa: BLE001 - converter errors become one line
-            raise SalienceError(f"{path}: onnx2torch could not convert this ONNX model ({e})") from None
+            raise SalienceError(
+                f"{path}: onnx2torch could not convert this ONNX model ({type(e).__name__}: {e}); it converts "
+                "a subset of ONNX: give the PyTorch model if you have it (torchvision:ARCH --weights FILE, "
+                "python:MODULE:CALLABLE, a .pt2 from torch.export.save)") from None
         return model
     if suffix == ".pt2":
         from salience.loading.custom import load_exported
@@ -312,6 +315,36 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
 
 
 _WEIGHTS_SPECS = ("torchvision:", "timm:", "python:")
+
+
+def _onnx_without_aliases(path: Path) -> Any:
+    """The ONNX model at ``path`` with every ``Identity`` of an initializer replaced by a copy of
+    that initializer under the Identity's output name. ``torch.onnx.export``'s TorchScript-based
+    exporter (``dynamo=False``) stores equal weights once and names the others through ``Identity``
+    nodes (a fresh resnet18's BatchNorm-folded convolutions share their biases); onnx2torch reads a
+    convolution's weights from the initializers by name and fails there ("KeyError: 'onnx::Conv_197'",
+    or "Converter is not implemented ... Identity" at opset 19). The function is the same."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    kept = []
+    for node in graph.node:
+        src = node.input[0] if node.op_type == "Identity" and node.input else None
+        if src in inits and node.output[0] not in inits and node.output[0] not in outputs:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[src])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            inits[copy.name] = copy
+        else:
+            kept.append(node)
+    if len(kept) < len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+    return proto
 
 
 def load_model(
