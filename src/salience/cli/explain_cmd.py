@@ -76,8 +76,6 @@ def run(args: argparse.Namespace) -> int:
         return explain_many.run(args)
     if args.batch is not None:
         args.batch_size = args.batch
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     request = _check_args(args)
     model = load_model_arg(args)
     _options.check_layer(model, request.options)

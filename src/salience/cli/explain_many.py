@@ -69,10 +69,6 @@ def run(args: argparse.Namespace) -> int:
     given = _options.given_options(args)
     _options.check_applicable(methods, given)
     inputs = read_inputs(args)
-    if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     for flag in ("batch", "workers", "shard_size", "actors"):
         if getattr(args, flag) is not None:
             check_int(getattr(args, flag), "--" + flag.replace("_", "-"), minimum=0 if flag == "workers" else 1)

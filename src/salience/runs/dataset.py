@@ -31,7 +31,7 @@ from salience._core.progress import progress
 from salience._core.tensors import check_int, model_device
 from salience.loading import load_model
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
-from salience.loading.models import name_classes
+from salience.loading.models import name_classes, resolve_device
 from salience.methods import METHODS, as_method
 from salience.render import viz
 from salience.runs import gallery, job, sources
@@ -122,7 +122,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         raise SalienceError(f"map_dtype must be float16 or float32, got {map_dtype!r}")
     perf = _perf.resolve(memory_format, compile, precision)
     spec = model if isinstance(model, str) else model_spec
-    device = _device(device)
+    device = resolve_device(device)
     module = _model(model, device, weights)
     fns, options = _methods(methods, method_options)
     dataset, paths, given_labels, loader_workers = _dataset(images, module)
@@ -178,20 +178,12 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
 # --------------------------------------------------------------------------------- checks
 
 
-def _device(device: Optional[str]) -> Optional[str]:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
-        raise SalienceError(f"--device {device}: no CUDA device here; use --device cpu or auto")
-    return device
-
-
-def _model(model: Union[nn.Module, str], device: Optional[str], weights: Optional[str]) -> nn.Module:
+def _model(model: Union[nn.Module, str], device: Optional[torch.device], weights: Optional[str]) -> nn.Module:
     if isinstance(model, str):
         return load_model(model, weights=weights, device=device)
     if not isinstance(model, nn.Module):
         raise SalienceError(f"model must be an nn.Module or a spec string, got {type(model).__name__}")
-    if device is not None and model_device(model) != torch.device(device):
+    if device is not None and model_device(model) != device:
         return copy.deepcopy(model).to(device)  # the caller's model stays where it is
     return model
 
