@@ -153,9 +153,8 @@ class Classes(Target):
         if isinstance(self.index, int):
             _check_range(torch.tensor([self.index]), k)
             return scores[:, self.index]
+        self.check_batch(b)
         idx = self.index.to(scores.device)
-        if idx.numel() != b:
-            raise SalienceError(f"got {idx.numel()} target classes for a batch of {b} images; give one per image")
         _check_range(idx, k)
         return scores.gather(1, idx.view(-1, 1)).squeeze(1)
 
@@ -189,8 +188,7 @@ class MultiLabel(Target):
         _check_range(idx, k)
         if idx.dim() == 1:
             return scores[:, idx].sum(dim=1)
-        if idx.shape[0] != b:
-            raise SalienceError(f"multilabel got class sets for {idx.shape[0]} samples, but the batch has {b}")
+        self.check_batch(b)
         return scores.gather(1, idx).sum(dim=1)
 
     def check_batch(self, batch: int) -> None:
