@@ -178,7 +178,7 @@ def token_layout(model: nn.Module, x_shape: Sequence[int], n_tokens: int, *, gri
     g, k = _check_grid(grid), _check_prefix(prefix_tokens)
     if g is not None:
         _check_orientation(model, x_shape, g)
-    if g is None:
+    else:
         g = patch_grid(model, x_shape)
         if g is not None and g[0] * g[1] > n_tokens and not k:
             g = _merged_grid(g, n_tokens) or g  # Hugging Face Swin's later stages: (B, h * w, C), no prefix
