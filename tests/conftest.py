@@ -2,13 +2,53 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import subprocess
+from pathlib import Path
+from typing import Iterator, Optional
 
 import pytest
 import torch
 from torch import nn
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def _untracked() -> Optional[set[str]]:
+    """The checkout's untracked, not ignored files (``None`` outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "-C", str(_CHECKOUT), "status", "--porcelain", "--untracked-files=all"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return {line[3:] for line in out.stdout.splitlines() if line.startswith("?? ")}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BEFORE] = _untracked()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when the tests left files in the checkout: every path a test writes belongs
+    under ``tmp_path`` (a relative output path once wrote ``OUT/c.png`` into the checkout, and it
+    was committed with the next ``git add -A``)."""
+    before = session.config.stash.get(_BEFORE, None)
+    after = _untracked() if before is not None else None
+    new = sorted(after - before) if after is not None else []
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = ("the tests left files in the checkout (write them under tmp_path): "
+                   + ", ".join(new[:20]) + (f" and {len(new) - 20} more" if len(new) > 20 else ""))
+        if reporter is not None:
+            reporter.write("\n")
+            reporter.write_line(message, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_BEFORE = pytest.StashKey[Optional[set]]()
 
 _HOOK_DICTS = (
     "_forward_hooks",
