@@ -307,22 +307,35 @@ def _timed_compute(cost):
 
 
 def test_chunk_probe_takes_the_size_fastest_per_item(virtual_clock):
+    assert _perf.SIZE_SAMPLES == 2  # the sequences below take two timings (chunks) per size
     model, x = ThreeConv(), torch.rand(2, 3, 4, 4)
     # A fixed cost per pass of 20 ms: bigger chunks are faster per item up to 16 items, slower after
     # (per item: 11, 6, 3.5, 2.25 ms, then 4 ms).
     cost = lambda n: 0.02 + 0.001 * n if n <= 16 else n * 0.004  # noqa: E731
     run = _perf.Run(model, x, _perf.Performance(memory_format="contiguous", chunks="throughput"), tag="t1")
     sums = _engine.accumulate(_timed_compute(cost), 64, 2, run=run, max_memory=10 ** 9)
-    assert sums.chunks == [2, 2, 4, 8, 16, 32] and run.record.size is None  # the items ran out first
+    # 2 (the memory probe, untimed), then two timed chunks of each size while it is 3 % faster per
+    # item: 2, 2, 4, 4, 8, 8, 16, 16 (62 items); 32 is next but 2 items are left: a chunk of 2 that
+    # is no sample, and the size is not decided yet.
+    assert sums.chunks == [2, 2, 2, 4, 4, 8, 8, 16, 16, 2] and run.record.size is None
+    assert {k: len(v) for k, v in run.record.samples.items()} == {(2, False): 2, (4, False): 2, (8, False): 2,
+                                                                  (16, False): 2}
+    sums = _engine.accumulate(_timed_compute(cost), 100, 2, run=_perf.Run(model, x, run.options, tag="t1"),
+                              max_memory=10 ** 9)
+    # The next call goes on where the probe stopped: two chunks of 32 (4 ms per item, not 3 % under
+    # 2.25), so 16 is decided and the other 34 items run as 16, 16 and the rest.
+    assert run.record.size == 16 and sums.chunks == [2, 32, 32, 16, 16, 2]
     sums = _engine.accumulate(_timed_compute(cost), 50, 2, run=_perf.Run(model, x, run.options, tag="t1"),
                               max_memory=10 ** 9)
-    assert run.record.size == 16 and sums.chunks == [2, 16, 16, 16]  # the next call starts from the choice
+    assert sums.chunks == [2, 16, 16, 16]  # a later call starts from the choice
     # Per-item cost that triples past 4 items (a cache that overflows): 4 is best (per item 9, 6.5,
     # 13 ms for 2, 4, 8), and the choice is cached.
     run = _perf.Run(model, x, _perf.Performance(memory_format="contiguous", chunks="throughput"), tag="t2")
     cost = lambda n: 0.01 + 0.004 * n * (1 if n <= 4 else 3)  # noqa: E731
-    _engine.accumulate(_timed_compute(cost), 40, 2, run=run, max_memory=10 ** 9)
-    assert run.record.size == 4
+    sums = _engine.accumulate(_timed_compute(cost), 40, 2, run=run, max_memory=10 ** 9)
+    # 2 (memory probe), 2, 2, 4, 4, 8, 8 (30 items): 8 is slower than 4, so 4 (not the start: no
+    # halving) is decided and the other 10 items run as 4, 4, 2.
+    assert run.record.size == 4 and sums.chunks == [2, 2, 2, 4, 4, 8, 8, 4, 4, 2]
     again = _engine.accumulate(_timed_compute(cost), 40, 2, run=_perf.Run(model, x, run.options, tag="t2"),
                                max_memory=10 ** 9)
     assert again.chunks == [2] + [4] * 9 + [2]
@@ -330,6 +343,83 @@ def test_chunk_probe_takes_the_size_fastest_per_item(virtual_clock):
     mem = _engine.accumulate(_timed_compute(lambda n: 0.0), 40, 2, max_memory=10 ** 9,
                              run=_perf.Run(model, x, _perf.Performance(chunks="memory"), tag="t3"))
     assert mem.chunks == [2, 38]
+
+
+# Per item (ms) by chunk size: 16 is the fastest; 32 is 7 % slower, more than SIZE_GAIN's 3 %.
+_PER_ITEM_MS = {1: 21.0, 2: 11.0, 4: 6.0, 8: 3.5, 16: 2.25, 32: 2.4, 64: 4.0}
+
+
+def _noisy_compute(slow_size: int, factor: float):
+    """Chunks cost ``_PER_ITEM_MS`` per item, except the first chunk of ``slow_size`` items, which
+    takes ``factor`` times as long: one slow timing (the machine busy elsewhere for that chunk)."""
+    seen: set[int] = set()
+
+    def compute(start, stop):
+        n = stop - start
+        ms = _PER_ITEM_MS.get(n, 20.0 / n + 1.0) * n  # sizes off the ladder (the tail): 20 ms + 1 ms/item
+        if n == slow_size and n not in seen:
+            ms *= factor
+        seen.add(n)
+        _CLOCK.advance(ms / 1000)
+        return torch.ones(n, 1)
+    return compute
+
+
+@pytest.mark.parametrize("slow_size, factor, one_timing_picks", [
+    # The first chunk of 8 takes 2x (7 ms per item, not 3 % under 4's 6 ms): one timing per size
+    # stops the climb at 4; the second chunk of 8 times 3.5 ms and the climb goes on to 16.
+    (8, 2.0, 4),
+    # The first chunk of 16 takes 1.3x (2.925 ms per item, still under 8's 3.5 ms): one timing per
+    # size then finds 32 (2.4 ms) 3 % faster than 16 and climbs past the best to 32 (64: 4 ms);
+    # the minimum of two timings of 16 is 2.25, which 32 does not beat.
+    (16, 1.3, 32),
+])
+def test_chunk_probe_ignores_one_slow_timing(virtual_clock, slow_size, factor, one_timing_picks):
+    """One outlier timing (the spread of one timing on a shared VM, +-10 %, is more than the 3 %
+    the probe looks for): the minimum of two timings per size still picks 16, the size fastest per
+    item; with one timing per size (``SIZE_SAMPLES = 1``) the probe picks ``one_timing_picks``."""
+    model, x = ThreeConv(), torch.rand(2, 3, 4, 4)
+    opts = _perf.Performance(memory_format="contiguous", chunks="throughput")
+    sums = _engine.accumulate(_noisy_compute(slow_size, factor), 200, 2, run=_perf.Run(model, x, opts, tag="n2"),
+                              max_memory=10 ** 9)
+    # 2 (memory probe), two timed chunks each of 2, 4, 8, 16, 32 (126 items): 32 is slower per item
+    # than 16, so 16 is decided, and the other 74 items run as 16 x 4 and 10.
+    assert sums.chunks == [2, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 16, 16, 16, 16, 10]
+    assert _perf.Run(model, x, opts, tag="n2").record.size == 16
+    # the same timings, one per size: the outlier decides
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_perf, "SIZE_SAMPLES", 1)
+        run = _perf.Run(model, x, opts, tag="n1")
+        _engine.accumulate(_noisy_compute(slow_size, factor), 200, 2, run=run, max_memory=10 ** 9)
+    assert run.record.size == one_timing_picks
+
+
+def test_size_probe_after_the_layout_probe_uses_its_timings(monkeypatch, virtual_clock):
+    """memory_format="auto" with chunks="throughput": the layout probe times two chunks of the start
+    size in each layout; after it, the size probe counts the two in the chosen layout as the start
+    size's timings (no third chunk of 2) and times the bigger sizes in that layout only."""
+    model, x = ThreeConv(), torch.rand(2, 3, 4, 4)
+    monkeypatch.setattr(_perf, "SMALL_ITEM_BYTES", 0)  # the tiny net counts as big here
+
+    def compute(start, stop):  # channels-last at _PER_ITEM_MS, contiguous twice as slow
+        n = stop - start
+        cl = model.body[0].weight.is_contiguous(memory_format=torch.channels_last) and \
+            model.body[0].weight.stride(1) == 1
+        _CLOCK.advance(_PER_ITEM_MS.get(n, 20.0 / n + 1.0) * n / 1000 * (1 if cl else 2))
+        return torch.ones(n, 1)
+
+    with unchanged(model):
+        run = _perf.Run(model, x, _perf.Performance(memory_format="auto", chunks="throughput"), tag="ls")
+        s = _engine.accumulate(compute, 200, 2, run=run, max_memory=10 ** 9)
+    # 2 (memory probe, contiguous), the layout probe 2 contiguous / channels-last / contiguous /
+    # channels-last (channels-last decided), then two channels-last chunks each of 4, 8, 16, 32;
+    # (130 items) 16 decided: the other 70 items as 16 x 4 and 6.
+    assert s.chunks == [2, 2, 2, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 16, 16, 16, 16, 6]
+    assert s.layouts[:5] == ["contiguous", "contiguous", "channels_last", "contiguous", "channels_last"]
+    assert set(s.layouts[5:]) == {"channels_last"}
+    assert run.record.layout is True and run.record.size == 16
+    assert {k: len(v) for k, v in run.record.samples.items()} == {
+        (2, False): 2, (2, True): 2, (4, True): 2, (8, True): 2, (16, True): 2, (32, True): 2}
 
 
 def test_layout_probe_chooses_channels_last_only_when_faster(monkeypatch, virtual_clock):

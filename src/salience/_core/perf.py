@@ -16,8 +16,9 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
 - ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward pass under
   ``torch.autocast`` (meant for CUDA; see docs/performance.md for the tolerance).
 - ``chunks``: ``"memory"`` (default): the largest chunk the budget allows, so a seeded call gives
-  the same bits every time; ``"throughput"`` picks the chunk size by measured seconds per item,
-  within the memory budget (results then agree only up to float rounding between calls).
+  the same bits every time; ``"throughput"`` picks the chunk size by measured seconds per item
+  (the fastest of :data:`SIZE_SAMPLES` timings per size), within the memory budget (results then
+  agree only up to float rounding between calls).
 - ``fold_batchnorm``: ``False`` (default) or ``True``: plain passes (no layer hooked, no backprop
   rule) run a copy of the model in which every BatchNorm that follows a convolution is folded into
   that convolution's weights and bias (eval-mode statistics, as salience always runs the model).
@@ -71,6 +72,17 @@ SMALL_ITEM_BYTES = 4 << 20
 # timings of one pass on a shared CPU is a few percent); a bigger chunk 3% faster.
 LAYOUT_GAIN = 0.95
 SIZE_GAIN = 0.97
+# Timings the size probe takes of each chunk size (chunks in a row) before comparing sizes by
+# their fastest time per item. Timings of identical work spread by +-10 % on this VM
+# (docs/performance.md, "Why auto and throughput are not the defaults"), more than the 3 % the
+# probe looks for. Other work on the machine only adds time, so with one timing per size a single
+# slow chunk either stopped the climb at the size before it or, at the size that was best so far,
+# made the next size look faster and carried the climb past the best. The minimum of two rejects
+# such a one-off. The probing chunks do the method's real work, so a second timing only runs a
+# not-yet-best size a little longer, and the decision is cached. With memory_format="auto" the
+# layout probe's two chunks in the chosen layout are the start size's timings (so keep this at 2
+# or more: every size compared on as many timings).
+SIZE_SAMPLES = 2
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -295,7 +307,12 @@ class _Record:
     down: bool = False
 
     def t(self, size: int, cl: bool) -> float:
+        """The fastest seconds per item measured at ``size`` in layout ``cl`` (``inf``: none)."""
         return min(self.samples.get((size, cl), [math.inf]))
+
+    def n(self, size: int, cl: bool) -> int:
+        """How many timings of ``size`` in layout ``cl`` were taken."""
+        return len(self.samples.get((size, cl), ()))
 
 
 _records: dict[tuple, _Record] = {}
@@ -497,6 +514,9 @@ class Run:
             size = rec.size if rec.size is not None else cap
         else:
             size = self._size_choice(layout, min(start_size, cap), cap)
+            # A chunk cut short by the end of the items is no sample: it is not the size planned,
+            # and counting it under its own size could give a size more timings than the one it is
+            # compared with (the minimum of more timings is lower: an unfair comparison).
             self._probing = rec.size is None and size <= remaining
         size = min(size, remaining)
         full = rec.size if (rec.size is not None and not fixed and opt.chunks != "memory") else cap
@@ -514,19 +534,22 @@ class Run:
         return None
 
     def _size_choice(self, cl: bool, start: int, cap: int) -> int:
-        """Hill-climb on seconds per item: double while 3% faster, else (from the start) halve."""
+        """Hill-climb on seconds per item in layout ``cl``: double while 3% faster, else (from the
+        start) halve. Each size is timed :data:`SIZE_SAMPLES` times (chunks in a row) and sizes are
+        compared by their fastest timing; only timings in layout ``cl`` count (the other layout's,
+        from the layout probe, time other work)."""
         rec = self.record
         if rec.size is not None:
             return rec.size
         if rec.best is None:
             rec.best = start
-        if (rec.best, cl) not in rec.samples:
+        if rec.n(rec.best, cl) < SIZE_SAMPLES:
             return rec.best
         while True:
             cand = rec.best // 2 if rec.down else rec.best * 2
             if (cand > cap) if not rec.down else (cand < 1):
                 cand = 0
-            if cand and (cand, cl) not in rec.samples:
+            if cand and rec.n(cand, cl) < SIZE_SAMPLES:
                 return cand
             if cand and rec.t(cand, cl) < SIZE_GAIN * rec.t(rec.best, cl):
                 rec.best = cand
