@@ -313,6 +313,94 @@ def test_eigencam_takes_no_target_and_the_registry_gives_its_map_for_each(small_
         adapted(small_cnn, x, 0, layer="drop")  # a layer without channels, named for Eigen-CAM
 
 
+# A wrong target (an issue's "Real models"): the map does not depend on it, but the registry entry
+# refuses it with the error every other method gives. SmallCNN has 4 outputs; the batch is 2.
+WRONG_TARGETS = {
+    "out of range": (5000, r"^target class 5000 is out of range for a model with 4 outputs \(valid: 0\.\.3\)$"),
+    "negative": (-1, r"^target class -1 is out of range for a model with 4 outputs"),
+    "per image out of range": (torch.tensor([2, 4]), r"^target class 4 is out of range"),
+    "one of K out of range": (torch.tensor([[0, 1], [2, 9]]), r"^target class 9 is out of range"),
+    "class set out of range": (salience.targets.multilabel([1, 7]), r"^target class 7 is out of range"),
+    "regression output out of range": (salience.targets.regression(4), r"^regression output 4 is out of range"),
+    "per image, wrong length": ([0, 1, 2], r"^got 3 target classes for a batch of 2 images"),
+    "K per image, wrong length": (torch.tensor([[0, 1], [1, 2], [2, 3]]), r"B = 2 \(the batch\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_TARGETS))
+def test_eigencam_refuses_a_wrong_target_as_gradcam_does(case, small_cnn):
+    """Through the registry, ``as_method`` of a partial, and SmoothGrad over Eigen-CAM; the message is
+    gradcam's word for word, and the model comes back as it was."""
+    import functools
+
+    target, words = WRONG_TARGETS[case]
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(SalienceError, match=words) as ref:
+        salience.gradcam(small_cnn, x, target, layer="features.3")
+    _mixed_state(small_cnn)
+    calls = [METHODS["eigencam"], as_method(functools.partial(salience.eigencam, layer="features.3")),
+             functools.partial(salience.smoothgrad, method=salience.eigencam, samples=3, chunk=2)]
+    for fn in calls:
+        with unchanged(small_cnn), pytest.raises(SalienceError) as got:
+            fn(small_cnn, x, target)
+        assert str(got.value) == str(ref.value)
+    with pytest.raises(SalienceError, match="eigencam takes no target"):  # the function itself takes none
+        salience.eigencam(small_cnn, x, target)
+
+
+def test_eigencam_checks_a_class_target_on_the_output_of_its_own_pass(small_cnn):
+    """A class target: the one pass runs on past the layer to the output (no second pass); none, the
+    predicted class or a function of the output: it stops at the layer as before. A valid target gives
+    the map of no target."""
+    x = torch.rand(2, 3, 8, 8)
+    one = salience.eigencam(small_cnn, x, layer="features.3")
+    seen = []
+    h1 = small_cnn.register_forward_pre_hook(lambda m, i: seen.append("model"))
+    h2 = small_cnn.head.register_forward_hook(lambda m, i, o: seen.append("head"))
+    try:
+        for target, ran in ((3, ["model", "head"]), (torch.tensor([0, 3]), ["model", "head"]),
+                            (salience.targets.multilabel([[0, 1], [2, 3]]), ["model", "head"]),
+                            (salience.targets.regression(0), ["model", "head"]),
+                            (None, ["model"]), (salience.targets.predicted(), ["model"]),
+                            (lambda out: out[:, 7], ["model"])):  # a function: not called (the map needs no score)
+            seen.clear()
+            with unchanged(small_cnn):
+                torch.testing.assert_close(METHODS["eigencam"](small_cnn, x, target, layer="features.3"), one,
+                                           rtol=0, atol=0)
+            assert seen == ran, target
+        seen.clear()
+        k = METHODS["eigencam"](small_cnn, x, torch.tensor([[0, 1, 3], [3, 2, 1]]), layer="features.3")
+        assert seen == ["model", "head"] and k.shape == (2, 3, 8, 8)
+        assert all(torch.equal(k[:, j], one) for j in range(3))
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+class _ScriptedHead(nn.Module):
+    """A Python model whose head is TorchScript: Eigen-CAM reads a Python layer before it."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.features = net.features
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.head = torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 8, 4)))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_eigencam_checks_a_target_through_a_torchscript_part(small_cnn):
+    model = _ScriptedHead(small_cnn).eval()
+    x = torch.rand(2, 3, 8, 8)
+    one = salience.eigencam(model, x, layer="features")
+    with unchanged(model):
+        torch.testing.assert_close(METHODS["eigencam"](model, x, 3, layer="features"), one, rtol=0, atol=0)
+        with pytest.raises(SalienceError, match=r"^target class 4 is out of range for a model with 4 outputs"):
+            METHODS["eigencam"](model, x, 4, layer="features")
+
+
 # --------------------------------------------------------------------------------- errors, hygiene
 
 

@@ -193,6 +193,15 @@ def test_odd_image_modes_are_explained(tmp_path, pics, capsys):
         (["-m", "demo:shapes", "--target", "7"], "target class 7 is out of range for demo:shapes with 5 outputs"),
         (["-m", "demo:shapes", "--target", "sqare"], "did you mean 'square'"),
         (["-m", "demo:shapes", "--top", "9"], "more than the model's 5 classes"),
+        # the methods whose map does not depend on the target refuse a wrong one as well
+        (["-m", "demo:shapes", "--method", "eigencam", "--target", "5000"],
+         "target class 5000 is out of range for demo:shapes with 5 outputs"),
+        (["-m", "demo:shapes", "--method", "eigencam", "--target", "-1"],
+         "target class -1 is out of range for demo:shapes with 5 outputs"),
+        (["-m", "demo:shapes", "--method", "eigencam", "--top", "9"], "more than the model's 5 classes"),
+        (["-m", "demo:shapes-vit", "--method", "attention_rollout", "--target", "5000"],
+         "target class 5000 is out of range for demo:shapes-vit with 5 outputs"),
+        (["-m", "demo:shapes-vit", "--method", "attention_rollout", "--top", "6"], "more than the model's 5 classes"),
         (["-m", "torchvision:resnet18", "--weights", "nothere.pth"], "no such file"),
     ],
 )

@@ -401,6 +401,19 @@ def test_a_torch_dataset_and_the_model_unchanged(tmp_path):
     np.testing.assert_array_equal(again.map(7, "vanilla"), run.map(7, "vanilla"))
 
 
+def test_a_label_the_model_does_not_have_fails_eigencam_as_every_method(tmp_path):
+    """Labels meant for another model (class 7 of a 4-class model): each method's rows say so, also
+    for Eigen-CAM, whose map does not depend on the class (it explained them silently)."""
+    from conftest import SmallCNN
+
+    torch.manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 7, 2]))
+    for name in ("vanilla", "eigencam"):
+        run = salience.explain_dataset(SmallCNN().eval(), ds, [name], tmp_path / name, batch_size=4, workers=0)
+        assert run.table.column("error").to_pylist() == [
+            f"method {name} failed: target class 7 is out of range for a model with 4 outputs (valid: 0..3)"] * 4
+
+
 def test_performance_options_reach_every_method_of_a_dataset_run(tmp_path, monkeypatch):
     """explain_dataset(memory_format=, compile=, precision=) puts them in force for the methods (the
     local engine; Ray actors get the same object), and ``salience explain DIR --out RUN`` forwards its

@@ -229,6 +229,48 @@ def test_rollout_ignores_the_target_and_repeats_for_several(vit, x32):
     assert salience.attention_rollout(vit, x32, upsample=False).shape == (2, 4, 4)
 
 
+# A wrong target: the rollout does not depend on it, but it is refused with the error every other
+# method gives (transformer_attribution's, word for word). The tiny ViT has 5 outputs; the batch is 2.
+WRONG_TARGETS = {
+    "out of range": (5000, r"^target class 5000 is out of range for a model with 5 outputs \(valid: 0\.\.4\)$"),
+    "negative": (-2, r"^target class -2 is out of range for a model with 5 outputs"),
+    "per image out of range": (torch.tensor([1, 5]), r"^target class 5 is out of range"),
+    "one of K out of range": (torch.tensor([[0, 1], [2, 9]]), r"^target class 9 is out of range"),
+    "class set out of range": (salience.targets.multilabel([1, 7]), r"^target class 7 is out of range"),
+    "per image, wrong length": ([0, 1, 2], r"^got 3 target classes for a batch of 2 images"),
+    "K per image, wrong length": (torch.tensor([[0, 1], [1, 2], [2, 3]]), r"B = 2 \(the batch\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_TARGETS))
+def test_rollout_refuses_a_wrong_target_as_attribution_does(case, vit, x32):
+    target, words = WRONG_TARGETS[case]
+    with pytest.raises(SalienceError, match=words) as ref:
+        salience.transformer_attribution(vit, x32, target)
+    for fn in (salience.attention_rollout, salience.METHODS["attention_rollout"]):
+        with unchanged(vit), pytest.raises(SalienceError) as got:
+            fn(vit, x32, target)
+        assert str(got.value) == str(ref.value)
+
+
+def test_rollout_checks_the_target_on_the_output_of_its_one_pass(vit, x32):
+    """A valid target gives the map of no target, from one forward pass (the output it is checked
+    against is that pass's); a function of the output is not called."""
+    one = salience.attention_rollout(vit, x32)
+    calls = []
+    handle = vit.register_forward_pre_hook(lambda m, i: calls.append(1))
+    try:
+        for target in (4, torch.tensor([0, 4]), salience.targets.multilabel([0, 3]), salience.targets.predicted(),
+                       lambda out: out[:, 9]):
+            calls.clear()
+            with unchanged(vit):
+                torch.testing.assert_close(salience.METHODS["attention_rollout"](vit, x32, target), one,
+                                           rtol=0, atol=0)
+            assert len(calls) == 1
+    finally:
+        handle.remove()
+
+
 # --- transformer attribution ------------------------------------------------------------------
 
 def test_attribution_equals_reference_on_torchvision_vit(vit, x32):

@@ -46,6 +46,8 @@ __all__ = [
     "Custom",
     "split",
     "resolve",
+    "checked_on_output",
+    "check_output",
     "REGRESSION_MODES",
 ]
 
@@ -382,3 +384,22 @@ def resolve(targets: Sequence[Target], model: nn.Module, x: Tensor, *, strip_sof
     if output is None:
         output = forward_scores(model, x, strip_softmax=strip_softmax)
     return [t.resolved(output) for t in targets]
+
+
+def checked_on_output(targets: Sequence[Target]) -> list[Target]:
+    """The targets whose fit to a model shows only against its output: those that pick outputs by
+    index (a class, one class per image, class sets, a regression output). The predicted class fits
+    any model; a function of the output, and a target of an inner layer, are not checked here."""
+    return [t for t in targets if isinstance(t, (Classes, MultiLabel, Regression))]
+
+
+def check_output(targets: Sequence[Target], output: Tensor) -> None:
+    """Refuse the targets that do not fit the model's ``output`` ``(B, ...)`` (its scores) with the
+    error scoring them raises in every other method (a class out of range, a negative one, per-image
+    classes for another batch, an output that holds no class scores): each target of
+    :func:`checked_on_output` is scored on ``output`` once, and the scores are dropped. For the
+    methods whose map does not depend on the target (Eigen-CAM, attention rollout), so that a wrong
+    target is a user error there too."""
+    with torch.no_grad():
+        for t in checked_on_output(targets):
+            t(output)

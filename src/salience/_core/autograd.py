@@ -9,9 +9,10 @@ touched and no graph is built for parameters.
 from __future__ import annotations
 
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from salience._core.info import model_info
 from salience._core.layers import LayerSpec, resolve_layer
 from salience._core.tensors import first_tensor
 
-__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_output", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output",
+__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_output", "seeing_output", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output",
            "looks_like_probabilities"]
 
 
@@ -240,17 +241,39 @@ def capture_hook(store: list, stop: bool):
     return hook
 
 
+_SEEN_OUTPUTS: ContextVar[Optional[list[Any]]] = ContextVar("salience_seen_outputs", default=None)
+
+
+@contextmanager
+def seeing_output() -> Iterator[list[Any]]:
+    """For the block, :func:`layer_output` runs its pass on to the model's output (the layers after its
+    layer run too) and appends what the model returned (not unwrapped) to the list this yields: the
+    output of a gradient-free method's own pass, for a caller that checks targets against it
+    (:func:`salience.methods._multi.as_method`) without a pass of its own. Per thread and task (a
+    context variable); nothing is put on the model."""
+    seen: list[Any] = []
+    token = _SEEN_OUTPUTS.set(seen)
+    try:
+        yield seen
+    finally:
+        _SEEN_OUTPUTS.reset(token)
+
+
 def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
     """``layer``'s output on ``x`` ``(B, C, H, W)`` from one forward pass, under :func:`model_guard` and
     ``torch.inference_mode`` (no graph is built), stopped when the layer returns: the layers after
-    it do not run. For the gradient-free methods that read a layer (Eigen-CAM)."""
+    it do not run, unless the call is inside :func:`seeing_output`. For the gradient-free methods that
+    read a layer (Eigen-CAM)."""
     check_input(x, model)
+    seen = _SEEN_OUTPUTS.get()
     store: list[Any] = []
-    handle = resolve_layer(model, layer).register_forward_hook(capture_hook(store, True))
+    handle = resolve_layer(model, layer).register_forward_hook(capture_hook(store, seen is None))
     try:
         with model_guard(model), torch.inference_mode():
             try:
-                model(x)
+                out = model(x)
+                if seen is not None:
+                    seen.append(out)
             except _StopForward:
                 pass
     finally:

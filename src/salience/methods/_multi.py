@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from salience._core import engine as _engine
 from salience import reduce as _reduce
-from salience._core.autograd import check_input
-from salience.targets import Target, split
+from salience._core.autograd import check_input, forward_scores, seeing_output, unwrap_output
+from salience.targets import Target, check_output, checked_on_output, split
 
 F = TypeVar("F", bound=Callable[..., Tensor])
 
@@ -65,7 +65,11 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     targets ``(B, K, ...)`` when ``target`` is several (as :func:`salience.targets.split` reads it);
     its signature is the method's, with ``target``: option readers (the CLI) see the same options.
     The one place that knows about target-free methods: :data:`salience.methods.METHODS` holds the
-    adapted functions, and every caller that takes a user's function passes it through here."""
+    adapted functions, and every caller that takes a user's function passes it through here.
+
+    The map does not depend on the target, but a wrong target is still refused with the error every
+    other method gives (:func:`free_maps`): per-image targets for another batch, and a class (or
+    output) the model does not have, out of range or negative, checked against the model's output."""
     if not is_target_free(method) or getattr(method, "adapts", None) is not None:
         return method
     if isinstance(method, types.FunctionType) and method in _ADAPTED:
@@ -73,7 +77,7 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
     def call(model: nn.Module, x: Tensor, target: Any = None, **options: Any) -> Tensor:
         targets, multi = split(target, x.shape[0])
-        maps = method(model, x, **options)
+        maps = free_maps(lambda: method(model, x, **options), model, x, targets)
         return maps.unsqueeze(1).repeat(1, len(targets), *([1] * (maps.dim() - 1))) if multi else maps
 
     functools.update_wrapper(call, method)
@@ -93,6 +97,26 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 
 _ADAPTED: dict[Callable[..., Any], Callable[..., Tensor]] = {}
+
+
+def free_maps(call: Callable[[], Tensor], model: nn.Module, x: Tensor, targets: Sequence[Target]) -> Tensor:
+    """``call()``, a target-free method's maps of ``x``, with ``targets`` (for ``x``'s images) checked
+    against the model's output as scoring them would (:func:`salience.targets.check_output`: the same
+    errors as every other method). Only the targets that pick outputs by index need the output
+    (:func:`salience.targets.checked_on_output`); with none (``None``, the predicted class, a function)
+    ``call`` runs as it is. Else the output comes from the method's own pass
+    (:func:`salience._core.autograd.seeing_output`): Eigen-CAM's pass then runs on past its layer to
+    the output (the layers after it, for the default layer the pooling and the classifier) instead of
+    stopping there. A method whose pass does not report the output gets one forward pass without
+    gradient (:func:`salience._core.autograd.forward_scores`) for the check."""
+    check = checked_on_output(targets)
+    if not check:
+        return call()
+    with seeing_output() as seen:
+        maps = call()
+    output = unwrap_output(seen[-1], model) if seen else forward_scores(model, x)
+    check_output(check, output)
+    return maps
 
 
 def apply_method(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Any, **options: Any) -> Tensor:

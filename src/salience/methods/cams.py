@@ -214,6 +214,12 @@ def eigencam(
     Signed raw values ``(B, H, W)`` (``(B, h, w)`` with ``upsample=False``). ``target`` must be None:
     the map is the same for every class. ``layer``, ``grid``, ``prefix_tokens`` as in
     :func:`salience.gradcam`. The model comes back exactly as it was.
+
+    The registry entry (``salience.METHODS["eigencam"]``, :func:`salience.methods.as_method`) takes a
+    target and refuses a wrong one as every method does; a class target is checked against the
+    model's output, so there the one pass runs on past the layer to the output instead of stopping
+    (the layers after it cost that much more; no second pass, the same map). The model's class names
+    are not trusted for the number of outputs. See docs/methods-cams.md.
     """
     if target is not None:
         raise SalienceError(

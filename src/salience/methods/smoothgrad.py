@@ -19,9 +19,9 @@ from salience._core.errors import SalienceError
 from salience._core.tensors import check_int, check_number
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
-from salience.methods._multi import as_method, is_target_free, takes_several_targets
+from salience.methods._multi import as_method, free_maps, is_target_free, takes_several_targets
 from salience.methods.vanilla import vanilla
-from salience.targets import Target, resolve, split
+from salience.targets import Target, checked_on_output, resolve, split
 
 __all__ = ["smoothgrad", "VARIANTS"]
 
@@ -63,7 +63,8 @@ def smoothgrad(
     (salience's own, also through ``functools.partial``; see
     :func:`salience.methods._multi.several_targets`) they share one forward pass per chunk.
     A target-free method (``method=salience.eigencam``) gives the mean of its one map over the
-    copies (no target is resolved); with several targets that map stands for each.
+    copies (no target is resolved); with several targets that map stands for each. A wrong target is
+    refused there too, as by the method's registry entry (:func:`salience.methods._multi.free_maps`).
 
     The wrapped method returns its raw map (``reduce=None``); ``grad_modifier`` and ``reduce``
     (default ``"max_abs"``, ``(B, H, W)``; ``None`` for the raw ``(B, C, H, W)``) are applied
@@ -102,8 +103,9 @@ def smoothgrad(
 
         def compute(start: int, stop: int) -> Tensor:
             xs, owner = copies(start, stop)
-            if free:
-                m = _call(method, model, xs, None, raw_options)
+            if free:  # its one map; the targets checked against the output of its pass on the copies
+                checked = [t.for_items(owner) for t in checked_on_output(resolved)]
+                m = free_maps(lambda: _call(method, model, xs, None, raw_options), model, xs, checked)
                 return _finish(m, mod, red, False, resolved) if reduce_each else m
             tgts = [t.for_items(owner) for t in resolved]
             if shared:

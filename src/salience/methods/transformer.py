@@ -14,7 +14,8 @@ embedding or from ``prefix_tokens=`` / ``grid=`` (rules in :mod:`salience.method
   ``A' = 0.5 A + 0.5 I`` with rows renormalized to sum to 1; ``R = A'_L ... A'_2 A'_1``. One
   forward pass under inference mode, each layer's ``A'`` formed as soon as its ``A`` is (the
   ``(B, heads, N, N)`` matrices are not kept), only ``R``'s class-token row computed (from the
-  left: vector-matrix products); the target is ignored (the map does not depend on the class).
+  left: vector-matrix products); the map does not depend on the class, but a class target is
+  checked against the model's output from that same pass (a wrong one is refused as elsewhere).
 * **Transformer attribution** (Chefer et al. 2021, "Generic Attention-model Explainability",
   eqs. 5-6): per layer ``Abar = mean_heads(ReLU(dS/dA * A))``, ``R <- R + Abar R`` from
   ``R = I``, layers in forward order. One forward pass, one backward pass per target.
@@ -27,12 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from salience.attention import AttentionCapture, attention_maps, check_model
-from salience._core.autograd import backward, check_input
+from salience._core.autograd import backward, check_input, unwrap_output
 from salience._core.errors import SalienceError
 from salience.methods._multi import several_targets
 from salience.methods._tokens import Layout, token_layout
 from salience.methods.gradcam import _upsample
-from salience.targets import TargetLike, split
+from salience.targets import TargetLike, check_output, checked_on_output, split
 
 __all__ = ["attention_rollout", "transformer_attribution", "HEAD_FUSIONS"]
 
@@ -111,11 +112,6 @@ def _class_row(layers: list[Tensor]) -> Tensor:
     return v
 
 
-def _count_targets(target: TargetLike, batch: int) -> tuple[int, bool]:
-    targets, multi = split(target, batch)
-    return len(targets), multi
-
-
 @several_targets
 def attention_rollout(
     model: nn.Module,
@@ -131,14 +127,17 @@ def attention_rollout(
     """Attention rollout: the product of every layer's head-fused attention plus identity, class token's row.
 
     ``x`` ``(B, C, H, W)`` -> raw ``(B, H, W)`` (``(B, h, w)`` with ``upsample=False``). ``target``
-    is accepted for the common signature and ignored; K targets give the same map K times,
-    ``(B, K, H, W)``. ``head_fusion``: ``"mean"``, ``"max"`` or ``"min"`` over heads;
-    ``discard_ratio`` in ``[0, 1)``: the share of lowest fused weights set to 0 per layer.
+    is accepted for the common signature and does not change the map; K targets give the same map K
+    times, ``(B, K, H, W)``. A wrong target is still refused as every method refuses it (per-image
+    classes for another batch; a class the model does not have, out of range or negative: checked
+    against the output of the rollout's own pass, no pass of its own). ``head_fusion``: ``"mean"``,
+    ``"max"`` or ``"min"`` over heads; ``discard_ratio`` in ``[0, 1)``: the share of lowest fused
+    weights set to 0 per layer.
     One forward pass, no gradient; the model comes back exactly as it was.
     """
     check_input(x, model)
     check_model(model, "attention_rollout")
-    k, multi = _count_targets(target, x.shape[0])
+    targets, multi = split(target, x.shape[0])
     if head_fusion not in HEAD_FUSIONS:
         raise SalienceError(f"head_fusion must be one of {', '.join(map(repr, HEAD_FUSIONS))}; got {head_fusion!r}")
     if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not 0 <= discard_ratio < 1:
@@ -149,13 +148,17 @@ def attention_rollout(
         shapes.append(tuple(a.shape))
         return _rollout_layer(_working(a, x), head_fusion, discard_ratio)
 
-    layers = attention_maps(model, x, reduce=layer)  # one forward pass under inference mode
+    outputs: list[object] = []  # what the model returns, to check the targets against (no second pass)
+    layers = attention_maps(model, x, reduce=layer,  # one forward pass under inference mode
+                            forward=lambda m, t: outputs.append(m(t)))
+    if checked_on_output(targets):
+        check_output(targets, unwrap_output(outputs[0], model))
     n = _check_maps(shapes, x.shape[0], "attention_rollout")
     layout = _layout(model, x, n, prefix_tokens, grid, "attention_rollout")
     with torch.inference_mode():
         m = _row_map(_class_row(layers), layout, x, upsample).to(x.dtype)
     m = m.clone()  # a normal tensor for the caller (in-place operations allowed), (B, h, w) or (B, H, W): small
-    return m.unsqueeze(1).repeat(1, k, 1, 1) if multi else m
+    return m.unsqueeze(1).repeat(1, len(targets), 1, 1) if multi else m
 
 
 @several_targets
