@@ -367,3 +367,18 @@ def test_a_grid_given_as_width_by_height_is_refused(name):
     with unchanged(model), pytest.raises(SalienceError, match=r"grid=\(5, 3\).*3x5.*grid=\(3, 5\)"):
         fn(model, x, 0, grid=(5, 3))
     torch.testing.assert_close(fn(model, x, 0, grid=(3, 5)), fn(model, x, 0))
+
+
+@pytest.mark.parametrize("name", ["gradcam", "eigencam", "attention_rollout"])
+def test_a_grid_that_contradicts_the_patch_embedding_needs_prefix_tokens(name):
+    """On a 24x40 input with 8-pixel patches the layer gives 1 + 3 * 5 = 16 tokens. grid=(2, 2) fits
+    them too, with 16 - 4 = 12 'prefix tokens': accepted with no word before, a map of 4 of the
+    patches. Now ambiguous unless prefix_tokens says so; with it, the user's reading is taken."""
+    model = TinyViT(size=(24, 40)).eval()
+    x = torch.rand(1, 3, 24, 40)
+    fn = salience.METHODS[name]
+    with unchanged(model), pytest.raises(SalienceError, match=r"grid=\(2, 2\) reads 12 .* 3x5 .* reads 1: .*"
+                                                                r"prefix_tokens=12"):
+        fn(model, x, 0, grid=(2, 2))
+    assert fn(model, x, 0, grid=(2, 2), prefix_tokens=12).shape == (1, 24, 40)
+    torch.testing.assert_close(fn(model, x, 0, grid=(3, 5), prefix_tokens=1), fn(model, x, 0))

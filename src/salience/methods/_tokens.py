@@ -156,18 +156,33 @@ def patch_grid(model: nn.Module, x_shape: Sequence[int]) -> Optional[tuple[int, 
     return None if embed is None else _conv_grid(embed[1], x_shape[-2:])
 
 
-def _check_orientation(model: nn.Module, x_shape: Sequence[int], grid: tuple[int, int]) -> None:
-    """Refuse a given ``grid`` with the cells of the patch embedding's grid in another shape (``(w, h)``
-    for ``(h, w)`` on a non-square input): the tokens fit it, and the map would come back scrambled."""
+def _check_given_grid(model: nn.Module, x_shape: Sequence[int], grid: tuple[int, int], n_tokens: int,
+                      prefix: Optional[int]) -> None:
+    """Refuse a given ``grid`` that contradicts the patch embedding's grid ``pg`` for this input:
+
+    - the same cells in another shape (``(w, h)`` for ``(h, w)`` on a non-square input): the tokens
+      fit it, and the map would come back scrambled;
+    - without ``prefix_tokens``, another number of cells while ``pg`` also fits the tokens: the prefix
+      inferred from the given grid (``N - h * w``) and the embedding's (``N - pg cells``) differ, and
+      which tokens are patches is ambiguous (e.g. ``grid=(2, 2)`` on a 3x5 grid of 16 tokens reads 12
+      prefix tokens); the user says which with ``prefix_tokens``."""
     embed = patch_embedding(model, int(x_shape[1]))
     if embed is None:
         return
     pg = _conv_grid(embed[1], x_shape[-2:])
-    if pg != grid and pg[0] * pg[1] == grid[0] * grid[1]:
+    where = f"{embed[0]!r} on a {int(x_shape[-2])}x{int(x_shape[-1])} input"
+    cells, given = pg[0] * pg[1], grid[0] * grid[1]
+    if pg != grid and cells == given:
         raise SalienceError(
-            f"grid={grid} has the {pg[0] * pg[1]} cells of the patch embedding's {pg[0]}x{pg[1]} grid "
-            f"({embed[0]!r} on a {int(x_shape[-2])}x{int(x_shape[-1])} input) in another shape: the map would be "
-            f"scrambled. grid is (rows, columns): pass grid={pg} (or leave grid out)"
+            f"grid={grid} has the {cells} cells of the patch embedding's {pg[0]}x{pg[1]} grid ({where}) in "
+            f"another shape: the map would be scrambled. grid is (rows, columns): pass grid={pg} (or leave grid out)"
+        )
+    if prefix is None and cells != given and given <= n_tokens and cells <= n_tokens:
+        raise SalienceError(
+            f"grid={grid} reads {n_tokens - given} of the {n_tokens} tokens as prefix tokens, but the patch "
+            f"embedding's {pg[0]}x{pg[1]} grid ({where}) reads {n_tokens - cells}: which tokens are patches is "
+            f"ambiguous. Pass prefix_tokens={n_tokens - given} with grid={grid} if that is meant, or leave grid out "
+            f"for {pg}"
         )
 
 
@@ -177,7 +192,7 @@ def token_layout(model: nn.Module, x_shape: Sequence[int], n_tokens: int, *, gri
     ``(B, C, H, W)`` (see the module doc for the rule). Raises :class:`SalienceError` saying what to pass."""
     g, k = _check_grid(grid), _check_prefix(prefix_tokens)
     if g is not None:
-        _check_orientation(model, x_shape, g)
+        _check_given_grid(model, x_shape, g, n_tokens, k)
     else:
         g = patch_grid(model, x_shape)
         if g is not None and g[0] * g[1] > n_tokens and not k:
