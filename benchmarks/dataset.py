@@ -23,6 +23,11 @@ files are alike, saved at 1.25x the input size so that every peer decodes and re
 The files are split into ``--rounds`` blocks (2,000 files, 5 rounds: 400 a round). Round ``r``
 times every peer on block ``r``, the order of the peers rotated each round, so that a change of
 the shared machine's load hits every peer alike and every peer covers all the files once.
+With ``--model-cpus`` / ``--decode-cpus`` (Linux) the benchmark process (the model's passes) runs on
+the first set of cores and the DataLoader workers of salience and of the Captum loop on the second:
+how a run decodes "behind the model" when a core is spare (on this 2-core machine: the model on one
+core with one thread, decoding on the other); without them the workers share the model's cores.
+
 Reported: images/s min / median / max over the rounds and overall (all files / total time) per
 peer, the time ratios of salience to the bare passes and to Captum (of the medians and per
 round), and the 1-minute load average before and after each peer's round.
@@ -34,6 +39,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +48,7 @@ import numpy as np
 import torch
 
 import salience
+import salience.runs.sources
 
 HERE = Path(__file__).resolve().parent
 
@@ -105,11 +112,23 @@ class Files(torch.utils.data.Dataset):
         return self.tf(Image.open(self.paths[i]).convert("RGB"))
 
 
+DECODE_CPUS: set[int] = set()  # --decode-cpus: the cores of the DataLoader workers (empty: the model's)
+
+
+def pin_worker(_: int = 0) -> None:
+    """A DataLoader worker's start (salience's and the Captum loop's alike): one thread, and the
+    ``--decode-cpus`` cores when given."""
+    torch.set_num_threads(1)
+    if DECODE_CPUS:
+        os.sched_setaffinity(0, DECODE_CPUS)
+
+
 def run_captum(model: torch.nn.Module, paths: list[Path], size: int, batch: int, workers: int, out: Path) -> None:
     from captum.attr import Saliency
 
     out.mkdir(parents=True, exist_ok=True)
-    loader = torch.utils.data.DataLoader(Files(paths, size), batch_size=batch, num_workers=workers)
+    loader = torch.utils.data.DataLoader(Files(paths, size), batch_size=batch, num_workers=workers,
+                                         worker_init_fn=pin_worker if workers else None)
     sal = Saliency(model)
     device = next(model.parameters()).device
     for b, x in enumerate(loader):
@@ -143,8 +162,16 @@ def main(argv=None) -> int:  # long: the options, the rounds and the report in o
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="add a salience row with compile=True")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU: e.g. --model vit_b_16 --batch 64)")
+    ap.add_argument("--model-cpus", default="", help="cores of the model's passes, e.g. 1 (Linux; default: all)")
+    ap.add_argument("--decode-cpus", default="", help="cores of the DataLoader workers, e.g. 0 (default: the model's)")
     ap.add_argument("--out", default=str(HERE / "dataset"), help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
+    cpus = lambda text: {int(c) for c in text.split(",") if c.strip()}  # noqa: E731
+    if args.model_cpus:
+        os.sched_setaffinity(0, cpus(args.model_cpus))
+    if args.decode_cpus:
+        DECODE_CPUS.update(cpus(args.decode_cpus))
+        salience.runs.sources.worker_init = pin_worker  # what explain_dataset's DataLoader starts its workers with
     if args.n < args.rounds:
         ap.error("--n must be at least --rounds (a block of files per round)")
     torch.set_num_threads(args.threads)
@@ -204,7 +231,8 @@ def _report(args, counts, times, loads, skipped) -> dict:
     rounds = range(args.rounds)
     return {
         "config": {k: getattr(args, k) for k in ("model", "n", "size", "batch", "workers", "rounds", "threads",
-                                                 "compile", "device")},
+                                                 "compile", "device", "model_cpus", "decode_cpus")},
+        "command": "python benchmarks/dataset.py " + " ".join(sys.argv[1:]),
         "files_per_round": counts,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "salience": salience.__version__},
         "images_per_s": {c: {"min": min(v), "median": med[c], "max": max(v), "overall": sum(counts) / sum(times[c]),
@@ -224,6 +252,8 @@ def _markdown(rep: dict) -> str:
              f"{cfg['workers']} worker(s), {cfg['threads']} threads, {cfg.get('device', 'cpu')}, "
              f"{cfg['rounds']} interleaved rounds of "
              f"{'/'.join(str(c) for c in sorted(set(rep['files_per_round'])))} files", "",
+             f"`{rep.get('command', '')}`" + (f"; model on cores {cfg['model_cpus']}, decoding workers on cores "
+                                              f"{cfg['decode_cpus']}" if cfg.get("decode_cpus") else ""), "",
              "| peer | images/s min | median | max | overall |", "|---|---|---|---|---|"]
     for c, v in rep["images_per_s"].items():
         lines.append(f"| {c} | {v['min']:.2f} | {v['median']:.2f} | {v['max']:.2f} | {v['overall']:.2f} |")
