@@ -446,3 +446,30 @@ def test_a_missing_folder_and_an_empty_one_are_one_line_errors(tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     assert main(["explain", str(tmp_path / "empty") + "/", "--model", "demo:shapes", "--out", out]) == 2
     assert "no image files in this folder" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- inputs a user gives
+
+
+def test_masks_of_some_images_still_score_those_images(data, tmp_path):
+    """Masks for some images only: the images that have one get their pointing game and energy
+    (equal to salience.evidence's on the method's maps), the others none, whatever batch they share."""
+    root, n = data["root"], 8
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i in range(n):
+        if i != 2:
+            shutil.copy(root / "masks" / f"{i:03d}.png", masks / f"{i:03d}.png")
+    run = salience.explain_dataset("demo:shapes", [root / "imgs" / f"{i:03d}.png" for i in range(n)], ["gradcam"],
+                                   tmp_path / "m", masks=masks, metrics=["pointing", "energy"], batch_size=4,
+                                   workers=0)
+    model, x = _inputs(root, n)
+    maps = salience.gradcam(model, x, model(x).argmax(1)).detach()
+    ev = salience.evidence.localization
+    want = {"pointing": ev.pointing_game(maps, data["masks"][:n]), "energy": ev.energy_in_mask(maps, data["masks"][:n])}
+    for name, values in want.items():
+        got = run.table.column(f"gradcam.{name}").to_pylist()
+        assert got[2] is None, name
+        np.testing.assert_allclose([g for i, g in enumerate(got) if i != 2],
+                                   [float(v) for i, v in enumerate(values) if i != 2], rtol=1e-5, atol=1e-7,
+                                   err_msg=name)

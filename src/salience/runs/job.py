@@ -133,9 +133,9 @@ def _method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes
 
 
 def _metrics(plan: Plan, model: nn.Module, x: Tensor, first: Tensor, classes: Tensor,
-             masks: Optional[Tensor]) -> dict[str, list[Optional[float]]]:
+             masks: Sequence[Optional[Tensor]]) -> dict[str, list[Optional[float]]]:
     """The metric columns of one method (first target): insertion / deletion AUC, and with masks the
-    pointing game and energy in mask."""
+    pointing game and energy in mask (``None`` for an image without a mask)."""
     out: dict[str, list[Optional[float]]] = {}
     opts = plan.metric_options
     reg = plan.regression()
@@ -144,10 +144,14 @@ def _metrics(plan: Plan, model: nn.Module, x: Tensor, first: Tensor, classes: Te
         out["insertion"] = insertion(model, x, first.to(x.device), target, **opts).tolist()
     if "deletion" in plan.metrics:
         out["deletion"] = deletion(model, x, first.to(x.device), target, **opts).tolist()
+    have = [j for j, mk in enumerate(masks) if mk is not None]
     for name, fn in (("pointing", pointing_game), ("energy", energy_in_mask)):
         if name in plan.metrics:
-            vals = fn(first, masks).tolist() if masks is not None else [None] * len(first)
-            out[name] = [None if v is None or v != v else float(v) for v in vals]
+            vals: list[Optional[float]] = [None] * len(first)
+            if have:  # the images with a mask, whichever others share their batch
+                for j, v in zip(have, fn(first[have], torch.stack([masks[j] for j in have])).tolist()):
+                    vals[j] = None if v != v else float(v)
+            out[name] = vals
     return out
 
 
@@ -163,7 +167,7 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
         x = torch.stack([items[j].x for j in good]).to(device)
         indices = [items[j].index for j in good]
         first_maps, probs, classes = _predict(plan, model, x, indices)
-        masks = _stack_masks([items[j] for j in good])
+        masks = [items[j].mask for j in good]
         for j, pos in enumerate(good):
             _prediction_row(rows[pos], plan, probs[j], classes[j])
         for i_method, (name, fn) in enumerate(plan.methods.items()):
@@ -211,12 +215,6 @@ def _scores(plan: Plan, out: Tensor) -> Tensor:
     if plan.mode == "regression":
         return out.detach().reshape(out.shape[0], -1).float().cpu()
     return _probabilities(out)[0]
-
-
-def _stack_masks(items: Sequence[Item]) -> Optional[Tensor]:
-    if any(it.mask is None for it in items) or not items:
-        return None
-    return torch.stack([it.mask for it in items])  # type: ignore[misc]
 
 
 def _row(plan: Plan, it: Item) -> dict[str, Any]:
