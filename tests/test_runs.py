@@ -473,3 +473,19 @@ def test_masks_of_some_images_still_score_those_images(data, tmp_path):
         np.testing.assert_allclose([g for i, g in enumerate(got) if i != 2],
                                    [float(v) for i, v in enumerate(values) if i != 2], rtol=1e-5, atol=1e-7,
                                    err_msg=name)
+
+
+def test_a_label_out_of_range_is_refused_before_anything_runs(data, tmp_path):
+    """A label that is not a class of the model (7 or -1 of 5 classes) stops the run with the line
+    that holds it, instead of failing every image of its batch with 'method ... failed'."""
+    root = data["root"]
+    images = [root / "imgs" / f"{i:03d}.png" for i in range(4)]
+    for bad, line in (("7", 3), ("-1", 3)):
+        csv = tmp_path / f"labels{bad}.csv"
+        csv.write_text(f"path,label\n000.png,1\n001.png,{bad}\n")
+        with pytest.raises(SalienceError, match=rf"labels{bad}\.csv: line {line}: label {bad} is out of range .*0\.\.4"):
+            salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / f"r{bad}", labels=csv, workers=0)
+        assert not (tmp_path / f"r{bad}").exists()
+    with pytest.raises(SalienceError, match=r"label 9 of image 2 .*out of range .*0\.\.4"):
+        salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "rl", labels=[0, 1, 9, None],
+                                 workers=0)

@@ -127,8 +127,8 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     fns, options = _methods(methods, method_options)
     dataset, paths, given_labels, loader_workers = _dataset(images, module)
     info, n_out = _info(module, dataset)
-    label_list = _labels(labels, given_labels, paths, info)
     regression = info.task == "regression" or n_out == 1
+    label_list = _labels(labels, given_labels, paths, info, None if regression else n_out)
     if regression:
         target_mode, k = _regression_mode(target, top, label_list, mode, n_out, info)
     else:
@@ -262,14 +262,22 @@ def _num_outputs(model: nn.Module, dataset: Dataset, info: ModelInfo) -> int:
     return int(forward_scores(model, x, strip_softmax=False).reshape(1, -1).shape[1])
 
 
-def _labels(labels: Any, given: Optional[list], paths: Sequence[str], info: ModelInfo) -> Optional[list]:
+def _labels(labels: Any, given: Optional[list], paths: Sequence[str], info: ModelInfo,
+            n_classes: Optional[int]) -> Optional[list]:
+    """Each image's label (``None``: none), each checked against the ``n_classes`` classes (a
+    regression run: ``None``, no check; its labels are refused later)."""
     if labels is None:
-        return given
-    if isinstance(labels, (str, Path)):
-        return sources.read_labels_csv(labels, paths, info.class_names)
-    out = [None if v is None else int(v) for v in labels]
-    if len(out) != len(paths):
-        raise SalienceError(f"labels has {len(out)} entries for {len(paths)} images; give one per image")
+        out = given
+    elif isinstance(labels, (str, Path)):
+        return sources.read_labels_csv(labels, paths, info.class_names, n_classes)
+    else:
+        out = [None if v is None else int(v) for v in labels]
+        if len(out) != len(paths):
+            raise SalienceError(f"labels has {len(out)} entries for {len(paths)} images; give one per image")
+    for i, v in enumerate(out or ()):
+        if v is not None and n_classes is not None and not 0 <= v < n_classes:
+            raise SalienceError(f"label {v} of image {i} ({paths[i]}) is out of range for the model's {n_classes} "
+                                f"classes (0..{n_classes - 1}); fix the labels")
     return out
 
 

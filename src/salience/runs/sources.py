@@ -111,30 +111,36 @@ def digest(values: Sequence[Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[Sequence[str]]) -> list[Optional[int]]:
+def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[Sequence[str]],
+                    n_classes: Optional[int] = None) -> list[Optional[int]]:
     """Each image's label from a CSV ``path,label`` (a header row is allowed): the label is a class
     index or name; an image is matched by its path as given, its absolute path, or its file name.
-    Images missing from the file get ``None``."""
+    Images missing from the file get ``None``. ``n_classes``: a label outside ``0..n_classes-1`` is
+    refused with its line."""
     p = Path(path)
     try:
         with open(p, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+            reader = csv.reader(f)
+            rows = [(reader.line_num, r) for r in reader if r and not r[0].startswith("#")]
     except OSError as e:
         raise SalienceError(f"--labels-csv {p}: cannot read it ({e.strerror or e})") from None
     names = {n.lower(): i for i, n in enumerate(class_names or ())}
     table: dict[str, int] = {}
-    for n, row in enumerate(rows):
+    for n, (line, row) in enumerate(rows):
         if len(row) < 2:
-            raise SalienceError(f"--labels-csv {p}: line {n + 1} needs two columns, path,label")
+            raise SalienceError(f"--labels-csv {p}: line {line} needs two columns, path,label")
         key, value = row[0].strip(), row[1].strip()
         if value.lstrip("-").isdigit():
             table[key] = int(value)
+            if n_classes is not None and not 0 <= table[key] < n_classes:
+                raise SalienceError(f"--labels-csv {p}: line {line}: label {value} is out of range for the model's "
+                                    f"{n_classes} classes (0..{n_classes - 1}); fix the line")
         elif value.lower() in names:
             table[key] = names[value.lower()]
         elif n == 0:
             continue  # a header
         else:
-            raise SalienceError(f"--labels-csv {p}: line {n + 1}: {value!r} is neither a class index nor a class name")
+            raise SalienceError(f"--labels-csv {p}: line {line}: {value!r} is neither a class index nor a class name")
     by_name = {Path(k).name: v for k, v in table.items()}
     by_abs = {str(Path(k).resolve()): v for k, v in table.items()}
     return [table.get(q, by_abs.get(str(Path(q).resolve()), by_name.get(Path(q).name))) for q in paths]
