@@ -489,3 +489,22 @@ def test_a_label_out_of_range_is_refused_before_anything_runs(data, tmp_path):
     with pytest.raises(SalienceError, match=r"label 9 of image 2 .*out of range .*0\.\.4"):
         salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "rl", labels=[0, 1, 9, None],
                                  workers=0)
+
+
+def test_a_run_folder_inside_the_input_folder_continues(data, tmp_path, capsys):
+    """``explain imgs/ --out imgs/run/``: the run's own thumbnails and overlays (images under the
+    input folder) are not inputs, so the same command again (after a crash, or done) continues the
+    run instead of refusing it as another command, and the rows stay the 4 images."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", imgs / f"{i:03d}.png")
+    for spec in (str(imgs), str(imgs / "**" / "*.*g")):
+        out = str(imgs / ("run" if spec == str(imgs) else "run-glob"))
+        line = ["explain", spec, "--model", "demo:shapes", "--out", out, "--workers", "0", "--png"]
+        assert main(line) == 0
+        assert list((Path(out) / "thumbs").glob("*.jpg")) and list((Path(out) / "overlays").glob("*.png"))
+        capsys.readouterr()
+        assert main(line) == 0, capsys.readouterr().err
+        run = open_run(out)
+        assert run.table.column("path").to_pylist() == [str(imgs / f"{i:03d}.png") for i in range(4)]

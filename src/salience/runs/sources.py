@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,8 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
             continue
         p = Path(text)
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            found = _outside_runs(sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                                         and f.is_file()), p)
             if not found:
                 raise SalienceError(f"{p}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
             paths += found
@@ -58,7 +60,8 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
         elif text.endswith(("/", os.sep)):  # written as a folder: not a missing image of that name
             raise SalienceError(f"{text}: no such folder; check the path")
         elif not p.exists() and glob.has_magic(text):
-            found = sorted(f for f in glob.glob(text, recursive=True) if Path(f).is_file())
+            found = _outside_runs(sorted(f for f in glob.glob(text, recursive=True) if Path(f).is_file()),
+                                  Path(_glob_base(text)))
             if not found:
                 raise SalienceError(f"{text}: the pattern matches no file; check it (quote it so the shell leaves it)")
             paths += found
@@ -67,6 +70,40 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
     if not paths:
         raise SalienceError("no images given; name a folder, a glob, a .txt list or image files")
     return paths
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder a glob starts from: its path up to the first part with a wildcard."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return str(Path(*parts[:fixed])) if fixed else "."
+
+
+def _outside_runs(files: list[str], base: Path) -> list[str]:
+    """``files`` less those inside a dataset run's folder below ``base`` (a folder with the
+    ``run.json`` of a salience run: its thumbnails and overlays are not inputs), so that a run
+    written into the folder it explains (``explain imgs/ --out imgs/run``) lists the same images
+    when its command runs again."""
+    is_run: dict[Path, bool] = {}
+
+    def run_folder(d: Path) -> bool:
+        if d not in is_run:
+            try:
+                is_run[d] = (d / "run.json").is_file() and str(
+                    json.loads((d / "run.json").read_text(encoding="utf-8")).get("format", "")).startswith(
+                    "salience-run/")
+            except (OSError, ValueError, AttributeError):
+                is_run[d] = False
+        return is_run[d]
+
+    base = base.absolute()
+    kept = []
+    for f in files:
+        parents = Path(f).absolute().parents
+        below = parents[:next((i for i, d in enumerate(parents) if d == base), len(parents))]
+        if not any(run_folder(d) for d in below):
+            kept.append(f)
+    return kept
 
 
 def _list_file(p: Path) -> list[str]:
