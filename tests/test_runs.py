@@ -508,3 +508,13 @@ def test_a_run_folder_inside_the_input_folder_continues(data, tmp_path, capsys):
         assert main(line) == 0, capsys.readouterr().err
         run = open_run(out)
         assert run.table.column("path").to_pylist() == [str(imgs / f"{i:03d}.png") for i in range(4)]
+
+
+def test_a_missing_list_file_is_a_one_line_error(tmp_path, capsys):
+    """``explain vall.txt`` (a typo) names a list: "no such list file" (exit 2, no run folder made),
+    not a run of one missing image called ``vall.txt`` with exit 1."""
+    out = tmp_path / "out"
+    assert main(["explain", str(tmp_path / "vall.txt"), "--model", "demo:shapes", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"salience: error: {tmp_path / 'vall.txt'}: no such list file; check the path"
+    assert not out.exists()

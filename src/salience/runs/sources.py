@@ -59,6 +59,8 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
             paths += _list_file(p)
         elif text.endswith(("/", os.sep)):  # written as a folder: not a missing image of that name
             raise SalienceError(f"{text}: no such folder; check the path")
+        elif p.suffix.lower() == ".txt" and not p.exists():  # a list: not a missing image of that name
+            raise SalienceError(f"{text}: no such list file; check the path")
         elif not p.exists() and glob.has_magic(text):
             found = _outside_runs(sorted(f for f in glob.glob(text, recursive=True) if Path(f).is_file()),
                                   Path(_glob_base(text)))
