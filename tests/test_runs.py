@@ -518,3 +518,18 @@ def test_a_missing_list_file_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.strip() == f"salience: error: {tmp_path / 'vall.txt'}: no such list file; check the path"
     assert not out.exists()
+
+
+def test_a_list_and_a_labels_csv_saved_with_a_byte_order_mark(data, tmp_path):
+    """Notepad and Excel save UTF-8 with a byte order mark (and CRLF lines): the list's first path
+    and the CSV's first row are read without it (the first image was a missing file, its label lost)."""
+    imgs = data["root"] / "imgs"
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"\xef\xbb\xbf" + "".join(f"{imgs / f'{i:03d}.png'}\r\n" for i in range(3)).encode())
+    csv = tmp_path / "labels.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + "".join(f"{i:03d}.png,{int(data['labels'][i])}\r\n" for i in range(3)).encode())
+    run = salience.explain_dataset("demo:shapes", lst, ["vanilla"], tmp_path / "r", labels=csv, workers=0)
+    rows = run.table.to_pylist()
+    assert [r["error"] for r in rows] == [None] * 3
+    assert [r["path"] for r in rows] == [str(imgs / f"{i:03d}.png") for i in range(3)]
+    assert [r["label"] for r in rows] == data["labels"][:3].tolist()

@@ -109,7 +109,7 @@ def _outside_runs(files: list[str], base: Path) -> list[str]:
 
 
 def _list_file(p: Path) -> list[str]:
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
     out = [ln if Path(ln).is_absolute() or remote.is_remote(ln) else str(p.parent / ln)
            for ln in lines if ln and not ln.startswith("#")]
     if not out:
@@ -126,7 +126,7 @@ def _remote(url: str) -> list[str]:
             raise SalienceError(f"{url}: the pattern matches no object; check it (quote it so the shell leaves it)")
         return found
     if url.lower().endswith(".txt"):
-        lines = [ln.strip() for ln in remote.read_bytes(url).decode("utf-8").splitlines()]
+        lines = [ln.strip() for ln in remote.read_bytes(url).decode("utf-8-sig").splitlines()]
         folder = url.rsplit("/", 1)[0]
         out = [ln if remote.is_remote(ln) or Path(ln).is_absolute() else remote.join(folder, ln)
                for ln in lines if ln and not ln.startswith("#")]
@@ -158,7 +158,7 @@ def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[
     refused with its line."""
     p = Path(path)
     try:
-        with open(p, newline="", encoding="utf-8") as f:
+        with open(p, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             rows = [(reader.line_num, r) for r in reader if r and not r[0].startswith("#")]
     except OSError as e:
