@@ -533,3 +533,22 @@ def test_a_list_and_a_labels_csv_saved_with_a_byte_order_mark(data, tmp_path):
     assert [r["error"] for r in rows] == [None] * 3
     assert [r["path"] for r in rows] == [str(imgs / f"{i:03d}.png") for i in range(3)]
     assert [r["label"] for r in rows] == data["labels"][:3].tolist()
+
+
+def test_labels_of_images_with_the_same_file_name_in_subfolders(data, tmp_path):
+    """``a/same.png`` and ``b/same.png`` labelled 1 and 3 by their folder-relative paths: each gets
+    its own label (the trailing path parts match), not the last line's for both by file name. An
+    image the CSV names only through a file name on several lines with different labels is refused."""
+    root = tmp_path / "imgs"
+    for sub, i in (("a", 0), ("b", 1), ("c", 2)):
+        (root / sub).mkdir(parents=True)
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", root / sub / "same.png")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\na/same.png,1\nb/same.png,3\n")
+    images = [root / "a" / "same.png", root / "b" / "same.png"]
+    run = salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r", labels=csv, workers=0)
+    assert run.table.column("label").to_pylist() == [1, 3]
+    assert run.table.column("targets").to_pylist() == [[1], [3]]
+    with pytest.raises(SalienceError, match=r"c/same\.png: the file name same\.png is on lines 2 and 3 .* labels"):
+        salience.explain_dataset("demo:shapes", [root / "c" / "same.png"], ["vanilla"], tmp_path / "r2", labels=csv,
+                                 workers=0)

@@ -153,7 +153,9 @@ def digest(values: Sequence[Any]) -> str:
 def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[Sequence[str]],
                     n_classes: Optional[int] = None) -> list[Optional[int]]:
     """Each image's label from a CSV ``path,label`` (a header row is allowed): the label is a class
-    index or name; an image is matched by its path as given, its absolute path, or its file name.
+    index or name; an image is matched by its path as given, its absolute path, the longest line
+    that ends its path (``a/x.png`` for ``data/a/x.png``), or its file name (refused when lines of
+    that name give different labels)
     Images missing from the file get ``None``. ``n_classes``: a label outside ``0..n_classes-1`` is
     refused with its line."""
     p = Path(path)
@@ -165,6 +167,7 @@ def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[
         raise SalienceError(f"--labels-csv {p}: cannot read it ({e.strerror or e})") from None
     names = {n.lower(): i for i, n in enumerate(class_names or ())}
     table: dict[str, int] = {}
+    lines: dict[str, int] = {}
     for n, (line, row) in enumerate(rows):
         if len(row) < 2:
             raise SalienceError(f"--labels-csv {p}: line {line} needs two columns, path,label")
@@ -180,9 +183,31 @@ def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[
             continue  # a header
         else:
             raise SalienceError(f"--labels-csv {p}: line {line}: {value!r} is neither a class index nor a class name")
-    by_name = {Path(k).name: v for k, v in table.items()}
+        lines[key] = line
     by_abs = {str(Path(k).resolve()): v for k, v in table.items()}
-    return [table.get(q, by_abs.get(str(Path(q).resolve()), by_name.get(Path(q).name))) for q in paths]
+    by_parts = {Path(k).parts: v for k, v in table.items()}
+    by_name: dict[str, dict[int, list[int]]] = {}  # file name -> label -> its lines
+    for k, v in table.items():
+        by_name.setdefault(Path(k).name, {}).setdefault(v, []).append(lines[k])
+
+    def label(q: str) -> Optional[int]:
+        if q in table:
+            return table[q]
+        if str(Path(q).resolve()) in by_abs:
+            return by_abs[str(Path(q).resolve())]
+        parts = Path(q).parts
+        for n in range(len(parts), 0, -1):  # the longest line that ends the path (a/same.png of x/a/same.png)
+            if parts[-n:] in by_parts:
+                return by_parts[parts[-n:]]
+        labels = by_name.get(Path(q).name, {})
+        if len(labels) > 1:
+            at = sorted(line for found in labels.values() for line in found)
+            raise SalienceError(f"--labels-csv {p}: {q}: the file name {Path(q).name} is on lines "
+                                f"{', '.join(map(str, at[:-1]))} and {at[-1]} with different labels; write the "
+                                "image's path (or the end of it, with its folder) in the CSV")
+        return next(iter(labels)) if labels else None
+
+    return [label(q) for q in paths]
 
 
 @dataclass
