@@ -552,3 +552,20 @@ def test_labels_of_images_with_the_same_file_name_in_subfolders(data, tmp_path):
     with pytest.raises(SalienceError, match=r"c/same\.png: the file name same\.png is on lines 2 and 3 .* labels"):
         salience.explain_dataset("demo:shapes", [root / "c" / "same.png"], ["vanilla"], tmp_path / "r2", labels=csv,
                                  workers=0)
+
+
+def test_gallery_script_survives_file_names_with_markup(data, tmp_path):
+    """A file named ``a<!--<script>"q'<\\b>.png``: inside the page's inline script, ``<!--`` then ``<script``
+    would put the HTML parser in its 'double escaped' state, where the closing ``</script>`` no longer
+    ends the script (the page breaks). The embedded JSON holds no ``<`` at all, and reads back the name."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    name = "a<!--<script>\"q'<\\b>.png"
+    shutil.copy(data["root"] / "imgs" / "000.png", imgs / name)
+    salience.explain_dataset("demo:shapes", imgs, ["vanilla"], tmp_path / "r", workers=0)
+    page = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
+    script = page[page.index("<script>") + len("<script>"):page.rindex("</script>")]
+    assert "<!--" not in script and "<script" not in script.lower() and "</" not in script
+    rows = json.loads(re.search(r"const ROWS = (.*);\n", page).group(1))
+    about = json.loads(re.search(r"const ABOUT = (.*);\n", page).group(1))
+    assert rows[0][about["columns"].index("path")] == str(imgs / name)

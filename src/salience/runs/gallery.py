@@ -29,12 +29,21 @@ def _clean(v: Any) -> Any:
 
 
 def rows_json(run: Run) -> str:
-    """The run's rows as a JSON list of lists (columns in :func:`columns`), safe inside ``<script>``."""
+    """The run's rows as a JSON list of lists (columns in :func:`columns`), safe inside ``<script>``
+    (:func:`script_json`)."""
     table = run.table
     cols = columns(run)
     data = {c: table.column(c).to_pylist() for c in cols if c in table.column_names}
     rows = [[_clean(data[c][i]) if c in data else None for c in cols] for i in range(table.num_rows)]
-    return json.dumps(rows, separators=(",", ":")).replace("</", "<\\/")
+    return script_json(rows)
+
+
+def script_json(value: Any) -> str:
+    """``value`` as JSON to embed in an inline ``<script>``: ``<``, ``>`` and ``&`` written as
+    ``\\u003c`` ... (the same string to JSON and JavaScript), so that no file name can close the
+    script (``</script>``) or put the HTML parser in its escaped states (``<!--``, ``<script``)."""
+    text = json.dumps(value, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def columns(run: Run) -> list[str]:
@@ -49,7 +58,7 @@ def write(folder: Path) -> Path:
     about = {"columns": columns(run), "methods": run.methods, "thumb": m["thumb"], "per": m["sprite_columns"],
              "model": run.model, "k": m["k"]}
     page = _PAGE.replace("__TITLE__", html.escape(f"salience run: {run.model}, {len(run)} images"))
-    page = page.replace("__ABOUT__", json.dumps(about).replace("</", "<\\/")).replace("__ROWS__", rows_json(run))
+    page = page.replace("__ABOUT__", script_json(about)).replace("__ROWS__", rows_json(run))
     return atomic_write(folder / "index.html", page.encode("utf-8"))
 
 
