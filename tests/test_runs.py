@@ -569,3 +569,24 @@ def test_gallery_script_survives_file_names_with_markup(data, tmp_path):
     rows = json.loads(re.search(r"const ROWS = (.*);\n", page).group(1))
     about = json.loads(re.search(r"const ABOUT = (.*);\n", page).group(1))
     assert rows[0][about["columns"].index("path")] == str(imgs / name)
+
+
+def test_per_channel_maps_with_a_batch_of_failed_images(data, tmp_path):
+    """Per-channel maps (``reduce=None``: ``(C, H, W)`` per image) in a shard one of whose batches
+    holds only unreadable files: that batch's NaN maps have the same shape (the shard was a crash,
+    'all the input arrays must have same number of dimensions'); the good images' maps equal the method's."""
+    import functools
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        (imgs / f"a{i}.png").write_bytes(b"junk")
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", imgs / f"b{i}.png")
+    fn = functools.partial(salience.vanilla, reduce=None)
+    run = salience.explain_dataset("demo:shapes", imgs, {"v": fn}, tmp_path / "r", batch_size=4, workers=0)
+    assert run.table.column("error").null_count == 4
+    arr = np.load(tmp_path / "r" / "maps" / "v" / "000000000.npy")
+    assert arr.shape == (8, 1, 3, 64, 64) and np.isnan(arr[:4]).all()
+    model, x = _inputs(data["root"], 4)
+    want = fn(model, x, model(x).argmax(1)).detach().numpy()
+    np.testing.assert_allclose(arr[4:, 0].astype(np.float32), want, rtol=2 ** -10, atol=6e-8)

@@ -55,6 +55,9 @@ class Plan:
     thumbs: bool = True
     metric_options: dict[str, Any] = field(default_factory=dict)
     direction: str = "increase"
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Each method's map shape for one target (``(H, W)`` or ``(C, H, W)``), once known: the NaN
+    maps of a batch without any map of it (only failed images, or the method failed) take it."""
 
     def regression(self) -> Optional[Regression]:
         """The regression target of a regression run, else ``None``."""
@@ -177,6 +180,7 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
                 for pos in good:
                     rows[pos]["error"] = f"method {name} failed: {e}"
                 continue
+            plan.shapes.setdefault(name, tuple(m.shape[2:]))
             full = np.full((n, *m.shape[1:]), np.nan, dtype=np.float32)
             full[good] = m.numpy()
             maps[name] = full
@@ -190,10 +194,22 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
                     rows[pos][f"{name}.{col}"] = vals[j]
     for name in plan.methods:  # a method that failed on this batch: NaN maps of the right shape
         if name not in maps:
-            h, w = plan.info.input_size or (1, 1)
-            maps[name] = np.full((n, plan.k, h, w), np.nan, dtype=np.float32)
+            maps[name] = np.full((n, plan.k, *_map_shape(plan, model, name, items[0].x)), np.nan, dtype=np.float32)
     tiles = _tiles(plan, items, good, firsts) if plan.thumbs else None
     return Result(rows, maps, tiles)
+
+
+def _map_shape(plan: Plan, model: nn.Module, name: str, like: Tensor) -> tuple[int, ...]:
+    """Method ``name``'s map shape for one target: known from an earlier batch, else from the method
+    run on a black image shaped like ``like`` (``(H, W)`` of the input when it fails there too)."""
+    if name not in plan.shapes:
+        x = torch.zeros_like(like, device=model_device(model))[None]
+        target = plan.regression() or torch.full((1,), int(plan.fixed or 0), dtype=torch.long, device=x.device)
+        try:
+            plan.shapes[name] = tuple(plan.methods[name](model, x, target).shape[1:])
+        except SalienceError:
+            plan.shapes[name] = tuple(like.shape[-2:])
+    return plan.shapes[name]
 
 
 def _predict(plan: Plan, model: nn.Module, x: Tensor,
