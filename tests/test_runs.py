@@ -590,3 +590,20 @@ def test_per_channel_maps_with_a_batch_of_failed_images(data, tmp_path):
     model, x = _inputs(data["root"], 4)
     want = fn(model, x, model(x).argmax(1)).detach().numpy()
     np.testing.assert_allclose(arr[4:, 0].astype(np.float32), want, rtol=2 ** -10, atol=6e-8)
+
+
+def test_a_folder_lists_the_images_of_its_symlinked_subfolders(data, tmp_path):
+    """``val/cats -> /mnt/cats`` (a linked subfolder, as torchvision's ImageFolder follows): its images
+    are inputs like a real subfolder's, and a link back up (a loop) is listed once, not forever."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for i in range(2):
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", shared / f"{i:03d}.png")
+    val = tmp_path / "val"
+    (val / "dogs").mkdir(parents=True)
+    shutil.copy(data["root"] / "imgs" / "002.png", val / "dogs" / "002.png")
+    (val / "cats").symlink_to(shared, target_is_directory=True)
+    (val / "dogs" / "up").symlink_to(val, target_is_directory=True)
+    from salience.runs.sources import expand
+
+    assert expand([val]) == [str(val / "cats" / "000.png"), str(val / "cats" / "001.png"), str(val / "dogs" / "002.png")]

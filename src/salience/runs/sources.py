@@ -50,8 +50,7 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
             continue
         p = Path(text)
         if p.is_dir():
-            found = _outside_runs(sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
-                                         and f.is_file()), p)
+            found = _outside_runs(_folder_images(p), p)
             if not found:
                 raise SalienceError(f"{p}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
             paths += found
@@ -72,6 +71,23 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
     if not paths:
         raise SalienceError("no images given; name a folder, a glob, a .txt list or image files")
     return paths
+
+
+def _folder_images(folder: Path) -> list[str]:
+    """A folder's image files, recursively, sorted by path: linked subfolders are followed (as
+    torchvision's ``ImageFolder`` does), each real folder once (a link back up is no loop)."""
+    seen: set[str] = set()
+    found = []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(top, d)) not in seen)  # a stable order
+        found += [os.path.join(top, f) for f in files
+                  if Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(top, f))]
+    return sorted(found)
 
 
 def _glob_base(pattern: str) -> str:
