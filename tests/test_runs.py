@@ -483,7 +483,8 @@ def test_a_label_out_of_range_is_refused_before_anything_runs(data, tmp_path):
     for bad, line in (("7", 3), ("-1", 3)):
         csv = tmp_path / f"labels{bad}.csv"
         csv.write_text(f"path,label\n000.png,1\n001.png,{bad}\n")
-        with pytest.raises(SalienceError, match=rf"labels{bad}\.csv: line {line}: label {bad} is out of range .*0\.\.4"):
+        with pytest.raises(SalienceError,
+                           match=rf"labels{bad}\.csv: line {line}: label {bad} is out of range .*0\.\.4"):
             salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / f"r{bad}", labels=csv, workers=0)
         assert not (tmp_path / f"r{bad}").exists()
     with pytest.raises(SalienceError, match=r"label 9 of image 2 .*out of range .*0\.\.4"):
@@ -606,4 +607,19 @@ def test_a_folder_lists_the_images_of_its_symlinked_subfolders(data, tmp_path):
     (val / "dogs" / "up").symlink_to(val, target_is_directory=True)
     from salience.runs.sources import expand
 
-    assert expand([val]) == [str(val / "cats" / "000.png"), str(val / "cats" / "001.png"), str(val / "dogs" / "002.png")]
+    assert expand([val]) == [str(val / "cats" / "000.png"), str(val / "cats" / "001.png"),
+                             str(val / "dogs" / "002.png")]
+
+
+def test_labels_given_as_class_names_from_python(data, tmp_path):
+    """``labels=["circle", ...]`` (class names, as a CSV may hold) are the classes' indices; a word that
+    is no class name is a SalienceError naming it, not int()'s raw ValueError."""
+    images = [data["root"] / "imgs" / f"{i:03d}.png" for i in range(3)]
+    names = salience.load_model("demo:shapes").salience_info.class_names
+    run = salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r", workers=0,
+                                   labels=[names[2], names[0].upper(), None])
+    assert run.table.column("label").to_pylist() == [2, 0, None]
+    assert run.table.column("targets").to_pylist()[:2] == [[2], [0]]
+    with pytest.raises(SalienceError, match=r"label 'circel' of image 1 .* neither a class index nor a class name"):
+        salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r2", workers=0,
+                                 labels=[1, "circel", 2])

@@ -95,9 +95,9 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     folder, a glob, a ``.txt`` list, a list of paths, a ``torch.utils.data.Dataset`` (or a
     ``DataLoader`` of one) whose items are the model's input ``(C, H, W)`` or ``(input, label)``.
     Targets: the predicted class (default), the ``top`` K classes, one fixed ``target`` class, or
-    the label of each image (``labels``: a CSV ``path,label`` or one label per image; labels also
-    fill the ``label`` / ``correct`` columns). A regression model (``task="regression"``) or a
-    model with one output: ``target`` is the output to explain (default 0) and ``mode`` what the
+    the label of each image (``labels``: a CSV ``path,label`` or one label per image, a class
+    index or name; labels also fill the ``label`` / ``correct`` columns). A regression model
+    (``task="regression"``) or a model with one output: ``target`` is the output to explain (default 0) and ``mode`` what the
     map shows (``"increase"``, ``"decrease"``, ``"maintain"``: :func:`salience.targets.regression`),
     and the rows hold the output's ``value`` instead of a class. ``metrics``: ``True`` for insertion and deletion AUC
     (and pointing game / energy in mask when ``masks``, a folder of masks by file stem, is
@@ -271,7 +271,7 @@ def _labels(labels: Any, given: Optional[list], paths: Sequence[str], info: Mode
     elif isinstance(labels, (str, Path)):
         return sources.read_labels_csv(labels, paths, info.class_names, n_classes)
     else:
-        out = [None if v is None else int(v) for v in labels]
+        out = [_label(v, i, paths, info) for i, v in enumerate(labels)]
         if len(out) != len(paths):
             raise SalienceError(f"labels has {len(out)} entries for {len(paths)} images; give one per image")
     for i, v in enumerate(out or ()):
@@ -279,6 +279,21 @@ def _labels(labels: Any, given: Optional[list], paths: Sequence[str], info: Mode
             raise SalienceError(f"label {v} of image {i} ({paths[i]}) is out of range for the model's {n_classes} "
                                 f"classes (0..{n_classes - 1}); fix the labels")
     return out
+
+
+def _label(value: Any, i: int, paths: Sequence[str], info: ModelInfo) -> Optional[int]:
+    """One given label: ``None``, a class index (an int, or its digits) or a class name."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        names = {n.lower(): c for c, n in enumerate(info.class_names or ())}
+        if value.strip().lstrip("-").isdigit():
+            return int(value)
+        if value.strip().lower() in names:
+            return names[value.strip().lower()]
+        raise SalienceError(f"label {value!r} of image {i} ({paths[i] if i < len(paths) else '?'}) is neither a class "
+                            f"index nor a class name of {info.name}")
+    return int(value)
 
 
 def _mode(target: Optional[int], top: Optional[int], labels: Optional[list], info: ModelInfo) -> tuple[str, int]:
