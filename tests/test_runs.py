@@ -623,3 +623,17 @@ def test_labels_given_as_class_names_from_python(data, tmp_path):
     with pytest.raises(SalienceError, match=r"label 'circel' of image 1 .* neither a class index nor a class name"):
         salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r2", workers=0,
                                  labels=[1, "circel", 2])
+
+
+def test_a_folder_leaves_out_hidden_files_as_a_glob_does(data, tmp_path):
+    """macOS's ``._000.png`` (AppleDouble, not an image) and Jupyter's ``.ipynb_checkpoints/`` copies
+    are not inputs of a folder, as they are not of the glob ``folder/**/*.png`` (the run had error
+    rows and exit 1 for them)."""
+    val = tmp_path / "val"
+    (val / ".ipynb_checkpoints").mkdir(parents=True)
+    shutil.copy(data["root"] / "imgs" / "000.png", val / "000.png")
+    (val / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    shutil.copy(data["root"] / "imgs" / "000.png", val / ".ipynb_checkpoints" / "000-checkpoint.png")
+    from salience.runs.sources import expand
+
+    assert expand([val]) == [str(val / "000.png")] == expand([str(val / "**" / "*.png")])

@@ -75,7 +75,8 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
 
 def _folder_images(folder: Path) -> list[str]:
     """A folder's image files, recursively, sorted by path: linked subfolders are followed (as
-    torchvision's ``ImageFolder`` does), each real folder once (a link back up is no loop)."""
+    torchvision's ``ImageFolder`` does), each real folder once (a link back up is no loop); hidden
+    files and folders (``._x.jpg``, ``.ipynb_checkpoints/``) are left out, as a glob leaves them."""
     seen: set[str] = set()
     found = []
     for top, dirs, files in os.walk(folder, followlinks=True):
@@ -84,9 +85,10 @@ def _folder_images(folder: Path) -> list[str]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(top, d)) not in seen)  # a stable order
-        found += [os.path.join(top, f) for f in files
-                  if Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(top, f))]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")  # a stable order
+                         and os.path.realpath(os.path.join(top, d)) not in seen)
+        found += [os.path.join(top, f) for f in files if not f.startswith(".")
+                  and Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(top, f))]
     return sorted(found)
 
 
