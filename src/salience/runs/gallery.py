@@ -19,7 +19,7 @@ from salience._core.files import atomic_write
 from salience.runs.store import Run
 
 _COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "output_name", "value", "targets", "label",
-            "correct", "error", "shard", "offset")
+            "label_name", "correct", "error", "shard", "offset")
 
 
 def _clean(v: Any) -> Any:
@@ -34,6 +34,9 @@ def rows_json(run: Run) -> str:
     table = run.table
     cols = columns(run)
     data = {c: table.column(c).to_pylist() for c in cols if c in table.column_names}
+    if "label_name" in cols:  # the page's own column: the class filter compares names
+        names = run.manifest.get("class_names") or []
+        data["label_name"] = [None if v is None else names[v] if 0 <= v < len(names) else str(v) for v in data["label"]]
     rows = [[_clean(data[c][i]) if c in data else None for c in cols] for i in range(table.num_rows)]
     return script_json(rows)
 
@@ -47,7 +50,8 @@ def script_json(value: Any) -> str:
 
 
 def columns(run: Run) -> list[str]:
-    names = run.table.column_names
+    """The page's columns: the table's, with ``label_name`` (the label's class name) after ``label``."""
+    names = run.table.column_names + (["label_name"] if "label" in run.table.column_names else [])
     return [c for c in _COLUMNS if c in names] + [c for c in names if "." in c]
 
 
@@ -96,7 +100,7 @@ const $ = id => document.getElementById(id);
 const numeric = ABOUT.columns.filter(c => c.includes(".") || c === "probability" || c === "value");
 numeric.forEach(c => $("mcol").add(new Option(c, c)));
 const classes = [...new Set((C.predicted_name !== undefined ? ROWS.map(r => r[C.predicted_name]) : []).concat(
-  C.label !== undefined ? ROWS.map(r => r[C.label]) : []).filter(v => v !== null))].sort();
+  C.label_name !== undefined ? ROWS.map(r => r[C.label_name]) : []).filter(v => v !== null))].sort();
 classes.forEach(c => $("cls").add(new Option(String(c), String(c))));
 const headers = ["thumbnails"].concat(ABOUT.columns.filter(c => c !== "shard" && c !== "offset"));
 headers.forEach(c => { const th = document.createElement("th"); th.textContent = c; th.dataset.col = c;
@@ -105,7 +109,8 @@ headers.forEach(c => { const th = document.createElement("th"); th.textContent =
 function num(v) { return v === "" || v === null ? null : Number(v); }
 function keep(r) {
   const cls = $("cls").value, rw = $("rw").value, q = $("q").value;
-  if (cls && String(r[C.predicted_name]) !== cls && (C.label === undefined || String(r[C.label]) !== cls)) return false;
+  if (cls && String(r[C.predicted_name]) !== cls && (C.label_name === undefined || String(r[C.label_name]) !== cls))
+    return false;
   if (rw === "error" && r[C.error] === null) return false;
   if (rw === "right" && r[C.correct] !== true) return false;
   if (rw === "wrong" && (r[C.correct] !== false)) return false;
