@@ -683,3 +683,28 @@ def test_gallery_class_filter_shows_the_images_labelled_with_a_class(data):
     for line, name in zip(out[1:], (label_name, predicted_name)):
         want = [str(r["index"]) for r in rows if name in (r["predicted_name"], r["label"] is not None and names[r["label"]])]
         assert json.loads(line) == want and "5" in want, name
+
+
+def test_random_weights_are_the_same_in_a_resumed_run(data, tmp_path):
+    """``--weights random``: every load draws the same weights (a seeded generator; the caller's RNG
+    untouched), so a run stopped and continued in another process explains with the same model
+    (each process drew its own weights: the resumed shard's maps came from another network)."""
+    state = torch.random.get_rng_state()
+    a = salience.load_model("torchvision:resnet18", weights="random").state_dict()
+    b = salience.load_model("torchvision:resnet18", weights="random").state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", imgs / f"{i:03d}.png")
+    out = tmp_path / "r"
+    line = ["explain", str(imgs), "--model", "torchvision:resnet18", "--weights", "random", "--size", "32",
+            "--method", "gradcam", "--out", str(out), "--shard-size", "2", "--workers", "0"]
+    assert main(line) == 0
+    first = np.load(out / "maps" / "gradcam" / "000000002.npy")
+    (out / "shards" / "000000002.parquet").unlink()  # as if stopped before its commit
+    (out / "index.parquet").unlink()
+    torch.manual_seed(1234)  # another process: another state of the global generator
+    assert main(line) == 0
+    np.testing.assert_array_equal(np.load(out / "maps" / "gradcam" / "000000002.npy"), first)
