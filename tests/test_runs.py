@@ -708,3 +708,17 @@ def test_random_weights_are_the_same_in_a_resumed_run(data, tmp_path):
     torch.manual_seed(1234)  # another process: another state of the global generator
     assert main(line) == 0
     np.testing.assert_array_equal(np.load(out / "maps" / "gradcam" / "000000002.npy"), first)
+
+
+def test_a_labels_csv_first_line_with_a_bad_class_name_is_not_taken_for_a_header(data, tmp_path):
+    """``000.png,circel`` on the first line (no header, a typo) is an error naming it, like on any
+    other line, not a header skipped without a word (the image then explained its predicted class);
+    a real header (``file,class``) is still skipped."""
+    images = [data["root"] / "imgs" / f"{i:03d}.png" for i in range(2)]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("000.png,circel\n001.png,1\n")
+    with pytest.raises(SalienceError, match=r"line 1: 'circel' is neither a class index nor a class name"):
+        salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r", labels=csv, workers=0)
+    csv.write_text("file,class\n000.png,1\n001.png,2\n")
+    run = salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r2", labels=csv, workers=0)
+    assert run.table.column("label").to_pylist() == [1, 2]

@@ -197,8 +197,8 @@ def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[
                                     f"{n_classes} classes (0..{n_classes - 1}); fix the line")
         elif value.lower() in names:
             table[key] = names[value.lower()]
-        elif n == 0:
-            continue  # a header
+        elif n == 0 and Path(key).suffix.lower() not in IMAGE_SUFFIXES:
+            continue  # a header (its first cell names no image file)
         else:
             raise SalienceError(f"--labels-csv {p}: line {line}: {value!r} is neither a class index nor a class name")
         lines[key] = line
