@@ -722,3 +722,15 @@ def test_a_labels_csv_first_line_with_a_bad_class_name_is_not_taken_for_a_header
     csv.write_text("file,class\n000.png,1\n001.png,2\n")
     run = salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r2", labels=csv, workers=0)
     assert run.table.column("label").to_pylist() == [1, 2]
+
+
+def test_images_the_labels_csv_does_not_name_are_counted_in_a_warning(data, tmp_path):
+    """A CSV that names none (or some) of the images, e.g. written for another folder layout: the run
+    says how many images have no label, and names one, instead of running without a word as if
+    unlabelled (they explain their predicted class)."""
+    images = [data["root"] / "imgs" / f"{i:03d}.png" for i in range(3)]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\nother/0.png,1\n002.png,2\n")
+    with pytest.warns(UserWarning, match=r"labels\.csv names 1 of the 3 images; 2 have no label .*000\.png"):
+        run = salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r", labels=csv, workers=0)
+    assert run.table.column("label").to_pylist() == [None, None, 2]

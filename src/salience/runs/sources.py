@@ -9,6 +9,7 @@ import glob
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -225,7 +226,13 @@ def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[
                                 "image's path (or the end of it, with its folder) in the CSV")
         return next(iter(labels)) if labels else None
 
-    return [label(q) for q in paths]
+    out = [label(q) for q in paths]
+    missing = [q for q, v in zip(paths, out) if v is None]
+    if missing:
+        warnings.warn(f"--labels-csv {p} names {len(paths) - len(missing)} of the {len(paths)} images; "
+                      f"{len(missing)} {'has' if len(missing) == 1 else 'have'} no label (e.g. {missing[0]}) and explain their predicted class; "
+                      "write their paths (or file names) in the CSV", stacklevel=2)
+    return out
 
 
 @dataclass
