@@ -734,3 +734,23 @@ def test_images_the_labels_csv_does_not_name_are_counted_in_a_warning(data, tmp_
     with pytest.warns(UserWarning, match=r"labels\.csv names 1 of the 3 images; 2 have no label .*000\.png"):
         run = salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r", labels=csv, workers=0)
     assert run.table.column("label").to_pylist() == [None, None, 2]
+
+
+def test_top_and_target_are_checked_against_the_outputs_of_a_model_without_class_names(tmp_path, data):
+    """A module with 3 outputs and no class names: ``top=5`` is refused like on a named model (it ran
+    3 targets under a manifest of 5, and a batch of failed images then made 5-target NaN maps that
+    do not concatenate with the others), ``target=7`` is refused before the run folder is made."""
+    from salience._core.info import ModelInfo, attach_info
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    attach_info(model, ModelInfo(name="tiny", input_size=(64, 64)))
+    images = [data["root"] / "imgs" / "000.png"]
+    with pytest.raises(SalienceError, match="top 5 is more than the model's 3 classes"):
+        salience.explain_dataset(model, images, ["vanilla"], tmp_path / "r", top=5, workers=0)
+    with pytest.raises(SalienceError, match="target class 7 is out of range for tiny with 3 classes"):
+        salience.explain_dataset(model, images, ["vanilla"], tmp_path / "r2", target=7, workers=0)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()
+    run = salience.explain_dataset(model, images, ["vanilla"], tmp_path / "r3", top=3, workers=0)
+    assert run.manifest["k"] == 3 and len(run.row(0)["targets"]) == 3

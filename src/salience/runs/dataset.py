@@ -132,7 +132,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     if regression:
         target_mode, k = _regression_mode(target, top, label_list, mode, n_out, info)
     else:
-        target_mode, k = _mode(target, top, label_list, info)
+        target_mode, k = _mode(target, top, label_list, info, n_out)
     mask_list = sources.mask_files(paths, masks) if masks is not None else None
     if isinstance(dataset, sources.ImageFiles):
         dataset = sources.ImageFiles(paths, info, max_pixels, mask_list)
@@ -296,10 +296,13 @@ def _label(value: Any, i: int, paths: Sequence[str], info: ModelInfo) -> Optiona
     return int(value)
 
 
-def _mode(target: Optional[int], top: Optional[int], labels: Optional[list], info: ModelInfo) -> tuple[str, int]:
+def _mode(target: Optional[int], top: Optional[int], labels: Optional[list], info: ModelInfo,
+          n_out: int) -> tuple[str, int]:
+    """How targets are chosen and how many per image, ``target`` and ``top`` checked against the
+    classes (the model's ``n_out`` outputs when it names none)."""
     if target is not None and top is not None:
         raise SalienceError("give target or top, not both")
-    n = len(info.class_names or ()) or None
+    n = len(info.class_names or ()) or n_out
     if target is not None:
         check_int(target, "target", minimum=0)
         if n is not None and target >= n:
