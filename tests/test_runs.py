@@ -459,3 +459,311 @@ def test_a_missing_folder_and_an_empty_one_are_one_line_errors(tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     assert main(["explain", str(tmp_path / "empty") + "/", "--model", "demo:shapes", "--out", out]) == 2
     assert "no image files in this folder" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- inputs a user gives
+
+
+def test_masks_of_some_images_still_score_those_images(data, tmp_path):
+    """Masks for some images only: the images that have one get their pointing game and energy
+    (equal to salience.evidence's on the method's maps), the others none, whatever batch they share."""
+    root, n = data["root"], 8
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i in range(n):
+        if i != 2:
+            shutil.copy(root / "masks" / f"{i:03d}.png", masks / f"{i:03d}.png")
+    run = salience.explain_dataset("demo:shapes", [root / "imgs" / f"{i:03d}.png" for i in range(n)], ["gradcam"],
+                                   tmp_path / "m", masks=masks, metrics=["pointing", "energy"], batch_size=4,
+                                   workers=0)
+    model, x = _inputs(root, n)
+    maps = salience.gradcam(model, x, model(x).argmax(1)).detach()
+    ev = salience.evidence.localization
+    want = {"pointing": ev.pointing_game(maps, data["masks"][:n]), "energy": ev.energy_in_mask(maps, data["masks"][:n])}
+    for name, values in want.items():
+        got = run.table.column(f"gradcam.{name}").to_pylist()
+        assert got[2] is None, name
+        np.testing.assert_allclose([g for i, g in enumerate(got) if i != 2],
+                                   [float(v) for i, v in enumerate(values) if i != 2], rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+
+
+def test_a_label_out_of_range_is_refused_before_anything_runs(data, tmp_path):
+    """A label that is not a class of the model (7 or -1 of 5 classes) stops the run with the line
+    that holds it, instead of failing every image of its batch with 'method ... failed'."""
+    root = data["root"]
+    images = [root / "imgs" / f"{i:03d}.png" for i in range(4)]
+    for bad, line in (("7", 3), ("-1", 3)):
+        csv = tmp_path / f"labels{bad}.csv"
+        csv.write_text(f"path,label\n000.png,1\n001.png,{bad}\n")
+        with pytest.raises(SalienceError,
+                           match=rf"labels{bad}\.csv: line {line}: label {bad} is out of range .*0\.\.4"):
+            salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / f"r{bad}", labels=csv, workers=0)
+        assert not (tmp_path / f"r{bad}").exists()
+    with pytest.raises(SalienceError, match=r"label 9 of image 2 .*out of range .*0\.\.4"):
+        salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "rl", labels=[0, 1, 9, None],
+                                 workers=0)
+
+
+def test_a_run_folder_inside_the_input_folder_continues(data, tmp_path, capsys):
+    """``explain imgs/ --out imgs/run/``: the run's own thumbnails and overlays (images under the
+    input folder) are not inputs, so the same command again (after a crash, or done) continues the
+    run instead of refusing it as another command, and the rows stay the 4 images."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", imgs / f"{i:03d}.png")
+    for spec in (str(imgs), str(imgs / "**" / "*.*g")):
+        out = str(imgs / ("run" if spec == str(imgs) else "run-glob"))
+        line = ["explain", spec, "--model", "demo:shapes", "--out", out, "--workers", "0", "--png"]
+        assert main(line) == 0
+        assert list((Path(out) / "thumbs").glob("*.jpg")) and list((Path(out) / "overlays").glob("*.png"))
+        capsys.readouterr()
+        assert main(line) == 0, capsys.readouterr().err
+        run = open_run(out)
+        assert run.table.column("path").to_pylist() == [str(imgs / f"{i:03d}.png") for i in range(4)]
+
+
+def test_a_missing_list_file_is_a_one_line_error(tmp_path, capsys):
+    """``explain vall.txt`` (a typo) names a list: "no such list file" (exit 2, no run folder made),
+    not a run of one missing image called ``vall.txt`` with exit 1."""
+    out = tmp_path / "out"
+    assert main(["explain", str(tmp_path / "vall.txt"), "--model", "demo:shapes", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"salience: error: {tmp_path / 'vall.txt'}: no such list file; check the path"
+    assert not out.exists()
+
+
+def test_a_list_and_a_labels_csv_saved_with_a_byte_order_mark(data, tmp_path):
+    """Notepad and Excel save UTF-8 with a byte order mark (and CRLF lines): the list's first path
+    and the CSV's first row are read without it (the first image was a missing file, its label lost)."""
+    imgs = data["root"] / "imgs"
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"\xef\xbb\xbf" + "".join(f"{imgs / f'{i:03d}.png'}\r\n" for i in range(3)).encode())
+    csv = tmp_path / "labels.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + "".join(f"{i:03d}.png,{int(data['labels'][i])}\r\n" for i in range(3)).encode())
+    run = salience.explain_dataset("demo:shapes", lst, ["vanilla"], tmp_path / "r", labels=csv, workers=0)
+    rows = run.table.to_pylist()
+    assert [r["error"] for r in rows] == [None] * 3
+    assert [r["path"] for r in rows] == [str(imgs / f"{i:03d}.png") for i in range(3)]
+    assert [r["label"] for r in rows] == data["labels"][:3].tolist()
+
+
+def test_labels_of_images_with_the_same_file_name_in_subfolders(data, tmp_path):
+    """``a/same.png`` and ``b/same.png`` labelled 1 and 3 by their folder-relative paths: each gets
+    its own label (the trailing path parts match), not the last line's for both by file name. An
+    image the CSV names only through a file name on several lines with different labels is refused."""
+    root = tmp_path / "imgs"
+    for sub, i in (("a", 0), ("b", 1), ("c", 2)):
+        (root / sub).mkdir(parents=True)
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", root / sub / "same.png")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\na/same.png,1\nb/same.png,3\n")
+    images = [root / "a" / "same.png", root / "b" / "same.png"]
+    run = salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r", labels=csv, workers=0)
+    assert run.table.column("label").to_pylist() == [1, 3]
+    assert run.table.column("targets").to_pylist() == [[1], [3]]
+    with pytest.raises(SalienceError, match=r"c/same\.png: the file name same\.png is on lines 2 and 3 .* labels"):
+        salience.explain_dataset("demo:shapes", [root / "c" / "same.png"], ["vanilla"], tmp_path / "r2", labels=csv,
+                                 workers=0)
+
+
+def test_gallery_script_survives_file_names_with_markup(data, tmp_path):
+    """A file named ``a<!--<script>"q'<\\b>.png``: inside the page's inline script, ``<!--`` then ``<script``
+    would put the HTML parser in its 'double escaped' state, where the closing ``</script>`` no longer
+    ends the script (the page breaks). The embedded JSON holds no ``<`` at all, and reads back the name."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    name = "a<!--<script>\"q'<\\b>.png"
+    shutil.copy(data["root"] / "imgs" / "000.png", imgs / name)
+    salience.explain_dataset("demo:shapes", imgs, ["vanilla"], tmp_path / "r", workers=0)
+    page = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
+    script = page[page.index("<script>") + len("<script>"):page.rindex("</script>")]
+    assert "<!--" not in script and "<script" not in script.lower() and "</" not in script
+    rows = json.loads(re.search(r"const ROWS = (.*);\n", page).group(1))
+    about = json.loads(re.search(r"const ABOUT = (.*);\n", page).group(1))
+    assert rows[0][about["columns"].index("path")] == str(imgs / name)
+
+
+def test_per_channel_maps_with_a_batch_of_failed_images(data, tmp_path):
+    """Per-channel maps (``reduce=None``: ``(C, H, W)`` per image) in a shard one of whose batches
+    holds only unreadable files: that batch's NaN maps have the same shape (the shard was a crash,
+    'all the input arrays must have same number of dimensions'); the good images' maps equal the method's."""
+    import functools
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        (imgs / f"a{i}.png").write_bytes(b"junk")
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", imgs / f"b{i}.png")
+    fn = functools.partial(salience.vanilla, reduce=None)
+    run = salience.explain_dataset("demo:shapes", imgs, {"v": fn}, tmp_path / "r", batch_size=4, workers=0)
+    assert run.table.column("error").null_count == 4
+    arr = np.load(tmp_path / "r" / "maps" / "v" / "000000000.npy")
+    assert arr.shape == (8, 1, 3, 64, 64) and np.isnan(arr[:4]).all()
+    model, x = _inputs(data["root"], 4)
+    want = fn(model, x, model(x).argmax(1)).detach().numpy()
+    np.testing.assert_allclose(arr[4:, 0].astype(np.float32), want, rtol=2 ** -10, atol=6e-8)
+
+
+def test_a_folder_lists_the_images_of_its_symlinked_subfolders(data, tmp_path):
+    """``val/cats -> /mnt/cats`` (a linked subfolder, as torchvision's ImageFolder follows): its images
+    are inputs like a real subfolder's, and a link back up (a loop) is listed once, not forever."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for i in range(2):
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", shared / f"{i:03d}.png")
+    val = tmp_path / "val"
+    (val / "dogs").mkdir(parents=True)
+    shutil.copy(data["root"] / "imgs" / "002.png", val / "dogs" / "002.png")
+    (val / "cats").symlink_to(shared, target_is_directory=True)
+    (val / "dogs" / "up").symlink_to(val, target_is_directory=True)
+    from salience.runs.sources import expand
+
+    assert expand([val]) == [str(val / "cats" / "000.png"), str(val / "cats" / "001.png"),
+                             str(val / "dogs" / "002.png")]
+
+
+def test_labels_given_as_class_names_from_python(data, tmp_path):
+    """``labels=["circle", ...]`` (class names, as a CSV may hold) are the classes' indices; a word that
+    is no class name is a SalienceError naming it, not int()'s raw ValueError."""
+    images = [data["root"] / "imgs" / f"{i:03d}.png" for i in range(3)]
+    names = salience.load_model("demo:shapes").salience_info.class_names
+    run = salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r", workers=0,
+                                   labels=[names[2], names[0].upper(), None])
+    assert run.table.column("label").to_pylist() == [2, 0, None]
+    assert run.table.column("targets").to_pylist()[:2] == [[2], [0]]
+    with pytest.raises(SalienceError, match=r"label 'circel' of image 1 .* neither a class index nor a class name"):
+        salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r2", workers=0,
+                                 labels=[1, "circel", 2])
+
+
+def test_a_folder_leaves_out_hidden_files_as_a_glob_does(data, tmp_path):
+    """macOS's ``._000.png`` (AppleDouble, not an image) and Jupyter's ``.ipynb_checkpoints/`` copies
+    are not inputs of a folder, as they are not of the glob ``folder/**/*.png`` (the run had error
+    rows and exit 1 for them)."""
+    val = tmp_path / "val"
+    (val / ".ipynb_checkpoints").mkdir(parents=True)
+    shutil.copy(data["root"] / "imgs" / "000.png", val / "000.png")
+    (val / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    shutil.copy(data["root"] / "imgs" / "000.png", val / ".ipynb_checkpoints" / "000-checkpoint.png")
+    from salience.runs.sources import expand
+
+    assert expand([val]) == [str(val / "000.png")] == expand([str(val / "**" / "*.png")])
+
+
+_DOM = r"""
+const els = {};
+class El { constructor(tag) { this.tag = tag; this.children = []; this.style = {}; this.dataset = {}; this.value = "";
+    this.className = ""; this._text = ""; }
+  appendChild(c) { this.children.push(c); return c; } add(o) { this.children.push(o); }
+  set textContent(t) { this._text = t; this.children = []; } get textContent() { return this._text; } }
+globalThis.Option = class { constructor(text, value) { this.text = text; this.value = value; } };
+globalThis.IntersectionObserver = class { observe() {} unobserve() {} };
+globalThis.document = { getElementById: id => els[id] || (els[id] = new El("#" + id)),
+  createElement: tag => new El(tag), querySelectorAll: () => els.head.children };
+"""
+
+
+def _gallery_in_node(page: str, actions: str) -> str:
+    """The page's script run by Node on a small stand-in of the DOM, then ``actions``; their output."""
+    node = shutil.which("node")
+    if not node:
+        pytest.skip("Node is not installed")
+    script = page[page.index("<script>") + len("<script>"):page.rindex("</script>")]
+    done = subprocess.run([node, "-e", _DOM + script + actions], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_gallery_class_filter_shows_the_images_labelled_with_a_class(data):
+    """The class filter lists class names and keeps the images predicted *or labelled* with the class:
+    image 5 is labelled one class and predicted another, and shows under both. (The labels were
+    listed as numbers beside the names, so a name kept only the predicted ones.)"""
+    page = (data["root"] / "run" / "index.html").read_text(encoding="utf-8")
+    run, names = data["run"], salience.load_model("demo:shapes").salience_info.class_names
+    row = run.row(5)
+    label_name, predicted_name = names[row["label"]], row["predicted_name"]
+    assert label_name != predicted_name
+    out = _gallery_in_node(page, """
+      console.log(JSON.stringify(els.cls.children.map(o => o.value)));
+      for (const c of %s) { els.cls.value = c; els.cls.oninput();
+        console.log(JSON.stringify(els.body.children.map(tr => tr.children[1].textContent))); }
+    """ % json.dumps([label_name, predicted_name])).splitlines()
+    listed = json.loads(out[0])
+    assert listed and set(listed) <= set(names)
+    rows = run.table.to_pylist()
+    for line, name in zip(out[1:], (label_name, predicted_name)):
+        want = [str(r["index"]) for r in rows if name in (r["predicted_name"], r["label"] is not None and names[r["label"]])]
+        assert json.loads(line) == want and "5" in want, name
+
+
+def test_random_weights_are_the_same_in_a_resumed_run(data, tmp_path):
+    """``--weights random``: every load draws the same weights (a seeded generator; the caller's RNG
+    untouched), so a run stopped and continued in another process explains with the same model
+    (each process drew its own weights: the resumed shard's maps came from another network)."""
+    state = torch.random.get_rng_state()
+    a = salience.load_model("torchvision:resnet18", weights="random").state_dict()
+    b = salience.load_model("torchvision:resnet18", weights="random").state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", imgs / f"{i:03d}.png")
+    out = tmp_path / "r"
+    line = ["explain", str(imgs), "--model", "torchvision:resnet18", "--weights", "random", "--size", "32",
+            "--method", "gradcam", "--out", str(out), "--shard-size", "2", "--workers", "0"]
+    assert main(line) == 0
+    first = np.load(out / "maps" / "gradcam" / "000000002.npy")
+    (out / "shards" / "000000002.parquet").unlink()  # as if stopped before its commit
+    (out / "index.parquet").unlink()
+    torch.manual_seed(1234)  # another process: another state of the global generator
+    assert main(line) == 0
+    np.testing.assert_array_equal(np.load(out / "maps" / "gradcam" / "000000002.npy"), first)
+
+
+def test_a_labels_csv_first_line_with_a_bad_class_name_is_not_taken_for_a_header(data, tmp_path):
+    """``000.png,circel`` on the first line (no header, a typo) is an error naming it, like on any
+    other line, not a header skipped without a word (the image then explained its predicted class);
+    a real header (``file,class``) is still skipped."""
+    images = [data["root"] / "imgs" / f"{i:03d}.png" for i in range(2)]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("000.png,circel\n001.png,1\n")
+    with pytest.raises(SalienceError, match=r"line 1: 'circel' is neither a class index nor a class name"):
+        salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r", labels=csv, workers=0)
+    csv.write_text("file,class\n000.png,1\n001.png,2\n")
+    run = salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r2", labels=csv, workers=0)
+    assert run.table.column("label").to_pylist() == [1, 2]
+
+
+def test_images_the_labels_csv_does_not_name_are_counted_in_a_warning(data, tmp_path):
+    """A CSV that names none (or some) of the images, e.g. written for another folder layout: the run
+    says how many images have no label, and names one, instead of running without a word as if
+    unlabelled (they explain their predicted class)."""
+    images = [data["root"] / "imgs" / f"{i:03d}.png" for i in range(3)]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\nother/0.png,1\n002.png,2\n")
+    with pytest.warns(UserWarning, match=r"labels\.csv names 1 of the 3 images; 2 have no label .*000\.png"):
+        run = salience.explain_dataset("demo:shapes", images, ["vanilla"], tmp_path / "r", labels=csv, workers=0)
+    assert run.table.column("label").to_pylist() == [None, None, 2]
+
+
+def test_top_and_target_are_checked_against_the_outputs_of_a_model_without_class_names(tmp_path, data):
+    """A module with 3 outputs and no class names: ``top=5`` is refused like on a named model (it ran
+    3 targets under a manifest of 5, and a batch of failed images then made 5-target NaN maps that
+    do not concatenate with the others), ``target=7`` is refused before the run folder is made."""
+    from salience._core.info import ModelInfo, attach_info
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    attach_info(model, ModelInfo(name="tiny", input_size=(64, 64)))
+    images = [data["root"] / "imgs" / "000.png"]
+    with pytest.raises(SalienceError, match="top 5 is more than the model's 3 classes"):
+        salience.explain_dataset(model, images, ["vanilla"], tmp_path / "r", top=5, workers=0)
+    with pytest.raises(SalienceError, match="target class 7 is out of range for tiny with 3 classes"):
+        salience.explain_dataset(model, images, ["vanilla"], tmp_path / "r2", target=7, workers=0)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()
+    run = salience.explain_dataset(model, images, ["vanilla"], tmp_path / "r3", top=3, workers=0)
+    assert run.manifest["k"] == 3 and len(run.row(0)["targets"]) == 3

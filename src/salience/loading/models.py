@@ -347,6 +347,12 @@ def _onnx_without_aliases(path: Path) -> Any:
     return proto
 
 
+RANDOM_WEIGHTS_SEED = 0
+"""``weights="random"`` draws its weights from a generator seeded with this (the global RNG is
+neither used nor changed): every load, in any process, has the same weights, so that a dataset
+run stopped and continued explains with the same model, and two commands compare."""
+
+
 def load_model(
     spec: Union[str, "os.PathLike[str]"],
     *,
@@ -358,8 +364,9 @@ def load_model(
     """Load a model from a spec string, in eval mode, with its :class:`ModelInfo` attached.
 
     ``spec`` (:data:`MODEL_SPECS`): ``"demo:NAME"`` (a bundled demo model, see
-    ``salience.zoo.DEMOS``); ``"torchvision:ARCH"`` (``weights``: a state-dict file, ``"random"``,
-    or ``None`` for torchvision's pretrained weights, which torchvision downloads);
+    ``salience.zoo.DEMOS``); ``"torchvision:ARCH"`` (``weights``: a state-dict file, ``"random"``
+    (the same random weights at every load, :data:`RANDOM_WEIGHTS_SEED`), or ``None`` for
+    torchvision's pretrained weights, which torchvision downloads);
     ``"timm:NAME"`` (``weights`` as for torchvision; ``None``: timm's pretrained weights from the
     local cache, never downloaded; ``"timm:NAME.TAG@REVISION"`` for a branch, tag or commit of the
     hub repo ``timm/NAME.TAG``, without ``weights``); ``"hf:DIR_OR_ID"`` (a transformers image classifier, offline;
@@ -384,7 +391,12 @@ def load_model(
             f"weights {os.fspath(weights)!r} go with a torchvision:ARCH, timm:NAME or python:MODULE:FUNC model; "
             f"{s!r} carries its own weights"
         )
-    model = _load_spec(s, is_file, weights, trust_pickle)
+    if weights is not None and str(weights) == "random":
+        with torch.random.fork_rng(devices=[]):  # the same random weights in every process; the caller's RNG kept
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = _load_spec(s, is_file, weights, trust_pickle)
+    else:
+        model = _load_spec(s, is_file, weights, trust_pickle)
     if not isinstance(model, nn.Module):
         raise SalienceError(f"{s}: loaded a {type(model).__name__}, expected a torch.nn.Module")
     model.eval()

@@ -95,9 +95,9 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     folder, a glob, a ``.txt`` list, a list of paths, a ``torch.utils.data.Dataset`` (or a
     ``DataLoader`` of one) whose items are the model's input ``(C, H, W)`` or ``(input, label)``.
     Targets: the predicted class (default), the ``top`` K classes, one fixed ``target`` class, or
-    the label of each image (``labels``: a CSV ``path,label`` or one label per image; labels also
-    fill the ``label`` / ``correct`` columns). A regression model (``task="regression"``) or a
-    model with one output: ``target`` is the output to explain (default 0) and ``mode`` what the
+    the label of each image (``labels``: a CSV ``path,label`` or one label per image, a class
+    index or name; labels also fill the ``label`` / ``correct`` columns). A regression model
+    (``task="regression"``) or a model with one output: ``target`` is the output to explain (default 0) and ``mode`` what the
     map shows (``"increase"``, ``"decrease"``, ``"maintain"``: :func:`salience.targets.regression`),
     and the rows hold the output's ``value`` instead of a class. ``metrics``: ``True`` for insertion and deletion AUC
     (and pointing game / energy in mask when ``masks``, a folder of masks by file stem, is
@@ -127,12 +127,12 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     fns, options = _methods(methods, method_options)
     dataset, paths, given_labels, loader_workers = _dataset(images, module)
     info, n_out = _info(module, dataset)
-    label_list = _labels(labels, given_labels, paths, info)
     regression = info.task == "regression" or n_out == 1
+    label_list = _labels(labels, given_labels, paths, info, None if regression else n_out)
     if regression:
         target_mode, k = _regression_mode(target, top, label_list, mode, n_out, info)
     else:
-        target_mode, k = _mode(target, top, label_list, info)
+        target_mode, k = _mode(target, top, label_list, info, n_out)
     mask_list = sources.mask_files(paths, masks) if masks is not None else None
     if isinstance(dataset, sources.ImageFiles):
         dataset = sources.ImageFiles(paths, info, max_pixels, mask_list)
@@ -262,21 +262,47 @@ def _num_outputs(model: nn.Module, dataset: Dataset, info: ModelInfo) -> int:
     return int(forward_scores(model, x, strip_softmax=False).reshape(1, -1).shape[1])
 
 
-def _labels(labels: Any, given: Optional[list], paths: Sequence[str], info: ModelInfo) -> Optional[list]:
+def _labels(labels: Any, given: Optional[list], paths: Sequence[str], info: ModelInfo,
+            n_classes: Optional[int]) -> Optional[list]:
+    """Each image's label (``None``: none), each checked against the ``n_classes`` classes (a
+    regression run: ``None``, no check; its labels are refused later)."""
     if labels is None:
-        return given
-    if isinstance(labels, (str, Path)):
-        return sources.read_labels_csv(labels, paths, info.class_names)
-    out = [None if v is None else int(v) for v in labels]
-    if len(out) != len(paths):
-        raise SalienceError(f"labels has {len(out)} entries for {len(paths)} images; give one per image")
+        out = given
+    elif isinstance(labels, (str, Path)):
+        return sources.read_labels_csv(labels, paths, info.class_names, n_classes)
+    else:
+        out = [_label(v, i, paths, info) for i, v in enumerate(labels)]
+        if len(out) != len(paths):
+            raise SalienceError(f"labels has {len(out)} entries for {len(paths)} images; give one per image")
+    for i, v in enumerate(out or ()):
+        if v is not None and n_classes is not None and not 0 <= v < n_classes:
+            raise SalienceError(f"label {v} of image {i} ({paths[i]}) is out of range for the model's {n_classes} "
+                                f"classes (0..{n_classes - 1}); fix the labels")
     return out
 
 
-def _mode(target: Optional[int], top: Optional[int], labels: Optional[list], info: ModelInfo) -> tuple[str, int]:
+def _label(value: Any, i: int, paths: Sequence[str], info: ModelInfo) -> Optional[int]:
+    """One given label: ``None``, a class index (an int, or its digits) or a class name."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        names = {n.lower(): c for c, n in enumerate(info.class_names or ())}
+        if value.strip().lstrip("-").isdigit():
+            return int(value)
+        if value.strip().lower() in names:
+            return names[value.strip().lower()]
+        raise SalienceError(f"label {value!r} of image {i} ({paths[i] if i < len(paths) else '?'}) is neither a class "
+                            f"index nor a class name of {info.name}")
+    return int(value)
+
+
+def _mode(target: Optional[int], top: Optional[int], labels: Optional[list], info: ModelInfo,
+          n_out: int) -> tuple[str, int]:
+    """How targets are chosen and how many per image, ``target`` and ``top`` checked against the
+    classes (the model's ``n_out`` outputs when it names none)."""
     if target is not None and top is not None:
         raise SalienceError("give target or top, not both")
-    n = len(info.class_names or ()) or None
+    n = len(info.class_names or ()) or n_out
     if target is not None:
         check_int(target, "target", minimum=0)
         if n is not None and target >= n:

@@ -19,7 +19,7 @@ from salience._core.files import atomic_write
 from salience.runs.store import Run
 
 _COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "output_name", "value", "targets", "label",
-            "correct", "error", "shard", "offset")
+            "label_name", "correct", "error", "shard", "offset")
 
 
 def _clean(v: Any) -> Any:
@@ -29,16 +29,29 @@ def _clean(v: Any) -> Any:
 
 
 def rows_json(run: Run) -> str:
-    """The run's rows as a JSON list of lists (columns in :func:`columns`), safe inside ``<script>``."""
+    """The run's rows as a JSON list of lists (columns in :func:`columns`), safe inside ``<script>``
+    (:func:`script_json`)."""
     table = run.table
     cols = columns(run)
     data = {c: table.column(c).to_pylist() for c in cols if c in table.column_names}
+    if "label_name" in cols:  # the page's own column: the class filter compares names
+        names = run.manifest.get("class_names") or []
+        data["label_name"] = [None if v is None else names[v] if 0 <= v < len(names) else str(v) for v in data["label"]]
     rows = [[_clean(data[c][i]) if c in data else None for c in cols] for i in range(table.num_rows)]
-    return json.dumps(rows, separators=(",", ":")).replace("</", "<\\/")
+    return script_json(rows)
+
+
+def script_json(value: Any) -> str:
+    """``value`` as JSON to embed in an inline ``<script>``: ``<``, ``>`` and ``&`` written as
+    ``\\u003c`` ... (the same string to JSON and JavaScript), so that no file name can close the
+    script (``</script>``) or put the HTML parser in its escaped states (``<!--``, ``<script``)."""
+    text = json.dumps(value, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def columns(run: Run) -> list[str]:
-    names = run.table.column_names
+    """The page's columns: the table's, with ``label_name`` (the label's class name) after ``label``."""
+    names = run.table.column_names + (["label_name"] if "label" in run.table.column_names else [])
     return [c for c in _COLUMNS if c in names] + [c for c in names if "." in c]
 
 
@@ -49,7 +62,7 @@ def write(folder: Path) -> Path:
     about = {"columns": columns(run), "methods": run.methods, "thumb": m["thumb"], "per": m["sprite_columns"],
              "model": run.model, "k": m["k"]}
     page = _PAGE.replace("__TITLE__", html.escape(f"salience run: {run.model}, {len(run)} images"))
-    page = page.replace("__ABOUT__", json.dumps(about).replace("</", "<\\/")).replace("__ROWS__", rows_json(run))
+    page = page.replace("__ABOUT__", script_json(about)).replace("__ROWS__", rows_json(run))
     return atomic_write(folder / "index.html", page.encode("utf-8"))
 
 
@@ -87,7 +100,7 @@ const $ = id => document.getElementById(id);
 const numeric = ABOUT.columns.filter(c => c.includes(".") || c === "probability" || c === "value");
 numeric.forEach(c => $("mcol").add(new Option(c, c)));
 const classes = [...new Set((C.predicted_name !== undefined ? ROWS.map(r => r[C.predicted_name]) : []).concat(
-  C.label !== undefined ? ROWS.map(r => r[C.label]) : []).filter(v => v !== null))].sort();
+  C.label_name !== undefined ? ROWS.map(r => r[C.label_name]) : []).filter(v => v !== null))].sort();
 classes.forEach(c => $("cls").add(new Option(String(c), String(c))));
 const headers = ["thumbnails"].concat(ABOUT.columns.filter(c => c !== "shard" && c !== "offset"));
 headers.forEach(c => { const th = document.createElement("th"); th.textContent = c; th.dataset.col = c;
@@ -96,7 +109,8 @@ headers.forEach(c => { const th = document.createElement("th"); th.textContent =
 function num(v) { return v === "" || v === null ? null : Number(v); }
 function keep(r) {
   const cls = $("cls").value, rw = $("rw").value, q = $("q").value;
-  if (cls && String(r[C.predicted_name]) !== cls && (C.label === undefined || String(r[C.label]) !== cls)) return false;
+  if (cls && String(r[C.predicted_name]) !== cls && (C.label_name === undefined || String(r[C.label_name]) !== cls))
+    return false;
   if (rw === "error" && r[C.error] === null) return false;
   if (rw === "right" && r[C.correct] !== true) return false;
   if (rw === "wrong" && (r[C.correct] !== false)) return false;

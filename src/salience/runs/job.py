@@ -55,6 +55,9 @@ class Plan:
     thumbs: bool = True
     metric_options: dict[str, Any] = field(default_factory=dict)
     direction: str = "increase"
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Each method's map shape for one target (``(H, W)`` or ``(C, H, W)``), once known: the NaN
+    maps of a batch without any map of it (only failed images, or the method failed) take it."""
 
     def regression(self) -> Optional[Regression]:
         """The regression target of a regression run, else ``None``."""
@@ -133,9 +136,9 @@ def _method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes
 
 
 def _metrics(plan: Plan, model: nn.Module, x: Tensor, first: Tensor, classes: Tensor,
-             masks: Optional[Tensor]) -> dict[str, list[Optional[float]]]:
+             masks: Sequence[Optional[Tensor]]) -> dict[str, list[Optional[float]]]:
     """The metric columns of one method (first target): insertion / deletion AUC, and with masks the
-    pointing game and energy in mask."""
+    pointing game and energy in mask (``None`` for an image without a mask)."""
     out: dict[str, list[Optional[float]]] = {}
     opts = plan.metric_options
     reg = plan.regression()
@@ -144,10 +147,14 @@ def _metrics(plan: Plan, model: nn.Module, x: Tensor, first: Tensor, classes: Te
         out["insertion"] = insertion(model, x, first.to(x.device), target, **opts).tolist()
     if "deletion" in plan.metrics:
         out["deletion"] = deletion(model, x, first.to(x.device), target, **opts).tolist()
+    have = [j for j, mk in enumerate(masks) if mk is not None]
     for name, fn in (("pointing", pointing_game), ("energy", energy_in_mask)):
         if name in plan.metrics:
-            vals = fn(first, masks).tolist() if masks is not None else [None] * len(first)
-            out[name] = [None if v is None or v != v else float(v) for v in vals]
+            vals: list[Optional[float]] = [None] * len(first)
+            if have:  # the images with a mask, whichever others share their batch
+                for j, v in zip(have, fn(first[have], torch.stack([masks[j] for j in have])).tolist()):
+                    vals[j] = None if v != v else float(v)
+            out[name] = vals
     return out
 
 
@@ -163,7 +170,7 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
         x = torch.stack([items[j].x for j in good]).to(device)
         indices = [items[j].index for j in good]
         first_maps, probs, classes = _predict(plan, model, x, indices)
-        masks = _stack_masks([items[j] for j in good])
+        masks = [items[j].mask for j in good]
         for j, pos in enumerate(good):
             _prediction_row(rows[pos], plan, probs[j], classes[j])
         for i_method, (name, fn) in enumerate(plan.methods.items()):
@@ -173,6 +180,7 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
                 for pos in good:
                     rows[pos]["error"] = f"method {name} failed: {e}"
                 continue
+            plan.shapes.setdefault(name, tuple(m.shape[2:]))
             full = np.full((n, *m.shape[1:]), np.nan, dtype=np.float32)
             full[good] = m.numpy()
             maps[name] = full
@@ -186,10 +194,22 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
                     rows[pos][f"{name}.{col}"] = vals[j]
     for name in plan.methods:  # a method that failed on this batch: NaN maps of the right shape
         if name not in maps:
-            h, w = plan.info.input_size or (1, 1)
-            maps[name] = np.full((n, plan.k, h, w), np.nan, dtype=np.float32)
+            maps[name] = np.full((n, plan.k, *_map_shape(plan, model, name, items[0].x)), np.nan, dtype=np.float32)
     tiles = _tiles(plan, items, good, firsts) if plan.thumbs else None
     return Result(rows, maps, tiles)
+
+
+def _map_shape(plan: Plan, model: nn.Module, name: str, like: Tensor) -> tuple[int, ...]:
+    """Method ``name``'s map shape for one target: known from an earlier batch, else from the method
+    run on a black image shaped like ``like`` (``(H, W)`` of the input when it fails there too)."""
+    if name not in plan.shapes:
+        x = torch.zeros_like(like, device=model_device(model))[None]
+        target = plan.regression() or torch.full((1,), int(plan.fixed or 0), dtype=torch.long, device=x.device)
+        try:
+            plan.shapes[name] = tuple(plan.methods[name](model, x, target).shape[1:])
+        except SalienceError:
+            plan.shapes[name] = tuple(like.shape[-2:])
+    return plan.shapes[name]
 
 
 def _predict(plan: Plan, model: nn.Module, x: Tensor,
@@ -211,12 +231,6 @@ def _scores(plan: Plan, out: Tensor) -> Tensor:
     if plan.mode == "regression":
         return out.detach().reshape(out.shape[0], -1).float().cpu()
     return _probabilities(out)[0]
-
-
-def _stack_masks(items: Sequence[Item]) -> Optional[Tensor]:
-    if any(it.mask is None for it in items) or not items:
-        return None
-    return torch.stack([it.mask for it in items])  # type: ignore[misc]
 
 
 def _row(plan: Plan, it: Item) -> dict[str, Any]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -49,7 +51,7 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
             continue
         p = Path(text)
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            found = _outside_runs(_folder_images(p), p)
             if not found:
                 raise SalienceError(f"{p}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
             paths += found
@@ -57,8 +59,11 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
             paths += _list_file(p)
         elif text.endswith(("/", os.sep)):  # written as a folder: not a missing image of that name
             raise SalienceError(f"{text}: no such folder; check the path")
+        elif p.suffix.lower() == ".txt" and not p.exists():  # a list: not a missing image of that name
+            raise SalienceError(f"{text}: no such list file; check the path")
         elif not p.exists() and glob.has_magic(text):
-            found = sorted(f for f in glob.glob(text, recursive=True) if Path(f).is_file())
+            found = _outside_runs(sorted(f for f in glob.glob(text, recursive=True) if Path(f).is_file()),
+                                  Path(_glob_base(text)))
             if not found:
                 raise SalienceError(f"{text}: the pattern matches no file; check it (quote it so the shell leaves it)")
             paths += found
@@ -69,8 +74,61 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
     return paths
 
 
+def _folder_images(folder: Path) -> list[str]:
+    """A folder's image files, recursively, sorted by path: linked subfolders are followed (as
+    torchvision's ``ImageFolder`` does), each real folder once (a link back up is no loop); hidden
+    files and folders (``._x.jpg``, ``.ipynb_checkpoints/``) are left out, as a glob leaves them."""
+    seen: set[str] = set()
+    found = []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")  # a stable order
+                         and os.path.realpath(os.path.join(top, d)) not in seen)
+        found += [os.path.join(top, f) for f in files if not f.startswith(".")
+                  and Path(f).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(top, f))]
+    return sorted(found)
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder a glob starts from: its path up to the first part with a wildcard."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return str(Path(*parts[:fixed])) if fixed else "."
+
+
+def _outside_runs(files: list[str], base: Path) -> list[str]:
+    """``files`` less those inside a dataset run's folder below ``base`` (a folder with the
+    ``run.json`` of a salience run: its thumbnails and overlays are not inputs), so that a run
+    written into the folder it explains (``explain imgs/ --out imgs/run``) lists the same images
+    when its command runs again."""
+    is_run: dict[Path, bool] = {}
+
+    def run_folder(d: Path) -> bool:
+        if d not in is_run:
+            try:
+                is_run[d] = (d / "run.json").is_file() and str(
+                    json.loads((d / "run.json").read_text(encoding="utf-8")).get("format", "")).startswith(
+                    "salience-run/")
+            except (OSError, ValueError, AttributeError):
+                is_run[d] = False
+        return is_run[d]
+
+    base = base.absolute()
+    kept = []
+    for f in files:
+        parents = Path(f).absolute().parents
+        below = parents[:next((i for i, d in enumerate(parents) if d == base), len(parents))]
+        if not any(run_folder(d) for d in below):
+            kept.append(f)
+    return kept
+
+
 def _list_file(p: Path) -> list[str]:
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
     out = [ln if Path(ln).is_absolute() or remote.is_remote(ln) else str(p.parent / ln)
            for ln in lines if ln and not ln.startswith("#")]
     if not out:
@@ -87,7 +145,7 @@ def _remote(url: str) -> list[str]:
             raise SalienceError(f"{url}: the pattern matches no object; check it (quote it so the shell leaves it)")
         return found
     if url.lower().endswith(".txt"):
-        lines = [ln.strip() for ln in remote.read_bytes(url).decode("utf-8").splitlines()]
+        lines = [ln.strip() for ln in remote.read_bytes(url).decode("utf-8-sig").splitlines()]
         folder = url.rsplit("/", 1)[0]
         out = [ln if remote.is_remote(ln) or Path(ln).is_absolute() else remote.join(folder, ln)
                for ln in lines if ln and not ln.startswith("#")]
@@ -111,33 +169,70 @@ def digest(values: Sequence[Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[Sequence[str]]) -> list[Optional[int]]:
+def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[Sequence[str]],
+                    n_classes: Optional[int] = None) -> list[Optional[int]]:
     """Each image's label from a CSV ``path,label`` (a header row is allowed): the label is a class
-    index or name; an image is matched by its path as given, its absolute path, or its file name.
-    Images missing from the file get ``None``."""
+    index or name; an image is matched by its path as given, its absolute path, the longest line
+    that ends its path (``a/x.png`` for ``data/a/x.png``), or its file name (refused when lines of
+    that name give different labels)
+    Images missing from the file get ``None``. ``n_classes``: a label outside ``0..n_classes-1`` is
+    refused with its line."""
     p = Path(path)
     try:
-        with open(p, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, r) for r in reader if r and not r[0].startswith("#")]
     except OSError as e:
         raise SalienceError(f"--labels-csv {p}: cannot read it ({e.strerror or e})") from None
     names = {n.lower(): i for i, n in enumerate(class_names or ())}
     table: dict[str, int] = {}
-    for n, row in enumerate(rows):
+    lines: dict[str, int] = {}
+    for n, (line, row) in enumerate(rows):
         if len(row) < 2:
-            raise SalienceError(f"--labels-csv {p}: line {n + 1} needs two columns, path,label")
+            raise SalienceError(f"--labels-csv {p}: line {line} needs two columns, path,label")
         key, value = row[0].strip(), row[1].strip()
         if value.lstrip("-").isdigit():
             table[key] = int(value)
+            if n_classes is not None and not 0 <= table[key] < n_classes:
+                raise SalienceError(f"--labels-csv {p}: line {line}: label {value} is out of range for the model's "
+                                    f"{n_classes} classes (0..{n_classes - 1}); fix the line")
         elif value.lower() in names:
             table[key] = names[value.lower()]
-        elif n == 0:
-            continue  # a header
+        elif n == 0 and Path(key).suffix.lower() not in IMAGE_SUFFIXES:
+            continue  # a header (its first cell names no image file)
         else:
-            raise SalienceError(f"--labels-csv {p}: line {n + 1}: {value!r} is neither a class index nor a class name")
-    by_name = {Path(k).name: v for k, v in table.items()}
+            raise SalienceError(f"--labels-csv {p}: line {line}: {value!r} is neither a class index nor a class name")
+        lines[key] = line
     by_abs = {str(Path(k).resolve()): v for k, v in table.items()}
-    return [table.get(q, by_abs.get(str(Path(q).resolve()), by_name.get(Path(q).name))) for q in paths]
+    by_parts = {Path(k).parts: v for k, v in table.items()}
+    by_name: dict[str, dict[int, list[int]]] = {}  # file name -> label -> its lines
+    for k, v in table.items():
+        by_name.setdefault(Path(k).name, {}).setdefault(v, []).append(lines[k])
+
+    def label(q: str) -> Optional[int]:
+        if q in table:
+            return table[q]
+        if str(Path(q).resolve()) in by_abs:
+            return by_abs[str(Path(q).resolve())]
+        parts = Path(q).parts
+        for n in range(len(parts), 0, -1):  # the longest line that ends the path (a/same.png of x/a/same.png)
+            if parts[-n:] in by_parts:
+                return by_parts[parts[-n:]]
+        labels = by_name.get(Path(q).name, {})
+        if len(labels) > 1:
+            at = sorted(line for found in labels.values() for line in found)
+            raise SalienceError(f"--labels-csv {p}: {q}: the file name {Path(q).name} is on lines "
+                                f"{', '.join(map(str, at[:-1]))} and {at[-1]} with different labels; write the "
+                                "image's path (or the end of it, with its folder) in the CSV")
+        return next(iter(labels)) if labels else None
+
+    out = [label(q) for q in paths]
+    missing = [q for q, v in zip(paths, out) if v is None]
+    if missing:
+        warnings.warn(f"--labels-csv {p} names {len(paths) - len(missing)} of the {len(paths)} images; "
+                      f"{len(missing)} {'has' if len(missing) == 1 else 'have'} no label (e.g. {missing[0]}) and explain their predicted class; "
+                      "write their paths (or file names) in the CSV", stacklevel=2)
+    return out
 
 
 @dataclass
