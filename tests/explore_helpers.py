@@ -1,14 +1,30 @@
-"""What the explorer's tests share: demo shapes images on disk (with their masks), and polling."""
+"""What the explorer's tests share: demo shapes images on disk (with their masks), polling, and
+the real browser (Debian's headless Chromium driven by Playwright)."""
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 SEED = 4242
+CHROMIUM = os.environ.get("SALIENCE_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+def browser_api() -> Any:
+    """Playwright's sync API, or a skip naming what to install (the README's test command installs both)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium package (apt-get install -y chromium)")
+    return sync_api
 
 
 def shapes_files(folder: Path, n: int = 4, seed: int = SEED) -> tuple[list[Path], torch.Tensor, torch.Tensor]:

@@ -7,31 +7,19 @@ filtered, a row opened in the explorer, with a second model whose own layers its
 from __future__ import annotations
 
 import io
-import os
-import shutil
 from typing import Any
 
 import numpy as np
 import pytest
 
 import salience
-from explore_helpers import shapes_files
+from explore_helpers import ARGS, CHROMIUM, browser_api, shapes_files
 from nets import RenamedLayersNet
 
-CHROMIUM = os.environ.get("SALIENCE_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync"]
 INSIDE_OVER_OUTSIDE = 2.0
 """Least ratio of the map's mean brightness on the shape to off it. Grad-CAM's raw map on this
 image (demo:shapes, seed 4242, image 0, a cross) is 5.0x stronger on the mask than off it
 (measured with salience.gradcam); the page's percentile clip and the screenshot blur it a little."""
-
-
-def _browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
-        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium package (apt-get install -y chromium)")
-    return sync_api
 
 
 def _luminance(png: bytes, size=None) -> np.ndarray:
@@ -57,7 +45,7 @@ def _open(browser: Any, url: str, errors: list[str], *, allow_404: bool = False,
 
 
 def test_a_person_uses_the_page(tmp_path):
-    sync_api = _browser()
+    sync_api = browser_api()
     pytest.importorskip("starlette")
     paths, labels, masks = shapes_files(tmp_path, n=1)
     label = int(labels[0])
@@ -128,7 +116,7 @@ def test_a_person_browses_a_dataset_run_and_compares_two_models(tmp_path):
 
     from salience._core.info import attach_info
 
-    sync_api = _browser()
+    sync_api = browser_api()
     pytest.importorskip("starlette")
     pytest.importorskip("pyarrow")
     (tmp_path / "imgs").mkdir()
@@ -214,7 +202,7 @@ def test_a_row_whose_image_is_gone_shows_why_and_the_next_row_restores_the_page(
     the server answers 404 with its message): the picture area shows the message, no broken
     image, no classes, and the map cells show the same message with no map and no tools. Picking a
     good row afterwards brings back its picture, its classes and its maps."""
-    sync_api = _browser()
+    sync_api = browser_api()
     pytest.importorskip("starlette")
     pytest.importorskip("pyarrow")
     (tmp_path / "imgs").mkdir()
