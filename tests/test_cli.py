@@ -445,3 +445,27 @@ def test_visualize_refuses_an_out_file_that_is_not_png(tmp_path, capsys):
                         "-o", tmp_path / "c.jpg"], capsys)
     assert rc == 2 and err.startswith("salience: error: --out") and ".png" in err and err.count("\n") == 1
     assert not (tmp_path / "c.jpg").exists()
+
+
+def test_batch_size_is_the_dataset_runs_batch_too(tmp_path, pics, capsys, monkeypatch):
+    """``--batch-size`` was taken by plain explains and silently ignored by a dataset run (only
+    ``--batch`` counted there, and the out-of-memory hint named ``--batch-size``): now both flags
+    are one option, and two different values are refused."""
+    from salience.cli import explain_many
+
+    paths, _ = pics
+    seen = {}
+
+    def fake_explain_dataset(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)  # the wiring is what is checked here
+
+    monkeypatch.setattr(explain_many, "explain_dataset", fake_explain_dataset)
+    with pytest.raises(SystemExit):
+        main(["explain", str(paths[0].parent), "-m", "demo:shapes", "--batch-size", "2", "-o", str(tmp_path / "r")])
+    assert seen["batch_size"] == 2
+    rc, _, err = run(["explain", *paths, "-m", "demo:shapes", "--batch", "2", "--batch-size", "3", "-o",
+                      tmp_path / "o"], capsys)
+    assert rc == 2 and "--batch 2 and --batch-size 3 are the same option" in err
+    rc, _, err = run(["explain", *paths, "-m", "demo:shapes", "--batch", "1", "--progress", "-o", tmp_path / "p"], capsys)
+    assert rc == 0 and re.search(r"explain 100%\|#+\| 3/3", err)  # --batch on image files: passes of 1

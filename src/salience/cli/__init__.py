@@ -71,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         error(str(e))
         return EXIT_USAGE
     except MemoryError:
-        error("out of memory; use fewer or smaller images (--batch-size, --max-pixels)")
+        error("out of memory; use fewer or smaller images per pass (--batch, --max-pixels)")
         return EXIT_USAGE
     except KeyboardInterrupt:
         error("interrupted")

@@ -49,7 +49,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", "-o", default="salience-out", metavar="DIR", help="output folder (default salience-out)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse images over N pixels before decoding (default {DEFAULT_MAX_PIXELS:,})")
-    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per forward/backward pass")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="images per forward/backward pass (default 16; in a dataset run the same as --batch)")
     pg = p.add_mutually_exclusive_group()
     pg.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
     pg.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
@@ -72,10 +73,13 @@ class Request:
 def run(args: argparse.Namespace) -> int:
     """Explain ``args.images``: figures, maps and ``summary.json`` in ``args.out``; prints a line per image.
     A folder, glob or list (or an option of dataset runs) makes a dataset run (:mod:`.explain_many`)."""
+    if args.batch is not None and args.batch_size is not None and args.batch != args.batch_size:
+        raise SalienceError(f"--batch {args.batch} and --batch-size {args.batch_size} are the same option "
+                            "(images per pass); give one")
+    args.batch = args.batch if args.batch is not None else args.batch_size
     if explain_many.wants_dataset(args):
         return explain_many.run(args)
-    if args.batch is not None:
-        args.batch_size = args.batch
+    args.batch_size = args.batch if args.batch is not None else 16
     request = _check_args(args)
     model = load_model_arg(args)
     _options.check_layer(model, request.options)

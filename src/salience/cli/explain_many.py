@@ -30,7 +30,7 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
                              "below) makes a resumable run in --out: maps, index.parquet, index.html")
     g.add_argument("--dataset", action="store_true", default=None, help="a dataset run even for image files")
     g.add_argument("--batch", type=int, metavar="B", help="images per batch (default: chosen from memory; "
-                   "for image files, --batch-size)")
+                   "for image files, 16); --batch-size is the same option")
     g.add_argument("--labels-csv", metavar="CSV", help="path,label per line: explain the label, mark right / wrong")
     g.add_argument("--masks", metavar="DIR", help="object masks by file stem: pointing game and energy with --metrics")
     g.add_argument("--metrics", nargs="?", const="all", metavar="NAMES",
