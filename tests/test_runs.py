@@ -760,3 +760,45 @@ def test_top_and_target_are_checked_against_the_outputs_of_a_model_without_class
     assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()
     run = salience.explain_dataset(model, images, ["vanilla"], tmp_path / "r3", top=3, workers=0)
     assert run.manifest["k"] == 3 and len(run.row(0)["targets"]) == 3
+
+
+def test_smoothgrad_maps_do_not_depend_on_the_batch(data, tmp_path):
+    """SmoothGrad in a dataset run: image i's map is smoothgrad on that image alone with the seed
+    ``seed * 1_000_003 + i`` (docs/datasets.md), whatever --batch, also when a run is continued
+    with another --batch (the noise of the whole batch was drawn from one generator: an image's
+    map depended on the images batched with it)."""
+    n = 7
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(n):
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", imgs / f"{i:03d}.png")
+
+    def line(out: str, batch: int) -> list[str]:
+        return ["explain", str(imgs), "--model", "demo:shapes", "--method", "smoothgrad", "--samples", "4",
+                "--noise", "0.3", "--seed", "5", "--out", str(tmp_path / out), "--shard-size", "4", "--batch",
+                str(batch), "--workers", "0", "--map-dtype", "float32"]
+
+    assert main(line("b2", 2)) == 0
+    assert main(line("b3", 3)) == 0
+    b2, b3 = open_run(tmp_path / "b2"), open_run(tmp_path / "b3")
+    model, x = _inputs(data["root"], n)
+    for i in range(n):
+        alone = salience.smoothgrad(model, x[i:i + 1], samples=4, noise=0.3, seed=5 * 1_000_003 + i)[0].numpy()
+        np.testing.assert_allclose(b2.map(i, "smoothgrad"), alone, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(b3.map(i, "smoothgrad"), alone, rtol=1e-5, atol=1e-7)
+    # continued with another --batch: the same command, the same maps
+    before = np.stack([b3.map(i, "smoothgrad") for i in range(n)])
+    (tmp_path / "b3" / "shards" / "000000004.parquet").unlink()  # as if stopped before its commit
+    (tmp_path / "b3" / "index.parquet").unlink()
+    assert main(line("b3", 2)) == 0
+    again = open_run(tmp_path / "b3")
+    np.testing.assert_allclose(np.stack([again.map(i, "smoothgrad") for i in range(n)]), before, rtol=1e-5,
+                               atol=1e-7)
+    # from Python, a partial of salience.smoothgrad with its default seed 0
+    import functools
+
+    run = salience.explain_dataset("demo:shapes", imgs, {"sg": functools.partial(salience.smoothgrad, samples=3)},
+                                   tmp_path / "py", batch_size=3, workers=0, map_dtype="float32")
+    for i in range(n):
+        alone = salience.smoothgrad(model, x[i:i + 1], samples=3, seed=i)[0].numpy()
+        np.testing.assert_allclose(run.map(i, "sg"), alone, rtol=1e-5, atol=1e-7)

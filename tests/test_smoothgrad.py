@@ -106,6 +106,57 @@ def test_seed_reproducible_and_global_rng_untouched(small_cnn):
     assert not torch.equal(c1, c2)
 
 
+def _image_noise_loop(x: torch.Tensor, samples: int, noise: float, seed: int):
+    """One image's noisy copies under a per-image seed: one N(0, 1) draw of shape (C, H, W) per
+    copy, from a generator seeded with that image's int."""
+    gen = torch.Generator().manual_seed(seed)
+    sigma = noise * (x.max() - x.min())
+    for _ in range(samples):
+        yield x + sigma * torch.randn(x.shape, generator=gen)
+
+
+@pytest.mark.parametrize("chunk", [2, 5])
+def test_per_image_seeds_give_each_image_its_own_stream(small_cnn, chunk):
+    x = _x(3)
+    seeds = [7, 123_456_789, -4]
+    with torch.no_grad():
+        cls = small_cnn.eval()(x).argmax(1)
+    got = salience.smoothgrad(small_cnn, x, samples=4, noise=0.2, seed=seeds, chunk=chunk, reduce=None)
+    for b in range(3):
+        ref = torch.stack([salience.vanilla(small_cnn, xs[None], cls[b:b + 1], reduce=None)[0]
+                           for xs in _image_noise_loop(x[b], 4, 0.2, seeds[b])]).mean(0)
+        torch.testing.assert_close(got[b], ref, rtol=1e-5, atol=1e-7)
+        alone = salience.smoothgrad(small_cnn, x[b:b + 1], samples=4, noise=0.2, seed=[seeds[b]], chunk=chunk,
+                                    reduce=None)
+        torch.testing.assert_close(got[b:b + 1], alone, rtol=1e-5, atol=1e-7)
+        # one image's int seed is the same stream
+        assert torch.equal(alone, salience.smoothgrad(small_cnn, x[b:b + 1], samples=4, noise=0.2, seed=seeds[b],
+                                                      chunk=chunk, reduce=None))
+    # whichever images share the batch: image 1 in another batch, in another place
+    other = salience.smoothgrad(small_cnn, torch.stack([x[2], x[1]]), samples=4, noise=0.2, seed=[seeds[2], seeds[1]],
+                                chunk=chunk, reduce=None)
+    torch.testing.assert_close(other[1], got[1], rtol=1e-5, atol=1e-7)
+    # a tensor of seeds is a list of seeds
+    torch.testing.assert_close(salience.smoothgrad(small_cnn, x, samples=4, noise=0.2, seed=torch.tensor(seeds),
+                                                   chunk=chunk, reduce=None), got, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed, msg", [
+    ([1, 2], r"seed has 2 int\(s\) for a batch of 3 image\(s\)"),
+    ([1, 2, 3, 4], r"seed has 4 int\(s\) for a batch of 3"),
+    ([], r"seed has 0 int\(s\)"),
+    ([1, 2.5, 3], r"seed\[1\] must be an int"),
+    ([1, 2, True], r"seed\[2\] must be an int"),
+    ([1, None, 3], r"seed\[1\] must be an int"),
+    ([1, 2, 2 ** 64], r"seed\[2\] must be an int from -2\*\*63 to 2\*\*64 - 1"),
+    ("123", "seed must be an int"),
+    (torch.tensor([[1, 2, 3]]), "seed must be an int"),
+])
+def test_bad_per_image_seeds(small_cnn, seed, msg):
+    with pytest.raises(SalienceError, match=msg):
+        salience.smoothgrad(small_cnn, _x(3), samples=2, seed=seed)
+
+
 def test_target_resolved_once_on_the_clean_image():
     # Two nearly tied classes: noisy copies often predict the other one.
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))

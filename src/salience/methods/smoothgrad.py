@@ -6,7 +6,7 @@ in chunks sized by :mod:`salience._core.engine`, and only running sums are kept.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,7 @@ def smoothgrad(
     samples: int = 50,
     noise: float = 0.15,
     variant: str = "mean",
-    seed: Optional[int] = 0,
+    seed: Union[None, int, Sequence[int]] = 0,
     reduce: Union[None, str, Reduction] = "max_abs",
     grad_modifier: Union[None, str, GradModifier] = None,
     reduce_each: bool = False,
@@ -75,7 +75,12 @@ def smoothgrad(
 
     ``seed``: the noise comes from a generator of its own seeded with it (the global RNG is
     neither used nor changed); ``None`` draws a fresh seed. The same seed gives the same noise
-    whatever the chunking. ``samples=1, noise=0`` is exactly ``method``.
+    whatever the chunking. A sequence of ints, one per image, gives each image a noise stream of
+    its own, seeded with its int: image ``b``'s map is then that of ``smoothgrad`` on image ``b``
+    alone with ``seed=[seed[b]]`` (or ``seed=seed[b]``: one image's int seed is the same stream),
+    whichever images share its batch. Dataset runs (:func:`salience.explain_dataset`) seed image
+    ``i`` of the run with ``seed * 1_000_003 + i`` (modulo ``2**63``; docs/datasets.md), so its
+    stored map does not depend on ``--batch``. ``samples=1, noise=0`` is exactly ``method``.
     ``chunk`` (copies per pass) or ``max_memory`` (bytes or ``"2GiB"``) override the automatic
     chunk size; ``progress=True`` draws a progress bar. ``memory_format`` (``"auto"``,
     ``"contiguous"``, ``"channels_last"``), ``compile`` (``True``, a backend) and ``precision``
@@ -84,7 +89,10 @@ def smoothgrad(
     ``method`` (e.g. ``layer=`` for Grad-CAM).
     """
     check_input(x, model)
-    _check_options(method, samples, noise, variant, seed, options)
+    _check_options(method, samples, noise, variant, options)
+    seed = check_seed(seed, x.shape[0])
+    if isinstance(seed, int) and x.shape[0] == 1:
+        seed = [seed]  # one image: its own stream, as in a per-image list
     method = as_method(method)  # a target-free method (Eigen-CAM) is called with target=None
     budget = _engine.check_memory_options(chunk, max_memory)
     perf = _perf.resolve(memory_format, compile, precision)
@@ -135,15 +143,13 @@ def smoothgrad(
     return out if reduce_each else _finish(out, mod, red, multi, resolved)
 
 
-def _check_options(method: Any, samples: Any, noise: Any, variant: Any, seed: Any, options: dict) -> None:
+def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options: dict) -> None:
     if not callable(method):
         raise SalienceError(f"method must be a saliency function such as salience.vanilla, got {type(method).__name__}")
     check_int(samples, "samples", minimum=1, what="noisy copies per image")
     check_number(noise, "noise", minimum=0, what="a fraction of each image's range, e.g. 0.15")
     if variant not in VARIANTS:
         raise SalienceError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-    if seed is not None:
-        check_int(seed, "seed", minimum=None, what="or None")
     for name in options:
         if not _engine.accepts(method, name):
             raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r}")
@@ -161,6 +167,31 @@ def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bo
     return raw
 
 
+_SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def check_seed(seed: Any, batch: int) -> Union[None, int, list[int]]:
+    """``seed`` checked: ``None``, an int, or a sequence of ``batch`` ints (one per image, a list);
+    a :class:`SalienceError` otherwise."""
+    if seed is None:
+        return None
+    array = getattr(seed, "ndim", None) == 1 and hasattr(seed, "tolist")  # a tensor or numpy array of ints
+    if isinstance(seed, (str, bytes)) or not (isinstance(seed, Sequence) or array):
+        return _check_seed_int(seed, "seed", "an int, a list of one int per image, or None")
+    seeds = seed.tolist() if array else list(seed)
+    if len(seeds) != batch:
+        raise SalienceError(f"seed has {len(seeds)} int(s) for a batch of {batch} image(s); give one seed per "
+                            "image, or one int for the batch")
+    return [_check_seed_int(s, f"seed[{b}]", "one int per image") for b, s in enumerate(seeds)]
+
+
+def _check_seed_int(value: Any, name: str, what: str) -> int:
+    v = check_int(value, name, minimum=None, what=what)
+    if not _SEED_RANGE[0] <= v <= _SEED_RANGE[1]:
+        raise SalienceError(f"{name} must be an int from -2**63 to 2**64 - 1 (a generator's seed), got {v}")
+    return v
+
+
 def _fresh_seed() -> int:
     return int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(torch.seed())))
 
@@ -169,27 +200,40 @@ class NoisyCopies:
     """The noisy copies of a batch ``x`` ``(B, C, H, W)`` as items: item ``j`` is copy ``j // B`` of
     image ``j % B``, ``x + sigma * N(0, 1)`` with ``sigma = noise * (max - min)`` per image.
 
-    The noise is the documented stream: one ``N(0, 1)`` draw of the batch's shape per copy, in
-    copy order, from a generator of its own seeded with ``seed``; so the same seed gives the same
-    noise whatever the chunking. It is a stream: chunks must be asked for in increasing order,
-    as :func:`salience._core.engine.accumulate` runs them (asking for an earlier copy is an error).
+    The noise is the documented stream. An int ``seed``: one ``N(0, 1)`` draw of the batch's shape
+    per copy, in copy order, from a generator of its own seeded with ``seed``. A list of ``B`` ints
+    (one per image): image ``b`` has a stream of its own, one ``N(0, 1)`` draw of shape
+    ``(C, H, W)`` per copy, in copy order, from a generator seeded with ``seed[b]``; so image
+    ``b``'s noise does not depend on the other images (a single image's int seed is the same
+    stream as ``[seed]``). Either way the same seed gives the same noise whatever the chunking.
+    It is a stream: chunks must be asked for in increasing order, as
+    :func:`salience._core.engine.accumulate` runs them (asking for an earlier copy is an error).
     """
 
-    def __init__(self, x: Tensor, noise: float, seed: int) -> None:
+    def __init__(self, x: Tensor, noise: float, seed: Union[int, Sequence[int]]) -> None:
         self.x, self.noise = x, float(noise)
         b = x.shape[0]
         self.sigma = (self.noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))).view(b, 1, 1, 1)
-        self._gen = torch.Generator(device=x.device)
-        self._gen.manual_seed(seed)
-        self._rep, self._draw = -1, x  # the last copy drawn and its noise
+        seeds = [int(seed)] if isinstance(seed, int) else [int(s) for s in seed]
+        self._gens = [torch.Generator(device=x.device).manual_seed(s) for s in seeds]
+        # per stream (one for the batch, or one per image): the last copy drawn and its noise
+        self._reps, self._draws = [-1] * len(seeds), [x] * len(seeds)
+        self._shape = tuple(x.shape) if isinstance(seed, int) else tuple(x.shape[1:])
 
-    def _noise(self, rep: int) -> Tensor:
-        if rep < self._rep:
-            raise RuntimeError(f"noisy copy {rep} asked for after copy {self._rep}: copies are a stream")
-        while self._rep < rep:
-            self._draw = torch.randn(self.x.shape, generator=self._gen, device=self.x.device, dtype=self.x.dtype)
-            self._rep += 1
-        return self._draw
+    def _stream(self, s: int, rep: int) -> Tensor:
+        if rep < self._reps[s]:
+            raise RuntimeError(f"noisy copy {rep} asked for after copy {self._reps[s]}: copies are a stream")
+        while self._reps[s] < rep:
+            self._draws[s] = torch.randn(self._shape, generator=self._gens[s], device=self.x.device,
+                                         dtype=self.x.dtype)
+            self._reps[s] += 1
+        return self._draws[s]
+
+    def _noise(self, rep: int, lo: int, hi: int) -> Tensor:
+        """Copy ``rep``'s noise of images ``lo..hi-1`` ``(hi - lo, C, H, W)``."""
+        if len(self._gens) == 1 and len(self._shape) == 4:  # one stream for the batch
+            return self._stream(0, rep)[lo:hi]
+        return torch.stack([self._stream(b, rep) for b in range(lo, hi)])
 
     def __call__(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """Items ``start..stop-1`` ``(n, C, H, W)`` and the image each belongs to ``(n,)``."""
@@ -199,7 +243,7 @@ class NoisyCopies:
             lo, hi = max(start, rep * b) - rep * b, min(stop, (rep + 1) * b) - rep * b
             part = self.x[lo:hi]
             if self.noise != 0:
-                part = part + self.sigma[lo:hi] * self._noise(rep)[lo:hi]
+                part = part + self.sigma[lo:hi] * self._noise(rep, lo, hi)
             parts.append(part)
         owner = torch.arange(start, stop, device=self.x.device) % b
         return (parts[0] if len(parts) == 1 else torch.cat(parts)), owner

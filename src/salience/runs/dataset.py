@@ -111,7 +111,9 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     ``precision``: how every method's passes run (``None``: the settings of
     :func:`salience.set_performance`; docs/performance.md), on both engines; they change how the
     maps are computed, not what, so they are not part of the run's command (a run started without
-    ``compile`` may be continued with it).
+    ``compile`` may be continued with it). SmoothGrad gives image ``i`` the seed
+    ``(seed * 1_000_003 + i) % 2**63`` (:func:`salience.runs.job.image_seed`), so its map does not
+    depend on the batch (docs/datasets.md).
     """
     if engine not in ENGINES:
         raise SalienceError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")

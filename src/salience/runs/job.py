@@ -4,7 +4,9 @@ the two engines write the same rows and maps.
 """
 from __future__ import annotations
 
+import functools
 import io
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -74,6 +76,43 @@ class Result:
     tiles: Optional[np.ndarray]
 
 
+SEED_STRIDE = 1_000_003
+"""Image ``i`` of a run whose SmoothGrad has ``seed=S`` is seeded with ``(S * SEED_STRIDE + i) % 2**63``."""
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The SmoothGrad seed of image ``index`` (its index in the run, the ``index`` column) of a run
+    whose SmoothGrad has ``seed``: ``(seed * 1_000_003 + index) % 2**63``. The stored map of that
+    image is ``salience.smoothgrad(model, x[None], target, seed=image_seed(seed, index), ...)``
+    with the run's other options, whichever images share its batch (``--batch``)."""
+    return (int(seed) * SEED_STRIDE + int(index)) % 2 ** 63
+
+
+def _run_seed(fn: Callable[..., Tensor]) -> Optional[int]:
+    """The seed of ``fn`` if it is SmoothGrad (``salience.smoothgrad`` or a ``functools.partial`` of
+    it, as the command line binds options) with an int seed, else ``None``: its images get seeds of
+    their own (:func:`image_seed`). A seed of ``None`` (fresh noise) is left as it is."""
+    from salience.methods.smoothgrad import smoothgrad
+
+    keywords: dict[str, Any] = {}
+    while isinstance(fn, functools.partial):
+        keywords = {**fn.keywords, **keywords}
+        fn = fn.func
+    if fn is not smoothgrad:
+        return None
+    seed = keywords.get("seed", 0)  # smoothgrad's default
+    return int(seed) if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) else None
+
+
+def call_method(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Any,
+                indices: Optional[Sequence[int]] = None) -> Tensor:
+    """``fn(model, x, target)``; SmoothGrad with the seeds of images ``indices`` (:func:`image_seed`)."""
+    seed = _run_seed(fn) if indices is not None else None
+    if seed is None:
+        return fn(model, x, target)
+    return fn(model, x, target, seed=[image_seed(seed, i) for i in indices])
+
+
 def _predictions(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return _probabilities(forward_scores(model, x, strip_softmax=False))
 
@@ -84,7 +123,8 @@ def _probabilities(out: Tensor) -> tuple[Tensor, Tensor]:
     return probs, out
 
 
-def _first_pass(plan: Plan, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _first_pass(plan: Plan, model: nn.Module, x: Tensor,
+                indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
     """Explaining the predicted class (one target), or a regression output: the first method runs
     with ``target=None`` (or the regression target) and
     the model's output on the clean images is read from that method's own forward pass (a forward
@@ -101,7 +141,7 @@ def _first_pass(plan: Plan, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor
     name, fn = next(iter(plan.methods.items()))
     handle = model.register_forward_hook(keep)
     try:
-        m = fn(model, x, plan.regression()).detach().float().cpu().unsqueeze(1)
+        m = call_method(fn, model, x, plan.regression(), indices).detach().float().cpu().unsqueeze(1)
     finally:
         handle.remove()
     out = seen[0] if seen else forward_scores(model, x, strip_softmax=False)
@@ -127,11 +167,12 @@ def display(m: Tensor) -> Tensor:
     return m.abs().amax(1) if m.dim() == 4 else m
 
 
-def _method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes: Tensor, plan: Plan) -> Tensor:
-    """One method's maps ``(n, K, ...)`` float32 on the CPU."""
+def _method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes: Tensor, plan: Plan,
+                 indices: Sequence[int]) -> Tensor:
+    """One method's maps ``(n, K, ...)`` float32 on the CPU, of the run's images ``indices``."""
     reg = plan.regression()
     target = reg if reg is not None else (classes[:, 0] if classes.shape[1] == 1 else classes).to(x.device)
-    m = fn(model, x, target).detach().float().cpu()
+    m = call_method(fn, model, x, target, indices).detach().float().cpu()
     return m.unsqueeze(1) if classes.shape[1] == 1 else m
 
 
@@ -175,7 +216,8 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
             _prediction_row(rows[pos], plan, probs[j], classes[j])
         for i_method, (name, fn) in enumerate(plan.methods.items()):
             try:
-                m = first_maps if i_method == 0 and first_maps is not None else _method_maps(fn, model, x, classes, plan)
+                m = (first_maps if i_method == 0 and first_maps is not None
+                     else _method_maps(fn, model, x, classes, plan, indices))
             except SalienceError as e:
                 for pos in good:
                     rows[pos]["error"] = f"method {name} failed: {e}"
@@ -218,7 +260,7 @@ def _predict(plan: Plan, model: nn.Module, x: Tensor,
     probabilities ``(n, classes)`` (a regression run: the outputs' values) and the targets ``(n, K)``."""
     if plan.mode == "regression" or (plan.mode == "predicted" and plan.k == 1):
         try:
-            first_maps, out, classes = _first_pass(plan, model, x)
+            first_maps, out, classes = _first_pass(plan, model, x, indices)
             return first_maps, _scores(plan, out), classes
         except SalienceError:
             pass  # the method's error is recorded when it runs again with the classes
@@ -305,6 +347,6 @@ def choose_batch(model: nn.Module, item: Item, plan: Plan, cap: int) -> int:
     probe = MemoryProbe()
     with probe:
         probs, _ = _predictions(model, x)
-        _method_maps(fn, model, x, _targets(plan, probs, [item.index]), plan)
+        _method_maps(fn, model, x, _targets(plan, probs, [item.index]), plan, [item.index])
     per = max(int(probe.peak), 1)
     return int(max(1, min(cap, int(0.8 * default_budget(device)) // per)))
