@@ -402,16 +402,17 @@ def test_a_torch_dataset_and_the_model_unchanged(tmp_path):
 
 
 def test_a_label_the_model_does_not_have_fails_eigencam_as_every_method(tmp_path):
-    """Labels meant for another model (class 7 of a 4-class model): each method's rows say so, also
-    for Eigen-CAM, whose map does not depend on the class (it explained them silently)."""
+    """Labels meant for another model (class 7 of a 4-class model): the run is refused before it
+    starts, naming the image, for Eigen-CAM too, whose map does not depend on the class (it explained
+    them silently); no run folder is left."""
     from conftest import SmallCNN
 
     torch.manual_seed(0)
     ds = torch.utils.data.TensorDataset(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 7, 2]))
     for name in ("vanilla", "eigencam"):
-        run = salience.explain_dataset(SmallCNN().eval(), ds, [name], tmp_path / name, batch_size=4, workers=0)
-        assert run.table.column("error").to_pylist() == [
-            f"method {name} failed: target class 7 is out of range for a model with 4 outputs (valid: 0..3)"] * 4
+        with pytest.raises(SalienceError, match=r"label 7 of image 2 .* out of range for the model's 4 classes"):
+            salience.explain_dataset(SmallCNN().eval(), ds, [name], tmp_path / name, batch_size=4, workers=0)
+        assert not (tmp_path / name / "index.parquet").exists()
 
 
 def test_performance_options_reach_every_method_of_a_dataset_run(tmp_path, monkeypatch):
@@ -762,7 +763,7 @@ def test_top_and_target_are_checked_against_the_outputs_of_a_model_without_class
     assert run.manifest["k"] == 3 and len(run.row(0)["targets"]) == 3
 
 
-def test_smoothgrad_maps_do_not_depend_on_the_batch(data, tmp_path):
+def test_smoothgrad_maps_do_not_depend_on_the_batch(data, tmp_path, capsys):
     """SmoothGrad in a dataset run: image i's map is smoothgrad on that image alone with the seed
     ``seed * 1_000_003 + i`` (docs/datasets.md), whatever --batch, also when a run is continued
     with another --batch (the noise of the whole batch was drawn from one generator: an image's
@@ -802,3 +803,10 @@ def test_smoothgrad_maps_do_not_depend_on_the_batch(data, tmp_path):
     for i in range(n):
         alone = salience.smoothgrad(model, x[i:i + 1], samples=3, seed=i)[0].numpy()
         np.testing.assert_allclose(run.map(i, "sg"), alone, rtol=1e-5, atol=1e-7)
+    # a run begun before per-image seeds (its command does not name them) is not continued with them:
+    # its maps would mix two noise draws
+    manifest = json.loads((tmp_path / "b3" / "run.json").read_text())
+    assert manifest["command"].pop("per_image_seeds") == ["smoothgrad"]
+    (tmp_path / "b3" / "run.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(line("b3", 2)) == 2 and "different command" in capsys.readouterr().err

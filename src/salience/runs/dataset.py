@@ -152,6 +152,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         "metrics": metric_names, "metric_steps": metric_steps if metric_names else None, "preprocessing": preprocessing_record(info), "map_dtype": map_dtype,
         "shard_size": shard_size, "png": bool(png), "max_pixels": max_pixels,
         "inputs": {"count": len(paths), "digest": sources.digest(paths)},
+        **({"per_image_seeds": seeded} if (seeded := job.per_image_seeds(fns)) else {}),
     }
     manifest = {"format": FORMAT, "command": command, "task": "regression" if regression else "classification",
                 "methods": list(fns), "labels": label_list is not None,

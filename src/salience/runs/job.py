@@ -8,7 +8,7 @@ import functools
 import io
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -86,6 +86,13 @@ def image_seed(seed: int, index: int) -> int:
     image is ``salience.smoothgrad(model, x[None], target, seed=image_seed(seed, index), ...)``
     with the run's other options, whichever images share its batch (``--batch``)."""
     return (int(seed) * SEED_STRIDE + int(index)) % 2 ** 63
+
+
+def per_image_seeds(fns: Mapping[str, Callable[..., Tensor]]) -> list[str]:
+    """The methods of ``fns`` whose images get seeds of their own (:func:`image_seed`): part of a
+    run's command, so that a run begun when one seed drew the whole batch's noise is not continued
+    with per-image noise (its maps would mix the two)."""
+    return [name for name, fn in fns.items() if _run_seed(fn) is not None]
 
 
 def _run_seed(fn: Callable[..., Tensor]) -> Optional[int]:
