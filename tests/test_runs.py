@@ -810,3 +810,30 @@ def test_smoothgrad_maps_do_not_depend_on_the_batch(data, tmp_path, capsys):
     (tmp_path / "b3" / "run.json").write_text(json.dumps(manifest))
     capsys.readouterr()
     assert main(line("b3", 2)) == 2 and "different command" in capsys.readouterr().err
+
+
+def test_method_options_are_applied_and_checked(data, tmp_path):
+    """``explain_dataset(method_options={"smoothgrad": {...}})`` was recorded in the run's command but
+    never given to the methods (the maps were the defaults'): now the options are bound, equal to
+    passing the bound function; a method that is not run or an option it does not take is refused."""
+    import functools
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", imgs / f"{i:03d}.png")
+    common = dict(batch_size=3, workers=0, map_dtype="float32")
+    by_options = salience.explain_dataset("demo:shapes", imgs, ["smoothgrad"], tmp_path / "a",
+                                          method_options={"smoothgrad": {"samples": 3, "noise": 0.4}}, **common)
+    bound = salience.explain_dataset("demo:shapes", imgs, {"smoothgrad": functools.partial(
+        salience.smoothgrad, samples=3, noise=0.4)}, tmp_path / "b", **common)
+    default = salience.explain_dataset("demo:shapes", imgs, ["smoothgrad"], tmp_path / "c", **common)
+    for i in range(3):
+        np.testing.assert_array_equal(by_options.map(i, "smoothgrad"), bound.map(i, "smoothgrad"))
+        assert not np.allclose(by_options.map(i, "smoothgrad"), default.map(i, "smoothgrad"))
+    with pytest.raises(SalienceError, match="names 'gradcam', which is not one of the methods run"):
+        salience.explain_dataset("demo:shapes", imgs, ["vanilla"], tmp_path / "d",
+                                 method_options={"gradcam": {"layer": "features"}}, **common)
+    with pytest.raises(SalienceError, match="method 'vanilla' takes no option 'samples'"):
+        salience.explain_dataset("demo:shapes", imgs, ["vanilla"], tmp_path / "e",
+                                 method_options={"vanilla": {"samples": 3}}, **common)

@@ -10,7 +10,9 @@ equals an uninterrupted run's.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import inspect
 import os
 import sys
 import time
@@ -105,7 +107,8 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     ``batch_size``: default from memory. ``workers``: DataLoader
     processes decoding images (default: up to 4, one core left to the model). ``engine``:
     ``"local"`` or ``"ray"`` (``num_gpus`` per actor, ``actors`` in the pool, ``address`` of the
-    cluster). ``model_spec``: the name of a given module in the run's command (default: its class
+    cluster). ``method_options``: keyword options per method, e.g. ``{"smoothgrad": {"samples": 8}}``
+    (part of the run's command). ``model_spec``: the name of a given module in the run's command (default: its class
     and a digest of its weights). Running it again with the same arguments continues a stopped run; different
     arguments on an existing run raise unless ``overwrite``. ``memory_format``, ``compile`` and
     ``precision``: how every method's passes run (``None``: the settings of
@@ -218,10 +221,28 @@ def _methods(methods: Any, options: Optional[Mapping[str, Any]]) -> tuple[dict[s
     for name in fns:
         if not name or "/" in name or name.startswith("."):
             raise SalienceError(f"method name {name!r} cannot name a folder of the store; rename it")
+    for name, given in (options or {}).items():
+        fns[name] = _with_options(fns, name, given)
     record = {n: {k: repr(v) for k, v in getattr(fn, "keywords", {}).items()} for n, fn in fns.items()}
-    if options:
-        record = {n: {**record[n], **{k: repr(v) for k, v in options.get(n, {}).items()}} for n in fns}
     return fns, record
+
+
+def _with_options(fns: Mapping[str, Callable[..., Any]], name: str, given: Any) -> Callable[..., Any]:
+    """``fns[name]`` with the keyword options ``given`` bound (``method_options={name: {...}}``);
+    a method that is not run, or an option the method does not take, is refused before the run."""
+    if name not in fns:
+        raise SalienceError(f"method_options names {name!r}, which is not one of the methods run ({', '.join(fns)})")
+    if not isinstance(given, Mapping):
+        raise SalienceError(f"method_options[{name!r}] must be a dict of keyword options, e.g. {{'samples': 8}}; "
+                            f"got {type(given).__name__}")
+    fn = fns[name]
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in given if k not in params or k in ("model", "x", "target")]
+        if unknown:
+            takes = ", ".join(k for k in params if k not in ("model", "x", "target"))
+            raise SalienceError(f"method {name!r} takes no option {unknown[0]!r} (it takes: {takes})")
+    return functools.partial(fn, **given) if given else fn
 
 
 def _dataset(images: Any, model: nn.Module) -> tuple[Dataset, list[str], Optional[list], Optional[int]]:
