@@ -489,6 +489,42 @@ def test_masks_of_some_images_still_score_those_images(data, tmp_path):
                                    err_msg=name)
 
 
+
+def test_an_unreadable_mask_costs_only_its_metrics(data, tmp_path):
+    """A mask file that cannot be read made its image an error row with no map and no prediction;
+    now the image is explained, its mask's metrics are empty and its row says why (exit 1). The Ray
+    engine's transit keeps each image's own mask too (it dropped every mask of a block when one image
+    had none)."""
+    from salience.runs import ray_engine
+    from salience.runs.sources import ImageFiles, mask_files
+
+    root, n = data["root"], 4
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i in (0, 1, 3):
+        shutil.copy(root / "masks" / f"{i:03d}.png", masks / f"{i:03d}.png")
+    (masks / "001.png").write_bytes(b"not a png")  # image 1: an unreadable mask; image 2: none
+    paths = [root / "imgs" / f"{i:03d}.png" for i in range(n)]
+    run = salience.explain_dataset("demo:shapes", paths, ["gradcam"], tmp_path / "m", masks=masks,
+                                   metrics=["pointing"], batch_size=4, workers=0)
+    model, x = _inputs(root, n)
+    maps = salience.gradcam(model, x, model(x).argmax(1)).detach()
+    np.testing.assert_allclose(run.map(1, "gradcam"), maps[1].numpy(), rtol=1e-3, atol=1e-3)  # float16 store
+    row = run.row(1)
+    assert row["predicted"] == int(model(x[1:2]).argmax()) and row["gradcam.pointing"] is None
+    assert row["error"].startswith("mask not read:") and "001.png" in row["error"]
+    errors = run.table.column("error").to_pylist()
+    assert errors[0] is None and errors[2] is None and errors[3] is None
+    assert run.row(0)["gradcam.pointing"] is not None and run.row(2)["gradcam.pointing"] is None
+
+    info = model.salience_info
+    dataset = ImageFiles([str(p) for p in paths], info, masks=mask_files([str(p) for p in paths], masks))
+    batch = ray_engine.decode({"index": np.arange(n)}, dataset)
+    assert batch["has_mask"].tolist() == [True, False, False, True]
+    assert batch["mask_error"][1].startswith("mask not read:") and batch["mask_error"][0] == ""
+    np.testing.assert_array_equal(batch["mask"][0], dataset[0].mask.numpy())
+
+
 def test_a_label_out_of_range_is_refused_before_anything_runs(data, tmp_path):
     """A label that is not a class of the model (7 or -1 of 5 classes) stops the run with the line
     that holds it, instead of failing every image of its batch with 'method ... failed'."""

@@ -241,6 +241,9 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
             for col, vals in _metrics(plan, model, x, first, classes, masks).items():
                 for j, pos in enumerate(good):
                     rows[pos][f"{name}.{col}"] = vals[j]
+    for pos in good:  # explained, but its mask's metrics are missing: the row says why (and the run exits 1)
+        if items[pos].mask_error is not None and rows[pos]["error"] is None:
+            rows[pos]["error"] = items[pos].mask_error
     for name in plan.methods:  # a method that failed on this batch: NaN maps of the right shape
         if name not in maps:
             maps[name] = np.full((n, plan.k, *_map_shape(plan, model, name, items[0].x)), np.nan, dtype=np.float32)

@@ -41,9 +41,13 @@ def decode(batch: dict[str, np.ndarray], dataset: Any) -> dict[str, np.ndarray]:
            "x": np.stack([it.x.numpy() for it in items]),
            "width": np.asarray([it.width for it in items], dtype=np.int64),
            "height": np.asarray([it.height for it in items], dtype=np.int64),
-           "error": np.asarray([it.error or "" for it in items], dtype=object)}
-    if all(it.mask is not None for it in items):
-        out["mask"] = np.stack([it.mask.numpy() for it in items])  # type: ignore[union-attr]
+           "error": np.asarray([it.error or "" for it in items], dtype=object),
+           "mask_error": np.asarray([it.mask_error or "" for it in items], dtype=object)}
+    # every block has the same columns; an image without a mask travels as zeros with has_mask False
+    # (each image with a mask is scored, whatever the others of its block have)
+    blank = np.zeros(tuple(items[0].x.shape[-2:]), dtype=bool) if items else np.zeros((0, 0), dtype=bool)
+    out["mask"] = np.stack([it.mask.numpy() if it.mask is not None else blank for it in items])
+    out["has_mask"] = np.asarray([it.mask is not None for it in items], dtype=bool)
     return out
 
 
@@ -67,7 +71,8 @@ class Explain:
         n = len(batch["index"])
         items = [Item(int(batch["index"][j]), torch.from_numpy(np.array(batch["x"][j])), int(batch["width"][j]),
                       int(batch["height"][j]), str(batch["error"][j]) or None,
-                      torch.from_numpy(np.array(batch["mask"][j])) if "mask" in batch else None) for j in range(n)]
+                      torch.from_numpy(np.array(batch["mask"][j])) if batch["has_mask"][j] else None,
+                      str(batch["mask_error"][j]) or None) for j in range(n)]
         parts = []
         for s in range(0, n, self.batch):
             part = items[s:s + self.batch]

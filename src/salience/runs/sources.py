@@ -237,7 +237,8 @@ def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[
 
 @dataclass
 class Item:
-    """One decoded image: its input ``(C, H, W)`` (zeros when it failed), original size and error."""
+    """One decoded image: its input ``(C, H, W)`` (zeros when it failed), original size and error;
+    its mask, and why its mask file could not be read (the image is still explained)."""
 
     index: int
     x: Tensor
@@ -245,6 +246,7 @@ class Item:
     height: int
     error: Optional[str]
     mask: Optional[Tensor] = None
+    mask_error: Optional[str] = None
 
 
 class ImageFiles(Dataset):
@@ -270,12 +272,17 @@ class ImageFiles(Dataset):
             data = remote.read_bytes(path) if remote.is_remote(path) else None
             raw = load_image(path, max_pixels=self.max_pixels, data=data)
             x = normalize_input(resize_crop(raw, info), info)
-            mask = self._mask(index)
-            return Item(index, x, int(raw.shape[-1]), int(raw.shape[-2]), None, mask)
         except SalienceError as e:
             return Item(index, torch.zeros(info.channels, h, w), -1, -1, str(e))
         except (MemoryError, OSError, ValueError) as e:
             return Item(index, torch.zeros(info.channels, h, w), -1, -1, f"{self.paths[index]}: {e}")
+        try:  # a mask that cannot be read costs its image the mask's metrics, not the map
+            return Item(index, x, int(raw.shape[-1]), int(raw.shape[-2]), None, self._mask(index))
+        except SalienceError as e:
+            why = str(e)
+        except (MemoryError, OSError, ValueError) as e:
+            why = f"{self.masks[index]}: {e}"  # type: ignore[index]
+        return Item(index, x, int(raw.shape[-1]), int(raw.shape[-2]), None, None, f"mask not read: {why}")
 
     def _mask(self, index: int) -> Optional[Tensor]:
         """The image's mask, resized and cropped like it, bool ``(H, W)`` (``None``: no mask)."""
