@@ -286,9 +286,12 @@ def run_child(name: str, cfg: dict, timeout: float) -> dict:
 # ----------------------------------------------------------------------------- the rounds
 
 
-def timed_rounds(names: list[str], cfg: dict, timeout: float) -> tuple[dict, list]:
+def timed_rounds(names: list[str], cfg: dict, timeout: float) -> tuple[dict, list]:  # long: warm-up, rounds, sweeps
     """Every case once per round, the order rotated each round. Returns ``{case: [time per round or None]}``,
-    errors and the load average before and after each round."""
+    errors and the load average before and after each round. With ``cfg["repeats"]`` K > 1 a round
+    sweeps the in-process cases K times (each sweep in another rotation) and keeps each case's fastest
+    sweep (``timeit``'s rule: the minimum is the run least disturbed by other work); isolated cases
+    run once a round."""
     import torch
 
     w = Workload(cfg)
@@ -302,34 +305,47 @@ def timed_rounds(names: list[str], cfg: dict, timeout: float) -> tuple[dict, lis
     cpu: dict[str, list] = {n: [] for n in names}  # process CPU time (all threads); isolated cases: None
     extra: dict[str, dict] = {n: {} for n in names}
     rounds = []
+    repeats = max(1, int(cfg.get("repeats", 1)))
     for r in range(cfg["rounds"]):
-        order = names[r % len(names):] + names[:r % len(names)]
         load0, t_round = os.getloadavg(), time.perf_counter()
-        for n in order:
-            if n in isolated:
-                if "error" in extra[n]:  # failed once (e.g. over the memory cap): it will again
-                    times[n].append(None)
+        best: dict[str, tuple[float, float]] = {}
+        for i in range(repeats):
+            k = (r * repeats + i) % len(names)
+            for n in names[k:] + names[:k]:
+                if n in isolated:
+                    if i == 0:
+                        _isolated_once(n, cfg, timeout, times, cpu, extra)
                     continue
-                res = run_child(n, cfg, timeout)
-                times[n].append(res.get("time_s"))
-                cpu[n].append(None)
-                if "error" in res:
-                    extra[n]["error"] = res["error"]
-                else:
-                    extra[n]["peak_rss_mib"] = max(extra[n].get("peak_rss_mib", 0), res["peak_rss_mib"])
-            else:
                 sync()
                 t0, c0 = time.perf_counter(), time.process_time()
                 fns[n]()
                 sync()
-                times[n].append(time.perf_counter() - t0)
-                cpu[n].append(time.process_time() - c0)
-            print(f"round {r + 1}  {n:22s} {times[n][-1] if times[n][-1] is not None else extra[n].get('error')}",
-                  flush=True)
+                t = (time.perf_counter() - t0, time.process_time() - c0)
+                best[n] = min(best.get(n, t), t)
+                print(f"round {r + 1}.{i + 1}  {n:22s} {t[0]}", flush=True)
+        for n, (t, c) in best.items():
+            times[n].append(t)
+            cpu[n].append(c)
         rounds.append({"loadavg_before": load0, "loadavg_after": os.getloadavg(),
                        "wall_s": time.perf_counter() - t_round})
         print(f"round {r + 1} done: load {load0[0]:.1f} -> {rounds[-1]['loadavg_after'][0]:.1f}", flush=True)
     return {"times": times, "cpu": cpu, "extra": extra}, rounds
+
+
+def _isolated_once(n: str, cfg: dict, timeout: float, times: dict, cpu: dict, extra: dict) -> None:
+    """One round of an isolated case: a fresh process under the memory cap (a case that failed once,
+    e.g. over the cap, is not run again: it would fail again)."""
+    if "error" in extra[n]:
+        times[n].append(None)
+        return
+    res = run_child(n, cfg, timeout)
+    times[n].append(res.get("time_s"))
+    cpu[n].append(None)
+    if "error" in res:
+        extra[n]["error"] = res["error"]
+    else:
+        extra[n]["peak_rss_mib"] = max(extra[n].get("peak_rss_mib", 0), res["peak_rss_mib"])
+    print(f"round     {n:22s} {times[n][-1] if times[n][-1] is not None else extra[n].get('error')}", flush=True)
 
 
 def ratios(times: dict, a: str, b: str) -> Optional[list[float]]:
@@ -434,7 +450,9 @@ def markdown(report: dict) -> str:  # long: the whole results file, one table af
         f"Written by `{report['command']}`: torchvision `{cfg['model']}` (random weights), {cfg['batch']} images "
         f"{cfg['size']}x{cfg['size']}, device `{cfg['device']}`, {cfg['threads']} threads; SmoothGrad "
         f"{cfg['samples']} samples, Integrated Gradients {cfg['steps']} steps (trapezoid). {cfg['rounds']} interleaved "
-        f"rounds in one process (order rotated each round, every case warmed up first); Captum's defaults "
+        f"rounds in one process (order rotated each round, every case warmed up first"
+        + (f"; each round {cfg['repeats']} sweeps, each case keeping its fastest" if cfg.get("repeats", 1) > 1 else "")
+        + "); Captum's defaults "
         + ("isolated, a fresh process per round. " if cfg.get("isolate", True) else "in the same process. ") + f"Times in seconds: min / median / max over the rounds. Ratios are taken within "
         f"each round, then min / median / max. Total {report['wall_s'] / 60:.1f} min.",
         "",
@@ -528,6 +546,8 @@ def main(argv=None) -> int:  # long: options, then the rounds, the memory pass a
     ap.add_argument("--cases", help="comma-separated case names (default: all); see --list")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (at least 5 for a headline table)")
+    ap.add_argument("--repeats", type=int, default=1, help="sweeps of the in-process cases per round; each case "
+                    "keeps its fastest (default 1)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--model", help="torchvision ResNet (default resnet50, quick resnet18): Grad-CAM uses layer4")
     ap.add_argument("--size", type=int, help="image side (default 224, quick 64)")
@@ -569,7 +589,7 @@ def main(argv=None) -> int:  # long: options, then the rounds, the memory pass a
         ap.error(f"unknown cases {unknown}; see --list")
     cfg = {"model": args.model or ("resnet18" if args.quick else "resnet50"), "batch": args.batch or (4 if args.quick else 8),
            "size": args.size or (64 if args.quick else 224), "isolate": not args.quick if args.isolate is None else args.isolate, "device": args.device, "threads": args.threads,
-           "samples": args.samples or (8 if args.quick else 16), "steps": args.steps or (8 if args.quick else 16), "rounds": args.rounds, "cap_gib": args.cap_gib,
+           "samples": args.samples or (8 if args.quick else 16), "steps": args.steps or (8 if args.quick else 16), "rounds": args.rounds, "repeats": args.repeats, "cap_gib": args.cap_gib,
            "warmup_below_s": 5.0}
     out = Path(args.out or HERE / ("results-quick" if args.quick else "results"))
     command = " ".join(["python benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])

@@ -50,17 +50,23 @@ def bare_forward_backward(model: torch.nn.Module, x: torch.Tensor, target: torch
     bare(model, x, target, x.shape[0])
 
 
-def rounds(fn: Callable[[], object], ref: Callable[[], object], n: int) -> dict:
-    """``n`` alternating rounds (AB, BA, ...) of ``fn`` (the method) and ``ref`` (its bare passes)."""
+def rounds(fn: Callable[[], object], ref: Callable[[], object], n: int, repeats: int = 1) -> dict:
+    """``n`` alternating rounds (AB, BA, ...) of ``fn`` (the method) and ``ref`` (its bare passes). With
+    ``repeats`` K > 1 a round runs the pair K times, alternating within the round too (AB BA AB ...), and
+    keeps each side's fastest time (``timeit``'s rule: the minimum is the run least disturbed by other
+    work)."""
     fn()
     ref()
     t_fn, t_ref, c_fn, c_ref = [], [], [], []
     for i in range(n):
-        t, c = {}, {}
-        for which in (("fn", "ref") if i % 2 == 0 else ("ref", "fn")):
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn() if which == "fn" else ref()
-            t[which], c[which] = time.perf_counter() - t0, time.process_time() - c0
+        t, c = {"fn": float("inf"), "ref": float("inf")}, {}
+        for j in range(repeats):
+            for which in (("fn", "ref") if (i + j) % 2 == 0 else ("ref", "fn")):
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn() if which == "fn" else ref()
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                if wall < t[which]:
+                    t[which], c[which] = wall, cpu
         t_fn.append(t["fn"])
         t_ref.append(t["ref"])
         c_fn.append(c["fn"])
@@ -77,7 +83,8 @@ def rounds(fn: Callable[[], object], ref: Callable[[], object], n: int) -> dict:
 def markdown(report: dict) -> str:
     c = report["config"]
     lines = [f"# Attention methods vs bare passes: torchvision `{c['model']}` (random weights), {c['batch']} images "
-             f"{c['size']}x{c['size']}, {c['threads']} threads, {c['rounds']} alternating rounds", "",
+             f"{c['size']}x{c['size']}, {c['threads']} threads, {c['rounds']} alternating rounds"
+             + (f", each the fastest of {c['repeats']} runs of each side" if c.get("repeats", 1) > 1 else ""), "",
              f"`{report['command']}`; torch {report['torch']}; load average {report['loadavg_start']} -> "
              f"{report['loadavg_end']}", ""]
     for name, r in report["cases"].items():
@@ -126,6 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", default="attention_rollout,transformer_attribution")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each side per round; the round keeps the fastest")
     ap.add_argument("--profile", action="store_true", help="also profile one call of each method and bare pass")
     ap.add_argument("--out", default=str(HERE / "transformers"), help="output prefix (.json and .md)")
     args = ap.parse_args(argv)
@@ -147,7 +155,7 @@ def main(argv=None) -> int:
               "loadavg_start": os.getloadavg(), "cases": {}}
     for name in args.cases.split(","):
         fn, ref, what = cases[name]
-        r = rounds(fn, ref, args.rounds)
+        r = rounds(fn, ref, args.rounds, args.repeats)
         r["bare"] = what
         report["cases"][name] = r
         print(f"{name:24s} method {_spread(r['method_s'])} s, bare {_spread(r['bare_s'])} s; ratio min/median/max "
