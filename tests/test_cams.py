@@ -19,7 +19,6 @@ from conftest import unchanged
 from nets import CamNet
 from tiny_vit import torchvision_vit
 
-torchvision = pytest.importorskip("torchvision")
 
 GRADIENT_CAMS = ["gradcam_plus_plus", "hirescam", "xgradcam", "layercam"]
 PGC_NAMES = {"gradcam_plus_plus": "GradCAMPlusPlus", "hirescam": "HiResCAM", "xgradcam": "XGradCAM",
@@ -33,6 +32,7 @@ SCALE = 1e3
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)
+    torchvision = pytest.importorskip("torchvision")  # only the torchvision cases skip without it
     return torchvision.models.resnet18(weights=None).eval()
 
 

@@ -19,12 +19,12 @@ from salience.methods.gradcam import default_layer
 from nets import CamNet
 from conftest import unchanged
 
-torchvision = pytest.importorskip("torchvision")
 
 
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)
+    torchvision = pytest.importorskip("torchvision")  # only the torchvision cases skip without it
     return torchvision.models.resnet18(weights=None).eval()
 
 
@@ -102,6 +102,7 @@ def test_equals_pytorch_grad_cam(resnet, x96):
 
 
 def test_default_layers_of_common_architectures():
+    torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     x = torch.rand(1, 3, 64, 64)
     expected = {"resnet18": "layer4", "vgg11": "features.19", "densenet121": "features",
