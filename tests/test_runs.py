@@ -873,3 +873,66 @@ def test_method_options_are_applied_and_checked(data, tmp_path):
     with pytest.raises(SalienceError, match="method 'vanilla' takes no option 'samples'"):
         salience.explain_dataset("demo:shapes", imgs, ["vanilla"], tmp_path / "e",
                                  method_options={"vanilla": {"samples": 3}}, **common)
+
+
+# --------------------------------------------------------------------------------- one writer
+
+
+def _mid_run(out: Path, pid: int, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Wait until the run ``pid`` writing ``out`` holds its lock (the lock file names it) or has
+    committed a shard; False if it ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if f"pid={pid} " in (out / ".salience-run.lock").read_text():
+                return True
+        except OSError:
+            pass
+        if _shards(out):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_second_run_on_a_live_run_folder_is_refused_and_kill_9_leaves_no_lock(data, capsys):
+    """Two real processes on one run folder: while the first holds the folder (stopped with SIGSTOP
+    mid-run, so it surely lives), the same command and an --overwrite of another command are
+    refused at once (exit 2, one line naming the first one's pid and host) and change no file; the
+    first one killed with kill -9 leaves no lock: the same command resumes and finishes a store
+    equal to an uninterrupted run's. (Without the lock, the second process removed the first one's
+    temporary files, or cleared its shards while it went on writing them: a store of two commands.)"""
+    import socket
+
+    root = data["root"]
+    out = root / "two"
+    cmd = [sys.executable, "-m", "salience", *_cli(root, "two", "--labels-csv", str(root / "labels.csv"))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _mid_run(out, first.pid, first), "the first run ended before it could be stopped"
+        first.send_signal(signal.SIGSTOP)
+        before = _tree(out)
+        capsys.readouterr()
+        assert main(_cli(root, "two", "--labels-csv", str(root / "labels.csv"))) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"pid {first.pid} on host {socket.gethostname()}" in err and "another salience process" in err, err
+        other = ["explain", str(root / "imgs"), "--model", "demo:shapes", "--method", "vanilla", "--out", str(out),
+                 "--workers", "0", "--overwrite"]
+        assert main(other) == 2
+        assert "another salience process" in capsys.readouterr().err
+        assert _tree(out) == before  # refused before touching anything
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr  # the broken image; no lock left by the killed run
+    _same_store(open_run(out), data["run"])
+
+
+def test_a_run_folder_in_object_storage_is_refused(data, tmp_path, monkeypatch):
+    """``--out s3://...`` is refused (it made a local folder ``s3:/bucket/run``)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SalienceError, match="local .*folder, not object storage"):
+        salience.explain_dataset("demo:shapes", data["root"] / "imgs", ["vanilla"], "s3://bucket/run", workers=0)
+    assert not list(tmp_path.iterdir())

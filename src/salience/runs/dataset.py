@@ -31,13 +31,14 @@ from salience._core.files import atomic_write
 from salience._core.info import ModelInfo, model_info
 from salience._core.progress import progress
 from salience._core.tensors import check_int, model_device
-from salience.loading import load_model
+from salience.loading import load_model, remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
 from salience.loading.models import name_classes, resolve_device
 from salience.methods import METHODS, as_method
 from salience.render import viz
 from salience.runs import gallery, job, sources
-from salience.runs.store import FORMAT, Run, Store
+from salience.runs.lock import run_lock
+from salience.runs.store import FORMAT, Run, Store, check_folder
 
 PathLike = Union[str, "os.PathLike[str]"]
 METRICS = ("insertion", "deletion", "pointing", "energy")
@@ -126,6 +127,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     if map_dtype not in ("float16", "float32"):
         raise SalienceError(f"map_dtype must be float16 or float32, got {map_dtype!r}")
     perf = _perf.resolve(memory_format, compile, precision)
+    folder = _out_folder(out)
     spec = model if isinstance(model, str) else model_spec
     device = resolve_device(device)
     module = _model(model, device, weights)
@@ -162,26 +164,38 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
                 "metrics": metric_names, "k": k, "map_dtype": map_dtype, "png": bool(png),
                 "class_names": list(info.class_names or ()), "thumb": job.THUMB,
                 "sprite_columns": job.SPRITE_COLUMNS, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    store = Store(out, manifest, overwrite=overwrite)
-    store.write_inputs(paths, label_list)
     if workers is None:
         workers = loader_workers if loader_workers is not None else min(4, max((os.cpu_count() or 1) - 1, 0))
     check_int(workers, "workers", minimum=0)
-    run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module)
-    if engine == "ray":
-        from salience.runs import ray_engine
+    check_folder(folder, overwrite)
+    with run_lock(folder):  # one writer: a second run on this folder is refused while this one lives
+        store = Store(folder, manifest, overwrite=overwrite)
+        store.write_inputs(paths, label_list)
+        run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module)
+        if engine == "ray":  # the driver holds the lock; the actors write shards into the locked folder
+            from salience.runs import ray_engine
 
-        ray_engine.run(run, num_gpus=num_gpus, actors=actors, address=address, show=show_progress, png=png,
-                       weights=weights, performance=perf)
-    else:
-        with _perf.performance(**vars(perf)):
-            run_local(run, show=show_progress, png=png)
-    store.merge_index()
-    gallery.write(store.folder)
+            ray_engine.run(run, num_gpus=num_gpus, actors=actors, address=address, show=show_progress, png=png,
+                           weights=weights, performance=perf)
+        else:
+            with _perf.performance(**vars(perf)):
+                run_local(run, show=show_progress, png=png)
+        store.merge_index()
+        gallery.write(store.folder)
     return Run(store.folder)
 
 
 # --------------------------------------------------------------------------------- checks
+
+
+def _out_folder(out: PathLike) -> Path:
+    """The run folder: a local path (or a mounted one); an object storage URL is refused."""
+    text = os.fspath(out)
+    if remote.is_remote(text):
+        raise SalienceError(f"--out {text}: a run folder must be a local (or mounted) folder, not object storage "
+                            "(resuming needs atomic renames and a lock); write it locally, then copy it "
+                            "(e.g. aws s3 sync)")
+    return Path(text)
 
 
 def _model(model: Union[nn.Module, str], device: Optional[torch.device], weights: Optional[str]) -> nn.Module:

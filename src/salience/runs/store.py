@@ -10,6 +10,7 @@
     RUN/index.parquet                 every row, by index (merged when the run ends)
     RUN/index.html                    the gallery
     RUN/overlays/<index>_<method>.png with --png
+    RUN/.salience-run.lock            locked by the process writing the run (:mod:`salience.runs.lock`)
 
 A row says where its maps are: ``shard`` and ``offset``, so that
 ``np.load(f"RUN/maps/{m}/{row.shard}.npy", mmap_mode="r")[row.offset, k]`` is the map of image
@@ -30,6 +31,7 @@ import numpy as np
 
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_path, atomic_write, make_folder
+from salience.runs.lock import LOCK_NAME
 
 FORMAT = "salience-run/1"
 PathLike = Union[str, "os.PathLike[str]"]
@@ -108,6 +110,18 @@ def _remove_temporaries(folder: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def check_folder(folder: Path, overwrite: bool) -> None:
+    """Refuse a file, or a folder that holds other files than a run's (the lock file aside), as ``--out``."""
+    if folder.exists() and not folder.is_dir():
+        raise SalienceError(f"{folder} is a file, not a run folder; choose another --out")
+    if not folder.is_dir() or (folder / "run.json").exists():
+        return
+    names = [p.name for p in folder.iterdir() if p.name != LOCK_NAME]
+    if names and (not overwrite or any(n not in _RUN_FILES + _RUN_FOLDERS for n in names)):
+        raise SalienceError(f"{folder} exists and is not a salience run; choose another --out (an empty or new "
+                            "folder)")
+
+
 class Store:
     """Writing side of ``RUN/``: the manifest, the shards, the merged index."""
 
@@ -129,13 +143,8 @@ class Store:
     def _open(self, overwrite: bool) -> None:
         """Create the run, or check that the existing one was made by the same command."""
         f = self.folder
-        if f.exists() and not f.is_dir():
-            raise SalienceError(f"{f} is a file, not a run folder; choose another --out")
+        check_folder(f, overwrite)
         existing = f / "run.json"
-        if f.is_dir() and any(f.iterdir()) and not existing.exists():
-            if not overwrite or any(p.name not in _RUN_FILES + _RUN_FOLDERS for p in f.iterdir()):
-                raise SalienceError(f"{f} exists and is not a salience run; choose another --out (an empty or new "
-                                    "folder)")
         if existing.exists():
             old = _read_json(existing)
             diff = _differences(old.get("command", {}), self.manifest["command"])
