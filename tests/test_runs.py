@@ -936,3 +936,68 @@ def test_a_run_folder_in_object_storage_is_refused(data, tmp_path, monkeypatch):
     with pytest.raises(SalienceError, match="local .*folder, not object storage"):
         salience.explain_dataset("demo:shapes", data["root"] / "imgs", ["vanilla"], "s3://bucket/run", workers=0)
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------- the command's identity
+
+
+def test_a_resume_naming_the_images_another_way_continues_and_a_refusal_says_what_differs(data, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """The same images named by an absolute path, ``./imgs``, ``imgs/`` or a list of absolute paths
+    are the same run (it was refused as another command): the run continues, its rows keep the
+    paths of its first command. Another image set, other labels or another option is still refused,
+    and the message says what differs: the first image whose path differs, the label that
+    changed, the option with its old and new value (it gave only the digests)."""
+    n = 10
+    (tmp_path / "imgs").mkdir()
+    for i in range(n):
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", tmp_path / "imgs" / f"{i:03d}.png")
+    (tmp_path / "labels.csv").write_text("".join(f"{i:03d}.png,{int(data['labels'][i])}\n" for i in range(n)))
+    monkeypatch.chdir(tmp_path)
+
+    def line(spec: str, *extra: str) -> list[str]:
+        return ["explain", spec, "--model", "demo:shapes", "--method", "vanilla", "--out", "run", "--shard-size",
+                "4", "--batch", "2", "--workers", "0", "--labels-csv", "labels.csv", *extra]
+
+    assert main(line("imgs")) == 0
+    full = open_run("run").table
+    assert full.column("path").to_pylist()[0] == os.path.join("imgs", "000.png")
+    (tmp_path / "abs.txt").write_text("".join(f"{tmp_path / 'imgs' / f'{i:03d}.png'}\n" for i in range(n)))
+    for spec in (str(tmp_path / "imgs"), "./imgs", "imgs/", str(tmp_path / "imgs") + "/", "./imgs//", "abs.txt"):
+        (tmp_path / "run" / "shards" / "000000008.parquet").unlink()  # as if stopped before its last shard
+        (tmp_path / "run" / "index.parquet").unlink()
+        capsys.readouterr()
+        assert main(line(spec)) == 0, (spec, capsys.readouterr().err)
+        assert open_run("run").table.equals(full), spec  # the paths as the first command gave them
+
+    def refused(argv: list[str]) -> str:
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "different command" in err and len(err.splitlines()) == 1, err
+        return err
+
+    shutil.copytree(tmp_path / "imgs", tmp_path / "other")
+    err = refused(line("other"))
+    assert f"image 0 was {tmp_path / 'imgs' / '000.png'}, is now {tmp_path / 'other' / '000.png'}" in err, err
+    shutil.copy(tmp_path / "imgs" / "000.png", tmp_path / "imgs" / "010.png")
+    err = refused(line("imgs"))
+    assert f"image 10 is new: {tmp_path / 'imgs' / '010.png'}" in err, err
+    (tmp_path / "imgs" / "010.png").unlink()
+    changed = int(data["labels"][3] + 1) % 5
+    (tmp_path / "labels2.csv").write_text("".join(
+        f"{i:03d}.png,{changed if i == 3 else int(data['labels'][i])}\n" for i in range(n)))
+    err = refused(line("imgs")[:-1] + ["labels2.csv"])
+    assert f"image 3 ({os.path.join('imgs', '003.png')}): label {int(data['labels'][3])} -> {changed}" in err, err
+    err = refused(line("imgs", "--reduce", "sum_abs"))
+    assert "method_options.vanilla.reduce: (not given) -> 'sum_abs'" in err, err
+    # a run begun by a salience whose command held the digest of the paths as given is continued
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    manifest.pop("cwd")
+    manifest["command"]["inputs"] = {"count": n, "digest": salience.runs.sources.digest(
+        [os.path.join("imgs", f"{i:03d}.png") for i in range(n)])}
+    (tmp_path / "run" / "run.json").write_text(json.dumps(manifest))
+    (tmp_path / "run" / "shards" / "000000008.parquet").unlink()
+    assert main(line("imgs")) == 0
+    assert open_run("run").table.equals(full)
+    assert "form" not in json.loads((tmp_path / "run" / "run.json").read_text())["command"]["inputs"]

@@ -38,7 +38,7 @@ from salience.methods import METHODS, as_method
 from salience.render import viz
 from salience.runs import gallery, job, sources
 from salience.runs.lock import run_lock
-from salience.runs.store import FORMAT, Run, Store, check_folder
+from salience.runs.store import FORMAT, Planned, Run, Store, check_folder
 
 PathLike = Union[str, "os.PathLike[str]"]
 METRICS = ("insertion", "deletion", "pointing", "energy")
@@ -149,28 +149,34 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         target = 0
     plan = job.Plan(fns, info, paths, mode=target_mode, k=k, fixed=target, labels=label_list, metrics=metric_names,
                     metric_options={"steps": metric_steps}, direction=mode)
+    planned = Planned(paths, label_list, mask_list, files=isinstance(dataset, sources.ImageFiles))
     command = {
         "model": spec or _module_id(module), "weights": weights, "methods": list(fns), "method_options": options,
         "targets": {"mode": target_mode, "k": k, "class": target, **({"direction": mode} if regression else {})},
         "labels": sources.digest(label_list) if label_list is not None else None,
-        "masks": sources.digest(mask_list) if mask_list is not None else None,
+        "masks": sources.digest(planned.canonical(mask_list)) if mask_list is not None else None,
         "metrics": metric_names, "metric_steps": metric_steps if metric_names else None, "preprocessing": preprocessing_record(info), "map_dtype": map_dtype,
         "shard_size": shard_size, "png": bool(png), "max_pixels": max_pixels,
-        "inputs": {"count": len(paths), "digest": sources.digest(paths)},
+        "inputs": {"count": len(paths), "digest": sources.digest(planned.canonical(paths)), "form": "absolute"},
         **({"per_image_seeds": seeded} if (seeded := job.per_image_seeds(fns)) else {}),
     }
+    # the command as a salience before canonical paths wrote it (a run it began is continued)
+    legacy = {**command, "inputs": {"count": len(paths), "digest": sources.digest(paths)},
+              "masks": sources.digest(mask_list) if mask_list is not None else None}
     manifest = {"format": FORMAT, "command": command, "task": "regression" if regression else "classification",
                 "methods": list(fns), "labels": label_list is not None,
                 "metrics": metric_names, "k": k, "map_dtype": map_dtype, "png": bool(png),
                 "class_names": list(info.class_names or ()), "thumb": job.THUMB,
-                "sprite_columns": job.SPRITE_COLUMNS, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "sprite_columns": job.SPRITE_COLUMNS, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "cwd": os.getcwd()}  # where the relative paths of inputs.parquet are from
     if workers is None:
         workers = loader_workers if loader_workers is not None else min(4, max((os.cpu_count() or 1) - 1, 0))
     check_int(workers, "workers", minimum=0)
     check_folder(folder, overwrite)
     with run_lock(folder):  # one writer: a second run on this folder is refused while this one lives
-        store = Store(folder, manifest, overwrite=overwrite)
-        store.write_inputs(paths, label_list)
+        store = Store(folder, manifest, overwrite=overwrite, legacy=legacy, planned=planned)
+        store.write_inputs(paths, label_list, mask_list)
+        plan.paths = store.input_paths()  # a continued run's rows keep the paths its first command gave
         run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module)
         if engine == "ray":  # the driver holds the lock; the actors write shards into the locked folder
             from salience.runs import ray_engine
