@@ -1001,3 +1001,49 @@ def test_a_resume_naming_the_images_another_way_continues_and_a_refusal_says_wha
     assert main(line("imgs")) == 0
     assert open_run("run").table.equals(full)
     assert "form" not in json.loads((tmp_path / "run" / "run.json").read_text())["command"]["inputs"]
+
+
+# --------------------------------------------------------------------------------- odd images
+
+
+def test_extreme_aspects_are_explained_and_a_decompression_bomb_is_a_row(data, tmp_path, monkeypatch, capsys):
+    """A dataset run with crop preprocessing (shorter side to 72, centre crop 64) over a 1x60000 and a
+    60000x1 image and a PNG whose header says 100000x100000 (a decompression bomb, a few bytes):
+    the long images are explained like the others (their resize asked for 72 x 4,320,000 pixels
+    first, 3.7 GB: here ``F.interpolate`` refuses any output over 50M elements, as memory would), the
+    bomb is a row whose error says it is over the pixel limit (nothing decoded; PIL's own limit is
+    left as it was), the run goes on and exits 1."""
+    import struct
+    import zlib
+
+    from PIL import Image
+    from test_loading import _Sizes
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    shutil.copy(data["root"] / "imgs" / "000.png", imgs / "a_normal.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (1, 60_000, 3), dtype=np.uint8)).save(imgs / "b_wide.png")
+    Image.fromarray(rng.integers(0, 255, (60_000, 1, 3), dtype=np.uint8)).save(imgs / "c_tall.png")
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    (imgs / "d_bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000,
+                                      8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    sizes = _Sizes()
+    monkeypatch.setattr(torch.nn.functional, "interpolate", sizes)
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    rc = main(["explain", str(imgs), "--model", "demo:shapes", "--method", "vanilla,gradcam", "--resize", "72",
+               "--crop", "64", "--out", str(tmp_path / "run"), "--workers", "0"])
+    assert rc == 1, capsys.readouterr().err
+    run = open_run(tmp_path / "run")
+    rows = {Path(r["path"]).name: r for r in run}
+    for name, (w, h) in (("a_normal.png", (64, 64)), ("b_wide.png", (60_000, 1)), ("c_tall.png", (1, 60_000))):
+        assert rows[name]["error"] is None, rows[name]["error"]
+        assert (rows[name]["width"], rows[name]["height"]) == (w, h)
+        for m in ("vanilla", "gradcam"):
+            assert np.isfinite(run.map(rows[name]["index"], m)).all()
+    assert "100000x100000" in rows["d_bomb.png"]["error"] and "over the limit" in rows["d_bomb.png"]["error"]
+    assert sizes.largest <= 3 * 72 * 64 * 16  # nothing near the whole resized image
+    assert Image.MAX_IMAGE_PIXELS == pil_limit
