@@ -1001,6 +1001,17 @@ def test_a_resume_naming_the_images_another_way_continues_and_a_refusal_says_wha
     assert main(line("imgs")) == 0
     assert open_run("run").table.equals(full)
     assert "form" not in json.loads((tmp_path / "run" / "run.json").read_text())["command"]["inputs"]
+    # the mask files too: named another way, the same run; other files, refused with the first one
+    (tmp_path / "m").mkdir()
+    for i in range(n):
+        shutil.copy(data["root"] / "masks" / f"{i:03d}.png", tmp_path / "m" / f"{i:03d}.png")
+    masked = [a if a != "run" else "run2" for a in line("imgs")]
+    assert main(masked + ["--masks", "m"]) == 0
+    assert main(masked + ["--masks", str(tmp_path / "m") + "/"]) == 0
+    shutil.copytree(tmp_path / "m", tmp_path / "m2")
+    err = refused(masked + ["--masks", "./m2"])
+    assert (f"masks: image 0 ({os.path.join('imgs', '000.png')}): mask {tmp_path / 'm' / '000.png'} -> "
+            f"{tmp_path / 'm2' / '000.png'}") in err, err
 
 
 # --------------------------------------------------------------------------------- odd images
