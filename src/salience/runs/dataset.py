@@ -110,8 +110,10 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     ``"local"`` or ``"ray"`` (``num_gpus`` per actor, ``actors`` in the pool, ``address`` of the
     cluster). ``method_options``: keyword options per method, e.g. ``{"smoothgrad": {"samples": 8}}``
     (part of the run's command). ``model_spec``: the name of a given module in the run's command (default: its class
-    and a digest of its weights). Running it again with the same arguments continues a stopped run; different
-    arguments on an existing run raise unless ``overwrite``. ``memory_format``, ``compile`` and
+    and a digest of its weights). Running it again with the same arguments continues a stopped run (the same
+    images named by other paths too: ``imgs``, ``./imgs/``, an absolute path); different arguments on
+    an existing run raise, saying what differs, unless ``overwrite``; while a run writes ``out``,
+    another one on it raises at once (a lock the system releases when the process ends). ``memory_format``, ``compile`` and
     ``precision``: how every method's passes run (``None``: the settings of
     :func:`salience.set_performance`; docs/performance.md), on both engines; they change how the
     maps are computed, not what, so they are not part of the run's command (a run started without

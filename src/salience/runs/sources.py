@@ -160,12 +160,6 @@ def _remote(url: str) -> list[str]:
     return [url]  # one object (a missing one becomes a row with its error)
 
 
-def canonical(path: str) -> str:
-    """A local path in one form for a run's command: absolute and normal (``imgs``, ``./imgs/``,
-    ``imgs//`` and ``/work/imgs`` from ``/work`` are one; links are not resolved); a URL as it is."""
-    return path if remote.is_remote(path) else os.path.abspath(path)
-
-
 def digest(values: Sequence[Any]) -> str:
     """A short SHA-256 of ``values`` (the inputs and labels a run's command is known by)."""
     h = hashlib.sha256()
