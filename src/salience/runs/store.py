@@ -225,9 +225,11 @@ class Store:
             diff = _differences(was, now)
             if diff and not overwrite:
                 detail = _input_differences(f, old, planned) if planned is not None else {}
-                diff = [d for d in diff if d.split(".")[0].split(":")[0] not in detail] + list(detail.values())
-                raise SalienceError(f"{f} holds a run of a different command ({'; '.join(diff[:3])}); run the same "
-                                    "command to continue it, choose another --out, or add --overwrite to start again")
+                diff = list(detail.values()) + [d for d in diff if d.split(".")[0].split(":")[0] not in detail]
+                more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
+                raise SalienceError(f"{f} holds a run of a different command ({'; '.join(diff[:3])}{more}); run the "
+                                    "same command to continue it, choose another --out, or add --overwrite to start "
+                                    "again")
             if not diff and not overwrite:
                 self.manifest = {**old, **{k: v for k, v in self.manifest.items() if k not in old and k != "cwd"}}
                 _remove_temporaries(f)
