@@ -939,6 +939,23 @@ def test_a_second_run_in_the_same_process_is_refused_too(data, tmp_path):
     assert len(salience.explain_dataset("demo:shapes", files, ["vanilla"], tmp_path / "run", workers=0)) == 2
 
 
+def test_a_file_system_without_locks_runs_with_a_warning(data, tmp_path, monkeypatch):
+    """Where the file system cannot lock (``ENOLCK``, as some FUSE mounts of buckets answer), the
+    run goes on and warns that keeping to one writer is the user's."""
+    import errno
+
+    import salience.runs.lock as lock
+
+    def no_locks(*_args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock.fcntl, "lockf", no_locks)
+    files = [data["root"] / "imgs" / f"{i:03d}.png" for i in range(2)]
+    with pytest.warns(UserWarning, match="cannot lock the run folder .*No locks available"):
+        run = salience.explain_dataset("demo:shapes", files, ["vanilla"], tmp_path / "run", workers=0)
+    assert len(run) == 2
+
+
 def test_a_run_folder_in_object_storage_is_refused(data, tmp_path, monkeypatch):
     """``--out s3://...`` is refused (it made a local folder ``s3:/bucket/run``)."""
     monkeypatch.chdir(tmp_path)
