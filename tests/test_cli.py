@@ -469,3 +469,43 @@ def test_batch_size_is_the_dataset_runs_batch_too(tmp_path, pics, capsys, monkey
     assert rc == 2 and "--batch 2 and --batch-size 3 are the same option" in err
     rc, _, err = run(["explain", *paths, "-m", "demo:shapes", "--batch", "1", "--progress", "-o", tmp_path / "p"], capsys)
     assert rc == 0 and re.search(r"explain 100%\|#+\| 3/3", err)  # --batch on image files: passes of 1
+
+
+def test_smoothgrad_on_a_few_files_gives_each_file_its_dataset_run_seed(tmp_path, pics, shapes_model, capsys):
+    """``salience explain a.png b.png --method smoothgrad``: file i (its place on the command line,
+    a file that cannot be read counted too, as a dataset run numbers it) gets the noise of the seed
+    ``(S * 1_000_003 + i) % 2**63``, so its map is smoothgrad on that file alone with that seed,
+    whichever files are named with it (one generator drew the noise of the whole batch), and the
+    map a dataset run of the same files stores."""
+    from salience.runs.job import image_seed
+
+    paths, _ = pics
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    named = [paths[0], broken, paths[1], paths[2]]
+    opts = ["--model", "demo:shapes", "--method", "smoothgrad", "--samples", "3", "--noise", "0.3", "--seed", "7"]
+    rc, _, err = run(["explain", *named, *opts, "--out", tmp_path / "few", "--batch-size", "2"], capsys)
+    assert rc == 1, err  # the broken file
+    rc, _, err = run(["explain", paths[2], *opts, "--out", tmp_path / "one"], capsys)
+    assert rc == 0, err
+    for i, p in enumerate(named):
+        if p == broken:
+            continue
+        alone = salience.smoothgrad(shapes_model, _input(shapes_model, p), samples=3, noise=0.3,
+                                    seed=image_seed(7, i))[0].numpy()
+        (stored,) = (tmp_path / "few").glob(f"{p.stem}_smoothgrad_*.npy")
+        np.testing.assert_allclose(np.load(stored), alone, rtol=1e-5, atol=1e-7)
+    # the last file named alone is image 0 of its command: seed 7 * 1_000_003
+    (stored,) = (tmp_path / "one").glob(f"{paths[2].stem}_smoothgrad_*.npy")
+    alone = salience.smoothgrad(shapes_model, _input(shapes_model, paths[2]), samples=3, noise=0.3,
+                                seed=image_seed(7, 0))[0].numpy()
+    np.testing.assert_allclose(np.load(stored), alone, rtol=1e-5, atol=1e-7)
+    # the dataset run of the same files stores the same maps
+    rc, _, err = run(["explain", *named, *opts, "--out", tmp_path / "run", "--dataset", "--workers", "0",
+                      "--map-dtype", "float32"], capsys)
+    assert rc == 1, err
+    ds = salience.open_run(tmp_path / "run")
+    for i, p in enumerate(named):
+        if p != broken:
+            (stored,) = (tmp_path / "few").glob(f"{p.stem}_smoothgrad_*.npy")
+            np.testing.assert_allclose(ds.map(i, "smoothgrad"), np.load(stored), rtol=1e-5, atol=1e-7)

@@ -382,3 +382,60 @@ def test_demo_model_is_exported_and_ready():
     m = salience.load_model("demo:shapes")
     assert not m.training and m.salience_info.input_size == (64, 64)
     assert m.salience_info.class_names[:2] == ("circle", "square")
+
+
+class _Sizes:
+    """``F.interpolate`` as it is, with the largest output it was asked for (elements) kept; an output
+    over ``cap`` elements raises ``MemoryError`` before anything is allocated (as the allocation would)."""
+
+    def __init__(self, cap: int = 50_000_000):
+        self.real, self.cap, self.largest = torch.nn.functional.interpolate, cap, 0
+
+    def __call__(self, x, size=None, *args, **kwargs):
+        if size is not None:
+            n = int(np.prod(x.shape[:2])) * int(np.prod(size))
+            self.largest = max(self.largest, n)
+            if n > self.cap:
+                raise MemoryError(f"interpolate to {tuple(x.shape[:2])} + {tuple(size)}: {n * 4 / 1e9:.1f} GB")
+        return self.real(x, size, *args, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_crop_preprocessing_of_an_extreme_aspect_resizes_only_the_crop(monkeypatch, mode):
+    """Resize the shorter side to 256, centre-crop 224: a 1x60000 image was resized to 256 x 15,360,000
+    first (47 GB as float32 RGB). Now no output over the crop's size is asked for, and the crop equals
+    the same resize computed on a slice of the image around its centre (the scale is 256: a slice
+    from an integer column lines up with the whole image's samples)."""
+    sizes = _Sizes()
+    monkeypatch.setattr(torch.nn.functional, "interpolate", sizes)
+    info = ModelInfo(name="x", input_size=(224, 224), resize=256, interpolation=mode)
+    wide = torch.rand(3, 1, 60_000, generator=torch.Generator().manual_seed(0))
+    got = resize_crop(wide, info)
+    assert got.shape == (3, 224, 224)
+    assert sizes.largest <= 3 * 256 * 224
+    a = 29_990  # the crop's columns are (15,360,000 - 224) / 2 = 7,679,888 on: source columns 29,999.6..30,000.4
+    part = sizes.real(wide[None, :, :, a:a + 20], size=(256, 20 * 256), mode=mode, align_corners=False,
+                      antialias=True)[0].clamp(0, 1)
+    left = 7_679_888 - a * 256
+    torch.testing.assert_close(got, part[:, 16:240, left:left + 224], atol=1e-5, rtol=0)
+    tall = resize_crop(wide.transpose(1, 2), info)  # 60000x1: the same, transposed
+    torch.testing.assert_close(tall, got.transpose(1, 2), atol=1e-5, rtol=0)
+
+
+def test_the_crop_only_resize_equals_the_whole_resize_on_moderate_aspects(monkeypatch):
+    """The crop-only resize (used over ``LARGEST_RESIZE`` pixels) forced on moderate images equals the
+    whole resize then crop within float rounding of the resize weights: both interpolations, shorter
+    sides resized up or down, a crop larger than the resized side (stretched as before), odd sizes."""
+    import salience.loading.images as images
+
+    gen = torch.Generator().manual_seed(1)
+    cases = [((h, w), s, t, mode) for h, w in [(50, 400), (400, 50), (37, 301), (256, 300), (3, 900), (1, 700)]
+             for s, t in [(256, (224, 224)), (200, (224, 224)), (64, (48, 60)), (300, (224, 160))]
+             for mode in ("bilinear", "bicubic")]
+    pictures = [torch.rand(3, h, w, generator=gen) for (h, w), *_ in cases]
+    infos = [ModelInfo(name="x", input_size=t, resize=s, interpolation=mode) for _, s, t, mode in cases]
+    whole = [resize_crop(x, info) for x, info in zip(pictures, infos)]
+    monkeypatch.setattr(images, "LARGEST_RESIZE", 0)
+    for x, info, expected, case in zip(pictures, infos, whole, cases):
+        torch.testing.assert_close(resize_crop(x, info), expected, atol=1e-4, rtol=0, msg=str(case))
+        torch.testing.assert_close(resize_crop(x[None], info), expected[None], atol=1e-4, rtol=0, msg=str(case))

@@ -873,3 +873,214 @@ def test_method_options_are_applied_and_checked(data, tmp_path):
     with pytest.raises(SalienceError, match="method 'vanilla' takes no option 'samples'"):
         salience.explain_dataset("demo:shapes", imgs, ["vanilla"], tmp_path / "e",
                                  method_options={"vanilla": {"samples": 3}}, **common)
+
+
+# --------------------------------------------------------------------------------- one writer
+
+
+def _mid_run(out: Path, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Wait until the run ``proc`` writing ``out`` has committed a shard (its DataLoader workers
+    are up); False if it ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _shards(out):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_second_run_on_a_live_run_folder_is_refused_and_kill_9_leaves_no_lock(data, capsys):
+    """Two real processes on one run folder: while the first holds the folder (stopped with SIGSTOP
+    mid-run, so it surely lives), the same command and an --overwrite of another command are
+    refused at once (exit 2, one line naming the first one's pid and host) and change no file; the
+    first one killed with kill -9 leaves no lock: the same command resumes and finishes a store
+    equal to an uninterrupted run's. (Without the lock, the second process removed the first one's
+    temporary files, or cleared its shards while it went on writing them: a store of two commands.)"""
+    import socket
+
+    root = data["root"]
+    out = root / "two"
+    cmd = [sys.executable, "-m", "salience", *_cli(root, "two", "--labels-csv", str(root / "labels.csv"))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # a DataLoader worker (a forked child, which outlives its killed parent for a few seconds) must
+    # not keep the lock: the workers are no part of the command
+    first = subprocess.Popen(cmd + ["--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _mid_run(out, first), "the first run ended before it could be stopped"
+        first.send_signal(signal.SIGSTOP)
+        before = _tree(out)
+        capsys.readouterr()
+        assert main(_cli(root, "two", "--labels-csv", str(root / "labels.csv"))) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"pid {first.pid} on host {socket.gethostname()}" in err and "another salience process" in err, err
+        other = ["explain", str(root / "imgs"), "--model", "demo:shapes", "--method", "vanilla", "--out", str(out),
+                 "--workers", "0", "--overwrite"]
+        assert main(other) == 2
+        assert "another salience process" in capsys.readouterr().err
+        assert _tree(out) == before  # refused before touching anything
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr  # the broken image; no lock left by the killed run
+    _same_store(open_run(out), data["run"])
+
+
+def test_a_second_run_in_the_same_process_is_refused_too(data, tmp_path):
+    """A record lock is the process's own: a second run on the folder from the same process (a
+    thread, a nested call) is refused by the folders the process holds, and the folder is free after."""
+    from salience.runs.lock import run_lock
+
+    files = [data["root"] / "imgs" / f"{i:03d}.png" for i in range(2)]
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(SalienceError, match="another run of this process"):
+            salience.explain_dataset("demo:shapes", files, ["vanilla"], tmp_path / "run", workers=0)
+    assert len(salience.explain_dataset("demo:shapes", files, ["vanilla"], tmp_path / "run", workers=0)) == 2
+
+
+def test_a_file_system_without_locks_runs_with_a_warning(data, tmp_path, monkeypatch):
+    """Where the file system cannot lock (``ENOLCK``, as some FUSE mounts of buckets answer), the
+    run goes on and warns that keeping to one writer is the user's."""
+    import errno
+
+    import salience.runs.lock as lock
+
+    def no_locks(*_args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock.fcntl, "lockf", no_locks)
+    files = [data["root"] / "imgs" / f"{i:03d}.png" for i in range(2)]
+    with pytest.warns(UserWarning, match="cannot lock the run folder .*No locks available"):
+        run = salience.explain_dataset("demo:shapes", files, ["vanilla"], tmp_path / "run", workers=0)
+    assert len(run) == 2
+
+
+def test_a_run_folder_in_object_storage_is_refused(data, tmp_path, monkeypatch):
+    """``--out s3://...`` is refused (it made a local folder ``s3:/bucket/run``)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SalienceError, match="local .*folder, not object storage"):
+        salience.explain_dataset("demo:shapes", data["root"] / "imgs", ["vanilla"], "s3://bucket/run", workers=0)
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------- the command's identity
+
+
+def test_a_resume_naming_the_images_another_way_continues_and_a_refusal_says_what_differs(data, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """The same images named by an absolute path, ``./imgs``, ``imgs/`` or a list of absolute paths
+    are the same run (it was refused as another command): the run continues, its rows keep the
+    paths of its first command. Another image set, other labels or another option is still refused,
+    and the message says what differs: the first image whose path differs, the label that
+    changed, the option with its old and new value (it gave only the digests)."""
+    n = 10
+    (tmp_path / "imgs").mkdir()
+    for i in range(n):
+        shutil.copy(data["root"] / "imgs" / f"{i:03d}.png", tmp_path / "imgs" / f"{i:03d}.png")
+    (tmp_path / "labels.csv").write_text("".join(f"{i:03d}.png,{int(data['labels'][i])}\n" for i in range(n)))
+    monkeypatch.chdir(tmp_path)
+
+    def line(spec: str, *extra: str) -> list[str]:
+        return ["explain", spec, "--model", "demo:shapes", "--method", "vanilla", "--out", "run", "--shard-size",
+                "4", "--batch", "2", "--workers", "0", "--labels-csv", "labels.csv", *extra]
+
+    assert main(line("imgs")) == 0
+    full = open_run("run").table
+    assert full.column("path").to_pylist()[0] == os.path.join("imgs", "000.png")
+    (tmp_path / "abs.txt").write_text("".join(f"{tmp_path / 'imgs' / f'{i:03d}.png'}\n" for i in range(n)))
+    for spec in (str(tmp_path / "imgs"), "./imgs", "imgs/", str(tmp_path / "imgs") + "/", "./imgs//", "abs.txt"):
+        (tmp_path / "run" / "shards" / "000000008.parquet").unlink()  # as if stopped before its last shard
+        (tmp_path / "run" / "index.parquet").unlink()
+        capsys.readouterr()
+        assert main(line(spec)) == 0, (spec, capsys.readouterr().err)
+        assert open_run("run").table.equals(full), spec  # the paths as the first command gave them
+
+    def refused(argv: list[str]) -> str:
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "different command" in err and len(err.splitlines()) == 1, err
+        return err
+
+    shutil.copytree(tmp_path / "imgs", tmp_path / "other")
+    err = refused(line("other"))
+    assert f"image 0 was {tmp_path / 'imgs' / '000.png'}, is now {tmp_path / 'other' / '000.png'}" in err, err
+    shutil.copy(tmp_path / "imgs" / "000.png", tmp_path / "imgs" / "010.png")
+    err = refused(line("imgs"))
+    assert f"image 10 is new: {tmp_path / 'imgs' / '010.png'}" in err, err
+    (tmp_path / "imgs" / "010.png").unlink()
+    changed = int(data["labels"][3] + 1) % 5
+    (tmp_path / "labels2.csv").write_text("".join(
+        f"{i:03d}.png,{changed if i == 3 else int(data['labels'][i])}\n" for i in range(n)))
+    err = refused(line("imgs")[:-1] + ["labels2.csv"])
+    assert f"image 3 ({os.path.join('imgs', '003.png')}): label {int(data['labels'][3])} -> {changed}" in err, err
+    err = refused(line("imgs", "--reduce", "sum_abs"))
+    assert "method_options.vanilla.reduce: (not given) -> 'sum_abs'" in err, err
+    # a run begun by a salience whose command held the digest of the paths as given is continued
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    manifest.pop("cwd")
+    manifest["command"]["inputs"] = {"count": n, "digest": salience.runs.sources.digest(
+        [os.path.join("imgs", f"{i:03d}.png") for i in range(n)])}
+    (tmp_path / "run" / "run.json").write_text(json.dumps(manifest))
+    (tmp_path / "run" / "shards" / "000000008.parquet").unlink()
+    assert main(line("imgs")) == 0
+    assert open_run("run").table.equals(full)
+    assert "form" not in json.loads((tmp_path / "run" / "run.json").read_text())["command"]["inputs"]
+    # the mask files too: named another way, the same run; other files, refused with the first one
+    (tmp_path / "m").mkdir()
+    for i in range(n):
+        shutil.copy(data["root"] / "masks" / f"{i:03d}.png", tmp_path / "m" / f"{i:03d}.png")
+    masked = [a if a != "run" else "run2" for a in line("imgs")]
+    assert main(masked + ["--masks", "m"]) == 0
+    assert main(masked + ["--masks", str(tmp_path / "m") + "/"]) == 0
+    shutil.copytree(tmp_path / "m", tmp_path / "m2")
+    err = refused(masked + ["--masks", "./m2"])
+    assert (f"masks: image 0 ({os.path.join('imgs', '000.png')}): mask {tmp_path / 'm' / '000.png'} -> "
+            f"{tmp_path / 'm2' / '000.png'}") in err, err
+
+
+# --------------------------------------------------------------------------------- odd images
+
+
+def test_extreme_aspects_are_explained_and_a_decompression_bomb_is_a_row(data, tmp_path, monkeypatch, capsys):
+    """A dataset run with crop preprocessing (shorter side to 72, centre crop 64) over a 1x60000 and a
+    60000x1 image and a PNG whose header says 100000x100000 (a decompression bomb, a few bytes):
+    the long images are explained like the others (their resize asked for 72 x 4,320,000 pixels
+    first, 3.7 GB: here ``F.interpolate`` refuses any output over 50M elements, as memory would), the
+    bomb is a row whose error says it is over the pixel limit (nothing decoded; PIL's own limit is
+    left as it was), the run goes on and exits 1."""
+    import struct
+    import zlib
+
+    from PIL import Image
+    from test_loading import _Sizes
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    shutil.copy(data["root"] / "imgs" / "000.png", imgs / "a_normal.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (1, 60_000, 3), dtype=np.uint8)).save(imgs / "b_wide.png")
+    Image.fromarray(rng.integers(0, 255, (60_000, 1, 3), dtype=np.uint8)).save(imgs / "c_tall.png")
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    (imgs / "d_bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000,
+                                      8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    sizes = _Sizes()
+    monkeypatch.setattr(torch.nn.functional, "interpolate", sizes)
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    rc = main(["explain", str(imgs), "--model", "demo:shapes", "--method", "vanilla,gradcam", "--resize", "72",
+               "--crop", "64", "--out", str(tmp_path / "run"), "--workers", "0"])
+    assert rc == 1, capsys.readouterr().err
+    run = open_run(tmp_path / "run")
+    rows = {Path(r["path"]).name: r for r in run}
+    for name, (w, h) in (("a_normal.png", (64, 64)), ("b_wide.png", (60_000, 1)), ("c_tall.png", (1, 60_000))):
+        assert rows[name]["error"] is None, rows[name]["error"]
+        assert (rows[name]["width"], rows[name]["height"]) == (w, h)
+        for m in ("vanilla", "gradcam"):
+            assert np.isfinite(run.map(rows[name]["index"], m)).all()
+    assert "100000x100000" in rows["d_bomb.png"]["error"] and "over the limit" in rows["d_bomb.png"]["error"]
+    assert sizes.largest <= 3 * 72 * 64 * 16  # nothing near the whole resized image
+    assert Image.MAX_IMAGE_PIXELS == pil_limit

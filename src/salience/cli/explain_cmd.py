@@ -26,6 +26,7 @@ from salience.cli.inputs import Inputs, add_input_args, class_names, preprocessi
 from salience.loading import DEFAULT_MAX_PIXELS, load_images, unnormalize
 from salience.loading.images import preprocessing_record
 from salience.render import viz
+from salience.runs.job import call_method
 
 Maps = dict[str, list[Tensor]]
 """Per method name: a tensor ``(N, ...)`` of every image's map for each of the R targets."""
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     out = scores(model, batch, args.batch_size)
     info, names_from = class_names(info, out.shape[1], request.inputs)
     chosen = _choose_targets(args, info, out)
-    maps, failed = _compute_maps(args, model, batch, chosen, request)
+    maps, failed = _compute_maps(args, model, batch, chosen, request, _places(args.images, ok_paths))
     if not maps:
         error("every method failed; nothing written")
         return EXIT_USAGE
@@ -116,6 +117,17 @@ def _check_args(args: argparse.Namespace) -> Request:
     given = _options.given_options(args)
     _options.check_applicable(methods, given)
     return Request(methods, given, read_inputs(args))
+
+
+def _places(named: Sequence[Any], ok_paths: Sequence[str]) -> list[int]:
+    """Each readable image's place among the files named (those that could not be read counted):
+    its index as a dataset run of the same files numbers it."""
+    places, j = [], 0
+    for i, p in enumerate(named):
+        if j < len(ok_paths) and str(p) == ok_paths[j]:
+            places.append(i)
+            j += 1
+    return places
 
 
 def _load_images(args: argparse.Namespace, info: ModelInfo,
@@ -184,9 +196,10 @@ def _choose_targets(args: argparse.Namespace, info: ModelInfo, out: Tensor) -> C
 
 
 def _compute_maps(args: argparse.Namespace, model: nn.Module, batch: Tensor, chosen: Chosen,
-                  request: Request) -> tuple[Maps, list[str]]:
+                  request: Request, places: Sequence[int]) -> tuple[Maps, list[str]]:
     """Every method's maps (the methods that failed left out, warned about, and named in the list),
-    with a progress bar on long work."""
+    with a progress bar on long work. ``places``: each image's index as a dataset run numbers it
+    (SmoothGrad seeds image ``i`` with :func:`salience.runs.job.image_seed`, as a dataset run does)."""
     methods = request.methods
     chunks = list(range(0, batch.shape[0], args.batch_size))
     total = len(methods) * len(chunks)
@@ -197,8 +210,8 @@ def _compute_maps(args: argparse.Namespace, model: nn.Module, batch: Tensor, cho
         for name in methods:
             fn, _ = _options.bind(name, request.options)
             try:
-                every = torch.cat([_chunk_maps(fn, model, batch[s:s + args.batch_size], s, chosen, bar)
-                                   for s in chunks])
+                every = torch.cat([_chunk_maps(fn, model, batch[s:s + args.batch_size], s, chosen, bar,
+                                               places[s:s + args.batch_size]) for s in chunks])
             except SalienceError as e:
                 # the library names its keyword; the command line has the flag
                 warn(f"method {name} failed: " + str(e).replace("unsupported='warn' (or 'ignore')",
@@ -210,10 +223,11 @@ def _compute_maps(args: argparse.Namespace, model: nn.Module, batch: Tensor, cho
 
 
 def _chunk_maps(fn: Callable[..., Tensor], model: nn.Module, xb: Tensor, start: int, chosen: Chosen,
-                bar: Progress) -> Tensor:
-    """One method's maps ``(b, R, ...)`` of the images ``xb`` (from ``start``): all R targets in one call
-    (a target-free method's one map stands for each)."""
-    part = fn(model, xb, chosen.for_chunk(start, xb)).detach().cpu()
+                bar: Progress, places: Sequence[int]) -> Tensor:
+    """One method's maps ``(b, R, ...)`` of the images ``xb`` (from ``start``; ``places``: their indices
+    as a dataset run's, for SmoothGrad's per-image seeds): all R targets in one call (a target-free
+    method's one map stands for each)."""
+    part = call_method(fn, model, xb, chosen.for_chunk(start, xb), places).detach().cpu()
     bar.update(1)
     return part if len(chosen.ranks) > 1 else part.unsqueeze(1)
 

@@ -180,6 +180,9 @@ def resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
     if info.resize:
         s = int(info.resize)
         nh, nw = (s, max(1, round(w * s / h))) if h <= w else (max(1, round(h * s / w)), s)
+        if nh * nw > LARGEST_RESIZE:  # an extreme aspect: the crop's part alone, not the whole resized image
+            x = _cropped_resize(x, (nh, nw), (th, tw), mode).clamp(0.0, 1.0)
+            return x[0] if image.dim() == 3 else x
         if (nh, nw) != (h, w):
             x = F.interpolate(x, size=(nh, nw), mode=mode, align_corners=False, antialias=True)
         if nh < th or nw < tw:
@@ -191,6 +194,63 @@ def resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
         x = F.interpolate(x, size=(th, tw), mode=mode, align_corners=False, antialias=True)
     x = x.clamp(0.0, 1.0)
     return x[0] if image.dim() == 3 else x
+
+
+LARGEST_RESIZE = 2 ** 22
+"""Pixels of the resized image (per channel) over which ``crop`` preprocessing computes only the
+centre crop's part of it (:func:`_cropped_resize`): a 1x60000 image resized to a shorter side of 256
+was 256 x 15,360,000 (47 GB as float32 RGB). Up to it, the whole image is resized then cropped, as
+torchvision does (the same numbers as before)."""
+
+
+def _aa_filter(x: Tensor, mode: str) -> Tensor:
+    """The antialiasing kernels of ``F.interpolate(..., antialias=True)`` (PIL's): triangle, or Keys'
+    cubic with ``a = -0.5``."""
+    x = x.abs()
+    if mode == "bilinear":
+        return (1 - x).clamp_min(0)
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def _aa_weights(size: int, out: int, start: int, count: int, mode: str) -> tuple[int, Tensor]:
+    """Outputs ``start .. start + count`` of an antialiased resize of ``size`` samples to ``out``, as
+    ``F.interpolate`` computes them: the first input sample used and the ``(count, span)`` weights."""
+    scale = size / out
+    support = (2.0 if mode == "bilinear" else 4.0) * 0.5 * max(scale, 1.0)
+    inv = 1.0 / scale if scale >= 1.0 else 1.0
+    centers = scale * (torch.arange(start, start + count, dtype=torch.float64) + 0.5)
+    lo = (centers - support + 0.5).trunc().clamp_min(0).long()
+    hi = (centers + support + 0.5).trunc().clamp_max(size).long()
+    first, span = int(lo.min()), int((hi - lo.min()).max())
+    j = first + torch.arange(span, dtype=torch.float64)
+    w = _aa_filter((j[None, :] - centers[:, None] + 0.5) * inv, mode)
+    inside = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])
+    w = w * inside
+    total = w.sum(1, keepdim=True)
+    return first, torch.where(total != 0, w / total.where(total != 0, torch.ones_like(total)), w)
+
+
+def _cropped_resize(x: Tensor, resized: tuple[int, int], crop: tuple[int, int], mode: str) -> Tensor:
+    """``resize_crop``'s result (before the clamp) for ``x`` ``(B, C, H, W)`` resized to ``resized``
+    then centre-cropped to ``crop``, computed without the resized image: each axis the crop cuts is
+    resampled for the crop's outputs only (the weights of ``F.interpolate``'s antialiased resize,
+    from the input samples they need); an axis shorter than the crop is resized as before (to its
+    resized length, then stretched to the crop's without antialiasing)."""
+    for axis, n, t in ((-1, resized[1], crop[1]), (-2, resized[0], crop[0])):
+        if n <= t:
+            continue
+        first, w = _aa_weights(x.shape[axis], n, int(round((n - t) / 2.0)), t, mode)
+        part = x.narrow(axis, first, w.shape[1]).movedim(axis, -1)
+        x = (part @ w.T.to(part.dtype)).movedim(-1, axis)
+    short = tuple(t if n > t else n for n, t in zip(resized, crop))  # the axes not cropped: resized alone
+    if short != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=short, mode=mode, align_corners=False, antialias=True)
+    if tuple(x.shape[-2:]) != tuple(crop):
+        x = F.interpolate(x, size=crop, mode=mode, align_corners=False)
+    return x
 
 
 def _stats(values: Optional[Sequence[float]], c: int, like: Tensor) -> Optional[Tensor]:

@@ -31,13 +31,14 @@ from salience._core.files import atomic_write
 from salience._core.info import ModelInfo, model_info
 from salience._core.progress import progress
 from salience._core.tensors import check_int, model_device
-from salience.loading import load_model
+from salience.loading import load_model, remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
 from salience.loading.models import name_classes, resolve_device
 from salience.methods import METHODS, as_method
 from salience.render import viz
 from salience.runs import gallery, job, sources
-from salience.runs.store import FORMAT, Run, Store
+from salience.runs.lock import run_lock
+from salience.runs.store import FORMAT, Planned, Run, Store, check_folder
 
 PathLike = Union[str, "os.PathLike[str]"]
 METRICS = ("insertion", "deletion", "pointing", "energy")
@@ -109,8 +110,10 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     ``"local"`` or ``"ray"`` (``num_gpus`` per actor, ``actors`` in the pool, ``address`` of the
     cluster). ``method_options``: keyword options per method, e.g. ``{"smoothgrad": {"samples": 8}}``
     (part of the run's command). ``model_spec``: the name of a given module in the run's command (default: its class
-    and a digest of its weights). Running it again with the same arguments continues a stopped run; different
-    arguments on an existing run raise unless ``overwrite``. ``memory_format``, ``compile`` and
+    and a digest of its weights). Running it again with the same arguments continues a stopped run (the same
+    images named by other paths too: ``imgs``, ``./imgs/``, an absolute path); different arguments on
+    an existing run raise, saying what differs, unless ``overwrite``; while a run writes ``out``,
+    another one on it raises at once (a lock the system releases when the process ends). ``memory_format``, ``compile`` and
     ``precision``: how every method's passes run (``None``: the settings of
     :func:`salience.set_performance`; docs/performance.md), on both engines; they change how the
     maps are computed, not what, so they are not part of the run's command (a run started without
@@ -126,6 +129,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     if map_dtype not in ("float16", "float32"):
         raise SalienceError(f"map_dtype must be float16 or float32, got {map_dtype!r}")
     perf = _perf.resolve(memory_format, compile, precision)
+    folder = _out_folder(out)
     spec = model if isinstance(model, str) else model_spec
     device = resolve_device(device)
     module = _model(model, device, weights)
@@ -147,41 +151,59 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         target = 0
     plan = job.Plan(fns, info, paths, mode=target_mode, k=k, fixed=target, labels=label_list, metrics=metric_names,
                     metric_options={"steps": metric_steps}, direction=mode)
+    planned = Planned(paths, label_list, mask_list, files=isinstance(dataset, sources.ImageFiles))
     command = {
         "model": spec or _module_id(module), "weights": weights, "methods": list(fns), "method_options": options,
         "targets": {"mode": target_mode, "k": k, "class": target, **({"direction": mode} if regression else {})},
         "labels": sources.digest(label_list) if label_list is not None else None,
-        "masks": sources.digest(mask_list) if mask_list is not None else None,
+        "masks": sources.digest(planned.canonical(mask_list)) if mask_list is not None else None,
         "metrics": metric_names, "metric_steps": metric_steps if metric_names else None, "preprocessing": preprocessing_record(info), "map_dtype": map_dtype,
         "shard_size": shard_size, "png": bool(png), "max_pixels": max_pixels,
-        "inputs": {"count": len(paths), "digest": sources.digest(paths)},
+        "inputs": {"count": len(paths), "digest": sources.digest(planned.canonical(paths)), "form": "absolute"},
         **({"per_image_seeds": seeded} if (seeded := job.per_image_seeds(fns)) else {}),
     }
+    # the command as a salience before canonical paths wrote it (a run it began is continued)
+    legacy = {**command, "inputs": {"count": len(paths), "digest": sources.digest(paths)},
+              "masks": sources.digest(mask_list) if mask_list is not None else None}
     manifest = {"format": FORMAT, "command": command, "task": "regression" if regression else "classification",
                 "methods": list(fns), "labels": label_list is not None,
                 "metrics": metric_names, "k": k, "map_dtype": map_dtype, "png": bool(png),
                 "class_names": list(info.class_names or ()), "thumb": job.THUMB,
-                "sprite_columns": job.SPRITE_COLUMNS, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    store = Store(out, manifest, overwrite=overwrite)
-    store.write_inputs(paths, label_list)
+                "sprite_columns": job.SPRITE_COLUMNS, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "cwd": os.getcwd()}  # where the relative paths of inputs.parquet are from
     if workers is None:
         workers = loader_workers if loader_workers is not None else min(4, max((os.cpu_count() or 1) - 1, 0))
     check_int(workers, "workers", minimum=0)
-    run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module)
-    if engine == "ray":
-        from salience.runs import ray_engine
+    check_folder(folder, overwrite)
+    with run_lock(folder):  # one writer: a second run on this folder is refused while this one lives
+        store = Store(folder, manifest, overwrite=overwrite, legacy=legacy, planned=planned)
+        store.write_inputs(paths, label_list, mask_list)
+        plan.paths = store.input_paths()  # a continued run's rows keep the paths its first command gave
+        run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module)
+        if engine == "ray":  # the driver holds the lock; the actors write shards into the locked folder
+            from salience.runs import ray_engine
 
-        ray_engine.run(run, num_gpus=num_gpus, actors=actors, address=address, show=show_progress, png=png,
-                       weights=weights, performance=perf)
-    else:
-        with _perf.performance(**vars(perf)):
-            run_local(run, show=show_progress, png=png)
-    store.merge_index()
-    gallery.write(store.folder)
+            ray_engine.run(run, num_gpus=num_gpus, actors=actors, address=address, show=show_progress, png=png,
+                           weights=weights, performance=perf)
+        else:
+            with _perf.performance(**vars(perf)):
+                run_local(run, show=show_progress, png=png)
+        store.merge_index()
+        gallery.write(store.folder)
     return Run(store.folder)
 
 
 # --------------------------------------------------------------------------------- checks
+
+
+def _out_folder(out: PathLike) -> Path:
+    """The run folder: a local path (or a mounted one); an object storage URL is refused."""
+    text = os.fspath(out)
+    if remote.is_remote(text):
+        raise SalienceError(f"--out {text}: a run folder must be a local (or mounted) folder, not object storage "
+                            "(resuming needs atomic renames and a lock); write it locally, then copy it "
+                            "(e.g. aws s3 sync)")
+    return Path(text)
 
 
 def _model(model: Union[nn.Module, str], device: Optional[torch.device], weights: Optional[str]) -> nn.Module:

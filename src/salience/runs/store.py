@@ -10,6 +10,7 @@
     RUN/index.parquet                 every row, by index (merged when the run ends)
     RUN/index.html                    the gallery
     RUN/overlays/<index>_<method>.png with --png
+    RUN/.salience-run.lock            locked by the process writing the run (:mod:`salience.runs.lock`)
 
 A row says where its maps are: ``shard`` and ``offset``, so that
 ``np.load(f"RUN/maps/{m}/{row.shard}.npy", mmap_mode="r")[row.offset, k]`` is the map of image
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -30,6 +32,7 @@ import numpy as np
 
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_path, atomic_write, make_folder
+from salience.runs.lock import LOCK_NAME
 
 FORMAT = "salience-run/1"
 PathLike = Union[str, "os.PathLike[str]"]
@@ -81,9 +84,77 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise SalienceError(f"{path}: cannot read the run's manifest ({e}); use --overwrite to start again") from None
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+_MISSING = object()
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key.sub: old -> new`` for each value that differs, nested dicts by their dotted keys."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, _MISSING), new.get(k, _MISSING)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        else:
+            plain = prefix.startswith("method_options.")  # the record holds each value's repr already
+            out.append(f"{prefix}{k}: {_shown(a, plain)} -> {_shown(b, plain)}")
+    return out
+
+
+def _shown(value: Any, plain: bool = False) -> str:
+    return "(not given)" if value is _MISSING else str(value) if plain else repr(value)
+
+
+@dataclass
+class Planned:
+    """A run's planned inputs: each image's path as given, its label and mask file (``None``: none);
+    ``files``: the paths are files (a ``Dataset``'s items are named ``Class[i]``)."""
+
+    paths: Sequence[str]
+    labels: Optional[Sequence[Optional[int]]] = None
+    masks: Optional[Sequence[Optional[str]]] = None
+    files: bool = True
+
+    def canonical(self, paths: Sequence[Optional[str]], base: Optional[str] = None) -> list[Optional[str]]:
+        """``paths`` in the form the run's command is known by (absolute, normal; from ``base``, by
+        default the working folder); a ``Dataset``'s names as they are."""
+        if not self.files:
+            return list(paths)
+        at = base or os.getcwd()
+        return [None if p is None else p if "://" in p else os.path.normpath(os.path.join(at, p)) for p in paths]
+
+
+def _first(old: Sequence[Any], new: Sequence[Any]) -> Optional[int]:
+    """The first position where two lists differ (``None``: equal)."""
+    i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), None)
+    return i if i is not None or len(old) == len(new) else min(len(old), len(new))
+
+
+def _input_differences(folder: Path, manifest: dict[str, Any], planned: Planned) -> dict[str, str]:
+    """The ``inputs``, ``labels`` and ``masks`` that differ, said image by image (the first one),
+    from the run's ``inputs.parquet``; ``{}`` when it cannot be read."""
+    try:
+        table = pyarrow().parquet.read_table(folder / "inputs.parquet").to_pydict()
+    except (OSError, ValueError, SalienceError):
+        return {}
+    base = manifest.get("cwd")
+    out = {}
+    old, new = planned.canonical(table["path"], base), planned.canonical(planned.paths)
+    i = _first(old, new)
+    if i is not None:
+        out["inputs"] = (f"inputs: image {i} was {old[i]}, is now {new[i]}" if i < min(len(old), len(new)) else
+                         f"inputs: {len(old)} images -> {len(new)} (image {i} "
+                         + (f"is new: {new[i]})" if len(new) > len(old) else f"is gone: {old[i]})"))
+    for key, column, given in (("labels", "label", planned.labels), ("masks", "mask", planned.masks)):
+        if given is None or column not in table or "inputs" in out:
+            continue
+        was = table[column] if key == "labels" else planned.canonical(table[column], base)
+        now = list(given) if key == "labels" else planned.canonical(given)
+        j = _first(was, now)
+        if j is not None:
+            out[key] = f"{key}: image {j} ({planned.paths[j]}): {column} {was[j]} -> {now[j]}"
+    return out
 
 
 def clear_run(folder: Path) -> None:
@@ -108,13 +179,28 @@ def _remove_temporaries(folder: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def check_folder(folder: Path, overwrite: bool) -> None:
+    """Refuse a file, or a folder that holds other files than a run's (the lock file aside), as ``--out``."""
+    if folder.exists() and not folder.is_dir():
+        raise SalienceError(f"{folder} is a file, not a run folder; choose another --out")
+    if not folder.is_dir() or (folder / "run.json").exists():
+        return
+    names = [p.name for p in folder.iterdir() if p.name != LOCK_NAME]
+    if names and (not overwrite or any(n not in _RUN_FILES + _RUN_FOLDERS for n in names)):
+        raise SalienceError(f"{folder} exists and is not a salience run; choose another --out (an empty or new "
+                            "folder)")
+
+
 class Store:
     """Writing side of ``RUN/``: the manifest, the shards, the merged index."""
 
-    def __init__(self, folder: PathLike, manifest: dict[str, Any], *, overwrite: bool = False):
+    def __init__(self, folder: PathLike, manifest: dict[str, Any], *, overwrite: bool = False,
+                 legacy: Optional[dict[str, Any]] = None, planned: Optional[Planned] = None):
+        """``legacy``: the command as an older salience wrote it (a run it began is continued when
+        that one is the same); ``planned``: the inputs, to say which image differs in a refusal."""
         self.folder = Path(folder)
         self.manifest = manifest
-        self._open(overwrite)
+        self._open(overwrite, legacy, planned)
         self.schema = schema_of(self.manifest)
 
     @classmethod
@@ -126,24 +212,26 @@ class Store:
         self.schema = schema_of(self.manifest)
         return self
 
-    def _open(self, overwrite: bool) -> None:
+    def _open(self, overwrite: bool, legacy: Optional[dict[str, Any]], planned: Optional[Planned]) -> None:
         """Create the run, or check that the existing one was made by the same command."""
         f = self.folder
-        if f.exists() and not f.is_dir():
-            raise SalienceError(f"{f} is a file, not a run folder; choose another --out")
+        check_folder(f, overwrite)
         existing = f / "run.json"
-        if f.is_dir() and any(f.iterdir()) and not existing.exists():
-            if not overwrite or any(p.name not in _RUN_FILES + _RUN_FOLDERS for p in f.iterdir()):
-                raise SalienceError(f"{f} exists and is not a salience run; choose another --out (an empty or new "
-                                    "folder)")
         if existing.exists():
             old = _read_json(existing)
-            diff = _differences(old.get("command", {}), self.manifest["command"])
+            was, now = old.get("command", {}), self.manifest["command"]
+            if legacy is not None and "form" not in (was.get("inputs") or {}):
+                now = legacy  # a run begun before the paths had one form: the command as it was written
+            diff = _differences(was, now)
             if diff and not overwrite:
-                raise SalienceError(f"{f} holds a run of a different command ({'; '.join(diff[:3])}); run the same "
-                                    "command to continue it, choose another --out, or add --overwrite to start again")
+                detail = _input_differences(f, old, planned) if planned is not None else {}
+                diff = list(detail.values()) + [d for d in diff if d.split(".")[0].split(":")[0] not in detail]
+                more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
+                raise SalienceError(f"{f} holds a run of a different command ({'; '.join(diff[:3])}{more}); run the "
+                                    "same command to continue it, choose another --out, or add --overwrite to start "
+                                    "again")
             if not diff and not overwrite:
-                self.manifest = {**old, **{k: v for k, v in self.manifest.items() if k not in old}}
+                self.manifest = {**old, **{k: v for k, v in self.manifest.items() if k not in old and k != "cwd"}}
                 _remove_temporaries(f)
                 return
             clear_run(f)
@@ -152,8 +240,10 @@ class Store:
 
     # ----------------------------------------------------------------------------- inputs
 
-    def write_inputs(self, paths: Sequence[str], labels: Optional[Sequence[Optional[int]]]) -> None:
-        """``inputs.parquet``: the planned inputs (kept from the first run of the command)."""
+    def write_inputs(self, paths: Sequence[str], labels: Optional[Sequence[Optional[int]]],
+                     masks: Optional[Sequence[Optional[str]]] = None) -> None:
+        """``inputs.parquet``: the planned inputs, their labels and mask files (kept from the first run
+        of the command)."""
         target = self.folder / "inputs.parquet"
         if target.exists():
             return
@@ -161,8 +251,14 @@ class Store:
         cols = {"index": pa.array(np.arange(len(paths), dtype=np.int64)), "path": pa.array(list(paths), pa.string())}
         if labels is not None:
             cols["label"] = pa.array(list(labels), pa.int64())
+        if masks is not None:
+            cols["mask"] = pa.array(list(masks), pa.string())
         with atomic_path(target) as tmp:
             pa.parquet.write_table(pa.table(cols), tmp)
+
+    def input_paths(self) -> list[str]:
+        """Each image's path as the run's first command gave it (``inputs.parquet``): the rows' ``path``."""
+        return pyarrow().parquet.read_table(self.folder / "inputs.parquet", columns=["path"]).column("path").to_pylist()
 
     def done(self) -> set[int]:
         """The indices of the images in committed shards."""
