@@ -64,16 +64,18 @@ def check_perturbation_targets(targets: Sequence[Target], method: str) -> None:
             )
 
 
-def use_probabilities(softmax: str, targets: Sequence[Target]) -> bool:
-    """Whether targets are scored on class probabilities (see :data:`SOFTMAX`)."""
+def use_probabilities(softmax: str, targets: Sequence[Target]) -> tuple[bool, ...]:
+    """Whether each target is scored on class probabilities (see :data:`SOFTMAX`), one flag per target:
+    with ``"auto"`` each target's own kind decides, so a class target's map is the same whatever
+    targets are asked beside it (a function in the list made every class target's map raw)."""
     if softmax not in SOFTMAX:
         raise SalienceError(f"softmax must be one of {', '.join(SOFTMAX)}; got {softmax!r}")
     if softmax == "auto":
-        return all(isinstance(t, (Classes, Predicted, MultiLabel)) for t in targets)
-    return softmax == "classes"
+        return tuple(isinstance(t, (Classes, Predicted, MultiLabel)) for t in targets)
+    return tuple(softmax == "classes" for _ in targets)
 
 
-def score_items(model: nn.Module, xs: Tensor, targets: Sequence[Target], probabilities: bool,
+def score_items(model: nn.Module, xs: Tensor, targets: Sequence[Target], probabilities: Sequence[bool],
                 strip_softmax: bool, *, plain: bool = True) -> Tensor:
     """The K targets' scores ``(n, K)`` of the model on ``xs`` ``(n, C, H, W)`` (one forward, no gradient).
 
@@ -84,18 +86,19 @@ def score_items(model: nn.Module, xs: Tensor, targets: Sequence[Target], probabi
     return scores_of(out, targets, probabilities)
 
 
-def scores_of(out: Tensor, targets: Sequence[Target], probabilities: bool) -> Tensor:
-    """The K targets' scores ``(n, K)`` of a model output ``(n, ...)``, of its softmax over classes
-    (dim 1 of a ``(n, classes)`` output) when ``probabilities``."""
+def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bool]) -> Tensor:
+    """The K targets' scores ``(n, K)`` of a model output ``(n, ...)``: target ``k``'s of its softmax
+    over classes (dim 1 of a ``(n, classes)`` output) when ``probabilities[k]``, else of ``out``."""
     n = out.shape[0]
-    if probabilities:
+    soft = None
+    if any(probabilities):
         if out.dim() != 2:
             raise SalienceError(f"softmax='classes' needs a model output of shape (B, classes), got "
                                 f"{tuple(out.shape)}; pass softmax='none'")
-        out = out.softmax(dim=1)
+        soft = out.softmax(dim=1)
     cols = []
-    for t in targets:
-        s = t(out)
+    for t, p in zip(targets, probabilities):
+        s = t(soft if p else out)
         if not isinstance(s, Tensor) or s.shape != (n,):
             raise SalienceError(
                 f"a perturbation method needs the target's score of each perturbed image, shape ({n},); got "
@@ -105,8 +108,8 @@ def scores_of(out: Tensor, targets: Sequence[Target], probabilities: bool) -> Te
     return torch.stack(cols, dim=1)
 
 
-def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Target], probabilities: bool,
-                 strip_softmax: bool, run: _perf.Run) -> Tensor:
+def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Target],
+                 probabilities: Sequence[bool], strip_softmax: bool, run: _perf.Run) -> Tensor:
     """The K targets' scores ``(B, K)`` of the clean images, at the precision of the run's passes.
 
     ``out`` is the model's float32 output on ``x``. Under autocast (``precision="bf16"`` /

@@ -30,7 +30,7 @@ Ablation-CAM's hooked passes never run compiled.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -201,7 +201,7 @@ def scorecam(
         acts, out = _capture(model, x, mod, strip_softmax)
         _, acts = _grid("Score-CAM", model, mod, acts, x, grid, prefix_tokens)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
-        probs = softmax != "channels" and use_probabilities(softmax, resolved)
+        probs = use_probabilities("none" if softmax == "channels" else softmax, resolved)
         items = _ChannelMasks(x, acts, align_corners)
         live = items.live()  # item j = channel j // B of image j % B; the others mask the image to zeros
         run = _perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}")
@@ -275,7 +275,7 @@ class _Ablated:
         return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
 
 
-def _check_nonzero(clean: Tensor, targets: list[Target], probs: bool) -> None:
+def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) -> None:
     """Refuse a clean score ``S`` of exactly 0 (``clean`` ``(B, K)``): Ablation-CAM's weights
     ``(S - S_k) / S`` would be 0 / 0 or infinite there, a map of NaN (a fresh torchvision
     VisionTransformer, whose head starts at zeros, scores 0 for every class)."""
@@ -287,7 +287,7 @@ def _check_nonzero(clean: Tensor, targets: list[Target], probs: bool) -> None:
     index = getattr(t, "index", None)
     what = (f"class {index if isinstance(index, int) else int(index[b])}" if isinstance(t, Classes)
             else f"the target {t!r}")
-    kind = "probability" if probs else "score"
+    kind = "probability" if probs[k] else "score"
     raise SalienceError(
         f"the {kind} of {what} is 0 on image {b}: Ablation-CAM's weights (S - S_k) / S divide by it "
         "(a map of NaN); score class probabilities instead (softmax='classes'), or use another method "
