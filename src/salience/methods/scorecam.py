@@ -55,7 +55,7 @@ __all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
 SCORECAM_SOFTMAX = SOFTMAX + ("channels",)
 """Score-CAM's weights: ``"classes"`` (the target's probability, the paper), ``"none"`` (the raw
 score), ``"channels"`` (raw scores, softmax over the channels: pytorch-grad-cam), ``"auto"``
-(``"classes"`` for class targets, else ``"none"``)."""
+(``"classes"`` for class targets of a model with two classes or more, else ``"none"``)."""
 
 
 def _setup(method: str, model: nn.Module, x: Tensor, target: Any, layer: Optional[LayerSpec]
@@ -201,7 +201,7 @@ def scorecam(
         acts, out = _capture(model, x, mod, strip_softmax)
         _, acts = _grid("Score-CAM", model, mod, acts, x, grid, prefix_tokens)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
-        probs = use_probabilities("none" if softmax == "channels" else softmax, resolved)
+        probs = use_probabilities("none" if softmax == "channels" else softmax, resolved, out)
         items = _ChannelMasks(x, acts, align_corners)
         live = items.live()  # item j = channel j // B of image j % B; the others mask the image to zeros
         run = _perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}")
@@ -338,7 +338,7 @@ def ablationcam(
         native, out = _capture(model, x, mod, strip_softmax)
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
-        probs = use_probabilities(softmax, resolved)
+        probs = use_probabilities(softmax, resolved, out)
         # no compiled passes: a hook replaces the layer's output in each (compile would retrace per chunk)
         run = _perf.Run(model, x, replace(perf, compile=False), tag=f"ablationcam:{probs}:{strip_softmax}:{value}")
         clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run)  # (B, K)
