@@ -282,3 +282,34 @@ def test_input_on_the_meta_device_is_a_clear_error(small_cnn, name):
     "Tensor.item() cannot be called on meta tensors" from the finiteness check."""
     with unchanged(small_cnn), pytest.raises(SalienceError, match="x is on the meta device"):
         salience.METHODS[name](small_cnn, torch.rand(2, 3, 8, 8, device="meta"), 0, **_CHEAP.get(name, {}))
+
+
+def test_a_torch_compiled_model_is_explained_through_its_hooks(small_cnn):
+    """``torch.compile(model)``: its cached graphs ignore hooks added after compiling (dynamo skips
+    guards on module hooks), so Ablation-CAM on a second layer reused the graph of the first call
+    (the first layer ablated: a wrong map, silently) and Grad-CAM after a plain call said the layer
+    was not called. Under the guard the wrapper runs its original module eagerly: every method
+    equals the plain model's, the wrapper's compiled forward is back afterwards (also after Ctrl-C),
+    and layer names with the wrapper's ``_orig_mod.`` prefix work."""
+    small_cnn.eval()
+    compiled = torch.compile(small_cnn, backend=_graph_as_is)
+    x = torch.rand(2, 3, 8, 8)
+    compiled(x)  # a graph cached without salience's hooks
+    for name, layer in [("vanilla", None), ("ablationcam", "features.0"), ("scorecam", "features.0"),
+                        ("eigencam", "features.0"), ("guided_gradcam", "features.0"), ("gradcam", "features.0"),
+                        ("ablationcam", "features.3"), ("gradcam", "features.3")]:
+        opts = {} if layer is None else dict(layer=layer)
+        with unchanged(compiled):
+            ours = salience.METHODS[name](compiled, x, 1, **({"layer": "_orig_mod." + layer} if layer else {}))
+        torch.testing.assert_close(ours, salience.METHODS[name](small_cnn, x, 1, **opts), atol=1e-6, rtol=1e-5)
+    with unchanged(compiled), interrupted_on_pass(small_cnn.features[3]):
+        salience.ablationcam(compiled, x, 0, layer=small_cnn.features[0])
+    # a compiled submodule is run eagerly too
+    outer = nn.Sequential(torch.compile(small_cnn.features, backend=_graph_as_is), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), small_cnn.head).eval()
+    outer(x)
+    plain = nn.Sequential(small_cnn.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), small_cnn.head).eval()
+    with unchanged(outer):
+        ours = salience.ablationcam(outer, x, 1, layer=small_cnn.features[3])
+    torch.testing.assert_close(ours, salience.ablationcam(plain, x, 1, layer=small_cnn.features[3]),
+                               atol=1e-6, rtol=1e-5)

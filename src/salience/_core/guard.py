@@ -6,6 +6,13 @@ samples of a batch nor updates its running statistics, and Dropout is off) and t
 is spent on parameter gradients). :func:`model_guard` records the model's state first and
 puts it back afterwards, on success, on an exception and on ``KeyboardInterrupt``.
 
+A ``torch.compile``d module (an ``OptimizedModule``, the model itself or any submodule) runs its
+original module eagerly under the guard: its cached graphs do not see hooks added after they were
+compiled (dynamo skips guards on module hooks), so a layer hooked by Grad-CAM was "not called",
+and Ablation-CAM's hook on one layer was replaced by the graph of an earlier call that hooked
+another, silently. The function is the same; salience's own ``compile=`` option compiles the
+passes that need no hook.
+
 The guard is reference counted per model: nested calls (SmoothGrad around vanilla) and
 concurrent calls from several threads on the same model share one saved state, which is
 restored when the last of them leaves. Without that, a second thread would record the
@@ -13,6 +20,7 @@ first thread's temporary eval mode as "the user's" and restore the wrong one.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +45,9 @@ class ModelState:
     # Each parameter's data as it was (storage, strides): the engine may convert it to
     # channels-last for a run (salience._core.perf) and must leave the user's layout.
     data: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    # Each torch.compile wrapper's own ``forward`` attribute (its compiled callable), put back after
+    # the guard ran the original module eagerly (see the module's docstring).
+    compiled: list[tuple[nn.Module, object]] = field(default_factory=list)
 
     @classmethod
     def capture(cls, model: nn.Module) -> "ModelState":
@@ -54,9 +65,20 @@ class ModelState:
             grads=[(p, p.grad) for p in params],
             buffers=buffers,
             data=[(p, p.data) for p in params],
+            compiled=[(m, m.__dict__.get("forward", _NO_FORWARD)) for m in compiled_wrappers(model)],
         )
 
+    def run_eagerly(self) -> None:
+        """Let each ``torch.compile`` wrapper call its original module, hooks and all, until :meth:`restore`."""
+        for module, _ in self.compiled:
+            module.__dict__["forward"] = module._orig_mod.__call__
+
     def restore(self) -> None:
+        for module, forward in self.compiled:
+            if forward is _NO_FORWARD:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = forward
         for module, mode in self.training:
             module.training = mode
         for param, flag in self.requires_grad:
@@ -78,13 +100,26 @@ class ModelState:
                     buf.copy_(copy)
 
 
+_NO_FORWARD = object()
+
+
+def compiled_wrappers(model: nn.Module) -> list[nn.Module]:
+    """The ``torch.compile`` wrappers (``OptimizedModule``) in ``model``, itself included. Dynamo is
+    not imported for it: where it was never imported, there is none."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, eval_frame.OptimizedModule)]
+
+
 _lock = threading.Lock()
 _active: dict[int, tuple[int, ModelState]] = {}
 
 
 @contextmanager
 def model_guard(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode with frozen parameters for the block, then restore it.
+    """Put ``model`` in eval mode with frozen parameters (its ``torch.compile`` wrappers running their
+    original modules eagerly) for the block, then restore it.
 
     Restores every module's train/eval flag, every parameter's ``requires_grad``, ``.grad`` and
     data (storage and strides: a channels-last run is undone), and any buffer written in place,
@@ -101,6 +136,7 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
             state = ModelState.capture(model)
             _active[key] = (1, state)
             try:
+                state.run_eagerly()
                 model.eval()
                 for p in model.parameters():
                     p.requires_grad_(False)
