@@ -313,3 +313,33 @@ def test_a_torch_compiled_model_is_explained_through_its_hooks(small_cnn):
         ours = salience.ablationcam(outer, x, 1, layer=small_cnn.features[3])
     torch.testing.assert_close(ours, salience.ablationcam(plain, x, 1, layer=small_cnn.features[3]),
                                atol=1e-6, rtol=1e-5)
+
+
+def _exported(model: nn.Module, x: torch.Tensor):
+    return torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+
+
+@pytest.mark.parametrize("name, options", [("vanilla", {}), ("integrated_gradients", dict(steps=3)),
+                                           ("smoothgrad", dict(samples=2)), ("occlusion", dict(window=4)),
+                                           ("guided_backprop", {})])
+def test_a_torch_export_module_passed_directly(small_cnn, name, options):
+    """``torch.export.export(model.eval(), ...).module()``, the flat module a user gets in Python, refuses
+    ``eval()`` with a raw NotImplementedError, which every method raised from the guard. Its graph is
+    fixed in eval mode, so the maps equal the eager model's."""
+    small_cnn.eval()
+    x = torch.rand(2, 3, 8, 8)
+    flat = _exported(small_cnn, x).module()
+    with unchanged(flat):
+        ours = salience.METHODS[name](flat, x, 1, **options)
+    torch.testing.assert_close(ours, salience.METHODS[name](small_cnn, x, 1, **options), atol=1e-5, rtol=1e-4)
+
+
+def test_a_graph_exported_in_train_mode_is_refused(small_cnn):
+    """A program exported in train mode keeps BatchNorm's batch statistics and Dropout in its graph,
+    whatever ``eval()`` sets: the maps would mix the images of a batch. Flat or unflattened, passed
+    directly (``load_model`` refused it already), it is refused, the module left as it was."""
+    x = torch.rand(2, 3, 8, 8)
+    ep = _exported(small_cnn.train(), x)
+    for model in (ep.module(), torch.export.unflatten(ep)):
+        with unchanged(model), pytest.raises(SalienceError, match=r"exported in train mode.*model\.eval\(\)"):
+            salience.vanilla(model, x, 0)

@@ -24,14 +24,14 @@ import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
 from salience._core.errors import SalienceError
 
-__all__ = ["model_guard", "ModelState", "check_python_model"]
+__all__ = ["model_guard", "ModelState", "check_python_model", "train_mode_op"]
 
 
 @dataclass
@@ -137,7 +137,7 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
             _active[key] = (1, state)
             try:
                 state.run_eagerly()
-                model.eval()
+                _eval(model)
                 for p in model.parameters():
                     p.requires_grad_(False)
             except BaseException:
@@ -154,6 +154,40 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
                 state.restore()
             else:
                 _active[key] = (count - 1, state)
+
+
+def _eval(model: nn.Module) -> None:
+    """``model.eval()``, and a refusal of a graph that keeps train mode whatever the flags say.
+
+    ``torch.export``'s ``ExportedProgram.module()`` refuses ``eval()`` (a raw NotImplementedError):
+    its graph is fixed in the mode it was exported in, so only the flags are set. A graph exported
+    in train mode (that flat module, or ``torch.export.unflatten`` of it, whose ``eval()`` succeeds)
+    would compute BatchNorm with the batch's statistics, mixing the images, and draw Dropout."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        for m in model.modules():
+            m.training = False
+    for name, m in model.named_modules():
+        graph = getattr(m, "graph", None)  # torch.fx.GraphModule, torch.export.unflatten's modules
+        op = train_mode_op(graph) if isinstance(graph, torch.fx.Graph) else None
+        if op is not None:
+            where = "the model's graph" if name == "" else f"the graph of its submodule {name!r}"
+            raise SalienceError(
+                f"{where} was exported in train mode ({op} with training on), and an exported graph keeps "
+                "that mode: BatchNorm would mix the images of a batch and Dropout draw at random. Export it "
+                "after model.eval()")
+
+
+def train_mode_op(graph: Any) -> Optional[str]:
+    """The first operation of a ``torch.fx`` graph (``torch.export``'s ATen graph) that runs BatchNorm
+    or Dropout in train mode (its ``training`` argument fixed to ``True``), or ``None``."""
+    for node in graph.nodes:
+        name = str(node.target) if node.op == "call_function" else ""
+        if ("batch_norm" in name and len(node.args) > 5 and node.args[5] is True) or \
+                ("dropout" in name and len(node.args) > 2 and node.args[2] is True):
+            return name
+    return None
 
 
 def check_python_model(model: nn.Module, method: str, why: str) -> None:
