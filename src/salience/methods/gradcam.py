@@ -116,8 +116,9 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None)
             if name and not isinstance(m, torch.jit.ScriptModule) and (only is None or m is only):
                 handles.append(m.register_forward_hook(make_hook(name)))
         # With the input's gradient on (parameters frozen by the guard), an output that requires grad
-        # depends on the input: Swin's relative position bias (B, heads, n, n) does not.
-        with model_guard(model), torch.enable_grad():
+        # depends on the input: Swin's relative position bias (B, heads, n, n) does not. Also when the
+        # caller runs under torch.inference_mode(), where enable_grad() alone records no graph.
+        with model_guard(model), torch.inference_mode(False), torch.enable_grad():
             one = x[:1].clone() if x.is_inference() else x[:1]
             model(one.detach().requires_grad_(True))
     finally:
