@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import salience
@@ -214,3 +215,41 @@ def test_scorecam_of_a_binary_classifier_weighs_the_channels_by_the_logit():
         ref = (w[:, :, None, None] * acts).sum(1).clamp(min=0)
     ours = salience.scorecam(model, x, 0, layer=model[1])
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def default_float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _documented_masks(n, size, cell, p, seed):
+    """RISE masks by the construction rise_masks documents, written out with float32 draws."""
+    h, w = size
+    ch, cw = -(-h // cell), -(-w // cell)
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        grid = (torch.rand(cell, cell, generator=g, dtype=torch.float32) < p).float()
+        dy, dx = int(torch.randint(0, ch, (1,), generator=g)), int(torch.randint(0, cw, (1,), generator=g))
+        up = F.interpolate(grid[None, None], size=((cell + 1) * ch, (cell + 1) * cw), mode="bilinear",
+                           align_corners=False)[0, 0]
+        out.append(up[dy:dy + h, dx:dx + w])
+    return torch.stack(out)
+
+
+def test_rise_masks_do_not_depend_on_the_default_dtype(small_cnn, request):
+    """Mask ``i`` is a function of ``(seed, i)`` only: its cells are drawn in float32 whatever
+    ``torch.set_default_dtype`` says (under float64 the draws were other numbers: other masks, and a
+    float32 model's RISE map changed by a tenth of its range with a global setting)."""
+    x = torch.rand(2, 3, 8, 8)
+    small_cnn.eval()
+    expected = _documented_masks(6, (8, 8), 3, 0.4, 7)
+    assert torch.equal(rise_masks(0, 6, (8, 8), cell=3, p=0.4, seed=7), expected)
+    ours = salience.rise(small_cnn, x, 1, masks=6, cell=3, p=0.4, seed=7)
+    request.getfixturevalue("default_float64")
+    assert torch.equal(rise_masks(0, 6, (8, 8), cell=3, p=0.4, seed=7), expected)
+    torch.testing.assert_close(salience.rise(small_cnn, x, 1, masks=6, cell=3, p=0.4, seed=7), ours, atol=1e-6,
+                               rtol=1e-5)

@@ -305,7 +305,7 @@ def faithfulness_correlation(
         raise SalienceError(f"subset_size must be a fraction of the pixels in (0, 1], got {subset_size!r}")
     k = min(max(round(frac * h * w), 1), h * w)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    keys = torch.rand((b, t, h * w), generator=gen).to(x.device)
+    keys = torch.rand((b, t, h * w), generator=gen, dtype=torch.float32).to(x.device)  # whatever the default dtype
     chosen = torch.zeros(b, t, h * w, dtype=torch.bool, device=x.device)
     chosen.scatter_(2, keys.topk(k, dim=2).indices, True)
     chosen = chosen.reshape(b, t, h, w)

@@ -309,7 +309,7 @@ def rise_masks(start: int, stop: int, size: tuple[int, int], *, cell: int = 7, p
     grids, shifts = [], []
     for i in range(start, stop):
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        grids.append((torch.rand(cell, cell, generator=g) < p).to(dtype))
+        grids.append((torch.rand(cell, cell, generator=g, dtype=torch.float32) < p).to(dtype))  # whatever the default dtype
         shifts.append((int(torch.randint(0, ch, (1,), generator=g)), int(torch.randint(0, cw, (1,), generator=g))))
     grid = torch.stack(grids).to(device).unsqueeze(1)
     up = F.interpolate(grid, size=((cell + 1) * ch, (cell + 1) * cw), mode="bilinear", align_corners=False)[:, 0]
