@@ -343,3 +343,31 @@ def test_a_graph_exported_in_train_mode_is_refused(small_cnn):
     for model in (ep.module(), torch.export.unflatten(ep)):
         with unchanged(model), pytest.raises(SalienceError, match=r"exported in train mode.*model\.eval\(\)"):
             salience.vanilla(model, x, 0)
+
+
+@pytest.mark.parametrize("name", list(salience.METHODS))
+def test_a_callers_autocast_does_not_change_the_map(small_cnn, name):
+    """A call inside the caller's ``torch.autocast("cpu", dtype=torch.bfloat16)``: the map is the one
+    outside it, in ``x``'s dtype (salience's precision is its ``precision=`` option). The CAMs came
+    back in bfloat16 and rounded, the others in float32 but rounded, Score-CAM failed with a raw
+    "Index put requires the source and destination dtypes match", and Integrated Gradients with a
+    blurred baseline refused its own bfloat16 baseline as an input of the wrong dtype. The caller's
+    autocast is on again afterwards."""
+    from tiny_vit import TinyViT
+
+    torch.manual_seed(0)
+    attention = name in salience.methods.ATTENTION_METHODS
+    model = TinyViT(size=(16, 16), patch=4).eval() if attention else small_cnn.eval()
+    x = torch.rand(2, 3, 16, 16)
+    options = dict(_CHEAP.get(name, {}))
+    if name in ("integrated_gradients", "occlusion"):
+        options["baseline"] = "blur"
+    if "cam" in name:
+        options["layer"] = "features.3"
+    expected = salience.METHODS[name](model, x, 1, **options)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with unchanged(model):
+            ours = salience.METHODS[name](model, x, 1, **options)
+        assert torch.is_autocast_enabled("cpu")
+    assert ours.dtype == x.dtype
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)

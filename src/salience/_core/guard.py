@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from salience._core.errors import SalienceError
+from salience._core.tensors import autocast_off
 
 __all__ = ["model_guard", "ModelState", "check_python_model", "train_mode_op"]
 
@@ -123,7 +124,9 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
 
     Restores every module's train/eval flag, every parameter's ``requires_grad``, ``.grad`` and
     data (storage and strides: a channels-last run is undone), and any buffer written in place,
-    also if the block raises.
+    also if the block raises. A caller's ``torch.autocast`` is off in the block (this thread's):
+    the passes run in the precision of salience's ``precision=`` option (fp32 unless asked), which
+    enters its own autocast inside.
     """
     if not isinstance(model, nn.Module):
         raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
@@ -145,7 +148,8 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
                 del _active[key]
                 raise
     try:
-        yield model
+        with autocast_off():
+            yield model
     finally:
         with _lock:
             count, state = _active[key]

@@ -42,7 +42,7 @@ from salience._core.autograd import capture_hook, check_input, forward_scores
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
-from salience._core.tensors import check_number
+from salience._core.tensors import autocast_off, check_number
 from salience.methods._multi import several_targets
 from salience.methods._tokens import Layout
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
@@ -94,7 +94,8 @@ def _grid(method: str, model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor
 
 def _cam(weights: Tensor, acts: Tensor, relu: bool, upsample: bool, size: tuple[int, int], multi: bool) -> Tensor:
     """``ReLU(sum_d w_d A_d)``: weights ``(B, K, D)``, acts ``(B, D, h, w)`` -> ``(B, [K,] H, W)``."""
-    cam = torch.einsum("bkd,bdhw->bkhw", weights.to(acts.dtype), acts)
+    with autocast_off():  # in the layer's dtype, whatever autocast the caller is in
+        cam = torch.einsum("bkd,bdhw->bkhw", weights.to(acts.dtype), acts)
     if relu:
         cam = cam.clamp(min=0)
     if upsample:
