@@ -34,6 +34,9 @@ def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
     """Validate an image batch ``(B, C, H, W)``: a finite floating tensor on the model's device."""
     if not isinstance(x, Tensor):
         raise SalienceError(f"expected x as a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise SalienceError(f"x is a {str(x.layout).replace('torch.', '')} tensor; saliency needs a dense one, "
+                            "e.g. x.to_dense()")
     if x.dim() != 4:
         hint = "; add the batch dimension with x.unsqueeze(0)" if x.dim() == 3 else ""
         raise SalienceError(f"expected x of shape (B, C, H, W), got shape {tuple(x.shape)}{hint}")
