@@ -144,6 +144,58 @@ def test_guard_is_reentrant_and_thread_safe(small_cnn):
     assert_same_snapshot(before, model_snapshot(small_cnn))
 
 
+def test_threads_explaining_two_models_that_share_a_backbone(small_cnn):
+    """Two models with one backbone (two heads), explained from two threads whose runs overlap: the
+    second entered while the first held the backbone in eval mode with frozen parameters, recorded
+    that as the user's state and put it back when it left last: the backbone stayed in eval mode,
+    its parameters frozen (22 of 30 free-running trials). Each module and parameter is held now,
+    restored when the last guard holding it leaves."""
+    backbone = small_cnn.features
+    a = nn.Sequential(backbone, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    b = nn.Sequential(backbone, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    a.train(), b.train()
+    backbone[0].weight.requires_grad_(False)  # a mixed state comes back mixed
+    before = model_snapshot(b)
+    x = torch.rand(2, 3, 8, 8)
+    a_holds, b_holds, a_left = threading.Event(), threading.Event(), threading.Event()
+    errors, maps = [], {}
+
+    def first():
+        try:
+            with model_guard(a):
+                maps["a"] = salience.vanilla(a, x, 0)
+                a_holds.set()
+                assert b_holds.wait(10)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+        finally:
+            a_left.set()
+
+    def second():
+        try:
+            assert a_holds.wait(10)
+            with model_guard(b):
+                b_holds.set()
+                assert a_left.wait(10)  # a leaves while b still holds the backbone
+                assert not backbone.training and not backbone[3].weight.requires_grad
+                maps["b"] = salience.vanilla(b, x, 1)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+            b_holds.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    from conftest import assert_same_snapshot
+
+    assert_same_snapshot(before, model_snapshot(b))
+    assert all(m.training for m in a.modules()) and backbone[3].weight.requires_grad
+    torch.testing.assert_close(maps["b"], salience.vanilla(b, x, 1))
+
+
 def test_nested_guard_restores_once_at_the_end(small_cnn):
     small_cnn.train()
     with model_guard(small_cnn):

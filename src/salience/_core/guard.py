@@ -13,10 +13,13 @@ and Ablation-CAM's hook on one layer was replaced by the graph of an earlier cal
 another, silently. The function is the same; salience's own ``compile=`` option compiles the
 passes that need no hook.
 
-The guard is reference counted per model: nested calls (SmoothGrad around vanilla) and
-concurrent calls from several threads on the same model share one saved state, which is
-restored when the last of them leaves. Without that, a second thread would record the
-first thread's temporary eval mode as "the user's" and restore the wrong one.
+The guard is reference counted per module and per parameter: nested calls (SmoothGrad around
+vanilla), concurrent calls from several threads on the same model, and on models that share
+modules (two heads on one backbone), share one saved state of each module and parameter, which
+is restored when the last guard holding it leaves. Without that, a second thread would record
+the first thread's temporary eval mode as "the user's" and restore the wrong one (and, counted
+per model, the first thread to leave put a shared backbone back in train mode under the other's
+running passes).
 """
 from __future__ import annotations
 
@@ -37,7 +40,9 @@ __all__ = ["model_guard", "ModelState", "check_python_model", "train_mode_op"]
 
 @dataclass
 class ModelState:
-    """What salience may touch in a model: modes, ``requires_grad``, ``.grad``, buffers."""
+    """What salience may touch in a model's modules and parameters: modes, ``requires_grad``,
+    ``.grad``, data, buffers, compiled forwards; :meth:`capture` records them for the given modules
+    and parameters, :meth:`restore` puts them back."""
 
     training: list[tuple[nn.Module, bool]]
     requires_grad: list[tuple[nn.Parameter, bool]]
@@ -51,22 +56,21 @@ class ModelState:
     compiled: list[tuple[nn.Module, object]] = field(default_factory=list)
 
     @classmethod
-    def capture(cls, model: nn.Module) -> "ModelState":
-        params = list(model.parameters())
+    def capture(cls, modules: list[nn.Module], params: list[nn.Parameter]) -> "ModelState":
         buffers = []
-        for module in model.modules():
+        for module in modules:
             for name, buf in module._buffers.items():
                 if buf is not None:
                     # The version counter tells whether the buffer was written in place;
                     # the clone lets us put back the values if it was.
                     buffers.append((module, name, buf, buf._version, buf.detach().clone()))
         return cls(
-            training=[(m, m.training) for m in model.modules()],
+            training=[(m, m.training) for m in modules],
             requires_grad=[(p, p.requires_grad) for p in params],
             grads=[(p, p.grad) for p in params],
             buffers=buffers,
             data=[(p, p.data) for p in params],
-            compiled=[(m, m.__dict__.get("forward", _NO_FORWARD)) for m in compiled_wrappers(model)],
+            compiled=[(m, m.__dict__.get("forward", _NO_FORWARD)) for m in compiled_wrappers(modules)],
         )
 
     def run_eagerly(self) -> None:
@@ -104,17 +108,45 @@ class ModelState:
 _NO_FORWARD = object()
 
 
-def compiled_wrappers(model: nn.Module) -> list[nn.Module]:
-    """The ``torch.compile`` wrappers (``OptimizedModule``) in ``model``, itself included. Dynamo is
-    not imported for it: where it was never imported, there is none."""
+def compiled_wrappers(modules: list[nn.Module]) -> list[nn.Module]:
+    """The ``torch.compile`` wrappers (``OptimizedModule``) among ``modules``. Dynamo is not imported
+    for it: where it was never imported, there is none."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     if eval_frame is None:
         return []
-    return [m for m in model.modules() if isinstance(m, eval_frame.OptimizedModule)]
+    return [m for m in modules if isinstance(m, eval_frame.OptimizedModule)]
 
 
 _lock = threading.Lock()
-_active: dict[int, tuple[int, ModelState]] = {}
+# Every module and parameter some guard holds: id -> [holders, its state as the first holder found it].
+_held: dict[int, list] = {}
+
+
+def _hold(objects: list) -> list:
+    """Count one more holder of each of ``objects``; the ones no guard held yet are returned."""
+    new = []
+    for obj in objects:
+        entry = _held.get(id(obj))
+        if entry is None:
+            _held[id(obj)] = [1, None]
+            new.append(obj)
+        else:
+            entry[0] += 1
+    return new
+
+
+def _release(objects: list) -> None:
+    """One holder fewer of each of ``objects``: the state of each that no guard holds any more is put back."""
+    last = [], []
+    for obj in objects:
+        entry = _held[id(obj)]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del _held[id(obj)]
+            if entry[1] is not None:  # None: its capture did not happen (an error while entering)
+                last[isinstance(obj, nn.Parameter)].append(entry[1])
+    for state in last[0] + last[1]:  # modules first (compiled forwards, modes, buffers), then parameters
+        state.restore()
 
 
 @contextmanager
@@ -127,37 +159,38 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     also if the block raises. A caller's ``torch.autocast`` is off in the block (this thread's):
     the passes run in the precision of salience's ``precision=`` option (fp32 unless asked), which
     enters its own autocast inside.
+
+    The guard holds each module and parameter, not the model: nested calls (SmoothGrad around
+    vanilla), threads explaining the same model, and threads explaining two models that share
+    modules (two heads on one backbone) share one saved state per module and parameter, put back
+    when the last guard holding it leaves. Holding the model only, a thread that entered while
+    another held the shared backbone recorded the other's eval mode and frozen flags as the
+    user's and put them back last: the backbone stayed in eval mode, its parameters frozen.
     """
     if not isinstance(model, nn.Module):
         raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
-    key = id(model)
+    objects: list = list(model.modules()) + list(model.parameters())
     with _lock:
-        if key in _active:
-            count, state = _active[key]
-            _active[key] = (count + 1, state)
-        else:
-            state = ModelState.capture(model)
-            _active[key] = (1, state)
+        new = _hold(objects)
+        if new:  # a module or parameter no guard held: recorded, then the whole model put in eval mode
+            for o in new:
+                state = ModelState.capture([], [o]) if isinstance(o, nn.Parameter) else ModelState.capture([o], [])
+                _held[id(o)][1] = state
             try:
-                state.run_eagerly()
+                for o in new:
+                    _held[id(o)][1].run_eagerly()
                 _eval(model)
                 for p in model.parameters():
                     p.requires_grad_(False)
             except BaseException:
-                state.restore()
-                del _active[key]
+                _release(objects)
                 raise
     try:
         with autocast_off():
             yield model
     finally:
         with _lock:
-            count, state = _active[key]
-            if count == 1:
-                del _active[key]
-                state.restore()
-            else:
-                _active[key] = (count - 1, state)
+            _release(objects)
 
 
 def _eval(model: nn.Module) -> None:
