@@ -603,6 +603,37 @@ def test_fold_batchnorm_follows_changed_weights():
     assert _perf.folded_model(model)[0] is not second
 
 
+def test_a_hook_added_after_folding_or_compiling_is_run():
+    """A hook the user adds after a run made the folded copy, or compiled the model, changes the
+    model's function: the next run with the same options gives the eager maps with the hook, with a
+    warning, and after the hook is removed the copy and the graph serve again. The folded copy was
+    cached by the weights only, and dynamo does not guard on module hooks (even a fresh
+    ``torch.compile`` of the model reuses its graph), so both silently ran without the hook."""
+    model = _with_statistics(ThreeConv())
+    x = torch.rand(2, 3, 8, 8)
+    compiles = []
+
+    def backend(gm, inputs):
+        compiles.append(1)
+        return gm.forward
+
+    for opts in (dict(fold_batchnorm=True), dict(compile=backend, memory_format="contiguous")):
+        with salience.performance(**opts):
+            salience.smoothgrad(model, x, samples=4, chunk=2)  # the copy / the graph, made without the hook
+        handle = model.body[2].register_forward_hook(lambda m, i, o: o * 3)
+        ref = salience.smoothgrad(model, x, samples=4, chunk=2)
+        with pytest.warns(UserWarning, match="hooks of its own"), salience.performance(**opts):
+            out = salience.smoothgrad(model, x, samples=4, chunk=2)
+        assert torch.equal(out, ref), opts
+        handle.remove()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with salience.performance(**opts):
+                out = salience.smoothgrad(model, x, samples=4, chunk=2)
+        assert _rel(out, salience.smoothgrad(model, x, samples=4, chunk=2)) < 1e-5, opts
+    assert compiles
+
+
 class _Branchy(ThreeConv):
     def forward(self, x):
         h = self.body(x)

@@ -60,7 +60,8 @@ from torch import Tensor, nn
 from salience._core.errors import SalienceError
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "current", "resolve", "active",
-           "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "clear_cache", "compile_unavailable", "folded_model"]
+           "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "clear_cache", "compile_unavailable", "folded_model",
+           "own_hooks", "observer"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -243,9 +244,6 @@ def _fold(model: nn.Module) -> Any:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return "the model has no BatchNorm layer"
-    if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or
-           getattr(m, "_backward_pre_hooks", None) for m in model.modules()):
-        return "the model has hooks of its own, which a copy would not run"
     import copy
 
     try:
@@ -259,9 +257,39 @@ def _fold(model: nn.Module) -> Any:
     return folded
 
 
+def observer(hook: Callable) -> Callable:
+    """Mark ``hook`` as salience's own observer of a model's passes (a dataset run keeping the
+    output, the explorer's progress): it changes no output, so it does not keep :func:`own_hooks`
+    from letting a copy or a compiled graph run (where it may not be called)."""
+    hook.salience_observer = True  # type: ignore[attr-defined]
+    return hook
+
+
+def own_hooks(model: nn.Module) -> Optional[str]:
+    """Why a copy or a compiled graph of ``model`` cannot stand in for it: it has hooks of its own (or
+    hooks on every module, ``register_module_forward_hook``), or ``None``. Checked at every run, not
+    once per cached copy: a hook added after the copy was made, or after the graph was compiled
+    (dynamo does not guard on module hooks, so even a fresh ``torch.compile`` of the model reuses the
+    graph), was silently not run, and one removed since still ran. :func:`observer` hooks do not count."""
+    from torch.nn.modules import module as _module
+
+    def users(hooks: Any) -> bool:
+        return any(not getattr(h, "salience_observer", False) for h in (hooks or {}).values())
+
+    if any(users(m._forward_hooks) or users(m._forward_pre_hooks) or users(m._backward_hooks) or
+           users(getattr(m, "_backward_pre_hooks", None)) for m in model.modules()):
+        return "the model has hooks of its own, which a copy or a compiled graph would not follow"
+    if _module._has_any_global_hook():
+        return "module hooks are registered for every module (register_module_forward_hook...)"
+    return None
+
+
 def folded_model(model: nn.Module) -> tuple[Optional[nn.Module], str]:
     """The process's BatchNorm-folded copy of ``model`` (made again when the model's parameters or
     buffers changed since), or ``(None, why)`` when folding does not apply."""
+    why = own_hooks(model)
+    if why is not None:
+        return None, why
     sig = _signature(model)
     with _lock:
         hit = _folded.get(id(model))
@@ -383,7 +411,7 @@ class Run:
             if self._folded is None:
                 warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=3)
         if self.options.backend is not None:
-            why = compile_unavailable(self.options.backend, self.device)
+            why = compile_unavailable(self.options.backend, self.device) or own_hooks(model)
             if why is not None:
                 warnings.warn(f"compile: {why}; running eagerly", stacklevel=3)
             else:
