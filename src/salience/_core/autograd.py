@@ -23,10 +23,10 @@ from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
-from salience._core.layers import LayerSpec, resolve_layer
+from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import first_tensor
 
-__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_output", "seeing_output", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output",
+__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_output", "seeing_output", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
            "looks_like_probabilities"]
 
 
@@ -282,8 +282,20 @@ def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
     finally:
         handle.remove()
     if not store or not isinstance(store[0], Tensor):
-        raise SalienceError(f"layer {layer!r} was not called in the forward pass (or returned no tensor)")
+        raise layer_not_captured(model, layer, store)
     return store[0]
+
+
+def layer_not_captured(model: nn.Module, layer: LayerSpec, store: list) -> SalienceError:
+    """The error for a hooked layer that gave no tensor: never called, or called and returned something
+    else (``nn.MultiheadAttention``'s ``(output, weights)`` tuple), said as such, the layer by its name
+    (its repr, many lines for a block, and "was not called" for a layer that was, before)."""
+    name = layer if isinstance(layer, str) else layer_name(model, layer)
+    if not store:
+        return SalienceError(f"layer {name!r} was not called in the forward pass")
+    return SalienceError(
+        f"layer {name!r} returned {describe_output(store[0])}, not a tensor; pass a layer whose output is the "
+        "tensor to explain (a submodule of it, or the block around it)")
 
 
 def _common_layer(targets: Sequence[TargetLike]) -> Optional[LayerSpec]:
@@ -346,7 +358,7 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
         )
     for layer, store in zip(layers, captured):
         if not store or not isinstance(store[0], Tensor):
-            raise SalienceError(f"layer {layer!r} was not called in the forward pass (or returned no tensor)")
+            raise layer_not_captured(model, layer, store)
     return out, captured
 
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from salience._core import engine as _engine
 from salience._core import perf as _perf
-from salience._core.autograd import capture_hook, check_input, forward_scores
+from salience._core.autograd import capture_hook, check_input, forward_scores, layer_not_captured
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
@@ -78,7 +78,7 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -
     finally:
         handle.remove()
     if not store or not isinstance(store[0], Tensor):
-        raise SalienceError(f"the layer {type(mod).__name__} was not called in the forward pass or returned no tensor")
+        raise layer_not_captured(model, mod, store)
     return store[0].detach(), out
 
 
