@@ -423,3 +423,31 @@ def test_a_callers_autocast_does_not_change_the_map(small_cnn, name):
         assert torch.is_autocast_enabled("cpu")
     assert ours.dtype == x.dtype
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_without_running_statistics_refuses_a_pass_of_several_images():
+    """``BatchNorm2d(track_running_stats=False)`` normalizes by the statistics of the batch it gets, in
+    eval mode too: a batch's images (and the noisy copies, path points, masked images a method runs
+    together) changed each other's maps silently. A pass of more than one image is refused, saying
+    what to do; one image at a time (``chunk=1`` for the many-pass methods) gives its own maps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6, track_running_stats=False), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).train()
+    x = torch.rand(3, 3, 8, 8)
+    for name, options in [("vanilla", {}), ("gradcam", dict(layer="2")), ("smoothgrad", dict(samples=4, chunk=2)),
+                          ("occlusion", dict(window=8))]:
+        with unchanged(model), pytest.raises(SalienceError, match=r"BatchNorm '1' has no running statistics.*"
+                                                                  r"the \d images of this pass.*chunk=1"):
+            salience.METHODS[name](model, x if name != "smoothgrad" else x[:1], 0, **options)
+    one = x[1:2].clone().requires_grad_(True)
+    model.eval()
+    model(one)[0, 2].backward()
+    with torch.no_grad():
+        gap = model(x[1:2])[0, 2] - model(torch.zeros_like(x[1:2]))[0, 2]
+    model.train()
+    with unchanged(model):
+        torch.testing.assert_close(salience.vanilla(model, x[1:2], 2), one.grad.abs().amax(1))
+        # one window over the whole image: every pixel gets S(x) - S(0)
+        torch.testing.assert_close(salience.occlusion(model, x[1:2], 2, window=8, chunk=1),
+                                   gap.expand(1, 8, 8), rtol=1e-5, atol=1e-6)
+        salience.smoothgrad(model, x[1:2], 2, samples=3, chunk=1)

@@ -54,6 +54,8 @@ class ModelState:
     # Each torch.compile wrapper's own ``forward`` attribute (its compiled callable), put back after
     # the guard ran the original module eagerly (see the module's docstring).
     compiled: list[tuple[nn.Module, object]] = field(default_factory=list)
+    # Hooks the guard put on the modules for the block (see _refuse_mixed_batches), removed first.
+    handles: list[Any] = field(default_factory=list)
 
     @classmethod
     def capture(cls, modules: list[nn.Module], params: list[nn.Parameter]) -> "ModelState":
@@ -79,6 +81,8 @@ class ModelState:
             module.__dict__["forward"] = module._orig_mod.__call__
 
     def restore(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
         for module, forward in self.compiled:
             if forward is _NO_FORWARD:
                 module.__dict__.pop("forward", None)
@@ -180,6 +184,7 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
                 for o in new:
                     _held[id(o)][1].run_eagerly()
                 _eval(model)
+                _refuse_mixed_batches(model, new)
                 for p in model.parameters():
                     p.requires_grad_(False)
             except BaseException:
@@ -214,6 +219,30 @@ def _eval(model: nn.Module) -> None:
                 f"{where} was exported in train mode ({op} with training on), and an exported graph keeps "
                 "that mode: BatchNorm would mix the images of a batch and Dropout draw at random. Export it "
                 "after model.eval()")
+
+
+def _refuse_mixed_batches(model: nn.Module, new: list) -> None:
+    """A BatchNorm without running statistics (``track_running_stats=False``) normalizes by the
+    statistics of the batch it is given, in eval mode too: the images of a pass (a batch, or the
+    noisy copies / masked images a method runs together) changed each other's maps, silently. Such
+    a layer gets a forward pre-hook for the block that refuses a pass of more than one image."""
+    held = {id(o) for o in new}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None and id(m) in held:
+            _held[id(m)][1].handles.append(m.register_forward_pre_hook(_one_image_per_pass(name)))
+
+
+def _one_image_per_pass(name: str) -> Any:
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] > 1:
+            raise SalienceError(
+                f"the model's BatchNorm {name!r} has no running statistics (track_running_stats=False): even in "
+                f"eval mode it normalizes by the statistics of the batch it is given, so the {x.shape[0]} images "
+                "of this pass would change each other's maps. Explain one image at a time (x[i:i + 1]) and pass "
+                "chunk=1 to the methods that run several copies of it per pass (SmoothGrad, Integrated "
+                "Gradients, occlusion, RISE, Score-CAM, Ablation-CAM); or give the layer running statistics")
+    return hook
 
 
 def train_mode_op(graph: Any) -> Optional[str]:
