@@ -451,3 +451,33 @@ def test_batchnorm_without_running_statistics_refuses_a_pass_of_several_images()
         torch.testing.assert_close(salience.occlusion(model, x[1:2], 2, window=8, chunk=1),
                                    gap.expand(1, 8, 8), rtol=1e-5, atol=1e-6)
         salience.smoothgrad(model, x[1:2], 2, samples=3, chunk=1)
+
+
+def test_ctrl_c_while_the_guard_records_the_model(small_cnn, monkeypatch):
+    """Ctrl-C while the guard records the model's state (cloning a big model's buffers takes a while):
+    nothing stays held, so the next call puts the model in eval mode and restores it as ever (a module
+    left counted as held was never put in eval mode or restored again)."""
+    from salience._core import guard
+
+    _train_mode_with_grads(small_cnn)
+    before = model_snapshot(small_cnn)
+    real, calls = guard.ModelState.capture, []
+
+    def interrupted(modules, params):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(modules, params)
+
+    monkeypatch.setattr(guard.ModelState, "capture", staticmethod(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        with model_guard(small_cnn):
+            pass  # pragma: no cover - not reached
+    monkeypatch.setattr(guard.ModelState, "capture", real)
+    from conftest import assert_same_snapshot
+
+    assert_same_snapshot(before, model_snapshot(small_cnn))
+    assert not any(id(o) in guard._held for o in [*small_cnn.modules(), *small_cnn.parameters()])
+    with model_guard(small_cnn):
+        assert not any(m.training for m in small_cnn.modules())
+    assert_same_snapshot(before, model_snapshot(small_cnn))

@@ -126,9 +126,9 @@ _lock = threading.Lock()
 _held: dict[int, list] = {}
 
 
-def _hold(objects: list) -> list:
-    """Count one more holder of each of ``objects``; the ones no guard held yet are returned."""
-    new = []
+def _hold(objects: list, held: list, new: list) -> None:
+    """Count one more holder of each of ``objects``, each appended to ``held`` as soon as it is counted
+    (so that an interruption part way releases exactly those), and to ``new`` if no guard held it."""
     for obj in objects:
         entry = _held.get(id(obj))
         if entry is None:
@@ -136,7 +136,7 @@ def _hold(objects: list) -> list:
             new.append(obj)
         else:
             entry[0] += 1
-    return new
+        held.append(obj)
 
 
 def _release(objects: list) -> None:
@@ -174,22 +174,24 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     if not isinstance(model, nn.Module):
         raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
     objects: list = list(model.modules()) + list(model.parameters())
+    held: list = []
     with _lock:
-        new = _hold(objects)
-        if new:  # a module or parameter no guard held: recorded, then the whole model put in eval mode
-            for o in new:
+        try:  # also a Ctrl-C part way: what was counted is released (a state not yet captured is None)
+            new: list = []
+            _hold(objects, held, new)
+            for o in new:  # a module or parameter no guard held: recorded, then the model put in eval mode
                 state = ModelState.capture([], [o]) if isinstance(o, nn.Parameter) else ModelState.capture([o], [])
                 _held[id(o)][1] = state
-            try:
+            if new:
                 for o in new:
                     _held[id(o)][1].run_eagerly()
                 _eval(model)
                 _refuse_mixed_batches(model, new)
                 for p in model.parameters():
                     p.requires_grad_(False)
-            except BaseException:
-                _release(objects)
-                raise
+        except BaseException:
+            _release(held)
+            raise
     try:
         with autocast_off():
             yield model
