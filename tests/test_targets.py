@@ -204,3 +204,19 @@ def test_numpy_label_arrays_are_class_targets(name):
         assert torch.equal(fn(m, x, labels, reduce=None), torch.stack([w_of(m, c) for c in (4, 0, 2)]))
     with pytest.raises(SalienceError, match="integer class indices"):
         fn(m, x, np.array([4.0, 0.0, 2.0]), **opts)
+
+
+def test_a_layer_target_on_a_torchscript_submodule_is_refused_by_name():
+    """A Python model holding a scripted backbone: a layer target on it (or inside it) cannot be hooked.
+    It raised torch's raw "register_forward_hook is not supported on ScriptModules"; and the CAMs' default
+    layer search, which cannot look inside it, said only that it found no layer."""
+    backbone = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()))
+    m = nn.Sequential(backbone, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    x = torch.rand(2, 3, 8, 8)
+    for layer in ("0", "0.0", backbone):
+        with pytest.raises(SalienceError, match=r"the layer '0(\.0)?' is a TorchScript module, which does not "
+                                                r"support forward hooks"):
+            salience.vanilla(m, x, targets.activation(layer, 1))
+    with pytest.raises(SalienceError, match=r"found no layer with a 4-D map.*its submodule '0' is TorchScript"):
+        salience.gradcam(m, x, 0)
+    assert salience.vanilla(m, x, 0).shape == (2, 8, 8)  # what needs no hook works

@@ -270,7 +270,7 @@ def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
     check_input(x, model)
     seen = _SEEN_OUTPUTS.get()
     store: list[Any] = []
-    handle = resolve_layer(model, layer).register_forward_hook(capture_hook(store, seen is None))
+    handle = _hooked(model, layer, capture_hook(store, seen is None))
     try:
         with model_guard(model), torch.inference_mode():
             try:
@@ -284,6 +284,17 @@ def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
     if not store or not isinstance(store[0], Tensor):
         raise layer_not_captured(model, layer, store)
     return store[0]
+
+
+def _hooked(model: nn.Module, layer: LayerSpec, hook: Any) -> Any:
+    """``hook`` on ``layer``'s module; a TorchScript layer (which takes no hook) is refused by name,
+    where ``register_forward_hook`` raised a raw RuntimeError ("not supported on ScriptModules")."""
+    mod = resolve_layer(model, layer)
+    if isinstance(mod, torch.jit.ScriptModule):
+        name = layer if isinstance(layer, str) else layer_name(model, layer)
+        raise SalienceError(f"the layer {name!r} is a TorchScript module, which does not support forward hooks; "
+                            "pass a Python (non-scripted) layer, or the model without TorchScript in it")
+    return mod.register_forward_hook(hook)
 
 
 def layer_not_captured(model: nn.Module, layer: LayerSpec, store: list) -> SalienceError:
@@ -325,10 +336,10 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
     tap = _SoftmaxTap() if strip_softmax and target_layer is None else None
     try:
         for layer, store in zip(layers, captured):
-            handles.append(resolve_layer(model, layer).register_forward_hook(capture_hook(store, False)))
+            handles.append(_hooked(model, layer, capture_hook(store, False)))
         if target_layer is not None:
             # Registered last, so the other layers' hooks on the same module run first.
-            handles.append(resolve_layer(model, target_layer).register_forward_hook(capture_hook(target_store, True)))
+            handles.append(_hooked(model, target_layer, capture_hook(target_store, True)))
         try:
             with ExitStack() as modes:
                 for mode in extra_modes:
