@@ -260,6 +260,14 @@ def test_settings_keywords_and_errors():
             salience.set_performance(**bad)
     with pytest.raises(SalienceError, match="memory_format"):
         salience.smoothgrad(ThreeConv(), torch.rand(1, 3, 4, 4), memory_format="nhwc")
+    # a backend name torch.compile does not know: refused with the closest names (a raw InvalidBackend
+    # from torch.compile at the first run before), as a setting and as a keyword
+    for call in (lambda: salience.set_performance(compile="inductr"),
+                 lambda: salience.smoothgrad(ThreeConv(), torch.rand(1, 3, 4, 4), samples=2, compile="inductr")):
+        with pytest.raises(SalienceError, match=r"compile='inductr' is not a torch.compile backend; did you mean "
+                                                r"'inductor'"):
+            call()
+    assert _perf.current() == _perf.Performance()
 
 
 def test_cli_flags_reach_the_engine_and_do_not_leak(monkeypatch):

@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, suggest
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "current", "resolve", "active",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "clear_cache", "compile_unavailable", "folded_model",
@@ -109,6 +109,8 @@ class Performance:
         c = self.compile
         if not (isinstance(c, (bool, str)) or callable(c)):
             raise SalienceError(f"compile must be True/False, a torch.compile backend name or callable; got {c!r}")
+        if isinstance(c, str):
+            _check_backend_name(c)
         return self
 
     @property
@@ -169,6 +171,20 @@ def resolve(memory_format: Optional[str] = None, compile: Any = None, precision:
 
 _compiled: "OrderedDict[tuple[int, Any], tuple[nn.Module, Any]]" = OrderedDict()
 _COMPILED_KEEP = 4  # compiled models kept for the process (each holds its model)
+
+
+def _check_backend_name(name: str) -> None:
+    """Refuse a backend name torch.compile does not know (a raw ``InvalidBackend`` from the first run
+    before); where dynamo cannot be imported, :func:`compile_unavailable` says so at the run."""
+    try:
+        import torch._dynamo as dynamo
+
+        known = dynamo.list_backends(exclude_tags=())
+    except Exception:  # noqa: BLE001 - no dynamo: the run warns and runs eagerly
+        return
+    if name not in known:
+        raise SalienceError(f"compile={name!r} is not a torch.compile backend{suggest(name, known)} "
+                            "(torch._dynamo.list_backends() lists them; True is inductor)")
 
 
 def compile_unavailable(backend: Any, device: torch.device) -> Optional[str]:
