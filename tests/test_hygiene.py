@@ -481,3 +481,23 @@ def test_ctrl_c_while_the_guard_records_the_model(small_cnn, monkeypatch):
     with model_guard(small_cnn):
         assert not any(m.training for m in small_cnn.modules())
     assert_same_snapshot(before, model_snapshot(small_cnn))
+
+
+def test_a_loaded_torchscript_model_is_guarded(small_cnn, tmp_path):
+    """``torch.jit.load`` gives parameters that are plain tensors, not ``nn.Parameter``: the guard
+    held per module and parameter (d8d4eaa) took them for modules and failed with a raw
+    "'Tensor' object has no attribute '_buffers'" in every method on a loaded TorchScript file."""
+    small_cnn.eval()
+    torch.jit.save(torch.jit.script(small_cnn), str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    assert not any(isinstance(p, nn.Parameter) for p in loaded.parameters())
+    x = torch.rand(2, 3, 8, 8)
+    expected = salience.vanilla(small_cnn, x, 1)
+    loaded(x)  # a first call caches the ScriptMethod ``forward`` in the module's __dict__ (the snapshot reads it)
+    loaded.train()
+    loaded.head.eval()  # a mixed state must come back mixed
+    with unchanged(loaded):
+        torch.testing.assert_close(salience.vanilla(loaded, x, 1), expected)
+        salience.rise(loaded, x, 1, masks=4, cell=2)
+    with unchanged(loaded), pytest.raises(KeyboardInterrupt):
+        salience.vanilla(loaded, x, _exploding_target(KeyboardInterrupt()))

@@ -148,7 +148,7 @@ def _release(objects: list) -> None:
         if entry[0] == 0:
             del _held[id(obj)]
             if entry[1] is not None:  # None: its capture did not happen (an error while entering)
-                last[isinstance(obj, nn.Parameter)].append(entry[1])
+                last[not isinstance(obj, nn.Module)].append(entry[1])
     for state in last[0] + last[1]:  # modules first (compiled forwards, modes, buffers), then parameters
         state.restore()
 
@@ -180,7 +180,7 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
             new: list = []
             _hold(objects, held, new)
             for o in new:  # a module or parameter no guard held: recorded, then the model put in eval mode
-                state = ModelState.capture([], [o]) if isinstance(o, nn.Parameter) else ModelState.capture([o], [])
+                state = ModelState.capture([o], []) if isinstance(o, nn.Module) else ModelState.capture([], [o])
                 _held[id(o)][1] = state
             if new:
                 for o in new:
