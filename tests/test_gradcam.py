@@ -243,3 +243,22 @@ def test_layer_gradients_without_the_input_gradient(resnet, x96):
         assert seen == [1]  # the hook itself works: an input gradient goes through conv1
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("name", ["gradcam", "guided_gradcam", "gradcam_plus_plus", "hirescam", "xgradcam",
+                                  "layercam", "eigencam", "scorecam", "ablationcam"])
+def test_default_layer_found_inside_the_callers_inference_mode(name, small_cnn):
+    """A caller inside ``torch.inference_mode()`` (a serving loop) gets the default layer and the map it
+    gets outside. The search for the layer records a graph to see which outputs depend on the input,
+    and ``enable_grad()`` alone records none in inference mode: every CAM said it "found no layer
+    with a 4-D map" on a plain CNN, while vanilla and Grad-CAM with ``layer=`` worked."""
+    small_cnn.eval()
+    x = torch.rand(2, 3, 8, 8)
+    fn = salience.METHODS[name]
+    expected = fn(small_cnn, x, 1)
+    assert torch.equal(fn(small_cnn, x, 1, layer=default_layer(small_cnn, x)), expected)
+    with torch.inference_mode():
+        assert default_layer(small_cnn, x) == "features"  # the last module with the feature maps
+        with unchanged(small_cnn):
+            ours = fn(small_cnn, x, 1)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)

@@ -190,3 +190,16 @@ def test_guided_gradcam_takes_grid_and_prefix_tokens(vit, x32):
 def test_a_layer_that_is_no_map_says_so(vit, x32):
     with pytest.raises(SalienceError, match=r"gives shape \(2, 5\).*transformer block's norm"):
         salience.gradcam(vit, x32, 0, layer="heads")
+
+
+@pytest.mark.parametrize("name", ["gradcam", "eigencam", "scorecam", "layercam"])
+def test_a_layer_that_returns_a_tuple_says_what_it_returned(vit, x32, name):
+    """torchvision's ``self_attention`` (``nn.MultiheadAttention``) returns ``(output, weights)``: it was
+    called, and the error said it "was not called in the forward pass (or returned no tensor)", naming
+    the layer by its repr (many lines). It says what the layer returned, by the layer's name."""
+    layer = "encoder.layers.encoder_layer_1.self_attention"
+    for given in (layer, vit.get_submodule(layer)):
+        with unchanged(vit), pytest.raises(SalienceError, match=r"^layer 'encoder\.layers\.encoder_layer_1\."
+                                                             r"self_attention' returned a tuple of length 2 "
+                                                             r"\(tensor, NoneType\), not a tensor"):
+            salience.METHODS[name](vit, x32, 0, layer=given)

@@ -144,6 +144,58 @@ def test_guard_is_reentrant_and_thread_safe(small_cnn):
     assert_same_snapshot(before, model_snapshot(small_cnn))
 
 
+def test_threads_explaining_two_models_that_share_a_backbone(small_cnn):
+    """Two models with one backbone (two heads), explained from two threads whose runs overlap: the
+    second entered while the first held the backbone in eval mode with frozen parameters, recorded
+    that as the user's state and put it back when it left last: the backbone stayed in eval mode,
+    its parameters frozen (22 of 30 free-running trials). Each module and parameter is held now,
+    restored when the last guard holding it leaves."""
+    backbone = small_cnn.features
+    a = nn.Sequential(backbone, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    b = nn.Sequential(backbone, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    a.train(), b.train()
+    backbone[0].weight.requires_grad_(False)  # a mixed state comes back mixed
+    before = model_snapshot(b)
+    x = torch.rand(2, 3, 8, 8)
+    a_holds, b_holds, a_left = threading.Event(), threading.Event(), threading.Event()
+    errors, maps = [], {}
+
+    def first():
+        try:
+            with model_guard(a):
+                maps["a"] = salience.vanilla(a, x, 0)
+                a_holds.set()
+                assert b_holds.wait(10)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+        finally:
+            a_left.set()
+
+    def second():
+        try:
+            assert a_holds.wait(10)
+            with model_guard(b):
+                b_holds.set()
+                assert a_left.wait(10)  # a leaves while b still holds the backbone
+                assert not backbone.training and not backbone[3].weight.requires_grad
+                maps["b"] = salience.vanilla(b, x, 1)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+            b_holds.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    from conftest import assert_same_snapshot
+
+    assert_same_snapshot(before, model_snapshot(b))
+    assert all(m.training for m in a.modules()) and backbone[3].weight.requires_grad
+    torch.testing.assert_close(maps["b"], salience.vanilla(b, x, 1))
+
+
 def test_nested_guard_restores_once_at_the_end(small_cnn):
     small_cnn.train()
     with model_guard(small_cnn):
@@ -282,3 +334,170 @@ def test_input_on_the_meta_device_is_a_clear_error(small_cnn, name):
     "Tensor.item() cannot be called on meta tensors" from the finiteness check."""
     with unchanged(small_cnn), pytest.raises(SalienceError, match="x is on the meta device"):
         salience.METHODS[name](small_cnn, torch.rand(2, 3, 8, 8, device="meta"), 0, **_CHEAP.get(name, {}))
+
+
+def test_a_torch_compiled_model_is_explained_through_its_hooks(small_cnn):
+    """``torch.compile(model)``: its cached graphs ignore hooks added after compiling (dynamo skips
+    guards on module hooks), so Ablation-CAM on a second layer reused the graph of the first call
+    (the first layer ablated: a wrong map, silently) and Grad-CAM after a plain call said the layer
+    was not called. Under the guard the wrapper runs its original module eagerly: every method
+    equals the plain model's, the wrapper's compiled forward is back afterwards (also after Ctrl-C),
+    and layer names with the wrapper's ``_orig_mod.`` prefix work."""
+    small_cnn.eval()
+    compiled = torch.compile(small_cnn, backend=_graph_as_is)
+    x = torch.rand(2, 3, 8, 8)
+    compiled(x)  # a graph cached without salience's hooks
+    for name, layer in [("vanilla", None), ("ablationcam", "features.0"), ("scorecam", "features.0"),
+                        ("eigencam", "features.0"), ("guided_gradcam", "features.0"), ("gradcam", "features.0"),
+                        ("ablationcam", "features.3"), ("gradcam", "features.3")]:
+        opts = {} if layer is None else dict(layer=layer)
+        with unchanged(compiled):
+            ours = salience.METHODS[name](compiled, x, 1, **({"layer": "_orig_mod." + layer} if layer else {}))
+        torch.testing.assert_close(ours, salience.METHODS[name](small_cnn, x, 1, **opts), atol=1e-6, rtol=1e-5)
+    with unchanged(compiled), interrupted_on_pass(small_cnn.features[3]):
+        salience.ablationcam(compiled, x, 0, layer=small_cnn.features[0])
+    # a compiled submodule is run eagerly too
+    outer = nn.Sequential(torch.compile(small_cnn.features, backend=_graph_as_is), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), small_cnn.head).eval()
+    outer(x)
+    plain = nn.Sequential(small_cnn.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), small_cnn.head).eval()
+    with unchanged(outer):
+        ours = salience.ablationcam(outer, x, 1, layer=small_cnn.features[3])
+    torch.testing.assert_close(ours, salience.ablationcam(plain, x, 1, layer=small_cnn.features[3]),
+                               atol=1e-6, rtol=1e-5)
+
+
+def _exported(model: nn.Module, x: torch.Tensor):
+    return torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+
+
+@pytest.mark.parametrize("name, options", [("vanilla", {}), ("integrated_gradients", dict(steps=3)),
+                                           ("smoothgrad", dict(samples=2)), ("occlusion", dict(window=4)),
+                                           ("guided_backprop", {})])
+def test_a_torch_export_module_passed_directly(small_cnn, name, options):
+    """``torch.export.export(model.eval(), ...).module()``, the flat module a user gets in Python, refuses
+    ``eval()`` with a raw NotImplementedError, which every method raised from the guard. Its graph is
+    fixed in eval mode, so the maps equal the eager model's."""
+    small_cnn.eval()
+    x = torch.rand(2, 3, 8, 8)
+    flat = _exported(small_cnn, x).module()
+    with unchanged(flat):
+        ours = salience.METHODS[name](flat, x, 1, **options)
+    torch.testing.assert_close(ours, salience.METHODS[name](small_cnn, x, 1, **options), atol=1e-5, rtol=1e-4)
+
+
+def test_a_graph_exported_in_train_mode_is_refused(small_cnn):
+    """A program exported in train mode keeps BatchNorm's batch statistics and Dropout in its graph,
+    whatever ``eval()`` sets: the maps would mix the images of a batch. Flat or unflattened, passed
+    directly (``load_model`` refused it already), it is refused, the module left as it was."""
+    x = torch.rand(2, 3, 8, 8)
+    ep = _exported(small_cnn.train(), x)
+    for model in (ep.module(), torch.export.unflatten(ep)):
+        with unchanged(model), pytest.raises(SalienceError, match=r"exported in train mode.*model\.eval\(\)"):
+            salience.vanilla(model, x, 0)
+
+
+@pytest.mark.parametrize("name", list(salience.METHODS))
+def test_a_callers_autocast_does_not_change_the_map(small_cnn, name):
+    """A call inside the caller's ``torch.autocast("cpu", dtype=torch.bfloat16)``: the map is the one
+    outside it, in ``x``'s dtype (salience's precision is its ``precision=`` option). The CAMs came
+    back in bfloat16 and rounded, the others in float32 but rounded, Score-CAM failed with a raw
+    "Index put requires the source and destination dtypes match", and Integrated Gradients with a
+    blurred baseline refused its own bfloat16 baseline as an input of the wrong dtype. The caller's
+    autocast is on again afterwards."""
+    from tiny_vit import TinyViT
+
+    torch.manual_seed(0)
+    attention = name in salience.methods.ATTENTION_METHODS
+    model = TinyViT(size=(16, 16), patch=4).eval() if attention else small_cnn.eval()
+    x = torch.rand(2, 3, 16, 16)
+    options = dict(_CHEAP.get(name, {}))
+    if name in ("integrated_gradients", "occlusion"):
+        options["baseline"] = "blur"
+    if "cam" in name:
+        options["layer"] = "features.3"
+    expected = salience.METHODS[name](model, x, 1, **options)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with unchanged(model):
+            ours = salience.METHODS[name](model, x, 1, **options)
+        assert torch.is_autocast_enabled("cpu")
+    assert ours.dtype == x.dtype
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_without_running_statistics_refuses_a_pass_of_several_images():
+    """``BatchNorm2d(track_running_stats=False)`` normalizes by the statistics of the batch it gets, in
+    eval mode too: a batch's images (and the noisy copies, path points, masked images a method runs
+    together) changed each other's maps silently. A pass of more than one image is refused, saying
+    what to do; one image at a time (``chunk=1`` for the many-pass methods) gives its own maps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6, track_running_stats=False), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).train()
+    x = torch.rand(3, 3, 8, 8)
+    for name, options in [("vanilla", {}), ("gradcam", dict(layer="2")), ("smoothgrad", dict(samples=4, chunk=2)),
+                          ("occlusion", dict(window=8))]:
+        with unchanged(model), pytest.raises(SalienceError, match=r"BatchNorm '1' has no running statistics.*"
+                                                                  r"the \d images of this pass.*chunk=1"):
+            salience.METHODS[name](model, x if name != "smoothgrad" else x[:1], 0, **options)
+    one = x[1:2].clone().requires_grad_(True)
+    model.eval()
+    model(one)[0, 2].backward()
+    with torch.no_grad():
+        gap = model(x[1:2])[0, 2] - model(torch.zeros_like(x[1:2]))[0, 2]
+    model.train()
+    with unchanged(model):
+        torch.testing.assert_close(salience.vanilla(model, x[1:2], 2), one.grad.abs().amax(1))
+        # one window over the whole image: every pixel gets S(x) - S(0)
+        torch.testing.assert_close(salience.occlusion(model, x[1:2], 2, window=8, chunk=1),
+                                   gap.expand(1, 8, 8), rtol=1e-5, atol=1e-6)
+        salience.smoothgrad(model, x[1:2], 2, samples=3, chunk=1)
+
+
+def test_ctrl_c_while_the_guard_records_the_model(small_cnn, monkeypatch):
+    """Ctrl-C while the guard records the model's state (cloning a big model's buffers takes a while):
+    nothing stays held, so the next call puts the model in eval mode and restores it as ever (a module
+    left counted as held was never put in eval mode or restored again)."""
+    from salience._core import guard
+
+    _train_mode_with_grads(small_cnn)
+    before = model_snapshot(small_cnn)
+    real, calls = guard.ModelState.capture, []
+
+    def interrupted(modules, params):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(modules, params)
+
+    monkeypatch.setattr(guard.ModelState, "capture", staticmethod(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        with model_guard(small_cnn):
+            pass  # pragma: no cover - not reached
+    monkeypatch.setattr(guard.ModelState, "capture", real)
+    from conftest import assert_same_snapshot
+
+    assert_same_snapshot(before, model_snapshot(small_cnn))
+    assert not any(id(o) in guard._held for o in [*small_cnn.modules(), *small_cnn.parameters()])
+    with model_guard(small_cnn):
+        assert not any(m.training for m in small_cnn.modules())
+    assert_same_snapshot(before, model_snapshot(small_cnn))
+
+
+def test_a_loaded_torchscript_model_is_guarded(small_cnn, tmp_path):
+    """``torch.jit.load`` gives parameters that are plain tensors, not ``nn.Parameter``: the guard
+    held per module and parameter (d8d4eaa) took them for modules and failed with a raw
+    "'Tensor' object has no attribute '_buffers'" in every method on a loaded TorchScript file."""
+    small_cnn.eval()
+    torch.jit.save(torch.jit.script(small_cnn), str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    assert not any(isinstance(p, nn.Parameter) for p in loaded.parameters())
+    x = torch.rand(2, 3, 8, 8)
+    expected = salience.vanilla(small_cnn, x, 1)
+    loaded(x)  # a first call caches the ScriptMethod ``forward`` in the module's __dict__ (the snapshot reads it)
+    loaded.train()
+    loaded.head.eval()  # a mixed state must come back mixed
+    with unchanged(loaded):
+        torch.testing.assert_close(salience.vanilla(loaded, x, 1), expected)
+        salience.rise(loaded, x, 1, masks=4, cell=2)
+    with unchanged(loaded), pytest.raises(KeyboardInterrupt):
+        salience.vanilla(loaded, x, _exploding_target(KeyboardInterrupt()))

@@ -205,3 +205,23 @@ def test_model_unchanged(small_cnn):
 def test_bad_input(small_cnn, kw, msg):
     with pytest.raises(SalienceError, match=msg):
         salience.integrated_gradients(small_cnn, _x(2), **kw)
+
+
+def test_an_input_that_requires_grad_gives_a_detached_map():
+    """``x`` (and a baseline) that require grad, as a caller's own graph has them: the map is the plain
+    tensor every other method returns, equal to the closed form of a linear model (``w * (x - x')``),
+    and ``x.grad`` is untouched. IG and input x gradient returned maps with a grad_fn on the caller's
+    graph (``.numpy()`` failed on them, and a later ``backward`` of the caller's went through them)."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    w = lin[1].weight[1].view(1, 3, 4, 4)
+    x = torch.rand(2, 3, 4, 4).requires_grad_(True)
+    base = torch.rand(1, 3, 4, 4).requires_grad_(True)
+    ig, gap = salience.integrated_gradients(lin, x, 1, baseline=base, steps=4, reduce=None, return_gap=True)
+    ixg = salience.input_x_gradient(lin, x, 1, reduce=None)
+    for m in (ig, gap, ixg):
+        assert not m.requires_grad and m.grad_fn is None
+    torch.testing.assert_close(ig, (w * (x - base)).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ixg, (w * x).detach(), rtol=1e-5, atol=1e-6)
+    assert x.grad is None and base.grad is None and x.requires_grad
+    ig.numpy(), ixg.numpy()

@@ -490,3 +490,28 @@ def test_perturbation_metrics_take_per_image_targets_image_by_image(small_cnn, b
         for wrong in (torch.tensor([0, 1, 2, 3]), targets.multilabel(sets[:2])):
             with pytest.raises(SalienceError, match="for a batch of 3|the batch has 3"):
                 metric(small_cnn, x, maps, wrong, batch_size=batch_size, **opts)
+
+
+def test_deletion_and_road_of_a_one_logit_model_score_its_logit():
+    """A binary classifier with one logit: the softmax of one number is 1, so every deletion,
+    insertion and ROAD curve was 1 (AUCs equal for every map). Its raw output is scored: the
+    deletion curve is the closed form ``sum(w * x)`` over the pixels kept."""
+    model, x, contrib = _linear_case(2)
+    one = nn.Sequential(model, _FirstColumn())
+    steps = 8
+    curves = M.deletion_curves(one, x, contrib, target=0, steps=steps, substrate="zero")
+    for i in range(2):
+        order = torch.argsort(contrib[i].flatten(), descending=True)
+        for k in range(steps + 1):
+            kept = contrib[i].flatten().clone()
+            kept[order[: round(k * 64 / steps)]] = 0.0
+            assert curves[i, k].item() == pytest.approx(kept.sum().item(), abs=1e-5)
+    assert (M.deletion(one, x, contrib, target=0, steps=8, substrate="zero")
+            < M.deletion(one, x, -contrib, target=0, steps=8, substrate="zero")).all()
+    road = M.road_curves(one, x, contrib, fractions=(0.2, 0.5))
+    assert not torch.equal(road, torch.ones_like(road))
+
+
+class _FirstColumn(nn.Module):
+    def forward(self, out):
+        return out[:, :1]  # (B, 1): one logit

@@ -190,3 +190,22 @@ def test_pointing_game_refuses_a_tolerance_that_is_no_distance(tolerance):
     maps, masks = torch.rand(2, 8, 8), torch.rand(2, 8, 8) > 0.5
     with pytest.raises(SalienceError, match="tolerance must be a finite number >= 0"):
         M.pointing_game(maps, masks, tolerance=tolerance)
+
+
+def test_seeded_draws_do_not_depend_on_the_default_dtype():
+    """The random baseline and faithfulness correlation's pixel sets are functions of the seed,
+    drawn in float32 whatever ``torch.set_default_dtype`` says (under float64 they were other maps
+    and other sets, so a seeded evaluation changed with a global setting)."""
+    model, x, maps = _linear_case()
+    expected = torch.rand((2, 5, 5), generator=torch.Generator().manual_seed(3), dtype=torch.float32)
+    rand = M.random_maps((2, 5, 5), seed=3)
+    corr = M.faithfulness_correlation(model, x, maps, subsets=5, subset_size=0.2, seed=4)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert torch.equal(M.random_maps((2, 5, 5), seed=3), expected)
+        again = M.faithfulness_correlation(model, x, maps, subsets=5, subset_size=0.2, seed=4)
+    finally:
+        torch.set_default_dtype(old)
+    assert torch.equal(rand, expected)
+    torch.testing.assert_close(again, corr, atol=1e-6, rtol=1e-5)

@@ -195,3 +195,20 @@ def test_per_image_targets_for_another_batch_size(name, given, small_cnn, x):
     opts = dict(_CHEAP.get(name, {}), **({"layer": "features.5"} if "cam" in name and name not in _CHEAP else {}))
     with unchanged(small_cnn), pytest.raises(salience.SalienceError, match=r"for (a batch of )?\d+ (images|samples)"):
         fn(small_cnn, x, target, **opts)
+
+
+@pytest.mark.parametrize("name", ["scorecam", "rise", "occlusion", "ablationcam"])
+def test_a_class_targets_map_does_not_depend_on_the_targets_beside_it(name, small_cnn, x):
+    """softmax="auto" decides per target: a class target is scored on the class probability and a
+    function on the raw output, also when both are asked in one call. A function in the list made
+    every class target of the call raw (Score-CAM's and RISE's map of class 2 changed with the list)."""
+    fn = salience.METHODS[name]
+    opts = dict(_CHEAP.get(name, {}), softmax="auto")
+    raw = lambda out: out[:, 1]  # noqa: E731 - a custom target: its raw score
+    both = fn(small_cnn, x, [2, raw], **opts)
+    alone_class, alone_raw = fn(small_cnn, x, 2, **opts), fn(small_cnn, x, raw, **opts)
+    torch.testing.assert_close(both[:, 0], alone_class, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(both[:, 1], alone_raw, rtol=1e-5, atol=1e-7)
+    # the class probability, written out: the function of the softmax equals the class target
+    prob = lambda out: out.softmax(1)[:, 2]  # noqa: E731
+    torch.testing.assert_close(fn(small_cnn, x, prob, **opts), alone_class, rtol=1e-5, atol=1e-7)

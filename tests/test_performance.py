@@ -260,6 +260,14 @@ def test_settings_keywords_and_errors():
             salience.set_performance(**bad)
     with pytest.raises(SalienceError, match="memory_format"):
         salience.smoothgrad(ThreeConv(), torch.rand(1, 3, 4, 4), memory_format="nhwc")
+    # a backend name torch.compile does not know: refused with the closest names (a raw InvalidBackend
+    # from torch.compile at the first run before), as a setting and as a keyword
+    for call in (lambda: salience.set_performance(compile="inductr"),
+                 lambda: salience.smoothgrad(ThreeConv(), torch.rand(1, 3, 4, 4), samples=2, compile="inductr")):
+        with pytest.raises(SalienceError, match=r"compile='inductr' is not a torch.compile backend; did you mean "
+                                                r"'inductor'"):
+            call()
+    assert _perf.current() == _perf.Performance()
 
 
 def test_cli_flags_reach_the_engine_and_do_not_leak(monkeypatch):
@@ -601,6 +609,37 @@ def test_fold_batchnorm_follows_changed_weights():
         out = salience.smoothgrad(model, x, samples=2)
     assert _rel(out, salience.smoothgrad(model, x, samples=2)) < 1e-5
     assert _perf.folded_model(model)[0] is not second
+
+
+def test_a_hook_added_after_folding_or_compiling_is_run():
+    """A hook the user adds after a run made the folded copy, or compiled the model, changes the
+    model's function: the next run with the same options gives the eager maps with the hook, with a
+    warning, and after the hook is removed the copy and the graph serve again. The folded copy was
+    cached by the weights only, and dynamo does not guard on module hooks (even a fresh
+    ``torch.compile`` of the model reuses its graph), so both silently ran without the hook."""
+    model = _with_statistics(ThreeConv())
+    x = torch.rand(2, 3, 8, 8)
+    compiles = []
+
+    def backend(gm, inputs):
+        compiles.append(1)
+        return gm.forward
+
+    for opts in (dict(fold_batchnorm=True), dict(compile=backend, memory_format="contiguous")):
+        with salience.performance(**opts):
+            salience.smoothgrad(model, x, samples=4, chunk=2)  # the copy / the graph, made without the hook
+        handle = model.body[2].register_forward_hook(lambda m, i, o: o * 3)
+        ref = salience.smoothgrad(model, x, samples=4, chunk=2)
+        with pytest.warns(UserWarning, match="hooks of its own"), salience.performance(**opts):
+            out = salience.smoothgrad(model, x, samples=4, chunk=2)
+        assert torch.equal(out, ref), opts
+        handle.remove()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with salience.performance(**opts):
+                out = salience.smoothgrad(model, x, samples=4, chunk=2)
+        assert _rel(out, salience.smoothgrad(model, x, samples=4, chunk=2)) < 1e-5, opts
+    assert compiles
 
 
 class _Branchy(ThreeConv):

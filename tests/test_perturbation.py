@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import salience
@@ -165,3 +166,90 @@ def test_layer_targets_are_refused(small_cnn):
     for fn in (salience.rise, salience.occlusion):
         with pytest.raises(SalienceError, match="inner layer"):
             fn(small_cnn, torch.rand(1, 3, 8, 8), t)
+
+
+@pytest.mark.parametrize("shape", ["one logit", "vector"])
+def test_rise_of_a_binary_classifier_scores_its_logit(small_cnn, shape):
+    """A binary classifier with one logit ``(B, 1)`` (or a ``(B,)`` output): ``softmax="auto"`` scores
+    the raw output, the paper's formula with ``S = f(x * M_i)`` written out. The softmax of a single
+    output is 1 for every masked image, so the default map was ``sum_i M_i / (N p)``: the masks' mean,
+    the same whatever the model; ``softmax="classes"`` says so. A ``(B,)`` output was an error under
+    the default that asked for ``softmax='none'``."""
+    head = nn.Linear(8, 1)
+    model = nn.Sequential(small_cnn.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    if shape == "vector":
+        model.append(nn.Flatten(0))
+    model.eval()
+    x = torch.rand(2, 3, 8, 8)
+    n, p = 12, 0.4
+    masks = rise_masks(0, n, (8, 8), cell=3, p=p, seed=7)
+    ref = torch.zeros(2, 8, 8)
+    with torch.no_grad():
+        for m in masks:
+            ref += model(x * m).reshape(2, 1, 1) * m
+    ref /= n * p
+    with unchanged(model):
+        ours = salience.rise(model, x, 0, masks=n, cell=3, p=p, seed=7)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(ours, masks.sum(0) / (n * p))
+    if shape == "one logit":
+        for name, options in [("rise", dict(masks=4, cell=2)), ("scorecam", {}), ("ablationcam", {}),
+                              ("occlusion", dict(window=4))]:
+            with unchanged(model), pytest.raises(SalienceError, match=r"single output is 1 for every image.*"
+                                                                       r"softmax='none'"):
+                salience.METHODS[name](model, x, 0, softmax="classes", **options)
+
+
+def test_scorecam_of_a_binary_classifier_weighs_the_channels_by_the_logit():
+    """Score-CAM on a one-logit model: the weights are the logit of each masked image (the formula
+    written out), not the softmax of one output (1 for every channel: the map was the channels' sum)."""
+    torch.manual_seed(0)
+    conv, head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 1)
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        acts = model[1](conv(x))  # (B, 4, 8, 8): the layer's output, already the image's size
+        lo, hi = acts.amin((2, 3), keepdim=True), acts.amax((2, 3), keepdim=True)
+        masks = (acts - lo) / (hi - lo)
+        w = torch.stack([model(x * masks[:, k:k + 1]).squeeze(1) for k in range(4)], dim=1)  # (B, 4)
+        ref = (w[:, :, None, None] * acts).sum(1).clamp(min=0)
+    ours = salience.scorecam(model, x, 0, layer=model[1])
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def default_float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _documented_masks(n, size, cell, p, seed):
+    """RISE masks by the construction rise_masks documents, written out with float32 draws."""
+    h, w = size
+    ch, cw = -(-h // cell), -(-w // cell)
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        grid = (torch.rand(cell, cell, generator=g, dtype=torch.float32) < p).float()
+        dy, dx = int(torch.randint(0, ch, (1,), generator=g)), int(torch.randint(0, cw, (1,), generator=g))
+        up = F.interpolate(grid[None, None], size=((cell + 1) * ch, (cell + 1) * cw), mode="bilinear",
+                           align_corners=False)[0, 0]
+        out.append(up[dy:dy + h, dx:dx + w])
+    return torch.stack(out)
+
+
+def test_rise_masks_do_not_depend_on_the_default_dtype(small_cnn, request):
+    """Mask ``i`` is a function of ``(seed, i)`` only: its cells are drawn in float32 whatever
+    ``torch.set_default_dtype`` says (under float64 the draws were other numbers: other masks, and a
+    float32 model's RISE map changed by a tenth of its range with a global setting)."""
+    x = torch.rand(2, 3, 8, 8)
+    small_cnn.eval()
+    expected = _documented_masks(6, (8, 8), 3, 0.4, 7)
+    assert torch.equal(rise_masks(0, 6, (8, 8), cell=3, p=0.4, seed=7), expected)
+    ours = salience.rise(small_cnn, x, 1, masks=6, cell=3, p=0.4, seed=7)
+    request.getfixturevalue("default_float64")
+    assert torch.equal(rise_masks(0, 6, (8, 8), cell=3, p=0.4, seed=7), expected)
+    torch.testing.assert_close(salience.rise(small_cnn, x, 1, masks=6, cell=3, p=0.4, seed=7), ours, atol=1e-6,
+                               rtol=1e-5)

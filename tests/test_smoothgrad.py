@@ -101,9 +101,13 @@ def test_seed_reproducible_and_global_rng_untouched(small_cnn):
     fixed = [salience.smoothgrad(small_cnn, x, samples=4, seed=11, chunk=2) for _ in range(2)]
     assert torch.equal(fixed[0], fixed[1])
     assert not torch.allclose(a, salience.smoothgrad(small_cnn, x, samples=4, seed=12))
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
     c1 = salience.smoothgrad(small_cnn, x, samples=4, seed=None)
     c2 = salience.smoothgrad(small_cnn, x, samples=4, seed=None)
     assert not torch.equal(c1, c2)
+    # fresh noise without touching the caller's RNG (torch.seed() re-seeded it non-deterministically)
+    assert torch.equal(torch.get_rng_state(), state), "seed=None re-seeded the global RNG"
 
 
 def _image_noise_loop(x: torch.Tensor, samples: int, noise: float, seed: int):

@@ -182,3 +182,41 @@ def test_regression_maps_keep_the_direction():
     sg = salience.smoothgrad(reg, x, targets.regression(1, "decrease"), samples=3, seed=2)
     sg_raw = salience.smoothgrad(reg, x, targets.regression(1, "decrease"), samples=3, seed=2, reduce=None)
     torch.testing.assert_close(sg, sg_raw.clamp(min=0).amax(1))
+
+
+@pytest.mark.parametrize("name", ["vanilla", "smoothgrad", "occlusion", "rise", "scorecam"])
+def test_numpy_label_arrays_are_class_targets(name):
+    """Labels as a numpy array (a dataset's labels, ``np.argmax`` of logits): ``(B,)`` is one class per
+    image and ``(B, K)`` K targets, as the same tensor. A 1-D array raised a raw "TypeError: only
+    0-dimensional arrays can be converted to Python scalars" (numpy's ``__index__``)."""
+    m = linear()
+    x = torch.rand(3, 3, 4, 4)
+    fn = salience.METHODS[name]
+    opts = {"smoothgrad": dict(samples=2), "occlusion": dict(window=2), "rise": dict(masks=4, cell=2)}.get(name, {})
+    if name == "scorecam":  # a layer with channels to mask with
+        m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 5))
+        opts = dict(layer=m[1])
+    labels = np.array([4, 0, 2])
+    torch.testing.assert_close(fn(m, x, labels, **opts), fn(m, x, torch.tensor([4, 0, 2]), **opts))
+    pairs = np.array([[4, 1], [0, 0], [2, 3]])
+    torch.testing.assert_close(fn(m, x, pairs, **opts), fn(m, x, torch.from_numpy(pairs), **opts))
+    if name == "vanilla":  # the closed form of a linear model
+        assert torch.equal(fn(m, x, labels, reduce=None), torch.stack([w_of(m, c) for c in (4, 0, 2)]))
+    with pytest.raises(SalienceError, match="integer class indices"):
+        fn(m, x, np.array([4.0, 0.0, 2.0]), **opts)
+
+
+def test_a_layer_target_on_a_torchscript_submodule_is_refused_by_name():
+    """A Python model holding a scripted backbone: a layer target on it (or inside it) cannot be hooked.
+    It raised torch's raw "register_forward_hook is not supported on ScriptModules"; and the CAMs' default
+    layer search, which cannot look inside it, said only that it found no layer."""
+    backbone = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()))
+    m = nn.Sequential(backbone, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    x = torch.rand(2, 3, 8, 8)
+    for layer in ("0", "0.0", backbone):
+        with pytest.raises(SalienceError, match=r"the layer '0(\.0)?' is a TorchScript module, which does not "
+                                                r"support forward hooks"):
+            salience.vanilla(m, x, targets.activation(layer, 1))
+    with pytest.raises(SalienceError, match=r"found no layer with a 4-D map.*its submodule '0' is TorchScript"):
+        salience.gradcam(m, x, 0)
+    assert salience.vanilla(m, x, 0).shape == (2, 8, 8)  # what needs no hook works

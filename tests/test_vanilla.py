@@ -197,6 +197,7 @@ def test_cuda_matches_cpu(small_cnn):
         (torch.tensor([[[[float("inf")]]]]).expand(1, 3, 5, 4), "NaN or infinite"),
         ([[1.0]], "torch.Tensor"),
         (torch.rand(0, 3, 5, 4), "empty"),
+        (torch.rand(1, 3, 5, 4).to_sparse(), r"sparse_coo tensor.*x\.to_dense\(\)"),  # was a raw NotImplementedError
     ],
 )
 def test_bad_inputs_raise_clear_errors(x, match):

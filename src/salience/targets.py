@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -327,6 +328,8 @@ def as_target(target: TargetLike) -> Target:
         return target
     if isinstance(target, bool):
         raise SalienceError("expected a target class as an int, got a bool")
+    if isinstance(target, np.ndarray):  # labels from numpy: as a tensor (its __index__ takes 0-d arrays only)
+        target = torch.as_tensor(target)
     if isinstance(target, (int, Tensor, list, tuple)):
         return Classes(target)  # type: ignore[arg-type]
     if hasattr(target, "__index__") and not callable(target):
@@ -355,6 +358,8 @@ def split(target: Any, batch: Optional[int] = None) -> tuple[list[Target], bool]
 
 
 def _split(target: Any, batch: Optional[int]) -> tuple[list[Target], bool]:
+    if isinstance(target, np.ndarray):  # a (B,) array is one class per image, a (B, K) one K targets
+        target = torch.as_tensor(target)
     if isinstance(target, Tensor) and target.dim() == 2:
         if target.is_floating_point() or target.dtype == torch.bool:
             raise SalienceError(f"expected integer class indices (B, K), got a tensor of dtype {target.dtype}")

@@ -23,10 +23,10 @@ from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
-from salience._core.layers import LayerSpec, resolve_layer
+from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import first_tensor
 
-__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_output", "seeing_output", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output",
+__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_output", "seeing_output", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
            "looks_like_probabilities"]
 
 
@@ -34,6 +34,9 @@ def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
     """Validate an image batch ``(B, C, H, W)``: a finite floating tensor on the model's device."""
     if not isinstance(x, Tensor):
         raise SalienceError(f"expected x as a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise SalienceError(f"x is a {str(x.layout).replace('torch.', '')} tensor; saliency needs a dense one, "
+                            "e.g. x.to_dense()")
     if x.dim() != 4:
         hint = "; add the batch dimension with x.unsqueeze(0)" if x.dim() == 3 else ""
         raise SalienceError(f"expected x of shape (B, C, H, W), got shape {tuple(x.shape)}{hint}")
@@ -267,7 +270,7 @@ def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
     check_input(x, model)
     seen = _SEEN_OUTPUTS.get()
     store: list[Any] = []
-    handle = resolve_layer(model, layer).register_forward_hook(capture_hook(store, seen is None))
+    handle = _hooked(model, layer, capture_hook(store, seen is None))
     try:
         with model_guard(model), torch.inference_mode():
             try:
@@ -279,8 +282,31 @@ def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
     finally:
         handle.remove()
     if not store or not isinstance(store[0], Tensor):
-        raise SalienceError(f"layer {layer!r} was not called in the forward pass (or returned no tensor)")
+        raise layer_not_captured(model, layer, store)
     return store[0]
+
+
+def _hooked(model: nn.Module, layer: LayerSpec, hook: Any) -> Any:
+    """``hook`` on ``layer``'s module; a TorchScript layer (which takes no hook) is refused by name,
+    where ``register_forward_hook`` raised a raw RuntimeError ("not supported on ScriptModules")."""
+    mod = resolve_layer(model, layer)
+    if isinstance(mod, torch.jit.ScriptModule):
+        name = layer if isinstance(layer, str) else layer_name(model, layer)
+        raise SalienceError(f"the layer {name!r} is a TorchScript module, which does not support forward hooks; "
+                            "pass a Python (non-scripted) layer, or the model without TorchScript in it")
+    return mod.register_forward_hook(hook)
+
+
+def layer_not_captured(model: nn.Module, layer: LayerSpec, store: list) -> SalienceError:
+    """The error for a hooked layer that gave no tensor: never called, or called and returned something
+    else (``nn.MultiheadAttention``'s ``(output, weights)`` tuple), said as such, the layer by its name
+    (its repr, many lines for a block, and "was not called" for a layer that was, before)."""
+    name = layer if isinstance(layer, str) else layer_name(model, layer)
+    if not store:
+        return SalienceError(f"layer {name!r} was not called in the forward pass")
+    return SalienceError(
+        f"layer {name!r} returned {describe_output(store[0])}, not a tensor; pass a layer whose output is the "
+        "tensor to explain (a submodule of it, or the block around it)")
 
 
 def _common_layer(targets: Sequence[TargetLike]) -> Optional[LayerSpec]:
@@ -310,10 +336,10 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
     tap = _SoftmaxTap() if strip_softmax and target_layer is None else None
     try:
         for layer, store in zip(layers, captured):
-            handles.append(resolve_layer(model, layer).register_forward_hook(capture_hook(store, False)))
+            handles.append(_hooked(model, layer, capture_hook(store, False)))
         if target_layer is not None:
             # Registered last, so the other layers' hooks on the same module run first.
-            handles.append(resolve_layer(model, target_layer).register_forward_hook(capture_hook(target_store, True)))
+            handles.append(_hooked(model, target_layer, capture_hook(target_store, True)))
         try:
             with ExitStack() as modes:
                 for mode in extra_modes:
@@ -343,7 +369,7 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
         )
     for layer, store in zip(layers, captured):
         if not store or not isinstance(store[0], Tensor):
-            raise SalienceError(f"layer {layer!r} was not called in the forward pass (or returned no tensor)")
+            raise layer_not_captured(model, layer, store)
     return out, captured
 
 

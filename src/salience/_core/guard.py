@@ -6,29 +6,43 @@ samples of a batch nor updates its running statistics, and Dropout is off) and t
 is spent on parameter gradients). :func:`model_guard` records the model's state first and
 puts it back afterwards, on success, on an exception and on ``KeyboardInterrupt``.
 
-The guard is reference counted per model: nested calls (SmoothGrad around vanilla) and
-concurrent calls from several threads on the same model share one saved state, which is
-restored when the last of them leaves. Without that, a second thread would record the
-first thread's temporary eval mode as "the user's" and restore the wrong one.
+A ``torch.compile``d module (an ``OptimizedModule``, the model itself or any submodule) runs its
+original module eagerly under the guard: its cached graphs do not see hooks added after they were
+compiled (dynamo skips guards on module hooks), so a layer hooked by Grad-CAM was "not called",
+and Ablation-CAM's hook on one layer was replaced by the graph of an earlier call that hooked
+another, silently. The function is the same; salience's own ``compile=`` option compiles the
+passes that need no hook.
+
+The guard is reference counted per module and per parameter: nested calls (SmoothGrad around
+vanilla), concurrent calls from several threads on the same model, and on models that share
+modules (two heads on one backbone), share one saved state of each module and parameter, which
+is restored when the last guard holding it leaves. Without that, a second thread would record
+the first thread's temporary eval mode as "the user's" and restore the wrong one (and, counted
+per model, the first thread to leave put a shared backbone back in train mode under the other's
+running passes).
 """
 from __future__ import annotations
 
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
 from salience._core.errors import SalienceError
+from salience._core.tensors import autocast_off
 
-__all__ = ["model_guard", "ModelState", "check_python_model"]
+__all__ = ["model_guard", "ModelState", "check_python_model", "train_mode_op"]
 
 
 @dataclass
 class ModelState:
-    """What salience may touch in a model: modes, ``requires_grad``, ``.grad``, buffers."""
+    """What salience may touch in a model's modules and parameters: modes, ``requires_grad``,
+    ``.grad``, data, buffers, compiled forwards; :meth:`capture` records them for the given modules
+    and parameters, :meth:`restore` puts them back."""
 
     training: list[tuple[nn.Module, bool]]
     requires_grad: list[tuple[nn.Parameter, bool]]
@@ -37,26 +51,43 @@ class ModelState:
     # Each parameter's data as it was (storage, strides): the engine may convert it to
     # channels-last for a run (salience._core.perf) and must leave the user's layout.
     data: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    # Each torch.compile wrapper's own ``forward`` attribute (its compiled callable), put back after
+    # the guard ran the original module eagerly (see the module's docstring).
+    compiled: list[tuple[nn.Module, object]] = field(default_factory=list)
+    # Hooks the guard put on the modules for the block (see _refuse_mixed_batches), removed first.
+    handles: list[Any] = field(default_factory=list)
 
     @classmethod
-    def capture(cls, model: nn.Module) -> "ModelState":
-        params = list(model.parameters())
+    def capture(cls, modules: list[nn.Module], params: list[nn.Parameter]) -> "ModelState":
         buffers = []
-        for module in model.modules():
+        for module in modules:
             for name, buf in module._buffers.items():
                 if buf is not None:
                     # The version counter tells whether the buffer was written in place;
                     # the clone lets us put back the values if it was.
                     buffers.append((module, name, buf, buf._version, buf.detach().clone()))
         return cls(
-            training=[(m, m.training) for m in model.modules()],
+            training=[(m, m.training) for m in modules],
             requires_grad=[(p, p.requires_grad) for p in params],
             grads=[(p, p.grad) for p in params],
             buffers=buffers,
             data=[(p, p.data) for p in params],
+            compiled=[(m, m.__dict__.get("forward", _NO_FORWARD)) for m in compiled_wrappers(modules)],
         )
 
+    def run_eagerly(self) -> None:
+        """Let each ``torch.compile`` wrapper call its original module, hooks and all, until :meth:`restore`."""
+        for module, _ in self.compiled:
+            module.__dict__["forward"] = module._orig_mod.__call__
+
     def restore(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+        for module, forward in self.compiled:
+            if forward is _NO_FORWARD:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = forward
         for module, mode in self.training:
             module.training = mode
         for param, flag in self.requires_grad:
@@ -78,46 +109,153 @@ class ModelState:
                     buf.copy_(copy)
 
 
+_NO_FORWARD = object()
+
+
+def compiled_wrappers(modules: list[nn.Module]) -> list[nn.Module]:
+    """The ``torch.compile`` wrappers (``OptimizedModule``) among ``modules``. Dynamo is not imported
+    for it: where it was never imported, there is none."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is None:
+        return []
+    return [m for m in modules if isinstance(m, eval_frame.OptimizedModule)]
+
+
 _lock = threading.Lock()
-_active: dict[int, tuple[int, ModelState]] = {}
+# Every module and parameter some guard holds: id -> [holders, its state as the first holder found it].
+_held: dict[int, list] = {}
+
+
+def _hold(objects: list, held: list, new: list) -> None:
+    """Count one more holder of each of ``objects``, each appended to ``held`` as soon as it is counted
+    (so that an interruption part way releases exactly those), and to ``new`` if no guard held it."""
+    for obj in objects:
+        entry = _held.get(id(obj))
+        if entry is None:
+            _held[id(obj)] = [1, None]
+            new.append(obj)
+        else:
+            entry[0] += 1
+        held.append(obj)
+
+
+def _release(objects: list) -> None:
+    """One holder fewer of each of ``objects``: the state of each that no guard holds any more is put back."""
+    last = [], []
+    for obj in objects:
+        entry = _held[id(obj)]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del _held[id(obj)]
+            if entry[1] is not None:  # None: its capture did not happen (an error while entering)
+                last[not isinstance(obj, nn.Module)].append(entry[1])
+    for state in last[0] + last[1]:  # modules first (compiled forwards, modes, buffers), then parameters
+        state.restore()
 
 
 @contextmanager
 def model_guard(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode with frozen parameters for the block, then restore it.
+    """Put ``model`` in eval mode with frozen parameters (its ``torch.compile`` wrappers running their
+    original modules eagerly) for the block, then restore it.
 
     Restores every module's train/eval flag, every parameter's ``requires_grad``, ``.grad`` and
     data (storage and strides: a channels-last run is undone), and any buffer written in place,
-    also if the block raises.
+    also if the block raises. A caller's ``torch.autocast`` is off in the block (this thread's):
+    the passes run in the precision of salience's ``precision=`` option (fp32 unless asked), which
+    enters its own autocast inside.
+
+    The guard holds each module and parameter, not the model: nested calls (SmoothGrad around
+    vanilla), threads explaining the same model, and threads explaining two models that share
+    modules (two heads on one backbone) share one saved state per module and parameter, put back
+    when the last guard holding it leaves. Holding the model only, a thread that entered while
+    another held the shared backbone recorded the other's eval mode and frozen flags as the
+    user's and put them back last: the backbone stayed in eval mode, its parameters frozen.
     """
     if not isinstance(model, nn.Module):
         raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
-    key = id(model)
+    objects: list = list(model.modules()) + list(model.parameters())
+    held: list = []
     with _lock:
-        if key in _active:
-            count, state = _active[key]
-            _active[key] = (count + 1, state)
-        else:
-            state = ModelState.capture(model)
-            _active[key] = (1, state)
-            try:
-                model.eval()
+        try:  # also a Ctrl-C part way: what was counted is released (a state not yet captured is None)
+            new: list = []
+            _hold(objects, held, new)
+            for o in new:  # a module or parameter no guard held: recorded, then the model put in eval mode
+                state = ModelState.capture([o], []) if isinstance(o, nn.Module) else ModelState.capture([], [o])
+                _held[id(o)][1] = state
+            if new:
+                for o in new:
+                    _held[id(o)][1].run_eagerly()
+                _eval(model)
+                _refuse_mixed_batches(model, new)
                 for p in model.parameters():
                     p.requires_grad_(False)
-            except BaseException:
-                state.restore()
-                del _active[key]
-                raise
+        except BaseException:
+            _release(held)
+            raise
     try:
-        yield model
+        with autocast_off():
+            yield model
     finally:
         with _lock:
-            count, state = _active[key]
-            if count == 1:
-                del _active[key]
-                state.restore()
-            else:
-                _active[key] = (count - 1, state)
+            _release(objects)
+
+
+def _eval(model: nn.Module) -> None:
+    """``model.eval()``, and a refusal of a graph that keeps train mode whatever the flags say.
+
+    ``torch.export``'s ``ExportedProgram.module()`` refuses ``eval()`` (a raw NotImplementedError):
+    its graph is fixed in the mode it was exported in, so only the flags are set. A graph exported
+    in train mode (that flat module, or ``torch.export.unflatten`` of it, whose ``eval()`` succeeds)
+    would compute BatchNorm with the batch's statistics, mixing the images, and draw Dropout."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        for m in model.modules():
+            m.training = False
+    for name, m in model.named_modules():
+        graph = getattr(m, "graph", None)  # torch.fx.GraphModule, torch.export.unflatten's modules
+        op = train_mode_op(graph) if isinstance(graph, torch.fx.Graph) else None
+        if op is not None:
+            where = "the model's graph" if name == "" else f"the graph of its submodule {name!r}"
+            raise SalienceError(
+                f"{where} was exported in train mode ({op} with training on), and an exported graph keeps "
+                "that mode: BatchNorm would mix the images of a batch and Dropout draw at random. Export it "
+                "after model.eval()")
+
+
+def _refuse_mixed_batches(model: nn.Module, new: list) -> None:
+    """A BatchNorm without running statistics (``track_running_stats=False``) normalizes by the
+    statistics of the batch it is given, in eval mode too: the images of a pass (a batch, or the
+    noisy copies / masked images a method runs together) changed each other's maps, silently. Such
+    a layer gets a forward pre-hook for the block that refuses a pass of more than one image."""
+    held = {id(o) for o in new}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None and id(m) in held:
+            _held[id(m)][1].handles.append(m.register_forward_pre_hook(_one_image_per_pass(name)))
+
+
+def _one_image_per_pass(name: str) -> Any:
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] > 1:
+            raise SalienceError(
+                f"the model's BatchNorm {name!r} has no running statistics (track_running_stats=False): even in "
+                f"eval mode it normalizes by the statistics of the batch it is given, so the {x.shape[0]} images "
+                "of this pass would change each other's maps. Explain one image at a time (x[i:i + 1]) and pass "
+                "chunk=1 to the methods that run several copies of it per pass (SmoothGrad, Integrated "
+                "Gradients, occlusion, RISE, Score-CAM, Ablation-CAM); or give the layer running statistics")
+    return hook
+
+
+def train_mode_op(graph: Any) -> Optional[str]:
+    """The first operation of a ``torch.fx`` graph (``torch.export``'s ATen graph) that runs BatchNorm
+    or Dropout in train mode (its ``training`` argument fixed to ``True``), or ``None``."""
+    for node in graph.nodes:
+        name = str(node.target) if node.op == "call_function" else ""
+        if ("batch_norm" in name and len(node.args) > 5 and node.args[5] is True) or \
+                ("dropout" in name and len(node.args) > 2 and node.args[2] is True):
+            return name
+    return None
 
 
 def check_python_model(model: nn.Module, method: str, why: str) -> None:

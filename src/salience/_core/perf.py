@@ -57,10 +57,11 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, suggest
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "current", "resolve", "active",
-           "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "clear_cache", "compile_unavailable", "folded_model"]
+           "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "clear_cache", "compile_unavailable", "folded_model",
+           "own_hooks", "observer"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -108,6 +109,8 @@ class Performance:
         c = self.compile
         if not (isinstance(c, (bool, str)) or callable(c)):
             raise SalienceError(f"compile must be True/False, a torch.compile backend name or callable; got {c!r}")
+        if isinstance(c, str):
+            _check_backend_name(c)
         return self
 
     @property
@@ -168,6 +171,20 @@ def resolve(memory_format: Optional[str] = None, compile: Any = None, precision:
 
 _compiled: "OrderedDict[tuple[int, Any], tuple[nn.Module, Any]]" = OrderedDict()
 _COMPILED_KEEP = 4  # compiled models kept for the process (each holds its model)
+
+
+def _check_backend_name(name: str) -> None:
+    """Refuse a backend name torch.compile does not know (a raw ``InvalidBackend`` from the first run
+    before); where dynamo cannot be imported, :func:`compile_unavailable` says so at the run."""
+    try:
+        import torch._dynamo as dynamo
+
+        known = dynamo.list_backends(exclude_tags=())
+    except Exception:  # noqa: BLE001 - no dynamo: the run warns and runs eagerly
+        return
+    if name not in known:
+        raise SalienceError(f"compile={name!r} is not a torch.compile backend{suggest(name, known)} "
+                            "(torch._dynamo.list_backends() lists them; True is inductor)")
 
 
 def compile_unavailable(backend: Any, device: torch.device) -> Optional[str]:
@@ -243,9 +260,6 @@ def _fold(model: nn.Module) -> Any:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return "the model has no BatchNorm layer"
-    if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or
-           getattr(m, "_backward_pre_hooks", None) for m in model.modules()):
-        return "the model has hooks of its own, which a copy would not run"
     import copy
 
     try:
@@ -259,9 +273,39 @@ def _fold(model: nn.Module) -> Any:
     return folded
 
 
+def observer(hook: Callable) -> Callable:
+    """Mark ``hook`` as salience's own observer of a model's passes (a dataset run keeping the
+    output, the explorer's progress): it changes no output, so it does not keep :func:`own_hooks`
+    from letting a copy or a compiled graph run (where it may not be called)."""
+    hook.salience_observer = True  # type: ignore[attr-defined]
+    return hook
+
+
+def own_hooks(model: nn.Module) -> Optional[str]:
+    """Why a copy or a compiled graph of ``model`` cannot stand in for it: it has hooks of its own (or
+    hooks on every module, ``register_module_forward_hook``), or ``None``. Checked at every run, not
+    once per cached copy: a hook added after the copy was made, or after the graph was compiled
+    (dynamo does not guard on module hooks, so even a fresh ``torch.compile`` of the model reuses the
+    graph), was silently not run, and one removed since still ran. :func:`observer` hooks do not count."""
+    from torch.nn.modules import module as _module
+
+    def users(hooks: Any) -> bool:
+        return any(not getattr(h, "salience_observer", False) for h in (hooks or {}).values())
+
+    if any(users(m._forward_hooks) or users(m._forward_pre_hooks) or users(m._backward_hooks) or
+           users(getattr(m, "_backward_pre_hooks", None)) for m in model.modules()):
+        return "the model has hooks of its own, which a copy or a compiled graph would not follow"
+    if _module._has_any_global_hook():
+        return "module hooks are registered for every module (register_module_forward_hook...)"
+    return None
+
+
 def folded_model(model: nn.Module) -> tuple[Optional[nn.Module], str]:
     """The process's BatchNorm-folded copy of ``model`` (made again when the model's parameters or
     buffers changed since), or ``(None, why)`` when folding does not apply."""
+    why = own_hooks(model)
+    if why is not None:
+        return None, why
     sig = _signature(model)
     with _lock:
         hit = _folded.get(id(model))
@@ -383,7 +427,7 @@ class Run:
             if self._folded is None:
                 warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=3)
         if self.options.backend is not None:
-            why = compile_unavailable(self.options.backend, self.device)
+            why = compile_unavailable(self.options.backend, self.device) or own_hooks(model)
             if why is not None:
                 warnings.warn(f"compile: {why}; running eagerly", stacklevel=3)
             else:

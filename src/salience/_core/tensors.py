@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,29 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 
-__all__ = ["gaussian_blur", "gaussian_kernel1d", "minmax", "unit_scale", "first_tensor", "model_device", "model_dtype", "check_int", "check_number"]
+__all__ = ["autocast_off", "gaussian_blur", "gaussian_kernel1d", "minmax", "unit_scale", "first_tensor", "model_device", "model_dtype", "check_int", "check_number"]
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+@contextmanager
+def autocast_off() -> Iterator[None]:
+    """Turn off an autocast the caller entered (a ``with torch.autocast(...)`` around a method call),
+    in this thread, for the block: salience computes in the precision of its own ``precision=``
+    option (fp32 unless asked; :mod:`salience._core.perf` enters its autocast inside). Under the
+    caller's, maps came back in bfloat16 from some methods and float32 from others, a blurred
+    baseline in bfloat16 was refused as an input of the wrong dtype, and Score-CAM failed with a raw
+    dtype error. Nothing is entered where no autocast is on."""
+    with ExitStack() as stack:
+        for device in _AUTOCAST_DEVICES:
+            try:
+                on = torch.is_autocast_enabled(device)
+            except RuntimeError:  # a device type this build does not know
+                continue
+            if on:
+                stack.enter_context(torch.autocast(device_type=device, enabled=False))
+        yield
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -29,10 +52,11 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
         return x.clone()
     k = gaussian_kernel1d(sigma, radius, x.device, x.dtype)
     c = x.shape[1]
-    y = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
-    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    with autocast_off():  # in x's dtype
+        y = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+        y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+        return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def gaussian_kernel1d(sigma: float, radius: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -86,4 +86,5 @@ def center_maps(images: Tensor, *, sigma: float = 0.25) -> Tensor:
 def random_maps(shape: Sequence[int], *, seed: int = 0, device: Union[str, torch.device, None] = None) -> Tensor:
     """Uniform random maps of ``shape`` ``(B, H, W)`` from ``seed``: the chance baseline."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand(tuple(shape), generator=gen).to(device if device is not None else "cpu")
+    # float32 draws whatever torch's default dtype: the same seed gives the same maps
+    return torch.rand(tuple(shape), generator=gen, dtype=torch.float32).to(device if device is not None else "cpu")

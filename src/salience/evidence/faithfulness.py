@@ -122,7 +122,9 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
 
     ``make(ids)`` returns the perturbed images of the item numbers ``ids`` and the index in ``x``
     of the image each comes from. The target (default: the class predicted on the unperturbed
-    ``x``) is resolved once; class targets score the softmax probability when ``probability``.
+    ``x``) is resolved once; class targets score the softmax probability when ``probability``,
+    on a model with two classes or more: the softmax of a one-output model (a binary classifier's
+    single logit) is 1 whatever the image, so its raw output is scored (every curve was 1).
     The one loop behind deletion, insertion, ROAD and faithfulness correlation.
     """
     batch_size = check_int(batch_size, "batch_size", minimum=1)
@@ -134,7 +136,7 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
             ids = torch.arange(s, min(s + batch_size, total), device=x.device)
             images, img = make(ids)
             out = unwrap_output(model(images), model)
-            if softmax and out.dim() == 2 and not looks_like_probabilities(out):
+            if softmax and out.dim() == 2 and out.shape[1] > 1 and not looks_like_probabilities(out):
                 out = out.softmax(dim=1)
             scores[s:s + len(ids)] = _gather_scores(tgt, out, img)
     return scores
@@ -305,7 +307,7 @@ def faithfulness_correlation(
         raise SalienceError(f"subset_size must be a fraction of the pixels in (0, 1], got {subset_size!r}")
     k = min(max(round(frac * h * w), 1), h * w)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    keys = torch.rand((b, t, h * w), generator=gen).to(x.device)
+    keys = torch.rand((b, t, h * w), generator=gen, dtype=torch.float32).to(x.device)  # whatever the default dtype
     chosen = torch.zeros(b, t, h * w, dtype=torch.bool, device=x.device)
     chosen.scatter_(2, keys.topk(k, dim=2).indices, True)
     chosen = chosen.reshape(b, t, h, w)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core.errors import SalienceError, suggest
+from salience._core.guard import train_mode_op
 from salience._core.info import ModelInfo, attach_info, model_info
 from salience.loading.models import PathLike, load_state, read_state_dict
 
@@ -169,13 +170,11 @@ def _input_shape(ep: Any) -> Optional[tuple]:
 
 def _check_exported(p: Path, ep: Any) -> None:
     """Refuse a program that salience cannot run as exported: train mode, or a fixed batch."""
-    for node in ep.graph.nodes:
-        name = str(node.target) if node.op == "call_function" else ""
-        if ("batch_norm" in name and len(node.args) > 5 and node.args[5] is True) or \
-                ("dropout" in name and len(node.args) > 2 and node.args[2] is True):
-            raise SalienceError(
-                f"{p}: exported in train mode ({name} with training on), and an exported graph keeps that mode: "
-                "BatchNorm would mix the images of a batch. Export it after model.eval()")
+    name = train_mode_op(ep.graph)
+    if name is not None:
+        raise SalienceError(
+            f"{p}: exported in train mode ({name} with training on), and an exported graph keeps that mode: "
+            "BatchNorm would mix the images of a batch. Export it after model.eval()")
     shape = _input_shape(ep)
     if shape and isinstance(shape[0], int):
         raise SalienceError(

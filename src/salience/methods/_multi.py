@@ -165,6 +165,6 @@ def input_gradient_maps(
     _reduce.get_grad_modifier(grad_modifier)
     _reduce.get_reduction(reduce)
     grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax, extra_modes=extra_modes)
-    if times_input:
-        grads = grads * x.unsqueeze(0)
+    if times_input:  # x detached: a caller's x that requires grad must not put the map on its graph
+        grads = grads * x.detach().unsqueeze(0)
     return finish(grads.transpose(0, 1), grad_modifier, reduce, multi, targets)

@@ -116,8 +116,9 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None)
             if name and not isinstance(m, torch.jit.ScriptModule) and (only is None or m is only):
                 handles.append(m.register_forward_hook(make_hook(name)))
         # With the input's gradient on (parameters frozen by the guard), an output that requires grad
-        # depends on the input: Swin's relative position bias (B, heads, n, n) does not.
-        with model_guard(model), torch.enable_grad():
+        # depends on the input: Swin's relative position bias (B, heads, n, n) does not. Also when the
+        # caller runs under torch.inference_mode(), where enable_grad() alone records no graph.
+        with model_guard(model), torch.inference_mode(False), torch.enable_grad():
             one = x[:1].clone() if x.is_inference() else x[:1]
             model(one.detach().requires_grad_(True))
     finally:
@@ -219,9 +220,13 @@ def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
     spatial = [c for c in cands if c[1].shape[-2:].numel() > 1]
     chosen = spatial or cands
     if not chosen:
+        script = [n for n, m in model.named_modules() if n and isinstance(m, torch.jit.ScriptModule)]
+        hidden = (f"; its submodule {script[0]!r} is TorchScript, whose layers take no hook and so were not "
+                  "looked at: pass the model with its Python modules" if script else "")
         raise SalienceError(
             "found no layer with a 4-D map (B, K, h, w) / (B, h, w, K) or a transformer block to use for "
             "Grad-CAM; pass layer= (a module or a dotted name from model.named_modules()) with a spatial output"
+            + hidden
         )
     return chosen[-1][0], ("the last layer with a spatial map" if spatial else
                            "the last layer with a 4-D output (none has h * w > 1 on this input)")

@@ -201,7 +201,8 @@ def integrated_gradients(
                     ends.at(point, a, targets, on_path=False)  # a forward pass: the rule lacks the point
     parts = [t for t in (ends.grads, None if sums is None else sums.total) if t is not None]
     total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-    attr = total * (x - x0).unsqueeze(1).to(total.dtype)  # (B, K, C, H, W), float64
+    # (B, K, C, H, W), float64; detached: an x (or baseline) that requires grad must not put the map on its graph
+    attr = total * (x.detach() - x0.detach()).unsqueeze(1).to(total.dtype)
     out = finish(attr.to(x.dtype), grad_modifier, reduce, multi, targets)
     if not return_gap:
         return out

@@ -48,7 +48,9 @@ __all__ = ["occlusion", "rise", "rise_masks", "occlusion_windows", "SOFTMAX"]
 SOFTMAX = ("auto", "classes", "none")
 """How perturbation methods score an output: ``"classes"``: the target of the softmax over classes
 (probabilities); ``"none"``: the target of the raw output; ``"auto"``: ``"classes"`` for class
-targets (a class, the predicted class, several classes), ``"none"`` for any other target."""
+targets (a class, the predicted class, several classes), ``"none"`` for any other target, and for
+every target of a model without two classes to take the softmax over (one logit, a ``(B,)``
+output)."""
 
 
 # --------------------------------------------------------------------------- scoring (shared with Score-CAM)
@@ -64,16 +66,29 @@ def check_perturbation_targets(targets: Sequence[Target], method: str) -> None:
             )
 
 
-def use_probabilities(softmax: str, targets: Sequence[Target]) -> bool:
-    """Whether targets are scored on class probabilities (see :data:`SOFTMAX`)."""
+def use_probabilities(softmax: str, targets: Sequence[Target], out: Tensor) -> tuple[bool, ...]:
+    """Whether each target is scored on class probabilities (see :data:`SOFTMAX`), one flag per target:
+    with ``"auto"`` each target's own kind decides, so a class target's map is the same whatever
+    targets are asked beside it (a function in the list made every class target's map raw).
+
+    ``out`` is the model's output on the clean images. Class probabilities need a ``(B, classes)``
+    output with two classes or more: the softmax of a single output (a binary classifier's one
+    logit) is 1 whatever the image, so every perturbed copy scored 1 and the map showed the masks,
+    not the model. There ``"auto"`` scores the raw output and ``"classes"`` is refused."""
     if softmax not in SOFTMAX:
         raise SalienceError(f"softmax must be one of {', '.join(SOFTMAX)}; got {softmax!r}")
+    classes = out.dim() == 2 and out.shape[1] >= 2
+    if softmax == "classes" and not classes:
+        why = ("the softmax of a single output is 1 for every image, so no perturbation would change the "
+               "score" if out.dim() == 2 else "there is no class axis to take the softmax over")
+        raise SalienceError(f"softmax='classes' needs a model output of shape (B, classes) with 2 classes or "
+                            f"more, got {tuple(out.shape)}: {why}; pass softmax='none' (the raw output)")
     if softmax == "auto":
-        return all(isinstance(t, (Classes, Predicted, MultiLabel)) for t in targets)
-    return softmax == "classes"
+        return tuple(classes and isinstance(t, (Classes, Predicted, MultiLabel)) for t in targets)
+    return tuple(softmax == "classes" for _ in targets)
 
 
-def score_items(model: nn.Module, xs: Tensor, targets: Sequence[Target], probabilities: bool,
+def score_items(model: nn.Module, xs: Tensor, targets: Sequence[Target], probabilities: Sequence[bool],
                 strip_softmax: bool, *, plain: bool = True) -> Tensor:
     """The K targets' scores ``(n, K)`` of the model on ``xs`` ``(n, C, H, W)`` (one forward, no gradient).
 
@@ -84,18 +99,14 @@ def score_items(model: nn.Module, xs: Tensor, targets: Sequence[Target], probabi
     return scores_of(out, targets, probabilities)
 
 
-def scores_of(out: Tensor, targets: Sequence[Target], probabilities: bool) -> Tensor:
-    """The K targets' scores ``(n, K)`` of a model output ``(n, ...)``, of its softmax over classes
-    (dim 1 of a ``(n, classes)`` output) when ``probabilities``."""
+def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bool]) -> Tensor:
+    """The K targets' scores ``(n, K)`` of a model output ``(n, ...)``: target ``k``'s of its softmax
+    over classes (dim 1 of a ``(n, classes)`` output) when ``probabilities[k]``, else of ``out``."""
     n = out.shape[0]
-    if probabilities:
-        if out.dim() != 2:
-            raise SalienceError(f"softmax='classes' needs a model output of shape (B, classes), got "
-                                f"{tuple(out.shape)}; pass softmax='none'")
-        out = out.softmax(dim=1)
+    soft = out.softmax(dim=1) if any(probabilities) else None  # use_probabilities checked the shape
     cols = []
-    for t in targets:
-        s = t(out)
+    for t, p in zip(targets, probabilities):
+        s = t(soft if p else out)
         if not isinstance(s, Tensor) or s.shape != (n,):
             raise SalienceError(
                 f"a perturbation method needs the target's score of each perturbed image, shape ({n},); got "
@@ -105,8 +116,8 @@ def scores_of(out: Tensor, targets: Sequence[Target], probabilities: bool) -> Te
     return torch.stack(cols, dim=1)
 
 
-def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Target], probabilities: bool,
-                 strip_softmax: bool, run: _perf.Run) -> Tensor:
+def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Target],
+                 probabilities: Sequence[bool], strip_softmax: bool, run: _perf.Run) -> Tensor:
     """The K targets' scores ``(B, K)`` of the clean images, at the precision of the run's passes.
 
     ``out`` is the model's float32 output on ``x``. Under autocast (``precision="bf16"`` /
@@ -254,7 +265,7 @@ def occlusion(
     with model_guard(model):
         out = forward_scores(model, x, strip_softmax=strip_softmax)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
-        probs = use_probabilities(softmax, resolved)
+        probs = use_probabilities(softmax, resolved, out)
         run = _perf.Run(model, x, perf, tag=f"occlusion:{win}:{st}:{probs}:{strip_softmax}")
         clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run)  # (B, K)
 
@@ -298,7 +309,7 @@ def rise_masks(start: int, stop: int, size: tuple[int, int], *, cell: int = 7, p
     grids, shifts = [], []
     for i in range(start, stop):
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        grids.append((torch.rand(cell, cell, generator=g) < p).to(dtype))
+        grids.append((torch.rand(cell, cell, generator=g, dtype=torch.float32) < p).to(dtype))  # whatever the default dtype
         shifts.append((int(torch.randint(0, ch, (1,), generator=g)), int(torch.randint(0, cw, (1,), generator=g))))
     grid = torch.stack(grids).to(device).unsqueeze(1)
     up = F.interpolate(grid, size=((cell + 1) * ch, (cell + 1) * cw), mode="bilinear", align_corners=False)[:, 0]
@@ -352,8 +363,9 @@ def rise(
     b = x.shape[0]
     size = (int(x.shape[-2]), int(x.shape[-1]))
     with model_guard(model):
-        resolved = resolve(targets, model, x, strip_softmax=strip_softmax)
-        probs = use_probabilities(softmax, resolved)
+        out = forward_scores(model, x, strip_softmax=strip_softmax)
+        resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
+        probs = use_probabilities(softmax, resolved, out)
 
         def compute(start: int, stop: int) -> Tensor:
             first, last = start // b, (stop - 1) // b

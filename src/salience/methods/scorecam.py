@@ -30,7 +30,7 @@ Ablation-CAM's hooked passes never run compiled.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +38,11 @@ from torch import Tensor, nn
 
 from salience._core import engine as _engine
 from salience._core import perf as _perf
-from salience._core.autograd import capture_hook, check_input, forward_scores
+from salience._core.autograd import capture_hook, check_input, forward_scores, layer_not_captured
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
-from salience._core.tensors import check_number
+from salience._core.tensors import autocast_off, check_number
 from salience.methods._multi import several_targets
 from salience.methods._tokens import Layout
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
@@ -55,7 +55,7 @@ __all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
 SCORECAM_SOFTMAX = SOFTMAX + ("channels",)
 """Score-CAM's weights: ``"classes"`` (the target's probability, the paper), ``"none"`` (the raw
 score), ``"channels"`` (raw scores, softmax over the channels: pytorch-grad-cam), ``"auto"``
-(``"classes"`` for class targets, else ``"none"``)."""
+(``"classes"`` for class targets of a model with two classes or more, else ``"none"``)."""
 
 
 def _setup(method: str, model: nn.Module, x: Tensor, target: Any, layer: Optional[LayerSpec]
@@ -78,7 +78,7 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -
     finally:
         handle.remove()
     if not store or not isinstance(store[0], Tensor):
-        raise SalienceError(f"the layer {type(mod).__name__} was not called in the forward pass or returned no tensor")
+        raise layer_not_captured(model, mod, store)
     return store[0].detach(), out
 
 
@@ -94,7 +94,8 @@ def _grid(method: str, model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor
 
 def _cam(weights: Tensor, acts: Tensor, relu: bool, upsample: bool, size: tuple[int, int], multi: bool) -> Tensor:
     """``ReLU(sum_d w_d A_d)``: weights ``(B, K, D)``, acts ``(B, D, h, w)`` -> ``(B, [K,] H, W)``."""
-    cam = torch.einsum("bkd,bdhw->bkhw", weights.to(acts.dtype), acts)
+    with autocast_off():  # in the layer's dtype, whatever autocast the caller is in
+        cam = torch.einsum("bkd,bdhw->bkhw", weights.to(acts.dtype), acts)
     if relu:
         cam = cam.clamp(min=0)
     if upsample:
@@ -201,7 +202,7 @@ def scorecam(
         acts, out = _capture(model, x, mod, strip_softmax)
         _, acts = _grid("Score-CAM", model, mod, acts, x, grid, prefix_tokens)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
-        probs = softmax != "channels" and use_probabilities(softmax, resolved)
+        probs = use_probabilities("none" if softmax == "channels" else softmax, resolved, out)
         items = _ChannelMasks(x, acts, align_corners)
         live = items.live()  # item j = channel j // B of image j % B; the others mask the image to zeros
         run = _perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}")
@@ -275,7 +276,7 @@ class _Ablated:
         return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
 
 
-def _check_nonzero(clean: Tensor, targets: list[Target], probs: bool) -> None:
+def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) -> None:
     """Refuse a clean score ``S`` of exactly 0 (``clean`` ``(B, K)``): Ablation-CAM's weights
     ``(S - S_k) / S`` would be 0 / 0 or infinite there, a map of NaN (a fresh torchvision
     VisionTransformer, whose head starts at zeros, scores 0 for every class)."""
@@ -287,7 +288,7 @@ def _check_nonzero(clean: Tensor, targets: list[Target], probs: bool) -> None:
     index = getattr(t, "index", None)
     what = (f"class {index if isinstance(index, int) else int(index[b])}" if isinstance(t, Classes)
             else f"the target {t!r}")
-    kind = "probability" if probs else "score"
+    kind = "probability" if probs[k] else "score"
     raise SalienceError(
         f"the {kind} of {what} is 0 on image {b}: Ablation-CAM's weights (S - S_k) / S divide by it "
         "(a map of NaN); score class probabilities instead (softmax='classes'), or use another method "
@@ -338,7 +339,7 @@ def ablationcam(
         native, out = _capture(model, x, mod, strip_softmax)
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
-        probs = use_probabilities(softmax, resolved)
+        probs = use_probabilities(softmax, resolved, out)
         # no compiled passes: a hook replaces the layer's output in each (compile would retrace per chunk)
         run = _perf.Run(model, x, replace(perf, compile=False), tag=f"ablationcam:{probs}:{strip_softmax}:{value}")
         clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run)  # (B, K)

@@ -193,7 +193,9 @@ def _check_seed_int(value: Any, name: str, what: str) -> int:
 
 
 def _fresh_seed() -> int:
-    return int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(torch.seed())))
+    """A non-deterministic seed, from a private generator: ``torch.seed()`` re-seeded the caller's
+    global RNG, so ``seed=None`` took away the reproducibility of everything the caller drew after."""
+    return int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(torch.Generator().seed())))
 
 
 class NoisyCopies:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from salience.attention import AttentionCapture, attention_maps, check_model
 from salience._core.autograd import backward, check_input, unwrap_output
 from salience._core.errors import SalienceError
+from salience._core.tensors import autocast_off
 from salience.methods._multi import several_targets
 from salience.methods._tokens import Layout, token_layout
 from salience.methods.gradcam import _upsample
@@ -155,7 +156,7 @@ def attention_rollout(
         check_output(targets, unwrap_output(outputs[0], model))
     n = _check_maps(shapes, x.shape[0], "attention_rollout")
     layout = _layout(model, x, n, prefix_tokens, grid, "attention_rollout")
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast_off():
         m = _row_map(_class_row(layers), layout, x, upsample).to(x.dtype)
     m = m.clone()  # a normal tensor for the caller (in-place operations allowed), (B, h, w) or (B, H, W): small
     return m.unsqueeze(1).repeat(1, len(targets), 1, 1) if multi else m
@@ -192,12 +193,13 @@ def transformer_attribution(
                             "explain these targets in separate calls")
     eye = torch.eye(n, dtype=maps[0].dtype, device=maps[0].device)
     out = []
-    for k in range(len(targets)):
-        r: Optional[Tensor] = None  # R = I until the first layer the score depends on
-        for a, g in zip(maps, grads):
-            if g:  # a layer the score does not depend on adds nothing
-                abar = (g[k] * a).clamp_(min=0).mean(dim=1)
-                r = eye + abar if r is None else r + torch.bmm(abar, r)  # I + Abar I = I + Abar, exactly
-        out.append(_row_map(eye.expand(x.shape[0], n, n) if r is None else r, layout, x, upsample))
+    with autocast_off():  # in the working precision, whatever autocast the caller is in
+        for k in range(len(targets)):
+            r: Optional[Tensor] = None  # R = I until the first layer the score depends on
+            for a, g in zip(maps, grads):
+                if g:  # a layer the score does not depend on adds nothing
+                    abar = (g[k] * a).clamp_(min=0).mean(dim=1)
+                    r = eye + abar if r is None else r + torch.bmm(abar, r)  # I + Abar I = I + Abar, exactly
+            out.append(_row_map(eye.expand(x.shape[0], n, n) if r is None else r, layout, x, upsample))
     maps_k = torch.stack(out, dim=1).to(x.dtype)
     return maps_k if multi else maps_k[:, 0]

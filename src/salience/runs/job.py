@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from salience._core import perf as _perf
 from salience._core.autograd import forward_scores, looks_like_probabilities, unwrap_output
 from salience._core.engine import MemoryProbe, default_budget
 from salience._core.errors import SalienceError
@@ -146,7 +147,7 @@ def _first_pass(plan: Plan, model: nn.Module, x: Tensor,
             seen.append(unwrap_output(output, model).detach())
 
     name, fn = next(iter(plan.methods.items()))
-    handle = model.register_forward_hook(keep)
+    handle = model.register_forward_hook(_perf.observer(keep))  # compiled / folded passes may skip it
     try:
         m = call_method(fn, model, x, plan.regression(), indices).detach().float().cpu().unsqueeze(1)
     finally:
