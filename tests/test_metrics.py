@@ -490,3 +490,17 @@ def test_perturbation_metrics_take_per_image_targets_image_by_image(small_cnn, b
         for wrong in (torch.tensor([0, 1, 2, 3]), targets.multilabel(sets[:2])):
             with pytest.raises(SalienceError, match="for a batch of 3|the batch has 3"):
                 metric(small_cnn, x, maps, wrong, batch_size=batch_size, **opts)
+
+
+def test_half_precision_maps_are_scored_like_float32():
+    # A half-precision model's maps are float16. Energy sums |map| over the image: 4096 values of
+    # about 50 overflow float16 (max 65504), and inside / inf was a silent 0 (or NaN). The maps'
+    # float16 values are exact in float32, so the share is the float32 one: 1/4 here (top half 1,
+    # bottom half 3 before scaling).
+    masks = _rect_masks(2, 64, 64, 0, 0, 32, 64)
+    maps = torch.where(masks, 40.0, 120.0).half()
+    assert torch.allclose(M.energy_in_mask(maps, masks), torch.full((2,), 0.25))
+    assert M.energy_in_mask(maps, masks).dtype == torch.float32
+    assert torch.allclose(M.energy_in_mask(maps.bfloat16(), masks), torch.full((2,), 0.25))
+    # Gini of two magnitudes a < b on halves: (b - a) / (2 (a + b)) = 80 / 320.
+    assert torch.allclose(M.sparseness(maps), torch.full((2,), 0.25))

@@ -17,7 +17,9 @@ MethodLike = Union[str, Callable[..., Tensor]]
 
 
 def check_maps(maps: Tensor, name: str = "maps") -> Tensor:
-    """``maps`` as a finite floating ``(B, H, W)`` tensor (a ``(B, 1, H, W)`` one is squeezed)."""
+    """``maps`` as a finite float32 or float64 ``(B, H, W)`` tensor (a ``(B, 1, H, W)`` one is
+    squeezed). Integer, bool, float16 and bfloat16 maps become float32: the metrics sum thousands
+    of values, which overflow float16 (65504) and lose all but 8 bits in bfloat16."""
     if not isinstance(maps, Tensor):
         raise SalienceError(f"expected {name} as a torch.Tensor of shape (B, H, W), got {type(maps).__name__}")
     if maps.dim() == 4 and maps.shape[1] == 1:
@@ -25,7 +27,7 @@ def check_maps(maps: Tensor, name: str = "maps") -> Tensor:
     if maps.dim() != 3:
         hint = "; reduce the channels first, e.g. salience.reduce.max_abs(maps)" if maps.dim() == 4 else ""
         raise SalienceError(f"expected {name} of shape (B, H, W), got shape {tuple(maps.shape)}{hint}")
-    if not maps.is_floating_point():
+    if maps.dtype not in (torch.float32, torch.float64):
         maps = maps.float()
     if not bool(torch.isfinite(maps).all()):
         raise SalienceError(f"{name} contain NaN or infinite values; a saliency map must be finite")
