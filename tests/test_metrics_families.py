@@ -190,3 +190,21 @@ def test_pointing_game_refuses_a_tolerance_that_is_no_distance(tolerance):
     maps, masks = torch.rand(2, 8, 8), torch.rand(2, 8, 8) > 0.5
     with pytest.raises(SalienceError, match="tolerance must be a finite number >= 0"):
         M.pointing_game(maps, masks, tolerance=tolerance)
+
+
+def test_a_one_channel_map_is_the_same_map_as_its_squeezed_form():
+    # A method returning its signed map as (B, 1, H, W) names the same map as (B, H, W): the maps'
+    # metrics read it so (check_maps squeezes), and so must the method's. It was reduced by the
+    # channels' largest magnitude, i.e. made |map|. Map of class k: sign(k - 0.5) * x, so the
+    # signed maps of the two classes have Spearman -1 and their magnitudes +1.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1 * 6 * 6, 2))
+    x = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0)) + 0.1
+
+    def signed(model, x, target):
+        return x * (2.0 * target.view(-1, 1, 1, 1) - 1)  # (B, 1, H, W)
+
+    for kind, expected in (("spearman", -1.0), ("spearman_abs", 1.0)):
+        s = M.random_logit(model, x, signed, target=[0, 1, 0], kind=kind)
+        torch.testing.assert_close(s, torch.full((3,), expected))
+        s3 = M.random_logit(model, x, lambda m, x, t: signed(m, x, t)[:, 0], target=[0, 1, 0], kind=kind)
+        torch.testing.assert_close(s3, s)

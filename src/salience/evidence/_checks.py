@@ -71,12 +71,16 @@ def resolve_method(method: MethodLike) -> tuple[str, Callable[..., Tensor]]:
 def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor, *, batch_size: int,
                 kwargs: Optional[dict] = None) -> Tensor:
     """``fn``'s maps of ``x`` for the per-image classes ``target`` ``(B,)``, ``batch_size`` images
-    per call, as float ``(B, H, W)`` at ``x``'s size: a ``(B, C, H, W)`` map is reduced by the
-    channels' largest magnitude, a smaller map (Grad-CAM without upsampling) resized bilinearly."""
+    per call, as float ``(B, H, W)`` at ``x``'s size: a ``(B, 1, H, W)`` map is the ``(B, H, W)``
+    map with its signs (as :func:`check_maps` reads it), a ``(B, C, H, W)`` map of several channels
+    is reduced by the channels' largest magnitude, a smaller map (Grad-CAM without upsampling)
+    resized bilinearly."""
     out = []
     for i in range(0, x.shape[0], batch_size):
         m = fn(model, x[i:i + batch_size], target[i:i + batch_size], **(kwargs or {})).detach()
-        if m.dim() == 4:
+        if m.dim() == 4 and m.shape[1] == 1:
+            m = m[:, 0]
+        elif m.dim() == 4:
             m = m.abs().amax(1)
         if m.dim() != 3:
             raise SalienceError(f"the method returned a map of shape {tuple(m.shape)}; expected (B, H, W) or (B, C, H, W)")

@@ -33,8 +33,8 @@ def max_sensitivity(
     """Max-sensitivity (Yeh et al. 2019), relative: ``max_k ||m(x + d_k) - m(x)|| / ||m(x)||``, ``(B,)``.
 
     ``method``: a name of :data:`salience.METHODS` or a function ``(model, x, target) -> maps``;
-    maps are compared as ``(B, H, W)`` (a ``(B, C, H, W)`` map reduced by the channels' largest
-    magnitude), Frobenius norms. ``d_k`` (``samples`` of them) is uniform in
+    maps are compared as ``(B, H, W)`` (a ``(B, 1, H, W)`` map squeezed, a ``(B, C, H, W)`` one
+    reduced by the channels' largest magnitude), Frobenius norms. ``d_k`` (``samples`` of them) is uniform in
     ``[-r, r]`` per input value, ``r = radius * (max(x_i) - min(x_i))`` per image, drawn from
     ``seed``. ``target``: the class explained on every copy, default the class predicted on ``x``
     (class targets only). Lower is better; 0 for a map that does not change. ``NaN`` where the

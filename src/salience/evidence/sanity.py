@@ -273,8 +273,8 @@ def random_logit(
     between the map of each image's class (``target``, default the predicted class) and the map
     of another class drawn uniformly from the model's other outputs (from ``seed``). A map that
     looks the same whatever class it explains does not explain the class. Maps as ``(B, H, W)``
-    (a ``(B, C, H, W)`` map reduced by the channels' largest magnitude); both sets of maps run
-    through the method ``batch_size`` images at a time.
+    (a ``(B, 1, H, W)`` map squeezed, a ``(B, C, H, W)`` one reduced by the channels' largest
+    magnitude); both sets of maps run through the method ``batch_size`` images at a time.
     """
     if kind not in SIMILARITIES:
         raise SalienceError(f"kind must be one of {', '.join(SIMILARITIES)}, got {kind!r}")
