@@ -208,3 +208,27 @@ def test_a_one_channel_map_is_the_same_map_as_its_squeezed_form():
         torch.testing.assert_close(s, torch.full((3,), expected))
         s3 = M.random_logit(model, x, lambda m, x, t: signed(m, x, t)[:, 0], target=[0, 1, 0], kind=kind)
         torch.testing.assert_close(s3, s)
+
+
+def test_method_tests_take_class_targets_only_and_say_so():
+    # max_sensitivity and random_logit explain one class per image. classes(...) / predicted() are
+    # those classes; a multilabel set, a function, a string or a bool is refused with a
+    # SalienceError (they raised a raw RuntimeError / TypeError, and True was read as class 1).
+    from salience import targets
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))  # vanilla map of class k = |w_k|
+    x = torch.rand(3, 3, 4, 4)
+    s = M.random_logit(model, x, vanilla, targets.classes(2), kind="spearman_abs", seed=3)
+    torch.testing.assert_close(s, M.random_logit(model, x, vanilla, 2, kind="spearman_abs", seed=3))
+    assert bool((s < 1).all())  # another class's |w| was drawn
+    pred = model(x).argmax(1)
+    torch.testing.assert_close(M.random_logit(model, x, vanilla, targets.predicted(), seed=3),
+                               M.random_logit(model, x, vanilla, pred, seed=3))
+    torch.testing.assert_close(M.max_sensitivity(model, x, vanilla, targets.classes([0, 1, 2]), samples=2),
+                               torch.zeros(3))  # a linear model's map does not move
+    for bad in (targets.multilabel([0, 1]), lambda out: out[:, 0], "2", True, [True, False, True]):
+        with pytest.raises(SalienceError, match="target must be"):
+            M.random_logit(model, x, vanilla, bad)
+        with pytest.raises(SalienceError, match="target must be"):
+            M.max_sensitivity(model, x, vanilla, bad, samples=2)

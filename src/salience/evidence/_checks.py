@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from salience._core.autograd import predicted_classes
 from salience._core.errors import SalienceError
 from salience.methods import METHODS, QUICK, as_method
+from salience.targets import Classes, Predicted, Target
 
 MethodLike = Union[str, Callable[..., Tensor]]
 
@@ -91,12 +92,25 @@ def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: 
 
 
 def class_indices(model: nn.Module, x: Tensor, target: object) -> Tensor:
-    """The class of each image ``(B,)``: predicted on ``x`` for ``None``, else ``target`` (one
-    class index, or one per image) as int64 on ``x``'s device."""
+    """The class of each image ``(B,)``: predicted on ``x`` for ``None`` (or
+    :func:`salience.targets.predicted`), else ``target`` (one class index, or one per image, or
+    :func:`salience.targets.classes` of them) as int64 on ``x``'s device. Anything else (a bool,
+    a string, a multilabel set, a function) is refused: these tests explain one class."""
+    if isinstance(target, Predicted):
+        target = None
+    elif isinstance(target, Classes):
+        target = target.index
     if target is None:
         return predicted_classes(model, x)
-    t = torch.as_tensor(target, device=x.device)
-    if t.is_floating_point() or t.is_complex() or t.dim() > 1 or (t.dim() == 1 and t.shape[0] != x.shape[0]):
-        raise SalienceError(f"target must be None, a class index or one class index per image ({x.shape[0]}), "
+    refused = SalienceError(f"target must be None, a class index or one class index per image ({x.shape[0]}), "
                             f"got {target!r}")
+    if isinstance(target, (Target, str, bytes, bool)) or callable(target):
+        raise refused
+    try:
+        t = torch.as_tensor(target, device=x.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise refused from None
+    if (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.dim() > 1
+            or (t.dim() == 1 and t.shape[0] != x.shape[0])):
+        raise refused
     return t.expand(x.shape[0]).long() if t.dim() == 0 else t.long()
