@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from salience._core.autograd import predicted_classes
 from salience._core.errors import SalienceError
+from salience._core.tensors import check_int
 from salience.methods import METHODS, QUICK, as_method
 from salience.targets import Classes, Predicted, Target
 
@@ -33,6 +34,21 @@ def check_maps(maps: Tensor, name: str = "maps") -> Tensor:
     if not bool(torch.isfinite(maps).all()):
         raise SalienceError(f"{name} contain NaN or infinite values; a saliency map must be finite")
     return maps
+
+
+def check_seed(seed: object) -> int:
+    """``seed`` as an int a generator takes (``-2**63`` to ``2**64 - 1``), or a :class:`SalienceError`
+    (a float seed was truncated or raised a raw error; a huge one overflowed inside torch)."""
+    s = check_int(seed, "seed", minimum=None)
+    if not -(2 ** 63) <= s < 2 ** 64:
+        raise SalienceError(f"seed must be an int from -2**63 to 2**64 - 1 (a generator's seed), got {s}")
+    return s
+
+
+def item_seed(seed: int, item: int) -> int:
+    """The seed of item ``item`` of a run seeded with ``seed``: ``(seed * 1_000_003 + item) % 2**63``
+    (the dataset runs' rule), in a generator's range for every ``seed``."""
+    return (int(seed) * 1_000_003 + int(item)) % 2 ** 63
 
 
 def check_masks(masks: Tensor, maps: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from salience._core.autograd import check_input, looks_like_probabilities, unwra
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.tensors import check_int, check_number, gaussian_blur
-from salience.evidence._checks import check_maps
+from salience.evidence._checks import check_maps, check_seed
 from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
 
 __all__ = ["deletion", "insertion", "deletion_curves", "insertion_curves", "auc", "faithfulness_correlation"]
@@ -146,7 +146,7 @@ def _curves(model: nn.Module, x: Tensor, maps: Tensor, target: TargetLike, *, in
     maps = prepare_maps(model, x, maps)
     steps = check_int(opts.steps, "steps", minimum=1)
     b, c, h, w = x.shape
-    rank = pixel_ranks(maps, opts.seed).reshape(b, h, w)
+    rank = pixel_ranks(maps, check_seed(opts.seed)).reshape(b, h, w)
     base = _substrate(x, opts.substrate, opts.blur_sigma)
     start, end = (base, x) if insert else (x, base)
     counts = torch.tensor([round(k * h * w / steps) for k in range(steps + 1)], device=x.device)
@@ -304,7 +304,7 @@ def faithfulness_correlation(
     if not 0 < frac <= 1:
         raise SalienceError(f"subset_size must be a fraction of the pixels in (0, 1], got {subset_size!r}")
     k = min(max(round(frac * h * w), 1), h * w)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     keys = torch.rand((b, t, h * w), generator=gen).to(x.device)
     chosen = torch.zeros(b, t, h * w, dtype=torch.bool, device=x.device)
     chosen.scatter_(2, keys.topk(k, dim=2).indices, True)

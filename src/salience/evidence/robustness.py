@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from salience._core.autograd import check_input
 from salience._core.tensors import check_int, check_number
-from salience.evidence._checks import MethodLike, class_indices, method_maps, resolve_method
+from salience.evidence._checks import MethodLike, check_seed, class_indices, method_maps, resolve_method
 
 __all__ = ["max_sensitivity"]
 
@@ -50,7 +50,7 @@ def max_sensitivity(
     cls = class_indices(model, x, target)
     m0 = method_maps(fn, model, x, cls, batch_size=bs, kwargs=method_kwargs)
     span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(1, b, 1, 1, 1)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     noise = (torch.rand((n, *x.shape), generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * r * span
     noisy = (x[None] + noise).reshape(n * b, *x.shape[1:])  # item j = k * B + i
     maps = method_maps(fn, model, noisy, cls.repeat(n), batch_size=bs, kwargs=method_kwargs).reshape(n, b, -1)
