@@ -504,3 +504,17 @@ def test_half_precision_maps_are_scored_like_float32():
     assert torch.allclose(M.energy_in_mask(maps.bfloat16(), masks), torch.full((2,), 0.25))
     # Gini of two magnitudes a < b on halves: (b - a) / (2 (a + b)) = 80 / 320.
     assert torch.allclose(M.sparseness(maps), torch.full((2,), 0.25))
+
+
+def test_a_blur_that_leaves_the_image_as_it_is_is_refused():
+    # blur_sigma <= 0 made the blurred substrate x itself: "removed" pixels kept their values, the
+    # curve stayed at the clean probability and every map scored the same (1.0 here).
+    model, x, contrib = _linear_case(2)
+    for sigma in (0, -1.0, float("nan"), "5"):
+        for fn in (M.deletion, M.insertion, M.faithfulness_correlation):
+            with pytest.raises(SalienceError, match="blur_sigma"):
+                fn(model, x, contrib, 0, blur_sigma=sigma)
+    # Another substrate does not read blur_sigma; a small positive blur is a blur.
+    M.deletion(model, x, contrib, 0, substrate="zero", blur_sigma=0)
+    assert (M.deletion_curves(model, x, contrib, 0, steps=2, blur_sigma=0.5)[:, -1]
+            != M.deletion_curves(model, x, contrib, 0, steps=2, blur_sigma=0.5)[:, 0]).all()

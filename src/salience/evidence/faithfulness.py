@@ -59,7 +59,12 @@ def _substrate(x: Tensor, substrate: SubstrateLike, blur_sigma: float) -> Tensor
     if substrate == "mean":
         return x.mean((2, 3), keepdim=True).expand_as(x)
     if substrate == "blur":
-        return gaussian_blur(x, blur_sigma)
+        # sigma 0 (or below) would leave x as it is: nothing removed, every map the same score.
+        sigma = check_number(blur_sigma, "blur_sigma", what="the blur's standard deviation in pixels, > 0")
+        if not sigma > 0:
+            raise SalienceError(f"blur_sigma must be > 0 (pixels): a blur of {blur_sigma!r} leaves the image as "
+                                "it is, so no pixel would be removed; for no blur choose another substrate")
+        return gaussian_blur(x, sigma)
     raise SalienceError(
         f"unknown substrate {substrate!r}; expected 'zero', 'blur', 'mean', a number or a tensor like x"
     )
