@@ -130,6 +130,9 @@ def test_weak_localization_takes_largest_component():
     with_stray = M.weak_localization(maps, masks, largest=False).item()
     assert with_stray == pytest.approx(36 / 225)
     assert M.weak_localization(torch.zeros(1, 20, 20), masks).item() == 0.0
+    for bad in ("0.2", None, 0, 1.5, float("nan")):  # a string or None was a raw TypeError
+        with pytest.raises(SalienceError, match="threshold"):
+            M.weak_localization(maps, masks, threshold=bad)
 
 
 def test_largest_component_matches_scipy():
