@@ -140,6 +140,19 @@ def _mean(t: Tensor) -> float:
     return float(torch.nanmean(t.float()))
 
 
+def _check_classifier(model: nn.Module) -> None:
+    """Refuse a model whose :class:`~salience._core.info.ModelInfo` says it regresses: every column
+    scores "the predicted class" (its softmax probability, another class for random logit), which
+    for regressed quantities is the larger of two unrelated numbers."""
+    info = model_info(model)
+    if info.task == "regression":
+        names = f" ({', '.join(info.class_names)})" if info.class_names else ""
+        raise SalienceError(
+            f"{info.name} is a regression model{names}: salience evaluate scores the predicted class, and its "
+            "outputs are not classes; score its maps with the metrics and a regression target instead, e.g. "
+            "salience.evidence.deletion(model, x, maps, salience.targets.regression(0), probability=False)")
+
+
 def _baseline_maps(name: str, x: Tensor, masks: Optional[Tensor], seed: int) -> Tensor:
     if name == ORACLE:
         return masks.float()  # type: ignore[union-attr]
@@ -207,8 +220,10 @@ def evaluate_methods(
     The target is the class the model predicts on each image. Returns one :class:`MetricRow`
     per method, then the oracle's and the baselines' rows (with ``baselines``), and the maps
     ``{name: (B, H, W)}``. A method that fails (e.g. Grad-CAM on a model without convolutions)
-    gets a row with its ``error`` and the others go on.
+    gets a row with its ``error`` and the others go on. A regression model (``ModelInfo.task``) is
+    refused: its outputs are not classes.
     """
+    _check_classifier(model)
     items = [resolve_method(m) for m in (methods if methods is not None else default_methods(model))]
     fns = dict(items)
     extra = ([ORACLE] if masks is not None else []) + list(BASELINES)
@@ -407,6 +422,7 @@ def run_evaluation(
     trains two models; see :func:`salience.demo.train.demo_train_fn`).
     """
     check_int(n, "n", minimum=1)
+    _check_classifier(model)
     if masks is not None and images is None:
         raise SalienceError("masks need their images: give images=DIR too")
     if methods is not None:
