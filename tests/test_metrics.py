@@ -521,3 +521,34 @@ def test_a_blur_that_leaves_the_image_as_it_is_is_refused():
     M.deletion(model, x, contrib, 0, substrate="zero", blur_sigma=0)
     assert (M.deletion_curves(model, x, contrib, 0, steps=2, blur_sigma=0.5)[:, -1]
             != M.deletion_curves(model, x, contrib, 0, steps=2, blur_sigma=0.5)[:, 0]).all()
+
+
+class _OneLogit(nn.Module):
+    """A binary classifier with one logit ``sum(w * x)``, as ``(B, 1)`` or ``(B,)``."""
+
+    def __init__(self, w: torch.Tensor, flat: bool = False):
+        super().__init__()
+        self.w, self.flat = nn.Parameter(w.clone()), flat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (x * self.w).flatten(1).sum(1)
+        return s if self.flat else s[:, None]
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_single_logit_scores_its_sigmoid(flat):
+    # The softmax over one class is 1 whatever the input: every map scored deletion = insertion =
+    # ROAD = 1 on a (B, 1) binary classifier. Its probability is the sigmoid of the logit: deleting
+    # to zero in the order of the contributions w * x leaves sigmoid(sum of the rest) at each step.
+    _, x, contrib = _linear_case(2)
+    w = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5
+    model = _OneLogit(w, flat)
+    contrib = (w * x)[:, 0]
+    curves = M.deletion_curves(model, x, contrib, steps=64, substrate="zero")
+    c = contrib.flatten(1)
+    left = c.sum(1, keepdim=True) - torch.cat([torch.zeros(2, 1), c.sort(1, descending=True).values.cumsum(1)], 1)
+    torch.testing.assert_close(curves, torch.sigmoid(left), atol=1e-5, rtol=0)
+    assert bool((M.deletion(model, x, contrib, substrate="zero")
+                 < M.deletion(model, x, M.random_maps((2, 8, 8), seed=0), substrate="zero")).all())
+    raw = M.deletion_curves(model, x, contrib, steps=64, substrate="zero", probability=False)
+    torch.testing.assert_close(raw, left, atol=1e-5, rtol=0)

@@ -121,13 +121,25 @@ def prepare_maps(model: nn.Module, x: Tensor, maps: Tensor) -> Tensor:
     return maps
 
 
+def _probabilities(out: Tensor) -> Tensor:
+    """The class probabilities of a model's output: the softmax over the classes ``(B, K)`` (kept
+    as it is when it already looks like probabilities); a single logit per image, ``(B,)`` or
+    ``(B, 1)`` (a binary classifier), its sigmoid: the softmax over one class is 1 for every input."""
+    if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1):
+        return out.sigmoid()
+    if out.dim() == 2 and not looks_like_probabilities(out):
+        return out.softmax(dim=1)
+    return out
+
+
 def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, make: ItemMaker, *,
                 batch_size: int, probability: bool) -> Tensor:
     """The target's score on ``total`` perturbed images, ``batch_size`` per model call: ``(total,)``.
 
     ``make(ids)`` returns the perturbed images of the item numbers ``ids`` and the index in ``x``
     of the image each comes from. The target (default: the class predicted on the unperturbed
-    ``x``) is resolved once; class targets score the softmax probability when ``probability``.
+    ``x``) is resolved once; class targets score the softmax probability when ``probability``
+    (the sigmoid of a single-logit output).
     The one loop behind deletion, insertion, ROAD and faithfulness correlation.
     """
     batch_size = check_int(batch_size, "batch_size", minimum=1)
@@ -139,8 +151,8 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
             ids = torch.arange(s, min(s + batch_size, total), device=x.device)
             images, img = make(ids)
             out = unwrap_output(model(images), model)
-            if softmax and out.dim() == 2 and not looks_like_probabilities(out):
-                out = out.softmax(dim=1)
+            if softmax:
+                out = _probabilities(out)
             scores[s:s + len(ids)] = _gather_scores(tgt, out, img)
     return scores
 
@@ -186,7 +198,8 @@ def deletion_curves(
     ``target``: default the class predicted on the unperturbed image, kept for every step; or
     anything :func:`salience.targets.as_target` accepts (a class, classes per image, a
     regression output). ``probability``: for class targets, score the softmax probability
-    (RISE) rather than the raw output (other targets are always raw). ``steps``: the curve has
+    (RISE; the sigmoid of a model with a single logit output, ``(B,)`` or ``(B, 1)``) rather than the
+    raw output (other targets are always raw). ``steps``: the curve has
     ``steps + 1`` points, at ``k / steps`` of the pixels. ``substrate``: what a removed pixel
     becomes: ``"blur"`` (default: a Gaussian-blurred copy, ``blur_sigma`` px, the canvas RISE
     inserts into), ``"zero"``, ``"mean"`` (the image's channel means), a number, or a tensor like
@@ -219,7 +232,8 @@ def insertion_curves(
     ``target``: default the class predicted on the unperturbed image, kept for every step; or
     anything :func:`salience.targets.as_target` accepts (a class, classes per image, a
     regression output). ``probability``: for class targets, score the softmax probability
-    (RISE) rather than the raw output (other targets are always raw). ``steps``: the curve has
+    (RISE; the sigmoid of a model with a single logit output, ``(B,)`` or ``(B, 1)``) rather than the
+    raw output (other targets are always raw). ``steps``: the curve has
     ``steps + 1`` points, at ``k / steps`` of the pixels. ``substrate``: what a pixel not yet
     inserted is: ``"zero"``, ``"blur"`` (Gaussian, ``blur_sigma`` px), ``"mean"`` (the image's
     channel means), a number, or a tensor like ``x``. Ties in the map are broken in a random
