@@ -81,6 +81,9 @@ def test_pointing_game_empty_mask_is_nan_and_bad_input():
         M.pointing_game(torch.rand(2, 8, 8), masks[:, :4])
     with pytest.raises(SalienceError, match=r"\(B, H, W\)"):
         M.pointing_game(torch.rand(2, 3, 8, 8), masks)
+    # (B, K, H, W) is also the maps of K targets: reducing them (the only hint given) mixed classes.
+    with pytest.raises(SalienceError, match=r"maps\[:, k\] with target\[:, k\]"):
+        M.deletion(nn.Flatten(), torch.rand(2, 1, 8, 8), torch.rand(2, 3, 8, 8), torch.tensor([[0, 1, 2], [3, 4, 0]]))
     with pytest.raises(SalienceError, match="boolean"):
         M.pointing_game(torch.rand(2, 8, 8), torch.rand(2, 8, 8))
 

@@ -27,7 +27,9 @@ def check_maps(maps: Tensor, name: str = "maps") -> Tensor:
     if maps.dim() == 4 and maps.shape[1] == 1:
         maps = maps[:, 0]
     if maps.dim() != 3:
-        hint = "; reduce the channels first, e.g. salience.reduce.max_abs(maps)" if maps.dim() == 4 else ""
+        hint = ("; for a map per colour channel reduce the channels first, e.g. salience.reduce.max_abs(maps); "
+                "for the maps of K targets (a (B, K) target) score each target apart: maps[:, k] with "
+                "target[:, k] (reducing them would mix the classes)") if maps.dim() == 4 else ""
         raise SalienceError(f"expected {name} of shape (B, H, W), got shape {tuple(maps.shape)}{hint}")
     if maps.dtype not in (torch.float32, torch.float64):
         maps = maps.float()
