@@ -87,16 +87,42 @@ def resolve_method(method: MethodLike) -> tuple[str, Callable[..., Tensor]]:
 
 
 
+def smoothgrad_seed(fn: Callable[..., Tensor], kwargs: Optional[dict] = None) -> Optional[int]:
+    """The int seed of ``fn`` (with ``kwargs``) if it is SmoothGrad (``salience.smoothgrad`` or a
+    ``functools.partial`` of it), else ``None``; ``None`` too for a seed of ``None`` (fresh noise)."""
+    from salience.methods.smoothgrad import smoothgrad
+
+    keywords: dict = {}
+    while isinstance(fn, functools.partial):
+        keywords = {**fn.keywords, **keywords}
+        fn = fn.func
+    if fn is not smoothgrad:
+        return None
+    seed = {**keywords, **(kwargs or {})}.get("seed", 0)  # smoothgrad's default
+    return None if seed is None or isinstance(seed, (list, tuple, Tensor)) else check_seed(seed)
+
+
 def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor, *, batch_size: int,
-                kwargs: Optional[dict] = None) -> Tensor:
+                kwargs: Optional[dict] = None, images: Optional[Tensor] = None) -> Tensor:
     """``fn``'s maps of ``x`` for the per-image classes ``target`` ``(B,)``, ``batch_size`` images
     per call, as float ``(B, H, W)`` at ``x``'s size: a ``(B, 1, H, W)`` map is the ``(B, H, W)``
     map with its signs (as :func:`check_maps` reads it), a ``(B, C, H, W)`` map of several channels
     is reduced by the channels' largest magnitude, a smaller map (Grad-CAM without upsampling)
-    resized bilinearly."""
+    resized bilinearly.
+
+    SmoothGrad with an int seed ``S`` draws each row's noise from the stream of its image:
+    ``images[j]`` (default ``j``) gets ``item_seed(S, images[j])`` (the dataset runs' rule), so the
+    maps do not depend on ``batch_size``, and a perturbed copy of an image (``images`` repeating
+    its index) shares that image's noise: the metric sees the input's change, not SmoothGrad's
+    sampling noise."""
+    seed = smoothgrad_seed(fn, kwargs)
+    ids = (torch.arange(x.shape[0]) if images is None else images).tolist()
     out = []
     for i in range(0, x.shape[0], batch_size):
-        m = fn(model, x[i:i + batch_size], target[i:i + batch_size], **(kwargs or {})).detach()
+        kw = dict(kwargs or {})
+        if seed is not None:
+            kw["seed"] = [item_seed(seed, j) for j in ids[i:i + batch_size]]
+        m = fn(model, x[i:i + batch_size], target[i:i + batch_size], **kw).detach()
         if m.dim() == 4 and m.shape[1] == 1:
             m = m[:, 0]
         elif m.dim() == 4:

@@ -53,7 +53,9 @@ def max_sensitivity(
     gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     noise = (torch.rand((n, *x.shape), generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * r * span
     noisy = (x[None] + noise).reshape(n * b, *x.shape[1:])  # item j = k * B + i
-    maps = method_maps(fn, model, noisy, cls.repeat(n), batch_size=bs, kwargs=method_kwargs).reshape(n, b, -1)
+    copies_of = torch.arange(b).repeat(n)  # copy j = k * B + i is a copy of image i: its SmoothGrad noise
+    maps = method_maps(fn, model, noisy, cls.repeat(n), batch_size=bs, kwargs=method_kwargs,
+                       images=copies_of).reshape(n, b, -1)
     diff = (maps - m0.reshape(1, b, -1)).double().norm(dim=2).amax(0)
     ref = m0.reshape(b, -1).double().norm(dim=1)
     return torch.where(ref > 0, diff / ref.clamp_min(1e-300), torch.full_like(ref, float("nan"))).float()
