@@ -555,3 +555,30 @@ def test_a_single_logit_scores_its_sigmoid(flat):
                  < M.deletion(model, x, M.random_maps((2, 8, 8), seed=0), substrate="zero")).all())
     raw = M.deletion_curves(model, x, contrib, steps=64, substrate="zero", probability=False)
     torch.testing.assert_close(raw, left, atol=1e-5, rtol=0)
+
+
+def test_a_layer_target_is_scored_on_its_layer():
+    # activation(layer, channel) and custom(..., layer=) name an inner layer's output; the
+    # perturbation metrics scored them on the model's output instead (silently: the curve started
+    # at the output's channel, not the layer's mean). Layer "0" copies x (a 1x1 conv of weight 1),
+    # so the activation target is the mean of x: deleting to zero in the order of x leaves the
+    # mean of the pixels not yet removed.
+    from salience import targets
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Flatten(), nn.Linear(36, 3))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+    x = torch.rand(2, 1, 6, 6)
+    maps = x[:, 0]
+    curves = M.deletion_curves(model, x, maps, targets.activation("0", 0), steps=36, substrate="zero")
+    v = x.flatten(1).sort(1, descending=True).values
+    left = torch.cat([x.flatten(1).sum(1, keepdim=True), x.flatten(1).sum(1, keepdim=True) - v.cumsum(1)], 1) / 36
+    torch.testing.assert_close(curves, left, atol=1e-6, rtol=0)
+    custom = M.deletion_curves(model, x, maps, targets.custom(lambda o: o.flatten(1).amax(1), layer="0"),
+                               steps=36, substrate="zero")
+    torch.testing.assert_close(custom[:, 0], x.flatten(1).amax(1))  # the layer's largest value: x's
+    torch.testing.assert_close(custom[:, 1], v[:, 1])  # the largest gone, the second is the max
+    road = M.road_curves(model, x, maps, targets.activation("0", 0), fractions=(0.5,), noise=0.0)
+    assert bool((road[:, 0] < x.mean((1, 2, 3))).all())  # the brightest half replaced from darker neighbours

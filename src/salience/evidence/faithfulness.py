@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience._core.autograd import check_input, looks_like_probabilities, unwrap_output, predicted_classes
+from salience._core.autograd import (check_input, layer_output, looks_like_probabilities, predicted_classes,
+                                     unwrap_output)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.tensors import check_int, check_number, gaussian_blur
@@ -147,10 +148,13 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
     with model_guard(model), torch.no_grad():
         tgt = _resolve_class_target(model, x, target, batch_size)
         softmax = probability and isinstance(tgt, (Classes, MultiLabel))
+        layer = getattr(tgt, "layer", None)
         for s in range(0, total, batch_size):
             ids = torch.arange(s, min(s + batch_size, total), device=x.device)
             images, img = make(ids)
-            out = unwrap_output(model(images), model)
+            # A target on an inner layer (activation, custom(..., layer=)) reads that layer's output.
+            out = (unwrap_output(model(images), model) if layer is None
+                   else layer_output(model, images, layer))
             if softmax:
                 out = _probabilities(out)
             scores[s:s + len(ids)] = _gather_scores(tgt, out, img)
