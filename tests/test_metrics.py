@@ -582,3 +582,16 @@ def test_a_layer_target_is_scored_on_its_layer():
     torch.testing.assert_close(custom[:, 1], v[:, 1])  # the largest gone, the second is the max
     road = M.road_curves(model, x, maps, targets.activation("0", 0), fractions=(0.5,), noise=0.0)
     assert bool((road[:, 0] < x.mean((1, 2, 3))).all())  # the brightest half replaced from darker neighbours
+
+
+def test_a_numpy_array_of_classes_is_a_per_image_target():
+    # np.array([1, 0]) raised a raw TypeError (numpy arrays have __index__, so int(array) was tried);
+    # it is one class per image, as the list is: the same curves.
+    model, x, contrib = _linear_case(2)
+    for t in (np.array([1, 0]), np.array([1, 0], dtype=np.int32)):
+        torch.testing.assert_close(M.deletion_curves(model, x, contrib, t, steps=4),
+                                   M.deletion_curves(model, x, contrib, [1, 0], steps=4))
+    torch.testing.assert_close(M.deletion(model, x, contrib, np.int64(1), steps=4),
+                               M.deletion(model, x, contrib, 1, steps=4))
+    with pytest.raises(SalienceError, match="integer class indices"):
+        M.deletion(model, x, contrib, np.array([1.0, 0.0]))
