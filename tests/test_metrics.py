@@ -444,6 +444,20 @@ def test_random_maps_seeded():
     assert not torch.equal(M.random_maps((2, 4, 4), seed=1), M.random_maps((2, 4, 4), seed=2))
 
 
+def test_baseline_options_that_make_no_map_are_refused():
+    # center_maps(sigma=0) was all zeros (a "map" with no maximum, silently), random_maps(seed=1.5) and
+    # spectral_residual(size=1) raised raw RuntimeErrors.
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(SalienceError, match="sigma"):
+        M.center_maps(x, sigma=0)
+    with pytest.raises(SalienceError, match="seed"):
+        M.random_maps((1, 4, 4), seed=1.5)
+    for size in (1, 2, 4.0):
+        with pytest.raises(SalienceError, match="size"):
+            M.spectral_residual(x, size=size)
+    assert M.spectral_residual(x, size=3).shape == (1, 8, 8)
+
+
 def test_cue_model_saliency_sits_on_the_cue():
     """The Clever Hans model looks at the cue: per pixel, its saliency is far denser on the small
     cue mark than on the shape, while the clean model's, on the same images, is denser on the
