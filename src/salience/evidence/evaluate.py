@@ -454,10 +454,30 @@ def run_evaluation(
         "data_randomization": data_rand,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    atomic_write(out / "results.json", json.dumps(results, indent=1, default=float).encode("utf-8"))
+    # Strict JSON: a metric without a value (NaN: a constant map's rank correlation) is null, not the
+    # NaN token that JSON.parse, jq and other strict readers refuse.
+    text = json.dumps(_json_numbers(results), indent=1, default=float, allow_nan=False)
+    atomic_write(out / "results.json", text.encode("utf-8"))
     rep = _html_report(rows, source, model, data_rand, pictures)
     rep.paragraph(f"Made in {time.perf_counter() - start:.1f} s.", css="note")
     return rep.write(out / "report.html")
+
+
+def _json_numbers(value: Any) -> Any:
+    """``value`` with every float NaN or infinity (also in tensors and numpy numbers) made ``None``."""
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_numbers(v) for v in value]
+    if isinstance(value, Tensor):
+        return _json_numbers(value.tolist())
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return value
+    return f if math.isfinite(f) else None
 
 
 def _write_pictures(out: Path, rows: Sequence[MetricRow], raw: Tensor, maps: dict[str, Tensor]
