@@ -253,3 +253,21 @@ def test_smoothgrad_sensitivity_is_the_inputs_not_its_noise_and_not_the_batches(
     for ms, rl in runs[1:]:
         torch.testing.assert_close(ms, runs[0][0], atol=1e-5, rtol=0)
         torch.testing.assert_close(rl, runs[0][1], atol=1e-5, rtol=0)
+
+
+def test_a_method_map_with_nan_is_an_error_not_a_nan_metric():
+    # max_sensitivity returned NaN for the image (documented only for a zero map) and random_logit
+    # failed with "a contain NaN or infinite values"; evaluate could not tell the method apart.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    x = torch.rand(3, 3, 4, 4)
+
+    def broken(model, x, target=None):
+        m = x.mean(1).clone()
+        m[-1, 0, 0] = float("nan")  # the last image of every call
+        return m
+
+    with pytest.raises(SalienceError, match=r"NaN or infinite values \(image 2\)"):
+        M.max_sensitivity(model, x, broken, samples=2, batch_size=8)
+    with pytest.raises(SalienceError, match=r"NaN or infinite values \(image 2\)"):
+        M.random_logit(model, x, broken)

@@ -129,6 +129,10 @@ def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: 
             m = m.abs().amax(1)
         if m.dim() != 3:
             raise SalienceError(f"the method returned a map of shape {tuple(m.shape)}; expected (B, H, W) or (B, C, H, W)")
+        bad = ~torch.isfinite(m).flatten(1).all(1)
+        if bool(bad.any()):  # a metric of it would be NaN (or the maps refused later with a riddle)
+            raise SalienceError(f"the method returned a map with NaN or infinite values (image "
+                                f"{ids[i + int(bad.nonzero()[0])]})")
         if m.shape[-2:] != x.shape[-2:]:
             m = F.interpolate(m[:, None].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         out.append(m.float())
