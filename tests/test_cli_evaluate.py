@@ -183,3 +183,20 @@ def test_torchscript_model_is_evaluated_and_failed_methods_are_reported(tmp_path
                  "--steps", "4", "--randomization-images", "2", "--out", str(ref)]) == 0
     capsys.readouterr()
     assert rows["vanilla"]["deletion"] == pytest.approx(_rows(ref)["vanilla"]["deletion"], abs=1e-5)
+
+
+def test_a_regression_model_is_refused_before_any_work(tmp_path, capsys):
+    # Every column scores "the predicted class": for demo:shapes-regression (size, x position) that
+    # was the larger of the two regressed numbers, its softmax "probability" and a random "other
+    # class", written as a table with exit code 0. Refused, nothing written.
+    out = tmp_path / "out"
+    code = main(["evaluate", "--model", "demo:shapes-regression", "--n", "2", "--method", "vanilla",
+                 "--out", str(out)])
+    line = _one_error_line(capsys, code)
+    assert "regression model" in line and "salience.targets.regression" in line
+    assert not out.exists()
+    from salience import SalienceError
+    from salience.evidence import evaluate
+
+    with pytest.raises(SalienceError, match="regression model"):
+        evaluate.evaluate_methods(zoo.load_demo("shapes-regression"), torch.rand(2, 3, 64, 64), methods=["vanilla"])

@@ -209,3 +209,20 @@ def test_the_mask_beats_a_random_map_on_every_metric_with_the_defaults(demo):
         o, r = getattr(oracle, key), getattr(rand, key)
         better = o > r if E.BETTER[key] == "higher" else o < r
         assert better, (demo, key, o, r)
+
+
+def test_results_json_is_strict_json_with_null_for_missing_values(tmp_path, shapes_model):
+    # A constant map has no rank correlation (NaN): results.json held the token NaN, which strict
+    # JSON readers (JSON.parse, jq) refuse. Such a value is null; the finite numbers are kept.
+    def flat(model, x, target=None):
+        return torch.ones(x.shape[0], *x.shape[-2:])
+
+    E.run_evaluation(shapes_model, tmp_path, methods=[flat], n=2, steps=2, randomization_images=2, progress=False)
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    res = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    row = {r["name"]: r for r in res["rows"]}["flat"]
+    assert row["rand_top"] is None and row["randomization"]["spearman_abs"][0] is None  # constant maps: no ranks
+    assert row["sparseness"] == pytest.approx(0.0) and row["energy"] > 0  # a flat map: Gini 0, mass everywhere

@@ -81,6 +81,9 @@ def test_pointing_game_empty_mask_is_nan_and_bad_input():
         M.pointing_game(torch.rand(2, 8, 8), masks[:, :4])
     with pytest.raises(SalienceError, match=r"\(B, H, W\)"):
         M.pointing_game(torch.rand(2, 3, 8, 8), masks)
+    # (B, K, H, W) is also the maps of K targets: reducing them (the only hint given) mixed classes.
+    with pytest.raises(SalienceError, match=r"maps\[:, k\] with target\[:, k\]"):
+        M.deletion(nn.Flatten(), torch.rand(2, 1, 8, 8), torch.rand(2, 3, 8, 8), torch.tensor([[0, 1, 2], [3, 4, 0]]))
     with pytest.raises(SalienceError, match="boolean"):
         M.pointing_game(torch.rand(2, 8, 8), torch.rand(2, 8, 8))
 
@@ -130,6 +133,9 @@ def test_weak_localization_takes_largest_component():
     with_stray = M.weak_localization(maps, masks, largest=False).item()
     assert with_stray == pytest.approx(36 / 225)
     assert M.weak_localization(torch.zeros(1, 20, 20), masks).item() == 0.0
+    for bad in ("0.2", None, 0, 1.5, float("nan")):  # a string or None was a raw TypeError
+        with pytest.raises(SalienceError, match="threshold"):
+            M.weak_localization(maps, masks, threshold=bad)
 
 
 def test_largest_component_matches_scipy():
@@ -438,6 +444,20 @@ def test_random_maps_seeded():
     assert not torch.equal(M.random_maps((2, 4, 4), seed=1), M.random_maps((2, 4, 4), seed=2))
 
 
+def test_baseline_options_that_make_no_map_are_refused():
+    # center_maps(sigma=0) was all zeros (a "map" with no maximum, silently), random_maps(seed=1.5) and
+    # spectral_residual(size=1) raised raw RuntimeErrors.
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(SalienceError, match="sigma"):
+        M.center_maps(x, sigma=0)
+    with pytest.raises(SalienceError, match="seed"):
+        M.random_maps((1, 4, 4), seed=1.5)
+    for size in (1, 2, 4.0):
+        with pytest.raises(SalienceError, match="size"):
+            M.spectral_residual(x, size=size)
+    assert M.spectral_residual(x, size=3).shape == (1, 8, 8)
+
+
 def test_cue_model_saliency_sits_on_the_cue():
     """The Clever Hans model looks at the cue: per pixel, its saliency is far denser on the small
     cue mark than on the shape, while the clean model's, on the same images, is denser on the
@@ -492,10 +512,11 @@ def test_perturbation_metrics_take_per_image_targets_image_by_image(small_cnn, b
                 metric(small_cnn, x, maps, wrong, batch_size=batch_size, **opts)
 
 
-def test_deletion_and_road_of_a_one_logit_model_score_its_logit():
+def test_deletion_and_road_of_a_one_logit_model_score_its_sigmoid():
     """A binary classifier with one logit: the softmax of one number is 1, so every deletion,
-    insertion and ROAD curve was 1 (AUCs equal for every map). Its raw output is scored: the
-    deletion curve is the closed form ``sum(w * x)`` over the pixels kept."""
+    insertion and ROAD curve was 1 (AUCs equal for every map). Its probability, the sigmoid of the
+    logit, is scored: the deletion curve is the closed form ``sigmoid(sum(w * x))`` over the pixels
+    kept."""
     model, x, contrib = _linear_case(2)
     one = nn.Sequential(model, _FirstColumn())
     steps = 8
@@ -505,7 +526,7 @@ def test_deletion_and_road_of_a_one_logit_model_score_its_logit():
         for k in range(steps + 1):
             kept = contrib[i].flatten().clone()
             kept[order[: round(k * 64 / steps)]] = 0.0
-            assert curves[i, k].item() == pytest.approx(kept.sum().item(), abs=1e-5)
+            assert curves[i, k].item() == pytest.approx(torch.sigmoid(kept.sum()).item(), abs=1e-5)
     assert (M.deletion(one, x, contrib, target=0, steps=8, substrate="zero")
             < M.deletion(one, x, -contrib, target=0, steps=8, substrate="zero")).all()
     road = M.road_curves(one, x, contrib, fractions=(0.2, 0.5))
@@ -515,3 +536,102 @@ def test_deletion_and_road_of_a_one_logit_model_score_its_logit():
 class _FirstColumn(nn.Module):
     def forward(self, out):
         return out[:, :1]  # (B, 1): one logit
+
+
+def test_half_precision_maps_are_scored_like_float32():
+    # A half-precision model's maps are float16. Energy sums |map| over the image: 4096 values of
+    # about 50 overflow float16 (max 65504), and inside / inf was a silent 0 (or NaN). The maps'
+    # float16 values are exact in float32, so the share is the float32 one: 1/4 here (top half 1,
+    # bottom half 3 before scaling).
+    masks = _rect_masks(2, 64, 64, 0, 0, 32, 64)
+    maps = torch.where(masks, 40.0, 120.0).half()
+    assert torch.allclose(M.energy_in_mask(maps, masks), torch.full((2,), 0.25))
+    assert M.energy_in_mask(maps, masks).dtype == torch.float32
+    assert torch.allclose(M.energy_in_mask(maps.bfloat16(), masks), torch.full((2,), 0.25))
+    # Gini of two magnitudes a < b on halves: (b - a) / (2 (a + b)) = 80 / 320.
+    assert torch.allclose(M.sparseness(maps), torch.full((2,), 0.25))
+
+
+def test_a_blur_that_leaves_the_image_as_it_is_is_refused():
+    # blur_sigma <= 0 made the blurred substrate x itself: "removed" pixels kept their values, the
+    # curve stayed at the clean probability and every map scored the same (1.0 here).
+    model, x, contrib = _linear_case(2)
+    for sigma in (0, -1.0, float("nan"), "5"):
+        for fn in (M.deletion, M.insertion, M.faithfulness_correlation):
+            with pytest.raises(SalienceError, match="blur_sigma"):
+                fn(model, x, contrib, 0, blur_sigma=sigma)
+    # Another substrate does not read blur_sigma; a small positive blur is a blur.
+    M.deletion(model, x, contrib, 0, substrate="zero", blur_sigma=0)
+    assert (M.deletion_curves(model, x, contrib, 0, steps=2, blur_sigma=0.5)[:, -1]
+            != M.deletion_curves(model, x, contrib, 0, steps=2, blur_sigma=0.5)[:, 0]).all()
+
+
+class _OneLogit(nn.Module):
+    """A binary classifier with one logit ``sum(w * x)``, as ``(B, 1)`` or ``(B,)``."""
+
+    def __init__(self, w: torch.Tensor, flat: bool = False):
+        super().__init__()
+        self.w, self.flat = nn.Parameter(w.clone()), flat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (x * self.w).flatten(1).sum(1)
+        return s if self.flat else s[:, None]
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_single_logit_scores_its_sigmoid(flat):
+    # The softmax over one class is 1 whatever the input: every map scored deletion = insertion =
+    # ROAD = 1 on a (B, 1) binary classifier. Its probability is the sigmoid of the logit: deleting
+    # to zero in the order of the contributions w * x leaves sigmoid(sum of the rest) at each step.
+    _, x, contrib = _linear_case(2)
+    w = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5
+    model = _OneLogit(w, flat)
+    contrib = (w * x)[:, 0]
+    curves = M.deletion_curves(model, x, contrib, steps=64, substrate="zero")
+    c = contrib.flatten(1)
+    left = c.sum(1, keepdim=True) - torch.cat([torch.zeros(2, 1), c.sort(1, descending=True).values.cumsum(1)], 1)
+    torch.testing.assert_close(curves, torch.sigmoid(left), atol=1e-5, rtol=0)
+    assert bool((M.deletion(model, x, contrib, substrate="zero")
+                 < M.deletion(model, x, M.random_maps((2, 8, 8), seed=0), substrate="zero")).all())
+    raw = M.deletion_curves(model, x, contrib, steps=64, substrate="zero", probability=False)
+    torch.testing.assert_close(raw, left, atol=1e-5, rtol=0)
+
+
+def test_a_layer_target_is_scored_on_its_layer():
+    # activation(layer, channel) and custom(..., layer=) name an inner layer's output; the
+    # perturbation metrics scored them on the model's output instead (silently: the curve started
+    # at the output's channel, not the layer's mean). Layer "0" copies x (a 1x1 conv of weight 1),
+    # so the activation target is the mean of x: deleting to zero in the order of x leaves the
+    # mean of the pixels not yet removed.
+    from salience import targets
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Flatten(), nn.Linear(36, 3))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+    x = torch.rand(2, 1, 6, 6)
+    maps = x[:, 0]
+    curves = M.deletion_curves(model, x, maps, targets.activation("0", 0), steps=36, substrate="zero")
+    v = x.flatten(1).sort(1, descending=True).values
+    left = torch.cat([x.flatten(1).sum(1, keepdim=True), x.flatten(1).sum(1, keepdim=True) - v.cumsum(1)], 1) / 36
+    torch.testing.assert_close(curves, left, atol=1e-6, rtol=0)
+    custom = M.deletion_curves(model, x, maps, targets.custom(lambda o: o.flatten(1).amax(1), layer="0"),
+                               steps=36, substrate="zero")
+    torch.testing.assert_close(custom[:, 0], x.flatten(1).amax(1))  # the layer's largest value: x's
+    torch.testing.assert_close(custom[:, 1], v[:, 1])  # the largest gone, the second is the max
+    road = M.road_curves(model, x, maps, targets.activation("0", 0), fractions=(0.5,), noise=0.0)
+    assert bool((road[:, 0] < x.mean((1, 2, 3))).all())  # the brightest half replaced from darker neighbours
+
+
+def test_a_numpy_array_of_classes_is_a_per_image_target():
+    # np.array([1, 0]) raised a raw TypeError (numpy arrays have __index__, so int(array) was tried);
+    # it is one class per image, as the list is: the same curves.
+    model, x, contrib = _linear_case(2)
+    for t in (np.array([1, 0]), np.array([1, 0], dtype=np.int32)):
+        torch.testing.assert_close(M.deletion_curves(model, x, contrib, t, steps=4),
+                                   M.deletion_curves(model, x, contrib, [1, 0], steps=4))
+    torch.testing.assert_close(M.deletion(model, x, contrib, np.int64(1), steps=4),
+                               M.deletion(model, x, contrib, 1, steps=4))
+    with pytest.raises(SalienceError, match="integer class indices"):
+        M.deletion(model, x, contrib, np.array([1.0, 0.0]))

@@ -209,3 +209,84 @@ def test_seeded_draws_do_not_depend_on_the_default_dtype():
         torch.set_default_dtype(old)
     assert torch.equal(rand, expected)
     torch.testing.assert_close(again, corr, atol=1e-6, rtol=1e-5)
+
+
+def test_a_one_channel_map_is_the_same_map_as_its_squeezed_form():
+    # A method returning its signed map as (B, 1, H, W) names the same map as (B, H, W): the maps'
+    # metrics read it so (check_maps squeezes), and so must the method's. It was reduced by the
+    # channels' largest magnitude, i.e. made |map|. Map of class k: sign(k - 0.5) * x, so the
+    # signed maps of the two classes have Spearman -1 and their magnitudes +1.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1 * 6 * 6, 2))
+    x = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0)) + 0.1
+
+    def signed(model, x, target):
+        return x * (2.0 * target.view(-1, 1, 1, 1) - 1)  # (B, 1, H, W)
+
+    for kind, expected in (("spearman", -1.0), ("spearman_abs", 1.0)):
+        s = M.random_logit(model, x, signed, target=[0, 1, 0], kind=kind)
+        torch.testing.assert_close(s, torch.full((3,), expected))
+        s3 = M.random_logit(model, x, lambda m, x, t: signed(m, x, t)[:, 0], target=[0, 1, 0], kind=kind)
+        torch.testing.assert_close(s3, s)
+
+
+def test_method_tests_take_class_targets_only_and_say_so():
+    # max_sensitivity and random_logit explain one class per image. classes(...) / predicted() are
+    # those classes; a multilabel set, a function, a string or a bool is refused with a
+    # SalienceError (they raised a raw RuntimeError / TypeError, and True was read as class 1).
+    from salience import targets
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))  # vanilla map of class k = |w_k|
+    x = torch.rand(3, 3, 4, 4)
+    s = M.random_logit(model, x, vanilla, targets.classes(2), kind="spearman_abs", seed=3)
+    torch.testing.assert_close(s, M.random_logit(model, x, vanilla, 2, kind="spearman_abs", seed=3))
+    assert bool((s < 1).all())  # another class's |w| was drawn
+    pred = model(x).argmax(1)
+    torch.testing.assert_close(M.random_logit(model, x, vanilla, targets.predicted(), seed=3),
+                               M.random_logit(model, x, vanilla, pred, seed=3))
+    torch.testing.assert_close(M.max_sensitivity(model, x, vanilla, targets.classes([0, 1, 2]), samples=2),
+                               torch.zeros(3))  # a linear model's map does not move
+    for bad in (targets.multilabel([0, 1]), lambda out: out[:, 0], "2", True, [True, False, True]):
+        with pytest.raises(SalienceError, match="target must be"):
+            M.random_logit(model, x, vanilla, bad)
+        with pytest.raises(SalienceError, match="target must be"):
+            M.max_sensitivity(model, x, vanilla, bad, samples=2)
+
+
+def test_smoothgrad_sensitivity_is_the_inputs_not_its_noise_and_not_the_batches():
+    # SmoothGrad drew one noise stream per call, so an image's map (and its noisy copies' maps)
+    # changed with batch_size and with the image's place in the call, and max-sensitivity measured
+    # SmoothGrad's sampling noise: 0.31 at batch_size 1 and 0.95 at 3 on demo:shapes. Each image,
+    # and each of its perturbed copies, now draws from the image's own stream: with radius 0 the
+    # input does not change, so the map does not either (0 exactly), whatever batch_size.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    x = torch.rand(3, 3, 8, 8)
+    kw = dict(samples=4, noise=0.2)
+    for bs in (1, 2, 3, 32):
+        s0 = M.max_sensitivity(model, x, "smoothgrad", samples=2, radius=0.0, batch_size=bs, method_kwargs=kw)
+        torch.testing.assert_close(s0, torch.zeros(3), atol=1e-6, rtol=0)
+    runs = [(M.max_sensitivity(model, x, "smoothgrad", samples=2, batch_size=bs, method_kwargs=kw),
+             M.random_logit(model, x, "smoothgrad", batch_size=bs, method_kwargs=kw)) for bs in (1, 2, 3)]
+    for ms, rl in runs[1:]:
+        torch.testing.assert_close(ms, runs[0][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(rl, runs[0][1], atol=1e-5, rtol=0)
+
+
+def test_a_method_map_with_nan_is_an_error_not_a_nan_metric():
+    # max_sensitivity returned NaN for the image (documented only for a zero map) and random_logit
+    # failed with "a contain NaN or infinite values"; evaluate could not tell the method apart.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    x = torch.rand(3, 3, 4, 4)
+
+    def broken(model, x, target=None):
+        m = x.mean(1).clone()
+        m[-1, 0, 0] = float("nan")  # the last image of every call
+        return m
+
+    with pytest.raises(SalienceError, match=r"NaN or infinite values \(image 2\)"):
+        M.max_sensitivity(model, x, broken, samples=2, batch_size=8)
+    with pytest.raises(SalienceError, match=r"NaN or infinite values \(image 2\)"):
+        M.random_logit(model, x, broken)

@@ -134,3 +134,31 @@ def test_road_noise_is_seeded_per_item_not_per_batch():
     assert torch.equal(both[1:2], linear_imputation(x[1:2], removed[1:2], noise=0.1, seed=[8]))
     with pytest.raises(SalienceError, match="one seed per image"):
         linear_imputation(x, removed, noise=0.1, seed=[7, 8])
+
+
+def test_road_noise_of_any_seed_follows_the_documented_rule():
+    # Item (image i, fraction j) draws its noise from (seed * 1_000_003 + i * F + j) % 2**63; a large
+    # seed overflowed inside torch (raw ValueError), and a float seed was a raw RuntimeError in
+    # deletion and silently truncated in faithfulness correlation. On LinearScore the noise adds
+    # sum over the removed pixels of w * noise * eps to the noise-free score.
+    g = torch.Generator().manual_seed(4)
+    w = torch.rand(1, 1, 6, 6, generator=g)
+    model = LinearScore(w)
+    x = torch.rand(2, 1, 6, 6, generator=g)
+    maps = torch.rand(2, 6, 6, generator=g)  # no ties: the removed pixels are the top round(f * 36)
+    fr, seed = (0.25, 0.5), 2 ** 62
+    kw = dict(target=0, fractions=fr, probability=False)
+    clean = M.road_curves(model, x, maps, noise=0.0, **kw)
+    noisy = M.road_curves(model, x, maps, noise=0.1, seed=seed, **kw)
+    for i in range(2):
+        for j, f in enumerate(fr):
+            removed = maps[i] >= maps[i].flatten().sort(descending=True).values[round(f * 36) - 1]
+            item = (seed * 1_000_003 + i * len(fr) + j) % 2 ** 63
+            eps = torch.randn(1, 6, 6, generator=torch.Generator().manual_seed(item), dtype=torch.float64)
+            expected = clean[i, j] + (w[0].double() * 0.1 * eps * removed).sum().float()
+            torch.testing.assert_close(noisy[i, j], expected, atol=1e-5, rtol=0)
+    for fn in (lambda s: M.deletion(model, x, maps, 0, seed=s), lambda s: M.road(model, x, maps, 0, seed=s),
+               lambda s: M.faithfulness_correlation(model, x, maps, 0, seed=s, subsets=3)):
+        for bad in (1.5, "1", True, 2 ** 64):
+            with pytest.raises(SalienceError, match="seed"):
+                fn(bad)

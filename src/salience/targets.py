@@ -332,6 +332,8 @@ def as_target(target: TargetLike) -> Target:
         target = torch.as_tensor(target)
     if isinstance(target, (int, Tensor, list, tuple)):
         return Classes(target)  # type: ignore[arg-type]
+    if getattr(target, "ndim", 0) >= 1 and hasattr(target, "tolist") and not callable(target):
+        return Classes(torch.as_tensor(target.tolist()))  # a numpy array of class indices, one per image
     if hasattr(target, "__index__") and not callable(target):
         return Classes(int(target))  # numpy integers
     if callable(target):

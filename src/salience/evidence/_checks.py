@@ -11,25 +11,46 @@ from torch import Tensor, nn
 
 from salience._core.autograd import predicted_classes
 from salience._core.errors import SalienceError
+from salience._core.tensors import check_int
 from salience.methods import METHODS, QUICK, as_method
+from salience.targets import Classes, Predicted, Target
 
 MethodLike = Union[str, Callable[..., Tensor]]
 
 
 def check_maps(maps: Tensor, name: str = "maps") -> Tensor:
-    """``maps`` as a finite floating ``(B, H, W)`` tensor (a ``(B, 1, H, W)`` one is squeezed)."""
+    """``maps`` as a finite float32 or float64 ``(B, H, W)`` tensor (a ``(B, 1, H, W)`` one is
+    squeezed). Integer, bool, float16 and bfloat16 maps become float32: the metrics sum thousands
+    of values, which overflow float16 (65504) and lose all but 8 bits in bfloat16."""
     if not isinstance(maps, Tensor):
         raise SalienceError(f"expected {name} as a torch.Tensor of shape (B, H, W), got {type(maps).__name__}")
     if maps.dim() == 4 and maps.shape[1] == 1:
         maps = maps[:, 0]
     if maps.dim() != 3:
-        hint = "; reduce the channels first, e.g. salience.reduce.max_abs(maps)" if maps.dim() == 4 else ""
+        hint = ("; for a map per colour channel reduce the channels first, e.g. salience.reduce.max_abs(maps); "
+                "for the maps of K targets (a (B, K) target) score each target apart: maps[:, k] with "
+                "target[:, k] (reducing them would mix the classes)") if maps.dim() == 4 else ""
         raise SalienceError(f"expected {name} of shape (B, H, W), got shape {tuple(maps.shape)}{hint}")
-    if not maps.is_floating_point():
+    if maps.dtype not in (torch.float32, torch.float64):
         maps = maps.float()
     if not bool(torch.isfinite(maps).all()):
         raise SalienceError(f"{name} contain NaN or infinite values; a saliency map must be finite")
     return maps
+
+
+def check_seed(seed: object) -> int:
+    """``seed`` as an int a generator takes (``-2**63`` to ``2**64 - 1``), or a :class:`SalienceError`
+    (a float seed was truncated or raised a raw error; a huge one overflowed inside torch)."""
+    s = check_int(seed, "seed", minimum=None)
+    if not -(2 ** 63) <= s < 2 ** 64:
+        raise SalienceError(f"seed must be an int from -2**63 to 2**64 - 1 (a generator's seed), got {s}")
+    return s
+
+
+def item_seed(seed: int, item: int) -> int:
+    """The seed of item ``item`` of a run seeded with ``seed``: ``(seed * 1_000_003 + item) % 2**63``
+    (the dataset runs' rule), in a generator's range for every ``seed``."""
+    return (int(seed) * 1_000_003 + int(item)) % 2 ** 63
 
 
 def check_masks(masks: Tensor, maps: Tensor) -> Tensor:
@@ -66,18 +87,52 @@ def resolve_method(method: MethodLike) -> tuple[str, Callable[..., Tensor]]:
 
 
 
+def smoothgrad_seed(fn: Callable[..., Tensor], kwargs: Optional[dict] = None) -> Optional[int]:
+    """The int seed of ``fn`` (with ``kwargs``) if it is SmoothGrad (``salience.smoothgrad`` or a
+    ``functools.partial`` of it), else ``None``; ``None`` too for a seed of ``None`` (fresh noise)."""
+    from salience.methods.smoothgrad import smoothgrad
+
+    keywords: dict = {}
+    while isinstance(fn, functools.partial):
+        keywords = {**fn.keywords, **keywords}
+        fn = fn.func
+    if fn is not smoothgrad:
+        return None
+    seed = {**keywords, **(kwargs or {})}.get("seed", 0)  # smoothgrad's default
+    return None if seed is None or isinstance(seed, (list, tuple, Tensor)) else check_seed(seed)
+
+
 def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor, *, batch_size: int,
-                kwargs: Optional[dict] = None) -> Tensor:
+                kwargs: Optional[dict] = None, images: Optional[Tensor] = None) -> Tensor:
     """``fn``'s maps of ``x`` for the per-image classes ``target`` ``(B,)``, ``batch_size`` images
-    per call, as float ``(B, H, W)`` at ``x``'s size: a ``(B, C, H, W)`` map is reduced by the
-    channels' largest magnitude, a smaller map (Grad-CAM without upsampling) resized bilinearly."""
+    per call, as float ``(B, H, W)`` at ``x``'s size: a ``(B, 1, H, W)`` map is the ``(B, H, W)``
+    map with its signs (as :func:`check_maps` reads it), a ``(B, C, H, W)`` map of several channels
+    is reduced by the channels' largest magnitude, a smaller map (Grad-CAM without upsampling)
+    resized bilinearly.
+
+    SmoothGrad with an int seed ``S`` draws each row's noise from the stream of its image:
+    ``images[j]`` (default ``j``) gets ``item_seed(S, images[j])`` (the dataset runs' rule), so the
+    maps do not depend on ``batch_size``, and a perturbed copy of an image (``images`` repeating
+    its index) shares that image's noise: the metric sees the input's change, not SmoothGrad's
+    sampling noise."""
+    seed = smoothgrad_seed(fn, kwargs)
+    ids = (torch.arange(x.shape[0]) if images is None else images).tolist()
     out = []
     for i in range(0, x.shape[0], batch_size):
-        m = fn(model, x[i:i + batch_size], target[i:i + batch_size], **(kwargs or {})).detach()
-        if m.dim() == 4:
+        kw = dict(kwargs or {})
+        if seed is not None:
+            kw["seed"] = [item_seed(seed, j) for j in ids[i:i + batch_size]]
+        m = fn(model, x[i:i + batch_size], target[i:i + batch_size], **kw).detach()
+        if m.dim() == 4 and m.shape[1] == 1:
+            m = m[:, 0]
+        elif m.dim() == 4:
             m = m.abs().amax(1)
         if m.dim() != 3:
             raise SalienceError(f"the method returned a map of shape {tuple(m.shape)}; expected (B, H, W) or (B, C, H, W)")
+        bad = ~torch.isfinite(m).flatten(1).all(1)
+        if bool(bad.any()):  # a metric of it would be NaN (or the maps refused later with a riddle)
+            raise SalienceError(f"the method returned a map with NaN or infinite values (image "
+                                f"{ids[i + int(bad.nonzero()[0])]})")
         if m.shape[-2:] != x.shape[-2:]:
             m = F.interpolate(m[:, None].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         out.append(m.float())
@@ -85,12 +140,25 @@ def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: 
 
 
 def class_indices(model: nn.Module, x: Tensor, target: object) -> Tensor:
-    """The class of each image ``(B,)``: predicted on ``x`` for ``None``, else ``target`` (one
-    class index, or one per image) as int64 on ``x``'s device."""
+    """The class of each image ``(B,)``: predicted on ``x`` for ``None`` (or
+    :func:`salience.targets.predicted`), else ``target`` (one class index, or one per image, or
+    :func:`salience.targets.classes` of them) as int64 on ``x``'s device. Anything else (a bool,
+    a string, a multilabel set, a function) is refused: these tests explain one class."""
+    if isinstance(target, Predicted):
+        target = None
+    elif isinstance(target, Classes):
+        target = target.index
     if target is None:
         return predicted_classes(model, x)
-    t = torch.as_tensor(target, device=x.device)
-    if t.is_floating_point() or t.is_complex() or t.dim() > 1 or (t.dim() == 1 and t.shape[0] != x.shape[0]):
-        raise SalienceError(f"target must be None, a class index or one class index per image ({x.shape[0]}), "
+    refused = SalienceError(f"target must be None, a class index or one class index per image ({x.shape[0]}), "
                             f"got {target!r}")
+    if isinstance(target, (Target, str, bytes, bool)) or callable(target):
+        raise refused
+    try:
+        t = torch.as_tensor(target, device=x.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise refused from None
+    if (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.dim() > 1
+            or (t.dim() == 1 and t.shape[0] != x.shape[0])):
+        raise refused
     return t.expand(x.shape[0]).long() if t.dim() == 0 else t.long()

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from salience._core.errors import SalienceError
-from salience._core.tensors import minmax
+from salience._core.tensors import check_int, check_number, minmax
 from salience._core.tensors import gaussian_kernel1d
+from salience.evidence._checks import check_seed
 
 __all__ = ["spectral_residual", "sobel_edges", "center_maps", "random_maps"]
 
@@ -32,6 +33,9 @@ def spectral_residual(images: Tensor, *, size: int = 64, blur_size: int = 5, blu
             f"expected images of shape (B, C, H, W), got "
             f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
         )
+    size = check_int(size, "size", minimum=3, what="the side of the square the spectrum is computed on")
+    blur_size = check_int(blur_size, "blur_size", minimum=1)
+    blur_sigma = check_number(blur_sigma, "blur_sigma", minimum=1e-6)
     b, c, h, w = images.shape
     g = images.float().mean(1, keepdim=True)
     if (h, w) != (size, size):
@@ -77,6 +81,7 @@ def center_maps(images: Tensor, *, sigma: float = 0.25) -> Tensor:
     """A Gaussian centred on each image, standard deviation ``sigma`` times the side, ``(B, H, W)``
     in ``(0, 1]``: the "the object is in the middle" prior (the centre bias of photographs)."""
     b, _, h, w = _check_images(images).shape
+    sigma = check_number(sigma, "sigma", minimum=1e-6, what="the Gaussian's standard deviation, a fraction of the side")
     ys = (torch.arange(h, device=images.device, dtype=torch.float32) + 0.5) / h - 0.5
     xs = (torch.arange(w, device=images.device, dtype=torch.float32) + 0.5) / w - 0.5
     m = torch.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2) / sigma ** 2)
@@ -85,6 +90,6 @@ def center_maps(images: Tensor, *, sigma: float = 0.25) -> Tensor:
 
 def random_maps(shape: Sequence[int], *, seed: int = 0, device: Union[str, torch.device, None] = None) -> Tensor:
     """Uniform random maps of ``shape`` ``(B, H, W)`` from ``seed``: the chance baseline."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     # float32 draws whatever torch's default dtype: the same seed gives the same maps
     return torch.rand(tuple(shape), generator=gen, dtype=torch.float32).to(device if device is not None else "cpu")

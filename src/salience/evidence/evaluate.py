@@ -140,6 +140,19 @@ def _mean(t: Tensor) -> float:
     return float(torch.nanmean(t.float()))
 
 
+def _check_classifier(model: nn.Module) -> None:
+    """Refuse a model whose :class:`~salience._core.info.ModelInfo` says it regresses: every column
+    scores "the predicted class" (its softmax probability, another class for random logit), which
+    for regressed quantities is the larger of two unrelated numbers."""
+    info = model_info(model)
+    if info.task == "regression":
+        names = f" ({', '.join(info.class_names)})" if info.class_names else ""
+        raise SalienceError(
+            f"{info.name} is a regression model{names}: salience evaluate scores the predicted class, and its "
+            "outputs are not classes; score its maps with the metrics and a regression target instead, e.g. "
+            "salience.evidence.deletion(model, x, maps, salience.targets.regression(0), probability=False)")
+
+
 def _baseline_maps(name: str, x: Tensor, masks: Optional[Tensor], seed: int) -> Tensor:
     if name == ORACLE:
         return masks.float()  # type: ignore[union-attr]
@@ -207,8 +220,10 @@ def evaluate_methods(
     The target is the class the model predicts on each image. Returns one :class:`MetricRow`
     per method, then the oracle's and the baselines' rows (with ``baselines``), and the maps
     ``{name: (B, H, W)}``. A method that fails (e.g. Grad-CAM on a model without convolutions)
-    gets a row with its ``error`` and the others go on.
+    gets a row with its ``error`` and the others go on. A regression model (``ModelInfo.task``) is
+    refused: its outputs are not classes.
     """
+    _check_classifier(model)
     items = [resolve_method(m) for m in (methods if methods is not None else default_methods(model))]
     fns = dict(items)
     extra = ([ORACLE] if masks is not None else []) + list(BASELINES)
@@ -407,6 +422,7 @@ def run_evaluation(
     trains two models; see :func:`salience.demo.train.demo_train_fn`).
     """
     check_int(n, "n", minimum=1)
+    _check_classifier(model)
     if masks is not None and images is None:
         raise SalienceError("masks need their images: give images=DIR too")
     if methods is not None:
@@ -438,10 +454,30 @@ def run_evaluation(
         "data_randomization": data_rand,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    atomic_write(out / "results.json", json.dumps(results, indent=1, default=float).encode("utf-8"))
+    # Strict JSON: a metric without a value (NaN: a constant map's rank correlation) is null, not the
+    # NaN token that JSON.parse, jq and other strict readers refuse.
+    text = json.dumps(_json_numbers(results), indent=1, default=float, allow_nan=False)
+    atomic_write(out / "results.json", text.encode("utf-8"))
     rep = _html_report(rows, source, model, data_rand, pictures)
     rep.paragraph(f"Made in {time.perf_counter() - start:.1f} s.", css="note")
     return rep.write(out / "report.html")
+
+
+def _json_numbers(value: Any) -> Any:
+    """``value`` with every float NaN or infinity (also in tensors and numpy numbers) made ``None``."""
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_numbers(v) for v in value]
+    if isinstance(value, Tensor):
+        return _json_numbers(value.tolist())
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return value
+    return f if math.isfinite(f) else None
 
 
 def _write_pictures(out: Path, rows: Sequence[MetricRow], raw: Tensor, maps: dict[str, Tensor]

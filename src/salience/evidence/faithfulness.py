@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience._core.autograd import check_input, looks_like_probabilities, unwrap_output, predicted_classes
+from salience._core.autograd import (check_input, layer_output, looks_like_probabilities, predicted_classes,
+                                     unwrap_output)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.tensors import check_int, check_number, gaussian_blur
-from salience.evidence._checks import check_maps
+from salience.evidence._checks import check_maps, check_seed
 from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
 
 __all__ = ["deletion", "insertion", "deletion_curves", "insertion_curves", "auc", "faithfulness_correlation"]
@@ -59,7 +60,12 @@ def _substrate(x: Tensor, substrate: SubstrateLike, blur_sigma: float) -> Tensor
     if substrate == "mean":
         return x.mean((2, 3), keepdim=True).expand_as(x)
     if substrate == "blur":
-        return gaussian_blur(x, blur_sigma)
+        # sigma 0 (or below) would leave x as it is: nothing removed, every map the same score.
+        sigma = check_number(blur_sigma, "blur_sigma", what="the blur's standard deviation in pixels, > 0")
+        if not sigma > 0:
+            raise SalienceError(f"blur_sigma must be > 0 (pixels): a blur of {blur_sigma!r} leaves the image as "
+                                "it is, so no pixel would be removed; for no blur choose another substrate")
+        return gaussian_blur(x, sigma)
     raise SalienceError(
         f"unknown substrate {substrate!r}; expected 'zero', 'blur', 'mean', a number or a tensor like x"
     )
@@ -116,15 +122,25 @@ def prepare_maps(model: nn.Module, x: Tensor, maps: Tensor) -> Tensor:
     return maps
 
 
+def _probabilities(out: Tensor) -> Tensor:
+    """The class probabilities of a model's output: the softmax over the classes ``(B, K)`` (kept
+    as it is when it already looks like probabilities); a single logit per image, ``(B,)`` or
+    ``(B, 1)`` (a binary classifier), its sigmoid: the softmax over one class is 1 for every input."""
+    if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1):
+        return out.sigmoid()
+    if out.dim() == 2 and not looks_like_probabilities(out):
+        return out.softmax(dim=1)
+    return out
+
+
 def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, make: ItemMaker, *,
                 batch_size: int, probability: bool) -> Tensor:
     """The target's score on ``total`` perturbed images, ``batch_size`` per model call: ``(total,)``.
 
     ``make(ids)`` returns the perturbed images of the item numbers ``ids`` and the index in ``x``
     of the image each comes from. The target (default: the class predicted on the unperturbed
-    ``x``) is resolved once; class targets score the softmax probability when ``probability``,
-    on a model with two classes or more: the softmax of a one-output model (a binary classifier's
-    single logit) is 1 whatever the image, so its raw output is scored (every curve was 1).
+    ``x``) is resolved once; class targets score the softmax probability when ``probability``
+    (the sigmoid of a single-logit output).
     The one loop behind deletion, insertion, ROAD and faithfulness correlation.
     """
     batch_size = check_int(batch_size, "batch_size", minimum=1)
@@ -132,12 +148,15 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
     with model_guard(model), torch.no_grad():
         tgt = _resolve_class_target(model, x, target, batch_size)
         softmax = probability and isinstance(tgt, (Classes, MultiLabel))
+        layer = getattr(tgt, "layer", None)
         for s in range(0, total, batch_size):
             ids = torch.arange(s, min(s + batch_size, total), device=x.device)
             images, img = make(ids)
-            out = unwrap_output(model(images), model)
-            if softmax and out.dim() == 2 and out.shape[1] > 1 and not looks_like_probabilities(out):
-                out = out.softmax(dim=1)
+            # A target on an inner layer (activation, custom(..., layer=)) reads that layer's output.
+            out = (unwrap_output(model(images), model) if layer is None
+                   else layer_output(model, images, layer))
+            if softmax:
+                out = _probabilities(out)
             scores[s:s + len(ids)] = _gather_scores(tgt, out, img)
     return scores
 
@@ -148,7 +167,7 @@ def _curves(model: nn.Module, x: Tensor, maps: Tensor, target: TargetLike, *, in
     maps = prepare_maps(model, x, maps)
     steps = check_int(opts.steps, "steps", minimum=1)
     b, c, h, w = x.shape
-    rank = pixel_ranks(maps, opts.seed).reshape(b, h, w)
+    rank = pixel_ranks(maps, check_seed(opts.seed)).reshape(b, h, w)
     base = _substrate(x, opts.substrate, opts.blur_sigma)
     start, end = (base, x) if insert else (x, base)
     counts = torch.tensor([round(k * h * w / steps) for k in range(steps + 1)], device=x.device)
@@ -183,7 +202,8 @@ def deletion_curves(
     ``target``: default the class predicted on the unperturbed image, kept for every step; or
     anything :func:`salience.targets.as_target` accepts (a class, classes per image, a
     regression output). ``probability``: for class targets, score the softmax probability
-    (RISE) rather than the raw output (other targets are always raw). ``steps``: the curve has
+    (RISE; the sigmoid of a model with a single logit output, ``(B,)`` or ``(B, 1)``) rather than the
+    raw output (other targets are always raw). ``steps``: the curve has
     ``steps + 1`` points, at ``k / steps`` of the pixels. ``substrate``: what a removed pixel
     becomes: ``"blur"`` (default: a Gaussian-blurred copy, ``blur_sigma`` px, the canvas RISE
     inserts into), ``"zero"``, ``"mean"`` (the image's channel means), a number, or a tensor like
@@ -216,7 +236,8 @@ def insertion_curves(
     ``target``: default the class predicted on the unperturbed image, kept for every step; or
     anything :func:`salience.targets.as_target` accepts (a class, classes per image, a
     regression output). ``probability``: for class targets, score the softmax probability
-    (RISE) rather than the raw output (other targets are always raw). ``steps``: the curve has
+    (RISE; the sigmoid of a model with a single logit output, ``(B,)`` or ``(B, 1)``) rather than the
+    raw output (other targets are always raw). ``steps``: the curve has
     ``steps + 1`` points, at ``k / steps`` of the pixels. ``substrate``: what a pixel not yet
     inserted is: ``"zero"``, ``"blur"`` (Gaussian, ``blur_sigma`` px), ``"mean"`` (the image's
     channel means), a number, or a tensor like ``x``. Ties in the map are broken in a random
@@ -306,7 +327,7 @@ def faithfulness_correlation(
     if not 0 < frac <= 1:
         raise SalienceError(f"subset_size must be a fraction of the pixels in (0, 1], got {subset_size!r}")
     k = min(max(round(frac * h * w), 1), h * w)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     keys = torch.rand((b, t, h * w), generator=gen, dtype=torch.float32).to(x.device)  # whatever the default dtype
     chosen = torch.zeros(b, t, h * w, dtype=torch.bool, device=x.device)
     chosen.scatter_(2, keys.topk(k, dim=2).indices, True)

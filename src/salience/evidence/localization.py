@@ -133,6 +133,7 @@ def saliency_box(maps: Tensor, *, threshold: float = 0.2, largest: bool = True) 
     NaN box.
     """
     maps = check_maps(maps)
+    threshold = check_number(threshold, "threshold", what="a fraction of each map's maximum, in (0, 1]")
     if not 0 < threshold <= 1:
         raise SalienceError(f"threshold is a fraction of each map's maximum, in (0, 1]; got {threshold}")
     m = maps.clamp(min=0)

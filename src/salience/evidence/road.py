@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_number
+from salience.evidence._checks import check_seed, item_seed
 from salience.evidence.faithfulness import pixel_ranks, prepare_maps, score_items
 from salience.targets import TargetLike
 
@@ -151,13 +152,15 @@ def road_curves(
     ``x`` ``(B, C, H, W)``; ``maps`` ``(B, H, W)`` (resized bilinearly to ``x`` if needed; ties
     broken in a random order from ``seed``). ``fractions`` in ``(0, 1)``; a fraction removes
     ``round(f * H * W)`` pixels (at most ``H * W - 1``). ``noise``: the imputation noise (in ``x``'s
-    units), drawn from ``seed`` and the item. ``target``, ``probability``, ``batch_size``: as
+    units): item ``(image i, fraction j)`` draws it from its own generator seeded with
+    ``(seed * 1_000_003 + i * F + j) % 2**63`` (``F`` fractions), whatever ``batch_size``. ``target``, ``probability``, ``batch_size``: as
     :func:`salience.evidence.deletion_curves`.
     """
     if order not in ("morf", "lerf"):
         raise SalienceError(f"order must be 'morf' (most relevant first) or 'lerf' (least relevant first), got {order!r}")
     maps = prepare_maps(model, x, maps)
     fr = _check_fractions(fractions)
+    seed = check_seed(seed)
     b, _, h, w = x.shape
     n = h * w
     rank = pixel_ranks(maps, seed).reshape(b, h, w)
@@ -170,7 +173,7 @@ def road_curves(
         img, step = ids // k, ids % k
         removed = rank[img] < counts[step][:, None, None]
         # One noise seed per item (image, fraction): the curves do not depend on batch_size.
-        seeds = [seed * 1_000_003 + i for i in ids.tolist()]
+        seeds = [item_seed(seed, i) for i in ids.tolist()]
         return linear_imputation(x[img], removed, noise=noise, seed=seeds), img
 
     return score_items(model, x, target, b * k, make, batch_size=batch_size, probability=probability).reshape(b, k)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from salience._core.autograd import check_input
 from salience._core.tensors import check_int, check_number
-from salience.evidence._checks import MethodLike, class_indices, method_maps, resolve_method
+from salience.evidence._checks import MethodLike, check_seed, class_indices, method_maps, resolve_method
 
 __all__ = ["max_sensitivity"]
 
@@ -33,8 +33,8 @@ def max_sensitivity(
     """Max-sensitivity (Yeh et al. 2019), relative: ``max_k ||m(x + d_k) - m(x)|| / ||m(x)||``, ``(B,)``.
 
     ``method``: a name of :data:`salience.METHODS` or a function ``(model, x, target) -> maps``;
-    maps are compared as ``(B, H, W)`` (a ``(B, C, H, W)`` map reduced by the channels' largest
-    magnitude), Frobenius norms. ``d_k`` (``samples`` of them) is uniform in
+    maps are compared as ``(B, H, W)`` (a ``(B, 1, H, W)`` map squeezed, a ``(B, C, H, W)`` one
+    reduced by the channels' largest magnitude), Frobenius norms. ``d_k`` (``samples`` of them) is uniform in
     ``[-r, r]`` per input value, ``r = radius * (max(x_i) - min(x_i))`` per image, drawn from
     ``seed``. ``target``: the class explained on every copy, default the class predicted on ``x``
     (class targets only). Lower is better; 0 for a map that does not change. ``NaN`` where the
@@ -50,10 +50,12 @@ def max_sensitivity(
     cls = class_indices(model, x, target)
     m0 = method_maps(fn, model, x, cls, batch_size=bs, kwargs=method_kwargs)
     span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(1, b, 1, 1, 1)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     noise = (torch.rand((n, *x.shape), generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * r * span
     noisy = (x[None] + noise).reshape(n * b, *x.shape[1:])  # item j = k * B + i
-    maps = method_maps(fn, model, noisy, cls.repeat(n), batch_size=bs, kwargs=method_kwargs).reshape(n, b, -1)
+    copies_of = torch.arange(b).repeat(n)  # copy j = k * B + i is a copy of image i: its SmoothGrad noise
+    maps = method_maps(fn, model, noisy, cls.repeat(n), batch_size=bs, kwargs=method_kwargs,
+                       images=copies_of).reshape(n, b, -1)
     diff = (maps - m0.reshape(1, b, -1)).double().norm(dim=2).amax(0)
     ref = m0.reshape(b, -1).double().norm(dim=1)
     return torch.where(ref > 0, diff / ref.clamp_min(1e-300), torch.full_like(ref, float("nan"))).float()

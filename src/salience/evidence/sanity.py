@@ -22,7 +22,7 @@ from salience._core.autograd import check_input, forward_scores, predicted_class
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import resolve_layer
-from salience.evidence._checks import MethodLike, class_indices, method_maps, resolve_method
+from salience.evidence._checks import MethodLike, check_seed, class_indices, method_maps, resolve_method
 from salience.evidence.compare import SIMILARITIES, similarity
 from salience.targets import TargetLike
 
@@ -105,7 +105,7 @@ def _layer_groups(model: nn.Module, x: Tensor) -> list[tuple[str, list[str]]]:
 def _step_seed(seed: int, step: int, j: int) -> int:
     """The RNG seed for member ``j`` of step ``step``: far from small seeds such as 0, so that the
     re-initialization of a model built under ``torch.manual_seed(0)`` does not reproduce it."""
-    return (int(seed) + 1) * 1_000_003 + 1000 * step + j
+    return ((int(seed) + 1) * 1_000_003 + 1000 * step + j) % 2 ** 63
 
 
 def _reinit(module: nn.Module, seed: int) -> None:
@@ -175,6 +175,7 @@ def randomization(
         raise SalienceError(f"mode must be 'cascading' or 'independent', got {mode!r}")
     _, fn = resolve_method(method)
     check_input(x, model)
+    seed = check_seed(seed)
     kw = dict(method_kwargs or {})
     tgt = predicted_classes(model, x) if target is None else target
     work = copy.deepcopy(model)
@@ -234,7 +235,7 @@ def data_randomization(
     if labels.shape[0] != images.shape[0]:
         raise SalienceError(f"got {labels.shape[0]} labels for {images.shape[0]} images")
     _, fn = resolve_method(method)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_seed(seed))
     perm = torch.randperm(labels.shape[0], generator=gen).to(labels.device)
     shuffled = labels[perm]
     m_true = train_fn(images, labels)
@@ -273,8 +274,8 @@ def random_logit(
     between the map of each image's class (``target``, default the predicted class) and the map
     of another class drawn uniformly from the model's other outputs (from ``seed``). A map that
     looks the same whatever class it explains does not explain the class. Maps as ``(B, H, W)``
-    (a ``(B, C, H, W)`` map reduced by the channels' largest magnitude); both sets of maps run
-    through the method ``batch_size`` images at a time.
+    (a ``(B, 1, H, W)`` map squeezed, a ``(B, C, H, W)`` one reduced by the channels' largest
+    magnitude); both sets of maps run through the method ``batch_size`` images at a time.
     """
     if kind not in SIMILARITIES:
         raise SalienceError(f"kind must be one of {', '.join(SIMILARITIES)}, got {kind!r}")
@@ -285,7 +286,7 @@ def random_logit(
     if k < 2:
         raise SalienceError(f"the random-logit test needs a classifier with at least 2 outputs; the model has {k}")
     cls = class_indices(model, x, target)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     draw = torch.randint(0, k - 1, (x.shape[0],), generator=gen).to(cls.device)
     other = draw + (draw >= cls).long()  # uniform over the k - 1 classes that are not cls
     a = method_maps(fn, model, x, cls, batch_size=batch_size, kwargs=method_kwargs)
