@@ -262,3 +262,34 @@ def test_a_row_whose_image_is_gone_shows_why_and_the_next_row_restores_the_page(
     finally:
         explorer.stop()
     assert not errors, errors
+
+
+def test_fast_clicks_between_images_show_the_last_images_classes_once(tmp_path):
+    """Picking image A, then B, then A again while A's first top-classes answer is slow: the page
+    shows A's five classes once (the first pick of A must not pass as the latest and add its own)."""
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=2)
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.evaluate("""() => { const f = window.fetch; let n = 0;
+                    window.fetch = (u, o) => (String(u).includes('top?image=f0') && n++ === 0)
+                      ? new Promise((ok) => setTimeout(() => ok(f(u, o)), 1200)) : f(u, o); }""")
+                for image in ("f0", "f1", "f0"):
+                    page.click(f"#images img[data-id='{image}']")
+                page.wait_for_function("document.getElementById('status').textContent === 'image f0'")
+                page.wait_for_timeout(2000)  # the slow answer has come by now
+                shown = page.eval_on_selector_all("#classes > *", "es => es.map(e => e.tagName)")
+                first = page.locator("#classes button.class").first.get_attribute("data-index")
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert shown == ["H3"] + ["BUTTON"] * 5
+    assert first == str(int(labels[0]))

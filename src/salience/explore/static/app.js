@@ -3,7 +3,7 @@
 
 const S = {
   info: null, image: null, broken: null, pictures: {}, targets: [], rows: [], cells: new Map(), luts: {}, layers: {},
-  display: { opacity: 0.6, cmap: "fire", mode: "abs", clip: 99 }, nextRow: 1,
+  display: { opacity: 0.6, cmap: "fire", mode: "abs", clip: 99 }, nextRow: 1, picks: 0,
 };
 const $ = (id) => document.getElementById(id);
 const el = (tag, attrs = {}, ...kids) => {
@@ -103,7 +103,11 @@ async function loadPicture(id, slot) {
   return img;
 }
 
+// Each pick has its own ticket: only the latest pick draws. Comparing image ids is not enough: after
+// picking A, B, then A again, the first pick of A would pass as the latest and fill the classes twice.
 async function pick(id) {
+  const ticket = ++S.picks;
+  const stale = () => ticket !== S.picks;
   S.image = id;
   for (const img of $("images").children) img.classList.toggle("current", img.dataset.id === id);
   for (const tr of $("run-body").children) tr.classList.toggle("current", tr.dataset.id === id);
@@ -112,7 +116,7 @@ async function pick(id) {
     try { pictures[m.slot] = await loadPicture(id, m.slot); } catch (e) { failed.push(e.message); }
   }));
   const free = (pics) => { for (const img of Object.values(pics)) URL.revokeObjectURL(img.src); };
-  if (S.image !== id) { free(pictures); return; } // another image was picked meanwhile: its own pick draws
+  if (stale()) { free(pictures); return; } // another image was picked meanwhile: its own pick draws
   free(S.pictures);
   S.pictures = pictures; S.broken = failed.length ? failed[0] : null;
   $("picked").hidden = false;
@@ -130,13 +134,13 @@ async function pick(id) {
     box.append(el("h3", {}, `${m.slot}: ${m.name}`));
     try {
       const { classes } = await api(`api/models/${m.slot}/top?image=${id}&k=5`);
-      if (S.image !== id) return;
+      if (stale()) return;
       for (const c of classes) {
         const p = c.probability === null ? c.score.toFixed(3) : `${(100 * c.probability).toFixed(1)}%`;
         box.append(el("button", { class: "class", "data-model": m.slot, "data-index": c.index,
                                   onclick: () => addTarget(m.slot, c.index, c.name) }, el("span", {}, c.name), el("span", {}, p)));
       }
-    } catch (e) { box.append(el("div", { class: "error" }, e.message)); }
+    } catch (e) { if (stale()) return; box.append(el("div", { class: "error" }, e.message)); }
   }
   status(`image ${id}`);
   refreshAll();
