@@ -293,3 +293,47 @@ def test_fast_clicks_between_images_show_the_last_images_classes_once(tmp_path):
     assert not errors, errors
     assert shown == ["H3"] + ["BUTTON"] * 5
     assert first == str(int(labels[0]))
+
+
+def test_a_late_answer_to_an_older_setting_does_not_become_the_cells_map(tmp_path):
+    """A method's setting changed twice quickly (reduce max, then abs), the answer to the first
+    arriving last: the cell's figure link and its curves are of the abs map, the one drawn."""
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    label = int(labels[0])
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    cell = f"td.cell[data-target='a:{label}']"
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.click("#images img[data-id='f0']")
+                page.locator(f"#classes button.class[data-index='{label}']").click()
+                page.select_option("#method", "vanilla")
+                page.click("#add")
+                page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('vanilla')")
+                page.evaluate("""() => { const f = window.fetch;
+                    window.fetch = (u, o) => (o && String(o.body).includes('"reduce":"max"'))
+                      ? new Promise((ok) => setTimeout(() => ok(f(u, o)), 1200)) : f(u, o); }""")
+                page.select_option("tr[data-row='1'] [data-option='reduce']", "max")
+                page.select_option("tr[data-row='1'] [data-option='reduce']", "abs")
+                page.wait_for_timeout(2500)  # the late answer (reduce max) has come by now
+                page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('vanilla')")
+                want = page.evaluate(f"""async () => (await (await fetch('api/explain', {{method: 'POST',
+                    headers: {{'content-type': 'application/json'}}, body: JSON.stringify({{model: 'a', image: 'f0',
+                    method: 'vanilla', target: {label}, options: {{reduce: 'abs'}}}})}})).json()).key""")
+                page.select_option("#cmap", "gray")  # the figure link is made again with the display
+                figure = page.get_attribute("#download-figure", "href")
+                with page.expect_request(lambda r: r.url.endswith("/curves")) as asked:
+                    page.click(f"{cell} .tools button:has-text('curves')")
+                curves = asked.value.url
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert figure.startswith(f"api/figure.png?keys={want}&"), (figure, want)
+    assert curves.endswith(f"api/maps/{want}/curves"), (curves, want)

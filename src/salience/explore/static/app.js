@@ -339,8 +339,8 @@ async function poll(cell, j, serial) {
 
 async function request(cell) {
   if (!S.image) return;
-  const serial = ++cell.serial;
-  cell.want = S.image;
+  const serial = ++cell.serial, image = S.image;
+  cell.want = image;
   const options = { ...cell.row.options };
   if (S.layers[cell.t.model]) { // this model's own layer menu (else the text field, if any, holds the layer)
     delete options.layer;
@@ -354,13 +354,15 @@ async function request(cell) {
   }
   try {
     let j = await api("api/explain", { method: "POST", headers: { "content-type": "application/json" },
-      body: JSON.stringify({ model: cell.t.model, image: S.image, method: cell.row.method, target: cell.t.index, options }) });
-    cell.key = j.key;
+      body: JSON.stringify({ model: cell.t.model, image, method: cell.row.method, target: cell.t.index, options }) });
+    // a newer request of this cell may have been answered first: a late answer is dropped, and the cell's
+    // key changes with its map only (the figure, curves and sanity use the key: never an older setting's map)
+    if (serial !== cell.serial) return;
     if (j.state !== "done") j = await poll(cell, j, serial);
     if (serial !== cell.serial || j.state !== "done") return;
     const map = parseNpy(await api(`api/maps/${j.key}/display.npy`));
     if (serial !== cell.serial) return;
-    cell.map = map; cell.image = S.image;
+    cell.map = map; cell.key = j.key; cell.image = image;
     showJob(cell, { state: "done" });
     cell.state.textContent = `${cell.row.method} · ${cell.t.name}`;
     draw(cell); tools(cell); figureLink();
