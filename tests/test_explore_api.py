@@ -451,6 +451,45 @@ def test_a_dropped_map_is_computed_again_for_its_curves(env):
     np.testing.assert_array_equal(npy(c.get(f"api/maps/{key}.npy").content), m)
 
 
+def test_ended_jobs_hold_neither_the_image_nor_the_map(tmp_path, monkeypatch):
+    """The server keeps thousands of ended jobs for polling: they must not keep what their
+    computation used (each decoded image, up to 600 MB at the pixel limit) nor the maps (those are
+    in the cache, within its budget). 20 uploads and a map of each, with a cache that keeps no map:
+    the images left in memory are at most the 16 decoded ones the image store keeps, and no map is."""
+    import gc
+    import weakref
+
+    from salience.explore import compute
+
+    seen = []
+    real = compute.explain
+
+    def spy(slot, image, *args):
+        m = real(slot, image, *args)
+        seen.append((weakref.ref(image), weakref.ref(m)))
+        return m
+
+    monkeypatch.setattr(compute, "explain", spy)
+    hub = Hub([ModelSlot("a", salience.load_model("demo:shapes"))], ImageStore(), cache_bytes=1)
+    c = TestClient(create_app(hub))
+    rng = np.random.default_rng(0)
+    try:
+        for i in range(20):
+            png = _png_file(8, 8, zlib.compress(b"".join(b"\0" + rng.bytes(24) for _ in range(8))))
+            up = c.post(f"api/images?name=u{i}.png", content=png)
+            assert up.status_code == 201, up.text
+            j = wait_job(_get(c), c.post("api/explain", json={"model": "a", "image": up.json()["id"],
+                                                               "method": "vanilla", "target": 0}).json())
+            assert j["state"] == "done", j
+        assert len(hub.jobs) == 20
+        gc.collect()
+        assert len(seen) == 20
+        assert sum(image() is not None for image, _ in seen) <= 16
+        assert sum(m() is not None for _, m in seen) == 0
+    finally:
+        hub.close()
+
+
 def test_a_deleted_file_or_upload_is_404_naming_it(tmp_path):
     """A file named on the command line deleted while serving (was 400, "no such file") and an
     upload whose stored copy is gone: 404 from every endpoint, naming the file (the upload by its

@@ -125,8 +125,10 @@ class Hub:
     # ------------------------------------------------------------------ jobs
 
     def submit(self, slot: ModelSlot, kind: str, run: Callable[[Ticker], Any], key: Optional[str] = None,
-               **meta: Any) -> Job:
-        """A job on ``slot``'s worker; the same ``key`` in flight gives the job already queued."""
+               hold: bool = True, **meta: Any) -> Job:
+        """A job on ``slot``'s worker; the same ``key`` in flight gives the job already queued.
+        ``hold=False``: the ended job keeps no result (a map is in the cache, within its budget of
+        bytes; the jobs kept for polling must not hold thousands of maps beside it)."""
         with self._lock:
             if key is not None and key in self.inflight and not self.inflight[key].ended.is_set():
                 return self.inflight[key]
@@ -136,7 +138,7 @@ class Hub:
                 result = run(ticker)
                 if key is not None:
                     self.cache.put(key, result)
-                return result
+                return result if hold else None
             except (HTTPException, SalienceError) as e:  # e.g. the image gone: its own status, not a 500
                 answer = _refusal(e)
                 raise Refused(str(answer.detail), answer.status_code) from None
@@ -371,7 +373,8 @@ async def explain(request: Request) -> Response:
              "target_name": slot.class_name(int(target))}
     if key in hub.cache:
         return JSONResponse({**about, "state": "done", "progress": 1.0})
-    job = hub.submit(slot, "explain", lambda t: compute.explain(slot, image, method, int(target), given, t), key=key)
+    job = hub.submit(slot, "explain", lambda t: compute.explain(slot, image, method, int(target), given, t), key=key,
+                     hold=False)
     return JSONResponse({**about, **hub.job_json(job, slot)}, 202)
 
 

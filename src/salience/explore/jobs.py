@@ -100,13 +100,20 @@ class Job:
         return min(0.99, self.done_units / self.total) if self.total else None
 
     def finish(self, state: str, result: Any = None, error: Optional[str] = None) -> None:
+        """End the job. Its computation is let go: the server keeps ended jobs for polling, and what
+        ``run`` holds (the decoded image, the model's input) must not stay in memory with them."""
         self.state, self.result, self.error = state, result, error
+        self.run = _ended
         self.finished = time.monotonic()
         self.ended.set()
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the job has ended (or ``timeout`` seconds); whether it has."""
         return self.ended.wait(timeout)
+
+
+def _ended(ticker: Ticker) -> Any:
+    raise RuntimeError("this job has ended; submit a new one")
 
 
 class Worker:
