@@ -490,6 +490,35 @@ def test_ended_jobs_hold_neither_the_image_nor_the_map(tmp_path, monkeypatch):
         hub.close()
 
 
+def test_decoded_images_are_kept_within_a_budget_of_bytes():
+    """Decoded images are kept for the last used, at most 16, within the store's budget of bytes
+    (1 GB by default: 16 images at the 50-megapixel limit would be 9.6 GB). Six uploads of 120 kB
+    decoded each, with a budget of 300 kB: at most two stay in memory, always the last one."""
+    import gc
+    import io
+    import weakref
+
+    from PIL import Image
+
+    store = ImageStore()
+    default = getattr(store, "decoded_bytes", None)
+    store.decoded_bytes = 300_000
+    alive = []
+    try:
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.new("RGB", (100, 100), (40 * i, 0, 0)).save(buf, format="PNG")
+            entry = store.add_upload(buf.getvalue(), f"u{i}.png")
+            alive.append(weakref.ref(store.load(entry.id)[0]))
+        gc.collect()
+        kept = [ref() for ref in alive if ref() is not None]
+        assert 1 <= len(kept) <= 2 and alive[-1]() is not None
+        assert sum(t.nbytes for t in kept) <= 300_000
+        assert default is not None and default <= 2**30
+    finally:
+        store.close()
+
+
 def test_a_deleted_file_or_upload_is_404_naming_it(tmp_path):
     """A file named on the command line deleted while serving (was 400, "no such file") and an
     upload whose stored copy is gone: 404 from every endpoint, naming the file (the upload by its

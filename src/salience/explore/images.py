@@ -31,11 +31,15 @@ from salience._core.errors import SalienceError
 from salience.loading import remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, load_image
 
-__all__ = ["ImageEntry", "Source", "FileSource", "ImageStore", "ImageGone", "IMAGE_SUFFIXES", "MAX_UPLOAD_BYTES"]
+__all__ = ["ImageEntry", "Source", "FileSource", "ImageStore", "ImageGone", "IMAGE_SUFFIXES", "MAX_UPLOAD_BYTES",
+           "DECODED_BYTES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MAX_UPLOAD_BYTES = 64 * 2**20
 """Largest upload accepted (bytes); larger bodies get 413 before they are read whole."""
+DECODED_BYTES = 2**30
+"""Budget of the decoded images kept (float32 pixels): the last used, at most 16 of them, within it
+(always the last one). By count alone, 16 images at the pixel limit (600 MB each) held 9.6 GB."""
 _BYTES_PER_PIXEL = 16
 """Bytes per pixel of the largest uncompressed image file (RGBA float32 TIFF): an object larger than
 ``max_pixels * 16`` + 1 MB of metadata cannot be an image within the pixel limit, so it is not read."""
@@ -92,11 +96,14 @@ class FileSource:
 
 class ImageStore:
     """The images of every source and the uploads (the last ``max_uploads`` kept, in a temporary
-    folder removed by :meth:`close`); decoded images are kept for the last few used."""
+    folder removed by :meth:`close`); decoded images are kept for the last few used (at most 16,
+    within ``decoded_bytes``)."""
 
     def __init__(self, sources: Sequence[Source] = (), *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-                 max_uploads: int = 256, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
+                 max_uploads: int = 256, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+                 decoded_bytes: int = DECODED_BYTES) -> None:
         self.sources = list(sources)
+        self.decoded_bytes = decoded_bytes
         self.max_pixels = max_pixels
         self.max_uploads = max_uploads
         self.max_upload_bytes = max_upload_bytes
@@ -177,8 +184,9 @@ class ImageStore:
             image = load_image(entry.path, max_pixels=self.max_pixels)
         with self._lock:
             self._decoded[entry.id] = (image, digest)
-            while len(self._decoded) > 16:
-                self._decoded.popitem(last=False)
+            kept = sum(t.nbytes for t, _ in self._decoded.values())
+            while len(self._decoded) > 16 or (kept > self.decoded_bytes and len(self._decoded) > 1):
+                kept -= self._decoded.popitem(last=False)[1][0].nbytes
         return image, digest
 
     def close(self) -> None:
