@@ -337,3 +337,55 @@ def test_a_late_answer_to_an_older_setting_does_not_become_the_cells_map(tmp_pat
     assert not errors, errors
     assert figure.startswith(f"api/figure.png?keys={want}&"), (figure, want)
     assert curves.endswith(f"api/maps/{want}/curves"), (curves, want)
+
+
+def _tab_to(page, selector: str, presses: int = 80) -> None:
+    """Press Tab until the element ``selector`` has the keyboard focus (as a keyboard user does)."""
+    for _ in range(presses):
+        page.keyboard.press("Tab")
+        if page.evaluate(f"document.activeElement === document.querySelector({selector!r})"):
+            return
+    raise AssertionError(f"{selector} is never reached with Tab")
+
+
+def test_the_page_works_from_the_keyboard(tmp_path):
+    """With the keyboard only: Tab to "choose a file" and Enter opens the file chooser (an upload),
+    Tab to an image's thumbnail and Enter (or Space) picks it, Tab to a gallery row and Enter opens it."""
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    (tmp_path / "imgs").mkdir()
+    paths, labels, _ = shapes_files(tmp_path / "imgs", n=2)
+    salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", workers=0)
+    explorer = salience.explore("demo:shapes", [paths[0]], run=tmp_path / "run", show=False)
+    errors: list[str] = []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                _tab_to(page, "#images img[data-id='f0']")
+                page.keyboard.press("Enter")
+                page.wait_for_function("document.getElementById('status').textContent === 'image f0'")
+                assert page.locator("#classes button.class").first.get_attribute("data-index") == str(int(labels[0]))
+
+                _tab_to(page, "#run-body tr[data-id='r0-1']")
+                page.keyboard.press("Enter")
+                page.wait_for_function("document.getElementById('status').textContent === 'image r0-1'")
+                assert page.locator("#classes button.class").first.get_attribute("data-index") == str(int(labels[1]))
+
+                page.keyboard.press("Shift+Tab")
+                page.keyboard.press(" ")  # Space on the row above (r0-0)
+                page.wait_for_function("document.getElementById('status').textContent === 'image r0-0'")
+
+                _tab_to(page, "#choose")
+                with page.expect_file_chooser() as chooser:
+                    page.keyboard.press("Enter")
+                chooser.value.set_files(str(paths[1]))
+                page.wait_for_function("document.querySelectorAll('#images img').length === 2")
+                page.wait_for_function("document.getElementById('status').textContent.startsWith('image u')")
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors

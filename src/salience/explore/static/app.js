@@ -16,6 +16,10 @@ const el = (tag, attrs = {}, ...kids) => {
   return e;
 };
 
+// A keyboard handler for an element that acts on click: Enter or Space does the same (with tabindex="0"
+// and role="button", so the thumbnails and the gallery's rows are reached and opened with the keyboard).
+const pressed = (fn) => (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); fn(); } };
+
 function status(text, error = false) { $("status").textContent = text; $("status").className = error ? "error" : ""; }
 
 async function api(path, options = {}) {
@@ -50,6 +54,7 @@ function bindControls() {
     e.preventDefault(); drop.classList.remove("over");
     if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]);
   });
+  $("choose").addEventListener("click", () => $("file").click()); // a button: reached and pressed from the keyboard
   $("file").addEventListener("change", (e) => { if (e.target.files.length) upload(e.target.files[0]); });
   $("add").addEventListener("click", () => addRow($("method").value));
   const redraw = () => {
@@ -78,7 +83,8 @@ async function listImages() {
   for (const im of images) {
     box.append(el("img", { src: `api/images/${im.id}/picture.png?slot=a`, title: im.name, "data-id": im.id,
                            class: S.image === im.id ? "current" : "", onclick: () => pick(im.id),
-                           onerror: gone }));
+                           onerror: gone, tabindex: "0", role: "button", alt: im.name,
+                           onkeydown: pressed(() => pick(im.id)) }));
   }
 }
 
@@ -206,7 +212,11 @@ async function listRows() {
     for (const m of r.metrics) cells.push(el("td", {}, num(row[m])));
     const tr = el("tr", { "data-id": row.id, class: (row.image ? "" : "noimage") + (S.image === row.id ? " current" : ""),
                           title: row.image ? "open in the explorer" : "no image file to open" }, ...cells);
-    if (row.image) tr.addEventListener("click", () => pick(row.id));
+    if (row.image) {
+      tr.addEventListener("click", () => pick(row.id));
+      tr.addEventListener("keydown", pressed(() => pick(row.id)));
+      tr.tabIndex = 0;
+    }
     body.append(tr);
   }
   $("run-page").textContent = found.total ? `${R.offset + 1}–${R.offset + found.rows.length} of ${found.total}` : "no rows";
