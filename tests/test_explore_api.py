@@ -341,6 +341,34 @@ def test_queue_positions_and_cancel_of_a_waiting_job(env):
     assert c.get("api/status").json()["models"]["a"]["queue"] == 0
 
 
+def test_a_cancel_stops_a_joined_job_only_when_every_request_gave_up(env):
+    """Two tabs ask for the same map: the second joins the first's job. One tab cancelling must not
+    take the map from the other: the job goes on until both have cancelled; and a request after
+    the last cancel gets a job of its own, not the cancelled one."""
+    c, hub = env["client"], env["hub"]
+    body = {"model": "a", "image": "f1", "method": "vanilla", "target": 4, "options": {"reduce": "l2"}}
+    gate = _block(hub)
+    try:
+        first, second = c.post("api/explain", json=body).json(), c.post("api/explain", json=body).json()
+        assert first["job"] == second["job"] and first["state"] == "queued"
+        assert c.delete(f"api/jobs/{first['job']}").json()["state"] == "queued"  # the other tab still waits
+    finally:
+        gate.set()
+    assert wait_job(_get(c), second)["state"] == "done"
+
+    body["target"] = 3
+    gate = _block(hub)
+    try:
+        first, second = c.post("api/explain", json=body).json(), c.post("api/explain", json=body).json()
+        assert c.delete(f"api/jobs/{first['job']}").json()["state"] == "queued"
+        assert c.delete(f"api/jobs/{second['job']}").json()["state"] == "cancelled"
+        third = c.post("api/explain", json=body).json()
+        assert third["job"] != first["job"] and third["state"] == "queued"
+    finally:
+        gate.set()
+    assert wait_job(_get(c), third)["state"] == "done"
+
+
 def _long_job_in_progress(c, image: str) -> tuple[dict, Optional[dict]]:
     """A SmoothGrad job far too long to finish: its first answer, and its state once it shows
     progress (``None`` if it never did within about 30 s)."""

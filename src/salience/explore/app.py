@@ -130,8 +130,10 @@ class Hub:
         ``hold=False``: the ended job keeps no result (a map is in the cache, within its budget of
         bytes; the jobs kept for polling must not hold thousands of maps beside it)."""
         with self._lock:
-            if key is not None and key in self.inflight and not self.inflight[key].ended.is_set():
-                return self.inflight[key]
+            joined = self.inflight.get(key) if key is not None else None
+            if joined is not None and not joined.ended.is_set() and not joined.cancel_requested.is_set():
+                joined.holders += 1
+                return joined
 
         def keep(ticker: Ticker) -> Any:
             try:
@@ -162,6 +164,15 @@ class Hub:
                     break
                 del self.jobs[old]
         return job
+
+    def cancel(self, job: Job, slot: ModelSlot) -> None:
+        """One of the requests that joined ``job`` gives up: the job is cancelled when none is left
+        (another tab's request for the same map goes on)."""
+        with self._lock:
+            job.holders -= 1
+            last = job.holders <= 0
+        if last:
+            slot.worker.cancel(job)
 
     def map_raw(self, key: str, ticker: Optional[Ticker] = None, image: Any = None) -> Any:
         """The raw map ``key`` from the cache, or computed again (in the worker) when it was dropped:
@@ -387,7 +398,7 @@ async def job_status(request: Request) -> Response:
 async def job_cancel(request: Request) -> Response:
     hub = _hub(request)
     job, slot = hub.job(request.path_params["id"])
-    slot.worker.cancel(job)
+    hub.cancel(job, slot)
     return JSONResponse(hub.job_json(job, slot))
 
 

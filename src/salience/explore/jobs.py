@@ -88,6 +88,7 @@ class Job:
     result: Any = None
     error: Optional[str] = None
     status_code: int = 400
+    holders: int = 1  # the requests waiting for it (the same request again joins the job): cancelled when none is left
     created: float = field(default_factory=time.monotonic)
     finished: Optional[float] = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)

@@ -307,7 +307,13 @@ function cellFor(row, t) {
   const canvas = el("canvas", { width: 192, height: 192 });
   const state = el("div", { class: "state" });
   const bar = el("progress", { max: 1, hidden: "" });
-  const cancel = el("button", { hidden: "", onclick: () => cell.job && api(`api/jobs/${cell.job}`, { method: "DELETE" }).catch(() => {}) }, "cancel");
+  // cancel: this cell stops waiting at once; the server stops the job unless another request (another
+  // tab's) joined it and still waits
+  const cancel = el("button", { hidden: "", onclick: () => {
+    if (!cell.job) return;
+    api(`api/jobs/${cell.job}`, { method: "DELETE" }).catch(() => {});
+    cell.serial++; cell.job = null; showJob(cell, { state: "cancelled" });
+  } }, "cancel");
   const tools = el("div", { class: "tools" });
   const extra = el("div", {});
   const td = el("td", { class: "cell", "data-target": `${t.model}:${t.index}` }, canvas, bar, state, cancel, tools, extra);
