@@ -389,3 +389,45 @@ def test_the_page_works_from_the_keyboard(tmp_path):
     finally:
         explorer.stop()
     assert not errors, errors
+
+
+def test_a_map_is_never_laid_on_another_images_picture(tmp_path):
+    """Image A's map drawn, then image B picked while B's map is slow to come: the cell shows B's
+    picture alone, also when a display setting redraws it (it drew A's map on B's picture)."""
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=2)
+    label = int(labels[0])
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    cell = f"td.cell[data-target='a:{label}']"
+    same = f"""() => {{ const c = document.querySelector("{cell} canvas"), p = document.createElement('canvas');
+        p.width = c.width; p.height = c.height; const x = p.getContext('2d'); x.imageSmoothingEnabled = false;
+        x.drawImage(document.getElementById('preview'), 0, 0, 192, 192);
+        const a = c.getContext('2d').getImageData(0, 0, 192, 192).data, b = x.getImageData(0, 0, 192, 192).data;
+        return a.every((v, i) => v === b[i]); }}"""
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.click("#images img[data-id='f0']")
+                page.locator(f"#classes button.class[data-index='{label}']").click()
+                page.select_option("#method", "vanilla")
+                page.click("#add")
+                page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('vanilla')")
+                assert not page.evaluate(same)  # A's map is on A's picture
+                page.evaluate("""() => { const f = window.fetch;
+                    window.fetch = (u, o) => (o && String(o.body).includes('"image":"f1"'))
+                      ? new Promise((ok) => setTimeout(() => ok(f(u, o)), 3000)) : f(u, o); }""")
+                page.click("#images img[data-id='f1']")
+                page.wait_for_function("document.getElementById('status').textContent === 'image f1'")
+                page.select_option("#cmap", "gray")
+                page.fill("#opacity", "1")
+                assert page.evaluate(same)  # B's picture, no map of A on it
+                page.wait_for_function(f"!({same})()")  # B's own map, once it came
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors

@@ -2,7 +2,7 @@
 "use strict";
 
 const S = {
-  info: null, image: null, broken: null, pictures: {}, targets: [], rows: [], cells: new Map(), luts: {}, layers: {},
+  info: null, image: null, broken: null, pictures: {}, picturesOf: null, targets: [], rows: [], cells: new Map(), luts: {}, layers: {},
   display: { opacity: 0.6, cmap: "fire", mode: "abs", clip: 99 }, nextRow: 1, picks: 0,
 };
 const $ = (id) => document.getElementById(id);
@@ -124,7 +124,8 @@ async function pick(id) {
   const free = (pics) => { for (const img of Object.values(pics)) URL.revokeObjectURL(img.src); };
   if (stale()) { free(pictures); return; } // another image was picked meanwhile: its own pick draws
   free(S.pictures);
-  S.pictures = pictures; S.broken = failed.length ? failed[0] : null;
+  S.pictures = pictures; S.picturesOf = id; S.broken = failed.length ? failed[0] : null;
+  for (const c of S.cells.values()) draw(c); // the new picture; a map of the image before is not laid on it
   $("picked").hidden = false;
   $("preview").hidden = !!S.broken; $("picture-error").hidden = !S.broken;
   $("picture-error").textContent = S.broken || "";
@@ -413,7 +414,9 @@ function draw(cell) {
   ctx.clearRect(0, 0, cell.canvas.width, cell.canvas.height);
   const pic = S.pictures[cell.t.model];
   ctx.imageSmoothingEnabled = false;
-  if (!cell.map || !pic) { if (pic && pic.complete) ctx.drawImage(pic, 0, 0, 192, 192); return; }
+  // a map is laid only on the picture of its own image (while another image's map is computed, the
+  // cell shows the new picture alone, also when a display setting redraws it)
+  if (!cell.map || !pic || cell.image !== S.picturesOf) { if (pic && pic.complete) ctx.drawImage(pic, 0, 0, 192, 192); return; }
   const { h, w, data } = cell.map;
   const d = S.display, lut = S.luts[d.cmap], signed = d.mode === "signed";
   const mags = data.map(Math.abs);
