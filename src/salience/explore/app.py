@@ -26,6 +26,7 @@ import io
 import json
 import math
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -202,10 +203,20 @@ class Hub:
             out["result"] = job.result
         return out
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel every job, wait (``timeout`` seconds in all, the workers together) for the threads to
+        end at their next forward pass, and remove the uploads. :meth:`computing` says whether one is
+        still inside a forward pass."""
         for s in self.slots.values():
-            s.worker.stop()
+            s.worker.halt()
+        end = time.monotonic() + timeout
+        for s in self.slots.values():
+            s.worker.stop(max(0.0, end - time.monotonic()))
         self.images.close()
+
+    def computing(self) -> bool:
+        """Whether a worker still runs (a forward pass that no cancel interrupts)."""
+        return any(s.worker.alive for s in self.slots.values())
 
 
 # --------------------------------------------------------------------------------- helpers

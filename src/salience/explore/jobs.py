@@ -170,7 +170,17 @@ class Worker:
                 job.finish("cancelled")
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel everything and end the thread."""
+        """Cancel everything and end the thread (waiting at most ``timeout`` seconds for it)."""
+        self.halt()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread still runs (after :meth:`stop`: inside a forward pass that did not end in time)."""
+        return self._thread.is_alive()
+
+    def halt(self) -> None:
+        """Cancel everything and tell the thread to end, without waiting for it."""
         with self._cond:
             self._stop = True
             pending = list(self._queue)
@@ -180,7 +190,6 @@ class Worker:
             job.finish("cancelled")
         if self.current is not None:
             self.current.cancel_requested.set()
-        self._thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
