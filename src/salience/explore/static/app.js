@@ -54,7 +54,6 @@ function bindControls() {
     e.preventDefault(); drop.classList.remove("over");
     if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]);
   });
-  $("choose").addEventListener("click", () => $("file").click()); // a button: reached and pressed from the keyboard
   $("file").addEventListener("change", (e) => { if (e.target.files.length) upload(e.target.files[0]); });
   $("add").addEventListener("click", () => addRow($("method").value));
   const redraw = () => {
