@@ -3,6 +3,7 @@ clear 4xx while the server goes on. Maps, curves and the sanity check are compar
 library called directly on the same image file (the server must add nothing and lose nothing)."""
 from __future__ import annotations
 
+import io
 import struct
 import threading
 import zlib
@@ -523,7 +524,6 @@ def test_decoded_images_are_kept_within_a_budget_of_bytes():
     (1 GB by default: 16 images at the 50-megapixel limit would be 9.6 GB). Six uploads of 120 kB
     decoded each, with a budget of 300 kB: at most two stay in memory, always the last one."""
     import gc
-    import io
     import weakref
 
     from PIL import Image
@@ -543,6 +543,35 @@ def test_decoded_images_are_kept_within_a_budget_of_bytes():
         assert 1 <= len(kept) <= 2 and alive[-1]() is not None
         assert sum(t.nbytes for t in kept) <= 300_000
         assert default is not None and default <= 2**30
+    finally:
+        store.close()
+
+
+def test_uploads_are_kept_on_disk_within_a_budget_of_bytes():
+    """The uploads' files are kept within the store's budget on disk (2 GB by default; 256 uploads
+    of 64 MB were 16 GB), the oldest removed first: six uploads of about 40 kB with a budget of
+    100 kB leave at most two files, the last one among them, and the older ones are gone (404)."""
+    import os
+
+    from PIL import Image
+
+    store = ImageStore()
+    default = getattr(store, "uploads_bytes", None)
+    store.uploads_bytes = 100_000
+    rng = np.random.default_rng(1)
+    ids = []
+    try:
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (120, 110, 3), dtype=np.uint8)).save(buf, format="PNG")
+            ids.append(store.add_upload(buf.getvalue(), f"u{i}.png").id)
+        folder = store._tmp.name
+        sizes = [os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)]
+        assert 1 <= len(sizes) <= 2 and sum(sizes) <= 100_000 and all(s > 35_000 for s in sizes)
+        assert [e.id for e in store.entries()][-1] == ids[-1]
+        with pytest.raises(KeyError):
+            store.load(ids[0])
+        assert default is not None and default <= 4 * 2**30
     finally:
         store.close()
 
