@@ -576,6 +576,31 @@ def test_uploads_are_kept_on_disk_within_a_budget_of_bytes():
         store.close()
 
 
+def test_the_grid_option_takes_two_ints(env):
+    """A transformer's patch grid (``grid``, (h, w)) from the page's text field: "8,8", "8x8",
+    "(8, 8)" and "8" (for 8,8) give the map of ``salience.gradcam(..., grid=(8, 8))``; it was read
+    as one int, so no value could pass (an int is not (h, w), "8,8" is not an int)."""
+    vit = salience.load_model("demo:shapes-vit")
+    hub = Hub([ModelSlot("a", vit)], ImageStore([FileSource(env["paths"][:1])]))
+    c = TestClient(create_app(hub))
+    target = int(env["labels"][0])
+    x = preprocess(load_image(env["paths"][0]), vit.salience_info).unsqueeze(0)
+    want = salience.gradcam(vit, x, target, grid=(8, 8))[0].numpy()
+    try:
+        for text in ("8,8", "8x8", "(8, 8)", "8"):
+            r = c.post("api/explain", json={"model": "a", "image": "f0", "method": "gradcam", "target": target,
+                                            "options": {"grid": text}})
+            assert r.status_code in (200, 202), r.text
+            j = wait_job(_get(c), r.json())
+            assert j["state"] == "done", (text, j)
+            np.testing.assert_allclose(npy(c.get(f"api/maps/{j['key']}.npy").content), want, rtol=1e-5, atol=1e-6)
+        r = c.post("api/explain", json={"model": "a", "image": "f0", "method": "gradcam", "target": target,
+                                        "options": {"grid": "eight"}})
+        assert r.status_code == 400 and "two ints H,W" in r.json()["error"]
+    finally:
+        hub.close()
+
+
 def test_a_deleted_file_or_upload_is_404_naming_it(tmp_path):
     """A file named on the command line deleted while serving (was 400, "no such file") and an
     upload whose stored copy is gone: 404 from every endpoint, naming the file (the upload by its
