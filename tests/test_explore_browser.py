@@ -431,3 +431,50 @@ def test_a_map_is_never_laid_on_another_images_picture(tmp_path):
     finally:
         explorer.stop()
     assert not errors, errors
+
+
+def test_a_new_server_on_the_same_port_shows_its_own_runs_thumbnails(tmp_path):
+    """The gallery's thumbnails are kept by the browser for an hour. A server on a fixed port (as
+    with SSH forwarding) stopped, and another started there with another run (its id r0 too): the
+    page reloaded shows the new run's thumbnails, what the server serves now, not the old run's."""
+    import socket
+
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    (tmp_path / "imgs").mkdir()
+    paths, _, _ = shapes_files(tmp_path / "imgs", n=2)
+    for n, path in enumerate(paths):  # two runs whose row 0 is another image
+        salience.explain_dataset("demo:shapes", [path], ["vanilla"], tmp_path / f"run{n}", workers=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = """async () => { const i = document.querySelector('#run-body img');
+        const pixels = async (src) => { const b = await createImageBitmap(src); const c = document.createElement('canvas');
+          c.width = b.width; c.height = b.height; c.getContext('2d').drawImage(b, 0, 0);
+          return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data).join(); };
+        const served = await (await fetch(i.src, { cache: 'no-store' })).blob();
+        return [await pixels(i), await pixels(served)]; }"""
+    errors: list[str] = []
+    shown = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            for n in range(2):
+                explorer = salience.explore("demo:shapes", run=tmp_path / f"run{n}", port=port, show=False)
+                try:
+                    page.goto(explorer.url)
+                    page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+                    page.wait_for_function("(() => { const i = document.querySelector('#run-body img'); "
+                                           "return i && i.complete && i.naturalWidth > 0; })()")
+                    shown.append(page.evaluate(first))
+                finally:
+                    explorer.stop()
+        finally:
+            browser.close()
+    assert not errors, errors
+    for on_page, served in shown:
+        assert on_page == served
+    assert shown[0][0] != shown[1][0]

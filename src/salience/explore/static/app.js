@@ -203,7 +203,7 @@ async function listRows() {
   const names = Object.fromEntries(r.classes.map((c) => [c.index, c.name]));
   for (const row of found.rows) {
     const thumbs = [0, ...r.methods.map((_, i) => i + 1)].map((t) =>
-      el("td", {}, el("img", { src: `api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}`, alt: "", loading: "lazy",
+      el("td", {}, el("img", { src: `api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}&v=${r.version}`, alt: "", loading: "lazy",
                                onerror: gone })));
     const cells = [...thumbs, el("td", {}, String(row.index)), el("td", { title: row.path }, row.path.split(/[\\/]/).pop()),
       el("td", {}, row.error ? `failed: ${row.error}` : (row.predicted_name ?? "")), el("td", {}, num(row.probability))];
