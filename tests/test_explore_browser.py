@@ -321,7 +321,8 @@ def test_a_late_answer_to_an_older_setting_does_not_become_the_cells_map(tmp_pat
                 page.select_option("tr[data-row='1'] [data-option='reduce']", "max")
                 page.select_option("tr[data-row='1'] [data-option='reduce']", "abs")
                 page.wait_for_timeout(2500)  # the late answer (reduce max) has come by now
-                page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('vanilla')")
+                # the abs map drawn: its tools are back (a request clears them until its map is drawn)
+                page.wait_for_function(f"document.querySelectorAll(\"{cell} .tools > *\").length === 4")
                 want = page.evaluate(f"""async () => (await (await fetch('api/explain', {{method: 'POST',
                     headers: {{'content-type': 'application/json'}}, body: JSON.stringify({{model: 'a', image: 'f0',
                     method: 'vanilla', target: {label}, options: {{reduce: 'abs'}}}})}})).json()).key""")
@@ -419,7 +420,7 @@ def test_a_map_is_never_laid_on_another_images_picture(tmp_path):
                 assert not page.evaluate(same)  # A's map is on A's picture
                 page.evaluate("""() => { const f = window.fetch;
                     window.fetch = (u, o) => (o && String(o.body).includes('"image":"f1"'))
-                      ? new Promise((ok) => setTimeout(() => ok(f(u, o)), 3000)) : f(u, o); }""")
+                      ? new Promise((ok) => setTimeout(() => ok(f(u, o)), 5000)) : f(u, o); }""")
                 page.click("#images img[data-id='f1']")
                 page.wait_for_function("document.getElementById('status').textContent === 'image f1'")
                 page.select_option("#cmap", "gray")
