@@ -100,6 +100,38 @@ def test_a_full_queue_answers_503_and_recovers(tmp_path):
         explorer.stop()
 
 
+def test_the_server_answers_while_a_picture_is_made(tmp_path, monkeypatch):
+    """The picture of an image (resized and encoded: a second for a 50-megapixel one) is made off
+    the server's event loop: while one is being made, other requests are answered."""
+    import threading
+
+    from salience.explore.compute import ModelSlot
+
+    paths, _, _ = shapes_files(tmp_path, n=1)
+    gate, making = threading.Event(), threading.Event()
+    real = ModelSlot.picture
+
+    def slow(self, image):
+        making.set()
+        gate.wait(20)
+        return real(self, image)
+
+    monkeypatch.setattr(ModelSlot, "picture", slow)
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            picture = pool.submit(httpx.get, explorer.url + "api/images/f0/picture.png", timeout=30)
+            assert making.wait(10)
+            try:
+                assert httpx.get(explorer.url + "api/status", timeout=5).status_code == 200
+            finally:
+                gate.set()
+            assert picture.result().status_code == 200
+    finally:
+        gate.set()
+        explorer.stop()
+
+
 def test_the_command_starts_prints_its_url_and_stops_on_ctrl_c(tmp_path):
     paths, _, _ = shapes_files(tmp_path, n=1)
     env = dict(os.environ, PYTHONPATH=str(Path(salience.__file__).parents[1]))

@@ -336,8 +336,9 @@ async def picture(request: Request) -> Response:
     hub = _hub(request)
     slot = hub.slot(request.query_params.get("slot", "a"))
     image, _ = await hub.image_async(request.path_params["id"])
-    pic = viz.to_uint8_image(slot.picture(image))
-    return Response(compute.png_bytes(pic), media_type="image/png")
+    # resizing and encoding take a second for a 50-megapixel image: in a thread, the server answers meanwhile
+    png = await asyncio.to_thread(lambda: compute.png_bytes(viz.to_uint8_image(slot.picture(image))))
+    return Response(png, media_type="image/png")
 
 
 async def top(request: Request) -> Response:
@@ -478,8 +479,9 @@ async def figure(request: Request) -> Response:
         label = f"{r.method} {hub.slot(r.slot).class_name(r.target)}" + (f" ({r.slot})" if len(hub.slots) > 1 else "")
         maps[label] = hub.map_raw(k)
     d = _display(request)
-    png = compute.figure_png(slot.picture(image), maps, cmap=d["cmap"], percentile=d["percentile"],
-                             signed=d["signed"], alpha=_float(request, "alpha", 0.5, 0.0, 1.0))
+    alpha = _float(request, "alpha", 0.5, 0.0, 1.0)
+    png = await asyncio.to_thread(lambda: compute.figure_png(slot.picture(image), maps, cmap=d["cmap"],
+                                                             percentile=d["percentile"], signed=d["signed"], alpha=alpha))
     return Response(png, media_type="image/png", headers={"Content-Disposition": 'attachment; filename="figure.png"'})
 
 
