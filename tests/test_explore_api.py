@@ -3,6 +3,7 @@ clear 4xx while the server goes on. Maps, curves and the sanity check are compar
 library called directly on the same image file (the server must add nothing and lose nothing)."""
 from __future__ import annotations
 
+import io
 import struct
 import threading
 import zlib
@@ -341,6 +342,34 @@ def test_queue_positions_and_cancel_of_a_waiting_job(env):
     assert c.get("api/status").json()["models"]["a"]["queue"] == 0
 
 
+def test_a_cancel_stops_a_joined_job_only_when_every_request_gave_up(env):
+    """Two tabs ask for the same map: the second joins the first's job. One tab cancelling must not
+    take the map from the other: the job goes on until both have cancelled; and a request after
+    the last cancel gets a job of its own, not the cancelled one."""
+    c, hub = env["client"], env["hub"]
+    body = {"model": "a", "image": "f1", "method": "vanilla", "target": 4, "options": {"reduce": "l2"}}
+    gate = _block(hub)
+    try:
+        first, second = c.post("api/explain", json=body).json(), c.post("api/explain", json=body).json()
+        assert first["job"] == second["job"] and first["state"] == "queued"
+        assert c.delete(f"api/jobs/{first['job']}").json()["state"] == "queued"  # the other tab still waits
+    finally:
+        gate.set()
+    assert wait_job(_get(c), second)["state"] == "done"
+
+    body["target"] = 3
+    gate = _block(hub)
+    try:
+        first, second = c.post("api/explain", json=body).json(), c.post("api/explain", json=body).json()
+        assert c.delete(f"api/jobs/{first['job']}").json()["state"] == "queued"
+        assert c.delete(f"api/jobs/{second['job']}").json()["state"] == "cancelled"
+        third = c.post("api/explain", json=body).json()
+        assert third["job"] != first["job"] and third["state"] == "queued"
+    finally:
+        gate.set()
+    assert wait_job(_get(c), third)["state"] == "done"
+
+
 def _long_job_in_progress(c, image: str) -> tuple[dict, Optional[dict]]:
     """A SmoothGrad job far too long to finish: its first answer, and its state once it shows
     progress (``None`` if it never did within about 30 s)."""
@@ -449,6 +478,127 @@ def test_a_dropped_map_is_computed_again_for_its_curves(env):
     j = wait_job(_get(c), c.post(f"api/maps/{key}/curves").json())
     assert j["state"] == "done"
     np.testing.assert_array_equal(npy(c.get(f"api/maps/{key}.npy").content), m)
+
+
+def test_ended_jobs_hold_neither_the_image_nor_the_map(tmp_path, monkeypatch):
+    """The server keeps thousands of ended jobs for polling: they must not keep what their
+    computation used (each decoded image, up to 600 MB at the pixel limit) nor the maps (those are
+    in the cache, within its budget). 20 uploads and a map of each, with a cache that keeps no map:
+    the images left in memory are at most the 16 decoded ones the image store keeps, and no map is."""
+    import gc
+    import weakref
+
+    from salience.explore import compute
+
+    seen = []
+    real = compute.explain
+
+    def spy(slot, image, *args):
+        m = real(slot, image, *args)
+        seen.append((weakref.ref(image), weakref.ref(m)))
+        return m
+
+    monkeypatch.setattr(compute, "explain", spy)
+    hub = Hub([ModelSlot("a", salience.load_model("demo:shapes"))], ImageStore(), cache_bytes=1)
+    c = TestClient(create_app(hub))
+    rng = np.random.default_rng(0)
+    try:
+        for i in range(20):
+            png = _png_file(8, 8, zlib.compress(b"".join(b"\0" + rng.bytes(24) for _ in range(8))))
+            up = c.post(f"api/images?name=u{i}.png", content=png)
+            assert up.status_code == 201, up.text
+            j = wait_job(_get(c), c.post("api/explain", json={"model": "a", "image": up.json()["id"],
+                                                               "method": "vanilla", "target": 0}).json())
+            assert j["state"] == "done", j
+        assert len(hub.jobs) == 20
+        gc.collect()
+        assert len(seen) == 20
+        assert sum(image() is not None for image, _ in seen) <= 16
+        assert sum(m() is not None for _, m in seen) == 0
+    finally:
+        hub.close()
+
+
+def test_decoded_images_are_kept_within_a_budget_of_bytes():
+    """Decoded images are kept for the last used, at most 16, within the store's budget of bytes
+    (1 GB by default: 16 images at the 50-megapixel limit would be 9.6 GB). Six uploads of 120 kB
+    decoded each, with a budget of 300 kB: at most two stay in memory, always the last one."""
+    import gc
+    import weakref
+
+    from PIL import Image
+
+    store = ImageStore()
+    default = getattr(store, "decoded_bytes", None)
+    store.decoded_bytes = 300_000
+    alive = []
+    try:
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.new("RGB", (100, 100), (40 * i, 0, 0)).save(buf, format="PNG")
+            entry = store.add_upload(buf.getvalue(), f"u{i}.png")
+            alive.append(weakref.ref(store.load(entry.id)[0]))
+        gc.collect()
+        kept = [ref() for ref in alive if ref() is not None]
+        assert 1 <= len(kept) <= 2 and alive[-1]() is not None
+        assert sum(t.nbytes for t in kept) <= 300_000
+        assert default is not None and default <= 2**30
+    finally:
+        store.close()
+
+
+def test_uploads_are_kept_on_disk_within_a_budget_of_bytes():
+    """The uploads' files are kept within the store's budget on disk (2 GB by default; 256 uploads
+    of 64 MB were 16 GB), the oldest removed first: six uploads of about 40 kB with a budget of
+    100 kB leave at most two files, the last one among them, and the older ones are gone (404)."""
+    import os
+
+    from PIL import Image
+
+    store = ImageStore()
+    default = getattr(store, "uploads_bytes", None)
+    store.uploads_bytes = 100_000
+    rng = np.random.default_rng(1)
+    ids = []
+    try:
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (120, 110, 3), dtype=np.uint8)).save(buf, format="PNG")
+            ids.append(store.add_upload(buf.getvalue(), f"u{i}.png").id)
+        folder = store._tmp.name
+        sizes = [os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)]
+        assert 1 <= len(sizes) <= 2 and sum(sizes) <= 100_000 and all(s > 35_000 for s in sizes)
+        assert [e.id for e in store.entries()][-1] == ids[-1]
+        with pytest.raises(KeyError):
+            store.load(ids[0])
+        assert default is not None and default <= 4 * 2**30
+    finally:
+        store.close()
+
+
+def test_the_grid_option_takes_two_ints(env):
+    """A transformer's patch grid (``grid``, (h, w)) from the page's text field: "8,8", "8x8",
+    "(8, 8)" and "8" (for 8,8) give the map of ``salience.gradcam(..., grid=(8, 8))``; it was read
+    as one int, so no value could pass (an int is not (h, w), "8,8" is not an int)."""
+    vit = salience.load_model("demo:shapes-vit")
+    hub = Hub([ModelSlot("a", vit)], ImageStore([FileSource(env["paths"][:1])]))
+    c = TestClient(create_app(hub))
+    target = int(env["labels"][0])
+    x = preprocess(load_image(env["paths"][0]), vit.salience_info).unsqueeze(0)
+    want = salience.gradcam(vit, x, target, grid=(8, 8))[0].numpy()
+    try:
+        for text in ("8,8", "8x8", "(8, 8)", "8"):
+            r = c.post("api/explain", json={"model": "a", "image": "f0", "method": "gradcam", "target": target,
+                                            "options": {"grid": text}})
+            assert r.status_code in (200, 202), r.text
+            j = wait_job(_get(c), r.json())
+            assert j["state"] == "done", (text, j)
+            np.testing.assert_allclose(npy(c.get(f"api/maps/{j['key']}.npy").content), want, rtol=1e-5, atol=1e-6)
+        r = c.post("api/explain", json={"model": "a", "image": "f0", "method": "gradcam", "target": target,
+                                        "options": {"grid": "eight"}})
+        assert r.status_code == 400 and "two ints H,W" in r.json()["error"]
+    finally:
+        hub.close()
 
 
 def test_a_deleted_file_or_upload_is_404_naming_it(tmp_path):

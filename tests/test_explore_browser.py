@@ -262,3 +262,220 @@ def test_a_row_whose_image_is_gone_shows_why_and_the_next_row_restores_the_page(
     finally:
         explorer.stop()
     assert not errors, errors
+
+
+def test_fast_clicks_between_images_show_the_last_images_classes_once(tmp_path):
+    """Picking image A, then B, then A again while A's first top-classes answer is slow: the page
+    shows A's five classes once (the first pick of A must not pass as the latest and add its own)."""
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=2)
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.evaluate("""() => { const f = window.fetch; let n = 0;
+                    window.fetch = (u, o) => (String(u).includes('top?image=f0') && n++ === 0)
+                      ? new Promise((ok) => setTimeout(() => ok(f(u, o)), 1200)) : f(u, o); }""")
+                for image in ("f0", "f1", "f0"):
+                    page.click(f"#images img[data-id='{image}']")
+                page.wait_for_function("document.getElementById('status').textContent === 'image f0'")
+                page.wait_for_timeout(2000)  # the slow answer has come by now
+                shown = page.eval_on_selector_all("#classes > *", "es => es.map(e => e.tagName)")
+                first = page.locator("#classes button.class").first.get_attribute("data-index")
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert shown == ["H3"] + ["BUTTON"] * 5
+    assert first == str(int(labels[0]))
+
+
+def test_a_late_answer_to_an_older_setting_does_not_become_the_cells_map(tmp_path):
+    """A method's setting changed twice quickly (reduce max, then abs), the answer to the first
+    arriving last: the cell's figure link and its curves are of the abs map, the one drawn."""
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    label = int(labels[0])
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    cell = f"td.cell[data-target='a:{label}']"
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.click("#images img[data-id='f0']")
+                page.locator(f"#classes button.class[data-index='{label}']").click()
+                page.select_option("#method", "vanilla")
+                page.click("#add")
+                page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('vanilla')")
+                page.evaluate("""() => { const f = window.fetch;
+                    window.fetch = (u, o) => (o && String(o.body).includes('"reduce":"max"'))
+                      ? new Promise((ok) => setTimeout(() => ok(f(u, o)), 1200)) : f(u, o); }""")
+                page.select_option("tr[data-row='1'] [data-option='reduce']", "max")
+                page.select_option("tr[data-row='1'] [data-option='reduce']", "abs")
+                page.wait_for_timeout(2500)  # the late answer (reduce max) has come by now
+                # the abs map drawn: its tools are back (a request clears them until its map is drawn)
+                page.wait_for_function(f"document.querySelectorAll(\"{cell} .tools > *\").length === 4")
+                want = page.evaluate(f"""async () => (await (await fetch('api/explain', {{method: 'POST',
+                    headers: {{'content-type': 'application/json'}}, body: JSON.stringify({{model: 'a', image: 'f0',
+                    method: 'vanilla', target: {label}, options: {{reduce: 'abs'}}}})}})).json()).key""")
+                page.select_option("#cmap", "gray")  # the figure link is made again with the display
+                figure = page.get_attribute("#download-figure", "href")
+                with page.expect_request(lambda r: r.url.endswith("/curves")) as asked:
+                    page.click(f"{cell} .tools button:has-text('curves')")
+                curves = asked.value.url
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert figure.startswith(f"api/figure.png?keys={want}&"), (figure, want)
+    assert curves.endswith(f"api/maps/{want}/curves"), (curves, want)
+
+
+def _tab_to(page, selector: str, presses: int = 80) -> None:
+    """Press Tab until the element ``selector`` has the keyboard focus (as a keyboard user does)."""
+    for _ in range(presses):
+        page.keyboard.press("Tab")
+        if page.evaluate(f"document.activeElement === document.querySelector({selector!r})"):
+            return
+    raise AssertionError(f"{selector} is never reached with Tab")
+
+
+def test_the_page_works_from_the_keyboard(tmp_path):
+    """With the keyboard only: Tab reaches the file input ("choose a file": an upload),
+    Tab to an image's thumbnail and Enter (or Space) picks it, Tab to a gallery row and Enter opens it."""
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    (tmp_path / "imgs").mkdir()
+    paths, labels, _ = shapes_files(tmp_path / "imgs", n=2)
+    salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", workers=0)
+    explorer = salience.explore("demo:shapes", [paths[0]], run=tmp_path / "run", show=False)
+    errors: list[str] = []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                _tab_to(page, "#images img[data-id='f0']")
+                page.keyboard.press("Enter")
+                page.wait_for_function("document.getElementById('status').textContent === 'image f0'")
+                assert page.locator("#classes button.class").first.get_attribute("data-index") == str(int(labels[0]))
+
+                _tab_to(page, "#run-body tr[data-id='r0-1']")
+                page.keyboard.press("Enter")
+                page.wait_for_function("document.getElementById('status').textContent === 'image r0-1'")
+                assert page.locator("#classes button.class").first.get_attribute("data-index") == str(int(labels[1]))
+
+                page.keyboard.press("Shift+Tab")
+                page.keyboard.press(" ")  # Space on the row above (r0-0)
+                page.wait_for_function("document.getElementById('status').textContent === 'image r0-0'")
+
+                # the file input itself is a Tab stop (the browser opens its chooser on Enter / Space), shown as
+                # its "choose a file" label; a file chosen there is uploaded and picked
+                _tab_to(page, "#file")
+                page.set_input_files("#file", str(paths[1]))
+                page.wait_for_function("document.querySelectorAll('#images img').length === 2")
+                page.wait_for_function("document.getElementById('status').textContent.startsWith('image u')")
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors
+
+
+def test_a_map_is_never_laid_on_another_images_picture(tmp_path):
+    """Image A's map drawn, then image B picked while B's map is slow to come: the cell shows B's
+    picture alone, also when a display setting redraws it (it drew A's map on B's picture)."""
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=2)
+    label = int(labels[0])
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    cell = f"td.cell[data-target='a:{label}']"
+    same = f"""() => {{ const c = document.querySelector("{cell} canvas"), p = document.createElement('canvas');
+        p.width = c.width; p.height = c.height; const x = p.getContext('2d'); x.imageSmoothingEnabled = false;
+        x.drawImage(document.getElementById('preview'), 0, 0, 192, 192);
+        const a = c.getContext('2d').getImageData(0, 0, 192, 192).data, b = x.getImageData(0, 0, 192, 192).data;
+        return a.every((v, i) => v === b[i]); }}"""
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.click("#images img[data-id='f0']")
+                page.locator(f"#classes button.class[data-index='{label}']").click()
+                page.select_option("#method", "vanilla")
+                page.click("#add")
+                page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('vanilla')")
+                assert not page.evaluate(same)  # A's map is on A's picture
+                page.evaluate("""() => { const f = window.fetch;
+                    window.fetch = (u, o) => (o && String(o.body).includes('"image":"f1"'))
+                      ? new Promise((ok) => setTimeout(() => ok(f(u, o)), 5000)) : f(u, o); }""")
+                page.click("#images img[data-id='f1']")
+                page.wait_for_function("document.getElementById('status').textContent === 'image f1'")
+                page.select_option("#cmap", "gray")
+                page.fill("#opacity", "1")
+                assert page.evaluate(same)  # B's picture, no map of A on it
+                page.wait_for_function(f"!({same})()")  # B's own map, once it came
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors
+
+
+def test_a_new_server_on_the_same_port_shows_its_own_runs_thumbnails(tmp_path):
+    """The gallery's thumbnails are kept by the browser for an hour. A server on a fixed port (as
+    with SSH forwarding) stopped, and another started there with another run (its id r0 too): the
+    page reloaded shows the new run's thumbnails, what the server serves now, not the old run's."""
+    import socket
+
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    (tmp_path / "imgs").mkdir()
+    paths, _, _ = shapes_files(tmp_path / "imgs", n=2)
+    for n, path in enumerate(paths):  # two runs whose row 0 is another image
+        salience.explain_dataset("demo:shapes", [path], ["vanilla"], tmp_path / f"run{n}", workers=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = """async () => { const i = document.querySelector('#run-body img');
+        const pixels = async (src) => { const b = await createImageBitmap(src); const c = document.createElement('canvas');
+          c.width = b.width; c.height = b.height; c.getContext('2d').drawImage(b, 0, 0);
+          return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data).join(); };
+        const served = await (await fetch(i.src, { cache: 'no-store' })).blob();
+        return [await pixels(i), await pixels(served)]; }"""
+    errors: list[str] = []
+    shown = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            for n in range(2):
+                explorer = salience.explore("demo:shapes", run=tmp_path / f"run{n}", port=port, show=False)
+                try:
+                    page.goto(explorer.url)
+                    page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+                    page.wait_for_function("(() => { const i = document.querySelector('#run-body img'); "
+                                           "return i && i.complete && i.naturalWidth > 0; })()")
+                    shown.append(page.evaluate(first))
+                finally:
+                    explorer.stop()
+        finally:
+            browser.close()
+    assert not errors, errors
+    for on_page, served in shown:
+        assert on_page == served
+    assert shown[0][0] != shown[1][0]

@@ -100,6 +100,38 @@ def test_a_full_queue_answers_503_and_recovers(tmp_path):
         explorer.stop()
 
 
+def test_the_server_answers_while_a_picture_is_made(tmp_path, monkeypatch):
+    """The picture of an image (resized and encoded: a second for a 50-megapixel one) is made off
+    the server's event loop: while one is being made, other requests are answered."""
+    import threading
+
+    from salience.explore.compute import ModelSlot
+
+    paths, _, _ = shapes_files(tmp_path, n=1)
+    gate, making = threading.Event(), threading.Event()
+    real = ModelSlot.picture
+
+    def slow(self, image):
+        making.set()
+        gate.wait(20)
+        return real(self, image)
+
+    monkeypatch.setattr(ModelSlot, "picture", slow)
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            picture = pool.submit(httpx.get, explorer.url + "api/images/f0/picture.png", timeout=30)
+            assert making.wait(10)
+            try:
+                assert httpx.get(explorer.url + "api/status", timeout=5).status_code == 200
+            finally:
+                gate.set()
+            assert picture.result().status_code == 200
+    finally:
+        gate.set()
+        explorer.stop()
+
+
 def test_the_command_starts_prints_its_url_and_stops_on_ctrl_c(tmp_path):
     paths, _, _ = shapes_files(tmp_path, n=1)
     env = dict(os.environ, PYTHONPATH=str(Path(salience.__file__).parents[1]))
@@ -115,6 +147,63 @@ def test_the_command_starts_prints_its_url_and_stops_on_ctrl_c(tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 130  # the command line's exit code for an interruption
         assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+SLOW_MODEL = '''
+import torch
+from torch import nn
+
+
+class Slow(nn.Module):
+    """A model whose passes over noisy copies (a batch of more than one image) are long loops of
+    torch operations: a cancel cannot stop the job inside one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 2)
+        self.register_buffer("w", torch.randn(600, 600))
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            for _ in range(20000):
+                self.w @ self.w
+        return self.fc(nn.functional.interpolate(x, size=(8, 8)).flatten(1))
+
+
+def build():
+    return Slow()
+'''
+
+
+def test_ctrl_c_during_a_long_forward_pass_ends_the_command_cleanly(tmp_path):
+    """Ctrl-C while a worker is inside a forward pass that lasts longer than the wait for it: the
+    command ends with 130 and its one line, soon, never killed by a signal (Python's exit around the
+    worker thread in torch's C++ code crashed with SIGSEGV / SIGABRT)."""
+    paths, _, _ = shapes_files(tmp_path, n=1)
+    (tmp_path / "slow.py").write_text(SLOW_MODEL)
+    env = dict(os.environ, PYTHONPATH=str(Path(salience.__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "salience", "explore", "--model", f"python:{tmp_path / 'slow.py'}:build",
+                             str(paths[0])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("salience explore: http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
+        url = line.split()[2]
+        j = httpx.post(url + "api/explain", json={"image": "f0", "method": "smoothgrad", "target": 0,
+                                                  "options": {"samples": "4", "chunk": "4"}}, timeout=30).json()
+        end = time.monotonic() + 30
+        while httpx.get(url + f"api/jobs/{j['job']}", timeout=30).json()["state"] != "running":
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        time.sleep(0.5)  # inside the long pass
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        assert time.monotonic() - start < 20
+        assert proc.stderr.read().strip().splitlines()[-1] == "salience: error: interrupted"
     finally:
         if proc.poll() is None:
             proc.kill()

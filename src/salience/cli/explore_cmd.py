@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import sys
 import webbrowser
 from typing import Any
 
 from salience._core.errors import SalienceError
-from salience.cli.common import EXIT_OK, add_model_args, model_specs_help
+from salience.cli.common import EXIT_INTERRUPTED, EXIT_OK, add_model_args, error, model_specs_help
 from salience.loading import DEFAULT_MAX_PIXELS
 
 
@@ -54,5 +56,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"salience explore: {explorer.url}  (Ctrl-C stops it)", flush=True)
     if args.open:
         webbrowser.open(explorer.url)
-    explorer.serve_forever()
+    try:
+        explorer.serve_forever()
+    except KeyboardInterrupt:
+        if explorer.hub.computing():
+            # a worker is still inside a forward pass (it stops at the next one): Python's exit around a
+            # thread in torch's C++ code crashed the process (SIGSEGV / SIGABRT); the uploads are removed
+            # by now, so the process ends at once with the interruption's status
+            error("interrupted")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
+        raise
     return EXIT_OK

@@ -26,6 +26,7 @@ import io
 import json
 import math
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -125,18 +126,22 @@ class Hub:
     # ------------------------------------------------------------------ jobs
 
     def submit(self, slot: ModelSlot, kind: str, run: Callable[[Ticker], Any], key: Optional[str] = None,
-               **meta: Any) -> Job:
-        """A job on ``slot``'s worker; the same ``key`` in flight gives the job already queued."""
+               hold: bool = True, **meta: Any) -> Job:
+        """A job on ``slot``'s worker; the same ``key`` in flight gives the job already queued.
+        ``hold=False``: the ended job keeps no result (a map is in the cache, within its budget of
+        bytes; the jobs kept for polling must not hold thousands of maps beside it)."""
         with self._lock:
-            if key is not None and key in self.inflight and not self.inflight[key].ended.is_set():
-                return self.inflight[key]
+            joined = self.inflight.get(key) if key is not None else None
+            if joined is not None and not joined.ended.is_set() and not joined.cancel_requested.is_set():
+                joined.holders += 1
+                return joined
 
         def keep(ticker: Ticker) -> Any:
             try:
                 result = run(ticker)
                 if key is not None:
                     self.cache.put(key, result)
-                return result
+                return result if hold else None
             except (HTTPException, SalienceError) as e:  # e.g. the image gone: its own status, not a 500
                 answer = _refusal(e)
                 raise Refused(str(answer.detail), answer.status_code) from None
@@ -160,6 +165,15 @@ class Hub:
                     break
                 del self.jobs[old]
         return job
+
+    def cancel(self, job: Job, slot: ModelSlot) -> None:
+        """One of the requests that joined ``job`` gives up: the job is cancelled when none is left
+        (another tab's request for the same map goes on)."""
+        with self._lock:
+            job.holders -= 1
+            last = job.holders <= 0
+        if last:
+            slot.worker.cancel(job)
 
     def map_raw(self, key: str, ticker: Optional[Ticker] = None, image: Any = None) -> Any:
         """The raw map ``key`` from the cache, or computed again (in the worker) when it was dropped:
@@ -189,10 +203,20 @@ class Hub:
             out["result"] = job.result
         return out
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel every job, wait (``timeout`` seconds in all, the workers together) for the threads to
+        end at their next forward pass, and remove the uploads. :meth:`computing` says whether one is
+        still inside a forward pass."""
         for s in self.slots.values():
-            s.worker.stop()
+            s.worker.halt()
+        end = time.monotonic() + timeout
+        for s in self.slots.values():
+            s.worker.stop(max(0.0, end - time.monotonic()))
         self.images.close()
+
+    def computing(self) -> bool:
+        """Whether a worker still runs (a forward pass that no cancel interrupts)."""
+        return any(s.worker.alive for s in self.slots.values())
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -312,8 +336,9 @@ async def picture(request: Request) -> Response:
     hub = _hub(request)
     slot = hub.slot(request.query_params.get("slot", "a"))
     image, _ = await hub.image_async(request.path_params["id"])
-    pic = viz.to_uint8_image(slot.picture(image))
-    return Response(compute.png_bytes(pic), media_type="image/png")
+    # resizing and encoding take a second for a 50-megapixel image: in a thread, the server answers meanwhile
+    png = await asyncio.to_thread(lambda: compute.png_bytes(viz.to_uint8_image(slot.picture(image))))
+    return Response(png, media_type="image/png")
 
 
 async def top(request: Request) -> Response:
@@ -371,7 +396,8 @@ async def explain(request: Request) -> Response:
              "target_name": slot.class_name(int(target))}
     if key in hub.cache:
         return JSONResponse({**about, "state": "done", "progress": 1.0})
-    job = hub.submit(slot, "explain", lambda t: compute.explain(slot, image, method, int(target), given, t), key=key)
+    job = hub.submit(slot, "explain", lambda t: compute.explain(slot, image, method, int(target), given, t), key=key,
+                     hold=False)
     return JSONResponse({**about, **hub.job_json(job, slot)}, 202)
 
 
@@ -384,7 +410,7 @@ async def job_status(request: Request) -> Response:
 async def job_cancel(request: Request) -> Response:
     hub = _hub(request)
     job, slot = hub.job(request.path_params["id"])
-    slot.worker.cancel(job)
+    hub.cancel(job, slot)
     return JSONResponse(hub.job_json(job, slot))
 
 
@@ -453,8 +479,9 @@ async def figure(request: Request) -> Response:
         label = f"{r.method} {hub.slot(r.slot).class_name(r.target)}" + (f" ({r.slot})" if len(hub.slots) > 1 else "")
         maps[label] = hub.map_raw(k)
     d = _display(request)
-    png = compute.figure_png(slot.picture(image), maps, cmap=d["cmap"], percentile=d["percentile"],
-                             signed=d["signed"], alpha=_float(request, "alpha", 0.5, 0.0, 1.0))
+    alpha = _float(request, "alpha", 0.5, 0.0, 1.0)
+    png = await asyncio.to_thread(lambda: compute.figure_png(slot.picture(image), maps, cmap=d["cmap"],
+                                                             percentile=d["percentile"], signed=d["signed"], alpha=alpha))
     return Response(png, media_type="image/png", headers={"Content-Disposition": 'attachment; filename="figure.png"'})
 
 

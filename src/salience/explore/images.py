@@ -31,11 +31,18 @@ from salience._core.errors import SalienceError
 from salience.loading import remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, load_image
 
-__all__ = ["ImageEntry", "Source", "FileSource", "ImageStore", "ImageGone", "IMAGE_SUFFIXES", "MAX_UPLOAD_BYTES"]
+__all__ = ["ImageEntry", "Source", "FileSource", "ImageStore", "ImageGone", "IMAGE_SUFFIXES", "MAX_UPLOAD_BYTES",
+           "DECODED_BYTES", "UPLOADS_BYTES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MAX_UPLOAD_BYTES = 64 * 2**20
 """Largest upload accepted (bytes); larger bodies get 413 before they are read whole."""
+UPLOADS_BYTES = 2 * 2**30
+"""Budget of the uploads' files on disk (the temporary folder): the oldest are removed past it, or
+past ``max_uploads`` (256 uploads of up to 64 MB each were 16 GB)."""
+DECODED_BYTES = 2**30
+"""Budget of the decoded images kept (float32 pixels): the last used, at most 16 of them, within it
+(always the last one). By count alone, 16 images at the pixel limit (600 MB each) held 9.6 GB."""
 _BYTES_PER_PIXEL = 16
 """Bytes per pixel of the largest uncompressed image file (RGBA float32 TIFF): an object larger than
 ``max_pixels * 16`` + 1 MB of metadata cannot be an image within the pixel limit, so it is not read."""
@@ -91,17 +98,22 @@ class FileSource:
 
 
 class ImageStore:
-    """The images of every source and the uploads (the last ``max_uploads`` kept, in a temporary
-    folder removed by :meth:`close`); decoded images are kept for the last few used."""
+    """The images of every source and the uploads (the last ``max_uploads`` kept, within
+    ``uploads_bytes`` on disk, in a temporary folder removed by :meth:`close`); decoded images are
+    kept for the last few used (at most 16, within ``decoded_bytes``)."""
 
     def __init__(self, sources: Sequence[Source] = (), *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-                 max_uploads: int = 256, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
+                 max_uploads: int = 256, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+                 decoded_bytes: int = DECODED_BYTES, uploads_bytes: int = UPLOADS_BYTES) -> None:
         self.sources = list(sources)
+        self.uploads_bytes = uploads_bytes
+        self.decoded_bytes = decoded_bytes
         self.max_pixels = max_pixels
         self.max_uploads = max_uploads
         self.max_upload_bytes = max_upload_bytes
         self._tmp = tempfile.TemporaryDirectory(prefix="salience-explore-")
         self._uploads: collections.OrderedDict[str, ImageEntry] = collections.OrderedDict()
+        self._upload_sizes: dict[str, int] = {}
         self._decoded: collections.OrderedDict[str, tuple[Tensor, str]] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._fixed = {e.id: e for s in self.sources for e in s.entries()}
@@ -139,8 +151,11 @@ class ImageStore:
         with self._lock:
             self._uploads[image_id] = entry
             self._uploads.move_to_end(image_id)
-            while len(self._uploads) > self.max_uploads:
+            self._upload_sizes[image_id] = len(data)
+            while len(self._uploads) > self.max_uploads or (
+                    sum(self._upload_sizes.values()) > self.uploads_bytes and len(self._uploads) > 1):
                 old, e_old = self._uploads.popitem(last=False)
+                self._upload_sizes.pop(old, None)
                 self._decoded.pop(old, None)
                 if e_old.path is not None:
                     e_old.path.unlink(missing_ok=True)
@@ -177,8 +192,9 @@ class ImageStore:
             image = load_image(entry.path, max_pixels=self.max_pixels)
         with self._lock:
             self._decoded[entry.id] = (image, digest)
-            while len(self._decoded) > 16:
-                self._decoded.popitem(last=False)
+            kept = sum(t.nbytes for t, _ in self._decoded.values())
+            while len(self._decoded) > 16 or (kept > self.decoded_bytes and len(self._decoded) > 1):
+                kept -= self._decoded.popitem(last=False)[1][0].nbytes
         return image, digest
 
     def close(self) -> None:

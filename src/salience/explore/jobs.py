@@ -88,6 +88,7 @@ class Job:
     result: Any = None
     error: Optional[str] = None
     status_code: int = 400
+    holders: int = 1  # the requests waiting for it (the same request again joins the job): cancelled when none is left
     created: float = field(default_factory=time.monotonic)
     finished: Optional[float] = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
@@ -100,13 +101,20 @@ class Job:
         return min(0.99, self.done_units / self.total) if self.total else None
 
     def finish(self, state: str, result: Any = None, error: Optional[str] = None) -> None:
+        """End the job. Its computation is let go: the server keeps ended jobs for polling, and what
+        ``run`` holds (the decoded image, the model's input) must not stay in memory with them."""
         self.state, self.result, self.error = state, result, error
+        self.run = _ended
         self.finished = time.monotonic()
         self.ended.set()
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the job has ended (or ``timeout`` seconds); whether it has."""
         return self.ended.wait(timeout)
+
+
+def _ended(ticker: Ticker) -> Any:
+    raise RuntimeError("this job has ended; submit a new one")
 
 
 class Worker:
@@ -162,7 +170,17 @@ class Worker:
                 job.finish("cancelled")
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel everything and end the thread."""
+        """Cancel everything and end the thread (waiting at most ``timeout`` seconds for it)."""
+        self.halt()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread still runs (after :meth:`stop`: inside a forward pass that did not end in time)."""
+        return self._thread.is_alive()
+
+    def halt(self) -> None:
+        """Cancel everything and tell the thread to end, without waiting for it."""
         with self._cond:
             self._stop = True
             pending = list(self._queue)
@@ -172,7 +190,6 @@ class Worker:
             job.finish("cancelled")
         if self.current is not None:
             self.current.cancel_requested.set()
-        self._thread.join(timeout)
 
     def _loop(self) -> None:
         while True:

@@ -16,6 +16,7 @@ import io
 import math
 import os
 import re
+import secrets
 import threading
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -60,6 +61,9 @@ class RunSource:
         self._classes: Optional[list[dict[str, Any]]] = None
         self._sprites: collections.OrderedDict[Path, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
+        # the thumbnails' URLs carry this (the page adds it): the browser keeps them an hour, and the
+        # next server on the same port (--port 8000) numbers another run r0, whose rows must not show these
+        self.version = secrets.token_hex(6)
 
     # ------------------------------------------------------------------ what the run holds
 
@@ -100,7 +104,7 @@ class RunSource:
         return {"id": self.id, "name": self.name, "folder": str(self.run.folder), "model": self.run.model,
                 "methods": self.run.methods, "count": self.count(), "complete": self.run.complete,
                 "labels": "correct" in self.run.table.column_names, "metrics": self.metric_columns(),
-                "classes": self.classes(), "sortable": self.sortable()}
+                "classes": self.classes(), "sortable": self.sortable(), "version": self.version}
 
     def _dicts(self, table: Any) -> list[dict[str, Any]]:
         """The rows of ``table`` (a few: a page) as the page's dicts, with ``id`` and ``image``."""

@@ -63,7 +63,7 @@ class MethodOption:
     keyword: str
     flag: str
     annotation: str
-    kind: str  # "bool", "int", "float", "number" (a number or a name), "name", "method"
+    kind: str  # "bool", "int", "float", "number" (a number or a name), "pair" (two ints H,W), "name", "method"
     defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -71,7 +71,7 @@ class MethodOption:
         return _DEST + self.keyword
 
     def metavar(self) -> str:
-        return {"int": "N", "float": "X", "number": "VALUE"}.get(self.kind, "NAME")
+        return {"int": "N", "float": "X", "number": "VALUE", "pair": "H,W"}.get(self.kind, "NAME")
 
 
 def keyword_parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
@@ -115,6 +115,8 @@ def _kind(keyword: str, annotation: str, default: Any) -> str:
     if isinstance(default, bool):
         return "bool"
     words = set(re.findall(r"[A-Za-z_]+", annotation))
+    if "tuple" in words and "int" in words and "str" not in words:
+        return "pair"  # e.g. grid: (h, w)
     if "str" in words or not words & {"int", "float"}:
         return "number" if words & {"int", "float"} else "name"
     return "float" if "float" in words else "int"
@@ -150,6 +152,11 @@ def read_value(opt: MethodOption, text: str) -> Any:
         return METHODS[t]
     if t.lower() == "none" and ("None" in opt.annotation or opt.keyword in CHOICES):
         return None
+    if opt.kind == "pair":  # "H,W", "HxW", "(H, W)", or one N for (N, N)
+        m = re.fullmatch(r"\(?\s*(\d+)\s*(?:[,x]\s*(\d+)\s*)?\)?", t)
+        if m is None:
+            raise SalienceError(f"{opt.flag} must be two ints H,W (e.g. 14,14), or one N for N,N; got {text!r}")
+        return int(m.group(1)), int(m.group(2) or m.group(1))
     if opt.kind in ("int", "float", "number"):
         for convert in ((int,) if opt.kind == "int" else (float,) if opt.kind == "float" else (int, float)):
             try:

@@ -2,8 +2,8 @@
 "use strict";
 
 const S = {
-  info: null, image: null, broken: null, pictures: {}, targets: [], rows: [], cells: new Map(), luts: {}, layers: {},
-  display: { opacity: 0.6, cmap: "fire", mode: "abs", clip: 99 }, nextRow: 1,
+  info: null, image: null, broken: null, pictures: {}, picturesOf: null, targets: [], rows: [], cells: new Map(), luts: {}, layers: {},
+  display: { opacity: 0.6, cmap: "fire", mode: "abs", clip: 99 }, nextRow: 1, picks: 0,
 };
 const $ = (id) => document.getElementById(id);
 const el = (tag, attrs = {}, ...kids) => {
@@ -15,6 +15,10 @@ const el = (tag, attrs = {}, ...kids) => {
   for (const k of kids) e.append(k);
   return e;
 };
+
+// A keyboard handler for an element that acts on click: Enter or Space does the same (with tabindex="0"
+// and role="button", so the thumbnails and the gallery's rows are reached and opened with the keyboard).
+const pressed = (fn) => (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); fn(); } };
 
 function status(text, error = false) { $("status").textContent = text; $("status").className = error ? "error" : ""; }
 
@@ -78,7 +82,8 @@ async function listImages() {
   for (const im of images) {
     box.append(el("img", { src: `api/images/${im.id}/picture.png?slot=a`, title: im.name, "data-id": im.id,
                            class: S.image === im.id ? "current" : "", onclick: () => pick(im.id),
-                           onerror: gone }));
+                           onerror: gone, tabindex: "0", role: "button", alt: im.name,
+                           onkeydown: pressed(() => pick(im.id)) }));
   }
 }
 
@@ -103,7 +108,11 @@ async function loadPicture(id, slot) {
   return img;
 }
 
+// Each pick has its own ticket: only the latest pick draws. Comparing image ids is not enough: after
+// picking A, B, then A again, the first pick of A would pass as the latest and fill the classes twice.
 async function pick(id) {
+  const ticket = ++S.picks;
+  const stale = () => ticket !== S.picks;
   S.image = id;
   for (const img of $("images").children) img.classList.toggle("current", img.dataset.id === id);
   for (const tr of $("run-body").children) tr.classList.toggle("current", tr.dataset.id === id);
@@ -112,9 +121,10 @@ async function pick(id) {
     try { pictures[m.slot] = await loadPicture(id, m.slot); } catch (e) { failed.push(e.message); }
   }));
   const free = (pics) => { for (const img of Object.values(pics)) URL.revokeObjectURL(img.src); };
-  if (S.image !== id) { free(pictures); return; } // another image was picked meanwhile: its own pick draws
+  if (stale()) { free(pictures); return; } // another image was picked meanwhile: its own pick draws
   free(S.pictures);
-  S.pictures = pictures; S.broken = failed.length ? failed[0] : null;
+  S.pictures = pictures; S.picturesOf = id; S.broken = failed.length ? failed[0] : null;
+  for (const c of S.cells.values()) draw(c); // the new picture; a map of the image before is not laid on it
   $("picked").hidden = false;
   $("preview").hidden = !!S.broken; $("picture-error").hidden = !S.broken;
   $("picture-error").textContent = S.broken || "";
@@ -130,13 +140,13 @@ async function pick(id) {
     box.append(el("h3", {}, `${m.slot}: ${m.name}`));
     try {
       const { classes } = await api(`api/models/${m.slot}/top?image=${id}&k=5`);
-      if (S.image !== id) return;
+      if (stale()) return;
       for (const c of classes) {
         const p = c.probability === null ? c.score.toFixed(3) : `${(100 * c.probability).toFixed(1)}%`;
         box.append(el("button", { class: "class", "data-model": m.slot, "data-index": c.index,
                                   onclick: () => addTarget(m.slot, c.index, c.name) }, el("span", {}, c.name), el("span", {}, p)));
       }
-    } catch (e) { box.append(el("div", { class: "error" }, e.message)); }
+    } catch (e) { if (stale()) return; box.append(el("div", { class: "error" }, e.message)); }
   }
   status(`image ${id}`);
   refreshAll();
@@ -193,7 +203,7 @@ async function listRows() {
   const names = Object.fromEntries(r.classes.map((c) => [c.index, c.name]));
   for (const row of found.rows) {
     const thumbs = [0, ...r.methods.map((_, i) => i + 1)].map((t) =>
-      el("td", {}, el("img", { src: `api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}`, alt: "", loading: "lazy",
+      el("td", {}, el("img", { src: `api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}&v=${r.version}`, alt: "", loading: "lazy",
                                onerror: gone })));
     const cells = [...thumbs, el("td", {}, String(row.index)), el("td", { title: row.path }, row.path.split(/[\\/]/).pop()),
       el("td", {}, row.error ? `failed: ${row.error}` : (row.predicted_name ?? "")), el("td", {}, num(row.probability))];
@@ -202,7 +212,11 @@ async function listRows() {
     for (const m of r.metrics) cells.push(el("td", {}, num(row[m])));
     const tr = el("tr", { "data-id": row.id, class: (row.image ? "" : "noimage") + (S.image === row.id ? " current" : ""),
                           title: row.image ? "open in the explorer" : "no image file to open" }, ...cells);
-    if (row.image) tr.addEventListener("click", () => pick(row.id));
+    if (row.image) {
+      tr.addEventListener("click", () => pick(row.id));
+      tr.addEventListener("keydown", pressed(() => pick(row.id)));
+      tr.tabIndex = 0;
+    }
     body.append(tr);
   }
   $("run-page").textContent = found.total ? `${R.offset + 1}–${R.offset + found.rows.length} of ${found.total}` : "no rows";
@@ -293,7 +307,13 @@ function cellFor(row, t) {
   const canvas = el("canvas", { width: 192, height: 192 });
   const state = el("div", { class: "state" });
   const bar = el("progress", { max: 1, hidden: "" });
-  const cancel = el("button", { hidden: "", onclick: () => cell.job && api(`api/jobs/${cell.job}`, { method: "DELETE" }).catch(() => {}) }, "cancel");
+  // cancel: this cell stops waiting at once; the server stops the job unless another request (another
+  // tab's) joined it and still waits
+  const cancel = el("button", { hidden: "", onclick: () => {
+    if (!cell.job) return;
+    api(`api/jobs/${cell.job}`, { method: "DELETE" }).catch(() => {});
+    cell.serial++; cell.job = null; showJob(cell, { state: "cancelled" });
+  } }, "cancel");
   const tools = el("div", { class: "tools" });
   const extra = el("div", {});
   const td = el("td", { class: "cell", "data-target": `${t.model}:${t.index}` }, canvas, bar, state, cancel, tools, extra);
@@ -335,8 +355,8 @@ async function poll(cell, j, serial) {
 
 async function request(cell) {
   if (!S.image) return;
-  const serial = ++cell.serial;
-  cell.want = S.image;
+  const serial = ++cell.serial, image = S.image;
+  cell.want = image;
   const options = { ...cell.row.options };
   if (S.layers[cell.t.model]) { // this model's own layer menu (else the text field, if any, holds the layer)
     delete options.layer;
@@ -350,13 +370,15 @@ async function request(cell) {
   }
   try {
     let j = await api("api/explain", { method: "POST", headers: { "content-type": "application/json" },
-      body: JSON.stringify({ model: cell.t.model, image: S.image, method: cell.row.method, target: cell.t.index, options }) });
-    cell.key = j.key;
+      body: JSON.stringify({ model: cell.t.model, image, method: cell.row.method, target: cell.t.index, options }) });
+    // a newer request of this cell may have been answered first: a late answer is dropped, and the cell's
+    // key changes with its map only (the figure, curves and sanity use the key: never an older setting's map)
+    if (serial !== cell.serial) return;
     if (j.state !== "done") j = await poll(cell, j, serial);
     if (serial !== cell.serial || j.state !== "done") return;
     const map = parseNpy(await api(`api/maps/${j.key}/display.npy`));
     if (serial !== cell.serial) return;
-    cell.map = map; cell.image = S.image;
+    cell.map = map; cell.key = j.key; cell.image = image;
     showJob(cell, { state: "done" });
     cell.state.textContent = `${cell.row.method} · ${cell.t.name}`;
     draw(cell); tools(cell); figureLink();
@@ -391,7 +413,9 @@ function draw(cell) {
   ctx.clearRect(0, 0, cell.canvas.width, cell.canvas.height);
   const pic = S.pictures[cell.t.model];
   ctx.imageSmoothingEnabled = false;
-  if (!cell.map || !pic) { if (pic && pic.complete) ctx.drawImage(pic, 0, 0, 192, 192); return; }
+  // a map is laid only on the picture of its own image (while another image's map is computed, the
+  // cell shows the new picture alone, also when a display setting redraws it)
+  if (!cell.map || !pic || cell.image !== S.picturesOf) { if (pic && pic.complete) ctx.drawImage(pic, 0, 0, 192, 192); return; }
   const { h, w, data } = cell.map;
   const d = S.display, lut = S.luts[d.cmap], signed = d.mode === "signed";
   const mags = data.map(Math.abs);
