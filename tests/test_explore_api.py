@@ -737,6 +737,70 @@ def test_hosts_ports_and_the_remote_warning(capsys):
         ex.stop()
 
 
+def test_only_localhost_names_and_the_page_itself_are_answered(tmp_path):
+    """Another site's page in the user's browser can post to http://127.0.0.1:PORT (uploads,
+    computations), and a domain re-pointed at 127.0.0.1 (DNS rebinding) reads the answers as its
+    own origin: the server answers only loopback Host names, and takes POSTs only from its own
+    origin (or none, as scripts send), unless the user allows a host."""
+    import httpx
+
+    model = salience.load_model("demo:shapes")
+    ex = salience.explore(model, [tmp_path], show=False)
+    try:
+        port, info = ex.port, ex.url + "api/info"
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"app.localhost:{port}", f"[::1]:{port}", "127.0.0.2"):
+            assert httpx.get(info, headers={"Host": host}).status_code == 200, host
+        for host in (f"rebound.example:{port}", "rebound.example", "", f"127.0.0.1.evil.example:{port}"):
+            r = httpx.get(info, headers={"Host": host})
+            assert r.status_code == 403 and "--allow-host" in r.json()["error"], host
+        assert httpx.get(ex.url, headers={"Host": "rebound.example"}).status_code == 403  # the page too
+        body = {"model": "a", "image": "nope", "method": "vanilla"}
+        for origin in ("http://evil.example", "null", f"http://evil.example:{port}", "http://127.0.0.1.evil.example"):
+            r = httpx.post(ex.url + "api/explain", json=body, headers={"Origin": origin})
+            assert r.status_code == 403 and "another site" in r.json()["error"], origin
+        r = httpx.post(ex.url + "api/images", content=b"x", headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403
+        # the page's own origin, a loopback origin and a script without Origin reach the app (which
+        # answers this unknown image with its own 4xx)
+        for headers in ({"Origin": f"http://127.0.0.1:{port}"}, {"Origin": f"http://localhost:{port}"}, {}):
+            r = httpx.post(ex.url + "api/explain", json=body, headers=headers)
+            assert r.status_code != 403 and 400 <= r.status_code < 500, (headers, r.status_code)
+    finally:
+        ex.stop()
+    ex = salience.explore(model, [tmp_path], show=False, allow_hosts=["Proxy.Example"])
+    try:
+        assert httpx.get(ex.url + "api/info", headers={"Host": "proxy.example:443"}).status_code == 200
+        r = httpx.post(ex.url + "api/explain", json=body, headers={"Origin": "https://proxy.example",
+                                                                   "Host": "proxy.example"})
+        assert r.status_code != 403
+        assert httpx.get(ex.url + "api/info", headers={"Host": "other.example"}).status_code == 403
+    finally:
+        ex.stop()
+    ex = salience.explore(model, [tmp_path], show=False, allow_hosts=["*"])
+    try:
+        assert httpx.get(ex.url + "api/info", headers={"Host": "any.example"}).status_code == 200
+    finally:
+        ex.stop()
+
+
+def test_a_remote_bind_answers_any_name_but_not_other_sites_posts(capsys):
+    import httpx
+
+    ex = salience.explore("demo:shapes", host="0.0.0.0", show=False)
+    try:
+        url = f"http://127.0.0.1:{ex.port}/"
+        assert httpx.get(url + "api/info", headers={"Host": f"workstation.lan:{ex.port}"}).status_code == 200
+        body = {"model": "a", "image": "nope", "method": "vanilla"}
+        r = httpx.post(url + "api/explain", json=body, headers={"Host": f"workstation.lan:{ex.port}",
+                                                                "Origin": "http://evil.example"})
+        assert r.status_code == 403
+        r = httpx.post(url + "api/explain", json=body, headers={"Host": f"workstation.lan:{ex.port}",
+                                                                "Origin": f"http://workstation.lan:{ex.port}"})
+        assert r.status_code != 403
+    finally:
+        ex.stop()
+
+
 def test_explore_from_python_shows_an_iframe_in_a_notebook(monkeypatch, tmp_path):
     import sys
     import types
@@ -761,6 +825,8 @@ def test_explore_from_python_shows_an_iframe_in_a_notebook(monkeypatch, tmp_path
     ex = salience.explore(model)
     try:
         assert shown[-1][1] == f"/user/me/proxy/{ex.port}/"
+        # behind the hub's proxy the kernel's loopback is answered for the proxy's names
+        assert httpx.get(ex.url + "api/info", headers={"Host": "hub.example.org"}).status_code == 200
     finally:
         ex.stop()
     colab = types.ModuleType("google.colab")

@@ -31,6 +31,10 @@ def add_parser(sub: Any) -> None:
                    help="address to listen on (default 127.0.0.1; any other lets anyone who reaches the port "
                         "run the model, and prints a warning)")
     p.add_argument("--port", type=int, default=0, help="port (default 0: a free port)")
+    p.add_argument("--allow-host", action="append", default=None, metavar="NAME",
+                   help="also answer requests for this host name (repeatable; '*' for any): the page answers "
+                        "only localhost names and its own origin (a guard against DNS rebinding and other "
+                        "sites), so a proxy in front of it (JupyterHub, Colab, a reverse proxy) needs its name")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse images over N pixels before decoding (default {DEFAULT_MAX_PIXELS:,})")
@@ -52,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         raise SalienceError("--compare-weights is the weights of the --compare model: give --compare MODEL too")
     explorer = start(args.model, args.images, compare=args.compare, host=args.host, port=args.port,
                      max_pixels=args.max_pixels, load=_load_options(args), background=False,
-                     compare_load=None if args.compare_weights is None else {"weights": args.compare_weights})
+                     compare_load=None if args.compare_weights is None else {"weights": args.compare_weights},
+                     allow_hosts=args.allow_host)
     print(f"salience explore: {explorer.url}  (Ctrl-C stops it)", flush=True)
     if args.open:
         webbrowser.open(explorer.url)

@@ -42,7 +42,7 @@ def explore(model: Union[str, nn.Module], images: Optional[Sequence[Union[str, "
             compare: Union[None, str, nn.Module] = None,
             run: Union[None, str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]] = None, host: str = "127.0.0.1", port: int = 0,
             max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, show: Optional[bool] = None,
-            height: int = 800, **load: Any) -> Any:
+            height: int = 800, allow_hosts: Optional[Sequence[str]] = None, **load: Any) -> Any:
     """Start the explorer for ``model`` (a module, or any spec :func:`salience.load_model` takes;
     ``load`` keywords go to it) in a background thread and return its handle
     (:class:`salience.explore.server.Explorer`: ``.url``, ``.stop()``).
@@ -54,16 +54,22 @@ def explore(model: Union[str, nn.Module], images: Optional[Sequence[Union[str, "
     loopback and a free port; another host prints a warning). ``show``: display the page inline
     when in a Jupyter notebook (default), else print the URL: an IFrame of the URL, or of
     ``$JUPYTERHUB_SERVICE_PREFIX/proxy/PORT/`` under JupyterHub (jupyter-server-proxy), or Colab's
-    ``serve_kernel_port_as_iframe`` in Google Colab.
+    ``serve_kernel_port_as_iframe`` in Google Colab. ``allow_hosts``: host names answered besides
+    localhost (``"*"``: any; see :mod:`salience.explore.hosts`); shown through Colab's or
+    JupyterHub's proxy, the server is on the remote kernel's loopback, out of reach of the pages in
+    the user's browser, and the proxy's names are answered (``"*"``) unless given.
     """
     from salience.explore.server import start
 
     if isinstance(images, (str, os.PathLike)):
         images = [images]
     runs = [] if run is None else [run] if isinstance(run, (str, os.PathLike)) else list(run)
-    explorer = start(model, list(images or []), compare=compare, host=host, port=port, max_pixels=max_pixels,
-                     load=load, runs=runs)
     notebook = _in_notebook() if show is None else show
+    proxied = notebook and ("google.colab" in sys.modules or bool(os.environ.get("JUPYTERHUB_SERVICE_PREFIX")))
+    if allow_hosts is None and proxied:
+        allow_hosts = ["*"]  # the proxy's own names reach the kernel's loopback; the browser's pages cannot
+    explorer = start(model, list(images or []), compare=compare, host=host, port=port, max_pixels=max_pixels,
+                     load=load, runs=runs, allow_hosts=allow_hosts)
     if notebook and "google.colab" in sys.modules:  # Colab: the kernel's port reached through Colab's proxy
         from google.colab import output
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import socket
 import sys
@@ -15,6 +14,7 @@ from torch import nn
 from salience._core.errors import SalienceError
 from salience.explore.app import Hub, create_app
 from salience.explore.compute import ModelSlot, name_model
+from salience.explore.hosts import HostGuard, is_local
 from salience.explore.images import FileSource, ImageStore
 from salience.explore.runs import RunSource, is_run
 from salience.loading.images import DEFAULT_MAX_PIXELS
@@ -27,16 +27,6 @@ REMOTE_WARNING = ("warning: the explorer listens on {host}: anyone who can reach
                   "forwarding) unless this is what you want.")
 
 ModelLike = Union[str, nn.Module]
-
-
-def is_local(host: str) -> bool:
-    """Whether ``host`` is a loopback address (or ``localhost``)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -88,7 +78,8 @@ def build_hub(model: ModelLike, images: Sequence[Any] = (), *, compare: Optional
 class Explorer:
     """A running explorer: its ``url``; :meth:`stop` ends the server and the workers."""
 
-    def __init__(self, hub: Hub, sock: socket.socket, host: str) -> None:
+    def __init__(self, hub: Hub, sock: socket.socket, host: str,
+                 allow_hosts: Optional[Sequence[str]] = None) -> None:
         import uvicorn
 
         self.hub = hub
@@ -99,7 +90,9 @@ class Explorer:
         self.port = port
         self._sock = sock
         # log_config=None: uvicorn leaves the process's logging as it was (no handler bound to this moment's stderr)
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False, log_config=None)
+        # served behind the Host / Origin checks (salience.explore.hosts: other sites, DNS rebinding)
+        guarded = HostGuard(self.app, local=is_local(host), allow_hosts=allow_hosts)
+        config = uvicorn.Config(guarded, log_level="warning", lifespan="off", access_log=False, log_config=None)
         self._server = uvicorn.Server(config)
         self._thread: Optional[threading.Thread] = None
 
@@ -152,9 +145,11 @@ class Explorer:
 def start(model: ModelLike, images: Sequence[Any] = (), *, compare: Optional[ModelLike] = None,
           host: str = "127.0.0.1", port: int = 0, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
           load: Optional[dict[str, Any]] = None, background: bool = True, runs: Sequence[Any] = (),
-          compare_load: Optional[dict[str, Any]] = None) -> Explorer:
+          compare_load: Optional[dict[str, Any]] = None, allow_hosts: Optional[Sequence[str]] = None) -> Explorer:
     """Load the models, bind the socket, and (``background``) serve in a thread. A host that is
-    not loopback prints :data:`REMOTE_WARNING` on stderr."""
+    not loopback prints :data:`REMOTE_WARNING` on stderr. Requests are answered only for loopback
+    host names and from the page itself (:mod:`salience.explore.hosts`); ``allow_hosts`` adds names
+    (a proxy's; ``"*"``: any)."""
     _check_deps()
     hub = build_hub(model, images, compare=compare, max_pixels=max_pixels, load=load, runs=runs,
                     compare_load=compare_load)
@@ -165,7 +160,7 @@ def start(model: ModelLike, images: Sequence[Any] = (), *, compare: Optional[Mod
         raise
     if not is_local(host):
         print("salience: " + REMOTE_WARNING.format(host=host, port=sock.getsockname()[1]), file=sys.stderr)
-    explorer = Explorer(hub, sock, host)
+    explorer = Explorer(hub, sock, host, allow_hosts)
     return explorer.start() if background else explorer
 
 
