@@ -169,12 +169,12 @@ def test_layer_targets_are_refused(small_cnn):
 
 
 @pytest.mark.parametrize("shape", ["one logit", "vector"])
-def test_rise_of_a_binary_classifier_scores_its_logit(small_cnn, shape):
-    """A binary classifier with one logit ``(B, 1)`` (or a ``(B,)`` output): ``softmax="auto"`` scores
-    the raw output, the paper's formula with ``S = f(x * M_i)`` written out. The softmax of a single
-    output is 1 for every masked image, so the default map was ``sum_i M_i / (N p)``: the masks' mean,
-    the same whatever the model; ``softmax="classes"`` says so. A ``(B,)`` output was an error under
-    the default that asked for ``softmax='none'``."""
+def test_rise_of_a_binary_classifier_scores_its_probability(small_cnn, shape):
+    """A binary classifier with one logit ``(B, 1)`` (or a ``(B,)`` output): ``softmax="auto"`` (and
+    ``"classes"``) score its probability, the sigmoid of the logit, in the paper's formula with
+    ``S = sigmoid(f(x * M_i))`` written out; ``softmax="none"`` the raw logit. The softmax of a single
+    output is 1 for every masked image, so the default map was ``sum_i M_i / (N p)``: the masks'
+    mean, the same whatever the model. A ``(B,)`` output was an error under the default."""
     head = nn.Linear(8, 1)
     model = nn.Sequential(small_cnn.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
     if shape == "vector":
@@ -183,26 +183,28 @@ def test_rise_of_a_binary_classifier_scores_its_logit(small_cnn, shape):
     x = torch.rand(2, 3, 8, 8)
     n, p = 12, 0.4
     masks = rise_masks(0, n, (8, 8), cell=3, p=p, seed=7)
-    ref = torch.zeros(2, 8, 8)
+    ref, raw = torch.zeros(2, 8, 8), torch.zeros(2, 8, 8)
     with torch.no_grad():
         for m in masks:
-            ref += model(x * m).reshape(2, 1, 1) * m
+            logit = model(x * m).reshape(2, 1, 1)
+            ref += logit.sigmoid() * m
+            raw += logit * m
     ref /= n * p
+    raw /= n * p
     with unchanged(model):
         ours = salience.rise(model, x, 0, masks=n, cell=3, p=p, seed=7)
+        classes = salience.rise(model, x, 0, masks=n, cell=3, p=p, seed=7, softmax="classes")
+        none = salience.rise(model, x, 0, masks=n, cell=3, p=p, seed=7, softmax="none")
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(classes, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(none, raw, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(ours, masks.sum(0) / (n * p))
-    if shape == "one logit":
-        for name, options in [("rise", dict(masks=4, cell=2)), ("scorecam", {}), ("ablationcam", {}),
-                              ("occlusion", dict(window=4))]:
-            with unchanged(model), pytest.raises(SalienceError, match=r"single output is 1 for every image.*"
-                                                                       r"softmax='none'"):
-                salience.METHODS[name](model, x, 0, softmax="classes", **options)
 
 
-def test_scorecam_of_a_binary_classifier_weighs_the_channels_by_the_logit():
-    """Score-CAM on a one-logit model: the weights are the logit of each masked image (the formula
-    written out), not the softmax of one output (1 for every channel: the map was the channels' sum)."""
+def test_scorecam_of_a_binary_classifier_weighs_the_channels_by_the_probability():
+    """Score-CAM on a one-logit model: the weights are the sigmoid of the logit of each masked image
+    (the formula written out), not the softmax of one output (1 for every channel: the map was the
+    channels' sum)."""
     torch.manual_seed(0)
     conv, head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 1)
     model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
@@ -212,9 +214,10 @@ def test_scorecam_of_a_binary_classifier_weighs_the_channels_by_the_logit():
         lo, hi = acts.amin((2, 3), keepdim=True), acts.amax((2, 3), keepdim=True)
         masks = (acts - lo) / (hi - lo)
         w = torch.stack([model(x * masks[:, k:k + 1]).squeeze(1) for k in range(4)], dim=1)  # (B, 4)
-        ref = (w[:, :, None, None] * acts).sum(1).clamp(min=0)
+        ref = (w.sigmoid()[:, :, None, None] * acts).sum(1).clamp(min=0)
     ours = salience.scorecam(model, x, 0, layer=model[1])
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(ours, acts.sum(1).clamp(min=0))
 
 
 @pytest.fixture

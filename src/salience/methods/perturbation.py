@@ -46,11 +46,11 @@ from salience.targets import Classes, MultiLabel, Predicted, Target, resolve, sp
 __all__ = ["occlusion", "rise", "rise_masks", "occlusion_windows", "SOFTMAX"]
 
 SOFTMAX = ("auto", "classes", "none")
-"""How perturbation methods score an output: ``"classes"``: the target of the softmax over classes
-(probabilities); ``"none"``: the target of the raw output; ``"auto"``: ``"classes"`` for class
-targets (a class, the predicted class, several classes), ``"none"`` for any other target, and for
-every target of a model without two classes to take the softmax over (one logit, a ``(B,)``
-output)."""
+"""How perturbation methods score an output: ``"classes"``: the target's probability, the softmax
+over classes of a ``(B, classes)`` output, the sigmoid of a single logit (``(B, 1)`` or ``(B,)``: a
+binary classifier, whose softmax would be 1 for every image); ``"none"``: the target of the raw
+output; ``"auto"``: ``"classes"`` for class targets (a class, the predicted class, several
+classes), ``"none"`` for any other target."""
 
 
 # --------------------------------------------------------------------------- scoring (shared with Score-CAM)
@@ -71,21 +71,27 @@ def use_probabilities(softmax: str, targets: Sequence[Target], out: Tensor) -> t
     with ``"auto"`` each target's own kind decides, so a class target's map is the same whatever
     targets are asked beside it (a function in the list made every class target's map raw).
 
-    ``out`` is the model's output on the clean images. Class probabilities need a ``(B, classes)``
-    output with two classes or more: the softmax of a single output (a binary classifier's one
-    logit) is 1 whatever the image, so every perturbed copy scored 1 and the map showed the masks,
-    not the model. There ``"auto"`` scores the raw output and ``"classes"`` is refused."""
+    ``out`` is the model's output on the clean images: probabilities need a class axis, ``(B,
+    classes)``, or a single logit per image, ``(B, 1)`` or ``(B,)``, whose probability is its sigmoid
+    (its softmax is 1 whatever the image: every perturbed copy scored 1 and the map showed the
+    masks, not the model). Other outputs take ``"none"``."""
     if softmax not in SOFTMAX:
         raise SalienceError(f"softmax must be one of {', '.join(SOFTMAX)}; got {softmax!r}")
-    classes = out.dim() == 2 and out.shape[1] >= 2
-    if softmax == "classes" and not classes:
-        why = ("the softmax of a single output is 1 for every image, so no perturbation would change the "
-               "score" if out.dim() == 2 else "there is no class axis to take the softmax over")
-        raise SalienceError(f"softmax='classes' needs a model output of shape (B, classes) with 2 classes or "
-                            f"more, got {tuple(out.shape)}: {why}; pass softmax='none' (the raw output)")
+    has_probabilities = out.dim() in (1, 2)
+    if softmax == "classes" and not has_probabilities:
+        raise SalienceError(f"softmax='classes' needs a model output of shape (B, classes) or one logit (B,), got "
+                            f"{tuple(out.shape)}: there is no class axis; pass softmax='none' (the raw output)")
     if softmax == "auto":
-        return tuple(classes and isinstance(t, (Classes, Predicted, MultiLabel)) for t in targets)
+        return tuple(has_probabilities and isinstance(t, (Classes, Predicted, MultiLabel)) for t in targets)
     return tuple(softmax == "classes" for _ in targets)
+
+
+def class_probabilities(out: Tensor) -> Tensor:
+    """Class probabilities of an output ``(n, classes)`` (softmax over dim 1) or of a single logit
+    ``(n, 1)`` / ``(n,)`` (its sigmoid), the shape kept."""
+    if out.dim() == 1 or out.shape[1] == 1:
+        return out.sigmoid()
+    return out.softmax(dim=1)
 
 
 def score_items(model: nn.Module, xs: Tensor, targets: Sequence[Target], probabilities: Sequence[bool],
@@ -100,10 +106,10 @@ def score_items(model: nn.Module, xs: Tensor, targets: Sequence[Target], probabi
 
 
 def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bool]) -> Tensor:
-    """The K targets' scores ``(n, K)`` of a model output ``(n, ...)``: target ``k``'s of its softmax
-    over classes (dim 1 of a ``(n, classes)`` output) when ``probabilities[k]``, else of ``out``."""
+    """The K targets' scores ``(n, K)`` of a model output ``(n, ...)``: target ``k``'s of its class
+    probabilities (:func:`class_probabilities`) when ``probabilities[k]``, else of ``out``."""
     n = out.shape[0]
-    soft = out.softmax(dim=1) if any(probabilities) else None  # use_probabilities checked the shape
+    soft = class_probabilities(out) if any(probabilities) else None  # use_probabilities checked the shape
     cols = []
     for t, p in zip(targets, probabilities):
         s = t(soft if p else out)
