@@ -493,6 +493,18 @@ def looks_like_probabilities(out: Tensor) -> bool:
     return bool((o >= 0).all()) and bool(torch.allclose(o.sum(1), torch.ones_like(o[:, 0]), atol=1e-4))
 
 
+def class_probabilities(out: Tensor) -> Tensor:
+    """Class probabilities of a model's scores, the shape kept: for ``(n, classes)``, ``out`` itself
+    when its rows already are probabilities (a softmax), else their softmax; for one logit per
+    image, ``(n,)`` or ``(n, 1)`` (a binary classifier), its sigmoid: the softmax over a single
+    class is 1 whatever the input. Other shapes are returned as they are."""
+    if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1):
+        return out.sigmoid()
+    if out.dim() == 2 and not looks_like_probabilities(out):
+        return out.softmax(dim=1)
+    return out
+
+
 def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
                    batch_size: Optional[int] = None, compiled: bool = False) -> Tensor:
     """The model's scores for ``x`` ``(B, C, H, W)``, detached: one forward pass, no gradient.

@@ -10,7 +10,7 @@ from typing import Any, ContextManager, Optional, Sequence
 import numpy as np
 from torch import Tensor, nn
 
-from salience._core.autograd import forward_scores, looks_like_probabilities
+from salience._core.autograd import forward_scores, class_probabilities
 from salience._core.errors import SalienceError, suggest
 from salience._core.files import make_folder
 from salience._core.perf import MEMORY_FORMATS, PRECISIONS, performance
@@ -141,8 +141,9 @@ def scores(model: nn.Module, x: Tensor, batch_size: int = 32) -> Tensor:
 
 
 def probabilities(out: Tensor) -> Tensor:
-    """Class probabilities: ``out`` itself if it already is (rows of a softmax), else its softmax."""
-    return out if looks_like_probabilities(out) else out.float().softmax(dim=1)
+    """Class probabilities: ``out`` itself if it already is (rows of a softmax), else its softmax; a
+    single logit's sigmoid (:func:`salience._core.autograd.class_probabilities`)."""
+    return class_probabilities(out.float())
 
 
 # --------------------------------------------------------------------------------- files and pictures

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience._core.autograd import (check_input, layer_output, looks_like_probabilities, predicted_classes,
+from salience._core.autograd import (check_input, class_probabilities, layer_output, predicted_classes,
                                      unwrap_output)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
@@ -122,17 +122,6 @@ def prepare_maps(model: nn.Module, x: Tensor, maps: Tensor) -> Tensor:
     return maps
 
 
-def _probabilities(out: Tensor) -> Tensor:
-    """The class probabilities of a model's output: the softmax over the classes ``(B, K)`` (kept
-    as it is when it already looks like probabilities); a single logit per image, ``(B,)`` or
-    ``(B, 1)`` (a binary classifier), its sigmoid: the softmax over one class is 1 for every input."""
-    if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1):
-        return out.sigmoid()
-    if out.dim() == 2 and not looks_like_probabilities(out):
-        return out.softmax(dim=1)
-    return out
-
-
 def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, make: ItemMaker, *,
                 batch_size: int, probability: bool) -> Tensor:
     """The target's score on ``total`` perturbed images, ``batch_size`` per model call: ``(total,)``.
@@ -156,7 +145,7 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
             out = (unwrap_output(model(images), model) if layer is None
                    else layer_output(model, images, layer))
             if softmax:
-                out = _probabilities(out)
+                out = class_probabilities(out)
             scores[s:s + len(ids)] = _gather_scores(tgt, out, img)
     return scores
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from salience import targets as _targets
 from salience._core import perf as _perf
-from salience._core.autograd import forward_scores, looks_like_probabilities
+from salience._core.autograd import forward_scores, class_probabilities
 from salience._core.errors import SalienceError, suggest
 from salience._core.info import ModelInfo, attach_info, model_info
 from salience._core.tensors import model_device
@@ -242,7 +242,7 @@ def top_classes(slot: ModelSlot, image: Tensor, k: int = 5) -> list[dict[str, An
     """The ``k`` highest outputs: index, name, probability (``None`` for a regression model) and score."""
     out = forward_scores(slot.model, slot.input(image), strip_softmax=False).reshape(1, -1).float().cpu()
     regression = slot.info.task == "regression"
-    probs = None if regression else (out if looks_like_probabilities(out) else out.softmax(1))
+    probs = None if regression else class_probabilities(out)
     order = (torch.arange(out.shape[1]) if regression else out[0].argsort(descending=True))[:k]
     return [{"index": int(i), "name": slot.class_name(int(i)), "score": float(out[0, i]),
              "probability": None if probs is None else float(probs[0, i])} for i in order]

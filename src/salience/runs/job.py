@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core import perf as _perf
-from salience._core.autograd import forward_scores, looks_like_probabilities, unwrap_output
+from salience._core.autograd import forward_scores, class_probabilities, unwrap_output
 from salience._core.engine import MemoryProbe, default_budget
 from salience._core.errors import SalienceError
 from salience._core.info import ModelInfo
@@ -127,7 +127,7 @@ def _predictions(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _probabilities(out: Tensor) -> tuple[Tensor, Tensor]:
     out = out.detach().reshape(out.shape[0], -1).float().cpu()
-    probs = out if looks_like_probabilities(out) else out.softmax(dim=1)
+    probs = class_probabilities(out)
     return probs, out
 
 
