@@ -31,6 +31,15 @@ def _luminance(png: bytes, size=None) -> np.ndarray:
     return np.asarray(img if size is None else img.resize(size, Image.BILINEAR), dtype=np.float64)
 
 
+def _vanilla_cell(page: Any, label: int, cell: str) -> None:
+    """Pick image f0, its class ``label``, add a vanilla map, and wait for ``cell`` to show it."""
+    page.click("#images img[data-id='f0']")
+    page.locator(f"#classes button.class[data-index='{label}']").click()
+    page.select_option("#method", "vanilla")
+    page.click("#add")
+    page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('vanilla')")
+
+
 def _open(browser: Any, url: str, errors: list[str], *, allow_404: bool = False, **page_options: Any) -> Any:
     """A new page on ``url``, ready (the status bar says so), its script errors and console errors
     collected in ``errors`` (but "status of 404" lines with ``allow_404``)."""
@@ -310,11 +319,7 @@ def test_a_late_answer_to_an_older_setting_does_not_become_the_cells_map(tmp_pat
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
             try:
                 page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
-                page.click("#images img[data-id='f0']")
-                page.locator(f"#classes button.class[data-index='{label}']").click()
-                page.select_option("#method", "vanilla")
-                page.click("#add")
-                page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('vanilla')")
+                _vanilla_cell(page, label, cell)
                 page.evaluate("""() => { const f = window.fetch;
                     window.fetch = (u, o) => (o && String(o.body).includes('"reduce":"max"'))
                       ? new Promise((ok) => setTimeout(() => ok(f(u, o)), 1200)) : f(u, o); }""")
@@ -412,11 +417,7 @@ def test_a_map_is_never_laid_on_another_images_picture(tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
             try:
                 page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
-                page.click("#images img[data-id='f0']")
-                page.locator(f"#classes button.class[data-index='{label}']").click()
-                page.select_option("#method", "vanilla")
-                page.click("#add")
-                page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('vanilla')")
+                _vanilla_cell(page, label, cell)
                 assert not page.evaluate(same)  # A's map is on A's picture
                 page.evaluate("""() => { const f = window.fetch;
                     window.fetch = (u, o) => (o && String(o.body).includes('"image":"f1"'))
