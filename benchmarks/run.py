@@ -465,8 +465,9 @@ def markdown(report: dict) -> str:  # long: the whole results file, one table af
         + ("**The machine was shared with other jobs (load above the CPU count): times are inflated and noisy; the "
            "within-round ratios are the figures to read.**" if max(loads) > (info["cpus"] or 1) else ""),
         *(["", f"Peak memory measured again by `{report['memory_run']['command']}` on {report['memory_run']['date']} "
-              f"({report['memory_run']['measure']}): the first memory pass read `ru_maxrss`, which carried the parent "
-              "process's peak into every case."] if report.get("memory_run") else []),
+              f"({report['memory_run']['measure']}), in place of the run's own memory pass"
+              + (f": {report['memory_run']['why']}" if report['memory_run'].get("why") else ".")]
+            if report.get("memory_run") else []),
         "",
         "## Summary", "", "Medians; ratios within rounds as min / median / max.", "", summary(report), "",
         "## Every case", "",
