@@ -501,3 +501,20 @@ def test_a_loaded_torchscript_model_is_guarded(small_cnn, tmp_path):
         salience.rise(loaded, x, 1, masks=4, cell=2)
     with unchanged(loaded), pytest.raises(KeyboardInterrupt):
         salience.vanilla(loaded, x, _exploding_target(KeyboardInterrupt()))
+
+
+def test_strip_softmax_must_be_a_bool_in_every_method(small_cnn):
+    """``strip_softmax="no"`` was read as True (a non-empty string is truthy): the opposite of what
+    was asked, silently. Every method that takes it refuses what is not a bool, the model unchanged."""
+    import inspect
+
+    from salience.methods import METHODS
+
+    x = torch.rand(2, 3, 16, 16)
+    takes = [n for n, fn in METHODS.items() if "strip_softmax" in inspect.signature(fn).parameters
+             and n not in ("attention_rollout", "transformer_attribution")]  # those need a transformer
+    assert len(takes) >= 10, takes
+    for name in takes:
+        for bad in ("no", "false", 0, None):
+            with unchanged(small_cnn), pytest.raises(SalienceError, match="strip_softmax must be True or False"):
+                METHODS[name](small_cnn, x, 1, strip_softmax=bad)

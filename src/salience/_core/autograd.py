@@ -24,7 +24,7 @@ from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
-from salience._core.tensors import first_tensor
+from salience._core.tensors import check_flag, first_tensor
 
 __all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_output", "seeing_output", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
            "looks_like_probabilities"]
@@ -418,6 +418,7 @@ def backward(
     (only these gradients are computed, ``.grad`` is never touched), everything restored.
     """
     check_input(x, model)
+    strip_softmax = check_flag(strip_softmax, "strip_softmax")
     if not targets:
         raise SalienceError("no target to differentiate")
     target_layer = _common_layer(targets)
@@ -516,6 +517,7 @@ def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
     ``compiled=True`` (the caller's promise that no hook of its own is on the model: a plain pass)
     a chunk the run marks as compiled runs the compiled model.
     """
+    strip_softmax = check_flag(strip_softmax, "strip_softmax")
     step = x.shape[0] if batch_size is None else max(1, int(batch_size))
     outs = []
     run = _perf.active(model)

@@ -135,6 +135,15 @@ def check_int(value: Any, name: str, *, minimum: Optional[int] = 0, what: str = 
     return int(value)
 
 
+def check_flag(value: Any, name: str) -> bool:
+    """``value`` as a bool (``True`` / ``False``, numpy's included), or a :class:`SalienceError`
+    naming the option: a string such as ``"no"`` or ``"false"`` is truthy, so taking it silently
+    would do the opposite of what was meant."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise SalienceError(f"{name} must be True or False, got {value!r}")
+
+
 def check_number(value: Any, name: str, *, minimum: Optional[float] = None, what: str = "",
                  finite: bool = True) -> float:
     """``value`` as a real number (``>= minimum`` when given), or a :class:`SalienceError` naming the option."""
