@@ -81,6 +81,19 @@ def test_page_and_static_files_use_relative_urls(env):
     assert c.get("static/style.css").status_code == 200
 
 
+def test_the_pages_scripts_are_revalidated_on_every_load(env):
+    """An upgraded salience served a new app.js, but without a Cache-Control the browser's
+    heuristic cache kept the old one: every static file says no-cache, and an unchanged one
+    answers 304 to the browser's revalidation."""
+    c = env["client"]
+    for name in ("app.js", "style.css"):
+        r = c.get(f"static/{name}")
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-cache", name
+        again = c.get(f"static/{name}", headers={"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304, name
+    assert c.get("/").headers["cache-control"] == "no-cache"
+
+
 def test_info_lists_models_methods_and_option_controls(env):
     info = env["client"].get("api/info").json()
     m = info["models"][0]

@@ -583,6 +583,17 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": f"unexpected {type(exc).__name__}: {first}"}, 500)
 
 
+class _StaticRevalidated(StaticFiles):
+    """The page's scripts and styles, revalidated on every load (``Cache-Control: no-cache``; an
+    unchanged file answers 304 by its ETag): a browser's heuristic cache kept the old ``app.js``
+    after salience was upgraded, and an old script against a new API fails in odd ways."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def create_app(hub: Hub) -> Starlette:
     """The Starlette app serving ``hub``."""
     api = [
@@ -600,7 +611,7 @@ def create_app(hub: Hub) -> Starlette:
         Route("/api/runs/{run}/rows/{index}/thumb.jpg", run_thumb),
         Route("/api/runs/{run}/rows/{index}/maps/{method}.npy", run_map),
     ]
-    app = Starlette(routes=[Route("/", index), *api, Mount("/static", StaticFiles(directory=STATIC), name="static")],
+    app = Starlette(routes=[Route("/", index), *api, Mount("/static", _StaticRevalidated(directory=STATIC), name="static")],
                     exception_handlers={SalienceError: _salience_error, HTTPException: _http_error,
                                         Exception: _internal_error})
     app.state.hub = hub
