@@ -122,6 +122,10 @@ def test_boxes_and_iou():
     b = torch.tensor([[2.0, 2, 6, 6], [0, 0, 2, 2], [5, 5, 6, 6]])
     assert torch.allclose(M.box_iou(a, b), torch.tensor([4 / 28, 1.0, 0.0]))
     assert torch.isnan(M.mask_box(torch.zeros(1, 4, 4, dtype=torch.bool))).all()
+    # (B, 1, H, W) masks, as pointing_game and energy_in_mask take them, are the same boxes
+    assert torch.equal(M.mask_box(masks[:, None]), torch.tensor([[3.0, 2.0, 8.0, 6.0]]))
+    with pytest.raises(SalienceError, match=r"\(B, H, W\) or \(B, 1, H, W\)"):
+        M.mask_box(masks[:, None].expand(1, 3, 10, 12))
 
 
 def test_weak_localization_takes_largest_component():

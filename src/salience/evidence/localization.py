@@ -78,13 +78,18 @@ def energy_in_mask(maps: Tensor, masks: Tensor, *, absolute: bool = False) -> Te
 
 
 def mask_box(masks: Tensor) -> Tensor:
-    """The bounding box of each boolean mask ``(B, H, W)`` as ``(x0, y0, x1, y1)`` pixel edges.
+    """The bounding box of each boolean mask ``(B, H, W)`` (or ``(B, 1, H, W)``, as the other
+    metrics take them) as ``(x0, y0, x1, y1)`` pixel edges.
 
     Edges, not centres: a single pixel ``(r, c)`` has the box ``(c, r, c + 1, r + 1)``.
     Empty masks give NaN boxes. Returns float ``(B, 4)``.
     """
+    if not isinstance(masks, Tensor):
+        raise SalienceError(f"expected masks as a torch.Tensor (B, H, W), got {type(masks).__name__}")
+    if masks.dim() == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
     if masks.dim() != 3:
-        raise SalienceError(f"expected masks of shape (B, H, W), got {tuple(masks.shape)}")
+        raise SalienceError(f"expected masks of shape (B, H, W) or (B, 1, H, W), got {tuple(masks.shape)}")
     masks = masks != 0 if masks.dtype != torch.bool else masks
     b, h, w = masks.shape
     rows = masks.any(2)
