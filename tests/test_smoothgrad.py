@@ -287,3 +287,18 @@ def test_a_target_free_method_is_the_mean_of_its_map_over_the_copies(small_cnn):
                                 samples=5, noise=0.2, seed=3, layer="features.3")
     torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-4)
     assert k.shape == (2, 3, 8, 8) and all(torch.allclose(k[:, j], out, atol=1e-6) for j in range(3))
+
+
+def test_the_same_seed_is_the_same_noise_for_a_float64_input(small_cnn):
+    """The noise is drawn in float32 whatever x's dtype: a float64 model and input get the float32
+    run's noise (a float64 draw was another sample, so the two maps differed by the noise, not by
+    rounding). A float32 draw cast to float64 is exact, so the maps agree to float32 rounding."""
+    import copy
+
+    x = _x()
+    with torch.no_grad():
+        cls = small_cnn.eval()(x).argmax(1)
+    m32 = salience.smoothgrad(small_cnn, x, cls, samples=6, noise=0.3, seed=11)
+    m64 = salience.smoothgrad(copy.deepcopy(small_cnn).double(), x.double(), cls, samples=6, noise=0.3, seed=11)
+    assert m64.dtype == torch.float64
+    torch.testing.assert_close(m64.float(), m32, rtol=1e-4, atol=1e-6)

@@ -207,7 +207,8 @@ class NoisyCopies:
     (one per image): image ``b`` has a stream of its own, one ``N(0, 1)`` draw of shape
     ``(C, H, W)`` per copy, in copy order, from a generator seeded with ``seed[b]``; so image
     ``b``'s noise does not depend on the other images (a single image's int seed is the same
-    stream as ``[seed]``). Either way the same seed gives the same noise whatever the chunking.
+    stream as ``[seed]``). Either way the same seed gives the same noise whatever the chunking,
+    and whatever ``x``'s dtype (drawn in float32, then cast).
     It is a stream: chunks must be asked for in increasing order, as
     :func:`salience._core.engine.accumulate` runs them (asking for an earlier copy is an error).
     """
@@ -226,8 +227,10 @@ class NoisyCopies:
         if rep < self._reps[s]:
             raise RuntimeError(f"noisy copy {rep} asked for after copy {self._reps[s]}: copies are a stream")
         while self._reps[s] < rep:
+            # drawn in float32 whatever x's dtype (then cast): the same seed is the same noise for a
+            # float64 or half input as for a float32 one (a float64 draw was another sample)
             self._draws[s] = torch.randn(self._shape, generator=self._gens[s], device=self.x.device,
-                                         dtype=self.x.dtype)
+                                         dtype=torch.float32).to(self.x.dtype)
             self._reps[s] += 1
         return self._draws[s]
 
