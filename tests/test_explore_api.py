@@ -94,6 +94,32 @@ def test_the_pages_scripts_are_revalidated_on_every_load(env):
     assert c.get("/").headers["cache-control"] == "no-cache"
 
 
+def test_the_map_keys_remembered_are_bounded(env):
+    """Every distinct request added an entry (what makes map KEY) for as long as the server ran:
+    past ``max_maps`` the least recently used key is forgotten (404, ask again), a key asked for
+    again comes back, and a key in use stays."""
+    hub = Hub([ModelSlot("a", env["model"])], ImageStore([FileSource([env["folder"]])]), max_maps=2)
+    try:
+        c = TestClient(create_app(hub))
+        target = int(env["labels"][0])
+
+        def ask(reduce):
+            r = c.post("api/explain", json={"model": "a", "image": "f0", "method": "vanilla", "target": target,
+                                            "options": {"reduce": reduce}})
+            return wait_job(_get(c), r.json())["key"]
+
+        first, second = ask("max_abs"), ask("sum_abs")
+        assert c.get(f"api/maps/{first}.npy").status_code == 200  # first is now the most recently used
+        third = ask("l2")
+        assert len(hub.maps) == 2
+        assert c.get(f"api/maps/{second}.npy").status_code == 404  # the least recently used, forgotten
+        assert c.get(f"api/maps/{first}.npy").status_code == 200
+        assert c.get(f"api/maps/{third}.npy").status_code == 200
+        assert ask("sum_abs") == second and c.get(f"api/maps/{second}.npy").status_code == 200
+    finally:
+        hub.close()
+
+
 def test_info_lists_models_methods_and_option_controls(env):
     info = env["client"].get("api/info").json()
     m = info["models"][0]

@@ -59,17 +59,24 @@ _MAX_JOBS = 4096  # finished jobs kept for polling (oldest dropped first)
 _WAIT_S = 120.0  # longest a request waits for a quick job (top classes, default layer)
 
 
+MAX_MAPS = 65536
+"""Map keys a server remembers (what request makes each: a few hundred bytes each), the least
+recently used forgotten past it; the maps themselves are in the cache, bounded by bytes."""
+
+
 class Hub:
     """The server's state: the model slots, the images, the cache of results, the jobs."""
 
     def __init__(self, slots: Sequence[ModelSlot], images: ImageStore, *, cache_bytes: int = 512 * 2**20,
-                 runs: Sequence[RunSource] = ()) -> None:
+                 runs: Sequence[RunSource] = (), max_maps: int = MAX_MAPS) -> None:
         self.slots = {s.name: s for s in slots}
         self.images = images
         self.cache = ResultCache(cache_bytes)
         self.runs = {r.id: r for r in runs}  # dataset runs (their rows' images are in ``images`` too)
         self.jobs: collections.OrderedDict[str, tuple[Job, ModelSlot]] = collections.OrderedDict()
-        self.maps: dict[str, ExplainRequest] = {}
+        # map key -> the request that makes it, the least recently used first (bounded: MAX_MAPS)
+        self.maps: collections.OrderedDict[str, ExplainRequest] = collections.OrderedDict()
+        self.max_maps = max(1, int(max_maps))
         self.inflight: dict[str, Job] = {}
         self._lock = threading.Lock()
 
@@ -113,9 +120,21 @@ class Hub:
         return source, int(text)
 
     def request_of(self, key: str) -> ExplainRequest:
-        if key not in self.maps:
-            raise HTTPException(404, f"no map {key!r}; ask for it with POST api/explain")
-        return self.maps[key]
+        with self._lock:
+            if key not in self.maps:
+                raise HTTPException(404, f"no map {key!r}; ask for it with POST api/explain")
+            self.maps.move_to_end(key)
+            return self.maps[key]
+
+    def remember(self, key: str, request: ExplainRequest) -> None:
+        """Record what makes map ``key``; past :attr:`max_maps` keys the least recently used is
+        forgotten (a key asked for again is recorded again by POST api/explain): one entry per
+        distinct request made the server grow for as long as it ran."""
+        with self._lock:
+            self.maps[key] = request
+            self.maps.move_to_end(key)
+            while len(self.maps) > self.max_maps:
+                self.maps.popitem(last=False)
 
     def job(self, job_id: str) -> tuple[Job, ModelSlot]:
         with self._lock:
@@ -390,8 +409,8 @@ async def explain(request: Request) -> Response:
     canon = {k: str(v).strip() for k, v in raw_options.items() if k in given}
     key = key_of(kind="map", model=slot.info.name, slot=slot.name, image=digest or image_id, method=method,
                  target=target, options=canon)
-    hub.maps[key] = ExplainRequest(slot.name, str(image_id), method, int(target),
-                                   tuple(sorted((k, v) for k, v in canon.items())))
+    hub.remember(key, ExplainRequest(slot.name, str(image_id), method, int(target),
+                                     tuple(sorted((k, v) for k, v in canon.items()))))
     about = {"key": key, "model": slot.name, "method": method, "target": target,
              "target_name": slot.class_name(int(target))}
     if key in hub.cache:
@@ -425,7 +444,7 @@ async def map_npy(request: Request) -> Response:
 
 
 def _file_name(hub: Hub, key: str) -> str:
-    req = hub.maps[key]
+    req = hub.request_of(key)
     return f"{req.method}-class{req.target}-{req.image}-{req.slot}"
 
 
