@@ -134,6 +134,9 @@ def test_thumbnails_are_the_sprite_tiles(env):
     "api/runs/r0/rows/99/maps/vanilla.npy", "api/runs/r0/rows/1/maps/gradcam.npy", "api/runs/r9/rows",
     "api/images/r0-99/picture.png", "api/images/r1-0/picture.png", "api/images/r0-x/picture.png",
     "api/images/r0-/picture.png",
+    # one row, one id: not another spelling of row 3 (int() takes leading zeros, a sign, other scripts' digits)
+    "api/images/r0-03/picture.png", "api/images/r0-\u0663/picture.png", "api/runs/r0/rows/03",
+    "api/runs/r0/rows/+3", "api/runs/r0/rows/03/thumb.jpg",
 ])
 def test_bad_row_ids_are_404(env, url):
     r = env["client"].get(url)

@@ -47,7 +47,7 @@ from salience.explore.cache import ResultCache, key_of
 from salience.explore.compute import ExplainRequest, ModelSlot
 from salience.explore.images import ImageGone, ImageStore
 from salience.explore.jobs import Job, QueueFull, Refused, Ticker
-from salience.explore.runs import RunSource
+from salience.explore.runs import RunSource, row_index
 from salience.loading import remote
 from salience.methods.gradcam import default_layer
 from salience.render import viz
@@ -112,12 +112,15 @@ class Hub:
         """The run and row index of a ``api/runs/RUN/rows/INDEX/...`` URL (404 when there is none)."""
         source = self.run(request.path_params["run"])
         text = request.path_params["index"]
+        index = row_index(text)
         try:
-            source.row(int(text))
-        except (KeyError, ValueError):
+            if index is None:
+                raise KeyError(text)
+            source.row(index)
+        except KeyError:
             raise HTTPException(404, f"no row {text!r} in run {source.id!r} (it has {source.count()} rows, "
                                      "by index)") from None
-        return source, int(text)
+        return source, index
 
     def request_of(self, key: str) -> ExplainRequest:
         with self._lock:

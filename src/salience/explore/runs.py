@@ -38,6 +38,12 @@ _SHOWN = ("index", "path", "predicted", "predicted_name", "probability", "label"
           "height")
 
 
+def row_index(text: str) -> Optional[int]:
+    """The row index written canonically (``0``, ``17``; not ``017``, ``+17`` or other scripts'
+    digits, which ``int`` takes too), else ``None``: one row, one id, one URL."""
+    return int(text) if re.fullmatch(r"0|[1-9][0-9]*", text) else None
+
+
 def is_run(path: Union[str, "os.PathLike[str]"]) -> bool:
     """Whether ``path`` is a run folder (it holds ``run.json``)."""
     return Path(path).is_dir() and (Path(path) / "run.json").is_file()
@@ -146,10 +152,11 @@ class RunSource:
         """The image of id ``r<number>-<index>``, or ``None`` (not this run's, no such row, a
         ``Dataset`` row). A row whose file is gone is found: reading it is the error that says so."""
         prefix = self.id + "-"
-        if not image_id.startswith(prefix) or not image_id[len(prefix):].isdigit():
+        index = row_index(image_id[len(prefix):]) if image_id.startswith(prefix) else None
+        if index is None:
             return None
         try:
-            r = self.row(int(image_id[len(prefix):]))
+            r = self.row(index)
         except KeyError:
             return None
         path = self._file(r)
