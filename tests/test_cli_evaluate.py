@@ -200,3 +200,24 @@ def test_a_regression_model_is_refused_before_any_work(tmp_path, capsys):
 
     with pytest.raises(SalienceError, match="regression model"):
         evaluate.evaluate_methods(zoo.load_demo("shapes-regression"), torch.rand(2, 3, 64, 64), methods=["vanilla"])
+
+
+def test_probability_flag_reaches_the_evaluation_and_refuses_other_values(tmp_path, monkeypatch, capsys):
+    """``--probability sigmoid`` (a multilabel model) is passed to ``run_evaluation``; the default is
+    the softmax; another value is refused by the parser (exit 2) naming the choices."""
+    from salience import SalienceError
+    from salience.evidence import evaluate as E
+
+    seen = []
+
+    def fake(model, out, **kw):  # the evaluation itself is tested above; here only what the flag passes
+        seen.append(kw["probability"])
+        raise SalienceError("stopped here")
+
+    monkeypatch.setattr(E, "run_evaluation", fake)
+    for extra, expected in (([], "softmax"), (["--probability", "sigmoid"], "sigmoid")):
+        main(["evaluate", "--model", "demo:shapes", "--out", str(tmp_path / "o"), *extra])
+        assert seen[-1] == expected
+    capsys.readouterr()
+    code = main(["evaluate", "--model", "demo:shapes", "--out", str(tmp_path / "o"), "--probability", "logit"])
+    assert code == 2 and "'softmax', 'sigmoid'" in capsys.readouterr().err and len(seen) == 2

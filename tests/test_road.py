@@ -136,8 +136,19 @@ def test_road_noise_is_seeded_per_item_not_per_batch():
         linear_imputation(x, removed, noise=0.1, seed=[7, 8])
 
 
+def _content_seed(seed: int, image: torch.Tensor, stream: int) -> int:
+    """docs/evaluation.md, "Random draws", written out: the image's key is BLAKE2b-128 of its shape
+    (int64 LE) and its float32 LE values; the seed the first 8 bytes (LE) of BLAKE2b-64 of key + seed
+    (16 bytes LE signed) + stream (8 bytes LE), mod 2**63."""
+    import hashlib
+    v = image.detach().float().numpy().astype("<f4")
+    key = hashlib.blake2b(np.asarray(v.shape, "<i8").tobytes() + v.tobytes(), digest_size=16).digest()
+    data = key + seed.to_bytes(16, "little", signed=True) + stream.to_bytes(8, "little")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") % 2 ** 63
+
+
 def test_road_noise_of_any_seed_follows_the_documented_rule():
-    # Item (image i, fraction j) draws its noise from (seed * 1_000_003 + i * F + j) % 2**63; a large
+    # Item (image i, fraction j) draws its noise from the seed of (seed, image i's content, j); a large
     # seed overflowed inside torch (raw ValueError), and a float seed was a raw RuntimeError in
     # deletion and silently truncated in faithfulness correlation. On LinearScore the noise adds
     # sum over the removed pixels of w * noise * eps to the noise-free score.
@@ -153,7 +164,7 @@ def test_road_noise_of_any_seed_follows_the_documented_rule():
     for i in range(2):
         for j, f in enumerate(fr):
             removed = maps[i] >= maps[i].flatten().sort(descending=True).values[round(f * 36) - 1]
-            item = (seed * 1_000_003 + i * len(fr) + j) % 2 ** 63
+            item = _content_seed(seed, x[i], j)
             eps = torch.randn(1, 6, 6, generator=torch.Generator().manual_seed(item), dtype=torch.float64)
             expected = clean[i, j] + (w[0].double() * 0.1 * eps * removed).sum().float()
             torch.testing.assert_close(noisy[i, j], expected, atol=1e-5, rtol=0)

@@ -30,6 +30,9 @@ def add_parser(sub: Any) -> None:
                    help="images for the model randomization test (default 8)")
     p.add_argument("--data-randomization", action="store_true",
                    help="also retrain the demo recipe on true and shuffled labels and compare maps (about 10 min)")
+    p.add_argument("--probability", choices=("softmax", "sigmoid"), default="softmax",
+                   help="how deletion, insertion and ROAD score the class: softmax over the classes (default), or "
+                        "each class's own sigmoid (a multilabel model)")
     p.add_argument("--out", "-o", default="salience-eval", metavar="DIR")
     p.set_defaults(func=run)
 
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         check_int(getattr(args, opt), f"--{opt.replace('_', '-')}", minimum=1)
     model = load_model_arg(args)
     kwargs: dict[str, Any] = {"n": args.n, "steps": args.steps, "randomization_images": args.randomization_images,
-                              "progress": sys.stderr.isatty()}
+                              "progress": sys.stderr.isatty(), "probability": args.probability}
     if args.images is not None:
         kwargs["images"] = args.images
     if args.masks is not None:

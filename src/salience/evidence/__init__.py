@@ -15,10 +15,14 @@ randomization tests), so a caller can average, plot or test them as it likes. Th
 * :mod:`~salience.evidence.baselines`: model-free maps (spectral residual, Sobel edges, a centred
   Gaussian, random).
 
-:mod:`~salience.evidence.evaluate` runs every method through them and writes a report.
+:mod:`~salience.evidence.evaluate` runs every method through them and writes a report. Every
+random draw that belongs to one image comes from a generator seeded from the metric's ``seed``
+and the image's content (:func:`image_seeds`), so an image's value is the same alone, in any batch
+and at any position (docs/evaluation.md, "Random draws").
 """
 from __future__ import annotations
 
+from salience.evidence._checks import image_seeds
 from salience.evidence.baselines import center_maps, random_maps, sobel_edges, spectral_residual
 from salience.evidence.complexity import complexity, sparseness
 from salience.evidence.faithfulness import (auc, deletion, deletion_curves, faithfulness_correlation, insertion,
@@ -65,4 +69,5 @@ __all__ = [
     "sobel_edges",
     "center_maps",
     "random_maps",
+    "image_seeds",
 ]

@@ -1,9 +1,13 @@
-"""What the metric families share: the checks of maps and masks, the method lookup and the
-fixed-radius Gaussian kernel. Private to :mod:`salience.evidence`."""
+"""What the metric families share: the checks of maps and masks, the method lookup, and the
+keying of random draws by an image's content (:func:`image_seeds`). Private to
+:mod:`salience.evidence`, but for :func:`image_seeds`, which it exports."""
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Union
+import hashlib
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +51,36 @@ def check_seed(seed: object) -> int:
     return s
 
 
-def item_seed(seed: int, item: int) -> int:
-    """The seed of item ``item`` of a run seeded with ``seed``: ``(seed * 1_000_003 + item) % 2**63``
-    (the dataset runs' rule), in a generator's range for every ``seed``."""
-    return (int(seed) * 1_000_003 + int(item)) % 2 ** 63
+def image_keys(x: Tensor) -> list[bytes]:
+    """The content key of each image of ``x`` ``(B, ...)``: the 16-byte BLAKE2b digest of its shape
+    (int64, little-endian) and its values as little-endian float32 in C order (``-0.0`` as ``0.0``).
+
+    The key depends on what the image is, not on where it is: the same image gives the same key in
+    any batch, at any position, on any device, in float32 or float64 (values that are equal in
+    float32)."""
+    values = (x.detach().to("cpu", torch.float32) + 0.0).contiguous().numpy().astype("<f4", copy=False)
+    shape = np.asarray(values.shape[1:], dtype="<i8").tobytes()
+    return [hashlib.blake2b(shape + v.tobytes(), digest_size=16).digest() for v in values]
+
+
+def keyed_seed(seed: int, key: bytes, stream: int = 0) -> int:
+    """The seed of draw ``stream`` of the image with content ``key`` (:func:`image_keys`) in a
+    metric seeded with ``seed``: the first 8 bytes, little-endian, of BLAKE2b(``key`` + ``seed`` as
+    16 bytes little-endian signed + ``stream`` as 8 bytes little-endian), modulo ``2**63``."""
+    data = key + int(seed).to_bytes(16, "little", signed=True) + int(stream).to_bytes(8, "little")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") % 2 ** 63
+
+
+def image_seeds(x: Tensor, seed: int = 0, stream: int = 0) -> list[int]:
+    """One seed per image of ``x`` ``(B, C, H, W)``, from ``seed`` and the image's content, not its
+    position: ``keyed_seed(seed, image_keys(x)[i], stream)`` (docs/evaluation.md, "Random draws").
+
+    Every random draw of the metrics that belongs to one image comes from a generator seeded so,
+    which makes an image's score the same alone, in any batch and at any position. Give them to the
+    functions that take one seed per image (``random_maps``, ``linear_imputation``,
+    ``salience.smoothgrad``) for the same property."""
+    s = check_seed(seed)
+    return [keyed_seed(s, k, stream) for k in image_keys(x)]
 
 
 def check_masks(masks: Tensor, maps: Tensor) -> Tensor:
@@ -103,25 +133,25 @@ def smoothgrad_seed(fn: Callable[..., Tensor], kwargs: Optional[dict] = None) ->
 
 
 def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor, *, batch_size: int,
-                kwargs: Optional[dict] = None, images: Optional[Tensor] = None) -> Tensor:
+                kwargs: Optional[dict] = None, keys: Optional[Sequence[bytes]] = None) -> Tensor:
     """``fn``'s maps of ``x`` for the per-image classes ``target`` ``(B,)``, ``batch_size`` images
     per call, as float ``(B, H, W)`` at ``x``'s size: a ``(B, 1, H, W)`` map is the ``(B, H, W)``
     map with its signs (as :func:`check_maps` reads it), a ``(B, C, H, W)`` map of several channels
     is reduced by the channels' largest magnitude, a smaller map (Grad-CAM without upsampling)
     resized bilinearly.
 
-    SmoothGrad with an int seed ``S`` draws each row's noise from the stream of its image:
-    ``images[j]`` (default ``j``) gets ``item_seed(S, images[j])`` (the dataset runs' rule), so the
-    maps do not depend on ``batch_size``, and a perturbed copy of an image (``images`` repeating
-    its index) shares that image's noise: the metric sees the input's change, not SmoothGrad's
-    sampling noise."""
-    seed = smoothgrad_seed(fn, kwargs)
-    ids = (torch.arange(x.shape[0]) if images is None else images).tolist()
+    SmoothGrad with an int seed ``S`` draws each row's noise from the stream of its image's content:
+    row ``j`` gets ``keyed_seed(S, keys[j])`` (default: the key of row ``j`` itself,
+    :func:`image_keys`), so a map depends neither on ``batch_size`` nor on the image's position, and
+    a perturbed copy of an image (``keys`` repeating the image's key) shares that image's noise: the
+    metric sees the input's change, not SmoothGrad's sampling noise."""
+    kw0 = dict(kwargs or {})
+    seeds = smoothgrad_seeds(fn, kwargs, x, keys)
     out = []
     for i in range(0, x.shape[0], batch_size):
-        kw = dict(kwargs or {})
-        if seed is not None:
-            kw["seed"] = [item_seed(seed, j) for j in ids[i:i + batch_size]]
+        kw = dict(kw0)
+        if seeds is not None:
+            kw["seed"] = seeds[i:i + batch_size]
         m = fn(model, x[i:i + batch_size], target[i:i + batch_size], **kw).detach()
         if m.dim() == 4 and m.shape[1] == 1:
             m = m[:, 0]
@@ -132,11 +162,26 @@ def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: 
         bad = ~torch.isfinite(m).flatten(1).all(1)
         if bool(bad.any()):  # a metric of it would be NaN (or the maps refused later with a riddle)
             raise SalienceError(f"the method returned a map with NaN or infinite values (image "
-                                f"{ids[i + int(bad.nonzero()[0])]})")
+                                f"{i + int(bad.nonzero()[0])})")
         if m.shape[-2:] != x.shape[-2:]:
             m = F.interpolate(m[:, None].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         out.append(m.float())
     return torch.cat(out)
+
+
+def smoothgrad_seeds(fn: Callable[..., Tensor], kwargs: Optional[dict], x: Tensor,
+                     keys: Optional[Sequence[bytes]] = None) -> Optional[list[int]]:
+    """The per-image seeds SmoothGrad (``fn`` with ``kwargs``, an int seed ``S``) gets for the rows of
+    ``x``: ``keyed_seed(S, key)`` of each row's content key (``keys``, default :func:`image_keys` of
+    ``x``); ``None`` for any other method (or a seed of ``None``: fresh noise)."""
+    seed = smoothgrad_seed(fn, kwargs)
+    if seed is None:
+        return None
+    if keys is None:
+        keys = image_keys(x)
+    if len(keys) != x.shape[0]:
+        raise SalienceError(f"expected one image key per row ({x.shape[0]}), got {len(keys)}")
+    return [keyed_seed(seed, k) for k in keys]
 
 
 def class_indices(model: nn.Module, x: Tensor, target: object) -> Tensor:

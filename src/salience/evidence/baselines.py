@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -88,8 +89,26 @@ def center_maps(images: Tensor, *, sigma: float = 0.25) -> Tensor:
     return m.expand(b, h, w).clone()
 
 
-def random_maps(shape: Sequence[int], *, seed: int = 0, device: Union[str, torch.device, None] = None) -> Tensor:
-    """Uniform random maps of ``shape`` ``(B, H, W)`` from ``seed``: the chance baseline."""
-    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
+def random_maps(shape: Sequence[int], *, seed: Union[int, Sequence[int]] = 0,
+                device: Union[str, torch.device, None] = None) -> Tensor:
+    """Uniform random maps of ``shape`` ``(B, H, W)``: the chance baseline.
+
+    ``seed``: one int, drawn as one stream over the batch (map ``i`` depends on ``i``: these maps
+    know no image); or one int per map, map ``i`` from its own generator seeded ``seed[i]``. For
+    maps that belong to images and do not depend on their position, give the images' seeds,
+    ``random_maps(shape, seed=salience.evidence.image_seeds(x, 0))`` (what ``salience evaluate``
+    does)."""
+    shape = tuple(shape)
     # float32 draws whatever torch's default dtype: the same seed gives the same maps
-    return torch.rand(tuple(shape), generator=gen, dtype=torch.float32).to(device if device is not None else "cpu")
+    if isinstance(seed, (Tensor, np.ndarray)):
+        seed = seed.tolist()
+    if isinstance(seed, (list, tuple)):
+        seeds = [check_seed(s) for s in seed]
+        if len(shape) < 1 or len(seeds) != shape[0]:
+            raise SalienceError(f"expected one seed per map ({shape[0] if shape else 0}), got {len(seeds)}")
+        maps = torch.stack([torch.rand(shape[1:], generator=torch.Generator(device="cpu").manual_seed(s),
+                                       dtype=torch.float32) for s in seeds]) if seeds else torch.empty(shape)
+    else:
+        gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
+        maps = torch.rand(shape, generator=gen, dtype=torch.float32)
+    return maps.to(device if device is not None else "cpu")

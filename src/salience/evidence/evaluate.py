@@ -38,10 +38,11 @@ from salience._core.info import ModelInfo, model_info
 from salience._core.progress import progress as _progress
 from salience._core.tensors import check_int, model_device
 from salience.demo import data
-from salience.evidence._checks import MethodLike, method_maps, resolve_method
+from salience.evidence._checks import MethodLike, image_seeds, method_maps, resolve_method
 from salience.evidence.baselines import center_maps, random_maps, sobel_edges, spectral_residual
 from salience.evidence.complexity import complexity, sparseness
-from salience.evidence.faithfulness import auc, deletion_curves, faithfulness_correlation, insertion_curves
+from salience.evidence.faithfulness import (ProbabilityLike, auc, check_probability, deletion_curves,
+                                           faithfulness_correlation, insertion_curves)
 from salience.evidence.localization import energy_in_mask, pointing_game, weak_localization
 from salience.evidence.road import road
 from salience.evidence.robustness import max_sensitivity
@@ -162,7 +163,8 @@ def _baseline_maps(name: str, x: Tensor, masks: Optional[Tensor], seed: int) -> 
         return sobel_edges(x)
     if name == "center":
         return center_maps(x)
-    return random_maps((x.shape[0], *x.shape[-2:]), seed=seed, device=x.device)
+    # each image's random map from its own stream (its content), not the batch's: the same map alone
+    return random_maps((x.shape[0], *x.shape[-2:]), seed=image_seeds(x, seed), device=x.device)
 
 
 def _method_only(row: MetricRow, model: nn.Module, x: Tensor, fn: Callable[..., Tensor], target: Tensor,
@@ -180,21 +182,26 @@ def _method_only(row: MetricRow, model: nn.Module, x: Tensor, fn: Callable[..., 
 
 
 def score_maps(row: MetricRow, model: nn.Module, x: Tensor, maps: Tensor, masks: Optional[Tensor], target: Tensor,
-               *, steps: int = 24, batch_size: int = 32, seed: int = 0) -> MetricRow:
+               *, steps: int = 24, batch_size: int = 32, seed: int = 0,
+               probability: ProbabilityLike = True) -> MetricRow:
     """Localization (with ``masks``), faithfulness and complexity of one set of maps ``(B, H, W)``
     of ``x`` for the classes ``target`` ``(B,)``, written into ``row`` and returned; every metric
-    with its default settings (``steps``: of deletion / insertion)."""
+    with its default settings (``steps``: of deletion / insertion; ``probability``: how deletion,
+    insertion and ROAD score the class, :data:`salience.evidence.faithfulness.PROBABILITY`;
+    faithfulness correlation scores the raw output, as in its paper)."""
+    check_probability(probability)
     if masks is not None:
         row.pointing = _mean(pointing_game(maps, masks))
         row.energy = _mean(energy_in_mask(maps, masks))
         row.box_iou = _mean(weak_localization(maps, masks))
     bs = max(batch_size, 64)
-    dc = deletion_curves(model, x, maps, target, steps=steps, batch_size=bs, seed=seed)
-    ic = insertion_curves(model, x, maps, target, steps=steps, batch_size=bs, seed=seed)
+    dc = deletion_curves(model, x, maps, target, steps=steps, batch_size=bs, seed=seed, probability=probability)
+    ic = insertion_curves(model, x, maps, target, steps=steps, batch_size=bs, seed=seed, probability=probability)
     row.deletion, row.insertion = _mean(auc(dc)), _mean(auc(ic))
     row.curves = {"deletion": dc.mean(0).tolist(), "insertion": ic.mean(0).tolist()}
-    row.road_morf = _mean(road(model, x, maps, target, batch_size=bs, seed=seed))
-    row.road_lerf = _mean(road(model, x, maps, target, order="lerf", batch_size=bs, seed=seed))
+    row.road_morf = _mean(road(model, x, maps, target, batch_size=bs, seed=seed, probability=probability))
+    row.road_lerf = _mean(road(model, x, maps, target, order="lerf", batch_size=bs, seed=seed,
+                               probability=probability))
     row.faith_corr = _mean(faithfulness_correlation(model, x, maps, target, batch_size=bs, seed=seed))
     row.sparseness, row.complexity = _mean(sparseness(maps)), _mean(complexity(maps))
     return row
@@ -212,6 +219,7 @@ def evaluate_methods(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = False,
+    probability: ProbabilityLike = True,
 ) -> tuple[list[MetricRow], dict[str, Tensor]]:
     """Every method (default: those that apply, :func:`salience.methods.default_methods`), the
     oracle (the mask as the map, with ``masks``) and the model-free :data:`BASELINES` through
@@ -221,9 +229,13 @@ def evaluate_methods(
     per method, then the oracle's and the baselines' rows (with ``baselines``), and the maps
     ``{name: (B, H, W)}``. A method that fails (e.g. Grad-CAM on a model without convolutions)
     gets a row with its ``error`` and the others go on. A regression model (``ModelInfo.task``) is
-    refused: its outputs are not classes.
+    refused: its outputs are not classes. ``probability``: how deletion, insertion and ROAD score
+    the class (:data:`salience.evidence.faithfulness.PROBABILITY`: ``"sigmoid"`` for a multilabel
+    model). Every random draw of an image comes from its own stream (``seed`` and its content,
+    :func:`salience.evidence.image_seeds`): an image's values do not depend on the others in ``x``.
     """
     _check_classifier(model)
+    check_probability(probability)
     items = [resolve_method(m) for m in (methods if methods is not None else default_methods(model))]
     fns = dict(items)
     extra = ([ORACLE] if masks is not None else []) + list(BASELINES)
@@ -249,7 +261,8 @@ def evaluate_methods(
             else:
                 row.seconds = time.perf_counter() - t0
                 all_maps[name] = maps
-                score_maps(row, model, x, maps, masks, target, steps=steps, batch_size=batch_size, seed=seed)
+                score_maps(row, model, x, maps, masks, target, steps=steps, batch_size=batch_size, seed=seed,
+                           probability=probability)
             rows.append(row)
             bar.update(1)
     return rows, all_maps
@@ -411,6 +424,7 @@ def run_evaluation(
     randomization_images: int = 8,
     train_fn: Optional[TrainFn] = None,
     train_images: int = 1000,
+    probability: ProbabilityLike = True,
 ) -> Path:
     """Evaluate every method on ``model`` and write the report to ``out_dir``; returns the path
     of ``report.html`` (``report.md`` and ``results.json`` lie beside it).
@@ -419,9 +433,12 @@ def run_evaluation(
     without them, ``n`` held-out shapes images with exact masks (seed ``seed``). ``methods``:
     names or functions (default: those that apply, :func:`salience.methods.default_methods`). ``train_fn(images, labels) ->
     model``: if given, also the data randomization test on ``train_images`` shapes (slow: it
-    trains two models; see :func:`salience.demo.train.demo_train_fn`).
+    trains two models; see :func:`salience.demo.train.demo_train_fn`). ``probability``: how the
+    class is scored (``True`` / ``"softmax"``, ``"sigmoid"`` for a multilabel model, ``False``; see
+    :func:`evaluate_methods`).
     """
     check_int(n, "n", minimum=1)
+    check_probability(probability)
     _check_classifier(model)
     if masks is not None and images is None:
         raise SalienceError("masks need their images: give images=DIR too")
@@ -438,7 +455,8 @@ def run_evaluation(
     device = model_device(model)
     x, m = x.to(device), (m.to(device) if m is not None else None)
     rows, maps = evaluate_methods(model, x, m, methods=methods, steps=steps,
-                                  randomization_images=randomization_images, progress=progress)
+                                  randomization_images=randomization_images, progress=progress,
+                                  probability=probability)
     pictures = _write_pictures(out, rows, raw, maps)
     data_rand = None
     if train_fn is not None:

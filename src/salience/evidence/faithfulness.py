@@ -12,7 +12,7 @@ of the output when they are removed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +23,45 @@ from salience._core.autograd import (check_input, class_probabilities, layer_out
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.tensors import check_int, check_number, gaussian_blur
-from salience.evidence._checks import check_maps, check_seed
+from salience.evidence._checks import check_maps, check_seed, image_seeds
 from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
 
-__all__ = ["deletion", "insertion", "deletion_curves", "insertion_curves", "auc", "faithfulness_correlation"]
+__all__ = ["deletion", "insertion", "deletion_curves", "insertion_curves", "auc", "faithfulness_correlation",
+           "PROBABILITY"]
 
 SubstrateLike = Union[str, float, Tensor]
+ProbabilityLike = Union[bool, str]
 ItemMaker = Callable[[Tensor], "tuple[Tensor, Tensor]"]
+
+PROBABILITY: tuple[ProbabilityLike, ...] = (True, "softmax", "sigmoid", False)
+"""How the metrics that score a class target turn the model's output into the class's score
+(``probability=``): ``True`` or ``"softmax"``: the probability of one class among all, the softmax
+of the output (kept when its rows already are probabilities; the sigmoid of a single-logit output,
+a binary classifier); ``"sigmoid"``: each class's own sigmoid, for a multilabel model (independent
+classes, one logit each, as COCO or CheXpert models); ``False``: the raw output. Targets that are
+not classes are always scored raw."""
+
+
+def check_probability(probability: object) -> Optional[str]:
+    """``probability`` (one of :data:`PROBABILITY`) as ``"softmax"``, ``"sigmoid"`` or ``None`` (raw),
+    or a :class:`SalienceError` naming the choices."""
+    if isinstance(probability, bool) or type(probability).__name__ == "bool_":  # numpy's too
+        return "softmax" if probability else None
+    if isinstance(probability, str) and probability in ("softmax", "sigmoid"):
+        return probability
+    raise SalienceError(f"probability must be True or 'softmax' (the softmax over the classes), 'sigmoid' (each "
+                        f"class's own sigmoid: a multilabel model) or False (the raw output); got {probability!r}")
+
+
+def link_scores(out: Tensor, link: Optional[str]) -> Tensor:
+    """``out`` ``(n, classes)`` as the scores :data:`PROBABILITY` names: ``link`` ``"softmax"``
+    (:func:`salience._core.autograd.class_probabilities`), ``"sigmoid"`` (elementwise) or ``None`` (raw)."""
+    if link == "softmax":
+        return class_probabilities(out)
+    if link == "sigmoid":
+        return out.sigmoid()
+    return out
+
 
 
 @dataclass(frozen=True)
@@ -40,7 +72,7 @@ class _Options:
     substrate: SubstrateLike
     blur_sigma: float
     batch_size: int
-    probability: bool
+    probability: ProbabilityLike
     seed: int
 
 
@@ -74,7 +106,9 @@ def _substrate(x: Tensor, substrate: SubstrateLike, blur_sigma: float) -> Tensor
 def pixel_ranks(maps: Tensor, seed: int) -> Tensor:
     """Rank of each pixel ``(B, H*W)`` when sorted by decreasing saliency (0 = most salient).
 
-    Ties are broken in a seeded random order, so a flat map does not delete the image row by row.
+    Ties are broken in a seeded random order, so a flat map does not delete the image row by row:
+    one random order of the ``H*W`` pixel positions from ``seed``, shared by every image (and every
+    map) on purpose, so an image's ranks depend on its map and ``seed`` only, not on the batch.
     """
     b = maps.shape[0]
     flat = maps.reshape(b, -1)
@@ -123,20 +157,21 @@ def prepare_maps(model: nn.Module, x: Tensor, maps: Tensor) -> Tensor:
 
 
 def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, make: ItemMaker, *,
-                batch_size: int, probability: bool) -> Tensor:
+                batch_size: int, probability: ProbabilityLike) -> Tensor:
     """The target's score on ``total`` perturbed images, ``batch_size`` per model call: ``(total,)``.
 
     ``make(ids)`` returns the perturbed images of the item numbers ``ids`` and the index in ``x``
     of the image each comes from. The target (default: the class predicted on the unperturbed
-    ``x``) is resolved once; class targets score the softmax probability when ``probability``
-    (the sigmoid of a single-logit output).
+    ``x``) is resolved once; class targets are scored as ``probability`` says (:data:`PROBABILITY`).
     The one loop behind deletion, insertion, ROAD and faithfulness correlation.
     """
     batch_size = check_int(batch_size, "batch_size", minimum=1)
+    link = check_probability(probability)
     scores = torch.empty(total, device=x.device, dtype=torch.float32)
     with model_guard(model), torch.no_grad():
         tgt = _resolve_class_target(model, x, target, batch_size)
-        softmax = probability and isinstance(tgt, (Classes, MultiLabel))
+        if not isinstance(tgt, (Classes, MultiLabel)):
+            link = None  # a regression output, a neuron, a function: raw
         layer = getattr(tgt, "layer", None)
         for s in range(0, total, batch_size):
             ids = torch.arange(s, min(s + batch_size, total), device=x.device)
@@ -144,8 +179,7 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
             # A target on an inner layer (activation, custom(..., layer=)) reads that layer's output.
             out = (unwrap_output(model(images), model) if layer is None
                    else layer_output(model, images, layer))
-            if softmax:
-                out = class_probabilities(out)
+            out = link_scores(out, link)
             scores[s:s + len(ids)] = _gather_scores(tgt, out, img)
     return scores
 
@@ -182,7 +216,7 @@ def deletion_curves(
     substrate: SubstrateLike = "blur",
     blur_sigma: float = 5.0,
     batch_size: int = 64,
-    probability: bool = True,
+    probability: ProbabilityLike = True,
     seed: int = 0,
 ) -> Tensor:
     """The target's probability as the most salient pixels are removed first: ``(B, steps + 1)``.
@@ -191,8 +225,9 @@ def deletion_curves(
     ``target``: default the class predicted on the unperturbed image, kept for every step; or
     anything :func:`salience.targets.as_target` accepts (a class, classes per image, a
     regression output). ``probability``: for class targets, score the softmax probability
-    (RISE; the sigmoid of a model with a single logit output, ``(B,)`` or ``(B, 1)``) rather than the
-    raw output (other targets are always raw). ``steps``: the curve has
+    (``True`` or ``"softmax"``, RISE; the sigmoid of a model with a single logit output, ``(B,)`` or
+    ``(B, 1)``), each class's own sigmoid (``"sigmoid"``: a multilabel model) or the raw output
+    (``False``); other targets are always raw (:data:`PROBABILITY`). ``steps``: the curve has
     ``steps + 1`` points, at ``k / steps`` of the pixels. ``substrate``: what a removed pixel
     becomes: ``"blur"`` (default: a Gaussian-blurred copy, ``blur_sigma`` px, the canvas RISE
     inserts into), ``"zero"``, ``"mean"`` (the image's channel means), a number, or a tensor like
@@ -215,7 +250,7 @@ def insertion_curves(
     substrate: SubstrateLike = "blur",
     blur_sigma: float = 5.0,
     batch_size: int = 64,
-    probability: bool = True,
+    probability: ProbabilityLike = True,
     seed: int = 0,
 ) -> Tensor:
     """The target's probability as the most salient pixels are put back first onto the
@@ -225,8 +260,9 @@ def insertion_curves(
     ``target``: default the class predicted on the unperturbed image, kept for every step; or
     anything :func:`salience.targets.as_target` accepts (a class, classes per image, a
     regression output). ``probability``: for class targets, score the softmax probability
-    (RISE; the sigmoid of a model with a single logit output, ``(B,)`` or ``(B, 1)``) rather than the
-    raw output (other targets are always raw). ``steps``: the curve has
+    (``True`` or ``"softmax"``, RISE; the sigmoid of a model with a single logit output, ``(B,)`` or
+    ``(B, 1)``), each class's own sigmoid (``"sigmoid"``: a multilabel model) or the raw output
+    (``False``); other targets are always raw (:data:`PROBABILITY`). ``steps``: the curve has
     ``steps + 1`` points, at ``k / steps`` of the pixels. ``substrate``: what a pixel not yet
     inserted is: ``"zero"``, ``"blur"`` (Gaussian, ``blur_sigma`` px), ``"mean"`` (the image's
     channel means), a number, or a tensor like ``x``. Ties in the map are broken in a random
@@ -255,7 +291,7 @@ def deletion(
     substrate: SubstrateLike = "blur",
     blur_sigma: float = 5.0,
     batch_size: int = 64,
-    probability: bool = True,
+    probability: ProbabilityLike = True,
     seed: int = 0,
 ) -> Tensor:
     """Deletion metric (Petsiuk et al. 2018): area under :func:`deletion_curves`, ``(B,)``.
@@ -275,7 +311,7 @@ def insertion(
     substrate: SubstrateLike = "blur",
     blur_sigma: float = 5.0,
     batch_size: int = 64,
-    probability: bool = True,
+    probability: ProbabilityLike = True,
     seed: int = 0,
 ) -> Tensor:
     """Insertion metric (Petsiuk et al. 2018): area under :func:`insertion_curves`, ``(B,)``.
@@ -296,17 +332,19 @@ def faithfulness_correlation(
     substrate: SubstrateLike = "blur",
     blur_sigma: float = 5.0,
     batch_size: int = 64,
-    probability: bool = False,
+    probability: ProbabilityLike = False,
     seed: int = 0,
 ) -> Tensor:
     """Faithfulness correlation (Bhatt et al., IJCAI 2020): ``(B,)``, higher is better.
 
-    For ``subsets`` random sets ``S`` of ``round(subset_size * H * W)`` pixels (uniform, drawn
-    from ``seed``), the pixels of ``S`` are replaced by the ``substrate`` (as in
+    For ``subsets`` random sets ``S`` of ``round(subset_size * H * W)`` pixels (uniform; image
+    ``i``'s sets drawn from its own generator, seeded from ``seed`` and the image's content,
+    :func:`salience.evidence.image_seeds`, so they do not depend on the batch), the pixels of ``S`` are replaced by the ``substrate`` (as in
     :func:`deletion_curves`) and the drop of the target's score ``f(x) - f(x_S)`` is correlated
     (Pearson, over the sets) with the map's sum over ``S``. A map whose values add up like the
     model's output scores 1; a map unrelated to it about 0. ``probability=False`` (default):
-    the raw output, as in the paper (the softmax probability with ``True``). ``NaN`` where the
+    the raw output, as in the paper (the softmax probability with ``True``, each class's sigmoid
+    with ``"sigmoid"``, :data:`PROBABILITY`). ``NaN`` where the
     drops or the sums do not vary. All ``B * (subsets + 1)`` images run in batches.
     """
     maps = prepare_maps(model, x, maps)
@@ -316,8 +354,9 @@ def faithfulness_correlation(
     if not 0 < frac <= 1:
         raise SalienceError(f"subset_size must be a fraction of the pixels in (0, 1], got {subset_size!r}")
     k = min(max(round(frac * h * w), 1), h * w)
-    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
-    keys = torch.rand((b, t, h * w), generator=gen, dtype=torch.float32).to(x.device)  # whatever the default dtype
+    # Image i's sets from its own generator (seeded by its content), in float32 whatever the default dtype.
+    keys = torch.stack([torch.rand((t, h * w), generator=torch.Generator(device="cpu").manual_seed(s),
+                                   dtype=torch.float32) for s in image_seeds(x, check_seed(seed))]).to(x.device)
     chosen = torch.zeros(b, t, h * w, dtype=torch.bool, device=x.device)
     chosen.scatter_(2, keys.topk(k, dim=2).indices, True)
     chosen = chosen.reshape(b, t, h, w)

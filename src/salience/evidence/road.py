@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_number
-from salience.evidence._checks import check_seed, item_seed
-from salience.evidence.faithfulness import pixel_ranks, prepare_maps, score_items
+from salience.evidence._checks import check_seed, image_keys, keyed_seed
+from salience.evidence.faithfulness import ProbabilityLike, pixel_ranks, prepare_maps, score_items
 from salience.targets import TargetLike
 
 __all__ = ["ROAD_FRACTIONS", "linear_imputation", "road_curves", "road"]
@@ -93,9 +93,11 @@ def _impute_one(img: np.ndarray, removed: np.ndarray) -> np.ndarray:
 def linear_imputation(x: Tensor, removed: Tensor, *, noise: float = 0.0, seed: int | Sequence[int] = 0) -> Tensor:
     """``x`` ``(B, C, H, W)`` with the pixels ``removed`` ``(B, H, W)`` (bool, all channels)
     filled by ROAD's linear imputation, plus Gaussian noise of standard deviation ``noise`` (in
-    ``x``'s units) on the filled pixels only, from ``seed``: one int for the whole batch, or one
-    int per image (each image's noise from its own generator, so an image's result does not
-    depend on the batch it is in). Kept pixels are returned unchanged.
+    ``x``'s units) on the filled pixels only. Each image's noise comes from its own generator, so
+    an image's result does not depend on the batch it is in nor on its position there: given one
+    int ``seed``, image ``i``'s generator is seeded ``keyed_seed(seed, key_i)`` from its content
+    key (:func:`salience.evidence.image_seeds` with ``stream=0``, docs/evaluation.md, "Random
+    draws"); given one int per image, with that int. Kept pixels are returned unchanged.
     Solved in float64 on the CPU; returned in ``x``'s dtype and device. At least one pixel per
     image must be kept.
     """
@@ -109,21 +111,26 @@ def linear_imputation(x: Tensor, removed: Tensor, *, noise: float = 0.0, seed: i
     xs = x.detach().to("cpu", torch.float64).numpy()
     out = torch.from_numpy(np.stack([_impute_one(xs[i], rem[i]) for i in range(xs.shape[0])]))
     if noise > 0:
+        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+            s = check_seed(seed)
+            seed = [keyed_seed(s, k) for k in image_keys(x)]
         eps = _noise(out.shape, seed) * noise
         out = torch.where(torch.from_numpy(rem)[:, None], out + eps, out)
     return out.to(x.device, x.dtype)
 
 
-def _noise(shape: torch.Size, seed: int | Sequence[int]) -> Tensor:
-    """Standard normal float64 noise of ``shape`` ``(B, ...)``: from one generator seeded with
-    ``seed``, or, given one seed per image, image ``i``'s slice from its own generator."""
-    if isinstance(seed, (int, np.integer)):
-        return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
-    seeds = [int(s) for s in seed]
-    if len(seeds) != shape[0]:
-        raise SalienceError(f"expected one seed per image ({shape[0]}), got {len(seeds)}")
+def _noise(shape: torch.Size, seeds: Sequence[int]) -> Tensor:
+    """Standard normal float64 noise of ``shape`` ``(B, ...)``: image ``i``'s slice from its own
+    generator, seeded ``seeds[i]``."""
+    if isinstance(seeds, (Tensor, np.ndarray)):
+        seeds = seeds.tolist()
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise SalienceError(f"seed must be an int or one int per image, got {type(seeds).__name__}")
+    ss = [check_seed(s) for s in seeds]
+    if len(ss) != shape[0]:
+        raise SalienceError(f"expected one seed per image ({shape[0]}), got {len(ss)}")
     return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                        for s in seeds])
+                        for s in ss])
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:
@@ -143,7 +150,7 @@ def road_curves(
     fractions: Sequence[float] = ROAD_FRACTIONS,
     noise: float = 0.01,
     batch_size: int = 64,
-    probability: bool = True,
+    probability: ProbabilityLike = True,
     seed: int = 0,
 ) -> Tensor:
     """The target's probability after removing each fraction of the pixels (ROAD): ``(B, F)``.
@@ -152,9 +159,11 @@ def road_curves(
     ``x`` ``(B, C, H, W)``; ``maps`` ``(B, H, W)`` (resized bilinearly to ``x`` if needed; ties
     broken in a random order from ``seed``). ``fractions`` in ``(0, 1)``; a fraction removes
     ``round(f * H * W)`` pixels (at most ``H * W - 1``). ``noise``: the imputation noise (in ``x``'s
-    units): item ``(image i, fraction j)`` draws it from its own generator seeded with
-    ``(seed * 1_000_003 + i * F + j) % 2**63`` (``F`` fractions), whatever ``batch_size``. ``target``, ``probability``, ``batch_size``: as
-    :func:`salience.evidence.deletion_curves`.
+    units): item ``(image i, fraction j)`` draws it from its own generator seeded
+    ``keyed_seed(seed, key_i, j)``, ``key_i`` the content key of image ``i``
+    (:func:`salience.evidence.image_seeds` with ``stream=j``; docs/evaluation.md, "Random draws"):
+    an image's curve is the same alone, in any batch, at any position, whatever ``batch_size``.
+    ``target``, ``probability``, ``batch_size``: as :func:`salience.evidence.deletion_curves`.
     """
     if order not in ("morf", "lerf"):
         raise SalienceError(f"order must be 'morf' (most relevant first) or 'lerf' (least relevant first), got {order!r}")
@@ -168,12 +177,14 @@ def road_curves(
         rank = n - 1 - rank
     counts = torch.tensor([min(round(f * n), n - 1) for f in fr], device=x.device)
     k = len(fr)
+    keys = image_keys(x)
 
     def make(ids: Tensor) -> tuple[Tensor, Tensor]:
         img, step = ids // k, ids % k
         removed = rank[img] < counts[step][:, None, None]
-        # One noise seed per item (image, fraction): the curves do not depend on batch_size.
-        seeds = [item_seed(seed, i) for i in ids.tolist()]
+        # One noise seed per item (image's content, fraction): the curves depend neither on batch_size
+        # nor on where the image is in x.
+        seeds = [keyed_seed(seed, keys[i], j) for i, j in zip(img.tolist(), step.tolist())]
         return linear_imputation(x[img], removed, noise=noise, seed=seeds), img
 
     return score_items(model, x, target, b * k, make, batch_size=batch_size, probability=probability).reshape(b, k)
@@ -189,7 +200,7 @@ def road(
     fractions: Sequence[float] = ROAD_FRACTIONS,
     noise: float = 0.01,
     batch_size: int = 64,
-    probability: bool = True,
+    probability: ProbabilityLike = True,
     seed: int = 0,
 ) -> Tensor:
     """ROAD (Rong et al. 2022): the mean of :func:`road_curves` over the fractions, ``(B,)``.

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from salience._core.autograd import check_input
 from salience._core.tensors import check_int, check_number
-from salience.evidence._checks import MethodLike, check_seed, class_indices, method_maps, resolve_method
+from salience.evidence._checks import (MethodLike, check_seed, class_indices, image_keys, keyed_seed, method_maps,
+                                      resolve_method)
 
 __all__ = ["max_sensitivity"]
 
@@ -35,8 +36,9 @@ def max_sensitivity(
     ``method``: a name of :data:`salience.METHODS` or a function ``(model, x, target) -> maps``;
     maps are compared as ``(B, H, W)`` (a ``(B, 1, H, W)`` map squeezed, a ``(B, C, H, W)`` one
     reduced by the channels' largest magnitude), Frobenius norms. ``d_k`` (``samples`` of them) is uniform in
-    ``[-r, r]`` per input value, ``r = radius * (max(x_i) - min(x_i))`` per image, drawn from
-    ``seed``. ``target``: the class explained on every copy, default the class predicted on ``x``
+    ``[-r, r]`` per input value, ``r = radius * (max(x_i) - min(x_i))`` per image, image ``i``'s
+    ``d_k`` drawn from its own generator, seeded from ``seed`` and the image's content
+    (:func:`salience.evidence.image_seeds`), so an image's value is the same alone or in any batch. ``target``: the class explained on every copy, default the class predicted on ``x``
     (class targets only). Lower is better; 0 for a map that does not change. ``NaN`` where the
     map of ``x`` is zero. The noisy copies of all images go through the method ``batch_size``
     at a time.
@@ -48,14 +50,17 @@ def max_sensitivity(
     bs = check_int(batch_size, "batch_size", minimum=1)
     b = x.shape[0]
     cls = class_indices(model, x, target)
-    m0 = method_maps(fn, model, x, cls, batch_size=bs, kwargs=method_kwargs)
+    m0 = method_maps(fn, model, x, cls, batch_size=bs, kwargs=method_kwargs)  # keys: x's own
     span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(1, b, 1, 1, 1)
-    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
-    noise = (torch.rand((n, *x.shape), generator=gen, dtype=x.dtype).to(x.device) * 2 - 1) * r * span
+    s = check_seed(seed)
+    keys = image_keys(x)
+    draws = [torch.rand((n, *x.shape[1:]), generator=torch.Generator(device="cpu").manual_seed(keyed_seed(s, k)),
+                        dtype=x.dtype) for k in keys]  # image i's n copies from its own generator
+    noise = (torch.stack(draws, 1).to(x.device) * 2 - 1) * r * span
     noisy = (x[None] + noise).reshape(n * b, *x.shape[1:])  # item j = k * B + i
-    copies_of = torch.arange(b).repeat(n)  # copy j = k * B + i is a copy of image i: its SmoothGrad noise
+    # copy j = k * B + i is a copy of image i: it takes image i's key, so its SmoothGrad noise is image i's
     maps = method_maps(fn, model, noisy, cls.repeat(n), batch_size=bs, kwargs=method_kwargs,
-                       images=copies_of).reshape(n, b, -1)
+                       keys=keys * n).reshape(n, b, -1)
     diff = (maps - m0.reshape(1, b, -1)).double().norm(dim=2).amax(0)
     ref = m0.reshape(b, -1).double().norm(dim=1)
     return torch.where(ref > 0, diff / ref.clamp_min(1e-300), torch.full_like(ref, float("nan"))).float()

@@ -22,7 +22,8 @@ from salience._core.autograd import check_input, forward_scores, predicted_class
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import resolve_layer
-from salience.evidence._checks import MethodLike, check_seed, class_indices, method_maps, resolve_method
+from salience.evidence._checks import (MethodLike, check_seed, class_indices, image_seeds, method_maps, resolve_method,
+                                      smoothgrad_seeds)
 from salience.evidence.compare import SIMILARITIES, similarity
 from salience.targets import TargetLike
 
@@ -40,8 +41,13 @@ def _takes_reduce(fn: Callable) -> bool:
 def _signed_and_abs(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: TargetLike,
                     kwargs: dict) -> tuple[Tensor, Tensor]:
     """A method's map as (signed, absolute) ``(B, H, W)``: channel sum of the raw map and of its
-    magnitude when the method can return ``(B, C, H, W)``, else the map and its magnitude."""
+    magnitude when the method can return ``(B, C, H, W)``, else the map and its magnitude.
+    SmoothGrad with an int seed draws each image's noise from that image's content stream
+    (:func:`salience.evidence._checks.smoothgrad_seeds`), not one stream over the batch."""
     kw = dict(kwargs)
+    seeds = smoothgrad_seeds(fn, kwargs, x)
+    if seeds is not None:
+        kw["seed"] = seeds
     if "reduce" not in kw and _takes_reduce(fn):
         kw["reduce"] = None
     m = fn(model, x, target, **kw).detach()
@@ -272,7 +278,8 @@ def random_logit(
 
     The similarity ``kind`` (one of :data:`SIMILARITIES`, default SSIM of the absolute maps)
     between the map of each image's class (``target``, default the predicted class) and the map
-    of another class drawn uniformly from the model's other outputs (from ``seed``). A map that
+    of another class drawn uniformly from the model's other outputs (image ``i``'s from its own
+    generator, seeded from ``seed`` and its content, :func:`salience.evidence.image_seeds`). A map that
     looks the same whatever class it explains does not explain the class. Maps as ``(B, H, W)``
     (a ``(B, 1, H, W)`` map squeezed, a ``(B, C, H, W)`` one reduced by the channels' largest
     magnitude); both sets of maps run through the method ``batch_size`` images at a time.
@@ -286,8 +293,8 @@ def random_logit(
     if k < 2:
         raise SalienceError(f"the random-logit test needs a classifier with at least 2 outputs; the model has {k}")
     cls = class_indices(model, x, target)
-    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
-    draw = torch.randint(0, k - 1, (x.shape[0],), generator=gen).to(cls.device)
+    draw = torch.cat([torch.randint(0, k - 1, (1,), generator=torch.Generator(device="cpu").manual_seed(s))
+                      for s in image_seeds(x, check_seed(seed))]).to(cls.device)
     other = draw + (draw >= cls).long()  # uniform over the k - 1 classes that are not cls
     a = method_maps(fn, model, x, cls, batch_size=batch_size, kwargs=method_kwargs)
     b = method_maps(fn, model, x, other, batch_size=batch_size, kwargs=method_kwargs)
