@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from salience._core import engine as _engine
 from salience import rules
-from salience._core.autograd import backward, check_input
+from salience._core.autograd import backward, check_input, model_call
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
@@ -120,7 +120,8 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None)
         # caller runs under torch.inference_mode(), where enable_grad() alone records no graph.
         with model_guard(model), torch.inference_mode(False), torch.enable_grad():
             one = x[:1].clone() if x.is_inference() else x[:1]
-            model(one.detach().requires_grad_(True))
+            with model_call(model, one):
+                model(one.detach().requires_grad_(True))
     finally:
         for h in handles:
             h.remove()
