@@ -53,6 +53,7 @@ from torch.overrides import TorchFunctionMode
 from salience._core.autograd import model_call
 from salience._core.errors import SalienceError
 from salience._core.guard import check_python_model, model_guard
+from salience._core.tensors import check_flag
 
 __all__ = ["AttentionCapture", "attention_maps", "check_model"]
 
@@ -95,6 +96,7 @@ class AttentionCapture(TorchFunctionMode):
 
     def __init__(self, *, batch: Optional[int] = None, grads: bool = False,
                  reduce: Optional[Callable[[Tensor], Tensor]] = None):
+        grads = check_flag(grads, "grads")
         super().__init__()
         if grads and reduce is not None:
             raise ValueError("AttentionCapture: grads=True needs the matrices themselves, not reduce=")

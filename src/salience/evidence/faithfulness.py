@@ -22,7 +22,7 @@ from salience._core.autograd import (check_input, class_probabilities, layer_out
                                      unwrap_output)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
-from salience._core.tensors import check_int, check_number, gaussian_blur
+from salience._core.tensors import check_int, check_number, gaussian_blur, check_flag
 from salience.evidence._checks import check_maps, check_seed
 from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
 
@@ -201,6 +201,7 @@ def deletion_curves(
     order fixed by ``seed``. The model runs under :func:`salience.model_guard` (eval mode,
     restored after) in batches of ``batch_size``.
     """
+    probability = check_flag(probability, "probability")
     opts = _Options(steps, substrate, blur_sigma, batch_size, probability, seed)
     return _curves(model, x, maps, target, insert=False, opts=opts)
 
@@ -233,6 +234,7 @@ def insertion_curves(
     order fixed by ``seed``. The model runs under :func:`salience.model_guard` (eval mode,
     restored after) in batches of ``batch_size``.
     """
+    probability = check_flag(probability, "probability")
     opts = _Options(steps, substrate, blur_sigma, batch_size, probability, seed)
     return _curves(model, x, maps, target, insert=True, opts=opts)
 
@@ -261,6 +263,7 @@ def deletion(
     """Deletion metric (Petsiuk et al. 2018): area under :func:`deletion_curves`, ``(B,)``.
     Lower is better: a faithful map names the pixels whose removal kills the score first.
     The arguments are those of :func:`deletion_curves`."""
+    probability = check_flag(probability, "probability")
     opts = _Options(steps, substrate, blur_sigma, batch_size, probability, seed)
     return auc(_curves(model, x, maps, target, insert=False, opts=opts))
 
@@ -281,6 +284,7 @@ def insertion(
     """Insertion metric (Petsiuk et al. 2018): area under :func:`insertion_curves`, ``(B,)``.
     Higher is better: a faithful map names the pixels that restore the score first.
     The arguments are those of :func:`insertion_curves`."""
+    probability = check_flag(probability, "probability")
     opts = _Options(steps, substrate, blur_sigma, batch_size, probability, seed)
     return auc(_curves(model, x, maps, target, insert=True, opts=opts))
 
@@ -309,6 +313,7 @@ def faithfulness_correlation(
     the raw output, as in the paper (the softmax probability with ``True``). ``NaN`` where the
     drops or the sums do not vary. All ``B * (subsets + 1)`` images run in batches.
     """
+    probability = check_flag(probability, "probability")
     maps = prepare_maps(model, x, maps)
     t = check_int(subsets, "subsets", minimum=2)
     b, c, h, w = x.shape

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
-from salience._core.tensors import check_number
+from salience._core.tensors import check_number, check_flag
 from salience.evidence._checks import check_seed, item_seed
 from salience.evidence.faithfulness import pixel_ranks, prepare_maps, score_items
 from salience.targets import TargetLike
@@ -156,6 +156,7 @@ def road_curves(
     ``(seed * 1_000_003 + i * F + j) % 2**63`` (``F`` fractions), whatever ``batch_size``. ``target``, ``probability``, ``batch_size``: as
     :func:`salience.evidence.deletion_curves`.
     """
+    probability = check_flag(probability, "probability")
     if order not in ("morf", "lerf"):
         raise SalienceError(f"order must be 'morf' (most relevant first) or 'lerf' (least relevant first), got {order!r}")
     maps = prepare_maps(model, x, maps)
@@ -194,5 +195,6 @@ def road(
 ) -> Tensor:
     """ROAD (Rong et al. 2022): the mean of :func:`road_curves` over the fractions, ``(B,)``.
     ``order="morf"``: lower is better; ``order="lerf"``: higher is better."""
+    probability = check_flag(probability, "probability")
     return road_curves(model, x, maps, target, order=order, fractions=fractions, noise=noise, batch_size=batch_size,
                        probability=probability, seed=seed).mean(1)

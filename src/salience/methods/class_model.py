@@ -41,7 +41,7 @@ from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.progress import progress as _progress
-from salience._core.tensors import check_int, check_number, gaussian_blur, model_device, model_dtype
+from salience._core.tensors import check_int, check_number, gaussian_blur, model_device, model_dtype, check_flag
 from salience.targets import Classes, Target, as_target
 
 __all__ = ["class_model", "total_variation", "tv_gradient", "gaussian_blur"]  # gaussian_blur: re-export of the core one
@@ -359,6 +359,8 @@ def class_model(
     Returns the image ``(B, C, H, W)``, detached; with ``return_history=True`` also the target's
     scores at every step, ``(steps_run, B)``.
     """
+    progress = check_flag(progress, "progress")
+    return_history = check_flag(return_history, "return_history")
     _check_options(model, steps, optimizer, lr, l2, tv, jitter, blur_every, blur_sigma, callback)
     if generator is None:
         generator = torch.Generator().manual_seed(0)

@@ -27,6 +27,7 @@ from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
+from salience._core.tensors import check_flag
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike, split
 from salience.methods._multi import finish, several_targets
@@ -340,6 +341,8 @@ def gradcam(
     both are inferred from the patch embedding when not given (rules in
     :mod:`salience.methods._tokens`). The model comes back exactly as it was.
     """
+    upsample = check_flag(upsample, "upsample")
+    relu = check_flag(relu, "relu")
     return gradient_cam(model, x, target, _gradcam_map, layer=layer, upsample=upsample, relu=relu,
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
 
