@@ -254,3 +254,26 @@ def test_bad_input_raises_clear_errors(small_cnn: nn.Module, kwargs: dict, match
 def test_exported() -> None:
     assert salience.class_model is class_model
     assert "class_model" not in salience.METHODS
+
+
+def test_jitter_leaves_the_global_rng_alone_and_is_reproducible() -> None:
+    """Without a generator the jitter is drawn from a generator of the call's own, seeded with 0 (as
+    SmoothGrad's and RISE's ``seed=0``): the global RNG is neither used nor changed (it was: every call
+    advanced it, and two calls gave two images), the same call gives the same image, and the first
+    step's shift is that of ``torch.Generator().manual_seed(0)``."""
+    model = _linear(c=1, h=6, w=6, k=2)
+    opts = dict(shape=(1, 6, 6), steps=1, optimizer="ascent", lr=1.0, l2=0.0, jitter=2, clip=None, tv=0.0,
+                blur_every=0)
+    state = torch.get_rng_state()
+    img = class_model(model, 1, **opts)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)  # another global state: the same image
+    assert torch.equal(class_model(model, 1, **opts), img)
+    dy, dx = (int(s) for s in torch.randint(-2, 3, (2,), generator=torch.Generator().manual_seed(0)))
+    w = model[1].weight.detach()[1].view(1, 6, 6)
+    torch.testing.assert_close(img[0], torch.roll(w, (-dy, -dx), (1, 2)))
+    other = class_model(model, 1, generator=torch.Generator().manual_seed(5), **opts)
+    dy5, dx5 = (int(s) for s in torch.randint(-2, 3, (2,), generator=torch.Generator().manual_seed(5)))
+    torch.testing.assert_close(other[0], torch.roll(w, (-dy5, -dx5), (1, 2)))
+    with pytest.raises(SalienceError, match="generator must be a torch.Generator"):
+        class_model(model, 1, generator=5, **opts)

@@ -509,3 +509,21 @@ def test_smoothgrad_on_a_few_files_gives_each_file_its_dataset_run_seed(tmp_path
         if p != broken:
             (stored,) = (tmp_path / "few").glob(f"{p.stem}_smoothgrad_*.npy")
             np.testing.assert_allclose(ds.map(i, "smoothgrad"), np.load(stored), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "gradcam", "rise"])
+def test_a_model_of_other_channels_than_the_images_is_one_line(tmp_path, pics, capsys, method):
+    """A model whose stem takes 1 channel given RGB images (its info says nothing of gray): exit 2 with
+    one line naming the input's shape, the channels the model takes and the conversion, not an
+    "unexpected RuntimeError: Given groups=1, weight of size [4, 1, 3, 3] ..."."""
+    paths, _ = pics
+    nets = tmp_path / "gray_nets.py"
+    nets.write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n")
+    rc, out, err = run(["explain", paths[0], "-m", f"python:{nets}:build", "--method", method,
+                        *(["--rise-masks", "4"] if method == "rise" else []), "--out", tmp_path / "o", "--no-progress"], capsys)
+    assert rc == 2, (out, err)
+    assert err.startswith("salience: error: the model cannot take") and err.count("\n") == 1, err
+    assert ", 3, " in err and "takes 1 channel;" in err and "x.mean(1, keepdim=True)" in err, err

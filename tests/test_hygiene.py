@@ -1,6 +1,7 @@
 """The user's model comes back exactly as it was: after success, an exception, or Ctrl-C."""
 from __future__ import annotations
 
+import re
 import threading
 from contextlib import contextmanager
 
@@ -518,3 +519,93 @@ def test_strip_softmax_must_be_a_bool_in_every_method(small_cnn):
         for bad in ("no", "false", 0, None):
             with unchanged(small_cnn), pytest.raises(SalienceError, match="strip_softmax must be True or False"):
                 METHODS[name](small_cnn, x, 1, strip_softmax=bad)
+
+
+class _AlphaDropper(nn.Module):
+    """Takes RGBA and drops the alpha itself: its first convolution's 3 channels are not its input's."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x[:, :3])
+
+
+def _model_for(name: str):
+    from tiny_vit import TinyViT
+
+    if name in salience.methods.ATTENTION_METHODS:
+        torch.manual_seed(0)
+        return TinyViT(), (24, 40)
+    torch.manual_seed(0)
+    from conftest import SmallCNN
+
+    return SmallCNN(), (8, 8)
+
+
+@pytest.mark.parametrize("name", list(salience.METHODS))
+def test_images_of_other_channels_than_the_models_are_a_clear_error(name):
+    """RGBA (4 channels) or gray (1) images into a 3-channel model (a CNN's stem, a ViT's patch
+    embedding): every method raises a SalienceError naming the input's shape, the channels the model's
+    first convolution takes and the conversion (a raw "Given groups=1, weight of size [6, 3, 3, 3],
+    expected input[...] to have 3 channels" from inside the model before), the model's own error kept as
+    the cause, and the model comes back as it was (modes, flags, grads, hooks)."""
+    model, (h, w) = _model_for(name)
+    _train_mode_with_grads_any(model)
+    for c, hint in ((4, r"x\[:, :3\]"), (1, r"x\.expand\(-1, 3, -1, -1\)")):
+        with unchanged(model), pytest.raises(SalienceError) as info:
+            salience.METHODS[name](model, torch.rand(1, c, h, w), 0, **_CHEAP.get(name, {}))
+        msg = str(info.value)
+        assert f"(1, {c}, {h}, {w})" in msg or f", {c}, {h}, {w})" in msg, msg
+        assert "takes 3 channels" in msg and re.search(hint, msg), msg
+        assert isinstance(info.value.__cause__, RuntimeError) and "\n" not in msg
+
+
+def _train_mode_with_grads_any(m: nn.Module) -> None:
+    """Train mode, one frozen parameter and one with a .grad: a state the guard must put back."""
+    m.train()
+    params = list(m.parameters())
+    params[0].requires_grad_(False)
+    params[-1].grad = torch.ones_like(params[-1])
+
+
+def test_a_model_that_converts_its_input_itself_is_not_refused(small_cnn):
+    """No refusal from the first convolution's channels alone: a model that drops the alpha itself
+    takes RGBA images (its stem's 3 channels are not its input's)."""
+    model = _AlphaDropper(small_cnn)
+    x = torch.rand(1, 4, 8, 8)
+    m = salience.vanilla(model, x, 0)
+    assert m.shape == (1, 8, 8) and bool(m.abs().sum() > 0)
+    ref = salience.vanilla(small_cnn, x[:, :3], 0)
+    torch.testing.assert_close(m, ref)
+
+
+def test_a_models_own_errors_are_not_rewritten(small_cnn):
+    """Only a failure that says the input does not fit becomes a SalienceError: a model's own bug keeps
+    its type and its traceback."""
+    class Buggy(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom: a bug of the model's own")
+
+    model = nn.Sequential(small_cnn.features, Buggy())
+    for method in ("vanilla", "occlusion", "gradcam"):
+        opts = {"layer": model[0][0]} if method == "gradcam" else _CHEAP.get(method, {})
+        with pytest.raises(RuntimeError, match="boom") as info:
+            salience.METHODS[method](model, torch.rand(1, 3, 8, 8), 0, **opts)
+        assert not isinstance(info.value, SalienceError)
+
+
+def test_a_vit_given_another_image_size_names_its_input_size():
+    """A ViT with a fixed position embedding given 32 x 32 images where it takes 24 x 40: the size error
+    from its addition of the embedding is a SalienceError that names the model's input size when its
+    info knows it."""
+    from tiny_vit import TinyViT
+
+    from salience._core.info import ModelInfo, attach_info
+
+    torch.manual_seed(0)
+    model = attach_info(TinyViT(), ModelInfo(input_size=(24, 40)))
+    with unchanged(model), pytest.raises(SalienceError, match=r"\(1, 3, 32, 32\).*takes 24 x 40 images.*"
+                                                               r"must match the size"):
+        salience.vanilla(model, torch.rand(1, 3, 32, 32), 0)

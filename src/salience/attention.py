@@ -50,8 +50,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from salience._core.autograd import model_call
 from salience._core.errors import SalienceError
 from salience._core.guard import check_python_model, model_guard
+from salience._core.tensors import check_flag
 
 __all__ = ["AttentionCapture", "attention_maps", "check_model"]
 
@@ -94,6 +96,7 @@ class AttentionCapture(TorchFunctionMode):
 
     def __init__(self, *, batch: Optional[int] = None, grads: bool = False,
                  reduce: Optional[Callable[[Tensor], Tensor]] = None):
+        grads = check_flag(grads, "grads")
         super().__init__()
         if grads and reduce is not None:
             raise ValueError("AttentionCapture: grads=True needs the matrices themselves, not reduce=")
@@ -265,6 +268,6 @@ def attention_maps(model: nn.Module, x: Tensor, *, forward: Optional[Callable[[n
     The pass runs under :func:`torch.inference_mode` (no autograd bookkeeping at all), so what comes
     back are inference tensors: fine for any out-of-place operation, not for in-place ones or autograd.
     """
-    with capturing(model, batch=x.shape[0], reduce=reduce) as cap, torch.inference_mode():
+    with capturing(model, batch=x.shape[0], reduce=reduce) as cap, torch.inference_mode(), model_call(model, x):
         (forward or (lambda m, t: m(t)))(model, x)
     return cap.maps

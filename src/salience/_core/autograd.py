@@ -8,6 +8,7 @@ touched and no graph is built for parameters.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -26,7 +27,7 @@ from salience._core.info import model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, first_tensor
 
-__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_output", "seeing_output", "check_input", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
+__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_output", "seeing_output", "check_input", "model_call", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
            "looks_like_probabilities"]
 
 
@@ -67,6 +68,74 @@ def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
         n = int((~torch.isfinite(x)).sum())
         raise SalienceError(f"x contains {n} NaN or infinite values; saliency needs finite input")
     return x
+
+
+# What PyTorch's layers (and timm's, Hugging Face's) say when an input does not fit them: channels,
+# sizes, shapes. Only a failure that says one of these becomes a SalienceError; any other propagates.
+_SHAPE_FAILURE = re.compile(
+    r"to have \d+ channels, but got \d+ channels|shapes cannot be multiplied|size mismatch|"
+    r"must match the size of tensor|is invalid for input of size|kernel size can't be greater than actual input|"
+    r"output size is too small|expected input with shape|should contain \d+ elements not \d+|"
+    r"channel dimension of the pixel values|input (image size|height|width)\b.*doesn't match model",
+    re.IGNORECASE)
+_CONV_CHANNELS = re.compile(r"to have (\d+) channels, but got (\d+) channels")
+
+
+@contextmanager
+def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
+    """The block runs ``model`` on ``x`` ``(B, C, H, W)``: a failure of the model that says the input
+    does not fit (channels, size, shape: a RuntimeError, or timm's / Hugging Face's assertion and
+    ValueError) is a :class:`SalienceError` naming the input's shape, what the model takes where it is
+    known (the channels its convolution asked for, its first convolution's ``in_channels``, its
+    :class:`~salience._core.info.ModelInfo` input size) and what to do; the model's own error is its
+    ``__cause__``. Any other error propagates as it is (a bug in the model keeps its traceback)."""
+    try:
+        yield
+    except (RuntimeError, AssertionError, ValueError) as e:
+        if isinstance(e, SalienceError):
+            raise
+        said = next((line.strip() for line in str(e).splitlines() if _SHAPE_FAILURE.search(line)), None)
+        if said is None:
+            raise
+        raise SalienceError(_shape_message(model, x, said.removeprefix("RuntimeError: "))) from e
+
+
+def _first_conv(model: nn.Module) -> Optional[tuple[str, int]]:
+    """The name and ``in_channels`` of the model's first ``nn.Conv2d`` (in the order of its modules: the
+    stem, or a transformer's patch embedding, in the models seen), or ``None``."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            return name, m.in_channels
+    return None
+
+
+_CHANNEL_HINTS = {(4, 3): "drop the alpha channel (RGBA to RGB): x[:, :3]",
+                  (1, 3): "repeat the gray channel (grayscale to RGB): x.expand(-1, 3, -1, -1)",
+                  (3, 1): "make the images gray, e.g. x.mean(1, keepdim=True)"}
+
+
+def _shape_message(model: nn.Module, x: Tensor, said: str) -> str:
+    """The words of :func:`model_call`'s error: the input, what the model takes, what to do."""
+    _, c, h, w = x.shape
+    head = f"the model cannot take the input of shape {tuple(x.shape)} ({c} channels, {h} x {w} pixels)"
+    conv = _CONV_CHANNELS.search(said)
+    first = _first_conv(model)
+    takes: Optional[int] = None
+    if conv is not None and int(conv.group(2)) == c:
+        takes = int(conv.group(1))
+        where = f"its first convolution {first[0]!r}" if first is not None and first[1] == takes else "a convolution"
+    elif first is not None and first[1] != c:
+        takes, where = first[1], f"its first convolution {first[0]!r}"
+    size = model_info(model).input_size
+    if takes is not None and takes != c:
+        hint = _CHANNEL_HINTS.get((c, takes), f"give it images of {takes} channel{'s' * (takes != 1)}")
+        why = f": {where} takes {takes} channel{'s' * (takes != 1)}; {hint}"
+    elif size is not None and tuple(size) != (h, w):
+        why = (f": it takes {size[0]} x {size[1]} images; resize them (salience.loading.preprocess with the "
+               "model's info does)")
+    else:
+        why = "; give it images of the channels and size it was made for"
+    return f"{head}{why} (the model said: {said})"
 
 
 def _compute_dtype(model: nn.Module) -> Optional[torch.dtype]:
@@ -274,7 +343,8 @@ def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
     try:
         with model_guard(model), torch.inference_mode():
             try:
-                out = model(x)
+                with model_call(model, x):
+                    out = model(x)
                 if seen is not None:
                     seen.append(out)
             except _StopForward:
@@ -433,7 +503,8 @@ def backward(
         if run is not None:  # the run's layout (channels-last input for a channels-last model)
             x_in = run.prepare(x_in)
         x_in = x_in.requires_grad_(input_grad or bool(layers))
-        out, captured = _forward(model, x_in, target_layer, layers, strip_softmax, extra_modes)
+        with model_call(model, x_in):
+            out, captured = _forward(model, x_in, target_layer, layers, strip_softmax, extra_modes)
         scores = [check_scores(t(out), x.shape[0]) for t in targets]
         wrt = ([x_in] if input_grad else []) + [c[0] for c in captured]
         per_target = _walk_back(scores, wrt, input_grad)
@@ -526,7 +597,8 @@ def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
             xb = x[i:i + step]
             if run is not None:
                 xb = run.prepare(xb)
-            out = _scores_pass(model, xb, run, strip_softmax, compiled)
+            with model_call(model, xb):
+                out = _scores_pass(model, xb, run, strip_softmax, compiled)
             outs.append(out.detach() if run is None or run.dtype is None else out.detach().to(x.dtype))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 
-__all__ = ["autocast_off", "gaussian_blur", "gaussian_kernel1d", "minmax", "unit_scale", "first_tensor", "model_device", "model_dtype", "check_int", "check_number"]
+__all__ = ["autocast_off", "gaussian_blur", "gaussian_kernel1d", "minmax", "unit_scale", "first_tensor", "model_device", "model_dtype", "check_int", "check_number", "check_flag", "check_optional_flag"]
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
@@ -139,9 +139,14 @@ def check_flag(value: Any, name: str) -> bool:
     """``value`` as a bool (``True`` / ``False``, numpy's included), or a :class:`SalienceError`
     naming the option: a string such as ``"no"`` or ``"false"`` is truthy, so taking it silently
     would do the opposite of what was meant."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
-        return bool(value)
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
+        return bool(value)  # numpy.bool_ is named "bool" since numpy 2
     raise SalienceError(f"{name} must be True or False, got {value!r}")
+
+
+def check_optional_flag(value: Any, name: str) -> Optional[bool]:
+    """:func:`check_flag` for an option where ``None`` means "decide from the data"."""
+    return None if value is None else check_flag(value, name)
 
 
 def check_number(value: Any, name: str, *, minimum: Optional[float] = None, what: str = "",

@@ -38,7 +38,7 @@ from salience import reduce as _reduce
 from salience import rules
 from salience._core.autograd import gradients
 from salience._core.errors import SalienceError
-from salience._core.tensors import model_device
+from salience._core.tensors import model_device, check_flag
 from salience.loading.keras import import_keras, is_keras_model, layer_module_name
 from salience._core.layers import resolve_layer
 from salience.methods import METHODS
@@ -280,6 +280,7 @@ def visualize_saliency_with_losses(
     ``sum(weight * loss)``. ``wrt_tensor``: a layer (index, name or module) whose output the
     gradient is taken against instead of the input. Returns the normalized map (see module doc).
     """
+    keepdims = check_flag(keepdims, "keepdims")
     model = input_tensor
     method = _rule(backprop_modifier)
     if is_keras_model(model):
@@ -331,6 +332,7 @@ def visualize_saliency(
     PyTorch, ``(H, W, C)`` for Keras. Returns a NumPy ``(H, W)`` map in ``[0, 1]`` (or the
     gradient's own layout with ``keepdims=True``).
     """
+    keepdims = check_flag(keepdims, "keepdims")
     method = _rule(backprop_modifier)
     idx = _indices(filter_indices)
     if is_keras_model(model):

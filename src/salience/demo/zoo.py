@@ -18,6 +18,7 @@ from torch import nn
 
 from salience._core.errors import SalienceError
 from salience._core.info import ModelInfo, attach_info
+from salience._core.tensors import check_flag
 
 __all__ = ["DEMOS", "ShapesNet", "ShapesViT", "ARCHITECTURES", "build", "load_demo", "demo_metadata"]
 
@@ -170,6 +171,7 @@ class ShapesViT(nn.Module):
 
     def __init__(self, num_outputs: int = 5, patch: int = 8, dim: int = 48, depth: int = 4, heads: int = 4,
                  mlp: int = 96, input_size: int = 64, stem: bool = True):
+        stem = check_flag(stem, "stem")
         super().__init__()
         if input_size % patch or (stem and patch & (patch - 1)):
             raise SalienceError(f"ShapesViT: input_size {input_size} is not a multiple of patch {patch} "

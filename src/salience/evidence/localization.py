@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from salience._core.errors import SalienceError
-from salience._core.tensors import check_number
+from salience._core.tensors import check_number, check_flag
 from salience.evidence._checks import check_maps, check_masks
 
 __all__ = ["pointing_game", "energy_in_mask", "mask_box", "saliency_box", "box_iou", "weak_localization"]
@@ -67,6 +67,7 @@ def energy_in_mask(maps: Tensor, masks: Tensor, *, absolute: bool = False) -> Te
     independent of the mask gives, on average, the mask's area fraction. ``NaN`` where a map
     has no mass (all zero) or the mask is empty.
     """
+    absolute = check_flag(absolute, "absolute")
     maps = check_maps(maps)
     masks = check_masks(masks, maps)
     m = maps.abs() if absolute else maps.clamp(min=0)
@@ -137,6 +138,7 @@ def saliency_box(maps: Tensor, *, threshold: float = 0.2, largest: bool = True) 
     ``0.2`` is the CAM convention (Zhou et al. 2016). A map without positive values gives a
     NaN box.
     """
+    largest = check_flag(largest, "largest")
     maps = check_maps(maps)
     threshold = check_number(threshold, "threshold", what="a fraction of each map's maximum, in (0, 1]")
     if not 0 < threshold <= 1:
@@ -168,6 +170,7 @@ def weak_localization(maps: Tensor, masks: Tensor, *, threshold: float = 0.2, la
     """Weakly supervised localization (Simonyan et al. 2014, sec. 6): IoU ``(B,)`` between the
     box of the thresholded map (:func:`saliency_box`) and the mask's box. NaN for empty masks;
     0 for maps without positive values."""
+    largest = check_flag(largest, "largest")
     maps = check_maps(maps)
     masks = check_masks(masks, maps)
     iou = box_iou(saliency_box(maps, threshold=threshold, largest=largest), mask_box(masks))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError, suggest
 from salience._core.info import ModelInfo, attach_info, model_info
+from salience._core.tensors import check_flag
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODEL_SPECS", "load_model", "resolve_device", "imagenet_class_names", "read_labels",
            "name_classes", "read_state_dict", "load_state"]
@@ -110,6 +111,7 @@ def read_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, 
     """A state dict (parameter name -> tensor) from a file: ``.safetensors``, or a PyTorch file
     read with ``torch.load(weights_only=True)`` unless ``trust_pickle``. A checkpoint's
     ``state_dict`` / ``model`` entry is taken, and ``module.`` / ``_orig_mod.`` prefixes removed."""
+    trust_pickle = check_flag(trust_pickle, "trust_pickle")
     p = Path(path)
     if not p.is_file():
         raise SalienceError(f"weights file {p}: no such file; check the path")
@@ -381,6 +383,7 @@ def load_model(
     what the model returns holds the scores (:func:`salience.loading.select_output`).
     Raises :class:`SalienceError` with one line saying what went wrong and what to do.
     """
+    trust_pickle = check_flag(trust_pickle, "trust_pickle")
     s = os.fspath(spec)
     if not isinstance(s, str) or not s:
         raise SalienceError(f"expected a model spec such as 'demo:shapes', got {spec!r}")

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from salience._core.autograd import backward, check_input, layer_output
 from salience._core.errors import SalienceError
 from salience._core.layers import LayerSpec
+from salience._core.tensors import check_flag
 from salience.targets import TargetLike, split
 from salience.methods._multi import several_targets, target_free
 from salience.methods.gradcam import gradient_cam, grid_layout, resolve_cam_layer, upsample_maps
@@ -89,6 +90,8 @@ def gradcam_plus_plus(
     prefix_tokens: Optional[int] = None,
 ) -> Tensor:
     """Grad-CAM++: channels weighted by the positive gradients, each scaled by ``1 / (2 + S_k G)``."""
+    upsample = check_flag(upsample, "upsample")
+    relu = check_flag(relu, "relu")
     return gradient_cam(model, x, target, _plus_plus_map, layer=layer, upsample=upsample, relu=relu,
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
 
@@ -107,6 +110,8 @@ def hirescam(
     prefix_tokens: Optional[int] = None,
 ) -> Tensor:
     """HiResCAM: the gradient times the activation, summed over channels (no spatial averaging)."""
+    upsample = check_flag(upsample, "upsample")
+    relu = check_flag(relu, "relu")
     return gradient_cam(model, x, target, _hires_map, layer=layer, upsample=upsample, relu=relu,
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
 
@@ -125,6 +130,8 @@ def xgradcam(
     prefix_tokens: Optional[int] = None,
 ) -> Tensor:
     """XGrad-CAM: channels weighted by their activation-weighted mean gradient ``sum_ij A G / sum_ij A``."""
+    upsample = check_flag(upsample, "upsample")
+    relu = check_flag(relu, "relu")
     return gradient_cam(model, x, target, _xgrad_map, layer=layer, upsample=upsample, relu=relu,
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
 
@@ -151,6 +158,8 @@ def layercam(
     stays 0), and fused by the element-wise maximum: values in ``[0, tanh(gamma)]``, no longer raw.
     ``gamma``: the scaling's slope (2 in the paper); used only with a list of layers.
     """
+    upsample = check_flag(upsample, "upsample")
+    relu = check_flag(relu, "relu")
     if isinstance(layer, (list, tuple)):
         return _fused_layercam(model, x, target, list(layer), upsample=upsample, relu=relu, gamma=gamma,
                                strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
@@ -221,6 +230,8 @@ def eigencam(
     (the layers after it cost that much more; no second pass, the same map). The model's class names
     are not trusted for the number of outputs. See docs/methods-cams.md.
     """
+    center = check_flag(center, "center")
+    upsample = check_flag(upsample, "upsample")
     if target is not None:
         raise SalienceError(
             "eigencam takes no target: its map is the first principal component of the layer's activations, "

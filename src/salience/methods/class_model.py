@@ -41,7 +41,7 @@ from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.progress import progress as _progress
-from salience._core.tensors import check_int, check_number, gaussian_blur, model_device, model_dtype
+from salience._core.tensors import check_int, check_number, gaussian_blur, model_device, model_dtype, check_flag
 from salience.targets import Classes, Target, as_target
 
 __all__ = ["class_model", "total_variation", "tv_gradient", "gaussian_blur"]  # gaussian_blur: re-export of the core one
@@ -347,7 +347,10 @@ def class_model(
     :mod:`salience.methods.class_model`; the defaults (``l2=3e-3, tv=0.05, jitter=3,
     blur_every=4, blur_sigma=0.8``, 300 Adam steps of 0.05) give readable pictures for images of
     values of order 1; ``tv=0, jitter=0, blur_every=0`` is the paper's plain L2-regularized
-    ascent. ``jitter`` is limited to half the image. ``generator`` seeds the jitter.
+    ascent. ``jitter`` is limited to half the image. ``generator`` draws the jitter; ``None``: a
+    generator of its own seeded with 0, so a call is reproducible and the global RNG is neither used
+    nor changed (as SmoothGrad's and RISE's ``seed=0``); pass ``torch.Generator().manual_seed(n)`` for
+    another draw.
 
     ``progress`` draws a progress bar on stderr. ``callback(step, image, score)`` is called after
     every step with the current image ``(B, C, H, W)`` (detached; clone it to keep it) and the
@@ -356,7 +359,13 @@ def class_model(
     Returns the image ``(B, C, H, W)``, detached; with ``return_history=True`` also the target's
     scores at every step, ``(steps_run, B)``.
     """
+    progress = check_flag(progress, "progress")
+    return_history = check_flag(return_history, "return_history")
     _check_options(model, steps, optimizer, lr, l2, tv, jitter, blur_every, blur_sigma, callback)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    elif not isinstance(generator, torch.Generator):
+        raise SalienceError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     device, dtype = model_device(model), model_dtype(model)
     seed, seed_batch, shape = _seed_tensor(seed, shape, device, dtype)
     shape = _image_shape(model, shape)

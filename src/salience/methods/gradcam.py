@@ -22,11 +22,12 @@ from torch import Tensor, nn
 
 from salience._core import engine as _engine
 from salience import rules
-from salience._core.autograd import backward, check_input
+from salience._core.autograd import backward, check_input, model_call
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
+from salience._core.tensors import check_flag
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike, split
 from salience.methods._multi import finish, several_targets
@@ -120,7 +121,8 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None)
         # caller runs under torch.inference_mode(), where enable_grad() alone records no graph.
         with model_guard(model), torch.inference_mode(False), torch.enable_grad():
             one = x[:1].clone() if x.is_inference() else x[:1]
-            model(one.detach().requires_grad_(True))
+            with model_call(model, one):
+                model(one.detach().requires_grad_(True))
     finally:
         for h in handles:
             h.remove()
@@ -339,6 +341,8 @@ def gradcam(
     both are inferred from the patch embedding when not given (rules in
     :mod:`salience.methods._tokens`). The model comes back exactly as it was.
     """
+    upsample = check_flag(upsample, "upsample")
+    relu = check_flag(relu, "relu")
     return gradient_cam(model, x, target, _gradcam_map, layer=layer, upsample=upsample, relu=relu,
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
 

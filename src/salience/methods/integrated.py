@@ -19,7 +19,7 @@ from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import backward, check_input
 from salience._core.errors import SalienceError
-from salience._core.tensors import check_int, gaussian_blur
+from salience._core.tensors import check_int, gaussian_blur, check_flag
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.targets import Predicted, Target, split
@@ -155,6 +155,8 @@ def integrated_gradients(
     ``memory_format``, ``compile``, ``precision`` as in :func:`salience.smoothgrad` (they apply to
     the path's points; the end points run as plain eager passes).
     """
+    return_gap = check_flag(return_gap, "return_gap")
+    progress = check_flag(progress, "progress")
     check_input(x, model)
     check_int(steps, "steps", minimum=1, what="points on the path")
     if not isinstance(rule, str):

@@ -38,7 +38,7 @@ from salience._core import perf as _perf
 from salience._core.autograd import check_input, forward_scores
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
-from salience._core.tensors import check_int, check_number, gaussian_blur
+from salience._core.tensors import check_int, check_number, gaussian_blur, check_flag
 from salience.methods._multi import several_targets
 from salience.reduce import Reduction
 from salience.targets import Classes, MultiLabel, Predicted, Target, resolve, split
@@ -257,6 +257,7 @@ def occlusion(
     ``max_memory`` (bytes or ``"2GiB"``), ``progress``, ``memory_format``, ``compile`` and
     ``precision`` (how the passes run; ``None``: the settings) as in :func:`salience.smoothgrad`.
     """
+    progress = check_flag(progress, "progress")
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
     check_perturbation_targets(targets, "occlusion")
@@ -353,6 +354,7 @@ def rise(
     pass. ``chunk``, ``max_memory``, ``progress``, ``memory_format``, ``compile`` and ``precision``
     (how the passes run; ``None``: the settings) as in :func:`salience.smoothgrad`.
     """
+    progress = check_flag(progress, "progress")
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
     check_perturbation_targets(targets, "rise")

@@ -42,7 +42,7 @@ from salience._core.autograd import capture_hook, check_input, forward_scores, l
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
-from salience._core.tensors import autocast_off, check_number
+from salience._core.tensors import autocast_off, check_number, check_flag
 from salience.methods._multi import several_targets
 from salience.methods._tokens import Layout
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
@@ -192,6 +192,10 @@ def scorecam(
     ``max_memory``, ``progress``, ``memory_format``, ``compile`` and ``precision`` (how the masked
     passes run; ``None``: the settings) as in :func:`salience.smoothgrad`.
     """
+    relu = check_flag(relu, "relu")
+    upsample = check_flag(upsample, "upsample")
+    align_corners = check_flag(align_corners, "align_corners")
+    progress = check_flag(progress, "progress")
     targets, multi, mod = _setup("Score-CAM", model, x, target, layer)
     if softmax not in SCORECAM_SOFTMAX:
         raise SalienceError(f"softmax must be one of {', '.join(SCORECAM_SOFTMAX)}; got {softmax!r}")
@@ -330,6 +334,9 @@ def ablationcam(
     (a forward hook replaces the layer's output in each of them; ``compile`` is accepted, for
     settings shared with the other methods, and its passes run eagerly).
     """
+    relu = check_flag(relu, "relu")
+    upsample = check_flag(upsample, "upsample")
+    progress = check_flag(progress, "progress")
     targets, multi, mod = _setup("Ablation-CAM", model, x, target, layer)
     value = check_number(value, "value", what="the value an ablated channel takes, e.g. 0")
     budget = _engine.check_memory_options(chunk, max_memory)

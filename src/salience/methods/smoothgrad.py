@@ -16,7 +16,7 @@ from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import check_input
 from salience._core.errors import SalienceError
-from salience._core.tensors import check_int, check_number
+from salience._core.tensors import check_int, check_number, check_flag
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.methods._multi import as_method, free_maps, is_target_free, takes_several_targets
@@ -88,6 +88,8 @@ def smoothgrad(
     :func:`salience.set_performance`; see docs/performance.md). Other keyword ``options`` go to
     ``method`` (e.g. ``layer=`` for Grad-CAM).
     """
+    reduce_each = check_flag(reduce_each, "reduce_each")
+    progress = check_flag(progress, "progress")
     check_input(x, model)
     _check_options(method, samples, noise, variant, options)
     seed = check_seed(seed, x.shape[0])

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from salience.attention import AttentionCapture, attention_maps, check_model
 from salience._core.autograd import backward, check_input, unwrap_output
 from salience._core.errors import SalienceError
-from salience._core.tensors import autocast_off
+from salience._core.tensors import autocast_off, check_flag
 from salience.methods._multi import several_targets
 from salience.methods._tokens import Layout, token_layout
 from salience.methods.gradcam import _upsample
@@ -136,6 +136,7 @@ def attention_rollout(
     weights set to 0 per layer.
     One forward pass, no gradient; the model comes back exactly as it was.
     """
+    upsample = check_flag(upsample, "upsample")
     check_input(x, model)
     check_model(model, "attention_rollout")
     targets, multi = split(target, x.shape[0])
@@ -180,6 +181,7 @@ def transformer_attribution(
     ``target`` and ``strip_softmax`` as in :func:`salience.vanilla`; ``prefix_tokens`` / ``grid``
     as in :func:`salience.gradcam`. The model comes back exactly as it was.
     """
+    upsample = check_flag(upsample, "upsample")
     check_input(x, model)
     check_model(model, "transformer_attribution")
     targets, multi = split(target, x.shape[0])

@@ -30,7 +30,7 @@ import torch
 
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_path, atomic_write
-from salience._core.tensors import unit_scale
+from salience._core.tensors import unit_scale, check_flag, check_optional_flag
 
 __all__ = [
     "COLORMAPS",
@@ -206,6 +206,7 @@ def scale(m: ArrayLike, norm: Norm = "percentile", *, percentile: float = 99.0,
     is negative" (decided over the whole input, so a batch shares one scheme); signed scaling is
     symmetric and keeps 0 at 0. A constant map scales to 0.
     """
+    signed = check_optional_flag(signed, "signed")
     a = _finite(_as_array(m, "map"), "map")
     if a.ndim < 2:
         raise SalienceError(f"map must be (H, W) or a batch (B, H, W) / (B, C, H, W), got shape {tuple(a.shape)}")
@@ -234,6 +235,7 @@ def heatmap(m: ArrayLike, *, cmap: Union[None, str, ArrayLike] = None, norm: Nor
     ``(256, 3)`` uint8 table; default ``"bwr"`` for signed maps (0 is white), ``"fire"`` otherwise.
     Per-channel maps ``(C, H, W)`` go through :func:`colored` or :func:`grayscale` instead.
     """
+    signed = check_optional_flag(signed, "signed")
     a = _finite(_as_array(m, "map"), "map")
     if a.ndim not in (2, 3):
         raise SalienceError(
@@ -260,6 +262,7 @@ def colored(m: ArrayLike, *, norm: Norm = "percentile", percentile: float = 99.0
     The three channels of an image are scaled together (so their balance, the hue, is kept).
     Unsigned: 0 is black. Signed: symmetric, 0 is mid-gray, positive brighter, negative darker.
     """
+    signed = check_optional_flag(signed, "signed")
     a = _finite(_as_array(m, "map"), "map")
     if a.ndim not in (3, 4) or a.shape[-3] != 3:
         raise SalienceError(
@@ -401,6 +404,7 @@ def overlay(image: ArrayLike, m: ArrayLike, *, alpha: float = 0.5, cmap: Union[N
     gives ``(B, H, W, 3)``; one image gives ``(H, W, 3)``. ``alpha`` 0 returns the image, 1 the
     heatmap.
     """
+    signed = check_optional_flag(signed, "signed")
     alpha = _check_alpha(alpha)
     img = to_uint8_image(image)
     one = img.ndim == 3
@@ -488,6 +492,9 @@ def figure(images: Union[ArrayLike, Sequence[ArrayLike]], maps: Mapping[str, Arr
     ``labels=False`` draws no text. Layout: tiles of equal size with ``pad`` white pixels between
     them and around the edge, below a header line of text.
     """
+    overlay = check_flag(overlay, "overlay")
+    labels = check_flag(labels, "labels")
+    signed = check_optional_flag(signed, "signed")
     alpha = _check_alpha(alpha)
     imgs = _figure_images(images)
     n, h, w = imgs.shape[:3]
