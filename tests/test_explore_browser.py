@@ -7,6 +7,7 @@ filtered, a row opened in the explorer, with a second model whose own layers its
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -480,3 +481,110 @@ def test_a_new_server_on_the_same_port_shows_its_own_runs_thumbnails(tmp_path):
     for on_page, served in shown:
         assert on_page == served
     assert shown[0][0] != shown[1][0]
+
+
+def test_a_failed_or_cancelled_cell_is_asked_again_when_its_image_is_picked_again(tmp_path, monkeypatch):
+    """A map whose job fails once (a transient error in the model's worker: a 500) shows its message
+    until asked again; picking the same image again, or the cell's retry button, asks the server
+    again (it asked nothing and the cell stayed failed until a reload), and the cell that succeeded
+    beside it is not asked again. A cancelled cell is asked again by a re-pick too."""
+    from salience.explore import compute
+
+    from explore_helpers import block_worker
+
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    label, other = int(labels[0]), (int(labels[0]) + 1) % 5
+    fails = {"left": 0}
+    real = compute.explain
+
+    def flaky(slot, image, method, target, given, ticker):
+        if target == label and fails["left"] > 0:
+            fails["left"] -= 1
+            raise RuntimeError("the backend hiccuped")
+        return real(slot, image, method, target, given, ticker)
+    monkeypatch.setattr(compute, "explain", flaky)
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    asked: list[dict] = []
+    bad, good = f"td.cell[data-target='a:{label}']", f"td.cell[data-target='a:{other}']"
+    message = "unexpected RuntimeError: the backend hiccuped"
+
+    def state(cell: str) -> str:
+        return page.inner_text(f"{cell} .state")
+
+    def shown(cell: str, start: str) -> None:
+        page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith({start!r})")
+
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                # the 500 is the answer this test asks for (the page reads the job's error)
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.on("request", lambda r: asked.append(json.loads(r.post_data))
+                        if r.url.endswith("/api/explain") else None)
+                page.click("#images img[data-id='f0']")
+                for k in (label, other):
+                    page.locator(f"#classes button.class[data-index='{k}']").click()
+                fails["left"] = 1
+                page.select_option("#method", "vanilla")
+                page.click("#add")
+                shown(good, "vanilla")
+                shown(bad, message)
+                page.wait_for_timeout(500)  # the failure stays, with its message, until asked again
+                assert state(bad) == message and "error" in page.get_attribute(f"{bad} .state", "class")
+                assert [a["target"] for a in asked] == [label, other] or [a["target"] for a in asked] == [other, label]
+
+                asked.clear()
+                page.click("#images img[data-id='f0']")  # the same image again: the failed cell asks again
+                shown(bad, "vanilla")
+                page.wait_for_timeout(300)
+                assert [a["target"] for a in asked] == [label]  # the map that came is not asked for again
+                assert page.locator(f"{bad} .tools > *").count() == 4
+
+                asked.clear()
+                fails["left"] = 1
+                page.select_option("#method", "gradcam")
+                page.click("#add")
+                cell = f"tr[data-row='2'] {bad}"
+                shown(cell, message)
+                page.locator(f"{cell} button.retry").click()  # the cell's own retry
+                shown(cell, "gradcam")
+                assert not page.locator(f"{cell} button.retry").is_visible()
+
+                release = block_worker(explorer.hub)  # its curves waiting in line, cancelled: the map stays
+                try:
+                    page.click(f"{cell} .tools button:has-text('curves')")
+                    shown(cell, "queued")
+                    page.locator(f"{cell} button:has-text('cancel')").click()
+                    shown(cell, "gradcam")
+                finally:
+                    release.set()
+                assert page.inner_text(f"{cell} .error") == "curves: cancelled"
+                assert page.locator(f"{cell} .tools > *").count() == 4
+                assert not page.locator(f"{cell} button.retry").is_visible()
+                asked.clear()
+                with page.expect_response(lambda r: "/top?image=f0" in r.url):
+                    page.click("#images img[data-id='f0']")
+                page.wait_for_timeout(300)
+                assert asked == []  # every map came: none is asked again
+
+                release = block_worker(explorer.hub)  # a map waiting in line, cancelled
+                try:
+                    page.select_option("tr[data-row='2'] [data-option='relu']", "false")
+                    shown(cell, "queued")
+                    page.locator(f"{cell} button:has-text('cancel')").click()
+                    shown(cell, "cancelled")
+                finally:
+                    release.set()
+                asked.clear()
+                page.click("#images img[data-id='f0']")
+                shown(cell, "gradcam")
+                assert [(a["method"], a["target"]) for a in asked] == [("gradcam", label)]
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors

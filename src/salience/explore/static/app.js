@@ -312,12 +312,18 @@ function cellFor(row, t) {
   const cancel = el("button", { hidden: "", onclick: () => {
     if (!cell.job) return;
     api(`api/jobs/${cell.job}`, { method: "DELETE" }).catch(() => {});
-    cell.serial++; cell.job = null; showJob(cell, { state: "cancelled" });
+    const tool = cell.jobTool;
+    cell.serial++; cell.job = null;
+    if (tool) toolNote(cell, tool, "cancelled"); // the map stays: only its curves or sanity check stopped
+    else { failed(cell); showJob(cell, { state: "cancelled" }); }
   } }, "cancel");
+  // retry: a failed or cancelled map is asked for again (so is it when its image is picked again); an
+  // unreadable image is read again by picking it again
+  const retry = el("button", { class: "retry", hidden: "", onclick: () => (S.broken ? pick(S.image) : request(cell)) }, "retry");
   const tools = el("div", { class: "tools" });
   const extra = el("div", {});
-  const td = el("td", { class: "cell", "data-target": `${t.model}:${t.index}` }, canvas, bar, state, cancel, tools, extra);
-  const cell = { id, row, t, td, canvas, state, bar, cancel, tools, extra, key: null, map: null, job: null, serial: 0 };
+  const td = el("td", { class: "cell", "data-target": `${t.model}:${t.index}` }, canvas, bar, state, cancel, retry, tools, extra);
+  const cell = { id, row, t, td, canvas, state, bar, cancel, retry, tools, extra, key: null, map: null, job: null, serial: 0 };
   S.cells.set(id, cell);
   return cell;
 }
@@ -333,6 +339,7 @@ function sleep(ms) { return new Promise((ok) => setTimeout(ok, ms)); }
 function showJob(cell, j) {
   const running = j.state === "queued" || j.state === "running";
   cell.bar.hidden = !running; cell.cancel.hidden = !running;
+  cell.retry.hidden = j.state !== "error" && j.state !== "cancelled";
   if (j.progress === null || j.progress === undefined) cell.bar.removeAttribute("value"); else cell.bar.value = j.progress;
   cell.state.className = "state" + (j.state === "error" ? " error" : "");
   cell.state.title = j.note ? `progress not known ahead: ${j.note}` : "";
@@ -342,15 +349,22 @@ function showJob(cell, j) {
     : j.state === "error" ? j.error : j.state === "cancelled" ? "cancelled" : "";
 }
 
-async function poll(cell, j, serial) {
-  cell.job = j.job;
+// Wait for job `j` of the cell (its map, or `tool`: its curves or sanity check), showing its progress;
+// the ended job (the caller shows how it ended).
+async function poll(cell, j, serial, tool = null) {
+  cell.job = j.job; cell.jobTool = tool;
   while ((j.state === "queued" || j.state === "running") && serial === cell.serial) {
     showJob(cell, j);
     await sleep(250);
     j = await api(`api/jobs/${j.job}`);
   }
-  if (serial === cell.serial) showJob(cell, j);
   return j;
+}
+
+// The cell shows its map's name (its map is drawn)
+function mapShown(cell) {
+  showJob(cell, { state: "done" });
+  cell.state.textContent = `${cell.row.method} · ${cell.t.name}`;
 }
 
 async function request(cell) {
@@ -375,18 +389,24 @@ async function request(cell) {
     // key changes with its map only (the figure, curves and sanity use the key: never an older setting's map)
     if (serial !== cell.serial) return;
     if (j.state !== "done") j = await poll(cell, j, serial);
-    if (serial !== cell.serial || j.state !== "done") return;
+    if (serial !== cell.serial) return;
+    if (j.state !== "done") { failed(cell); showJob(cell, j); return; } // its error, or cancelled
     const map = parseNpy(await api(`api/maps/${j.key}/display.npy`));
     if (serial !== cell.serial) return;
     cell.map = map; cell.key = j.key; cell.image = image;
-    showJob(cell, { state: "done" });
-    cell.state.textContent = `${cell.row.method} · ${cell.t.name}`;
+    mapShown(cell);
     draw(cell); tools(cell); figureLink();
   } catch (e) {
     if (serial !== cell.serial) return;
-    cell.map = null; cell.key = null; draw(cell);
+    failed(cell);
     showJob(cell, { state: "error", error: e.message });
   }
+}
+
+// A cell whose map did not come: no map (not an older setting's), and `want` cleared so that picking
+// its image again asks again (the failure stays shown until then, or until its retry button)
+function failed(cell) {
+  cell.map = null; cell.key = null; cell.want = null; draw(cell); figureLink();
 }
 
 function parseNpy(buf) {
@@ -445,16 +465,23 @@ function tools(cell) {
     el("button", { class: "button", onclick: () => onMap(cell, "sanity") }, "sanity"));
 }
 
+// A map's curves or sanity check. When it fails or is cancelled, the map stays (with its name) and the
+// message is shown under it; its button asks again.
 async function onMap(cell, what) {
   const serial = cell.serial;
   try {
     let j = await api(`api/maps/${cell.key}/${what}`, { method: "POST" });
-    if (j.state !== "done") j = await poll(cell, j, serial);
-    if (serial !== cell.serial || j.state !== "done") return;
-    showJob(cell, { state: "done" });
-    cell.state.textContent = `${cell.row.method} · ${cell.t.name}`;
+    if (j.state !== "done") j = await poll(cell, j, serial, what);
+    if (serial !== cell.serial) return;
+    if (j.state !== "done") { toolNote(cell, what, j.error || j.state); return; }
+    mapShown(cell);
     if (what === "curves") drawCurves(cell, j.result); else badge(cell, j.result);
-  } catch (e) { showJob(cell, { state: "error", error: e.message }); }
+  } catch (e) { if (serial === cell.serial) toolNote(cell, what, e.message); }
+}
+
+function toolNote(cell, what, text) {
+  mapShown(cell);
+  cell.extra.append(el("div", { class: "error" }, `${what}: ${text}`));
 }
 
 function badge(cell, r) {
