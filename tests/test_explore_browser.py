@@ -588,3 +588,71 @@ def test_a_failed_or_cancelled_cell_is_asked_again_when_its_image_is_picked_agai
     finally:
         explorer.stop()
     assert not errors, errors
+
+
+def test_a_removed_column_asks_nothing_and_shows_the_rows_settings_when_added_again(tmp_path):
+    """A column removed: a change of its row's settings asks nothing for it (its maps were computed
+    unseen, one job each, the slow methods' too), and the job it waits for is cancelled; added again,
+    it asks for the map of the row's settings now (not the one it showed before)."""
+    from explore_helpers import block_worker
+
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    label, other = int(labels[0]), (int(labels[0]) + 1) % 5
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    asked: list[tuple[str, Any]] = []
+    cell, gone = f"td.cell[data-target='a:{label}']", f"td.cell[data-target='a:{other}']"
+    reduce = "tr[data-row='1'] [data-option='reduce']"
+
+    def explained() -> list[tuple[int, dict]]:
+        return [(a["target"], a.get("options")) for kind, a in asked if kind == "explain"]
+
+    def shown(c: str, start: str) -> None:
+        page.wait_for_function(f"document.querySelector(\"{c} .state\")?.textContent.startsWith({start!r})")
+
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.on("request", lambda r: asked.append(("explain", json.loads(r.post_data)))
+                        if r.url.endswith("/api/explain") else asked.append((r.method, r.url))
+                        if r.method == "DELETE" else None)
+                page.click("#images img[data-id='f0']")
+                for k in (label, other):
+                    page.locator(f"#classes button.class[data-index='{k}']").click()
+                page.select_option("#method", "vanilla")
+                page.click("#add")
+                shown(cell, "vanilla")
+                shown(gone, "vanilla")
+
+                page.click(f"#grid-head th:has-text(': {salience.data.CLASSES[other]}') button.remove")
+                asked.clear()
+                page.select_option(reduce, "max")
+                shown(cell, "vanilla")
+                page.wait_for_timeout(300)
+                assert explained() == [(label, {"reduce": "max"})]
+
+                asked.clear()
+                page.locator(f"#classes button.class[data-index='{other}']").click()
+                shown(gone, "vanilla")
+                assert explained() == [(other, {"reduce": "max"})]
+
+                release = block_worker(explorer.hub)
+                try:
+                    asked.clear()
+                    page.select_option(reduce, "abs")
+                    shown(gone, "queued")
+                    page.click(f"#grid-head th:has-text(': {salience.data.CLASSES[other]}') button.remove")
+                    page.wait_for_timeout(300)
+                    assert [m for m, _ in asked if m == "DELETE"] == ["DELETE"]
+                finally:
+                    release.set()
+                shown(cell, "vanilla")
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors

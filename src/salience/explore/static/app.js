@@ -250,7 +250,7 @@ function layerControls(row) {
     for (const l of tree.layers) input.append(el("option", { value: l.name }, `${"  ".repeat(l.depth)}${l.name} ${l.type}`));
     input.addEventListener("change", () => {
       if (input.value === "") delete row.layers[m.slot]; else row.layers[m.slot] = input.value;
-      for (const c of S.cells.values()) if (c.row === row && c.t.model === m.slot) request(c);
+      refreshAll(); // the cells of this row and model
     });
     const label = S.info.models.length > 1 ? `layer (${m.slot}: ${m.name})` : "layer";
     return el("label", {}, label, input);
@@ -309,14 +309,7 @@ function cellFor(row, t) {
   const bar = el("progress", { max: 1, hidden: "" });
   // cancel: this cell stops waiting at once; the server stops the job unless another request (another
   // tab's) joined it and still waits
-  const cancel = el("button", { hidden: "", onclick: () => {
-    if (!cell.job) return;
-    api(`api/jobs/${cell.job}`, { method: "DELETE" }).catch(() => {});
-    const tool = cell.jobTool;
-    cell.serial++; cell.job = null;
-    if (tool) toolNote(cell, tool, "cancelled"); // the map stays: only its curves or sanity check stopped
-    else { failed(cell); showJob(cell, { state: "cancelled" }); }
-  } }, "cancel");
+  const cancel = el("button", { hidden: "", onclick: () => cancelJob(cell) }, "cancel");
   // retry: a failed or cancelled map is asked for again (so is it when its image is picked again); an
   // unreadable image is read again by picking it again
   const retry = el("button", { class: "retry", hidden: "", onclick: () => (S.broken ? pick(S.image) : request(cell)) }, "retry");
@@ -328,9 +321,45 @@ function cellFor(row, t) {
   return cell;
 }
 
-function refreshRow(row) { for (const c of S.cells.values()) if (c.row === row) request(c); }
-// The cells not yet showing the current image (new cells, or all after another image is picked).
-function refreshAll() { for (const c of S.cells.values()) if (c.td.isConnected && c.want !== S.image) request(c); }
+// The cancel button: this cell stops waiting at once; the server stops the job unless another request
+// (another tab's) joined it and still waits
+function cancelJob(cell) {
+  if (!cell.job) return;
+  api(`api/jobs/${cell.job}`, { method: "DELETE" }).catch(() => {});
+  const tool = cell.jobTool;
+  cell.serial++; cell.job = null;
+  if (tool) toolNote(cell, tool, "cancelled"); // the map stays: only its curves or sanity check stopped
+  else { failed(cell); showJob(cell, { state: "cancelled" }); }
+}
+
+// The options a cell's map is asked with: its row's, and for the layer its own model's layer menu
+// (else the text field, if any, holds the layer)
+function optionsOf(cell) {
+  const options = { ...cell.row.options };
+  if (S.layers[cell.t.model]) {
+    delete options.layer;
+    if (cell.row.layers[cell.t.model]) options.layer = cell.row.layers[cell.t.model];
+  }
+  return options;
+}
+
+// What a cell's map must be of: the image picked and its row's settings (a cell showing, or asking
+// for, anything else is asked again)
+function wantOf(cell) {
+  const options = optionsOf(cell);
+  return JSON.stringify([S.image, cell.row.method, Object.keys(options).sort().map((k) => [k, options[k]])]);
+}
+
+function refreshRow(row) { refreshAll(); }
+// The cells shown whose map is not of the current image and settings (new cells, all after another image
+// is picked, a row's after its settings change, a column removed and added again after a change). A
+// removed row's or column's cells ask nothing, and stop waiting for the map they asked for.
+function refreshAll() {
+  for (const c of S.cells.values()) {
+    if (!c.td.isConnected) { if (c.job && !c.cancel.hidden) cancelJob(c); }
+    else if (c.want !== wantOf(c)) request(c);
+  }
+}
 
 // ------------------------------------------------------------------ computing a map
 
@@ -354,6 +383,7 @@ function showJob(cell, j) {
 async function poll(cell, j, serial, tool = null) {
   cell.job = j.job; cell.jobTool = tool;
   while ((j.state === "queued" || j.state === "running") && serial === cell.serial) {
+    if (!cell.td.isConnected) { cancelJob(cell); break; } // its row or column was removed meanwhile
     showJob(cell, j);
     await sleep(250);
     j = await api(`api/jobs/${j.job}`);
@@ -370,12 +400,8 @@ function mapShown(cell) {
 async function request(cell) {
   if (!S.image) return;
   const serial = ++cell.serial, image = S.image;
-  cell.want = image;
-  const options = { ...cell.row.options };
-  if (S.layers[cell.t.model]) { // this model's own layer menu (else the text field, if any, holds the layer)
-    delete options.layer;
-    if (cell.row.layers[cell.t.model]) options.layer = cell.row.layers[cell.t.model];
-  }
+  cell.want = wantOf(cell);
+  const options = optionsOf(cell);
   cell.extra.textContent = ""; cell.tools.textContent = "";
   if (S.broken) { // the image cannot be read: the cell shows why, with no map and no tools
     cell.map = null; cell.key = null; cell.want = null; draw(cell); // want: asked again once the image reads
