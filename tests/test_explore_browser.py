@@ -656,3 +656,33 @@ def test_a_removed_column_asks_nothing_and_shows_the_rows_settings_when_added_ag
     finally:
         explorer.stop()
     assert not errors, errors
+
+
+def test_curves_and_sanity_asked_twice_are_shown_once(tmp_path):
+    """A map's curves and sanity check clicked twice: one chart and one badge (each click added one
+    more, the same again, under the map)."""
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    label = int(labels[0])
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    cell = f"td.cell[data-target='a:{label}']"
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                _vanilla_cell(page, label, cell)
+                for what, shown in (("curves", "canvas.curves"), ("sanity", ".badge")):
+                    for _ in range(2):
+                        with page.expect_response(lambda r: r.url.endswith(f"/{what}")):
+                            page.click(f"{cell} .tools button:has-text('{what}')")
+                        page.locator(f"{cell} {shown}").first.wait_for()
+                    page.wait_for_timeout(300)
+                    assert page.locator(f"{cell} {shown}").count() == 1, what
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors

@@ -501,22 +501,30 @@ async function onMap(cell, what) {
     if (serial !== cell.serial) return;
     if (j.state !== "done") { toolNote(cell, what, j.error || j.state); return; }
     mapShown(cell);
-    if (what === "curves") drawCurves(cell, j.result); else badge(cell, j.result);
+    under(cell, what, what === "curves" ? curvesChart(j.result) : badge(j.result));
   } catch (e) { if (serial === cell.serial) toolNote(cell, what, e.message); }
 }
 
 function toolNote(cell, what, text) {
   mapShown(cell);
-  cell.extra.append(el("div", { class: "error" }, `${what}: ${text}`));
+  under(cell, what, el("div", { class: "error" }, `${what}: ${text}`));
 }
 
-function badge(cell, r) {
-  cell.extra.append(el("div", {}, el("span", { class: `badge ${r.passed ? "pass" : "fail"}`,
+// Under the map: the curves, or the sanity badge, or why they are not there, in place of the one before
+// (clicked twice, it was shown twice)
+function under(cell, what, e) {
+  for (const old of cell.extra.querySelectorAll(`[data-what="${what}"]`)) old.remove();
+  e.dataset.what = what;
+  cell.extra.append(e);
+}
+
+function badge(r) {
+  return el("div", {}, el("span", { class: `badge ${r.passed ? "pass" : "fail"}`,
     title: `rank correlation with the map after re-initializing the top layer: ${r.spearman_top.toFixed(2)}, all ${r.layers} layers: ${r.spearman_all.toFixed(2)}` },
-  `sanity: ${r.badge} (r ${r.spearman_all.toFixed(2)})`)));
+  `sanity: ${r.badge} (r ${r.spearman_all.toFixed(2)})`));
 }
 
-function drawCurves(cell, r) {
+function curvesChart(r) {
   const c = el("canvas", { class: "curves", width: 192, height: 96 });
   const ctx = c.getContext("2d");
   const line = (ys, color) => {
@@ -528,7 +536,7 @@ function drawCurves(cell, r) {
   ctx.fillStyle = "#1d2330"; ctx.font = "11px sans-serif";
   ctx.fillText(`insertion AUC ${r.insertion_auc.toFixed(3)}`, 4, 92);
   ctx.fillText(`deletion ${r.deletion_auc.toFixed(3)}`, 118, 92);
-  cell.extra.append(c);
+  return c;
 }
 
 function figureLink() {
