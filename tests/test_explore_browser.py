@@ -686,3 +686,44 @@ def test_curves_and_sanity_asked_twice_are_shown_once(tmp_path):
     finally:
         explorer.stop()
     assert not errors, errors
+
+
+def test_a_changed_setting_cancels_the_job_of_the_setting_before(tmp_path):
+    """A row's setting changed while the map of the setting before waits in line: that job is cancelled
+    (it went on, and the new setting's map waited behind a map nobody would see)."""
+    from explore_helpers import block_worker
+
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    label = int(labels[0])
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    cell = f"td.cell[data-target='a:{label}']"
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.click("#images img[data-id='f0']")
+                page.locator(f"#classes button.class[data-index='{label}']").click()
+                release = block_worker(explorer.hub)
+                try:
+                    page.select_option("#method", "vanilla")
+                    page.click("#add")
+                    page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('queued')")
+                    first = explorer.hub.inflight.copy()
+                    with page.expect_request(lambda r: r.method == "DELETE"):
+                        page.select_option("tr[data-row='1'] [data-option='reduce']", "max")
+                    page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('queued')")
+                    waiting = explorer.hub.slots["a"].worker.waiting()
+                finally:
+                    release.set()
+                page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('vanilla')")
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert len(first) == 1 and [j.state for j in first.values()] == ["cancelled"]
+    assert waiting == 1  # the new setting's job alone

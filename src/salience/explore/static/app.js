@@ -399,6 +399,10 @@ function mapShown(cell) {
 
 async function request(cell) {
   if (!S.image) return;
+  // the map asked for before (another setting's, another image's) is no longer wanted: its job is
+  // cancelled (unless another tab's request joined it), else the new one waits behind it
+  if (cell.job && !cell.cancel.hidden) api(`api/jobs/${cell.job}`, { method: "DELETE" }).catch(() => {});
+  cell.job = null;
   const serial = ++cell.serial, image = S.image;
   cell.want = wantOf(cell);
   const options = optionsOf(cell);
