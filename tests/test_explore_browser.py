@@ -727,3 +727,28 @@ def test_a_changed_setting_cancels_the_job_of_the_setting_before(tmp_path):
     assert not errors, errors
     assert len(first) == 1 and [j.state for j in first.values()] == ["cancelled"]
     assert waiting == 1  # the new setting's job alone
+
+
+def test_an_upload_that_is_not_an_image_is_named_once(tmp_path):
+    """A file that is not an image, uploaded: the status says so, naming the file once (the server's
+    message names it already; the page named it again)."""
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"not a picture")
+    explorer = salience.explore("demo:shapes", show=False)
+    errors: list[str] = []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.set_input_files("#file", str(bad))
+                page.wait_for_function("document.getElementById('status').className === 'error'")
+                status = page.inner_text("#status")
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert [e for e in errors if "400" not in e] == []  # the upload's 400 is the answer asked for
+    assert status.startswith("notes.png: not an image file") and status.count("notes.png") == 1, status

@@ -93,7 +93,7 @@ async function upload(file) {
     const im = await api(`api/images?name=${encodeURIComponent(file.name)}`, { method: "POST", body: file });
     await listImages();
     await pick(im.id);
-  } catch (e) { status(`${file.name}: ${e.message}`, true); }
+  } catch (e) { status(e.message.startsWith(`${file.name}:`) ? e.message : `${file.name}: ${e.message}`, true); }
 }
 
 // The picture of image `id` as model `slot` sees it, loaded; an Error with the server's message
