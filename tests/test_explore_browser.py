@@ -7,6 +7,7 @@ filtered, a row opened in the explorer, with a second model whose own layers its
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -480,3 +481,274 @@ def test_a_new_server_on_the_same_port_shows_its_own_runs_thumbnails(tmp_path):
     for on_page, served in shown:
         assert on_page == served
     assert shown[0][0] != shown[1][0]
+
+
+def test_a_failed_or_cancelled_cell_is_asked_again_when_its_image_is_picked_again(tmp_path, monkeypatch):
+    """A map whose job fails once (a transient error in the model's worker: a 500) shows its message
+    until asked again; picking the same image again, or the cell's retry button, asks the server
+    again (it asked nothing and the cell stayed failed until a reload), and the cell that succeeded
+    beside it is not asked again. A cancelled cell is asked again by a re-pick too."""
+    from salience.explore import compute
+
+    from explore_helpers import block_worker
+
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    label, other = int(labels[0]), (int(labels[0]) + 1) % 5
+    fails = {"left": 0}
+    real = compute.explain
+
+    def flaky(slot, image, method, target, given, ticker):
+        if target == label and fails["left"] > 0:
+            fails["left"] -= 1
+            raise RuntimeError("the backend hiccuped")
+        return real(slot, image, method, target, given, ticker)
+    monkeypatch.setattr(compute, "explain", flaky)
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    asked: list[dict] = []
+    bad, good = f"td.cell[data-target='a:{label}']", f"td.cell[data-target='a:{other}']"
+    message = "unexpected RuntimeError: the backend hiccuped"
+
+    def state(cell: str) -> str:
+        return page.inner_text(f"{cell} .state")
+
+    def shown(cell: str, start: str) -> None:
+        page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith({start!r})")
+
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                # the 500 is the answer this test asks for (the page reads the job's error)
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.on("request", lambda r: asked.append(json.loads(r.post_data))
+                        if r.url.endswith("/api/explain") else None)
+                page.click("#images img[data-id='f0']")
+                for k in (label, other):
+                    page.locator(f"#classes button.class[data-index='{k}']").click()
+                fails["left"] = 1
+                page.select_option("#method", "vanilla")
+                page.click("#add")
+                shown(good, "vanilla")
+                shown(bad, message)
+                page.wait_for_timeout(500)  # the failure stays, with its message, until asked again
+                assert state(bad) == message and "error" in page.get_attribute(f"{bad} .state", "class")
+                assert [a["target"] for a in asked] == [label, other] or [a["target"] for a in asked] == [other, label]
+
+                asked.clear()
+                page.click("#images img[data-id='f0']")  # the same image again: the failed cell asks again
+                shown(bad, "vanilla")
+                page.wait_for_timeout(300)
+                assert [a["target"] for a in asked] == [label]  # the map that came is not asked for again
+                assert page.locator(f"{bad} .tools > *").count() == 4
+
+                asked.clear()
+                fails["left"] = 1
+                page.select_option("#method", "gradcam")
+                page.click("#add")
+                cell = f"tr[data-row='2'] {bad}"
+                shown(cell, message)
+                page.locator(f"{cell} button.retry").click()  # the cell's own retry
+                shown(cell, "gradcam")
+                assert not page.locator(f"{cell} button.retry").is_visible()
+
+                release = block_worker(explorer.hub)  # its curves waiting in line, cancelled: the map stays
+                try:
+                    page.click(f"{cell} .tools button:has-text('curves')")
+                    shown(cell, "queued")
+                    page.locator(f"{cell} button:has-text('cancel')").click()
+                    shown(cell, "gradcam")
+                finally:
+                    release.set()
+                assert page.inner_text(f"{cell} .error") == "curves: cancelled"
+                assert page.locator(f"{cell} .tools > *").count() == 4
+                assert not page.locator(f"{cell} button.retry").is_visible()
+                asked.clear()
+                with page.expect_response(lambda r: "/top?image=f0" in r.url):
+                    page.click("#images img[data-id='f0']")
+                page.wait_for_timeout(300)
+                assert asked == []  # every map came: none is asked again
+
+                release = block_worker(explorer.hub)  # a map waiting in line, cancelled
+                try:
+                    page.select_option("tr[data-row='2'] [data-option='relu']", "false")
+                    shown(cell, "queued")
+                    page.locator(f"{cell} button:has-text('cancel')").click()
+                    shown(cell, "cancelled")
+                finally:
+                    release.set()
+                asked.clear()
+                page.click("#images img[data-id='f0']")
+                shown(cell, "gradcam")
+                assert [(a["method"], a["target"]) for a in asked] == [("gradcam", label)]
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors
+
+
+def test_a_removed_column_asks_nothing_and_shows_the_rows_settings_when_added_again(tmp_path):
+    """A column removed: a change of its row's settings asks nothing for it (its maps were computed
+    unseen, one job each, the slow methods' too), and the job it waits for is cancelled; added again,
+    it asks for the map of the row's settings now (not the one it showed before)."""
+    from explore_helpers import block_worker
+
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    label, other = int(labels[0]), (int(labels[0]) + 1) % 5
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    asked: list[tuple[str, Any]] = []
+    cell, gone = f"td.cell[data-target='a:{label}']", f"td.cell[data-target='a:{other}']"
+    reduce = "tr[data-row='1'] [data-option='reduce']"
+
+    def explained() -> list[tuple[int, dict]]:
+        return [(a["target"], a.get("options")) for kind, a in asked if kind == "explain"]
+
+    def shown(c: str, start: str) -> None:
+        page.wait_for_function(f"document.querySelector(\"{c} .state\")?.textContent.startsWith({start!r})")
+
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.on("request", lambda r: asked.append(("explain", json.loads(r.post_data)))
+                        if r.url.endswith("/api/explain") else asked.append((r.method, r.url))
+                        if r.method == "DELETE" else None)
+                page.click("#images img[data-id='f0']")
+                for k in (label, other):
+                    page.locator(f"#classes button.class[data-index='{k}']").click()
+                page.select_option("#method", "vanilla")
+                page.click("#add")
+                shown(cell, "vanilla")
+                shown(gone, "vanilla")
+
+                page.click(f"#grid-head th:has-text(': {salience.data.CLASSES[other]}') button.remove")
+                asked.clear()
+                page.select_option(reduce, "max")
+                shown(cell, "vanilla")
+                page.wait_for_timeout(300)
+                assert explained() == [(label, {"reduce": "max"})]
+
+                asked.clear()
+                page.locator(f"#classes button.class[data-index='{other}']").click()
+                shown(gone, "vanilla")
+                assert explained() == [(other, {"reduce": "max"})]
+
+                release = block_worker(explorer.hub)
+                try:
+                    asked.clear()
+                    page.select_option(reduce, "abs")
+                    shown(gone, "queued")
+                    page.click(f"#grid-head th:has-text(': {salience.data.CLASSES[other]}') button.remove")
+                    page.wait_for_timeout(300)
+                    assert [m for m, _ in asked if m == "DELETE"] == ["DELETE"]
+                finally:
+                    release.set()
+                shown(cell, "vanilla")
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors
+
+
+def test_curves_and_sanity_asked_twice_are_shown_once(tmp_path):
+    """A map's curves and sanity check clicked twice: one chart and one badge (each click added one
+    more, the same again, under the map)."""
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    label = int(labels[0])
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    cell = f"td.cell[data-target='a:{label}']"
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                _vanilla_cell(page, label, cell)
+                for what, shown in (("curves", "canvas.curves"), ("sanity", ".badge")):
+                    for _ in range(2):
+                        with page.expect_response(lambda r: r.url.endswith(f"/{what}")):
+                            page.click(f"{cell} .tools button:has-text('{what}')")
+                        page.locator(f"{cell} {shown}").first.wait_for()
+                    page.wait_for_timeout(300)
+                    assert page.locator(f"{cell} {shown}").count() == 1, what
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors
+
+
+def test_a_changed_setting_cancels_the_job_of_the_setting_before(tmp_path):
+    """A row's setting changed while the map of the setting before waits in line: that job is cancelled
+    (it went on, and the new setting's map waited behind a map nobody would see)."""
+    from explore_helpers import block_worker
+
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    label = int(labels[0])
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    cell = f"td.cell[data-target='a:{label}']"
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.click("#images img[data-id='f0']")
+                page.locator(f"#classes button.class[data-index='{label}']").click()
+                release = block_worker(explorer.hub)
+                try:
+                    page.select_option("#method", "vanilla")
+                    page.click("#add")
+                    page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('queued')")
+                    first = explorer.hub.inflight.copy()
+                    with page.expect_request(lambda r: r.method == "DELETE"):
+                        page.select_option("tr[data-row='1'] [data-option='reduce']", "max")
+                    page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('queued')")
+                    waiting = explorer.hub.slots["a"].worker.waiting()
+                finally:
+                    release.set()
+                page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('vanilla')")
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert len(first) == 1 and [j.state for j in first.values()] == ["cancelled"]
+    assert waiting == 1  # the new setting's job alone
+
+
+def test_an_upload_that_is_not_an_image_is_named_once(tmp_path):
+    """A file that is not an image, uploaded: the status says so, naming the file once (the server's
+    message names it already; the page named it again)."""
+    sync_api = browser_api()
+    pytest.importorskip("starlette")
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"not a picture")
+    explorer = salience.explore("demo:shapes", show=False)
+    errors: list[str] = []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = _open(browser, explorer.url, errors, viewport={"width": 1200, "height": 900})
+                page.set_input_files("#file", str(bad))
+                page.wait_for_function("document.getElementById('status').className === 'error'")
+                status = page.inner_text("#status")
+            finally:
+                browser.close()
+    finally:
+        explorer.stop()
+    assert [e for e in errors if "400" not in e] == []  # the upload's 400 is the answer asked for
+    assert status.startswith("notes.png: not an image file") and status.count("notes.png") == 1, status

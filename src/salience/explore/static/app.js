@@ -93,7 +93,7 @@ async function upload(file) {
     const im = await api(`api/images?name=${encodeURIComponent(file.name)}`, { method: "POST", body: file });
     await listImages();
     await pick(im.id);
-  } catch (e) { status(`${file.name}: ${e.message}`, true); }
+  } catch (e) { status(e.message.startsWith(`${file.name}:`) ? e.message : `${file.name}: ${e.message}`, true); }
 }
 
 // The picture of image `id` as model `slot` sees it, loaded; an Error with the server's message
@@ -250,7 +250,7 @@ function layerControls(row) {
     for (const l of tree.layers) input.append(el("option", { value: l.name }, `${"  ".repeat(l.depth)}${l.name} ${l.type}`));
     input.addEventListener("change", () => {
       if (input.value === "") delete row.layers[m.slot]; else row.layers[m.slot] = input.value;
-      for (const c of S.cells.values()) if (c.row === row && c.t.model === m.slot) request(c);
+      refreshAll(); // the cells of this row and model
     });
     const label = S.info.models.length > 1 ? `layer (${m.slot}: ${m.name})` : "layer";
     return el("label", {}, label, input);
@@ -309,22 +309,57 @@ function cellFor(row, t) {
   const bar = el("progress", { max: 1, hidden: "" });
   // cancel: this cell stops waiting at once; the server stops the job unless another request (another
   // tab's) joined it and still waits
-  const cancel = el("button", { hidden: "", onclick: () => {
-    if (!cell.job) return;
-    api(`api/jobs/${cell.job}`, { method: "DELETE" }).catch(() => {});
-    cell.serial++; cell.job = null; showJob(cell, { state: "cancelled" });
-  } }, "cancel");
+  const cancel = el("button", { hidden: "", onclick: () => cancelJob(cell) }, "cancel");
+  // retry: a failed or cancelled map is asked for again (so is it when its image is picked again); an
+  // unreadable image is read again by picking it again
+  const retry = el("button", { class: "retry", hidden: "", onclick: () => (S.broken ? pick(S.image) : request(cell)) }, "retry");
   const tools = el("div", { class: "tools" });
   const extra = el("div", {});
-  const td = el("td", { class: "cell", "data-target": `${t.model}:${t.index}` }, canvas, bar, state, cancel, tools, extra);
-  const cell = { id, row, t, td, canvas, state, bar, cancel, tools, extra, key: null, map: null, job: null, serial: 0 };
+  const td = el("td", { class: "cell", "data-target": `${t.model}:${t.index}` }, canvas, bar, state, cancel, retry, tools, extra);
+  const cell = { id, row, t, td, canvas, state, bar, cancel, retry, tools, extra, key: null, map: null, job: null, serial: 0 };
   S.cells.set(id, cell);
   return cell;
 }
 
-function refreshRow(row) { for (const c of S.cells.values()) if (c.row === row) request(c); }
-// The cells not yet showing the current image (new cells, or all after another image is picked).
-function refreshAll() { for (const c of S.cells.values()) if (c.td.isConnected && c.want !== S.image) request(c); }
+// The cancel button: this cell stops waiting at once; the server stops the job unless another request
+// (another tab's) joined it and still waits
+function cancelJob(cell) {
+  if (!cell.job) return;
+  api(`api/jobs/${cell.job}`, { method: "DELETE" }).catch(() => {});
+  const tool = cell.jobTool;
+  cell.serial++; cell.job = null;
+  if (tool) toolNote(cell, tool, "cancelled"); // the map stays: only its curves or sanity check stopped
+  else { failed(cell); showJob(cell, { state: "cancelled" }); }
+}
+
+// The options a cell's map is asked with: its row's, and for the layer its own model's layer menu
+// (else the text field, if any, holds the layer)
+function optionsOf(cell) {
+  const options = { ...cell.row.options };
+  if (S.layers[cell.t.model]) {
+    delete options.layer;
+    if (cell.row.layers[cell.t.model]) options.layer = cell.row.layers[cell.t.model];
+  }
+  return options;
+}
+
+// What a cell's map must be of: the image picked and its row's settings (a cell showing, or asking
+// for, anything else is asked again)
+function wantOf(cell) {
+  const options = optionsOf(cell);
+  return JSON.stringify([S.image, cell.row.method, Object.keys(options).sort().map((k) => [k, options[k]])]);
+}
+
+function refreshRow(row) { refreshAll(); }
+// The cells shown whose map is not of the current image and settings (new cells, all after another image
+// is picked, a row's after its settings change, a column removed and added again after a change). A
+// removed row's or column's cells ask nothing, and stop waiting for the map they asked for.
+function refreshAll() {
+  for (const c of S.cells.values()) {
+    if (!c.td.isConnected) { if (c.job && !c.cancel.hidden) cancelJob(c); }
+    else if (c.want !== wantOf(c)) request(c);
+  }
+}
 
 // ------------------------------------------------------------------ computing a map
 
@@ -333,6 +368,7 @@ function sleep(ms) { return new Promise((ok) => setTimeout(ok, ms)); }
 function showJob(cell, j) {
   const running = j.state === "queued" || j.state === "running";
   cell.bar.hidden = !running; cell.cancel.hidden = !running;
+  cell.retry.hidden = j.state !== "error" && j.state !== "cancelled";
   if (j.progress === null || j.progress === undefined) cell.bar.removeAttribute("value"); else cell.bar.value = j.progress;
   cell.state.className = "state" + (j.state === "error" ? " error" : "");
   cell.state.title = j.note ? `progress not known ahead: ${j.note}` : "";
@@ -342,26 +378,34 @@ function showJob(cell, j) {
     : j.state === "error" ? j.error : j.state === "cancelled" ? "cancelled" : "";
 }
 
-async function poll(cell, j, serial) {
-  cell.job = j.job;
+// Wait for job `j` of the cell (its map, or `tool`: its curves or sanity check), showing its progress;
+// the ended job (the caller shows how it ended).
+async function poll(cell, j, serial, tool = null) {
+  cell.job = j.job; cell.jobTool = tool;
   while ((j.state === "queued" || j.state === "running") && serial === cell.serial) {
+    if (!cell.td.isConnected) { cancelJob(cell); break; } // its row or column was removed meanwhile
     showJob(cell, j);
     await sleep(250);
     j = await api(`api/jobs/${j.job}`);
   }
-  if (serial === cell.serial) showJob(cell, j);
   return j;
+}
+
+// The cell shows its map's name (its map is drawn)
+function mapShown(cell) {
+  showJob(cell, { state: "done" });
+  cell.state.textContent = `${cell.row.method} · ${cell.t.name}`;
 }
 
 async function request(cell) {
   if (!S.image) return;
+  // the map asked for before (another setting's, another image's) is no longer wanted: its job is
+  // cancelled (unless another tab's request joined it), else the new one waits behind it
+  if (cell.job && !cell.cancel.hidden) api(`api/jobs/${cell.job}`, { method: "DELETE" }).catch(() => {});
+  cell.job = null;
   const serial = ++cell.serial, image = S.image;
-  cell.want = image;
-  const options = { ...cell.row.options };
-  if (S.layers[cell.t.model]) { // this model's own layer menu (else the text field, if any, holds the layer)
-    delete options.layer;
-    if (cell.row.layers[cell.t.model]) options.layer = cell.row.layers[cell.t.model];
-  }
+  cell.want = wantOf(cell);
+  const options = optionsOf(cell);
   cell.extra.textContent = ""; cell.tools.textContent = "";
   if (S.broken) { // the image cannot be read: the cell shows why, with no map and no tools
     cell.map = null; cell.key = null; cell.want = null; draw(cell); // want: asked again once the image reads
@@ -375,18 +419,24 @@ async function request(cell) {
     // key changes with its map only (the figure, curves and sanity use the key: never an older setting's map)
     if (serial !== cell.serial) return;
     if (j.state !== "done") j = await poll(cell, j, serial);
-    if (serial !== cell.serial || j.state !== "done") return;
+    if (serial !== cell.serial) return;
+    if (j.state !== "done") { failed(cell); showJob(cell, j); return; } // its error, or cancelled
     const map = parseNpy(await api(`api/maps/${j.key}/display.npy`));
     if (serial !== cell.serial) return;
     cell.map = map; cell.key = j.key; cell.image = image;
-    showJob(cell, { state: "done" });
-    cell.state.textContent = `${cell.row.method} · ${cell.t.name}`;
+    mapShown(cell);
     draw(cell); tools(cell); figureLink();
   } catch (e) {
     if (serial !== cell.serial) return;
-    cell.map = null; cell.key = null; draw(cell);
+    failed(cell);
     showJob(cell, { state: "error", error: e.message });
   }
+}
+
+// A cell whose map did not come: no map (not an older setting's), and `want` cleared so that picking
+// its image again asks again (the failure stays shown until then, or until its retry button)
+function failed(cell) {
+  cell.map = null; cell.key = null; cell.want = null; draw(cell); figureLink();
 }
 
 function parseNpy(buf) {
@@ -445,25 +495,40 @@ function tools(cell) {
     el("button", { class: "button", onclick: () => onMap(cell, "sanity") }, "sanity"));
 }
 
+// A map's curves or sanity check. When it fails or is cancelled, the map stays (with its name) and the
+// message is shown under it; its button asks again.
 async function onMap(cell, what) {
   const serial = cell.serial;
   try {
     let j = await api(`api/maps/${cell.key}/${what}`, { method: "POST" });
-    if (j.state !== "done") j = await poll(cell, j, serial);
-    if (serial !== cell.serial || j.state !== "done") return;
-    showJob(cell, { state: "done" });
-    cell.state.textContent = `${cell.row.method} · ${cell.t.name}`;
-    if (what === "curves") drawCurves(cell, j.result); else badge(cell, j.result);
-  } catch (e) { showJob(cell, { state: "error", error: e.message }); }
+    if (j.state !== "done") j = await poll(cell, j, serial, what);
+    if (serial !== cell.serial) return;
+    if (j.state !== "done") { toolNote(cell, what, j.error || j.state); return; }
+    mapShown(cell);
+    under(cell, what, what === "curves" ? curvesChart(j.result) : badge(j.result));
+  } catch (e) { if (serial === cell.serial) toolNote(cell, what, e.message); }
 }
 
-function badge(cell, r) {
-  cell.extra.append(el("div", {}, el("span", { class: `badge ${r.passed ? "pass" : "fail"}`,
+function toolNote(cell, what, text) {
+  mapShown(cell);
+  under(cell, what, el("div", { class: "error" }, `${what}: ${text}`));
+}
+
+// Under the map: the curves, or the sanity badge, or why they are not there, in place of the one before
+// (clicked twice, it was shown twice)
+function under(cell, what, e) {
+  for (const old of cell.extra.querySelectorAll(`[data-what="${what}"]`)) old.remove();
+  e.dataset.what = what;
+  cell.extra.append(e);
+}
+
+function badge(r) {
+  return el("div", {}, el("span", { class: `badge ${r.passed ? "pass" : "fail"}`,
     title: `rank correlation with the map after re-initializing the top layer: ${r.spearman_top.toFixed(2)}, all ${r.layers} layers: ${r.spearman_all.toFixed(2)}` },
-  `sanity: ${r.badge} (r ${r.spearman_all.toFixed(2)})`)));
+  `sanity: ${r.badge} (r ${r.spearman_all.toFixed(2)})`));
 }
 
-function drawCurves(cell, r) {
+function curvesChart(r) {
   const c = el("canvas", { class: "curves", width: 192, height: 96 });
   const ctx = c.getContext("2d");
   const line = (ys, color) => {
@@ -475,7 +540,7 @@ function drawCurves(cell, r) {
   ctx.fillStyle = "#1d2330"; ctx.font = "11px sans-serif";
   ctx.fillText(`insertion AUC ${r.insertion_auc.toFixed(3)}`, 4, 92);
   ctx.fillText(`deletion ${r.deletion_auc.toFixed(3)}`, 118, 92);
-  cell.extra.append(c);
+  return c;
 }
 
 function figureLink() {
