@@ -175,16 +175,16 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         workers = loader_workers if loader_workers is not None else min(4, max((os.cpu_count() or 1) - 1, 0))
     check_int(workers, "workers", minimum=0)
     check_folder(folder, overwrite)
-    with run_lock(folder):  # one writer: a second run on this folder is refused while this one lives
+    with run_lock(folder) as writer:  # one writer: a second run on this folder is refused while this one lives
         store = Store(folder, manifest, overwrite=overwrite, legacy=legacy, planned=planned)
         store.write_inputs(paths, label_list, mask_list)
         plan.paths = store.input_paths()  # a continued run's rows keep the paths its first command gave
         run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module)
-        if engine == "ray":  # the driver holds the lock; the actors write shards into the locked folder
+        if engine == "ray":  # the driver holds the lock; the actors write shards while it holds it (writer)
             from salience.runs import ray_engine
 
             ray_engine.run(run, num_gpus=num_gpus, actors=actors, address=address, show=show_progress, png=png,
-                           weights=weights, performance=perf)
+                           weights=weights, performance=perf, writer=writer)
         else:
             with _perf.performance(**vars(perf)):
                 run_local(run, show=show_progress, png=png)
