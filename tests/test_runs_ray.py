@@ -193,3 +193,18 @@ def test_a_failed_ray_run_lets_go_of_the_folder_and_its_actors_write_no_more(clu
         time.sleep(0.05)
     time.sleep(2)  # the actor's commit, had it been allowed
     assert not [k for k in _tree(folder) if k.split("/")[0] in ("maps", "shards", "thumbs")]
+
+
+def test_fast_modes_reach_the_ray_actors(cluster, tmp_path):
+    """fold_batchnorm and channels-last on Ray: the actors run them (SmoothGrad's maps differ from the
+    default run's by rounding, not bit for bit) and every map is within the documented tolerance
+    of the local default run's."""
+    from test_runs import FAST_KW, FAST_METHODS, assert_fast_maps, bn_net, write_noise
+
+    model = bn_net()
+    files = write_noise(tmp_path / "imgs", 4)
+    ref = salience.explain_dataset(model, files, FAST_METHODS, tmp_path / "ref", **FAST_KW)
+    on_ray = salience.explain_dataset(model, files, FAST_METHODS, tmp_path / "ray", engine="ray",
+                                      fold_batchnorm=True, memory_format="channels_last", **FAST_KW)
+    assert_fast_maps(on_ray, ref, 4)
+    assert not np.array_equal(on_ray.map(3, "smoothgrad"), ref.map(3, "smoothgrad"))
