@@ -2,6 +2,7 @@
 
     python benchmarks/dataset.py                       # the issue's: 2,000 JPEGs, resnet50 at 224, 5 rounds of 400
     python benchmarks/dataset.py --compile             # also a salience row with compile=True (issue 19)
+    python benchmarks/dataset.py --fold-batchnorm      # also a salience row with fold_batchnorm=True
     python benchmarks/dataset.py --n 40 --size 64 --model resnet18 --rounds 1 --out /tmp/ds   # a smoke test
 
 Peers over the same JPEG files (photographs from scikit-image, cropped and flipped so that no two
@@ -13,6 +14,10 @@ files are alike, saved at 1.25x the input size so that every peer decodes and re
   the Parquet index and the gallery are written.
 - ``salience+compile`` (with ``--compile``): the same with ``compile=True``, when dataset runs take
   that option; otherwise the row says "not supported" and nothing is timed.
+- ``salience+fold`` (with ``--fold-batchnorm``): the same with ``fold_batchnorm=True``. Note: the
+  engine's options apply to the passes the engine runs in chunks (SmoothGrad, IG, Score-CAM, RISE,
+  occlusion); a dataset run's vanilla maps and its prediction pass run the model as it is, so with
+  ``vanilla`` (this benchmark's method) both rows should time the same work as ``salience``.
 - ``bare``: the floor, no decoding, nothing written: the images already decoded into tensors (not
   timed), then per batch of B one forward and ``torch.autograd.grad`` of the predicted class's score
   w.r.t. the input (what a vanilla map needs).
@@ -161,6 +166,7 @@ def main(argv=None) -> int:  # long: the options, the rounds and the report in o
     ap.add_argument("--rounds", type=int, default=5, help="rounds, each on its own block of n / rounds files")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="add a salience row with compile=True")
+    ap.add_argument("--fold-batchnorm", action="store_true", help="add a salience row with fold_batchnorm=True")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU: e.g. --model vit_b_16 --batch 64)")
     ap.add_argument("--model-cpus", default="", help="cores of the model's passes, e.g. 1 (Linux; default: all)")
     ap.add_argument("--decode-cpus", default="", help="cores of the DataLoader workers, e.g. 0 (default: the model's)")
@@ -195,11 +201,17 @@ def main(argv=None) -> int:  # long: the options, the rounds and the report in o
         elif args.compile:
             skipped["salience+compile"] = "not supported: explain_dataset takes no compile= yet (issue 19)"
             print("salience+compile: not supported (explain_dataset takes no compile= yet); row left out", flush=True)
+        if args.fold_batchnorm:
+            cases["salience+fold"] = lambda r, x: run_salience(model, tmp / "jpegs" / f"block{r}", args.batch,
+                                                               args.workers, tmp / "run-folded", fold_batchnorm=True)
         warm = decoded(blocks[0][:args.batch], info)
         run_bare(model, warm, args.batch)  # warm-up (and, with --compile, the compiled run's first trace below)
         if "salience+compile" in cases:
             run_salience(model, tmp / "jpegs" / "block0", args.batch, args.workers, tmp / "warm-compiled",
                          compile=True)
+        if "salience+fold" in cases:  # the folded copy is made once (cached for the process)
+            run_salience(model, tmp / "jpegs" / "block0", args.batch, args.workers, tmp / "warm-folded",
+                         fold_batchnorm=True)
         times: dict[str, list[float]] = {c: [] for c in cases}
         loads: dict[str, list[list[float]]] = {c: [] for c in cases}
         counts = [len(b) for b in blocks]
@@ -231,7 +243,7 @@ def _report(args, counts, times, loads, skipped) -> dict:
     rounds = range(args.rounds)
     return {
         "config": {k: getattr(args, k) for k in ("model", "n", "size", "batch", "workers", "rounds", "threads",
-                                                 "compile", "device", "model_cpus", "decode_cpus")},
+                                                 "compile", "fold_batchnorm", "device", "model_cpus", "decode_cpus")},
         "command": "python benchmarks/dataset.py " + " ".join(sys.argv[1:]),
         "files_per_round": counts,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "salience": salience.__version__},

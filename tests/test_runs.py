@@ -1084,3 +1084,84 @@ def test_extreme_aspects_are_explained_and_a_decompression_bomb_is_a_row(data, t
     assert "100000x100000" in rows["d_bomb.png"]["error"] and "over the limit" in rows["d_bomb.png"]["error"]
     assert sizes.largest <= 3 * 72 * 64 * 16  # nothing near the whole resized image
     assert Image.MAX_IMAGE_PIXELS == pil_limit
+
+
+# --------------------------------------------------------------------------------- the engine's fast modes
+
+FAST_RTOL = 5e-3  # docs/performance.md: channels-last and folded maps within 5e-3 of the largest value
+
+
+def bn_net(size: int = 32) -> torch.nn.Module:
+    """resnet18 with random weights and non-trivial BatchNorm statistics (fresh ones fold to identities)."""
+    import torchvision
+
+    from salience._core.info import ModelInfo, attach_info
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    attach_info(model, ModelInfo(name="resnet18", input_size=(size, size), default_layer="layer4"))
+    return model
+
+
+def write_noise(folder: Path, n: int, size: int = 32) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    paths = [folder / f"{i}.png" for i in range(n)]
+    for p in paths:
+        Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()).save(p)
+    return paths
+
+
+FAST_METHODS = ["vanilla", "smoothgrad", "gradcam"]
+FAST_KW = dict(method_options={"smoothgrad": {"samples": 4}}, shard_size=2, batch_size=2, workers=0,
+               map_dtype="float32", model_spec="resnet18-bn")
+
+
+def assert_fast_maps(run, ref, n: int, methods=FAST_METHODS) -> None:
+    """Each map within the documented tolerance of the default eager map."""
+    for i in range(n):
+        for m in methods:
+            a, b = run.map(i, m), ref.map(i, m)
+            assert np.abs(a - b).max() <= FAST_RTOL * np.abs(b).max(), (i, m)
+
+
+def test_fast_modes_in_a_dataset_run_and_a_resume_with_other_modes(tmp_path, monkeypatch):
+    """fold_batchnorm=True and channels-last on a dataset run (a keyword like memory_format: the run
+    took no fold_batchnorm): SmoothGrad's passes run the folded copy, every map is within the
+    documented tolerance of the default run's, and the model comes back unchanged. The modes are
+    not part of the run's command: a run begun without them is continued with them."""
+    from salience._core import perf
+    from conftest import unchanged
+
+    model = bn_net()
+    files = write_noise(tmp_path / "imgs", 4)
+    ref = salience.explain_dataset(model, files, FAST_METHODS, tmp_path / "ref", **FAST_KW)
+    used = []
+    ran = perf.Run.ran
+    monkeypatch.setattr(perf.Run, "ran", lambda self, fn: (used.append(fn is self._folded), ran(self, fn))[1])
+    with unchanged(model):
+        fast = salience.explain_dataset(model, files, FAST_METHODS, tmp_path / "fast", fold_batchnorm=True,
+                                        memory_format="channels_last", **FAST_KW)
+    assert used and all(used)  # folded passes ran
+    assert_fast_maps(fast, ref, 4)
+    assert not np.array_equal(fast.map(3, "smoothgrad"), ref.map(3, "smoothgrad"))  # another way to the same maps
+    # begun without the modes, continued with them: allowed, only the missing shard is computed
+    shutil.copytree(tmp_path / "ref", tmp_path / "mixed")
+    (tmp_path / "mixed" / "shards" / "000000002.parquet").unlink()
+    (tmp_path / "mixed" / "index.parquet").unlink()
+    mixed = salience.explain_dataset(model, files, FAST_METHODS, tmp_path / "mixed", fold_batchnorm=True,
+                                     memory_format="channels_last", **FAST_KW)
+    assert mixed.complete
+    np.testing.assert_array_equal(mixed.map(0, "smoothgrad"), ref.map(0, "smoothgrad"))  # kept
+    np.testing.assert_array_equal(mixed.map(3, "smoothgrad"), fast.map(3, "smoothgrad"))  # computed with the modes
+    assert_fast_maps(mixed, ref, 4)

@@ -2,13 +2,18 @@
 the local engine, and resumable the same way."""
 from __future__ import annotations
 
+import os
+import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import salience
-from salience import open_run
+from salience import SalienceError, open_run
 from s3_server import s3  # noqa: F401 - a fixture: the S3 server, started before the cluster (its workers see it)
 
 ray = pytest.importorskip("ray", reason="the ray extra (pip install salience[ray]) is not installed")
@@ -38,7 +43,7 @@ def images(tmp_path_factory):
     return root
 
 
-def _run(root: Path, out: str, engine: str):
+def _run(root: Path, out: "str | Path", engine: str):
     return salience.explain_dataset("demo:shapes", root / "imgs", METHODS, root / out, top=2, shard_size=SHARD,
                                     batch_size=BATCH, workers=0, engine=engine)
 
@@ -79,3 +84,127 @@ def test_ray_reads_object_storage(cluster, s3, tmp_path):
     assert on_ray.table.select(cols).equals(local.table.select(cols))
     for i in range(len(local)):
         np.testing.assert_array_equal(on_ray.map(i, "gradcam"), local.map(i, "gradcam"))
+
+
+# --------------------------------------------------------------------------------- one writer
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from salience.runs.lock import run_lock
+with run_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def _lockable(folder: Path) -> bool:
+    """Whether another process may lock the whole lock file now (nobody holds any part of it)."""
+    from salience.runs.lock import LOCK_NAME
+
+    code = "import fcntl, os, sys; fcntl.lockf(os.open(sys.argv[1], os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    return subprocess.run([sys.executable, "-c", code, str(folder / LOCK_NAME)]).returncode == 0
+
+
+def _tree(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_ray_run_is_refused_while_another_holds_the_folder_and_resumes_after_it_died(cluster, images, tmp_path):
+    """A Ray run on a folder another live process has locked stops at once (SalienceError naming the
+    holder's pid and host) and touches nothing; once the holder is killed (kill -9: its lock file
+    stays, naming it) the same Ray command resumes the stopped run, computes only the missing shard
+    and leaves the folder unlocked."""
+    from salience.runs.lock import LOCK_NAME, run_lock
+
+    folder = tmp_path / "run"
+    local = _run(images, folder, "local")
+    (folder / "shards" / "000000008.parquet").unlink()
+    (folder / "index.parquet").unlink()
+    kept = _tree(folder)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder_pid = holder.pid
+        with pytest.raises(SalienceError, match=rf"being written by another salience process \(pid {holder_pid} "
+                                                rf"on host {re.escape(socket.gethostname())}\)"):
+            _run(images, folder, "ray")
+        assert _tree(folder) == {**kept, LOCK_NAME: _tree(folder)[LOCK_NAME]}
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"pid={holder_pid} " in (folder / LOCK_NAME).read_text()  # stale: the holder is dead
+    again = _run(images, folder, "ray")
+    changed = {k for k, v in _tree(folder).items() if k.split("/")[0] in ("maps", "shards", "thumbs") and kept.get(k) != v}
+    assert changed == {"maps/vanilla/000000008.npy", "maps/gradcam/000000008.npy", "thumbs/000000008.jpg",
+                       "shards/000000008.parquet"}, changed
+    cols = [c for c in local.table.column_names if c != "shard"]
+    assert again.table.select(cols).equals(local.table.select(cols))
+    for i in (8, 15):
+        for m in METHODS:
+            np.testing.assert_array_equal(again.map(i, m, 1), local.map(i, m, 1))
+    assert _lockable(folder)  # the Ray run let go of the folder
+    with run_lock(folder):  # and so did this process
+        pass
+
+
+def test_a_failed_ray_run_lets_go_of_the_folder_and_its_actors_write_no_more(cluster, images, tmp_path):
+    """A Ray run whose actor raises lets go of the folder when the exception reaches the caller, and
+    from then on nothing of it writes there: an actor still explaining another batch at that moment
+    does not commit its shard afterwards (it did, seconds after the caller had the error and the
+    folder was free for another run, e.g. an --overwrite that had cleared it)."""
+    import time
+
+    flags = tmp_path / "flags"
+    flags.mkdir()
+
+    def boom(model, x, target):
+        """The first call (in one actor) waits until told; a call in another actor then raises."""
+        try:
+            fd = os.open(flags / "waiter", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            while not (waiter := (flags / "waiter").read_text()):  # its pid is written next
+                time.sleep(0.01)
+            if waiter != str(os.getpid()):
+                raise RuntimeError("boom") from None
+            return salience.vanilla(model, x, target)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        for _ in range(2400):
+            if (flags / "go").exists():
+                break
+            time.sleep(0.05)
+        out = salience.vanilla(model, x, target)
+        (flags / "returned").touch()
+        return out
+
+    folder = tmp_path / "run"
+    files = [images / "imgs" / f"{i:03d}.png" for i in range(16)]
+    with pytest.raises(Exception, match="boom"):
+        salience.explain_dataset("demo:shapes", files, {"boom": boom}, folder, shard_size=2, batch_size=2,
+                                 workers=0, engine="ray", actors=2)
+    assert not (flags / "returned").exists()  # the waiting batch is in flight
+    assert _lockable(folder)
+    (flags / "go").touch()
+    for _ in range(1200):
+        if (flags / "returned").exists():
+            break
+        time.sleep(0.05)
+    time.sleep(2)  # the actor's commit, had it been allowed
+    assert not [k for k in _tree(folder) if k.split("/")[0] in ("maps", "shards", "thumbs")]
+
+
+def test_fast_modes_reach_the_ray_actors(cluster, tmp_path):
+    """fold_batchnorm and channels-last on Ray: the actors run them (SmoothGrad's maps differ from the
+    default run's by rounding, not bit for bit) and every map is within the documented tolerance
+    of the local default run's."""
+    from test_runs import FAST_KW, FAST_METHODS, assert_fast_maps, bn_net, write_noise
+
+    model = bn_net()
+    files = write_noise(tmp_path / "imgs", 4)
+    ref = salience.explain_dataset(model, files, FAST_METHODS, tmp_path / "ref", **FAST_KW)
+    on_ray = salience.explain_dataset(model, files, FAST_METHODS, tmp_path / "ray", engine="ray",
+                                      fold_batchnorm=True, memory_format="channels_last", **FAST_KW)
+    assert_fast_maps(on_ray, ref, 4)
+    assert not np.array_equal(on_ray.map(3, "smoothgrad"), ref.map(3, "smoothgrad"))

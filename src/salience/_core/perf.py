@@ -162,9 +162,11 @@ def _replace(base: Performance, options: dict) -> Performance:
     return replace(base, **{k: v for k, v in options.items() if v is not None}).validated()
 
 
-def resolve(memory_format: Optional[str] = None, compile: Any = None, precision: Optional[str] = None) -> Performance:
+def resolve(memory_format: Optional[str] = None, compile: Any = None, precision: Optional[str] = None,
+            fold_batchnorm: Optional[bool] = None) -> Performance:
     """A method's keywords over the settings in force (``None``: the setting)."""
-    return _replace(current(), dict(memory_format=memory_format, compile=compile, precision=precision))
+    return _replace(current(), dict(memory_format=memory_format, compile=compile, precision=precision,
+                                    fold_batchnorm=fold_batchnorm))
 
 
 # --------------------------------------------------------------------------- compiled models

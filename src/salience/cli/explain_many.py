@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         actors=args.actors, address=args.address, map_dtype=args.map_dtype or "float16",
         max_pixels=args.max_pixels, weights=args.weights, method_options=taken, show_progress=show,
         model_spec=args.model, memory_format=getattr(args, "memory_format", None),
-        compile=getattr(args, "compile", None), precision=getattr(args, "precision", None))
+        compile=getattr(args, "compile", None), precision=getattr(args, "precision", None),
+        fold_batchnorm=getattr(args, "fold_batchnorm", None))
     errors = sum(1 for e in run_.table.column("error").to_pylist() if e is not None)
     print(f"explained {len(run_) - errors} of {len(run_)} image(s) into {args.out}/ (index.parquet, index.html)"
           + (f"; {errors} image(s) failed: see the 'error' column" if errors else ""))

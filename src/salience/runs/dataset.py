@@ -90,6 +90,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     memory_format: Optional[str] = None,
     compile: Union[None, bool, str, Callable[..., Any]] = None,
     precision: Optional[str] = None,
+    fold_batchnorm: Optional[bool] = None,
 ) -> Run:
     """Explain every image of ``images`` with ``methods`` into the run folder ``out``; returns the run
     (:func:`salience.open_run`).
@@ -113,11 +114,11 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     and a digest of its weights). Running it again with the same arguments continues a stopped run (the same
     images named by other paths too: ``imgs``, ``./imgs/``, an absolute path); different arguments on
     an existing run raise, saying what differs, unless ``overwrite``; while a run writes ``out``,
-    another one on it raises at once (a lock the system releases when the process ends). ``memory_format``, ``compile`` and
-    ``precision``: how every method's passes run (``None``: the settings of
+    another one on it raises at once (a lock the system releases when the process ends). ``memory_format``, ``compile``,
+    ``precision`` and ``fold_batchnorm``: how the methods' passes run (``None``: the settings of
     :func:`salience.set_performance`; docs/performance.md), on both engines; they change how the
     maps are computed, not what, so they are not part of the run's command (a run started without
-    ``compile`` may be continued with it). SmoothGrad gives image ``i`` the seed
+    ``compile`` or ``fold_batchnorm`` may be continued with them). SmoothGrad gives image ``i`` the seed
     ``(seed * 1_000_003 + i) % 2**63`` (:func:`salience.runs.job.image_seed`), so its map does not
     depend on the batch (docs/datasets.md).
     """
@@ -128,7 +129,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         check_int(batch_size, "batch_size", minimum=1)
     if map_dtype not in ("float16", "float32"):
         raise SalienceError(f"map_dtype must be float16 or float32, got {map_dtype!r}")
-    perf = _perf.resolve(memory_format, compile, precision)
+    perf = _perf.resolve(memory_format, compile, precision, fold_batchnorm)
     folder = _out_folder(out)
     spec = model if isinstance(model, str) else model_spec
     device = resolve_device(device)
@@ -175,16 +176,16 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         workers = loader_workers if loader_workers is not None else min(4, max((os.cpu_count() or 1) - 1, 0))
     check_int(workers, "workers", minimum=0)
     check_folder(folder, overwrite)
-    with run_lock(folder):  # one writer: a second run on this folder is refused while this one lives
+    with run_lock(folder) as writer:  # one writer: a second run on this folder is refused while this one lives
         store = Store(folder, manifest, overwrite=overwrite, legacy=legacy, planned=planned)
         store.write_inputs(paths, label_list, mask_list)
         plan.paths = store.input_paths()  # a continued run's rows keep the paths its first command gave
         run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module)
-        if engine == "ray":  # the driver holds the lock; the actors write shards into the locked folder
+        if engine == "ray":  # the driver holds the lock; the actors write shards while it holds it (writer)
             from salience.runs import ray_engine
 
             ray_engine.run(run, num_gpus=num_gpus, actors=actors, address=address, show=show_progress, png=png,
-                           weights=weights, performance=perf)
+                           weights=weights, performance=perf, writer=writer)
         else:
             with _perf.performance(**vars(perf)):
                 run_local(run, show=show_progress, png=png)

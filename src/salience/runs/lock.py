@@ -15,6 +15,19 @@ it holds the pid and host of the process that locked it last, for the message of
 that is refused.
 
 Where the file system cannot lock (some FUSE mounts of buckets), the run goes on with a warning.
+
+Other processes may write the run's shards while it holds the folder (the Ray actors); they must
+stop writing when the run ends, even where they live on (a Ray actor finishes the batches it was
+given after its driver raised: it committed shards into the folder seconds after the caller had
+the error and the folder was free for another run). So the lock has two parts: byte 0, the
+**run's**, held from start to end by the process that runs; byte 1, the **commits'**: a process
+that writes a shard for the run holds it shared while it writes (:func:`commit_fence`), after
+checking that the lock file still names its run (a random token the run writes there). A run
+holds byte 1 exclusively while it writes its token (at its start: an earlier run's actor still
+writing is waited for) and while it removes it (at its end, however it ends: its own actors'
+writes are waited for). So once a run has ended, no commit of it begins, and no commit of an
+earlier run is under way while a later run writes the folder. Where ``fcntl`` is missing (Windows)
+the token alone is checked.
 """
 from __future__ import annotations
 
@@ -22,8 +35,11 @@ import contextlib
 import errno
 import os
 import socket
+import secrets
 import threading
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -41,17 +57,31 @@ try:  # Windows
 except ImportError:
     msvcrt = None  # type: ignore[assignment]
 
+FENCE_WAIT = 60.0
+"""Seconds a run waits for the shard commits under way in its folder (at its start and its end)."""
+
 _BUSY = {errno.EAGAIN, errno.EACCES, getattr(errno, "EWOULDBLOCK", errno.EAGAIN)}
 _held: set[str] = set()  # the folders this process holds (their real paths)
 _held_lock = threading.Lock()
 
 
-def _try_lock(fd: int) -> bool:
-    """Lock ``fd`` without waiting: ``True`` when locked, ``False`` when another process holds it.
-    Other errors (a file system without locks) raise ``OSError``."""
+@dataclass(frozen=True)
+class Writer:
+    """What a process that writes shards for a run (a Ray actor) needs to know that the run still
+    holds its folder: the folder, the run's token, and the process and host that hold the lock."""
+
+    folder: str
+    token: str
+    pid: int
+    host: str
+
+
+def _try_lock(fd: int, shared: bool = False, start: int = 0) -> bool:
+    """Lock byte ``start`` of ``fd`` without waiting: ``True`` when locked, ``False`` when another
+    process holds it. Other errors (a file system without locks) raise ``OSError``."""
     try:
         if fcntl is not None:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the whole file, this process's
+            fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB, 1, start)
         elif msvcrt is not None:  # pragma: no cover - Windows: a lock on the file's first byte
             os.lseek(fd, 0, os.SEEK_SET)
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
@@ -77,9 +107,10 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def run_lock(folder: Path) -> Iterator[Optional[int]]:
+def run_lock(folder: Path) -> Iterator[Optional[Writer]]:
     """Hold the lock of the run folder ``folder`` (created if needed) while the block runs; a
-    :class:`SalienceError` at once when another live process holds it."""
+    :class:`SalienceError` at once when another live process holds it. Yields what a process that
+    writes shards for this run passes to :func:`commit_fence` (``None``: the file system cannot lock)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     key = os.path.realpath(folder)
@@ -97,8 +128,9 @@ def run_lock(folder: Path) -> Iterator[Optional[int]]:
 
 
 @contextlib.contextmanager
-def _locked_file(folder: Path, path: Path) -> Iterator[Optional[int]]:
-    """The lock file open and locked (``None``: the file system cannot lock; warned)."""
+def _locked_file(folder: Path, path: Path) -> Iterator[Optional[Writer]]:
+    """The lock file open and locked (``None``: the file system cannot lock; warned), the run's
+    token in it while the block runs."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
@@ -111,9 +143,61 @@ def _locked_file(folder: Path, path: Path) -> Iterator[Optional[int]]:
         if not locked:
             raise SalienceError(f"{folder} is being written by {_holder(path)}; wait for it to finish (or stop it), "
                                 "or choose another --out")
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)  # the text is for the process refused (the lock is the system's)
-        os.write(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode("utf-8"))
-        yield fd
+        writer = Writer(str(folder), secrets.token_hex(16), os.getpid(), socket.gethostname())
+        _fence(fd, folder, writer.token, refuse=True)
+        try:
+            yield writer
+        finally:
+            _fence(fd, folder, None, refuse=False)  # from now on no commit of this run begins
     finally:
         os.close(fd)  # closing the file releases the lock (as the process's end does)
+
+
+def _fence(fd: int, folder: Path, token: Optional[str], *, refuse: bool) -> None:
+    """Write the lock file (this process, and ``token`` as the run allowed to commit) while holding
+    the commits' byte exclusively: the commits under way are waited for (:data:`FENCE_WAIT`
+    seconds; then ``refuse``: a :class:`SalienceError`, else a warning and the file is written)."""
+    held = fcntl is None  # without fcntl there is no commits' byte: the token alone is checked
+    deadline = time.monotonic() + FENCE_WAIT
+    while not held:
+        held = _try_lock(fd, start=1)
+        if not held and time.monotonic() > deadline:
+            if refuse:
+                raise SalienceError(f"{folder}: a process of an earlier run (a Ray actor) is still writing a shard "
+                                    f"after {FENCE_WAIT:.0f} s; stop it (or its Ray job), then run again")
+            warnings.warn(f"{folder}: a shard is still being written after {FENCE_WAIT:.0f} s; the run ends "
+                          "without waiting for it", stacklevel=6)
+            break
+        if not held:
+            time.sleep(0.01)
+    try:
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)  # the text is for the process refused (the lock is the system's)
+        os.write(fd, (f"pid={os.getpid()} host={socket.gethostname()}"
+                      + (f" run={token}" if token else "") + "\n").encode("utf-8"))
+    finally:
+        if held and fcntl is not None:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, 1)
+
+
+@contextlib.contextmanager
+def commit_fence(writer: Optional[Writer]) -> Iterator[None]:
+    """Hold the commits' byte of the run's lock shared while the block writes a shard of the run
+    ``writer`` (from :func:`run_lock`); a :class:`SalienceError`, nothing written, when that run has
+    ended (the lock file names another run, or none). ``None`` (a folder that cannot lock), or the
+    process that holds the run's lock itself: nothing to check."""
+    if writer is None or (writer.pid == os.getpid() and writer.host == socket.gethostname()):
+        yield  # never open the lock file in the process that holds it: closing it would release the lock
+        return
+    path = Path(writer.folder) / LOCK_NAME
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.lockf(fd, fcntl.LOCK_SH, 1, 1)  # waits while a run writes its token (a moment)
+        text = os.read(fd, 4096).decode("utf-8", "replace")
+        if f"run={writer.token}" not in text.split():
+            raise SalienceError(f"{writer.folder}: the run this shard belongs to has ended (or another run holds "
+                                "the folder); the shard is not written")
+        yield
+    finally:
+        os.close(fd)  # releases the shared lock

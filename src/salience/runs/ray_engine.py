@@ -21,6 +21,7 @@ from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.progress import progress
 from salience.runs import job
+from salience.runs.lock import Writer, commit_fence
 from salience.runs.sources import Item
 
 
@@ -55,7 +56,7 @@ class Explain:
     """Ray actor: holds one model; explains a batch of decoded images and writes it as one shard."""
 
     def __init__(self, model: Any, plan: job.Plan, folder: str, batch: int, png: bool, weights: Optional[str],
-                 gpu: bool, performance: Optional[_perf.Performance] = None):
+                 gpu: bool, performance: Optional[_perf.Performance] = None, writer: Optional[Writer] = None):
         from salience.loading import load_model
         from salience.runs.store import Store
 
@@ -64,6 +65,7 @@ class Explain:
         self.plan, self.batch, self.png = plan, batch, png
         self.store = Store.existing(folder)
         self.performance = performance or _perf.Performance()  # the driver's options (an actor has its own process)
+        self.writer = writer  # the driver's run: shards are committed only while it holds the folder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from salience.runs.dataset import commit, shard_name, write_overlays
@@ -81,7 +83,8 @@ class Explain:
             if self.png:
                 write_overlays(self.store.folder, part, parts[-1], self.plan)
         indices = [it.index for it in items]
-        commit(self.store, indices, parts)
+        with commit_fence(self.writer):  # refused once the driver's run has ended (an error, Ctrl-C)
+            commit(self.store, indices, parts)
         return {"index": np.asarray(indices, dtype=np.int64), "shard": np.asarray([shard_name(indices)] * n)}
 
 
@@ -96,10 +99,11 @@ def _actors(ray: Any, num_gpus: float, actors: Optional[int]) -> int:
 
 def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address: Optional[str] = None,
         show: bool = False, png: bool = False, weights: Optional[str] = None,
-        performance: Optional[_perf.Performance] = None) -> None:
+        performance: Optional[_perf.Performance] = None, writer: Optional[Writer] = None) -> None:
     """Explain the run's pending images on Ray (a cluster at ``address``, ``RAY_ADDRESS``, the one
     this process joined, or a new local one, shut down after). The actors run on CUDA when
-    ``num_gpus`` > 0, else on the CPU."""
+    ``num_gpus`` > 0, else on the CPU; they commit shards only while the run ``writer`` (from
+    :func:`salience.runs.lock.run_lock`) holds the folder."""
     from salience.runs.dataset import resolve_batch
 
     ray = _ray()
@@ -122,7 +126,7 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
         ds = ds.map_batches(decode, fn_kwargs={"dataset": run.dataset}, batch_size=batch, batch_format="numpy",
                             num_cpus=1)
         ds = ds.map_batches(Explain, fn_constructor_args=(run.spec, run.plan, str(run.store.folder), batch, png,
-                                                          weights, bool(num_gpus), performance),
+                                                          weights, bool(num_gpus), performance, writer),
                             batch_size=size, batch_format="numpy", concurrency=_actors(ray, num_gpus, actors),
                             num_gpus=num_gpus or None, num_cpus=1)
         with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
