@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience._core.autograd import (check_input, class_probabilities, layer_output, predicted_classes,
-                                     unwrap_output)
+from salience._core.autograd import (check_input, class_probabilities, layer_output, model_call,
+                                     predicted_classes, unwrap_output)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.tensors import check_int, check_number, gaussian_blur
@@ -176,9 +176,11 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
         for s in range(0, total, batch_size):
             ids = torch.arange(s, min(s + batch_size, total), device=x.device)
             images, img = make(ids)
-            # A target on an inner layer (activation, custom(..., layer=)) reads that layer's output.
-            out = (unwrap_output(model(images), model) if layer is None
-                   else layer_output(model, images, layer))
+            # A target on an inner layer (activation, custom(..., layer=)) reads that layer's output. A
+            # model that cannot take the input says so about the caller's x, not the chunk of copies.
+            with model_call(model, x):
+                out = (unwrap_output(model(images), model) if layer is None
+                       else layer_output(model, images, layer))
             out = link_scores(out, link)
             scores[s:s + len(ids)] = _gather_scores(tgt, out, img)
     return scores
