@@ -72,3 +72,70 @@ def test_a_vit_given_another_size_is_a_clear_error_from_the_metrics(name):
     model = attach_info(TinyViT(), ModelInfo(input_size=(24, 40)))
     with unchanged(model), pytest.raises(SalienceError, match=r"\(2, 3, 32, 32\).*takes 24 x 40 images"):
         CALLS[name](model, torch.rand(2, 3, 32, 32), 0)
+
+
+# ------------------------------------------------------------- the blurred substrate of thin images
+def _blur_ref(x: torch.Tensor, sigma: float, axis: int) -> torch.Tensor:
+    """scipy's 1-D Gaussian (mirror = torch's reflect padding, cut at 3 sigma) along ``axis``."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    return torch.from_numpy(ndimage.gaussian_filter1d(x.double().numpy(), sigma, axis=axis, mode="mirror",
+                                                      truncate=3.0))
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (40, 1)])
+def test_deletion_of_a_one_pixel_thin_image_blurs_along_its_length(shape):
+    """A 1 x W (or H x 1) image: the default substrate, the blur, was the image itself (the kernel was
+    cut at the shorter side for both axes, to nothing), so the deletion curve was flat and its AUC
+    meaningless, silently. Now the long axis is blurred: with a linear score ``sum(w * x)`` (raw
+    output) the curve is, in closed form, ``sum(w * where(deleted, blur(x), x))``, the pixels deleted
+    in the map's order, the blur scipy's 1-D Gaussian along the image's length."""
+    from nets import LinearScore
+
+    g = torch.Generator().manual_seed(0)
+    h, w = shape
+    x = torch.rand(2, 1, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(1, 1, h, w, generator=g, dtype=torch.float64)
+    maps = torch.randperm(2 * h * w, generator=g).reshape(2, h, w).double()  # distinct: one order
+    model = LinearScore(weight).double()
+    steps = 4
+    with unchanged(model):
+        curves = M.deletion_curves(model, x, maps, 0, steps=steps, probability=False)
+    blur = _blur_ref(x, 5.0, axis=3 if h == 1 else 2)
+    rank = maps.reshape(2, -1).argsort(1, descending=True).argsort(1).reshape(2, 1, h, w)
+    ref = torch.stack([(weight * torch.where(rank < round(k * h * w / steps), blur, x)).sum((1, 2, 3))
+                       for k in range(steps + 1)], 1)
+    torch.testing.assert_close(curves.double(), ref, rtol=1e-5, atol=1e-5)
+    assert (ref[:, 0] - ref[:, -1]).abs().min() > 1e-3  # not flat
+
+
+def test_the_blur_of_a_short_side_does_not_shorten_the_other():
+    """The kernel is cut at each axis's own size: a 2 x 40 image is blurred along its width by the full
+    3-sigma Gaussian (it was cut to a radius of 1 there too, by the 2-pixel height). Rows that are equal
+    stay equal through the height's blur, so the result is scipy's 1-D blur of the rows."""
+    from salience._core.tensors import gaussian_blur
+
+    row = torch.rand(1, 3, 1, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = row.expand(-1, -1, 2, -1).contiguous()
+    torch.testing.assert_close(gaussian_blur(x, 5.0), _blur_ref(x, 5.0, axis=3))
+    torch.testing.assert_close(gaussian_blur(x.transpose(2, 3), 5.0), _blur_ref(x, 5.0, axis=3).transpose(2, 3))
+
+
+@pytest.mark.parametrize("call", ["deletion", "insertion", "faithfulness_correlation", "road"])
+def test_a_one_pixel_image_is_refused_where_nothing_would_be_removed(call):
+    """A 1 x 1 image: its blur and its mean are the image itself, and ROAD removes at most H * W - 1
+    pixels; the curves were flat and every map scored the same, silently. A SalienceError says which
+    substrate to take instead; the zero substrate still works."""
+    from nets import LinearScore
+
+    model = LinearScore(torch.ones(1, 1, 1, 1))
+    x, maps = torch.rand(2, 1, 1, 1), torch.rand(2, 1, 1)
+    fn = getattr(M, call)
+    if call == "road":
+        with pytest.raises(SalienceError, match="1 x 1 image has none to remove"):
+            fn(model, x, maps, 0)
+        return
+    for substrate in ("blur", "mean"):
+        with pytest.raises(SalienceError, match=rf"substrate='{substrate}' of a 1 x 1 image.*substrate='zero'"):
+            fn(model, x, maps, 0, substrate=substrate)
+    kw = {"steps": 1} if call != "faithfulness_correlation" else {"subsets": 2, "subset_size": 1.0}
+    fn(model, x, maps, 0, substrate="zero", **kw)

@@ -89,6 +89,10 @@ def _substrate(x: Tensor, substrate: SubstrateLike, blur_sigma: float) -> Tensor
         return torch.full_like(x, float(substrate))
     if substrate == "zero":
         return torch.zeros_like(x)
+    if substrate in ("mean", "blur") and x.shape[-2:] == (1, 1):
+        raise SalienceError(f"substrate={substrate!r} of a 1 x 1 image is the image itself: no pixel would be "
+                            "removed and every map would score the same; choose substrate='zero', a number or "
+                            "a tensor like x")
     if substrate == "mean":
         return x.mean((2, 3), keepdim=True).expand_as(x)
     if substrate == "blur":
