@@ -139,3 +139,32 @@ def test_a_one_pixel_image_is_refused_where_nothing_would_be_removed(call):
             fn(model, x, maps, 0, substrate=substrate)
     kw = {"steps": 1} if call != "faithfulness_correlation" else {"subsets": 2, "subset_size": 1.0}
     fn(model, x, maps, 0, substrate="zero", **kw)
+
+
+# ------------------------------------------------------------- one scale of probabilities per call
+class _BiasedScore(torch.nn.Module):
+    """Raw logits ``[s + 1, s]``, ``s = sum(x)``: a 1 x 1 image of 1 gives ``[2, 1]``, one of 0 gives
+    ``[1, 0]``, a row that is non-negative and sums to 1 though it is no probability."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.flatten(1).sum(1)
+        return torch.stack([s + 1, s], 1)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+@pytest.mark.parametrize("target", [0, None])
+def test_probabilities_are_judged_once_per_metric_call(batch_size, target):
+    """Whether the model's rows already are probabilities was judged per model call: with
+    ``batch_size=1`` the fully deleted image's raw row ``[1, 0]`` was kept as the probability 1 while
+    the clean image's ``[2, 1]`` was softmaxed (0.731): two scales in one curve, and another curve with
+    ``batch_size=2``. Judged once on the clean images, every point is the softmax: ``sigmoid(1)``."""
+    model, x = _BiasedScore(), torch.ones(1, 1, 1, 2) * 0.5
+    curve = M.deletion_curves(model, x, torch.tensor([[[1.0, 0.0]]]), target, steps=1, substrate="zero",
+                              batch_size=batch_size)
+    p = torch.sigmoid(torch.tensor(1.0))
+    torch.testing.assert_close(curve, torch.stack([p, p]).view(1, 2))
+    # A model ending in a softmax keeps its probabilities in every chunk (not softmaxed again).
+    soft = torch.nn.Sequential(_BiasedScore(), torch.nn.Softmax(1))
+    curve = M.deletion_curves(soft, x, torch.tensor([[[1.0, 0.0]]]), target, steps=1, substrate="zero",
+                              batch_size=batch_size)
+    torch.testing.assert_close(curve, torch.stack([p, p]).view(1, 2))
