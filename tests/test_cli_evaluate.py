@@ -221,3 +221,24 @@ def test_probability_flag_reaches_the_evaluation_and_refuses_other_values(tmp_pa
     capsys.readouterr()
     code = main(["evaluate", "--model", "demo:shapes", "--out", str(tmp_path / "o"), "--probability", "logit"])
     assert code == 2 and "'softmax', 'sigmoid'" in capsys.readouterr().err and len(seen) == 2
+
+
+def test_a_model_that_cannot_take_the_images_is_one_clear_error(tmp_path, capsys):
+    """A 1-channel model (a TorchScript file) given RGB images: ``salience evaluate`` says in one line
+    what the model takes and how to convert (the error of salience._core.autograd.model_call), no
+    traceback, nothing written."""
+    from conftest import SmallCNN
+
+    _shapes_folder(tmp_path, ["a", "b"], [])
+    torch.manual_seed(0)
+    torch.jit.trace(SmallCNN(c=1).eval(), torch.rand(1, 1, 64, 64)).save(str(tmp_path / "gray.pt"))
+    out = tmp_path / "out"
+    code = main(["evaluate", "--model", str(tmp_path / "gray.pt"), "--images", str(tmp_path / "im"),
+                 "--method", "vanilla", "--steps", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("salience: error: ")]  # (and TorchScript's note)
+    assert len(errors) == 1, err
+    line = errors[0]
+    assert "cannot take the input of shape (2, 3, 64, 64)" in line and "takes 1 channel" in line, line
+    assert "x.mean(1, keepdim=True)" in line and not out.exists()

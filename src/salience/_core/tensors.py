@@ -44,19 +44,27 @@ def autocast_off() -> Iterator[None]:
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     """Each channel of ``x`` ``(B, C, H, W)`` smoothed by a Gaussian of ``sigma`` pixels.
 
-    Separable, reflect padding, kernel cut at 3 sigma (and at the image size: reflect padding
-    needs a radius below each side). ``sigma <= 0`` or a one-pixel side: a copy of ``x``.
+    Separable, reflect padding, kernel cut at 3 sigma and, per axis, at that axis's size (reflect
+    padding needs a radius below the side): a short side does not shorten the other axis's kernel,
+    and a one-pixel side is left as it is while the other axis is blurred (a 1 x W image is blurred
+    along its width). ``sigma <= 0``, or a 1 x 1 image: a copy of ``x``.
     """
-    radius = min(int(math.ceil(3 * sigma)) if sigma > 0 else 0, x.shape[-1] - 1, x.shape[-2] - 1)
-    if radius < 1:
+    full = int(math.ceil(3 * sigma)) if sigma > 0 else 0
+    rw, rh = min(full, x.shape[-1] - 1), min(full, x.shape[-2] - 1)
+    if rw < 1 and rh < 1:
         return x.clone()
-    k = gaussian_kernel1d(sigma, radius, x.device, x.dtype)
     c = x.shape[1]
+    y = x
     with autocast_off():  # in x's dtype
-        y = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-        y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-        y = F.pad(y, (0, 0, radius, radius), mode="reflect")
-        return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+        if rw >= 1:
+            k = gaussian_kernel1d(sigma, rw, x.device, x.dtype)
+            y = F.pad(y, (rw, rw, 0, 0), mode="reflect")
+            y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        if rh >= 1:
+            k = gaussian_kernel1d(sigma, rh, x.device, x.dtype)
+            y = F.pad(y, (0, 0, rh, rh), mode="reflect")
+            y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+        return y
 
 
 def gaussian_kernel1d(sigma: float, radius: int, device: torch.device, dtype: torch.dtype) -> Tensor:

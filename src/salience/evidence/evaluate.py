@@ -451,9 +451,10 @@ def run_evaluation(
         x, raw, m, source = _demo_inputs(model, n, seed)
     else:
         x, raw, m, source = _folder_inputs(model, images, masks, n)
-    out = make_folder(out_dir)  # created only once the inputs are known to be good
     device = model_device(model)
     x, m = x.to(device), (m.to(device) if m is not None else None)
+    predicted_classes(model, x, batch_size=32)  # a model that cannot take x: refused before the folder is made
+    out = make_folder(out_dir)  # created only once the inputs are known to be good
     rows, maps = evaluate_methods(model, x, m, methods=methods, steps=steps,
                                   randomization_images=randomization_images, progress=progress,
                                   probability=probability)

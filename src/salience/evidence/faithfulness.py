@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience._core.autograd import (check_input, class_probabilities, layer_output, predicted_classes,
-                                     unwrap_output)
+from salience._core.autograd import (check_input, class_probabilities, forward_scores, layer_output,
+                                     looks_like_probabilities, model_call, unwrap_output)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.tensors import check_int, check_number, gaussian_blur
@@ -53,11 +53,15 @@ def check_probability(probability: object) -> Optional[str]:
                         f"class's own sigmoid: a multilabel model) or False (the raw output); got {probability!r}")
 
 
-def link_scores(out: Tensor, link: Optional[str]) -> Tensor:
+def link_scores(out: Tensor, link: Optional[str], already: Optional[bool] = None) -> Tensor:
     """``out`` ``(n, classes)`` as the scores :data:`PROBABILITY` names: ``link`` ``"softmax"``
-    (:func:`salience._core.autograd.class_probabilities`), ``"sigmoid"`` (elementwise) or ``None`` (raw)."""
+    (:func:`salience._core.autograd.class_probabilities`), ``"sigmoid"`` (elementwise) or ``None`` (raw).
+    ``already``: for ``"softmax"``, whether the model's rows are already probabilities, judged once for
+    a whole metric call (``None``: judged on ``out`` itself)."""
     if link == "softmax":
-        return class_probabilities(out)
+        if already is None or out.dim() != 2 or out.shape[1] < 2:
+            return class_probabilities(out)
+        return out if already else out.softmax(dim=1)
     if link == "sigmoid":
         return out.sigmoid()
     return out
@@ -89,6 +93,10 @@ def _substrate(x: Tensor, substrate: SubstrateLike, blur_sigma: float) -> Tensor
         return torch.full_like(x, float(substrate))
     if substrate == "zero":
         return torch.zeros_like(x)
+    if substrate in ("mean", "blur") and x.shape[-2:] == (1, 1):
+        raise SalienceError(f"substrate={substrate!r} of a 1 x 1 image is the image itself: no pixel would be "
+                            "removed and every map would score the same; choose substrate='zero', a number or "
+                            "a tensor like x")
     if substrate == "mean":
         return x.mean((2, 3), keepdim=True).expand_as(x)
     if substrate == "blur":
@@ -123,13 +131,23 @@ def pixel_ranks(maps: Tensor, seed: int) -> Tensor:
     return rank
 
 
-def _resolve_class_target(model: nn.Module, x: Tensor, target: TargetLike, batch_size: int) -> Target:
-    """``None`` becomes the class predicted on the *unperturbed* image, fixed for all steps."""
+def _resolve_class_target(model: nn.Module, x: Tensor, target: TargetLike, batch_size: int,
+                          link: Optional[str]) -> tuple[Target, Optional[bool]]:
+    """``None`` becomes the class predicted on the *unperturbed* image, fixed for all steps; with
+    ``link`` ``"softmax"``, also whether the model's output rows already are probabilities, judged
+    once on the unperturbed images' output and kept for every chunk (judged per chunk, a chunk of
+    raw outputs that happened to be non-negative and sum to 1 was kept while the others were
+    softmaxed: two scales in one curve, and a curve that depended on ``batch_size``)."""
     tgt = as_target(target)
-    if isinstance(tgt, Predicted):
-        tgt = Classes(predicted_classes(model, x, batch_size=batch_size))
+    predicted = isinstance(tgt, Predicted)
+    already = None
+    if predicted or (link == "softmax" and isinstance(tgt, (Classes, MultiLabel))):
+        clean = forward_scores(model, x, strip_softmax=False, batch_size=batch_size)
+        if predicted:
+            tgt = Classes(clean.reshape(clean.shape[0], -1).argmax(1))
+        already = looks_like_probabilities(clean)
     tgt.check_batch(x.shape[0])  # one class (or class set) per image of x, not per perturbed copy
-    return tgt
+    return tgt, already
 
 
 def _gather_scores(tgt: Target, out: Tensor, img: Tensor) -> Tensor:
@@ -163,23 +181,26 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
     ``make(ids)`` returns the perturbed images of the item numbers ``ids`` and the index in ``x``
     of the image each comes from. The target (default: the class predicted on the unperturbed
     ``x``) is resolved once; class targets are scored as ``probability`` says (:data:`PROBABILITY`).
+    Whether the output already is probabilities is judged once, on ``x``'s output, for every chunk.
     The one loop behind deletion, insertion, ROAD and faithfulness correlation.
     """
     batch_size = check_int(batch_size, "batch_size", minimum=1)
     link = check_probability(probability)
     scores = torch.empty(total, device=x.device, dtype=torch.float32)
     with model_guard(model), torch.no_grad():
-        tgt = _resolve_class_target(model, x, target, batch_size)
+        tgt, already = _resolve_class_target(model, x, target, batch_size, link)
         if not isinstance(tgt, (Classes, MultiLabel)):
             link = None  # a regression output, a neuron, a function: raw
         layer = getattr(tgt, "layer", None)
         for s in range(0, total, batch_size):
             ids = torch.arange(s, min(s + batch_size, total), device=x.device)
             images, img = make(ids)
-            # A target on an inner layer (activation, custom(..., layer=)) reads that layer's output.
-            out = (unwrap_output(model(images), model) if layer is None
-                   else layer_output(model, images, layer))
-            out = link_scores(out, link)
+            # A target on an inner layer (activation, custom(..., layer=)) reads that layer's output. A
+            # model that cannot take the input says so about the caller's x, not the chunk of copies.
+            with model_call(model, x):
+                out = (unwrap_output(model(images), model) if layer is None
+                       else layer_output(model, images, layer))
+            out = link_scores(out, link, already)
             scores[s:s + len(ids)] = _gather_scores(tgt, out, img)
     return scores
 

@@ -172,6 +172,9 @@ def road_curves(
     seed = check_seed(seed)
     b, _, h, w = x.shape
     n = h * w
+    if n < 2:
+        raise SalienceError("ROAD removes at most H * W - 1 pixels (the rest are imputed from the pixels kept): a "
+                            "1 x 1 image has none to remove and every map would score the same; give larger images")
     rank = pixel_ranks(maps, seed).reshape(b, h, w)
     if order == "lerf":
         rank = n - 1 - rank

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from salience._core.autograd import check_input, forward_scores, predicted_classes
+from salience._core.autograd import check_input, forward_scores, model_call, predicted_classes
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import resolve_layer
@@ -91,7 +91,7 @@ def _layer_groups(model: nn.Module, x: Tensor) -> list[tuple[str, list[str]]]:
                     order.append(name)
             handles.append(mod.register_forward_hook(hook))
     try:
-        with model_guard(probe), torch.no_grad():
+        with model_guard(probe), torch.no_grad(), model_call(model, x):
             probe(x[:1])
     finally:
         for h in handles:
