@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import salience
-from explore_helpers import ARGS, CHROMIUM, browser_api, shapes_files
+from explore_helpers import ARGS, CHROMIUM, browser_api, browser_page, shapes_files, shown
 from nets import RenamedLayersNet
 
 INSIDE_OVER_OUTSIDE = 2.0
@@ -752,3 +752,38 @@ def test_an_upload_that_is_not_an_image_is_named_once(tmp_path):
         explorer.stop()
     assert [e for e in errors if "400" not in e] == []  # the upload's 400 is the answer asked for
     assert status.startswith("notes.png: not an image file") and status.count("notes.png") == 1, status
+
+
+def test_a_map_refused_as_bad_input_offers_no_retry(tmp_path):
+    """A map refused for its settings (a 400: samples=abc, or a method the model cannot run) shows
+    the message and no retry button (asking again gives the same answer: the setting must change);
+    changing the setting asks again."""
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    label = int(labels[0])
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    cell = f"tr[data-row='1'] td.cell[data-target='a:{label}']"
+    try:
+        with browser_page(explorer.url, errors) as page:
+            page.click("#images img[data-id='f0']")
+            page.locator(f"#classes button.class[data-index='{label}']").click()
+            page.select_option("#method", "smoothgrad")
+            page.click("#add")
+            shown(page, cell, "smoothgrad")
+            page.fill("tr[data-row='1'] [data-option='samples']", "abc")
+            page.dispatch_event("tr[data-row='1'] [data-option='samples']", "change")
+            shown(page, cell, "option samples")
+            refused = page.locator(f"{cell} button.retry").is_visible()
+            page.select_option("#method", "attention_rollout")  # fails in the model's worker: a job's 400
+            page.click("#add")
+            shown(page, "tr[data-row='2'] td.cell", "attention_rollout")
+            failed = page.locator("tr[data-row='2'] td.cell button.retry").is_visible()
+            said = page.inner_text("tr[data-row='2'] td.cell .state.error")
+            page.fill("tr[data-row='1'] [data-option='samples']", "2")
+            page.dispatch_event("tr[data-row='1'] [data-option='samples']", "change")
+            shown(page, cell, "smoothgrad")
+    finally:
+        explorer.stop()
+    assert [e for e in errors if "400" not in e] == []  # the 400 is the answer asked for
+    assert not refused and not failed, said

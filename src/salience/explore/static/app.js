@@ -26,7 +26,7 @@ async function api(path, options = {}) {
   const r = await fetch(path, options);
   const type = r.headers.get("content-type") || "";
   const body = type.includes("json") ? await r.json() : await r.arrayBuffer();
-  if (!r.ok) throw new Error((body && body.error) || `${r.status} ${r.statusText}`);
+  if (!r.ok) throw Object.assign(new Error((body && body.error) || `${r.status} ${r.statusText}`), { status: r.status });
   return body;
 }
 
@@ -365,10 +365,15 @@ function refreshAll() {
 
 function sleep(ms) { return new Promise((ok) => setTimeout(ok, ms)); }
 
+// A request refused for what it asks (400: a bad setting, a method the model cannot run; 413, 422):
+// asking again gives the same answer, so no retry is offered (the setting changed asks again). A 404
+// (an image gone, maybe back), a 5xx, 507 (memory), 502 (storage) or a cancel may go otherwise next time.
+const refused = (code) => code === 400 || code === 413 || code === 422;
+
 function showJob(cell, j) {
   const running = j.state === "queued" || j.state === "running";
   cell.bar.hidden = !running; cell.cancel.hidden = !running;
-  cell.retry.hidden = j.state !== "error" && j.state !== "cancelled";
+  cell.retry.hidden = !(j.state === "cancelled" || (j.state === "error" && !refused(j.code)));
   if (j.progress === null || j.progress === undefined) cell.bar.removeAttribute("value"); else cell.bar.value = j.progress;
   cell.state.className = "state" + (j.state === "error" ? " error" : "");
   cell.state.title = j.note ? `progress not known ahead: ${j.note}` : "";
@@ -429,7 +434,7 @@ async function request(cell) {
   } catch (e) {
     if (serial !== cell.serial) return;
     failed(cell);
-    showJob(cell, { state: "error", error: e.message });
+    showJob(cell, { state: "error", error: e.message, code: e.status });
   }
 }
 
