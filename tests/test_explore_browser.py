@@ -787,3 +787,32 @@ def test_a_map_refused_as_bad_input_offers_no_retry(tmp_path):
         explorer.stop()
     assert [e for e in errors if "400" not in e] == []  # the 400 is the answer asked for
     assert not refused and not failed, said
+
+
+def test_a_failed_gallery_page_clears_the_rows_until_the_next_answer(tmp_path):
+    """A gallery request that fails (here the server's 503 for the "wrong" filter) leaves no rows of
+    the settings before in the table, looking current: the rows are cleared and the table says why;
+    the next request that succeeds shows its rows."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    paths, _, _ = shapes_files(tmp_path, n=2)
+    salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", shard_size=2, batch_size=2,
+                             workers=0)
+    explorer = salience.explore("demo:shapes", run=tmp_path / "run", show=False)
+    errors: list[str] = []
+    try:
+        with browser_page(explorer.url, errors) as page:
+            _wait_rows(page, [0, 1])
+            page.route("**/rows?*order=desc*", lambda route: route.fulfill(
+                status=503, content_type="application/json", body=json.dumps({"error": "the run cannot be read now"})))
+            page.select_option("#run-order", "desc")
+            page.wait_for_function("document.getElementById('status').className === 'error'")
+            after_failure = _rows_shown(page), page.inner_text("#run-page")
+            page.select_option("#run-order", "asc")
+            _wait_rows(page, [0, 1])
+            restored = page.inner_text("#run-page"), page.inner_text("#status")
+    finally:
+        explorer.stop()
+    assert [e for e in errors if "503" not in e] == []  # the 503 is the answer asked for
+    assert after_failure == ([], "no rows shown: the run cannot be read now")
+    assert restored == ("1–2 of 2", "ready")

@@ -154,7 +154,7 @@ async function pick(id) {
 
 // ------------------------------------------------------------------ dataset runs (the gallery)
 
-const R = { runs: [], run: null, offset: 0, limit: 50, total: 0, asked: 0 };
+const R = { runs: [], run: null, offset: 0, limit: 50, total: 0, asked: 0, failed: null };
 
 async function startRuns() {
   R.runs = (await api("api/runs")).runs;
@@ -195,10 +195,21 @@ async function listRows() {
   // answers can arrive out of order when filters change quickly: only the latest request draws
   const asked = ++R.asked;
   let found;
-  try { found = await api(`api/runs/${r.id}/rows?${q}`); } catch (e) { if (asked === R.asked) status(e.message, true); return; }
+  const body = $("run-body");
+  try { found = await api(`api/runs/${r.id}/rows?${q}`); } catch (e) {
+    // the rows of the settings before are not these settings' rows: cleared, the table says why (the
+    // next request that succeeds shows its rows)
+    if (asked !== R.asked) return;
+    status(e.message, true); R.failed = e.message;
+    body.textContent = ""; R.total = 0;
+    $("run-page").textContent = `no rows shown: ${e.message}`; $("run-page").className = "error";
+    return;
+  }
   if (asked !== R.asked) return;
   R.total = found.total;
-  const body = $("run-body"); body.textContent = "";
+  body.textContent = ""; $("run-page").className = "";
+  if (R.failed !== null && $("status").textContent === R.failed) status("ready"); // its error is over
+  R.failed = null;
   const num = (v) => (v === null || v === undefined ? "" : (typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : String(v)));
   const names = Object.fromEntries(r.classes.map((c) => [c.index, c.name]));
   for (const row of found.rows) {
