@@ -816,3 +816,35 @@ def test_a_failed_gallery_page_clears_the_rows_until_the_next_answer(tmp_path):
     assert [e for e in errors if "503" not in e] == []  # the 503 is the answer asked for
     assert after_failure == ([], "no rows shown: the run cannot be read now")
     assert restored == ("1–2 of 2", "ready")
+
+
+def test_images_dropped_anywhere_on_the_page_are_all_uploaded(tmp_path):
+    """Two image files dropped on the page (beside the drop box, on the grid): both are uploaded and
+    the first is opened (only the first was; a drop outside the box was left to the browser, which
+    replaces the page by the file, losing everything on it)."""
+    import base64
+
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=2)
+    explorer = salience.explore("demo:shapes", show=False)
+    errors: list[str] = []
+    files = [(p.name, base64.b64encode(p.read_bytes()).decode()) for p in paths]
+    try:
+        with browser_page(explorer.url, errors) as page:
+            dropped = page.evaluate_handle("""(files) => { const dt = new DataTransfer();
+                for (const [name, b64] of files) dt.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))],
+                                                                     name, { type: "image/png" }));
+                return dt; }""", files)
+            over = page.evaluate("""(dt) => { const e = new DragEvent("dragover", { dataTransfer: dt, bubbles: true,
+                cancelable: true }); document.getElementById("grid").dispatchEvent(e); return e.defaultPrevented; }""",
+                                 dropped)
+            page.dispatch_event("#grid", "drop", {"dataTransfer": dropped})
+            page.wait_for_function("document.querySelectorAll('#images img').length === 2")
+            names = page.eval_on_selector_all("#images img", "imgs => imgs.map(i => i.title)")
+            page.locator(f"#classes button.class[data-index='{int(labels[0])}']").wait_for()
+            current = page.get_attribute("#images img.current", "title")
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert over  # the page takes the drop (else the browser opens the file in its place)
+    assert sorted(names) == ["shape0.png", "shape1.png"] and current == "shape0.png"

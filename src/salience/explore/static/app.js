@@ -47,14 +47,18 @@ async function start() {
 }
 
 function bindControls() {
+  // files are taken when dropped anywhere on the page (a drop beside the box was the browser's: it
+  // replaced the page by the file, losing everything on it), every file dropped or chosen
   const drop = $("drop");
-  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => {
+  const files = (e) => e.dataTransfer && [...e.dataTransfer.types].includes("Files");
+  document.addEventListener("dragover", (e) => { if (files(e)) { e.preventDefault(); drop.classList.add("over"); } });
+  document.addEventListener("dragleave", (e) => { if (!e.relatedTarget) drop.classList.remove("over"); });
+  document.addEventListener("drop", (e) => {
+    if (!files(e)) return;
     e.preventDefault(); drop.classList.remove("over");
-    if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]);
+    uploadAll([...e.dataTransfer.files]);
   });
-  $("file").addEventListener("change", (e) => { if (e.target.files.length) upload(e.target.files[0]); });
+  $("file").addEventListener("change", (e) => { uploadAll([...e.target.files]); e.target.value = ""; });
   $("add").addEventListener("click", () => addRow($("method").value));
   const redraw = () => {
     S.display = { opacity: +$("opacity").value, cmap: $("cmap").value, mode: $("mode").value, clip: +$("clip").value };
@@ -87,13 +91,20 @@ async function listImages() {
   }
 }
 
-async function upload(file) {
-  status(`uploading ${file.name}…`);
-  try {
-    const im = await api(`api/images?name=${encodeURIComponent(file.name)}`, { method: "POST", body: file });
-    await listImages();
-    await pick(im.id);
-  } catch (e) { status(e.message.startsWith(`${file.name}:`) ? e.message : `${file.name}: ${e.message}`, true); }
+// Each file uploaded in turn; the first that the server takes is opened. A file refused is named in the
+// status (the others still go up).
+async function uploadAll(list) {
+  let first = null;
+  const refused = [];
+  for (const file of list) {
+    status(`uploading ${file.name}…`);
+    try {
+      const im = await api(`api/images?name=${encodeURIComponent(file.name)}`, { method: "POST", body: file });
+      first = first || im.id;
+    } catch (e) { refused.push(e.message.startsWith(`${file.name}:`) ? e.message : `${file.name}: ${e.message}`); }
+  }
+  if (first) { await listImages(); await pick(first); }
+  if (refused.length) status(refused.join("; "), true);
 }
 
 // The picture of image `id` as model `slot` sees it, loaded; an Error with the server's message
