@@ -214,6 +214,7 @@ async function listRows() {
     status(e.message, true); R.failed = e.message;
     body.textContent = ""; R.total = 0;
     $("run-page").textContent = `no rows shown: ${e.message}`; $("run-page").className = "error";
+    $("run-prev").disabled = R.offset === 0; $("run-next").disabled = true;
     return;
   }
   if (asked !== R.asked) return;
@@ -242,6 +243,8 @@ async function listRows() {
     body.append(tr);
   }
   $("run-page").textContent = found.total ? `${R.offset + 1}–${R.offset + found.rows.length} of ${found.total}` : "no rows";
+  // at either end its button is off (it did nothing, looking as if it would)
+  $("run-prev").disabled = R.offset === 0; $("run-next").disabled = R.offset + found.rows.length >= found.total;
 }
 
 // ------------------------------------------------------------------ grid
