@@ -792,7 +792,8 @@ def test_a_map_refused_as_bad_input_offers_no_retry(tmp_path):
 def test_a_failed_gallery_page_clears_the_rows_until_the_next_answer(tmp_path):
     """A gallery request that fails (here the server's 503 for the descending order) leaves no rows
     of the settings before in the table, looking current: the rows are cleared and the table says why;
-    the next request that succeeds shows its rows. Paging (a row a page): each end's button is off."""
+    the next request that succeeds shows its rows. Paging (a row a page): each end's button is off. A
+    bound that is not a number (typed "1e") says so (the rows were shown as if no bound were set)."""
     pytest.importorskip("starlette")
     pytest.importorskip("pyarrow")
     paths, _, _ = shapes_files(tmp_path, n=2)
@@ -816,12 +817,18 @@ def test_a_failed_gallery_page_clears_the_rows_until_the_next_answer(tmp_path):
             page.click("#run-next")
             _wait_rows(page, [1])
             ends += [page.is_disabled(f"#run-{b}") for b in ("prev", "next")]
+            page.focus("#run-pmin")
+            page.keyboard.type("1e")  # not a number: the field's value is "" and no change fires
+            page.keyboard.press("Enter")
+            page.wait_for_function("document.getElementById('run-page').className === 'error'")
+            bad_number = _rows_shown(page), page.inner_text("#run-page")
     finally:
         explorer.stop()
     assert [e for e in errors if "503" not in e] == []  # the 503 is the answer asked for
     assert after_failure == ([], "no rows shown: the run cannot be read now")
     assert restored == ("1–1 of 2", "ready")
     assert ends == [True, False, False, True]
+    assert bad_number == ([], "no rows shown: probability min: not a number")
 
 
 def test_images_dropped_anywhere_on_the_page_are_all_uploaded(tmp_path):

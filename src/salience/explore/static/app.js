@@ -165,6 +165,7 @@ async function pick(id) {
 
 // ------------------------------------------------------------------ dataset runs (the gallery)
 
+const NUMBERS = { "run-pmin": "probability min", "run-pmax": "probability max", "run-min": "metric min", "run-max": "metric max" };
 const R = { runs: [], run: null, offset: 0, limit: 50, total: 0, asked: 0, failed: null };
 
 async function startRuns() {
@@ -174,6 +175,13 @@ async function startRuns() {
   $("run").addEventListener("change", () => chooseRun($("run").value));
   for (const id of ["run-sort", "run-order", "run-class", "run-correct", "run-pmin", "run-pmax", "run-metric", "run-min", "run-max"])
     $(id).addEventListener("change", () => { R.offset = 0; listRows(); });
+  // a number field holding what is not a number ("1e") has the value "" and fires no change: the
+  // table would go on showing rows as if no bound were set; left or entered, the table says so
+  for (const id of Object.keys(NUMBERS)) {
+    const check = () => { if ($(id).validity.badInput) listRows(); };
+    $(id).addEventListener("blur", check);
+    $(id).addEventListener("keydown", (e) => { if (e.key === "Enter") check(); });
+  }
   $("run-prev").addEventListener("click", () => { R.offset = Math.max(0, R.offset - R.limit); listRows(); });
   $("run-next").addEventListener("click", () => { if (R.offset + R.limit < R.total) { R.offset += R.limit; listRows(); } });
   await chooseRun(R.runs[0].id);
@@ -207,7 +215,11 @@ async function listRows() {
   const asked = ++R.asked;
   let found;
   const body = $("run-body");
-  try { found = await api(`api/runs/${r.id}/rows?${q}`); } catch (e) {
+  const bad = Object.keys(NUMBERS).filter((id) => $(id).validity.badInput).map((id) => NUMBERS[id]);
+  try {
+    if (bad.length) throw new Error(`${bad.join(", ")}: not a number`);
+    found = await api(`api/runs/${r.id}/rows?${q}`);
+  } catch (e) {
     // the rows of the settings before are not these settings' rows: cleared, the table says why (the
     // next request that succeeds shows its rows)
     if (asked !== R.asked) return;
