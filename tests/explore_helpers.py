@@ -2,12 +2,13 @@
 the real browser (Debian's headless Chromium driven by Playwright)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -88,3 +89,29 @@ def block_worker(hub, slot: str = "a"):
     release = threading.Event()
     hub.submit(hub.slots[slot], "hold", lambda t: release.wait(60))
     return release
+
+
+@contextlib.contextmanager
+def browser_page(url: str, errors: list[str], *, allow_404: bool = False, **page_options: Any) -> Iterator[Any]:
+    """A page of the explorer at ``url`` in headless Chromium, ready (the status bar says so), closed
+    after; its script errors and console errors collected in ``errors`` (but "status of 404" lines
+    with ``allow_404``). Skips when Playwright or Chromium is missing."""
+    sync_api = browser_api()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(**{"viewport": {"width": 1200, "height": 900}, **page_options})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text)
+                    if m.type == "error" and not (allow_404 and "status of 404" in m.text) else None)
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+            yield page
+        finally:
+            browser.close()
+
+
+def shown(page: Any, cell: str, start: str) -> None:
+    """Wait until the map cell ``cell`` (a selector) says something starting with ``start``."""
+    page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith({start!r})")

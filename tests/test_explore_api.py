@@ -715,6 +715,46 @@ def test_compare_two_models_side_by_side(tmp_path):
         hub.close()
 
 
+def test_a_compared_models_maps_are_drawn_on_its_own_picture(tmp_path):
+    """With --compare, a model that sees the image otherwise (another input size, a centre crop)
+    has its maps laid on its own picture in the figure: a row per model, each its own picture
+    (model b's map on model a's picture was stretched over pixels it does not explain)."""
+    import dataclasses
+    from PIL import Image
+
+    from salience._core.info import attach_info
+    from salience.loading import resize_crop
+
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    a = salience.load_model("demo:shapes")
+    b = attach_info(RenamedLayersNet(), dataclasses.replace(a.salience_info, name="other", input_size=(32, 32),
+                                                            resize=40, default_layer=None))
+    hub = Hub([ModelSlot("a", a), ModelSlot("b", b)], ImageStore([FileSource(paths)]))
+    try:
+        c = TestClient(create_app(hub))
+        t = int(labels[0])
+        keys, maps = [], []
+        for slot in ("a", "b"):
+            r = c.post("api/explain", json={"model": slot, "image": "f0", "method": "vanilla", "target": t}).json()
+            keys.append(wait_job(_get(c), r)["key"])
+            maps.append(npy(c.get(f"api/maps/{keys[-1]}/display.npy").content))
+        assert maps[1].shape == (32, 32)
+        r = c.get(f"api/figure.png?keys={','.join(keys)}&alpha=0.5&cmap=gray")
+        assert r.status_code == 200, r.text
+        fig = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+    finally:
+        hub.close()
+    image = load_image(paths[0])
+    name = salience.data.CLASSES[t]
+    rows = [salience.viz.figure(resize_crop(image, m.salience_info)[None], {f"vanilla {name} ({s})": mp[None]},
+                                scale_to=160, cmap="gray", alpha=0.5, percentile=99.0)
+            for s, m, mp in ((("a", a, maps[0]), ("b", b, maps[1])))]
+    assert fig.shape == (rows[0].shape[0] + rows[1].shape[0], max(r.shape[1] for r in rows), 3)
+    top, bottom = fig[:rows[0].shape[0]], fig[rows[0].shape[0]:]
+    assert np.abs(top.astype(int) - rows[0]).max() <= 1
+    assert np.abs(bottom.astype(int) - rows[1]).max() <= 1
+
+
 def test_each_model_of_a_comparison_has_its_own_layers(tmp_path):
     import dataclasses
 

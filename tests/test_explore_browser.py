@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import salience
-from explore_helpers import ARGS, CHROMIUM, browser_api, shapes_files
+from explore_helpers import ARGS, CHROMIUM, browser_api, browser_page, shapes_files, shown
 from nets import RenamedLayersNet
 
 INSIDE_OVER_OUTSIDE = 2.0
@@ -752,3 +752,112 @@ def test_an_upload_that_is_not_an_image_is_named_once(tmp_path):
         explorer.stop()
     assert [e for e in errors if "400" not in e] == []  # the upload's 400 is the answer asked for
     assert status.startswith("notes.png: not an image file") and status.count("notes.png") == 1, status
+
+
+def test_a_map_refused_as_bad_input_offers_no_retry(tmp_path):
+    """A map refused for its settings (a 400: samples=abc, or a method the model cannot run) shows
+    the message and no retry button (asking again gives the same answer: the setting must change);
+    changing the setting asks again."""
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    label = int(labels[0])
+    explorer = salience.explore("demo:shapes", paths, show=False)
+    errors: list[str] = []
+    cell = f"tr[data-row='1'] td.cell[data-target='a:{label}']"
+    try:
+        with browser_page(explorer.url, errors) as page:
+            page.click("#images img[data-id='f0']")
+            page.locator(f"#classes button.class[data-index='{label}']").click()
+            page.select_option("#method", "smoothgrad")
+            page.click("#add")
+            shown(page, cell, "smoothgrad")
+            page.fill("tr[data-row='1'] [data-option='samples']", "abc")
+            page.dispatch_event("tr[data-row='1'] [data-option='samples']", "change")
+            shown(page, cell, "option samples")
+            refused = page.locator(f"{cell} button.retry").is_visible()
+            page.select_option("#method", "attention_rollout")  # fails in the model's worker: a job's 400
+            page.click("#add")
+            shown(page, "tr[data-row='2'] td.cell", "attention_rollout")
+            failed = page.locator("tr[data-row='2'] td.cell button.retry").is_visible()
+            said = page.inner_text("tr[data-row='2'] td.cell .state.error")
+            page.fill("tr[data-row='1'] [data-option='samples']", "2")
+            page.dispatch_event("tr[data-row='1'] [data-option='samples']", "change")
+            shown(page, cell, "smoothgrad")
+    finally:
+        explorer.stop()
+    assert [e for e in errors if "400" not in e] == []  # the 400 is the answer asked for
+    assert not refused and not failed, said
+
+
+def test_a_failed_gallery_page_clears_the_rows_until_the_next_answer(tmp_path):
+    """A gallery request that fails (here the server's 503 for the descending order) leaves no rows
+    of the settings before in the table, looking current: the rows are cleared and the table says why;
+    the next request that succeeds shows its rows. Paging (a row a page): each end's button is off. A
+    bound that is not a number (typed "1e") says so (the rows were shown as if no bound were set)."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    paths, _, _ = shapes_files(tmp_path, n=2)
+    salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", shard_size=2, batch_size=2,
+                             workers=0)
+    explorer = salience.explore("demo:shapes", run=tmp_path / "run", show=False)
+    errors: list[str] = []
+    try:
+        with browser_page(explorer.url, errors) as page:
+            _wait_rows(page, [0, 1])
+            page.route("**/rows?*order=desc*", lambda route: route.fulfill(
+                status=503, content_type="application/json", body=json.dumps({"error": "the run cannot be read now"})))
+            page.select_option("#run-order", "desc")
+            page.wait_for_function("document.getElementById('status').className === 'error'")
+            after_failure = _rows_shown(page), page.inner_text("#run-page")
+            page.evaluate("R.limit = 1")
+            page.select_option("#run-order", "asc")
+            _wait_rows(page, [0])
+            restored = page.inner_text("#run-page"), page.inner_text("#status")
+            ends = [page.is_disabled(f"#run-{b}") for b in ("prev", "next")]
+            page.click("#run-next")
+            _wait_rows(page, [1])
+            ends += [page.is_disabled(f"#run-{b}") for b in ("prev", "next")]
+            page.focus("#run-pmin")
+            page.keyboard.type("1e")  # not a number: the field's value is "" and no change fires
+            page.keyboard.press("Enter")
+            page.wait_for_function("document.getElementById('run-page').className === 'error'")
+            bad_number = _rows_shown(page), page.inner_text("#run-page")
+    finally:
+        explorer.stop()
+    assert [e for e in errors if "503" not in e] == []  # the 503 is the answer asked for
+    assert after_failure == ([], "no rows shown: the run cannot be read now")
+    assert restored == ("1–1 of 2", "ready")
+    assert ends == [True, False, False, True]
+    assert bad_number == ([], "no rows shown: probability min: not a number")
+
+
+def test_images_dropped_anywhere_on_the_page_are_all_uploaded(tmp_path):
+    """Two image files dropped on the page (beside the drop box, on the grid): both are uploaded and
+    the first is opened (only the first was; a drop outside the box was left to the browser, which
+    replaces the page by the file, losing everything on it)."""
+    import base64
+
+    pytest.importorskip("starlette")
+    paths, labels, _ = shapes_files(tmp_path, n=2)
+    explorer = salience.explore("demo:shapes", show=False)
+    errors: list[str] = []
+    files = [(p.name, base64.b64encode(p.read_bytes()).decode()) for p in paths]
+    try:
+        with browser_page(explorer.url, errors) as page:
+            dropped = page.evaluate_handle("""(files) => { const dt = new DataTransfer();
+                for (const [name, b64] of files) dt.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))],
+                                                                     name, { type: "image/png" }));
+                return dt; }""", files)
+            over = page.evaluate("""(dt) => { const e = new DragEvent("dragover", { dataTransfer: dt, bubbles: true,
+                cancelable: true }); document.getElementById("grid").dispatchEvent(e); return e.defaultPrevented; }""",
+                                 dropped)
+            page.dispatch_event("#grid", "drop", {"dataTransfer": dropped})
+            page.wait_for_function("document.querySelectorAll('#images img').length === 2")
+            names = page.eval_on_selector_all("#images img", "imgs => imgs.map(i => i.title)")
+            page.locator(f"#classes button.class[data-index='{int(labels[0])}']").wait_for()
+            current = page.get_attribute("#images img.current", "title")
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert over  # the page takes the drop (else the browser opens the file in its place)
+    assert sorted(names) == ["shape0.png", "shape1.png"] and current == "shape0.png"

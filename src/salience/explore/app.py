@@ -494,16 +494,18 @@ async def figure(request: Request) -> Response:
     reqs = [hub.request_of(k) for k in keys]
     if len({r.image for r in reqs}) != 1:
         raise HTTPException(400, "a figure shows the maps of one image; these keys are of several")
-    slot = hub.slot(reqs[0].slot)
     image, _ = await hub.image_async(reqs[0].image)
-    maps = {}
+    # each model's maps on the picture that model sees (with --compare, another input size or crop):
+    # a row per model, in the order of the keys
+    rows: dict[str, dict[str, np.ndarray]] = {}
     for k, r in zip(keys, reqs):
         label = f"{r.method} {hub.slot(r.slot).class_name(r.target)}" + (f" ({r.slot})" if len(hub.slots) > 1 else "")
-        maps[label] = hub.map_raw(k)
+        rows.setdefault(r.slot, {})[label] = hub.map_raw(k)
     d = _display(request)
     alpha = _float(request, "alpha", 0.5, 0.0, 1.0)
-    png = await asyncio.to_thread(lambda: compute.figure_png(slot.picture(image), maps, cmap=d["cmap"],
-                                                             percentile=d["percentile"], signed=d["signed"], alpha=alpha))
+    png = await asyncio.to_thread(lambda: compute.figure_png(
+        [(hub.slot(s).picture(image), maps) for s, maps in rows.items()], cmap=d["cmap"],
+        percentile=d["percentile"], signed=d["signed"], alpha=alpha))
     return Response(png, media_type="image/png", headers={"Content-Disposition": 'attachment; filename="figure.png"'})
 
 

@@ -15,7 +15,7 @@ import io
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -332,12 +332,21 @@ def map_png(raw: np.ndarray, *, cmap: Optional[str] = None, percentile: float = 
     return png_bytes(viz.heatmap(display_map(raw), cmap=cmap, percentile=percentile, signed=signed))
 
 
-def figure_png(picture: Tensor, maps: dict[str, np.ndarray], **display: Any) -> bytes:
-    """The side-by-side figure (:func:`salience.viz.figure`) of one picture ``(3, h, w)`` and its maps."""
-    tile = max(int(picture.shape[-2]), 160)
-    arr = viz.figure(picture[None], {k: display_map(v)[None] for k, v in maps.items()}, scale_to=tile,
-                     **display)
-    return png_bytes(arr)
+def figure_png(rows: Sequence[tuple[Tensor, dict[str, np.ndarray]]], **display: Any) -> bytes:
+    """The side-by-side figure (:func:`salience.viz.figure`): for each ``(picture, maps)`` of
+    ``rows`` (one per model), the picture ``(3, h, w)`` that model sees and the maps it made, laid
+    on that picture (a map lines up with the pixels it explains); the rows stacked top to bottom,
+    tiles of one height, on white."""
+    tile = max(max(int(p.shape[-2]) for p, _ in rows), 160)
+    arrays = [viz.figure(p[None], {k: display_map(v)[None] for k, v in maps.items()}, scale_to=tile, **display)
+              for p, maps in rows]
+    width = max(a.shape[1] for a in arrays)
+    out = np.full((sum(a.shape[0] for a in arrays), width, 3), 255, dtype=np.uint8)
+    y = 0
+    for a in arrays:
+        out[y:y + a.shape[0], :a.shape[1]] = a
+        y += a.shape[0]
+    return png_bytes(out)
 
 
 # --------------------------------------------------------------------------------- what the page shows

@@ -26,7 +26,7 @@ async function api(path, options = {}) {
   const r = await fetch(path, options);
   const type = r.headers.get("content-type") || "";
   const body = type.includes("json") ? await r.json() : await r.arrayBuffer();
-  if (!r.ok) throw new Error((body && body.error) || `${r.status} ${r.statusText}`);
+  if (!r.ok) throw Object.assign(new Error((body && body.error) || `${r.status} ${r.statusText}`), { status: r.status });
   return body;
 }
 
@@ -47,14 +47,18 @@ async function start() {
 }
 
 function bindControls() {
+  // files are taken when dropped anywhere on the page (a drop beside the box was the browser's: it
+  // replaced the page by the file, losing everything on it), every file dropped or chosen
   const drop = $("drop");
-  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => {
+  const files = (e) => e.dataTransfer && [...e.dataTransfer.types].includes("Files");
+  document.addEventListener("dragover", (e) => { if (files(e)) { e.preventDefault(); drop.classList.add("over"); } });
+  document.addEventListener("dragleave", (e) => { if (!e.relatedTarget) drop.classList.remove("over"); });
+  document.addEventListener("drop", (e) => {
+    if (!files(e)) return;
     e.preventDefault(); drop.classList.remove("over");
-    if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]);
+    uploadAll([...e.dataTransfer.files]);
   });
-  $("file").addEventListener("change", (e) => { if (e.target.files.length) upload(e.target.files[0]); });
+  $("file").addEventListener("change", (e) => { uploadAll([...e.target.files]); e.target.value = ""; });
   $("add").addEventListener("click", () => addRow($("method").value));
   const redraw = () => {
     S.display = { opacity: +$("opacity").value, cmap: $("cmap").value, mode: $("mode").value, clip: +$("clip").value };
@@ -87,13 +91,20 @@ async function listImages() {
   }
 }
 
-async function upload(file) {
-  status(`uploading ${file.name}…`);
-  try {
-    const im = await api(`api/images?name=${encodeURIComponent(file.name)}`, { method: "POST", body: file });
-    await listImages();
-    await pick(im.id);
-  } catch (e) { status(e.message.startsWith(`${file.name}:`) ? e.message : `${file.name}: ${e.message}`, true); }
+// Each file uploaded in turn; the first that the server takes is opened. A file refused is named in the
+// status (the others still go up).
+async function uploadAll(list) {
+  let first = null;
+  const refused = [];
+  for (const file of list) {
+    status(`uploading ${file.name}…`);
+    try {
+      const im = await api(`api/images?name=${encodeURIComponent(file.name)}`, { method: "POST", body: file });
+      first = first || im.id;
+    } catch (e) { refused.push(e.message.startsWith(`${file.name}:`) ? e.message : `${file.name}: ${e.message}`); }
+  }
+  if (first) { await listImages(); await pick(first); }
+  if (refused.length) status(refused.join("; "), true);
 }
 
 // The picture of image `id` as model `slot` sees it, loaded; an Error with the server's message
@@ -154,7 +165,8 @@ async function pick(id) {
 
 // ------------------------------------------------------------------ dataset runs (the gallery)
 
-const R = { runs: [], run: null, offset: 0, limit: 50, total: 0, asked: 0 };
+const NUMBERS = { "run-pmin": "probability min", "run-pmax": "probability max", "run-min": "metric min", "run-max": "metric max" };
+const R = { runs: [], run: null, offset: 0, limit: 50, total: 0, asked: 0, failed: null };
 
 async function startRuns() {
   R.runs = (await api("api/runs")).runs;
@@ -163,6 +175,13 @@ async function startRuns() {
   $("run").addEventListener("change", () => chooseRun($("run").value));
   for (const id of ["run-sort", "run-order", "run-class", "run-correct", "run-pmin", "run-pmax", "run-metric", "run-min", "run-max"])
     $(id).addEventListener("change", () => { R.offset = 0; listRows(); });
+  // a number field holding what is not a number ("1e") has the value "" and fires no change: the
+  // table would go on showing rows as if no bound were set; left or entered, the table says so
+  for (const id of Object.keys(NUMBERS)) {
+    const check = () => { if ($(id).validity.badInput) listRows(); };
+    $(id).addEventListener("blur", check);
+    $(id).addEventListener("keydown", (e) => { if (e.key === "Enter") check(); });
+  }
   $("run-prev").addEventListener("click", () => { R.offset = Math.max(0, R.offset - R.limit); listRows(); });
   $("run-next").addEventListener("click", () => { if (R.offset + R.limit < R.total) { R.offset += R.limit; listRows(); } });
   await chooseRun(R.runs[0].id);
@@ -195,10 +214,26 @@ async function listRows() {
   // answers can arrive out of order when filters change quickly: only the latest request draws
   const asked = ++R.asked;
   let found;
-  try { found = await api(`api/runs/${r.id}/rows?${q}`); } catch (e) { if (asked === R.asked) status(e.message, true); return; }
+  const body = $("run-body");
+  const bad = Object.keys(NUMBERS).filter((id) => $(id).validity.badInput).map((id) => NUMBERS[id]);
+  try {
+    if (bad.length) throw new Error(`${bad.join(", ")}: not a number`);
+    found = await api(`api/runs/${r.id}/rows?${q}`);
+  } catch (e) {
+    // the rows of the settings before are not these settings' rows: cleared, the table says why (the
+    // next request that succeeds shows its rows)
+    if (asked !== R.asked) return;
+    status(e.message, true); R.failed = e.message;
+    body.textContent = ""; R.total = 0;
+    $("run-page").textContent = `no rows shown: ${e.message}`; $("run-page").className = "error";
+    $("run-prev").disabled = R.offset === 0; $("run-next").disabled = true;
+    return;
+  }
   if (asked !== R.asked) return;
   R.total = found.total;
-  const body = $("run-body"); body.textContent = "";
+  body.textContent = ""; $("run-page").className = "";
+  if (R.failed !== null && $("status").textContent === R.failed) status("ready"); // its error is over
+  R.failed = null;
   const num = (v) => (v === null || v === undefined ? "" : (typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : String(v)));
   const names = Object.fromEntries(r.classes.map((c) => [c.index, c.name]));
   for (const row of found.rows) {
@@ -220,6 +255,8 @@ async function listRows() {
     body.append(tr);
   }
   $("run-page").textContent = found.total ? `${R.offset + 1}–${R.offset + found.rows.length} of ${found.total}` : "no rows";
+  // at either end its button is off (it did nothing, looking as if it would)
+  $("run-prev").disabled = R.offset === 0; $("run-next").disabled = R.offset + found.rows.length >= found.total;
 }
 
 // ------------------------------------------------------------------ grid
@@ -365,10 +402,15 @@ function refreshAll() {
 
 function sleep(ms) { return new Promise((ok) => setTimeout(ok, ms)); }
 
+// A request refused for what it asks (400: a bad setting, a method the model cannot run; 413, 422):
+// asking again gives the same answer, so no retry is offered (the setting changed asks again). A 404
+// (an image gone, maybe back), a 5xx, 507 (memory), 502 (storage) or a cancel may go otherwise next time.
+const refused = (code) => code === 400 || code === 413 || code === 422;
+
 function showJob(cell, j) {
   const running = j.state === "queued" || j.state === "running";
   cell.bar.hidden = !running; cell.cancel.hidden = !running;
-  cell.retry.hidden = j.state !== "error" && j.state !== "cancelled";
+  cell.retry.hidden = !(j.state === "cancelled" || (j.state === "error" && !refused(j.code)));
   if (j.progress === null || j.progress === undefined) cell.bar.removeAttribute("value"); else cell.bar.value = j.progress;
   cell.state.className = "state" + (j.state === "error" ? " error" : "");
   cell.state.title = j.note ? `progress not known ahead: ${j.note}` : "";
@@ -429,7 +471,7 @@ async function request(cell) {
   } catch (e) {
     if (serial !== cell.serial) return;
     failed(cell);
-    showJob(cell, { state: "error", error: e.message });
+    showJob(cell, { state: "error", error: e.message, code: e.status });
   }
 }
 
