@@ -21,6 +21,8 @@ from salience import METHODS
 from salience.demo import zoo
 from salience.cli import main
 from salience.loading import load_image, preprocess
+from salience.loading.images import resize_crop, with_preprocessing
+from salience._core.info import ModelInfo
 from salience.render.report import Report
 from salience.targets import regression
 
@@ -527,3 +529,33 @@ def test_a_model_of_other_channels_than_the_images_is_one_line(tmp_path, pics, c
     assert rc == 2, (out, err)
     assert err.startswith("salience: error: the model cannot take") and err.count("\n") == 1, err
     assert ", 3, " in err and "takes 1 channel;" in err and "x.mean(1, keepdim=True)" in err, err
+    assert "(command line: --channels 1)" in err, err
+
+
+def test_channels_option_feeds_a_gray_model_its_luma(tmp_path, pics, capsys):
+    """``--channels 1``: a model with a one-channel stem and no info of its own (``python:``) is given
+    each image's ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``; its map equals ``salience.vanilla`` on
+    that luma image computed here by hand. A channels value other than 1 or 3 is one line, exit 2."""
+    paths, _ = pics
+    nets = tmp_path / "gray_nets2.py"
+    nets.write_text(
+        "import torch, torch.nn as nn\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n")
+    rc, out, err = run(["explain", paths[0], "-m", f"python:{nets}:build", "--channels", "1", "--size", "16",
+                        "--target", "1", "--out", tmp_path / "o", "--no-progress"], capsys)
+    assert rc == 0, (out, err)
+    (stored,) = (tmp_path / "o").glob("*_vanilla_*.npy")
+    rgb = resize_crop(load_image(paths[0]), ModelInfo(name="rgb", input_size=(16, 16)))  # (3, 16, 16), as RGB models get
+    luma = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0)[None, None]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    np.testing.assert_allclose(np.load(stored), salience.vanilla(model, luma, 1)[0].numpy(), rtol=1e-4, atol=1e-6)
+    for bad in ("2", "gray"):
+        rc, _, err = run(["explain", paths[0], "-m", f"python:{nets}:build", "--channels", bad, "--out", tmp_path / "p",
+                          "--no-progress"], capsys)
+        assert rc == 2 and "--channels must be 1 (gray) or 3 (RGB)" in err and err.count("\n") == 1, err
+    for bad in (2, "1", True):
+        with pytest.raises(salience.SalienceError, match="channels must be 1 \\(gray\\) or 3 \\(RGB\\)"):
+            with_preprocessing(ModelInfo(name="m"), channels=bad)

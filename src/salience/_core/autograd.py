@@ -110,8 +110,9 @@ def _first_conv(model: nn.Module) -> Optional[tuple[str, int]]:
 
 
 _CHANNEL_HINTS = {(4, 3): "drop the alpha channel (RGBA to RGB): x[:, :3]",
-                  (1, 3): "repeat the gray channel (grayscale to RGB): x.expand(-1, 3, -1, -1)",
-                  (3, 1): "make the images gray, e.g. x.mean(1, keepdim=True)"}
+                  (1, 3): "repeat the gray channel (grayscale to RGB): x.expand(-1, 3, -1, -1) (command line: "
+                          "--channels 3)",
+                  (3, 1): "make the images gray, e.g. x.mean(1, keepdim=True) (command line: --channels 1)"}
 
 
 def _shape_message(model: nn.Module, x: Tensor, said: str) -> str:

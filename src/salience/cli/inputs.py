@@ -1,7 +1,7 @@
 """What the command line says about the model's input and output: preprocessing and class names.
 
 The model's own :class:`~salience._core.info.ModelInfo` is the default; ``--size``, ``--crop``,
-``--resize``, ``--resize-mode``, ``--mean`` and ``--std`` replace parts of it
+``--resize``, ``--resize-mode``, ``--mean``, ``--std`` and ``--channels`` replace parts of it
 (:func:`salience.loading.images.with_preprocessing`), ``--labels FILE`` names the outputs of any
 model, and a classifier with 1000 outputs and no names gets ImageNet-1k's
 (:func:`salience.loading.models.name_classes`).
@@ -32,6 +32,8 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
                         "size directly, or keep the image as it is (default: the model's)")
     g.add_argument("--mean", metavar="A,B,C", help="per-channel mean subtracted from the [0, 1] image")
     g.add_argument("--std", metavar="A,B,C", help="per-channel std the image is divided by")
+    g.add_argument("--channels", metavar="N", help="the model's input channels: 1 (gray: each image becomes its "
+                   "luma) or 3 (RGB); default: the model's (3 unless it says)")
     p.add_argument("--labels", metavar="FILE", help="class names: one per line, a JSON list, or JSON {index: name}; "
                    "one per model output (default: the model's; 1000 outputs without names: ImageNet-1k's)")
 
@@ -54,7 +56,7 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
         raise SalienceError(f"--crop is the centre crop of --resize-mode crop, not of {args.resize_mode!r}")
     given: dict[str, Any] = {}
     flags = {"size": "--crop" if args.crop is not None else "--size", "resize": "--resize",
-             "resize_mode": "--resize-mode", "mean": "--mean", "std": "--std"}
+             "resize_mode": "--resize-mode", "mean": "--mean", "std": "--std", "channels": "--channels"}
     size_text = args.crop if args.crop is not None else args.size
     if size_text is not None:
         given["size"] = _ints(size_text, flags["size"], "H or H,W in pixels")
@@ -64,6 +66,10 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
         given["resize"] = _ints(args.resize, "--resize", "the shorter side in pixels", count=1)[0]
     if args.resize_mode is not None:
         given["resize_mode"] = args.resize_mode
+    if args.channels is not None:
+        given["channels"] = _ints(args.channels, "--channels", "1 (gray) or 3 (RGB)", count=1)[0]
+        if given["channels"] not in (1, 3):
+            raise SalienceError(f"--channels must be 1 (gray) or 3 (RGB), got {args.channels!r}")
     for key in ("mean", "std"):
         if getattr(args, key) is not None:
             given[key] = _numbers(getattr(args, key), flags[key])

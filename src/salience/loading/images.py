@@ -309,7 +309,7 @@ def resize_mode(info: ModelInfo) -> str:
 
 def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]] = None, resize: Optional[int] = None,
                        resize_mode: Optional[str] = None, mean: Optional[Sequence[float]] = None,
-                       std: Optional[Sequence[float]] = None) -> ModelInfo:
+                       std: Optional[Sequence[float]] = None, channels: Optional[int] = None) -> ModelInfo:
     """``info`` with the given preprocessing in place of its own (``None`` keeps the model's).
 
     ``size``: the model's input ``(H, W)`` (or one side for a square). ``resize``: the shorter
@@ -318,8 +318,14 @@ def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]]
     ``"stretch"`` when ``size`` is given to a model without one. In ``crop`` mode without a
     ``resize``, a model's own resize keeps its ratio to the crop (torchvision's 256 / 224) when
     ``size`` changes; a model without one resizes its shorter side to ``max(size)``.
-    ``mean`` / ``std``: per-channel normalization, one value or one per channel.
+    ``mean`` / ``std``: per-channel normalization, one value or one per channel. ``channels``: the
+    model's input channels, 1 (gray: RGB images become their ITU-R 601 luma) or 3 (RGB), for a model
+    whose info does not say (a ``python:`` or ``.pt2`` model with a one-channel stem).
     """
+    if channels is not None:
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels not in (1, 3):
+            raise SalienceError(f"channels must be 1 (gray) or 3 (RGB), got {channels!r}")
+        info = dataclasses.replace(info, channels=channels)
     size_t = _check_size(size)
     if resize is not None:
         _positive_int(resize, "resize")
