@@ -13,11 +13,14 @@ files are alike, saved at 1.25x the input size so that every peer decodes and re
   workers decode while the model runs; predictions, maps, summaries, float16 shards, thumbnails,
   the Parquet index and the gallery are written.
 - ``salience+compile`` (with ``--compile``): the same with ``compile=True``, when dataset runs take
-  that option; otherwise the row says "not supported" and nothing is timed.
-- ``salience+fold`` (with ``--fold-batchnorm``): the same with ``fold_batchnorm=True``. Note: the
-  engine's options apply to the passes the engine runs in chunks (SmoothGrad, IG, Score-CAM, RISE,
-  occlusion); a dataset run's vanilla maps and its prediction pass run the model as it is, so with
-  ``vanilla`` (this benchmark's method) both rows should time the same work as ``salience``.
+  that option; otherwise the row says "not supported" and nothing is timed. The vanilla input
+  gradients run one compiled graph (compiled for the batch size at the run's second batch, reused
+  batch after batch; the first batch and a shorter last one eager).
+- ``salience+fold`` (with ``--fold-batchnorm``): the same with ``fold_batchnorm=True``: the vanilla
+  input gradients run the BatchNorm-folded copy (made once for the process; the first pass runs the
+  model, to check for a final softmax). Tables made before this (e.g.
+  ``dataset-compile-quiet2.md``) timed these rows on the model as it is: the options did not reach
+  a dataset run's vanilla maps then.
 - ``bare``: the floor, no decoding, nothing written: the images already decoded into tensors (not
   timed), then per batch of B one forward and ``torch.autograd.grad`` of the predicted class's score
   w.r.t. the input (what a vanilla map needs).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -710,6 +711,90 @@ def test_fold_batchnorm_compiles_the_folded_copy():
     assert len(graphs) == 1
     ops = " ".join(str(n.target) for n in graphs[0].graph.nodes)
     assert "conv" in ops and "batch_norm" not in ops, ops
+
+
+# --------------------------------------------------------------------------- one-pass methods
+
+
+class _BatchNormOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the batch-norm operators that run (forward or backward) while the mode is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += "batch_norm" in str(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_pass_methods_run_under_the_options_in_force():
+    """salience.vanilla and input x gradient under salience.performance(fold_batchnorm=True): the
+    first call runs the model (it finds whether a final softmax is to be stripped; remembered for
+    the model), the later ones the folded copy: no batch-norm operator runs. The maps are within
+    the documented tolerance; with the defaults nothing changes (the same bits); a ruled pass
+    (guided backprop) and a pass inside a many-pass run keep their own ways; channels-last runs
+    with the model's strides put back. Before, the options did not reach these methods."""
+    model = _with_statistics(ThreeConv())
+    x = torch.rand(3, 3, 8, 8)
+    ref = salience.vanilla(model, x)
+    ref_ixg = salience.input_x_gradient(model, x)
+    assert torch.equal(salience.vanilla(model, x), ref)  # the defaults: the model itself, bit for bit
+    with unchanged(model), salience.performance(fold_batchnorm=True):
+        first = salience.vanilla(model, x)
+        with _BatchNormOps() as ops:
+            again, ixg, short = salience.vanilla(model, x), salience.input_x_gradient(model, x), \
+                salience.vanilla(model, x[:1])
+        with _BatchNormOps() as ruled:
+            salience.guided_backprop(model, x)
+    assert ops.n == 0 and ruled.n > 0
+    for out, want in ((first, ref), (again, ref), (ixg, ref_ixg), (short, ref[:1])):
+        assert _rel(out, want) < FOLD_RTOL
+    assert not torch.equal(again, ref)  # another way to (nearly) the same map
+    with unchanged(model), salience.performance(memory_format="channels_last"):
+        cl = salience.vanilla(model, x)
+    assert _rel(cl, ref) < CL_RTOL
+
+
+def test_one_pass_compiles_once_for_a_dataset_run(tmp_path, monkeypatch):
+    """compile= in a dataset run: the vanilla input gradient of every full batch runs one compiled
+    graph (compiled once, for the run's batch size), the first batch runs the model (the softmax
+    check), the last, shorter one eagerly (no recompile); the prediction is read from the method's
+    pass (compiled or not: no prediction pass of its own); the maps and predictions are the default run's."""
+    from conftest import SmallCNN
+
+    from salience.runs import job
+
+    class Images(torch.utils.data.Dataset):  # images only: the predicted class is explained
+        def __init__(self):
+            self.x = torch.randn(7, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    model, ds = SmallCNN().eval(), Images()
+    compiles, ran, own_passes = [], [], []
+
+    def backend(gm, inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    kw = dict(batch_size=2, shard_size=8, workers=0, map_dtype="float32")
+    ref = salience.explain_dataset(model, ds, ["vanilla"], tmp_path / "ref", **kw)
+    orig = _perf.Run.ran
+    monkeypatch.setattr(_perf.Run, "ran", lambda self, fn: (ran.append(self.compiling), orig(self, fn))[1])
+    outputs = job._outputs
+    monkeypatch.setattr(job, "_outputs", lambda m, x: (own_passes.append(x.shape[0]), outputs(m, x))[1])
+    with unchanged(model):
+        fast = salience.explain_dataset(model, ds, ["vanilla"], tmp_path / "fast", compile=backend, **kw)
+    assert len(compiles) == 1 and ran == [True, True]  # batches 2 and 3 of 2, 2, 2, 1
+    assert own_passes == []  # every prediction read from the method's pass, the compiled ones too
+    for i in range(7):
+        np.testing.assert_allclose(fast.map(i, "vanilla"), ref.map(i, "vanilla"), rtol=1e-5, atol=1e-7)
+    assert fast.table.column("predicted").to_pylist() == ref.table.column("predicted").to_pylist()
 
 
 # --------------------------------------------------------------------------- CUDA (run where a GPU is lent)

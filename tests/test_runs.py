@@ -1165,3 +1165,39 @@ def test_fast_modes_in_a_dataset_run_and_a_resume_with_other_modes(tmp_path, mon
     np.testing.assert_array_equal(mixed.map(0, "smoothgrad"), ref.map(0, "smoothgrad"))  # kept
     np.testing.assert_array_equal(mixed.map(3, "smoothgrad"), fast.map(3, "smoothgrad"))  # computed with the modes
     assert_fast_maps(mixed, ref, 4)
+
+
+def test_one_pass_methods_and_predictions_of_a_dataset_run_run_folded(tmp_path):
+    """fold_batchnorm=True reaches a dataset run's plain passes: vanilla's and input x gradient's
+    input gradients and the prediction pass run the folded copy (made once, reused batch after
+    batch; the last, shorter batch too), only the first pass runs the model (it looks for a final
+    softmax to strip). The maps are within the documented tolerance of the default run's, the
+    predictions are the default run's, and the model comes back unchanged. Before, these passes
+    ran the model as it is: the folded copy was never called."""
+    from salience._core import perf
+    from conftest import unchanged
+
+    model = bn_net()
+    files = write_noise(tmp_path / "imgs", 3)
+    kw = dict(shard_size=3, batch_size=2, workers=0, map_dtype="float32", model_spec="resnet18-bn")
+    methods = ["vanilla", "input_x_gradient"]
+    for extra in ({}, {"top": 2}):  # the prediction read from the first method's pass; a pass of its own
+        perf.clear_cache()
+        folded, _ = perf.folded_model(model)
+        calls = []
+        folded.register_forward_pre_hook(lambda mod, inp: calls.append(inp[0].shape[0]))
+        name = "top" if extra else "pred"
+        ref = salience.explain_dataset(model, files, methods, tmp_path / f"ref-{name}", **kw, **extra)
+        with unchanged(model):
+            fast = salience.explain_dataset(model, files, methods, tmp_path / f"fast-{name}", fold_batchnorm=True,
+                                            **kw, **extra)
+        assert perf.folded_model(model)[0] is folded  # one copy for the whole run
+        # batches of 2, 1: the first input gradient runs the model itself (softmax check), every
+        # other one the copy; with top=2 the two prediction passes run the copy too
+        want = [2, 1, 1] if not extra else [2, 2, 1, 1, 1]
+        assert sorted(calls, reverse=True) == want, calls
+        assert_fast_maps(fast, ref, 3, methods)
+        for col in ("predicted", "targets"):
+            assert fast.table.column(col).to_pylist() == ref.table.column(col).to_pylist()
+        np.testing.assert_allclose(fast.table.column("probability").to_pylist(),
+                                   ref.table.column("probability").to_pylist(), rtol=1e-4)

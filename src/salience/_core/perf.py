@@ -61,7 +61,7 @@ from salience._core.errors import SalienceError, suggest
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "current", "resolve", "active",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "clear_cache", "compile_unavailable", "folded_model",
-           "own_hooks", "observer"]
+           "own_hooks", "observer", "one_pass"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -351,6 +351,7 @@ class _Record:
     size: Optional[int] = None
     best: Optional[int] = None
     down: bool = False
+    softmax: Optional[bool] = None  # one-pass runs: whether an eager pass found a final softmax to strip
 
     def t(self, size: int, cl: bool) -> float:
         """The fastest seconds per item measured at ``size`` in layout ``cl`` (``inf``: none)."""
@@ -636,7 +637,12 @@ def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: boo
         fn = run.forward_fn(plain, strip_softmax)
         if fn is not None:
             try:
-                out = fn(x_in)
+                with _observers_aside(model) as (pre, post):
+                    for hook in pre:
+                        hook(model, (x_in,))
+                    out = fn(x_in)
+                    for hook in post:
+                        hook(model, (x_in,), out)
                 run.ran(fn)
                 return out, True
             except Exception as e:  # noqa: BLE001 - any compiler (or folded copy) failure falls back to eager
@@ -644,3 +650,64 @@ def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: boo
                     raise
                 run.forward_failed(fn, e)
         return eager(), False
+
+
+@contextmanager
+def _observers_aside(model: nn.Module) -> Iterator[tuple[list, list]]:
+    """The model's :func:`observer` hooks (forward pre-hooks, forward hooks), taken off the model for
+    the block: a pass a copy or a compiled graph runs calls them itself, outside the copy (which does
+    not call the model's hooks) and outside the graph (which would trace them, and break on their
+    Python, when it compiles the model with its hooks), as the model's own call would have: a dataset
+    run reads the output of the method's pass, the explorer counts passes. Only observers can be
+    there: a hook of the user's keeps the copies from running (:func:`own_hooks`)."""
+    taken = []
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        ids = [k for k, h in hooks.items() if getattr(h, "salience_observer", False)]
+        taken.append([(k, hooks.pop(k)) for k in ids])
+    try:
+        yield [h for _, h in taken[0]], [h for _, h in taken[1]]
+    finally:
+        for hooks, pairs in zip((model._forward_pre_hooks, model._forward_hooks), taken):
+            for k, h in pairs:
+                hooks[k] = h
+
+
+def _fast(options: Performance) -> bool:
+    """Whether ``options`` change how a single pass runs (``"auto"`` layouts are chosen by measuring
+    chunks: a single pass runs contiguous under it)."""
+    return (options.memory_format == "channels_last" or options.backend is not None
+            or options.precision != "fp32" or options.fold_batchnorm)
+
+
+@contextmanager
+def one_pass(model: nn.Module, x: Tensor, *, tag: str) -> Iterator[Optional[Run]]:
+    """A single pass on ``model`` (a one-pass method's input gradient, a dataset run's prediction)
+    under the options in force (:func:`current`), as one chunk of a :class:`Run`; yields the run.
+
+    Nothing changes (``None`` is yielded) inside a run already active on the model (the chunk of a
+    many-pass method decides) or when the options run a single pass as it is (the defaults, and
+    ``memory_format="auto"``, which is measured only over a many-pass call's chunks). Else the block
+    is one chunk: the model's layout (channels-last), autocast, and for a plain pass (no layer
+    hooked, no backprop rule) the folded copy or the compiled model. What the passes learn is kept
+    in the model's record (per ``tag``, input shape and options), so that calls in a row (a dataset
+    run's batches) share it: whether the model ends in a softmax (found by the first eager pass;
+    later passes may run a copy or a graph), and the batch size of the first call, the one size
+    that runs compiled (a call of another size, e.g. a dataset run's last, shorter batch, runs the
+    folded copy or the model eagerly, so nothing recompiles)."""
+    options = current()
+    if active(model) is not None or not _fast(options):
+        yield None
+        return
+    run = Run(model, x, options, tag=tag)
+    rec = run.record
+    if rec.softmax is not None:
+        run.softmax_checked, run.softmax_stripped = True, rec.softmax
+    if rec.size is None:
+        rec.size = int(x.shape[0])
+    try:
+        with run.chunk(options.memory_format == "channels_last", int(x.shape[0]) == rec.size):
+            yield run
+    finally:
+        if run.softmax_checked:
+            rec.softmax = run.softmax_stripped
+        run.close()

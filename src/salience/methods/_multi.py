@@ -11,6 +11,7 @@ wrappers (SmoothGrad) hand it all K at once instead of calling it K times.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core import engine as _engine
+from salience._core import perf as _perf
 from salience import reduce as _reduce
 from salience._core.autograd import check_input, forward_scores, seeing_output, unwrap_output
 from salience.targets import Target, check_output, checked_on_output, split
@@ -164,7 +166,12 @@ def input_gradient_maps(
     targets, multi = split(target, x.shape[0])
     _reduce.get_grad_modifier(grad_modifier)
     _reduce.get_reduction(reduce)
-    grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax, extra_modes=extra_modes)
+    # A plain pass (no backprop rule) runs under the performance options in force, as one chunk of
+    # the engine's (perf.one_pass: nothing changes with the defaults, or inside a many-pass run).
+    plain = _perf.one_pass(model, x, tag="input-gradient") if not extra_modes else contextlib.nullcontext()
+    with plain:
+        grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax,
+                                              extra_modes=extra_modes)
     if times_input:  # x detached: a caller's x that requires grad must not put the map on its graph
         grads = grads * x.detach().unsqueeze(0)
     return finish(grads.transpose(0, 1), grad_modifier, reduce, multi, targets)

@@ -122,7 +122,15 @@ def call_method(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: 
 
 
 def _predictions(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    return _probabilities(forward_scores(model, x, strip_softmax=False))
+    return _probabilities(_outputs(model, x))
+
+
+def _outputs(model: nn.Module, x: Tensor) -> Tensor:
+    """The model's output on ``x`` (no softmax stripped): the prediction pass, a plain pass under the
+    performance options in force (:func:`salience._core.perf.one_pass`: the folded copy, the compiled
+    graph for the run's batch size, built once and reused batch after batch)."""
+    with _perf.one_pass(model, x, tag="predictions"):
+        return forward_scores(model, x, strip_softmax=False, compiled=True)
 
 
 def _probabilities(out: Tensor) -> tuple[Tensor, Tensor]:
@@ -138,12 +146,15 @@ def _first_pass(plan: Plan, model: nn.Module, x: Tensor,
     the model's output on the clean images is read from that method's own forward pass (a forward
     hook that keeps the output of the call whose input is ``x``), so no separate prediction pass
     is paid (a second forward only when the method never ran the model on ``x`` itself, e.g.
-    SmoothGrad's noisy copies). Returns ``(maps (n, 1, ...), output, classes (n, 1))``."""
+    SmoothGrad's noisy copies). The hook is an observer (:func:`salience._core.perf.observer`): a
+    folded copy or a compiled graph running the pass under the performance options calls it with its
+    output, and its input may be ``x`` in another layout (channels-last), so it is recognised by
+    its values. Returns ``(maps (n, 1, ...), output, classes (n, 1))``."""
     seen: list[Tensor] = []
 
     def keep(_module: nn.Module, args: tuple, output: Any) -> None:
         if not seen and args and isinstance(args[0], Tensor) and args[0].shape == x.shape \
-                and args[0].data_ptr() == x.data_ptr():
+                and (args[0].data_ptr() == x.data_ptr() or torch.equal(args[0].detach(), x)):
             seen.append(unwrap_output(output, model).detach())
 
     name, fn = next(iter(plan.methods.items()))
@@ -152,7 +163,7 @@ def _first_pass(plan: Plan, model: nn.Module, x: Tensor,
         m = call_method(fn, model, x, plan.regression(), indices).detach().float().cpu().unsqueeze(1)
     finally:
         handle.remove()
-    out = seen[0] if seen else forward_scores(model, x, strip_softmax=False)
+    out = seen[0] if seen else _outputs(model, x)
     if plan.mode == "regression":
         return m, out, torch.full((out.shape[0], 1), int(plan.fixed or 0), dtype=torch.long)
     return m, out, out.reshape(out.shape[0], -1).argmax(1, keepdim=True).cpu()
@@ -275,7 +286,7 @@ def _predict(plan: Plan, model: nn.Module, x: Tensor,
             return first_maps, _scores(plan, out), classes
         except SalienceError:
             pass  # the method's error is recorded when it runs again with the classes
-    probs = _scores(plan, forward_scores(model, x, strip_softmax=False))
+    probs = _scores(plan, _outputs(model, x))
     return None, probs, _targets(plan, probs, indices)
 
 
