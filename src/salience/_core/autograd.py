@@ -566,15 +566,23 @@ def looks_like_probabilities(out: Tensor) -> bool:
     return bool((o >= 0).all()) and bool(torch.allclose(o.sum(1), torch.ones_like(o[:, 0]), atol=1e-4))
 
 
-def class_probabilities(out: Tensor) -> Tensor:
+def class_probabilities(out: Tensor, already: Optional[bool] = None) -> Tensor:
     """Class probabilities of a model's scores, the shape kept: for ``(n, classes)``, ``out`` itself
     when its rows already are probabilities (a softmax), else their softmax; for one logit per
     image, ``(n,)`` or ``(n, 1)`` (a binary classifier), its sigmoid: the softmax over a single
-    class is 1 whatever the input. Other shapes are returned as they are."""
+    class is 1 whatever the input. Other shapes are returned as they are.
+
+    ``already``: whether the rows already are probabilities, judged once by a caller that scores
+    the same model's output in several chunks (:func:`looks_like_probabilities` of the clean
+    images' output) and applied to every chunk; ``None`` (default): judged on ``out`` itself.
+    Judged per chunk, a chunk of raw outputs that happened to be non-negative and sum to 1 (a
+    blank image's bias row ``[1, 0]``) was kept while the others were softmaxed: two scales in one
+    result, and a result that changed with the chunk size."""
     if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1):
         return out.sigmoid()
-    if out.dim() == 2 and not looks_like_probabilities(out):
-        return out.softmax(dim=1)
+    if out.dim() == 2:
+        keep = looks_like_probabilities(out) if already is None else bool(already)
+        return out if keep else out.softmax(dim=1)
     return out
 
 

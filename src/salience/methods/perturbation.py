@@ -21,7 +21,9 @@ The chunks run under the engine's performance options (``memory_format``, ``comp
 
 The score ``S`` is the target's score of the model's output; ``softmax="auto"`` takes it of the
 class probabilities for class targets (the papers' choice: RISE scores probabilities) and of the
-raw output otherwise (regression, custom functions).
+raw output otherwise (regression, custom functions). Whether the output already is probabilities
+(a softmax that ``strip_softmax`` did not remove: ``strip_softmax=False``, a TorchScript model) is
+judged once per call, on the clean images' output, and holds for every chunk (:func:`judge`).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 from salience import reduce as _reduce
 from salience._core import engine as _engine
 from salience._core import perf as _perf
-from salience._core.autograd import check_input, forward_scores
+from salience._core.autograd import check_input, class_probabilities, forward_scores, looks_like_probabilities
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.tensors import check_int, check_number, gaussian_blur, check_flag
@@ -86,30 +88,35 @@ def use_probabilities(softmax: str, targets: Sequence[Target], out: Tensor) -> t
     return tuple(softmax == "classes" for _ in targets)
 
 
-def class_probabilities(out: Tensor) -> Tensor:
-    """Class probabilities of an output ``(n, classes)`` (softmax over dim 1) or of a single logit
-    ``(n, 1)`` / ``(n,)`` (its sigmoid), the shape kept."""
-    if out.dim() == 1 or out.shape[1] == 1:
-        return out.sigmoid()
-    return out.softmax(dim=1)
+def judge(out: Tensor, probabilities: Sequence[bool]) -> bool:
+    """Whether the model's output already is class probabilities (rows non-negative, summing to 1:
+    a final softmax that was not stripped), judged once per call on ``out``, the clean images'
+    output, and passed as ``already`` to every chunk's :func:`scores_of`: such rows are scored as
+    they are, not softmaxed a second time (their softmax was another, flatter score than the
+    model's probability). ``False`` when no target is scored on probabilities."""
+    return any(probabilities) and looks_like_probabilities(out)
 
 
 def score_items(model: nn.Module, xs: Tensor, targets: Sequence[Target], probabilities: Sequence[bool],
-                strip_softmax: bool, *, plain: bool = True) -> Tensor:
+                strip_softmax: bool, *, already: bool, plain: bool = True) -> Tensor:
     """The K targets' scores ``(n, K)`` of the model on ``xs`` ``(n, C, H, W)`` (one forward, no gradient).
 
-    ``plain``: no hook of the caller's is on the model, so inside an engine run with ``compile`` the
-    pass may run the compiled model (Ablation-CAM's passes, which replace a layer's output by a
-    hook, pass ``False``)."""
+    ``already``: the call's :func:`judge` of its clean output (see :func:`scores_of`). ``plain``: no
+    hook of the caller's is on the model, so inside an engine run with ``compile`` the pass may run
+    the compiled model (Ablation-CAM's passes, which replace a layer's output by a hook, pass
+    ``False``)."""
     out = forward_scores(model, xs, strip_softmax=strip_softmax, compiled=plain)
-    return scores_of(out, targets, probabilities)
+    return scores_of(out, targets, probabilities, already=already)
 
 
-def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bool]) -> Tensor:
+def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bool], *, already: bool) -> Tensor:
     """The K targets' scores ``(n, K)`` of a model output ``(n, ...)``: target ``k``'s of its class
-    probabilities (:func:`class_probabilities`) when ``probabilities[k]``, else of ``out``."""
+    probabilities (:func:`salience._core.autograd.class_probabilities`) when ``probabilities[k]``,
+    else of ``out``. ``already``: whether ``(n, classes)`` rows are kept as they are or softmaxed,
+    the call's one judgement (:func:`judge`), never this chunk's own: a chunk of perturbed images
+    whose raw rows happened to be non-negative and sum to 1 would have been read on another scale."""
     n = out.shape[0]
-    soft = class_probabilities(out) if any(probabilities) else None  # use_probabilities checked the shape
+    soft = class_probabilities(out, already) if any(probabilities) else None  # use_probabilities checked the shape
     cols = []
     for t, p in zip(targets, probabilities):
         s = t(soft if p else out)
@@ -123,18 +130,18 @@ def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bo
 
 
 def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Target],
-                 probabilities: Sequence[bool], strip_softmax: bool, run: _perf.Run) -> Tensor:
+                 probabilities: Sequence[bool], strip_softmax: bool, run: _perf.Run, *, already: bool) -> Tensor:
     """The K targets' scores ``(B, K)`` of the clean images, at the precision of the run's passes.
 
-    ``out`` is the model's float32 output on ``x``. Under autocast (``precision="bf16"`` /
+    ``out`` is the model's float32 output on ``x``, ``already`` its :func:`judge`. Under autocast (``precision="bf16"`` /
     ``"fp16"``) the clean scores are taken again under the same autocast: a score's rounding there
     (about 1e-2 of it) can be as large as the drop a perturbation causes, and differences of a
     float32 score and a bf16 one would show the rounding instead of the drop."""
     if run.dtype is None:
-        return scores_of(out, targets, probabilities)
+        return scores_of(out, targets, probabilities, already=already)
     with run.autocast():
         low = forward_scores(model, x, strip_softmax=strip_softmax)
-    return scores_of(low.to(out.dtype), targets, probabilities)
+    return scores_of(low.to(out.dtype), targets, probabilities, already=already)
 
 
 def _pair(value: Any, name: str, what: str) -> tuple[int, int]:
@@ -273,13 +280,14 @@ def occlusion(
         out = forward_scores(model, x, strip_softmax=strip_softmax)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
+        already = judge(out, probs)  # once, on the clean images: every chunk on one scale
         run = _perf.Run(model, x, perf, tag=f"occlusion:{win}:{st}:{probs}:{strip_softmax}")
-        clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run)  # (B, K)
+        clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already)  # (B, K)
 
         def compute(start: int, stop: int) -> Tensor:
             xs, owner, m = items(start, stop)
             tg = [t.for_items(owner) for t in resolved]
-            drop = clean[owner] - score_items(model, xs, tg, probs, strip_softmax)  # (n, K)
+            drop = clean[owner] - score_items(model, xs, tg, probs, strip_softmax, already=already)  # (n, K)
             return drop[:, :, None, None] * m  # (n, K, H, W)
 
         sums = _engine.accumulate(compute, len(corners) * b, b, chunk=chunk, max_memory=budget,
@@ -374,6 +382,7 @@ def rise(
         out = forward_scores(model, x, strip_softmax=strip_softmax)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
+        already = judge(out, probs)  # once, on the clean images: every chunk on one scale
 
         def compute(start: int, stop: int) -> Tensor:
             first, last = start // b, (stop - 1) // b
@@ -381,7 +390,8 @@ def rise(
             idx = torch.arange(start, stop, device=x.device)
             owner, mi = idx % b, idx // b - first
             mm = m[mi].unsqueeze(1)  # (n, 1, H, W)
-            s = score_items(model, x[owner] * mm, [t.for_items(owner) for t in resolved], probs, strip_softmax)
+            s = score_items(model, x[owner] * mm, [t.for_items(owner) for t in resolved], probs, strip_softmax,
+                            already=already)
             return s[:, :, None, None] * mm  # (n, K, H, W)
 
         sums = _engine.accumulate(compute, n_masks * b, b, chunk=chunk, max_memory=budget, progress=progress,

@@ -46,7 +46,7 @@ from salience._core.tensors import autocast_off, check_number, check_flag
 from salience.methods._multi import several_targets
 from salience.methods._tokens import Layout
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
-from salience.methods.perturbation import (SOFTMAX, check_perturbation_targets, clean_scores, score_items,
+from salience.methods.perturbation import (SOFTMAX, check_perturbation_targets, clean_scores, judge, score_items,
                                            use_probabilities)
 from salience.targets import Classes, Target, resolve, split
 
@@ -207,20 +207,22 @@ def scorecam(
         _, acts = _grid("Score-CAM", model, mod, acts, x, grid, prefix_tokens)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities("none" if softmax == "channels" else softmax, resolved, out)
+        already = judge(out, probs)  # once, on the clean images: every chunk (and the blank image) on one scale
         items = _ChannelMasks(x, acts, align_corners)
         live = items.live()  # item j = channel j // B of image j % B; the others mask the image to zeros
         run = _perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}")
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
             mask, owner = items(live[start:stop])
-            s = score_items(model, x[owner].mul_(mask), [t.for_items(owner) for t in resolved], probs, strip_softmax)
+            s = score_items(model, x[owner].mul_(mask), [t.for_items(owner) for t in resolved], probs, strip_softmax,
+                            already=already)
             return s, s  # the scores are the weights: kept per item (small), combined below
 
         total = acts.shape[1] * b
         scores = torch.empty(total, len(resolved), dtype=x.dtype, device=x.device)
         if len(live) < total:  # each image's scores of an all-zero mask (B, K), computed once, as the passes run
             with torch.inference_mode(), run.autocast():
-                empty = score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax)
+                empty = score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax, already=already)
             scores[:] = empty[torch.arange(total, device=x.device) % b]
         if len(live):
             sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
@@ -347,14 +349,15 @@ def ablationcam(
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
+        already = judge(out, probs)  # once, on the clean images: every chunk on one scale
         # no compiled passes: a hook replaces the layer's output in each (compile would retrace per chunk)
         run = _perf.Run(model, x, replace(perf, compile=False), tag=f"ablationcam:{probs}:{strip_softmax}:{value}")
-        clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run)  # (B, K)
+        clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already)  # (B, K)
         _check_nonzero(clean, resolved, probs)
 
         def score(inputs: Tensor, owner: Tensor) -> Tensor:
             return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax,
-                               plain=False)
+                               already=already, plain=False)
 
         items = _Ablated(model, mod, x, layout, value, score)
 
