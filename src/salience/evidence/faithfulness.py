@@ -59,9 +59,7 @@ def link_scores(out: Tensor, link: Optional[str], already: Optional[bool] = None
     ``already``: for ``"softmax"``, whether the model's rows are already probabilities, judged once for
     a whole metric call (``None``: judged on ``out`` itself)."""
     if link == "softmax":
-        if already is None or out.dim() != 2 or out.shape[1] < 2:
-            return class_probabilities(out)
-        return out if already else out.softmax(dim=1)
+        return class_probabilities(out, already)
     if link == "sigmoid":
         return out.sigmoid()
     return out
