@@ -191,3 +191,57 @@ def test_a_deleted_file_is_404_from_every_endpoint_and_from_the_worker(tmp_path)
         assert r.status_code == 404 and r.json()["error"].startswith("no image 'r1-0'"), r.text
     finally:
         hub.close()
+
+
+def _foreign_run(folder, **columns):
+    """A run folder written by hand (as tests/test_explore_gallery.py writes them): two rows, the
+    columns given besides index and path."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from salience.runs.store import FORMAT
+
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps({"format": FORMAT, "methods": ["vanilla"], "labels": False,
+                                                 "metrics": [], "command": {"model": "demo:shapes",
+                                                                            "inputs": {"count": 2}}}))
+    pq.write_table(pa.table({"index": pa.array([0, 1], pa.int64()), **columns}), folder / "index.parquet")
+    return folder
+
+
+def test_a_run_without_stored_thumbnails_or_maps_is_404_saying_what_is_missing(tmp_path, caplog):
+    """A run folder whose table lacks shard / offset, whose sprite or map file is missing, or is
+    damaged: the row's thumbnail and stored map are 404 with what is missing (no 500 with a
+    traceback), said once in the log as a one-line warning; the rows and the row still answer.
+    A table without paths lists its rows with no image."""
+    where = {"path": ["a.png", "b.png"], "shard": ["s0", "s0"], "offset": [0, 1]}
+    folders = [_foreign_run(tmp_path / "noshard", path=["a.png", "b.png"]),
+               _foreign_run(tmp_path / "gone", **where), _foreign_run(tmp_path / "bad", **where),
+               _foreign_run(tmp_path / "nopath")]
+    (tmp_path / "bad" / "thumbs").mkdir()
+    (tmp_path / "bad" / "thumbs" / "s0.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "bad" / "maps" / "vanilla").mkdir(parents=True)
+    (tmp_path / "bad" / "maps" / "vanilla" / "s0.npy").write_bytes(b"not an npy")
+    hub = build_hub("demo:shapes", folders)
+    c = TestClient(create_app(hub))
+    want = {"r0": ("lacks the columns 'shard' and 'offset'", "lacks the columns 'shard' and 'offset'"),
+            "r1": ("s0.jpg is missing", "s0.npy is missing"), "r2": ("damaged", "damaged"),
+            "r3": ("lacks the columns 'shard' and 'offset'", "lacks the columns 'shard' and 'offset'")}
+    try:
+        for run, (thumb, stored) in want.items():
+            assert c.get(f"api/runs/{run}/rows").status_code == 200
+            row = c.get(f"api/runs/{run}/rows/1")
+            assert row.status_code == 200 and row.json()["image"] is False, row.text
+            for _ in range(2):
+                for url, says in ((f"api/runs/{run}/rows/1/thumb.jpg", thumb),
+                                  (f"api/runs/{run}/rows/1/maps/vanilla.npy", stored)):
+                    r = c.get(url)
+                    assert r.status_code == 404 and says in r.json()["error"], (url, r.status_code, r.text)
+        warned = [rec for rec in caplog.records if rec.name == "salience.explore"]
+        assert len(warned) == 8 and all(rec.levelname == "WARNING" and rec.exc_info is None
+                                        and "\n" not in rec.getMessage() for rec in warned), warned
+        assert c.get("api/runs/r3/rows").json()["rows"][0] == {"index": 0, "id": "r3-0", "image": False}
+    finally:
+        hub.close()
