@@ -15,7 +15,7 @@ pytest.importorskip("pyarrow")
 from starlette.testclient import TestClient  # noqa: E402
 
 import salience  # noqa: E402
-from explore_helpers import forget, image_endpoints, npy, shapes_files, wait_job  # noqa: E402
+from explore_helpers import forget, hand_run, image_endpoints, npy, shapes_files, wait_job  # noqa: E402
 from salience.explore.server import build_hub  # noqa: E402
 from salience.explore.app import create_app  # noqa: E402
 from salience.loading import load_image, preprocess  # noqa: E402
@@ -193,33 +193,15 @@ def test_a_deleted_file_is_404_from_every_endpoint_and_from_the_worker(tmp_path)
         hub.close()
 
 
-def _foreign_run(folder, **columns):
-    """A run folder written by hand (as tests/test_explore_gallery.py writes them): two rows, the
-    columns given besides index and path."""
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from salience.runs.store import FORMAT
-
-    folder.mkdir()
-    (folder / "run.json").write_text(json.dumps({"format": FORMAT, "methods": ["vanilla"], "labels": False,
-                                                 "metrics": [], "command": {"model": "demo:shapes",
-                                                                            "inputs": {"count": 2}}}))
-    pq.write_table(pa.table({"index": pa.array([0, 1], pa.int64()), **columns}), folder / "index.parquet")
-    return folder
-
-
 def test_a_run_without_stored_thumbnails_or_maps_is_404_saying_what_is_missing(tmp_path, caplog):
     """A run folder whose table lacks shard / offset, whose sprite or map file is missing, or is
     damaged: the row's thumbnail and stored map are 404 with what is missing (no 500 with a
     traceback), said once in the log as a one-line warning; the rows and the row still answer.
     A table without paths lists its rows with no image."""
     where = {"path": ["a.png", "b.png"], "shard": ["s0", "s0"], "offset": [0, 1]}
-    folders = [_foreign_run(tmp_path / "noshard", path=["a.png", "b.png"]),
-               _foreign_run(tmp_path / "gone", **where), _foreign_run(tmp_path / "bad", **where),
-               _foreign_run(tmp_path / "nopath")]
+    folders = [hand_run(tmp_path / "noshard", path=["a.png", "b.png"]),
+               hand_run(tmp_path / "gone", **where), hand_run(tmp_path / "bad", **where),
+               hand_run(tmp_path / "nopath")]
     (tmp_path / "bad" / "thumbs").mkdir()
     (tmp_path / "bad" / "thumbs" / "s0.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "bad" / "maps" / "vanilla").mkdir(parents=True)
