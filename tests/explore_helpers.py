@@ -43,6 +43,27 @@ def shapes_files(folder: Path, n: int = 4, seed: int = SEED) -> tuple[list[Path]
     return paths, labels, masks
 
 
+def hand_run(folder: Path, labels: bool = False, **columns: Any) -> Path:
+    """A run folder written by hand, not by ``salience explain`` (as tests/test_explore_gallery.py
+    writes them): ``run.json`` (demo:shapes, method vanilla) and ``index.parquet`` with the column
+    ``index`` (0, 1, ...: as many as the first column given, else 2) and the ``columns`` given (no
+    thumbnails, no maps, no ``shard`` / ``offset`` unless given)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from salience.runs.store import FORMAT
+
+    n = len(next(iter(columns.values()))) if columns else 2
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps({"format": FORMAT, "methods": ["vanilla"], "labels": labels,
+                                                 "metrics": [], "command": {"model": "demo:shapes",
+                                                                            "inputs": {"count": n}}}))
+    pq.write_table(pa.table({"index": pa.array(range(n), pa.int64()), **columns}), folder / "index.parquet")
+    return folder
+
+
 def png_bytes(path: Path) -> bytes:
     return Path(path).read_bytes()
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import salience
-from explore_helpers import ARGS, CHROMIUM, browser_api, browser_page, shapes_files, shown
+from explore_helpers import ARGS, CHROMIUM, browser_api, browser_page, hand_run, shapes_files, shown
 from nets import RenamedLayersNet
 
 INSIDE_OVER_OUTSIDE = 2.0
@@ -830,6 +830,100 @@ def test_a_failed_gallery_page_clears_the_rows_until_the_next_answer(tmp_path):
     assert ends == [True, False, False, True]
     assert bad_number == ([], "no rows shown: probability min: not a number")
 
+
+
+def _rows_asked(page) -> list[dict]:
+    """Every gallery request the page makes from now on, as its query (a list it appends to)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    asked: list[dict] = []
+    page.on("request", lambda r: asked.append(dict(parse_qsl(urlsplit(r.url).query)))
+            if urlsplit(r.url).path.endswith("/rows") else None)
+    return asked
+
+
+def _enter(page, field: str, value: str) -> None:
+    """Type ``value`` into the number field and leave it (fill alone fires no change)."""
+    page.fill(field, value)
+    page.dispatch_event(field, "change")
+
+
+def test_the_gallery_sends_only_the_bounds_it_shows(tmp_path):
+    """What the gallery's number fields show is what is applied: set back to "—", the metric's
+    min / max are emptied and off (they kept their numbers, ignored); a probability outside 0..1
+    (-1, 2) is not sent, the table says so (it was sent, and every row shown)."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    hand_run(tmp_path / "run", path=["a.png", "b.png", "c.png"], probability=[0.1, 0.5, 0.9],
+             **{"vanilla.deletion": [0.2, 0.4, 0.6]})
+    explorer = salience.explore("demo:shapes", run=tmp_path / "run", show=False)
+    errors: list[str] = []
+    try:
+        with browser_page(explorer.url, errors, allow_404=True) as page:  # no thumbnails in this run: 404
+            _wait_rows(page, [0, 1, 2])
+            page.select_option("#run-metric", "vanilla.deletion")
+            _enter(page, "#run-min", "0.5")
+            _wait_rows(page, [2])
+            page.select_option("#run-metric", "")
+            _wait_rows(page, [0, 1, 2])
+            metric_off = [(page.input_value(f), page.is_disabled(f)) for f in ("#run-min", "#run-max")]
+            said = []
+            for field, value in (("#run-pmin", "-1"), ("#run-pmax", "2")):
+                _enter(page, field, value)
+                page.wait_for_function("document.getElementById('run-page').className === 'error'")
+                said.append((_rows_shown(page), page.inner_text("#run-page")))
+                _enter(page, field, "")
+                _wait_rows(page, [0, 1, 2])
+    finally:
+        explorer.stop()
+    assert [e for e in errors if "404" not in e] == []
+    assert metric_off == [("", True), ("", True)]
+    assert said == [([], "no rows shown: probability min: must be from 0 to 1"),
+                    ([], "no rows shown: probability max: must be from 0 to 1")]
+
+
+def test_another_run_keeps_the_settings_that_apply_and_sends_no_disabled_filter(tmp_path):
+    """Switching from a run with labels to one without: right / wrong is reset and off and not sent
+    (it was sent, and the server refused the page: "this run has no labels"); the sort column,
+    order and probability bounds, which the other run has too, are kept; the class and the metric
+    it lacks are reset (the metric's bounds emptied and off)."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    hand_run(tmp_path / "a", labels=True, path=["a.png", "b.png", "c.png"], probability=[0.1, 0.5, 0.9],
+             predicted=[1, 0, 1],
+             predicted_name=["square", "circle", "square"], label=[1, 0, 0], correct=[True, True, False],
+             **{"vanilla.deletion": [0.2, 0.4, 0.6]})
+    hand_run(tmp_path / "b", path=["d.png", "e.png", "f.png"], probability=[0.3, 0.6, 0.8],
+             predicted=[4, 4, 3],
+             predicted_name=["ring", "ring", "cross"])
+    explorer = salience.explore("demo:shapes", run=[tmp_path / "a", tmp_path / "b"], show=False)
+    errors: list[str] = []
+    try:
+        with browser_page(explorer.url, errors, allow_404=True) as page:  # no thumbnails in these runs: 404
+            _wait_rows(page, [0, 1, 2])
+            for sel, value in (("#run-sort", "probability"), ("#run-order", "desc"), ("#run-correct", "true"),
+                               ("#run-class", "square"), ("#run-metric", "vanilla.deletion")):
+                page.select_option(sel, value)
+            _enter(page, "#run-pmin", "0.05")
+            _enter(page, "#run-min", "0.1")
+            _wait_rows(page, [0])
+            asked = _rows_asked(page)
+            page.select_option("#run", "r1")
+            page.wait_for_function("document.querySelector('#run-body tr')?.dataset.id.startsWith('r1-')")
+            shown_rows = [int(i) for i in page.eval_on_selector_all(
+                "#run-body tr", "trs => trs.map(t => t.dataset.id.split('-')[1])")]
+            fields = {f: (page.input_value(f), page.is_disabled(f))
+                      for f in ("#run-sort", "#run-order", "#run-correct", "#run-class", "#run-pmin", "#run-metric",
+                                "#run-min")}
+    finally:
+        explorer.stop()
+    assert [e for e in errors if "404" not in e] == []
+    assert asked[-1] == {"sort": "probability", "order": "desc", "min_probability": "0.05", "offset": "0",
+                         "limit": "50"}, asked
+    assert shown_rows == [2, 1, 0]
+    assert fields == {"#run-sort": ("probability", False), "#run-order": ("desc", False),
+                      "#run-correct": ("", True), "#run-class": ("", False), "#run-pmin": ("0.05", False),
+                      "#run-metric": ("", False), "#run-min": ("", True)}
 
 def test_images_dropped_anywhere_on_the_page_are_all_uploaded(tmp_path):
     """Two image files dropped on the page (beside the drop box, on the grid): both are uploaded and

@@ -15,7 +15,7 @@ pytest.importorskip("pyarrow")
 from starlette.testclient import TestClient  # noqa: E402
 
 import salience  # noqa: E402
-from explore_helpers import forget, image_endpoints, npy, shapes_files, wait_job  # noqa: E402
+from explore_helpers import forget, hand_run, image_endpoints, npy, shapes_files, wait_job  # noqa: E402
 from salience.explore.server import build_hub  # noqa: E402
 from salience.explore.app import create_app  # noqa: E402
 from salience.loading import load_image, preprocess  # noqa: E402
@@ -189,5 +189,41 @@ def test_a_deleted_file_is_404_from_every_endpoint_and_from_the_worker(tmp_path)
         assert c.get("api/runs/r1/rows/0").json()["path"] == "TensorDataset[0]"
         r = c.get("api/images/r1-0/picture.png")
         assert r.status_code == 404 and r.json()["error"].startswith("no image 'r1-0'"), r.text
+    finally:
+        hub.close()
+
+
+def test_a_run_without_stored_thumbnails_or_maps_is_404_saying_what_is_missing(tmp_path, caplog):
+    """A run folder whose table lacks shard / offset, whose sprite or map file is missing, or is
+    damaged: the row's thumbnail and stored map are 404 with what is missing (no 500 with a
+    traceback), said once in the log as a one-line warning; the rows and the row still answer.
+    A table without paths lists its rows with no image."""
+    where = {"path": ["a.png", "b.png"], "shard": ["s0", "s0"], "offset": [0, 1]}
+    folders = [hand_run(tmp_path / "noshard", path=["a.png", "b.png"]),
+               hand_run(tmp_path / "gone", **where), hand_run(tmp_path / "bad", **where),
+               hand_run(tmp_path / "nopath")]
+    (tmp_path / "bad" / "thumbs").mkdir()
+    (tmp_path / "bad" / "thumbs" / "s0.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "bad" / "maps" / "vanilla").mkdir(parents=True)
+    (tmp_path / "bad" / "maps" / "vanilla" / "s0.npy").write_bytes(b"not an npy")
+    hub = build_hub("demo:shapes", folders)
+    c = TestClient(create_app(hub))
+    want = {"r0": ("lacks the columns 'shard' and 'offset'", "lacks the columns 'shard' and 'offset'"),
+            "r1": ("s0.jpg is missing", "s0.npy is missing"), "r2": ("damaged", "damaged"),
+            "r3": ("lacks the columns 'shard' and 'offset'", "lacks the columns 'shard' and 'offset'")}
+    try:
+        for run, (thumb, stored) in want.items():
+            assert c.get(f"api/runs/{run}/rows").status_code == 200
+            row = c.get(f"api/runs/{run}/rows/1")
+            assert row.status_code == 200 and row.json()["image"] is False, row.text
+            for _ in range(2):
+                for url, says in ((f"api/runs/{run}/rows/1/thumb.jpg", thumb),
+                                  (f"api/runs/{run}/rows/1/maps/vanilla.npy", stored)):
+                    r = c.get(url)
+                    assert r.status_code == 404 and says in r.json()["error"], (url, r.status_code, r.text)
+        warned = [rec for rec in caplog.records if rec.name == "salience.explore"]
+        assert len(warned) == 8 and all(rec.levelname == "WARNING" and rec.exc_info is None
+                                        and "\n" not in rec.getMessage() for rec in warned), warned
+        assert c.get("api/runs/r3/rows").json()["rows"][0] == {"index": 0, "id": "r3-0", "image": False}
     finally:
         hub.close()

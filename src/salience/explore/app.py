@@ -47,7 +47,7 @@ from salience.explore.cache import ResultCache, key_of
 from salience.explore.compute import ExplainRequest, ModelSlot
 from salience.explore.images import ImageGone, ImageStore
 from salience.explore.jobs import Job, QueueFull, Refused, Ticker
-from salience.explore.runs import RunSource, row_index
+from salience.explore.runs import NotStored, RunSource, row_index
 from salience.loading import remote
 from salience.methods.gradcam import default_layer
 from salience.render import viz
@@ -583,10 +583,11 @@ async def run_map(request: Request) -> Response:
 def _refusal(exc: Exception) -> HTTPException:
     """The answer to an error the server expects: an ``HTTPException`` as it is; an image gone
     from disk or storage 404; storage that does not answer 502; any other ``SalienceError`` (bad
-    input) 400. The same from an endpoint and from a job in the worker's thread."""
+    input) 400. A run's thumbnail or stored map that is not in the run folder
+    (:class:`~salience.explore.runs.NotStored`) is 404 too. The same from an endpoint and from a job in the worker's thread."""
     if isinstance(exc, HTTPException):
         return exc
-    if isinstance(exc, (ImageGone, remote.NoSuchObject)):
+    if isinstance(exc, (ImageGone, NotStored, remote.NoSuchObject)):
         return HTTPException(404, str(exc))
     if isinstance(exc, remote.StorageError):
         return HTTPException(502, str(exc))

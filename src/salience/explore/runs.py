@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import io
+import logging
 import math
 import os
 import re
@@ -28,7 +29,9 @@ from salience.explore.images import ImageEntry
 from salience.loading import remote
 from salience.runs.store import Run, open_run, pyarrow
 
-__all__ = ["RunSource", "is_run", "SORTABLE"]
+__all__ = ["RunSource", "NotStored", "is_run", "SORTABLE"]
+
+_log = logging.getLogger("salience.explore")
 
 SORTABLE = ("index", "predicted", "predicted_name", "probability", "label", "correct", "path")
 """Columns the gallery sorts by, besides every ``method.statistic`` column."""
@@ -36,6 +39,12 @@ _DATASET_ITEM = re.compile(r"^[A-Za-z_][\w.]*\[\d+\]$")
 """The path a run gives the rows of a ``Dataset`` (``ImageFolder[17]``): an item, not a file."""
 _SHOWN = ("index", "path", "predicted", "predicted_name", "probability", "label", "correct", "error", "width",
           "height")
+
+
+class NotStored(SalienceError):
+    """What a row's thumbnail or stored map would be read from is not in the run folder: its table
+    has no ``shard`` / ``offset`` columns (a table not written by ``salience explain``), or the
+    sprite or map file is missing or damaged. The server answers 404 with this message."""
 
 
 def row_index(text: str) -> Optional[int]:
@@ -67,6 +76,7 @@ class RunSource:
         self._classes: Optional[list[dict[str, Any]]] = None
         self._sprites: collections.OrderedDict[Path, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._warned: set[str] = set()
         # the thumbnails' URLs carry this (the page adds it): the browser keeps them an hour, and the
         # next server on the same port (--port 8000) numbers another run r0, whose rows must not show these
         self.version = secrets.token_hex(6)
@@ -135,6 +145,8 @@ class RunSource:
         a page of rows would cost a request each; a missing object is an error when opened), else
         its file, the path as given (relative to where the run was started), else relative to the
         run folder's parent; ``None`` when neither is a file (a ``Dataset`` row)."""
+        if row.get("path") is None:  # a table without paths (not written by salience explain)
+            return None
         if remote.is_remote(row["path"]):
             return str(row["path"])
         p = Path(row["path"])
@@ -160,8 +172,8 @@ class RunSource:
         except KeyError:
             return None
         path = self._file(r)
-        if path is None and _DATASET_ITEM.match(str(r["path"])):
-            return None  # a Dataset's item (``Class[i]``): no file to open
+        if path is None and (r.get("path") is None or _DATASET_ITEM.match(str(r["path"]))):
+            return None  # a Dataset's item (``Class[i]``), or no path at all: no file to open
         if path is None:  # a file gone since the run (deleted or moved): reading it says so (ImageGone, 404)
             given = Path(r["path"])
             path = given if given.is_absolute() else self.run.folder.parent / given
@@ -222,6 +234,7 @@ class RunSource:
         self.row(index)
         if not 0 <= tile <= len(self.run.methods):
             raise SalienceError(f"tile must be 0 (the image) to {len(self.run.methods)} (one per method), got {tile}")
+        self._stored("thumbnails")
         path, pos = self.run.thumbnail(int(index))
         sprite = self._sprite(path)
         r, col = divmod(pos, SPRITE_COLUMNS)
@@ -238,9 +251,13 @@ class RunSource:
                 self._sprites.move_to_end(path)
                 return self._sprites[path]
         if not path.is_file():
-            raise SalienceError(f"the run has no thumbnails for this row ({path.name} is missing)")
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+            raise self._not_stored(f"the run has no thumbnails for this row: {path} is missing")
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except OSError as e:  # not an image (PIL's UnidentifiedImageError), or cut short
+            raise self._not_stored(f"the run's thumbnails for this row are damaged: {path} is not a readable "
+                                   f"image ({type(e).__name__})") from None
         with self._lock:
             self._sprites[path] = im
             while len(self._sprites) > 8:
@@ -250,7 +267,38 @@ class RunSource:
     def stored_map(self, index: int, method: str, k: int = 0) -> np.ndarray:
         """Row ``index``'s stored map of ``method`` for target ``k``, ``(H, W)`` float32."""
         self.row(index)
-        return self.run.map(int(index), method, k)
+        self._stored("maps")
+        if method in self.run.methods:
+            shard, _ = self.run._row_of(int(index))
+            path = self.run.folder / "maps" / method / f"{shard}.npy"
+            if not path.is_file():
+                raise self._not_stored(f"the run has no stored {method} map for this row: {path} is missing")
+        try:
+            return self.run.map(int(index), method, k)
+        except SalienceError:
+            raise
+        except (OSError, ValueError, IndexError) as e:  # not an .npy of maps, or cut short
+            raise self._not_stored(f"the run's stored {method} maps for this row are damaged: {path} is not a "
+                                   f"readable array of maps ({type(e).__name__})") from None
+
+    def _stored(self, what: str) -> None:
+        """:class:`NotStored` when the run's table cannot say where a row's ``what`` are (no
+        ``shard`` / ``offset`` columns: a table written by hand, or by another program)."""
+        missing = [c for c in ("shard", "offset") if c not in self.run.table.column_names]
+        if missing:
+            raise self._not_stored(
+                f"run {self.name!r} has no stored {what}: its table ({self.run.folder}) lacks the column"
+                f"{'s' if len(missing) > 1 else ''} {' and '.join(repr(c) for c in missing)} that say where each "
+                "row's thumbnails and maps are (was it written by salience explain DIR --out RUN?)")
+
+    def _not_stored(self, message: str) -> NotStored:
+        """The error for ``message``, said once in the server's log as a one-line warning."""
+        with self._lock:
+            first = message not in self._warned
+            self._warned.add(message)
+        if first:
+            _log.warning("salience explore: %s", message)
+        return NotStored(message)
 
 
 def _arrow() -> tuple[Any, Any]:

@@ -174,7 +174,7 @@ async function startRuns() {
   for (const r of R.runs) $("run").append(el("option", { value: r.id }, `${r.name} (${r.count})`));
   $("run").addEventListener("change", () => chooseRun($("run").value));
   for (const id of ["run-sort", "run-order", "run-class", "run-correct", "run-pmin", "run-pmax", "run-metric", "run-min", "run-max"])
-    $(id).addEventListener("change", () => { R.offset = 0; listRows(); });
+    $(id).addEventListener("change", () => { R.offset = 0; if (id === "run-metric") metricBounds(); listRows(); });
   // a number field holding what is not a number ("1e") has the value "" and fires no change: the
   // table would go on showing rows as if no bound were set; left or entered, the table says so
   for (const id of Object.keys(NUMBERS)) {
@@ -187,7 +187,18 @@ async function startRuns() {
   await chooseRun(R.runs[0].id);
 }
 
+// the metric's min / max apply to the metric chosen: with none ("—") they are emptied and off (they
+// kept their numbers, shown but not applied)
+function metricBounds() {
+  const on = $("run-metric").value !== "";
+  for (const id of ["run-min", "run-max"]) { $(id).disabled = !on; if (!on) $(id).value = ""; }
+}
+
+// Another run keeps the gallery's settings that apply to it (sort column, class, metric and their
+// bounds when it has them; order; probability when it has the column; right / wrong when it has
+// labels); what does not apply is reset and, for a filter, off (an off filter is never sent).
 async function chooseRun(id) {
+  const before = { sort: $("run-sort").value, cls: $("run-class").value, metric: $("run-metric").value };
   R.run = R.runs.find((r) => r.id === id); R.offset = 0;
   const r = R.run;
   $("run-about").textContent = `${r.folder}: ${r.count} images, model ${r.model}, methods ${r.methods.join(", ")}${r.complete ? "" : " (not finished)"}`;
@@ -196,7 +207,15 @@ async function chooseRun(id) {
   fill($("run-sort"), null, r.sortable.map((c) => [c, c]));
   fill($("run-class"), "any", r.classes.map((c) => [c.name, c.name]));
   fill($("run-metric"), "—", r.metrics.map((c) => [c, c]));
+  const keep = (sel, v) => { if ([...sel.options].some((o) => o.value === v)) sel.value = v; };
+  keep($("run-sort"), before.sort); keep($("run-class"), before.cls); keep($("run-metric"), before.metric);
+  metricBounds();
   $("run-correct").disabled = !r.labels;
+  if (!r.labels) $("run-correct").value = "";
+  for (const f of ["run-pmin", "run-pmax"]) {
+    $(f).disabled = !r.sortable.includes("probability");
+    if ($(f).disabled) $(f).value = "";
+  }
   const head = ["image", ...r.methods.map((m) => `${m} (stored)`), "#", "file", "class", "probability",
                 ...(r.labels ? ["label", "right"] : []), ...r.metrics];
   $("run-head").textContent = "";
@@ -207,7 +226,7 @@ async function chooseRun(id) {
 async function listRows() {
   const r = R.run, q = new URLSearchParams({ sort: $("run-sort").value || "index", order: $("run-order").value,
                                             offset: R.offset, limit: R.limit });
-  const add = (k, id) => { if ($(id).value !== "") q.set(k, $(id).value); };
+  const add = (k, id) => { if (!$(id).disabled && $(id).value !== "") q.set(k, $(id).value); };
   add("class", "run-class"); add("correct", "run-correct"); add("min_probability", "run-pmin");
   add("max_probability", "run-pmax");
   if ($("run-metric").value) { q.set("metric", $("run-metric").value); add("min", "run-min"); add("max", "run-max"); }
@@ -215,9 +234,13 @@ async function listRows() {
   const asked = ++R.asked;
   let found;
   const body = $("run-body");
-  const bad = Object.keys(NUMBERS).filter((id) => $(id).validity.badInput).map((id) => NUMBERS[id]);
+  // a bound that is not a number, or outside its field's range (probability -1), is not sent: the table says so
+  const wrong = (f) => f.disabled ? null : f.validity.badInput ? "not a number"
+    : !(f.validity.rangeUnderflow || f.validity.rangeOverflow) ? null
+    : f.min !== "" && f.max !== "" ? `must be from ${f.min} to ${f.max}` : f.min !== "" ? `must be at least ${f.min}` : `must be at most ${f.max}`;
+  const bad = Object.keys(NUMBERS).filter((id) => wrong($(id))).map((id) => `${NUMBERS[id]}: ${wrong($(id))}`);
   try {
-    if (bad.length) throw new Error(`${bad.join(", ")}: not a number`);
+    if (bad.length) throw new Error(bad.join("; "));
     found = await api(`api/runs/${r.id}/rows?${q}`);
   } catch (e) {
     // the rows of the settings before are not these settings' rows: cleared, the table says why (the
