@@ -775,10 +775,10 @@ def test_one_pass_compiles_once_for_a_dataset_run(tmp_path, monkeypatch):
         def __getitem__(self, i):
             return self.x[i]
 
-    # Dynamo's caches first: in the full suite, after the many tests that compile SmallCNN.forward (other
-    # backends, shapes, grad modes, layouts), this run compiled no graph (the counting backend was never
-    # called; alone it passed). Not pinned down which cached state does it (12 new instances of one
-    # class compile once here); the test is about salience's reuse of one graph, so it starts clean.
+    # Dynamo's caches first: the code object SmallCNN.forward, shared by every instance, is recompiled by
+    # the tests before this one (strides of channels-last, autocast, shapes: TORCH_LOGS=recompiles), and
+    # after its 8th recompile dynamo logs "hit config.recompile_limit (8)" once and runs it eagerly for
+    # the rest of the process: the counting backend was never called in the full suite.
     torch._dynamo.reset()
     model, ds = SmallCNN().eval(), Images()
     compiles, ran, own_passes = [], [], []
