@@ -832,3 +832,29 @@ def test_cuda_compile_matches_eager():
     with unchanged(model):
         out = salience.integrated_gradients(model, x, steps=8, chunk=4, compile=True)
     assert _rel(out, ref) < 1e-4
+
+
+def test_a_compiled_run_past_dynamos_recompile_limit_says_so_and_runs_eagerly():
+    """Dynamo compiles a code object at most ``recompile_limit`` times (8), shared by every instance of
+    a model class; past it, by default, it logs one line and runs the function eagerly for the rest
+    of the process: ``compile=True`` then compiled nothing without a word (a test of this file met
+    it in the full suite). Now the run warns, falls back to eager (the same maps) and stops asking."""
+    torch._dynamo.reset()
+    if not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        pytest.skip("this torch has no fail_on_recompile_limit_hit")
+    compiles = []
+
+    def backend(gm, inputs):
+        compiles.append(1)
+        return gm.forward
+
+    model = ThreeConv()
+    with torch._dynamo.config.patch(recompile_limit=1), salience.performance(memory_format="contiguous"):
+        a = torch.rand(2, 3, 8, 8)
+        salience.smoothgrad(model, a, samples=6, chunk=2, compile=backend)  # one graph: (2, 3, 8, 8)
+        b = torch.rand(2, 3, 12, 12)  # another shape: a recompile, past the limit of 1
+        with unchanged(model), pytest.warns(UserWarning, match="compile: torch.compile failed.*recompile.*eagerly"):
+            out = salience.smoothgrad(model, b, samples=6, chunk=2, compile=backend)
+    assert len(compiles) == 1
+    assert _rel(out, salience.smoothgrad(model, b, samples=6, chunk=2)) < 1e-6
+    torch._dynamo.reset()

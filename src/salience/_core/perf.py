@@ -625,6 +625,19 @@ def contextlib_null() -> Iterator[None]:
     yield
 
 
+def _recompile_limit_raises() -> Any:
+    """Inside it, a compiled call that hits dynamo's recompile limit raises instead of what dynamo does
+    by default: log one line and run that code object eagerly for the rest of the process, so a
+    ``compile=True`` run compiled nothing without a word. (The limit is per code object: every
+    instance of a model class shares it, and layouts, autocast and shapes each add a graph.) The
+    error falls back to eager with :func:`_compile_failed`'s warning, and this model is not compiled
+    again. A torch without the option: dynamo's own behaviour."""
+    config = getattr(getattr(torch, "_dynamo", None), "config", None)
+    if config is None or not hasattr(config, "fail_on_recompile_limit_hit"):
+        return contextlib_null()
+    return config.patch(fail_on_recompile_limit_hit=True)
+
+
 def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: bool,
                  eager: Callable[[], Any]) -> tuple[Any, bool]:
     """Run one pass's forward: the compiled model when the active run allows it, else ``eager()``;
@@ -637,6 +650,8 @@ def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: boo
         fn = run.forward_fn(plain, strip_softmax)
         if fn is not None:
             try:
+                if fn is not run._folded:
+                    stack.enter_context(_recompile_limit_raises())
                 with _observers_aside(model) as (pre, post):
                     for hook in pre:
                         hook(model, (x_in,))
