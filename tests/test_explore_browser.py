@@ -764,7 +764,8 @@ def _enter(page, field: str, value: str) -> None:
 def test_the_gallery_sends_only_the_bounds_it_shows(tmp_path):
     """What the gallery's number fields show is what is applied: set back to "—", the metric's
     min / max are emptied and off (they kept their numbers, ignored); a probability outside 0..1
-    (-1, 2) is not sent, the table says so (it was sent, and every row shown)."""
+    (-1, 2) is not sent, the table says so (it was sent, and every row shown); a min above its max
+    is said too (an empty table without a word)."""
     pytest.importorskip("starlette")
     pytest.importorskip("pyarrow")
     hand_run(tmp_path / "run", path=["a.png", "b.png", "c.png"], probability=[0.1, 0.5, 0.9],
@@ -787,12 +788,19 @@ def test_the_gallery_sends_only_the_bounds_it_shows(tmp_path):
                 said.append((_rows_shown(page), page.inner_text("#run-page")))
                 _enter(page, field, "")
                 _wait_rows(page, [0, 1, 2])
+            # a min above its max selects nothing: said (the table was empty without a word)
+            _enter(page, "#run-pmin", "0.9")
+            _wait_rows(page, [2])
+            _enter(page, "#run-pmax", "0.1")
+            page.wait_for_function("document.getElementById('run-page').className === 'error'")
+            said.append((_rows_shown(page), page.inner_text("#run-page")))
     finally:
         explorer.stop()
     assert [e for e in errors if "404" not in e] == []
     assert metric_off == [("", True), ("", True)]
     assert said == [([], "no rows shown: probability min: must be from 0 to 1"),
-                    ([], "no rows shown: probability max: must be from 0 to 1")]
+                    ([], "no rows shown: probability max: must be from 0 to 1"),
+                    ([], "no rows shown: probability min 0.9 is above max 0.1")]
 
 
 def test_another_run_keeps_the_settings_that_apply_and_sends_no_disabled_filter(tmp_path):

@@ -239,6 +239,12 @@ async function listRows() {
     : !(f.validity.rangeUnderflow || f.validity.rangeOverflow) ? null
     : f.min !== "" && f.max !== "" ? `must be from ${f.min} to ${f.max}` : f.min !== "" ? `must be at least ${f.min}` : `must be at most ${f.max}`;
   const bad = Object.keys(NUMBERS).filter((id) => wrong($(id))).map((id) => `${NUMBERS[id]}: ${wrong($(id))}`);
+  // a min above its max selects nothing: said, not an empty table without a word
+  for (const [lo, hi] of [["run-pmin", "run-pmax"], ["run-min", "run-max"]]) {
+    const a = $(lo), b = $(hi);
+    if (!a.disabled && !b.disabled && a.value !== "" && b.value !== "" && !wrong(a) && !wrong(b) && +a.value > +b.value)
+      bad.push(`${NUMBERS[lo]} ${a.value} is above ${NUMBERS[hi].split(" ").pop()} ${b.value}`);
+  }
   try {
     if (bad.length) throw new Error(bad.join("; "));
     found = await api(`api/runs/${r.id}/rows?${q}`);
