@@ -939,6 +939,93 @@ def test_a_second_run_in_the_same_process_is_refused_too(data, tmp_path):
     assert len(salience.explain_dataset("demo:shapes", files, ["vanilla"], tmp_path / "run", workers=0)) == 2
 
 
+# A process that writes a shard for a run (as a Ray actor does) through the run's commit fence: it
+# says "in" once inside, stays there for argv[3] seconds, then writes its shard and says "done"
+# ("refused: ..." when the fence refuses it).
+COMMITTER = """
+import json, os, sys, time
+from pathlib import Path
+from salience import SalienceError
+from salience.runs.lock import Writer, commit_fence
+writer = Writer(**json.loads(sys.argv[1]))
+try:
+    with commit_fence(writer):
+        print("in", flush=True)
+        time.sleep(float(sys.argv[3]))
+        tmp = Path(sys.argv[2] + ".tmp")
+        tmp.write_text("shard")
+        os.replace(tmp, sys.argv[2])
+except SalienceError as e:
+    print("refused:", e, flush=True)
+    sys.exit(3)
+print("done", flush=True)
+"""
+
+
+def _committer(writer, shard: Path, seconds: float) -> subprocess.Popen:
+    import dataclasses
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen([sys.executable, "-c", COMMITTER, json.dumps(dataclasses.asdict(writer)), str(shard),
+                             str(seconds)], env=env, stdout=subprocess.PIPE, text=True)
+
+
+def test_a_new_run_waits_for_an_earlier_runs_commit_still_under_way(tmp_path, monkeypatch):
+    """An earlier run's writer (another process, as a Ray actor is) still committing a shard when its
+    run ended (the run's end waits ``FENCE_WAIT`` seconds, then warns): the next run on the folder
+    begins only once that commit is complete, and from then on the earlier run's writer is refused."""
+    import salience.runs.lock as lock
+
+    folder = tmp_path / "run"
+    shard = tmp_path / "shard"
+    monkeypatch.setattr(lock, "FENCE_WAIT", 0.3)
+    with pytest.warns(UserWarning, match="a shard is still being written after 0 s"):
+        with lock.run_lock(folder) as first:
+            slow = _committer(first, shard, 3.0)
+            assert slow.stdout.readline().strip() == "in"
+    try:
+        assert not shard.exists()  # mid-commit when the first run ended
+        monkeypatch.setattr(lock, "FENCE_WAIT", 60.0)
+        with lock.run_lock(folder) as second:
+            assert shard.read_text() == "shard"  # the commit under way was waited for, and is whole
+            assert slow.wait(timeout=30) == 0 and slow.stdout.read().strip() == "done"
+            late = _committer(first, tmp_path / "late", 0.0)  # the first run's writer, once more
+            out = late.communicate(timeout=60)[0]
+            assert late.returncode == 3 and "the run this shard belongs to has ended" in out, out
+            assert not (tmp_path / "late").exists()
+            own = _committer(second, tmp_path / "own", 0.0)  # the run that holds the folder commits
+            assert own.communicate(timeout=60)[0].split() == ["in", "done"] and (tmp_path / "own").exists()
+    finally:
+        slow.kill()
+        slow.wait()
+
+
+def test_a_new_run_is_refused_while_an_earlier_runs_commit_outlasts_the_wait(tmp_path, monkeypatch):
+    """The next run waits ``FENCE_WAIT`` seconds for an earlier run's commit; past them it is refused
+    (SalienceError saying what to stop), writes nothing, and leaves the folder free for the run after."""
+    import salience.runs.lock as lock
+
+    folder = tmp_path / "run"
+    monkeypatch.setattr(lock, "FENCE_WAIT", 0.3)
+    with pytest.warns(UserWarning, match="still being written"):
+        with lock.run_lock(folder) as first:
+            stuck = _committer(first, tmp_path / "shard", 4.0)
+            assert stuck.stdout.readline().strip() == "in"
+    try:
+        text = (folder / lock.LOCK_NAME).read_text()
+        with pytest.raises(SalienceError, match=r"an earlier run \(a Ray actor\) is still writing a shard after 0 s; "
+                                                r"stop it"):
+            with lock.run_lock(folder):
+                pass
+        assert (folder / lock.LOCK_NAME).read_text() == text  # the refused run wrote nothing
+        assert stuck.wait(timeout=30) == 0
+        with lock.run_lock(folder) as third:  # free again once the commit is over
+            assert f"run={third.token}" in (folder / lock.LOCK_NAME).read_text().split()
+    finally:
+        stuck.kill()
+        stuck.wait()
+
+
 def test_a_file_system_without_locks_runs_with_a_warning(data, tmp_path, monkeypatch):
     """Where the file system cannot lock (``ENOLCK``, as some FUSE mounts of buckets answer), the
     run goes on and warns that keeping to one writer is the user's."""
