@@ -50,7 +50,8 @@ def check_probability(probability: object) -> Optional[str]:
     if isinstance(probability, str) and probability in ("softmax", "sigmoid"):
         return probability
     raise SalienceError(f"probability must be True or 'softmax' (the softmax over the classes), 'sigmoid' (each "
-                        f"class's own sigmoid: a multilabel model) or False (the raw output); got {probability!r}")
+                        "class's own sigmoid: a multilabel model) or False (the raw output), as "
+                        f"salience.evidence.PROBABILITY lists; got {probability!r}")
 
 
 def link_scores(out: Tensor, link: Optional[str], already: Optional[bool] = None) -> Tensor:
