@@ -40,3 +40,82 @@ def test_probability_choices_are_public_each_is_accepted_and_others_are_refused_
             M.deletion(model, x, maps, cls, steps=2, probability=bad)
         for choice in PROBABILITY:
             assert repr(choice) in str(err.value), (bad, str(err.value))
+
+
+def test_max_sensitivity_names_the_image_and_noisy_copy_of_a_nan_map_not_a_flattened_row():
+    # It said "image 7": row k * B + i of its own batch of copies (here copy 2 of image 1).
+    model = _linear()
+    x = torch.rand(3, 3, 8, 8)
+    seen = [0, 0, 0]  # noisy copies of each image the method has seen, in the order it saw them
+
+    def broken(model, xb, target=None):
+        m = xb.mean(1).clone()
+        for r, row in enumerate(xb):
+            dist = (x - row).flatten(1).abs().amax(1)
+            i = int(dist.argmin())
+            if float(dist[i]) == 0:
+                continue  # the image itself
+            if i == 1 and seen[1] == 2:
+                m[r, 3, 3] = float("nan")
+            seen[i] += 1
+        return m
+
+    with pytest.raises(SalienceError, match=r"NaN or infinite values \(image 1, noisy copy 2 of its 4 ") as err:
+        M.max_sensitivity(model, x, broken, samples=4, radius=0.05, batch_size=4)
+    assert "image 7" not in str(err.value)
+
+
+def test_random_logit_says_which_class_map_has_nan():
+    model = _linear()
+    x = torch.rand(3, 3, 8, 8)
+    pred = model(x).argmax(1)
+
+    def broken(model, xb, target):
+        m = xb.mean(1).clone()
+        for r, row in enumerate(xb):  # image 1's map of the other class only
+            if torch.equal(row, x[1]) and int(target[r]) != int(pred[1]):
+                m[r] = float("inf")
+        return m
+
+    with pytest.raises(SalienceError, match=r"\(image 1, the map of the random other class \d\)"):
+        M.random_logit(model, x, broken, batch_size=2)
+
+
+def test_randomization_names_the_image_and_the_step_of_a_nan_map():
+    # The similarities refused it as "a contain NaN or infinite values": which image, which model?
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    x = torch.rand(3, 3, 8, 8)
+    calls = [0]
+
+    def broken_at(call):
+        def fn(model, xb, target=None):
+            m = xb.mean(1).clone()
+            if calls[0] == call:
+                m[1, 0, 0] = float("nan")
+            calls[0] += 1
+            return m
+        return fn
+
+    with pytest.raises(SalienceError, match=r"\(image 1, the original model's map\)"):
+        M.randomization(model, x, broken_at(0))
+    calls[0] = 0
+    with pytest.raises(SalienceError, match=r"\(image 1, the map after re-initializing '0' and every layer above "
+                                            r"it \(step 2 of 2, cascading, seed=0\)\)"):
+        M.randomization(model, x, broken_at(2))
+    calls[0] = 0
+    with pytest.raises(SalienceError, match=r"\(image 1, the map of the model trained on the shuffled labels\)"):
+        M.data_randomization(lambda i, y: model, x, torch.arange(3), x, broken_at(1))
+    assert [p.requires_grad for p in model.parameters()] == [True] * 4
+
+
+def test_maps_with_nan_name_the_images():
+    maps, masks = torch.rand(4, 6, 6), torch.ones(4, 6, 6, dtype=torch.bool)
+    maps[1, 2, 2], maps[3, 0, 0] = float("nan"), -float("inf")
+    with pytest.raises(SalienceError, match=r"maps contain NaN or infinite values \(images 1, 3 of 4\)"):
+        M.pointing_game(maps, masks)
+    with pytest.raises(SalienceError, match=r"\(image 1 of 2\)"):
+        M.sparseness(maps[:2])
+    many = torch.full((9, 2, 2), float("nan"))
+    with pytest.raises(SalienceError, match=r"\(images 0, 1, 2, 3, 4 and 4 more of 9\)"):
+        M.complexity(many)
