@@ -119,3 +119,54 @@ def test_maps_with_nan_name_the_images():
     many = torch.full((9, 2, 2), float("nan"))
     with pytest.raises(SalienceError, match=r"\(images 0, 1, 2, 3, 4 and 4 more of 9\)"):
         M.complexity(many)
+
+
+class _NanWhere(nn.Module):
+    """A linear classifier whose output row is NaN where ``bad(row)`` holds."""
+
+    def __init__(self, bad):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3 * 8 * 8, 3)
+        self.bad = bad
+
+    def forward(self, x):
+        out = self.lin(x.flatten(1))
+        nan = torch.tensor([bool(self.bad(r)) for r in x])
+        return torch.where(nan[:, None], torch.full_like(out, float("nan")), out)
+
+
+def test_a_nan_score_of_a_perturbed_image_is_an_error_naming_the_image_and_step():
+    # The model's NaN on a perturbed copy made the metric NaN without a word (and evaluate's
+    # nanmean left the image out); now it names the image and the copy.
+    x = torch.rand(3, 3, 8, 8)
+    sub = torch.zeros_like(x)
+    sub[1] = 7.0  # only image 1's substrate is 7: the model fails as soon as one of its pixels is removed
+    model = _NanWhere(lambda r: bool((r == 7).any()))
+    maps = torch.rand(3, 8, 8)
+    with pytest.raises(SalienceError, match=r"on image 1 at step 1 of 4 of its deletion curve \(16 of its 64 "
+                                            r"pixels removed\)"):
+        M.deletion(model, x, maps, 0, steps=4, substrate=sub)
+    with pytest.raises(SalienceError, match=r"on image 1 at step 0 of 4 of its insertion curve \(0 of its 64 "
+                                            r"pixels put back"):
+        M.insertion_curves(model, x, maps, 0, steps=4, substrate=sub)
+    with pytest.raises(SalienceError, match=r"on image 1 with its random pixel set 0 of 4 \(6 pixels\) replaced"):
+        M.faithfulness_correlation(model, x, maps, 0, subsets=4, substrate=sub)
+    # ROAD: image 2's imputed copies fail (the clean image, which resolves the class, does not)
+    road_model = _NanWhere(lambda r: not any(torch.equal(r, c) for c in x)
+                           and int((x - r).flatten(1).abs().sum(1).argmin()) == 2)
+    with pytest.raises(SalienceError, match=r"on image 2 with 19 of its 64 pixels removed \(lerf, fraction 0.3\)"):
+        M.road_curves(road_model, x, maps, order="lerf", fractions=(0.3, 0.6))
+
+
+def test_a_substrate_that_is_not_finite_is_refused():
+    model, x, maps = _linear(), torch.rand(2, 3, 8, 8), torch.rand(2, 8, 8)
+    for sub in (float("nan"), float("inf"), 1e39):  # 1e39: inf in float32
+        with pytest.raises(SalienceError, match="substrate"):
+            M.deletion(model, x, maps, 0, steps=2, substrate=sub)
+    sub = torch.zeros(3, 1, 1)
+    sub[2] = float("nan")
+    with pytest.raises(SalienceError, match="substrate tensor has NaN or infinite"):
+        M.insertion(model, x, maps, 0, steps=2, substrate=sub)
+    with pytest.raises(SalienceError, match="substrate tensor has NaN or infinite"):
+        M.faithfulness_correlation(model, x, maps, 0, subsets=2, substrate=sub)
