@@ -109,18 +109,6 @@ def test_randomization_names_the_image_and_the_step_of_a_nan_map():
     assert [p.requires_grad for p in model.parameters()] == [True] * 4
 
 
-def test_maps_with_nan_name_the_images():
-    maps, masks = torch.rand(4, 6, 6), torch.ones(4, 6, 6, dtype=torch.bool)
-    maps[1, 2, 2], maps[3, 0, 0] = float("nan"), -float("inf")
-    with pytest.raises(SalienceError, match=r"maps contain NaN or infinite values \(images 1, 3 of 4\)"):
-        M.pointing_game(maps, masks)
-    with pytest.raises(SalienceError, match=r"\(image 1 of 2\)"):
-        M.sparseness(maps[:2])
-    many = torch.full((9, 2, 2), float("nan"))
-    with pytest.raises(SalienceError, match=r"\(images 0, 1, 2, 3, 4 and 4 more of 9\)"):
-        M.complexity(many)
-
-
 class _NanWhere(nn.Module):
     """A linear classifier whose output row is NaN where ``bad(row)`` holds."""
 
@@ -170,3 +158,34 @@ def test_a_substrate_that_is_not_finite_is_refused():
         M.insertion(model, x, maps, 0, steps=2, substrate=sub)
     with pytest.raises(SalienceError, match="substrate tensor has NaN or infinite"):
         M.faithfulness_correlation(model, x, maps, 0, subsets=2, substrate=sub)
+
+
+def test_maps_with_nan_name_the_images():
+    maps, masks = torch.rand(4, 6, 6), torch.ones(4, 6, 6, dtype=torch.bool)
+    maps[1, 2, 2], maps[3, 0, 0] = float("nan"), -float("inf")
+    with pytest.raises(SalienceError, match=r"maps contain NaN or infinite values \(images 1, 3 of 4\)"):
+        M.pointing_game(maps, masks)
+    with pytest.raises(SalienceError, match=r"\(image 1 of 2\)"):
+        M.sparseness(maps[:2])
+    many = torch.full((9, 2, 2), float("nan"))
+    with pytest.raises(SalienceError, match=r"\(images 0, 1, 2, 3, 4 and 4 more of 9\)"):
+        M.complexity(many)
+
+
+@pytest.mark.parametrize("value,dtype", [(1e37, torch.float32), (1e307, torch.float64)])
+def test_huge_finite_maps_are_scored_not_overflowed(value, dtype):
+    # The sums overflowed: energy 0 (float32) or NaN (float64), sparseness NaN, complexity 0.
+    n = 64
+    flat = torch.full((2, 8, 8), value, dtype=dtype)
+    one = torch.zeros(2, 8, 8, dtype=dtype)
+    one[:, 3, 5] = value
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, :2], masks[1, :, :6] = True, True
+    torch.testing.assert_close(M.energy_in_mask(flat, masks), torch.tensor([16 / n, 48 / n], dtype=dtype))
+    torch.testing.assert_close(M.energy_in_mask(-flat, masks, absolute=True),
+                               torch.tensor([16 / n, 48 / n], dtype=dtype))
+    torch.testing.assert_close(M.energy_in_mask(one, masks), torch.tensor([0.0, 1.0], dtype=dtype))
+    torch.testing.assert_close(M.sparseness(flat), torch.zeros(2))
+    torch.testing.assert_close(M.sparseness(one), torch.full((2,), 1 - 1 / n))
+    torch.testing.assert_close(M.complexity(flat), torch.full((2,), math.log(n)))
+    torch.testing.assert_close(M.complexity(one), torch.zeros(2))
