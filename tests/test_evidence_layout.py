@@ -32,7 +32,7 @@ def _imports(path: Path) -> set[str]:
 
 ADDED = {"road", "road_curves", "linear_imputation", "ROAD_FRACTIONS", "faithfulness_correlation", "max_sensitivity",
          "sparseness", "complexity", "random_logit", "sobel_edges", "center_maps",
-         "image_seeds"}  # issue 16's metrics
+         "image_seeds", "PROBABILITY"}  # issue 16's metrics
 
 
 def test_public_names_are_those_of_the_old_metrics_module():

@@ -288,5 +288,5 @@ def test_a_method_map_with_nan_is_an_error_not_a_nan_metric():
 
     with pytest.raises(SalienceError, match=r"NaN or infinite values \(image 2\)"):
         M.max_sensitivity(model, x, broken, samples=2, batch_size=8)
-    with pytest.raises(SalienceError, match=r"NaN or infinite values \(image 2\)"):
+    with pytest.raises(SalienceError, match=r"NaN or infinite values \(image 2, the map of its class \d\)"):
         M.random_logit(model, x, broken)

@@ -25,8 +25,8 @@ from __future__ import annotations
 from salience.evidence._checks import image_seeds
 from salience.evidence.baselines import center_maps, random_maps, sobel_edges, spectral_residual
 from salience.evidence.complexity import complexity, sparseness
-from salience.evidence.faithfulness import (auc, deletion, deletion_curves, faithfulness_correlation, insertion,
-                                           insertion_curves)
+from salience.evidence.faithfulness import (PROBABILITY, auc, deletion, deletion_curves, faithfulness_correlation,
+                                           insertion, insertion_curves)
 from salience.evidence.robustness import max_sensitivity
 from salience.evidence.road import ROAD_FRACTIONS, linear_imputation, road, road_curves
 from salience.evidence.localization import (box_iou, energy_in_mask, mask_box, pointing_game, saliency_box,
@@ -47,6 +47,7 @@ __all__ = [
     "deletion_curves",
     "insertion_curves",
     "auc",
+    "PROBABILITY",
     "road",
     "faithfulness_correlation",
     "max_sensitivity",

@@ -37,8 +37,12 @@ def check_maps(maps: Tensor, name: str = "maps") -> Tensor:
         raise SalienceError(f"expected {name} of shape (B, H, W), got shape {tuple(maps.shape)}{hint}")
     if maps.dtype not in (torch.float32, torch.float64):
         maps = maps.float()
-    if not bool(torch.isfinite(maps).all()):
-        raise SalienceError(f"{name} contain NaN or infinite values; a saliency map must be finite")
+    bad = ~torch.isfinite(maps).flatten(1).all(1)
+    if bool(bad.any()):  # which ones: a batch of maps from several methods or files is found and fixed by image
+        idx = bad.nonzero()[:, 0].tolist()
+        which = ", ".join(map(str, idx[:5])) + (f" and {len(idx) - 5} more" if len(idx) > 5 else "")
+        raise SalienceError(f"{name} contain NaN or infinite values (image{'s' if len(idx) > 1 else ''} {which} of "
+                            f"{maps.shape[0]}); a saliency map must be finite")
     return maps
 
 
@@ -133,7 +137,8 @@ def smoothgrad_seed(fn: Callable[..., Tensor], kwargs: Optional[dict] = None) ->
 
 
 def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor, *, batch_size: int,
-                kwargs: Optional[dict] = None, keys: Optional[Sequence[bytes]] = None) -> Tensor:
+                kwargs: Optional[dict] = None, keys: Optional[Sequence[bytes]] = None,
+                label: Optional[Callable[[int], str]] = None) -> Tensor:
     """``fn``'s maps of ``x`` for the per-image classes ``target`` ``(B,)``, ``batch_size`` images
     per call, as float ``(B, H, W)`` at ``x``'s size: a ``(B, 1, H, W)`` map is the ``(B, H, W)``
     map with its signs (as :func:`check_maps` reads it), a ``(B, C, H, W)`` map of several channels
@@ -144,7 +149,11 @@ def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: 
     row ``j`` gets ``keyed_seed(S, keys[j])`` (default: the key of row ``j`` itself,
     :func:`image_keys`), so a map depends neither on ``batch_size`` nor on the image's position, and
     a perturbed copy of an image (``keys`` repeating the image's key) shares that image's noise: the
-    metric sees the input's change, not SmoothGrad's sampling noise."""
+    metric sees the input's change, not SmoothGrad's sampling noise.
+
+    A map with NaN or infinite values is a :class:`SalienceError` naming its row as ``label(j)``
+    says (default ``"image j"``; a caller whose rows are copies of the caller's images names the
+    image and the copy, not the row of its own flattened batch)."""
     kw0 = dict(kwargs or {})
     seeds = smoothgrad_seeds(fn, kwargs, x, keys)
     out = []
@@ -161,8 +170,10 @@ def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: 
             raise SalienceError(f"the method returned a map of shape {tuple(m.shape)}; expected (B, H, W) or (B, C, H, W)")
         bad = ~torch.isfinite(m).flatten(1).all(1)
         if bool(bad.any()):  # a metric of it would be NaN (or the maps refused later with a riddle)
-            raise SalienceError(f"the method returned a map with NaN or infinite values (image "
-                                f"{i + int(bad.nonzero()[0])})")
+            j = i + int(bad.nonzero()[0])
+            raise SalienceError(f"the method returned a map with NaN or infinite values "
+                                f"({label(j) if label is not None else f'image {j}'}); a metric of it would be "
+                                "NaN: check the method on that input (e.g. a division by a zero gradient)")
         if m.shape[-2:] != x.shape[-2:]:
             m = F.interpolate(m[:, None].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         out.append(m.float())

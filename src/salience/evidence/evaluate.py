@@ -187,7 +187,7 @@ def score_maps(row: MetricRow, model: nn.Module, x: Tensor, maps: Tensor, masks:
     """Localization (with ``masks``), faithfulness and complexity of one set of maps ``(B, H, W)``
     of ``x`` for the classes ``target`` ``(B,)``, written into ``row`` and returned; every metric
     with its default settings (``steps``: of deletion / insertion; ``probability``: how deletion,
-    insertion and ROAD score the class, :data:`salience.evidence.faithfulness.PROBABILITY`;
+    insertion and ROAD score the class, :data:`salience.evidence.PROBABILITY`;
     faithfulness correlation scores the raw output, as in its paper)."""
     check_probability(probability)
     if masks is not None:
@@ -230,7 +230,7 @@ def evaluate_methods(
     ``{name: (B, H, W)}``. A method that fails (e.g. Grad-CAM on a model without convolutions)
     gets a row with its ``error`` and the others go on. A regression model (``ModelInfo.task``) is
     refused: its outputs are not classes. ``probability``: how deletion, insertion and ROAD score
-    the class (:data:`salience.evidence.faithfulness.PROBABILITY`: ``"sigmoid"`` for a multilabel
+    the class (:data:`salience.evidence.PROBABILITY`: ``"sigmoid"`` for a multilabel
     model). Every random draw of an image comes from its own stream (``seed`` and its content,
     :func:`salience.evidence.image_seeds`): an image's values do not depend on the others in ``x``.
     """

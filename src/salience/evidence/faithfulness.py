@@ -50,7 +50,8 @@ def check_probability(probability: object) -> Optional[str]:
     if isinstance(probability, str) and probability in ("softmax", "sigmoid"):
         return probability
     raise SalienceError(f"probability must be True or 'softmax' (the softmax over the classes), 'sigmoid' (each "
-                        f"class's own sigmoid: a multilabel model) or False (the raw output); got {probability!r}")
+                        "class's own sigmoid: a multilabel model) or False (the raw output), as "
+                        f"salience.evidence.PROBABILITY lists; got {probability!r}")
 
 
 def link_scores(out: Tensor, link: Optional[str], already: Optional[bool] = None) -> Tensor:
@@ -82,13 +83,21 @@ def _substrate(x: Tensor, substrate: SubstrateLike, blur_sigma: float) -> Tensor
     """The image that replaces removed pixels: ``"zero"``, ``"blur"``, ``"mean"``, a number, or a tensor."""
     if isinstance(substrate, Tensor):
         try:
-            return torch.broadcast_to(substrate.to(x.device, x.dtype), x.shape)
+            base = torch.broadcast_to(substrate.to(x.device, x.dtype), x.shape)
         except RuntimeError:
             raise SalienceError(
                 f"a substrate tensor must broadcast to x's shape {tuple(x.shape)}, got {tuple(substrate.shape)}"
             ) from None
+        if not bool(torch.isfinite(base).all()):  # a removed pixel NaN: a NaN score, a NaN metric
+            raise SalienceError(f"the substrate tensor has NaN or infinite values (in x's dtype, {x.dtype}); a "
+                                "removed pixel becomes the substrate, so it must be finite")
+        return base
     if isinstance(substrate, (int, float)) and not isinstance(substrate, bool):
-        return torch.full_like(x, float(substrate))
+        value = check_number(substrate, "substrate", what="the value a removed pixel becomes")
+        if abs(value) > torch.finfo(x.dtype).max:  # torch.full_like raised a raw RuntimeError
+            raise SalienceError(f"substrate={substrate!r} overflows x's dtype ({x.dtype}, at most "
+                                f"{torch.finfo(x.dtype).max:g}); give a value it holds")
+        return torch.full_like(x, value)
     if substrate == "zero":
         return torch.zeros_like(x)
     if substrate in ("mean", "blur") and x.shape[-2:] == (1, 1):
@@ -173,7 +182,7 @@ def prepare_maps(model: nn.Module, x: Tensor, maps: Tensor) -> Tensor:
 
 
 def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, make: ItemMaker, *,
-                batch_size: int, probability: ProbabilityLike) -> Tensor:
+                batch_size: int, probability: ProbabilityLike, describe: Callable[[int], str]) -> Tensor:
     """The target's score on ``total`` perturbed images, ``batch_size`` per model call: ``(total,)``.
 
     ``make(ids)`` returns the perturbed images of the item numbers ``ids`` and the index in ``x``
@@ -181,6 +190,9 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
     ``x``) is resolved once; class targets are scored as ``probability`` says (:data:`PROBABILITY`).
     Whether the output already is probabilities is judged once, on ``x``'s output, for every chunk.
     The one loop behind deletion, insertion, ROAD and faithfulness correlation.
+
+    A NaN or infinite score is a :class:`SalienceError` naming the item as ``describe(id)`` says
+    (its image and which perturbed copy), not a NaN metric (averaged away by ``nanmean``).
     """
     batch_size = check_int(batch_size, "batch_size", minimum=1)
     link = check_probability(probability)
@@ -199,7 +211,15 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
                 out = (unwrap_output(model(images), model) if layer is None
                        else layer_output(model, images, layer))
             out = link_scores(out, link, already)
-            scores[s:s + len(ids)] = _gather_scores(tgt, out, img)
+            got = _gather_scores(tgt, out, img)
+            bad = ~torch.isfinite(got)
+            if bool(bad.any()):
+                j = int(ids[bad.nonzero()[0, 0]])
+                raise SalienceError(
+                    f"the model's score is {float(got[bad][0])} on {describe(j)}; the metric would be NaN. The "
+                    "model gives no finite output on that perturbed image (a raw output of inf, or NaN): check "
+                    "it on such inputs, or try another substrate or probability=False")
+            scores[s:s + len(ids)] = got
     return scores
 
 
@@ -220,8 +240,14 @@ def _curves(model: nn.Module, x: Tensor, maps: Tensor, target: TargetLike, *, in
         switched = (rank[img] < counts[step][:, None, None])[:, None]
         return torch.where(switched, end[img], start[img]), img
 
+    def describe(j: int) -> str:
+        i, k = divmod(j, steps + 1)
+        what = "put back onto the substrate" if insert else "removed"
+        return (f"image {i} at step {k} of {steps} of its {'insertion' if insert else 'deletion'} curve "
+                f"({int(counts[k])} of its {h * w} pixels {what})")
+
     scores = score_items(model, x, target, b * (steps + 1), make, batch_size=opts.batch_size,
-                         probability=opts.probability)
+                         probability=opts.probability, describe=describe)
     return scores.reshape(b, steps + 1)
 
 
@@ -386,7 +412,13 @@ def faithfulness_correlation(
         drop = (s > 0)[:, None, None] & chosen[img, (s - 1).clamp(min=0)]
         return torch.where(drop[:, None], base[img], x[img]), img
 
-    scores = score_items(model, x, target, b * (t + 1), make, batch_size=batch_size, probability=probability)
+    def describe(j: int) -> str:
+        i, s = divmod(j, t + 1)
+        return (f"image {i} itself" if s == 0 else
+                f"image {i} with its random pixel set {s - 1} of {t} ({k} pixels) replaced by the substrate")
+
+    scores = score_items(model, x, target, b * (t + 1), make, batch_size=batch_size, probability=probability,
+                         describe=describe)
     scores = scores.reshape(b, t + 1).double()
     drops = scores[:, :1] - scores[:, 1:]
     sums = (maps[:, None].double() * chosen).sum((2, 3))

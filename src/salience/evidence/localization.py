@@ -70,12 +70,15 @@ def energy_in_mask(maps: Tensor, masks: Tensor, *, absolute: bool = False) -> Te
     absolute = check_flag(absolute, "absolute")
     maps = check_maps(maps)
     masks = check_masks(masks, maps)
-    m = maps.abs() if absolute else maps.clamp(min=0)
+    m = (maps.abs() if absolute else maps.clamp(min=0)).double()
+    # scaled by each map's largest value (a ratio, the same): the sum of a float32 map of 1e37 over 64
+    # pixels overflowed to inf and scored 0, a float64 one of 1e307 NaN
+    m = m / m.amax((1, 2), keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
     total = m.sum((1, 2))
     inside = (m * masks).sum((1, 2))
     out = inside / total.clamp_min(torch.finfo(m.dtype).tiny)
     bad = (total <= 0) | ~masks.any(2).any(1)
-    return torch.where(bad, torch.full_like(out, float("nan")), out)
+    return torch.where(bad, torch.full_like(out, float("nan")), out).to(maps.dtype)
 
 
 def mask_box(masks: Tensor) -> Tensor:

@@ -190,7 +190,13 @@ def road_curves(
         seeds = [keyed_seed(seed, keys[i], j) for i, j in zip(img.tolist(), step.tolist())]
         return linear_imputation(x[img], removed, noise=noise, seed=seeds), img
 
-    return score_items(model, x, target, b * k, make, batch_size=batch_size, probability=probability).reshape(b, k)
+    def describe(j: int) -> str:
+        i, step = divmod(j, k)
+        return (f"image {i} with {int(counts[step])} of its {n} pixels removed ({order}, fraction {fr[step]:g}) "
+                f"and imputed (noise={noise!r}, seed={seed})")
+
+    return score_items(model, x, target, b * k, make, batch_size=batch_size, probability=probability,
+                       describe=describe).reshape(b, k)
 
 
 def road(

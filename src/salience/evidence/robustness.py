@@ -41,7 +41,8 @@ def max_sensitivity(
     (:func:`salience.evidence.image_seeds`), so an image's value is the same alone or in any batch. ``target``: the class explained on every copy, default the class predicted on ``x``
     (class targets only). Lower is better; 0 for a map that does not change. ``NaN`` where the
     map of ``x`` is zero. The noisy copies of all images go through the method ``batch_size``
-    at a time.
+    at a time. A map with NaN or infinite values is a :class:`SalienceError` naming the image
+    and, for a noisy copy, which copy (``k`` of ``samples``, counted from 0).
     """
     _, fn = resolve_method(method)
     check_input(x, model)
@@ -59,8 +60,10 @@ def max_sensitivity(
     noise = (torch.stack(draws, 1).to(x.device) * 2 - 1) * r * span
     noisy = (x[None] + noise).reshape(n * b, *x.shape[1:])  # item j = k * B + i
     # copy j = k * B + i is a copy of image i: it takes image i's key, so its SmoothGrad noise is image i's
-    maps = method_maps(fn, model, noisy, cls.repeat(n), batch_size=bs, kwargs=method_kwargs,
-                       keys=keys * n).reshape(n, b, -1)
+    # a bad map named by its image and copy (row j of the flattened batch means nothing to the caller)
+    maps = method_maps(fn, model, noisy, cls.repeat(n), batch_size=bs, kwargs=method_kwargs, keys=keys * n,
+                       label=lambda j: (f"image {j % b}, noisy copy {j // b} of its {n} (samples={n}, "
+                                        f"radius={radius!r}, seed={seed!r})")).reshape(n, b, -1)
     diff = (maps - m0.reshape(1, b, -1)).double().norm(dim=2).amax(0)
     ref = m0.reshape(b, -1).double().norm(dim=1)
     return torch.where(ref > 0, diff / ref.clamp_min(1e-300), torch.full_like(ref, float("nan"))).float()

@@ -39,11 +39,14 @@ def _takes_reduce(fn: Callable) -> bool:
 
 
 def _signed_and_abs(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: TargetLike,
-                    kwargs: dict) -> tuple[Tensor, Tensor]:
+                    kwargs: dict, which: str) -> tuple[Tensor, Tensor]:
     """A method's map as (signed, absolute) ``(B, H, W)``: channel sum of the raw map and of its
     magnitude when the method can return ``(B, C, H, W)``, else the map and its magnitude.
     SmoothGrad with an int seed draws each image's noise from that image's content stream
-    (:func:`salience.evidence._checks.smoothgrad_seeds`), not one stream over the batch."""
+    (:func:`salience.evidence._checks.smoothgrad_seeds`), not one stream over the batch. A map with
+    NaN or infinite values is a :class:`SalienceError` naming the image and ``which`` model made it
+    (the similarities refused it as "a contain NaN", or its rank correlation was NaN and left out of
+    the mean without a word)."""
     kw = dict(kwargs)
     seeds = smoothgrad_seeds(fn, kwargs, x)
     if seeds is not None:
@@ -51,10 +54,14 @@ def _signed_and_abs(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, targ
     if "reduce" not in kw and _takes_reduce(fn):
         kw["reduce"] = None
     m = fn(model, x, target, **kw).detach()
+    if m.dim() not in (3, 4):
+        raise SalienceError(f"the method returned a map of shape {tuple(m.shape)}; expected (B, H, W) or (B, C, H, W)")
+    bad = ~torch.isfinite(m).flatten(1).all(1)
+    if bool(bad.any()):
+        raise SalienceError(f"the method returned a map with NaN or infinite values (image {int(bad.nonzero()[0])}, "
+                            f"{which}); its similarity would be NaN: check the method on that model and input")
     if m.dim() == 4:
         return m.sum(1), m.abs().sum(1)
-    if m.dim() != 3:
-        raise SalienceError(f"the method returned a map of shape {tuple(m.shape)}; expected (B, H, W) or (B, C, H, W)")
     return m, m.abs()
 
 
@@ -202,14 +209,16 @@ def randomization(
     mods = dict(work.named_modules())
     original = {k: v.detach().clone() for k, v in work.state_dict().items()}
 
-    signed0, abs0 = _signed_and_abs(fn, work, x, tgt, kw)
+    signed0, abs0 = _signed_and_abs(fn, work, x, tgt, kw, "the original model's map")
     per: dict[str, list[Tensor]] = {k: [] for k in SIMILARITIES}
     for step, (name, members) in enumerate(top_down):
         if mode == "independent":
             work.load_state_dict(original)
         for j, member in enumerate(members):
             _reinit(mods[member], _step_seed(seed, step, j))
-        signed, absolute = _signed_and_abs(fn, work, x, tgt, kw)
+        done = "and every layer above it " if mode == "cascading" and step else ""
+        signed, absolute = _signed_and_abs(fn, work, x, tgt, kw, f"the map after re-initializing {name!r} {done}"
+                                           f"(step {step + 1} of {len(top_down)}, {mode}, seed={seed})")
         for k, v in similarity(signed0, signed, abs0, absolute).items():
             per[k].append(v.cpu())
     per_image = {k: torch.stack(v) for k, v in per.items()}
@@ -253,8 +262,8 @@ def data_randomization(
         return float((pred == y.to(pred.device)).float().mean())
 
     tgt = predicted_classes(m_true, x) if target is None else target
-    s0, a0 = _signed_and_abs(fn, m_true, x, tgt, kw)
-    s1, a1 = _signed_and_abs(fn, m_rand, x, tgt, kw)
+    s0, a0 = _signed_and_abs(fn, m_true, x, tgt, kw, "the map of the model trained on the true labels")
+    s1, a1 = _signed_and_abs(fn, m_rand, x, tgt, kw, "the map of the model trained on the shuffled labels")
     per = {k: v.cpu() for k, v in similarity(s0, s1, a0, a1).items()}
     return {
         "values": {k: float(torch.nanmean(v)) for k, v in per.items()},
@@ -296,6 +305,8 @@ def random_logit(
     draw = torch.cat([torch.randint(0, k - 1, (1,), generator=torch.Generator(device="cpu").manual_seed(s))
                       for s in image_seeds(x, check_seed(seed))]).to(cls.device)
     other = draw + (draw >= cls).long()  # uniform over the k - 1 classes that are not cls
-    a = method_maps(fn, model, x, cls, batch_size=batch_size, kwargs=method_kwargs)
-    b = method_maps(fn, model, x, other, batch_size=batch_size, kwargs=method_kwargs)
+    a = method_maps(fn, model, x, cls, batch_size=batch_size, kwargs=method_kwargs,
+                    label=lambda i: f"image {i}, the map of its class {int(cls[i])}")
+    b = method_maps(fn, model, x, other, batch_size=batch_size, kwargs=method_kwargs,
+                    label=lambda i: f"image {i}, the map of the random other class {int(other[i])}")
     return similarity(a, b)[kind]
