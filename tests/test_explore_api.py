@@ -181,6 +181,38 @@ def test_picture_is_what_the_model_sees(env):
     assert c.get("api/images/f1/picture.png?slot=z").status_code == 404
 
 
+def test_a_gray_models_picture_is_gray(env):
+    """A 1-channel model sees the luma of an RGB image (0.299 R + 0.587 G + 0.114 B): its picture
+    (the image panel and what the page lays its maps on) is that gray, R == G == B (it was the
+    colour original, as if the model saw colour); a 3-channel model's is the image unchanged."""
+    import io
+
+    from PIL import Image
+    from torch import nn
+
+    from salience._core.info import ModelInfo, attach_info
+
+    gray = attach_info(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                     nn.Flatten(), nn.Linear(4, 3)), ModelInfo(name="gray", channels=1))
+    hub = Hub([ModelSlot("a", gray), ModelSlot("b", env["model"])], ImageStore([FileSource(env["paths"][:1])]))
+    c = TestClient(create_app(hub))
+    original = np.asarray(Image.open(env["paths"][0]).convert("RGB")).astype(np.float64)
+    assert np.abs(original[..., 0] - original[..., 1]).max() > 50  # a colour image
+    try:
+        pics = {}
+        for slot in ("a", "b"):
+            r = c.get(f"api/images/f0/picture.png?slot={slot}")
+            assert r.status_code == 200, r.text
+            pics[slot] = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(np.float64)
+        luma = original @ np.array([0.299, 0.587, 0.114])
+        a = pics["a"]
+        assert a.shape == original.shape and (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
+        assert np.abs(a[..., 0] - luma).max() <= 1
+        assert np.array_equal(pics["b"], original)
+    finally:
+        hub.close()
+
+
 def test_upload_raw_and_multipart(env):
     c = env["client"]
     data = env["paths"][2].read_bytes()

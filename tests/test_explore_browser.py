@@ -876,3 +876,56 @@ def test_images_dropped_anywhere_on_the_page_are_all_uploaded(tmp_path):
     assert not errors, errors
     assert over  # the page takes the drop (else the browser opens the file in its place)
     assert sorted(names) == ["shape0.png", "shape1.png"] and current == "shape0.png"
+
+
+def test_the_drop_box_is_lit_only_while_files_are_dragged_over_the_page(tmp_path):
+    """The drop box's highlight while files are dragged: kept over the box's own children, put out
+    when the drag leaves the window, and after a drag cancelled over the page (Escape) at the next
+    mouse move (it stayed lit: Chromium sends no dragleave for a cancelled drag, and the page only
+    put it out on a dragleave with no relatedTarget). Dispatched DragEvents, then Chromium's own
+    drag of a file (DevTools' Input.dispatchDragEvent: its dragenter / dragleave sequence; Chromium
+    fires only a dragenter when the pointer reaches another element, a dragover after)."""
+    import base64
+
+    pytest.importorskip("starlette")
+    (path,), _, _ = shapes_files(tmp_path, n=1)
+    explorer = salience.explore("demo:shapes", show=False)
+    errors: list[str] = []
+    lit = "document.getElementById('drop').classList.contains('over')"
+    try:
+        with browser_page(explorer.url, errors) as page:
+            seen = page.evaluate("""(b64) => {
+                const dt = new DataTransfer();
+                dt.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], "a.png", { type: "image/png" }));
+                const box = document.getElementById("drop"), child = document.getElementById("choose"), seen = [];
+                const send = (type, at, related) => at.dispatchEvent(new DragEvent(type, { dataTransfer: dt, bubbles: true,
+                    cancelable: true, relatedTarget: related }));
+                const lit = () => seen.push(box.classList.contains("over"));
+                send("dragenter", box, null); send("dragover", box, null); lit();
+                send("dragenter", child, box); send("dragleave", box, child); lit();
+                send("dragenter", box, child); send("dragleave", child, box); lit();
+                send("dragleave", box, null); lit();
+                send("dragenter", box, null); send("dragover", box, null); send("dragend", box, null); lit();
+                return seen; }""", base64.b64encode(path.read_bytes()).decode())
+            cdp = page.context.new_cdp_session(page)
+            data = {"items": [], "files": [str(path)], "dragOperationsMask": 1}
+
+            def drag(kind: str, x: float, y: float) -> bool:
+                cdp.send("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+                return page.evaluate(lit)
+
+            box, child, grid = (page.locator(s).bounding_box() for s in ("#drop", "#choose", "#grid"))
+            inside = [drag("dragEnter", box["x"] + 4, box["y"] + 4), drag("dragOver", box["x"] + 4, box["y"] + 4),
+                      drag("dragOver", child["x"] + 3, child["y"] + 3), drag("dragOver", box["x"] + 4, box["y"] + 4),
+                      drag("dragOver", grid["x"] + 4, grid["y"] + 4)]
+            left = drag("dragOver", 1300, 950)  # past the 1200 x 900 window
+            back = [drag("dragOver", grid["x"] + 4, grid["y"] + 4), drag("dragOver", grid["x"] + 6, grid["y"] + 6)]
+            drag("dragCancel", grid["x"] + 4, grid["y"] + 4)
+            page.mouse.move(grid["x"] + 40, grid["y"] + 40)
+            cancelled = page.evaluate(lit)
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert not cancelled
+    assert seen == [True, True, True, False, False]
+    assert inside == [True] * 5 and not left and back == [True, True]

@@ -227,3 +227,51 @@ def test_a_run_without_stored_thumbnails_or_maps_is_404_saying_what_is_missing(t
         assert c.get("api/runs/r3/rows").json()["rows"][0] == {"index": 0, "id": "r3-0", "image": False}
     finally:
         hub.close()
+
+
+def test_a_table_without_an_index_column_addresses_its_rows_by_position(tmp_path):
+    """A run table written without the ``index`` column (by hand, by another program): its rows are
+    addressed by their position everywhere, the gallery (sorted by it, ids), a row, its image, its
+    stored map (it answered "no row" for every row, and the gallery a 400 or a 500)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from salience.runs.store import FORMAT
+
+    paths, _, _ = shapes_files(tmp_path, 3)
+    folder = tmp_path / "run"
+    (folder / "maps" / "vanilla").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"format": FORMAT, "methods": ["vanilla"], "labels": False,
+                                                 "metrics": [], "command": {"model": "demo:shapes",
+                                                                            "inputs": {"count": 3}}}))
+    pq.write_table(pa.table({"path": [str(p) for p in paths], "probability": [0.5, 0.9, 0.1],
+                             "shard": ["s0"] * 3, "offset": pa.array([2, 1, 0], pa.int32())}),
+                   folder / "index.parquet")
+    maps = np.stack([np.full((1, 4, 4), v, np.float16) for v in (7.0, 8.0, 9.0)])  # by offset
+    np.save(folder / "maps" / "vanilla" / "s0.npy", maps)
+    hub = build_hub("demo:shapes", [folder])
+    c = TestClient(create_app(hub))
+    try:
+        (run,) = c.get("api/runs").json()["runs"]
+        assert run["count"] == 3 and run["sortable"][0] == "index"
+        assert [r["id"] for r in _rows(c)["rows"]] == ["r0-0", "r0-1", "r0-2"]
+        by_p = _rows(c, sort="probability", order="desc")["rows"]
+        assert [(r["id"], r["probability"]) for r in by_p] == [("r0-1", 0.9), ("r0-0", 0.5), ("r0-2", 0.1)]
+        row = c.get("api/runs/r0/rows/2")
+        assert row.status_code == 200, row.text
+        assert row.json()["path"] == str(paths[2]) and row.json()["image"] is True
+        assert c.get("api/runs/r0/rows/3").status_code == 404
+        picture = c.get("api/images/r0-2/picture.png")
+        assert picture.status_code == 200
+        from PIL import Image
+
+        shown = np.asarray(Image.open(io.BytesIO(picture.content)).convert("RGB"))
+        assert np.array_equal(shown, np.asarray(Image.open(paths[2]).convert("RGB")))
+        for index, value in ((0, 9.0), (2, 7.0)):  # row 0 is at offset 2
+            m = c.get(f"api/runs/r0/rows/{index}/maps/vanilla.npy")
+            assert m.status_code == 200, m.text
+            assert np.array_equal(npy(m.content), np.full((4, 4), value, np.float32))
+    finally:
+        hub.close()

@@ -30,7 +30,7 @@ from salience._core.tensors import model_device
 from salience.evidence.faithfulness import auc, deletion_curves, insertion_curves
 from salience.evidence.sanity import randomization
 from salience.explore.jobs import Ticker, Worker
-from salience.loading.images import preprocess, resize_crop
+from salience.loading.images import luma, preprocess, resize_crop
 from salience.loading.models import name_classes
 from salience.methods import METHODS
 from salience.methods import options as _options
@@ -76,8 +76,10 @@ class ModelSlot:
         return preprocess(image, self.info).unsqueeze(0).to(model_device(self.model))
 
     def picture(self, image: Tensor) -> Tensor:
-        """What the model sees, as a ``[0, 1]`` RGB picture ``(3, h, w)`` (resized and cropped)."""
-        return resize_crop(image, self.info) if self.info.input_size else image
+        """What the model sees, as a ``[0, 1]`` RGB picture ``(3, h, w)`` (resized and cropped): a
+        1-channel model's is gray (the luma its input is made of, in all three channels)."""
+        x = resize_crop(image, self.info) if self.info.input_size else image
+        return luma(x).expand(3, -1, -1) if self.info.channels == 1 and x.shape[0] == 3 else x
 
     def target(self, index: int) -> Any:
         """The target argument of a method for output ``index``."""

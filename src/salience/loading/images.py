@@ -260,6 +260,14 @@ def _stats(values: Optional[Sequence[float]], c: int, like: Tensor) -> Optional[
     return t.view(-1, 1, 1) if like.dim() == 3 else t.view(1, -1, 1, 1)
 
 
+def luma(image: Tensor) -> Tensor:
+    """The gray image a 1-channel model takes of an RGB image ``(3, H, W)``/``(B, 3, H, W)``: its
+    ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``, one channel (kept)."""
+    cdim = 0 if image.dim() == 3 else 1
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype, device=image.device)
+    return (image * (w.view(-1, 1, 1) if cdim == 0 else w.view(1, -1, 1, 1))).sum(cdim, keepdim=True)
+
+
 def normalize_input(image: Tensor, info: ModelInfo) -> Tensor:
     """A ``[0, 1]`` image ``(C, H, W)``/``(B, C, H, W)`` -> the tensor the model takes.
 
@@ -269,8 +277,7 @@ def normalize_input(image: Tensor, info: ModelInfo) -> Tensor:
     x = image
     cdim = 0 if x.dim() == 3 else 1
     if info.channels == 1 and x.shape[cdim] == 3:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
-        x = (x * (w.view(-1, 1, 1) if cdim == 0 else w.view(1, -1, 1, 1))).sum(cdim, keepdim=True)
+        x = luma(x)
     mean, std = _stats(info.mean, x.shape[cdim], x), _stats(info.std, x.shape[cdim], x)
     if mean is not None:
         x = x - mean

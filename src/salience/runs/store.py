@@ -364,12 +364,17 @@ class Run:
     @property
     def table(self) -> Any:
         """One row per image, sorted by index: ``index.parquet`` when the run finished, else the
-        committed shards merged (a run still going, or stopped)."""
+        committed shards merged (a run still going, or stopped). A table without an ``index``
+        column (written by hand or by another program) gets one: each row's position (0, 1, ...),
+        so its rows are addressed by position everywhere (``run.row(i)``, the explorer's URLs)."""
         if self._table is None:
             index = self.folder / "index.parquet"
             schema = schema_of(self.manifest)
-            self._table = (pyarrow().parquet.read_table(index) if index.is_file()
-                           else read_shards(self.folder, schema))
+            table = (pyarrow().parquet.read_table(index) if index.is_file()
+                     else read_shards(self.folder, schema))
+            if "index" not in table.column_names:
+                table = table.add_column(0, "index", pyarrow().array(np.arange(table.num_rows, dtype=np.int64)))
+            self._table = table
         return self._table
 
     def __len__(self) -> int:

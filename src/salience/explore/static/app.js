@@ -51,11 +51,26 @@ function bindControls() {
   // replaced the page by the file, losing everything on it), every file dropped or chosen
   const drop = $("drop");
   const files = (e) => e.dataTransfer && [...e.dataTransfer.types].includes("Files");
+  // the box is lit while files are dragged over the page. A count of the elements entered and not
+  // yet left (dragenter +1, dragleave -1; entering a child comes before leaving its parent) keeps it
+  // lit over the box's own children; it goes out when the count is back to 0, when the drag leaves
+  // the window (a dragleave with no relatedTarget), on a drop or a dragend, and at the first mouse
+  // move after a drag cancelled over the page (Escape): Chromium sends no dragleave then, and no
+  // mouse event comes while a drag is on.
+  let depth = 0;
+  const unlit = () => { depth = 0; drop.classList.remove("over"); };
+  document.addEventListener("dragenter", (e) => { if (files(e)) { depth += 1; drop.classList.add("over"); } });
   document.addEventListener("dragover", (e) => { if (files(e)) { e.preventDefault(); drop.classList.add("over"); } });
-  document.addEventListener("dragleave", (e) => { if (!e.relatedTarget) drop.classList.remove("over"); });
+  document.addEventListener("dragleave", (e) => {
+    depth = Math.max(0, depth - 1);
+    if (!depth || !e.relatedTarget) unlit();
+  });
+  document.addEventListener("dragend", unlit);
+  window.addEventListener("mousemove", () => { if (depth || drop.classList.contains("over")) unlit(); });
   document.addEventListener("drop", (e) => {
+    unlit();
     if (!files(e)) return;
-    e.preventDefault(); drop.classList.remove("over");
+    e.preventDefault();
     uploadAll([...e.dataTransfer.files]);
   });
   $("file").addEventListener("change", (e) => { uploadAll([...e.target.files]); e.target.value = ""; });
