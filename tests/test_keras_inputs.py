@@ -1,7 +1,8 @@
 """Keras 3 models given inputs they cannot take: one SalienceError saying what the model takes (its
 ``model.inputs[0].shape``), what it was given and what to do, Keras's own error as its cause, from
 every method, the metrics, the keras-vis API and the command line; the model unchanged. Before,
-Keras's raw ValueError ("Input 0 of layer ... is incompatible with the layer") came out."""
+Keras's raw ValueError ("Input 0 of layer ... is incompatible with the layer") came out. And a bare
+(unwrapped) Keras model given to salience's functions, which gave a wrong map without a word."""
 from __future__ import annotations
 
 import os
@@ -151,6 +152,19 @@ def test_the_keras_vis_api_says_what_the_keras_model_takes(bad):
     with pytest.raises(SalienceError) as err:
         kv.visualize_saliency(seq, -1, 0, np.zeros((9, 9, 3), "float32"))
     _check(err, "'seq' cannot take seed_input of shape (9, 9, 3)", "(None, 8, 8, 3)", "resize the image to 8 x 8")
+
+
+def test_a_bare_keras_model_is_refused_by_salience_functions():
+    """A Keras model not wrapped reads a (B, C, H, W) batch as channels-last: given a channels-last batch,
+    vanilla returned a (1, 9, 3) "map" before; now every function says to wrap it."""
+    km = _functional()
+    before = _state(km)
+    for x in (torch.rand(1, 3, 9, 9), torch.rand(1, 9, 9, 3)):
+        for call in (lambda: salience.vanilla(km, x, 0), lambda: salience.gradcam(km, x, 0),
+                     lambda: salience.evidence.deletion(km, x, torch.rand(1, 9, 9), 0, steps=2)):
+            with pytest.raises(SalienceError, match=r"Keras model \(Functional 'net'\).*wrap_keras\(model\)"):
+                call()
+    _same_state(before, _state(km))
 
 
 def _linear() -> tuple["keras.Model", np.ndarray]:
