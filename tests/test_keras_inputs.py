@@ -212,3 +212,16 @@ def test_the_command_line_says_what_the_keras_model_takes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err, err
     assert "cannot take the input of shape (1, 1, 9, 9)" in err and "(None, 9, 9, 3)" in err, err
+
+
+def test_a_keras_model_of_another_rank():
+    """A model of flat vectors (None, 10) given images: the rank it takes, in one line, Keras's error the cause."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((10,))
+    km = keras.Model(inp, keras.layers.Dense(3, name="d")(inp), name="flat")
+    wm = wrap_keras(km)
+    before = _state(km)
+    with unchanged(wm), pytest.raises(SalienceError) as err:
+        salience.vanilla(wm, torch.rand(1, 3, 9, 9), 0)
+    _check(err, "'flat' cannot take the input of shape (1, 3, 9, 9)", "it takes inputs of shape (None, 10)")
+    _same_state(before, _state(km))
