@@ -53,6 +53,13 @@ def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
     if model is not None:
         if not isinstance(model, nn.Module):
             raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
+        if _bare_keras(model):
+            raise SalienceError(
+                f"the model is a Keras model ({type(model).__name__} {getattr(model, 'name', '')!r}), which takes "
+                "channels-last images, while salience's functions give (B, C, H, W): wrap it with "
+                "salience.loading.keras.wrap_keras(model) (it makes the input channels-last itself), or use "
+                "salience.keras_vis's API on the model as it is"
+            )
         p = first_tensor(model)
         if p is not None and p.device != x.device:
             raise SalienceError(
@@ -68,6 +75,14 @@ def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
         n = int((~torch.isfinite(x)).sum())
         raise SalienceError(f"x contains {n} NaN or infinite values; saliency needs finite input")
     return x
+
+
+def _bare_keras(model: nn.Module) -> bool:
+    """Whether ``model`` is a Keras model itself (a ``torch.nn.Module`` on Keras's PyTorch backend), not
+    wrapped by ``salience.loading.keras.wrap_keras``: it would read a ``(B, C, H, W)`` batch as
+    channels-last, a wrong map without a word or Keras's raw error (checked without importing Keras)."""
+    return any(c.__module__.split(".")[0] == "keras" and c.__name__ in ("Model", "Functional", "Sequential")
+               for c in type(model).__mro__)
 
 
 # What PyTorch's layers (and timm's, Hugging Face's) say when an input does not fit them: channels,

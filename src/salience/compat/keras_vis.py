@@ -287,6 +287,7 @@ def visualize_saliency_with_losses(
         from salience.loading.keras import wrap_keras
 
         wrapped = wrap_keras(model)
+        wrapped.seed = True  # a fresh wrapper: its input errors name seed_input (H, W, C)
         x = _to_batch(seed_input, wrapped.channels_last).to(model_device(wrapped))
         wrt = None if wrt_tensor is None else resolve_layer(wrapped, layer_module_name(_keras_layer(model, wrt_tensor)))
         grad = _loss_gradient(wrapped, x, losses, method, wrt)
@@ -381,14 +382,15 @@ def _keras_saliency(model: Any, layer_idx: Any, idx: list[int], seed_input: Any,
     pre_activation = (is_final and isinstance(layer, keras.layers.Dense)
                       and getattr(layer, "activation", None) not in (None, linear))
     try:
-        sub = keras.Model(model.inputs, layer.input if pre_activation else layer.output)
+        # Named as the user's model: its input errors (see KerasModel) name that model.
+        sub = keras.Model(model.inputs, layer.input if pre_activation else layer.output, name=model.name)
     except (AttributeError, ValueError) as e:
         raise SalienceError(
             f"cannot build a function of the Keras model up to layer {layer.name!r} ({e}); build the model with "
             "keras.Input(shape=...) so that its layers have symbolic inputs and outputs"
         ) from None
     channels_last = keras.config.image_data_format() == "channels_last"
-    wrapped = KerasModel(sub, channels_last=channels_last)
+    wrapped = KerasModel(sub, channels_last=channels_last, seed=True)
     loss: Target = _PreActivation(layer, idx) if pre_activation else ActivationMaximization(
         None, idx, channel_axis=-1 if channels_last else 1)
     x = _to_batch(seed_input, channels_last).to(model_device(wrapped))

@@ -13,6 +13,9 @@ never modified.
 * The Keras layers are registered in the adapter as ``layers.<name>`` (dots in names become
   ``_``), so ``targets.activation``/``gradcam``-style layer arguments can name them. Their outputs
   are channels-last: a filter of a conv layer is ``output[..., k]``, not ``output[:, k]``.
+* An input the Keras model cannot take (channels, size, rank: Keras's "Input 0 of layer ... is
+  incompatible with the layer") is a :class:`SalienceError` naming what the model takes (its
+  ``model.inputs[0].shape``), what it was given and what to do; Keras's error is its ``__cause__``.
 
 Keras is an optional dependency (``pip install salience[keras]``); the backend must be torch:
 this module sets ``KERAS_BACKEND=torch`` when Keras is not imported yet and refuses a Keras that
@@ -21,6 +24,7 @@ was already imported with another backend.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -31,7 +35,7 @@ from salience._core.errors import SalienceError
 from salience._core.info import ModelInfo, attach_info
 
 __all__ = ["import_keras", "is_keras_model", "KerasModel", "wrap_keras", "load_keras", "find_layer_idx",
-           "layer_module_name"]
+           "layer_module_name", "input_error"]
 
 
 def import_keras() -> Any:
@@ -83,15 +87,89 @@ def _input_shape(model: Any) -> Optional[tuple]:
     return tuple(inputs[0].shape)
 
 
+# What Keras 3 says when an input does not fit a model or a layer: its InputSpec checks (shape, rank,
+# an axis's size: "Input 0 of layer 'c1' is incompatible with the layer: expected axis -1 of input
+# shape to have value 3, ...") and Reshape's. Only such a failure becomes a SalienceError.
+_KERAS_INPUT_FAILURE = re.compile(r"is incompatible with the layer|total size of the new array must be unchanged")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+_CHANNEL_HINTS = {
+    "batch": {(4, 3): "drop the alpha channel (RGBA to RGB): x[:, :3]",
+              (1, 3): "repeat the gray channel (grayscale to RGB): x.expand(-1, 3, -1, -1) (command line: "
+                      "--channels 3)",
+              (3, 1): "make the images gray, e.g. x.mean(1, keepdim=True) (command line: --channels 1)"},
+    "seed": {(4, 3): "drop the alpha channel (RGBA to RGB): seed_input[..., :3]",
+             (1, 3): "repeat the gray channel (grayscale to RGB): np.repeat(seed_input, 3, axis=-1)",
+             (3, 1): "make the image gray, e.g. seed_input.mean(-1, keepdims=True)"},
+}
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
+
+
+def input_error(model: Any, x: Tensor, said: str, *, channels_last: bool = True, seed: bool = False) -> str:
+    """The words of the :class:`SalienceError` for an input ``x`` ``(B, C, H, W)`` (as given to
+    :class:`KerasModel`) that the Keras ``model`` refused, Keras having said ``said``: what it was
+    given, what the model takes (``model.inputs[0].shape``, when known) and what to do. ``seed``:
+    the input came as keras-vis's ``seed_input``, one ``(H, W, C)`` image, and is named so."""
+    mode = "seed" if seed else "batch"
+    four = x.dim() == 4
+    if seed and four:
+        given, what = tuple(x[0].permute(1, 2, 0).shape), "seed_input"
+    else:
+        given, what = tuple(x.shape), "the input"
+    head = f"the Keras model {getattr(model, 'name', '')!r} cannot take {what} of shape {given}"
+    if four:
+        _, c, h, w = x.shape
+        head += f" ({_count(c, 'channel')}, {h} x {w} pixels)"
+    shape = _input_shape(model)
+    if shape is None:
+        return (f"{head}; its input shape is not known: give it inputs of the shape it was built for "
+                f"(Keras said: {said})")
+    if len(shape) != 4 or not four:
+        return (f"{head}: it takes inputs of shape {shape} (batch first); give it inputs of that shape "
+                f"(Keras said: {said})")
+    eh, ew, ec = shape[1:] if channels_last else (shape[2], shape[3], shape[1])
+    size = f"{eh} x {ew} pixels" if eh is not None and ew is not None else "any size"
+    takes = (f": it takes input of shape {shape} ({'channels-last' if channels_last else 'channels-first'}: "
+             f"{size}, {_count(ec, 'channel') if ec is not None else 'any channels'})")
+    permuted = (h, w, c) == (ec, eh, ew) if seed else (c, h, w) == (eh, ew, ec)
+    if ec is not None and c != ec and permuted and channels_last:
+        hint = ("seed_input looks channels-first; a Keras model's seed_input is (H, W, C): "
+                "np.transpose(seed_input, (1, 2, 0))" if seed else
+                "x looks channels-last already; the wrapped model takes (B, C, H, W) and makes it channels-last "
+                "itself: x.permute(0, 3, 1, 2)")
+    elif ec is not None and c != ec:
+        hint = _CHANNEL_HINTS[mode].get((c, ec), f"give it images of {_count(ec, 'channel')}")
+    elif (eh is not None and eh != h) or (ew is not None and ew != w):
+        hint = (f"resize the image to {eh} x {ew} (height x width)" if seed else
+                f"resize them to {eh} x {ew} (salience.loading.preprocess with the model's info does)")
+    else:
+        hint = "give it inputs of the shape it was built for"
+    return f"{head}{takes}; {hint} (Keras said: {said})"
+
+
+def _keras_said(e: BaseException) -> Optional[str]:
+    """The line of a Keras error that says an input does not fit, without its terminal colours, or ``None``."""
+    for line in str(e).splitlines():
+        line = _ANSI.sub("", line).strip()
+        if _KERAS_INPUT_FAILURE.search(line):
+            return line
+    return None
+
+
 class KerasModel(nn.Module):
     """A Keras 3 model (PyTorch backend) as an ``nn.Module`` taking ``(B, C, H, W)``.
 
     ``forward`` permutes image batches to ``(B, H, W, C)``, calls the Keras model in inference mode
     (``training=False``) and returns its output unchanged. ``keras_model`` is the wrapped model;
-    its layers are registered as ``layers.<name>``.
+    its layers are registered as ``layers.<name>``. An input the Keras model refuses (channels, size,
+    rank) is a :class:`SalienceError` saying what it takes and what to do, Keras's error its
+    ``__cause__`` (see :func:`input_error`; ``seed=True`` names the input as keras-vis's ``seed_input``).
     """
 
-    def __init__(self, model: Any, *, channels_last: bool = True):
+    def __init__(self, model: Any, *, channels_last: bool = True, seed: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise SalienceError(
@@ -100,6 +178,7 @@ class KerasModel(nn.Module):
             )
         self.keras_model = model
         self.channels_last = channels_last
+        self.seed = seed
         layers = nn.ModuleDict()
         for layer in getattr(model, "layers", []):
             if isinstance(layer, nn.Module):
@@ -109,9 +188,17 @@ class KerasModel(nn.Module):
         self.layers = layers
 
     def forward(self, x: Tensor) -> Any:
+        given = x
         if self.channels_last and x.dim() == 4:
             x = x.permute(0, 2, 3, 1)
-        return self.keras_model(x, training=False)
+        try:
+            return self.keras_model(x, training=False)
+        except ValueError as e:
+            said = None if isinstance(e, SalienceError) else _keras_said(e)
+            if said is None:
+                raise
+            raise SalienceError(input_error(self.keras_model, given, said, channels_last=self.channels_last,
+                                            seed=self.seed)) from e
 
 
 def wrap_keras(model: Any, *, name: Optional[str] = None) -> KerasModel:
