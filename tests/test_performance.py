@@ -903,6 +903,48 @@ def test_the_structure_fingerprint_sees_modules_forwards_and_hooks_but_not_obser
     assert _perf.structure(model) != base
 
 
+@pytest.mark.parametrize("mode", [{"top": 2}, {"target": 1}, {"labels": [0, 1, 2, 3, None, 1, 2]}],
+                         ids=["top", "target", "label"])
+def test_a_dataset_runs_prediction_pass_shares_the_gradient_passes_graph(tmp_path, mode):
+    """compile= in a dataset run whose targets come from a prediction pass of their own (``top``,
+    ``target``, ``label``): that pass runs the compiled model as the gradient passes do (gradients on,
+    the input requiring them, the output detached), so the run compiles one graph, not a no-grad one
+    for the predictions and another for vanilla's input gradients. Counted by a backend that counts
+    the graphs it is given (dynamo hands a backend each graph it compiles, once). The maps and
+    predictions are the default run's."""
+    from conftest import SmallCNN
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self):
+            self.x = torch.randn(7, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    torch._dynamo.reset()  # SmallCNN.forward's code object: earlier tests' graphs count to its recompile limit
+    model, ds = SmallCNN().eval(), Images()
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    kw = dict(batch_size=2, shard_size=8, workers=0, map_dtype="float32", **mode)
+    ref = salience.explain_dataset(model, ds, ["vanilla"], tmp_path / "ref", **kw)
+    with unchanged(model):
+        fast = salience.explain_dataset(model, ds, ["vanilla"], tmp_path / "fast", compile=backend, **kw)
+    assert len(graphs) == 1, [str(g.graph)[:200] for g in graphs]
+    for i in range(7):
+        np.testing.assert_allclose(fast.map(i, "vanilla"), ref.map(i, "vanilla"), rtol=1e-5, atol=1e-7)
+    for col in ("predicted", "targets"):
+        assert fast.table.column(col).to_pylist() == ref.table.column(col).to_pylist()
+    np.testing.assert_allclose(fast.table.column("probability").to_pylist(),
+                               ref.table.column("probability").to_pylist(), rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- CUDA (run where a GPU is lent)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -476,6 +476,9 @@ class Run:
         self._probing = False
         self.softmax_checked = False
         self.softmax_stripped = False
+        # A pass without gradients (a prediction pass) that runs the compiled model as a gradient pass
+        # does, so that the two share one graph (set by one_pass(gradient_graph=True)).
+        self.gradient_graph = False
         self.layouts: list[str] = []  # per chunk, for Sums
         self._compiled_fn: Any = None
         self._folded: Optional[nn.Module] = None
@@ -708,6 +711,8 @@ def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: boo
             try:
                 if fn is not run._folded:
                     stack.enter_context(_recompile_limit_raises())
+                    if run.gradient_graph and not torch.is_grad_enabled():
+                        x_in = _as_gradient_pass(stack, x_in)
                 with _observers_aside(model) as (pre, post):
                     for hook in pre:
                         hook(model, (x_in,))
@@ -721,6 +726,17 @@ def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: boo
                     raise
                 run.forward_failed(fn, e)
         return eager(), False
+
+
+def _as_gradient_pass(stack: ExitStack, x_in: Tensor) -> Tensor:
+    """The state a gradient pass runs the compiled model in (:func:`salience._core.autograd.backward`:
+    gradients on, outside inference mode, the input a leaf that requires grad), entered on ``stack``;
+    returns that input. Dynamo guards on the grad mode and on the input's ``requires_grad``: a pass
+    without them compiles a graph of its own (another compile, and one more towards the recompile
+    limit). The values are those of the pass; the caller detaches the output."""
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return (x_in.clone() if x_in.is_inference() else x_in).detach().requires_grad_(True)
 
 
 @contextmanager
@@ -751,7 +767,7 @@ def _fast(options: Performance) -> bool:
 
 
 @contextmanager
-def one_pass(model: nn.Module, x: Tensor, *, tag: str) -> Iterator[Optional[Run]]:
+def one_pass(model: nn.Module, x: Tensor, *, tag: str, gradient_graph: bool = False) -> Iterator[Optional[Run]]:
     """A single pass on ``model`` (a one-pass method's input gradient, a dataset run's prediction)
     under the options in force (:func:`current`), as one chunk of a :class:`Run`; yields the run.
 
@@ -764,12 +780,19 @@ def one_pass(model: nn.Module, x: Tensor, *, tag: str) -> Iterator[Optional[Run]
     run's batches) share it: whether the model ends in a softmax (found by the first eager pass of
     the model's :func:`structure`; later passes may run a copy or a graph), and the batch size of the first call, the one size
     that runs compiled (a call of another size, e.g. a dataset run's last, shorter batch, runs the
-    folded copy or the model eagerly, so nothing recompiles)."""
+    folded copy or the model eagerly, so nothing recompiles).
+
+    ``gradient_graph``: the block's pass is one without gradients (a dataset run's prediction pass)
+    that runs the compiled model as the gradient passes do (gradients on, the input requiring them),
+    so that it and the one-pass methods' input gradients of the same batch size share one compiled
+    graph instead of compiling a graph of each (the forward's values are the same; it keeps the
+    activations until the output is dropped)."""
     options = current()
     if active(model) is not None or not _fast(options):
         yield None
         return
     run = Run(model, x, options, tag=tag)
+    run.gradient_graph = gradient_graph
     rec = run.record
     if rec.softmax is not None:
         run.softmax_checked, run.softmax_stripped = True, rec.softmax
