@@ -802,6 +802,149 @@ def test_one_pass_compiles_once_for_a_dataset_run(tmp_path, monkeypatch):
     assert fast.table.column("predicted").to_pylist() == ref.table.column("predicted").to_pylist()
 
 
+class _Times(nn.Module):
+    """A layer without parameters: scales its input."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def forward(self, h):
+        return h * self.k
+
+
+def _hand_vanilla(f, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``max_c |d f(x)[b, target_b] / dx|``: vanilla's map written out with torch.autograd."""
+    xx = x.clone().requires_grad_(True)
+    out = f(xx)
+    (g,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), xx)
+    return g.abs().amax(1)
+
+
+def _changes():
+    """``(what, change(model) -> the changed model's pre-softmax function)``: a final softmax appended
+    in place, a conv weight scaled in place, a ReLU replaced by a Tanh, a parameter-free layer appended."""
+    def softmax(m):
+        head = m.head
+        m.head = nn.Sequential(head, nn.Softmax(1))
+        return lambda x: head(m.body(x).mean((2, 3)))
+
+    def weight(m):
+        with torch.no_grad():
+            m.body[3].weight.mul_(2)
+        return m
+
+    def swap(m):
+        m.body[4] = nn.Tanh()
+        return m
+
+    def scaled(m):
+        m.head = nn.Sequential(m.head, _Times(3.0))
+        return m
+
+    return [("softmax", softmax), ("weight", weight), ("swap", swap), ("scaled", scaled)]
+
+
+@pytest.mark.parametrize("what,change", _changes(), ids=[w for w, _ in _changes()])
+def test_one_pass_follows_a_model_changed_after_its_first_call(what, change):
+    """A model changed after a first one-pass call under the fast options (a final softmax appended
+    in place, a weight changed in place, a submodule replaced, a layer appended): the next call gives
+    the plain eager map of the changed model (checked by hand with torch.autograd on its pre-softmax
+    function). Before, what the first call learned was kept per model until ``clear_cache()``:
+    whether the model ends in a softmax (a compiled graph then ran the appended softmax: the
+    gradient of a probability) and the folded copy (made again only when a weight changed: a
+    replaced ReLU or an appended layer was not seen)."""
+    x = torch.rand(3, 3, 8, 8)
+
+    def backend(gm, inputs):
+        return gm.forward
+
+    for opts in (dict(fold_batchnorm=True), dict(compile=backend), dict(compile=backend, fold_batchnorm=True)):
+        torch.manual_seed(0)
+        model = _with_statistics(ThreeConv()).eval()  # eval: the hand check's BatchNorm as salience runs it
+        with salience.performance(**opts):
+            salience.vanilla(model, x)  # finds no softmax, makes the copy / the graph
+            salience.vanilla(model, x)  # runs them
+        f = change(model)
+        target = f(x).argmax(1)
+        ref = salience.vanilla(model, x, target)  # the defaults: the changed model itself
+        hand = _hand_vanilla(f, x, target)
+        assert _rel(ref, hand) < 1e-5, what
+        with salience.performance(**opts), unchanged(model):
+            out = salience.vanilla(model, x, target)
+            again = salience.vanilla(model, x, target)
+        assert _rel(out, ref) < FOLD_RTOL and _rel(again, ref) < FOLD_RTOL, (what, opts, _rel(out, ref))
+        _perf.clear_cache()
+
+
+def test_the_structure_fingerprint_sees_modules_forwards_and_hooks_but_not_observers():
+    """``perf.structure`` changes with a replaced module, an appended one, a ``forward`` set on an
+    instance and a hook of the user's, and is back when the hook is removed; an observer hook (a
+    dataset run adds one per batch) and a changed weight leave it as it was."""
+    model = ThreeConv()
+    base = _perf.structure(model)
+    handle = model.body[2].register_forward_hook(_perf.observer(lambda m, i, o: None))
+    assert _perf.structure(model) == base
+    handle.remove()
+    with torch.no_grad():
+        model.body[0].weight.mul_(2)
+    assert _perf.structure(model) == base
+    handle = model.body[2].register_forward_pre_hook(lambda m, i: None)
+    assert _perf.structure(model) != base
+    handle.remove()
+    assert _perf.structure(model) == base
+    model.body[4].forward = lambda h: h * 2
+    assert _perf.structure(model) != base
+    del model.body[4].forward
+    assert _perf.structure(model) == base
+    model.body[4] = nn.ReLU()
+    assert _perf.structure(model) != base
+    model.head = nn.Sequential(model.head, nn.Softmax(1))
+    assert _perf.structure(model) != base
+
+
+@pytest.mark.parametrize("mode", [{"top": 2}, {"target": 1}, {"labels": [0, 1, 2, 3, None, 1, 2]}],
+                         ids=["top", "target", "label"])
+def test_a_dataset_runs_prediction_pass_shares_the_gradient_passes_graph(tmp_path, mode):
+    """compile= in a dataset run whose targets come from a prediction pass of their own (``top``,
+    ``target``, ``label``): that pass runs the compiled model as the gradient passes do (gradients on,
+    the input requiring them, the output detached), so the run compiles one graph, not a no-grad one
+    for the predictions and another for vanilla's input gradients. Counted by a backend that counts
+    the graphs it is given (dynamo hands a backend each graph it compiles, once). The maps and
+    predictions are the default run's."""
+    from conftest import SmallCNN
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self):
+            self.x = torch.randn(7, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    torch._dynamo.reset()  # SmallCNN.forward's code object: earlier tests' graphs count to its recompile limit
+    model, ds = SmallCNN().eval(), Images()
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    kw = dict(batch_size=2, shard_size=8, workers=0, map_dtype="float32", **mode)
+    ref = salience.explain_dataset(model, ds, ["vanilla"], tmp_path / "ref", **kw)
+    with unchanged(model):
+        fast = salience.explain_dataset(model, ds, ["vanilla"], tmp_path / "fast", compile=backend, **kw)
+    assert len(graphs) == 1, [str(g.graph)[:200] for g in graphs]
+    for i in range(7):
+        np.testing.assert_allclose(fast.map(i, "vanilla"), ref.map(i, "vanilla"), rtol=1e-5, atol=1e-7)
+    for col in ("predicted", "targets"):
+        assert fast.table.column(col).to_pylist() == ref.table.column(col).to_pylist()
+    np.testing.assert_allclose(fast.table.column("probability").to_pylist(),
+                               ref.table.column("probability").to_pylist(), rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- CUDA (run where a GPU is lent)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -26,7 +26,8 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   normalisation's forward and backward work is gone (about 9 % of resnet50's forward + backward on
   this CPU). The copy is made with ``torch.fx`` (a model fx cannot trace, one with hooks of its own,
   or one without such a pair runs as it is, with a warning), cached for the process and made again
-  when a parameter or buffer of the model changes; it costs one copy of the weights.
+  when a parameter or buffer of the model or its :func:`structure` changes; it costs one copy of
+  the weights.
 
 ``auto``, ``throughput`` and ``fold_batchnorm`` are not the defaults: the only benchmark run so far (under heavy load,
 benchmarks/engine_speed.md) found ``auto`` slower than the default layout at 1 image; they become
@@ -39,7 +40,9 @@ model's parameters are converted in place for channels-last and always put back 
 :func:`salience._core.guard.model_guard`, which records their data).
 
 What is measured is cached per model and input shape (:class:`_Record`), so a later call on the
-same model and shape starts from the decision.
+same model and shape starts from the decision. What depends on the model's modules (a final
+softmax found, the folded copy, the compiled model) is kept for the model's :func:`structure` at
+the time (a module replaced, appended or hooked since: found again).
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ from salience._core.errors import SalienceError, suggest
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "current", "resolve", "active",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "clear_cache", "compile_unavailable", "folded_model",
-           "own_hooks", "observer", "one_pass"]
+           "own_hooks", "observer", "one_pass", "structure"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -171,7 +174,7 @@ def resolve(memory_format: Optional[str] = None, compile: Any = None, precision:
 
 # --------------------------------------------------------------------------- compiled models
 
-_compiled: "OrderedDict[tuple[int, Any], tuple[nn.Module, Any]]" = OrderedDict()
+_compiled: "OrderedDict[tuple[int, Any], tuple[nn.Module, Any, tuple]]" = OrderedDict()
 _COMPILED_KEEP = 4  # compiled models kept for the process (each holds its model)
 
 
@@ -215,25 +218,27 @@ def compile_unavailable(backend: Any, device: torch.device) -> Optional[str]:
     return None
 
 
-def _compiled_model(model: nn.Module, backend: Any) -> Any:
-    """The process's compiled version of ``model`` for ``backend`` (an exception object if it failed)."""
+def _compiled_model(model: nn.Module, backend: Any, fingerprint: tuple) -> Any:
+    """The process's compiled version of ``model`` for ``backend`` (an exception object if it failed),
+    made again when the user's model's ``fingerprint`` (its :func:`structure`) is not the one it was made
+    for (dynamo's guards see a changed module tree too; a failure is then tried again)."""
     key = (id(model), backend if isinstance(backend, str) else id(backend))
     with _lock:
         hit = _compiled.get(key)
-        if hit is not None and hit[0] is model:
+        if hit is not None and hit[0] is model and hit[2] == fingerprint:
             _compiled.move_to_end(key)
             return hit[1]
         compiled = torch.compile(model, backend=backend, dynamic=False)
-        _compiled[key] = (model, compiled)
+        _compiled[key] = (model, compiled, fingerprint)
         while len(_compiled) > _COMPILED_KEEP:
             _compiled.popitem(last=False)
         return compiled
 
 
-def _compile_failed(model: nn.Module, backend: Any, why: str) -> None:
+def _compile_failed(model: nn.Module, backend: Any, why: str, fingerprint: tuple) -> None:
     key = (id(model), backend if isinstance(backend, str) else id(backend))
     with _lock:
-        _compiled[key] = (model, SalienceError(why))
+        _compiled[key] = (model, SalienceError(why), fingerprint)
     warnings.warn(f"compile: {why}; running eagerly (the results are the same, only slower)", stacklevel=4)
 
 
@@ -243,13 +248,55 @@ _folded: "OrderedDict[int, tuple[Any, tuple, Any]]" = OrderedDict()
 _FOLDED_KEEP = 2  # folded copies kept for the process (each holds a copy of its model's weights)
 
 
-def _signature(model: nn.Module) -> Optional[tuple]:
-    """Where the model's parameters and buffers live and how often they were changed in place
-    (``None`` when a tensor has no version counter, e.g. one made under ``inference_mode``)."""
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def structure(model: nn.Module) -> tuple:
+    """A cheap fingerprint of ``model``'s structure: every module of the tree (its id, its class,
+    its children's names, a ``forward`` set on the instance) and the keys of the hooks of its own on
+    each (not :func:`observer` hooks, which a dataset run adds batch after batch). It changes when a
+    module is replaced, added or removed (``model.fc = nn.Sequential(model.fc, nn.Softmax(1))``), a
+    class or a ``forward`` is swapped, or a hook is added or removed; not when a plain attribute of a
+    module (a number its ``forward`` reads) changes. What :func:`one_pass` remembers per model (a
+    final softmax found) and the compiled model are kept for one structure, the folded copy for one
+    :func:`_fold_key`. About 0.2 ms on resnet50 (0.3 ms with the tensors; docs/performance.md)."""
+    return _walk(model, False)
+
+
+def _fold_key(model: nn.Module) -> Optional[tuple]:
+    """What a folded copy is kept for: the model's :func:`structure` and where each parameter and
+    buffer lives and how often it was changed in place (``None``, not comparable, when a tensor has
+    no version counter, e.g. one made under ``inference_mode``)."""
     try:
-        return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+        return _walk(model, True)
     except RuntimeError:
         return None
+
+
+def _walk(model: nn.Module, tensors: bool) -> tuple:
+    """:func:`structure`; with ``tensors``, each module's parameters' and buffers' ``(data_ptr,
+    _version)`` too. One walk over the modules' own dicts (``model.parameters()`` costs more than
+    reading the tensors)."""
+    out: list = []
+    add = out.append
+    for m in model.modules():
+        d = m.__dict__
+        f = d.get("forward")
+        add((id(m), type(m), tuple(d["_modules"].keys()), None if f is None else id(f)))
+        if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks") or \
+                d.get("_backward_pre_hooks"):
+            own = tuple(tuple(k for k, h in (d.get(name) or {}).items() if not getattr(h, "salience_observer", False))
+                        for name in _HOOK_DICTS)
+            if any(own):  # observers alone leave the fingerprint as without them
+                add(own)
+        if tensors:
+            for t in d["_parameters"].values():
+                if t is not None:
+                    add((t.data_ptr(), t._version))
+            for t in d["_buffers"].values():
+                if t is not None:
+                    add((t.data_ptr(), t._version))
+    return tuple(out)
 
 
 def _fold(model: nn.Module) -> Any:
@@ -302,13 +349,14 @@ def own_hooks(model: nn.Module) -> Optional[str]:
     return None
 
 
-def folded_model(model: nn.Module) -> tuple[Optional[nn.Module], str]:
-    """The process's BatchNorm-folded copy of ``model`` (made again when the model's parameters or
-    buffers changed since), or ``(None, why)`` when folding does not apply."""
+def folded_model(model: nn.Module, key: Optional[tuple] = None) -> tuple[Optional[nn.Module], str]:
+    """The process's BatchNorm-folded copy of ``model`` (made again when the model's structure, see
+    :func:`structure`, or its parameters or buffers changed since: ``key``, its :func:`_fold_key`,
+    when the caller has it), or ``(None, why)`` when folding does not apply."""
     why = own_hooks(model)
     if why is not None:
         return None, why
-    sig = _signature(model)
+    sig = key if key is not None else _fold_key(model)
     with _lock:
         hit = _folded.get(id(model))
         if hit is not None and hit[0]() is model and sig is not None and hit[1] == sig:
@@ -352,6 +400,7 @@ class _Record:
     best: Optional[int] = None
     down: bool = False
     softmax: Optional[bool] = None  # one-pass runs: whether an eager pass found a final softmax to strip
+    structure: Optional[tuple] = None  # the model's structure() that ``softmax`` was found for
 
     def t(self, size: int, cl: bool) -> float:
         """The fastest seconds per item measured at ``size`` in layout ``cl`` (``inf``: none)."""
@@ -366,7 +415,8 @@ _records: dict[tuple, _Record] = {}
 
 
 def clear_cache() -> None:
-    """Forget every measured choice and compiled model (tests, or after changing a model in place)."""
+    """Forget every measured choice, compiled model and folded copy (tests, or after changing a plain
+    attribute a model's ``forward`` reads: :func:`structure` sees modules, hooks and weights only)."""
     with _lock:
         _records.clear()
         _compiled.clear()
@@ -414,6 +464,11 @@ class Run:
             if rec is None or rec.model() is not model:
                 rec = _records[key] = _Record(weakref.ref(model))
         self.record = rec
+        self.structure = structure(model)
+        if rec.structure != self.structure:  # a module, a forward or a hook changed: found again
+            rec.softmax, rec.structure = None, self.structure
+        # What the folded copy is kept for, taken now (a channels-last chunk moves the parameters).
+        self._fold_key = _fold_key(model) if self.options.fold_batchnorm else None
         self.channels_last = False
         self._saved: list[tuple[nn.Parameter, Tensor]] = []
         self._compiled_now = False
@@ -421,12 +476,15 @@ class Run:
         self._probing = False
         self.softmax_checked = False
         self.softmax_stripped = False
+        # A pass without gradients (a prediction pass) that runs the compiled model as a gradient pass
+        # does, so that the two share one graph (set by one_pass(gradient_graph=True)).
+        self.gradient_graph = False
         self.layouts: list[str] = []  # per chunk, for Sums
         self._compiled_fn: Any = None
         self._folded: Optional[nn.Module] = None
         self._used_folded = False
         if self.options.fold_batchnorm:
-            self._folded, why = folded_model(model)
+            self._folded, why = folded_model(model, self._fold_key)
             if self._folded is None:
                 warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=3)
         if self.options.backend is not None:
@@ -435,7 +493,7 @@ class Run:
                 warnings.warn(f"compile: {why}; running eagerly", stacklevel=3)
             else:
                 base = self._folded if self._folded is not None else model
-                self._compiled_fn = _compiled_model(base, self.options.backend)
+                self._compiled_fn = _compiled_model(base, self.options.backend, self.structure)
                 if isinstance(self._compiled_fn, Exception):
                     self._compiled_fn = None
 
@@ -523,7 +581,7 @@ class Run:
             self.compile_failed(error)
             return
         why = f"the folded copy failed ({_described(error)})"
-        _remember_fold(self.model, _signature(self.model), why)
+        _remember_fold(self.model, self._fold_key, why)
         warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=4)
         self._folded = None
 
@@ -533,7 +591,8 @@ class Run:
 
     def compile_failed(self, error: BaseException) -> None:
         why = f"torch.compile failed on this model ({_described(error)})"
-        _compile_failed(self._folded if self._folded is not None else self.model, self.options.backend, why)
+        _compile_failed(self._folded if self._folded is not None else self.model, self.options.backend, why,
+                        self.structure)
         self._compiled_fn = None
         self._compiled_now = False
 
@@ -652,6 +711,8 @@ def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: boo
             try:
                 if fn is not run._folded:
                     stack.enter_context(_recompile_limit_raises())
+                    if run.gradient_graph and not torch.is_grad_enabled():
+                        x_in = _as_gradient_pass(stack, x_in)
                 with _observers_aside(model) as (pre, post):
                     for hook in pre:
                         hook(model, (x_in,))
@@ -665,6 +726,17 @@ def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: boo
                     raise
                 run.forward_failed(fn, e)
         return eager(), False
+
+
+def _as_gradient_pass(stack: ExitStack, x_in: Tensor) -> Tensor:
+    """The state a gradient pass runs the compiled model in (:func:`salience._core.autograd.backward`:
+    gradients on, outside inference mode, the input a leaf that requires grad), entered on ``stack``;
+    returns that input. Dynamo guards on the grad mode and on the input's ``requires_grad``: a pass
+    without them compiles a graph of its own (another compile, and one more towards the recompile
+    limit). The values are those of the pass; the caller detaches the output."""
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return (x_in.clone() if x_in.is_inference() else x_in).detach().requires_grad_(True)
 
 
 @contextmanager
@@ -695,7 +767,7 @@ def _fast(options: Performance) -> bool:
 
 
 @contextmanager
-def one_pass(model: nn.Module, x: Tensor, *, tag: str) -> Iterator[Optional[Run]]:
+def one_pass(model: nn.Module, x: Tensor, *, tag: str, gradient_graph: bool = False) -> Iterator[Optional[Run]]:
     """A single pass on ``model`` (a one-pass method's input gradient, a dataset run's prediction)
     under the options in force (:func:`current`), as one chunk of a :class:`Run`; yields the run.
 
@@ -705,15 +777,22 @@ def one_pass(model: nn.Module, x: Tensor, *, tag: str) -> Iterator[Optional[Run]
     is one chunk: the model's layout (channels-last), autocast, and for a plain pass (no layer
     hooked, no backprop rule) the folded copy or the compiled model. What the passes learn is kept
     in the model's record (per ``tag``, input shape and options), so that calls in a row (a dataset
-    run's batches) share it: whether the model ends in a softmax (found by the first eager pass;
-    later passes may run a copy or a graph), and the batch size of the first call, the one size
+    run's batches) share it: whether the model ends in a softmax (found by the first eager pass of
+    the model's :func:`structure`; later passes may run a copy or a graph), and the batch size of the first call, the one size
     that runs compiled (a call of another size, e.g. a dataset run's last, shorter batch, runs the
-    folded copy or the model eagerly, so nothing recompiles)."""
+    folded copy or the model eagerly, so nothing recompiles).
+
+    ``gradient_graph``: the block's pass is one without gradients (a dataset run's prediction pass)
+    that runs the compiled model as the gradient passes do (gradients on, the input requiring them),
+    so that it and the one-pass methods' input gradients of the same batch size share one compiled
+    graph instead of compiling a graph of each (the forward's values are the same; it keeps the
+    activations until the output is dropped)."""
     options = current()
     if active(model) is not None or not _fast(options):
         yield None
         return
     run = Run(model, x, options, tag=tag)
+    run.gradient_graph = gradient_graph
     rec = run.record
     if rec.softmax is not None:
         run.softmax_checked, run.softmax_stripped = True, rec.softmax

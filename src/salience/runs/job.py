@@ -128,8 +128,10 @@ def _predictions(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 def _outputs(model: nn.Module, x: Tensor) -> Tensor:
     """The model's output on ``x`` (no softmax stripped): the prediction pass, a plain pass under the
     performance options in force (:func:`salience._core.perf.one_pass`: the folded copy, the compiled
-    graph for the run's batch size, built once and reused batch after batch)."""
-    with _perf.one_pass(model, x, tag="predictions"):
+    graph for the run's batch size, built once and reused batch after batch). A compiled pass runs
+    as the gradient passes do (``gradient_graph``), so it and the one-pass methods' input gradients
+    share one graph."""
+    with _perf.one_pass(model, x, tag="predictions", gradient_graph=True):
         return forward_scores(model, x, strip_softmax=False, compiled=True)
 
 
