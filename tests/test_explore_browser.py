@@ -929,3 +929,82 @@ def test_the_drop_box_is_lit_only_while_files_are_dragged_over_the_page(tmp_path
     assert not cancelled
     assert seen == [True, True, True, False, False]
     assert inside == [True] * 5 and not left and back == [True, True]
+
+
+def _gray_net() -> Any:
+    """A 1-channel model (no demo model is gray): conv, ReLU, pooling, 5 classes, its layer
+    ``features.0`` for Grad-CAM; random weights (seeded), as a map's shape is not checked here."""
+    import torch
+    from torch import nn
+
+    from salience._core.info import ModelInfo, attach_info
+
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("features", nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU()))
+    net.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    net.add_module("flat", nn.Flatten())
+    net.add_module("head", nn.Linear(6, 5))
+    return attach_info(net.eval(), ModelInfo(name="gray", channels=1, input_size=(64, 64),
+                                             class_names=tuple(salience.data.CLASSES), default_layer="features.0"))
+
+
+@pytest.mark.parametrize("gray_slot", ["a", "b"])
+def test_two_models_of_different_channels_side_by_side(tmp_path, gray_slot):
+    """--compare with a gray (1-channel) model and an RGB one, either way round: each model's row of
+    cells shows its own vanilla and Grad-CAM maps on its own picture (the gray model's R == G == B,
+    the RGB model's in colour; the image panel is model a's), with no error shown and none in the
+    console."""
+    browser_api()  # skips here without Playwright or Chromium
+    pytest.importorskip("starlette")
+    paths, _, _ = shapes_files(tmp_path, n=1)
+    rgb, gray = salience.load_model("demo:shapes"), _gray_net()
+    a, b = (gray, rgb) if gray_slot == "a" else (rgb, gray)
+    explorer = salience.explore(a, paths, compare=b, show=False)
+    errors: list[str] = []
+    pixels = """sel => [...document.querySelectorAll(sel)].map(c =>
+        Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data))"""
+    try:
+        with browser_page(explorer.url, errors, viewport={"width": 1400, "height": 1000}) as page:
+            page.click("#images img[data-id='f0']")
+            for slot in ("a", "b"):
+                page.locator(f"#classes button.class[data-model='{slot}']").first.click()
+            cells = {s: f"td.cell[data-target^='{s}:']" for s in ("a", "b")}
+            page.select_option("#method", "vanilla")
+            page.click("#add")
+            page.select_option("#method", "gradcam")
+            page.click("#add")
+            for slot in ("a", "b"):
+                for method in ("vanilla", "gradcam"):
+                    page.wait_for_function(
+                        f"[...document.querySelectorAll(\"{cells[slot]} .state\")]"
+                        f".some(s => s.textContent.startsWith('{method}'))")
+            states = page.eval_on_selector_all("td.cell .state", "ss => ss.map(s => [s.className, s.textContent])")
+            page.fill("#opacity", "0")  # the pictures alone
+            pictures = {s: np.array(page.evaluate(pixels, f"{cells[s]} canvas"), np.int32).reshape(-1, 4)
+                        for s in ("a", "b")}  # both cells of each model
+            page.select_option("#cmap", "gray")
+            page.fill("#opacity", "1")  # the maps alone
+            maps = [np.array(m) for s in ("a", "b") for m in page.evaluate(pixels, f"{cells[s]} canvas")]
+            preview = page.evaluate("""() => { const i = document.getElementById('preview'), c =
+                document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;
+                const x = c.getContext('2d'); x.drawImage(i, 0, 0);
+                return Array.from(x.getImageData(0, 0, c.width, c.height).data); }""")
+            shown_error = page.evaluate("""() => [document.getElementById('picture-error').hidden,
+                document.getElementById('status').className]""")
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert len(states) == 4 and all(cls == "state" and text.split(" ")[0] in ("vanilla", "gradcam")
+                                    for cls, text in states), states
+    assert shown_error[0] and "error" not in shown_error[1], shown_error
+    gray_px, rgb_px = pictures[gray_slot][:, :3], pictures["b" if gray_slot == "a" else "a"][:, :3]
+    assert (gray_px[:, 0] == gray_px[:, 1]).all() and (gray_px[:, 1] == gray_px[:, 2]).all()
+    assert np.abs(rgb_px[:, 0] - rgb_px[:, 1]).max() > 50  # the colour image
+    assert gray_px.max() > gray_px.min() + 50  # a picture, not a blank
+    assert len(maps) == 4
+    for m in maps:  # each cell a map: the gray colormap over the whole range
+        m = m.reshape(-1, 4)[:, :3]
+        assert m.max() > 200 and m.min() < 60, (m.min(), m.max())
+    preview = np.array(preview).reshape(-1, 4)[:, :3]
+    assert ((preview[:, 0] == preview[:, 2]).all()) == (gray_slot == "a")  # the image panel is model a's picture

@@ -275,3 +275,123 @@ def test_a_table_without_an_index_column_addresses_its_rows_by_position(tmp_path
             assert np.array_equal(npy(m.content), np.full((4, 4), value, np.float32))
     finally:
         hub.close()
+
+
+def _rewritten(env, tmp_path, order):
+    """A copy of the module's run whose ``index.parquet`` holds the rows at ``order`` (positions in
+    the sorted table, in that order: shuffled, some left out, some twice), as pandas or a merge of
+    shards in another order writes it; its explorer's client and hub, and the run read back."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "run"
+    shutil.copytree(env["root"] / "run", folder)
+    table = pq.read_table(folder / "index.parquet")
+    pq.write_table(table.take(pa.array(order)), folder / "index.parquet")
+    hub = build_hub("demo:shapes", [folder])
+    return TestClient(create_app(hub)), hub, salience.open_run(folder)
+
+
+def _same_row_everywhere(env, c, run, index):
+    """Row ``index`` of the rewritten run is the module's row ``index``: its row (the library's and
+    the explorer's), stored map, thumbnails and picture."""
+    ref, sorted_c = env["run"], env["client"]
+    assert run.row(index) == ref.row(index)
+    np.testing.assert_array_equal(run.map(index, "vanilla"), ref.map(index, "vanilla"))
+    assert run.image_path(index) == ref.image_path(index)
+    for url in (f"api/runs/r0/rows/{index}", f"api/runs/r0/rows/{index}/maps/vanilla.npy",
+                f"api/runs/r0/rows/{index}/thumb.jpg", f"api/runs/r0/rows/{index}/thumb.jpg?tile=1",
+                f"api/images/r0-{index}/picture.png"):
+        got, want = c.get(url), sorted_c.get(url)
+        assert got.status_code == 200, (url, got.text)
+        assert got.content == want.content, url
+
+
+def test_a_shuffled_table_gives_each_index_its_own_row_map_and_picture(env, tmp_path):
+    """``index.parquet`` with its rows in another order (pandas after a sort, shards merged in
+    another order): each index has the same row, stored map, thumbnails and picture as in the
+    sorted table (they were looked up by a binary search as if sorted: "no row" for most rows),
+    and the gallery lists them by index as before."""
+    order = [3, 0, 5, 1, 4, 2]
+    c, hub, run = _rewritten(env, tmp_path, order)
+    try:
+        assert run.table.column("index").to_pylist() == order  # read in its own order
+        for index in range(N):
+            _same_row_everywhere(env, c, run, index)
+        assert _rows(c) == _rows(env["client"])
+        assert _rows(c, sort="probability", order="desc") == _rows(env["client"], sort="probability", order="desc")
+    finally:
+        hub.close()
+
+
+def test_a_table_with_a_gap_answers_no_row_for_the_missing_index(env, tmp_path):
+    """A row left out (a filter), the others shuffled: the missing index is "no row" (404) as any
+    index the run does not have, the others their own rows."""
+    c, hub, run = _rewritten(env, tmp_path, [5, 0, 3, 1, 4])
+    try:
+        for index in (0, 1, 3, 4, 5):
+            _same_row_everywhere(env, c, run, index)
+        with pytest.raises(salience.SalienceError, match="image 2 is not in the run"):
+            run.row(2)
+        for url in ("api/runs/r0/rows/2", "api/runs/r0/rows/2/maps/vanilla.npy", "api/images/r0-2/picture.png"):
+            assert c.get(url).status_code == 404, url
+        assert [r["index"] for r in _rows(c)["rows"]] == [0, 1, 3, 4, 5]
+    finally:
+        hub.close()
+
+
+def test_a_repeated_index_is_refused_naming_it_and_what_to_do(env, tmp_path):
+    """Two rows with index 3 (another row's copy relabelled, as a bad merge writes): which one is
+    meant cannot be known, so row 3 is refused, by the library (a SalienceError) and the explorer
+    (409), naming the index, the table and what to do (the first of the two was taken silently);
+    the other rows are still their own."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    c, hub, run = _rewritten(env, tmp_path, list(range(N)))
+    hub.close()
+    table = pq.read_table(tmp_path / "run" / "index.parquet")
+    copy = table.slice(5, 1).set_column(0, "index", pa.array([3], pa.int64()))
+    pq.write_table(pa.concat_tables([copy, table]), tmp_path / "run" / "index.parquet")
+    hub = build_hub("demo:shapes", [tmp_path / "run"])
+    c, run = TestClient(create_app(hub)), salience.open_run(tmp_path / "run")
+    try:
+        said = r"image 3 has 2 rows in the run's table \(.*index\.parquet: rows 0, 4\).*drop_duplicates"
+        for call in (lambda: run.row(3), lambda: run.map(3, "vanilla"), lambda: run.thumbnail(3)):
+            with pytest.raises(salience.SalienceError, match=said):
+                call()
+        for url in ("api/runs/r0/rows/3", "api/runs/r0/rows/3/maps/vanilla.npy", "api/runs/r0/rows/3/thumb.jpg",
+                    "api/images/r0-3/picture.png"):
+            r = c.get(url)
+            assert r.status_code == 409 and "image 3 has 2 rows" in r.json()["error"], (url, r.status_code, r.text)
+        r = c.post("api/explain", json={"model": "a", "image": "r0-3", "method": "vanilla", "target": 0})
+        assert r.status_code == 409, r.text
+        for index in (0, 1, 2, 4, 5):
+            _same_row_everywhere(env, c, run, index)
+    finally:
+        hub.close()
+
+
+def test_a_table_with_rows_without_an_index_is_refused_saying_which(env, tmp_path):
+    """A row whose index is empty (null): no row can be told by its index (a bare ValueError
+    "cannot convert float NaN to integer", a 500 in the explorer); now a SalienceError and a 409
+    naming the first such row and what to do."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    c, hub, run = _rewritten(env, tmp_path, list(range(N)))
+    hub.close()
+    table = pq.read_table(tmp_path / "run" / "index.parquet")
+    table = table.set_column(0, "index", pa.array([0, None, 2, 3, 4, 5], pa.int64()))
+    pq.write_table(table, tmp_path / "run" / "index.parquet")
+    hub = build_hub("demo:shapes", [tmp_path / "run"])
+    c, run = TestClient(create_app(hub)), salience.open_run(tmp_path / "run")
+    try:
+        with pytest.raises(salience.SalienceError, match=r"1 row\(s\) without an index \(the first: row 1\)"):
+            run.row(2)
+        r = c.get("api/runs/r0/rows/2")
+        assert r.status_code == 409 and "without an index" in r.json()["error"], r.text
+    finally:
+        hub.close()

@@ -51,6 +51,7 @@ from salience.explore.runs import NotStored, RunSource, row_index
 from salience.loading import remote
 from salience.methods.gradcam import default_layer
 from salience.render import viz
+from salience.runs.store import BadIndex
 
 __all__ = ["Hub", "create_app", "STATIC"]
 
@@ -584,9 +585,13 @@ def _refusal(exc: Exception) -> HTTPException:
     """The answer to an error the server expects: an ``HTTPException`` as it is; an image gone
     from disk or storage 404; storage that does not answer 502; any other ``SalienceError`` (bad
     input) 400. A run's thumbnail or stored map that is not in the run folder
-    (:class:`~salience.explore.runs.NotStored`) is 404 too. The same from an endpoint and from a job in the worker's thread."""
+    (:class:`~salience.explore.runs.NotStored`) is 404 too; a row of a run whose table repeats
+    its index or has rows without one (:class:`~salience.runs.store.BadIndex`) 409. The same from
+    an endpoint and from a job in the worker's thread."""
     if isinstance(exc, HTTPException):
         return exc
+    if isinstance(exc, BadIndex):
+        return HTTPException(409, str(exc))
     if isinstance(exc, (ImageGone, NotStored, remote.NoSuchObject)):
         return HTTPException(404, str(exc))
     if isinstance(exc, remote.StorageError):

@@ -27,7 +27,7 @@ import numpy as np
 from salience._core.errors import SalienceError
 from salience.explore.images import ImageEntry
 from salience.loading import remote
-from salience.runs.store import Run, open_run, pyarrow
+from salience.runs.store import BadIndex, Run, open_run, pyarrow
 
 __all__ = ["RunSource", "NotStored", "is_run", "SORTABLE"]
 
@@ -133,9 +133,12 @@ class RunSource:
         return out
 
     def row(self, index: int) -> dict[str, Any]:
-        """Row ``index`` (``KeyError`` when the run has none), found by :meth:`Run.position`."""
+        """Row ``index`` (``KeyError`` when the run has none), found by :meth:`Run.position`;
+        :class:`~salience.runs.store.BadIndex` when its table has several, or rows without an index."""
         try:
             pos = self.run.position(int(index))
+        except BadIndex:
+            raise
         except SalienceError:
             raise KeyError(index) from None
         return self._dicts(self.run.table.slice(pos, 1))[0]

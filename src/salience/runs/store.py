@@ -323,6 +323,12 @@ def read_shards(folder: Path, schema: Any = None) -> Any:
 # --------------------------------------------------------------------------------- reading
 
 
+class BadIndex(SalienceError):
+    """The run's table cannot say which row is an image: it has several rows with the index asked
+    for, or rows without an index (a table written by hand, or by another program). The explorer
+    answers 409 with this."""
+
+
 class Run:
     """A run read back lazily: the table on first use, each map file memory-mapped when asked for.
 
@@ -341,7 +347,8 @@ class Run:
             raise SalienceError(f"{self.folder}: unknown run format {self.manifest.get('format')!r} (this salience "
                                 f"reads {FORMAT}); upgrade salience")
         self._table: Any = None
-        self._indexes: Optional[np.ndarray] = None  # the table's "index" column (sorted), read once
+        # the table's "index" values sorted, and each one's row (None: the table is sorted), built once
+        self._lookup: Optional[tuple[np.ndarray, Optional[np.ndarray]]] = None
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
 
     @property
@@ -363,10 +370,12 @@ class Run:
 
     @property
     def table(self) -> Any:
-        """One row per image, sorted by index: ``index.parquet`` when the run finished, else the
-        committed shards merged (a run still going, or stopped). A table without an ``index``
-        column (written by hand or by another program) gets one: each row's position (0, 1, ...),
-        so its rows are addressed by position everywhere (``run.row(i)``, the explorer's URLs)."""
+        """One row per image: ``index.parquet`` when the run finished (salience writes it sorted by
+        index; one written otherwise is read in its own order, its rows found by their index
+        value), else the committed shards merged, sorted by index (a run still going, or stopped).
+        A table without an ``index`` column (written by hand or by another program) gets one: each
+        row's position (0, 1, ...), so its rows are addressed by position everywhere
+        (``run.row(i)``, the explorer's URLs)."""
         if self._table is None:
             index = self.folder / "index.parquet"
             schema = schema_of(self.manifest)
@@ -384,16 +393,45 @@ class Run:
         return iter(self.table.to_pylist())
 
     def position(self, index: int) -> int:
-        """The table position of image ``index`` (the table is sorted by index): a binary search on
-        the index column, with no Python object per row (a run may have millions of rows).
-        :class:`SalienceError` when the run has no such row."""
-        if self._indexes is None:
-            self._indexes = np.asarray(self.table.column("index"))
-        pos = int(np.searchsorted(self._indexes, index))
-        if pos >= len(self._indexes) or int(self._indexes[pos]) != index:
+        """The table position of image ``index``, found by its value in the ``index`` column (the
+        table may be in any order, with gaps): a binary search on the sorted values, with no Python
+        object per row (a run may have millions of rows). :class:`SalienceError` when the run has no
+        such row; :class:`BadIndex` when it has several, or rows without an index (a table written
+        by hand or by another program: which one is meant cannot be known)."""
+        keys, order = self._index_lookup()
+        pos = int(np.searchsorted(keys, index))
+        if pos >= len(keys) or keys[pos] != index:
             raise SalienceError(f"image {index} is not in the run (it has {len(self)} rows"
                                 f"{'' if self.complete else ', and is not finished'})")
-        return pos
+        end = int(np.searchsorted(keys, index, side="right"))
+        if end - pos > 1:
+            rows = order[pos:end] if order is not None else np.arange(pos, end)
+            shown = ", ".join(str(int(r)) for r in rows[:5]) + (", ..." if end - pos > 5 else "")
+            table = self.folder / "index.parquet"
+            shards = any(p.is_file() for p in (self.folder / "shards").glob("*.parquet"))
+            raise BadIndex(f"image {index} has {end - pos} rows in the run's table ({table}: rows {shown}), and a "
+                           "run has one row per image; keep one row per index (pandas: df.drop_duplicates('index')) "
+                           "and write the table again" + (", or delete index.parquet to read the run's own shards"
+                                                          if shards else ""))
+        return pos if order is None else int(order[pos])
+
+    def _index_lookup(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The ``index`` values sorted, and the table position of each (``None`` when the table is
+        already sorted, as salience writes it: no copy); built once per table load."""
+        if self._lookup is None:
+            column = self.table.column("index")
+            if column.null_count:
+                first = int(np.flatnonzero(np.asarray(column.is_null()))[0])
+                raise BadIndex(f"the run's table ({self.folder}) has {column.null_count} row(s) without an index "
+                               f"(the first: row {first}); every row needs its image's index: fill them in, or "
+                               "write the table without the index column to number the rows by position")
+            values = np.asarray(column)
+            if len(values) < 2 or bool(np.all(values[1:] > values[:-1])):
+                self._lookup = (values, None)
+            else:
+                order = np.argsort(values, kind="stable")
+                self._lookup = (values[order], order)
+        return self._lookup
 
     def _row_of(self, index: int) -> tuple[str, int]:
         pos = self.position(index)
