@@ -945,6 +945,92 @@ def test_a_dataset_runs_prediction_pass_shares_the_gradient_passes_graph(tmp_pat
                                ref.table.column("probability").to_pylist(), rtol=1e-5)
 
 
+def _counting_backend():
+    """A torch.compile backend that counts the graphs it is given (dynamo hands a backend each graph
+    it compiles, once) with their image batch sizes, and the calls of the compiled graphs."""
+    graphs, calls = [], []
+
+    def backend(gm, inputs):
+        graphs.append(sorted({int(t.shape[0]) for t in inputs
+                              if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == 3 and t.shape[2] > 3}))
+
+        def run(*args):
+            calls.append(1)
+            return gm.forward(*args)
+        return run
+
+    return backend, graphs, calls
+
+
+def test_a_dataset_run_that_chooses_its_batch_size_compiles_for_it(tmp_path):
+    """compile= in a dataset run without ``batch_size``: the batch size is chosen by a one-image
+    memory probe (``job.choose_batch``), which ran under the run's options and so made 1 the model's
+    compiled size (``perf.one_pass`` compiles for the batch size of the first call): no real batch was
+    of that size, every batch ran eagerly and nothing was compiled (20 images, shards of 8, top 2:
+    0 graphs). Now the probe runs with the default options: one graph, for the chosen size (8), run
+    by both full batches' prediction passes and the second's input gradients (the first input
+    gradient runs eagerly to find a final softmax; the last, shorter batch runs eagerly), and the
+    maps and probabilities are the eager run's."""
+    from conftest import SmallCNN
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self):
+            self.x = torch.randn(20, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    torch._dynamo.reset()  # SmallCNN.forward's code object: earlier tests' graphs count to its recompile limit
+    model, ds = SmallCNN().eval(), Images()
+    backend, graphs, calls = _counting_backend()
+    kw = dict(shard_size=8, workers=0, map_dtype="float32", top=2)
+    ref = salience.explain_dataset(model, ds, ["vanilla"], tmp_path / "ref", **kw)
+    with unchanged(model):
+        fast = salience.explain_dataset(model, ds, ["vanilla"], tmp_path / "fast", compile=backend, **kw)
+    import json
+
+    batch = json.loads((tmp_path / "fast" / "run.json").read_text())["batch"]
+    assert batch == json.loads((tmp_path / "ref" / "run.json").read_text())["batch"] == 8
+    assert graphs == [[batch]]
+    assert len(calls) >= 3, len(calls)  # 2 prediction passes + the second full batch's input gradients
+    for i in range(20):
+        np.testing.assert_allclose(fast.map(i, "vanilla"), ref.map(i, "vanilla"), rtol=1e-5, atol=1e-7)
+    assert fast.table.column("targets").to_pylist() == ref.table.column("targets").to_pylist()
+    np.testing.assert_allclose(fast.table.column("probability").to_pylist(),
+                               ref.table.column("probability").to_pylist(), rtol=1e-5)
+
+
+def test_the_batch_size_probe_is_the_same_under_every_performance_option():
+    """``job.choose_batch`` measures one image's peak memory through the first method. Under the
+    run's options the probe counted one-time costs as the image's: the folded copy's weights (made in
+    the probe), the parameters converted to channels-last, the autocast's bf16 copies of the weights;
+    a model whose weights outweigh one image's activations got a batch size several times smaller
+    (here 2083 / 2135 / 4256 images instead of 8617 with fold_batchnorm / channels-last / bf16), and
+    each option left the compiled size 1 in the model's records. It now measures with the default options (a pass in fp32, the
+    model as it is: the conservative measure), so the size is the same under every option, and it
+    leaves no record for the run (a compiled size, a softmax found)."""
+    from salience.runs import job
+    from salience.runs.sources import Item
+
+    model = ThreeConv(width=64).eval()
+    item = Item(0, torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0)), 8, 8, None, None, None)
+    plan = job.Plan({"vanilla": salience.vanilla}, None, ["a"], mode="top", k=2)
+    base = job.choose_batch(model, item, plan, 10 ** 9)
+    backend, graphs, _ = _counting_backend()
+    for options in (dict(fold_batchnorm=True), dict(memory_format="channels_last"), dict(precision="bf16"),
+                    dict(compile=backend), dict(compile=backend, fold_batchnorm=True, memory_format="channels_last")):
+        _perf.clear_cache()
+        with warnings.catch_warnings(), unchanged(model):
+            warnings.simplefilter("ignore")  # bf16 autocast on a CPU
+            with salience.performance(**options):
+                assert job.choose_batch(model, item, plan, 10 ** 9) == base, options
+        assert not _perf._records, options
+    assert graphs == []
+
+
 # --------------------------------------------------------------------------- CUDA (run where a GPU is lent)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -427,13 +427,15 @@ def test_performance_options_reach_every_method_of_a_dataset_run(tmp_path, monke
     seen = []
 
     def probe(model, x, target=None):
-        seen.append(perf.current())
+        seen.append((x.shape[0], perf.current()))
         return salience.vanilla(model, x, target)
 
     ds = torch.utils.data.TensorDataset(torch.randn(4, 3, 8, 8), torch.arange(4))
+    # the eager backend: the options' object is what is checked (inductor would compile for tens of seconds)
     salience.explain_dataset(SmallCNN(), ds, {"probe": probe}, tmp_path / "run", workers=0,
-                             memory_format="channels_last", compile=True, precision="bf16")
-    assert seen and all(p == perf.Performance("channels_last", True, "bf16") for p in seen)
+                             memory_format="channels_last", compile="eager", precision="bf16")
+    # the batch size's one-image memory probe runs with the defaults (job.choose_batch), the batch with the options
+    assert seen == [(1, perf.Performance()), (4, perf.Performance("channels_last", "eager", "bf16"))]
     assert perf.current() == perf.Performance()
     with pytest.raises(SalienceError, match="precision"):
         salience.explain_dataset(SmallCNN(), ds, ["vanilla"], tmp_path / "bad", workers=0, precision="int8")
@@ -448,6 +450,48 @@ def test_performance_options_reach_every_method_of_a_dataset_run(tmp_path, monke
     main(["explain", str(tmp_path / "imgs"), "--model", "demo:shapes", "--out", str(tmp_path / "cli"), "--workers",
           "0", "--memory-format", "channels_last", "--compile", "--precision", "bf16"])
     assert (given["memory_format"], given["compile"], given["precision"]) == ("channels_last", True, "bf16")
+
+
+def test_cli_compile_without_batch_compiles_one_graph_for_the_chosen_batch(tmp_path, monkeypatch):
+    """``salience explain DIR --compile`` without ``--batch``: the batch size chosen from memory is the
+    one compiled (the one-image probe that chooses it ran under the run's options before, and made 1
+    the compiled size: no graph at all). torch.compile's inductor is swapped for a backend that counts
+    the graphs it is given and their calls (inductor would take tens of seconds)."""
+    from salience._core import perf
+
+    perf.clear_cache()
+    torch._dynamo.reset()
+    graphs, calls = [], []
+
+    def counting(gm, inputs):
+        graphs.append(sorted({int(t.shape[0]) for t in inputs
+                              if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == 3 and t.shape[2] > 3}))
+
+        def run(*args):
+            calls.append(1)
+            return gm.forward(*args)
+        return run
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, backend=None, **kw: real(model, backend=counting, **kw))
+    monkeypatch.setattr(perf, "compile_unavailable", lambda backend, device: None)  # no C++ compiler needed
+    _write_images(tmp_path / "imgs", 20)
+    args = ["explain", str(tmp_path / "imgs"), "--model", "demo:shapes", "--workers", "0", "--shard-size", "8",
+            "--map-dtype", "float32", "--top", "2", "--method", "vanilla"]
+    try:
+        assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+        assert main([*args, "--out", str(tmp_path / "fast"), "--compile"]) == 0
+    finally:
+        perf.clear_cache()
+        torch._dynamo.reset()
+    batch = json.loads((tmp_path / "fast" / "run.json").read_text())["batch"]
+    assert batch == json.loads((tmp_path / "ref" / "run.json").read_text())["batch"] == 8
+    assert graphs == [[batch]]
+    assert len(calls) >= 3  # both full batches' prediction passes, the second's input gradients
+    ref, fast = open_run(tmp_path / "ref"), open_run(tmp_path / "fast")
+    for i in range(20):
+        np.testing.assert_allclose(fast.map(i, "vanilla"), ref.map(i, "vanilla"), rtol=1e-5, atol=1e-6)
+    assert fast.table.column("targets").to_pylist() == ref.table.column("targets").to_pylist()
 
 
 def test_a_missing_folder_and_an_empty_one_are_one_line_errors(tmp_path, capsys):

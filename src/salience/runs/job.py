@@ -364,12 +364,19 @@ def sprite(tiles: np.ndarray) -> bytes:
 
 def choose_batch(model: nn.Module, item: Item, plan: Plan, cap: int) -> int:
     """Images per batch from memory: one image's peak memory through the first method, measured by
-    :class:`~salience._core.engine.MemoryProbe`, against the engine's budget; at most ``cap``."""
+    :class:`~salience._core.engine.MemoryProbe`, against the engine's budget; at most ``cap``.
+
+    The probe runs with the default performance options, whatever the run's: under them its one
+    image would be the first call of :func:`salience._core.perf.one_pass`, whose batch size is the
+    one size that runs compiled (1: no real batch would run the compiled graph), and its peak would
+    count one-time costs as the image's (the folded copy made in the probe, the parameters converted
+    to channels-last, the autocast's copies of the weights). In fp32 on the model as it is, the
+    measure is the conservative one, and the batch size the same under every option."""
     device = model_device(model)
     x = item.x[None].to(device)
     name, fn = next(iter(plan.methods.items()))
     probe = MemoryProbe()
-    with probe:
+    with _perf.performance(**vars(_perf.Performance())), probe:
         probs, _ = _predictions(model, x)
         _method_maps(fn, model, x, _targets(plan, probs, [item.index]), plan, [item.index])
     per = max(int(probe.peak), 1)
