@@ -441,3 +441,27 @@ def test_default_methods_leave_out_the_attention_methods_for_swin_and_cnns():
     attention = salience.methods.ATTENTION_METHODS
     assert not attention & set(salience.methods.default_methods(swin))
     assert attention <= set(salience.methods.default_methods(vit))
+
+
+def test_default_layer_reason_is_true_for_a_mean_pooled_vit():
+    """BEiT, Hugging Face DINOv2's classifier and ``global_pool="avg"`` ViTs pool the patch tokens
+    into the head: there the patch tokens after the last attention do get a gradient, so the reason
+    given for the default layer must not say that only the class token reaches the head."""
+    torch.manual_seed(0)
+    net = _timm_vit(global_pool="avg").eval()
+    x = image("timm_vit", 1)
+    kept = []
+    handle = net.norm.register_forward_hook(lambda m, i, o: kept.append(o))
+    try:
+        out = net(x)
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(out[0, out[0].argmax()], kept[0])
+    assert grad[:, 1:].abs().amax() > 0  # the patch tokens of the final norm reach the head
+    with unchanged(net):
+        said = describe_default_layer(net, x)
+    assert said.startswith("blocks.1.norm1 ") and "1 prefix token(s) + a 4x4 grid" in said
+    assert "only the class token reaches the head" not in said and "get no gradient" not in said
+    # a class-token head: the reason still says why the later layers are no use there
+    said = describe_default_layer(model("timm_vit"), x)
+    assert "a head that reads the class token alone" in said

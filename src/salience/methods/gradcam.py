@@ -216,8 +216,8 @@ def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
     calls = _record_calls(model, x)
     vit = _before_last_attention(model, x, calls)
     if vit is not None:
-        return vit, ("the layer before the last attention: after it only the class token reaches the head, "
-                     "so patch tokens there get no gradient")
+        return vit, ("the input of the last attention, where every token still reaches the output; after it, "
+                     "a head that reads the class token alone gives the patch tokens no gradient")
     cands = _map_candidates(model, x, calls)
     spatial = [c for c in cands if c[1].shape[-2:].numel() > 1]
     chosen = spatial or cands
