@@ -532,6 +532,39 @@ def test_a_model_of_other_channels_than_the_images_is_one_line(tmp_path, pics, c
     assert "(command line: --channels 1)" in err, err
 
 
+def test_a_token_model_without_a_patch_conv_is_told_the_flags(tmp_path, pics, capsys):
+    """A ViT whose patches are embedded without a convolution (no grid to read): the command line's
+    error names its flags, ``--grid H,W --prefix-tokens K`` (it named only the Python keywords
+    ``grid=(h, w)`` and ``prefix_tokens=k``); with them the stored map equals ``salience.gradcam`` with
+    ``grid=(3, 5)`` on the same input."""
+    paths, _ = pics
+    nets = tmp_path / "vit_nets.py"
+    nets.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from tiny_vit import TinyViT\n"
+        "def build():\n"
+        "    torch.manual_seed(3)\n"
+        "    return TinyViT(size=(24, 40), prefix=1, conv=False).eval()\n")
+    common = ["explain", paths[0], "-m", f"python:{nets}:build", "--size", "24,40", "--method", "gradcam",
+              "--target", "0", "--no-progress"]
+    rc, out, err = run([*common, "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and err.startswith("salience: method gradcam failed: the CAM layer"), (out, err)
+    assert "(command line: --grid H,W --prefix-tokens K)" in err, err
+    rc, out, err = run([*common, "--grid", "3,5", "--prefix-tokens", "1", "--out", tmp_path / "p"], capsys)
+    assert rc == 0, (out, err)
+    (stored,) = (tmp_path / "p").glob("*_gradcam_*.npy")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_vit import TinyViT
+
+    torch.manual_seed(3)
+    model = TinyViT(size=(24, 40), prefix=1, conv=False).eval()
+    x = resize_crop(load_image(paths[0]), ModelInfo(name="vit", input_size=(24, 40)))[None]
+    want = salience.gradcam(model, x, 0, grid=(3, 5), prefix_tokens=1)[0].numpy()
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(np.load(stored), want, rtol=1e-4, atol=1e-6)
+
+
 def test_channels_option_feeds_a_gray_model_its_luma(tmp_path, pics, capsys):
     """``--channels 1``: a model with a one-channel stem and no info of its own (``python:``) is given
     each image's ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``; its map equals ``salience.vanilla`` on

@@ -43,7 +43,8 @@ from salience._core.info import model_info
 __all__ = ["Layout", "layer_layout", "token_layout", "patch_embedding", "patch_grid", "channel_count"]
 
 _HOW = ("pass grid=(h, w) (the patch grid) and prefix_tokens=k (the class / distillation / register tokens "
-        "before the patches), with k + h * w equal to the number of tokens")
+        "before the patches), with k + h * w equal to the number of tokens (command line: --grid H,W "
+        "--prefix-tokens K)")
 
 
 @dataclass(frozen=True)
@@ -175,14 +176,15 @@ def _check_given_grid(model: nn.Module, x_shape: Sequence[int], grid: tuple[int,
     if pg != grid and cells == given:
         raise SalienceError(
             f"grid={grid} has the {cells} cells of the patch embedding's {pg[0]}x{pg[1]} grid ({where}) in "
-            f"another shape: the map would be scrambled. grid is (rows, columns): pass grid={pg} (or leave grid out)"
+            f"another shape: the map would be scrambled. grid is (rows, columns): pass grid={pg} (or leave grid out; "
+            f"command line: --grid {pg[0]},{pg[1]})"
         )
     if prefix is None and cells != given and given <= n_tokens and cells <= n_tokens:
         raise SalienceError(
             f"grid={grid} reads {n_tokens - given} of the {n_tokens} tokens as prefix tokens, but the patch "
             f"embedding's {pg[0]}x{pg[1]} grid ({where}) reads {n_tokens - cells}: which tokens are patches is "
             f"ambiguous. Pass prefix_tokens={n_tokens - given} with grid={grid} if that is meant, or leave grid out "
-            f"for {pg}"
+            f"for {pg} (command line: --prefix-tokens {n_tokens - given} --grid {grid[0]},{grid[1]})"
         )
 
 

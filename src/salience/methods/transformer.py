@@ -65,7 +65,8 @@ def _layout(model: nn.Module, x: Tensor, n: int, prefix_tokens: object, grid: ob
     if layout.prefix < 1:
         raise SalienceError(
             f"{method} reads the class token's row, but the attention's {n} tokens are all patches "
-            f"({layout.grid[0]}x{layout.grid[1]}); if the first token is a class token pass prefix_tokens=1"
+            f"({layout.grid[0]}x{layout.grid[1]}); if the first token is a class token pass prefix_tokens=1 "
+            "(command line: --prefix-tokens 1)"
         )
     return layout
 
