@@ -863,8 +863,8 @@ def test_one_pass_follows_a_model_changed_after_its_first_call(what, change):
         torch.manual_seed(0)
         model = _with_statistics(ThreeConv()).eval()  # eval: the hand check's BatchNorm as salience runs it
         with salience.performance(**opts):
-            salience.vanilla(model, x)  # finds no softmax, makes the copy / the graph
-            salience.vanilla(model, x)  # runs them
+            salience.vanilla(model, x)  # finds no softmax, makes the copy
+            salience.vanilla(model, x.clone())  # runs it; a second input of its size: compiles the graph
         f = change(model)
         target = f(x).argmax(1)
         ref = salience.vanilla(model, x, target)  # the defaults: the changed model itself
@@ -968,9 +968,9 @@ def test_a_dataset_run_that_chooses_its_batch_size_compiles_for_it(tmp_path):
     compiled size (``perf.one_pass`` compiles for the batch size of the first call): no real batch was
     of that size, every batch ran eagerly and nothing was compiled (20 images, shards of 8, top 2:
     0 graphs). Now the probe runs with the default options: one graph, for the chosen size (8), run
-    by both full batches' prediction passes and the second's input gradients (the first input
-    gradient runs eagerly to find a final softmax; the last, shorter batch runs eagerly), and the
-    maps and probabilities are the eager run's."""
+    by the second full batch's prediction pass and input gradients (a size runs compiled from its
+    second call on; the last, shorter batch runs eagerly), and the maps and probabilities are the
+    eager run's."""
     from conftest import SmallCNN
 
     class Images(torch.utils.data.Dataset):
@@ -995,7 +995,7 @@ def test_a_dataset_run_that_chooses_its_batch_size_compiles_for_it(tmp_path):
     batch = json.loads((tmp_path / "fast" / "run.json").read_text())["batch"]
     assert batch == json.loads((tmp_path / "ref" / "run.json").read_text())["batch"] == 8
     assert graphs == [[batch]]
-    assert len(calls) >= 3, len(calls)  # 2 prediction passes + the second full batch's input gradients
+    assert len(calls) == 2, len(calls)  # the second full batch's prediction pass and input gradients
     for i in range(20):
         np.testing.assert_allclose(fast.map(i, "vanilla"), ref.map(i, "vanilla"), rtol=1e-5, atol=1e-7)
     assert fast.table.column("targets").to_pylist() == ref.table.column("targets").to_pylist()
@@ -1029,6 +1029,94 @@ def test_the_batch_size_probe_is_the_same_under_every_performance_option():
                 assert job.choose_batch(model, item, plan, 10 ** 9) == base, options
         assert not _perf._records, options
     assert graphs == []
+
+
+def test_one_pass_compiles_the_size_that_recurs_not_the_first_calls():
+    """compile= on the one-pass methods: the batch size of the first call was the one compiled size
+    for the process, so one image tried first (a probe, a notebook's first look) left every later
+    batch of 8 eager, without a word (0 graphs). Now a size is compiled when it is seen the second
+    time: after ``vanilla`` on 1 image, calls on batches of 8 build one graph, for 8, at the second
+    such call, and run it at every call from then on; each map is the eager one's."""
+    from conftest import SmallCNN
+
+    torch._dynamo.reset()  # SmallCNN.forward's code object: earlier tests' graphs count to its recompile limit
+    model = SmallCNN().eval()
+    backend, graphs, calls = _counting_backend()
+    gen = torch.Generator().manual_seed(0)
+    one, xs = torch.randn(1, 3, 8, 8, generator=gen), [torch.randn(8, 3, 8, 8, generator=gen) for _ in range(4)]
+    refs = [salience.vanilla(model, x) for x in xs]
+    with unchanged(model), salience.performance(compile=backend):
+        salience.vanilla(model, one)
+        outs = [salience.vanilla(model, x) for x in xs]
+    assert graphs == [[8]]
+    assert len(calls) == 3  # the second, third and fourth calls of 8 (the first is eager: seen once)
+    for out, ref in zip(outs, refs):
+        assert _rel(out, ref) < 1e-5
+    torch._dynamo.reset()
+
+
+def test_a_dataset_run_after_a_one_image_call_compiles_its_batch_size(tmp_path):
+    """``vanilla`` on one image under ``compile=``, then a dataset run of vanilla and input x gradient
+    with ``compile=`` and batches of 8 on the same model: the one image made 1 the model's compiled
+    size, and every batch of the run ran eagerly (0 graphs). Now the run's batch size is compiled at
+    its second batch and run by both methods of every full batch from then on (28 images: 8, 8, 8,
+    4; the first batch and the last, shorter one eager: one graph, four calls). The two methods'
+    calls on one batch count as one input of its size, so the last batch is not compiled (a graph of
+    its own, for one batch). The maps and predictions are the eager run's."""
+    from conftest import SmallCNN
+
+    class Images(torch.utils.data.Dataset):  # images only: the predicted class is explained
+        def __init__(self):
+            self.x = torch.randn(28, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    torch._dynamo.reset()
+    model, ds = SmallCNN().eval(), Images()
+    backend, graphs, calls = _counting_backend()
+    kw = dict(batch_size=8, shard_size=8, workers=0, map_dtype="float32")
+    methods = ["vanilla", "input_x_gradient"]
+    ref = salience.explain_dataset(model, ds, methods, tmp_path / "ref", **kw)
+    with unchanged(model):
+        with salience.performance(compile=backend):
+            salience.vanilla(model, ds.x[:1])
+        fast = salience.explain_dataset(model, ds, methods, tmp_path / "fast", compile=backend, **kw)
+    assert graphs == [[8]]
+    assert len(calls) == 4  # both methods of the second and third batches
+    for i in range(28):
+        for name in methods:
+            np.testing.assert_allclose(fast.map(i, name), ref.map(i, name), rtol=1e-5, atol=1e-7)
+    assert fast.table.column("predicted").to_pylist() == ref.table.column("predicted").to_pylist()
+    torch._dynamo.reset()
+
+
+def test_one_pass_compiles_at_most_two_sizes_and_says_which_when_it_refuses_one():
+    """Sizes 1, 2 and 3 in turn, three times each, under ``compile=``: each recurs, but at most
+    :data:`perf.ONE_PASS_SIZES` (2) are compiled per model and input shape (every size is a graph of
+    the model class's ``forward``, and dynamo compiles one code object at most 8 times); 1 and 2, at
+    their second calls, and 3 runs eagerly with one warning naming the sizes compiled. No more
+    graphs than that, and every map is the eager one's."""
+    torch._dynamo.reset()
+    model = ThreeConv()
+    backend, graphs, calls = _counting_backend()
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.rand(n, 3, 8, 8, generator=gen) for _ in range(3) for n in (1, 2, 3)]
+    refs = [salience.vanilla(model, x) for x in xs]
+    with unchanged(model), salience.performance(compile=backend), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [salience.vanilla(model, x) for x in xs]
+    assert graphs == [[1], [2]]
+    assert _perf.ONE_PASS_SIZES == 2
+    assert len(calls) == 4  # 1 and 2 at their second and third calls
+    said = [str(w.message) for w in caught if "compile" in str(w.message)]
+    assert len(said) == 1 and "batch size 3" in said[0] and "1, 2" in said[0], said
+    for out, ref in zip(outs, refs):
+        assert _rel(out, ref) < 1e-5
+    torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------- CUDA (run where a GPU is lent)

@@ -11,8 +11,9 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
 - ``compile``: ``False`` (default), ``True`` (``torch.compile`` with inductor), a backend name or
   a backend callable. The compiled model is cached for the process; every chunk of the one fixed
   size runs compiled, a chunk of another size (the first, the last) eagerly, so nothing recompiles
-  across chunks. Where compilation is unavailable or fails, a warning says why and the eager path
-  runs.
+  across chunks; single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
+  most :data:`ONE_PASS_SIZES`. Where compilation is unavailable or fails, a warning says why and the
+  eager path runs.
 - ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward pass under
   ``torch.autocast`` (meant for CUDA; see docs/performance.md for the tolerance).
 - ``chunks``: ``"memory"`` (default): the largest chunk the budget allows, so a seeded call gives
@@ -63,7 +64,7 @@ from torch import Tensor, nn
 from salience._core.errors import SalienceError, suggest
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "current", "resolve", "active",
-           "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "clear_cache", "compile_unavailable", "folded_model",
+           "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
            "own_hooks", "observer", "one_pass", "structure"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
@@ -87,6 +88,16 @@ SIZE_GAIN = 0.97
 # layout probe's two chunks in the chosen layout are the start size's timings (so keep this at 2
 # or more: every size compared on as many timings).
 SIZE_SAMPLES = 2
+# Batch sizes :func:`one_pass` compiles per model, input shape and options (the one-pass methods'
+# input gradients and a dataset run's prediction passes share them: one graph per size), each at its
+# second input (a size seen once is a probe or a last, shorter batch). Every size is one more graph of
+# the model class's ``forward``, a code object dynamo compiles at most ``recompile_limit`` (8) times
+# for every instance of the class together, and layouts, precisions and the many-pass methods' chunk
+# sizes add theirs; past the limit the model runs eagerly for the rest of the process. Two cover a
+# dataset run's batch size and one more recurring size (one image at a time, or a recurring last
+# batch), and three option sets (6 graphs) leave room for a many-pass method's chunks (with 3 sizes,
+# two option sets take 6); a third recurring size runs eagerly, with one warning naming the sizes.
+ONE_PASS_SIZES = 2
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -401,6 +412,10 @@ class _Record:
     down: bool = False
     softmax: Optional[bool] = None  # one-pass runs: whether an eager pass found a final softmax to strip
     structure: Optional[tuple] = None  # the model's structure() that ``softmax`` was found for
+    seen: dict[int, int] = field(default_factory=dict)  # one-pass runs under compile: inputs per batch size
+    last: Any = None  # one-pass runs under compile: a weakref to the last call's input
+    compiled: list[int] = field(default_factory=list)  # the one-pass sizes compiled (on _ONE_PASS's record)
+    refused: bool = False  # a recurring size was refused for the cap (warned once; on _ONE_PASS's record)
 
     def t(self, size: int, cl: bool) -> float:
         """The fastest seconds per item measured at ``size`` in layout ``cl`` (``inf``: none)."""
@@ -412,6 +427,18 @@ class _Record:
 
 
 _records: dict[tuple, _Record] = {}
+_ONE_PASS = "one-pass sizes"  # the tag of the record that holds one_pass's compiled sizes for all its tags
+
+
+def _record(model: nn.Module, x: Tensor, options: Performance, tag: str) -> _Record:
+    """The record of ``model``, ``tag``, items shaped like ``x[0]`` and ``options`` (made when new)."""
+    key = (id(model), tag, tuple(x.shape[1:]), x.dtype, str(x.device), options.memory_format,
+           options.precision, options.fold_batchnorm)
+    with _lock:
+        rec = _records.get(key)
+        if rec is None or rec.model() is not model:
+            rec = _records[key] = _Record(weakref.ref(model))
+        return rec
 
 
 def clear_cache() -> None:
@@ -457,13 +484,7 @@ class Run:
         self.dtype = _DTYPES.get(self.options.precision)
         self.convolutional = _is_convolutional(model)
         # Compiled runs share the eager runs' decisions (they measure nothing themselves).
-        key = (id(model), tag, tuple(x.shape[1:]), x.dtype, str(x.device), self.options.memory_format,
-               self.options.precision, self.options.fold_batchnorm)
-        with _lock:
-            rec = _records.get(key)
-            if rec is None or rec.model() is not model:
-                rec = _records[key] = _Record(weakref.ref(model))
-        self.record = rec
+        rec = self.record = _record(model, x, self.options, tag)
         self.structure = structure(model)
         if rec.structure != self.structure:  # a module, a forward or a hook changed: found again
             rec.softmax, rec.structure = None, self.structure
@@ -766,6 +787,38 @@ def _fast(options: Performance) -> bool:
             or options.precision != "fp32" or options.fold_batchnorm)
 
 
+def _compiles(rec: _Record, sizes: _Record, x: Tensor) -> bool:
+    """Whether a one-pass call of ``x``'s batch size may run compiled: the size is one of those
+    compiled (``sizes.compiled``, shared by the tags whose passes share the graphs), or this tag
+    (``rec``) has now seen it with a second input and fewer than :data:`ONE_PASS_SIZES` are compiled.
+    A call on the same tensor as the tag's call before is not another input: a dataset run's
+    one-pass methods (vanilla, then input x gradient) on one batch count once, so its last,
+    shorter batch stays eager. A recurring size refused for the cap runs eagerly; the first such
+    refusal warns, naming the sizes compiled."""
+    n = int(x.shape[0])
+    with _lock:
+        again = rec.last is not None and rec.last() is x
+        rec.last = weakref.ref(x)
+        if not again:
+            rec.seen[n] = rec.seen.get(n, 0) + 1
+        if n in sizes.compiled:
+            return True
+        if rec.seen[n] < 2:
+            return False
+        if len(sizes.compiled) < ONE_PASS_SIZES:
+            sizes.compiled.append(n)
+            return True
+        warn, sizes.refused = not sizes.refused, True
+        have = ", ".join(map(str, sizes.compiled))
+    if warn:
+        warnings.warn(f"compile: batch size {n} recurs on this model (input {tuple(x.shape[1:])}), but batch sizes "
+                      f"{have} are compiled already, the most a model keeps (ONE_PASS_SIZES = {ONE_PASS_SIZES}: "
+                      "each is a graph, and dynamo compiles a model class at most 8 times); calls of any other size "
+                      "run eagerly (the same results); salience._core.perf.clear_cache() forgets the sizes, "
+                      "torch._dynamo.reset() the graphs", stacklevel=4)
+    return False
+
+
 @contextmanager
 def one_pass(model: nn.Module, x: Tensor, *, tag: str, gradient_graph: bool = False) -> Iterator[Optional[Run]]:
     """A single pass on ``model`` (a one-pass method's input gradient, a dataset run's prediction)
@@ -778,9 +831,11 @@ def one_pass(model: nn.Module, x: Tensor, *, tag: str, gradient_graph: bool = Fa
     hooked, no backprop rule) the folded copy or the compiled model. What the passes learn is kept
     in the model's record (per ``tag``, input shape and options), so that calls in a row (a dataset
     run's batches) share it: whether the model ends in a softmax (found by the first eager pass of
-    the model's :func:`structure`; later passes may run a copy or a graph), and the batch size of the first call, the one size
-    that runs compiled (a call of another size, e.g. a dataset run's last, shorter batch, runs the
-    folded copy or the model eagerly, so nothing recompiles).
+    the model's :func:`structure`; later passes may run a copy or a graph), and how many inputs of
+    each batch size it was called on (:func:`_compiles`: a size runs compiled from its second input
+    on, at most :data:`ONE_PASS_SIZES` sizes for all tags together; a size seen once, e.g. a probe or
+    a dataset run's last, shorter batch, runs the folded copy or the model eagerly, so nothing
+    recompiles from batch to batch).
 
     ``gradient_graph``: the block's pass is one without gradients (a dataset run's prediction pass)
     that runs the compiled model as the gradient passes do (gradients on, the input requiring them),
@@ -796,10 +851,9 @@ def one_pass(model: nn.Module, x: Tensor, *, tag: str, gradient_graph: bool = Fa
     rec = run.record
     if rec.softmax is not None:
         run.softmax_checked, run.softmax_stripped = True, rec.softmax
-    if rec.size is None:
-        rec.size = int(x.shape[0])
+    compiled = run._compiled_fn is not None and _compiles(rec, _record(model, x, options, _ONE_PASS), x)
     try:
-        with run.chunk(options.memory_format == "channels_last", int(x.shape[0]) == rec.size):
+        with run.chunk(options.memory_format == "channels_last", compiled):
             yield run
     finally:
         if run.softmax_checked:

@@ -367,9 +367,9 @@ def choose_batch(model: nn.Module, item: Item, plan: Plan, cap: int) -> int:
     :class:`~salience._core.engine.MemoryProbe`, against the engine's budget; at most ``cap``.
 
     The probe runs with the default performance options, whatever the run's: under them its one
-    image would be the first call of :func:`salience._core.perf.one_pass`, whose batch size is the
-    one size that runs compiled (1: no real batch would run the compiled graph), and its peak would
-    count one-time costs as the image's (the folded copy made in the probe, the parameters converted
+    image would be a call of :func:`salience._core.perf.one_pass` (a size seen, not compiled; it was
+    the one compiled size when the first call's size was: no real batch ran the compiled graph), and
+    its peak would count one-time costs as the image's (the folded copy made in the probe, the parameters converted
     to channels-last, the autocast's copies of the weights). In fp32 on the model as it is, the
     measure is the conservative one, and the batch size the same under every option."""
     device = model_device(model)
