@@ -20,6 +20,7 @@ from salience._core.tensors import check_int, check_number, check_flag
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.methods._multi import as_method, free_maps, is_target_free, takes_several_targets
+from salience.methods.integrated import GapReport, collect_gaps, report_gaps
 from salience.methods.vanilla import vanilla
 from salience.targets import Target, checked_on_output, resolve, split
 
@@ -108,9 +109,11 @@ def smoothgrad(
     # A target-free method (Eigen-CAM): the mean of its one map, which stands for every target.
     free = is_target_free(method)
 
+    gaps = _CopyGaps(x.shape[0])
     with model_guard(model):
         resolved = targets if free else resolve(targets, model, x, strip_softmax=strip_softmax)
 
+        @gaps.watch
         def compute(start: int, stop: int) -> Tensor:
             xs, owner = copies(start, stop)
             if free:  # its one map; the targets checked against the output of its pass on the copies
@@ -131,6 +134,7 @@ def smoothgrad(
             max_memory=budget, progress=progress, desc="smoothgrad", device=x.device,
             run=_perf.Run(model, x, perf, tag=tag[:400]),
         )
+    gaps.report()
     mean = sums.total / samples
     if variant == "mean":
         out = mean
@@ -143,6 +147,36 @@ def smoothgrad(
         out = out if reduce_each else _finish(out, mod, red, False, resolved)
         return out.unsqueeze(1).repeat(1, len(targets), *([1] * (out.dim() - 1))) if multi else out
     return out if reduce_each else _finish(out, mod, red, multi, resolved)
+
+
+class _CopyGaps:
+    """The completeness reports of Integrated Gradients on the noisy copies
+    (:func:`salience.methods.integrated.collect_gaps`), gathered per image over all chunks and said
+    once: one warning per call, naming the images whose copies had a gap, not one per chunk."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.worst: dict[int, float] = {}  # image -> the largest relative gap of its copies
+        self.copies, self.steps, self.rule = 0, 0, ""
+
+    def watch(self, compute: Callable[[int, int], Tensor]) -> Callable[[int, int], Tensor]:
+        def watched(start: int, stop: int) -> Tensor:
+            with collect_gaps() as found:
+                out = compute(start, stop)
+            for r in found:  # positions in the chunk -> the images the copies belong to
+                for pos, g in zip(r.images, r.relative_gaps):
+                    b = (start + pos) % self.batch
+                    self.worst[b] = max(self.worst.get(b, 0.0), g if g == g else float("inf"))
+                    self.copies += 1
+                self.steps, self.rule = r.steps, r.rule
+            return out
+        return watched
+
+    def report(self) -> None:
+        if self.worst:
+            images = sorted(self.worst)
+            report_gaps(GapReport(images, [self.worst[b] for b in images], self.steps, self.rule, self.copies),
+                        stacklevel=3)
 
 
 def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options: dict) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import io
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -23,6 +24,7 @@ from salience._core.tensors import model_device
 from salience.evidence.faithfulness import deletion, insertion
 from salience.evidence.localization import energy_in_mask, pointing_game
 from salience.loading.images import unnormalize
+from salience.methods.integrated import CompletenessWarning, GapReport, collect_gaps
 from salience.render import viz
 from salience.runs.sources import Item
 from salience.targets import Regression
@@ -61,6 +63,9 @@ class Plan:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """Each method's map shape for one target (``(H, W)`` or ``(C, H, W)``), once known: the NaN
     maps of a batch without any map of it (only failed images, or the method failed) take it."""
+    gap_warned: bool = False
+    """Whether Integrated Gradients' completeness warning was given in this run (once per run; with
+    Ray, once per actor): :func:`_warn_gaps`."""
 
     def regression(self) -> Optional[Regression]:
         """The regression target of a regression run, else ``None``."""
@@ -231,14 +236,18 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
         device = model_device(model)
         x = torch.stack([items[j].x for j in good]).to(device)
         indices = [items[j].index for j in good]
-        first_maps, probs, classes = _predict(plan, model, x, indices)
+        with collect_gaps() as found:
+            first_maps, probs, classes = _predict(plan, model, x, indices)
+        _warn_gaps(plan, next(iter(plan.methods)), found, indices)
         masks = [items[j].mask for j in good]
         for j, pos in enumerate(good):
             _prediction_row(rows[pos], plan, probs[j], classes[j])
         for i_method, (name, fn) in enumerate(plan.methods.items()):
             try:
-                m = (first_maps if i_method == 0 and first_maps is not None
-                     else _method_maps(fn, model, x, classes, plan, indices))
+                with collect_gaps() as found:
+                    m = (first_maps if i_method == 0 and first_maps is not None
+                         else _method_maps(fn, model, x, classes, plan, indices))
+                _warn_gaps(plan, name, found, indices)
             except SalienceError as e:
                 for pos in good:
                     rows[pos]["error"] = f"method {name} failed: {e}"
@@ -263,6 +272,20 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
             maps[name] = np.full((n, plan.k, *_map_shape(plan, model, name, items[0].x)), np.nan, dtype=np.float32)
     tiles = _tiles(plan, items, good, firsts) if plan.thumbs else None
     return Result(rows, maps, tiles)
+
+
+def _warn_gaps(plan: Plan, name: str, found: Sequence[GapReport], indices: Sequence[int]) -> None:
+    """Integrated Gradients' completeness reports of one method on one batch (positions in the
+    batch of the run's images ``indices``) as one :class:`CompletenessWarning` naming the images by
+    path, the first time in the run; later batches are not named (the run would print one per batch)."""
+    if not found or plan.gap_warned:
+        return
+    plan.gap_warned = True
+    r = found[0]
+    names = [str(plan.paths[indices[pos]]) for pos in r.images]
+    prefix = "" if name == "integrated_gradients" else f"method {name}: "
+    warnings.warn(CompletenessWarning(prefix + r.message(names) + " (said once per run: the images of later "
+                                      "batches are not named)", names, r.relative_gaps, r.steps), stacklevel=3)
 
 
 def _map_shape(plan: Plan, model: nn.Module, name: str, like: Tensor) -> tuple[int, ...]:
