@@ -141,3 +141,36 @@ def small_cnn() -> SmallCNN:
                 mod.running_mean.uniform_(-0.5, 0.5)
                 mod.running_var.uniform_(0.5, 2.0)
     return m
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """``n`` images ``(3, size, size)`` of seeded noise, images only (the predicted class is explained):
+    a dataset run's input without files."""
+
+    def __init__(self, n: int, size: int = 8, seed: int = 0):
+        self.x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]
+
+
+def counting_backend():
+    """A torch.compile backend that counts the graphs it is given (dynamo hands a backend each graph
+    it compiles, once) with their image batch sizes, and the calls of the compiled graphs:
+    ``(backend, graphs, calls)``."""
+    graphs: list = []
+    calls: list = []
+
+    def backend(gm, inputs):
+        graphs.append(sorted({int(t.shape[0]) for t in inputs
+                              if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == 3 and t.shape[2] > 3}))
+
+        def run(*args):
+            calls.append(1)
+            return gm.forward(*args)
+        return run
+
+    return backend, graphs, calls

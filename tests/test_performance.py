@@ -15,7 +15,7 @@ from salience import SalienceError
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 
-from conftest import unchanged
+from conftest import RandomImages, counting_backend, unchanged
 
 # channels-last changes the order of the convolutions' sums: in float32 the maps differ from the
 # contiguous ones by rounding only. The issue measured 4e-3 relative on resnet50's input gradient
@@ -765,22 +765,13 @@ def test_one_pass_compiles_once_for_a_dataset_run(tmp_path, monkeypatch):
 
     from salience.runs import job
 
-    class Images(torch.utils.data.Dataset):  # images only: the predicted class is explained
-        def __init__(self):
-            self.x = torch.randn(7, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
 
     # Dynamo's caches first: the code object SmallCNN.forward, shared by every instance, is recompiled by
     # the tests before this one (strides of channels-last, autocast, shapes: TORCH_LOGS=recompiles), and
     # after its 8th recompile dynamo logs "hit config.recompile_limit (8)" once and runs it eagerly for
     # the rest of the process: the counting backend was never called in the full suite.
     torch._dynamo.reset()
-    model, ds = SmallCNN().eval(), Images()
+    model, ds = SmallCNN().eval(), RandomImages(7)
     compiles, ran, own_passes = [], [], []
 
     def backend(gm, inputs):
@@ -914,18 +905,9 @@ def test_a_dataset_runs_prediction_pass_shares_the_gradient_passes_graph(tmp_pat
     predictions are the default run's."""
     from conftest import SmallCNN
 
-    class Images(torch.utils.data.Dataset):
-        def __init__(self):
-            self.x = torch.randn(7, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
 
     torch._dynamo.reset()  # SmallCNN.forward's code object: earlier tests' graphs count to its recompile limit
-    model, ds = SmallCNN().eval(), Images()
+    model, ds = SmallCNN().eval(), RandomImages(7)
     graphs = []
 
     def backend(gm, inputs):
@@ -945,23 +927,6 @@ def test_a_dataset_runs_prediction_pass_shares_the_gradient_passes_graph(tmp_pat
                                ref.table.column("probability").to_pylist(), rtol=1e-5)
 
 
-def _counting_backend():
-    """A torch.compile backend that counts the graphs it is given (dynamo hands a backend each graph
-    it compiles, once) with their image batch sizes, and the calls of the compiled graphs."""
-    graphs, calls = [], []
-
-    def backend(gm, inputs):
-        graphs.append(sorted({int(t.shape[0]) for t in inputs
-                              if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == 3 and t.shape[2] > 3}))
-
-        def run(*args):
-            calls.append(1)
-            return gm.forward(*args)
-        return run
-
-    return backend, graphs, calls
-
-
 def test_a_dataset_run_that_chooses_its_batch_size_compiles_for_it(tmp_path):
     """compile= in a dataset run without ``batch_size``: the batch size is chosen by a one-image
     memory probe (``job.choose_batch``), which ran under the run's options and so made 1 the model's
@@ -973,19 +938,10 @@ def test_a_dataset_run_that_chooses_its_batch_size_compiles_for_it(tmp_path):
     eager run's."""
     from conftest import SmallCNN
 
-    class Images(torch.utils.data.Dataset):
-        def __init__(self):
-            self.x = torch.randn(20, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
 
     torch._dynamo.reset()  # SmallCNN.forward's code object: earlier tests' graphs count to its recompile limit
-    model, ds = SmallCNN().eval(), Images()
-    backend, graphs, calls = _counting_backend()
+    model, ds = SmallCNN().eval(), RandomImages(20)
+    backend, graphs, calls = counting_backend()
     kw = dict(shard_size=8, workers=0, map_dtype="float32", top=2)
     ref = salience.explain_dataset(model, ds, ["vanilla"], tmp_path / "ref", **kw)
     with unchanged(model):
@@ -1019,7 +975,7 @@ def test_the_batch_size_probe_is_the_same_under_every_performance_option():
     item = Item(0, torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0)), 8, 8, None, None, None)
     plan = job.Plan({"vanilla": salience.vanilla}, None, ["a"], mode="top", k=2)
     base = job.choose_batch(model, item, plan, 10 ** 9)
-    backend, graphs, _ = _counting_backend()
+    backend, graphs, _ = counting_backend()
     for options in (dict(fold_batchnorm=True), dict(memory_format="channels_last"), dict(precision="bf16"),
                     dict(compile=backend), dict(compile=backend, fold_batchnorm=True, memory_format="channels_last")):
         _perf.clear_cache()
@@ -1041,7 +997,7 @@ def test_one_pass_compiles_the_size_that_recurs_not_the_first_calls():
 
     torch._dynamo.reset()  # SmallCNN.forward's code object: earlier tests' graphs count to its recompile limit
     model = SmallCNN().eval()
-    backend, graphs, calls = _counting_backend()
+    backend, graphs, calls = counting_backend()
     gen = torch.Generator().manual_seed(0)
     one, xs = torch.randn(1, 3, 8, 8, generator=gen), [torch.randn(8, 3, 8, 8, generator=gen) for _ in range(4)]
     refs = [salience.vanilla(model, x) for x in xs]
@@ -1065,19 +1021,10 @@ def test_a_dataset_run_after_a_one_image_call_compiles_its_batch_size(tmp_path):
     its own, for one batch). The maps and predictions are the eager run's."""
     from conftest import SmallCNN
 
-    class Images(torch.utils.data.Dataset):  # images only: the predicted class is explained
-        def __init__(self):
-            self.x = torch.randn(28, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
 
     torch._dynamo.reset()
-    model, ds = SmallCNN().eval(), Images()
-    backend, graphs, calls = _counting_backend()
+    model, ds = SmallCNN().eval(), RandomImages(28)
+    backend, graphs, calls = counting_backend()
     kw = dict(batch_size=8, shard_size=8, workers=0, map_dtype="float32")
     methods = ["vanilla", "input_x_gradient"]
     ref = salience.explain_dataset(model, ds, methods, tmp_path / "ref", **kw)
@@ -1102,7 +1049,7 @@ def test_one_pass_compiles_at_most_two_sizes_and_says_which_when_it_refuses_one(
     graphs than that, and every map is the eager one's."""
     torch._dynamo.reset()
     model = ThreeConv()
-    backend, graphs, calls = _counting_backend()
+    backend, graphs, calls = counting_backend()
     gen = torch.Generator().manual_seed(0)
     xs = [torch.rand(n, 3, 8, 8, generator=gen) for _ in range(3) for n in (1, 2, 3)]
     refs = [salience.vanilla(model, x) for x in xs]

@@ -457,20 +457,12 @@ def test_cli_compile_without_batch_compiles_one_graph_for_the_chosen_batch(tmp_p
     one compiled (the one-image probe that chooses it ran under the run's options before, and made 1
     the compiled size: no graph at all). torch.compile's inductor is swapped for a backend that counts
     the graphs it is given and their calls (inductor would take tens of seconds)."""
+    from conftest import counting_backend
     from salience._core import perf
 
     perf.clear_cache()
     torch._dynamo.reset()
-    graphs, calls = [], []
-
-    def counting(gm, inputs):
-        graphs.append(sorted({int(t.shape[0]) for t in inputs
-                              if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] == 3 and t.shape[2] > 3}))
-
-        def run(*args):
-            calls.append(1)
-            return gm.forward(*args)
-        return run
+    counting, graphs, calls = counting_backend()
 
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, backend=None, **kw: real(model, backend=counting, **kw))
