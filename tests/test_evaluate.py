@@ -226,3 +226,53 @@ def test_results_json_is_strict_json_with_null_for_missing_values(tmp_path, shap
     row = {r["name"]: r for r in res["rows"]}["flat"]
     assert row["rand_top"] is None and row["randomization"]["spearman_abs"][0] is None  # constant maps: no ranks
     assert row["sparseness"] == pytest.approx(0.0) and row["energy"] > 0  # a flat map: Gini 0, mass everywhere
+
+
+class _NaNOnCopiesWhilePoisoned(torch.nn.Module):
+    """The shapes model, but NaN on every image that is not one of ``x`` (a perturbed copy) while
+    ``state["poisoned"]``: the scoring of one method's maps fails, the other's not."""
+
+    def __init__(self, inner, x, state):
+        super().__init__()
+        self.inner, self.state = inner, state
+        self.register_buffer("originals", x.clone())
+
+    def forward(self, images):
+        out = self.inner(images)
+        if not self.state["poisoned"]:
+            return out
+        same = (images[:, None] == self.originals[None]).flatten(2).all(-1).any(-1)
+        return torch.where(same[:, None], out, torch.full_like(out, float("nan")))
+
+
+def test_a_method_whose_maps_cannot_be_scored_fails_its_row_only(shapes_model):
+    """A model that gives NaN on one method's perturbed copies (an error naming the image and the
+    copy) stopped the whole evaluation: the scoring ran outside the per-method handling. Now that
+    method's row carries the error and the other method's row is the one a separate evaluation of
+    it gives."""
+    x = data.shapes(2, 5)[0]
+    state = {"poisoned": False}
+    model = _NaNOnCopiesWhilePoisoned(shapes_model, x, state).eval()
+
+    def ramp_poisoning(model, x, target=None):  # a map made without the model; its scoring meets NaN
+        state["poisoned"] = True
+        return torch.linspace(0, 1, x.shape[-1]).expand(x.shape[0], x.shape[-2], x.shape[-1]).clone()
+
+    def clean_vanilla(model, x, target=None):
+        state["poisoned"] = False
+        return vanilla(model, x, target)
+
+    kw = dict(baselines=False, steps=2, randomization_images=1)
+    rows, maps = E.evaluate_methods(model, x, None, methods=[ramp_poisoning, clean_vanilla], **kw)
+    assert [r.name for r in rows] == ["ramp_poisoning", "clean_vanilla"]
+    bad, good = rows
+    assert bad.error.startswith("scoring its maps: SalienceError:") and "NaN" in bad.error, bad.error
+    assert bad.deletion is None and bad.insertion is None and bad.faith_corr is None
+    assert "on image 0 at step 1 of 2 of its deletion curve" in bad.error, bad.error  # names the image and copy
+    assert "failed: scoring its maps" in E.markdown_table(rows)
+    (alone,), _ = E.evaluate_methods(model, x, None, methods=[clean_vanilla], **kw)
+    assert good.error is None and alone.error is None
+    for key in ("deletion", "insertion", "road_morf", "road_lerf", "faith_corr", "sparseness", "complexity",
+                "max_sens", "random_logit", "rand_top", "rand_all"):
+        assert getattr(good, key) == getattr(alone, key), key
+    assert good.curves == alone.curves

@@ -395,3 +395,56 @@ def test_a_table_with_rows_without_an_index_is_refused_saying_which(env, tmp_pat
         assert r.status_code == 409 and "without an index" in r.json()["error"], r.text
     finally:
         hub.close()
+
+
+def test_a_repeated_index_hiding_a_missing_image_is_not_complete_and_a_rerun_mends_it(env, tmp_path):
+    """``index.parquet`` with row 3 twice and image 4 gone (a bad merge), its shard of images 4-5
+    lost: as many rows as images, so ``run.complete`` said True and ``len(run)`` 6 while image 4
+    has no row; now ``len(run)`` counts the distinct indices (5), ``complete`` is False (the
+    library, the explorer's run and the CLI's "run the same command again"), and running the same
+    command again recomputes images 4 and 5: complete, row 4 the module's own."""
+    c, hub, run = _rewritten(env, tmp_path, [0, 1, 2, 3, 3, 5])
+    try:
+        assert run.table.num_rows == N
+        assert len(run) == N - 1 and not run.complete
+        (described,) = c.get("api/runs").json()["runs"]
+        assert described["count"] == N - 1 and described["complete"] is False
+    finally:
+        hub.close()
+    (tmp_path / "run" / "shards" / f"{4:09d}.parquet").unlink()  # images 4 and 5 never stored
+    again = salience.explain_dataset("demo:shapes", env["paths"], ["vanilla"], tmp_path / "run",
+                                     labels=env["root"] / "labels.csv", metrics=["deletion"], shard_size=4,
+                                     batch_size=4, workers=0)
+    assert again.complete and len(again) == N
+    assert again.table.column("index").to_pylist() == list(range(N))
+    for index in range(N):
+        assert again.row(index)["predicted"] == env["run"].row(index)["predicted"]
+        np.testing.assert_allclose(again.map(index, "vanilla"), env["run"].map(index, "vanilla"), rtol=1e-3, atol=1e-6)
+
+
+def test_the_gallery_leaves_out_rows_without_an_index_saying_why(env, tmp_path):
+    """A row whose index is null was listed as id ``r0-None``, which cannot be opened; now it is
+    left out, the page says how many and why (the table's refusal), the run counts the images with
+    an index and is not complete."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    c, hub, run = _rewritten(env, tmp_path, list(range(N)))
+    hub.close()
+    table = pq.read_table(tmp_path / "run" / "index.parquet")
+    pq.write_table(table.set_column(0, "index", pa.array([0, None, 2, 3, 4, 5], pa.int64())),
+                   tmp_path / "run" / "index.parquet")
+    hub = build_hub("demo:shapes", [tmp_path / "run"])
+    c, run = TestClient(create_app(hub)), salience.open_run(tmp_path / "run")
+    try:
+        assert len(run) == N - 1 and not run.complete
+        for q in ({}, {"sort": "probability", "order": "desc"}):
+            page = _rows(c, **q)
+            assert sorted(r["index"] for r in page["rows"]) == [0, 2, 3, 4, 5] and page["total"] == N - 1
+            assert all(r["id"] != "r0-None" for r in page["rows"])
+            assert page["left_out"]["rows"] == 1
+            assert "1 row(s) without an index (the first: row 1)" in page["left_out"]["reason"]
+        (described,) = c.get("api/runs").json()["runs"]
+        assert described["count"] == N - 1 and described["complete"] is False
+    finally:
+        hub.close()

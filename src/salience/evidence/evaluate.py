@@ -228,7 +228,9 @@ def evaluate_methods(
     The target is the class the model predicts on each image. Returns one :class:`MetricRow`
     per method, then the oracle's and the baselines' rows (with ``baselines``), and the maps
     ``{name: (B, H, W)}``. A method that fails (e.g. Grad-CAM on a model without convolutions)
-    gets a row with its ``error`` and the others go on. A regression model (``ModelInfo.task``) is
+    gets a row with its ``error`` and the others go on; so does one whose maps cannot be scored
+    (e.g. the model gives NaN on a perturbed copy of an image: ``error`` starts "scoring its
+    maps:", none of its metrics are kept, its maps are). A regression model (``ModelInfo.task``) is
     refused: its outputs are not classes. ``probability``: how deletion, insertion and ROAD score
     the class (:data:`salience.evidence.PROBABILITY`: ``"sigmoid"`` for a multilabel
     model). Every random draw of an image comes from its own stream (``seed`` and its content,
@@ -261,8 +263,11 @@ def evaluate_methods(
             else:
                 row.seconds = time.perf_counter() - t0
                 all_maps[name] = maps
-                score_maps(row, model, x, maps, masks, target, steps=steps, batch_size=batch_size, seed=seed,
-                           probability=probability)
+                try:  # the metrics of its maps: a model that gives NaN on its perturbed copies fails this row only
+                    score_maps(row, model, x, maps, masks, target, steps=steps, batch_size=batch_size, seed=seed,
+                               probability=probability)
+                except Exception as e:  # noqa: BLE001 - as a method's failure above
+                    row = MetricRow(name, seconds=row.seconds, error=f"scoring its maps: {type(e).__name__}: {e}")
             rows.append(row)
             bar.update(1)
     return rows, all_maps

@@ -87,8 +87,9 @@ class RunSource:
         return [c for c in self.run.table.column_names if "." in c]
 
     def count(self) -> int:
-        """How many rows the run has (a method, not ``len``: an empty run is still a source)."""
-        return int(self.run.table.num_rows)
+        """How many images the run has rows for (``len(run)``: a repeated index counted once, a row
+        without an index not at all; a method, not ``len``: an empty run is still a source)."""
+        return len(self.run)
 
     def _columns(self) -> list[str]:
         """The columns a row shows: the fixed ones the run has, then the metric columns."""
@@ -197,9 +198,25 @@ class RunSource:
         Rows without a value in the sort column (null, NaN, infinite) come last, by index; ties are
         broken by index (in the sort's direction). A bad column is a :class:`SalienceError`.
 
+        Rows without an index (a table written by hand or by another program) are left out: they
+        have no id to open; ``left_out`` then says how many and why (the table's refusal, which
+        also refuses its other rows until it is mended).
+
         Filter, sort and slice run on the Arrow table; only the page's rows become dicts."""
         _, pc = _arrow()
         t = self.run.table
+        unindexed = t.column("index").null_count
+        left_out: Optional[dict[str, Any]] = None
+        if unindexed:
+            t = t.filter(pc.is_valid(t.column("index")))
+            try:
+                self.run.position(0)
+                reason = f"{unindexed} row(s) without an index"  # pragma: no cover - the lookup refuses them
+            except BadIndex as exc:
+                reason = str(exc)
+            except SalienceError:  # pragma: no cover - no row 0: the lookup was built, so no nulls
+                reason = f"{unindexed} row(s) without an index"
+            left_out = {"rows": unindexed, "reason": reason}
         names = t.column_names
         sortable = self.sortable()
         if sort not in sortable:
@@ -227,7 +244,10 @@ class RunSource:
             order = pc.sort_indices(missing.select(["index"]), sort_keys=[("index", "ascending")])
             parts.append(missing.take(order.slice(first, end - present.num_rows - first)))
         rows = [r for part in parts for r in self._dicts(part)]
-        return {"run": self.id, "total": total, "offset": offset, "rows": rows}
+        out = {"run": self.id, "total": total, "offset": offset, "rows": rows}
+        if left_out is not None:
+            out["left_out"] = left_out
+        return out
 
     def thumbnail(self, index: int, tile: int = 0) -> bytes:
         """Row ``index``'s thumbnail as JPEG: ``tile`` 0 the image, ``1 + m`` method ``m``'s stored

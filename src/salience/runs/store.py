@@ -350,6 +350,7 @@ class Run:
         # the table's "index" values sorted, and each one's row (None: the table is sorted), built once
         self._lookup: Optional[tuple[np.ndarray, Optional[np.ndarray]]] = None
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        self._images: Optional[int] = None  # len(run): the distinct index values, counted once
 
     @property
     def methods(self) -> list[str]:
@@ -365,8 +366,26 @@ class Run:
 
     @property
     def complete(self) -> bool:
-        """Whether every planned image has its row (the run finished)."""
-        return len(self) == int(self.manifest["command"]["inputs"]["count"])
+        """Whether every planned image (index ``0 .. count - 1``) has exactly one row (the run
+        finished). A table with a repeated index, or rows without one (written by hand or by another
+        program), is not complete even when it has as many rows as images: an image may be missing
+        behind a repeated row, and those rows cannot be read (:class:`BadIndex`). Running the same
+        command again recomputes the images its shards lack and writes ``index.parquet`` anew."""
+        count = int(self.manifest["command"]["inputs"]["count"])
+        column = self.table.column("index")
+        if column.null_count or len(self) != self.table.num_rows:
+            return False
+        values = np.asarray(column)
+        return int(np.count_nonzero((values >= 0) & (values < count))) == count
+
+    def __len__(self) -> int:
+        """How many images the run has rows for: the distinct values of the ``index`` column (a
+        repeated index counted once, a row without one not at all)."""
+        if self._images is None:
+            import pyarrow.compute as pc
+
+            self._images = int(pc.count_distinct(self.table.column("index"), mode="only_valid").as_py())
+        return self._images
 
     @property
     def table(self) -> Any:
@@ -386,9 +405,6 @@ class Run:
             self._table = table
         return self._table
 
-    def __len__(self) -> int:
-        return self.table.num_rows
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.table.to_pylist())
 
@@ -401,7 +417,7 @@ class Run:
         keys, order = self._index_lookup()
         pos = int(np.searchsorted(keys, index))
         if pos >= len(keys) or keys[pos] != index:
-            raise SalienceError(f"image {index} is not in the run (it has {len(self)} rows"
+            raise SalienceError(f"image {index} is not in the run (it has rows for {len(self)} images"
                                 f"{'' if self.complete else ', and is not finished'})")
         end = int(np.searchsorted(keys, index, side="right"))
         if end - pos > 1:
