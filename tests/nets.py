@@ -43,3 +43,17 @@ class RenamedLayersNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.top(self.body(x).mean((2, 3)))
+
+
+class TanhSpike(nn.Module):
+    """``f(x) = a tanh(b (s - c))``, ``s = sum(x)``, one output: its gradient ``a b sech^2(b (s - c))``
+    spikes at ``s = c``; with ``c = 0`` at the black baseline, as LayerNorm's does on a constant image.
+    A large ``b``: integrated gradients' trapezoid weighs the baseline's gradient ``a b`` and is off by
+    far (it warns); a tiny ``b``: ``f`` is linear where it is evaluated (no warning)."""
+
+    def __init__(self, a: float, b: float, c: float = 0.0) -> None:
+        super().__init__()
+        self.a, self.b, self.c = a, b, c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a * torch.tanh(self.b * (x.flatten(1).sum(1) - self.c)))[:, None]

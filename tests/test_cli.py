@@ -592,3 +592,29 @@ def test_channels_option_feeds_a_gray_model_its_luma(tmp_path, pics, capsys):
     for bad in (2, "1", True):
         with pytest.raises(salience.SalienceError, match="channels must be 1 \\(gray\\) or 3 \\(RGB\\)"):
             with_preprocessing(ModelInfo(name="m"), channels=bad)
+
+
+def test_an_untrustworthy_integrated_gradients_map_is_one_warning_line(tmp_path, pics):
+    """``f = tanh(1e4 sum(x))`` from the black baseline: the trapezoid weighs the baseline's gradient
+    1e4 by 1/62, far off f(x) - f(x') = +-1. The command says so once, one ``salience: warning:`` line
+    naming the completeness gap and what to do, and still writes the map (exit 0)."""
+    paths, _ = pics
+    nets = tmp_path / "spike_nets.py"
+    nets.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from nets import TanhSpike\n"
+        "def build():\n"
+        "    return TanhSpike(1.0, 1e4)\n")
+    # a process of its own, as the terminal sees it (in this one pytest records the warnings instead)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    p = subprocess.run([sys.executable, "-m", "salience", "explain", str(paths[0]), "--model", f"python:{nets}:build",
+                        "--method", "integrated_gradients", "--out", str(tmp_path / "o"), "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    said = [line for line in (p.stdout + p.stderr).splitlines() if "warning" in line.lower()]
+    assert len(said) == 1, p.stdout + p.stderr
+    assert list((tmp_path / "o").rglob("*.npy")) or list((tmp_path / "o").rglob("*.png")), "no map written"
+    assert said[0].startswith("salience: warning: CompletenessWarning: integrated_gradients: the attributions do "
+                              "not sum to f(x) - f(x')"), said
+    assert "relative gap" in said[0] and "--steps 256" in said[0]

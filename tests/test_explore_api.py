@@ -20,7 +20,7 @@ from starlette.testclient import TestClient  # noqa: E402
 import salience  # noqa: E402
 from conftest import unchanged  # noqa: E402
 from explore_helpers import forget, image_endpoints, npy, shapes_files, wait_job  # noqa: E402
-from nets import RenamedLayersNet  # noqa: E402
+from nets import RenamedLayersNet, TanhSpike  # noqa: E402
 from salience.explore.app import Hub, create_app  # noqa: E402
 from salience.explore.compute import ModelSlot  # noqa: E402
 from salience.explore.images import FileSource, ImageStore  # noqa: E402
@@ -314,6 +314,71 @@ def test_maps_equal_the_library_called_directly(env):
     assert m.shape == (3, 64, 64)
     d = npy(env["client"].get(f"api/maps/{_map(env, 'vanilla', t, {'reduce': 'colored'})[0]}/display.npy").content)
     np.testing.assert_allclose(d, np.abs(m).max(0))
+
+
+def test_a_maps_warnings_come_with_it(tmp_path):
+    """Integrated gradients on ``f = tanh(1e4 sum(x))`` (model a) from the black baseline: the
+    trapezoid weighs the baseline's gradient 1e4 by 1/62, so sum(IG) ~ 160 sum(x) against
+    f(x) - f(x') = +-1: its CompletenessWarning comes with the map, as the job ends and when the cached
+    map is asked again, and for a second image too (not only the first warning of its place in the
+    code). ``b = 1e-6`` (model b): f is linear where IG looks, the map is exact and carries none; nor
+    does model a's vanilla map. Each computation's warnings are its own (the two workers at once)."""
+    paths, _, _ = shapes_files(tmp_path, n=2)
+    hub = Hub([ModelSlot("a", TanhSpike(1.0, 1e4)), ModelSlot("b", TanhSpike(1.0, 1e-6))],
+              ImageStore([FileSource([tmp_path])]))
+    c = TestClient(create_app(hub))
+    try:
+        def ask(model, method, image="f0"):
+            r = c.post("api/explain", json={"model": model, "image": image, "method": method, "target": 0})
+            assert r.status_code in (200, 202), r.text
+            return r.json()
+
+        first = [ask("a", "integrated_gradients"), ask("b", "integrated_gradients"), ask("a", "vanilla"),
+                 ask("a", "integrated_gradients", "f1")]
+        ended = [wait_job(_get(c), j) for j in first]
+        assert all(j["state"] == "done" for j in ended), ended
+        ig_a, ig_b, vanilla_a, ig_a1 = ended
+        for j in (ig_a, ig_a1):
+            assert len(j["warnings"]) == 1, j
+            assert j["warnings"][0].startswith("integrated_gradients: the attributions do not sum to f(x) - f(x')")
+            assert "relative gap" in j["warnings"][0] and "cannot be trusted" in j["warnings"][0]
+        assert ig_b["warnings"] == [] and vanilla_a["warnings"] == []
+        again = ask("a", "integrated_gradients")
+        assert again["state"] == "done" and again["warnings"] == ig_a["warnings"]
+        assert ask("b", "integrated_gradients")["warnings"] == []
+    finally:
+        hub.close()
+
+
+def test_each_threads_warnings_are_its_own():
+    """The two models' workers capture at once, overlapping (b enters after a, a leaves first): each
+    gets exactly its own warnings, each text once; the process's warning machinery is as before after."""
+    import warnings
+
+    from salience.explore.compute import caught_warnings
+
+    before = (warnings.showwarning, list(warnings.filters))
+    a_in, a_out, b_in = threading.Event(), threading.Event(), threading.Event()
+    got: dict[str, list[str]] = {}
+
+    def work(name: str, enter_after: Optional[threading.Event], leave_after: threading.Event,
+             entered: threading.Event) -> None:
+        if enter_after is not None:
+            enter_after.wait(10)
+        with caught_warnings() as said:
+            entered.set()
+            warnings.warn(f"{name} one")
+            leave_after.wait(10)
+            warnings.warn(f"{name} one")
+            warnings.warn(f"{name} two")
+        got[name] = said
+
+    ta = threading.Thread(target=work, args=("a", None, b_in, a_in))
+    tb = threading.Thread(target=work, args=("b", a_in, a_out, b_in))
+    ta.start(); tb.start()
+    ta.join(10); a_out.set(); tb.join(10)
+    assert got == {"a": ["a one", "a two"], "b": ["b one", "b two"]}
+    assert (warnings.showwarning, list(warnings.filters)) == before
 
 
 def test_a_cached_map_answers_at_once_and_the_model_is_unchanged(env):

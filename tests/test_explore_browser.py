@@ -15,7 +15,7 @@ import pytest
 
 import salience
 from explore_helpers import ARGS, CHROMIUM, browser_api, browser_page, hand_run, shapes_files, shown
-from nets import RenamedLayersNet
+from nets import RenamedLayersNet, TanhSpike
 
 INSIDE_OVER_OUTSIDE = 2.0
 """Least ratio of the map's mean brightness on the shape to off it. Grad-CAM's raw map on this
@@ -700,6 +700,38 @@ def test_a_map_refused_as_bad_input_offers_no_retry(tmp_path):
         explorer.stop()
     assert [e for e in errors if "400" not in e] == []  # the 400 is the answer asked for
     assert not refused and not failed, said
+
+
+def test_a_maps_warning_is_shown_under_it(tmp_path):
+    """Integrated gradients on ``f = tanh(1e4 sum(x))`` from the black baseline warns that its map
+    cannot be trusted (completeness gap): the cell shows the warning's text under its map (it went
+    to the server's log only); the vanilla map of the same model shows none."""
+    browser_api()
+    pytest.importorskip("starlette")
+    paths, _, _ = shapes_files(tmp_path, n=1)
+    explorer = salience.explore(TanhSpike(1.0, 1e4), paths, show=False)
+    errors: list[str] = []
+    try:
+        with browser_page(explorer.url, errors) as page:
+            page.click("#images img[data-id='f0']")
+            page.locator("#classes button.class[data-index='0']").click()
+            for method in ("integrated_gradients", "vanilla"):
+                page.select_option("#method", method)
+                page.click("#add")
+            ig, vanilla = "tr[data-row='1'] td.cell[data-target='a:0']", "tr[data-row='2'] td.cell[data-target='a:0']"
+            shown(page, ig, "integrated_gradients")
+            shown(page, vanilla, "vanilla")
+            note = page.locator(f"{ig} .warning")
+            visible, said = note.is_visible(), note.inner_text()
+            box = note.bounding_box()
+            quiet = page.locator(f"{vanilla} .warning").count()
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert visible and box and box["height"] > 10, box
+    assert said.startswith("warning: integrated_gradients: the attributions do not sum to f(x) - f(x')"), said
+    assert "cannot be trusted" in said and "--steps 256" in said
+    assert quiet == 0
 
 
 def test_a_failed_gallery_page_clears_the_rows_until_the_next_answer(tmp_path):

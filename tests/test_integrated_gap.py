@@ -11,19 +11,8 @@ import torch
 from torch import nn
 
 import salience
+from nets import TanhSpike
 from salience.methods.integrated import GAP_WARNING, CompletenessWarning, quadrature
-
-
-class TanhSpike(nn.Module):
-    """``f(x) = a tanh(b (s - c))``, ``s = sum(x)``, one output: its gradient ``a b sech^2(b (s - c))``
-    spikes at ``s = c``; with ``c = 0`` at the black baseline, as LayerNorm's does on a constant image."""
-
-    def __init__(self, a: float, b: float, c: float = 0.0) -> None:
-        super().__init__()
-        self.a, self.b, self.c = a, b, c
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.a * torch.tanh(self.b * (x.flatten(1).sum(1) - self.c)))[:, None]
 
 
 class Cubic(nn.Module):

@@ -6,6 +6,8 @@ Requests are checked before anything is queued: a bad one gets a 4xx with ``{"er
 and the server goes on. Computations are jobs on the model's worker (:mod:`salience.explore.jobs`):
 ``POST api/explain`` answers at once, with the map's key when it is cached, else with a job to
 poll (``GET api/jobs/ID``: state, queue position, progress) or cancel (``DELETE api/jobs/ID``).
+A map done comes with ``warnings``: the texts of the warnings its computation raised (e.g.
+integrated gradients' completeness gap: the map cannot be trusted), which the page shows under it.
 
 Endpoints: ``GET api/info`` (models, methods and their options, colormaps, limits), ``GET
 api/colormaps/NAME``, ``GET/POST api/images``, ``GET api/images/ID/picture.png?slot=``, ``GET
@@ -78,6 +80,9 @@ class Hub:
         # map key -> the request that makes it, the least recently used first (bounded: MAX_MAPS)
         self.maps: collections.OrderedDict[str, ExplainRequest] = collections.OrderedDict()
         self.max_maps = max(1, int(max_maps))
+        # map key -> the warnings raised while it was computed (e.g. IG's completeness gap), as many keys
+        # as self.maps at most; none for a map that raised none
+        self.warned: collections.OrderedDict[str, list[str]] = collections.OrderedDict()
         self.inflight: dict[str, Job] = {}
         self._lock = threading.Lock()
 
@@ -209,10 +214,29 @@ class Hub:
             slot = self.slot(req.slot)
             if image is None:
                 image, _ = self.image(req.image)
-            raw = compute.explain(slot, image, req.method, req.target, compute.read_options(req.method, req.given()),
-                                  ticker)
+            raw = self.explain_map(key, slot, image, req.method, req.target,
+                                   compute.read_options(req.method, req.given()), ticker)
             self.cache.put(key, raw)
         return raw
+
+    def explain_map(self, key: str, slot: ModelSlot, image: Any, method: str, target: int, given: dict[str, Any],
+                    ticker: Ticker) -> Any:
+        """:func:`compute.explain`, its warnings kept as map ``key``'s (:meth:`warnings_of`)."""
+        with compute.caught_warnings() as said:
+            raw = compute.explain(slot, image, method, target, given, ticker)
+        with self._lock:
+            self.warned.pop(key, None)
+            if said:
+                self.warned[key] = said
+                while len(self.warned) > self.max_maps:
+                    self.warned.popitem(last=False)
+        return raw
+
+    def warnings_of(self, key: Optional[str]) -> list[str]:
+        """The warnings raised while map ``key`` was computed (the map may not be trusted: the page
+        shows them under it)."""
+        with self._lock:
+            return list(self.warned.get(key, [])) if key is not None else []
 
     def job_json(self, job: Job, slot: ModelSlot) -> dict[str, Any]:
         out = {"job": job.id, "kind": job.kind, "state": job.state, "progress": job.progress(),
@@ -224,6 +248,8 @@ class Hub:
             out.update(error=job.error, code=job.status_code)
         if job.state == "done" and job.kind in ("curves", "sanity", "top"):
             out["result"] = job.result
+        if job.state == "done" and job.kind == "explain":
+            out["warnings"] = self.warnings_of(job.meta.get("key"))
         return out
 
     def close(self, timeout: float = 5.0) -> None:
@@ -418,9 +444,9 @@ async def explain(request: Request) -> Response:
     about = {"key": key, "model": slot.name, "method": method, "target": target,
              "target_name": slot.class_name(int(target))}
     if key in hub.cache:
-        return JSONResponse({**about, "state": "done", "progress": 1.0})
-    job = hub.submit(slot, "explain", lambda t: compute.explain(slot, image, method, int(target), given, t), key=key,
-                     hold=False)
+        return JSONResponse({**about, "state": "done", "progress": 1.0, "warnings": hub.warnings_of(key)})
+    job = hub.submit(slot, "explain", lambda t: hub.explain_map(key, slot, image, method, int(target), given, t),
+                     key=key, hold=False)
     return JSONResponse({**about, **hub.job_json(job, slot)}, 202)
 
 

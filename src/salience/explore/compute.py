@@ -14,6 +14,7 @@ import contextlib
 import io
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -37,7 +38,8 @@ from salience.methods import options as _options
 from salience.render import viz
 
 __all__ = ["ModelSlot", "ExplainRequest", "check_request", "explain", "top_classes", "curves", "sanity",
-           "check_sanity", "figure_png", "map_png", "png_bytes", "npy_bytes", "display_map", "options_schema", "layer_tree"]
+           "check_sanity", "figure_png", "map_png", "png_bytes", "npy_bytes", "display_map", "options_schema", "layer_tree",
+           "caught_warnings"]
 
 _DEFAULT_SIZE = (224, 224)
 CURVE_STEPS = 24  # points of the insertion / deletion curves (as salience evaluate)
@@ -235,6 +237,60 @@ def _watched(model: nn.Module, ticker: Ticker) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+# --------------------------------------------------------------------------------- warnings
+
+
+_capture_lock = threading.Lock()
+_capturing: dict[int, list[tuple[Any, Any, str, int]]] = {}  # thread id -> the warnings it raised
+_outer: Optional[warnings.catch_warnings] = None
+_forward: Any = warnings.showwarning
+
+
+def _show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    found = _capturing.get(threading.get_ident())
+    if found is not None:
+        found.append((message, category, filename, lineno))
+    else:  # another thread's (the event loop's, a worker not capturing): as before
+        _forward(message, category, filename, lineno, file, line)
+
+
+@contextlib.contextmanager
+def caught_warnings() -> Iterator[list[str]]:
+    """The texts of the warnings raised in this thread inside it (each text once, in order), for the
+    page to show with the map; each is also shown once as before (the server's log). Every warning
+    is seen, not only the first of its place in the code (``"always"``: a second image's
+    :class:`~salience.methods.integrated.CompletenessWarning` is said too). Thread-safe where
+    ``warnings.catch_warnings(record=True)`` is not (its record and filters are the process's: the
+    two models' workers at once took each other's warnings, or left the record on): one
+    ``catch_warnings`` is held while any thread captures, and its ``showwarning`` sorts the warnings
+    by thread."""
+    global _outer, _forward
+    me = threading.get_ident()
+    found: list[tuple[Any, Any, str, int]] = []
+    with _capture_lock:
+        if not _capturing:
+            _outer = warnings.catch_warnings()
+            _outer.__enter__()
+            _forward = warnings.showwarning
+            warnings.simplefilter("always")
+            warnings.showwarning = _show
+        _capturing[me] = found
+    texts: list[str] = []
+    try:
+        yield texts
+    finally:
+        with _capture_lock:
+            del _capturing[me]
+            if not _capturing and _outer is not None:
+                _outer.__exit__(None, None, None)
+                _outer = None
+        for message, category, filename, lineno in found:
+            text = str(message)
+            if text not in texts:
+                texts.append(text)
+                _forward(message, category, filename, lineno)
 
 
 # --------------------------------------------------------------------------------- computations

@@ -514,11 +514,19 @@ async function request(cell) {
     cell.map = map; cell.key = j.key; cell.image = image;
     mapShown(cell);
     draw(cell); tools(cell); figureLink();
+    warned(cell, j.warnings || []);
   } catch (e) {
     if (serial !== cell.serial) return;
     failed(cell);
     showJob(cell, { state: "error", error: e.message, code: e.status });
   }
+}
+
+// The warnings raised while the cell's map was computed (e.g. integrated gradients' completeness gap: the
+// map cannot be trusted), as text under it (the server's log alone was never seen)
+function warned(cell, texts) {
+  if (!texts.length) return;
+  under(cell, "warnings", el("div", { class: "warning" }, ...texts.map((t) => el("div", {}, `warning: ${t}`))));
 }
 
 // A cell whose map did not come: no map (not an older setting's), and `want` cleared so that picking
