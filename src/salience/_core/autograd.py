@@ -124,10 +124,12 @@ def _first_conv(model: nn.Module) -> Optional[tuple[str, int]]:
     return None
 
 
-_CHANNEL_HINTS = {(4, 3): "drop the alpha channel (RGBA to RGB): x[:, :3]",
-                  (1, 3): "repeat the gray channel (grayscale to RGB): x.expand(-1, 3, -1, -1) (command line: "
-                          "--channels 3)",
-                  (3, 1): "make the images gray, e.g. x.mean(1, keepdim=True) (command line: --channels 1)"}
+CHANNEL_HINTS = {(4, 3): "drop the alpha channel (RGBA to RGB): x[:, :3]",
+                 (1, 3): "repeat the gray channel (grayscale to RGB): x.expand(-1, 3, -1, -1) (command line: "
+                         "--channels 3)",
+                 (3, 1): "make the images gray, e.g. x.mean(1, keepdim=True) (command line: --channels 1)"}
+"""What to do with a batch of C channels for a model that takes another number, by (given, taken):
+the words of :func:`_shape_message` and of a Keras model's input errors (loading/keras.py)."""
 
 
 def _shape_message(model: nn.Module, x: Tensor, said: str) -> str:
@@ -144,7 +146,7 @@ def _shape_message(model: nn.Module, x: Tensor, said: str) -> str:
         takes, where = first[1], f"its first convolution {first[0]!r}"
     size = model_info(model).input_size
     if takes is not None and takes != c:
-        hint = _CHANNEL_HINTS.get((c, takes), f"give it images of {takes} channel{'s' * (takes != 1)}")
+        hint = CHANNEL_HINTS.get((c, takes), f"give it images of {takes} channel{'s' * (takes != 1)}")
         why = f": {where} takes {takes} channel{'s' * (takes != 1)}; {hint}"
     elif size is not None and tuple(size) != (h, w):
         why = (f": it takes {size[0]} x {size[1]} images; resize them (salience.loading.preprocess with the "

@@ -31,6 +31,7 @@ from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 
+from salience._core.autograd import CHANNEL_HINTS
 from salience._core.errors import SalienceError
 from salience._core.info import ModelInfo, attach_info
 
@@ -94,10 +95,7 @@ _KERAS_INPUT_FAILURE = re.compile(r"is incompatible with the layer|total size of
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 _CHANNEL_HINTS = {
-    "batch": {(4, 3): "drop the alpha channel (RGBA to RGB): x[:, :3]",
-              (1, 3): "repeat the gray channel (grayscale to RGB): x.expand(-1, 3, -1, -1) (command line: "
-                      "--channels 3)",
-              (3, 1): "make the images gray, e.g. x.mean(1, keepdim=True) (command line: --channels 1)"},
+    "batch": CHANNEL_HINTS,  # the words of a PyTorch model's refusal of the same batch
     "seed": {(4, 3): "drop the alpha channel (RGBA to RGB): seed_input[..., :3]",
              (1, 3): "repeat the gray channel (grayscale to RGB): np.repeat(seed_input, 3, axis=-1)",
              (3, 1): "make the image gray, e.g. seed_input.mean(-1, keepdims=True)"},
