@@ -46,6 +46,15 @@ def check_maps(maps: Tensor, name: str = "maps") -> Tensor:
     return maps
 
 
+def scaled_magnitudes(maps: Tensor) -> Tensor:
+    """``|maps|`` ``(B, ...)`` in float64, each map divided by its largest value (an all-zero map kept):
+    for the metrics of ratios (energy in mask, sparseness, complexity), which this leaves unchanged,
+    while a sum of huge finite values (64 of 1e307, or of 1e37 in float32) overflowed to inf."""
+    a = maps.abs().double()
+    dims = tuple(range(1, a.dim()))
+    return a / a.amax(dims, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+
+
 def check_seed(seed: object) -> int:
     """``seed`` as an int a generator takes (``-2**63`` to ``2**64 - 1``), or a :class:`SalienceError`
     (a float seed was truncated or raised a raw error; a huge one overflowed inside torch)."""

@@ -16,22 +16,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from salience.evidence._checks import check_maps
+from salience.evidence._checks import check_maps, scaled_magnitudes
 
 __all__ = ["sparseness", "complexity"]
-
-
-def _scaled(maps: Tensor) -> Tensor:
-    """``|maps|`` ``(B, n)`` float64, each row divided by its largest value (an all-zero row kept):
-    both metrics are scale-free, and the sum of 64 values of 1e307 overflowed to inf (NaN or 0 out)."""
-    a = maps.abs().flatten(1).double()
-    return a / a.amax(1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
 
 
 def sparseness(maps: Tensor) -> Tensor:
     """Gini index of ``|maps|`` per image: ``sum_i (2i - n - 1) a_(i) / (n sum a)`` with the
     magnitudes ``a`` sorted increasingly (``i = 1..n``), ``(B,)`` in ``[0, 1 - 1/n]``."""
-    a = _scaled(check_maps(maps)).sort(1).values
+    a = scaled_magnitudes(check_maps(maps)).flatten(1).sort(1).values
     n = a.shape[1]
     i = torch.arange(1, n + 1, device=a.device, dtype=a.dtype)
     total = a.sum(1)
@@ -41,7 +34,7 @@ def sparseness(maps: Tensor) -> Tensor:
 
 def complexity(maps: Tensor) -> Tensor:
     """Entropy (natural log) of each map's magnitude shares ``p_i = |m_i| / sum |m|``, ``(B,)``."""
-    a = _scaled(check_maps(maps))
+    a = scaled_magnitudes(check_maps(maps)).flatten(1)
     total = a.sum(1, keepdim=True)
     p = a / total.clamp_min(1e-300)
     h = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(1)

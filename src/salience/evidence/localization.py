@@ -18,7 +18,7 @@ from torch import Tensor
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_number, check_flag
-from salience.evidence._checks import check_maps, check_masks
+from salience.evidence._checks import check_maps, check_masks, scaled_magnitudes
 
 __all__ = ["pointing_game", "energy_in_mask", "mask_box", "saliency_box", "box_iou", "weak_localization"]
 
@@ -70,10 +70,9 @@ def energy_in_mask(maps: Tensor, masks: Tensor, *, absolute: bool = False) -> Te
     absolute = check_flag(absolute, "absolute")
     maps = check_maps(maps)
     masks = check_masks(masks, maps)
-    m = (maps.abs() if absolute else maps.clamp(min=0)).double()
     # scaled by each map's largest value (a ratio, the same): the sum of a float32 map of 1e37 over 64
     # pixels overflowed to inf and scored 0, a float64 one of 1e307 NaN
-    m = m / m.amax((1, 2), keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
+    m = scaled_magnitudes(maps if absolute else maps.clamp(min=0))
     total = m.sum((1, 2))
     inside = (m * masks).sum((1, 2))
     out = inside / total.clamp_min(torch.finfo(m.dtype).tiny)
