@@ -171,22 +171,31 @@ def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: 
         if seeds is not None:
             kw["seed"] = seeds[i:i + batch_size]
         m = fn(model, x[i:i + batch_size], target[i:i + batch_size], **kw).detach()
+        # a metric of a NaN map would be NaN (or the maps refused later with a riddle)
+        check_method_map(m, lambda r, i=i: label(i + r) if label is not None else f"image {i + r}",
+                         "a metric of it would be NaN: check the method on that input (e.g. a division by a zero "
+                         "gradient)")
         if m.dim() == 4 and m.shape[1] == 1:
             m = m[:, 0]
         elif m.dim() == 4:
             m = m.abs().amax(1)
-        if m.dim() != 3:
-            raise SalienceError(f"the method returned a map of shape {tuple(m.shape)}; expected (B, H, W) or (B, C, H, W)")
-        bad = ~torch.isfinite(m).flatten(1).all(1)
-        if bool(bad.any()):  # a metric of it would be NaN (or the maps refused later with a riddle)
-            j = i + int(bad.nonzero()[0])
-            raise SalienceError(f"the method returned a map with NaN or infinite values "
-                                f"({label(j) if label is not None else f'image {j}'}); a metric of it would be "
-                                "NaN: check the method on that input (e.g. a division by a zero gradient)")
         if m.shape[-2:] != x.shape[-2:]:
             m = F.interpolate(m[:, None].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         out.append(m.float())
     return torch.cat(out)
+
+
+def check_method_map(m: Tensor, row: Callable[[int], str], use: str) -> None:
+    """A method's map ``(B, H, W)`` or ``(B, C, H, W)`` with every value finite, else a
+    :class:`SalienceError`: its shape, or its first map with NaN or infinite values named as
+    ``row(j)`` says (the caller knows what row ``j`` is: an image, a copy, a model), then ``use``
+    (what a NaN map would make of the result, and what to check)."""
+    if m.dim() not in (3, 4):
+        raise SalienceError(f"the method returned a map of shape {tuple(m.shape)}; expected (B, H, W) or (B, C, H, W)")
+    bad = ~torch.isfinite(m).flatten(1).all(1)
+    if bool(bad.any()):
+        raise SalienceError(f"the method returned a map with NaN or infinite values ({row(int(bad.nonzero()[0]))}); "
+                            f"{use}")
 
 
 def smoothgrad_seeds(fn: Callable[..., Tensor], kwargs: Optional[dict], x: Tensor,

@@ -22,8 +22,8 @@ from salience._core.autograd import check_input, forward_scores, model_call, pre
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import resolve_layer
-from salience.evidence._checks import (MethodLike, check_seed, class_indices, image_seeds, method_maps, resolve_method,
-                                      smoothgrad_seeds)
+from salience.evidence._checks import (MethodLike, check_method_map, check_seed, class_indices, image_seeds,
+                                      method_maps, resolve_method, smoothgrad_seeds)
 from salience.evidence.compare import SIMILARITIES, similarity
 from salience.methods.integrated import collect_gaps
 from salience.targets import TargetLike
@@ -55,12 +55,8 @@ def _signed_and_abs(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, targ
     if "reduce" not in kw and _takes_reduce(fn):
         kw["reduce"] = None
     m = fn(model, x, target, **kw).detach()
-    if m.dim() not in (3, 4):
-        raise SalienceError(f"the method returned a map of shape {tuple(m.shape)}; expected (B, H, W) or (B, C, H, W)")
-    bad = ~torch.isfinite(m).flatten(1).all(1)
-    if bool(bad.any()):
-        raise SalienceError(f"the method returned a map with NaN or infinite values (image {int(bad.nonzero()[0])}, "
-                            f"{which}); its similarity would be NaN: check the method on that model and input")
+    check_method_map(m, lambda j: f"image {j}, {which}",
+                     "its similarity would be NaN: check the method on that model and input")
     if m.dim() == 4:
         return m.sum(1), m.abs().sum(1)
     return m, m.abs()
