@@ -209,14 +209,7 @@ class RunSource:
         left_out: Optional[dict[str, Any]] = None
         if unindexed:
             t = t.filter(pc.is_valid(t.column("index")))
-            try:
-                self.run.position(0)
-                reason = f"{unindexed} row(s) without an index"  # pragma: no cover - the lookup refuses them
-            except BadIndex as exc:
-                reason = str(exc)
-            except SalienceError:  # pragma: no cover - no row 0: the lookup was built, so no nulls
-                reason = f"{unindexed} row(s) without an index"
-            left_out = {"rows": unindexed, "reason": reason}
+            left_out = {"rows": unindexed, "reason": str(self.run.index_error())}
         names = t.column_names
         sortable = self.sortable()
         if sort not in sortable:

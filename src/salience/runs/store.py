@@ -431,17 +431,25 @@ class Run:
                                                           if shards else ""))
         return pos if order is None else int(order[pos])
 
+    def index_error(self) -> Optional[BadIndex]:
+        """The :class:`BadIndex` of a table with rows without an index (none of its rows can then be
+        looked up), else ``None``."""
+        column = self.table.column("index")
+        if not column.null_count:
+            return None
+        first = int(np.flatnonzero(np.asarray(column.is_null()))[0])
+        return BadIndex(f"the run's table ({self.folder}) has {column.null_count} row(s) without an index "
+                        f"(the first: row {first}); every row needs its image's index: fill them in, or "
+                        "write the table without the index column to number the rows by position")
+
     def _index_lookup(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """The ``index`` values sorted, and the table position of each (``None`` when the table is
         already sorted, as salience writes it: no copy); built once per table load."""
         if self._lookup is None:
-            column = self.table.column("index")
-            if column.null_count:
-                first = int(np.flatnonzero(np.asarray(column.is_null()))[0])
-                raise BadIndex(f"the run's table ({self.folder}) has {column.null_count} row(s) without an index "
-                               f"(the first: row {first}); every row needs its image's index: fill them in, or "
-                               "write the table without the index column to number the rows by position")
-            values = np.asarray(column)
+            unindexed = self.index_error()
+            if unindexed is not None:
+                raise unindexed
+            values = np.asarray(self.table.column("index"))
             if len(values) < 2 or bool(np.all(values[1:] > values[:-1])):
                 self._lookup = (values, None)
             else:
