@@ -17,7 +17,8 @@ A row says where its maps are: ``shard`` and ``offset``, so that
 ``row.index``, method ``m``, target ``k``. Every file is written atomically
 (:mod:`salience._core.files`): a crash leaves either the whole file or none, and a shard counts
 only once its rows file exists, which is written after its maps and thumbnails. A map file
-without its rows file (a crash between the two) is written again on resume.
+without its rows file (a crash between the two) is written again on resume; a committed shard
+never is (:meth:`Store.shard_name`).
 """
 from __future__ import annotations
 
@@ -271,6 +272,20 @@ class Store:
         return indices
 
     # ----------------------------------------------------------------------------- shards
+
+    def shard_name(self, indices: Sequence[int]) -> str:
+        """A new shard's name: its first image's index (``000000017``); when a committed shard has
+        that name already (one holding only some of the images it was planned to hold: edited by
+        hand, or written by another program), the first of ``000000017-1``, ``000000017-2`` ...
+        that none has. A committed shard is never written again: its rows stay, and only the images
+        no committed shard holds are computed, into a shard of their own. A name whose maps are
+        there without its rows file (a crash before the commit) is free: written again."""
+        base = f"{min(indices):09d}"
+        name, n = base, 0
+        while (self.folder / "shards" / f"{name}.parquet").is_file():
+            n += 1
+            name = f"{base}-{n}"
+        return name
 
     def write_shard(self, shard: str, rows: list[dict[str, Any]], maps: dict[str, np.ndarray],
                     thumbs: Optional[bytes]) -> None:
