@@ -777,6 +777,38 @@ def test_a_failed_gallery_page_clears_the_rows_until_the_next_answer(tmp_path):
 
 
 
+def test_the_gallery_leaves_out_a_repeated_index_and_says_which_and_what_to_do(tmp_path):
+    """A run's ``index.parquet`` with index 1 in two rows (a bad merge): the page listed both rows as
+    ``r0-1``, which opened nothing but a 409; now it shows the rows that open, and says under the
+    table which index is repeated and what to do."""
+    browser_api()  # skips here without Playwright or Chromium
+    pytest.importorskip("starlette")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    paths, _, _ = shapes_files(tmp_path, n=3)
+    salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", shard_size=3, batch_size=3,
+                             workers=0)
+    table = pq.read_table(tmp_path / "run" / "index.parquet")
+    copy = table.slice(2, 1).set_column(0, "index", pa.array([1], pa.int64()))
+    pq.write_table(pa.concat_tables([table, copy]), tmp_path / "run" / "index.parquet")
+    explorer = salience.explore("demo:shapes", run=tmp_path / "run", show=False)
+    errors: list[str] = []
+    try:
+        with browser_page(explorer.url, errors) as page:
+            _wait_rows(page, [0, 2])
+            page.wait_for_timeout(300)  # no later answer adds rows
+            shown_rows, said, cls = _rows_shown(page), page.inner_text("#run-page"), page.get_attribute("#run-page",
+                                                                                                          "class")
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert shown_rows == [0, 2]
+    assert said.startswith("1–2 of 2; 2 row(s) left out: ") and cls == "error", said
+    assert "1 index value(s) to more than one row (2 rows; index 1)" in said, said
+    assert "df.drop_duplicates('index')" in said and "delete index.parquet" in said, said
+
+
 def _rows_asked(page) -> list[dict]:
     """Every gallery request the page makes from now on, as its query (a list it appends to)."""
     from urllib.parse import parse_qsl, urlsplit

@@ -374,6 +374,46 @@ def test_a_repeated_index_is_refused_naming_it_and_what_to_do(env, tmp_path):
         hub.close()
 
 
+def test_the_gallery_leaves_out_a_repeated_index_naming_it_and_what_to_do(env, tmp_path):
+    """Two rows with index 3 (row 5's copy relabelled, as a bad merge writes): both were listed with
+    the id ``r0-3``, whose every URL answers 409; now the gallery offers only rows that open (every
+    sort and filter), and ``left_out`` says the rows, the image and why: index 3, and what to do. The
+    run counts 6 images (``len(run)``: index 3 once), the gallery 5 plus the image left out, and
+    the run is not complete."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    c, hub, run = _rewritten(env, tmp_path, list(range(N)))
+    hub.close()
+    table = pq.read_table(tmp_path / "run" / "index.parquet")
+    copy = table.slice(5, 1).set_column(0, "index", pa.array([3], pa.int64()))
+    pq.write_table(pa.concat_tables([copy, table]), tmp_path / "run" / "index.parquet")
+    hub = build_hub("demo:shapes", [tmp_path / "run"])
+    c, run = TestClient(create_app(hub)), salience.open_run(tmp_path / "run")
+    try:
+        assert len(run) == N and not run.complete
+        (described,) = c.get("api/runs").json()["runs"]
+        assert described["count"] == N and described["complete"] is False
+        name = env["run"].row(5)["predicted_name"]  # the copy's class: a filter that kept it
+        for q in ({}, {"sort": "probability", "order": "desc"}, {"class": name}, {"limit": 2, "offset": 2}):
+            page = _rows(c, **q)
+            assert 3 not in [r["index"] for r in page["rows"]], q
+            for r in page["rows"]:
+                assert c.get(f"api/runs/r0/rows/{r['index']}").status_code == 200, (q, r["id"])
+            assert page["left_out"]["rows"] == 2 and page["left_out"]["images"] == 1
+            said = page["left_out"]["reason"]
+            assert "1 index value(s) to more than one row (2 rows; index 3)" in said, said
+            assert "df.drop_duplicates('index')" in said and "delete index.parquet" in said, said
+        every = _rows(c)
+        assert [r["index"] for r in every["rows"]] == [0, 1, 2, 4, 5]
+        assert every["total"] + every["left_out"]["images"] == len(run) == described["count"]
+        assert [r["index"] for r in _rows(c, **{"class": name})["rows"]] == [
+            i for i in (0, 1, 2, 4, 5) if env["run"].row(i)["predicted_name"] == name]
+        assert list(run.repeated()) == [3]
+    finally:
+        hub.close()
+
+
 def test_a_table_with_rows_without_an_index_is_refused_saying_which(env, tmp_path):
     """A row whose index is empty (null): no row can be told by its index (a bare ValueError
     "cannot convert float NaN to integer", a 500 in the explorer); now a SalienceError and a 409

@@ -2,6 +2,7 @@
 command, lazy reading, the gallery, flat memory. Small: the demo shapes model on 64x64 images."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -306,6 +307,56 @@ def test_resume_removes_the_temporaries_of_cut_writes(data, tmp_path):
     salience.explain_dataset("demo:shapes", files, ["vanilla"], out, shard_size=SHARD, batch_size=BATCH, workers=0)
     assert not any(p.exists() for p in cut)
     assert _tree(out) == before
+
+
+def test_a_resume_keeps_a_shard_that_holds_only_some_of_its_images(data, tmp_path):
+    """A committed shard whose rows file lacks its first image (edited by hand, or written by
+    another program): the resume computed the missing image into a shard of the same name, over
+    the shard's maps and thumbnails, and lost its three other images (the run then had 5 of 8).
+    Now no committed shard is written again: the missing image goes into a shard of its own; the
+    run is complete, every row's map and thumbnail are the uninterrupted run's, and ``len(run)``,
+    ``run.complete`` and the explorer's gallery agree."""
+    import pyarrow.parquet as pq
+
+    from salience.explore.runs import RunSource
+
+    files = [data["root"] / "imgs" / f"{i:03d}.png" for i in range(8)]
+    out = tmp_path / "run"
+
+    def explain():
+        return salience.explain_dataset("demo:shapes", files, ["vanilla"], out, shard_size=4, batch_size=4, workers=0)
+
+    whole = explain()
+    maps = [whole.map(i, "vanilla") for i in range(8)]
+    thumbs = [RunSource(whole).thumbnail(i, tile=1) for i in range(8)]
+    shard = out / "shards" / f"{0:09d}.parquet"
+    pq.write_table(pq.read_table(shard).slice(1), shard)  # image 0's row gone; 1-3 keep offsets 1-3
+    (out / "index.parquet").unlink()
+    kept = _tree(out)
+    assert open_run(out).table.column("index").to_pylist() == [1, 2, 3, 4, 5, 6, 7]
+
+    run = explain()
+    after = _tree(out)
+    assert all(after[k] == v for k, v in kept.items()), "a committed file was written again"
+    assert len(run) == 8 and run.complete
+    assert run.table.column("index").to_pylist() == list(range(8))
+    assert run.row(0)["shard"] != run.row(1)["shard"] == f"{0:09d}"
+    source = RunSource(run)
+    page = source.rows()
+    assert source.count() == page["total"] == 8 and "left_out" not in page
+    assert [r["index"] for r in page["rows"]] == list(range(8))
+    for i in range(8):
+        np.testing.assert_array_equal(run.map(i, "vanilla"), maps[i])
+        if i:  # the kept shards' own sprites
+            assert source.thumbnail(i, tile=1) == thumbs[i]
+    # image 0's sprite is new: the same tile, JPEG-encoded again
+    assert np.abs(_pixels(source.thumbnail(0, tile=1)) - _pixels(thumbs[0])).mean() < 2.0
+
+
+def _pixels(jpeg: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float64)
 
 
 def _same_store(a, b) -> None:

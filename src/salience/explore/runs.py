@@ -198,18 +198,13 @@ class RunSource:
         Rows without a value in the sort column (null, NaN, infinite) come last, by index; ties are
         broken by index (in the sort's direction). A bad column is a :class:`SalienceError`.
 
-        Rows without an index (a table written by hand or by another program) are left out: they
-        have no id to open; ``left_out`` then says how many and why (the table's refusal, which
-        also refuses its other rows until it is mended).
+        Rows without an index, and the rows of an index that several rows share (a table written by
+        hand or by another program: :meth:`_openable`), are left out: they cannot be opened;
+        ``left_out`` then says how many rows, how many images (repeated index values) and why.
 
         Filter, sort and slice run on the Arrow table; only the page's rows become dicts."""
+        t, left_out = self._openable()
         _, pc = _arrow()
-        t = self.run.table
-        unindexed = t.column("index").null_count
-        left_out: Optional[dict[str, Any]] = None
-        if unindexed:
-            t = t.filter(pc.is_valid(t.column("index")))
-            left_out = {"rows": unindexed, "reason": str(self.run.index_error())}
         names = t.column_names
         sortable = self.sortable()
         if sort not in sortable:
@@ -241,6 +236,34 @@ class RunSource:
         if left_out is not None:
             out["left_out"] = left_out
         return out
+
+    def _openable(self) -> tuple[Any, Optional[dict[str, Any]]]:
+        """The table less the rows the gallery cannot offer, and what was left out (``None``: nothing).
+
+        A row without an index has no id; the rows of an index that several rows share are each
+        refused when opened (:class:`~salience.runs.store.BadIndex`: which one is the image cannot
+        be known). ``left_out``: ``rows``, ``images`` (the repeated index values, which
+        :meth:`count` counts and the gallery does not show; rows without an index are no image
+        counted) and ``reason``: the table's refusals, which name the repeated values (the first
+        ten) and what to do."""
+        pa, pc = _arrow()
+        t = self.run.table
+        reasons, rows = [], 0
+        unindexed = self.run.index_error()
+        if unindexed is not None:
+            rows += t.column("index").null_count
+            t = t.filter(pc.is_valid(t.column("index")))
+            reasons.append(str(unindexed))
+        repeated = self.run.repeated()
+        if len(repeated):
+            keep = pc.invert(pc.is_in(t.column("index"), value_set=pa.array(repeated, pa.int64())))
+            rows += t.num_rows
+            t = t.filter(keep)
+            rows -= t.num_rows
+            reasons.append(str(self.run.repeat_error()))
+        if not reasons:
+            return t, None
+        return t, {"rows": rows, "images": len(repeated), "reason": "; and ".join(reasons)}
 
     def thumbnail(self, index: int, tile: int = 0) -> bytes:
         """Row ``index``'s thumbnail as JPEG: ``tile`` 0 the image, ``1 + m`` method ``m``'s stored

@@ -2,7 +2,8 @@
 streamed, resumable, with DataLoader workers decoding while the model runs.
 
 The images are numbered ``0..N-1`` in a stable order. Shards hold the images whose maps were
-computed together (at most ``shard_size``); a shard is named after its first image. A run that
+computed together (at most ``shard_size``); a shard is named after its first image (another name
+when a committed shard has it: :meth:`Store.shard_name`). A run that
 stops (a crash, ``kill -9``, Ctrl-C) and is started again with the same command computes only
 the images that no committed shard holds, in the same batches as before, so the finished store
 equals an uninterrupted run's.
@@ -413,10 +414,6 @@ def pending_shards(store: Store, n: int) -> list[list[int]]:
     return shards
 
 
-def shard_name(indices: Sequence[int]) -> str:
-    return f"{min(indices):09d}"
-
-
 def resolve_batch(run: Job, first: int) -> int:
     """The batch size: given, or the run's earlier one, or chosen from memory (then kept in run.json)."""
     manifest = run.store.manifest
@@ -469,13 +466,16 @@ def run_local(run: Job, *, show: bool = False, png: bool = False) -> None:
                 current = []
 
 
-def commit(store: Store, indices: Sequence[int], parts: Sequence[job.Result]) -> None:
-    """Write a shard from its batches' results."""
+def commit(store: Store, indices: Sequence[int], parts: Sequence[job.Result]) -> str:
+    """Write a shard from its batches' results; its name (:meth:`Store.shard_name`: never a
+    committed shard's)."""
     rows = [r for p in parts for r in p.rows]
     maps = {m: np.concatenate([p.maps[m] for p in parts]) for m in parts[0].maps}
     tiles = [p.tiles for p in parts if p.tiles is not None]
     thumbs = job.sprite(np.concatenate(tiles)) if tiles else None
-    store.write_shard(shard_name(indices), rows, maps, thumbs)
+    name = store.shard_name(indices)
+    store.write_shard(name, rows, maps, thumbs)
+    return name
 
 
 def write_overlays(folder: Path, items: Sequence[sources.Item], result: job.Result, plan: job.Plan) -> None:

@@ -68,7 +68,7 @@ class Explain:
         self.writer = writer  # the driver's run: shards are committed only while it holds the folder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from salience.runs.dataset import commit, shard_name, write_overlays
+        from salience.runs.dataset import commit, write_overlays
 
         n = len(batch["index"])
         items = [Item(int(batch["index"][j]), torch.from_numpy(np.array(batch["x"][j])), int(batch["width"][j]),
@@ -84,8 +84,8 @@ class Explain:
                 write_overlays(self.store.folder, part, parts[-1], self.plan)
         indices = [it.index for it in items]
         with commit_fence(self.writer):  # refused once the driver's run has ended (an error, Ctrl-C)
-            commit(self.store, indices, parts)
-        return {"index": np.asarray(indices, dtype=np.int64), "shard": np.asarray([shard_name(indices)] * n)}
+            name = commit(self.store, indices, parts)
+        return {"index": np.asarray(indices, dtype=np.int64), "shard": np.asarray([name] * n)}
 
 
 def _actors(ray: Any, num_gpus: float, actors: Optional[int]) -> int:

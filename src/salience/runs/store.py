@@ -17,7 +17,8 @@ A row says where its maps are: ``shard`` and ``offset``, so that
 ``row.index``, method ``m``, target ``k``. Every file is written atomically
 (:mod:`salience._core.files`): a crash leaves either the whole file or none, and a shard counts
 only once its rows file exists, which is written after its maps and thumbnails. A map file
-without its rows file (a crash between the two) is written again on resume.
+without its rows file (a crash between the two) is written again on resume; a committed shard
+never is (:meth:`Store.shard_name`).
 """
 from __future__ import annotations
 
@@ -272,6 +273,20 @@ class Store:
 
     # ----------------------------------------------------------------------------- shards
 
+    def shard_name(self, indices: Sequence[int]) -> str:
+        """A new shard's name: its first image's index (``000000017``); when a committed shard has
+        that name already (one holding only some of the images it was planned to hold: edited by
+        hand, or written by another program), the first of ``000000017-1``, ``000000017-2`` ...
+        that none has. A committed shard is never written again: its rows stay, and only the images
+        no committed shard holds are computed, into a shard of their own. A name whose maps are
+        there without its rows file (a crash before the commit) is free: written again."""
+        base = f"{min(indices):09d}"
+        name, n = base, 0
+        while (self.folder / "shards" / f"{name}.parquet").is_file():
+            n += 1
+            name = f"{base}-{n}"
+        return name
+
     def write_shard(self, shard: str, rows: list[dict[str, Any]], maps: dict[str, np.ndarray],
                     thumbs: Optional[bytes]) -> None:
         """A shard: its maps (one ``.npy`` per method), its thumbnail sprite, then its rows (the commit)."""
@@ -351,6 +366,7 @@ class Run:
         self._lookup: Optional[tuple[np.ndarray, Optional[np.ndarray]]] = None
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
         self._images: Optional[int] = None  # len(run): the distinct index values, counted once
+        self._repeated: Optional[np.ndarray] = None  # the index values of several rows
 
     @property
     def methods(self) -> list[str]:
@@ -423,13 +439,40 @@ class Run:
         if end - pos > 1:
             rows = order[pos:end] if order is not None else np.arange(pos, end)
             shown = ", ".join(str(int(r)) for r in rows[:5]) + (", ..." if end - pos > 5 else "")
-            table = self.folder / "index.parquet"
-            shards = any(p.is_file() for p in (self.folder / "shards").glob("*.parquet"))
-            raise BadIndex(f"image {index} has {end - pos} rows in the run's table ({table}: rows {shown}), and a "
-                           "run has one row per image; keep one row per index (pandas: df.drop_duplicates('index')) "
-                           "and write the table again" + (", or delete index.parquet to read the run's own shards"
-                                                          if shards else ""))
+            raise BadIndex(f"image {index} has {end - pos} rows in the run's table ({self.folder / 'index.parquet'}: "
+                           f"rows {shown}), and a run has one row per image; {self._mend_repeats()}")
         return pos if order is None else int(order[pos])
+
+    def _mend_repeats(self) -> str:
+        """What to do about a repeated index: keep one row per index, or read the run's own shards."""
+        shards = any(p.is_file() for p in (self.folder / "shards").glob("*.parquet"))
+        return ("keep one row per index (pandas: df.drop_duplicates('index')) and write the table again"
+                + (", or delete index.parquet to read the run's own shards" if shards else ""))
+
+    def repeated(self) -> np.ndarray:
+        """The index values that more than one row of the table holds, sorted, each once (int64; empty
+        for a table salience wrote). Rows without an index are not counted (:meth:`index_error`)."""
+        if self._repeated is None:
+            values = np.asarray(self.table.column("index").drop_null(), dtype=np.int64)
+            if len(values) < 2 or bool(np.all(values[1:] > values[:-1])):
+                self._repeated = np.zeros(0, dtype=np.int64)
+            else:
+                s = np.sort(values, kind="stable")
+                self._repeated = np.unique(s[1:][s[1:] == s[:-1]])
+        return self._repeated
+
+    def repeat_error(self) -> Optional[BadIndex]:
+        """The :class:`BadIndex` of a table in which index values are repeated, naming them (the first
+        ten) and what to do, else ``None``; those images cannot be looked up, the others can."""
+        values = self.repeated()
+        if not len(values):
+            return None
+        rows = int(np.count_nonzero(np.isin(np.asarray(self.table.column("index").drop_null()), values)))
+        shown = ", ".join(str(int(v)) for v in values[:10]) + (f" and {len(values) - 10} more" if len(values) > 10
+                                                               else "")
+        return BadIndex(f"the run's table ({self.folder / 'index.parquet'}) gives {len(values)} index value(s) to "
+                        f"more than one row ({rows} rows; index {shown}), and a run has one row per image; "
+                        f"{self._mend_repeats()}")
 
     def index_error(self) -> Optional[BadIndex]:
         """The :class:`BadIndex` of a table with rows without an index (none of its rows can then be

@@ -299,7 +299,7 @@ async function listRows() {
     body.append(tr);
   }
   $("run-page").textContent = (found.total ? `${R.offset + 1}–${R.offset + found.rows.length} of ${found.total}` : "no rows")
-    + (found.left_out ? `; ${found.left_out.rows} row(s) without an index left out: ${found.left_out.reason}` : "");
+    + (found.left_out ? `; ${found.left_out.rows} row(s) left out: ${found.left_out.reason}` : "");
   if (found.left_out) $("run-page").className = "error";
   // at either end its button is off (it did nothing, looking as if it would)
   $("run-prev").disabled = R.offset === 0; $("run-next").disabled = R.offset + found.rows.length >= found.total;
