@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError, suggest
 
-__all__ = ["Performance", "Run", "set_performance", "performance", "current", "resolve", "active",
+__all__ = ["Performance", "Run", "set_performance", "performance", "plain", "current", "resolve", "active",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
            "own_hooks", "observer", "one_pass", "structure"]
 
@@ -138,10 +138,14 @@ class Performance:
 _lock = threading.Lock()
 _process = Performance()
 _override: contextvars.ContextVar[Optional[Performance]] = contextvars.ContextVar("salience_perf", default=None)
+_plain: contextvars.ContextVar[bool] = contextvars.ContextVar("salience_perf_plain", default=False)
 
 
 def current() -> Performance:
-    """The settings in force here: the innermost :func:`performance` block, else the process's."""
+    """The settings in force here: the defaults inside :func:`plain`, else the innermost
+    :func:`performance` block, else the process's."""
+    if _plain.get():
+        return Performance()
     o = _override.get()
     return o if o is not None else _process
 
@@ -168,6 +172,19 @@ def performance(**options: Any) -> Iterator[Performance]:
         _override.reset(token)
 
 
+@contextmanager
+def plain() -> Iterator[None]:
+    """Every pass in the block runs with the default options (``Performance()``), whatever the settings
+    in force and whatever a method's own keywords say (``compile=``, ``memory_format=``,
+    ``precision=``: :func:`resolve` checks them, then gives the defaults); for a measure that must not
+    depend on how the passes run (a dataset run's batch-size probe, :func:`salience.runs.job.choose_batch`)."""
+    token = _plain.set(True)
+    try:
+        yield
+    finally:
+        _plain.reset(token)
+
+
 def _replace(base: Performance, options: dict) -> Performance:
     unknown = set(options) - {"memory_format", "compile", "precision", "chunks", "fold_batchnorm"}
     if unknown:
@@ -178,9 +195,11 @@ def _replace(base: Performance, options: dict) -> Performance:
 
 def resolve(memory_format: Optional[str] = None, compile: Any = None, precision: Optional[str] = None,
             fold_batchnorm: Optional[bool] = None) -> Performance:
-    """A method's keywords over the settings in force (``None``: the setting)."""
-    return _replace(current(), dict(memory_format=memory_format, compile=compile, precision=precision,
-                                    fold_batchnorm=fold_batchnorm))
+    """A method's keywords over the settings in force (``None``: the setting); the defaults inside
+    :func:`plain` (the keywords checked all the same)."""
+    options = _replace(current(), dict(memory_format=memory_format, compile=compile, precision=precision,
+                                       fold_batchnorm=fold_batchnorm))
+    return Performance() if _plain.get() else options
 
 
 # --------------------------------------------------------------------------- compiled models
