@@ -61,7 +61,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from salience._core.errors import SalienceError, suggest
+from salience._core.errors import SalienceError, suggest, user_stacklevel
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "plain", "current", "resolve", "active",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
@@ -269,7 +269,8 @@ def _compile_failed(model: nn.Module, backend: Any, why: str, fingerprint: tuple
     key = (id(model), backend if isinstance(backend, str) else id(backend))
     with _lock:
         _compiled[key] = (model, SalienceError(why), fingerprint)
-    warnings.warn(f"compile: {why}; running eagerly (the results are the same, only slower)", stacklevel=4)
+    warnings.warn(f"compile: {why}; running eagerly (the results are the same, only slower)",
+                  stacklevel=user_stacklevel())
 
 
 # --------------------------------------------------------------------------- folded BatchNorm
@@ -526,11 +527,11 @@ class Run:
         if self.options.fold_batchnorm:
             self._folded, why = folded_model(model, self._fold_key)
             if self._folded is None:
-                warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=3)
+                warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=user_stacklevel())
         if self.options.backend is not None:
             why = compile_unavailable(self.options.backend, self.device) or own_hooks(model)
             if why is not None:
-                warnings.warn(f"compile: {why}; running eagerly", stacklevel=3)
+                warnings.warn(f"compile: {why}; running eagerly", stacklevel=user_stacklevel())
             else:
                 base = self._folded if self._folded is not None else model
                 self._compiled_fn = _compiled_model(base, self.options.backend, self.structure)
@@ -622,7 +623,7 @@ class Run:
             return
         why = f"the folded copy failed ({_described(error)})"
         _remember_fold(self.model, self._fold_key, why)
-        warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=4)
+        warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=user_stacklevel())
         self._folded = None
 
     def note_softmax(self, stripped: bool) -> None:
@@ -834,7 +835,7 @@ def _compiles(rec: _Record, sizes: _Record, x: Tensor) -> bool:
                       f"{have} are compiled already, the most a model keeps (ONE_PASS_SIZES = {ONE_PASS_SIZES}: "
                       "each is a graph, and dynamo compiles a model class at most 8 times); calls of any other size "
                       "run eagerly (the same results); salience._core.perf.clear_cache() forgets the sizes, "
-                      "torch._dynamo.reset() the graphs", stacklevel=4)
+                      "torch._dynamo.reset() the graphs", stacklevel=user_stacklevel())
     return False
 
 

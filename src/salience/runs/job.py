@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from salience._core import perf as _perf
 from salience._core.autograd import forward_scores, class_probabilities, unwrap_output
 from salience._core.engine import MemoryProbe, default_budget
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.info import ModelInfo
 from salience._core.tensors import model_device
 from salience.evidence.faithfulness import deletion, insertion
@@ -285,7 +285,8 @@ def _warn_gaps(plan: Plan, name: str, found: Sequence[GapReport], indices: Seque
     names = [str(plan.paths[indices[pos]]) for pos in r.images]
     prefix = "" if name == "integrated_gradients" else f"method {name}: "
     warnings.warn(CompletenessWarning(prefix + r.message(names) + " (said once per run: the images of later "
-                                      "batches are not named)", names, r.relative_gaps, r.steps), stacklevel=3)
+                                      "batches are not named)", names, r.relative_gaps, r.steps),
+                  stacklevel=user_stacklevel())
 
 
 def _map_shape(plan: Plan, model: nn.Module, name: str, like: Tensor) -> tuple[int, ...]:
