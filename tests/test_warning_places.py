@@ -193,13 +193,17 @@ def test_a_labels_csv_naming_some_images_warns_at_the_callers_line(tmp_path):
 
 
 def test_a_dataset_runs_completeness_warning_points_at_the_callers_line(tmp_path):
-    """A dataset run's one ``CompletenessWarning`` (``runs.job``): it pointed at ``runs/job.py``."""
+    """A dataset run's one ``CompletenessWarning`` (``runs.job``): it pointed at ``runs/job.py``. A run
+    without a batch size also gave a second one, from the one-image probe that chooses the size
+    (``job.choose_batch``, outside the run's ``collect_gaps``: "of image 0", at ``runs/dataset.py``);
+    the probe now drops its reports, and the run names its images once."""
     from conftest import RandomImages
 
     found = _caught(CompletenessWarning, salience.explain_dataset, _Steep(), RandomImages(2),
                     ["integrated_gradients"], tmp_path / "run", workers=0, target=0,
                     method_options={"integrated_gradients": {"steps": 2}})
     assert not _places(found), _places(found)
+    assert len(found) == 1 and "RandomImages[0]" in str(found[0].message), [str(w.message) for w in found]
 
 
 def test_a_run_folder_that_cannot_be_locked_warns_at_the_callers_line(tmp_path, monkeypatch):

@@ -399,12 +399,14 @@ def choose_batch(model: nn.Module, item: Item, plan: Plan, cap: int) -> int:
     the parameters converted to channels-last, the autocast's copies of the weights). In fp32 on the
     model as it is, the measure is the conservative one, and the batch size the same under every
     option. The method's other options reach it as they reach the batches: those that change the work
-    (``samples``, ``steps``) and its memory (``chunk``, ``max_memory``: a many-pass method's peak)."""
+    (``samples``, ``steps``) and its memory (``chunk``, ``max_memory``: a many-pass method's peak).
+    Integrated Gradients' completeness reports of the probe's image are dropped (the run says its
+    images' once, by path)."""
     device = model_device(model)
     x = item.x[None].to(device)
     name, fn = next(iter(plan.methods.items()))
     probe = MemoryProbe()
-    with _perf.plain(), probe:
+    with _perf.plain(), collect_gaps(), probe:  # its completeness reports dropped: the run says its own
         probs, _ = _predictions(model, x)
         _method_maps(fn, model, x, _targets(plan, probs, [item.index]), plan, [item.index])
     per = max(int(probe.peak), 1)
