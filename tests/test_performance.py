@@ -987,6 +987,41 @@ def test_the_batch_size_probe_is_the_same_under_every_performance_option():
     assert graphs == []
 
 
+def test_the_batch_size_probe_ignores_a_methods_own_performance_keywords():
+    """The probe of ``job.choose_batch`` ran under the default options of the run, but a method's own
+    keywords (``method_options={"smoothgrad": {"compile": ...}}`` of a dataset run, a
+    ``functools.partial``) come over the settings in force, so they still reached it: ``compile``
+    left the probe's compiled model in the process's cache, channels-last gave 1692 images instead of
+    4206 (the parameters' conversion counted as the image's), bf16 3335 (the weights' copies). Now the probe
+    runs under ``perf.plain()``: the same batch size under each keyword, nothing compiled. The
+    keywords that set the work or its memory (``samples``, ``chunk``) still reach it, as they reach
+    the batches."""
+    import functools
+
+    from salience.runs import job
+    from salience.runs.sources import Item
+
+    model = ThreeConv(width=64).eval()
+    item = Item(0, torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0)), 8, 8, None, None, None)
+
+    def chosen(fn):
+        return job.choose_batch(model, item, job.Plan({"smoothgrad": fn}, None, ["a"], mode="top", k=2), 10 ** 9)
+
+    smooth = functools.partial(salience.smoothgrad, samples=6, chunk=2)
+    base = chosen(smooth)
+    backend, graphs, calls = counting_backend()
+    for options in (dict(compile=backend), dict(memory_format="channels_last"), dict(precision="bf16")):
+        _perf.clear_cache()
+        with warnings.catch_warnings(), unchanged(model):
+            warnings.simplefilter("ignore")  # bf16 autocast on a CPU
+            assert chosen(functools.partial(smooth, **options)) == base, options
+        assert not _perf._compiled, options
+    assert graphs == [] and calls == []
+    assert chosen(functools.partial(smooth, chunk=1)) > base  # a smaller chunk: less memory per image
+    with _perf.plain(), pytest.raises(SalienceError, match="precision"):
+        salience.smoothgrad(model, item.x[None], samples=2, precision="int8")  # checked all the same
+
+
 def test_one_pass_compiles_the_size_that_recurs_not_the_first_calls():
     """compile= on the one-pass methods: the batch size of the first call was the one compiled size
     for the process, so one image tried first (a probe, a notebook's first look) left every later

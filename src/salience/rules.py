@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.guard import check_python_model
 
 __all__ = ["BackpropRule", "GuidedRule", "DeconvnetRule", "guided", "deconvnet", "check_model", "UNSUPPORTED"]
@@ -279,22 +279,9 @@ class BackpropRule(TorchFunctionMode):
             warnings.warn(
                 f"{self.name}: the rule is not defined for {sum(self.unsupported_seen.values())} activation "
                 f"call(s) in this model ({what}); the plain gradient passed through them",
-                stacklevel=_caller_level(),
+                stacklevel=user_stacklevel(),
             )
         return result
-
-
-def _caller_level() -> int:
-    """``stacklevel`` pointing at the first frame outside salience, contextlib and torch."""
-    import os
-    import sys
-
-    skip = tuple(os.path.dirname(m.__file__) for m in (sys.modules["salience"], torch))
-    skip += (sys.modules["contextlib"].__file__,)
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class GuidedRule(BackpropRule):

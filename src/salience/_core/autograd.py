@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from salience._core import perf as _perf
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
@@ -453,7 +453,7 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
             "the model's output looks like probabilities (non-negative rows summing to 1) but no final "
             "softmax call was seen to take the scores before it; saliency of probabilities is dominated "
             "by the other classes. Give salience the model without its final softmax.",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     for layer, store in zip(layers, captured):
         if not store or not isinstance(store[0], Tensor):

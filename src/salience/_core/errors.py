@@ -1,10 +1,13 @@
-"""The one error class of salience, and the "did you mean" hint its messages share."""
+"""The one error class of salience, the "did you mean" hint its messages share, and where its
+warnings point."""
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 from typing import Sequence
 
-__all__ = ["SalienceError", "suggest"]
+__all__ = ["SalienceError", "suggest", "user_stacklevel"]
 
 
 class SalienceError(ValueError):
@@ -22,3 +25,17 @@ def suggest(name: str, choices: "Sequence[str]", n: int = 3) -> str:
     if not close:
         return ""
     return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the caller that points at the first frame outside
+    salience, contextlib and torch: the user's line that called salience, however deep the call
+    (a fixed level points inside salience when the same warning comes by a longer path, e.g. through a
+    ``with`` block's ``contextlib`` frames or from SmoothGrad's inner method)."""
+    skip = tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules.get("salience"), sys.modules.get("torch"))
+                 if m is not None and getattr(m, "__file__", None))
+    skip += (sys.modules["contextlib"].__file__,)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 1

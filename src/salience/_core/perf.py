@@ -61,9 +61,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from salience._core.errors import SalienceError, suggest
+from salience._core.errors import SalienceError, suggest, user_stacklevel
 
-__all__ = ["Performance", "Run", "set_performance", "performance", "current", "resolve", "active",
+__all__ = ["Performance", "Run", "set_performance", "performance", "plain", "current", "resolve", "active",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
            "own_hooks", "observer", "one_pass", "structure"]
 
@@ -138,10 +138,14 @@ class Performance:
 _lock = threading.Lock()
 _process = Performance()
 _override: contextvars.ContextVar[Optional[Performance]] = contextvars.ContextVar("salience_perf", default=None)
+_plain: contextvars.ContextVar[bool] = contextvars.ContextVar("salience_perf_plain", default=False)
 
 
 def current() -> Performance:
-    """The settings in force here: the innermost :func:`performance` block, else the process's."""
+    """The settings in force here: the defaults inside :func:`plain`, else the innermost
+    :func:`performance` block, else the process's."""
+    if _plain.get():
+        return Performance()
     o = _override.get()
     return o if o is not None else _process
 
@@ -168,6 +172,19 @@ def performance(**options: Any) -> Iterator[Performance]:
         _override.reset(token)
 
 
+@contextmanager
+def plain() -> Iterator[None]:
+    """Every pass in the block runs with the default options (``Performance()``), whatever the settings
+    in force and whatever a method's own keywords say (``compile=``, ``memory_format=``,
+    ``precision=``: :func:`resolve` checks them, then gives the defaults); for a measure that must not
+    depend on how the passes run (a dataset run's batch-size probe, :func:`salience.runs.job.choose_batch`)."""
+    token = _plain.set(True)
+    try:
+        yield
+    finally:
+        _plain.reset(token)
+
+
 def _replace(base: Performance, options: dict) -> Performance:
     unknown = set(options) - {"memory_format", "compile", "precision", "chunks", "fold_batchnorm"}
     if unknown:
@@ -178,9 +195,11 @@ def _replace(base: Performance, options: dict) -> Performance:
 
 def resolve(memory_format: Optional[str] = None, compile: Any = None, precision: Optional[str] = None,
             fold_batchnorm: Optional[bool] = None) -> Performance:
-    """A method's keywords over the settings in force (``None``: the setting)."""
-    return _replace(current(), dict(memory_format=memory_format, compile=compile, precision=precision,
-                                    fold_batchnorm=fold_batchnorm))
+    """A method's keywords over the settings in force (``None``: the setting); the defaults inside
+    :func:`plain` (the keywords checked all the same)."""
+    options = _replace(current(), dict(memory_format=memory_format, compile=compile, precision=precision,
+                                       fold_batchnorm=fold_batchnorm))
+    return Performance() if _plain.get() else options
 
 
 # --------------------------------------------------------------------------- compiled models
@@ -250,7 +269,8 @@ def _compile_failed(model: nn.Module, backend: Any, why: str, fingerprint: tuple
     key = (id(model), backend if isinstance(backend, str) else id(backend))
     with _lock:
         _compiled[key] = (model, SalienceError(why), fingerprint)
-    warnings.warn(f"compile: {why}; running eagerly (the results are the same, only slower)", stacklevel=4)
+    warnings.warn(f"compile: {why}; running eagerly (the results are the same, only slower)",
+                  stacklevel=user_stacklevel())
 
 
 # --------------------------------------------------------------------------- folded BatchNorm
@@ -507,11 +527,11 @@ class Run:
         if self.options.fold_batchnorm:
             self._folded, why = folded_model(model, self._fold_key)
             if self._folded is None:
-                warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=3)
+                warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=user_stacklevel())
         if self.options.backend is not None:
             why = compile_unavailable(self.options.backend, self.device) or own_hooks(model)
             if why is not None:
-                warnings.warn(f"compile: {why}; running eagerly", stacklevel=3)
+                warnings.warn(f"compile: {why}; running eagerly", stacklevel=user_stacklevel())
             else:
                 base = self._folded if self._folded is not None else model
                 self._compiled_fn = _compiled_model(base, self.options.backend, self.structure)
@@ -603,7 +623,7 @@ class Run:
             return
         why = f"the folded copy failed ({_described(error)})"
         _remember_fold(self.model, self._fold_key, why)
-        warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=4)
+        warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=user_stacklevel())
         self._folded = None
 
     def note_softmax(self, stripped: bool) -> None:
@@ -815,7 +835,7 @@ def _compiles(rec: _Record, sizes: _Record, x: Tensor) -> bool:
                       f"{have} are compiled already, the most a model keeps (ONE_PASS_SIZES = {ONE_PASS_SIZES}: "
                       "each is a graph, and dynamo compiles a model class at most 8 times); calls of any other size "
                       "run eagerly (the same results); salience._core.perf.clear_cache() forgets the sizes, "
-                      "torch._dynamo.reset() the graphs", stacklevel=4)
+                      "torch._dynamo.reset() the graphs", stacklevel=user_stacklevel())
     return False
 
 

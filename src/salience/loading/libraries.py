@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from salience._core.errors import SalienceError, suggest
+from salience._core.errors import SalienceError, suggest, user_stacklevel
 from salience._core.info import ModelInfo, attach_info
 from salience.loading.models import PathLike, imagenet_class_names, load_state, read_state_dict
 
@@ -335,7 +335,8 @@ def hf_info(model: nn.Module, ref: str) -> ModelInfo:
         side = getattr(model.config, "image_size", None)
         size = (int(side), int(side)) if isinstance(side, int) else None
         warnings.warn(f"hf:{ref} has no image-processor config (preprocessor_config.json): images are "
-                      f"resized to {size} without normalization; save the processor beside the model", stacklevel=3)
+                      f"resized to {size} without normalization; save the processor beside the model",
+                      stacklevel=user_stacklevel())
         return ModelInfo(name=f"hf:{ref}", input_size=size, class_names=names)
     size, resize = _hf_geometry(cfg, getattr(model.config, "image_size", None))
     normalize = cfg.get("do_normalize", True)

@@ -21,7 +21,7 @@ from salience import reduce as _reduce
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import backward, check_input
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.tensors import check_int, gaussian_blur, check_flag
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
@@ -153,14 +153,15 @@ def collect_gaps() -> Iterator[list[GapReport]]:
         _gap_sink.reset(token)
 
 
-def report_gaps(report: GapReport, stacklevel: int = 2) -> None:
-    """``report`` to the innermost :func:`collect_gaps`, else a :class:`CompletenessWarning`."""
+def report_gaps(report: GapReport) -> None:
+    """``report`` to the innermost :func:`collect_gaps`, else a :class:`CompletenessWarning` pointing at
+    the user's call (:func:`salience._core.errors.user_stacklevel`)."""
     sink = _gap_sink.get()
     if sink is not None:
         sink.append(report)
     else:
         warnings.warn(CompletenessWarning(report.message(), report.images, report.relative_gaps, report.steps),
-                      stacklevel=stacklevel + 1)
+                      stacklevel=user_stacklevel())
 
 
 @dataclass
@@ -336,7 +337,7 @@ def _check_gap(rel: Tensor, steps: int, rule: str) -> None:
     bad = (worst > GAP_WARNING) | ~torch.isfinite(worst)
     if bool(bad.any()):
         images = bad.nonzero()[:, 0].tolist()
-        report_gaps(GapReport(images, [float(worst[i]) for i in images], steps, _ALIASES.get(rule, rule)), stacklevel=4)
+        report_gaps(GapReport(images, [float(worst[i]) for i in images], steps, _ALIASES.get(rule, rule)))
 
 
 class _Ends:

@@ -175,8 +175,7 @@ class _CopyGaps:
     def report(self) -> None:
         if self.worst:
             images = sorted(self.worst)
-            report_gaps(GapReport(images, [self.worst[b] for b in images], self.steps, self.rule, self.copies),
-                        stacklevel=3)
+            report_gaps(GapReport(images, [self.worst[b] for b in images], self.steps, self.rule, self.copies))
 
 
 def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options: dict) -> None:

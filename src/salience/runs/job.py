@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from salience._core import perf as _perf
 from salience._core.autograd import forward_scores, class_probabilities, unwrap_output
 from salience._core.engine import MemoryProbe, default_budget
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.info import ModelInfo
 from salience._core.tensors import model_device
 from salience.evidence.faithfulness import deletion, insertion
@@ -285,7 +285,8 @@ def _warn_gaps(plan: Plan, name: str, found: Sequence[GapReport], indices: Seque
     names = [str(plan.paths[indices[pos]]) for pos in r.images]
     prefix = "" if name == "integrated_gradients" else f"method {name}: "
     warnings.warn(CompletenessWarning(prefix + r.message(names) + " (said once per run: the images of later "
-                                      "batches are not named)", names, r.relative_gaps, r.steps), stacklevel=3)
+                                      "batches are not named)", names, r.relative_gaps, r.steps),
+                  stacklevel=user_stacklevel())
 
 
 def _map_shape(plan: Plan, model: nn.Module, name: str, like: Tensor) -> tuple[int, ...]:
@@ -389,17 +390,23 @@ def choose_batch(model: nn.Module, item: Item, plan: Plan, cap: int) -> int:
     """Images per batch from memory: one image's peak memory through the first method, measured by
     :class:`~salience._core.engine.MemoryProbe`, against the engine's budget; at most ``cap``.
 
-    The probe runs with the default performance options, whatever the run's: under them its one
-    image would be a call of :func:`salience._core.perf.one_pass` (a size seen, not compiled; it was
-    the one compiled size when the first call's size was: no real batch ran the compiled graph), and
-    its peak would count one-time costs as the image's (the folded copy made in the probe, the parameters converted
-    to channels-last, the autocast's copies of the weights). In fp32 on the model as it is, the
-    measure is the conservative one, and the batch size the same under every option."""
+    The probe runs with the default performance options (:func:`salience._core.perf.plain`), whatever
+    the run's and whatever the method's own keywords (``method_options={"smoothgrad": {"compile": ...}}``,
+    a ``functools.partial``): under them its one image would be a call of
+    :func:`salience._core.perf.one_pass` (a size seen, not compiled; it was the one compiled size when
+    the first call's size was: no real batch ran the compiled graph) or a many-pass call's compiled
+    chunks, and its peak would count one-time costs as the image's (the folded copy made in the probe,
+    the parameters converted to channels-last, the autocast's copies of the weights). In fp32 on the
+    model as it is, the measure is the conservative one, and the batch size the same under every
+    option. The method's other options reach it as they reach the batches: those that change the work
+    (``samples``, ``steps``) and its memory (``chunk``, ``max_memory``: a many-pass method's peak).
+    Integrated Gradients' completeness reports of the probe's image are dropped (the run says its
+    images' once, by path)."""
     device = model_device(model)
     x = item.x[None].to(device)
     name, fn = next(iter(plan.methods.items()))
     probe = MemoryProbe()
-    with _perf.performance(**vars(_perf.Performance())), probe:
+    with _perf.plain(), collect_gaps(), probe:  # its completeness reports dropped: the run says its own
         probs, _ = _predictions(model, x)
         _method_maps(fn, model, x, _targets(plan, probs, [item.index]), plan, [item.index])
     per = max(int(probe.peak), 1)

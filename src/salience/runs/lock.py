@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, user_stacklevel
 
 LOCK_NAME = ".salience-run.lock"
 """The lock file's name inside a run folder (never removed, never an input: a hidden file)."""
@@ -137,7 +137,7 @@ def _locked_file(folder: Path, path: Path) -> Iterator[Optional[Writer]]:
             locked = _try_lock(fd)
         except OSError as e:
             warnings.warn(f"{folder}: cannot lock the run folder ({e.strerror or e}); make sure no other salience "
-                          "process writes it at the same time", stacklevel=5)
+                          "process writes it at the same time", stacklevel=user_stacklevel())
             yield None
             return
         if not locked:
@@ -166,7 +166,7 @@ def _fence(fd: int, folder: Path, token: Optional[str], *, refuse: bool) -> None
                 raise SalienceError(f"{folder}: a process of an earlier run (a Ray actor) is still writing a shard "
                                     f"after {FENCE_WAIT:.0f} s; stop it (or its Ray job), then run again")
             warnings.warn(f"{folder}: a shard is still being written after {FENCE_WAIT:.0f} s; the run ends "
-                          "without waiting for it", stacklevel=6)
+                          "without waiting for it", stacklevel=user_stacklevel())
             break
         if not held:
             time.sleep(0.01)

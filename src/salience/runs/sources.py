@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.info import ModelInfo
 from salience.loading import remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, load_image, normalize_input, resize_crop
@@ -231,7 +231,7 @@ def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[
     if missing:
         warnings.warn(f"--labels-csv {p} names {len(paths) - len(missing)} of the {len(paths)} images; "
                       f"{len(missing)} {'has' if len(missing) == 1 else 'have'} no label (e.g. {missing[0]}) and explain their predicted class; "
-                      "write their paths (or file names) in the CSV", stacklevel=2)
+                      "write their paths (or file names) in the CSV", stacklevel=user_stacklevel())
     return out
 
 
