@@ -57,3 +57,22 @@ class TanhSpike(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.a * torch.tanh(self.b * (x.flatten(1).sum(1) - self.c)))[:, None]
+
+
+class WarnsNet(nn.Module):
+    """A small classifier (one convolution, global average pooling, 5 classes from 3-channel images)
+    that warns ``text`` at each forward pass: every map, curve and sanity check computed on it
+    raises that warning (the explorer must show it as text, whatever markup it holds)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.text = text
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.top = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import warnings
+
+        warnings.warn(self.text, UserWarning, stacklevel=2)
+        return self.top(self.body(x).mean((2, 3)))

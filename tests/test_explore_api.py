@@ -20,7 +20,7 @@ from starlette.testclient import TestClient  # noqa: E402
 import salience  # noqa: E402
 from conftest import unchanged  # noqa: E402
 from explore_helpers import forget, image_endpoints, npy, shapes_files, wait_job  # noqa: E402
-from nets import RenamedLayersNet, TanhSpike  # noqa: E402
+from nets import RenamedLayersNet, TanhSpike, WarnsNet  # noqa: E402
 from salience.explore.app import Hub, create_app  # noqa: E402
 from salience.explore.compute import ModelSlot  # noqa: E402
 from salience.explore.images import FileSource, ImageStore  # noqa: E402
@@ -379,6 +379,94 @@ def test_each_threads_warnings_are_its_own():
     ta.join(10); a_out.set(); tb.join(10)
     assert got == {"a": ["a one", "a two"], "b": ["b one", "b two"]}
     assert (warnings.showwarning, list(warnings.filters)) == before
+
+
+MARKUP = '<img src=x onerror="window.pwned=1"> <b>bold</b> & co'
+"""A warning's text holding markup: the page must show it as these characters, never as HTML."""
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # said on purpose (also outside the captures)
+def test_curves_and_sanity_come_with_their_warnings(tmp_path):
+    """Model a warns at each forward pass: its map, its curves and its sanity check each come with
+    that warning (``result.warnings``; the curves and the test had only the server's log), as the job
+    ends and from the cache. Model b, ``f = tanh(1e4 sum(x))``: integrated gradients' map warns of its
+    completeness gap, its curves warn of nothing; once the map is dropped from the cache the curves
+    compute it again, and its warning comes with them (the map's own is the same text)."""
+    paths, _, _ = shapes_files(tmp_path, n=1)
+    hub = Hub([ModelSlot("a", WarnsNet(MARKUP)), ModelSlot("b", TanhSpike(1.0, 1e4))],
+              ImageStore([FileSource(paths)]))
+    c = TestClient(create_app(hub))
+    try:
+        def ask(model, method):
+            r = c.post("api/explain", json={"model": model, "image": "f0", "method": method, "target": 0})
+            assert r.status_code in (200, 202), r.text
+            return wait_job(_get(c), r.json())
+
+        def on(key, what):
+            r = c.post(f"api/maps/{key}/{what}")
+            assert r.status_code in (200, 202), r.text
+            j = wait_job(_get(c), r.json())
+            assert j["state"] == "done", j
+            return j["result"]
+
+        a = ask("a", "vanilla")
+        assert a["warnings"] == [MARKUP]
+        for what in ("curves", "sanity"):
+            assert on(a["key"], what)["warnings"] == [MARKUP]
+            assert on(a["key"], what)["warnings"] == [MARKUP]  # the cached result too
+        b = ask("b", "integrated_gradients")
+        assert len(b["warnings"]) == 1 and "do not sum to f(x) - f(x')" in b["warnings"][0]
+        assert on(b["key"], "curves")["warnings"] == []
+        forget(hub)
+        assert on(b["key"], "curves")["warnings"] == b["warnings"]
+        assert ask("b", "integrated_gradients")["warnings"] == b["warnings"]  # the map's, kept when computed again
+    finally:
+        hub.close()
+
+
+def test_a_nested_capture_sees_the_inner_ones_warnings(monkeypatch):
+    """The curves compute their map again inside their own capture: the enclosing capture gets the
+    warnings raised inside the inner one too, the inner one only its own, and the log has each once."""
+    import warnings
+
+    from salience.explore.compute import caught_warnings
+
+    logged: list[str] = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: logged.append(str(message)))
+    with caught_warnings() as outer:
+        warnings.warn("before")
+        with caught_warnings() as inner:
+            warnings.warn("inside")
+        warnings.warn("after")
+    assert inner == ["inside"]
+    assert outer == ["before", "inside", "after"]
+    assert logged == ["before", "inside", "after"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # said on purpose (also outside the captures)
+def test_a_gallery_page_comes_with_its_warnings(tmp_path, monkeypatch):
+    """A warning raised while a run is described or a page of its rows is read comes with the
+    answer (``warnings``), which the page shows under the gallery; none: an empty list."""
+    import warnings
+
+    pytest.importorskip("pyarrow")
+    from explore_helpers import hand_run
+    from salience.explore.runs import RunSource
+
+    run = RunSource(hand_run(tmp_path / "run"))
+    hub = Hub([ModelSlot("a", RenamedLayersNet())], ImageStore([run]), runs=[run])
+    c = TestClient(create_app(hub))
+    try:
+        assert c.get("api/runs/r0/rows").json()["warnings"] == []
+        assert c.get("api/runs").json()["runs"][0]["warnings"] == []
+        rows, describe = RunSource.rows, RunSource.describe
+        monkeypatch.setattr(RunSource, "rows", lambda self, **k: warnings.warn(MARKUP) or rows(self, **k))
+        monkeypatch.setattr(RunSource, "describe", lambda self: warnings.warn("described") or describe(self))
+        found = c.get("api/runs/r0/rows", params={"sort": "index", "order": "desc"}).json()
+        assert found["warnings"] == [MARKUP] and [r["index"] for r in found["rows"]] == [1, 0]
+        assert c.get("api/runs").json()["runs"][0]["warnings"] == ["described"]
+    finally:
+        hub.close()
 
 
 def test_a_cached_map_answers_at_once_and_the_model_is_unchanged(env):
@@ -1036,6 +1124,73 @@ def test_compare_weights_and_performance_settings_reach_the_models(monkeypatch):
     from salience.cli import main
 
     assert main(["explore", "--model", "demo:shapes", "--compare-weights", "random"]) == 2
+
+
+def test_several_models_to_compare(tmp_path):
+    """``compare`` a list of models: slots b, c, ... in order, each model's maps its own (equal to the
+    library called on it); one ``compare_load`` for all or one per model, else a clear error."""
+    import dataclasses
+
+    from salience._core.info import attach_info
+    from salience.explore import server
+
+    paths, labels, _ = shapes_files(tmp_path, n=1)
+    a, b = salience.load_model("demo:shapes"), salience.load_model("demo:shapes-cue")
+    c_model = attach_info(RenamedLayersNet(), dataclasses.replace(a.salience_info, name="other", default_layer=None))
+    hub = server.build_hub(a, paths, compare=[b, c_model])
+    try:
+        c = TestClient(create_app(hub))
+        assert [(m["slot"], m["name"]) for m in c.get("api/info").json()["models"]] == \
+            [("a", "demo:shapes"), ("b", "demo:shapes-cue"), ("c", "other")]
+        x = preprocess(load_image(paths[0]), a.salience_info).unsqueeze(0)
+        t = int(labels[0])
+        keys = []
+        for slot, model in (("a", a), ("b", b), ("c", c_model)):
+            r = c.post("api/explain", json={"model": slot, "image": "f0", "method": "vanilla", "target": t}).json()
+            j = wait_job(_get(c), r)
+            keys.append(j["key"])
+            m = npy(c.get(f"api/maps/{j['key']}.npy").content)
+            np.testing.assert_allclose(m, salience.vanilla(model, x, t)[0].numpy(), rtol=1e-5, atol=1e-7)
+        assert c.get("api/figure.png", params={"keys": ",".join(keys)}).status_code == 200
+    finally:
+        hub.close()
+    assert server.compared("demo:shapes") == [("demo:shapes", {})]  # one model, as before
+    assert server.compared(["x", "y"], {"weights": "random"}) == [("x", {"weights": "random"}), ("y", {"weights": "random"})]
+    assert server.compared(["x", "y"], [None, {"weights": "w.pt"}]) == [("x", {}), ("y", {"weights": "w.pt"})]
+    with pytest.raises(salience.SalienceError, match="one for all, or one per model"):
+        server.compared(["x", "y"], [{"weights": "a"}, {"weights": "b"}, {"weights": "c"}])
+
+
+def test_cli_explore_takes_several_compare(monkeypatch):
+    """``--compare`` repeated: every model reaches the server, in order; ``--compare-weights`` once for
+    all, or once per ``--compare``; another count is refused (exit 2), as is a weight without a model."""
+    from salience.cli import main
+    from salience.explore import server
+
+    seen: list[dict] = []
+
+    class Served:
+        url = "http://127.0.0.1:1/"
+
+        class hub:
+            computing = staticmethod(lambda: False)
+
+        def serve_forever(self) -> None:
+            pass
+
+    monkeypatch.setattr(server, "start", lambda model, images, **kw: seen.append({"model": model, **kw}) or Served())
+    base = ["explore", "--model", "demo:shapes"]
+    assert main(base + ["--compare", "demo:shapes-cue"]) == 0
+    assert main(base + ["--compare", "demo:shapes-cue", "--compare", "demo:shapes", "--compare-weights", "random"]) == 0
+    assert main(base + ["--compare", "x", "--compare", "y", "--compare-weights", "a.pt", "--compare-weights",
+                        "random"]) == 0
+    assert [(s["compare"], s["compare_load"]) for s in seen] == [
+        (["demo:shapes-cue"], None), (["demo:shapes-cue", "demo:shapes"], {"weights": "random"}),
+        (["x", "y"], [{"weights": "a.pt"}, {"weights": "random"}])]
+    assert main(base + ["--compare", "x", "--compare-weights", "a", "--compare-weights", "b",
+                        "--compare-weights", "c"]) == 2
+    assert main(base + ["--compare-weights", "random"]) == 2
+    assert len(seen) == 3
 
 
 def test_cli_explore_bad_arguments():

@@ -15,7 +15,7 @@ import pytest
 
 import salience
 from explore_helpers import ARGS, CHROMIUM, browser_api, browser_page, hand_run, shapes_files, shown
-from nets import RenamedLayersNet, TanhSpike
+from nets import RenamedLayersNet, TanhSpike, WarnsNet
 
 INSIDE_OVER_OUTSIDE = 2.0
 """Least ratio of the map's mean brightness on the shape to off it. Grad-CAM's raw map on this
@@ -734,6 +734,60 @@ def test_a_maps_warning_is_shown_under_it(tmp_path):
     assert quiet == 0
 
 
+MARKUP = '<img src=x onerror="window.pwned = 1"><b>bold</b> & co'
+"""A warning holding markup: shown as these characters wherever warnings are shown, never run as HTML."""
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # said on purpose at every forward pass
+def test_warnings_are_shown_as_text_under_the_gallery_the_map_its_curves_and_sanity(tmp_path, monkeypatch):
+    """A model that warns at each forward pass, and a run whose rows warn as they are read: the
+    warning is shown as visible text under the gallery's table, under the map, with its curves and
+    with its sanity badge (the gallery, the curves and the test said it in the server's log only),
+    each time the characters as given: no element made of them, no script run."""
+    import warnings
+
+    from salience._core.info import ModelInfo, attach_info
+    from salience.explore.runs import RunSource
+
+    browser_api()
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    (tmp_path / "imgs").mkdir()
+    paths, _, _ = shapes_files(tmp_path / "imgs", n=1)
+    run = hand_run(tmp_path / "run", path=["one.png", "two.png"])
+    rows = RunSource.rows
+    monkeypatch.setattr(RunSource, "rows", lambda self, **k: warnings.warn(f"gallery {MARKUP}") or rows(self, **k))
+    model = attach_info(WarnsNet(MARKUP), ModelInfo(name="warns", channels=3, input_size=(64, 64),
+                                                    class_names=tuple(salience.data.CLASSES), default_layer="body.0"))
+    explorer = salience.explore(model, paths, run=run, show=False)
+    errors: list[str] = []
+    cell = "td.cell[data-target='a:0']"
+    places = {"gallery": "#run-warnings", "map": f"{cell} [data-what='warnings']",
+              "curves": f"{cell} [data-what='curves'] .warning", "sanity": f"{cell} [data-what='sanity'] .warning"}
+    try:
+        with browser_page(explorer.url, errors, allow_404=True) as page:  # the hand-made run has no thumbnails
+            page.wait_for_function("document.querySelectorAll('#run-body tr').length === 2")
+            page.click("#images img[data-id='f0']")
+            page.locator("#classes button.class[data-index='0']").click()
+            page.select_option("#method", "vanilla")
+            page.click("#add")
+            shown(page, cell, "vanilla")
+            for what in ("curves", "sanity"):
+                page.locator(f"{cell} .tools button", has_text=what).click()
+                page.locator(places[what]).wait_for()
+            said = {k: page.locator(v).inner_text() for k, v in places.items()}
+            visible = {k: page.locator(v).is_visible() for k, v in places.items()}
+            made = {k: page.locator(f"{v} img, {v} b").count() for k, v in places.items()}
+            pwned = page.evaluate("() => window.pwned")
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert all(visible.values()), visible
+    assert said == {"gallery": f"warning: gallery {MARKUP}", "map": f"warning: {MARKUP}",
+                    "curves": f"curves warning: {MARKUP}", "sanity": f"sanity warning: {MARKUP}"}, said
+    assert made == {k: 0 for k in places} and pwned is None
+
+
 def test_a_failed_gallery_page_clears_the_rows_until_the_next_answer(tmp_path):
     """A gallery request that fails (here the server's 503 for the descending order) leaves no rows
     of the settings before in the table, looking current: the rows are cleared and the table says why;
@@ -1072,3 +1126,47 @@ def test_two_models_of_different_channels_side_by_side(tmp_path, gray_slot):
         assert m.max() > 200 and m.min() < 60, (m.min(), m.max())
     preview = np.array(preview).reshape(-1, 4)[:, :3]
     assert ((preview[:, 0] == preview[:, 2]).all()) == (gray_slot == "a")  # the image panel is model a's picture
+
+
+def test_three_models_side_by_side(tmp_path):
+    """--compare given twice: three models, each its own column of classes and cells, each cell's
+    vanilla map drawn (a map over the whole gray range), no error shown and none in the console."""
+    import dataclasses
+
+    from salience._core.info import attach_info
+
+    browser_api()  # skips here without Playwright or Chromium
+    pytest.importorskip("starlette")
+    paths, _, _ = shapes_files(tmp_path, n=1)
+    a, b = salience.load_model("demo:shapes"), salience.load_model("demo:shapes-cue")
+    c = attach_info(RenamedLayersNet(), dataclasses.replace(a.salience_info, name="other", default_layer=None))
+    explorer = salience.explore(a, paths, compare=[b, c], show=False)
+    errors: list[str] = []
+    pixels = """sel => [...document.querySelectorAll(sel)].map(c =>
+        Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data))"""
+    try:
+        with browser_page(explorer.url, errors, viewport={"width": 1600, "height": 1000}) as page:
+            models = page.evaluate("document.getElementById('models').textContent")
+            page.click("#images img[data-id='f0']")
+            for slot in "abc":
+                page.locator(f"#classes button.class[data-model='{slot}']").first.click()
+            page.select_option("#method", "vanilla")
+            page.click("#add")
+            for slot in "abc":
+                shown(page, f"td.cell[data-target^='{slot}:']", "vanilla")
+            heads = page.eval_on_selector_all("#grid-head th", "ths => ths.map(t => t.firstChild.textContent)")
+            states = page.eval_on_selector_all("td.cell .state", "ss => ss.map(s => [s.className, s.textContent])")
+            page.select_option("#cmap", "gray")
+            page.fill("#opacity", "1")  # the maps alone
+            maps = {s: np.array(page.evaluate(pixels, f"td.cell[data-target^='{s}:'] canvas")[0]) for s in "abc"}
+            status = page.get_attribute("#status", "class")
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert models == "a: demo:shapes  vs  b: demo:shapes-cue  vs  c: other", models
+    assert [h.split(":")[0] for h in heads[1:]] == ["a", "b", "c"], heads
+    assert len(states) == 3 and all(cls == "state" and text.startswith("vanilla") for cls, text in states), states
+    assert "error" not in (status or "")
+    for slot, m in maps.items():  # each cell a map: the gray colormap over the whole range
+        m = m.reshape(-1, 4)[:, :3]
+        assert m.max() > 200 and m.min() < 60, (slot, m.min(), m.max())

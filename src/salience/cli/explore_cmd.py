@@ -16,17 +16,20 @@ from salience.loading import DEFAULT_MAX_PIXELS
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("explore", help="a local web page: compare methods, classes and models on your images",
                        description="Start the explorer on 127.0.0.1 and a free port and print its URL: drop an "
-                                   "image, click classes, add methods, change settings, compare two models.",
+                                   "image, click classes, add methods, change settings, compare models.",
                        epilog="models (--model, --compare):\n" + model_specs_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="*", metavar="IMAGE",
                    help="image files or folders to pick from (only these and uploads are ever served); a run "
                         "folder (salience explain DIR --out RUN) adds its gallery of rows")
     add_model_args(p)
-    p.add_argument("--compare", metavar="MODEL", help="a second model shown side by side (same loading options)")
-    p.add_argument("--compare-weights", metavar="FILE",
+    p.add_argument("--compare", metavar="MODEL", action="append", default=None,
+                   help="another model shown side by side (same loading options); repeat it to compare "
+                        "several: --compare A --compare B")
+    p.add_argument("--compare-weights", metavar="FILE", action="append", default=None,
                    help="the --weights of the --compare model, when not the same as --model's ('random' for "
-                        "random weights, e.g. to compare a trained model with its untrained self)")
+                        "random weights, e.g. to compare a trained model with its untrained self); given once it "
+                        "applies to every --compare model, or repeat it once per --compare, in the same order")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other lets anyone who reaches the port "
                         "run the model, and prints a warning)")
@@ -52,11 +55,16 @@ def run(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C."""
     from salience.explore.server import start
 
-    if args.compare_weights is not None and args.compare is None:
+    weights = args.compare_weights or []
+    if weights and not args.compare:
         raise SalienceError("--compare-weights is the weights of the --compare model: give --compare MODEL too")
+    if len(weights) > 1 and len(weights) != len(args.compare):
+        raise SalienceError(f"--compare-weights given {len(weights)} times for {len(args.compare)} --compare models: "
+                            "give it once (for all of them) or once per --compare, in the same order")
     explorer = start(args.model, args.images, compare=args.compare, host=args.host, port=args.port,
                      max_pixels=args.max_pixels, load=_load_options(args), background=False,
-                     compare_load=None if args.compare_weights is None else {"weights": args.compare_weights},
+                     compare_load=None if not weights else [{"weights": w} for w in weights]
+                     if len(weights) > 1 else {"weights": weights[0]},
                      allow_hosts=args.allow_host)
     print(f"salience explore: {explorer.url}  (Ctrl-C stops it)", flush=True)
     if args.open:

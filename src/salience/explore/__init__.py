@@ -39,7 +39,7 @@ def _in_notebook() -> bool:
 
 
 def explore(model: Union[str, nn.Module], images: Optional[Sequence[Union[str, "os.PathLike[str]"]]] = None, *,
-            compare: Union[None, str, nn.Module] = None,
+            compare: Union[None, str, nn.Module, Sequence[Union[str, nn.Module]]] = None,
             run: Union[None, str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]] = None, host: str = "127.0.0.1", port: int = 0,
             max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, show: Optional[bool] = None,
             height: int = 800, allow_hosts: Optional[Sequence[str]] = None, **load: Any) -> Any:
@@ -50,7 +50,7 @@ def explore(model: Union[str, nn.Module], images: Optional[Sequence[Union[str, "
     ``images``: image files or folders to pick from (only these and uploads are served); a folder
     holding ``run.json`` is a dataset run (``salience explain DIR --out RUN``), as is ``run`` (one
     run folder or several): its rows are a gallery to sort and filter, each opened in the explorer.
-    ``compare``: a second model shown side by side. ``host`` / ``port``: where to listen (default
+    ``compare``: another model shown side by side, or a list of them (each a column of its own). ``host`` / ``port``: where to listen (default
     loopback and a free port; another host prints a warning). ``show``: display the page inline
     when in a Jupyter notebook (default), else print the URL: an IFrame of the URL, or of
     ``$JUPYTERHUB_SERVICE_PREFIX/proxy/PORT/`` under JupyterHub (jupyter-server-proxy), or Colab's

@@ -7,7 +7,10 @@ and the server goes on. Computations are jobs on the model's worker (:mod:`salie
 ``POST api/explain`` answers at once, with the map's key when it is cached, else with a job to
 poll (``GET api/jobs/ID``: state, queue position, progress) or cancel (``DELETE api/jobs/ID``).
 A map done comes with ``warnings``: the texts of the warnings its computation raised (e.g.
-integrated gradients' completeness gap: the map cannot be trusted), which the page shows under it.
+integrated gradients' completeness gap: the map cannot be trusted), which the page shows under it;
+so do the result of its curves and of its sanity check (``result.warnings``: theirs, and the map's
+when it was computed again for them), a run described by ``api/runs`` and a page of its rows
+(``warnings``), shown under each (the gallery's under its table).
 
 Endpoints: ``GET api/info`` (models, methods and their options, colormaps, limits), ``GET
 api/colormaps/NAME``, ``GET/POST api/images``, ``GET api/images/ID/picture.png?slot=``, ``GET
@@ -505,10 +508,15 @@ async def on_map(request: Request) -> Response:
     given = compute.read_options(req.method, req.given())
 
     def run(t: Ticker) -> Any:
-        raw = hub.map_raw(key, t, image)
-        if what == "curves":
-            return compute.curves(slot, image, raw, req.target, t)
-        return compute.sanity(slot, image, req.method, req.target, given, t)
+        # the warnings of the curves or the test, and of the map when it is computed again (dropped from
+        # the cache), come with the result (the page shows them under it)
+        with compute.caught_warnings() as said:
+            raw = hub.map_raw(key, t, image)
+            if what == "curves":
+                result = compute.curves(slot, image, raw, req.target, t)
+            else:
+                result = compute.sanity(slot, image, req.method, req.target, given, t)
+        return {**result, "warnings": said}
     job = hub.submit(slot, what, run, key=rkey)
     return JSONResponse({**hub.job_json(job, slot), "key": key}, 202)
 
@@ -545,7 +553,12 @@ async def status(request: Request) -> Response:
 
 async def runs(request: Request) -> Response:
     hub = _hub(request)
-    described = await asyncio.to_thread(lambda: [r.describe() for r in hub.runs.values()])
+    def describe(source: RunSource) -> dict[str, Any]:
+        with compute.caught_warnings() as said:  # e.g. reading its table: shown under the gallery
+            about = source.describe()
+        return {**about, "warnings": said}
+
+    described = await asyncio.to_thread(lambda: [describe(r) for r in hub.runs.values()])
     return JSONResponse({"runs": described})
 
 
@@ -563,14 +576,20 @@ def _opt_float(request: Request, name: str) -> Optional[float]:
 
 
 async def run_rows(request: Request) -> Response:
-    """The run's rows, filtered and sorted, a page of them (``offset``, ``limit`` <= 1000)."""
+    """The run's rows, filtered and sorted, a page of them (``offset``, ``limit`` <= 1000), and the
+    texts of the warnings raised while they were read (``warnings``)."""
     source = _hub(request).run(request.path_params["run"])
     q = request.query_params
     order = q.get("order", "asc")
     if order not in ("asc", "desc"):
         raise HTTPException(400, f"order must be asc or desc, got {order!r}")
+    def listed(**filters: Any) -> dict[str, Any]:
+        with compute.caught_warnings() as said:  # shown under the gallery's table
+            found = source.rows(**filters)
+        return {**found, "warnings": said}
+
     found = await asyncio.to_thread(
-        source.rows, sort=q.get("sort") or "index", descending=order == "desc", cls=q.get("class") or None,
+        listed, sort=q.get("sort") or "index", descending=order == "desc", cls=q.get("class") or None,
         correct=_bool(request, "correct"), min_probability=_opt_float(request, "min_probability"),
         max_probability=_opt_float(request, "max_probability"), metric=q.get("metric") or None,
         low=_opt_float(request, "min"), high=_opt_float(request, "max"),

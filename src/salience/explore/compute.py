@@ -51,8 +51,8 @@ choice, not the paper's: the paper judges the maps by eye. For reference, on dem
 
 
 class ModelSlot:
-    """One model of the page (``name`` "a", or "b" with ``--compare``): the model, its info with
-    class names, the number of outputs, and its worker."""
+    """One model of the page (``name`` "a", then "b", "c", ... for each ``--compare`` model): the
+    model, its info with class names, the number of outputs, and its worker."""
 
     def __init__(self, name: str, model: nn.Module, *, max_queue: int = 256) -> None:
         self.name = name
@@ -243,15 +243,17 @@ def _watched(model: nn.Module, ticker: Ticker) -> Iterator[None]:
 
 
 _capture_lock = threading.Lock()
-_capturing: dict[int, list[tuple[Any, Any, str, int]]] = {}  # thread id -> the warnings it raised
+# thread id -> the records of its captures, the outermost first (nested: a map computed again for its curves)
+_capturing: dict[int, list[list[tuple[Any, Any, str, int]]]] = {}
 _outer: Optional[warnings.catch_warnings] = None
 _forward: Any = warnings.showwarning
 
 
 def _show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    found = _capturing.get(threading.get_ident())
-    if found is not None:
-        found.append((message, category, filename, lineno))
+    stack = _capturing.get(threading.get_ident())
+    if stack:
+        for found in stack:  # an enclosing capture sees what an inner one sees
+            found.append((message, category, filename, lineno))
     else:  # another thread's (the event loop's, a worker not capturing): as before
         _forward(message, category, filename, lineno, file, line)
 
@@ -259,13 +261,14 @@ def _show(message: Any, category: Any, filename: str, lineno: int, file: Any = N
 @contextlib.contextmanager
 def caught_warnings() -> Iterator[list[str]]:
     """The texts of the warnings raised in this thread inside it (each text once, in order), for the
-    page to show with the map; each is also shown once as before (the server's log). Every warning
+    page to show with the result; each is also shown once as before (the server's log). Every warning
     is seen, not only the first of its place in the code (``"always"``: a second image's
     :class:`~salience.methods.integrated.CompletenessWarning` is said too). Thread-safe where
     ``warnings.catch_warnings(record=True)`` is not (its record and filters are the process's: the
     two models' workers at once took each other's warnings, or left the record on): one
     ``catch_warnings`` is held while any thread captures, and its ``showwarning`` sorts the warnings
-    by thread."""
+    by thread. Nested in one thread (the curves computing their map again), the enclosing capture
+    gets the inner one's warnings too, and the log has each once (the outermost says them)."""
     global _outer, _forward
     me = threading.get_ident()
     found: list[tuple[Any, Any, str, int]] = []
@@ -276,13 +279,17 @@ def caught_warnings() -> Iterator[list[str]]:
             _forward = warnings.showwarning
             warnings.simplefilter("always")
             warnings.showwarning = _show
-        _capturing[me] = found
+        _capturing.setdefault(me, []).append(found)
     texts: list[str] = []
     try:
         yield texts
     finally:
         with _capture_lock:
-            del _capturing[me]
+            stack = _capturing[me]
+            del stack[next(i for i, f in enumerate(stack) if f is found)]  # by identity: lists of equal records are ==
+            outermost = not stack
+            if outermost:
+                del _capturing[me]
             if not _capturing and _outer is not None:
                 _outer.__exit__(None, None, None)
                 _outer = None
@@ -290,7 +297,8 @@ def caught_warnings() -> Iterator[list[str]]:
             text = str(message)
             if text not in texts:
                 texts.append(text)
-                _forward(message, category, filename, lineno)
+                if outermost:
+                    _forward(message, category, filename, lineno)
 
 
 # --------------------------------------------------------------------------------- computations

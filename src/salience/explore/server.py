@@ -20,7 +20,7 @@ from salience.explore.runs import RunSource, is_run
 from salience.loading.images import DEFAULT_MAX_PIXELS
 from salience.loading.models import load_model
 
-__all__ = ["Explorer", "start", "build_hub", "is_local", "bind_socket", "REMOTE_WARNING"]
+__all__ = ["Explorer", "start", "build_hub", "compared", "is_local", "bind_socket", "REMOTE_WARNING", "SLOTS"]
 
 REMOTE_WARNING = ("warning: the explorer listens on {host}: anyone who can reach port {port} can run the model "
                   "on their images and read the images you named. Use the default 127.0.0.1 (with SSH port "
@@ -58,19 +58,46 @@ def _slot(name: str, model: ModelLike, load: dict[str, Any]) -> ModelSlot:
     return ModelSlot(name, name_model(m, type(m).__name__) if not isinstance(model, str) else m)
 
 
-def build_hub(model: ModelLike, images: Sequence[Any] = (), *, compare: Optional[ModelLike] = None,
+SLOTS = "abcdefghijklmnopqrstuvwxyz"
+"""The models' slot names: ``a`` the model, ``b``, ``c``, ... the compared ones in order."""
+
+CompareLike = Union[None, ModelLike, Sequence[ModelLike]]
+CompareLoad = Union[None, dict[str, Any], Sequence[Optional[dict[str, Any]]]]
+
+
+def compared(compare: CompareLike, compare_load: CompareLoad = None) -> list[tuple[ModelLike, dict[str, Any]]]:
+    """The models to compare, each with its loading keywords: ``compare`` one model (a spec or a
+    module) or a list of them; ``compare_load`` one dict for all, or a list of as many (``None``
+    for none). A :class:`SalienceError` when the counts differ or there are too many."""
+    models: list[ModelLike] = [] if compare is None else (list(compare) if isinstance(compare, (list, tuple))
+                                                            else [compare])
+    if len(models) > len(SLOTS) - 1:
+        raise SalienceError(f"at most {len(SLOTS) - 1} models to compare, got {len(models)}")
+    if compare_load is None or isinstance(compare_load, dict):
+        loads = [dict(compare_load or {})] * len(models)
+    else:
+        loads = [dict(d or {}) for d in compare_load]
+        if len(loads) != len(models):
+            raise SalienceError(f"compare_load (--compare-weights) gives {len(loads)} settings for {len(models)} "
+                                "compared models: give one for all, or one per model in the same order")
+    return list(zip(models, loads))
+
+
+def build_hub(model: ModelLike, images: Sequence[Any] = (), *, compare: CompareLike = None,
               max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, load: Optional[dict[str, Any]] = None,
-              runs: Sequence[Any] = (), compare_load: Optional[dict[str, Any]] = None) -> Hub:
-    """The server's state: the model (and the ``compare`` model), loaded once, and the images.
-    A folder among ``images`` that holds ``run.json`` is a dataset run, as are ``runs``.
-    ``load``: :func:`load_model`'s keywords for a model spec; ``compare_load``: over them for the
-    ``compare`` model (e.g. other ``weights``)."""
+              runs: Sequence[Any] = (), compare_load: CompareLoad = None) -> Hub:
+    """The server's state: the model (slot ``a``) and each ``compare`` model (``b``, ``c``, ... in
+    order; one model or a list), loaded once, and the images. A folder among ``images`` that holds
+    ``run.json`` is a dataset run, as are ``runs``. ``load``: :func:`load_model`'s keywords for a
+    model spec; ``compare_load``: over them for the compared models (e.g. other ``weights``), one
+    dict for all or a list of one per model (:func:`compared`)."""
+    others = compared(compare, compare_load)
     run_folders = [p for p in images if is_run(p)] + list(runs)
     files = [p for p in images if not is_run(p)]
     run_sources = [RunSource(f, n) for n, f in enumerate(run_folders)]
     load = dict(load or {})
-    slots = [_slot("a", model, load)] + ([_slot("b", compare, {**load, **(compare_load or {})})]
-                                         if compare is not None else [])
+    slots = [_slot("a", model, load)] + [_slot(SLOTS[i + 1], m, {**load, **extra})
+                                         for i, (m, extra) in enumerate(others)]
     sources = ([FileSource(files)] if files else []) + run_sources
     return Hub(slots, ImageStore(sources, max_pixels=max_pixels), runs=run_sources)
 
@@ -142,11 +169,12 @@ class Explorer:
         return f"Explorer({self.url!r})"
 
 
-def start(model: ModelLike, images: Sequence[Any] = (), *, compare: Optional[ModelLike] = None,
+def start(model: ModelLike, images: Sequence[Any] = (), *, compare: CompareLike = None,
           host: str = "127.0.0.1", port: int = 0, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
           load: Optional[dict[str, Any]] = None, background: bool = True, runs: Sequence[Any] = (),
-          compare_load: Optional[dict[str, Any]] = None, allow_hosts: Optional[Sequence[str]] = None) -> Explorer:
-    """Load the models, bind the socket, and (``background``) serve in a thread. A host that is
+          compare_load: CompareLoad = None, allow_hosts: Optional[Sequence[str]] = None) -> Explorer:
+    """Load the models (``compare``: one model or a list, as :func:`build_hub`), bind the socket,
+    and (``background``) serve in a thread. A host that is
     not loopback prints :data:`REMOTE_WARNING` on stderr. Requests are answered only for loopback
     host names and from the page itself (:mod:`salience.explore.hosts`); ``allow_hosts`` adds names
     (a proxy's; ``"*"``: any)."""

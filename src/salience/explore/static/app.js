@@ -268,7 +268,7 @@ async function listRows() {
     // next request that succeeds shows its rows)
     if (asked !== R.asked) return;
     status(e.message, true); R.failed = e.message;
-    body.textContent = ""; R.total = 0;
+    body.textContent = ""; R.total = 0; galleryWarnings([]);
     $("run-page").textContent = `no rows shown: ${e.message}`; $("run-page").className = "error";
     $("run-prev").disabled = R.offset === 0; $("run-next").disabled = true;
     return;
@@ -301,8 +301,17 @@ async function listRows() {
   $("run-page").textContent = (found.total ? `${R.offset + 1}–${R.offset + found.rows.length} of ${found.total}` : "no rows")
     + (found.left_out ? `; ${found.left_out.rows} row(s) left out: ${found.left_out.reason}` : "");
   if (found.left_out) $("run-page").className = "error";
+  galleryWarnings([...(r.warnings || []), ...(found.warnings || [])]);
   // at either end its button is off (it did nothing, looking as if it would)
   $("run-prev").disabled = R.offset === 0; $("run-next").disabled = R.offset + found.rows.length >= found.total;
+}
+
+// The warnings raised while the run was described and this page of rows was read, as text under the
+// table (in place of those before); none: the box is empty and hidden
+function galleryWarnings(texts) {
+  const box = $("run-warnings"); box.textContent = "";
+  box.hidden = !texts.length;
+  for (const t of [...new Set(texts)]) box.append(el("div", {}, `warning: ${t}`));
 }
 
 // ------------------------------------------------------------------ grid
@@ -526,8 +535,12 @@ async function request(cell) {
 // map cannot be trusted), as text under it (the server's log alone was never seen)
 function warned(cell, texts) {
   if (!texts.length) return;
-  under(cell, "warnings", el("div", { class: "warning" }, ...texts.map((t) => el("div", {}, `warning: ${t}`))));
+  under(cell, "warnings", warningBox(texts));
 }
+
+// Warnings as text (never markup: a warning may quote what it was given), one line each
+const warningBox = (texts, what = "") =>
+  el("div", { class: "warning" }, ...texts.map((t) => el("div", {}, `${what ? what + " " : ""}warning: ${t}`)));
 
 // A cell whose map did not come: no map (not an older setting's), and `want` cleared so that picking
 // its image again asks again (the failure stays shown until then, or until its retry button)
@@ -601,7 +614,10 @@ async function onMap(cell, what) {
     if (serial !== cell.serial) return;
     if (j.state !== "done") { toolNote(cell, what, j.error || j.state); return; }
     mapShown(cell);
-    under(cell, what, what === "curves" ? curvesChart(j.result) : badge(j.result));
+    // the warnings raised while they were computed (and the map, when computed again), under them
+    const said = j.result.warnings || [];
+    const shown = what === "curves" ? curvesChart(j.result) : badge(j.result);
+    under(cell, what, said.length ? el("div", {}, shown, warningBox(said, what)) : shown);
   } catch (e) { if (serial === cell.serial) toolNote(cell, what, e.message); }
 }
 
