@@ -863,6 +863,31 @@ def test_the_gallery_leaves_out_a_repeated_index_and_says_which_and_what_to_do(t
     assert "df.drop_duplicates('index')" in said and "delete index.parquet" in said, said
 
 
+def test_the_gallery_of_a_table_without_paths_shows_its_rows(tmp_path):
+    """A run's ``index.parquet`` without a ``path`` column (written by another program): the page
+    read ``row.path.split`` of every row, stopped at the first with a script error and never got
+    ready; now every row is listed, its file name cell empty, and the page is ready without an error."""
+    browser_api()  # skips here without Playwright or Chromium
+    pytest.importorskip("starlette")
+    pq = pytest.importorskip("pyarrow.parquet")
+
+    paths, _, _ = shapes_files(tmp_path, n=3)
+    salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", shard_size=3, batch_size=3,
+                             workers=0)
+    table = pq.read_table(tmp_path / "run" / "index.parquet")
+    pq.write_table(table.drop_columns(["path"]), tmp_path / "run" / "index.parquet")
+    explorer = salience.explore("demo:shapes", run=tmp_path / "run", show=False)
+    errors: list[str] = []
+    try:
+        with browser_page(explorer.url, errors) as page:
+            _wait_rows(page, [0, 1, 2])
+            names = page.eval_on_selector_all("#run-body tr", "trs => trs.map(t => t.children[3].textContent)")
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert names == ["", "", ""], names
+
+
 def _rows_asked(page) -> list[dict]:
     """Every gallery request the page makes from now on, as its query (a list it appends to)."""
     from urllib.parse import parse_qsl, urlsplit

@@ -284,7 +284,7 @@ async function listRows() {
     const thumbs = [0, ...r.methods.map((_, i) => i + 1)].map((t) =>
       el("td", {}, el("img", { src: `api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}&v=${r.version}`, alt: "", loading: "lazy",
                                onerror: gone })));
-    const cells = [...thumbs, el("td", {}, String(row.index)), el("td", { title: row.path }, row.path.split(/[\\/]/).pop()),
+    const cells = [...thumbs, el("td", {}, String(row.index)), el("td", { title: row.path ?? "" }, (row.path ?? "").split(/[\\/]/).pop()),  // a table without paths: none
       el("td", {}, row.error ? `failed: ${row.error}` : (row.predicted_name ?? "")), el("td", {}, num(row.probability))];
     if (r.labels) cells.push(el("td", {}, row.label === null ? "" : (names[row.label] ?? String(row.label))),
       el("td", { class: row.correct ? "right" : "wrong" }, row.correct === null ? "" : (row.correct ? "right" : "wrong")));
