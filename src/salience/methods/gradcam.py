@@ -58,6 +58,8 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       ``layernorm_before`` of the last layer). Not the final output: after the last attention only
       the class token reaches the head, so the patch tokens there get exactly zero gradient
       (measured in ``tests/test_gradcam_transformers.py``) and Grad-CAM's weights would all be 0.
+      Not on a model without a patch embedding whose tokens there are all patches (LeViT: no class
+      token, the head pools them) or one token: the map rule below applies.
     * **Maps**: the module that *finished last* among those whose output depends on the input and
       is a 4-D map, channels first or channels last, or tokens ``(1, N, D)`` that are all patches
       (the rules in :mod:`salience.methods._tokens`; torchvision / timm Swin's ``norm``, ConvNeXt's
@@ -69,7 +71,9 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       preferred to its last child (it finishes later). This gives torchvision's resnet
       ``layer4``, densenet / mobilenet / efficientnet / convnext ``features`` (the last stage's
       output), swin ``norm``, vgg the last ReLU of ``features`` (before the final max-pool), timm
-      ConvNeXt's ``stages``, Hugging Face ConvNeXt's ``convnext.encoder.stages.3``.
+      ConvNeXt's ``stages``, Hugging Face ConvNeXt's ``convnext.encoder.stages.3``, timm LeViT's
+      ``stages``, Hugging Face LeViT's last ``levit.encoder.stages`` (tokens in the one grid a stride
+      gives, :mod:`salience.methods._tokens`; tokens inside an attention module are left out).
 
     :func:`describe_default_layer` says which layer this is and why.
     """
