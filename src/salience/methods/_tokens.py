@@ -27,20 +27,35 @@ the input's ``(H, W)`` (non-square inputs too); then ``prefix = N - h * w``. Whe
 than that grid and no prefix is given (a hierarchical model: Hugging Face Swin's stages and final
 ``layernorm`` are tokens ``(B, h * w, C)`` after patch merging), the grid is halved, rounding up,
 until it has ``N`` cells, with no prefix tokens. With only ``prefix_tokens`` and no patch
-embedding, ``(h, w)`` keeps the input's aspect ratio.
+embedding, ``(h, w)`` keeps the input's aspect ratio, or else is the one stride grid (below) of
+``N - k`` cells.
+
+**Without a patch embedding** (LeViT: a stack of strided convolutions, then tokens that attention
+stages subsample, ``14x14 -> 7x7 -> 4x4`` at 224 px), no ``grid`` and no ``prefix_tokens``: the
+tokens are all patches, in a grid ``(h, w)`` that a whole stride ``s`` gives on the input, ``(ceil(H / s),
+ceil(W / s))`` (padded strided convolutions, LeViT's ``[::2]`` subsampling) or ``(floor(H / s),
+floor(W / s))``, with ``h * w == N``; read so only when exactly one such grid has ``N`` cells and none
+has ``N - 1`` or ``N - 2`` (a class or distillation token before the patches would fit too).
+Otherwise a :class:`SalienceError` names the grids that fit and asks for ``grid`` /
+``prefix_tokens``. Row-major order is what timm's and Hugging Face's LeViT use (``flatten(2)
+.transpose(1, 2)`` after the stem; ``view(B, h, w, C)[:, ::s, ::s]`` to subsample).
 """
 from __future__ import annotations
 
+import functools
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 from salience._core.info import model_info
 
-__all__ = ["Layout", "layer_layout", "token_layout", "patch_embedding", "patch_grid", "channel_count"]
+__all__ = ["Layout", "layer_layout", "token_layout", "patch_embedding", "patch_grid", "channel_count",
+           "stride_grids"]
 
 _HOW = ("pass grid=(h, w) (the patch grid) and prefix_tokens=k (the class / distillation / register tokens "
         "before the patches), with k + h * w equal to the number of tokens (command line: --grid H,W "
@@ -90,14 +105,35 @@ def channel_count(module: nn.Module) -> Optional[int]:
     return None
 
 
+_EMBEDS: ContextVar[Optional[dict]] = ContextVar("salience_patch_embeddings", default=None)
+
+
+@contextmanager
+def one_model() -> Iterator[None]:
+    """Within it, :func:`patch_embedding` walks each model once: for a search that asks it of every
+    layer of one model whose modules do not change meanwhile (the default-layer search)."""
+    token = _EMBEDS.set({})
+    try:
+        yield
+    finally:
+        _EMBEDS.reset(token)
+
+
 def patch_embedding(model: nn.Module, channels: int) -> Optional[tuple[str, nn.Conv2d]]:
     """The first ``Conv2d`` with ``in_channels == channels``, ``stride == kernel_size`` and a kernel
     larger than 1: the patch embedding of a ViT-like model; ``None`` if there is none."""
+    memo, key = _EMBEDS.get(), (id(model), channels)
+    if memo is not None and key in memo:
+        return memo[key]
+    found = None
     for name, m in model.named_modules():
         if (isinstance(m, nn.Conv2d) and m.in_channels == channels and tuple(m.stride) == tuple(m.kernel_size)
                 and max(m.kernel_size) > 1 and not isinstance(m.padding, str)):
-            return name, m
-    return None
+            found = name, m
+            break
+    if memo is not None:
+        memo[key] = found
+    return found
 
 
 def _conv_grid(conv: nn.Conv2d, size: Sequence[int]) -> tuple[int, int]:
@@ -151,6 +187,48 @@ def _merged_grid(g: tuple[int, int], n_tokens: int) -> Optional[tuple[int, int]]
     return None
 
 
+def stride_grids(n: int, size: Sequence[int]) -> list[tuple[int, int]]:
+    """The grids ``(h, w)`` with ``h * w == n`` that a whole stride ``s`` gives on an input of spatial
+    ``size`` ``(H, W)``: ``(ceil(H / s), ceil(W / s))`` or ``(floor(H / s), floor(W / s))``, sorted."""
+    return list(_stride_grids(int(n), int(size[0]), int(size[1])))
+
+
+@functools.lru_cache(maxsize=4096)
+def _stride_grids(n: int, rows: int, cols: int) -> tuple[tuple[int, int], ...]:
+    found: set[tuple[int, int]] = set()
+    if n > 0:
+        for s in range(1, max(rows, cols) + 1):
+            for g in ((-(-rows // s), -(-cols // s)), (rows // s, cols // s)):
+                if g[0] * g[1] == n:
+                    found.add(g)
+    return tuple(sorted(found))
+
+
+def _stride_reading(n_tokens: int, x_shape: Sequence[int], what: str) -> tuple[int, int]:
+    """The grid of ``n_tokens`` tokens that are all patches, on a model without a patch embedding
+    (see the module doc); a :class:`SalienceError` naming what fits when it is not the only reading."""
+    size = x_shape[-2:]
+    fits = stride_grids(n_tokens, size)
+    prefixed = [(k, g) for k in (1, 2) for g in stride_grids(n_tokens - k, size)]
+    if len(fits) == 1 and not prefixed:
+        return fits[0]
+    on = f"the {int(size[0])}x{int(size[1])} input"
+    readings = [f"{g[0]}x{g[1]} patches" for g in fits] + [f"{k} prefix token(s) + {g[0]}x{g[1]} patches"
+                                                             for k, g in prefixed]
+    if not readings:
+        found = f"they fit no grid that a whole stride gives on {on}"
+    elif not fits and len(prefixed) == 1:
+        k, g = prefixed[0]
+        found = (f"they fit a grid of {on} only after prefix tokens ({readings[0]}: if so, pass prefix_tokens={k}; "
+                 f"command line: --prefix-tokens {k})")
+    else:
+        found = f"they fit several readings of {on} ({', '.join(readings)})"
+    raise SalienceError(
+        f"{what} gives {n_tokens} tokens, and salience cannot tell which are patches: the model has no patch "
+        f"embedding (a Conv2d with stride == kernel_size on the {x_shape[1]}-channel input), and {found}; {_HOW}"
+    )
+
+
 def patch_grid(model: nn.Module, x_shape: Sequence[int]) -> Optional[tuple[int, int]]:
     """The patch embedding's output grid ``(h, w)`` for an input of shape ``x_shape``; None without one."""
     embed = patch_embedding(model, int(x_shape[1]))
@@ -200,12 +278,16 @@ def token_layout(model: nn.Module, x_shape: Sequence[int], n_tokens: int, *, gri
         if g is not None and g[0] * g[1] > n_tokens and not k:
             g = _merged_grid(g, n_tokens) or g  # Hugging Face Swin's later stages: (B, h * w, C), no prefix
         elif g is None and k is not None:
-            g = _aspect_grid(n_tokens - k, x_shape[-2:])
-        if g is None:
-            raise SalienceError(
-                f"{what} gives {n_tokens} tokens, and salience cannot tell which are patches: the model has no "
-                f"patch embedding (a Conv2d with stride == kernel_size on the {x_shape[1]}-channel input); {_HOW}"
-            )
+            fits = stride_grids(n_tokens - k, x_shape[-2:])
+            g = _aspect_grid(n_tokens - k, x_shape[-2:]) or (fits[0] if len(fits) == 1 else None)
+            if g is None:
+                raise SalienceError(
+                    f"{what} gives {n_tokens} tokens, and salience cannot tell the grid of the {n_tokens - k} after "
+                    f"prefix_tokens={k}: the model has no patch embedding (a Conv2d with stride == kernel_size on the "
+                    f"{x_shape[1]}-channel input), and no single grid of the input's size has that many cells; {_HOW}"
+                )
+        elif g is None:
+            g, k = _stride_reading(n_tokens, x_shape, what), 0
     if k is None:
         k = n_tokens - g[0] * g[1]
         if k < 0:

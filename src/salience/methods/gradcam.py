@@ -31,7 +31,7 @@ from salience._core.tensors import check_flag
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike, split
 from salience.methods._multi import finish, several_targets
-from salience.methods._tokens import Layout, channel_count, layer_layout, patch_grid
+from salience.methods._tokens import Layout, channel_count, layer_layout, one_model, patch_grid
 
 __all__ = ["gradcam", "guided_gradcam", "default_layer", "describe_default_layer", "gradient_cam",
            "resolve_cam_layer", "grid_layout", "upsample_maps"]
@@ -58,6 +58,8 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       ``layernorm_before`` of the last layer). Not the final output: after the last attention only
       the class token reaches the head, so the patch tokens there get exactly zero gradient
       (measured in ``tests/test_gradcam_transformers.py``) and Grad-CAM's weights would all be 0.
+      Not on a model without a patch embedding whose tokens there are all patches (LeViT: no class
+      token, the head pools them) or one token: the map rule below applies.
     * **Maps**: the module that *finished last* among those whose output depends on the input and
       is a 4-D map, channels first or channels last, or tokens ``(1, N, D)`` that are all patches
       (the rules in :mod:`salience.methods._tokens`; torchvision / timm Swin's ``norm``, ConvNeXt's
@@ -69,7 +71,9 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       preferred to its last child (it finishes later). This gives torchvision's resnet
       ``layer4``, densenet / mobilenet / efficientnet / convnext ``features`` (the last stage's
       output), swin ``norm``, vgg the last ReLU of ``features`` (before the final max-pool), timm
-      ConvNeXt's ``stages``, Hugging Face ConvNeXt's ``convnext.encoder.stages.3``.
+      ConvNeXt's ``stages``, Hugging Face ConvNeXt's ``convnext.encoder.stages.3``, timm LeViT's
+      ``stages``, Hugging Face LeViT's last ``levit.encoder.stages`` (tokens in the one grid a stride
+      gives, :mod:`salience.methods._tokens`; tokens inside an attention module are left out).
 
     :func:`describe_default_layer` says which layer this is and why.
     """
@@ -149,7 +153,10 @@ def _global_attention(c: _Call, grid: Optional[tuple[int, int]]) -> bool:
 
 def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call]) -> Optional[str]:
     """The ViT rule of :func:`default_layer`: the module that finished last before the last
-    global attention call on tokens, outside it, with the attention's output shape; None if none."""
+    global attention call on tokens, outside it, with the attention's output shape; None if none,
+    or if the model has no patch embedding and that module's tokens are all patches (LeViT: no
+    class token, the head pools the tokens; the map rule then takes the last token stage) or a
+    single token (a class attention's, VOLO's: nothing spatial)."""
     grid = patch_grid(model, x.shape)
     at = [i for i, c in enumerate(calls) if _global_attention(c, grid)]
     if not at:
@@ -159,22 +166,35 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call]) -> O
     for c in reversed(calls[:at[-1]]):
         inside = c.name.startswith(att.name + ".")
         if not inside and isinstance(c.output, Tensor) and c.output.shape == shape:
+            if grid is None and (shape[1] == 1 or _all_patches(model, x, c, shape)):
+                return None  # a single token (a class attention's) or all patches: the map rule
             return c.name
     return None
 
 
+def _all_patches(model: nn.Module, x: Tensor, c: _Call, shape: Any) -> bool:
+    """Whether ``c``'s output of ``shape`` ``(1, N, D)`` reads as tokens that are all patches (no prefix);
+    without a patch embedding only when ``D`` is the module's known channel count (not a flattened
+    ``(1, C, h * w)`` map) and the grid is the one that fits (:mod:`salience.methods._tokens`)."""
+    if len(shape) != 3 or shape[0] != 1:
+        return False
+    if patch_grid(model, x.shape) is None and channel_count(c.module) != shape[-1]:
+        return False
+    try:
+        layout = layer_layout(model, c.module, shape, x.shape, what=f"layer {c.name!r}")
+    except SalienceError:
+        return False
+    return layout.prefix == 0
+
+
 def _candidate_layout(model: nn.Module, x: Tensor, c: _Call, seen: dict) -> Optional[Layout]:
     """The layout of a 4-D output, or of tokens ``(1, N, D)`` that are all patches (a hierarchical
-    model's, such as Hugging Face Swin's; ViTs take the attention rule); None if it is neither."""
+    model's, such as Hugging Face Swin's, or LeViT's; ViTs take the attention rule); None if it is neither."""
     out = c.output
     if out.dim() == 3:
-        if out.shape[0] != 1 or patch_grid(model, x.shape) is None:
+        if not _all_patches(model, x, c, out.shape):
             return None
-        try:
-            layout = layer_layout(model, c.module, out.shape, x.shape, what=f"layer {c.name!r}")
-        except SalienceError:
-            return None
-        return layout if layout.prefix == 0 else None
+        return layer_layout(model, c.module, out.shape, x.shape, what=f"layer {c.name!r}")
     if channel_count(c.module) is None and tuple(out.shape) in seen:
         return seen[tuple(out.shape)]  # an activation keeps the layout of the map it came from
     layout = layer_layout(model, c.module, out.shape, x.shape, what=f"layer {c.name!r}")
@@ -182,24 +202,28 @@ def _candidate_layout(model: nn.Module, x: Tensor, c: _Call, seen: dict) -> Opti
     return layout
 
 
-def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call]) -> list[tuple[str, Tensor]]:
-    """Map outputs as ``(name, (B, K, h, w))``, in finishing order, by the rules of :func:`default_layer`."""
+def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call]) -> list[tuple[str, Tensor, bool]]:
+    """Map outputs as ``(name, (B, K, h, w), whether tokens)``, in finishing order, by the rules of
+    :func:`default_layer`."""
     counts = collections.Counter(c.name for c in calls)
     pooled = {id(c.output) for c in calls if isinstance(c.module, _POOLS)}
+    # Tokens inside an attention module (queries, keys, values) are not the model's token stream.
+    inner = tuple(n + "." for n, m in model.named_modules() if n and "Attention" in type(m).__name__)
     kept: list[Tensor] = []
     seen: dict[tuple[int, ...], Layout] = {}
     cands = []
     for c in calls:
         out = c.output
         if (counts[c.name] != 1 or not isinstance(out, Tensor) or out.dim() not in (3, 4) or not out.requires_grad
-                or isinstance(c.module, _POOLS + (nn.Identity,)) or id(out) in pooled):
+                or isinstance(c.module, _POOLS + (nn.Identity,)) or id(out) in pooled
+                or (out.dim() == 3 and c.name.startswith(inner))):
             continue
         if any(out is not k and out.data_ptr() == k.data_ptr() and out.numel() == k.numel() for k in kept):
             continue  # a permuted / reshaped view of an earlier candidate: keep the original
         layout = _candidate_layout(model, x, c, seen)
         if layout is not None:
             kept.append(out)
-            cands.append((c.name, layout.to_grid(out)))
+            cands.append((c.name, layout.to_grid(out), layout.kind == "tokens"))
     return cands
 
 
@@ -213,6 +237,12 @@ def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
     if info_layer:
         resolve_layer(model, info_layer)
         return info_layer, "the model's ModelInfo.default_layer"
+    with one_model():
+        return _search(model, x)
+
+
+def _search(model: nn.Module, x: Tensor) -> tuple[str, str]:
+    """The heuristic of :func:`default_layer` (the ViT rule, else the map rule): ``(name, why)``."""
     calls = _record_calls(model, x)
     vit = _before_last_attention(model, x, calls)
     if vit is not None:
@@ -230,8 +260,15 @@ def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
             "Grad-CAM; pass layer= (a module or a dotted name from model.named_modules()) with a spatial output"
             + hidden
         )
-    return chosen[-1][0], ("the last layer with a spatial map" if spatial else
-                           "the last layer with a 4-D output (none has h * w > 1 on this input)")
+    if not spatial:
+        return chosen[-1][0], "the last layer with a map (none has h * w > 1 on this input: use a larger input)"
+    after = max(i for i, c in enumerate(cands) if c[1].shape[-2:].numel() > 1) + 1
+    later = [c for c in cands[after:] if c[2]]
+    if not later:
+        return chosen[-1][0], "the last layer with a spatial map"
+    # A token stage that subsampling left with one token (LeViT on a small input), or a class token: say so.
+    return chosen[-1][0], (f"the last layer with a spatial map; the later token layer {later[-1][0]!r} holds a single "
+                           "token on this input, so its map would be constant")
 
 
 def resolve_cam_layer(model: nn.Module, x: Tensor, layer: Optional[LayerSpec]) -> nn.Module:

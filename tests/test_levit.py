@@ -1,0 +1,132 @@
+"""CAMs on token models without a patch-embedding convolution: LeViT (timm ``levit_128s``, Hugging
+Face ``LevitForImageClassification``; random weights, no download). Their stem is a stack of strided
+convolutions, then tokens that attention stages subsample (14x14 -> 7x7 -> 4x4 at 224 px), in
+row-major order (timm and Hugging Face: ``flatten(2).transpose(1, 2)`` after the stem,
+``view(B, h, w, C)[:, ::2, ::2]`` to subsample). No class token: the head averages the tokens.
+
+The default layer is the last token stage, its grid the one a whole stride gives on the input
+(``salience.methods._tokens``), checked against Grad-CAM written out by hand on grids written by hand.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import salience
+from salience import SalienceError
+from salience.methods.gradcam import default_layer, describe_default_layer
+
+from conftest import unchanged
+from tiny_vit import TinyViT
+
+import timm  # noqa: E402 - in the test extra: tested, never skipped
+import transformers  # noqa: E402
+from transformers import LevitConfig, LevitForImageClassification  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+logging.getLogger("timm").setLevel(logging.ERROR)
+
+
+def hf_levit(size):
+    torch.manual_seed(0)
+    cfg = LevitConfig(image_size=size, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 2, 2], depths=[1, 1, 1],
+                      key_dim=[8, 8, 8], mlp_ratio=[2, 2, 2], attention_ratio=[2, 2, 2], num_labels=5)
+    return LevitForImageClassification(cfg).eval()
+
+
+def timm_levit(size):
+    torch.manual_seed(0)
+    return timm.create_model("levit_128s", pretrained=False, img_size=size).eval()
+
+
+def by_hand(net, x, layer, target, h, w):
+    """Grad-CAM written out: a hook keeps the layer's tokens (B, N, D) and one backward of the target's
+    logit gives their gradient; both reshaped by hand to (B, D, h, w), row-major; ReLU(sum_k mean_ij(G_k)
+    A_k), bilinear to the input's size."""
+    kept = []
+    handle = net.get_submodule(layer).register_forward_hook(lambda m, i, o: kept.append(o))
+    try:
+        out = net(x.clone().requires_grad_(True))
+    finally:
+        handle.remove()
+    out = out if isinstance(out, torch.Tensor) else out.logits
+    (grad,) = torch.autograd.grad(out[torch.arange(len(x)), target].sum(), kept[0])
+    assert kept[0].shape[1] == h * w
+    a = kept[0].detach().reshape(len(x), h, w, -1).permute(0, 3, 1, 2)
+    g = grad.reshape(len(x), h, w, -1).permute(0, 3, 1, 2)
+    cam = (g.mean(dim=(2, 3), keepdim=True) * a).sum(1).clamp(min=0)
+    return F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+@pytest.mark.parametrize("build, size, layer, grid", [
+    (timm_levit, (224, 224), "stages", (4, 4)),
+    (timm_levit, (160, 224), "stages", (3, 4)),  # 10x14 -> 5x7 -> 3x4
+    (hf_levit, (192, 192), "levit.encoder.stages.2", (3, 3)),  # 12x12 -> 6x6 -> 3x3
+])
+def test_default_layer_is_the_last_token_stage_and_gradcam_equals_the_hand_computation(build, size, layer, grid):
+    net = build(size if build is timm_levit else size[0])
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, *size)
+    assert default_layer(net, x) == layer
+    said = describe_default_layer(net, x)
+    assert f"0 prefix token(s) + a {grid[0]}x{grid[1]} grid" in said and "the last layer with a spatial map" in said
+    assert "class token" not in said  # LeViT has none: the old reason (the ViT rule's) was wrong here
+    target = torch.tensor([1, 3])
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target)
+    ref = by_hand(net, x, layer, target, *grid)
+    assert cam.shape == (2, *size) and ref.std() > 0
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+    # the grid given by hand reads the same tokens the same way
+    torch.testing.assert_close(salience.gradcam(net, x, target, grid=grid, prefix_tokens=0), cam)
+
+
+def test_the_other_cams_take_the_default_too():
+    net, x = hf_levit(64 * 3), torch.rand(1, 3, 192, 192)
+    for method in (salience.gradcam_plus_plus, salience.layercam, salience.scorecam):
+        m = method(net, x, 2)
+        assert m.shape == (1, 192, 192) and torch.isfinite(m).all()
+
+
+def test_hf_levit_with_one_token_left_takes_the_last_spatial_layer_and_says_why():
+    """At 64 px the 4x4 tokens become 2x2, then 1: the last stage's map would be one constant value."""
+    net, x = hf_levit(64), torch.rand(2, 3, 64, 64)
+    said = describe_default_layer(net, x)
+    assert said.startswith("levit.encoder.stages.1.layers.1 ") and "a 2x2 grid" in said
+    assert "'levit.encoder.stages.2' holds a single token on this input, so its map would be constant" in said
+    target = torch.tensor([0, 4])
+    torch.testing.assert_close(salience.gradcam(net, x, target),
+                               by_hand(net, x, "levit.encoder.stages.1.layers.1", target, 2, 2), rtol=1e-4, atol=1e-6)
+    # asked for, the one-token stage is read as a 1x1 grid: a constant map, as a CNN's 1x1 layer gives
+    flat = salience.gradcam(net, x, target, layer="levit.encoder.stages.2")
+    assert (flat == flat[:, :1, :1]).all()
+
+
+def test_tokens_that_fit_two_readings_still_ask_for_grid_and_prefix_tokens():
+    """No patch convolution (unfold + Linear), 4-pixel patches on an 8x12 input: 6 tokens are a 2x3 grid,
+    or 2 prefix tokens and a 2x2 grid (a stride of 4 or 6): salience does not guess."""
+    torch.manual_seed(0)
+    net, x = TinyViT(size=(8, 12), patch=4, prefix=0, conv=False).eval(), torch.rand(2, 3, 8, 12)
+    with pytest.raises(SalienceError, match=r"6 tokens.*several readings of the 8x12 input \(2x3 patches, "
+                                            r"2 prefix token\(s\) \+ 2x2 patches\).*--grid H,W --prefix-tokens K"):
+        salience.gradcam(net, x, 1)
+    assert salience.gradcam(net, x, 1, grid=(2, 3), prefix_tokens=0).shape == (2, 8, 12)
+    # one class token before 3x5 patches: 16 tokens fit no grid of 24x40, 15 do: it says which to pass
+    torch.manual_seed(0)
+    net, x = TinyViT(size=(24, 40), patch=8, prefix=1, conv=False).eval(), torch.rand(1, 3, 24, 40)
+    with pytest.raises(SalienceError, match=r"only after prefix tokens \(1 prefix token\(s\) \+ 3x5 patches: if so, "
+                                            r"pass prefix_tokens=1"):
+        salience.gradcam(net, x, 1)
+    assert salience.gradcam(net, x, 1, prefix_tokens=1).shape == (1, 24, 40)
+
+
+def test_list_says_the_levit_default_layer_and_its_grid(capsys):
+    from salience.cli import main
+
+    assert main(["list", "--model", "timm:levit_128s", "--weights", "random"]) == 0
+    out = capsys.readouterr().out
+    assert ("Grad-CAM layer (default; --layer to change): stages (Sequential, output (1, 16, 384): tokens (B, N, D): "
+            "0 prefix token(s) + a 4x4 grid of patches; the last layer with a spatial map)") in out
