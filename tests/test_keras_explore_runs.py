@@ -3,7 +3,8 @@ model cannot take is one clear line (HTTP 400 from the server, which goes on; a 
 with the SalienceError, writes no shard of the refused batch and continues when run again), and a good
 input gives the closed form (a Flatten + Dense model: the vanilla map is the kernel's column of the
 target class). Before, an image too small for a Keras model of any size gave PyTorch's words with
-Keras's terminal colours (``\\x1b[1m``) and no word of what the Keras model takes."""
+Keras's terminal colours (``\\x1b[1m``) and no word of what the Keras model takes; a dataset whose items
+changed shape gave torch.stack's raw RuntimeError."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
 
 import salience  # noqa: E402
 from salience import SalienceError  # noqa: E402
@@ -144,6 +146,19 @@ def test_the_explorer_gives_the_closed_form_of_a_keras_model(client, tmp_path):
 # --------------------------------------------------------------------------------- dataset runs
 
 
+class Tensors(Dataset):
+    """Items of the shapes given, each a seeded random image."""
+
+    def __init__(self, shapes: list[tuple[int, ...]]):
+        self.shapes = shapes
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.rand(*self.shapes[i], generator=torch.Generator().manual_seed(i))
+
+
 def _shards(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "shards").glob("*.parquet"))
 
@@ -152,6 +167,42 @@ def _check_closed_form(run, kernel: np.ndarray, n: int, k: int = 1) -> None:
     assert run.complete and len(run) == n
     for i in range(n):
         np.testing.assert_allclose(run.map(i, "vanilla"), _vanilla(kernel, k), rtol=1e-5, atol=1e-7)
+
+
+def test_a_dataset_run_stops_on_a_keras_models_refusal_and_continues(tmp_path):
+    """Images 0-3 RGB, then an RGBA one in the second batch beside an RGB one (torch.stack's raw
+    RuntimeError before) and two RGBA ones in the third: the run stops at the second batch with the Keras
+    model's words (what it takes, drop the alpha channel); the first shard stays, nothing of the refused
+    batch is written, the folder is not locked; the same run on fixed images continues it, and every
+    map is the closed form."""
+    km, kernel = _linear()
+    wm = wrap_keras(km)
+    out = tmp_path / "run"
+    args = dict(methods=["vanilla"], out=out, target=1, batch_size=2, shard_size=2, workers=0, map_dtype="float32")
+    with unchanged(wm), pytest.raises(SalienceError) as err:
+        salience.runs.explain_dataset(wm, Tensors([(3, 4, 5)] * 3 + [(4, 4, 5)] * 3), **args)
+    _one_line(str(err.value), "the Keras model 'lin' cannot take the input of shape (1, 4, 4, 5)",
+              "it takes input of shape (None, 4, 5, 3)", "x[:, :3]")
+    assert _shards(out) == ["000000000.parquet"] and not (out / "index.parquet").exists()
+    with pytest.raises(SalienceError) as err:  # continued, then a whole batch of RGBA images
+        salience.runs.explain_dataset(wm, Tensors([(3, 4, 5)] * 4 + [(4, 4, 5)] * 2), **args)
+    _one_line(str(err.value), "'lin' cannot take the input of shape (1, 4, 4, 5)", "x[:, :3]")
+    assert _shards(out) == ["000000000.parquet", "000000002.parquet"]
+    _check_closed_form(salience.runs.explain_dataset(wm, Tensors([(3, 4, 5)] * 6), **args), kernel, 6)
+    assert _shards(out) == ["000000000.parquet", "000000002.parquet", "000000004.parquet"]
+
+
+def test_a_dataset_run_refuses_an_image_of_another_shape_the_model_would_take(tmp_path):
+    """A Keras model of any size takes a 12 x 12 image after 9 x 9 ones, but a run's maps are of one
+    size: the run stops naming both images' shapes (torch.stack's raw error before)."""
+    wm = wrap_keras(_any_size())
+    out = tmp_path / "run"
+    with pytest.raises(SalienceError) as err:
+        salience.runs.explain_dataset(wm, Tensors([(3, 9, 9)] * 3 + [(3, 12, 12)]), ["vanilla"], out, batch_size=2,
+                                      shard_size=2, workers=0)
+    _one_line(str(err.value), "image Tensors[3] has shape (3, 12, 12) but image Tensors[0] had (3, 9, 9)",
+              "all of one shape")
+    assert _shards(out) == ["000000000.parquet"]
 
 
 def test_the_command_line_dataset_run_of_a_keras_model(tmp_path, capsys):
