@@ -225,3 +225,22 @@ def test_a_keras_model_of_another_rank():
         salience.vanilla(wm, torch.rand(1, 3, 9, 9), 0)
     _check(err, "'flat' cannot take the input of shape (1, 3, 9, 9)", "it takes inputs of shape (None, 10)")
     _same_state(before, _state(km))
+
+
+def test_a_model_error_in_terminal_colours_is_quoted_plain():
+    """Keras 3 writes a layer's error in bold (``\\x1b[1m ... \\x1b[0m``); a module that runs Keras layers
+    itself (not through wrap_keras) raised it through salience's one rule for inputs a model cannot take,
+    which quoted the codes into the one-line message (and the page, and the terminal)."""
+
+    class Coloured(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("Exception encountered when calling Conv2D.call().\n\n\x1b[1mCalculated padded input "
+                               "size per channel: (1 x 1). Kernel size: (3 x 3). Kernel size can't be greater than "
+                               "actual input size\x1b[0m\n\nArguments received by Conv2D.call():\n  • inputs=...")
+
+    with pytest.raises(SalienceError) as err:
+        salience.vanilla(Coloured(), torch.rand(1, 3, 3, 3), 0)
+    msg = str(err.value)
+    assert "\x1b" not in msg and "\n" not in msg, msg
+    assert msg.endswith("(the model said: Calculated padded input size per channel: (1 x 1). Kernel size: (3 x 3). "
+                        "Kernel size can't be greater than actual input size)"), msg

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from typing import Sequence
 
-__all__ = ["SalienceError", "suggest", "user_stacklevel"]
+__all__ = ["SalienceError", "suggest", "user_stacklevel", "plain"]
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class SalienceError(ValueError):
@@ -25,6 +28,12 @@ def suggest(name: str, choices: "Sequence[str]", n: int = 3) -> str:
     if not close:
         return ""
     return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour codes (Keras 3 writes a layer's error in bold: ``\\x1b[1m ... \\x1b[0m``),
+    for a message quoting another library's error."""
+    return _ANSI.sub("", text)
 
 
 def user_stacklevel() -> int:

@@ -14,8 +14,10 @@ never modified.
   ``_``), so ``targets.activation``/``gradcam``-style layer arguments can name them. Their outputs
   are channels-last: a filter of a conv layer is ``output[..., k]``, not ``output[:, k]``.
 * An input the Keras model cannot take (channels, size, rank: Keras's "Input 0 of layer ... is
-  incompatible with the layer") is a :class:`SalienceError` naming what the model takes (its
-  ``model.inputs[0].shape``), what it was given and what to do; Keras's error is its ``__cause__``.
+  incompatible with the layer"; an image too small for a model of any size: PyTorch's "Kernel size
+  can't be greater than actual input size" inside a layer) is a :class:`SalienceError` naming what the
+  model takes (its ``model.inputs[0].shape``), what it was given and what to do; Keras's error is its
+  ``__cause__``, quoted without its terminal colours.
 
 Keras is an optional dependency (``pip install salience[keras]``); the backend must be torch:
 this module sets ``KERAS_BACKEND=torch`` when Keras is not imported yet and refuses a Keras that
@@ -32,7 +34,7 @@ from typing import Any, Optional, Union
 from torch import Tensor, nn
 
 from salience._core.autograd import CHANNEL_HINTS
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, plain
 from salience._core.info import ModelInfo, attach_info
 
 __all__ = ["import_keras", "is_keras_model", "KerasModel", "wrap_keras", "load_keras", "find_layer_idx",
@@ -88,11 +90,16 @@ def _input_shape(model: Any) -> Optional[tuple]:
     return tuple(inputs[0].shape)
 
 
+_TOO_SMALL = re.compile(r"kernel size can't be greater than actual input|output size is too small", re.IGNORECASE)
+
 # What Keras 3 says when an input does not fit a model or a layer: its InputSpec checks (shape, rank,
 # an axis's size: "Input 0 of layer 'c1' is incompatible with the layer: expected axis -1 of input
-# shape to have value 3, ...") and Reshape's. Only such a failure becomes a SalienceError.
-_KERAS_INPUT_FAILURE = re.compile(r"is incompatible with the layer|total size of the new array must be unchanged")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# shape to have value 3, ...") and Reshape's (ValueErrors); and, in a model of any size, what PyTorch
+# says inside a layer that the image is too small for (a RuntimeError: "Kernel size can't be greater
+# than actual input size", a pooling's "Output size is too small"). Only such a failure becomes a
+# SalienceError.
+_KERAS_INPUT_FAILURE = re.compile(r"is incompatible with the layer|total size of the new array must be unchanged|"
+                                  + _TOO_SMALL.pattern, re.IGNORECASE)
 
 _CHANNEL_HINTS = {
     "batch": CHANNEL_HINTS,  # the words of a PyTorch model's refusal of the same batch
@@ -140,6 +147,9 @@ def input_error(model: Any, x: Tensor, said: str, *, channels_last: bool = True,
                 "itself: x.permute(0, 3, 1, 2)")
     elif ec is not None and c != ec:
         hint = _CHANNEL_HINTS[mode].get((c, ec), f"give it images of {_count(ec, 'channel')}")
+    elif _TOO_SMALL.search(said):
+        hint = (f"the image is too small for the model's layers (a kernel or a pooling window is larger than "
+                f"what is left of its {h} x {w} pixels): give it larger images, e.g. of the size it was trained on")
     elif (eh is not None and eh != h) or (ew is not None and ew != w):
         hint = (f"resize the image to {eh} x {ew} (height x width)" if seed else
                 f"resize them to {eh} x {ew} (salience.loading.preprocess with the model's info does)")
@@ -151,7 +161,7 @@ def input_error(model: Any, x: Tensor, said: str, *, channels_last: bool = True,
 def _keras_said(e: BaseException) -> Optional[str]:
     """The line of a Keras error that says an input does not fit, without its terminal colours, or ``None``."""
     for line in str(e).splitlines():
-        line = _ANSI.sub("", line).strip()
+        line = plain(line).strip()
         if _KERAS_INPUT_FAILURE.search(line):
             return line
     return None
@@ -163,8 +173,8 @@ class KerasModel(nn.Module):
     ``forward`` permutes image batches to ``(B, H, W, C)``, calls the Keras model in inference mode
     (``training=False``) and returns its output unchanged. ``keras_model`` is the wrapped model;
     its layers are registered as ``layers.<name>``. An input the Keras model refuses (channels, size,
-    rank) is a :class:`SalienceError` saying what it takes and what to do, Keras's error its
-    ``__cause__`` (see :func:`input_error`; ``seed=True`` names the input as keras-vis's ``seed_input``).
+    rank, an image too small for its layers) is a :class:`SalienceError` saying what it takes and what
+    to do, Keras's error its ``__cause__`` (see :func:`input_error`; ``seed=True`` names the input as keras-vis's ``seed_input``).
     """
 
     def __init__(self, model: Any, *, channels_last: bool = True, seed: bool = False):
@@ -191,7 +201,7 @@ class KerasModel(nn.Module):
             x = x.permute(0, 2, 3, 1)
         try:
             return self.keras_model(x, training=False)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:
             said = None if isinstance(e, SalienceError) else _keras_said(e)
             if said is None:
                 raise

@@ -63,6 +63,9 @@ class Plan:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """Each method's map shape for one target (``(H, W)`` or ``(C, H, W)``), once known: the NaN
     maps of a batch without any map of it (only failed images, or the method failed) take it."""
+    first_input: Optional[tuple[int, tuple[int, ...]]] = None
+    """The index and input shape ``(C, H, W)`` of the run's first image explained (with Ray, the
+    actor's): every later image must have that shape (:func:`_check_shape`)."""
     gap_warned: bool = False
     """Whether Integrated Gradients' completeness warning was given in this run (once per run; with
     Ray, once per actor): :func:`_warn_gaps`."""
@@ -234,6 +237,7 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
     firsts: dict[str, Tensor] = {}
     if good:
         device = model_device(model)
+        _check_shape(plan, model, [items[j] for j in good])
         x = torch.stack([items[j].x for j in good]).to(device)
         indices = [items[j].index for j in good]
         with collect_gaps() as found:
@@ -272,6 +276,25 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
             maps[name] = np.full((n, plan.k, *_map_shape(plan, model, name, items[0].x)), np.nan, dtype=np.float32)
     tiles = _tiles(plan, items, good, firsts) if plan.thumbs else None
     return Result(rows, maps, tiles)
+
+
+def _check_shape(plan: Plan, model: nn.Module, items: Sequence[Item]) -> None:
+    """A :class:`SalienceError` (the run stops, the batch's shard unwritten) when an image does not
+    have the shape of the run's first one: a user's dataset whose items are not all the model's input
+    (a raw "stack expects each tensor to be equal size" before, or maps of another size in the run).
+    The model's own words when it cannot take the image (what it takes, what to do), else the shapes'."""
+    for it in items:
+        shape = tuple(it.x.shape)
+        if plan.first_input is None:
+            plan.first_input = (it.index, shape)
+        elif shape != plan.first_input[1]:
+            with torch.no_grad():  # raises the model's SalienceError for an input it refuses
+                forward_scores(model, it.x[None].to(model_device(model)), strip_softmax=False)
+            index, first = plan.first_input
+            raise SalienceError(
+                f"image {plan.paths[it.index]} has shape {shape} but image {plan.paths[index]} had {first}: the "
+                "images of a dataset run are the model's input, all of one shape (C, H, W); give the dataset a "
+                "transform that returns every item as the model takes it")
 
 
 def _warn_gaps(plan: Plan, name: str, found: Sequence[GapReport], indices: Sequence[int]) -> None:
