@@ -809,6 +809,41 @@ def test_the_gallery_leaves_out_a_repeated_index_and_says_which_and_what_to_do(t
     assert "df.drop_duplicates('index')" in said and "delete index.parquet" in said, said
 
 
+def test_a_row_beside_one_without_an_index_opens_and_the_empty_one_is_named(tmp_path):
+    """A run's ``index.parquet`` whose row 1 has an empty (null) index: the page listed rows 0 and 2
+    whose every link (thumbnails, picture, classes) answered 409; now they open (row 2's picture,
+    its five classes, its thumbnails), and the table says which row it left out and why."""
+    browser_api()  # skips here without Playwright or Chromium
+    pytest.importorskip("starlette")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    paths, _, _ = shapes_files(tmp_path, n=3)
+    salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", shard_size=3, batch_size=3,
+                             workers=0)
+    table = pq.read_table(tmp_path / "run" / "index.parquet")
+    pq.write_table(table.set_column(0, "index", pa.array([0, None, 2], pa.int64())), tmp_path / "run" / "index.parquet")
+    explorer = salience.explore("demo:shapes", run=tmp_path / "run", show=False)
+    errors: list[str] = []
+    try:
+        with browser_page(explorer.url, errors) as page:
+            _wait_rows(page, [0, 2])
+            page.wait_for_function("[...document.querySelectorAll('#run-body img')].every(i => i.complete)")
+            thumbs = page.eval_on_selector_all("#run-body img", "imgs => imgs.map(i => i.naturalWidth)")
+            said = page.inner_text("#run-page")
+            page.click("#run-body tr[data-id='r0-2']")
+            page.wait_for_function("document.querySelectorAll('#classes button.class').length === 5")
+            opened = (page.locator("#preview").is_visible(), page.locator("#picture-error").is_visible(),
+                      page.evaluate("document.getElementById('preview').naturalWidth"))
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert thumbs and all(w > 0 for w in thumbs), thumbs
+    assert opened == (True, False, 64), opened
+    assert said.startswith("1–2 of 2; 1 row(s) left out: ") and "1 row(s) without an index (the first: row 1)" in said, \
+        said
+
+
 def _rows_asked(page) -> list[dict]:
     """Every gallery request the page makes from now on, as its query (a list it appends to)."""
     from urllib.parse import parse_qsl, urlsplit
