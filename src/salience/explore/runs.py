@@ -241,8 +241,8 @@ class RunSource:
         """The table less the rows the gallery cannot offer, and what was left out (``None``: nothing).
 
         A row without an index has no id (the other rows open as ever); the rows of an index that
-        several rows share are each refused when opened (:class:`~salience.runs.store.BadIndex`: which one is the image cannot
-        be known). ``left_out``: ``rows``, ``images`` (the repeated index values, which
+        several rows share are each refused when opened (:class:`~salience.runs.store.BadIndex`:
+        which one is the image cannot be known). ``left_out``: ``rows``, ``images`` (the repeated index values, which
         :meth:`count` counts and the gallery does not show; rows without an index are no image
         counted) and ``reason``: the table's refusals, which name the repeated values (the first
         ten) and what to do."""
