@@ -831,22 +831,27 @@ def test_a_failed_gallery_page_clears_the_rows_until_the_next_answer(tmp_path):
 
 
 
+def _edited_run(tmp_path, edit):
+    """A dataset run of 3 demo shapes whose ``index.parquet`` is rewritten as ``edit(table)`` returns
+    it (another program's table); its folder. Skips without Playwright, Chromium or pyarrow."""
+    browser_api()  # skips here without Playwright or Chromium
+    pytest.importorskip("starlette")
+    pq = pytest.importorskip("pyarrow.parquet")
+    paths, _, _ = shapes_files(tmp_path, n=3)
+    salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", shard_size=3, batch_size=3,
+                             workers=0)
+    pq.write_table(edit(pq.read_table(tmp_path / "run" / "index.parquet")), tmp_path / "run" / "index.parquet")
+    return tmp_path / "run"
+
+
 def test_the_gallery_leaves_out_a_repeated_index_and_says_which_and_what_to_do(tmp_path):
     """A run's ``index.parquet`` with index 1 in two rows (a bad merge): the page listed both rows as
     ``r0-1``, which opened nothing but a 409; now it shows the rows that open, and says under the
     table which index is repeated and what to do."""
-    browser_api()  # skips here without Playwright or Chromium
-    pytest.importorskip("starlette")
     pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-
-    paths, _, _ = shapes_files(tmp_path, n=3)
-    salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", shard_size=3, batch_size=3,
-                             workers=0)
-    table = pq.read_table(tmp_path / "run" / "index.parquet")
-    copy = table.slice(2, 1).set_column(0, "index", pa.array([1], pa.int64()))
-    pq.write_table(pa.concat_tables([table, copy]), tmp_path / "run" / "index.parquet")
-    explorer = salience.explore("demo:shapes", run=tmp_path / "run", show=False)
+    run = _edited_run(tmp_path, lambda table: pa.concat_tables(
+        [table, table.slice(2, 1).set_column(0, "index", pa.array([1], pa.int64()))]))
+    explorer = salience.explore("demo:shapes", run=run, show=False)
     errors: list[str] = []
     try:
         with browser_page(explorer.url, errors) as page:
@@ -867,16 +872,8 @@ def test_the_gallery_of_a_table_without_paths_shows_its_rows(tmp_path):
     """A run's ``index.parquet`` without a ``path`` column (written by another program): the page
     read ``row.path.split`` of every row, stopped at the first with a script error and never got
     ready; now every row is listed, its file name cell empty, and the page is ready without an error."""
-    browser_api()  # skips here without Playwright or Chromium
-    pytest.importorskip("starlette")
-    pq = pytest.importorskip("pyarrow.parquet")
-
-    paths, _, _ = shapes_files(tmp_path, n=3)
-    salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", shard_size=3, batch_size=3,
-                             workers=0)
-    table = pq.read_table(tmp_path / "run" / "index.parquet")
-    pq.write_table(table.drop_columns(["path"]), tmp_path / "run" / "index.parquet")
-    explorer = salience.explore("demo:shapes", run=tmp_path / "run", show=False)
+    run = _edited_run(tmp_path, lambda table: table.drop_columns(["path"]))
+    explorer = salience.explore("demo:shapes", run=run, show=False)
     errors: list[str] = []
     try:
         with browser_page(explorer.url, errors) as page:
@@ -886,6 +883,33 @@ def test_the_gallery_of_a_table_without_paths_shows_its_rows(tmp_path):
         explorer.stop()
     assert not errors, errors
     assert names == ["", "", ""], names
+
+
+def test_a_row_beside_one_without_an_index_opens_and_the_empty_one_is_named(tmp_path):
+    """A run's ``index.parquet`` whose row 1 has an empty (null) index: the page listed rows 0 and 2
+    whose every link (thumbnails, picture, classes) answered 409; now they open (row 2's picture,
+    its five classes, its thumbnails), and the table says which row it left out and why."""
+    pa = pytest.importorskip("pyarrow")
+    run = _edited_run(tmp_path, lambda table: table.set_column(0, "index", pa.array([0, None, 2], pa.int64())))
+    explorer = salience.explore("demo:shapes", run=run, show=False)
+    errors: list[str] = []
+    try:
+        with browser_page(explorer.url, errors) as page:
+            _wait_rows(page, [0, 2])
+            page.wait_for_function("[...document.querySelectorAll('#run-body img')].every(i => i.complete)")
+            thumbs = page.eval_on_selector_all("#run-body img", "imgs => imgs.map(i => i.naturalWidth)")
+            said = page.inner_text("#run-page")
+            page.click("#run-body tr[data-id='r0-2']")
+            page.wait_for_function("document.querySelectorAll('#classes button.class').length === 5")
+            opened = (page.locator("#preview").is_visible(), page.locator("#picture-error").is_visible(),
+                      page.evaluate("document.getElementById('preview').naturalWidth"))
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert thumbs and all(w > 0 for w in thumbs), thumbs
+    assert opened == (True, False, 64), opened
+    assert said.startswith("1–2 of 2; 1 row(s) left out: "), said
+    assert "1 row(s) without an index (the first: row 1)" in said, said
 
 
 def _rows_asked(page) -> list[dict]:

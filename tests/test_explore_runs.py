@@ -414,27 +414,74 @@ def test_the_gallery_leaves_out_a_repeated_index_naming_it_and_what_to_do(env, t
         hub.close()
 
 
-def test_a_table_with_rows_without_an_index_is_refused_saying_which(env, tmp_path):
-    """A row whose index is empty (null): no row can be told by its index (a bare ValueError
-    "cannot convert float NaN to integer", a 500 in the explorer); now a SalienceError and a 409
-    naming the first such row and what to do."""
+def _live_map(c, image_id):
+    """The explorer's live vanilla map of ``image_id`` for class 0."""
+    j = wait_job(lambda u: c.get(u).json(), c.post("api/explain", json={
+        "model": "a", "image": image_id, "method": "vanilla", "target": 0}).json())
+    assert j["state"] == "done", j
+    return npy(c.get(f"api/maps/{j['key']}.npy").content)
+
+
+def test_rows_without_an_index_leave_the_others_their_own(env, tmp_path):
+    """A shuffled table whose row 2 (image 5) has an empty (null) index: every lookup was refused
+    (409 "which row is which is then unknown"), so the gallery listed rows whose every link could
+    only fail; now each row with an index is its own image everywhere (row, map, thumbnails,
+    picture, a live map), the empty one is no image's (index 5 is "not in the run", 404, saying
+    it may be a row without an index and what to do), the run is not complete, and running the
+    same command again mends it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    c, hub, run = _rewritten(env, tmp_path, list(range(N)))
+    c, hub, run = _rewritten(env, tmp_path, [3, 0, 5, 1, 4, 2])
     hub.close()
     table = pq.read_table(tmp_path / "run" / "index.parquet")
-    table = table.set_column(0, "index", pa.array([0, None, 2, 3, 4, 5], pa.int64()))
-    pq.write_table(table, tmp_path / "run" / "index.parquet")
+    pq.write_table(table.set_column(0, "index", pa.array([3, 0, None, 1, 4, 2], pa.int64())),
+                   tmp_path / "run" / "index.parquet")
     hub = build_hub("demo:shapes", [tmp_path / "run"])
     c, run = TestClient(create_app(hub)), salience.open_run(tmp_path / "run")
     try:
-        with pytest.raises(salience.SalienceError, match=r"1 row\(s\) without an index \(the first: row 1\)"):
-            run.row(2)
-        r = c.get("api/runs/r0/rows/2")
-        assert r.status_code == 409 and "without an index" in r.json()["error"], r.text
+        assert len(run) == N - 1 and not run.complete and not len(run.repeated())
+        assert "1 row(s) without an index (the first: row 2)" in str(run.index_error())
+        for index in range(N - 1):
+            _same_row_everywhere(env, c, run, index)
+            assert run.thumbnail(index)[1] == env["run"].thumbnail(index)[1]
+        said = r"image 5 is not in the run.*may be one of the rows without an index.*1 row\(s\) without an index " \
+               r"\(the first: row 2\); every row needs its image's index"
+        for call in (lambda: run.row(5), lambda: run.map(5, "vanilla"), lambda: run.thumbnail(5)):
+            with pytest.raises(salience.SalienceError, match=said) as caught:
+                call()
+            assert not isinstance(caught.value, salience.runs.store.BadIndex)
+        for url in ("api/runs/r0/rows/5", "api/runs/r0/rows/5/maps/vanilla.npy", "api/runs/r0/rows/5/thumb.jpg",
+                    "api/images/r0-5/picture.png"):
+            assert c.get(url).status_code == 404, url
+        assert "may be one of the rows without an index" in c.get("api/runs/r0/rows/5").json()["error"]
+        np.testing.assert_array_equal(_live_map(c, "r0-4"), _live_map(env["client"], "r0-4"))
     finally:
         hub.close()
+    again = salience.explain_dataset("demo:shapes", env["paths"], ["vanilla"], tmp_path / "run",
+                                     labels=env["root"] / "labels.csv", metrics=["deletion"], shard_size=4,
+                                     batch_size=4, workers=0)
+    assert again.complete and again.index_error() is None and again.row(5) == env["run"].row(5)
+
+
+def test_a_repeated_index_beside_rows_without_one_names_its_own_rows(env, tmp_path):
+    """Rows without an index and a repeated one: the repeated index's refusal names its rows'
+    positions in the table as it is (the rows without an index counted), and the others are theirs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    c, hub, run = _rewritten(env, tmp_path, [3, 0, 5, 1, 4, 2, 3])
+    hub.close()
+    table = pq.read_table(tmp_path / "run" / "index.parquet")
+    pq.write_table(table.set_column(0, "index", pa.array([None, 0, 5, None, 4, 2, 5], pa.int64())),
+                   tmp_path / "run" / "index.parquet")
+    run = salience.open_run(tmp_path / "run")
+    with pytest.raises(salience.runs.store.BadIndex, match=r"image 5 has 2 rows .*rows 2, 6\)"):
+        run.row(5)
+    assert list(run.repeated()) == [5] and len(run) == 4 and not run.complete
+    for index in (0, 2, 4):
+        assert run.row(index) == env["run"].row(index)
+        np.testing.assert_array_equal(run.map(index, "vanilla"), env["run"].map(index, "vanilla"))
 
 
 def test_a_repeated_index_hiding_a_missing_image_is_not_complete_and_a_rerun_mends_it(env, tmp_path):
@@ -465,7 +512,8 @@ def test_a_repeated_index_hiding_a_missing_image_is_not_complete_and_a_rerun_men
 def test_the_gallery_leaves_out_rows_without_an_index_saying_why(env, tmp_path):
     """A row whose index is null was listed as id ``r0-None``, which cannot be opened; now it is
     left out, the page says how many and why (the table's refusal), the run counts the images with
-    an index and is not complete."""
+    an index and is not complete; the rows it lists open (each answered 409 while any row lacked
+    an index)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -482,6 +530,8 @@ def test_the_gallery_leaves_out_rows_without_an_index_saying_why(env, tmp_path):
             page = _rows(c, **q)
             assert sorted(r["index"] for r in page["rows"]) == [0, 2, 3, 4, 5] and page["total"] == N - 1
             assert all(r["id"] != "r0-None" for r in page["rows"])
+            for r in page["rows"]:
+                assert c.get(f"api/runs/r0/rows/{r['index']}").status_code == 200, (q, r["id"])
             assert page["left_out"]["rows"] == 1
             assert "1 row(s) without an index (the first: row 1)" in page["left_out"]["reason"]
         (described,) = c.get("api/runs").json()["runs"]

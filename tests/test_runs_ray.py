@@ -149,6 +149,59 @@ def test_a_ray_run_is_refused_while_another_holds_the_folder_and_resumes_after_i
         pass
 
 
+def test_a_ray_resume_keeps_a_shard_that_holds_only_some_of_its_images(cluster, images, tmp_path):
+    """A committed shard whose rows file lacks its first two images (edited by hand, or written by
+    another program), resumed on Ray: no committed file is written again (maps, thumbnails, rows),
+    the two missing images go into a shard of their own (``000000000-1``, as the local engine
+    names it), and the run is complete with every row, map and thumbnail the uninterrupted run's."""
+    import pyarrow.parquet as pq
+
+    from salience.explore.runs import RunSource
+
+    folder = tmp_path / "run"
+    whole = _run(images, folder, "local")
+    cols = [c for c in whole.table.column_names if c != "shard"]
+    reference, source = whole.table.select(cols), RunSource(whole)
+    maps = {(i, m): whole.map(i, m, 1) for i in range(N) for m in METHODS}
+    thumbs = {(i, t): source.thumbnail(i, tile=t) for i in range(N) for t in (0, 1, 2)}
+    shard = folder / "shards" / f"{0:09d}.parquet"
+    pq.write_table(pq.read_table(shard).slice(2), shard)  # images 0 and 1 gone; 2-7 keep offsets 2-7
+    (folder / "index.parquet").unlink()
+    kept = _committed(folder)
+    again = _run(images, folder, "ray")
+    after = _committed(folder)
+    assert all(after[k] == v for k, v in kept.items()), "a committed file was written again"
+    added = set(after) - set(kept)
+    assert added == {"shards/000000000-1.parquet", "maps/vanilla/000000000-1.npy", "maps/gradcam/000000000-1.npy",
+                     "thumbs/000000000-1.jpg"}, added
+    assert len(again) == N + 1 and again.complete and again.table.select(cols).equals(reference)
+    assert [again.row(i)["shard"] for i in (0, 1, 2)] == ["000000000-1", "000000000-1", "000000000"]
+    source = RunSource(again)
+    for i in range(N):
+        for m in METHODS:
+            np.testing.assert_array_equal(again.map(i, m, 1), maps[i, m])
+        for t in (0, 1, 2):
+            if i > 1:  # the kept shards' own sprites
+                assert source.thumbnail(i, tile=t) == thumbs[i, t]
+            else:  # a new sprite: the same tiles, JPEG-encoded again
+                assert np.abs(_pixels(source.thumbnail(i, tile=t)) - _pixels(thumbs[i, t])).mean() < 2.0, (i, t)
+
+
+def _committed(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every committed file of a run (rows, maps, thumbnails) with its inode and mtime."""
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for sub in ("shards", "maps", "thumbs") for p in (folder / sub).rglob("*") if p.is_file()
+            and not p.name.startswith(".")}
+
+
+def _pixels(jpeg: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float64)
+
+
 def test_a_failed_ray_run_lets_go_of_the_folder_and_its_actors_write_no_more(cluster, images, tmp_path):
     """A Ray run whose actor raises lets go of the folder when the exception reaches the caller, and
     from then on nothing of it writes there: an actor still explaining another batch at that moment

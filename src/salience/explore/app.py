@@ -127,8 +127,10 @@ class Hub:
                 raise KeyError(text)
             source.row(index)
         except KeyError:
-            raise HTTPException(404, f"no row {text!r} in run {source.id!r} (it has {source.count()} rows, "
-                                     "by index)") from None
+            unindexed = source.run.index_error() if index is not None else None
+            raise HTTPException(404, f"no row {text!r} in run {source.id!r} (it has {source.count()} rows, by index)"
+                                + ("" if unindexed is None else f"; it may be one of the rows without an index: "
+                                                                f"{unindexed}")) from None
         return source, index
 
     def request_of(self, key: str) -> ExplainRequest:
@@ -631,7 +633,7 @@ def _refusal(exc: Exception) -> HTTPException:
     from disk or storage 404; storage that does not answer 502; any other ``SalienceError`` (bad
     input) 400. A run's thumbnail or stored map that is not in the run folder
     (:class:`~salience.explore.runs.NotStored`) is 404 too; a row of a run whose table repeats
-    its index or has rows without one (:class:`~salience.runs.store.BadIndex`) 409. The same from
+    its index (:class:`~salience.runs.store.BadIndex`) 409. The same from
     an endpoint and from a job in the worker's thread."""
     if isinstance(exc, HTTPException):
         return exc

@@ -134,8 +134,8 @@ class RunSource:
         return out
 
     def row(self, index: int) -> dict[str, Any]:
-        """Row ``index`` (``KeyError`` when the run has none), found by :meth:`Run.position`;
-        :class:`~salience.runs.store.BadIndex` when its table has several, or rows without an index."""
+        """Row ``index`` (``KeyError`` when the run has none: rows without an index are no image's),
+        found by :meth:`Run.position`; :class:`~salience.runs.store.BadIndex` when its table has several."""
         try:
             pos = self.run.position(int(index))
         except BadIndex:
@@ -240,9 +240,9 @@ class RunSource:
     def _openable(self) -> tuple[Any, Optional[dict[str, Any]]]:
         """The table less the rows the gallery cannot offer, and what was left out (``None``: nothing).
 
-        A row without an index has no id; the rows of an index that several rows share are each
-        refused when opened (:class:`~salience.runs.store.BadIndex`: which one is the image cannot
-        be known). ``left_out``: ``rows``, ``images`` (the repeated index values, which
+        A row without an index has no id (the other rows open as ever); the rows of an index that
+        several rows share are each refused when opened (:class:`~salience.runs.store.BadIndex`:
+        which one is the image cannot be known). ``left_out``: ``rows``, ``images`` (the repeated index values, which
         :meth:`count` counts and the gallery does not show; rows without an index are no image
         counted) and ``reason``: the table's refusals, which name the repeated values (the first
         ten) and what to do."""

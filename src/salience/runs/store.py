@@ -340,8 +340,9 @@ def read_shards(folder: Path, schema: Any = None) -> Any:
 
 class BadIndex(SalienceError):
     """The run's table cannot say which row is an image: it has several rows with the index asked
-    for, or rows without an index (a table written by hand, or by another program). The explorer
-    answers 409 with this."""
+    for (a table written by hand, or by another program); the explorer answers 409 with this. Also
+    what :meth:`Run.index_error` and :meth:`Run.repeat_error` say of the table's rows that are no
+    image's (rows without an index, the rows of a repeated one)."""
 
 
 class Run:
@@ -428,13 +429,17 @@ class Run:
         """The table position of image ``index``, found by its value in the ``index`` column (the
         table may be in any order, with gaps): a binary search on the sorted values, with no Python
         object per row (a run may have millions of rows). :class:`SalienceError` when the run has no
-        such row; :class:`BadIndex` when it has several, or rows without an index (a table written
-        by hand or by another program: which one is meant cannot be known)."""
+        such row (it says so when rows without an index may hide it); :class:`BadIndex` when it has
+        several (a table written by hand or by another program: which one is meant cannot be known).
+        Rows without an index are no image's: the others are found by their index all the same."""
         keys, order = self._index_lookup()
         pos = int(np.searchsorted(keys, index))
         if pos >= len(keys) or keys[pos] != index:
+            unindexed = self.index_error()
             raise SalienceError(f"image {index} is not in the run (it has rows for {len(self)} images"
-                                f"{'' if self.complete else ', and is not finished'})")
+                                f"{'' if self.complete else ', and is not finished'})"
+                                + ("" if unindexed is None else f"; it may be one of the rows without an index: "
+                                                                f"{unindexed}"))
         end = int(np.searchsorted(keys, index, side="right"))
         if end - pos > 1:
             rows = order[pos:end] if order is not None else np.arange(pos, end)
@@ -475,8 +480,10 @@ class Run:
                         f"{self._mend_repeats()}")
 
     def index_error(self) -> Optional[BadIndex]:
-        """The :class:`BadIndex` of a table with rows without an index (none of its rows can then be
-        looked up), else ``None``."""
+        """The :class:`BadIndex` of a table with rows without an index, naming how many, the first
+        and what to do, else ``None``. Those rows are no image's (they cannot be looked up, ``len``
+        does not count them, the run is not :attr:`complete`); the rows with an index are looked up
+        as ever."""
         column = self.table.column("index")
         if not column.null_count:
             return None
@@ -486,18 +493,23 @@ class Run:
                         "write the table without the index column to number the rows by position")
 
     def _index_lookup(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """The ``index`` values sorted, and the table position of each (``None`` when the table is
-        already sorted, as salience writes it: no copy); built once per table load."""
+        """The ``index`` values sorted (rows without one left out), and the table position of each
+        (``None`` when the table is already sorted and has no null, as salience writes it: no copy);
+        built once per table load."""
         if self._lookup is None:
-            unindexed = self.index_error()
-            if unindexed is not None:
-                raise unindexed
-            values = np.asarray(self.table.column("index"))
-            if len(values) < 2 or bool(np.all(values[1:] > values[:-1])):
-                self._lookup = (values, None)
-            else:
+            column = self.table.column("index")
+            if column.null_count:
+                rows = np.flatnonzero(~np.asarray(column.is_null()))
+                values = np.asarray(column.drop_null(), dtype=np.int64)
                 order = np.argsort(values, kind="stable")
-                self._lookup = (values[order], order)
+                self._lookup = (values[order], rows[order])
+            else:
+                values = np.asarray(column)
+                if len(values) < 2 or bool(np.all(values[1:] > values[:-1])):
+                    self._lookup = (values, None)
+                else:
+                    order = np.argsort(values, kind="stable")
+                    self._lookup = (values[order], order)
         return self._lookup
 
     def _row_of(self, index: int) -> tuple[str, int]:
