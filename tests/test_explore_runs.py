@@ -342,11 +342,9 @@ def test_a_table_with_a_gap_answers_no_row_for_the_missing_index(env, tmp_path):
         hub.close()
 
 
-def test_a_repeated_index_is_refused_naming_it_and_what_to_do(env, tmp_path):
-    """Two rows with index 3 (another row's copy relabelled, as a bad merge writes): which one is
-    meant cannot be known, so row 3 is refused, by the library (a SalienceError) and the explorer
-    (409), naming the index, the table and what to do (the first of the two was taken silently);
-    the other rows are still their own."""
+def _index_3_repeated(env, tmp_path):
+    """The run rewritten with row 5's copy relabelled index 3 ahead of the table (as a bad merge
+    writes): ``(client, hub, run)``, the hub to close."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -356,7 +354,15 @@ def test_a_repeated_index_is_refused_naming_it_and_what_to_do(env, tmp_path):
     copy = table.slice(5, 1).set_column(0, "index", pa.array([3], pa.int64()))
     pq.write_table(pa.concat_tables([copy, table]), tmp_path / "run" / "index.parquet")
     hub = build_hub("demo:shapes", [tmp_path / "run"])
-    c, run = TestClient(create_app(hub)), salience.open_run(tmp_path / "run")
+    return TestClient(create_app(hub)), hub, salience.open_run(tmp_path / "run")
+
+
+def test_a_repeated_index_is_refused_naming_it_and_what_to_do(env, tmp_path):
+    """Two rows with index 3 (another row's copy relabelled, as a bad merge writes): which one is
+    meant cannot be known, so row 3 is refused, by the library (a SalienceError) and the explorer
+    (409), naming the index, the table and what to do (the first of the two was taken silently);
+    the other rows are still their own."""
+    c, hub, run = _index_3_repeated(env, tmp_path)
     try:
         said = r"image 3 has 2 rows in the run's table \(.*index\.parquet: rows 0, 4\).*drop_duplicates"
         for call in (lambda: run.row(3), lambda: run.map(3, "vanilla"), lambda: run.thumbnail(3)):
@@ -380,16 +386,7 @@ def test_the_gallery_leaves_out_a_repeated_index_naming_it_and_what_to_do(env, t
     sort and filter), and ``left_out`` says the rows, the image and why: index 3, and what to do. The
     run counts 6 images (``len(run)``: index 3 once), the gallery 5 plus the image left out, and
     the run is not complete."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    c, hub, run = _rewritten(env, tmp_path, list(range(N)))
-    hub.close()
-    table = pq.read_table(tmp_path / "run" / "index.parquet")
-    copy = table.slice(5, 1).set_column(0, "index", pa.array([3], pa.int64()))
-    pq.write_table(pa.concat_tables([copy, table]), tmp_path / "run" / "index.parquet")
-    hub = build_hub("demo:shapes", [tmp_path / "run"])
-    c, run = TestClient(create_app(hub)), salience.open_run(tmp_path / "run")
+    c, hub, run = _index_3_repeated(env, tmp_path)
     try:
         assert len(run) == N and not run.complete
         (described,) = c.get("api/runs").json()["runs"]
