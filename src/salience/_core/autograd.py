@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from salience._core import perf as _perf
-from salience._core.errors import SalienceError, plain, user_stacklevel
+from salience._core.errors import SalienceError, uncoloured, user_stacklevel
 from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
@@ -109,7 +109,7 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
     except (RuntimeError, AssertionError, ValueError) as e:
         if isinstance(e, SalienceError):
             raise
-        said = next((plain(line).strip() for line in str(e).splitlines() if _SHAPE_FAILURE.search(line)), None)
+        said = next((uncoloured(line).strip() for line in str(e).splitlines() if _SHAPE_FAILURE.search(line)), None)
         if said is None:
             raise
         raise SalienceError(_shape_message(model, x, said.removeprefix("RuntimeError: "))) from e

@@ -8,7 +8,7 @@ import re
 import sys
 from typing import Sequence
 
-__all__ = ["SalienceError", "suggest", "user_stacklevel", "plain"]
+__all__ = ["SalienceError", "suggest", "user_stacklevel", "uncoloured"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -30,7 +30,7 @@ def suggest(name: str, choices: "Sequence[str]", n: int = 3) -> str:
     return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
 
 
-def plain(text: str) -> str:
+def uncoloured(text: str) -> str:
     """``text`` without terminal colour codes (Keras 3 writes a layer's error in bold: ``\\x1b[1m ... \\x1b[0m``),
     for a message quoting another library's error."""
     return _ANSI.sub("", text)

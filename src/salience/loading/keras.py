@@ -34,7 +34,7 @@ from typing import Any, Optional, Union
 from torch import Tensor, nn
 
 from salience._core.autograd import CHANNEL_HINTS
-from salience._core.errors import SalienceError, plain
+from salience._core.errors import SalienceError, uncoloured
 from salience._core.info import ModelInfo, attach_info
 
 __all__ = ["import_keras", "is_keras_model", "KerasModel", "wrap_keras", "load_keras", "find_layer_idx",
@@ -161,7 +161,7 @@ def input_error(model: Any, x: Tensor, said: str, *, channels_last: bool = True,
 def _keras_said(e: BaseException) -> Optional[str]:
     """The line of a Keras error that says an input does not fit, without its terminal colours, or ``None``."""
     for line in str(e).splitlines():
-        line = plain(line).strip()
+        line = uncoloured(line).strip()
         if _KERAS_INPUT_FAILURE.search(line):
             return line
     return None
