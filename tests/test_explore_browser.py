@@ -788,6 +788,36 @@ def test_warnings_are_shown_as_text_under_the_gallery_the_map_its_curves_and_san
     assert made == {k: 0 for k in places} and pwned is None
 
 
+def test_a_failed_gallery_page_keeps_the_runs_own_warnings(tmp_path, monkeypatch):
+    """The warnings said when the run was described (``api/runs``) stay under the gallery's table
+    when a page of rows cannot be shown (a min above its max): they are still true; the failed page
+    cleared them until the next page that succeeded."""
+    import warnings
+
+    from salience.explore.runs import RunSource
+
+    browser_api()
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    run = hand_run(tmp_path / "run", path=["one.png", "two.png"], probability=[0.2, 0.7])
+    describe = RunSource.describe
+    monkeypatch.setattr(RunSource, "describe", lambda self: warnings.warn("described with a caveat") or describe(self))
+    explorer = salience.explore("demo:shapes", run=run, show=False)
+    errors: list[str] = []
+    try:
+        with browser_page(explorer.url, errors, allow_404=True) as page:  # the hand-made run has no thumbnails
+            _wait_rows(page, [0, 1])
+            before = page.inner_text("#run-warnings")
+            _enter(page, "#run-pmin", "0.9")
+            _enter(page, "#run-pmax", "0.1")
+            page.wait_for_function("document.getElementById('run-page').textContent.startsWith('no rows shown')")
+            after, visible = page.inner_text("#run-warnings"), page.locator("#run-warnings").is_visible()
+    finally:
+        explorer.stop()
+    assert [e for e in errors if "404" not in e] == []
+    assert before == after == "warning: described with a caveat" and visible, (before, after, visible)
+
+
 def test_a_failed_gallery_page_clears_the_rows_until_the_next_answer(tmp_path):
     """A gallery request that fails (here the server's 503 for the descending order) leaves no rows
     of the settings before in the table, looking current: the rows are cleared and the table says why;

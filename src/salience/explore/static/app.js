@@ -268,7 +268,7 @@ async function listRows() {
     // next request that succeeds shows its rows)
     if (asked !== R.asked) return;
     status(e.message, true); R.failed = e.message;
-    body.textContent = ""; R.total = 0; galleryWarnings([]);
+    body.textContent = ""; R.total = 0; galleryWarnings(r.warnings || []); // the run's own stay true
     $("run-page").textContent = `no rows shown: ${e.message}`; $("run-page").className = "error";
     $("run-prev").disabled = R.offset === 0; $("run-next").disabled = true;
     return;
