@@ -130,8 +130,6 @@ def test_list_says_the_levit_default_layer_and_its_grid(capsys):
     out = capsys.readouterr().out
     assert ("Grad-CAM layer (default; --layer to change): stages (Sequential, output (1, 16, 384): tokens (B, N, D): "
             "0 prefix token(s) + a 4x4 grid of patches; the last layer with a spatial map)") in out
-
-
 def timm_hiera(size=128):
     torch.manual_seed(0)
     net = timm.create_model("hiera_tiny_224", pretrained=False, img_size=size).eval()
@@ -200,3 +198,36 @@ def test_hugging_face_hiera_before_its_last_stage_is_refused_and_its_last_stage_
     layer = "hiera.encoder.stages.3.layers.0.layernorm_after"
     torch.testing.assert_close(salience.gradcam(net, x, 1, layer=layer), by_hand(net, x, layer, torch.tensor([1]), 2, 2),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_a_given_grid_in_another_shape_than_the_one_a_stride_gives_is_refused():
+    """timm LeViT at 160x224: the last stage's 12 tokens are 3x4 (10x14 -> 5x7 -> 3x4). grid=(4, 3) has the same
+    cells in another shape: it was read as given and the map came back scrambled; now it is refused, naming 3x4,
+    as a grid against a patch embedding's is. grid=(3, 4) gives the default's map."""
+    net, x = timm_levit((160, 224)), torch.rand(1, 3, 160, 224)
+    for prefix in (None, 0):
+        with pytest.raises(SalienceError, match=r"grid=\(4, 3\) has 12 cells, but on the 160x224 input a whole stride "
+                                                r"gives that many only as 3x4.*pass grid=\(3, 4\) \(command line: "
+                                                r"--grid 3,4\), or leave grid out"):
+            salience.gradcam(net, x, 1, grid=(4, 3), prefix_tokens=prefix)
+    torch.testing.assert_close(salience.gradcam(net, x, 1, grid=(3, 4)), salience.gradcam(net, x, 1))
+
+
+class _ValidConvTokens(torch.nn.Module):
+    """A 3x3 convolution without padding on a 10x10 input: 8x8 tokens, a grid no whole stride of 10x10 gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.head = torch.nn.Conv2d(3, 4, 3), torch.nn.LayerNorm(4), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_a_given_grid_where_no_stride_grid_fits_still_works():
+    torch.manual_seed(0)
+    net, x, target = _ValidConvTokens().eval(), torch.rand(2, 3, 10, 10), torch.tensor([0, 2])
+    with pytest.raises(SalienceError, match="fit no grid that a whole stride gives"):
+        salience.gradcam(net, x, target, layer="norm")
+    torch.testing.assert_close(salience.gradcam(net, x, target, layer="norm", grid=(8, 8)),
+                               by_hand(net, x, "norm", target, 8, 8), rtol=1e-4, atol=1e-6)

@@ -37,7 +37,8 @@ ceil(W / s))`` (padded strided convolutions, LeViT's ``[::2]`` subsampling) or `
 floor(W / s))``, with ``h * w == N``; read so only when exactly one such grid has ``N`` cells and none
 has ``N - 1`` or ``N - 2`` (a class or distillation token before the patches would fit too).
 Otherwise a :class:`SalienceError` names the grids that fit and asks for ``grid`` /
-``prefix_tokens``. Row-major order is what timm's and Hugging Face's LeViT use (``flatten(2)
+``prefix_tokens``. A given ``grid`` whose cells a stride grid has in another shape is refused
+(:func:`_check_stride_grid`); one whose cell count no stride grid has is taken as given. Row-major order is what timm's and Hugging Face's LeViT use (``flatten(2)
 .transpose(1, 2)`` after the stem; ``view(B, h, w, C)[:, ::s, ::s]`` to subsample). Hiera's are
 not before its last q-pooling: :func:`check_token_order` refuses those layers, grid given or not.
 """
@@ -317,6 +318,21 @@ def patch_grid(model: nn.Module, x_shape: Sequence[int]) -> Optional[tuple[int, 
     return None if embed is None else _conv_grid(embed[1], x_shape[-2:])
 
 
+def _check_stride_grid(x_shape: Sequence[int], grid: tuple[int, int]) -> None:
+    """Without a patch embedding: refuse a given ``grid`` whose cells a whole stride of the input gives
+    only in another shape (``(4, 3)`` where ``(3, 4)`` fits a 160x224 input): the map would be scrambled.
+    A grid whose cell count no stride gives is kept (nothing to check it against)."""
+    fits = stride_grids(grid[0] * grid[1], x_shape[-2:])
+    if fits and grid not in fits:
+        names = " or ".join(f"grid={g} (command line: --grid {g[0]},{g[1]})" for g in fits)
+        raise SalienceError(
+            f"grid={grid} has {grid[0] * grid[1]} cells, but on the {int(x_shape[-2])}x{int(x_shape[-1])} input a whole "
+            f"stride gives that many only as {' or '.join(f'{g[0]}x{g[1]}' for g in fits)}: the model has no patch "
+            f"embedding to check against, and a grid in another shape would scramble the map. grid is (rows, "
+            f"columns): pass {names}, or leave grid out"
+        )
+
+
 def _check_given_grid(model: nn.Module, x_shape: Sequence[int], grid: tuple[int, int], n_tokens: int,
                       prefix: Optional[int]) -> None:
     """Refuse a given ``grid`` that contradicts the patch embedding's grid ``pg`` for this input:
@@ -329,6 +345,7 @@ def _check_given_grid(model: nn.Module, x_shape: Sequence[int], grid: tuple[int,
       prefix tokens); the user says which with ``prefix_tokens``."""
     embed = patch_embedding(model, int(x_shape[1]))
     if embed is None:
+        _check_stride_grid(x_shape, grid)
         return
     pg = _conv_grid(embed[1], x_shape[-2:])
     where = f"{embed[0]!r} on a {int(x_shape[-2])}x{int(x_shape[-1])} input"
