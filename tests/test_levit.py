@@ -130,6 +130,40 @@ def test_list_says_the_levit_default_layer_and_its_grid(capsys):
     out = capsys.readouterr().out
     assert ("Grad-CAM layer (default; --layer to change): stages (Sequential, output (1, 16, 384): tokens (B, N, D): "
             "0 prefix token(s) + a 4x4 grid of patches; the last layer with a spatial map)") in out
+    # LeViT's attention subsamples its tokens: the attention methods refuse it, so they are not listed
+    methods = next(line for line in out.splitlines() if "methods that apply" in line)
+    assert "gradcam" in methods and "attention_rollout" not in methods and "transformer_attribution" not in methods
+
+
+@pytest.mark.parametrize("build", [lambda: timm_levit(224), lambda: hf_levit(64)])
+def test_default_methods_with_an_input_leave_out_the_attention_methods_levit_refuses(build):
+    """LeViT has attention modules, so by the model alone the attention methods were offered (salience list,
+    demo, evaluate), and each refused it: its attention subsamples the tokens ((1, 8, 49, 196) at 224 px), and it
+    has no class token. With an input, default_methods runs attention rollout once and leaves both out."""
+    from salience.methods import ATTENTION_METHODS, default_methods
+
+    net = build()
+    x = torch.rand(1, 3, *((224, 224) if isinstance(net, timm.models.levit.Levit) else (64, 64)))
+    assert ATTENTION_METHODS <= set(default_methods(net))  # the model alone cannot tell
+    assert not ATTENTION_METHODS & set(default_methods(net, x))
+    assert set(default_methods(net)) - set(default_methods(net, x)) == ATTENTION_METHODS
+    for name in ATTENTION_METHODS:
+        with pytest.raises(SalienceError, match="attention that subsamples or pools the tokens|all patches"):
+            getattr(salience, name)(net, x, 1)
+
+
+def test_default_methods_with_an_input_keep_the_attention_methods_of_a_vit():
+    from salience.methods import ATTENTION_METHODS, default_methods
+
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                                           num_heads=2, num_classes=5).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert ATTENTION_METHODS <= set(default_methods(vit, x))
+    for name in ATTENTION_METHODS:
+        assert getattr(salience, name)(vit, x, 1).shape == (2, 32, 32)
+
+
 def timm_hiera(size=128):
     torch.manual_seed(0)
     net = timm.create_model("hiera_tiny_224", pretrained=False, img_size=size).eval()
