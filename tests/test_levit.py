@@ -230,8 +230,8 @@ def test_hugging_face_hiera_before_its_last_stage_is_refused_and_its_last_stage_
         with pytest.raises(SalienceError, match="not in grid order"):
             salience.gradcam(net, x, 1, layer=layer)
     layer = "hiera.encoder.stages.3.layers.0.layernorm_after"
-    torch.testing.assert_close(salience.gradcam(net, x, 1, layer=layer), by_hand(net, x, layer, torch.tensor([1]), 2, 2),
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(salience.gradcam(net, x, 1, layer=layer),
+                               by_hand(net, x, layer, torch.tensor([1]), 2, 2), rtol=1e-4, atol=1e-6)
 
 
 def test_a_given_grid_in_another_shape_than_the_one_a_stride_gives_is_refused():

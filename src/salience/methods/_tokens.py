@@ -38,7 +38,8 @@ floor(W / s))``, with ``h * w == N``; read so only when exactly one such grid ha
 has ``N - 1`` or ``N - 2`` (a class or distillation token before the patches would fit too).
 Otherwise a :class:`SalienceError` names the grids that fit and asks for ``grid`` /
 ``prefix_tokens``. A given ``grid`` whose cells a stride grid has in another shape is refused
-(:func:`_check_stride_grid`); one whose cell count no stride grid has is taken as given. Row-major order is what timm's and Hugging Face's LeViT use (``flatten(2)
+(:func:`_check_stride_grid`); one whose cell count no stride grid has is taken as given.
+Row-major order is what timm's and Hugging Face's LeViT use (``flatten(2)
 .transpose(1, 2)`` after the stem; ``view(B, h, w, C)[:, ::s, ::s]`` to subsample). Hiera's are
 not before its last q-pooling: :func:`check_token_order` refuses those layers, grid given or not.
 """
@@ -326,8 +327,8 @@ def _check_stride_grid(x_shape: Sequence[int], grid: tuple[int, int]) -> None:
     if fits and grid not in fits:
         names = " or ".join(f"grid={g} (command line: --grid {g[0]},{g[1]})" for g in fits)
         raise SalienceError(
-            f"grid={grid} has {grid[0] * grid[1]} cells, but on the {int(x_shape[-2])}x{int(x_shape[-1])} input a whole "
-            f"stride gives that many only as {' or '.join(f'{g[0]}x{g[1]}' for g in fits)}: the model has no patch "
+            f"grid={grid} has {grid[0] * grid[1]} cells, but on the {int(x_shape[-2])}x{int(x_shape[-1])} input a "
+            f"whole stride gives that many only as {' or '.join(f'{g[0]}x{g[1]}' for g in fits)}: the model has no patch "
             f"embedding to check against, and a grid in another shape would scramble the map. grid is (rows, "
             f"columns): pass {names}, or leave grid out"
         )
