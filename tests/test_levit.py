@@ -130,3 +130,138 @@ def test_list_says_the_levit_default_layer_and_its_grid(capsys):
     out = capsys.readouterr().out
     assert ("Grad-CAM layer (default; --layer to change): stages (Sequential, output (1, 16, 384): tokens (B, N, D): "
             "0 prefix token(s) + a 4x4 grid of patches; the last layer with a spatial map)") in out
+    # LeViT's attention subsamples its tokens: the attention methods refuse it, so they are not listed
+    methods = next(line for line in out.splitlines() if "methods that apply" in line)
+    assert "gradcam" in methods and "attention_rollout" not in methods and "transformer_attribution" not in methods
+
+
+@pytest.mark.parametrize("build", [lambda: timm_levit(224), lambda: hf_levit(64)])
+def test_default_methods_with_an_input_leave_out_the_attention_methods_levit_refuses(build):
+    """LeViT has attention modules, so by the model alone the attention methods were offered (salience list,
+    demo, evaluate), and each refused it: its attention subsamples the tokens ((1, 8, 49, 196) at 224 px), and it
+    has no class token. With an input, default_methods runs attention rollout once and leaves both out."""
+    from salience.methods import ATTENTION_METHODS, default_methods
+
+    net = build()
+    x = torch.rand(1, 3, *((224, 224) if isinstance(net, timm.models.levit.Levit) else (64, 64)))
+    assert ATTENTION_METHODS <= set(default_methods(net))  # the model alone cannot tell
+    assert not ATTENTION_METHODS & set(default_methods(net, x))
+    assert set(default_methods(net)) - set(default_methods(net, x)) == ATTENTION_METHODS
+    for name in ATTENTION_METHODS:
+        with pytest.raises(SalienceError, match="attention that subsamples or pools the tokens|all patches"):
+            getattr(salience, name)(net, x, 1)
+
+
+def test_default_methods_with_an_input_keep_the_attention_methods_of_a_vit():
+    from salience.methods import ATTENTION_METHODS, default_methods
+
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                                           num_heads=2, num_classes=5).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert ATTENTION_METHODS <= set(default_methods(vit, x))
+    for name in ATTENTION_METHODS:
+        assert getattr(salience, name)(vit, x, 1).shape == (2, 32, 32)
+
+
+def timm_hiera(size=128):
+    torch.manual_seed(0)
+    net = timm.create_model("hiera_tiny_224", pretrained=False, img_size=size).eval()
+    torch.nn.init.normal_(net.head.fc.weight, std=0.02)  # timm initialises it to 0: every logit and gradient 0
+    return net
+
+
+def hiera_tokens(net, x, upto):
+    """timm Hiera's tokens after block ``upto``, as its forward_features computes them (unrolled order)."""
+    with torch.no_grad():
+        t = net.unroll(net._pos_embed(net.patch_embed(x)))
+        for block in net.blocks[:upto + 1]:
+            t = block(t)
+    return t
+
+
+def test_hiera_default_layer_is_its_last_stage_in_grid_order_and_gradcam_equals_the_hand_computation():
+    """timm Hiera (no patch embedding by salience's rule: a 7x7 convolution with stride 4) unrolls its tokens
+    and q-pools them; after the last pooling (block 10, the last stage) they are row-major again: timm's own
+    reroll of the last block's tokens is the row-major reshape. Grad-CAM there = the hand computation."""
+    net, x, target = timm_hiera(), torch.rand(2, 3, 128, 128), torch.tensor([1, 3])
+    assert default_layer(net, x) == "blocks.11"
+    assert "a 4x4 grid of patches" in describe_default_layer(net, x)
+    tokens = hiera_tokens(net, x, 11)
+    torch.testing.assert_close(net.reroll(tokens, 11), tokens.reshape(2, 4, 4, -1))  # timm's reroll: row-major
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target)
+    ref = by_hand(net, x, "blocks.11", target, 4, 4)
+    assert ref.std() > 0
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(salience.gradcam(net, x, target, layer="blocks.10"),
+                               by_hand(net, x, "blocks.10", target, 4, 4), rtol=1e-4, atol=1e-6)
+
+
+def test_hiera_layers_before_its_tokens_are_rerolled_are_refused():
+    """Before the last q-pooling the tokens are in Hiera's unrolled order (timm's reroll of block 9's tokens is
+    not their row-major reshape): a map of them would be scrambled, so it is refused, grid= or not, naming the
+    last stage. (It gave a scrambled map before.)"""
+    net, x = timm_hiera(), torch.rand(1, 3, 128, 128)
+    tokens = hiera_tokens(net, x, 9)
+    assert not torch.allclose(net.reroll(tokens, 9), tokens.reshape(1, 8, 8, -1))
+    for layer, n in [("blocks.9", 64), ("blocks.10.norm1", 64), ("blocks.2", 256), ("unroll", 1024)]:
+        for grid in (None, (int(n ** 0.5),) * 2):
+            with pytest.raises(SalienceError, match=rf"'{layer}' gives {n} tokens that are not in grid order: timm's "
+                                                    r"Hiera keeps its tokens \"unrolled\".*choose a layer of its last "
+                                                    r"stage, where they are back in grid order: 'blocks.11'"):
+                salience.gradcam(net, x, 1, layer=layer, grid=grid)
+    # the patch embedding's tokens come before the unroll: row-major, still allowed
+    assert salience.gradcam(net, x, 1, layer="patch_embed").shape == (1, 128, 128)
+
+
+def test_hugging_face_hiera_before_its_last_stage_is_refused_and_its_last_stage_is_not():
+    from transformers import HieraConfig, HieraForImageClassification
+
+    torch.manual_seed(0)
+    net = HieraForImageClassification(HieraConfig(embed_dim=8, image_size=[64, 64], depths=[1, 1, 1, 1],
+                                                  num_heads=[1, 1, 1, 1], num_labels=5)).eval()
+    x = torch.rand(1, 3, 64, 64)
+    assert default_layer(net, x).startswith("hiera.encoder.stages.3.")
+    with pytest.raises(SalienceError, match=r"16 tokens that are not in grid order: Hugging Face's Hiera.*"
+                                            r"'hiera.encoder.stages.3' or a module inside it"):
+        salience.gradcam(net, x, 1, layer="hiera.encoder.stages.3.layers.0.layernorm_before")  # before its q-pooling
+    for layer in ("hiera.encoder.stages.2.layers.0.mlp", "hiera.encoder.stages.0.layers.0.layernorm_before"):
+        with pytest.raises(SalienceError, match="not in grid order"):
+            salience.gradcam(net, x, 1, layer=layer)
+    layer = "hiera.encoder.stages.3.layers.0.layernorm_after"
+    torch.testing.assert_close(salience.gradcam(net, x, 1, layer=layer),
+                               by_hand(net, x, layer, torch.tensor([1]), 2, 2), rtol=1e-4, atol=1e-6)
+
+
+def test_a_given_grid_in_another_shape_than_the_one_a_stride_gives_is_refused():
+    """timm LeViT at 160x224: the last stage's 12 tokens are 3x4 (10x14 -> 5x7 -> 3x4). grid=(4, 3) has the same
+    cells in another shape: it was read as given and the map came back scrambled; now it is refused, naming 3x4,
+    as a grid against a patch embedding's is. grid=(3, 4) gives the default's map."""
+    net, x = timm_levit((160, 224)), torch.rand(1, 3, 160, 224)
+    for prefix in (None, 0):
+        with pytest.raises(SalienceError, match=r"grid=\(4, 3\) has 12 cells, but on the 160x224 input a whole stride "
+                                                r"gives that many only as 3x4.*pass grid=\(3, 4\) \(command line: "
+                                                r"--grid 3,4\), or leave grid out"):
+            salience.gradcam(net, x, 1, grid=(4, 3), prefix_tokens=prefix)
+    torch.testing.assert_close(salience.gradcam(net, x, 1, grid=(3, 4)), salience.gradcam(net, x, 1))
+
+
+class _ValidConvTokens(torch.nn.Module):
+    """A 3x3 convolution without padding on a 10x10 input: 8x8 tokens, a grid no whole stride of 10x10 gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.head = torch.nn.Conv2d(3, 4, 3), torch.nn.LayerNorm(4), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_a_given_grid_where_no_stride_grid_fits_still_works():
+    torch.manual_seed(0)
+    net, x, target = _ValidConvTokens().eval(), torch.rand(2, 3, 10, 10), torch.tensor([0, 2])
+    with pytest.raises(SalienceError, match="fit no grid that a whole stride gives"):
+        salience.gradcam(net, x, target, layer="norm")
+    torch.testing.assert_close(salience.gradcam(net, x, target, layer="norm", grid=(8, 8)),
+                               by_hand(net, x, "norm", target, 8, 8), rtol=1e-4, atol=1e-6)

@@ -85,7 +85,7 @@ def _classification(rep: Report, out_dir: Path, model: nn.Module, images: Tensor
     probs, pred = probabilities(out), out.argmax(1)
     maps: dict[str, Tensor] = {}
     failed = []
-    for name in default_methods(model):
+    for name in default_methods(model, images):
         try:
             maps[name] = METHODS[name](model, images, pred, **QUICK.get(name, {})).detach()
         except Exception as e:  # noqa: BLE001 - one broken method must not sink the report
@@ -111,7 +111,7 @@ def _vit_maps(model: nn.Module, images: Tensor, pred: Tensor) -> tuple[dict[str,
     guided rules are defined for ReLUs only and refuse the ViT's GELU: that is said, not a failure."""
     maps: dict[str, Tensor] = {}
     skipped, failed = [], []
-    for name in default_methods(model):
+    for name in default_methods(model, images):
         try:
             maps[name] = METHODS[name](model, images, pred, **QUICK.get(name, {})).detach()
         except SalienceError as e:

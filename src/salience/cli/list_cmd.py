@@ -47,7 +47,7 @@ def describe_model(args: argparse.Namespace) -> list[str]:
         layer = f"none ({e})"
     return [f"model {args.model} ({info.channels} x {h} x {w} input):",
             f"  Grad-CAM layer {layer}",
-            f"  methods that apply (run when none is named): {', '.join(default_methods(model))}"]
+            f"  methods that apply (run when none is named): {', '.join(default_methods(model, x))}"]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -238,7 +238,7 @@ def evaluate_methods(
     """
     _check_classifier(model)
     check_probability(probability)
-    items = [resolve_method(m) for m in (methods if methods is not None else default_methods(model))]
+    items = [resolve_method(m) for m in (methods if methods is not None else default_methods(model, x))]
     fns = dict(items)
     extra = ([ORACLE] if masks is not None else []) + list(BASELINES)
     names = [n for n, _ in items] + (extra if baselines else [])
@@ -466,7 +466,7 @@ def run_evaluation(
     pictures = _write_pictures(out, rows, raw, maps)
     data_rand = None
     if train_fn is not None:
-        data_rand = _data_randomization_rows(train_fn, methods if methods is not None else default_methods(model),
+        data_rand = _data_randomization_rows(train_fn, methods if methods is not None else default_methods(model, x),
                                              train_images, x[:randomization_images])
 
     md = _markdown_report(rows, source, model, data_rand, time.perf_counter() - start)

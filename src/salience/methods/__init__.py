@@ -8,10 +8,12 @@ A function from a user goes through :func:`as_method` too.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from salience._core.errors import SalienceError
 
 from salience.methods.vanilla import vanilla
 from salience.methods.guided import deconvnet, guided_backprop
@@ -85,14 +87,31 @@ allows none of these, so they refuse it (vanilla, SmoothGrad, integrated gradien
 occlusion and RISE need only the model's output and the input's gradient)."""
 
 
-def default_methods(model: nn.Module) -> list[str]:
+def default_methods(model: nn.Module, x: Optional[Tensor] = None) -> list[str]:
     """The names of the methods that apply to ``model``: every method, less the attention methods
     on a model without attention and the :data:`HOOKED_METHODS` on a TorchScript model. What
     ``salience demo``, ``salience evaluate``, ``salience list`` and the examples run or show when no
-    method is named."""
-    attention = has_attention(model)
+    method is named.
+
+    With an input ``x`` ``(B, C, H, W)``, the attention methods are kept only when attention
+    rollout runs on ``x[:1]`` (one forward pass): both need global self-attention over the same
+    ``N`` tokens in every layer and a class token, which attention that subsamples or pools tokens
+    (LeViT, PVT v2, MViTv2, Hiera) or a model without a class token does not give."""
     script = isinstance(model, torch.jit.ScriptModule)
+    attention = has_attention(model) and not script and (x is None or _attention_runs(model, x))
     return [n for n in METHODS if (attention or n not in ATTENTION_METHODS) and not (script and n in HOOKED_METHODS)]
+
+
+def _attention_runs(model: nn.Module, x: Tensor) -> bool:
+    """Whether attention rollout (whose requirements transformer attribution shares) runs on ``x[:1]``;
+    any other error than its refusal keeps them, for the methods' own calls to report it."""
+    try:
+        attention_rollout(model, x[:1])
+    except SalienceError:
+        return False
+    except Exception:  # noqa: BLE001 - not a refusal: the caller runs the methods and says what failed
+        return True
+    return True
 
 
 __all__ = ["METHODS", "QUICK", "ATTENTION_METHODS", "HOOKED_METHODS", "TARGET_FREE_METHODS", "as_method", "apply_method",

@@ -37,8 +37,11 @@ ceil(W / s))`` (padded strided convolutions, LeViT's ``[::2]`` subsampling) or `
 floor(W / s))``, with ``h * w == N``; read so only when exactly one such grid has ``N`` cells and none
 has ``N - 1`` or ``N - 2`` (a class or distillation token before the patches would fit too).
 Otherwise a :class:`SalienceError` names the grids that fit and asks for ``grid`` /
-``prefix_tokens``. Row-major order is what timm's and Hugging Face's LeViT use (``flatten(2)
-.transpose(1, 2)`` after the stem; ``view(B, h, w, C)[:, ::s, ::s]`` to subsample).
+``prefix_tokens``. A given ``grid`` whose cells a stride grid has in another shape is refused
+(:func:`_check_stride_grid`); one whose cell count no stride grid has is taken as given.
+Row-major order is what timm's and Hugging Face's LeViT use (``flatten(2)
+.transpose(1, 2)`` after the stem; ``view(B, h, w, C)[:, ::s, ::s]`` to subsample). Hiera's are
+not before its last q-pooling: :func:`check_token_order` refuses those layers, grid given or not.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ from salience._core.errors import SalienceError
 from salience._core.info import model_info
 
 __all__ = ["Layout", "layer_layout", "token_layout", "patch_embedding", "patch_grid", "channel_count",
-           "stride_grids"]
+           "stride_grids", "check_token_order"]
 
 _HOW = ("pass grid=(h, w) (the patch grid) and prefix_tokens=k (the class / distillation / register tokens "
         "before the patches), with k + h * w equal to the number of tokens (command line: --grid H,W "
@@ -229,10 +232,106 @@ def _stride_reading(n_tokens: int, x_shape: Sequence[int], what: str) -> tuple[i
     )
 
 
+
+# Models that keep their tokens out of row-major order at some layers. Hiera (timm ``Hiera``, Hugging
+# Face ``HieraModel``) "unrolls" its tokens after the patch embedding so that q-pooling is a max over a
+# leading dim: a block's output is in grid order only once no unroll is left to undo (timm
+# ``reroll.schedule[block]``, Hugging Face ``encoder.schedule[stage]``, is empty): after the last
+# q-pooling, in the last stage with the default ``q_pool``. Read in timm's and Hugging Face's hiera.py.
+@dataclass(frozen=True)
+class _Unrolled:
+    """One Hiera: per scope (a module name prefix: a timm block, a Hugging Face stage), the token
+    orders a layer inside can see, its input's and its output's, as ``(tokens, in grid order)`` at
+    the configured size; the patch convolution (for the tokens at the input's size), the last scope
+    in grid order (None if none) and whose Hiera it is."""
+
+    scopes: tuple[tuple[str, tuple[tuple[int, bool], ...]], ...]
+    tokens0: int  # the first stage's tokens at the configured size
+    conv: nn.Conv2d
+    grid_scope: Optional[str]
+    kind: str
+
+
+def _hiera(name: str, m: nn.Module) -> Optional[_Unrolled]:
+    """The token orders of a timm ``Hiera`` or a Hugging Face ``HieraModel`` named ``name``; else None."""
+    prefix = f"{name}." if name else ""
+    if type(m).__name__ == "Hiera":  # timm
+        schedule, blocks = getattr(getattr(m, "reroll", None), "schedule", None), f"{prefix}blocks"
+        conv, kind = getattr(getattr(m, "patch_embed", None), "proj", None), "timm's"
+    else:  # Hugging Face
+        schedule, blocks = getattr(getattr(m, "encoder", None), "schedule", None), f"{prefix}encoder.stages"
+        conv = getattr(getattr(getattr(m, "embeddings", None), "patch_embeddings", None), "projection", None)
+        kind = "Hugging Face's"
+    if not isinstance(schedule, dict) or 0 not in schedule or not isinstance(conv, nn.Conv2d):
+        return None
+    orders = [(math.prod(size), not sched) for sched, size in (schedule[i] for i in sorted(schedule))]
+    scopes = [(f"{blocks}.{i}", (orders[max(i - 1, 0)], orders[i])) for i in range(len(orders))]
+    if kind == "timm's":
+        scopes.insert(0, (f"{prefix}unroll", (orders[0],)))
+    grid_scope = next((s for s, o in reversed(scopes) if o[-1][1] and s.startswith(blocks)), None)
+    return _Unrolled(tuple(scopes), orders[0][0], conv, grid_scope, kind)
+
+
+def _unrolled_models(model: nn.Module) -> list[_Unrolled]:
+    """The Hieras in ``model`` (memoised like :func:`patch_embedding`)."""
+    memo, key = _EMBEDS.get(), ("unrolled", id(model))
+    if memo is not None and key in memo:
+        return memo[key]
+    found = [u for u in (_hiera(n, m) for n, m in model.named_modules() if type(m).__name__ in ("Hiera", "HieraModel"))
+             if u is not None]
+    if memo is not None:
+        memo[key] = found
+    return found
+
+
+def check_token_order(model: nn.Module, module: Optional[nn.Module], x_shape: Sequence[int], n_tokens: int,
+                      what: str) -> None:
+    """Refuse ``module``'s ``n_tokens`` tokens where the model keeps them out of grid order (Hiera
+    before its tokens are rerolled, see :class:`_Unrolled`): a map of them would be scrambled."""
+    unrolled = _unrolled_models(model) if module is not None else []
+    if not unrolled:
+        return
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    for u in unrolled:
+        scope = next((s for s in u.scopes if name is not None and (name == s[0] or name.startswith(s[0] + "."))), None)
+        if scope is None:
+            continue
+        # the scope's input and output tokens at this input's size: the first stage's (the patch grid) times
+        # their share of it at the configured size (q-pooling divides them by the same factor at any size)
+        g = _conv_grid(u.conv, x_shape[-2:])
+        seen = [ok for count, ok in scope[1] if g[0] * g[1] * count == n_tokens * u.tokens0]
+        if seen and all(seen):
+            return
+        fix = (f"choose a layer of its last stage, where they are back in grid order: {u.grid_scope!r} or a module "
+               "inside it (the default layer is one: leave layer out)" if u.grid_scope else
+               "no block of this model has them in grid order (its q-pooling stops before the last unroll is undone): "
+               "choose a convolutional layer, or a method without a layer (vanilla, integrated_gradients)")
+        raise SalienceError(
+            f"{what} gives {n_tokens} tokens that are not in grid order: {u.kind} Hiera keeps its tokens \"unrolled\" "
+            f"(grouped by their offset in each pooling window) until its last q-pooling, so a map of them would be "
+            f"scrambled, whatever grid= says; {fix}"
+        )
+
+
 def patch_grid(model: nn.Module, x_shape: Sequence[int]) -> Optional[tuple[int, int]]:
     """The patch embedding's output grid ``(h, w)`` for an input of shape ``x_shape``; None without one."""
     embed = patch_embedding(model, int(x_shape[1]))
     return None if embed is None else _conv_grid(embed[1], x_shape[-2:])
+
+
+def _check_stride_grid(x_shape: Sequence[int], grid: tuple[int, int]) -> None:
+    """Without a patch embedding: refuse a given ``grid`` whose cells a whole stride of the input gives
+    only in another shape (``(4, 3)`` where ``(3, 4)`` fits a 160x224 input): the map would be scrambled.
+    A grid whose cell count no stride gives is kept (nothing to check it against)."""
+    fits = stride_grids(grid[0] * grid[1], x_shape[-2:])
+    if fits and grid not in fits:
+        names = " or ".join(f"grid={g} (command line: --grid {g[0]},{g[1]})" for g in fits)
+        raise SalienceError(
+            f"grid={grid} has {grid[0] * grid[1]} cells, but on the {int(x_shape[-2])}x{int(x_shape[-1])} input a "
+            f"whole stride gives that many only as {' or '.join(f'{g[0]}x{g[1]}' for g in fits)}: the model has no patch "
+            f"embedding to check against, and a grid in another shape would scramble the map. grid is (rows, "
+            f"columns): pass {names}, or leave grid out"
+        )
 
 
 def _check_given_grid(model: nn.Module, x_shape: Sequence[int], grid: tuple[int, int], n_tokens: int,
@@ -247,6 +346,7 @@ def _check_given_grid(model: nn.Module, x_shape: Sequence[int], grid: tuple[int,
       prefix tokens); the user says which with ``prefix_tokens``."""
     embed = patch_embedding(model, int(x_shape[1]))
     if embed is None:
+        _check_stride_grid(x_shape, grid)
         return
     pg = _conv_grid(embed[1], x_shape[-2:])
     where = f"{embed[0]!r} on a {int(x_shape[-2])}x{int(x_shape[-1])} input"
@@ -333,6 +433,7 @@ def layer_layout(model: nn.Module, module: Optional[nn.Module], shape: Sequence[
                                 f"gives a 4-D map of shape {tuple(shape)}: leave prefix_tokens out")
         return _four_d(model, module, shape, x_shape, g)
     if len(shape) == 3:
+        check_token_order(model, module, x_shape, int(shape[1]), what)
         return token_layout(model, x_shape, int(shape[1]), grid=g, prefix_tokens=prefix_tokens, what=what)
     raise SalienceError(
         f"Grad-CAM and the other CAMs need a layer whose output is a map (B, K, h, w) or (B, h, w, K), or tokens (B, N, D); "

@@ -54,8 +54,9 @@ def _check_maps(shapes: list[tuple[int, ...]], batch: int, method: str) -> int:
     if bad:
         raise SalienceError(
             f"{method} needs global self-attention over the same N tokens in every layer, one sequence per image "
-            f"(B = {batch}): (B, heads, N, N); the model's attention gives {bad[:3]}. Windowed attention (Swin) "
-            "and cross-attention are not supported: use gradcam"
+            f"(B = {batch}): (B, heads, N, N); the model's attention gives {bad[:3]}. Windowed attention (Swin), "
+            "attention that subsamples or pools the tokens (LeViT, PVT v2, MViTv2, Hiera) and cross-attention are not "
+            "supported: use gradcam"
         )
     return n
 
