@@ -321,8 +321,8 @@ def test_a_maps_warnings_come_with_it(tmp_path):
     trapezoid weighs the baseline's gradient 1e4 by 1/62, so sum(IG) ~ 160 sum(x) against
     f(x) - f(x') = +-1: its CompletenessWarning comes with the map, as the job ends and when the cached
     map is asked again, and for a second image too (not only the first warning of its place in the
-    code). ``b = 1e-6`` (model b): f is linear where IG looks, the map is exact and carries none; nor
-    does model a's vanilla map. Each computation's warnings are its own (the two workers at once)."""
+    code). ``b = 1e-6`` (model b): f is linear where IG looks, the map is exact and carries none; model
+    a's vanilla map carries only the note that it is constant. Each computation's warnings are its own (the two workers at once)."""
     paths, _, _ = shapes_files(tmp_path, n=2)
     hub = Hub([ModelSlot("a", TanhSpike(1.0, 1e4)), ModelSlot("b", TanhSpike(1.0, 1e-6))],
               ImageStore([FileSource([tmp_path])]))
@@ -342,7 +342,10 @@ def test_a_maps_warnings_come_with_it(tmp_path):
             assert len(j["warnings"]) == 1, j
             assert j["warnings"][0].startswith("integrated_gradients: the attributions do not sum to f(x) - f(x')")
             assert "relative gap" in j["warnings"][0] and "cannot be trusted" in j["warnings"][0]
-        assert ig_b["warnings"] == [] and vanilla_a["warnings"] == []
+        assert ig_b["warnings"] == []
+        # vanilla's gradient a b sech^2(b s) is the same at every pixel: its one warning is that the map is
+        # constant (its picture a flat colour), not integrated gradients' gap
+        assert len(vanilla_a["warnings"]) == 1 and vanilla_a["warnings"][0].startswith("the map is constant (")
         again = ask("a", "integrated_gradients")
         assert again["state"] == "done" and again["warnings"] == ig_a["warnings"]
         assert ask("b", "integrated_gradients")["warnings"] == []

@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if not maps:
         error("every method failed; nothing written")
         return EXIT_USAGE
+    _warn_constant(maps, chosen, ok_paths, info)
     out_dir = output_folder(args.out)
     about = _about(args, info, request, names_from)
     n_maps = _write_results(args, info, out_dir, batch, out, chosen, maps, ok_paths, errors, about)
@@ -220,6 +221,17 @@ def _compute_maps(args: argparse.Namespace, model: nn.Module, batch: Tensor, cho
                 continue
             maps[name] = [every[:, j] for j in range(len(chosen.ranks))]
     return maps, failed
+
+
+def _warn_constant(maps: Maps, chosen: Chosen, paths: Sequence[str], info: ModelInfo) -> None:
+    """A ``salience: warning:`` line per map that is one value everywhere (:func:`viz.constant_map_note`):
+    its figure is a flat colour, which the user must not take for a drawing bug."""
+    for name, ms in maps.items():
+        for j, per_target in enumerate(ms):
+            for i, path in enumerate(paths):
+                note = viz.constant_map_note(per_target[i])
+                if note is not None:
+                    warn(f"warning: {path} ({name}, {chosen.row_labels(i, info)[j]}): {note}")
 
 
 def _chunk_maps(fn: Callable[..., Tensor], model: nn.Module, xb: Tensor, start: int, chosen: Chosen,

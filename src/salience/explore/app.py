@@ -7,7 +7,8 @@ and the server goes on. Computations are jobs on the model's worker (:mod:`salie
 ``POST api/explain`` answers at once, with the map's key when it is cached, else with a job to
 poll (``GET api/jobs/ID``: state, queue position, progress) or cancel (``DELETE api/jobs/ID``).
 A map done comes with ``warnings``: the texts of the warnings its computation raised (e.g.
-integrated gradients' completeness gap: the map cannot be trusted), which the page shows under it;
+integrated gradients' completeness gap: the map cannot be trusted; a map that is one value
+everywhere, :func:`salience.render.viz.constant_map_note`), which the page shows under it;
 so do the result of its curves and of its sanity check (``result.warnings``: theirs, and the map's
 when it was computed again for them), a run described by ``api/runs`` and a page of its rows
 (``warnings``), shown under each (the gallery's under its table).
@@ -32,6 +33,7 @@ import json
 import math
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -45,7 +47,7 @@ from starlette.staticfiles import StaticFiles
 import numpy as np
 import torch
 
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.tensors import model_device
 from salience.explore import compute
 from salience.explore.cache import ResultCache, key_of
@@ -226,9 +228,13 @@ class Hub:
 
     def explain_map(self, key: str, slot: ModelSlot, image: Any, method: str, target: int, given: dict[str, Any],
                     ticker: Ticker) -> Any:
-        """:func:`compute.explain`, its warnings kept as map ``key``'s (:meth:`warnings_of`)."""
+        """:func:`compute.explain`, its warnings kept as map ``key``'s (:meth:`warnings_of`); a map that
+        is one value everywhere (:func:`viz.constant_map_note`: its picture is a flat colour) is one."""
         with compute.caught_warnings() as said:
             raw = compute.explain(slot, image, method, target, given, ticker)
+            note = viz.constant_map_note(raw)
+            if note is not None:
+                warnings.warn(note, stacklevel=user_stacklevel())
         with self._lock:
             self.warned.pop(key, None)
             if said:

@@ -21,6 +21,7 @@ exactly on the middle colour of a diverging colormap (``"bwr"``: blue - white - 
 from __future__ import annotations
 
 import io as _io
+import math
 import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -40,6 +41,8 @@ __all__ = [
     "colored",
     "grayscale",
     "overlay",
+    "constant_value",
+    "constant_map_note",
     "to_uint8_image",
     "figure",
     "save_png",
@@ -213,6 +216,45 @@ def scale(m: ArrayLike, norm: Norm = "percentile", *, percentile: float = 99.0,
     one = a.ndim == 2
     out, _ = _scale(a[None] if one else a, norm, percentile, signed, "map")
     return out[0] if one else out
+
+
+def constant_value(m: ArrayLike) -> Optional[float]:
+    """The one value of a map that holds a single value everywhere (all zero included), else ``None``.
+
+    The criterion is exact: every value equal to every other. Such a map has nothing to show: its
+    picture is one flat colour (:func:`scale` maps it to 0). A map with NaN or infinite values is
+    not constant here (a picture refuses it with its own error). Any shape; a per-channel map
+    counts all its channels.
+    """
+    a = _as_array(m, "map")
+    if a.size == 0:
+        return None
+    f = a.astype(np.float64, copy=False)
+    lo, hi = float(f.min()), float(f.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo != hi:
+        return None
+    return lo + 0.0  # -0.0 -> 0.0
+
+
+def constant_map_note(m: ArrayLike) -> Optional[str]:
+    """What to tell a user shown map ``m`` when it is constant (:func:`constant_value`), else ``None``.
+
+    The one text of the command line and the explorer: that the map is constant (zero) everywhere,
+    so its flat picture is a fact about the model and target, not a drawing bug; the likely causes
+    and what to try. The library's methods return the raw values and say nothing.
+    """
+    v = constant_value(m)
+    if v is None:
+        return None
+    if v == 0.0:
+        return ("the map is constant (zero) everywhere, so its picture is one flat colour: the score explained "
+                "does not depend on the input at this layer / target. Likely causes: random weights with a "
+                "zero-initialised head (e.g. an untrained timm or Hugging Face model), activations that die out "
+                "(a dead ReLU layer for a CAM), a model in training mode, a target whose score ignores the input. "
+                "Try another layer or target, and check the weights")
+    return (f"the map is constant ({v:.4g}) everywhere, so its picture is one flat colour: every pixel counts "
+            "the same (e.g. a CAM of a layer whose grid is 1 x 1, or a score that depends on the input only "
+            "through a sum of all its pixels). Try another layer or target, and check the weights")
 
 
 def _index(v: np.ndarray, signed: bool) -> np.ndarray:
@@ -489,7 +531,8 @@ def figure(images: Union[ArrayLike, Sequence[ArrayLike]], maps: Mapping[str, Arr
     its whole batch so a column uses one colour scheme. ``titles`` replace the method names in the
     header, ``row_labels`` (one per image) add a left margin. ``scale_to``: tile height in pixels
     (int, width kept in proportion) or ``(h, w)``; small images are enlarged without smoothing.
-    ``labels=False`` draws no text. Layout: tiles of equal size with ``pad`` white pixels between
+    ``labels=False`` draws no text; else a map that is one value everywhere (:func:`constant_value`,
+    all zero included), drawn as one flat colour, says ``constant V`` on its tile. Layout: tiles of equal size with ``pad`` white pixels between
     them and around the edge, below a header line of text.
     """
     overlay = check_flag(overlay, "overlay")
@@ -507,13 +550,16 @@ def figure(images: Union[ArrayLike, Sequence[ArrayLike]], maps: Mapping[str, Arr
 
     # Columns of tiles, each (n, th, tw, 3).
     columns: list[np.ndarray] = [np.stack([_resize(im, (th, tw)) for im in imgs])]
+    notes: list[tuple[int, int, str]] = []  # (column, row, text): a constant map's tile says so
     for name, a in methods:
         heat = _map_tiles(a, (h, w), cmap=cmap, norm=norm, percentile=percentile, signed=signed)
+        notes += [(len(columns), r, f"constant {v:.3g}") for r, v in enumerate(map(constant_value, a))
+                  if v is not None]
         cols = [heat] + ([_blend(imgs, heat, alpha)] if overlay else [])
         columns += [np.stack([_resize(t, (th, tw)) for t in c]) for c in cols]
     if not labels:
         return _canvas(columns, 0, 0, pad)
-    return _labelled(columns, titles, row_labels, 2 if overlay else 1, pad)
+    return _labelled(columns, titles, row_labels, 2 if overlay else 1, pad, notes)
 
 
 def _figure_images(images: Union[ArrayLike, Sequence[ArrayLike]]) -> np.ndarray:
@@ -567,9 +613,10 @@ def _canvas(columns: list[np.ndarray], header: int, left: int, pad: int) -> np.n
 
 
 def _labelled(columns: list[np.ndarray], titles: list[str], row_labels: Optional[list[str]], per_method: int,
-              pad: int) -> np.ndarray:
-    """The canvas with a header line (``image``, then each method's title over its columns) and
-    ``row_labels`` in a left margin."""
+              pad: int, notes: Sequence[tuple[int, int, str]] = ()) -> np.ndarray:
+    """The canvas with a header line (``image``, then each method's title over its columns),
+    ``row_labels`` in a left margin, and ``notes`` ``(column, row, text)`` on tiles (top left, black
+    on a white box)."""
     from PIL import Image, ImageDraw
 
     n, th, tw = columns[0].shape[:3]
@@ -595,6 +642,12 @@ def _labelled(columns: list[np.ndarray], titles: list[str], row_labels: Optional
         y = header + pad + r * (th + pad) + (th - text_h) // 2
         bx = draw.textbbox((0, 0), t, font=font)
         draw.text((pad // 2 - bx[0], y - bx[1]), t, fill=_FG, font=font)
+    for c, r, t in notes:
+        x, y = left + pad + c * (tw + pad), header + pad + r * (th + pad)
+        t = _fit(draw, t, tw - 4, font)
+        bx = draw.textbbox((0, 0), t, font=font)
+        draw.rectangle((x, y, x + bx[2] - bx[0] + 3, y + text_h + 3), fill=(_BG,) * 3)
+        draw.text((x + 2 - bx[0], y + 2 - bx[1]), t, fill=_FG, font=font)
     return np.asarray(pic).copy()
 
 

@@ -1,0 +1,198 @@
+"""A map that is one value everywhere (an untrained model's zero-initialised head, a target whose
+score ignores the input) is drawn as a flat colour: where a map is shown or written, the command
+line and the explorer say so (``viz.constant_map_note``), and the figure's tile says ``constant V``.
+The library's methods still return the raw zeros."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import salience
+from salience.cli import main
+from salience.render import viz
+
+NETS = '''
+import torch
+import torch.nn as nn
+
+def blind():
+    """The output ignores the input: a zero-initialised head after pooling."""
+    head = nn.Linear(48, 3)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), head)
+
+def seeing():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 3))
+'''
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """Two image files and a ``python:`` spec module with a blind and a seeing model."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"pic{i}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    nets = tmp_path / "zero_nets.py"
+    nets.write_text(NETS)
+    return paths, nets
+
+
+def _run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _blind() -> nn.Module:
+    head = nn.Linear(48, 3)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), head)
+
+
+# --------------------------------------------------------------------------------- the criterion
+
+
+def test_constant_means_every_value_equal():
+    assert viz.constant_value(np.zeros((4, 5))) == 0.0
+    assert viz.constant_value(-np.zeros((3, 4, 5))) == 0.0 and str(viz.constant_value(-np.zeros((2, 2)))) == "0.0"
+    assert viz.constant_value(torch.full((6, 6), 2.5)) == 2.5
+    m = np.zeros((4, 5))
+    m[2, 3] = 1e-30  # the smallest difference is a picture (min-max stretches it)
+    assert viz.constant_value(m) is None and viz.constant_map_note(m) is None
+    assert viz.constant_value(np.full((3, 3), np.nan)) is None  # NaN maps are errors of their own
+    zero = viz.constant_map_note(np.zeros((4, 5)))
+    assert zero.startswith("the map is constant (zero) everywhere")
+    assert "does not depend on the input" in zero and "zero-initialised head" in zero
+    assert "another layer or target" in zero and "check the weights" in zero
+    assert viz.constant_map_note(np.full((4, 5), 2.5)).startswith("the map is constant (2.5) everywhere")
+
+
+def test_the_library_returns_the_raw_zeros_and_says_nothing(recwarn):
+    x = torch.rand(2, 3, 32, 32)
+    m = salience.vanilla(_blind(), x, 0)
+    assert torch.equal(m, torch.zeros_like(m))
+    assert not [w for w in recwarn if "constant" in str(w.message)]
+
+
+# --------------------------------------------------------------------------------- the picture
+
+
+@pytest.mark.parametrize("value", [0.0, 3.0, -2.0])
+def test_a_constant_map_is_one_flat_colour_with_a_note(value):
+    """heatmap / overlay / figure of a constant map: finite, one colour (no 0 / 0); the figure's tile
+    says ``constant V`` (labels on) and is flat without labels; the other row is untouched."""
+    m = np.full((16, 16), value)
+    heat = viz.heatmap(m)
+    assert len(np.unique(heat.reshape(-1, 3), axis=0)) == 1
+    assert np.isfinite(viz.scale(m)).all()
+    image = np.full((3, 16, 16), 0.5)
+    assert len(np.unique(viz.overlay(image, m).reshape(-1, 3), axis=0)) == 1
+    maps = {"vanilla": np.stack([m, np.arange(256.0).reshape(16, 16)])}
+    images = np.stack([image, image])
+    bare = viz.figure(images, maps, labels=False, overlay=False, pad=0)  # columns: image, map
+    tile = bare[:16, 16:32]
+    assert (tile == heat).all()
+    noted = viz.figure(images, maps, overlay=False, pad=4, scale_to=64)
+    plain = viz.figure(images, {"vanilla": maps["vanilla"] + np.stack([np.eye(16), np.zeros((16, 16))])},
+                       overlay=False, pad=4, scale_to=64)
+    assert noted.shape == plain.shape
+    header = noted.shape[0] - 2 * 64 - 3 * 4
+    first = noted[header + 4:header + 4 + 64, 4 + 64 + 4:4 + 2 * 64 + 4]
+    colours = np.unique(first.reshape(-1, 3), axis=0)
+    assert len(colours) > 2  # the note's text on its white box, over the flat colour
+    assert (first[-20:] == heat[0, 0]).all()  # below the note: the flat colour
+    second = slice(header + 4 + 64 + 4, header + 4 + 2 * 64 + 4)
+    assert (noted[second] == plain[second]).all()  # the row with a real map has no note
+
+
+# --------------------------------------------------------------------------------- the command line
+
+
+def test_explain_warns_of_each_constant_map(setup, tmp_path, capsys):
+    paths, nets = setup
+    rc, out, err = _run(["explain", *paths, "-m", f"python:{nets}:blind", "--size", "32", "--method",
+                         "vanilla,gradcam", "--layer", "0", "--top", "2", "-o", tmp_path / "o", "--no-progress"], capsys)
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if ln]
+    assert len(lines) == 2 * 2 * 2, err  # 2 images x 2 methods x 2 targets
+    for ln in lines:
+        assert ln.startswith("salience: warning: ") and "the map is constant (zero) everywhere" in ln, ln
+        assert "does not depend on the input" in ln and "check the weights" in ln, ln
+    assert f"salience: warning: {paths[1]} (gradcam, top2: " in err
+    # the raw maps are written as computed: zeros; the figure is a picture (no NaN reached it)
+    for npy in (tmp_path / "o").glob("*.npy"):
+        assert not np.load(npy).any()
+    png = np.asarray(Image.open(tmp_path / "o" / "pic0.png"))
+    assert png.dtype == np.uint8 and png.ndim == 3
+
+
+def test_explain_of_a_model_that_sees_says_nothing(setup, tmp_path, capsys):
+    paths, nets = setup
+    rc, out, err = _run(["explain", *paths, "-m", f"python:{nets}:seeing", "--size", "32", "-o", tmp_path / "o",
+                         "--no-progress"], capsys)
+    assert rc == 0 and err == "", err
+
+
+def test_a_dataset_run_warns_once_a_method(setup, tmp_path, capsys):
+    """A dataset run: one line per method (and constant value), naming the images; none for the
+    model that sees."""
+    paths, nets = setup
+    common = [*paths, "--size", "32", "--dataset", "--workers", "0", "--no-progress"]
+    rc, out, err = _run(["explain", *common, "-m", f"python:{nets}:blind", "-o", tmp_path / "run"], capsys)
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if "constant" in ln]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("salience: warning: vanilla, 2 of 2 image(s) (")
+    assert str(paths[0]) in lines[0] and str(paths[1]) in lines[0]
+    assert "the map is constant (zero) everywhere" in lines[0] and "check the weights" in lines[0]
+    rc, out, err = _run(["explain", *common, "-m", f"python:{nets}:seeing", "-o", tmp_path / "run2"], capsys)
+    assert rc == 0 and "constant" not in err, err
+
+
+# --------------------------------------------------------------------------------- the explorer
+
+
+def test_the_explorer_shows_the_warning_under_the_cell(tmp_path):
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    from starlette.testclient import TestClient
+
+    from explore_helpers import npy, shapes_files, wait_job
+    from salience.explore.app import Hub, create_app
+    from salience.explore.compute import ModelSlot
+    from salience.explore.images import FileSource, ImageStore
+
+    shapes_files(tmp_path, n=1)
+    torch.manual_seed(0)
+    seeing = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 3))
+    hub = Hub([ModelSlot("a", _blind()), ModelSlot("b", seeing)], ImageStore([FileSource([tmp_path])]))
+    c = TestClient(create_app(hub))
+    try:
+        def ask(model):
+            r = c.post("api/explain", json={"model": model, "image": "f0", "method": "vanilla", "target": 0})
+            assert r.status_code in (200, 202), r.text
+            return wait_job(lambda url: c.get(url).json(), r.json())
+
+        blind, sees = ask("a"), ask("b")
+        assert blind["state"] == "done" and sees["state"] == "done"
+        assert len(blind["warnings"]) == 1 and blind["warnings"][0] == viz.constant_map_note(np.zeros(2))
+        assert sees["warnings"] == []
+        assert ask("a")["warnings"] == blind["warnings"]  # the cached map keeps it
+        assert not npy(c.get(f"api/maps/{blind['key']}.npy").content).any()  # raw zeros served as they are
+        png = c.get(f"api/maps/{blind['key']}.png")
+        assert png.status_code == 200
+        pic = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
+        assert len(np.unique(pic.reshape(-1, 3), axis=0)) == 1
+    finally:
+        hub.close()
