@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import salience
 from salience import SalienceError
@@ -192,14 +193,56 @@ def test_a_layer_that_is_no_map_says_so(vit, x32):
         salience.gradcam(vit, x32, 0, layer="heads")
 
 
+def test_a_layer_that_returns_a_tuple_gives_its_first_tensor(vit, x32):
+    """torchvision's ``self_attention`` (``nn.MultiheadAttention``) returns ``(output, weights)``, as Hugging
+    Face's blocks return ``(hidden_states, weights)``: a CAM reads the first element (it refused every
+    tuple before), and Grad-CAM there equals the hand computation on the attention's output."""
+    layer = "encoder.layers.encoder_layer_0.self_attention"  # the last one's patch tokens get no gradient
+    mha = vit.get_submodule(layer)
+    target = torch.tensor([1, 3])
+    with unchanged(vit):
+        cam = salience.gradcam(vit, x32, target, layer=layer)
+    held = []  # the hand computation: the first element of its output, its gradient
+    handle = mha.register_forward_hook(lambda m, i, o: held.append(o[0]))
+    try:
+        out = vit(x32.clone().requires_grad_(True))
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(out[torch.arange(2), target].sum(), held[0])
+    to_grid = tokens_to_grid(1, 4, 4)
+    a, g = to_grid(held[0].detach()), to_grid(grad)
+    ref = F.interpolate((g.mean(dim=(2, 3), keepdim=True) * a).sum(1).clamp(min=0)[:, None], size=(32, 32),
+                        mode="bilinear", align_corners=False)[:, 0]
+    assert ref.std() > 0
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+    for name in ("eigencam", "scorecam", "ablationcam", "layercam"):
+        assert salience.METHODS[name](vit, x32, 0, layer=layer).shape == (2, 32, 32)
+
+
+class _Pair(nn.Module):
+    """Returns ``(None, x)``: a tuple whose first element is not a tensor."""
+
+    def forward(self, t):
+        return None, t
+
+
+class _PairNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pair, self.head = nn.Conv2d(3, 4, 3, padding=1), _Pair(), nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.head(self.pair(self.conv(x))[1].mean(dim=(2, 3)))
+
+
 @pytest.mark.parametrize("name", ["gradcam", "eigencam", "scorecam", "layercam"])
-def test_a_layer_that_returns_a_tuple_says_what_it_returned(vit, x32, name):
-    """torchvision's ``self_attention`` (``nn.MultiheadAttention``) returns ``(output, weights)``: it was
-    called, and the error said it "was not called in the forward pass (or returned no tensor)", naming
-    the layer by its repr (many lines). It says what the layer returned, by the layer's name."""
-    layer = "encoder.layers.encoder_layer_1.self_attention"
-    for given in (layer, vit.get_submodule(layer)):
-        with unchanged(vit), pytest.raises(SalienceError, match=r"^layer 'encoder\.layers\.encoder_layer_1\."
-                                                             r"self_attention' returned a tuple of length 2 "
-                                                             r"\(tensor, NoneType\), not a tensor"):
-            salience.METHODS[name](vit, x32, 0, layer=given)
+def test_a_layer_that_returns_no_tensor_first_says_what_it_returned(x32, name):
+    """A layer whose output is no tensor nor a tuple led by one: it was called, and the error said it "was not
+    called in the forward pass (or returned no tensor)", naming the layer by its repr (many lines). It says what
+    the layer returned, by the layer's name."""
+    torch.manual_seed(0)
+    net = _PairNet().eval()
+    for given in ("pair", net.pair):
+        with unchanged(net), pytest.raises(SalienceError, match=r"^layer 'pair' returned a tuple of length 2 "
+                                                             r"\(NoneType, tensor\), not a tensor"):
+            salience.METHODS[name](net, x32, 0, layer=given)

@@ -14,6 +14,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import salience
 from salience import SalienceError
@@ -45,9 +46,11 @@ def timm_levit(size):
 def by_hand(net, x, layer, target, h, w):
     """Grad-CAM written out: a hook keeps the layer's tokens (B, N, D) and one backward of the target's
     logit gives their gradient; both reshaped by hand to (B, D, h, w), row-major; ReLU(sum_k mean_ij(G_k)
-    A_k), bilinear to the input's size."""
+    A_k), bilinear to the input's size. A layer that returns a tuple (Hugging Face's blocks:
+    ``(hidden_states, attention weights)``) gives its first element."""
     kept = []
-    handle = net.get_submodule(layer).register_forward_hook(lambda m, i, o: kept.append(o))
+    handle = net.get_submodule(layer).register_forward_hook(
+        lambda m, i, o: kept.append(o[0] if isinstance(o, tuple) else o))
     try:
         out = net(x.clone().requires_grad_(True))
     finally:
@@ -222,7 +225,7 @@ def test_hugging_face_hiera_before_its_last_stage_is_refused_and_its_last_stage_
     net = HieraForImageClassification(HieraConfig(embed_dim=8, image_size=[64, 64], depths=[1, 1, 1, 1],
                                                   num_heads=[1, 1, 1, 1], num_labels=5)).eval()
     x = torch.rand(1, 3, 64, 64)
-    assert default_layer(net, x).startswith("hiera.encoder.stages.3.")
+    assert default_layer(net, x) == "hiera.encoder.stages.3"
     with pytest.raises(SalienceError, match=r"16 tokens that are not in grid order: Hugging Face's Hiera.*"
                                             r"'hiera.encoder.stages.3' or a module inside it"):
         salience.gradcam(net, x, 1, layer="hiera.encoder.stages.3.layers.0.layernorm_before")  # before its q-pooling
@@ -232,6 +235,34 @@ def test_hugging_face_hiera_before_its_last_stage_is_refused_and_its_last_stage_
     layer = "hiera.encoder.stages.3.layers.0.layernorm_after"
     torch.testing.assert_close(salience.gradcam(net, x, 1, layer=layer),
                                by_hand(net, x, layer, torch.tensor([1]), 2, 2), rtol=1e-4, atol=1e-6)
+
+
+def hf_hiera(depths=(1, 1, 1, 2)):
+    from transformers import HieraConfig, HieraForImageClassification
+
+    torch.manual_seed(0)
+    return HieraForImageClassification(HieraConfig(embed_dim=8, image_size=[64, 64], depths=list(depths),
+                                                   num_heads=[1, 1, 1, 1], num_labels=5)).eval()
+
+
+def test_hugging_face_hiera_default_is_its_last_block_output_and_gradcam_equals_the_hand_computation():
+    """Hugging Face's Hiera blocks return ``(hidden_states, attention weights)``: the default was the last
+    block's ``mlp`` (its MLP branch, before the residual add), the last module whose output was a tensor. It
+    is now the last stage (its output's first element: the last block's output, as timm's ``blocks.11``), and
+    Grad-CAM there equals the hand computation on the last block's output; the other CAMs read it too."""
+    net, x, target = hf_hiera(), torch.rand(2, 3, 64, 64), torch.tensor([1, 3])
+    assert default_layer(net, x) == "hiera.encoder.stages.3"
+    assert "a 2x2 grid of patches" in describe_default_layer(net, x)
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target)
+    ref = by_hand(net, x, "hiera.encoder.stages.3.layers.1", target, 2, 2)  # the last block's output
+    assert ref.std() > 0
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(ref, by_hand(net, x, "hiera.encoder.stages.3.layers.1.mlp", target, 2, 2))
+    torch.testing.assert_close(salience.gradcam(net, x, target, layer="hiera.encoder.stages.3.layers.0"),
+                               by_hand(net, x, "hiera.encoder.stages.3.layers.0", target, 2, 2), rtol=1e-4, atol=1e-6)
+    for name in ("eigencam", "scorecam", "ablationcam", "layercam"):
+        assert salience.METHODS[name](net, x[:1], 1).shape == (1, 64, 64)
 
 
 def test_a_given_grid_in_another_shape_than_the_one_a_stride_gives_is_refused():
@@ -265,3 +296,121 @@ def test_a_given_grid_where_no_stride_grid_fits_still_works():
         salience.gradcam(net, x, target, layer="norm")
     torch.testing.assert_close(salience.gradcam(net, x, target, layer="norm", grid=(8, 8)),
                                by_hand(net, x, "norm", target, 8, 8), rtol=1e-4, atol=1e-6)
+
+
+class Attention(nn.Module):
+    """Self-attention over tokens (B, N, D): queries, keys and values from one Linear (B, N, 3D)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, t):
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        return self.proj(torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1) @ v)
+
+
+class Block(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), Attention(dim), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, t):
+        t = t + self.attn(self.norm1(t))
+        return t + self.mlp(self.norm2(t))
+
+
+class SelfAttentionBlock(nn.Module):
+    """A whole token stage (two blocks, then the mean over the tokens) under a class name with "Attention" in it."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.blocks = nn.Sequential(Block(dim), Block(dim))
+
+    def forward(self, t):
+        return self.blocks(t).mean(dim=1)
+
+
+class StageNet(nn.Module):
+    """A strided convolution (no patch embedding: kernel 3, stride 4), its 8x8 map as 64 tokens, one stage."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, stride=4, padding=1)
+        self.stage, self.head = SelfAttentionBlock(dim), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        return self.head(self.stage(self.stem(x).flatten(2).transpose(1, 2)))
+
+
+def test_a_stage_class_named_attention_block_keeps_its_blocks_as_default_layer_candidates():
+    """Token outputs inside any module whose class name contained "Attention" were left out of the default
+    layer's candidates (meant for queries / keys / values): a stage class named ``SelfAttentionBlock`` hid
+    its blocks, and the default fell back to the stem. Now only the innermost attention modules' insides
+    are left out: the default is the last block's output (the blocks' Sequential, a container preferred to its
+    last child), its Grad-CAM the hand computation."""
+    torch.manual_seed(1)
+    net, x, target = StageNet().eval(), torch.rand(2, 3, 32, 32), torch.tensor([1, 3])
+    assert default_layer(net, x) == "stage.blocks"  # the Sequential of the blocks: the last block's output
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target)
+    ref = by_hand(net, x, "stage.blocks.1", target, 8, 8)
+    assert ref.std() > 0
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+
+
+class Conv1dNet(nn.Module):
+    """A strided convolution's 16x16 map flattened to (B, 8, 256), then a Conv1d to (B, 256, 256): 256
+    channels at dim 1 over 256 positions, which also fits 16x16 tokens of width 256."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.mix = nn.Conv1d(8, 256, 1)
+        self.head = nn.Linear(256, 5)
+
+    def forward(self, x):
+        return self.head(self.mix(self.stem(x).flatten(2)).mean(dim=2))
+
+
+class FlatNet(nn.Module):
+    """A strided convolution's 8x8 map of 64 channels flattened to (B, 64, 64) and normalised: 64 tokens of
+    width 64 by shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 64, 3, stride=4, padding=1), nn.Flatten(2), nn.BatchNorm1d(64))
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=2))
+
+
+def by_hand_map(net, x, layer, target):
+    """Grad-CAM written out on a (B, K, h, w) map."""
+    kept = []
+    handle = net.get_submodule(layer).register_forward_hook(lambda m, i, o: kept.append(o))
+    try:
+        out = net(x.clone().requires_grad_(True))
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(out[torch.arange(len(x)), target].sum(), kept[0])
+    cam = (grad.mean(dim=(2, 3), keepdim=True) * kept[0].detach()).sum(1).clamp(min=0)
+    return F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+@pytest.mark.parametrize("build, default, flat", [(Conv1dNet, "stem", "mix"), (FlatNet, "features.0", "features")])
+def test_a_conv1d_or_flattened_map_is_not_read_as_tokens(build, default, flat):
+    """A (B, C, L) output (a Conv1d's, a flattened map's) whose C is the module's channel count and whose L
+    fits a stride grid was read as tokens (B, N, D) with N = C: channels taken for patches, a scrambled map,
+    and the default layer. It is no default candidate now (the default is the map before it, its Grad-CAM the
+    hand computation), and asked for by name it is refused, saying its channels are at dim 1."""
+    torch.manual_seed(0)
+    net, x, target = build().eval(), torch.rand(2, 3, 32, 32), torch.tensor([1, 3])
+    assert default_layer(net, x) == default
+    torch.testing.assert_close(salience.gradcam(net, x, target), by_hand_map(net, x, default, target),
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(SalienceError, match=rf"layer '{flat}' gives shape \(2, (256, 256|64, 64)\) with its "
+                                            r"(256|64) channels at dim 1, \(B, C, L\)"):
+        salience.gradcam(net, x, target, layer=flat)

@@ -27,7 +27,7 @@ from salience._core.info import model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, first_tensor
 
-__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_output", "seeing_output", "check_input", "model_call", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
+__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_value", "layer_output", "seeing_output", "check_input", "model_call", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
            "looks_like_probabilities"]
 
 
@@ -320,11 +320,22 @@ class Pass:
     layer_grads: list[Tensor]
 
 
+def layer_value(output: Any) -> Any:
+    """The tensor a layer gives: its output, or the first element of a tuple / list whose first element
+    is a tensor (Hugging Face's blocks return ``(hidden_states, attention weights)``, Hiera's, Swin's,
+    an attention's ``(output, weights)``: the hidden states first, as :func:`unwrap_output` reads a
+    model's); anything else as it is (a caller refuses it with :func:`layer_not_captured`)."""
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return output
+
+
 def capture_hook(store: list, stop: bool):
-    """A forward hook that keeps a module's first output in ``store`` (and ends the pass with ``stop``)."""
+    """A forward hook that keeps a module's first output (:func:`layer_value`: a tuple's first tensor) in
+    ``store`` (and ends the pass with ``stop``)."""
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
         if not store:  # the first call of a reused module
-            store.append(output)
+            store.append(layer_value(output))
             if stop:
                 raise _StopForward(output)
 
@@ -387,7 +398,7 @@ def _hooked(model: nn.Module, layer: LayerSpec, hook: Any) -> Any:
 
 def layer_not_captured(model: nn.Module, layer: LayerSpec, store: list) -> SalienceError:
     """The error for a hooked layer that gave no tensor: never called, or called and returned something
-    else (``nn.MultiheadAttention``'s ``(output, weights)`` tuple), said as such, the layer by its name
+    else (a dict, a tuple whose first element is not a tensor), said as such, the layer by its name
     (its repr, many lines for a block, and "was not called" for a layer that was, before)."""
     name = layer if isinstance(layer, str) else layer_name(model, layer)
     if not store:

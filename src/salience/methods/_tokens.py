@@ -18,7 +18,8 @@ a container, of its last such submodule), ``a`` does not, and ``(a, b)`` fits in
 dims that equal ``(h, w)`` decide. A layer with no known channel count (an activation) whose
 output is channels-last needs ``grid=``.
 
-**Tokens rule** (``(B, N, D)``): ``grid`` and ``prefix_tokens`` if given (a ``grid`` with the
+**Tokens rule** (``(B, N, D)``; a ``(B, C, L)`` whose known channel count is at dim 1 and not last,
+a ``Conv1d``'s or a flattened map's, is refused: :func:`token_shaped`): ``grid`` and ``prefix_tokens`` if given (a ``grid`` with the
 cells of the patch embedding's grid in another shape, ``(w, h)`` for ``(h, w)``, is refused); else the patch
 embedding gives ``(h, w)``: the first ``Conv2d`` of the model (in ``named_modules()`` order) with
 ``in_channels`` equal to the input's channels, ``stride == kernel_size`` and a kernel larger than
@@ -57,7 +58,7 @@ from torch import Tensor, nn
 from salience._core.errors import SalienceError
 from salience._core.info import model_info
 
-__all__ = ["Layout", "layer_layout", "token_layout", "patch_embedding", "patch_grid", "channel_count",
+__all__ = ["Layout", "layer_layout", "token_layout", "patch_embedding", "patch_grid", "channel_count", "token_shaped",
            "stride_grids", "check_token_order"]
 
 _HOW = ("pass grid=(h, w) (the patch grid) and prefix_tokens=k (the class / distillation / register tokens "
@@ -92,20 +93,52 @@ class Layout:
         return "channels-last (B, h, w, K)" if self.kind == "channels_last" else "(B, K, h, w)"
 
 
+def _counted(m: nn.Module) -> Optional[int]:
+    """The channels ``m``'s own type says it outputs, else None."""
+    if isinstance(m, nn.LayerNorm) and m.normalized_shape:
+        return int(m.normalized_shape[-1])
+    if isinstance(m, nn.Linear):
+        return int(m.out_features)
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
+        return int(m.out_channels)
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d)):
+        return int(m.num_features)
+    if isinstance(m, nn.GroupNorm):
+        return int(m.num_channels)
+    return None
+
+
+def _channel_module(module: nn.Module) -> Optional[nn.Module]:
+    """``module``, or for a container its last submodule, whose type says its channel count."""
+    return next((m for m in reversed(list(module.modules())) if _counted(m) is not None), None)
+
+
 def channel_count(module: nn.Module) -> Optional[int]:
     """The number of channels ``module`` outputs when its type says it (see the module doc), else None."""
-    for m in reversed(list(module.modules())):
-        if isinstance(m, nn.LayerNorm) and m.normalized_shape:
-            return int(m.normalized_shape[-1])
-        if isinstance(m, nn.Linear):
-            return int(m.out_features)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
-            return int(m.out_channels)
-        if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)):
-            return int(m.num_features)
-        if isinstance(m, nn.GroupNorm):
-            return int(m.num_channels)
-    return None
+    m = _channel_module(module)
+    return None if m is None else _counted(m)
+
+
+def token_shaped(module: Optional[nn.Module], shape: Sequence[int]) -> Optional[bool]:
+    """Whether ``module``'s 3-D output of ``shape`` ``(B, a, b)`` reads as tokens ``(B, N, D)``, by its
+    channel count (:func:`channel_count`): tokens carry it last. True when ``b`` is the count and ``a`` is
+    not; False when ``a`` is and ``b`` is not (``(B, C, L)``: a ``Conv1d``'s output, a flattened map);
+    when both are, the type of the module that sets the count decides (a ``Linear`` / ``LayerNorm`` puts
+    them last; a ``Conv1d`` / ``BatchNorm1d`` first; a 2-D convolution's or norm's map may have been
+    flattened either way: None, unless the module itself is one); None also when the count is unknown
+    or neither."""
+    counted = _channel_module(module) if module is not None else None
+    if counted is None or len(shape) != 3:
+        return None
+    known = _counted(counted)
+    last, first = int(shape[2]) == known, int(shape[1]) == known
+    if last != first:
+        return last
+    if not last:
+        return None
+    if isinstance(counted, (nn.Linear, nn.LayerNorm)):
+        return True
+    return False if isinstance(counted, (nn.Conv1d, nn.BatchNorm1d)) or counted is module else None
 
 
 _EMBEDS: ContextVar[Optional[dict]] = ContextVar("salience_patch_embeddings", default=None)
@@ -433,6 +466,12 @@ def layer_layout(model: nn.Module, module: Optional[nn.Module], shape: Sequence[
                                 f"gives a 4-D map of shape {tuple(shape)}: leave prefix_tokens out")
         return _four_d(model, module, shape, x_shape, g)
     if len(shape) == 3:
+        if token_shaped(module, shape) is False:
+            raise SalienceError(
+                f"{what} gives shape {tuple(shape)} with its {shape[1]} channels at dim 1, (B, C, L) (a Conv1d's "
+                "output or a flattened map), not tokens (B, N, D) with the channels last: it cannot be read as "
+                "a grid; pass layer= a layer with a map (B, K, h, w) (the one before the flatten) or with tokens"
+            )
         check_token_order(model, module, x_shape, int(shape[1]), what)
         return token_layout(model, x_shape, int(shape[1]), grid=g, prefix_tokens=prefix_tokens, what=what)
     raise SalienceError(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from salience._core import engine as _engine
 from salience import rules
-from salience._core.autograd import backward, check_input, model_call
+from salience._core.autograd import backward, check_input, layer_value, model_call
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
@@ -31,7 +31,7 @@ from salience._core.tensors import check_flag
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike, split
 from salience.methods._multi import finish, several_targets
-from salience.methods._tokens import Layout, channel_count, layer_layout, one_model, patch_grid
+from salience.methods._tokens import Layout, channel_count, layer_layout, one_model, patch_grid, token_shaped
 
 __all__ = ["gradcam", "guided_gradcam", "default_layer", "describe_default_layer", "gradient_cam",
            "resolve_cam_layer", "grid_layout", "upsample_maps"]
@@ -73,7 +73,11 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       output), swin ``norm``, vgg the last ReLU of ``features`` (before the final max-pool), timm
       ConvNeXt's ``stages``, Hugging Face ConvNeXt's ``convnext.encoder.stages.3``, timm LeViT's
       ``stages``, Hugging Face LeViT's last ``levit.encoder.stages`` (tokens in the one grid a stride
-      gives, :mod:`salience.methods._tokens`; tokens inside an attention module are left out).
+      gives, :mod:`salience.methods._tokens`; tokens inside an innermost attention module, a class
+      named ``...Attention...`` holding no other one, are left out, and so are ``(1, C, L)`` outputs
+      with the module's channels at dim 1, a ``Conv1d``'s or a flattened map's). A module that returns
+      a tuple led by a tensor (Hugging Face's blocks) is read as that tensor: Hugging Face Hiera's
+      ``hiera.encoder.stages.3``, its last block's output.
 
     :func:`describe_default_layer` says which layer this is and why.
     """
@@ -103,8 +107,9 @@ class _Call:
 
 
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None) -> list[_Call]:
-    """Every named module's call on ``x[:1]``, in the order they *finished*; an output requires grad
-    exactly when it depends on the input (the parameters are frozen)."""
+    """Every named module's call on ``x[:1]``, in the order they *finished*, its output as a CAM reads it
+    (:func:`~salience._core.autograd.layer_value`: a block's ``(hidden_states, ...)`` tuple -> its first
+    tensor); an output requires grad exactly when it depends on the input (the parameters are frozen)."""
     check_input(x, model)
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError("cannot look inside a TorchScript model for a Grad-CAM layer; pass the Python nn.Module")
@@ -112,7 +117,7 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None)
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            calls.append(_Call(name, module, output))
+            calls.append(_Call(name, module, layer_value(output)))
         return hook
 
     handles = []
@@ -173,12 +178,14 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call]) -> O
 
 
 def _all_patches(model: nn.Module, x: Tensor, c: _Call, shape: Any) -> bool:
-    """Whether ``c``'s output of ``shape`` ``(1, N, D)`` reads as tokens that are all patches (no prefix);
-    without a patch embedding only when ``D`` is the module's known channel count (not a flattened
-    ``(1, C, h * w)`` map) and the grid is the one that fits (:mod:`salience.methods._tokens`)."""
+    """Whether ``c``'s output of ``shape`` ``(1, N, D)`` reads as tokens that are all patches (no prefix):
+    never a ``(1, C, L)`` with the module's channels at dim 1 (a Conv1d's, a flattened map's;
+    :func:`~salience.methods._tokens.token_shaped`); without a patch embedding only when the module's
+    channel count says ``D`` is last and the grid is the one that fits (:mod:`salience.methods._tokens`)."""
     if len(shape) != 3 or shape[0] != 1:
         return False
-    if patch_grid(model, x.shape) is None and channel_count(c.module) != shape[-1]:
+    tokens = token_shaped(c.module, shape)
+    if tokens is False or (tokens is None and patch_grid(model, x.shape) is None):
         return False
     try:
         layout = layer_layout(model, c.module, shape, x.shape, what=f"layer {c.name!r}")
@@ -202,13 +209,24 @@ def _candidate_layout(model: nn.Module, x: Tensor, c: _Call, seen: dict) -> Opti
     return layout
 
 
+def _attention_internals(model: nn.Module) -> tuple[str, ...]:
+    """Name prefixes (``"name."``) of the modules that compute attention: the innermost modules whose class
+    name contains ``Attention`` (``LevitAttentionSubsample``, timm's ``AttentionDownsample`` too) or
+    ``nn.MultiheadAttention``s; tokens inside them (queries, keys, values) are not the model's token
+    stream. A module that holds another such module (a stage class named ``...AttentionBlock`` around
+    whole blocks, Hugging Face's ``ViTAttention`` around ``ViTSelfAttention``) is not one: its blocks'
+    outputs are the token stream."""
+    named = [n + "." for n, m in model.named_modules() if n and (isinstance(m, nn.MultiheadAttention)
+                                                                 or "Attention" in type(m).__name__)]
+    return tuple(n for n in named if not any(o != n and o.startswith(n) for o in named))
+
+
 def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call]) -> list[tuple[str, Tensor, bool]]:
     """Map outputs as ``(name, (B, K, h, w), whether tokens)``, in finishing order, by the rules of
     :func:`default_layer`."""
     counts = collections.Counter(c.name for c in calls)
     pooled = {id(c.output) for c in calls if isinstance(c.module, _POOLS)}
-    # Tokens inside an attention module (queries, keys, values) are not the model's token stream.
-    inner = tuple(n + "." for n, m in model.named_modules() if n and "Attention" in type(m).__name__)
+    inner = _attention_internals(model)
     kept: list[Tensor] = []
     seen: dict[tuple[int, ...], Layout] = {}
     cands = []

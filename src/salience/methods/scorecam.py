@@ -258,7 +258,12 @@ class _Ablated:
 
         def hook(module: nn.Module, args: Any, output: Any) -> Optional[Tensor]:
             calls.append(1)  # a module called more than once: its first call is the layer's output
-            return self._ablate(output, rows, ch) if len(calls) == 1 else None
+            if len(calls) != 1:
+                return None
+            if isinstance(output, (tuple, list)):  # (hidden states, ...): the first is the layer's tensor
+                items = [self._ablate(output[0], rows, ch), *output[1:]]
+                return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+            return self._ablate(output, rows, ch)
 
         handle = self.mod.register_forward_hook(hook)
         try:
