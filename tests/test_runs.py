@@ -1375,3 +1375,74 @@ def test_one_pass_methods_and_predictions_of_a_dataset_run_run_folded(tmp_path):
             assert fast.table.column(col).to_pylist() == ref.table.column(col).to_pylist()
         np.testing.assert_allclose(fast.table.column("probability").to_pylist(),
                                    ref.table.column("probability").to_pylist(), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------- errors in the DataLoader workers
+
+
+class _Items(torch.utils.data.Dataset):
+    """Eight inputs ``(3, 16, 16)`` (seeded by index); item 5 is ``bad`` when one is given."""
+
+    def __init__(self, bad=None):
+        self.bad = bad
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i):
+        if i == 5 and self.bad is not None:
+            return self.bad
+        return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i))
+
+
+@pytest.mark.parametrize("bad", ["not a tensor", "another shape"])
+def test_an_items_error_in_a_dataloader_worker_is_the_same_one_line_salience_error(tmp_path, bad):
+    """An item the run refuses (no image tensor; another shape) stops the run with workers=1 with the
+    SalienceError and one-line message of workers=0 (torch re-raised a worker's error with the
+    worker's whole traceback as its message: the command line printed it all on its 'error:' line);
+    the worker's traceback is its cause, the shards before it stay and the run resumes."""
+    from conftest import SmallCNN
+
+    model = SmallCNN().eval()
+    item = "a caption" if bad == "not a tensor" else torch.zeros(3, 20, 20)
+    errors = {}
+    for workers in (0, 1):
+        with pytest.raises(SalienceError) as caught:
+            salience.explain_dataset(model, _Items(item), ["vanilla"], tmp_path / f"w{workers}", shard_size=2,
+                                     batch_size=2, workers=workers)
+        errors[workers] = caught.value
+    assert type(errors[1]) is type(errors[0]) is SalienceError
+    assert str(errors[1]) == str(errors[0]) and "\n" not in str(errors[1])
+    assert ("item 5 is not an image tensor" if bad == "not a tensor" else
+            "image _Items[5] has shape (3, 20, 20) but image _Items[0] had (3, 16, 16)") in str(errors[1])
+    if bad == "not a tensor":  # raised in the worker: its traceback is the cause
+        from salience.runs.sources import WorkerTraceback
+
+        assert isinstance(errors[1].__cause__, WorkerTraceback)
+        assert "DataLoader worker" in str(errors[1].__cause__) and "__getitem__" in str(errors[1].__cause__)
+    assert sorted(p.name for p in (tmp_path / "w1" / "shards").iterdir()) == ["000000000.parquet",
+                                                                            "000000002.parquet"]
+    resumed = salience.explain_dataset(model, _Items(), ["vanilla"], tmp_path / "w1", shard_size=2, batch_size=2,
+                                       workers=1)
+    x = torch.stack([_Items()[i] for i in range(8)])
+    with salience.model_guard(model):
+        want = salience.vanilla(model, x, model(x).argmax(1)).numpy()
+    np.testing.assert_allclose(np.stack([resumed.map(i, "vanilla") for i in range(8)]), want, rtol=2 ** -10,
+                               atol=6e-8)
+
+
+def test_a_corrupt_file_read_in_a_worker_is_a_row_saying_why_in_one_line(data, tmp_path):
+    """An unreadable or truncated image read by a DataLoader worker is a row (not an error that stops
+    the run), its error one line naming the file, as with workers=0."""
+    good = data["root"] / "imgs" / "000.png"
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[:200])
+    files = [good, data["root"] / "imgs" / "zz_broken.png", cut]
+    rows = {w: salience.explain_dataset("demo:shapes", files, ["vanilla"], tmp_path / f"w{w}", workers=w,
+                                          batch_size=3).table
+            .column("error").to_pylist() for w in (0, 1)}
+    assert rows[1] == rows[0]
+    assert rows[1][0] is None
+    for path, why in zip(files[1:], rows[1][1:]):
+        assert why.startswith(str(path)) and "\n" not in why
+    assert "not an image file" in rows[1][1] and "corrupt or truncated" in rows[1][2]

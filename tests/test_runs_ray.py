@@ -261,3 +261,47 @@ def test_fast_modes_reach_the_ray_actors(cluster, tmp_path):
                                       fold_batchnorm=True, memory_format="channels_last", **FAST_KW)
     assert_fast_maps(on_ray, ref, 4)
     assert not np.array_equal(on_ray.map(3, "smoothgrad"), ref.map(3, "smoothgrad"))
+
+
+def test_an_item_of_another_shape_on_ray_is_the_local_engines_one_line_error_and_the_run_resumes(cluster, tmp_path):
+    """A user's dataset with an item of another shape, on Ray: the local engine's SalienceError and
+    one-line message (it was numpy's raw "all input arrays must have the same shape" in a RayTaskError
+    whose message is the task's traceback: the shape check never ran); the shards before it stay, the
+    folder is let go, and the run resumes to the maps of the local engine."""
+    import torch
+
+    class Items(torch.utils.data.Dataset):  # defined here: Ray's workers get it by value
+        def __init__(self, bad=None):
+            self.bad = bad
+
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i):
+            if i == 5 and self.bad is not None:
+                return self.bad
+            return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    kw = dict(shard_size=2, batch_size=2, workers=0, map_dtype="float32")
+    errors = {}
+    for engine in ("local", "ray"):
+        with pytest.raises(SalienceError) as caught:
+            salience.explain_dataset(model, Items(torch.zeros(3, 20, 20)), ["vanilla"], tmp_path / engine,
+                                     engine=engine, actors=1, **kw)
+        errors[engine] = caught.value
+    assert type(errors["ray"]) is SalienceError and str(errors["ray"]) == str(errors["local"])
+    assert str(errors["ray"]).startswith("image Items[5] has shape (3, 20, 20) but image Items[0] had (3, 16, 16)")
+    assert "\n" not in str(errors["ray"]) and "Ray task" in str(errors["ray"].__cause__)
+    folder = tmp_path / "ray"
+    assert _lockable(folder)
+    assert {"shards/000000000.parquet", "shards/000000002.parquet"} <= set(_committed(folder))
+    assert "shards/000000004.parquet" not in _committed(folder)
+    resumed = salience.explain_dataset(model, Items(), ["vanilla"], folder, engine="ray", actors=1, **kw)
+    local = salience.explain_dataset(model, Items(), ["vanilla"], tmp_path / "local", **kw)
+    assert len(resumed) == 8 and resumed.complete
+    for i in range(8):
+        np.testing.assert_allclose(resumed.map(i, "vanilla"), local.map(i, "vanilla"), rtol=1e-5, atol=1e-7)
+

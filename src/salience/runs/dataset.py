@@ -449,13 +449,19 @@ def run_local(run: Job, *, show: bool = False, png: bool = False) -> None:
         return
     batch = resolve_batch(run, shards[0][0])
     plan_batches = list(_batches(shards, batch))
-    loader = DataLoader(run.dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
+    # a SalienceError in a worker (a user's item that is no image tensor) comes back as Raised and is raised
+    # here as it is; torch would re-raise it with the worker's traceback as its message
+    dataset = sources.Guarded(run.dataset) if run.workers else run.dataset
+    loader = DataLoader(dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
                         collate_fn=sources.collate, worker_init_fn=sources.worker_init if run.workers else None,
                         persistent_workers=False)
     total = sum(len(s) for s in shards)
     current: list[job.Result] = []
     with progress(total, "explain", enabled=show, unit="img") as bar:
         for (s, indices), items in zip(plan_batches, loader):
+            for it in items:
+                if isinstance(it, sources.Raised):
+                    it.reraise()
             result = job.explain_items(run.model, items, run.plan)
             if png:
                 write_overlays(run.store.folder, items, result, run.plan)

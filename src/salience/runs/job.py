@@ -284,17 +284,27 @@ def _check_shape(plan: Plan, model: nn.Module, items: Sequence[Item]) -> None:
     (a raw "stack expects each tensor to be equal size" before, or maps of another size in the run).
     The model's own words when it cannot take the image (what it takes, what to do), else the shapes'."""
     for it in items:
-        shape = tuple(it.x.shape)
-        if plan.first_input is None:
-            plan.first_input = (it.index, shape)
-        elif shape != plan.first_input[1]:
+        refusal = shape_refusal(plan, it)
+        if refusal is not None:
             with torch.no_grad():  # raises the model's SalienceError for an input it refuses
                 forward_scores(model, it.x[None].to(model_device(model)), strip_softmax=False)
-            index, first = plan.first_input
-            raise SalienceError(
-                f"image {plan.paths[it.index]} has shape {shape} but image {plan.paths[index]} had {first}: the "
-                "images of a dataset run are the model's input, all of one shape (C, H, W); give the dataset a "
-                "transform that returns every item as the model takes it")
+            raise refusal
+
+
+def shape_refusal(plan: Plan, it: Item) -> Optional[SalienceError]:
+    """The error for image ``it`` when its shape is not the run's first image's (``plan.first_input``,
+    set from ``it`` when unset), else ``None``; the Ray engine's decoding tasks refuse with it, before
+    their images are stacked."""
+    shape = tuple(it.x.shape)
+    if plan.first_input is None:
+        plan.first_input = (it.index, shape)
+    if shape == plan.first_input[1]:
+        return None
+    index, first = plan.first_input
+    return SalienceError(
+        f"image {plan.paths[it.index]} has shape {shape} but image {plan.paths[index]} had {first}: the "
+        "images of a dataset run are the model's input, all of one shape (C, H, W); give the dataset a "
+        "transform that returns every item as the model takes it")
 
 
 def _warn_gaps(plan: Plan, name: str, found: Sequence[GapReport], indices: Sequence[int]) -> None:

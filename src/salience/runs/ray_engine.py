@@ -12,6 +12,8 @@ Ray is optional: ``pip install salience[ray]``.
 """
 from __future__ import annotations
 
+import base64
+import pickle
 from typing import Any, Optional
 
 import numpy as np
@@ -22,7 +24,7 @@ from salience._core.errors import SalienceError
 from salience._core.progress import progress
 from salience.runs import job
 from salience.runs.lock import Writer, commit_fence
-from salience.runs.sources import Item
+from salience.runs.sources import Item, Raised
 
 
 def _ray() -> Any:
@@ -35,21 +37,50 @@ def _ray() -> Any:
     return ray
 
 
-def decode(batch: dict[str, np.ndarray], dataset: Any) -> dict[str, np.ndarray]:
-    """Ray task: a batch of ``index`` rows -> decoded inputs (the run's dataset, as the local engine)."""
-    items = [dataset[int(i)] for i in batch["index"]]
+def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] = None) -> dict[str, np.ndarray]:
+    """Ray task: a batch of ``index`` rows -> decoded inputs (the run's dataset, as the local engine).
+    An image the run refuses (a user's item that is no image tensor; one whose shape is not the run's
+    first image's, ``plan.first_input``) makes the batch placeholders that carry the error (``raised``:
+    :func:`_raised`), which the actor passes on and the driver raises (Ray would raise its
+    ``RayTaskError`` with the traceback as text, or numpy's "all input arrays must have the same shape")."""
+    indices = [int(i) for i in batch["index"]]
+    raised = ""
+    try:
+        items = [dataset[i] for i in indices]
+        for it in items if plan is not None else ():
+            if (refusal := job.shape_refusal(plan, it)) is not None:
+                raise refusal
+    except SalienceError as e:
+        if plan is None or plan.first_input is None:
+            raise
+        raised = _raised(e, "Ray task decoding images")
+        items = [Item(i, torch.zeros(plan.first_input[1]), -1, -1, None) for i in indices]
     out = {"index": np.asarray([it.index for it in items], dtype=np.int64),
            "x": np.stack([it.x.numpy() for it in items]),
            "width": np.asarray([it.width for it in items], dtype=np.int64),
            "height": np.asarray([it.height for it in items], dtype=np.int64),
            "error": np.asarray([it.error or "" for it in items], dtype=object),
-           "mask_error": np.asarray([it.mask_error or "" for it in items], dtype=object)}
+           "mask_error": np.asarray([it.mask_error or "" for it in items], dtype=object),
+           "raised": np.asarray([raised] * len(items), dtype=object)}
     # every block has the same columns; an image without a mask travels as zeros with has_mask False
     # (each image with a mask is scored, whatever the others of its block have)
     blank = np.zeros(tuple(items[0].x.shape[-2:]), dtype=bool) if items else np.zeros((0, 0), dtype=bool)
     out["mask"] = np.stack([it.mask.numpy() if it.mask is not None else blank for it in items])
     out["has_mask"] = np.asarray([it.mask is not None for it in items], dtype=bool)
     return out
+
+
+def _raised(e: SalienceError, where: str) -> str:
+    """``e`` as a column value (base64 of the pickled :class:`~salience.runs.sources.Raised`): a
+    SalienceError in a Ray task or actor travels to the driver as data, which raises it as it was."""
+    return base64.b64encode(pickle.dumps(Raised.of(e, where))).decode("ascii")
+
+
+def _reraise(column: Any) -> None:
+    """Raise the first error a batch's ``raised`` column carries (:func:`_raised`), if any."""
+    for value in column:
+        if value:
+            pickle.loads(base64.b64decode(value)).reraise()
 
 
 class Explain:
@@ -68,9 +99,22 @@ class Explain:
         self.writer = writer  # the driver's run: shards are committed only while it holds the folder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Explain the batch as one shard; a SalienceError comes back as data (``raised``), not raised."""
+        n = len(batch["index"])
+        indices = [int(i) for i in batch["index"]]
+        if any(batch["raised"]):  # an image its decoding refused: no shard, the driver raises the error
+            return {"index": np.asarray(indices, dtype=np.int64), "shard": np.asarray([""] * n),
+                    "raised": np.asarray(batch["raised"], dtype=object)}
+        try:
+            return self._explain(batch, n)
+        except SalienceError as e:  # the shape check, a model refusing its input: the driver raises it
+            return {"index": np.asarray(indices, dtype=np.int64), "shard": np.asarray([""] * n),
+                    "raised": np.asarray([_raised(e, "Ray actor")] * n, dtype=object)}
+
+    def _explain(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        """Explain the batch and commit it as one shard."""
         from salience.runs.dataset import commit, write_overlays
 
-        n = len(batch["index"])
         items = [Item(int(batch["index"][j]), torch.from_numpy(np.array(batch["x"][j])), int(batch["width"][j]),
                       int(batch["height"][j]), str(batch["error"][j]) or None,
                       torch.from_numpy(np.array(batch["mask"][j])) if batch["has_mask"][j] else None,
@@ -85,7 +129,8 @@ class Explain:
         indices = [it.index for it in items]
         with commit_fence(self.writer):  # refused once the driver's run has ended (an error, Ctrl-C)
             name = commit(self.store, indices, parts)
-        return {"index": np.asarray(indices, dtype=np.int64), "shard": np.asarray([name] * n)}
+        return {"index": np.asarray(indices, dtype=np.int64), "shard": np.asarray([name] * n),
+                "raised": np.asarray([""] * n, dtype=object)}
 
 
 def _actors(ray: Any, num_gpus: float, actors: Optional[int]) -> int:
@@ -116,6 +161,8 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
         if not pending:
             return
         batch = resolve_batch(run, pending[0])
+        if run.plan.first_input is None:  # every image is checked against the run's first, in every task
+            run.plan.first_input = (pending[0], tuple(run.dataset[pending[0]].x.shape))
         size = int(run.store.manifest["command"]["shard_size"])
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # shards of consecutive images, as the local engine's
@@ -123,7 +170,7 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
             if hasattr(ctx, quiet):
                 setattr(ctx, quiet, False)
         ds = ray.data.from_items([{"index": i} for i in pending])
-        ds = ds.map_batches(decode, fn_kwargs={"dataset": run.dataset}, batch_size=batch, batch_format="numpy",
+        ds = ds.map_batches(decode, fn_kwargs={"dataset": run.dataset, "plan": run.plan}, batch_size=batch, batch_format="numpy",
                             num_cpus=1)
         ds = ds.map_batches(Explain, fn_constructor_args=(run.spec, run.plan, str(run.store.folder), batch, png,
                                                           weights, bool(num_gpus), performance, writer),
@@ -131,6 +178,7 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
                             num_gpus=num_gpus or None, num_cpus=1)
         with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                _reraise(out["raised"])
                 bar.update(len(out["index"]))
     finally:
         if started:

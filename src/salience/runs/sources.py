@@ -9,10 +9,12 @@ import glob
 import hashlib
 import json
 import os
+import pickle
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NoReturn, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -327,6 +329,57 @@ def mask_files(paths: Sequence[str], folder: PathLike) -> list[Optional[str]]:
         raise SalienceError(f"--masks {d}: no such folder; give the folder of the mask images")
     by_stem = {f.stem: str(f) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES}
     return [by_stem.get(Path(p).stem) for p in paths]
+
+
+class WorkerTraceback(Exception):
+    """The traceback, as text, of an error raised in another process (a DataLoader worker, a Ray task or
+    actor): the ``__cause__`` of the :class:`SalienceError` the run raises for it (:class:`Raised`)."""
+
+
+@dataclass
+class Raised:
+    """A :class:`SalienceError` raised where the run cannot raise it as it is: in a DataLoader worker
+    (torch re-raises it with the worker's traceback as its message) or a Ray task or actor (Ray raises a
+    ``RayTaskError`` with the traceback as text and the error itself lost). The process returns it in
+    place of its result; the run raises the same error, its one-line message unchanged
+    (:meth:`reraise`), with the traceback kept as its cause."""
+
+    error: SalienceError
+    trace: str
+    where: str
+
+    @classmethod
+    def of(cls, e: SalienceError, where: str) -> "Raised":
+        """``e`` caught in ``where`` (``"DataLoader worker"``, ``"Ray actor"``): the error itself when it
+        pickles back as it was, else a plain :class:`SalienceError` with its message."""
+        try:
+            error = pickle.loads(pickle.dumps(e))
+            if type(error) is not type(e) or str(error) != str(e):
+                raise TypeError
+        except Exception:  # noqa: BLE001 - a subclass whose arguments do not pickle back
+            error = SalienceError(str(e))
+        return cls(error, "".join(traceback.format_exception(type(e), e, e.__traceback__)), where)
+
+    def reraise(self) -> NoReturn:
+        """Raise the error, its traceback in the other process as its cause."""
+        raise self.error from WorkerTraceback(f"raised in a {self.where}:\n{self.trace}")
+
+
+class Guarded(Dataset):
+    """``dataset`` read in DataLoader workers: an item whose reading raises a :class:`SalienceError`
+    comes as :class:`Raised` (the local engine raises it, as it would with ``workers=0``)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Union[Item, Raised]:
+        try:
+            return self.dataset[index]
+        except SalienceError as e:
+            return Raised.of(e, "DataLoader worker")
 
 
 def collate(items: list[Item]) -> list[Item]:
