@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from salience._core.errors import SalienceError
 from salience._core.info import model_info
 
-__all__ = ["Layout", "layer_layout", "token_layout", "patch_embedding", "patch_grid", "channel_count", "token_shaped",
+__all__ = ["Layout", "layer_layout", "token_layout", "patch_embedding", "patch_embeddings", "patch_grid", "channel_count", "token_shaped",
            "stride_grids", "check_token_order"]
 
 _HOW = ("pass grid=(h, w) (the patch grid) and prefix_tokens=k (the class / distillation / register tokens "
@@ -155,21 +155,24 @@ def one_model() -> Iterator[None]:
         _EMBEDS.reset(token)
 
 
-def patch_embedding(model: nn.Module, channels: int) -> Optional[tuple[str, nn.Conv2d]]:
-    """The first ``Conv2d`` with ``in_channels == channels``, ``stride == kernel_size`` and a kernel
-    larger than 1: the patch embedding of a ViT-like model; ``None`` if there is none."""
+def patch_embeddings(model: nn.Module, channels: int) -> list[tuple[str, nn.Conv2d]]:
+    """Every ``Conv2d`` with ``in_channels == channels``, ``stride == kernel_size`` and a kernel larger than
+    1, in ``named_modules()`` order: the patch embeddings of a ViT-like model (CrossViT has one per branch)."""
     memo, key = _EMBEDS.get(), (id(model), channels)
     if memo is not None and key in memo:
         return memo[key]
-    found = None
-    for name, m in model.named_modules():
-        if (isinstance(m, nn.Conv2d) and m.in_channels == channels and tuple(m.stride) == tuple(m.kernel_size)
-                and max(m.kernel_size) > 1 and not isinstance(m.padding, str)):
-            found = name, m
-            break
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and m.in_channels == channels and tuple(m.stride) == tuple(m.kernel_size)
+             and max(m.kernel_size) > 1 and not isinstance(m.padding, str)]
     if memo is not None:
         memo[key] = found
     return found
+
+
+def patch_embedding(model: nn.Module, channels: int) -> Optional[tuple[str, nn.Conv2d]]:
+    """The first of :func:`patch_embeddings`: the patch embedding of a ViT-like model; ``None`` if there is none."""
+    found = patch_embeddings(model, channels)
+    return found[0] if found else None
 
 
 def _conv_grid(conv: nn.Conv2d, size: Sequence[int]) -> tuple[int, int]:

@@ -31,7 +31,8 @@ from salience._core.tensors import check_flag
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike, split
 from salience.methods._multi import finish, several_targets
-from salience.methods._tokens import Layout, channel_count, layer_layout, one_model, patch_grid, token_shaped
+from salience.methods._tokens import (Layout, channel_count, layer_layout, one_model, patch_embeddings, patch_grid,
+                                      token_shaped)
 
 __all__ = ["gradcam", "guided_gradcam", "default_layer", "describe_default_layer", "gradient_cam",
            "resolve_cam_layer", "grid_layout", "upsample_maps"]
@@ -49,8 +50,11 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
     pass of ``x[:1]`` with the input's gradient on (parameters frozen: an output that requires
     grad depends on the input):
 
-    * **Vision Transformers** (global attention: an attention module, ``nn.MultiheadAttention`` or
-      a class named ``...Attention``, whose output is the image's whole token sequence ``(1, N, D)``,
+    * **Several patch embeddings** (CrossViT's branches, whose class tokens the head averages): no
+      default, a :class:`SalienceError` asking for ``layer=`` (one layer's map shows one branch).
+    * **Vision Transformers** (global attention: an attention module, ``nn.MultiheadAttention``, a
+      class named ``...Attention``, or a module with a submodule whose output is attention weights,
+      ConViT's ``GPSA`` / ``MHSA`` by their ``attn_drop``; whose output is the image's whole token sequence ``(1, N, D)``,
       ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not): the last
       module that finished before the *last* such attention call, outside it, with an output of
       the attention's shape: the LayerNorm before the last block's attention (torchvision ViT's
@@ -58,16 +62,19 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       ``layernorm_before`` of the last layer). Not the final output: after the last attention only
       the class token reaches the head, so the patch tokens there get exactly zero gradient
       (measured in ``tests/test_gradcam_transformers.py``) and Grad-CAM's weights would all be 0.
-      Not on a model without a patch embedding whose tokens there are all patches (LeViT: no class
-      token, the head pools them) or one token: the map rule below applies.
+      Not on a model without a patch embedding whose tokens there (or the attention's own) are all
+      patches (LeViT: no class token, the head pools them; TinyViT's last stage, one window) or one
+      token: the map rule below applies.
     * **Maps**: the module that *finished last* among those whose output depends on the input and
       is a 4-D map, channels first or channels last, or tokens ``(1, N, D)`` that are all patches
       (the rules in :mod:`salience.methods._tokens`; torchvision / timm Swin's ``norm``, ConvNeXt's
       blocks, Hugging Face Swin's ``layernorm``; a module with no known channel count, such as an
       activation, keeps the layout of the last output of its shape), leaving out pooling layers,
       ``nn.Identity``, containers whose output is a pooling layer's, modules called more than once,
-      and outputs that are a permuted / reshaped view of an earlier candidate's (Swin's
-      ``permute`` after ``norm``); modules with ``h * w > 1`` are preferred. A container is
+      attention weights (:func:`_attention_weights`), and outputs that are a permuted / reshaped view
+      of an earlier candidate's (Swin's ``permute`` after ``norm``), unless the module holds that
+      candidate: then it takes its place (MaxViT's and TinyViT's channels-last blocks, permuted back:
+      their ``stages``); modules with ``h * w > 1`` are preferred. A container is
       preferred to its last child (it finishes later). This gives torchvision's resnet
       ``layer4``, densenet / mobilenet / efficientnet / convnext ``features`` (the last stage's
       output), swin ``norm``, vgg the last ReLU of ``features`` (before the final max-pool), timm
@@ -146,12 +153,30 @@ def _is_attention(m: nn.Module) -> bool:
     return isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
 
 
-def _global_attention(c: _Call, grid: Optional[tuple[int, int]]) -> bool:
-    """An attention call over one image's whole token sequence ``(1, N, D)`` (the calls run on
-    ``x[:1]``), ``N`` at least the patch grid's cells: not a window of a Swin (``(windows, n, D)``,
-    or one window with fewer tokens than patches)."""
+def _attention_weights(out: Any) -> bool:
+    """Whether ``out`` is attention weights ``(B, heads, N, M)``: 4-D, ``M > 1``, non-negative, each row of
+    its last dim summing to 1 (a softmax over the keys, as the attention's dropout passes it on). Never a
+    map: its last two dims are tokens, not the image's rows and columns."""
+    if not isinstance(out, Tensor) or out.dim() != 4 or out.shape[-1] < 2 or not out.is_floating_point():
+        return False
+    with torch.no_grad():
+        t = out.detach().float()
+        return bool(t.min() >= 0) and bool(torch.allclose(t.sum(-1), torch.ones((), device=t.device), atol=1e-4))
+
+
+def _weighing_modules(calls: list[_Call]) -> set[str]:
+    """Names of the modules that hold a submodule whose output is attention weights (ConViT's ``GPSA`` and
+    ``MHSA``, whose ``attn_drop`` gets the softmax): attention modules whatever their class is called."""
+    return {c.name.rpartition(".")[0] for c in calls if "." in c.name and _attention_weights(c.output)}
+
+
+def _global_attention(c: _Call, grid: Optional[tuple[int, int]], weighing: set[str] = frozenset()) -> bool:
+    """An attention call (:func:`_is_attention`, or a module in ``weighing``) over one image's whole token
+    sequence ``(1, N, D)`` (the calls run on ``x[:1]``), ``N`` at least the patch grid's cells: not a window
+    of a Swin (``(windows, n, D)``, or one window with fewer tokens than patches)."""
     out = _first_tensor(c.output)
-    if not (_is_attention(c.module) and isinstance(out, Tensor) and out.dim() == 3 and out.shape[0] == 1):
+    if not ((_is_attention(c.module) or c.name in weighing) and isinstance(out, Tensor) and out.dim() == 3
+            and out.shape[0] == 1):
         return False
     return grid is None or out.shape[1] >= grid[0] * grid[1]
 
@@ -163,16 +188,20 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call]) -> O
     class token, the head pools the tokens; the map rule then takes the last token stage) or a
     single token (a class attention's, VOLO's: nothing spatial)."""
     grid = patch_grid(model, x.shape)
-    at = [i for i, c in enumerate(calls) if _global_attention(c, grid)]
+    weighing = _weighing_modules(calls)
+    at = [i for i, c in enumerate(calls) if _global_attention(c, grid, weighing)]
     if not at:
         return None
     att = calls[at[-1]]
     shape = _first_tensor(att.output).shape
+    if grid is None and (shape[1] == 1 or _all_patches(model, x, _Call(att.name, att.module, _first_tensor(att.output)),
+                                                        shape)):
+        return None  # a single token (a class attention's) or all patches (TinyViT's last window): the map rule
     for c in reversed(calls[:at[-1]]):
         inside = c.name.startswith(att.name + ".")
         if not inside and isinstance(c.output, Tensor) and c.output.shape == shape:
-            if grid is None and (shape[1] == 1 or _all_patches(model, x, c, shape)):
-                return None  # a single token (a class attention's) or all patches: the map rule
+            if grid is None and _all_patches(model, x, c, shape):
+                return None  # all patches: the map rule
             return c.name
     return None
 
@@ -229,17 +258,23 @@ def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call]) -> list[tup
     inner = _attention_internals(model)
     kept: list[Tensor] = []
     seen: dict[tuple[int, ...], Layout] = {}
-    cands = []
+    cands: list[tuple[str, Tensor, bool]] = []
     for c in calls:
         out = c.output
         if (counts[c.name] != 1 or not isinstance(out, Tensor) or out.dim() not in (3, 4) or not out.requires_grad
                 or isinstance(c.module, _POOLS + (nn.Identity,)) or id(out) in pooled
-                or (out.dim() == 3 and c.name.startswith(inner))):
+                or (out.dim() == 3 and c.name.startswith(inner)) or _attention_weights(out)):
             continue
-        if any(out is not k and out.data_ptr() == k.data_ptr() and out.numel() == k.numel() for k in kept):
+        viewed = [i for i, k in enumerate(kept)
+                  if out is not k and out.data_ptr() == k.data_ptr() and out.numel() == k.numel()]
+        if viewed and not all(cands[i][0].startswith(c.name + ".") for i in viewed):
             continue  # a permuted / reshaped view of an earlier candidate: keep the original
         layout = _candidate_layout(model, x, c, seen)
         if layout is not None:
+            # a block or stage handing on its last layer's output in another layout (MaxViT's and TinyViT's
+            # channels-last blocks, permuted back to (B, C, h, w)) takes its place: the same values, later
+            for i in reversed(viewed):
+                del kept[i], cands[i]
             kept.append(out)
             cands.append((c.name, layout.to_grid(out), layout.kind == "tokens"))
     return cands
@@ -261,6 +296,17 @@ def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
 
 def _search(model: nn.Module, x: Tensor) -> tuple[str, str]:
     """The heuristic of :func:`default_layer` (the ViT rule, else the map rule): ``(name, why)``."""
+    embeds = patch_embeddings(model, int(x.shape[1]))
+    if len(embeds) > 1:
+        names = ", ".join(repr(n) for n, _ in embeds)
+        raise SalienceError(
+            f"the model embeds the image in patches {len(embeds)} times ({names}: Conv2d layers with stride == "
+            f"kernel_size on the {int(x.shape[1])}-channel input), one token stream per branch (CrossViT), and its "
+            "head reads them all: a map of one layer would show one branch, so there is no default layer. Pass layer= "
+            "a block of the branch to map (a dotted name from model.named_modules(); for tokens not on the first "
+            "embedding's grid also grid=(h, w) and prefix_tokens=k; command line: --layer, --grid, --prefix-tokens), "
+            "or use a method without a layer (vanilla, integrated_gradients)"
+        )
     calls = _record_calls(model, x)
     vit = _before_last_attention(model, x, calls)
     if vit is not None:

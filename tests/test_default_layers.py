@@ -1,0 +1,110 @@
+"""The CAMs' default layer on timm architectures whose earlier default was not a map of the image
+(random weights, no download): ConViT (attention weights ``(1, heads, N, N)`` read as a map), TinyViT
+(the last block's MLP branch, before its residual add), MaxViT (the last block's attention sub-block,
+channels-last, instead of the stage it hands its output to) and CrossViT (one of two branches, said
+nowhere). Each default is checked against Grad-CAM written out by hand on the layer's output.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import salience
+from salience import SalienceError
+from salience.methods.gradcam import default_layer, describe_default_layer
+
+from conftest import unchanged
+
+import timm  # noqa: E402 - in the test extra: tested, never skipped
+
+logging.getLogger("timm").setLevel(logging.ERROR)
+
+
+def by_hand(net, x, layer, target, to_grid):
+    """Grad-CAM written out: a hook keeps the layer's output, one backward of the target's logit its
+    gradient; ``to_grid`` turns both into (B, D, h, w) by hand; ReLU(sum_k mean_ij(G_k) A_k), bilinear
+    to the input's size."""
+    kept = []
+    handle = net.get_submodule(layer).register_forward_hook(lambda m, i, o: kept.append(o))
+    try:
+        out = net(x.clone().requires_grad_(True))
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(out[torch.arange(len(x)), target].sum(), kept[0])
+    a, g = to_grid(kept[0].detach()), to_grid(grad)
+    cam = (g.mean(dim=(2, 3), keepdim=True) * a).sum(1).clamp(min=0)
+    return F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+def check(net, x, layer, to_grid, target=(1, 3)):
+    target = torch.tensor(target)
+    assert default_layer(net, x) == layer
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target)
+    ref = by_hand(net, x, layer, target, to_grid)
+    assert cam.shape == (len(x), *x.shape[-2:]) and ref.std() > 0
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_convit_default_is_the_input_of_its_last_attention_not_the_attention_weights():
+    """ConViT's attention classes (GPSA, MHSA) are not named ...Attention; their attention weights
+    (1, heads, N, N) went through ``attn_drop`` and were read as a (1, K, h, w) map of N x N "pixels". Now a
+    module passing on weights (rows summing to 1) counts as attention, and the ViT rule applies: the last
+    block's norm1, its class token dropped, 4x4 patches at 64 px."""
+    torch.manual_seed(0)
+    net = timm.create_model("convit_tiny", pretrained=False, img_size=64, depth=3, local_up_to_layer=2,
+                            num_classes=5).eval()
+    x = torch.rand(2, 3, 64, 64)
+    assert "1 prefix token(s) + a 4x4 grid" in describe_default_layer(net, x)
+    check(net, x, "blocks.2.norm1", lambda t: t[:, 1:].reshape(len(t), 4, 4, -1).permute(0, 3, 1, 2))
+
+
+def test_tiny_vit_default_is_its_last_stage_not_a_blocks_mlp_branch():
+    """TinyViT's last stage is one 7x7 window at 224 px, so its window attention looked global and the ViT
+    rule took the last (1, 49, C) before it: block 0's ``drop_path2``, the MLP branch before the residual add.
+    Its tokens are all patches and the head pools them: the map rule takes the last stage's output."""
+    torch.manual_seed(0)
+    net = timm.create_model("tiny_vit_5m_224", pretrained=False, num_classes=5).eval()
+    x = torch.rand(1, 3, 224, 224)
+    check(net, x, "stages", lambda t: t, target=(2,))  # (B, C, 7, 7), channels first as the stage returns it
+
+
+def test_maxvit_default_is_its_last_stage_output():
+    """MaxViT's blocks run their attention channels-last and permute the result back: the stage's output is a
+    view of the last ``attn_grid``'s, which the search kept instead of the stage. A block or stage handing
+    on its last layer's output in another layout now takes its place."""
+    from timm.models.maxxvit import MaxxVit, MaxxVitCfg, _tf_cfg
+
+    torch.manual_seed(0)  # maxvit_tiny_tf_224's layout (its blocks, its NormMlpClassifierHead), made small
+    cfg = MaxxVitCfg(embed_dim=(32, 32, 64, 64), depths=(1, 1, 1, 2), block_type=("M",) * 4, stem_width=16,
+                     head_hidden_size=64, **_tf_cfg())
+    net = MaxxVit(cfg, img_size=64, num_classes=5).eval()
+    assert type(net.stages[3].blocks[1].attn_grid).__name__ == "PartitionAttentionCl"  # channels-last inside
+    x = torch.rand(2, 3, 64, 64)
+    check(net, x, "stages", lambda t: t)  # (B, 64, 2, 2)
+    assert "(1, 64, 2, 2): (B, K, h, w)" in describe_default_layer(net, x)
+
+
+def test_crossvit_has_no_default_layer_and_says_what_to_pass():
+    """CrossViT embeds the image twice (12- and 16-pixel patches) and its head averages both branches'
+    class tokens: the default was branch 0's last norm1, half of the model's evidence, said nowhere. Now a
+    refusal naming both embeddings; a branch's layer given by hand is read as asked."""
+    torch.manual_seed(0)
+    net = timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=5).eval()
+    x = torch.rand(1, 3, 240, 240)
+    with pytest.raises(SalienceError, match=r"patch_embed\.0\.proj', 'patch_embed\.1\.proj'.*Pass layer="):
+        default_layer(net, x)
+    with pytest.raises(SalienceError, match="no default layer"):
+        salience.gradcam(net, x, 1)
+    target = torch.tensor([1])
+    cam = salience.gradcam(net, x, target, layer="blocks.2.blocks.0")  # branch 0: class token + 20x20 patches
+    ref = by_hand(net, x, "blocks.2.blocks.0", target,
+                  lambda t: t[:, 1:].reshape(len(t), 20, 20, -1).permute(0, 3, 1, 2))
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+    cam = salience.gradcam(net, x, target, layer="blocks.2.blocks.1", grid=(14, 14), prefix_tokens=1)
+    ref = by_hand(net, x, "blocks.2.blocks.1", target,
+                  lambda t: t[:, 1:].reshape(len(t), 14, 14, -1).permute(0, 3, 1, 2))
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
