@@ -402,9 +402,9 @@ def test_a_python_file_model_runs_on_ray_with_its_weights_as_locally(cluster, tm
 
 def test_a_model_refusing_its_input_on_ray_is_one_error_line_exit_2(cluster, tmp_path, capsys):
     """A model that cannot take the images (a Linear for 8 x 8 images given 16 x 16 ones; with class
-    names and a batch size, so that the driver does not run it), on Ray through the command line: one
-    ``salience: error:`` line (Ray's own log lines aside), the local engine's, exit 2 (it was ``unexpected ActorDiedError``, exit
-    3: the actors could not unpickle the model, see above)."""
+    names and a batch size, so that the driver does not run it), on Ray through the command line:
+    one ``salience: error:`` line (Ray's own log lines aside), the local engine's, exit 2 (it was
+    ``unexpected ActorDiedError``, exit 3: the actors could not unpickle the model, see above)."""
     from PIL import Image
 
     from salience.cli import main

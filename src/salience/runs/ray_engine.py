@@ -193,8 +193,9 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
         ds = ray.data.from_items([{"index": i} for i in pending])
         ds = ds.map_batches(decode, fn_kwargs={"dataset": run.dataset, "plan": run.plan}, batch_size=batch, batch_format="numpy",
                             num_cpus=1)
-        ds = ds.map_batches(Explain, fn_constructor_args=(shipped(ray, run), run.plan, str(run.store.folder), batch, png,
-                                                          weights, bool(num_gpus), performance, writer),
+        args = (shipped(ray, run), run.plan, str(run.store.folder), batch, png, weights, bool(num_gpus), performance,
+                writer)
+        ds = ds.map_batches(Explain, fn_constructor_args=args,
                             batch_size=size, batch_format="numpy", concurrency=_actors(ray, num_gpus, actors),
                             num_gpus=num_gpus or None, num_cpus=1)
         with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
