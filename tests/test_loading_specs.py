@@ -189,6 +189,68 @@ def test_python_file_and_module_specs(nets_file, monkeypatch, tmp_path):
         assert torch.equal(m(x), m2(x))
 
 
+SIBLING = """
+from torch import nn
+
+class Stem(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+"""
+
+USES_SIBLING = """
+import torch
+from torch import nn
+
+from stem_for_salience_test import Stem
+
+def build():
+    torch.manual_seed(2)
+    return nn.Sequential(Stem(), nn.Linear(4, 3))
+"""
+
+
+def test_a_python_file_imports_its_siblings_and_its_model_pickles_by_value(tmp_path):
+    """``python:FILE.py:build`` whose file imports a file beside it (``from stem... import Stem``),
+    its folder not on ``sys.path`` (the ``salience`` command's case): it imports as a script does
+    ("running it raised ModuleNotFoundError" before) and leaves ``sys.path`` as it was. Its module
+    and the sibling are :func:`~salience.loading.custom.user_modules`; registered with cloudpickle
+    (as the Ray engine does with Ray's), the model unpickles in a fresh process that has neither, and
+    gives the same scores."""
+    import subprocess
+    import sys
+
+    cloudpickle = pytest.importorskip("cloudpickle")
+    from salience.loading.custom import user_modules
+
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "stem_for_salience_test.py").write_text(SIBLING)
+    (code / "nets_with_sibling.py").write_text(USES_SIBLING)
+    path = list(sys.path)
+    m = load_model(f"python:{code / 'nets_with_sibling.py'}:build")
+    assert sys.path == path
+    names = [u.__name__ for u in user_modules()]
+    assert "stem_for_salience_test" in names and type(m[0]).__module__ == "stem_for_salience_test"
+    assert any(n.startswith("salience_user_nets_with_sibling_") for n in names)
+    assert not any(n.startswith(("salience.", "torch")) or n in ("salience", "torch") for n in names)
+    for u in user_modules():
+        cloudpickle.register_pickle_by_value(u)
+    try:
+        blob = cloudpickle.dumps(m)
+    finally:
+        for u in user_modules():
+            cloudpickle.unregister_pickle_by_value(u)
+    x = _x(2, 16)
+    (tmp_path / "m.pkl").write_bytes(blob)
+    torch.save(x, tmp_path / "x.pt")
+    script = ("import pickle, sys, torch; m = pickle.load(open(sys.argv[1], 'rb')); "
+              "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.pkl"), str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True, cwd=tmp_path)
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt"), m(x))
+
+
 def test_python_weights_from_safetensors(nets_file, tmp_path):
     torch.manual_seed(5)
     src = load_model(f"python:{nets_file}:build")

@@ -305,3 +305,123 @@ def test_an_item_of_another_shape_on_ray_is_the_local_engines_one_line_error_and
     for i in range(8):
         np.testing.assert_allclose(resumed.map(i, "vanilla"), local.map(i, "vanilla"), rtol=1e-5, atol=1e-7)
 
+
+
+# --------------------------------------------------------------------------------- python:FILE.py models
+
+BLOCKS = """
+from torch import nn
+
+
+class Block(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+"""
+
+NETS = """
+from torch import nn
+
+from blocks import Block  # a sibling file, as a script imports it
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = Block()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def build():
+    return Net()  # initialised at random: --weights gives the weights
+
+
+def build_fussy():
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))  # takes 8 x 8 images only
+"""
+
+
+def _nets(tmp_path: Path) -> tuple[str, Path]:
+    """``nets.py`` (importing ``blocks.py`` beside it) in a folder of its own, and a state dict for it."""
+    import torch
+
+    from salience.loading.custom import load_python
+
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "blocks.py").write_text(BLOCKS)
+    (code / "nets.py").write_text(NETS)
+    torch.manual_seed(0)
+    weights = tmp_path / "nets.pt"
+    torch.save(load_python(f"{code / 'nets.py'}:build").state_dict(), weights)
+    return str(code / "nets.py"), weights
+
+
+def test_a_python_file_model_runs_on_ray_with_its_weights_as_locally(cluster, tmp_path, capsys):
+    """``python:FILE.py:build`` (its file importing a sibling, its weights a state dict) on Ray: given
+    as the spec or as the module load_model made, and through ``salience explain --engine ray``, the
+    maps are the local engine's and ``salience.vanilla``'s on the model (the actors failed at
+    creation with ``ModuleNotFoundError: salience_user_nets_...``: the module salience named when it
+    ran the file, which no Ray worker has)."""
+    import torch
+    from PIL import Image
+
+    from salience.cli import main
+
+    nets, weights = _nets(tmp_path)
+    spec = f"python:{nets}:build"
+    model = salience.load_model(spec, weights=weights)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 1])
+    want = salience.vanilla(model, x, y).numpy()
+    kw = dict(shard_size=2, batch_size=2, workers=0, map_dtype="float32", actors=1)
+    data = torch.utils.data.TensorDataset(x, y)
+    for name, given in (("spec", spec), ("module", model)):
+        run = salience.explain_dataset(given, data, ["vanilla"], tmp_path / name, engine="ray",
+                                       weights=str(weights) if name == "spec" else None, **kw)
+        np.testing.assert_allclose(np.stack([run.map(i, "vanilla") for i in range(4)]), want, rtol=2 ** -10,
+                                   atol=6e-8, err_msg=name)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        Image.fromarray((x[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(imgs / f"{i}.png")
+    runs = {}
+    for engine in ("local", "ray"):
+        args = ["explain", str(imgs), "-m", spec, "--weights", str(weights), "--size", "16,16", "--engine", engine,
+                "--out", str(tmp_path / f"cli-{engine}"), "--shard-size", "2", "--batch", "2", "--workers", "0",
+                "--map-dtype", "float32", "--actors", "1"]
+        assert main(args) == 0, capsys.readouterr().err
+        runs[engine] = open_run(tmp_path / f"cli-{engine}")
+    for i in range(4):
+        np.testing.assert_array_equal(runs["ray"].map(i, "vanilla"), runs["local"].map(i, "vanilla"))
+    cols = [c for c in runs["local"].table.column_names if c != "shard"]
+    assert runs["ray"].table.select(cols).equals(runs["local"].table.select(cols))
+
+
+def test_a_model_refusing_its_input_on_ray_is_one_error_line_exit_2(cluster, tmp_path, capsys):
+    """A model that cannot take the images (a Linear for 8 x 8 images given 16 x 16 ones; with class
+    names and a batch size, so that the driver does not run it), on Ray through the command line:
+    one ``salience: error:`` line (Ray's own log lines aside), the local engine's, exit 2 (it was
+    ``unexpected ActorDiedError``, exit 3: the actors could not unpickle the model, see above)."""
+    from PIL import Image
+
+    from salience.cli import main
+
+    nets, _ = _nets(tmp_path)
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(imgs / f"{i}.png")
+    said = {}
+    for engine in ("local", "ray"):
+        rc = main(["explain", str(imgs), "-m", f"python:{nets}:build_fussy", "--size", "16,16", "--labels",
+                   str(tmp_path / "classes.txt"), "--engine", engine, "--out", str(tmp_path / engine), "--workers",
+                   "0", "--actors", "1", "--batch", "2"])
+        said[engine] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("salience")]
+        assert rc == 2, said[engine]
+    assert said["ray"] == said["local"] and len(said["ray"]) == 1
+    # a batch of 2: the actor's pass (the driver runs no image through this model)
+    assert said["ray"][0].startswith("salience: error: the model cannot take the input of shape (2, 3, 16, 16)")

@@ -26,7 +26,7 @@ from salience._core.guard import train_mode_op
 from salience._core.info import ModelInfo, attach_info, model_info
 from salience.loading.models import PathLike, load_state, read_state_dict
 
-__all__ = ["select_output", "load_python", "load_exported"]
+__all__ = ["select_output", "load_python", "load_exported", "user_modules"]
 
 OutputPick = Union[str, int, Callable[[Any], Tensor]]
 
@@ -107,6 +107,9 @@ def _import(target: str) -> types.ModuleType:
 
 
 def _import_file(path: Path) -> types.ModuleType:
+    """``path`` run as a module named ``salience_user_STEM_N``, its folder first on ``sys.path``
+    while it runs (as Python runs a script: ``import blocks`` finds ``blocks.py`` beside it). The
+    module and the sibling modules it imported are recorded (:func:`user_modules`)."""
     if not path.is_file():
         raise SalienceError(f"python:{path}: no such file; check the path")
     name = f"salience_user_{path.stem}_{abs(hash(str(path.resolve())))}"
@@ -115,12 +118,48 @@ def _import_file(path: Path) -> types.ModuleType:
         raise SalienceError(f"python:{path}: not a Python file that can be imported")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    folder = str(path.resolve().parent)
+    before = set(sys.modules)
+    sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - the file's own code raised
         sys.modules.pop(name, None)
         raise SalienceError(f"python:{path}: running it raised {type(e).__name__}: {_first_line(e)}") from None
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+    _USER_MODULES[name] = None
+    for top in sorted({n.partition(".")[0] for n in set(sys.modules) - before} - {n.partition(".")[0] for n in before}):
+        if _lies_in(sys.modules.get(top), Path(folder)):
+            _USER_MODULES.update((n, None) for n in list(sys.modules) if n == top or n.startswith(top + "."))
     return module
+
+
+_USER_MODULES: dict[str, None] = {}
+"""Names of the modules :func:`_import_file` made (``salience_user_...``) and of the sibling
+modules they imported from their folder, in order."""
+
+
+def user_modules() -> list[types.ModuleType]:
+    """The modules of ``python:FILE.py`` specs loaded in this process and the modules they imported
+    from their own folder. No other process can import them by name (``salience_user_...`` is a
+    name made here; the folder may not be on another machine), so whatever is defined in them must
+    be pickled by value to reach another process: the Ray engine registers them with Ray's
+    cloudpickle (``register_pickle_by_value``)."""
+    return [sys.modules[n] for n in _USER_MODULES if n in sys.modules]
+
+
+def _lies_in(module: Optional[types.ModuleType], folder: Path) -> bool:
+    """Whether top-level ``module`` was found directly in ``folder``: ``folder/NAME.py``, the package
+    ``folder/NAME/__init__.py`` or the namespace package ``folder/NAME/``."""
+    if module is None:
+        return False
+    where = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", None) or ()), None)
+    if not where:
+        return False
+    here = Path(where).resolve()
+    return here.parent == folder or (here.name == "__init__.py" and here.parent.parent == folder)
 
 
 # --------------------------------------------------------------------------------- .pt2 (torch.export)

@@ -13,6 +13,7 @@ Ray is optional: ``pip install salience[ray]``.
 from __future__ import annotations
 
 import base64
+import copy
 import pickle
 from typing import Any, Optional
 
@@ -133,6 +134,26 @@ class Explain:
                 "raised": np.asarray([""] * n, dtype=object)}
 
 
+def shipped(ray: Any, run: Any) -> Any:
+    """What the actors load the model from: the spec of a library's model (each actor loads it, its
+    weights from the library's cache), else the driver's own module (on the CPU: an actor puts it
+    on its device), pickled by value where its code is the user's: the code of a ``python:FILE.py``
+    spec and of the modules it imported beside it (:func:`salience.loading.custom.user_modules`)
+    is registered with Ray's cloudpickle, as no worker can import ``salience_user_...`` (a name made
+    in this process), and ``FILE.py`` itself is not read again (nor its ``--weights``): every actor
+    explains the driver's model, also when ``build()`` initialises it at random."""
+    from salience.loading.custom import user_modules
+
+    for module in user_modules():
+        ray.cloudpickle.register_pickle_by_value(module)
+    if isinstance(run.spec, str) and not run.spec.startswith("python:"):
+        return run.spec
+    model = run.model
+    if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
+        model = copy.deepcopy(model).cpu()  # a CPU actor cannot unpickle CUDA tensors; the caller's stays put
+    return model
+
+
 def _actors(ray: Any, num_gpus: float, actors: Optional[int]) -> int:
     if actors is not None:
         return actors
@@ -172,8 +193,9 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
         ds = ray.data.from_items([{"index": i} for i in pending])
         ds = ds.map_batches(decode, fn_kwargs={"dataset": run.dataset, "plan": run.plan}, batch_size=batch, batch_format="numpy",
                             num_cpus=1)
-        ds = ds.map_batches(Explain, fn_constructor_args=(run.spec, run.plan, str(run.store.folder), batch, png,
-                                                          weights, bool(num_gpus), performance, writer),
+        args = (shipped(ray, run), run.plan, str(run.store.folder), batch, png, weights, bool(num_gpus), performance,
+                writer)
+        ds = ds.map_batches(Explain, fn_constructor_args=args,
                             batch_size=size, batch_format="numpy", concurrency=_actors(ray, num_gpus, actors),
                             num_gpus=num_gpus or None, num_cpus=1)
         with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
@@ -185,4 +207,4 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
             ray.shutdown()
 
 
-__all__ = ["run", "decode", "Explain"]
+__all__ = ["run", "decode", "Explain", "shipped"]
