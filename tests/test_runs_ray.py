@@ -425,3 +425,72 @@ def test_a_model_refusing_its_input_on_ray_is_one_error_line_exit_2(cluster, tmp
     assert said["ray"] == said["local"] and len(said["ray"]) == 1
     # a batch of 2: the actor's pass (the driver runs no image through this model)
     assert said["ray"][0].startswith("salience: error: the model cannot take the input of shape (2, 3, 16, 16)")
+
+
+# --------------------------------------------------------------------------------- random weights, Ray's arguments
+
+def test_random_library_weights_on_ray_are_the_drivers_model(cluster, tmp_path, monkeypatch):
+    """``torchvision:resnet18`` with ``weights="random"`` on Ray: the maps are the driver's model's
+    (``salience.vanilla`` on the module load_model gives in this process). Each actor loaded the spec
+    again and drew its own weights: seeded, the same only where the worker's torch draws as the
+    driver's (measured: under ``ATEN_CPU_CAPABILITY=default``, as on a node without AVX2, 37% of
+    resnet18's weights differ in their last bit; another torch or torchvision version may initialise
+    otherwise). The driver's seed, changed here, stands for such a worker."""
+    import torch
+
+    from salience.loading import models
+
+    monkeypatch.setattr(models, "RANDOM_WEIGHTS_SEED", 1)  # the driver's draw; a worker's module keeps 0
+    model = salience.load_model("torchvision:resnet18", weights="random")
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([3, 7, 11, 5])
+    want = salience.vanilla(model, x, y).numpy()
+    run = salience.explain_dataset("torchvision:resnet18", torch.utils.data.TensorDataset(x, y), ["vanilla"],
+                                   tmp_path / "run", engine="ray", weights="random", actors=1, shard_size=2,
+                                   batch_size=2, workers=0, map_dtype="float32")
+    got = np.stack([run.map(i, "vanilla") for i in range(4)])
+    np.testing.assert_allclose(got, want, rtol=2 ** -10, atol=1e-7)
+
+
+def test_the_actor_pool_is_given_as_the_installed_ray_wants_it(cluster, tmp_path, monkeypatch):
+    """Ray 2.51+ logs "The argument ``concurrency`` is deprecated" at every ``map_batches(...,
+    concurrency=N)`` (Ray 2.9 to 2.50 log the same of ``compute=``): the actors' map_batches is given
+    ``compute=ActorPoolStrategy(size=N)`` from 2.51, ``concurrency=N`` before, and the run's log
+    has no such warning."""
+    import logging
+
+    import torch
+
+    from salience.runs import ray_engine
+
+    calls = []
+    original = ray.data.Dataset.map_batches
+
+    def spy(self, fn, *args, **kwargs):
+        calls.append((fn, kwargs))
+        return original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", spy)
+    said = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    handler = Catch(logging.WARNING)
+    logging.getLogger("ray.data").addHandler(handler)
+    try:
+        x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+        salience.explain_dataset(model, torch.utils.data.TensorDataset(x, torch.tensor([0, 1])), ["vanilla"],
+                                 tmp_path / "run", engine="ray", actors=1, shard_size=2, batch_size=2, workers=0)
+    finally:
+        logging.getLogger("ray.data").removeHandler(handler)
+    (kwargs,) = [kw for fn, kw in calls if fn is ray_engine.Explain]
+    if tuple(int(p) for p in ray.__version__.split(".")[:2]) >= (2, 51):
+        assert "concurrency" not in kwargs
+        assert isinstance(kwargs["compute"], ray.data.ActorPoolStrategy)
+        assert kwargs["compute"].min_size == kwargs["compute"].max_size == 1
+    else:
+        assert kwargs["concurrency"] == 1 and "compute" not in kwargs
+    assert not [m for m in said if "deprecated" in m], said

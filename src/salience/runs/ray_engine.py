@@ -134,10 +134,14 @@ class Explain:
                 "raised": np.asarray([""] * n, dtype=object)}
 
 
-def shipped(ray: Any, run: Any) -> Any:
+def shipped(ray: Any, run: Any, weights: Optional[str] = None) -> Any:
     """What the actors load the model from: the spec of a library's model (each actor loads it, its
-    weights from the library's cache), else the driver's own module (on the CPU: an actor puts it
-    on its device), pickled by value where its code is the user's: the code of a ``python:FILE.py``
+    weights from the library's cache or ``weights``), else the driver's own module (on the CPU: an
+    actor puts it on its device). ``weights="random"`` sends the driver's module too: each actor's
+    own draw, although seeded (:data:`salience.loading.models.RANDOM_WEIGHTS_SEED`), equals the
+    driver's only where torch picks the same CPU kernels and the library the same initialisation
+    (a node without AVX2 draws other last bits; another torch or timm version other weights).
+    The module is pickled by value where its code is the user's: the code of a ``python:FILE.py``
     spec and of the modules it imported beside it (:func:`salience.loading.custom.user_modules`)
     is registered with Ray's cloudpickle, as no worker can import ``salience_user_...`` (a name made
     in this process), and ``FILE.py`` itself is not read again (nor its ``--weights``): every actor
@@ -146,12 +150,25 @@ def shipped(ray: Any, run: Any) -> Any:
 
     for module in user_modules():
         ray.cloudpickle.register_pickle_by_value(module)
-    if isinstance(run.spec, str) and not run.spec.startswith("python:"):
+    if isinstance(run.spec, str) and not run.spec.startswith("python:") and str(weights) != "random":
         return run.spec
     model = run.model
     if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
         model = copy.deepcopy(model).cpu()  # a CPU actor cannot unpickle CUDA tensors; the caller's stays put
     return model
+
+
+def _pool(ray: Any, size: int) -> dict[str, Any]:
+    """``map_batches``'s argument for a pool of ``size`` actors: ``compute=ActorPoolStrategy(size=)``
+    from Ray 2.51 (which logs a deprecation warning for ``concurrency=`` at every run), else
+    ``concurrency=`` (Ray 2.9 to 2.50 log one for ``compute=``)."""
+    try:
+        version = tuple(int(p) for p in ray.__version__.split(".")[:2])
+    except ValueError:  # a development build ("3.0.0.dev0" parses; anything else is taken as new)
+        version = (99, 0)
+    if version >= (2, 51):
+        return {"compute": ray.data.ActorPoolStrategy(size=size)}
+    return {"concurrency": size}
 
 
 def _actors(ray: Any, num_gpus: float, actors: Optional[int]) -> int:
@@ -193,10 +210,10 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
         ds = ray.data.from_items([{"index": i} for i in pending])
         ds = ds.map_batches(decode, fn_kwargs={"dataset": run.dataset, "plan": run.plan}, batch_size=batch, batch_format="numpy",
                             num_cpus=1)
-        args = (shipped(ray, run), run.plan, str(run.store.folder), batch, png, weights, bool(num_gpus), performance,
-                writer)
+        args = (shipped(ray, run, weights), run.plan, str(run.store.folder), batch, png, weights, bool(num_gpus),
+                performance, writer)
         ds = ds.map_batches(Explain, fn_constructor_args=args,
-                            batch_size=size, batch_format="numpy", concurrency=_actors(ray, num_gpus, actors),
+                            batch_size=size, batch_format="numpy", **_pool(ray, _actors(ray, num_gpus, actors)),
                             num_gpus=num_gpus or None, num_cpus=1)
         with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
