@@ -10,33 +10,17 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import salience
 from salience import SalienceError
 from salience.methods.gradcam import default_layer, describe_default_layer
 
 from conftest import unchanged
+from hand_cams import gradcam_by_hand as by_hand
 
 import timm  # noqa: E402 - in the test extra: tested, never skipped
 
 logging.getLogger("timm").setLevel(logging.ERROR)
-
-
-def by_hand(net, x, layer, target, to_grid):
-    """Grad-CAM written out: a hook keeps the layer's output, one backward of the target's logit its
-    gradient; ``to_grid`` turns both into (B, D, h, w) by hand; ReLU(sum_k mean_ij(G_k) A_k), bilinear
-    to the input's size."""
-    kept = []
-    handle = net.get_submodule(layer).register_forward_hook(lambda m, i, o: kept.append(o))
-    try:
-        out = net(x.clone().requires_grad_(True))
-    finally:
-        handle.remove()
-    (grad,) = torch.autograd.grad(out[torch.arange(len(x)), target].sum(), kept[0])
-    a, g = to_grid(kept[0].detach()), to_grid(grad)
-    cam = (g.mean(dim=(2, 3), keepdim=True) * a).sum(1).clamp(min=0)
-    return F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
 def check(net, x, layer, to_grid, target=(1, 3)):

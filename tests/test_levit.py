@@ -13,7 +13,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import salience
@@ -21,6 +20,7 @@ from salience import SalienceError
 from salience.methods.gradcam import default_layer, describe_default_layer
 
 from conftest import unchanged
+from hand_cams import gradcam_by_hand, row_major
 from tiny_vit import TinyViT
 
 import timm  # noqa: E402 - in the test extra: tested, never skipped
@@ -44,24 +44,9 @@ def timm_levit(size):
 
 
 def by_hand(net, x, layer, target, h, w):
-    """Grad-CAM written out: a hook keeps the layer's tokens (B, N, D) and one backward of the target's
-    logit gives their gradient; both reshaped by hand to (B, D, h, w), row-major; ReLU(sum_k mean_ij(G_k)
-    A_k), bilinear to the input's size. A layer that returns a tuple (Hugging Face's blocks:
-    ``(hidden_states, attention weights)``) gives its first element."""
-    kept = []
-    handle = net.get_submodule(layer).register_forward_hook(
-        lambda m, i, o: kept.append(o[0] if isinstance(o, tuple) else o))
-    try:
-        out = net(x.clone().requires_grad_(True))
-    finally:
-        handle.remove()
-    out = out if isinstance(out, torch.Tensor) else out.logits
-    (grad,) = torch.autograd.grad(out[torch.arange(len(x)), target].sum(), kept[0])
-    assert kept[0].shape[1] == h * w
-    a = kept[0].detach().reshape(len(x), h, w, -1).permute(0, 3, 1, 2)
-    g = grad.reshape(len(x), h, w, -1).permute(0, 3, 1, 2)
-    cam = (g.mean(dim=(2, 3), keepdim=True) * a).sum(1).clamp(min=0)
-    return F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    """Grad-CAM written out on the layer's tokens (B, N, D), reshaped by hand to (B, D, h, w),
+    row-major (hand_cams.gradcam_by_hand)."""
+    return gradcam_by_hand(net, x, layer, target, row_major(h, w))
 
 
 @pytest.mark.parametrize("build, size, layer, grid", [
@@ -389,15 +374,7 @@ class FlatNet(nn.Module):
 
 def by_hand_map(net, x, layer, target):
     """Grad-CAM written out on a (B, K, h, w) map."""
-    kept = []
-    handle = net.get_submodule(layer).register_forward_hook(lambda m, i, o: kept.append(o))
-    try:
-        out = net(x.clone().requires_grad_(True))
-    finally:
-        handle.remove()
-    (grad,) = torch.autograd.grad(out[torch.arange(len(x)), target].sum(), kept[0])
-    cam = (grad.mean(dim=(2, 3), keepdim=True) * kept[0].detach()).sum(1).clamp(min=0)
-    return F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return gradcam_by_hand(net, x, layer, target)
 
 
 @pytest.mark.parametrize("build, default, flat", [(Conv1dNet, "stem", "mix"), (FlatNet, "features.0", "features")])

@@ -28,6 +28,7 @@ from salience.methods import METHODS, default_methods
 from salience.methods.gradcam import default_layer, describe_default_layer
 
 from conftest import unchanged
+from hand_cams import gradcam_by_hand as reference_cam
 
 import timm  # noqa: E402 - in the test extra: tested, never skipped
 import transformers  # noqa: E402
@@ -102,21 +103,6 @@ def nhwc(t):
 
 def nchw(t):
     return t
-
-
-def reference_cam(net, x, layer, target, to_grid):
-    """Grad-CAM written out: a hook keeps the layer's output, one backward of the target's logit,
-    ``to_grid`` (reshape / permute) makes (B, K, h, w), ReLU(sum_k mean_ij(G_k) A_k), bilinear."""
-    kept = []
-    handle = layer.register_forward_hook(lambda m, i, o: kept.append(o))
-    try:
-        out = logits(net(x.clone().requires_grad_(True)))
-    finally:
-        handle.remove()
-    (grad,) = torch.autograd.grad(out[torch.arange(len(x)), target].sum(), kept[0])
-    a, g = to_grid(kept[0].detach()), to_grid(grad)
-    cam = (g.mean(dim=(2, 3), keepdim=True) * a).sum(1).clamp(min=0)
-    return F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
 def last_layernorm_before(net):
