@@ -208,8 +208,8 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
             if hasattr(ctx, quiet):
                 setattr(ctx, quiet, False)
         ds = ray.data.from_items([{"index": i} for i in pending])
-        ds = ds.map_batches(decode, fn_kwargs={"dataset": run.dataset, "plan": run.plan}, batch_size=batch, batch_format="numpy",
-                            num_cpus=1)
+        ds = ds.map_batches(decode, fn_kwargs={"dataset": run.dataset, "plan": run.plan}, batch_size=batch,
+                            batch_format="numpy", num_cpus=1)
         args = (shipped(ray, run, weights), run.plan, str(run.store.folder), batch, png, weights, bool(num_gpus),
                 performance, writer)
         ds = ds.map_batches(Explain, fn_constructor_args=args,

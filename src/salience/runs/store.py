@@ -458,12 +458,8 @@ class Run:
         """The index values that more than one row of the table holds, sorted, each once (int64; empty
         for a table salience wrote). Rows without an index are not counted (:meth:`index_error`)."""
         if self._repeated is None:
-            values = np.asarray(self.table.column("index").drop_null(), dtype=np.int64)
-            if len(values) < 2 or bool(np.all(values[1:] > values[:-1])):
-                self._repeated = np.zeros(0, dtype=np.int64)
-            else:
-                s = np.sort(values, kind="stable")
-                self._repeated = np.unique(s[1:][s[1:] == s[:-1]])
+            keys = self._index_lookup()[0]  # sorted once for the lookups, rows without an index left out
+            self._repeated = np.unique(keys[1:][keys[1:] == keys[:-1]]).astype(np.int64)
         return self._repeated
 
     def repeat_error(self) -> Optional[BadIndex]:
@@ -472,7 +468,7 @@ class Run:
         values = self.repeated()
         if not len(values):
             return None
-        rows = int(np.count_nonzero(np.isin(np.asarray(self.table.column("index").drop_null()), values)))
+        rows = int(np.count_nonzero(np.isin(self._index_lookup()[0], values)))
         shown = ", ".join(str(int(v)) for v in values[:10]) + (f" and {len(values) - 10} more" if len(values) > 10
                                                                else "")
         return BadIndex(f"the run's table ({self.folder / 'index.parquet'}) gives {len(values)} index value(s) to "
