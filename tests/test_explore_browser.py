@@ -637,7 +637,10 @@ def test_a_changed_setting_cancels_the_job_of_the_setting_before(tmp_path):
                 page.click("#add")
                 page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('queued')")
                 first = explorer.hub.inflight.copy()
-                with page.expect_request(lambda r: r.method == "DELETE"):
+                # both answered before the queue is read: the cell shows "queued" from the first job
+                # already, so waiting for that text alone read the queue before the new job was in it
+                with page.expect_response(lambda r: r.request.method == "DELETE"), \
+                        page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("api/explain")):
                     page.select_option("tr[data-row='1'] [data-option='reduce']", "max")
                 page.wait_for_function(f"document.querySelector(\"{cell} .state\")?.textContent.startsWith('queued')")
                 waiting = explorer.hub.slots["a"].worker.waiting()
