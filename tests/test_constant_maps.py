@@ -30,6 +30,16 @@ def blind():
 def seeing():
     torch.manual_seed(0)
     return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 3))
+
+def second_blind():
+    """Class 0 first (its bias), class 1 second and blind (a zero row), class 2 last: with --top 2 the
+    first target's map sees, the second's is zero."""
+    torch.manual_seed(0)
+    head = nn.Linear(48, 3)
+    with torch.no_grad():
+        head.weight[1] = 0
+        head.bias.copy_(torch.tensor([100.0, 50.0, -100.0]))
+    return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), head)
 '''
 
 
@@ -158,6 +168,28 @@ def test_a_dataset_run_warns_once_a_method(setup, tmp_path, capsys):
     assert "the map is constant (zero) everywhere" in lines[0] and "check the weights" in lines[0]
     rc, out, err = _run(["explain", *common, "-m", f"python:{nets}:seeing", "-o", tmp_path / "run2"], capsys)
     assert rc == 0 and "constant" not in err, err
+
+
+def test_a_dataset_run_warns_of_every_targets_constant_maps(setup, tmp_path, capsys):
+    """--top 2: the first target's maps see, the second's (class 1, a zero row of the head) are zero:
+    the run says so, naming the class, from the table's ``METHOD.constant`` column (per target: the
+    constant value, else null), which equals the rule on the stored maps."""
+    from salience.runs import open_run
+
+    paths, nets = setup
+    rc, out, err = _run(["explain", *paths, "--size", "32", "--dataset", "--workers", "0", "--no-progress",
+                         "-m", f"python:{nets}:second_blind", "--top", "2", "-o", tmp_path / "run"], capsys)
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if "constant" in ln]
+    assert lines == [f"salience: warning: vanilla, 2 of 2 image(s) ({paths[0]} (class 1), {paths[1]} (class 1); "
+                     f"2 map(s)): {viz.constant_map_note(np.zeros(2))}"], err
+    run = open_run(tmp_path / "run")
+    table = run.table
+    assert table.column("targets").to_pylist() == [[0, 1], [0, 1]]
+    assert table.column("vanilla.constant").to_pylist() == [[None, 0.0], [None, 0.0]]
+    for row in table.to_pylist():
+        stored = np.load(tmp_path / "run" / "maps" / "vanilla" / f"{row['shard']}.npy")[row["offset"]]
+        assert [viz.constant_value(stored[k]) for k in range(2)] == row["vanilla.constant"]
 
 
 # --------------------------------------------------------------------------------- the explorer

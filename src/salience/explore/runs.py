@@ -27,7 +27,7 @@ import numpy as np
 from salience._core.errors import SalienceError
 from salience.explore.images import ImageEntry
 from salience.loading import remote
-from salience.runs.store import BadIndex, Run, open_run, pyarrow
+from salience.runs.store import BadIndex, Run, number_columns, open_run, pyarrow
 
 __all__ = ["RunSource", "NotStored", "is_run", "SORTABLE"]
 
@@ -84,7 +84,9 @@ class RunSource:
     # ------------------------------------------------------------------ what the run holds
 
     def metric_columns(self) -> list[str]:
-        return [c for c in self.run.table.column_names if "." in c]
+        """The ``method.statistic`` columns of numbers (not ``method.constant``'s lists: what the page
+        says of them comes in the rows' ``warnings``)."""
+        return number_columns(self.run.table)
 
     def count(self) -> int:
         """How many images the run has rows for (``len(run)``: a repeated index counted once, a row

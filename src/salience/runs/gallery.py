@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from salience._core.files import atomic_write
-from salience.runs.store import Run
+from salience.runs.store import Run, number_columns
 
 _COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "output_name", "value", "targets", "label",
             "label_name", "correct", "error", "shard", "offset")
@@ -52,7 +52,7 @@ def script_json(value: Any) -> str:
 def columns(run: Run) -> list[str]:
     """The page's columns: the table's, with ``label_name`` (the label's class name) after ``label``."""
     names = run.table.column_names + (["label_name"] if "label" in run.table.column_names else [])
-    return [c for c in _COLUMNS if c in names] + [c for c in names if "." in c]
+    return [c for c in _COLUMNS if c in names] + number_columns(run.table)
 
 
 def write(folder: Path) -> Path:
