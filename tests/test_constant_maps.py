@@ -228,3 +228,74 @@ def test_the_explorer_shows_the_warning_under_the_cell(tmp_path):
         assert len(np.unique(pic.reshape(-1, 3), axis=0)) == 1
     finally:
         hub.close()
+
+
+# --------------------------------------------------------------------------------- stored maps: gallery, explorer
+
+
+def _blind_run(setup, tmp_path, capsys, name: str = "x<i>&__ROWS__.png"):
+    """A --top 2 run of ``second_blind`` (each image's second map zero) on the two images, the first
+    renamed ``name`` (markup and a placeholder of the gallery's page in it)."""
+    paths, nets = setup
+    odd = paths[0].with_name(name)
+    paths[0].rename(odd)
+    rc, out, err = _run(["explain", odd, paths[1], "--size", "32", "--dataset", "--workers", "0", "--no-progress",
+                         "-m", f"python:{nets}:second_blind", "--top", "2", "-o", tmp_path / "run"], capsys)
+    assert rc == 0, err
+    return [odd, paths[1]], [ln[len("salience: warning: "):] for ln in err.splitlines() if "constant" in ln]
+
+
+def test_the_gallery_page_says_the_constant_maps_as_text(setup, tmp_path, capsys):
+    import html
+
+    paths, said = _blind_run(setup, tmp_path, capsys)
+    assert len(said) == 1 and f"{paths[0]} (class 1)" in said[0]
+    page = (tmp_path / "run" / "index.html").read_text(encoding="utf-8")
+    assert f'<p class="warn">{html.escape("warning: " + said[0])}</p>' in page
+    assert "<i>" not in page  # the file name's markup is text: escaped, in the note as in the rows' JSON
+    assert page.count("const ROWS = [[") == 1  # the name's __ROWS__ was not taken for the page's placeholder
+
+
+def test_the_explorer_says_a_runs_constant_maps_and_a_stored_maps_note_in_a_header(setup, tmp_path, capsys):
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    import json
+
+    from PIL import Image as PILImage
+    from starlette.testclient import TestClient
+
+    from explore_helpers import npy
+    from salience.explore.app import WARNINGS_HEADER, create_app
+    from salience.explore.server import build_hub
+
+    paths, said = _blind_run(setup, tmp_path, capsys, name="first.png")
+    hub = build_hub(_blind(), runs=[tmp_path / "run"])
+    c = TestClient(create_app(hub))
+    try:
+        (run,) = c.get("api/runs").json()["runs"]
+        assert run["warnings"] == said  # under the gallery's table, the command line's text
+        assert "vanilla.constant" not in run["metrics"] and "vanilla.max" in run["metrics"]
+        rows = c.get("api/runs/r0/rows").json()
+        assert rows["total"] == 2 and all("vanilla.constant" not in r for r in rows["rows"])
+        flat = c.get("api/runs/r0/rows/0/maps/vanilla.npy", params={"k": "1"})
+        assert flat.status_code == 200 and not npy(flat.content).any()
+        assert json.loads(flat.headers[WARNINGS_HEADER]) == [viz.constant_map_note(np.zeros(2))]
+        seen = c.get("api/runs/r0/rows/0/maps/vanilla.npy", params={"k": "0"})
+        assert npy(seen.content).std() > 0 and WARNINGS_HEADER not in seen.headers
+        thumb = c.get("api/runs/r0/rows/0/thumb.jpg", params={"tile": "1"})
+        assert thumb.status_code == 200 and WARNINGS_HEADER not in thumb.headers
+    finally:
+        hub.close()
+    # a warning raised while a thumbnail is read (PIL: a sprite over MAX_IMAGE_PIXELS) comes in the header
+    hub = build_hub(_blind(), runs=[tmp_path / "run"])
+    c = TestClient(create_app(hub))
+    before = PILImage.MAX_IMAGE_PIXELS
+    try:
+        PILImage.MAX_IMAGE_PIXELS = 20_000  # the sprite: 2 images x (image + 1 method) tiles of 96 x 96 = 36,864
+        thumb = c.get("api/runs/r0/rows/1/thumb.jpg", params={"tile": "0"})
+        assert thumb.status_code == 200, thumb.text
+        (text,) = json.loads(thumb.headers[WARNINGS_HEADER])
+        assert "decompression bomb" in text.lower()
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = before
+        hub.close()
