@@ -299,3 +299,24 @@ def test_the_explorer_says_a_runs_constant_maps_and_a_stored_maps_note_in_a_head
     finally:
         PILImage.MAX_IMAGE_PIXELS = before
         hub.close()
+
+
+def test_evaluate_says_a_methods_constant_maps_on_the_command_line_and_in_the_report(setup, tmp_path, capsys):
+    """salience evaluate of the blind model: its vanilla maps are zero on both images, said as a
+    warning line, in results.json and as text at the top of report.html; the model that sees: nothing."""
+    import html
+    import json
+
+    paths, nets = setup
+    common = ["evaluate", "--images", paths[0].parent, "--method", "vanilla", "--n", "2", "--steps", "2",
+              "--randomization-images", "1"]
+    rc, out, err = _run([*common, "-m", f"python:{nets}:blind", "-o", tmp_path / "ev"], capsys)
+    assert rc == 0, err
+    want = [f"vanilla, 2 of 2 image(s) (images 0, 1): {viz.constant_map_note(np.zeros(2))}"]
+    assert [ln for ln in err.splitlines() if "constant" in ln] == [f"salience: warning: {w}" for w in want], err
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["warnings"] == want
+    page = (tmp_path / "ev" / "report.html").read_text(encoding="utf-8")
+    assert f'<p class="bad">{html.escape("warning: " + want[0])}</p>' in page
+    rc, out, err = _run([*common, "-m", f"python:{nets}:seeing", "-o", tmp_path / "ev2"], capsys)
+    assert rc == 0 and "constant" not in err, err
+    assert json.loads((tmp_path / "ev2" / "results.json").read_text())["warnings"] == []
