@@ -320,3 +320,20 @@ def test_evaluate_says_a_methods_constant_maps_on_the_command_line_and_in_the_re
     rc, out, err = _run([*common, "-m", f"python:{nets}:seeing", "-o", tmp_path / "ev2"], capsys)
     assert rc == 0 and "constant" not in err, err
     assert json.loads((tmp_path / "ev2" / "results.json").read_text())["warnings"] == []
+
+
+def test_visualize_says_a_class_model_image_left_flat(setup, tmp_path, capsys):
+    """salience visualize of the blind model: no gradient reaches the image, which stays at its flat
+    start (all black): a warning line says so, the constant-map text naming the image; the model that
+    sees gets a picture and no line."""
+    paths, nets = setup
+    common = ["visualize", "--target", "0", "--size", "32", "--steps", "5"]
+    rc, out, err = _run([*common, "-m", f"python:{nets}:blind", "-o", tmp_path / "c.png"], capsys)
+    assert rc == 0, err
+    assert len(np.unique(np.asarray(Image.open(tmp_path / "c.png")).reshape(-1, 3), axis=0)) == 1
+    assert err.startswith(f"salience: warning: {tmp_path / 'c.png'}: the class model image is constant (zero) everywhere"), err
+    assert err.splitlines() == [f"salience: warning: {tmp_path / 'c.png'}: "
+                                + viz.constant_map_note(np.zeros(2), what="class model image")], err
+    rc, out, err = _run([*common, "-m", f"python:{nets}:seeing", "-o", tmp_path / "d.png"], capsys)
+    assert rc == 0 and err == "", err
+    assert len(np.unique(np.asarray(Image.open(tmp_path / "d.png")).reshape(-1, 3), axis=0)) > 1
