@@ -331,7 +331,8 @@ def test_visualize_says_a_class_model_image_left_flat(setup, tmp_path, capsys):
     rc, out, err = _run([*common, "-m", f"python:{nets}:blind", "-o", tmp_path / "c.png"], capsys)
     assert rc == 0, err
     assert len(np.unique(np.asarray(Image.open(tmp_path / "c.png")).reshape(-1, 3), axis=0)) == 1
-    assert err.startswith(f"salience: warning: {tmp_path / 'c.png'}: the class model image is constant (zero) everywhere"), err
+    said = f"salience: warning: {tmp_path / 'c.png'}: the class model image is constant (zero) everywhere"
+    assert err.startswith(said), err
     assert err.splitlines() == [f"salience: warning: {tmp_path / 'c.png'}: "
                                 + viz.constant_map_note(np.zeros(2), what="class model image")], err
     rc, out, err = _run([*common, "-m", f"python:{nets}:seeing", "-o", tmp_path / "d.png"], capsys)
