@@ -30,6 +30,16 @@ def blind():
 def seeing():
     torch.manual_seed(0)
     return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 3))
+
+def second_blind():
+    """Class 0 first (its bias), class 1 second and blind (a zero row), class 2 last: with --top 2 the
+    first target's map sees, the second's is zero."""
+    torch.manual_seed(0)
+    head = nn.Linear(48, 3)
+    with torch.no_grad():
+        head.weight[1] = 0
+        head.bias.copy_(torch.tensor([100.0, 50.0, -100.0]))
+    return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), head)
 '''
 
 
@@ -160,6 +170,28 @@ def test_a_dataset_run_warns_once_a_method(setup, tmp_path, capsys):
     assert rc == 0 and "constant" not in err, err
 
 
+def test_a_dataset_run_warns_of_every_targets_constant_maps(setup, tmp_path, capsys):
+    """--top 2: the first target's maps see, the second's (class 1, a zero row of the head) are zero:
+    the run says so, naming the class, from the table's ``METHOD.constant`` column (per target: the
+    constant value, else null), which equals the rule on the stored maps."""
+    from salience.runs import open_run
+
+    paths, nets = setup
+    rc, out, err = _run(["explain", *paths, "--size", "32", "--dataset", "--workers", "0", "--no-progress",
+                         "-m", f"python:{nets}:second_blind", "--top", "2", "-o", tmp_path / "run"], capsys)
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if "constant" in ln]
+    assert lines == [f"salience: warning: vanilla, 2 of 2 image(s) ({paths[0]} (class 1), {paths[1]} (class 1); "
+                     f"2 map(s)): {viz.constant_map_note(np.zeros(2))}"], err
+    run = open_run(tmp_path / "run")
+    table = run.table
+    assert table.column("targets").to_pylist() == [[0, 1], [0, 1]]
+    assert table.column("vanilla.constant").to_pylist() == [[None, 0.0], [None, 0.0]]
+    for row in table.to_pylist():
+        stored = np.load(tmp_path / "run" / "maps" / "vanilla" / f"{row['shard']}.npy")[row["offset"]]
+        assert [viz.constant_value(stored[k]) for k in range(2)] == row["vanilla.constant"]
+
+
 # --------------------------------------------------------------------------------- the explorer
 
 
@@ -196,3 +228,113 @@ def test_the_explorer_shows_the_warning_under_the_cell(tmp_path):
         assert len(np.unique(pic.reshape(-1, 3), axis=0)) == 1
     finally:
         hub.close()
+
+
+# --------------------------------------------------------------------------------- stored maps: gallery, explorer
+
+
+def _blind_run(setup, tmp_path, capsys, name: str = "x<i>&__ROWS__.png"):
+    """A --top 2 run of ``second_blind`` (each image's second map zero) on the two images, the first
+    renamed ``name`` (markup and a placeholder of the gallery's page in it)."""
+    paths, nets = setup
+    odd = paths[0].with_name(name)
+    paths[0].rename(odd)
+    rc, out, err = _run(["explain", odd, paths[1], "--size", "32", "--dataset", "--workers", "0", "--no-progress",
+                         "-m", f"python:{nets}:second_blind", "--top", "2", "-o", tmp_path / "run"], capsys)
+    assert rc == 0, err
+    return [odd, paths[1]], [ln[len("salience: warning: "):] for ln in err.splitlines() if "constant" in ln]
+
+
+def test_the_gallery_page_says_the_constant_maps_as_text(setup, tmp_path, capsys):
+    import html
+
+    paths, said = _blind_run(setup, tmp_path, capsys)
+    assert len(said) == 1 and f"{paths[0]} (class 1)" in said[0]
+    page = (tmp_path / "run" / "index.html").read_text(encoding="utf-8")
+    assert f'<p class="warn">{html.escape("warning: " + said[0])}</p>' in page
+    assert "<i>" not in page  # the file name's markup is text: escaped, in the note as in the rows' JSON
+    assert page.count("const ROWS = [[") == 1  # the name's __ROWS__ was not taken for the page's placeholder
+
+
+def test_the_explorer_says_a_runs_constant_maps_and_a_stored_maps_note_in_a_header(setup, tmp_path, capsys):
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    import json
+
+    from PIL import Image as PILImage
+    from starlette.testclient import TestClient
+
+    from explore_helpers import npy
+    from salience.explore.app import WARNINGS_HEADER, create_app
+    from salience.explore.server import build_hub
+
+    paths, said = _blind_run(setup, tmp_path, capsys, name="first.png")
+    hub = build_hub(_blind(), runs=[tmp_path / "run"])
+    c = TestClient(create_app(hub))
+    try:
+        (run,) = c.get("api/runs").json()["runs"]
+        assert run["warnings"] == said  # under the gallery's table, the command line's text
+        assert "vanilla.constant" not in run["metrics"] and "vanilla.max" in run["metrics"]
+        rows = c.get("api/runs/r0/rows").json()
+        assert rows["total"] == 2 and all("vanilla.constant" not in r for r in rows["rows"])
+        flat = c.get("api/runs/r0/rows/0/maps/vanilla.npy", params={"k": "1"})
+        assert flat.status_code == 200 and not npy(flat.content).any()
+        assert json.loads(flat.headers[WARNINGS_HEADER]) == [viz.constant_map_note(np.zeros(2))]
+        seen = c.get("api/runs/r0/rows/0/maps/vanilla.npy", params={"k": "0"})
+        assert npy(seen.content).std() > 0 and WARNINGS_HEADER not in seen.headers
+        thumb = c.get("api/runs/r0/rows/0/thumb.jpg", params={"tile": "1"})
+        assert thumb.status_code == 200 and WARNINGS_HEADER not in thumb.headers
+    finally:
+        hub.close()
+    # a warning raised while a thumbnail is read (PIL: a sprite over MAX_IMAGE_PIXELS) comes in the header
+    hub = build_hub(_blind(), runs=[tmp_path / "run"])
+    c = TestClient(create_app(hub))
+    before = PILImage.MAX_IMAGE_PIXELS
+    try:
+        PILImage.MAX_IMAGE_PIXELS = 20_000  # the sprite: 2 images x (image + 1 method) tiles of 96 x 96 = 36,864
+        thumb = c.get("api/runs/r0/rows/1/thumb.jpg", params={"tile": "0"})
+        assert thumb.status_code == 200, thumb.text
+        (text,) = json.loads(thumb.headers[WARNINGS_HEADER])
+        assert "decompression bomb" in text.lower()
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = before
+        hub.close()
+
+
+def test_evaluate_says_a_methods_constant_maps_on_the_command_line_and_in_the_report(setup, tmp_path, capsys):
+    """salience evaluate of the blind model: its vanilla maps are zero on both images, said as a
+    warning line, in results.json and as text at the top of report.html; the model that sees: nothing."""
+    import html
+    import json
+
+    paths, nets = setup
+    common = ["evaluate", "--images", paths[0].parent, "--method", "vanilla", "--n", "2", "--steps", "2",
+              "--randomization-images", "1"]
+    rc, out, err = _run([*common, "-m", f"python:{nets}:blind", "-o", tmp_path / "ev"], capsys)
+    assert rc == 0, err
+    want = [f"vanilla, 2 of 2 image(s) (images 0, 1): {viz.constant_map_note(np.zeros(2))}"]
+    assert [ln for ln in err.splitlines() if "constant" in ln] == [f"salience: warning: {w}" for w in want], err
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["warnings"] == want
+    page = (tmp_path / "ev" / "report.html").read_text(encoding="utf-8")
+    assert f'<p class="bad">{html.escape("warning: " + want[0])}</p>' in page
+    rc, out, err = _run([*common, "-m", f"python:{nets}:seeing", "-o", tmp_path / "ev2"], capsys)
+    assert rc == 0 and "constant" not in err, err
+    assert json.loads((tmp_path / "ev2" / "results.json").read_text())["warnings"] == []
+
+
+def test_visualize_says_a_class_model_image_left_flat(setup, tmp_path, capsys):
+    """salience visualize of the blind model: no gradient reaches the image, which stays at its flat
+    start (all black): a warning line says so, the constant-map text naming the image; the model that
+    sees gets a picture and no line."""
+    paths, nets = setup
+    common = ["visualize", "--target", "0", "--size", "32", "--steps", "5"]
+    rc, out, err = _run([*common, "-m", f"python:{nets}:blind", "-o", tmp_path / "c.png"], capsys)
+    assert rc == 0, err
+    assert len(np.unique(np.asarray(Image.open(tmp_path / "c.png")).reshape(-1, 3), axis=0)) == 1
+    said = f"salience: warning: {tmp_path / 'c.png'}: the class model image is constant (zero) everywhere"
+    assert err.startswith(said), err
+    assert err.splitlines() == [f"salience: warning: {tmp_path / 'c.png'}: "
+                                + viz.constant_map_note(np.zeros(2), what="class model image")], err
+    rc, out, err = _run([*common, "-m", f"python:{nets}:seeing", "-o", tmp_path / "d.png"], capsys)
+    assert rc == 0 and err == "", err
+    assert len(np.unique(np.asarray(Image.open(tmp_path / "d.png")).reshape(-1, 3), axis=0)) > 1

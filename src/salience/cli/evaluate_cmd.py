@@ -61,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate.run_evaluation(model, args.out, **kwargs)
     print(f"evaluation written to {args.out}")
     print(f"report: {Path(report).resolve()}")
-    rows = json.loads((Path(report).parent / "results.json").read_text())["rows"]
+    results = json.loads((Path(report).parent / "results.json").read_text())
+    for text in results.get("warnings", []):  # a method's maps one value everywhere: its numbers are of nothing
+        warn(f"warning: {text}")
+    rows = results["rows"]
     failed = [(r["name"], r["error"]) for r in rows if r.get("error")]
     for name, message in failed:  # in the report's table too; said here as explain says it
         warn(f"method {name} failed: {message.removeprefix('SalienceError: ')}")

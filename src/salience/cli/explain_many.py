@@ -10,17 +10,15 @@ import argparse
 import sys
 from typing import Any
 
-import numpy as np
-
 from salience._core.errors import SalienceError
 from salience._core.info import attach_info, model_info
 from salience._core.tensors import check_int
 from salience.cli import options as _options
 from salience.cli.common import EXIT_OK, EXIT_PARTIAL, load_model_arg, parse_class, parse_methods, warn
 from salience.cli.inputs import class_names, preprocessing_info, read_inputs
-from salience.render import viz
 from salience.runs import explain_dataset
 from salience.runs.dataset import ENGINES, METRICS
+from salience.runs.job import constant_notes
 from salience.runs.sources import is_dataset_spec
 
 _DATASET_FLAGS = ("dataset", "labels_csv", "masks", "metrics", "png", "overwrite", "engine", "num_gpus", "workers",
@@ -66,28 +64,12 @@ def _metrics(text: Any, masks: bool) -> Any:
     return [m.strip() for m in text.split(",") if m.strip()]
 
 
-NAMED = 5
-"""Images named in a constant-map warning of a dataset run (the others counted)."""
-
-
 def _warn_constant(table: Any, methods: list[str]) -> None:
-    """A ``salience: warning:`` line per method and kind of constant map in the run's table (each
-    image's first target, from its ``METHOD.min`` / ``.max`` columns: a map is constant when its
-    extremes are, :func:`salience.render.viz.constant_map_note`), naming the first :data:`NAMED`
-    images and counting the rest: a run of 10,000 images of an untrained model says it once a method."""
-    paths = table.column("path").to_pylist()
-    for name in methods:
-        if f"{name}.min" not in table.column_names:
-            continue
-        found: dict[str, list[str]] = {}
-        for path, lo, hi in zip(paths, table.column(f"{name}.min").to_pylist(), table.column(f"{name}.max").to_pylist()):
-            note = None if lo is None or hi is None else viz.constant_map_note(np.array([lo, hi]))
-            if note is not None:
-                found.setdefault(note, []).append(path)
-        for note, where in found.items():
-            more = f" and {len(where) - NAMED} more" if len(where) > NAMED else ""
-            warn(f"warning: {name}, {len(where)} of {len(paths)} image(s) ({', '.join(where[:NAMED])}{more}; "
-                 f"the first target's map): {note}")
+    """A ``salience: warning:`` line per method and kind of constant map in the run's table
+    (:func:`salience.runs.job.constant_notes`, every target's map): a run of 10,000 images of an
+    untrained model says it once a method."""
+    for text in constant_notes(table, methods):
+        warn(f"warning: {text}")
 
 
 def run(args: argparse.Namespace) -> int:

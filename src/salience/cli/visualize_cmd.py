@@ -12,7 +12,7 @@ import torch
 from salience._core.errors import SalienceError
 from salience._core.info import model_info
 from salience._core.tensors import model_device
-from salience.cli.common import EXIT_OK, add_model_args, load_model_arg, parse_class, scores, to_image
+from salience.cli.common import EXIT_OK, add_model_args, load_model_arg, parse_class, scores, to_image, warn
 from salience.loading import unnormalize
 from salience.methods.class_model import class_model
 from salience.render import viz
@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:
         kwargs["steps"] = args.steps  # checked by class_model
     img = class_model(model, target, **kwargs).detach().cpu()
+    note = viz.constant_map_note(img[0], what="class model image")  # the score gave it no gradient: still its start
+    if note is not None:
+        warn(f"warning: {args.out}: {note}")
     pic = to_image(unnormalize(img[0], info)) if info.mean is not None else to_image(img[0].clamp(0, 1))
     arr = (pic.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
     out = Path(args.out)

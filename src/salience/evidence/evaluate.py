@@ -464,6 +464,8 @@ def run_evaluation(
                                   randomization_images=randomization_images, progress=progress,
                                   probability=probability)
     pictures = _write_pictures(out, rows, raw, maps)
+    flat = constant_notes({r.name: maps[r.name] for r in rows if r.name in maps and r.name != ORACLE
+                           and r.name not in BASELINES})
     data_rand = None
     if train_fn is not None:
         data_rand = _data_randomization_rows(train_fn, methods if methods is not None else default_methods(model, x),
@@ -476,13 +478,14 @@ def run_evaluation(
         "model": model_info(model).name,
         "rows": [r.as_dict() for r in rows],
         "data_randomization": data_rand,
+        "warnings": flat,
         "seconds": round(time.perf_counter() - start, 2),
     }
     # Strict JSON: a metric without a value (NaN: a constant map's rank correlation) is null, not the
     # NaN token that JSON.parse, jq and other strict readers refuse.
     text = json.dumps(_json_numbers(results), indent=1, default=float, allow_nan=False)
     atomic_write(out / "results.json", text.encode("utf-8"))
-    rep = _html_report(rows, source, model, data_rand, pictures)
+    rep = _html_report(rows, source, model, data_rand, pictures, flat)
     rep.paragraph(f"Made in {time.perf_counter() - start:.1f} s.", css="note")
     return rep.write(out / "report.html")
 
@@ -531,9 +534,30 @@ def _write_pictures(out: Path, rows: Sequence[MetricRow], raw: Tensor, maps: dic
     return written
 
 
+def constant_notes(maps: dict[str, Tensor]) -> list[str]:
+    """A text per method and kind of map that is one value everywhere among its maps ``(B, ...)``:
+    ``"NAME, J of B image(s) (image i, ...): "`` then :func:`salience.render.viz.constant_map_note`
+    (its picture a flat colour, its metrics of nothing: a rank correlation of a constant map is
+    NaN), naming the first five images by position."""
+    out = []
+    for name, m in maps.items():
+        found: dict[str, list[int]] = {}
+        for i in range(m.shape[0]):
+            note = viz.constant_map_note(m[i].detach().cpu())
+            if note is not None:
+                found.setdefault(note, []).append(i)
+        for note, where in found.items():
+            more = f" and {len(where) - 5} more" if len(where) > 5 else ""
+            named = f"image{'s' if len(where) > 1 else ''} {', '.join(map(str, where[:5]))}{more}"
+            out.append(f"{name}, {len(where)} of {m.shape[0]} image(s) ({named}): {note}")
+    return out
+
+
 def _html_report(rows: Sequence[MetricRow], source: str, model: nn.Module, data_rand: Optional[dict],
-                 pictures: dict[str, Optional[Path]]) -> Report:
+                 pictures: dict[str, Optional[Path]], flat: Sequence[str] = ()) -> Report:
     rep = Report("salience evaluate", f"model {model_info(model).name}; {source}")
+    for text in flat:  # a method's flat maps: said before its numbers, which they make meaningless
+        rep.paragraph(f"warning: {text}", css="bad")
     rep.heading("Methods and metrics")
     header, body = _table(rows)
     rep.table(header, body)

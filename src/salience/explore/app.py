@@ -564,7 +564,8 @@ async def runs(request: Request) -> Response:
     def describe(source: RunSource) -> dict[str, Any]:
         with compute.caught_warnings() as said:  # e.g. reading its table: shown under the gallery
             about = source.describe()
-        return {**about, "warnings": said}
+            notes = source.constant_notes()  # its flat maps (thumbnails, stored maps), said as the CLI says them
+        return {**about, "warnings": notes + [w for w in said if w not in notes]}
 
     described = await asyncio.to_thread(lambda: [describe(r) for r in hub.runs.values()])
     return JSONResponse({"runs": described})
@@ -610,25 +611,52 @@ async def run_row(request: Request) -> Response:
     return JSONResponse(source.row(index))
 
 
+WARNINGS_HEADER = "X-Salience-Warnings"
+"""The header of a binary answer (a run's thumbnail or stored map) that holds the texts of the
+warnings raised while it was read, as a JSON list (ASCII: other characters ``\\u`` escaped); absent
+when there were none. A JSON answer has them in its ``warnings``."""
+
+
+def _with_warnings(headers: dict[str, str], said: list[str]) -> dict[str, str]:
+    """``headers`` and, when ``said`` has texts, :data:`WARNINGS_HEADER` with them."""
+    return {**headers, WARNINGS_HEADER: json.dumps(said)} if said else headers
+
+
 async def run_thumb(request: Request) -> Response:
+    """A row's thumbnail tile (JPEG), with the warnings raised while it was read (:data:`WARNINGS_HEADER`)."""
     source, index = _hub(request).run_row(request)
     tile = int(_float(request, "tile", 0, 0, 1000))
-    jpg = await asyncio.to_thread(source.thumbnail, index, tile)
-    return Response(jpg, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    def read() -> tuple[bytes, list[str]]:
+        with compute.caught_warnings() as said:
+            jpg = source.thumbnail(index, tile)
+        return jpg, said
+
+    jpg, said = await asyncio.to_thread(read)
+    return Response(jpg, media_type="image/jpeg", headers=_with_warnings({"Cache-Control": "max-age=3600"}, said))
 
 
 async def run_map(request: Request) -> Response:
-    """A row's map as stored by the run (float16 in the store, sent as float32)."""
+    """A row's map as stored by the run (float16 in the store, sent as float32), with the warnings
+    raised while it was read and, when it is one value everywhere, :func:`viz.constant_map_note`
+    (:data:`WARNINGS_HEADER`)."""
     source, index = _hub(request).run_row(request)
     method = request.path_params["method"]
     if method not in source.run.methods:
         raise HTTPException(404, f"the run has no method {method!r}; its methods are {', '.join(source.run.methods)}")
     k = int(_float(request, "k", 0, 0, 10**6))
-    m = await asyncio.to_thread(source.stored_map, index, method, k)
+
+    def read() -> tuple[np.ndarray, list[str]]:
+        with compute.caught_warnings() as said:
+            m = source.stored_map(index, method, k)
+        note = viz.constant_map_note(m)
+        return m, said + ([note] if note is not None and note not in said else [])
+
+    m, said = await asyncio.to_thread(read)
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(m, dtype=np.float32))
-    return Response(buf.getvalue(), media_type="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{method}-row{index}-k{k}.npy"'})
+    return Response(buf.getvalue(), media_type="application/octet-stream", headers=_with_warnings(
+        {"Content-Disposition": f'attachment; filename="{method}-row{index}-k{k}.npy"'}, said))
 
 
 # --------------------------------------------------------------------------------- errors

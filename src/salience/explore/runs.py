@@ -27,7 +27,8 @@ import numpy as np
 from salience._core.errors import SalienceError
 from salience.explore.images import ImageEntry
 from salience.loading import remote
-from salience.runs.store import BadIndex, Run, open_run, pyarrow
+from salience.runs.job import constant_notes
+from salience.runs.store import BadIndex, Run, number_columns, open_run, pyarrow
 
 __all__ = ["RunSource", "NotStored", "is_run", "SORTABLE"]
 
@@ -74,6 +75,7 @@ class RunSource:
         self.id = f"r{number}"
         self.name = self.run.folder.name
         self._classes: Optional[list[dict[str, Any]]] = None
+        self._notes: Optional[list[str]] = None
         self._sprites: collections.OrderedDict[Path, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._warned: set[str] = set()
@@ -84,7 +86,9 @@ class RunSource:
     # ------------------------------------------------------------------ what the run holds
 
     def metric_columns(self) -> list[str]:
-        return [c for c in self.run.table.column_names if "." in c]
+        """The ``method.statistic`` columns of numbers (not ``method.constant``'s lists: what the page
+        says of them comes in the rows' ``warnings``)."""
+        return number_columns(self.run.table)
 
     def count(self) -> int:
         """How many images the run has rows for (``len(run)``: a repeated index counted once, a row
@@ -115,6 +119,15 @@ class RunSource:
                                             for i, n in zip(pairs.column("predicted").to_pylist(), names)),
                                            key=lambda c: (c["index"], c["name"]))
             return self._classes
+
+    def constant_notes(self) -> list[str]:
+        """What the run's maps that are one value everywhere are (their thumbnails and stored maps
+        flat pictures): the command line's end-of-run texts, :func:`salience.runs.job.constant_notes`
+        (read once: a run's table does not change while it is served)."""
+        with self._lock:
+            if self._notes is None:
+                self._notes = constant_notes(self.run.table, self.run.methods)
+            return self._notes
 
     def describe(self) -> dict[str, Any]:
         """What the page needs to draw the gallery: name, model, methods, columns, classes."""

@@ -236,23 +236,25 @@ def constant_value(m: ArrayLike) -> Optional[float]:
     return lo + 0.0  # -0.0 -> 0.0
 
 
-def constant_map_note(m: ArrayLike) -> Optional[str]:
+def constant_map_note(m: ArrayLike, *, what: str = "map") -> Optional[str]:
     """What to tell a user shown map ``m`` when it is constant (:func:`constant_value`), else ``None``.
 
     The one text of the command line and the explorer: that the map is constant (zero) everywhere,
     so its flat picture is a fact about the model and target, not a drawing bug; the likely causes
-    and what to try. The library's methods return the raw values and say nothing.
+    and what to try. The library's methods return the raw values and say nothing. ``what`` names
+    the thing shown (``"class model image"``: ``salience visualize``'s, which the same causes leave
+    at its flat start).
     """
     v = constant_value(m)
     if v is None:
         return None
     if v == 0.0:
-        return ("the map is constant (zero) everywhere, so its picture is one flat colour: the score explained "
+        return (f"the {what} is constant (zero) everywhere, so its picture is one flat colour: the score explained "
                 "does not depend on the input at this layer / target. Likely causes: random weights with a "
                 "zero-initialised head (e.g. an untrained timm or Hugging Face model), activations that die out "
                 "(a dead ReLU layer for a CAM), a model in training mode, a target whose score ignores the input. "
                 "Try another layer or target, and check the weights")
-    return (f"the map is constant ({v:.4g}) everywhere, so its picture is one flat colour: every pixel counts "
+    return (f"the {what} is constant ({v:.4g}) everywhere, so its picture is one flat colour: every pixel counts "
             "the same (e.g. a CAM of a layer whose grid is 1 x 1, or a score that depends on the input only "
             "through a sum of all its pixels). Try another layer or target, and check the weights")
 

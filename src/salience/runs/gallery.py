@@ -12,11 +12,13 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from salience._core.files import atomic_write
-from salience.runs.store import Run
+from salience.runs.job import constant_notes
+from salience.runs.store import Run, number_columns
 
 _COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "output_name", "value", "targets", "label",
             "label_name", "correct", "error", "shard", "offset")
@@ -52,7 +54,7 @@ def script_json(value: Any) -> str:
 def columns(run: Run) -> list[str]:
     """The page's columns: the table's, with ``label_name`` (the label's class name) after ``label``."""
     names = run.table.column_names + (["label_name"] if "label" in run.table.column_names else [])
-    return [c for c in _COLUMNS if c in names] + [c for c in names if "." in c]
+    return [c for c in _COLUMNS if c in names] + number_columns(run.table)
 
 
 def write(folder: Path) -> Path:
@@ -61,8 +63,12 @@ def write(folder: Path) -> Path:
     m = run.manifest
     about = {"columns": columns(run), "methods": run.methods, "thumb": m["thumb"], "per": m["sprite_columns"],
              "model": run.model, "k": m["k"]}
-    page = _PAGE.replace("__TITLE__", html.escape(f"salience run: {run.model}, {len(run)} images"))
-    page = page.replace("__ABOUT__", script_json(about)).replace("__ROWS__", rows_json(run))
+    title = html.escape(f"salience run: {run.model}, {len(run)} images")
+    warned = "".join(f'<p class="warn">{html.escape("warning: " + t)}</p>\n'
+                     for t in constant_notes(run.table, run.methods))  # the flat pictures said, as text
+    parts = {"TITLE": title, "WARNINGS": warned, "ABOUT": script_json(about), "ROWS": rows_json(run)}
+    # one pass: a placeholder inside a part (a model or file named __ROWS__) stays as it is
+    page = re.sub(r"__(TITLE|WARNINGS|ABOUT|ROWS)__", lambda m: parts[m.group(1)], _PAGE)
     return atomic_write(folder / "index.html", page.encode("utf-8"))
 
 
@@ -73,11 +79,11 @@ body{font:14px system-ui,sans-serif;margin:1em;color:#222}
 table{border-collapse:collapse}td,th{padding:2px 6px;border-bottom:1px solid #ddd;text-align:left;vertical-align:middle}
 th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}th.sorted:after{content:" \25B4"}th.desc:after{content:" \25BE"}
 .t{display:inline-block;background-color:#eee;background-repeat:no-repeat}
-.bad{color:#b00}.ok{color:#070}.err{color:#b00;font-size:12px}
+.bad{color:#b00}.ok{color:#070}.err{color:#b00;font-size:12px}.warn{color:#8a4b00;max-width:60em}
 #filters label{margin-right:1em}#nav{margin:.5em 0}
 </style></head><body>
 <h1>__TITLE__</h1>
-<div id="filters">
+__WARNINGS__<div id="filters">
 <label>class <select id="cls"><option value="">all</option></select></label>
 <label>prediction <select id="rw"><option value="">all</option><option value="right">right</option>
 <option value="wrong">wrong</option><option value="error">failed</option></select></label>

@@ -265,6 +265,8 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
             for col, vals in _summaries(first).items():
                 for j, pos in enumerate(good):
                     rows[pos][f"{name}.{col}"] = vals[j]
+            for j, pos in enumerate(good):
+                rows[pos][f"{name}.constant"] = constant_values(m[j])
             for col, vals in _metrics(plan, model, x, first, classes, masks).items():
                 for j, pos in enumerate(good):
                     rows[pos][f"{name}.{col}"] = vals[j]
@@ -381,6 +383,61 @@ def _prediction_row(row: dict[str, Any], plan: Plan, probs: Tensor, classes: Ten
 def _summaries(first: Tensor) -> dict[str, list[float]]:
     flat = first.reshape(first.shape[0], -1).double()
     return {"min": flat.amin(1).tolist(), "max": flat.amax(1).tolist(), "mean": flat.mean(1).tolist()}
+
+
+def constant_values(maps: Tensor) -> list[Optional[float]]:
+    """Per target, the one value of an image's map ``maps[k]`` that holds one value everywhere
+    (:func:`salience.render.viz.constant_value`, all its channels counted), else ``None``: the
+    ``METHOD.constant`` column, so that the end of a run can say which maps of every target are flat
+    pictures (its ``min`` / ``max`` are the first target's only)."""
+    return [viz.constant_value(maps[k].numpy()) for k in range(maps.shape[0])]
+
+
+NAMED = 5
+"""Images named in a note of :func:`constant_notes` (the others counted)."""
+
+
+def constant_notes(table: Any, methods: Sequence[str], what: str = "image(s)") -> list[str]:
+    """A text per method and kind of constant map in a run's ``table`` (rows: a whole run, or a
+    page of it): the method, how many of the rows (``what`` they are) have one, the first
+    :data:`NAMED` named by path (with the classes whose maps are flat when a row has several
+    targets), then :func:`salience.render.viz.constant_map_note`. Every target's map, from the
+    ``METHOD.constant`` column (:func:`constant_values`); a row of a run begun before that column
+    (null there) has its first target's, read from ``.min`` / ``.max`` (constant when its extremes are)."""
+    n = table.num_rows
+    paths = table.column("path").to_pylist() if "path" in table.column_names else [None] * n
+    paths = [p if p is not None else f"row {i}" for i, p in enumerate(paths)]
+    targets = table.column("targets").to_pylist() if "targets" in table.column_names else [None] * n
+    several = any(t is not None and len(t) > 1 for t in targets)
+    out = []
+    for name in methods:
+        found: dict[str, dict[str, list[str]]] = {}  # note -> path -> the classes of its flat maps
+        for i, values in enumerate(_table_constants(table, name)):
+            for k, v in enumerate(values):
+                note = None if v is None else viz.constant_map_note(np.array([v]))
+                if note is not None:
+                    kept = targets[i] or []
+                    found.setdefault(note, {}).setdefault(paths[i], []).append(str(kept[k]) if k < len(kept) else "?")
+        for note, where in found.items():
+            named = [f"{p} (class{'es' if len(ks) > 1 else ''} {', '.join(ks)})" if several else p
+                     for p, ks in list(where.items())[:NAMED]]
+            more = f" and {len(where) - NAMED} more" if len(where) > NAMED else ""
+            maps = f"; {sum(len(ks) for ks in where.values())} map(s)" if several else ""
+            out.append(f"{name}, {len(where)} of {n} {what} ({', '.join(named)}{more}{maps}): {note}")
+    return out
+
+
+def _table_constants(table: Any, name: str) -> list[list[Optional[float]]]:
+    """Per row of ``table``, the constant value of each target's map of method ``name`` (``None``: not
+    constant); a row without the ``.constant`` column's list has its first target's, from ``.min`` / ``.max``."""
+    n = table.num_rows
+
+    def column(c: str) -> list[Any]:
+        return table.column(c).to_pylist() if c in table.column_names else [None] * n
+
+    return [values if values is not None else
+            [None if lo is None or hi is None else viz.constant_value(np.array([lo, hi]))]
+            for values, lo, hi in zip(column(f"{name}.constant"), column(f"{name}.min"), column(f"{name}.max"))]
 
 
 def _tiles(plan: Plan, items: Sequence[Item], good: Sequence[int], firsts: dict[str, Tensor]) -> np.ndarray:

@@ -67,9 +67,17 @@ def row_schema(methods: Sequence[str], *, labels: bool, metrics: Sequence[str], 
         fields += [("label", pa.int64()), ("correct", pa.bool_())]
     for m in methods:
         fields += [(f"{m}.{s}", pa.float64()) for s in ("min", "max", "mean")]
+        fields += [(f"{m}.constant", pa.list_(pa.float64()))]
         fields += [(f"{m}.{s}", pa.float64()) for s in metrics]
     fields += [("shard", pa.string()), ("offset", pa.int32())]
     return pa.schema(fields)
+
+
+def number_columns(table: Any) -> list[str]:
+    """The ``method.statistic`` columns of ``table`` that hold one number a row (the summaries and
+    metrics), in order: not the per-target lists (``method.constant``)."""
+    pa = pyarrow()
+    return [f.name for f in table.schema if "." in f.name and not pa.types.is_nested(f.type)]
 
 
 def schema_of(manifest: dict[str, Any]) -> Any:
