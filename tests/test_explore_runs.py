@@ -188,7 +188,10 @@ def test_a_deleted_file_is_404_from_every_endpoint_and_from_the_worker(tmp_path)
         assert c.get("api/images/r0-0/picture.png").status_code == 200
         assert c.get("api/runs/r1/rows/0").json()["path"] == "TensorDataset[0]"
         r = c.get("api/images/r1-0/picture.png")
-        assert r.status_code == 404 and r.json()["error"].startswith("no image 'r1-0'"), r.text
+        assert r.status_code == 404 and r.json()["error"].startswith(  # it said "upload it or pick one"
+            "no image 'r1-0': row 0 of run 'r1' is the item TensorDataset[0] of a Dataset, not an image file"), r.text
+        assert "GET api/runs/r1/rows/0/thumb.jpg" in r.json()["error"], r.text
+        assert c.get("api/runs/r1/rows/0/thumb.jpg").status_code == 200
     finally:
         hub.close()
 
@@ -452,6 +455,14 @@ def test_rows_without_an_index_leave_the_others_their_own(env, tmp_path):
                     "api/images/r0-5/picture.png"):
             assert c.get(url).status_code == 404, url
         assert "may be one of the rows without an index" in c.get("api/runs/r0/rows/5").json()["error"]
+        # the picture (and a live map) of image r0-5 said "no image 'r0-5'; upload it or pick one of GET
+        # api/images": now which it is (no row with index 5, maybe a row without one) and what to do
+        for r in (c.get("api/images/r0-5/picture.png"),
+                  c.post("api/explain", json={"model": "a", "image": "r0-5", "method": "vanilla", "target": 0})):
+            said = r.json()["error"]
+            assert r.status_code == 404 and said.startswith("no image 'r0-5': image 5 is not in the run"), said
+            assert "may be one of the rows without an index: " in said and "(the first: row 2)" in said, said
+            assert "fill them in, or write the table without the index column" in said, said
         np.testing.assert_array_equal(_live_map(c, "r0-4"), _live_map(env["client"], "r0-4"))
     finally:
         hub.close()
