@@ -472,6 +472,52 @@ def test_rows_without_an_index_leave_the_others_their_own(env, tmp_path):
     assert again.complete and again.index_error() is None and again.row(5) == env["run"].row(5)
 
 
+def test_iterating_a_run_gives_each_images_row_as_run_row_does(env, tmp_path, monkeypatch):
+    """``for row in run`` gave the table's raw rows in the table's order: with a shuffled table and a
+    row without an index, ``len(run) + 1`` rows, one of them no image's (``run.map(None, ...)`` fails);
+    now each image once, by index, the dict ``run.row(i)`` gives, its map read by its index (read a
+    few rows at a time: 2 here); a repeated index raises the run's BadIndex before any row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from salience.runs import store
+
+    monkeypatch.setattr(store, "ITER_ROWS", 2, raising=False)
+    assert list(env["run"]) == [env["run"].row(i) for i in range(N)]  # the sorted table salience writes
+    c, hub, run = _rewritten(env, tmp_path, [3, 0, 5, 1, 4, 2])
+    hub.close()
+    table = pq.read_table(tmp_path / "run" / "index.parquet")
+    pq.write_table(table.set_column(0, "index", pa.array([3, 0, None, 1, 4, 2], pa.int64())),
+                   tmp_path / "run" / "index.parquet")
+    run = salience.open_run(tmp_path / "run")
+    rows = list(run)
+    assert len(rows) == len(run) == N - 1
+    assert rows == [env["run"].row(i) for i in range(N - 1)]
+    for row in rows:
+        np.testing.assert_array_equal(run.map(row["index"], "vanilla"), env["run"].map(row["index"], "vanilla"))
+    c, hub, repeated = _index_3_repeated(env, tmp_path / "repeated")
+    hub.close()
+    with pytest.raises(salience.runs.store.BadIndex, match=r"more than one row \(2 rows; index 3\)"):
+        next(iter(repeated))
+
+
+def test_explore_takes_the_run_that_explain_dataset_returns(env):
+    """``salience.explore(model, run=salience.explain_dataset(...))``: ``list(run)`` made the run its
+    rows, each refused as no folder; now a Run is one run, alone or in a list, as its folder is."""
+    import httpx
+
+    for given in (env["run"], [env["run"], env["root"] / "run"]):
+        ex = salience.explore("demo:shapes", run=given, show=False)
+        try:
+            runs = httpx.get(ex.url + "api/runs").json()["runs"]
+            assert [(r["id"], r["count"], r["folder"]) for r in runs] == [
+                (f"r{n}", N, str(env["run"].folder)) for n in range(len(runs))]
+            assert len(runs) == (1 if given is env["run"] else 2)
+            assert httpx.get(ex.url + "api/images/r0-3/picture.png").status_code == 200
+        finally:
+            ex.stop()
+
+
 def test_a_repeated_index_beside_rows_without_one_names_its_own_rows(env, tmp_path):
     """Rows without an index and a repeated one: the repeated index's refusal names its rows'
     positions in the table as it is (the rows without an index counted), and the others are theirs."""
