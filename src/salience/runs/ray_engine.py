@@ -105,7 +105,7 @@ class Explain:
         self.writer = writer  # the driver's run: shards are committed only while it holds the folder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Explain the batch as one shard; an error comes back as data (``raised``), not raised."""
+        """Explain the batch as one shard; a SalienceError comes back as data (``raised``), not raised."""
         n = len(batch["index"])
         indices = [int(i) for i in batch["index"]]
         if any(batch["raised"]):  # an image its decoding refused: no shard, the driver raises the error
@@ -113,7 +113,8 @@ class Explain:
                     "raised": np.asarray(batch["raised"], dtype=object)}
         try:
             return self._explain(batch, n)
-        except Exception as e:  # noqa: BLE001 - the shape check, a model refusing its input: the driver raises it
+        except SalienceError as e:  # the shape check, a model refusing its input: the driver raises it
+            # (any other error of the model is Ray's to raise: as data it would wait for the batches before it)
             return {"index": np.asarray(indices, dtype=np.int64), "shard": np.asarray([""] * n),
                     "raised": np.asarray([_raised(e, "Ray actor")] * n, dtype=object)}
 
