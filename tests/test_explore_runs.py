@@ -188,7 +188,10 @@ def test_a_deleted_file_is_404_from_every_endpoint_and_from_the_worker(tmp_path)
         assert c.get("api/images/r0-0/picture.png").status_code == 200
         assert c.get("api/runs/r1/rows/0").json()["path"] == "TensorDataset[0]"
         r = c.get("api/images/r1-0/picture.png")
-        assert r.status_code == 404 and r.json()["error"].startswith("no image 'r1-0'"), r.text
+        assert r.status_code == 404 and r.json()["error"].startswith(  # it said "upload it or pick one"
+            "no image 'r1-0': row 0 of run 'r1' is the item TensorDataset[0] of a Dataset, not an image file"), r.text
+        assert "GET api/runs/r1/rows/0/thumb.jpg" in r.json()["error"], r.text
+        assert c.get("api/runs/r1/rows/0/thumb.jpg").status_code == 200
     finally:
         hub.close()
 
@@ -452,6 +455,14 @@ def test_rows_without_an_index_leave_the_others_their_own(env, tmp_path):
                     "api/images/r0-5/picture.png"):
             assert c.get(url).status_code == 404, url
         assert "may be one of the rows without an index" in c.get("api/runs/r0/rows/5").json()["error"]
+        # the picture (and a live map) of image r0-5 said "no image 'r0-5'; upload it or pick one of GET
+        # api/images": now which it is (no row with index 5, maybe a row without one) and what to do
+        for r in (c.get("api/images/r0-5/picture.png"),
+                  c.post("api/explain", json={"model": "a", "image": "r0-5", "method": "vanilla", "target": 0})):
+            said = r.json()["error"]
+            assert r.status_code == 404 and said.startswith("no image 'r0-5': image 5 is not in the run"), said
+            assert "may be one of the rows without an index: " in said and "(the first: row 2)" in said, said
+            assert "fill them in, or write the table without the index column" in said, said
         np.testing.assert_array_equal(_live_map(c, "r0-4"), _live_map(env["client"], "r0-4"))
     finally:
         hub.close()
@@ -459,6 +470,52 @@ def test_rows_without_an_index_leave_the_others_their_own(env, tmp_path):
                                      labels=env["root"] / "labels.csv", metrics=["deletion"], shard_size=4,
                                      batch_size=4, workers=0)
     assert again.complete and again.index_error() is None and again.row(5) == env["run"].row(5)
+
+
+def test_iterating_a_run_gives_each_images_row_as_run_row_does(env, tmp_path, monkeypatch):
+    """``for row in run`` gave the table's raw rows in the table's order: with a shuffled table and a
+    row without an index, ``len(run) + 1`` rows, one of them no image's (``run.map(None, ...)`` fails);
+    now each image once, by index, the dict ``run.row(i)`` gives, its map read by its index (read a
+    few rows at a time: 2 here); a repeated index raises the run's BadIndex before any row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from salience.runs import store
+
+    monkeypatch.setattr(store, "ITER_ROWS", 2, raising=False)
+    assert list(env["run"]) == [env["run"].row(i) for i in range(N)]  # the sorted table salience writes
+    c, hub, run = _rewritten(env, tmp_path, [3, 0, 5, 1, 4, 2])
+    hub.close()
+    table = pq.read_table(tmp_path / "run" / "index.parquet")
+    pq.write_table(table.set_column(0, "index", pa.array([3, 0, None, 1, 4, 2], pa.int64())),
+                   tmp_path / "run" / "index.parquet")
+    run = salience.open_run(tmp_path / "run")
+    rows = list(run)
+    assert len(rows) == len(run) == N - 1
+    assert rows == [env["run"].row(i) for i in range(N - 1)]
+    for row in rows:
+        np.testing.assert_array_equal(run.map(row["index"], "vanilla"), env["run"].map(row["index"], "vanilla"))
+    c, hub, repeated = _index_3_repeated(env, tmp_path / "repeated")
+    hub.close()
+    with pytest.raises(salience.runs.store.BadIndex, match=r"more than one row \(2 rows; index 3\)"):
+        next(iter(repeated))
+
+
+def test_explore_takes_the_run_that_explain_dataset_returns(env):
+    """``salience.explore(model, run=salience.explain_dataset(...))``: ``list(run)`` made the run its
+    rows, each refused as no folder; now a Run is one run, alone or in a list, as its folder is."""
+    import httpx
+
+    for given in (env["run"], [env["run"], env["root"] / "run"]):
+        ex = salience.explore("demo:shapes", run=given, show=False)
+        try:
+            runs = httpx.get(ex.url + "api/runs").json()["runs"]
+            assert [(r["id"], r["count"], r["folder"]) for r in runs] == [
+                (f"r{n}", N, str(env["run"].folder)) for n in range(len(runs))]
+            assert len(runs) == (1 if given is env["run"] else 2)
+            assert httpx.get(ex.url + "api/images/r0-3/picture.png").status_code == 200
+        finally:
+            ex.stop()
 
 
 def test_a_repeated_index_beside_rows_without_one_names_its_own_rows(env, tmp_path):

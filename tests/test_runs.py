@@ -1431,6 +1431,80 @@ def test_an_items_error_in_a_dataloader_worker_is_the_same_one_line_salience_err
                                atol=6e-8)
 
 
+class _Raising(_Items):
+    """``_Items`` whose item 5 raises ``error`` (as a user's transform would: a missing key, say); none
+    raises once ``error`` is ``None`` (the dataset fixed)."""
+
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def __getitem__(self, i):
+        if i == 5 and self.error is not None:
+            raise self.error
+        return super().__getitem__(i)
+
+
+class _TwoPartError(Exception):
+    """A user's error whose class takes two arguments: pickle calls it with its message alone, so it
+    cannot be rebuilt in the run's process."""
+
+    def __init__(self, key, table):
+        super().__init__(f"no {key!r} in {table}")
+
+
+def test_a_users_dataset_error_in_a_dataloader_worker_is_raised_as_its_own_type(tmp_path):
+    """A user's dataset raising a KeyError in a DataLoader worker: the run raises that KeyError, with
+    workers=1 as with workers=0 (torch raised its own KeyError whose message was the worker's whole
+    traceback: 'Caught KeyError in DataLoader worker process 0 ...'), a note naming the image, the
+    worker's traceback as the cause; the shards before it stay and the run resumes once the dataset
+    is fixed."""
+    from conftest import SmallCNN
+    from salience.runs.sources import WorkerTraceback
+
+    model = SmallCNN().eval()
+    errors = {}
+    for workers in (0, 1):
+        with pytest.raises(KeyError) as caught:
+            salience.explain_dataset(model, _Raising(KeyError("label")), ["vanilla"], tmp_path / f"w{workers}",
+                                     shard_size=2, batch_size=2, workers=workers)
+        errors[workers] = caught.value
+    assert type(errors[1]) is type(errors[0]) is KeyError
+    assert errors[1].args == errors[0].args == ("label",) and str(errors[1]) == "'label'"
+    assert getattr(errors[1], "__notes__", None) == [
+        "raised reading image 5 (_Raising[5]) in a DataLoader worker; its traceback there is the cause"]
+    assert isinstance(errors[1].__cause__, WorkerTraceback)
+    assert "DataLoader worker" in str(errors[1].__cause__) and "raise self.error" in str(errors[1].__cause__)
+    folder = tmp_path / "w1"
+    kept = {p.name: p.stat().st_mtime_ns for p in (folder / "shards").iterdir()}
+    assert sorted(kept) == ["000000000.parquet", "000000002.parquet"]
+    resumed = salience.explain_dataset(model, _Raising(None), ["vanilla"], folder, shard_size=2, batch_size=2,
+                                       workers=1)
+    assert {p.name: p.stat().st_mtime_ns for p in (folder / "shards").iterdir() if p.name < "000000004"} == kept
+    x = torch.stack([_Items()[i] for i in range(8)])
+    with salience.model_guard(model):
+        want = salience.vanilla(model, x, model(x).argmax(1)).numpy()
+    np.testing.assert_allclose(np.stack([resumed.map(i, "vanilla") for i in range(8)]), want, rtol=2 ** -10,
+                               atol=6e-8)
+
+
+def test_a_users_error_that_cannot_be_rebuilt_is_a_salience_error_naming_it_and_the_image(tmp_path):
+    """An error of the user's dataset whose class does not come back through pickle (its __init__
+    takes two arguments) is a one-line SalienceError naming its type, its message and the image, the
+    worker's traceback as its cause (torch failed to rebuild it too: a RuntimeError of its own)."""
+    from conftest import SmallCNN
+    from salience.runs.sources import WorkerTraceback
+
+    with pytest.raises(SalienceError) as caught:
+        salience.explain_dataset(SmallCNN().eval(), _Raising(_TwoPartError("label", "labels.csv")), ["vanilla"],
+                                 tmp_path / "run", shard_size=2, batch_size=2, workers=1)
+    words = str(caught.value)
+    assert words.startswith("image 5 (_Raising[5]): the dataset raised test_runs._TwoPartError: "
+                            "no 'label' in labels.csv (in a DataLoader worker;") and "\n" not in words
+    assert "run the same call again to continue the run" in words
+    assert isinstance(caught.value.__cause__, WorkerTraceback) and "_TwoPartError" in str(caught.value.__cause__)
+
+
 def test_a_corrupt_file_read_in_a_worker_is_a_row_saying_why_in_one_line(data, tmp_path):
     """An unreadable or truncated image read by a DataLoader worker is a row (not an error that stops
     the run), its error one line naming the file, as with workers=0."""

@@ -266,8 +266,9 @@ def test_fast_modes_reach_the_ray_actors(cluster, tmp_path):
 def test_an_item_of_another_shape_on_ray_is_the_local_engines_one_line_error_and_the_run_resumes(cluster, tmp_path):
     """A user's dataset with an item of another shape, on Ray: the local engine's SalienceError and
     one-line message (it was numpy's raw "all input arrays must have the same shape" in a RayTaskError
-    whose message is the task's traceback: the shape check never ran); the shards before it stay, the
-    folder is let go, and the run resumes to the maps of the local engine."""
+    whose message is the task's traceback: the shape check never ran); one raising a KeyError: that
+    KeyError; the shards before it stay, the folder is let go, and the run resumes to the maps of the
+    local engine."""
     import torch
 
     class Items(torch.utils.data.Dataset):  # defined here: Ray's workers get it by value
@@ -278,6 +279,8 @@ def test_an_item_of_another_shape_on_ray_is_the_local_engines_one_line_error_and
             return 8
 
         def __getitem__(self, i):
+            if i == 5 and isinstance(self.bad, Exception):
+                raise self.bad  # a user's transform failing (a missing key)
             if i == 5 and self.bad is not None:
                 return self.bad
             return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i))
@@ -299,6 +302,16 @@ def test_an_item_of_another_shape_on_ray_is_the_local_engines_one_line_error_and
     assert _lockable(folder)
     assert {"shards/000000000.parquet", "shards/000000002.parquet"} <= set(_committed(folder))
     assert "shards/000000004.parquet" not in _committed(folder)
+    # the user's dataset raising a KeyError: that KeyError (it was a RayTaskError(KeyError) whose message was
+    # the task's traceback), a note naming the image, the task's traceback its cause; the shards stay
+    with pytest.raises(KeyError) as caught:
+        salience.explain_dataset(model, Items(KeyError("label")), ["vanilla"], folder, engine="ray", actors=1, **kw)
+    assert type(caught.value) is KeyError and caught.value.args == ("label",)
+    assert caught.value.__notes__ == ["raised reading image 5 (Items[5]) in a Ray task decoding images; its "
+                                      "traceback there is the cause"]
+    assert "raise self.bad" in str(caught.value.__cause__)
+    assert {"shards/000000000.parquet", "shards/000000002.parquet"} <= set(_committed(folder))
+    assert _lockable(folder)
     resumed = salience.explain_dataset(model, Items(), ["vanilla"], folder, engine="ray", actors=1, **kw)
     local = salience.explain_dataset(model, Items(), ["vanilla"], tmp_path / "local", **kw)
     assert len(resumed) == 8 and resumed.complete

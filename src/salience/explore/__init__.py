@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from torch import nn
 
 from salience.loading.images import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from salience.runs.store import Run
 
 __all__ = ["explore"]
 
@@ -40,7 +43,8 @@ def _in_notebook() -> bool:
 
 def explore(model: Union[str, nn.Module], images: Optional[Sequence[Union[str, "os.PathLike[str]"]]] = None, *,
             compare: Union[None, str, nn.Module, Sequence[Union[str, nn.Module]]] = None,
-            run: Union[None, str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]] = None, host: str = "127.0.0.1", port: int = 0,
+            run: Union[None, str, "os.PathLike[str]", "Run", Sequence[Union[str, "os.PathLike[str]", "Run"]]] = None,
+            host: str = "127.0.0.1", port: int = 0,
             max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, show: Optional[bool] = None,
             height: int = 800, allow_hosts: Optional[Sequence[str]] = None, **load: Any) -> Any:
     """Start the explorer for ``model`` (a module, or any spec :func:`salience.load_model` takes;
@@ -49,7 +53,9 @@ def explore(model: Union[str, nn.Module], images: Optional[Sequence[Union[str, "
 
     ``images``: image files or folders to pick from (only these and uploads are served); a folder
     holding ``run.json`` is a dataset run (``salience explain DIR --out RUN``), as is ``run`` (one
-    run folder or several): its rows are a gallery to sort and filter, each opened in the explorer.
+    run folder or several, or the :class:`~salience.runs.store.Run` that :func:`salience.explain_dataset`
+    and :func:`salience.open_run` return): its rows are a gallery to sort and filter, each opened in the
+    explorer.
     ``compare``: another model shown side by side, or a list of them (each a column of its own). ``host`` / ``port``: where to listen (default
     loopback and a free port; another host prints a warning). ``show``: display the page inline
     when in a Jupyter notebook (default), else print the URL: an IFrame of the URL, or of
@@ -63,7 +69,10 @@ def explore(model: Union[str, nn.Module], images: Optional[Sequence[Union[str, "
 
     if isinstance(images, (str, os.PathLike)):
         images = [images]
-    runs = [] if run is None else [run] if isinstance(run, (str, os.PathLike)) else list(run)
+    from salience.runs.store import Run
+
+    # a Run (what explain_dataset / open_run return) is one run, not the rows it iterates
+    runs = [] if run is None else [run] if isinstance(run, (str, os.PathLike, Run)) else list(run)
     notebook = _in_notebook() if show is None else show
     proxied = notebook and ("google.colab" in sys.modules or bool(os.environ.get("JUPYTERHUB_SERVICE_PREFIX")))
     if allow_hosts is None and proxied:

@@ -106,6 +106,9 @@ class Hub:
         try:
             return self.images.load(str(image_id))
         except KeyError:
+            for source in self.runs.values():  # a run's row id: which row and why it opens no image
+                if (why := source.missing(str(image_id))) is not None:
+                    raise HTTPException(404, why) from None
             raise HTTPException(404, f"no image {image_id!r}; upload it or pick one of GET api/images") from None
         except (ImageGone, remote.StorageError) as e:
             raise _refusal(e) from None

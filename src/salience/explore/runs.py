@@ -199,6 +199,35 @@ class RunSource:
             return ImageEntry(image_id, path.rstrip("/").rsplit("/", 1)[-1], self.id, None, fields, url=path)
         return ImageEntry(image_id, Path(r["path"]).name, self.id, path, fields)
 
+    def missing(self, image_id: str) -> Optional[str]:
+        """Why the id ``r<number>-<index>`` of this run opens no image (:meth:`find` gave ``None``),
+        and what to do: no such row (the table's rows without an index may hold it: they are no
+        image's, and the message says how to mend the table), a row of a ``Dataset`` (an item, no
+        file: its stored thumbnail and maps are there), a row without a path; ``None`` when the id
+        is not this run's."""
+        prefix = self.id + "-"
+        if not image_id.startswith(prefix):
+            return None
+        text = image_id[len(prefix):]
+        index = row_index(text)
+        if index is None:
+            return (f"no image {image_id!r}: run {self.id!r}'s images are {self.id}-INDEX, INDEX a row's index "
+                    f"written as a plain number ({text!r} is not); the rows are GET api/runs/{self.id}/rows")
+        try:
+            self.run.position(index)
+        except BadIndex:
+            raise
+        except SalienceError as e:  # not in the run: it may be one of the rows without an index
+            return f"no image {image_id!r}: {e}"
+        r = self.run.row(index)
+        stored = (f"its stored thumbnail and maps are GET api/runs/{self.id}/rows/{index}/thumb.jpg and "
+                  f"api/runs/{self.id}/rows/{index}/maps/METHOD.npy")
+        if r.get("path") is None:
+            return (f"no image {image_id!r}: row {index} of run {self.id!r} names no image file (its table has no "
+                    f"path); {stored}")
+        return (f"no image {image_id!r}: row {index} of run {self.id!r} is the item {r['path']} of a Dataset, not an "
+                f"image file, so there is no picture to open or explain live; {stored}")
+
     # ------------------------------------------------------------------ the gallery
 
     def rows(self, *, sort: str = "index", descending: bool = False, cls: Optional[str] = None,

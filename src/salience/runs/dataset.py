@@ -449,9 +449,9 @@ def run_local(run: Job, *, show: bool = False, png: bool = False) -> None:
         return
     batch = resolve_batch(run, shards[0][0])
     plan_batches = list(_batches(shards, batch))
-    # a SalienceError in a worker (a user's item that is no image tensor) comes back as Raised and is raised
-    # here as it is; torch would re-raise it with the worker's traceback as its message
-    dataset = sources.Guarded(run.dataset) if run.workers else run.dataset
+    # an error in a worker (a user's item that is no image tensor, a KeyError of the user's transform) comes
+    # back as Raised and is raised here as it is; torch would re-raise it in its wrapping, the traceback its message
+    dataset = sources.Guarded(run.dataset, run.plan.paths) if run.workers else run.dataset
     loader = DataLoader(dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
                         collate_fn=sources.collate, worker_init_fn=sources.worker_init if run.workers else None,
                         persistent_workers=False)

@@ -41,20 +41,24 @@ def _ray() -> Any:
 def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] = None) -> dict[str, np.ndarray]:
     """Ray task: a batch of ``index`` rows -> decoded inputs (the run's dataset, as the local engine).
     An image the run refuses (a user's item that is no image tensor; one whose shape is not the run's
-    first image's, ``plan.first_input``) makes the batch placeholders that carry the error (``raised``:
-    :func:`_raised`), which the actor passes on and the driver raises (Ray would raise its
-    ``RayTaskError`` with the traceback as text, or numpy's "all input arrays must have the same shape")."""
+    first image's, ``plan.first_input``) or whose reading raises (a ``KeyError`` of the user's
+    transform) makes the batch placeholders that carry the error (``raised``: :func:`_raised`), which
+    the actor passes on and the driver raises as it was (Ray would raise its ``RayTaskError`` with the
+    traceback as text, or numpy's "all input arrays must have the same shape")."""
     indices = [int(i) for i in batch["index"]]
     raised = ""
+    items: list[Item] = []
+    at = None
     try:
-        items = [dataset[i] for i in indices]
-        for it in items if plan is not None else ():
-            if (refusal := job.shape_refusal(plan, it)) is not None:
+        for at in indices:  # at: the image being read when it raises
+            items.append(dataset[at])
+            if plan is not None and (refusal := job.shape_refusal(plan, items[-1])) is not None:
                 raise refusal
-    except SalienceError as e:
+    except Exception as e:  # noqa: BLE001 - the user's dataset's own error (a KeyError) too: the driver raises it
         if plan is None or plan.first_input is None:
             raise
-        raised = _raised(e, "Ray task decoding images")
+        path = plan.paths[at] if at is not None and at < len(plan.paths) else None
+        raised = _raised(e, "Ray task decoding images", at, path)
         items = [Item(i, torch.zeros(plan.first_input[1]), -1, -1, None) for i in indices]
     out = {"index": np.asarray([it.index for it in items], dtype=np.int64),
            "x": np.stack([it.x.numpy() for it in items]),
@@ -71,10 +75,11 @@ def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] 
     return out
 
 
-def _raised(e: SalienceError, where: str) -> str:
-    """``e`` as a column value (base64 of the pickled :class:`~salience.runs.sources.Raised`): a
-    SalienceError in a Ray task or actor travels to the driver as data, which raises it as it was."""
-    return base64.b64encode(pickle.dumps(Raised.of(e, where))).decode("ascii")
+def _raised(e: BaseException, where: str, index: Optional[int] = None, path: Optional[str] = None) -> str:
+    """``e`` as a column value (base64 of the pickled :class:`~salience.runs.sources.Raised`): an error in
+    a Ray task or actor (a SalienceError, a user's dataset's own) travels to the driver as data, which
+    raises it as it was (Ray would raise a ``RayTaskError`` whose message is the traceback)."""
+    return base64.b64encode(pickle.dumps(Raised.of(e, where, index, path))).decode("ascii")
 
 
 def _reraise(column: Any) -> None:
@@ -109,6 +114,7 @@ class Explain:
         try:
             return self._explain(batch, n)
         except SalienceError as e:  # the shape check, a model refusing its input: the driver raises it
+            # (any other error of the model is Ray's to raise: as data it would wait for the batches before it)
             return {"index": np.asarray(indices, dtype=np.int64), "shard": np.asarray([""] * n),
                     "raised": np.asarray([_raised(e, "Ray actor")] * n, dtype=object)}
 

@@ -333,44 +333,79 @@ def mask_files(paths: Sequence[str], folder: PathLike) -> list[Optional[str]]:
 
 class WorkerTraceback(Exception):
     """The traceback, as text, of an error raised in another process (a DataLoader worker, a Ray task or
-    actor): the ``__cause__`` of the :class:`SalienceError` the run raises for it (:class:`Raised`)."""
+    actor): the ``__cause__`` of the error the run raises for it (:class:`Raised`)."""
 
 
 @dataclass
 class Raised:
-    """A :class:`SalienceError` raised where the run cannot raise it as it is: in a DataLoader worker
-    (torch re-raises it with the worker's traceback as its message) or a Ray task or actor (Ray raises a
-    ``RayTaskError`` with the traceback as text and the error itself lost). The process returns it in
-    place of its result; the run raises the same error, its one-line message unchanged
-    (:meth:`reraise`), with the traceback kept as its cause."""
+    """An error raised where the run cannot raise it as it is: in a DataLoader worker (torch re-raises
+    it in its own wrapping, the worker's traceback as its message) or a Ray task or actor (Ray raises
+    a ``RayTaskError`` whose message is the traceback). The process returns it in place of its result
+    and the run raises the error itself (:meth:`reraise`): a :class:`SalienceError` with its one-line
+    message unchanged, a user's dataset's own exception (a ``KeyError`` of a transform) as its own
+    type and message, a note naming the image; the other process's traceback is its cause. An error
+    that does not come back as it was (its class takes other arguments than it pickles, or is not
+    importable here) is a :class:`SalienceError` naming its type, its message and the image.
 
-    error: SalienceError
+    ``payload`` is the pickled error (``None`` when it did not pickle back in its process); it is
+    unpickled only when raised, so that an error this process cannot rebuild never breaks the
+    transport (the DataLoader's queue, Ray's column)."""
+
+    payload: Optional[bytes]
+    kind: str
+    message: str
     trace: str
     where: str
+    image: Optional[str] = None
+    salience: bool = False
 
     @classmethod
-    def of(cls, e: SalienceError, where: str) -> "Raised":
-        """``e`` caught in ``where`` (``"DataLoader worker"``, ``"Ray actor"``): the error itself when it
-        pickles back as it was, else a plain :class:`SalienceError` with its message."""
+    def of(cls, e: BaseException, where: str, index: Optional[int] = None, path: Optional[str] = None) -> "Raised":
+        """``e`` caught in ``where`` (``"DataLoader worker"``, ``"Ray actor"``) reading image ``index``
+        (``path``: its path or name) when known."""
         try:
-            error = pickle.loads(pickle.dumps(e))
-            if type(error) is not type(e) or str(error) != str(e):
+            payload: Optional[bytes] = pickle.dumps(e)
+            back = pickle.loads(payload)  # type: ignore[arg-type]
+            if type(back) is not type(e) or str(back) != str(e):
                 raise TypeError
-        except Exception:  # noqa: BLE001 - a subclass whose arguments do not pickle back
-            error = SalienceError(str(e))
-        return cls(error, "".join(traceback.format_exception(type(e), e, e.__traceback__)), where)
+        except Exception:  # noqa: BLE001 - a class whose arguments do not pickle back
+            payload = None
+        kind = type(e).__qualname__ if type(e).__module__ == "builtins" else \
+            f"{type(e).__module__}.{type(e).__qualname__}"
+        image = None if index is None else f"image {index}" + (f" ({path})" if path is not None else "")
+        return cls(payload, kind, str(e), "".join(traceback.format_exception(type(e), e, e.__traceback__)), where,
+                   image, isinstance(e, SalienceError))
+
+    def error(self) -> BaseException:
+        """The error to raise: rebuilt from ``payload``, else a :class:`SalienceError` saying what it was."""
+        try:
+            error = pickle.loads(self.payload) if self.payload is not None else None  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - its class cannot be imported (or built) in this process
+            error = None
+        if isinstance(error, BaseException):
+            if not isinstance(error, SalienceError) and self.image is not None and hasattr(error, "add_note"):
+                error.add_note(f"raised reading {self.image} in a {self.where}; its traceback there is the cause")
+            return error
+        if self.salience:
+            return SalienceError(self.message)
+        words = " ".join(self.message.split())
+        return SalienceError(f"{self.image or 'an image'}: the dataset raised {self.kind}: {words} (in a {self.where}; "
+                             f"the {self.kind} cannot be rebuilt in this process); fix the dataset, then run the "
+                             "same call again to continue the run")
 
     def reraise(self) -> NoReturn:
         """Raise the error, its traceback in the other process as its cause."""
-        raise self.error from WorkerTraceback(f"raised in a {self.where}:\n{self.trace}")
+        raise self.error() from WorkerTraceback(f"raised in a {self.where}:\n{self.trace}")
 
 
 class Guarded(Dataset):
-    """``dataset`` read in DataLoader workers: an item whose reading raises a :class:`SalienceError`
-    comes as :class:`Raised` (the local engine raises it, as it would with ``workers=0``)."""
+    """``dataset`` read in DataLoader workers: an item whose reading raises comes as :class:`Raised`
+    (the local engine raises its error, as it would with ``workers=0``). ``names``: each image's path
+    or name, for the message of an error that cannot be rebuilt."""
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Dataset, names: Optional[Sequence[str]] = None):
         self.dataset = dataset
+        self.names = names
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -378,8 +413,9 @@ class Guarded(Dataset):
     def __getitem__(self, index: int) -> Union[Item, Raised]:
         try:
             return self.dataset[index]
-        except SalienceError as e:
-            return Raised.of(e, "DataLoader worker")
+        except Exception as e:  # noqa: BLE001 - the user's dataset's own error: raised in the run's process
+            name = self.names[index] if self.names is not None and 0 <= index < len(self.names) else None
+            return Raised.of(e, "DataLoader worker", index, name)
 
 
 def collate(items: list[Item]) -> list[Item]:

@@ -346,6 +346,10 @@ def read_shards(folder: Path, schema: Any = None) -> Any:
 # --------------------------------------------------------------------------------- reading
 
 
+ITER_ROWS = 65536
+"""How many of a run's rows ``for row in run`` turns into dicts at a time."""
+
+
 class BadIndex(SalienceError):
     """The run's table cannot say which row is an image: it has several rows with the index asked
     for (a table written by hand, or by another program); the explorer answers 409 with this. Also
@@ -356,8 +360,9 @@ class BadIndex(SalienceError):
 class Run:
     """A run read back lazily: the table on first use, each map file memory-mapped when asked for.
 
-    ``run.table`` (pyarrow), ``run.methods``, ``run.model``, ``len(run)``, ``run.map(i, method, k)``
-    ``(H, W)`` float32, ``run.image_path(i)``, ``run.options`` (the command's options).
+    ``run.table`` (pyarrow), ``run.methods``, ``run.model``, ``len(run)``, ``run.row(i)`` (a dict),
+    ``for row in run`` (each image's :meth:`row`, by index), ``run.map(i, method, k)`` ``(H, W)``
+    float32, ``run.image_path(i)``, ``run.options`` (the command's options).
     """
 
     def __init__(self, folder: PathLike):
@@ -431,7 +436,21 @@ class Run:
         return self._table
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.table.to_pylist())
+        """The run's images in index order, each the dict :meth:`row` gives (so ``run.map(row["index"],
+        method)`` reads its map): ``len(run)`` of them, whatever the table's order. Rows without an index
+        are no image's and are left out (:meth:`index_error` says how many); a table that repeats an
+        index raises :meth:`repeat_error` (a :class:`BadIndex`) before the first row, as :meth:`row`
+        refuses that index. Read :data:`ITER_ROWS` rows at a time (a run may hold millions): the raw
+        rows, in the table's own order, are ``run.table``'s."""
+        error = self.repeat_error()
+        if error is not None:
+            raise error
+        keys, order = self._index_lookup()
+        table = self.table
+        for start in range(0, len(keys), ITER_ROWS):
+            part = (table.slice(start, ITER_ROWS) if order is None
+                    else table.take(pyarrow().array(order[start:start + ITER_ROWS])))
+            yield from part.to_pylist()
 
     def position(self, index: int) -> int:
         """The table position of image ``index``, found by its value in the ``index`` column (the
