@@ -92,3 +92,47 @@ def test_crossvit_has_no_default_layer_and_says_what_to_pass():
     ref = by_hand(net, x, "blocks.2.blocks.1", target,
                   lambda t: t[:, 1:].reshape(len(t), 14, 14, -1).permute(0, 3, 1, 2))
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_crossvits_default_methods_leave_out_the_cams_that_refuse_it():
+    """default_methods (what salience demo, evaluate and list --model run or offer) listed the CAMs for
+    CrossViT, whose default layer each of them refuses. Now the layer methods are left out where the
+    default layer is refused, by the modules alone (two patch embeddings) and with an image; a model that
+    names its layer keeps them."""
+    import inspect
+
+    from salience.methods import METHODS, default_methods
+
+    LAYER_METHODS = {n for n, f in METHODS.items() if "layer" in inspect.signature(f).parameters}  # the CAMs
+    torch.manual_seed(0)
+    net = timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=5).eval()
+    x = torch.rand(1, 3, 240, 240)
+    for name in LAYER_METHODS:  # each refuses the model by default, as the list now says
+        with pytest.raises(SalienceError, match="no default layer"):
+            salience.METHODS[name](net, x, 1)
+    assert not LAYER_METHODS & set(default_methods(net))
+    assert not LAYER_METHODS & set(default_methods(net, x))
+    assert {"vanilla", "integrated_gradients", "occlusion"} <= set(default_methods(net, x))
+    net.salience_default_layer = "blocks.2.blocks.0"
+    assert LAYER_METHODS <= set(default_methods(net)) and LAYER_METHODS <= set(default_methods(net, x))
+
+
+def test_layer_methods_are_those_with_a_layer_option():
+    import inspect
+
+    from salience.methods import LAYER_METHODS, METHODS
+
+    assert LAYER_METHODS == {n for n, f in METHODS.items() if "layer" in inspect.signature(f).parameters}
+
+
+def test_list_says_crossvits_cams_need_a_layer(capsys):
+    from salience.cli import main
+
+    assert main(["list", "--model", "timm:crossvit_tiny_240", "--weights", "random"]) == 0
+    out = capsys.readouterr().out
+    assert "Grad-CAM layer none (the model embeds the image in patches 2 times" in out
+    line = next(line for line in out.splitlines() if "methods that apply" in line)
+    run, _, named = line.partition("; with --layer also: ")
+    assert "vanilla" in run and "gradcam" not in run and "scorecam" not in run
+    assert named.split(", ") == ["gradcam", "guided_gradcam", "gradcam_plus_plus", "hirescam", "xgradcam", "layercam",
+                                 "eigencam", "scorecam", "ablationcam"]
