@@ -72,6 +72,28 @@ def test_maxvit_default_is_its_last_stage_output():
     assert "(1, 64, 2, 2): (B, K, h, w)" in describe_default_layer(net, x)
 
 
+def test_coat_lite_default_is_the_input_of_its_last_factorized_attention():
+    """CoaT-Lite's attention (``FactorAttnConvRelPosEnc``: softmax(k)^T v, no (N, N) weights) was not seen as
+    attention, so the map rule took ``patch_embed4``, the last stage's input, its two blocks left out. Its
+    stages prepend a class token that the head reads alone, so the last block's output tokens get no gradient
+    (Grad-CAM there is 0); the ViT rule applies: the last block's norm1, 1 class token + 2x2 patches at 64 px
+    (a grid the first embedding's 16x16 halved three times gives, after the class token)."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    net = timm.create_model("coat_lite_tiny", pretrained=False, img_size=64, num_classes=5).eval()
+    x = torch.rand(2, 3, 64, 64)
+    said = describe_default_layer(net, x)
+    assert "1 prefix token(s) + a 2x2 grid of patches; the input of the last attention" in said
+    check(net, x, "serial_blocks4.1.norm1", row_major(2, 2, prefix=1))
+    assert by_hand(net, x, "serial_blocks4.1", torch.tensor([1, 3]), row_major(2, 2, prefix=1)).abs().max() == 0
+    # an earlier stage's tokens read on their grid too, without grid= / prefix_tokens=: 1 + 8x8
+    target = torch.tensor([1, 3])
+    cam = salience.gradcam(net, x, target, layer="serial_blocks2.1")
+    torch.testing.assert_close(cam, by_hand(net, x, "serial_blocks2.1", target, row_major(8, 8, prefix=1)),
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_crossvit_has_no_default_layer_and_says_what_to_pass():
     """CrossViT embeds the image twice (12- and 16-pixel patches) and its head averages both branches'
     class tokens: the default was branch 0's last norm1, half of the model's evidence, said nowhere. Now a

@@ -149,8 +149,17 @@ def _first_tensor(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) and out else out
 
 
+_WHOLE_STAGE_ATTENTION = ("FactorAttn",)
+"""Class-name prefixes of attention modules that attend over their stage's whole token sequence by construction,
+whatever its length, and whose weights are never a ``(B, heads, N, N)`` softmax (so :func:`_attention_weights`
+cannot see them): CoaT's factorized attention (``FactorAttnConvRelPosEnc``: a softmax of the keys over the
+``N`` tokens, then ``q @ (softmax(k)^T v)``), which runs after each stage's own patch embedding on fewer tokens
+than the first embedding's grid."""
+
+
 def _is_attention(m: nn.Module) -> bool:
-    return isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
+    return (isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
+            or type(m).__name__.startswith(_WHOLE_STAGE_ATTENTION))
 
 
 def _attention_weights(out: Any) -> bool:
@@ -173,12 +182,14 @@ def _weighing_modules(calls: list[_Call]) -> set[str]:
 def _global_attention(c: _Call, grid: Optional[tuple[int, int]], weighing: set[str] = frozenset()) -> bool:
     """An attention call (:func:`_is_attention`, or a module in ``weighing``) over one image's whole token
     sequence ``(1, N, D)`` (the calls run on ``x[:1]``), ``N`` at least the patch grid's cells: not a window
-    of a Swin (``(windows, n, D)``, or one window with fewer tokens than patches)."""
+    of a Swin (``(windows, n, D)``, or one window with fewer tokens than patches). An attention global by
+    construction (:data:`_WHOLE_STAGE_ATTENTION`, CoaT's) needs no more than one image's tokens."""
     out = _first_tensor(c.output)
     if not ((_is_attention(c.module) or c.name in weighing) and isinstance(out, Tensor) and out.dim() == 3
             and out.shape[0] == 1):
         return False
-    return grid is None or out.shape[1] >= grid[0] * grid[1]
+    whole_stage = type(c.module).__name__.startswith(_WHOLE_STAGE_ATTENTION)
+    return grid is None or out.shape[1] >= grid[0] * grid[1] or whole_stage
 
 
 def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call]) -> Optional[str]:
