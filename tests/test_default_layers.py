@@ -94,6 +94,30 @@ def test_coat_lite_default_is_the_input_of_its_last_factorized_attention():
                                rtol=1e-4, atol=1e-6)
 
 
+def test_volo_default_is_its_last_stage_not_its_per_token_class_scores():
+    """VOLO's logits are head(norm(x)[:, 0]) + 0.5 * max over the patch tokens of aux_head(norm(x)[:, 1:]). The
+    default was aux_head, per-token class scores (1, N, classes): Grad-CAM there is the target's token scores
+    alone, ReLU(0.5 / N * s_c) (checked below by that formula), blind to the class token's path. Now per-token
+    class scores are no candidate and the map rule takes the last stage's output, network.4, channels-last
+    (B, h, w, C) before the class attention (as CaiT's default is its blocks before theirs), whose gradient
+    carries both paths."""
+    torch.manual_seed(0)
+    net = timm.create_model("volo_d1_224", pretrained=False, img_size=64, num_classes=5).eval()
+    x, target = torch.rand(2, 3, 64, 64), torch.tensor([1, 3])
+    assert "network.4 (Sequential, output (1, 4, 4, 384): channels-last" in describe_default_layer(net, x)
+    check(net, x, "network.4", lambda t: t.permute(0, 3, 1, 2))
+    # the old default by the closed form: the aux head's scores of the target, 4x4 tokens, scaled by 0.5 / 16
+    kept = []
+    handle = net.aux_head.register_forward_hook(lambda m, i, o: kept.append(o.detach()))
+    with torch.no_grad():
+        net(x)
+    handle.remove()
+    scores = kept[0][torch.arange(2), :, target].reshape(2, 1, 4, 4)
+    ref = torch.nn.functional.interpolate((0.5 / 16 * scores).clamp(min=0), size=(64, 64), mode="bilinear",
+                                          align_corners=False)[:, 0]
+    torch.testing.assert_close(salience.gradcam(net, x, target, layer="aux_head"), ref, rtol=1e-4, atol=1e-7)
+
+
 def test_crossvit_has_no_default_layer_and_says_what_to_pass():
     """CrossViT embeds the image twice (12- and 16-pixel patches) and its head averages both branches'
     class tokens: the default was branch 0's last norm1, half of the model's evidence, said nowhere. Now a

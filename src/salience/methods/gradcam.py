@@ -113,10 +113,12 @@ class _Call:
     output: Any
 
 
-def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None) -> list[_Call]:
+def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
+                  outputs: Optional[list] = None) -> list[_Call]:
     """Every named module's call on ``x[:1]``, in the order they *finished*, its output as a CAM reads it
     (:func:`~salience._core.autograd.layer_value`: a block's ``(hidden_states, ...)`` tuple -> its first
-    tensor); an output requires grad exactly when it depends on the input (the parameters are frozen)."""
+    tensor); an output requires grad exactly when it depends on the input (the parameters are frozen).
+    The model's own output is appended to ``outputs`` when given."""
     check_input(x, model)
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError("cannot look inside a TorchScript model for a Grad-CAM layer; pass the Python nn.Module")
@@ -138,7 +140,9 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None)
         with model_guard(model), torch.inference_mode(False), torch.enable_grad():
             one = x[:1].clone() if x.is_inference() else x[:1]
             with model_call(model, one):
-                model(one.detach().requires_grad_(True))
+                out = model(one.detach().requires_grad_(True))
+            if outputs is not None:
+                outputs.append(out)
     finally:
         for h in handles:
             h.remove()
@@ -261,9 +265,28 @@ def _attention_internals(model: nn.Module) -> tuple[str, ...]:
     return tuple(n for n in named if not any(o != n and o.startswith(n) for o in named))
 
 
-def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call]) -> list[tuple[str, Tensor, bool]]:
+def _class_scores(c: _Call, classes: Optional[int]) -> bool:
+    """Whether ``c`` gives per-token class scores: an ``nn.Linear`` on tokens ``(1, N, classes)`` as wide as the
+    model's output (VOLO's ``aux_head``, a token-labelling head whose maximum over the tokens is added to the
+    class token's logits). Grad-CAM there is the target's token scores alone, ``ReLU(w / N * s_c)`` (``w`` the
+    head's weight of that maximum), blind to the class token's path; at the features before such a head, pooled
+    by a mean alone, Grad-CAM gives the same map (less the bias): the features lose nothing."""
+    out = c.output
+    return (classes is not None and isinstance(c.module, nn.Linear) and isinstance(out, Tensor) and out.dim() == 3
+            and c.module.out_features == classes)
+
+
+def _output_width(out: Any) -> Optional[int]:
+    """The number of classes of a model's output ``(1, classes)`` (a Hugging Face output's ``logits``); else None."""
+    out = getattr(out, "logits", out)
+    return int(out.shape[-1]) if isinstance(out, Tensor) and out.dim() == 2 else None
+
+
+def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call],
+                    classes: Optional[int] = None) -> list[tuple[str, Tensor, bool]]:
     """Map outputs as ``(name, (B, K, h, w), whether tokens)``, in finishing order, by the rules of
-    :func:`default_layer`."""
+    :func:`default_layer`; per-token class scores (:func:`_class_scores`, ``classes`` the model's output width)
+    are left out."""
     counts = collections.Counter(c.name for c in calls)
     pooled = {id(c.output) for c in calls if isinstance(c.module, _POOLS)}
     inner = _attention_internals(model)
@@ -274,7 +297,8 @@ def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call]) -> list[tup
         out = c.output
         if (counts[c.name] != 1 or not isinstance(out, Tensor) or out.dim() not in (3, 4) or not out.requires_grad
                 or isinstance(c.module, _POOLS + (nn.Identity,)) or id(out) in pooled
-                or (out.dim() == 3 and c.name.startswith(inner)) or _attention_weights(out)):
+                or (out.dim() == 3 and c.name.startswith(inner)) or _attention_weights(out)
+                or _class_scores(c, classes)):
             continue
         viewed = [i for i, k in enumerate(kept)
                   if out is not k and out.data_ptr() == k.data_ptr() and out.numel() == k.numel()]
@@ -318,12 +342,13 @@ def _search(model: nn.Module, x: Tensor) -> tuple[str, str]:
             "embedding's grid also grid=(h, w) and prefix_tokens=k; command line: --layer, --grid, --prefix-tokens), "
             "or use a method without a layer (vanilla, integrated_gradients)"
         )
-    calls = _record_calls(model, x)
+    outputs: list = []
+    calls = _record_calls(model, x, outputs=outputs)
     vit = _before_last_attention(model, x, calls)
     if vit is not None:
         return vit, ("the input of the last attention, where every token still reaches the output; after it, "
                      "a head that reads the class token alone gives the patch tokens no gradient")
-    cands = _map_candidates(model, x, calls)
+    cands = _map_candidates(model, x, calls, _output_width(outputs[0]) if outputs else None)
     spatial = [c for c in cands if c[1].shape[-2:].numel() > 1]
     chosen = spatial or cands
     if not chosen:
