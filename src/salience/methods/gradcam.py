@@ -55,7 +55,8 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
     * **Vision Transformers** (global attention: an attention module, ``nn.MultiheadAttention``, a
       class named ``...Attention``, or a module with a submodule whose output is attention weights,
       ConViT's ``GPSA`` / ``MHSA`` by their ``attn_drop``; whose output is the image's whole token sequence ``(1, N, D)``,
-      ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not): the last
+      ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not; or CoaT's factorized
+      attention, global over each stage's own tokens, whatever their number): the last
       module that finished before the *last* such attention call, outside it, with an output of
       the attention's shape: the LayerNorm before the last block's attention (torchvision ViT's
       ``encoder.layers[-1].ln_1``, timm's ``blocks[-1].norm1``, Hugging Face's
@@ -71,7 +72,8 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       blocks, Hugging Face Swin's ``layernorm``; a module with no known channel count, such as an
       activation, keeps the layout of the last output of its shape), leaving out pooling layers,
       ``nn.Identity``, containers whose output is a pooling layer's, modules called more than once,
-      attention weights (:func:`_attention_weights`), and outputs that are a permuted / reshaped view
+      attention weights (:func:`_attention_weights`), per-token class scores (:func:`_class_scores`: VOLO's
+      ``aux_head``; its default is its last stage, ``network.4``), and outputs that are a permuted / reshaped view
       of an earlier candidate's (Swin's ``permute`` after ``norm``), unless the module holds that
       candidate: then it takes its place (MaxViT's and TinyViT's channels-last blocks, permuted back:
       their ``stages``); modules with ``h * w > 1`` are preferred. A container is
