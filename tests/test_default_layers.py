@@ -72,6 +72,52 @@ def test_maxvit_default_is_its_last_stage_output():
     assert "(1, 64, 2, 2): (B, K, h, w)" in describe_default_layer(net, x)
 
 
+def test_coat_lite_default_is_the_input_of_its_last_factorized_attention():
+    """CoaT-Lite's attention (``FactorAttnConvRelPosEnc``: softmax(k)^T v, no (N, N) weights) was not seen as
+    attention, so the map rule took ``patch_embed4``, the last stage's input, its two blocks left out. Its
+    stages prepend a class token that the head reads alone, so the last block's output tokens get no gradient
+    (Grad-CAM there is 0); the ViT rule applies: the last block's norm1, 1 class token + 2x2 patches at 64 px
+    (a grid the first embedding's 16x16 halved three times gives, after the class token)."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    net = timm.create_model("coat_lite_tiny", pretrained=False, img_size=64, num_classes=5).eval()
+    x = torch.rand(2, 3, 64, 64)
+    said = describe_default_layer(net, x)
+    assert "1 prefix token(s) + a 2x2 grid of patches; the input of the last attention" in said
+    check(net, x, "serial_blocks4.1.norm1", row_major(2, 2, prefix=1))
+    assert by_hand(net, x, "serial_blocks4.1", torch.tensor([1, 3]), row_major(2, 2, prefix=1)).abs().max() == 0
+    # an earlier stage's tokens read on their grid too, without grid= / prefix_tokens=: 1 + 8x8
+    target = torch.tensor([1, 3])
+    cam = salience.gradcam(net, x, target, layer="serial_blocks2.1")
+    torch.testing.assert_close(cam, by_hand(net, x, "serial_blocks2.1", target, row_major(8, 8, prefix=1)),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_volo_default_is_its_last_stage_not_its_per_token_class_scores():
+    """VOLO's logits are head(norm(x)[:, 0]) + 0.5 * max over the patch tokens of aux_head(norm(x)[:, 1:]). The
+    default was aux_head, per-token class scores (1, N, classes): Grad-CAM there is the target's token scores
+    alone, ReLU(0.5 / N * s_c) (checked below by that formula), blind to the class token's path. Now per-token
+    class scores are no candidate and the map rule takes the last stage's output, network.4, channels-last
+    (B, h, w, C) before the class attention (as CaiT's default is its blocks before theirs), whose gradient
+    carries both paths."""
+    torch.manual_seed(0)
+    net = timm.create_model("volo_d1_224", pretrained=False, img_size=64, num_classes=5).eval()
+    x, target = torch.rand(2, 3, 64, 64), torch.tensor([1, 3])
+    assert "network.4 (Sequential, output (1, 4, 4, 384): channels-last" in describe_default_layer(net, x)
+    check(net, x, "network.4", lambda t: t.permute(0, 3, 1, 2))
+    # the old default by the closed form: the aux head's scores of the target, 4x4 tokens, scaled by 0.5 / 16
+    kept = []
+    handle = net.aux_head.register_forward_hook(lambda m, i, o: kept.append(o.detach()))
+    with torch.no_grad():
+        net(x)
+    handle.remove()
+    scores = kept[0][torch.arange(2), :, target].reshape(2, 1, 4, 4)
+    ref = torch.nn.functional.interpolate((0.5 / 16 * scores).clamp(min=0), size=(64, 64), mode="bilinear",
+                                          align_corners=False)[:, 0]
+    torch.testing.assert_close(salience.gradcam(net, x, target, layer="aux_head"), ref, rtol=1e-4, atol=1e-7)
+
+
 def test_crossvit_has_no_default_layer_and_says_what_to_pass():
     """CrossViT embeds the image twice (12- and 16-pixel patches) and its head averages both branches'
     class tokens: the default was branch 0's last norm1, half of the model's evidence, said nowhere. Now a
@@ -92,3 +138,47 @@ def test_crossvit_has_no_default_layer_and_says_what_to_pass():
     ref = by_hand(net, x, "blocks.2.blocks.1", target,
                   lambda t: t[:, 1:].reshape(len(t), 14, 14, -1).permute(0, 3, 1, 2))
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_crossvits_default_methods_leave_out_the_cams_that_refuse_it():
+    """default_methods (what salience demo, evaluate and list --model run or offer) listed the CAMs for
+    CrossViT, whose default layer each of them refuses. Now the layer methods are left out where the
+    default layer is refused, by the modules alone (two patch embeddings) and with an image; a model that
+    names its layer keeps them."""
+    import inspect
+
+    from salience.methods import METHODS, default_methods
+
+    LAYER_METHODS = {n for n, f in METHODS.items() if "layer" in inspect.signature(f).parameters}  # the CAMs
+    torch.manual_seed(0)
+    net = timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=5).eval()
+    x = torch.rand(1, 3, 240, 240)
+    for name in LAYER_METHODS:  # each refuses the model by default, as the list now says
+        with pytest.raises(SalienceError, match="no default layer"):
+            salience.METHODS[name](net, x, 1)
+    assert not LAYER_METHODS & set(default_methods(net))
+    assert not LAYER_METHODS & set(default_methods(net, x))
+    assert {"vanilla", "integrated_gradients", "occlusion"} <= set(default_methods(net, x))
+    net.salience_default_layer = "blocks.2.blocks.0"
+    assert LAYER_METHODS <= set(default_methods(net)) and LAYER_METHODS <= set(default_methods(net, x))
+
+
+def test_layer_methods_are_those_with_a_layer_option():
+    import inspect
+
+    from salience.methods import LAYER_METHODS, METHODS
+
+    assert LAYER_METHODS == {n for n, f in METHODS.items() if "layer" in inspect.signature(f).parameters}
+
+
+def test_list_says_crossvits_cams_need_a_layer(capsys):
+    from salience.cli import main
+
+    assert main(["list", "--model", "timm:crossvit_tiny_240", "--weights", "random"]) == 0
+    out = capsys.readouterr().out
+    assert "Grad-CAM layer none (the model embeds the image in patches 2 times" in out
+    line = next(line for line in out.splitlines() if "methods that apply" in line)
+    run, _, named = line.partition("; with --layer also: ")
+    assert "vanilla" in run and "gradcam" not in run and "scorecam" not in run
+    assert named.split(", ") == ["gradcam", "guided_gradcam", "gradcam_plus_plus", "hirescam", "xgradcam", "layercam",
+                                 "eigencam", "scorecam", "ablationcam"]

@@ -296,6 +296,34 @@ def test_layer_tree_and_default_layer(env):
     assert j["default"] == default_layer(model, _x(env))
 
 
+
+def test_a_refused_default_layer_says_why(env):
+    """A model with no default layer (two patch embeddings, as CrossViT's branches): the layer menu's data said
+    only default: null, which the page showed as "default (auto)", a default that every CAM then refused. Now
+    the refusal's words come with it (the page: "default: none, pick a layer", the words as its tooltip)."""
+    from torch import nn
+
+    class TwoBranches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 4, stride=4), nn.Conv2d(3, 4, 8, stride=8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.cat([self.a(x).mean((2, 3)), self.b(x).mean((2, 3))], 1))
+
+    hub = Hub([ModelSlot("a", TwoBranches().eval())], ImageStore([FileSource(env["paths"][:1])]))
+    c = TestClient(create_app(hub))
+    try:
+        for _ in range(2):  # found once, then kept
+            j = c.get("api/models/a/layers").json()
+            assert j["default"] is None and "embeds the image in patches 2 times ('a', 'b'" in j["default_error"]
+            assert [x["name"] for x in j["layers"]] == ["a", "b", "head"]
+        assert env["client"].get("api/models/a/layers").json()["default_error"] is None  # a default found
+    finally:
+        hub.close()
+
+
 # --------------------------------------------------------------------------------- explain
 
 

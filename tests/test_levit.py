@@ -391,3 +391,25 @@ def test_a_conv1d_or_flattened_map_is_not_read_as_tokens(build, default, flat):
     with pytest.raises(SalienceError, match=rf"layer '{flat}' gives shape \(2, (256, 256|64, 64)\) with its "
                                             r"(256|64) channels at dim 1, \(B, C, L\)"):
         salience.gradcam(net, x, target, layer=flat)
+
+
+def test_default_methods_without_an_input_read_the_models_input_size():
+    """Without an input, default_methods listed the attention methods for any model with attention modules,
+    LeViT too, although both refuse it (salience list --model before --model took an image, the examples,
+    evaluate's callers). A model that says its input size (its ModelInfo, as load_model attaches) is now
+    tried on a random image of that size: the same list as with an image. A bare module says nothing: kept."""
+    from salience._core.info import ModelInfo, attach_info
+    from salience.methods import ATTENTION_METHODS, METHODS, default_methods
+
+    net = timm_levit(224)
+    assert ATTENTION_METHODS <= set(default_methods(net))  # a bare module: its size is not known
+    attach_info(net, ModelInfo(name="levit", input_size=(224, 224)))
+    rng = torch.get_rng_state()
+    assert set(default_methods(net)) == set(METHODS) - ATTENTION_METHODS
+    assert torch.equal(torch.get_rng_state(), rng)  # its random image leaves the global seed alone
+    for name in ATTENTION_METHODS:  # each refuses a 224-pixel image, as the list says
+        with pytest.raises(SalienceError, match="attention that subsamples or pools the tokens|all patches"):
+            getattr(salience, name)(net, torch.rand(1, 3, 224, 224), 1)
+    # a size the model cannot take (a 64-pixel LeViT told 224): nothing is known, the modules decide
+    small = attach_info(timm_levit(64), ModelInfo(name="levit", input_size=(224, 224)))
+    assert ATTENTION_METHODS <= set(default_methods(small))

@@ -13,7 +13,7 @@ from salience._core.tensors import model_device
 from salience.cli.common import EXIT_OK, load_model_arg, model_specs_help
 from salience.cli.options import describe
 from salience.demo import zoo
-from salience.methods import METHODS, default_methods
+from salience.methods import LAYER_METHODS, METHODS, default_methods
 from salience.methods.gradcam import describe_default_layer
 from salience.reduce import GRAD_MODIFIERS, REDUCTIONS
 
@@ -36,7 +36,8 @@ def add_parser(sub: Any) -> None:
 
 def describe_model(args: argparse.Namespace) -> list[str]:
     """What salience picks for ``args.model`` on an image of its input size: the default Grad-CAM
-    layer with its layout and why, and the methods that apply (``default_methods``)."""
+    layer with its layout and why, and the methods that apply (``default_methods``); where the default layer
+    is refused (CrossViT), the layer methods that run when ``--layer`` names one."""
     model = load_model_arg(args)
     info = model_info(model)
     h, w = info.input_size or (args.size, args.size)
@@ -45,9 +46,13 @@ def describe_model(args: argparse.Namespace) -> list[str]:
         layer = f"(default; --layer to change): {describe_default_layer(model, x)}"
     except SalienceError as e:  # e.g. a TorchScript file, which explain still runs the gradient methods on
         layer = f"none ({e})"
+    methods = default_methods(model, x)
+    named = [n for n in METHODS if n in LAYER_METHODS and n not in methods]
+    script = isinstance(model, torch.jit.ScriptModule)
+    with_layer = f"; with --layer also: {', '.join(named)}" if named and not script else ""
     return [f"model {args.model} ({info.channels} x {h} x {w} input):",
             f"  Grad-CAM layer {layer}",
-            f"  methods that apply (run when none is named): {', '.join(default_methods(model, x))}"]
+            f"  methods that apply (run when none is named): {', '.join(methods)}{with_layer}"]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -430,10 +430,13 @@ async def layers(request: Request) -> Response:
         try:
             await _wait(job)
             slot.default_layer = job.result
-        except HTTPException:
-            slot.default_layer = ""
+        except HTTPException as e:
+            if e.status_code == 504:  # busy: not an answer, the next request asks again
+                return JSONResponse({"model": slot.name, "default": None, "default_error": None,
+                                     "layers": compute.layer_tree(slot.model)})
+            slot.default_layer, slot.default_error = "", str(e.detail)
     return JSONResponse({"model": slot.name, "default": slot.default_layer or None,
-                         "layers": compute.layer_tree(slot.model)})
+                         "default_error": slot.default_error, "layers": compute.layer_tree(slot.model)})
 
 
 async def explain(request: Request) -> Response:

@@ -64,6 +64,7 @@ class ModelSlot:
         self.num_outputs = int(out.reshape(1, -1).shape[1])
         self.info: ModelInfo = name_classes(info, self.num_outputs)[0]
         self.default_layer: Optional[str] = None
+        self.default_error: Optional[str] = None  # why there is no default layer (CrossViT's branches)
         self.worker = Worker(f"model {name} ({self.info.name})", max_queue=max_queue, errors=(SalienceError,))
 
     def describe(self) -> dict[str, Any]:

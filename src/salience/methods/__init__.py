@@ -13,12 +13,17 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from salience._core.autograd import model_call
 from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
+from salience._core.info import model_info
+from salience._core.tensors import model_device
 
 from salience.methods.vanilla import vanilla
 from salience.methods.guided import deconvnet, guided_backprop
-from salience.methods.gradcam import gradcam, guided_gradcam
+from salience.methods.gradcam import default_layer, gradcam, guided_gradcam
 from salience.methods.cams import eigencam, gradcam_plus_plus, hirescam, layercam, xgradcam
+from salience.methods._tokens import patch_embeddings
 from salience.methods._multi import apply_method, as_method, is_target_free
 from salience.methods.smoothgrad import smoothgrad
 from salience.methods.integrated import input_x_gradient, integrated_gradients
@@ -87,19 +92,67 @@ allows none of these, so they refuse it (vanilla, SmoothGrad, integrated gradien
 occlusion and RISE need only the model's output and the input's gradient)."""
 
 
-def default_methods(model: nn.Module, x: Optional[Tensor] = None) -> list[str]:
-    """The names of the methods that apply to ``model``: every method, less the attention methods
-    on a model without attention and the :data:`HOOKED_METHODS` on a TorchScript model. What
-    ``salience demo``, ``salience evaluate``, ``salience list`` and the examples run or show when no
-    method is named.
+LAYER_METHODS = frozenset({"gradcam", "guided_gradcam", "gradcam_plus_plus", "hirescam", "xgradcam", "layercam",
+                           "eigencam", "scorecam", "ablationcam"})
+"""The methods that read a layer's output, the Grad-CAM default layer when ``layer=`` is not given
+(:func:`salience.methods.gradcam.default_layer`): on a model with no default layer (CrossViT's two
+branches) they refuse unless a layer is named."""
 
-    With an input ``x`` ``(B, C, H, W)``, the attention methods are kept only when attention
-    rollout runs on ``x[:1]`` (one forward pass): both need global self-attention over the same
-    ``N`` tokens in every layer and a class token, which attention that subsamples or pools tokens
-    (LeViT, PVT v2, MViTv2, Hiera) or a model without a class token does not give."""
-    script = isinstance(model, torch.jit.ScriptModule)
-    attention = has_attention(model) and not script and (x is None or _attention_runs(model, x))
-    return [n for n in METHODS if (attention or n not in ATTENTION_METHODS) and not (script and n in HOOKED_METHODS)]
+
+def default_methods(model: nn.Module, x: Optional[Tensor] = None) -> list[str]:
+    """The names of the methods that run on ``model`` with their defaults: what ``salience demo``,
+    ``salience evaluate``, ``salience list --model`` and the examples run or show when no method is
+    named. Left out: the :data:`HOOKED_METHODS` on a TorchScript model; the attention methods on a
+    model without attention modules or where attention rollout refuses it; the :data:`LAYER_METHODS`
+    where the Grad-CAM default layer is refused (CrossViT: they run with ``layer=``).
+
+    The attention methods need global self-attention over the same ``N`` tokens in every layer and a
+    class token, which attention that subsamples or pools tokens (LeViT, PVT v2, MViTv2, Hiera) or a
+    model without a class token does not give; and the default layer may depend on what the layers
+    output. Both are decided by running attention rollout and the default-layer search once on an
+    image: ``x[:1]``, or without ``x`` a random image of the model's input size
+    (:class:`~salience._core.info.ModelInfo`, known for a model from :func:`salience.load_model`).
+    Without either (a bare module, or a model that cannot take that image), only what the modules
+    say: the attention methods are kept on a model with attention modules, and the layer methods are
+    left out on a model with several patch embeddings."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return [n for n in METHODS if n not in HOOKED_METHODS and n not in ATTENTION_METHODS]
+    image = x[:1] if x is not None else _model_image(model)
+    attention = has_attention(model) and (image is None or _attention_runs(model, image))
+    layer = _default_layer_found(model, image)
+    return [n for n in METHODS if (attention or n not in ATTENTION_METHODS) and (layer or n not in LAYER_METHODS)]
+
+
+def _model_image(model: nn.Module) -> Optional[Tensor]:
+    """A random image ``(1, C, H, W)`` of the model's :class:`~salience._core.info.ModelInfo` input size
+    (a fixed seed, the global one untouched), or ``None`` when the size is not known or the model cannot
+    take the image (what the methods would then do is not known: :func:`default_methods` keeps them)."""
+    info = model_info(model)
+    if info.input_size is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, info.channels, *info.input_size, generator=g).to(model_device(model))
+    try:
+        with model_guard(model), torch.no_grad(), model_call(model, image):
+            model(image)
+    except SalienceError:
+        return None
+    return image
+
+
+def _default_layer_found(model: nn.Module, image: Optional[Tensor]) -> bool:
+    """Whether the CAMs find their default layer on ``image`` (one forward pass); without an image, whether
+    the modules allow one: a layer the model names, or at most one patch embedding."""
+    if image is not None:
+        try:
+            default_layer(model, image)
+        except SalienceError:
+            return False
+        except Exception:  # noqa: BLE001 - not a refusal: the CAMs' own calls say what failed
+            return True
+        return True
+    named = getattr(model, "salience_default_layer", None) is not None or model_info(model).default_layer
+    return bool(named) or len(patch_embeddings(model, model_info(model).channels)) <= 1
 
 
 def _attention_runs(model: nn.Module, x: Tensor) -> bool:
@@ -114,8 +167,8 @@ def _attention_runs(model: nn.Module, x: Tensor) -> bool:
     return True
 
 
-__all__ = ["METHODS", "QUICK", "ATTENTION_METHODS", "HOOKED_METHODS", "TARGET_FREE_METHODS", "as_method", "apply_method",
-           "is_target_free",
+__all__ = ["METHODS", "QUICK", "ATTENTION_METHODS", "HOOKED_METHODS", "TARGET_FREE_METHODS", "LAYER_METHODS",
+           "as_method", "apply_method", "is_target_free",
            "default_methods", "has_attention", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
            "gradcam_plus_plus", "hirescam", "xgradcam", "layercam", "eigencam", "smoothgrad", "integrated_gradients",
            "input_x_gradient", "class_model", "attention_rollout", "transformer_attribution", "scorecam",

@@ -27,7 +27,10 @@ embedding gives ``(h, w)``: the first ``Conv2d`` of the model (in ``named_module
 the input's ``(H, W)`` (non-square inputs too); then ``prefix = N - h * w``. When ``N`` is smaller
 than that grid and no prefix is given (a hierarchical model: Hugging Face Swin's stages and final
 ``layernorm`` are tokens ``(B, h * w, C)`` after patch merging), the grid is halved, rounding up,
-until it has ``N`` cells, with no prefix tokens. With only ``prefix_tokens`` and no patch
+until it has ``N`` cells, with no prefix tokens; if no halving has ``N`` cells and one has ``N - 1``, the
+first token is a class token before them (CoaT, whose stages each embed their own patches and prepend
+their own class token: ``(B, 1 + 7 * 7, C)`` in its last stage at 224 px, its first embedding's grid
+56x56). With only ``prefix_tokens`` and no patch
 embedding, ``(h, w)`` keeps the input's aspect ratio, or else is the one stride grid (below) of
 ``N - k`` cells.
 
@@ -412,7 +415,9 @@ def token_layout(model: nn.Module, x_shape: Sequence[int], n_tokens: int, *, gri
     else:
         g = patch_grid(model, x_shape)
         if g is not None and g[0] * g[1] > n_tokens and not k:
-            g = _merged_grid(g, n_tokens) or g  # Hugging Face Swin's later stages: (B, h * w, C), no prefix
+            merged = _merged_grid(g, n_tokens)  # Hugging Face Swin's later stages: (B, h * w, C), no prefix
+            classed = _merged_grid(g, n_tokens - 1) if merged is None and k is None else None
+            g, k = (classed, 1) if classed is not None else (merged or g, k)  # CoaT's stages: a class token first
         elif g is None and k is not None:
             fits = stride_grids(n_tokens - k, x_shape[-2:])
             g = _aspect_grid(n_tokens - k, x_shape[-2:]) or (fits[0] if len(fits) == 1 else None)

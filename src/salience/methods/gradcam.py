@@ -55,7 +55,8 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
     * **Vision Transformers** (global attention: an attention module, ``nn.MultiheadAttention``, a
       class named ``...Attention``, or a module with a submodule whose output is attention weights,
       ConViT's ``GPSA`` / ``MHSA`` by their ``attn_drop``; whose output is the image's whole token sequence ``(1, N, D)``,
-      ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not): the last
+      ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not; or CoaT's factorized
+      attention, global over each stage's own tokens, whatever their number): the last
       module that finished before the *last* such attention call, outside it, with an output of
       the attention's shape: the LayerNorm before the last block's attention (torchvision ViT's
       ``encoder.layers[-1].ln_1``, timm's ``blocks[-1].norm1``, Hugging Face's
@@ -71,7 +72,8 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       blocks, Hugging Face Swin's ``layernorm``; a module with no known channel count, such as an
       activation, keeps the layout of the last output of its shape), leaving out pooling layers,
       ``nn.Identity``, containers whose output is a pooling layer's, modules called more than once,
-      attention weights (:func:`_attention_weights`), and outputs that are a permuted / reshaped view
+      attention weights (:func:`_attention_weights`), per-token class scores (:func:`_class_scores`: VOLO's
+      ``aux_head``; its default is its last stage, ``network.4``), and outputs that are a permuted / reshaped view
       of an earlier candidate's (Swin's ``permute`` after ``norm``), unless the module holds that
       candidate: then it takes its place (MaxViT's and TinyViT's channels-last blocks, permuted back:
       their ``stages``); modules with ``h * w > 1`` are preferred. A container is
@@ -113,10 +115,12 @@ class _Call:
     output: Any
 
 
-def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None) -> list[_Call]:
+def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
+                  outputs: Optional[list] = None) -> list[_Call]:
     """Every named module's call on ``x[:1]``, in the order they *finished*, its output as a CAM reads it
     (:func:`~salience._core.autograd.layer_value`: a block's ``(hidden_states, ...)`` tuple -> its first
-    tensor); an output requires grad exactly when it depends on the input (the parameters are frozen)."""
+    tensor); an output requires grad exactly when it depends on the input (the parameters are frozen).
+    The model's own output is appended to ``outputs`` when given."""
     check_input(x, model)
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError("cannot look inside a TorchScript model for a Grad-CAM layer; pass the Python nn.Module")
@@ -138,7 +142,9 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None)
         with model_guard(model), torch.inference_mode(False), torch.enable_grad():
             one = x[:1].clone() if x.is_inference() else x[:1]
             with model_call(model, one):
-                model(one.detach().requires_grad_(True))
+                out = model(one.detach().requires_grad_(True))
+            if outputs is not None:
+                outputs.append(out)
     finally:
         for h in handles:
             h.remove()
@@ -149,8 +155,17 @@ def _first_tensor(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) and out else out
 
 
+_WHOLE_STAGE_ATTENTION = ("FactorAttn",)
+"""Class-name prefixes of attention modules that attend over their stage's whole token sequence by construction,
+whatever its length, and whose weights are never a ``(B, heads, N, N)`` softmax (so :func:`_attention_weights`
+cannot see them): CoaT's factorized attention (``FactorAttnConvRelPosEnc``: a softmax of the keys over the
+``N`` tokens, then ``q @ (softmax(k)^T v)``), which runs after each stage's own patch embedding on fewer tokens
+than the first embedding's grid."""
+
+
 def _is_attention(m: nn.Module) -> bool:
-    return isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
+    return (isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
+            or type(m).__name__.startswith(_WHOLE_STAGE_ATTENTION))
 
 
 def _attention_weights(out: Any) -> bool:
@@ -173,12 +188,14 @@ def _weighing_modules(calls: list[_Call]) -> set[str]:
 def _global_attention(c: _Call, grid: Optional[tuple[int, int]], weighing: set[str] = frozenset()) -> bool:
     """An attention call (:func:`_is_attention`, or a module in ``weighing``) over one image's whole token
     sequence ``(1, N, D)`` (the calls run on ``x[:1]``), ``N`` at least the patch grid's cells: not a window
-    of a Swin (``(windows, n, D)``, or one window with fewer tokens than patches)."""
+    of a Swin (``(windows, n, D)``, or one window with fewer tokens than patches). An attention global by
+    construction (:data:`_WHOLE_STAGE_ATTENTION`, CoaT's) needs no more than one image's tokens."""
     out = _first_tensor(c.output)
     if not ((_is_attention(c.module) or c.name in weighing) and isinstance(out, Tensor) and out.dim() == 3
             and out.shape[0] == 1):
         return False
-    return grid is None or out.shape[1] >= grid[0] * grid[1]
+    whole_stage = type(c.module).__name__.startswith(_WHOLE_STAGE_ATTENTION)
+    return grid is None or out.shape[1] >= grid[0] * grid[1] or whole_stage
 
 
 def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call]) -> Optional[str]:
@@ -250,9 +267,28 @@ def _attention_internals(model: nn.Module) -> tuple[str, ...]:
     return tuple(n for n in named if not any(o != n and o.startswith(n) for o in named))
 
 
-def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call]) -> list[tuple[str, Tensor, bool]]:
+def _class_scores(c: _Call, classes: Optional[int]) -> bool:
+    """Whether ``c`` gives per-token class scores: an ``nn.Linear`` on tokens ``(1, N, classes)`` as wide as the
+    model's output (VOLO's ``aux_head``, a token-labelling head whose maximum over the tokens is added to the
+    class token's logits). Grad-CAM there is the target's token scores alone, ``ReLU(w / N * s_c)`` (``w`` the
+    head's weight of that maximum), blind to the class token's path; at the features before such a head, pooled
+    by a mean alone, Grad-CAM gives the same map (less the bias): the features lose nothing."""
+    out = c.output
+    return (classes is not None and isinstance(c.module, nn.Linear) and isinstance(out, Tensor) and out.dim() == 3
+            and c.module.out_features == classes)
+
+
+def _output_width(out: Any) -> Optional[int]:
+    """The number of classes of a model's output ``(1, classes)`` (a Hugging Face output's ``logits``); else None."""
+    out = getattr(out, "logits", out)
+    return int(out.shape[-1]) if isinstance(out, Tensor) and out.dim() == 2 else None
+
+
+def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call],
+                    classes: Optional[int] = None) -> list[tuple[str, Tensor, bool]]:
     """Map outputs as ``(name, (B, K, h, w), whether tokens)``, in finishing order, by the rules of
-    :func:`default_layer`."""
+    :func:`default_layer`; per-token class scores (:func:`_class_scores`, ``classes`` the model's output width)
+    are left out."""
     counts = collections.Counter(c.name for c in calls)
     pooled = {id(c.output) for c in calls if isinstance(c.module, _POOLS)}
     inner = _attention_internals(model)
@@ -263,7 +299,8 @@ def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call]) -> list[tup
         out = c.output
         if (counts[c.name] != 1 or not isinstance(out, Tensor) or out.dim() not in (3, 4) or not out.requires_grad
                 or isinstance(c.module, _POOLS + (nn.Identity,)) or id(out) in pooled
-                or (out.dim() == 3 and c.name.startswith(inner)) or _attention_weights(out)):
+                or (out.dim() == 3 and c.name.startswith(inner)) or _attention_weights(out)
+                or _class_scores(c, classes)):
             continue
         viewed = [i for i, k in enumerate(kept)
                   if out is not k and out.data_ptr() == k.data_ptr() and out.numel() == k.numel()]
@@ -307,12 +344,13 @@ def _search(model: nn.Module, x: Tensor) -> tuple[str, str]:
             "embedding's grid also grid=(h, w) and prefix_tokens=k; command line: --layer, --grid, --prefix-tokens), "
             "or use a method without a layer (vanilla, integrated_gradients)"
         )
-    calls = _record_calls(model, x)
+    outputs: list = []
+    calls = _record_calls(model, x, outputs=outputs)
     vit = _before_last_attention(model, x, calls)
     if vit is not None:
         return vit, ("the input of the last attention, where every token still reaches the output; after it, "
                      "a head that reads the class token alone gives the patch tokens no gradient")
-    cands = _map_candidates(model, x, calls)
+    cands = _map_candidates(model, x, calls, _output_width(outputs[0]) if outputs else None)
     spatial = [c for c in cands if c[1].shape[-2:].numel() > 1]
     chosen = spatial or cands
     if not chosen:

@@ -338,7 +338,9 @@ function layerControls(row) {
   return S.info.models.filter((m) => S.layers[m.slot]).map((m) => {
     const tree = S.layers[m.slot];
     const input = el("select", { "data-layer-model": m.slot },
-      el("option", { value: "" }, `default (${tree.default || "auto"})`));
+      el("option", { value: "" }, tree.default ? `default (${tree.default})`
+        : tree.default_error ? "default: none, pick a layer" : "default (auto)"));
+    if (!tree.default && tree.default_error) input.title = tree.default_error; // why (CrossViT: two branches)
     for (const l of tree.layers) input.append(el("option", { value: l.name }, `${"  ".repeat(l.depth)}${l.name} ${l.type}`));
     input.addEventListener("change", () => {
       if (input.value === "") delete row.layers[m.slot]; else row.layers[m.slot] = input.value;
