@@ -1505,6 +1505,30 @@ def test_a_users_error_that_cannot_be_rebuilt_is_a_salience_error_naming_it_and_
     assert isinstance(caught.value.__cause__, WorkerTraceback) and "_TwoPartError" in str(caught.value.__cause__)
 
 
+def test_a_models_error_carried_in_rays_message_is_raised_as_it_was_or_named_as_the_models():
+    """A model's error on a Ray actor travels in the message of Ray's wrapping (Ray keeps the actor's
+    traceback as text, never the error): the driver finds it in that text and raises it as it was;
+    one whose class does not pickle back is a SalienceError that names the model, not the dataset.
+    (On a real cluster: tests/test_runs_ray.py, the failed run.)"""
+    from salience.runs import ray_engine
+    from salience.runs.sources import WorkerTraceback
+
+    def rays_text(error):  # what Ray's RayTaskError(UserCodeException) says: the traceback, colour codes
+        try:
+            raise ray_engine.Carried(ray_engine._raised(error, "Ray actor", by="the model"))
+        except ray_engine.Carried as carried:
+            return f"\x1b[36mray::MapWorker(MapBatches(Explain)).submit()\x1b[39m\n{carried!r}\nUDF failed"
+
+    with pytest.raises(RuntimeError) as caught:
+        ray_engine._reraise([ray_engine._carried(Exception(rays_text(RuntimeError("boom"))))])
+    assert type(caught.value) is RuntimeError and str(caught.value) == "boom"
+    assert isinstance(caught.value.__cause__, WorkerTraceback) and "Ray actor" in str(caught.value.__cause__)
+    with pytest.raises(SalienceError, match=r"^a batch: the model raised test_runs\._TwoPartError: no 'w' in "
+                                            r"layer4 \(in a Ray actor;.*\); fix the model, then run the same call"):
+        ray_engine._reraise([ray_engine._carried(Exception(rays_text(_TwoPartError("w", "layer4"))))])
+    assert ray_engine._carried(Exception("RayTaskError: the actor died")) is None  # Ray's own: left as it is
+
+
 def test_a_corrupt_file_read_in_a_worker_is_a_row_saying_why_in_one_line(data, tmp_path):
     """An unreadable or truncated image read by a DataLoader worker is a row (not an error that stops
     the run), its error one line naming the file, as with workers=0."""

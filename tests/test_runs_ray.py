@@ -234,9 +234,11 @@ def test_a_failed_ray_run_lets_go_of_the_folder_and_its_actors_write_no_more(clu
 
     folder = tmp_path / "run"
     files = [images / "imgs" / f"{i:03d}.png" for i in range(16)]
-    with pytest.raises(Exception, match="boom"):
+    with pytest.raises(RuntimeError, match="^boom$") as raised:  # the model's own error, as the local engine's
         salience.explain_dataset("demo:shapes", files, {"boom": boom}, folder, shard_size=2, batch_size=2,
                                  workers=0, engine="ray", actors=2)
+    assert type(raised.value) is RuntimeError  # not Ray's RayTaskError, its message the actor's traceback
+    assert "raise RuntimeError(\"boom\")" in str(raised.value.__cause__)  # the actor's traceback, kept
     assert not (flags / "returned").exists()  # the waiting batch is in flight
     assert _lockable(folder)
     (flags / "go").touch()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import copy
 import pickle
+import re
 from typing import Any, Optional
 
 import numpy as np
@@ -75,11 +76,32 @@ def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] 
     return out
 
 
-def _raised(e: BaseException, where: str, index: Optional[int] = None, path: Optional[str] = None) -> str:
+def _raised(e: BaseException, where: str, index: Optional[int] = None, path: Optional[str] = None,
+            by: str = "the dataset") -> str:
     """``e`` as a column value (base64 of the pickled :class:`~salience.runs.sources.Raised`): an error in
     a Ray task or actor (a SalienceError, a user's dataset's own) travels to the driver as data, which
     raises it as it was (Ray would raise a ``RayTaskError`` whose message is the traceback)."""
-    return base64.b64encode(pickle.dumps(Raised.of(e, where, index, path))).decode("ascii")
+    return base64.b64encode(pickle.dumps(Raised.of(e, where, index, path, by))).decode("ascii")
+
+
+# An error of the model on an actor is raised there, not returned as data: as data it would reach the
+# driver only after the batches ahead of it (Ray gives them in order), which may wait for long. Ray
+# keeps a raised error's traceback as text only (its cause does not survive), so the error travels in
+# its message: the pickled Raised between these marks, which the driver finds and raises as it was.
+_CARRIED = re.compile(r"salience-raised<([A-Za-z0-9+/=]+)>")
+
+
+class Carried(Exception):
+    """The model's error on a Ray actor, the pickled :class:`Raised` in its message (:data:`_CARRIED`)."""
+
+    def __init__(self, payload: str):
+        super().__init__(f"salience-raised<{payload}>")
+
+
+def _carried(error: BaseException) -> Optional[str]:
+    """The payload a :class:`Carried` put in the message of Ray's error ``error``, if any."""
+    found = _CARRIED.search(str(error))
+    return found.group(1) if found else None
 
 
 def _reraise(column: Any) -> None:
@@ -114,9 +136,10 @@ class Explain:
         try:
             return self._explain(batch, n)
         except SalienceError as e:  # the shape check, a model refusing its input: the driver raises it
-            # (any other error of the model is Ray's to raise: as data it would wait for the batches before it)
             return {"index": np.asarray(indices, dtype=np.int64), "shard": np.asarray([""] * n),
                     "raised": np.asarray([_raised(e, "Ray actor")] * n, dtype=object)}
+        except Exception as e:  # noqa: BLE001 - the model's own error (a RuntimeError): raised at once, carried
+            raise Carried(_raised(e, "Ray actor", by="the model")) from None
 
     def _explain(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         """Explain the batch and commit it as one shard."""
@@ -222,9 +245,15 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
                             batch_size=size, batch_format="numpy", **_pool(ray, _actors(ray, num_gpus, actors)),
                             num_gpus=num_gpus or None, num_cpus=1)
         with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
-            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                _reraise(out["raised"])
-                bar.update(len(out["index"]))
+            try:
+                for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    _reraise(out["raised"])
+                    bar.update(len(out["index"]))
+            except Exception as e:  # noqa: BLE001 - Ray's wrapping of a model's error: that error, as it was
+                payload = _carried(e)
+                if payload is None:
+                    raise
+                _reraise([payload])
     finally:
         if started:
             ray.shutdown()

@@ -358,11 +358,13 @@ class Raised:
     where: str
     image: Optional[str] = None
     salience: bool = False
+    by: str = "the dataset"
 
     @classmethod
-    def of(cls, e: BaseException, where: str, index: Optional[int] = None, path: Optional[str] = None) -> "Raised":
+    def of(cls, e: BaseException, where: str, index: Optional[int] = None, path: Optional[str] = None,
+           by: str = "the dataset") -> "Raised":
         """``e`` caught in ``where`` (``"DataLoader worker"``, ``"Ray actor"``) reading image ``index``
-        (``path``: its path or name) when known."""
+        (``path``: its path or name) when known; ``by``: what raised it (the dataset, the model)."""
         try:
             payload: Optional[bytes] = pickle.dumps(e)
             back = pickle.loads(payload)  # type: ignore[arg-type]
@@ -374,7 +376,7 @@ class Raised:
             f"{type(e).__module__}.{type(e).__qualname__}"
         image = None if index is None else f"image {index}" + (f" ({path})" if path is not None else "")
         return cls(payload, kind, str(e), "".join(traceback.format_exception(type(e), e, e.__traceback__)), where,
-                   image, isinstance(e, SalienceError))
+                   image, isinstance(e, SalienceError), by)
 
     def error(self) -> BaseException:
         """The error to raise: rebuilt from ``payload``, else a :class:`SalienceError` saying what it was."""
@@ -389,8 +391,8 @@ class Raised:
         if self.salience:
             return SalienceError(self.message)
         words = " ".join(self.message.split())
-        return SalienceError(f"{self.image or 'an image'}: the dataset raised {self.kind}: {words} (in a {self.where}; "
-                             f"the {self.kind} cannot be rebuilt in this process); fix the dataset, then run the "
+        return SalienceError(f"{self.image or ('a batch' if self.by == 'the model' else 'an image')}: {self.by} raised {self.kind}: {words} (in a {self.where}; "
+                             f"the {self.kind} cannot be rebuilt in this process); fix {self.by}, then run the "
                              "same call again to continue the run")
 
     def reraise(self) -> NoReturn:
