@@ -1544,3 +1544,164 @@ def test_a_corrupt_file_read_in_a_worker_is_a_row_saying_why_in_one_line(data, t
     for path, why in zip(files[1:], rows[1][1:]):
         assert why.startswith(str(path)) and "\n" not in why
     assert "not an image file" in rows[1][1] and "corrupt or truncated" in rows[1][2]
+
+
+# --------------------------------------------------------------------------------- a user's dataset's labels
+
+
+class _Logged(torch.utils.data.Dataset):
+    """``n`` items ``(input (3, 16, 16), i % 4)`` (``bad``: item -> another label); each read logs
+    ``pid index`` to ``log`` (DataLoader workers too)."""
+
+    def __init__(self, log: Path, n: int = 10, bad=None):
+        self.log, self.n, self.bad = str(log), n, dict(bad or {})
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {i}\n")
+        return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)), self.bad.get(i, i % 4)
+
+
+def _reads(log: Path) -> tuple[list[int], list[int]]:
+    """The indices read (sorted) in this process, and in other processes (the workers); the log emptied."""
+    lines = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+    log.write_text("")
+    here = sorted(int(i) for pid, i in lines if int(pid) == os.getpid())
+    return here, sorted(int(i) for pid, i in lines if int(pid) != os.getpid())
+
+
+def test_a_labelled_dataset_reads_each_item_once_and_a_resume_reads_no_finished_one(tmp_path):
+    """A user's Dataset of (input, label) that does not say its labels without its items: each item is
+    read once, in the DataLoader worker (its label with its image), and the first once more in the
+    run's process (whether items carry labels); before, the run read every item in its process first,
+    only for the labels (a whole extra decoding pass, single process). The labels fill the ``label``
+    column, are the explained targets (the vanilla maps equal salience.vanilla at the labels) and
+    ``correct``. A resume reads only the images of the shard that was lost (and that shard's first
+    once more), also when the run was begun by a salience that read the labels first (its command
+    holds their digest)."""
+    from conftest import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    log = tmp_path / "reads.log"
+    ds = _Logged(log)
+    kw = dict(shard_size=4, batch_size=2, workers=1)
+    run = salience.explain_dataset(model, ds, ["vanilla"], tmp_path / "run", **kw)
+    here, workers = _reads(log)
+    assert here == [0] and workers == list(range(10))
+    labels = [i % 4 for i in range(10)]
+    assert run.table.column("label").to_pylist() == labels
+    assert run.table.column("targets").to_pylist() == [[v] for v in labels]
+    assert run.table.column("correct").to_pylist() == [p == v for p, v in zip(run.table.column("predicted")
+                                                                              .to_pylist(), labels)]
+    x = torch.stack([ds[i][0] for i in range(10)])
+    _reads(log)
+    want = salience.vanilla(model, x, torch.tensor(labels)).numpy()
+    np.testing.assert_allclose(np.stack([run.map(i, "vanilla") for i in range(10)]), want, rtol=2 ** -10, atol=6e-8)
+    # a run stopped before its second shard, begun by a salience that read every label first
+    folder = tmp_path / "run"
+    manifest = json.loads((folder / "run.json").read_text())
+    assert manifest["command"]["labels"] == "read with each item"
+    manifest["command"]["labels"] = salience.runs.sources.digest(labels)
+    (folder / "run.json").write_text(json.dumps(manifest))
+    (folder / "shards" / "000000004.parquet").unlink()
+    (folder / "index.parquet").unlink()
+    again = salience.explain_dataset(model, ds, ["vanilla"], folder, **kw)
+    here, workers = _reads(log)
+    assert here == [4] and workers == [4, 5, 6, 7]
+    cols = [c for c in run.table.column_names if c != "shard"]
+    assert again.table.select(cols).equals(run.table.select(cols))
+
+
+def test_a_label_out_of_range_in_a_datasets_items_stops_the_run_naming_the_image(tmp_path):
+    """Labels read with their images: a label the model does not have stops the run when its batch
+    comes (the shards before it stay), with the message of labels read up front."""
+    from conftest import SmallCNN
+
+    torch.manual_seed(0)
+    ds = _Logged(tmp_path / "reads.log", n=6, bad={4: 7})
+    with pytest.raises(SalienceError, match=r"^label 7 of image 4 \(_Logged\[4\]\) is out of range for the model's "
+                                            r"4 classes \(0\.\.3\); fix the labels$"):
+        salience.explain_dataset(SmallCNN().eval(), ds, ["vanilla"], tmp_path / "run", shard_size=2, batch_size=2,
+                                 workers=0)
+    assert {p.name for p in (tmp_path / "run" / "shards").iterdir()} == {"000000000.parquet", "000000002.parquet"}
+
+
+def test_an_image_folders_labels_are_read_from_its_samples_not_its_items(tmp_path):
+    """torchvision's ImageFolder (and a Subset of it) says its labels (``samples``): the run reads
+    each image once (its transform counts the reads; before, twice: once in the run's process only
+    for the label), and the label column is its targets. With a ``target_transform`` the labels are
+    the items' (the transformed ones), read with the images."""
+    datasets = pytest.importorskip("torchvision.datasets")
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    from conftest import SmallCNN
+
+    rng = np.random.default_rng(0)
+    for c, n in (("a", 3), ("b", 2), ("c", 3)):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    seen = []
+
+    def transform(img):
+        seen.append(1)
+        return to_tensor(img)
+
+    folder = datasets.ImageFolder(tmp_path / "imgs", transform=transform)
+    assert folder.targets == [0, 0, 0, 1, 1, 2, 2, 2]
+    torch.manual_seed(0)
+    model = SmallCNN(classes=3).eval()
+    kw = dict(shard_size=4, batch_size=4, workers=0)
+    run = salience.explain_dataset(model, folder, ["vanilla"], tmp_path / "run", **kw)
+    assert run.table.column("label").to_pylist() == folder.targets
+    assert len(seen) == 8 + 1  # each image once, the first once more (the model's number of outputs)
+    from salience.runs.sources import dataset_labels
+
+    subset = torch.utils.data.Subset(folder, [7, 0, 4])
+    assert dataset_labels(subset) == [2, 0, 1]
+    seen.clear()
+    run = salience.explain_dataset(model, subset, ["vanilla"], tmp_path / "subset", **kw)
+    assert run.table.column("label").to_pylist() == [2, 0, 1] and len(seen) == 3 + 1
+    flipped = datasets.ImageFolder(tmp_path / "imgs", transform=to_tensor, target_transform=lambda t: 2 - t)
+    assert dataset_labels(flipped) is None
+    run = salience.explain_dataset(model, flipped, ["vanilla"], tmp_path / "flipped", **kw)
+    assert run.table.column("label").to_pylist() == [2 - t for t in folder.targets]
+
+
+def test_the_datasets_that_say_their_labels_and_those_that_do_not():
+    """Labels taken without reading items only where the class's own ``__getitem__`` reads them from
+    there: MNIST / CIFAR ``targets``, a TensorDataset's integer second tensor, a Subset's indices of
+    those; not a subclass that overrides ``__getitem__``, a ``target_transform``, float targets, or a
+    list of another length."""
+    datasets = pytest.importorskip("torchvision.datasets")
+    from salience.runs.sources import dataset_labels
+
+    mnist = datasets.MNIST.__new__(datasets.MNIST)
+    mnist.data, mnist.targets, mnist.target_transform = torch.zeros(3, 28, 28, dtype=torch.uint8), torch.tensor(
+        [3, 1, 4]), None
+    assert dataset_labels(mnist) == [3, 1, 4]
+    assert dataset_labels(torch.utils.data.Subset(mnist, [2, 2, 0])) == [4, 4, 3]
+    cifar = datasets.CIFAR100.__new__(datasets.CIFAR100)
+    cifar.data, cifar.targets, cifar.target_transform = np.zeros((2, 32, 32, 3), np.uint8), [7, 99], None
+    assert dataset_labels(cifar) == [7, 99]
+    cifar.targets = [7]  # not one per item
+    assert dataset_labels(cifar) is None
+    mnist.target_transform = int
+    assert dataset_labels(mnist) is None
+
+    class Mine(datasets.MNIST):
+        def __getitem__(self, i):
+            return super().__getitem__(i)[0], 0
+
+    mine = Mine.__new__(Mine)
+    mine.data, mine.targets, mine.target_transform = mnist.data, mnist.targets, None
+    assert dataset_labels(mine) is None
+    x = torch.zeros(3, 3, 4, 4)
+    assert dataset_labels(torch.utils.data.TensorDataset(x, torch.tensor([2, 0, 1]))) == [2, 0, 1]
+    assert dataset_labels(torch.utils.data.TensorDataset(x, torch.tensor([0.5, 1.0, 2.0]))) is None
+    assert dataset_labels(torch.utils.data.TensorDataset(x)) is None

@@ -270,12 +270,13 @@ def test_an_item_of_another_shape_on_ray_is_the_local_engines_one_line_error_and
     one-line message (it was numpy's raw "all input arrays must have the same shape" in a RayTaskError
     whose message is the task's traceback: the shape check never ran); one raising a KeyError: that
     KeyError; the shards before it stay, the folder is let go, and the run resumes to the maps of the
-    local engine."""
+    local engine. Items ``(input, label)``: each label read with its image in the decoding task (not in
+    a pass of the driver's), the rows the local engine's."""
     import torch
 
     class Items(torch.utils.data.Dataset):  # defined here: Ray's workers get it by value
-        def __init__(self, bad=None):
-            self.bad = bad
+        def __init__(self, bad=None, labelled=False, log=None):
+            self.bad, self.labelled, self.log = bad, labelled, log
 
         def __len__(self) -> int:
             return 8
@@ -285,7 +286,11 @@ def test_an_item_of_another_shape_on_ray_is_the_local_engines_one_line_error_and
                 raise self.bad  # a user's transform failing (a missing key)
             if i == 5 and self.bad is not None:
                 return self.bad
-            return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i))
+            if self.log is not None:
+                with open(self.log, "a") as f:
+                    f.write(f"{os.getpid()} {i}\n")
+            x = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i))
+            return (x, (i * 2) % 3) if self.labelled else x
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
@@ -319,6 +324,19 @@ def test_an_item_of_another_shape_on_ray_is_the_local_engines_one_line_error_and
     assert len(resumed) == 8 and resumed.complete
     for i in range(8):
         np.testing.assert_allclose(resumed.map(i, "vanilla"), local.map(i, "vanilla"), rtol=1e-5, atol=1e-7)
+    log = tmp_path / "reads.log"
+    on_ray = salience.explain_dataset(model, Items(labelled=True, log=str(log)), ["vanilla"], tmp_path / "labelled-ray",
+                                      engine="ray", actors=1, **kw)
+    reads = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(int(i) for pid, i in reads if int(pid) == os.getpid()) == [0]  # the driver: the first only
+    assert sorted(int(i) for pid, i in reads if int(pid) != os.getpid()) == list(range(8))  # the decoding tasks
+    local = salience.explain_dataset(model, Items(labelled=True), ["vanilla"], tmp_path / "labelled-local", **kw)
+    assert on_ray.table.column("label").to_pylist() == [(i * 2) % 3 for i in range(8)]
+    assert on_ray.table.column("targets").to_pylist() == [[(i * 2) % 3] for i in range(8)]
+    cols = [c for c in local.table.column_names if c != "shard"]
+    assert on_ray.table.select(cols).equals(local.table.select(cols))
+    for i in range(8):
+        np.testing.assert_allclose(on_ray.map(i, "vanilla"), local.map(i, "vanilla"), rtol=1e-5, atol=1e-7)
 
 
 

@@ -39,7 +39,7 @@ from salience.methods import METHODS, as_method
 from salience.render import viz
 from salience.runs import gallery, job, sources
 from salience.runs.lock import run_lock
-from salience.runs.store import FORMAT, Planned, Run, Store, check_folder
+from salience.runs.store import FORMAT, ITEM_LABELS, Planned, Run, Store, check_folder, done_indices
 
 PathLike = Union[str, "os.PathLike[str]"]
 METRICS = ("insertion", "deletion", "pointing", "energy")
@@ -101,7 +101,8 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     ``DataLoader`` of one) whose items are the model's input ``(C, H, W)`` or ``(input, label)``.
     Targets: the predicted class (default), the ``top`` K classes, one fixed ``target`` class, or
     the label of each image (``labels``: a CSV ``path,label`` or one label per image, a class
-    index or name; labels also fill the ``label`` / ``correct`` columns). A regression model
+    index or name; labels also fill the ``label`` / ``correct`` columns; a dataset's own labels are
+    read with its images, or from its ``samples`` / ``targets`` where it has them: docs/datasets.md). A regression model
     (``task="regression"``) or a model with one output: ``target`` is the output to explain (default 0) and ``mode`` what the
     map shows (``"increase"``, ``"decrease"``, ``"maintain"``: :func:`salience.targets.regression`),
     and the rows hold the output's ``value`` instead of a class. ``metrics``: ``True`` for insertion and deletion AUC
@@ -136,10 +137,14 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     device = resolve_device(device)
     module = _model(model, device, weights)
     fns, options = _methods(methods, method_options)
-    dataset, paths, given_labels, loader_workers = _dataset(images, module)
-    info, n_out = _info(module, dataset)
+    dataset, paths, loader_workers = _dataset(images, module)
+    first = _first_pending(folder, len(paths), overwrite)  # the one item read before the run: its first to do
+    info, n_out = _info(module, dataset, first)
     regression = info.task == "regression" or n_out == 1
+    given_labels = _dataset_labels(dataset, first) if labels is None else None
     label_list = _labels(labels, given_labels, paths, info, None if regression else n_out)
+    item_labels = isinstance(label_list, str)  # ITEM_LABELS: each read with its image, in the run
+    known_labels = None if item_labels else label_list
     if regression:
         target_mode, k = _regression_mode(target, top, label_list, mode, n_out, info)
     else:
@@ -151,13 +156,14 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     check_int(metric_steps, "metric_steps", minimum=1)
     if regression and target is None:
         target = 0
-    plan = job.Plan(fns, info, paths, mode=target_mode, k=k, fixed=target, labels=label_list, metrics=metric_names,
-                    metric_options={"steps": metric_steps}, direction=mode)
-    planned = Planned(paths, label_list, mask_list, files=isinstance(dataset, sources.ImageFiles))
+    plan = job.Plan(fns, info, paths, mode=target_mode, k=k, fixed=target, labels=known_labels, metrics=metric_names,
+                    metric_options={"steps": metric_steps}, direction=mode, item_labels=item_labels,
+                    classes=None if regression else n_out)
+    planned = Planned(paths, known_labels, mask_list, files=isinstance(dataset, sources.ImageFiles))
     command = {
         "model": spec or _module_id(module), "weights": weights, "methods": list(fns), "method_options": options,
         "targets": {"mode": target_mode, "k": k, "class": target, **({"direction": mode} if regression else {})},
-        "labels": sources.digest(label_list) if label_list is not None else None,
+        "labels": ITEM_LABELS if item_labels else sources.digest(label_list) if label_list is not None else None,
         "masks": sources.digest(planned.canonical(mask_list)) if mask_list is not None else None,
         "metrics": metric_names, "metric_steps": metric_steps if metric_names else None, "preprocessing": preprocessing_record(info), "map_dtype": map_dtype,
         "shard_size": shard_size, "png": bool(png), "max_pixels": max_pixels,
@@ -179,7 +185,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     check_folder(folder, overwrite)
     with run_lock(folder) as writer:  # one writer: a second run on this folder is refused while this one lives
         store = Store(folder, manifest, overwrite=overwrite, legacy=legacy, planned=planned)
-        store.write_inputs(paths, label_list, mask_list)
+        store.write_inputs(paths, known_labels, mask_list)
         plan.paths = store.input_paths()  # a continued run's rows keep the paths its first command gave
         run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module)
         if engine == "ray":  # the driver holds the lock; the actors write shards while it holds it (writer)
@@ -269,27 +275,50 @@ def _with_options(fns: Mapping[str, Callable[..., Any]], name: str, given: Any) 
     return functools.partial(fn, **given) if given else fn
 
 
-def _dataset(images: Any, model: nn.Module) -> tuple[Dataset, list[str], Optional[list], Optional[int]]:
-    """The dataset, a path per index, the labels the dataset carries, and a DataLoader's workers."""
+def _dataset(images: Any, model: nn.Module) -> tuple[Dataset, list[str], Optional[int]]:
+    """The dataset, a path per index, and a DataLoader's workers. No item is read."""
     loader_workers = None
     if isinstance(images, DataLoader):
         loader_workers = images.num_workers
         images = images.dataset
     if isinstance(images, Dataset) and not isinstance(images, (str, Path)):
         wrapped = sources.Wrapped(images)
-        n = len(wrapped)
-        labels = [wrapped.label(i) for i in range(n)] if n and wrapped.label(0) is not None else None
-        return wrapped, [f"{type(images).__name__}[{i}]" for i in range(n)], labels, loader_workers
+        return wrapped, [f"{type(images).__name__}[{i}]" for i in range(len(wrapped))], loader_workers
     specs = [images] if isinstance(images, (str, Path)) else list(images)
     paths = sources.expand(specs)
-    return sources.ImageFiles(paths, model_info(model)), paths, None, None
+    return sources.ImageFiles(paths, model_info(model)), paths, None
 
 
-def _info(model: nn.Module, dataset: Dataset) -> tuple[ModelInfo, int]:
+def _first_pending(folder: Path, n: int, overwrite: bool) -> int:
+    """The first of the ``n`` images that the run in ``folder`` has still to explain (0 for a new run,
+    and when every image is done): the item the run reads before it starts (:meth:`Wrapped.probe`)."""
+    if overwrite or not (folder / "run.json").is_file():
+        return 0
+    try:
+        done = done_indices(folder)
+    except (OSError, ValueError, SalienceError):
+        return 0
+    return next((i for i in range(n) if i not in done), 0)
+
+
+def _dataset_labels(dataset: Dataset, first: int) -> Union[None, list, str]:
+    """The labels a user's dataset carries: all of them where it says them without reading its items
+    (:func:`sources.dataset_labels`: an ``ImageFolder``'s ``samples``, CIFAR's ``targets``, ...);
+    else :data:`ITEM_LABELS` when its items are ``(image, label)`` (item ``first`` is read to know),
+    each label then read with its image in the run; ``None``: no labels."""
+    if not isinstance(dataset, sources.Wrapped) or not len(dataset):
+        return None
+    known = dataset.known_labels()
+    if known is not None:
+        return known
+    return ITEM_LABELS if dataset.probe(first).label is not None else None
+
+
+def _info(model: nn.Module, dataset: Dataset, first: int = 0) -> tuple[ModelInfo, int]:
     """The model's info, with class names (ImageNet's for 1000 outputs without names), and its
-    number of outputs."""
+    number of outputs (a model without class names run on a user's dataset's item ``first``)."""
     info = model_info(model)
-    out = _num_outputs(model, dataset, info)
+    out = _num_outputs(model, dataset, info, first)
     named, _ = name_classes(info, out, None)
     if named.task not in ("classification", "regression"):
         raise SalienceError(f"{info.name} is a {named.task} model; dataset runs explain classifiers and regression "
@@ -297,7 +326,7 @@ def _info(model: nn.Module, dataset: Dataset) -> tuple[ModelInfo, int]:
     return named, out
 
 
-def _num_outputs(model: nn.Module, dataset: Dataset, info: ModelInfo) -> int:
+def _num_outputs(model: nn.Module, dataset: Dataset, info: ModelInfo, first: int = 0) -> int:
     if info.class_names:
         return len(info.class_names)
     from salience._core.autograd import forward_scores
@@ -306,15 +335,19 @@ def _num_outputs(model: nn.Module, dataset: Dataset, info: ModelInfo) -> int:
     h, w = info.input_size or (64, 64)
     x = torch.zeros(1, c, h, w, device=model_device(model))
     if isinstance(dataset, sources.Wrapped) and len(dataset):
-        x = dataset[0].x[None].to(model_device(model))
+        x = dataset.probe(first).x[None].to(model_device(model))
     return int(forward_scores(model, x, strip_softmax=False).reshape(1, -1).shape[1])
 
 
-def _labels(labels: Any, given: Optional[list], paths: Sequence[str], info: ModelInfo,
-            n_classes: Optional[int]) -> Optional[list]:
+def _labels(labels: Any, given: Union[None, list, str], paths: Sequence[str], info: ModelInfo,
+            n_classes: Optional[int]) -> Union[None, list, str]:
     """Each image's label (``None``: none), each checked against the ``n_classes`` classes (a
-    regression run: ``None``, no check; its labels are refused later)."""
+    regression run: ``None``, no check; its labels are refused later); :data:`ITEM_LABELS` (the
+    dataset's items carry them) as it is: each is checked when its image is explained
+    (:meth:`job.Plan.label`)."""
     if labels is None:
+        if isinstance(given, str):
+            return given
         out = given
     elif isinstance(labels, (str, Path)):
         return sources.read_labels_csv(labels, paths, info.class_names, n_classes)
@@ -344,7 +377,7 @@ def _label(value: Any, i: int, paths: Sequence[str], info: ModelInfo) -> Optiona
     return int(value)
 
 
-def _mode(target: Optional[int], top: Optional[int], labels: Optional[list], info: ModelInfo,
+def _mode(target: Optional[int], top: Optional[int], labels: Union[None, list, str], info: ModelInfo,
           n_out: int) -> tuple[str, int]:
     """How targets are chosen and how many per image, ``target`` and ``top`` checked against the
     classes (the model's ``n_out`` outputs when it names none)."""
@@ -364,7 +397,7 @@ def _mode(target: Optional[int], top: Optional[int], labels: Optional[list], inf
     return ("label", 1) if labels is not None else ("predicted", 1)
 
 
-def _regression_mode(target: Optional[int], top: Optional[int], labels: Optional[list], mode: str, n_out: int,
+def _regression_mode(target: Optional[int], top: Optional[int], labels: Union[None, list, str], mode: str, n_out: int,
                      info: ModelInfo) -> tuple[str, int]:
     """A regression (or one-output) model: one target, the output ``target`` (default 0) in ``mode``."""
     from salience.targets import REGRESSION_MODES
@@ -424,7 +457,7 @@ def resolve_batch(run: Job, first: int) -> int:
         batch = int(manifest["batch"])
     else:
         cap = 256 if model_device(run.model).type == "cuda" else 64
-        item = run.dataset[first]
+        item = sources.read_once(run.dataset, first)
         batch = job.choose_batch(run.model, item, run.plan, cap) if item.error is None else 16
     batch = min(batch, size)
     if manifest.get("batch") != batch:

@@ -43,7 +43,10 @@ class Plan:
 
     ``methods``: name -> function ``(model, x, target) -> maps``; ``mode``: how targets are chosen
     (:data:`TARGET_MODES`), ``k`` targets per image, ``fixed``: the class of mode ``"target"``;
-    ``labels``: per index (or ``None``); ``metrics``: the metric columns to compute. Mode
+    ``labels``: per index (or ``None``); ``item_labels``: each image's label is the one its item
+    carries (:attr:`Item.label`: a user's dataset of ``(image, label)`` that does not say its labels
+    without reading its items), checked against the ``classes`` of the model when its batch is
+    explained; ``metrics``: the metric columns to compute. Mode
     ``"regression"`` (a regression or one-output model): ``fixed`` is the explained output and
     ``direction`` its ``increase`` / ``decrease`` / ``maintain``
     (:func:`salience.targets.regression`), as ``salience explain IMAGE --target OUTPUT --mode``.
@@ -57,6 +60,8 @@ class Plan:
     fixed: Optional[int] = None
     labels: Optional[Sequence[Optional[int]]] = None
     metrics: Sequence[str] = ()
+    item_labels: bool = False
+    classes: Optional[int] = None
     thumbs: bool = True
     metric_options: dict[str, Any] = field(default_factory=dict)
     direction: str = "increase"
@@ -69,6 +74,21 @@ class Plan:
     gap_warned: bool = False
     """Whether Integrated Gradients' completeness warning was given in this run (once per run; with
     Ray, once per actor): :func:`_warn_gaps`."""
+
+    def has_labels(self) -> bool:
+        """Whether the rows have labels (given, or the items')."""
+        return self.labels is not None or self.item_labels
+
+    def label(self, it: Item) -> Optional[int]:
+        """Image ``it``'s label (``None``: none): the given one, else the one its item carries,
+        which must be one of the model's ``classes``."""
+        if self.labels is not None:
+            return self.labels[it.index]
+        v = it.label if self.item_labels else None
+        if v is not None and self.classes is not None and not 0 <= v < self.classes:
+            raise SalienceError(f"label {v} of image {it.index} ({self.paths[it.index]}) is out of range for the "
+                                f"model's {self.classes} classes (0..{self.classes - 1}); fix the labels")
+        return v
 
     def regression(self) -> Optional[Regression]:
         """The regression target of a regression run, else ``None``."""
@@ -179,15 +199,14 @@ def _first_pass(plan: Plan, model: nn.Module, x: Tensor,
     return m, out, out.reshape(out.shape[0], -1).argmax(1, keepdim=True).cpu()
 
 
-def _targets(plan: Plan, probs: Tensor, indices: Sequence[int]) -> Tensor:
-    """The ``(n, K)`` classes to explain."""
+def _targets(plan: Plan, probs: Tensor, labels: Sequence[Optional[int]]) -> Tensor:
+    """The ``(n, K)`` classes to explain (``labels``: each image's, for mode ``"label"``)."""
     n = probs.shape[0]
     if plan.mode in ("target", "regression"):
         return torch.full((n, 1), int(plan.fixed or 0), dtype=torch.long)
-    if plan.mode == "label" and plan.labels is not None:
+    if plan.mode == "label" and plan.has_labels():
         pred = probs.argmax(1)
-        return torch.tensor([[plan.labels[i] if plan.labels[i] is not None else int(pred[j])]
-                             for j, i in enumerate(indices)], dtype=torch.long)
+        return torch.tensor([[v if v is not None else int(pred[j])] for j, v in enumerate(labels)], dtype=torch.long)
     return probs.topk(min(plan.k, probs.shape[1]), dim=1).indices.cpu()
 
 
@@ -241,7 +260,7 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
         x = torch.stack([items[j].x for j in good]).to(device)
         indices = [items[j].index for j in good]
         with collect_gaps() as found:
-            first_maps, probs, classes = _predict(plan, model, x, indices)
+            first_maps, probs, classes = _predict(plan, model, x, indices, [rows[j].get("label") for j in good])
         _warn_gaps(plan, next(iter(plan.methods)), found, indices)
         masks = [items[j].mask for j in good]
         for j, pos in enumerate(good):
@@ -337,8 +356,8 @@ def _map_shape(plan: Plan, model: nn.Module, name: str, like: Tensor) -> tuple[i
     return plan.shapes[name]
 
 
-def _predict(plan: Plan, model: nn.Module, x: Tensor,
-             indices: Sequence[int]) -> tuple[Optional[Tensor], Tensor, Tensor]:
+def _predict(plan: Plan, model: nn.Module, x: Tensor, indices: Sequence[int],
+             labels: Sequence[Optional[int]] = ()) -> tuple[Optional[Tensor], Tensor, Tensor]:
     """The first method's maps when they came with the prediction (:func:`_first_pass`), the
     probabilities ``(n, classes)`` (a regression run: the outputs' values) and the targets ``(n, K)``."""
     if plan.mode == "regression" or (plan.mode == "predicted" and plan.k == 1):
@@ -348,7 +367,7 @@ def _predict(plan: Plan, model: nn.Module, x: Tensor,
         except SalienceError:
             pass  # the method's error is recorded when it runs again with the classes
     probs = _scores(plan, _outputs(model, x))
-    return None, probs, _targets(plan, probs, indices)
+    return None, probs, _targets(plan, probs, labels)
 
 
 def _scores(plan: Plan, out: Tensor) -> Tensor:
@@ -362,8 +381,8 @@ def _row(plan: Plan, it: Item) -> dict[str, Any]:
     row: dict[str, Any] = {"index": it.index, "path": str(plan.paths[it.index]),
                            "width": it.width if it.error is None else None,
                            "height": it.height if it.error is None else None, "error": it.error}
-    if plan.labels is not None:
-        row["label"] = plan.labels[it.index]
+    if plan.has_labels():
+        row["label"] = plan.label(it)
     return row
 
 
@@ -376,7 +395,7 @@ def _prediction_row(row: dict[str, Any], plan: Plan, probs: Tensor, classes: Ten
     pred = int(probs.argmax())
     row.update(predicted=pred, predicted_name=plan.info.class_name(pred), probability=float(probs[pred]),
                targets=[int(c) for c in classes])
-    if plan.labels is not None and row.get("label") is not None:
+    if plan.has_labels() and row.get("label") is not None:
         row["correct"] = pred == row["label"]
 
 
@@ -498,6 +517,6 @@ def choose_batch(model: nn.Module, item: Item, plan: Plan, cap: int) -> int:
     probe = MemoryProbe()
     with _perf.plain(), collect_gaps(), probe:  # its completeness reports dropped: the run says its own
         probs, _ = _predictions(model, x)
-        _method_maps(fn, model, x, _targets(plan, probs, [item.index]), plan, [item.index])
+        _method_maps(fn, model, x, _targets(plan, probs, [plan.label(item)]), plan, [item.index])
     per = max(int(probe.peak), 1)
     return int(max(1, min(cap, int(0.8 * default_budget(device)) // per)))

@@ -26,7 +26,7 @@ from salience._core.errors import SalienceError
 from salience._core.progress import progress
 from salience.runs import job
 from salience.runs.lock import Writer, commit_fence
-from salience.runs.sources import Item, Raised
+from salience.runs.sources import Item, Raised, read_once
 
 
 def _ray() -> Any:
@@ -67,6 +67,9 @@ def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] 
            "height": np.asarray([it.height for it in items], dtype=np.int64),
            "error": np.asarray([it.error or "" for it in items], dtype=object),
            "mask_error": np.asarray([it.mask_error or "" for it in items], dtype=object),
+           # each item's label, read with its image (a user's dataset of (image, label)): has_label False for none
+           "label": np.asarray([it.label if it.label is not None else -1 for it in items], dtype=np.int64),
+           "has_label": np.asarray([it.label is not None for it in items], dtype=bool),
            "raised": np.asarray([raised] * len(items), dtype=object)}
     # every block has the same columns; an image without a mask travels as zeros with has_mask False
     # (each image with a mask is scored, whatever the others of its block have)
@@ -148,7 +151,8 @@ class Explain:
         items = [Item(int(batch["index"][j]), torch.from_numpy(np.array(batch["x"][j])), int(batch["width"][j]),
                       int(batch["height"][j]), str(batch["error"][j]) or None,
                       torch.from_numpy(np.array(batch["mask"][j])) if batch["has_mask"][j] else None,
-                      str(batch["mask_error"][j]) or None) for j in range(n)]
+                      str(batch["mask_error"][j]) or None,
+                      int(batch["label"][j]) if batch["has_label"][j] else None) for j in range(n)]
         parts = []
         for s in range(0, n, self.batch):
             part = items[s:s + self.batch]
@@ -229,7 +233,7 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
             return
         batch = resolve_batch(run, pending[0])
         if run.plan.first_input is None:  # every image is checked against the run's first, in every task
-            run.plan.first_input = (pending[0], tuple(run.dataset[pending[0]].x.shape))
+            run.plan.first_input = (pending[0], tuple(read_once(run.dataset, pending[0]).x.shape))
         size = int(run.store.manifest["command"]["shard_size"])
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # shards of consecutive images, as the local engine's

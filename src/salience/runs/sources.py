@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -249,6 +250,8 @@ class Item:
     error: Optional[str]
     mask: Optional[Tensor] = None
     mask_error: Optional[str] = None
+    label: Optional[int] = None
+    """The label the item came with (a user's dataset of ``(image, label)``), read with its image."""
 
 
 class ImageFiles(Dataset):
@@ -298,10 +301,17 @@ class ImageFiles(Dataset):
 
 class Wrapped(Dataset):
     """A user's dataset whose items are an image ``(C, H, W)`` or ``(image, label)``: the images
-    as they are (already the model's input), the labels kept."""
+    as they are (already the model's input), each item's label on its :class:`Item`, read with its
+    image (in the DataLoader's workers, the Ray decoding tasks), never in a pass of its own."""
 
     def __init__(self, dataset: Any):
         self.dataset = dataset
+        self._probed: Optional[Item] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_probed"] = None  # the run's process's one read item stays there (not shipped to workers)
+        return state
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -312,14 +322,92 @@ class Wrapped(Dataset):
         if not isinstance(x, Tensor) or x.dim() != 3:
             raise SalienceError(f"the dataset's item {index} is not an image tensor (C, H, W) or (image, label); "
                                 "add a transform that returns the model's input")
-        return Item(index, x, int(x.shape[-1]), int(x.shape[-2]), None)
+        label = _item_label(item[1], index) if isinstance(item, (tuple, list)) and len(item) > 1 else None
+        return Item(index, x, int(x.shape[-1]), int(x.shape[-2]), None, label=label)
 
-    def label(self, index: int) -> Optional[int]:
-        item = self.dataset[index]
-        if isinstance(item, (tuple, list)) and len(item) > 1:
-            v = item[1]
-            return int(v.item() if isinstance(v, Tensor) else v)
+    def probe(self, index: int) -> Item:
+        """Item ``index``, read once in this process however often it is asked for (the run reads
+        one item before it starts: whether the items carry labels, the model's number of outputs,
+        the batch size, the first image's shape)."""
+        if self._probed is None or self._probed.index != index:
+            self._probed = self[index]
+        return self._probed
+
+    def known_labels(self) -> Optional[list[int]]:
+        """Every item's label where the dataset says them without reading its items
+        (:func:`dataset_labels`), else ``None``."""
+        return dataset_labels(self.dataset)
+
+
+def _item_label(value: Any, index: int) -> int:
+    """An item's label as a class index (an int, or a one-element integer tensor / array)."""
+    if isinstance(value, Tensor) and value.numel() == 1 or isinstance(value, np.ndarray) and value.size == 1:
+        value = value.item()
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)  # a label stored as a float (2.0)
+    shown = " ".join(repr(value).split())[:60]
+    raise SalienceError(f"the dataset's item {index} is (image, {shown}): the second value must be the image's "
+                        "label, a class index; return (image, label) or the image alone")
+
+
+def dataset_labels(dataset: Any) -> Optional[list[int]]:
+    """The labels of every item of ``dataset`` as it says them without decoding any item, else
+    ``None`` (each item's label is then read with its image). Known: torchvision's ``DatasetFolder``
+    / ``ImageFolder`` (``samples``, what its ``__getitem__`` reads), CIFAR and MNIST (``targets``),
+    a ``TensorDataset`` whose second tensor holds one integer per item, and a ``Subset`` of any of
+    those (``indices``), only with their own ``__getitem__`` and no ``target_transform``; the list
+    must have one int per item, else ``None``."""
+    try:
+        found = _said_labels(dataset)
+        if found is None or len(found) != len(dataset):
+            return None
+    except Exception:  # noqa: BLE001 - a dataset that looks like a known one but is not: read the items
         return None
+    return found if all(isinstance(v, int) and not isinstance(v, bool) for v in found) else None
+
+
+def _said_labels(dataset: Any) -> Optional[list]:
+    from torch.utils.data import Subset, TensorDataset
+
+    if type(dataset).__getitem__ is Subset.__getitem__:
+        inner = _said_labels(dataset.dataset)
+        if inner is None:
+            return None
+        out = []
+        for i in dataset.indices:
+            i = int(i)
+            if not -len(inner) <= i < len(inner):
+                return None
+            out.append(inner[i])
+        return out
+    if type(dataset).__getitem__ is TensorDataset.__getitem__:
+        if len(dataset.tensors) < 2:
+            return None
+        y = dataset.tensors[1]
+        if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            return None
+        return y.tolist()
+    try:
+        from torchvision import datasets as tv
+    except ImportError:
+        return None
+    if getattr(dataset, "target_transform", None) is not None:
+        return None
+    getitem = type(dataset).__getitem__
+    if getitem is tv.DatasetFolder.__getitem__:
+        return [s[1] for s in dataset.samples]
+    if getitem in (tv.CIFAR10.__getitem__, tv.MNIST.__getitem__):
+        t = dataset.targets
+        return t.tolist() if isinstance(t, (Tensor, np.ndarray)) else list(t)
+    return None
+
+
+def read_once(dataset: Dataset, index: int) -> Item:
+    """Item ``index`` for the run's process: a user's dataset's :meth:`Wrapped.probe` (read once),
+    an image file decoded."""
+    return dataset.probe(index) if isinstance(dataset, Wrapped) else dataset[index]
 
 
 def mask_files(paths: Sequence[str], folder: PathLike) -> list[Optional[str]]:

@@ -38,6 +38,11 @@ from salience.runs.lock import LOCK_NAME
 FORMAT = "salience-run/1"
 PathLike = Union[str, "os.PathLike[str]"]
 
+ITEM_LABELS = "read with each item"
+"""The command's ``labels`` when a user's dataset carries them in its items and does not say them
+without reading those (:func:`salience.runs.sources.dataset_labels`): each label is read with its
+image, so no digest of them is known before the run."""
+
 _RUN_FILES = ("run.json", "inputs.parquet", "index.parquet", "index.html")
 _RUN_FOLDERS = ("maps", "shards", "thumbs", "overlays")
 
@@ -200,6 +205,17 @@ def check_folder(folder: Path, overwrite: bool) -> None:
                             "folder)")
 
 
+def done_indices(folder: PathLike) -> set[int]:
+    """The indices of the images in the committed shards of the run in ``folder`` (none: empty)."""
+    pa = pyarrow()
+    indices: set[int] = set()
+    for p in sorted((Path(folder) / "shards").glob("*.parquet")):
+        if p.name.startswith("."):
+            continue
+        indices.update(pa.parquet.read_table(p, columns=["index"]).column("index").to_pylist())
+    return indices
+
+
 class Store:
     """Writing side of ``RUN/``: the manifest, the shards, the merged index."""
 
@@ -231,6 +247,10 @@ class Store:
             was, now = old.get("command", {}), self.manifest["command"]
             if legacy is not None and "form" not in (was.get("inputs") or {}):
                 now = legacy  # a run begun before the paths had one form: the command as it was written
+            if now.get("labels") == ITEM_LABELS and isinstance(was.get("labels"), str):
+                # a run of a user's dataset begun when its labels were all read up front (their digest): the
+                # same labels, now read with each item
+                now = {**now, "labels": was["labels"]}
             diff = _differences(was, now)
             if diff and not overwrite:
                 detail = _input_differences(f, old, planned) if planned is not None else {}
@@ -271,13 +291,7 @@ class Store:
 
     def done(self) -> set[int]:
         """The indices of the images in committed shards."""
-        pa = pyarrow()
-        indices: set[int] = set()
-        for p in sorted((self.folder / "shards").glob("*.parquet")):
-            if p.name.startswith("."):
-                continue
-            indices.update(pa.parquet.read_table(p, columns=["index"]).column("index").to_pylist())
-        return indices
+        return done_indices(self.folder)
 
     # ----------------------------------------------------------------------------- shards
 
