@@ -12,16 +12,19 @@ Guided Grad-CAM multiplies guided backpropagation ``(B, C, H, W)`` by the upsamp
 from __future__ import annotations
 
 import collections
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from salience._core import engine as _engine
 from salience import rules
+from salience.attention import _is_attention_softmax
 from salience._core.autograd import backward, check_input, layer_value, model_call
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
@@ -115,34 +118,76 @@ class _Call:
     output: Any
 
 
+class _AttentionSpotter(TorchFunctionMode):
+    """Notes which module was running (the innermost, by name; ``""`` for the model's own forward) each time an
+    attention operation ran, and the attention's shape ``(B, heads, L, S)``: ``F.scaled_dot_product_attention``,
+    ``F.multi_head_attention_forward`` or a softmax over the last dim of 3 or more dims (what
+    :class:`~salience.attention.AttentionCapture` takes for attention). So attention written as a bare function
+    in a module of any name (a ``Mixer`` whose forward calls SDPA, a block computing ``softmax(q k^T) v`` inline)
+    is seen as attention, as the attention methods see it."""
+
+    def __init__(self, running: list[str]):
+        super().__init__()
+        self.running, self.seen = running, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        where = self.running[-1] if self.running else ""
+        if name == "scaled_dot_product_attention" and len(args) > 1:
+            q, k = args[0], args[1]
+            self.seen.append((where, (*q.shape[:-1], k.shape[-2])))
+        elif func is F.multi_head_attention_forward:
+            self.seen.append((where, None))
+        elif name == "softmax" and _is_attention_softmax(args, kwargs) and isinstance(out, Tensor):
+            self.seen.append((where, tuple(out.shape)))
+        return out
+
+
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
-                  outputs: Optional[list] = None) -> list[_Call]:
+                  outputs: Optional[list] = None, attending: Optional[list] = None) -> list[_Call]:
     """Every named module's call on ``x[:1]``, in the order they *finished*, its output as a CAM reads it
     (:func:`~salience._core.autograd.layer_value`: a block's ``(hidden_states, ...)`` tuple -> its first
     tensor); an output requires grad exactly when it depends on the input (the parameters are frozen).
-    The model's own output is appended to ``outputs`` when given."""
+    The model's own output is appended to ``outputs`` when given; with ``attending`` (a list), the
+    attention operations of the pass are appended to it as ``(the innermost running module's name, the
+    attention's shape or None)`` (:class:`_AttentionSpotter`)."""
     check_input(x, model)
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError("cannot look inside a TorchScript model for a Grad-CAM layer; pass the Python nn.Module")
     calls: list[_Call] = []
+    running: list[str] = []
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if running and running[-1] == name:
+                running.pop()
             calls.append(_Call(name, module, layer_value(output)))
         return hook
+
+    def make_pre_hook(name: str):
+        def pre_hook(module: nn.Module, inputs: Any) -> None:
+            running.append(name)
+        return pre_hook
 
     handles = []
     try:
         for name, m in model.named_modules():
             if name and not isinstance(m, torch.jit.ScriptModule) and (only is None or m is only):
                 handles.append(m.register_forward_hook(make_hook(name)))
+                if attending is not None:
+                    handles.append(m.register_forward_pre_hook(make_pre_hook(name)))
         # With the input's gradient on (parameters frozen by the guard), an output that requires grad
         # depends on the input: Swin's relative position bias (B, heads, n, n) does not. Also when the
         # caller runs under torch.inference_mode(), where enable_grad() alone records no graph.
         with model_guard(model), torch.inference_mode(False), torch.enable_grad():
             one = x[:1].clone() if x.is_inference() else x[:1]
-            with model_call(model, one):
+            with model_call(model, one), (_AttentionSpotter(running) if attending is not None
+                                          else contextlib.nullcontext()) as spotter:
                 out = model(one.detach().requires_grad_(True))
+            if attending is not None:
+                attending.extend(spotter.seen)
             if outputs is not None:
                 outputs.append(out)
     finally:
@@ -198,14 +243,24 @@ def _global_attention(c: _Call, grid: Optional[tuple[int, int]], weighing: set[s
     return grid is None or out.shape[1] >= grid[0] * grid[1] or whole_stage
 
 
-def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call]) -> Optional[str]:
+def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
+                           attending: Sequence[tuple[str, Any]] = ()) -> Optional[str]:
     """The ViT rule of :func:`default_layer`: the module that finished last before the last
     global attention call on tokens, outside it, with the attention's output shape; None if none,
     or if the model has no patch embedding and that module's tokens are all patches (LeViT: no
     class token, the head pools the tokens; the map rule then takes the last token stage) or a
-    single token (a class attention's, VOLO's: nothing spatial)."""
+    single token (a class attention's, VOLO's: nothing spatial). ``attending``: the attention
+    operations seen (:class:`_AttentionSpotter`): the module that ran one counts as attention, whatever
+    its class is called (a ``Mixer`` calling ``F.scaled_dot_product_attention``, a block with the softmax
+    inline) when that operation is global self-attention over one image's tokens with a prefix, ``(1, heads,
+    N, N)``, ``N`` more than the patch grid's cells: what the rule is for (after it only the class token
+    reaches the head). Not Twins' sub-sampled keys ``(N, N / r^2)``, nor CaiT's self-attention over patches
+    alone (its class token comes in later, and its class attention reads every patch: the map rule)."""
     grid = patch_grid(model, x.shape)
-    weighing = _weighing_modules(calls)
+    cells = None if grid is None else grid[0] * grid[1]
+    weighing = _weighing_modules(calls) | {
+        name for name, a in attending
+        if name and a is not None and len(a) == 4 and a[0] == 1 and a[-1] == a[-2] > (cells or 1)}
     at = [i for i, c in enumerate(calls) if _global_attention(c, grid, weighing)]
     if not at:
         return None
@@ -331,6 +386,24 @@ def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
         return _search(model, x)
 
 
+def _refuse_inline_attention(model: nn.Module, x: Tensor, attending: Sequence[tuple[str, Any]]) -> None:
+    """Refuse a model whose own ``forward`` (no submodule) computes attention over one image's tokens
+    (``(1, heads, N, N)``, ``N > 1``): no module's output is the input of that attention, so the ViT
+    rule has nothing to point at, and the map rule would pick a layer before it (the patch
+    embedding) and say nothing."""
+    own = [shape for name, shape in attending
+           if not name and shape is not None and len(shape) == 4 and shape[0] == 1 and shape[-1] > 1]
+    if own:
+        raise SalienceError(
+            f"the model computes attention (weights of shape {tuple(own[-1])}) in its own forward, not in a "
+            "submodule, so no layer's output is the input of its last attention, where the default layer of a "
+            "transformer is: there is no default layer. Pass layer= a module whose output is the token sequence "
+            "(a dotted name from model.named_modules(); command line: --layer), or move the attention into a "
+            "submodule (e.g. a block module per layer), or use a method without a layer (vanilla, "
+            "integrated_gradients, attention_rollout)"
+        )
+
+
 def _search(model: nn.Module, x: Tensor) -> tuple[str, str]:
     """The heuristic of :func:`default_layer` (the ViT rule, else the map rule): ``(name, why)``."""
     embeds = patch_embeddings(model, int(x.shape[1]))
@@ -345,8 +418,10 @@ def _search(model: nn.Module, x: Tensor) -> tuple[str, str]:
             "or use a method without a layer (vanilla, integrated_gradients)"
         )
     outputs: list = []
-    calls = _record_calls(model, x, outputs=outputs)
-    vit = _before_last_attention(model, x, calls)
+    attending: list[tuple[str, Any]] = []
+    calls = _record_calls(model, x, outputs=outputs, attending=attending)
+    _refuse_inline_attention(model, x, attending)
+    vit = _before_last_attention(model, x, calls, attending)
     if vit is not None:
         return vit, ("the input of the last attention, where every token still reaches the output; after it, "
                      "a head that reads the class token alone gives the patch tokens no gradient")
