@@ -54,10 +54,16 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
     grad depends on the input):
 
     * **Several patch embeddings** (CrossViT's branches, whose class tokens the head averages): no
-      default, a :class:`SalienceError` asking for ``layer=`` (one layer's map shows one branch).
+      default, a :class:`SalienceError` asking for ``layer=`` (one layer's map shows one branch). The
+      same where the last attention's block attends over token streams of different lengths side by side
+      (non-lite CoaT's parallel blocks, one per scale, whose class tokens the head combines): the error
+      names each stream's layer.
     * **Vision Transformers** (global attention: an attention module, ``nn.MultiheadAttention``, a
       class named ``...Attention``, or a module with a submodule whose output is attention weights,
-      ConViT's ``GPSA`` / ``MHSA`` by their ``attn_drop``; whose output is the image's whole token sequence ``(1, N, D)``,
+      ConViT's ``GPSA`` / ``MHSA`` by their ``attn_drop``, or a module that itself runs an attention
+      operation, ``F.scaled_dot_product_attention`` or a softmax over the last dim, over a class token and
+      the patches ``(1, heads, N, N)`` (timm's ``AttentionRope``, an own ``Mixer``; a model whose own forward
+      runs it has no default layer: a :class:`SalienceError` asking for ``layer=``); whose output is the image's whole token sequence ``(1, N, D)``,
       ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not; or CoaT's factorized
       attention, global over each stage's own tokens, whatever their number): the last
       module that finished before the *last* such attention call, outside it, with an output of
@@ -265,6 +271,7 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
     if not at:
         return None
     att = calls[at[-1]]
+    _refuse_parallel_streams(model, x, calls, at)
     shape = _first_tensor(att.output).shape
     if grid is None and (shape[1] == 1 or _all_patches(model, x, _Call(att.name, att.module, _first_tensor(att.output)),
                                                         shape)):
@@ -276,6 +283,49 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
                 return None  # all patches: the map rule
             return c.name
     return None
+
+
+def _input_of(calls: list[_Call], i: int) -> Optional[str]:
+    """The module that finished last before ``calls[i]`` (an attention call), outside it, with its output's shape."""
+    att = calls[i]
+    shape = _first_tensor(att.output).shape
+    for c in reversed(calls[:i]):
+        if not c.name.startswith(att.name + ".") and isinstance(c.output, Tensor) and c.output.shape == shape:
+            return c.name
+    return None
+
+
+def _refuse_parallel_streams(model: nn.Module, x: Tensor, calls: list[_Call], at: list[int]) -> None:
+    """Refuse a default where the last attention's block also attends over other token streams of other
+    lengths side by side (timm's non-lite CoaT: each parallel block runs one factorized attention per scale,
+    ``1 + 28x28``, ``1 + 14x14``, ``1 + 7x7`` tokens at 224 px, mixes them, and its head combines the three
+    scales' class tokens): a map of one layer shows one stream, as one of CrossViT's branches would."""
+    block = calls[at[-1]].name.rpartition(".")[0]
+    side = [i for i in at if calls[i].name.rpartition(".")[0] == block and calls[i].name != calls[at[-1]].name]
+    streams = {int(_first_tensor(calls[i].output).shape[1]): i for i in side + [at[-1]]}
+    if not block or len(streams) < 2:
+        return
+    described = []
+    for n, i in sorted(streams.items(), reverse=True):
+        name = _input_of(calls, i)
+        if name is None:
+            continue
+        try:
+            layout = layer_layout(model, None, (1, n, 1), x.shape, what=f"layer {name!r}")
+            said = (f"{layout.prefix} prefix token(s) + {layout.grid[0]}x{layout.grid[1]} patches" if layout.grid
+                    else f"{n} tokens")
+        except SalienceError:
+            said = f"{n} tokens: give grid= and prefix_tokens="
+        described.append(f"{name!r} ({said})")
+    raise SalienceError(
+        f"the model's last attention block {block!r} attends over {len(streams)} token streams of different lengths "
+        f"side by side ({', '.join(str(n) for n in sorted(streams, reverse=True))} tokens: one per scale, as CoaT's "
+        "parallel blocks), and what follows combines them: a map of one layer would show one stream, so there is no "
+        f"default layer. Pass layer= the stream to map, e.g. the input of its attention: {', '.join(described)} "
+        "(a dotted name from model.named_modules(); grid=(h, w) and prefix_tokens=k where the tokens are not read "
+        "right; command line: --layer, --grid, --prefix-tokens), or use a method without a layer (vanilla, "
+        "integrated_gradients)"
+    )
 
 
 def _all_patches(model: nn.Module, x: Tensor, c: _Call, shape: Any) -> bool:
