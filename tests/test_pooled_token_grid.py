@@ -42,3 +42,20 @@ def test_a_pooled_grid_with_the_cells_of_another_grid_is_taken_when_given(patch_
     # rows and columns swapped is still refused (it would scramble the map), naming the grid that fits
     with pytest.raises(SalienceError, match=r"grid=\(4, 6\)"):
         salience.gradcam(net, x, target, layer="mix", grid=(6, 4))
+
+
+@pytest.mark.parametrize("patch_embedding", [True, False], ids=["patch-embedding", "strided-stem"])
+def test_the_default_layer_is_not_tokens_read_on_a_grid_their_map_did_not_have(patch_embedding):
+    """The default was ``mix``, its 24 tokens read as the 4x6 grid (what the embedding / a stride gives) though
+    they are the 3x8 pooled map flattened: a scrambled map, said nowhere. Tokens whose number of cells the last
+    convolution's or pooling's map had in another shape are no candidate now; the default is the stem's 4x6
+    map, and Grad-CAM there equals the hand computation."""
+    from salience.methods.gradcam import default_layer
+
+    torch.manual_seed(3)  # a seed where both images' maps at the stem vary (seed 0's strided stem: all zero)
+    net = Pooled(patch_embedding).eval()
+    x, target = torch.rand(2, 3, 32, 48), torch.tensor([0, 3])
+    assert default_layer(net, x) == "stem"
+    ref = gradcam_by_hand(net, x, "stem", target)
+    assert (ref.flatten(1).std(1) > 0).all()
+    torch.testing.assert_close(salience.gradcam(net, x, target), ref, rtol=1e-4, atol=1e-6)

@@ -400,8 +400,11 @@ def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call],
     kept: list[Tensor] = []
     seen: dict[tuple[int, ...], Layout] = {}
     cands: list[tuple[str, Tensor, bool]] = []
+    flattened: dict[int, tuple[int, int]] = {}  # cells -> (h, w) of the last convolution's / pooling's map
     for c in calls:
         out = c.output
+        if isinstance(c.module, (nn.Conv2d,) + _POOLS) and isinstance(out, Tensor) and out.dim() == 4:
+            flattened[int(out.shape[-2] * out.shape[-1])] = (int(out.shape[-2]), int(out.shape[-1]))
         if (counts[c.name] != 1 or not isinstance(out, Tensor) or out.dim() not in (3, 4) or not out.requires_grad
                 or isinstance(c.module, _POOLS + (nn.Identity,)) or id(out) in pooled
                 or (out.dim() == 3 and c.name.startswith(inner)) or _attention_weights(out)
@@ -412,6 +415,12 @@ def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call],
         if viewed and not all(cands[i][0].startswith(c.name + ".") for i in viewed):
             continue  # a permuted / reshaped view of an earlier candidate: keep the original
         layout = _candidate_layout(model, x, c, seen)
+        if (layout is not None and layout.kind == "tokens" and layout.prefix == 0
+                and flattened.get(int(out.shape[1]), layout.grid) != layout.grid):
+            # tokens read on the grid a stride or the patch embedding gives, while the last map with their number
+            # of cells had another shape (tokens pooled to 3x8 where the embedding gives 4x6): their reading is in
+            # doubt, and a map of them would be scrambled; not a candidate (layer= with grid= reads them)
+            continue
         if layout is not None:
             # a block or stage handing on its last layer's output in another layout (MaxViT's and TinyViT's
             # channels-last blocks, permuted back to (B, C, h, w)) takes its place: the same values, later
