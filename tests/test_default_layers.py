@@ -182,3 +182,32 @@ def test_list_says_crossvits_cams_need_a_layer(capsys):
     assert "vanilla" in run and "gradcam" not in run and "scorecam" not in run
     assert named.split(", ") == ["gradcam", "guided_gradcam", "gradcam_plus_plus", "hirescam", "xgradcam", "layercam",
                                  "eigencam", "scorecam", "ablationcam"]
+
+
+def test_coat_with_parallel_blocks_has_no_default_layer_and_says_what_to_pass():
+    """Non-lite CoaT's parallel blocks attend over three scales side by side (1 + 8x8, 1 + 4x4, 1 + 2x2 tokens at
+    64 px) and its head combines the three class tokens (``aggregate``): the default was the last block's
+    ``norm14``, the smallest scale's stream alone, said only in the docs. Now, as for CrossViT's branches, a
+    refusal naming the three streams' norms; each given by hand is read as asked (= the hand computation), and
+    default_methods leaves the CAMs out."""
+    from hand_cams import row_major
+    from salience.methods import LAYER_METHODS, default_methods
+
+    torch.manual_seed(0)
+    net = timm.create_model("coat_tiny", pretrained=False, img_size=64, num_classes=5).eval()
+    x, target = torch.rand(2, 3, 64, 64), torch.tensor([1, 3])
+    streams = (r"'parallel_blocks\.5\.norm12' \(1 prefix token\(s\) \+ 8x8 patches\), 'parallel_blocks\.5\.norm13' "
+               r"\(1 prefix token\(s\) \+ 4x4 patches\), 'parallel_blocks\.5\.norm14' \(1 prefix token\(s\) \+ 2x2")
+    with pytest.raises(SalienceError, match=r"3 token streams of different lengths.*no default layer.*Pass layer= the stream to map, e.g. the input of its "
+                                            r"attention: "
+                                            + streams):
+        default_layer(net, x)
+    with pytest.raises(SalienceError, match="no default layer"):
+        salience.gradcam(net, x, target)
+    for layer, side in (("parallel_blocks.5.norm12", 8), ("parallel_blocks.5.norm14", 2)):
+        with unchanged(net):
+            cam = salience.gradcam(net, x, target, layer=layer)
+        ref = by_hand(net, x, layer, target, row_major(side, side, prefix=1))
+        assert ref.std() > 0
+        torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+    assert not LAYER_METHODS & set(default_methods(net, x))

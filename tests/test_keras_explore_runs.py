@@ -143,6 +143,24 @@ def test_the_explorer_gives_the_closed_form_of_a_keras_model(client, tmp_path):
             np.testing.assert_allclose(got, _vanilla(kernel, k), rtol=1e-5, atol=1e-7)
 
 
+def test_the_explorer_refuses_a_flat_vector_keras_model_at_start_in_one_line(tmp_path):
+    """A Keras model of flat vectors, input (None, 12): salience explains images, so the explorer refuses it at
+    start, one line saying it takes vectors, not images, and what to give instead. The model itself (a torch
+    module on Keras's backend) gave Keras's raw ValueError, found shape=(1, 3, 224, 224); its .keras file said
+    "give it inputs of that shape", which the explorer cannot."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12,))
+    flat = keras.Model(inp, keras.layers.Dense(3, name="fc")(inp), name="flat")
+    flat.save(str(tmp_path / "flat.keras"))
+    folder = _pngs(tmp_path / "images", 1, 8, 8)
+    for model in (flat, str(tmp_path / "flat.keras"), wrap_keras(flat)):
+        with pytest.raises(SalienceError) as err:
+            salience.explore(model, [folder], show=False)
+        _one_line(str(err.value), "the Keras model 'flat' cannot take the input of shape (1, 3, 224, 224)",
+                  "it takes inputs of shape (None, 12), vectors of 12 values, not images",
+                  "salience explains image models", "keras.layers.Flatten()")
+
+
 # --------------------------------------------------------------------------------- dataset runs
 
 

@@ -18,6 +18,7 @@ from salience.explore.hosts import HostGuard, is_local
 from salience.explore.images import FileSource, ImageStore
 from salience.explore.runs import RunSource, is_run
 from salience.loading.images import DEFAULT_MAX_PIXELS
+from salience.loading.keras import is_keras_model, wrap_keras
 from salience.loading.models import load_model
 
 __all__ = ["Explorer", "start", "build_hub", "compared", "is_local", "bind_socket", "REMOTE_WARNING", "SLOTS"]
@@ -53,6 +54,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def _slot(name: str, model: ModelLike, load: dict[str, Any]) -> ModelSlot:
     m = load_model(model, **load) if isinstance(model, (str, os.PathLike)) else model
+    if is_keras_model(m):  # a Keras model itself (as load_model("net.keras") would give it): (B, C, H, W) in
+        m = wrap_keras(m)
     if not isinstance(m, nn.Module):
         raise SalienceError(f"expected a model spec such as 'demo:shapes' or a torch.nn.Module, got {type(m).__name__}")
     return ModelSlot(name, name_model(m, type(m).__name__) if not isinstance(model, str) else m)

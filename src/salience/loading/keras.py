@@ -132,6 +132,13 @@ def input_error(model: Any, x: Tensor, said: str, *, channels_last: bool = True,
     if shape is None:
         return (f"{head}; its input shape is not known: give it inputs of the shape it was built for "
                 f"(Keras said: {said})")
+    if four and len(shape) != 4:
+        flat = (f"vectors of {shape[-1]} values, not images" if len(shape) == 2 and shape[-1] is not None
+                else f"inputs of rank {len(shape)}, not images (batch, height, width, channels)")
+        return (f"{head}: it takes inputs of shape {shape}, {flat}, and salience explains image models, (B, C, H, W) "
+                "batches; give it a Keras model that takes the images (e.g. keras.Input((H, W, C)), "
+                "keras.layers.Flatten(), then this model's layers, if its vectors are flattened images) "
+                f"(Keras said: {said})")
     if len(shape) != 4 or not four:
         return (f"{head}: it takes inputs of shape {shape} (batch first); give it inputs of that shape "
                 f"(Keras said: {said})")

@@ -103,7 +103,7 @@ def default_methods(model: nn.Module, x: Optional[Tensor] = None) -> list[str]:
     """The names of the methods that run on ``model`` with their defaults: what ``salience demo``,
     ``salience evaluate``, ``salience list --model`` and the examples run or show when no method is
     named. Left out: the :data:`HOOKED_METHODS` on a TorchScript model; the attention methods on a
-    model without attention modules or where attention rollout refuses it; the :data:`LAYER_METHODS`
+    model where attention rollout refuses it (on an image; without one, a model without attention modules); the :data:`LAYER_METHODS`
     where the Grad-CAM default layer is refused (CrossViT: they run with ``layer=``).
 
     The attention methods need global self-attention over the same ``N`` tokens in every layer and a
@@ -118,7 +118,9 @@ def default_methods(model: nn.Module, x: Optional[Tensor] = None) -> list[str]:
     if isinstance(model, torch.jit.ScriptModule):
         return [n for n in METHODS if n not in HOOKED_METHODS and n not in ATTENTION_METHODS]
     image = x[:1] if x is not None else _model_image(model)
-    attention = has_attention(model) and (image is None or _attention_runs(model, image))
+    # with an image, attention rollout decides alone: attention written as a bare function (SDPA or a softmax
+    # in a module of any name) runs there too; without one, the modules' names say
+    attention = has_attention(model) if image is None else _attention_runs(model, image)
     layer = _default_layer_found(model, image)
     return [n for n in METHODS if (attention or n not in ATTENTION_METHODS) and (layer or n not in LAYER_METHODS)]
 

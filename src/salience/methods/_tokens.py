@@ -20,7 +20,8 @@ output is channels-last needs ``grid=``.
 
 **Tokens rule** (``(B, N, D)``; a ``(B, C, L)`` whose known channel count is at dim 1 and not last,
 a ``Conv1d``'s or a flattened map's, is refused: :func:`token_shaped`): ``grid`` and ``prefix_tokens`` if given (a ``grid`` with the
-cells of the patch embedding's grid in another shape, ``(w, h)`` for ``(h, w)``, is refused); else the patch
+cells of the patch embedding's grid with rows and columns swapped, ``(w, h)`` for ``(h, w)``, is refused; another
+shape of the same cells is taken as given); else the patch
 embedding gives ``(h, w)``: the first ``Conv2d`` of the model (in ``named_modules()`` order) with
 ``in_channels`` equal to the input's channels, ``stride == kernel_size`` and a kernel larger than
 1 (torchvision ViT's ``conv_proj``, timm's ``patch_embed.proj``), its output size computed from
@@ -41,7 +42,7 @@ ceil(W / s))`` (padded strided convolutions, LeViT's ``[::2]`` subsampling) or `
 floor(W / s))``, with ``h * w == N``; read so only when exactly one such grid has ``N`` cells and none
 has ``N - 1`` or ``N - 2`` (a class or distillation token before the patches would fit too).
 Otherwise a :class:`SalienceError` names the grids that fit and asks for ``grid`` /
-``prefix_tokens``. A given ``grid`` whose cells a stride grid has in another shape is refused
+``prefix_tokens``. A given ``grid`` whose transpose (and not itself) a stride grid is, is refused
 (:func:`_check_stride_grid`); one whose cell count no stride grid has is taken as given.
 Row-major order is what timm's and Hugging Face's LeViT use (``flatten(2)
 .transpose(1, 2)`` after the stem; ``view(B, h, w, C)[:, ::s, ::s]`` to subsample). Hiera's are
@@ -359,11 +360,13 @@ def patch_grid(model: nn.Module, x_shape: Sequence[int]) -> Optional[tuple[int, 
 
 
 def _check_stride_grid(x_shape: Sequence[int], grid: tuple[int, int]) -> None:
-    """Without a patch embedding: refuse a given ``grid`` whose cells a whole stride of the input gives
-    only in another shape (``(4, 3)`` where ``(3, 4)`` fits a 160x224 input): the map would be scrambled.
-    A grid whose cell count no stride gives is kept (nothing to check it against)."""
+    """Without a patch embedding: refuse a given ``grid`` whose transpose, and not itself, a whole stride
+    of the input gives (``(4, 3)`` where ``(3, 4)`` fits a 160x224 input): rows and columns swapped, the map
+    would be scrambled. Any other grid is kept as given: one whose cell count no stride gives, and one of
+    another shape (tokens pooled to ``(3, 8)`` on a 32x48 input, where a stride gives 24 cells as ``4x6``:
+    the user knows the grid, salience cannot)."""
     fits = stride_grids(grid[0] * grid[1], x_shape[-2:])
-    if fits and grid not in fits:
+    if (grid[1], grid[0]) in fits and grid not in fits:
         names = " or ".join(f"grid={g} (command line: --grid {g[0]},{g[1]})" for g in fits)
         raise SalienceError(
             f"grid={grid} has {grid[0] * grid[1]} cells, but on the {int(x_shape[-2])}x{int(x_shape[-1])} input a "
@@ -377,8 +380,10 @@ def _check_given_grid(model: nn.Module, x_shape: Sequence[int], grid: tuple[int,
                       prefix: Optional[int]) -> None:
     """Refuse a given ``grid`` that contradicts the patch embedding's grid ``pg`` for this input:
 
-    - the same cells in another shape (``(w, h)`` for ``(h, w)`` on a non-square input): the tokens
-      fit it, and the map would come back scrambled;
+    - its rows and columns swapped (``(w, h)`` for ``(h, w)`` on a non-square input): the tokens
+      fit it, and the map would come back scrambled (the same cells in a shape that is no swap, tokens
+      pooled to ``(3, 8)`` after a ``4x6`` embedding, are taken as given: a way round when the tokens are
+      not on the embedding's grid);
     - without ``prefix_tokens``, another number of cells while ``pg`` also fits the tokens: the prefix
       inferred from the given grid (``N - h * w``) and the embedding's (``N - pg cells``) differ, and
       which tokens are patches is ambiguous (e.g. ``grid=(2, 2)`` on a 3x5 grid of 16 tokens reads 12
@@ -390,7 +395,7 @@ def _check_given_grid(model: nn.Module, x_shape: Sequence[int], grid: tuple[int,
     pg = _conv_grid(embed[1], x_shape[-2:])
     where = f"{embed[0]!r} on a {int(x_shape[-2])}x{int(x_shape[-1])} input"
     cells, given = pg[0] * pg[1], grid[0] * grid[1]
-    if pg != grid and cells == given:
+    if pg != grid and grid == (pg[1], pg[0]):
         raise SalienceError(
             f"grid={grid} has the {cells} cells of the patch embedding's {pg[0]}x{pg[1]} grid ({where}) in "
             f"another shape: the map would be scrambled. grid is (rows, columns): pass grid={pg} (or leave grid out; "

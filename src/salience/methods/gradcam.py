@@ -12,16 +12,19 @@ Guided Grad-CAM multiplies guided backpropagation ``(B, C, H, W)`` by the upsamp
 from __future__ import annotations
 
 import collections
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from salience._core import engine as _engine
 from salience import rules
+from salience.attention import _is_attention_softmax
 from salience._core.autograd import backward, check_input, layer_value, model_call
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
@@ -51,10 +54,16 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
     grad depends on the input):
 
     * **Several patch embeddings** (CrossViT's branches, whose class tokens the head averages): no
-      default, a :class:`SalienceError` asking for ``layer=`` (one layer's map shows one branch).
+      default, a :class:`SalienceError` asking for ``layer=`` (one layer's map shows one branch). The
+      same where the last attention's block attends over token streams of different lengths side by side
+      (non-lite CoaT's parallel blocks, one per scale, whose class tokens the head combines): the error
+      names each stream's layer.
     * **Vision Transformers** (global attention: an attention module, ``nn.MultiheadAttention``, a
       class named ``...Attention``, or a module with a submodule whose output is attention weights,
-      ConViT's ``GPSA`` / ``MHSA`` by their ``attn_drop``; whose output is the image's whole token sequence ``(1, N, D)``,
+      ConViT's ``GPSA`` / ``MHSA`` by their ``attn_drop``, or a module that itself runs an attention
+      operation, ``F.scaled_dot_product_attention`` or a softmax over the last dim, over a class token and
+      the patches ``(1, heads, N, N)`` (timm's ``AttentionRope``, an own ``Mixer``; a model whose own forward
+      runs it has no default layer: a :class:`SalienceError` asking for ``layer=``); whose output is the image's whole token sequence ``(1, N, D)``,
       ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not; or CoaT's factorized
       attention, global over each stage's own tokens, whatever their number): the last
       module that finished before the *last* such attention call, outside it, with an output of
@@ -115,34 +124,76 @@ class _Call:
     output: Any
 
 
+class _AttentionSpotter(TorchFunctionMode):
+    """Notes which module was running (the innermost, by name; ``""`` for the model's own forward) each time an
+    attention operation ran, and the attention's shape ``(B, heads, L, S)``: ``F.scaled_dot_product_attention``,
+    ``F.multi_head_attention_forward`` or a softmax over the last dim of 3 or more dims (what
+    :class:`~salience.attention.AttentionCapture` takes for attention). So attention written as a bare function
+    in a module of any name (a ``Mixer`` whose forward calls SDPA, a block computing ``softmax(q k^T) v`` inline)
+    is seen as attention, as the attention methods see it."""
+
+    def __init__(self, running: list[str]):
+        super().__init__()
+        self.running, self.seen = running, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        where = self.running[-1] if self.running else ""
+        if name == "scaled_dot_product_attention" and len(args) > 1:
+            q, k = args[0], args[1]
+            self.seen.append((where, (*q.shape[:-1], k.shape[-2])))
+        elif func is F.multi_head_attention_forward:
+            self.seen.append((where, None))
+        elif name == "softmax" and _is_attention_softmax(args, kwargs) and isinstance(out, Tensor):
+            self.seen.append((where, tuple(out.shape)))
+        return out
+
+
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
-                  outputs: Optional[list] = None) -> list[_Call]:
+                  outputs: Optional[list] = None, attending: Optional[list] = None) -> list[_Call]:
     """Every named module's call on ``x[:1]``, in the order they *finished*, its output as a CAM reads it
     (:func:`~salience._core.autograd.layer_value`: a block's ``(hidden_states, ...)`` tuple -> its first
     tensor); an output requires grad exactly when it depends on the input (the parameters are frozen).
-    The model's own output is appended to ``outputs`` when given."""
+    The model's own output is appended to ``outputs`` when given; with ``attending`` (a list), the
+    attention operations of the pass are appended to it as ``(the innermost running module's name, the
+    attention's shape or None)`` (:class:`_AttentionSpotter`)."""
     check_input(x, model)
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError("cannot look inside a TorchScript model for a Grad-CAM layer; pass the Python nn.Module")
     calls: list[_Call] = []
+    running: list[str] = []
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if running and running[-1] == name:
+                running.pop()
             calls.append(_Call(name, module, layer_value(output)))
         return hook
+
+    def make_pre_hook(name: str):
+        def pre_hook(module: nn.Module, inputs: Any) -> None:
+            running.append(name)
+        return pre_hook
 
     handles = []
     try:
         for name, m in model.named_modules():
             if name and not isinstance(m, torch.jit.ScriptModule) and (only is None or m is only):
                 handles.append(m.register_forward_hook(make_hook(name)))
+                if attending is not None:
+                    handles.append(m.register_forward_pre_hook(make_pre_hook(name)))
         # With the input's gradient on (parameters frozen by the guard), an output that requires grad
         # depends on the input: Swin's relative position bias (B, heads, n, n) does not. Also when the
         # caller runs under torch.inference_mode(), where enable_grad() alone records no graph.
         with model_guard(model), torch.inference_mode(False), torch.enable_grad():
             one = x[:1].clone() if x.is_inference() else x[:1]
-            with model_call(model, one):
+            with model_call(model, one), (_AttentionSpotter(running) if attending is not None
+                                          else contextlib.nullcontext()) as spotter:
                 out = model(one.detach().requires_grad_(True))
+            if attending is not None:
+                attending.extend(spotter.seen)
             if outputs is not None:
                 outputs.append(out)
     finally:
@@ -198,18 +249,29 @@ def _global_attention(c: _Call, grid: Optional[tuple[int, int]], weighing: set[s
     return grid is None or out.shape[1] >= grid[0] * grid[1] or whole_stage
 
 
-def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call]) -> Optional[str]:
+def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
+                           attending: Sequence[tuple[str, Any]] = ()) -> Optional[str]:
     """The ViT rule of :func:`default_layer`: the module that finished last before the last
     global attention call on tokens, outside it, with the attention's output shape; None if none,
     or if the model has no patch embedding and that module's tokens are all patches (LeViT: no
     class token, the head pools the tokens; the map rule then takes the last token stage) or a
-    single token (a class attention's, VOLO's: nothing spatial)."""
+    single token (a class attention's, VOLO's: nothing spatial). ``attending``: the attention
+    operations seen (:class:`_AttentionSpotter`): the module that ran one counts as attention, whatever
+    its class is called (a ``Mixer`` calling ``F.scaled_dot_product_attention``, a block with the softmax
+    inline) when that operation is global self-attention over one image's tokens with a prefix, ``(1, heads,
+    N, N)``, ``N`` more than the patch grid's cells: what the rule is for (after it only the class token
+    reaches the head). Not Twins' sub-sampled keys ``(N, N / r^2)``, nor CaiT's self-attention over patches
+    alone (its class token comes in later, and its class attention reads every patch: the map rule)."""
     grid = patch_grid(model, x.shape)
-    weighing = _weighing_modules(calls)
+    cells = None if grid is None else grid[0] * grid[1]
+    weighing = _weighing_modules(calls) | {
+        name for name, a in attending
+        if name and a is not None and len(a) == 4 and a[0] == 1 and a[-1] == a[-2] > (cells or 1)}
     at = [i for i, c in enumerate(calls) if _global_attention(c, grid, weighing)]
     if not at:
         return None
     att = calls[at[-1]]
+    _refuse_parallel_streams(model, x, calls, at)
     shape = _first_tensor(att.output).shape
     if grid is None and (shape[1] == 1 or _all_patches(model, x, _Call(att.name, att.module, _first_tensor(att.output)),
                                                         shape)):
@@ -221,6 +283,49 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call]) -> O
                 return None  # all patches: the map rule
             return c.name
     return None
+
+
+def _input_of(calls: list[_Call], i: int) -> Optional[str]:
+    """The module that finished last before ``calls[i]`` (an attention call), outside it, with its output's shape."""
+    att = calls[i]
+    shape = _first_tensor(att.output).shape
+    for c in reversed(calls[:i]):
+        if not c.name.startswith(att.name + ".") and isinstance(c.output, Tensor) and c.output.shape == shape:
+            return c.name
+    return None
+
+
+def _refuse_parallel_streams(model: nn.Module, x: Tensor, calls: list[_Call], at: list[int]) -> None:
+    """Refuse a default where the last attention's block also attends over other token streams of other
+    lengths side by side (timm's non-lite CoaT: each parallel block runs one factorized attention per scale,
+    ``1 + 28x28``, ``1 + 14x14``, ``1 + 7x7`` tokens at 224 px, mixes them, and its head combines the three
+    scales' class tokens): a map of one layer shows one stream, as one of CrossViT's branches would."""
+    block = calls[at[-1]].name.rpartition(".")[0]
+    side = [i for i in at if calls[i].name.rpartition(".")[0] == block and calls[i].name != calls[at[-1]].name]
+    streams = {int(_first_tensor(calls[i].output).shape[1]): i for i in side + [at[-1]]}
+    if not block or len(streams) < 2:
+        return
+    described = []
+    for n, i in sorted(streams.items(), reverse=True):
+        name = _input_of(calls, i)
+        if name is None:
+            continue
+        try:
+            layout = layer_layout(model, None, (1, n, 1), x.shape, what=f"layer {name!r}")
+            said = (f"{layout.prefix} prefix token(s) + {layout.grid[0]}x{layout.grid[1]} patches" if layout.grid
+                    else f"{n} tokens")
+        except SalienceError:
+            said = f"{n} tokens: give grid= and prefix_tokens="
+        described.append(f"{name!r} ({said})")
+    raise SalienceError(
+        f"the model's last attention block {block!r} attends over {len(streams)} token streams of different lengths "
+        f"side by side ({', '.join(str(n) for n in sorted(streams, reverse=True))} tokens: one per scale, as CoaT's "
+        "parallel blocks), and what follows combines them: a map of one layer would show one stream, so there is no "
+        f"default layer. Pass layer= the stream to map, e.g. the input of its attention: {', '.join(described)} "
+        "(a dotted name from model.named_modules(); grid=(h, w) and prefix_tokens=k where the tokens are not read "
+        "right; command line: --layer, --grid, --prefix-tokens), or use a method without a layer (vanilla, "
+        "integrated_gradients)"
+    )
 
 
 def _all_patches(model: nn.Module, x: Tensor, c: _Call, shape: Any) -> bool:
@@ -295,8 +400,11 @@ def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call],
     kept: list[Tensor] = []
     seen: dict[tuple[int, ...], Layout] = {}
     cands: list[tuple[str, Tensor, bool]] = []
+    flattened: dict[int, tuple[int, int]] = {}  # cells -> (h, w) of the last convolution's / pooling's map
     for c in calls:
         out = c.output
+        if isinstance(c.module, (nn.Conv2d,) + _POOLS) and isinstance(out, Tensor) and out.dim() == 4:
+            flattened[int(out.shape[-2] * out.shape[-1])] = (int(out.shape[-2]), int(out.shape[-1]))
         if (counts[c.name] != 1 or not isinstance(out, Tensor) or out.dim() not in (3, 4) or not out.requires_grad
                 or isinstance(c.module, _POOLS + (nn.Identity,)) or id(out) in pooled
                 or (out.dim() == 3 and c.name.startswith(inner)) or _attention_weights(out)
@@ -307,6 +415,12 @@ def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call],
         if viewed and not all(cands[i][0].startswith(c.name + ".") for i in viewed):
             continue  # a permuted / reshaped view of an earlier candidate: keep the original
         layout = _candidate_layout(model, x, c, seen)
+        if (layout is not None and layout.kind == "tokens" and layout.prefix == 0
+                and flattened.get(int(out.shape[1]), layout.grid) != layout.grid):
+            # tokens read on the grid a stride or the patch embedding gives, while the last map with their number
+            # of cells had another shape (tokens pooled to 3x8 where the embedding gives 4x6): their reading is in
+            # doubt, and a map of them would be scrambled; not a candidate (layer= with grid= reads them)
+            continue
         if layout is not None:
             # a block or stage handing on its last layer's output in another layout (MaxViT's and TinyViT's
             # channels-last blocks, permuted back to (B, C, h, w)) takes its place: the same values, later
@@ -331,6 +445,24 @@ def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
         return _search(model, x)
 
 
+def _refuse_inline_attention(model: nn.Module, x: Tensor, attending: Sequence[tuple[str, Any]]) -> None:
+    """Refuse a model whose own ``forward`` (no submodule) computes attention over one image's tokens
+    (``(1, heads, N, N)``, ``N > 1``): no module's output is the input of that attention, so the ViT
+    rule has nothing to point at, and the map rule would pick a layer before it (the patch
+    embedding) and say nothing."""
+    own = [shape for name, shape in attending
+           if not name and shape is not None and len(shape) == 4 and shape[0] == 1 and shape[-1] > 1]
+    if own:
+        raise SalienceError(
+            f"the model computes attention (weights of shape {tuple(own[-1])}) in its own forward, not in a "
+            "submodule, so no layer's output is the input of its last attention, where the default layer of a "
+            "transformer is: there is no default layer. Pass layer= a module whose output is the token sequence "
+            "(a dotted name from model.named_modules(); command line: --layer), or move the attention into a "
+            "submodule (e.g. a block module per layer), or use a method without a layer (vanilla, "
+            "integrated_gradients, attention_rollout)"
+        )
+
+
 def _search(model: nn.Module, x: Tensor) -> tuple[str, str]:
     """The heuristic of :func:`default_layer` (the ViT rule, else the map rule): ``(name, why)``."""
     embeds = patch_embeddings(model, int(x.shape[1]))
@@ -345,8 +477,10 @@ def _search(model: nn.Module, x: Tensor) -> tuple[str, str]:
             "or use a method without a layer (vanilla, integrated_gradients)"
         )
     outputs: list = []
-    calls = _record_calls(model, x, outputs=outputs)
-    vit = _before_last_attention(model, x, calls)
+    attending: list[tuple[str, Any]] = []
+    calls = _record_calls(model, x, outputs=outputs, attending=attending)
+    _refuse_inline_attention(model, x, attending)
+    vit = _before_last_attention(model, x, calls, attending)
     if vit is not None:
         return vit, ("the input of the last attention, where every token still reaches the output; after it, "
                      "a head that reads the class token alone gives the patch tokens no gradient")

@@ -1,0 +1,169 @@
+"""Attention written as a bare function, not in an ``nn.MultiheadAttention`` / timm ``Attention`` module
+nor in a class named ``...Attention``: an own-code ViT whose blocks call ``F.scaled_dot_product_attention``
+or compute ``softmax(q k^T) v`` inline in a module named ``Mixer`` (or in the block itself). The CAMs' default
+layer was the patch embedding (the map rule: nothing looked like attention), said nowhere; timm's
+``vit_small_patch16_rope_224`` (``AttentionRope``, not named ``...Attention``) got ``patch_embed`` so. Now the
+module that runs an attention operation counts as attention; the default is the last block's norm before its
+attention, Grad-CAM there equals the hand computation; rollout equals a hand-written rollout; a model whose own
+forward computes the attention has no default layer and is refused saying to pass ``layer=``."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import salience
+from salience import SalienceError
+from salience.methods import default_methods
+from salience.methods.gradcam import default_layer
+
+from conftest import unchanged
+from hand_cams import gradcam_by_hand, row_major
+
+D, HEADS = 16, 2
+
+
+def _attention(qkv: nn.Linear, t: torch.Tensor, sdpa: bool) -> torch.Tensor:
+    b, n, d = t.shape
+    q, k, v = qkv(t).reshape(b, n, 3, HEADS, d // HEADS).permute(2, 0, 3, 1, 4)
+    if sdpa:
+        o = F.scaled_dot_product_attention(q, k, v)
+    else:
+        o = (q @ k.transpose(-1, -2) * (d // HEADS) ** -0.5).softmax(-1) @ v
+    return o.transpose(1, 2).reshape(b, n, d)
+
+
+class Mixer(nn.Module):
+    def __init__(self, sdpa: bool):
+        super().__init__()
+        self.qkv, self.proj, self.sdpa = nn.Linear(D, 3 * D), nn.Linear(D, D), sdpa
+
+    def forward(self, t):
+        return self.proj(_attention(self.qkv, t, self.sdpa))
+
+
+class Block(nn.Module):
+    def __init__(self, sdpa: bool, inline: bool):
+        super().__init__()
+        self.norm1, self.norm2, self.inline = nn.LayerNorm(D), nn.LayerNorm(D), inline
+        if inline:  # the attention in the block's own forward, its weights held by the block
+            self.qkv, self.proj, self.sdpa = nn.Linear(D, 3 * D), nn.Linear(D, D), sdpa
+        else:
+            self.mix = Mixer(sdpa)
+        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+
+    def forward(self, t):
+        u = self.norm1(t)
+        t = t + (self.proj(_attention(self.qkv, u, self.sdpa)) if self.inline else self.mix(u))
+        return t + self.mlp(self.norm2(t))
+
+
+class OwnViT(nn.Module):
+    """Patch conv 8x8, a class token, 2 blocks; 1 + 4x4 tokens at 32 px. ``in_forward``: the model's own
+    forward runs a last attention itself (no submodule)."""
+
+    def __init__(self, sdpa: bool = True, inline: bool = False, in_forward: bool = False):
+        super().__init__()
+        self.embed = nn.Conv2d(3, D, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, D))
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 17, D))
+        self.blocks = nn.Sequential(Block(sdpa, inline), Block(sdpa, inline))
+        self.in_forward = in_forward
+        self.qkv = nn.Linear(D, 3 * D)
+        self.norm, self.head = nn.LayerNorm(D), nn.Linear(D, 5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1) + self.pos
+        t = self.blocks(t)
+        if self.in_forward:
+            t = t + _attention(self.qkv, t, True)
+        return self.head(self.norm(t)[:, 0])
+
+
+def _net(**kw) -> OwnViT:
+    torch.manual_seed(0)
+    return OwnViT(**kw).eval()
+
+
+@pytest.mark.parametrize("sdpa", [True, False], ids=["sdpa", "softmax"])
+def test_attention_in_a_mixer_module_gives_the_vit_default_layer(sdpa):
+    net, x, target = _net(sdpa=sdpa), torch.rand(2, 3, 32, 32), torch.tensor([1, 3])
+    assert default_layer(net, x) == "blocks.1.norm1"  # was 'embed', the patch convolution
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target)
+    ref = gradcam_by_hand(net, x, "blocks.1.norm1", target, row_major(4, 4, prefix=1))
+    assert ref.std() > 0
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_inline_in_a_block_gives_the_last_blocks_input():
+    """The block computes the attention itself: the module that finished last before it, outside it, with
+    its token shape is the previous block, the last block's input (every token still reaches the output)."""
+    net, x, target = _net(sdpa=False, inline=True), torch.rand(2, 3, 32, 32), torch.tensor([0, 2])
+    assert default_layer(net, x) == "blocks.0"
+    cam = salience.gradcam(net, x, target)
+    ref = gradcam_by_hand(net, x, "blocks.0", target, row_major(4, 4, prefix=1))
+    assert ref.std() > 0
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_in_the_models_own_forward_is_refused_naming_layer():
+    net, x = _net(in_forward=True), torch.rand(1, 3, 32, 32)
+    with pytest.raises(SalienceError, match=r"in its own forward, not in a submodule.*Pass layer="):
+        default_layer(net, x)
+    # named, it runs: the input of the model's own attention is the last block's output
+    target = torch.tensor([1])
+    torch.testing.assert_close(salience.gradcam(net, x, target, layer="blocks.1"),
+                               gradcam_by_hand(net, x, "blocks.1", target, row_major(4, 4, prefix=1)),
+                               rtol=1e-4, atol=1e-6)
+
+
+def _rollout_by_hand(net: OwnViT, x: torch.Tensor) -> torch.Tensor:
+    """Abnar & Zuidema's rollout written out: each block's A = softmax(q k^T / sqrt(d)) from its norm1's output
+    and its weights, mean over heads, 0.5 A + 0.5 I renormalized, the product, the class token's row, 4x4."""
+    kept = []
+    hooks = [b.norm1.register_forward_hook(lambda m, i, o: kept.append(o.detach())) for b in net.blocks]
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    r = torch.eye(17).expand(len(x), 17, 17)
+    for blk, u in zip(net.blocks, kept):
+        q, k, _ = blk.mix.qkv(u).detach().reshape(len(x), 17, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / (D // HEADS) ** 0.5, -1).mean(1)
+        a = 0.5 * a + 0.5 * torch.eye(17)
+        r = (a / a.sum(-1, keepdim=True)) @ r
+    m = r[:, 0, 1:].reshape(len(x), 1, 4, 4)
+    return F.interpolate(m, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+
+
+@pytest.mark.parametrize("sdpa", [True, False], ids=["sdpa", "softmax"])
+def test_rollout_on_a_mixer_equals_the_hand_written_rollout(sdpa):
+    net, x = _net(sdpa=sdpa), torch.rand(2, 3, 32, 32)
+    with unchanged(net):
+        got = salience.attention_rollout(net, x)
+    torch.testing.assert_close(got, _rollout_by_hand(net, x), rtol=1e-5, atol=1e-6)
+
+
+def test_default_methods_offer_the_attention_methods_when_rollout_runs():
+    """They were left out by the modules' class names (no ...Attention), though both run."""
+    net, x = _net(), torch.rand(1, 3, 32, 32)
+    assert {"attention_rollout", "transformer_attribution", "gradcam"} <= set(default_methods(net, x))
+
+
+def test_timm_rope_vit_default_is_the_last_norm1_not_the_patch_embedding():
+    """timm's ``AttentionRope`` (class name not ending in Attention) calls SDPA: its default was ``patch_embed``."""
+    timm = pytest.importorskip("timm")
+    logging.getLogger("timm").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    net = timm.create_model("vit_small_patch16_rope_224", pretrained=False, img_size=32, depth=2, embed_dim=32,
+                            num_heads=2, num_classes=5).eval()
+    x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 3])
+    assert default_layer(net, x) == "blocks.1.norm1"
+    torch.testing.assert_close(salience.gradcam(net, x, target),
+                               gradcam_by_hand(net, x, "blocks.1.norm1", target, row_major(2, 2, prefix=1)),
+                               rtol=1e-4, atol=1e-6)
