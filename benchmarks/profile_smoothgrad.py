@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     wall_us = prof_s * 1e6
     in_ops = sum(phase_us.values())
     lines = [
-        f"# Profile of one SmoothGrad run",
+        "# Profile of one SmoothGrad run",
         "",
         f"`python benchmarks/profile_smoothgrad.py --model {args.model} --batch {args.batch} --size {args.size} "
         f"--samples {args.samples} --threads {args.threads}`: `salience.smoothgrad(samples={args.samples}, "

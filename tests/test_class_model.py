@@ -1,7 +1,6 @@
 """Class model visualization and filter visualization: closed forms, score ascent, regularizers, hygiene."""
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch

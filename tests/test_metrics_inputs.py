@@ -10,7 +10,6 @@ import torch
 
 from salience import SalienceError
 from salience import evidence as M
-from salience.cli import main
 from salience.evidence import evaluate
 
 from conftest import SmallCNN, unchanged
