@@ -1424,11 +1424,16 @@ def test_an_items_error_in_a_dataloader_worker_is_the_same_one_line_salience_err
                                                                             "000000002.parquet"]
     resumed = salience.explain_dataset(model, _Items(), ["vanilla"], tmp_path / "w1", shard_size=2, batch_size=2,
                                        workers=1)
+    _assert_vanilla_of_items(resumed, model)
+
+
+def _assert_vanilla_of_items(run, model):
+    """The run's vanilla maps of the 8 ``_Items`` equal vanilla gradients of the predicted class
+    computed directly (within float16 storage)."""
     x = torch.stack([_Items()[i] for i in range(8)])
     with salience.model_guard(model):
         want = salience.vanilla(model, x, model(x).argmax(1)).numpy()
-    np.testing.assert_allclose(np.stack([resumed.map(i, "vanilla") for i in range(8)]), want, rtol=2 ** -10,
-                               atol=6e-8)
+    np.testing.assert_allclose(np.stack([run.map(i, "vanilla") for i in range(8)]), want, rtol=2 ** -10, atol=6e-8)
 
 
 class _Raising(_Items):
@@ -1481,11 +1486,7 @@ def test_a_users_dataset_error_in_a_dataloader_worker_is_raised_as_its_own_type(
     resumed = salience.explain_dataset(model, _Raising(None), ["vanilla"], folder, shard_size=2, batch_size=2,
                                        workers=1)
     assert {p.name: p.stat().st_mtime_ns for p in (folder / "shards").iterdir() if p.name < "000000004"} == kept
-    x = torch.stack([_Items()[i] for i in range(8)])
-    with salience.model_guard(model):
-        want = salience.vanilla(model, x, model(x).argmax(1)).numpy()
-    np.testing.assert_allclose(np.stack([resumed.map(i, "vanilla") for i in range(8)]), want, rtol=2 ** -10,
-                               atol=6e-8)
+    _assert_vanilla_of_items(resumed, model)
 
 
 def test_a_users_error_that_cannot_be_rebuilt_is_a_salience_error_naming_it_and_the_image(tmp_path):
