@@ -40,6 +40,15 @@ def second_blind():
         head.weight[1] = 0
         head.bias.copy_(torch.tensor([100.0, 50.0, -100.0]))
     return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), head)
+
+def tiny():
+    """seeing()'s head scaled by 1e-6: its vanilla maps (the head's weights / 64, ~1e-9) are not constant
+    but below float16's smallest value (6e-08)."""
+    torch.manual_seed(0)
+    head = nn.Linear(48, 3)
+    with torch.no_grad():
+        head.weight.mul_(1e-6)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), head)
 '''
 
 
@@ -192,6 +201,63 @@ def test_a_dataset_run_warns_of_every_targets_constant_maps(setup, tmp_path, cap
         assert [viz.constant_value(stored[k]) for k in range(2)] == row["vanilla.constant"]
 
 
+def _tiny_run(setup, tmp_path, capsys, *extra):
+    paths, nets = setup
+    rc, out, err = _run(["explain", *paths, "--size", "32", "--dataset", "--workers", "0", "--no-progress",
+                         "-m", f"python:{nets}:tiny", *extra, "-o", tmp_path / "run"], capsys)
+    assert rc == 0, err
+    return paths, err
+
+
+def _tiny_reference(path) -> np.ndarray:
+    """tiny()'s vanilla map of one image by hand: d score / d pixel = W[c, cell] / 64 (the 8 x 8 pooled
+    cell of the pixel), c the predicted class, the same for every pixel of a cell."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_nets", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.tiny()[2].weight.detach().double().numpy()
+
+
+def test_a_tiny_map_is_not_constant_and_float16_storage_says_it_loses_it(setup, tmp_path, capsys, recwarn):
+    """A map of values ~1e-9 (below float16's smallest value, 6e-08) is not constant: the run's
+    ``.constant`` column says so (judged on the float32 map), its stored float16 map is all zero, and
+    the run says that the storage lost it and what to do (map_dtype float32), never the constant-map
+    note ("untrained model ..."). With --map-dtype float32 the stored map is the map, and nothing is said."""
+    from salience.runs import open_run
+    from salience.runs.store import float16_note
+
+    paths, nets = setup
+    weight = _tiny_reference(nets)
+    assert 0 < np.abs(weight).max() / 64 < 3e-8 and np.ptp(weight) > 0  # the map's values: below float16's range
+    _, err = _tiny_run(setup, tmp_path, capsys)
+    assert "untrained" not in err and "constant (zero)" not in err, err
+    said = [str(w.message) for w in recwarn if "float16" in str(w.message)]  # printed by the command, recorded here
+    assert not [w for w in recwarn if "constant (zero)" in str(w.message)]
+    assert len(said) == 1 and "map_dtype=\"float32\"" in said[0] and "--map-dtype float32" in said[0], err
+    assert str(paths[0]) in said[0] and str(paths[1]) in said[0]
+    assert float16_note(0.0) in said[0]
+    run = open_run(tmp_path / "run")
+    rows = run.table.to_pylist()
+    assert [r["vanilla.constant"] for r in rows] == [[None], [None]]  # not constant: judged before storage
+    for r in rows:
+        stored = np.load(tmp_path / "run" / "maps" / "vanilla" / f"{r['shard']}.npy")[r["offset"]]
+        assert stored.dtype == np.float16 and not stored.any()  # what float16 keeps of it
+        assert r["vanilla.max"] > 0  # the float32 map's extremes (the first target's, |.| not taken: vanilla is signed)
+
+    (tmp_path / "f32").mkdir()
+    recwarn.clear()
+    _, err = _tiny_run(setup, tmp_path / "f32", capsys, "--map-dtype", "float32")
+    assert "float16" not in err and "constant" not in err, err
+    assert not [w for w in recwarn if "float16" in str(w.message) or "constant" in str(w.message)]
+    run = open_run(tmp_path / "f32" / "run")
+    for r in run.table.to_pylist():
+        stored = np.load(tmp_path / "f32" / "run" / "maps" / "vanilla" / f"{r['shard']}.npy")[r["offset"], 0]
+        want = np.kron(np.abs(weight[r["predicted"]].reshape(3, 4, 4)).max(0), np.ones((8, 8))) / 64  # max_c |g|
+        assert stored.dtype == np.float32 and np.allclose(stored, want, rtol=1e-4, atol=0)
+
+
 # --------------------------------------------------------------------------------- the explorer
 
 
@@ -338,3 +404,34 @@ def test_visualize_says_a_class_model_image_left_flat(setup, tmp_path, capsys):
     rc, out, err = _run([*common, "-m", f"python:{nets}:seeing", "-o", tmp_path / "d.png"], capsys)
     assert rc == 0 and err == "", err
     assert len(np.unique(np.asarray(Image.open(tmp_path / "d.png")).reshape(-1, 3), axis=0)) > 1
+
+
+def test_the_explorer_says_float16_lost_a_stored_map_that_is_not_constant(setup, tmp_path, capsys, recwarn):
+    """The tiny run's stored maps are all zero (float16), its maps are not constant (its ``.constant``
+    column): the stored map's header says float16 storage lost it and what to do, not the constant-map
+    note's causes (an untrained model ...); the run's gallery says nothing of constant maps (a map the
+    run records as constant still gets the constant-map note: the test above)."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    import json
+
+    from starlette.testclient import TestClient
+
+    from explore_helpers import npy
+    from salience.explore.app import WARNINGS_HEADER, create_app
+    from salience.explore.server import build_hub
+    from salience.runs.store import float16_note
+
+    _tiny_run(setup, tmp_path, capsys)
+    hub = build_hub(_blind(), runs=[tmp_path / "run"])
+    c = TestClient(create_app(hub))
+    try:
+        (run,) = c.get("api/runs").json()["runs"]
+        assert run["warnings"] == []
+        for row in (0, 1):
+            got = c.get(f"api/runs/r0/rows/{row}/maps/vanilla.npy")
+            assert got.status_code == 200 and not npy(got.content).any()  # what float16 kept
+            assert json.loads(got.headers[WARNINGS_HEADER]) == [float16_note(0.0)]
+            assert "untrained" not in got.headers[WARNINGS_HEADER]
+    finally:
+        hub.close()

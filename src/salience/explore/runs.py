@@ -362,6 +362,26 @@ class RunSource:
             raise self._not_stored(f"the run's stored {method} maps for this row are damaged: {path} is not a "
                                    f"readable array of maps ({type(e).__name__})") from None
 
+    def stored_map_note(self, index: int, method: str, k: int, stored: np.ndarray) -> Optional[str]:
+        """What to say of row ``index``'s ``stored`` map of ``method`` for target ``k`` when its picture
+        is one flat colour, else ``None``. The run's ``METHOD.constant`` column (judged on the float32
+        map, before storage) says whether the map is constant: then
+        :func:`~salience.render.viz.constant_map_note` of its value. A map it records as not constant
+        whose stored (float16) map is one value everywhere was lost by the storage:
+        :func:`~salience.runs.store.float16_note` (never the constant-map note's causes). A row of a
+        run begun before that column (null) is judged on the stored map."""
+        from salience.render import viz
+        from salience.runs.store import float16_note
+
+        column = f"{method}.constant"
+        values = self.run.row(int(index)).get(column) if column in self.run.table.column_names else None
+        if values is None or not 0 <= k < len(values):
+            return viz.constant_map_note(stored)
+        if values[k] is not None:
+            return viz.constant_map_note(np.array([values[k]]))
+        lost = viz.constant_value(stored)
+        return None if lost is None else float16_note(lost)
+
     def _stored(self, what: str) -> None:
         """:class:`NotStored` when the run's table cannot say where a row's ``what`` are (no
         ``shard`` / ``offset`` columns: a table written by hand, or by another program)."""
