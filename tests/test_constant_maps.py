@@ -343,6 +343,10 @@ def test_the_explorer_says_a_runs_constant_maps_and_a_stored_maps_note_in_a_head
         assert "vanilla.constant" not in run["metrics"] and "vanilla.max" in run["metrics"]
         rows = c.get("api/runs/r0/rows").json()
         assert rows["total"] == 2 and all("vanilla.constant" not in r for r in rows["rows"])
+        # each row says its flat maps for the page (its thumbnails cannot): class 1's (k=1), zero
+        note = viz.constant_map_note(np.zeros(2))
+        assert [r["constant"] for r in rows["rows"]] == [
+            {"vanilla": [{"k": 1, "class": 1, "name": None, "value": 0.0, "note": note}]}] * 2
         flat = c.get("api/runs/r0/rows/0/maps/vanilla.npy", params={"k": "1"})
         assert flat.status_code == 200 and not npy(flat.content).any()
         assert json.loads(flat.headers[WARNINGS_HEADER]) == [viz.constant_map_note(np.zeros(2))]
