@@ -439,3 +439,47 @@ def test_the_explorer_says_float16_lost_a_stored_map_that_is_not_constant(setup,
             assert "untrained" not in got.headers[WARNINGS_HEADER]
     finally:
         hub.close()
+
+
+def _channels(model, x, target):
+    """A per-channel "method": channel 0 is +1, channel 1 is -2, channel 2 is 0.5 everywhere (the
+    image's pixel (0, 0) of channel 2 0.25 when its class is odd: a map that is not flat)."""
+    n, _, h, w = x.shape
+    m = torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1).repeat(n, 1, h, w)
+    if target is not None:
+        t = torch.as_tensor(target).reshape(n, -1)[:, 0]
+        m[t % 2 == 1, 0, 0, 0] = 3.0
+    return m
+
+
+def test_a_per_channel_map_is_judged_as_it_is_shown(tmp_path, recwarn):
+    """A per-channel map whose channels are each constant (+1, -2, 0.5) is shown as ``max_c |m|``: 2
+    everywhere, one flat colour. Its ``.constant`` says so (2.0, equal to ``.min`` and ``.max``, the
+    stored map as read, and the run's note), as every picture of it; before, ``.constant`` counted
+    the raw channels (not constant) while ``.min`` = ``.max`` = 2 and the thumbnail was flat. A map
+    whose ``max_c |m|`` is not flat (pixel (0, 0) is 3) is not constant in any of them."""
+    pytest.importorskip("pyarrow")
+    from salience._core.info import ModelInfo, attach_info
+    from salience.runs.job import constant_notes
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"pic{i}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    for name, target, flat in (("even", 0, True), ("odd", 1, False)):
+        model = attach_info(_blind(), ModelInfo(name="blind", input_size=(32, 32)))
+        run = salience.explain_dataset(model, paths, {"channels": _channels}, tmp_path / name, target=target,
+                                       workers=0)
+        for r in run.table.to_pylist():
+            shown = run.map(r["index"], "channels", 0)  # max_c |m|, as the explorer serves it
+            if flat:
+                assert r["channels.constant"] == [2.0] and r["channels.min"] == r["channels.max"] == 2.0
+                assert viz.constant_value(shown) == 2.0
+            else:
+                assert r["channels.constant"] == [None] and r["channels.max"] == 3.0 and r["channels.min"] == 2.0
+                assert viz.constant_value(shown) is None
+        notes = constant_notes(run.table, ["channels"])
+        assert notes == ([f"channels, 2 of 2 image(s) ({paths[0]}, {paths[1]}): "
+                          f"{viz.constant_map_note(np.full(2, 2.0))}"] if flat else [])

@@ -363,7 +363,8 @@ def _warn_stored(plan: Plan, name: str, m: Tensor, constants: Sequence[Sequence[
     for j, values in enumerate(constants):
         for k, v in enumerate(values):
             if v is None:
-                stored = viz.constant_value(_cast(m[j, k].numpy(), np.dtype(np.float16)))
+                kept = _cast(m[j, k].numpy(), np.dtype(np.float16))
+                stored = viz.constant_value(np.abs(kept).max(0) if kept.ndim == 3 else kept)  # as shown: max_c |m|
                 if stored is not None:
                     lost.setdefault(str(plan.paths[indices[j]]), stored)
     if not lost:
@@ -439,10 +440,13 @@ def _summaries(first: Tensor) -> dict[str, list[float]]:
 
 def constant_values(maps: Tensor) -> list[Optional[float]]:
     """Per target, the one value of an image's map ``maps[k]`` that holds one value everywhere
-    (:func:`salience.render.viz.constant_value`, all its channels counted), else ``None``: the
-    ``METHOD.constant`` column, so that the end of a run can say which maps of every target are flat
-    pictures (its ``min`` / ``max`` are the first target's only)."""
-    return [viz.constant_value(maps[k].numpy()) for k in range(maps.shape[0])]
+    (:func:`salience.render.viz.constant_value`), else ``None``: the ``METHOD.constant`` column, so
+    that the end of a run can say which maps of every target are flat pictures (its ``min`` / ``max``
+    are the first target's only). A per-channel map ``(C, H, W)`` is judged as every picture, summary
+    and stored-map read of a run shows it, ``max_c |m|`` (:func:`display`): its ``.constant`` is the
+    value of ``.min`` and ``.max`` when they are equal, and its thumbnail is then one flat colour
+    (channels each constant at other values, ``+1`` and ``-2``, are the constant ``2``)."""
+    return [viz.constant_value(display(maps[k][None])[0].numpy()) for k in range(maps.shape[0])]
 
 
 NAMED = 5
