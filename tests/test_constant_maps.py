@@ -483,3 +483,50 @@ def test_a_per_channel_map_is_judged_as_it_is_shown(tmp_path, recwarn):
         notes = constant_notes(run.table, ["channels"])
         assert notes == ([f"channels, 2 of 2 image(s) ({paths[0]}, {paths[1]}): "
                           f"{viz.constant_map_note(np.full(2, 2.0))}"] if flat else [])
+
+
+def _near_thousand(model, x, target):
+    """1000 + 1e-4 * (row + column): not constant in float32 (its spacing at 1000 is 6e-05), one value in
+    float16 (its spacing at 1000 is 0.5: every value rounds to 1000)."""
+    n, _, h, w = x.shape
+    grid = torch.arange(h).view(h, 1) + torch.arange(w).view(1, w)
+    return (1000.0 + 1e-4 * grid.float()).expand(n, h, w).clone()
+
+
+def test_a_map_closer_than_float16s_precision_is_said_lost_by_the_storage(tmp_path, recwarn):
+    """A map whose values differ by less than float16's precision is stored as one value (1000): the
+    run's ``.constant`` is null (the float32 map is not constant), the run warns that float16 storage
+    made it constant (its value said, map_dtype float32 the remedy), and the explorer's header on the
+    stored map says the same, never the constant-map note."""
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    import json
+
+    from starlette.testclient import TestClient
+
+    from explore_helpers import npy
+    from salience._core.info import ModelInfo, attach_info
+    from salience.explore.app import WARNINGS_HEADER, create_app
+    from salience.explore.server import build_hub
+    from salience.runs.store import float16_note
+
+    m = _near_thousand(None, torch.zeros(1, 3, 32, 32), None)[0].double().numpy()
+    assert np.ptp(m) > 0 and np.ptp(m.astype(np.float16)) == 0 and m.astype(np.float16)[0, 0] == 1000
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "pic.png")
+    model = attach_info(_blind(), ModelInfo(name="blind", input_size=(32, 32)))
+    run = salience.explain_dataset(model, [tmp_path / "pic.png"], {"near": _near_thousand}, tmp_path / "run",
+                                   workers=0)
+    (row,) = run.table.to_pylist()
+    assert row["near.constant"] == [None] and row["near.max"] > row["near.min"]
+    said = [str(w.message) for w in recwarn if "float16" in str(w.message)]
+    assert len(said) == 1 and float16_note(1000.0) in said[0], said
+    assert "differ by less than float16's precision" in said[0] and "constant (1000)" in said[0]
+    hub = build_hub(model, runs=[tmp_path / "run"])
+    c = TestClient(create_app(hub))
+    try:
+        got = c.get("api/runs/r0/rows/0/maps/near.npy")
+        assert got.status_code == 200 and (npy(got.content) == 1000).all()
+        assert json.loads(got.headers[WARNINGS_HEADER]) == [float16_note(1000.0)]
+    finally:
+        hub.close()
