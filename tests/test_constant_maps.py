@@ -41,6 +41,13 @@ def second_blind():
         head.bias.copy_(torch.tensor([100.0, 50.0, -100.0]))
     return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), head)
 
+def channel_flat():
+    """The mean of each channel, then a head: vanilla's gradient at pixel (c, h, w) is W[t, c] / (H W),
+    constant over each channel at another value, so with --reduce none the per-channel map's
+    max_c |m| (its figure) is one value everywhere while its channels differ."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+
 def tiny():
     """seeing()'s head scaled by 1e-6: its vanilla maps (the head's weights / 64, ~1e-9) are not constant
     but below float16's smallest value (6e-08)."""
@@ -528,5 +535,65 @@ def test_a_map_closer_than_float16s_precision_is_said_lost_by_the_storage(tmp_pa
         got = c.get("api/runs/r0/rows/0/maps/near.npy")
         assert got.status_code == 200 and (npy(got.content) == 1000).all()
         assert json.loads(got.headers[WARNINGS_HEADER]) == [float16_note(1000.0)]
+    finally:
+        hub.close()
+
+
+def test_explain_judges_a_per_channel_map_as_its_figure_draws_it(setup, tmp_path, capsys):
+    """salience explain --reduce none of channel_flat(): each channel's map is constant at W[t, c] / 1024,
+    the channels differ, the figure draws max_c |m| = max_c |W[t, c]| / 1024, one flat colour (its tile
+    says "constant"): the command says so, with that value (before: nothing, as the raw channels differ)."""
+    import importlib.util
+
+    paths, nets = setup
+    spec = importlib.util.spec_from_file_location("channel_nets", nets)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    w = mod.channel_flat()[2].weight.detach().double().numpy()
+    assert len(set(np.abs(w[0]))) == 3  # the channels' values differ
+    rc, out, err = _run(["explain", paths[0], "-m", f"python:{nets}:channel_flat", "--size", "32", "--method",
+                         "vanilla", "--reduce", "none", "--target", "0", "-o", tmp_path / "o", "--no-progress"], capsys)
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if "constant" in ln]
+    assert len(lines) == 1, err
+    assert viz.constant_map_note(np.full(2, np.abs(w[0]).max() / 1024)) in lines[0]
+    assert viz.constant_map_note(np.full(2, np.abs(w[0]).max() / 1024)) == \
+        viz.constant_map_note(np.full(2, np.float32(np.abs(w[0]).max() / 1024)))  # said at the note's 4 digits
+
+
+def test_the_explorer_judges_a_per_channel_map_as_the_page_draws_it(tmp_path):
+    """The explorer's vanilla map of a mean-of-channels model with reduce none: channels constant at
+    W[t, c] / (H W), which differ; the page draws max_c |m|, one flat colour: the cell's warnings say
+    the map is constant (that value), as the command line does (before: nothing). reduce max_abs:
+    the same note (the same picture)."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    from starlette.testclient import TestClient
+
+    from explore_helpers import npy, shapes_files, wait_job
+    from salience.explore.app import Hub, create_app
+    from salience.explore.compute import ModelSlot
+    from salience.explore.images import FileSource, ImageStore
+
+    shapes_files(tmp_path, n=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+    w = model[2].weight.detach().double().numpy()
+    hub = Hub([ModelSlot("a", model)], ImageStore([FileSource([tmp_path])]))
+    c = TestClient(create_app(hub))
+    try:
+        def ask(reduce):
+            r = c.post("api/explain", json={"model": "a", "image": "f0", "method": "vanilla", "target": 0,
+                                            "options": {"reduce": reduce}})
+            assert r.status_code in (200, 202), r.text
+            return wait_job(lambda url: c.get(url).json(), r.json())
+
+        raw, reduced = ask("none"), ask("max_abs")
+        assert raw["state"] == "done" and reduced["state"] == "done"
+        m = npy(c.get(f"api/maps/{raw['key']}.npy").content)
+        assert m.ndim == 3 and len({float(v) for v in m.reshape(3, -1)[:, 0]}) == 3  # the channels differ
+        h, wd = m.shape[1:]
+        want = viz.constant_map_note(np.full(2, np.abs(w[0]).max() / (h * wd)))
+        assert raw["warnings"] == [want] and reduced["warnings"] == [want]
     finally:
         hub.close()

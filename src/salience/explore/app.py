@@ -232,10 +232,11 @@ class Hub:
     def explain_map(self, key: str, slot: ModelSlot, image: Any, method: str, target: int, given: dict[str, Any],
                     ticker: Ticker) -> Any:
         """:func:`compute.explain`, its warnings kept as map ``key``'s (:meth:`warnings_of`); a map that
-        is one value everywhere (:func:`viz.constant_map_note`: its picture is a flat colour) is one."""
+        is one value everywhere as the page draws it (:func:`viz.constant_map_note` of
+        :func:`compute.display_map`, ``max_c |m|`` for a per-channel map: its picture is a flat colour) is one."""
         with compute.caught_warnings() as said:
             raw = compute.explain(slot, image, method, target, given, ticker)
-            note = viz.constant_map_note(raw)
+            note = viz.constant_map_note(compute.display_map(raw))
             if note is not None:
                 warnings.warn(note, stacklevel=user_stacklevel())
         with self._lock:
