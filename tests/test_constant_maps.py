@@ -40,6 +40,22 @@ def second_blind():
         head.weight[1] = 0
         head.bias.copy_(torch.tensor([100.0, 50.0, -100.0]))
     return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), head)
+
+def channel_flat():
+    """The mean of each channel, then a head: vanilla's gradient at pixel (c, h, w) is W[t, c] / (H W),
+    constant over each channel at another value, so with --reduce none the per-channel map's
+    max_c |m| (its figure) is one value everywhere while its channels differ."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+
+def tiny():
+    """seeing()'s head scaled by 1e-6: its vanilla maps (the head's weights / 64, ~1e-9) are not constant
+    but below float16's smallest value (6e-08)."""
+    torch.manual_seed(0)
+    head = nn.Linear(48, 3)
+    with torch.no_grad():
+        head.weight.mul_(1e-6)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), head)
 '''
 
 
@@ -192,6 +208,63 @@ def test_a_dataset_run_warns_of_every_targets_constant_maps(setup, tmp_path, cap
         assert [viz.constant_value(stored[k]) for k in range(2)] == row["vanilla.constant"]
 
 
+def _tiny_run(setup, tmp_path, capsys, *extra):
+    paths, nets = setup
+    rc, out, err = _run(["explain", *paths, "--size", "32", "--dataset", "--workers", "0", "--no-progress",
+                         "-m", f"python:{nets}:tiny", *extra, "-o", tmp_path / "run"], capsys)
+    assert rc == 0, err
+    return paths, err
+
+
+def _tiny_reference(path) -> np.ndarray:
+    """tiny()'s vanilla map of one image by hand: d score / d pixel = W[c, cell] / 64 (the 8 x 8 pooled
+    cell of the pixel), c the predicted class, the same for every pixel of a cell."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_nets", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.tiny()[2].weight.detach().double().numpy()
+
+
+def test_a_tiny_map_is_not_constant_and_float16_storage_says_it_loses_it(setup, tmp_path, capsys, recwarn):
+    """A map of values ~1e-9 (below float16's smallest value, 6e-08) is not constant: the run's
+    ``.constant`` column says so (judged on the float32 map), its stored float16 map is all zero, and
+    the run says that the storage lost it and what to do (map_dtype float32), never the constant-map
+    note ("untrained model ..."). With --map-dtype float32 the stored map is the map, and nothing is said."""
+    from salience.runs import open_run
+    from salience.runs.store import float16_note
+
+    paths, nets = setup
+    weight = _tiny_reference(nets)
+    assert 0 < np.abs(weight).max() / 64 < 3e-8 and np.ptp(weight) > 0  # the map's values: below float16's range
+    _, err = _tiny_run(setup, tmp_path, capsys)
+    assert "untrained" not in err and "constant (zero)" not in err, err
+    said = [str(w.message) for w in recwarn if "float16" in str(w.message)]  # printed by the command, recorded here
+    assert not [w for w in recwarn if "constant (zero)" in str(w.message)]
+    assert len(said) == 1 and "map_dtype=\"float32\"" in said[0] and "--map-dtype float32" in said[0], err
+    assert str(paths[0]) in said[0] and str(paths[1]) in said[0]
+    assert float16_note(0.0) in said[0]
+    run = open_run(tmp_path / "run")
+    rows = run.table.to_pylist()
+    assert [r["vanilla.constant"] for r in rows] == [[None], [None]]  # not constant: judged before storage
+    for r in rows:
+        stored = np.load(tmp_path / "run" / "maps" / "vanilla" / f"{r['shard']}.npy")[r["offset"]]
+        assert stored.dtype == np.float16 and not stored.any()  # what float16 keeps of it
+        assert r["vanilla.max"] > 0  # the float32 map's extremes (the first target's, |.| not taken: vanilla is signed)
+
+    (tmp_path / "f32").mkdir()
+    recwarn.clear()
+    _, err = _tiny_run(setup, tmp_path / "f32", capsys, "--map-dtype", "float32")
+    assert "float16" not in err and "constant" not in err, err
+    assert not [w for w in recwarn if "float16" in str(w.message) or "constant" in str(w.message)]
+    run = open_run(tmp_path / "f32" / "run")
+    for r in run.table.to_pylist():
+        stored = np.load(tmp_path / "f32" / "run" / "maps" / "vanilla" / f"{r['shard']}.npy")[r["offset"], 0]
+        want = np.kron(np.abs(weight[r["predicted"]].reshape(3, 4, 4)).max(0), np.ones((8, 8))) / 64  # max_c |g|
+        assert stored.dtype == np.float32 and np.allclose(stored, want, rtol=1e-4, atol=0)
+
+
 # --------------------------------------------------------------------------------- the explorer
 
 
@@ -277,6 +350,10 @@ def test_the_explorer_says_a_runs_constant_maps_and_a_stored_maps_note_in_a_head
         assert "vanilla.constant" not in run["metrics"] and "vanilla.max" in run["metrics"]
         rows = c.get("api/runs/r0/rows").json()
         assert rows["total"] == 2 and all("vanilla.constant" not in r for r in rows["rows"])
+        # each row says its flat maps for the page (its thumbnails cannot): class 1's (k=1), zero
+        note = viz.constant_map_note(np.zeros(2))
+        assert [r["constant"] for r in rows["rows"]] == [
+            {"vanilla": [{"k": 1, "class": 1, "name": None, "value": 0.0, "note": note}]}] * 2
         flat = c.get("api/runs/r0/rows/0/maps/vanilla.npy", params={"k": "1"})
         assert flat.status_code == 200 and not npy(flat.content).any()
         assert json.loads(flat.headers[WARNINGS_HEADER]) == [viz.constant_map_note(np.zeros(2))]
@@ -338,3 +415,185 @@ def test_visualize_says_a_class_model_image_left_flat(setup, tmp_path, capsys):
     rc, out, err = _run([*common, "-m", f"python:{nets}:seeing", "-o", tmp_path / "d.png"], capsys)
     assert rc == 0 and err == "", err
     assert len(np.unique(np.asarray(Image.open(tmp_path / "d.png")).reshape(-1, 3), axis=0)) > 1
+
+
+def test_the_explorer_says_float16_lost_a_stored_map_that_is_not_constant(setup, tmp_path, capsys, recwarn):
+    """The tiny run's stored maps are all zero (float16), its maps are not constant (its ``.constant``
+    column): the stored map's header says float16 storage lost it and what to do, not the constant-map
+    note's causes (an untrained model ...); the run's gallery says nothing of constant maps (a map the
+    run records as constant still gets the constant-map note: the test above)."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    import json
+
+    from starlette.testclient import TestClient
+
+    from explore_helpers import npy
+    from salience.explore.app import WARNINGS_HEADER, create_app
+    from salience.explore.server import build_hub
+    from salience.runs.store import float16_note
+
+    _tiny_run(setup, tmp_path, capsys)
+    hub = build_hub(_blind(), runs=[tmp_path / "run"])
+    c = TestClient(create_app(hub))
+    try:
+        (run,) = c.get("api/runs").json()["runs"]
+        assert run["warnings"] == []
+        for row in (0, 1):
+            got = c.get(f"api/runs/r0/rows/{row}/maps/vanilla.npy")
+            assert got.status_code == 200 and not npy(got.content).any()  # what float16 kept
+            assert json.loads(got.headers[WARNINGS_HEADER]) == [float16_note(0.0)]
+            assert "untrained" not in got.headers[WARNINGS_HEADER]
+    finally:
+        hub.close()
+
+
+def _channels(model, x, target):
+    """A per-channel "method": channel 0 is +1, channel 1 is -2, channel 2 is 0.5 everywhere (the
+    image's pixel (0, 0) of channel 2 0.25 when its class is odd: a map that is not flat)."""
+    n, _, h, w = x.shape
+    m = torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1).repeat(n, 1, h, w)
+    if target is not None:
+        t = torch.as_tensor(target).reshape(n, -1)[:, 0]
+        m[t % 2 == 1, 0, 0, 0] = 3.0
+    return m
+
+
+def test_a_per_channel_map_is_judged_as_it_is_shown(tmp_path, recwarn):
+    """A per-channel map whose channels are each constant (+1, -2, 0.5) is shown as ``max_c |m|``: 2
+    everywhere, one flat colour. Its ``.constant`` says so (2.0, equal to ``.min`` and ``.max``, the
+    stored map as read, and the run's note), as every picture of it; before, ``.constant`` counted
+    the raw channels (not constant) while ``.min`` = ``.max`` = 2 and the thumbnail was flat. A map
+    whose ``max_c |m|`` is not flat (pixel (0, 0) is 3) is not constant in any of them."""
+    pytest.importorskip("pyarrow")
+    from salience._core.info import ModelInfo, attach_info
+    from salience.runs.job import constant_notes
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"pic{i}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    for name, target, flat in (("even", 0, True), ("odd", 1, False)):
+        model = attach_info(_blind(), ModelInfo(name="blind", input_size=(32, 32)))
+        run = salience.explain_dataset(model, paths, {"channels": _channels}, tmp_path / name, target=target,
+                                       workers=0)
+        for r in run.table.to_pylist():
+            shown = run.map(r["index"], "channels", 0)  # max_c |m|, as the explorer serves it
+            if flat:
+                assert r["channels.constant"] == [2.0] and r["channels.min"] == r["channels.max"] == 2.0
+                assert viz.constant_value(shown) == 2.0
+            else:
+                assert r["channels.constant"] == [None] and r["channels.max"] == 3.0 and r["channels.min"] == 2.0
+                assert viz.constant_value(shown) is None
+        notes = constant_notes(run.table, ["channels"])
+        assert notes == ([f"channels, 2 of 2 image(s) ({paths[0]}, {paths[1]}): "
+                          f"{viz.constant_map_note(np.full(2, 2.0))}"] if flat else [])
+
+
+def _near_thousand(model, x, target):
+    """1000 + 1e-4 * (row + column): not constant in float32 (its spacing at 1000 is 6e-05), one value in
+    float16 (its spacing at 1000 is 0.5: every value rounds to 1000)."""
+    n, _, h, w = x.shape
+    grid = torch.arange(h).view(h, 1) + torch.arange(w).view(1, w)
+    return (1000.0 + 1e-4 * grid.float()).expand(n, h, w).clone()
+
+
+def test_a_map_closer_than_float16s_precision_is_said_lost_by_the_storage(tmp_path, recwarn):
+    """A map whose values differ by less than float16's precision is stored as one value (1000): the
+    run's ``.constant`` is null (the float32 map is not constant), the run warns that float16 storage
+    made it constant (its value said, map_dtype float32 the remedy), and the explorer's header on the
+    stored map says the same, never the constant-map note."""
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    import json
+
+    from starlette.testclient import TestClient
+
+    from explore_helpers import npy
+    from salience._core.info import ModelInfo, attach_info
+    from salience.explore.app import WARNINGS_HEADER, create_app
+    from salience.explore.server import build_hub
+    from salience.runs.store import float16_note
+
+    m = _near_thousand(None, torch.zeros(1, 3, 32, 32), None)[0].double().numpy()
+    assert np.ptp(m) > 0 and np.ptp(m.astype(np.float16)) == 0 and m.astype(np.float16)[0, 0] == 1000
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "pic.png")
+    model = attach_info(_blind(), ModelInfo(name="blind", input_size=(32, 32)))
+    run = salience.explain_dataset(model, [tmp_path / "pic.png"], {"near": _near_thousand}, tmp_path / "run",
+                                   workers=0)
+    (row,) = run.table.to_pylist()
+    assert row["near.constant"] == [None] and row["near.max"] > row["near.min"]
+    said = [str(w.message) for w in recwarn if "float16" in str(w.message)]
+    assert len(said) == 1 and float16_note(1000.0) in said[0], said
+    assert "differ by less than float16's precision" in said[0] and "constant (1000)" in said[0]
+    hub = build_hub(model, runs=[tmp_path / "run"])
+    c = TestClient(create_app(hub))
+    try:
+        got = c.get("api/runs/r0/rows/0/maps/near.npy")
+        assert got.status_code == 200 and (npy(got.content) == 1000).all()
+        assert json.loads(got.headers[WARNINGS_HEADER]) == [float16_note(1000.0)]
+    finally:
+        hub.close()
+
+
+def test_explain_judges_a_per_channel_map_as_its_figure_draws_it(setup, tmp_path, capsys):
+    """salience explain --reduce none of channel_flat(): each channel's map is constant at W[t, c] / 1024,
+    the channels differ, the figure draws max_c |m| = max_c |W[t, c]| / 1024, one flat colour (its tile
+    says "constant"): the command says so, with that value (before: nothing, as the raw channels differ)."""
+    import importlib.util
+
+    paths, nets = setup
+    spec = importlib.util.spec_from_file_location("channel_nets", nets)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    w = mod.channel_flat()[2].weight.detach().double().numpy()
+    assert len(set(np.abs(w[0]))) == 3  # the channels' values differ
+    rc, out, err = _run(["explain", paths[0], "-m", f"python:{nets}:channel_flat", "--size", "32", "--method",
+                         "vanilla", "--reduce", "none", "--target", "0", "-o", tmp_path / "o", "--no-progress"], capsys)
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if "constant" in ln]
+    assert len(lines) == 1, err
+    assert viz.constant_map_note(np.full(2, np.abs(w[0]).max() / 1024)) in lines[0]
+    assert viz.constant_map_note(np.full(2, np.abs(w[0]).max() / 1024)) == \
+        viz.constant_map_note(np.full(2, np.float32(np.abs(w[0]).max() / 1024)))  # said at the note's 4 digits
+
+
+def test_the_explorer_judges_a_per_channel_map_as_the_page_draws_it(tmp_path):
+    """The explorer's vanilla map of a mean-of-channels model with reduce none: channels constant at
+    W[t, c] / (H W), which differ; the page draws max_c |m|, one flat colour: the cell's warnings say
+    the map is constant (that value), as the command line does (before: nothing). reduce max_abs:
+    the same note (the same picture)."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    from starlette.testclient import TestClient
+
+    from explore_helpers import npy, shapes_files, wait_job
+    from salience.explore.app import Hub, create_app
+    from salience.explore.compute import ModelSlot
+    from salience.explore.images import FileSource, ImageStore
+
+    shapes_files(tmp_path, n=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+    w = model[2].weight.detach().double().numpy()
+    hub = Hub([ModelSlot("a", model)], ImageStore([FileSource([tmp_path])]))
+    c = TestClient(create_app(hub))
+    try:
+        def ask(reduce):
+            r = c.post("api/explain", json={"model": "a", "image": "f0", "method": "vanilla", "target": 0,
+                                            "options": {"reduce": reduce}})
+            assert r.status_code in (200, 202), r.text
+            return wait_job(lambda url: c.get(url).json(), r.json())
+
+        raw, reduced = ask("none"), ask("max_abs")
+        assert raw["state"] == "done" and reduced["state"] == "done"
+        m = npy(c.get(f"api/maps/{raw['key']}.npy").content)
+        assert m.ndim == 3 and len({float(v) for v in m.reshape(3, -1)[:, 0]}) == 3  # the channels differ
+        h, wd = m.shape[1:]
+        want = viz.constant_map_note(np.full(2, np.abs(w[0]).max() / (h * wd)))
+        assert raw["warnings"] == [want] and reduced["warnings"] == [want]
+    finally:
+        hub.close()

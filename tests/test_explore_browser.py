@@ -1255,3 +1255,67 @@ def test_three_models_side_by_side(tmp_path):
     for slot, m in maps.items():  # each cell a map: the gray colormap over the whole range
         m = m.reshape(-1, 4)[:, :3]
         assert m.max() > 200 and m.min() < 60, (slot, m.min(), m.max())
+
+
+def test_the_gallery_says_a_runs_constant_maps_under_their_thumbnails_and_under_the_table(tmp_path):
+    """Two runs of demo:shapes with --top 2: r0 with its head's row of class 1 zero (the maps of class
+    1 are zero, those of class 0 see), r1 with the whole head zero (every map zero). A thumbnail is an
+    ``<img>``: it cannot read the ``X-Salience-Warnings`` header, and a flat picture says nothing of
+    why. The page says it as text under the method's thumbnail, from the run's ``METHOD.constant``
+    column (the whole note on hover), and the run-level note (the command line's end-of-run text)
+    under the table; a map that sees has no such text."""
+    import torch
+
+    from salience.render import viz
+
+    browser_api()
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    (tmp_path / "imgs").mkdir()
+    paths, _, _ = shapes_files(tmp_path / "imgs", n=2)
+    model = salience.load_model("demo:shapes")
+    names = model.salience_info.class_names
+    with torch.no_grad():
+        model.head.weight[1] = 0
+        model.head.bias.copy_(torch.tensor([100.0, 50.0, -100.0, -100.0, -100.0]))  # top 2: classes 0, 1
+    salience.explain_dataset(model, paths, ["vanilla"], tmp_path / "run0", top=2, workers=0)
+    with torch.no_grad():
+        model.head.weight.zero_()
+    salience.explain_dataset(model, paths, ["vanilla"], tmp_path / "run1", top=2, workers=0)
+    note = viz.constant_map_note(np.zeros(2))
+    explorer = salience.explore(model, run=[tmp_path / "run0", tmp_path / "run1"], show=False)
+    errors: list[str] = []
+    shown_runs = {}
+    try:
+        with browser_page(explorer.url, errors) as page:
+            for run in ("r0", "r1"):
+                if run != "r0":
+                    page.select_option("#run", run)
+                page.wait_for_function(f"[...document.querySelectorAll('#run-body tr')].map(t => t.dataset.id).join() "
+                                       f"=== '{run}-0,{run}-1'")
+                page.wait_for_function("!document.getElementById('run-warnings').hidden")
+                cells = {}
+                for row in (0, 1):
+                    base = f"#run-body tr[data-id='{run}-{row}']"
+                    flat = page.locator(f"{base} td[data-tile='1'] .flat")
+                    cells[row] = {"texts": flat.all_inner_texts(), "titles": [flat.nth(i).get_attribute("title")
+                                                                              for i in range(flat.count())],
+                                  "visible": all(flat.nth(i).is_visible() for i in range(flat.count())),
+                                  "image": page.locator(f"{base} td[data-tile='0'] .flat").count()}
+                shown_runs[run] = {"cells": cells, "warnings": page.inner_text("#run-warnings"),
+                                   "visible": page.locator("#run-warnings").is_visible()}
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    r0, r1 = shown_runs["r0"], shown_runs["r1"]
+    for row in (0, 1):  # r0: class 1's map flat (said with its name), class 0's (the thumbnail's) sees: not said
+        assert r0["cells"][row] == {"texts": [f"class {names[1]}: constant map (0)"], "titles": [note], "visible": True,
+                                    "image": 0}, r0
+        # r1: both targets' maps flat, the thumbnail's first
+        assert r1["cells"][row] == {"texts": ["constant map (0)", f"class {names[1]}: constant map (0)"],
+                                    "titles": [note, note], "visible": True, "image": 0}, r1
+    assert r0["visible"] and r1["visible"]
+    assert r0["warnings"].startswith("warning: vanilla, 2 of 2 image(s) (") and "(class 1)" in r0["warnings"]
+    assert note in r0["warnings"] and "2 map(s)" in r0["warnings"]
+    assert r1["warnings"].startswith("warning: vanilla, 2 of 2 image(s) (") and "4 map(s)" in r1["warnings"]
+    assert note in r1["warnings"]

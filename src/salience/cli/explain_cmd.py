@@ -225,11 +225,12 @@ def _compute_maps(args: argparse.Namespace, model: nn.Module, batch: Tensor, cho
 
 def _warn_constant(maps: Maps, chosen: Chosen, paths: Sequence[str], info: ModelInfo) -> None:
     """A ``salience: warning:`` line per map that is one value everywhere (:func:`viz.constant_map_note`):
-    its figure is a flat colour, which the user must not take for a drawing bug."""
+    its figure is a flat colour, which the user must not take for a drawing bug. A per-channel map is
+    judged as its figure draws it (:func:`display_map`, ``max_c |m|``)."""
     for name, ms in maps.items():
         for j, per_target in enumerate(ms):
             for i, path in enumerate(paths):
-                note = viz.constant_map_note(per_target[i])
+                note = viz.constant_map_note(display_map(per_target[i]))
                 if note is not None:
                     warn(f"warning: {path} ({name}, {chosen.row_labels(i, info)[j]}): {note}")
 

@@ -232,10 +232,11 @@ class Hub:
     def explain_map(self, key: str, slot: ModelSlot, image: Any, method: str, target: int, given: dict[str, Any],
                     ticker: Ticker) -> Any:
         """:func:`compute.explain`, its warnings kept as map ``key``'s (:meth:`warnings_of`); a map that
-        is one value everywhere (:func:`viz.constant_map_note`: its picture is a flat colour) is one."""
+        is one value everywhere as the page draws it (:func:`viz.constant_map_note` of
+        :func:`compute.display_map`, ``max_c |m|`` for a per-channel map: its picture is a flat colour) is one."""
         with compute.caught_warnings() as said:
             raw = compute.explain(slot, image, method, target, given, ticker)
-            note = viz.constant_map_note(raw)
+            note = viz.constant_map_note(compute.display_map(raw))
             if note is not None:
                 warnings.warn(note, stacklevel=user_stacklevel())
         with self._lock:
@@ -644,8 +645,9 @@ async def run_thumb(request: Request) -> Response:
 
 async def run_map(request: Request) -> Response:
     """A row's map as stored by the run (float16 in the store, sent as float32), with the warnings
-    raised while it was read and, when it is one value everywhere, :func:`viz.constant_map_note`
-    (:data:`WARNINGS_HEADER`)."""
+    raised while it was read and, when its picture is one flat colour, what the run's ``.constant``
+    column says of it (:meth:`RunSource.stored_map_note`: :func:`viz.constant_map_note`, or that float16
+    storage lost a map that is not constant) (:data:`WARNINGS_HEADER`)."""
     source, index = _hub(request).run_row(request)
     method = request.path_params["method"]
     if method not in source.run.methods:
@@ -655,7 +657,7 @@ async def run_map(request: Request) -> Response:
     def read() -> tuple[np.ndarray, list[str]]:
         with compute.caught_warnings() as said:
             m = source.stored_map(index, method, k)
-        note = viz.constant_map_note(m)
+        note = source.stored_map_note(index, method, k, m)
         return m, said + ([note] if note is not None and note not in said else [])
 
     m, said = await asyncio.to_thread(read)

@@ -27,7 +27,7 @@ import numpy as np
 from salience._core.errors import SalienceError
 from salience.explore.images import ImageEntry
 from salience.loading import remote
-from salience.runs.job import constant_notes
+from salience.runs.job import _table_constants, constant_notes
 from salience.runs.store import BadIndex, Run, number_columns, open_run, pyarrow
 
 __all__ = ["RunSource", "NotStored", "is_run", "SORTABLE"]
@@ -137,13 +137,43 @@ class RunSource:
                 "classes": self.classes(), "sortable": self.sortable(), "version": self.version}
 
     def _dicts(self, table: Any) -> list[dict[str, Any]]:
-        """The rows of ``table`` (a few: a page) as the page's dicts, with ``id`` and ``image``."""
+        """The rows of ``table`` (a few: a page) as the page's dicts, with ``id``, ``image`` and
+        ``constant`` (:meth:`_flat`)."""
+        flat = self._flat(table)
         out = []
-        for r in table.select(self._columns()).to_pylist():
+        for r, f in zip(table.select(self._columns()).to_pylist(), flat):
             r = {c: _clean(v) for c, v in r.items()}
             r["id"] = f"{self.id}-{r['index']}"
             r["image"] = self._file(r) is not None
+            r["constant"] = f
             out.append(r)
+        return out
+
+    def _flat(self, table: Any) -> list[dict[str, list[dict[str, Any]]]]:
+        """Per row of ``table``, its maps that are one value everywhere (flat pictures; a thumbnail, an
+        ``<img>``, cannot say so itself): method -> ``[{"k", "class", "name", "value", "note"}]``, ``k`` the
+        target's position (0: the thumbnail's map), ``class`` its class (``None`` when the row does not
+        say) and ``name`` its name (the run's class names; else ``None``), ``value`` the map's one value, ``note`` :func:`~salience.render.viz.constant_map_note`;
+        methods without one left out. From the run's ``METHOD.constant`` column (every target, judged
+        before float16 storage), as :func:`~salience.runs.job.constant_notes` reads it (a run begun before
+        that column: the first target's, from ``.min`` / ``.max``)."""
+        from salience.render import viz
+
+        n = table.num_rows
+        targets = table.column("targets").to_pylist() if "targets" in table.column_names else [None] * n
+        names = list(self.run.manifest.get("class_names") or [])
+        out: list[dict[str, list[dict[str, Any]]]] = [{} for _ in range(n)]
+        for name in self.run.methods:
+            for i, values in enumerate(_table_constants(table, name)):
+                kept = targets[i] or []
+                found = []
+                for k, v in enumerate(values or []):
+                    if v is not None:
+                        c = kept[k] if k < len(kept) else None
+                        found.append({"k": k, "class": c, "name": names[c] if c is not None and 0 <= c < len(names)
+                                      else None, "value": v, "note": viz.constant_map_note(np.array([v]))})
+                if found:
+                    out[i][name] = found
         return out
 
     def row(self, index: int) -> dict[str, Any]:
@@ -361,6 +391,26 @@ class RunSource:
         except (OSError, ValueError, IndexError) as e:  # not an .npy of maps, or cut short
             raise self._not_stored(f"the run's stored {method} maps for this row are damaged: {path} is not a "
                                    f"readable array of maps ({type(e).__name__})") from None
+
+    def stored_map_note(self, index: int, method: str, k: int, stored: np.ndarray) -> Optional[str]:
+        """What to say of row ``index``'s ``stored`` map of ``method`` for target ``k`` when its picture
+        is one flat colour, else ``None``. The run's ``METHOD.constant`` column (judged on the float32
+        map, before storage) says whether the map is constant: then
+        :func:`~salience.render.viz.constant_map_note` of its value. A map it records as not constant
+        whose stored (float16) map is one value everywhere was lost by the storage:
+        :func:`~salience.runs.store.float16_note` (never the constant-map note's causes). A row of a
+        run begun before that column (null) is judged on the stored map."""
+        from salience.render import viz
+        from salience.runs.store import float16_note
+
+        column = f"{method}.constant"
+        values = self.run.row(int(index)).get(column) if column in self.run.table.column_names else None
+        if values is None or not 0 <= k < len(values):
+            return viz.constant_map_note(stored)
+        if values[k] is not None:
+            return viz.constant_map_note(np.array([values[k]]))
+        lost = viz.constant_value(stored)
+        return None if lost is None else float16_note(lost)
 
     def _stored(self, what: str) -> None:
         """:class:`NotStored` when the run's table cannot say where a row's ``what`` are (no

@@ -74,6 +74,10 @@ class Plan:
     gap_warned: bool = False
     """Whether Integrated Gradients' completeness warning was given in this run (once per run; with
     Ray, once per actor): :func:`_warn_gaps`."""
+    map_dtype: str = "float16"
+    """How the run stores its maps (the run's ``map_dtype``): with float16, :func:`_warn_stored`."""
+    storage_warned: set[str] = field(default_factory=set)
+    """The methods whose maps float16 storage made constant were said of (:func:`_warn_stored`)."""
 
     def has_labels(self) -> bool:
         """Whether the rows have labels (given, or the items')."""
@@ -286,6 +290,7 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
                     rows[pos][f"{name}.{col}"] = vals[j]
             for j, pos in enumerate(good):
                 rows[pos][f"{name}.constant"] = constant_values(m[j])
+            _warn_stored(plan, name, m, [rows[pos][f"{name}.constant"] for pos in good], indices)
             for col, vals in _metrics(plan, model, x, first, classes, masks).items():
                 for j, pos in enumerate(good):
                     rows[pos][f"{name}.{col}"] = vals[j]
@@ -341,6 +346,35 @@ def _warn_gaps(plan: Plan, name: str, found: Sequence[GapReport], indices: Seque
     warnings.warn(CompletenessWarning(prefix + r.message(names) + " (said once per run: the images of later "
                                       "batches are not named)", names, r.relative_gaps, r.steps),
                   stacklevel=user_stacklevel())
+
+
+def _warn_stored(plan: Plan, name: str, m: Tensor, constants: Sequence[Sequence[Optional[float]]],
+                 indices: Sequence[int]) -> None:
+    """A warning, the first time in the run for method ``name`` (with Ray, once per actor), when maps
+    ``m`` ``(n, K, ...)`` of the run's images ``indices`` that are not constant (``constants``: their
+    ``METHOD.constant`` values, judged on the float32 maps) are one value everywhere once stored as
+    float16 (:func:`salience.runs.store.float16_note`): values below float16's range (~1e-8) stored
+    as zeros. The rows' ``.constant`` stays the float32 map's (the explorer says the same of the stored map)."""
+    from salience.runs.store import _cast, float16_note
+
+    if plan.map_dtype != "float16" or name in plan.storage_warned:
+        return
+    lost: dict[str, float] = {}
+    for j, values in enumerate(constants):
+        for k, v in enumerate(values):
+            if v is None:
+                kept = _cast(m[j, k].numpy(), np.dtype(np.float16))
+                stored = viz.constant_value(np.abs(kept).max(0) if kept.ndim == 3 else kept)  # as shown: max_c |m|
+                if stored is not None:
+                    lost.setdefault(str(plan.paths[indices[j]]), stored)
+    if not lost:
+        return
+    plan.storage_warned.add(name)
+    named = list(lost)[:NAMED]
+    more = f" and {len(lost) - NAMED} more" if len(lost) > NAMED else ""
+    warnings.warn(f"{name}, {len(lost)} image(s) of this batch ({', '.join(named)}{more}): "
+                  f"{float16_note(next(iter(lost.values())))} (said once per run: the images of later batches are "
+                  "not named)", stacklevel=user_stacklevel())
 
 
 def _map_shape(plan: Plan, model: nn.Module, name: str, like: Tensor) -> tuple[int, ...]:
@@ -406,10 +440,13 @@ def _summaries(first: Tensor) -> dict[str, list[float]]:
 
 def constant_values(maps: Tensor) -> list[Optional[float]]:
     """Per target, the one value of an image's map ``maps[k]`` that holds one value everywhere
-    (:func:`salience.render.viz.constant_value`, all its channels counted), else ``None``: the
-    ``METHOD.constant`` column, so that the end of a run can say which maps of every target are flat
-    pictures (its ``min`` / ``max`` are the first target's only)."""
-    return [viz.constant_value(maps[k].numpy()) for k in range(maps.shape[0])]
+    (:func:`salience.render.viz.constant_value`), else ``None``: the ``METHOD.constant`` column, so
+    that the end of a run can say which maps of every target are flat pictures (its ``min`` / ``max``
+    are the first target's only). A per-channel map ``(C, H, W)`` is judged as every picture, summary
+    and stored-map read of a run shows it, ``max_c |m|`` (:func:`display`): its ``.constant`` is the
+    value of ``.min`` and ``.max`` when they are equal, and its thumbnail is then one flat colour
+    (channels each constant at other values, ``+1`` and ``-2``, are the constant ``2``)."""
+    return [viz.constant_value(display(maps[k][None])[0].numpy()) for k in range(maps.shape[0])]
 
 
 NAMED = 5

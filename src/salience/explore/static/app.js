@@ -281,9 +281,13 @@ async function listRows() {
   const num = (v) => (v === null || v === undefined ? "" : (typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : String(v)));
   const names = Object.fromEntries(r.classes.map((c) => [c.index, c.name]));
   for (const row of found.rows) {
+    // a method's maps that are one value everywhere (the run's METHOD.constant: its thumbnail, an <img>,
+    // is a flat colour and cannot say why) are said under its thumbnail, as text; the whole note on hover
+    const flat = (t) => (t === 0 ? [] : (row.constant || {})[r.methods[t - 1]] || []).map((f) =>
+      el("div", { class: "flat", title: f.note }, `${f.k === 0 ? "" : `class ${f.name ?? names[f.class] ?? f.class ?? "?"}: `}constant map (${f.value})`));
     const thumbs = [0, ...r.methods.map((_, i) => i + 1)].map((t) =>
-      el("td", {}, el("img", { src: `api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}&v=${r.version}`, alt: "", loading: "lazy",
-                               onerror: gone })));
+      el("td", { "data-tile": t }, el("img", { src: `api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}&v=${r.version}`, alt: "", loading: "lazy",
+                               onerror: gone }), ...flat(t)));
     const cells = [...thumbs, el("td", {}, String(row.index)), el("td", { title: row.path ?? "" }, (row.path ?? "").split(/[\\/]/).pop()),  // a table without paths: none
       el("td", {}, row.error ? `failed: ${row.error}` : (row.predicted_name ?? "")), el("td", {}, num(row.probability))];
     if (r.labels) cells.push(el("td", {}, row.label === null ? "" : (names[row.label] ?? String(row.label))),
