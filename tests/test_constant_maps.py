@@ -597,3 +597,65 @@ def test_the_explorer_judges_a_per_channel_map_as_the_page_draws_it(tmp_path):
         assert raw["warnings"] == [want] and reduced["warnings"] == [want]
     finally:
         hub.close()
+
+
+def test_the_static_gallery_says_a_runs_constant_maps_under_their_thumbnails(tmp_path):
+    """``RUN/index.html`` opened from disk in Chromium. Two runs of demo:shapes with --top 2: r0 with its
+    head's row of class 1 zero (class 1's maps zero, class 0's, the thumbnail's, see), r1 with the whole
+    last layer zero (every map zero). A thumbnail is a tile of a sprite, a flat colour that says
+    nothing of why: the page says it as text under the method's thumbnail, as the explorer's gallery
+    does (``constant map (0)``, ``class NAME: constant map (0)`` for a later target, the whole note on
+    hover); the image's tile and a map that sees have none. Class 1 is named with markup: said as
+    text. (Before: only the run-level note above the table.)"""
+    import dataclasses
+
+    from explore_helpers import ARGS, CHROMIUM, browser_api, shapes_files
+
+    sync_api = browser_api()
+    pytest.importorskip("pyarrow")
+    (tmp_path / "imgs").mkdir()
+    paths, _, _ = shapes_files(tmp_path / "imgs", n=2)
+    model = salience.load_model("demo:shapes")
+    names = list(model.salience_info.class_names)
+    names[1] = "<b>tri&amp;</b>"  # markup in a class name: text on the page
+    model.salience_info = dataclasses.replace(model.salience_info, class_names=tuple(names))
+    with torch.no_grad():
+        model.head.weight[1] = 0
+        model.head.bias.copy_(torch.tensor([100.0, 50.0, -100.0, -100.0, -100.0]))  # top 2: classes 0, 1
+    salience.explain_dataset(model, paths, ["vanilla", "input_x_gradient"], tmp_path / "r0", top=2, workers=0)
+    with torch.no_grad():
+        model.head.weight.zero_()
+    salience.explain_dataset(model, paths, ["vanilla"], tmp_path / "r1", top=2, workers=0)
+    note = viz.constant_map_note(np.zeros(2))
+    errors: list[str] = []
+    shown = {}
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            for run in ("r0", "r1"):
+                page.goto((tmp_path / run / "index.html").resolve().as_uri())
+                page.wait_for_function("document.querySelectorAll('#body tr').length === 2")
+                for row in (0, 1):
+                    tr = page.locator("#body tr").nth(row)
+                    assert tr.locator("td").nth(1).inner_text() == str(row)  # the index column
+                    tiles = {}
+                    for t in range(tr.locator(".tile").count()):
+                        flat = tr.locator(f".tile[data-tile='{t}'] .flat")
+                        tiles[t] = {"texts": flat.all_inner_texts(),
+                                    "titles": [flat.nth(i).get_attribute("title") for i in range(flat.count())],
+                                    "visible": all(flat.nth(i).is_visible() for i in range(flat.count())),
+                                    "markup": flat.locator("b").count()}
+                    shown[run, row] = tiles
+        finally:
+            browser.close()
+    assert not errors, errors
+    none = {"texts": [], "titles": [], "visible": True, "markup": 0}
+    for row in (0, 1):
+        # r0: tiles image, vanilla, input_x_gradient: class 1's maps flat (said with its name), class 0's see
+        said = {"texts": [f"class {names[1]}: constant map (0)"], "titles": [note], "visible": True, "markup": 0}
+        assert shown["r0", row] == {0: none, 1: said, 2: said}, shown
+        # r1: both targets' maps flat, the thumbnail's first
+        assert shown["r1", row] == {0: none, 1: {"texts": ["constant map (0)", f"class {names[1]}: constant map (0)"],
+                                                 "titles": [note, note], "visible": True, "markup": 0}}, shown

@@ -27,7 +27,7 @@ import numpy as np
 from salience._core.errors import SalienceError
 from salience.explore.images import ImageEntry
 from salience.loading import remote
-from salience.runs.job import _table_constants, constant_notes
+from salience.runs.job import constant_notes, flat_maps
 from salience.runs.store import BadIndex, Run, number_columns, open_run, pyarrow
 
 __all__ = ["RunSource", "NotStored", "is_run", "SORTABLE"]
@@ -151,30 +151,9 @@ class RunSource:
 
     def _flat(self, table: Any) -> list[dict[str, list[dict[str, Any]]]]:
         """Per row of ``table``, its maps that are one value everywhere (flat pictures; a thumbnail, an
-        ``<img>``, cannot say so itself): method -> ``[{"k", "class", "name", "value", "note"}]``, ``k`` the
-        target's position (0: the thumbnail's map), ``class`` its class (``None`` when the row does not
-        say) and ``name`` its name (the run's class names; else ``None``), ``value`` the map's one value, ``note`` :func:`~salience.render.viz.constant_map_note`;
-        methods without one left out. From the run's ``METHOD.constant`` column (every target, judged
-        before float16 storage), as :func:`~salience.runs.job.constant_notes` reads it (a run begun before
-        that column: the first target's, from ``.min`` / ``.max``)."""
-        from salience.render import viz
-
-        n = table.num_rows
-        targets = table.column("targets").to_pylist() if "targets" in table.column_names else [None] * n
-        names = list(self.run.manifest.get("class_names") or [])
-        out: list[dict[str, list[dict[str, Any]]]] = [{} for _ in range(n)]
-        for name in self.run.methods:
-            for i, values in enumerate(_table_constants(table, name)):
-                kept = targets[i] or []
-                found = []
-                for k, v in enumerate(values or []):
-                    if v is not None:
-                        c = kept[k] if k < len(kept) else None
-                        found.append({"k": k, "class": c, "name": names[c] if c is not None and 0 <= c < len(names)
-                                      else None, "value": v, "note": viz.constant_map_note(np.array([v]))})
-                if found:
-                    out[i][name] = found
-        return out
+        ``<img>``, cannot say so itself): :func:`~salience.runs.job.flat_maps` (method -> ``[{"k", "class",
+        "name", "value", "note"}]``), the run's class names for ``name``; ``index.html`` says the same."""
+        return flat_maps(table, self.run.methods, self.run.manifest.get("class_names") or [])
 
     def row(self, index: int) -> dict[str, Any]:
         """Row ``index`` (``KeyError`` when the run has none: rows without an index are no image's),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from salience._core.files import atomic_write
-from salience.runs.job import constant_notes
+from salience.runs.job import constant_notes, flat_maps
 from salience.runs.store import Run, number_columns
 
 _COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "output_name", "value", "targets", "label",
@@ -43,6 +43,25 @@ def rows_json(run: Run) -> str:
     return script_json(rows)
 
 
+def flat_json(run: Run) -> str:
+    """The run's maps that are one value everywhere, said under their thumbnails as the explorer's
+    gallery says them (:func:`salience.runs.job.flat_maps`), as JSON safe inside ``<script>``:
+    ``{"notes": [...], "rows": {position: [[method, k, class name (else index, else null), value,
+    note], ...]}}``, ``position`` the row's in :func:`rows_json`, ``method`` an index in the run's
+    methods, ``note`` an index in ``notes`` (one copy of each: a run of an untrained model has a flat
+    map on every row)."""
+    notes: dict[str, int] = {}
+    rows: dict[str, list[list[Any]]] = {}
+    per_row = flat_maps(run.table, run.methods, run.manifest.get("class_names") or [])
+    for i, found in enumerate(per_row):
+        said = [[m, f["k"], f["name"] if f["name"] is not None else f["class"], f["value"],
+                 notes.setdefault(f["note"], len(notes))]
+                for m, name in enumerate(run.methods) for f in found.get(name, [])]
+        if said:
+            rows[str(i)] = said
+    return script_json({"notes": list(notes), "rows": rows})
+
+
 def script_json(value: Any) -> str:
     """``value`` as JSON to embed in an inline ``<script>``: ``<``, ``>`` and ``&`` written as
     ``\\u003c`` ... (the same string to JSON and JavaScript), so that no file name can close the
@@ -66,9 +85,10 @@ def write(folder: Path) -> Path:
     title = html.escape(f"salience run: {run.model}, {len(run)} images")
     warned = "".join(f'<p class="warn">{html.escape("warning: " + t)}</p>\n'
                      for t in constant_notes(run.table, run.methods))  # the flat pictures said, as text
-    parts = {"TITLE": title, "WARNINGS": warned, "ABOUT": script_json(about), "ROWS": rows_json(run)}
+    parts = {"TITLE": title, "WARNINGS": warned, "ABOUT": script_json(about), "ROWS": rows_json(run),
+             "FLAT": flat_json(run)}
     # one pass: a placeholder inside a part (a model or file named __ROWS__) stays as it is
-    page = re.sub(r"__(TITLE|WARNINGS|ABOUT|ROWS)__", lambda m: parts[m.group(1)], _PAGE)
+    page = re.sub(r"__(TITLE|WARNINGS|ABOUT|ROWS|FLAT)__", lambda m: parts[m.group(1)], _PAGE)
     return atomic_write(folder / "index.html", page.encode("utf-8"))
 
 
@@ -78,7 +98,8 @@ _PAGE = r"""<!doctype html>
 body{font:14px system-ui,sans-serif;margin:1em;color:#222}
 table{border-collapse:collapse}td,th{padding:2px 6px;border-bottom:1px solid #ddd;text-align:left;vertical-align:middle}
 th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}th.sorted:after{content:" \25B4"}th.desc:after{content:" \25BE"}
-.t{display:inline-block;background-color:#eee;background-repeat:no-repeat}
+.tile{display:inline-block;vertical-align:top;margin:0 2px 2px 0}.t{display:block;background-color:#eee;background-repeat:no-repeat}
+.flat{color:#8a4b00;font-size:11px;overflow-wrap:anywhere}
 .bad{color:#b00}.ok{color:#070}.err{color:#b00;font-size:12px}.warn{color:#8a4b00;max-width:60em}
 #filters label{margin-right:1em}#nav{margin:.5em 0}
 </style></head><body>
@@ -99,6 +120,7 @@ __WARNINGS__<div id="filters">
 "use strict";
 const ABOUT = __ABOUT__;
 const ROWS = __ROWS__;
+const FLATS = __FLAT__, FLAT = new Map(Object.entries(FLATS.rows).map(([i, f]) => [ROWS[+i], f]));
 const C = {}; ABOUT.columns.forEach((c, i) => C[c] = i);
 const PAGE = 100, T = ABOUT.thumb, tiles = 1 + ABOUT.methods.length;
 let sortCol = "index", desc = false, page = 0, shown = [];
@@ -138,10 +160,17 @@ const seen = new IntersectionObserver(es => es.forEach(e => { if (e.isIntersecti
   const d = e.target; d.style.backgroundImage = `url("thumbs/${d.dataset.shard}.jpg")`; seen.unobserve(d); } }));
 function thumbs(r) {
   const o = r[C.offset], col = o % ABOUT.per, row = Math.floor(o / ABOUT.per), box = document.createElement("span");
-  for (let j = 0; j < tiles; j++) { const d = document.createElement("span"); d.className = "t";
+  for (let j = 0; j < tiles; j++) { const tile = document.createElement("span"), d = document.createElement("span");
+    tile.className = "tile"; tile.dataset.tile = j; tile.style.width = T + "px"; d.className = "t";
     d.style.width = d.style.height = T + "px"; d.dataset.shard = r[C.shard];
     d.title = j === 0 ? "image" : ABOUT.methods[j - 1];
-    d.style.backgroundPosition = `-${col * T}px -${(row * tiles + j) * T}px`; box.appendChild(d); seen.observe(d); }
+    d.style.backgroundPosition = `-${col * T}px -${(row * tiles + j) * T}px`; tile.appendChild(d); seen.observe(d);
+    // a method's maps that are one value everywhere (METHOD.constant; its tile is a flat colour and cannot
+    // say why): said under its thumbnail as text, as the explorer's gallery says them; the whole note on hover
+    for (const [m, k, name, value, note] of FLAT.get(r) || []) if (m === j - 1) { const f = document.createElement("div");
+      f.className = "flat"; f.title = FLATS.notes[note];
+      f.textContent = `${k === 0 ? "" : `class ${name ?? "?"}: `}constant map (${value})`; tile.appendChild(f); }
+    box.appendChild(tile); }
   return box;
 }
 function cell(c, v) {

@@ -483,6 +483,32 @@ def constant_notes(table: Any, methods: Sequence[str], what: str = "image(s)") -
     return out
 
 
+def flat_maps(table: Any, methods: Sequence[str], class_names: Sequence[str] = ()) -> list[dict[str, list[dict[str, Any]]]]:
+    """Per row of ``table``, its maps that are one value everywhere (flat pictures; a thumbnail cannot
+    say so itself): method -> ``[{"k", "class", "name", "value", "note"}]``, ``k`` the target's position
+    (0: the thumbnail's map), ``class`` its class (``None`` when the row does not say), ``name`` its name
+    in ``class_names`` (else ``None``), ``value`` the map's one value, ``note``
+    :func:`~salience.render.viz.constant_map_note`; methods without one left out. From the
+    ``METHOD.constant`` column as :func:`constant_notes` reads it: what the explorer's gallery and
+    ``index.html`` say under each thumbnail (``constant map (V)``, ``class NAME: constant map (V)``)."""
+    n = table.num_rows
+    targets = table.column("targets").to_pylist() if "targets" in table.column_names else [None] * n
+    names = list(class_names or [])
+    out: list[dict[str, list[dict[str, Any]]]] = [{} for _ in range(n)]
+    for name in methods:
+        for i, values in enumerate(_table_constants(table, name)):
+            kept = targets[i] or []
+            found = []
+            for k, v in enumerate(values or []):
+                if v is not None:
+                    c = kept[k] if k < len(kept) else None
+                    found.append({"k": k, "class": c, "name": names[c] if c is not None and 0 <= c < len(names)
+                                  else None, "value": v, "note": viz.constant_map_note(np.array([v]))})
+            if found:
+                out[i][name] = found
+    return out
+
+
 def _table_constants(table: Any, name: str) -> list[list[Optional[float]]]:
     """Per row of ``table``, the constant value of each target's map of method ``name`` (``None``: not
     constant); a row without the ``.constant`` column's list has its first target's, from ``.min`` / ``.max``."""
