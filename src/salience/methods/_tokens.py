@@ -48,7 +48,8 @@ of zeros notes the ``(h, w)`` of every ``Conv2d`` / 2-D pooling output ``(1, C, 
 stride-8 patch convolution, then convolutional pooling, ``27x27 -> 14x14 -> 7x7`` at 224 px, whose
 last stage holds ``1 (+ 1 distillation) + 7 * 7`` tokens; TNT: ``nn.Unfold(16, stride=16)`` of
 the image, ``1 + 14 * 14`` tokens; row-major, as both flatten them). Otherwise a
-:class:`SalienceError` names the readings that fit and asks for ``grid`` / ``prefix_tokens``. A given ``grid`` whose transpose (and not itself) a stride grid is, is refused
+:class:`SalienceError` names the readings that fit and asks for ``grid`` / ``prefix_tokens``. A
+given ``grid`` whose transpose (and not itself) a stride grid is, is refused
 (:func:`_check_stride_grid`); one whose cell count no stride grid has is taken as given.
 Row-major order is what timm's and Hugging Face's LeViT use (``flatten(2)
 .transpose(1, 2)`` after the stem; ``view(B, h, w, C)[:, ::s, ::s]`` to subsample). Hiera's are
@@ -63,13 +64,17 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
+from salience._core.autograd import model_call
 from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
 from salience._core.info import model_info
+from salience._core.tensors import model_device, model_dtype
 
 __all__ = ["Layout", "layer_layout", "token_layout", "patch_embedding", "patch_embeddings", "patch_grid", "channel_count", "token_shaped",
-           "stride_grids", "check_token_order"]
+           "stride_grids", "traced_grids", "check_token_order"]
 
 _HOW = ("pass grid=(h, w) (the patch grid) and prefix_tokens=k (the class / distillation / register tokens "
         "before the patches), with k + h * w equal to the number of tokens (command line: --grid H,W "
@@ -278,12 +283,6 @@ def traced_grids(model: nn.Module, x_shape: Sequence[int]) -> list[tuple[int, in
     memo, key = _EMBEDS.get(), ("grids", id(model), tuple(int(v) for v in x_shape[1:]))
     if memo is not None and key in memo:
         return memo[key]
-    import torch
-
-    from salience._core.autograd import model_call
-    from salience._core.guard import model_guard
-    from salience._core.tensors import model_device, model_dtype
-
     found: list[tuple[int, int]] = []
 
     def hook(m: nn.Module, inputs: object, output: object) -> None:
