@@ -21,7 +21,7 @@ from salience._core.tensors import model_device
 
 from salience.methods.vanilla import vanilla
 from salience.methods.guided import deconvnet, guided_backprop
-from salience.methods.gradcam import default_layer, gradcam, guided_gradcam
+from salience.methods.gradcam import default_layer, default_layer_readable, gradcam, guided_gradcam
 from salience.methods.cams import eigencam, gradcam_plus_plus, hirescam, layercam, xgradcam
 from salience.methods._tokens import patch_embeddings
 from salience.methods._multi import apply_method, as_method, is_target_free
@@ -104,7 +104,8 @@ def default_methods(model: nn.Module, x: Optional[Tensor] = None) -> list[str]:
     ``salience evaluate``, ``salience list --model`` and the examples run or show when no method is
     named. Left out: the :data:`HOOKED_METHODS` on a TorchScript model; the attention methods on a
     model where attention rollout refuses it (on an image; without one, a model without attention modules); the :data:`LAYER_METHODS`
-    where the Grad-CAM default layer is refused (CrossViT: they run with ``layer=``).
+    where the Grad-CAM default layer is refused (CrossViT: they run with ``layer=``) or its output's layout cannot
+    be read without ``grid=`` / ``prefix_tokens=`` (tokens with several readings, :mod:`salience.methods._tokens`).
 
     The attention methods need global self-attention over the same ``N`` tokens in every layer and a
     class token, which attention that subsamples or pools tokens (LeViT, PVT v2, MViTv2, Hiera) or a
@@ -143,16 +144,14 @@ def _model_image(model: nn.Module) -> Optional[Tensor]:
 
 
 def _default_layer_found(model: nn.Module, image: Optional[Tensor]) -> bool:
-    """Whether the CAMs find their default layer on ``image`` (one forward pass); without an image, whether
+    """Whether the CAMs find their default layer on ``image`` and read its output's layout (two forward passes,
+    three where the tokens' grid is read off the model's own maps); without an image, whether
     the modules allow one: a layer the model names, or at most one patch embedding."""
     if image is not None:
         try:
-            default_layer(model, image)
-        except SalienceError:
-            return False
+            return default_layer_readable(model, image)
         except Exception:  # noqa: BLE001 - not a refusal: the CAMs' own calls say what failed
             return True
-        return True
     named = getattr(model, "salience_default_layer", None) is not None or model_info(model).default_layer
     return bool(named) or len(patch_embeddings(model, model_info(model).channels)) <= 1
 

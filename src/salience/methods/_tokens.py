@@ -41,8 +41,15 @@ tokens are all patches, in a grid ``(h, w)`` that a whole stride ``s`` gives on 
 ceil(W / s))`` (padded strided convolutions, LeViT's ``[::2]`` subsampling) or ``(floor(H / s),
 floor(W / s))``, with ``h * w == N``; read so only when exactly one such grid has ``N`` cells and none
 has ``N - 1`` or ``N - 2`` (a class or distillation token before the patches would fit too).
-Otherwise a :class:`SalienceError` names the grids that fit and asks for ``grid`` /
-``prefix_tokens``. A given ``grid`` whose transpose (and not itself) a stride grid is, is refused
+Otherwise the tokens are read on **the model's own grids** (:func:`traced_grids`: one forward pass
+of zeros notes the ``(h, w)`` of every ``Conv2d`` / 2-D pooling output ``(1, C, h, w)`` and of every
+``nn.Unfold``'s blocks on a ``(1, C, H, W)`` map): a grid with ``N - k`` cells, ``k`` 0, 1 or 2, is
+``k`` prefix tokens before that grid, taken when exactly one such reading exists (PiT: a 16x16
+stride-8 patch convolution, then convolutional pooling, ``27x27 -> 14x14 -> 7x7`` at 224 px, whose
+last stage holds ``1 (+ 1 distillation) + 7 * 7`` tokens; TNT: ``nn.Unfold(16, stride=16)`` of
+the image, ``1 + 14 * 14`` tokens; row-major, as both flatten them). Otherwise a
+:class:`SalienceError` names the readings that fit and asks for ``grid`` / ``prefix_tokens``. A
+given ``grid`` whose transpose (and not itself) a stride grid is, is refused
 (:func:`_check_stride_grid`); one whose cell count no stride grid has is taken as given.
 Row-major order is what timm's and Hugging Face's LeViT use (``flatten(2)
 .transpose(1, 2)`` after the stem; ``view(B, h, w, C)[:, ::s, ::s]`` to subsample). Hiera's are
@@ -57,13 +64,17 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
+from salience._core.autograd import model_call
 from salience._core.errors import SalienceError
+from salience._core.guard import model_guard
 from salience._core.info import model_info
+from salience._core.tensors import model_device, model_dtype
 
 __all__ = ["Layout", "layer_layout", "token_layout", "patch_embedding", "patch_embeddings", "patch_grid", "channel_count", "token_shaped",
-           "stride_grids", "check_token_order"]
+           "stride_grids", "traced_grids", "check_token_order"]
 
 _HOW = ("pass grid=(h, w) (the patch grid) and prefix_tokens=k (the class / distillation / register tokens "
         "before the patches), with k + h * w equal to the number of tokens (command line: --grid H,W "
@@ -247,14 +258,84 @@ def _stride_grids(n: int, rows: int, cols: int) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(found))
 
 
-def _stride_reading(n_tokens: int, x_shape: Sequence[int], what: str) -> tuple[int, int]:
-    """The grid of ``n_tokens`` tokens that are all patches, on a model without a patch embedding
-    (see the module doc); a :class:`SalienceError` naming what fits when it is not the only reading."""
+_POOLS_2D = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)
+
+
+def _unfold_grid(m: nn.Unfold, size: Sequence[int]) -> Optional[tuple[int, int]]:
+    """The ``(h, w)`` of the blocks ``m`` takes from a map of spatial ``size`` (row-major, as ``nn.Unfold`` lists them)."""
+    def pair(v: object) -> tuple[int, int]:
+        return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))  # type: ignore[index]
+    try:
+        k, d, p, s = pair(m.kernel_size), pair(m.dilation), pair(m.padding), pair(m.stride)
+    except (TypeError, ValueError, IndexError):
+        return None
+    out = tuple((int(size[i]) + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
+    return (out[0], out[1]) if min(out) > 0 else None
+
+
+def traced_grids(model: nn.Module, x_shape: Sequence[int]) -> list[tuple[int, int]]:
+    """The spatial grids ``(h, w)`` the model produces on one image of shape ``x_shape[1:]``, in the order they
+    finished: the outputs ``(1, C, h, w)`` of its ``Conv2d`` and 2-D pooling layers, and the block grids of its
+    ``nn.Unfold`` layers on a ``(1, C, H, W)`` map (TNT's patches); distinct. One forward pass of zeros
+    (parameters, modes and buffers put back by the model guard), memoised like :func:`patch_embedding`;
+    ``[]`` if the model does not run on it. What a model without a patch embedding turns into tokens comes from
+    one of these (PiT's pooled stages, TNT's unfolded patches): :func:`_traced_reading`."""
+    memo, key = _EMBEDS.get(), ("grids", id(model), tuple(int(v) for v in x_shape[1:]))
+    if memo is not None and key in memo:
+        return memo[key]
+    found: list[tuple[int, int]] = []
+
+    def hook(m: nn.Module, inputs: object, output: object) -> None:
+        g: Optional[tuple[int, int]] = None
+        if isinstance(m, nn.Unfold):
+            first = inputs[0] if isinstance(inputs, tuple) and inputs else None
+            if isinstance(first, Tensor) and first.dim() == 4 and first.shape[0] == 1 and isinstance(output, Tensor):
+                g = _unfold_grid(m, first.shape[-2:])
+                g = g if g is not None and output.dim() == 3 and g[0] * g[1] == output.shape[-1] else None
+        elif isinstance(output, Tensor) and output.dim() == 4 and output.shape[0] == 1:
+            g = (int(output.shape[-2]), int(output.shape[-1]))
+        if g is not None and g not in found:
+            found.append(g)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Unfold) + _POOLS_2D)]
+    try:
+        image = torch.zeros(1, *(int(v) for v in x_shape[1:]), device=model_device(model), dtype=model_dtype(model))
+        with model_guard(model), torch.no_grad(), model_call(model, image):
+            model(image)
+    except Exception:  # noqa: BLE001 - a model that does not run on zeros: no grids, the caller says what to pass
+        found = []
+    finally:
+        for h in handles:
+            h.remove()
+    if memo is not None:
+        memo[key] = found
+    return found
+
+
+def _traced_reading(model: nn.Module, n_tokens: int, x_shape: Sequence[int]) -> tuple[list[tuple[int, tuple[int, int]]],
+                                                                                       list[tuple[int, int]]]:
+    """The readings ``(prefix, grid)`` of ``n_tokens`` tokens on the grids the model produced (:func:`traced_grids`):
+    a grid with ``n_tokens - k`` cells, ``k`` 0, 1 or 2 (all patches; a class token; class and distillation tokens
+    before them); and the grids traced."""
+    grids = traced_grids(model, x_shape)
+    readings = [(n_tokens - g[0] * g[1], g) for g in grids if 0 <= n_tokens - g[0] * g[1] <= 2]
+    return readings, grids
+
+
+def _stride_reading(n_tokens: int, x_shape: Sequence[int], what: str,
+                    model: Optional[nn.Module] = None) -> tuple[int, tuple[int, int]]:
+    """``(prefix, grid)`` of ``n_tokens`` tokens on a model without a patch embedding (see the module doc): all
+    patches in the one grid a whole stride gives, else the one reading the model's own grids give
+    (:func:`_traced_reading`); a :class:`SalienceError` naming what fits when neither is the only reading."""
     size = x_shape[-2:]
     fits = stride_grids(n_tokens, size)
     prefixed = [(k, g) for k in (1, 2) for g in stride_grids(n_tokens - k, size)]
     if len(fits) == 1 and not prefixed:
-        return fits[0]
+        return 0, fits[0]
+    traced, grids = _traced_reading(model, n_tokens, x_shape) if model is not None else ([], [])
+    if len(traced) == 1:
+        return traced[0]
     on = f"the {int(size[0])}x{int(size[1])} input"
     readings = [f"{g[0]}x{g[1]} patches" for g in fits] + [f"{k} prefix token(s) + {g[0]}x{g[1]} patches"
                                                              for k, g in prefixed]
@@ -266,6 +347,12 @@ def _stride_reading(n_tokens: int, x_shape: Sequence[int], what: str) -> tuple[i
                  f"command line: --prefix-tokens {k})")
     else:
         found = f"they fit several readings of {on} ({', '.join(readings)})"
+    if traced:
+        found += ("; the model's own maps fit several too (" + ", ".join(f"{k} prefix token(s) + {g[0]}x{g[1]}"
+                                                                       for k, g in traced) + ")")
+    elif model is not None:
+        found += ("; nor does any map the model's convolutions, pooling or unfolding produced ("
+                  + (", ".join(f"{g[0]}x{g[1]}" for g in grids) or "none") + ") have 0, 1 or 2 cells fewer")
     raise SalienceError(
         f"{what} gives {n_tokens} tokens, and salience cannot tell which are patches: the model has no patch "
         f"embedding (a Conv2d with stride == kernel_size on the {x_shape[1]}-channel input), and {found}; {_HOW}"
@@ -433,7 +520,7 @@ def token_layout(model: nn.Module, x_shape: Sequence[int], n_tokens: int, *, gri
                     f"{x_shape[1]}-channel input), and no single grid of the input's size has that many cells; {_HOW}"
                 )
         elif g is None:
-            g, k = _stride_reading(n_tokens, x_shape, what), 0
+            k, g = _stride_reading(n_tokens, x_shape, what, model)
     if k is None:
         k = n_tokens - g[0] * g[1]
         if k < 0:

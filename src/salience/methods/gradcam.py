@@ -117,6 +117,21 @@ def describe_default_layer(model: nn.Module, x: Tensor) -> str:
     return f"{name} ({type(calls[0].module).__name__}, output {tuple(out.shape)}: {layout}; {why})"
 
 
+def default_layer_readable(model: nn.Module, x: Tensor) -> bool:
+    """Whether the CAMs run at the default layer with no ``grid`` / ``prefix_tokens``: a default is found and its
+    output's layout is read (:mod:`salience.methods._tokens`); False where either is refused (CrossViT: no
+    default; tokens with several readings: the CAMs ask for ``grid=`` / ``prefix_tokens=``)."""
+    try:
+        name, _ = _pick_default(model, x)
+        with one_model():
+            calls = _record_calls(model, x, only=resolve_layer(model, name))
+            if calls and isinstance(calls[0].output, Tensor):
+                layer_layout(model, calls[0].module, calls[0].output.shape, x.shape, what=f"layer {name!r}")
+    except SalienceError:
+        return False
+    return True
+
+
 @dataclass
 class _Call:
     name: str
