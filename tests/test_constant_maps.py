@@ -59,15 +59,21 @@ def tiny():
 '''
 
 
-@pytest.fixture
-def setup(tmp_path):
-    """Two image files and a ``python:`` spec module with a blind and a seeing model."""
+def _two_pictures(folder):
+    """Two 32x32 RGB noise pictures (seeded) in ``folder``: their paths."""
     rng = np.random.default_rng(0)
     paths = []
     for i in range(2):
-        p = tmp_path / f"pic{i}.png"
+        p = folder / f"pic{i}.png"
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
         paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """Two image files and a ``python:`` spec module with a blind and a seeing model."""
+    paths = _two_pictures(tmp_path)
     nets = tmp_path / "zero_nets.py"
     nets.write_text(NETS)
     return paths, nets
@@ -469,12 +475,7 @@ def test_a_per_channel_map_is_judged_as_it_is_shown(tmp_path, recwarn):
     from salience._core.info import ModelInfo, attach_info
     from salience.runs.job import constant_notes
 
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(2):
-        p = tmp_path / f"pic{i}.png"
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
+    paths = _two_pictures(tmp_path)
     for name, target, flat in (("even", 0, True), ("odd", 1, False)):
         model = attach_info(_blind(), ModelInfo(name="blind", input_size=(32, 32)))
         run = salience.explain_dataset(model, paths, {"channels": _channels}, tmp_path / name, target=target,

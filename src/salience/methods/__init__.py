@@ -21,7 +21,7 @@ from salience._core.tensors import model_device
 
 from salience.methods.vanilla import vanilla
 from salience.methods.guided import deconvnet, guided_backprop
-from salience.methods.gradcam import default_layer, default_layer_readable, gradcam, guided_gradcam
+from salience.methods.gradcam import default_layer_readable, gradcam, guided_gradcam
 from salience.methods.cams import eigencam, gradcam_plus_plus, hirescam, layercam, xgradcam
 from salience.methods._tokens import patch_embeddings
 from salience.methods._multi import apply_method, as_method, is_target_free
