@@ -1617,6 +1617,44 @@ def test_a_labelled_dataset_reads_each_item_once_and_a_resume_reads_no_finished_
     assert again.table.select(cols).equals(run.table.select(cols))
 
 
+def test_a_run_begun_with_labels_given_is_not_continued_with_other_labels_its_items_carry(tmp_path):
+    """A run of a Dataset of (input, label) begun with ``labels=`` (its command holds their digest) and
+    continued without them (each label then read with its item): each item's label must be the one the
+    run was begun with (its inputs.parquet). Before, the run took the digest as the same labels and
+    explained the items' labels for the rest: rows 0-1 label 3, rows 2-5 the items' 2, 3, 0, 1. Now the
+    first image whose item's label differs stops the run, naming it and both labels; the same labels
+    continue it, and so does leaving labels= out when the items carry the labels it was begun with."""
+    from conftest import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    ds = _Logged(tmp_path / "reads.log", n=6)  # the items' labels: 0 1 2 3 0 1
+    kw = dict(shard_size=2, batch_size=2, workers=0)
+    folder = tmp_path / "run"
+    first = salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[3] * 6, **kw).table
+    (folder / "shards" / "000000002.parquet").unlink()  # the run cut short
+    with pytest.raises(SalienceError, match=r"^" + re.escape(
+            f"{folder} holds a run of a different command (labels: image 2 (_Logged[2]): label 3 -> 2, the label "
+            "its item carries; the run was begun with its labels given up front); give the same labels= (--labels) "
+            "to continue it, choose another --out, or add --overwrite to start again") + r"$"):
+        salience.explain_dataset(model, ds, ["vanilla"], folder, **kw)
+    assert {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet", "000000004.parquet"}
+    again = salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[3] * 6, **kw)
+    assert again.table.column("label").to_pylist() == [3] * 6
+    assert again.table.column("targets").to_pylist() == [[3]] * 6
+    cols = [c for c in first.column_names if c != "shard"]
+    assert again.table.select(cols).equals(first.select(cols))
+    # begun with the labels the items carry: continued without labels=
+    items = [i % 4 for i in range(6)]
+    other = tmp_path / "other"
+    begun = salience.explain_dataset(model, ds, ["vanilla"], other, labels=items, **kw).table
+    (other / "shards" / "000000002.parquet").unlink()
+    resumed = salience.explain_dataset(model, ds, ["vanilla"], other, **kw)
+    assert resumed.table.column("label").to_pylist() == items
+    assert resumed.table.column("targets").to_pylist() == [[v] for v in items]
+    assert resumed.table.select(cols).equals(begun.select(cols))
+
+
 def test_a_label_out_of_range_in_a_datasets_items_stops_the_run_naming_the_image(tmp_path):
     """Labels read with their images: a label the model does not have stops the run when its batch
     comes (the shards before it stay), with the message of labels read up front."""

@@ -188,6 +188,8 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         store.write_inputs(paths, known_labels, mask_list)
         plan.paths = store.input_paths()  # a continued run's rows keep the paths its first command gave
         plan.map_dtype = store.manifest.get("map_dtype", map_dtype)  # a continued run's: its shards are stored so
+        if item_labels and (begun := store.begun_labels()) is not None:  # begun with labels up front: kept
+            plan.begun_labels = (str(store.folder), begun)
         run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module)
         if engine == "ray":  # the driver holds the lock; the actors write shards while it holds it (writer)
             from salience.runs import ray_engine

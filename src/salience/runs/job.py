@@ -78,6 +78,11 @@ class Plan:
     """How the run stores its maps (the run's ``map_dtype``): with float16, :func:`_warn_stored`."""
     storage_warned: set[str] = field(default_factory=set)
     """The methods whose maps float16 storage made constant were said of (:func:`_warn_stored`)."""
+    begun_labels: Optional[tuple[str, Sequence[Optional[int]]]] = None
+    """A continued run of ``item_labels`` begun when the labels were given (or read) up front: its
+    folder and those labels (its ``inputs.parquet``), which each item's label must equal
+    (:meth:`label`): a run explains one set of labels, not the first ones for its first shards and
+    the items' for the rest."""
 
     def has_labels(self) -> bool:
         """Whether the rows have labels (given, or the items')."""
@@ -85,10 +90,19 @@ class Plan:
 
     def label(self, it: Item) -> Optional[int]:
         """Image ``it``'s label (``None``: none): the given one, else the one its item carries,
-        which must be one of the model's ``classes``."""
+        which must be one of the model's ``classes`` (and, in a run begun with its labels up front,
+        the one it was begun with: :attr:`begun_labels`)."""
         if self.labels is not None:
             return self.labels[it.index]
         v = it.label if self.item_labels else None
+        if self.item_labels and self.begun_labels is not None:
+            folder, was = self.begun_labels
+            if it.index < len(was) and was[it.index] != v:
+                raise SalienceError(
+                    f"{folder} holds a run of a different command (labels: image {it.index} "
+                    f"({self.paths[it.index]}): label {was[it.index]} -> {v}, the label its item carries; the run "
+                    "was begun with its labels given up front); give the same labels= (--labels) to continue it, "
+                    "choose another --out, or add --overwrite to start again")
         if v is not None and self.classes is not None and not 0 <= v < self.classes:
             raise SalienceError(f"label {v} of image {it.index} ({self.paths[it.index]}) is out of range for the "
                                 f"model's {self.classes} classes (0..{self.classes - 1}); fix the labels")

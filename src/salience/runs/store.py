@@ -248,8 +248,9 @@ class Store:
             if legacy is not None and "form" not in (was.get("inputs") or {}):
                 now = legacy  # a run begun before the paths had one form: the command as it was written
             if now.get("labels") == ITEM_LABELS and isinstance(was.get("labels"), str):
-                # a run of a user's dataset begun when its labels were all read up front (their digest): the
-                # same labels, now read with each item
+                # a run of a user's dataset begun when its labels were all given or read up front (their
+                # digest), now read with each item: each must be the one the run was begun with
+                # (job.Plan.begun_labels, from inputs.parquet), checked when its image is explained
                 now = {**now, "labels": was["labels"]}
             diff = _differences(was, now)
             if diff and not overwrite:
@@ -288,6 +289,17 @@ class Store:
     def input_paths(self) -> list[str]:
         """Each image's path as the run's first command gave it (``inputs.parquet``): the rows' ``path``."""
         return pyarrow().parquet.read_table(self.folder / "inputs.parquet", columns=["path"]).column("path").to_pylist()
+
+    def begun_labels(self) -> Optional[list[Optional[int]]]:
+        """The labels a continued run of a dataset whose items carry them (:data:`ITEM_LABELS`) was
+        begun with, when they were given (or read) up front: its command holds their digest, and its
+        ``inputs.parquet`` their ``label`` column. ``None``: a run begun reading them with each item,
+        or whose ``inputs.parquet`` holds no labels."""
+        labels = self.manifest.get("command", {}).get("labels")
+        if not isinstance(labels, str) or labels == ITEM_LABELS:
+            return None
+        table = pyarrow().parquet.read_table(self.folder / "inputs.parquet")
+        return table.column("label").to_pylist() if "label" in table.column_names else None
 
     def done(self) -> set[int]:
         """The indices of the images in committed shards."""
