@@ -315,10 +315,19 @@ def _refuse_parallel_streams(model: nn.Module, x: Tensor, calls: list[_Call], at
     lengths side by side (timm's non-lite CoaT: each parallel block runs one factorized attention per scale,
     ``1 + 28x28``, ``1 + 14x14``, ``1 + 7x7`` tokens at 224 px, mixes them, and its head combines the three
     scales' class tokens): a map of one layer shows one stream, as one of CrossViT's branches would."""
-    block = calls[at[-1]].name.rpartition(".")[0]
-    side = [i for i in at if calls[i].name.rpartition(".")[0] == block and calls[i].name != calls[at[-1]].name]
-    streams = {int(_first_tensor(calls[i].output).shape[1]): i for i in side + [at[-1]]}
-    if not block or len(streams) < 2:
+    last = at[-1]
+    block = calls[last].name.rpartition(".")[0]
+    # the block's own call around the last attention (a container such as an nn.ModuleList is never called: its
+    # attentions run one after the other, with tokens pooled between them, not side by side); the side calls are
+    # those that finished within it, after the block's previous call
+    end = next((j for j in range(last + 1, len(calls)) if calls[j].name == block), None)
+    if not block or end is None:
+        return
+    start = max((j for j in range(last) if calls[j].name == block), default=-1)
+    side = [i for i in at if start < i < end and calls[i].name.rpartition(".")[0] == block
+            and calls[i].name != calls[last].name]
+    streams = {int(_first_tensor(calls[i].output).shape[1]): i for i in side + [last]}
+    if len(streams) < 2:
         return
     described = []
     for n, i in sorted(streams.items(), reverse=True):
