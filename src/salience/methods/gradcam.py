@@ -471,11 +471,13 @@ def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
 
 def _refuse_inline_attention(model: nn.Module, x: Tensor, attending: Sequence[tuple[str, Any]]) -> None:
     """Refuse a model whose own ``forward`` (no submodule) computes attention over one image's tokens
-    (``(1, heads, N, N)``, ``N > 1``): no module's output is the input of that attention, so the ViT
-    rule has nothing to point at, and the map rule would pick a layer before it (the patch
-    embedding) and say nothing."""
+    (``(1, heads, N, N)``, ``N > 1``: square, as the weighing rule of :func:`_before_last_attention` asks; not a
+    softmax over a map's width ``(1, C, H, W)``): no module's output is the input of that attention, so the ViT
+    rule has nothing to point at, and the map rule would pick a layer before it (the patch embedding) and say
+    nothing."""
     own = [shape for name, shape in attending
-           if not name and shape is not None and len(shape) == 4 and shape[0] == 1 and shape[-1] > 1]
+           if not name and shape is not None and len(shape) == 4 and shape[0] == 1
+           and shape[-1] == shape[-2] > 1]
     if own:
         raise SalienceError(
             f"the model computes attention (weights of shape {tuple(own[-1])}) in its own forward, not in a "
