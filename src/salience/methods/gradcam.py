@@ -579,6 +579,7 @@ def upsample_maps(cam: Tensor, size: tuple[int, int]) -> Tensor:
     return _upsample(cam.flatten(0, 1), size).unflatten(0, (b, k))
 
 
+@one_model()  # one trace of the model's grids for the default layer and the layout
 def gradient_cam(
     model: nn.Module,
     x: Tensor,
@@ -663,6 +664,7 @@ def _rectified_before(module: nn.Module, rule: rules.BackpropRule) -> Iterator[l
 
 
 @several_targets
+@one_model()  # one trace of the model's grids for the default layer and the layout
 def guided_gradcam(
     model: nn.Module,
     x: Tensor,
