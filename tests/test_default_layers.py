@@ -261,3 +261,23 @@ def test_attentions_in_one_module_list_run_one_after_the_other_not_side_by_side(
     ref = by_hand(net, x, "norms.1", target, row_major(4, 4, prefix=1))
     assert ref.std() > 0
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_default_methods_on_a_cnn_run_one_forward_pass():
+    """default_methods(model, x) on a CNN ran 3 forward passes: attention rollout (refused: no attention), the
+    default-layer search, and one more pass for the default layer's output. Now the search's pass serves the
+    layer's output, and it saw no attention operation or module, so rollout is not run: one pass; the attention
+    methods left out, the layer methods kept."""
+    from salience.methods import ATTENTION_METHODS, LAYER_METHODS, default_methods
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    count = [0]
+    handle = net.register_forward_pre_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+    try:
+        methods = default_methods(net, torch.rand(1, 3, 16, 16))
+    finally:
+        handle.remove()
+    assert count[0] == 1
+    assert LAYER_METHODS <= set(methods) and not ATTENTION_METHODS & set(methods)

@@ -105,31 +105,46 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
 def describe_default_layer(model: nn.Module, x: Tensor) -> str:
     """One line: the default Grad-CAM layer for ``model`` on ``x`` ``(B, C, H, W)``, its output's
     layout and why it was picked (for error messages and listings)."""
-    name, why = _pick_default(model, x)
-    calls = _record_calls(model, x, only=resolve_layer(model, name))
-    if not calls or not isinstance(calls[0].output, Tensor):
-        return f"{name} ({why})"
-    out = calls[0].output
-    try:
-        layout = layer_layout(model, calls[0].module, out.shape, x.shape, what=f"layer {name!r}").describe()
-    except SalienceError as e:
-        layout = f"not usable: {e}"
-    return f"{name} ({type(calls[0].module).__name__}, output {tuple(out.shape)}: {layout}; {why})"
+    with one_model():
+        name, why, call = _default_call(model, x)
+        if call is None or not isinstance(call.output, Tensor):
+            return f"{name} ({why})"
+        out = call.output
+        try:
+            layout = layer_layout(model, call.module, out.shape, x.shape, what=f"layer {name!r}").describe()
+        except SalienceError as e:
+            layout = f"not usable: {e}"
+    return f"{name} ({type(call.module).__name__}, output {tuple(out.shape)}: {layout}; {why})"
 
 
-def default_layer_readable(model: nn.Module, x: Tensor) -> bool:
+def default_layer_readable(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> bool:
     """Whether the CAMs run at the default layer with no ``grid`` / ``prefix_tokens``: a default is found and its
     output's layout is read (:mod:`salience.methods._tokens`); False where either is refused (CrossViT: no
-    default; tokens with several readings: the CAMs ask for ``grid=`` / ``prefix_tokens=``)."""
+    default; tokens with several readings: the CAMs ask for ``grid=`` / ``prefix_tokens=``). One forward pass
+    (two where the tokens are read on the model's own grids). ``seen``: a dict that gets ``"attention"``, whether
+    an attention operation or module ran in the search's pass (absent when no search ran: a layer the model names,
+    or a refusal before it)."""
     try:
-        name, _ = _pick_default(model, x)
         with one_model():
-            calls = _record_calls(model, x, only=resolve_layer(model, name))
-            if calls and isinstance(calls[0].output, Tensor):
-                layer_layout(model, calls[0].module, calls[0].output.shape, x.shape, what=f"layer {name!r}")
+            name, _, call = _default_call(model, x, seen)
+            if call is not None and isinstance(call.output, Tensor):
+                layer_layout(model, call.module, call.output.shape, x.shape, what=f"layer {name!r}")
     except SalienceError:
         return False
     return True
+
+
+def _default_call(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[str, str, Optional["_Call"]]:
+    """``(name, why, its first call on x[:1])`` of the default layer (None where it did not run): the call from the
+    search's own pass, or one pass recording that layer alone where the model names it. ``seen``: as in
+    :func:`default_layer_readable`."""
+    seen = {} if seen is None else seen
+    name, why = _pick_default(model, x, seen)
+    mod = resolve_layer(model, name)
+    calls = seen.get("calls")
+    if calls is None:
+        calls = _record_calls(model, x, only=mod)
+    return name, why, next((c for c in calls if c.module is mod), None)
 
 
 @dataclass
@@ -455,8 +470,9 @@ def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call],
     return cands
 
 
-def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
-    """``(dotted name, why)`` of the default Grad-CAM layer (see :func:`default_layer`)."""
+def _pick_default(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[str, str]:
+    """``(dotted name, why)`` of the default Grad-CAM layer (see :func:`default_layer`); ``seen``: a dict that gets
+    the search's ``"calls"`` and ``"attention"`` (:func:`_search`)."""
     attr = getattr(model, "salience_default_layer", None)
     if attr is not None:
         name = attr if isinstance(attr, str) else layer_name(model, resolve_layer(model, attr))
@@ -466,7 +482,7 @@ def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
         resolve_layer(model, info_layer)
         return info_layer, "the model's ModelInfo.default_layer"
     with one_model():
-        return _search(model, x)
+        return _search(model, x, seen)
 
 
 def _refuse_inline_attention(model: nn.Module, x: Tensor, attending: Sequence[tuple[str, Any]]) -> None:
@@ -489,8 +505,10 @@ def _refuse_inline_attention(model: nn.Module, x: Tensor, attending: Sequence[tu
         )
 
 
-def _search(model: nn.Module, x: Tensor) -> tuple[str, str]:
-    """The heuristic of :func:`default_layer` (the ViT rule, else the map rule): ``(name, why)``."""
+def _search(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[str, str]:
+    """The heuristic of :func:`default_layer` (the ViT rule, else the map rule): ``(name, why)``. ``seen``: a dict
+    that gets the pass's ``"calls"`` and ``"attention"``: whether an attention operation (a softmax over the last
+    dim, SDPA, ``F.multi_head_attention_forward``) or an attention module ran, before any refusal after the pass."""
     embeds = patch_embeddings(model, int(x.shape[1]))
     if len(embeds) > 1:
         names = ", ".join(repr(n) for n, _ in embeds)
@@ -505,6 +523,9 @@ def _search(model: nn.Module, x: Tensor) -> tuple[str, str]:
     outputs: list = []
     attending: list[tuple[str, Any]] = []
     calls = _record_calls(model, x, outputs=outputs, attending=attending)
+    if seen is not None:
+        seen["calls"] = calls
+        seen["attention"] = bool(attending) or any(_is_attention(c.module) for c in calls)
     _refuse_inline_attention(model, x, attending)
     vit = _before_last_attention(model, x, calls, attending)
     if vit is not None:
