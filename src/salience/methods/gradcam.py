@@ -306,22 +306,19 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
     if grid is None and (shape[1] == 1 or _all_patches(model, x, _Call(att.name, att.module, _first_tensor(att.output)),
                                                         shape)):
         return None  # a single token (a class attention's) or all patches (TinyViT's last window): the map rule
-    for c in reversed(calls[:at[-1]]):
-        inside = c.name.startswith(att.name + ".")
-        if not inside and isinstance(c.output, Tensor) and c.output.shape == shape:
-            if grid is None and _all_patches(model, x, c, shape):
-                return None  # all patches: the map rule
-            return c.name
-    return None
+    c = _input_of(calls, at[-1])
+    if c is None or (grid is None and _all_patches(model, x, c, shape)):
+        return None  # none, or all patches: the map rule
+    return c.name
 
 
-def _input_of(calls: list[_Call], i: int) -> Optional[str]:
-    """The module that finished last before ``calls[i]`` (an attention call), outside it, with its output's shape."""
+def _input_of(calls: list[_Call], i: int) -> Optional[_Call]:
+    """The call that finished last before ``calls[i]`` (an attention call), outside it, with its output's shape."""
     att = calls[i]
     shape = _first_tensor(att.output).shape
     for c in reversed(calls[:i]):
         if not c.name.startswith(att.name + ".") and isinstance(c.output, Tensor) and c.output.shape == shape:
-            return c.name
+            return c
     return None
 
 
@@ -346,9 +343,10 @@ def _refuse_parallel_streams(model: nn.Module, x: Tensor, calls: list[_Call], at
         return
     described = []
     for n, i in sorted(streams.items(), reverse=True):
-        name = _input_of(calls, i)
-        if name is None:
+        c = _input_of(calls, i)
+        if c is None:
             continue
+        name = c.name
         try:
             layout = layer_layout(model, None, (1, n, 1), x.shape, what=f"layer {name!r}")
             said = (f"{layout.prefix} prefix token(s) + {layout.grid[0]}x{layout.grid[1]} patches" if layout.grid
