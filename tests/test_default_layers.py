@@ -211,3 +211,73 @@ def test_coat_with_parallel_blocks_has_no_default_layer_and_says_what_to_pass():
         assert ref.std() > 0
         torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
     assert not LAYER_METHODS & set(default_methods(net, x))
+
+
+class _PooledStages(torch.nn.Module):
+    """Two attentions one after the other, kept in one nn.ModuleList: 1 + 8x8 tokens, then the patches
+    average-pooled to 4x4 (1 + 4x4 tokens). Not CoaT's streams side by side: nothing calls the list."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self, d: int):
+            super().__init__()
+            self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).chunk(3, -1)
+            return self.proj((q @ k.transpose(-2, -1) / 4).softmax(-1) @ v)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, stride=4, padding=1)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
+        self.norms = torch.nn.ModuleList([torch.nn.LayerNorm(16), torch.nn.LayerNorm(16)])
+        self.attns = torch.nn.ModuleList([self.Attention(16), self.Attention(16)])
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.stem(x)
+        b = p.shape[0]
+        t = torch.cat([self.cls.expand(b, -1, -1), p.flatten(2).transpose(1, 2)], 1)
+        t = t + self.attns[0](self.norms[0](t))
+        g = torch.nn.functional.avg_pool2d(t[:, 1:].transpose(1, 2).reshape(b, 16, 8, 8), 2).flatten(2).transpose(1, 2)
+        t = torch.cat([t[:, :1], g], 1)
+        t = t + self.attns[1](self.norms[1](t))
+        return self.head(t[:, 0])
+
+
+def test_attentions_in_one_module_list_run_one_after_the_other_not_side_by_side():
+    """Attentions kept in one nn.ModuleList, tokens pooled between them (65, then 17 tokens): they were taken
+    for CoaT's parallel streams (same parent name) and the default refused; a ModuleList is never called, so
+    they run one after the other: the default is the last attention's input, ``norms.1``, and Grad-CAM there is
+    the hand computation on 1 + 4x4 tokens (``prefix_tokens=1``: 17 tokens read two ways without it)."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    net = _PooledStages().eval()
+    x, target = torch.rand(2, 3, 32, 32), torch.tensor([0, 2])
+    assert default_layer(net, x) == "norms.1"
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target, prefix_tokens=1)  # no patch embedding; the pooling is functional
+    ref = by_hand(net, x, "norms.1", target, row_major(4, 4, prefix=1))
+    assert ref.std() > 0
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_default_methods_on_a_cnn_run_one_forward_pass():
+    """default_methods(model, x) on a CNN ran 3 forward passes: attention rollout (refused: no attention), the
+    default-layer search, and one more pass for the default layer's output. Now the search's pass serves the
+    layer's output, and it saw no attention operation or module, so rollout is not run: one pass; the attention
+    methods left out, the layer methods kept."""
+    from salience.methods import ATTENTION_METHODS, LAYER_METHODS, default_methods
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    count = [0]
+    handle = net.register_forward_pre_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+    try:
+        methods = default_methods(net, torch.rand(1, 3, 16, 16))
+    finally:
+        handle.remove()
+    assert count[0] == 1
+    assert LAYER_METHODS <= set(methods) and not ATTENTION_METHODS & set(methods)

@@ -167,3 +167,33 @@ def test_timm_rope_vit_default_is_the_last_norm1_not_the_patch_embedding():
     torch.testing.assert_close(salience.gradcam(net, x, target),
                                gradcam_by_hand(net, x, "blocks.1.norm1", target, row_major(2, 2, prefix=1)),
                                rtol=1e-4, atol=1e-6)
+
+
+class WidthSoftmaxCNN(nn.Module):
+    """A CNN whose own forward takes a softmax over the width of its (B, C, H, W) map (8x4 at 32x16 px):
+    a spatial weighting, not self-attention (not square, no tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv2(torch.relu(self.conv1(x)))
+        a = a * a.softmax(-1)
+        return self.head(a.mean((2, 3)))
+
+
+def test_softmax_over_a_maps_width_in_the_models_own_forward_keeps_the_default_layer():
+    """A softmax over the last dim of a (1, C, H, W) map in the model's own forward was refused as inline
+    attention; attention weights are square (1, heads, N, N), this (1, 8, 8, 4) is not: the default is the last
+    map, ``conv2``, and Grad-CAM there is the hand computation."""
+    torch.manual_seed(0)
+    net = WidthSoftmaxCNN().eval()
+    x, target = torch.rand(2, 3, 32, 16), torch.tensor([1, 3])
+    assert default_layer(net, x) == "conv2"
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target)
+    ref = gradcam_by_hand(net, x, "conv2", target)
+    assert ref.std() > 0
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)

@@ -112,3 +112,24 @@ def test_tokens_with_two_readings_on_the_models_grids_ask_for_grid_and_prefix_to
     assert set(LAYER_METHODS) <= set(default_methods(_Pooled().eval(), x[:1]))
     cam = salience.gradcam(net, x, target, grid=(8, 8), prefix_tokens=2)
     torch.testing.assert_close(cam, gradcam_by_hand(net, x, "norm", target, row_major(8, 8, 2)), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "guided_gradcam", "hirescam", "layercam", "eigencam"])
+def test_a_cam_traces_the_models_grids_once_per_call(method):
+    """The tokens of ``_Pooled`` are read on the grid the model produces (one forward pass of zeros,
+    ``traced_grids``). The trace was memoised only inside the default-layer search, so the CAM's layout ran it
+    again: 4 forward passes of the model. Now one trace per call: the search's pass, the trace, the CAM's pass; with
+    ``layer=`` the trace and the CAM's pass; with ``grid=`` / ``prefix_tokens=`` too, the CAM's pass alone."""
+    torch.manual_seed(0)
+    net = _Pooled().eval()
+    x = torch.rand(2, 3, 32, 32)
+    fn = getattr(salience, method)
+    count = [0]
+    handle = net.register_forward_pre_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+    try:
+        for kwargs, passes in (({}, 3), ({"layer": "norm"}, 2), ({"layer": "norm", "grid": (8, 8), "prefix_tokens": 2}, 1)):
+            count[0] = 0
+            fn(net, x, **kwargs)
+            assert count[0] == passes, (kwargs, count[0])
+    finally:
+        handle.remove()

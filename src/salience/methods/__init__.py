@@ -110,8 +110,8 @@ def default_methods(model: nn.Module, x: Optional[Tensor] = None) -> list[str]:
     The attention methods need global self-attention over the same ``N`` tokens in every layer and a
     class token, which attention that subsamples or pools tokens (LeViT, PVT v2, MViTv2, Hiera) or a
     model without a class token does not give; and the default layer may depend on what the layers
-    output. Both are decided by running attention rollout and the default-layer search once on an
-    image: ``x[:1]``, or without ``x`` a random image of the model's input size
+    output. Both are decided by running the default-layer search and, where its pass saw an attention
+    operation or module (or the modules' names say attention), attention rollout, once each, on an image: ``x[:1]``, or without ``x`` a random image of the model's input size
     (:class:`~salience._core.info.ModelInfo`, known for a model from :func:`salience.load_model`).
     Without either (a bare module, or a model that cannot take that image), only what the modules
     say: the attention methods are kept on a model with attention modules, and the layer methods are
@@ -121,8 +121,11 @@ def default_methods(model: nn.Module, x: Optional[Tensor] = None) -> list[str]:
     image = x[:1] if x is not None else _model_image(model)
     # with an image, attention rollout decides alone: attention written as a bare function (SDPA or a softmax
     # in a module of any name) runs there too; without one, the modules' names say
-    attention = has_attention(model) if image is None else _attention_runs(model, image)
-    layer = _default_layer_found(model, image)
+    seen: dict = {}
+    layer = _default_layer_found(model, image, seen)
+    # the search's pass saw no attention operation or module: attention rollout would refuse; not run
+    attention = (has_attention(model) if image is None
+                 else (seen.get("attention", True) or has_attention(model)) and _attention_runs(model, image))
     return [n for n in METHODS if (attention or n not in ATTENTION_METHODS) and (layer or n not in LAYER_METHODS)]
 
 
@@ -143,13 +146,14 @@ def _model_image(model: nn.Module) -> Optional[Tensor]:
     return image
 
 
-def _default_layer_found(model: nn.Module, image: Optional[Tensor]) -> bool:
-    """Whether the CAMs find their default layer on ``image`` and read its output's layout (two forward passes,
-    three where the tokens' grid is read off the model's own maps); without an image, whether
+def _default_layer_found(model: nn.Module, image: Optional[Tensor], seen: Optional[dict] = None) -> bool:
+    """Whether the CAMs find their default layer on ``image`` and read its output's layout (one forward pass,
+    two where the tokens' grid is read off the model's own maps; ``seen`` as in
+    :func:`~salience.methods.gradcam.default_layer_readable`); without an image, whether
     the modules allow one: a layer the model names, or at most one patch embedding."""
     if image is not None:
         try:
-            return default_layer_readable(model, image)
+            return default_layer_readable(model, image, seen)
         except Exception:  # noqa: BLE001 - not a refusal: the CAMs' own calls say what failed
             return True
     named = getattr(model, "salience_default_layer", None) is not None or model_info(model).default_layer

@@ -161,8 +161,13 @@ _EMBEDS: ContextVar[Optional[dict]] = ContextVar("salience_patch_embeddings", de
 
 @contextmanager
 def one_model() -> Iterator[None]:
-    """Within it, :func:`patch_embedding` walks each model once: for a search that asks it of every
-    layer of one model whose modules do not change meanwhile (the default-layer search)."""
+    """Within it, :func:`patch_embedding` walks each model once and :func:`traced_grids` traces each model and
+    input shape once: for a search that asks it of every layer of one model whose modules do not change meanwhile
+    (the default-layer search), and for one CAM call (its default layer, then its layer's layout; as a decorator,
+    ``@one_model()``). Nested, the outer scope's memo serves: it ends with the outermost."""
+    if _EMBEDS.get() is not None:
+        yield
+        return
     token = _EMBEDS.set({})
     try:
         yield

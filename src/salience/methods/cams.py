@@ -33,6 +33,7 @@ from salience._core.tensors import check_flag
 from salience.targets import TargetLike, split
 from salience.methods._multi import several_targets, target_free
 from salience.methods.gradcam import gradient_cam, grid_layout, resolve_cam_layer, upsample_maps
+from salience.methods._tokens import one_model
 
 __all__ = ["gradcam_plus_plus", "hirescam", "xgradcam", "layercam", "eigencam"]
 
@@ -171,6 +172,7 @@ for _f in (gradcam_plus_plus, hirescam, xgradcam, layercam):
     _f.__doc__ = (_f.__doc__ or "") + "\n" + _DOC_OPTIONS
 
 
+@one_model()  # one trace of the model's grids for the default layer and the layout
 def _fused_layercam(model: nn.Module, x: Tensor, target: TargetLike, layers: list[LayerSpec], *, upsample: bool,
                     relu: bool, gamma: float, strip_softmax: bool, grid: Optional[tuple[int, int]],
                     prefix_tokens: Optional[int]) -> Tensor:
@@ -201,6 +203,7 @@ def _fused_layercam(model: nn.Module, x: Tensor, target: TargetLike, layers: lis
 
 
 @target_free
+@one_model()  # one trace of the model's grids for the default layer and the layout
 def eigencam(
     model: nn.Module,
     x: Tensor,

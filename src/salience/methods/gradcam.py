@@ -105,31 +105,46 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
 def describe_default_layer(model: nn.Module, x: Tensor) -> str:
     """One line: the default Grad-CAM layer for ``model`` on ``x`` ``(B, C, H, W)``, its output's
     layout and why it was picked (for error messages and listings)."""
-    name, why = _pick_default(model, x)
-    calls = _record_calls(model, x, only=resolve_layer(model, name))
-    if not calls or not isinstance(calls[0].output, Tensor):
-        return f"{name} ({why})"
-    out = calls[0].output
-    try:
-        layout = layer_layout(model, calls[0].module, out.shape, x.shape, what=f"layer {name!r}").describe()
-    except SalienceError as e:
-        layout = f"not usable: {e}"
-    return f"{name} ({type(calls[0].module).__name__}, output {tuple(out.shape)}: {layout}; {why})"
+    with one_model():
+        name, why, call = _default_call(model, x)
+        if call is None or not isinstance(call.output, Tensor):
+            return f"{name} ({why})"
+        out = call.output
+        try:
+            layout = layer_layout(model, call.module, out.shape, x.shape, what=f"layer {name!r}").describe()
+        except SalienceError as e:
+            layout = f"not usable: {e}"
+    return f"{name} ({type(call.module).__name__}, output {tuple(out.shape)}: {layout}; {why})"
 
 
-def default_layer_readable(model: nn.Module, x: Tensor) -> bool:
+def default_layer_readable(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> bool:
     """Whether the CAMs run at the default layer with no ``grid`` / ``prefix_tokens``: a default is found and its
     output's layout is read (:mod:`salience.methods._tokens`); False where either is refused (CrossViT: no
-    default; tokens with several readings: the CAMs ask for ``grid=`` / ``prefix_tokens=``)."""
+    default; tokens with several readings: the CAMs ask for ``grid=`` / ``prefix_tokens=``). One forward pass
+    (two where the tokens are read on the model's own grids). ``seen``: a dict that gets ``"attention"``, whether
+    an attention operation or module ran in the search's pass (absent when no search ran: a layer the model names,
+    or a refusal before it)."""
     try:
-        name, _ = _pick_default(model, x)
         with one_model():
-            calls = _record_calls(model, x, only=resolve_layer(model, name))
-            if calls and isinstance(calls[0].output, Tensor):
-                layer_layout(model, calls[0].module, calls[0].output.shape, x.shape, what=f"layer {name!r}")
+            name, _, call = _default_call(model, x, seen)
+            if call is not None and isinstance(call.output, Tensor):
+                layer_layout(model, call.module, call.output.shape, x.shape, what=f"layer {name!r}")
     except SalienceError:
         return False
     return True
+
+
+def _default_call(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[str, str, Optional["_Call"]]:
+    """``(name, why, its first call on x[:1])`` of the default layer (None where it did not run): the call from the
+    search's own pass, or one pass recording that layer alone where the model names it. ``seen``: as in
+    :func:`default_layer_readable`."""
+    seen = {} if seen is None else seen
+    name, why = _pick_default(model, x, seen)
+    mod = resolve_layer(model, name)
+    calls = seen.get("calls")
+    if calls is None:
+        calls = _record_calls(model, x, only=mod)
+    return name, why, next((c for c in calls if c.module is mod), None)
 
 
 @dataclass
@@ -291,22 +306,19 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
     if grid is None and (shape[1] == 1 or _all_patches(model, x, _Call(att.name, att.module, _first_tensor(att.output)),
                                                         shape)):
         return None  # a single token (a class attention's) or all patches (TinyViT's last window): the map rule
-    for c in reversed(calls[:at[-1]]):
-        inside = c.name.startswith(att.name + ".")
-        if not inside and isinstance(c.output, Tensor) and c.output.shape == shape:
-            if grid is None and _all_patches(model, x, c, shape):
-                return None  # all patches: the map rule
-            return c.name
-    return None
+    c = _input_of(calls, at[-1])
+    if c is None or (grid is None and _all_patches(model, x, c, shape)):
+        return None  # none, or all patches: the map rule
+    return c.name
 
 
-def _input_of(calls: list[_Call], i: int) -> Optional[str]:
-    """The module that finished last before ``calls[i]`` (an attention call), outside it, with its output's shape."""
+def _input_of(calls: list[_Call], i: int) -> Optional[_Call]:
+    """The call that finished last before ``calls[i]`` (an attention call), outside it, with its output's shape."""
     att = calls[i]
     shape = _first_tensor(att.output).shape
     for c in reversed(calls[:i]):
         if not c.name.startswith(att.name + ".") and isinstance(c.output, Tensor) and c.output.shape == shape:
-            return c.name
+            return c
     return None
 
 
@@ -315,16 +327,26 @@ def _refuse_parallel_streams(model: nn.Module, x: Tensor, calls: list[_Call], at
     lengths side by side (timm's non-lite CoaT: each parallel block runs one factorized attention per scale,
     ``1 + 28x28``, ``1 + 14x14``, ``1 + 7x7`` tokens at 224 px, mixes them, and its head combines the three
     scales' class tokens): a map of one layer shows one stream, as one of CrossViT's branches would."""
-    block = calls[at[-1]].name.rpartition(".")[0]
-    side = [i for i in at if calls[i].name.rpartition(".")[0] == block and calls[i].name != calls[at[-1]].name]
-    streams = {int(_first_tensor(calls[i].output).shape[1]): i for i in side + [at[-1]]}
-    if not block or len(streams) < 2:
+    last = at[-1]
+    block = calls[last].name.rpartition(".")[0]
+    # the block's own call around the last attention (a container such as an nn.ModuleList is never called: its
+    # attentions run one after the other, with tokens pooled between them, not side by side); the side calls are
+    # those that finished within it, after the block's previous call
+    end = next((j for j in range(last + 1, len(calls)) if calls[j].name == block), None)
+    if not block or end is None:
+        return
+    start = max((j for j in range(last) if calls[j].name == block), default=-1)
+    side = [i for i in at if start < i < end and calls[i].name.rpartition(".")[0] == block
+            and calls[i].name != calls[last].name]
+    streams = {int(_first_tensor(calls[i].output).shape[1]): i for i in side + [last]}
+    if len(streams) < 2:
         return
     described = []
     for n, i in sorted(streams.items(), reverse=True):
-        name = _input_of(calls, i)
-        if name is None:
+        c = _input_of(calls, i)
+        if c is None:
             continue
+        name = c.name
         try:
             layout = layer_layout(model, None, (1, n, 1), x.shape, what=f"layer {name!r}")
             said = (f"{layout.prefix} prefix token(s) + {layout.grid[0]}x{layout.grid[1]} patches" if layout.grid
@@ -446,8 +468,9 @@ def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call],
     return cands
 
 
-def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
-    """``(dotted name, why)`` of the default Grad-CAM layer (see :func:`default_layer`)."""
+def _pick_default(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[str, str]:
+    """``(dotted name, why)`` of the default Grad-CAM layer (see :func:`default_layer`); ``seen``: a dict that gets
+    the search's ``"calls"`` and ``"attention"`` (:func:`_search`)."""
     attr = getattr(model, "salience_default_layer", None)
     if attr is not None:
         name = attr if isinstance(attr, str) else layer_name(model, resolve_layer(model, attr))
@@ -457,16 +480,18 @@ def _pick_default(model: nn.Module, x: Tensor) -> tuple[str, str]:
         resolve_layer(model, info_layer)
         return info_layer, "the model's ModelInfo.default_layer"
     with one_model():
-        return _search(model, x)
+        return _search(model, x, seen)
 
 
 def _refuse_inline_attention(model: nn.Module, x: Tensor, attending: Sequence[tuple[str, Any]]) -> None:
     """Refuse a model whose own ``forward`` (no submodule) computes attention over one image's tokens
-    (``(1, heads, N, N)``, ``N > 1``): no module's output is the input of that attention, so the ViT
-    rule has nothing to point at, and the map rule would pick a layer before it (the patch
-    embedding) and say nothing."""
+    (``(1, heads, N, N)``, ``N > 1``: square, as the weighing rule of :func:`_before_last_attention` asks; not a
+    softmax over a map's width ``(1, C, H, W)``): no module's output is the input of that attention, so the ViT
+    rule has nothing to point at, and the map rule would pick a layer before it (the patch embedding) and say
+    nothing."""
     own = [shape for name, shape in attending
-           if not name and shape is not None and len(shape) == 4 and shape[0] == 1 and shape[-1] > 1]
+           if not name and shape is not None and len(shape) == 4 and shape[0] == 1
+           and shape[-1] == shape[-2] > 1]
     if own:
         raise SalienceError(
             f"the model computes attention (weights of shape {tuple(own[-1])}) in its own forward, not in a "
@@ -478,8 +503,10 @@ def _refuse_inline_attention(model: nn.Module, x: Tensor, attending: Sequence[tu
         )
 
 
-def _search(model: nn.Module, x: Tensor) -> tuple[str, str]:
-    """The heuristic of :func:`default_layer` (the ViT rule, else the map rule): ``(name, why)``."""
+def _search(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[str, str]:
+    """The heuristic of :func:`default_layer` (the ViT rule, else the map rule): ``(name, why)``. ``seen``: a dict
+    that gets the pass's ``"calls"`` and ``"attention"``: whether an attention operation (a softmax over the last
+    dim, SDPA, ``F.multi_head_attention_forward``) or an attention module ran, before any refusal after the pass."""
     embeds = patch_embeddings(model, int(x.shape[1]))
     if len(embeds) > 1:
         names = ", ".join(repr(n) for n, _ in embeds)
@@ -494,6 +521,9 @@ def _search(model: nn.Module, x: Tensor) -> tuple[str, str]:
     outputs: list = []
     attending: list[tuple[str, Any]] = []
     calls = _record_calls(model, x, outputs=outputs, attending=attending)
+    if seen is not None:
+        seen["calls"] = calls
+        seen["attention"] = bool(attending) or any(_is_attention(c.module) for c in calls)
     _refuse_inline_attention(model, x, attending)
     vit = _before_last_attention(model, x, calls, attending)
     if vit is not None:
@@ -568,6 +598,7 @@ def upsample_maps(cam: Tensor, size: tuple[int, int]) -> Tensor:
     return _upsample(cam.flatten(0, 1), size).unflatten(0, (b, k))
 
 
+@one_model()  # one trace of the model's grids for the default layer and the layout
 def gradient_cam(
     model: nn.Module,
     x: Tensor,
@@ -652,6 +683,7 @@ def _rectified_before(module: nn.Module, rule: rules.BackpropRule) -> Iterator[l
 
 
 @several_targets
+@one_model()  # one trace of the model's grids for the default layer and the layout
 def guided_gradcam(
     model: nn.Module,
     x: Tensor,

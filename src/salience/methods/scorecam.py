@@ -44,7 +44,7 @@ from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
 from salience._core.tensors import autocast_off, check_number, check_flag
 from salience.methods._multi import several_targets
-from salience.methods._tokens import Layout
+from salience.methods._tokens import Layout, one_model
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
 from salience.methods.perturbation import (SOFTMAX, check_perturbation_targets, clean_scores, judge, score_items,
                                            use_probabilities)
@@ -160,6 +160,7 @@ class _ChannelMasks:
 
 
 @several_targets
+@one_model()  # one trace of the model's grids for the default layer and the layout
 def scorecam(
     model: nn.Module,
     x: Tensor,
@@ -308,6 +309,7 @@ def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) 
 
 
 @several_targets
+@one_model()  # one trace of the model's grids for the default layer and the layout
 def ablationcam(
     model: nn.Module,
     x: Tensor,
