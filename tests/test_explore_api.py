@@ -1231,3 +1231,44 @@ def test_cli_explore_bad_arguments():
     assert main(["explore", "--model", "demo:shapes", "/no/such/image.png"]) == 2
     assert main(["explore", "--model", "demo:shapes", "--port", "99999"]) == 2
     assert main(["explore", "--model", "demo:shapes", "--host", "no.such.host.invalid"]) == 2
+
+
+def test_an_image_decoded_in_another_thread_does_not_undo_a_capture_of_warnings(tmp_path):
+    """Image decoding hides PIL's metadata notes for a moment; it did so with ``catch_warnings``, whose
+    filters are the process's: entered before a map's capture began (an upload or a picture asked while
+    a worker computes), its end restored the filters from before the capture, and the map's warnings
+    said after that were lost (CI: a CompletenessWarning missing from its job, 1 of 1,933). Now a
+    capture waits for such a block, and none undoes it: both warnings of the capturing thread are its."""
+    import threading
+    import warnings
+
+    from salience._core.errors import quiet_warnings
+    from salience.explore import compute
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def decode():
+        with quiet_warnings():
+            inside.set()
+            leave.wait(5)
+
+    got: list = []
+
+    def capture():
+        with compute.caught_warnings() as said:
+            warnings.warn("first", UserWarning)
+            leave.set()  # the decoding block ends while the capture is held
+            decoder.join(5)
+            warnings.warn("second", UserWarning)
+        got.extend(said)
+
+    decoder = threading.Thread(target=decode)
+    decoder.start()
+    assert inside.wait(5)
+    capturer = threading.Thread(target=capture)
+    capturer.start()
+    if not leave.wait(0.5):  # with the fix the capture waits for the block: let the block end
+        leave.set()
+    capturer.join(10)
+    decoder.join(5)
+    assert got == ["first", "second"]

@@ -2,11 +2,14 @@
 warnings point."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
 import sys
-from typing import Sequence
+import threading
+import warnings
+from typing import Any, Iterator, Sequence
 
 __all__ = ["SalienceError", "suggest", "user_stacklevel", "uncoloured"]
 
@@ -48,3 +51,33 @@ def user_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
     return level if frame is not None else 1
+
+
+WARNINGS_LOCK = threading.RLock()
+"""Held while the process's warning filters change for a while: the filters and ``showwarning``
+are one for all threads, so two threads changing them at once undo each other."""
+CAPTURING: dict[int, list[Any]] = {}
+"""Thread id -> the warning captures it holds (:func:`salience.explore.compute.caught_warnings`),
+changed under :data:`WARNINGS_LOCK`."""
+
+
+@contextlib.contextmanager
+def quiet_warnings() -> Iterator[None]:
+    """The warnings of this block are not shown (PIL's notes on an image's odd metadata), without
+    undoing another thread's capture of warnings: a ``catch_warnings`` entered before a capture
+    began restored, on leaving, the filters from before it (the capture's warnings went unseen
+    from then on), and one entered during it ignored the capturing thread's warnings too. So no
+    capture begins or ends inside this block, and while one is held this block changes nothing
+    (its warnings are shown, or captured, as any other)."""
+    with WARNINGS_LOCK:
+        if CAPTURING:
+            quiet = None
+        else:
+            quiet = warnings.catch_warnings()
+            quiet.__enter__()
+            warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            if quiet is not None:
+                quiet.__exit__(None, None, None)

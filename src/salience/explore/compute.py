@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from salience import targets as _targets
-from salience._core import perf as _perf
+from salience._core import errors, perf as _perf
 from salience._core.autograd import forward_scores, class_probabilities
 from salience._core.errors import SalienceError, suggest
 from salience._core.info import ModelInfo, attach_info, model_info
@@ -243,9 +243,9 @@ def _watched(model: nn.Module, ticker: Ticker) -> Iterator[None]:
 # --------------------------------------------------------------------------------- warnings
 
 
-_capture_lock = threading.Lock()
+_capture_lock = errors.WARNINGS_LOCK  # shared with errors.quiet_warnings (image decoding in other threads)
 # thread id -> the records of its captures, the outermost first (nested: a map computed again for its curves)
-_capturing: dict[int, list[list[tuple[Any, Any, str, int]]]] = {}
+_capturing: dict[int, list[list[tuple[Any, Any, str, int]]]] = errors.CAPTURING
 _outer: Optional[warnings.catch_warnings] = None
 _forward: Any = warnings.showwarning
 

@@ -16,7 +16,6 @@ import dataclasses
 import math
 import os
 import threading
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, quiet_warnings
 from salience._core.info import ModelInfo
 
 __all__ = [
@@ -100,8 +99,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     try:
         # We check the size ourselves (below) against max_pixels; PIL's own bomb check would
         # otherwise refuse or warn on its own, different limit.
-        with _without_pils_bomb_limit(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's notes on odd metadata; errors are raised below
+        with _without_pils_bomb_limit(), quiet_warnings():  # PIL's notes on odd metadata; errors are raised below
             img = Image.open(p if data is None else io.BytesIO(data))
     except UnidentifiedImageError:
         raise SalienceError(
@@ -125,8 +123,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         if w == 0 or h == 0:
             raise SalienceError(f"{p}: the image is empty ({w}x{h})")
         try:
-            with _without_pils_bomb_limit(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with _without_pils_bomb_limit(), quiet_warnings():
                 img.load()
                 img = ImageOps.exif_transpose(img) or img
         except MemoryError:
