@@ -70,12 +70,15 @@ def _check_images(images: Tensor) -> Tensor:
 def sobel_edges(images: Tensor) -> Tensor:
     """Edge strength of each image ``(B, C, H, W)``: the magnitude of the 3x3 Sobel gradient of
     the channel mean (replicate padding), ``(B, H, W)``. Saliency methods that mostly show
-    edges (guided backprop, Adebayo et al. 2018) are close to it."""
-    g = _check_images(images).mean(1, keepdim=True)
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=g.device, dtype=g.dtype)
-    k = torch.stack([kx, kx.t()])[:, None]
-    d = F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), k)
-    return d.square().sum(1).sqrt()
+    edges (guided backprop, Adebayo et al. 2018) are close to it. Differences first, then the
+    1-2-1 smoothing, so a flat region is exactly 0 (a 3x3 convolution's sums left rounding noise,
+    e.g. 6e-08 everywhere on a flat grey image, which is no longer "constant")."""
+    p = F.pad(_check_images(images).mean(1, keepdim=True), (1, 1, 1, 1), mode="replicate")[:, 0]
+    dx = p[:, :, 2:] - p[:, :, :-2]  # (B, H + 2, W)
+    dy = p[:, 2:, :] - p[:, :-2, :]  # (B, H, W + 2)
+    gx = dx[:, :-2] + 2 * dx[:, 1:-1] + dx[:, 2:]
+    gy = dy[:, :, :-2] + 2 * dy[:, :, 1:-1] + dy[:, :, 2:]
+    return (gx.square() + gy.square()).sqrt()
 
 
 def center_maps(images: Tensor, *, sigma: float = 0.25) -> Tensor:
