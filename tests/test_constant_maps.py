@@ -407,9 +407,10 @@ def test_evaluate_says_a_methods_constant_maps_on_the_command_line_and_in_the_re
 
 def test_evaluate_says_a_constant_oracle_or_baseline_and_nothing_of_good_ones(setup, tmp_path, capsys):
     """The oracle and the baselines are the table's ceiling and floor: an empty mask (image 1), a full
-    one (image 2) and a flat grey image (image 1: Sobel edges all zero) make theirs constant, said as
-    the method's are (warning line, results.json, top of report.html), with the mask or the image to
-    check; image 0 (noise, a square mask) is not named. Noise images with square masks: nothing."""
+    one (image 2) and a flat grey image (image 1: spectral residual and Sobel edges 0) make theirs
+    constant, said as the method's are (warning line, results.json, top of report.html), with the mask
+    or the image to check; image 0 (noise, a square mask) is not named. Noise images with square
+    masks: nothing."""
     import html
     import json
 
@@ -433,10 +434,10 @@ def test_evaluate_says_a_constant_oracle_or_baseline_and_nothing_of_good_ones(se
               "another and its row is no ceiling for the methods. Check the mask file: the object is where its "
               "brightest channel is at least half its maximum")
     want = [f"{E.ORACLE}, 1 of 3 image(s) (image 1): {oracle.format('zero', 'no pixel')}",
-            f"{E.ORACLE}, 1 of 3 image(s) (image 2): {oracle.format('1', 'every pixel')}",
-            "sobel_edges, 1 of 3 image(s) (image 1): the map is constant (zero) everywhere: the image holds nothing "
-            "this baseline responds to (e.g. one flat colour), so it ranks no pixel above another and its row is no "
-            "floor for the methods. Check the image"]
+            f"{E.ORACLE}, 1 of 3 image(s) (image 2): {oracle.format('1', 'every pixel')}"]
+    want += [f"{name}, 1 of 3 image(s) (image 1): the map is constant (zero) everywhere: the image holds nothing "
+             "this baseline responds to (e.g. one flat colour), so it ranks no pixel above another and its row is no "
+             "floor for the methods. Check the image" for name in ("spectral_residual", "sobel_edges")]
     assert [ln for ln in err.splitlines() if "constant" in ln] == [f"salience: warning: {w}" for w in want], err
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["warnings"] == want
     page = (tmp_path / "ev" / "report.html").read_text(encoding="utf-8")

@@ -175,6 +175,12 @@ def test_sobel_edges_equal_scipy_and_center_is_a_centred_gaussian():
     grey = ((torch.full((1, 3, 16, 16), 0.5) - torch.tensor([0.485, 0.456, 0.406])[:, None, None])
             / torch.tensor([0.229, 0.224, 0.225])[:, None, None])
     assert torch.equal(M.sobel_edges(grey), torch.zeros(1, 16, 16))
+    # and no spectral residual: 0 (it was the spectrum's rounding noise scaled to [0, 1]); the image
+    # beside it keeps its map, as computed alone
+    noise = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    both = M.spectral_residual(torch.cat([grey, noise]))
+    assert torch.equal(both[0], torch.zeros(16, 16)) and float(both[1].max()) == 1.0
+    torch.testing.assert_close(both[1:], M.spectral_residual(noise))
     c = M.center_maps(torch.zeros(1, 3, 8, 8), sigma=0.25)
     assert c.shape == (1, 8, 8) and torch.equal(c, c.flip(1)) and torch.equal(c, c.flip(2))
     # pixel (3, 3) is 0.0625 of the side from the centre in each direction: exp(-(2 * 0.0625^2) / (2 * 0.25^2))
