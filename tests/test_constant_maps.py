@@ -405,6 +405,55 @@ def test_evaluate_says_a_methods_constant_maps_on_the_command_line_and_in_the_re
     assert json.loads((tmp_path / "ev2" / "results.json").read_text())["warnings"] == []
 
 
+def test_evaluate_says_a_constant_oracle_or_baseline_and_nothing_of_good_ones(setup, tmp_path, capsys):
+    """The oracle and the baselines are the table's ceiling and floor: an empty mask (image 1), a full
+    one (image 2) and a flat grey image (image 1: spectral residual and Sobel edges 0) make theirs
+    constant, said as the method's are (warning line, results.json, top of report.html), with the mask
+    or the image to check; image 0 (noise, a square mask) is not named. Noise images with square
+    masks: nothing."""
+    import html
+    import json
+
+    from salience.evidence import evaluate as E
+
+    paths, nets = setup
+    square = np.zeros((32, 32), np.uint8)
+    square[8:20, 10:24] = 255
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(paths[0].parent / "pic2_grey.png")
+    paths[1].rename(paths[0].parent / "pic1.bak")  # image 1 (sorted): the grey one; image 2: noise
+    (paths[0].parent / "pic1.bak").rename(paths[0].parent / "pic3.png")
+    for name, mask in (("pic0", square), ("pic2_grey", np.zeros_like(square)), ("pic3", np.full_like(square, 255))):
+        Image.fromarray(mask).save(masks / f"{name}.png")
+    common = ["evaluate", "--images", paths[0].parent, "--masks", masks, "--method", "vanilla", "--n", "3",
+              "--steps", "2", "--randomization-images", "1", "-m", f"python:{nets}:seeing"]
+    rc, out, err = _run([*common, "-o", tmp_path / "ev"], capsys)
+    assert rc == 0, err
+    oracle = ("the map (the mask) is constant ({}) everywhere: the mask marks {}, so the oracle ranks no pixel above "
+              "another and its row is no ceiling for the methods. Check the mask file: the object is where its "
+              "brightest channel is at least half its maximum")
+    want = [f"{E.ORACLE}, 1 of 3 image(s) (image 1): {oracle.format('zero', 'no pixel')}",
+            f"{E.ORACLE}, 1 of 3 image(s) (image 2): {oracle.format('1', 'every pixel')}"]
+    want += [f"{name}, 1 of 3 image(s) (image 1): the map is constant (zero) everywhere: the image holds nothing "
+             "this baseline responds to (e.g. one flat colour), so it ranks no pixel above another and its row is no "
+             "floor for the methods. Check the image" for name in ("spectral_residual", "sobel_edges")]
+    assert [ln for ln in err.splitlines() if "constant" in ln] == [f"salience: warning: {w}" for w in want], err
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["warnings"] == want
+    page = (tmp_path / "ev" / "report.html").read_text(encoding="utf-8")
+    top = page.index("Methods and metrics")
+    for w in want:
+        assert page.index(f'<p class="bad">{html.escape("warning: " + w)}</p>') < top
+    for p in (paths[0].parent / "pic2_grey.png", masks / "pic2_grey.png", masks / "pic3.png"):
+        p.unlink()
+    Image.fromarray(square.T.copy()).save(masks / "pic3.png")
+    rc, out, err = _run([*common, "--n", "2", "-o", tmp_path / "ev2"], capsys)
+    assert rc == 0 and "constant" not in err and "warning" not in err, err
+    res = json.loads((tmp_path / "ev2" / "results.json").read_text())
+    assert res["warnings"] == [] and [r["name"] for r in res["rows"]][1:] == [E.ORACLE, *E.BASELINES]
+    assert 'class="bad"' not in (tmp_path / "ev2" / "report.html").read_text(encoding="utf-8")
+
+
 def test_visualize_says_a_class_model_image_left_flat(setup, tmp_path, capsys):
     """salience visualize of the blind model: no gradient reaches the image, which stays at its flat
     start (all black): a warning line says so, the constant-map text naming the image; the model that

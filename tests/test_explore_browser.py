@@ -1083,13 +1083,17 @@ def test_images_dropped_anywhere_on_the_page_are_all_uploaded(tmp_path):
 
 def test_the_drop_box_is_lit_only_while_files_are_dragged_over_the_page(tmp_path):
     """The drop box's highlight while files are dragged: kept over the box's own children, put out
-    when the drag leaves the window, and after a drag cancelled over the page (Escape) at the next
-    mouse move (it stayed lit: Chromium sends no dragleave for a cancelled drag, and the page only
-    put it out on a dragleave with no relatedTarget). Dispatched DragEvents, then Chromium's own
-    drag of a file (DevTools' Input.dispatchDragEvent: its dragenter / dragleave sequence; Chromium
-    fires only a dragenter when the pointer reaches another element, a dragover after)."""
+    when the drag leaves the window, and after a drag cancelled over the page (Escape) within a
+    second with no mouse move (it stayed lit until the next one: Chromium sends nothing to the page
+    for a cancelled drag, no dragleave, no dragend), or at once on a mouse move. A pointer resting
+    without a dragover: out too, lit again by the next dragover. Dispatched DragEvents, then
+    Chromium's own drag of a file (DevTools' Input.dispatchDragEvent: its dragenter / dragleave
+    sequence; Chromium fires only a dragenter when the pointer reaches another element, a dragover
+    after)."""
     import base64
+    import time
 
+    sync_api = browser_api()
     pytest.importorskip("starlette")
     (path,), _, _ = shapes_files(tmp_path, n=1)
     explorer = salience.explore("demo:shapes", show=False)
@@ -1123,15 +1127,35 @@ def test_the_drop_box_is_lit_only_while_files_are_dragged_over_the_page(tmp_path
                       drag("dragOver", grid["x"] + 4, grid["y"] + 4)]
             left = drag("dragOver", 1300, 950)  # past the 1200 x 900 window
             back = [drag("dragOver", grid["x"] + 4, grid["y"] + 4), drag("dragOver", grid["x"] + 6, grid["y"] + 6)]
+            page.evaluate("window.moves = 0; window.addEventListener('mousemove', () => { window.moves += 1; })")
+
+            def goes_out() -> float:
+                """Seconds until the box is out with no input at all (inf: still lit after 4 s)."""
+                start = time.monotonic()
+                try:
+                    page.wait_for_function(f"!{lit}", timeout=4000, polling=20)
+                except sync_api.TimeoutError:
+                    return float("inf")
+                return time.monotonic() - start
+
+            resting = goes_out()  # the pointer rests over the grid: no dragover comes
+            relit = drag("dragOver", grid["x"] + 6, grid["y"] + 6)
+            drag("dragCancel", grid["x"] + 6, grid["y"] + 6)  # Escape: nothing reaches the page
+            cancelled = goes_out()
+            moves = page.evaluate("window.moves")
+            drag("dragEnter", grid["x"] + 4, grid["y"] + 4)
+            relit2 = drag("dragOver", grid["x"] + 4, grid["y"] + 4)
             drag("dragCancel", grid["x"] + 4, grid["y"] + 4)
             page.mouse.move(grid["x"] + 40, grid["y"] + 40)
-            cancelled = page.evaluate(lit)
+            moved = page.evaluate(lit)
     finally:
         explorer.stop()
     assert not errors, errors
-    assert not cancelled
     assert seen == [True, True, True, False, False]
     assert inside == [True] * 5 and not left and back == [True, True]
+    assert resting < 2.0 and relit, (resting, relit)
+    assert cancelled < 2.0 and moves == 0, (cancelled, moves)
+    assert relit2 and not moved
 
 
 def _gray_net() -> Any:

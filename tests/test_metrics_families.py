@@ -170,6 +170,17 @@ def test_sobel_edges_equal_scipy_and_center_is_a_centred_gaussian():
         g = img[i].mean(0).double().numpy()
         ref = np.hypot(ndimage.sobel(g, axis=1, mode="nearest"), ndimage.sobel(g, axis=0, mode="nearest"))
         np.testing.assert_allclose(ours[i].numpy(), ref, rtol=1e-5, atol=1e-6)  # float32 vs scipy's float64
+    # A flat image has no edge: exactly 0 (not the 6e-08 of a 3x3 convolution's rounding, which is no
+    # longer a constant map: salience evaluate's check of a flat baseline missed it).
+    grey = ((torch.full((1, 3, 16, 16), 0.5) - torch.tensor([0.485, 0.456, 0.406])[:, None, None])
+            / torch.tensor([0.229, 0.224, 0.225])[:, None, None])
+    assert torch.equal(M.sobel_edges(grey), torch.zeros(1, 16, 16))
+    # and no spectral residual: 0 (it was the spectrum's rounding noise scaled to [0, 1]); the image
+    # beside it keeps its map, as computed alone
+    noise = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    both = M.spectral_residual(torch.cat([grey, noise]))
+    assert torch.equal(both[0], torch.zeros(16, 16)) and float(both[1].max()) == 1.0
+    torch.testing.assert_close(both[1:], M.spectral_residual(noise))
     c = M.center_maps(torch.zeros(1, 3, 8, 8), sigma=0.25)
     assert c.shape == (1, 8, 8) and torch.equal(c, c.flip(1)) and torch.equal(c, c.flip(2))
     # pixel (3, 3) is 0.0625 of the side from the centre in each direction: exp(-(2 * 0.0625^2) / (2 * 0.25^2))

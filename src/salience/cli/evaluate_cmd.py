@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluation written to {args.out}")
     print(f"report: {Path(report).resolve()}")
     results = json.loads((Path(report).parent / "results.json").read_text())
-    for text in results.get("warnings", []):  # a method's maps one value everywhere: its numbers are of nothing
+    for text in results.get("warnings", []):  # flat maps (method, oracle, baseline): numbers of nothing
         warn(f"warning: {text}")
     rows = results["rows"]
     failed = [(r["name"], r["error"]) for r in rows if r.get("error")]

@@ -27,7 +27,9 @@ def spectral_residual(images: Tensor, *, size: int = 64, blur_size: int = 5, blu
     ``size``; the log amplitude spectrum minus its 3x3 local mean (the "spectral residual")
     is recombined with the phase, transformed back, squared, smoothed with a ``blur_size``
     Gaussian of ``blur_sigma`` (OpenCV's StaticSaliencySpectralResidual uses 64, 5, 8),
-    resized back to ``(H, W)`` and min-max scaled to ``[0, 1]`` per image.
+    resized back to ``(H, W)`` and min-max scaled to ``[0, 1]`` per image. A flat image (one grey
+    value everywhere) has nothing salient: its map is 0 (the spectrum's rounding noise, scaled to
+    ``[0, 1]``, made a map of noise that no check for a constant map could see).
     """
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise SalienceError(
@@ -39,6 +41,7 @@ def spectral_residual(images: Tensor, *, size: int = 64, blur_size: int = 5, blu
     blur_sigma = check_number(blur_sigma, "blur_sigma", minimum=1e-6)
     b, c, h, w = images.shape
     g = images.float().mean(1, keepdim=True)
+    flat = (g.amax((1, 2, 3)) == g.amin((1, 2, 3)))[:, None, None]  # before the resize's rounding
     if (h, w) != (size, size):
         g = F.interpolate(g, size=(size, size), mode="area" if h >= size and w >= size else "bilinear",
                           **({} if h >= size and w >= size else {"align_corners": False}))
@@ -55,7 +58,8 @@ def spectral_residual(images: Tensor, *, size: int = 64, blur_size: int = 5, blu
     sal = F.conv2d(F.pad(sal[:, None], (r, r, r, r), mode="reflect"), k)
     if (h, w) != (size, size):
         sal = F.interpolate(sal, size=(h, w), mode="bilinear", align_corners=False)
-    return minmax(sal[:, 0]).to(images.dtype if images.is_floating_point() else torch.float32)
+    out = minmax(sal[:, 0]).masked_fill(flat, 0.0)
+    return out.to(images.dtype if images.is_floating_point() else torch.float32)
 
 
 def _check_images(images: Tensor) -> Tensor:
@@ -70,12 +74,15 @@ def _check_images(images: Tensor) -> Tensor:
 def sobel_edges(images: Tensor) -> Tensor:
     """Edge strength of each image ``(B, C, H, W)``: the magnitude of the 3x3 Sobel gradient of
     the channel mean (replicate padding), ``(B, H, W)``. Saliency methods that mostly show
-    edges (guided backprop, Adebayo et al. 2018) are close to it."""
-    g = _check_images(images).mean(1, keepdim=True)
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=g.device, dtype=g.dtype)
-    k = torch.stack([kx, kx.t()])[:, None]
-    d = F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), k)
-    return d.square().sum(1).sqrt()
+    edges (guided backprop, Adebayo et al. 2018) are close to it. Differences first, then the
+    1-2-1 smoothing, so a flat region is exactly 0 (a 3x3 convolution's sums left rounding noise,
+    e.g. 6e-08 everywhere on a flat grey image, which is no longer "constant")."""
+    p = F.pad(_check_images(images).mean(1, keepdim=True), (1, 1, 1, 1), mode="replicate")[:, 0]
+    dx = p[:, :, 2:] - p[:, :, :-2]  # (B, H + 2, W)
+    dy = p[:, 2:, :] - p[:, :-2, :]  # (B, H, W + 2)
+    gx = dx[:, :-2] + 2 * dx[:, 1:-1] + dx[:, 2:]
+    gy = dy[:, :, :-2] + 2 * dy[:, :, 1:-1] + dy[:, :, 2:]
+    return (gx.square() + gy.square()).sqrt()
 
 
 def center_maps(images: Tensor, *, sigma: float = 0.25) -> Tensor:

@@ -464,8 +464,7 @@ def run_evaluation(
                                   randomization_images=randomization_images, progress=progress,
                                   probability=probability)
     pictures = _write_pictures(out, rows, raw, maps)
-    flat = constant_notes({r.name: maps[r.name] for r in rows if r.name in maps and r.name != ORACLE
-                           and r.name not in BASELINES})
+    flat = constant_notes({r.name: maps[r.name] for r in rows if r.name in maps})
     data_rand = None
     if train_fn is not None:
         data_rand = _data_randomization_rows(train_fn, methods if methods is not None else default_methods(model, x),
@@ -534,16 +533,40 @@ def _write_pictures(out: Path, rows: Sequence[MetricRow], raw: Tensor, maps: dic
     return written
 
 
+def _value_text(v: float) -> str:
+    return "zero" if v == 0.0 else f"{v:.4g}"
+
+
+def _reference_note(name: str, m: Tensor) -> Optional[str]:
+    """The text for the oracle's or a baseline's map ``m`` when it is constant, else ``None``: the
+    row it belongs to is the table's ceiling or floor, which a map that ranks no pixel above another
+    is not (the method's text, of weights and layers, would point at the wrong thing)."""
+    v = viz.constant_value(m)
+    if v is None:
+        return None
+    if name == ORACLE:
+        marks = "no pixel" if v == 0.0 else "every pixel" if v == 1.0 else "one value everywhere"
+        return (f"the map (the mask) is constant ({_value_text(v)}) everywhere: the mask marks {marks}, so the "
+                "oracle ranks no pixel above another and its row is no ceiling for the methods. Check the mask "
+                "file: the object is where its brightest channel is at least half its maximum")
+    return (f"the map is constant ({_value_text(v)}) everywhere: the image holds nothing this baseline responds "
+            "to (e.g. one flat colour), so it ranks no pixel above another and its row is no floor for the "
+            "methods. Check the image")
+
+
 def constant_notes(maps: dict[str, Tensor]) -> list[str]:
-    """A text per method and kind of map that is one value everywhere among its maps ``(B, ...)``:
-    ``"NAME, J of B image(s) (image i, ...): "`` then :func:`salience.render.viz.constant_map_note`
-    (its picture a flat colour, its metrics of nothing: a rank correlation of a constant map is
-    NaN), naming the first five images by position."""
+    """A text per method (or the oracle, or a baseline) and kind of map that is one value everywhere
+    among its maps ``(B, ...)``: ``"NAME, J of B image(s) (image i, ...): "`` then, for a method,
+    :func:`salience.render.viz.constant_map_note` (its picture a flat colour, its metrics of
+    nothing: a rank correlation of a constant map is NaN); for :data:`ORACLE` (an empty or full
+    mask) and the :data:`BASELINES` (e.g. Sobel edges of a flat image), a text saying that its row
+    is no ceiling / floor and what to check. The first five images are named by position."""
     out = []
     for name, m in maps.items():
         found: dict[str, list[int]] = {}
         for i in range(m.shape[0]):
-            note = viz.constant_map_note(m[i].detach().cpu())
+            one = m[i].detach().cpu()
+            note = _reference_note(name, one) if name == ORACLE or name in BASELINES else viz.constant_map_note(one)
             if note is not None:
                 found.setdefault(note, []).append(i)
         for note, where in found.items():
@@ -556,7 +579,7 @@ def constant_notes(maps: dict[str, Tensor]) -> list[str]:
 def _html_report(rows: Sequence[MetricRow], source: str, model: nn.Module, data_rand: Optional[dict],
                  pictures: dict[str, Optional[Path]], flat: Sequence[str] = ()) -> Report:
     rep = Report("salience evaluate", f"model {model_info(model).name}; {source}")
-    for text in flat:  # a method's flat maps: said before its numbers, which they make meaningless
+    for text in flat:  # flat maps (a method, the oracle, a baseline): said before the numbers they make meaningless
         rep.paragraph(f"warning: {text}", css="bad")
     rep.heading("Methods and metrics")
     header, body = _table(rows)

@@ -54,13 +54,22 @@ function bindControls() {
   // the box is lit while files are dragged over the page. A count of the elements entered and not
   // yet left (dragenter +1, dragleave -1; entering a child comes before leaving its parent) keeps it
   // lit over the box's own children; it goes out when the count is back to 0, when the drag leaves
-  // the window (a dragleave with no relatedTarget), on a drop or a dragend, and at the first mouse
-  // move after a drag cancelled over the page (Escape): Chromium sends no dragleave then, and no
-  // mouse event comes while a drag is on.
-  let depth = 0;
-  const unlit = () => { depth = 0; drop.classList.remove("over"); };
-  document.addEventListener("dragenter", (e) => { if (files(e)) { depth += 1; drop.classList.add("over"); } });
-  document.addEventListener("dragover", (e) => { if (files(e)) { e.preventDefault(); drop.classList.add("over"); } });
+  // the window (a dragleave with no relatedTarget), on a drop or a dragend, at the first mouse move
+  // after the drag, and QUIET ms after the last dragenter / dragover: a drag cancelled over the page
+  // (Escape) may send nothing at all (Chromium: no dragleave, no dragend; no mouse event until the
+  // pointer moves), so without that timer the box stayed lit. A pointer resting without a move may
+  // get no dragover either (X11, Wayland): the box goes out then too and is lit again by the next one
+  // (the timer keeps the count, which the next mouse move or a dragleave from the window resets).
+  const QUIET = 1000;
+  let depth = 0, quiet = 0;
+  const unlit = () => { depth = 0; clearTimeout(quiet); drop.classList.remove("over"); };
+  const lit = () => {
+    clearTimeout(quiet);
+    quiet = setTimeout(() => drop.classList.remove("over"), QUIET);
+    drop.classList.add("over");
+  };
+  document.addEventListener("dragenter", (e) => { if (files(e)) { depth += 1; lit(); } });
+  document.addEventListener("dragover", (e) => { if (files(e)) { e.preventDefault(); lit(); } });
   document.addEventListener("dragleave", (e) => {
     depth = Math.max(0, depth - 1);
     if (!depth || !e.relatedTarget) unlit();
