@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from pathlib import Path
 from typing import Iterator, Optional
@@ -10,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (the README's test command runs two workers) each worker gets one thread, so two
+# workers do not fight over the two cores; alone, the tests use up to two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -28,6 +31,8 @@ def _untracked() -> Optional[set[str]]:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # the controlling process checks the checkout once, after every worker has ended
     session.config.stash[_BEFORE] = _untracked()
 
 
