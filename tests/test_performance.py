@@ -524,6 +524,187 @@ def test_compile_with_inductor_on_one_tiny_conv_net():
     assert _rel(out, ref) < 1e-5
 
 
+# --------------------------------------------------------------------------- compile="freeze"
+
+# A frozen graph computes the same function with other roundings (BatchNorm folded into the convolution,
+# sums reordered). With inductor on ThreeConv (8 px) the maps agreed to 6e-8 (Score-CAM) and 8e-8 (RISE)
+# of their largest value; occlusion's map is a difference of scores, where rounding does not cancel:
+# 1.6e-5. docs/performance.md states FREEZE_RTOL for all.
+FREEZE_RTOL = 1e-4
+
+
+@pytest.fixture
+def snapshot_freezing(monkeypatch):
+    """``compile="freeze"`` with a cheap stand-in for inductor's freezing (a real compile takes seconds to
+    a minute): the graph's weights are copied when it is compiled, as freezing takes them as constants,
+    so a graph kept after an in-place change of the model gives the old model's maps. The plain compiled
+    passes (those with gradients) go to a counting backend. Yields (frozen graphs compiled, calls of
+    them, plain graphs compiled)."""
+    import copy
+
+    torch._dynamo.reset()  # the forward's code object: earlier tests' graphs count to its recompile limit
+    frozen, calls = [], []
+
+    def snapshot(gm, inputs):
+        frozen.append(1)
+        kept = copy.deepcopy(gm)
+
+        def run(*args):
+            calls.append(1)
+            return kept.forward(*args)
+        return run
+
+    backend, graphs, _ = counting_backend()
+    plain = _perf._compiled_model
+    monkeypatch.setattr(_perf, "_freeze_compile", snapshot)
+    monkeypatch.setattr(_perf, "_compiled_model", lambda m, b, f: plain(m, backend if b == "inductor" else b, f))
+    yield frozen, calls, graphs
+    torch._dynamo.reset()
+
+
+def test_compile_freeze_runs_the_passes_without_gradients_frozen(snapshot_freezing):
+    """compile="freeze": Score-CAM's, RISE's and occlusion's passes (under inference_mode) run the frozen
+    graph, one for every chunk of every method (Ablation-CAM's hooked passes the model itself); the
+    gradient passes of SmoothGrad run the plain compiled graph, never the frozen one; the maps are the
+    eager maps and the model comes back as it was."""
+    from salience._core.autograd import forward_scores
+
+    frozen, calls, graphs = snapshot_freezing
+    model, x = _with_statistics(ThreeConv()), torch.rand(2, 3, 8, 8)
+    for name, kw in PERTURBATION:
+        fn = salience.METHODS[name]
+        ref = fn(model, x, [0, 2], chunk=4, **kw)
+        before = len(calls)
+        with unchanged(model):
+            out = fn(model, x, [0, 2], chunk=4, compile="freeze", **kw)
+        assert (len(calls) > before) == (name != "ablationcam"), name
+        assert _rel(out, ref) <= 1e-6, (name, _rel(out, ref))
+    assert len(frozen) == 1 and graphs == []  # every frozen chunk is (4, 3, 8, 8); no gradient pass yet
+    before = len(calls)
+    with unchanged(model):
+        sg = salience.smoothgrad(model, x, samples=7, chunk=6, compile="freeze")
+    assert len(calls) == before and len(graphs) == 1 and len(frozen) == 1
+    assert _rel(sg, salience.smoothgrad(model, x, samples=7, chunk=6)) < 1e-6
+    # a run's chunks say which ran frozen: the first (the softmax check) and the tail eagerly
+    run = _perf.Run(model, x, _perf.Performance(compile="freeze"), tag="f")
+    sums = _engine.accumulate(lambda s, e: forward_scores(model, torch.rand(e - s, 3, 8, 8), compiled=True).sum(0),
+                              10, 1, chunk=4, run=run, inference=True)
+    assert sums.layouts == ["contiguous", "contiguous compiled frozen", "contiguous"]
+
+
+@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "copy_", "buffer", "new tensor"])
+def test_compile_freeze_follows_weights_changed_in_place(snapshot_freezing, change):
+    """A frozen graph holds the weights as they were when it was compiled. After a first
+    compile="freeze" call the model's weights change in place (its modules, and so its structure, stay
+    the same); the next call's map is the eager map of the changed model: the frozen graph is kept for
+    each parameter's and buffer's address and version counter, and compiled again when one changed.
+    Kept for the structure alone (as the plain compiled model is), the old graph ran and the map was
+    the old model's (occlusion 4.2x off with inductor)."""
+    frozen, _, _ = snapshot_freezing
+    model, x = _with_statistics(ThreeConv()), torch.rand(2, 3, 8, 8)
+    kw = dict(window=3, stride=2)
+    salience.occlusion(model, x, [0, 2], chunk=4, compile="freeze", **kw)
+    conv = model.body[0]
+    if change == "optimizer step":
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        model.eval()(torch.rand(2, 3, 8, 8)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    elif change == "load_state_dict":
+        model.load_state_dict({k: v * 1.5 + 0.1 if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    elif change == "copy_":
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn_like(conv.weight))
+    elif change == "buffer":
+        model.body[1].running_mean.add_(1.0)
+    else:
+        conv.weight.data = conv.weight.data * -2
+    ref = salience.occlusion(model, x, [0, 2], chunk=4, **kw)
+    with unchanged(model):
+        out = salience.occlusion(model, x, [0, 2], chunk=4, compile="freeze", **kw)
+    assert _rel(out, ref) <= 1e-6, _rel(out, ref)  # the old graph: 4x to 450x off
+    assert len(frozen) == 2
+    salience.occlusion(model, x, [0, 2], chunk=4, compile="freeze", **kw)
+    assert len(frozen) == 2  # unchanged since: the graph is kept
+
+
+def test_compile_freeze_failures_and_errors_leave_the_model(snapshot_freezing, monkeypatch):
+    """A frozen compile that fails warns and the passes run without freezing (the eager maps); no
+    compiler: the warning of compile=True and eager passes; an interrupt inside a frozen compile leaves
+    the model as it was (modes, flags, layout); a misspelt value is refused with the one that exists."""
+    model, x = ThreeConv(), torch.rand(2, 3, 8, 8)
+    kw = dict(masks=12, cell=2, chunk=4)
+    ref = salience.rise(model, x, [0, 2], **kw)
+
+    def broken(gm, inputs):
+        raise RuntimeError("no frozen kernels for this")
+
+    monkeypatch.setattr(_perf, "_freeze_compile", broken)
+    with unchanged(model), pytest.warns(UserWarning, match="compile='freeze': torch.compile with freezing failed "
+                                                           ".*no frozen kernels.*without freezing"):
+        out = salience.rise(model, x, [0, 2], compile="freeze", **kw)
+    assert _rel(out, ref) <= 1e-6
+
+    def interrupted(gm, inputs):
+        raise KeyboardInterrupt
+
+    _perf.clear_cache()
+    monkeypatch.setattr(_perf, "_freeze_compile", interrupted)
+    model.train()
+    with unchanged(model), pytest.raises(KeyboardInterrupt):
+        salience.scorecam(model, x, [0, 2], layer="body.3", chunk=4, compile="freeze", memory_format="channels_last")
+    monkeypatch.setattr(_perf, "compile_unavailable", lambda backend, device: "no C++ compiler here")
+    with unchanged(model), pytest.warns(UserWarning, match="no C\\+\\+ compiler here; running eagerly"):
+        out = salience.rise(model, x, [0, 2], compile="freeze", **kw)
+    assert _rel(out, ref) <= 1e-6
+    for call in (lambda: salience.set_performance(compile="freez"),
+                 lambda: salience.rise(model, x, [0, 2], compile="freez", **kw)):
+        with pytest.raises(SalienceError, match="compile='freez' is not a torch.compile backend; did you mean 'freeze'"):
+            call()
+    assert _perf.current() == _perf.Performance()
+
+
+def test_cli_compile_freeze_and_the_bare_switch():
+    """``--compile freeze`` (or ``--compile=freeze``) is compile="freeze"; ``--compile`` alone is still
+    True, also before an image path (``nargs="?"`` alone would take the path as its value); another
+    value is a usage error."""
+    from salience.cli import build_parser, main
+    from salience.cli.common import performance_from_args
+
+    parse = build_parser().parse_args
+    for words, want in ((["--compile", "freeze", "a.png"], "freeze"), (["a.png", "--compile=freeze"], "freeze"),
+                        (["--compile", "a.png"], True), (["a.png", "--compile"], True),
+                        (["--compile", "--precision", "fp32", "a.png"], True), (["a.png"], None)):
+        args = parse(["explain", "--model", "demo:shapes", *words])
+        assert (args.compile, args.images) == (want, ["a.png"]), words
+        with performance_from_args(args) as p:
+            assert p.compile == (want if want is not None else False)
+    assert main(["explain", "--model", "demo:shapes", "--compile=fast", "a.png"]) == 2
+
+
+def test_compile_freeze_with_inductor_on_one_tiny_model():
+    """The real compiler with freezing, once more after an in-place change of the weights: occlusion's
+    frozen passes give the eager map, then the eager map of the changed model. With the weights' key
+    taken out (``perf.weights_key`` returning the same for both states) the second map was the old
+    model's, 3.6x off: inductor's frozen graph holds the weights as constants. A linear model: about 11 s
+    for the two compiles after the plain compile of the test before (a convolution's frozen compile
+    took 30 s)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    x, kw = torch.rand(2, 3, 8, 8), dict(window=3, stride=2, chunk=4)
+    if _perf.compile_unavailable("inductor", x.device) is not None:
+        pytest.skip("inductor cannot compile here")
+    torch._dynamo.reset()
+    for step in range(2):
+        ref = salience.occlusion(model, x, [0, 2], **kw)
+        with unchanged(model), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = salience.occlusion(model, x, [0, 2], compile="freeze", **kw)
+        assert _rel(out, ref) <= FREEZE_RTOL, (step, _rel(out, ref))
+        with torch.no_grad():
+            model[1].weight.mul_(-1.5)
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------- BatchNorm folded
 
 # A folded convolution computes the same function with other roundings: on these small inputs the

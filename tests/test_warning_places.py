@@ -138,6 +138,26 @@ def test_a_failing_compile_backend_warns_at_the_callers_line(x):
     _perf.clear_cache()
 
 
+@pytest.mark.parametrize("method", ["rise", "occlusion"])
+def test_a_failing_frozen_compile_warns_at_the_callers_line(x, method, monkeypatch):
+    """``compile="freeze"`` whose frozen compile raises: those passes run unfrozen, with a warning
+    (``perf.Run.forward_failed``) at the caller's line, from inside the engine's chunk loop."""
+    torch._dynamo.reset()
+    _perf.clear_cache()
+
+    def broken(gm, inputs):
+        raise RuntimeError("no frozen kernels")
+
+    monkeypatch.setattr(_perf, "_freeze_compile", broken)
+    model = SmallCNN().eval()
+    kw = dict(masks=8, cell=2) if method == "rise" else dict(window=4, stride=4)
+    found = [w for w in _caught(UserWarning, getattr(salience, method), model, x, 0, chunk=2, compile="freeze", **kw)
+             if "freez" in str(w.message)]
+    assert not _places(found), _places(found)
+    _perf.clear_cache()
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("method", ["vanilla", "smoothgrad", "integrated_gradients"])
 def test_probabilities_without_a_softmax_call_warn_at_the_callers_line(x, method):
     """The output looks like probabilities but no softmax was seen (``autograd.backward``): vanilla,

@@ -8,8 +8,10 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   first chunks of a run, timed in both layouts, show it is faster for that model and input shape;
   Models with fewer than three 2-D convolutions
   (transformers) and small ones (under :data:`SMALL_ITEM_BYTES` per item) are left as they are.
-- ``compile``: ``False`` (default), ``True`` (``torch.compile`` with inductor), a backend name or
-  a backend callable. The compiled model is cached for the process; every chunk of the one fixed
+- ``compile``: ``False`` (default), ``True`` (``torch.compile`` with inductor), :data:`FREEZE`
+  (``True``, and the passes without gradients run a graph compiled with inductor's freezing, kept
+  for the weights' addresses and version counters: :func:`weights_key`), a backend name or a
+  backend callable. The compiled model is cached for the process; every chunk of the one fixed
   size runs compiled, a chunk of another size (the first, the last) eagerly, so nothing recompiles
   across chunks; single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
   most :data:`ONE_PASS_SIZES`. Where compilation is unavailable or fails, a warning says why and the
@@ -65,7 +67,7 @@ from salience._core.errors import SalienceError, suggest, user_stacklevel
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "plain", "current", "resolve", "active",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
-           "own_hooks", "observer", "one_pass", "structure"]
+           "own_hooks", "observer", "one_pass", "structure", "FREEZE", "weights_key"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -99,6 +101,11 @@ SIZE_SAMPLES = 2
 # two option sets take 6); a third recurring size runs eagerly, with one warning naming the sizes.
 ONE_PASS_SIZES = 2
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# compile=FREEZE: torch.compile with inductor, and for the passes that need no gradient (under
+# torch.no_grad / inference_mode) a graph compiled with inductor's ``freezing`` (the parameters and
+# buffers taken as constants: BatchNorm folded, convolution weights prepacked), kept for the weights'
+# identities and version counters (:func:`_frozen_model`).
+FREEZE = "freeze"
 
 
 @dataclass(frozen=True)
@@ -122,17 +129,25 @@ class Performance:
             raise SalienceError(f"fold_batchnorm must be True or False; got {self.fold_batchnorm!r}")
         c = self.compile
         if not (isinstance(c, (bool, str)) or callable(c)):
-            raise SalienceError(f"compile must be True/False, a torch.compile backend name or callable; got {c!r}")
-        if isinstance(c, str):
+            raise SalienceError(f"compile must be True/False, {FREEZE!r}, a torch.compile backend name or callable; "
+                                f"got {c!r}")
+        if isinstance(c, str) and c != FREEZE:
             _check_backend_name(c)
         return self
 
     @property
     def backend(self) -> Any:
-        """The torch.compile backend, or ``None`` when not compiling."""
+        """The torch.compile backend, or ``None`` when not compiling (``"inductor"`` for ``True`` and
+        :data:`FREEZE`, whose gradient passes run the plain inductor graph)."""
         if self.compile is False:
             return None
-        return "inductor" if self.compile is True else self.compile
+        return "inductor" if self.compile is True or self.freeze else self.compile
+
+    @property
+    def freeze(self) -> bool:
+        """Whether passes without gradients run a graph compiled with inductor's freezing
+        (``compile="freeze"``)."""
+        return isinstance(self.compile, str) and self.compile == FREEZE
 
 
 _lock = threading.Lock()
@@ -218,8 +233,9 @@ def _check_backend_name(name: str) -> None:
     except Exception:  # noqa: BLE001 - no dynamo: the run warns and runs eagerly
         return
     if name not in known:
-        raise SalienceError(f"compile={name!r} is not a torch.compile backend{suggest(name, known)} "
-                            "(torch._dynamo.list_backends() lists them; True is inductor)")
+        raise SalienceError(f"compile={name!r} is not a torch.compile backend{suggest(name, [*known, FREEZE])} "
+                            f"(torch._dynamo.list_backends() lists them; True is inductor, {FREEZE!r} inductor with "
+                            "freezing for the passes without gradients)")
 
 
 def compile_unavailable(backend: Any, device: torch.device) -> Optional[str]:
@@ -260,6 +276,63 @@ def _compiled_model(model: nn.Module, backend: Any, fingerprint: tuple) -> Any:
             return hit[1]
         compiled = torch.compile(model, backend=backend, dynamic=False)
         _compiled[key] = (model, compiled, fingerprint)
+        while len(_compiled) > _COMPILED_KEEP:
+            _compiled.popitem(last=False)
+        return compiled
+
+
+def _freeze_compile(gm: Any, example_inputs: Any) -> Any:
+    """What compiles a graph for :data:`FREEZE` (inductor, under :func:`_freezing_on`); a test puts a
+    cheap compiler with the same property here (the weights taken as constants when compiled)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def _freezing_backend() -> Callable:
+    """A new torch.compile backend for a frozen graph. Dynamo matches a cached graph to its backend by
+    the backend's identity (an inductor backend with the same options counts as the same one), and a
+    frozen graph guards on the parameters' identity, not their values: a new ``torch.compile`` of the
+    model with ``freezing`` ran the stale graph after an in-place change. A new callable compiles anew."""
+
+    def freezing(gm: Any, example_inputs: Any) -> Any:
+        return _freeze_compile(gm, example_inputs)
+
+    return freezing
+
+
+def _freezing_on() -> Any:
+    """Inductor's ``freezing`` set for a call of a frozen model. ``torch.compile(...,
+    options={"freezing": True})`` is not enough: the option is set only while inductor compiles, and
+    dynamo, which reads it while tracing to take the parameters as constants, does not see it (the
+    parameters stayed inputs of the graph). It is a process-wide setting, on only while the call runs."""
+    from torch._inductor import config as ind_config
+
+    return ind_config.patch(freezing=True)
+
+
+def weights_key(model: nn.Module) -> Optional[tuple]:
+    """What a frozen graph of ``model`` is kept for: its :func:`structure` and each parameter's and
+    buffer's ``(data_ptr, _version)`` (``None`` when a tensor has no version counter, one made under
+    ``inference_mode``). An in-place change through the tensor (an optimizer step, ``load_state_dict``,
+    ``w.copy_`` or ``w.mul_`` under ``no_grad``) raises its version, a new tensor (``w.data = ...``)
+    has another address; a change through ``w.data`` in place (``w.data.mul_(2)``) is counted by no
+    version counter (torch's own ``.data`` semantics) and is not seen."""
+    return _fold_key(model)
+
+
+def _frozen_model(model: nn.Module, key: tuple) -> Any:
+    """The process's frozen compiled ``model`` (an exception object if it failed) for the weights'
+    state ``key`` (:func:`weights_key`), compiled anew (a new backend: :func:`_freezing_backend`) when
+    the key is not the one it was made for."""
+    ck = (id(model), FREEZE)
+    with _lock:
+        hit = _compiled.get(ck)
+        if hit is not None and hit[0] is model and hit[2] == key:
+            _compiled.move_to_end(ck)
+            return hit[1]
+        compiled = torch.compile(model, backend=_freezing_backend(), dynamic=False)
+        _compiled[ck] = (model, compiled, key)
         while len(_compiled) > _COMPILED_KEEP:
             _compiled.popitem(last=False)
         return compiled
@@ -522,6 +595,12 @@ class Run:
         self.gradient_graph = False
         self.layouts: list[str] = []  # per chunk, for Sums
         self._compiled_fn: Any = None
+        # compile="freeze": the frozen graph for the passes without gradients, and the weights' state
+        # (weights_key) it is kept for, taken now (a channels-last chunk moves the parameters).
+        self._frozen_fn: Any = None
+        self._frozen_base: Optional[nn.Module] = None
+        self._weights_key: Optional[tuple] = None
+        self._used_frozen = False
         self._folded: Optional[nn.Module] = None
         self._used_folded = False
         if self.options.fold_batchnorm:
@@ -537,6 +616,21 @@ class Run:
                 self._compiled_fn = _compiled_model(base, self.options.backend, self.structure)
                 if isinstance(self._compiled_fn, Exception):
                     self._compiled_fn = None
+                elif self.options.freeze:
+                    self._freeze(base)
+
+    def _freeze(self, base: nn.Module) -> None:
+        """Take the frozen graph of ``base`` (the model or its folded copy) for the model's weights as
+        they are now; the passes without gradients run it (:func:`forward_call`)."""
+        self._weights_key = weights_key(self.model)
+        if self._weights_key is None:
+            warnings.warn(f"compile={FREEZE!r}: a parameter or buffer of the model has no version counter (made "
+                          "under torch.inference_mode), so a change to it could not be seen; the passes run the "
+                          "compiled model without freezing", stacklevel=user_stacklevel())
+            return
+        frozen = _frozen_model(base, self._weights_key)
+        if not isinstance(frozen, Exception):
+            self._frozen_fn, self._frozen_base = frozen, base
 
     # ---- layout
 
@@ -569,7 +663,7 @@ class Run:
     def chunk(self, channels_last: bool, compiled: bool) -> Iterator[None]:
         self.set_layout(channels_last)
         self._compiled_now = compiled and self._compiled_fn is not None
-        self._used_compiled = self._used_folded = False
+        self._used_compiled = self._used_folded = self._used_frozen = False
         token = _active.set(_active.get() + (self,))
         try:
             yield
@@ -578,7 +672,8 @@ class Run:
             self._compiled_now = False
             self.layouts.append(("channels_last" if channels_last else "contiguous")
                                 + (" folded" if self._used_folded else "")
-                                + (" compiled" if self._used_compiled else ""))
+                                + (" compiled" if self._used_compiled else "")
+                                + (" frozen" if self._used_frozen else ""))
 
     @property
     def compiling(self) -> bool:
@@ -608,16 +703,37 @@ class Run:
             return None
         return self._compiled_fn if self._compiled_now else self._folded
 
+    def frozen_for(self, fn: Callable) -> Optional[Callable]:
+        """The frozen graph to run instead of ``fn`` (from :meth:`forward_fn`), or ``None``: only for
+        the compiled model, in a pass without gradients (``torch.no_grad`` / ``inference_mode``) that
+        is not to share the gradient passes' graph (``gradient_graph``)."""
+        if fn is None or fn is not self._compiled_fn or self._frozen_fn is None:
+            return None
+        if torch.is_grad_enabled() or self.gradient_graph:
+            return None
+        return self._frozen_fn
+
     def ran(self, fn: Callable) -> None:
-        """Record that this chunk's pass ran ``fn`` (from :meth:`forward_fn`)."""
+        """Record that this chunk's pass ran ``fn`` (from :meth:`forward_fn` or :meth:`frozen_for`)."""
         if fn is self._folded:
             self._used_folded = True
         else:
             self._used_compiled = True
             self._used_folded = self._folded is not None
+            self._used_frozen = self._used_frozen or fn is self._frozen_fn
 
     def forward_failed(self, fn: Callable, error: BaseException) -> None:
-        """``fn`` (from :meth:`forward_fn`) raised: never run it again in this process."""
+        """``fn`` (from :meth:`forward_fn` or :meth:`frozen_for`) raised: never run it again in this
+        process (the frozen graph: until the weights change)."""
+        if fn is self._frozen_fn and self._frozen_base is not None:
+            cause = getattr(error, "inner_exception", None)  # dynamo's BackendCompilerFailed: the compiler's error
+            why = f"torch.compile with freezing failed on this model ({_described(cause or error)})"
+            with _lock:
+                _compiled[(id(self._frozen_base), FREEZE)] = (self._frozen_base, SalienceError(why), self._weights_key)
+            warnings.warn(f"compile={FREEZE!r}: {why}; the passes without gradients run without freezing "
+                          "(the results are the same, only slower)", stacklevel=user_stacklevel())
+            self._frozen_fn = None
+            return
         if fn is not self._folded:
             self.compile_failed(error)
             return
@@ -748,11 +864,16 @@ def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: boo
     with ExitStack() as stack:
         stack.enter_context(run.autocast())
         fn = run.forward_fn(plain, strip_softmax)
+        frozen = run.frozen_for(fn)
+        if frozen is not None:
+            fn = frozen
         if fn is not None:
             try:
                 if fn is not run._folded:
                     stack.enter_context(_recompile_limit_raises())
-                    if run.gradient_graph and not torch.is_grad_enabled():
+                    if frozen is not None:
+                        stack.enter_context(_freezing_on())
+                    elif run.gradient_graph and not torch.is_grad_enabled():
                         x_in = _as_gradient_pass(stack, x_in)
                 with _observers_aside(model) as (pre, post):
                     for hook in pre:

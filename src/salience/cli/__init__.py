@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 from salience import __version__
 from salience._core.errors import SalienceError
 from salience.cli import demo_cmd, evaluate_cmd, explain_cmd, explore_cmd, list_cmd, visualize_cmd
-from salience.cli.common import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, error,
+from salience.cli.common import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Parser, error,
                                  performance_from_args,
                                  parse_class, parse_methods)
 from salience.cli.demo_cmd import DEMO_SEED
@@ -39,7 +39,7 @@ _COMMANDS = (explain_cmd, demo_cmd, list_cmd, visualize_cmd, evaluate_cmd, explo
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; each subcommand's ``func`` default is the function that runs it."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="salience",
         description="Saliency maps for PyTorch image models: which pixels made the model decide.",
         epilog="Exit codes: 0 ok, 1 some inputs failed (others written), 2 bad arguments/model/method/target, "

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from salience._core.autograd import forward_scores, class_probabilities
 from salience._core.errors import SalienceError, suggest
 from salience._core.files import make_folder
-from salience._core.perf import MEMORY_FORMATS, PRECISIONS, performance
+from salience._core.perf import FREEZE, MEMORY_FORMATS, PRECISIONS, performance
 from salience.loading import load_model
 from salience.loading.models import MODEL_SPECS
 from salience.methods import METHODS
@@ -37,6 +37,48 @@ def warn(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------- arguments
+
+
+class Parser(argparse.ArgumentParser):
+    """The commands' parser: ``--compile`` alone is ``compile=True``, ``--compile freeze`` (or
+    ``--compile=freeze``) ``compile="freeze"`` (:func:`compile_words`)."""
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Any:
+        return super().parse_known_args(compile_words(sys.argv[1:] if args is None else args), namespace)
+
+
+def compile_words(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--compile`` in the one form argparse reads without taking a following image
+    path as its value: ``--compile freeze`` becomes ``--compile=freeze``, a bare ``--compile`` (the
+    switch it always was: ``--compile a.png``) ``--compile=true``. Nothing after ``--`` is touched."""
+    out: list[str] = []
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w == "--":
+            out += words[i:]
+            break
+        # --compil and --compi too, as argparse's abbreviations (--comp is also --compare's)
+        if len(w) >= 7 and "--compile".startswith(w):
+            if i + 1 < len(words) and words[i + 1] == FREEZE:
+                out.append(f"--compile={FREEZE}")
+                i += 2
+                continue
+            w = "--compile=true"
+        out.append(w)
+        i += 1
+    return out
+
+
+def _compile_value(text: str) -> Any:
+    """``--compile``'s value (after :func:`compile_words`): ``True`` or ``"freeze"``."""
+    if text == "true":
+        return True
+    if text == FREEZE:
+        return FREEZE
+    raise argparse.ArgumentTypeError(f"--compile takes no value (torch.compile) or {FREEZE!r} (frozen graphs for "
+                                     f"the passes without gradients); got {text!r}")
 
 
 def parse_methods(values: Optional[Sequence[str]]) -> list[str]:
@@ -97,9 +139,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-format", choices=MEMORY_FORMATS, default=None,
                    help="contiguous (default), channels_last, or auto: channels-last for a convolutional model "
                         "where a short probe shows it is faster")
-    g.add_argument("--compile", action="store_true", default=None,
+    g.add_argument("--compile", nargs="?", const=True, default=None, type=_compile_value, metavar="freeze",
                    help="run the passes through torch.compile (inductor); the first compile takes long, so "
-                        "for long jobs; falls back to eager with a warning where unavailable")
+                        "for long jobs; falls back to eager with a warning where unavailable. '--compile freeze': "
+                        "the passes without gradients (scorecam, occlusion, rise) run a graph compiled with "
+                        "inductor's freezing (the weights as constants; compiled again when they change)")
     g.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="fp32 (default), or bf16 / fp16 autocast for the forward pass (for CUDA; maps differ "
                         "by about 1e-2 relative)")

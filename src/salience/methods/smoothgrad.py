@@ -84,7 +84,8 @@ def smoothgrad(
     stored map does not depend on ``--batch``. ``samples=1, noise=0`` is exactly ``method``.
     ``chunk`` (copies per pass) or ``max_memory`` (bytes or ``"2GiB"``) override the automatic
     chunk size; ``progress=True`` draws a progress bar. ``memory_format`` (``"auto"``,
-    ``"contiguous"``, ``"channels_last"``), ``compile`` (``True``, a backend) and ``precision``
+    ``"contiguous"``, ``"channels_last"``), ``compile`` (``True``, a backend; ``"freeze"``: the passes
+    without gradients, Score-CAM's, RISE's, occlusion's, frozen) and ``precision``
     (``"bf16"``, ``"fp16"``) choose how the passes run (``None``: the settings of
     :func:`salience.set_performance`; see docs/performance.md). Other keyword ``options`` go to
     ``method`` (e.g. ``layer=`` for Grad-CAM).
