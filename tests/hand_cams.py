@@ -36,3 +36,13 @@ def row_major(h: int, w: int, prefix: int = 0) -> Callable[[Tensor], Tensor]:
         assert t.shape[1] == prefix + h * w, (tuple(t.shape), prefix, h, w)
         return t[:, prefix:].reshape(t.shape[0], h, w, t.shape[-1]).permute(0, 3, 1, 2)
     return to_grid
+
+
+def assert_each_varies(maps: Tensor, rel: float = 1e-3) -> None:
+    """Each image's map in ``maps`` ``(B, ...)`` varies: its spread (std) is more than ``rel`` of its largest
+    absolute value, so a map constant up to rounding, or all 0, fails; one image's map varying does not stand in
+    for another's (a std over the whole batch would pass on maps each constant at different values)."""
+    flat = maps.detach().flatten(1).double()
+    spread, top = flat.std(1), flat.abs().amax(1)
+    assert bool((spread > rel * top).all()) and bool((top > 0).all()), (
+        f"a constant map: per-image std {spread.tolist()}, largest |value| {top.tolist()}")

@@ -656,7 +656,9 @@ def test_the_static_gallery_says_a_runs_constant_maps_under_their_thumbnails(tmp
     nothing of why: the page says it as text under the method's thumbnail, as the explorer's gallery
     does (``constant map (0)``, ``class NAME: constant map (0)`` for a later target, the whole note on
     hover); the image's tile and a map that sees have none. Class 1 is named with markup: said as
-    text. (Before: only the run-level note above the table.)"""
+    text. (Before: only the run-level note above the table.) The table's ``constant`` column marks the rows
+    (a warning sign, the maps named), and the "maps" filter keeps the rows with a constant map, or those
+    without."""
     import dataclasses
 
     from explore_helpers import ARGS, CHROMIUM, browser_api, shapes_files
@@ -698,6 +700,15 @@ def test_the_static_gallery_says_a_runs_constant_maps_under_their_thumbnails(tmp
                                     "visible": all(flat.nth(i).is_visible() for i in range(flat.count())),
                                     "markup": flat.locator("b").count()}
                     shown[run, row] = tiles
+                # the table's constant column: a marker on each row with a constant map, and a filter by it
+                shown[run, "cells"] = page.evaluate("""() => {
+                  const i = [...document.querySelectorAll('#head th')].findIndex(th => th.dataset.col === 'constant');
+                  return [...document.querySelectorAll('#body tr')].map(tr => [tr.children[i].textContent,
+                                                                               tr.children[i].className]); }""")
+                page.select_option("#fl", "varying")
+                page.wait_for_function("document.querySelectorAll('#body tr').length === 0")
+                page.select_option("#fl", "constant")
+                page.wait_for_function("document.querySelectorAll('#body tr').length === 2")
         finally:
             browser.close()
     assert not errors, errors
@@ -709,3 +720,80 @@ def test_the_static_gallery_says_a_runs_constant_maps_under_their_thumbnails(tmp
         # r1: both targets' maps flat, the thumbnail's first
         assert shown["r1", row] == {0: none, 1: {"texts": ["constant map (0)", f"class {names[1]}: constant map (0)"],
                                                  "titles": [note, note], "visible": True, "markup": 0}}, shown
+    assert shown["r0", "cells"] == [[f"\u26a0 vanilla (class {names[1]}); input_x_gradient (class {names[1]})", "warn"]] * 2
+    assert shown["r1", "cells"] == [[f"\u26a0 vanilla; vanilla (class {names[1]})", "warn"]] * 2
+
+
+def _red_green_run(tmp_path, methods=("vanilla",)):
+    """A --top 2 run on a red and a green picture of a model that pools each channel to its mean (a linear head,
+    class 0 "red" = R - G, class 1 "green" = G - R): the red picture is predicted red, the green one green, and
+    every vanilla map is constant (the gradient at pixel (c, h, w) is W[t, c] / (H W), the same at every pixel)."""
+    import json
+
+    from salience._core.info import ModelInfo, attach_info
+
+    paths = []
+    for name, rgb in (("red", (255, 0, 0)), ("green", (0, 255, 0))):
+        paths.append(tmp_path / f"{name}.png")
+        Image.new("RGB", (16, 16), rgb).save(paths[-1])
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0]]))
+        model[2].bias.zero_()
+    attach_info(model, ModelInfo(name="rg", input_size=(16, 16), class_names=("red", "green")))
+    folder = tmp_path / "run"
+    salience.explain_dataset(model, paths, list(methods), folder, top=2, workers=0)
+    return folder, json
+
+
+def _page_data(folder):
+    import json
+    import re
+
+    page = (folder / "index.html").read_text(encoding="utf-8")
+    about = json.loads(re.search(r"const ABOUT = (.*);\n", page).group(1))
+    rows = json.loads(re.search(r"const ROWS = (.*);\n", page).group(1))
+    flats = json.loads(re.search(r"const FLATS = (.*), FLAT = ", page).group(1))
+    return about["columns"], rows, flats
+
+
+def test_the_static_gallery_names_a_later_targets_class_as_the_explorer_does(tmp_path):
+    """A run without class names in its manifest (one an earlier salience began: its rows' predicted_name still
+    name the classes): ``index.html`` said a later target's constant map as ``class 1``, while the explorer's
+    gallery names it by the rows' predicted names (``class green``). Now the page does too; its table's
+    ``constant`` column names it the same way."""
+    from salience.runs import gallery
+
+    folder, json = _red_green_run(tmp_path)
+    manifest = json.loads((folder / "run.json").read_text())
+    assert manifest["class_names"] == ["red", "green"]
+    cols, rows, flats = _page_data(folder)
+    assert [r[cols.index("predicted_name")] for r in rows] == ["red", "green"]
+    assert [[f[:3] for f in flats["rows"][str(i)]] for i in range(2)] == [[[0, 0, "red"], [0, 1, "green"]],
+                                                                          [[0, 0, "green"], [0, 1, "red"]]]
+    del manifest["class_names"]
+    (folder / "run.json").write_text(json.dumps(manifest))
+    gallery.write(folder)
+    cols, rows, flats = _page_data(folder)
+    assert [[f[:3] for f in flats["rows"][str(i)]] for i in range(2)] == [[[0, 0, "red"], [0, 1, "green"]],
+                                                                          [[0, 0, "green"], [0, 1, "red"]]]
+    assert [r[cols.index("constant")] for r in rows] == ["vanilla; vanilla (class green)",
+                                                         "vanilla; vanilla (class red)"]
+
+
+def test_the_static_gallery_marks_the_rows_whose_maps_are_constant_in_its_table(setup, tmp_path, capsys):
+    """The ``METHOD.constant`` column (per target, the map's one value, else null) was said only as notes
+    (above the table, under the thumbnails): nothing in the table to sort or filter the rows by. Now the page's
+    own ``constant`` column says which of the row's maps are constant (``METHOD``: the thumbnail's target,
+    ``METHOD (class NAME)``: a later one), null on a row whose maps all vary; a run with no constant map has no
+    such column."""
+    _blind_run(setup, tmp_path, capsys)  # second_blind, --top 2: each image's second target (class 1) zero
+    cols, rows, _ = _page_data(tmp_path / "run")
+    assert [r[cols.index("constant")] for r in rows] == ["vanilla (class 1)"] * 2
+    assert cols.index("error") < cols.index("constant") < cols.index("vanilla.min")
+    paths, nets = setup
+    rc, _, err = _run(["explain", paths[1], "--size", "32", "--dataset", "--workers", "0", "--no-progress",
+                       "-m", f"python:{nets}:seeing", "-o", tmp_path / "sees"], capsys)
+    assert rc == 0, err
+    cols, rows, _ = _page_data(tmp_path / "sees")
+    assert "constant" not in cols and len(rows) == 1

@@ -10,13 +10,14 @@ import logging
 
 import pytest
 import torch
+from torch import nn
 
 import salience
 from salience import SalienceError
 from salience.methods.gradcam import default_layer, describe_default_layer
 
 from conftest import unchanged
-from hand_cams import gradcam_by_hand as by_hand
+from hand_cams import assert_each_varies, gradcam_by_hand as by_hand
 
 import timm  # noqa: E402 - in the test extra: tested, never skipped
 
@@ -29,7 +30,8 @@ def check(net, x, layer, to_grid, target=(1, 3)):
     with unchanged(net):
         cam = salience.gradcam(net, x, target)
     ref = by_hand(net, x, layer, target, to_grid)
-    assert cam.shape == (len(x), *x.shape[-2:]) and ref.std() > 0
+    assert cam.shape == (len(x), *x.shape[-2:])
+    assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
 
 
@@ -85,13 +87,81 @@ def test_coat_lite_default_is_the_input_of_its_last_factorized_attention():
     x = torch.rand(2, 3, 64, 64)
     said = describe_default_layer(net, x)
     assert "1 prefix token(s) + a 2x2 grid of patches; the input of the last attention" in said
-    check(net, x, "serial_blocks4.1.norm1", row_major(2, 2, prefix=1))
+    check(net, x, "serial_blocks4.1.norm1", row_major(2, 2, prefix=1), target=(0, 3))  # each image's map varies
     assert by_hand(net, x, "serial_blocks4.1", torch.tensor([1, 3]), row_major(2, 2, prefix=1)).abs().max() == 0
     # an earlier stage's tokens read on their grid too, without grid= / prefix_tokens=: 1 + 8x8
     target = torch.tensor([1, 3])
     cam = salience.gradcam(net, x, target, layer="serial_blocks2.1")
     torch.testing.assert_close(cam, by_hand(net, x, "serial_blocks2.1", target, row_major(8, 8, prefix=1)),
                                rtol=1e-4, atol=1e-6)
+
+
+class _Factorized(nn.Module):
+    """A factorized attention as CoaT's (``q @ (softmax(k over the tokens)^T v)``, qkv and output projections),
+    under a name of its own."""
+
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class FactorAttnLookalike(nn.Module):
+    """Named as CoaT's attention, but a per-token MLP: nothing attends."""
+
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class _FactorBlock(nn.Module):
+    def __init__(self, dim: int, mixer: type):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), mixer(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.norm1(x))
+
+
+class _CoaTLike(nn.Module):
+    """CoaT-Lite's form, small: a 4x4-patch embedding (8x8 at 32 px), a second stride-2 embedding (4x4), a class
+    token prepended, two blocks of ``mixer``, a head reading the class token."""
+
+    def __init__(self, mixer: type, dim: int = 8):
+        super().__init__()
+        self.embed1, self.embed2 = nn.Conv2d(3, dim, 4, stride=4), nn.Conv2d(dim, dim, 2, stride=2)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = nn.Sequential(_FactorBlock(dim, mixer), _FactorBlock(dim, mixer))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed2(torch.relu(self.embed1(x))).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(torch.cat([self.cls.expand(len(x), -1, -1), t], dim=1))[:, 0])
+
+
+def test_a_factorized_attention_is_recognized_by_what_it_computes_not_by_its_name():
+    """CoaT's attention was recognized by its class name (``FactorAttn...``): a user's module computing the same
+    ``q @ (softmax(k)^T v)`` under another name was no attention, so the map rule took ``embed2``, before the
+    blocks; and a module merely named ``FactorAttn...`` was taken for one. Now the pass's softmax of the keys over
+    the tokens, contracted with the values over them, is what counts: the default of the first is the last block's
+    norm1 (1 class token + 4x4 patches, fewer than the first embedding's 8x8); the look-alike gets the map rule."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    net = _CoaTLike(_Factorized).eval()
+    assert "the input of the last attention" in describe_default_layer(net, x)
+    check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+    lookalike = _CoaTLike(FactorAttnLookalike).eval()
+    assert default_layer(lookalike, x) == "embed2"
 
 
 def test_volo_default_is_its_last_stage_not_its_per_token_class_scores():
@@ -195,7 +265,7 @@ def test_coat_with_parallel_blocks_has_no_default_layer_and_says_what_to_pass():
 
     torch.manual_seed(0)
     net = timm.create_model("coat_tiny", pretrained=False, img_size=64, num_classes=5).eval()
-    x, target = torch.rand(2, 3, 64, 64), torch.tensor([1, 3])
+    x, target = torch.rand(2, 3, 64, 64), torch.tensor([0, 3])  # each image's map varies on both streams
     streams = (r"'parallel_blocks\.5\.norm12' \(1 prefix token\(s\) \+ 8x8 patches\), 'parallel_blocks\.5\.norm13' "
                r"\(1 prefix token\(s\) \+ 4x4 patches\), 'parallel_blocks\.5\.norm14' \(1 prefix token\(s\) \+ 2x2")
     with pytest.raises(SalienceError, match=r"3 token streams of different lengths.*no default layer.*Pass layer= the stream to map, e.g. the input of its "
@@ -208,7 +278,7 @@ def test_coat_with_parallel_blocks_has_no_default_layer_and_says_what_to_pass():
         with unchanged(net):
             cam = salience.gradcam(net, x, target, layer=layer)
         ref = by_hand(net, x, layer, target, row_major(side, side, prefix=1))
-        assert ref.std() > 0
+        assert_each_varies(ref)
         torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
     assert not LAYER_METHODS & set(default_methods(net, x))
 
@@ -254,12 +324,12 @@ def test_attentions_in_one_module_list_run_one_after_the_other_not_side_by_side(
 
     torch.manual_seed(0)
     net = _PooledStages().eval()
-    x, target = torch.rand(2, 3, 32, 32), torch.tensor([0, 2])
+    x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])  # each image's map varies
     assert default_layer(net, x) == "norms.1"
     with unchanged(net):
         cam = salience.gradcam(net, x, target, prefix_tokens=1)  # no patch embedding; the pooling is functional
     ref = by_hand(net, x, "norms.1", target, row_major(4, 4, prefix=1))
-    assert ref.std() > 0
+    assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
 
 

@@ -20,7 +20,7 @@ from salience import SalienceError
 from salience.methods.gradcam import default_layer, describe_default_layer
 
 from conftest import unchanged
-from hand_cams import gradcam_by_hand, row_major
+from hand_cams import assert_each_varies, gradcam_by_hand, row_major
 from tiny_vit import TinyViT
 
 import timm  # noqa: E402 - in the test extra: tested, never skipped
@@ -199,7 +199,7 @@ def test_hiera_default_layer_is_its_last_stage_in_grid_order_and_gradcam_equals_
     with unchanged(net):
         cam = salience.gradcam(net, x, target)
     ref = by_hand(net, x, "blocks.11", target, 4, 4)
-    assert ref.std() > 0
+    assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(salience.gradcam(net, x, target, layer="blocks.10"),
                                by_hand(net, x, "blocks.10", target, 4, 4), rtol=1e-4, atol=1e-6)
@@ -260,7 +260,7 @@ def test_hugging_face_hiera_default_is_its_last_block_output_and_gradcam_equals_
     with unchanged(net):
         cam = salience.gradcam(net, x, target)
     ref = by_hand(net, x, "hiera.encoder.stages.3.layers.1", target, 2, 2)  # the last block's output
-    assert ref.std() > 0
+    assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(ref, by_hand(net, x, "hiera.encoder.stages.3.layers.1.mlp", target, 2, 2))
     torch.testing.assert_close(salience.gradcam(net, x, target, layer="hiera.encoder.stages.3.layers.0"),
@@ -362,7 +362,7 @@ def test_a_stage_class_named_attention_block_keeps_its_blocks_as_default_layer_c
     with unchanged(net):
         cam = salience.gradcam(net, x, target)
     ref = by_hand(net, x, "stage.blocks.1", target, 8, 8)
-    assert ref.std() > 0
+    assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
 
 
@@ -434,3 +434,15 @@ def test_default_methods_without_an_input_read_the_models_input_size():
     # a size the model cannot take (a 64-pixel LeViT told 224): nothing is known, the modules decide
     small = attach_info(timm_levit(64), ModelInfo(name="levit", input_size=(224, 224)))
     assert ATTENTION_METHODS <= set(default_methods(small))
+
+
+def test_the_per_image_check_fails_on_maps_each_constant_at_different_values():
+    """The check the tests above make of their reference maps: a std over the batch passed on two maps each
+    constant (at different values); each image's map must vary, up to rounding."""
+    maps = torch.stack([torch.full((4, 4), 1.0), torch.full((4, 4), 2.0)])
+    assert maps.std() > 0
+    with pytest.raises(AssertionError, match="a constant map"):
+        assert_each_varies(maps)
+    with pytest.raises(AssertionError, match="a constant map"):
+        assert_each_varies(torch.stack([torch.rand(4, 4), torch.full((4, 4), 3.0) + 1e-6 * torch.rand(4, 4)]))
+    assert_each_varies(torch.rand(2, 4, 4))

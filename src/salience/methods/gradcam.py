@@ -64,8 +64,10 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       operation, ``F.scaled_dot_product_attention`` or a softmax over the last dim, over a class token and
       the patches ``(1, heads, N, N)`` (timm's ``AttentionRope``, an own ``Mixer``; a model whose own forward
       runs it has no default layer: a :class:`SalienceError` asking for ``layer=``); whose output is the image's whole token sequence ``(1, N, D)``,
-      ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not; or CoaT's factorized
-      attention, global over each stage's own tokens, whatever their number): the last
+      ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not; or a factorized
+      attention, a module whose pass softmaxes the keys ``(1, heads, N, d)`` over their ``N`` tokens and contracts
+      that with the values over them, ``softmax(k)^T v`` (CoaT's ``FactorAttnConvRelPosEnc``, or one of the same
+      form under any name), global over its own ``N`` tokens, whatever their number): the last
       module that finished before the *last* such attention call, outside it, with an output of
       the attention's shape: the LayerNorm before the last block's attention (torchvision ViT's
       ``encoder.layers[-1].ln_1``, timm's ``blocks[-1].norm1``, Hugging Face's
@@ -154,17 +156,33 @@ class _Call:
     output: Any
 
 
+_MATMULS = ("matmul", "__matmul__", "bmm")
+
+
+def _softmax_over_tokens(args: tuple, kwargs: dict) -> bool:
+    """A softmax over dim -2 of a 4-D tensor ``(B, heads, N, d)``: keys normalized over the tokens, as a factorized
+    attention's (``softmax(k)^T v``) are; :class:`_AttentionSpotter` takes it for attention only once the result is
+    contracted with values over those tokens."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    return isinstance(x, Tensor) and x.dim() == 4 and isinstance(dim, int) and dim in (-2, 2)
+
+
 class _AttentionSpotter(TorchFunctionMode):
     """Notes which module was running (the innermost, by name; ``""`` for the model's own forward) each time an
     attention operation ran, and the attention's shape ``(B, heads, L, S)``: ``F.scaled_dot_product_attention``,
     ``F.multi_head_attention_forward`` or a softmax over the last dim of 3 or more dims (what
     :class:`~salience.attention.AttentionCapture` takes for attention). So attention written as a bare function
     in a module of any name (a ``Mixer`` whose forward calls SDPA, a block computing ``softmax(q k^T) v`` inline)
-    is seen as attention, as the attention methods see it."""
+    is seen as attention, as the attention methods see it. Also, in ``factorized``, each factorized attention: a
+    softmax over dim -2 of ``(B, heads, N, d)`` (keys over the tokens) whose output, transposed, a matmul in the
+    same module contracts with values ``(B, heads, N, d')`` over those tokens (``softmax(k)^T v``, CoaT's)."""
 
     def __init__(self, running: list[str]):
         super().__init__()
         self.running, self.seen = running, []
+        self.factorized: list[tuple[str, int]] = []  # (module name, N): a factorized attention over N tokens
+        self._keys: list[tuple[str, Tensor]] = []  # softmaxes over dim -2 of (B, heads, N, d): keys, if factorized
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -178,17 +196,37 @@ class _AttentionSpotter(TorchFunctionMode):
             self.seen.append((where, None))
         elif name == "softmax" and _is_attention_softmax(args, kwargs) and isinstance(out, Tensor):
             self.seen.append((where, tuple(out.shape)))
+        elif name == "softmax" and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
+            self._keys.append((where, out))
+        elif name in _MATMULS and len(args) > 1 and self._keys:
+            self._contracted(where, args[0], args[1])
         return out
+
+    def _contracted(self, where: str, a: Any, b: Any) -> None:
+        """Note a factorized attention where ``a @ b`` contracts keys softmaxed over their ``N`` tokens in module
+        ``where`` (``a`` a view of that softmax's output, ``(B, heads, d, N)``) with values over the same tokens
+        (``b`` ``(B, heads, N, d')``): ``softmax(k)^T v``, CoaT's ``FactorAttnConvRelPosEnc``."""
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 4 and b.dim() == 4):
+            return
+        for name, k in self._keys:
+            n = int(k.shape[-2])
+            if (name == where and a.data_ptr() == k.data_ptr() and a.numel() == k.numel()
+                    and tuple(a.shape) == (*k.shape[:2], k.shape[-1], n) and b.shape[-2] == n
+                    and b.shape[:2] == k.shape[:2]):
+                self.factorized.append((where, n))
+                return
 
 
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
-                  outputs: Optional[list] = None, attending: Optional[list] = None) -> list[_Call]:
+                  outputs: Optional[list] = None, attending: Optional[list] = None,
+                  factorized: Optional[list] = None) -> list[_Call]:
     """Every named module's call on ``x[:1]``, in the order they *finished*, its output as a CAM reads it
     (:func:`~salience._core.autograd.layer_value`: a block's ``(hidden_states, ...)`` tuple -> its first
     tensor); an output requires grad exactly when it depends on the input (the parameters are frozen).
     The model's own output is appended to ``outputs`` when given; with ``attending`` (a list), the
     attention operations of the pass are appended to it as ``(the innermost running module's name, the
-    attention's shape or None)`` (:class:`_AttentionSpotter`)."""
+    attention's shape or None)`` (:class:`_AttentionSpotter`), and its factorized attentions to ``factorized`` (a
+    list, given with ``attending``) as ``(module name, N tokens)``."""
     check_input(x, model)
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError("cannot look inside a TorchScript model for a Grad-CAM layer; pass the Python nn.Module")
@@ -224,6 +262,8 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
                 out = model(one.detach().requires_grad_(True))
             if attending is not None:
                 attending.extend(spotter.seen)
+                if factorized is not None:
+                    factorized.extend(spotter.factorized)
             if outputs is not None:
                 outputs.append(out)
     finally:
@@ -236,17 +276,8 @@ def _first_tensor(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) and out else out
 
 
-_WHOLE_STAGE_ATTENTION = ("FactorAttn",)
-"""Class-name prefixes of attention modules that attend over their stage's whole token sequence by construction,
-whatever its length, and whose weights are never a ``(B, heads, N, N)`` softmax (so :func:`_attention_weights`
-cannot see them): CoaT's factorized attention (``FactorAttnConvRelPosEnc``: a softmax of the keys over the
-``N`` tokens, then ``q @ (softmax(k)^T v)``), which runs after each stage's own patch embedding on fewer tokens
-than the first embedding's grid."""
-
-
 def _is_attention(m: nn.Module) -> bool:
-    return (isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
-            or type(m).__name__.startswith(_WHOLE_STAGE_ATTENTION))
+    return isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
 
 
 def _attention_weights(out: Any) -> bool:
@@ -266,21 +297,26 @@ def _weighing_modules(calls: list[_Call]) -> set[str]:
     return {c.name.rpartition(".")[0] for c in calls if "." in c.name and _attention_weights(c.output)}
 
 
-def _global_attention(c: _Call, grid: Optional[tuple[int, int]], weighing: set[str] = frozenset()) -> bool:
-    """An attention call (:func:`_is_attention`, or a module in ``weighing``) over one image's whole token
-    sequence ``(1, N, D)`` (the calls run on ``x[:1]``), ``N`` at least the patch grid's cells: not a window
-    of a Swin (``(windows, n, D)``, or one window with fewer tokens than patches). An attention global by
-    construction (:data:`_WHOLE_STAGE_ATTENTION`, CoaT's) needs no more than one image's tokens."""
+def _global_attention(c: _Call, grid: Optional[tuple[int, int]], weighing: set[str] = frozenset(),
+                      whole: Optional[dict[str, set[int]]] = None) -> bool:
+    """An attention call (:func:`_is_attention`, or a module in ``weighing`` or ``whole``) over one image's whole
+    token sequence ``(1, N, D)`` (the calls run on ``x[:1]``), ``N`` at least the patch grid's cells: not a window
+    of a Swin (``(windows, n, D)``, or one window with fewer tokens than patches). ``whole``: module name -> the
+    token counts ``N`` of the factorized attentions it ran (:class:`_AttentionSpotter`: keys softmaxed over their
+    ``N`` tokens, contracted with the values over them, CoaT's ``q @ (softmax(k)^T v)``), global over its own
+    tokens by construction: an output of ``N`` tokens needs no more than that (CoaT runs one after each stage's
+    own patch embedding, on fewer tokens than the first embedding's grid)."""
     out = _first_tensor(c.output)
-    if not ((_is_attention(c.module) or c.name in weighing) and isinstance(out, Tensor) and out.dim() == 3
-            and out.shape[0] == 1):
+    whole = whole or {}
+    if not ((_is_attention(c.module) or c.name in weighing or c.name in whole) and isinstance(out, Tensor)
+            and out.dim() == 3 and out.shape[0] == 1):
         return False
-    whole_stage = type(c.module).__name__.startswith(_WHOLE_STAGE_ATTENTION)
-    return grid is None or out.shape[1] >= grid[0] * grid[1] or whole_stage
+    return grid is None or out.shape[1] >= grid[0] * grid[1] or int(out.shape[1]) in whole.get(c.name, ())
 
 
 def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
-                           attending: Sequence[tuple[str, Any]] = ()) -> Optional[str]:
+                           attending: Sequence[tuple[str, Any]] = (),
+                           factorized: Sequence[tuple[str, int]] = ()) -> Optional[str]:
     """The ViT rule of :func:`default_layer`: the module that finished last before the last
     global attention call on tokens, outside it, with the attention's output shape; None if none,
     or if the model has no patch embedding and that module's tokens are all patches (LeViT: no
@@ -291,13 +327,18 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
     inline) when that operation is global self-attention over one image's tokens with a prefix, ``(1, heads,
     N, N)``, ``N`` more than the patch grid's cells: what the rule is for (after it only the class token
     reaches the head). Not Twins' sub-sampled keys ``(N, N / r^2)``, nor CaiT's self-attention over patches
-    alone (its class token comes in later, and its class attention reads every patch: the map rule)."""
+    alone (its class token comes in later, and its class attention reads every patch: the map rule).
+    ``factorized``: ``(module name, N)`` of the factorized attentions seen (:func:`_global_attention`)."""
     grid = patch_grid(model, x.shape)
     cells = None if grid is None else grid[0] * grid[1]
     weighing = _weighing_modules(calls) | {
         name for name, a in attending
         if name and a is not None and len(a) == 4 and a[0] == 1 and a[-1] == a[-2] > (cells or 1)}
-    at = [i for i, c in enumerate(calls) if _global_attention(c, grid, weighing)]
+    whole: dict[str, set[int]] = {}
+    for name, n in factorized:
+        if name:
+            whole.setdefault(name, set()).add(n)
+    at = [i for i, c in enumerate(calls) if _global_attention(c, grid, weighing, whole)]
     if not at:
         return None
     att = calls[at[-1]]
@@ -520,12 +561,13 @@ def _search(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[s
         )
     outputs: list = []
     attending: list[tuple[str, Any]] = []
-    calls = _record_calls(model, x, outputs=outputs, attending=attending)
+    factorized: list[tuple[str, int]] = []
+    calls = _record_calls(model, x, outputs=outputs, attending=attending, factorized=factorized)
     if seen is not None:
         seen["calls"] = calls
-        seen["attention"] = bool(attending) or any(_is_attention(c.module) for c in calls)
+        seen["attention"] = bool(attending) or bool(factorized) or any(_is_attention(c.module) for c in calls)
     _refuse_inline_attention(model, x, attending)
-    vit = _before_last_attention(model, x, calls, attending)
+    vit = _before_last_attention(model, x, calls, attending, factorized)
     if vit is not None:
         return vit, ("the input of the last attention, where every token still reaches the output; after it, "
                      "a head that reads the class token alone gives the patch tokens no gradient")

@@ -14,14 +14,14 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from salience._core.files import atomic_write
 from salience.runs.job import constant_notes, flat_maps
 from salience.runs.store import Run, number_columns
 
 _COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "output_name", "value", "targets", "label",
-            "label_name", "correct", "error", "shard", "offset")
+            "label_name", "correct", "error", "constant", "shard", "offset")
 
 
 def _clean(v: Any) -> Any:
@@ -30,32 +30,82 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def rows_json(run: Run) -> str:
-    """The run's rows as a JSON list of lists (columns in :func:`columns`), safe inside ``<script>``
-    (:func:`script_json`)."""
+Flat = list[dict[str, list[dict[str, Any]]]]
+
+
+def _flat(run: Run, flat: Optional[Flat]) -> Flat:
+    return flat if flat is not None else flat_maps(run.table, run.methods, run.manifest.get("class_names") or [])
+
+
+def predicted_names(run: Run) -> dict[int, str]:
+    """Class index -> the name the run's rows give it as a prediction (``predicted_name``): what the explorer's
+    gallery names a class by where the run has no ``class_names`` (its ``classes``, one name per predicted
+    class; where rows gave one class several names, the last in order, as the explorer's page keeps)."""
     table = run.table
-    cols = columns(run)
+    if "predicted" not in table.column_names or "predicted_name" not in table.column_names:
+        return {}
+    out: dict[int, str] = {}
+    for i, n in zip(table.column("predicted").to_pylist(), table.column("predicted_name").to_pylist()):
+        if i is not None and n is not None and (i not in out or n > out[i]):
+            out[int(i)] = n
+    return out
+
+
+def _class_name(f: dict[str, Any], predicted: dict[int, str]) -> Any:
+    """A flat map's class as the explorer's gallery names it: the run's class name, else the name its rows
+    predicted it by, else its index (else None: the row does not say)."""
+    if f["name"] is not None:
+        return f["name"]
+    return predicted.get(f["class"], f["class"]) if f["class"] is not None else None
+
+
+def _or(v: Any, default: Any) -> Any:
+    return default if v is None else v
+
+
+def constant_cells(run: Run, flat: Optional[Flat] = None) -> list[Optional[str]]:
+    """Per row, the text of the page's ``constant`` column: the row's maps that are one value everywhere
+    (the ``METHOD.constant`` columns, :func:`~salience.runs.job.flat_maps`), ``METHOD`` for the thumbnail's
+    target and ``METHOD (class NAME)`` for a later one (named as :func:`flat_json` names it), joined by
+    ``"; "``; None where no map is constant."""
+    predicted = predicted_names(run)
+    out: list[Optional[str]] = []
+    for found in _flat(run, flat):
+        said = [name if f["k"] == 0 else f"{name} (class {_or(_class_name(f, predicted), '?')})"
+                for name in run.methods for f in found.get(name, [])]
+        out.append("; ".join(said) or None)
+    return out
+
+
+def rows_json(run: Run, flat: Optional[Flat] = None) -> str:
+    """The run's rows as a JSON list of lists (columns in :func:`columns`), safe inside ``<script>``
+    (:func:`script_json`). ``flat``: the run's :func:`~salience.runs.job.flat_maps`, where already read."""
+    table = run.table
+    flat = _flat(run, flat)
+    cols = columns(run, flat)
     data = {c: table.column(c).to_pylist() for c in cols if c in table.column_names}
     if "label_name" in cols:  # the page's own column: the class filter compares names
         names = run.manifest.get("class_names") or []
         data["label_name"] = [None if v is None else names[v] if 0 <= v < len(names) else str(v) for v in data["label"]]
+    if "constant" in cols:  # the page's own column: which maps of the row are one value everywhere
+        data["constant"] = constant_cells(run, flat)
     rows = [[_clean(data[c][i]) if c in data else None for c in cols] for i in range(table.num_rows)]
     return script_json(rows)
 
 
-def flat_json(run: Run) -> str:
+def flat_json(run: Run, flat: Optional[Flat] = None) -> str:
     """The run's maps that are one value everywhere, said under their thumbnails as the explorer's
     gallery says them (:func:`salience.runs.job.flat_maps`), as JSON safe inside ``<script>``:
-    ``{"notes": [...], "rows": {position: [[method, k, class name (else index, else null), value,
-    note], ...]}}``, ``position`` the row's in :func:`rows_json`, ``method`` an index in the run's
-    methods, ``note`` an index in ``notes`` (one copy of each: a run of an untrained model has a flat
-    map on every row)."""
+    ``{"notes": [...], "rows": {position: [[method, k, class name, value, note], ...]}}``, the class named
+    as the explorer names it (the run's class names, else the name the rows predicted it by,
+    :func:`predicted_names`, else its index, else null), ``position`` the row's in :func:`rows_json`,
+    ``method`` an index in the run's methods, ``note`` an index in ``notes`` (one copy of each: a run of an
+    untrained model has a flat map on every row)."""
     notes: dict[str, int] = {}
     rows: dict[str, list[list[Any]]] = {}
-    per_row = flat_maps(run.table, run.methods, run.manifest.get("class_names") or [])
-    for i, found in enumerate(per_row):
-        said = [[m, f["k"], f["name"] if f["name"] is not None else f["class"], f["value"],
-                 notes.setdefault(f["note"], len(notes))]
+    predicted = predicted_names(run)
+    for i, found in enumerate(_flat(run, flat)):
+        said = [[m, f["k"], _class_name(f, predicted), f["value"], notes.setdefault(f["note"], len(notes))]
                 for m, name in enumerate(run.methods) for f in found.get(name, [])]
         if said:
             rows[str(i)] = said
@@ -70,9 +120,12 @@ def script_json(value: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def columns(run: Run) -> list[str]:
-    """The page's columns: the table's, with ``label_name`` (the label's class name) after ``label``."""
+def columns(run: Run, flat: Optional[Flat] = None) -> list[str]:
+    """The page's columns: the table's, with ``label_name`` (the label's class name) after ``label``, and
+    ``constant`` (:func:`constant_cells`) after ``error`` where a map of the run is one value everywhere."""
     names = run.table.column_names + (["label_name"] if "label" in run.table.column_names else [])
+    if any(_flat(run, flat)):
+        names = names + ["constant"]
     return [c for c in _COLUMNS if c in names] + number_columns(run.table)
 
 
@@ -80,13 +133,14 @@ def write(folder: Path) -> Path:
     """Write ``folder/index.html`` for the run in ``folder``; returns its path."""
     run = Run(folder)
     m = run.manifest
-    about = {"columns": columns(run), "methods": run.methods, "thumb": m["thumb"], "per": m["sprite_columns"],
+    flat = flat_maps(run.table, run.methods, m.get("class_names") or [])  # read once, for the three
+    about = {"columns": columns(run, flat), "methods": run.methods, "thumb": m["thumb"], "per": m["sprite_columns"],
              "model": run.model, "k": m["k"]}
     title = html.escape(f"salience run: {run.model}, {len(run)} images")
     warned = "".join(f'<p class="warn">{html.escape("warning: " + t)}</p>\n'
                      for t in constant_notes(run.table, run.methods))  # the flat pictures said, as text
-    parts = {"TITLE": title, "WARNINGS": warned, "ABOUT": script_json(about), "ROWS": rows_json(run),
-             "FLAT": flat_json(run)}
+    parts = {"TITLE": title, "WARNINGS": warned, "ABOUT": script_json(about), "ROWS": rows_json(run, flat),
+             "FLAT": flat_json(run, flat)}
     # one pass: a placeholder inside a part (a model or file named __ROWS__) stays as it is
     page = re.sub(r"__(TITLE|WARNINGS|ABOUT|ROWS|FLAT)__", lambda m: parts[m.group(1)], _PAGE)
     return atomic_write(folder / "index.html", page.encode("utf-8"))
@@ -113,6 +167,8 @@ __WARNINGS__<div id="filters">
 <label>column <select id="mcol"></select> <input id="mmin" type="number" step="any" placeholder="min" size="7">
 - <input id="mmax" type="number" step="any" placeholder="max" size="7"></label>
 <label>path <input id="q" placeholder="contains" size="12"></label>
+<label id="flatf">maps <select id="fl"><option value="">all</option><option value="constant">a constant one</option>
+<option value="varying">none constant</option></select></label>
 </div>
 <div id="nav"></div>
 <table><thead><tr id="head"></tr></thead><tbody id="body"></tbody></table>
@@ -130,6 +186,7 @@ numeric.forEach(c => $("mcol").add(new Option(c, c)));
 const classes = [...new Set((C.predicted_name !== undefined ? ROWS.map(r => r[C.predicted_name]) : []).concat(
   C.label_name !== undefined ? ROWS.map(r => r[C.label_name]) : []).filter(v => v !== null))].sort();
 classes.forEach(c => $("cls").add(new Option(String(c), String(c))));
+if (C.constant === undefined) $("flatf").hidden = true;  // no map of the run is constant
 const headers = ["thumbnails"].concat(ABOUT.columns.filter(c => c !== "shard" && c !== "offset"));
 headers.forEach(c => { const th = document.createElement("th"); th.textContent = c; th.dataset.col = c;
   if (c !== "thumbnails") th.onclick = () => { desc = sortCol === c ? !desc : false; sortCol = c; page = 0; render(); };
@@ -147,6 +204,9 @@ function keep(r) {
   const mc = $("mcol").value, v = r[C[mc]], mmin = num($("mmin").value), mmax = num($("mmax").value);
   if (mmin !== null && !(v >= mmin)) return false; if (mmax !== null && !(v <= mmax)) return false;
   if (q && !String(r[C.path]).includes(q)) return false;
+  const fl = $("fl").value;
+  if (fl === "constant" && r[C.constant] === null) return false;
+  if (fl === "varying" && r[C.constant] !== null) return false;
   return true;
 }
 function cmp(a, b) {
@@ -180,6 +240,9 @@ function cell(c, v) {
   else td.textContent = Array.isArray(v) ? v.join(",") : String(v);
   if (c === "correct" && v !== null) td.className = v ? "ok" : "bad";
   if (c === "error") td.className = "err";
+  if (c === "constant" && v !== null) {  // the row's maps that are one value everywhere (METHOD.constant): a marker
+    td.className = "warn"; td.textContent = "\u26A0 " + td.textContent;
+    td.title = "maps that are one value everywhere (a flat picture); the note under each thumbnail says why"; }
   return td;
 }
 function render() {
@@ -196,7 +259,7 @@ function render() {
     headers.slice(1).forEach(c => tr.appendChild(cell(c, r[C[c]]))); body.appendChild(tr);
   }
 }
-["cls", "rw", "pmin", "pmax", "mcol", "mmin", "mmax", "q"].forEach(id => $(id).oninput = () => { page = 0; render(); });
+["cls", "rw", "pmin", "pmax", "mcol", "mmin", "mmax", "q", "fl"].forEach(id => $(id).oninput = () => { page = 0; render(); });
 render();
 </script></body></html>
 """
