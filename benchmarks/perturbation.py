@@ -44,7 +44,7 @@ from _common import peak_rss_bytes  # noqa: E402
 
 # The configuration; main() sets it from the flags and hands it to each measuring child in BENCH_CONFIG.
 CONFIG = {"model": "resnet18", "size": 64, "images": 2, "layer": "layer2", "masks": 128, "window": 16, "stride": 8,
-          "peer_batch": [32, 128], "captum_ppe": [16, 64], "threads": 2, "fast": 0}
+          "peer_batch": [32, 128], "captum_ppe": [16, 64], "threads": 2, "fast": 0, "skip": ""}
 if os.environ.get("BENCH_CONFIG"):
     CONFIG.update(json.loads(os.environ["BENCH_CONFIG"]))
 SIZE, IMAGES, LAYER, MASKS = CONFIG["size"], CONFIG["images"], CONFIG["layer"], CONFIG["masks"]
@@ -54,16 +54,22 @@ WINDOW, STRIDE = CONFIG["window"], CONFIG["stride"]
 def impls() -> dict[str, list[str]]:
     """Each method's implementations, in the order of the table."""
     peers = [f"pytorch-grad-cam bs={b}" for b in CONFIG["peer_batch"]]
-    ours = ["salience"] + ([FAST] if CONFIG["fast"] else [])
-    return {"scorecam": ours + ["loop"] + peers, "ablationcam": ours + ["loop"] + peers,
-            "rise": ours + ["loop"],
-            "occlusion": ours + ["loop"] + [f"captum ppe={p}" for p in CONFIG["captum_ppe"]]}
+    ours = ["salience"] + ([FAST] if CONFIG["fast"] in (1, 3) else []) + ([FROZEN] if CONFIG["fast"] >= 2 else [])
+    every = {"scorecam": ours + ["loop"] + peers, "ablationcam": ours + ["loop"] + peers,
+             "rise": ours + ["loop"],
+             "occlusion": ours + ["loop"] + [f"captum ppe={p}" for p in CONFIG["captum_ppe"]]}
+    skip = {name.strip() for name in CONFIG["skip"].split(",") if name.strip()}
+    return {method: [i for i in names if i not in skip] for method, names in every.items()}
 
 
 # --fast 1: also salience under the engine's opt-in performance options (issue 19): batch norms
 # folded into the convolutions before them and channels-last passes (gradient-free passes only
 # need the forward graph, which both make cheaper on a CPU).
 FAST = "salience fold+channels_last"
+# --fast 2: salience with compile="freeze" (inductor's freezing for the gradient-free passes; the
+# compile is part of the measured call: each measurement is a fresh process); --fast 3: both rows.
+# --skip "salience,pytorch-grad-cam bs=32" leaves implementations out (names as in the table).
+FROZEN = "salience compile=freeze"
 
 
 def _rss() -> int:
@@ -178,7 +184,8 @@ def one(method: str, impl: str) -> dict:
     if impl.startswith("salience"):
         opts = {"scorecam": dict(layer=LAYER), "ablationcam": dict(layer=LAYER), "rise": dict(masks=MASKS),
                 "occlusion": dict(window=WINDOW, stride=STRIDE)}[method]
-        fast = dict(fold_batchnorm=True, memory_format="channels_last") if impl == FAST else {}
+        fast = (dict(fold_batchnorm=True, memory_format="channels_last") if impl == FAST
+                else dict(compile="freeze") if impl == FROZEN else {})
         with salience.performance(**fast):
             getattr(salience, method)(model, x, target, **opts)
     elif impl == "loop":
