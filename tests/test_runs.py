@@ -1764,6 +1764,18 @@ def test_a_resume_compares_the_labels_before_any_batch_is_read(tmp_path):
     with pytest.raises(SalienceError, match=r"labels: image 4 \(_Logged\[4\]\): label 3 -> 0, the label its item"):
         salience.explain_dataset(model, ds3, ["vanilla"], folder, **kw)
     assert {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet", "000000002.parquet"}
+    # begun reading the labels with each item, continued with labels given up front: refused before any
+    # read but the first image still to explain, saying so (before: "labels: 'read with each item' -> '<digest>'")
+    other = tmp_path / "other"
+    salience.explain_dataset(model, ds, ["vanilla"], other, **kw)
+    (other / "shards" / "000000002.parquet").unlink()
+    _reads(log)
+    with pytest.raises(SalienceError, match=r"^" + re.escape(
+            f"{other} holds a run of a different command (labels: read with each item of the dataset when the run "
+            "began, now given up front (labels=, --labels-csv); leave them out to continue it); run the same "
+            "command to continue it")):
+        salience.explain_dataset(model, ds, ["vanilla"], other, labels=[i % 4 for i in range(6)], **kw)
+    assert _reads(log) == ([2], [])
 
 
 class _Failing(torch.utils.data.Dataset):

@@ -283,6 +283,9 @@ class Store:
             diff = _differences(was, now)
             if diff and not overwrite:
                 detail = _input_differences(f, old, planned) if planned is not None else {}
+                if begun == ITEM_LABELS and isinstance(now.get("labels"), str) and now["labels"] != ITEM_LABELS:
+                    detail.setdefault("labels", "labels: read with each item of the dataset when the run began, now "
+                                                "given up front (labels=, --labels-csv); leave them out to continue it")
                 diff = list(detail.values()) + [d for d in diff if d.split(".")[0].split(":")[0] not in detail]
                 more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
                 raise SalienceError(f"{f} holds a run of a different command ({'; '.join(diff[:3])}{more}); run the "
