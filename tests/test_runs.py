@@ -1478,6 +1478,8 @@ def test_a_users_dataset_error_in_a_dataloader_worker_is_raised_as_its_own_type(
     assert errors[1].args == errors[0].args == ("label",) and str(errors[1]) == "'label'"
     assert getattr(errors[1], "__notes__", None) == [
         "raised reading image 5 (_Raising[5]) in a DataLoader worker; its traceback there is the cause"]
+    if sys.version_info >= (3, 11):  # workers=0: the error as it is, a note naming the image
+        assert errors[0].__notes__ == ["raised reading image 5 (_Raising[5]) in the run's process"]
     assert isinstance(errors[1].__cause__, WorkerTraceback)
     assert "DataLoader worker" in str(errors[1].__cause__) and "raise self.error" in str(errors[1].__cause__)
     folder = tmp_path / "w1"
@@ -1608,6 +1610,11 @@ def test_a_labelled_dataset_reads_each_item_once_and_a_resume_reads_no_finished_
     assert manifest["command"]["labels"] == "read with each item"
     manifest["command"]["labels"] = salience.runs.sources.digest(labels)
     (folder / "run.json").write_text(json.dumps(manifest))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inputs = pq.read_table(folder / "inputs.parquet")  # and wrote them in its inputs.parquet
+    pq.write_table(inputs.append_column("label", pa.array(labels, pa.int64())), folder / "inputs.parquet")
     (folder / "shards" / "000000004.parquet").unlink()
     (folder / "index.parquet").unlink()
     again = salience.explain_dataset(model, ds, ["vanilla"], folder, **kw)
@@ -1635,7 +1642,7 @@ def test_a_run_begun_with_labels_given_is_not_continued_with_other_labels_its_it
     (folder / "shards" / "000000002.parquet").unlink()  # the run cut short
     with pytest.raises(SalienceError, match=r"^" + re.escape(
             f"{folder} holds a run of a different command (labels: image 2 (_Logged[2]): label 3 -> 2, the label "
-            "its item carries; the run was begun with its labels given up front); give the same labels= (--labels) "
+            "its item carries; the run was begun with its labels given up front); give the same labels= (--labels-csv) "
             "to continue it, choose another --out, or add --overwrite to start again") + r"$"):
         salience.explain_dataset(model, ds, ["vanilla"], folder, **kw)
     assert {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet", "000000004.parquet"}
@@ -1653,6 +1660,157 @@ def test_a_run_begun_with_labels_given_is_not_continued_with_other_labels_its_it
     assert resumed.table.column("label").to_pylist() == items
     assert resumed.table.column("targets").to_pylist() == [[v] for v in items]
     assert resumed.table.select(cols).equals(begun.select(cols))
+
+
+def _drop_label_column(folder: Path) -> None:
+    """Rewrite ``folder/inputs.parquet`` without its ``label`` column (as a run cut short between its
+    run.json and its inputs.parquet, then continued reading the labels with each item, leaves it)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(folder / "inputs.parquet")
+    pq.write_table(table.drop(["label"]), folder / "inputs.parquet")
+
+
+def test_a_run_begun_with_labels_whose_inputs_parquet_lacks_them_is_not_continued_unchecked(tmp_path):
+    """A run begun with ``labels=`` (its command holds their digest) whose inputs.parquet has no
+    ``label`` column (cut short between its run.json and its inputs.parquet and continued reading the
+    labels with each item; or rewritten by another program), continued without ``labels=`` on a
+    Dataset whose items carry other labels: before, nothing was checked, and rows 2-5 explained the
+    items' labels 2 3 0 1 under a command that says 3 3 3 3. Now it is refused before any batch (only
+    the first image still to explain was read, in the run's process), saying what to do; the same
+    labels= continue it and write them back into its inputs.parquet, so that a later resume without
+    labels= is checked image by image again."""
+    import pyarrow.parquet as pq
+
+    from conftest import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    log = tmp_path / "reads.log"
+    ds = _Logged(log, n=6)  # the items' labels: 0 1 2 3 0 1
+    kw = dict(shard_size=2, batch_size=2, workers=0)
+    folder = tmp_path / "run"
+    first = salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[3] * 6, **kw).table
+    for name in ("000000002", "000000004"):
+        (folder / "shards" / f"{name}.parquet").unlink()
+    _drop_label_column(folder)
+    _reads(log)
+    digest = salience.runs.sources.digest([3] * 6)
+    with pytest.raises(SalienceError, match=r"^" + re.escape(
+            f"{folder} holds a run begun with its labels given up front (labels: {digest!r}), and its "
+            "inputs.parquet does not hold them; give the same labels= (--labels-csv) to continue it, choose "
+            "another --out, or add --overwrite to start again") + r"$"):
+        salience.explain_dataset(model, ds, ["vanilla"], folder, **kw)
+    assert _reads(log) == ([2], [])  # no batch was read: the first image still to explain only
+    assert {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet"}
+    again = salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[3] * 6, **kw)
+    cols = [c for c in first.column_names if c != "shard"]
+    assert again.table.select(cols).equals(first.select(cols))
+    assert pq.read_table(folder / "inputs.parquet").column("label").to_pylist() == [3] * 6
+    (folder / "shards" / "000000004.parquet").unlink()
+    with pytest.raises(SalienceError, match=r"labels: image 4 \(_Logged\[4\]\): label 3 -> 0, the label its item"):
+        salience.explain_dataset(model, ds, ["vanilla"], folder, **kw)
+    # a label column that is not the labels of the command's digest (written by another program): refused too
+    table = pq.read_table(folder / "inputs.parquet")
+    pq.write_table(table.set_column(table.column_names.index("label"), "label",
+                                    pyarrow_array([0, 1, 2, 3, 0, 1])), folder / "inputs.parquet")
+    with pytest.raises(SalienceError, match=r"inputs\.parquet does not hold them; give the same labels="):
+        salience.explain_dataset(model, ds, ["vanilla"], folder, **kw)
+    salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[3] * 6, **kw)  # written back
+    assert pq.read_table(folder / "inputs.parquet").column("label").to_pylist() == [3] * 6
+
+
+def pyarrow_array(values):
+    import pyarrow as pa
+
+    return pa.array(values, pa.int64())
+
+
+def test_a_resume_compares_the_labels_before_any_batch_is_read(tmp_path):
+    """A run begun with ``labels=``, cut short, continued with other labels: given up front (a list, a
+    CSV) they are compared with the run's before anything but the first image still to explain is read
+    (no DataLoader worker starts); read with each item, the first image still to explain (read in the
+    run's process before the run anyway) is compared before the run starts: before, its label was
+    compared only when its batch came, after the workers had read it again. A later image whose
+    item's label differs is found when its batch comes (there is no pass over the data to read the
+    labels); the shards before it stay."""
+    from conftest import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    log = tmp_path / "reads.log"
+    ds = _Logged(log, n=6)  # the items' labels: 0 1 2 3 0 1
+    kw = dict(shard_size=2, batch_size=2, workers=1)
+    folder = tmp_path / "run"
+    salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[2, 2, 3, 3, 3, 3], **kw)
+    for name in ("000000002", "000000004"):
+        (folder / "shards" / f"{name}.parquet").unlink()
+    _reads(log)
+    with pytest.raises(SalienceError, match=r"holds a run of a different command \(labels: image 2 \(_Logged\[2\]\): "
+                                            r"label 3 -> 1"):
+        salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[2, 2, 1, 3, 3, 3], **kw)
+    assert _reads(log) == ([2], [])
+    with pytest.raises(SalienceError, match=r"labels: image 2 \(_Logged\[2\]\): label 3 -> 2, the label its item "
+                                            r"carries"):
+        salience.explain_dataset(model, ds, ["vanilla"], folder, **kw)
+    assert _reads(log) == ([2], [])  # before: the worker read images 2 and 3 again, then the run stopped
+    assert {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet"}
+    # the first image still to explain agrees (label 3), image 4 does not: found when its batch comes
+    salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[2, 2, 3, 3, 3, 3], **kw)
+    (folder / "shards" / "000000004.parquet").unlink()
+    (folder / "shards" / "000000002.parquet").unlink()
+    ds3 = _Logged(log, n=6, bad={2: 3, 3: 3})
+    _reads(log)
+    with pytest.raises(SalienceError, match=r"labels: image 4 \(_Logged\[4\]\): label 3 -> 0, the label its item"):
+        salience.explain_dataset(model, ds3, ["vanilla"], folder, **kw)
+    assert {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet", "000000002.parquet"}
+    # begun reading the labels with each item, continued with labels given up front: refused before any
+    # read but the first image still to explain, saying so (before: "labels: 'read with each item' -> '<digest>'")
+    other = tmp_path / "other"
+    salience.explain_dataset(model, ds, ["vanilla"], other, **kw)
+    (other / "shards" / "000000002.parquet").unlink()
+    _reads(log)
+    with pytest.raises(SalienceError, match=r"^" + re.escape(
+            f"{other} holds a run of a different command (labels: read with each item of the dataset when the run "
+            "began, now given up front (labels=, --labels-csv); leave them out to continue it); run the same "
+            "command to continue it")):
+        salience.explain_dataset(model, ds, ["vanilla"], other, labels=[i % 4 for i in range(6)], **kw)
+    assert _reads(log) == ([2], [])
+
+
+class _Failing(torch.utils.data.Dataset):
+    """Four images ``(3, 16, 16)``; reading item ``bad`` raises a KeyError (a user's transform)."""
+
+    def __init__(self, bad: int):
+        self.bad = bad
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            raise KeyError("colour")
+        return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes (PEP 678) are Python 3.11's")
+def test_a_datasets_error_with_no_workers_carries_a_note_naming_the_item(tmp_path):
+    """``workers=0``: the user's dataset raising a KeyError reaches the caller as that KeyError with a
+    note naming the item (before: no note; with workers the note names the DataLoader worker), also
+    when it is the item read before the run; the shards before it stay."""
+    from conftest import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    kw = dict(shard_size=2, batch_size=2, workers=0)
+    with pytest.raises(KeyError) as caught:
+        salience.explain_dataset(model, _Failing(3), ["vanilla"], tmp_path / "run", **kw)
+    assert type(caught.value) is KeyError and caught.value.args == ("colour",)
+    assert caught.value.__notes__ == ["raised reading image 3 (_Failing[3]) in the run's process"]
+    assert {p.name for p in (tmp_path / "run" / "shards").iterdir()} == {"000000000.parquet"}
+    with pytest.raises(KeyError) as caught:  # the first item, read before the run
+        salience.explain_dataset(model, _Failing(0), ["vanilla"], tmp_path / "first", **kw)
+    assert caught.value.__notes__ == ["raised reading image 0 (_Failing[0]) in the run's process"]
 
 
 def test_a_label_out_of_range_in_a_datasets_items_stops_the_run_naming_the_image(tmp_path):

@@ -527,3 +527,54 @@ def test_the_actor_pool_is_given_as_the_installed_ray_wants_it(cluster, tmp_path
     else:
         assert kwargs["concurrency"] == 1 and "compute" not in kwargs
     assert not [m for m in said if "deprecated" in m], said
+
+
+def test_a_ray_resume_checks_the_begun_labels_in_its_decoding_tasks_without_shipping_them_all(cluster, tmp_path,
+                                                                                            monkeypatch):
+    """A run of a Dataset of ``(input, label)`` begun with ``labels=`` (given up front), cut short and
+    continued on Ray without them: each decoding task gets the begun labels of its own images only (a
+    column of the rows), and no task or actor gets the run's list of every image's label (before, the
+    plan sent to every decoding task and actor held all N). An item whose label differs stops the run
+    with the local engine's message; the agreeing items resume to the uninterrupted run's rows."""
+    import torch
+
+    class Items(torch.utils.data.Dataset):  # defined here: Ray's workers get it by value
+        def __init__(self, bad=None):
+            self.bad = dict(bad or {})
+
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i):
+            x = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i))
+            return x, self.bad.get(i, (i * 2) % 3)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    kw = dict(shard_size=2, batch_size=2, workers=0, map_dtype="float32")
+    labels = [(i * 2) % 3 for i in range(8)]
+    folder = tmp_path / "run"
+    first = salience.explain_dataset(model, Items(), ["vanilla"], folder, labels=labels, **kw).table
+    shipped = []
+    map_batches = ray.data.Dataset.map_batches
+
+    def spy(self, fn, *args, **kwargs):
+        shipped.extend(v for v in [*(kwargs.get("fn_kwargs") or {}).values(), *(kwargs.get("fn_constructor_args")
+                                                                                 or ())]
+                       if isinstance(v, salience.runs.job.Plan))
+        return map_batches(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", spy)
+    for name in ("000000004", "000000006"):
+        (folder / "shards" / f"{name}.parquet").unlink()
+    (folder / "index.parquet").unlink()
+    with pytest.raises(SalienceError, match=r"^" + re.escape(
+            f"{folder} holds a run of a different command (labels: image 6 (Items[6]): label 0 -> 1, the label its "
+            "item carries; the run was begun with its labels given up front)")):
+        salience.explain_dataset(model, Items(bad={6: 1}), ["vanilla"], folder, engine="ray", actors=1, **kw)
+    assert len(shipped) == 2 and all(plan.begun_labels is None for plan in shipped)
+    assert "shards/000000006.parquet" not in _committed(folder)
+    resumed = salience.explain_dataset(model, Items(), ["vanilla"], folder, engine="ray", actors=1, **kw)
+    cols = [c for c in first.column_names if c != "shard"]
+    assert resumed.complete and resumed.table.select(cols).equals(first.select(cols))

@@ -190,6 +190,10 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         plan.map_dtype = store.manifest.get("map_dtype", map_dtype)  # a continued run's: its shards are stored so
         if item_labels and (begun := store.begun_labels()) is not None:  # begun with labels up front: kept
             plan.begun_labels = (str(store.folder), begun)
+        if item_labels and first not in store.done():
+            # the first image still to explain, read before the run anyway: its label checked now (one of the
+            # model's classes, the one the run was begun with), not when its batch comes; the others when read
+            plan.label(sources.read_once(dataset, first))
         run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module)
         if engine == "ray":  # the driver holds the lock; the actors write shards while it holds it (writer)
             from salience.runs import ray_engine
@@ -487,7 +491,8 @@ def run_local(run: Job, *, show: bool = False, png: bool = False) -> None:
     plan_batches = list(_batches(shards, batch))
     # an error in a worker (a user's item that is no image tensor, a KeyError of the user's transform) comes
     # back as Raised and is raised here as it is; torch would re-raise it in its wrapping, the traceback its message
-    dataset = sources.Guarded(run.dataset, run.plan.paths) if run.workers else run.dataset
+    # with workers=0 the error is raised as it is, a note naming the image (sources.Noted)
+    dataset = (sources.Guarded if run.workers else sources.Noted)(run.dataset, run.plan.paths)
     loader = DataLoader(dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
                         collate_fn=sources.collate, worker_init_fn=sources.worker_init if run.workers else None,
                         persistent_workers=False)

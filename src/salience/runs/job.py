@@ -97,12 +97,9 @@ class Plan:
         v = it.label if self.item_labels else None
         if self.item_labels and self.begun_labels is not None:
             folder, was = self.begun_labels
-            if it.index < len(was) and was[it.index] != v:
-                raise SalienceError(
-                    f"{folder} holds a run of a different command (labels: image {it.index} "
-                    f"({self.paths[it.index]}): label {was[it.index]} -> {v}, the label its item carries; the run "
-                    "was begun with its labels given up front); give the same labels= (--labels) to continue it, "
-                    "choose another --out, or add --overwrite to start again")
+            if it.index < len(was) and (refusal := begun_label_refusal(folder, it.index, self.paths[it.index],
+                                                                       was[it.index], v)) is not None:
+                raise refusal
         if v is not None and self.classes is not None and not 0 <= v < self.classes:
             raise SalienceError(f"label {v} of image {it.index} ({self.paths[it.index]}) is out of range for the "
                                 f"model's {self.classes} classes (0..{self.classes - 1}); fix the labels")
@@ -111,6 +108,19 @@ class Plan:
     def regression(self) -> Optional[Regression]:
         """The regression target of a regression run, else ``None``."""
         return Regression(int(self.fixed or 0), self.direction) if self.mode == "regression" else None
+
+
+def begun_label_refusal(folder: str, index: int, path: str, was: Optional[int],
+                        now: Optional[int]) -> Optional[SalienceError]:
+    """The refusal of image ``index`` (``path``) whose item carries the label ``now`` in a run (in
+    ``folder``) begun with ``was`` given up front (:attr:`Plan.begun_labels`); ``None`` when they agree.
+    :meth:`Plan.label` and the Ray decoding tasks (each sent only its images' begun labels) raise it."""
+    if was == now:
+        return None
+    return SalienceError(
+        f"{folder} holds a run of a different command (labels: image {index} ({path}): label {was} -> {now}, the "
+        "label its item carries; the run was begun with its labels given up front); give the same labels= "
+        "(--labels-csv) to continue it, choose another --out, or add --overwrite to start again")
 
 
 @dataclass

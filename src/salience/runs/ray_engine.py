@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import pickle
 import re
 from typing import Any, Optional
@@ -39,22 +40,30 @@ def _ray() -> Any:
     return ray
 
 
-def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] = None) -> dict[str, np.ndarray]:
+def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] = None,
+           begun_in: Optional[str] = None) -> dict[str, np.ndarray]:
     """Ray task: a batch of ``index`` rows -> decoded inputs (the run's dataset, as the local engine).
     An image the run refuses (a user's item that is no image tensor; one whose shape is not the run's
-    first image's, ``plan.first_input``) or whose reading raises (a ``KeyError`` of the user's
-    transform) makes the batch placeholders that carry the error (``raised``: :func:`_raised`), which
-    the actor passes on and the driver raises as it was (Ray would raise its ``RayTaskError`` with the
-    traceback as text, or numpy's "all input arrays must have the same shape")."""
+    first image's, ``plan.first_input``; one whose item carries another label than the ``begun``
+    column, the label the run in ``begun_in`` was begun with: :func:`job.begun_label_refusal`) or whose
+    reading raises (a ``KeyError`` of the user's transform) makes the batch placeholders that carry the
+    error (``raised``: :func:`_raised`), which the actor passes on and the driver raises as it was (Ray
+    would raise its ``RayTaskError`` with the traceback as text, or numpy's "all input arrays must have
+    the same shape")."""
     indices = [int(i) for i in batch["index"]]
     raised = ""
     items: list[Item] = []
     at = None
     try:
-        for at in indices:  # at: the image being read when it raises
+        for j, at in enumerate(indices):  # at: the image being read when it raises
             items.append(dataset[at])
             if plan is not None and (refusal := job.shape_refusal(plan, items[-1])) is not None:
                 raise refusal
+            if plan is not None and begun_in is not None and "begun" in batch:
+                was = int(batch["begun"][j]) if batch["has_begun"][j] else None
+                refusal = job.begun_label_refusal(begun_in, at, plan.paths[at], was, items[-1].label)
+                if refusal is not None:
+                    raise refusal
     except Exception as e:  # noqa: BLE001 - the user's dataset's own error (a KeyError) too: the driver raises it
         if plan is None or plan.first_input is None:
             raise
@@ -191,6 +200,21 @@ def shipped(ray: Any, run: Any, weights: Optional[str] = None) -> Any:
     return model
 
 
+def _rows(pending: list[int], plan: job.Plan) -> tuple[list[dict[str, Any]], job.Plan, Optional[str]]:
+    """The Ray dataset's rows of the ``pending`` images, the plan the tasks and actors get, and the
+    folder of the run whose begun labels the rows carry. A continued run of labels read with each
+    item, begun with them given up front (:attr:`job.Plan.begun_labels`: one per image of the run),
+    gives each row its image's begun label (``begun``, ``has_begun``), which its decoding task
+    compares with the item's; the plan shipped to every task and actor is sent without that list, so
+    what each holds does not grow with the run's images."""
+    if plan.begun_labels is None:
+        return [{"index": i} for i in pending], plan, None
+    folder, was = plan.begun_labels
+    rows = [{"index": i, "begun": -1 if i >= len(was) or was[i] is None else int(was[i]),
+             "has_begun": i < len(was) and was[i] is not None} for i in pending]
+    return rows, dataclasses.replace(plan, begun_labels=None), folder
+
+
 def _pool(ray: Any, size: int) -> dict[str, Any]:
     """``map_batches``'s argument for a pool of ``size`` actors: ``compute=ActorPoolStrategy(size=)``
     from Ray 2.51 (which logs a deprecation warning for ``concurrency=`` at every run), else
@@ -240,10 +264,11 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
         for quiet in ("enable_progress_bars", "print_on_execution_start"):
             if hasattr(ctx, quiet):
                 setattr(ctx, quiet, False)
-        ds = ray.data.from_items([{"index": i} for i in pending])
-        ds = ds.map_batches(decode, fn_kwargs={"dataset": run.dataset, "plan": run.plan}, batch_size=batch,
-                            batch_format="numpy", num_cpus=1)
-        args = (shipped(ray, run, weights), run.plan, str(run.store.folder), batch, png, weights, bool(num_gpus),
+        rows, plan, begun_in = _rows(pending, run.plan)
+        ds = ray.data.from_items(rows)
+        ds = ds.map_batches(decode, fn_kwargs={"dataset": run.dataset, "plan": plan, "begun_in": begun_in},
+                            batch_size=batch, batch_format="numpy", num_cpus=1)
+        args = (shipped(ray, run, weights), plan, str(run.store.folder), batch, png, weights, bool(num_gpus),
                 performance, writer)
         ds = ds.map_batches(Explain, fn_constructor_args=args,
                             batch_size=size, batch_format="numpy", **_pool(ray, _actors(ray, num_gpus, actors)),

@@ -328,9 +328,10 @@ class Wrapped(Dataset):
     def probe(self, index: int) -> Item:
         """Item ``index``, read once in this process however often it is asked for (the run reads
         one item before it starts: whether the items carry labels, the model's number of outputs,
-        the batch size, the first image's shape)."""
+        the batch size, the first image's shape). An error of the user's dataset is raised as it is,
+        with a note naming the item (:func:`read_noted`)."""
         if self._probed is None or self._probed.index != index:
-            self._probed = self[index]
+            self._probed = read_noted(self, index, f"{type(self.dataset).__name__}[{index}]")
         return self._probed
 
     def known_labels(self) -> Optional[list[int]]:
@@ -506,6 +507,38 @@ class Guarded(Dataset):
         except Exception as e:  # noqa: BLE001 - the user's dataset's own error: raised in the run's process
             name = self.names[index] if self.names is not None and 0 <= index < len(self.names) else None
             return Raised.of(e, "DataLoader worker", index, name)
+
+
+def read_noted(dataset: Dataset, index: int, name: Optional[str] = None) -> Item:
+    """``dataset[index]`` read in the run's process: an error of the user's dataset (a ``KeyError`` of a
+    transform) is raised as it is, its own type and traceback, with a note (PEP 678, Python 3.11 on)
+    naming the image, as one raised in a DataLoader worker has (:meth:`Raised.error`); a
+    :class:`SalienceError` names the item itself."""
+    try:
+        return dataset[index]
+    except Exception as e:
+        if not isinstance(e, SalienceError) and hasattr(e, "add_note"):
+            note = f"raised reading image {index}" + (f" ({name})" if name is not None else "") + \
+                " in the run's process"
+            if note not in getattr(e, "__notes__", ()):  # a dataset raising one error object again
+                e.add_note(note)
+        raise
+
+
+class Noted(Dataset):
+    """``dataset`` read in the run's process (``workers=0``): an item whose reading raises raises its
+    error with a note naming the image (:func:`read_noted`); ``names``: each image's path or name."""
+
+    def __init__(self, dataset: Dataset, names: Optional[Sequence[str]] = None):
+        self.dataset = dataset
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Item:
+        name = self.names[index] if self.names is not None and 0 <= index < len(self.names) else None
+        return read_noted(self.dataset, index, name)
 
 
 def collate(items: list[Item]) -> list[Item]:

@@ -171,6 +171,30 @@ def _input_differences(folder: Path, manifest: dict[str, Any], planned: Planned)
     return out
 
 
+def _check_begun_labels(folder: Path, labels_digest: str) -> None:
+    """Refuse to continue the run in ``folder``, begun with its labels given up front (their digest
+    ``labels_digest`` in its command), with the labels read with each item when its ``inputs.parquet``
+    does not hold those labels (no ``label`` column: a run cut short between its run.json and its
+    inputs.parquet, or a file another program wrote; or other labels): each item's label could not be
+    compared with the one the run was begun with (:attr:`job.Plan.begun_labels`)."""
+    try:
+        table = pyarrow().parquet.read_table(folder / "inputs.parquet")
+        held = table.column("label").to_pylist() if "label" in table.column_names else None
+    except (OSError, ValueError):
+        held = None
+    if held is not None and _digest(held) == labels_digest:
+        return
+    raise SalienceError(f"{folder} holds a run begun with its labels given up front (labels: {labels_digest!r}), "
+                        "and its inputs.parquet does not hold them; give the same labels= (--labels-csv) to continue "
+                        "it, choose another --out, or add --overwrite to start again")
+
+
+def _digest(values: Sequence[Any]) -> str:
+    from salience.runs.sources import digest
+
+    return digest(values)
+
+
 def clear_run(folder: Path) -> None:
     """Remove a run's own files and folders from ``folder`` (nothing else in it)."""
     for name in _RUN_FOLDERS:
@@ -247,14 +271,21 @@ class Store:
             was, now = old.get("command", {}), self.manifest["command"]
             if legacy is not None and "form" not in (was.get("inputs") or {}):
                 now = legacy  # a run begun before the paths had one form: the command as it was written
-            if now.get("labels") == ITEM_LABELS and isinstance(was.get("labels"), str):
+            begun = was.get("labels")
+            given_up_front = isinstance(begun, str) and begun != ITEM_LABELS
+            if now.get("labels") == ITEM_LABELS and given_up_front:
                 # a run of a user's dataset begun when its labels were all given or read up front (their
                 # digest), now read with each item: each must be the one the run was begun with
-                # (job.Plan.begun_labels, from inputs.parquet), checked when its image is explained
-                now = {**now, "labels": was["labels"]}
+                # (job.Plan.begun_labels, from inputs.parquet), checked when its image is read
+                now = {**now, "labels": begun}
+                if not overwrite and not _differences(was, now):
+                    _check_begun_labels(f, begun)
             diff = _differences(was, now)
             if diff and not overwrite:
                 detail = _input_differences(f, old, planned) if planned is not None else {}
+                if begun == ITEM_LABELS and isinstance(now.get("labels"), str) and now["labels"] != ITEM_LABELS:
+                    detail.setdefault("labels", "labels: read with each item of the dataset when the run began, now "
+                                                "given up front (labels=, --labels-csv); leave them out to continue it")
                 diff = list(detail.values()) + [d for d in diff if d.split(".")[0].split(":")[0] not in detail]
                 more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
                 raise SalienceError(f"{f} holds a run of a different command ({'; '.join(diff[:3])}{more}); run the "
@@ -275,9 +306,11 @@ class Store:
         """``inputs.parquet``: the planned inputs, their labels and mask files (kept from the first run
         of the command)."""
         target = self.folder / "inputs.parquet"
-        if target.exists():
-            return
         pa = pyarrow()
+        if target.exists():
+            if labels is not None:
+                self._restore_labels(target, labels)
+            return
         cols = {"index": pa.array(np.arange(len(paths), dtype=np.int64)), "path": pa.array(list(paths), pa.string())}
         if labels is not None:
             cols["label"] = pa.array(list(labels), pa.int64())
@@ -285,6 +318,26 @@ class Store:
             cols["mask"] = pa.array(list(masks), pa.string())
         with atomic_path(target) as tmp:
             pa.parquet.write_table(pa.table(cols), tmp)
+
+    def _restore_labels(self, target: Path, labels: Sequence[Optional[int]]) -> None:
+        """Write ``labels`` into the existing ``inputs.parquet`` when it does not hold them (no ``label``
+        column, or other labels) and they are the labels of the run's command (its digest): a run whose
+        inputs.parquet lost them is refused without ``labels=`` (:func:`_check_begun_labels`); continued
+        once with them, it holds them again."""
+        pa = pyarrow()
+        digest = _digest(labels)
+        if self.manifest.get("command", {}).get("labels") != digest:
+            return
+        if "label" in pa.parquet.read_schema(target).names:
+            if _digest(pa.parquet.read_table(target, columns=["label"]).column("label").to_pylist()) == digest:
+                return
+            table = pa.parquet.read_table(target)
+            table = table.set_column(table.column_names.index("label"), "label", pa.array(list(labels), pa.int64()))
+        else:
+            table = pa.parquet.read_table(target)
+            table = table.add_column(table.column_names.index("path") + 1, "label", pa.array(list(labels), pa.int64()))
+        with atomic_path(target) as tmp:
+            pa.parquet.write_table(table, tmp)
 
     def input_paths(self) -> list[str]:
         """Each image's path as the run's first command gave it (``inputs.parquet``): the rows' ``path``."""
