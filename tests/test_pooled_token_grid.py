@@ -32,9 +32,11 @@ class Pooled(nn.Module):
 
 @pytest.mark.parametrize("patch_embedding", [True, False], ids=["patch-embedding", "strided-stem"])
 def test_a_pooled_grid_with_the_cells_of_another_grid_is_taken_when_given(patch_embedding):
-    torch.manual_seed(0)
+    # a different class per image (a target applied to the wrong image fails), each image's map varying: with seed 0
+    # only class 1's maps vary (the others' are all 0), so seed 3, classes 0 and 3
+    torch.manual_seed(3)
     net = Pooled(patch_embedding).eval()
-    x, target = torch.rand(2, 3, 32, 48), torch.tensor([1, 1])  # each image's map varies (class 2 is 0 on one)
+    x, target = torch.rand(2, 3, 32, 48), torch.tensor([0, 3])
     cam = salience.gradcam(net, x, target, layer="mix", grid=(3, 8))
     ref = gradcam_by_hand(net, x, "mix", target, row_major(3, 8))
     assert_each_varies(ref)

@@ -205,12 +205,13 @@ class _AttentionSpotter(TorchFunctionMode):
     def _contracted(self, where: str, a: Any, b: Any) -> None:
         """Note a factorized attention where ``a @ b`` contracts keys softmaxed over their ``N`` tokens in module
         ``where`` (``a`` a view of that softmax's output, ``(B, heads, d, N)``) with values over the same tokens
-        (``b`` ``(B, heads, N, d')``): ``softmax(k)^T v``, CoaT's ``FactorAttnConvRelPosEnc``."""
+        (``b`` ``(B, heads, N, d')``): ``softmax(k)^T v``, CoaT's ``FactorAttnConvRelPosEnc``. The softmax may run in
+        ``where`` itself (``k.softmax(dim=2)``) or in a submodule of it (an ``nn.Softmax(dim=-2)`` it holds)."""
         if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 4 and b.dim() == 4):
             return
         for name, k in self._keys:
             n = int(k.shape[-2])
-            if (name == where and a.data_ptr() == k.data_ptr() and a.numel() == k.numel()
+            if ((name == where or (where and name.startswith(where + "."))) and a.data_ptr() == k.data_ptr() and a.numel() == k.numel()
                     and tuple(a.shape) == (*k.shape[:2], k.shape[-1], n) and b.shape[-2] == n
                     and b.shape[:2] == k.shape[:2]):
                 self.factorized.append((where, n))
