@@ -351,3 +351,61 @@ def test_default_methods_on_a_cnn_run_one_forward_pass():
         handle.remove()
     assert count[0] == 1
     assert LAYER_METHODS <= set(methods) and not ATTENTION_METHODS & set(methods)
+
+
+class _PoolTokens(torch.nn.Module):
+    """The patch tokens (1 + 8x8) average-pooled 2x2 (1 + 4x4), the class token kept."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, d = t.shape
+        side = int((n - 1) ** 0.5)
+        g = torch.nn.functional.avg_pool2d(t[:, 1:].transpose(1, 2).reshape(b, d, side, side), 2)
+        return torch.cat([t[:, :1], g.flatten(2).transpose(1, 2)], 1)
+
+
+class _SequentialStage(torch.nn.Module):
+    """One called module holding two attentions as attributes, run one AFTER the other with pooling between them:
+    ``attn2``'s input is computed from ``attn1``'s output."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.norm1, self.attn1 = torch.nn.LayerNorm(d), _PooledStages.Attention(d)
+        self.pool = _PoolTokens()
+        self.norm2, self.attn2 = torch.nn.LayerNorm(d), _PooledStages.Attention(d)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t = self.pool(t + self.attn1(self.norm1(t)))
+        return t + self.attn2(self.norm2(t))
+
+
+class _CalledStage(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, stride=4, padding=1)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
+        self.stage = _SequentialStage(16)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.stem(x)
+        t = torch.cat([self.cls.expand(len(x), -1, -1), p.flatten(2).transpose(1, 2)], 1)
+        return self.head(self.stage(t)[:, 0])
+
+
+def test_attentions_one_after_the_other_in_one_called_module_are_not_side_by_side():
+    """A called module holding two attentions as attributes, run in sequence with pooling between them (65, then
+    17 tokens): the structure alone (attentions of one called parent, finishing within its call) took them for
+    CoaT's parallel streams and refused the default with a misleading message. Now the pass's data flow decides:
+    ``attn2``'s input is computed from ``attn1``'s output, so they are one stream; the default is ``attn2``'s input,
+    ``stage.norm2``, and Grad-CAM there is the hand computation on 1 + 4x4 tokens."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    net = _CalledStage().eval()
+    x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
+    assert default_layer(net, x) == "stage.norm2"
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target, prefix_tokens=1)
+    ref = by_hand(net, x, "stage.norm2", target, row_major(4, 4, prefix=1))
+    assert_each_varies(ref)
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)

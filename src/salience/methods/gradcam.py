@@ -154,6 +154,8 @@ class _Call:
     name: str
     module: nn.Module
     output: Any
+    node: Any = None  # the output's autograd node when the call finished (its grad_fn then: later in-place ops
+    # on the output give the tensor a new one), None where the output does not depend on the input
 
 
 _MATMULS = ("matmul", "__matmul__", "bmm")
@@ -237,7 +239,8 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if running and running[-1] == name:
                 running.pop()
-            calls.append(_Call(name, module, layer_value(output)))
+            value = layer_value(output)
+            calls.append(_Call(name, module, value, value.grad_fn if isinstance(value, Tensor) else None))
         return hook
 
     def make_pre_hook(name: str):
@@ -363,11 +366,35 @@ def _input_of(calls: list[_Call], i: int) -> Optional[_Call]:
     return None
 
 
+def _computed_from(node: Any, sources: Sequence[Any]) -> set:
+    """The autograd nodes among ``sources`` that ``node`` was computed from: reachable from it through
+    ``next_functions`` in the traced pass's graph (the pass records it: the input requires grad). Exact: an
+    output depends on an earlier one exactly when the earlier one's node is on a path of the later one's graph.
+    Stops once every source is found; ``None`` nodes (no graph) reach nothing and are never reached."""
+    wanted = {s for s in sources if s is not None}
+    found: set = set()
+    if node is None or not wanted:
+        return found
+    stack, visited = [node], {node}
+    while stack and len(found) < len(wanted):
+        n = stack.pop()
+        if n in wanted:
+            found.add(n)
+        for nxt, _ in n.next_functions:
+            if nxt is not None and nxt not in visited:
+                visited.add(nxt)
+                stack.append(nxt)
+    return found
+
+
 def _refuse_parallel_streams(model: nn.Module, x: Tensor, calls: list[_Call], at: list[int]) -> None:
     """Refuse a default where the last attention's block also attends over other token streams of other
     lengths side by side (timm's non-lite CoaT: each parallel block runs one factorized attention per scale,
     ``1 + 28x28``, ``1 + 14x14``, ``1 + 7x7`` tokens at 224 px, mixes them, and its head combines the three
-    scales' class tokens): a map of one layer shows one stream, as one of CrossViT's branches would."""
+    scales' class tokens): a map of one layer shows one stream, as one of CrossViT's branches would. Side by side
+    means: attentions of the same called block, finished within its call, whose outputs the last attention's
+    input was not computed from (the traced pass's autograd graph, :func:`_computed_from`); a block running two
+    attentions one after the other, pooling between them, is one stream."""
     last = at[-1]
     block = calls[last].name.rpartition(".")[0]
     # the block's own call around the last attention (a container such as an nn.ModuleList is never called: its
@@ -379,6 +406,10 @@ def _refuse_parallel_streams(model: nn.Module, x: Tensor, calls: list[_Call], at
     start = max((j for j in range(last) if calls[j].name == block), default=-1)
     side = [i for i in at if start < i < end and calls[i].name.rpartition(".")[0] == block
             and calls[i].name != calls[last].name]
+    # side by side only where the last attention's input was not computed from the side attention's output (one
+    # module running attn1, a pooling, then attn2 on what came of attn1 is one stream, not two)
+    fed = _computed_from(calls[last].node, [calls[i].node for i in side])
+    side = [i for i in side if calls[i].node is None or calls[i].node not in fed]
     streams = {int(_first_tensor(calls[i].output).shape[1]): i for i in side + [last]}
     if len(streams) < 2:
         return
