@@ -164,6 +164,65 @@ def test_a_factorized_attention_is_recognized_by_what_it_computes_not_by_its_nam
     assert default_layer(lookalike, x) == "embed2"
 
 
+class _EinsumFactorized(_Factorized):
+    """:class:`_Factorized` with ``softmax(k)^T v`` written as ``torch.einsum`` (``EQUATION``, ``KEYS_T``: the keys'
+    softmax handed over transposed, ``(B, heads, d, N)``; ``LIST``: the operands as one list; ``EQUATION`` None: the
+    sublist form)."""
+
+    EQUATION, KEYS_T, VALUES_FIRST, LIST = "bhnk,bhnv->bhkv", False, False, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        keys = k.softmax(dim=-2)
+        keys = keys.transpose(-1, -2) if self.KEYS_T else keys
+        ops = (v, keys) if self.VALUES_FIRST else (keys, v)
+        if self.EQUATION is None:  # the sublist form
+            kv = torch.einsum(ops[0], [0, 1, 2, 3], ops[1], [0, 1, 2, 4], [0, 1, 3, 4])
+        else:
+            kv = torch.einsum(self.EQUATION, list(ops)) if self.LIST else torch.einsum(self.EQUATION, *ops)
+        out = torch.einsum("bhnk,bhkv->bhnv", q, kv)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("equation, keys_t, values_first, as_list", [
+    ("bhnk,bhnv->bhkv", False, False, False),
+    ("bhkn,bhnv->bhkv", True, False, False),  # the keys transposed first, as CoaT's matmul takes them
+    ("bhnv,bhnk->bhkv", False, True, False),  # the values first
+    ("...nk,...nv->...kv", False, False, True),  # an ellipsis for batch and heads, the operands as a list
+    (" b h n k , b h n v -> b h k v ", False, False, False),  # spaces
+    (None, False, False, False),  # the sublist form: keys [0, 1, 2, 3], values [0, 1, 2, 4] -> [0, 1, 3, 4]
+])
+def test_a_factorized_attention_written_with_einsum_is_recognized(equation, keys_t, values_first, as_list):
+    """The keys' softmax contracted with the values over the tokens was recognized in ``@`` / ``matmul`` / ``bmm``
+    only: the same product written with ``torch.einsum`` was no attention, and the map rule took ``embed2``,
+    before the blocks. Now einsum's forms count too: the default is the last block's norm1 (1 class token + 4x4
+    patches), Grad-CAM there the hand computation."""
+    from hand_cams import row_major
+
+    mixer = type("Mixer", (_EinsumFactorized,), {"EQUATION": equation, "KEYS_T": keys_t,
+                                                   "VALUES_FIRST": values_first, "LIST": as_list})
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    net = _CoaTLike(mixer).eval()
+    check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+
+
+def test_an_einsum_that_does_not_contract_the_keys_over_the_tokens_is_no_attention():
+    """The keys' softmax over the tokens in an einsum that keeps the token index (an elementwise product with the
+    values, summed over the channels) is no factorized attention: the map rule, ``embed2``."""
+
+    class NotContracted(_Factorized):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            w = torch.einsum("bhnk,bhnk->bhn", k.softmax(dim=-2), v)
+            return self.proj((q * w[..., None]).transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    assert default_layer(_CoaTLike(NotContracted).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
+
+
 def test_volo_default_is_its_last_stage_not_its_per_token_class_scores():
     """VOLO's logits are head(norm(x)[:, 0]) + 0.5 * max over the patch tokens of aux_head(norm(x)[:, 1:]). The
     default was aux_head, per-token class scores (1, N, classes): Grad-CAM there is the target's token scores
