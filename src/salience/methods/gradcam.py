@@ -233,6 +233,20 @@ class _AttentionSpotter(TorchFunctionMode):
                     self.factorized.append((where, n))
                     return
 
+    def _contracted(self, where: str, a: Any, b: Any) -> None:
+        """Note a factorized attention where ``a @ b`` contracts keys softmaxed over their ``N`` tokens in module
+        ``where`` (``a`` a view of that softmax's output, ``(B, heads, d, N)``) with values over the same tokens
+        (``b`` ``(B, heads, N, d')``): ``softmax(k)^T v``, CoaT's ``FactorAttnConvRelPosEnc``."""
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 4 and b.dim() == 4):
+            return
+        for name, k in self._keys:
+            n = int(k.shape[-2])
+            if (name == where and a.data_ptr() == k.data_ptr() and a.numel() == k.numel()
+                    and tuple(a.shape) == (*k.shape[:2], k.shape[-1], n) and b.shape[-2] == n
+                    and b.shape[:2] == k.shape[:2]):
+                self.factorized.append((where, n))
+                return
+
 
 def _dims_of(view: Tensor, k: Tensor) -> Optional[list[int]]:
     """For ``view``, a permutation of ``k``'s dims over the same memory: the dim of ``view`` of each of ``k``'s
@@ -299,20 +313,6 @@ def _einsum_labels(args: tuple) -> Optional[tuple[tuple[Any, list], tuple[Any, l
         kept = {("...", j) for j in range(1, widest + 1)} if "." in output else set()
         kept |= {c for c in output if c != "."}
     return labelled[0], labelled[1], kept
-
-    def _contracted(self, where: str, a: Any, b: Any) -> None:
-        """Note a factorized attention where ``a @ b`` contracts keys softmaxed over their ``N`` tokens in module
-        ``where`` (``a`` a view of that softmax's output, ``(B, heads, d, N)``) with values over the same tokens
-        (``b`` ``(B, heads, N, d')``): ``softmax(k)^T v``, CoaT's ``FactorAttnConvRelPosEnc``."""
-        if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 4 and b.dim() == 4):
-            return
-        for name, k in self._keys:
-            n = int(k.shape[-2])
-            if (name == where and a.data_ptr() == k.data_ptr() and a.numel() == k.numel()
-                    and tuple(a.shape) == (*k.shape[:2], k.shape[-1], n) and b.shape[-2] == n
-                    and b.shape[:2] == k.shape[:2]):
-                self.factorized.append((where, n))
-                return
 
 
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
