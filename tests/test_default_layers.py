@@ -192,6 +192,65 @@ def test_a_factorized_attention_whose_softmax_is_a_submodule_is_recognized():
     check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
 
 
+class _EinsumFactorized(_Factorized):
+    """:class:`_Factorized` with ``softmax(k)^T v`` written as ``torch.einsum`` (``EQUATION``, ``KEYS_T``: the keys'
+    softmax handed over transposed, ``(B, heads, d, N)``; ``LIST``: the operands as one list; ``EQUATION`` None: the
+    sublist form)."""
+
+    EQUATION, KEYS_T, VALUES_FIRST, LIST = "bhnk,bhnv->bhkv", False, False, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        keys = k.softmax(dim=-2)
+        keys = keys.transpose(-1, -2) if self.KEYS_T else keys
+        ops = (v, keys) if self.VALUES_FIRST else (keys, v)
+        if self.EQUATION is None:  # the sublist form
+            kv = torch.einsum(ops[0], [0, 1, 2, 3], ops[1], [0, 1, 2, 4], [0, 1, 3, 4])
+        else:
+            kv = torch.einsum(self.EQUATION, list(ops)) if self.LIST else torch.einsum(self.EQUATION, *ops)
+        out = torch.einsum("bhnk,bhkv->bhnv", q, kv)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("equation, keys_t, values_first, as_list", [
+    ("bhnk,bhnv->bhkv", False, False, False),
+    ("bhkn,bhnv->bhkv", True, False, False),  # the keys transposed first, as CoaT's matmul takes them
+    ("bhnv,bhnk->bhkv", False, True, False),  # the values first
+    ("...nk,...nv->...kv", False, False, True),  # an ellipsis for batch and heads, the operands as a list
+    (" b h n k , b h n v -> b h k v ", False, False, False),  # spaces
+    (None, False, False, False),  # the sublist form: keys [0, 1, 2, 3], values [0, 1, 2, 4] -> [0, 1, 3, 4]
+])
+def test_a_factorized_attention_written_with_einsum_is_recognized(equation, keys_t, values_first, as_list):
+    """The keys' softmax contracted with the values over the tokens was recognized in ``@`` / ``matmul`` / ``bmm``
+    only: the same product written with ``torch.einsum`` was no attention, and the map rule took ``embed2``,
+    before the blocks. Now einsum's forms count too: the default is the last block's norm1 (1 class token + 4x4
+    patches), Grad-CAM there the hand computation."""
+    from hand_cams import row_major
+
+    mixer = type("Mixer", (_EinsumFactorized,), {"EQUATION": equation, "KEYS_T": keys_t,
+                                                   "VALUES_FIRST": values_first, "LIST": as_list})
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    net = _CoaTLike(mixer).eval()
+    check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+
+
+def test_an_einsum_that_does_not_contract_the_keys_over_the_tokens_is_no_attention():
+    """The keys' softmax over the tokens in an einsum that keeps the token index (an elementwise product with the
+    values, summed over the channels) is no factorized attention: the map rule, ``embed2``."""
+
+    class NotContracted(_Factorized):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            w = torch.einsum("bhnk,bhnk->bhn", k.softmax(dim=-2), v)
+            return self.proj((q * w[..., None]).transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    assert default_layer(_CoaTLike(NotContracted).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
+
+
 def test_volo_default_is_its_last_stage_not_its_per_token_class_scores():
     """VOLO's logits are head(norm(x)[:, 0]) + 0.5 * max over the patch tokens of aux_head(norm(x)[:, 1:]). The
     default was aux_head, per-token class scores (1, N, classes): Grad-CAM there is the target's token scores
@@ -379,3 +438,61 @@ def test_default_methods_on_a_cnn_run_one_forward_pass():
         handle.remove()
     assert count[0] == 1
     assert LAYER_METHODS <= set(methods) and not ATTENTION_METHODS & set(methods)
+
+
+class _PoolTokens(torch.nn.Module):
+    """The patch tokens (1 + 8x8) average-pooled 2x2 (1 + 4x4), the class token kept."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, d = t.shape
+        side = int((n - 1) ** 0.5)
+        g = torch.nn.functional.avg_pool2d(t[:, 1:].transpose(1, 2).reshape(b, d, side, side), 2)
+        return torch.cat([t[:, :1], g.flatten(2).transpose(1, 2)], 1)
+
+
+class _SequentialStage(torch.nn.Module):
+    """One called module holding two attentions as attributes, run one AFTER the other with pooling between them:
+    ``attn2``'s input is computed from ``attn1``'s output."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.norm1, self.attn1 = torch.nn.LayerNorm(d), _PooledStages.Attention(d)
+        self.pool = _PoolTokens()
+        self.norm2, self.attn2 = torch.nn.LayerNorm(d), _PooledStages.Attention(d)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t = self.pool(t + self.attn1(self.norm1(t)))
+        return t + self.attn2(self.norm2(t))
+
+
+class _CalledStage(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, stride=4, padding=1)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
+        self.stage = _SequentialStage(16)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.stem(x)
+        t = torch.cat([self.cls.expand(len(x), -1, -1), p.flatten(2).transpose(1, 2)], 1)
+        return self.head(self.stage(t)[:, 0])
+
+
+def test_attentions_one_after_the_other_in_one_called_module_are_not_side_by_side():
+    """A called module holding two attentions as attributes, run in sequence with pooling between them (65, then
+    17 tokens): the structure alone (attentions of one called parent, finishing within its call) took them for
+    CoaT's parallel streams and refused the default with a misleading message. Now the pass's data flow decides:
+    ``attn2``'s input is computed from ``attn1``'s output, so they are one stream; the default is ``attn2``'s input,
+    ``stage.norm2``, and Grad-CAM there is the hand computation on 1 + 4x4 tokens."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    net = _CalledStage().eval()
+    x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
+    assert default_layer(net, x) == "stage.norm2"
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target, prefix_tokens=1)
+    ref = by_hand(net, x, "stage.norm2", target, row_major(4, 4, prefix=1))
+    assert_each_varies(ref)
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)

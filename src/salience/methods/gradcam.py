@@ -154,6 +154,8 @@ class _Call:
     name: str
     module: nn.Module
     output: Any
+    node: Any = None  # the output's autograd node when the call finished (its grad_fn then: later in-place ops
+    # on the output give the tensor a new one), None where the output does not depend on the input
 
 
 _MATMULS = ("matmul", "__matmul__", "bmm")
@@ -176,7 +178,8 @@ class _AttentionSpotter(TorchFunctionMode):
     in a module of any name (a ``Mixer`` whose forward calls SDPA, a block computing ``softmax(q k^T) v`` inline)
     is seen as attention, as the attention methods see it. Also, in ``factorized``, each factorized attention: a
     softmax over dim -2 of ``(B, heads, N, d)`` (keys over the tokens) whose output, transposed, a matmul in the
-    same module contracts with values ``(B, heads, N, d')`` over those tokens (``softmax(k)^T v``, CoaT's)."""
+    same module contracts with values ``(B, heads, N, d')`` over those tokens (``softmax(k)^T v``, CoaT's), by
+    ``@`` / ``matmul`` / ``bmm`` or ``torch.einsum`` (``bhnk,bhnv->bhkv`` and its other spellings)."""
 
     def __init__(self, running: list[str]):
         super().__init__()
@@ -200,7 +203,35 @@ class _AttentionSpotter(TorchFunctionMode):
             self._keys.append((where, out))
         elif name in _MATMULS and len(args) > 1 and self._keys:
             self._contracted(where, args[0], args[1])
+        elif name == "einsum" and self._keys:
+            self._einsum(where, args)
         return out
+
+    def _einsum(self, where: str, args: tuple) -> None:
+        """Note a factorized attention where ``torch.einsum`` (an equation, ellipses and spaces allowed, the
+        operands given one by one or as one list, or the sublist form) contracts keys softmaxed over their ``N``
+        tokens in module ``where`` (a view of that softmax's output, its dims in any order) with values over the same
+        tokens: the keys' token index summed, in the values at a dim of ``N``; their batch and head indices in the
+        values and kept in the output, their channel index kept (``bhnk,bhnv->bhkv``)."""
+        parsed = _einsum_labels(args)
+        if parsed is None:
+            return
+        (a, la), (b, lb), out = parsed
+        for keys, lk, vals, lv in ((a, la, b, lb), (b, lb, a, la)):
+            if not (isinstance(keys, Tensor) and isinstance(vals, Tensor) and keys.dim() == 4 and vals.dim() == 4):
+                continue
+            for name, k in self._keys:
+                if name != where or keys.data_ptr() != k.data_ptr() or keys.numel() != k.numel():
+                    continue
+                dims = _dims_of(keys, k)  # k's dim i is keys' dim dims[i]
+                if dims is None:
+                    continue
+                n = int(k.shape[-2])
+                token, kept = lk[dims[2]], [lk[dims[0]], lk[dims[1]]]
+                if (token in lv and token not in out and vals.shape[lv.index(token)] == n
+                        and all(label in lv and label in out for label in kept) and lk[dims[3]] in out):
+                    self.factorized.append((where, n))
+                    return
 
     def _contracted(self, where: str, a: Any, b: Any) -> None:
         """Note a factorized attention where ``a @ b`` contracts keys softmaxed over their ``N`` tokens in module
@@ -216,6 +247,73 @@ class _AttentionSpotter(TorchFunctionMode):
                     and b.shape[:2] == k.shape[:2]):
                 self.factorized.append((where, n))
                 return
+
+
+def _dims_of(view: Tensor, k: Tensor) -> Optional[list[int]]:
+    """For ``view``, a permutation of ``k``'s dims over the same memory: the dim of ``view`` of each of ``k``'s
+    (matched by size and stride), or None where it is no such permutation."""
+    free = list(range(view.dim()))
+    dims = []
+    for size, stride in zip(k.shape, k.stride()):
+        j = next((j for j in free if view.shape[j] == size and (view.stride(j) == stride or size == 1)), None)
+        if j is None:
+            return None
+        free.remove(j)
+        dims.append(j)
+    return dims
+
+
+def _einsum_labels(args: tuple) -> Optional[tuple[tuple[Any, list], tuple[Any, list], set]]:
+    """The two operands of an einsum call with each one's index label per dim, and the output's labels (an
+    ellipsis's dims labelled from the right, as they broadcast); None for any other number of operands or an
+    equation not read."""
+    if not args:
+        return None
+    if isinstance(args[0], Tensor):  # sublist form: op, [0, 1, ...], op, [...], [output]
+        ops, subs = list(args[0::2]), list(args[1::2])
+        out_sub = ops.pop() if len(ops) > len(subs) else None
+        if len(ops) != 2 or len(subs) != 2:
+            return None
+        terms: list = [list(subs[0]), list(subs[1])]
+        if any(Ellipsis in t for t in terms) or out_sub is not None and Ellipsis in out_sub:
+            return None
+        output = None if out_sub is None else list(out_sub)
+    elif isinstance(args[0], str):
+        ops = list(args[1:])
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = list(ops[0])
+        eq = args[0].replace(" ", "")
+        lhs, arrow, rhs = eq.partition("->")
+        terms = [t.replace("...", ".") for t in lhs.split(",")]
+        output = rhs.replace("...", ".") if arrow else None
+        if len(ops) != 2 or len(terms) != 2:
+            return None
+    else:
+        return None
+    labelled, widest = [], 0
+    for op, term in zip(ops, terms):
+        if not isinstance(op, Tensor):
+            return None
+        explicit = [c for c in term if c != "."]
+        if "." in term:
+            e = op.dim() - len(explicit)
+            if e < 0:
+                return None
+            widest = max(widest, e)
+            i = list(term).index(".")
+            labels = list(term[:i]) + [("...", e - j) for j in range(e)] + list(term[i + 1:])
+        else:
+            labels = list(term)
+        if len(labels) != op.dim():
+            return None
+        labelled.append((op, labels))
+    if output is None:  # implicit: the ellipsis's dims, then the labels seen once, in order
+        seen = [lab for _, labels in labelled for lab in labels if not isinstance(lab, tuple)]
+        kept = {("...", j) for j in range(1, widest + 1)} | {lab for lab in seen if seen.count(lab) == 1}
+    else:
+        kept = {("...", j) for j in range(1, widest + 1)} if "." in output else set()
+        kept |= {c for c in output if c != "."}
+    return labelled[0], labelled[1], kept
 
 
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
@@ -238,7 +336,8 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if running and running[-1] == name:
                 running.pop()
-            calls.append(_Call(name, module, layer_value(output)))
+            value = layer_value(output)
+            calls.append(_Call(name, module, value, value.grad_fn if isinstance(value, Tensor) else None))
         return hook
 
     def make_pre_hook(name: str):
@@ -364,11 +463,35 @@ def _input_of(calls: list[_Call], i: int) -> Optional[_Call]:
     return None
 
 
+def _computed_from(node: Any, sources: Sequence[Any]) -> set:
+    """The autograd nodes among ``sources`` that ``node`` was computed from: reachable from it through
+    ``next_functions`` in the traced pass's graph (the pass records it: the input requires grad). Exact: an
+    output depends on an earlier one exactly when the earlier one's node is on a path of the later one's graph.
+    Stops once every source is found; ``None`` nodes (no graph) reach nothing and are never reached."""
+    wanted = {s for s in sources if s is not None}
+    found: set = set()
+    if node is None or not wanted:
+        return found
+    stack, visited = [node], {node}
+    while stack and len(found) < len(wanted):
+        n = stack.pop()
+        if n in wanted:
+            found.add(n)
+        for nxt, _ in n.next_functions:
+            if nxt is not None and nxt not in visited:
+                visited.add(nxt)
+                stack.append(nxt)
+    return found
+
+
 def _refuse_parallel_streams(model: nn.Module, x: Tensor, calls: list[_Call], at: list[int]) -> None:
     """Refuse a default where the last attention's block also attends over other token streams of other
     lengths side by side (timm's non-lite CoaT: each parallel block runs one factorized attention per scale,
     ``1 + 28x28``, ``1 + 14x14``, ``1 + 7x7`` tokens at 224 px, mixes them, and its head combines the three
-    scales' class tokens): a map of one layer shows one stream, as one of CrossViT's branches would."""
+    scales' class tokens): a map of one layer shows one stream, as one of CrossViT's branches would. Side by side
+    means: attentions of the same called block, finished within its call, whose outputs the last attention's
+    input was not computed from (the traced pass's autograd graph, :func:`_computed_from`); a block running two
+    attentions one after the other, pooling between them, is one stream."""
     last = at[-1]
     block = calls[last].name.rpartition(".")[0]
     # the block's own call around the last attention (a container such as an nn.ModuleList is never called: its
@@ -380,6 +503,10 @@ def _refuse_parallel_streams(model: nn.Module, x: Tensor, calls: list[_Call], at
     start = max((j for j in range(last) if calls[j].name == block), default=-1)
     side = [i for i in at if start < i < end and calls[i].name.rpartition(".")[0] == block
             and calls[i].name != calls[last].name]
+    # side by side only where the last attention's input was not computed from the side attention's output (one
+    # module running attn1, a pooling, then attn2 on what came of attn1 is one stream, not two)
+    fed = _computed_from(calls[last].node, [calls[i].node for i in side])
+    side = [i for i in side if calls[i].node is None or calls[i].node not in fed]
     streams = {int(_first_tensor(calls[i].output).shape[1]): i for i in side + [last]}
     if len(streams) < 2:
         return
