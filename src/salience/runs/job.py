@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -302,9 +303,11 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
             for col, vals in _summaries(first).items():
                 for j, pos in enumerate(good):
                     rows[pos][f"{name}.{col}"] = vals[j]
+            lo, hi = picture_extremes(m)
+            constants = _constants(lo, hi)
             for j, pos in enumerate(good):
-                rows[pos][f"{name}.constant"] = constant_values(m[j])
-            _warn_stored(plan, name, m, [rows[pos][f"{name}.constant"] for pos in good], indices)
+                rows[pos][f"{name}.constant"] = constants[j]
+            _warn_stored(plan, name, lo, hi, constants, indices)
             for col, vals in _metrics(plan, model, x, first, classes, masks).items():
                 for j, pos in enumerate(good):
                     rows[pos][f"{name}.{col}"] = vals[j]
@@ -362,25 +365,27 @@ def _warn_gaps(plan: Plan, name: str, found: Sequence[GapReport], indices: Seque
                   stacklevel=user_stacklevel())
 
 
-def _warn_stored(plan: Plan, name: str, m: Tensor, constants: Sequence[Sequence[Optional[float]]],
-                 indices: Sequence[int]) -> None:
+def _warn_stored(plan: Plan, name: str, lo: np.ndarray, hi: np.ndarray,
+                 constants: Sequence[Sequence[Optional[float]]], indices: Sequence[int]) -> None:
     """A warning, the first time in the run for method ``name`` (with Ray, once per actor), when maps
-    ``m`` ``(n, K, ...)`` of the run's images ``indices`` that are not constant (``constants``: their
-    ``METHOD.constant`` values, judged on the float32 maps) are one value everywhere once stored as
-    float16 (:func:`salience.runs.store.float16_note`): values below float16's range (~1e-8) stored
-    as zeros. The rows' ``.constant`` stays the float32 map's (the explorer says the same of the stored map)."""
-    from salience.runs.store import _cast, float16_note
+    of the run's images ``indices`` that are not constant (``constants``: their ``METHOD.constant``
+    values, judged on the float32 maps) are one value everywhere once stored as float16
+    (:func:`salience.runs.store.float16_note`): values below float16's range (~1e-8) stored as zeros,
+    or closer together than its precision. Judged from the pictures' extremes ``lo``, ``hi`` ``(n, K)``
+    (:func:`picture_extremes`) as the store casts them (:func:`salience.runs.store.stored_constants`),
+    not from a second cast of the maps. The rows' ``.constant`` stays the float32 map's (the explorer
+    says the same of the stored map)."""
+    from salience.runs.store import float16_note, stored_constants
 
     if plan.map_dtype != "float16" or name in plan.storage_warned:
         return
+    stored = stored_constants(lo, hi, np.float16)  # (n, K) flattened
+    width = lo.shape[1]
     lost: dict[str, float] = {}
     for j, values in enumerate(constants):
         for k, v in enumerate(values):
-            if v is None:
-                kept = _cast(m[j, k].numpy(), np.dtype(np.float16))
-                stored = viz.constant_value(np.abs(kept).max(0) if kept.ndim == 3 else kept)  # as shown: max_c |m|
-                if stored is not None:
-                    lost.setdefault(str(plan.paths[indices[j]]), stored)
+            if v is None and stored[j * width + k] is not None:
+                lost.setdefault(str(plan.paths[indices[j]]), stored[j * width + k])
     if not lost:
         return
     plan.storage_warned.add(name)
@@ -460,7 +465,27 @@ def constant_values(maps: Tensor) -> list[Optional[float]]:
     and stored-map read of a run shows it, ``max_c |m|`` (:func:`display`): its ``.constant`` is the
     value of ``.min`` and ``.max`` when they are equal, and its thumbnail is then one flat colour
     (channels each constant at other values, ``+1`` and ``-2``, are the constant ``2``)."""
-    return [viz.constant_value(display(maps[k][None])[0].numpy()) for k in range(maps.shape[0])]
+    lo, hi = picture_extremes(maps[None])
+    return _constants(lo, hi)[0]
+
+
+def picture_extremes(m: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The least and greatest value of each picture of maps ``m`` ``(n, K, ...)`` float32, as shown
+    (a per-channel map ``(C, H, W)``: ``max_c |m|``, :func:`display`): two ``(n, K)`` arrays of ``m``'s dtype,
+    NaN where a picture has one (an empty map: NaN). What its ``.constant`` (:func:`constant_values`)
+    and its float16 storage's loss (:func:`_warn_stored`) are judged from, one pass over the maps."""
+    if m.numel() == 0:
+        nan = np.full(tuple(m.shape[:2]), np.nan)
+        return nan, nan.copy()
+    pics = (m.abs().amax(2) if m.dim() == 5 else m).reshape(m.shape[0], m.shape[1], -1)
+    return pics.amin(-1).numpy(), pics.amax(-1).numpy()
+
+
+def _constants(lo: np.ndarray, hi: np.ndarray) -> list[list[Optional[float]]]:
+    """Per image, per target: the picture's one value when its extremes ``lo``, ``hi`` are equal (and
+    finite: :func:`salience.render.viz.constant_value`'s criterion), else ``None``."""
+    return [[a + 0.0 if a == b and math.isfinite(a) else None for a, b in zip(x, y)]  # -0.0 -> 0.0
+            for x, y in zip(lo.astype(np.float64).tolist(), hi.astype(np.float64).tolist())]
 
 
 NAMED = 5
