@@ -14,10 +14,10 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from salience._core.files import atomic_write
-from salience.runs.job import constant_notes, flat_maps
+from salience.runs.job import ConstantMaps, constant_maps, constant_notes, flat_maps
 from salience.runs.store import Run, number_columns
 
 _COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "output_name", "value", "targets", "label",
@@ -43,16 +43,16 @@ def rows_json(run: Run) -> str:
     return script_json(rows)
 
 
-def flat_json(run: Run) -> str:
+def flat_json(run: Run, found: Optional[ConstantMaps] = None) -> str:
     """The run's maps that are one value everywhere, said under their thumbnails as the explorer's
     gallery says them (:func:`salience.runs.job.flat_maps`), as JSON safe inside ``<script>``:
     ``{"notes": [...], "rows": {position: [[method, k, class name (else index, else null), value,
     note], ...]}}``, ``position`` the row's in :func:`rows_json`, ``method`` an index in the run's
     methods, ``note`` an index in ``notes`` (one copy of each: a run of an untrained model has a flat
-    map on every row)."""
+    map on every row). ``found``: :func:`salience.runs.job.constant_maps` of the run, when read already."""
     notes: dict[str, int] = {}
     rows: dict[str, list[list[Any]]] = {}
-    per_row = flat_maps(run.table, run.methods, run.manifest.get("class_names") or [])
+    per_row = flat_maps(run.table, run.methods, run.manifest.get("class_names") or [], found)
     for i, found in enumerate(per_row):
         said = [[m, f["k"], f["name"] if f["name"] is not None else f["class"], f["value"],
                  notes.setdefault(f["note"], len(notes))]
@@ -83,10 +83,11 @@ def write(folder: Path) -> Path:
     about = {"columns": columns(run), "methods": run.methods, "thumb": m["thumb"], "per": m["sprite_columns"],
              "model": run.model, "k": m["k"]}
     title = html.escape(f"salience run: {run.model}, {len(run)} images")
+    found = constant_maps(run.table, run.methods)  # one walk: said as text above the table and under each row
     warned = "".join(f'<p class="warn">{html.escape("warning: " + t)}</p>\n'
-                     for t in constant_notes(run.table, run.methods))  # the flat pictures said, as text
+                     for t in constant_notes(run.table, run.methods, found=found))  # the flat pictures said, as text
     parts = {"TITLE": title, "WARNINGS": warned, "ABOUT": script_json(about), "ROWS": rows_json(run),
-             "FLAT": flat_json(run)}
+             "FLAT": flat_json(run, found)}
     # one pass: a placeholder inside a part (a model or file named __ROWS__) stays as it is
     page = re.sub(r"__(TITLE|WARNINGS|ABOUT|ROWS|FLAT)__", lambda m: parts[m.group(1)], _PAGE)
     return atomic_write(folder / "index.html", page.encode("utf-8"))

@@ -492,28 +492,61 @@ NAMED = 5
 """Images named in a note of :func:`constant_notes` (the others counted)."""
 
 
-def constant_notes(table: Any, methods: Sequence[str], what: str = "image(s)") -> list[str]:
+@dataclass
+class ConstantMaps:
+    """A run table's maps that are one value everywhere, read in one walk of its columns
+    (:func:`constant_maps`): each row's ``targets`` (``None``: the row has none), and per method, per
+    row, ``(k, value, note)`` for each target ``k`` whose map is constant (``note``:
+    :func:`~salience.render.viz.constant_map_note`, ``None`` for a non-finite value of a table
+    written by hand). What :func:`constant_notes` and :func:`flat_maps` both say."""
+
+    targets: list[Optional[list[Any]]]
+    found: dict[str, list[list[tuple[int, float, Optional[str]]]]]
+
+
+def constant_maps(table: Any, methods: Sequence[str]) -> ConstantMaps:
+    """The constant maps of ``table`` (rows: a whole run, or a page of it) for ``methods``, from the
+    ``METHOD.constant`` column (:func:`constant_values`; a row of a run begun before that column, null
+    there, has its first target's, read from ``.min`` / ``.max``): one walk, each note made once per value."""
+    n = table.num_rows
+    targets = table.column("targets").to_pylist() if "targets" in table.column_names else [None] * n
+    notes: dict[float, Optional[str]] = {}
+
+    def note(v: float) -> Optional[str]:
+        if v not in notes:
+            notes[v] = viz.constant_map_note(np.array([v]))
+        return notes[v]
+
+    found = {name: [[(k, v, note(v)) for k, v in enumerate(values or []) if v is not None]
+                    for values in _table_constants(table, name)] for name in methods}
+    return ConstantMaps(targets, found)
+
+
+def constant_notes(table: Any, methods: Sequence[str], what: str = "image(s)",
+                   found: Optional[ConstantMaps] = None) -> list[str]:
     """A text per method and kind of constant map in a run's ``table`` (rows: a whole run, or a
     page of it): the method, how many of the rows (``what`` they are) have one, the first
     :data:`NAMED` named by path (with the classes whose maps are flat when a row has several
     targets), then :func:`salience.render.viz.constant_map_note`. Every target's map, from the
     ``METHOD.constant`` column (:func:`constant_values`); a row of a run begun before that column
-    (null there) has its first target's, read from ``.min`` / ``.max`` (constant when its extremes are)."""
+    (null there) has its first target's, read from ``.min`` / ``.max`` (constant when its extremes are).
+    ``found``: :func:`constant_maps` of the same table and methods, when the caller has it already
+    (:func:`flat_maps` says the same maps)."""
     n = table.num_rows
     paths = table.column("path").to_pylist() if "path" in table.column_names else [None] * n
     paths = [p if p is not None else f"row {i}" for i, p in enumerate(paths)]
-    targets = table.column("targets").to_pylist() if "targets" in table.column_names else [None] * n
+    found = found if found is not None else constant_maps(table, methods)
+    targets = found.targets
     several = any(t is not None and len(t) > 1 for t in targets)
     out = []
     for name in methods:
-        found: dict[str, dict[str, list[str]]] = {}  # note -> path -> the classes of its flat maps
-        for i, values in enumerate(_table_constants(table, name)):
-            for k, v in enumerate(values):
-                note = None if v is None else viz.constant_map_note(np.array([v]))
+        said: dict[str, dict[str, list[str]]] = {}  # note -> path -> the classes of its flat maps
+        for i, flat in enumerate(found.found[name]):
+            for k, _, note in flat:
                 if note is not None:
                     kept = targets[i] or []
-                    found.setdefault(note, {}).setdefault(paths[i], []).append(str(kept[k]) if k < len(kept) else "?")
-        for note, where in found.items():
+                    said.setdefault(note, {}).setdefault(paths[i], []).append(str(kept[k]) if k < len(kept) else "?")
+        for note, where in said.items():
             named = [f"{p} (class{'es' if len(ks) > 1 else ''} {', '.join(ks)})" if several else p
                      for p, ks in list(where.items())[:NAMED]]
             more = f" and {len(where) - NAMED} more" if len(where) > NAMED else ""
@@ -522,29 +555,30 @@ def constant_notes(table: Any, methods: Sequence[str], what: str = "image(s)") -
     return out
 
 
-def flat_maps(table: Any, methods: Sequence[str], class_names: Sequence[str] = ()) -> list[dict[str, list[dict[str, Any]]]]:
+def flat_maps(table: Any, methods: Sequence[str], class_names: Sequence[str] = (),
+              found: Optional[ConstantMaps] = None) -> list[dict[str, list[dict[str, Any]]]]:
     """Per row of ``table``, its maps that are one value everywhere (flat pictures; a thumbnail cannot
     say so itself): method -> ``[{"k", "class", "name", "value", "note"}]``, ``k`` the target's position
     (0: the thumbnail's map), ``class`` its class (``None`` when the row does not say), ``name`` its name
     in ``class_names`` (else ``None``), ``value`` the map's one value, ``note``
     :func:`~salience.render.viz.constant_map_note`; methods without one left out. From the
-    ``METHOD.constant`` column as :func:`constant_notes` reads it: what the explorer's gallery and
+    ``METHOD.constant`` column as :func:`constant_notes` reads it (``found``: :func:`constant_maps`
+    of the same table and methods, when the caller has it already): what the explorer's gallery and
     ``index.html`` say under each thumbnail (``constant map (V)``, ``class NAME: constant map (V)``)."""
     n = table.num_rows
-    targets = table.column("targets").to_pylist() if "targets" in table.column_names else [None] * n
+    found = found if found is not None else constant_maps(table, methods)
     names = list(class_names or [])
     out: list[dict[str, list[dict[str, Any]]]] = [{} for _ in range(n)]
     for name in methods:
-        for i, values in enumerate(_table_constants(table, name)):
-            kept = targets[i] or []
-            found = []
-            for k, v in enumerate(values or []):
-                if v is not None:
-                    c = kept[k] if k < len(kept) else None
-                    found.append({"k": k, "class": c, "name": names[c] if c is not None and 0 <= c < len(names)
-                                  else None, "value": v, "note": viz.constant_map_note(np.array([v]))})
-            if found:
-                out[i][name] = found
+        for i, flat in enumerate(found.found[name]):
+            kept = found.targets[i] or []
+            said = []
+            for k, v, note in flat:
+                c = kept[k] if k < len(kept) else None
+                said.append({"k": k, "class": c, "name": names[c] if c is not None and 0 <= c < len(names)
+                             else None, "value": v, "note": note})
+            if said:
+                out[i][name] = said
     return out
 
 
