@@ -317,7 +317,7 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
     for name in plan.methods:  # a method that failed on this batch: NaN maps of the right shape
         if name not in maps:
             maps[name] = np.full((n, plan.k, *_map_shape(plan, model, name, items[0].x)), np.nan, dtype=np.float32)
-    tiles = _tiles(plan, items, good, firsts) if plan.thumbs else None
+    tiles = _tiles(plan, items, good, firsts, x if good else None) if plan.thumbs else None
     return Result(rows, maps, tiles)
 
 
@@ -595,23 +595,26 @@ def _table_constants(table: Any, name: str) -> list[list[Optional[float]]]:
             for values, lo, hi in zip(column(f"{name}.constant"), column(f"{name}.min"), column(f"{name}.max"))]
 
 
-def _tiles(plan: Plan, items: Sequence[Item], good: Sequence[int], firsts: dict[str, Tensor]) -> np.ndarray:
-    """Thumbnail tiles ``(n, 1 + M, T, T, 3)`` uint8: the image, then each method's overlay."""
+def _tiles(plan: Plan, items: Sequence[Item], good: Sequence[int], firsts: dict[str, Tensor],
+           batch: Optional[Tensor] = None) -> np.ndarray:
+    """Thumbnail tiles ``(n, 1 + M, T, T, 3)`` uint8: the image, then each method's overlay.
+    ``batch``: the good items' images stacked already (the model's input), else stacked here."""
     import torch.nn.functional as F
 
     n, cols = len(items), 1 + len(plan.methods)
     tiles = np.full((n, cols, THUMB, THUMB, 3), 235, dtype=np.uint8)
     if not good:
         return tiles
-    x = torch.stack([items[j].x for j in good]).float().cpu()
-    pics = unnormalize(x, plan.info).clamp(0, 1)
+    x = (batch if batch is not None else torch.stack([items[j].x for j in good])).float().cpu()
+    pics = unnormalize(x, plan.info)  # in [0, 1]
     pics = pics.repeat(1, 3, 1, 1) if pics.shape[1] == 1 else pics[:, :3]
     small = F.interpolate(pics, size=(THUMB, THUMB), mode="bilinear", align_corners=False, antialias=True)
-    tiles[good, 0] = viz.to_uint8_image(small)
+    images = viz.to_uint8_image(small)
+    tiles[good, 0] = images
     for c, name in enumerate(plan.methods, start=1):
         if name in firsts:
             m = F.interpolate(firsts[name][:, None], size=(THUMB, THUMB), mode="bilinear", align_corners=False)[:, 0]
-            tiles[good, c] = viz.overlay(small, m)
+            tiles[good, c] = viz.overlay(images, m)  # the images as uint8 once: what overlay makes of ``small``
     return tiles
 
 
