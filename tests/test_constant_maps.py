@@ -797,3 +797,51 @@ def test_the_static_gallery_marks_the_rows_whose_maps_are_constant_in_its_table(
     assert rc == 0, err
     cols, rows, _ = _page_data(tmp_path / "sees")
     assert "constant" not in cols and len(rows) == 1
+
+
+def _stored_picture_constant(m: np.ndarray, dtype: str):
+    """The reference: map ``m`` (float32, ``(H, W)`` or per channel ``(C, H, W)``) cast as the store writes
+    it (float16: clipped to +-65504, then rounded), shown as a picture (``max_c |m|``), judged by
+    ``viz.constant_value``."""
+    s = m.astype(np.float32)
+    if dtype == "float16":
+        s = np.clip(s, -65504.0, 65504.0).astype(np.float16)
+    return viz.constant_value(np.abs(s).max(0) if s.ndim == 3 else s)
+
+
+def test_stored_constants_is_the_constant_of_the_cast_map():
+    """The float16 loss of a run's maps is judged from each picture's float32 extremes, without a second
+    cast of the maps (``store.stored_constants``): on maps made to sit on float16's edges (below its
+    smallest value, between two of its values, around its rounding ties and its largest value, signed
+    zeros, inf, NaN, per channel) it says what casting the whole map and judging its picture says."""
+    from salience.runs.store import stored_constants
+
+    f16 = np.float16
+    tie = float(f16(1000)) + 0.25  # halfway between 1000 and 1000.5: rounds to the even one, 1000
+    maps = [
+        np.full((4, 4), 3.0), np.full((4, 4), 1e-9), np.linspace(-2e-8, 2e-8, 16).reshape(4, 4),
+        np.linspace(1e-9, 6e-8, 16).reshape(4, 4), 1000 + 1e-4 * np.arange(16.0).reshape(4, 4),
+        np.array([[1000.0, tie], [1000.0, 1000.0]]), np.array([[1000.0, np.nextafter(tie, 2e3, dtype=np.float32)],
+                                                               [1000.0, 1000.0]]),
+        np.array([[-0.0, 0.0], [1e-9, -1e-9]]), np.array([[7e4, np.inf], [65504.0, 65520.0]]),
+        np.array([[-np.inf, 7e4], [1.0, 2.0]]), np.array([[np.nan, 1e-9], [1e-9, 1e-9]]),
+        np.array([[65519.0, 65520.0], [1e5, 65504.0]]), np.array([[1.0, 1.0 + 2 ** -12], [1.0, 1.0]]),
+        np.array([[1.0, 1.0 + 2 ** -10], [1.0, 1.0]]),
+        np.stack([np.full((3, 3), 1e-9), -np.full((3, 3), 2e-9), np.linspace(0, 1e-8, 9).reshape(3, 3)]),
+        np.stack([np.full((3, 3), 1.0), -np.full((3, 3), 2.0), np.linspace(-2.0005, 2.0005, 9).reshape(3, 3)]),
+        np.stack([np.full((2, 2), 1.0), np.array([[np.nan, 0.0], [0.0, 0.0]])]),
+    ]
+    rng = np.random.default_rng(0)
+    for scale in (1e-9, 1e-7, 1.0, 1e3, 6e4):  # random maps a few float16 steps wide at several scales
+        for _ in range(40):
+            base = scale * rng.uniform(-2, 2)
+            maps.append(base + scale * 2e-3 * rng.integers(-1, 2, (3, 3)) * rng.uniform(0, 1, (3, 3)))
+    for dtype in ("float16", "float32"):
+        for m in maps:
+            m = m.astype(np.float32)
+            pic = np.abs(m).max(0) if m.ndim == 3 else m
+            got = stored_constants(np.array([pic.min()]), np.array([pic.max()]), dtype)
+            want = _stored_picture_constant(m, dtype)
+            assert got == [want], (dtype, m, got, want)
+            assert want is None or str(want) != "-0.0"
+    assert stored_constants(np.array([1e-9, 1.0]), np.array([2e-9, 1.0 + 2 ** -12]), "float16") == [0.0, 1.0]

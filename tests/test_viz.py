@@ -471,3 +471,35 @@ def test_figure_signed_column_is_diverging_and_gray_images_work():
     assert t[2, 2].tolist() == [255, 255, 255]
     g = tile(fig, 0, 0, 6, 6)
     assert np.array_equal(g[..., 0], g[..., 1]) and np.array_equal(g[..., 0], g[..., 2])
+
+
+def test_unit_scale_percentile_is_numpys_on_both_selection_paths():
+    """``unit_scale``'s percentile is ``numpy.percentile``'s to the last bit in float64, whether it is
+    read from the top values only (high percentiles: a partial selection) or from a whole sort (the
+    others): sizes from 1 to a thumbnail's 96 x 96, ties; a row with NaN beside a clean one (NaN sorted
+    last, as the top values put it first) leaves the clean row's scaling as it is."""
+    from salience._core.tensors import unit_scale
+
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.rand(4, n, generator=g, dtype=torch.float64) ** 3 for n in (1, 2, 3, 7, 100, 96 * 96)]
+    rows.append(torch.randint(0, 4, (3, 500), generator=g).double())  # ties everywhere
+    for m in rows:
+        for q in (1.0, 25.0, 50.0, 74.9, 75.0, 76.0, 90.0, 99.0, 99.9, 100.0):
+            a = m.numpy()
+            lo, top = a.min(1, keepdims=True), a.max(1, keepdims=True)
+            hi = np.percentile(a, q, axis=1, keepdims=True)
+            hi = np.where(hi > lo, hi, top)
+            span = hi - lo
+            want = (np.minimum(a, hi) - lo) / np.where(span > 0, span, 1.0)
+            assert np.array_equal(unit_scale(m, q).numpy(), want), (m.shape, q)
+    m = torch.rand(2, 400, generator=g, dtype=torch.float64)
+    m[1, 7] = float("nan")
+    for q in (50.0, 99.0):
+        got = unit_scale(m, q).numpy()
+        s = m.sort(dim=1).values.numpy()  # the order statistics as a whole sort gives them, NaN last
+        rank = 399 * q / 100
+        b = int(rank)
+        t = rank - b
+        hi = s[:, b] + (s[:, b + 1] - s[:, b]) * t if t < 0.5 else s[:, b + 1] - (s[:, b + 1] - s[:, b]) * (1 - t)
+        assert np.array_equal(got[0], (np.minimum(m[0].numpy(), hi[0]) - s[0, 0]) / (hi[0] - s[0, 0]))
+        assert np.isnan(got[1]).all()  # its minimum is NaN: the row is NaN, whichever the order statistics

@@ -286,11 +286,12 @@ def normalize_input(image: Tensor, info: ModelInfo) -> Tensor:
 def unnormalize(x: Tensor, info: ModelInfo) -> Tensor:
     """Undo :func:`normalize_input`'s mean/std: the model's input back to a ``[0, 1]`` picture."""
     std, mean = _stats(info.std, 0, x), _stats(info.mean, 0, x)
-    if std is not None:
-        x = x * std
-    if mean is not None:
-        x = x + mean
-    return x.clamp(0.0, 1.0)
+    if std is None and mean is None:
+        return x.clamp(0.0, 1.0)
+    out = x * std if std is not None else x + mean  # a new tensor: the rest in place (x is the caller's)
+    if std is not None and mean is not None:
+        out.add_(mean)
+    return out.clamp_(0.0, 1.0)
 
 
 def preprocess(image: Tensor, info: ModelInfo) -> Tensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from salience._core.files import atomic_write
-from salience.runs.job import constant_notes, flat_maps
+from salience.runs.job import ConstantMaps, constant_maps, constant_notes, flat_maps
 from salience.runs.store import Run, number_columns
 
 _COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "output_name", "value", "targets", "label",
@@ -133,12 +133,13 @@ def write(folder: Path) -> Path:
     """Write ``folder/index.html`` for the run in ``folder``; returns its path."""
     run = Run(folder)
     m = run.manifest
-    flat = flat_maps(run.table, run.methods, m.get("class_names") or [])  # read once, for the three
+    found = constant_maps(run.table, run.methods)  # one walk: said as text above the table and under each row
+    flat = flat_maps(run.table, run.methods, m.get("class_names") or [], found)  # read once, for the three
     about = {"columns": columns(run, flat), "methods": run.methods, "thumb": m["thumb"], "per": m["sprite_columns"],
              "model": run.model, "k": m["k"]}
     title = html.escape(f"salience run: {run.model}, {len(run)} images")
     warned = "".join(f'<p class="warn">{html.escape("warning: " + t)}</p>\n'
-                     for t in constant_notes(run.table, run.methods))  # the flat pictures said, as text
+                     for t in constant_notes(run.table, run.methods, found=found))  # the flat pictures said, as text
     parts = {"TITLE": title, "WARNINGS": warned, "ABOUT": script_json(about), "ROWS": rows_json(run, flat),
              "FLAT": flat_json(run, flat)}
     # one pass: a placeholder inside a part (a model or file named __ROWS__) stays as it is

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -312,9 +313,11 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
             for col, vals in _summaries(first).items():
                 for j, pos in enumerate(good):
                     rows[pos][f"{name}.{col}"] = vals[j]
+            lo, hi = picture_extremes(m)
+            constants = _constants(lo, hi)
             for j, pos in enumerate(good):
-                rows[pos][f"{name}.constant"] = constant_values(m[j])
-            _warn_stored(plan, name, m, [rows[pos][f"{name}.constant"] for pos in good], indices)
+                rows[pos][f"{name}.constant"] = constants[j]
+            _warn_stored(plan, name, lo, hi, constants, indices)
             for col, vals in _metrics(plan, model, x, first, classes, masks).items():
                 for j, pos in enumerate(good):
                     rows[pos][f"{name}.{col}"] = vals[j]
@@ -324,7 +327,7 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
     for name in plan.methods:  # a method that failed on this batch: NaN maps of the right shape
         if name not in maps:
             maps[name] = np.full((n, plan.k, *_map_shape(plan, model, name, items[0].x)), np.nan, dtype=np.float32)
-    tiles = _tiles(plan, items, good, firsts) if plan.thumbs else None
+    tiles = _tiles(plan, items, good, firsts, x if good else None) if plan.thumbs else None
     return Result(rows, maps, tiles)
 
 
@@ -372,25 +375,27 @@ def _warn_gaps(plan: Plan, name: str, found: Sequence[GapReport], indices: Seque
                   stacklevel=user_stacklevel())
 
 
-def _warn_stored(plan: Plan, name: str, m: Tensor, constants: Sequence[Sequence[Optional[float]]],
-                 indices: Sequence[int]) -> None:
+def _warn_stored(plan: Plan, name: str, lo: np.ndarray, hi: np.ndarray,
+                 constants: Sequence[Sequence[Optional[float]]], indices: Sequence[int]) -> None:
     """A warning, the first time in the run for method ``name`` (with Ray, once per actor), when maps
-    ``m`` ``(n, K, ...)`` of the run's images ``indices`` that are not constant (``constants``: their
-    ``METHOD.constant`` values, judged on the float32 maps) are one value everywhere once stored as
-    float16 (:func:`salience.runs.store.float16_note`): values below float16's range (~1e-8) stored
-    as zeros. The rows' ``.constant`` stays the float32 map's (the explorer says the same of the stored map)."""
-    from salience.runs.store import _cast, float16_note
+    of the run's images ``indices`` that are not constant (``constants``: their ``METHOD.constant``
+    values, judged on the float32 maps) are one value everywhere once stored as float16
+    (:func:`salience.runs.store.float16_note`): values below float16's range (~1e-8) stored as zeros,
+    or closer together than its precision. Judged from the pictures' extremes ``lo``, ``hi`` ``(n, K)``
+    (:func:`picture_extremes`) as the store casts them (:func:`salience.runs.store.stored_constants`),
+    not from a second cast of the maps. The rows' ``.constant`` stays the float32 map's (the explorer
+    says the same of the stored map)."""
+    from salience.runs.store import float16_note, stored_constants
 
     if plan.map_dtype != "float16" or name in plan.storage_warned:
         return
+    stored = stored_constants(lo, hi, np.float16)  # (n, K) flattened
+    width = lo.shape[1]
     lost: dict[str, float] = {}
     for j, values in enumerate(constants):
         for k, v in enumerate(values):
-            if v is None:
-                kept = _cast(m[j, k].numpy(), np.dtype(np.float16))
-                stored = viz.constant_value(np.abs(kept).max(0) if kept.ndim == 3 else kept)  # as shown: max_c |m|
-                if stored is not None:
-                    lost.setdefault(str(plan.paths[indices[j]]), stored)
+            if v is None and stored[j * width + k] is not None:
+                lost.setdefault(str(plan.paths[indices[j]]), stored[j * width + k])
     if not lost:
         return
     plan.storage_warned.add(name)
@@ -470,35 +475,88 @@ def constant_values(maps: Tensor) -> list[Optional[float]]:
     and stored-map read of a run shows it, ``max_c |m|`` (:func:`display`): its ``.constant`` is the
     value of ``.min`` and ``.max`` when they are equal, and its thumbnail is then one flat colour
     (channels each constant at other values, ``+1`` and ``-2``, are the constant ``2``)."""
-    return [viz.constant_value(display(maps[k][None])[0].numpy()) for k in range(maps.shape[0])]
+    lo, hi = picture_extremes(maps[None])
+    return _constants(lo, hi)[0]
+
+
+def picture_extremes(m: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The least and greatest value of each picture of maps ``m`` ``(n, K, ...)`` float32, as shown
+    (a per-channel map ``(C, H, W)``: ``max_c |m|``, :func:`display`): two ``(n, K)`` arrays of ``m``'s dtype,
+    NaN where a picture has one (an empty map: NaN). What its ``.constant`` (:func:`constant_values`)
+    and its float16 storage's loss (:func:`_warn_stored`) are judged from, one pass over the maps."""
+    if m.numel() == 0:
+        nan = np.full(tuple(m.shape[:2]), np.nan)
+        return nan, nan.copy()
+    pics = (m.abs().amax(2) if m.dim() == 5 else m).reshape(m.shape[0], m.shape[1], -1)
+    return pics.amin(-1).numpy(), pics.amax(-1).numpy()
+
+
+def _constants(lo: np.ndarray, hi: np.ndarray) -> list[list[Optional[float]]]:
+    """Per image, per target: the picture's one value when its extremes ``lo``, ``hi`` are equal (and
+    finite: :func:`salience.render.viz.constant_value`'s criterion), else ``None``."""
+    return [[a + 0.0 if a == b and math.isfinite(a) else None for a, b in zip(x, y)]  # -0.0 -> 0.0
+            for x, y in zip(lo.astype(np.float64).tolist(), hi.astype(np.float64).tolist())]
 
 
 NAMED = 5
 """Images named in a note of :func:`constant_notes` (the others counted)."""
 
 
-def constant_notes(table: Any, methods: Sequence[str], what: str = "image(s)") -> list[str]:
+@dataclass
+class ConstantMaps:
+    """A run table's maps that are one value everywhere, read in one walk of its columns
+    (:func:`constant_maps`): each row's ``targets`` (``None``: the row has none), and per method, per
+    row, ``(k, value, note)`` for each target ``k`` whose map is constant (``note``:
+    :func:`~salience.render.viz.constant_map_note`, ``None`` for a non-finite value of a table
+    written by hand). What :func:`constant_notes` and :func:`flat_maps` both say."""
+
+    targets: list[Optional[list[Any]]]
+    found: dict[str, list[list[tuple[int, float, Optional[str]]]]]
+
+
+def constant_maps(table: Any, methods: Sequence[str]) -> ConstantMaps:
+    """The constant maps of ``table`` (rows: a whole run, or a page of it) for ``methods``, from the
+    ``METHOD.constant`` column (:func:`constant_values`; a row of a run begun before that column, null
+    there, has its first target's, read from ``.min`` / ``.max``): one walk, each note made once per value."""
+    n = table.num_rows
+    targets = table.column("targets").to_pylist() if "targets" in table.column_names else [None] * n
+    notes: dict[float, Optional[str]] = {}
+
+    def note(v: float) -> Optional[str]:
+        if v not in notes:
+            notes[v] = viz.constant_map_note(np.array([v]))
+        return notes[v]
+
+    found = {name: [[(k, v, note(v)) for k, v in enumerate(values or []) if v is not None]
+                    for values in _table_constants(table, name)] for name in methods}
+    return ConstantMaps(targets, found)
+
+
+def constant_notes(table: Any, methods: Sequence[str], what: str = "image(s)",
+                   found: Optional[ConstantMaps] = None) -> list[str]:
     """A text per method and kind of constant map in a run's ``table`` (rows: a whole run, or a
     page of it): the method, how many of the rows (``what`` they are) have one, the first
     :data:`NAMED` named by path (with the classes whose maps are flat when a row has several
     targets), then :func:`salience.render.viz.constant_map_note`. Every target's map, from the
     ``METHOD.constant`` column (:func:`constant_values`); a row of a run begun before that column
-    (null there) has its first target's, read from ``.min`` / ``.max`` (constant when its extremes are)."""
+    (null there) has its first target's, read from ``.min`` / ``.max`` (constant when its extremes are).
+    ``found``: :func:`constant_maps` of the same table and methods, when the caller has it already
+    (:func:`flat_maps` says the same maps)."""
     n = table.num_rows
     paths = table.column("path").to_pylist() if "path" in table.column_names else [None] * n
     paths = [p if p is not None else f"row {i}" for i, p in enumerate(paths)]
-    targets = table.column("targets").to_pylist() if "targets" in table.column_names else [None] * n
+    found = found if found is not None else constant_maps(table, methods)
+    targets = found.targets
     several = any(t is not None and len(t) > 1 for t in targets)
     out = []
     for name in methods:
-        found: dict[str, dict[str, list[str]]] = {}  # note -> path -> the classes of its flat maps
-        for i, values in enumerate(_table_constants(table, name)):
-            for k, v in enumerate(values):
-                note = None if v is None else viz.constant_map_note(np.array([v]))
+        said: dict[str, dict[str, list[str]]] = {}  # note -> path -> the classes of its flat maps
+        for i, flat in enumerate(found.found[name]):
+            for k, _, note in flat:
                 if note is not None:
                     kept = targets[i] or []
-                    found.setdefault(note, {}).setdefault(paths[i], []).append(str(kept[k]) if k < len(kept) else "?")
-        for note, where in found.items():
+                    said.setdefault(note, {}).setdefault(paths[i], []).append(str(kept[k]) if k < len(kept) else "?")
+        for note, where in said.items():
             named = [f"{p} (class{'es' if len(ks) > 1 else ''} {', '.join(ks)})" if several else p
                      for p, ks in list(where.items())[:NAMED]]
             more = f" and {len(where) - NAMED} more" if len(where) > NAMED else ""
@@ -507,29 +565,30 @@ def constant_notes(table: Any, methods: Sequence[str], what: str = "image(s)") -
     return out
 
 
-def flat_maps(table: Any, methods: Sequence[str], class_names: Sequence[str] = ()) -> list[dict[str, list[dict[str, Any]]]]:
+def flat_maps(table: Any, methods: Sequence[str], class_names: Sequence[str] = (),
+              found: Optional[ConstantMaps] = None) -> list[dict[str, list[dict[str, Any]]]]:
     """Per row of ``table``, its maps that are one value everywhere (flat pictures; a thumbnail cannot
     say so itself): method -> ``[{"k", "class", "name", "value", "note"}]``, ``k`` the target's position
     (0: the thumbnail's map), ``class`` its class (``None`` when the row does not say), ``name`` its name
     in ``class_names`` (else ``None``), ``value`` the map's one value, ``note``
     :func:`~salience.render.viz.constant_map_note`; methods without one left out. From the
-    ``METHOD.constant`` column as :func:`constant_notes` reads it: what the explorer's gallery and
+    ``METHOD.constant`` column as :func:`constant_notes` reads it (``found``: :func:`constant_maps`
+    of the same table and methods, when the caller has it already): what the explorer's gallery and
     ``index.html`` say under each thumbnail (``constant map (V)``, ``class NAME: constant map (V)``)."""
     n = table.num_rows
-    targets = table.column("targets").to_pylist() if "targets" in table.column_names else [None] * n
+    found = found if found is not None else constant_maps(table, methods)
     names = list(class_names or [])
     out: list[dict[str, list[dict[str, Any]]]] = [{} for _ in range(n)]
     for name in methods:
-        for i, values in enumerate(_table_constants(table, name)):
-            kept = targets[i] or []
-            found = []
-            for k, v in enumerate(values or []):
-                if v is not None:
-                    c = kept[k] if k < len(kept) else None
-                    found.append({"k": k, "class": c, "name": names[c] if c is not None and 0 <= c < len(names)
-                                  else None, "value": v, "note": viz.constant_map_note(np.array([v]))})
-            if found:
-                out[i][name] = found
+        for i, flat in enumerate(found.found[name]):
+            kept = found.targets[i] or []
+            said = []
+            for k, v, note in flat:
+                c = kept[k] if k < len(kept) else None
+                said.append({"k": k, "class": c, "name": names[c] if c is not None and 0 <= c < len(names)
+                             else None, "value": v, "note": note})
+            if said:
+                out[i][name] = said
     return out
 
 
@@ -546,23 +605,26 @@ def _table_constants(table: Any, name: str) -> list[list[Optional[float]]]:
             for values, lo, hi in zip(column(f"{name}.constant"), column(f"{name}.min"), column(f"{name}.max"))]
 
 
-def _tiles(plan: Plan, items: Sequence[Item], good: Sequence[int], firsts: dict[str, Tensor]) -> np.ndarray:
-    """Thumbnail tiles ``(n, 1 + M, T, T, 3)`` uint8: the image, then each method's overlay."""
+def _tiles(plan: Plan, items: Sequence[Item], good: Sequence[int], firsts: dict[str, Tensor],
+           batch: Optional[Tensor] = None) -> np.ndarray:
+    """Thumbnail tiles ``(n, 1 + M, T, T, 3)`` uint8: the image, then each method's overlay.
+    ``batch``: the good items' images stacked already (the model's input), else stacked here."""
     import torch.nn.functional as F
 
     n, cols = len(items), 1 + len(plan.methods)
     tiles = np.full((n, cols, THUMB, THUMB, 3), 235, dtype=np.uint8)
     if not good:
         return tiles
-    x = torch.stack([items[j].x for j in good]).float().cpu()
-    pics = unnormalize(x, plan.info).clamp(0, 1)
+    x = (batch if batch is not None else torch.stack([items[j].x for j in good])).float().cpu()
+    pics = unnormalize(x, plan.info)  # in [0, 1]
     pics = pics.repeat(1, 3, 1, 1) if pics.shape[1] == 1 else pics[:, :3]
     small = F.interpolate(pics, size=(THUMB, THUMB), mode="bilinear", align_corners=False, antialias=True)
-    tiles[good, 0] = viz.to_uint8_image(small)
+    images = viz.to_uint8_image(small)
+    tiles[good, 0] = images
     for c, name in enumerate(plan.methods, start=1):
         if name in firsts:
             m = F.interpolate(firsts[name][:, None], size=(THUMB, THUMB), mode="bilinear", align_corners=False)[:, 0]
-            tiles[good, c] = viz.overlay(small, m)
+            tiles[good, c] = viz.overlay(images, m)  # the images as uint8 once: what overlay makes of ``small``
     return tiles
 
 

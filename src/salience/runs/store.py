@@ -23,6 +23,7 @@ never is (:meth:`Store.shard_name`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -424,6 +425,22 @@ def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
         big = float(np.finfo(np.float16).max)
         arr = np.clip(arr, -big, big)
     return arr.astype(dtype, copy=False)
+
+
+def stored_constants(lo: np.ndarray, hi: np.ndarray, dtype: Union[str, np.dtype]) -> list[Optional[float]]:
+    """For maps whose pictures' float32 values (a per-channel map's ``max_c |m|``) span ``lo`` ..
+    ``hi`` (arrays of one shape, one entry per map), the one value each picture holds everywhere
+    once its map is stored as ``dtype`` (as :meth:`Store.write_shard` casts it), else ``None``:
+    :func:`salience.render.viz.constant_value` of the stored map's picture, without casting the
+    map. Exact: the cast (clipped to float16's finite range, then rounded to the nearest) never
+    reverses two values' order, and it commutes with ``|.|`` and ``max_c`` (both the clip and the
+    rounding are odd functions), so the stored picture's extremes are the casts of ``lo`` and
+    ``hi``, and it is one value where those are equal (and finite). In float16 a map whose values
+    lie below its range or closer than its precision is one value once stored (:func:`float16_note`)."""
+    dt = np.dtype(dtype)
+    a = _cast(np.asarray(lo, dtype=np.float32), dt).astype(np.float64).ravel().tolist()
+    b = _cast(np.asarray(hi, dtype=np.float32), dt).astype(np.float64).ravel().tolist()
+    return [x + 0.0 if x == y and math.isfinite(x) else None for x, y in zip(a, b)]  # -0.0 -> 0.0
 
 
 def read_shards(folder: Path, schema: Any = None) -> Any:
