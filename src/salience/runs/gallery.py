@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from salience._core.files import atomic_write
-from salience.runs.job import ConstantMaps, constant_maps, constant_notes, flat_maps
+from salience.runs.job import constant_maps, constant_notes, flat_maps
 from salience.runs.store import Run, number_columns
 
 _COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "output_name", "value", "targets", "label",
