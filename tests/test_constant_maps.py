@@ -845,3 +845,44 @@ def test_stored_constants_is_the_constant_of_the_cast_map():
             assert got == [want], (dtype, m, got, want)
             assert want is None or str(want) != "-0.0"
     assert stored_constants(np.array([1e-9, 1.0]), np.array([2e-9, 1.0 + 2 ** -12]), "float16") == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("resize,mode", [(256, "bilinear"), (None, "bicubic"), ("any size", "bilinear")])
+def test_a_flat_image_resized_for_the_model_stays_flat_and_its_baselines_are_zero(tmp_path, resize, mode):
+    """salience evaluate resizes every image for a model with an input size (a torchvision model:
+    shorter side 256, centre crop 224), and for a model of any size a file of another size to the
+    first's. A flat colour resized is that colour (the interpolation of a constant is the constant),
+    but the weights' sums left rounding noise (spread 2e-7): the image was no longer flat, its spectral
+    residual was that noise scaled to [0, 1] (maximum 1.0) and its Sobel edges 3e-6, so evaluate's
+    check of a constant baseline named nothing for any such model. Each channel one value: exactly
+    that value after the resize, and both baselines exactly 0; the noise image as torchvision resizes it."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from salience._core.info import ModelInfo
+    from salience.evidence import evaluate as E
+    from salience.evidence.baselines import sobel_edges, spectral_residual
+    from salience.loading.images import normalize_input
+
+    stats = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    anysize = resize == "any size"
+    info = ModelInfo(**stats) if anysize else ModelInfo(input_size=(224, 224), resize=resize, interpolation=mode, **stats)
+    size = (300, 400) if anysize else (224, 224)
+    colour = (128, 200, 77)
+    noise = np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)
+    Image.fromarray(noise).save(tmp_path / "n.png")
+    for i, (h, w) in enumerate(((375, 500), (480, 640))):
+        Image.fromarray(np.broadcast_to(np.array(colour, np.uint8), (h, w, 3)).copy()).save(tmp_path / f"g{i}.png")
+    raw = E._pictures([tmp_path / "n.png", tmp_path / "g0.png", tmp_path / "g1.png"], info)
+    want = torch.tensor(colour, dtype=torch.float32)[:, None, None] / 255
+    for i in (1, 2):
+        assert torch.equal(raw[i], want.expand(3, *size)), (i, float(raw[i].amax() - raw[i].amin()))
+    x = normalize_input(raw, info)
+    assert torch.equal(sobel_edges(x)[1:], torch.zeros(2, *size))
+    sr = spectral_residual(x)
+    assert torch.equal(sr[1:], torch.zeros(2, *size)) and float(sr[0].max()) == 1.0
+    pic = torch.from_numpy(noise).permute(2, 0, 1).float() / 255
+    how = dict(interpolation=InterpolationMode(mode), antialias=True)
+    ref = (pic if anysize else TF.center_crop(TF.resize(pic, 256, **how), [224, 224]) if resize
+           else TF.resize(pic, [224, 224], **how))
+    torch.testing.assert_close(raw[0], ref.clamp(0, 1), rtol=0, atol=1e-5)

@@ -49,6 +49,7 @@ from salience.evidence.robustness import max_sensitivity
 from salience.evidence.sanity import data_randomization, random_logit, randomization
 from salience.evidence.compare import SIMILARITIES
 from salience.loading import load_image, normalize_input, resize_crop
+from salience.loading.images import keep_flat
 from salience.methods import default_methods
 from salience.render import plots, viz
 from salience.render.report import Report
@@ -370,8 +371,8 @@ def _pictures(files: Sequence[Path], info: ModelInfo) -> Tensor:
             errors.append(f"{path}: out of memory while decoding")
             continue
         if pics and img.shape[-2:] != pics[0].shape[-2:]:
-            img = F.interpolate(img[None], size=tuple(pics[0].shape[-2:]), mode="bilinear", align_corners=False,
-                                antialias=True)[0].clamp(0, 1)
+            img = keep_flat(img[None], F.interpolate(img[None], size=tuple(pics[0].shape[-2:]), mode="bilinear",
+                                                     align_corners=False, antialias=True))[0].clamp(0, 1)
         pics.append(img)
     if errors:
         raise SalienceError(f"{len(errors)} of {len(files)} images could not be read; the first: {errors[0]}")
