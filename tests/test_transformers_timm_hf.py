@@ -193,8 +193,10 @@ def test_gradcam_on_inner_channels_last_and_token_layers(name, layer, to_grid):
     target = torch.tensor([2, 0])
     with unchanged(net):
         cam = salience.gradcam(net, x, target, layer=layer)
-    torch.testing.assert_close(cam, reference_cam(net, x, net.get_submodule(layer), target, to_grid),
-                               rtol=1e-4, atol=1e-6)
+    ref = reference_cam(net, x, net.get_submodule(layer), target, to_grid)
+    assert_each_varies(ref)
+    # ConvNeXt's maps here are ~4e-9: an absolute 1e-6 passed any map; the tolerance is relative to the map
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     assert_each_varies(cam)
 
 
