@@ -60,6 +60,7 @@ def test_closed_form_on_gap_linear_model():
         w = m.head.weight[t]  # (B, K): dS/dA_kij = W_tk / (h w)
         expected = ((w[:, :, None, None] / (5 * 7)) * a).sum(1).clamp(min=0)
     assert cam.shape == (3, 5, 7)
+    assert_each_varies(expected)
     torch.testing.assert_close(cam, expected, rtol=1e-5, atol=1e-7)
     assert (expected == 0).any() and (expected > 0).any()  # the ReLU matters here
     raw = salience.gradcam(m, x, t, layer=m.features, relu=False)
@@ -77,6 +78,7 @@ def test_equals_captum_layer_gradcam(resnet, x96):
         ours_low = salience.gradcam(resnet, x96, t, layer=resnet.layer4, upsample=False)
         ours_signed = salience.gradcam(resnet, x96, t, layer="layer4", upsample=False, relu=False)
     assert ours.shape == (2, 96, 96) and ours_low.shape == (2, 3, 3)
+    assert_each_varies(ref)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ours_low, low[:, 0], rtol=1e-5, atol=1e-7)
     signed = lgc.attribute(x96, target=t, relu_attributions=False)[:, 0]
@@ -151,6 +153,7 @@ def test_guided_gradcam_one_pass_when_no_relu_follows_the_layer(resnet, x96):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = captum_attr.GuidedGradCam(resnet, resnet.layer4).attribute(x96, target=t, interpolate_mode="bilinear")
+    assert_each_varies(ref)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-9)
 
 
@@ -174,6 +177,7 @@ def test_guided_gradcam_two_passes_when_relus_follow_the_layer():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = captum_attr.GuidedGradCam(m, m.features).attribute(x, target=t, interpolate_mode="bilinear")
+    assert_each_varies(ref)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-9)
 
 

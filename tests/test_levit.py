@@ -86,6 +86,7 @@ def test_default_layer_is_the_last_token_stage_and_gradcam_equals_the_hand_compu
     # each image's map varies over positions (at timm's init it was constant: image 0 all 0, image 1 one value),
     # so a wrong token order shows; the maps are small (1e-6, Hugging Face's 1e-10): the tolerance is relative
     assert cam.shape == (2, *size) and (ref.flatten(1).std(1) > 0.1 * ref.flatten(1).amax(1)).all()
+    assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     # the grid given by hand reads the same tokens the same way
     torch.testing.assert_close(salience.gradcam(net, x, target, grid=grid, prefix_tokens=0), cam)
