@@ -295,6 +295,8 @@ def test_timm_rollout_and_attribution_are_the_same_fused_or_explicit(name, prefi
     atts = timm_attention_by_hand(net, x, target)
     ref_roll, ref_attr = ref_rollout([a.detach() for a in atts], prefix, (32, 32)), ref_attribution(atts, prefix,
                                                                                                    (32, 32))
+    assert_each_varies(ref_roll)
+    assert_each_varies(ref_attr)
     for fused in (True, False):
         for blk in net.blocks:
             blk.attn.fused_attn = fused
@@ -338,6 +340,8 @@ def test_hf_vit_rollout_and_attribution_are_the_same_eager_or_sdpa():
     out.logits[torch.arange(2), target].sum().backward()
     atts = list(out.attentions)
     ref_roll, ref_attr = ref_rollout([a.detach() for a in atts], 1, (32, 32)), ref_attribution(atts, 1, (32, 32))
+    assert_each_varies(ref_roll)
+    assert_each_varies(ref_attr)
     from salience.attention import capturing
     for net, kind in ((eager, "softmax"), (sdpa, "sdpa")):
         with capturing(net, batch=2) as cap, torch.no_grad():
