@@ -83,6 +83,7 @@ def test_equals_captum_layer_gradcam(resnet, x96):
     torch.testing.assert_close(ours_low, low[:, 0], rtol=1e-5, atol=1e-7)
     signed = lgc.attribute(x96, target=t, relu_attributions=False)[:, 0]
     assert (signed < 0).any()
+    assert_each_varies(signed)
     torch.testing.assert_close(ours_signed, signed, rtol=1e-5, atol=1e-7)
 
 
@@ -98,6 +99,7 @@ def test_equals_pytorch_grad_cam(resnet, x96):
         grads = cam.activations_and_grads.gradients[0].cpu().numpy()
         raw = np.maximum(cam.get_cam_image(x96, resnet.layer4, targets, acts, grads), 0)  # their cam, unscaled
     ours_low = salience.gradcam(resnet, x96, t, layer="layer4", upsample=False)
+    assert_each_varies(torch.from_numpy(raw))
     torch.testing.assert_close(ours_low, torch.from_numpy(raw), rtol=1e-5, atol=1e-7)
     ours = salience.normalize(salience.gradcam(resnet, x96, t, layer="layer4"))
     torch.testing.assert_close(ours, torch.from_numpy(scaled), rtol=0, atol=1e-5)
@@ -140,6 +142,7 @@ def test_guided_gradcam_one_pass_when_no_relu_follows_the_layer(resnet, x96):
         ours = salience.guided_gradcam(resnet, x96, t, layer="layer4", reduce=None)
     gb = salience.guided_backprop(resnet, x96, t, reduce=None)
     cam = salience.gradcam(resnet, x96, t, layer="layer4")
+    assert_each_varies(cam)
     torch.testing.assert_close(ours, gb * cam[:, None], rtol=1e-5, atol=1e-9)
     # The pass count: one pass (no second forward) when nothing rectifies after layer4.
     calls = []
