@@ -17,6 +17,7 @@ from salience.methods import METHODS, TARGET_FREE_METHODS, apply_method, as_meth
 from conftest import unchanged
 from nets import CamNet
 from tiny_vit import torchvision_vit
+from hand_cams import assert_each_varies
 
 
 GRADIENT_CAMS = ["gradcam_plus_plus", "hirescam", "xgradcam", "layercam"]
@@ -73,6 +74,7 @@ def test_equal_to_pytorch_grad_cam_before_its_scaling(name, resnet, x64):
     raw, scaled, _ = pgc_raw(cls, resnet, resnet.layer3, x64, targets)
     ours = fn(resnet, x64, scaled_target(T) if scale != 1 else T, layer="layer3", upsample=False, relu=False)
     tol = 2e-5 * float(raw.abs().max())  # float32 sums of 256 channels, numpy vs torch
+    assert_each_varies(raw)
     torch.testing.assert_close(ours, raw, rtol=0, atol=tol)
     if name in ("hirescam", "xgradcam"):  # Grad-CAM++ and LayerCAM weigh ReLU outputs by weights >= 0
         assert (raw < 0).any() and (raw > 0).any()  # the ReLU below is not idle
@@ -108,6 +110,7 @@ def test_gradcam_plus_plus_is_the_papers_formula_and_pytorch_grad_cams_eps_is_th
 
     ours = salience.gradcam_plus_plus(resnet, x64, T, layer="layer3", upsample=False)
     peak = float(ours.abs().max())
+    assert_each_varies(eq19(0.0))
     torch.testing.assert_close(ours.double(), eq19(0.0), rtol=0, atol=1e-5 * peak)
     # The peer's part (the closed form above runs without it).
     pgc = pytest.importorskip("pytorch_grad_cam")
@@ -134,11 +137,15 @@ def test_closed_forms_on_a_global_average_pooled_linear_head():
     cam = (w * a).sum(1)
     assert (cam < 0).any() and (cam > 0).any()
     kw = dict(layer="features", relu=False)
+    assert_each_varies(cam)
+    assert_each_varies(cam.clamp(min=0))
+    assert_each_varies((w.clamp(min=0) * a).sum(1))
     for fn in (salience.hirescam, salience.xgradcam, salience.gradcam):
         torch.testing.assert_close(fn(m, x, t, **kw), cam, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(salience.hirescam(m, x, t, layer="features"), cam.clamp(min=0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(salience.layercam(m, x, t, **kw), (w.clamp(min=0) * a).sum(1), rtol=1e-5, atol=1e-6)
     pp = (35 * w.clamp(min=0) / (2 + s * w) * a).sum(1)
+    assert_each_varies(pp)
     torch.testing.assert_close(salience.gradcam_plus_plus(m, x, t, **kw), pp, rtol=1e-5, atol=1e-6)
 
 
@@ -186,6 +193,7 @@ def test_layercam_fuses_layers_by_the_papers_eq_9_and_the_maximum(resnet, x64):
         m = salience.layercam(resnet, x64, T, layer=name)
         parts.append(torch.tanh(2.0 * m / m.amax((1, 2), keepdim=True)))
     expected = torch.stack(parts).amax(0)
+    assert_each_varies(expected)
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
     winners = torch.stack(parts).argmax(0)
     assert len(winners.unique()) > 1  # more than one layer shows in the fused map
@@ -219,6 +227,7 @@ def test_token_layer_of_a_vit_equals_pytorch_grad_cam_with_its_reshape(name):
     else:
         ours = getattr(salience, name)(vit, x, scaled_target(t), upsample=False, relu=False)
     assert ours.shape == (2, 4, 4)
+    assert_each_varies(raw)
     torch.testing.assert_close(ours, raw, rtol=0, atol=2e-5 * float(raw.abs().max()))
 
 
@@ -241,6 +250,7 @@ def test_eigencam_centered_equals_pytorch_grad_cam_up_to_the_svds_sign(resnet):
     raw, _, _ = pgc_raw(pgc.EigenCAM, resnet, resnet.layer1, x, None)
     sign = _our_sign(raw)  # here (numpy 2, OpenBLAS) [1, -1]: LAPACK's sign is the other one on image 1
     ours = salience.eigencam(resnet, x, layer="layer1", upsample=False, center=True)
+    assert_each_varies(raw)
     torch.testing.assert_close(ours, raw * sign[:, None, None], rtol=0, atol=2e-6 * float(raw.abs().max()))
     flipped = sign < 0
     if flipped.any():  # their ReLU keeps the smaller side of the map there
@@ -265,6 +275,7 @@ def test_eigencam_default_is_the_papers_uncentered_projection(resnet, x64):
         expected = (m @ v[..., None])[..., 0].unflatten(1, kept[0].shape[-2:])
         expected = expected * _our_sign(expected)[:, None, None]
         ours = salience.eigencam(resnet, x64, layer=layer, upsample=False)
+        assert_each_varies(expected)
         torch.testing.assert_close(ours.double(), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
         assert (ours >= 0).all()
     up = salience.eigencam(resnet, x64, layer="layer3")

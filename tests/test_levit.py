@@ -86,6 +86,7 @@ def test_default_layer_is_the_last_token_stage_and_gradcam_equals_the_hand_compu
     # each image's map varies over positions (at timm's init it was constant: image 0 all 0, image 1 one value),
     # so a wrong token order shows; the maps are small (1e-6, Hugging Face's 1e-10): the tolerance is relative
     assert cam.shape == (2, *size) and (ref.flatten(1).std(1) > 0.1 * ref.flatten(1).amax(1)).all()
+    assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     # the grid given by hand reads the same tokens the same way
     torch.testing.assert_close(salience.gradcam(net, x, target, grid=grid, prefix_tokens=0), cam)
@@ -104,12 +105,15 @@ def test_hf_levit_with_one_token_left_takes_the_last_spatial_layer_and_says_why(
     said = describe_default_layer(net, x)
     assert said.startswith("levit.encoder.stages.1.layers.1 ") and "a 2x2 grid" in said
     assert "'levit.encoder.stages.2' holds a single token on this input, so its map would be constant" in said
-    target = torch.tensor([0, 4])
-    torch.testing.assert_close(salience.gradcam(net, x, target),
-                               by_hand(net, x, "levit.encoder.stages.1.layers.1", target, 2, 2), rtol=1e-4, atol=1e-6)
+    target = torch.tensor([0, 3])  # class 4 cut image 1's map to 0 (ReLU): the comparison passed as 0 = 0
+    ref = by_hand(net, x, "levit.encoder.stages.1.layers.1", target, 2, 2)
+    assert_each_varies(ref)
+    # the maps are ~1e-10: an absolute 1e-6 passed any map (the swapped targets [3, 0] too); relative now
+    torch.testing.assert_close(salience.gradcam(net, x, target), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     # asked for, the one-token stage is read as a 1x1 grid: a constant map, as a CNN's 1x1 layer gives
     flat = salience.gradcam(net, x, target, layer="levit.encoder.stages.2")
-    assert (flat == flat[:, :1, :1]).all()
+    # (constant up to the rounding of the bilinear upsampling of one value: 3.6e-10 on image 1 at class 3)
+    assert (flat.flatten(1).std(1) <= 1e-6 * flat.flatten(1).abs().amax(1)).all()
 
 
 def test_tokens_that_fit_two_readings_still_ask_for_grid_and_prefix_tokens():
@@ -201,8 +205,9 @@ def test_hiera_default_layer_is_its_last_stage_in_grid_order_and_gradcam_equals_
     ref = by_hand(net, x, "blocks.11", target, 4, 4)
     assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(salience.gradcam(net, x, target, layer="blocks.10"),
-                               by_hand(net, x, "blocks.10", target, 4, 4), rtol=1e-4, atol=1e-6)
+    ref10 = by_hand(net, x, "blocks.10", target, 4, 4)
+    assert_each_varies(ref10)
+    torch.testing.assert_close(salience.gradcam(net, x, target, layer="blocks.10"), ref10, rtol=1e-4, atol=1e-6)
 
 
 def test_hiera_layers_before_its_tokens_are_rerolled_are_refused():
@@ -237,8 +242,9 @@ def test_hugging_face_hiera_before_its_last_stage_is_refused_and_its_last_stage_
         with pytest.raises(SalienceError, match="not in grid order"):
             salience.gradcam(net, x, 1, layer=layer)
     layer = "hiera.encoder.stages.3.layers.0.layernorm_after"
-    torch.testing.assert_close(salience.gradcam(net, x, 1, layer=layer),
-                               by_hand(net, x, layer, torch.tensor([1]), 2, 2), rtol=1e-4, atol=1e-6)
+    ref = by_hand(net, x, layer, torch.tensor([1]), 2, 2)
+    assert_each_varies(ref)
+    torch.testing.assert_close(salience.gradcam(net, x, 1, layer=layer), ref, rtol=1e-4, atol=1e-6)
 
 
 def hf_hiera(depths=(1, 1, 1, 2)):
@@ -263,8 +269,10 @@ def test_hugging_face_hiera_default_is_its_last_block_output_and_gradcam_equals_
     assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(ref, by_hand(net, x, "hiera.encoder.stages.3.layers.1.mlp", target, 2, 2))
-    torch.testing.assert_close(salience.gradcam(net, x, target, layer="hiera.encoder.stages.3.layers.0"),
-                               by_hand(net, x, "hiera.encoder.stages.3.layers.0", target, 2, 2), rtol=1e-4, atol=1e-6)
+    ref0 = by_hand(net, x, "hiera.encoder.stages.3.layers.0", target, 2, 2)
+    assert_each_varies(ref0)
+    torch.testing.assert_close(salience.gradcam(net, x, target, layer="hiera.encoder.stages.3.layers.0"), ref0,
+                               rtol=1e-4, atol=1e-6)
     for name in ("eigencam", "scorecam", "ablationcam", "layercam"):
         assert salience.METHODS[name](net, x[:1], 1).shape == (1, 64, 64)
 
@@ -298,10 +306,10 @@ def test_a_given_grid_where_no_stride_grid_fits_still_works():
     tokens are read on it (``salience.methods._tokens``: the model's own grids; refused before), given or not."""
     torch.manual_seed(0)
     net, x, target = _ValidConvTokens().eval(), torch.rand(2, 3, 10, 10), torch.tensor([0, 2])
-    torch.testing.assert_close(salience.gradcam(net, x, target, layer="norm"),
-                               by_hand(net, x, "norm", target, 8, 8), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(salience.gradcam(net, x, target, layer="norm", grid=(8, 8)),
-                               by_hand(net, x, "norm", target, 8, 8), rtol=1e-4, atol=1e-6)
+    ref = by_hand(net, x, "norm", target, 8, 8)
+    assert_each_varies(ref)
+    torch.testing.assert_close(salience.gradcam(net, x, target, layer="norm"), ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(salience.gradcam(net, x, target, layer="norm", grid=(8, 8)), ref, rtol=1e-4, atol=1e-6)
 
 
 class Attention(nn.Module):
@@ -407,8 +415,9 @@ def test_a_conv1d_or_flattened_map_is_not_read_as_tokens(build, default, flat):
     torch.manual_seed(0)
     net, x, target = build().eval(), torch.rand(2, 3, 32, 32), torch.tensor([1, 3])
     assert default_layer(net, x) == default
-    torch.testing.assert_close(salience.gradcam(net, x, target), by_hand_map(net, x, default, target),
-                               rtol=1e-4, atol=1e-6)
+    ref = by_hand_map(net, x, default, target)
+    assert_each_varies(ref)
+    torch.testing.assert_close(salience.gradcam(net, x, target), ref, rtol=1e-4, atol=1e-6)
     with pytest.raises(SalienceError, match=rf"layer '{flat}' gives shape \(2, (256, 256|64, 64)\) with its "
                                             r"(256|64) channels at dim 1, \(B, C, L\)"):
         salience.gradcam(net, x, target, layer=flat)
