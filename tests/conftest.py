@@ -81,6 +81,9 @@ def model_snapshot(model: nn.Module) -> dict:
         # storage and strides: a channels-last run must put the user's layout back
         "layout": [(n, p.data_ptr(), p.stride()) for n, p in model.named_parameters()],
         "types": [(n, type(m)) for n, m in model.named_modules()],
+        # Python attributes on the tensors (torch.compile marks those it traces, e.g.
+        # _dynamo_static_input_type, _is_frozen_param): the values are kept, compared by identity or ==
+        "tensor_attrs": [(n, dict(t.__dict__)) for n, t in (*model.named_parameters(), *model.named_buffers())],
         "forwards": [(n, m.__dict__.get("forward")) for n, m in model.named_modules()],
         "global_hooks": tuple(
             len(getattr(module_mod, name, {}) or {})
@@ -104,6 +107,12 @@ def assert_same_snapshot(before: dict, after: dict) -> None:
                 assert (g0 is None) == (g1 is None), f".grad of {n} changed"
                 if g0 is not None:
                     assert torch.equal(g0, g1), f".grad of {n} changed"
+        elif key == "tensor_attrs":
+            for (n, d0), (_, d1) in zip(before[key], after[key]):
+                assert d0.keys() == d1.keys(), f"attributes of {n} changed: {sorted(d0)} -> {sorted(d1)}"
+                for k in d0:
+                    assert d0[k] is d1[k] or (not isinstance(d0[k], torch.Tensor) and d0[k] == d1[k]), \
+                        f"attribute {k} of {n} changed: {d0[k]!r} -> {d1[k]!r}"
         else:
             assert before[key] == after[key], f"model {key} changed"
 

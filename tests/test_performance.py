@@ -628,6 +628,38 @@ def test_compile_freeze_follows_weights_changed_in_place(snapshot_freezing, chan
     assert len(frozen) == 2  # unchanged since: the graph is kept
 
 
+def test_compile_leaves_no_marks_on_the_weights_and_keeps_its_graphs(snapshot_freezing):
+    """torch.compile marks the tensors it traces (dynamo's ``_dynamo_static_input_type``, "guarded" for a
+    frozen graph, "unguarded" for a plain one; inductor's freezing ``_is_frozen_param``): the guard
+    takes those off the user's parameters and buffers again and leaves the user's own attributes. The
+    graphs do not need them: the next call compiles nothing, and a frozen graph is still compiled anew
+    after an in-place change of the weights (its map the changed model's eager map)."""
+    frozen, calls, graphs = snapshot_freezing
+    model, x = _with_statistics(ThreeConv()), torch.rand(2, 3, 8, 8)
+    model.body[0].weight.note = "the user's"
+    model.body[1].running_mean._dynamo_static_input_type = "unguarded"  # as if the user had compiled it
+    kw = dict(window=3, stride=2)
+    tensors = [*model.parameters(), *model.buffers()]
+    attrs = [dict(t.__dict__) for t in tensors]
+    for _ in range(2):
+        with unchanged(model):
+            salience.occlusion(model, x, [0, 2], chunk=4, compile="freeze", **kw)
+        assert [t.__dict__ for t in tensors] == attrs
+    assert len(frozen) == 1 and len(calls) >= 2  # the frozen graph ran on the second call, compiled once
+    for _ in range(2):
+        with unchanged(model):
+            sg = salience.smoothgrad(model, x, samples=7, chunk=6, compile=True)
+        assert [t.__dict__ for t in tensors] == attrs
+    assert len(graphs) == 1
+    assert _rel(sg, salience.smoothgrad(model, x, samples=7, chunk=6)) < 1e-6
+    with torch.no_grad():
+        model.body[0].weight.mul_(-2)
+    ref = salience.occlusion(model, x, [0, 2], chunk=4, **kw)
+    with unchanged(model):
+        out = salience.occlusion(model, x, [0, 2], chunk=4, compile="freeze", **kw)
+    assert len(frozen) == 2 and _rel(out, ref) <= 1e-6
+
+
 def test_compile_freeze_failures_and_errors_leave_the_model(snapshot_freezing, monkeypatch):
     """A frozen compile that fails warns and the passes run without freezing (the eager maps); no
     compiler: the warning of compile=True and eager passes; an interrupt inside a frozen compile leaves

@@ -48,6 +48,10 @@ class ModelState:
     requires_grad: list[tuple[nn.Parameter, bool]]
     grads: list[tuple[nn.Parameter, "torch.Tensor | None"]]
     buffers: list[tuple[nn.Module, str, torch.Tensor, int, torch.Tensor]] = field(default_factory=list)
+    # Each parameter's and buffer's Python attributes (its ``__dict__``, copied): torch.compile marks the
+    # tensors it traces (``_dynamo_static_input_type``; inductor's freezing ``_is_frozen_param``), and
+    # the user's tensors must come back without them (the compiled graphs do not read them again).
+    attrs: list[tuple[torch.Tensor, dict]] = field(default_factory=list)
     # Each parameter's data as it was (storage, strides): the engine may convert it to
     # channels-last for a run (salience._core.perf) and must leave the user's layout.
     data: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
@@ -73,6 +77,7 @@ class ModelState:
             buffers=buffers,
             data=[(p, p.data) for p in params],
             compiled=[(m, m.__dict__.get("forward", _NO_FORWARD)) for m in compiled_wrappers(modules)],
+            attrs=[(t, dict(t.__dict__)) for t in (*params, *(b[2] for b in buffers))],
         )
 
     def run_eagerly(self) -> None:
@@ -107,9 +112,25 @@ class ModelState:
             if buf._version != version:
                 with torch.no_grad():
                     buf.copy_(copy)
+        for tensor, saved in self.attrs:
+            _restore_attributes(tensor, saved)
+
+
+def _restore_attributes(tensor: torch.Tensor, saved: dict) -> None:
+    """Put ``tensor``'s Python attributes back to ``saved`` (a copy of its ``__dict__``): those added
+    since are deleted, those changed get their old values (the user's own attributes stay)."""
+    now = tensor.__dict__
+    if len(now) == len(saved) and all(k in saved and saved[k] is v for k, v in now.items()):
+        return
+    for k in [k for k in now if k not in saved]:
+        del now[k]
+    for k, v in saved.items():
+        if now.get(k, _MISSING) is not v:
+            now[k] = v
 
 
 _NO_FORWARD = object()
+_MISSING = object()
 
 
 def compiled_wrappers(modules: list[nn.Module]) -> list[nn.Module]:
@@ -160,7 +181,8 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
 
     Restores every module's train/eval flag, every parameter's ``requires_grad``, ``.grad`` and
     data (storage and strides: a channels-last run is undone), and any buffer written in place,
-    also if the block raises. A caller's ``torch.autocast`` is off in the block (this thread's):
+    and each parameter's and buffer's Python attributes (those ``torch.compile`` sets on the tensors
+    it traces are removed), also if the block raises. A caller's ``torch.autocast`` is off in the block (this thread's):
     the passes run in the precision of salience's ``precision=`` option (fp32 unless asked), which
     enters its own autocast inside.
 
