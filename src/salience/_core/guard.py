@@ -120,8 +120,6 @@ def _restore_attributes(tensor: torch.Tensor, saved: dict) -> None:
     """Put ``tensor``'s Python attributes back to ``saved`` (a copy of its ``__dict__``): those added
     since are deleted, those changed get their old values (the user's own attributes stay)."""
     now = tensor.__dict__
-    if len(now) == len(saved) and all(k in saved and saved[k] is v for k, v in now.items()):
-        return
     for k in [k for k in now if k not in saved]:
         del now[k]
     for k, v in saved.items():
