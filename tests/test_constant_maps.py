@@ -454,7 +454,7 @@ def test_evaluate_says_a_constant_oracle_or_baseline_and_nothing_of_good_ones(se
     assert 'class="bad"' not in (tmp_path / "ev2" / "report.html").read_text(encoding="utf-8")
 
 
-def test_evaluate_with_mask_tensors_names_the_masks_to_check_not_a_file(setup, tmp_path):
+def test_evaluate_with_mask_tensors_names_the_masks_to_check_not_a_file(tmp_path):
     """A Python caller of ``evaluate_methods`` gives the masks as a tensor: there is no mask file. A
     constant oracle (image 1's mask empty, images 2 and 3's full) is said naming those images' masks
     (``masks[i]``) and what a mask should be; the text said for masks read from files names the file
@@ -479,13 +479,16 @@ def test_evaluate_with_mask_tensors_names_the_masks_to_check_not_a_file(setup, t
         "2, 3 (masks[2], masks[3]): each should be true on the object and false elsewhere"], said
     assert all("file" not in t for t in said)
     files = [tmp_path / "m" / f"{n}.png" for n in ("a", "b", "c", "d")]
-    by_file = [t for t in E.constant_notes({E.ORACLE: maps[E.ORACLE]}, mask_files=files)]
+    by_file = E.constant_notes({E.ORACLE: maps[E.ORACLE]}, mask_files=files)
     check = "the object is where its brightest channel is at least half its maximum"
     assert by_file == [
         f"{E.ORACLE}, 1 of 4 image(s) (image 1): {base.format('zero', 'no pixel')}Check the mask file b.png in "
         f"{tmp_path / 'm'}: {check}",
         f"{E.ORACLE}, 2 of 4 image(s) (images 2, 3): {base.format('1', 'every pixel')}Check the mask files c.png, "
         f"d.png in {tmp_path / 'm'}: {check}"], by_file
+    apart = [tmp_path / d / "m.png" for d in "wxyz"]  # masks in several folders: each named by its path
+    assert E.constant_notes({E.ORACLE: maps[E.ORACLE]}, mask_files=apart)[1].endswith(
+        f"Check the mask files {apart[2]}, {apart[3]}: {check}")
 
 
 def test_visualize_says_a_class_model_image_left_flat(setup, tmp_path, capsys):
