@@ -431,10 +431,10 @@ def test_evaluate_says_a_constant_oracle_or_baseline_and_nothing_of_good_ones(se
     rc, out, err = _run([*common, "-o", tmp_path / "ev"], capsys)
     assert rc == 0, err
     oracle = ("the map (the mask) is constant ({}) everywhere: the mask marks {}, so the oracle ranks no pixel above "
-              "another and its row is no ceiling for the methods. Check the mask file: the object is where its "
-              "brightest channel is at least half its maximum")
-    want = [f"{E.ORACLE}, 1 of 3 image(s) (image 1): {oracle.format('zero', 'no pixel')}",
-            f"{E.ORACLE}, 1 of 3 image(s) (image 2): {oracle.format('1', 'every pixel')}"]
+              "another and its row is no ceiling for the methods. Check the mask file {} in {}: the object is where "
+              "its brightest channel is at least half its maximum")
+    want = [f"{E.ORACLE}, 1 of 3 image(s) (image 1): {oracle.format('zero', 'no pixel', 'pic2_grey.png', masks)}",
+            f"{E.ORACLE}, 1 of 3 image(s) (image 2): {oracle.format('1', 'every pixel', 'pic3.png', masks)}"]
     want += [f"{name}, 1 of 3 image(s) (image 1): the map is constant (zero) everywhere: the image holds nothing "
              "this baseline responds to (e.g. one flat colour), so it ranks no pixel above another and its row is no "
              "floor for the methods. Check the image" for name in ("spectral_residual", "sobel_edges")]
@@ -452,6 +452,43 @@ def test_evaluate_says_a_constant_oracle_or_baseline_and_nothing_of_good_ones(se
     res = json.loads((tmp_path / "ev2" / "results.json").read_text())
     assert res["warnings"] == [] and [r["name"] for r in res["rows"]][1:] == [E.ORACLE, *E.BASELINES]
     assert 'class="bad"' not in (tmp_path / "ev2" / "report.html").read_text(encoding="utf-8")
+
+
+def test_evaluate_with_mask_tensors_names_the_masks_to_check_not_a_file(tmp_path):
+    """A Python caller of ``evaluate_methods`` gives the masks as a tensor: there is no mask file. A
+    constant oracle (image 1's mask empty, images 2 and 3's full) is said naming those images' masks
+    (``masks[i]``) and what a mask should be; the text said for masks read from files names the file
+    (``constant_notes(..., mask_files=)``), several files in one folder once with the folder."""
+    from salience.evidence import evaluate as E
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 3))
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(4, 32, 32, dtype=torch.bool)
+    masks[0, 8:20, 10:24] = True  # image 0 marks a square; 1 nothing; 2 and 3 everything
+    masks[2:] = True
+    rows, maps = E.evaluate_methods(model, x, masks, methods=["vanilla"], steps=2, randomization_images=1)
+    assert [r.name for r in rows][:2] == ["vanilla", E.ORACLE] and not any(r.error for r in rows)
+    said = [t for t in E.constant_notes(maps) if t.startswith(E.ORACLE)]
+    base = ("the map (the mask) is constant ({}) everywhere: the mask marks {}, so the oracle ranks no pixel above "
+            "another and its row is no ceiling for the methods. ")
+    assert said == [
+        f"{E.ORACLE}, 1 of 4 image(s) (image 1): {base.format('zero', 'no pixel')}Check the mask of image 1 "
+        "(masks[1]): it should be true on the object and false elsewhere",
+        f"{E.ORACLE}, 2 of 4 image(s) (images 2, 3): {base.format('1', 'every pixel')}Check the masks of images "
+        "2, 3 (masks[2], masks[3]): each should be true on the object and false elsewhere"], said
+    assert all("file" not in t for t in said)
+    files = [tmp_path / "m" / f"{n}.png" for n in ("a", "b", "c", "d")]
+    by_file = E.constant_notes({E.ORACLE: maps[E.ORACLE]}, mask_files=files)
+    check = "the object is where its brightest channel is at least half its maximum"
+    assert by_file == [
+        f"{E.ORACLE}, 1 of 4 image(s) (image 1): {base.format('zero', 'no pixel')}Check the mask file b.png in "
+        f"{tmp_path / 'm'}: {check}",
+        f"{E.ORACLE}, 2 of 4 image(s) (images 2, 3): {base.format('1', 'every pixel')}Check the mask files c.png, "
+        f"d.png in {tmp_path / 'm'}: {check}"], by_file
+    apart = [tmp_path / d / "m.png" for d in "wxyz"]  # masks in several folders: each named by its path
+    assert E.constant_notes({E.ORACLE: maps[E.ORACLE]}, mask_files=apart)[1].endswith(
+        f"Check the mask files {apart[2]}, {apart[3]}: {check}")
 
 
 def test_visualize_says_a_class_model_image_left_flat(setup, tmp_path, capsys):

@@ -407,7 +407,7 @@ def test_a_new_server_on_the_same_port_shows_its_own_runs_thumbnails(tmp_path):
         const pixels = async (src) => { const b = await createImageBitmap(src); const c = document.createElement('canvas');
           c.width = b.width; c.height = b.height; c.getContext('2d').drawImage(b, 0, 0);
           return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data).join(); };
-        const served = await (await fetch(i.src, { cache: 'no-store' })).blob();
+        const served = await (await fetch(i.dataset.src, { cache: 'no-store' })).blob();  // its URL (src: the blob drawn)
         return [await pixels(i), await pixels(served)]; }"""
     errors: list[str] = []
     shown = []
@@ -794,6 +794,50 @@ def test_warnings_are_shown_as_text_under_the_gallery_the_map_its_curves_and_san
     assert made == {k: 0 for k in places} and pwned is None
 
 
+def test_a_warning_raised_while_a_thumbnail_is_read_is_shown_under_that_thumbnail(tmp_path, monkeypatch):
+    """The server sends the warnings raised while it read a run's thumbnail in its
+    ``X-Salience-Warnings`` header (an ``<img>`` cannot read it: the page showed nothing, they went to
+    the server's log only). Row 0's method tile warns here as it is read: the page shows the text
+    under that thumbnail, as characters (no element made of them, no script run), and nothing under
+    the other thumbnails; every thumbnail is drawn."""
+    import warnings
+
+    from salience.explore.runs import RunSource
+
+    browser_api()
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    (tmp_path / "imgs").mkdir()
+    paths, _, _ = shapes_files(tmp_path / "imgs", n=2)
+    salience.explain_dataset("demo:shapes", paths, ["vanilla"], tmp_path / "run", workers=0)
+    thumbnail = RunSource.thumbnail
+
+    def read(self: Any, index: int, tile: int = 0) -> bytes:
+        if (index, tile) == (0, 1):
+            warnings.warn(f"thumbnail {MARKUP}")
+        return thumbnail(self, index, tile)
+
+    monkeypatch.setattr(RunSource, "thumbnail", read)
+    explorer = salience.explore("demo:shapes", run=tmp_path / "run", show=False)
+    errors: list[str] = []
+    try:
+        with browser_page(explorer.url, errors) as page:
+            _wait_rows(page, [0, 1])
+            page.wait_for_function("[...document.querySelectorAll('#run-body img')].every(i => i.complete && i.naturalWidth > 0)")
+            said = {(row, t): page.locator(f"#run-body tr[data-id='r0-{row}'] td[data-tile='{t}'] .warning").all_inner_texts()
+                    for row in (0, 1) for t in (0, 1)}
+            note = page.locator("#run-body tr[data-id='r0-0'] td[data-tile='1'] .warning")
+            visible, made = note.is_visible(), page.locator("#run-body .warning img, #run-body .warning b").count()
+            widths = page.eval_on_selector_all("#run-body img", "imgs => imgs.map(i => i.naturalWidth)")
+            pwned = page.evaluate("() => window.pwned")
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    assert said == {(0, 0): [], (0, 1): [f"warning: thumbnail {MARKUP}"], (1, 0): [], (1, 1): []}, said
+    assert visible and made == 0 and pwned is None
+    assert len(widths) == 4 and all(w > 0 for w in widths), widths
+
+
 def test_a_failed_gallery_page_keeps_the_runs_own_warnings(tmp_path, monkeypatch):
     """The warnings said when the run was described (``api/runs``) stay under the gallery's table
     when a page of rows cannot be shown (a min above its max): they are still true; the failed page
@@ -932,7 +976,8 @@ def test_a_row_beside_one_without_an_index_opens_and_the_empty_one_is_named(tmp_
     try:
         with browser_page(explorer.url, errors) as page:
             _wait_rows(page, [0, 2])
-            page.wait_for_function("[...document.querySelectorAll('#run-body img')].every(i => i.complete)")
+            # each thumbnail fetched and drawn, or not ("gone"): an <img> before its fetch has no src and is complete
+            page.wait_for_function("[...document.querySelectorAll('#run-body img')].every(i => ['shown', 'gone'].includes(i.dataset.state))")
             thumbs = page.eval_on_selector_all("#run-body img", "imgs => imgs.map(i => i.naturalWidth)")
             said = page.inner_text("#run-page")
             page.click("#run-body tr[data-id='r0-2']")

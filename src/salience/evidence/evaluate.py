@@ -392,9 +392,16 @@ def _mask(path: Path, info: ModelInfo, size: tuple[int, int]) -> Tensor:
 
 def _folder_inputs(model: nn.Module, images: PathLike, masks: Optional[PathLike], n: int
                    ) -> tuple[Tensor, Tensor, Optional[Tensor], str]:
+    """:func:`_folder_inputs_and_files` without the mask files."""
+    return _folder_inputs_and_files(model, images, masks, n)[:4]
+
+
+def _folder_inputs_and_files(model: nn.Module, images: PathLike, masks: Optional[PathLike], n: int
+                             ) -> tuple[Tensor, Tensor, Optional[Tensor], str, Optional[list[Path]]]:
     """The first ``n`` image files of ``images`` (sorted by name) as the model's input
     ``(N, C, h, w)``, the same images in ``[0, 1]`` for pictures ``(N, 3, h, w)``, their masks
-    ``(N, h, w)`` bool (``None`` without ``masks``) and a one-line description.
+    ``(N, h, w)`` bool (``None`` without ``masks``), a one-line description and the mask files
+    (image i's mask read from the i-th; ``None`` without ``masks``).
 
     A mask is the file in ``masks`` with the image's stem (``cat.jpg`` <-> ``cat.png``), resized
     and cropped like the image, and set where its brightest channel is at least half the mask's
@@ -410,7 +417,7 @@ def _folder_inputs(model: nn.Module, images: PathLike, masks: Optional[PathLike]
     x = normalize_input(raw, info)
     size = (int(raw.shape[-2]), int(raw.shape[-1]))
     m = torch.stack([_mask(p, info, size) for p in mask_files]) if mask_files is not None else None
-    return x, raw, m, f"{len(files)} images from {folder}" + (f" with masks from {masks}" if masks else "")
+    return x, raw, m, f"{len(files)} images from {folder}" + (f" with masks from {masks}" if masks else ""), mask_files
 
 
 # ----------------------------------------------------------------------------- the report
@@ -453,10 +460,11 @@ def run_evaluation(
         for mm in methods:
             resolve_method(mm)  # unknown names fail here, before any work
     start = time.perf_counter()
+    mask_files: Optional[list[Path]] = None  # the demo's masks are made, not read
     if images is None:
         x, raw, m, source = _demo_inputs(model, n, seed)
     else:
-        x, raw, m, source = _folder_inputs(model, images, masks, n)
+        x, raw, m, source, mask_files = _folder_inputs_and_files(model, images, masks, n)
     device = model_device(model)
     x, m = x.to(device), (m.to(device) if m is not None else None)
     predicted_classes(model, x, batch_size=32)  # a model that cannot take x: refused before the folder is made
@@ -465,7 +473,7 @@ def run_evaluation(
                                   randomization_images=randomization_images, progress=progress,
                                   probability=probability)
     pictures = _write_pictures(out, rows, raw, maps)
-    flat = constant_notes({r.name: maps[r.name] for r in rows if r.name in maps})
+    flat = constant_notes({r.name: maps[r.name] for r in rows if r.name in maps}, mask_files=mask_files)
     data_rand = None
     if train_fn is not None:
         data_rand = _data_randomization_rows(train_fn, methods if methods is not None else default_methods(model, x),
@@ -541,27 +549,54 @@ def _value_text(v: float) -> str:
 def _reference_note(name: str, m: Tensor) -> Optional[str]:
     """The text for the oracle's or a baseline's map ``m`` when it is constant, else ``None``: the
     row it belongs to is the table's ceiling or floor, which a map that ranks no pixel above another
-    is not (the method's text, of weights and layers, would point at the wrong thing)."""
+    is not (the method's text, of weights and layers, would point at the wrong thing). The oracle's
+    ends at "... no ceiling for the methods.": what to check depends on where the masks came from
+    (:func:`_mask_check`)."""
     v = viz.constant_value(m)
     if v is None:
         return None
     if name == ORACLE:
         marks = "no pixel" if v == 0.0 else "every pixel" if v == 1.0 else "one value everywhere"
         return (f"the map (the mask) is constant ({_value_text(v)}) everywhere: the mask marks {marks}, so the "
-                "oracle ranks no pixel above another and its row is no ceiling for the methods. Check the mask "
-                "file: the object is where its brightest channel is at least half its maximum")
+                "oracle ranks no pixel above another and its row is no ceiling for the methods.")
     return (f"the map is constant ({_value_text(v)}) everywhere: the image holds nothing this baseline responds "
             "to (e.g. one flat colour), so it ranks no pixel above another and its row is no floor for the "
             "methods. Check the image")
 
 
-def constant_notes(maps: dict[str, Tensor]) -> list[str]:
+def _first(items: Sequence[str], k: int = 5) -> str:
+    """The first ``k`` of ``items``, comma-separated, and how many more."""
+    return ", ".join(items[:k]) + (f" and {len(items) - k} more" if len(items) > k else "")
+
+
+def _mask_check(where: Sequence[int], mask_files: Optional[Sequence[PathLike]]) -> str:
+    """What to check of the constant masks of images ``where``: the mask files named (``mask_files``:
+    image i's mask file, as :func:`run_evaluation` reads a ``masks`` folder), else the rows of the
+    ``masks`` tensor given (:func:`evaluate_methods`)."""
+    many = len(where) > 1
+    if mask_files is not None:
+        files = [Path(mask_files[i]) for i in where]
+        folders = {str(f.parent) for f in files}
+        named = (f"{_first([f.name for f in files])} in {folders.pop()}" if len(folders) == 1
+                 else _first([str(f) for f in files]))
+        return (f" Check the mask file{'s' if many else ''} {named}: the object is where its brightest channel is "
+                "at least half its maximum")
+    return (f" Check the mask{'s' if many else ''} of image{'s' if many else ''} {_first([str(i) for i in where])} "
+            f"({_first([f'masks[{i}]' for i in where])}): {'each' if many else 'it'} should be true on the object "
+            "and false elsewhere")
+
+
+def constant_notes(maps: dict[str, Tensor], *, mask_files: Optional[Sequence[PathLike]] = None) -> list[str]:
     """A text per method (or the oracle, or a baseline) and kind of map that is one value everywhere
     among its maps ``(B, ...)``: ``"NAME, J of B image(s) (image i, ...): "`` then, for a method,
     :func:`salience.render.viz.constant_map_note` (its picture a flat colour, its metrics of
     nothing: a rank correlation of a constant map is NaN); for :data:`ORACLE` (an empty or full
     mask) and the :data:`BASELINES` (e.g. Sobel edges of a flat image), a text saying that its row
-    is no ceiling / floor and what to check. The first five images are named by position."""
+    is no ceiling / floor and what to check. The first five images are named by position.
+
+    ``mask_files``: the file each image's mask was read from (``run_evaluation`` with a ``masks``
+    folder): a constant oracle's text names the files to check; without (masks given as a tensor
+    to :func:`evaluate_methods`) it names the masks of those images, ``masks[i]``."""
     out = []
     for name, m in maps.items():
         found: dict[str, list[int]] = {}
@@ -571,9 +606,9 @@ def constant_notes(maps: dict[str, Tensor]) -> list[str]:
             if note is not None:
                 found.setdefault(note, []).append(i)
         for note, where in found.items():
-            more = f" and {len(where) - 5} more" if len(where) > 5 else ""
-            named = f"image{'s' if len(where) > 1 else ''} {', '.join(map(str, where[:5]))}{more}"
-            out.append(f"{name}, {len(where)} of {m.shape[0]} image(s) ({named}): {note}")
+            named = f"image{'s' if len(where) > 1 else ''} {_first([str(i) for i in where])}"
+            check = _mask_check(where, mask_files) if name == ORACLE else ""
+            out.append(f"{name}, {len(where)} of {m.shape[0]} image(s) ({named}): {note}{check}")
     return out
 
 

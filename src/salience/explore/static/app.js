@@ -277,14 +277,14 @@ async function listRows() {
     // next request that succeeds shows its rows)
     if (asked !== R.asked) return;
     status(e.message, true); R.failed = e.message;
-    body.textContent = ""; R.total = 0; galleryWarnings(r.warnings || []); // the run's own stay true
+    body.textContent = ""; thumbsNear.disconnect(); R.total = 0; galleryWarnings(r.warnings || []); // the run's own stay true
     $("run-page").textContent = `no rows shown: ${e.message}`; $("run-page").className = "error";
     $("run-prev").disabled = R.offset === 0; $("run-next").disabled = true;
     return;
   }
   if (asked !== R.asked) return;
   R.total = found.total;
-  body.textContent = ""; $("run-page").className = "";
+  body.textContent = ""; thumbsNear.disconnect(); $("run-page").className = "";
   if (R.failed !== null && $("status").textContent === R.failed) status("ready"); // its error is over
   R.failed = null;
   const num = (v) => (v === null || v === undefined ? "" : (typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : String(v)));
@@ -295,8 +295,7 @@ async function listRows() {
     const flat = (t) => (t === 0 ? [] : (row.constant || {})[r.methods[t - 1]] || []).map((f) =>
       el("div", { class: "flat", title: f.note }, `${f.k === 0 ? "" : `class ${f.name ?? names[f.class] ?? f.class ?? "?"}: `}constant map (${f.value})`));
     const thumbs = [0, ...r.methods.map((_, i) => i + 1)].map((t) =>
-      el("td", { "data-tile": t }, el("img", { src: `api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}&v=${r.version}`, alt: "", loading: "lazy",
-                               onerror: gone }), ...flat(t)));
+      el("td", { "data-tile": t }, runThumb(`api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}&v=${r.version}`), ...flat(t)));
     const cells = [...thumbs, el("td", {}, String(row.index)), el("td", { title: row.path ?? "" }, (row.path ?? "").split(/[\\/]/).pop()),  // a table without paths: none
       el("td", {}, row.error ? `failed: ${row.error}` : (row.predicted_name ?? "")), el("td", {}, num(row.probability))];
     if (r.labels) cells.push(el("td", {}, row.label === null ? "" : (names[row.label] ?? String(row.label))),
@@ -317,6 +316,50 @@ async function listRows() {
   galleryWarnings([...(r.warnings || []), ...(found.warnings || [])]);
   // at either end its button is off (it did nothing, looking as if it would)
   $("run-prev").disabled = R.offset === 0; $("run-next").disabled = R.offset + found.rows.length >= found.total;
+}
+
+// A row's thumbnail. It is fetched with fetch(), not by the <img> itself, so that the warnings raised
+// while the server read it (its X-Salience-Warnings header, a JSON list: e.g. PIL's
+// DecompressionBombWarning on a sprite over its pixel limit) are shown as text under it, from the same
+// answer that drew it (an <img> cannot read a header: they went to the server's log only). Fetched when
+// it comes near the view, as loading="lazy" did; one that cannot be read is drawn as gone. While it
+// loads its data-state is "loading", then "shown" or "gone".
+const thumbsNear = new IntersectionObserver((seen) => {
+  for (const e of seen) if (e.isIntersecting) { thumbsNear.unobserve(e.target); loadThumb(e.target); }
+}, { rootMargin: "200px" });
+
+function runThumb(url) {
+  const img = el("img", { alt: "", "data-src": url, "data-state": "loading" });
+  thumbsNear.observe(img);
+  return img;
+}
+
+async function loadThumb(img) {
+  let said = [];
+  try {
+    const r = await fetch(img.dataset.src);
+    if (!r.ok) throw new Error(`${r.status} ${r.statusText}`);
+    said = headerWarnings(r);
+    const url = URL.createObjectURL(await r.blob());
+    await new Promise((ok, fail) => { img.onload = ok; img.onerror = fail; img.src = url; });
+    URL.revokeObjectURL(url);  // drawn: the picture stays
+    img.dataset.state = "shown";
+  } catch (e) {
+    if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+    gone({ target: img }); img.dataset.state = "gone";
+  }
+  if (said.length) img.after(warningBox(said));
+}
+
+// The texts of an answer's X-Salience-Warnings header (none: []); a header that is not a JSON list of
+// texts is shown as it came
+function headerWarnings(r) {
+  const h = r.headers.get("X-Salience-Warnings");
+  if (!h) return [];
+  try {
+    const texts = JSON.parse(h);
+    return Array.isArray(texts) ? texts.map(String) : [h];
+  } catch (e) { return [h]; }
 }
 
 // The warnings raised while the run was described and this page of rows was read, as text under the
