@@ -578,3 +578,38 @@ def test_a_ray_resume_checks_the_begun_labels_in_its_decoding_tasks_without_ship
     resumed = salience.explain_dataset(model, Items(), ["vanilla"], folder, engine="ray", actors=1, **kw)
     cols = [c for c in first.column_names if c != "shard"]
     assert resumed.complete and resumed.table.select(cols).equals(first.select(cols))
+
+
+def test_a_ray_run_begun_reading_labels_with_each_item_continues_with_labels_that_agree(cluster, tmp_path):
+    """A run of a Dataset of ``(input, label)`` begun reading each label with its item, continued on Ray
+    with ``labels=``: the labels its items carry continue it to the uninterrupted rows; a given label
+    that an item still to explain does not carry stops the run in its decoding task with the local
+    engine's message (before: refused whatever the labels)."""
+    import torch
+
+    class Items(torch.utils.data.Dataset):  # defined here: Ray's workers get it by value
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i):
+            return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)), (i * 2) % 3
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    kw = dict(shard_size=2, batch_size=2, workers=0, map_dtype="float32")
+    items = [(i * 2) % 3 for i in range(8)]
+    folder = tmp_path / "run"
+    first = salience.explain_dataset(model, Items(), ["vanilla"], folder, **kw).table
+    for name in ("000000004", "000000006"):
+        (folder / "shards" / f"{name}.parquet").unlink()
+    (folder / "index.parquet").unlink()
+    other = items[:6] + [2, items[7]]  # image 6 carries 0
+    with pytest.raises(SalienceError, match=r"^" + re.escape(
+            f"{folder} holds a run of a different command (labels: image 6 (Items[6]): label 0 -> 2, given up front "
+            "(labels=, --labels-csv); the run was begun reading the labels with each item, and its item carries 0)")):
+        salience.explain_dataset(model, Items(), ["vanilla"], folder, labels=other, engine="ray", actors=1, **kw)
+    assert "shards/000000006.parquet" not in _committed(folder)
+    resumed = salience.explain_dataset(model, Items(), ["vanilla"], folder, labels=items, engine="ray", actors=1, **kw)
+    cols = [c for c in first.column_names if c != "shard"]
+    assert resumed.complete and resumed.table.select(cols).equals(first.select(cols))

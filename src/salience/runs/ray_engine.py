@@ -61,7 +61,8 @@ def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] 
                 raise refusal
             if plan is not None and begun_in is not None and "begun" in batch:
                 was = int(batch["begun"][j]) if batch["has_begun"][j] else None
-                refusal = job.begun_label_refusal(begun_in, at, plan.paths[at], was, items[-1].label)
+                refusal = job.begun_label_refusal(begun_in, at, plan.paths[at], was, items[-1].label,
+                                                  plan.labels_given)
                 if refusal is not None:
                     raise refusal
     except Exception as e:  # noqa: BLE001 - the user's dataset's own error (a KeyError) too: the driver raises it
