@@ -1576,6 +1576,18 @@ def _reads(log: Path) -> tuple[list[int], list[int]]:
     return here, sorted(int(i) for pid, i in lines if int(pid) != os.getpid())
 
 
+def _six(tmp_path: Path, workers: int = 0) -> tuple:
+    """The label-resume tests' setup: a SmallCNN seeded with 0, a :class:`_Logged` dataset of 6 items
+    ``(input, i % 4)`` (labels 0 1 2 3 0 1) logging its reads to ``tmp_path / "reads.log"`` (:func:`_reads`),
+    the run's keywords (shards and batches of 2, ``workers`` DataLoader workers) and its folder
+    ``tmp_path / "run"``: ``(model, log, ds, kw, folder)``."""
+    from conftest import SmallCNN
+
+    torch.manual_seed(0)
+    log = tmp_path / "reads.log"
+    return SmallCNN().eval(), log, _Logged(log, n=6), dict(shard_size=2, batch_size=2, workers=workers), tmp_path / "run"
+
+
 def test_a_labelled_dataset_reads_each_item_once_and_a_resume_reads_no_finished_one(tmp_path):
     """A user's Dataset of (input, label) that does not say its labels without its items: each item is
     read once, in the DataLoader worker (its label with its image), and the first once more in the
@@ -1631,13 +1643,7 @@ def test_a_run_begun_with_labels_given_is_not_continued_with_other_labels_its_it
     explained the items' labels for the rest: rows 0-1 label 3, rows 2-5 the items' 2, 3, 0, 1. Now the
     first image whose item's label differs stops the run, naming it and both labels; the same labels
     continue it, and so does leaving labels= out when the items carry the labels it was begun with."""
-    from conftest import SmallCNN
-
-    torch.manual_seed(0)
-    model = SmallCNN().eval()
-    ds = _Logged(tmp_path / "reads.log", n=6)  # the items' labels: 0 1 2 3 0 1
-    kw = dict(shard_size=2, batch_size=2, workers=0)
-    folder = tmp_path / "run"
+    model, _, ds, kw, folder = _six(tmp_path)  # the items' labels: 0 1 2 3 0 1
     first = salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[3] * 6, **kw).table
     (folder / "shards" / "000000002.parquet").unlink()  # the run cut short
     with pytest.raises(SalienceError, match=r"^" + re.escape(
@@ -1682,14 +1688,7 @@ def test_a_run_begun_with_labels_whose_inputs_parquet_lacks_them_is_not_continue
     labels= is checked image by image again."""
     import pyarrow.parquet as pq
 
-    from conftest import SmallCNN
-
-    torch.manual_seed(0)
-    model = SmallCNN().eval()
-    log = tmp_path / "reads.log"
-    ds = _Logged(log, n=6)  # the items' labels: 0 1 2 3 0 1
-    kw = dict(shard_size=2, batch_size=2, workers=0)
-    folder = tmp_path / "run"
+    model, log, ds, kw, folder = _six(tmp_path)  # the items' labels: 0 1 2 3 0 1
     first = salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[3] * 6, **kw).table
     for name in ("000000002", "000000004"):
         (folder / "shards" / f"{name}.parquet").unlink()
@@ -1734,14 +1733,7 @@ def test_a_resume_compares_the_labels_before_any_batch_is_read(tmp_path):
     compared only when its batch came, after the workers had read it again. A later image whose
     item's label differs is found when its batch comes (there is no pass over the data to read the
     labels); the shards before it stay."""
-    from conftest import SmallCNN
-
-    torch.manual_seed(0)
-    model = SmallCNN().eval()
-    log = tmp_path / "reads.log"
-    ds = _Logged(log, n=6)  # the items' labels: 0 1 2 3 0 1
-    kw = dict(shard_size=2, batch_size=2, workers=1)
-    folder = tmp_path / "run"
+    model, log, ds, kw, folder = _six(tmp_path, workers=1)  # the items' labels: 0 1 2 3 0 1
     salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[2, 2, 3, 3, 3, 3], **kw)
     for name in ("000000002", "000000004"):
         (folder / "shards" / f"{name}.parquet").unlink()
@@ -1785,16 +1777,9 @@ def test_a_run_begun_reading_labels_with_each_item_is_continued_with_labels_that
     explain takes its given label only when its item carries that label (the run stays one of the
     items' labels, so a later resume without labels= reads the same ones): the first image still to
     explain is compared before the run, the others when their batch comes (the shards before stay)."""
-    from conftest import SmallCNN
-
-    torch.manual_seed(0)
-    model = SmallCNN().eval()
-    log = tmp_path / "reads.log"
-    ds = _Logged(log, n=6)  # the items' labels: 0 1 2 3 0 1
+    model, log, ds, kw, folder = _six(tmp_path)  # the items' labels: 0 1 2 3 0 1
     items = [i % 4 for i in range(6)]
-    kw = dict(shard_size=2, batch_size=2, workers=0)
     whole = salience.explain_dataset(model, ds, ["vanilla"], tmp_path / "whole", **kw).table
-    folder = tmp_path / "run"
     salience.explain_dataset(model, ds, ["vanilla"], folder, **kw)
     for name in ("000000002", "000000004"):
         (folder / "shards" / f"{name}.parquet").unlink()
