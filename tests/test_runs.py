@@ -1576,6 +1576,18 @@ def _reads(log: Path) -> tuple[list[int], list[int]]:
     return here, sorted(int(i) for pid, i in lines if int(pid) != os.getpid())
 
 
+def _six(tmp_path: Path, workers: int = 0) -> tuple:
+    """The label-resume tests' setup: a SmallCNN seeded with 0, a :class:`_Logged` dataset of 6 items
+    ``(input, i % 4)`` (labels 0 1 2 3 0 1) logging its reads to ``tmp_path / "reads.log"`` (:func:`_reads`),
+    the run's keywords (shards and batches of 2, ``workers`` DataLoader workers) and its folder
+    ``tmp_path / "run"``: ``(model, log, ds, kw, folder)``."""
+    from conftest import SmallCNN
+
+    torch.manual_seed(0)
+    log = tmp_path / "reads.log"
+    return SmallCNN().eval(), log, _Logged(log, n=6), dict(shard_size=2, batch_size=2, workers=workers), tmp_path / "run"
+
+
 def test_a_labelled_dataset_reads_each_item_once_and_a_resume_reads_no_finished_one(tmp_path):
     """A user's Dataset of (input, label) that does not say its labels without its items: each item is
     read once, in the DataLoader worker (its label with its image), and the first once more in the
@@ -1631,13 +1643,7 @@ def test_a_run_begun_with_labels_given_is_not_continued_with_other_labels_its_it
     explained the items' labels for the rest: rows 0-1 label 3, rows 2-5 the items' 2, 3, 0, 1. Now the
     first image whose item's label differs stops the run, naming it and both labels; the same labels
     continue it, and so does leaving labels= out when the items carry the labels it was begun with."""
-    from conftest import SmallCNN
-
-    torch.manual_seed(0)
-    model = SmallCNN().eval()
-    ds = _Logged(tmp_path / "reads.log", n=6)  # the items' labels: 0 1 2 3 0 1
-    kw = dict(shard_size=2, batch_size=2, workers=0)
-    folder = tmp_path / "run"
+    model, _, ds, kw, folder = _six(tmp_path)  # the items' labels: 0 1 2 3 0 1
     first = salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[3] * 6, **kw).table
     (folder / "shards" / "000000002.parquet").unlink()  # the run cut short
     with pytest.raises(SalienceError, match=r"^" + re.escape(
@@ -1682,14 +1688,7 @@ def test_a_run_begun_with_labels_whose_inputs_parquet_lacks_them_is_not_continue
     labels= is checked image by image again."""
     import pyarrow.parquet as pq
 
-    from conftest import SmallCNN
-
-    torch.manual_seed(0)
-    model = SmallCNN().eval()
-    log = tmp_path / "reads.log"
-    ds = _Logged(log, n=6)  # the items' labels: 0 1 2 3 0 1
-    kw = dict(shard_size=2, batch_size=2, workers=0)
-    folder = tmp_path / "run"
+    model, log, ds, kw, folder = _six(tmp_path)  # the items' labels: 0 1 2 3 0 1
     first = salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[3] * 6, **kw).table
     for name in ("000000002", "000000004"):
         (folder / "shards" / f"{name}.parquet").unlink()
@@ -1734,14 +1733,7 @@ def test_a_resume_compares_the_labels_before_any_batch_is_read(tmp_path):
     compared only when its batch came, after the workers had read it again. A later image whose
     item's label differs is found when its batch comes (there is no pass over the data to read the
     labels); the shards before it stay."""
-    from conftest import SmallCNN
-
-    torch.manual_seed(0)
-    model = SmallCNN().eval()
-    log = tmp_path / "reads.log"
-    ds = _Logged(log, n=6)  # the items' labels: 0 1 2 3 0 1
-    kw = dict(shard_size=2, batch_size=2, workers=1)
-    folder = tmp_path / "run"
+    model, log, ds, kw, folder = _six(tmp_path, workers=1)  # the items' labels: 0 1 2 3 0 1
     salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[2, 2, 3, 3, 3, 3], **kw)
     for name in ("000000002", "000000004"):
         (folder / "shards" / f"{name}.parquet").unlink()
@@ -1764,18 +1756,65 @@ def test_a_resume_compares_the_labels_before_any_batch_is_read(tmp_path):
     with pytest.raises(SalienceError, match=r"labels: image 4 \(_Logged\[4\]\): label 3 -> 0, the label its item"):
         salience.explain_dataset(model, ds3, ["vanilla"], folder, **kw)
     assert {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet", "000000002.parquet"}
-    # begun reading the labels with each item, continued with labels given up front: refused before any
-    # read but the first image still to explain, saying so (before: "labels: 'read with each item' -> '<digest>'")
+    # begun reading the labels with each item, continued with labels given up front that its rows hold: the
+    # rows compared before any read, the first image still to explain before the run (before: refused, "labels:
+    # read with each item of the dataset when the run began, now given up front"; the refusals of labels that
+    # differ: test_a_run_begun_reading_labels_with_each_item_is_continued_with_labels_that_agree)
     other = tmp_path / "other"
     salience.explain_dataset(model, ds, ["vanilla"], other, **kw)
     (other / "shards" / "000000002.parquet").unlink()
     _reads(log)
+    salience.explain_dataset(model, ds, ["vanilla"], other, labels=[i % 4 for i in range(6)], **kw)
+    assert _reads(log) == ([2], [2, 3])
+
+
+def test_a_run_begun_reading_labels_with_each_item_is_continued_with_labels_that_agree(tmp_path):
+    """A run of a Dataset of (input, label) begun reading each label with its item (its rows hold them,
+    its inputs.parquet none), cut short, continued with ``labels=``: before, refused whatever the labels
+    ("begun reading the labels with each item ... leave them out"). Now labels that agree with the
+    committed rows' continue it, to the uninterrupted run's rows; labels that differ from a committed
+    row's are refused before any batch, naming the first such image and both labels; an image still to
+    explain takes its given label only when its item carries that label (the run stays one of the
+    items' labels, so a later resume without labels= reads the same ones): the first image still to
+    explain is compared before the run, the others when their batch comes (the shards before stay)."""
+    model, log, ds, kw, folder = _six(tmp_path)  # the items' labels: 0 1 2 3 0 1
+    items = [i % 4 for i in range(6)]
+    whole = salience.explain_dataset(model, ds, ["vanilla"], tmp_path / "whole", **kw).table
+    salience.explain_dataset(model, ds, ["vanilla"], folder, **kw)
+    for name in ("000000002", "000000004"):
+        (folder / "shards" / f"{name}.parquet").unlink()
+    (folder / "index.parquet").unlink()
+    _reads(log)
+    advice = ("leave the labels out (or give the ones its items carry) to continue it, choose another --out, or add "
+              "--overwrite to start again")
+    # image 1's row holds 1 (its item's): refused before any batch
     with pytest.raises(SalienceError, match=r"^" + re.escape(
-            f"{other} holds a run of a different command (labels: read with each item of the dataset when the run "
-            "began, now given up front (labels=, --labels-csv); leave them out to continue it); run the same "
-            "command to continue it")):
-        salience.explain_dataset(model, ds, ["vanilla"], other, labels=[i % 4 for i in range(6)], **kw)
-    assert _reads(log) == ([2], [])
+            f"{folder} holds a run of a different command (labels: image 1 (_Logged[1]): label 1 -> 2, given up "
+            "front (labels=, --labels-csv); the run was begun reading the labels with each item, and its row holds "
+            f"1); {advice}") + r"$"):
+        salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[0, 2, 2, 3, 0, 1], **kw)
+    assert _reads(log)[1] == [] and {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet"}
+    # the first image still to explain (2) carries 2, not 1: refused before the run, only it read
+    with pytest.raises(SalienceError, match=r"^" + re.escape(
+            f"{folder} holds a run of a different command (labels: image 2 (_Logged[2]): label 2 -> 1, given up "
+            "front (labels=, --labels-csv); the run was begun reading the labels with each item, and its item "
+            f"carries 2); {advice}") + r"$"):
+        salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[0, 1, 1, 3, 0, 1], **kw)
+    assert _reads(log) == ([2], []) and {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet"}
+    # image 4 carries 0, not 3: found when its batch comes; shard 2 (its items agree) is written
+    with pytest.raises(SalienceError, match=re.escape("(labels: image 4 (_Logged[4]): label 0 -> 3, given up front")):
+        salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[0, 1, 2, 3, 3, 1], **kw)
+    assert {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet", "000000002.parquet"}
+    # the labels its items carry: continued, to the uninterrupted run's rows
+    again = salience.explain_dataset(model, ds, ["vanilla"], folder, labels=items, **kw)
+    assert again.complete and again.table.column("label").to_pylist() == items
+    assert again.table.column("targets").to_pylist() == [[v] for v in items]
+    cols = [c for c in whole.column_names if c != "shard"]
+    assert again.table.select(cols).equals(whole.select(cols))
+    assert json.loads((folder / "run.json").read_text())["command"]["labels"] == "read with each item"
+    # and later without labels= as before (the run is still one of the items' labels)
+    (folder / "shards" / "000000004.parquet").unlink()
+    assert salience.explain_dataset(model, ds, ["vanilla"], folder, **kw).table.select(cols).equals(whole.select(cols))
 
 
 class _Failing(torch.utils.data.Dataset):

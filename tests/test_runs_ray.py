@@ -578,3 +578,122 @@ def test_a_ray_resume_checks_the_begun_labels_in_its_decoding_tasks_without_ship
     resumed = salience.explain_dataset(model, Items(), ["vanilla"], folder, engine="ray", actors=1, **kw)
     cols = [c for c in first.column_names if c != "shard"]
     assert resumed.complete and resumed.table.select(cols).equals(first.select(cols))
+
+
+class _Stop(Exception):
+    """Raised by a spy of ``map_batches`` once it has what a run sends its tasks and actors."""
+
+
+def _sent(monkeypatch, stop: bool = False) -> dict:
+    """Spy on ``ray.data.Dataset.map_batches``: the bytes each decoding task (``fn_kwargs``) and each
+    actor (``fn_constructor_args``) of the next run is sent, as Ray's cloudpickle writes them; ``stop``:
+    stop the run there (:class:`_Stop`), before any image is decoded."""
+    sizes: dict = {}
+    map_batches = getattr(ray.data.Dataset.map_batches, "unspied", ray.data.Dataset.map_batches)  # not an earlier spy
+
+    def spy(self, fn, *args, **kwargs):
+        if "fn_kwargs" in kwargs:
+            sizes["task"] = len(ray.cloudpickle.dumps(kwargs["fn_kwargs"]))
+        if "fn_constructor_args" in kwargs:
+            sizes["actor"] = len(ray.cloudpickle.dumps(kwargs["fn_constructor_args"]))
+            if stop:
+                raise _Stop
+        return map_batches(self, fn, *args, **kwargs)
+
+    spy.unspied = map_batches
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", spy)
+    return sizes
+
+
+def test_what_each_ray_task_and_actor_is_sent_does_not_grow_with_the_runs_images(cluster, images, tmp_path,
+                                                                                monkeypatch):
+    """Each decoding task and each actor was sent the run's whole per-image lists: the plan's paths
+    (and labels given up front), the image decoder's paths and masks, a user's dataset (before: 2,000
+    more paths made each task's payload 3.9 kB -> 342 kB and each actor's 2.8 kB -> 173 kB; with 10,000
+    paths, 782 kB a task and 402 kB an actor). Now each row of the Ray dataset carries its own image's path, file, mask and label, and
+    a user's dataset goes once into the object store (a reference sent, fetched once per worker
+    process): what each is sent is the same for 21 images and for 2,021. The run itself is
+    unchanged: its rows and maps are the local engine's (labels given up front, masks, pointing game)."""
+    import torch
+    from PIL import Image
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for stem in ("000", "003", "011"):
+        Image.fromarray(np.kron(np.eye(2, dtype=np.uint8) * 255, np.ones((8, 8), np.uint8))).save(masks / f"{stem}.png")
+    files = sorted(str(p) for p in (images / "imgs").iterdir())  # 20 images and a broken one
+    kw = dict(shard_size=SHARD, batch_size=BATCH, workers=0, masks=masks, metrics=["pointing"])
+    labels = [i % 2 for i in range(len(files))]
+    local = salience.explain_dataset("demo:shapes", files, METHODS, tmp_path / "loc", labels=labels, **kw)
+    small = _sent(monkeypatch)
+    on_ray = salience.explain_dataset("demo:shapes", files, METHODS, tmp_path / "ray", labels=labels, engine="ray",
+                                      **kw)
+    cols = [c for c in local.table.column_names if c != "shard"]
+    assert on_ray.table.select(cols).equals(local.table.select(cols))
+    assert on_ray.table.column("label").to_pylist() == labels
+    assert on_ray.table.column("vanilla.pointing").null_count == len(files) - 3  # the 3 masked images are scored
+    for i in range(len(files) - 1):
+        for m in METHODS:
+            np.testing.assert_array_equal(on_ray.map(i, m), local.map(i, m))
+    more = files + [str(tmp_path / f"missing_{i:05d}.png") for i in range(2000)]
+    big = _sent(monkeypatch, stop=True)
+    with pytest.raises(_Stop):
+        salience.explain_dataset("demo:shapes", more, METHODS, tmp_path / "big", labels=[i % 2 for i in
+                                 range(len(more))], engine="ray", **kw)
+    assert abs(big["task"] - small["task"]) <= 16 and abs(big["actor"] - small["actor"]) <= 16, (small, big)
+
+    class Named(torch.utils.data.Dataset):  # a user's dataset holding a name per item; Ray's workers get it by value
+        def __init__(self, n):
+            self.names = [f"/data/some/folder/image_{i:06d}.png" for i in range(n)]
+
+        def __len__(self):
+            return len(self.names)
+
+        def __getitem__(self, i):
+            return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)), i % 3
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    sent = []
+    for n, out in ((20, "u20"), (2000, "u2k")):
+        sent.append(_sent(monkeypatch, stop=True))
+        with pytest.raises(_Stop):
+            salience.explain_dataset(model, Named(n), ["vanilla"], tmp_path / out, shard_size=SHARD, batch_size=BATCH,
+                                     workers=0, engine="ray", actors=1)
+    assert abs(sent[1]["task"] - sent[0]["task"]) <= 16 and abs(sent[1]["actor"] - sent[0]["actor"]) <= 16, sent
+
+
+def test_a_ray_run_begun_reading_labels_with_each_item_continues_with_labels_that_agree(cluster, tmp_path):
+    """A run of a Dataset of ``(input, label)`` begun reading each label with its item, continued on Ray
+    with ``labels=``: the labels its items carry continue it to the uninterrupted rows; a given label
+    that an item still to explain does not carry stops the run in its decoding task with the local
+    engine's message (before: refused whatever the labels)."""
+    import torch
+
+    class Items(torch.utils.data.Dataset):  # defined here: Ray's workers get it by value
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i):
+            return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)), (i * 2) % 3
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    kw = dict(shard_size=2, batch_size=2, workers=0, map_dtype="float32")
+    items = [(i * 2) % 3 for i in range(8)]
+    folder = tmp_path / "run"
+    first = salience.explain_dataset(model, Items(), ["vanilla"], folder, **kw).table
+    for name in ("000000004", "000000006"):
+        (folder / "shards" / f"{name}.parquet").unlink()
+    (folder / "index.parquet").unlink()
+    other = items[:6] + [2, items[7]]  # image 6 carries 0
+    with pytest.raises(SalienceError, match=r"^" + re.escape(
+            f"{folder} holds a run of a different command (labels: image 6 (Items[6]): label 0 -> 2, given up front "
+            "(labels=, --labels-csv); the run was begun reading the labels with each item, and its item carries 0)")):
+        salience.explain_dataset(model, Items(), ["vanilla"], folder, labels=other, engine="ray", actors=1, **kw)
+    assert "shards/000000006.parquet" not in _committed(folder)
+    resumed = salience.explain_dataset(model, Items(), ["vanilla"], folder, labels=items, engine="ray", actors=1, **kw)
+    cols = [c for c in first.column_names if c != "shard"]
+    assert resumed.complete and resumed.table.select(cols).equals(first.select(cols))

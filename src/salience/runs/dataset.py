@@ -185,6 +185,13 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     check_folder(folder, overwrite)
     with run_lock(folder) as writer:  # one writer: a second run on this folder is refused while this one lives
         store = Store(folder, manifest, overwrite=overwrite, legacy=legacy, planned=planned)
+        if known_labels is not None and store.manifest["command"].get("labels") == ITEM_LABELS:
+            # begun reading its labels with each item, continued with labels given up front that its committed
+            # rows hold (Store checked them): still a run of the labels its items carry, and each item still to
+            # explain must carry its given label (a run's rows are one set of labels, whichever call wrote them)
+            plan.labels, plan.item_labels = None, True
+            plan.begun_labels, plan.labels_given = (str(store.folder), list(known_labels)), True
+            item_labels, known_labels = True, None  # its inputs.parquet holds no labels (the rows do)
         store.write_inputs(paths, known_labels, mask_list)
         plan.paths = store.input_paths()  # a continued run's rows keep the paths its first command gave
         plan.map_dtype = store.manifest.get("map_dtype", map_dtype)  # a continued run's: its shards are stored so

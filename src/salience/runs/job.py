@@ -28,6 +28,7 @@ from salience.loading.images import unnormalize
 from salience.methods.integrated import CompletenessWarning, GapReport, collect_gaps
 from salience.render import viz
 from salience.runs.sources import Item
+from salience.runs.store import GIVEN_LABELS_ADVICE, given_label_difference
 from salience.targets import Regression
 
 THUMB = 96
@@ -83,7 +84,13 @@ class Plan:
     """A continued run of ``item_labels`` begun when the labels were given (or read) up front: its
     folder and those labels (its ``inputs.parquet``), which each item's label must equal
     (:meth:`label`): a run explains one set of labels, not the first ones for its first shards and
-    the items' for the rest."""
+    the items' for the rest. With :attr:`labels_given`: the labels given up front now to a run begun
+    reading them with each item (whose committed rows agree with them): each item still to explain
+    must carry its given label, so that the run's rows stay the labels its items carry."""
+    labels_given: bool = False
+    """Whether :attr:`begun_labels` are labels given now (``labels=``, ``--labels-csv``) to a run begun
+    reading its labels with each item, rather than those the run was begun with: what a refusal says
+    (:func:`begun_label_refusal`)."""
 
     def has_labels(self) -> bool:
         """Whether the rows have labels (given, or the items')."""
@@ -99,7 +106,8 @@ class Plan:
         if self.item_labels and self.begun_labels is not None:
             folder, was = self.begun_labels
             if it.index < len(was) and (refusal := begun_label_refusal(folder, it.index, self.paths[it.index],
-                                                                       was[it.index], v)) is not None:
+                                                                       was[it.index], v, self.labels_given)
+                                        ) is not None:
                 raise refusal
         if v is not None and self.classes is not None and not 0 <= v < self.classes:
             raise SalienceError(f"label {v} of image {it.index} ({self.paths[it.index]}) is out of range for the "
@@ -111,13 +119,18 @@ class Plan:
         return Regression(int(self.fixed or 0), self.direction) if self.mode == "regression" else None
 
 
-def begun_label_refusal(folder: str, index: int, path: str, was: Optional[int],
-                        now: Optional[int]) -> Optional[SalienceError]:
+def begun_label_refusal(folder: str, index: int, path: str, was: Optional[int], now: Optional[int],
+                        given: bool = False) -> Optional[SalienceError]:
     """The refusal of image ``index`` (``path``) whose item carries the label ``now`` in a run (in
     ``folder``) begun with ``was`` given up front (:attr:`Plan.begun_labels`); ``None`` when they agree.
-    :meth:`Plan.label` and the Ray decoding tasks (each sent only its images' begun labels) raise it."""
+    ``given``: ``was`` is the label given now to a run begun reading its labels with each item
+    (:attr:`Plan.labels_given`). :meth:`Plan.label` and the Ray decoding tasks (each sent only its
+    images' begun labels) raise it."""
     if was == now:
         return None
+    if given:
+        detail = given_label_difference(index, path, now, was, "item carries")
+        return SalienceError(f"{folder} holds a run of a different command ({detail}); {GIVEN_LABELS_ADVICE}")
     return SalienceError(
         f"{folder} holds a run of a different command (labels: image {index} ({path}): label {was} -> {now}, the "
         "label its item carries; the run was begun with its labels given up front); give the same labels= "

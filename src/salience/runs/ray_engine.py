@@ -27,7 +27,7 @@ from salience._core.errors import SalienceError
 from salience._core.progress import progress
 from salience.runs import job
 from salience.runs.lock import Writer, commit_fence
-from salience.runs.sources import Item, Raised, read_once
+from salience.runs.sources import ImageFiles, Item, Raised, read_once
 
 
 def _ray() -> Any:
@@ -40,9 +40,51 @@ def _ray() -> Any:
     return ray
 
 
+_HELD: dict[str, Any] = {}
+"""The run's dataset in this Ray worker process, by its object's id (:func:`_dataset`): fetched and
+unpickled once per process, not once per decoding task."""
+
+
+def _dataset(dataset: Any) -> Any:
+    """``dataset``, or the object a reference to it (``ray.put`` by the driver: a user's dataset, sent
+    once into the object store) names, read once in this process (the latest run's kept only)."""
+    ray = _ray()
+    if not isinstance(dataset, ray.ObjectRef):
+        return dataset
+    key = dataset.hex()
+    if key not in _HELD:
+        _HELD.clear()
+        _HELD[key] = ray.get(dataset)
+    return _HELD[key]
+
+
+def _some(plan: job.Plan, batch: dict[str, np.ndarray]) -> job.Plan:
+    """The plan a task or actor was sent (without the run's per-image lists: :func:`_rows`) with the
+    ``paths`` (and given ``labels``) of ``batch``'s images, from its columns, by index: what
+    :func:`job.explain_items` and the refusals read of them."""
+    if not isinstance(plan.paths, dict):  # the run's whole list (not sent so by :func:`run`)
+        return plan
+    indices = [int(i) for i in batch["index"]]
+    some: dict[str, Any] = {"paths": {**plan.paths, **{i: str(p) for i, p in zip(indices, batch["path"])}}}
+    if plan.labels is not None and "given" in batch:
+        some["labels"] = {i: int(v) if has else None for i, v, has in zip(indices, batch["given"], batch["has_given"])}
+    return dataclasses.replace(plan, **some)
+
+
+def _read(dataset: Any, batch: dict[str, np.ndarray], j: int, at: int) -> Item:
+    """Row ``j`` (image ``at``) of ``batch`` read: an image file from the row's own ``file`` and ``mask``
+    columns (the decoder holds no paths: :meth:`ImageFiles.without_files`), else the dataset's item."""
+    if isinstance(dataset, ImageFiles) and "file" in batch:
+        return dataset.read(at, str(batch["file"][j]), str(batch["mask"][j]) if batch["has_mask_file"][j] else None)
+    return dataset[at]
+
+
 def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] = None,
            begun_in: Optional[str] = None) -> dict[str, np.ndarray]:
     """Ray task: a batch of ``index`` rows -> decoded inputs (the run's dataset, as the local engine).
+    The rows carry what the task needs of each of their images (:func:`_rows`: its path, its file and
+    mask, its given and begun labels); ``dataset`` is a decoder without the run's paths, or a reference
+    to the user's dataset (:func:`_dataset`).
     An image the run refuses (a user's item that is no image tensor; one whose shape is not the run's
     first image's, ``plan.first_input``; one whose item carries another label than the ``begun``
     column, the label the run in ``begun_in`` was begun with: :func:`job.begun_label_refusal`) or whose
@@ -51,23 +93,28 @@ def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] 
     would raise its ``RayTaskError`` with the traceback as text, or numpy's "all input arrays must have
     the same shape")."""
     indices = [int(i) for i in batch["index"]]
+    dataset = _dataset(dataset)
+    if plan is not None and "path" in batch:
+        plan = _some(plan, batch)
     raised = ""
     items: list[Item] = []
     at = None
     try:
         for j, at in enumerate(indices):  # at: the image being read when it raises
-            items.append(dataset[at])
+            items.append(_read(dataset, batch, j, at))
             if plan is not None and (refusal := job.shape_refusal(plan, items[-1])) is not None:
                 raise refusal
             if plan is not None and begun_in is not None and "begun" in batch:
                 was = int(batch["begun"][j]) if batch["has_begun"][j] else None
-                refusal = job.begun_label_refusal(begun_in, at, plan.paths[at], was, items[-1].label)
+                refusal = job.begun_label_refusal(begun_in, at, plan.paths[at], was, items[-1].label,
+                                                  plan.labels_given)
                 if refusal is not None:
                     raise refusal
     except Exception as e:  # noqa: BLE001 - the user's dataset's own error (a KeyError) too: the driver raises it
         if plan is None or plan.first_input is None:
             raise
-        path = plan.paths[at] if at is not None and at < len(plan.paths) else None
+        path = plan.paths.get(at) if isinstance(plan.paths, dict) else (  # type: ignore[union-attr]
+            plan.paths[at] if at is not None and at < len(plan.paths) else None)
         raised = _raised(e, "Ray task decoding images", at, path)
         items = [Item(i, torch.zeros(plan.first_input[1]), -1, -1, None) for i in indices]
     out = {"index": np.asarray([it.index for it in items], dtype=np.int64),
@@ -80,6 +127,9 @@ def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] 
            "label": np.asarray([it.label if it.label is not None else -1 for it in items], dtype=np.int64),
            "has_label": np.asarray([it.label is not None for it in items], dtype=bool),
            "raised": np.asarray([raised] * len(items), dtype=object)}
+    for name in ("path", "given", "has_given"):  # the rows' own, for the actor
+        if name in batch:
+            out[name] = np.asarray(batch[name])
     # every block has the same columns; an image without a mask travels as zeros with has_mask False
     # (each image with a mask is scored, whatever the others of its block have)
     blank = np.zeros(tuple(items[0].x.shape[-2:]), dtype=bool) if items else np.zeros((0, 0), dtype=bool)
@@ -162,13 +212,17 @@ class Explain:
                       torch.from_numpy(np.array(batch["mask"][j])) if batch["has_mask"][j] else None,
                       str(batch["mask_error"][j]) or None,
                       int(batch["label"][j]) if batch["has_label"][j] else None) for j in range(n)]
+        plan = _some(self.plan, batch) if "path" in batch else self.plan
         parts = []
         for s in range(0, n, self.batch):
             part = items[s:s + self.batch]
             with _perf.performance(**vars(self.performance)):
-                parts.append(job.explain_items(self.model, part, self.plan))
+                parts.append(job.explain_items(self.model, part, plan))
             if self.png:
-                write_overlays(self.store.folder, part, parts[-1], self.plan)
+                write_overlays(self.store.folder, part, parts[-1], plan)
+        # what the batches learnt that later ones need (maps' shapes, warnings said once)
+        for name in ("shapes", "first_input", "gap_warned", "storage_warned"):
+            setattr(self.plan, name, getattr(plan, name))
         indices = [it.index for it in items]
         with commit_fence(self.writer):  # refused once the driver's run has ended (an error, Ctrl-C)
             name = commit(self.store, indices, parts)
@@ -200,19 +254,44 @@ def shipped(ray: Any, run: Any, weights: Optional[str] = None) -> Any:
     return model
 
 
-def _rows(pending: list[int], plan: job.Plan) -> tuple[list[dict[str, Any]], job.Plan, Optional[str]]:
-    """The Ray dataset's rows of the ``pending`` images, the plan the tasks and actors get, and the
-    folder of the run whose begun labels the rows carry. A continued run of labels read with each
-    item, begun with them given up front (:attr:`job.Plan.begun_labels`: one per image of the run),
-    gives each row its image's begun label (``begun``, ``has_begun``), which its decoding task
-    compares with the item's; the plan shipped to every task and actor is sent without that list, so
-    what each holds does not grow with the run's images."""
+def _rows(pending: list[int], plan: job.Plan,
+          dataset: Any = None) -> tuple[list[dict[str, Any]], job.Plan, Optional[str], Any]:
+    """The Ray dataset's rows of the ``pending`` images, the plan the tasks and actors get, the
+    folder of the run whose begun labels the rows carry, and the dataset the decoding tasks get.
+    What the run holds per image travels with that image's row, never whole to every task and actor
+    (what each would hold would grow with the run's images): its ``path`` (the rows' name of it; the
+    plan shipped keeps the first image's only, which a shape refusal names), the labels given up
+    front (``given``, ``has_given``), an image file's ``file`` and ``mask`` (the decoder is sent
+    without its lists: :meth:`ImageFiles.without_files`), and in a continued run of labels read with
+    each item checked against others (:attr:`job.Plan.begun_labels`: those it was begun with, or those
+    given now) its image's one (``begun``, ``has_begun``), which its decoding task compares with the
+    item's. A user's dataset is sent as a reference (:func:`_dataset`): into the object store once,
+    fetched once per worker process."""
+    rows: list[dict[str, Any]] = [{"index": i, "path": str(plan.paths[i])} for i in pending]
+    shipped_plan = dataclasses.replace(plan, paths={}, begun_labels=None)
+    if plan.first_input is not None:
+        shipped_plan.paths = {plan.first_input[0]: str(plan.paths[plan.first_input[0]])}  # type: ignore[assignment]
+    if plan.labels is not None:
+        shipped_plan.labels = {}  # type: ignore[assignment]
+        for row in rows:
+            v = plan.labels[row["index"]]
+            row["given"], row["has_given"] = -1 if v is None else int(v), v is not None
+    if isinstance(dataset, ImageFiles):
+        for row in rows:
+            i = row["index"]
+            mask = dataset.masks[i] if dataset.masks is not None else None
+            row["file"], row["mask"], row["has_mask_file"] = str(dataset.paths[i]), mask or "", mask is not None
+        dataset = dataset.without_files()
+    elif dataset is not None:
+        dataset = _ray().put(dataset)
     if plan.begun_labels is None:
-        return [{"index": i} for i in pending], plan, None
+        return rows, shipped_plan, None, dataset
     folder, was = plan.begun_labels
-    rows = [{"index": i, "begun": -1 if i >= len(was) or was[i] is None else int(was[i]),
-             "has_begun": i < len(was) and was[i] is not None} for i in pending]
-    return rows, dataclasses.replace(plan, begun_labels=None), folder
+    for row in rows:
+        i = row["index"]
+        row["begun"] = -1 if i >= len(was) or was[i] is None else int(was[i])
+        row["has_begun"] = i < len(was) and was[i] is not None
+    return rows, shipped_plan, folder, dataset
 
 
 def _pool(ray: Any, size: int) -> dict[str, Any]:
@@ -264,9 +343,9 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
         for quiet in ("enable_progress_bars", "print_on_execution_start"):
             if hasattr(ctx, quiet):
                 setattr(ctx, quiet, False)
-        rows, plan, begun_in = _rows(pending, run.plan)
+        rows, plan, begun_in, dataset = _rows(pending, run.plan, run.dataset)
         ds = ray.data.from_items(rows)
-        ds = ds.map_batches(decode, fn_kwargs={"dataset": run.dataset, "plan": plan, "begun_in": begun_in},
+        ds = ds.map_batches(decode, fn_kwargs={"dataset": dataset, "plan": plan, "begun_in": begun_in},
                             batch_size=batch, batch_format="numpy", num_cpus=1)
         args = (shipped(ray, run, weights), plan, str(run.store.folder), batch, png, weights, bool(num_gpus),
                 performance, writer)

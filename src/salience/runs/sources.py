@@ -270,28 +270,35 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Item:
+        return self.read(index, self.paths[index], self.masks[index] if self.masks is not None else None)
+
+    def without_files(self) -> "ImageFiles":
+        """This decoder without its paths and masks (one per image): what a Ray decoding task is sent,
+        each row of its batch carrying its own image's path and mask (:meth:`read`)."""
+        return ImageFiles([], self.info, self.max_pixels)
+
+    def read(self, index: int, path: str, mask: Optional[str] = None) -> Item:
+        """Image ``index`` decoded from ``path`` (its mask file ``mask``, ``None``: none)."""
         info = self.info
         h, w = info.input_size  # type: ignore[misc]
         try:
-            path = self.paths[index]
             data = remote.read_bytes(path) if remote.is_remote(path) else None
             raw = load_image(path, max_pixels=self.max_pixels, data=data)
             x = normalize_input(resize_crop(raw, info), info)
         except SalienceError as e:
             return Item(index, torch.zeros(info.channels, h, w), -1, -1, str(e))
         except (MemoryError, OSError, ValueError) as e:
-            return Item(index, torch.zeros(info.channels, h, w), -1, -1, f"{self.paths[index]}: {e}")
+            return Item(index, torch.zeros(info.channels, h, w), -1, -1, f"{path}: {e}")
         try:  # a mask that cannot be read costs its image the mask's metrics, not the map
-            return Item(index, x, int(raw.shape[-1]), int(raw.shape[-2]), None, self._mask(index))
+            return Item(index, x, int(raw.shape[-1]), int(raw.shape[-2]), None, self._mask(mask))
         except SalienceError as e:
             why = str(e)
         except (MemoryError, OSError, ValueError) as e:
-            why = f"{self.masks[index]}: {e}"  # type: ignore[index]
+            why = f"{mask}: {e}"
         return Item(index, x, int(raw.shape[-1]), int(raw.shape[-2]), None, None, f"mask not read: {why}")
 
-    def _mask(self, index: int) -> Optional[Tensor]:
-        """The image's mask, resized and cropped like it, bool ``(H, W)`` (``None``: no mask)."""
-        path = self.masks[index] if self.masks is not None else None
+    def _mask(self, path: Optional[str]) -> Optional[Tensor]:
+        """The mask in file ``path``, resized and cropped like its image, bool ``(H, W)`` (``None``: no mask)."""
         if path is None:
             return None
         mk = resize_crop(load_image(path).amax(0, keepdim=True), self.info)[0]

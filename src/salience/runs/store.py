@@ -44,6 +44,21 @@ ITEM_LABELS = "read with each item"
 without reading those (:func:`salience.runs.sources.dataset_labels`): each label is read with its
 image, so no digest of them is known before the run."""
 
+GIVEN_LABELS_ADVICE = ("leave the labels out (or give the ones its items carry) to continue it, choose another --out, "
+                      "or add --overwrite to start again")
+"""The end of the refusal of labels given up front to a run begun reading its labels with each item
+that differ from the items' (:func:`given_label_difference`)."""
+
+
+def given_label_difference(index: int, path: str, was: Optional[int], now: Optional[int],
+                           where: str = "row holds") -> str:
+    """``labels: image I (PATH): label WAS -> NOW, ...``: image ``index``'s label ``now`` given up front
+    to a run begun reading its labels with each item, whose item carries (``where="item carries"``),
+    or whose committed row holds, ``was``."""
+    return (f"labels: image {index} ({path}): label {was} -> {now}, given up front (labels=, --labels-csv); the run "
+            f"was begun reading the labels with each item, and its {where} {was}")
+
+
 _RUN_FILES = ("run.json", "inputs.parquet", "index.parquet", "index.html")
 _RUN_FOLDERS = ("maps", "shards", "thumbs", "overlays")
 
@@ -190,6 +205,27 @@ def _check_begun_labels(folder: Path, labels_digest: str) -> None:
                         "it, choose another --out, or add --overwrite to start again")
 
 
+def _stored_label_difference(folder: Path, labels: Sequence[Optional[int]], paths: Sequence[str]) -> Optional[str]:
+    """A run begun reading its labels with each item (:data:`ITEM_LABELS`: its ``inputs.parquet`` holds
+    none; each committed row holds its item's label), continued with ``labels`` given up front: the
+    first committed image (by index) whose row's label differs from its given one, said as
+    :func:`given_label_difference`; ``None`` when every committed row agrees. Read
+    before any batch: the ``index`` and ``label`` columns of the committed shards only."""
+    pa = pyarrow()
+    held: dict[int, Optional[int]] = {}
+    for p in sorted((folder / "shards").glob("*.parquet")):
+        if p.name.startswith("."):
+            continue
+        names = pa.parquet.read_schema(p).names
+        table = pa.parquet.read_table(p, columns=[c for c in ("index", "label") if c in names])
+        stored = table.column("label").to_pylist() if "label" in names else [None] * table.num_rows
+        held.update(zip(table.column("index").to_pylist(), stored))
+    for i in sorted(i for i in held if i is not None and 0 <= i < len(labels)):
+        if held[i] != labels[i]:
+            return given_label_difference(i, paths[i], held[i], labels[i])
+    return None
+
+
 def _digest(values: Sequence[Any]) -> str:
     from salience.runs.sources import digest
 
@@ -274,6 +310,15 @@ class Store:
                 now = legacy  # a run begun before the paths had one form: the command as it was written
             begun = was.get("labels")
             given_up_front = isinstance(begun, str) and begun != ITEM_LABELS
+            given_now = isinstance(now.get("labels"), str) and now["labels"] != ITEM_LABELS
+            stored_differ = None
+            if begun == ITEM_LABELS and given_now and planned is not None and planned.labels is not None:
+                # a run begun reading its labels with each item, continued with labels given up front: those
+                # agreeing with the committed rows' continue it, a run of the items' labels still (each item
+                # still to explain must carry its given label: job.Plan.labels_given)
+                stored_differ = _stored_label_difference(f, planned.labels, planned.paths)
+                if stored_differ is None:
+                    now = {**now, "labels": ITEM_LABELS}
             if now.get("labels") == ITEM_LABELS and given_up_front:
                 # a run of a user's dataset begun when its labels were all given or read up front (their
                 # digest), now read with each item: each must be the one the run was begun with
@@ -284,14 +329,18 @@ class Store:
             diff = _differences(was, now)
             if diff and not overwrite:
                 detail = _input_differences(f, old, planned) if planned is not None else {}
-                if begun == ITEM_LABELS and isinstance(now.get("labels"), str) and now["labels"] != ITEM_LABELS:
+                advice = ("run the same command to continue it, choose another --out, or add --overwrite to start "
+                          "again")
+                if stored_differ is not None and "inputs" not in detail:
+                    detail["labels"] = stored_differ
+                    if len([d for d in diff if not d.startswith("labels:")]) == 0:
+                        advice = GIVEN_LABELS_ADVICE
+                elif begun == ITEM_LABELS and given_now and now.get("labels") != ITEM_LABELS:
                     detail.setdefault("labels", "labels: read with each item of the dataset when the run began, now "
                                                 "given up front (labels=, --labels-csv); leave them out to continue it")
                 diff = list(detail.values()) + [d for d in diff if d.split(".")[0].split(":")[0] not in detail]
                 more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
-                raise SalienceError(f"{f} holds a run of a different command ({'; '.join(diff[:3])}{more}); run the "
-                                    "same command to continue it, choose another --out, or add --overwrite to start "
-                                    "again")
+                raise SalienceError(f"{f} holds a run of a different command ({'; '.join(diff[:3])}{more}); {advice}")
             if not diff and not overwrite:
                 self.manifest = {**old, **{k: v for k, v in self.manifest.items() if k not in old and k != "cwd"}}
                 _remove_temporaries(f)
