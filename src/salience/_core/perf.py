@@ -67,7 +67,7 @@ from salience._core.errors import SalienceError, suggest, user_stacklevel
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "plain", "current", "resolve", "active",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
-           "own_hooks", "observer", "one_pass", "structure", "FREEZE", "weights_key"]
+           "own_hooks", "observer", "one_pass", "structure", "FREEZE", "weights_key", "gradient_call"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -312,8 +312,9 @@ def _freezing_on() -> Any:
 
 
 def weights_key(model: nn.Module) -> Optional[tuple]:
-    """What a frozen graph of ``model`` is kept for: its :func:`structure` and each parameter's and
-    buffer's ``(data_ptr, _version)`` (``None`` when a tensor has no version counter, one made under
+    """What a frozen graph of ``model`` is kept for: its :func:`structure` and each parameter's,
+    buffer's and tensor attribute's (``self.scale = torch.tensor(...)``, which a frozen graph holds as a
+    constant too) ``(data_ptr, _version)`` (``None`` when a tensor has no version counter, one made under
     ``inference_mode``). An in-place change through the tensor (an optimizer step, ``load_state_dict``,
     ``w.copy_`` or ``w.mul_`` under ``no_grad``) raises its version, a new tensor (``w.data = ...``)
     has another address; a change through ``w.data`` in place (``w.data.mul_(2)``) is counted by no
@@ -332,6 +333,50 @@ def _frozen_model(model: nn.Module, key: tuple) -> Any:
             _compiled.move_to_end(ck)
             return hit[1]
         compiled = torch.compile(model, backend=_freezing_backend(), dynamic=False)
+        _compiled[ck] = (model, compiled, key)
+        while len(_compiled) > _COMPILED_KEEP:
+            _compiled.popitem(last=False)
+        return compiled
+
+
+_GRADIENT = "freeze-gradient"  # the key of a frozen input-gradient graph in ``_compiled``
+
+
+def _frozen_gradient(model: nn.Module, key: tuple) -> Any:
+    """The process's frozen input-gradient function of ``model`` for the weights' state ``key``
+    (:func:`weights_key`): ``fn(x, classes) -> (gradient, output)``, the gradient w.r.t. ``x`` of the
+    sum over the batch of each item's ``classes`` score, as :func:`torch.func.grad` compiled under
+    ``torch.no_grad`` (an exception object if it failed before for this key).
+
+    Inductor freezes only graphs compiled with grad mode off. With the parameters not requiring
+    gradients the input gradient is a function of the input alone, and ``torch.func.grad`` (a function
+    transform, not autograd's tape) computes it under an outer ``no_grad``: dynamo hands inductor one
+    graph, forward and backward, with grad mode off, which inductor freezes (weights constants,
+    BatchNorm folded, convolution weights prepacked). Dynamo takes a parameter as a graph constant
+    only where it first meets it with grad mode off; inside ``func.grad`` grad mode is on, so the
+    function walks the parameters and buffers first (without that, freeze() kept every weight an
+    input and folded nothing: benchmarks/frozen_gradient.py)."""
+    ck = (id(model), _GRADIENT)
+    with _lock:
+        hit = _compiled.get(ck)
+        if hit is not None and hit[0] is model and hit[2] == key:
+            _compiled.move_to_end(ck)
+            return hit[1]
+
+        def gradient(x: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
+            for _ in model.parameters():
+                pass
+            for _ in model.buffers():
+                pass
+
+            def score(z: Tensor) -> tuple[Tensor, Tensor]:
+                out = model(z)
+                scores = out.unsqueeze(1) if out.dim() == 1 else out
+                return scores.gather(1, classes.view(-1, 1)).sum(), out
+
+            return torch.func.grad(score, has_aux=True)(x)
+
+        compiled = torch.compile(gradient, backend=_freezing_backend(), dynamic=False, fullgraph=True)
         _compiled[ck] = (model, compiled, key)
         while len(_compiled) > _COMPILED_KEEP:
             _compiled.popitem(last=False)
@@ -378,8 +423,8 @@ def _fold_key(model: nn.Module) -> Optional[tuple]:
 
 
 def _walk(model: nn.Module, tensors: bool) -> tuple:
-    """:func:`structure`; with ``tensors``, each module's parameters' and buffers' ``(data_ptr,
-    _version)`` too. One walk over the modules' own dicts (``model.parameters()`` costs more than
+    """:func:`structure`; with ``tensors``, each module's parameters', buffers' and plain tensor
+    attributes' ``(data_ptr, _version)`` too. One walk over the modules' own dicts (``model.parameters()`` costs more than
     reading the tensors)."""
     out: list = []
     add = out.append
@@ -400,6 +445,11 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
             for t in d["_buffers"].values():
                 if t is not None:
                     add((t.data_ptr(), t._version))
+            # A tensor kept as a plain attribute (``self.scale = torch.tensor(...)``, not a buffer):
+            # dynamo takes it as a constant of a frozen graph as it does the weights.
+            for k, t in d.items():
+                if isinstance(t, Tensor):
+                    add((k, t.data_ptr(), t._version))
     return tuple(out)
 
 
@@ -722,6 +772,28 @@ class Run:
             self._used_folded = self._folded is not None
             self._used_frozen = self._used_frozen or fn is self._frozen_fn
 
+    def frozen_gradient(self, strip_softmax: bool) -> Optional[Callable]:
+        """The frozen input-gradient function (:func:`_frozen_gradient`) for a plain gradient pass of
+        this chunk, or ``None``: only with ``compile="freeze"`` in a chunk that runs the compiled model
+        (:meth:`forward_fn`: an eager pass showed no final softmax to strip), without autocast."""
+        if self._frozen_base is None or self._weights_key is None or self.dtype is not None:
+            return None
+        fn = self.forward_fn(True, strip_softmax)
+        if fn is None or fn is not self._compiled_fn:
+            return None
+        got = _frozen_gradient(self._frozen_base, self._weights_key)
+        return None if isinstance(got, Exception) else got
+
+    def gradient_failed(self, error: BaseException) -> None:
+        """The frozen gradient function raised: not tried again in this process until the weights
+        change; this pass and the next run the compiled model with autograd."""
+        cause = getattr(error, "inner_exception", None)
+        why = f"the frozen input-gradient graph failed on this model ({_described(cause or error)})"
+        with _lock:
+            _compiled[(id(self._frozen_base), _GRADIENT)] = (self._frozen_base, SalienceError(why), self._weights_key)
+        warnings.warn(f"compile={FREEZE!r}: {why}; the gradient passes run the compiled model without freezing "
+                      "(the results are the same, only slower)", stacklevel=user_stacklevel())
+
     def forward_failed(self, fn: Callable, error: BaseException) -> None:
         """``fn`` (from :meth:`forward_fn` or :meth:`frozen_for`) raised: never run it again in this
         process (the frozen graph: until the weights change)."""
@@ -899,6 +971,56 @@ def _as_gradient_pass(stack: ExitStack, x_in: Tensor) -> Tensor:
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())
     return (x_in.clone() if x_in.is_inference() else x_in).detach().requires_grad_(True)
+
+
+def _target_classes(target: Any, batch: int) -> Optional[Tensor]:
+    """The class of each of ``batch`` items a class target scores (``(batch,)`` long), or ``None`` for a
+    target of another kind (the frozen gradient graph computes class scores only)."""
+    from salience.targets import Classes
+
+    if type(target) is not Classes:
+        return None
+    idx = target.index
+    if isinstance(idx, int):
+        return torch.full((batch,), idx, dtype=torch.long)
+    return idx if idx.numel() == batch else None
+
+
+def gradient_call(model: nn.Module, x_in: Tensor, target: Any, strip_softmax: bool) -> Optional[tuple[Any, Tensor]]:
+    """A plain gradient pass (no layer hooked, no backprop rule, one class target) through the frozen
+    input-gradient graph (:func:`_frozen_gradient`) when the active run has one (``compile="freeze"``):
+    ``(output, gradient of the target's summed scores w.r.t. x_in)``; ``None``: run the pass as before
+    (also when the graph fails, with a warning, :meth:`Run.gradient_failed`). The classes' range is not
+    checked here: the caller scores the output with the target itself, which refuses a bad class."""
+    run = active(model)
+    if run is None or not run.options.freeze:
+        return None
+    classes = _target_classes(target, int(x_in.shape[0]))
+    if classes is None:
+        return None
+    fn = run.frozen_gradient(strip_softmax)
+    if fn is None:
+        return None
+    x = x_in.detach()
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(_recompile_limit_raises())
+            stack.enter_context(_freezing_on())
+            with _observers_aside(model) as (pre, post):
+                grad, out = fn(x, classes.to(x.device))
+                for hook in pre:  # observers only: told of the pass once it ran
+                    hook(model, (x_in,))
+                for hook in post:
+                    hook(model, (x_in,), out)
+    except Exception as e:  # noqa: BLE001 - any compiler failure: the pass runs as before
+        if isinstance(e, SalienceError):
+            raise
+        run.gradient_failed(e)
+        return None
+    run._used_compiled = run._used_frozen = True
+    run._used_folded = run._folded is not None
+    return out, grad
 
 
 @contextmanager
