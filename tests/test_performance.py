@@ -802,8 +802,11 @@ def test_compile_freeze_runs_the_gradient_passes_through_a_frozen_gradient_graph
     from salience._core.autograd import gradients
     from salience.targets import Classes
 
+    import copy
+
+    ev = copy.deepcopy(model).eval()  # salience runs the model in eval mode
     xi = items.clone().requires_grad_(True)
-    want = torch.autograd.grad(model(xi).gather(1, cls.view(-1, 1)).sum(), xi)[0]
+    want = torch.autograd.grad(ev(xi).gather(1, cls.view(-1, 1)).sum(), xi)[0]
     run.softmax_checked = True  # as after the run's first, eager pass
     try:
         with run.chunk(False, True):
@@ -811,8 +814,7 @@ def test_compile_freeze_runs_the_gradient_passes_through_a_frozen_gradient_graph
     finally:
         run.close()
     assert run.layouts == ["contiguous compiled frozen"] and _rel(g.grad, want) < 1e-6
-    assert torch.equal(g.scores, model(items).gather(1, cls.view(-1, 1)).squeeze(1).detach()) or \
-        _rel(g.scores, model(items).gather(1, cls.view(-1, 1)).squeeze(1).detach()) < 1e-6
+    assert _rel(g.scores, ev(items).gather(1, cls.view(-1, 1)).squeeze(1).detach()) < 1e-6
     assert len(frozen) == 1  # the same graph: same model, weights, shape
 
 
@@ -875,10 +877,11 @@ def test_compile_freeze_gradient_graph_that_fails_falls_back(snapshot_freezing, 
     assert _rel(out, salience.smoothgrad(model, x, fn, samples=7, chunk=6, reduce=None)) < 1e-6
 
 
-def test_compile_freeze_gradient_graph_with_inductor():
+def test_compile_freeze_gradient_graph_with_inductor(monkeypatch):
     """The real compiler: SmoothGrad's and IG's maps through inductor's frozen gradient graph are the
-    eager maps within FREEZE_RTOL, then, after an in-place change of the weights, the changed model's
-    eager maps (the old graph's maps: a stale map, what the weights' key prevents)."""
+    eager maps within FREEZE_RTOL (measured 8e-8 and 1e-7), then, after an in-place change of the
+    weights, the changed model's eager maps. With perf.weights_key returning one value for both states
+    the second maps were the old graph's: 0.17 (SmoothGrad) and 0.067 (IG) of their largest value off."""
     torch.manual_seed(0)
     model = _with_statistics(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)))
@@ -886,6 +889,8 @@ def test_compile_freeze_gradient_graph_with_inductor():
     if _perf.compile_unavailable("inductor", x.device) is not None:
         pytest.skip("inductor cannot compile here")
     torch._dynamo.reset()
+    compiles, real = [], _perf._freeze_compile
+    monkeypatch.setattr(_perf, "_freeze_compile", lambda gm, inputs: compiles.append(1) or real(gm, inputs))
     try:
         old = None
         for step in range(2):
@@ -893,6 +898,7 @@ def test_compile_freeze_gradient_graph_with_inductor():
             with unchanged(model), warnings.catch_warnings():
                 warnings.simplefilter("error")
                 outs = _gradient_maps(model, x, compile="freeze")
+            assert len(compiles) == step + 1  # one frozen gradient graph for both methods' chunks
             for out, ref in zip(outs, refs):
                 assert _rel(out, ref) <= FREEZE_RTOL, (step, _rel(out, ref))
             if old is not None:  # the change is visible: the old maps are far from the new
