@@ -10,7 +10,8 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   (transformers) and small ones (under :data:`SMALL_ITEM_BYTES` per item) are left as they are.
 - ``compile``: ``False`` (default), ``True`` (``torch.compile`` with inductor), :data:`FREEZE`
   (``True``, and the passes without gradients run a graph compiled with inductor's freezing, kept
-  for the weights' addresses and version counters: :func:`weights_key`), a backend name or a
+  for the weights' addresses and version counters: :func:`weights_key`; the plain gradient passes
+  with one class target a frozen graph of forward + input gradient, :func:`gradient_call`), a backend name or a
   backend callable. The compiled model is cached for the process; every chunk of the one fixed
   size runs compiled, a chunk of another size (the first, the last) eagerly, so nothing recompiles
   across chunks; single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
@@ -138,7 +139,8 @@ class Performance:
     @property
     def backend(self) -> Any:
         """The torch.compile backend, or ``None`` when not compiling (``"inductor"`` for ``True`` and
-        :data:`FREEZE`, whose gradient passes run the plain inductor graph)."""
+        :data:`FREEZE`, whose gradient passes other than :func:`gradient_call`'s run the plain
+        inductor graph)."""
         if self.compile is False:
             return None
         return "inductor" if self.compile is True or self.freeze else self.compile
