@@ -664,6 +664,33 @@ def test_compile_freeze_follows_a_plain_tensor_attribute(snapshot_freezing, chan
     assert _rel(out, ref) <= 1e-6, _rel(out, ref)
 
 
+class Keeping(nn.Module):
+    """ThreeConv that keeps its last features as a plain attribute (as models keep attention maps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _with_statistics(ThreeConv())
+
+    def forward(self, x):
+        h = self.net.body(x)
+        self.last = h
+        return self.net.head(h.mean((2, 3)))
+
+
+def test_compile_freeze_keeps_its_graph_for_a_model_that_stores_tensors(snapshot_freezing):
+    """A tensor the forward stores on a module (a new one each pass) is no constant of the frozen graph:
+    calls in a row compile one frozen graph, not one per call (keying the graph on every tensor
+    attribute of the modules would have compiled again at every call)."""
+    frozen, _, _ = snapshot_freezing
+    model, x = Keeping(), torch.rand(2, 3, 8, 8)
+    kw = dict(window=3, stride=2, chunk=4)
+    ref = salience.occlusion(model, x, [0, 2], **kw)
+    for _ in range(3):
+        out = salience.occlusion(model, x, [0, 2], compile="freeze", **kw)
+        assert _rel(out, ref) <= 1e-6
+    assert len(frozen) == 1
+
+
 def test_compile_leaves_no_marks_on_the_weights_and_keeps_its_graphs(snapshot_freezing):
     """torch.compile marks the tensors it traces (dynamo's ``_dynamo_static_input_type``, "guarded" for a
     frozen graph, "unguarded" for a plain one; inductor's freezing ``_is_frozen_param``): the guard

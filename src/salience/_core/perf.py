@@ -297,10 +297,43 @@ def _freezing_backend() -> Callable:
     frozen graph guards on the parameters' identity, not their values: a new ``torch.compile`` of the
     model with ``freezing`` ran the stale graph after an in-place change. A new callable compiles anew."""
 
+    watch: list = []
+
     def freezing(gm: Any, example_inputs: Any) -> Any:
+        watch.extend(_graph_constants(gm))
         return _freeze_compile(gm, example_inputs)
 
+    freezing.watch = watch  # type: ignore[attr-defined]
     return freezing
+
+
+def _graph_constants(gm: Any) -> list[tuple[Any, int, int]]:
+    """``(weakref, data_ptr, _version)`` of each tensor dynamo's graph ``gm`` holds as an attribute (what
+    a frozen graph takes as a constant: the weights, and a tensor a module keeps as a plain attribute,
+    ``self.scale = torch.tensor(...)``, which :func:`weights_key` does not see); dynamo installs the
+    module's own tensors there, not copies. A tensor without a version counter (an inference tensor)
+    is not watched."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        obj = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, Tensor) and not obj.is_inference():
+            out.append((weakref.ref(obj), obj.data_ptr(), obj._version))
+    return out
+
+
+def _constants_unchanged(backend: Any) -> bool:
+    """Whether every tensor the graphs compiled by the frozen ``backend`` took as constants
+    (:func:`_graph_constants`) is as it was then: none changed in place (its version) or moved. One
+    that is gone was replaced (dynamo's guard on its identity traces the graph again)."""
+    for ref, ptr, version in getattr(backend, "watch", ()):
+        t = ref()
+        if t is not None and (t.data_ptr() != ptr or t._version != version):
+            return False
+    return True
 
 
 def _freezing_on() -> Any:
@@ -314,10 +347,10 @@ def _freezing_on() -> Any:
 
 
 def weights_key(model: nn.Module) -> Optional[tuple]:
-    """What a frozen graph of ``model`` is kept for: its :func:`structure` and each parameter's,
-    buffer's and tensor attribute's (``self.scale = torch.tensor(...)``, which a frozen graph holds as a
-    constant too) ``(data_ptr, _version)`` (``None`` when a tensor has no version counter, one made under
-    ``inference_mode``). An in-place change through the tensor (an optimizer step, ``load_state_dict``,
+    """What a frozen graph of ``model`` is kept for: its :func:`structure` and each parameter's and
+    buffer's ``(data_ptr, _version)`` (``None`` when a tensor has no version counter, one made under
+    ``inference_mode``); with :func:`_constants_unchanged`, which watches the other tensors a frozen
+    graph took as constants (a plain tensor attribute, ``self.scale = torch.tensor(...)``). An in-place change through the tensor (an optimizer step, ``load_state_dict``,
     ``w.copy_`` or ``w.mul_`` under ``no_grad``) raises its version, a new tensor (``w.data = ...``)
     has another address; a change through ``w.data`` in place (``w.data.mul_(2)``) is counted by no
     version counter (torch's own ``.data`` semantics) and is not seen."""
@@ -331,11 +364,12 @@ def _frozen_model(model: nn.Module, key: tuple) -> Any:
     ck = (id(model), FREEZE)
     with _lock:
         hit = _compiled.get(ck)
-        if hit is not None and hit[0] is model and hit[2] == key:
+        if hit is not None and hit[0] is model and hit[2][0] == key and _constants_unchanged(hit[2][1]):
             _compiled.move_to_end(ck)
             return hit[1]
-        compiled = torch.compile(model, backend=_freezing_backend(), dynamic=False)
-        _compiled[ck] = (model, compiled, key)
+        backend = _freezing_backend()
+        compiled = torch.compile(model, backend=backend, dynamic=False)
+        _compiled[ck] = (model, compiled, (key, backend))
         while len(_compiled) > _COMPILED_KEEP:
             _compiled.popitem(last=False)
         return compiled
@@ -361,7 +395,7 @@ def _frozen_gradient(model: nn.Module, key: tuple) -> Any:
     ck = (id(model), _GRADIENT)
     with _lock:
         hit = _compiled.get(ck)
-        if hit is not None and hit[0] is model and hit[2] == key:
+        if hit is not None and hit[0] is model and hit[2][0] == key and _constants_unchanged(hit[2][1]):
             _compiled.move_to_end(ck)
             return hit[1]
 
@@ -378,8 +412,9 @@ def _frozen_gradient(model: nn.Module, key: tuple) -> Any:
 
             return torch.func.grad(score, has_aux=True)(x)
 
-        compiled = torch.compile(gradient, backend=_freezing_backend(), dynamic=False, fullgraph=True)
-        _compiled[ck] = (model, compiled, key)
+        backend = _freezing_backend()
+        compiled = torch.compile(gradient, backend=backend, dynamic=False, fullgraph=True)
+        _compiled[ck] = (model, compiled, (key, backend))
         while len(_compiled) > _COMPILED_KEEP:
             _compiled.popitem(last=False)
         return compiled
@@ -425,8 +460,8 @@ def _fold_key(model: nn.Module) -> Optional[tuple]:
 
 
 def _walk(model: nn.Module, tensors: bool) -> tuple:
-    """:func:`structure`; with ``tensors``, each module's parameters', buffers' and plain tensor
-    attributes' ``(data_ptr, _version)`` too. One walk over the modules' own dicts (``model.parameters()`` costs more than
+    """:func:`structure`; with ``tensors``, each module's parameters' and buffers' ``(data_ptr,
+    _version)`` too. One walk over the modules' own dicts (``model.parameters()`` costs more than
     reading the tensors)."""
     out: list = []
     add = out.append
@@ -447,11 +482,6 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
             for t in d["_buffers"].values():
                 if t is not None:
                     add((t.data_ptr(), t._version))
-            # A tensor kept as a plain attribute (``self.scale = torch.tensor(...)``, not a buffer):
-            # dynamo takes it as a constant of a frozen graph as it does the weights.
-            for k, t in d.items():
-                if isinstance(t, Tensor):
-                    add((k, t.data_ptr(), t._version))
     return tuple(out)
 
 
@@ -792,7 +822,8 @@ class Run:
         cause = getattr(error, "inner_exception", None)
         why = f"the frozen input-gradient graph failed on this model ({_described(cause or error)})"
         with _lock:
-            _compiled[(id(self._frozen_base), _GRADIENT)] = (self._frozen_base, SalienceError(why), self._weights_key)
+            _compiled[(id(self._frozen_base), _GRADIENT)] = (self._frozen_base, SalienceError(why),
+                                                             (self._weights_key, None))
         warnings.warn(f"compile={FREEZE!r}: {why}; the gradient passes run the compiled model without freezing "
                       "(the results are the same, only slower)", stacklevel=user_stacklevel())
 
@@ -803,7 +834,8 @@ class Run:
             cause = getattr(error, "inner_exception", None)  # dynamo's BackendCompilerFailed: the compiler's error
             why = f"torch.compile with freezing failed on this model ({_described(cause or error)})"
             with _lock:
-                _compiled[(id(self._frozen_base), FREEZE)] = (self._frozen_base, SalienceError(why), self._weights_key)
+                _compiled[(id(self._frozen_base), FREEZE)] = (self._frozen_base, SalienceError(why),
+                                                              (self._weights_key, None))
             warnings.warn(f"compile={FREEZE!r}: {why}; the passes without gradients run without freezing "
                           "(the results are the same, only slower)", stacklevel=user_stacklevel())
             self._frozen_fn = None
