@@ -904,6 +904,22 @@ def test_compile_freeze_gradient_graph_that_fails_falls_back(snapshot_freezing, 
     assert _rel(out, salience.smoothgrad(model, x, fn, samples=7, chunk=6, reduce=None)) < 1e-6
 
 
+def test_frozen_gradient_graph_takes_only_plain_class_targets():
+    """The frozen gradient graph computes ``output.gather(1, classes)``: a target gives its classes
+    (``classes_for``) only when that is exactly its score and its gradient is not modified."""
+    from salience.targets import Classes, Predicted, regression
+
+    assert Classes(2).classes_for(3).tolist() == [2, 2, 2]
+    assert Classes([1, 0]).classes_for(2).tolist() == [1, 0] and Classes([1, 0]).classes_for(3) is None
+
+    class Halved(Classes):
+        def __call__(self, output):
+            return super().__call__(output) / 2
+
+    assert Halved(1).classes_for(2) is None and Predicted().classes_for(2) is None
+    assert regression().classes_for(2) is None
+
+
 def test_compile_freeze_gradient_graph_with_inductor(monkeypatch):
     """The real compiler: SmoothGrad's and IG's maps through inductor's frozen gradient graph are the
     eager maps within FREEZE_RTOL (measured 8e-8 and 1e-7), then, after an in-place change of the

@@ -1008,16 +1008,11 @@ def _as_gradient_pass(stack: ExitStack, x_in: Tensor) -> Tensor:
 
 
 def _target_classes(target: Any, batch: int) -> Optional[Tensor]:
-    """The class of each of ``batch`` items a class target scores (``(batch,)`` long), or ``None`` for a
-    target of another kind (the frozen gradient graph computes class scores only)."""
-    from salience.targets import Classes
-
-    if type(target) is not Classes:
-        return None
-    idx = target.index
-    if isinstance(idx, int):
-        return torch.full((batch,), idx, dtype=torch.long)
-    return idx if idx.numel() == batch else None
+    """The class of each of ``batch`` items a class target scores (``(batch,)`` long: the target's
+    ``classes_for``), or ``None`` for a target of another kind (the frozen gradient graph computes
+    class scores only)."""
+    classes_for = getattr(target, "classes_for", None)
+    return classes_for(batch) if callable(classes_for) else None
 
 
 def gradient_call(model: nn.Module, x_in: Tensor, target: Any, strip_softmax: bool) -> Optional[tuple[Any, Tensor]]:
