@@ -20,7 +20,8 @@ that rotates from round to round:
 - ``compile`` (with ``--compile``): ``auto+throughput`` plus ``compile=True``;
 - with ``--modes``, any of those and: ``fold`` (``fold_batchnorm=True``: BatchNorm folded into the
   convolutions, default layout), ``fold+channels_last``, ``fold+compile`` (folded, then compiled),
-  ``channels_last``.
+  ``channels_last``, ``freeze`` (``compile="freeze"``: forward + input gradient in one graph compiled
+  with inductor's freezing, default layout).
 
     python benchmarks/engine_speed.py --images 4 --modes contiguous fold fold+channels_last channels_last
 
@@ -57,6 +58,8 @@ MODES = {
     "fold": dict(memory_format="contiguous", chunks="memory", fold_batchnorm=True),
     "fold+channels_last": dict(memory_format="channels_last", chunks="memory", fold_batchnorm=True),
     "fold+compile": dict(memory_format="contiguous", chunks="memory", fold_batchnorm=True, compile=True),
+    # compile="freeze": the gradient passes run one frozen graph of forward + input gradient
+    "freeze": dict(memory_format="contiguous", chunks="memory", compile="freeze"),
 }
 
 

@@ -69,6 +69,12 @@ class Target:
     def modify_gradient(self, grad: Tensor) -> Tensor:
         return grad
 
+    def classes_for(self, batch: int) -> Optional[Tensor]:
+        """The class each of ``batch`` items scores ``(batch,)`` long, when this target's scores are
+        exactly one class's output per item and its gradient is not modified (what the engine's frozen
+        gradient graph can compute, ``compile="freeze"``); ``None`` otherwise (the default)."""
+        return None
+
     def resolved(self, output: Tensor) -> "Target":
         """This target fixed by the model's ``output`` on the clean images (``(B, K)``): the
         predicted class becomes that class; every other target stays as it is."""
@@ -160,6 +166,14 @@ class Classes(Target):
         idx = self.index.to(scores.device)
         _check_range(idx, k)
         return scores.gather(1, idx.view(-1, 1)).squeeze(1)
+
+    def classes_for(self, batch: int) -> Optional[Tensor]:
+        cls = type(self)
+        if cls.__call__ is not Classes.__call__ or cls.modify_gradient is not Target.modify_gradient:
+            return None  # a subclass that scores otherwise
+        if isinstance(self.index, int):
+            return torch.full((batch,), self.index, dtype=torch.long)
+        return self.index if self.index.numel() == batch else None
 
     def check_batch(self, batch: int) -> None:
         if not isinstance(self.index, int) and self.index.numel() != batch:

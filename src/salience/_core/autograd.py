@@ -545,11 +545,22 @@ def backward(
         if run is not None:  # the run's layout (channels-last input for a channels-last model)
             x_in = run.prepare(x_in)
         x_in = x_in.requires_grad_(input_grad or bool(layers))
-        with model_call(model, x_in):
-            out, captured = _forward(model, x_in, target_layer, layers, strip_softmax, extra_modes)
-        scores = [check_scores(t(out), x.shape[0]) for t in targets]
-        wrt = ([x_in] if input_grad else []) + [c[0] for c in captured]
-        per_target = _walk_back(scores, wrt, input_grad)
+        frozen = None
+        if run is not None and input_grad and not layers and target_layer is None and not extra_modes \
+                and len(targets) == 1:
+            # compile="freeze": the forward and the input gradient in one frozen graph
+            with model_call(model, x_in):
+                frozen = _perf.gradient_call(model, x_in, targets[0], strip_softmax)
+        if frozen is not None:
+            out, captured = unwrap_output(frozen[0], model), []
+            scores = [check_scores(targets[0](out), x.shape[0])]  # the classes' range checked here
+            per_target = [[frozen[1]]]
+        else:
+            with model_call(model, x_in):
+                out, captured = _forward(model, x_in, target_layer, layers, strip_softmax, extra_modes)
+            scores = [check_scores(t(out), x.shape[0]) for t in targets]
+            wrt = ([x_in] if input_grad else []) + [c[0] for c in captured]
+            per_target = _walk_back(scores, wrt, input_grad)
     inputs = None
     if input_grad:
         inputs = _stack([t.modify_gradient(g[0]) for t, g in zip(targets, per_target)])

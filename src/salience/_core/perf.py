@@ -10,7 +10,8 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   (transformers) and small ones (under :data:`SMALL_ITEM_BYTES` per item) are left as they are.
 - ``compile``: ``False`` (default), ``True`` (``torch.compile`` with inductor), :data:`FREEZE`
   (``True``, and the passes without gradients run a graph compiled with inductor's freezing, kept
-  for the weights' addresses and version counters: :func:`weights_key`), a backend name or a
+  for the weights' addresses and version counters: :func:`weights_key`; the plain gradient passes
+  with one class target a frozen graph of forward + input gradient, :func:`gradient_call`), a backend name or a
   backend callable. The compiled model is cached for the process; every chunk of the one fixed
   size runs compiled, a chunk of another size (the first, the last) eagerly, so nothing recompiles
   across chunks; single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
@@ -67,7 +68,7 @@ from salience._core.errors import SalienceError, suggest, user_stacklevel
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "plain", "current", "resolve", "active",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
-           "own_hooks", "observer", "one_pass", "structure", "FREEZE", "weights_key"]
+           "own_hooks", "observer", "one_pass", "structure", "FREEZE", "weights_key", "gradient_call"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -138,7 +139,8 @@ class Performance:
     @property
     def backend(self) -> Any:
         """The torch.compile backend, or ``None`` when not compiling (``"inductor"`` for ``True`` and
-        :data:`FREEZE`, whose gradient passes run the plain inductor graph)."""
+        :data:`FREEZE`, whose gradient passes other than :func:`gradient_call`'s run the plain
+        inductor graph)."""
         if self.compile is False:
             return None
         return "inductor" if self.compile is True or self.freeze else self.compile
@@ -295,10 +297,43 @@ def _freezing_backend() -> Callable:
     frozen graph guards on the parameters' identity, not their values: a new ``torch.compile`` of the
     model with ``freezing`` ran the stale graph after an in-place change. A new callable compiles anew."""
 
+    watch: list = []
+
     def freezing(gm: Any, example_inputs: Any) -> Any:
+        watch.extend(_graph_constants(gm))
         return _freeze_compile(gm, example_inputs)
 
+    freezing.watch = watch  # type: ignore[attr-defined]
     return freezing
+
+
+def _graph_constants(gm: Any) -> list[tuple[Any, int, int]]:
+    """``(weakref, data_ptr, _version)`` of each tensor dynamo's graph ``gm`` holds as an attribute (what
+    a frozen graph takes as a constant: the weights, and a tensor a module keeps as a plain attribute,
+    ``self.scale = torch.tensor(...)``, which :func:`weights_key` does not see); dynamo installs the
+    module's own tensors there, not copies. A tensor without a version counter (an inference tensor)
+    is not watched."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        obj = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, Tensor) and not obj.is_inference():
+            out.append((weakref.ref(obj), obj.data_ptr(), obj._version))
+    return out
+
+
+def _constants_unchanged(backend: Any) -> bool:
+    """Whether every tensor the graphs compiled by the frozen ``backend`` took as constants
+    (:func:`_graph_constants`) is as it was then: none changed in place (its version) or moved. One
+    that is gone was replaced (dynamo's guard on its identity traces the graph again)."""
+    for ref, ptr, version in getattr(backend, "watch", ()):
+        t = ref()
+        if t is not None and (t.data_ptr() != ptr or t._version != version):
+            return False
+    return True
 
 
 def _freezing_on() -> Any:
@@ -314,7 +349,8 @@ def _freezing_on() -> Any:
 def weights_key(model: nn.Module) -> Optional[tuple]:
     """What a frozen graph of ``model`` is kept for: its :func:`structure` and each parameter's and
     buffer's ``(data_ptr, _version)`` (``None`` when a tensor has no version counter, one made under
-    ``inference_mode``). An in-place change through the tensor (an optimizer step, ``load_state_dict``,
+    ``inference_mode``); with :func:`_constants_unchanged`, which watches the other tensors a frozen
+    graph took as constants (a plain tensor attribute, ``self.scale = torch.tensor(...)``). An in-place change through the tensor (an optimizer step, ``load_state_dict``,
     ``w.copy_`` or ``w.mul_`` under ``no_grad``) raises its version, a new tensor (``w.data = ...``)
     has another address; a change through ``w.data`` in place (``w.data.mul_(2)``) is counted by no
     version counter (torch's own ``.data`` semantics) and is not seen."""
@@ -328,11 +364,57 @@ def _frozen_model(model: nn.Module, key: tuple) -> Any:
     ck = (id(model), FREEZE)
     with _lock:
         hit = _compiled.get(ck)
-        if hit is not None and hit[0] is model and hit[2] == key:
+        if hit is not None and hit[0] is model and hit[2][0] == key and _constants_unchanged(hit[2][1]):
             _compiled.move_to_end(ck)
             return hit[1]
-        compiled = torch.compile(model, backend=_freezing_backend(), dynamic=False)
-        _compiled[ck] = (model, compiled, key)
+        backend = _freezing_backend()
+        compiled = torch.compile(model, backend=backend, dynamic=False)
+        _compiled[ck] = (model, compiled, (key, backend))
+        while len(_compiled) > _COMPILED_KEEP:
+            _compiled.popitem(last=False)
+        return compiled
+
+
+_GRADIENT = "freeze-gradient"  # the key of a frozen input-gradient graph in ``_compiled``
+
+
+def _frozen_gradient(model: nn.Module, key: tuple) -> Any:
+    """The process's frozen input-gradient function of ``model`` for the weights' state ``key``
+    (:func:`weights_key`): ``fn(x, classes) -> (gradient, output)``, the gradient w.r.t. ``x`` of the
+    sum over the batch of each item's ``classes`` score, as :func:`torch.func.grad` compiled under
+    ``torch.no_grad`` (an exception object if it failed before for this key).
+
+    Inductor freezes only graphs compiled with grad mode off. With the parameters not requiring
+    gradients the input gradient is a function of the input alone, and ``torch.func.grad`` (a function
+    transform, not autograd's tape) computes it under an outer ``no_grad``: dynamo hands inductor one
+    graph, forward and backward, with grad mode off, which inductor freezes (weights constants,
+    BatchNorm folded, convolution weights prepacked). Dynamo takes a parameter as a graph constant
+    only where it first meets it with grad mode off; inside ``func.grad`` grad mode is on, so the
+    function walks the parameters and buffers first (without that, freeze() kept every weight an
+    input and folded nothing: benchmarks/frozen_gradient.py)."""
+    ck = (id(model), _GRADIENT)
+    with _lock:
+        hit = _compiled.get(ck)
+        if hit is not None and hit[0] is model and hit[2][0] == key and _constants_unchanged(hit[2][1]):
+            _compiled.move_to_end(ck)
+            return hit[1]
+
+        def gradient(x: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
+            for _ in model.parameters():
+                pass
+            for _ in model.buffers():
+                pass
+
+            def score(z: Tensor) -> tuple[Tensor, Tensor]:
+                out = model(z)
+                scores = out.unsqueeze(1) if out.dim() == 1 else out
+                return scores.gather(1, classes.view(-1, 1)).sum(), out
+
+            return torch.func.grad(score, has_aux=True)(x)
+
+        backend = _freezing_backend()
+        compiled = torch.compile(gradient, backend=backend, dynamic=False, fullgraph=True)
+        _compiled[ck] = (model, compiled, (key, backend))
         while len(_compiled) > _COMPILED_KEEP:
             _compiled.popitem(last=False)
         return compiled
@@ -722,6 +804,29 @@ class Run:
             self._used_folded = self._folded is not None
             self._used_frozen = self._used_frozen or fn is self._frozen_fn
 
+    def frozen_gradient(self, strip_softmax: bool) -> Optional[Callable]:
+        """The frozen input-gradient function (:func:`_frozen_gradient`) for a plain gradient pass of
+        this chunk, or ``None``: only with ``compile="freeze"`` in a chunk that runs the compiled model
+        (:meth:`forward_fn`: an eager pass showed no final softmax to strip), without autocast."""
+        if self._frozen_base is None or self._weights_key is None or self.dtype is not None:
+            return None
+        fn = self.forward_fn(True, strip_softmax)
+        if fn is None or fn is not self._compiled_fn:
+            return None
+        got = _frozen_gradient(self._frozen_base, self._weights_key)
+        return None if isinstance(got, Exception) else got
+
+    def gradient_failed(self, error: BaseException) -> None:
+        """The frozen gradient function raised: not tried again in this process until the weights
+        change; this pass and the next run the compiled model with autograd."""
+        cause = getattr(error, "inner_exception", None)
+        why = f"the frozen input-gradient graph failed on this model ({_described(cause or error)})"
+        with _lock:
+            _compiled[(id(self._frozen_base), _GRADIENT)] = (self._frozen_base, SalienceError(why),
+                                                             (self._weights_key, None))
+        warnings.warn(f"compile={FREEZE!r}: {why}; the gradient passes run the compiled model without freezing "
+                      "(the results are the same, only slower)", stacklevel=user_stacklevel())
+
     def forward_failed(self, fn: Callable, error: BaseException) -> None:
         """``fn`` (from :meth:`forward_fn` or :meth:`frozen_for`) raised: never run it again in this
         process (the frozen graph: until the weights change)."""
@@ -729,7 +834,8 @@ class Run:
             cause = getattr(error, "inner_exception", None)  # dynamo's BackendCompilerFailed: the compiler's error
             why = f"torch.compile with freezing failed on this model ({_described(cause or error)})"
             with _lock:
-                _compiled[(id(self._frozen_base), FREEZE)] = (self._frozen_base, SalienceError(why), self._weights_key)
+                _compiled[(id(self._frozen_base), FREEZE)] = (self._frozen_base, SalienceError(why),
+                                                              (self._weights_key, None))
             warnings.warn(f"compile={FREEZE!r}: {why}; the passes without gradients run without freezing "
                           "(the results are the same, only slower)", stacklevel=user_stacklevel())
             self._frozen_fn = None
@@ -899,6 +1005,51 @@ def _as_gradient_pass(stack: ExitStack, x_in: Tensor) -> Tensor:
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())
     return (x_in.clone() if x_in.is_inference() else x_in).detach().requires_grad_(True)
+
+
+def _target_classes(target: Any, batch: int) -> Optional[Tensor]:
+    """The class of each of ``batch`` items a class target scores (``(batch,)`` long: the target's
+    ``classes_for``), or ``None`` for a target of another kind (the frozen gradient graph computes
+    class scores only)."""
+    classes_for = getattr(target, "classes_for", None)
+    return classes_for(batch) if callable(classes_for) else None
+
+
+def gradient_call(model: nn.Module, x_in: Tensor, target: Any, strip_softmax: bool) -> Optional[tuple[Any, Tensor]]:
+    """A plain gradient pass (no layer hooked, no backprop rule, one class target) through the frozen
+    input-gradient graph (:func:`_frozen_gradient`) when the active run has one (``compile="freeze"``):
+    ``(output, gradient of the target's summed scores w.r.t. x_in)``; ``None``: run the pass as before
+    (also when the graph fails, with a warning, :meth:`Run.gradient_failed`). The classes' range is not
+    checked here: the caller scores the output with the target itself, which refuses a bad class."""
+    run = active(model)
+    if run is None or not run.options.freeze:
+        return None
+    classes = _target_classes(target, int(x_in.shape[0]))
+    if classes is None:
+        return None
+    fn = run.frozen_gradient(strip_softmax)
+    if fn is None:
+        return None
+    x = x_in.detach()
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(_recompile_limit_raises())
+            stack.enter_context(_freezing_on())
+            with _observers_aside(model) as (pre, post):
+                grad, out = fn(x, classes.to(x.device))
+                for hook in pre:  # observers only: told of the pass once it ran
+                    hook(model, (x_in,))
+                for hook in post:
+                    hook(model, (x_in,), out)
+    except Exception as e:  # noqa: BLE001 - any compiler failure: the pass runs as before
+        if isinstance(e, SalienceError):
+            raise
+        run.gradient_failed(e)
+        return None
+    run._used_compiled = run._used_frozen = True
+    run._used_folded = run._folded is not None
+    return out, grad
 
 
 @contextmanager
