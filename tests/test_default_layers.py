@@ -251,6 +251,104 @@ def test_an_einsum_that_does_not_contract_the_keys_over_the_tokens_is_no_attenti
     assert default_layer(_CoaTLike(NotContracted).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
 
 
+class _EinsumSoftmaxModule(_Factorized):
+    """The factorized attention with its keys' softmax in an ``nn.Softmax(dim=-2)`` it holds and ``softmax(k)^T v``
+    written as ``torch.einsum``."""
+
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__(dim, heads)
+        self.softmax = nn.Softmax(dim=-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        kv = torch.einsum("bhnk,bhnv->bhkv", self.softmax(k), v)
+        return self.proj((q @ kv).transpose(1, 2).reshape(b, n, c))
+
+
+def test_an_einsum_factorized_attention_whose_softmax_is_a_submodule_is_recognized():
+    """The matmul form took a keys' softmax run in a submodule (an ``nn.Softmax(dim=-2)`` the attention holds), the
+    einsum form only one run in the attention's own forward: the same attention written with einsum was not seen and
+    the default was ``blocks.1.attn.softmax`` (the softmaxed keys). Now both forms take it: the last block's norm1,
+    Grad-CAM there the hand computation."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    check(_CoaTLike(_EinsumSoftmaxModule).eval(), x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+
+
+def test_keys_reshaped_not_transposed_before_a_matmul_are_no_attention():
+    """A matmul took any view of the keys' softmax of the transposed shape ``(B, heads, d, N)``, also a reshape,
+    which mixes tokens and channels (its rows are no token's keys): not ``softmax(k)^T v``. Only a permutation of
+    the softmax's dims counts now (matched by strides): the map rule, ``embed2``, as for a module with no attention."""
+
+    class Reshaped(_Factorized):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            keys = k.softmax(dim=2)
+            assert keys.is_contiguous()  # so the reshape below is a view of the softmax's output
+            out = q @ (keys.reshape(b, self.heads, c // self.heads, n) @ v)
+            return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    assert default_layer(_CoaTLike(Reshaped).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
+
+
+class _TransposedFactorized(_Factorized):
+    """The factorized attention with the product written the other way round, ``(v^T softmax(k))^T`` (``FORM``:
+    ``"matmul"``, ``v.transpose(-2, -1) @ k.softmax(dim=-2)``; ``"einsum"``, ``bhnv,bhnk->bhvk``; ``"einsum3"``: the
+    whole ``q (softmax(k)^T v)`` as one einsum of three operands, ``bhnk,bhnv,bhmk->bhmv``)."""
+
+    FORM = "matmul"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        keys = k.softmax(dim=-2)
+        if self.FORM == "einsum3":
+            out = torch.einsum("bhnk,bhnv,bhmk->bhmv", keys, v, q)
+        else:
+            vk = v.transpose(-2, -1) @ keys if self.FORM == "matmul" else torch.einsum("bhnv,bhnk->bhvk", v, keys)
+            out = q @ vk.transpose(-2, -1)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("form", ["matmul", "einsum", "einsum3"])
+def test_a_factorized_attention_written_transposed_or_as_one_einsum_is_recognized(form):
+    """``v^T @ softmax(k)`` and ``q (softmax(k)^T v)`` as one einsum of three operands were no attention (a matmul's
+    keys had to be its first factor, an einsum to have two operands): the map rule took ``embed2``. Now either
+    factor and any number of einsum operands count: the default is that of the plain form, the last block's norm1,
+    Grad-CAM there the hand computation; and the model computes what the plain form does. (The einsum
+    ``bhnv,bhnk->bhvk`` was already recognized: checked here alongside.)"""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    net = _CoaTLike(type("Mixer", (_TransposedFactorized,), {"FORM": form})).eval()
+    plain = _CoaTLike(_Factorized).eval()
+    plain.load_state_dict(net.state_dict())
+    torch.testing.assert_close(net(x), plain(x))  # the same computation as the plain form
+    assert default_layer(plain, x) == "blocks.1.norm1"
+    check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+
+
+def test_an_einsum_of_three_operands_that_keeps_the_tokens_is_no_attention():
+    """Three operands, the keys' softmax among them, but the token index kept (a per-token gating, ``bhnk,bhnk,
+    bhnv->bhnv``): no factorized attention, the map rule, ``embed2``."""
+
+    class Gated(_Factorized):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            out = torch.einsum("bhnk,bhnk,bhnv->bhnv", k.softmax(dim=-2), q, v)
+            return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    assert default_layer(_CoaTLike(Gated).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
+
+
 def test_volo_default_is_its_last_stage_not_its_per_token_class_scores():
     """VOLO's logits are head(norm(x)[:, 0]) + 0.5 * max over the patch tokens of aux_head(norm(x)[:, 1:]). The
     default was aux_head, per-token class scores (1, N, classes): Grad-CAM there is the target's token scores

@@ -66,8 +66,8 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       runs it has no default layer: a :class:`SalienceError` asking for ``layer=``); whose output is the image's whole token sequence ``(1, N, D)``,
       ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not; or a factorized
       attention, a module whose pass softmaxes the keys ``(1, heads, N, d)`` over their ``N`` tokens and contracts
-      that with the values over them, ``softmax(k)^T v`` (CoaT's ``FactorAttnConvRelPosEnc``, or one of the same
-      form under any name), global over its own ``N`` tokens, whatever their number): the last
+      that with the values over them, ``softmax(k)^T v`` or ``v^T softmax(k)``, by ``@`` or ``torch.einsum`` of
+      two or more operands (CoaT's ``FactorAttnConvRelPosEnc``, or one of the same form under any name), global over its own ``N`` tokens, whatever their number): the last
       module that finished before the *last* such attention call, outside it, with an output of
       the attention's shape: the LayerNorm before the last block's attention (torchvision ViT's
       ``encoder.layers[-1].ln_1``, timm's ``blocks[-1].norm1``, Hugging Face's
@@ -158,7 +158,7 @@ class _Call:
     # on the output give the tensor a new one), None where the output does not depend on the input
 
 
-_MATMULS = ("matmul", "__matmul__", "bmm")
+_MATMULS = ("matmul", "__matmul__")  # bmm takes 3-D tensors: never the keys (B, heads, N, d)
 
 
 def _softmax_over_tokens(args: tuple, kwargs: dict) -> bool:
@@ -177,9 +177,10 @@ class _AttentionSpotter(TorchFunctionMode):
     :class:`~salience.attention.AttentionCapture` takes for attention). So attention written as a bare function
     in a module of any name (a ``Mixer`` whose forward calls SDPA, a block computing ``softmax(q k^T) v`` inline)
     is seen as attention, as the attention methods see it. Also, in ``factorized``, each factorized attention: a
-    softmax over dim -2 of ``(B, heads, N, d)`` (keys over the tokens) whose output, transposed, a matmul in the
-    same module contracts with values ``(B, heads, N, d')`` over those tokens (``softmax(k)^T v``, CoaT's), by
-    ``@`` / ``matmul`` / ``bmm`` or ``torch.einsum`` (``bhnk,bhnv->bhkv`` and its other spellings)."""
+    softmax over dim -2 of ``(B, heads, N, d)`` (keys over the tokens) whose output (a permutation of its dims) a
+    product in the same module contracts with values ``(B, heads, N, d')`` over those tokens (``softmax(k)^T v``,
+    CoaT's, or ``v^T softmax(k)``), by ``@`` / ``matmul`` on 4-D tensors or ``torch.einsum`` of two or more operands
+    (``bhnk,bhnv->bhkv`` and its other spellings, ``bhnk,bhnv,bhmk->bhmv``): :meth:`_contraction`."""
 
     def __init__(self, running: list[str]):
         super().__init__()
@@ -201,57 +202,65 @@ class _AttentionSpotter(TorchFunctionMode):
             self.seen.append((where, tuple(out.shape)))
         elif name == "softmax" and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
             self._keys.append((where, out))
-        elif name in _MATMULS and len(args) > 1 and self._keys:
-            self._contracted(where, args[0], args[1])
+        elif name in _MATMULS and self._keys:
+            self._contraction(where, _matmul_labels(args, kwargs))
         elif name == "einsum" and self._keys:
-            self._einsum(where, args)
+            self._contraction(where, _einsum_labels(args))
         return out
 
-    def _einsum(self, where: str, args: tuple) -> None:
-        """Note a factorized attention where ``torch.einsum`` (an equation, ellipses and spaces allowed, the
-        operands given one by one or as one list, or the sublist form) contracts keys softmaxed over their ``N``
-        tokens in module ``where`` (a view of that softmax's output, its dims in any order) with values over the same
-        tokens: the keys' token index summed, in the values at a dim of ``N``; their batch and head indices in the
-        values and kept in the output, their channel index kept (``bhnk,bhnv->bhkv``)."""
-        parsed = _einsum_labels(args)
+    def _contraction(self, where: str, parsed: Optional[tuple[list[tuple[Any, list]], set]]) -> None:
+        """Note a factorized attention where a product (``parsed``: its operands with each one's index label per
+        dim, and the output's labels; :func:`_matmul_labels`, :func:`_einsum_labels`) run in module ``where``
+        contracts keys softmaxed over their ``N`` tokens (an operand that is a view of that softmax's output, its
+        dims in any order, the softmax run in ``where`` itself, ``k.softmax(dim=2)``, or in a submodule of it, an
+        ``nn.Softmax(dim=-2)`` it holds) with values over the same tokens: the keys' token index summed, found in
+        another operand (the values) at a dim of ``N``; the keys' batch and head indices in the values and kept in the
+        output; the values' own channel index kept; the keys' channel index kept (``softmax(k)^T v``,
+        ``bhnk,bhnv->bhkv``, or ``v^T softmax(k)``) or contracted with a third operand (the queries: ``q (softmax(k)^T
+        v)`` as one einsum, ``bhnk,bhnv,bhmk->bhmv``)."""
         if parsed is None:
             return
-        (a, la), (b, lb), out = parsed
-        for keys, lk, vals, lv in ((a, la, b, lb), (b, lb, a, la)):
-            if not (isinstance(keys, Tensor) and isinstance(vals, Tensor) and keys.dim() == 4 and vals.dim() == 4):
+        operands, kept = parsed
+        for i, (keys, lk) in enumerate(operands):
+            if not (isinstance(keys, Tensor) and keys.dim() == 4):
                 continue
             for name, k in self._keys:
-                if name != where or keys.data_ptr() != k.data_ptr() or keys.numel() != k.numel():
+                if (not (name == where or (where and name.startswith(where + "."))) or keys.data_ptr() != k.data_ptr()
+                        or keys.numel() != k.numel()):
                     continue
-                dims = _dims_of(keys, k)  # k's dim i is keys' dim dims[i]
+                dims = _dims_of(keys, k)  # k's dim j is keys' dim dims[j]
                 if dims is None:
                     continue
                 n = int(k.shape[-2])
-                token, kept = lk[dims[2]], [lk[dims[0]], lk[dims[1]]]
-                if (token in lv and token not in out and vals.shape[lv.index(token)] == n
-                        and all(label in lv and label in out for label in kept) and lk[dims[3]] in out):
-                    self.factorized.append((where, n))
-                    return
+                batch, heads, token, channel = (lk[d] for d in dims)
+                if token in kept or batch not in kept or heads not in kept:
+                    continue
+                others = [lab for j, (_, lo) in enumerate(operands) if j != i for lab in lo]
+                if channel not in kept and channel not in others:
+                    continue  # the keys' channels summed alone: no query reads them
+                for j, (vals, lv) in enumerate(operands):
+                    if (j != i and isinstance(vals, Tensor) and token in lv and vals.shape[lv.index(token)] == n
+                            and batch in lv and heads in lv and any(lab in kept and lab not in lk for lab in lv)):
+                        self.factorized.append((where, n))
+                        return
 
-    def _contracted(self, where: str, a: Any, b: Any) -> None:
-        """Note a factorized attention where ``a @ b`` contracts keys softmaxed over their ``N`` tokens in module
-        ``where`` (``a`` a view of that softmax's output, ``(B, heads, d, N)``) with values over the same tokens
-        (``b`` ``(B, heads, N, d')``): ``softmax(k)^T v``, CoaT's ``FactorAttnConvRelPosEnc``. The softmax may run in
-        ``where`` itself (``k.softmax(dim=2)``) or in a submodule of it (an ``nn.Softmax(dim=-2)`` it holds)."""
-        if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 4 and b.dim() == 4):
-            return
-        for name, k in self._keys:
-            n = int(k.shape[-2])
-            if ((name == where or (where and name.startswith(where + "."))) and a.data_ptr() == k.data_ptr() and a.numel() == k.numel()
-                    and tuple(a.shape) == (*k.shape[:2], k.shape[-1], n) and b.shape[-2] == n
-                    and b.shape[:2] == k.shape[:2]):
-                self.factorized.append((where, n))
-                return
+
+def _matmul_labels(args: tuple, kwargs: dict) -> Optional[tuple[list[tuple[Any, list]], set]]:
+    """A matmul of two 4-D tensors ``(B, heads, m, r) @ (B, heads, r, p)`` as einsum labels (``bhmr,bhrp->bhmp``,
+    the form :meth:`_AttentionSpotter._contraction` reads); None for any other."""
+    a = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    b = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 4 and b.dim() == 4
+            and a.shape[:2] == b.shape[:2]):
+        return None
+    return [(a, ["b", "h", "m", "r"]), (b, ["b", "h", "r", "p"])], {"b", "h", "m", "p"}
 
 
 def _dims_of(view: Tensor, k: Tensor) -> Optional[list[int]]:
     """For ``view``, a permutation of ``k``'s dims over the same memory: the dim of ``view`` of each of ``k``'s
-    (matched by size and stride), or None where it is no such permutation."""
+    (matched by size and stride), or None where it is no such permutation (a reshape that mixes dims)."""
+    if view.dim() != k.dim():
+        return None
     free = list(range(view.dim()))
     dims = []
     for size, stride in zip(k.shape, k.stride()):
@@ -263,18 +272,17 @@ def _dims_of(view: Tensor, k: Tensor) -> Optional[list[int]]:
     return dims
 
 
-def _einsum_labels(args: tuple) -> Optional[tuple[tuple[Any, list], tuple[Any, list], set]]:
-    """The two operands of an einsum call with each one's index label per dim, and the output's labels (an
-    ellipsis's dims labelled from the right, as they broadcast); None for any other number of operands or an
-    equation not read."""
+def _einsum_labels(args: tuple) -> Optional[tuple[list[tuple[Any, list]], set]]:
+    """The operands of an einsum call (two or more) with each one's index label per dim, and the output's labels (an
+    ellipsis's dims labelled from the right, as they broadcast); None for an equation not read."""
     if not args:
         return None
-    if isinstance(args[0], Tensor):  # sublist form: op, [0, 1, ...], op, [...], [output]
+    if isinstance(args[0], Tensor):  # sublist form: op, [0, 1, ...], op, [...], ..., [output]
         ops, subs = list(args[0::2]), list(args[1::2])
         out_sub = ops.pop() if len(ops) > len(subs) else None
-        if len(ops) != 2 or len(subs) != 2:
+        if len(ops) < 2 or len(subs) != len(ops):
             return None
-        terms: list = [list(subs[0]), list(subs[1])]
+        terms: list = [list(sub) for sub in subs]
         if any(Ellipsis in t for t in terms) or out_sub is not None and Ellipsis in out_sub:
             return None
         output = None if out_sub is None else list(out_sub)
@@ -286,7 +294,7 @@ def _einsum_labels(args: tuple) -> Optional[tuple[tuple[Any, list], tuple[Any, l
         lhs, arrow, rhs = eq.partition("->")
         terms = [t.replace("...", ".") for t in lhs.split(",")]
         output = rhs.replace("...", ".") if arrow else None
-        if len(ops) != 2 or len(terms) != 2:
+        if len(ops) < 2 or len(terms) != len(ops):
             return None
     else:
         return None
@@ -313,7 +321,7 @@ def _einsum_labels(args: tuple) -> Optional[tuple[tuple[Any, list], tuple[Any, l
     else:
         kept = {("...", j) for j in range(1, widest + 1)} if "." in output else set()
         kept |= {c for c in output if c != "."}
-    return labelled[0], labelled[1], kept
+    return labelled, kept
 
 
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
