@@ -594,3 +594,36 @@ def test_attentions_one_after_the_other_in_one_called_module_are_not_side_by_sid
     ref = by_hand(net, x, "stage.norm2", target, row_major(4, 4, prefix=1))
     assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+
+
+class _CheckpointedStage(_CalledStage):
+    """:class:`_CalledStage` with its stage run in a reentrant ``torch.utils.checkpoint`` (as timm's
+    ``set_grad_checkpointing()`` with reentrant checkpoints, Hugging Face's ``gradient_checkpointing_enable()``): the
+    stage runs under ``no_grad`` in the forward pass, so its modules' outputs there have no autograd graph."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.stem(x)
+        t = torch.cat([self.cls.expand(len(x), -1, -1), p.flatten(2).transpose(1, 2)], 1)
+        return self.head(torch.utils.checkpoint.checkpoint(self.stage, t, use_reentrant=True)[:, 0])
+
+
+def test_attentions_one_after_the_other_inside_a_reentrant_checkpoint_are_not_side_by_side():
+    """Inside a reentrant checkpoint the traced pass had no autograd graph, so the data-flow check could not tell
+    ``attn2``'s input computed from ``attn1``'s output and fell back to the structure: the default was refused as
+    parallel token streams (wrong: the same model without the checkpoint has its default). The traced pass now runs a
+    reentrant checkpoint's function as a plain call (the same values, with a graph): the default is ``stage.norm2``,
+    as without the checkpoint, and the model and torch's checkpoint come back as they were."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    torch.manual_seed(0)
+    net = _CheckpointedStage().eval()
+    x = torch.rand(2, 3, 32, 32)
+    plain = _CalledStage().eval()
+    plain.load_state_dict(net.state_dict())
+    torch.testing.assert_close(net(x), plain(x))
+    with unchanged(net):
+        assert default_layer(net, x) == default_layer(plain, x) == "stage.norm2"
+    assert "apply" not in CheckpointFunction.__dict__  # torch's own Function.apply again
+    x.requires_grad_(True)  # the checkpoint still recomputes in the backward pass
+    net(x)[:, 1].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

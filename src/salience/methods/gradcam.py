@@ -324,6 +324,31 @@ def _einsum_labels(args: tuple) -> Optional[tuple[list[tuple[Any, list]], set]]:
     return labelled, kept
 
 
+@contextmanager
+def _plain_checkpoints() -> Iterator[None]:
+    """A reentrant ``torch.utils.checkpoint`` (``use_reentrant=True``: timm's ``set_grad_checkpointing()`` with
+    reentrant checkpoints, Hugging Face's gradient checkpointing) runs its function as a plain call in the block: the
+    same values, now with the autograd graph the search reads (the data flow of :func:`_refuse_parallel_streams`,
+    which outputs depend on the input); under the checkpoint they had none (it runs under ``no_grad``). Torch's
+    ``CheckpointFunction.apply`` is put back after the block, also after an exception (a checkpointed pass in another
+    thread during the block runs plainly too: the same values, without the memory saving)."""
+    from torch.utils import checkpoint as ck
+
+    cls = getattr(ck, "CheckpointFunction", None)
+    if cls is None:
+        yield
+        return
+    own = cls.__dict__.get("apply")
+    cls.apply = staticmethod(lambda function, preserve_rng_state, *args: function(*args))
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls.apply
+        else:
+            cls.apply = own
+
+
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
                   outputs: Optional[list] = None, attending: Optional[list] = None,
                   factorized: Optional[list] = None) -> list[_Call]:
@@ -363,7 +388,7 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
         # With the input's gradient on (parameters frozen by the guard), an output that requires grad
         # depends on the input: Swin's relative position bias (B, heads, n, n) does not. Also when the
         # caller runs under torch.inference_mode(), where enable_grad() alone records no graph.
-        with model_guard(model), torch.inference_mode(False), torch.enable_grad():
+        with model_guard(model), torch.inference_mode(False), torch.enable_grad(), _plain_checkpoints():
             one = x[:1].clone() if x.is_inference() else x[:1]
             with model_call(model, one), (_AttentionSpotter(running) if attending is not None
                                           else contextlib.nullcontext()) as spotter:
