@@ -627,3 +627,73 @@ def test_attentions_one_after_the_other_inside_a_reentrant_checkpoint_are_not_si
     x.requires_grad_(True)  # the checkpoint still recomputes in the backward pass
     net(x)[:, 1].sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+class _KeysSubsampledMixer(nn.Module):
+    """Attention under a name of its own: ``softmax(q k^T / sqrt(d)) v`` written out, every token a query, the keys and
+    values from every other token (``(1, heads, N, ceil(N / 2))`` weights, as a sub-sampled attention's)."""
+
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__()
+        self.heads, self.q, self.kv, self.proj = heads, nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(x[:, ::2]).reshape(b, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(dim=-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class FakeAttention(nn.Module):
+    """Named as an attention, but a per-token MLP: nothing attends."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class _MixerBlock(nn.Module):
+    def __init__(self, dim: int, mlp: type):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = nn.LayerNorm(dim), _KeysSubsampledMixer(dim), nn.LayerNorm(dim), mlp(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class _MixerViT(nn.Module):
+    """A ViT, small: 4x4 patches of 16 px (a 4x4 grid), a class token, two blocks of :class:`_KeysSubsampledMixer`
+    and an MLP of class ``mlp``, a head reading the class token."""
+
+    def __init__(self, mlp: type, dim: int = 8):
+        super().__init__()
+        self.embed, self.cls = nn.Conv2d(3, dim, 4, stride=4), nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = nn.Sequential(_MixerBlock(dim, mlp), _MixerBlock(dim, mlp))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(torch.cat([self.cls.expand(len(x), -1, -1), t], dim=1))[:, 0])
+
+
+def test_attention_is_recognized_by_what_it_computes_not_by_its_class_name():
+    """A module counted as attention by its class name (``...Attention``) or, under another name, only where its
+    weights were square: a ``Mixer`` computing ``softmax(q k^T) v`` with sub-sampled keys was no attention, so the map
+    rule took ``embed`` (before the blocks), while a per-token MLP named ``FakeAttention`` was taken for one (the
+    default was its input, ``blocks.1.norm2``). Now what the pass computes decides: attention weights over the keys
+    that every token queries, a class token among them; the default is the last block's ``norm1``, Grad-CAM there the
+    hand computation; the same model with a plain MLP class gets the same default."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16)
+    net = _MixerViT(FakeAttention).eval()
+    plain = _MixerViT(type("Mlp", (FakeAttention,), {})).eval()
+    plain.load_state_dict(net.state_dict())
+    assert default_layer(plain, x) == "blocks.1.norm1"
+    check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))

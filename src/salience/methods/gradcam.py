@@ -58,11 +58,12 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       same where the last attention's block attends over token streams of different lengths side by side
       (non-lite CoaT's parallel blocks, one per scale, whose class tokens the head combines): the error
       names each stream's layer.
-    * **Vision Transformers** (global attention: an attention module, ``nn.MultiheadAttention``, a
-      class named ``...Attention``, or a module with a submodule whose output is attention weights,
+    * **Vision Transformers** (global attention, by what the pass computes, never by a class name:
+      ``nn.MultiheadAttention``, or a module with a submodule whose output is attention weights,
       ConViT's ``GPSA`` / ``MHSA`` by their ``attn_drop``, or a module that itself runs an attention
-      operation, ``F.scaled_dot_product_attention`` or a softmax over the last dim, over a class token and
-      the patches ``(1, heads, N, N)`` (timm's ``AttentionRope``, an own ``Mixer``; a model whose own forward
+      operation, ``F.scaled_dot_product_attention`` or a softmax over the last dim, every token a query, a
+      class token among them, ``(1, heads, N, S)`` with ``N`` more than the patch grid's cells, ``S`` the keys,
+      sub-sampled or not (timm's ``Attention`` and ``AttentionRope``, an own ``Mixer``; a model whose own forward
       runs it has no default layer: a :class:`SalienceError` asking for ``layer=``); whose output is the image's whole token sequence ``(1, N, D)``,
       ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not; or a factorized
       attention, a module whose pass softmaxes the keys ``(1, heads, N, d)`` over their ``N`` tokens and contracts
@@ -93,8 +94,8 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       output), swin ``norm``, vgg the last ReLU of ``features`` (before the final max-pool), timm
       ConvNeXt's ``stages``, Hugging Face ConvNeXt's ``convnext.encoder.stages.3``, timm LeViT's
       ``stages``, Hugging Face LeViT's last ``levit.encoder.stages`` (tokens in the one grid a stride
-      gives, :mod:`salience.methods._tokens`; tokens inside an innermost attention module, a class
-      named ``...Attention...`` holding no other one, are left out, and so are ``(1, C, L)`` outputs
+      gives, :mod:`salience.methods._tokens`; tokens inside an innermost module that computes attention,
+      :func:`_attention_internals`, are left out, and so are ``(1, C, L)`` outputs
       with the module's channels at dim 1, a ``Conv1d``'s or a flattened map's). A module that returns
       a tuple led by a tensor (Hugging Face's blocks) is read as that tensor: Hugging Face Hiera's
       ``hiera.encoder.stages.3``, its last block's output.
@@ -410,7 +411,9 @@ def _first_tensor(out: Any) -> Any:
 
 
 def _is_attention(m: nn.Module) -> bool:
-    return isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
+    """An ``nn.MultiheadAttention`` (by its type: the other attentions are recognized by what their pass computes,
+    :class:`_AttentionSpotter`, never by a class name)."""
+    return isinstance(m, nn.MultiheadAttention)
 
 
 def _attention_weights(out: Any) -> bool:
@@ -432,7 +435,7 @@ def _weighing_modules(calls: list[_Call]) -> set[str]:
 
 def _global_attention(c: _Call, grid: Optional[tuple[int, int]], weighing: set[str] = frozenset(),
                       whole: Optional[dict[str, set[int]]] = None) -> bool:
-    """An attention call (:func:`_is_attention`, or a module in ``weighing`` or ``whole``) over one image's whole
+    """An attention call (an ``nn.MultiheadAttention``, or a module in ``weighing`` or ``whole``) over one image's whole
     token sequence ``(1, N, D)`` (the calls run on ``x[:1]``), ``N`` at least the patch grid's cells: not a window
     of a Swin (``(windows, n, D)``, or one window with fewer tokens than patches). ``whole``: module name -> the
     token counts ``N`` of the factorized attentions it ran (:class:`_AttentionSpotter`: keys softmaxed over their
@@ -457,16 +460,17 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
     single token (a class attention's, VOLO's: nothing spatial). ``attending``: the attention
     operations seen (:class:`_AttentionSpotter`): the module that ran one counts as attention, whatever
     its class is called (a ``Mixer`` calling ``F.scaled_dot_product_attention``, a block with the softmax
-    inline) when that operation is global self-attention over one image's tokens with a prefix, ``(1, heads,
-    N, N)``, ``N`` more than the patch grid's cells: what the rule is for (after it only the class token
-    reaches the head). Not Twins' sub-sampled keys ``(N, N / r^2)``, nor CaiT's self-attention over patches
-    alone (its class token comes in later, and its class attention reads every patch: the map rule).
+    inline; a class name decides nothing) when every token of one image, a prefix among them, queries it:
+    ``(1, heads, N, S)`` or ``(1, N, S)``, ``N`` more than the patch grid's cells, ``S > 1`` keys (sub-sampled
+    or not): what the rule is for (after it only the class token reaches the head). Not Twins' attention over
+    patches alone, nor CaiT's self-attention over patches alone (its class token comes in later, and its class
+    attention, one query, reads every patch: the map rule).
     ``factorized``: ``(module name, N)`` of the factorized attentions seen (:func:`_global_attention`)."""
     grid = patch_grid(model, x.shape)
     cells = None if grid is None else grid[0] * grid[1]
     weighing = _weighing_modules(calls) | {
         name for name, a in attending
-        if name and a is not None and len(a) == 4 and a[0] == 1 and a[-1] == a[-2] > (cells or 1)}
+        if name and a is not None and len(a) in (3, 4) and a[0] == 1 and a[-1] > 1 and a[-2] > (cells or 1)}
     whole: dict[str, set[int]] = {}
     for name, n in factorized:
         if name:
@@ -599,15 +603,24 @@ def _candidate_layout(model: nn.Module, x: Tensor, c: _Call, seen: dict) -> Opti
     return layout
 
 
-def _attention_internals(model: nn.Module) -> tuple[str, ...]:
-    """Name prefixes (``"name."``) of the modules that compute attention: the innermost modules whose class
-    name contains ``Attention`` (``LevitAttentionSubsample``, timm's ``AttentionDownsample`` too) or
-    ``nn.MultiheadAttention``s; tokens inside them (queries, keys, values) are not the model's token
-    stream. A module that holds another such module (a stage class named ``...AttentionBlock`` around
-    whole blocks, Hugging Face's ``ViTAttention`` around ``ViTSelfAttention``) is not one: its blocks'
-    outputs are the token stream."""
-    named = [n + "." for n, m in model.named_modules() if n and (isinstance(m, nn.MultiheadAttention)
-                                                                 or "Attention" in type(m).__name__)]
+def _attention_internals(calls: list[_Call], attending: Sequence[tuple[str, Any]] = (),
+                         factorized: Sequence[tuple[str, int]] = ()) -> tuple[str, ...]:
+    """Name prefixes (``"name."``) of the modules that compute attention, by what the pass computed: a module where an
+    attention operation ran (``attending``, :class:`_AttentionSpotter`: SDPA, ``F.multi_head_attention_forward``, a
+    softmax over the last dim; an ``nn.Softmax`` or dropout passing on the weights stands for the module holding it),
+    a factorized attention (``factorized``), a module holding a submodule whose output is attention weights
+    (:func:`_weighing_modules`), an ``nn.MultiheadAttention``; the innermost of them. Tokens inside them (queries, keys,
+    values) are not the model's token stream; a module around one (a stage, Hugging Face's ``ViTAttention`` around
+    ``ViTSelfAttention``) is not one: its blocks' outputs are the token stream. A class name decides nothing: a module
+    named ``...Attention`` that attends over nothing (a per-token MLP) holds token-stream outputs."""
+    outputs = {c.name: c.output for c in calls}
+    names = set(_weighing_modules(calls)) | {c.name for c in calls if _is_attention(c.module)}
+    for name in [n for n, _ in attending] + [n for n, _ in factorized]:
+        if name and "." in name and _attention_weights(outputs.get(name)):
+            name = name.rpartition(".")[0]  # an nn.Softmax / dropout: the module holding it
+        if name:
+            names.add(name)
+    named = [n + "." for n in names]
     return tuple(n for n in named if not any(o != n and o.startswith(n) for o in named))
 
 
@@ -628,14 +641,13 @@ def _output_width(out: Any) -> Optional[int]:
     return int(out.shape[-1]) if isinstance(out, Tensor) and out.dim() == 2 else None
 
 
-def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call],
-                    classes: Optional[int] = None) -> list[tuple[str, Tensor, bool]]:
+def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call], classes: Optional[int] = None,
+                    inner: tuple[str, ...] = ()) -> list[tuple[str, Tensor, bool]]:
     """Map outputs as ``(name, (B, K, h, w), whether tokens)``, in finishing order, by the rules of
     :func:`default_layer`; per-token class scores (:func:`_class_scores`, ``classes`` the model's output width)
-    are left out."""
+    are left out, and so are tokens inside a module that computes attention (``inner``, :func:`_attention_internals`)."""
     counts = collections.Counter(c.name for c in calls)
     pooled = {id(c.output) for c in calls if isinstance(c.module, _POOLS)}
-    inner = _attention_internals(model)
     kept: list[Tensor] = []
     seen: dict[tuple[int, ...], Layout] = {}
     cands: list[tuple[str, Tensor, bool]] = []
@@ -732,7 +744,8 @@ def _search(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[s
     if vit is not None:
         return vit, ("the input of the last attention, where every token still reaches the output; after it, "
                      "a head that reads the class token alone gives the patch tokens no gradient")
-    cands = _map_candidates(model, x, calls, _output_width(outputs[0]) if outputs else None)
+    cands = _map_candidates(model, x, calls, _output_width(outputs[0]) if outputs else None,
+                            _attention_internals(calls, attending, factorized))
     spatial = [c for c in cands if c[1].shape[-2:].numel() > 1]
     chosen = spatial or cands
     if not chosen:
