@@ -697,3 +697,20 @@ def test_attention_is_recognized_by_what_it_computes_not_by_its_class_name():
     plain.load_state_dict(net.state_dict())
     assert default_layer(plain, x) == "blocks.1.norm1"
     check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+
+
+def test_overlapping_traced_passes_put_torchs_checkpoint_back():
+    """Two traced passes overlapping out of order (threads: A enters, B enters, A leaves, B leaves) each put back what
+    they found on entering, so B put back A's plain call and reentrant checkpoints stayed plain for good (no memory
+    saving, in the user's training too). Now the swap is counted: torch's own ``apply`` is back when the last leaves."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    from salience.methods.gradcam import _plain_checkpoints
+
+    a, b = _plain_checkpoints(), _plain_checkpoints()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert "apply" in CheckpointFunction.__dict__  # B still runs plainly
+    b.__exit__(None, None, None)
+    assert "apply" not in CheckpointFunction.__dict__

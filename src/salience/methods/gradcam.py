@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -325,29 +326,45 @@ def _einsum_labels(args: tuple) -> Optional[tuple[list[tuple[Any, list]], set]]:
     return labelled, kept
 
 
+_PLAIN_LOCK = threading.Lock()
+_plain_state: list = [0, None]  # [passes inside _plain_checkpoints, CheckpointFunction's own "apply" (None: inherited)]
+
+
+def _plain_call(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
+    return function(*args)
+
+
 @contextmanager
 def _plain_checkpoints() -> Iterator[None]:
     """A reentrant ``torch.utils.checkpoint`` (``use_reentrant=True``: timm's ``set_grad_checkpointing()`` with
     reentrant checkpoints, Hugging Face's gradient checkpointing) runs its function as a plain call in the block: the
-    same values, now with the autograd graph the search reads (the data flow of :func:`_refuse_parallel_streams`,
-    which outputs depend on the input); under the checkpoint they had none (it runs under ``no_grad``). Torch's
-    ``CheckpointFunction.apply`` is put back after the block, also after an exception (a checkpointed pass in another
-    thread during the block runs plainly too: the same values, without the memory saving)."""
+    same values, now with the autograd graph the search and the CAMs read (the data flow of
+    :func:`_refuse_parallel_streams`, which outputs depend on the input, a layer's gradient); under the checkpoint they
+    had none (it runs under ``no_grad``). Torch's ``CheckpointFunction.apply`` is put back when the last block open
+    ends (counted: blocks of several threads may end in any order), also after an exception; a checkpointed pass in
+    another thread meanwhile runs plainly too (the same values, without the memory saving)."""
     from torch.utils import checkpoint as ck
 
     cls = getattr(ck, "CheckpointFunction", None)
     if cls is None:
         yield
         return
-    own = cls.__dict__.get("apply")
-    cls.apply = staticmethod(lambda function, preserve_rng_state, *args: function(*args))
+    with _PLAIN_LOCK:
+        if _plain_state[0] == 0:
+            _plain_state[1] = cls.__dict__.get("apply")
+            cls.apply = staticmethod(_plain_call)
+        _plain_state[0] += 1
     try:
         yield
     finally:
-        if own is None:
-            del cls.apply
-        else:
-            cls.apply = own
+        with _PLAIN_LOCK:
+            _plain_state[0] -= 1
+            if _plain_state[0] == 0:
+                if _plain_state[1] is None:
+                    del cls.apply
+                else:
+                    cls.apply = _plain_state[1]
+                _plain_state[1] = None
 
 
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
