@@ -714,3 +714,28 @@ def test_overlapping_traced_passes_put_torchs_checkpoint_back():
     assert "apply" in CheckpointFunction.__dict__  # B still runs plainly
     b.__exit__(None, None, None)
     assert "apply" not in CheckpointFunction.__dict__
+
+
+def test_gradcam_at_a_layer_inside_a_reentrant_checkpoint_is_the_hand_computation():
+    """A layer inside a reentrant checkpoint has no gradient in the forward pass (the checkpoint runs it under
+    ``no_grad`` and recomputes it in the backward pass): Grad-CAM there failed with torch's RuntimeError ('One of the
+    differentiated Tensors does not require grad'). The CAMs' passes now run such a checkpoint's function as a plain
+    call: Grad-CAM at the default, ``stage.norm2``, is the hand computation on the same model without the checkpoint,
+    and the model and torch's checkpoint come back as they were."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    net = _CheckpointedStage().eval()
+    plain = _CalledStage().eval()
+    plain.load_state_dict(net.state_dict())
+    x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target, prefix_tokens=1)
+        guided = salience.guided_gradcam(net, x, target, prefix_tokens=1, reduce=None)
+    ref = by_hand(plain, x, "stage.norm2", target, row_major(4, 4, prefix=1))
+    assert_each_varies(ref)
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(guided, salience.guided_gradcam(plain, x, target, prefix_tokens=1, reduce=None))
+    assert "apply" not in CheckpointFunction.__dict__
