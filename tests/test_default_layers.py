@@ -251,6 +251,104 @@ def test_an_einsum_that_does_not_contract_the_keys_over_the_tokens_is_no_attenti
     assert default_layer(_CoaTLike(NotContracted).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
 
 
+class _EinsumSoftmaxModule(_Factorized):
+    """The factorized attention with its keys' softmax in an ``nn.Softmax(dim=-2)`` it holds and ``softmax(k)^T v``
+    written as ``torch.einsum``."""
+
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__(dim, heads)
+        self.softmax = nn.Softmax(dim=-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        kv = torch.einsum("bhnk,bhnv->bhkv", self.softmax(k), v)
+        return self.proj((q @ kv).transpose(1, 2).reshape(b, n, c))
+
+
+def test_an_einsum_factorized_attention_whose_softmax_is_a_submodule_is_recognized():
+    """The matmul form took a keys' softmax run in a submodule (an ``nn.Softmax(dim=-2)`` the attention holds), the
+    einsum form only one run in the attention's own forward: the same attention written with einsum was not seen and
+    the default was ``blocks.1.attn.softmax`` (the softmaxed keys). Now both forms take it: the last block's norm1,
+    Grad-CAM there the hand computation."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    check(_CoaTLike(_EinsumSoftmaxModule).eval(), x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+
+
+def test_keys_reshaped_not_transposed_before_a_matmul_are_no_attention():
+    """A matmul took any view of the keys' softmax of the transposed shape ``(B, heads, d, N)``, also a reshape,
+    which mixes tokens and channels (its rows are no token's keys): not ``softmax(k)^T v``. Only a permutation of
+    the softmax's dims counts now (matched by strides): the map rule, ``embed2``, as for a module with no attention."""
+
+    class Reshaped(_Factorized):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            keys = k.softmax(dim=2)
+            assert keys.is_contiguous()  # so the reshape below is a view of the softmax's output
+            out = q @ (keys.reshape(b, self.heads, c // self.heads, n) @ v)
+            return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    assert default_layer(_CoaTLike(Reshaped).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
+
+
+class _TransposedFactorized(_Factorized):
+    """The factorized attention with the product written the other way round, ``(v^T softmax(k))^T`` (``FORM``:
+    ``"matmul"``, ``v.transpose(-2, -1) @ k.softmax(dim=-2)``; ``"einsum"``, ``bhnv,bhnk->bhvk``; ``"einsum3"``: the
+    whole ``q (softmax(k)^T v)`` as one einsum of three operands, ``bhnk,bhnv,bhmk->bhmv``)."""
+
+    FORM = "matmul"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        keys = k.softmax(dim=-2)
+        if self.FORM == "einsum3":
+            out = torch.einsum("bhnk,bhnv,bhmk->bhmv", keys, v, q)
+        else:
+            vk = v.transpose(-2, -1) @ keys if self.FORM == "matmul" else torch.einsum("bhnv,bhnk->bhvk", v, keys)
+            out = q @ vk.transpose(-2, -1)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("form", ["matmul", "einsum", "einsum3"])
+def test_a_factorized_attention_written_transposed_or_as_one_einsum_is_recognized(form):
+    """``v^T @ softmax(k)`` and ``q (softmax(k)^T v)`` as one einsum of three operands were no attention (a matmul's
+    keys had to be its first factor, an einsum to have two operands): the map rule took ``embed2``. Now either
+    factor and any number of einsum operands count: the default is that of the plain form, the last block's norm1,
+    Grad-CAM there the hand computation; and the model computes what the plain form does. (The einsum
+    ``bhnv,bhnk->bhvk`` was already recognized: checked here alongside.)"""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    net = _CoaTLike(type("Mixer", (_TransposedFactorized,), {"FORM": form})).eval()
+    plain = _CoaTLike(_Factorized).eval()
+    plain.load_state_dict(net.state_dict())
+    torch.testing.assert_close(net(x), plain(x))  # the same computation as the plain form
+    assert default_layer(plain, x) == "blocks.1.norm1"
+    check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+
+
+def test_an_einsum_of_three_operands_that_keeps_the_tokens_is_no_attention():
+    """Three operands, the keys' softmax among them, but the token index kept (a per-token gating, ``bhnk,bhnk,
+    bhnv->bhnv``): no factorized attention, the map rule, ``embed2``."""
+
+    class Gated(_Factorized):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            out = torch.einsum("bhnk,bhnk,bhnv->bhnv", k.softmax(dim=-2), q, v)
+            return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    assert default_layer(_CoaTLike(Gated).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
+
+
 def test_volo_default_is_its_last_stage_not_its_per_token_class_scores():
     """VOLO's logits are head(norm(x)[:, 0]) + 0.5 * max over the patch tokens of aux_head(norm(x)[:, 1:]). The
     default was aux_head, per-token class scores (1, N, classes): Grad-CAM there is the target's token scores
@@ -496,3 +594,148 @@ def test_attentions_one_after_the_other_in_one_called_module_are_not_side_by_sid
     ref = by_hand(net, x, "stage.norm2", target, row_major(4, 4, prefix=1))
     assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+
+
+class _CheckpointedStage(_CalledStage):
+    """:class:`_CalledStage` with its stage run in a reentrant ``torch.utils.checkpoint`` (as timm's
+    ``set_grad_checkpointing()`` with reentrant checkpoints, Hugging Face's ``gradient_checkpointing_enable()``): the
+    stage runs under ``no_grad`` in the forward pass, so its modules' outputs there have no autograd graph."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.stem(x)
+        t = torch.cat([self.cls.expand(len(x), -1, -1), p.flatten(2).transpose(1, 2)], 1)
+        return self.head(torch.utils.checkpoint.checkpoint(self.stage, t, use_reentrant=True)[:, 0])
+
+
+def test_attentions_one_after_the_other_inside_a_reentrant_checkpoint_are_not_side_by_side():
+    """Inside a reentrant checkpoint the traced pass had no autograd graph, so the data-flow check could not tell
+    ``attn2``'s input computed from ``attn1``'s output and fell back to the structure: the default was refused as
+    parallel token streams (wrong: the same model without the checkpoint has its default). The traced pass now runs a
+    reentrant checkpoint's function as a plain call (the same values, with a graph): the default is ``stage.norm2``,
+    as without the checkpoint, and the model and torch's checkpoint come back as they were."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    torch.manual_seed(0)
+    net = _CheckpointedStage().eval()
+    x = torch.rand(2, 3, 32, 32)
+    plain = _CalledStage().eval()
+    plain.load_state_dict(net.state_dict())
+    torch.testing.assert_close(net(x), plain(x))
+    with unchanged(net):
+        assert default_layer(net, x) == default_layer(plain, x) == "stage.norm2"
+    assert "apply" not in CheckpointFunction.__dict__  # torch's own Function.apply again
+    x.requires_grad_(True)  # the checkpoint still recomputes in the backward pass
+    net(x)[:, 1].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+class _KeysSubsampledMixer(nn.Module):
+    """Attention under a name of its own: ``softmax(q k^T / sqrt(d)) v`` written out, every token a query, the keys and
+    values from every other token (``(1, heads, N, ceil(N / 2))`` weights, as a sub-sampled attention's)."""
+
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__()
+        self.heads, self.q, self.kv, self.proj = heads, nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(x[:, ::2]).reshape(b, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(dim=-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class FakeAttention(nn.Module):
+    """Named as an attention, but a per-token MLP: nothing attends."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class _MixerBlock(nn.Module):
+    def __init__(self, dim: int, mlp: type):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = nn.LayerNorm(dim), _KeysSubsampledMixer(dim), nn.LayerNorm(dim), mlp(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class _MixerViT(nn.Module):
+    """A ViT, small: 4x4 patches of 16 px (a 4x4 grid), a class token, two blocks of :class:`_KeysSubsampledMixer`
+    and an MLP of class ``mlp``, a head reading the class token."""
+
+    def __init__(self, mlp: type, dim: int = 8):
+        super().__init__()
+        self.embed, self.cls = nn.Conv2d(3, dim, 4, stride=4), nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = nn.Sequential(_MixerBlock(dim, mlp), _MixerBlock(dim, mlp))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(torch.cat([self.cls.expand(len(x), -1, -1), t], dim=1))[:, 0])
+
+
+def test_attention_is_recognized_by_what_it_computes_not_by_its_class_name():
+    """A module counted as attention by its class name (``...Attention``) or, under another name, only where its
+    weights were square: a ``Mixer`` computing ``softmax(q k^T) v`` with sub-sampled keys was no attention, so the map
+    rule took ``embed`` (before the blocks), while a per-token MLP named ``FakeAttention`` was taken for one (the
+    default was its input, ``blocks.1.norm2``). Now what the pass computes decides: attention weights over the keys
+    that every token queries, a class token among them; the default is the last block's ``norm1``, Grad-CAM there the
+    hand computation; the same model with a plain MLP class gets the same default."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16)
+    net = _MixerViT(FakeAttention).eval()
+    plain = _MixerViT(type("Mlp", (FakeAttention,), {})).eval()
+    plain.load_state_dict(net.state_dict())
+    assert default_layer(plain, x) == "blocks.1.norm1"
+    check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+
+
+def test_overlapping_traced_passes_put_torchs_checkpoint_back():
+    """Two traced passes overlapping out of order (threads: A enters, B enters, A leaves, B leaves) each put back what
+    they found on entering, so B put back A's plain call and reentrant checkpoints stayed plain for good (no memory
+    saving, in the user's training too). Now the swap is counted: torch's own ``apply`` is back when the last leaves."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    from salience.methods.gradcam import _plain_checkpoints
+
+    a, b = _plain_checkpoints(), _plain_checkpoints()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert "apply" in CheckpointFunction.__dict__  # B still runs plainly
+    b.__exit__(None, None, None)
+    assert "apply" not in CheckpointFunction.__dict__
+
+
+def test_gradcam_at_a_layer_inside_a_reentrant_checkpoint_is_the_hand_computation():
+    """A layer inside a reentrant checkpoint has no gradient in the forward pass (the checkpoint runs it under
+    ``no_grad`` and recomputes it in the backward pass): Grad-CAM there failed with torch's RuntimeError ('One of the
+    differentiated Tensors does not require grad'). The CAMs' passes now run such a checkpoint's function as a plain
+    call: Grad-CAM at the default, ``stage.norm2``, is the hand computation on the same model without the checkpoint,
+    and the model and torch's checkpoint come back as they were."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    net = _CheckpointedStage().eval()
+    plain = _CalledStage().eval()
+    plain.load_state_dict(net.state_dict())
+    x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target, prefix_tokens=1)
+        guided = salience.guided_gradcam(net, x, target, prefix_tokens=1, reduce=None)
+    ref = by_hand(plain, x, "stage.norm2", target, row_major(4, 4, prefix=1))
+    assert_each_varies(ref)
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(guided, salience.guided_gradcam(plain, x, target, prefix_tokens=1, reduce=None))
+    assert "apply" not in CheckpointFunction.__dict__

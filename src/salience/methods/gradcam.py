@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -58,16 +59,17 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       same where the last attention's block attends over token streams of different lengths side by side
       (non-lite CoaT's parallel blocks, one per scale, whose class tokens the head combines): the error
       names each stream's layer.
-    * **Vision Transformers** (global attention: an attention module, ``nn.MultiheadAttention``, a
-      class named ``...Attention``, or a module with a submodule whose output is attention weights,
+    * **Vision Transformers** (global attention, by what the pass computes, never by a class name:
+      ``nn.MultiheadAttention``, or a module with a submodule whose output is attention weights,
       ConViT's ``GPSA`` / ``MHSA`` by their ``attn_drop``, or a module that itself runs an attention
-      operation, ``F.scaled_dot_product_attention`` or a softmax over the last dim, over a class token and
-      the patches ``(1, heads, N, N)`` (timm's ``AttentionRope``, an own ``Mixer``; a model whose own forward
+      operation, ``F.scaled_dot_product_attention`` or a softmax over the last dim, every token a query, a
+      class token among them, ``(1, heads, N, S)`` with ``N`` more than the patch grid's cells, ``S`` the keys,
+      sub-sampled or not (timm's ``Attention`` and ``AttentionRope``, an own ``Mixer``; a model whose own forward
       runs it has no default layer: a :class:`SalienceError` asking for ``layer=``); whose output is the image's whole token sequence ``(1, N, D)``,
       ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not; or a factorized
       attention, a module whose pass softmaxes the keys ``(1, heads, N, d)`` over their ``N`` tokens and contracts
-      that with the values over them, ``softmax(k)^T v`` (CoaT's ``FactorAttnConvRelPosEnc``, or one of the same
-      form under any name), global over its own ``N`` tokens, whatever their number): the last
+      that with the values over them, ``softmax(k)^T v`` or ``v^T softmax(k)``, by ``@`` or ``torch.einsum`` of
+      two or more operands (CoaT's ``FactorAttnConvRelPosEnc``, or one of the same form under any name), global over its own ``N`` tokens, whatever their number): the last
       module that finished before the *last* such attention call, outside it, with an output of
       the attention's shape: the LayerNorm before the last block's attention (torchvision ViT's
       ``encoder.layers[-1].ln_1``, timm's ``blocks[-1].norm1``, Hugging Face's
@@ -93,8 +95,8 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       output), swin ``norm``, vgg the last ReLU of ``features`` (before the final max-pool), timm
       ConvNeXt's ``stages``, Hugging Face ConvNeXt's ``convnext.encoder.stages.3``, timm LeViT's
       ``stages``, Hugging Face LeViT's last ``levit.encoder.stages`` (tokens in the one grid a stride
-      gives, :mod:`salience.methods._tokens`; tokens inside an innermost attention module, a class
-      named ``...Attention...`` holding no other one, are left out, and so are ``(1, C, L)`` outputs
+      gives, :mod:`salience.methods._tokens`; tokens inside an innermost module that computes attention,
+      :func:`_attention_internals`, are left out, and so are ``(1, C, L)`` outputs
       with the module's channels at dim 1, a ``Conv1d``'s or a flattened map's). A module that returns
       a tuple led by a tensor (Hugging Face's blocks) is read as that tensor: Hugging Face Hiera's
       ``hiera.encoder.stages.3``, its last block's output.
@@ -158,7 +160,7 @@ class _Call:
     # on the output give the tensor a new one), None where the output does not depend on the input
 
 
-_MATMULS = ("matmul", "__matmul__", "bmm")
+_MATMULS = ("matmul", "__matmul__")  # bmm takes 3-D tensors: never the keys (B, heads, N, d)
 
 
 def _softmax_over_tokens(args: tuple, kwargs: dict) -> bool:
@@ -177,9 +179,10 @@ class _AttentionSpotter(TorchFunctionMode):
     :class:`~salience.attention.AttentionCapture` takes for attention). So attention written as a bare function
     in a module of any name (a ``Mixer`` whose forward calls SDPA, a block computing ``softmax(q k^T) v`` inline)
     is seen as attention, as the attention methods see it. Also, in ``factorized``, each factorized attention: a
-    softmax over dim -2 of ``(B, heads, N, d)`` (keys over the tokens) whose output, transposed, a matmul in the
-    same module contracts with values ``(B, heads, N, d')`` over those tokens (``softmax(k)^T v``, CoaT's), by
-    ``@`` / ``matmul`` / ``bmm`` or ``torch.einsum`` (``bhnk,bhnv->bhkv`` and its other spellings)."""
+    softmax over dim -2 of ``(B, heads, N, d)`` (keys over the tokens) whose output (a permutation of its dims) a
+    product in the same module contracts with values ``(B, heads, N, d')`` over those tokens (``softmax(k)^T v``,
+    CoaT's, or ``v^T softmax(k)``), by ``@`` / ``matmul`` on 4-D tensors or ``torch.einsum`` of two or more operands
+    (``bhnk,bhnv->bhkv`` and its other spellings, ``bhnk,bhnv,bhmk->bhmv``): :meth:`_contraction`."""
 
     def __init__(self, running: list[str]):
         super().__init__()
@@ -201,57 +204,65 @@ class _AttentionSpotter(TorchFunctionMode):
             self.seen.append((where, tuple(out.shape)))
         elif name == "softmax" and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
             self._keys.append((where, out))
-        elif name in _MATMULS and len(args) > 1 and self._keys:
-            self._contracted(where, args[0], args[1])
+        elif name in _MATMULS and self._keys:
+            self._contraction(where, _matmul_labels(args, kwargs))
         elif name == "einsum" and self._keys:
-            self._einsum(where, args)
+            self._contraction(where, _einsum_labels(args))
         return out
 
-    def _einsum(self, where: str, args: tuple) -> None:
-        """Note a factorized attention where ``torch.einsum`` (an equation, ellipses and spaces allowed, the
-        operands given one by one or as one list, or the sublist form) contracts keys softmaxed over their ``N``
-        tokens in module ``where`` (a view of that softmax's output, its dims in any order) with values over the same
-        tokens: the keys' token index summed, in the values at a dim of ``N``; their batch and head indices in the
-        values and kept in the output, their channel index kept (``bhnk,bhnv->bhkv``)."""
-        parsed = _einsum_labels(args)
+    def _contraction(self, where: str, parsed: Optional[tuple[list[tuple[Any, list]], set]]) -> None:
+        """Note a factorized attention where a product (``parsed``: its operands with each one's index label per
+        dim, and the output's labels; :func:`_matmul_labels`, :func:`_einsum_labels`) run in module ``where``
+        contracts keys softmaxed over their ``N`` tokens (an operand that is a view of that softmax's output, its
+        dims in any order, the softmax run in ``where`` itself, ``k.softmax(dim=2)``, or in a submodule of it, an
+        ``nn.Softmax(dim=-2)`` it holds) with values over the same tokens: the keys' token index summed, found in
+        another operand (the values) at a dim of ``N``; the keys' batch and head indices in the values and kept in the
+        output; the values' own channel index kept; the keys' channel index kept (``softmax(k)^T v``,
+        ``bhnk,bhnv->bhkv``, or ``v^T softmax(k)``) or contracted with a third operand (the queries: ``q (softmax(k)^T
+        v)`` as one einsum, ``bhnk,bhnv,bhmk->bhmv``)."""
         if parsed is None:
             return
-        (a, la), (b, lb), out = parsed
-        for keys, lk, vals, lv in ((a, la, b, lb), (b, lb, a, la)):
-            if not (isinstance(keys, Tensor) and isinstance(vals, Tensor) and keys.dim() == 4 and vals.dim() == 4):
+        operands, kept = parsed
+        for i, (keys, lk) in enumerate(operands):
+            if not (isinstance(keys, Tensor) and keys.dim() == 4):
                 continue
             for name, k in self._keys:
-                if name != where or keys.data_ptr() != k.data_ptr() or keys.numel() != k.numel():
+                if (not (name == where or (where and name.startswith(where + "."))) or keys.data_ptr() != k.data_ptr()
+                        or keys.numel() != k.numel()):
                     continue
-                dims = _dims_of(keys, k)  # k's dim i is keys' dim dims[i]
+                dims = _dims_of(keys, k)  # k's dim j is keys' dim dims[j]
                 if dims is None:
                     continue
                 n = int(k.shape[-2])
-                token, kept = lk[dims[2]], [lk[dims[0]], lk[dims[1]]]
-                if (token in lv and token not in out and vals.shape[lv.index(token)] == n
-                        and all(label in lv and label in out for label in kept) and lk[dims[3]] in out):
-                    self.factorized.append((where, n))
-                    return
+                batch, heads, token, channel = (lk[d] for d in dims)
+                if token in kept or batch not in kept or heads not in kept:
+                    continue
+                others = [lab for j, (_, lo) in enumerate(operands) if j != i for lab in lo]
+                if channel not in kept and channel not in others:
+                    continue  # the keys' channels summed alone: no query reads them
+                for j, (vals, lv) in enumerate(operands):
+                    if (j != i and isinstance(vals, Tensor) and token in lv and vals.shape[lv.index(token)] == n
+                            and batch in lv and heads in lv and any(lab in kept and lab not in lk for lab in lv)):
+                        self.factorized.append((where, n))
+                        return
 
-    def _contracted(self, where: str, a: Any, b: Any) -> None:
-        """Note a factorized attention where ``a @ b`` contracts keys softmaxed over their ``N`` tokens in module
-        ``where`` (``a`` a view of that softmax's output, ``(B, heads, d, N)``) with values over the same tokens
-        (``b`` ``(B, heads, N, d')``): ``softmax(k)^T v``, CoaT's ``FactorAttnConvRelPosEnc``. The softmax may run in
-        ``where`` itself (``k.softmax(dim=2)``) or in a submodule of it (an ``nn.Softmax(dim=-2)`` it holds)."""
-        if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 4 and b.dim() == 4):
-            return
-        for name, k in self._keys:
-            n = int(k.shape[-2])
-            if ((name == where or (where and name.startswith(where + "."))) and a.data_ptr() == k.data_ptr() and a.numel() == k.numel()
-                    and tuple(a.shape) == (*k.shape[:2], k.shape[-1], n) and b.shape[-2] == n
-                    and b.shape[:2] == k.shape[:2]):
-                self.factorized.append((where, n))
-                return
+
+def _matmul_labels(args: tuple, kwargs: dict) -> Optional[tuple[list[tuple[Any, list]], set]]:
+    """A matmul of two 4-D tensors ``(B, heads, m, r) @ (B, heads, r, p)`` as einsum labels (``bhmr,bhrp->bhmp``,
+    the form :meth:`_AttentionSpotter._contraction` reads); None for any other."""
+    a = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    b = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 4 and b.dim() == 4
+            and a.shape[:2] == b.shape[:2]):
+        return None
+    return [(a, ["b", "h", "m", "r"]), (b, ["b", "h", "r", "p"])], {"b", "h", "m", "p"}
 
 
 def _dims_of(view: Tensor, k: Tensor) -> Optional[list[int]]:
     """For ``view``, a permutation of ``k``'s dims over the same memory: the dim of ``view`` of each of ``k``'s
-    (matched by size and stride), or None where it is no such permutation."""
+    (matched by size and stride), or None where it is no such permutation (a reshape that mixes dims)."""
+    if view.dim() != k.dim():
+        return None
     free = list(range(view.dim()))
     dims = []
     for size, stride in zip(k.shape, k.stride()):
@@ -263,18 +274,17 @@ def _dims_of(view: Tensor, k: Tensor) -> Optional[list[int]]:
     return dims
 
 
-def _einsum_labels(args: tuple) -> Optional[tuple[tuple[Any, list], tuple[Any, list], set]]:
-    """The two operands of an einsum call with each one's index label per dim, and the output's labels (an
-    ellipsis's dims labelled from the right, as they broadcast); None for any other number of operands or an
-    equation not read."""
+def _einsum_labels(args: tuple) -> Optional[tuple[list[tuple[Any, list]], set]]:
+    """The operands of an einsum call (two or more) with each one's index label per dim, and the output's labels (an
+    ellipsis's dims labelled from the right, as they broadcast); None for an equation not read."""
     if not args:
         return None
-    if isinstance(args[0], Tensor):  # sublist form: op, [0, 1, ...], op, [...], [output]
+    if isinstance(args[0], Tensor):  # sublist form: op, [0, 1, ...], op, [...], ..., [output]
         ops, subs = list(args[0::2]), list(args[1::2])
         out_sub = ops.pop() if len(ops) > len(subs) else None
-        if len(ops) != 2 or len(subs) != 2:
+        if len(ops) < 2 or len(subs) != len(ops):
             return None
-        terms: list = [list(subs[0]), list(subs[1])]
+        terms: list = [list(sub) for sub in subs]
         if any(Ellipsis in t for t in terms) or out_sub is not None and Ellipsis in out_sub:
             return None
         output = None if out_sub is None else list(out_sub)
@@ -286,7 +296,7 @@ def _einsum_labels(args: tuple) -> Optional[tuple[tuple[Any, list], tuple[Any, l
         lhs, arrow, rhs = eq.partition("->")
         terms = [t.replace("...", ".") for t in lhs.split(",")]
         output = rhs.replace("...", ".") if arrow else None
-        if len(ops) != 2 or len(terms) != 2:
+        if len(ops) < 2 or len(terms) != len(ops):
             return None
     else:
         return None
@@ -313,7 +323,48 @@ def _einsum_labels(args: tuple) -> Optional[tuple[tuple[Any, list], tuple[Any, l
     else:
         kept = {("...", j) for j in range(1, widest + 1)} if "." in output else set()
         kept |= {c for c in output if c != "."}
-    return labelled[0], labelled[1], kept
+    return labelled, kept
+
+
+_PLAIN_LOCK = threading.Lock()
+_plain_state: list = [0, None]  # [passes inside _plain_checkpoints, CheckpointFunction's own "apply" (None: inherited)]
+
+
+def _plain_call(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
+    return function(*args)
+
+
+@contextmanager
+def _plain_checkpoints() -> Iterator[None]:
+    """A reentrant ``torch.utils.checkpoint`` (``use_reentrant=True``: timm's ``set_grad_checkpointing()`` with
+    reentrant checkpoints, Hugging Face's gradient checkpointing) runs its function as a plain call in the block: the
+    same values, now with the autograd graph the search and the CAMs read (the data flow of
+    :func:`_refuse_parallel_streams`, which outputs depend on the input, a layer's gradient); under the checkpoint they
+    had none (it runs under ``no_grad``). Torch's ``CheckpointFunction.apply`` is put back when the last block open
+    ends (counted: blocks of several threads may end in any order), also after an exception; a checkpointed pass in
+    another thread meanwhile runs plainly too (the same values, without the memory saving)."""
+    from torch.utils import checkpoint as ck
+
+    cls = getattr(ck, "CheckpointFunction", None)
+    if cls is None:
+        yield
+        return
+    with _PLAIN_LOCK:
+        if _plain_state[0] == 0:
+            _plain_state[1] = cls.__dict__.get("apply")
+            cls.apply = staticmethod(_plain_call)
+        _plain_state[0] += 1
+    try:
+        yield
+    finally:
+        with _PLAIN_LOCK:
+            _plain_state[0] -= 1
+            if _plain_state[0] == 0:
+                if _plain_state[1] is None:
+                    del cls.apply
+                else:
+                    cls.apply = _plain_state[1]
+                _plain_state[1] = None
 
 
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
@@ -355,7 +406,7 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
         # With the input's gradient on (parameters frozen by the guard), an output that requires grad
         # depends on the input: Swin's relative position bias (B, heads, n, n) does not. Also when the
         # caller runs under torch.inference_mode(), where enable_grad() alone records no graph.
-        with model_guard(model), torch.inference_mode(False), torch.enable_grad():
+        with model_guard(model), torch.inference_mode(False), torch.enable_grad(), _plain_checkpoints():
             one = x[:1].clone() if x.is_inference() else x[:1]
             with model_call(model, one), (_AttentionSpotter(running) if attending is not None
                                           else contextlib.nullcontext()) as spotter:
@@ -377,7 +428,9 @@ def _first_tensor(out: Any) -> Any:
 
 
 def _is_attention(m: nn.Module) -> bool:
-    return isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
+    """An ``nn.MultiheadAttention`` (by its type: the other attentions are recognized by what their pass computes,
+    :class:`_AttentionSpotter`, never by a class name)."""
+    return isinstance(m, nn.MultiheadAttention)
 
 
 def _attention_weights(out: Any) -> bool:
@@ -399,7 +452,7 @@ def _weighing_modules(calls: list[_Call]) -> set[str]:
 
 def _global_attention(c: _Call, grid: Optional[tuple[int, int]], weighing: set[str] = frozenset(),
                       whole: Optional[dict[str, set[int]]] = None) -> bool:
-    """An attention call (:func:`_is_attention`, or a module in ``weighing`` or ``whole``) over one image's whole
+    """An attention call (an ``nn.MultiheadAttention``, or a module in ``weighing`` or ``whole``) over one image's whole
     token sequence ``(1, N, D)`` (the calls run on ``x[:1]``), ``N`` at least the patch grid's cells: not a window
     of a Swin (``(windows, n, D)``, or one window with fewer tokens than patches). ``whole``: module name -> the
     token counts ``N`` of the factorized attentions it ran (:class:`_AttentionSpotter`: keys softmaxed over their
@@ -424,16 +477,17 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
     single token (a class attention's, VOLO's: nothing spatial). ``attending``: the attention
     operations seen (:class:`_AttentionSpotter`): the module that ran one counts as attention, whatever
     its class is called (a ``Mixer`` calling ``F.scaled_dot_product_attention``, a block with the softmax
-    inline) when that operation is global self-attention over one image's tokens with a prefix, ``(1, heads,
-    N, N)``, ``N`` more than the patch grid's cells: what the rule is for (after it only the class token
-    reaches the head). Not Twins' sub-sampled keys ``(N, N / r^2)``, nor CaiT's self-attention over patches
-    alone (its class token comes in later, and its class attention reads every patch: the map rule).
+    inline; a class name decides nothing) when every token of one image, a prefix among them, queries it:
+    ``(1, heads, N, S)`` or ``(1, N, S)``, ``N`` more than the patch grid's cells, ``S > 1`` keys (sub-sampled
+    or not): what the rule is for (after it only the class token reaches the head). Not Twins' attention over
+    patches alone, nor CaiT's self-attention over patches alone (its class token comes in later, and its class
+    attention, one query, reads every patch: the map rule).
     ``factorized``: ``(module name, N)`` of the factorized attentions seen (:func:`_global_attention`)."""
     grid = patch_grid(model, x.shape)
     cells = None if grid is None else grid[0] * grid[1]
     weighing = _weighing_modules(calls) | {
         name for name, a in attending
-        if name and a is not None and len(a) == 4 and a[0] == 1 and a[-1] == a[-2] > (cells or 1)}
+        if name and a is not None and len(a) in (3, 4) and a[0] == 1 and a[-1] > 1 and a[-2] > (cells or 1)}
     whole: dict[str, set[int]] = {}
     for name, n in factorized:
         if name:
@@ -566,15 +620,24 @@ def _candidate_layout(model: nn.Module, x: Tensor, c: _Call, seen: dict) -> Opti
     return layout
 
 
-def _attention_internals(model: nn.Module) -> tuple[str, ...]:
-    """Name prefixes (``"name."``) of the modules that compute attention: the innermost modules whose class
-    name contains ``Attention`` (``LevitAttentionSubsample``, timm's ``AttentionDownsample`` too) or
-    ``nn.MultiheadAttention``s; tokens inside them (queries, keys, values) are not the model's token
-    stream. A module that holds another such module (a stage class named ``...AttentionBlock`` around
-    whole blocks, Hugging Face's ``ViTAttention`` around ``ViTSelfAttention``) is not one: its blocks'
-    outputs are the token stream."""
-    named = [n + "." for n, m in model.named_modules() if n and (isinstance(m, nn.MultiheadAttention)
-                                                                 or "Attention" in type(m).__name__)]
+def _attention_internals(calls: list[_Call], attending: Sequence[tuple[str, Any]] = (),
+                         factorized: Sequence[tuple[str, int]] = ()) -> tuple[str, ...]:
+    """Name prefixes (``"name."``) of the modules that compute attention, by what the pass computed: a module where an
+    attention operation ran (``attending``, :class:`_AttentionSpotter`: SDPA, ``F.multi_head_attention_forward``, a
+    softmax over the last dim; an ``nn.Softmax`` or dropout passing on the weights stands for the module holding it),
+    a factorized attention (``factorized``), a module holding a submodule whose output is attention weights
+    (:func:`_weighing_modules`), an ``nn.MultiheadAttention``; the innermost of them. Tokens inside them (queries, keys,
+    values) are not the model's token stream; a module around one (a stage, Hugging Face's ``ViTAttention`` around
+    ``ViTSelfAttention``) is not one: its blocks' outputs are the token stream. A class name decides nothing: a module
+    named ``...Attention`` that attends over nothing (a per-token MLP) holds token-stream outputs."""
+    outputs = {c.name: c.output for c in calls}
+    names = set(_weighing_modules(calls)) | {c.name for c in calls if _is_attention(c.module)}
+    for name in [n for n, _ in attending] + [n for n, _ in factorized]:
+        if name and "." in name and _attention_weights(outputs.get(name)):
+            name = name.rpartition(".")[0]  # an nn.Softmax / dropout: the module holding it
+        if name:
+            names.add(name)
+    named = [n + "." for n in names]
     return tuple(n for n in named if not any(o != n and o.startswith(n) for o in named))
 
 
@@ -595,14 +658,13 @@ def _output_width(out: Any) -> Optional[int]:
     return int(out.shape[-1]) if isinstance(out, Tensor) and out.dim() == 2 else None
 
 
-def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call],
-                    classes: Optional[int] = None) -> list[tuple[str, Tensor, bool]]:
+def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call], classes: Optional[int] = None,
+                    inner: tuple[str, ...] = ()) -> list[tuple[str, Tensor, bool]]:
     """Map outputs as ``(name, (B, K, h, w), whether tokens)``, in finishing order, by the rules of
     :func:`default_layer`; per-token class scores (:func:`_class_scores`, ``classes`` the model's output width)
-    are left out."""
+    are left out, and so are tokens inside a module that computes attention (``inner``, :func:`_attention_internals`)."""
     counts = collections.Counter(c.name for c in calls)
     pooled = {id(c.output) for c in calls if isinstance(c.module, _POOLS)}
-    inner = _attention_internals(model)
     kept: list[Tensor] = []
     seen: dict[tuple[int, ...], Layout] = {}
     cands: list[tuple[str, Tensor, bool]] = []
@@ -699,7 +761,8 @@ def _search(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[s
     if vit is not None:
         return vit, ("the input of the last attention, where every token still reaches the output; after it, "
                      "a head that reads the class token alone gives the patch tokens no gradient")
-    cands = _map_candidates(model, x, calls, _output_width(outputs[0]) if outputs else None)
+    cands = _map_candidates(model, x, calls, _output_width(outputs[0]) if outputs else None,
+                            _attention_internals(calls, attending, factorized))
     spatial = [c for c in cands if c[1].shape[-2:].numel() > 1]
     chosen = spatial or cands
     if not chosen:
@@ -792,8 +855,10 @@ def gradient_cam(
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
     mod = resolve_cam_layer(model, x, layer)
-    # One forward pass; one backward pass per target, down to the layer only.
-    acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+    # One forward pass; one backward pass per target, down to the layer only (a reentrant checkpoint run as a plain
+    # call: a layer inside one has no gradient in the forward pass otherwise).
+    with _plain_checkpoints():
+        acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
     layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
     acts, grads = layout.to_grid(acts), layout.to_grid(grads)  # (B, D, h, w), (K, B, D, h, w)
     cam = torch.stack([combine(acts, g) for g in grads], dim=1)  # (B, K, h, w)
@@ -886,13 +951,14 @@ def guided_gradcam(
     rules.check_model(model, "guided Grad-CAM")
     rule = rules.guided(unsupported=unsupported)
     # One ruled pass gives all K targets' guided input gradients and the layer's gradients.
-    with _rectified_before(mod, rule) as mark:
+    with _rectified_before(mod, rule) as mark, _plain_checkpoints():
         g = backward(model, x, targets, layers=[mod], strip_softmax=strip_softmax, extra_modes=[rule])
     assert g.inputs is not None
     acts, layer_grads = g.activations[0], g.layer_grads[0]
     if not (mark and mark[0] == rule.rectified):
         # ReLUs ran after the layer: the rule changed its gradient; Grad-CAM needs the plain one.
-        acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+        with _plain_checkpoints():
+            acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
     layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
     acts, layer_grads = layout.to_grid(acts), layout.to_grid(layer_grads)
     cams = torch.stack([_gradcam_map(acts, lg).clamp(min=0) for lg in layer_grads], dim=1)  # (B, K, h, w)
