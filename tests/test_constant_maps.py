@@ -491,6 +491,26 @@ def test_evaluate_with_mask_tensors_names_the_masks_to_check_not_a_file(tmp_path
         f"Check the mask files {apart[2]}, {apart[3]}: {check}")
 
 
+def test_constant_notes_refuses_mask_files_that_are_not_one_per_image():
+    """``constant_notes(maps, mask_files=)`` (public: docs/evaluation.md) names image i's mask file as
+    ``mask_files[i]``: a list of another length than the maps' images is refused with one line saying
+    both counts, whatever the maps hold (before: an IndexError when a constant mask's image had no
+    file, or the wrong files named when the list was longer; nothing said when no mask was constant)."""
+    from salience import SalienceError
+    from salience.evidence import evaluate as E
+
+    masks = torch.zeros(3, 8, 8)
+    masks[0, 2:4, 2:4] = 1  # image 0 marks a square; images 1 and 2 nothing (constant)
+    for files in (["a.png"], ["a.png", "b.png", "c.png", "d.png"]):
+        for maps in ({E.ORACLE: masks}, {E.ORACLE: masks[:2]}):
+            with pytest.raises(SalienceError, match=r"^mask_files: " + str(len(files)) + r" file\(s\) for "
+                               + str(maps[E.ORACLE].shape[0]) + r" image\(s\) of the oracle's maps; give one mask "
+                               r"file per image, image i's at mask_files\[i\]$"):
+                E.constant_notes(maps, mask_files=files)
+    assert E.constant_notes({E.ORACLE: masks}, mask_files=["m/a.png", "m/b.png", "m/c.png"])[0].endswith(
+        "Check the mask files b.png, c.png in m: the object is where its brightest channel is at least half its maximum")
+
+
 def test_visualize_says_a_class_model_image_left_flat(setup, tmp_path, capsys):
     """salience visualize of the blind model: no gradient reaches the image, which stays at its flat
     start (all black): a warning line says so, the constant-map text naming the image; the model that

@@ -1817,6 +1817,27 @@ def test_a_run_begun_reading_labels_with_each_item_is_continued_with_labels_that
     assert salience.explain_dataset(model, ds, ["vanilla"], folder, **kw).table.select(cols).equals(whole.select(cols))
 
 
+def test_labels_given_to_a_run_of_item_labels_with_other_inputs_are_refused_saying_which_label_differs(tmp_path):
+    """A run begun reading its labels with each item, called with other inputs (a 7th item) and
+    ``labels=`` that differ from a committed row's: the refusal names the new image and the first
+    image whose row holds another label (both are true of it). Before, with the inputs differing, it
+    said "labels: read with each item of the dataset when the run began, now given up front ...;
+    leave them out to continue it", untrue since labels that agree continue such a run
+    (test_a_run_begun_reading_labels_with_each_item_is_continued_with_labels_that_agree)."""
+    model, _, ds, kw, folder = _six(tmp_path)  # the items' labels: 0 1 2 3 0 1
+    salience.explain_dataset(model, ds, ["vanilla"], folder, **kw)
+    seven = _Logged(tmp_path / "reads.log", n=7)
+    with pytest.raises(SalienceError, match=r"^" + re.escape(
+            f"{folder} holds a run of a different command (inputs: 6 images -> 7 (image 6 is new: _Logged[6]); "
+            "labels: image 0 (_Logged[0]): label 0 -> 1, given up front (labels=, --labels-csv); the run was begun "
+            "reading the labels with each item, and its row holds 0); run the same command to continue it, choose "
+            "another --out, or add --overwrite to start again") + r"$"):
+        salience.explain_dataset(model, seven, ["vanilla"], folder, labels=[1] * 7, **kw)
+    with pytest.raises(SalienceError, match=r"^" + re.escape(  # labels that agree: the inputs alone
+            f"{folder} holds a run of a different command (inputs: 6 images -> 7 (image 6 is new: _Logged[6])); run")):
+        salience.explain_dataset(model, seven, ["vanilla"], folder, labels=[i % 4 for i in range(7)], **kw)
+
+
 class _Failing(torch.utils.data.Dataset):
     """Four images ``(3, 16, 16)``; reading item ``bad`` raises a KeyError (a user's transform)."""
 

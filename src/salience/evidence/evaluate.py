@@ -596,7 +596,11 @@ def constant_notes(maps: dict[str, Tensor], *, mask_files: Optional[Sequence[Pat
 
     ``mask_files``: the file each image's mask was read from (``run_evaluation`` with a ``masks``
     folder): a constant oracle's text names the files to check; without (masks given as a tensor
-    to :func:`evaluate_methods`) it names the masks of those images, ``masks[i]``."""
+    to :func:`evaluate_methods`) it names the masks of those images, ``masks[i]``; a list of another
+    length than the oracle's images is refused (a :class:`SalienceError`)."""
+    if mask_files is not None and ORACLE in maps and len(mask_files) != maps[ORACLE].shape[0]:
+        raise SalienceError(f"mask_files: {len(mask_files)} file(s) for {maps[ORACLE].shape[0]} image(s) of the "
+                            "oracle's maps; give one mask file per image, image i's at mask_files[i]")
     out = []
     for name, m in maps.items():
         found: dict[str, list[int]] = {}

@@ -331,13 +331,14 @@ class Store:
                 detail = _input_differences(f, old, planned) if planned is not None else {}
                 advice = ("run the same command to continue it, choose another --out, or add --overwrite to start "
                           "again")
-                if stored_differ is not None and "inputs" not in detail:
+                if stored_differ is not None:  # true with other inputs too: image i's row and its given label
                     detail["labels"] = stored_differ
                     if len([d for d in diff if not d.startswith("labels:")]) == 0:
                         advice = GIVEN_LABELS_ADVICE
                 elif begun == ITEM_LABELS and given_now and now.get("labels") != ITEM_LABELS:
                     detail.setdefault("labels", "labels: read with each item of the dataset when the run began, now "
-                                                "given up front (labels=, --labels-csv); leave them out to continue it")
+                                                "given up front (labels=, --labels-csv); leave them out (or give the "
+                                                "ones its items carry) to continue it")
                 diff = list(detail.values()) + [d for d in diff if d.split(".")[0].split(":")[0] not in detail]
                 more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
                 raise SalienceError(f"{f} holds a run of a different command ({'; '.join(diff[:3])}{more}); {advice}")
