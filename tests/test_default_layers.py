@@ -739,3 +739,43 @@ def test_gradcam_at_a_layer_inside_a_reentrant_checkpoint_is_the_hand_computatio
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(guided, salience.guided_gradcam(plain, x, target, prefix_tokens=1, reduce=None))
     assert "apply" not in CheckpointFunction.__dict__
+
+
+def test_plain_checkpoints_leave_other_threads_checkpoints_as_torchs():
+    """The swap of torch's ``CheckpointFunction.apply`` is process-wide, so while a search or a CAM ran in one thread,
+    a reentrant checkpoint in another (the user's training) ran as a plain call too: no recomputation, the memory
+    saving gone. Now only the threads inside ``_plain_checkpoints`` run plainly: another thread's checkpoint is torch's
+    (its function under ``no_grad``, its output's node torch's ``CheckpointFunctionBackward``), the same values and
+    input gradient as without the swap, and in the swapping thread the function runs with a graph."""
+    import threading
+
+    from torch.utils.checkpoint import CheckpointFunction
+
+    from salience.methods.gradcam import _plain_checkpoints
+
+    lin = nn.Linear(4, 4)
+    seen: dict = {}
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        seen.setdefault(threading.get_ident(), torch.is_grad_enabled())  # the first pass (not the recomputation)
+        return torch.tanh(lin(t))
+
+    def run() -> tuple:
+        x = torch.rand(3, 4, requires_grad=True)
+        out = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=True)
+        out.sum().backward()
+        ref = torch.tanh(lin(x))
+        (g,) = torch.autograd.grad(ref.sum(), x)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(x.grad, g)
+        return type(out.grad_fn).__name__
+
+    other: dict = {}
+    with _plain_checkpoints():
+        assert run() != "CheckpointFunctionBackward" and seen[threading.get_ident()] is True
+        worker = threading.Thread(target=lambda: other.update(node=run(), ident=threading.get_ident()))
+        worker.start()
+        worker.join()
+    assert other["node"] == "CheckpointFunctionBackward"
+    assert seen[other["ident"]] is False  # torch's reentrant checkpoint: the first pass under no_grad
+    assert "apply" not in CheckpointFunction.__dict__
