@@ -779,3 +779,28 @@ def test_plain_checkpoints_leave_other_threads_checkpoints_as_torchs():
     assert other["node"] == "CheckpointFunctionBackward"
     assert seen[other["ident"]] is False  # torch's reentrant checkpoint: the first pass under no_grad
     assert "apply" not in CheckpointFunction.__dict__
+
+
+def test_input_gradient_methods_through_a_reentrant_checkpoint_are_the_plain_models():
+    """Only the CAMs' passes ran reentrant checkpoints plainly: the input-gradient methods (vanilla, integrated
+    gradients, transformer attribution: every pass of the engine's ``backward``) failed on a model with a reentrant
+    checkpoint with torch's RuntimeError ('torch.utils.checkpoint is incompatible with .grad()'), e.g. timm's ViTs
+    after ``set_grad_checkpointing()`` with reentrant checkpoints. Now the engine's pass runs them plainly: vanilla is
+    d score / d x by hand on the same model without the checkpoint, integrated gradients the twin's, and torch's
+    checkpoint comes back."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    torch.manual_seed(0)
+    net = _CheckpointedStage().eval()
+    plain = _CalledStage().eval()
+    plain.load_state_dict(net.state_dict())
+    x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
+    with unchanged(net):
+        grad = salience.vanilla(net, x, target, reduce=None)
+        ig = salience.integrated_gradients(net, x, target, steps=4)
+    xr = x.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(plain(xr).gather(1, target[:, None]).sum(), xr)
+    assert ref.abs().sum() > 0
+    torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ig, salience.integrated_gradients(plain, x, target, steps=4), rtol=1e-4, atol=1e-6)
+    assert "apply" not in CheckpointFunction.__dict__

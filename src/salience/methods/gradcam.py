@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -27,6 +26,7 @@ from salience._core import engine as _engine
 from salience import rules
 from salience.attention import _is_attention_softmax
 from salience._core.autograd import backward, check_input, layer_value, model_call
+from salience._core.checkpoints import plain_checkpoints as _plain_checkpoints
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
@@ -324,59 +324,6 @@ def _einsum_labels(args: tuple) -> Optional[tuple[list[tuple[Any, list]], set]]:
         kept = {("...", j) for j in range(1, widest + 1)} if "." in output else set()
         kept |= {c for c in output if c != "."}
     return labelled, kept
-
-
-_PLAIN_LOCK = threading.Lock()
-# [passes inside _plain_checkpoints, CheckpointFunction's own "apply" (None: inherited), torch's apply bound to the
-# class (what other threads call)]; _plain_threads: thread id -> its open blocks (only those threads run plainly).
-_plain_state: list = [0, None, None]
-_plain_threads: collections.Counter = collections.Counter()
-
-
-def _plain_call(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
-    """``CheckpointFunction.apply`` while a block of :func:`_plain_checkpoints` is open: the function as a plain call
-    in the threads inside such a block, torch's own reentrant checkpoint in every other thread."""
-    if threading.get_ident() in _plain_threads:
-        return function(*args)
-    return _plain_state[2](function, preserve_rng_state, *args)
-
-
-@contextmanager
-def _plain_checkpoints() -> Iterator[None]:
-    """A reentrant ``torch.utils.checkpoint`` (``use_reentrant=True``: timm's ``set_grad_checkpointing()`` with
-    reentrant checkpoints, Hugging Face's gradient checkpointing) run in this thread runs its function as a plain call
-    in the block: the same values, now with the autograd graph the search and the CAMs read (the data flow of
-    :func:`_refuse_parallel_streams`, which outputs depend on the input, a layer's gradient); under the checkpoint they
-    had none (it runs under ``no_grad``). Other threads' checkpoints (a training running meanwhile) stay torch's. Torch's
-    ``CheckpointFunction.apply`` is put back when the last block open ends (counted: blocks of several threads may end
-    in any order), also after an exception."""
-    from torch.utils import checkpoint as ck
-
-    cls = getattr(ck, "CheckpointFunction", None)
-    if cls is None:
-        yield
-        return
-    me = threading.get_ident()
-    with _PLAIN_LOCK:
-        if _plain_state[0] == 0:
-            _plain_state[1], _plain_state[2] = cls.__dict__.get("apply"), cls.apply
-            cls.apply = staticmethod(_plain_call)
-        _plain_state[0] += 1
-        _plain_threads[me] += 1
-    try:
-        yield
-    finally:
-        with _PLAIN_LOCK:
-            _plain_threads[me] -= 1
-            if _plain_threads[me] == 0:
-                del _plain_threads[me]
-            _plain_state[0] -= 1
-            if _plain_state[0] == 0:
-                if _plain_state[1] is None:
-                    del cls.apply
-                else:
-                    cls.apply = _plain_state[1]
-                _plain_state[1] = None  # [2] stays: a thread that looked up the swap just before may still call it
 
 
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
