@@ -804,3 +804,59 @@ def test_input_gradient_methods_through_a_reentrant_checkpoint_are_the_plain_mod
     torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ig, salience.integrated_gradients(plain, x, target, steps=4), rtol=1e-4, atol=1e-6)
     assert "apply" not in CheckpointFunction.__dict__
+
+
+@torch.library.custom_op("salience_tests::opaque_attention", mutates_args=())
+def _opaque_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` as one custom op, as xformers' ``memory_efficient_attention`` or flash-attention
+    are: the ops inside it run below the dispatcher, where no ``TorchFunctionMode`` sees them."""
+    return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, -1) @ v
+
+
+@_opaque_attention.register_fake
+def _(q, k, v):
+    return torch.empty_like(q)
+
+
+def _opaque_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _opaque_backward(ctx, g):
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_(True) for t in ctx.saved_tensors)
+        out = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, -1) @ v
+        return torch.autograd.grad(out, (q, k, v), g)
+
+
+_opaque_attention.register_autograd(_opaque_backward, setup_context=_opaque_setup)
+
+
+class MemEffAttention(nn.Module):
+    """DINOv2's name for its xformers attention: the attention runs in one opaque op."""
+
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(_opaque_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_attention_in_an_opaque_op_under_an_attention_class_name_is_still_attention():
+    """Since attention is recognized by the ops the pass runs, an attention computed in one op no mode sees (xformers'
+    ``memory_efficient_attention`` in DINOv2's ``MemEffAttention``, flash-attention kernels) was no attention at all:
+    the default went from ``blocks.1.norm1`` to ``embed``, before every block. A module named ``...Attention`` in
+    which no attention op was seen now counts as attention when its class token's output reads the other tokens
+    (the gradient of its first output token reaches other input tokens): a per-token MLP so named still does not
+    (``test_attention_is_recognized_by_what_it_computes_not_by_its_class_name``). Default ``blocks.1.norm1``, Grad-CAM
+    there the hand computation."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    net = _MixerViT(type("Mlp", (FakeAttention,), {})).eval()
+    for block in net.blocks:
+        block.attn = MemEffAttention(8)
+    check(net, torch.rand(2, 3, 16, 16), "blocks.1.norm1", row_major(4, 4, prefix=1))
