@@ -404,7 +404,10 @@ def _opaque_attentions(named: dict[str, tuple[Any, Any]], spotter: "_AttentionSp
         if not (isinstance(inp, Tensor) and isinstance(out, Tensor) and inp.dim() == out.dim() == 3
                 and inp.shape[:2] == out.shape[:2] and inp.shape[1] > 1 and inp.requires_grad and out.requires_grad):
             continue
-        (g,) = torch.autograd.grad(out[0, 0].sum(), inp, retain_graph=True, allow_unused=True)
+        try:
+            (g,) = torch.autograd.grad(out[0, 0].sum(), inp, retain_graph=True, allow_unused=True)
+        except RuntimeError:  # a tensor of its graph changed in place later: not read
+            continue
         if g is not None and bool(g[0, 1:].abs().sum() > 0):
             n = int(inp.shape[1])
             found.append((name, (1, 1, n, n)))
