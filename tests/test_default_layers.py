@@ -739,3 +739,124 @@ def test_gradcam_at_a_layer_inside_a_reentrant_checkpoint_is_the_hand_computatio
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(guided, salience.guided_gradcam(plain, x, target, prefix_tokens=1, reduce=None))
     assert "apply" not in CheckpointFunction.__dict__
+
+
+def test_plain_checkpoints_leave_other_threads_checkpoints_as_torchs():
+    """The swap of torch's ``CheckpointFunction.apply`` is process-wide, so while a search or a CAM ran in one thread,
+    a reentrant checkpoint in another (the user's training) ran as a plain call too: no recomputation, the memory
+    saving gone. Now only the threads inside ``_plain_checkpoints`` run plainly: another thread's checkpoint is torch's
+    (its function under ``no_grad``, its output's node torch's ``CheckpointFunctionBackward``), the same values and
+    input gradient as without the swap, and in the swapping thread the function runs with a graph."""
+    import threading
+
+    from torch.utils.checkpoint import CheckpointFunction
+
+    from salience.methods.gradcam import _plain_checkpoints
+
+    lin = nn.Linear(4, 4)
+    seen: dict = {}
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        seen.setdefault(threading.get_ident(), torch.is_grad_enabled())  # the first pass (not the recomputation)
+        return torch.tanh(lin(t))
+
+    def run() -> tuple:
+        x = torch.rand(3, 4, requires_grad=True)
+        out = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=True)
+        out.sum().backward()
+        ref = torch.tanh(lin(x))
+        (g,) = torch.autograd.grad(ref.sum(), x)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(x.grad, g)
+        return type(out.grad_fn).__name__
+
+    other: dict = {}
+    with _plain_checkpoints():
+        assert run() != "CheckpointFunctionBackward" and seen[threading.get_ident()] is True
+        worker = threading.Thread(target=lambda: other.update(node=run(), ident=threading.get_ident()))
+        worker.start()
+        worker.join()
+    assert other["node"] == "CheckpointFunctionBackward"
+    assert seen[other["ident"]] is False  # torch's reentrant checkpoint: the first pass under no_grad
+    assert "apply" not in CheckpointFunction.__dict__
+
+
+def test_input_gradient_methods_through_a_reentrant_checkpoint_are_the_plain_models():
+    """Only the CAMs' passes ran reentrant checkpoints plainly: the input-gradient methods (vanilla, integrated
+    gradients, transformer attribution: every pass of the engine's ``backward``) failed on a model with a reentrant
+    checkpoint with torch's RuntimeError ('torch.utils.checkpoint is incompatible with .grad()'), e.g. timm's ViTs
+    after ``set_grad_checkpointing()`` with reentrant checkpoints. Now the engine's pass runs them plainly: vanilla is
+    d score / d x by hand on the same model without the checkpoint, integrated gradients the twin's, and torch's
+    checkpoint comes back."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    torch.manual_seed(0)
+    net = _CheckpointedStage().eval()
+    plain = _CalledStage().eval()
+    plain.load_state_dict(net.state_dict())
+    x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
+    with unchanged(net):
+        grad = salience.vanilla(net, x, target, reduce=None)
+        ig = salience.integrated_gradients(net, x, target, steps=4)
+    xr = x.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(plain(xr).gather(1, target[:, None]).sum(), xr)
+    assert ref.abs().sum() > 0
+    torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ig, salience.integrated_gradients(plain, x, target, steps=4), rtol=1e-4, atol=1e-6)
+    assert "apply" not in CheckpointFunction.__dict__
+
+
+@torch.library.custom_op("salience_tests::opaque_attention", mutates_args=())
+def _opaque_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` as one custom op, as xformers' ``memory_efficient_attention`` or flash-attention
+    are: the ops inside it run below the dispatcher, where no ``TorchFunctionMode`` sees them."""
+    return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, -1) @ v
+
+
+@_opaque_attention.register_fake
+def _(q, k, v):
+    return torch.empty_like(q)
+
+
+def _opaque_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _opaque_backward(ctx, g):
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_(True) for t in ctx.saved_tensors)
+        out = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, -1) @ v
+        return torch.autograd.grad(out, (q, k, v), g)
+
+
+_opaque_attention.register_autograd(_opaque_backward, setup_context=_opaque_setup)
+
+
+class MemEffAttention(nn.Module):
+    """DINOv2's name for its xformers attention: the attention runs in one opaque op."""
+
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(_opaque_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_attention_in_an_opaque_op_under_an_attention_class_name_is_still_attention():
+    """Since attention is recognized by the ops the pass runs, an attention computed in one op no mode sees (xformers'
+    ``memory_efficient_attention`` in DINOv2's ``MemEffAttention``, flash-attention kernels) was no attention at all:
+    the default went from ``blocks.1.norm1`` to ``embed``, before every block. A module named ``...Attention`` in
+    which no attention op was seen now counts as attention when its class token's output reads the other tokens
+    (the gradient of its first output token reaches other input tokens): a per-token MLP so named still does not
+    (``test_attention_is_recognized_by_what_it_computes_not_by_its_class_name``). Default ``blocks.1.norm1``, Grad-CAM
+    there the hand computation."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    net = _MixerViT(type("Mlp", (FakeAttention,), {})).eval()
+    for block in net.blocks:
+        block.attn = MemEffAttention(8)
+    check(net, torch.rand(2, 3, 16, 16), "blocks.1.norm1", row_major(4, 4, prefix=1))

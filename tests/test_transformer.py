@@ -388,3 +388,43 @@ def test_a_grid_that_contradicts_the_patch_embedding_needs_prefix_tokens(name):
         fn(model, x, 0, grid=(2, 2))
     assert fn(model, x, 0, grid=(2, 2), prefix_tokens=12).shape == (1, 24, 40)
     torch.testing.assert_close(fn(model, x, 0, grid=(3, 5), prefix_tokens=1), fn(model, x, 0))
+
+
+def test_transformer_attribution_through_a_non_reentrant_checkpoint_is_a_salience_error():
+    """A block in a non-reentrant ``torch.utils.checkpoint`` (timm's ``set_grad_checkpointing()``, its default) is
+    recomputed in the backward pass without the attention capture (its explicit weights in place of the fused
+    attention), so torch failed with its ``CheckpointError`` ('Recomputed values ... have different metadata'). Now
+    one SalienceError line says to turn the checkpointing off; the model comes back as it was, and without the
+    checkpoint the same model gives its map."""
+    import torch.nn.functional as F
+
+    class Attn(nn.Module):
+        def __init__(self, d: int, h: int = 2):
+            super().__init__()
+            self.h, self.qkv, self.proj = h, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4)
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+    class Net(nn.Module):
+        def __init__(self, d: int = 8):
+            super().__init__()
+            self.ck, self.embed, self.cls = True, nn.Conv2d(3, d, 4, 4), nn.Parameter(torch.randn(1, 1, d))
+            self.blocks, self.head = nn.ModuleList([Attn(d), Attn(d)]), nn.Linear(d, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = torch.cat([self.cls.expand(len(x), -1, -1), self.embed(x).flatten(2).transpose(1, 2)], 1)
+            for b in self.blocks:
+                t = t + (torch.utils.checkpoint.checkpoint(b, t, use_reentrant=False) if self.ck else b(t))
+            return self.head(t[:, 0])
+
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.rand(2, 3, 16, 16)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(salience.SalienceError, match="checkpoint"):
+        salience.transformer_attribution(net, x, 1)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and not net.training
+    net.ck = False
+    assert salience.transformer_attribution(net, x, 1).shape == (2, 16, 16)

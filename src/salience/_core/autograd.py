@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from salience._core import perf as _perf
+from salience._core.checkpoints import plain_checkpoints
 from salience._core.errors import SalienceError, uncoloured, user_stacklevel
 from salience._core.guard import model_guard
 from salience._core.info import model_info
@@ -538,6 +539,9 @@ def backward(
         stack.enter_context(model_guard(model))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
+        # A reentrant torch.utils.checkpoint of this thread as a plain call: torch refuses autograd.grad through one,
+        # and a layer inside one has no gradient in the forward pass.
+        stack.enter_context(plain_checkpoints())
         # With parameters frozen, the graph to the layers' outputs starts at x: it needs grad even
         # when only the layers' gradients are asked for.
         x_in = (x.clone() if x.is_inference() else x).detach()

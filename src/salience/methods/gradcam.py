@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -27,6 +26,7 @@ from salience._core import engine as _engine
 from salience import rules
 from salience.attention import _is_attention_softmax
 from salience._core.autograd import backward, check_input, layer_value, model_call
+from salience._core.checkpoints import plain_checkpoints as _plain_checkpoints
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
@@ -64,7 +64,8 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       ConViT's ``GPSA`` / ``MHSA`` by their ``attn_drop``, or a module that itself runs an attention
       operation, ``F.scaled_dot_product_attention`` or a softmax over the last dim, every token a query, a
       class token among them, ``(1, heads, N, S)`` with ``N`` more than the patch grid's cells, ``S`` the keys,
-      sub-sampled or not (timm's ``Attention`` and ``AttentionRope``, an own ``Mixer``; a model whose own forward
+      sub-sampled or not (timm's ``Attention`` and ``AttentionRope``, an own ``Mixer``; a module named ``...Attention``
+      running one op no mode sees, xformers', when its first output token reads the others; a model whose own forward
       runs it has no default layer: a :class:`SalienceError` asking for ``layer=``); whose output is the image's whole token sequence ``(1, N, D)``,
       ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not; or a factorized
       attention, a module whose pass softmaxes the keys ``(1, heads, N, d)`` over their ``N`` tokens and contracts
@@ -326,47 +327,6 @@ def _einsum_labels(args: tuple) -> Optional[tuple[list[tuple[Any, list]], set]]:
     return labelled, kept
 
 
-_PLAIN_LOCK = threading.Lock()
-_plain_state: list = [0, None]  # [passes inside _plain_checkpoints, CheckpointFunction's own "apply" (None: inherited)]
-
-
-def _plain_call(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
-    return function(*args)
-
-
-@contextmanager
-def _plain_checkpoints() -> Iterator[None]:
-    """A reentrant ``torch.utils.checkpoint`` (``use_reentrant=True``: timm's ``set_grad_checkpointing()`` with
-    reentrant checkpoints, Hugging Face's gradient checkpointing) runs its function as a plain call in the block: the
-    same values, now with the autograd graph the search and the CAMs read (the data flow of
-    :func:`_refuse_parallel_streams`, which outputs depend on the input, a layer's gradient); under the checkpoint they
-    had none (it runs under ``no_grad``). Torch's ``CheckpointFunction.apply`` is put back when the last block open
-    ends (counted: blocks of several threads may end in any order), also after an exception; a checkpointed pass in
-    another thread meanwhile runs plainly too (the same values, without the memory saving)."""
-    from torch.utils import checkpoint as ck
-
-    cls = getattr(ck, "CheckpointFunction", None)
-    if cls is None:
-        yield
-        return
-    with _PLAIN_LOCK:
-        if _plain_state[0] == 0:
-            _plain_state[1] = cls.__dict__.get("apply")
-            cls.apply = staticmethod(_plain_call)
-        _plain_state[0] += 1
-    try:
-        yield
-    finally:
-        with _PLAIN_LOCK:
-            _plain_state[0] -= 1
-            if _plain_state[0] == 0:
-                if _plain_state[1] is None:
-                    del cls.apply
-                else:
-                    cls.apply = _plain_state[1]
-                _plain_state[1] = None
-
-
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
                   outputs: Optional[list] = None, attending: Optional[list] = None,
                   factorized: Optional[list] = None) -> list[_Call]:
@@ -382,12 +342,15 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
         raise SalienceError("cannot look inside a TorchScript model for a Grad-CAM layer; pass the Python nn.Module")
     calls: list[_Call] = []
     running: list[str] = []
+    named: dict[str, tuple[Any, Any]] = {}  # a module named ...Attention -> its last call's (input, output)
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if running and running[-1] == name:
                 running.pop()
             value = layer_value(output)
+            if attending is not None and type(module).__name__.endswith("Attention") and inputs:
+                named[name] = (inputs[0], value)
             calls.append(_Call(name, module, value, value.grad_fn if isinstance(value, Tensor) else None))
         return hook
 
@@ -413,6 +376,10 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
                 out = model(one.detach().requires_grad_(True))
             if attending is not None:
                 attending.extend(spotter.seen)
+                for h in handles:  # a non-reentrant checkpoint's recomputation must not record calls again
+                    h.remove()
+                handles.clear()
+                attending.extend(_opaque_attentions(named, spotter))
                 if factorized is not None:
                     factorized.extend(spotter.factorized)
             if outputs is not None:
@@ -421,6 +388,30 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
         for h in handles:
             h.remove()
     return calls
+
+
+def _opaque_attentions(named: dict[str, tuple[Any, Any]], spotter: "_AttentionSpotter") -> list[tuple[str, Any]]:
+    """Attentions run in one op no mode sees (xformers' ``memory_efficient_attention``, DINOv2's ``MemEffAttention``,
+    flash-attention kernels), as ``(name, (1, 1, N, N))`` entries of ``attending``: a module named ``...Attention``
+    (``named``: its input and output ``(1, N, D)`` of the pass) in which no attention op was seen, whose first output
+    token reads the other tokens (its gradient reaches them). The name alone decides nothing: a per-token MLP so named
+    mixes no tokens."""
+    seen = {n for n, _ in spotter.seen} | {n for n, _ in spotter.factorized}
+    found = []
+    for name, (inp, out) in named.items():
+        if any(s == name or s.startswith(name + ".") for s in seen):
+            continue
+        if not (isinstance(inp, Tensor) and isinstance(out, Tensor) and inp.dim() == out.dim() == 3
+                and inp.shape[:2] == out.shape[:2] and inp.shape[1] > 1 and inp.requires_grad and out.requires_grad):
+            continue
+        try:
+            (g,) = torch.autograd.grad(out[0, 0].sum(), inp, retain_graph=True, allow_unused=True)
+        except RuntimeError:  # a tensor of its graph changed in place later: not read
+            continue
+        if g is not None and bool(g[0, 1:].abs().sum() > 0):
+            n = int(inp.shape[1])
+            found.append((name, (1, 1, n, n)))
+    return found
 
 
 def _first_tensor(out: Any) -> Any:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from salience.attention import AttentionCapture, attention_maps, check_model
@@ -188,7 +189,16 @@ def transformer_attribution(
     check_model(model, "transformer_attribution")
     targets, multi = split(target, x.shape[0])
     cap = AttentionCapture(batch=x.shape[0], grads=True)
-    backward(model, x, targets, extra_modes=[cap], strip_softmax=strip_softmax)
+    checkpoint_error = getattr(torch.utils.checkpoint, "CheckpointError", ())
+    try:
+        backward(model, x, targets, extra_modes=[cap], strip_softmax=strip_softmax)
+    except checkpoint_error:  # type: ignore[misc]
+        raise SalienceError(
+            "transformer_attribution cannot run through a non-reentrant torch.utils.checkpoint: the backward pass "
+            "recomputes the checkpointed blocks without the attention capture, so torch finds other values than the "
+            "forward pass saved. Turn gradient checkpointing off for the call (timm: model.set_grad_checkpointing("
+            "False); Hugging Face: model.gradient_checkpointing_disable())"
+        ) from None
     maps, grads = [_working(a.detach(), x) for a in cap.maps], [[_working(g, x) for g in gs] for gs in cap.grads]
     n = _check_maps([tuple(a.shape) for a in maps], x.shape[0], "transformer_attribution")
     layout = _layout(model, x, n, prefix_tokens, grid, "transformer_attribution")
