@@ -1,0 +1,87 @@
+"""compile="freeze" over the life of a process: graphs per weights change, dynamo's recompile limit,
+targets the frozen gradient graph is given (see also test_performance.py's compile="freeze" tests)."""
+from __future__ import annotations
+
+import copy
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+
+import salience
+from salience._core import perf as _perf
+
+from conftest import unchanged
+from test_performance import ThreeConv, _rel, _with_statistics
+
+
+@pytest.fixture
+def kept_graphs(monkeypatch):
+    """A cheap stand-in for inductor's freezing (the graph's weights copied when compiled, as freezing
+    takes them as constants); yields weak references to every graph it compiled."""
+    torch._dynamo.reset()
+    kept: list = []
+
+    def snapshot(gm, inputs):
+        graph = copy.deepcopy(gm)
+        kept.append(weakref.ref(graph))
+        return lambda *args: graph.forward(*args)
+
+    monkeypatch.setattr(_perf, "_freeze_compile", snapshot)
+    yield kept
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "occlusion"])
+def test_compile_freeze_follows_many_weight_changes(kept_graphs, method):
+    """A model whose weights change between calls (a training loop that explains every epoch): each
+    compile="freeze" call compiles a frozen graph for the new weights (the gradient graph for SmoothGrad,
+    the forward for occlusion), gives the eager maps without a warning, and the graphs of the old
+    weights are freed. Each graph was a new torch.compile of one code object (the `gradient` function,
+    the model class's forward) with a new backend: dynamo kept every old graph on that code object (the
+    old weights' frozen constants, for the life of the process), and its 9th graph hit dynamo's
+    recompile limit (8): from then on every call warned "... failed on this model (FailOnRecompileLimitHit
+    ...)" and ran unfrozen (occlusion: not compiled at all)."""
+    model, x = _with_statistics(ThreeConv()), torch.rand(2, 3, 8, 8)
+    if method == "smoothgrad":
+        def run(**kw):
+            return salience.smoothgrad(model, x, [0, 2], samples=7, chunk=6, reduce=None, **kw)
+    else:
+        def run(**kw):
+            return salience.occlusion(model, x, [0, 2], window=3, stride=2, chunk=4, **kw)
+    for step in range(11):
+        with torch.no_grad():
+            model.body[0].weight.mul_(-1.1)
+        ref = run()
+        with unchanged(model), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = run(compile="freeze")
+        assert _rel(out, ref) < 1e-6, (step, _rel(out, ref))
+        assert len(kept_graphs) == step + 1, step  # one frozen graph per weights' state
+    gc.collect()
+    alive = sum(ref() is not None for ref in kept_graphs)
+    assert alive == 1, f"{alive} frozen graphs of old weights are kept"
+
+
+def test_compile_freeze_refuses_a_class_out_of_range_in_a_frozen_chunk(kept_graphs):
+    """Per-image classes with one out of range that only a compiled chunk meets (the first, eager chunk
+    holds images 0-5 only): the call refuses it with the target's own SalienceError, and
+    the frozen gradient graph is not marked as failed. The graph gathered the scores at the bad class
+    before the class was checked: the graph's indexing raised (the stand-in's IndexError here; inductor
+    emits a bounds check, on a GPU a device-side assert, which breaks the CUDA context), the error was
+    taken for a failure of the graph, "compile='freeze':
+    the frozen input-gradient graph failed on this model" was warned, and the graph was not used again
+    for that model until its weights changed."""
+    model, x = _with_statistics(ThreeConv()), torch.rand(8, 3, 8, 8)
+    good, bad = [0, 2, 1, 3, 4, 0, 2, 1], [0, 2, 1, 3, 4, 0, 2, 99]  # image 7 first in the 2nd chunk
+    ref = salience.smoothgrad(model, x, good, samples=3, chunk=6, reduce=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(salience.SalienceError, match="target class 99 is out of range"):
+            salience.smoothgrad(model, x, bad, samples=3, chunk=6, reduce=None, compile="freeze")
+        compiled = len(kept_graphs)
+        out = salience.smoothgrad(model, x, good, samples=3, chunk=6, reduce=None, compile="freeze")
+    assert _rel(out, ref) < 1e-6
+    assert compiled == 1 and len(kept_graphs) == 1  # the graph of the first call, not given up
