@@ -85,3 +85,28 @@ def test_compile_freeze_refuses_a_class_out_of_range_in_a_frozen_chunk(kept_grap
         out = salience.smoothgrad(model, x, good, samples=3, chunk=6, reduce=None, compile="freeze")
     assert _rel(out, ref) < 1e-6
     assert compiled == 1 and len(kept_graphs) == 1  # the graph of the first call, not given up
+
+
+def test_overlapping_frozen_calls_leave_torchs_settings_as_they_were():
+    """Inductor's ``freezing`` and dynamo's ``fail_on_recompile_limit_hit`` are process-wide settings that
+    salience turns on around each frozen / compiled call. Two threads' calls overlapping (A enters, B
+    enters, A leaves, B leaves) must leave them on until the last call leaves and then as the user had
+    them. Each call saved and restored the value it found: A's exit turned freezing off under B's running
+    call, and B's exit put back the "on" it had found, so freezing stayed on for the process (the user's
+    own torch.compile under no_grad froze the weights from then on)."""
+    from torch._dynamo import config as dynamo_config
+    from torch._inductor import config as inductor_config
+
+    for make, config, name in [(_perf._freezing_on, inductor_config, "freezing"),
+                               (_perf._recompile_limit_raises, dynamo_config, "fail_on_recompile_limit_hit")]:
+        user = getattr(config, name)
+        try:
+            a, b = make(), make()
+            a.__enter__()
+            b.__enter__()
+            a.__exit__(None, None, None)
+            assert getattr(config, name) is True, name  # B's call still runs
+            b.__exit__(None, None, None)
+            assert getattr(config, name) == user, name
+        finally:
+            setattr(config, name, user)

@@ -343,7 +343,34 @@ def _freezing_on() -> Any:
     parameters stayed inputs of the graph). It is a process-wide setting, on only while the call runs."""
     from torch._inductor import config as ind_config
 
-    return ind_config.patch(freezing=True)
+    return _shared_setting(ind_config, "freezing", True)
+
+
+_settings_lock = threading.Lock()
+_settings: dict[tuple[int, str], list] = {}  # (id(config), name) -> [calls inside, the value found]
+
+
+@contextmanager
+def _shared_setting(config: Any, name: str, value: Any) -> Iterator[None]:
+    """``config.name = value`` while at least one call (of any thread) is inside, then the value the
+    first one found. ``config.patch`` saves and restores per call: two threads' calls overlapping (A in,
+    B in, A out, B out) turned the setting off under B's running call, and B put back the value it had
+    found (on) for the rest of the process."""
+    key = (id(config), name)
+    with _settings_lock:
+        held = _settings.get(key)
+        if held is None:
+            held = _settings[key] = [0, getattr(config, name)]
+            setattr(config, name, value)
+        held[0] += 1
+    try:
+        yield
+    finally:
+        with _settings_lock:
+            held[0] -= 1
+            if held[0] == 0:
+                del _settings[key]
+                setattr(config, name, held[1])
 
 
 def weights_key(model: nn.Module) -> Optional[tuple]:
@@ -1004,7 +1031,7 @@ def _recompile_limit_raises() -> Any:
     config = getattr(getattr(torch, "_dynamo", None), "config", None)
     if config is None or not hasattr(config, "fail_on_recompile_limit_hit"):
         return contextlib_null()
-    return config.patch(fail_on_recompile_limit_hit=True)
+    return _shared_setting(config, "fail_on_recompile_limit_hit", True)
 
 
 def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: bool,
