@@ -110,3 +110,32 @@ def test_overlapping_frozen_calls_leave_torchs_settings_as_they_were():
             assert getattr(config, name) == user, name
         finally:
             setattr(config, name, user)
+
+
+def test_compile_freeze_leaves_a_gradient_pass_under_a_users_mode_to_autograd(kept_graphs):
+    """A method that runs vanilla under a backprop rule of its own (``with rules.guided(): vanilla(...)``,
+    a TorchFunctionMode) inside SmoothGrad with compile="freeze": the frozen gradient graph (plain
+    gradients) is not tried; the maps are the eager guided maps, without a warning, and a plain
+    SmoothGrad call afterwards still gets the frozen gradient graph. The graph was tried under the mode,
+    dynamo refused it, "the frozen input-gradient graph failed on this model" was warned and the graph
+    given up for the model until its weights changed."""
+    from salience import rules
+
+    model, x = _with_statistics(ThreeConv()), torch.rand(2, 3, 8, 8)
+
+    def guided_vanilla(model, x, target, **kw):
+        with rules.guided():
+            return salience.vanilla(model, x, target, **kw)
+
+    kw = dict(samples=7, chunk=6, reduce=None)
+    ref = salience.smoothgrad(model, x, [0, 2], method=guided_vanilla, **kw)
+    plain = salience.smoothgrad(model, x, [0, 2], **kw)
+    assert _rel(ref, plain) > 0.1  # the rule matters here
+    with unchanged(model), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # (dynamo, tracing the rule in the plain compiled model, warns)
+        out = salience.smoothgrad(model, x, [0, 2], method=guided_vanilla, compile="freeze", **kw)
+        assert _rel(out, ref) < 1e-6
+        assert len(kept_graphs) == 0
+        out = salience.smoothgrad(model, x, [0, 2], compile="freeze", **kw)
+    assert not [w for w in seen if "compile='freeze'" in str(w.message)], [str(w.message) for w in seen]
+    assert _rel(out, plain) < 1e-6 and len(kept_graphs) == 1

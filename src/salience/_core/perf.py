@@ -1098,6 +1098,8 @@ def gradient_call(model: nn.Module, x_in: Tensor, target: Any, strip_softmax: bo
     run = active(model)
     if run is None or not run.options.freeze:
         return None
+    if torch._C._is_torch_function_mode_enabled():
+        return None  # a mode of the caller's (a backprop rule around vanilla) may change the gradient
     classes = _target_classes(target, int(x_in.shape[0]))
     if classes is None:
         return None
