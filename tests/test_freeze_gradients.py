@@ -139,3 +139,21 @@ def test_compile_freeze_leaves_a_gradient_pass_under_a_users_mode_to_autograd(ke
         out = salience.smoothgrad(model, x, [0, 2], compile="freeze", **kw)
     assert not [w for w in seen if "compile='freeze'" in str(w.message)], [str(w.message) for w in seen]
     assert _rel(out, plain) < 1e-6 and len(kept_graphs) == 1
+
+
+def test_compile_freeze_gradient_follows_the_models_output_pick(kept_graphs):
+    """A model whose scores are a part of its output tensor (``select_output(model, lambda o: o[:, 1:])``:
+    a background column dropped): the class targets index the picked scores. compile="freeze"'s maps
+    are the eager maps (autograd of the picked scores). The frozen gradient graph gathered the raw
+    output at the class (the column before it): the gradient of another class, silently, 0.9 of the
+    largest value off."""
+    from salience.loading.custom import select_output
+
+    model, x = _with_statistics(ThreeConv()), torch.rand(2, 3, 8, 8)
+    select_output(model, lambda out: out[:, 1:])
+    kw = dict(samples=7, chunk=6, reduce=None)
+    ref = salience.smoothgrad(model, x, [0, 2], **kw)
+    with unchanged(model), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = salience.smoothgrad(model, x, [0, 2], compile="freeze", **kw)
+    assert _rel(out, ref) < 1e-6, _rel(out, ref)

@@ -1100,6 +1100,10 @@ def gradient_call(model: nn.Module, x_in: Tensor, target: Any, strip_softmax: bo
         return None
     if torch._C._is_torch_function_mode_enabled():
         return None  # a mode of the caller's (a backprop rule around vanilla) may change the gradient
+    from salience._core.info import model_info
+
+    if model_info(model).output is not None:
+        return None  # the scores are a part of the output (select_output): the graph gathers the raw output
     classes = _target_classes(target, int(x_in.shape[0]))
     if classes is None:
         return None
