@@ -54,6 +54,7 @@ import contextvars
 import math
 import threading
 import time
+import types
 import warnings
 import weakref
 from collections import OrderedDict
@@ -278,8 +279,7 @@ def _compiled_model(model: nn.Module, backend: Any, fingerprint: tuple) -> Any:
             return hit[1]
         compiled = torch.compile(model, backend=backend, dynamic=False)
         _compiled[key] = (model, compiled, fingerprint)
-        while len(_compiled) > _COMPILED_KEEP:
-            _compiled.popitem(last=False)
+        _evict()
         return compiled
 
 
@@ -343,7 +343,34 @@ def _freezing_on() -> Any:
     parameters stayed inputs of the graph). It is a process-wide setting, on only while the call runs."""
     from torch._inductor import config as ind_config
 
-    return ind_config.patch(freezing=True)
+    return _shared_setting(ind_config, "freezing", True)
+
+
+_settings_lock = threading.Lock()
+_settings: dict[tuple[int, str], list] = {}  # (id(config), name) -> [calls inside, the value found]
+
+
+@contextmanager
+def _shared_setting(config: Any, name: str, value: Any) -> Iterator[None]:
+    """``config.name = value`` while at least one call (of any thread) is inside, then the value the
+    first one found. ``config.patch`` saves and restores per call: two threads' calls overlapping (A in,
+    B in, A out, B out) turned the setting off under B's running call, and B put back the value it had
+    found (on) for the rest of the process."""
+    key = (id(config), name)
+    with _settings_lock:
+        held = _settings.get(key)
+        if held is None:
+            held = _settings[key] = [0, getattr(config, name)]
+            setattr(config, name, value)
+        held[0] += 1
+    try:
+        yield
+    finally:
+        with _settings_lock:
+            held[0] -= 1
+            if held[0] == 0:
+                del _settings[key]
+                setattr(config, name, held[1])
 
 
 def weights_key(model: nn.Module) -> Optional[tuple]:
@@ -367,12 +394,28 @@ def _frozen_model(model: nn.Module, key: tuple) -> Any:
         if hit is not None and hit[0] is model and hit[2][0] == key and _constants_unchanged(hit[2][1]):
             _compiled.move_to_end(ck)
             return hit[1]
+
+        def forward(x: Tensor) -> Any:
+            return model(x)
+
         backend = _freezing_backend()
-        compiled = torch.compile(model, backend=backend, dynamic=False)
-        _compiled[ck] = (model, compiled, (key, backend))
-        while len(_compiled) > _COMPILED_KEEP:
-            _compiled.popitem(last=False)
+        fn = backend.code_of = _own_code(forward)  # type: ignore[attr-defined]
+        compiled = torch.compile(fn, backend=backend, dynamic=False)
+        _store(ck, (model, compiled, (key, backend)))
+        _evict()
         return compiled
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own, for a frozen graph's ``torch.compile``. Dynamo keeps its
+    graphs on the code object it compiled (each with its guards and, frozen, the weights as constants)
+    and counts them towards its recompile limit (8) per code object: compiled anew for every change of
+    the weights, the one ``gradient`` function (or the model class's ``forward``) kept every old frozen
+    graph for the life of the process, and the 9th change hit the limit (every later call warned and
+    ran unfrozen). A code object of its own has its own limit, and its graphs are freed with it when
+    its entry leaves the cache (:func:`_release_graphs`; ``tests/test_freeze_gradients.py``)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
 
 
 _GRADIENT = "freeze-gradient"  # the key of a frozen input-gradient graph in ``_compiled``
@@ -408,16 +451,45 @@ def _frozen_gradient(model: nn.Module, key: tuple) -> Any:
             def score(z: Tensor) -> tuple[Tensor, Tensor]:
                 out = model(z)
                 scores = out.unsqueeze(1) if out.dim() == 1 else out
-                return scores.gather(1, classes.view(-1, 1)).sum(), out
+                # kept in range: a bad class is refused by the target after the call (gradient_call's
+                # caller), not met by the graph's bounds check (a GPU's device-side assert)
+                idx = classes.view(-1, 1).clamp(0, scores.shape[1] - 1)
+                return scores.gather(1, idx).sum(), out
 
             return torch.func.grad(score, has_aux=True)(x)
 
         backend = _freezing_backend()
-        compiled = torch.compile(gradient, backend=backend, dynamic=False, fullgraph=True)
-        _compiled[ck] = (model, compiled, (key, backend))
-        while len(_compiled) > _COMPILED_KEEP:
-            _compiled.popitem(last=False)
+        fn = backend.code_of = _own_code(gradient)  # type: ignore[attr-defined]
+        compiled = torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
+        _store(ck, (model, compiled, (key, backend)))
+        _evict()
         return compiled
+
+
+def _evict() -> None:
+    """Keep :data:`_COMPILED_KEEP` compiled models (the least recently used go); under ``_lock``."""
+    while len(_compiled) > _COMPILED_KEEP:
+        _release_graphs(_compiled.popitem(last=False)[1])
+
+
+def _store(key: tuple, entry: tuple) -> None:
+    """``_compiled[key] = entry``, the frozen graphs of the entry it replaces released; under ``_lock``."""
+    old = _compiled.get(key)
+    _compiled[key] = entry
+    if old is not None and old is not entry:
+        _release_graphs(old)
+
+
+def _release_graphs(entry: tuple) -> None:
+    """Free dynamo's graphs of a frozen entry of ``_compiled`` that is dropped (its weights changed, or
+    evicted): dynamo keeps them on the entry's own code object (:func:`_own_code`), in a cycle the
+    garbage collector does not see, each holding the old weights as constants; a compiled model of
+    ``compile=True`` (the model class's code, shared) is left to dynamo."""
+    info = entry[2]
+    backend = info[1] if isinstance(info, tuple) and len(info) == 2 else None
+    fn = getattr(backend, "code_of", None) if getattr(backend, "watch", None) is not None else None
+    if fn is not None:
+        torch._dynamo.reset_code(fn.__code__)
 
 
 def _compile_failed(model: nn.Module, backend: Any, why: str, fingerprint: tuple) -> None:
@@ -621,6 +693,8 @@ def clear_cache() -> None:
     attribute a model's ``forward`` reads: :func:`structure` sees modules, hooks and weights only)."""
     with _lock:
         _records.clear()
+        for entry in _compiled.values():
+            _release_graphs(entry)
         _compiled.clear()
         _folded.clear()
 
@@ -822,8 +896,8 @@ class Run:
         cause = getattr(error, "inner_exception", None)
         why = f"the frozen input-gradient graph failed on this model ({_described(cause or error)})"
         with _lock:
-            _compiled[(id(self._frozen_base), _GRADIENT)] = (self._frozen_base, SalienceError(why),
-                                                             (self._weights_key, None))
+            _store((id(self._frozen_base), _GRADIENT), (self._frozen_base, SalienceError(why),
+                                                        (self._weights_key, None)))
         warnings.warn(f"compile={FREEZE!r}: {why}; the gradient passes run the compiled model without freezing "
                       "(the results are the same, only slower)", stacklevel=user_stacklevel())
 
@@ -834,8 +908,8 @@ class Run:
             cause = getattr(error, "inner_exception", None)  # dynamo's BackendCompilerFailed: the compiler's error
             why = f"torch.compile with freezing failed on this model ({_described(cause or error)})"
             with _lock:
-                _compiled[(id(self._frozen_base), FREEZE)] = (self._frozen_base, SalienceError(why),
-                                                              (self._weights_key, None))
+                _store((id(self._frozen_base), FREEZE), (self._frozen_base, SalienceError(why),
+                                                         (self._weights_key, None)))
             warnings.warn(f"compile={FREEZE!r}: {why}; the passes without gradients run without freezing "
                           "(the results are the same, only slower)", stacklevel=user_stacklevel())
             self._frozen_fn = None
@@ -957,7 +1031,7 @@ def _recompile_limit_raises() -> Any:
     config = getattr(getattr(torch, "_dynamo", None), "config", None)
     if config is None or not hasattr(config, "fail_on_recompile_limit_hit"):
         return contextlib_null()
-    return config.patch(fail_on_recompile_limit_hit=True)
+    return _shared_setting(config, "fail_on_recompile_limit_hit", True)
 
 
 def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: bool,
@@ -1024,6 +1098,12 @@ def gradient_call(model: nn.Module, x_in: Tensor, target: Any, strip_softmax: bo
     run = active(model)
     if run is None or not run.options.freeze:
         return None
+    if torch._C._is_torch_function_mode_enabled():
+        return None  # a mode of the caller's (a backprop rule around vanilla) may change the gradient
+    from salience._core.info import model_info
+
+    if model_info(model).output is not None:
+        return None  # the scores are a part of the output (select_output): the graph gathers the raw output
     classes = _target_classes(target, int(x_in.shape[0]))
     if classes is None:
         return None
