@@ -953,6 +953,54 @@ def test_compile_freeze_gradient_graph_with_inductor(monkeypatch):
         torch._dynamo.reset()
 
 
+def test_compile_freeze_later_calls_run_every_chunk_frozen(monkeypatch):
+    """compile="freeze" with inductor: a call's first chunk (the memory probe, the softmax check) runs
+    eagerly, and so the last, shorter one; a later call on the same model, input shape and method takes
+    the first call's probe and softmax answer, so every chunk has the fixed size and runs the one frozen
+    gradient graph (no graph compiled for another size). The maps are the eager maps within
+    FREEZE_RTOL. Before: the later call ran [eager 2, frozen 4, frozen 4, eager 2] as the first."""
+    torch.manual_seed(0)
+    model = _with_statistics(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)))
+    x = torch.rand(2, 3, 8, 8)
+    if _perf.compile_unavailable("inductor", x.device) is not None:
+        pytest.skip("inductor cannot compile here")
+    torch._dynamo.reset()
+    compiles, real = [], _perf._freeze_compile
+    monkeypatch.setattr(_perf, "_freeze_compile", lambda gm, inputs: compiles.append(1) or real(gm, inputs))
+    monkeypatch.setattr(_engine, "chunk_size", lambda per_item, budget, n: 4)  # 2 images: 2 copies a chunk
+    layouts, accumulate = [], _engine.accumulate
+
+    def seen(*a, **k):
+        sums = accumulate(*a, **k)
+        layouts.append((sums.chunks, sums.layouts))
+        return sums
+
+    monkeypatch.setattr(_engine, "accumulate", seen)
+    try:
+        refs = [salience.smoothgrad(model, x, [0, 2], samples=6, reduce=None),
+                salience.integrated_gradients(model, x, [1, 3], steps=9, reduce=None)]
+        layouts.clear()
+        _perf.clear_cache()  # the eager calls' probes count too (the same record): forgotten
+        for call in range(3):
+            with unchanged(model), warnings.catch_warnings():
+                warnings.simplefilter("error")
+                outs = [salience.smoothgrad(model, x, [0, 2], samples=6, reduce=None, compile="freeze"),
+                        salience.integrated_gradients(model, x, [1, 3], steps=9, reduce=None, compile="freeze")]
+            for out, ref in zip(outs, refs):
+                assert _rel(out, ref) <= FREEZE_RTOL, (call, _rel(out, ref))
+        frozen = "contiguous compiled frozen"
+        # SmoothGrad's 12 items: the first call probes (2 eager), then 4, 4 frozen and 2 eager
+        assert layouts[0] == ([2, 4, 4, 2], ["contiguous", frozen, frozen, "contiguous"])
+        for sg in (layouts[2], layouts[4]):  # the later calls: 3 x 4, all frozen
+            assert sg == ([4, 4, 4], [frozen] * 3), sg
+        for ig in (layouts[3], layouts[5]):  # IG's 18 items: 4 chunks of 4 frozen, the rest (2) eagerly
+            assert ig == ([4, 4, 4, 4, 2], [frozen] * 4 + ["contiguous"]), ig
+        assert len(compiles) == 1  # one frozen gradient graph, at the chunk size 4, for all the calls
+    finally:
+        torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------- BatchNorm folded
 
 # A folded convolution computes the same function with other roundings: on these small inputs the

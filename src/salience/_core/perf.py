@@ -591,6 +591,7 @@ class _Record:
     last: Any = None  # one-pass runs under compile: a weakref to the last call's input
     compiled: list[int] = field(default_factory=list)  # the one-pass sizes compiled (on _ONE_PASS's record)
     refused: bool = False  # a recurring size was refused for the cap (warned once; on _ONE_PASS's record)
+    per_item: Optional[int] = None  # the engine's memory probe: bytes per item of an eager chunk (reused by FREEZE)
 
     def t(self, size: int, cl: bool) -> float:
         """The fastest seconds per item measured at ``size`` in layout ``cl`` (``inf``: none)."""
@@ -662,7 +663,7 @@ class Run:
         rec = self.record = _record(model, x, self.options, tag)
         self.structure = structure(model)
         if rec.structure != self.structure:  # a module, a forward or a hook changed: found again
-            rec.softmax, rec.structure = None, self.structure
+            rec.softmax, rec.per_item, rec.structure = None, None, self.structure
         # What the folded copy is kept for, taken now (a channels-last chunk moves the parameters).
         self._fold_key = _fold_key(model) if self.options.fold_batchnorm else None
         self.channels_last = False
@@ -672,6 +673,10 @@ class Run:
         self._probing = False
         self.softmax_checked = False
         self.softmax_stripped = False
+        if self.options.freeze and rec.softmax is not None:
+            # compile="freeze": an earlier run on this model's structure checked for a final softmax,
+            # so the first chunk may run the frozen graphs too (reused_probe)
+            self.softmax_checked, self.softmax_stripped = True, rec.softmax
         # A pass without gradients (a prediction pass) that runs the compiled model as a gradient pass
         # does, so that the two share one graph (set by one_pass(gradient_graph=True)).
         self.gradient_graph = False
@@ -738,6 +743,24 @@ class Run:
     def close(self) -> None:
         self._restore()
         self.channels_last = False
+        if self.softmax_checked:  # kept for the model's structure (Run.__init__ forgets it when it changed)
+            self.record.softmax = self.softmax_stripped
+
+    def reused_probe(self) -> Optional[int]:
+        """The bytes per item an earlier call's memory probe (its first, eager chunk) measured for this
+        model, tag, item shape and options, when this run may skip its own probe: with
+        ``compile="freeze"`` only, once the final softmax is known too (``None``: probe). Then every chunk
+        is one of the fixed size and runs the frozen graphs: SmoothGrad's 64 items at 4 images ran 9
+        chunks (4 eager, 7 x 8 frozen, 4 eager), now 8 x 8 frozen. Kept per :func:`structure` with the
+        softmax answer; the default options always probe (their chunks, and so their bits, are the
+        same in every call)."""
+        if not self.options.freeze or not self.softmax_checked:
+            return None
+        return self.record.per_item
+
+    def probed(self, per_item: int) -> None:
+        """Record what this run's memory probe measured (bytes per item), for :meth:`reused_probe`."""
+        self.record.per_item = per_item
 
     # ---- what a chunk runs under
 
