@@ -593,7 +593,8 @@ def test_compile_freeze_runs_the_passes_without_gradients_frozen(snapshot_freezi
     assert sums.layouts == ["contiguous", "contiguous compiled frozen", "contiguous"]
 
 
-@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "copy_", "buffer", "new tensor"])
+@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "copy_", "buffer", "new tensor",
+                                    "transposed .data"])
 def test_compile_freeze_follows_weights_changed_in_place(snapshot_freezing, change):
     """A frozen graph holds the weights as they were when it was compiled. After a first
     compile="freeze" call the model's weights change in place (its modules, and so its structure, stay
@@ -618,6 +619,8 @@ def test_compile_freeze_follows_weights_changed_in_place(snapshot_freezing, chan
             conv.weight.copy_(torch.randn_like(conv.weight))
     elif change == "buffer":
         model.body[1].running_mean.add_(1.0)
+    elif change == "transposed .data":  # the same storage (address, version counter), other strides
+        model.body[3].weight.data = model.body[3].weight.data.transpose(0, 1)
     else:
         conv.weight.data = conv.weight.data * -2
     ref = salience.occlusion(model, x, [0, 2], chunk=4, **kw)
@@ -845,7 +848,7 @@ def test_compile_freeze_runs_the_gradient_passes_through_a_frozen_gradient_graph
     assert len(frozen) == 1  # the same graph: same model, weights, shape
 
 
-@pytest.mark.parametrize("change", ["optimizer step", "copy_", "buffer", "new tensor"])
+@pytest.mark.parametrize("change", ["optimizer step", "copy_", "buffer", "new tensor", "transposed .data"])
 def test_compile_freeze_gradient_graph_follows_weights_changed_in_place(snapshot_freezing, change):
     """The frozen gradient graph holds the weights as they were when it was compiled. After a first
     compile="freeze" SmoothGrad / IG call the weights change in place; the next call's maps are the
@@ -866,6 +869,8 @@ def test_compile_freeze_gradient_graph_follows_weights_changed_in_place(snapshot
             conv.weight.copy_(torch.randn_like(conv.weight))
     elif change == "buffer":
         model.body[1].running_mean.add_(1.0)
+    elif change == "transposed .data":  # the same storage (address, version counter), other strides
+        model.body[3].weight.data = model.body[3].weight.data.transpose(0, 1)
     else:
         conv.weight.data = conv.weight.data * -2
     refs = _gradient_maps(model, x)

@@ -348,11 +348,11 @@ def _freezing_on() -> Any:
 
 def weights_key(model: nn.Module) -> Optional[tuple]:
     """What a frozen graph of ``model`` is kept for: its :func:`structure` and each parameter's and
-    buffer's ``(data_ptr, _version)`` (``None`` when a tensor has no version counter, one made under
+    buffer's ``(data_ptr, _version, shape, stride)`` (``None`` when a tensor has no version counter, one made under
     ``inference_mode``); with :func:`_constants_unchanged`, which watches the other tensors a frozen
     graph took as constants (a plain tensor attribute, ``self.scale = torch.tensor(...)``). An in-place change through the tensor (an optimizer step, ``load_state_dict``,
     ``w.copy_`` or ``w.mul_`` under ``no_grad``) raises its version, a new tensor (``w.data = ...``)
-    has another address; a change through ``w.data`` in place (``w.data.mul_(2)``) is counted by no
+    has another address, a new view of the same storage (``w.data = w.data.t()``) other strides; a change through ``w.data`` in place (``w.data.mul_(2)``) is counted by no
     version counter (torch's own ``.data`` semantics) and is not seen."""
     return _fold_key(model)
 
@@ -461,7 +461,8 @@ def _fold_key(model: nn.Module) -> Optional[tuple]:
 
 def _walk(model: nn.Module, tensors: bool) -> tuple:
     """:func:`structure`; with ``tensors``, each module's parameters' and buffers' ``(data_ptr,
-    _version)`` too. One walk over the modules' own dicts (``model.parameters()`` costs more than
+    _version, shape, stride)`` too (``w.data = w.data.t()`` keeps the address and the version counter of
+    the storage it views: only the strides say it changed). One walk over the modules' own dicts (``model.parameters()`` costs more than
     reading the tensors)."""
     out: list = []
     add = out.append
@@ -478,10 +479,10 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
         if tensors:
             for t in d["_parameters"].values():
                 if t is not None:
-                    add((t.data_ptr(), t._version))
+                    add((t.data_ptr(), t._version, t.shape, t.stride()))
             for t in d["_buffers"].values():
                 if t is not None:
-                    add((t.data_ptr(), t._version))
+                    add((t.data_ptr(), t._version, t.shape, t.stride()))
     return tuple(out)
 
 
