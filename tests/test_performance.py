@@ -909,6 +909,52 @@ def test_compile_freeze_gradient_graph_that_fails_falls_back(snapshot_freezing, 
     assert _rel(out, salience.smoothgrad(model, x, fn, samples=7, chunk=6, reduce=None)) < 1e-6
 
 
+class _Outputs(nn.Module):
+    """ThreeConv's scores returned in a dict (with a second tensor) or a Hugging Face ModelOutput."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.net, self.kind = ThreeConv(), kind
+
+    def forward(self, x):
+        y = self.net(x)
+        if self.kind == "dict":
+            return {"logits": y, "double": y * 2}
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        return ImageClassifierOutput(logits=y)
+
+
+@pytest.mark.parametrize("kind", ["dict", "ModelOutput", "output='double'"])
+def test_compile_freeze_gradient_graph_takes_the_scores_from_a_dict_or_model_output(snapshot_freezing, kind):
+    """A model that returns a dict or a Hugging Face ModelOutput (or whose output= picks a part): the
+    frozen gradient graph scores the tensor salience's rule of outputs takes (logits; the picked key),
+    without a warning; the maps are the eager maps (the scores of the picked part: ``double`` is twice
+    the logits, so its maps are twice the logits' maps), the model comes back as it was. Before, the
+    graph scored the returned object itself: dynamo failed on it ("Unsupported method call" / "Observed
+    exception"), a warning, and the passes ran the plain compiled model."""
+    if kind == "ModelOutput":
+        pytest.importorskip("transformers")
+    from salience.loading import select_output
+
+    frozen, calls, graphs = snapshot_freezing
+    model = _Outputs("ModelOutput" if kind == "ModelOutput" else "dict")
+    _with_statistics(model.net)
+    x = torch.rand(2, 3, 8, 8)
+    if kind.startswith("output="):
+        select_output(model, "double")
+    refs = _gradient_maps(model, x)
+    with unchanged(model), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outs = _gradient_maps(model, x, compile="freeze")
+    assert len(frozen) == 1 and len(calls) >= 2 and graphs == []
+    for out, ref in zip(outs, refs):
+        assert _rel(out, ref) < 1e-6, _rel(out, ref)
+    logits = _gradient_maps(model.net, x)
+    for ref, lg in zip(refs, logits):  # the reference itself: the logits' maps, twice them for double
+        assert _rel(ref, lg * (2 if kind.startswith("output=") else 1)) < 1e-6
+
+
 def test_frozen_gradient_graph_takes_only_plain_class_targets():
     """The frozen gradient graph computes ``output.gather(1, classes)``: a target gives its classes
     (``classes_for``) only when that is exactly its score and its gradient is not modified."""

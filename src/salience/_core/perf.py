@@ -378,7 +378,7 @@ def _frozen_model(model: nn.Module, key: tuple) -> Any:
 _GRADIENT = "freeze-gradient"  # the key of a frozen input-gradient graph in ``_compiled``
 
 
-def _frozen_gradient(model: nn.Module, key: tuple) -> Any:
+def _frozen_gradient(model: nn.Module, key: tuple, unwrap: Optional[Callable[[Any], Tensor]] = None) -> Any:
     """The process's frozen input-gradient function of ``model`` for the weights' state ``key``
     (:func:`weights_key`): ``fn(x, classes) -> (gradient, output)``, the gradient w.r.t. ``x`` of the
     sum over the batch of each item's ``classes`` score, as :func:`torch.func.grad` compiled under
@@ -391,11 +391,13 @@ def _frozen_gradient(model: nn.Module, key: tuple) -> Any:
     BatchNorm folded, convolution weights prepacked). Dynamo takes a parameter as a graph constant
     only where it first meets it with grad mode off; inside ``func.grad`` grad mode is on, so the
     function walks the parameters and buffers first (without that, freeze() kept every weight an
-    input and folded nothing: benchmarks/frozen_gradient.py)."""
+    input and folded nothing: benchmarks/frozen_gradient.py). ``unwrap`` takes the scores from what the
+    model returns (:func:`gradient_call`); the function's output is that tensor."""
     ck = (id(model), _GRADIENT)
     with _lock:
         hit = _compiled.get(ck)
-        if hit is not None and hit[0] is model and hit[2][0] == key and _constants_unchanged(hit[2][1]):
+        if hit is not None and hit[0] is model and hit[2][0] == key and _constants_unchanged(hit[2][1]) \
+                and (len(hit[2]) < 3 or hit[2][2] == unwrap):
             _compiled.move_to_end(ck)
             return hit[1]
 
@@ -406,7 +408,7 @@ def _frozen_gradient(model: nn.Module, key: tuple) -> Any:
                 pass
 
             def score(z: Tensor) -> tuple[Tensor, Tensor]:
-                out = model(z)
+                out = model(z) if unwrap is None else unwrap(model(z))
                 scores = out.unsqueeze(1) if out.dim() == 1 else out
                 return scores.gather(1, classes.view(-1, 1)).sum(), out
 
@@ -414,7 +416,7 @@ def _frozen_gradient(model: nn.Module, key: tuple) -> Any:
 
         backend = _freezing_backend()
         compiled = torch.compile(gradient, backend=backend, dynamic=False, fullgraph=True)
-        _compiled[ck] = (model, compiled, (key, backend))
+        _compiled[ck] = (model, compiled, (key, backend, unwrap))
         while len(_compiled) > _COMPILED_KEEP:
             _compiled.popitem(last=False)
         return compiled
@@ -828,7 +830,7 @@ class Run:
             self._used_folded = self._folded is not None
             self._used_frozen = self._used_frozen or fn is self._frozen_fn
 
-    def frozen_gradient(self, strip_softmax: bool) -> Optional[Callable]:
+    def frozen_gradient(self, strip_softmax: bool, unwrap: Optional[Callable[[Any], Tensor]] = None) -> Optional[Callable]:
         """The frozen input-gradient function (:func:`_frozen_gradient`) for a plain gradient pass of
         this chunk, or ``None``: only with ``compile="freeze"`` in a chunk that runs the compiled model
         (:meth:`forward_fn`: an eager pass showed no final softmax to strip), without autocast."""
@@ -837,7 +839,7 @@ class Run:
         fn = self.forward_fn(True, strip_softmax)
         if fn is None or fn is not self._compiled_fn:
             return None
-        got = _frozen_gradient(self._frozen_base, self._weights_key)
+        got = _frozen_gradient(self._frozen_base, self._weights_key, unwrap)
         return None if isinstance(got, Exception) else got
 
     def gradient_failed(self, error: BaseException) -> None:
@@ -1039,19 +1041,25 @@ def _target_classes(target: Any, batch: int) -> Optional[Tensor]:
     return classes_for(batch) if callable(classes_for) else None
 
 
-def gradient_call(model: nn.Module, x_in: Tensor, target: Any, strip_softmax: bool) -> Optional[tuple[Any, Tensor]]:
+def gradient_call(model: nn.Module, x_in: Tensor, target: Any, strip_softmax: bool,
+                  unwrap: Optional[Callable[[Any], Tensor]] = None) -> Optional[tuple[Any, Tensor]]:
     """A plain gradient pass (no layer hooked, no backprop rule, one class target) through the frozen
     input-gradient graph (:func:`_frozen_gradient`) when the active run has one (``compile="freeze"``):
     ``(output, gradient of the target's summed scores w.r.t. x_in)``; ``None``: run the pass as before
     (also when the graph fails, with a warning, :meth:`Run.gradient_failed`). The classes' range is not
-    checked here: the caller scores the output with the target itself, which refuses a bad class."""
+    checked here: the caller scores the output with the target itself, which refuses a bad class.
+
+    ``unwrap``: what takes the score tensor from what the model returns (a dict, a Hugging Face
+    ``ModelOutput``: the caller's rule of outputs, traced into the graph; ``None``: the output is the
+    tensor), compared by ``==`` to the one the cached graph was made with; the output returned is
+    that tensor."""
     run = active(model)
     if run is None or not run.options.freeze:
         return None
     classes = _target_classes(target, int(x_in.shape[0]))
     if classes is None:
         return None
-    fn = run.frozen_gradient(strip_softmax)
+    fn = run.frozen_gradient(strip_softmax, unwrap)
     if fn is None:
         return None
     x = x_in.detach()
