@@ -14,7 +14,8 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   with one class target a frozen graph of forward + input gradient, :func:`gradient_call`), a backend name or a
   backend callable. The compiled model is cached for the process; every chunk of the one fixed
   size runs compiled, a chunk of another size (the first, the last) eagerly, so nothing recompiles
-  across chunks; single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
+  across chunks (with :data:`FREEZE`, a later call on the same model, shape and method skips the
+  first, probing chunk: :meth:`Run.reused_probe`); single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
   most :data:`ONE_PASS_SIZES`. Where compilation is unavailable or fails, a warning says why and the
   eager path runs.
 - ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward pass under
