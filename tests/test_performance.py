@@ -593,7 +593,8 @@ def test_compile_freeze_runs_the_passes_without_gradients_frozen(snapshot_freezi
     assert sums.layouts == ["contiguous", "contiguous compiled frozen", "contiguous"]
 
 
-@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "copy_", "buffer", "new tensor"])
+@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "copy_", "buffer", "new tensor",
+                                    "transposed .data"])
 def test_compile_freeze_follows_weights_changed_in_place(snapshot_freezing, change):
     """A frozen graph holds the weights as they were when it was compiled. After a first
     compile="freeze" call the model's weights change in place (its modules, and so its structure, stay
@@ -618,6 +619,8 @@ def test_compile_freeze_follows_weights_changed_in_place(snapshot_freezing, chan
             conv.weight.copy_(torch.randn_like(conv.weight))
     elif change == "buffer":
         model.body[1].running_mean.add_(1.0)
+    elif change == "transposed .data":  # the same storage (address, version counter), other strides
+        model.body[3].weight.data = model.body[3].weight.data.transpose(0, 1)
     else:
         conv.weight.data = conv.weight.data * -2
     ref = salience.occlusion(model, x, [0, 2], chunk=4, **kw)
@@ -845,7 +848,7 @@ def test_compile_freeze_runs_the_gradient_passes_through_a_frozen_gradient_graph
     assert len(frozen) == 1  # the same graph: same model, weights, shape
 
 
-@pytest.mark.parametrize("change", ["optimizer step", "copy_", "buffer", "new tensor"])
+@pytest.mark.parametrize("change", ["optimizer step", "copy_", "buffer", "new tensor", "transposed .data"])
 def test_compile_freeze_gradient_graph_follows_weights_changed_in_place(snapshot_freezing, change):
     """The frozen gradient graph holds the weights as they were when it was compiled. After a first
     compile="freeze" SmoothGrad / IG call the weights change in place; the next call's maps are the
@@ -866,6 +869,8 @@ def test_compile_freeze_gradient_graph_follows_weights_changed_in_place(snapshot
             conv.weight.copy_(torch.randn_like(conv.weight))
     elif change == "buffer":
         model.body[1].running_mean.add_(1.0)
+    elif change == "transposed .data":  # the same storage (address, version counter), other strides
+        model.body[3].weight.data = model.body[3].weight.data.transpose(0, 1)
     else:
         conv.weight.data = conv.weight.data * -2
     refs = _gradient_maps(model, x)
@@ -902,6 +907,52 @@ def test_compile_freeze_gradient_graph_that_fails_falls_back(snapshot_freezing, 
         fn = lambda out: out[:, 1] - out[:, 2]  # noqa: E731
         out = salience.smoothgrad(model, x, fn, samples=7, chunk=6, reduce=None, compile="freeze")
     assert _rel(out, salience.smoothgrad(model, x, fn, samples=7, chunk=6, reduce=None)) < 1e-6
+
+
+class _Outputs(nn.Module):
+    """ThreeConv's scores returned in a dict (with a second tensor) or a Hugging Face ModelOutput."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.net, self.kind = ThreeConv(), kind
+
+    def forward(self, x):
+        y = self.net(x)
+        if self.kind == "dict":
+            return {"logits": y, "double": y * 2}
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        return ImageClassifierOutput(logits=y)
+
+
+@pytest.mark.parametrize("kind", ["dict", "ModelOutput", "output='double'"])
+def test_compile_freeze_gradient_graph_takes_the_scores_from_a_dict_or_model_output(snapshot_freezing, kind):
+    """A model that returns a dict or a Hugging Face ModelOutput (or whose output= picks a part): the
+    frozen gradient graph scores the tensor salience's rule of outputs takes (logits; the picked key),
+    without a warning; the maps are the eager maps (the scores of the picked part: ``double`` is twice
+    the logits, so its maps are twice the logits' maps), the model comes back as it was. Before, the
+    graph scored the returned object itself: dynamo failed on it ("Unsupported method call" / "Observed
+    exception"), a warning, and the passes ran the plain compiled model."""
+    if kind == "ModelOutput":
+        pytest.importorskip("transformers")
+    from salience.loading import select_output
+
+    frozen, calls, graphs = snapshot_freezing
+    model = _Outputs("ModelOutput" if kind == "ModelOutput" else "dict")
+    _with_statistics(model.net)
+    x = torch.rand(2, 3, 8, 8)
+    if kind.startswith("output="):
+        select_output(model, "double")
+    refs = _gradient_maps(model, x)
+    with unchanged(model), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outs = _gradient_maps(model, x, compile="freeze")
+    assert len(frozen) == 1 and len(calls) >= 2 and graphs == []
+    for out, ref in zip(outs, refs):
+        assert _rel(out, ref) < 1e-6, _rel(out, ref)
+    logits = _gradient_maps(model.net, x)
+    for ref, lg in zip(refs, logits):  # the reference itself: the logits' maps, twice them for double
+        assert _rel(ref, lg * (2 if kind.startswith("output=") else 1)) < 1e-6
 
 
 def test_frozen_gradient_graph_takes_only_plain_class_targets():
@@ -949,6 +1000,54 @@ def test_compile_freeze_gradient_graph_with_inductor(monkeypatch):
             old = refs
             with torch.no_grad():
                 model[0].weight.mul_(-1.5)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compile_freeze_later_calls_run_every_chunk_frozen(monkeypatch):
+    """compile="freeze" with inductor: a call's first chunk (the memory probe, the softmax check) runs
+    eagerly, and so the last, shorter one; a later call on the same model, input shape and method takes
+    the first call's probe and softmax answer, so every chunk has the fixed size and runs the one frozen
+    gradient graph (no graph compiled for another size). The maps are the eager maps within
+    FREEZE_RTOL. Before: the later call ran [eager 2, frozen 4, frozen 4, eager 2] as the first."""
+    torch.manual_seed(0)
+    model = _with_statistics(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)))
+    x = torch.rand(2, 3, 8, 8)
+    if _perf.compile_unavailable("inductor", x.device) is not None:
+        pytest.skip("inductor cannot compile here")
+    torch._dynamo.reset()
+    compiles, real = [], _perf._freeze_compile
+    monkeypatch.setattr(_perf, "_freeze_compile", lambda gm, inputs: compiles.append(1) or real(gm, inputs))
+    monkeypatch.setattr(_engine, "chunk_size", lambda per_item, budget, n: 4)  # 2 images: 2 copies a chunk
+    layouts, accumulate = [], _engine.accumulate
+
+    def seen(*a, **k):
+        sums = accumulate(*a, **k)
+        layouts.append((sums.chunks, sums.layouts))
+        return sums
+
+    monkeypatch.setattr(_engine, "accumulate", seen)
+    try:
+        refs = [salience.smoothgrad(model, x, [0, 2], samples=6, reduce=None),
+                salience.integrated_gradients(model, x, [1, 3], steps=9, reduce=None)]
+        layouts.clear()
+        _perf.clear_cache()  # the eager calls' probes count too (the same record): forgotten
+        for call in range(3):
+            with unchanged(model), warnings.catch_warnings():
+                warnings.simplefilter("error")
+                outs = [salience.smoothgrad(model, x, [0, 2], samples=6, reduce=None, compile="freeze"),
+                        salience.integrated_gradients(model, x, [1, 3], steps=9, reduce=None, compile="freeze")]
+            for out, ref in zip(outs, refs):
+                assert _rel(out, ref) <= FREEZE_RTOL, (call, _rel(out, ref))
+        frozen = "contiguous compiled frozen"
+        # SmoothGrad's 12 items: the first call probes (2 eager), then 4, 4 frozen and 2 eager
+        assert layouts[0] == ([2, 4, 4, 2], ["contiguous", frozen, frozen, "contiguous"])
+        for sg in (layouts[2], layouts[4]):  # the later calls: 3 x 4, all frozen
+            assert sg == ([4, 4, 4], [frozen] * 3), sg
+        for ig in (layouts[3], layouts[5]):  # IG's 18 items: 4 chunks of 4 frozen, the rest (2) eagerly
+            assert ig == ([4, 4, 4, 4, 2], [frozen] * 4 + ["contiguous"]), ig
+        assert len(compiles) == 1  # one frozen gradient graph, at the chunk size 4, for all the calls
     finally:
         torch._dynamo.reset()
 

@@ -245,6 +245,30 @@ def unwrap_output(out: Any, model: Optional[nn.Module] = None) -> Tensor:
     )
 
 
+def _unwrapper(model: nn.Module) -> Any:
+    """:func:`unwrap_output` for ``model`` as a function of the output alone, for a compiled graph to
+    trace (:func:`salience._core.perf.gradient_call`): the default rule (one function for every model),
+    or the model's ``output`` pick; equal (``==``) for the same rule, so that a cached graph is kept."""
+    pick = model_info(model).output
+    return unwrap_output if pick is None else _Picker(pick)
+
+
+class _Picker:
+    """:func:`_pick_output` of one ``pick``, equal to another of an equal pick."""
+
+    def __init__(self, pick: Any) -> None:
+        self.pick = pick
+
+    def __call__(self, out: Any) -> Tensor:
+        return _pick_output(out, self.pick)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Picker) and type(other.pick) is type(self.pick) and other.pick == self.pick
+
+    def __hash__(self) -> int:
+        return hash(self.pick)
+
+
 def describe_output(out: Any) -> str:
     """What a forward returned, in words: its type, and its keys or length."""
     if isinstance(out, Tensor):
@@ -554,9 +578,9 @@ def backward(
                 and len(targets) == 1:
             # compile="freeze": the forward and the input gradient in one frozen graph
             with model_call(model, x_in):
-                frozen = _perf.gradient_call(model, x_in, targets[0], strip_softmax)
+                frozen = _perf.gradient_call(model, x_in, targets[0], strip_softmax, _unwrapper(model))
         if frozen is not None:
-            out, captured = unwrap_output(frozen[0], model), []
+            out, captured = frozen[0], []  # already the score tensor (_unwrapper's, in the graph)
             scores = [check_scores(targets[0](out), x.shape[0])]  # the classes' range checked here
             per_target = [[frozen[1]]]
         else:

@@ -276,7 +276,13 @@ def accumulate(
     with _progress(total, desc, enabled=progress) as bar:
         start = 0
         per_item: Optional[int] = None
-        if chunk is None:
+        reused = run.reused_probe() if (run is not None and chunk is None) else None
+        if reused is not None:  # compile="freeze": an earlier call's probe; every chunk the fixed size
+            per_item = reused
+            budget = max_memory if max_memory is not None else default_budget(device or torch.device("cpu"),
+                                                                               inference=inference)
+            cap = chunk_size(per_item, budget, n_images)
+        elif chunk is None:
             first = min(total, n_images)
             probe = MemoryProbe()
             ctx = run.chunk(False, False) if run is not None else nullcontext()
@@ -286,6 +292,8 @@ def accumulate(
             bar.update(first)
             start = first
             per_item = max(1, -(-probe.peak // first))
+            if run is not None:
+                run.probed(per_item)
             budget = max_memory if max_memory is not None else default_budget(device or torch.device("cpu"),
                                                                                inference=inference)
             cap = chunk_size(per_item, budget, n_images)

@@ -14,7 +14,8 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   with one class target a frozen graph of forward + input gradient, :func:`gradient_call`), a backend name or a
   backend callable. The compiled model is cached for the process; every chunk of the one fixed
   size runs compiled, a chunk of another size (the first, the last) eagerly, so nothing recompiles
-  across chunks; single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
+  across chunks (with :data:`FREEZE`, a later call on the same model, shape and method skips the
+  first, probing chunk: :meth:`Run.reused_probe`); single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
   most :data:`ONE_PASS_SIZES`. Where compilation is unavailable or fails, a warning says why and the
   eager path runs.
 - ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward pass under
@@ -375,11 +376,11 @@ def _shared_setting(config: Any, name: str, value: Any) -> Iterator[None]:
 
 def weights_key(model: nn.Module) -> Optional[tuple]:
     """What a frozen graph of ``model`` is kept for: its :func:`structure` and each parameter's and
-    buffer's ``(data_ptr, _version)`` (``None`` when a tensor has no version counter, one made under
+    buffer's ``(data_ptr, _version, shape, stride)`` (``None`` when a tensor has no version counter, one made under
     ``inference_mode``); with :func:`_constants_unchanged`, which watches the other tensors a frozen
     graph took as constants (a plain tensor attribute, ``self.scale = torch.tensor(...)``). An in-place change through the tensor (an optimizer step, ``load_state_dict``,
     ``w.copy_`` or ``w.mul_`` under ``no_grad``) raises its version, a new tensor (``w.data = ...``)
-    has another address; a change through ``w.data`` in place (``w.data.mul_(2)``) is counted by no
+    has another address, a new view of the same storage (``w.data = w.data.t()``) other strides; a change through ``w.data`` in place (``w.data.mul_(2)``) is counted by no
     version counter (torch's own ``.data`` semantics) and is not seen."""
     return _fold_key(model)
 
@@ -421,7 +422,7 @@ def _own_code(fn: Callable) -> Callable:
 _GRADIENT = "freeze-gradient"  # the key of a frozen input-gradient graph in ``_compiled``
 
 
-def _frozen_gradient(model: nn.Module, key: tuple) -> Any:
+def _frozen_gradient(model: nn.Module, key: tuple, unwrap: Optional[Callable[[Any], Tensor]] = None) -> Any:
     """The process's frozen input-gradient function of ``model`` for the weights' state ``key``
     (:func:`weights_key`): ``fn(x, classes) -> (gradient, output)``, the gradient w.r.t. ``x`` of the
     sum over the batch of each item's ``classes`` score, as :func:`torch.func.grad` compiled under
@@ -434,11 +435,13 @@ def _frozen_gradient(model: nn.Module, key: tuple) -> Any:
     BatchNorm folded, convolution weights prepacked). Dynamo takes a parameter as a graph constant
     only where it first meets it with grad mode off; inside ``func.grad`` grad mode is on, so the
     function walks the parameters and buffers first (without that, freeze() kept every weight an
-    input and folded nothing: benchmarks/frozen_gradient.py)."""
+    input and folded nothing: benchmarks/frozen_gradient.py). ``unwrap`` takes the scores from what the
+    model returns (:func:`gradient_call`); the function's output is that tensor."""
     ck = (id(model), _GRADIENT)
     with _lock:
         hit = _compiled.get(ck)
-        if hit is not None and hit[0] is model and hit[2][0] == key and _constants_unchanged(hit[2][1]):
+        if hit is not None and hit[0] is model and hit[2][0] == key and _constants_unchanged(hit[2][1]) \
+                and (len(hit[2]) < 3 or hit[2][2] == unwrap):
             _compiled.move_to_end(ck)
             return hit[1]
 
@@ -449,7 +452,7 @@ def _frozen_gradient(model: nn.Module, key: tuple) -> Any:
                 pass
 
             def score(z: Tensor) -> tuple[Tensor, Tensor]:
-                out = model(z)
+                out = model(z) if unwrap is None else unwrap(model(z))
                 scores = out.unsqueeze(1) if out.dim() == 1 else out
                 # kept in range: a bad class is refused by the target after the call (gradient_call's
                 # caller), not met by the graph's bounds check (a GPU's device-side assert)
@@ -461,7 +464,7 @@ def _frozen_gradient(model: nn.Module, key: tuple) -> Any:
         backend = _freezing_backend()
         fn = backend.code_of = _own_code(gradient)  # type: ignore[attr-defined]
         compiled = torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
-        _store(ck, (model, compiled, (key, backend)))
+        _store(ck, (model, compiled, (key, backend, unwrap)))
         _evict()
         return compiled
 
@@ -486,7 +489,7 @@ def _release_graphs(entry: tuple) -> None:
     garbage collector does not see, each holding the old weights as constants; a compiled model of
     ``compile=True`` (the model class's code, shared) is left to dynamo."""
     info = entry[2]
-    backend = info[1] if isinstance(info, tuple) and len(info) == 2 else None
+    backend = info[1] if isinstance(info, tuple) and len(info) in (2, 3) else None
     fn = getattr(backend, "code_of", None) if getattr(backend, "watch", None) is not None else None
     if fn is not None:
         torch._dynamo.reset_code(fn.__code__)
@@ -533,7 +536,8 @@ def _fold_key(model: nn.Module) -> Optional[tuple]:
 
 def _walk(model: nn.Module, tensors: bool) -> tuple:
     """:func:`structure`; with ``tensors``, each module's parameters' and buffers' ``(data_ptr,
-    _version)`` too. One walk over the modules' own dicts (``model.parameters()`` costs more than
+    _version, shape, stride)`` too (``w.data = w.data.t()`` keeps the address and the version counter of
+    the storage it views: only the strides say it changed). One walk over the modules' own dicts (``model.parameters()`` costs more than
     reading the tensors)."""
     out: list = []
     add = out.append
@@ -550,10 +554,10 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
         if tensors:
             for t in d["_parameters"].values():
                 if t is not None:
-                    add((t.data_ptr(), t._version))
+                    add((t.data_ptr(), t._version, t.shape, t.stride()))
             for t in d["_buffers"].values():
                 if t is not None:
-                    add((t.data_ptr(), t._version))
+                    add((t.data_ptr(), t._version, t.shape, t.stride()))
     return tuple(out)
 
 
@@ -663,6 +667,7 @@ class _Record:
     last: Any = None  # one-pass runs under compile: a weakref to the last call's input
     compiled: list[int] = field(default_factory=list)  # the one-pass sizes compiled (on _ONE_PASS's record)
     refused: bool = False  # a recurring size was refused for the cap (warned once; on _ONE_PASS's record)
+    per_item: Optional[int] = None  # the engine's memory probe: bytes per item of an eager chunk (reused by FREEZE)
 
     def t(self, size: int, cl: bool) -> float:
         """The fastest seconds per item measured at ``size`` in layout ``cl`` (``inf``: none)."""
@@ -736,7 +741,7 @@ class Run:
         rec = self.record = _record(model, x, self.options, tag)
         self.structure = structure(model)
         if rec.structure != self.structure:  # a module, a forward or a hook changed: found again
-            rec.softmax, rec.structure = None, self.structure
+            rec.softmax, rec.per_item, rec.structure = None, None, self.structure
         # What the folded copy is kept for, taken now (a channels-last chunk moves the parameters).
         self._fold_key = _fold_key(model) if self.options.fold_batchnorm else None
         self.channels_last = False
@@ -746,6 +751,10 @@ class Run:
         self._probing = False
         self.softmax_checked = False
         self.softmax_stripped = False
+        if self.options.freeze and rec.softmax is not None:
+            # compile="freeze": an earlier run on this model's structure checked for a final softmax,
+            # so the first chunk may run the frozen graphs too (reused_probe)
+            self.softmax_checked, self.softmax_stripped = True, rec.softmax
         # A pass without gradients (a prediction pass) that runs the compiled model as a gradient pass
         # does, so that the two share one graph (set by one_pass(gradient_graph=True)).
         self.gradient_graph = False
@@ -812,6 +821,24 @@ class Run:
     def close(self) -> None:
         self._restore()
         self.channels_last = False
+        if self.softmax_checked:  # kept for the model's structure (Run.__init__ forgets it when it changed)
+            self.record.softmax = self.softmax_stripped
+
+    def reused_probe(self) -> Optional[int]:
+        """The bytes per item an earlier call's memory probe (its first, eager chunk) measured for this
+        model, tag, item shape and options, when this run may skip its own probe: with
+        ``compile="freeze"`` only, once the final softmax is known too (``None``: probe). Then every chunk
+        is one of the fixed size and runs the frozen graphs: SmoothGrad's 64 items at 4 images ran 9
+        chunks (4 eager, 7 x 8 frozen, 4 eager), now 8 x 8 frozen. Kept per :func:`structure` with the
+        softmax answer; the default options always probe (their chunks, and so their bits, are the
+        same in every call)."""
+        if not self.options.freeze or not self.softmax_checked:
+            return None
+        return self.record.per_item
+
+    def probed(self, per_item: int) -> None:
+        """Record what this run's memory probe measured (bytes per item), for :meth:`reused_probe`."""
+        self.record.per_item = per_item
 
     # ---- what a chunk runs under
 
@@ -878,7 +905,7 @@ class Run:
             self._used_folded = self._folded is not None
             self._used_frozen = self._used_frozen or fn is self._frozen_fn
 
-    def frozen_gradient(self, strip_softmax: bool) -> Optional[Callable]:
+    def frozen_gradient(self, strip_softmax: bool, unwrap: Optional[Callable[[Any], Tensor]] = None) -> Optional[Callable]:
         """The frozen input-gradient function (:func:`_frozen_gradient`) for a plain gradient pass of
         this chunk, or ``None``: only with ``compile="freeze"`` in a chunk that runs the compiled model
         (:meth:`forward_fn`: an eager pass showed no final softmax to strip), without autocast."""
@@ -887,7 +914,7 @@ class Run:
         fn = self.forward_fn(True, strip_softmax)
         if fn is None or fn is not self._compiled_fn:
             return None
-        got = _frozen_gradient(self._frozen_base, self._weights_key)
+        got = _frozen_gradient(self._frozen_base, self._weights_key, unwrap)
         return None if isinstance(got, Exception) else got
 
     def gradient_failed(self, error: BaseException) -> None:
@@ -1089,25 +1116,27 @@ def _target_classes(target: Any, batch: int) -> Optional[Tensor]:
     return classes_for(batch) if callable(classes_for) else None
 
 
-def gradient_call(model: nn.Module, x_in: Tensor, target: Any, strip_softmax: bool) -> Optional[tuple[Any, Tensor]]:
+def gradient_call(model: nn.Module, x_in: Tensor, target: Any, strip_softmax: bool,
+                  unwrap: Optional[Callable[[Any], Tensor]] = None) -> Optional[tuple[Any, Tensor]]:
     """A plain gradient pass (no layer hooked, no backprop rule, one class target) through the frozen
     input-gradient graph (:func:`_frozen_gradient`) when the active run has one (``compile="freeze"``):
     ``(output, gradient of the target's summed scores w.r.t. x_in)``; ``None``: run the pass as before
     (also when the graph fails, with a warning, :meth:`Run.gradient_failed`). The classes' range is not
-    checked here: the caller scores the output with the target itself, which refuses a bad class."""
+    checked here: the caller scores the output with the target itself, which refuses a bad class.
+
+    ``unwrap``: what takes the score tensor from what the model returns (a dict, a Hugging Face
+    ``ModelOutput``: the caller's rule of outputs, traced into the graph; ``None``: the output is the
+    tensor), compared by ``==`` to the one the cached graph was made with; the output returned is
+    that tensor."""
     run = active(model)
     if run is None or not run.options.freeze:
         return None
     if torch._C._is_torch_function_mode_enabled():
         return None  # a mode of the caller's (a backprop rule around vanilla) may change the gradient
-    from salience._core.info import model_info
-
-    if model_info(model).output is not None:
-        return None  # the scores are a part of the output (select_output): the graph gathers the raw output
     classes = _target_classes(target, int(x_in.shape[0]))
     if classes is None:
         return None
-    fn = run.frozen_gradient(strip_softmax)
+    fn = run.frozen_gradient(strip_softmax, unwrap)
     if fn is None:
         return None
     x = x_in.detach()
