@@ -593,19 +593,10 @@ def test_compile_freeze_runs_the_passes_without_gradients_frozen(snapshot_freezi
     assert sums.layouts == ["contiguous", "contiguous compiled frozen", "contiguous"]
 
 
-@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "copy_", "buffer", "new tensor",
-                                    "transposed .data"])
-def test_compile_freeze_follows_weights_changed_in_place(snapshot_freezing, change):
-    """A frozen graph holds the weights as they were when it was compiled. After a first
-    compile="freeze" call the model's weights change in place (its modules, and so its structure, stay
-    the same); the next call's map is the eager map of the changed model: the frozen graph is kept for
-    each parameter's and buffer's address and version counter, and compiled again when one changed.
-    Kept for the structure alone (as the plain compiled model is), the old graph ran and the map was
-    the old model's (occlusion 4.2x off with inductor)."""
-    frozen, _, _ = snapshot_freezing
-    model, x = _with_statistics(ThreeConv()), torch.rand(2, 3, 8, 8)
-    kw = dict(window=3, stride=2)
-    salience.occlusion(model, x, [0, 2], chunk=4, compile="freeze", **kw)
+def _change_weights(model: nn.Module, change: str) -> None:
+    """Change a :class:`ThreeConv`'s weights in place the way ``change`` names (its modules, and so
+    its structure, stay the same): an optimizer step, ``load_state_dict``, ``copy_``, a buffer, a new
+    tensor through ``.data``, or the same storage transposed through ``.data``."""
     conv = model.body[0]
     if change == "optimizer step":
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -621,8 +612,26 @@ def test_compile_freeze_follows_weights_changed_in_place(snapshot_freezing, chan
         model.body[1].running_mean.add_(1.0)
     elif change == "transposed .data":  # the same storage (address, version counter), other strides
         model.body[3].weight.data = model.body[3].weight.data.transpose(0, 1)
-    else:
+    elif change == "new tensor":
         conv.weight.data = conv.weight.data * -2
+    else:
+        raise ValueError(change)
+
+
+@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "copy_", "buffer", "new tensor",
+                                    "transposed .data"])
+def test_compile_freeze_follows_weights_changed_in_place(snapshot_freezing, change):
+    """A frozen graph holds the weights as they were when it was compiled. After a first
+    compile="freeze" call the model's weights change in place (its modules, and so its structure, stay
+    the same); the next call's map is the eager map of the changed model: the frozen graph is kept for
+    each parameter's and buffer's address and version counter, and compiled again when one changed.
+    Kept for the structure alone (as the plain compiled model is), the old graph ran and the map was
+    the old model's (occlusion 4.2x off with inductor)."""
+    frozen, _, _ = snapshot_freezing
+    model, x = _with_statistics(ThreeConv()), torch.rand(2, 3, 8, 8)
+    kw = dict(window=3, stride=2)
+    salience.occlusion(model, x, [0, 2], chunk=4, compile="freeze", **kw)
+    _change_weights(model, change)
     ref = salience.occlusion(model, x, [0, 2], chunk=4, **kw)
     with unchanged(model):
         out = salience.occlusion(model, x, [0, 2], chunk=4, compile="freeze", **kw)
@@ -858,21 +867,7 @@ def test_compile_freeze_gradient_graph_follows_weights_changed_in_place(snapshot
     model, x = _with_statistics(ThreeConv()), torch.rand(2, 3, 8, 8)
     _gradient_maps(model, x, compile="freeze")
     assert len(frozen) == 1
-    conv = model.body[0]
-    if change == "optimizer step":
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        model.eval()(torch.rand(2, 3, 8, 8)).square().sum().backward()
-        opt.step()
-        opt.zero_grad()
-    elif change == "copy_":
-        with torch.no_grad():
-            conv.weight.copy_(torch.randn_like(conv.weight))
-    elif change == "buffer":
-        model.body[1].running_mean.add_(1.0)
-    elif change == "transposed .data":  # the same storage (address, version counter), other strides
-        model.body[3].weight.data = model.body[3].weight.data.transpose(0, 1)
-    else:
-        conv.weight.data = conv.weight.data * -2
+    _change_weights(model, change)
     refs = _gradient_maps(model, x)
     with unchanged(model):
         outs = _gradient_maps(model, x, compile="freeze")
