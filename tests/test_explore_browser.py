@@ -858,16 +858,20 @@ def test_a_stored_maps_warnings_are_shown_under_its_thumbnail(two_row_run, monke
     ``X-Salience-Warnings`` header; the page never fetched a stored map, so they were shown nowhere.
     Each method thumbnail has a ``.npy`` button: row 0's stored map warns as it is read, and the page
     shows the text under that thumbnail, as characters (no element made, no script run), and saves
-    the file (the run's float16 map as float32, the server's file name); row 1's says nothing. The
-    click is the button's: the row is not opened."""
+    the file (the run's float16 map as float32, the server's file name); row 1's says nothing. Clicked,
+    or Enter from the keyboard, the button's action is its own: the row is not opened. A map the
+    server cannot give (404) says why under its thumbnail, in place of what was said before."""
     import warnings
 
-    from salience.explore.runs import RunSource
+    from salience.explore.runs import NotStored, RunSource
 
     run = two_row_run
     stored_map = RunSource.stored_map
+    missing: list[bool] = []
 
     def read(self: Any, index: int, method: str, k: int = 0) -> np.ndarray:
+        if missing:
+            raise NotStored("the stored map file is missing here")
         if index == 0:
             warnings.warn(f"stored {MARKUP}")
         return stored_map(self, index, method, k)
@@ -876,23 +880,35 @@ def test_a_stored_maps_warnings_are_shown_under_its_thumbnail(two_row_run, monke
     explorer = salience.explore("demo:shapes", run=run, show=False)
     errors: list[str] = []
     saved, said = {}, {}
+    button = "#run-body tr[data-id='r0-{}'] td[data-tile='1'] button.npy"
     try:
-        with browser_page(explorer.url, errors, accept_downloads=True) as page:
+        with browser_page(explorer.url, errors, accept_downloads=True, allow_404=True) as page:
             _wait_rows(page, [0, 1])
             for row in (0, 1):
                 with page.expect_download() as download:
-                    page.click(f"#run-body tr[data-id='r0-{row}'] td[data-tile='1'] button.npy")
+                    if row == 0:
+                        page.click(button.format(row))
+                    else:
+                        page.focus(button.format(row))
+                        page.keyboard.press("Enter")
                 saved[row] = download.value.suggested_filename, download.value.path().read_bytes()
                 said[row] = {t: page.locator(f"#run-body tr[data-id='r0-{row}'] td[data-tile='{t}'] .warning")
                              .all_inner_texts() for t in (0, 1)}
             visible = page.locator("#run-body tr[data-id='r0-0'] td[data-tile='1'] .warning").is_visible()
             made = page.locator("#run-body .warning img, #run-body .warning b").count()
             pwned, opened = page.evaluate("() => window.pwned"), page.evaluate("S.image")
+            missing.append(True)
+            page.click(button.format(0))
+            refused = page.locator("#run-body tr[data-id='r0-0'] td[data-tile='1'] [data-what='npy']")
+            page.wait_for_function("document.querySelector(\"#run-body tr[data-id='r0-0'] td[data-tile='1'] "
+                                   "[data-what='npy'] .error\")")
+            refused_texts = refused.all_inner_texts()
     finally:
         explorer.stop()
-    assert not errors, errors
+    assert [e for e in errors if "status of 404" not in e] == [], errors
     assert said == {0: {0: [], 1: [f"stored map warning: stored {MARKUP}"]}, 1: {0: [], 1: []}}, said
     assert visible and made == 0 and pwned is None and opened is None
+    assert refused_texts == ["stored map: the stored map file is missing here"], refused_texts
     stored = salience.open_run(run)
     for row in (0, 1):
         name, data = saved[row]
