@@ -345,6 +345,7 @@ def test_the_page_works_from_the_keyboard(tmp_path):
             page.wait_for_function("document.getElementById('status').textContent === 'image r0-1'")
             assert page.locator("#classes button.class").first.get_attribute("data-index") == str(int(labels[1]))
 
+            page.keyboard.press("Shift+Tab")  # r0-0's stored map button (.npy), then r0-0 itself
             page.keyboard.press("Shift+Tab")
             page.keyboard.press(" ")  # Space on the row above (r0-0)
             page.wait_for_function("document.getElementById('status').textContent === 'image r0-0'")
@@ -836,6 +837,156 @@ def test_a_warning_raised_while_a_thumbnail_is_read_is_shown_under_that_thumbnai
     assert said == {(0, 0): [], (0, 1): [f"warning: thumbnail {MARKUP}"], (1, 0): [], (1, 1): []}, said
     assert visible and made == 0 and pwned is None
     assert len(widths) == 4 and all(w > 0 for w in widths), widths
+
+
+@pytest.fixture(scope="module")
+def two_row_run(tmp_path_factory) -> Any:
+    """A run of 2 demo shapes explained with vanilla (``salience.explain_dataset``), made once for the
+    tests that only read it; its folder. Skips without Playwright, Chromium, starlette or pyarrow."""
+    browser_api()
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    folder = tmp_path_factory.mktemp("two_row_run")
+    (folder / "imgs").mkdir()
+    paths, _, _ = shapes_files(folder / "imgs", n=2)
+    salience.explain_dataset("demo:shapes", paths, ["vanilla"], folder / "run", workers=0)
+    return folder / "run"
+
+
+def test_a_stored_maps_warnings_are_shown_under_its_thumbnail(two_row_run, monkeypatch):
+    """The server sends the warnings raised while it read a row's stored map in the ``.npy``'s
+    ``X-Salience-Warnings`` header; the page never fetched a stored map, so they were shown nowhere.
+    Each method thumbnail has a ``.npy`` button: row 0's stored map warns as it is read, and the page
+    shows the text under that thumbnail, as characters (no element made, no script run), and saves
+    the file (the run's float16 map as float32, the server's file name); row 1's says nothing. Clicked,
+    or Enter from the keyboard, the button's action is its own: the row is not opened. A map the
+    server cannot give (404) says why under its thumbnail, in place of what was said before."""
+    import warnings
+
+    from salience.explore.runs import NotStored, RunSource
+
+    run = two_row_run
+    stored_map = RunSource.stored_map
+    missing: list[bool] = []
+
+    def read(self: Any, index: int, method: str, k: int = 0) -> np.ndarray:
+        if missing:
+            raise NotStored("the stored map file is missing here")
+        if index == 0:
+            warnings.warn(f"stored {MARKUP}")
+        return stored_map(self, index, method, k)
+
+    monkeypatch.setattr(RunSource, "stored_map", read)
+    explorer = salience.explore("demo:shapes", run=run, show=False)
+    errors: list[str] = []
+    saved, said = {}, {}
+    button = "#run-body tr[data-id='r0-{}'] td[data-tile='1'] button.npy"
+    try:
+        with browser_page(explorer.url, errors, accept_downloads=True, allow_404=True) as page:
+            _wait_rows(page, [0, 1])
+            for row in (0, 1):
+                with page.expect_download() as download:
+                    if row == 0:
+                        page.click(button.format(row))
+                    else:
+                        page.focus(button.format(row))
+                        page.keyboard.press("Enter")
+                saved[row] = download.value.suggested_filename, download.value.path().read_bytes()
+                said[row] = {t: page.locator(f"#run-body tr[data-id='r0-{row}'] td[data-tile='{t}'] .warning")
+                             .all_inner_texts() for t in (0, 1)}
+            visible = page.locator("#run-body tr[data-id='r0-0'] td[data-tile='1'] .warning").is_visible()
+            made = page.locator("#run-body .warning img, #run-body .warning b").count()
+            pwned, opened = page.evaluate("() => window.pwned"), page.evaluate("S.image")
+            missing.append(True)
+            page.click(button.format(0))
+            refused = page.locator("#run-body tr[data-id='r0-0'] td[data-tile='1'] [data-what='npy']")
+            page.wait_for_function("document.querySelector(\"#run-body tr[data-id='r0-0'] td[data-tile='1'] "
+                                   "[data-what='npy'] .error\")")
+            refused_texts = refused.all_inner_texts()
+    finally:
+        explorer.stop()
+    assert [e for e in errors if "status of 404" not in e] == [], errors
+    assert said == {0: {0: [], 1: [f"stored map warning: stored {MARKUP}"]}, 1: {0: [], 1: []}}, said
+    assert visible and made == 0 and pwned is None and opened is None
+    assert refused_texts == ["stored map: the stored map file is missing here"], refused_texts
+    stored = salience.open_run(run)
+    for row in (0, 1):
+        name, data = saved[row]
+        assert name == f"vanilla-row{row}-k0.npy"
+        got = np.load(io.BytesIO(data), allow_pickle=False)
+        assert got.dtype == np.float32 and np.array_equal(got, np.asarray(stored.map(row, "vanilla", 0), np.float32))
+
+
+def test_an_old_pages_thumbnail_fetch_is_aborted_and_drawn_thumbnails_free_their_blobs(two_row_run, monkeypatch):
+    """Row 0's image thumbnail is held by the server (a test hook) while the gallery is sorted the
+    other way (a row a page: row 1 alone): its fetch, started for the page before, went on and drew into a tile no
+    longer shown; now it is aborted (Chromium reports ``net::ERR_ABORTED``), its tile never drawn,
+    and the new page's thumbnails are drawn. The thumbnails drawn before have their blob URLs
+    revoked (fetching one fails) and their pictures still show (drawn on a canvas: not blank)."""
+    import threading
+    import warnings
+
+    from salience.explore.runs import RunSource
+
+    run = two_row_run
+    thumbnail = RunSource.thumbnail
+    started, release = threading.Event(), threading.Event()
+
+    def read(self: Any, index: int, tile: int = 0) -> bytes:
+        if (index, tile) == (0, 0) and not started.is_set():
+            started.set()
+            release.wait(30)
+            warnings.warn("the old page's thumbnail")
+        return thumbnail(self, index, tile)
+
+    monkeypatch.setattr(RunSource, "thumbnail", read)
+    explorer = salience.explore("demo:shapes", run=run, show=False)
+    errors: list[str] = []
+    ended: dict[str, str] = {}
+    held = "/rows/0/thumb.jpg?tile=0&"
+    try:
+        with browser_page(explorer.url, errors) as page:
+            page.on("requestfailed", lambda r: ended.setdefault(r.url, r.failure or "failed") if held in r.url else None)
+            page.on("requestfinished", lambda r: ended.setdefault(r.url, "finished") if held in r.url else None)
+            _wait_rows(page, [0, 1])
+            assert started.wait(30)
+            page.wait_for_function("[...document.querySelectorAll('#run-body img')].filter(i => i.dataset.state === 'shown').length === 3")
+            drawn = page.evaluate("""async () => {
+                const out = [];
+                for (const img of document.querySelectorAll('#run-body img[data-state="shown"]')) {
+                    let fetched = true;
+                    try { await fetch(img.src); } catch (e) { fetched = false; }
+                    const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+                    const ctx = c.getContext('2d'); ctx.drawImage(img, 0, 0);
+                    const px = ctx.getImageData(0, 0, c.width, c.height).data;
+                    let lit = 0; for (let i = 0; i < px.length; i += 4) lit = Math.max(lit, px[i] + px[i + 1] + px[i + 2]);
+                    out.push({ blob: img.src.startsWith('blob:'), fetched, width: img.naturalWidth, lit });
+                }
+                return out; }""")
+            page.evaluate("window.old = document.querySelector(\"#run-body tr[data-id='r0-0'] td[data-tile='0'] img\"); R.limit = 1")
+            page.select_option("#run-order", "desc")  # by index: row 1 alone
+            _wait_rows(page, [1])
+            page.wait_for_function("[...document.querySelectorAll('#run-body img')].every(i => i.dataset.state === 'shown')")
+            release.set()
+            for _ in range(100):  # the held answer comes now, unless its fetch was aborted
+                if ended:
+                    break
+                page.wait_for_timeout(50)
+            page.wait_for_timeout(200)
+            old = page.evaluate("({ state: window.old.dataset.state, src: window.old.getAttribute('src'), "
+                                "said: window.old.parentElement.querySelectorAll('.warning').length })")
+            new = page.eval_on_selector_all("#run-body img", "imgs => imgs.map(i => [i.dataset.src, i.dataset.state])")
+            text = page.inner_text("body")
+    finally:
+        release.set()
+        explorer.stop()
+    # the console's line for each revoked blob URL fetched above, and nothing else
+    assert errors == ["Failed to load resource: net::ERR_FILE_NOT_FOUND"] * 3, errors
+    assert len(drawn) == 3 and all(d["blob"] and not d["fetched"] and d["width"] > 0 and d["lit"] > 0 for d in drawn), drawn
+    assert list(ended.values()) == ["net::ERR_ABORTED"], ended
+    assert old == {"state": "aborted", "src": None, "said": 0}, old
+    assert [s for _, s in new] == ["shown", "shown"] and all("/rows/1/" in u for u, _ in new), new
+    assert "old page" not in text
 
 
 def test_a_failed_gallery_page_keeps_the_runs_own_warnings(tmp_path, monkeypatch):

@@ -190,7 +190,7 @@ async function pick(id) {
 // ------------------------------------------------------------------ dataset runs (the gallery)
 
 const NUMBERS = { "run-pmin": "probability min", "run-pmax": "probability max", "run-min": "metric min", "run-max": "metric max" };
-const R = { runs: [], run: null, offset: 0, limit: 50, total: 0, asked: 0, failed: null };
+const R = { runs: [], run: null, offset: 0, limit: 50, total: 0, asked: 0, failed: null, page: new AbortController() };
 
 async function startRuns() {
   R.runs = (await api("api/runs")).runs;
@@ -277,14 +277,14 @@ async function listRows() {
     // next request that succeeds shows its rows)
     if (asked !== R.asked) return;
     status(e.message, true); R.failed = e.message;
-    body.textContent = ""; thumbsNear.disconnect(); R.total = 0; galleryWarnings(r.warnings || []); // the run's own stay true
+    clearPage(); R.total = 0; galleryWarnings(r.warnings || []); // the run's own stay true
     $("run-page").textContent = `no rows shown: ${e.message}`; $("run-page").className = "error";
     $("run-prev").disabled = R.offset === 0; $("run-next").disabled = true;
     return;
   }
   if (asked !== R.asked) return;
   R.total = found.total;
-  body.textContent = ""; thumbsNear.disconnect(); $("run-page").className = "";
+  clearPage(); $("run-page").className = "";
   if (R.failed !== null && $("status").textContent === R.failed) status("ready"); // its error is over
   R.failed = null;
   const num = (v) => (v === null || v === undefined ? "" : (typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : String(v)));
@@ -295,7 +295,8 @@ async function listRows() {
     const flat = (t) => (t === 0 ? [] : (row.constant || {})[r.methods[t - 1]] || []).map((f) =>
       el("div", { class: "flat", title: f.note }, `${f.k === 0 ? "" : `class ${f.name ?? names[f.class] ?? f.class ?? "?"}: `}constant map (${f.value})`));
     const thumbs = [0, ...r.methods.map((_, i) => i + 1)].map((t) =>
-      el("td", { "data-tile": t }, runThumb(`api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}&v=${r.version}`), ...flat(t)));
+      el("td", { "data-tile": t }, runThumb(`api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}&v=${r.version}`, R.page.signal),
+         ...flat(t), ...(t === 0 ? [] : [storedMapButton(r, row, r.methods[t - 1])])));
     const cells = [...thumbs, el("td", {}, String(row.index)), el("td", { title: row.path ?? "" }, (row.path ?? "").split(/[\\/]/).pop()),  // a table without paths: none
       el("td", {}, row.error ? `failed: ${row.error}` : (row.predicted_name ?? "")), el("td", {}, num(row.probability))];
     if (r.labels) cells.push(el("td", {}, row.label === null ? "" : (names[row.label] ?? String(row.label))),
@@ -318,37 +319,89 @@ async function listRows() {
   $("run-prev").disabled = R.offset === 0; $("run-next").disabled = R.offset + found.rows.length >= found.total;
 }
 
+// The rows of the page shown are taken away (another page, filter, sort or run, or a page that cannot be
+// had): the thumbnails not yet near the view are no longer watched, and the fetches still going for them
+// are cancelled (R.page, one AbortController per page shown: they went on, their answers drawn into tiles
+// no longer on the page, the connections held while the new page's thumbnails waited).
+function clearPage() {
+  $("run-body").textContent = ""; thumbsNear.disconnect();
+  R.page.abort(); R.page = new AbortController();
+}
+
 // A row's thumbnail. It is fetched with fetch(), not by the <img> itself, so that the warnings raised
 // while the server read it (its X-Salience-Warnings header, a JSON list: e.g. PIL's
 // DecompressionBombWarning on a sprite over its pixel limit) are shown as text under it, from the same
 // answer that drew it (an <img> cannot read a header: they went to the server's log only). Fetched when
 // it comes near the view, as loading="lazy" did; one that cannot be read is drawn as gone. While it
-// loads its data-state is "loading", then "shown" or "gone".
+// loads its data-state is "loading", then "shown" or "gone", or "aborted" when its page was taken away
+// first (`signal`: the page's; nothing drawn, nothing said). The blob URL that drew it is revoked once
+// the picture has loaded or failed, or its page is gone (the picture stays).
+const pageOf = new WeakMap();
 const thumbsNear = new IntersectionObserver((seen) => {
-  for (const e of seen) if (e.isIntersecting) { thumbsNear.unobserve(e.target); loadThumb(e.target); }
+  for (const e of seen) if (e.isIntersecting) { thumbsNear.unobserve(e.target); loadThumb(e.target, pageOf.get(e.target)); }
 }, { rootMargin: "200px" });
 
-function runThumb(url) {
+function runThumb(url, signal) {
   const img = el("img", { alt: "", "data-src": url, "data-state": "loading" });
+  pageOf.set(img, signal);
   thumbsNear.observe(img);
   return img;
 }
 
-async function loadThumb(img) {
-  let said = [];
+async function loadThumb(img, signal) {
+  let said = [], url = null;
   try {
-    const r = await fetch(img.dataset.src);
+    signal.throwIfAborted();
+    const r = await fetch(img.dataset.src, { signal });
     if (!r.ok) throw new Error(`${r.status} ${r.statusText}`);
     said = headerWarnings(r);
-    const url = URL.createObjectURL(await r.blob());
+    const blob = await r.blob();
+    signal.throwIfAborted();
+    url = URL.createObjectURL(blob);
     await new Promise((ok, fail) => { img.onload = ok; img.onerror = fail; img.src = url; });
-    URL.revokeObjectURL(url);  // drawn: the picture stays
+    signal.throwIfAborted();
     img.dataset.state = "shown";
   } catch (e) {
-    if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+    if (signal.aborted) { img.removeAttribute("src"); img.dataset.state = "aborted"; return; }
     gone({ target: img }); img.dataset.state = "gone";
+  } finally {
+    if (url) URL.revokeObjectURL(url);  // drawn (or not): the picture stays, the blob goes
   }
   if (said.length) img.after(warningBox(said));
+}
+
+// A method's stored map of the row (its thumbnail's target, k=0: the float32 .npy of the stored float16),
+// as a button under that method's thumbnail. The map is fetched with fetch() so that its
+// X-Salience-Warnings header (what the run's METHOD.constant column says of a flat map, the float16
+// storage's loss, a damaged file's warnings) is shown as text under that thumbnail, "stored map warning:
+// ..." (a plain link downloaded it and the page never saw them); the file is then saved under the server's
+// name. A map that cannot be had says why there instead. Asked again, it replaces what it said before. Its
+// click and keys are its own, not the row's (which opens the image).
+function storedMapButton(r, row, method) {
+  const url = `api/runs/${r.id}/rows/${row.index}/maps/${encodeURIComponent(method)}.npy?k=0`;
+  const button = el("button", { class: "button npy", title: `save the stored ${method} map (float32 .npy)` }, ".npy");
+  button.addEventListener("click", (e) => { e.stopPropagation(); storedMap(button, url, `${method}-row${row.index}-k0.npy`); });
+  button.addEventListener("keydown", (e) => e.stopPropagation());
+  return button;
+}
+
+async function storedMap(button, url, name) {
+  const said = el("div", { "data-what": "npy" });
+  for (const old of button.parentElement.querySelectorAll("[data-what='npy']")) old.remove();
+  button.after(said);
+  try {
+    const r = await fetch(url);
+    const texts = headerWarnings(r);
+    if (texts.length) said.append(warningBox(texts, "stored map"));
+    if (!r.ok) {
+      const body = await r.json().catch(() => null);
+      throw new Error((body && body.error) || `${r.status} ${r.statusText}`);
+    }
+    const href = URL.createObjectURL(await r.blob());
+    const given = /filename="([^"]+)"/.exec(r.headers.get("content-disposition") || "");
+    el("a", { href, download: given ? given[1] : name }).click();
+    setTimeout(() => URL.revokeObjectURL(href), 1000);  // the download has its blob by then
+  } catch (e) { said.append(el("div", { class: "error" }, `stored map: ${e.message}`)); }
 }
 
 // The texts of an answer's X-Salience-Warnings header (none: []); a header that is not a JSON list of
