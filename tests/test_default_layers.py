@@ -349,6 +349,84 @@ def test_an_einsum_of_three_operands_that_keeps_the_tokens_is_no_attention():
     assert default_layer(_CoaTLike(Gated).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
 
 
+class _FoldedFactorized(_Factorized):
+    """The factorized attention with the heads folded into the batch or the keys copied before the product
+    (``FORM``): ``"bmm"``, ``torch.bmm`` on ``(B * heads, N, d)`` with the keys softmaxed over dim 1 there;
+    ``"matmul3"``, ``@`` on the same 3-D tensors; ``"fold"``, the 4-D keys softmaxed, then folded by a reshape (a
+    view); ``"contiguous"`` / ``"clone"``, the 4-D keys' softmax transposed and copied before ``@``;
+    ``"bmm_contiguous"``, the folded keys transposed and copied by ``.contiguous()`` before ``torch.bmm``."""
+
+    FORM = "bmm"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h, d = self.heads, c // self.heads
+        q4, k4, v4 = self.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (t.reshape(b * h, n, d) for t in (q4, k4, v4))  # copies: the heads folded into the batch
+        if self.FORM == "bmm":
+            out = torch.bmm(q, torch.bmm(k.softmax(dim=1).transpose(1, 2), v))
+        elif self.FORM == "matmul3":
+            out = q @ (k.softmax(dim=-2).transpose(-1, -2) @ v)
+        elif self.FORM == "fold":
+            keys = k4.softmax(dim=-2).reshape(b * h, n, d)
+            out = torch.bmm(q, torch.bmm(keys.transpose(1, 2), v))
+        elif self.FORM == "bmm_contiguous":
+            out = torch.bmm(q, torch.bmm(k.softmax(dim=1).transpose(1, 2).contiguous(), v))
+        else:
+            keys = k4.softmax(dim=-2).transpose(-1, -2)
+            keys = keys.contiguous() if self.FORM == "contiguous" else keys.clone()
+            out = (q4 @ (keys @ v4)).reshape(b * h, n, d)
+        return self.proj(out.reshape(b, h, n, d).transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("form", ["bmm", "matmul3", "fold", "contiguous", "clone", "bmm_contiguous"])
+def test_a_factorized_attention_with_folded_heads_or_copied_keys_is_recognized(form):
+    """The keys' softmax over the tokens counted only as 4-D ``(B, heads, N, d)`` and only as a view of the softmax's
+    output: the heads folded into the batch (``torch.bmm`` on ``(B * heads, N, d)``) or keys copied by
+    ``.contiguous()`` / ``.clone()`` before the product were no attention, and the map rule took ``embed2``. Now
+    they count: the default is the plain form's, the last block's norm1, Grad-CAM there the hand computation; and
+    the model computes what the plain form does."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    net = _CoaTLike(type("Mixer", (_FoldedFactorized,), {"FORM": form})).eval()
+    plain = _CoaTLike(_Factorized).eval()
+    plain.load_state_dict(net.state_dict())
+    torch.testing.assert_close(net(x), plain(x))  # the same computation as the plain form
+    assert default_layer(plain, x) == "blocks.1.norm1"
+    check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+
+
+@pytest.mark.parametrize("form", ["per_token_linear", "reshaped"])
+def test_a_bmm_that_does_not_contract_the_keys_over_the_tokens_is_no_attention(form):
+    """Keys softmaxed over the tokens with the heads folded into the batch, then a ``torch.bmm`` that is no
+    ``softmax(k)^T v``: a per-token linear (the channels contracted, the tokens kept), or the keys reshaped to
+    ``(B * heads, d, N)``, which mixes tokens and channels (its rows are no token's keys): the map rule,
+    ``embed2``, as for a module with no attention."""
+
+    class NotAttention(_Factorized):
+        def __init__(self, dim: int, heads: int = 2):
+            super().__init__(dim, heads)
+            self.weight = nn.Parameter(torch.randn(dim // heads, dim // heads))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            h, d = self.heads, c // self.heads
+            qkv = self.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+            q, k, v = (t.reshape(b * h, n, d) for t in qkv.unbind(0))
+            keys = k.softmax(dim=1)
+            if form == "per_token_linear":
+                out = torch.bmm(keys, self.weight.expand(b * h, d, d)) * v
+            else:
+                assert keys.is_contiguous()  # so the reshape below is a view of the softmax's output
+                out = torch.bmm(q, torch.bmm(keys.reshape(b * h, d, n), v))
+            return self.proj(out.reshape(b, h, n, d).transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    assert default_layer(_CoaTLike(NotAttention).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
+
+
 def test_volo_default_is_its_last_stage_not_its_per_token_class_scores():
     """VOLO's logits are head(norm(x)[:, 0]) + 0.5 * max over the patch tokens of aux_head(norm(x)[:, 1:]). The
     default was aux_head, per-token class scores (1, N, classes): Grad-CAM there is the target's token scores
