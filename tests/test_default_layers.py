@@ -105,9 +105,14 @@ class _Factorized(nn.Module):
         super().__init__()
         self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values ``(B, heads, N, d)``."""
+        b, n, c = x.shape
+        return self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.split(x)
         out = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -166,7 +171,10 @@ def test_a_factorized_attention_is_recognized_by_what_it_computes_not_by_its_nam
 
 
 class _FactorizedSoftmaxModule(_Factorized):
-    """The same factorized attention with its keys' softmax in an ``nn.Softmax(dim=-2)`` it holds (a submodule)."""
+    """The same factorized attention with its keys' softmax in an ``nn.Softmax(dim=-2)`` it holds (a submodule);
+    ``EINSUM``: ``softmax(k)^T v`` written as ``torch.einsum``, else ``@``."""
+
+    EINSUM = False
 
     def __init__(self, dim: int, heads: int = 2):
         super().__init__(dim, heads)
@@ -174,9 +182,12 @@ class _FactorizedSoftmaxModule(_Factorized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = q @ (self.softmax(k).transpose(-1, -2) @ v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        q, k, v = self.split(x)
+        if self.EINSUM:
+            kv = torch.einsum("bhnk,bhnv->bhkv", self.softmax(k), v)
+        else:
+            kv = self.softmax(k).transpose(-1, -2) @ v
+        return self.proj((q @ kv).transpose(1, 2).reshape(b, n, c))
 
 
 def test_a_factorized_attention_whose_softmax_is_a_submodule_is_recognized():
@@ -201,7 +212,7 @@ class _EinsumFactorized(_Factorized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.split(x)
         keys = k.softmax(dim=-2)
         keys = keys.transpose(-1, -2) if self.KEYS_T else keys
         ops = (v, keys) if self.VALUES_FIRST else (keys, v)
@@ -243,27 +254,12 @@ def test_an_einsum_that_does_not_contract_the_keys_over_the_tokens_is_no_attenti
     class NotContracted(_Factorized):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, n, c = x.shape
-            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self.split(x)
             w = torch.einsum("bhnk,bhnk->bhn", k.softmax(dim=-2), v)
             return self.proj((q * w[..., None]).transpose(1, 2).reshape(b, n, c))
 
     torch.manual_seed(0)
     assert default_layer(_CoaTLike(NotContracted).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
-
-
-class _EinsumSoftmaxModule(_Factorized):
-    """The factorized attention with its keys' softmax in an ``nn.Softmax(dim=-2)`` it holds and ``softmax(k)^T v``
-    written as ``torch.einsum``."""
-
-    def __init__(self, dim: int, heads: int = 2):
-        super().__init__(dim, heads)
-        self.softmax = nn.Softmax(dim=-2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        kv = torch.einsum("bhnk,bhnv->bhkv", self.softmax(k), v)
-        return self.proj((q @ kv).transpose(1, 2).reshape(b, n, c))
 
 
 def test_an_einsum_factorized_attention_whose_softmax_is_a_submodule_is_recognized():
@@ -275,7 +271,8 @@ def test_an_einsum_factorized_attention_whose_softmax_is_a_submodule_is_recogniz
 
     torch.manual_seed(0)
     x = torch.rand(2, 3, 32, 32)
-    check(_CoaTLike(_EinsumSoftmaxModule).eval(), x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+    mixer = type("Mixer", (_FactorizedSoftmaxModule,), {"EINSUM": True})
+    check(_CoaTLike(mixer).eval(), x, "blocks.1.norm1", row_major(4, 4, prefix=1))
 
 
 def test_keys_reshaped_not_transposed_before_a_matmul_are_no_attention():
@@ -286,7 +283,7 @@ def test_keys_reshaped_not_transposed_before_a_matmul_are_no_attention():
     class Reshaped(_Factorized):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, n, c = x.shape
-            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self.split(x)
             keys = k.softmax(dim=2)
             assert keys.is_contiguous()  # so the reshape below is a view of the softmax's output
             out = q @ (keys.reshape(b, self.heads, c // self.heads, n) @ v)
@@ -294,6 +291,21 @@ def test_keys_reshaped_not_transposed_before_a_matmul_are_no_attention():
 
     torch.manual_seed(0)
     assert default_layer(_CoaTLike(Reshaped).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
+
+
+def check_as_plain(mixer: type) -> None:
+    """``mixer``, another way of writing :class:`_Factorized`, computes what the plain form does (the same weights),
+    its default is the plain form's, the last block's norm1, and Grad-CAM there is the hand computation."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    net = _CoaTLike(mixer).eval()
+    plain = _CoaTLike(_Factorized).eval()
+    plain.load_state_dict(net.state_dict())
+    torch.testing.assert_close(net(x), plain(x))  # the same computation as the plain form
+    assert default_layer(plain, x) == "blocks.1.norm1"
+    check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
 
 
 class _TransposedFactorized(_Factorized):
@@ -305,7 +317,7 @@ class _TransposedFactorized(_Factorized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.split(x)
         keys = k.softmax(dim=-2)
         if self.FORM == "einsum3":
             out = torch.einsum("bhnk,bhnv,bhmk->bhmv", keys, v, q)
@@ -322,16 +334,7 @@ def test_a_factorized_attention_written_transposed_or_as_one_einsum_is_recognize
     factor and any number of einsum operands count: the default is that of the plain form, the last block's norm1,
     Grad-CAM there the hand computation; and the model computes what the plain form does. (The einsum
     ``bhnv,bhnk->bhvk`` was already recognized: checked here alongside.)"""
-    from hand_cams import row_major
-
-    torch.manual_seed(0)
-    x = torch.rand(2, 3, 32, 32)
-    net = _CoaTLike(type("Mixer", (_TransposedFactorized,), {"FORM": form})).eval()
-    plain = _CoaTLike(_Factorized).eval()
-    plain.load_state_dict(net.state_dict())
-    torch.testing.assert_close(net(x), plain(x))  # the same computation as the plain form
-    assert default_layer(plain, x) == "blocks.1.norm1"
-    check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+    check_as_plain(type("Mixer", (_TransposedFactorized,), {"FORM": form}))
 
 
 def test_an_einsum_of_three_operands_that_keeps_the_tokens_is_no_attention():
@@ -341,7 +344,7 @@ def test_an_einsum_of_three_operands_that_keeps_the_tokens_is_no_attention():
     class Gated(_Factorized):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, n, c = x.shape
-            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self.split(x)
             out = torch.einsum("bhnk,bhnk,bhnv->bhnv", k.softmax(dim=-2), q, v)
             return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -361,7 +364,7 @@ class _FoldedFactorized(_Factorized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         h, d = self.heads, c // self.heads
-        q4, k4, v4 = self.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q4, k4, v4 = self.split(x)
         q, k, v = (t.reshape(b * h, n, d) for t in (q4, k4, v4))  # copies: the heads folded into the batch
         if self.FORM == "bmm":
             out = torch.bmm(q, torch.bmm(k.softmax(dim=1).transpose(1, 2), v))
@@ -386,16 +389,7 @@ def test_a_factorized_attention_with_folded_heads_or_copied_keys_is_recognized(f
     ``.contiguous()`` / ``.clone()`` before the product were no attention, and the map rule took ``embed2``. Now
     they count: the default is the plain form's, the last block's norm1, Grad-CAM there the hand computation; and
     the model computes what the plain form does."""
-    from hand_cams import row_major
-
-    torch.manual_seed(0)
-    x = torch.rand(2, 3, 32, 32)
-    net = _CoaTLike(type("Mixer", (_FoldedFactorized,), {"FORM": form})).eval()
-    plain = _CoaTLike(_Factorized).eval()
-    plain.load_state_dict(net.state_dict())
-    torch.testing.assert_close(net(x), plain(x))  # the same computation as the plain form
-    assert default_layer(plain, x) == "blocks.1.norm1"
-    check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+    check_as_plain(type("Mixer", (_FoldedFactorized,), {"FORM": form}))
 
 
 @pytest.mark.parametrize("form", ["per_token_linear", "reshaped"])
@@ -413,8 +407,7 @@ def test_a_bmm_that_does_not_contract_the_keys_over_the_tokens_is_no_attention(f
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, n, c = x.shape
             h, d = self.heads, c // self.heads
-            qkv = self.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
-            q, k, v = (t.reshape(b * h, n, d) for t in qkv.unbind(0))
+            q, k, v = (t.reshape(b * h, n, d) for t in self.split(x))
             keys = k.softmax(dim=1)
             if form == "per_token_linear":
                 out = torch.bmm(keys, self.weight.expand(b * h, d, d)) * v
@@ -685,6 +678,15 @@ class _CheckpointedStage(_CalledStage):
         return self.head(torch.utils.checkpoint.checkpoint(self.stage, t, use_reentrant=True)[:, 0])
 
 
+def checkpointed_twins() -> tuple[nn.Module, nn.Module]:
+    """A :class:`_CheckpointedStage` and its twin without the checkpoint, :class:`_CalledStage`, the same weights."""
+    torch.manual_seed(0)
+    net = _CheckpointedStage().eval()
+    plain = _CalledStage().eval()
+    plain.load_state_dict(net.state_dict())
+    return net, plain
+
+
 def test_attentions_one_after_the_other_inside_a_reentrant_checkpoint_are_not_side_by_side():
     """Inside a reentrant checkpoint the traced pass had no autograd graph, so the data-flow check could not tell
     ``attn2``'s input computed from ``attn1``'s output and fell back to the structure: the default was refused as
@@ -693,11 +695,8 @@ def test_attentions_one_after_the_other_inside_a_reentrant_checkpoint_are_not_si
     as without the checkpoint, and the model and torch's checkpoint come back as they were."""
     from torch.utils.checkpoint import CheckpointFunction
 
-    torch.manual_seed(0)
-    net = _CheckpointedStage().eval()
+    net, plain = checkpointed_twins()
     x = torch.rand(2, 3, 32, 32)
-    plain = _CalledStage().eval()
-    plain.load_state_dict(net.state_dict())
     torch.testing.assert_close(net(x), plain(x))
     with unchanged(net):
         assert default_layer(net, x) == default_layer(plain, x) == "stage.norm2"
@@ -804,10 +803,7 @@ def test_gradcam_at_a_layer_inside_a_reentrant_checkpoint_is_the_hand_computatio
 
     from hand_cams import row_major
 
-    torch.manual_seed(0)
-    net = _CheckpointedStage().eval()
-    plain = _CalledStage().eval()
-    plain.load_state_dict(net.state_dict())
+    net, plain = checkpointed_twins()
     x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
     with unchanged(net):
         cam = salience.gradcam(net, x, target, prefix_tokens=1)
@@ -868,10 +864,7 @@ def test_input_gradient_methods_through_a_reentrant_checkpoint_are_the_plain_mod
     checkpoint comes back."""
     from torch.utils.checkpoint import CheckpointFunction
 
-    torch.manual_seed(0)
-    net = _CheckpointedStage().eval()
-    plain = _CalledStage().eval()
-    plain.load_state_dict(net.state_dict())
+    net, plain = checkpointed_twins()
     x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
     with unchanged(net):
         grad = salience.vanilla(net, x, target, reduce=None)
@@ -910,16 +903,12 @@ def _opaque_backward(ctx, g):
 _opaque_attention.register_autograd(_opaque_backward, setup_context=_opaque_setup)
 
 
-class MemEffAttention(nn.Module):
+class MemEffAttention(_Factorized):
     """DINOv2's name for its xformers attention: the attention runs in one opaque op."""
-
-    def __init__(self, dim: int, heads: int = 2):
-        super().__init__()
-        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.split(x)
         return self.proj(_opaque_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
