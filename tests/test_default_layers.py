@@ -855,6 +855,46 @@ def test_plain_checkpoints_leave_other_threads_checkpoints_as_torchs():
     assert "apply" not in CheckpointFunction.__dict__
 
 
+def test_plain_checkpoints_run_this_threads_non_reentrant_checkpoints_plainly_and_leave_other_threads():
+    """Inside ``_plain_checkpoints`` a non-reentrant checkpoint of this thread runs its function once (a plain call,
+    nothing recomputed in the backward pass); in another thread meanwhile it is torch's (the function run again in
+    the backward pass); the values and input gradients are those without a checkpoint, and torch's own functions
+    come back after the block."""
+    import collections
+    import threading
+
+    from torch.utils import checkpoint as ck
+
+    from salience._core.checkpoints import _NON_REENTRANT
+    from salience.methods.gradcam import _plain_checkpoints
+
+    torch_own = [getattr(ck, name, None) for name in _NON_REENTRANT]
+    lin = nn.Linear(4, 4)
+    calls: collections.Counter = collections.Counter()
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        calls[threading.get_ident()] += 1
+        return torch.tanh(lin(t))
+
+    def run() -> None:
+        x = torch.rand(3, 4, requires_grad=True)
+        out = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False)
+        out.sum().backward()
+        ref = torch.tanh(lin(x))
+        (g,) = torch.autograd.grad(ref.sum(), x)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(x.grad, g)
+
+    other: list = []
+    with _plain_checkpoints():
+        run()
+        worker = threading.Thread(target=lambda: (run(), other.append(threading.get_ident())))
+        worker.start()
+        worker.join()
+    assert calls[threading.get_ident()] == 1 and calls[other[0]] == 2  # torch's: recomputed in the backward pass
+    assert [getattr(ck, name, None) for name in _NON_REENTRANT] == torch_own
+
+
 def test_input_gradient_methods_through_a_reentrant_checkpoint_are_the_plain_models():
     """Only the CAMs' passes ran reentrant checkpoints plainly: the input-gradient methods (vanilla, integrated
     gradients, transformer attribution: every pass of the engine's ``backward``) failed on a model with a reentrant
@@ -875,6 +915,40 @@ def test_input_gradient_methods_through_a_reentrant_checkpoint_are_the_plain_mod
     torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ig, salience.integrated_gradients(plain, x, target, steps=4), rtol=1e-4, atol=1e-6)
     assert "apply" not in CheckpointFunction.__dict__
+
+
+class _ReLUNet(nn.Module):
+    """Two conv-ReLU layers (``CHECKPOINT``: in a non-reentrant ``torch.utils.checkpoint``), pooled, a linear head."""
+
+    CHECKPOINT = False
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.CHECKPOINT:
+            return self.head(torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False).mean((2, 3)))
+        return self.head(self.body(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+def test_backprop_rules_through_a_non_reentrant_checkpoint_are_the_plain_models(method):
+    """A non-reentrant checkpoint recomputes its function in the backward pass, outside the backprop rule entered
+    around the forward pass: the rule's backward then read tensors of the plain function, and deconvnet failed with
+    torch's ``CheckpointError`` ('Recomputed values ... have different metadata'). Salience's passes now run
+    non-reentrant checkpoints as plain calls, as reentrant ones: the maps are those of the same weights without the
+    checkpoint (guided backprop checked alongside), and the model and torch's checkpoint come back as they were."""
+    torch.manual_seed(0)
+    plain, net = _ReLUNet().eval(), type("Checkpointed", (_ReLUNet,), {"CHECKPOINT": True})().eval()
+    net.load_state_dict(plain.state_dict())
+    x, target = torch.rand(2, 3, 16, 16), torch.tensor([1, 3])
+    with unchanged(net):
+        got = getattr(salience, method)(net, x, target)
+    ref = getattr(salience, method)(plain, x, target)
+    assert_each_varies(ref)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
 
 
 @torch.library.custom_op("salience_tests::opaque_attention", mutates_args=())
