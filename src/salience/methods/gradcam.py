@@ -890,10 +890,9 @@ def gradient_cam(
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
     mod = resolve_cam_layer(model, x, layer)
-    # One forward pass; one backward pass per target, down to the layer only (a reentrant checkpoint run as a plain
-    # call: a layer inside one has no gradient in the forward pass otherwise).
-    with _plain_checkpoints():
-        acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+    # One forward pass; one backward pass per target, down to the layer only (the engine's backward() runs a
+    # checkpoint as a plain call: a layer inside a reentrant one has no gradient in the forward pass otherwise).
+    acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
     layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
     acts, grads = layout.to_grid(acts), layout.to_grid(grads)  # (B, D, h, w), (K, B, D, h, w)
     cam = torch.stack([combine(acts, g) for g in grads], dim=1)  # (B, K, h, w)
@@ -986,14 +985,13 @@ def guided_gradcam(
     rules.check_model(model, "guided Grad-CAM")
     rule = rules.guided(unsupported=unsupported)
     # One ruled pass gives all K targets' guided input gradients and the layer's gradients.
-    with _rectified_before(mod, rule) as mark, _plain_checkpoints():
+    with _rectified_before(mod, rule) as mark:
         g = backward(model, x, targets, layers=[mod], strip_softmax=strip_softmax, extra_modes=[rule])
     assert g.inputs is not None
     acts, layer_grads = g.activations[0], g.layer_grads[0]
     if not (mark and mark[0] == rule.rectified):
         # ReLUs ran after the layer: the rule changed its gradient; Grad-CAM needs the plain one.
-        with _plain_checkpoints():
-            acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+        acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
     layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
     acts, layer_grads = layout.to_grid(acts), layout.to_grid(layer_grads)
     cams = torch.stack([_gradcam_map(acts, lg).clamp(min=0) for lg in layer_grads], dim=1)  # (B, K, h, w)
