@@ -7,6 +7,7 @@ nowhere). Each default is checked against Grad-CAM written out by hand on the la
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import pytest
 import torch
@@ -815,6 +816,19 @@ def test_gradcam_at_a_layer_inside_a_reentrant_checkpoint_is_the_hand_computatio
     assert "apply" not in CheckpointFunction.__dict__
 
 
+def _checkpointed_tanh(f: Callable, lin: nn.Module, reentrant: bool) -> torch.Tensor:
+    """``f`` (``tanh(lin(t))``) in a ``torch.utils.checkpoint`` on a fresh input, then a backward pass through it: its
+    output and the input's gradient checked against those of ``tanh(lin(x))`` without the checkpoint."""
+    x = torch.rand(3, 4, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=reentrant)
+    out.sum().backward()
+    ref = torch.tanh(lin(x))
+    (g,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, g)
+    return out
+
+
 def test_plain_checkpoints_leave_other_threads_checkpoints_as_torchs():
     """The swap of torch's ``CheckpointFunction.apply`` is process-wide, so while a search or a CAM ran in one thread,
     a reentrant checkpoint in another (the user's training) ran as a plain call too: no recomputation, the memory
@@ -834,15 +848,8 @@ def test_plain_checkpoints_leave_other_threads_checkpoints_as_torchs():
         seen.setdefault(threading.get_ident(), torch.is_grad_enabled())  # the first pass (not the recomputation)
         return torch.tanh(lin(t))
 
-    def run() -> tuple:
-        x = torch.rand(3, 4, requires_grad=True)
-        out = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=True)
-        out.sum().backward()
-        ref = torch.tanh(lin(x))
-        (g,) = torch.autograd.grad(ref.sum(), x)
-        torch.testing.assert_close(out, ref)
-        torch.testing.assert_close(x.grad, g)
-        return type(out.grad_fn).__name__
+    def run() -> str:
+        return type(_checkpointed_tanh(f, lin, reentrant=True).grad_fn).__name__
 
     other: dict = {}
     with _plain_checkpoints():
@@ -877,13 +884,7 @@ def test_plain_checkpoints_run_this_threads_non_reentrant_checkpoints_plainly_an
         return torch.tanh(lin(t))
 
     def run() -> None:
-        x = torch.rand(3, 4, requires_grad=True)
-        out = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False)
-        out.sum().backward()
-        ref = torch.tanh(lin(x))
-        (g,) = torch.autograd.grad(ref.sum(), x)
-        torch.testing.assert_close(out, ref)
-        torch.testing.assert_close(x.grad, g)
+        _checkpointed_tanh(f, lin, reentrant=False)
 
     other: list = []
     with _plain_checkpoints():
