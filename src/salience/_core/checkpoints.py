@@ -26,7 +26,7 @@ _PLAIN_LOCK = threading.Lock()
 _plain_state: list = [0, None, None, {}]
 _plain_threads: collections.Counter = collections.Counter()
 # The generator function torch's non-reentrant checkpoint calls around its function (set-up, then tear-down): the
-# name of torch >= 2.14 (which keeps the older one as a shim calling it) and of the older versions; private to torch,
+# newer name (torch 2.14 has it, and keeps the older one as a shim calling it) and the older one; private to torch,
 # looked up when a block opens: a torch without either keeps its non-reentrant checkpoints.
 _NON_REENTRANT = ("_checkpoint_without_reentrant_generator_impl", "_checkpoint_without_reentrant_generator")
 
