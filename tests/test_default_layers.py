@@ -7,6 +7,7 @@ nowhere). Each default is checked against Grad-CAM written out by hand on the la
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import pytest
 import torch
@@ -105,9 +106,14 @@ class _Factorized(nn.Module):
         super().__init__()
         self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values ``(B, heads, N, d)``."""
+        b, n, c = x.shape
+        return self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.split(x)
         out = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -166,7 +172,10 @@ def test_a_factorized_attention_is_recognized_by_what_it_computes_not_by_its_nam
 
 
 class _FactorizedSoftmaxModule(_Factorized):
-    """The same factorized attention with its keys' softmax in an ``nn.Softmax(dim=-2)`` it holds (a submodule)."""
+    """The same factorized attention with its keys' softmax in an ``nn.Softmax(dim=-2)`` it holds (a submodule);
+    ``EINSUM``: ``softmax(k)^T v`` written as ``torch.einsum``, else ``@``."""
+
+    EINSUM = False
 
     def __init__(self, dim: int, heads: int = 2):
         super().__init__(dim, heads)
@@ -174,9 +183,12 @@ class _FactorizedSoftmaxModule(_Factorized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = q @ (self.softmax(k).transpose(-1, -2) @ v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        q, k, v = self.split(x)
+        if self.EINSUM:
+            kv = torch.einsum("bhnk,bhnv->bhkv", self.softmax(k), v)
+        else:
+            kv = self.softmax(k).transpose(-1, -2) @ v
+        return self.proj((q @ kv).transpose(1, 2).reshape(b, n, c))
 
 
 def test_a_factorized_attention_whose_softmax_is_a_submodule_is_recognized():
@@ -201,7 +213,7 @@ class _EinsumFactorized(_Factorized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.split(x)
         keys = k.softmax(dim=-2)
         keys = keys.transpose(-1, -2) if self.KEYS_T else keys
         ops = (v, keys) if self.VALUES_FIRST else (keys, v)
@@ -243,27 +255,12 @@ def test_an_einsum_that_does_not_contract_the_keys_over_the_tokens_is_no_attenti
     class NotContracted(_Factorized):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, n, c = x.shape
-            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self.split(x)
             w = torch.einsum("bhnk,bhnk->bhn", k.softmax(dim=-2), v)
             return self.proj((q * w[..., None]).transpose(1, 2).reshape(b, n, c))
 
     torch.manual_seed(0)
     assert default_layer(_CoaTLike(NotContracted).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
-
-
-class _EinsumSoftmaxModule(_Factorized):
-    """The factorized attention with its keys' softmax in an ``nn.Softmax(dim=-2)`` it holds and ``softmax(k)^T v``
-    written as ``torch.einsum``."""
-
-    def __init__(self, dim: int, heads: int = 2):
-        super().__init__(dim, heads)
-        self.softmax = nn.Softmax(dim=-2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        kv = torch.einsum("bhnk,bhnv->bhkv", self.softmax(k), v)
-        return self.proj((q @ kv).transpose(1, 2).reshape(b, n, c))
 
 
 def test_an_einsum_factorized_attention_whose_softmax_is_a_submodule_is_recognized():
@@ -275,7 +272,8 @@ def test_an_einsum_factorized_attention_whose_softmax_is_a_submodule_is_recogniz
 
     torch.manual_seed(0)
     x = torch.rand(2, 3, 32, 32)
-    check(_CoaTLike(_EinsumSoftmaxModule).eval(), x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+    mixer = type("Mixer", (_FactorizedSoftmaxModule,), {"EINSUM": True})
+    check(_CoaTLike(mixer).eval(), x, "blocks.1.norm1", row_major(4, 4, prefix=1))
 
 
 def test_keys_reshaped_not_transposed_before_a_matmul_are_no_attention():
@@ -286,7 +284,7 @@ def test_keys_reshaped_not_transposed_before_a_matmul_are_no_attention():
     class Reshaped(_Factorized):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, n, c = x.shape
-            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self.split(x)
             keys = k.softmax(dim=2)
             assert keys.is_contiguous()  # so the reshape below is a view of the softmax's output
             out = q @ (keys.reshape(b, self.heads, c // self.heads, n) @ v)
@@ -294,6 +292,21 @@ def test_keys_reshaped_not_transposed_before_a_matmul_are_no_attention():
 
     torch.manual_seed(0)
     assert default_layer(_CoaTLike(Reshaped).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
+
+
+def check_as_plain(mixer: type) -> None:
+    """``mixer``, another way of writing :class:`_Factorized`, computes what the plain form does (the same weights),
+    its default is the plain form's, the last block's norm1, and Grad-CAM there is the hand computation."""
+    from hand_cams import row_major
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    net = _CoaTLike(mixer).eval()
+    plain = _CoaTLike(_Factorized).eval()
+    plain.load_state_dict(net.state_dict())
+    torch.testing.assert_close(net(x), plain(x))  # the same computation as the plain form
+    assert default_layer(plain, x) == "blocks.1.norm1"
+    check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
 
 
 class _TransposedFactorized(_Factorized):
@@ -305,7 +318,7 @@ class _TransposedFactorized(_Factorized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.split(x)
         keys = k.softmax(dim=-2)
         if self.FORM == "einsum3":
             out = torch.einsum("bhnk,bhnv,bhmk->bhmv", keys, v, q)
@@ -322,16 +335,7 @@ def test_a_factorized_attention_written_transposed_or_as_one_einsum_is_recognize
     factor and any number of einsum operands count: the default is that of the plain form, the last block's norm1,
     Grad-CAM there the hand computation; and the model computes what the plain form does. (The einsum
     ``bhnv,bhnk->bhvk`` was already recognized: checked here alongside.)"""
-    from hand_cams import row_major
-
-    torch.manual_seed(0)
-    x = torch.rand(2, 3, 32, 32)
-    net = _CoaTLike(type("Mixer", (_TransposedFactorized,), {"FORM": form})).eval()
-    plain = _CoaTLike(_Factorized).eval()
-    plain.load_state_dict(net.state_dict())
-    torch.testing.assert_close(net(x), plain(x))  # the same computation as the plain form
-    assert default_layer(plain, x) == "blocks.1.norm1"
-    check(net, x, "blocks.1.norm1", row_major(4, 4, prefix=1))
+    check_as_plain(type("Mixer", (_TransposedFactorized,), {"FORM": form}))
 
 
 def test_an_einsum_of_three_operands_that_keeps_the_tokens_is_no_attention():
@@ -341,12 +345,80 @@ def test_an_einsum_of_three_operands_that_keeps_the_tokens_is_no_attention():
     class Gated(_Factorized):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, n, c = x.shape
-            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self.split(x)
             out = torch.einsum("bhnk,bhnk,bhnv->bhnv", k.softmax(dim=-2), q, v)
             return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
     torch.manual_seed(0)
     assert default_layer(_CoaTLike(Gated).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
+
+
+class _FoldedFactorized(_Factorized):
+    """The factorized attention with the heads folded into the batch or the keys copied before the product
+    (``FORM``): ``"bmm"``, ``torch.bmm`` on ``(B * heads, N, d)`` with the keys softmaxed over dim 1 there;
+    ``"matmul3"``, ``@`` on the same 3-D tensors; ``"fold"``, the 4-D keys softmaxed, then folded by a reshape (a
+    view); ``"contiguous"`` / ``"clone"``, the 4-D keys' softmax transposed and copied before ``@``;
+    ``"bmm_contiguous"``, the folded keys transposed and copied by ``.contiguous()`` before ``torch.bmm``."""
+
+    FORM = "bmm"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h, d = self.heads, c // self.heads
+        q4, k4, v4 = self.split(x)
+        q, k, v = (t.reshape(b * h, n, d) for t in (q4, k4, v4))  # copies: the heads folded into the batch
+        if self.FORM == "bmm":
+            out = torch.bmm(q, torch.bmm(k.softmax(dim=1).transpose(1, 2), v))
+        elif self.FORM == "matmul3":
+            out = q @ (k.softmax(dim=-2).transpose(-1, -2) @ v)
+        elif self.FORM == "fold":
+            keys = k4.softmax(dim=-2).reshape(b * h, n, d)
+            out = torch.bmm(q, torch.bmm(keys.transpose(1, 2), v))
+        elif self.FORM == "bmm_contiguous":
+            out = torch.bmm(q, torch.bmm(k.softmax(dim=1).transpose(1, 2).contiguous(), v))
+        else:
+            keys = k4.softmax(dim=-2).transpose(-1, -2)
+            keys = keys.contiguous() if self.FORM == "contiguous" else keys.clone()
+            out = (q4 @ (keys @ v4)).reshape(b * h, n, d)
+        return self.proj(out.reshape(b, h, n, d).transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("form", ["bmm", "matmul3", "fold", "contiguous", "clone", "bmm_contiguous"])
+def test_a_factorized_attention_with_folded_heads_or_copied_keys_is_recognized(form):
+    """The keys' softmax over the tokens counted only as 4-D ``(B, heads, N, d)`` and only as a view of the softmax's
+    output: the heads folded into the batch (``torch.bmm`` on ``(B * heads, N, d)``) or keys copied by
+    ``.contiguous()`` / ``.clone()`` before the product were no attention, and the map rule took ``embed2``. Now
+    they count: the default is the plain form's, the last block's norm1, Grad-CAM there the hand computation; and
+    the model computes what the plain form does."""
+    check_as_plain(type("Mixer", (_FoldedFactorized,), {"FORM": form}))
+
+
+@pytest.mark.parametrize("form", ["per_token_linear", "reshaped"])
+def test_a_bmm_that_does_not_contract_the_keys_over_the_tokens_is_no_attention(form):
+    """Keys softmaxed over the tokens with the heads folded into the batch, then a ``torch.bmm`` that is no
+    ``softmax(k)^T v``: a per-token linear (the channels contracted, the tokens kept), or the keys reshaped to
+    ``(B * heads, d, N)``, which mixes tokens and channels (its rows are no token's keys): the map rule,
+    ``embed2``, as for a module with no attention."""
+
+    class NotAttention(_Factorized):
+        def __init__(self, dim: int, heads: int = 2):
+            super().__init__(dim, heads)
+            self.weight = nn.Parameter(torch.randn(dim // heads, dim // heads))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            h, d = self.heads, c // self.heads
+            q, k, v = (t.reshape(b * h, n, d) for t in self.split(x))
+            keys = k.softmax(dim=1)
+            if form == "per_token_linear":
+                out = torch.bmm(keys, self.weight.expand(b * h, d, d)) * v
+            else:
+                assert keys.is_contiguous()  # so the reshape below is a view of the softmax's output
+                out = torch.bmm(q, torch.bmm(keys.reshape(b * h, d, n), v))
+            return self.proj(out.reshape(b, h, n, d).transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    assert default_layer(_CoaTLike(NotAttention).eval(), torch.rand(1, 3, 32, 32)) == "embed2"
 
 
 def test_volo_default_is_its_last_stage_not_its_per_token_class_scores():
@@ -607,6 +679,15 @@ class _CheckpointedStage(_CalledStage):
         return self.head(torch.utils.checkpoint.checkpoint(self.stage, t, use_reentrant=True)[:, 0])
 
 
+def checkpointed_twins() -> tuple[nn.Module, nn.Module]:
+    """A :class:`_CheckpointedStage` and its twin without the checkpoint, :class:`_CalledStage`, the same weights."""
+    torch.manual_seed(0)
+    net = _CheckpointedStage().eval()
+    plain = _CalledStage().eval()
+    plain.load_state_dict(net.state_dict())
+    return net, plain
+
+
 def test_attentions_one_after_the_other_inside_a_reentrant_checkpoint_are_not_side_by_side():
     """Inside a reentrant checkpoint the traced pass had no autograd graph, so the data-flow check could not tell
     ``attn2``'s input computed from ``attn1``'s output and fell back to the structure: the default was refused as
@@ -615,11 +696,8 @@ def test_attentions_one_after_the_other_inside_a_reentrant_checkpoint_are_not_si
     as without the checkpoint, and the model and torch's checkpoint come back as they were."""
     from torch.utils.checkpoint import CheckpointFunction
 
-    torch.manual_seed(0)
-    net = _CheckpointedStage().eval()
+    net, plain = checkpointed_twins()
     x = torch.rand(2, 3, 32, 32)
-    plain = _CalledStage().eval()
-    plain.load_state_dict(net.state_dict())
     torch.testing.assert_close(net(x), plain(x))
     with unchanged(net):
         assert default_layer(net, x) == default_layer(plain, x) == "stage.norm2"
@@ -726,10 +804,7 @@ def test_gradcam_at_a_layer_inside_a_reentrant_checkpoint_is_the_hand_computatio
 
     from hand_cams import row_major
 
-    torch.manual_seed(0)
-    net = _CheckpointedStage().eval()
-    plain = _CalledStage().eval()
-    plain.load_state_dict(net.state_dict())
+    net, plain = checkpointed_twins()
     x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
     with unchanged(net):
         cam = salience.gradcam(net, x, target, prefix_tokens=1)
@@ -739,6 +814,19 @@ def test_gradcam_at_a_layer_inside_a_reentrant_checkpoint_is_the_hand_computatio
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(guided, salience.guided_gradcam(plain, x, target, prefix_tokens=1, reduce=None))
     assert "apply" not in CheckpointFunction.__dict__
+
+
+def _checkpointed_tanh(f: Callable, lin: nn.Module, reentrant: bool) -> torch.Tensor:
+    """``f`` (``tanh(lin(t))``) in a ``torch.utils.checkpoint`` on a fresh input, then a backward pass through it: its
+    output and the input's gradient checked against those of ``tanh(lin(x))`` without the checkpoint."""
+    x = torch.rand(3, 4, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=reentrant)
+    out.sum().backward()
+    ref = torch.tanh(lin(x))
+    (g,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, g)
+    return out
 
 
 def test_plain_checkpoints_leave_other_threads_checkpoints_as_torchs():
@@ -760,15 +848,8 @@ def test_plain_checkpoints_leave_other_threads_checkpoints_as_torchs():
         seen.setdefault(threading.get_ident(), torch.is_grad_enabled())  # the first pass (not the recomputation)
         return torch.tanh(lin(t))
 
-    def run() -> tuple:
-        x = torch.rand(3, 4, requires_grad=True)
-        out = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=True)
-        out.sum().backward()
-        ref = torch.tanh(lin(x))
-        (g,) = torch.autograd.grad(ref.sum(), x)
-        torch.testing.assert_close(out, ref)
-        torch.testing.assert_close(x.grad, g)
-        return type(out.grad_fn).__name__
+    def run() -> str:
+        return type(_checkpointed_tanh(f, lin, reentrant=True).grad_fn).__name__
 
     other: dict = {}
     with _plain_checkpoints():
@@ -781,6 +862,40 @@ def test_plain_checkpoints_leave_other_threads_checkpoints_as_torchs():
     assert "apply" not in CheckpointFunction.__dict__
 
 
+def test_plain_checkpoints_run_this_threads_non_reentrant_checkpoints_plainly_and_leave_other_threads():
+    """Inside ``_plain_checkpoints`` a non-reentrant checkpoint of this thread runs its function once (a plain call,
+    nothing recomputed in the backward pass); in another thread meanwhile it is torch's (the function run again in
+    the backward pass); the values and input gradients are those without a checkpoint, and torch's own functions
+    come back after the block."""
+    import collections
+    import threading
+
+    from torch.utils import checkpoint as ck
+
+    from salience._core.checkpoints import _NON_REENTRANT
+    from salience.methods.gradcam import _plain_checkpoints
+
+    torch_own = [getattr(ck, name, None) for name in _NON_REENTRANT]
+    lin = nn.Linear(4, 4)
+    calls: collections.Counter = collections.Counter()
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        calls[threading.get_ident()] += 1
+        return torch.tanh(lin(t))
+
+    def run() -> None:
+        _checkpointed_tanh(f, lin, reentrant=False)
+
+    other: list = []
+    with _plain_checkpoints():
+        run()
+        worker = threading.Thread(target=lambda: (run(), other.append(threading.get_ident())))
+        worker.start()
+        worker.join()
+    assert calls[threading.get_ident()] == 1 and calls[other[0]] == 2  # torch's: recomputed in the backward pass
+    assert [getattr(ck, name, None) for name in _NON_REENTRANT] == torch_own
+
+
 def test_input_gradient_methods_through_a_reentrant_checkpoint_are_the_plain_models():
     """Only the CAMs' passes ran reentrant checkpoints plainly: the input-gradient methods (vanilla, integrated
     gradients, transformer attribution: every pass of the engine's ``backward``) failed on a model with a reentrant
@@ -790,10 +905,7 @@ def test_input_gradient_methods_through_a_reentrant_checkpoint_are_the_plain_mod
     checkpoint comes back."""
     from torch.utils.checkpoint import CheckpointFunction
 
-    torch.manual_seed(0)
-    net = _CheckpointedStage().eval()
-    plain = _CalledStage().eval()
-    plain.load_state_dict(net.state_dict())
+    net, plain = checkpointed_twins()
     x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
     with unchanged(net):
         grad = salience.vanilla(net, x, target, reduce=None)
@@ -804,6 +916,40 @@ def test_input_gradient_methods_through_a_reentrant_checkpoint_are_the_plain_mod
     torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ig, salience.integrated_gradients(plain, x, target, steps=4), rtol=1e-4, atol=1e-6)
     assert "apply" not in CheckpointFunction.__dict__
+
+
+class _ReLUNet(nn.Module):
+    """Two conv-ReLU layers (``CHECKPOINT``: in a non-reentrant ``torch.utils.checkpoint``), pooled, a linear head."""
+
+    CHECKPOINT = False
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.CHECKPOINT:
+            return self.head(torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False).mean((2, 3)))
+        return self.head(self.body(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["deconvnet", "guided_backprop"])
+def test_backprop_rules_through_a_non_reentrant_checkpoint_are_the_plain_models(method):
+    """A non-reentrant checkpoint recomputes its function in the backward pass, outside the backprop rule entered
+    around the forward pass: the rule's backward then read tensors of the plain function, and deconvnet failed with
+    torch's ``CheckpointError`` ('Recomputed values ... have different metadata'). Salience's passes now run
+    non-reentrant checkpoints as plain calls, as reentrant ones: the maps are those of the same weights without the
+    checkpoint (guided backprop checked alongside), and the model and torch's checkpoint come back as they were."""
+    torch.manual_seed(0)
+    plain, net = _ReLUNet().eval(), type("Checkpointed", (_ReLUNet,), {"CHECKPOINT": True})().eval()
+    net.load_state_dict(plain.state_dict())
+    x, target = torch.rand(2, 3, 16, 16), torch.tensor([1, 3])
+    with unchanged(net):
+        got = getattr(salience, method)(net, x, target)
+    ref = getattr(salience, method)(plain, x, target)
+    assert_each_varies(ref)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
 
 
 @torch.library.custom_op("salience_tests::opaque_attention", mutates_args=())
@@ -832,16 +978,12 @@ def _opaque_backward(ctx, g):
 _opaque_attention.register_autograd(_opaque_backward, setup_context=_opaque_setup)
 
 
-class MemEffAttention(nn.Module):
+class MemEffAttention(_Factorized):
     """DINOv2's name for its xformers attention: the attention runs in one opaque op."""
-
-    def __init__(self, dim: int, heads: int = 2):
-        super().__init__()
-        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.split(x)
         return self.proj(_opaque_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 

@@ -390,41 +390,62 @@ def test_a_grid_that_contradicts_the_patch_embedding_needs_prefix_tokens(name):
     torch.testing.assert_close(fn(model, x, 0, grid=(3, 5), prefix_tokens=1), fn(model, x, 0))
 
 
-def test_transformer_attribution_through_a_non_reentrant_checkpoint_is_a_salience_error():
-    """A block in a non-reentrant ``torch.utils.checkpoint`` (timm's ``set_grad_checkpointing()``, its default) is
-    recomputed in the backward pass without the attention capture (its explicit weights in place of the fused
-    attention), so torch failed with its ``CheckpointError`` ('Recomputed values ... have different metadata'). Now
-    one SalienceError line says to turn the checkpointing off; the model comes back as it was, and without the
-    checkpoint the same model gives its map."""
-    import torch.nn.functional as F
-
-    class Attn(nn.Module):
-        def __init__(self, d: int, h: int = 2):
-            super().__init__()
-            self.h, self.qkv, self.proj = h, nn.Linear(d, 3 * d), nn.Linear(d, d)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            b, n, c = x.shape
-            q, k, v = self.qkv(x).reshape(b, n, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4)
-            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
-
-    class Net(nn.Module):
-        def __init__(self, d: int = 8):
-            super().__init__()
-            self.ck, self.embed, self.cls = True, nn.Conv2d(3, d, 4, 4), nn.Parameter(torch.randn(1, 1, d))
-            self.blocks, self.head = nn.ModuleList([Attn(d), Attn(d)]), nn.Linear(d, 5)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            t = torch.cat([self.cls.expand(len(x), -1, -1), self.embed(x).flatten(2).transpose(1, 2)], 1)
-            for b in self.blocks:
-                t = t + (torch.utils.checkpoint.checkpoint(b, t, use_reentrant=False) if self.ck else b(t))
-            return self.head(t[:, 0])
+def _checkpointed_vits() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A small timm ViT after ``set_grad_checkpointing()``, its twin without it (the same weights), an input."""
+    import timm
 
     torch.manual_seed(0)
-    net, x = Net().eval(), torch.rand(2, 3, 16, 16)
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(salience.SalienceError, match="checkpoint"):
+    kw = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    plain = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+    net = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+    net.load_state_dict(plain.state_dict())
+    net.set_grad_checkpointing(True)
+    return net, plain, torch.rand(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_attention_methods_through_a_checkpoint_are_the_plain_models(reentrant):
+    """timm's ViT after ``set_grad_checkpointing()`` runs its blocks in ``torch.utils.checkpoint`` (non-reentrant by
+    default, reentrant after ``timm.layers.set_reentrant_ckpt(True)``). Transformer attribution through a
+    non-reentrant one was refused (a SalienceError: the backward pass recomputed the blocks without the attention
+    capture, so torch found other values than the forward pass saved). Salience's passes now run both kinds as plain
+    calls: transformer attribution and attention rollout are the maps of the same weights without checkpointing (the
+    reentrant case was already so: checked alongside), the model comes back as it was, and torch's checkpoint with
+    it."""
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+    from torch.utils import checkpoint as ck
+
+    from salience._core.checkpoints import _NON_REENTRANT
+
+    torch_own = [getattr(ck, name, None) for name in _NON_REENTRANT]
+    net, plain, x = _checkpointed_vits()
+    target = torch.tensor([1, 3])
+    before = use_reentrant_ckpt()
+    set_reentrant_ckpt(reentrant)
+    try:
+        with unchanged(net):
+            ta = salience.transformer_attribution(net, x, target)
+            rollout = salience.attention_rollout(net, x)
+    finally:
+        set_reentrant_ckpt(before)
+    ref = salience.transformer_attribution(plain, x, target)
+    assert_each_varies(ref)
+    torch.testing.assert_close(ta, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(rollout, salience.attention_rollout(plain, x), rtol=1e-5, atol=1e-7)
+    assert "apply" not in ck.CheckpointFunction.__dict__
+    assert [getattr(ck, name, None) for name in _NON_REENTRANT] == torch_own
+
+
+def test_transformer_attribution_through_a_non_reentrant_checkpoint_torch_keeps_is_a_salience_error(monkeypatch):
+    """A non-reentrant checkpoint salience cannot run plainly (a torch whose private set-up function has another
+    name: here none is swapped) recomputes the block in the backward pass without the attention capture (its explicit
+    weights in place of the fused attention), and torch failed with its ``CheckpointError`` ('Recomputed values ...
+    have different metadata'). One SalienceError line says to turn the checkpointing off; the model comes back as it
+    was."""
+    from timm.layers import use_reentrant_ckpt
+
+    monkeypatch.setattr("salience._core.checkpoints._NON_REENTRANT", ())
+    net, _, x = _checkpointed_vits()
+    assert not use_reentrant_ckpt()  # timm's default: non-reentrant
+    with unchanged(net), pytest.raises(salience.SalienceError, match="checkpoint"):
         salience.transformer_attribution(net, x, 1)
-    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and not net.training
-    net.ck = False
-    assert salience.transformer_attribution(net, x, 1).shape == (2, 16, 16)

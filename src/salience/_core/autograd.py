@@ -563,8 +563,9 @@ def backward(
         stack.enter_context(model_guard(model))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
-        # A reentrant torch.utils.checkpoint of this thread as a plain call: torch refuses autograd.grad through one,
-        # and a layer inside one has no gradient in the forward pass.
+        # A torch.utils.checkpoint of this thread as a plain call: torch refuses autograd.grad through a reentrant
+        # one, and a layer inside one has no gradient in the forward pass; a non-reentrant one recomputes its block
+        # in the backward pass outside the extra modes (the attention capture, a backprop rule).
         stack.enter_context(plain_checkpoints())
         # With parameters frozen, the graph to the layers' outputs starts at x: it needs grad even
         # when only the layers' gradients are asked for.

@@ -32,7 +32,7 @@ from salience._core.layers import LayerSpec
 from salience._core.tensors import check_flag
 from salience.targets import TargetLike, split
 from salience.methods._multi import several_targets, target_free
-from salience.methods.gradcam import _plain_checkpoints, gradient_cam, grid_layout, resolve_cam_layer, upsample_maps
+from salience.methods.gradcam import gradient_cam, grid_layout, resolve_cam_layer, upsample_maps
 from salience.methods._tokens import one_model
 
 __all__ = ["gradcam_plus_plus", "hirescam", "xgradcam", "layercam", "eigencam"]
@@ -184,8 +184,7 @@ def _fused_layercam(model: nn.Module, x: Tensor, target: TargetLike, layers: lis
         raise SalienceError(f"gamma must be a positive number (the paper's is 2), got {gamma!r}")
     targets, multi = split(target, x.shape[0])
     mods = [resolve_cam_layer(model, x, spec) for spec in layers]
-    with _plain_checkpoints():  # a layer inside a reentrant checkpoint has no gradient otherwise
-        g = backward(model, x, targets, layers=mods, input_grad=False, strip_softmax=strip_softmax)
+    g = backward(model, x, targets, layers=mods, input_grad=False, strip_softmax=strip_softmax)
     maps = []
     for mod, acts, grads in zip(mods, g.activations, g.layer_grads):
         layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)

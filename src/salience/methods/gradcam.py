@@ -68,9 +68,9 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       running one op no mode sees, xformers', when its first output token reads the others; a model whose own forward
       runs it has no default layer: a :class:`SalienceError` asking for ``layer=``); whose output is the image's whole token sequence ``(1, N, D)``,
       ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not; or a factorized
-      attention, a module whose pass softmaxes the keys ``(1, heads, N, d)`` over their ``N`` tokens and contracts
-      that with the values over them, ``softmax(k)^T v`` or ``v^T softmax(k)``, by ``@`` or ``torch.einsum`` of
-      two or more operands (CoaT's ``FactorAttnConvRelPosEnc``, or one of the same form under any name), global over its own ``N`` tokens, whatever their number): the last
+      attention, a module whose pass softmaxes the keys ``(1, heads, N, d)`` (or ``(heads, N, d)``, the heads folded
+      into the batch) over their ``N`` tokens and contracts that (or a copy) with the values over them,
+      ``softmax(k)^T v`` or ``v^T softmax(k)``, by ``@``, ``torch.bmm`` or ``torch.einsum`` of two or more operands (CoaT's ``FactorAttnConvRelPosEnc``, or one of the same form under any name), global over its own ``N`` tokens, whatever their number): the last
       module that finished before the *last* such attention call, outside it, with an output of
       the attention's shape: the LayerNorm before the last block's attention (torchvision ViT's
       ``encoder.layers[-1].ln_1``, timm's ``blocks[-1].norm1``, Hugging Face's
@@ -161,16 +161,24 @@ class _Call:
     # on the output give the tensor a new one), None where the output does not depend on the input
 
 
-_MATMULS = ("matmul", "__matmul__")  # bmm takes 3-D tensors: never the keys (B, heads, N, d)
+_MATMULS = ("matmul", "__matmul__", "bmm")  # bmm: the heads folded into the batch, (B * heads, N, d)
+_COPIES = ("contiguous", "clone")  # the keys copied before the product: the same dims, other memory
 
 
 def _softmax_over_tokens(args: tuple, kwargs: dict) -> bool:
-    """A softmax over dim -2 of a 4-D tensor ``(B, heads, N, d)``: keys normalized over the tokens, as a factorized
-    attention's (``softmax(k)^T v``) are; :class:`_AttentionSpotter` takes it for attention only once the result is
-    contracted with values over those tokens."""
+    """A softmax over dim -2 of a 4-D tensor ``(B, heads, N, d)`` or a 3-D one ``(B * heads, N, d)`` (the heads
+    folded into the batch): keys normalized over the tokens, as a factorized attention's (``softmax(k)^T v``) are;
+    :class:`_AttentionSpotter` takes it for attention only once the result is contracted with values over those
+    tokens."""
     x = args[0] if args else kwargs.get("input", kwargs.get("self"))
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    return isinstance(x, Tensor) and x.dim() == 4 and isinstance(dim, int) and dim in (-2, 2)
+    return (isinstance(x, Tensor) and x.dim() in (3, 4) and isinstance(dim, int)
+            and dim in (-2, x.dim() - 2))
+
+
+def _key_roles(k: Tensor) -> dict[str, Any]:
+    """The dims of keys ``k`` softmaxed over dim -2: ``(B, heads, N, d)`` or ``(B * heads, N, d)``."""
+    return {"token": k.dim() - 2, "channel": k.dim() - 1, "batch": tuple(range(k.dim() - 2))}
 
 
 class _AttentionSpotter(TorchFunctionMode):
@@ -180,16 +188,18 @@ class _AttentionSpotter(TorchFunctionMode):
     :class:`~salience.attention.AttentionCapture` takes for attention). So attention written as a bare function
     in a module of any name (a ``Mixer`` whose forward calls SDPA, a block computing ``softmax(q k^T) v`` inline)
     is seen as attention, as the attention methods see it. Also, in ``factorized``, each factorized attention: a
-    softmax over dim -2 of ``(B, heads, N, d)`` (keys over the tokens) whose output (a permutation of its dims) a
-    product in the same module contracts with values ``(B, heads, N, d')`` over those tokens (``softmax(k)^T v``,
-    CoaT's, or ``v^T softmax(k)``), by ``@`` / ``matmul`` on 4-D tensors or ``torch.einsum`` of two or more operands
+    softmax over dim -2 of ``(B, heads, N, d)`` or ``(B * heads, N, d)`` (keys over the tokens) whose output (a view
+    that permutes its dims or folds / unfolds batch and heads, or a copy of one by ``.contiguous()`` / ``.clone()``)
+    a product in the same module contracts with values over those tokens (``softmax(k)^T v``, CoaT's, or ``v^T
+    softmax(k)``), by ``@`` / ``matmul`` / ``bmm`` on 4-D or 3-D tensors or ``torch.einsum`` of two or more operands
     (``bhnk,bhnv->bhkv`` and its other spellings, ``bhnk,bhnv,bhmk->bhmv``): :meth:`_contraction`."""
 
     def __init__(self, running: list[str]):
         super().__init__()
         self.running, self.seen = running, []
         self.factorized: list[tuple[str, int]] = []  # (module name, N): a factorized attention over N tokens
-        self._keys: list[tuple[str, Tensor]] = []  # softmaxes over dim -2 of (B, heads, N, d): keys, if factorized
+        # keys, if factorized: (module name, a softmax over dim -2 or a copy of a view of one, its dims' roles, N)
+        self._keys: list[tuple[str, Tensor, dict[str, Any], int]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -204,75 +214,109 @@ class _AttentionSpotter(TorchFunctionMode):
         elif name == "softmax" and _is_attention_softmax(args, kwargs) and isinstance(out, Tensor):
             self.seen.append((where, tuple(out.shape)))
         elif name == "softmax" and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
-            self._keys.append((where, out))
+            self._keys.append((where, out, _key_roles(out), int(out.shape[-2])))
+        elif name in _COPIES and self._keys and args and isinstance(out, Tensor):
+            self._copied(args[0], out)
         elif name in _MATMULS and self._keys:
             self._contraction(where, _matmul_labels(args, kwargs))
         elif name == "einsum" and self._keys:
             self._contraction(where, _einsum_labels(args))
         return out
 
+    def _views(self, t: Tensor) -> Iterator[tuple[str, dict[str, Any], int]]:
+        """``(module name, t's dims' roles, N)`` for each recorded keys tensor ``t`` is a view of (:func:`_roles_in`)."""
+        for name, k, roles, n in self._keys:
+            if t.data_ptr() == k.data_ptr() and t.numel() == k.numel():
+                found = _roles_in(tuple(t.shape), t.stride(), tuple(k.shape), k.stride(), roles)
+                if found is not None:
+                    yield name, found, n
+
+    def _copied(self, src: Any, out: Tensor) -> None:
+        """``out``, a ``.contiguous()`` / ``.clone()`` of ``src``: where ``src`` is a view of keys, ``out`` is keys too,
+        its dims those of ``src`` (the same shape, other memory)."""
+        if isinstance(src, Tensor) and out.shape == src.shape and out.data_ptr() != src.data_ptr():
+            self._keys.extend((name, out, roles, n) for name, roles, n in list(self._views(src)))
+
     def _contraction(self, where: str, parsed: Optional[tuple[list[tuple[Any, list]], set]]) -> None:
         """Note a factorized attention where a product (``parsed``: its operands with each one's index label per
         dim, and the output's labels; :func:`_matmul_labels`, :func:`_einsum_labels`) run in module ``where``
-        contracts keys softmaxed over their ``N`` tokens (an operand that is a view of that softmax's output, its
-        dims in any order, the softmax run in ``where`` itself, ``k.softmax(dim=2)``, or in a submodule of it, an
-        ``nn.Softmax(dim=-2)`` it holds) with values over the same tokens: the keys' token index summed, found in
-        another operand (the values) at a dim of ``N``; the keys' batch and head indices in the values and kept in the
-        output; the values' own channel index kept; the keys' channel index kept (``softmax(k)^T v``,
-        ``bhnk,bhnv->bhkv``, or ``v^T softmax(k)``) or contracted with a third operand (the queries: ``q (softmax(k)^T
-        v)`` as one einsum, ``bhnk,bhnv,bhmk->bhmv``)."""
+        contracts keys softmaxed over their ``N`` tokens (an operand that is a view of that softmax's output or of a
+        copy of one: its dims in any order, batch and heads folded into one or not, never tokens and channels mixed;
+        the softmax run in ``where`` itself, ``k.softmax(dim=2)``, or in a submodule of it, an ``nn.Softmax(dim=-2)``
+        it holds) with values over the same tokens: the keys' token index summed, found in another operand (the
+        values) at a dim of ``N``; the keys' batch and head indices in the values and kept in the output; the values'
+        own channel index kept; the keys' channel index kept (``softmax(k)^T v``, ``bhnk,bhnv->bhkv``, or ``v^T
+        softmax(k)``) or contracted with a third operand (the queries: ``q (softmax(k)^T v)`` as one einsum,
+        ``bhnk,bhnv,bhmk->bhmv``)."""
         if parsed is None:
             return
         operands, kept = parsed
         for i, (keys, lk) in enumerate(operands):
-            if not (isinstance(keys, Tensor) and keys.dim() == 4):
+            if not isinstance(keys, Tensor):
                 continue
-            for name, k in self._keys:
-                if (not (name == where or (where and name.startswith(where + "."))) or keys.data_ptr() != k.data_ptr()
-                        or keys.numel() != k.numel()):
+            for name, roles, n in self._views(keys):
+                if not (name == where or (where and name.startswith(where + "."))):
                     continue
-                dims = _dims_of(keys, k)  # k's dim j is keys' dim dims[j]
-                if dims is None:
-                    continue
-                n = int(k.shape[-2])
-                batch, heads, token, channel = (lk[d] for d in dims)
-                if token in kept or batch not in kept or heads not in kept:
+                token, channel = lk[roles["token"]], lk[roles["channel"]]
+                batch = [lk[d] for d in roles["batch"]]
+                if token in kept or any(lab not in kept for lab in batch):
                     continue
                 others = [lab for j, (_, lo) in enumerate(operands) if j != i for lab in lo]
                 if channel not in kept and channel not in others:
                     continue  # the keys' channels summed alone: no query reads them
                 for j, (vals, lv) in enumerate(operands):
                     if (j != i and isinstance(vals, Tensor) and token in lv and vals.shape[lv.index(token)] == n
-                            and batch in lv and heads in lv and any(lab in kept and lab not in lk for lab in lv)):
+                            and all(lab in lv for lab in batch) and any(lab in kept and lab not in lk for lab in lv)):
                         self.factorized.append((where, n))
                         return
 
 
 def _matmul_labels(args: tuple, kwargs: dict) -> Optional[tuple[list[tuple[Any, list]], set]]:
-    """A matmul of two 4-D tensors ``(B, heads, m, r) @ (B, heads, r, p)`` as einsum labels (``bhmr,bhrp->bhmp``,
-    the form :meth:`_AttentionSpotter._contraction` reads); None for any other."""
+    """A matmul of two 4-D tensors ``(B, heads, m, r) @ (B, heads, r, p)`` or two 3-D ones ``(B, m, r) @ (B, r, p)``
+    (``bmm``'s; the heads folded into the batch) as einsum labels (``bhmr,bhrp->bhmp``, ``bmr,brp->bmp``, the form
+    :meth:`_AttentionSpotter._contraction` reads); None for any other."""
     a = args[0] if args else kwargs.get("input", kwargs.get("self"))
     b = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
-    if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 4 and b.dim() == 4
-            and a.shape[:2] == b.shape[:2]):
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == b.dim() and a.dim() in (3, 4)
+            and a.shape[:-2] == b.shape[:-2]):
         return None
-    return [(a, ["b", "h", "m", "r"]), (b, ["b", "h", "r", "p"])], {"b", "h", "m", "p"}
+    lead = ["b", "h"][:a.dim() - 2]
+    return [(a, [*lead, "m", "r"]), (b, [*lead, "r", "p"])], {*lead, "m", "p"}
 
 
-def _dims_of(view: Tensor, k: Tensor) -> Optional[list[int]]:
-    """For ``view``, a permutation of ``k``'s dims over the same memory: the dim of ``view`` of each of ``k``'s
-    (matched by size and stride), or None where it is no such permutation (a reshape that mixes dims)."""
-    if view.dim() != k.dim():
-        return None
-    free = list(range(view.dim()))
-    dims = []
-    for size, stride in zip(k.shape, k.stride()):
-        j = next((j for j in free if view.shape[j] == size and (view.stride(j) == stride or size == 1)), None)
+def _roles_in(shape: tuple, strides: tuple, base_shape: tuple, base_strides: tuple,
+              roles: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """For a view ``(shape, strides)`` of keys ``(base_shape, base_strides)`` over the same memory (whose dims'
+    ``roles``: ``"token"`` and ``"channel"``, a dim each, ``"batch"``, the batch and head dims): the same roles as
+    dims of the view, or None where the view is no such keys. The token and channel dims each one dim of the view,
+    matched by size and stride; the view's other dims cover the same memory as the batch and head dims (in any order,
+    folded into one or unfolded): a permutation, ``(B, heads, N, d)`` reshaped to ``(B * heads, N, d)``; not a
+    reshape that mixes tokens and channels."""
+    free = list(range(len(shape)))
+    found: dict[str, Any] = {}
+    for role in ("token", "channel"):
+        size, stride = base_shape[roles[role]], base_strides[roles[role]]
+        j = next((j for j in free if shape[j] == size and (strides[j] == stride or size == 1)), None)
         if j is None:
             return None
         free.remove(j)
-        dims.append(j)
-    return dims
+        found[role] = j
+    mine = _offsets([shape[j] for j in free], [strides[j] for j in free])
+    theirs = _offsets([base_shape[d] for d in roles["batch"]], [base_strides[d] for d in roles["batch"]])
+    if mine is None or mine != theirs:
+        return None
+    found["batch"] = tuple(free)
+    return found
+
+
+def _offsets(sizes: list[int], strides: list[int], most: int = 1 << 16) -> Optional[list[int]]:
+    """The memory offsets that dims of ``sizes`` and ``strides`` reach, sorted; None past ``most`` of them."""
+    offsets = [0]
+    for size, stride in zip(sizes, strides):
+        if len(offsets) * size > most:
+            return None
+        offsets = [o + i * stride for o in offsets for i in range(size)]
+    return sorted(offsets)
 
 
 def _einsum_labels(args: tuple) -> Optional[tuple[list[tuple[Any, list]], set]]:
@@ -846,10 +890,9 @@ def gradient_cam(
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
     mod = resolve_cam_layer(model, x, layer)
-    # One forward pass; one backward pass per target, down to the layer only (a reentrant checkpoint run as a plain
-    # call: a layer inside one has no gradient in the forward pass otherwise).
-    with _plain_checkpoints():
-        acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+    # One forward pass; one backward pass per target, down to the layer only (the engine's backward() runs a
+    # checkpoint as a plain call: a layer inside a reentrant one has no gradient in the forward pass otherwise).
+    acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
     layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
     acts, grads = layout.to_grid(acts), layout.to_grid(grads)  # (B, D, h, w), (K, B, D, h, w)
     cam = torch.stack([combine(acts, g) for g in grads], dim=1)  # (B, K, h, w)
@@ -942,14 +985,13 @@ def guided_gradcam(
     rules.check_model(model, "guided Grad-CAM")
     rule = rules.guided(unsupported=unsupported)
     # One ruled pass gives all K targets' guided input gradients and the layer's gradients.
-    with _rectified_before(mod, rule) as mark, _plain_checkpoints():
+    with _rectified_before(mod, rule) as mark:
         g = backward(model, x, targets, layers=[mod], strip_softmax=strip_softmax, extra_modes=[rule])
     assert g.inputs is not None
     acts, layer_grads = g.activations[0], g.layer_grads[0]
     if not (mark and mark[0] == rule.rectified):
         # ReLUs ran after the layer: the rule changed its gradient; Grad-CAM needs the plain one.
-        with _plain_checkpoints():
-            acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+        acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
     layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
     acts, layer_grads = layout.to_grid(acts), layout.to_grid(layer_grads)
     cams = torch.stack([_gradcam_map(acts, lg).clamp(min=0) for lg in layer_grads], dim=1)  # (B, K, h, w)

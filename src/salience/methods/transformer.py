@@ -192,7 +192,7 @@ def transformer_attribution(
     checkpoint_error = getattr(torch.utils.checkpoint, "CheckpointError", ())
     try:
         backward(model, x, targets, extra_modes=[cap], strip_softmax=strip_softmax)
-    except checkpoint_error:  # type: ignore[misc]
+    except checkpoint_error:  # type: ignore[misc]  # a non-reentrant checkpoint backward() could not run plainly
         raise SalienceError(
             "transformer_attribution cannot run through a non-reentrant torch.utils.checkpoint: the backward pass "
             "recomputes the checkpointed blocks without the attention capture, so torch finds other values than the "
