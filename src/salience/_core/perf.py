@@ -61,7 +61,7 @@ import weakref
 from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -391,10 +391,9 @@ def _frozen_model(model: nn.Module, key: tuple) -> Any:
     the key is not the one it was made for."""
     ck = (id(model), FREEZE)
     with _lock:
-        hit = _compiled.get(ck)
-        if hit is not None and hit[0] is model and hit[2][0] == key and _constants_unchanged(hit[2][1]):
-            _compiled.move_to_end(ck)
-            return hit[1]
+        hit = _frozen_hit(ck, model, key)
+        if hit is not None:
+            return hit
 
         def forward(x: Tensor) -> Any:
             return model(x)
@@ -402,9 +401,35 @@ def _frozen_model(model: nn.Module, key: tuple) -> Any:
         backend = _freezing_backend()
         fn = backend.code_of = _own_code(forward)  # type: ignore[attr-defined]
         compiled = torch.compile(fn, backend=backend, dynamic=False)
-        _store(ck, (model, compiled, (key, backend)))
+        _store(ck, (model, compiled, _Frozen(key, backend, None)))
         _evict()
         return compiled
+
+
+class _Frozen(NamedTuple):
+    """What a frozen entry of ``_compiled`` (``(model, graph or the exception it failed with, _Frozen)``,
+    keyed ``(id(model), FREEZE)`` or ``(id(model), _GRADIENT)``) is kept for: the weights' state
+    (:func:`weights_key`), the backend that compiled the graph (its :func:`_graph_constants` watched;
+    ``None`` for a failure) and, for the gradient graph, the ``unwrap`` it traced (a failure stands for
+    every ``unwrap``)."""
+
+    key: Optional[tuple]
+    backend: Any
+    unwrap: Optional[Callable[[Any], Tensor]]
+
+
+def _frozen_hit(ck: tuple, model: nn.Module, key: Optional[tuple],
+                unwrap: Optional[Callable[[Any], Tensor]] = None) -> Any:
+    """The cached frozen entry ``ck``'s graph (or exception) when it is still good for ``model`` in the
+    weights' state ``key`` with ``unwrap``, else ``None``; under ``_lock``."""
+    hit = _compiled.get(ck)
+    if hit is None or hit[0] is not model or hit[2].key != key:
+        return None
+    failed = isinstance(hit[1], Exception)
+    if not failed and (not _constants_unchanged(hit[2].backend) or hit[2].unwrap != unwrap):
+        return None
+    _compiled.move_to_end(ck)
+    return hit[1]
 
 
 def _own_code(fn: Callable) -> Callable:
@@ -439,11 +464,9 @@ def _frozen_gradient(model: nn.Module, key: tuple, unwrap: Optional[Callable[[An
     model returns (:func:`gradient_call`); the function's output is that tensor."""
     ck = (id(model), _GRADIENT)
     with _lock:
-        hit = _compiled.get(ck)
-        if hit is not None and hit[0] is model and hit[2][0] == key and _constants_unchanged(hit[2][1]) \
-                and (len(hit[2]) < 3 or hit[2][2] == unwrap):
-            _compiled.move_to_end(ck)
-            return hit[1]
+        hit = _frozen_hit(ck, model, key, unwrap)
+        if hit is not None:
+            return hit
 
         def gradient(x: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
             for _ in model.parameters():
@@ -464,7 +487,7 @@ def _frozen_gradient(model: nn.Module, key: tuple, unwrap: Optional[Callable[[An
         backend = _freezing_backend()
         fn = backend.code_of = _own_code(gradient)  # type: ignore[attr-defined]
         compiled = torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
-        _store(ck, (model, compiled, (key, backend, unwrap)))
+        _store(ck, (model, compiled, _Frozen(key, backend, unwrap)))
         _evict()
         return compiled
 
@@ -489,7 +512,7 @@ def _release_graphs(entry: tuple) -> None:
     garbage collector does not see, each holding the old weights as constants; a compiled model of
     ``compile=True`` (the model class's code, shared) is left to dynamo."""
     info = entry[2]
-    backend = info[1] if isinstance(info, tuple) and len(info) in (2, 3) else None
+    backend = info.backend if isinstance(info, _Frozen) else None
     fn = getattr(backend, "code_of", None) if getattr(backend, "watch", None) is not None else None
     if fn is not None:
         torch._dynamo.reset_code(fn.__code__)
@@ -920,25 +943,26 @@ class Run:
     def gradient_failed(self, error: BaseException) -> None:
         """The frozen gradient function raised: not tried again in this process until the weights
         change; this pass and the next run the compiled model with autograd."""
+        self._frozen_failed(_GRADIENT, "the frozen input-gradient graph", error,
+                            "the gradient passes run the compiled model without freezing")
+
+    def _frozen_failed(self, kind: str, what: str, error: BaseException, instead: str) -> None:
+        """Remember that the frozen graph ``kind`` (``FREEZE``, ``_GRADIENT``) of the model failed with
+        ``error`` (dynamo's ``BackendCompilerFailed``: the compiler's own error is named), and warn."""
         cause = getattr(error, "inner_exception", None)
-        why = f"the frozen input-gradient graph failed on this model ({_described(cause or error)})"
+        why = f"{what} failed on this model ({_described(cause or error)})"
         with _lock:
-            _store((id(self._frozen_base), _GRADIENT), (self._frozen_base, SalienceError(why),
-                                                        (self._weights_key, None)))
-        warnings.warn(f"compile={FREEZE!r}: {why}; the gradient passes run the compiled model without freezing "
-                      "(the results are the same, only slower)", stacklevel=user_stacklevel())
+            _store((id(self._frozen_base), kind), (self._frozen_base, SalienceError(why),
+                                                   _Frozen(self._weights_key, None, None)))
+        warnings.warn(f"compile={FREEZE!r}: {why}; {instead} (the results are the same, only slower)",
+                      stacklevel=user_stacklevel())
 
     def forward_failed(self, fn: Callable, error: BaseException) -> None:
         """``fn`` (from :meth:`forward_fn` or :meth:`frozen_for`) raised: never run it again in this
         process (the frozen graph: until the weights change)."""
         if fn is self._frozen_fn and self._frozen_base is not None:
-            cause = getattr(error, "inner_exception", None)  # dynamo's BackendCompilerFailed: the compiler's error
-            why = f"torch.compile with freezing failed on this model ({_described(cause or error)})"
-            with _lock:
-                _store((id(self._frozen_base), FREEZE), (self._frozen_base, SalienceError(why),
-                                                         (self._weights_key, None)))
-            warnings.warn(f"compile={FREEZE!r}: {why}; the passes without gradients run without freezing "
-                          "(the results are the same, only slower)", stacklevel=user_stacklevel())
+            self._frozen_failed(FREEZE, "torch.compile with freezing", error,
+                                "the passes without gradients run without freezing")
             self._frozen_fn = None
             return
         if fn is not self._folded:
