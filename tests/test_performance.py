@@ -904,6 +904,40 @@ def test_compile_freeze_gradient_graph_that_fails_falls_back(snapshot_freezing, 
     assert _rel(out, salience.smoothgrad(model, x, fn, samples=7, chunk=6, reduce=None)) < 1e-6
 
 
+class _Counting(nn.Module):
+    """A small convolutional model that counts its passes in a buffer, in eval mode too (its weights'
+    state changes at every pass)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 5)
+        self.register_buffer("passes", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.passes += 1
+        return self.head(self.conv(x).relu().mean((2, 3)))
+
+
+def test_compile_freeze_gradient_graph_failure_is_kept_for_the_structure(snapshot_freezing):
+    """A model that updates a buffer in its forward: dynamo cannot trace the update inside the frozen
+    gradient graph. The failure warns once in three SmoothGrad calls, and the later calls run the
+    plain compiled model without trying the graph again (no frozen graph compiled, none called); the
+    maps are the eager maps. Before, the buffer's new version made a new weights key at every call:
+    the graph was traced, failed and warned again every time."""
+    frozen, calls, graphs = snapshot_freezing
+    model, x = _Counting(), torch.rand(2, 3, 8, 8)
+    ref = salience.smoothgrad(model, x, [0, 2], samples=7, chunk=6, reduce=None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            out = salience.smoothgrad(model, x, [0, 2], samples=7, chunk=6, reduce=None, compile="freeze")
+            assert _rel(out, ref) < 1e-6, _rel(out, ref)
+    failed = [w for w in seen if "frozen input-gradient graph failed" in str(w.message)]
+    assert len(failed) == 1, [str(w.message) for w in seen]
+    assert frozen == [] and calls == [] and len(graphs) >= 1  # the plain compiled model ran instead
+
+
 class _Outputs(nn.Module):
     """ThreeConv's scores returned in a dict (with a second tensor) or a Hugging Face ModelOutput."""
 

@@ -385,13 +385,13 @@ def weights_key(model: nn.Module) -> Optional[tuple]:
     return _fold_key(model)
 
 
-def _frozen_model(model: nn.Module, key: tuple) -> Any:
-    """The process's frozen compiled ``model`` (an exception object if it failed) for the weights'
-    state ``key`` (:func:`weights_key`), compiled anew (a new backend: :func:`_freezing_backend`) when
-    the key is not the one it was made for."""
+def _frozen_model(model: nn.Module, key: tuple, shape: tuple) -> Any:
+    """The process's frozen compiled ``model`` (an exception object if it failed for the user's model's
+    structure ``shape``) for the weights' state ``key`` (:func:`weights_key`), compiled anew (a new
+    backend: :func:`_freezing_backend`) when the key is not the one it was made for."""
     ck = (id(model), FREEZE)
     with _lock:
-        hit = _frozen_hit(ck, model, key)
+        hit = _frozen_hit(ck, model, key, shape)
         if hit is not None:
             return hit
 
@@ -401,7 +401,7 @@ def _frozen_model(model: nn.Module, key: tuple) -> Any:
         backend = _freezing_backend()
         fn = backend.code_of = _own_code(forward)  # type: ignore[attr-defined]
         compiled = torch.compile(fn, backend=backend, dynamic=False)
-        _store(ck, (model, compiled, _Frozen(key, backend, None)))
+        _store(ck, (model, compiled, _Frozen(key, shape, backend, None)))
         _evict()
         return compiled
 
@@ -409,24 +409,32 @@ def _frozen_model(model: nn.Module, key: tuple) -> Any:
 class _Frozen(NamedTuple):
     """What a frozen entry of ``_compiled`` (``(model, graph or the exception it failed with, _Frozen)``,
     keyed ``(id(model), FREEZE)`` or ``(id(model), _GRADIENT)``) is kept for: the weights' state
-    (:func:`weights_key`), the backend that compiled the graph (its :func:`_graph_constants` watched;
-    ``None`` for a failure) and, for the gradient graph, the ``unwrap`` it traced (a failure stands for
-    every ``unwrap``)."""
+    (:func:`weights_key`) and the user's model's :func:`structure`, the backend that compiled the graph
+    (its :func:`_graph_constants` watched; ``None`` for a failure) and, for the gradient graph, the
+    ``unwrap`` it traced. A graph is good for one weights' state; a failure for the structure (any
+    weights, any ``unwrap``): a model that changes a buffer in its forward (a counter, in eval mode)
+    has new weights at every call, and its graph, which fails to trace the change, was tried again
+    and warned at every call."""
 
     key: Optional[tuple]
+    structure: tuple
     backend: Any
     unwrap: Optional[Callable[[Any], Tensor]]
 
 
-def _frozen_hit(ck: tuple, model: nn.Module, key: Optional[tuple],
+def _frozen_hit(ck: tuple, model: nn.Module, key: Optional[tuple], shape: tuple,
                 unwrap: Optional[Callable[[Any], Tensor]] = None) -> Any:
-    """The cached frozen entry ``ck``'s graph (or exception) when it is still good for ``model`` in the
-    weights' state ``key`` with ``unwrap``, else ``None``; under ``_lock``."""
+    """The cached frozen entry ``ck``'s graph when it is still good for ``model`` in the weights' state
+    ``key`` with ``unwrap``, or the exception it failed with for the structure ``shape``, else
+    ``None``; under ``_lock``."""
     hit = _compiled.get(ck)
-    if hit is None or hit[0] is not model or hit[2].key != key:
+    if hit is None or hit[0] is not model:
         return None
-    failed = isinstance(hit[1], Exception)
-    if not failed and (not _constants_unchanged(hit[2].backend) or hit[2].unwrap != unwrap):
+    info = hit[2]
+    if isinstance(hit[1], Exception):
+        if info.structure != shape:
+            return None
+    elif info.key != key or not _constants_unchanged(info.backend) or info.unwrap != unwrap:
         return None
     _compiled.move_to_end(ck)
     return hit[1]
@@ -447,11 +455,13 @@ def _own_code(fn: Callable) -> Callable:
 _GRADIENT = "freeze-gradient"  # the key of a frozen input-gradient graph in ``_compiled``
 
 
-def _frozen_gradient(model: nn.Module, key: tuple, unwrap: Optional[Callable[[Any], Tensor]] = None) -> Any:
+def _frozen_gradient(model: nn.Module, key: tuple, shape: tuple,
+                     unwrap: Optional[Callable[[Any], Tensor]] = None) -> Any:
     """The process's frozen input-gradient function of ``model`` for the weights' state ``key``
     (:func:`weights_key`): ``fn(x, classes) -> (gradient, output)``, the gradient w.r.t. ``x`` of the
     sum over the batch of each item's ``classes`` score, as :func:`torch.func.grad` compiled under
-    ``torch.no_grad`` (an exception object if it failed before for this key).
+    ``torch.no_grad`` (an exception object if it failed before for the user's model's structure
+    ``shape``: :class:`_Frozen`).
 
     Inductor freezes only graphs compiled with grad mode off. With the parameters not requiring
     gradients the input gradient is a function of the input alone, and ``torch.func.grad`` (a function
@@ -464,7 +474,7 @@ def _frozen_gradient(model: nn.Module, key: tuple, unwrap: Optional[Callable[[An
     model returns (:func:`gradient_call`); the function's output is that tensor."""
     ck = (id(model), _GRADIENT)
     with _lock:
-        hit = _frozen_hit(ck, model, key, unwrap)
+        hit = _frozen_hit(ck, model, key, shape, unwrap)
         if hit is not None:
             return hit
 
@@ -487,7 +497,7 @@ def _frozen_gradient(model: nn.Module, key: tuple, unwrap: Optional[Callable[[An
         backend = _freezing_backend()
         fn = backend.code_of = _own_code(gradient)  # type: ignore[attr-defined]
         compiled = torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
-        _store(ck, (model, compiled, _Frozen(key, backend, unwrap)))
+        _store(ck, (model, compiled, _Frozen(key, shape, backend, unwrap)))
         _evict()
         return compiled
 
@@ -816,7 +826,7 @@ class Run:
                           "under torch.inference_mode), so a change to it could not be seen; the passes run the "
                           "compiled model without freezing", stacklevel=user_stacklevel())
             return
-        frozen = _frozen_model(base, self._weights_key)
+        frozen = _frozen_model(base, self._weights_key, self.structure)
         if not isinstance(frozen, Exception):
             self._frozen_fn, self._frozen_base = frozen, base
 
@@ -937,12 +947,13 @@ class Run:
         fn = self.forward_fn(True, strip_softmax)
         if fn is None or fn is not self._compiled_fn:
             return None
-        got = _frozen_gradient(self._frozen_base, self._weights_key, unwrap)
+        got = _frozen_gradient(self._frozen_base, self._weights_key, self.structure, unwrap)
         return None if isinstance(got, Exception) else got
 
     def gradient_failed(self, error: BaseException) -> None:
-        """The frozen gradient function raised: not tried again in this process until the weights
-        change; this pass and the next run the compiled model with autograd."""
+        """The frozen gradient function raised: not tried again in this process until the model's
+        :func:`structure` changes (:class:`_Frozen`); this pass and the next run the compiled model
+        with autograd."""
         self._frozen_failed(_GRADIENT, "the frozen input-gradient graph", error,
                             "the gradient passes run the compiled model without freezing")
 
@@ -953,13 +964,13 @@ class Run:
         why = f"{what} failed on this model ({_described(cause or error)})"
         with _lock:
             _store((id(self._frozen_base), kind), (self._frozen_base, SalienceError(why),
-                                                   _Frozen(self._weights_key, None, None)))
+                                                   _Frozen(self._weights_key, self.structure, None, None)))
         warnings.warn(f"compile={FREEZE!r}: {why}; {instead} (the results are the same, only slower)",
                       stacklevel=user_stacklevel())
 
     def forward_failed(self, fn: Callable, error: BaseException) -> None:
         """``fn`` (from :meth:`forward_fn` or :meth:`frozen_for`) raised: never run it again in this
-        process (the frozen graph: until the weights change)."""
+        process (the frozen graph: until the model's :func:`structure` changes)."""
         if fn is self._frozen_fn and self._frozen_base is not None:
             self._frozen_failed(FREEZE, "torch.compile with freezing", error,
                                 "the passes without gradients run without freezing")
