@@ -873,9 +873,11 @@ def test_compile_freeze_gradient_graph_follows_weights_changed_in_place(snapshot
         outs = _gradient_maps(model, x, compile="freeze")
     for out, ref in zip(outs, refs):
         assert _rel(out, ref) < 1e-6, _rel(out, ref)
-    assert len(frozen) == 2
+    # the new weights' graphs: the chunk size 6, and SmoothGrad's last chunk of 2 (its size recurs, so
+    # it runs frozen from this second call on: perf.FROZEN_TAILS)
+    assert len(frozen) == 3
     _gradient_maps(model, x, compile="freeze")
-    assert len(frozen) == 2  # unchanged since: the graph is kept
+    assert len(frozen) == 3  # unchanged since: the graphs are kept
 
 
 def test_compile_freeze_gradient_graph_that_fails_falls_back(snapshot_freezing, monkeypatch):
@@ -1014,6 +1016,7 @@ def test_compile_freeze_gradient_graph_with_inductor(monkeypatch):
     torch._dynamo.reset()
     compiles, real = [], _perf._freeze_compile
     monkeypatch.setattr(_perf, "_freeze_compile", lambda gm, inputs: compiles.append(1) or real(gm, inputs))
+    monkeypatch.setattr(_perf, "FROZEN_TAILS", 0)  # the last, shorter chunks eager: one compile per state
     try:
         old = None
         for step in range(2):
@@ -1037,8 +1040,10 @@ def test_compile_freeze_later_calls_run_every_chunk_frozen(monkeypatch):
     """compile="freeze" with inductor: a call's first chunk (the memory probe, the softmax check) runs
     eagerly, and so the last, shorter one; a later call on the same model, input shape and method takes
     the first call's probe and softmax answer, so every chunk has the fixed size and runs the one frozen
-    gradient graph (no graph compiled for another size). The maps are the eager maps within
-    FREEZE_RTOL. Before: the later call ran [eager 2, frozen 4, frozen 4, eager 2] as the first."""
+    gradient graph (no graph compiled for another size); a last, shorter chunk whose size recurs runs
+    frozen from its second call on (IG's tail of 2). The maps are the eager maps within FREEZE_RTOL.
+    Before: the later call ran [eager 2, frozen 4, frozen 4, eager 2] as the first, and the tail
+    always eagerly."""
     torch.manual_seed(0)
     model = _with_statistics(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)))
@@ -1074,9 +1079,13 @@ def test_compile_freeze_later_calls_run_every_chunk_frozen(monkeypatch):
         assert layouts[0] == ([2, 4, 4, 2], ["contiguous", frozen, frozen, "contiguous"])
         for sg in (layouts[2], layouts[4]):  # the later calls: 3 x 4, all frozen
             assert sg == ([4, 4, 4], [frozen] * 3), sg
-        for ig in (layouts[3], layouts[5]):  # IG's 18 items: 4 chunks of 4 frozen, the rest (2) eagerly
-            assert ig == ([4, 4, 4, 4, 2], [frozen] * 4 + ["contiguous"]), ig
-        assert len(compiles) == 1  # one frozen gradient graph, at the chunk size 4, for all the calls
+        # IG's 18 items: 4 chunks of 4 frozen, the rest (2) eagerly the first time the tail size comes,
+        # frozen (a graph of size 2) from its second time on (perf.FROZEN_TAILS); before, always eagerly
+        assert layouts[3] == ([4, 4, 4, 4, 2], [frozen] * 4 + ["contiguous"]), layouts[3]
+        assert layouts[5] == ([4, 4, 4, 4, 2], [frozen] * 5), layouts[5]
+        # one frozen gradient graph at the chunk size 4 for all the calls, one at IG's recurring tail;
+        # SmoothGrad's tail of 2 (first call only) compiled nothing
+        assert len(compiles) == 2
     finally:
         torch._dynamo.reset()
 

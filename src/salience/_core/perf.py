@@ -15,7 +15,8 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   backend callable. The compiled model is cached for the process; every chunk of the one fixed
   size runs compiled, a chunk of another size (the first, the last) eagerly, so nothing recompiles
   across chunks (with :data:`FREEZE`, a later call on the same model, shape and method skips the
-  first, probing chunk: :meth:`Run.reused_probe`); single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
+  first, probing chunk: :meth:`Run.reused_probe`, and a last, shorter chunk whose size recurs runs
+  frozen graphs of its own size: :meth:`Run._frozen_tail`); single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
   most :data:`ONE_PASS_SIZES`. Where compilation is unavailable or fails, a warning says why and the
   eager path runs.
 - ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward pass under
@@ -103,6 +104,13 @@ SIZE_SAMPLES = 2
 # batch), and three option sets (6 graphs) leave room for a many-pass method's chunks (with 3 sizes,
 # two option sets take 6); a third recurring size runs eagerly, with one warning naming the sizes.
 ONE_PASS_SIZES = 2
+# compile=FREEZE: sizes of a many-pass call's last, shorter chunk that run the frozen graphs (one graph
+# more each, compiled at the size's second call, :meth:`Run.plan`), per model, method, input shape
+# and options. The frozen gradient graph of a model is one code object for every method and size,
+# with dynamo's recompile limit of 8 graphs; past it the graph fails and, remembered for the model's
+# structure, no pass of the model runs frozen. One tail per method keeps the sizes far from the limit
+# (the full chunk of SmoothGrad and of integrated gradients, and their tails: 4 at most per input shape).
+FROZEN_TAILS = 1
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # compile=FREEZE: torch.compile with inductor, and for the passes that need no gradient (under
 # torch.no_grad / inference_mode) a graph compiled with inductor's ``freezing`` (the parameters and
@@ -701,6 +709,8 @@ class _Record:
     compiled: list[int] = field(default_factory=list)  # the one-pass sizes compiled (on _ONE_PASS's record)
     refused: bool = False  # a recurring size was refused for the cap (warned once; on _ONE_PASS's record)
     per_item: Optional[int] = None  # the engine's memory probe: bytes per item of an eager chunk (reused by FREEZE)
+    tails: dict[int, int] = field(default_factory=dict)  # FREEZE: calls whose last, shorter chunk had each size
+    frozen_tails: list[int] = field(default_factory=list)  # FREEZE: the tail sizes that run frozen (FROZEN_TAILS)
 
     def t(self, size: int, cl: bool) -> float:
         """The fastest seconds per item measured at ``size`` in layout ``cl`` (``inf``: none)."""
@@ -780,6 +790,9 @@ class Run:
         self.channels_last = False
         self._saved: list[tuple[nn.Parameter, Tensor]] = []
         self._compiled_now = False
+        # compile="freeze": this chunk (a last, shorter one) may run the frozen graphs only, never the
+        # plain compiled model (another size of the model class's graph): set by plan() for the next chunk
+        self._frozen_only = self._tail_next = False
         self._used_compiled = False
         self._probing = False
         self.softmax_checked = False
@@ -879,13 +892,14 @@ class Run:
     def chunk(self, channels_last: bool, compiled: bool) -> Iterator[None]:
         self.set_layout(channels_last)
         self._compiled_now = compiled and self._compiled_fn is not None
+        self._frozen_only, self._tail_next = self._tail_next and self._compiled_now, False
         self._used_compiled = self._used_folded = self._used_frozen = False
         token = _active.set(_active.get() + (self,))
         try:
             yield
         finally:
             _active.reset(token)
-            self._compiled_now = False
+            self._compiled_now = self._frozen_only = False
             self.layouts.append(("channels_last" if channels_last else "contiguous")
                                 + (" folded" if self._used_folded else "")
                                 + (" compiled" if self._used_compiled else "")
@@ -1025,7 +1039,28 @@ class Run:
             self._probing = rec.size is None and size <= remaining
         size = min(size, remaining)
         full = rec.size if (rec.size is not None and not fixed and opt.chunks != "memory") else cap
-        return size, layout, opt.backend is not None and size == full
+        compiled = opt.backend is not None and size == full
+        if not compiled and size == remaining and self._frozen_base is not None and self._frozen_tail(size):
+            compiled = self._tail_next = True  # the last, shorter chunk: the frozen graphs only
+        return size, layout, compiled
+
+    def _frozen_tail(self, size: int) -> bool:
+        """compile="freeze": whether a last chunk of ``size`` items, shorter than the fixed size, runs
+        the frozen graphs (a graph of its own size: the same function, so the same maps up to
+        rounding). Only a size that recurs: from its second call on (a size seen once costs a compile
+        and is never run again), at most :data:`FROZEN_TAILS` sizes per record. Items are not padded
+        to the fixed size instead: whether the padding changes the real items' results (a model that
+        mixes the items of a batch) cannot be told without the eager pass, and a chunk of the fixed
+        size costs about 1.5x an eager chunk of half its size (docs/performance.md, "Chunks")."""
+        rec = self.record
+        with _lock:
+            rec.tails[size] = rec.tails.get(size, 0) + 1
+            if size in rec.frozen_tails:
+                return True
+            if rec.tails[size] < 2 or len(rec.frozen_tails) >= FROZEN_TAILS:
+                return False
+            rec.frozen_tails.append(size)
+            return True
 
     def _layout_choice(self, per_item_bytes: Optional[int]) -> Optional[bool]:
         mf = self.options.memory_format
@@ -1109,6 +1144,8 @@ def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: boo
         frozen = run.frozen_for(fn)
         if frozen is not None:
             fn = frozen
+        elif fn is not None and fn is run._compiled_fn and run._frozen_only:
+            fn = run._folded  # a last, shorter chunk: only the frozen graphs take its size
         if fn is not None:
             try:
                 if fn is not run._folded:
