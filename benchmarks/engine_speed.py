@@ -6,7 +6,9 @@
 
 For each method (SmoothGrad with ``--samples`` copies, integrated gradients with ``--steps``
 points) and each number of images B per call, one process times, in every round, in an order
-that rotates from round to round:
+that rotates from round to round (with ``--repeats K``, K sweeps over every mode per round, the
+order rotating from sweep to sweep, and the round keeps each mode's fastest timing: the run least
+disturbed by other work on the machine; all K timings are in the .json, ``repeats_s``):
 
 - ``bare B``: the bare eager passes the method needs (forward + ``torch.autograd.grad`` w.r.t. the
   input, parameters frozen, default layout) in passes of B images: the reference of the 0.85x goal;
@@ -105,11 +107,17 @@ def _job(model, frozen, x, method: str, args) -> dict:
     times: dict[str, list[float]] = {k: [] for k in modes}
     loads = []
     names = list(modes)
+    every: dict[str, list[list[float]]] = {k: [] for k in modes}  # per round, each of the K timings
     for r in range(args.rounds):
         load0 = os.getloadavg()[0]
-        order = names[r % len(names):] + names[:r % len(names)]
-        for k in order:
-            times[k].append(_timed(modes[k]))
+        taken: dict[str, list[float]] = {k: [] for k in names}
+        for i in range(args.repeats):  # K sweeps over every mode, the order rotating in and across rounds
+            s = (r * args.repeats + i) % len(names)
+            for k in names[s:] + names[:s]:
+                taken[k].append(_timed(modes[k]))
+        for k in names:
+            every[k].append(taken[k])
+            times[k].append(min(taken[k]))  # the fastest of the K: the run least disturbed by other work
         loads.append((load0, os.getloadavg()[0]))
         print(f"  {method} B={b} round {r + 1}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in names)
               + f" (load {load0:.1f})", flush=True)
@@ -119,7 +127,7 @@ def _job(model, frozen, x, method: str, args) -> dict:
     decisions = [{"layout": rec.layout, "size": rec.size} for k, rec in _perf._records.items()
                  if rec.model() is model and k[5] == "auto" and k[1].startswith(tag) and k[2] == tuple(x.shape[1:])]
     return {"method": method, "images": b, "items": n * b, "first_call_s": first, "times_s": times,
-            "load_1min_before_after": loads, "auto_decisions": decisions}
+            "repeats_s": every, "load_1min_before_after": loads, "auto_decisions": decisions}
 
 
 def _stats(v: list[float]) -> tuple[float, float, float]:
@@ -128,8 +136,9 @@ def _stats(v: list[float]) -> tuple[float, float, float]:
 
 def _table(jobs: list[dict], args) -> str:
     lines = [
-        "| method | images | mode | min s | median s | max s | median / bare B | median / best bare | first call s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | images | mode | min s | median s | max s | median / bare B | median / best bare | "
+        "per round / that round's bare B | first call s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for j in jobs:
         t = j["times_s"]
@@ -139,8 +148,9 @@ def _table(jobs: list[dict], args) -> str:
         for k, v in t.items():
             lo, med, hi = _stats(v)
             first = j["first_call_s"].get(k)
+            per_round = ", ".join(f"{a / r:.3f}" for a, r in zip(v, t[f"bare {b}"]))
             lines.append(f"| {j['method']} | {b} | {k} | {lo:.2f} | {med:.2f} | {hi:.2f} | {med / ref:.3f} | "
-                         f"{med / best:.3f} | {'' if first is None else f'{first:.1f}'} |")
+                         f"{med / best:.3f} | {per_round} | {'' if first is None else f'{first:.1f}'} |")
     return "\n".join(lines)
 
 
@@ -154,11 +164,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="sweeps over every mode per round (the order rotating); a round keeps each mode's fastest")
     ap.add_argument("--compile", action="store_true", help="add the compile mode to the default modes")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
                     help="salience's modes to time (default: contiguous throughput auto auto+throughput)")
     ap.add_argument("--out", default=str(HERE / "engine_speed"))
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be 1 or more")
     if args.modes is None:
         args.modes = ["contiguous", "throughput", "auto", "auto+throughput"] + (["compile"] if args.compile else [])
 
@@ -176,13 +190,17 @@ def main(argv=None) -> int:
         for b in args.images:
             x = torch.rand(b, 3, args.size, args.size, generator=torch.Generator().manual_seed(b))
             report["jobs"].append(_job(model, frozen, x, method, args))
+            # written after every job too, so that a run cut short keeps the jobs it finished
+            Path(args.out + ".json").write_text(json.dumps(report, indent=2))
     report["loadavg_end"] = os.getloadavg()
     report["wall_s"] = time.time() - t0
     Path(args.out + ".json").write_text(json.dumps(report, indent=2))
     cfg = (f"`python benchmarks/engine_speed.py {' '.join(argv) if argv else ''}`".replace(" `", "`")
            if argv is not None else "")
     md = [f"# Engine speed: {args.model}, {args.size} px, SmoothGrad {args.samples} / IG {args.steps}, "
-          f"{args.rounds} interleaved rounds, {args.threads} threads", "",
+          f"{args.rounds} interleaved rounds"
+          + (f" (each keeping every mode's fastest of {args.repeats} sweeps)" if args.repeats > 1 else "")
+          + f", {args.threads} threads", "",
           f"torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs. 1-minute load "
           f"average {report['loadavg_start'][0]:.1f} at the start, {report['loadavg_end'][0]:.1f} at the end "
           "(2 = our threads alone; per round in the .json). " + cfg, "",

@@ -873,9 +873,11 @@ def test_compile_freeze_gradient_graph_follows_weights_changed_in_place(snapshot
         outs = _gradient_maps(model, x, compile="freeze")
     for out, ref in zip(outs, refs):
         assert _rel(out, ref) < 1e-6, _rel(out, ref)
-    assert len(frozen) == 2
+    # the new weights' graphs: the chunk size 6, and SmoothGrad's last chunk of 2 (its size recurs, so
+    # it runs frozen from this second call on: perf.FROZEN_TAILS)
+    assert len(frozen) == 3
     _gradient_maps(model, x, compile="freeze")
-    assert len(frozen) == 2  # unchanged since: the graph is kept
+    assert len(frozen) == 3  # unchanged since: the graphs are kept
 
 
 def test_compile_freeze_gradient_graph_that_fails_falls_back(snapshot_freezing, monkeypatch):
@@ -902,6 +904,40 @@ def test_compile_freeze_gradient_graph_that_fails_falls_back(snapshot_freezing, 
         fn = lambda out: out[:, 1] - out[:, 2]  # noqa: E731
         out = salience.smoothgrad(model, x, fn, samples=7, chunk=6, reduce=None, compile="freeze")
     assert _rel(out, salience.smoothgrad(model, x, fn, samples=7, chunk=6, reduce=None)) < 1e-6
+
+
+class _Counting(nn.Module):
+    """A small convolutional model that counts its passes in a buffer, in eval mode too (its weights'
+    state changes at every pass)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 5)
+        self.register_buffer("passes", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.passes += 1
+        return self.head(self.conv(x).relu().mean((2, 3)))
+
+
+def test_compile_freeze_gradient_graph_failure_is_kept_for_the_structure(snapshot_freezing):
+    """A model that updates a buffer in its forward: dynamo cannot trace the update inside the frozen
+    gradient graph. The failure warns once in three SmoothGrad calls, and the later calls run the
+    plain compiled model without trying the graph again (no frozen graph compiled, none called); the
+    maps are the eager maps. Before, the buffer's new version made a new weights key at every call:
+    the graph was traced, failed and warned again every time."""
+    frozen, calls, graphs = snapshot_freezing
+    model, x = _Counting(), torch.rand(2, 3, 8, 8)
+    ref = salience.smoothgrad(model, x, [0, 2], samples=7, chunk=6, reduce=None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            out = salience.smoothgrad(model, x, [0, 2], samples=7, chunk=6, reduce=None, compile="freeze")
+            assert _rel(out, ref) < 1e-6, _rel(out, ref)
+    failed = [w for w in seen if "frozen input-gradient graph failed" in str(w.message)]
+    assert len(failed) == 1, [str(w.message) for w in seen]
+    assert frozen == [] and calls == [] and len(graphs) >= 1  # the plain compiled model ran instead
 
 
 class _Outputs(nn.Module):
@@ -980,6 +1016,7 @@ def test_compile_freeze_gradient_graph_with_inductor(monkeypatch):
     torch._dynamo.reset()
     compiles, real = [], _perf._freeze_compile
     monkeypatch.setattr(_perf, "_freeze_compile", lambda gm, inputs: compiles.append(1) or real(gm, inputs))
+    monkeypatch.setattr(_perf, "FROZEN_TAILS", 0)  # the last, shorter chunks eager: one compile per state
     try:
         old = None
         for step in range(2):
@@ -1003,8 +1040,10 @@ def test_compile_freeze_later_calls_run_every_chunk_frozen(monkeypatch):
     """compile="freeze" with inductor: a call's first chunk (the memory probe, the softmax check) runs
     eagerly, and so the last, shorter one; a later call on the same model, input shape and method takes
     the first call's probe and softmax answer, so every chunk has the fixed size and runs the one frozen
-    gradient graph (no graph compiled for another size). The maps are the eager maps within
-    FREEZE_RTOL. Before: the later call ran [eager 2, frozen 4, frozen 4, eager 2] as the first."""
+    gradient graph (no graph compiled for another size); a last, shorter chunk whose size recurs runs
+    frozen from its second call on (IG's tail of 2). The maps are the eager maps within FREEZE_RTOL.
+    Before: the later call ran [eager 2, frozen 4, frozen 4, eager 2] as the first, and the tail
+    always eagerly."""
     torch.manual_seed(0)
     model = _with_statistics(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)))
@@ -1040,9 +1079,13 @@ def test_compile_freeze_later_calls_run_every_chunk_frozen(monkeypatch):
         assert layouts[0] == ([2, 4, 4, 2], ["contiguous", frozen, frozen, "contiguous"])
         for sg in (layouts[2], layouts[4]):  # the later calls: 3 x 4, all frozen
             assert sg == ([4, 4, 4], [frozen] * 3), sg
-        for ig in (layouts[3], layouts[5]):  # IG's 18 items: 4 chunks of 4 frozen, the rest (2) eagerly
-            assert ig == ([4, 4, 4, 4, 2], [frozen] * 4 + ["contiguous"]), ig
-        assert len(compiles) == 1  # one frozen gradient graph, at the chunk size 4, for all the calls
+        # IG's 18 items: 4 chunks of 4 frozen, the rest (2) eagerly the first time the tail size comes,
+        # frozen (a graph of size 2) from its second time on (perf.FROZEN_TAILS); before, always eagerly
+        assert layouts[3] == ([4, 4, 4, 4, 2], [frozen] * 4 + ["contiguous"]), layouts[3]
+        assert layouts[5] == ([4, 4, 4, 4, 2], [frozen] * 5), layouts[5]
+        # one frozen gradient graph at the chunk size 4 for all the calls, one at IG's recurring tail;
+        # SmoothGrad's tail of 2 (first call only) compiled nothing
+        assert len(compiles) == 2
     finally:
         torch._dynamo.reset()
 

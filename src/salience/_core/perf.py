@@ -15,7 +15,8 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   backend callable. The compiled model is cached for the process; every chunk of the one fixed
   size runs compiled, a chunk of another size (the first, the last) eagerly, so nothing recompiles
   across chunks (with :data:`FREEZE`, a later call on the same model, shape and method skips the
-  first, probing chunk: :meth:`Run.reused_probe`); single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
+  first, probing chunk: :meth:`Run.reused_probe`, and a last, shorter chunk whose size recurs runs
+  frozen graphs of its own size: :meth:`Run._frozen_tail`); single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
   most :data:`ONE_PASS_SIZES`. Where compilation is unavailable or fails, a warning says why and the
   eager path runs.
 - ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward pass under
@@ -61,7 +62,7 @@ import weakref
 from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -103,6 +104,13 @@ SIZE_SAMPLES = 2
 # batch), and three option sets (6 graphs) leave room for a many-pass method's chunks (with 3 sizes,
 # two option sets take 6); a third recurring size runs eagerly, with one warning naming the sizes.
 ONE_PASS_SIZES = 2
+# compile=FREEZE: sizes of a many-pass call's last, shorter chunk that run the frozen graphs (one graph
+# more each, compiled at the size's second call, :meth:`Run.plan`), per model, method, input shape
+# and options. The frozen gradient graph of a model is one code object for every method and size,
+# with dynamo's recompile limit of 8 graphs; past it the graph fails and, remembered for the model's
+# structure, no pass of the model runs frozen. One tail per method keeps the sizes far from the limit
+# (the full chunk of SmoothGrad and of integrated gradients, and their tails: 4 at most per input shape).
+FROZEN_TAILS = 1
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # compile=FREEZE: torch.compile with inductor, and for the passes that need no gradient (under
 # torch.no_grad / inference_mode) a graph compiled with inductor's ``freezing`` (the parameters and
@@ -385,16 +393,15 @@ def weights_key(model: nn.Module) -> Optional[tuple]:
     return _fold_key(model)
 
 
-def _frozen_model(model: nn.Module, key: tuple) -> Any:
-    """The process's frozen compiled ``model`` (an exception object if it failed) for the weights'
-    state ``key`` (:func:`weights_key`), compiled anew (a new backend: :func:`_freezing_backend`) when
-    the key is not the one it was made for."""
+def _frozen_model(model: nn.Module, key: tuple, shape: tuple) -> Any:
+    """The process's frozen compiled ``model`` (an exception object if it failed for the user's model's
+    structure ``shape``) for the weights' state ``key`` (:func:`weights_key`), compiled anew (a new
+    backend: :func:`_freezing_backend`) when the key is not the one it was made for."""
     ck = (id(model), FREEZE)
     with _lock:
-        hit = _compiled.get(ck)
-        if hit is not None and hit[0] is model and hit[2][0] == key and _constants_unchanged(hit[2][1]):
-            _compiled.move_to_end(ck)
-            return hit[1]
+        hit = _frozen_hit(ck, model, key, shape)
+        if hit is not None:
+            return hit
 
         def forward(x: Tensor) -> Any:
             return model(x)
@@ -402,9 +409,43 @@ def _frozen_model(model: nn.Module, key: tuple) -> Any:
         backend = _freezing_backend()
         fn = backend.code_of = _own_code(forward)  # type: ignore[attr-defined]
         compiled = torch.compile(fn, backend=backend, dynamic=False)
-        _store(ck, (model, compiled, (key, backend)))
+        _store(ck, (model, compiled, _Frozen(key, shape, backend, None)))
         _evict()
         return compiled
+
+
+class _Frozen(NamedTuple):
+    """What a frozen entry of ``_compiled`` (``(model, graph or the exception it failed with, _Frozen)``,
+    keyed ``(id(model), FREEZE)`` or ``(id(model), _GRADIENT)``) is kept for: the weights' state
+    (:func:`weights_key`) and the user's model's :func:`structure`, the backend that compiled the graph
+    (its :func:`_graph_constants` watched; ``None`` for a failure) and, for the gradient graph, the
+    ``unwrap`` it traced. A graph is good for one weights' state; a failure for the structure (any
+    weights, any ``unwrap``): a model that changes a buffer in its forward (a counter, in eval mode)
+    has new weights at every call, and its graph, which fails to trace the change, was tried again
+    and warned at every call."""
+
+    key: Optional[tuple]
+    structure: tuple
+    backend: Any
+    unwrap: Optional[Callable[[Any], Tensor]]
+
+
+def _frozen_hit(ck: tuple, model: nn.Module, key: Optional[tuple], shape: tuple,
+                unwrap: Optional[Callable[[Any], Tensor]] = None) -> Any:
+    """The cached frozen entry ``ck``'s graph when it is still good for ``model`` in the weights' state
+    ``key`` with ``unwrap``, or the exception it failed with for the structure ``shape``, else
+    ``None``; under ``_lock``."""
+    hit = _compiled.get(ck)
+    if hit is None or hit[0] is not model:
+        return None
+    info = hit[2]
+    if isinstance(hit[1], Exception):
+        if info.structure != shape:
+            return None
+    elif info.key != key or not _constants_unchanged(info.backend) or info.unwrap != unwrap:
+        return None
+    _compiled.move_to_end(ck)
+    return hit[1]
 
 
 def _own_code(fn: Callable) -> Callable:
@@ -422,11 +463,13 @@ def _own_code(fn: Callable) -> Callable:
 _GRADIENT = "freeze-gradient"  # the key of a frozen input-gradient graph in ``_compiled``
 
 
-def _frozen_gradient(model: nn.Module, key: tuple, unwrap: Optional[Callable[[Any], Tensor]] = None) -> Any:
+def _frozen_gradient(model: nn.Module, key: tuple, shape: tuple,
+                     unwrap: Optional[Callable[[Any], Tensor]] = None) -> Any:
     """The process's frozen input-gradient function of ``model`` for the weights' state ``key``
     (:func:`weights_key`): ``fn(x, classes) -> (gradient, output)``, the gradient w.r.t. ``x`` of the
     sum over the batch of each item's ``classes`` score, as :func:`torch.func.grad` compiled under
-    ``torch.no_grad`` (an exception object if it failed before for this key).
+    ``torch.no_grad`` (an exception object if it failed before for the user's model's structure
+    ``shape``: :class:`_Frozen`).
 
     Inductor freezes only graphs compiled with grad mode off. With the parameters not requiring
     gradients the input gradient is a function of the input alone, and ``torch.func.grad`` (a function
@@ -439,11 +482,9 @@ def _frozen_gradient(model: nn.Module, key: tuple, unwrap: Optional[Callable[[An
     model returns (:func:`gradient_call`); the function's output is that tensor."""
     ck = (id(model), _GRADIENT)
     with _lock:
-        hit = _compiled.get(ck)
-        if hit is not None and hit[0] is model and hit[2][0] == key and _constants_unchanged(hit[2][1]) \
-                and (len(hit[2]) < 3 or hit[2][2] == unwrap):
-            _compiled.move_to_end(ck)
-            return hit[1]
+        hit = _frozen_hit(ck, model, key, shape, unwrap)
+        if hit is not None:
+            return hit
 
         def gradient(x: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
             for _ in model.parameters():
@@ -464,7 +505,7 @@ def _frozen_gradient(model: nn.Module, key: tuple, unwrap: Optional[Callable[[An
         backend = _freezing_backend()
         fn = backend.code_of = _own_code(gradient)  # type: ignore[attr-defined]
         compiled = torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
-        _store(ck, (model, compiled, (key, backend, unwrap)))
+        _store(ck, (model, compiled, _Frozen(key, shape, backend, unwrap)))
         _evict()
         return compiled
 
@@ -489,7 +530,7 @@ def _release_graphs(entry: tuple) -> None:
     garbage collector does not see, each holding the old weights as constants; a compiled model of
     ``compile=True`` (the model class's code, shared) is left to dynamo."""
     info = entry[2]
-    backend = info[1] if isinstance(info, tuple) and len(info) in (2, 3) else None
+    backend = info.backend if isinstance(info, _Frozen) else None
     fn = getattr(backend, "code_of", None) if getattr(backend, "watch", None) is not None else None
     if fn is not None:
         torch._dynamo.reset_code(fn.__code__)
@@ -668,6 +709,8 @@ class _Record:
     compiled: list[int] = field(default_factory=list)  # the one-pass sizes compiled (on _ONE_PASS's record)
     refused: bool = False  # a recurring size was refused for the cap (warned once; on _ONE_PASS's record)
     per_item: Optional[int] = None  # the engine's memory probe: bytes per item of an eager chunk (reused by FREEZE)
+    tails: dict[int, int] = field(default_factory=dict)  # FREEZE: calls whose last, shorter chunk had each size
+    frozen_tails: list[int] = field(default_factory=list)  # FREEZE: the tail sizes that run frozen (FROZEN_TAILS)
 
     def t(self, size: int, cl: bool) -> float:
         """The fastest seconds per item measured at ``size`` in layout ``cl`` (``inf``: none)."""
@@ -747,6 +790,9 @@ class Run:
         self.channels_last = False
         self._saved: list[tuple[nn.Parameter, Tensor]] = []
         self._compiled_now = False
+        # compile="freeze": this chunk (a last, shorter one) may run the frozen graphs only, never the
+        # plain compiled model (another size of the model class's graph): set by plan() for the next chunk
+        self._frozen_only = self._tail_next = False
         self._used_compiled = False
         self._probing = False
         self.softmax_checked = False
@@ -793,7 +839,7 @@ class Run:
                           "under torch.inference_mode), so a change to it could not be seen; the passes run the "
                           "compiled model without freezing", stacklevel=user_stacklevel())
             return
-        frozen = _frozen_model(base, self._weights_key)
+        frozen = _frozen_model(base, self._weights_key, self.structure)
         if not isinstance(frozen, Exception):
             self._frozen_fn, self._frozen_base = frozen, base
 
@@ -846,13 +892,14 @@ class Run:
     def chunk(self, channels_last: bool, compiled: bool) -> Iterator[None]:
         self.set_layout(channels_last)
         self._compiled_now = compiled and self._compiled_fn is not None
+        self._frozen_only, self._tail_next = self._tail_next and self._compiled_now, False
         self._used_compiled = self._used_folded = self._used_frozen = False
         token = _active.set(_active.get() + (self,))
         try:
             yield
         finally:
             _active.reset(token)
-            self._compiled_now = False
+            self._compiled_now = self._frozen_only = False
             self.layouts.append(("channels_last" if channels_last else "contiguous")
                                 + (" folded" if self._used_folded else "")
                                 + (" compiled" if self._used_compiled else "")
@@ -914,31 +961,33 @@ class Run:
         fn = self.forward_fn(True, strip_softmax)
         if fn is None or fn is not self._compiled_fn:
             return None
-        got = _frozen_gradient(self._frozen_base, self._weights_key, unwrap)
+        got = _frozen_gradient(self._frozen_base, self._weights_key, self.structure, unwrap)
         return None if isinstance(got, Exception) else got
 
     def gradient_failed(self, error: BaseException) -> None:
-        """The frozen gradient function raised: not tried again in this process until the weights
-        change; this pass and the next run the compiled model with autograd."""
+        """The frozen gradient function raised: not tried again in this process until the model's
+        :func:`structure` changes (:class:`_Frozen`); this pass and the next run the compiled model
+        with autograd."""
+        self._frozen_failed(_GRADIENT, "the frozen input-gradient graph", error,
+                            "the gradient passes run the compiled model without freezing")
+
+    def _frozen_failed(self, kind: str, what: str, error: BaseException, instead: str) -> None:
+        """Remember that the frozen graph ``kind`` (``FREEZE``, ``_GRADIENT``) of the model failed with
+        ``error`` (dynamo's ``BackendCompilerFailed``: the compiler's own error is named), and warn."""
         cause = getattr(error, "inner_exception", None)
-        why = f"the frozen input-gradient graph failed on this model ({_described(cause or error)})"
+        why = f"{what} failed on this model ({_described(cause or error)})"
         with _lock:
-            _store((id(self._frozen_base), _GRADIENT), (self._frozen_base, SalienceError(why),
-                                                        (self._weights_key, None)))
-        warnings.warn(f"compile={FREEZE!r}: {why}; the gradient passes run the compiled model without freezing "
-                      "(the results are the same, only slower)", stacklevel=user_stacklevel())
+            _store((id(self._frozen_base), kind), (self._frozen_base, SalienceError(why),
+                                                   _Frozen(self._weights_key, self.structure, None, None)))
+        warnings.warn(f"compile={FREEZE!r}: {why}; {instead} (the results are the same, only slower)",
+                      stacklevel=user_stacklevel())
 
     def forward_failed(self, fn: Callable, error: BaseException) -> None:
         """``fn`` (from :meth:`forward_fn` or :meth:`frozen_for`) raised: never run it again in this
-        process (the frozen graph: until the weights change)."""
+        process (the frozen graph: until the model's :func:`structure` changes)."""
         if fn is self._frozen_fn and self._frozen_base is not None:
-            cause = getattr(error, "inner_exception", None)  # dynamo's BackendCompilerFailed: the compiler's error
-            why = f"torch.compile with freezing failed on this model ({_described(cause or error)})"
-            with _lock:
-                _store((id(self._frozen_base), FREEZE), (self._frozen_base, SalienceError(why),
-                                                         (self._weights_key, None)))
-            warnings.warn(f"compile={FREEZE!r}: {why}; the passes without gradients run without freezing "
-                          "(the results are the same, only slower)", stacklevel=user_stacklevel())
+            self._frozen_failed(FREEZE, "torch.compile with freezing", error,
+                                "the passes without gradients run without freezing")
             self._frozen_fn = None
             return
         if fn is not self._folded:
@@ -990,7 +1039,28 @@ class Run:
             self._probing = rec.size is None and size <= remaining
         size = min(size, remaining)
         full = rec.size if (rec.size is not None and not fixed and opt.chunks != "memory") else cap
-        return size, layout, opt.backend is not None and size == full
+        compiled = opt.backend is not None and size == full
+        if not compiled and size == remaining and self._frozen_base is not None and self._frozen_tail(size):
+            compiled = self._tail_next = True  # the last, shorter chunk: the frozen graphs only
+        return size, layout, compiled
+
+    def _frozen_tail(self, size: int) -> bool:
+        """compile="freeze": whether a last chunk of ``size`` items, shorter than the fixed size, runs
+        the frozen graphs (a graph of its own size: the same function, so the same maps up to
+        rounding). Only a size that recurs: from its second call on (a size seen once costs a compile
+        and is never run again), at most :data:`FROZEN_TAILS` sizes per record. Items are not padded
+        to the fixed size instead: whether the padding changes the real items' results (a model that
+        mixes the items of a batch) cannot be told without the eager pass, and a chunk of the fixed
+        size costs about 1.5x an eager chunk of half its size (docs/performance.md, "Chunks")."""
+        rec = self.record
+        with _lock:
+            rec.tails[size] = rec.tails.get(size, 0) + 1
+            if size in rec.frozen_tails:
+                return True
+            if rec.tails[size] < 2 or len(rec.frozen_tails) >= FROZEN_TAILS:
+                return False
+            rec.frozen_tails.append(size)
+            return True
 
     def _layout_choice(self, per_item_bytes: Optional[int]) -> Optional[bool]:
         mf = self.options.memory_format
@@ -1074,6 +1144,8 @@ def forward_call(model: nn.Module, x_in: Tensor, plain: bool, strip_softmax: boo
         frozen = run.frozen_for(fn)
         if frozen is not None:
             fn = frozen
+        elif fn is not None and fn is run._compiled_fn and run._frozen_only:
+            fn = run._folded  # a last, shorter chunk: only the frozen graphs take its size
         if fn is not None:
             try:
                 if fn is not run._folded:
