@@ -529,6 +529,19 @@ def test_the_actor_pool_is_given_as_the_installed_ray_wants_it(cluster, tmp_path
     assert not [m for m in said if "deprecated" in m], said
 
 
+def _eight(tmp_path: Path) -> tuple:
+    """The Ray label-resume tests' setup: a small CNN seeded with 0, the run's keywords (shards and
+    batches of 2, float32 maps), the labels their 8 items carry (``(i * 2) % 3``) and the run's
+    folder ``tmp_path / "run"``: ``(model, kw, labels, folder)``."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    kw = dict(shard_size=2, batch_size=2, workers=0, map_dtype="float32")
+    return model, kw, [(i * 2) % 3 for i in range(8)], tmp_path / "run"
+
+
 def test_a_ray_resume_checks_the_begun_labels_in_its_decoding_tasks_without_shipping_them_all(cluster, tmp_path,
                                                                                             monkeypatch):
     """A run of a Dataset of ``(input, label)`` begun with ``labels=`` (given up front), cut short and
@@ -549,12 +562,7 @@ def test_a_ray_resume_checks_the_begun_labels_in_its_decoding_tasks_without_ship
             x = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i))
             return x, self.bad.get(i, (i * 2) % 3)
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
-    kw = dict(shard_size=2, batch_size=2, workers=0, map_dtype="float32")
-    labels = [(i * 2) % 3 for i in range(8)]
-    folder = tmp_path / "run"
+    model, kw, labels, folder = _eight(tmp_path)
     first = salience.explain_dataset(model, Items(), ["vanilla"], folder, labels=labels, **kw).table
     shipped = []
     map_batches = ray.data.Dataset.map_batches
@@ -678,12 +686,7 @@ def test_a_ray_run_begun_reading_labels_with_each_item_continues_with_labels_tha
         def __getitem__(self, i):
             return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)), (i * 2) % 3
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
-    kw = dict(shard_size=2, batch_size=2, workers=0, map_dtype="float32")
-    items = [(i * 2) % 3 for i in range(8)]
-    folder = tmp_path / "run"
+    model, kw, items, folder = _eight(tmp_path)
     first = salience.explain_dataset(model, Items(), ["vanilla"], folder, **kw).table
     for name in ("000000004", "000000006"):
         (folder / "shards" / f"{name}.parquet").unlink()
