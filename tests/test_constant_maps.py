@@ -48,6 +48,11 @@ def channel_flat():
     torch.manual_seed(0)
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
 
+def seeing_32():
+    """seeing() taking 32 x 32 images (its ModelInfo): salience evaluate draws the demo's shapes at 32."""
+    from salience._core.info import ModelInfo, attach_info
+    return attach_info(seeing(), ModelInfo(name="seeing_32", input_size=(32, 32)))
+
 def tiny():
     """seeing()'s head scaled by 1e-6: its vanilla maps (the head's weights / 64, ~1e-9) are not constant
     but below float16's smallest value (6e-08)."""
@@ -431,10 +436,10 @@ def test_evaluate_says_a_constant_oracle_or_baseline_and_nothing_of_good_ones(se
     rc, out, err = _run([*common, "-o", tmp_path / "ev"], capsys)
     assert rc == 0, err
     oracle = ("the map (the mask) is constant ({}) everywhere: the mask marks {}, so the oracle ranks no pixel above "
-              "another and its row is no ceiling for the methods. Check the mask file {} in {}: the object is where "
-              "its brightest channel is at least half its maximum")
-    want = [f"{E.ORACLE}, 1 of 3 image(s) (image 1): {oracle.format('zero', 'no pixel', 'pic2_grey.png', masks)}",
-            f"{E.ORACLE}, 1 of 3 image(s) (image 2): {oracle.format('1', 'every pixel', 'pic3.png', masks)}"]
+              "another and its row is no ceiling for the methods. Check the mask file {!r} in {!r}: the object is "
+              "where its brightest channel is at least half its maximum")
+    want = [f"{E.ORACLE}, 1 of 3 image(s) (image 1): {oracle.format('zero', 'no pixel', 'pic2_grey.png', str(masks))}",
+            f"{E.ORACLE}, 1 of 3 image(s) (image 2): {oracle.format('1', 'every pixel', 'pic3.png', str(masks))}"]
     want += [f"{name}, 1 of 3 image(s) (image 1): the map is constant (zero) everywhere: the image holds nothing "
              "this baseline responds to (e.g. one flat colour), so it ranks no pixel above another and its row is no "
              "floor for the methods. Check the image" for name in ("spectral_residual", "sobel_edges")]
@@ -482,13 +487,77 @@ def test_evaluate_with_mask_tensors_names_the_masks_to_check_not_a_file(tmp_path
     by_file = E.constant_notes({E.ORACLE: maps[E.ORACLE]}, mask_files=files)
     check = "the object is where its brightest channel is at least half its maximum"
     assert by_file == [
-        f"{E.ORACLE}, 1 of 4 image(s) (image 1): {base.format('zero', 'no pixel')}Check the mask file b.png in "
-        f"{tmp_path / 'm'}: {check}",
-        f"{E.ORACLE}, 2 of 4 image(s) (images 2, 3): {base.format('1', 'every pixel')}Check the mask files c.png, "
-        f"d.png in {tmp_path / 'm'}: {check}"], by_file
+        f"{E.ORACLE}, 1 of 4 image(s) (image 1): {base.format('zero', 'no pixel')}Check the mask file 'b.png' in "
+        f"'{tmp_path / 'm'}': {check}",
+        f"{E.ORACLE}, 2 of 4 image(s) (images 2, 3): {base.format('1', 'every pixel')}Check the mask files 'c.png', "
+        f"'d.png' in '{tmp_path / 'm'}': {check}"], by_file
     apart = [tmp_path / d / "m.png" for d in "wxyz"]  # masks in several folders: each named by its path
     assert E.constant_notes({E.ORACLE: maps[E.ORACLE]}, mask_files=apart)[1].endswith(
-        f"Check the mask files {apart[2]}, {apart[3]}: {check}")
+        f"Check the mask files '{apart[2]}', '{apart[3]}': {check}")
+
+
+def test_evaluate_names_mask_files_in_the_current_folder_plainly_and_each_quoted(setup, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """salience evaluate --masks . (run in the masks' folder): two empty masks, one of a file whose name
+    holds ", ". Before, the text read "Check the mask files pic1, grey.png, pic2.png in ." (three names
+    or two? and "in ." for the current folder); now each name is quoted as Python writes a string and
+    the current folder is not named."""
+    import json
+
+    from salience.evidence import evaluate as E
+
+    paths, nets = setup
+    imgs = paths[0].parent
+    paths[0].rename(imgs / "pic1, grey.png")
+    paths[1].rename(imgs / "pic2.png")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("pic1, grey", "pic2"):
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(masks / f"{name}.png")
+    monkeypatch.chdir(masks)
+    rc, out, err = _run(["evaluate", "--images", imgs, "--masks", ".", "--method", "vanilla", "--n", "2", "--steps",
+                         "2", "--randomization-images", "1", "-m", f"python:{nets}:seeing", "-o", tmp_path / "ev"],
+                        capsys)
+    assert rc == 0, err
+    want = (f"{E.ORACLE}, 2 of 2 image(s) (images 0, 1): the map (the mask) is constant (zero) everywhere: the mask "
+            "marks no pixel, so the oracle ranks no pixel above another and its row is no ceiling for the methods. "
+            "Check the mask files 'pic1, grey.png', 'pic2.png': the object is where its brightest channel is at "
+            "least half its maximum")
+    assert [ln for ln in err.splitlines() if ln.startswith(f"salience: warning: {E.ORACLE}")] == [
+        f"salience: warning: {want}"], err
+    assert want in json.loads((tmp_path / "ev" / "results.json").read_text())["warnings"]
+
+
+def test_evaluate_on_the_demos_shapes_says_a_constant_mask_is_the_demos_not_a_tensor_given(setup, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """salience evaluate without --images uses the demo's generated shapes and masks: no file, and no
+    ``masks`` tensor of the user's. Before, a constant one was said as "Check the mask of image 1
+    (masks[1]): ..."; now the text says these are the demo's generated masks, by image index and the
+    call that made them, and what to do. (The demo's masks are never constant: one is emptied here.)"""
+    from salience.demo import data
+    from salience.evidence import evaluate as E
+
+    _, nets = setup
+    shapes_batch = data.shapes_batch
+
+    def emptied(n, seed=0, **kw):
+        b = shapes_batch(n, seed, **kw)
+        b.masks[1] = False
+        return b
+
+    monkeypatch.setattr(data, "shapes_batch", emptied)
+    rc, out, err = _run(["evaluate", "--method", "vanilla", "--n", "2", "--steps", "2", "--randomization-images", "1",
+                         "-m", f"python:{nets}:seeing_32", "-o", tmp_path / "ev"], capsys)
+    assert rc == 0, err
+    said = [ln for ln in err.splitlines() if ln.startswith(f"salience: warning: {E.ORACLE}")]
+    assert said == [
+        f"salience: warning: {E.ORACLE}, 1 of 2 image(s) (image 1): the map (the mask) is constant (zero) everywhere: "
+        "the mask marks no pixel, so the oracle ranks no pixel above another and its row is no ceiling for the "
+        "methods. These are the demo's generated masks, not files: image index 1 of "
+        "salience.demo.data.shapes_batch(2, seed=10000, size=32), which draws each image's shape into its mask, "
+        "so a constant one is salience's fault: report it with that call, and evaluate on images with masks of "
+        "your own (salience evaluate --images DIR --masks DIR; run_evaluation(images=, masks=))"], err
+    assert "masks[" not in err
 
 
 def test_constant_notes_refuses_mask_files_that_are_not_one_per_image():
@@ -507,8 +576,12 @@ def test_constant_notes_refuses_mask_files_that_are_not_one_per_image():
                                + str(maps[E.ORACLE].shape[0]) + r" image\(s\) of the oracle's maps; give one mask "
                                r"file per image, image i's at mask_files\[i\]$"):
                 E.constant_notes(maps, mask_files=files)
+    with pytest.raises(SalienceError, match=r"^constant_notes: give mask_files= \(masks read from files\) or "
+                       r"demo_masks= \(the demo's generated masks\), not both$"):
+        E.constant_notes({E.ORACLE: masks}, mask_files=["a.png", "b.png", "c.png"], demo_masks="shapes_batch(3)")
     assert E.constant_notes({E.ORACLE: masks}, mask_files=["m/a.png", "m/b.png", "m/c.png"])[0].endswith(
-        "Check the mask files b.png, c.png in m: the object is where its brightest channel is at least half its maximum")
+        "Check the mask files 'b.png', 'c.png' in 'm': the object is where its brightest channel is at least half its "
+        "maximum")
 
 
 def test_visualize_says_a_class_model_image_left_flat(setup, tmp_path, capsys):

@@ -1636,6 +1636,31 @@ def test_a_labelled_dataset_reads_each_item_once_and_a_resume_reads_no_finished_
     assert again.table.select(cols).equals(run.table.select(cols))
 
 
+def test_a_label_refusal_says_an_item_without_a_label_has_none(tmp_path):
+    """A run begun with ``labels=`` continued without them, an item still to explain carrying no label
+    (``None``): the refusal says the item carries no label ("label 3 -> none, its item carries no label";
+    before: "label 3 -> None, the label its item carries"); labels given
+    to a run begun reading each item's label, where the item carries none, say it the same way."""
+    from salience.runs import job
+
+    def bare(self, i):  # item 3 is its image alone: no label
+        return _Logged.__getitem__(self, i)[0] if i == 3 else _Logged.__getitem__(self, i)
+
+    some_bare = type("_Logged", (_Logged,), {"__getitem__": bare})  # the same name: the same inputs
+
+    model, log, ds, kw, folder = _six(tmp_path)
+    salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[i % 4 for i in range(6)], **kw)  # the items'
+    (folder / "shards" / "000000002.parquet").unlink()  # the run cut short: images 2 and 3 to explain again
+    with pytest.raises(SalienceError, match=r"^" + re.escape(
+            f"{folder} holds a run of a different command (labels: image 3 (_Logged[3]): label 3 -> none, its "
+            "item carries no label; the run was begun with its labels given up front); give the same labels= "
+            "(--labels-csv) to continue it, choose another --out, or add --overwrite to start again") + r"$"):
+        salience.explain_dataset(model, some_bare(log, n=6), ["vanilla"], folder, **kw)
+    said = str(job.begun_label_refusal("run", 2, "p.png", 1, None, given=True))  # given 1, the item none
+    assert "(labels: image 2 (p.png): label none -> 1, given up front (labels=, --labels-csv); the run was begun " \
+           "reading the labels with each item, and its item carries no label); " in said, said
+
+
 def test_a_run_begun_with_labels_given_is_not_continued_with_other_labels_its_items_carry(tmp_path):
     """A run of a Dataset of (input, label) begun with ``labels=`` (its command holds their digest) and
     continued without them (each label then read with its item): each item's label must be the one the

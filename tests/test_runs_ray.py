@@ -529,6 +529,19 @@ def test_the_actor_pool_is_given_as_the_installed_ray_wants_it(cluster, tmp_path
     assert not [m for m in said if "deprecated" in m], said
 
 
+def _eight(tmp_path: Path) -> tuple:
+    """The Ray label-resume tests' setup: a small CNN seeded with 0, the run's keywords (shards and
+    batches of 2, float32 maps), the labels their 8 items carry (``(i * 2) % 3``) and the run's
+    folder ``tmp_path / "run"``: ``(model, kw, labels, folder)``."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    kw = dict(shard_size=2, batch_size=2, workers=0, map_dtype="float32")
+    return model, kw, [(i * 2) % 3 for i in range(8)], tmp_path / "run"
+
+
 def test_a_ray_resume_checks_the_begun_labels_in_its_decoding_tasks_without_shipping_them_all(cluster, tmp_path,
                                                                                             monkeypatch):
     """A run of a Dataset of ``(input, label)`` begun with ``labels=`` (given up front), cut short and
@@ -549,12 +562,7 @@ def test_a_ray_resume_checks_the_begun_labels_in_its_decoding_tasks_without_ship
             x = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i))
             return x, self.bad.get(i, (i * 2) % 3)
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
-    kw = dict(shard_size=2, batch_size=2, workers=0, map_dtype="float32")
-    labels = [(i * 2) % 3 for i in range(8)]
-    folder = tmp_path / "run"
+    model, kw, labels, folder = _eight(tmp_path)
     first = salience.explain_dataset(model, Items(), ["vanilla"], folder, labels=labels, **kw).table
     shipped = []
     map_batches = ray.data.Dataset.map_batches
@@ -678,12 +686,7 @@ def test_a_ray_run_begun_reading_labels_with_each_item_continues_with_labels_tha
         def __getitem__(self, i):
             return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)), (i * 2) % 3
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
-    kw = dict(shard_size=2, batch_size=2, workers=0, map_dtype="float32")
-    items = [(i * 2) % 3 for i in range(8)]
-    folder = tmp_path / "run"
+    model, kw, items, folder = _eight(tmp_path)
     first = salience.explain_dataset(model, Items(), ["vanilla"], folder, **kw).table
     for name in ("000000004", "000000006"):
         (folder / "shards" / f"{name}.parquet").unlink()
@@ -697,3 +700,73 @@ def test_a_ray_run_begun_reading_labels_with_each_item_continues_with_labels_tha
     resumed = salience.explain_dataset(model, Items(), ["vanilla"], folder, labels=items, engine="ray", actors=1, **kw)
     cols = [c for c in first.column_names if c != "shard"]
     assert resumed.complete and resumed.table.select(cols).equals(first.select(cols))
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_users_dataset_on_ray_is_let_go_by_each_process_when_its_run_ends(cluster, tmp_path, monkeypatch):
+    """A user's dataset on Ray is fetched once per worker process and run (``ray_engine._dataset``), and
+    each process that read it lets it go within a second or so of the run's end, done or failed (an
+    item raising): the dataset's ``__del__`` runs there (or the process has ended: a failed run's
+    actors may be killed). Before, each process kept the last run's
+    dataset in a module-level copy until a next run replaced it (so two runs at once from one
+    process fetched each other's again and again). The decoding runs in Ray's pooled worker processes,
+    as it does beside GPU actors (here, with CPU actors, Ray Data would fuse it into the actors)."""
+    import time
+
+    import torch
+
+    class Logged(torch.utils.data.Dataset):  # defined here: Ray's workers get it by value
+        def __init__(self, log, bad=False):
+            self.log, self.bad = str(log), bad
+
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i):
+            if self.bad and i == 3:
+                raise KeyError("label")
+            with open(self.log, "a") as f:
+                f.write(f"read {os.getpid()}\n")
+            return torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(i))
+
+        def __del__(self):
+            with open(self.log, "a") as f:
+                f.write(f"del {os.getpid()}\n")
+
+    def pids(log, what):
+        return {int(p) for w, p in (ln.split() for ln in log.read_text().splitlines()) if w == what} - {os.getpid()}
+
+    from salience.runs import ray_engine
+
+    map_batches = ray.data.Dataset.map_batches
+
+    def apart(self, fn, *args, **kwargs):  # decoding in tasks of their own (as beside GPU actors), not fused
+        if fn is ray_engine.decode:        # into the CPU actors
+            kwargs["num_cpus"] = 0.99
+        return map_batches(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", apart)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).eval()
+    kw = dict(engine="ray", actors=1, shard_size=2, batch_size=2, workers=0)
+    for bad in (False, True):
+        log = tmp_path / f"reads-{bad}.log"
+        if bad:
+            with pytest.raises(KeyError):
+                salience.explain_dataset(model, Logged(log, bad), ["vanilla"], tmp_path / f"run-{bad}", **kw)
+        else:
+            assert salience.explain_dataset(model, Logged(log), ["vanilla"], tmp_path / f"run-{bad}", **kw).complete
+        readers = pids(log, "read")
+        assert readers, "no process of Ray's read the dataset"
+        until = time.monotonic() + 10
+        while [p for p in readers - pids(log, "del") if _alive(p)] and time.monotonic() < until:
+            time.sleep(0.1)
+        assert not [p for p in readers - pids(log, "del") if _alive(p)], (bad, log.read_text())

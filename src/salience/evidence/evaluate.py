@@ -308,14 +308,17 @@ def markdown_table(rows: Sequence[MetricRow]) -> str:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _demo_inputs(model: nn.Module, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor, str]:
+def _demo_inputs(model: nn.Module, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor, str, str]:
+    """``n`` held-out shapes images for ``model``: its input, the pictures, the masks, a one-line
+    description and the call that made them (what a constant mask's text names)."""
     info = model_info(model)
     size = 64
     if info.input_size is not None and info.input_size[0] == info.input_size[1] and info.input_size[0] >= 32:
         size = int(info.input_size[0])
     b = data.shapes_batch(n, seed, size=size)
     x = normalize_input(b.images, info)
-    return x, b.images, b.masks, f"{n} held-out shapes images (salience.data, seed {seed}, {size}x{size})"
+    made = f"salience.demo.data.shapes_batch({n}, seed={seed}, size={size})"
+    return x, b.images, b.masks, f"{n} held-out shapes images (salience.data, seed {seed}, {size}x{size})", made
 
 
 def _names(paths: Sequence[Path], k: int = 5) -> str:
@@ -461,8 +464,9 @@ def run_evaluation(
             resolve_method(mm)  # unknown names fail here, before any work
     start = time.perf_counter()
     mask_files: Optional[list[Path]] = None  # the demo's masks are made, not read
+    demo_masks: Optional[str] = None  # the call that made them
     if images is None:
-        x, raw, m, source = _demo_inputs(model, n, seed)
+        x, raw, m, source, demo_masks = _demo_inputs(model, n, seed)
     else:
         x, raw, m, source, mask_files = _folder_inputs_and_files(model, images, masks, n)
     device = model_device(model)
@@ -473,7 +477,8 @@ def run_evaluation(
                                   randomization_images=randomization_images, progress=progress,
                                   probability=probability)
     pictures = _write_pictures(out, rows, raw, maps)
-    flat = constant_notes({r.name: maps[r.name] for r in rows if r.name in maps}, mask_files=mask_files)
+    flat = constant_notes({r.name: maps[r.name] for r in rows if r.name in maps}, mask_files=mask_files,
+                          demo_masks=demo_masks)
     data_rand = None
     if train_fn is not None:
         data_rand = _data_randomization_rows(train_fn, methods if methods is not None else default_methods(model, x),
@@ -569,24 +574,38 @@ def _first(items: Sequence[str], k: int = 5) -> str:
     return ", ".join(items[:k]) + (f" and {len(items) - k} more" if len(items) > k else "")
 
 
-def _mask_check(where: Sequence[int], mask_files: Optional[Sequence[PathLike]]) -> str:
+def _mask_check(where: Sequence[int], mask_files: Optional[Sequence[PathLike]],
+                demo_masks: Optional[str] = None) -> str:
     """What to check of the constant masks of images ``where``: the mask files named (``mask_files``:
-    image i's mask file, as :func:`run_evaluation` reads a ``masks`` folder), else the rows of the
-    ``masks`` tensor given (:func:`evaluate_methods`)."""
+    image i's mask file, as :func:`run_evaluation` reads a ``masks`` folder; each name quoted as
+    Python writes a string, so a name holding ", " stays one name; files in one folder named with it
+    once, the current folder not named), the demo's generated masks by image index (``demo_masks``:
+    the call that made them), else the rows of the ``masks`` tensor given (:func:`evaluate_methods`)."""
     many = len(where) > 1
+    s = "s" if many else ""
     if mask_files is not None:
         files = [Path(mask_files[i]) for i in where]
-        folders = {str(f.parent) for f in files}
-        named = (f"{_first([f.name for f in files])} in {folders.pop()}" if len(folders) == 1
-                 else _first([str(f) for f in files]))
-        return (f" Check the mask file{'s' if many else ''} {named}: the object is where its brightest channel is "
+        folders = {f.parent for f in files}
+        if len(folders) == 1:
+            folder = folders.pop()
+            named = _first([repr(f.name) for f in files]) + ("" if folder == Path(".") else f" in {str(folder)!r}")
+        else:
+            named = _first([repr(str(f)) for f in files])
+        return (f" Check the mask file{s} {named}: the object is where its brightest channel is "
                 "at least half its maximum")
-    return (f" Check the mask{'s' if many else ''} of image{'s' if many else ''} {_first([str(i) for i in where])} "
+    indices = _first([str(i) for i in where])
+    if demo_masks is not None:
+        return (" These are the demo's generated masks, not files: image "
+                f"{'indices' if many else 'index'} {indices} of {demo_masks}, which draws each image's shape into its mask, so a constant one is salience's fault: report it "
+                "with that call, and evaluate on images with masks of your own (salience evaluate --images DIR "
+                "--masks DIR; run_evaluation(images=, masks=))")
+    return (f" Check the mask{s} of image{s} {indices} "
             f"({_first([f'masks[{i}]' for i in where])}): {'each' if many else 'it'} should be true on the object "
             "and false elsewhere")
 
 
-def constant_notes(maps: dict[str, Tensor], *, mask_files: Optional[Sequence[PathLike]] = None) -> list[str]:
+def constant_notes(maps: dict[str, Tensor], *, mask_files: Optional[Sequence[PathLike]] = None,
+                   demo_masks: Optional[str] = None) -> list[str]:
     """A text per method (or the oracle, or a baseline) and kind of map that is one value everywhere
     among its maps ``(B, ...)``: ``"NAME, J of B image(s) (image i, ...): "`` then, for a method,
     :func:`salience.render.viz.constant_map_note` (its picture a flat colour, its metrics of
@@ -595,9 +614,15 @@ def constant_notes(maps: dict[str, Tensor], *, mask_files: Optional[Sequence[Pat
     is no ceiling / floor and what to check. The first five images are named by position.
 
     ``mask_files``: the file each image's mask was read from (``run_evaluation`` with a ``masks``
-    folder): a constant oracle's text names the files to check; without (masks given as a tensor
-    to :func:`evaluate_methods`) it names the masks of those images, ``masks[i]``; a list of another
-    length than the oracle's images is refused (a :class:`SalienceError`)."""
+    folder): a constant oracle's text names the files to check, each quoted (``'b.png' in 'masks'``;
+    the folder left out when it is the current one); a list of another length than the oracle's
+    images is refused (a :class:`SalienceError`). ``demo_masks``: the masks are the demo's own, made
+    by this call (``run_evaluation`` without ``images``): the text says so, by image index, and what
+    to do. Without either (masks given as a tensor to :func:`evaluate_methods`) it names the masks
+    of those images, ``masks[i]``."""
+    if mask_files is not None and demo_masks is not None:
+        raise SalienceError("constant_notes: give mask_files= (masks read from files) or demo_masks= (the demo's "
+                            "generated masks), not both")
     if mask_files is not None and ORACLE in maps and len(mask_files) != maps[ORACLE].shape[0]:
         raise SalienceError(f"mask_files: {len(mask_files)} file(s) for {maps[ORACLE].shape[0]} image(s) of the "
                             "oracle's maps; give one mask file per image, image i's at mask_files[i]")
@@ -611,7 +636,7 @@ def constant_notes(maps: dict[str, Tensor], *, mask_files: Optional[Sequence[Pat
                 found.setdefault(note, []).append(i)
         for note, where in found.items():
             named = f"image{'s' if len(where) > 1 else ''} {_first([str(i) for i in where])}"
-            check = _mask_check(where, mask_files) if name == ORACLE else ""
+            check = _mask_check(where, mask_files, demo_masks) if name == ORACLE else ""
             out.append(f"{name}, {len(where)} of {m.shape[0]} image(s) ({named}): {note}{check}")
     return out
 

@@ -28,7 +28,7 @@ from salience.loading.images import unnormalize
 from salience.methods.integrated import CompletenessWarning, GapReport, collect_gaps
 from salience.render import viz
 from salience.runs.sources import Item
-from salience.runs.store import GIVEN_LABELS_ADVICE, given_label_difference
+from salience.runs.store import GIVEN_LABELS_ADVICE, given_label_difference, label_text
 from salience.targets import Regression
 
 THUMB = 96
@@ -124,16 +124,17 @@ def begun_label_refusal(folder: str, index: int, path: str, was: Optional[int], 
     """The refusal of image ``index`` (``path``) whose item carries the label ``now`` in a run (in
     ``folder``) begun with ``was`` given up front (:attr:`Plan.begun_labels`); ``None`` when they agree.
     ``given``: ``was`` is the label given now to a run begun reading its labels with each item
-    (:attr:`Plan.labels_given`). :meth:`Plan.label` and the Ray decoding tasks (each sent only its
-    images' begun labels) raise it."""
+    (:attr:`Plan.labels_given`); a ``None`` label is said as no label. :meth:`Plan.label` and the Ray
+    decoding tasks (each sent only its images' begun labels) raise it."""
     if was == now:
         return None
     if given:
         detail = given_label_difference(index, path, now, was, "item carries")
         return SalienceError(f"{folder} holds a run of a different command ({detail}); {GIVEN_LABELS_ADVICE}")
+    carried = "the label its item carries" if now is not None else "its item carries no label"
     return SalienceError(
-        f"{folder} holds a run of a different command (labels: image {index} ({path}): label {was} -> {now}, the "
-        "label its item carries; the run was begun with its labels given up front); give the same labels= "
+        f"{folder} holds a run of a different command (labels: image {index} ({path}): label {label_text(was)} "
+        f"-> {label_text(now)}, {carried}; the run was begun with its labels given up front); give the same labels= "
         "(--labels-csv) to continue it, choose another --out, or add --overwrite to start again")
 
 

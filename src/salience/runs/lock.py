@@ -76,6 +76,20 @@ class Writer:
     host: str
 
 
+def run_going(writer: Writer) -> bool:
+    """Whether the run ``writer`` still holds its folder: its lock file names the run's token. Read
+    without locking (a file read while a run writes it may lack the token: ``False``, which costs a
+    caller only a copy fetched again); an unreadable file: ``False``. Never opened in the process
+    that holds the lock (closing it would release the lock): there, ``True``."""
+    if writer.pid == os.getpid() and writer.host == socket.gethostname():
+        return True
+    try:
+        text = (Path(writer.folder) / LOCK_NAME).read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return False
+    return f"run={writer.token}" in text.split()
+
+
 def _try_lock(fd: int, shared: bool = False, start: int = 0) -> bool:
     """Lock byte ``start`` of ``fd`` without waiting: ``True`` when locked, ``False`` when another
     process holds it. Other errors (a file system without locks) raise ``OSError``."""

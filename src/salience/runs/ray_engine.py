@@ -17,6 +17,8 @@ import copy
 import dataclasses
 import pickle
 import re
+import threading
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -26,7 +28,7 @@ from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.progress import progress
 from salience.runs import job
-from salience.runs.lock import Writer, commit_fence
+from salience.runs.lock import Writer, commit_fence, run_going
 from salience.runs.sources import ImageFiles, Item, Raised, read_once
 
 
@@ -40,22 +42,61 @@ def _ray() -> Any:
     return ray
 
 
-_HELD: dict[str, Any] = {}
-"""The run's dataset in this Ray worker process, by its object's id (:func:`_dataset`): fetched and
-unpickled once per process, not once per decoding task."""
+_HELD: dict[str, tuple[Any, Optional[Writer]]] = {}
+"""The datasets of the runs under way in this Ray worker process, by their object's id, with each
+run's :class:`Writer` (:func:`_dataset`): fetched and unpickled once per process and run, not once per
+decoding task, and let go when their run ends (:func:`_let_go`)."""
+_HELD_LOCK = threading.Lock()
+RELEASE_EVERY = 1.0
+"""Seconds between two looks, in a worker process holding a dataset, at whether its run has ended."""
+_watching = False
 
 
-def _dataset(dataset: Any) -> Any:
+def _dataset(dataset: Any, writer: Optional[Writer] = None) -> Any:
     """``dataset``, or the object a reference to it (``ray.put`` by the driver: a user's dataset, sent
-    once into the object store) names, read once in this process (the latest run's kept only)."""
+    once into the object store) names, read once in this process for the run ``writer`` and held
+    while that run holds its folder (:func:`salience.runs.lock.run_going`): a thread of this process
+    lets it go within :data:`RELEASE_EVERY` seconds of the run's end, done or failed, so two runs at
+    once keep a copy each and none outlives its run. A run whose folder cannot lock (``writer``
+    ``None``) gives no such sign: its copy is kept until another run's comes."""
+    global _watching
     ray = _ray()
     if not isinstance(dataset, ray.ObjectRef):
         return dataset
     key = dataset.hex()
-    if key not in _HELD:
-        _HELD.clear()
-        _HELD[key] = ray.get(dataset)
-    return _HELD[key]
+    with _HELD_LOCK:
+        held = _HELD.get(key)
+    if held is not None:
+        return held[0]
+    value = ray.get(dataset)
+    with _HELD_LOCK:
+        _let_go(keep=key)
+        _HELD[key] = (value, writer)
+        if not _watching:
+            _watching = True
+            threading.Thread(target=_watch, name="salience-datasets", daemon=True).start()
+    return value
+
+
+def _let_go(keep: Optional[str] = None) -> None:
+    """Drop the held datasets whose run has ended, and (when a new one, ``keep``, comes) those of runs
+    that give no sign of their end. Called holding ``_HELD_LOCK``."""
+    for key, (_, writer) in list(_HELD.items()):
+        if key != keep and (not run_going(writer) if writer is not None else keep is not None):
+            del _HELD[key]
+
+
+def _watch() -> None:
+    """This worker process's thread: every :data:`RELEASE_EVERY` seconds, lets go of the datasets of
+    the runs that ended; ends when it holds none."""
+    global _watching
+    while True:
+        time.sleep(RELEASE_EVERY)
+        with _HELD_LOCK:
+            _let_go()
+            if not _HELD:
+                _watching = False
+                return
 
 
 def _some(plan: job.Plan, batch: dict[str, np.ndarray]) -> job.Plan:
@@ -80,11 +121,11 @@ def _read(dataset: Any, batch: dict[str, np.ndarray], j: int, at: int) -> Item:
 
 
 def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] = None,
-           begun_in: Optional[str] = None) -> dict[str, np.ndarray]:
+           begun_in: Optional[str] = None, writer: Optional[Writer] = None) -> dict[str, np.ndarray]:
     """Ray task: a batch of ``index`` rows -> decoded inputs (the run's dataset, as the local engine).
     The rows carry what the task needs of each of their images (:func:`_rows`: its path, its file and
     mask, its given and begun labels); ``dataset`` is a decoder without the run's paths, or a reference
-    to the user's dataset (:func:`_dataset`).
+    to the user's dataset (:func:`_dataset`: held in this process while the run ``writer`` goes on).
     An image the run refuses (a user's item that is no image tensor; one whose shape is not the run's
     first image's, ``plan.first_input``; one whose item carries another label than the ``begun``
     column, the label the run in ``begun_in`` was begun with: :func:`job.begun_label_refusal`) or whose
@@ -93,7 +134,7 @@ def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] 
     would raise its ``RayTaskError`` with the traceback as text, or numpy's "all input arrays must have
     the same shape")."""
     indices = [int(i) for i in batch["index"]]
-    dataset = _dataset(dataset)
+    dataset = _dataset(dataset, writer)
     if plan is not None and "path" in batch:
         plan = _some(plan, batch)
     raised = ""
@@ -266,7 +307,7 @@ def _rows(pending: list[int], plan: job.Plan,
     each item checked against others (:attr:`job.Plan.begun_labels`: those it was begun with, or those
     given now) its image's one (``begun``, ``has_begun``), which its decoding task compares with the
     item's. A user's dataset is sent as a reference (:func:`_dataset`): into the object store once,
-    fetched once per worker process."""
+    fetched once per worker process and run, let go when the run ends."""
     rows: list[dict[str, Any]] = [{"index": i, "path": str(plan.paths[i])} for i in pending]
     shipped_plan = dataclasses.replace(plan, paths={}, begun_labels=None)
     if plan.first_input is not None:
@@ -345,8 +386,8 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
                 setattr(ctx, quiet, False)
         rows, plan, begun_in, dataset = _rows(pending, run.plan, run.dataset)
         ds = ray.data.from_items(rows)
-        ds = ds.map_batches(decode, fn_kwargs={"dataset": dataset, "plan": plan, "begun_in": begun_in},
-                            batch_size=batch, batch_format="numpy", num_cpus=1)
+        ds = ds.map_batches(decode, fn_kwargs={"dataset": dataset, "plan": plan, "begun_in": begun_in,
+                                               "writer": writer}, batch_size=batch, batch_format="numpy", num_cpus=1)
         args = (shipped(ray, run, weights), plan, str(run.store.folder), batch, png, weights, bool(num_gpus),
                 performance, writer)
         ds = ds.map_batches(Explain, fn_constructor_args=args,

@@ -54,9 +54,15 @@ def given_label_difference(index: int, path: str, was: Optional[int], now: Optio
                            where: str = "row holds") -> str:
     """``labels: image I (PATH): label WAS -> NOW, ...``: image ``index``'s label ``now`` given up front
     to a run begun reading its labels with each item, whose item carries (``where="item carries"``),
-    or whose committed row holds, ``was``."""
-    return (f"labels: image {index} ({path}): label {was} -> {now}, given up front (labels=, --labels-csv); the run "
-            f"was begun reading the labels with each item, and its {where} {was}")
+    or whose committed row holds, ``was``; a ``None`` label is written ``none`` (:func:`label_text`) and said as no label."""
+    return (f"labels: image {index} ({path}): label {label_text(was)} -> {label_text(now)}, given up front (labels=, "
+            f"--labels-csv); the run was begun reading the labels with each item, and its {where} "
+            f"{'no label' if was is None else was}")
+
+
+def label_text(label: Optional[int]) -> str:
+    """``3``, or ``none`` for ``None`` (an image without a label): how a refusal writes a label."""
+    return "none" if label is None else str(label)
 
 
 _RUN_FILES = ("run.json", "inputs.parquet", "index.parquet", "index.html")
