@@ -158,7 +158,7 @@ def compiled_wrappers(modules: list[nn.Module]) -> list[nn.Module]:
 
 _lock = threading.Lock()
 # Every module and parameter some guard holds: id -> [holders, its state as the first holder found it,
-# how many of the holders are run guards, its state as the first run guard left it (the baseline)].
+# how many of the holders are run guards, its state as the first run guard established it (the baseline)].
 _held: dict[int, list] = {}
 _HOLDERS, _STATE, _RUNS, _BASELINE = range(4)
 
