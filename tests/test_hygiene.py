@@ -609,3 +609,44 @@ def test_a_vit_given_another_image_size_names_its_input_size():
     with unchanged(model), pytest.raises(SalienceError, match=r"\(1, 3, 32, 32\).*takes 24 x 40 images.*"
                                                                r"must match the size"):
         salience.vanilla(model, torch.rand(1, 3, 32, 32), 0)
+
+
+def test_a_run_guard_puts_a_call_s_changes_back_only_when_no_other_call_holds_the_model(small_cnn):
+    """Under a dataset run's guard (run_guard) a call puts back what it changed when it leaves, so the
+    next batch's call starts from the run's state: a flag, a buffer written in place; but not while
+    another thread's call still runs on the model (its pass would lose its state), only when the last
+    call left. At the end the user's model exactly as it was."""
+    from salience._core.guard import run_guard
+
+    small_cnn.train()
+    w, bn = small_cnn.head.weight, small_cnn.features[1]
+    mean = bn.running_mean.clone()
+    inside, go, seen = threading.Event(), threading.Event(), []
+
+    def other():
+        with model_guard(small_cnn):
+            w.requires_grad_(True)  # a change inside another thread's call
+            inside.set()
+            assert go.wait(10)
+            seen.append(w.requires_grad)
+
+    with unchanged(small_cnn):
+        with run_guard(small_cnn):
+            assert not small_cnn.training and not w.requires_grad
+            t = threading.Thread(target=other)
+            t.start()
+            assert inside.wait(10)
+            with model_guard(small_cnn):  # this thread's call leaves while the other's runs
+                pass
+            assert w.requires_grad
+            go.set()
+            t.join()
+            assert seen == [True]
+            assert not w.requires_grad and not small_cnn.training  # put back when the last call left
+            with model_guard(small_cnn):
+                bn.running_mean.add_(1)
+                w.requires_grad_(True)
+            assert torch.equal(bn.running_mean, mean) and not w.requires_grad
+            with model_guard(small_cnn):  # and again: the copy back is seen as a write of its own
+                bn.running_mean.add_(1)
+            assert torch.equal(bn.running_mean, mean)

@@ -20,6 +20,14 @@ is restored when the last guard holding it leaves. Without that, a second thread
 the first thread's temporary eval mode as "the user's" and restore the wrong one (and, counted
 per model, the first thread to leave put a shared backbone back in train mode under the other's
 running passes).
+
+A dataset run holds the model for the whole run (:func:`run_guard`): the full save and restore
+(about 7-12 ms on resnet50) is paid once per run, not once per batch and method. Each guard entered
+inside it (a method's call) then only counts, and when it leaves while every holder left is a run
+guard, it puts back what the run guard established (the *baseline*: eval mode, frozen
+parameters, the user's data, buffers, gradients, tensor attributes), comparing and fixing only what
+differs, so that no call's change (a buffer the model writes in its forward, a flag, a layout)
+reaches the next batch's call.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ from torch import nn
 from salience._core.errors import SalienceError
 from salience._core.tensors import autocast_off
 
-__all__ = ["model_guard", "ModelState", "check_python_model", "train_mode_op"]
+__all__ = ["model_guard", "run_guard", "ModelState", "check_python_model", "train_mode_op"]
 
 
 @dataclass
@@ -80,6 +88,13 @@ class ModelState:
             attrs=[(t, dict(t.__dict__)) for t in (*params, *(b[2] for b in buffers))],
         )
 
+    def put_back(self) -> None:
+        """:meth:`restore`, then the buffers' version counters taken again (a buffer put back by a copy has
+        a new version; the next :meth:`put_back` copies only what was written since)."""
+        self.restore()
+        if any(buf._version != version for _, _, buf, version, _ in self.buffers):
+            self.buffers = [(m, name, buf, buf._version, copy) for m, name, buf, _, copy in self.buffers]
+
     def run_eagerly(self) -> None:
         """Let each ``torch.compile`` wrapper call its original module, hooks and all, until :meth:`restore`."""
         for module, _ in self.compiled:
@@ -94,7 +109,8 @@ class ModelState:
             else:
                 module.__dict__["forward"] = forward
         for module, mode in self.training:
-            module.training = mode
+            if module.training != mode:  # nn.Module.__setattr__ costs: about half of a restore on resnet50
+                module.training = mode
         for param, flag in self.requires_grad:
             if param.requires_grad != flag:
                 param.requires_grad_(flag)
@@ -141,8 +157,10 @@ def compiled_wrappers(modules: list[nn.Module]) -> list[nn.Module]:
 
 
 _lock = threading.Lock()
-# Every module and parameter some guard holds: id -> [holders, its state as the first holder found it].
+# Every module and parameter some guard holds: id -> [holders, its state as the first holder found it,
+# how many of the holders are run guards, its state as the first run guard established it (the baseline)].
 _held: dict[int, list] = {}
+_HOLDERS, _STATE, _RUNS, _BASELINE = range(4)
 
 
 def _hold(objects: list, held: list, new: list) -> None:
@@ -151,25 +169,35 @@ def _hold(objects: list, held: list, new: list) -> None:
     for obj in objects:
         entry = _held.get(id(obj))
         if entry is None:
-            _held[id(obj)] = [1, None]
+            _held[id(obj)] = [1, None, 0, None]
             new.append(obj)
         else:
             entry[0] += 1
         held.append(obj)
 
 
-def _release(objects: list) -> None:
-    """One holder fewer of each of ``objects``: the state of each that no guard holds any more is put back."""
-    last = [], []
+def _release(objects: list, run: bool = False) -> None:
+    """One holder fewer of each of ``objects`` (``run``: a run guard): the state of each that no guard
+    holds any more is put back; one that only run guards hold now gets its baseline back."""
+    last: tuple[list, list] = ([], [])
+    back: tuple[list, list] = ([], [])
     for obj in objects:
         entry = _held[id(obj)]
-        entry[0] -= 1
-        if entry[0] == 0:
+        entry[_HOLDERS] -= 1
+        if run:
+            entry[_RUNS] -= 1
+            if entry[_RUNS] == 0:
+                entry[_BASELINE] = None
+        if entry[_HOLDERS] == 0:
             del _held[id(obj)]
-            if entry[1] is not None:  # None: its capture did not happen (an error while entering)
-                last[not isinstance(obj, nn.Module)].append(entry[1])
+            if entry[_STATE] is not None:  # None: its capture did not happen (an error while entering)
+                last[not isinstance(obj, nn.Module)].append(entry[_STATE])
+        elif entry[_HOLDERS] == entry[_RUNS] and entry[_BASELINE] is not None:
+            back[not isinstance(obj, nn.Module)].append(entry[_BASELINE])
     for state in last[0] + last[1]:  # modules first (compiled forwards, modes, buffers), then parameters
         state.restore()
+    for state in back[0] + back[1]:
+        state.put_back()
 
 
 @contextmanager
@@ -191,6 +219,18 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     another held the shared backbone recorded the other's eval mode and frozen flags as the
     user's and put them back last: the backbone stayed in eval mode, its parameters frozen.
     """
+    objects = _enter(model)
+    try:
+        with autocast_off():
+            yield model
+    finally:
+        with _lock:
+            _release(objects)
+
+
+def _enter(model: nn.Module) -> list:
+    """Hold ``model``'s modules and parameters (each one no guard held: its state recorded, then the
+    model put in eval mode with frozen parameters); returns what is held."""
     if not isinstance(model, nn.Module):
         raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
     objects: list = list(model.modules()) + list(model.parameters())
@@ -201,10 +241,10 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
             _hold(objects, held, new)
             for o in new:  # a module or parameter no guard held: recorded, then the model put in eval mode
                 state = ModelState.capture([o], []) if isinstance(o, nn.Module) else ModelState.capture([], [o])
-                _held[id(o)][1] = state
+                _held[id(o)][_STATE] = state
             if new:
                 for o in new:
-                    _held[id(o)][1].run_eagerly()
+                    _held[id(o)][_STATE].run_eagerly()
                 _eval(model)
                 _refuse_mixed_batches(model, new)
                 for p in model.parameters():
@@ -212,12 +252,55 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
         except BaseException:
             _release(held)
             raise
+    return objects
+
+
+@contextmanager
+def run_guard(model: nn.Module) -> Iterator[nn.Module]:
+    """:func:`model_guard` for a whole dataset run: the model is saved and put in eval mode with frozen
+    parameters once, and restored exactly once at the end (also on an exception or Ctrl-C).
+
+    Every guard entered in the block (each method's call, batch after batch) only counts itself; when it
+    leaves and only run guards hold a module or parameter, that object gets back its *baseline*, its
+    state as this guard established it (recorded here, after eval mode and the frozen flags): what
+    differs is put back (a buffer written in place is copied back, a flag, a mode, a parameter's data
+    or strides, a ``.grad``, a tensor attribute), so each call starts as it would under a guard of its
+    own. Guards of other threads share it as they share any guard's (counted per module and
+    parameter); the baseline is put back only when no guard but run guards holds the object, never
+    under another thread's running pass.
+
+    A model the guard refuses (a graph exported in train mode) is not held: each call's guard refuses
+    it, as without a run guard (a dataset run records the error per method)."""
     try:
-        with autocast_off():
-            yield model
+        objects: Optional[list] = _enter(model)
+    except SalienceError:
+        objects = None
+    if objects is None:
+        yield model
+        return
+    counted: list = []
+    with _lock:
+        try:  # also a Ctrl-C part way: the run counts raised are lowered, the holds released
+            for o in objects:
+                entry = _held[id(o)]
+                if entry[_BASELINE] is None:
+                    entry[_BASELINE] = ModelState.capture([o], []) if isinstance(o, nn.Module) \
+                        else ModelState.capture([], [o])
+                entry[_RUNS] += 1
+                counted.append(o)
+        except BaseException:
+            for o in counted:
+                entry = _held[id(o)]
+                entry[_RUNS] -= 1
+                if entry[_RUNS] == 0:
+                    entry[_BASELINE] = None
+            _release(objects)
+            raise
+    try:
+        yield model
     finally:
         with _lock:
-            _release(objects)
+            _release(objects, run=True)
 
 
 def _eval(model: nn.Module) -> None:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write
+from salience._core.guard import run_guard
 from salience._core.info import ModelInfo, model_info
 from salience._core.progress import progress
 from salience._core.tensors import check_int, model_device
@@ -490,10 +491,17 @@ def _batches(shards: list[list[int]], batch: int) -> Iterator[tuple[int, list[in
 
 def run_local(run: Job, *, show: bool = False, png: bool = False) -> None:
     """Explain the pending shards: a DataLoader decodes batches in its workers while the model runs;
-    a shard is written when its last batch is done."""
+    a shard is written when its last batch is done. The model is held by one guard for the whole run
+    (:func:`salience._core.guard.run_guard`: saved and restored once, each method call put back to the
+    run's state when it leaves), not saved and restored by every method call of every batch."""
     shards = pending_shards(run.store, len(run.plan.paths))
     if not shards:
         return
+    with run_guard(run.model):
+        _run_shards(run, shards, show, png)
+
+
+def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> None:
     batch = resolve_batch(run, shards[0][0])
     plan_batches = list(_batches(shards, batch))
     # an error in a worker (a user's item that is no image tensor, a KeyError of the user's transform) comes

@@ -26,6 +26,7 @@ import torch
 
 from salience._core import perf as _perf
 from salience._core.errors import SalienceError
+from salience._core.guard import run_guard
 from salience._core.progress import progress
 from salience.runs import job
 from salience.runs.lock import Writer, commit_fence, run_going
@@ -255,12 +256,13 @@ class Explain:
                       int(batch["label"][j]) if batch["has_label"][j] else None) for j in range(n)]
         plan = _some(self.plan, batch) if "path" in batch else self.plan
         parts = []
-        for s in range(0, n, self.batch):
-            part = items[s:s + self.batch]
-            with _perf.performance(**vars(self.performance)):
-                parts.append(job.explain_items(self.model, part, plan))
-            if self.png:
-                write_overlays(self.store.folder, part, parts[-1], plan)
+        with run_guard(self.model):  # saved and restored once per Ray batch, not per method call
+            for s in range(0, n, self.batch):
+                part = items[s:s + self.batch]
+                with _perf.performance(**vars(self.performance)):
+                    parts.append(job.explain_items(self.model, part, plan))
+                if self.png:
+                    write_overlays(self.store.folder, part, parts[-1], plan)
         # what the batches learnt that later ones need (maps' shapes, warnings said once)
         for name in ("shapes", "first_input", "gap_warned", "storage_warned"):
             setattr(self.plan, name, getattr(plan, name))
