@@ -397,11 +397,20 @@ async function storedMap(button, url, name) {
       const body = await r.json().catch(() => null);
       throw new Error((body && body.error) || `${r.status} ${r.statusText}`);
     }
-    const href = URL.createObjectURL(await r.blob());
-    const given = /filename="([^"]+)"/.exec(r.headers.get("content-disposition") || "");
-    el("a", { href, download: given ? given[1] : name }).click();
+    const blob = await r.blob();
+    const href = URL.createObjectURL(blob);
+    el("a", { href, download: savedName(r.headers.get("content-disposition") || "", name) }).click();
     setTimeout(() => URL.revokeObjectURL(href), 1000);  // the download has its blob by then
   } catch (e) { said.append(el("div", { class: "error" }, `stored map: ${e.message}`)); }
+}
+
+// The file name a Content-Disposition gives: its filename* (RFC 6266: UTF-8, %-encoded; a method named
+// with characters outside ASCII or with a quote), else its quoted filename, else `name`
+function savedName(disposition, name) {
+  const utf8 = /filename\*=UTF-8''([^;\s]+)/i.exec(disposition);
+  if (utf8) try { return decodeURIComponent(utf8[1]); } catch (e) { /* not %-encoded UTF-8: the plain name */ }
+  const plain = /filename="([^"]+)"/.exec(disposition);
+  return plain ? plain[1] : name;
 }
 
 // The texts of an answer's X-Salience-Warnings header (none: []); a header that is not a JSON list of
