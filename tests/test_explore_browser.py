@@ -989,6 +989,107 @@ def test_an_old_pages_thumbnail_fetch_is_aborted_and_drawn_thumbnails_free_their
     assert "old page" not in text
 
 
+def test_a_stored_map_is_saved_once_per_press_and_only_when_it_is_a_npy(two_row_run, monkeypatch):
+    """The ``.npy`` button fetches and saves the stored map. Double-clicked while the server reads it
+    (held by a test hook), it saved the file twice (two fetches, two downloads); now one. An answer
+    that is not a ``.npy`` (a proxy's page sent with 200: here HTML, routed in the browser) was
+    saved as ``vanilla-row1-k0.npy``; now nothing is saved and the tile says why, as text."""
+    import threading
+
+    from salience.explore.runs import RunSource
+
+    stored_map = RunSource.stored_map
+    started, release = threading.Event(), threading.Event()
+
+    def read(self: Any, index: int, method: str, k: int = 0) -> np.ndarray:
+        if index == 0 and not started.is_set():
+            started.set()
+            release.wait(30)
+        return stored_map(self, index, method, k)
+
+    monkeypatch.setattr(RunSource, "stored_map", read)
+    explorer = salience.explore("demo:shapes", run=two_row_run, show=False)
+    errors: list[str] = []
+    downloads: list[Any] = []
+    asked: list[str] = []
+    button = "#run-body tr[data-id='r0-{}'] td[data-tile='1'] button.npy"
+    try:
+        with browser_page(explorer.url, errors, accept_downloads=True) as page:
+            page.on("download", lambda d: downloads.append(d))
+            page.on("request", lambda r: asked.append(r.url) if "/maps/" in r.url else None)
+            _wait_rows(page, [0, 1])
+            page.dblclick(button.format(0))
+            assert started.wait(30)
+            page.wait_for_timeout(300)  # a second fetch, if the second click made one, is answered now
+            release.set()
+            for _ in range(100):
+                if downloads:
+                    break
+                page.wait_for_timeout(50)
+            page.wait_for_timeout(500)
+            twice = len(downloads), len(asked)
+            page.route("**/rows/1/maps/*", lambda route: route.fulfill(
+                status=200, content_type="text/html", body="<html><b>please log in</b></html>"))
+            page.click(button.format(1))
+            refused = "#run-body tr[data-id='r0-1'] td[data-tile='1'] [data-what='npy'] .error"
+            for _ in range(200):  # said why, or saved
+                if len(downloads) > twice[0] or page.locator(refused).count():
+                    break
+                page.wait_for_timeout(50)
+            page.wait_for_timeout(300)
+            said, saved_html = page.locator(refused).all_inner_texts(), len(downloads) - twice[0]
+    finally:
+        release.set()
+        explorer.stop()
+    assert not errors, errors
+    # (downloads, fetches) of the double click; what the HTML answer said and the downloads it made
+    assert (twice, said, saved_html) == ((1, 1), ["stored map: the answer is not a .npy file (text/html)"], 0), asked
+
+
+def test_a_stored_map_of_a_method_named_with_a_quote_or_outside_latin1_is_saved_under_its_name(tmp_path):
+    """A run's methods are named by its user (``methods={name: fn}``). The stored map of a method
+    named with characters outside Latin-1 (``方法``) was a 500 (its ``Content-Disposition`` cannot be
+    a header), and one named with a quote (``a"b``) was saved as ``a`` (the quoted name cut short):
+    now each ``.npy`` button saves the map (equal to ``Run.map`` as float32) under the method's name
+    (Chromium writes ``"`` in a file name as ``_``)."""
+    browser_api()
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    from salience.methods import METHODS
+
+    (tmp_path / "imgs").mkdir()
+    paths, _, _ = shapes_files(tmp_path / "imgs", n=1)
+    names = ['a"b', "方法"]
+    salience.explain_dataset("demo:shapes", paths, {n: METHODS["vanilla"] for n in names}, tmp_path / "run", workers=0)
+    explorer = salience.explore("demo:shapes", run=tmp_path / "run", show=False)
+    errors: list[str] = []
+    saved = {}
+    try:
+        with browser_page(explorer.url, errors, accept_downloads=True) as page:
+            _wait_rows(page, [0])
+            downloads: list[Any] = []
+            page.on("download", lambda d: downloads.append(d))
+            for tile, name in enumerate(names, start=1):
+                page.click(f"#run-body tr[data-id='r0-0'] td[data-tile='{tile}'] button.npy")
+                for _ in range(200):  # saved, or said why
+                    if len(downloads) == tile or page.locator(f"td[data-tile='{tile}'] .error").count():
+                        break
+                    page.wait_for_timeout(50)
+                if len(downloads) == tile:
+                    saved[name] = downloads[-1].suggested_filename, downloads[-1].path().read_bytes()
+                else:
+                    downloads.append(None)
+            said = page.locator("#run-body [data-what='npy']").all_inner_texts()
+    finally:
+        explorer.stop()
+    assert said == ["", ""] and not errors, (said, errors, {n: v[0] for n, v in saved.items()})
+    stored = salience.open_run(tmp_path / "run")
+    assert saved['a"b'][0] in ('a"b-row0-k0.npy', "a_b-row0-k0.npy") and saved["方法"][0] == "方法-row0-k0.npy", saved
+    for name in names:
+        got = np.load(io.BytesIO(saved[name][1]), allow_pickle=False)
+        assert got.dtype == np.float32 and np.array_equal(got, np.asarray(stored.map(0, name, 0), np.float32))
+
+
 def test_a_failed_gallery_page_keeps_the_runs_own_warnings(tmp_path, monkeypatch):
     """The warnings said when the run was described (``api/runs``) stay under the gallery's table
     when a page of rows cannot be shown (a min above its max): they are still true; the failed page

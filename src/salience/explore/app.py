@@ -33,6 +33,7 @@ import json
 import math
 import threading
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -664,7 +665,16 @@ async def run_map(request: Request) -> Response:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(m, dtype=np.float32))
     return Response(buf.getvalue(), media_type="application/octet-stream", headers=_with_warnings(
-        {"Content-Disposition": f'attachment; filename="{method}-row{index}-k{k}.npy"'}, said))
+        {"Content-Disposition": _attachment(f"{method}-row{index}-k{k}.npy")}, said))
+
+
+def _attachment(name: str) -> str:
+    """A ``Content-Disposition`` saving the answer as ``name`` (RFC 6266): ``filename*`` the name in
+    UTF-8, ``filename`` an ASCII stand-in (``_`` for other characters, quotes and backslashes). A run's
+    method is named by its user: ``"`` cut the quoted name short, and a character outside Latin-1 made
+    the answer a 500 (a header is Latin-1)."""
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
 
 
 # --------------------------------------------------------------------------------- errors

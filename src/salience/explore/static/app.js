@@ -386,6 +386,9 @@ function storedMapButton(r, row, method) {
 }
 
 async function storedMap(button, url, name) {
+  // one at a time: a double click saved the file twice ("NAME (1).npy"), the later answer's download last
+  if (button.getAttribute("aria-busy") === "true") return;
+  button.setAttribute("aria-busy", "true");
   const said = el("div", { "data-what": "npy" });
   for (const old of button.parentElement.querySelectorAll("[data-what='npy']")) old.remove();
   button.after(said);
@@ -397,11 +400,24 @@ async function storedMap(button, url, name) {
       const body = await r.json().catch(() => null);
       throw new Error((body && body.error) || `${r.status} ${r.statusText}`);
     }
-    const href = URL.createObjectURL(await r.blob());
-    const given = /filename="([^"]+)"/.exec(r.headers.get("content-disposition") || "");
-    el("a", { href, download: given ? given[1] : name }).click();
+    const blob = await r.blob();
+    // an answer that is not a .npy (a proxy's login or error page, sent as 200) is not saved as one
+    const magic = new Uint8Array(await blob.slice(0, 6).arrayBuffer());
+    if (String.fromCharCode(...magic) !== "\x93NUMPY") throw new Error(`the answer is not a .npy file (${r.headers.get("content-type") || "no type"})`);
+    const href = URL.createObjectURL(blob);
+    el("a", { href, download: savedName(r.headers.get("content-disposition") || "", name) }).click();
     setTimeout(() => URL.revokeObjectURL(href), 1000);  // the download has its blob by then
   } catch (e) { said.append(el("div", { class: "error" }, `stored map: ${e.message}`)); }
+  finally { button.removeAttribute("aria-busy"); }
+}
+
+// The file name a Content-Disposition gives: its filename* (RFC 6266: UTF-8, %-encoded; a method named
+// with characters outside ASCII or with a quote), else its quoted filename, else `name`
+function savedName(disposition, name) {
+  const utf8 = /filename\*=UTF-8''([^;\s]+)/i.exec(disposition);
+  if (utf8) try { return decodeURIComponent(utf8[1]); } catch (e) { /* not %-encoded UTF-8: the plain name */ }
+  const plain = /filename="([^"]+)"/.exec(disposition);
+  return plain ? plain[1] : name;
 }
 
 // The texts of an answer's X-Salience-Warnings header (none: []); a header that is not a JSON list of
