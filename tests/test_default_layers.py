@@ -952,6 +952,30 @@ def test_backprop_rules_through_a_non_reentrant_checkpoint_are_the_plain_models(
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_deconvnet_through_torch_distributeds_composable_checkpoint_is_the_plain_models():
+    """torch.distributed's composable ``checkpoint(module)`` (FSDP2's activation checkpointing) is non-reentrant and
+    imports torch's set-up function by name, so swapping it in ``torch.utils.checkpoint`` never reached it: its block
+    was recomputed in the backward pass outside deconvnet's rule and torch failed with its ``CheckpointError``
+    ('Recomputed values ... have different metadata'), not even a SalienceError. Its module's name is swapped too
+    now: the map is that of the same weights without the checkpoint, and the model and torch's function come back."""
+    from torch.distributed._composable import checkpoint as composable_checkpoint
+    from torch.distributed._composable import checkpoint_activation
+
+    torch_own = checkpoint_activation._checkpoint_without_reentrant_generator_impl
+    torch.manual_seed(0)
+    plain, net = _ReLUNet().eval(), _ReLUNet().eval()
+    net.load_state_dict(plain.state_dict())
+    composable_checkpoint(net.body)
+    x, target = torch.rand(2, 3, 16, 16), torch.tensor([1, 3])
+    with unchanged(net):
+        got = salience.deconvnet(net, x, target)
+    ref = salience.deconvnet(plain, x, target)
+    assert_each_varies(ref)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
+    assert checkpoint_activation._checkpoint_without_reentrant_generator_impl is torch_own
+
+
 @torch.library.custom_op("salience_tests::opaque_attention", mutates_args=())
 def _opaque_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d)) v`` as one custom op, as xformers' ``memory_efficient_attention`` or flash-attention
