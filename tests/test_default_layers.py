@@ -400,6 +400,22 @@ def test_a_factorized_attention_with_folded_heads_or_copied_keys_is_recognized(f
     check_as_plain(type("Mixer", (_FoldedFactorized,), {"FORM": form}))
 
 
+def test_a_sparse_tensor_copied_after_a_factorized_attention_leaves_the_search_working():
+    """Once keys were seen, each ``.clone()`` / ``.contiguous()`` and product operand is compared with them by its
+    data pointer: a sparse tensor (no storage) cloned after the attention (a token graph's adjacency) made the search
+    fail with torch's RuntimeError ('Cannot access data pointer of Tensor that doesn't have storage'). Now a tensor
+    without strided storage is no keys: the default is the plain form's, the last block's norm1."""
+
+    class ThenSparse(_Factorized):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            adj = torch.eye(out.shape[1]).to_sparse().clone()  # a token graph, the identity
+            return torch.stack([torch.sparse.mm(adj, o) for o in out])
+
+    torch.manual_seed(0)
+    assert default_layer(_CoaTLike(ThenSparse).eval(), torch.rand(1, 3, 32, 32)) == "blocks.1.norm1"
+
+
 @pytest.mark.parametrize("form", ["per_token_linear", "reshaped", "split_mixed"])
 def test_a_bmm_that_does_not_contract_the_keys_over_the_tokens_is_no_attention(form):
     """Keys softmaxed over the tokens with the heads folded into the batch, then a ``torch.bmm`` that is no

@@ -224,7 +224,10 @@ class _AttentionSpotter(TorchFunctionMode):
         return out
 
     def _views(self, t: Tensor) -> Iterator[tuple[str, dict[str, Any], int]]:
-        """``(module name, t's dims' roles, N)`` for each recorded keys tensor ``t`` is a view of (:func:`_roles_in`)."""
+        """``(module name, t's dims' roles, N)`` for each recorded keys tensor ``t`` is a view of (:func:`_roles_in`);
+        none for a tensor without strided storage (sparse: no data pointer to compare)."""
+        if t.layout != torch.strided:
+            return
         for name, k, roles, n in self._keys:
             if t.data_ptr() == k.data_ptr() and t.numel() == k.numel():
                 found = _roles_in(tuple(t.shape), t.stride(), tuple(k.shape), k.stride(), roles)
@@ -234,7 +237,8 @@ class _AttentionSpotter(TorchFunctionMode):
     def _copied(self, src: Any, out: Tensor) -> None:
         """``out``, a ``.contiguous()`` / ``.clone()`` of ``src``: where ``src`` is a view of keys, ``out`` is keys too,
         its dims those of ``src`` (the same shape, other memory)."""
-        if isinstance(src, Tensor) and out.shape == src.shape and out.data_ptr() != src.data_ptr():
+        if (isinstance(src, Tensor) and src.layout == out.layout == torch.strided and out.shape == src.shape
+                and out.data_ptr() != src.data_ptr()):
             self._keys.extend((name, out, roles, n) for name, roles, n in list(self._views(src)))
 
     def _contraction(self, where: str, parsed: Optional[tuple[list[tuple[Any, list]], set]]) -> None:
