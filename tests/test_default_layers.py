@@ -358,13 +358,19 @@ class _FoldedFactorized(_Factorized):
     (``FORM``): ``"bmm"``, ``torch.bmm`` on ``(B * heads, N, d)`` with the keys softmaxed over dim 1 there;
     ``"matmul3"``, ``@`` on the same 3-D tensors; ``"fold"``, the 4-D keys softmaxed, then folded by a reshape (a
     view); ``"contiguous"`` / ``"clone"``, the 4-D keys' softmax transposed and copied before ``@``;
-    ``"bmm_contiguous"``, the folded keys transposed and copied by ``.contiguous()`` before ``torch.bmm``."""
+    ``"bmm_contiguous"``, the folded keys transposed and copied by ``.contiguous()`` before ``torch.bmm``;
+    ``"split_after"``, the keys ``(B, N, heads * d)`` softmaxed over the tokens before the heads are split (the same
+    values: the softmax is per channel)."""
 
     FORM = "bmm"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         h, d = self.heads, c // self.heads
+        if self.FORM == "split_after":
+            q3, k3, v3 = self.qkv(x).chunk(3, dim=-1)
+            q4, k4, v4 = (t.reshape(b, n, h, d).transpose(1, 2) for t in (q3, k3.softmax(dim=1), v3))
+            return self.proj((q4 @ (k4.transpose(-1, -2) @ v4)).transpose(1, 2).reshape(b, n, c))
         q4, k4, v4 = self.split(x)
         q, k, v = (t.reshape(b * h, n, d) for t in (q4, k4, v4))  # copies: the heads folded into the batch
         if self.FORM == "bmm":
@@ -383,22 +389,40 @@ class _FoldedFactorized(_Factorized):
         return self.proj(out.reshape(b, h, n, d).transpose(1, 2).reshape(b, n, c))
 
 
-@pytest.mark.parametrize("form", ["bmm", "matmul3", "fold", "contiguous", "clone", "bmm_contiguous"])
+@pytest.mark.parametrize("form", ["bmm", "matmul3", "fold", "contiguous", "clone", "bmm_contiguous", "split_after"])
 def test_a_factorized_attention_with_folded_heads_or_copied_keys_is_recognized(form):
     """The keys' softmax over the tokens counted only as 4-D ``(B, heads, N, d)`` and only as a view of the softmax's
     output: the heads folded into the batch (``torch.bmm`` on ``(B * heads, N, d)``) or keys copied by
-    ``.contiguous()`` / ``.clone()`` before the product were no attention, and the map rule took ``embed2``. Now
-    they count: the default is the plain form's, the last block's norm1, Grad-CAM there the hand computation; and
-    the model computes what the plain form does."""
+    ``.contiguous()`` / ``.clone()`` before the product were no attention, and the map rule took ``embed2``; so were
+    keys softmaxed as ``(B, N, heads * d)`` before the heads are split (``split_after``, still so after the first
+    fix). Now they count: the default is the plain form's, the last block's norm1, Grad-CAM there the hand
+    computation; and the model computes what the plain form does."""
     check_as_plain(type("Mixer", (_FoldedFactorized,), {"FORM": form}))
 
 
-@pytest.mark.parametrize("form", ["per_token_linear", "reshaped"])
+def test_a_sparse_tensor_copied_after_a_factorized_attention_leaves_the_search_working():
+    """Once keys were seen, each ``.clone()`` / ``.contiguous()`` and product operand is compared with them by its
+    data pointer: a sparse tensor (no storage) cloned after the attention (a token graph's adjacency) made the search
+    fail with torch's RuntimeError ('Cannot access data pointer of Tensor that doesn't have storage'). Now a tensor
+    without strided storage is no keys: the default is the plain form's, the last block's norm1."""
+
+    class ThenSparse(_Factorized):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            adj = torch.eye(out.shape[1]).to_sparse().clone()  # a token graph, the identity
+            return torch.stack([torch.sparse.mm(adj, o) for o in out])
+
+    torch.manual_seed(0)
+    assert default_layer(_CoaTLike(ThenSparse).eval(), torch.rand(1, 3, 32, 32)) == "blocks.1.norm1"
+
+
+@pytest.mark.parametrize("form", ["per_token_linear", "reshaped", "split_mixed"])
 def test_a_bmm_that_does_not_contract_the_keys_over_the_tokens_is_no_attention(form):
     """Keys softmaxed over the tokens with the heads folded into the batch, then a ``torch.bmm`` that is no
     ``softmax(k)^T v``: a per-token linear (the channels contracted, the tokens kept), or the keys reshaped to
-    ``(B * heads, d, N)``, which mixes tokens and channels (its rows are no token's keys): the map rule,
-    ``embed2``, as for a module with no attention."""
+    ``(B * heads, d, N)``, which mixes tokens and channels (its rows are no token's keys), or keys ``(B, N, heads *
+    d)`` softmaxed over the tokens then reshaped to ``(B * heads, N, d)`` without moving the heads first (its rows
+    mix tokens): the map rule, ``embed2``, as for a module with no attention."""
 
     class NotAttention(_Factorized):
         def __init__(self, dim: int, heads: int = 2):
@@ -410,7 +434,11 @@ def test_a_bmm_that_does_not_contract_the_keys_over_the_tokens_is_no_attention(f
             h, d = self.heads, c // self.heads
             q, k, v = (t.reshape(b * h, n, d) for t in self.split(x))
             keys = k.softmax(dim=1)
-            if form == "per_token_linear":
+            if form == "split_mixed":
+                keys3 = self.qkv(x).chunk(3, dim=-1)[1].softmax(dim=1)  # (B, N, heads * d), contiguous
+                assert keys3.is_contiguous()  # so the reshape below is a view of the softmax's output
+                out = torch.bmm(q, torch.bmm(keys3.reshape(b * h, n, d).transpose(1, 2), v))
+            elif form == "per_token_linear":
                 out = torch.bmm(keys, self.weight.expand(b * h, d, d)) * v
             else:
                 assert keys.is_contiguous()  # so the reshape below is a view of the softmax's output
@@ -950,6 +978,30 @@ def test_backprop_rules_through_a_non_reentrant_checkpoint_are_the_plain_models(
     ref = getattr(salience, method)(plain, x, target)
     assert_each_varies(ref)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_deconvnet_through_torch_distributeds_composable_checkpoint_is_the_plain_models():
+    """torch.distributed's composable ``checkpoint(module)`` (FSDP2's activation checkpointing) is non-reentrant and
+    imports torch's set-up function by name, so swapping it in ``torch.utils.checkpoint`` never reached it: its block
+    was recomputed in the backward pass outside deconvnet's rule and torch failed with its ``CheckpointError``
+    ('Recomputed values ... have different metadata'), not even a SalienceError. Its module's name is swapped too
+    now: the map is that of the same weights without the checkpoint, and the model and torch's function come back."""
+    from torch.distributed._composable import checkpoint as composable_checkpoint
+    from torch.distributed._composable import checkpoint_activation
+
+    torch_own = checkpoint_activation._checkpoint_without_reentrant_generator_impl
+    torch.manual_seed(0)
+    plain, net = _ReLUNet().eval(), _ReLUNet().eval()
+    net.load_state_dict(plain.state_dict())
+    composable_checkpoint(net.body)
+    x, target = torch.rand(2, 3, 16, 16), torch.tensor([1, 3])
+    with unchanged(net):
+        got = salience.deconvnet(net, x, target)
+    ref = salience.deconvnet(plain, x, target)
+    assert_each_varies(ref)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-8)
+    assert checkpoint_activation._checkpoint_without_reentrant_generator_impl is torch_own
 
 
 @torch.library.custom_op("salience_tests::opaque_attention", mutates_args=())

@@ -13,6 +13,7 @@ search's.
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -21,14 +22,18 @@ __all__ = ["plain_checkpoints"]
 
 _PLAIN_LOCK = threading.Lock()
 # [passes inside plain_checkpoints, CheckpointFunction's own "apply" (None: inherited), torch's apply bound to the
-# class (what other threads call), {name: torch's non-reentrant set-up generator function}]; _plain_threads: thread
-# id -> its open blocks (only those threads run plainly).
+# class (what other threads call), {(module, name): torch's non-reentrant set-up generator function}]; _plain_threads:
+# thread id -> its open blocks (only those threads run plainly).
 _plain_state: list = [0, None, None, {}]
 _plain_threads: collections.Counter = collections.Counter()
 # The generator function torch's non-reentrant checkpoint calls around its function (set-up, then tear-down): the
 # newer name (torch 2.14 has it, and keeps the older one as a shim calling it) and the older one; private to torch,
 # looked up when a block opens: a torch without either keeps its non-reentrant checkpoints.
 _NON_REENTRANT = ("_checkpoint_without_reentrant_generator_impl", "_checkpoint_without_reentrant_generator")
+# Torch's modules that import the set-up function by name (so the swap in torch.utils.checkpoint never reaches them):
+# torch.distributed's composable ``checkpoint(module)`` (FSDP2's activation checkpointing), swapped there too when
+# already imported (a model wrapped by it has imported it).
+_BOUND = (("torch.distributed._composable.checkpoint_activation", "_checkpoint_without_reentrant_generator_impl"),)
 
 
 def _plain_call(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
@@ -44,15 +49,26 @@ def _no_set_up(*args: Any, **kwargs: Any) -> Iterator[None]:
     yield
 
 
-def _plain_generator(name: str) -> Callable[..., Any]:
-    """Torch's non-reentrant set-up generator ``name`` while a block of :func:`plain_checkpoints` is open: none in the
-    threads inside such a block (the checkpoint calls its function, plainly, between the generator's two steps),
-    torch's own in every other thread."""
+def _plain_generator(key: tuple[Any, str]) -> Callable[..., Any]:
+    """Torch's non-reentrant set-up generator ``key`` (its module, its name there) while a block of
+    :func:`plain_checkpoints` is open: none in the threads inside such a block (the checkpoint calls its function,
+    plainly, between the generator's two steps), torch's own in every other thread."""
     def generator(*args: Any, **kwargs: Any) -> Any:
         if threading.get_ident() in _plain_threads:
             return _no_set_up()
-        return _plain_state[3][name](*args, **kwargs)
+        return _plain_state[3][key](*args, **kwargs)
     return generator
+
+
+def _set_up_functions(ck: Any) -> dict[tuple[Any, str], Callable[..., Any]]:
+    """Torch's non-reentrant set-up generators to swap, ``{(module, name): function}``: those of ``ck``
+    (``torch.utils.checkpoint``) and of the imported modules of :data:`_BOUND`."""
+    found = {(ck, name): getattr(ck, name) for name in _NON_REENTRANT if callable(getattr(ck, name, None))}
+    for module_name, name in _BOUND:
+        module = sys.modules.get(module_name)
+        if module is not None and callable(getattr(module, name, None)):
+            found[(module, name)] = getattr(module, name)
+    return found
 
 
 @contextmanager
@@ -78,9 +94,9 @@ def plain_checkpoints() -> Iterator[None]:
         if _plain_state[0] == 0:
             _plain_state[1], _plain_state[2] = cls.__dict__.get("apply"), cls.apply
             cls.apply = staticmethod(_plain_call)
-            _plain_state[3] = {name: getattr(ck, name) for name in _NON_REENTRANT if callable(getattr(ck, name, None))}
-            for name in _plain_state[3]:
-                setattr(ck, name, _plain_generator(name))
+            _plain_state[3] = _set_up_functions(ck)
+            for module, name in _plain_state[3]:
+                setattr(module, name, _plain_generator((module, name)))
         _plain_state[0] += 1
         _plain_threads[me] += 1
     try:
@@ -97,5 +113,5 @@ def plain_checkpoints() -> Iterator[None]:
                 else:
                     cls.apply = _plain_state[1]
                 _plain_state[1] = None  # [2] stays: a thread that looked up the swap just before may still call it
-                for name, original in _plain_state[3].items():  # [3] stays too, for the same reason
-                    setattr(ck, name, original)
+                for (module, name), original in _plain_state[3].items():  # [3] stays too, for the same reason
+                    setattr(module, name, original)

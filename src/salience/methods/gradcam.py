@@ -69,7 +69,7 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       runs it has no default layer: a :class:`SalienceError` asking for ``layer=``); whose output is the image's whole token sequence ``(1, N, D)``,
       ``N`` at least the patch grid's cells; Swin's windows ``(windows, n, D)`` are not; or a factorized
       attention, a module whose pass softmaxes the keys ``(1, heads, N, d)`` (or ``(heads, N, d)``, the heads folded
-      into the batch) over their ``N`` tokens and contracts that (or a copy) with the values over them,
+      into the batch, or ``(1, N, heads * d)`` before the heads are split) over their ``N`` tokens and contracts that (or a copy) with the values over them,
       ``softmax(k)^T v`` or ``v^T softmax(k)``, by ``@``, ``torch.bmm`` or ``torch.einsum`` of two or more operands (CoaT's ``FactorAttnConvRelPosEnc``, or one of the same form under any name), global over its own ``N`` tokens, whatever their number): the last
       module that finished before the *last* such attention call, outside it, with an output of
       the attention's shape: the LayerNorm before the last block's attention (torchvision ViT's
@@ -224,7 +224,10 @@ class _AttentionSpotter(TorchFunctionMode):
         return out
 
     def _views(self, t: Tensor) -> Iterator[tuple[str, dict[str, Any], int]]:
-        """``(module name, t's dims' roles, N)`` for each recorded keys tensor ``t`` is a view of (:func:`_roles_in`)."""
+        """``(module name, t's dims' roles, N)`` for each recorded keys tensor ``t`` is a view of (:func:`_roles_in`);
+        none for a tensor without strided storage (sparse: no data pointer to compare)."""
+        if t.layout != torch.strided:
+            return
         for name, k, roles, n in self._keys:
             if t.data_ptr() == k.data_ptr() and t.numel() == k.numel():
                 found = _roles_in(tuple(t.shape), t.stride(), tuple(k.shape), k.stride(), roles)
@@ -234,7 +237,8 @@ class _AttentionSpotter(TorchFunctionMode):
     def _copied(self, src: Any, out: Tensor) -> None:
         """``out``, a ``.contiguous()`` / ``.clone()`` of ``src``: where ``src`` is a view of keys, ``out`` is keys too,
         its dims those of ``src`` (the same shape, other memory)."""
-        if isinstance(src, Tensor) and out.shape == src.shape and out.data_ptr() != src.data_ptr():
+        if (isinstance(src, Tensor) and src.layout == out.layout == torch.strided and out.shape == src.shape
+                and out.data_ptr() != src.data_ptr()):
             self._keys.extend((name, out, roles, n) for name, roles, n in list(self._views(src)))
 
     def _contraction(self, where: str, parsed: Optional[tuple[list[tuple[Any, list]], set]]) -> None:
@@ -291,18 +295,26 @@ def _roles_in(shape: tuple, strides: tuple, base_shape: tuple, base_strides: tup
     dims of the view, or None where the view is no such keys. The token and channel dims each one dim of the view,
     matched by size and stride; the view's other dims cover the same memory as the batch and head dims (in any order,
     folded into one or unfolded): a permutation, ``(B, heads, N, d)`` reshaped to ``(B * heads, N, d)``; not a
-    reshape that mixes tokens and channels."""
+    reshape that mixes tokens and channels. Keys ``(B, N, heads * d)`` softmaxed over the tokens before the heads are
+    split: the view's channel dim may be the inner ``d`` of the keys' channels (its stride, a size dividing theirs),
+    the heads ``heads * d / d`` then among the batch dims (``(B, N, heads * d)`` viewed as ``(B, heads, N, d)``)."""
     free = list(range(len(shape)))
     found: dict[str, Any] = {}
+    heads: list[tuple[int, int]] = []  # the keys' channels split into (heads, d): the heads' size and stride
     for role in ("token", "channel"):
         size, stride = base_shape[roles[role]], base_strides[roles[role]]
         j = next((j for j in free if shape[j] == size and (strides[j] == stride or size == 1)), None)
+        if j is None and role == "channel":
+            j = next((j for j in free if strides[j] == stride and 1 < shape[j] < size and size % shape[j] == 0), None)
+            if j is not None:
+                heads.append((size // shape[j], shape[j] * stride))
         if j is None:
             return None
         free.remove(j)
         found[role] = j
     mine = _offsets([shape[j] for j in free], [strides[j] for j in free])
-    theirs = _offsets([base_shape[d] for d in roles["batch"]], [base_strides[d] for d in roles["batch"]])
+    theirs = _offsets([base_shape[d] for d in roles["batch"]] + [h for h, _ in heads],
+                      [base_strides[d] for d in roles["batch"]] + [st for _, st in heads])
     if mine is None or mine != theirs:
         return None
     found["batch"] = tuple(free)
