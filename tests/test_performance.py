@@ -940,6 +940,31 @@ def test_compile_freeze_gradient_graph_failure_is_kept_for_the_structure(snapsho
     assert frozen == [] and calls == [] and len(graphs) >= 1  # the plain compiled model ran instead
 
 
+def test_compile_freeze_tail_graphs_are_capped_per_model(snapshot_freezing, monkeypatch):
+    """The frozen gradient graph is one code object for every method, size and input shape of a model,
+    under dynamo's recompile limit; past it the graph fails and no pass of the model runs frozen. The
+    last, shorter chunks' graphs (perf.FROZEN_TAILS per method and input shape) count towards it too:
+    perf.FROZEN_TAILS_PER_MODEL caps them for the model. Scaled down (a cap of 1 tail, a recompile
+    limit of 3): SmoothGrad on two input shapes, twice each: two graphs of the chunk size and one of
+    the first shape's tail, no failure, the second shape's tail eager; the maps are the eager maps.
+    Before: one tail graph per input shape, the fourth graph hit the limit (a warning, the gradient
+    passes unfrozen for the model; at the real limit of 8 and cap of 2: five image sizes)."""
+    frozen, calls, graphs = snapshot_freezing
+    monkeypatch.setattr(_perf, "FROZEN_TAILS_PER_MODEL", 1)
+    model = _with_statistics(ThreeConv())
+    with torch._dynamo.config.patch(recompile_limit=3), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for side in (8, 9):
+            x = torch.rand(2, 3, side, side)
+            ref = salience.smoothgrad(model, x, [0, 2], samples=4, chunk=3, reduce=None)
+            for _ in range(2):
+                out = salience.smoothgrad(model, x, [0, 2], samples=4, chunk=3, reduce=None, compile="freeze")
+                assert _rel(out, ref) < 1e-6, _rel(out, ref)
+    failed = [str(w.message) for w in seen if "failed" in str(w.message)]
+    assert failed == [], failed
+    assert len(frozen) == 3, len(frozen)  # 2 chunk-size graphs + 1 tail (FROZEN_TAILS_PER_MODEL)
+
+
 class _Outputs(nn.Module):
     """ThreeConv's scores returned in a dict (with a second tensor) or a Hugging Face ModelOutput."""
 

@@ -111,6 +111,10 @@ ONE_PASS_SIZES = 2
 # structure, no pass of the model runs frozen. One tail per method keeps the sizes far from the limit
 # (the full chunk of SmoothGrad and of integrated gradients, and their tails: 4 at most per input shape).
 FROZEN_TAILS = 1
+# ... and at most this many such (input shape, size) graphs per model, over all its methods and input
+# shapes: a tail graph per method and input shape took one more of the limit's 8 graphs per input shape
+# (SmoothGrad on five image sizes: ten graphs, the ninth failed, and no pass of the model ran frozen).
+FROZEN_TAILS_PER_MODEL = 2
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # compile=FREEZE: torch.compile with inductor, and for the passes that need no gradient (under
 # torch.no_grad / inference_mode) a graph compiled with inductor's ``freezing`` (the parameters and
@@ -722,6 +726,9 @@ class _Record:
 
 
 _records: dict[tuple, _Record] = {}
+# compile=FREEZE: per model (id), a weakref to it and the (input item shape, size) of each last, shorter
+# chunk granted a frozen graph, over all its records (FROZEN_TAILS_PER_MODEL)
+_model_tails: dict[int, tuple[Any, list[tuple]]] = {}
 _ONE_PASS = "one-pass sizes"  # the tag of the record that holds one_pass's compiled sizes for all its tags
 
 
@@ -741,6 +748,7 @@ def clear_cache() -> None:
     attribute a model's ``forward`` reads: :func:`structure` sees modules, hooks and weights only)."""
     with _lock:
         _records.clear()
+        _model_tails.clear()
         for entry in _compiled.values():
             _release_graphs(entry)
         _compiled.clear()
@@ -782,6 +790,7 @@ class Run:
         self.convolutional = _is_convolutional(model)
         # Compiled runs share the eager runs' decisions (they measure nothing themselves).
         rec = self.record = _record(model, x, self.options, tag)
+        self._item_shape = tuple(x.shape[1:])
         self.structure = structure(model)
         if rec.structure != self.structure:  # a module, a forward or a hook changed: found again
             rec.softmax, rec.per_item, rec.structure = None, None, self.structure
@@ -1048,7 +1057,8 @@ class Run:
         """compile="freeze": whether a last chunk of ``size`` items, shorter than the fixed size, runs
         the frozen graphs (a graph of its own size: the same function, so the same maps up to
         rounding). Only a size that recurs: from its second call on (a size seen once costs a compile
-        and is never run again), at most :data:`FROZEN_TAILS` sizes per record. Items are not padded
+        and is never run again), at most :data:`FROZEN_TAILS` sizes per record and
+        :data:`FROZEN_TAILS_PER_MODEL` per model (its graphs share dynamo's recompile limit). Items are not padded
         to the fixed size instead: whether the padding changes the real items' results (a model that
         mixes the items of a batch) cannot be told without the eager pass, and a chunk of the fixed
         size costs about 1.5x an eager chunk of half its size (docs/performance.md, "Chunks")."""
@@ -1059,6 +1069,14 @@ class Run:
                 return True
             if rec.tails[size] < 2 or len(rec.frozen_tails) >= FROZEN_TAILS:
                 return False
+            held = _model_tails.get(id(self.model))
+            if held is None or held[0]() is not self.model:
+                held = _model_tails[id(self.model)] = (weakref.ref(self.model), [])
+            graph = (self._item_shape, size)
+            if graph not in held[1]:
+                if len(held[1]) >= FROZEN_TAILS_PER_MODEL:
+                    return False
+                held[1].append(graph)
             rec.frozen_tails.append(size)
             return True
 
