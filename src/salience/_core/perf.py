@@ -105,7 +105,7 @@ SIZE_SAMPLES = 2
 # two option sets take 6); a third recurring size runs eagerly, with one warning naming the sizes.
 ONE_PASS_SIZES = 2
 # compile=FREEZE: sizes of a many-pass call's last, shorter chunk that run the frozen graphs (one graph
-# more each, compiled at the size's second call, :meth:`Run.plan`), per model, method, input shape
+# more each, compiled at the size's second call in one weights' state, :meth:`Run.plan`), per model, method, input shape
 # and options. The frozen gradient graph of a model is one code object for every method and size,
 # with dynamo's recompile limit of 8 graphs; past it the graph fails and, remembered for the model's
 # structure, no pass of the model runs frozen. One tail per method keeps the sizes far from the limit
@@ -713,7 +713,7 @@ class _Record:
     compiled: list[int] = field(default_factory=list)  # the one-pass sizes compiled (on _ONE_PASS's record)
     refused: bool = False  # a recurring size was refused for the cap (warned once; on _ONE_PASS's record)
     per_item: Optional[int] = None  # the engine's memory probe: bytes per item of an eager chunk (reused by FREEZE)
-    tails: dict[int, int] = field(default_factory=dict)  # FREEZE: calls whose last, shorter chunk had each size
+    tails: dict[int, Any] = field(default_factory=dict)  # FREEZE: per size of a last, shorter chunk, the weights_key of its last call
     frozen_tails: list[int] = field(default_factory=list)  # FREEZE: the tail sizes that run frozen (FROZEN_TAILS)
 
     def t(self, size: int, cl: bool) -> float:
@@ -1056,18 +1056,23 @@ class Run:
     def _frozen_tail(self, size: int) -> bool:
         """compile="freeze": whether a last chunk of ``size`` items, shorter than the fixed size, runs
         the frozen graphs (a graph of its own size: the same function, so the same maps up to
-        rounding). Only a size that recurs: from its second call on (a size seen once costs a compile
-        and is never run again), at most :data:`FROZEN_TAILS` sizes per record and
+        rounding). Only a size that recurs in the weights' state: from its second call with the same
+        :func:`weights_key` on (a size seen once costs a compile and is never run again; a model whose
+        weights change between calls, a training loop that explains every epoch, compiled a tail graph
+        for every state and ran it once), at most :data:`FROZEN_TAILS` sizes per record and
         :data:`FROZEN_TAILS_PER_MODEL` per model (its graphs share dynamo's recompile limit). Items are not padded
         to the fixed size instead: whether the padding changes the real items' results (a model that
         mixes the items of a batch) cannot be told without the eager pass, and a chunk of the fixed
         size costs about 1.5x an eager chunk of half its size (docs/performance.md, "Chunks")."""
         rec = self.record
         with _lock:
-            rec.tails[size] = rec.tails.get(size, 0) + 1
+            again = rec.tails.get(size) == self._weights_key
+            rec.tails[size] = self._weights_key
+            if not again:
+                return False
             if size in rec.frozen_tails:
                 return True
-            if rec.tails[size] < 2 or len(rec.frozen_tails) >= FROZEN_TAILS:
+            if len(rec.frozen_tails) >= FROZEN_TAILS:
                 return False
             held = _model_tails.get(id(self.model))
             if held is None or held[0]() is not self.model:
