@@ -966,6 +966,22 @@ def test_compile_freeze_tail_graphs_are_capped_per_model(snapshot_freezing, monk
     assert len(frozen) == 3, len(frozen)  # 2 chunk-size graphs + 1 tail (FROZEN_TAILS_PER_MODEL)
 
 
+def test_compile_freeze_two_models_alternated_keep_their_graphs(snapshot_freezing):
+    """Two models explained in turn with compile="freeze": each keeps its frozen gradient graph (one
+    compile per model, none in the later rounds), the maps are the eager maps. A model under freezing
+    holds three entries of the compiled models' cache (the plain compiled model, the frozen forward,
+    the frozen gradient graph); the cache kept 4, so the second model's entries evicted the first's
+    graphs and every call compiled its frozen graph again."""
+    frozen, _, _ = snapshot_freezing
+    models, x = (_with_statistics(ThreeConv()), _with_statistics(ThreeConv(6))), torch.rand(1, 3, 8, 8)
+    refs = [salience.smoothgrad(m, x, [2], samples=6, chunk=6, reduce=None) for m in models]
+    for _ in range(2):
+        for m, ref in zip(models, refs):
+            out = salience.smoothgrad(m, x, [2], samples=6, chunk=6, reduce=None, compile="freeze")
+            assert _rel(out, ref) < 1e-6, _rel(out, ref)
+    assert len(frozen) == 2, len(frozen)  # one gradient graph per model, kept
+
+
 class _Outputs(nn.Module):
     """ThreeConv's scores returned in a dict (with a second tensor) or a Hugging Face ModelOutput."""
 

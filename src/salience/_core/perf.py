@@ -236,7 +236,10 @@ def resolve(memory_format: Optional[str] = None, compile: Any = None, precision:
 # --------------------------------------------------------------------------- compiled models
 
 _compiled: "OrderedDict[tuple[int, Any], tuple[nn.Module, Any, tuple]]" = OrderedDict()
-_COMPILED_KEEP = 4  # compiled models kept for the process (each holds its model)
+# entries kept for the process (each holds its model): a model under compile=FREEZE takes three (the plain
+# compiled model, the frozen forward, the frozen gradient graph); at 4, two such models explained in turn
+# evicted each other's frozen graphs, and every call compiled them again
+_COMPILED_KEEP = 6
 
 
 def _check_backend_name(name: str) -> None:
