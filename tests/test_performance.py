@@ -867,17 +867,18 @@ def test_compile_freeze_gradient_graph_follows_weights_changed_in_place(snapshot
     model, x = _with_statistics(ThreeConv()), torch.rand(2, 3, 8, 8)
     _gradient_maps(model, x, compile="freeze")
     assert len(frozen) == 1
+    _gradient_maps(model, x, compile="freeze")
+    assert len(frozen) == 2  # SmoothGrad's last chunk of 2 recurs in these weights: its graph too
     _change_weights(model, change)
     refs = _gradient_maps(model, x)
-    with unchanged(model):
-        outs = _gradient_maps(model, x, compile="freeze")
-    for out, ref in zip(outs, refs):
-        assert _rel(out, ref) < 1e-6, _rel(out, ref)
-    # the new weights' graphs: the chunk size 6, and SmoothGrad's last chunk of 2 (its size recurs, so
-    # it runs frozen from this second call on: perf.FROZEN_TAILS)
-    assert len(frozen) == 3
-    _gradient_maps(model, x, compile="freeze")
-    assert len(frozen) == 3  # unchanged since: the graphs are kept
+    for step in range(2):
+        with unchanged(model):
+            outs = _gradient_maps(model, x, compile="freeze")
+        for out, ref in zip(outs, refs):
+            assert _rel(out, ref) < 1e-6, (step, _rel(out, ref))
+        # the new weights' graphs: the chunk size 6 at once; SmoothGrad's tail of 2 eagerly in the first
+        # call of these weights, frozen (a graph of the new weights) from the second on (perf.FROZEN_TAILS)
+        assert len(frozen) == (3 if step == 0 else 4), (step, len(frozen))
 
 
 def test_compile_freeze_gradient_graph_that_fails_falls_back(snapshot_freezing, monkeypatch):
@@ -938,6 +939,47 @@ def test_compile_freeze_gradient_graph_failure_is_kept_for_the_structure(snapsho
     failed = [w for w in seen if "frozen input-gradient graph failed" in str(w.message)]
     assert len(failed) == 1, [str(w.message) for w in seen]
     assert frozen == [] and calls == [] and len(graphs) >= 1  # the plain compiled model ran instead
+
+
+def test_compile_freeze_tail_graphs_are_capped_per_model(snapshot_freezing, monkeypatch):
+    """The frozen gradient graph is one code object for every method, size and input shape of a model,
+    under dynamo's recompile limit; past it the graph fails and no pass of the model runs frozen. The
+    last, shorter chunks' graphs (perf.FROZEN_TAILS per method and input shape) count towards it too:
+    perf.FROZEN_TAILS_PER_MODEL caps them for the model. Scaled down (a cap of 1 tail, a recompile
+    limit of 3): SmoothGrad on two input shapes, twice each: two graphs of the chunk size and one of
+    the first shape's tail, no failure, the second shape's tail eager; the maps are the eager maps.
+    Before: one tail graph per input shape, the fourth graph hit the limit (a warning, the gradient
+    passes unfrozen for the model; at the real limit of 8 and cap of 2: five image sizes)."""
+    frozen, calls, graphs = snapshot_freezing
+    monkeypatch.setattr(_perf, "FROZEN_TAILS_PER_MODEL", 1)
+    model = _with_statistics(ThreeConv())
+    with torch._dynamo.config.patch(recompile_limit=3), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for side in (8, 9):
+            x = torch.rand(2, 3, side, side)
+            ref = salience.smoothgrad(model, x, [0, 2], samples=4, chunk=3, reduce=None)
+            for _ in range(2):
+                out = salience.smoothgrad(model, x, [0, 2], samples=4, chunk=3, reduce=None, compile="freeze")
+                assert _rel(out, ref) < 1e-6, _rel(out, ref)
+    failed = [str(w.message) for w in seen if "failed" in str(w.message)]
+    assert failed == [], failed
+    assert len(frozen) == 3, len(frozen)  # 2 chunk-size graphs + 1 tail (FROZEN_TAILS_PER_MODEL)
+
+
+def test_compile_freeze_two_models_alternated_keep_their_graphs(snapshot_freezing):
+    """Two models explained in turn with compile="freeze": each keeps its frozen gradient graph (one
+    compile per model, none in the later rounds), the maps are the eager maps. A model under freezing
+    holds three entries of the compiled models' cache (the plain compiled model, the frozen forward,
+    the frozen gradient graph); the cache kept 4, so the second model's entries evicted the first's
+    graphs and every call compiled its frozen graph again."""
+    frozen, _, _ = snapshot_freezing
+    models, x = (_with_statistics(ThreeConv()), _with_statistics(ThreeConv(6))), torch.rand(1, 3, 8, 8)
+    refs = [salience.smoothgrad(m, x, [2], samples=6, chunk=6, reduce=None) for m in models]
+    for _ in range(2):
+        for m, ref in zip(models, refs):
+            out = salience.smoothgrad(m, x, [2], samples=6, chunk=6, reduce=None, compile="freeze")
+            assert _rel(out, ref) < 1e-6, _rel(out, ref)
+    assert len(frozen) == 2, len(frozen)  # one gradient graph per model, kept
 
 
 class _Outputs(nn.Module):

@@ -105,12 +105,16 @@ SIZE_SAMPLES = 2
 # two option sets take 6); a third recurring size runs eagerly, with one warning naming the sizes.
 ONE_PASS_SIZES = 2
 # compile=FREEZE: sizes of a many-pass call's last, shorter chunk that run the frozen graphs (one graph
-# more each, compiled at the size's second call, :meth:`Run.plan`), per model, method, input shape
+# more each, compiled at the size's second call in one weights' state, :meth:`Run.plan`), per model, method, input shape
 # and options. The frozen gradient graph of a model is one code object for every method and size,
 # with dynamo's recompile limit of 8 graphs; past it the graph fails and, remembered for the model's
 # structure, no pass of the model runs frozen. One tail per method keeps the sizes far from the limit
 # (the full chunk of SmoothGrad and of integrated gradients, and their tails: 4 at most per input shape).
 FROZEN_TAILS = 1
+# ... and at most this many such (input shape, size) graphs per model, over all its methods and input
+# shapes: a tail graph per method and input shape took one more of the limit's 8 graphs per input shape
+# (SmoothGrad on five image sizes: ten graphs, the ninth failed, and no pass of the model ran frozen).
+FROZEN_TAILS_PER_MODEL = 2
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # compile=FREEZE: torch.compile with inductor, and for the passes that need no gradient (under
 # torch.no_grad / inference_mode) a graph compiled with inductor's ``freezing`` (the parameters and
@@ -232,7 +236,10 @@ def resolve(memory_format: Optional[str] = None, compile: Any = None, precision:
 # --------------------------------------------------------------------------- compiled models
 
 _compiled: "OrderedDict[tuple[int, Any], tuple[nn.Module, Any, tuple]]" = OrderedDict()
-_COMPILED_KEEP = 4  # compiled models kept for the process (each holds its model)
+# entries kept for the process (each holds its model): a model under compile=FREEZE takes three (the plain
+# compiled model, the frozen forward, the frozen gradient graph); at 4, two such models explained in turn
+# evicted each other's frozen graphs, and every call compiled them again
+_COMPILED_KEEP = 6
 
 
 def _check_backend_name(name: str) -> None:
@@ -709,7 +716,7 @@ class _Record:
     compiled: list[int] = field(default_factory=list)  # the one-pass sizes compiled (on _ONE_PASS's record)
     refused: bool = False  # a recurring size was refused for the cap (warned once; on _ONE_PASS's record)
     per_item: Optional[int] = None  # the engine's memory probe: bytes per item of an eager chunk (reused by FREEZE)
-    tails: dict[int, int] = field(default_factory=dict)  # FREEZE: calls whose last, shorter chunk had each size
+    tails: dict[int, Any] = field(default_factory=dict)  # FREEZE: per size of a last, shorter chunk, the weights_key of its last call
     frozen_tails: list[int] = field(default_factory=list)  # FREEZE: the tail sizes that run frozen (FROZEN_TAILS)
 
     def t(self, size: int, cl: bool) -> float:
@@ -722,6 +729,9 @@ class _Record:
 
 
 _records: dict[tuple, _Record] = {}
+# compile=FREEZE: per model (id), a weakref to it and the (input item shape, size) of each last, shorter
+# chunk granted a frozen graph, over all its records (FROZEN_TAILS_PER_MODEL)
+_model_tails: dict[int, tuple[Any, list[tuple]]] = {}
 _ONE_PASS = "one-pass sizes"  # the tag of the record that holds one_pass's compiled sizes for all its tags
 
 
@@ -741,6 +751,7 @@ def clear_cache() -> None:
     attribute a model's ``forward`` reads: :func:`structure` sees modules, hooks and weights only)."""
     with _lock:
         _records.clear()
+        _model_tails.clear()
         for entry in _compiled.values():
             _release_graphs(entry)
         _compiled.clear()
@@ -782,6 +793,7 @@ class Run:
         self.convolutional = _is_convolutional(model)
         # Compiled runs share the eager runs' decisions (they measure nothing themselves).
         rec = self.record = _record(model, x, self.options, tag)
+        self._item_shape = tuple(x.shape[1:])
         self.structure = structure(model)
         if rec.structure != self.structure:  # a module, a forward or a hook changed: found again
             rec.softmax, rec.per_item, rec.structure = None, None, self.structure
@@ -1047,18 +1059,32 @@ class Run:
     def _frozen_tail(self, size: int) -> bool:
         """compile="freeze": whether a last chunk of ``size`` items, shorter than the fixed size, runs
         the frozen graphs (a graph of its own size: the same function, so the same maps up to
-        rounding). Only a size that recurs: from its second call on (a size seen once costs a compile
-        and is never run again), at most :data:`FROZEN_TAILS` sizes per record. Items are not padded
+        rounding). Only a size that recurs in the weights' state: from its second call with the same
+        :func:`weights_key` on (a size seen once costs a compile and is never run again; a model whose
+        weights change between calls, a training loop that explains every epoch, compiled a tail graph
+        for every state and ran it once), at most :data:`FROZEN_TAILS` sizes per record and
+        :data:`FROZEN_TAILS_PER_MODEL` per model (its graphs share dynamo's recompile limit). Items are not padded
         to the fixed size instead: whether the padding changes the real items' results (a model that
         mixes the items of a batch) cannot be told without the eager pass, and a chunk of the fixed
         size costs about 1.5x an eager chunk of half its size (docs/performance.md, "Chunks")."""
         rec = self.record
         with _lock:
-            rec.tails[size] = rec.tails.get(size, 0) + 1
+            again = rec.tails.get(size) == self._weights_key
+            rec.tails[size] = self._weights_key
+            if not again:
+                return False
             if size in rec.frozen_tails:
                 return True
-            if rec.tails[size] < 2 or len(rec.frozen_tails) >= FROZEN_TAILS:
+            if len(rec.frozen_tails) >= FROZEN_TAILS:
                 return False
+            held = _model_tails.get(id(self.model))
+            if held is None or held[0]() is not self.model:
+                held = _model_tails[id(self.model)] = (weakref.ref(self.model), [])
+            graph = (self._item_shape, size)
+            if graph not in held[1]:
+                if len(held[1]) >= FROZEN_TAILS_PER_MODEL:
+                    return False
+                held[1].append(graph)
             rec.frozen_tails.append(size)
             return True
 
