@@ -12,6 +12,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -2093,3 +2094,21 @@ def test_a_run_stopped_in_the_middle_gives_the_model_back_exactly(tmp_path, erro
             salience.explain_dataset(model, _StopAt(8, 5, error), ["vanilla", "guided_backprop"], tmp_path / "r",
                                      batch_size=2, workers=0)
     assert not any(id(o) in guard._held for o in (*model.modules(), *model.parameters()))
+
+
+def test_the_ray_dataset_watcher_ends_when_no_held_run_can_end(monkeypatch):
+    """A Ray worker's thread that lets go of the datasets of ended runs (``ray_engine._watch``) ends once
+    it holds only datasets of runs whose folder cannot lock (no ``Writer``: no end to see; a next run's
+    dataset lets them go): it polled for them every second for the life of the process."""
+    from salience.runs import ray_engine
+
+    monkeypatch.setattr(ray_engine, "RELEASE_EVERY", 0.001)
+    monkeypatch.setattr(ray_engine, "_HELD", {"lockless": (object(), None)})
+    monkeypatch.setattr(ray_engine, "_watching", True)
+    t = threading.Thread(target=ray_engine._watch, daemon=True)
+    t.start()
+    t.join(2)
+    polling = t.is_alive()
+    ray_engine._HELD.clear()  # (a thread still polling ends now)
+    t.join(2)
+    assert not polling and ray_engine._HELD == {} and ray_engine._watching is False

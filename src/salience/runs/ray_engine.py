@@ -89,13 +89,15 @@ def _let_go(keep: Optional[str] = None) -> None:
 
 def _watch() -> None:
     """This worker process's thread: every :data:`RELEASE_EVERY` seconds, lets go of the datasets of
-    the runs that ended; ends when it holds none."""
+    the runs that ended; ends when it holds none of a run that can end (those of runs whose folder
+    cannot lock wait for the next run's, which starts it again: it polled for them, every second, for
+    the life of the process)."""
     global _watching
     while True:
         time.sleep(RELEASE_EVERY)
         with _HELD_LOCK:
             _let_go()
-            if not _HELD:
+            if all(writer is None for _, writer in _HELD.values()):
                 _watching = False
                 return
 
