@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import threading
 from contextlib import contextmanager
+from typing import Optional
 
 import pytest
 import torch
@@ -650,3 +651,59 @@ def test_a_run_guard_puts_a_call_s_changes_back_only_when_no_other_call_holds_th
             with model_guard(small_cnn):  # and again: the copy back is seen as a write of its own
                 bn.running_mean.add_(1)
             assert torch.equal(bn.running_mean, mean)
+
+
+class _Gate(nn.Module):
+    """Holds the explaining thread's first pass (before the hooked layer) until another thread has
+    run a whole forward pass of the same model: both passes meet the layer while salience's hook is on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.explainer: Optional[int] = None
+        self.inside, self.other_done = threading.Event(), threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if threading.get_ident() == self.explainer and not self.inside.is_set():
+            self.inside.set()
+            assert self.other_done.wait(10), "the other thread's pass did not come"
+        return x
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam", "ablationcam", "scorecam", "eigencam"])
+def test_a_layer_hook_sees_and_changes_only_the_explaining_threads_passes(small_cnn, method):
+    """A method's hook on a layer (Grad-CAM's capture, Ablation-CAM's ablation, Score-CAM's and Eigen-CAM's
+    capture) fired for every thread's pass through the shared model: a forward of the user's code in
+    another thread meanwhile was taken as the explained activation (a wrong map, or a failure) or
+    ablated (that thread's output changed). The maps must be those of the call alone, and the other
+    thread's output that of the plain model."""
+    gate = _Gate()
+    model = nn.Sequential(gate, small_cnn).eval()
+    x, other = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.randn(
+        3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    options = {} if method == "eigencam" else {"target": torch.tensor([0, 2])}
+    fn = getattr(salience, method)
+    alone = fn(model, x, layer="1.features.3", **options)
+    with torch.no_grad():
+        plain = model(other)
+    got, seen, errors = {}, {}, []
+
+    def explain() -> None:
+        gate.explainer = threading.get_ident()
+        try:
+            got["map"] = fn(model, x, layer="1.features.3", **options)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+            gate.inside.set()
+
+    def user() -> None:
+        assert gate.inside.wait(10)
+        with torch.no_grad():
+            seen["out"] = model(other)
+        gate.other_done.set()
+
+    threads = [threading.Thread(target=explain), threading.Thread(target=user)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    assert not errors, errors
+    torch.testing.assert_close(got["map"], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen["out"], plain, rtol=1e-5, atol=1e-6)

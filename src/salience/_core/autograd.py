@@ -9,11 +9,12 @@ touched and no graph is built for parameters.
 from __future__ import annotations
 
 import re
+import threading
 import warnings
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -423,6 +424,20 @@ def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
     return store[0]
 
 
+def this_thread(hook: Callable) -> Callable:
+    """``hook`` (a module hook) run only for passes of the thread that made it: another thread's
+    forward through the same module (the user's own code, or a second salience call on the shared
+    model) is neither captured nor changed by it (a capture took that thread's activation, an
+    ablation changed that thread's output)."""
+    owner = threading.get_ident()
+
+    def scoped(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() != owner:
+            return None
+        return hook(*args, **kwargs)
+    return scoped
+
+
 def _hooked(model: nn.Module, layer: LayerSpec, hook: Any) -> Any:
     """``hook`` on ``layer``'s module; a TorchScript layer (which takes no hook) is refused by name,
     where ``register_forward_hook`` raised a raw RuntimeError ("not supported on ScriptModules")."""
@@ -431,7 +446,7 @@ def _hooked(model: nn.Module, layer: LayerSpec, hook: Any) -> Any:
         name = layer if isinstance(layer, str) else layer_name(model, layer)
         raise SalienceError(f"the layer {name!r} is a TorchScript module, which does not support forward hooks; "
                             "pass a Python (non-scripted) layer, or the model without TorchScript in it")
-    return mod.register_forward_hook(hook)
+    return mod.register_forward_hook(this_thread(hook))
 
 
 def layer_not_captured(model: nn.Module, layer: LayerSpec, store: list) -> SalienceError:

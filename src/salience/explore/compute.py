@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from salience import targets as _targets
 from salience._core import errors, perf as _perf
-from salience._core.autograd import forward_scores, class_probabilities
+from salience._core.autograd import forward_scores, class_probabilities, this_thread
 from salience._core.errors import SalienceError, suggest
 from salience._core.info import ModelInfo, attach_info, model_info
 from salience._core.tensors import model_device
@@ -231,7 +231,7 @@ def _watched(model: nn.Module, ticker: Ticker) -> Iterator[None]:
             hook(module, args)
 
     try:
-        handle = model.register_forward_pre_hook(_perf.observer(hook))  # compiled passes may not tick
+        handle = model.register_forward_pre_hook(_perf.observer(this_thread(hook)))  # compiled passes may not tick
     except (RuntimeError, AttributeError, TypeError):  # TorchScript: "not supported on ScriptModules"
         handle = torch.nn.modules.module.register_module_forward_pre_hook(script_hook)
     try:

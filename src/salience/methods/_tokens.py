@@ -67,7 +67,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from salience._core.autograd import model_call
+from salience._core.autograd import model_call, this_thread
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
@@ -302,7 +302,7 @@ def traced_grids(model: nn.Module, x_shape: Sequence[int]) -> list[tuple[int, in
         if g is not None and g not in found:
             found.append(g)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
+    handles = [m.register_forward_hook(this_thread(hook)) for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.Unfold) + _POOLS_2D)]
     try:
         image = torch.zeros(1, *(int(v) for v in x_shape[1:]), device=model_device(model), dtype=model_dtype(model))

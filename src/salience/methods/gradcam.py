@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from salience._core import engine as _engine
 from salience import rules
 from salience.attention import _is_attention_softmax
-from salience._core.autograd import backward, check_input, layer_value, model_call
+from salience._core.autograd import backward, check_input, layer_value, model_call, this_thread
 from salience._core.checkpoints import plain_checkpoints as _plain_checkpoints
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
@@ -419,9 +419,9 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
     try:
         for name, m in model.named_modules():
             if name and not isinstance(m, torch.jit.ScriptModule) and (only is None or m is only):
-                handles.append(m.register_forward_hook(make_hook(name)))
+                handles.append(m.register_forward_hook(this_thread(make_hook(name))))
                 if attending is not None:
-                    handles.append(m.register_forward_pre_hook(make_pre_hook(name)))
+                    handles.append(m.register_forward_pre_hook(this_thread(make_pre_hook(name))))
         # With the input's gradient on (parameters frozen by the guard), an output that requires grad
         # depends on the input: Swin's relative position bias (B, heads, n, n) does not. Also when the
         # caller runs under torch.inference_mode(), where enable_grad() alone records no graph.
@@ -956,7 +956,7 @@ def _rectified_before(module: nn.Module, rule: rules.BackpropRule) -> Iterator[l
         if not mark:
             mark.append(rule.rectified)
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(this_thread(hook))
     try:
         yield mark
     finally:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from salience._core import engine as _engine
 from salience._core import perf as _perf
-from salience._core.autograd import capture_hook, check_input, forward_scores, layer_not_captured
+from salience._core.autograd import capture_hook, check_input, forward_scores, layer_not_captured, this_thread
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
@@ -72,7 +72,7 @@ def _setup(method: str, model: nn.Module, x: Tensor, target: Any, layer: Optiona
 def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
     """The layer's output (as the layer gives it) and the model's output for ``x``: one forward pass."""
     store: list[Any] = []
-    handle = mod.register_forward_hook(capture_hook(store, False))  # the first output of a reused module
+    handle = mod.register_forward_hook(this_thread(capture_hook(store, False)))  # the first output of a reused module
     try:
         out = forward_scores(model, x, strip_softmax=strip_softmax)
     finally:
@@ -266,7 +266,7 @@ class _Ablated:
                 return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
             return self._ablate(output, rows, ch)
 
-        handle = self.mod.register_forward_hook(hook)
+        handle = self.mod.register_forward_hook(this_thread(hook))
         try:
             return self.score(inputs, owner)
         finally:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core import perf as _perf
-from salience._core.autograd import forward_scores, class_probabilities, unwrap_output
+from salience._core.autograd import forward_scores, class_probabilities, this_thread, unwrap_output
 from salience._core.engine import MemoryProbe, default_budget
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.info import ModelInfo
@@ -231,7 +231,7 @@ def _first_pass(plan: Plan, model: nn.Module, x: Tensor,
             seen.append(unwrap_output(output, model).detach())
 
     name, fn = next(iter(plan.methods.items()))
-    handle = model.register_forward_hook(_perf.observer(keep))  # compiled / folded passes may skip it
+    handle = model.register_forward_hook(_perf.observer(this_thread(keep)))  # compiled / folded passes may skip it
     try:
         m = call_method(fn, model, x, plan.regression(), indices).detach().float().cpu().unsqueeze(1)
     finally:
