@@ -1,6 +1,7 @@
 """The user's model comes back exactly as it was: after success, an exception, or Ctrl-C."""
 from __future__ import annotations
 
+import copy
 import re
 import threading
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ import salience
 from salience import SalienceError, targets
 from salience._core.guard import model_guard
 
-from conftest import model_snapshot, unchanged
+from conftest import SmallCNN, model_snapshot, unchanged
 
 
 @contextmanager
@@ -707,3 +708,33 @@ def test_a_layer_hook_sees_and_changes_only_the_explaining_threads_passes(small_
     assert not errors, errors
     torch.testing.assert_close(got["map"], alone, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(seen["out"], plain, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_built_under_inference_mode_is_refused_saying_what_to_do():
+    """Its weights are inference tensors (no version counter, no backward): every method failed with
+    torch's raw RuntimeError from the guard. Now a SalienceError naming the tensor and the cure; the
+    cure it names (a deepcopy made outside inference mode) gives the plain model's map."""
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        frozen = SmallCNN().eval()
+    torch.manual_seed(3)
+    plain = SmallCNN().eval()
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    for method in ("vanilla", "gradcam", "occlusion"):
+        with pytest.raises(SalienceError, match=r"'features\.0\.weight' is an inference tensor.*copy\.deepcopy"):
+            getattr(salience, method)(frozen, x, 0)
+    torch.testing.assert_close(salience.vanilla(copy.deepcopy(frozen), x, 0), salience.vanilla(plain, x, 0))
+
+    class Counting(nn.Module):  # replaces its buffer in every forward: under a gradient-free method's
+        def __init__(self) -> None:  # inference_mode the new buffer is an inference tensor mid-call
+            super().__init__()
+            self.net = plain
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls = self.calls + 1
+            return self.net(x)
+
+    counting = Counting().eval()
+    torch.testing.assert_close(salience.occlusion(counting, x, 0, window=4), salience.occlusion(plain, x, 0, window=4))
+    assert float(counting.calls) == 0 and not counting.calls.is_inference()

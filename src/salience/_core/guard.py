@@ -239,6 +239,7 @@ def _enter(model: nn.Module) -> list:
         try:  # also a Ctrl-C part way: what was counted is released (a state not yet captured is None)
             new: list = []
             _hold(objects, held, new)
+            _refuse_inference_tensors(model, new)
             for o in new:  # a module or parameter no guard held: recorded, then the model put in eval mode
                 state = ModelState.capture([o], []) if isinstance(o, nn.Module) else ModelState.capture([], [o])
                 _held[id(o)][_STATE] = state
@@ -253,6 +254,25 @@ def _enter(model: nn.Module) -> list:
             _release(held)
             raise
     return objects
+
+
+def _refuse_inference_tensors(model: nn.Module, new: list) -> None:
+    """A model made (or loaded) under ``torch.inference_mode()`` holds inference tensors, which keep
+    no version counter and cannot be saved for a backward pass: every method failed with torch's
+    raw RuntimeError ("Inference tensors do not track version counter"). Checked on the modules and
+    parameters no guard held yet (``new``): inside a call, a forward run under inference mode may
+    replace a buffer with an inference tensor, which the outer guard puts back at its end."""
+    fresh = {id(o) for o in new}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not t.is_inference():
+            continue
+        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if id(t) in fresh or id(owner) in fresh:
+            raise SalienceError(
+                f"the model's {name!r} is an inference tensor: the model was built or loaded under "
+                "torch.inference_mode(), and such tensors can be neither tracked nor differentiated. Build or "
+                "load the model outside inference_mode (torch.no_grad() is fine), or explain a copy made "
+                "outside it: copy.deepcopy(model)")
 
 
 @contextmanager
