@@ -738,3 +738,22 @@ def test_a_model_built_under_inference_mode_is_refused_saying_what_to_do():
     counting = Counting().eval()
     torch.testing.assert_close(salience.occlusion(counting, x, 0, window=4), salience.occlusion(plain, x, 0, window=4))
     assert float(counting.calls) == 0 and not counting.calls.is_inference()
+
+
+def test_a_lazy_module_not_yet_initialized_is_refused_and_explained_after_one_pass():
+    """A LazyLinear before its first pass has no weights: the guard failed with torch's raw ValueError
+    ("Attempted to use an uninitialized parameter"). A SalienceError now names it and the cure; after
+    the pass it names, the map is the plain gradient (the model is linear after the conv: checked
+    against autograd by hand)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3)).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(SalienceError, match=r"'2\.weight' \(LazyLinear\) is not initialized.*model\(x\)"):
+        salience.vanilla(model, x, 0)
+    assert isinstance(model[2], nn.LazyLinear)  # left as it was
+    with torch.no_grad():
+        model(x)
+    xg = x.clone().requires_grad_(True)
+    model(xg)[:, 0].sum().backward()
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(salience.vanilla(model, x, 0, reduce=None), xg.grad)

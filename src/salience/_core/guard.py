@@ -259,14 +259,21 @@ def _enter(model: nn.Module) -> list:
 def _refuse_inference_tensors(model: nn.Module, new: list) -> None:
     """A model made (or loaded) under ``torch.inference_mode()`` holds inference tensors, which keep
     no version counter and cannot be saved for a backward pass: every method failed with torch's
-    raw RuntimeError ("Inference tensors do not track version counter"). Checked on the modules and
+    raw RuntimeError ("Inference tensors do not track version counter"). A lazy module's uninitialized
+    parameters (torch's raw ValueError before) are refused too. Checked on the modules and
     parameters no guard held yet (``new``): inside a call, a forward run under inference mode may
     replace a buffer with an inference tensor, which the outer guard puts back at its end."""
     fresh = {id(o) for o in new}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if not t.is_inference():
+        lazy = isinstance(t, nn.parameter.UninitializedTensorMixin)
+        if not lazy and not t.is_inference():
             continue
         owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if lazy and (id(t) in fresh or id(owner) in fresh):
+            raise SalienceError(
+                f"the model's {name!r} ({type(owner).__name__}) is not initialized yet: a lazy module takes its "
+                "shapes from its first forward pass, which would change the model. Run one pass first, "
+                "model(x) under torch.no_grad() with an input of the shape you will explain, then explain it")
         if id(t) in fresh or id(owner) in fresh:
             raise SalienceError(
                 f"the model's {name!r} is an inference tensor: the model was built or loaded under "
