@@ -269,17 +269,18 @@ def _refuse_inference_tensors(model: nn.Module, new: list) -> None:
         if not lazy and not t.is_inference():
             continue
         owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if lazy and (id(t) in fresh or id(owner) in fresh):
+        if id(t) not in fresh and id(owner) not in fresh:
+            continue
+        if lazy:
             raise SalienceError(
                 f"the model's {name!r} ({type(owner).__name__}) is not initialized yet: a lazy module takes its "
                 "shapes from its first forward pass, which would change the model. Run one pass first, "
                 "model(x) under torch.no_grad() with an input of the shape you will explain, then explain it")
-        if id(t) in fresh or id(owner) in fresh:
-            raise SalienceError(
-                f"the model's {name!r} is an inference tensor: the model was built or loaded under "
-                "torch.inference_mode(), and such tensors can be neither tracked nor differentiated. Build or "
-                "load the model outside inference_mode (torch.no_grad() is fine), or explain a copy made "
-                "outside it: copy.deepcopy(model)")
+        raise SalienceError(
+            f"the model's {name!r} is an inference tensor: the model was built or loaded under "
+            "torch.inference_mode(), and such tensors can be neither tracked nor differentiated. Build or "
+            "load the model outside inference_mode (torch.no_grad() is fine), or explain a copy made "
+            "outside it: copy.deepcopy(model)")
 
 
 @contextmanager
