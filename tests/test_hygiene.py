@@ -757,3 +757,23 @@ def test_a_lazy_module_not_yet_initialized_is_refused_and_explained_after_one_pa
     model(xg)[:, 0].sum().backward()
     model.zero_grad(set_to_none=True)
     torch.testing.assert_close(salience.vanilla(model, x, 0, reduce=None), xg.grad)
+
+
+def test_a_guard_inside_a_held_model_does_not_walk_its_tensors_again():
+    """The inference-tensor / lazy check looked at every named parameter and buffer of the model under
+    the guard's lock on every entry, also when another guard held it all already (each call of a
+    dataset run, a method nested in SmoothGrad): +0.66 ms a call on resnet50 (+50%). Nothing is new
+    there, so nothing is walked (the model's ``named_buffers`` is not called)."""
+    calls = []
+
+    class Walked(SmallCNN):
+        def named_buffers(self, *args, **kwargs):  # type: ignore[override]
+            calls.append(1)
+            return super().named_buffers(*args, **kwargs)
+
+    model = Walked().eval()
+    with model_guard(model):
+        calls.clear()
+        with model_guard(model):
+            pass
+    assert calls == []

@@ -262,24 +262,36 @@ def _refuse_inference_tensors(model: nn.Module, new: list) -> None:
     raw RuntimeError ("Inference tensors do not track version counter"). A lazy module's uninitialized
     parameters (torch's raw ValueError before) are refused too. Checked on the modules and
     parameters no guard held yet (``new``): inside a call, a forward run under inference mode may
-    replace a buffer with an inference tensor, which the outer guard puts back at its end."""
-    fresh = {id(o) for o in new}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        lazy = isinstance(t, nn.parameter.UninitializedTensorMixin)
-        if not lazy and not t.is_inference():
-            continue
-        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if lazy and (id(t) in fresh or id(owner) in fresh):
-            raise SalienceError(
-                f"the model's {name!r} ({type(owner).__name__}) is not initialized yet: a lazy module takes its "
-                "shapes from its first forward pass, which would change the model. Run one pass first, "
-                "model(x) under torch.no_grad() with an input of the shape you will explain, then explain it")
-        if id(t) in fresh or id(owner) in fresh:
-            raise SalienceError(
-                f"the model's {name!r} is an inference tensor: the model was built or loaded under "
-                "torch.inference_mode(), and such tensors can be neither tracked nor differentiated. Build or "
-                "load the model outside inference_mode (torch.no_grad() is fine), or explain a copy made "
-                "outside it: copy.deepcopy(model)")
+    replace a buffer with an inference tensor, which the outer guard puts back at its end.
+
+    Only ``new``'s own tensors are looked at (a module's direct parameters and buffers), and nothing
+    when all is held already: walking every named parameter and buffer of the model under the lock
+    cost each call 0.66 ms on resnet50 even then (each guard of a dataset run's calls, +50%)."""
+    for o in new:
+        tensors = list(o._parameters.values()) + list(o._buffers.values()) if isinstance(o, nn.Module) else [o]
+        for t in tensors:
+            if t is None:
+                continue
+            lazy = isinstance(t, nn.parameter.UninitializedTensorMixin)
+            if lazy or t.is_inference():
+                _refuse_tensor(model, t, lazy)
+
+
+def _refuse_tensor(model: nn.Module, t: torch.Tensor, lazy: bool) -> None:
+    """The refusal of ``model``'s tensor ``t`` (an uninitialized lazy parameter, or an inference tensor), by name."""
+    name = next((n for n, u in list(model.named_parameters(remove_duplicate=False)) +
+                 list(model.named_buffers(remove_duplicate=False)) if u is t), "?")
+    owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    if lazy:
+        raise SalienceError(
+            f"the model's {name!r} ({type(owner).__name__}) is not initialized yet: a lazy module takes its "
+            "shapes from its first forward pass, which would change the model. Run one pass first, "
+            "model(x) under torch.no_grad() with an input of the shape you will explain, then explain it")
+    raise SalienceError(
+        f"the model's {name!r} is an inference tensor: the model was built or loaded (or a forward pass stored it) under "
+        "torch.inference_mode(), and such tensors can be neither tracked nor differentiated. Build or "
+        "load the model outside inference_mode (torch.no_grad() is fine), or explain a copy made "
+        "outside it: copy.deepcopy(model)")
 
 
 @contextmanager
