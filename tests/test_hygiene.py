@@ -777,3 +777,31 @@ def test_a_guard_inside_a_held_model_does_not_walk_its_tensors_again():
         with model_guard(model):
             pass
     assert calls == []
+
+
+def test_a_layer_run_in_data_parallel_replica_threads_is_refused_saying_to_explain_model_module():
+    """nn.DataParallel on several GPUs runs each replica's forward in a thread of its own, which the layer
+    hooks (thread-scoped) do not see: the error said the layer "was not called in the forward pass",
+    which it was. Simulated on CPU (two replicas, two threads, as ``parallel_apply`` does)."""
+    class TwoReplicas(nn.DataParallel):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            if x.shape[0] < 2:
+                return self.module(x)
+            chunks, outs = x.chunk(2), [None, None]
+            grad = torch.is_grad_enabled()
+
+            def replica(i: int) -> None:
+                with torch.set_grad_enabled(grad):
+                    outs[i] = self.module(chunks[i])
+            threads = [threading.Thread(target=replica, args=(i,)) for i in range(2)]
+            [t.start() for t in threads]
+            [t.join(30) for t in threads]
+            return torch.cat(outs)  # type: ignore[arg-type]
+
+    torch.manual_seed(0)
+    plain = SmallCNN().eval()
+    wrapped = TwoReplicas(plain)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    for method in ("gradcam", "scorecam"):
+        with pytest.raises(SalienceError, match=r"'module\.features' was not called in this thread.*DataParallel.*model\.module"):
+            getattr(salience, method)(wrapped, x, 0, layer="module.features")
