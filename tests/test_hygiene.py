@@ -805,3 +805,41 @@ def test_a_layer_run_in_data_parallel_replica_threads_is_refused_saying_to_expla
     for method in ("gradcam", "scorecam"):
         with pytest.raises(SalienceError, match=r"'module\.features' was not called in this thread.*DataParallel.*model\.module"):
             getattr(salience, method)(wrapped, x, 0, layer="module.features")
+
+
+def test_the_one_image_batchnorm_check_leaves_another_threads_batch_alone(small_cnn):
+    """A BatchNorm without running statistics gets a guard hook refusing a pass of several images; it
+    refused the user's own batch run in another thread meanwhile (a SalienceError in their code). That
+    thread's output must be the plain model's; the explaining thread's batch is still refused."""
+    gate = _Gate()
+    model = nn.Sequential(gate, nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+                          nn.Flatten(), nn.Linear(144, 3)).eval()
+    other = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = model(other)
+    with pytest.raises(SalienceError, match="no running statistics"):
+        salience.vanilla(model, other, 0)
+    seen, errors = {}, []
+
+    def explain() -> None:
+        gate.explainer = threading.get_ident()
+        try:
+            salience.vanilla(model, other[:1], 0)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+            gate.inside.set()
+
+    def user() -> None:
+        assert gate.inside.wait(10)
+        try:
+            with torch.no_grad():
+                seen["out"] = model(other)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+        gate.other_done.set()
+
+    threads = [threading.Thread(target=explain), threading.Thread(target=user)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    assert not errors, errors
+    torch.testing.assert_close(seen["out"], plain)

@@ -160,6 +160,8 @@ _lock = threading.Lock()
 # Every module and parameter some guard holds: id -> [holders, its state as the first holder found it,
 # how many of the holders are run guards, its state as the first run guard established it (the baseline)].
 _held: dict[int, list] = {}
+# thread id -> its open model_guard blocks: the passes the guard's own hooks (the one-image BatchNorm check) act on
+_guarding: dict[int, int] = {}
 _HOLDERS, _STATE, _RUNS, _BASELINE = range(4)
 
 
@@ -220,11 +222,17 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     user's and put them back last: the backbone stayed in eval mode, its parameters frozen.
     """
     objects = _enter(model)
+    me = threading.get_ident()
+    with _lock:
+        _guarding[me] = _guarding.get(me, 0) + 1
     try:
         with autocast_off():
             yield model
     finally:
         with _lock:
+            _guarding[me] -= 1
+            if not _guarding[me]:
+                del _guarding[me]
             _release(objects)
 
 
@@ -378,8 +386,9 @@ def _refuse_mixed_batches(model: nn.Module, new: list) -> None:
 
 def _one_image_per_pass(name: str) -> Any:
     def hook(module: nn.Module, args: tuple) -> None:
+        # only the passes of a thread inside a guard (salience's): the user's own batch in another thread is theirs
         x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] > 1:
+        if isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] > 1 and threading.get_ident() in _guarding:
             raise SalienceError(
                 f"the model's BatchNorm {name!r} has no running statistics (track_running_stats=False): even in "
                 f"eval mode it normalizes by the statistics of the batch it is given, so the {x.shape[0]} images "
