@@ -296,8 +296,8 @@ def _refuse_tensor(model: nn.Module, t: torch.Tensor, lazy: bool) -> None:
             "shapes from its first forward pass, which would change the model. Run one pass first, "
             "model(x) under torch.no_grad() with an input of the shape you will explain, then explain it")
     raise SalienceError(
-        f"the model's {name!r} is an inference tensor: the model was built or loaded (or a forward pass stored it) under "
-        "torch.inference_mode(), and such tensors can be neither tracked nor differentiated. Build or "
+        f"the model's {name!r} is an inference tensor: the model was built or loaded (or a forward pass "
+        "stored it) under torch.inference_mode(), and such tensors can be neither tracked nor differentiated. Build or "
         "load the model outside inference_mode (torch.no_grad() is fine), or explain a copy made "
         "outside it: copy.deepcopy(model)")
 
