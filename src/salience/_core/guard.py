@@ -221,18 +221,21 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     another held the shared backbone recorded the other's eval mode and frozen flags as the
     user's and put them back last: the backbone stayed in eval mode, its parameters frozen.
     """
-    objects = _enter(model)
     me = threading.get_ident()
-    with _lock:
-        _guarding[me] = _guarding.get(me, 0) + 1
-    try:
+    objects = _enter(model)
+    counted = False
+    try:  # counted inside: a Ctrl-C before the count still releases what _enter held
+        with _lock:
+            _guarding[me] = _guarding.get(me, 0) + 1
+            counted = True
         with autocast_off():
             yield model
     finally:
         with _lock:
-            _guarding[me] -= 1
-            if not _guarding[me]:
-                del _guarding[me]
+            if counted:
+                _guarding[me] -= 1
+                if not _guarding[me]:
+                    del _guarding[me]
             _release(objects)
 
 
