@@ -452,9 +452,15 @@ def _hooked(model: nn.Module, layer: LayerSpec, hook: Any) -> Any:
 def layer_not_captured(model: nn.Module, layer: LayerSpec, store: list) -> SalienceError:
     """The error for a hooked layer that gave no tensor: never called, or called and returned something
     else (a dict, a tuple whose first element is not a tensor), said as such, the layer by its name
-    (its repr, many lines for a block, and "was not called" for a layer that was, before)."""
+    (its repr, many lines for a block, and "was not called" for a layer that was, before). Under
+    nn.DataParallel on several GPUs the layer ran, in a replica's thread (:func:`this_thread`): said so."""
     name = layer if isinstance(layer, str) else layer_name(model, layer)
     if not store:
+        if any(isinstance(m, nn.DataParallel) for m in model.modules()):  # its replicas run in threads of their own
+            return SalienceError(
+                f"layer {name!r} was not called in this thread's forward pass: nn.DataParallel runs the model's "
+                "replicas in threads of their own, whose passes salience's layer hooks do not see (they see only "
+                "the explaining thread's); explain the model inside it, model.module, on one device")
         return SalienceError(f"layer {name!r} was not called in the forward pass")
     return SalienceError(
         f"layer {name!r} returned {describe_output(store[0])}, not a tensor; pass a layer whose output is the "
