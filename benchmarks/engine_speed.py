@@ -27,6 +27,23 @@ disturbed by other work on the machine; all K timings are in the .json, ``repeat
 
     python benchmarks/engine_speed.py --images 4 --modes contiguous fold fold+channels_last channels_last
 
+Reduced precision (``precision=``: the forward passes under ``torch.autocast``, meant for CUDA):
+``bf16``, ``fp16`` (default layout) and ``bf16+channels_last``. With any of them the table gains a
+bare reference per precision, ``bare B bf16`` / ``bare B fp16``: the bare passes of B images with
+the forward under the same ``torch.autocast`` (the score and the gradient outside it, as salience
+runs them), so that salience's bf16 reads against both the fp32 and the bf16 bare passes.
+
+``--device cuda``: the model and the images on the GPU; every timed call is synchronized before
+and after, its peak memory recorded (``torch.cuda.max_memory_allocated``, reset before the call;
+the highest over the rounds, MiB, a column of the table), the GPU's name, CUDA / cudnn versions and
+TF32 settings written with the results; the times in ms; ``--warmup`` (default 2 there, 0 on a CPU)
+calls of every mode before the rounds; and ``--check`` is on: each salience mode's maps (its first
+call) against the ``contiguous`` mode's (fp32): the largest absolute difference over the fp32
+map's largest absolute value, and the correlation (all values; the lowest per image), the
+tolerance of a reduced precision. ``benchmarks/gpu.sh`` runs the GPU configuration.
+
+    python benchmarks/engine_speed.py --device cuda --images 1 4 8 32 --modes contiguous channels_last bf16 fp16 bf16+channels_last
+
 Each salience mode is called once before the rounds: that call pays the probes (and the compile)
 and is reported apart as ``first call``; the rounds measure the warm calls. Min / median / max per
 mode, ratios of medians, and the load average before and after each round are written to
@@ -133,6 +150,7 @@ def _job(model, frozen, x, method: str, args) -> dict:
             first[k], first_peak[k], value = _timed(f, device)
             if args.check:
                 maps[k] = value
+    print(f"  {method} B={b} first calls: " + ", ".join(f"{k} {v:.2f}s" for k, v in first.items()), flush=True)
     check = {}
     if args.check and maps:
         ref = maps.get("contiguous")
