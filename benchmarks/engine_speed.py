@@ -325,7 +325,9 @@ def _write(report: dict, args, command: str, wall: float) -> str:
     if any(j.get("check") for j in report["jobs"]):
         md += ["## The maps against the defaults' (fp32, contiguous layout)", "",
                "Each mode's first call against the `contiguous` mode's, the same images and targets "
-               "(SmoothGrad's noise seeded alike): the tolerance of a reduced precision.", "",
+               "(SmoothGrad's noise seeded alike): the tolerance of a reduced precision."
+               + (" On CUDA the fp32 reference's convolutions run in TF32 where `torch.backends.cudnn.allow_tf32` "
+                  "(PyTorch's default; the settings above)." if args.device == "cuda" else ""), "",
                _check_table(report["jobs"]), ""]
     Path(args.out + ".md").write_text("\n".join(md))
     return "\n".join(md)
