@@ -9,8 +9,9 @@ import copy
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -135,3 +136,65 @@ def machine_line(load_start: Sequence[float], load_end: Sequence[float]) -> str:
             f"{tuple(round(v, 2) for v in load_start)} at the start, {tuple(round(v, 2) for v in load_end)} at the "
             f"end" + (" (above the CPU count: other work competed for the CPU, timings are noisy)."
                       if max(load_start[0], load_end[0]) > (cpus or 1) else "."))
+
+
+def pick_device(name: str) -> torch.device:
+    """``torch.device(name)`` ("cpu" or "cuda"); a clear exit when CUDA is asked for and absent."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
+    return device
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float, Optional[float], object]:
+    """Run ``fn()`` once: ``(wall s, process CPU s, peak MiB, what fn returned)``.
+
+    On CUDA the kernels run asynchronously: the device is synchronized before the clock starts and
+    before it stops, so the wall time is the work's, not its launch's; the peak is
+    ``torch.cuda.max_memory_allocated`` of this call (the statistics reset just before it: the
+    model's weights and the inputs already resident are counted in it). ``None`` on a CPU."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    value = fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None
+    return wall, cpu, peak, value
+
+
+def cuda_info(device: torch.device) -> dict:
+    """The GPU and the settings its float32 timings depend on (TF32), for a results file; ``{}`` on a CPU."""
+    if device.type != "cuda":
+        return {}
+    info: dict = {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
+                  "cudnn": torch.backends.cudnn.version(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                  "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+                  "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                  "resident_mib": torch.cuda.memory_allocated(device) / 2 ** 20,
+                  "total_mib": torch.cuda.get_device_properties(device).total_memory / 2 ** 20}
+    for name, obj in (("fp32_precision_matmul", torch.backends.cuda.matmul),
+                      ("fp32_precision_cudnn_conv", getattr(torch.backends.cudnn, "conv", None))):
+        value = getattr(obj, "fp32_precision", None)  # the newer setting (torch >= 2.9), where present
+        if value is not None:
+            info[name] = value
+    return info
+
+
+def compare_maps(ref: torch.Tensor, other: torch.Tensor) -> dict:
+    """How far ``other`` is from ``ref`` (maps of the same shape ``(B, ...)``): the largest absolute
+    difference over the reference's largest absolute value, and the Pearson correlation of all values
+    and the lowest of each image's own (float64 on the CPU)."""
+    a = ref.detach().to("cpu", torch.float64).reshape(ref.shape[0], -1)
+    b = other.detach().to("cpu", torch.float64).reshape(other.shape[0], -1)
+
+    def corr(u: torch.Tensor, v: torch.Tensor) -> float:
+        u, v = u - u.mean(), v - v.mean()
+        den = float(u.norm() * v.norm())
+        return float((u * v).sum()) / den if den > 0 else float("nan")
+
+    return {"rel_max_abs_diff": float((a - b).abs().max() / a.abs().max().clamp_min(1e-300)),
+            "corr": corr(a.flatten(), b.flatten()), "corr_min_image": min(corr(u, v) for u, v in zip(a, b))}

@@ -27,6 +27,23 @@ disturbed by other work on the machine; all K timings are in the .json, ``repeat
 
     python benchmarks/engine_speed.py --images 4 --modes contiguous fold fold+channels_last channels_last
 
+Reduced precision (``precision=``: the forward passes under ``torch.autocast``, meant for CUDA):
+``bf16``, ``fp16`` (default layout) and ``bf16+channels_last``. With any of them the table gains a
+bare reference per precision, ``bare B bf16`` / ``bare B fp16``: the bare passes of B images with
+the forward under the same ``torch.autocast`` (the score and the gradient outside it, as salience
+runs them), so that salience's bf16 reads against both the fp32 and the bf16 bare passes.
+
+``--device cuda``: the model and the images on the GPU; every timed call is synchronized before
+and after, its peak memory recorded (``torch.cuda.max_memory_allocated``, reset before the call;
+the highest over the rounds, MiB, a column of the table), the GPU's name, CUDA / cudnn versions and
+TF32 settings written with the results; the times in ms; ``--warmup`` (default 2 there, 0 on a CPU)
+calls of every mode before the rounds; and ``--check`` is on: each salience mode's maps (its first
+call) against the ``contiguous`` mode's (fp32): the largest absolute difference over the fp32
+map's largest absolute value, and the correlation (all values; the lowest per image), the
+tolerance of a reduced precision. ``benchmarks/gpu.sh`` runs the GPU configuration.
+
+    python benchmarks/engine_speed.py --device cuda --images 1 4 8 32 --modes contiguous channels_last bf16 fp16 bf16+channels_last
+
 Each salience mode is called once before the rounds: that call pays the probes (and the compile)
 and is reported apart as ``first call``; the rounds measure the warm calls. Min / median / max per
 mode, ratios of medians, and the load average before and after each round are written to
@@ -35,20 +52,25 @@ mode, ratios of medians, and the load average before and after each round are wr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torchvision
 
-import salience
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import HERE, compare_maps, cuda_info, pick_device, timed  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+import salience  # noqa: E402
+from salience._core.perf import _DTYPES  # noqa: E402  (the dtype of each precision, as salience's autocast takes it)
+
 # salience's modes: the performance options each runs under
 MODES = {
     "contiguous": dict(memory_format="contiguous", chunks="memory"),  # the defaults
@@ -62,26 +84,40 @@ MODES = {
     "fold+compile": dict(memory_format="contiguous", chunks="memory", fold_batchnorm=True, compile=True),
     # compile="freeze": the gradient passes run one frozen graph of forward + input gradient
     "freeze": dict(memory_format="contiguous", chunks="memory", compile="freeze"),
+    # precision: the forward passes under torch.autocast (meant for CUDA), each with a bare reference
+    # "bare B <precision>" (the same passes under the same autocast)
+    "bf16": dict(memory_format="contiguous", chunks="memory", precision="bf16"),
+    "fp16": dict(memory_format="contiguous", chunks="memory", precision="fp16"),
+    "bf16+channels_last": dict(memory_format="channels_last", chunks="memory", precision="bf16"),
 }
 
 
-def bare(model: torch.nn.Module, items: torch.Tensor, target: torch.Tensor, per_pass: int) -> None:
-    """Forward + input gradient of every item ``(N, C, H, W)``, ``per_pass`` at a time, default layout."""
+def bare(model: torch.nn.Module, items: torch.Tensor, target: torch.Tensor, per_pass: int,
+         dtype: Optional[torch.dtype] = None) -> None:
+    """Forward + input gradient of every item ``(N, C, H, W)``, ``per_pass`` at a time, default layout.
+
+    ``dtype`` (``torch.bfloat16``, ``torch.float16``): the forward under ``torch.autocast`` of the
+    items' device with that dtype, the score and the gradient outside it: what salience's
+    ``precision=`` runs (``Run.autocast`` around the forward only; the backward follows the
+    forward's dtypes)."""
+    cast = (lambda: torch.autocast(items.device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
     for s in range(0, items.shape[0], per_pass):
         xi = items[s:s + per_pass].detach().clone().requires_grad_(True)
-        out = model(xi)
+        with cast():
+            out = model(xi)
         torch.autograd.grad(out.gather(1, target[s:s + per_pass].view(-1, 1)).sum(), xi)
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, Optional[float], object]:
+    """``(wall s, peak MiB or None on a CPU, what fn returned)``; on CUDA synchronized (``_common.timed``)."""
+    wall, _, peak, value = timed(fn, device)
+    return wall, peak, value
 
 
 def _job(model, frozen, x, method: str, args) -> dict:
-    """The rounds of one method at one batch size."""
+    """The rounds of one method at one batch size (``x``: ``(B, C, H, W)`` on the benchmark's device)."""
     b = x.shape[0]
+    device = x.device
     with torch.no_grad():
         target = model(x).argmax(1)
     # IG (trapezoid): ``steps`` points per image, both ends included, each a gradient pass. Runs made
@@ -95,6 +131,9 @@ def _job(model, frozen, x, method: str, args) -> dict:
     modes: dict[str, Callable[[], object]] = {f"bare {b}": lambda: bare(frozen, items, tgt, b)}
     if b != 8:
         modes["bare 8"] = lambda: bare(frozen, items, tgt, 8)
+    # the bare passes of each reduced precision among the modes, B at a time, under the same autocast
+    for prec in sorted({MODES[m].get("precision", "fp32") for m in args.modes} - {"fp32"}):
+        modes[f"bare {b} {prec}"] = (lambda dt: lambda: bare(frozen, items, tgt, b, dt))(_DTYPES[prec])
     def under(options: dict) -> Callable[[], object]:
         def run() -> object:
             with salience.performance(**options):
@@ -103,31 +142,57 @@ def _job(model, frozen, x, method: str, args) -> dict:
 
     for name in args.modes:
         modes[name] = under(MODES[name])
-    first = {k: _timed(f) for k, f in modes.items() if not k.startswith("bare")}
+    first: dict[str, float] = {}
+    first_peak: dict[str, Optional[float]] = {}
+    maps: dict[str, object] = {}  # each salience mode's map of its first call, for --check
+    for k, f in modes.items():
+        if not k.startswith("bare"):
+            first[k], first_peak[k], value = _timed(f, device)
+            if args.check:
+                maps[k] = value
+    print(f"  {method} B={b} first calls: " + ", ".join(f"{k} {v:.2f}s" for k, v in first.items()), flush=True)
+    check = {}
+    if args.check and maps:
+        ref = maps.get("contiguous")
+        if ref is None:
+            ref = under(MODES["contiguous"])()
+        check = {k: compare_maps(ref, v) for k, v in maps.items() if k != "contiguous"}
+    maps.clear()
+    for _ in range(args.warmup):  # warm-up calls of every mode (CUDA: kernels chosen, allocator's pools filled)
+        for f in modes.values():
+            _timed(f, device)
     times: dict[str, list[float]] = {k: [] for k in modes}
+    peaks: dict[str, list[Optional[float]]] = {k: [] for k in modes}  # per round, the highest of its K calls
     loads = []
     names = list(modes)
     every: dict[str, list[list[float]]] = {k: [] for k in modes}  # per round, each of the K timings
     for r in range(args.rounds):
         load0 = os.getloadavg()[0]
         taken: dict[str, list[float]] = {k: [] for k in names}
+        peak_r: dict[str, list[float]] = {k: [] for k in names}
         for i in range(args.repeats):  # K sweeps over every mode, the order rotating in and across rounds
             s = (r * args.repeats + i) % len(names)
             for k in names[s:] + names[:s]:
-                taken[k].append(_timed(modes[k]))
+                wall, peak, _ = _timed(modes[k], device)
+                taken[k].append(wall)
+                if peak is not None:
+                    peak_r[k].append(peak)
         for k in names:
             every[k].append(taken[k])
             times[k].append(min(taken[k]))  # the fastest of the K: the run least disturbed by other work
+            peaks[k].append(max(peak_r[k]) if peak_r[k] else None)
         loads.append((load0, os.getloadavg()[0]))
-        print(f"  {method} B={b} round {r + 1}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in names)
+        print(f"  {method} B={b} round {r + 1}: " + ", ".join(f"{k} {times[k][-1]:.4f}s" for k in names)
               + f" (load {load0:.1f})", flush=True)
     from salience._core import perf as _perf
 
     tag = "smoothgrad" if method == "smoothgrad" else "ig"
     decisions = [{"layout": rec.layout, "size": rec.size} for k, rec in _perf._records.items()
                  if rec.model() is model and k[5] == "auto" and k[1].startswith(tag) and k[2] == tuple(x.shape[1:])]
+    peak_mib = {k: max(v) for k, v in peaks.items() if v and v[0] is not None}
     return {"method": method, "images": b, "items": n * b, "first_call_s": first, "times_s": times,
-            "repeats_s": every, "load_1min_before_after": loads, "auto_decisions": decisions}
+            "repeats_s": every, "load_1min_before_after": loads, "auto_decisions": decisions,
+            "peak_mib": peak_mib, "first_call_peak_mib": first_peak if peak_mib else {}, "check": check}
 
 
 def _stats(v: list[float]) -> tuple[float, float, float]:
@@ -135,22 +200,46 @@ def _stats(v: list[float]) -> tuple[float, float, float]:
 
 
 def _table(jobs: list[dict], args) -> str:
+    """One row per method, images and mode. On CUDA the times in ms, a column of the peak memory and,
+    for a reduced precision, one of its ratio to that precision's bare passes ("bare B bf16")."""
+    cuda = args.device == "cuda"
+    unit, scale, digits = ("ms", 1e3, 1) if cuda else ("s", 1.0, 2)
     lines = [
-        "| method | images | mode | min s | median s | max s | median / bare B | median / best bare | "
-        "per round / that round's bare B | first call s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | images | mode | min {unit} | median {unit} | max {unit} | median / bare B | median / best bare | "
+        "per round / that round's bare B | first call s |" + (" median / bare B same precision | peak MiB |"
+                                                             if cuda else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else ""),
     ]
     for j in jobs:
         t = j["times_s"]
         b = j["images"]
         ref = statistics.median(t[f"bare {b}"])
-        best = min(statistics.median(v) for k, v in t.items() if k.startswith("bare"))
+        best = min(statistics.median(v) for k, v in t.items() if k.startswith("bare") and len(k.split()) == 2)
         for k, v in t.items():
-            lo, med, hi = _stats(v)
+            lo, med, hi = (scale * u for u in _stats(v))
             first = j["first_call_s"].get(k)
             per_round = ", ".join(f"{a / r:.3f}" for a, r in zip(v, t[f"bare {b}"]))
-            lines.append(f"| {j['method']} | {b} | {k} | {lo:.2f} | {med:.2f} | {hi:.2f} | {med / ref:.3f} | "
-                         f"{med / best:.3f} | {per_round} | {'' if first is None else f'{first:.1f}'} |")
+            row = (f"| {j['method']} | {b} | {k} | {lo:.{digits}f} | {med:.{digits}f} | {hi:.{digits}f} | "
+                   f"{med / scale / ref:.3f} | {med / scale / best:.3f} | {per_round} | "
+                   f"{'' if first is None else f'{first:.1f}'} |")
+            if cuda:
+                prec = MODES[k].get("precision", "fp32") if k in MODES else "fp32"
+                same = t.get(f"bare {b} {prec}") if prec != "fp32" else None
+                peak = j.get("peak_mib", {}).get(k)
+                row += (f" {'' if same is None else f'{med / scale / statistics.median(same):.3f}'} | "
+                        f"{'' if peak is None else f'{peak:.0f}'} |")
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def _check_table(jobs: list[dict]) -> str:
+    """``--check``: each mode's maps against the defaults' (fp32, contiguous), first calls, same inputs."""
+    lines = ["| method | images | mode | max abs diff / max abs of fp32 map | correlation | lowest per-image correlation |",
+             "|---|---|---|---|---|---|"]
+    for j in jobs:
+        for k, c in j.get("check", {}).items():
+            lines.append(f"| {j['method']} | {j['images']} | {k} | {c['rel_max_abs_diff']:.2e} | {c['corr']:.6f} | "
+                         f"{c['corr_min_image']:.6f} |")
     return "\n".join(lines)
 
 
@@ -169,12 +258,23 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="add the compile mode to the default modes")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
                     help="salience's modes to time (default: contiguous throughput auto auto+throughput)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the model, the images and every pass run; cuda: timings synchronized, peak memory")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="calls of every mode (bare passes too) after the first calls, before the rounds "
+                         "(default: 2 on cuda, 0 on cpu)")
+    ap.add_argument("--check", action="store_true",
+                    help="compare each mode's maps with the defaults' (fp32, contiguous); always on with cuda")
     ap.add_argument("--out", default=str(HERE / "engine_speed"))
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be 1 or more")
     if args.modes is None:
         args.modes = ["contiguous", "throughput", "auto", "auto+throughput"] + (["compile"] if args.compile else [])
+    device = pick_device(args.device)
+    if args.warmup is None:
+        args.warmup = 2 if device.type == "cuda" else 0
+    args.check = args.check or device.type == "cuda"
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -183,33 +283,54 @@ def main(argv=None) -> int:
     frozen.load_state_dict(model.state_dict())
     for p in frozen.parameters():
         p.requires_grad_(False)
+    model.to(device)
+    frozen.to(device)
     report = {"config": vars(args), "torch": torch.__version__, "python": platform.python_version(),
-              "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "jobs": []}
+              "cpus": os.cpu_count(), "device": args.device, **cuda_info(device),
+              "loadavg_start": os.getloadavg(), "jobs": []}
+    command = " ".join(["python benchmarks/engine_speed.py", *(sys.argv[1:] if argv is None else argv)])
     t0 = time.time()
     for method in args.methods:
         for b in args.images:
-            x = torch.rand(b, 3, args.size, args.size, generator=torch.Generator().manual_seed(b))
+            x = torch.rand(b, 3, args.size, args.size, generator=torch.Generator().manual_seed(b)).to(device)
             report["jobs"].append(_job(model, frozen, x, method, args))
             # written after every job too, so that a run cut short keeps the jobs it finished
-            Path(args.out + ".json").write_text(json.dumps(report, indent=2))
+            _write(report, args, command, time.time() - t0)
+    md = _write(report, args, command, time.time() - t0)
+    print(md)
+    return 0
+
+
+def _write(report: dict, args, command: str, wall: float) -> str:
+    """Write ``OUT.json`` and ``OUT.md`` with the jobs done so far; returns the markdown."""
     report["loadavg_end"] = os.getloadavg()
-    report["wall_s"] = time.time() - t0
+    report["wall_s"] = wall
     Path(args.out + ".json").write_text(json.dumps(report, indent=2))
-    cfg = (f"`python benchmarks/engine_speed.py {' '.join(argv) if argv else ''}`".replace(" `", "`")
-           if argv is not None else "")
+    where = (f"{report['gpu']} (CUDA {report['cuda']}, cudnn {report['cudnn']}; TF32 matmul "
+             f"{report['tf32_matmul']}, TF32 cudnn {report['tf32_cudnn']}; {report['resident_mib']:.0f} MiB resident "
+             "before the calls: the two models' weights; timings synchronized, peak = torch.cuda.max_memory_allocated "
+             "of a call, the highest over the rounds), "
+             if args.device == "cuda" else "")
     md = [f"# Engine speed: {args.model}, {args.size} px, SmoothGrad {args.samples} / IG {args.steps}, "
           f"{args.rounds} interleaved rounds"
           + (f" (each keeping every mode's fastest of {args.repeats} sweeps)" if args.repeats > 1 else "")
-          + f", {args.threads} threads", "",
-          f"torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs. 1-minute load "
+          + (f" after {args.warmup} warm-up calls of each" if args.warmup else "")
+          + f", {args.device}, {args.threads} threads", "",
+          f"{where}torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs. 1-minute load "
           f"average {report['loadavg_start'][0]:.1f} at the start, {report['loadavg_end'][0]:.1f} at the end "
-          "(2 = our threads alone; per round in the .json). " + cfg, "",
+          f"(per round in the .json). {wall:.0f} s in all. `{command}`", "",
           _table(report["jobs"], args), "",
           "Decisions of the auto probe (layout True = channels-last, size = items per pass): "
           + "; ".join(f"{j['method']} B={j['images']}: {j['auto_decisions']}" for j in report["jobs"]), ""]
+    if any(j.get("check") for j in report["jobs"]):
+        md += ["## The maps against the defaults' (fp32, contiguous layout)", "",
+               "Each mode's first call against the `contiguous` mode's, the same images and targets "
+               "(SmoothGrad's noise seeded alike): the tolerance of a reduced precision."
+               + (" On CUDA the fp32 reference's convolutions run in TF32 where `torch.backends.cudnn.allow_tf32` "
+                  "(PyTorch's default; the settings above)." if args.device == "cuda" else ""), "",
+               _check_table(report["jobs"]), ""]
     Path(args.out + ".md").write_text("\n".join(md))
-    print("\n".join(md))
-    return 0
+    return "\n".join(md)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,14 @@ median / max of each, the ratio of the medians and min / median / max of the per
 same for the process's CPU time (``time.process_time``, all threads), which a shared machine's
 load inflates less than wall time (time spent waiting for a core is not counted).
 Results go to ``transformers.json`` and ``transformers.md`` (``--out PREFIX`` for others).
+
+``--device cuda``: the model and the images on the GPU; each timed call is synchronized before and
+after (``torch.cuda.synchronize``), the peak memory of each call recorded
+(``torch.cuda.max_memory_allocated``, reset before it; the highest over the rounds), and the GPU's
+name and TF32 settings written with the results. There the CPU time is the host's (launching
+kernels, waiting on them), not the work's.
+
+    python benchmarks/transformers.py --device cuda --batch 8 --rounds 20 --out /tmp/transformers-cuda
 """
 from __future__ import annotations
 
@@ -28,14 +36,14 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HERE, bare, fmt_spread as _spread, frozen_copy, make_images, make_model, predicted  # noqa: E402
+from _common import (HERE, bare, cuda_info, fmt_spread as _spread, frozen_copy, make_images, make_model,  # noqa: E402
+                     pick_device, predicted, timed)
 
 import salience  # noqa: E402
 
@@ -50,21 +58,25 @@ def bare_forward_backward(model: torch.nn.Module, x: torch.Tensor, target: torch
     bare(model, x, target, x.shape[0])
 
 
-def rounds(fn: Callable[[], object], ref: Callable[[], object], n: int, repeats: int = 1) -> dict:
+def rounds(fn: Callable[[], object], ref: Callable[[], object], n: int, repeats: int = 1,
+           device: torch.device = torch.device("cpu"), warmup: int = 1) -> dict:
     """``n`` alternating rounds (AB, BA, ...) of ``fn`` (the method) and ``ref`` (its bare passes). With
     ``repeats`` K > 1 a round runs the pair K times, alternating within the round too (AB BA AB ...), and
     keeps each side's fastest time (``timeit``'s rule: the minimum is the run least disturbed by other
-    work)."""
-    fn()
-    ref()
+    work). ``warmup`` untimed calls of each first. On CUDA every call synchronized, and each side's peak
+    memory (MiB, the highest over its calls: ``method_peak_mib``, ``bare_peak_mib``)."""
+    for _ in range(warmup):
+        fn()
+        ref()
     t_fn, t_ref, c_fn, c_ref = [], [], [], []
+    peak = {"fn": 0.0, "ref": 0.0}
     for i in range(n):
         t, c = {"fn": float("inf"), "ref": float("inf")}, {}
         for j in range(repeats):
             for which in (("fn", "ref") if (i + j) % 2 == 0 else ("ref", "fn")):
-                t0, c0 = time.perf_counter(), time.process_time()
-                fn() if which == "fn" else ref()
-                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                wall, cpu, mib, _ = timed(fn if which == "fn" else ref, device)
+                if mib is not None:
+                    peak[which] = max(peak[which], mib)
                 if wall < t[which]:
                     t[which], c[which] = wall, cpu
         t_fn.append(t["fn"])
@@ -73,25 +85,37 @@ def rounds(fn: Callable[[], object], ref: Callable[[], object], n: int, repeats:
         c_ref.append(c["ref"])
     ratios = [a / b for a, b in zip(t_fn, t_ref)]
     cpu_ratios = [a / b for a, b in zip(c_fn, c_ref)]
-    return {"method_s": t_fn, "bare_s": t_ref, "ratios": ratios, "method_cpu_s": c_fn, "bare_cpu_s": c_ref,
-            "cpu_ratios": cpu_ratios, "cpu_ratio_median": statistics.median(cpu_ratios),
-            "ratio_of_medians": statistics.median(t_fn) / statistics.median(t_ref),
-            "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios)}
+    out = {"method_s": t_fn, "bare_s": t_ref, "ratios": ratios, "method_cpu_s": c_fn, "bare_cpu_s": c_ref,
+           "cpu_ratios": cpu_ratios, "cpu_ratio_median": statistics.median(cpu_ratios),
+           "ratio_of_medians": statistics.median(t_fn) / statistics.median(t_ref),
+           "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios)}
+    if device.type == "cuda":
+        out["method_peak_mib"], out["bare_peak_mib"] = peak["fn"], peak["ref"]
+    return out
 
 
 
 def markdown(report: dict) -> str:
     c = report["config"]
+    cuda = c.get("device", "cpu") == "cuda"
+    ms = (lambda v: _spread([1e3 * u for u in v], 2)) if cuda else _spread
     lines = [f"# Attention methods vs bare passes: torchvision `{c['model']}` (random weights), {c['batch']} images "
-             f"{c['size']}x{c['size']}, {c['threads']} threads, {c['rounds']} alternating rounds"
+             f"{c['size']}x{c['size']}, {c.get('device', 'cpu')}, {c['threads']} threads, {c['rounds']} alternating rounds"
              + (f", each the fastest of {c['repeats']} runs of each side" if c.get("repeats", 1) > 1 else ""), "",
              f"`{report['command']}`; torch {report['torch']}; load average {report['loadavg_start']} -> "
              f"{report['loadavg_end']}", ""]
+    if cuda:
+        lines += [f"{report['gpu']} (CUDA {report['cuda']}, cudnn {report['cudnn']}); TF32 matmul {report['tf32_matmul']}, "
+                  f"TF32 cudnn {report['tf32_cudnn']}; {c['warmup']} warm-up calls of each side; every call "
+                  "synchronized; peak = torch.cuda.max_memory_allocated of a call (reset before it; the model's "
+                  f"weights and the images, {report['resident_mib']:.0f} MiB resident, counted), the highest over "
+                  "the rounds.", ""]
     for name, r in report["cases"].items():
         lines += [f"## `{name}` vs {r['bare']}", "",
-                  "| | min / median / max (s) |", "|---|---|",
-                  f"| `salience.{name}` | {_spread(r['method_s'])} |",
-                  f"| {r['bare']} | {_spread(r['bare_s'])} |",
+                  f"| | min / median / max ({'ms' if cuda else 's'}) |" + (" peak MiB |" if cuda else ""),
+                  "|---|---|" + ("---|" if cuda else ""),
+                  f"| `salience.{name}` | {ms(r['method_s'])} |" + (f" {r['method_peak_mib']:.0f} |" if cuda else ""),
+                  f"| {r['bare']} | {ms(r['bare_s'])} |" + (f" {r['bare_peak_mib']:.0f} |" if cuda else ""),
                   f"| per-round ratio | {r['ratio_min']:.3f} / {r['ratio_median']:.3f} / {r['ratio_max']:.3f} |",
                   f"| ratio of the medians | {r['ratio_of_medians']:.3f} |",
                   f"| CPU time (process, all threads): method / bare / per-round ratio | "
@@ -135,12 +159,20 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="attention_rollout,transformer_attribution")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each side per round; the round keeps the fastest")
     ap.add_argument("--profile", action="store_true", help="also profile one call of each method and bare pass")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the model and the images are; cuda: synchronized timings and peak memory")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed calls of each side before the rounds (default: 3 on cuda, 1 on cpu)")
     ap.add_argument("--out", default=str(HERE / "transformers"), help="output prefix (.json and .md)")
     args = ap.parse_args(argv)
+    device = pick_device(args.device)
+    if args.warmup is None:
+        args.warmup = 3 if device.type == "cuda" else 1
 
     model = make_model(args.model, args.threads)
     torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zeroes the head: every score would be 0
-    x = make_images(args.batch, args.size)
+    model.to(device)
+    x = make_images(args.batch, args.size).to(device)
     target = predicted(model, x)
     frozen = frozen_copy(model)
     cases = {
@@ -151,11 +183,11 @@ def main(argv=None) -> int:
                                     "bare forward + backward (input gradient)"),
     }
     command = " ".join(["python benchmarks/transformers.py", *(sys.argv[1:] if argv is None else argv)])
-    report = {"config": vars(args), "command": command, "torch": torch.__version__,
+    report = {"config": vars(args), "command": command, "torch": torch.__version__, **cuda_info(device),
               "loadavg_start": os.getloadavg(), "cases": {}}
     for name in args.cases.split(","):
         fn, ref, what = cases[name]
-        r = rounds(fn, ref, args.rounds, args.repeats)
+        r = rounds(fn, ref, args.rounds, args.repeats, device, args.warmup)
         r["bare"] = what
         report["cases"][name] = r
         print(f"{name:24s} method {_spread(r['method_s'])} s, bare {_spread(r['bare_s'])} s; ratio min/median/max "
