@@ -5,9 +5,10 @@
 #
 # Runs from the repository root with PYTHONPATH=src (salience from this checkout, not installed) and
 # writes only into $OUT, flat: engine-speed-cuda.{json,md}, engine-speed-freeze-cuda.{json,md},
-# transformers-cuda.{json,md}, gpu-env.txt (nvidia-smi, versions) and gpu-log.txt (every step's
-# output). Each step has its own time limit and a failing step does not stop the next; the JSON of
+# transformers-cuda.{json,md} and gpu-log.txt (nvidia-smi, versions, every step's
+# output: the device tool brings back at most 8 files, tests/gpu.sh's log is the eighth). Each step has its own time limit and a failing step does not stop the next; the JSON of
 # engine_speed is rewritten after every (method, images) job, so a step cut short keeps what it finished.
+# FREEZE=0 leaves the compile="freeze" step out.
 # Expected on an H200: about 15 s + 100 s + 90 s; the limits add up to 45 + 150 + 120 s.
 set -u
 export PYTHONUNBUFFERED=1
@@ -33,8 +34,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to the l
     nvidia-smi 2>&1 | head -20
     "$PY" -c "import sys, torch, torchvision; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('torchvision', torchvision.__version__)" 2>&1
     git log --oneline -1
-} > "$OUT/gpu-env.txt" 2>&1
-cat "$OUT/gpu-env.txt"
+} 2>&1 | tee -a "$LOG"
 
 # 1. attention rollout / transformer attribution against their bare passes, vit_b_16 (a few seconds of work)
 step transformers 45 "$PY" benchmarks/transformers.py --device cuda --model vit_b_16 --batch 8 --rounds 20 \
@@ -47,7 +47,7 @@ step engine-speed 150 "$PY" benchmarks/engine_speed.py --device cuda --model res
 
 # 3. compile="freeze" (inductor with freezing; the first calls compile, 60-120 s of them): last, apart, one
 #    small job (SmoothGrad 16 at 1 image: 16 items, one chunk, so one frozen graph to compile)
-step engine-speed-freeze 120 "$PY" benchmarks/engine_speed.py --device cuda --model resnet50 --size 224 --images 1 \
+[ "${FREEZE:-1}" = 0 ] || step engine-speed-freeze 120 "$PY" benchmarks/engine_speed.py --device cuda --model resnet50 --size 224 --images 1 \
     --methods smoothgrad --modes contiguous freeze --rounds 5 --threads 4 --out "$OUT/engine-speed-freeze-cuda"
 
 ls -l "$OUT" | tee -a "$LOG"
