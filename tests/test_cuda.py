@@ -136,13 +136,14 @@ def test_rise_and_occlusion_memory_stays_flat_with_the_number_of_passes():
 
 def test_default_memory_budget_reads_the_gpu():
     """Without ``chunk=`` / ``max_memory=``, the chunk comes from the GPU's free memory (half of it, at
-    most 4 GiB): on a GPU with gigabytes free, a small model's SmoothGrad runs in one pass."""
+    most 4 GiB): on a GPU with gigabytes free, a small model's SmoothGrad runs its first chunk (one copy
+    of each image, whose memory is measured) and then all the other copies in one pass."""
     if DEVICE != "cuda":
         pytest.skip("reads CUDA memory")
     from salience._core import engine
 
     free, _ = torch.cuda.mem_get_info()
-    assert engine.default_budget(torch.device("cuda")) == min(free // 2, 4 << 30)
+    assert abs(engine.default_budget(torch.device("cuda")) - min(free // 2, 4 << 30)) <= 64 << 20
     model = _cnn().cuda()
     calls = []
     handle = model.features[0].register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
@@ -150,10 +151,19 @@ def test_default_memory_budget_reads_the_gpu():
         salience.smoothgrad(model, torch.rand(2, 3, 12, 12, device="cuda"), 1, samples=16)
     finally:
         handle.remove()
-    assert calls == [32], calls
+    assert calls == [2, 30], calls
 
 
-@pytest.mark.parametrize("precision,tol,corr", [("bf16", 5e-2, 0.99), ("fp16", 1e-2, 0.999)])
+def _l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|a - b| / |b|`` over the whole map (the largest difference alone is one pixel's rounding)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+# Measured on the H200 (torch 2.11, resnet18 random weights, 64 px; benchmarks/engine-speed-cuda.md
+# for resnet50 at 224 px): bf16 maps within 0.15-0.3 of fp32 in L2, correlation 0.97-0.98; fp16
+# within 0.05-0.1, correlation 0.998-0.999. Eight bits of mantissa (bf16) through fifty layers.
+@pytest.mark.parametrize("precision,tol,corr", [("bf16", 0.35, 0.95), ("fp16", 0.12, 0.99)])
 @pytest.mark.parametrize("name", ["vanilla", "gradcam", "integrated_gradients", "rise", "scorecam"])
 def test_reduced_precision_is_within_its_tolerance(name, precision, tol, corr):
     """``precision="bf16"`` / ``"fp16"``: the forward pass under autocast; the map in float32, within the
@@ -166,12 +176,13 @@ def test_reduced_precision_is_within_its_tolerance(name, precision, tol, corr):
     model = torchvision.models.resnet18(num_classes=10).eval().cuda()
     x = torch.rand(2, 3, 64, 64, device="cuda")
     options = {"integrated_gradients": dict(steps=8), "rise": dict(masks=128, cell=4)}.get(name, {})
-    ref = METHODS[name](model, x, [1, 2], **options)
+    ref = METHODS[name](model, x, TWO.cuda(), **options)
     with unchanged(model):
-        ours = METHODS[name](model, x, [1, 2], precision=precision, **options) if name not in ("vanilla", "gradcam") \
-            else _under(dict(precision=precision), lambda: METHODS[name](model, x, [1, 2], **options))
+        ours = METHODS[name](model, x, TWO.cuda(), precision=precision, **options) \
+            if name not in ("vanilla", "gradcam") \
+            else _under(dict(precision=precision), lambda: METHODS[name](model, x, TWO.cuda(), **options))
     assert ours.dtype == torch.float32
-    assert _rel(ours, ref) <= tol, (name, precision, _rel(ours, ref))
+    assert _l2(ours, ref) <= tol, (name, precision, _l2(ours, ref))
     assert torch.corrcoef(torch.stack([ours.flatten().float(), ref.flatten().float()]))[0, 1] >= corr
 
 
@@ -257,7 +268,7 @@ def test_a_model_on_the_gpu_with_an_image_on_the_cpu_is_a_clear_error():
     if DEVICE == "cpu":
         pytest.skip("needs two devices")
     model = _cnn().to(DEVICE)
-    with unchanged(model), pytest.raises(salience.SalienceError, match="device"):
+    with unchanged(model), pytest.raises(salience.SalienceError, match=r"x is on cpu but the model is on cuda.*x\.to\("):
         salience.gradcam(model, torch.rand(2, 3, 12, 12), 1)
 
 

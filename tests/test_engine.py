@@ -148,3 +148,36 @@ def test_gradient_free_chunks_on_cpu_stay_small():
     assert max(slow.chunks[1:]) == min(39, int(0.8 * _engine.default_budget(torch.device("cpu"))) // slow.per_item_bytes)
     given = _engine.accumulate(compute, 40, 1, inference=True, max_memory=1 << 30)
     assert max(given.chunks[1:]) > fits  # a budget the caller gives wins
+
+
+def test_a_later_call_reuses_the_memory_probe_with_the_same_chunks_and_bits(small_cnn, monkeypatch):
+    """The memory probe (a dispatch mode over every operator of the first chunk) runs once per model,
+    items and number of images: a later call runs its first chunk plainly with the probe's answer, so its
+    chunks, and its bits, are those of the call that probed. Another number of images, or a module of
+    the model replaced, probes again."""
+    made = []
+    real = _engine.MemoryProbe
+
+    class Counted(real):
+        def __init__(self):
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(_engine, "MemoryProbe", Counted)
+    small_cnn.eval()
+    x = torch.rand(2, 3, 8, 8)
+    sizes = []
+    handle = small_cnn.features[0].register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
+    try:
+        first = salience.smoothgrad(small_cnn, x, 1, samples=6, max_memory=8 << 20)
+        probes, chunks = len(made), list(sizes)
+        again = salience.smoothgrad(small_cnn, x, 1, samples=6, max_memory=8 << 20)
+        assert len(made) == probes == 1 and sizes[len(chunks):] == chunks  # no probe, the same chunks
+        assert torch.equal(first, again)
+        salience.smoothgrad(small_cnn, x[:1], 1, samples=6, max_memory=8 << 20)
+        assert len(made) == 2  # one image: its own probe
+        small_cnn.drop = torch.nn.Dropout(0.1)  # the structure changed: measured again
+        salience.smoothgrad(small_cnn, x, 1, samples=6, max_memory=8 << 20)
+        assert len(made) == 3
+    finally:
+        handle.remove()

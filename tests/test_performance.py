@@ -1715,20 +1715,24 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-@pytest.mark.parametrize("precision,atol", [("bf16", BF16_ATOL), ("fp16", 2e-2)])
-def test_cuda_precision_and_layout(precision, atol):
+def test_cuda_layouts():
+    """Channels-last and ``auto`` on the GPU: the contiguous maps within CL_RTOL in full float32 (with
+    TF32, cuDNN's default, the two layouts' kernels round differently: 2.2e-2 measured on the H200);
+    the precisions are tested in tests/test_cuda.py."""
     import torchvision
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval().cuda()
     x = torch.rand(4, 3, 64, 64, device="cuda")
-    ref = salience.smoothgrad(model, x, samples=8, memory_format="contiguous")
-    with unchanged(model):
-        for mf in ("channels_last", "auto"):
-            assert _rel(salience.smoothgrad(model, x, samples=8, memory_format=mf), ref) <= CL_RTOL
-        out = salience.smoothgrad(model, x, samples=8, precision=precision)
-    assert _rel(out, ref) <= atol
-    assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] >= BF16_CORR
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        ref = salience.smoothgrad(model, x, samples=8, memory_format="contiguous")
+        with unchanged(model):
+            for mf in ("channels_last", "auto"):
+                assert _rel(salience.smoothgrad(model, x, samples=8, memory_format=mf), ref) <= CL_RTOL
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 @cuda

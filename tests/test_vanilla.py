@@ -92,6 +92,57 @@ def test_functional_softmax_is_stripped_too(kind):
     assert torch.equal(salience.vanilla(wrapped, x, 1, reduce=None), salience.vanilla(m, x, 1, reduce=None))
 
 
+class Switchable(nn.Module):
+    """Ends in a softmax or not by a plain attribute, which the model's structure does not see."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.probabilities = inner, False
+
+    def forward(self, x):
+        z = self.inner(x)
+        return torch.softmax(z, 1) if self.probabilities else z
+
+
+def test_a_final_softmax_is_looked_for_once_per_structure_and_found_when_it_appears(monkeypatch):
+    """The softmax tap (every torch call of the forward through Python) runs until a pass of the model's
+    structure showed whether it ends in a softmax: a second call runs without it. A model that then ends
+    in one without a change of structure (a flag its forward reads) is caught by its output's gradient
+    function, and its scores are taken before the softmax as before; a model that ends in a softmax keeps
+    the tap in every pass, and a new module (a softmax appended) is looked at again."""
+    from salience._core import autograd as _autograd
+
+    taps = []
+    real = _autograd._SoftmaxTap
+
+    class Counted(real):
+        def __init__(self):
+            super().__init__()
+            taps.append(self)
+
+    monkeypatch.setattr(_autograd, "_SoftmaxTap", Counted)
+    m = linear_model()
+    x = torch.rand(2, 3, 5, 4)
+    plain = salience.vanilla(m, x, 1, reduce=None)
+    assert len(taps) == 1
+    model = Switchable(m)
+    assert torch.equal(salience.vanilla(model, x, 1, reduce=None), plain) and len(taps) == 2
+    assert torch.equal(salience.vanilla(model, x, 1, reduce=None), plain) and len(taps) == 2  # known: none
+    model.probabilities = True
+    assert torch.equal(salience.vanilla(model, x, 1, reduce=None), plain) and len(taps) == 3  # found, stripped
+    assert torch.equal(salience.vanilla(model, x, 1, reduce=None), plain) and len(taps) == 4  # tapped from now on
+    appended = nn.Sequential(m, nn.Softmax(1))
+    salience.vanilla(m, x, 1)
+    before = len(taps)
+    m2 = nn.Sequential(m)
+    salience.vanilla(m2, x, 1)
+    salience.vanilla(m2, x, 1)
+    assert len(taps) == before + 1
+    m2.append(nn.Softmax(1))  # the structure changed: looked at again, and stripped
+    assert torch.equal(salience.vanilla(m2, x, 1, reduce=None), plain) and len(taps) == before + 2
+    assert torch.equal(salience.vanilla(appended, x, 1, reduce=None), plain)
+
+
 def test_softmax_in_the_middle_is_not_stripped():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.Softmax(1), nn.Linear(4, 3))

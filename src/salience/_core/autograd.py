@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import threading
 import warnings
+import weakref
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -177,11 +178,13 @@ def _compute_dtype(model: nn.Module) -> Optional[torch.dtype]:
     "Input type ... and bias type ... should be the same"); ``None`` when the parameters mix dtypes,
     or there are none, or the model casts its input itself (Keras 3 layers do)."""
     dtypes = set()
-    for module in model.modules():
-        if type(module).__module__.split(".")[0] == "keras":
+    for module in model.modules():  # the modules' own dicts: module.parameters(recurse=False) walks again
+        where = type(module).__module__
+        if where == "keras" or where.startswith("keras."):
             return None
-        for p in module.parameters(recurse=False):
-            if p.is_floating_point():
+        params = module._parameters
+        for p in params.values() if isinstance(params, dict) else module.parameters(recurse=False):
+            if p is not None and p.is_floating_point():
                 dtypes.add(p.dtype)
     return dtypes.pop() if len(dtypes) == 1 else None
 
@@ -491,7 +494,40 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
             out, done = _perf.forward_call(model, x_in, True, strip_softmax, lambda: None)
             if done:  # a plain pass of the compiled model (an eager pass showed no softmax to strip)
                 return unwrap_output(out, model), captured
-    tap = _SoftmaxTap() if strip_softmax and target_layer is None else None
+    # the tap (every torch call of the forward through Python) runs until a pass of the model's structure
+    # showed whether it ends in a softmax; after one that showed none, a softmax's gradient function on the
+    # output says that it now does (the pass is then run again with the tap)
+    tapped = strip_softmax and target_layer is None
+    tap = _SoftmaxTap() if tapped and final_softmax(model) is not False else None
+    out, captured = _hooked_forward(model, x_in, target_layer, layers, extra_modes, run, tap)
+    redone = tapped and tap is None and _softmax_output(out, model)
+    if redone:
+        tap = _SoftmaxTap()
+        out, captured = _hooked_forward(model, x_in, target_layer, layers, extra_modes, run, tap)
+    if tapped:
+        out, stripped = _before_softmax(out, tap, run, model, record=not redone)
+    else:
+        stripped = False
+    if not stripped and tapped and looks_like_probabilities(out):
+        warnings.warn(
+            "the model's output looks like probabilities (non-negative rows summing to 1) but no final "
+            "softmax call was seen to take the scores before it; saliency of probabilities is dominated "
+            "by the other classes. Give salience the model without its final softmax.",
+            stacklevel=user_stacklevel(),
+        )
+    for layer, store in zip(layers, captured):
+        if not store or not isinstance(store[0], Tensor):
+            raise layer_not_captured(model, layer, store)
+    return out, captured
+
+
+def _hooked_forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], layers: Sequence[LayerSpec],
+                    extra_modes: Sequence[Any], run: Any, tap: Optional["_SoftmaxTap"]) -> tuple[Any, list[list[Any]]]:
+    """One forward of :func:`_forward` with the layers' hooks (and the target's layer's, where the pass stops),
+    the modes and the tap: the output (the target layer's, or the model's unwrapped) and the captured outputs."""
+    captured: list[list[Any]] = [[] for _ in layers]
+    target_store: list[Any] = []
+    handles = []
     try:
         for layer, store in zip(layers, captured):
             handles.append(_hooked(model, layer, capture_hook(store, False)))
@@ -515,20 +551,8 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
     if target_layer is not None:
         if not target_store:
             raise SalienceError(f"the target's layer {target_layer!r} was not called in the forward pass")
-        out = target_store[0]
-    out = unwrap_output(out, model if target_layer is None else None)
-    out, stripped = _before_softmax(out, tap, run)
-    if not stripped and strip_softmax and target_layer is None and looks_like_probabilities(out):
-        warnings.warn(
-            "the model's output looks like probabilities (non-negative rows summing to 1) but no final "
-            "softmax call was seen to take the scores before it; saliency of probabilities is dominated "
-            "by the other classes. Give salience the model without its final softmax.",
-            stacklevel=user_stacklevel(),
-        )
-    for layer, store in zip(layers, captured):
-        if not store or not isinstance(store[0], Tensor):
-            raise layer_not_captured(model, layer, store)
-    return out, captured
+        return unwrap_output(target_store[0]), captured
+    return unwrap_output(out, model), captured
 
 
 def _walk_back(scores: list[Tensor], wrt: list[Tensor], need_input: bool) -> list[list[Tensor]]:
@@ -722,26 +746,77 @@ def _scores_pass(model: nn.Module, xb: Tensor, run: Optional[_perf.Run], strip_s
         out, done = _perf.forward_call(model, xb, True, strip_softmax, lambda: None)
         if done:
             return unwrap_output(out, model)
-    tap = _SoftmaxTap() if strip_softmax else None
+    # the tap until a pass of the model's structure showed whether it ends in a softmax (final_softmax)
+    tap = _SoftmaxTap() if strip_softmax and final_softmax(model) is not False else None
     with ExitStack() as stack:
         if tap is not None:
             stack.enter_context(tap)
         if run is not None:
             stack.enter_context(run.autocast())
         out = unwrap_output(model(xb), model)
-    return _before_softmax(out, tap, run)[0]
+    return _before_softmax(out, tap, run, model if strip_softmax else None)[0]
 
 
-def _before_softmax(out: Any, tap: Optional["_SoftmaxTap"], run: Any) -> tuple[Any, bool]:
+def _before_softmax(out: Any, tap: Optional["_SoftmaxTap"], run: Any, model: Optional[nn.Module] = None,
+                    record: bool = True) -> tuple[Any, bool]:
     """``out``, or the scores a final softmax turned into ``out`` when the tap saw that call; whether it
-    did (told to the run, which records that the model ends in a softmax)."""
+    did (told to the run, and with ``record`` kept for ``model``'s structure: :func:`final_softmax`). Without a
+    tap (a pass of a structure known to end in no softmax) the answer is no."""
+    if tap is None and (model is None or final_softmax(model) is not False):
+        return out, False  # not looked for
     stripped = tap is not None and tap.last is not None and out is tap.last[1]
-    if run is not None and tap is not None:
+    if run is not None:
         run.note_softmax(stripped)
+    if tap is not None and model is not None and record:
+        _note_final_softmax(model, stripped)
     if stripped:
         assert tap is not None and tap.last is not None
         return tap.last[0], True
     return out, False
+
+
+# Whether a model ends in a softmax, per model (weakly) and structure: id(model) -> (weakref, structure, answer).
+_FINAL_SOFTMAX: dict[int, tuple[Any, tuple, bool]] = {}
+_SOFTMAX_GRAD_FNS = frozenset({"SoftmaxBackward0", "LogSoftmaxBackward0"})
+
+
+def final_softmax(model: nn.Module) -> Optional[bool]:
+    """Whether an earlier pass of ``model`` in its present :func:`~salience._core.perf.structure` showed that
+    its output is a final softmax's (``None``: no such pass yet). The passes that strip the softmax run
+    under :class:`_SoftmaxTap`, a torch-function mode through which every torch call of the forward goes in
+    Python (about 2 ms of resnet50's forward on this CPU, a tenth of a pass on a GPU, whose passes cost their
+    kernels' launches): only until this is known, and always on a structure that ends in a softmax. A
+    module replaced, added or hooked since: asked again."""
+    hit = _FINAL_SOFTMAX.get(id(model))
+    if hit is None or hit[0]() is not model or hit[1] != _perf.structure(model):
+        return None
+    return hit[2]
+
+
+def _note_final_softmax(model: nn.Module, ends: bool) -> None:
+    key = id(model)
+
+    def forget(ref: Any) -> None:
+        hit = _FINAL_SOFTMAX.get(key)
+        if hit is not None and hit[0] is ref:
+            _FINAL_SOFTMAX.pop(key, None)
+
+    try:
+        ref = weakref.ref(model, forget)
+    except TypeError:
+        return
+    _FINAL_SOFTMAX[key] = (ref, _perf.structure(model), ends)
+
+
+def _softmax_output(out: Any, model: nn.Module) -> bool:
+    """Whether ``out`` (a pass without the tap, of a structure that showed no final softmax) came from a
+    softmax after all (its gradient function says so: the model's forward takes another path now). Then
+    the structure keeps the tap from now on."""
+    fn = getattr(out, "grad_fn", None)
+    if fn is None or type(fn).__name__ not in _SOFTMAX_GRAD_FNS:
+        return False
+    _note_final_softmax(model, True)
+    return True
 
 
 def predicted_classes(model: nn.Module, x: Tensor, *, batch_size: Optional[int] = None) -> Tensor:

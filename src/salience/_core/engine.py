@@ -284,16 +284,19 @@ def accumulate(
             cap = chunk_size(per_item, budget, n_images)
         elif chunk is None:
             first = min(total, n_images)
-            probe = MemoryProbe()
+            # an earlier call's probe of the same model, items and images: this first chunk runs as that
+            # call's did (the same chunks after it, the same bits), without the probe's cost
+            known = run.known_probe(n_images) if run is not None else None
+            probe = MemoryProbe() if known is None else None
             ctx = run.chunk(False, False) if run is not None else nullcontext()
-            with ctx, probe:  # the sums' own temporaries count too
+            with ctx, (probe if probe is not None else nullcontext()):  # the sums' own temporaries count too
                 sums.add(0, compute(0, first))
             sums.sizes.append(first)
             bar.update(first)
             start = first
-            per_item = max(1, -(-probe.peak // first))
-            if run is not None:
-                run.probed(per_item)
+            per_item = known if probe is None else max(1, -(-probe.peak // first))
+            if run is not None and probe is not None:
+                run.probed(per_item, n_images)
             budget = max_memory if max_memory is not None else default_budget(device or torch.device("cpu"),
                                                                                inference=inference)
             cap = chunk_size(per_item, budget, n_images)
