@@ -38,14 +38,12 @@ class _Passes:
     structure, hooks included, stays the same between the calls compared)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.n = 0
-        self.handle = model.register_forward_pre_hook(self._count)
-
-    def _count(self, module: nn.Module, args: tuple) -> None:
-        self.n += 1
+        self.seen: list = []  # appended to (atomic), for passes of several threads
+        self.handle = model.register_forward_pre_hook(lambda module, args: self.seen.append(1))
 
     def take(self) -> int:
-        n, self.n = self.n, 0
+        n = len(self.seen)
+        del self.seen[:n]
         return n
 
 
@@ -128,6 +126,27 @@ def test_another_threads_scoped_hook_keeps_the_entry(counted):
         assert default_layer(net, x) == "4" and passes.take() == 0
     finally:
         handles[0].remove()
+
+
+def test_threads_sharing_a_model_share_the_entry(counted):
+    """4 threads, 3 Grad-CAM calls each on one model: each map is the serial one, and the search ran at most once
+    per thread (those that looked before the first search finished), not once per call."""
+    net, passes = counted
+    x = torch.rand(1, 3, 8, 8)
+    ref = salience.gradcam(net, x, 2, layer="4")
+    passes.take()
+    got: list = []
+
+    def work() -> None:
+        got.extend(salience.gradcam(net, x, 2) for _ in range(3))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(got) == 12 and all(torch.equal(g, ref) for g in got)
+    assert 12 + 1 <= passes.take() <= 12 + 4
 
 
 def test_the_cache_keeps_no_model_alive():
