@@ -17,7 +17,7 @@ that is below the arch's ``default_cfg`` input size and a forward pass takes it,
   non-constant map (its min / max; a constant map is run again with ``relu=False`` to tell "all
   negative" from "no signal at all", e.g. a layer whose gradient is zero; and whether the layer's output,
   read as a grid, varies over positions at all: random weights can collapse it), and the time of that
-  one call (it includes the default-layer search); where the layout is not readable, Grad-CAM again
+  one call (the default-layer search, run just before, is cached: not included); where the layout is not readable, Grad-CAM again
   with the ``prefix_tokens=`` the error suggests;
 - ``salience.methods.default_methods(model, x)``: the methods left out (the full list in the .json),
   and without ``x`` where that differs (modules only: a bare model has no input size).

@@ -438,6 +438,7 @@ def this_thread(hook: Callable) -> Callable:
         if threading.get_ident() != owner:
             return None
         return hook(*args, **kwargs)
+    scoped.salience_thread = owner  # type: ignore[attr-defined]  # perf.structure() leaves other threads' out
     return scoped
 
 

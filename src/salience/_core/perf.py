@@ -71,7 +71,7 @@ from salience._core.errors import SalienceError, suggest, user_stacklevel
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "plain", "current", "resolve", "active",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
-           "own_hooks", "observer", "one_pass", "structure", "FREEZE", "weights_key", "gradient_call"]
+           "own_hooks", "observer", "one_pass", "structure", "ModelCache", "FREEZE", "weights_key", "gradient_call"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -563,11 +563,14 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 def structure(model: nn.Module) -> tuple:
     """A cheap fingerprint of ``model``'s structure: every module of the tree (its id, its class,
     its children's names, a ``forward`` set on the instance) and the keys of the hooks of its own on
-    each (not :func:`observer` hooks, which a dataset run adds batch after batch). It changes when a
+    each (not :func:`observer` hooks, which a dataset run adds batch after batch, nor the hooks salience
+    holds for another thread's pass, :func:`~salience._core.autograd.this_thread`, which never run in this
+    thread's). It changes when a
     module is replaced, added or removed (``model.fc = nn.Sequential(model.fc, nn.Softmax(1))``), a
     class or a ``forward`` is swapped, or a hook is added or removed; not when a plain attribute of a
     module (a number its ``forward`` reads) changes. What :func:`one_pass` remembers per model (a
-    final softmax found) and the compiled model are kept for one structure, the folded copy for one
+    final softmax found), the compiled model and the CAMs' default layer (:class:`ModelCache`) are kept for one
+    structure, the folded copy for one
     :func:`_fold_key`. About 0.2 ms on resnet50 (0.3 ms with the tensors; docs/performance.md)."""
     return _walk(model, False)
 
@@ -589,13 +592,15 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
     reading the tensors)."""
     out: list = []
     add = out.append
+    me = threading.get_ident()
     for m in model.modules():
         d = m.__dict__
         f = d.get("forward")
         add((id(m), type(m), tuple(d["_modules"].keys()), None if f is None else id(f)))
         if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks") or \
                 d.get("_backward_pre_hooks"):
-            own = tuple(tuple(k for k, h in (d.get(name) or {}).items() if not getattr(h, "salience_observer", False))
+            own = tuple(tuple(k for k, h in (d.get(name) or {}).items()
+                              if not getattr(h, "salience_observer", False) and getattr(h, "salience_thread", me) == me)
                         for name in _HOOK_DICTS)
             if any(own):  # observers alone leave the fingerprint as without them
                 add(own)
@@ -695,6 +700,52 @@ def _described(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:limit] if text else ''}"
 
 
+# --------------------------------------------------------------------------- per-model results
+
+
+class ModelCache:
+    """A small process cache of what was worked out for a model (the CAMs' default layer,
+    :func:`salience.methods.gradcam.default_layer`): one value per ``(model, key)`` (``key``: what else it
+    depends on, e.g. the input's item shape), good for the model's :func:`structure` it was found for (a module
+    replaced, appended or hooked since: :meth:`get` misses, and the caller works it out again). The model is
+    held by a weak reference, never kept alive (an entry whose model was freed never answers: its id may be
+    another model's now); the least recently used entries go past ``keep``. Thread-safe (a lock of its own);
+    :func:`clear_cache` empties it."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._entries: "OrderedDict[tuple, tuple[Any, tuple, Any]]" = OrderedDict()
+        _model_caches.append(self)
+
+    def get(self, model: nn.Module, key: tuple, fingerprint: tuple) -> Any:
+        """The value kept for ``model`` and ``key`` in the state ``fingerprint`` (its :func:`structure`), or None."""
+        k = (id(model), key)
+        with self._lock:
+            hit = self._entries.get(k)
+            if hit is None or hit[0]() is not model or hit[1] != fingerprint:
+                return None
+            self._entries.move_to_end(k)
+            return hit[2]
+
+    def put(self, model: nn.Module, key: tuple, fingerprint: tuple, value: Any) -> None:
+        """Keep ``value`` (not None) for ``model`` and ``key`` in the state ``fingerprint``, replacing the one kept
+        for another state."""
+        k = (id(model), key)
+        with self._lock:
+            self._entries[k] = (weakref.ref(model), fingerprint, value)
+            self._entries.move_to_end(k)
+            while len(self._entries) > self.keep:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_model_caches: list[ModelCache] = []
+
+
 # --------------------------------------------------------------------------- measured choices
 
 
@@ -748,8 +799,9 @@ def _record(model: nn.Module, x: Tensor, options: Performance, tag: str) -> _Rec
 
 
 def clear_cache() -> None:
-    """Forget every measured choice, compiled model and folded copy (tests, or after changing a plain
-    attribute a model's ``forward`` reads: :func:`structure` sees modules, hooks and weights only)."""
+    """Forget every measured choice, compiled model, folded copy and :class:`ModelCache` entry (the CAMs' default
+    layers) (tests, or after changing a plain attribute a model's ``forward`` reads: :func:`structure` sees
+    modules, hooks and weights only)."""
     with _lock:
         _records.clear()
         _model_tails.clear()
@@ -757,6 +809,8 @@ def clear_cache() -> None:
             _release_graphs(entry)
         _compiled.clear()
         _folded.clear()
+    for cache in _model_caches:
+        cache.clear()
 
 
 def _is_convolutional(model: nn.Module) -> bool:

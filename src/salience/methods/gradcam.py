@@ -31,6 +31,7 @@ from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
+from salience._core.perf import ModelCache, structure
 from salience._core.tensors import check_flag
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike, split
@@ -103,6 +104,17 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       ``hiera.encoder.stages.3``, its last block's output.
 
     :func:`describe_default_layer` says which layer this is and why.
+
+    The search's result is cached for the process (a few dozen entries, the least recently used dropped), per
+    model (held weakly: the cache keeps no model alive), the model's :func:`~salience._core.perf.structure` and the
+    input's item shape ``(C, H, W)``, dtype and device type: a second CAM call on the same model and shape runs no
+    search pass (Grad-CAM on one image: one forward pass instead of two). It runs again when a module was
+    replaced, added or removed, a ``forward`` swapped or a hook of the user's added or removed since, or on another
+    item shape, dtype or device type; not when the weights or a plain attribute the ``forward`` reads changed
+    (the rules read shapes and the pass's graph, not values; after such a change
+    ``salience._core.perf.clear_cache()`` forgets it). A refusal of the rules after the pass (attention in the
+    model's own forward, CoaT's parallel streams, no layer with a map) is cached too and raised again with the same
+    message; one without a pass (CrossViT's embeddings, a bad input) or an error of the model's pass is not.
     """
     return _pick_default(model, x)[0]
 
@@ -111,45 +123,50 @@ def describe_default_layer(model: nn.Module, x: Tensor) -> str:
     """One line: the default Grad-CAM layer for ``model`` on ``x`` ``(B, C, H, W)``, its output's
     layout and why it was picked (for error messages and listings)."""
     with one_model():
-        name, why, call = _default_call(model, x)
-        if call is None or not isinstance(call.output, Tensor):
+        name, why, mod, shape = _default_call(model, x)
+        if shape is None:
             return f"{name} ({why})"
-        out = call.output
         try:
-            layout = layer_layout(model, call.module, out.shape, x.shape, what=f"layer {name!r}").describe()
+            layout = layer_layout(model, mod, shape, x.shape, what=f"layer {name!r}").describe()
         except SalienceError as e:
             layout = f"not usable: {e}"
-    return f"{name} ({type(call.module).__name__}, output {tuple(out.shape)}: {layout}; {why})"
+    return f"{name} ({type(mod).__name__}, output {tuple(shape)}: {layout}; {why})"
 
 
 def default_layer_readable(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> bool:
     """Whether the CAMs run at the default layer with no ``grid`` / ``prefix_tokens``: a default is found and its
     output's layout is read (:mod:`salience.methods._tokens`); False where either is refused (CrossViT: no
     default; tokens with several readings: the CAMs ask for ``grid=`` / ``prefix_tokens=``). One forward pass
-    (two where the tokens are read on the model's own grids). ``seen``: a dict that gets ``"attention"``, whether
-    an attention operation or module ran in the search's pass (absent when no search ran: a layer the model names,
-    or a refusal before it)."""
+    (two where the tokens are read on the model's own grids), none where the search's result is cached
+    (:func:`default_layer`). ``seen``: a dict that gets ``"attention"``, whether an attention operation or module
+    ran in the search's pass (absent when no search ran: a layer the model names, or a refusal before it)."""
     try:
         with one_model():
-            name, _, call = _default_call(model, x, seen)
-            if call is not None and isinstance(call.output, Tensor):
-                layer_layout(model, call.module, call.output.shape, x.shape, what=f"layer {name!r}")
+            name, _, mod, shape = _default_call(model, x, seen)
+            if shape is not None:
+                layer_layout(model, mod, shape, x.shape, what=f"layer {name!r}")
     except SalienceError:
         return False
     return True
 
 
-def _default_call(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[str, str, Optional["_Call"]]:
-    """``(name, why, its first call on x[:1])`` of the default layer (None where it did not run): the call from the
-    search's own pass, or one pass recording that layer alone where the model names it. ``seen``: as in
-    :func:`default_layer_readable`."""
+def _default_call(model: nn.Module, x: Tensor,
+                  seen: Optional[dict] = None) -> tuple[str, str, nn.Module, Optional[tuple[int, ...]]]:
+    """``(name, why, module, the shape of its first output on x[:1])`` of the default layer (shape None where it
+    did not run or gave no tensor): the shape from the search (:func:`_searched`, cached), or one pass recording
+    that layer alone where the model names it. ``seen``: as in :func:`default_layer_readable`."""
     seen = {} if seen is None else seen
     name, why = _pick_default(model, x, seen)
     mod = resolve_layer(model, name)
-    calls = seen.get("calls")
-    if calls is None:
-        calls = _record_calls(model, x, only=mod)
-    return name, why, next((c for c in calls if c.module is mod), None)
+    if "shape" in seen:
+        return name, why, mod, seen["shape"]
+    return name, why, mod, _first_shape(_record_calls(model, x, only=mod), mod)
+
+
+def _first_shape(calls: list["_Call"], mod: nn.Module) -> Optional[tuple[int, ...]]:
+    """The shape of ``mod``'s first output among ``calls`` (None: not called, or no tensor)."""
+    call = next((c for c in calls if c.module is mod), None)
+    return tuple(call.output.shape) if call is not None and isinstance(call.output, Tensor) else None
 
 
 @dataclass
@@ -748,7 +765,7 @@ def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call], classes: Op
 
 def _pick_default(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[str, str]:
     """``(dotted name, why)`` of the default Grad-CAM layer (see :func:`default_layer`); ``seen``: a dict that gets
-    the search's ``"calls"`` and ``"attention"`` (:func:`_search`)."""
+    the search's ``"attention"`` and ``"shape"`` (:func:`_searched`)."""
     attr = getattr(model, "salience_default_layer", None)
     if attr is not None:
         name = attr if isinstance(attr, str) else layer_name(model, resolve_layer(model, attr))
@@ -758,7 +775,54 @@ def _pick_default(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> t
         resolve_layer(model, info_layer)
         return info_layer, "the model's ModelInfo.default_layer"
     with one_model():
-        return _search(model, x, seen)
+        return _searched(model, x, seen)
+
+
+@dataclass(frozen=True)
+class _Found:
+    """What the default-layer search found for one model and item shape: the layer's ``name``, ``why``, the
+    ``shape`` of its first output on ``x[:1]`` (None: no tensor), whether an attention operation or module ran in
+    the pass (``attention``), or the message of its refusal (``refused``; then no name)."""
+
+    name: str
+    why: str
+    shape: Optional[tuple[int, ...]]
+    attention: bool
+    refused: str = ""
+
+
+_SEARCHED = ModelCache(keep=32)
+"""The search's results (:class:`_Found`) per model (weakly), its :func:`~salience._core.perf.structure`, and the
+input's item shape ``(C, H, W)``, dtype and device type: a second CAM call skips the search's pass."""
+
+
+def _searched(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[str, str]:
+    """:func:`_search`'s ``(name, why)``, cached (:data:`_SEARCHED`): a refusal of its rules after the pass is
+    kept too (its message raised again as a new :class:`SalienceError`); one before it (the input, several
+    patch embeddings: no pass to save) or an error of the pass itself is not. ``seen`` gets ``"attention"`` and
+    ``"shape"`` (:class:`_Found`)."""
+    check_input(x, model)
+    _refuse_branches(model, x)
+    key = (tuple(x.shape[1:]), x.dtype, x.device.type)
+    fingerprint = structure(model)
+    found = _SEARCHED.get(model, key, fingerprint)
+    if found is None:
+        pass_seen: dict = {}
+        try:
+            name, why = _search(model, x, pass_seen)
+            found = _Found(name, why, _first_shape(pass_seen["calls"], resolve_layer(model, name)),
+                           pass_seen["attention"])
+        except SalienceError as e:
+            if "calls" not in pass_seen:
+                raise  # the pass itself failed: nothing the rules decided
+            found = _Found("", "", None, pass_seen["attention"], str(e))
+        if structure(model) == fingerprint:  # not a model that changed in its own pass (kept for what it is now)
+            _SEARCHED.put(model, key, fingerprint, found)
+    if seen is not None:
+        seen["attention"], seen["shape"] = found.attention, found.shape
+    if found.refused:
+        raise SalienceError(found.refused)
+    return found.name, found.why
 
 
 def _refuse_inline_attention(model: nn.Module, x: Tensor, attending: Sequence[tuple[str, Any]]) -> None:
@@ -781,10 +845,8 @@ def _refuse_inline_attention(model: nn.Module, x: Tensor, attending: Sequence[tu
         )
 
 
-def _search(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[str, str]:
-    """The heuristic of :func:`default_layer` (the ViT rule, else the map rule): ``(name, why)``. ``seen``: a dict
-    that gets the pass's ``"calls"`` and ``"attention"``: whether an attention operation (a softmax over the last
-    dim, SDPA, ``F.multi_head_attention_forward``) or an attention module ran, before any refusal after the pass."""
+def _refuse_branches(model: nn.Module, x: Tensor) -> None:
+    """Refuse a model with several patch embeddings (CrossViT's branches): by its modules alone, no pass."""
     embeds = patch_embeddings(model, int(x.shape[1]))
     if len(embeds) > 1:
         names = ", ".join(repr(n) for n, _ in embeds)
@@ -796,6 +858,13 @@ def _search(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[s
             "embedding's grid also grid=(h, w) and prefix_tokens=k; command line: --layer, --grid, --prefix-tokens), "
             "or use a method without a layer (vanilla, integrated_gradients)"
         )
+
+
+def _search(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[str, str]:
+    """The heuristic of :func:`default_layer` (the ViT rule, else the map rule) on a model
+    :func:`_refuse_branches` let through: ``(name, why)``. ``seen``: a dict that gets the pass's ``"calls"`` and
+    ``"attention"``: whether an attention operation (a softmax over the last dim, SDPA,
+    ``F.multi_head_attention_forward``) or an attention module ran, before any refusal after the pass."""
     outputs: list = []
     attending: list[tuple[str, Any]] = []
     factorized: list[tuple[str, int]] = []
