@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import threading
 import warnings
-import weakref
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -776,8 +775,8 @@ def _before_softmax(out: Any, tap: Optional["_SoftmaxTap"], run: Any, model: Opt
     return out, False
 
 
-# Whether a model ends in a softmax, per model (weakly) and structure: id(model) -> (weakref, structure, answer).
-_FINAL_SOFTMAX: dict[int, tuple[Any, tuple, bool]] = {}
+# Whether a model ends in a softmax, per model (weakly) and structure (perf.clear_cache() empties it).
+_FINAL_SOFTMAX = _perf.ModelCache(keep=64)
 _SOFTMAX_GRAD_FNS = frozenset({"SoftmaxBackward0", "LogSoftmaxBackward0"})
 
 
@@ -788,25 +787,14 @@ def final_softmax(model: nn.Module) -> Optional[bool]:
     Python (about 2 ms of resnet50's forward on this CPU, a tenth of a pass on a GPU, whose passes cost their
     kernels' launches): only until this is known, and always on a structure that ends in a softmax. A
     module replaced, added or hooked since: asked again."""
-    hit = _FINAL_SOFTMAX.get(id(model))
-    if hit is None or hit[0]() is not model or hit[1] != _perf.structure(model):
-        return None
-    return hit[2]
+    return _FINAL_SOFTMAX.get(model, (), _perf.structure(model))
 
 
 def _note_final_softmax(model: nn.Module, ends: bool) -> None:
-    key = id(model)
-
-    def forget(ref: Any) -> None:
-        hit = _FINAL_SOFTMAX.get(key)
-        if hit is not None and hit[0] is ref:
-            _FINAL_SOFTMAX.pop(key, None)
-
     try:
-        ref = weakref.ref(model, forget)
-    except TypeError:
-        return
-    _FINAL_SOFTMAX[key] = (ref, _perf.structure(model), ends)
+        _FINAL_SOFTMAX.put(model, (), _perf.structure(model), ends)
+    except TypeError:  # a model that takes no weak reference: asked at every pass
+        pass
 
 
 def _softmax_output(out: Any, model: nn.Module) -> bool:
