@@ -485,8 +485,6 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
     """Run the model on ``x_in`` with hooks on ``layers`` (and the target's layer, where the pass
     stops); returns the scored tensor (pre-softmax when stripped) and the captured outputs."""
     captured: list[list[Any]] = [[] for _ in layers]
-    target_store: list[Any] = []
-    handles = []
     run = _perf.active(model)
     if run is not None and not layers and target_layer is None and not extra_modes:
         compiled = run.forward_fn(True, strip_softmax)
