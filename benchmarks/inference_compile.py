@@ -7,7 +7,7 @@ The question: would Score-CAM, RISE and occlusion (every pass a forward of a mas
 inlines the parameters as constants (folding BatchNorm, prepacking the convolutions' weights) for
 inference graphs? torchvision resnet50 (random weights) at 224 x 224 by default, passes of 1 and 8
 images. ``frozen`` is what salience's ``compile="freeze"`` runs: inductor's ``freezing`` set while
-dynamo traces too (``salience._core.perf._freezing_on``), so the parameters are constants of the
+dynamo traces too (``salience._core.compiled._freezing_on``), so the parameters are constants of the
 graph; ``compiled+freezing`` sets it through ``options=`` only, for inductor's compile, and its
 graph keeps the parameters as inputs (docs/performance.md, "compile=freeze"). Every variant is compiled first (the compile time is reported apart); then each round
 runs every (pass size, variant) once in turn, as many passes as make 8 images, after one warm-up
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from salience._core.perf import _freezing_backend, _freezing_on
+from salience._core.compiled import _freezing_backend, _freezing_on
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import HERE, fmt_spread, machine_info, machine_line, make_images, make_model, spread  # noqa: E402

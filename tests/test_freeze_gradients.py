@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import salience
+from salience._core import compiled as _compiled_mod
 from salience._core import perf as _perf
 
 from conftest import unchanged
@@ -29,7 +30,7 @@ def kept_graphs(monkeypatch):
         kept.append(weakref.ref(graph))
         return lambda *args: graph.forward(*args)
 
-    monkeypatch.setattr(_perf, "_freeze_compile", snapshot)
+    monkeypatch.setattr(_compiled_mod, "_freeze_compile", snapshot)
     yield kept
     torch._dynamo.reset()
 

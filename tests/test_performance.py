@@ -13,6 +13,7 @@ from torch import nn
 import salience
 from salience import SalienceError
 from salience._core import engine as _engine
+from salience._core import compiled as _compiled_mod
 from salience._core import perf as _perf
 
 from conftest import RandomImages, counting_backend, unchanged
@@ -555,8 +556,8 @@ def snapshot_freezing(monkeypatch):
         return run
 
     backend, graphs, _ = counting_backend()
-    plain = _perf._compiled_model
-    monkeypatch.setattr(_perf, "_freeze_compile", snapshot)
+    plain = _perf._compiled_model  # patched in perf, where Run calls it (the compiled module's own name is not)
+    monkeypatch.setattr(_compiled_mod, "_freeze_compile", snapshot)
     monkeypatch.setattr(_perf, "_compiled_model", lambda m, b, f: plain(m, backend if b == "inductor" else b, f))
     yield frozen, calls, graphs
     torch._dynamo.reset()
@@ -746,7 +747,7 @@ def test_compile_freeze_failures_and_errors_leave_the_model(snapshot_freezing, m
     def broken(gm, inputs):
         raise RuntimeError("no frozen kernels for this")
 
-    monkeypatch.setattr(_perf, "_freeze_compile", broken)
+    monkeypatch.setattr(_compiled_mod, "_freeze_compile", broken)
     with unchanged(model), pytest.warns(UserWarning, match="compile='freeze': torch.compile with freezing failed "
                                                            ".*no frozen kernels.*without freezing"):
         out = salience.rise(model, x, [0, 2], compile="freeze", **kw)
@@ -756,7 +757,7 @@ def test_compile_freeze_failures_and_errors_leave_the_model(snapshot_freezing, m
         raise KeyboardInterrupt
 
     _perf.clear_cache()
-    monkeypatch.setattr(_perf, "_freeze_compile", interrupted)
+    monkeypatch.setattr(_compiled_mod, "_freeze_compile", interrupted)
     model.train()
     with unchanged(model), pytest.raises(KeyboardInterrupt):
         salience.scorecam(model, x, [0, 2], layer="body.3", chunk=4, compile="freeze", memory_format="channels_last")
@@ -892,7 +893,7 @@ def test_compile_freeze_gradient_graph_that_fails_falls_back(snapshot_freezing, 
     def broken(gm, inputs):
         raise RuntimeError("no frozen kernels for this")
 
-    monkeypatch.setattr(_perf, "_freeze_compile", broken)
+    monkeypatch.setattr(_compiled_mod, "_freeze_compile", broken)
     with unchanged(model), pytest.warns(UserWarning, match="compile='freeze': the frozen input-gradient graph "
                                                            "failed .*no frozen kernels.*without freezing"):
         outs = _gradient_maps(model, x, compile="freeze")
@@ -1056,8 +1057,8 @@ def test_compile_freeze_gradient_graph_with_inductor(monkeypatch):
     if _perf.compile_unavailable("inductor", x.device) is not None:
         pytest.skip("inductor cannot compile here")
     torch._dynamo.reset()
-    compiles, real = [], _perf._freeze_compile
-    monkeypatch.setattr(_perf, "_freeze_compile", lambda gm, inputs: compiles.append(1) or real(gm, inputs))
+    compiles, real = [], _compiled_mod._freeze_compile
+    monkeypatch.setattr(_compiled_mod, "_freeze_compile", lambda gm, inputs: compiles.append(1) or real(gm, inputs))
     monkeypatch.setattr(_perf, "FROZEN_TAILS", 0)  # the last, shorter chunks eager: one compile per state
     try:
         old = None
@@ -1093,8 +1094,8 @@ def test_compile_freeze_later_calls_run_every_chunk_frozen(monkeypatch):
     if _perf.compile_unavailable("inductor", x.device) is not None:
         pytest.skip("inductor cannot compile here")
     torch._dynamo.reset()
-    compiles, real = [], _perf._freeze_compile
-    monkeypatch.setattr(_perf, "_freeze_compile", lambda gm, inputs: compiles.append(1) or real(gm, inputs))
+    compiles, real = [], _compiled_mod._freeze_compile
+    monkeypatch.setattr(_compiled_mod, "_freeze_compile", lambda gm, inputs: compiles.append(1) or real(gm, inputs))
     monkeypatch.setattr(_engine, "chunk_size", lambda per_item, budget, n: 4)  # 2 images: 2 copies a chunk
     layouts, accumulate = [], _engine.accumulate
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import salience
+from salience._core import compiled as _compiled_mod
 from salience._core import perf as _perf
 from salience.methods.integrated import CompletenessWarning
 
@@ -121,7 +122,7 @@ def test_compile_on_a_model_with_hooks_of_its_own_warns_at_the_callers_line(x, m
 
 
 def test_a_failing_compile_backend_warns_at_the_callers_line(x):
-    """A backend that raises: the pass runs eagerly, with a warning (``perf._compile_failed``)."""
+    """A backend that raises: the pass runs eagerly, with a warning (``compiled._compile_failed``)."""
     torch._dynamo.reset()
     _perf.clear_cache()
     model = SmallCNN().eval()
@@ -148,7 +149,7 @@ def test_a_failing_frozen_compile_warns_at_the_callers_line(x, method, monkeypat
     def broken(gm, inputs):
         raise RuntimeError("no frozen kernels")
 
-    monkeypatch.setattr(_perf, "_freeze_compile", broken)
+    monkeypatch.setattr(_compiled_mod, "_freeze_compile", broken)
     model = SmallCNN().eval()
     kw = dict(masks=8, cell=2) if method == "rise" else dict(window=4, stride=4)
     found = [w for w in _caught(UserWarning, getattr(salience, method), model, x, 0, chunk=2, compile="freeze", **kw)

@@ -1,0 +1,104 @@
+"""What salience's per-model process caches are kept for: a model's :func:`structure` (its modules,
+instance ``forward`` methods and hooks of its own) and, with the weights' addresses and version counters,
+:func:`_fold_key`; which hooks count (:func:`observer`, :func:`own_hooks`); and ``_lock``, the one lock of
+those caches (:mod:`salience._core.perf`'s settings and measured choices, :mod:`~salience._core.compiled`'s
+graphs, :mod:`~salience._core.folding`'s copies).
+
+Apart from :mod:`salience._core.perf` because the compiled graphs, the folded copies, the measured choices
+and :class:`~salience._core.perf.ModelCache` all key on these fingerprints: each of those modules imports
+this one, and this one imports none of them.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+__all__ = ["structure", "observer", "own_hooks"]
+
+# The lock of the process state of perf, compiled and folding (one lock, as when they were one module).
+_lock = threading.Lock()
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def structure(model: nn.Module) -> tuple:
+    """A cheap fingerprint of ``model``'s structure: every module of the tree (its id, its class,
+    its children's names, a ``forward`` set on the instance) and the keys of the hooks of its own on
+    each (not :func:`observer` hooks, which a dataset run adds batch after batch, nor the hooks salience
+    holds for another thread's pass, :func:`~salience._core.autograd.this_thread`, which never run in this
+    thread's). It changes when a
+    module is replaced, added or removed (``model.fc = nn.Sequential(model.fc, nn.Softmax(1))``), a
+    class or a ``forward`` is swapped, or a hook is added or removed; not when a plain attribute of a
+    module (a number its ``forward`` reads) changes. What :func:`~salience._core.perf.one_pass`
+    remembers per model (a final softmax found), the compiled model and the CAMs' default layer
+    (:class:`~salience._core.perf.ModelCache`) are kept for one structure, the folded copy for one
+    :func:`_fold_key`. About 0.2 ms on resnet50 (0.3 ms with the tensors; docs/performance.md)."""
+    return _walk(model, False)
+
+
+def _fold_key(model: nn.Module) -> Optional[tuple]:
+    """What a folded copy is kept for: the model's :func:`structure` and where each parameter and
+    buffer lives and how often it was changed in place (``None``, not comparable, when a tensor has
+    no version counter, e.g. one made under ``inference_mode``)."""
+    try:
+        return _walk(model, True)
+    except RuntimeError:
+        return None
+
+
+def _walk(model: nn.Module, tensors: bool) -> tuple:
+    """:func:`structure`; with ``tensors``, each module's parameters' and buffers' ``(data_ptr,
+    _version, shape, stride)`` too (``w.data = w.data.t()`` keeps the address and the version counter of
+    the storage it views: only the strides say it changed). One walk over the modules' own dicts (``model.parameters()`` costs more than
+    reading the tensors)."""
+    out: list = []
+    add = out.append
+    me = threading.get_ident()
+    for m in model.modules():
+        d = m.__dict__
+        f = d.get("forward")
+        add((id(m), type(m), tuple(d["_modules"].keys()), None if f is None else id(f)))
+        if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks") or \
+                d.get("_backward_pre_hooks"):
+            own = tuple(tuple(k for k, h in (d.get(name) or {}).items()
+                              if not getattr(h, "salience_observer", False) and getattr(h, "salience_thread", me) == me)
+                        for name in _HOOK_DICTS)
+            if any(own):  # observers alone leave the fingerprint as without them
+                add(own)
+        if tensors:
+            for t in d["_parameters"].values():
+                if t is not None:
+                    add((t.data_ptr(), t._version, t.shape, t.stride()))
+            for t in d["_buffers"].values():
+                if t is not None:
+                    add((t.data_ptr(), t._version, t.shape, t.stride()))
+    return tuple(out)
+
+
+def observer(hook: Callable) -> Callable:
+    """Mark ``hook`` as salience's own observer of a model's passes (a dataset run keeping the
+    output, the explorer's progress): it changes no output, so it does not keep :func:`own_hooks`
+    from letting a copy or a compiled graph run (where it may not be called)."""
+    hook.salience_observer = True  # type: ignore[attr-defined]
+    return hook
+
+
+def own_hooks(model: nn.Module) -> Optional[str]:
+    """Why a copy or a compiled graph of ``model`` cannot stand in for it: it has hooks of its own (or
+    hooks on every module, ``register_module_forward_hook``), or ``None``. Checked at every run, not
+    once per cached copy: a hook added after the copy was made, or after the graph was compiled
+    (dynamo does not guard on module hooks, so even a fresh ``torch.compile`` of the model reuses the
+    graph), was silently not run, and one removed since still ran. :func:`observer` hooks do not count."""
+    from torch.nn.modules import module as _module
+
+    def users(hooks: Any) -> bool:
+        return any(not getattr(h, "salience_observer", False) for h in (hooks or {}).values())
+
+    if any(users(m._forward_hooks) or users(m._forward_pre_hooks) or users(m._backward_hooks) or
+           users(getattr(m, "_backward_pre_hooks", None)) for m in model.modules()):
+        return "the model has hooks of its own, which a copy or a compiled graph would not follow"
+    if _module._has_any_global_hook():
+        return "module hooks are registered for every module (register_module_forward_hook...)"
+    return None
