@@ -390,3 +390,33 @@ def test_probabilities_without_a_softmax_call_warn():
 
     with pytest.warns(UserWarning, match="looks like probabilities"):
         salience.vanilla(Manual(), torch.rand(2, 3, 5, 4), 0)
+
+
+class _Normalized(nn.Module):
+    """Probabilities without a softmax call (``exp(z) / sum exp(z)``): no tap sees them made."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        e = self.inner(x).exp()
+        return e / e.sum(1, keepdim=True)
+
+
+def test_probabilities_made_without_a_softmax_call_run_one_pass_each(recwarn):
+    """Such a model is never taken for one known to end in no softmax: its passes without gradients keep the tap
+    (a fraction of a pass) rather than running twice to look for a softmax that appeared."""
+    from salience._core.autograd import forward_scores
+
+    model = _Normalized(linear_model())
+    passes = []
+    handle = model.register_forward_pre_hook(lambda m, args: passes.append(1))
+    try:
+        x = torch.rand(2, 3, 5, 4)
+        salience.vanilla(model, x, 1)  # warns: probabilities, no softmax seen
+        out = forward_scores(model, x)
+        passes.clear()
+        assert torch.equal(forward_scores(model, x), out) and len(passes) == 1
+    finally:
+        handle.remove()

@@ -781,14 +781,17 @@ def _probabilities_like(out: Tensor) -> bool:
 def _before_softmax(out: Any, tap: Optional["_SoftmaxTap"], run: Any, model: Optional[nn.Module] = None,
                     record: bool = True) -> tuple[Any, bool]:
     """``out``, or the scores a final softmax turned into ``out`` when the tap saw that call; whether it
-    did (told to the run, and with ``record`` kept for ``model``'s structure: :func:`final_softmax`). Without a
-    tap (a pass of a structure known to end in no softmax) the answer is no."""
+    did (told to the run, and with ``record`` kept for ``model``'s structure: :func:`final_softmax`, unless the
+    output reads as probabilities all the same). Without a tap (a pass of a structure known to end in no softmax)
+    the answer is no."""
     if tap is None and (model is None or final_softmax(model) is not False):
         return out, False  # not looked for
     stripped = tap is not None and tap.last is not None and out is tap.last[1]
     if run is not None:
         run.note_softmax(stripped)
-    if tap is not None and model is not None and record:
+    if tap is not None and model is not None and record and (stripped or not _probabilities_like(out)):
+        # an output of probabilities that no softmax call made is never "known: no softmax": a pass without
+        # gradients would run twice (_scores_pass) where the tap costs a fraction of one
         _note_final_softmax(model, stripped)
     if stripped:
         assert tap is not None and tap.last is not None
