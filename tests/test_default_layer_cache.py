@@ -191,3 +191,40 @@ def test_a_refusal_is_raised_again_without_a_pass():
         assert "gradcam" not in default_methods(net, x)  # the layer methods left out
     finally:
         passes.handle.remove()
+
+
+class _SwitchHere:
+    """A user's forward hook whose attribute lookup lets another thread run at that moment, which puts salience's
+    scoped hook (:func:`this_thread`, as a thread's search pass or Grad-CAM pass does) on the same module: the
+    switch the interpreter may make at any bytecode, made at a known one."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.handles = module, []
+
+    def __call__(self, *args: object) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("salience_") and not self.handles:
+            other = threading.Thread(target=lambda: self.handles.append(
+                self.module.register_forward_hook(this_thread(lambda m, i, o: None))))
+            other.start()
+            other.join()
+        raise AttributeError(name)
+
+
+@pytest.mark.xfail(strict=True, reason="perf._walk iterates each module's hook dicts lazily (a generator calling "
+                   "getattr per hook): another thread adding or removing a hook there meanwhile raises 'OrderedDict "
+                   "mutated during iteration' (12 of 20000 walks with 2 threads, switch interval 1 us); fix in "
+                   "perf.py: iterate a snapshot, tuple(hooks.items()) (atomic under the GIL), in _walk and own_hooks")
+def test_the_structure_is_read_while_another_thread_hooks_the_model():
+    """A thread's pass reads the model's structure (the final-softmax answer, the default layer: every vanilla and
+    CAM call) while another thread's search pass hooks and unhooks every module of the shared model."""
+    net = _net()
+    switch = _SwitchHere(net[4])
+    handles = [net[4].register_forward_hook(switch), net[4].register_forward_hook(lambda m, i, o: None)]
+    try:
+        perf.structure(net)  # raised RuntimeError: OrderedDict mutated during iteration
+    finally:
+        for h in handles + switch.handles:
+            h.remove()

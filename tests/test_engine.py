@@ -181,3 +181,36 @@ def test_a_later_call_reuses_the_memory_probe_with_the_same_chunks_and_bits(smal
         assert len(made) == 3
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "integrated_gradients"])
+def test_the_memory_probe_of_one_target_is_not_reused_for_many(method, monkeypatch):
+    """K targets walk K backward passes and keep K gradients per item: the bytes per item grow about K-fold. A call
+    of 20 targets after one of 1 (the same model, images and options) measures its own, so its chunks fit the
+    budget: it got the 1-target call's measure, 20x too small, and ran chunks of 14 where 6 fit in 64 MiB."""
+    from salience._core import perf
+
+    made: list = []
+    real = _engine.accumulate
+
+    def kept(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(_engine, "accumulate", kept)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                            torch.nn.Flatten(), torch.nn.Linear(4, 20)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    many = torch.arange(20).repeat(2, 1)
+    fn = getattr(salience, method)
+    opts = {"samples": 8} if method == "smoothgrad" else {"steps": 8}
+    perf.clear_cache()
+    fn(m, x, 1, max_memory=64 << 20, **opts)
+    fn(m, x, many, max_memory=64 << 20, **opts)
+    perf.clear_cache()
+    fn(m, x, many, max_memory=64 << 20, **opts)
+    one, after, fresh = made
+    assert fresh.per_item_bytes > 10 * one.per_item_bytes  # K-fold
+    assert after.per_item_bytes == fresh.per_item_bytes
+    assert max(after.chunks) * fresh.per_item_bytes <= 0.8 * (64 << 20)

@@ -95,13 +95,13 @@ def test_functional_softmax_is_stripped_too(kind):
 class Switchable(nn.Module):
     """Ends in a softmax or not by a plain attribute, which the model's structure does not see."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, final=torch.softmax):
         super().__init__()
-        self.inner, self.probabilities = inner, False
+        self.inner, self.probabilities, self.final = inner, False, final
 
     def forward(self, x):
         z = self.inner(x)
-        return torch.softmax(z, 1) if self.probabilities else z
+        return self.final(z, 1) if self.probabilities else z
 
 
 def test_a_final_softmax_is_looked_for_once_per_structure_and_found_when_it_appears(monkeypatch):
@@ -141,6 +141,54 @@ def test_a_final_softmax_is_looked_for_once_per_structure_and_found_when_it_appe
     m2.append(nn.Softmax(1))  # the structure changed: looked at again, and stripped
     assert torch.equal(salience.vanilla(m2, x, 1, reduce=None), plain) and len(taps) == before + 2
     assert torch.equal(salience.vanilla(appended, x, 1, reduce=None), plain)
+
+
+class _LogitsAndProbabilities(nn.Module):
+    """Returns ``{"logits": z, "probs": softmax(z)}``: the default rule reads the logits, ``select_output(model,
+    "probs")`` the softmax's output (a plain attribute, ``salience_info``: the model's structure stays the same)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        z = self.inner(x)
+        return {"logits": z, "probs": torch.softmax(z, 1)}
+
+
+def test_a_final_softmax_is_looked_for_again_for_another_output_pick():
+    """Whether the output is a final softmax's is kept per output pick too: after a call on the logits (no softmax),
+    ``select_output(model, "probs")`` gives the softmax's output, whose scores are taken before it, in the
+    gradient passes and in the passes without gradients (no gradient function there to tell)."""
+    from salience._core.autograd import forward_scores
+    from salience.loading import select_output
+
+    m = linear_model()
+    x = torch.rand(2, 3, 5, 4)
+    model = _LogitsAndProbabilities(m)
+    plain = salience.vanilla(m, x, 1, reduce=None)
+    assert torch.equal(salience.vanilla(model, x, 1, reduce=None), plain)  # the logits: no final softmax
+    select_output(model, "probs")
+    assert torch.equal(forward_scores(model, x), forward_scores(m, x))
+    assert torch.equal(salience.vanilla(model, x, 1, reduce=None), plain)
+
+
+@pytest.mark.parametrize("final", [torch.softmax, torch.log_softmax])
+def test_a_final_softmax_that_appears_is_stripped_in_passes_without_gradients(final):
+    """A model that ends in a softmax by a flag its forward reads (no change of structure), after a call that showed
+    none: a pass without gradients (forward_scores: the predicted class, Score-CAM, occlusion) has no gradient
+    function on its output to say so; its output, probabilities (or their logarithms), says it, and the pass runs
+    again with the tap."""
+    from salience._core.autograd import forward_scores
+
+    m = linear_model()
+    x = torch.rand(2, 3, 5, 4)
+    model = Switchable(m, final)
+    salience.vanilla(model, x, 1)  # no final softmax
+    model.probabilities = True
+    assert torch.equal(forward_scores(model, x), forward_scores(m, x))
+    ref = salience.occlusion(m, x, 1, window=2, stride=2)
+    assert torch.equal(salience.occlusion(model, x, 1, window=2, stride=2), ref)
 
 
 def test_softmax_in_the_middle_is_not_stripped():
@@ -342,3 +390,33 @@ def test_probabilities_without_a_softmax_call_warn():
 
     with pytest.warns(UserWarning, match="looks like probabilities"):
         salience.vanilla(Manual(), torch.rand(2, 3, 5, 4), 0)
+
+
+class _Normalized(nn.Module):
+    """Probabilities without a softmax call (``exp(z) / sum exp(z)``): no tap sees them made."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        e = self.inner(x).exp()
+        return e / e.sum(1, keepdim=True)
+
+
+def test_probabilities_made_without_a_softmax_call_run_one_pass_each(recwarn):
+    """Such a model is never taken for one known to end in no softmax: its passes without gradients keep the tap
+    (a fraction of a pass) rather than running twice to look for a softmax that appeared."""
+    from salience._core.autograd import forward_scores
+
+    model = _Normalized(linear_model())
+    passes = []
+    handle = model.register_forward_pre_hook(lambda m, args: passes.append(1))
+    try:
+        x = torch.rand(2, 3, 5, 4)
+        salience.vanilla(model, x, 1)  # warns: probabilities, no softmax seen
+        out = forward_scores(model, x)
+        passes.clear()
+        assert torch.equal(forward_scores(model, x), out) and len(passes) == 1
+    finally:
+        handle.remove()

@@ -744,28 +744,54 @@ def _scores_pass(model: nn.Module, xb: Tensor, run: Optional[_perf.Run], strip_s
         out, done = _perf.forward_call(model, xb, True, strip_softmax, lambda: None)
         if done:
             return unwrap_output(out, model)
-    # the tap until a pass of the model's structure showed whether it ends in a softmax (final_softmax)
+    # the tap until a pass of the model's structure showed whether it ends in a softmax (final_softmax); after one
+    # that showed none, an output of probabilities (or their logarithms) runs the pass again with the tap: without
+    # gradients there is no gradient function to say that a softmax appeared (a flag the forward reads)
     tap = _SoftmaxTap() if strip_softmax and final_softmax(model) is not False else None
+    out = _tapped_pass(model, xb, run, tap)
+    redone = strip_softmax and tap is None and _probabilities_like(out)
+    if redone:
+        tap = _SoftmaxTap()
+        out = _tapped_pass(model, xb, run, tap)
+    return _before_softmax(out, tap, run, model if strip_softmax else None)[0]
+
+
+def _tapped_pass(model: nn.Module, xb: Tensor, run: Optional[_perf.Run], tap: Optional["_SoftmaxTap"]) -> Tensor:
+    """One eager forward of :func:`_scores_pass` under the tap (when given) and the run's autocast: the output,
+    unwrapped."""
     with ExitStack() as stack:
         if tap is not None:
             stack.enter_context(tap)
         if run is not None:
             stack.enter_context(run.autocast())
-        out = unwrap_output(model(xb), model)
-    return _before_softmax(out, tap, run, model if strip_softmax else None)[0]
+        return unwrap_output(model(xb), model)
+
+
+def _probabilities_like(out: Tensor) -> bool:
+    """Whether ``out`` ``(n, classes)`` reads as a softmax's or a log-softmax's output (rows of non-negative values
+    summing to 1, or of non-positive values whose exponentials do)."""
+    if looks_like_probabilities(out):
+        return True
+    if out.dim() != 2 or out.shape[1] < 2 or not out.is_floating_point():
+        return False
+    o = out.detach().float()
+    return bool((o <= 0).all()) and bool(torch.allclose(o.logsumexp(1), torch.zeros_like(o[:, 0]), atol=1e-4))
 
 
 def _before_softmax(out: Any, tap: Optional["_SoftmaxTap"], run: Any, model: Optional[nn.Module] = None,
                     record: bool = True) -> tuple[Any, bool]:
     """``out``, or the scores a final softmax turned into ``out`` when the tap saw that call; whether it
-    did (told to the run, and with ``record`` kept for ``model``'s structure: :func:`final_softmax`). Without a
-    tap (a pass of a structure known to end in no softmax) the answer is no."""
+    did (told to the run, and with ``record`` kept for ``model``'s structure: :func:`final_softmax`, unless the
+    output reads as probabilities all the same). Without a tap (a pass of a structure known to end in no softmax)
+    the answer is no."""
     if tap is None and (model is None or final_softmax(model) is not False):
         return out, False  # not looked for
     stripped = tap is not None and tap.last is not None and out is tap.last[1]
     if run is not None:
         run.note_softmax(stripped)
-    if tap is not None and model is not None and record:
+    if tap is not None and model is not None and record and (stripped or not _probabilities_like(out)):
+        # an output of probabilities that no softmax call made is never "known: no softmax": a pass without
+        # gradients would run twice (_scores_pass) where the tap costs a fraction of one
         _note_final_softmax(model, stripped)
     if stripped:
         assert tap is not None and tap.last is not None
@@ -773,7 +799,7 @@ def _before_softmax(out: Any, tap: Optional["_SoftmaxTap"], run: Any, model: Opt
     return out, False
 
 
-# Whether a model ends in a softmax, per model (weakly) and structure (perf.clear_cache() empties it).
+# Whether a model ends in a softmax, per model (weakly), output pick and structure (perf.clear_cache() empties it).
 _FINAL_SOFTMAX = _perf.ModelCache(keep=64)
 _SOFTMAX_GRAD_FNS = frozenset({"SoftmaxBackward0", "LogSoftmaxBackward0"})
 
@@ -784,15 +810,23 @@ def final_softmax(model: nn.Module) -> Optional[bool]:
     under :class:`_SoftmaxTap`, a torch-function mode through which every torch call of the forward goes in
     Python (about 2 ms of resnet50's forward on this CPU, a tenth of a pass on a GPU, whose passes cost their
     kernels' launches): only until this is known, and always on a structure that ends in a softmax. A
-    module replaced, added or hooked since: asked again."""
-    return _FINAL_SOFTMAX.get(model, (), _perf.structure(model))
+    module replaced, added or hooked since, or another output picked (``select_output``, a plain attribute the
+    structure does not see): asked again."""
+    return _FINAL_SOFTMAX.get(model, _pick_key(model), _perf.structure(model))
 
 
 def _note_final_softmax(model: nn.Module, ends: bool) -> None:
     try:
-        _FINAL_SOFTMAX.put(model, (), _perf.structure(model), ends)
+        _FINAL_SOFTMAX.put(model, _pick_key(model), _perf.structure(model), ends)
     except TypeError:  # a model that takes no weak reference: asked at every pass
         pass
+
+
+def _pick_key(model: nn.Module) -> tuple:
+    """What the final-softmax answer depends on besides the structure: the model's output pick
+    (:func:`unwrap_output`), a key or an index as it is, a function by its identity."""
+    pick = model_info(model).output
+    return (type(pick).__name__, pick if pick is None or isinstance(pick, (str, int)) else id(pick))
 
 
 def _softmax_output(out: Any, model: nn.Module) -> bool:

@@ -294,7 +294,7 @@ def integrated_gradients(
             sums = _engine.accumulate(
                 compute, len(rest) * b, b, weights=[ends.weights[a] for a in rest], chunk=chunk,
                 max_memory=budget, progress=progress, desc="integrated gradients", device=x.device,
-                run=_perf.Run(model, x, perf, tag=f"ig:{strip_softmax}"),
+                run=_perf.Run(model, x, perf, tag=f"ig:{strip_softmax}:{len(targets)}"),  # K targets: K gradients per item
             )
             # The targets' scores at the end points of the path, where the path has them.
             assert sums.scores is not None

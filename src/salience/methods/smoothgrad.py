@@ -129,7 +129,10 @@ def smoothgrad(
                 maps = torch.stack(outs, dim=1) if multi else outs[0]
             return _finish(maps, mod, red, multi, resolved) if reduce_each else maps
 
-        tag = f"smoothgrad:{getattr(method, '__name__', type(method).__name__)}:{sorted(raw_options.items())!r}"
+        # what a chunk keeps per item besides the method's pass: K maps, reduced per chunk or not (the memory probe's
+        # bytes per item are reused by a later call of the same tag: K-fold too small for K targets after one)
+        kept = f"{len(targets)}:{reduce if reduce_each and isinstance(reduce, str) else reduce_each}"
+        tag = f"smoothgrad:{getattr(method, '__name__', type(method).__name__)}:{kept}:{sorted(raw_options.items())!r}"
         sums = _engine.accumulate(
             compute, samples * x.shape[0], x.shape[0], squares=variant != "mean", chunk=chunk,
             max_memory=budget, progress=progress, desc="smoothgrad", device=x.device,
