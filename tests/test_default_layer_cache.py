@@ -213,10 +213,6 @@ class _SwitchHere:
         raise AttributeError(name)
 
 
-@pytest.mark.xfail(strict=True, reason="perf._walk iterates each module's hook dicts lazily (a generator calling "
-                   "getattr per hook): another thread adding or removing a hook there meanwhile raises 'OrderedDict "
-                   "mutated during iteration' (12 of 20000 walks with 2 threads, switch interval 1 us); fix in "
-                   "perf.py: iterate a snapshot, tuple(hooks.items()) (atomic under the GIL), in _walk and own_hooks")
 def test_the_structure_is_read_while_another_thread_hooks_the_model():
     """A thread's pass reads the model's structure (the final-softmax answer, the default layer: every vanilla and
     CAM call) while another thread's search pass hooks and unhooks every module of the shared model."""

@@ -62,7 +62,9 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
         add((id(m), type(m), tuple(d["_modules"].keys()), None if f is None else id(f)))
         if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks") or \
                 d.get("_backward_pre_hooks"):
-            own = tuple(tuple(k for k, h in (d.get(name) or {}).items()
+            # each hook dict copied at once (in C, under the GIL) before getattr runs Python per hook: another
+            # thread adding or removing its hook meanwhile raised "OrderedDict mutated during iteration"
+            own = tuple(tuple(k for k, h in tuple((d.get(name) or {}).items())
                               if not getattr(h, "salience_observer", False) and getattr(h, "salience_thread", me) == me)
                         for name in _HOOK_DICTS)
             if any(own):  # observers alone leave the fingerprint as without them
@@ -94,7 +96,7 @@ def own_hooks(model: nn.Module) -> Optional[str]:
     from torch.nn.modules import module as _module
 
     def users(hooks: Any) -> bool:
-        return any(not getattr(h, "salience_observer", False) for h in (hooks or {}).values())
+        return any(not getattr(h, "salience_observer", False) for h in tuple((hooks or {}).values()))
 
     if any(users(m._forward_hooks) or users(m._forward_pre_hooks) or users(m._backward_hooks) or
            users(getattr(m, "_backward_pre_hooks", None)) for m in model.modules()):
