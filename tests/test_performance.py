@@ -3,6 +3,7 @@ within a stated tolerance, the chunk and layout probes choose by measured time, 
 back to eager with a warning, and the model comes back as it was."""
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -1176,6 +1177,31 @@ def test_folded_copy_is_the_closed_form_and_the_model_stays():
     with torch.no_grad():  # salience runs the model in eval mode (its guard), so the copy folds those statistics
         torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
     assert _perf.folded_model(model)[0] is folded  # cached while the model does not change
+
+
+def test_the_folded_copy_carries_no_hook_of_another_threads_pass():
+    """The copy is made from a deep copy of the model: a hook another thread's pass holds on the model at that
+    moment (salience's, scoped to that thread; own_hooks() saw none a moment before) came along and fired in
+    this thread's passes of the copy. The copy's modules have no hooks."""
+    from salience._core import folding
+    from salience._core.autograd import this_thread
+
+    model = _with_statistics(ThreeConv())
+    fired = []
+    box = []
+    other = threading.Thread(target=lambda: box.append(
+        model.body[0].register_forward_hook(this_thread(lambda m, i, o: fired.append(1)))))
+    other.start()
+    other.join()
+    try:
+        made = folding._fold(model)
+    finally:
+        box[0].remove()
+    assert not isinstance(made, str), made
+    assert not any(m._forward_hooks for m in made.modules())
+    with torch.no_grad():
+        made(torch.rand(1, 3, 8, 8))
+    assert fired == []
 
 
 def test_fold_batchnorm_gives_the_maps_and_runs_folded():

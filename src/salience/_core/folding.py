@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from salience._core.fingerprint import _fold_key, _lock, own_hooks
+from salience._core.fingerprint import _HOOK_DICTS, _fold_key, _lock, own_hooks
 
 __all__ = ["folded_model"]
 
@@ -35,6 +35,14 @@ def _fold(model: nn.Module) -> Any:
 
     try:
         clone = copy.deepcopy(model).eval().requires_grad_(False)
+        # no hook in the copy: own_hooks() found none on the model, but another thread's pass may have hooked it
+        # since (salience's hooks for that thread), and a copied hook would fire in this thread's passes of the copy
+        for m in clone.modules():
+            for name in (*_HOOK_DICTS, "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                         "_forward_pre_hooks_with_kwargs"):
+                hooks = m.__dict__.get(name)
+                if hooks:
+                    hooks.clear()
         folded = fuse(clone, inplace=True)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
         return f"torch.fx cannot trace it ({_described(e, 200)})"
