@@ -464,19 +464,19 @@ def test_ctrl_c_while_the_guard_records_the_model(small_cnn, monkeypatch):
 
     _train_mode_with_grads(small_cnn)
     before = model_snapshot(small_cnn)
-    real, calls = guard.ModelState.capture, []
+    real, calls = guard._capture, []
 
-    def interrupted(modules, params):
+    def interrupted(*args):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(modules, params)
+        return real(*args)
 
-    monkeypatch.setattr(guard.ModelState, "capture", staticmethod(interrupted))
+    monkeypatch.setattr(guard, "_capture", interrupted)
     with pytest.raises(KeyboardInterrupt):
         with model_guard(small_cnn):
             pass  # pragma: no cover - not reached
-    monkeypatch.setattr(guard.ModelState, "capture", real)
+    monkeypatch.setattr(guard, "_capture", real)
     from conftest import assert_same_snapshot
 
     assert_same_snapshot(before, model_snapshot(small_cnn))
