@@ -886,3 +886,21 @@ def test_the_one_image_batchnorm_check_leaves_another_threads_batch_alone(small_
     [t.join(30) for t in threads]
     assert not errors, errors
     torch.testing.assert_close(seen["out"], plain)
+
+
+def test_the_guard_walk_lists_the_modules_and_parameters_as_torch_does(small_cnn):
+    """The guard lists a model's modules and parameters in one walk of ``_modules`` / ``_parameters``:
+    the same objects in the same order as ``modules()`` and ``parameters()``, with a module shared twice,
+    a tied weight, a ``None`` submodule and parameter, and a TorchScript model."""
+    from salience._core.guard import _walk
+
+    shared = nn.Linear(2, 2)
+    tied = nn.Linear(2, 2)
+    tied.weight = shared.weight
+    model = nn.Sequential(small_cnn, nn.Sequential(shared, nn.ReLU()), shared, tied, nn.Linear(2, 2, bias=False))
+    model.register_module("gone", None)
+    cases = [model, torch.jit.script(small_cnn.eval())]
+    for m in cases:
+        modules, params = _walk(m)
+        assert [id(u) for u in modules] == [id(u) for u in m.modules()]
+        assert [id(p) for p in params] == [id(p) for p in m.parameters()]

@@ -179,9 +179,10 @@ def _walk(model: nn.Module) -> tuple[list, list]:
     unless a class changes how modules or parameters are listed."""
     if not isinstance(model, nn.Module):
         raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
-    root = type(model)
+    root, attrs = type(model), model.__dict__
     if root.modules is not _M.modules or root.parameters is not _M.parameters or \
-            root.named_parameters is not _M.named_parameters or root._named_members is not _M._named_members:
+            root.named_parameters is not _M.named_parameters or root._named_members is not _M._named_members or \
+            "modules" in attrs or "parameters" in attrs:
         return list(model.modules()), list(model.parameters())
     modules: list = []
     params: list = []
@@ -192,7 +193,7 @@ def _walk(model: nn.Module) -> tuple[list, list]:
         m = stack.pop()
         if m in seen:
             continue
-        if type(m).named_modules is not _M.named_modules:
+        if type(m).named_modules is not _M.named_modules or "named_modules" in m.__dict__:
             return list(model.modules()), list(model.parameters())
         seen.add(m)
         modules.append(m)
