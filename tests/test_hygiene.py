@@ -208,6 +208,49 @@ def test_nested_guard_restores_once_at_the_end(small_cnn):
     assert small_cnn.training
 
 
+def test_a_nested_guard_holds_what_the_model_gained_inside_the_outer_one(small_cnn):
+    """A nested guard of the same thread only counts itself when the outer one holds the same modules and
+    parameters; a module added and a parameter replaced since are its own: put in eval mode / frozen
+    for its block, given back when it leaves, while the outer guard's objects stay held."""
+    small_cnn.train()
+    with model_guard(small_cnn):
+        small_cnn.extra = nn.Dropout()
+        small_cnn.head.bias = nn.Parameter(torch.zeros(4))
+        with model_guard(small_cnn):
+            assert not small_cnn.extra.training and not small_cnn.head.bias.requires_grad
+        assert small_cnn.extra.training and small_cnn.head.bias.requires_grad
+        assert not small_cnn.training and not small_cnn.head.weight.requires_grad
+    assert small_cnn.training and small_cnn.head.weight.requires_grad
+
+
+def test_nested_guards_left_out_of_order_hold_until_the_last_leaves(small_cnn):
+    """Guards closed in another order than opened (an ExitStack, a generator): the model stays held
+    while any is open and comes back when the last one leaves."""
+    small_cnn.train()
+    outer, inner = model_guard(small_cnn), model_guard(small_cnn)
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)
+    assert not small_cnn.training and not small_cnn.head.weight.requires_grad
+    inner.__exit__(None, None, None)
+    assert small_cnn.training and small_cnn.head.weight.requires_grad
+
+
+def test_a_train_override_of_the_model_is_called_even_in_eval_mode():
+    """The guard puts the model in eval mode with its own ``train()``: a class that overrides it (here
+    keeping its Dropout on, Monte-Carlo dropout) is called, also when every flag is off already."""
+    class KeepsDropout(nn.Sequential):
+        def train(self, mode=True):
+            super().train(mode)
+            self[1].train(True)
+            return self
+
+    model = KeepsDropout(nn.Linear(3, 3), nn.Dropout()).eval()
+    model[1].training = False
+    with unchanged(model), model_guard(model):
+        assert model[1].training and not model[0].training
+
+
 def test_non_module_model_is_rejected():
     with pytest.raises(SalienceError, match="torch.nn.Module"):
         salience.vanilla(lambda x: x, torch.rand(1, 3, 2, 2), 0)
@@ -464,19 +507,19 @@ def test_ctrl_c_while_the_guard_records_the_model(small_cnn, monkeypatch):
 
     _train_mode_with_grads(small_cnn)
     before = model_snapshot(small_cnn)
-    real, calls = guard.ModelState.capture, []
+    real, calls = guard._capture, []
 
-    def interrupted(modules, params):
+    def interrupted(*args):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(modules, params)
+        return real(*args)
 
-    monkeypatch.setattr(guard.ModelState, "capture", staticmethod(interrupted))
+    monkeypatch.setattr(guard, "_capture", interrupted)
     with pytest.raises(KeyboardInterrupt):
         with model_guard(small_cnn):
             pass  # pragma: no cover - not reached
-    monkeypatch.setattr(guard.ModelState, "capture", real)
+    monkeypatch.setattr(guard, "_capture", real)
     from conftest import assert_same_snapshot
 
     assert_same_snapshot(before, model_snapshot(small_cnn))
@@ -843,3 +886,21 @@ def test_the_one_image_batchnorm_check_leaves_another_threads_batch_alone(small_
     [t.join(30) for t in threads]
     assert not errors, errors
     torch.testing.assert_close(seen["out"], plain)
+
+
+def test_the_guard_walk_lists_the_modules_and_parameters_as_torch_does(small_cnn):
+    """The guard lists a model's modules and parameters in one walk of ``_modules`` / ``_parameters``:
+    the same objects in the same order as ``modules()`` and ``parameters()``, with a module shared twice,
+    a tied weight, a ``None`` submodule and parameter, and a TorchScript model."""
+    from salience._core.guard import _walk
+
+    shared = nn.Linear(2, 2)
+    tied = nn.Linear(2, 2)
+    tied.weight = shared.weight
+    model = nn.Sequential(small_cnn, nn.Sequential(shared, nn.ReLU()), shared, tied, nn.Linear(2, 2, bias=False))
+    model.register_module("gone", None)
+    cases = [model, torch.jit.script(small_cnn.eval())]
+    for m in cases:
+        modules, params = _walk(m)
+        assert [id(u) for u in modules] == [id(u) for u in m.modules()]
+        assert [id(p) for p in params] == [id(p) for p in m.parameters()]

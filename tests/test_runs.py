@@ -2015,9 +2015,9 @@ def _guard_entries(monkeypatch):
     entries = []
     real = guard._eval
 
-    def counting(model):
+    def counting(model, *rest):
         entries.append(model)
-        return real(model)
+        return real(model, *rest)
 
     monkeypatch.setattr(guard, "_eval", counting)
     return entries
