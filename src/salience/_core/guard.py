@@ -133,7 +133,11 @@ class ParamState:
             param.requires_grad_(self.requires_grad)
         if param.grad is not self.grad:
             param.grad = self.grad
-        if not param.is_set_to(data):  # the same storage, offset, sizes and strides (half the time of comparing them)
+        try:
+            same = param.is_set_to(data)  # the same storage, offset, sizes and strides (half the time of comparing them)
+        except (NotImplementedError, RuntimeError):  # no kernel for meta and sparse tensors: put the data back
+            same = False
+        if not same:
             param.data = data
         _restore_attributes(param, self.attrs)
 
@@ -428,9 +432,9 @@ def run_guard(model: nn.Module) -> Iterator[nn.Module]:
         return
     objects = box[0][1]
     counted: list = []
-    wrapper = _compiled_wrapper_class()
     with _lock:
-        try:  # also a Ctrl-C part way: the run counts raised are lowered, the holds released
+        try:  # also a Ctrl-C part way (the first call after _enter too): the run counts raised are lowered, the holds released
+            wrapper = _compiled_wrapper_class()
             for o in objects:
                 entry = _held[id(o)]
                 if entry[_BASELINE] is None:
