@@ -954,3 +954,40 @@ def test_a_meta_model_comes_back_from_the_guard():
         model[0].weight.data = model[0].weight.data.t()  # another layout, as a channels-last run makes
     assert all(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
     assert model[0].weight.stride() == (3, 1)
+
+
+def test_ctrl_c_while_the_guard_puts_the_model_back(small_cnn, monkeypatch):
+    """Ctrl-C at the n-th call of the tensor-attribute restore (for every n) while a guard, or a run
+    guard's call, puts the model back: every other object is still put back, the model comes back whole.
+    Before, the objects after the interrupted one stayed in eval mode, frozen, and no guard held them."""
+    from salience._core import guard
+
+    from conftest import assert_same_snapshot
+
+    real = guard._restore_attributes
+    _train_mode_with_grads(small_cnn)
+    before, grad = model_snapshot(small_cnn), small_cnn.head.weight.grad
+    for n in range(1, 40):
+        calls = []
+
+        def interrupted(*args):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*args)
+
+        monkeypatch.setattr(guard, "_restore_attributes", interrupted)
+        try:
+            with guard.run_guard(small_cnn):
+                with model_guard(small_cnn):
+                    small_cnn.features[1].running_mean.add_(1)
+                    small_cnn.head.weight.grad = torch.ones_like(small_cnn.head.weight)
+                assert small_cnn.head.weight.grad is grad and not small_cnn.training
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        monkeypatch.setattr(guard, "_restore_attributes", real)
+        assert_same_snapshot(before, model_snapshot(small_cnn))
+        assert not guard._held and not guard._threads and not guard._guarding, n
+        if finished:
+            break

@@ -260,10 +260,27 @@ def _release(objects: list, run: bool = False) -> None:
                 last[type(state) is ParamState].append(state)
         elif entry[_HOLDERS] == entry[_RUNS] and entry[_BASELINE] is not None:
             back[type(entry[_BASELINE]) is ParamState].append(entry[_BASELINE])
-    for state in last[0] + last[1]:  # modules first (compiled forwards, modes, buffers), then parameters
-        state.restore()
-    for state in back[0] + back[1]:
-        state.put_back()
+    # modules first (compiled forwards, modes, buffers), then parameters; each put back even if one raises
+    _each([s.restore for s in last[0] + last[1]] + [s.put_back for s in back[0] + back[1]])
+
+
+def _each(calls: list) -> None:
+    """Run each of ``calls`` (states' restores, which may be run twice): one that raises (a Ctrl-C part way
+    through a big buffer's copy, a buffer the block resized) is run once more and the others still run, then
+    the first error is raised. Before, the objects after it were left in eval mode, frozen, for good (no
+    guard held them any more)."""
+    error = None
+    for call in calls:
+        try:
+            call()
+        except BaseException as e:
+            error = error or e
+            try:
+                call()
+            except BaseException:
+                pass
+    if error is not None:
+        raise error
 
 
 @contextmanager
