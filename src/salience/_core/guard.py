@@ -135,7 +135,7 @@ class ParamState:
             param.grad = self.grad
         try:
             same = param.is_set_to(data)  # the same storage, offset, sizes and strides (half the time of comparing them)
-        except (NotImplementedError, RuntimeError):  # no kernel for meta and sparse tensors: put the data back
+        except Exception:  # no kernel for meta and sparse tensors (nor some tensor subclasses): put the data back
             same = False
         if not same:
             param.data = data
