@@ -261,26 +261,28 @@ def _release(objects: list, run: bool = False) -> None:
         elif entry[_HOLDERS] == entry[_RUNS] and entry[_BASELINE] is not None:
             back[type(entry[_BASELINE]) is ParamState].append(entry[_BASELINE])
     # modules first (compiled forwards, modes, buffers), then parameters; each put back even if one raises
-    _each([s.restore for s in last[0] + last[1]] + [s.put_back for s in back[0] + back[1]])
+    error = _each(last[0] + last[1], False)
+    error = _each(back[0] + back[1], True) or error
+    if error is not None:
+        raise error
 
 
-def _each(calls: list) -> None:
-    """Run each of ``calls`` (states' restores, which may be run twice): one that raises (a Ctrl-C part way
-    through a big buffer's copy, a buffer the block resized) is run once more and the others still run, then
-    the first error is raised. Before, the objects after it were left in eval mode, frozen, for good (no
-    guard held them any more)."""
+def _each(states: list, put_back: bool) -> Optional[BaseException]:
+    """Each of ``states`` restored (or put back), all of them even if one raises (a Ctrl-C part way through
+    a big buffer's copy, a buffer the block resized): the one that raised is run once more (a restore may
+    run twice) and the others still run; returns the first error. Before, the objects after it stayed in
+    eval mode, frozen, for good (no guard held them any more)."""
     error = None
-    for call in calls:
+    for state in states:
         try:
-            call()
+            state.put_back() if put_back else state.restore()
         except BaseException as e:
             error = error or e
             try:
-                call()
+                state.put_back() if put_back else state.restore()
             except BaseException:
                 pass
-    if error is not None:
-        raise error
+    return error
 
 
 @contextmanager
