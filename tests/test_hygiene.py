@@ -904,3 +904,90 @@ def test_the_guard_walk_lists_the_modules_and_parameters_as_torch_does(small_cnn
         modules, params = _walk(m)
         assert [id(u) for u in modules] == [id(u) for u in m.modules()]
         assert [id(p) for p in params] == [id(p) for p in m.parameters()]
+
+
+@pytest.mark.parametrize("name", ["_walk", "_enter", "_hold", "_capture", "_eval", "_refuse_mixed_batches",
+                                  "_refuse_inference_tensors", "_compiled_wrapper_class", "_enter_thread", "autocast_off"])
+def test_ctrl_c_at_each_call_while_guards_enter(small_cnn, monkeypatch, name):
+    """Ctrl-C at the n-th call of each function the guards call on entering (for every n), in a run guard
+    with nested calls: the model comes back as it was and nothing stays held. Before, a Ctrl-C at the
+    call between run_guard's hold and its try (the compile-wrapper look-up) left the model held in eval mode."""
+    from salience._core import guard
+
+    from conftest import assert_same_snapshot
+
+    real = getattr(guard, name)
+    _train_mode_with_grads(small_cnn)
+    before = model_snapshot(small_cnn)
+    for n in range(1, 50):
+        calls = []
+
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(guard, name, interrupted)
+        try:
+            with guard.run_guard(small_cnn), model_guard(small_cnn), model_guard(small_cnn):
+                pass
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        monkeypatch.setattr(guard, name, real)
+        assert_same_snapshot(before, model_snapshot(small_cnn))
+        assert not guard._held and not guard._threads and not guard._guarding, (name, n)
+        if finished:
+            break
+
+
+def test_a_meta_model_comes_back_from_the_guard():
+    """A model on the meta device (built under ``torch.device("meta")`` before its weights are loaded):
+    ``Tensor.is_set_to`` has no meta kernel, and the guard's exit raised torch's NotImplementedError part
+    way, leaving parameters frozen. Its flags and its parameters' layout come back."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    model.train()
+    with model_guard(model):
+        assert not model[0].training and not model[1].bias.requires_grad
+        model[0].weight.data = model[0].weight.data.t()  # another layout, as a channels-last run makes
+    assert all(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
+    assert model[0].weight.stride() == (3, 1)
+
+
+def test_ctrl_c_while_the_guard_puts_the_model_back(small_cnn, monkeypatch):
+    """Ctrl-C at the n-th call of the tensor-attribute restore (for every n) while a guard, or a run
+    guard's call, puts the model back: every other object is still put back, the model comes back whole.
+    Before, the objects after the interrupted one stayed in eval mode, frozen, and no guard held them."""
+    from salience._core import guard
+
+    from conftest import assert_same_snapshot
+
+    real = guard._restore_attributes
+    _train_mode_with_grads(small_cnn)
+    before, grad = model_snapshot(small_cnn), small_cnn.head.weight.grad
+    for n in range(1, 40):
+        calls = []
+
+        def interrupted(*args):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*args)
+
+        monkeypatch.setattr(guard, "_restore_attributes", interrupted)
+        try:
+            with guard.run_guard(small_cnn):
+                with model_guard(small_cnn):
+                    small_cnn.features[1].running_mean.add_(1)
+                    small_cnn.head.weight.grad = torch.ones_like(small_cnn.head.weight)
+                assert small_cnn.head.weight.grad is grad and not small_cnn.training
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        monkeypatch.setattr(guard, "_restore_attributes", real)
+        assert_same_snapshot(before, model_snapshot(small_cnn))
+        assert not guard._held and not guard._threads and not guard._guarding, n
+        if finished:
+            break

@@ -133,7 +133,11 @@ class ParamState:
             param.requires_grad_(self.requires_grad)
         if param.grad is not self.grad:
             param.grad = self.grad
-        if not param.is_set_to(data):  # the same storage, offset, sizes and strides (half the time of comparing them)
+        try:
+            same = param.is_set_to(data)  # the same storage, offset, sizes and strides (half the time of comparing them)
+        except Exception:  # no kernel for meta and sparse tensors (nor some tensor subclasses): put the data back
+            same = False
+        if not same:
             param.data = data
         _restore_attributes(param, self.attrs)
 
@@ -256,10 +260,29 @@ def _release(objects: list, run: bool = False) -> None:
                 last[type(state) is ParamState].append(state)
         elif entry[_HOLDERS] == entry[_RUNS] and entry[_BASELINE] is not None:
             back[type(entry[_BASELINE]) is ParamState].append(entry[_BASELINE])
-    for state in last[0] + last[1]:  # modules first (compiled forwards, modes, buffers), then parameters
-        state.restore()
-    for state in back[0] + back[1]:
-        state.put_back()
+    # modules first (compiled forwards, modes, buffers), then parameters; each put back even if one raises
+    error = _each(last[0] + last[1], False)
+    error = _each(back[0] + back[1], True) or error
+    if error is not None:
+        raise error
+
+
+def _each(states: list, put_back: bool) -> Optional[BaseException]:
+    """Each of ``states`` restored (or put back), all of them even if one raises (a Ctrl-C part way through
+    a big buffer's copy, a buffer the block resized): the one that raised is run once more (a restore may
+    run twice) and the others still run; returns the first error. Before, the objects after it stayed in
+    eval mode, frozen, for good (no guard held them any more)."""
+    error = None
+    for state in states:
+        try:
+            state.put_back() if put_back else state.restore()
+        except BaseException as e:
+            error = error or e
+            try:
+                state.put_back() if put_back else state.restore()
+            except BaseException:
+                pass
+    return error
 
 
 @contextmanager
@@ -428,9 +451,9 @@ def run_guard(model: nn.Module) -> Iterator[nn.Module]:
         return
     objects = box[0][1]
     counted: list = []
-    wrapper = _compiled_wrapper_class()
     with _lock:
-        try:  # also a Ctrl-C part way: the run counts raised are lowered, the holds released
+        try:  # also a Ctrl-C part way (the first call after _enter too): the run counts raised are lowered, the holds released
+            wrapper = _compiled_wrapper_class()
             for o in objects:
                 entry = _held[id(o)]
                 if entry[_BASELINE] is None:
