@@ -144,17 +144,22 @@ class SmallCNN(nn.Module):
         return self.head(self.drop(h.mean((2, 3))))
 
 
-@pytest.fixture
-def small_cnn() -> SmallCNN:
+def seeded_small_cnn() -> SmallCNN:
+    """:class:`SmallCNN` with seed 0 and non-trivial BatchNorm statistics, so a forward in train mode would
+    change them visibly (in train mode, as made)."""
     torch.manual_seed(0)
     m = SmallCNN()
-    # Non-trivial BatchNorm statistics, so a forward in train mode would change them visibly.
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, nn.BatchNorm2d):
                 mod.running_mean.uniform_(-0.5, 0.5)
                 mod.running_var.uniform_(0.5, 2.0)
     return m
+
+
+@pytest.fixture
+def small_cnn() -> SmallCNN:
+    return seeded_small_cnn()
 
 
 class RandomImages(torch.utils.data.Dataset):

@@ -22,7 +22,7 @@ from torch import nn
 import salience
 from salience.methods import ATTENTION_METHODS, METHODS
 
-from conftest import SmallCNN, unchanged
+from conftest import SmallCNN, seeded_small_cnn, unchanged
 from tiny_vit import TinyViT
 
 DEVICE = os.environ.get("SALIENCE_TEST_DEVICE", "cuda")
@@ -57,14 +57,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _cnn() -> SmallCNN:
-    torch.manual_seed(0)
-    m = SmallCNN().eval()
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-    return m
+    return seeded_small_cnn().eval()
 
 
 def _model_and_image(name: str) -> tuple[nn.Module, torch.Tensor]:
