@@ -8,6 +8,7 @@ The points of all images are run together in chunks by :mod:`salience._core.engi
 from __future__ import annotations
 
 import contextvars
+import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from salience import reduce as _reduce
+from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import backward, check_input
@@ -202,6 +204,8 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
             return gaussian_blur(x.detach(), float(sigma))
         raise SalienceError(f"unknown baseline {baseline!r}; expected None/'black' (zeros), 'blur', a number or a tensor")
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        if not math.isfinite(float(baseline)):  # the path points are not checked one by one (they derive from these)
+            raise SalienceError(f"the baseline is {baseline!r}; give a finite number")
         return torch.full_like(x, float(baseline))
     if not isinstance(baseline, Tensor):
         raise SalienceError(f"baseline must be None, 'blur', a number or a tensor, got {type(baseline).__name__}")
@@ -285,6 +289,7 @@ def integrated_gradients(
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
             xs, owner = path(start, stop)
+            xs = _derived.derived(xs, "Integrated Gradients' path points")  # from the checked x and baseline
             items = [t.for_items(owner) for t in targets]
             grads, scores, _ = _engine.input_gradients(model, xs, items, strip_softmax=strip_softmax)
             return grads.transpose(0, 1), scores.t()  # (n, K, C, H, W), (n, K)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from salience import reduce as _reduce
+from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import check_input
@@ -117,6 +118,7 @@ def smoothgrad(
         @gaps.watch
         def compute(start: int, stop: int) -> Tensor:
             xs, owner = copies(start, stop)
+            xs = _derived.derived(xs, "SmoothGrad's noisy copies")  # from the checked x: not checked in each pass
             if free:  # its one map; the targets checked against the output of its pass on the copies
                 checked = [t.for_items(owner) for t in checked_on_output(resolved)]
                 m = free_maps(lambda: _call(method, model, xs, None, raw_options), model, xs, checked)
