@@ -337,10 +337,14 @@ def _run_planned(compute: Callable, sums: "_Adder", run: _perf.Run, start: int, 
     while start < total:
         size, cl, compiled = run.plan(total - start, n_images, cap, fixed, per_item)
         stop = start + size
+        # timed only while the run measures (its clock waits for the device: on a GPU two synchronizations a
+        # chunk); a run that decided (a warm call) records no time (perf.Run.measured drops it)
+        timed = getattr(run, "_probing", True)
         with run.chunk(cl, compiled):
-            t0 = run.clock()
+            t0 = run.clock() if timed else 0.0
             sums.add(start, compute(start, stop))
-            run.measured(size, cl, run.clock() - t0)
+            if timed:
+                run.measured(size, cl, run.clock() - t0)
         sums.sizes.append(size)
         bar.update(size)
         start = stop
