@@ -131,3 +131,19 @@ class _Switchable(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.inner(x)
         return z.softmax(1) if self.probabilities else z
+
+
+def test_a_warm_call_does_not_time_its_chunks(small_cnn, monkeypatch):
+    """The run's clock waits for the device (``torch.cuda.synchronize``): a call whose run decided its chunks and
+    layout (a warm call) reads it in no chunk (it read it twice a chunk, and dropped the time)."""
+    from salience._core import perf as _perf
+
+    x = torch.rand(2, 3, 8, 8)
+    reads = []
+    clock = _perf.Run.clock
+    monkeypatch.setattr(_perf.Run, "clock", lambda self: reads.append(1) or clock(self))
+    for chunk in (2, 8):
+        salience.smoothgrad(small_cnn, x, 1, samples=8, chunk=chunk)
+        reads.clear()
+        salience.smoothgrad(small_cnn, x, 1, samples=8, chunk=chunk)
+        assert not reads, (chunk, len(reads))
