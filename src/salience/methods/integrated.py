@@ -289,7 +289,6 @@ def integrated_gradients(
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
             xs, owner = path(start, stop)
-            xs = _derived.derived(xs, "Integrated Gradients' path points")  # from the checked x and baseline
             items = [t.for_items(owner) for t in targets]
             grads, scores, _ = _engine.input_gradients(model, xs, items, strip_softmax=strip_softmax)
             return grads.transpose(0, 1), scores.t()  # (n, K, C, H, W), (n, K)
@@ -390,7 +389,9 @@ class PathPoints:
         parts = [self.point(rep, max(start, rep * b) - rep * b, min(stop, (rep + 1) * b) - rep * b)
                  for rep in range(start // b, (stop - 1) // b + 1)]
         owner = torch.arange(start, stop, device=self.x.device) % b
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)), owner
+        # made from the method's checked x and baseline: not tested again in each pass (at the end of the call)
+        xs = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return _derived.derived(xs, "Integrated Gradients' path points"), owner
 
 
 @several_targets

@@ -118,7 +118,6 @@ def smoothgrad(
         @gaps.watch
         def compute(start: int, stop: int) -> Tensor:
             xs, owner = copies(start, stop)
-            xs = _derived.derived(xs, "SmoothGrad's noisy copies")  # from the checked x: not checked in each pass
             if free:  # its one map; the targets checked against the output of its pass on the copies
                 checked = [t.for_items(owner) for t in checked_on_output(resolved)]
                 m = free_maps(lambda: _call(method, model, xs, None, raw_options), model, xs, checked)
@@ -292,7 +291,8 @@ class NoisyCopies:
                 part = part + self.sigma[lo:hi] * self._noise(rep, lo, hi)
             parts.append(part)
         owner = torch.arange(start, stop, device=self.x.device) % b
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)), owner
+        # made from the method's checked x: not tested again in each pass (their finiteness at the end of the call)
+        return _derived.derived(parts[0] if len(parts) == 1 else torch.cat(parts), "SmoothGrad's noisy copies"), owner
 
 
 def _finish(maps: Tensor, mod: Optional[GradModifier], red: Optional[Reduction], multi: bool,
