@@ -58,6 +58,8 @@ CALLS = {
     "integrated_gradients": lambda m, x, c: salience.integrated_gradients(m, x, torch.tensor([0, 2]), steps=8,
                                                                           chunk=c),
     "integrated_gradients predicted": lambda m, x, c: salience.integrated_gradients(m, x, None, steps=8, chunk=c),
+    "smoothgrad of integrated_gradients": lambda m, x, c: salience.smoothgrad(
+        m, x, 1, samples=8, chunk=c, method=salience.integrated_gradients, steps=2),
     "rise": lambda m, x, c: salience.rise(m, x, torch.tensor([0, 2]), masks=8, cell=2, chunk=c),
     "occlusion": lambda m, x, c: salience.occlusion(m, x, 1, window=4, stride=4, chunk=c),
     "scorecam": lambda m, x, c: salience.scorecam(m, x, 1, layer="features.3", chunk=c),

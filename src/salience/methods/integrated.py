@@ -142,12 +142,20 @@ class GapReport:
 _gap_sink: contextvars.ContextVar[Optional[list[GapReport]]] = contextvars.ContextVar("salience_ig_gaps", default=None)
 
 
+class RawGaps(list):
+    """A :func:`collect_gaps` list that takes, from each call of :func:`integrated_gradients`, its images' worst
+    relative gaps ``(B,)`` as a tensor, unread (a report reads them: a synchronization per call), with its steps
+    and rule: ``(worst, steps, rule)``; every call's, above :data:`GAP_WARNING` or not. SmoothGrad of IG reads
+    all its chunks' at once, at its end."""
+
+
 @contextmanager
-def collect_gaps() -> Iterator[list[GapReport]]:
+def collect_gaps(raw: bool = False) -> Iterator[list]:
     """Inside it, :func:`integrated_gradients` appends its :class:`GapReport` to the list yielded
     instead of warning (this thread / context only): callers that run IG many times (SmoothGrad of
-    IG, a dataset run) say it once, with their own names for the images, or drop it."""
-    found: list[GapReport] = []
+    IG, a dataset run) say it once, with their own names for the images, or drop it. ``raw``: a
+    :class:`RawGaps` of the unread gaps instead."""
+    found: list = RawGaps() if raw else []
     token = _gap_sink.set(found)
     try:
         yield found
@@ -338,6 +346,10 @@ def _check_gap(rel: Tensor, steps: int, rule: str) -> None:
     """A :class:`CompletenessWarning` (or a report to :func:`collect_gaps`) naming the images whose
     relative gap ``rel`` ``(B, K)`` is above :data:`GAP_WARNING` (or not finite)."""
     worst = rel.amax(1)
+    sink = _gap_sink.get()
+    if isinstance(sink, RawGaps):  # read by the caller, once for all its calls
+        sink.append((worst, steps, _ALIASES.get(rule, rule)))
+        return
     bad = (worst > GAP_WARNING) | ~torch.isfinite(worst)
     if bool(bad.any()):
         images = bad.nonzero()[:, 0].tolist()

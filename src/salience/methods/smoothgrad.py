@@ -6,6 +6,7 @@ in chunks sized by :mod:`salience._core.engine`, and only running sums are kept.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -21,7 +22,7 @@ from salience._core.tensors import check_int, check_number, check_flag
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.methods._multi import as_method, free_maps, is_target_free, takes_several_targets
-from salience.methods.integrated import GapReport, collect_gaps, report_gaps
+from salience.methods.integrated import GAP_WARNING, GapReport, collect_gaps, report_gaps
 from salience.methods.vanilla import vanilla
 from salience.targets import Target, checked_on_output, resolve, split
 
@@ -157,30 +158,44 @@ def smoothgrad(
 class _CopyGaps:
     """The completeness reports of Integrated Gradients on the noisy copies
     (:func:`salience.methods.integrated.collect_gaps`), gathered per image over all chunks and said
-    once: one warning per call, naming the images whose copies had a gap, not one per chunk."""
+    once: one warning per call, naming the images whose copies had a gap, not one per chunk. The gaps are
+    kept on the device and read once, at the end (:class:`~salience.methods.integrated.RawGaps`): not a
+    synchronization per chunk."""
 
     def __init__(self, batch: int) -> None:
         self.batch = batch
-        self.worst: dict[int, float] = {}  # image -> the largest relative gap of its copies
-        self.copies, self.steps, self.rule = 0, 0, ""
+        self.worst: Optional[Tensor] = None  # (B,) the largest relative gap of each image's copies that had one
+        self.copies: Optional[Tensor] = None  # how many copies had one
+        self.steps, self.rule = 0, ""
 
     def watch(self, compute: Callable[[int, int], Tensor]) -> Callable[[int, int], Tensor]:
         def watched(start: int, stop: int) -> Tensor:
-            with collect_gaps() as found:
+            with collect_gaps(raw=True) as found:
                 out = compute(start, stop)
-            for r in found:  # positions in the chunk -> the images the copies belong to
-                for pos, g in zip(r.images, r.relative_gaps):
-                    b = (start + pos) % self.batch
-                    self.worst[b] = max(self.worst.get(b, 0.0), g if g == g else float("inf"))
-                    self.copies += 1
-                self.steps, self.rule = r.steps, r.rule
+            for worst, steps, rule in found:
+                self._add(start, worst)
+                self.steps, self.rule = steps, rule
             return out
         return watched
 
+    def _add(self, start: int, worst: Tensor) -> None:
+        """A call's worst gaps ``(n,)`` of the copies ``start..start+n-1``, to their images (no synchronization)."""
+        w = torch.where(torch.isnan(worst), torch.inf, worst.detach())  # a NaN gap counts as an infinite one
+        bad = (w > GAP_WARNING) | ~torch.isfinite(w)
+        owner = (torch.arange(len(w), device=w.device) + start) % self.batch
+        if self.worst is None:
+            self.worst = torch.full((self.batch,), -torch.inf, dtype=w.dtype, device=w.device)
+            self.copies = torch.zeros((), dtype=w.dtype, device=w.device)
+        self.worst.scatter_reduce_(0, owner, torch.where(bad, w, -torch.inf).to(self.worst.dtype), reduce="amax")
+        self.copies = self.copies + bad.sum()
+
     def report(self) -> None:
-        if self.worst:
-            images = sorted(self.worst)
-            report_gaps(GapReport(images, [self.worst[b] for b in images], self.steps, self.rule, self.copies))
+        if self.worst is None or self.copies is None:
+            return
+        *worst, copies = torch.cat([self.worst, self.copies.view(1).to(self.worst.dtype)]).tolist()  # one read
+        images = [b for b, g in enumerate(worst) if g > -math.inf]
+        if images:
+            report_gaps(GapReport(images, [worst[b] for b in images], self.steps, self.rule, int(copies)))
 
 
 def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options: dict) -> None:
