@@ -381,7 +381,9 @@ class _Ends:
 class PathPoints:
     """The points of the straight paths from ``baseline`` to ``x`` ``(B, C, H, W)`` as items: item
     ``j`` is point ``alphas[j // B]`` of image ``j % B``, ``x' + a (x - x')`` (exactly ``x`` at
-    ``a = 1`` and ``x'`` at ``a = 0``). Any chunk of items can be made on its own, in any order."""
+    ``a = 1`` and ``x'`` at ``a = 0``). Any chunk of items can be made on its own, in any order. Inside a
+    many-pass call the points are marked as made from its checked ``x`` and baseline
+    (:func:`salience._core.derived.derived`): their finiteness is tested once, at the end of the call."""
 
     def __init__(self, x: Tensor, baseline: Tensor, alphas: Sequence[float]) -> None:
         self.x, self.baseline, self.alphas = x, baseline, list(alphas)

@@ -266,6 +266,8 @@ class NoisyCopies:
     and whatever ``x``'s dtype (drawn in float32, then cast).
     It is a stream: chunks must be asked for in increasing order, as
     :func:`salience._core.engine.accumulate` runs them (asking for an earlier copy is an error).
+    Inside a many-pass call the copies are marked as made from its checked ``x``
+    (:func:`salience._core.derived.derived`): their finiteness is tested once, at the end of the call.
     """
 
     def __init__(self, x: Tensor, noise: float, seed: Union[int, Sequence[int]]) -> None:
