@@ -112,7 +112,7 @@ def test_smoothgrad_of_ig_warns_once_per_call():
     _, found = _gaps(lambda: salience.smoothgrad(TanhSpike(2.0, 100.0), x, 0, method=salience.integrated_gradients,
                                                  samples=4, noise=0.0, chunk=2, steps=8))
     assert len(found) == 1
-    assert found[0].images == [0] and "noisy copies" in str(found[0])
+    assert found[0].images == [0] and "(on 4 of SmoothGrad's noisy copies)" in str(found[0])
 
 
 class TwoClassSpike(TanhSpike):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from salience._core import derived as _derived
 from salience._core.autograd import forward_scores
 from salience._core.errors import SalienceError
 from salience._core.layers import LayerSpec
@@ -114,12 +115,61 @@ def _class_scores(output: Tensor) -> Tensor:
     return output
 
 
-def _check_range(idx: Tensor, k: int) -> None:
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= k):
-        bad = idx[(idx < 0) | (idx >= k)][0].item()
+def _check_range(idx: Union[int, Tensor], k: int) -> None:
+    """Refuse a class (an int, or any of a tensor's) outside ``0..k-1``: one synchronization for a tensor."""
+    if isinstance(idx, int):
+        bad: Optional[int] = None if 0 <= idx < k else idx
+    else:
+        out = (idx < 0) | (idx >= k)
+        bad = int(idx[out][0]) if idx.numel() and bool(out.any()) else None
+    if bad is not None:
         raise SalienceError(
             f"target class {bad} is out of range for a model with {k} outputs (valid: 0..{k - 1})"
         )
+
+
+class _Indexed(Target):
+    """A target that picks outputs by class index (:class:`Classes`, :class:`MultiLabel`): the indices' range
+    is checked against the model's output; for the targets :meth:`Target.for_items` derives from one (``_root``)
+    inside a many-pass call (:func:`salience._core.derived.run_scope`), once per call, on the root's indices,
+    and the root's indices go to the device once per call: a check or a copy from the host per pass made the
+    host wait for the device in each (a blocking copy synchronizes too)."""
+
+    _root: Optional["_Indexed"] = None  # the target this one's items were derived from (for_items)
+    _fits: Optional[int] = None  # a number of outputs the indices are known to fit (the predicted classes)
+
+    def _values(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_fits(self, idx: Tensor, k: int) -> None:
+        """``idx`` (this target's indices, on the output's device) checked against ``k`` outputs."""
+        root = self._root
+        if root is None:
+            if self._fits != k:
+                _check_range(idx, k)
+            return
+        if root._fits == k:
+            return
+        scope = _derived.current()
+        if scope is None:
+            _check_range(idx, k)
+        elif scope.first(("target-range", id(root), k), root):
+            _check_range(root._values(), k)  # all images' classes: the items' are among them
+
+    def _on(self, device: torch.device) -> Tensor:
+        """This target's indices on ``device``: copied once per many-pass call."""
+        values = self._values()
+        scope = _derived.current()
+        if values.device == device:
+            return values
+        if scope is None:
+            return values.to(device)
+        return scope.once(("target-on", id(values), device), lambda: (values, values.to(device)))[1]
+
+    def _item(self, item: "_Indexed") -> "_Indexed":
+        """``item`` (a target :meth:`for_items` made from this one) marked as derived from it."""
+        item._root = self._root or self
+        return item
 
 
 class Predicted(Target):
@@ -131,13 +181,16 @@ class Predicted(Target):
         return scores.gather(1, top).squeeze(1)
 
     def resolved(self, output: Tensor) -> Target:
-        return Classes(_class_scores(output.detach()).argmax(dim=1))
+        scores = _class_scores(output.detach())
+        top = Classes(scores.argmax(dim=1))
+        top._fits = scores.shape[1]  # an argmax of the classes: in range, not checked in each pass
+        return top
 
     def for_items(self, owner: Tensor) -> Target:
         raise SalienceError("internal: resolve the predicted class (Target.resolved) before expanding targets")
 
 
-class Classes(Target):
+class Classes(_Indexed):
     """The score of a given class: one for all samples, or one per sample."""
 
     def __init__(self, index: Union[int, Sequence[int], Tensor]):
@@ -160,12 +213,16 @@ class Classes(Target):
         scores = _class_scores(output)
         b, k = scores.shape
         if isinstance(self.index, int):
-            _check_range(torch.tensor([self.index]), k)
+            _check_range(self.index, k)
             return scores[:, self.index]
         self.check_batch(b)
         idx = self.index.to(scores.device)
-        _check_range(idx, k)
+        self._check_fits(idx, k)
         return scores.gather(1, idx.view(-1, 1)).squeeze(1)
+
+    def _values(self) -> Tensor:
+        assert isinstance(self.index, Tensor)
+        return self.index
 
     def classes_for(self, batch: int) -> Optional[Tensor]:
         cls = type(self)
@@ -181,13 +238,13 @@ class Classes(Target):
                                 "give one per image (or one int for all)")
 
     def for_items(self, owner: Tensor) -> Target:
-        return self if isinstance(self.index, int) else Classes(self.index.to(owner.device)[owner])
+        return self if isinstance(self.index, int) else self._item(Classes(self._on(owner.device)[owner]))
 
     def __repr__(self) -> str:
         return f"Classes({self.index if isinstance(self.index, int) else self.index.tolist()})"
 
 
-class MultiLabel(Target):
+class MultiLabel(_Indexed):
     """The sum of several classes' scores: the same classes for every sample, or ``(B, k)``."""
 
     def __init__(self, indices: Union[Sequence[int], Tensor]):
@@ -202,7 +259,7 @@ class MultiLabel(Target):
         scores = _class_scores(output)
         b, k = scores.shape
         idx = self.indices.to(scores.device)
-        _check_range(idx, k)
+        self._check_fits(idx, k)
         if idx.dim() == 1:
             return scores[:, idx].sum(dim=1)
         self.check_batch(b)
@@ -214,7 +271,12 @@ class MultiLabel(Target):
                                 f"has {batch}; give one row per image (or one list for all)")
 
     def for_items(self, owner: Tensor) -> Target:
-        return self if self.indices.dim() == 1 else MultiLabel(self.indices.to(owner.device)[owner])
+        if self.indices.dim() == 1:  # the same classes for every item: on the items' device, once per call
+            return self._item(MultiLabel(self._on(owner.device)))
+        return self._item(MultiLabel(self._on(owner.device)[owner]))
+
+    def _values(self) -> Tensor:
+        return self.indices
 
     def __repr__(self) -> str:
         return f"MultiLabel({self.indices.tolist()})"

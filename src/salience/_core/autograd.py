@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from salience._core import derived as _derived
 from salience._core import perf as _perf
 from salience._core.checkpoints import plain_checkpoints
 from salience._core.errors import SalienceError, uncoloured, user_stacklevel
@@ -34,7 +35,11 @@ __all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_
 
 
 def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
-    """Validate an image batch ``(B, C, H, W)``: a finite floating tensor on the model's device."""
+    """Validate an image batch ``(B, C, H, W)``: a finite floating tensor on the model's device.
+
+    The finiteness test (a host-device synchronization) is skipped for an input a many-pass method made from
+    its own checked ``x`` for the chunk that runs (:func:`salience._core.derived.derived`: noisy copies, path
+    points), whose finiteness is tested once at the end of the call instead."""
     if not isinstance(x, Tensor):
         raise SalienceError(f"expected x as a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
     if x.layout != torch.strided:
@@ -73,7 +78,7 @@ def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
                 f"x is {x.dtype} but the model computes in {dtype} (its parameters' dtype); convert one, "
                 f"e.g. x.to({dtype}) or model.to({x.dtype})"
             )
-    if not _all_finite(x):
+    if not _derived.is_derived(x) and not _all_finite(x):
         n = int((~torch.isfinite(x)).sum())
         raise SalienceError(f"x contains {n} NaN or infinite values; saliency needs finite input")
     return x
@@ -82,14 +87,15 @@ def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
 def _all_finite(x: Tensor) -> bool:
     """Whether every value of ``x`` is finite: from its least and greatest value (one reduction; a NaN
     makes both NaN), not a boolean tensor the size of ``x`` (20 times slower on a CPU batch, and the
-    check runs on every call). An empty ``x`` is finite; a device without ``aminmax`` checks each value."""
+    check runs on every call), read with one synchronization. An empty ``x`` is finite; a device without
+    ``aminmax`` checks each value."""
     if x.numel() == 0:
         return True
     try:
         lo, hi = torch.aminmax(x)
     except (RuntimeError, NotImplementedError):  # pragma: no cover - a backend without aminmax
         return bool(torch.isfinite(x).all())
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _bare_keras(model: nn.Module) -> bool:
@@ -506,17 +512,35 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
         out, stripped = _before_softmax(out, tap, run, model, record=not redone)
     else:
         stripped = False
-    if not stripped and tapped and looks_like_probabilities(out):
-        warnings.warn(
-            "the model's output looks like probabilities (non-negative rows summing to 1) but no final "
-            "softmax call was seen to take the scores before it; saliency of probabilities is dominated "
-            "by the other classes. Give salience the model without its final softmax.",
-            stacklevel=user_stacklevel(),
-        )
+    if not stripped and tapped:
+        _warn_if_probabilities(out)
     for layer, store in zip(layers, captured):
         if not store or not isinstance(store[0], Tensor):
             raise layer_not_captured(model, layer, store)
     return out, captured
+
+
+def _warn_if_probabilities(out: Tensor) -> None:
+    """Warn when ``out`` (a gradient pass's output, no softmax stripped) looks like probabilities: at once
+    outside a many-pass call; inside one, the condition is kept on the device and the warning given once at
+    the end of the call (:meth:`salience._core.derived.Derived.defer`: no synchronization per pass)."""
+    rows = _probability_rows(out)
+    if rows is None:
+        return
+    scope = _derived.current()
+    if scope is not None:
+        scope.defer("probabilities", rows, _warn_probabilities)
+    elif bool(rows):
+        _warn_probabilities()
+
+
+def _warn_probabilities() -> None:
+    warnings.warn(
+        "the model's output looks like probabilities (non-negative rows summing to 1) but no final "
+        "softmax call was seen to take the scores before it; saliency of probabilities is dominated "
+        "by the other classes. Give salience the model without its final softmax.",
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _hooked_forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], layers: Sequence[LayerSpec],
@@ -684,10 +708,20 @@ def check_scores(scores: Any, batch: int) -> Tensor:
 
 
 def looks_like_probabilities(out: Tensor) -> bool:
+    """Whether ``out`` ``(n, classes)`` reads as a softmax's output: rows of non-negative values summing to 1
+    (within 1e-4); one host-device synchronization."""
+    rows = _probability_rows(out)
+    return rows is not None and bool(rows)
+
+
+def _probability_rows(out: Tensor) -> Optional[Tensor]:
+    """:func:`looks_like_probabilities` as a 0-d bool tensor on ``out``'s device (read without waiting for
+    it), ``None`` for an output without two classes or more; ``torch.allclose``'s test of the sums
+    (``|s - 1| <= 1e-4 + 1e-5``, NaN never close)."""
     if out.dim() != 2 or out.shape[1] < 2 or not out.is_floating_point():
-        return False
+        return None
     o = out.detach()
-    return bool((o >= 0).all()) and bool(torch.allclose(o.sum(1), torch.ones_like(o[:, 0]), atol=1e-4))
+    return (o >= 0).all() & ((o.sum(1) - 1).abs() <= 1e-4 + 1e-5).all()
 
 
 def class_probabilities(out: Tensor, already: Optional[bool] = None) -> Tensor:
@@ -746,14 +780,28 @@ def _scores_pass(model: nn.Module, xb: Tensor, run: Optional[_perf.Run], strip_s
             return unwrap_output(out, model)
     # the tap until a pass of the model's structure showed whether it ends in a softmax (final_softmax); after one
     # that showed none, an output of probabilities (or their logarithms) runs the pass again with the tap: without
-    # gradients there is no gradient function to say that a softmax appeared (a flag the forward reads)
+    # gradients there is no gradient function to say that a softmax appeared (a flag the forward reads). Looked
+    # at in the first pass of a many-pass call only (_look_for_softmax): the rest would wait for the device.
     tap = _SoftmaxTap() if strip_softmax and final_softmax(model) is not False else None
     out = _tapped_pass(model, xb, run, tap)
-    redone = strip_softmax and tap is None and _probabilities_like(out)
+    redone = strip_softmax and tap is None and _look_for_softmax(model) and _probabilities_like(out)
     if redone:
         tap = _SoftmaxTap()
         out = _tapped_pass(model, xb, run, tap)
     return _before_softmax(out, tap, run, model if strip_softmax else None)[0]
+
+
+def _look_for_softmax(model: nn.Module) -> bool:
+    """Whether a pass without gradients of ``model``, of a structure known to end in no softmax, looks at its
+    output for probabilities (:func:`_scores_pass`; a host-device synchronization): always outside a many-pass
+    call, and in its first pass of ``model`` inside one (:func:`salience._core.derived.run_scope`). A softmax
+    that appears without a change of structure does so by a flag or a setting the forward reads, which the
+    user sets between calls, not while one runs (salience changes nothing on the model in a call, and restores
+    all of it after): the first pass of the call shows it (it is then run again with the tap, which records
+    that the structure ends in a softmax; its later passes run with the tap). The clean images' pass of a
+    perturbation method, before its many passes, looks too."""
+    scope = _derived.current()
+    return scope is None or scope.first(("softmax-look", id(model)), model)
 
 
 def _tapped_pass(model: nn.Module, xb: Tensor, run: Optional[_perf.Run], tap: Optional["_SoftmaxTap"]) -> Tensor:
@@ -789,9 +837,12 @@ def _before_softmax(out: Any, tap: Optional["_SoftmaxTap"], run: Any, model: Opt
     stripped = tap is not None and tap.last is not None and out is tap.last[1]
     if run is not None:
         run.note_softmax(stripped)
-    if tap is not None and model is not None and record and (stripped or not _probabilities_like(out)):
+    if tap is not None and model is not None and record and (
+            stripped or (_look_for_softmax(model) and not _probabilities_like(out))):
         # an output of probabilities that no softmax call made is never "known: no softmax": a pass without
-        # gradients would run twice (_scores_pass) where the tap costs a fraction of one
+        # gradients would run twice (_scores_pass) where the tap costs a fraction of one. Inside a many-pass call,
+        # only its first look records "no softmax" (the later passes would wait for the device to say it again;
+        # a pass whose structure changes in every chunk, under a hook of its own, keeps the tap)
         _note_final_softmax(model, stripped)
     if stripped:
         assert tap is not None and tap.last is not None

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from salience._core import derived as _derived
 from salience._core import perf as _perf
 from salience._core.autograd import TargetLike, backward
 from salience._core.errors import SalienceError
@@ -267,11 +268,24 @@ def accumulate(
     under the run's choices (memory format, compiled forward, autocast), and the chunk size is
     picked by measured seconds per item within the memory budget (see :mod:`salience._core.perf`);
     the model's layout is put back at the end. Without ``run``: chunks sized by memory only.
+
+    The passes run in the call's :func:`salience._core.derived.run_scope`: what ``compute`` marks as derived
+    from the method's checked ``x`` (:func:`~salience._core.derived.derived`) is not checked again in each pass,
+    and the checks of each pass are deferred to one synchronization at the end (no host-device
+    synchronization per chunk).
     """
     if total < 1:
         raise SalienceError("nothing to compute (0 items)")
-    if inference:
-        compute = functools.partial(_run, compute, inference=True)
+    with _derived.run_scope():
+        return _accumulate(functools.partial(_run, compute, inference=inference), total, n_images, weights, squares,
+                           chunk, max_memory, progress, desc, device, inference, run)
+
+
+def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]], total: int, n_images: int,
+                weights: Optional[Sequence[float]], squares: bool, chunk: Optional[int], max_memory: Optional[int],
+                progress: bool, desc: str, device: Optional[torch.device], inference: bool,
+                run: Optional[_perf.Run]) -> Sums:
+    """:func:`accumulate` in its scope."""
     sums = _Adder(n_images, weights, squares)
     with _progress(total, desc, enabled=progress) as bar:
         start = 0
@@ -323,10 +337,14 @@ def _run_planned(compute: Callable, sums: "_Adder", run: _perf.Run, start: int, 
     while start < total:
         size, cl, compiled = run.plan(total - start, n_images, cap, fixed, per_item)
         stop = start + size
+        # timed only while the run measures (its clock waits for the device: on a GPU two synchronizations a
+        # chunk); a run that decided (a warm call) records no time (perf.Run.measured drops it)
+        timed = getattr(run, "_probing", True)
         with run.chunk(cl, compiled):
-            t0 = run.clock()
+            t0 = run.clock() if timed else 0.0
             sums.add(start, compute(start, stop))
-            run.measured(size, cl, run.clock() - t0)
+            if timed:
+                run.measured(size, cl, run.clock() - t0)
         sums.sizes.append(size)
         bar.update(size)
         start = stop
@@ -338,6 +356,7 @@ class _Adder:
     def __init__(self, n_images: int, weights: Optional[Sequence[float]], squares: bool) -> None:
         self.n_images, self.squares = n_images, squares
         self.w = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float64)
+        self._w_on: Optional[Tensor] = None  # the weights on the maps' device, in their sums' dtype: copied once
         self.acc: Optional[Tensor] = None
         self.acc2: Optional[Tensor] = None
         self.item_scores: list[Tensor] = []
@@ -359,7 +378,10 @@ class _Adder:
         owner = idx % self.n_images
         m = maps.detach().to(acc.dtype)
         if self.w is not None:
-            ww = self.w.to(device=maps.device, dtype=acc.dtype)[idx // self.n_images]
+            if self._w_on is None or self._w_on.device != maps.device or self._w_on.dtype != acc.dtype:
+                # a copy from the host per chunk waited for the device (a blocking copy synchronizes)
+                self._w_on = self.w.to(device=maps.device, dtype=acc.dtype)
+            ww = self._w_on[idx // self.n_images]
             ww = ww.view((n,) + (1,) * (m.dim() - 1))
             acc.index_add_(0, owner, m * ww)
             if acc2 is not None:
@@ -377,8 +399,9 @@ class _Adder:
 
 def _run(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]], start: int, stop: int,
          inference: bool) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """``compute(start, stop)``, under ``torch.inference_mode()`` when ``inference``."""
-    with torch.inference_mode() if inference else contextlib.nullcontext():
+    """``compute(start, stop)``, under ``torch.inference_mode()`` when ``inference``; the inputs it marks as
+    derived (:func:`salience._core.derived.derived`) are the chunk's only."""
+    with torch.inference_mode() if inference else contextlib.nullcontext(), _derived.chunk_inputs():
         return compute(start, stop)
 
 

@@ -8,6 +8,7 @@ The points of all images are run together in chunks by :mod:`salience._core.engi
 from __future__ import annotations
 
 import contextvars
+import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from salience import reduce as _reduce
+from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import backward, check_input
@@ -140,12 +142,20 @@ class GapReport:
 _gap_sink: contextvars.ContextVar[Optional[list[GapReport]]] = contextvars.ContextVar("salience_ig_gaps", default=None)
 
 
+class RawGaps(list):
+    """A :func:`collect_gaps` list that takes, from each call of :func:`integrated_gradients`, its images' worst
+    relative gaps ``(B,)`` as a tensor, unread (a report reads them: a synchronization per call), with its steps
+    and rule: ``(worst, steps, rule)``; every call's, above :data:`GAP_WARNING` or not. SmoothGrad of IG reads
+    all its chunks' at once, at its end."""
+
+
 @contextmanager
-def collect_gaps() -> Iterator[list[GapReport]]:
+def collect_gaps(raw: bool = False) -> Iterator[list]:
     """Inside it, :func:`integrated_gradients` appends its :class:`GapReport` to the list yielded
     instead of warning (this thread / context only): callers that run IG many times (SmoothGrad of
-    IG, a dataset run) say it once, with their own names for the images, or drop it."""
-    found: list[GapReport] = []
+    IG, a dataset run) say it once, with their own names for the images, or drop it. ``raw``: a
+    :class:`RawGaps` of the unread gaps instead."""
+    found: list = RawGaps() if raw else []
     token = _gap_sink.set(found)
     try:
         yield found
@@ -202,6 +212,8 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
             return gaussian_blur(x.detach(), float(sigma))
         raise SalienceError(f"unknown baseline {baseline!r}; expected None/'black' (zeros), 'blur', a number or a tensor")
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        if not math.isfinite(float(baseline)):  # the path points are not checked one by one (they derive from these)
+            raise SalienceError(f"the baseline is {baseline!r}; give a finite number")
         return torch.full_like(x, float(baseline))
     if not isinstance(baseline, Tensor):
         raise SalienceError(f"baseline must be None, 'blur', a number or a tensor, got {type(baseline).__name__}")
@@ -334,6 +346,10 @@ def _check_gap(rel: Tensor, steps: int, rule: str) -> None:
     """A :class:`CompletenessWarning` (or a report to :func:`collect_gaps`) naming the images whose
     relative gap ``rel`` ``(B, K)`` is above :data:`GAP_WARNING` (or not finite)."""
     worst = rel.amax(1)
+    sink = _gap_sink.get()
+    if isinstance(sink, RawGaps):  # read by the caller, once for all its calls
+        sink.append((worst, steps, _ALIASES.get(rule, rule)))
+        return
     bad = (worst > GAP_WARNING) | ~torch.isfinite(worst)
     if bool(bad.any()):
         images = bad.nonzero()[:, 0].tolist()
@@ -365,7 +381,9 @@ class _Ends:
 class PathPoints:
     """The points of the straight paths from ``baseline`` to ``x`` ``(B, C, H, W)`` as items: item
     ``j`` is point ``alphas[j // B]`` of image ``j % B``, ``x' + a (x - x')`` (exactly ``x`` at
-    ``a = 1`` and ``x'`` at ``a = 0``). Any chunk of items can be made on its own, in any order."""
+    ``a = 1`` and ``x'`` at ``a = 0``). Any chunk of items can be made on its own, in any order. Inside a
+    many-pass call the points are marked as made from its checked ``x`` and baseline
+    (:func:`salience._core.derived.derived`): their finiteness is tested once, at the end of the call."""
 
     def __init__(self, x: Tensor, baseline: Tensor, alphas: Sequence[float]) -> None:
         self.x, self.baseline, self.alphas = x, baseline, list(alphas)
@@ -385,7 +403,9 @@ class PathPoints:
         parts = [self.point(rep, max(start, rep * b) - rep * b, min(stop, (rep + 1) * b) - rep * b)
                  for rep in range(start // b, (stop - 1) // b + 1)]
         owner = torch.arange(start, stop, device=self.x.device) % b
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)), owner
+        # made from the method's checked x and baseline: not tested again in each pass (at the end of the call)
+        xs = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return _derived.derived(xs, "Integrated Gradients' path points"), owner
 
 
 @several_targets

@@ -326,7 +326,10 @@ def rise_masks(start: int, stop: int, size: tuple[int, int], *, cell: int = 7, p
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
         grids.append((torch.rand(cell, cell, generator=g, dtype=torch.float32) < p).to(dtype))  # whatever the default dtype
         shifts.append((int(torch.randint(0, ch, (1,), generator=g)), int(torch.randint(0, cw, (1,), generator=g))))
-    grid = torch.stack(grids).to(device).unsqueeze(1)
+    grid = torch.stack(grids)
+    if device is not None and torch.device(device).type == "cuda":  # a blocking copy waits for the device
+        grid = grid.pin_memory().to(device, non_blocking=True)
+    grid = grid.to(device).unsqueeze(1)
     up = F.interpolate(grid, size=((cell + 1) * ch, (cell + 1) * cw), mode="bilinear", align_corners=False)[:, 0]
     return torch.stack([up[k, dy:dy + h, dx:dx + w] for k, (dy, dx) in enumerate(shifts)])
 

@@ -277,7 +277,7 @@ class _Ablated:
         idx = torch.arange(start, stop, device=self.x.device)
         owner, ch = idx % b, idx // b
         if self.shared:
-            imgs, rows = torch.unique(owner, sorted=True, return_inverse=True)
+            imgs, rows = _images_of(start, stop, b, owner)
             try:
                 s = self._run(self.x[imgs], rows, ch, owner)
                 if s.shape[0] == len(owner):
@@ -286,6 +286,16 @@ class _Ablated:
                 pass  # the rest of the model mixes in an earlier tensor of the batch
             self.shared = False
         return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
+
+
+def _images_of(start: int, stop: int, b: int, owner: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.unique(owner, sorted=True, return_inverse=True)`` of items ``start..stop-1`` of images
+    ``owner = item % b``, without it: the images of consecutive items are known (``unique`` waits for the device to
+    say how many there are, a synchronization per chunk)."""
+    if stop - start >= b:  # every image
+        return torch.arange(b, device=owner.device), owner
+    imgs = ((torch.arange(stop - start, device=owner.device) + start) % b).sort().values  # distinct: fewer than b
+    return imgs, torch.searchsorted(imgs, owner)
 
 
 def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) -> None:

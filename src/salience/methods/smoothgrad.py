@@ -6,12 +6,14 @@ in chunks sized by :mod:`salience._core.engine`, and only running sums are kept.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from salience import reduce as _reduce
+from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import check_input
@@ -20,7 +22,7 @@ from salience._core.tensors import check_int, check_number, check_flag
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.methods._multi import as_method, free_maps, is_target_free, takes_several_targets
-from salience.methods.integrated import GapReport, collect_gaps, report_gaps
+from salience.methods.integrated import GAP_WARNING, GapReport, collect_gaps, report_gaps
 from salience.methods.vanilla import vanilla
 from salience.targets import Target, checked_on_output, resolve, split
 
@@ -156,30 +158,44 @@ def smoothgrad(
 class _CopyGaps:
     """The completeness reports of Integrated Gradients on the noisy copies
     (:func:`salience.methods.integrated.collect_gaps`), gathered per image over all chunks and said
-    once: one warning per call, naming the images whose copies had a gap, not one per chunk."""
+    once: one warning per call, naming the images whose copies had a gap, not one per chunk. The gaps are
+    kept on the device and read once, at the end (:class:`~salience.methods.integrated.RawGaps`): not a
+    synchronization per chunk."""
 
     def __init__(self, batch: int) -> None:
         self.batch = batch
-        self.worst: dict[int, float] = {}  # image -> the largest relative gap of its copies
-        self.copies, self.steps, self.rule = 0, 0, ""
+        self.worst: Optional[Tensor] = None  # (B,) the largest relative gap of each image's copies that had one
+        self.copies: Optional[Tensor] = None  # how many copies had one
+        self.steps, self.rule = 0, ""
 
     def watch(self, compute: Callable[[int, int], Tensor]) -> Callable[[int, int], Tensor]:
         def watched(start: int, stop: int) -> Tensor:
-            with collect_gaps() as found:
+            with collect_gaps(raw=True) as found:
                 out = compute(start, stop)
-            for r in found:  # positions in the chunk -> the images the copies belong to
-                for pos, g in zip(r.images, r.relative_gaps):
-                    b = (start + pos) % self.batch
-                    self.worst[b] = max(self.worst.get(b, 0.0), g if g == g else float("inf"))
-                    self.copies += 1
-                self.steps, self.rule = r.steps, r.rule
+            for worst, steps, rule in found:
+                self._add(start, worst)
+                self.steps, self.rule = steps, rule
             return out
         return watched
 
+    def _add(self, start: int, worst: Tensor) -> None:
+        """A call's worst gaps ``(n,)`` of the copies ``start..start+n-1``, to their images (no synchronization)."""
+        w = torch.where(torch.isnan(worst), torch.inf, worst.detach())  # a NaN gap counts as an infinite one
+        bad = (w > GAP_WARNING) | ~torch.isfinite(w)
+        owner = (torch.arange(len(w), device=w.device) + start) % self.batch
+        if self.worst is None:
+            self.worst = torch.full((self.batch,), -torch.inf, dtype=w.dtype, device=w.device)
+            self.copies = torch.zeros((), dtype=w.dtype, device=w.device)
+        self.worst.scatter_reduce_(0, owner, torch.where(bad, w, -torch.inf).to(self.worst.dtype), reduce="amax")
+        self.copies = self.copies + bad.sum()
+
     def report(self) -> None:
-        if self.worst:
-            images = sorted(self.worst)
-            report_gaps(GapReport(images, [self.worst[b] for b in images], self.steps, self.rule, self.copies))
+        if self.worst is None or self.copies is None:
+            return
+        *worst, copies = torch.cat([self.worst, self.copies.view(1).to(self.worst.dtype)]).tolist()  # one read
+        images = [b for b, g in enumerate(worst) if g > -math.inf]
+        if images:
+            report_gaps(GapReport(images, [worst[b] for b in images], self.steps, self.rule, int(copies)))
 
 
 def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options: dict) -> None:
@@ -250,6 +266,8 @@ class NoisyCopies:
     and whatever ``x``'s dtype (drawn in float32, then cast).
     It is a stream: chunks must be asked for in increasing order, as
     :func:`salience._core.engine.accumulate` runs them (asking for an earlier copy is an error).
+    Inside a many-pass call the copies are marked as made from its checked ``x``
+    (:func:`salience._core.derived.derived`): their finiteness is tested once, at the end of the call.
     """
 
     def __init__(self, x: Tensor, noise: float, seed: Union[int, Sequence[int]]) -> None:
@@ -290,7 +308,8 @@ class NoisyCopies:
                 part = part + self.sigma[lo:hi] * self._noise(rep, lo, hi)
             parts.append(part)
         owner = torch.arange(start, stop, device=self.x.device) % b
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)), owner
+        # made from the method's checked x: not tested again in each pass (their finiteness at the end of the call)
+        return _derived.derived(parts[0] if len(parts) == 1 else torch.cat(parts), "SmoothGrad's noisy copies"), owner
 
 
 def _finish(maps: Tensor, mod: Optional[GradModifier], red: Optional[Reduction], multi: bool,
