@@ -131,14 +131,10 @@ def smoothgrad(
                 maps = torch.stack(outs, dim=1) if multi else outs[0]
             return _finish(maps, mod, red, multi, resolved) if reduce_each else maps
 
-        # what a chunk keeps per item besides the method's pass: K maps, reduced per chunk or not (the memory probe's
-        # bytes per item are reused by a later call of the same tag: K-fold too small for K targets after one)
-        kept = f"{len(targets)}:{reduce if reduce_each and isinstance(reduce, str) else reduce_each}"
-        tag = f"smoothgrad:{getattr(method, '__name__', type(method).__name__)}:{kept}:{sorted(raw_options.items())!r}"
         sums = _engine.accumulate(
             compute, samples * x.shape[0], x.shape[0], squares=variant != "mean", chunk=chunk,
             max_memory=budget, progress=progress, desc="smoothgrad", device=x.device,
-            run=_perf.Run(model, x, perf, tag=tag[:400]),
+            run=_perf.Run(model, x, perf, tag=_tag(method, len(targets), reduce, reduce_each, raw_options)),
         )
     gaps.report()
     mean = sums.total / samples
@@ -323,6 +319,14 @@ def _finish(maps: Tensor, mod: Optional[GradModifier], red: Optional[Reduction],
     if multi:
         return torch.stack([red(t.map_part(maps[:, k])) for k, t in enumerate(targets)], dim=1)
     return red(targets[0].map_part(maps))
+
+
+def _tag(method: Callable[..., Tensor], n_targets: int, reduce: Any, reduce_each: bool, raw_options: dict) -> str:
+    """The engine run's tag: what a chunk keeps per item besides the method's pass (K maps, reduced per chunk or
+    not) is part of it, since the memory probe's bytes per item are reused by a later call of the same tag (K-fold
+    too small for K targets after one)."""
+    kept = f"{n_targets}:{reduce if reduce_each and isinstance(reduce, str) else reduce_each}"
+    return f"smoothgrad:{getattr(method, '__name__', type(method).__name__)}:{kept}:{sorted(raw_options.items())!r}"[:400]
 
 
 def _call(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Any, options: dict) -> Tensor:
