@@ -339,7 +339,7 @@ def _run_planned(compute: Callable, sums: "_Adder", run: _perf.Run, start: int, 
         stop = start + size
         # timed only while the run measures (its clock waits for the device: on a GPU two synchronizations a
         # chunk); a run that decided (a warm call) records no time (perf.Run.measured drops it)
-        timed = getattr(run, "_probing", True)
+        timed = run.measuring
         with run.chunk(cl, compiled):
             t0 = run.clock() if timed else 0.0
             sums.add(start, compute(start, stop))

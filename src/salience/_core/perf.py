@@ -729,6 +729,12 @@ class Run:
             rec.size = rec.best
             return rec.size
 
+    @property
+    def measuring(self) -> bool:
+        """Whether the chunk the run planned last is timed for the run's choices (chunk size, layout): the engine
+        reads :meth:`clock`, which on a GPU synchronizes the device, only then (a warm call times nothing)."""
+        return self._probing
+
     def measured(self, size: int, channels_last: bool, seconds: float) -> None:
         """Record a chunk's time (while the choices are still being measured)."""
         rec = self.record
