@@ -818,10 +818,11 @@ def _tapped_pass(model: nn.Module, xb: Tensor, run: Optional[_perf.Run], tap: Op
 def _probabilities_like(out: Tensor) -> bool:
     """Whether ``out`` ``(n, classes)`` reads as a softmax's or a log-softmax's output (rows of non-negative values
     summing to 1, or of non-positive values whose exponentials do)."""
-    if looks_like_probabilities(out):
-        return True
-    if out.dim() != 2 or out.shape[1] < 2 or not out.is_floating_point():
+    rows = _probability_rows(out)  # None: not (n, classes) of floats
+    if rows is None:
         return False
+    if bool(rows):
+        return True
     o = out.detach().float()
     return bool((o <= 0).all()) and bool(torch.allclose(o.logsumexp(1), torch.zeros_like(o[:, 0]), atol=1e-4))
 

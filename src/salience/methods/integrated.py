@@ -31,7 +31,7 @@ from salience.targets import Predicted, Target, split
 from salience.methods._multi import several_targets, finish, input_gradient_maps
 
 __all__ = ["integrated_gradients", "input_x_gradient", "quadrature", "RULES", "IGResult", "CompletenessWarning",
-           "GAP_WARNING", "collect_gaps", "gap_floor"]
+           "GAP_WARNING", "collect_gaps", "gap_floor", "gaps_to_report"]
 
 RULES = ("trapezoid", "gausslegendre", "left", "right", "middle")
 _ALIASES = {"riemann_trapezoid": "trapezoid", "riemann_left": "left", "riemann_right": "right",
@@ -342,6 +342,12 @@ def _checked(out: Tensor, attr: Tensor, scores: dict[float, Tensor], steps: int,
     return IGResult(out, *((gap, delta, floor) if multi else (gap[:, 0], delta[:, 0], floor[:, 0])))
 
 
+def gaps_to_report(worst: Tensor) -> Tensor:
+    """Which relative gaps ``worst`` are reported: above :data:`GAP_WARNING`, or not finite (a bool tensor, on
+    ``worst``'s device: no synchronization)."""
+    return (worst > GAP_WARNING) | ~torch.isfinite(worst)
+
+
 def _check_gap(rel: Tensor, steps: int, rule: str) -> None:
     """A :class:`CompletenessWarning` (or a report to :func:`collect_gaps`) naming the images whose
     relative gap ``rel`` ``(B, K)`` is above :data:`GAP_WARNING` (or not finite)."""
@@ -350,7 +356,7 @@ def _check_gap(rel: Tensor, steps: int, rule: str) -> None:
     if isinstance(sink, RawGaps):  # read by the caller, once for all its calls
         sink.append((worst, steps, _ALIASES.get(rule, rule)))
         return
-    bad = (worst > GAP_WARNING) | ~torch.isfinite(worst)
+    bad = gaps_to_report(worst)
     if bool(bad.any()):
         images = bad.nonzero()[:, 0].tolist()
         report_gaps(GapReport(images, [float(worst[i]) for i in images], steps, _ALIASES.get(rule, rule)))

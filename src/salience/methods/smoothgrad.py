@@ -22,7 +22,7 @@ from salience._core.tensors import check_int, check_number, check_flag
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.methods._multi import as_method, free_maps, is_target_free, takes_several_targets
-from salience.methods.integrated import GAP_WARNING, GapReport, collect_gaps, report_gaps
+from salience.methods.integrated import GapReport, collect_gaps, gaps_to_report, report_gaps
 from salience.methods.vanilla import vanilla
 from salience.targets import Target, checked_on_output, resolve, split
 
@@ -177,7 +177,7 @@ class _CopyGaps:
     def _add(self, start: int, worst: Tensor) -> None:
         """A call's worst gaps ``(n,)`` of the copies ``start..start+n-1``, to their images (no synchronization)."""
         w = torch.where(torch.isnan(worst), torch.inf, worst.detach())  # a NaN gap counts as an infinite one
-        bad = (w > GAP_WARNING) | ~torch.isfinite(w)
+        bad = gaps_to_report(w)
         owner = (torch.arange(len(w), device=w.device) + start) % self.batch
         if self.worst is None:
             self.worst = torch.full((self.batch,), -torch.inf, dtype=w.dtype, device=w.device)
