@@ -176,6 +176,21 @@ class RandomImages(torch.utils.data.Dataset):
         return self.x[i]
 
 
+def instances_made(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list:
+    """Replace the class ``owner.<name>`` (e.g. the engine's ``MemoryProbe``) for the test with a subclass that
+    appends each instance it makes to the list returned: how often salience made one."""
+    made: list = []
+    real = getattr(owner, name)
+
+    class Counted(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(owner, name, Counted)
+    return made
+
+
 def counting_backend():
     """A torch.compile backend that counts the graphs it is given (dynamo hands a backend each graph
     it compiles, once) with their image batch sizes, and the calls of the compiled graphs:

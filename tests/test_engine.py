@@ -9,6 +9,8 @@ from salience import SalienceError
 from salience._core import engine as _engine
 from salience.targets import Classes, Predicted
 
+from conftest import instances_made
+
 
 def test_memory_probe_counts_live_tensors_exactly():
     ext = torch.zeros(1000)
@@ -155,15 +157,7 @@ def test_a_later_call_reuses_the_memory_probe_with_the_same_chunks_and_bits(smal
     items and number of images: a later call runs its first chunk plainly with the probe's answer, so its
     chunks, and its bits, are those of the call that probed. Another number of images, or a module of
     the model replaced, probes again."""
-    made = []
-    real = _engine.MemoryProbe
-
-    class Counted(real):
-        def __init__(self):
-            super().__init__()
-            made.append(self)
-
-    monkeypatch.setattr(_engine, "MemoryProbe", Counted)
+    made = instances_made(monkeypatch, _engine, "MemoryProbe")
     small_cnn.eval()
     x = torch.rand(2, 3, 8, 8)
     sizes = []

@@ -8,6 +8,8 @@ from torch import nn
 import salience
 from salience import SalienceError
 
+from conftest import instances_made
+
 
 def linear_model(c=3, h=5, w=4, k=6, seed=0):
     torch.manual_seed(seed)
@@ -112,15 +114,7 @@ def test_a_final_softmax_is_looked_for_once_per_structure_and_found_when_it_appe
     the tap in every pass, and a new module (a softmax appended) is looked at again."""
     from salience._core import autograd as _autograd
 
-    taps = []
-    real = _autograd._SoftmaxTap
-
-    class Counted(real):
-        def __init__(self):
-            super().__init__()
-            taps.append(self)
-
-    monkeypatch.setattr(_autograd, "_SoftmaxTap", Counted)
+    taps = instances_made(monkeypatch, _autograd, "_SoftmaxTap")
     m = linear_model()
     x = torch.rand(2, 3, 5, 4)
     plain = salience.vanilla(m, x, 1, reduce=None)
