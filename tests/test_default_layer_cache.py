@@ -162,7 +162,7 @@ def test_the_cache_keeps_no_model_alive():
 
 class _OwnAttention(nn.Module):
     """A patch embedding, then attention over the 4 tokens in the model's own forward (no submodule): no default
-    layer (refused, :func:`salience.methods.gradcam._refuse_inline_attention`)."""
+    layer (refused, :func:`salience.methods._layer_search._refuse_inline_attention`)."""
 
     def __init__(self) -> None:
         super().__init__()
