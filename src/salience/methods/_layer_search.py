@@ -155,6 +155,7 @@ def _default_call(model: nn.Module, x: Tensor,
     mod = resolve_layer(model, name)
     if "shape" in seen:
         return name, why, mod, seen["shape"]
+    check_input(x, model)  # a layer the model names: no search checked x
     return name, why, mod, _first_shape(_record_calls(model, x, only=mod), mod)
 
 
@@ -404,8 +405,8 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
     The model's own output is appended to ``outputs`` when given; with ``attending`` (a list), the
     attention operations of the pass are appended to it as ``(the innermost running module's name, the
     attention's shape or None)`` (:class:`_AttentionSpotter`), and its factorized attentions to ``factorized`` (a
-    list, given with ``attending``) as ``(module name, N tokens)``."""
-    check_input(x, model)
+    list, given with ``attending``) as ``(module name, N tokens)``. ``x``: checked by the caller
+    (:func:`~salience._core.autograd.check_input`)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError("cannot look inside a TorchScript model for a Grad-CAM layer; pass the Python nn.Module")
     calls: list[_Call] = []
@@ -764,9 +765,12 @@ def _map_candidates(model: nn.Module, x: Tensor, calls: list[_Call], classes: Op
     return cands
 
 
-def _pick_default(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[str, str]:
+def _pick_default(model: nn.Module, x: Tensor, seen: Optional[dict] = None, *,
+                  checked: bool = False) -> tuple[str, str]:
     """``(dotted name, why)`` of the default Grad-CAM layer (see :func:`default_layer`); ``seen``: a dict that gets
-    the search's ``"attention"`` and ``"shape"`` (:func:`_searched`)."""
+    the search's ``"attention"`` and ``"shape"`` (:func:`_searched`). Where the search runs, ``x`` is checked
+    (:func:`~salience._core.autograd.check_input`) unless ``checked`` says its caller did (a CAM checks its ``x``
+    first: a second finiteness test would be one more reduction, and a host-device synchronization on a GPU)."""
     attr = getattr(model, "salience_default_layer", None)
     if attr is not None:
         name = attr if isinstance(attr, str) else layer_name(model, resolve_layer(model, attr))
@@ -775,6 +779,8 @@ def _pick_default(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> t
     if info_layer:
         resolve_layer(model, info_layer)
         return info_layer, "the model's ModelInfo.default_layer"
+    if not checked:
+        check_input(x, model)
     with one_model():
         return _searched(model, x, seen)
 
@@ -801,8 +807,7 @@ def _searched(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple
     """:func:`_search`'s ``(name, why)``, cached (:data:`_SEARCHED`): a refusal of its rules after the pass is
     kept too (its message raised again as a new :class:`SalienceError`); one before it (the input, several
     patch embeddings: no pass to save) or an error of the pass itself is not. ``seen`` gets ``"attention"`` and
-    ``"shape"`` (:class:`_Found`)."""
-    check_input(x, model)
+    ``"shape"`` (:class:`_Found`). ``x``: checked by the caller (:func:`_pick_default`)."""
     _refuse_branches(model, x)
     key = (tuple(x.shape[1:]), x.dtype, x.device.type)
     fingerprint = structure(model)

@@ -28,22 +28,24 @@ from salience._core.tensors import check_flag
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike, split
 from salience.methods._multi import finish, several_targets
-from salience.methods._layer_search import default_layer, default_layer_readable, describe_default_layer
+from salience.methods._layer_search import _pick_default, default_layer, default_layer_readable, describe_default_layer
 from salience.methods._tokens import Layout, layer_layout, one_model
 
 __all__ = ["gradcam", "guided_gradcam", "default_layer", "describe_default_layer", "default_layer_readable",
            "gradient_cam", "resolve_cam_layer", "grid_layout", "upsample_maps"]
 
 
-def resolve_cam_layer(model: nn.Module, x: Tensor, layer: Optional[LayerSpec]) -> nn.Module:
-    """The module of ``layer`` (default: :func:`default_layer`), refused on TorchScript (no hooks)."""
+def resolve_cam_layer(model: nn.Module, x: Tensor, layer: Optional[LayerSpec], *, checked: bool = False) -> nn.Module:
+    """The module of ``layer`` (default: :func:`default_layer`), refused on TorchScript (no hooks). ``checked``:
+    the caller checked ``x`` (:func:`~salience._core.autograd.check_input`; every CAM does, first), so the
+    default-layer search does not test it again."""
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError(
             "Grad-CAM and the other CAMs read a layer's output with a forward hook, which a TorchScript model "
             "(torch.jit.ScriptModule) does not support; pass the original Python nn.Module"
         )
     if layer is None:
-        layer = default_layer(model, x)
+        layer = _pick_default(model, x, checked=checked)[0]
     mod = resolve_layer(model, layer)
     if isinstance(mod, torch.jit.ScriptModule):
         raise SalienceError(
@@ -104,7 +106,7 @@ def gradient_cam(
     """
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
-    mod = resolve_cam_layer(model, x, layer)
+    mod = resolve_cam_layer(model, x, layer, checked=True)
     # One forward pass; one backward pass per target, down to the layer only (the engine's backward() runs a
     # checkpoint as a plain call: a layer inside a reentrant one has no gradient in the forward pass otherwise).
     acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
@@ -196,7 +198,7 @@ def guided_gradcam(
     """
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
-    mod = resolve_cam_layer(model, x, layer)
+    mod = resolve_cam_layer(model, x, layer, checked=True)
     rules.check_model(model, "guided Grad-CAM")
     rule = rules.guided(unsupported=unsupported)
     # One ruled pass gives all K targets' guided input gradients and the layer's gradients.
