@@ -50,7 +50,7 @@ from _common import HERE, machine_info, machine_line  # noqa: E402
 import salience  # noqa: E402
 from salience import SalienceError  # noqa: E402
 from salience.methods import METHODS, default_methods  # noqa: E402
-from salience.methods.gradcam import _pick_default  # noqa: E402
+from salience.methods._layer_search import _pick_default  # noqa: E402
 from salience._core.layers import resolve_layer  # noqa: E402
 from salience.methods._tokens import layer_layout  # noqa: E402
 

@@ -162,7 +162,7 @@ def test_the_cache_keeps_no_model_alive():
 
 class _OwnAttention(nn.Module):
     """A patch embedding, then attention over the 4 tokens in the model's own forward (no submodule): no default
-    layer (refused, :func:`salience.methods.gradcam._refuse_inline_attention`)."""
+    layer (refused, :func:`salience.methods._layer_search._refuse_inline_attention`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -224,3 +224,30 @@ def test_the_structure_is_read_while_another_thread_hooks_the_model():
     finally:
         for h in handles + switch.handles:
             h.remove()
+
+
+def test_a_cached_default_adds_no_finiteness_test(counted, monkeypatch):
+    """A CAM checks its ``x`` once; the search it asks for its layer does not test ``x`` again (one more reduction,
+    a host-device synchronization on a GPU): a cached call runs as many finiteness tests as one with the layer
+    named. Called alone, the search still refuses a non-finite ``x``, cached or not."""
+    from salience._core import autograd
+
+    net, _ = counted
+    x = torch.rand(2, 3, 8, 8)
+    tests: list = []
+    real = autograd._all_finite
+    monkeypatch.setattr(autograd, "_all_finite", lambda t: tests.append(1) or real(t))
+    salience.gradcam(net, x, 1)  # the search runs
+    del tests[:]
+    salience.gradcam(net, x, 1)
+    cached = len(tests)
+    del tests[:]
+    salience.gradcam(net, x, 1, layer="4")
+    assert cached == len(tests) > 0
+    bad = x.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    for ask in (default_layer, describe_default_layer):
+        with pytest.raises(SalienceError, match="1 NaN or infinite"):
+            ask(net, bad)
+    with pytest.raises(SalienceError, match="1 NaN or infinite"):
+        salience.gradcam(net, bad, 1)

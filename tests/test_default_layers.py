@@ -811,7 +811,7 @@ def test_overlapping_traced_passes_put_torchs_checkpoint_back():
     saving, in the user's training too). Now the swap is counted: torch's own ``apply`` is back when the last leaves."""
     from torch.utils.checkpoint import CheckpointFunction
 
-    from salience.methods.gradcam import _plain_checkpoints
+    from salience._core.checkpoints import plain_checkpoints as _plain_checkpoints
 
     a, b = _plain_checkpoints(), _plain_checkpoints()
     a.__enter__()
@@ -867,7 +867,7 @@ def test_plain_checkpoints_leave_other_threads_checkpoints_as_torchs():
 
     from torch.utils.checkpoint import CheckpointFunction
 
-    from salience.methods.gradcam import _plain_checkpoints
+    from salience._core.checkpoints import plain_checkpoints as _plain_checkpoints
 
     lin = nn.Linear(4, 4)
     seen: dict = {}
@@ -901,7 +901,7 @@ def test_plain_checkpoints_run_this_threads_non_reentrant_checkpoints_plainly_an
     from torch.utils import checkpoint as ck
 
     from salience._core.checkpoints import _NON_REENTRANT
-    from salience.methods.gradcam import _plain_checkpoints
+    from salience._core.checkpoints import plain_checkpoints as _plain_checkpoints
 
     torch_own = [getattr(ck, name, None) for name in _NON_REENTRANT]
     lin = nn.Linear(4, 4)

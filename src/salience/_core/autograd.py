@@ -501,19 +501,16 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
     # the tap (every torch call of the forward through Python) runs until a pass of the model's structure
     # showed whether it ends in a softmax; after one that showed none, a softmax's gradient function on the
     # output says that it now does (the pass is then run again with the tap)
-    tapped = strip_softmax and target_layer is None
-    tap = _SoftmaxTap() if tapped and final_softmax(model) is not False else None
+    softmax = _SoftmaxPass(model, run) if strip_softmax and target_layer is None else None
+    tap = softmax.tap if softmax is not None else None
     out, captured = _hooked_forward(model, x_in, target_layer, layers, extra_modes, run, tap)
-    redone = tapped and tap is None and _softmax_output(out, model)
-    if redone:
-        tap = _SoftmaxTap()
-        out, captured = _hooked_forward(model, x_in, target_layer, layers, extra_modes, run, tap)
-    if tapped:
-        out, stripped = _before_softmax(out, tap, run, model, record=not redone)
-    else:
-        stripped = False
-    if not stripped and tapped:
-        _warn_if_probabilities(out)
+    if softmax is not None and softmax.untapped_softmax(out):
+        softmax.record(True)  # known now: the pass under the tap records nothing again
+        out, captured = _hooked_forward(model, x_in, target_layer, layers, extra_modes, run, softmax.tap_again())
+    if softmax is not None:
+        out, stripped = softmax.strip(out)
+        if not stripped:
+            _warn_if_probabilities(out)
     for layer, store in zip(layers, captured):
         if not store or not isinstance(store[0], Tensor):
             raise layer_not_captured(model, layer, store)
@@ -778,30 +775,15 @@ def _scores_pass(model: nn.Module, xb: Tensor, run: Optional[_perf.Run], strip_s
         out, done = _perf.forward_call(model, xb, True, strip_softmax, lambda: None)
         if done:
             return unwrap_output(out, model)
-    # the tap until a pass of the model's structure showed whether it ends in a softmax (final_softmax); after one
-    # that showed none, an output of probabilities (or their logarithms) runs the pass again with the tap: without
-    # gradients there is no gradient function to say that a softmax appeared (a flag the forward reads). Looked
-    # at in the first pass of a many-pass call only (_look_for_softmax): the rest would wait for the device.
-    tap = _SoftmaxTap() if strip_softmax and final_softmax(model) is not False else None
-    out = _tapped_pass(model, xb, run, tap)
-    redone = strip_softmax and tap is None and _look_for_softmax(model) and _probabilities_like(out)
-    if redone:
-        tap = _SoftmaxTap()
-        out = _tapped_pass(model, xb, run, tap)
-    return _before_softmax(out, tap, run, model if strip_softmax else None)[0]
-
-
-def _look_for_softmax(model: nn.Module) -> bool:
-    """Whether a pass without gradients of ``model``, of a structure known to end in no softmax, looks at its
-    output for probabilities (:func:`_scores_pass`; a host-device synchronization): always outside a many-pass
-    call, and in its first pass of ``model`` inside one (:func:`salience._core.derived.run_scope`). A softmax
-    that appears without a change of structure does so by a flag or a setting the forward reads, which the
-    user sets between calls, not while one runs (salience changes nothing on the model in a call, and restores
-    all of it after): the first pass of the call shows it (it is then run again with the tap, which records
-    that the structure ends in a softmax; its later passes run with the tap). The clean images' pass of a
-    perturbation method, before its many passes, looks too."""
-    scope = _derived.current()
-    return scope is None or scope.first(("softmax-look", id(model)), model)
+    # without gradients there is no gradient function to say that a softmax appeared (a flag the forward reads):
+    # an output of probabilities (or their logarithms) does, and the pass runs again under the tap
+    softmax = _SoftmaxPass(model, run) if strip_softmax else None
+    out = _tapped_pass(model, xb, run, softmax.tap if softmax is not None else None)
+    if softmax is None:
+        return out
+    if softmax.untapped_probabilities(out):
+        out = _tapped_pass(model, xb, run, softmax.tap_again())
+    return softmax.strip(out)[0]
 
 
 def _tapped_pass(model: nn.Module, xb: Tensor, run: Optional[_perf.Run], tap: Optional["_SoftmaxTap"]) -> Tensor:
@@ -827,28 +809,74 @@ def _probabilities_like(out: Tensor) -> bool:
     return bool((o <= 0).all()) and bool(torch.allclose(o.logsumexp(1), torch.zeros_like(o[:, 0]), atol=1e-4))
 
 
-def _before_softmax(out: Any, tap: Optional["_SoftmaxTap"], run: Any, model: Optional[nn.Module] = None,
-                    record: bool = True) -> tuple[Any, bool]:
-    """``out``, or the scores a final softmax turned into ``out`` when the tap saw that call; whether it
-    did (told to the run, and with ``record`` kept for ``model``'s structure: :func:`final_softmax`, unless the
-    output reads as probabilities all the same). Without a tap (a pass of a structure known to end in no softmax)
-    the answer is no."""
-    if tap is None and (model is None or final_softmax(model) is not False):
-        return out, False  # not looked for
-    stripped = tap is not None and tap.last is not None and out is tap.last[1]
-    if run is not None:
-        run.note_softmax(stripped)
-    if tap is not None and model is not None and record and (
-            stripped or (_look_for_softmax(model) and not _probabilities_like(out))):
-        # an output of probabilities that no softmax call made is never "known: no softmax": a pass without
-        # gradients would run twice (_scores_pass) where the tap costs a fraction of one. Inside a many-pass call,
-        # only its first look records "no softmax" (the later passes would wait for the device to say it again;
-        # a pass whose structure changes in every chunk, under a hook of its own, keeps the tap)
-        _note_final_softmax(model, stripped)
-    if stripped:
-        assert tap is not None and tap.last is not None
-        return tap.last[0], True
-    return out, False
+class _SoftmaxPass:
+    """One forward pass's final softmax (:func:`_forward`, :func:`_scores_pass`). The pass runs under the tap
+    (:class:`_SoftmaxTap`) until a pass of the model's structure showed whether its output is a softmax's
+    (:func:`final_softmax`); after one that showed none, an untapped output that came from a softmax all the same
+    (:meth:`untapped_softmax`, :meth:`untapped_probabilities`) runs the pass again under the tap
+    (:meth:`tap_again`). :meth:`strip` gives the scores before the softmax the tap saw, tells the run whether there
+    was one and records it for the structure (:meth:`record`, once per pass)."""
+
+    def __init__(self, model: nn.Module, run: Any) -> None:
+        self.model, self.run = model, run
+        self.tap: Optional[_SoftmaxTap] = _SoftmaxTap() if final_softmax(model) is not False else None
+        self.recorded = False  # what this pass showed is recorded for the structure already
+
+    def untapped_softmax(self, out: Any) -> bool:
+        """Whether ``out``, a gradient pass's output without the tap (a structure that showed no final softmax),
+        came from a softmax after all: its gradient function says so (the model's forward takes another path now,
+        by a flag it reads)."""
+        fn = getattr(out, "grad_fn", None)
+        return self.tap is None and fn is not None and type(fn).__name__ in _SOFTMAX_GRAD_FNS
+
+    def untapped_probabilities(self, out: Tensor) -> bool:
+        """Whether ``out``, an output without the tap and without gradients (no gradient function to tell), reads
+        as probabilities or their logarithms, when this pass looks (:meth:`look`)."""
+        return self.tap is None and self.look(out) is True
+
+    def look(self, out: Tensor) -> Optional[bool]:
+        """Whether ``out`` reads as probabilities or log-probabilities (:func:`_probabilities_like`, a host-device
+        synchronization); None where the pass does not look. Outside a many-pass call every pass looks; inside one
+        (:func:`salience._core.derived.run_scope`) only the call's first look at the model is made, and asking
+        takes it: the rest would wait for the device. A softmax that appears without a change of structure does so
+        by a flag or a setting the forward reads, which the user sets between calls, not while one runs (salience
+        changes nothing on the model in a call, and restores all of it after): the first pass of the call shows it
+        (it is then run again with the tap, which records that the structure ends in a softmax; its later passes
+        run with the tap). The clean images' pass of a perturbation method, before its many passes, looks too."""
+        scope = _derived.current()
+        if scope is not None and not scope.first(("softmax-look", id(self.model)), self.model):
+            return None
+        return _probabilities_like(out)
+
+    def tap_again(self) -> "_SoftmaxTap":
+        """A new tap, for the pass run again."""
+        self.tap = _SoftmaxTap()
+        return self.tap
+
+    def record(self, ends: bool) -> None:
+        """Record for the model's structure whether its output is a final softmax's (:func:`final_softmax`)."""
+        _note_final_softmax(self.model, ends)
+        self.recorded = True
+
+    def strip(self, out: Any) -> tuple[Any, bool]:
+        """``out``, or the scores a final softmax turned into ``out`` when the tap saw that call; whether it did
+        (told to the run, and recorded for the structure unless the pass recorded already). Without a tap (a
+        structure known to end in no softmax) the answer is no."""
+        if self.tap is None and final_softmax(self.model) is not False:
+            return out, False  # not looked for (the structure changed in the pass)
+        stripped = self.tap is not None and self.tap.last is not None and out is self.tap.last[1]
+        if self.run is not None:
+            self.run.note_softmax(stripped)
+        if self.tap is not None and not self.recorded and (stripped or self.look(out) is False):
+            # an output of probabilities that no softmax call made is never "known: no softmax": a pass without
+            # gradients would run twice (_scores_pass) where the tap costs a fraction of one. Inside a many-pass
+            # call, only its first look records "no softmax" (the later passes would wait for the device to say it
+            # again; a pass whose structure changes in every chunk, under a hook of its own, keeps the tap)
+            self.record(stripped)
+        if stripped:
+            assert self.tap is not None and self.tap.last is not None
+            return self.tap.last[0], True
+        return out, False
 
 
 # Whether a model ends in a softmax, per model (weakly), output pick and structure (perf.clear_cache() empties it).
@@ -879,17 +907,6 @@ def _pick_key(model: nn.Module) -> tuple:
     (:func:`unwrap_output`), a key or an index as it is, a function by its identity."""
     pick = model_info(model).output
     return (type(pick).__name__, pick if pick is None or isinstance(pick, (str, int)) else id(pick))
-
-
-def _softmax_output(out: Any, model: nn.Module) -> bool:
-    """Whether ``out`` (a pass without the tap, of a structure that showed no final softmax) came from a
-    softmax after all (its gradient function says so: the model's forward takes another path now). Then
-    the structure keeps the tap from now on."""
-    fn = getattr(out, "grad_fn", None)
-    if fn is None or type(fn).__name__ not in _SOFTMAX_GRAD_FNS:
-        return False
-    _note_final_softmax(model, True)
-    return True
 
 
 def predicted_classes(model: nn.Module, x: Tensor, *, batch_size: Optional[int] = None) -> Tensor:

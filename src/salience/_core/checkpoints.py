@@ -76,7 +76,7 @@ def plain_checkpoints() -> Iterator[None]:
     """A ``torch.utils.checkpoint`` run in this thread runs its function as a plain call in the block. Reentrant
     (``use_reentrant=True``: timm's ``set_grad_checkpointing()`` with reentrant checkpoints, Hugging Face's gradient
     checkpointing): the same values, now with the autograd graph the search and the CAMs read (the data flow of
-    ``gradcam._refuse_parallel_streams``, which outputs depend on the input, a layer's gradient); under the checkpoint they
+    ``_layer_search._refuse_parallel_streams``, which outputs depend on the input, a layer's gradient); under the checkpoint they
     had none (it runs under ``no_grad``). Non-reentrant (``use_reentrant=False``, timm's default): the same values,
     nothing recomputed in the backward pass, so what the modes entered around the forward pass computed (the attention
     capture's explicit attention, a backprop rule's functions) is what the backward pass reads; recomputed, it ran

@@ -302,8 +302,10 @@ class _Record:
     last: Any = None  # one-pass runs under compile: a weakref to the last call's input
     compiled: list[int] = field(default_factory=list)  # the one-pass sizes compiled (on _ONE_PASS's record)
     refused: bool = False  # a recurring size was refused for the cap (warned once; on _ONE_PASS's record)
-    per_item: Optional[int] = None  # the engine's memory probe: bytes per item of an eager chunk (reused by FREEZE)
-    probes: dict[int, int] = field(default_factory=dict)  # the same, per number of images of the call (Run.known_probe)
+    # the engine's memory probe: bytes per item of an eager chunk, per number of images of the call
+    # (Run.known_probe), in the order measured: the last, for any number of images, is what FREEZE reuses
+    # (Run.reused_probe)
+    probes: dict[int, int] = field(default_factory=dict)
     tails: dict[int, Any] = field(default_factory=dict)  # FREEZE: per size of a last, shorter chunk, the weights_key of its last call
     frozen_tails: list[int] = field(default_factory=list)  # FREEZE: the tail sizes that run frozen (FROZEN_TAILS)
 
@@ -387,8 +389,7 @@ class Run:
         self._item_shape = tuple(x.shape[1:])
         self.structure = structure(model)
         if rec.structure != self.structure:  # a module, a forward or a hook changed: found again
-            rec.softmax, rec.per_item, rec.structure = None, None, self.structure
-            rec.probes = {}
+            rec.softmax, rec.probes, rec.structure = None, {}, self.structure
         # What the folded copy is kept for, taken now (a channels-last chunk moves the parameters).
         self._fold_key = _fold_key(model) if self.options.fold_batchnorm else None
         self.channels_last = False
@@ -484,7 +485,7 @@ class Run:
         same in every call)."""
         if not self.options.freeze or not self.softmax_checked:
             return None
-        return self.record.per_item
+        return next(reversed(self.record.probes.values()), None)
 
     def known_probe(self, n_images: int) -> Optional[int]:
         """The bytes per item that an earlier call's memory probe measured for this model, tag, item shape,
@@ -497,8 +498,8 @@ class Run:
 
     def probed(self, per_item: int, n_images: int) -> None:
         """Record what this run's memory probe measured (bytes per item) for a call of ``n_images``
-        images, for :meth:`reused_probe` and :meth:`known_probe`."""
-        self.record.per_item = per_item
+        images, for :meth:`reused_probe` (the last measured) and :meth:`known_probe`."""
+        self.record.probes.pop(n_images, None)  # measured again: now the last
         self.record.probes[n_images] = per_item
 
     # ---- what a chunk runs under

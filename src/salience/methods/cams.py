@@ -183,7 +183,7 @@ def _fused_layercam(model: nn.Module, x: Tensor, target: TargetLike, layers: lis
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
         raise SalienceError(f"gamma must be a positive number (the paper's is 2), got {gamma!r}")
     targets, multi = split(target, x.shape[0])
-    mods = [resolve_cam_layer(model, x, spec) for spec in layers]
+    mods = [resolve_cam_layer(model, x, spec, checked=True) for spec in layers]
     g = backward(model, x, targets, layers=mods, input_grad=False, strip_softmax=strip_softmax)
     maps = []
     for mod, acts, grads in zip(mods, g.activations, g.layer_grads):
@@ -242,7 +242,7 @@ def eigencam(
             "gradcam, hirescam, layercam ..."
         )
     check_input(x, model)
-    mod = resolve_cam_layer(model, x, layer)
+    mod = resolve_cam_layer(model, x, layer, checked=True)
     acts = layer_output(model, x, mod)
     try:
         layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)

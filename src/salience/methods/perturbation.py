@@ -329,7 +329,9 @@ def rise_masks(start: int, stop: int, size: tuple[int, int], *, cell: int = 7, p
     grid = torch.stack(grids)
     if device is not None and torch.device(device).type == "cuda":  # a blocking copy waits for the device
         grid = grid.pin_memory().to(device, non_blocking=True)
-    grid = grid.to(device).unsqueeze(1)
+    else:
+        grid = grid.to(device)
+    grid = grid.unsqueeze(1)
     up = F.interpolate(grid, size=((cell + 1) * ch, (cell + 1) * cw), mode="bilinear", align_corners=False)[:, 0]
     return torch.stack([up[k, dy:dy + h, dx:dx + w] for k, (dy, dx) in enumerate(shifts)])
 

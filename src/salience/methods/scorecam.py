@@ -66,7 +66,7 @@ def _setup(method: str, model: nn.Module, x: Tensor, target: Any, layer: Optiona
                             "does not support; pass the original Python nn.Module (or use occlusion / rise)")
     targets, multi = split(target, x.shape[0])
     check_perturbation_targets(targets, method)
-    return targets, multi, resolve_cam_layer(model, x, layer)
+    return targets, multi, resolve_cam_layer(model, x, layer, checked=True)
 
 
 def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
