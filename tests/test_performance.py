@@ -595,6 +595,43 @@ def test_compile_freeze_runs_the_passes_without_gradients_frozen(snapshot_freezi
     assert sums.layouts == ["contiguous", "contiguous compiled frozen", "contiguous"]
 
 
+def test_the_reused_probe_is_read_while_another_thread_records_one():
+    """compile="freeze" reuses the memory probe last measured for the model (Run.reused_probe), while another
+    thread's call on the same model may record one (Run.probed, for another number of images). A thread switch
+    may come between any two bytecode instructions: here another run records a probe at every one of the read's
+    (a trace of its opcodes), and the read gives a recorded value, never an error. A reverse iterator over the
+    probes' dict, read across such a switch, raised "dictionary changed size during iteration"."""
+    import sys
+
+    model, x = ThreeConv(), torch.rand(1, 3, 8, 8)
+    reader = _perf.Run(model, x, _perf.Performance(compile="freeze"), tag="race")
+    writer = _perf.Run(model, x, _perf.Performance(compile="freeze"), tag="race")
+    assert reader.record is writer.record
+    writer.probed(1000, 1)
+    reader.softmax_checked = True  # the final softmax known: the run may reuse the probe
+    written = [1000]
+
+    def switch(frame, event, arg):  # "another thread" records a probe between two instructions of the read
+        if event == "opcode":
+            written.append(1000 + len(written))
+            writer.probed(written[-1], len(written))
+        return switch
+
+    def calls(frame, event, arg):
+        if frame.f_code is not _perf.Run.reused_probe.__code__:
+            return None
+        frame.f_trace_opcodes = True
+        return switch
+
+    before = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        got = reader.reused_probe()
+    finally:
+        sys.settrace(before)
+    assert len(written) > 3 and got in written
+
+
 def _change_weights(model: nn.Module, change: str) -> None:
     """Change a :class:`ThreeConv`'s weights in place the way ``change`` names (its modules, and so
     its structure, stay the same): an optimizer step, ``load_state_dict``, ``copy_``, a buffer, a new

@@ -485,7 +485,10 @@ class Run:
         same in every call)."""
         if not self.options.freeze or not self.softmax_checked:
             return None
-        return next(reversed(self.record.probes.values()), None)
+        # one C call copies the values (no thread switch inside it): another run's probed() may change the dict
+        # between any two instructions of this read, where an iterator over it would raise
+        measured = tuple(self.record.probes.values())
+        return measured[-1] if measured else None
 
     def known_probe(self, n_images: int) -> Optional[int]:
         """The bytes per item that an earlier call's memory probe measured for this model, tag, item shape,

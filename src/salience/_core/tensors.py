@@ -1,6 +1,6 @@
 """The one home of small tensor and argument helpers that several layers need.
 
-Gaussian blur, per-sample scaling to ``[0, 1]``, the device and dtype of a model, and the checks
+Gaussian blur, the maps' bilinear upsampling, per-sample scaling to ``[0, 1]``, the device and dtype of a model, and the checks
 of integer and number arguments (one message shape for every option of every method).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 
-__all__ = ["autocast_off", "gaussian_blur", "gaussian_kernel1d", "minmax", "unit_scale", "first_tensor", "model_device", "model_dtype", "check_int", "check_number", "check_flag", "check_optional_flag"]
+__all__ = ["autocast_off", "gaussian_blur", "gaussian_kernel1d", "upsample_bilinear", "minmax", "unit_scale", "first_tensor", "model_device", "model_dtype", "check_int", "check_number", "check_flag", "check_optional_flag"]
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
@@ -74,6 +74,14 @@ def gaussian_kernel1d(sigma: float, radius: int, device: torch.device, dtype: to
     ax = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
     k = torch.exp(-0.5 * (ax / sigma) ** 2)
     return k / k.sum()
+
+
+def upsample_bilinear(m: Tensor, size: tuple[int, int]) -> Tensor:
+    """Maps ``(B, h, w)`` -> ``(B, H, W)`` for ``size`` ``(H, W)`` by bilinear interpolation, ``align_corners=False``
+    (the CAMs' and attention rollout's upsampling to the input); ``m`` itself where it has that size already."""
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m
+    return F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
 def minmax(m: Tensor, eps: float = 1e-12) -> Tensor:

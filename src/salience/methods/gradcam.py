@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salience._core import engine as _engine
@@ -24,7 +23,7 @@ from salience import rules
 from salience._core.autograd import backward, check_input, this_thread
 from salience._core.errors import SalienceError
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
-from salience._core.tensors import check_flag
+from salience._core.tensors import check_flag, upsample_bilinear
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike, split
 from salience.methods._multi import finish, several_targets
@@ -66,12 +65,6 @@ def grid_layout(model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor, grid:
                         what=f"the CAM layer {name!r}")
 
 
-def _upsample(cam: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(cam.shape[-2:]) == tuple(size):
-        return cam
-    return F.interpolate(cam.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-
-
 def _gradcam_map(acts: Tensor, grads: Tensor) -> Tensor:
     """Grad-CAM before its ReLU: ``sum_k mean_ij(G_k) A_k``, ``(B, K, h, w)`` x 2 -> ``(B, h, w)``."""
     return (grads.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1)
@@ -80,7 +73,7 @@ def _gradcam_map(acts: Tensor, grads: Tensor) -> Tensor:
 def upsample_maps(cam: Tensor, size: tuple[int, int]) -> Tensor:
     """``(B, K, h, w)`` -> ``(B, K, H, W)`` by Grad-CAM's bilinear upsampling (see the module doc)."""
     b, k = cam.shape[:2]
-    return _upsample(cam.flatten(0, 1), size).unflatten(0, (b, k))
+    return upsample_bilinear(cam.flatten(0, 1), size).unflatten(0, (b, k))
 
 
 @one_model()  # one trace of the model's grids for the default layer and the layout

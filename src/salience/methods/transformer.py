@@ -31,10 +31,9 @@ from torch import Tensor, nn
 from salience.attention import AttentionCapture, attention_maps, check_model
 from salience._core.autograd import backward, check_input, unwrap_output
 from salience._core.errors import SalienceError
-from salience._core.tensors import autocast_off, check_flag
+from salience._core.tensors import autocast_off, check_flag, upsample_bilinear
 from salience.methods._multi import several_targets
 from salience.methods._tokens import Layout, token_layout
-from salience.methods.gradcam import _upsample
 from salience.targets import TargetLike, check_output, checked_on_output, split
 
 __all__ = ["attention_rollout", "transformer_attribution", "HEAD_FUSIONS"]
@@ -77,7 +76,7 @@ def _row_map(r: Tensor, layout: Layout, x: Tensor, upsample: bool) -> Tensor:
     """The class token's row of ``r`` ``(B, N, N)`` over the patches -> ``(B, H, W)`` (or ``(B, h, w)``)."""
     assert layout.grid is not None
     m = r[:, 0, layout.prefix:].unflatten(-1, layout.grid)
-    return _upsample(m, tuple(x.shape[-2:])) if upsample else m
+    return upsample_bilinear(m, tuple(x.shape[-2:])) if upsample else m
 
 
 def _working(a: Tensor, x: Tensor) -> Tensor:
