@@ -20,7 +20,13 @@ active (around one forward pass, in the entering thread only):
   ``torch._native_multi_head_attention`` asked for the per-head weights instead: the operators
   of the bare fast-path forward, the same ``A``;
 * an explicit ``softmax(..., dim=-1)`` of a tensor of 3 or more dims (``torch.softmax``,
-  ``F.softmax``, ``x.softmax(-1)``): taken to be attention; its output is recorded as it is.
+  ``F.softmax``, ``torch.special.softmax``, ``x.softmax(-1)``): taken to be attention; its output is
+  recorded as it is (5 or more dims: local attention, VOLO's outlook ``(B, heads, positions, K*K, K*K)``,
+  which the attention methods refuse by name); ``softmax(dim=1)`` of a 4-D tensor with the keys first,
+  ``(B, S, heads, L)`` or ``(B, S, L, heads)``: recorded permuted to ``(B, heads, L, S)``.
+
+Every other torch call of the pass also reaches the mode (that is how modes work): it leaves at once
+on one set lookup of the function (:data:`_WATCHED`).
 
 What real models run is covered: timm's ``Attention`` (SDPA when ``fused_attn``, else
 ``(q * scale) @ k^T``, ``softmax(dim=-1)``, ``attn_drop``), Hugging Face eager attention
@@ -29,7 +35,7 @@ What real models run is covered: timm's ``Attention`` (SDPA when ``fused_attn``,
 
 So the numbers are the attention's own (up to float rounding of a fused kernel) and the recorded
 ``A`` is the very tensor the output is computed from: a gradient reaches it. Each ``A`` is
-recorded as ``(B, heads, L, S)``: 4-D as it is; a 3-D ``(B * heads, L, S)`` (``bmm``-style) is
+recorded as ``(B, heads, L, S)``: 4-D (or more) as it is; a 3-D ``(B * heads, L, S)`` (``bmm``-style) is
 split with the batch size ``batch`` when given, else read as one head. Dropout inside attention
 runs as the model asks (explaining runs in eval mode, where modules pass ``dropout_p=0``).
 
