@@ -61,7 +61,7 @@ def _check_maps(shapes: list[tuple[int, ...]], batch: int, method: str) -> int:
             "this model with gradcam (or another gradient method: vanilla, integrated_gradients)"
         )
     n = shapes[0][-1]
-    bad = [s for s in shapes if s[0] != batch or tuple(s[-2:]) != (n, n)]
+    bad = [s for s in shapes if len(s) != 4 or s[0] != batch or tuple(s[-2:]) != (n, n)]
     if bad:
         raise SalienceError(
             f"{method} needs global self-attention over the same N tokens in every layer, one sequence per image "
