@@ -3,6 +3,7 @@
     python benchmarks/transformers.py                      # vit_b_16 (random weights), 4 images 224x224, 2 threads, 7 rounds
     python benchmarks/transformers.py --batch 2 --rounds 5
     python benchmarks/transformers.py --profile            # also: where the time of one call of each goes (torch.profiler)
+    python benchmarks/transformers.py --model vit_tiny --size 64 --batch 1   # where the per-call overhead shows on a CPU
 
 Goal (issue "Real models", Speed): attention rollout costs one forward pass, transformer
 attribution one forward and one backward, each within 1.10x of those bare passes. Two tables, one
@@ -46,6 +47,19 @@ from _common import (HERE, bare, cuda_info, fmt_spread as _spread, frozen_copy, 
                      pick_device, predicted, timed)
 
 import salience  # noqa: E402
+
+
+def tiny_vit(threads: int) -> torch.nn.Module:
+    """``--model vit_tiny``: torchvision's ``VisionTransformer`` in ViT-Ti's layout (12 layers, width 192, 4 heads:
+    an even count, so the bare forward takes the fast path) on 64 px images with 8 px patches (65 tokens), random
+    weights: the same ~340 torch calls per forward as ``vit_b_16`` at a small fraction of its arithmetic, so the
+    per-call cost of the attention capture shows on a CPU (pass ``--size 64``)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=64, patch_size=8, num_layers=12, num_heads=4, hidden_dim=192,
+                             mlp_dim=768).eval()
 
 
 def bare_forward(model: torch.nn.Module, x: torch.Tensor) -> None:
@@ -169,7 +183,7 @@ def main(argv=None) -> int:
     if args.warmup is None:
         args.warmup = 3 if device.type == "cuda" else 1
 
-    model = make_model(args.model, args.threads)
+    model = tiny_vit(args.threads) if args.model == "vit_tiny" else make_model(args.model, args.threads)
     torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zeroes the head: every score would be 0
     model.to(device)
     x = make_images(args.batch, args.size).to(device)

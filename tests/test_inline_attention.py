@@ -131,11 +131,12 @@ def _rollout_by_hand(net: OwnViT, x: torch.Tensor) -> torch.Tensor:
         net(x)
     for h in hooks:
         h.remove()
-    r = torch.eye(17).expand(len(x), 17, 17)
+    eye = torch.eye(17, dtype=x.dtype)
+    r = eye.expand(len(x), 17, 17)
     for blk, u in zip(net.blocks, kept):
         q, k, _ = blk.mix.qkv(u).detach().reshape(len(x), 17, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
         a = torch.softmax(q @ k.transpose(-1, -2) / (D // HEADS) ** 0.5, -1).mean(1)
-        a = 0.5 * a + 0.5 * torch.eye(17)
+        a = 0.5 * a + 0.5 * eye
         r = (a / a.sum(-1, keepdim=True)) @ r
     m = r[:, 0, 1:].reshape(len(x), 1, 4, 4)
     return F.interpolate(m, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
@@ -200,3 +201,110 @@ def test_softmax_over_a_maps_width_in_the_models_own_forward_keeps_the_default_l
     ref = gradcam_by_hand(net, x, "conv2", target)
     assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+
+
+# --- attention laid out with the keys on dim 1; local (outlook) attention ---------------------------------
+
+class KeysFirstMixer(nn.Module):
+    """``mix``'s attention (the same ``qkv`` / ``proj``) computed with the keys on dim 1: logits ``(B, S, heads, L)``
+    (``"bshl"``) or ``(B, S, L, heads)`` (``"bslh"``) by einsum, ``softmax(dim=1)``, then ``A v`` by einsum; or
+    ``"cast"``: the logits cast to float32 for the softmax and back (``.float().softmax(-1).to(q.dtype)``)."""
+
+    def __init__(self, mix: Mixer, layout: str):
+        super().__init__()
+        self.qkv, self.proj, self.layout = mix.qkv, mix.proj, layout
+
+    def forward(self, t):
+        b, n, d = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, HEADS, d // HEADS).permute(2, 0, 3, 1, 4)
+        q = q * (d // HEADS) ** -0.5
+        if self.layout == "cast":
+            o = (q @ k.transpose(-1, -2)).float().softmax(-1).to(q.dtype) @ v
+        else:
+            a = torch.einsum(f"bhld,bhsd->{self.layout}", q, k).softmax(dim=1)
+            o = torch.einsum(f"{self.layout},bhsd->bhld", a, v)
+        return self.proj(o.transpose(1, 2).reshape(b, n, d))
+
+
+def _keys_first_net(layout: str) -> OwnViT:
+    net = _net(sdpa=False)
+    for blk in net.blocks:
+        blk.mix = KeysFirstMixer(blk.mix, layout)
+    return net.double() if layout == "cast" else net  # float64: the cast makes a float32 copy
+
+
+@pytest.mark.parametrize("layout", ["bshl", "bslh", "cast"])
+def test_attention_with_the_keys_on_dim_1_or_a_cast_softmax_is_captured(layout):
+    """A softmax over dim 1 of ``(B, S, heads, L)`` / ``(B, S, L, heads)`` was not seen (``saw no attention``):
+    it is the attention ``(B, heads, L, S)`` permuted. Rollout equals the hand-written rollout; transformer
+    attribution equals the one of the same weights with the attention laid out ``(B, heads, L, S)``."""
+    net, x = _keys_first_net(layout), torch.rand(2, 3, 32, 32)
+    x = x.to(net.cls.dtype)
+    assert default_layer(net, x) == "blocks.1.norm1"  # the mixer runs attention (was 'embed' for dim 1)
+    with unchanged(net):
+        got = salience.attention_rollout(net, x)
+        attr = salience.transformer_attribution(net, x, torch.tensor([0, 3]))
+    ref = _rollout_by_hand(_net(sdpa=False).to(x.dtype), x)
+    assert_each_varies(ref)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    plain = salience.transformer_attribution(_net(sdpa=False).to(x.dtype), x, torch.tensor([0, 3]))
+    assert_each_varies(plain)
+    torch.testing.assert_close(attr, plain, rtol=1e-4, atol=1e-6)
+
+
+class LocalMixer(nn.Module):
+    """Outlook attention as VOLO's (kernel 3): each of the 4x4 patches attends to its 3x3 neighbourhood with
+    weights from a linear map of its own token, a softmax over the last dim of ``(B, heads, 16, 9, 9)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.v, self.attn, self.proj = nn.Linear(D, D), nn.Linear(D, 81 * HEADS), nn.Linear(D, D)
+        self.unfold = nn.Unfold(3, padding=1)
+
+    def forward(self, t):
+        b, n, d = t.shape
+        v = self.unfold(self.v(t).transpose(1, 2).reshape(b, d, 4, 4))  # (B, d * 9, 16)
+        v = v.reshape(b, HEADS, d // HEADS, 9, n).permute(0, 1, 4, 3, 2)  # (B, heads, 16, 9, d / heads)
+        a = self.attn(t).reshape(b, n, HEADS, 9, 9).transpose(1, 2).softmax(-1)
+        o = (a @ v).permute(0, 1, 4, 3, 2).reshape(b, d * 9, n)
+        return self.proj(F.fold(o, (4, 4), 3, padding=1).flatten(2).transpose(1, 2))
+
+
+class LocalThenGlobal(nn.Module):
+    """A local (outlook) attention over the 4x4 patches, then the class token and a global attention block."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.local = nn.Conv2d(3, D, 8, 8), LocalMixer()
+        self.cls = nn.Parameter(torch.randn(1, 1, D))
+        self.block, self.head = Block(sdpa=True, inline=False), nn.Linear(D, 5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + self.local(t)
+        return self.head(self.block(torch.cat([self.cls.expand(len(t), -1, -1), t], 1))[:, 0])
+
+
+@pytest.mark.parametrize("method", ["attention_rollout", "transformer_attribution"])
+def test_local_outlook_attention_is_refused_saying_to_use_gradcam(method):
+    """VOLO's outlook attention (a softmax over ``(B, heads, positions, 9, 9)``) was flattened into "heads" and
+    refused for the global layers' shapes instead (``(1, 12, 196, 196)`` named as the odd ones out); now the
+    refusal names the local attention and says what to use, and gradcam runs on the model."""
+    torch.manual_seed(0)
+    net, x = LocalThenGlobal().eval(), torch.rand(2, 3, 32, 32)
+    with unchanged(net), pytest.raises(SalienceError, match=r"1 of the model's 2 attention operations is local.*"
+                                                           r"\(2, 2, 16, 9, 9\).*VOLO's outlook.*gradcam"):
+        getattr(salience, method)(net, x, 1)
+    assert salience.gradcam(net, x, 1).shape == (2, 32, 32)
+
+
+def test_timm_volo_is_refused_naming_its_outlook_attention():
+    pytest.importorskip("timm")
+    from timm.models.volo import VOLO
+
+    logging.getLogger("timm").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    net = VOLO(layers=[1, 1], img_size=32, embed_dims=[16, 32], num_heads=[1, 2], stem_hidden_dim=8, num_classes=5,
+               downsamples=(True, False), outlook_attention=(True, False), post_layers=("ca",)).eval()
+    with pytest.raises(SalienceError, match=r"local, a softmax over a 5-D \(1, 1, 4, 9, 9\).*outlook.*gradcam"):
+        salience.attention_rollout(net, torch.rand(1, 3, 32, 32))

@@ -20,7 +20,13 @@ active (around one forward pass, in the entering thread only):
   ``torch._native_multi_head_attention`` asked for the per-head weights instead: the operators
   of the bare fast-path forward, the same ``A``;
 * an explicit ``softmax(..., dim=-1)`` of a tensor of 3 or more dims (``torch.softmax``,
-  ``F.softmax``, ``x.softmax(-1)``): taken to be attention; its output is recorded as it is.
+  ``F.softmax``, ``torch.special.softmax``, ``x.softmax(-1)``): taken to be attention; its output is
+  recorded as it is (5 or more dims: local attention, VOLO's outlook ``(B, heads, positions, K*K, K*K)``,
+  which the attention methods refuse by name); ``softmax(dim=1)`` of a 4-D tensor with the keys first,
+  ``(B, S, heads, L)`` or ``(B, S, L, heads)``: recorded permuted to ``(B, heads, L, S)``.
+
+Every other torch call of the pass also reaches the mode (that is how modes work): it leaves at once
+on one set lookup of the function (:data:`_WATCHED`).
 
 What real models run is covered: timm's ``Attention`` (SDPA when ``fused_attn``, else
 ``(q * scale) @ k^T``, ``softmax(dim=-1)``, ``attn_drop``), Hugging Face eager attention
@@ -29,7 +35,7 @@ What real models run is covered: timm's ``Attention`` (SDPA when ``fused_attn``,
 
 So the numbers are the attention's own (up to float rounding of a fused kernel) and the recorded
 ``A`` is the very tensor the output is computed from: a gradient reaches it. Each ``A`` is
-recorded as ``(B, heads, L, S)``: 4-D as it is; a 3-D ``(B * heads, L, S)`` (``bmm``-style) is
+recorded as ``(B, heads, L, S)``: 4-D (or more) as it is; a 3-D ``(B * heads, L, S)`` (``bmm``-style) is
 split with the batch size ``batch`` when given, else read as one head. Dropout inside attention
 runs as the model asks (explaining runs in eval mode, where modules pass ``dropout_p=0``).
 
@@ -58,6 +64,23 @@ from salience._core.tensors import check_flag
 __all__ = ["AttentionCapture", "attention_maps", "check_model"]
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+_MHA_NAMES = tuple(_MHA_SIGNATURE.parameters)
+_MHA_DEFAULTS = {n: p.default for n, p in _MHA_SIGNATURE.parameters.items() if p.default is not inspect.Parameter.empty}
+_SDPA = F.scaled_dot_product_attention
+_SOFTMAXES = frozenset({torch.softmax, Tensor.softmax, F.softmax, torch.special.softmax})
+# the functions the capture acts on; any other torch call passes straight through
+_WATCHED = frozenset({_SDPA, F.multi_head_attention_forward, *_SOFTMAXES})
+
+
+def _mha_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``F.multi_head_attention_forward``'s arguments by name, defaults filled in (what
+    ``inspect.Signature.bind`` gives, at a tenth of its cost: it runs once per attention layer)."""
+    a = dict(_MHA_DEFAULTS)
+    a.update(zip(_MHA_NAMES, args))
+    a.update(kwargs)
+    if len(a) != len(_MHA_NAMES) or len(args) > len(_MHA_NAMES):
+        _MHA_SIGNATURE.bind(*args, **kwargs)  # the call's own TypeError
+    return a
 
 
 def _additive(mask: Optional[Tensor], allowed_when_true: bool, like: Tensor) -> Optional[Tensor]:
@@ -109,7 +132,7 @@ class AttentionCapture(TorchFunctionMode):
         if t.dim() == 3:
             b = self.batch if self.batch and t.shape[0] % self.batch == 0 else t.shape[0]
             return t.reshape(b, -1, *t.shape[-2:])
-        return t if t.dim() == 4 else t.reshape(t.shape[0], -1, *t.shape[-2:])
+        return t  # 4-D as it is; 5-D or more too: local attention (VOLO's outlook: (B, heads, positions, K*K, K*K))
 
     @property
     def maps(self) -> list[Tensor]:
@@ -119,26 +142,31 @@ class AttentionCapture(TorchFunctionMode):
     def grads(self) -> list[list[Tensor]]:
         return [[self._shape(g) for g in gs] for gs in self._grads]
 
-    def _record(self, a: Tensor, kind: str) -> None:
+    def _record(self, a: Tensor, kind: str, order: tuple[int, ...] = ()) -> None:
+        """Record ``a``, the tensor the attention's output is computed from; ``order``: the permutation that
+        makes it ``(B, heads, L, S)`` (a softmax over dim 1), its gradient permuted alike."""
         store: list[Tensor] = []
-        shaped = self._shape(a)  # ``a`` itself or a view of it
+        shaped = self._shape(a.permute(order) if order else a)  # ``a`` itself or a view of it
         # reduced at once, while A is still in the cache; A itself is then free to go
         self._maps.append(shaped if self.reduce is None else self.reduce(shaped))
         self._grads.append(store)
         self.kinds.append(kind)
-        if self.keep_grads and a.requires_grad:
-            a.register_hook(lambda g: store.append(g))
+        if self.keep_grads and a.requires_grad:  # the hook on ``a``: a view of it is not on the output's path
+            a.register_hook(lambda g: store.append(g.permute(order) if order else g))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        # every torch call of the forward comes here: the others leave at once (one set lookup)
+        if func not in _WATCHED:
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name == "scaled_dot_product_attention":
+        if func is _SDPA:
             return self._sdpa(*args, **kwargs)
         if func is F.multi_head_attention_forward:
             return self._mha(args, kwargs)
         out = func(*args, **kwargs)
-        if name == "softmax" and _is_attention_softmax(args, kwargs):
-            self._record(out, "softmax")
+        order = _attention_order(args, kwargs)
+        if order is not None and isinstance(out, Tensor):
+            self._record(out, "softmax", order)
         return out
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
@@ -152,9 +180,7 @@ class AttentionCapture(TorchFunctionMode):
         return out
 
     def _mha(self, args: tuple, kwargs: dict) -> tuple[Tensor, Optional[Tensor]]:
-        p = _MHA_SIGNATURE.bind(*args, **kwargs)
-        p.apply_defaults()
-        a = p.arguments
+        a = _mha_arguments(args, kwargs)
         query, key, value, h = a["query"], a["key"], a["value"], int(a["num_heads"])
         if (a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"] or a["static_k"] is not None
                 or a["static_v"] is not None or query.dim() != 3):
@@ -235,13 +261,36 @@ def _mha_mask(a: dict, b: int, h: int, ln: int, s: int, like: Tensor) -> Optiona
     return mask
 
 
+def _softmax_input(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """A softmax call's ``(input, dim)``, whichever way it was spelled."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    return x, args[1] if len(args) > 1 else kwargs.get("dim")
+
+
 def _is_attention_softmax(args: tuple, kwargs: dict) -> bool:
     """A softmax over the last dim of a tensor of 3 or more dims (attention weights, not class scores)."""
-    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    x, dim = _softmax_input(args, kwargs)
     if not isinstance(x, Tensor) or x.dim() < 3 or not isinstance(dim, int):
         return False
     return dim in (-1, x.dim() - 1)
+
+
+def _attention_order(args: tuple, kwargs: dict) -> Optional[tuple[int, ...]]:
+    """How a softmax's output reads as attention weights ``(B, heads, L, S)``: ``()`` for a softmax over the
+    last dim of 3 or more dims (as it is); for a softmax over dim 1 of a 4-D tensor (keys on dim 1, the layout
+    ``(B, S, heads, L)`` or ``(B, S, L, heads)``) the permutation to ``(B, heads, L, S)``, the query axis being
+    the one other axis of size ``S`` (self-attention); ``None`` for any other softmax (not attention)."""
+    if _is_attention_softmax(args, kwargs):
+        return ()
+    x, dim = _softmax_input(args, kwargs)
+    if not isinstance(x, Tensor) or x.dim() != 4 or dim not in (1, -3):
+        return None
+    s, p, q = x.shape[1:]
+    if p == s != q:
+        return (0, 3, 2, 1)  # (B, S, L, heads)
+    if q == s != p:
+        return (0, 2, 3, 1)  # (B, S, heads, L)
+    return None
 
 
 def check_model(model: nn.Module, method: str = "this method") -> None:

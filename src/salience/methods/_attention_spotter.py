@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from salience.attention import _is_attention_softmax
+from salience.attention import _attention_order
 
 __all__: list[str] = []  # private to the methods (the default-layer search)
 
@@ -43,8 +43,8 @@ def _key_roles(k: Tensor) -> dict[str, Any]:
 class _AttentionSpotter(TorchFunctionMode):
     """Notes which module was running (the innermost, by name; ``""`` for the model's own forward) each time an
     attention operation ran, and the attention's shape ``(B, heads, L, S)``: ``F.scaled_dot_product_attention``,
-    ``F.multi_head_attention_forward`` or a softmax over the last dim of 3 or more dims (what
-    :class:`~salience.attention.AttentionCapture` takes for attention). So attention written as a bare function
+    ``F.multi_head_attention_forward`` or a softmax over the last dim of 3 or more dims or over dim 1 of
+    ``(B, keys, heads, queries)`` (what :class:`~salience.attention.AttentionCapture` takes for attention). So attention written as a bare function
     in a module of any name (a ``Mixer`` whose forward calls SDPA, a block computing ``softmax(q k^T) v`` inline)
     is seen as attention, as the attention methods see it. Also, in ``factorized``, each factorized attention: a
     softmax over dim -2 of ``(B, heads, N, d)`` or ``(B * heads, N, d)`` (keys over the tokens) whose output (a view
@@ -70,8 +70,8 @@ class _AttentionSpotter(TorchFunctionMode):
             self.seen.append((where, (*q.shape[:-1], k.shape[-2])))
         elif func is F.multi_head_attention_forward:
             self.seen.append((where, None))
-        elif name == "softmax" and _is_attention_softmax(args, kwargs) and isinstance(out, Tensor):
-            self.seen.append((where, tuple(out.shape)))
+        elif name == "softmax" and isinstance(out, Tensor) and (order := _attention_order(args, kwargs)) is not None:
+            self.seen.append((where, tuple(out.permute(order).shape if order else out.shape)))
         elif name == "softmax" and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
             self._keys.append((where, out, _key_roles(out), int(out.shape[-2])))
         elif name in _COPIES and self._keys and args and isinstance(out, Tensor):

@@ -47,18 +47,40 @@ def _check_maps(shapes: list[tuple[int, ...]], batch: int, method: str) -> int:
         raise SalienceError(
             f"{method} saw no attention operation in the model's forward pass: it needs a transformer whose "
             "attention runs through F.scaled_dot_product_attention, nn.MultiheadAttention or a softmax over the "
-            "last dim. For a convolutional model use gradcam"
+            "last dim (or over dim 1 of (B, keys, heads, queries)). For a convolutional model use gradcam"
+        )
+    local = [s for s in shapes if len(s) > 4]
+    if local:
+        verb = "is" if len(local) == 1 else "are"
+        raise SalienceError(
+            f"{method} needs attention between all tokens, (B, heads, N, N), in every layer; {len(local)} of the "
+            f"model's {len(shapes)} attention operations {verb} local, a softmax over a {len(local[0])}-D "
+            f"{local[0]} tensor (B, heads, positions, K*K, K*K): each position attends to its K x K window only, "
+            "as in VOLO's outlook attention, and no token-to-token matrix exists to roll out or weigh. Explain "
+            "this model with gradcam (or another gradient method: vanilla, integrated_gradients)"
         )
     n = shapes[0][-1]
     bad = [s for s in shapes if len(s) != 4 or s[0] != batch or tuple(s[-2:]) != (n, n)]
     if bad:
         raise SalienceError(
             f"{method} needs global self-attention over the same N tokens in every layer, one sequence per image "
-            f"(B = {batch}): (B, heads, N, N); the model's attention gives {bad[:3]}. Windowed attention (Swin), "
-            "attention that subsamples or pools the tokens (LeViT, PVT v2, MViTv2, Hiera) and cross-attention are not "
-            "supported: use gradcam"
+            f"(B = {batch}): (B, heads, N, N); the model's attention gives {_shape_runs(shapes)}. Windowed "
+            "attention (Swin), attention that subsamples or pools the tokens (LeViT, PVT v2, MViTv2, Hiera), class "
+            "attention over a class token added late (CaiT, VOLO) and cross-attention are not supported: use gradcam"
         )
     return n
+
+
+def _shape_runs(shapes: list[tuple[int, ...]], most: int = 4) -> str:
+    """``shapes`` in call order, runs of one shape counted: ``"4 x (1, 12, 196, 196), then 2 x (1, 12, 1, 197)"``."""
+    runs: list[list] = []
+    for s in shapes:
+        if runs and runs[-1][1] == s:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, s])
+    text = ", then ".join(f"{k} x {s}" for k, s in runs[:most])
+    return text + (f", ... ({len(runs) - most} more runs)" if len(runs) > most else "")
 
 
 def _layout(model: nn.Module, x: Tensor, n: int, prefix_tokens: object, grid: object, method: str) -> Layout:
@@ -150,6 +172,8 @@ def attention_rollout(
 
     def layer(a: Tensor) -> Tensor:  # each layer's A -> A' as soon as it is formed
         shapes.append(tuple(a.shape))
+        if a.dim() != 4 or a.shape[-1] != a.shape[-2]:
+            return a  # refused after the pass (_check_maps): nothing to compute
         return _rollout_layer(_working(a, x), head_fusion, discard_ratio)
 
     outputs: list[object] = []  # what the model returns, to check the targets against (no second pass)
