@@ -1139,6 +1139,17 @@ def _interrupted_at(scenario, model: nn.Module, point: tuple, k: int) -> tuple[b
     return _traced(scenario, model, calls), seen[0] >= k
 
 
+@contextmanager
+def _sigint_handled_by(handler):
+    """SIGINT's handler is ``handler`` in the block (Python's default one may be missing: a process started
+    with SIGINT ignored keeps it ignored), and the one before afterwards."""
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("scenario", [_nested, _run_with_calls, _shared])
 def test_ctrl_c_at_each_point_of_the_guards_bookkeeping(monkeypatch, scenario):
     """Ctrl-C (SIGINT, whose handler raises ``KeyboardInterrupt``) at each point where Python may raise
@@ -1152,15 +1163,16 @@ def test_ctrl_c_at_each_point_of_the_guards_bookkeeping(monkeypatch, scenario):
 
     monkeypatch.setattr(guard, "_lock", _LockOrFail())
     model = _tiny_trained_model()
-    before, handler = model_snapshot(model), signal.getsignal(signal.SIGINT)
+    before = model_snapshot(model)
     points = _points_passed(scenario, model)
     assert len(points) > 200  # the bookkeeping's paths were reached
     seen: collections.Counter = collections.Counter()
     for point in points:
         seen[point] += 1
-        finished, sent = _interrupted_at(scenario, model, point, seen[point])
-        assert sent and not finished, point  # the Ctrl-C was raised, at once or when the bookkeeping ended
-        assert signal.getsignal(signal.SIGINT) is handler, point
+        with _sigint_handled_by(signal.default_int_handler):
+            finished, sent = _interrupted_at(scenario, model, point, seen[point])
+            assert sent and not finished, point  # the Ctrl-C was raised, at once or when the bookkeeping ended
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, point
         assert_same_snapshot(before, model_snapshot(model))
         assert not guard._held and not guard._threads and not guard._guarding, point
         with model_guard(model):
@@ -1179,15 +1191,12 @@ def test_ctrl_c_in_the_guards_bookkeeping_calls_the_users_handler_once():
     def handler(signum, frame):
         calls.append(signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        seen: collections.Counter = collections.Counter()
+    seen: collections.Counter = collections.Counter()
+    with _sigint_handled_by(handler):
         for point in _points_passed(_run_with_calls, model):
             calls.clear()
             seen[point] += 1
             finished, sent = _interrupted_at(_run_with_calls, model, point, seen[point])
             assert finished and sent and calls == [signal.SIGINT], point
             assert signal.getsignal(signal.SIGINT) is handler, point
-    finally:
-        signal.signal(signal.SIGINT, previous)
     assert_same_snapshot(before, model_snapshot(model))
