@@ -1,9 +1,14 @@
 """The user's model comes back exactly as it was: after success, an exception, or Ctrl-C."""
 from __future__ import annotations
 
+import collections
 import copy
+import dis
 import re
+import signal
+import sys
 import threading
+import types
 from contextlib import contextmanager
 from typing import Optional
 
@@ -15,7 +20,7 @@ import salience
 from salience import SalienceError, targets
 from salience._core.guard import model_guard
 
-from conftest import SmallCNN, model_snapshot, unchanged
+from conftest import SmallCNN, assert_same_snapshot, model_snapshot, unchanged
 
 
 @contextmanager
@@ -991,3 +996,207 @@ def test_ctrl_c_while_the_guard_puts_the_model_back(small_cnn, monkeypatch):
         assert not guard._held and not guard._threads and not guard._guarding, n
         if finished:
             break
+
+
+
+def _tiny_trained_model() -> nn.Sequential:
+    """A BatchNorm in train mode, its bias frozen, its weight with a ``.grad``: few objects, so a Ctrl-C at
+    each point of the guards' bookkeeping stays cheap."""
+    model = nn.Sequential(nn.BatchNorm1d(2))
+    model.train()
+    model[0].bias.requires_grad_(False)
+    model[0].weight.grad = torch.ones(2)
+    return model
+
+
+def _nested(model: nn.Module) -> None:
+    with model_guard(model), model_guard(model):
+        pass
+
+
+def _run_with_calls(model: nn.Module) -> None:
+    """A dataset run's guard with calls inside that change the model (each put back to the run's baseline)."""
+    from salience._core.guard import run_guard
+
+    with run_guard(model):
+        with model_guard(model), model_guard(model):
+            model[0].running_mean.add_(1)
+            model[0].weight.grad = torch.zeros(2)
+
+
+def _shared(model: nn.Module) -> None:
+    """A second model holding the first one's BatchNorm, guarded inside the first one's guard."""
+    with model_guard(model), model_guard(nn.Sequential(model[0])):
+        pass
+
+
+# guard.py's functions that cannot change what the guards hold: the walk of the model before it is held, a class's kind
+_PURE = ("_walk", "_kind")
+
+
+class _LockOrFail:
+    """The guard's lock, failing the test where a Ctrl-C left it held (instead of waiting for good); as
+    ``threading.Lock``'s, its methods are not interrupted (not traced)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        assert self.lock.acquire(timeout=2), "a Ctrl-C left the guard's lock held"
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+
+def _interruption_points(code: types.CodeType) -> frozenset:
+    """The offsets in ``code`` where CPython may run a pending signal's handler (where Ctrl-C raises
+    ``KeyboardInterrupt``): a frame's start and a generator's resumption by ``next`` (not by ``throw`` or
+    ``close``), after each call, at a loop's back jump."""
+    points, after_call = set(), False
+    for ins in dis.get_instructions(code):
+        if after_call or ins.opname == "JUMP_BACKWARD" or (ins.opname == "RESUME" and ins.arg < 2):
+            points.add(ins.offset)
+        after_call = ins.opname in ("CALL", "CALL_FUNCTION_EX", "CALL_KW")
+    return frozenset(points)
+
+
+def _in_scope(frame: types.FrameType, top: types.CodeType) -> bool:
+    """Whether ``frame`` runs in one of guard.py's functions (but :data:`_PURE`), or in what one called
+    (below ``top``, the scenario's code)."""
+    from salience._core import guard
+
+    while frame is not None and frame.f_code is not top:
+        code = frame.f_code
+        if code in (_LockOrFail.__enter__.__code__, _LockOrFail.__exit__.__code__):
+            return False
+        if code.co_filename == guard.__file__:
+            return code.co_name not in _PURE
+        frame = frame.f_back
+    return False
+
+
+def _points_passed(scenario, model: nn.Module) -> list:
+    """``scenario(model)`` run, and the interruption points (:func:`_interruption_points`) it passed in
+    guard.py's functions and what they call, in order: ``(code, offset)``."""
+    passed: list = []
+    points: dict = {}
+
+    def local(frame, event, arg):
+        code = frame.f_code
+        if code not in points:
+            points[code] = _interruption_points(code)
+        if event in ("opcode", "call") and frame.f_lasti in points[code]:
+            passed.append((code, frame.f_lasti))
+        return local
+
+    def calls(frame, event, arg):
+        if not _in_scope(frame, scenario.__code__):
+            return None
+        frame.f_trace_opcodes = True
+        return local(frame, event, arg)
+
+    _traced(scenario, model, calls)
+    return passed
+
+
+def _traced(scenario, model: nn.Module, tracer) -> bool:
+    """``scenario(model)`` under the trace function ``tracer``: whether it finished (else a Ctrl-C ended it)."""
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        scenario(model)
+        return True
+    except KeyboardInterrupt:
+        return False
+    finally:
+        sys.settrace(previous)
+
+
+def _interrupted_at(scenario, model: nn.Module, point: tuple, k: int) -> tuple[bool, bool]:
+    """``scenario(model)`` with SIGINT (what Ctrl-C sends; its handler runs at once) the ``k``-th time it
+    passes ``point`` (``(code, offset)``) in scope (:func:`_in_scope`): (whether it finished, whether the
+    signal was sent). Only the frames of ``point``'s code are traced by opcode: a quick test."""
+    code, offset = point
+    seen = [0]
+
+    def passes(frame) -> bool:  # False once the signal was sent
+        if frame.f_lasti == offset:
+            seen[0] += 1
+            if seen[0] == k:
+                sys.settrace(None)
+                signal.raise_signal(signal.SIGINT)
+        return seen[0] < k
+
+    def local(frame, event, arg):
+        return None if event == "opcode" and not passes(frame) else local
+
+    def calls(frame, event, arg):
+        if frame.f_code is not code or not _in_scope(frame, scenario.__code__):
+            return None
+        frame.f_trace_opcodes = True
+        return local if passes(frame) else None
+
+    return _traced(scenario, model, calls), seen[0] >= k
+
+
+@contextmanager
+def _sigint_handled_by(handler):
+    """SIGINT's handler is ``handler`` in the block (Python's default one may be missing: a process started
+    with SIGINT ignored keeps it ignored), and the one before afterwards."""
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("scenario", [_nested, _run_with_calls, _shared])
+def test_ctrl_c_at_each_point_of_the_guards_bookkeeping(monkeypatch, scenario):
+    """Ctrl-C (SIGINT, whose handler raises ``KeyboardInterrupt``) at each point where Python may raise
+    it in the guards' functions and what they call, in turn (nested model guards, a run guard with calls
+    inside, two models sharing a module): afterwards the model is as it was, no guard holds anything, the
+    handler is the one before, and the next guard holds and restores the model again. Before, 117 of the
+    1402 points failed: a Ctrl-C inside the hold counts' bookkeeping (``_release``, ``_leave``, ``_each``,
+    part way through ``_hold``, between ``run_guard``'s hold and its ``try``) left counts behind, so the
+    model stayed in eval mode, frozen, or a later guard found a stale holder and did not restore it."""
+    from salience._core import guard
+
+    monkeypatch.setattr(guard, "_lock", _LockOrFail())
+    model = _tiny_trained_model()
+    before = model_snapshot(model)
+    points = _points_passed(scenario, model)
+    assert len(points) > 200  # the bookkeeping's paths were reached
+    seen: collections.Counter = collections.Counter()
+    for point in points:
+        seen[point] += 1
+        with _sigint_handled_by(signal.default_int_handler):
+            finished, sent = _interrupted_at(scenario, model, point, seen[point])
+            assert sent and not finished, point  # the Ctrl-C was raised, at once or when the bookkeeping ended
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, point
+        assert_same_snapshot(before, model_snapshot(model))
+        assert not guard._held and not guard._threads and not guard._guarding, point
+        with model_guard(model):
+            assert not model.training and not any(p.requires_grad for p in model.parameters())
+        assert_same_snapshot(before, model_snapshot(model))
+
+
+def test_ctrl_c_in_the_guards_bookkeeping_calls_the_users_handler_once():
+    """A user's own SIGINT handler (one that does not raise) is called once for a Ctrl-C at any point of
+    the guards, the guards finish, and it is the handler afterwards (the guard defers Ctrl-C only while it
+    changes its tables)."""
+    model = _tiny_trained_model()
+    before = model_snapshot(model)
+    calls: list = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+
+    seen: collections.Counter = collections.Counter()
+    with _sigint_handled_by(handler):
+        for point in _points_passed(_run_with_calls, model):
+            calls.clear()
+            seen[point] += 1
+            finished, sent = _interrupted_at(_run_with_calls, model, point, seen[point])
+            assert finished and sent and calls == [signal.SIGINT], point
+            assert signal.getsignal(signal.SIGINT) is handler, point
+    assert_same_snapshot(before, model_snapshot(model))
