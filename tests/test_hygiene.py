@@ -1054,7 +1054,8 @@ def _interruption_points(code: types.CodeType) -> frozenset:
     ``close``), after each call, at a loop's back jump."""
     points, after_call = set(), False
     for ins in dis.get_instructions(code):
-        if after_call or ins.opname == "JUMP_BACKWARD" or (ins.opname == "RESUME" and ins.arg < 2):
+        # RESUME's low two bits: 0 a frame's start, 1 after a yield (3.13 adds an except-depth bit above them)
+        if after_call or ins.opname == "JUMP_BACKWARD" or (ins.opname == "RESUME" and (ins.arg & 3) < 2):
             points.add(ins.offset)
         after_call = ins.opname in ("CALL", "CALL_FUNCTION_EX", "CALL_KW")
     return frozenset(points)
