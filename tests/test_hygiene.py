@@ -1054,7 +1054,8 @@ def _interruption_points(code: types.CodeType) -> frozenset:
     ``close``), after each call, at a loop's back jump."""
     points, after_call = set(), False
     for ins in dis.get_instructions(code):
-        if after_call or ins.opname == "JUMP_BACKWARD" or (ins.opname == "RESUME" and ins.arg < 2):
+        # RESUME's low two bits: 0 a frame's start, 1 after a yield (3.13 adds an except-depth bit above them)
+        if after_call or ins.opname == "JUMP_BACKWARD" or (ins.opname == "RESUME" and (ins.arg & 3) < 2):
             points.add(ins.offset)
         after_call = ins.opname in ("CALL", "CALL_FUNCTION_EX", "CALL_KW")
     return frozenset(points)
@@ -1099,20 +1100,22 @@ def _points_passed(scenario, model: nn.Module) -> list:
     return passed
 
 
-def _traced(scenario, model: nn.Module, tracer) -> bool:
-    """``scenario(model)`` under the trace function ``tracer``: whether it finished (else a Ctrl-C ended it)."""
+def _traced(scenario, model: nn.Module, tracer, raised: type = KeyboardInterrupt) -> bool:
+    """``scenario(model)`` under the trace function ``tracer``: whether it finished (else a Ctrl-C ended it:
+    SIGINT's handler raised ``raised``)."""
     previous = sys.gettrace()
     sys.settrace(tracer)
     try:
         scenario(model)
         return True
-    except KeyboardInterrupt:
+    except raised:
         return False
     finally:
         sys.settrace(previous)
 
 
-def _interrupted_at(scenario, model: nn.Module, point: tuple, k: int) -> tuple[bool, bool]:
+def _interrupted_at(scenario, model: nn.Module, point: tuple, k: int,
+                    raised: type = KeyboardInterrupt) -> tuple[bool, bool]:
     """``scenario(model)`` with SIGINT (what Ctrl-C sends; its handler runs at once) the ``k``-th time it
     passes ``point`` (``(code, offset)``) in scope (:func:`_in_scope`): (whether it finished, whether the
     signal was sent). Only the frames of ``point``'s code are traced by opcode: a quick test."""
@@ -1136,7 +1139,7 @@ def _interrupted_at(scenario, model: nn.Module, point: tuple, k: int) -> tuple[b
         frame.f_trace_opcodes = True
         return local if passes(frame) else None
 
-    return _traced(scenario, model, calls), seen[0] >= k
+    return _traced(scenario, model, calls, raised), seen[0] >= k
 
 
 @contextmanager
@@ -1200,3 +1203,34 @@ def test_ctrl_c_in_the_guards_bookkeeping_calls_the_users_handler_once():
             assert finished and sent and calls == [signal.SIGINT], point
             assert signal.getsignal(signal.SIGINT) is handler, point
     assert_same_snapshot(before, model_snapshot(model))
+
+
+class _Stop(Exception):
+    """What a user's SIGINT handler raises instead of ``KeyboardInterrupt``."""
+
+
+@pytest.mark.parametrize("raised", [SystemExit, _Stop])
+def test_ctrl_c_with_a_users_handler_that_raises_another_exception(monkeypatch, raised):
+    """A user's SIGINT handler that raises something else than ``KeyboardInterrupt`` (``sys.exit(1)``'s
+    ``SystemExit``, an exception of their own), at each point of the guards: the model is as it was, no
+    guard holds anything, the handler is the user's. Before, a Ctrl-C at the start of the exit's
+    ``_calmly`` (before the deferral) was done once more only for a ``KeyboardInterrupt``: with the user's
+    exception the hold stayed, the model in eval mode with frozen parameters for good."""
+    from salience._core import guard
+
+    monkeypatch.setattr(guard, "_lock", _LockOrFail())
+    model = _tiny_trained_model()
+    before = model_snapshot(model)
+
+    def handler(signum, frame):
+        raise raised(signum)
+
+    seen: collections.Counter = collections.Counter()
+    for point in _points_passed(_run_with_calls, model):
+        seen[point] += 1
+        with _sigint_handled_by(handler):
+            finished, sent = _interrupted_at(_run_with_calls, model, point, seen[point], raised)
+            assert sent and not finished, point
+            assert signal.getsignal(signal.SIGINT) is handler, point
+        assert_same_snapshot(before, model_snapshot(model))
+        assert not guard._held and not guard._threads and not guard._guarding, point
