@@ -35,6 +35,11 @@ Python raises ``KeyboardInterrupt``; SIGINT's handler, the user's own too, put b
 called), and a Ctrl-C just before the deferral starts leaves nothing done, which the exit's ``finally``
 does once more. ``tests/test_hygiene.py`` sends SIGINT at every point where Python may raise it in these
 functions (and what they call), nested and run guards, and checks the model, the tables and the next call.
+Two limits remain. A Ctrl-C in ``contextlib``'s ``__enter__`` just after the guard's generator took its hold
+(before the ``with`` body starts) leaves the generator suspended: the model is put back when the generator is
+collected, which a kept traceback (a REPL's ``sys.last_traceback``) delays. A SIGINT handler installed from C
+(after Python's, invisible to ``signal.getsignal``) is replaced by Python's by the first guard in the main
+thread, as any ``signal.signal`` call replaces it.
 """
 from __future__ import annotations
 
