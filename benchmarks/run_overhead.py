@@ -50,7 +50,7 @@ def wrap(mod, name, label=None):
 
 # the model's passes: the module's forward and autograd.grad
 import torch.autograd as ta
-for mod, name in [(job, "explain_items"), (job, "call_method"), (job, "_tiles"), (job, "_warn_stored"),
+for mod, name in [(job, "explain_items"), (job, "compute_items"), (job, "finish_items"), (job, "call_method"), (job, "_tiles"), (job, "_stored_warning"),
                   (job, "constant_values"), (job, "_summaries"), (job, "_prediction_row"), (job, "_metrics"), (job, "_check_shape"), (job, "_scores"),
                   (job, "sprite"), (dataset, "commit"), (store.Store, "write_shard"), (store.Store, "merge_index"),
                   (gallery, "write"), (dataset, "resolve_batch"), (dataset, "pending_shards"), (store.Store, "__init__"),

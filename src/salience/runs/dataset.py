@@ -15,7 +15,9 @@ import functools
 import hashlib
 import inspect
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -501,6 +503,22 @@ def run_local(run: Job, *, show: bool = False, png: bool = False) -> None:
         _run_shards(run, shards, show, png)
 
 
+WRITER_QUEUE = 2
+"""Batches the local engine's writer thread may hold while the model runs the next (memory stays
+flat: the queue is bounded); ``0``: the store's work runs in the main thread, between batches."""
+
+
+def loader_context(device: torch.device, workers: int) -> Optional[str]:
+    """The DataLoader's multiprocessing start method: ``"forkserver"`` when the run's device is CUDA
+    and workers decode (forking a process that has CUDA and threads running is unsafe: Python 3.12
+    warns), else ``None``, the platform's default (fork on Linux: the quickest to start)."""
+    import multiprocessing
+
+    if device.type != "cuda" or workers <= 0:
+        return None
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
 def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> None:
     batch = resolve_batch(run, shards[0][0])
     plan_batches = list(_batches(shards, batch))
@@ -510,22 +528,96 @@ def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> Non
     dataset = (sources.Guarded if run.workers else sources.Noted)(run.dataset, run.plan.paths)
     loader = DataLoader(dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
                         collate_fn=sources.collate, worker_init_fn=sources.worker_init if run.workers else None,
-                        persistent_workers=False)
+                        persistent_workers=False,
+                        multiprocessing_context=loader_context(model_device(run.model), run.workers))
     total = sum(len(s) for s in shards)
-    current: list[job.Result] = []
-    with progress(total, "explain", enabled=show, unit="img") as bar:
-        for (s, indices), items in zip(plan_batches, loader):
-            for it in items:
-                if isinstance(it, sources.Raised):
-                    it.reraise()
-            result = job.explain_items(run.model, items, run.plan)
-            if png:
-                write_overlays(run.store.folder, items, result, run.plan)
-            current.append(result)
-            bar.update(len(items))
-            if sum(len(r.rows) for r in current) == len(shards[s]):
-                commit(run.store, shards[s], current)
-                current = []
+    writer = _Writer(run, shards, png)
+    try:
+        with progress(total, "explain", enabled=show, unit="img") as bar:
+            for (s, indices), items in zip(plan_batches, loader):
+                for it in items:
+                    if isinstance(it, sources.Raised):
+                        it.reraise()
+                writer.put(s, job.compute_items(run.model, items, run.plan))
+                bar.update(len(items))
+    except BaseException:
+        writer.close(stopped=True)
+        raise
+    writer.close()
+
+
+class _Writer:
+    """The store's side of a local run: each batch's host work (:func:`job.finish_items`: summaries,
+    float16 check, thumbnails), its PNG overlays, and each shard's commit when its last batch is done
+    (float16 cast, sprite, the files), in a thread fed by a queue of :data:`WRITER_QUEUE` batches, so
+    that it runs while the model runs the next batch; in order, as the main thread would. An error in
+    the thread is raised in the main thread as it is, at its next batch or at the end; warnings are
+    given in the main thread. ``WRITER_QUEUE = 0``: no thread, all of it in :meth:`put`."""
+
+    def __init__(self, run: Job, shards: list[list[int]], png: bool):
+        self.run, self.shards, self.png = run, shards, png
+        self.current: list[job.Result] = []
+        self.error: Optional[BaseException] = None
+        self.said: list[str] = []
+        self.queue: Any = queue.Queue(maxsize=WRITER_QUEUE) if WRITER_QUEUE else None
+        self.thread = threading.Thread(target=self._loop, name="salience-run-writer", daemon=True) if WRITER_QUEUE \
+            else None
+        if self.thread is not None:
+            self.thread.start()
+
+    def put(self, s: int, done: job.Computed) -> None:
+        """Hand over shard ``s``'s next batch (blocks while the queue is full)."""
+        if self.queue is None:
+            self._handle(s, done)
+        else:
+            self._raise()
+            self.queue.put((s, done))
+        self._warn()
+
+    def close(self, stopped: bool = False) -> None:
+        """Wait for the queued batches' host work and the last shards' commits, then raise the
+        thread's error, if any. ``stopped``: the main thread is raising an error of its own (Ctrl-C, a
+        bad item): the batches it computed are still written, as when it did their host work itself,
+        and that error is the one raised."""
+        if self.queue is not None:
+            self.queue.put(None)
+            self.thread.join()
+        if not stopped:
+            self._warn()
+            self._raise()
+
+    def _loop(self) -> None:
+        while True:
+            work = self.queue.get()
+            if work is None:
+                return
+            if self.error is not None:
+                continue  # drained: the main thread's put never blocks on a failed writer
+            try:
+                self._handle(*work)
+            except BaseException as e:  # raised in the main thread (_raise)
+                self.error = e
+
+    def _handle(self, s: int, done: job.Computed) -> None:
+        result = job.finish_items(self.run.plan, done, warn=self.said.append)
+        if self.png:
+            write_overlays(self.run.store.folder, done.items, result, self.run.plan)
+        self.current.append(result)
+        if sum(len(r.rows) for r in self.current) == len(self.shards[s]):
+            commit(self.run.store, self.shards[s], self.current)
+            self.current = []
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _warn(self) -> None:
+        import warnings
+
+        from salience._core.errors import user_stacklevel
+
+        while self.said:
+            warnings.warn(self.said.pop(0), stacklevel=user_stacklevel())
 
 
 def commit(store: Store, indices: Sequence[int], parts: Sequence[job.Result]) -> str:

@@ -77,9 +77,9 @@ class Plan:
     """Whether Integrated Gradients' completeness warning was given in this run (once per run; with
     Ray, once per actor): :func:`_warn_gaps`."""
     map_dtype: str = "float16"
-    """How the run stores its maps (the run's ``map_dtype``): with float16, :func:`_warn_stored`."""
+    """How the run stores its maps (the run's ``map_dtype``): with float16, :func:`_stored_warning`."""
     storage_warned: set[str] = field(default_factory=set)
-    """The methods whose maps float16 storage made constant were said of (:func:`_warn_stored`)."""
+    """The methods whose maps float16 storage made constant were said of (:func:`_stored_warning`)."""
     begun_labels: Optional[tuple[str, Sequence[Optional[int]]]] = None
     """A continued run of ``item_labels`` begun when the labels were given (or read) up front: its
     folder and those labels (its ``inputs.parquet``), which each item's label must equal
@@ -290,17 +290,41 @@ def _metrics(plan: Plan, model: nn.Module, x: Tensor, first: Tensor, classes: Te
     return out
 
 
-def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result:  # long: one batch, step by step
-    """Explain a batch of decoded items (failed ones become rows with their error)."""
-    n = len(items)
+@dataclass
+class Computed:
+    """A batch's model work done (:func:`compute_items`), what is left host work (:func:`finish_items`):
+    the batch's ``items``, the positions of the ``good`` ones (decoded), the ``rows`` (predictions,
+    targets, metrics, errors; the summaries still to fill), each method's maps ``(g, K, ...)`` float32
+    on the CPU for the good items (a method that failed on the batch: its NaN maps' shape in
+    ``failed``), and ``x``: the good items' inputs stacked on the CPU ``(g, C, H, W)`` (the thumbnails')."""
+
+    items: Sequence[Item]
+    good: list[int]
+    rows: list[dict[str, Any]]
+    maps: dict[str, Tensor]
+    failed: dict[str, tuple[int, ...]]
+    x: Optional[Tensor]
+
+
+def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result:
+    """Explain a batch of decoded items (failed ones become rows with their error): the model's work
+    (:func:`compute_items`), then the host's (:func:`finish_items`)."""
+    return finish_items(plan, compute_items(model, items, plan))
+
+
+def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Computed:  # long: one batch, step by step
+    """The model's work on a batch of decoded items: predictions, targets, every method's maps
+    (moved to the CPU once), the metrics. The local engine's writer thread does the rest
+    (:func:`finish_items`) while the model runs the next batch."""
     good = [j for j, it in enumerate(items) if it.error is None]
     rows = [_row(plan, it) for it in items]
-    maps: dict[str, np.ndarray] = {}
-    firsts: dict[str, Tensor] = {}
+    maps: dict[str, Tensor] = {}
+    xc: Optional[Tensor] = None
     if good:
         device = model_device(model)
         _check_shape(plan, model, [items[j] for j in good])
-        x = torch.stack([items[j].x for j in good]).to(device)
+        xc = torch.stack([items[j].x for j in good])
+        x = xc.to(device)
         indices = [items[j].index for j in good]
         with collect_gaps() as found:
             first_maps, probs, classes = _predict(plan, model, x, indices, [rows[j].get("label") for j in good])
@@ -319,30 +343,54 @@ def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result
                     rows[pos]["error"] = f"method {name} failed: {e}"
                 continue
             plan.shapes.setdefault(name, tuple(m.shape[2:]))
-            full = np.full((n, *m.shape[1:]), np.nan, dtype=np.float32)
-            full[good] = m.numpy()
-            maps[name] = full
-            first = display(m[:, 0])
-            firsts[name] = first
-            for col, vals in _summaries(first).items():
-                for j, pos in enumerate(good):
-                    rows[pos][f"{name}.{col}"] = vals[j]
-            lo, hi = picture_extremes(m)
-            constants = _constants(lo, hi)
-            for j, pos in enumerate(good):
-                rows[pos][f"{name}.constant"] = constants[j]
-            _warn_stored(plan, name, lo, hi, constants, indices)
-            for col, vals in _metrics(plan, model, x, first, classes, masks).items():
-                for j, pos in enumerate(good):
-                    rows[pos][f"{name}.{col}"] = vals[j]
+            maps[name] = m
+            if plan.metrics:
+                for col, vals in _metrics(plan, model, x, display(m[:, 0]), classes, masks).items():
+                    for j, pos in enumerate(good):
+                        rows[pos][f"{name}.{col}"] = vals[j]
     for pos in good:  # explained, but its mask's metrics are missing: the row says why (and the run exits 1)
         if items[pos].mask_error is not None and rows[pos]["error"] is None:
             rows[pos]["error"] = items[pos].mask_error
-    for name in plan.methods:  # a method that failed on this batch: NaN maps of the right shape
-        if name not in maps:
-            maps[name] = np.full((n, plan.k, *_map_shape(plan, model, name, items[0].x)), np.nan, dtype=np.float32)
-    tiles = _tiles(plan, items, good, firsts, x if good else None) if plan.thumbs else None
+    # a method that failed on this batch: NaN maps of the right shape
+    failed = {name: _map_shape(plan, model, name, items[0].x) for name in plan.methods if name not in maps}
+    return Computed(items, good, rows, maps, failed, xc)
+
+
+def finish_items(plan: Plan, done: Computed, warn: Optional[Callable[[str], None]] = None) -> Result:
+    """The host's work on a batch whose model work is ``done`` (:func:`compute_items`): each method's
+    maps in the batch's rows (NaN for failed images), their summaries and ``.constant`` values, the
+    float16 storage's check, the thumbnail tiles. Touches no model, so the local engine runs it in its
+    writer thread; ``warn``: what a warning's text goes to (default: ``warnings.warn`` here)."""
+    items, good, rows = done.items, done.good, done.rows
+    n = len(items)
+    maps: dict[str, np.ndarray] = {}
+    firsts: dict[str, Tensor] = {}
+    for name in plan.methods:
+        if name not in done.maps:
+            maps[name] = np.full((n, plan.k, *done.failed[name]), np.nan, dtype=np.float32)
+            continue
+        m = done.maps[name]
+        full = np.full((n, *m.shape[1:]), np.nan, dtype=np.float32)
+        full[good] = m.numpy()
+        maps[name] = full
+        first = display(m[:, 0])
+        firsts[name] = first
+        for col, vals in _summaries(first).items():
+            for j, pos in enumerate(good):
+                rows[pos][f"{name}.{col}"] = vals[j]
+        lo, hi = picture_extremes(m)
+        constants = _constants(lo, hi)
+        for j, pos in enumerate(good):
+            rows[pos][f"{name}.constant"] = constants[j]
+        said = _stored_warning(plan, name, lo, hi, constants, [items[j].index for j in good])
+        if said is not None:
+            (warn or _warn)(said)
+    tiles = _tiles(plan, items, good, firsts, done.x) if plan.thumbs else None
     return Result(rows, maps, tiles)
+
+
+def _warn(text: str) -> None:
+    warnings.warn(text, stacklevel=user_stacklevel())
 
 
 def _check_shape(plan: Plan, model: nn.Module, items: Sequence[Item]) -> None:
@@ -389,20 +437,20 @@ def _warn_gaps(plan: Plan, name: str, found: Sequence[GapReport], indices: Seque
                   stacklevel=user_stacklevel())
 
 
-def _warn_stored(plan: Plan, name: str, lo: np.ndarray, hi: np.ndarray,
-                 constants: Sequence[Sequence[Optional[float]]], indices: Sequence[int]) -> None:
-    """A warning, the first time in the run for method ``name`` (with Ray, once per actor), when maps
+def _stored_warning(plan: Plan, name: str, lo: np.ndarray, hi: np.ndarray,
+                    constants: Sequence[Sequence[Optional[float]]], indices: Sequence[int]) -> Optional[str]:
+    """The text of a warning, the first time in the run for method ``name`` (with Ray, once per actor), when maps
     of the run's images ``indices`` that are not constant (``constants``: their ``METHOD.constant``
     values, judged on the float32 maps) are one value everywhere once stored as float16
     (:func:`salience.runs.store.float16_note`): values below float16's range (~1e-8) stored as zeros,
-    or closer together than its precision. Judged from the pictures' extremes ``lo``, ``hi`` ``(n, K)``
+    or closer together than its precision; else ``None``. Judged from the pictures' extremes ``lo``, ``hi`` ``(n, K)``
     (:func:`picture_extremes`) as the store casts them (:func:`salience.runs.store.stored_constants`),
     not from a second cast of the maps. The rows' ``.constant`` stays the float32 map's (the explorer
     says the same of the stored map)."""
     from salience.runs.store import float16_note, stored_constants
 
     if plan.map_dtype != "float16" or name in plan.storage_warned:
-        return
+        return None
     stored = stored_constants(lo, hi, np.float16)  # (n, K) flattened
     width = lo.shape[1]
     lost: dict[str, float] = {}
@@ -411,13 +459,12 @@ def _warn_stored(plan: Plan, name: str, lo: np.ndarray, hi: np.ndarray,
             if v is None and stored[j * width + k] is not None:
                 lost.setdefault(str(plan.paths[indices[j]]), stored[j * width + k])
     if not lost:
-        return
+        return None
     plan.storage_warned.add(name)
     named = list(lost)[:NAMED]
     more = f" and {len(lost) - NAMED} more" if len(lost) > NAMED else ""
-    warnings.warn(f"{name}, {len(lost)} image(s) of this batch ({', '.join(named)}{more}): "
-                  f"{float16_note(next(iter(lost.values())))} (said once per run: the images of later batches are "
-                  "not named)", stacklevel=user_stacklevel())
+    return (f"{name}, {len(lost)} image(s) of this batch ({', '.join(named)}{more}): "
+            f"{float16_note(next(iter(lost.values())))} (said once per run: the images of later batches are not named)")
 
 
 def _map_shape(plan: Plan, model: nn.Module, name: str, like: Tensor) -> tuple[int, ...]:
@@ -497,7 +544,7 @@ def picture_extremes(m: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The least and greatest value of each picture of maps ``m`` ``(n, K, ...)`` float32, as shown
     (a per-channel map ``(C, H, W)``: ``max_c |m|``, :func:`display`): two ``(n, K)`` arrays of ``m``'s dtype,
     NaN where a picture has one (an empty map: NaN). What its ``.constant`` (:func:`constant_values`)
-    and its float16 storage's loss (:func:`_warn_stored`) are judged from, one pass over the maps."""
+    and its float16 storage's loss (:func:`_stored_warning`) are judged from, one pass over the maps."""
     if m.numel() == 0:
         nan = np.full(tuple(m.shape[:2]), np.nan)
         return nan, nan.copy()

@@ -1,0 +1,64 @@
+"""Where a dataset run's main process spends its time, on a model small enough that the host work shows.
+
+    taskset -c 1 python benchmarks/dataset_profile.py                     # resnet18 at 64 px, 320 JPEGs, batch 16
+    MODEL=resnet50 SIZE=224 N=64 REPS=1 taskset -c 1 python benchmarks/dataset_profile.py
+    PROF=0 REPS=3 taskset -c 1 python benchmarks/dataset_profile.py       # the timings only (before / after a change)
+
+The files and the peers are ``benchmarks/dataset.py``'s: the model on the cores ``CPUS`` (default 1) with
+one thread, the DataLoader worker (one) on core 0. Prints the images/s of the bare passes and of
+``salience.explain_dataset`` (``REPS`` rounds each, alternating) and their time ratio per round, then
+(``PROF=1``) a cProfile of one more run, cumulative, the runs layer and the DataLoader's functions:
+cProfile sees the main thread only (the writer thread's work shows as ``_Writer.put`` / ``close``).
+Not a benchmark of record (no file written).
+"""
+import cProfile
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import salience
+import salience.runs.sources
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dataset as bench  # noqa: E402 - benchmarks/dataset.py, beside this file
+
+SIZE, N, MODEL = int(os.environ.get("SIZE", 64)), int(os.environ.get("N", 320)), os.environ.get("MODEL", "resnet18")
+os.sched_setaffinity(0, {int(c) for c in os.environ.get("CPUS", "1").split(",")})
+bench.DECODE_CPUS.update({0})
+salience.runs.sources.worker_init = bench.pin_worker
+torch.set_num_threads(1)
+model = salience.load_model(f"torchvision:{MODEL}", weights="random")
+info = salience.loading.images.with_preprocessing(salience.loading.models.model_info(model), size=SIZE,
+                                                  resize=int(SIZE * 256 / 224))
+salience._core.info.attach_info(model, info)
+tmp = Path(tempfile.mkdtemp(prefix="salience-profile-"))
+try:
+    block = bench.make_jpegs(tmp / "jpegs", N, SIZE, 1)[0]
+    x = bench.decoded(block, info)
+    bench.run_bare(model, x[:16], 16)
+    bench.run_salience(model, tmp / "jpegs" / "block0", 16, 1, tmp / "warm")
+    times: dict[str, list[float]] = {"bare": [], "salience": []}
+    for _ in range(int(os.environ.get("REPS", 2))):
+        t = time.perf_counter()
+        bench.run_bare(model, x, 16)
+        times["bare"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        bench.run_salience(model, tmp / "jpegs" / "block0", 16, 1, tmp / "run")
+        times["salience"].append(time.perf_counter() - t)
+    print({k: [round(N / v, 1) for v in vs] for k, vs in times.items()}, "images/s; salience / bare per round:",
+          [round(s / b, 3) for s, b in zip(times["salience"], times["bare"])])
+    if os.environ.get("PROF", "1") == "1":
+        profile = cProfile.Profile()
+        profile.enable()
+        bench.run_salience(model, tmp / "jpegs" / "block0", 16, 1, tmp / "run")
+        profile.disable()
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(
+            r"runs/|dataloader|autograd/__init__|files.py|queue.py", 40)
+finally:
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,106 @@
+"""The local engine's writer thread (the store's host work while the model runs the next batch) and
+the DataLoader's start method: the store byte for byte as the main thread writes it, an error in the
+thread raised in the main thread as it is, a forkserver loader's run equal to a forked one's."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import salience
+from salience import SalienceError
+from salience.runs import dataset as runs_dataset
+from salience.runs.store import Store
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file of a run folder but its manifest (its ``created`` time) and lock, by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in ("run.json", ".salience-run.lock")}
+
+
+def _pngs(folder: Path, n: int) -> Path:
+    from PIL import Image
+
+    imgs, _, _ = salience.data.shapes(n, seed=5)
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray((imgs[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_the_writer_thread_writes_the_store_byte_for_byte_as_the_main_thread(tmp_path, monkeypatch):
+    """10 images in batches of 3 and shards of 4 (a shard's batches cut short, a last short batch), two
+    methods, thumbnails and PNG overlays: every file of the store (maps, sprites, rows, index, gallery,
+    overlays) the same bytes with the writer thread (queue of 2 batches) and without it (the main
+    thread doing the host work between batches, as before the thread)."""
+    folder = _pngs(tmp_path / "imgs", 10)
+    model = salience.load_model("demo:shapes")
+    runs = {}
+    for depth in (0, 2):
+        monkeypatch.setattr(runs_dataset, "WRITER_QUEUE", depth)
+        out = tmp_path / f"q{depth}"
+        salience.explain_dataset(model, folder, ["vanilla", "gradcam"], out, batch_size=3, shard_size=4,
+                                 workers=0, png=True, model_spec="demo:shapes")
+        runs[depth] = _files(out)
+    assert any(k.startswith("overlays/") for k in runs[0]) and any(k.startswith("thumbs/") for k in runs[0])
+    assert len([k for k in runs[0] if k.startswith("shards/")]) == 3
+    assert runs[2].keys() == runs[0].keys()
+    assert [k for k in runs[0] if runs[0][k] != runs[2][k]] == []
+
+
+@pytest.mark.parametrize("error", [SalienceError("the disk is full; free some space and run the same command again"),
+                                   OSError(28, "No space left on device")])
+def test_an_error_in_the_writer_thread_is_raised_in_the_main_thread_as_it_is(tmp_path, monkeypatch, error):
+    """A shard's write that raises in the writer thread: the run raises that error (its type and text)
+    in the caller's thread, the shard before it committed, the model exactly as it was."""
+    from conftest import RandomImages, SmallCNN, unchanged
+
+    real = Store.write_shard
+    calls = []
+
+    def failing(self, shard, *rest):
+        calls.append(shard)
+        if len(calls) == 2:
+            raise error
+        return real(self, shard, *rest)
+
+    monkeypatch.setattr(Store, "write_shard", failing)
+    model = SmallCNN().train()
+    with unchanged(model):
+        with pytest.raises(type(error)) as raised:
+            salience.explain_dataset(model, RandomImages(12), ["vanilla"], tmp_path / "r", batch_size=2, shard_size=4,
+                                     workers=0)
+    assert raised.value is error and str(raised.value) == str(error)
+    assert [p.name for p in (tmp_path / "r" / "shards").glob("*.parquet")] == ["000000000.parquet"]
+
+
+def test_the_loader_forks_on_the_cpu_and_starts_a_forkserver_on_cuda():
+    """Forking a process that has CUDA initialized (and threads) is unsafe: a CUDA run's decoding workers
+    start from a forkserver; a CPU run's fork (the quickest to start); no workers, no context."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert runs_dataset.loader_context(cuda, 2) == "forkserver"
+    assert runs_dataset.loader_context(cuda, 0) is None
+    assert runs_dataset.loader_context(cpu, 2) is None
+
+
+def test_a_run_whose_workers_start_from_a_forkserver_equals_one_without_workers(tmp_path, monkeypatch):
+    """The forkserver context forced on the CPU (one worker, 4 tiny files): the dataset and the worker's
+    start function cross to the worker pickled, and the store is the one a run without workers writes."""
+    folder = _pngs(tmp_path / "imgs", 4)
+    model = salience.load_model("demo:shapes")
+    seen = []
+
+    def forced(device, workers):
+        seen.append(workers)
+        return "forkserver"
+
+    salience.explain_dataset(model, folder, ["vanilla"], tmp_path / "plain", batch_size=2, workers=0,
+                             model_spec="demo:shapes")
+    monkeypatch.setattr(runs_dataset, "loader_context", forced)
+    salience.explain_dataset(model, folder, ["vanilla"], tmp_path / "forkserver", batch_size=2, workers=1,
+                             model_spec="demo:shapes")
+    assert seen == [1]
+    assert _files(tmp_path / "forkserver") == _files(tmp_path / "plain")
