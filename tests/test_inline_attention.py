@@ -308,3 +308,33 @@ def test_timm_volo_is_refused_naming_its_outlook_attention():
                downsamples=(True, False), outlook_attention=(True, False), post_layers=("ca",)).eval()
     with pytest.raises(SalienceError, match=r"local, a softmax over a 5-D \(1, 1, 4, 9, 9\).*outlook.*gradcam"):
         salience.attention_rollout(net, torch.rand(1, 3, 32, 32))
+
+
+class ChannelSoftmaxCNN(WidthSoftmaxCNN):
+    """A CNN weighting its (B, C, H, W) map by a softmax over the channels (channel attention, as in SK / split
+    attention blocks): at 32x16 px the map is (B, 8, 8, 4), C == H, the shape of keys-first attention
+    ``(B, S, L, heads)``; but the weights only scale the map, no product contracts them with values."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv2(torch.relu(self.conv1(x)))
+        a = a * a.softmax(1)
+        return self.head(a.mean((2, 3)))
+
+
+def test_softmax_over_the_channels_of_a_cnn_map_is_not_attention():
+    """A softmax over dim 1 of a (B, C, H, W) map with C == H was taken for keys-first attention: the CNN's
+    default layer was refused ("computes attention in its own forward"), gradcam left out of its methods, and
+    rollout read 8 "tokens". Keys-first attention is the softmax whose output a product contracts with values."""
+    torch.manual_seed(0)
+    net = ChannelSoftmaxCNN().eval()
+    x, target = torch.rand(2, 3, 32, 16), torch.tensor([1, 2])
+    assert default_layer(net, x) == "conv2"
+    assert "gradcam" in default_methods(net, x)
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target)
+    ref = gradcam_by_hand(net, x, "conv2", target)
+    assert_each_varies(ref)
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+    for method in ("attention_rollout", "transformer_attribution"):
+        with pytest.raises(SalienceError, match="saw no attention operation"):
+            getattr(salience, method)(net, x, target)

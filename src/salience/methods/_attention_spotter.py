@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from salience.attention import _attention_order
+from salience.attention import _attention_order, _contracts
 
 __all__: list[str] = []  # private to the methods (the default-layer search)
 
@@ -59,19 +59,26 @@ class _AttentionSpotter(TorchFunctionMode):
         self.factorized: list[tuple[str, int]] = []  # (module name, N): a factorized attention over N tokens
         # keys, if factorized: (module name, a softmax over dim -2 or a copy of a view of one, its dims' roles, N)
         self._keys: list[tuple[str, Tensor, dict[str, Any], int]] = []
+        self._pending: Optional[tuple[str, Tensor, tuple[int, ...]]] = None  # a keys-first softmax, not yet contracted
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         where = self.running[-1] if self.running else ""
+        if self._pending is not None and (name in _MATMULS or name == "einsum") and _contracts(args, self._pending[1]):
+            self.seen.append((self._pending[0], self._pending[2]))
+            self._pending = None
         if name == "scaled_dot_product_attention" and len(args) > 1:
             q, k = args[0], args[1]
             self.seen.append((where, (*q.shape[:-1], k.shape[-2])))
         elif func is F.multi_head_attention_forward:
             self.seen.append((where, None))
         elif name == "softmax" and isinstance(out, Tensor) and (order := _attention_order(args, kwargs)) is not None:
-            self.seen.append((where, tuple(out.permute(order).shape if order else out.shape)))
+            if order:  # keys first: attention once a product contracts it with the values, as the capture takes it
+                self._pending = (where, out, tuple(out.permute(order).shape))
+            else:
+                self.seen.append((where, tuple(out.shape)))
         elif name == "softmax" and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
             self._keys.append((where, out, _key_roles(out), int(out.shape[-2])))
         elif name in _COPIES and self._keys and args and isinstance(out, Tensor):
