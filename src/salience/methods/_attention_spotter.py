@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from salience.attention import _attention_order, _contracts
+from salience.attention import _SOFTMAXES, _attention_order, _contracts
 
 __all__: list[str] = []  # private to the methods (the default-layer search)
 
@@ -74,12 +74,12 @@ class _AttentionSpotter(TorchFunctionMode):
             self.seen.append((where, (*q.shape[:-1], k.shape[-2])))
         elif func is F.multi_head_attention_forward:
             self.seen.append((where, None))
-        elif name == "softmax" and isinstance(out, Tensor) and (order := _attention_order(args, kwargs)) is not None:
+        elif func in _SOFTMAXES and isinstance(out, Tensor) and (order := _attention_order(args, kwargs)) is not None:
             if order:  # keys first: attention once a product contracts it with the values, as the capture takes it
                 self._pending = (where, out, tuple(out.permute(order).shape))
             else:
                 self.seen.append((where, tuple(out.shape)))
-        elif name == "softmax" and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
+        elif func in _SOFTMAXES and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
             self._keys.append((where, out, _key_roles(out), int(out.shape[-2])))
         elif name in _COPIES and self._keys and args and isinstance(out, Tensor):
             self._copied(args[0], out)
