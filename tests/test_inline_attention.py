@@ -341,3 +341,16 @@ def test_softmax_over_the_channels_of_a_cnn_map_is_not_attention():
     for method in ("attention_rollout", "transformer_attribution"):
         with pytest.raises(SalienceError, match="saw no attention operation"):
             getattr(salience, method)(net, x, target)
+
+
+def test_timm_resnest_split_attention_is_not_taken_for_attention():
+    """timm's ResNeSt with as many groups as radix splits (``cardinality=2``, radix 2): its split attention's
+    softmax over dim 1 of ``(B, radix, cardinality, C / cardinality)`` has the keys-first shape ``(B, S, L, heads)``;
+    attention_rollout ran on this CNN (a map from 2 "tokens"). It only weights the splits: no attention."""
+    timm = pytest.importorskip("timm")
+    logging.getLogger("timm").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    net = timm.create_model("resnest14d", pretrained=False, cardinality=2, num_classes=5).eval()
+    x = torch.rand(1, 3, 32, 32)
+    with unchanged(net), pytest.raises(SalienceError, match="saw no attention operation"):
+        salience.attention_rollout(net, x, 0)
