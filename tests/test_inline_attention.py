@@ -209,6 +209,7 @@ class KeysFirstMixer(nn.Module):
     """``mix``'s attention (the same ``qkv`` / ``proj``) computed with the keys on dim 1: logits ``(B, S, heads, L)``
     (``"bshl"``) or ``(B, S, L, heads)`` (``"bslh"``) by einsum, ``softmax(dim=1)``, then ``A v`` by einsum; or
     ``"cast"``: the logits cast to float32 for the softmax and back (``.float().softmax(-1).to(q.dtype)``); or
+    ``"bmm"``: ``(B, S, L, heads)`` copied to ``(B * heads, L, S)`` by ``reshape``, then ``bmm``; or
     ``"special"``: ``torch.special.softmax(..., -1)`` (the capture took it, the default-layer search did not: 'embed')."""
 
     def __init__(self, mix: Mixer, layout: str):
@@ -221,6 +222,9 @@ class KeysFirstMixer(nn.Module):
         q = q * (d // HEADS) ** -0.5
         if self.layout == "cast":
             o = (q @ k.transpose(-1, -2)).float().softmax(-1).to(q.dtype) @ v
+        elif self.layout == "bmm":  # keys first, the weights copied to (B * heads, L, S) for bmm
+            a = torch.einsum("bhld,bhsd->bslh", q, k).softmax(dim=1).permute(0, 3, 2, 1).reshape(b * HEADS, n, n)
+            o = torch.bmm(a, v.reshape(b * HEADS, n, d // HEADS)).reshape(b, HEADS, n, d // HEADS)
         elif self.layout == "special":
             o = torch.special.softmax(q @ k.transpose(-1, -2), -1) @ v
         else:
@@ -236,7 +240,7 @@ def _keys_first_net(layout: str) -> OwnViT:
     return net.double() if layout == "cast" else net  # float64: the cast makes a float32 copy
 
 
-@pytest.mark.parametrize("layout", ["bshl", "bslh", "cast", "special"])
+@pytest.mark.parametrize("layout", ["bshl", "bslh", "bmm", "cast", "special"])
 def test_attention_with_the_keys_on_dim_1_or_a_cast_softmax_is_captured(layout):
     """A softmax over dim 1 of ``(B, S, heads, L)`` / ``(B, S, L, heads)`` was not seen (``saw no attention``):
     it is the attention ``(B, heads, L, S)`` permuted. Rollout equals the hand-written rollout; transformer

@@ -73,7 +73,10 @@ _SOFTMAXES = frozenset({torch.softmax, Tensor.softmax, F.softmax, torch.special.
 # the functions the capture acts on; any other torch call passes straight through
 # products that contract a keys-first softmax with the values (what makes it attention, not a channel weighting)
 _PRODUCTS = frozenset({torch.einsum, torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm})
-_WATCHED = frozenset({_SDPA, F.multi_head_attention_forward, *_SOFTMAXES, *_PRODUCTS})
+# calls that may copy a keys-first softmax on its way to that product (``a.permute(...).reshape(B * heads, L, S)``)
+_COPYING = frozenset({Tensor.contiguous, Tensor.clone, torch.clone, Tensor.reshape, torch.reshape, Tensor.flatten,
+                      torch.flatten})
+_WATCHED = frozenset({_SDPA, F.multi_head_attention_forward, *_SOFTMAXES, *_PRODUCTS, *_COPYING})
 
 
 def _mha_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -131,7 +134,8 @@ class AttentionCapture(TorchFunctionMode):
         self._maps: list[Tensor] = []
         self._grads: list[list[Tensor]] = []
         self.kinds: list[str] = []
-        self._pending: Optional[tuple[Tensor, tuple[int, ...]]] = None  # a keys-first softmax not yet contracted
+        # a keys-first softmax not yet contracted: (it, its order, it and its copies)
+        self._pending: Optional[tuple[Tensor, tuple[int, ...], list[Tensor]]] = None
 
     def _shape(self, t: Tensor) -> Tensor:
         if t.dim() == 3:
@@ -170,13 +174,17 @@ class AttentionCapture(TorchFunctionMode):
             return self._mha(args, kwargs)
         out = func(*args, **kwargs)
         if func in _PRODUCTS:
-            if self._pending is not None and _contracts(args, self._pending[0]):
+            if self._pending is not None and _contracts(args, self._pending[2]):
                 self._record(self._pending[0], "softmax", self._pending[1])
                 self._pending = None
             return out
+        if func in _COPYING:
+            if self._pending is not None and isinstance(out, Tensor) and _contracts(args[:1], self._pending[2]):
+                self._pending[2].append(out)
+            return out
         order = _attention_order(args, kwargs)
         if order and isinstance(out, Tensor):
-            self._pending = (out, order)  # keys first: attention once a product contracts it with the values
+            self._pending = (out, order, [out])  # keys first: attention once a product contracts it with the values
         elif order is not None and isinstance(out, Tensor):
             self._record(out, "softmax", order)
         return out
@@ -305,15 +313,15 @@ def _attention_order(args: tuple, kwargs: dict) -> Optional[tuple[int, ...]]:
     return None
 
 
-def _contracts(args: tuple, a: Tensor) -> bool:
-    """Whether a product's operands (``@`` / ``matmul`` / ``bmm``, or ``einsum``'s, listed or not) include ``a`` or a
-    view of it (its storage: an inference tensor's view keeps no ``_base``): a keys-first softmax is attention when
-    contracted with the values, as in ``einsum("bshl,bhsd->bhld", a, v)``; a softmax over the channels of a
-    ``(B, C, H, W)`` map with ``C == H`` that only scales the map is not."""
+def _contracts(args: tuple, seen: list[Tensor]) -> bool:
+    """Whether a call's operands (a product's: ``@`` / ``matmul`` / ``bmm``, or ``einsum``'s, listed or not) include
+    one of ``seen`` (a keys-first softmax's output and its copies) or a view of one (its storage: an inference
+    tensor's view keeps no ``_base``): a keys-first softmax is attention when contracted with the values, as in
+    ``einsum("bshl,bhsd->bhld", a, v)``; a softmax over the channels of a ``(B, C, H, W)`` map with ``C == H`` that
+    only scales the map is not."""
     ops = [t for x in args for t in (x if isinstance(x, (list, tuple)) else (x,))]
-    return a.layout == torch.strided and any(
-        isinstance(t, Tensor) and t.layout == torch.strided and t.data_ptr() == a.data_ptr() and t.numel() == a.numel()
-        for t in ops)
+    return any(isinstance(t, Tensor) and t.layout == a.layout == torch.strided and t.data_ptr() == a.data_ptr()
+               and t.numel() == a.numel() for t in ops for a in seen)
 
 
 def check_model(model: nn.Module, method: str = "this method") -> None:
