@@ -44,7 +44,8 @@ class _AttentionSpotter(TorchFunctionMode):
     """Notes which module was running (the innermost, by name; ``""`` for the model's own forward) each time an
     attention operation ran, and the attention's shape ``(B, heads, L, S)``: ``F.scaled_dot_product_attention``,
     ``F.multi_head_attention_forward`` or a softmax over the last dim of 3 or more dims or over dim 1 of
-    ``(B, keys, heads, queries)`` (what :class:`~salience.attention.AttentionCapture` takes for attention). So attention written as a bare function
+    ``(B, keys, heads, queries)`` once a product contracts it (or a view or copy of it) with the values (what
+    :class:`~salience.attention.AttentionCapture` takes for attention). So attention written as a bare function
     in a module of any name (a ``Mixer`` whose forward calls SDPA, a block computing ``softmax(q k^T) v`` inline)
     is seen as attention, as the attention methods see it. Also, in ``factorized``, each factorized attention: a
     softmax over dim -2 of ``(B, heads, N, d)`` or ``(B * heads, N, d)`` (keys over the tokens) whose output (a view
