@@ -208,7 +208,9 @@ def test_softmax_over_a_maps_width_in_the_models_own_forward_keeps_the_default_l
 class KeysFirstMixer(nn.Module):
     """``mix``'s attention (the same ``qkv`` / ``proj``) computed with the keys on dim 1: logits ``(B, S, heads, L)``
     (``"bshl"``) or ``(B, S, L, heads)`` (``"bslh"``) by einsum, ``softmax(dim=1)``, then ``A v`` by einsum; or
-    ``"cast"``: the logits cast to float32 for the softmax and back (``.float().softmax(-1).to(q.dtype)``)."""
+    ``"cast"``: the logits cast to float32 for the softmax and back (``.float().softmax(-1).to(q.dtype)``); or
+    ``"bmm"``: ``(B, S, L, heads)`` copied to ``(B * heads, L, S)`` by ``reshape``, then ``bmm``; or
+    ``"special"``: ``torch.special.softmax(..., -1)`` (the capture took it, the default-layer search did not: 'embed')."""
 
     def __init__(self, mix: Mixer, layout: str):
         super().__init__()
@@ -220,6 +222,11 @@ class KeysFirstMixer(nn.Module):
         q = q * (d // HEADS) ** -0.5
         if self.layout == "cast":
             o = (q @ k.transpose(-1, -2)).float().softmax(-1).to(q.dtype) @ v
+        elif self.layout == "bmm":  # keys first, the weights copied to (B * heads, L, S) for bmm
+            a = torch.einsum("bhld,bhsd->bslh", q, k).softmax(dim=1).permute(0, 3, 2, 1).reshape(b * HEADS, n, n)
+            o = torch.bmm(a, v.reshape(b * HEADS, n, d // HEADS)).reshape(b, HEADS, n, d // HEADS)
+        elif self.layout == "special":
+            o = torch.special.softmax(q @ k.transpose(-1, -2), -1) @ v
         else:
             a = torch.einsum(f"bhld,bhsd->{self.layout}", q, k).softmax(dim=1)
             o = torch.einsum(f"{self.layout},bhsd->bhld", a, v)
@@ -233,7 +240,7 @@ def _keys_first_net(layout: str) -> OwnViT:
     return net.double() if layout == "cast" else net  # float64: the cast makes a float32 copy
 
 
-@pytest.mark.parametrize("layout", ["bshl", "bslh", "cast"])
+@pytest.mark.parametrize("layout", ["bshl", "bslh", "bmm", "cast", "special"])
 def test_attention_with_the_keys_on_dim_1_or_a_cast_softmax_is_captured(layout):
     """A softmax over dim 1 of ``(B, S, heads, L)`` / ``(B, S, L, heads)`` was not seen (``saw no attention``):
     it is the attention ``(B, heads, L, S)`` permuted. Rollout equals the hand-written rollout; transformer
@@ -308,3 +315,46 @@ def test_timm_volo_is_refused_naming_its_outlook_attention():
                downsamples=(True, False), outlook_attention=(True, False), post_layers=("ca",)).eval()
     with pytest.raises(SalienceError, match=r"local, a softmax over a 5-D \(1, 1, 4, 9, 9\).*outlook.*gradcam"):
         salience.attention_rollout(net, torch.rand(1, 3, 32, 32))
+
+
+class ChannelSoftmaxCNN(WidthSoftmaxCNN):
+    """A CNN weighting its (B, C, H, W) map by a softmax over the channels (channel attention, as in SK / split
+    attention blocks): at 32x16 px the map is (B, 8, 8, 4), C == H, the shape of keys-first attention
+    ``(B, S, L, heads)``; but the weights only scale the map, no product contracts them with values."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv2(torch.relu(self.conv1(x)))
+        a = a * a.softmax(1)
+        return self.head(a.mean((2, 3)))
+
+
+def test_softmax_over_the_channels_of_a_cnn_map_is_not_attention():
+    """A softmax over dim 1 of a (B, C, H, W) map with C == H was taken for keys-first attention: the CNN's
+    default layer was refused ("computes attention in its own forward"), gradcam left out of its methods, and
+    rollout read 8 "tokens". Keys-first attention is the softmax whose output a product contracts with values."""
+    torch.manual_seed(0)
+    net = ChannelSoftmaxCNN().eval()
+    x, target = torch.rand(2, 3, 32, 16), torch.tensor([1, 2])
+    assert default_layer(net, x) == "conv2"
+    assert "gradcam" in default_methods(net, x)
+    with unchanged(net):
+        cam = salience.gradcam(net, x, target)
+    ref = gradcam_by_hand(net, x, "conv2", target)
+    assert_each_varies(ref)
+    torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
+    for method in ("attention_rollout", "transformer_attribution"):
+        with pytest.raises(SalienceError, match="saw no attention operation"):
+            getattr(salience, method)(net, x, target)
+
+
+def test_timm_resnest_split_attention_is_not_taken_for_attention():
+    """timm's ResNeSt with as many groups as radix splits (``cardinality=2``, radix 2): its split attention's
+    softmax over dim 1 of ``(B, radix, cardinality, C / cardinality)`` has the keys-first shape ``(B, S, L, heads)``;
+    attention_rollout ran on this CNN (a map from 2 "tokens"). It only weights the splits: no attention."""
+    timm = pytest.importorskip("timm")
+    logging.getLogger("timm").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    net = timm.create_model("resnest14d", pretrained=False, cardinality=2, num_classes=5).eval()
+    x = torch.rand(1, 3, 32, 32)
+    with unchanged(net), pytest.raises(SalienceError, match="saw no attention operation"):
+        salience.attention_rollout(net, x, 0)

@@ -23,7 +23,9 @@ active (around one forward pass, in the entering thread only):
   ``F.softmax``, ``torch.special.softmax``, ``x.softmax(-1)``): taken to be attention; its output is
   recorded as it is (5 or more dims: local attention, VOLO's outlook ``(B, heads, positions, K*K, K*K)``,
   which the attention methods refuse by name); ``softmax(dim=1)`` of a 4-D tensor with the keys first,
-  ``(B, S, heads, L)`` or ``(B, S, L, heads)``: recorded permuted to ``(B, heads, L, S)``.
+  ``(B, S, heads, L)`` or ``(B, S, L, heads)``, once a product (``einsum``, ``@``, ``matmul``, ``bmm``) contracts it
+  (or a view of it) with the values: recorded permuted to ``(B, heads, L, S)`` (a softmax over the channels of a
+  ``(B, C, H, W)`` map with ``C == H`` that only scales the map, channel attention in a CNN, is not attention).
 
 Every other torch call of the pass also reaches the mode (that is how modes work): it leaves at once
 on one set lookup of the function (:data:`_WATCHED`).
@@ -69,7 +71,12 @@ _MHA_DEFAULTS = {n: p.default for n, p in _MHA_SIGNATURE.parameters.items() if p
 _SDPA = F.scaled_dot_product_attention
 _SOFTMAXES = frozenset({torch.softmax, Tensor.softmax, F.softmax, torch.special.softmax})
 # the functions the capture acts on; any other torch call passes straight through
-_WATCHED = frozenset({_SDPA, F.multi_head_attention_forward, *_SOFTMAXES})
+# products that contract a keys-first softmax with the values (what makes it attention, not a channel weighting)
+_PRODUCTS = frozenset({torch.einsum, torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm})
+# calls that may copy a keys-first softmax on its way to that product (``a.permute(...).reshape(B * heads, L, S)``)
+_COPYING = frozenset({Tensor.contiguous, Tensor.clone, torch.clone, Tensor.reshape, torch.reshape, Tensor.flatten,
+                      torch.flatten})
+_WATCHED = frozenset({_SDPA, F.multi_head_attention_forward, *_SOFTMAXES, *_PRODUCTS, *_COPYING})
 
 
 def _mha_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -127,6 +134,8 @@ class AttentionCapture(TorchFunctionMode):
         self._maps: list[Tensor] = []
         self._grads: list[list[Tensor]] = []
         self.kinds: list[str] = []
+        # a keys-first softmax not yet contracted: (it, its order, it and its copies)
+        self._pending: Optional[tuple[Tensor, tuple[int, ...], list[Tensor]]] = None
 
     def _shape(self, t: Tensor) -> Tensor:
         if t.dim() == 3:
@@ -164,8 +173,19 @@ class AttentionCapture(TorchFunctionMode):
         if func is F.multi_head_attention_forward:
             return self._mha(args, kwargs)
         out = func(*args, **kwargs)
+        if func in _PRODUCTS:
+            if self._pending is not None and _contracts(args, self._pending[2]):
+                self._record(self._pending[0], "softmax", self._pending[1])
+                self._pending = None
+            return out
+        if func in _COPYING:
+            if self._pending is not None and isinstance(out, Tensor) and _contracts(args[:1], self._pending[2]):
+                self._pending[2].append(out)
+            return out
         order = _attention_order(args, kwargs)
-        if order is not None and isinstance(out, Tensor):
+        if order and isinstance(out, Tensor):
+            self._pending = (out, order, [out])  # keys first: attention once a product contracts it with the values
+        elif order is not None and isinstance(out, Tensor):
             self._record(out, "softmax", order)
         return out
 
@@ -291,6 +311,17 @@ def _attention_order(args: tuple, kwargs: dict) -> Optional[tuple[int, ...]]:
     if q == s != p:
         return (0, 2, 3, 1)  # (B, S, heads, L)
     return None
+
+
+def _contracts(args: tuple, seen: list[Tensor]) -> bool:
+    """Whether a call's operands (a product's: ``@`` / ``matmul`` / ``bmm``, or ``einsum``'s, listed or not) include
+    one of ``seen`` (a keys-first softmax's output and its copies) or a view of one (its storage: an inference
+    tensor's view keeps no ``_base``): a keys-first softmax is attention when contracted with the values, as in
+    ``einsum("bshl,bhsd->bhld", a, v)``; a softmax over the channels of a ``(B, C, H, W)`` map with ``C == H`` that
+    only scales the map is not."""
+    ops = [t for x in args for t in (x if isinstance(x, (list, tuple)) else (x,))]
+    return any(isinstance(t, Tensor) and t.layout == a.layout == torch.strided and t.data_ptr() == a.data_ptr()
+               and t.numel() == a.numel() for t in ops for a in seen)
 
 
 def check_model(model: nn.Module, method: str = "this method") -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from salience.attention import _attention_order
+from salience.attention import _COPYING, _SOFTMAXES, _attention_order, _contracts
 
 __all__: list[str] = []  # private to the methods (the default-layer search)
 
@@ -44,7 +44,8 @@ class _AttentionSpotter(TorchFunctionMode):
     """Notes which module was running (the innermost, by name; ``""`` for the model's own forward) each time an
     attention operation ran, and the attention's shape ``(B, heads, L, S)``: ``F.scaled_dot_product_attention``,
     ``F.multi_head_attention_forward`` or a softmax over the last dim of 3 or more dims or over dim 1 of
-    ``(B, keys, heads, queries)`` (what :class:`~salience.attention.AttentionCapture` takes for attention). So attention written as a bare function
+    ``(B, keys, heads, queries)`` once a product contracts it (or a view or copy of it) with the values (what
+    :class:`~salience.attention.AttentionCapture` takes for attention). So attention written as a bare function
     in a module of any name (a ``Mixer`` whose forward calls SDPA, a block computing ``softmax(q k^T) v`` inline)
     is seen as attention, as the attention methods see it. Also, in ``factorized``, each factorized attention: a
     softmax over dim -2 of ``(B, heads, N, d)`` or ``(B * heads, N, d)`` (keys over the tokens) whose output (a view
@@ -59,20 +60,31 @@ class _AttentionSpotter(TorchFunctionMode):
         self.factorized: list[tuple[str, int]] = []  # (module name, N): a factorized attention over N tokens
         # keys, if factorized: (module name, a softmax over dim -2 or a copy of a view of one, its dims' roles, N)
         self._keys: list[tuple[str, Tensor, dict[str, Any], int]] = []
+        # a keys-first softmax not yet contracted: (module name, it and its copies, its (B, heads, L, S) shape)
+        self._pending: Optional[tuple[str, list[Tensor], tuple[int, ...]]] = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         where = self.running[-1] if self.running else ""
+        if self._pending is not None and (name in _MATMULS or name == "einsum") and _contracts(args, self._pending[1]):
+            self.seen.append((self._pending[0], self._pending[2]))
+            self._pending = None
+        elif (self._pending is not None and func in _COPYING and isinstance(out, Tensor)
+              and _contracts(args[:1], self._pending[1])):
+            self._pending[1].append(out)  # a copy on its way to the product
         if name == "scaled_dot_product_attention" and len(args) > 1:
             q, k = args[0], args[1]
             self.seen.append((where, (*q.shape[:-1], k.shape[-2])))
         elif func is F.multi_head_attention_forward:
             self.seen.append((where, None))
-        elif name == "softmax" and isinstance(out, Tensor) and (order := _attention_order(args, kwargs)) is not None:
-            self.seen.append((where, tuple(out.permute(order).shape if order else out.shape)))
-        elif name == "softmax" and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
+        elif func in _SOFTMAXES and isinstance(out, Tensor) and (order := _attention_order(args, kwargs)) is not None:
+            if order:  # keys first: attention once a product contracts it with the values, as the capture takes it
+                self._pending = (where, [out], tuple(out.permute(order).shape))
+            else:
+                self.seen.append((where, tuple(out.shape)))
+        elif func in _SOFTMAXES and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
             self._keys.append((where, out, _key_roles(out), int(out.shape[-2])))
         elif name in _COPIES and self._keys and args and isinstance(out, Tensor):
             self._copied(args[0], out)
