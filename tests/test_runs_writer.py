@@ -104,3 +104,33 @@ def test_a_run_whose_workers_start_from_a_forkserver_equals_one_without_workers(
                              model_spec="demo:shapes")
     assert seen == [1]
     assert _files(tmp_path / "forkserver") == _files(tmp_path / "plain")
+
+
+def test_a_ctrl_c_while_the_run_waits_for_its_writer_leaves_no_thread_writing(tmp_path, monkeypatch):
+    """A Ctrl-C while the run waits for the writer thread's last commit (a slow disk): the run raises
+    KeyboardInterrupt only once the thread has ended, so no shard is committed after the run (and its
+    folder's lock) has ended, and no thread of it is left running."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from conftest import RandomImages, SmallCNN
+
+    real = Store.write_shard
+
+    def slow(self, shard, *rest):
+        if shard == "000000004":  # the last shard: the main thread is waiting in close()
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+        return real(self, shard, *rest)
+
+    monkeypatch.setattr(Store, "write_shard", slow)
+    out = tmp_path / "r"
+    with pytest.raises(KeyboardInterrupt):
+        salience.explain_dataset(SmallCNN(), RandomImages(6), ["vanilla"], out, batch_size=2, shard_size=4, workers=0)
+    shards = sorted(p.name for p in (out / "shards").glob("*.parquet"))
+    assert shards == ["000000000.parquet", "000000004.parquet"]  # the commit under way finished, then the Ctrl-C
+    time.sleep(0.4)
+    assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == shards
+    assert not any(t.name == "salience-run-writer" and t.is_alive() for t in threading.enumerate())

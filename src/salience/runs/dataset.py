@@ -558,6 +558,8 @@ class _Writer:
         self.run, self.shards, self.png = run, shards, png
         self.current: list[job.Result] = []
         self.error: Optional[BaseException] = None
+        self.halted = False  # a Ctrl-C while close() waits: the queued batches are dropped
+        self.ended = threading.Event()  # set by the thread as it returns
         self.said: list[str] = []
         self.queue: Any = queue.Queue(maxsize=WRITER_QUEUE) if WRITER_QUEUE else None
         self.thread = threading.Thread(target=self._loop, name="salience-run-writer", daemon=True) if WRITER_QUEUE \
@@ -578,25 +580,43 @@ class _Writer:
         """Wait for the queued batches' host work and the last shards' commits, then raise the
         thread's error, if any. ``stopped``: the main thread is raising an error of its own (Ctrl-C, a
         bad item): the batches it computed are still written, as when it did their host work itself,
-        and that error is the one raised."""
-        if self.queue is not None:
-            self.queue.put(None)
+        and that error is the one raised. A Ctrl-C while waiting: the thread takes no further batch,
+        the one it is on is finished, and then the Ctrl-C is raised, never with the thread still
+        writing (it would commit shards after the run, and its folder's lock, had ended)."""
+        interrupted: Optional[BaseException] = None
+        sent = self.queue is None
+        while self.thread is not None and not self.ended.is_set():  # not is_alive(): an interrupted join
+            try:  # marks a running thread stopped (Python < 3.13)
+                if not sent:
+                    self.queue.put(None)
+                    sent = True
+                self.ended.wait()
+            except BaseException as e:  # Ctrl-C (or a SIGINT handler's error) while waiting
+                self.halted = True  # the queued batches are dropped, so the put above never blocks for long
+                interrupted = interrupted or e
+        if self.thread is not None:
             self.thread.join()
+        if interrupted is not None and not stopped:
+            raise interrupted
         if not stopped:
             self._warn()
             self._raise()
 
     def _loop(self) -> None:
-        while True:
-            work = self.queue.get()
-            if work is None:
-                return
-            if self.error is not None:
-                continue  # drained: the main thread's put never blocks on a failed writer
-            try:
-                self._handle(*work)
-            except BaseException as e:  # raised in the main thread (_raise)
-                self.error = e
+        try:
+            while True:
+                work = self.queue.get()
+                if work is None:
+                    return
+                if self.error is not None or self.halted:
+                    continue  # drained: the main thread's put never blocks on a failed or halted writer
+                try:
+                    self._handle(*work)
+                except BaseException as e:  # raised in the main thread (_raise)
+                    self.error = e
+                del work  # the batch is not held while the next is awaited
+        finally:
+            self.ended.set()
 
     def _handle(self, s: int, done: job.Computed) -> None:
         result = job.finish_items(self.run.plan, done, warn=self.said.append)
