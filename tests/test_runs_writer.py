@@ -134,3 +134,44 @@ def test_a_ctrl_c_while_the_run_waits_for_its_writer_leaves_no_thread_writing(tm
     time.sleep(0.4)
     assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == shards
     assert not any(t.name == "salience-run-writer" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_warning_of_a_batch_written_after_an_error_in_the_main_thread_is_still_given(tmp_path, monkeypatch):
+    """The float16 storage's warning of the last batch computed before an item's error (the writer
+    thread finishing it while the error is raised): given, as when the main thread did that batch's
+    host work itself, and the item's error is the one raised."""
+    import time
+
+    from salience.runs import job
+
+    class Cubes(torch.nn.Module):  # gradients 3 x^2 w: the second batch's (x ~ 1e-5) below float16's range
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(3 * 4 * 4, 2)
+
+        def forward(self, x):
+            return self.head((x ** 3).flatten(1))
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            if i == 4:
+                raise KeyError("image 4")
+            return torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(i)) * (1e-5 if i in (2, 3) else 1)
+
+    real = job.finish_items
+
+    def slow(*args, **kwargs):
+        time.sleep(0.2)  # the main thread has handed the batch over and gone on to the next
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job, "finish_items", slow)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="float16") as said, pytest.raises(KeyError, match="image 4"):
+        salience.explain_dataset(Cubes(), Images(), ["vanilla"], tmp_path / "r", batch_size=2, shard_size=2,
+                                 workers=0)
+    assert [w.filename for w in said if "float16" in str(w.message)] == [__file__]
+    assert sorted(p.name for p in (tmp_path / "r" / "shards").glob("*.parquet")) == ["000000000.parquet",
+                                                                                      "000000002.parquet"]

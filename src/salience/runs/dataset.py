@@ -11,6 +11,7 @@ equals an uninterrupted run's.
 from __future__ import annotations
 
 import copy
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -596,11 +597,14 @@ class _Writer:
                 interrupted = interrupted or e
         if self.thread is not None:
             self.thread.join()
-        if interrupted is not None and not stopped:
+        if stopped:  # the warnings of the batches written still given; the caller's error is the one raised
+            with contextlib.suppress(Exception):  # (a warnings filter "error")
+                self._warn()
+            return
+        if interrupted is not None:
             raise interrupted
-        if not stopped:
-            self._warn()
-            self._raise()
+        self._warn()
+        self._raise()
 
     def _loop(self) -> None:
         try:
