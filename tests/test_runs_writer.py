@@ -93,7 +93,7 @@ def test_a_run_whose_workers_start_from_a_forkserver_equals_one_without_workers(
     model = salience.load_model("demo:shapes")
     seen = []
 
-    def forced(device, workers):
+    def forced(device, workers, dataset=None):
         seen.append(workers)
         return "forkserver"
 
@@ -175,3 +175,31 @@ def test_a_warning_of_a_batch_written_after_an_error_in_the_main_thread_is_still
     assert [w.filename for w in said if "float16" in str(w.message)] == [__file__]
     assert sorted(p.name for p in (tmp_path / "r" / "shards").glob("*.parquet")) == ["000000000.parquet",
                                                                                       "000000002.parquet"]
+
+
+class _Lambdas(torch.utils.data.Dataset):
+    """4 seeded images through a lambda (a user's transform): a dataset that does not pickle."""
+
+    def __init__(self):
+        self.transform = lambda t: t * 2
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return self.transform(torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(i)))
+
+
+def test_a_cuda_run_whose_dataset_does_not_pickle_forks_its_workers_as_before(tmp_path, monkeypatch):
+    """A forkserver's workers receive the dataset pickled: a CUDA run (its device stood in for) whose
+    dataset holds a lambda forks its workers (as before the forkserver), and its store is the one a
+    run without workers writes."""
+    from conftest import SmallCNN
+
+    real = runs_dataset.loader_context
+    assert real(torch.device("cuda", 0), 2, _Lambdas()) is None
+    monkeypatch.setattr(runs_dataset, "loader_context", lambda device, *rest: real(torch.device("cuda", 0), *rest))
+    model = SmallCNN().eval()
+    salience.explain_dataset(model, _Lambdas(), ["vanilla"], tmp_path / "plain", batch_size=2, workers=0)
+    salience.explain_dataset(model, _Lambdas(), ["vanilla"], tmp_path / "forked", batch_size=2, workers=1)
+    assert _files(tmp_path / "forked") == _files(tmp_path / "plain")

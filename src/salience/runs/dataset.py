@@ -509,14 +509,22 @@ WRITER_QUEUE = 2
 flat: the queue is bounded); ``0``: the store's work runs in the main thread, between batches."""
 
 
-def loader_context(device: torch.device, workers: int) -> Optional[str]:
+def loader_context(device: torch.device, workers: int, dataset: Any = None) -> Optional[str]:
     """The DataLoader's multiprocessing start method: ``"forkserver"`` when the run's device is CUDA
     and workers decode (forking a process that has CUDA and threads running is unsafe: Python 3.12
-    warns), else ``None``, the platform's default (fork on Linux: the quickest to start)."""
+    warns), else ``None``, the platform's default (fork on Linux: the quickest to start). A
+    ``dataset`` that does not pickle (a lambda in its transform, a class defined in a notebook) is
+    forked as before: a forkserver's workers receive it pickled, and would fail to start."""
     import multiprocessing
+    import pickle
 
     if device.type != "cuda" or workers <= 0:
         return None
+    if dataset is not None:
+        try:
+            pickle.dumps(dataset)
+        except Exception:
+            return None
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
@@ -530,7 +538,7 @@ def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> Non
     loader = DataLoader(dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
                         collate_fn=sources.collate, worker_init_fn=sources.worker_init if run.workers else None,
                         persistent_workers=False,
-                        multiprocessing_context=loader_context(model_device(run.model), run.workers))
+                        multiprocessing_context=loader_context(model_device(run.model), run.workers, dataset))
     total = sum(len(s) for s in shards)
     writer = _Writer(run, shards, png)
     try:
