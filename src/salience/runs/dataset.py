@@ -11,6 +11,7 @@ equals an uninterrupted run's.
 from __future__ import annotations
 
 import copy
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -508,14 +509,22 @@ WRITER_QUEUE = 2
 flat: the queue is bounded); ``0``: the store's work runs in the main thread, between batches."""
 
 
-def loader_context(device: torch.device, workers: int) -> Optional[str]:
+def loader_context(device: torch.device, workers: int, dataset: Any = None) -> Optional[str]:
     """The DataLoader's multiprocessing start method: ``"forkserver"`` when the run's device is CUDA
     and workers decode (forking a process that has CUDA and threads running is unsafe: Python 3.12
-    warns), else ``None``, the platform's default (fork on Linux: the quickest to start)."""
+    warns), else ``None``, the platform's default (fork on Linux: the quickest to start). A
+    ``dataset`` that does not pickle (a lambda in its transform, a class defined in a notebook) is
+    forked as before: a forkserver's workers receive it pickled, and would fail to start."""
     import multiprocessing
+    import pickle
 
     if device.type != "cuda" or workers <= 0:
         return None
+    if dataset is not None:
+        try:
+            pickle.dumps(dataset)
+        except Exception:
+            return None
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
@@ -529,7 +538,7 @@ def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> Non
     loader = DataLoader(dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
                         collate_fn=sources.collate, worker_init_fn=sources.worker_init if run.workers else None,
                         persistent_workers=False,
-                        multiprocessing_context=loader_context(model_device(run.model), run.workers))
+                        multiprocessing_context=loader_context(model_device(run.model), run.workers, dataset))
     total = sum(len(s) for s in shards)
     writer = _Writer(run, shards, png)
     try:
@@ -558,6 +567,8 @@ class _Writer:
         self.run, self.shards, self.png = run, shards, png
         self.current: list[job.Result] = []
         self.error: Optional[BaseException] = None
+        self.halted = False  # a Ctrl-C while close() waits: the queued batches are dropped
+        self.ended = threading.Event()  # set by the thread as it returns
         self.said: list[str] = []
         self.queue: Any = queue.Queue(maxsize=WRITER_QUEUE) if WRITER_QUEUE else None
         self.thread = threading.Thread(target=self._loop, name="salience-run-writer", daemon=True) if WRITER_QUEUE \
@@ -578,25 +589,46 @@ class _Writer:
         """Wait for the queued batches' host work and the last shards' commits, then raise the
         thread's error, if any. ``stopped``: the main thread is raising an error of its own (Ctrl-C, a
         bad item): the batches it computed are still written, as when it did their host work itself,
-        and that error is the one raised."""
-        if self.queue is not None:
-            self.queue.put(None)
+        and that error is the one raised. A Ctrl-C while waiting: the thread takes no further batch,
+        the one it is on is finished, and then the Ctrl-C is raised, never with the thread still
+        writing (it would commit shards after the run, and its folder's lock, had ended)."""
+        interrupted: Optional[BaseException] = None
+        sent = self.queue is None
+        while self.thread is not None and not self.ended.is_set():  # not is_alive(): an interrupted join
+            try:  # marks a running thread stopped (Python < 3.13)
+                if not sent:
+                    self.queue.put(None)
+                    sent = True
+                self.ended.wait()
+            except BaseException as e:  # Ctrl-C (or a SIGINT handler's error) while waiting
+                self.halted = True  # the queued batches are dropped, so the put above never blocks for long
+                interrupted = interrupted or e
+        if self.thread is not None:
             self.thread.join()
-        if not stopped:
-            self._warn()
-            self._raise()
+        if stopped:  # the warnings of the batches written still given; the caller's error is the one raised
+            with contextlib.suppress(Exception):  # (a warnings filter "error")
+                self._warn()
+            return
+        if interrupted is not None:
+            raise interrupted
+        self._warn()
+        self._raise()
 
     def _loop(self) -> None:
-        while True:
-            work = self.queue.get()
-            if work is None:
-                return
-            if self.error is not None:
-                continue  # drained: the main thread's put never blocks on a failed writer
-            try:
-                self._handle(*work)
-            except BaseException as e:  # raised in the main thread (_raise)
-                self.error = e
+        try:
+            while True:
+                work = self.queue.get()
+                if work is None:
+                    return
+                if self.error is not None or self.halted:
+                    continue  # drained: the main thread's put never blocks on a failed or halted writer
+                try:
+                    self._handle(*work)
+                except BaseException as e:  # raised in the main thread (_raise)
+                    self.error = e
+                del work  # the batch is not held while the next is awaited
+        finally:
+            self.ended.set()
 
     def _handle(self, s: int, done: job.Computed) -> None:
         result = job.finish_items(self.run.plan, done, warn=self.said.append)
