@@ -317,6 +317,20 @@ def test_timm_volo_is_refused_naming_its_outlook_attention():
         salience.attention_rollout(net, torch.rand(1, 3, 32, 32))
 
 
+def test_torchvision_maxvit_is_refused_naming_its_windowed_attention():
+    """MaxViT's block and grid attention (a softmax over ``(B, windows, heads, 49, 49)``) was refused with the
+    outlook layout ``(B, heads, positions, K*K, K*K)`` as if it were VOLO's; the message now fits both."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.MaxVit(input_size=(56, 56), stem_channels=8, partition_size=7, block_channels=[16],
+                                    block_layers=[1], head_dim=8, stochastic_depth_prob=0.0, num_classes=5).eval()
+    with unchanged(net), pytest.raises(SalienceError, match=r"2 of the model's 2 attention operations are local, a "
+                                                           r"softmax over a 5-D \(1, 4, 2, 49, 49\).*MaxViT's block "
+                                                           r"and grid attention.*gradcam"):
+        salience.attention_rollout(net, torch.rand(1, 3, 56, 56))
+
+
 class ChannelSoftmaxCNN(WidthSoftmaxCNN):
     """A CNN weighting its (B, C, H, W) map by a softmax over the channels (channel attention, as in SK / split
     attention blocks): at 32x16 px the map is (B, 8, 8, 4), C == H, the shape of keys-first attention

@@ -55,9 +55,10 @@ def _check_maps(shapes: list[tuple[int, ...]], batch: int, method: str) -> int:
         raise SalienceError(
             f"{method} needs attention between all tokens, (B, heads, N, N), in every layer; {len(local)} of the "
             f"model's {len(shapes)} attention operations {verb} local, a softmax over a {len(local[0])}-D "
-            f"{local[0]} tensor (B, heads, positions, K*K, K*K): each position attends to its K x K window only, "
-            "as in VOLO's outlook attention, and no token-to-token matrix exists to roll out or weigh. Explain "
-            "this model with gradcam (or another gradient method: vanilla, integrated_gradients)"
+            f"{local[0]} tensor: each token attends within its own window or neighbourhood only (VOLO's outlook "
+            "attention, (B, heads, positions, K*K, K*K); MaxViT's block and grid attention, (B, windows, heads, "
+            "P, P)), and no token-to-token matrix over the image exists to roll out or weigh. Explain this model "
+            "with gradcam (or another gradient method: vanilla, integrated_gradients)"
         )
     n = shapes[0][-1]
     bad = [s for s in shapes if len(s) != 4 or s[0] != batch or tuple(s[-2:]) != (n, n)]
