@@ -134,8 +134,7 @@ class AttentionCapture(TorchFunctionMode):
         self._maps: list[Tensor] = []
         self._grads: list[list[Tensor]] = []
         self.kinds: list[str] = []
-        # a keys-first softmax not yet contracted: (it, its order, it and its copies)
-        self._pending: Optional[tuple[Tensor, tuple[int, ...], list[Tensor]]] = None
+        self._pending: Optional[_KeysFirst] = None  # a keys-first softmax not yet contracted
 
     def _shape(self, t: Tensor) -> Tensor:
         if t.dim() == 3:
@@ -173,18 +172,14 @@ class AttentionCapture(TorchFunctionMode):
         if func is F.multi_head_attention_forward:
             return self._mha(args, kwargs)
         out = func(*args, **kwargs)
-        if func in _PRODUCTS:
-            if self._pending is not None and _contracts(args, self._pending[2]):
-                self._record(self._pending[0], "softmax", self._pending[1])
+        if func in _PRODUCTS or func in _COPYING:
+            if self._pending is not None and self._pending.contracted(func, args, out):
+                self._record(self._pending.out, "softmax", self._pending.order)
                 self._pending = None
-            return out
-        if func in _COPYING:
-            if self._pending is not None and isinstance(out, Tensor) and _contracts(args[:1], self._pending[2]):
-                self._pending[2].append(out)
             return out
         order = _attention_order(args, kwargs)
         if order and isinstance(out, Tensor):
-            self._pending = (out, order, [out])  # keys first: attention once a product contracts it with the values
+            self._pending = _KeysFirst(out, order, None)  # keys first: attention once a product contracts it
         elif order is not None and isinstance(out, Tensor):
             self._record(out, "softmax", order)
         return out
@@ -322,6 +317,23 @@ def _contracts(args: tuple, seen: list[Tensor]) -> bool:
     ops = [t for x in args for t in (x if isinstance(x, (list, tuple)) else (x,))]
     return any(isinstance(t, Tensor) and t.layout == a.layout == torch.strided and t.data_ptr() == a.data_ptr()
                and t.numel() == a.numel() for t in ops for a in seen)
+
+
+class _KeysFirst:
+    """A keys-first softmax's output (``order``: its permutation to ``(B, heads, L, S)``) waiting for the product
+    that makes it attention (:func:`_contracts`), with the copies made of it on the way; what both the capture and
+    the default-layer search's spotter follow (``tag``: what the follower records when it is contracted)."""
+
+    def __init__(self, out: Tensor, order: tuple[int, ...], tag: Any) -> None:
+        self.out, self.order, self.tag, self.copies = out, order, tag, [out]
+
+    def contracted(self, func: Any, args: tuple, out: Any) -> bool:
+        """Whether the call ``func(*args) -> out`` contracts it with the values; a copy of it is noted."""
+        if func in _PRODUCTS:
+            return _contracts(args, self.copies)
+        if func in _COPYING and isinstance(out, Tensor) and _contracts(args[:1], self.copies):
+            self.copies.append(out)  # a copy on its way to the product
+        return False
 
 
 def check_model(model: nn.Module, method: str = "this method") -> None:

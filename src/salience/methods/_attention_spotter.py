@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from salience.attention import _COPYING, _SOFTMAXES, _attention_order, _contracts
+from salience.attention import _SOFTMAXES, _KeysFirst, _attention_order
 
 __all__: list[str] = []  # private to the methods (the default-layer search)
 
@@ -60,20 +60,17 @@ class _AttentionSpotter(TorchFunctionMode):
         self.factorized: list[tuple[str, int]] = []  # (module name, N): a factorized attention over N tokens
         # keys, if factorized: (module name, a softmax over dim -2 or a copy of a view of one, its dims' roles, N)
         self._keys: list[tuple[str, Tensor, dict[str, Any], int]] = []
-        # a keys-first softmax not yet contracted: (module name, it and its copies, its (B, heads, L, S) shape)
-        self._pending: Optional[tuple[str, list[Tensor], tuple[int, ...]]] = None
+        # a keys-first softmax not yet contracted; its tag: (module name, its (B, heads, L, S) shape)
+        self._pending: Optional[_KeysFirst] = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         where = self.running[-1] if self.running else ""
-        if self._pending is not None and (name in _MATMULS or name == "einsum") and _contracts(args, self._pending[1]):
-            self.seen.append((self._pending[0], self._pending[2]))
+        if self._pending is not None and self._pending.contracted(func, args, out):
+            self.seen.append(self._pending.tag)
             self._pending = None
-        elif (self._pending is not None and func in _COPYING and isinstance(out, Tensor)
-              and _contracts(args[:1], self._pending[1])):
-            self._pending[1].append(out)  # a copy on its way to the product
         if name == "scaled_dot_product_attention" and len(args) > 1:
             q, k = args[0], args[1]
             self.seen.append((where, (*q.shape[:-1], k.shape[-2])))
@@ -81,7 +78,7 @@ class _AttentionSpotter(TorchFunctionMode):
             self.seen.append((where, None))
         elif func in _SOFTMAXES and isinstance(out, Tensor) and (order := _attention_order(args, kwargs)) is not None:
             if order:  # keys first: attention once a product contracts it with the values, as the capture takes it
-                self._pending = (where, [out], tuple(out.permute(order).shape))
+                self._pending = _KeysFirst(out, order, (where, tuple(out.permute(order).shape)))
             else:
                 self.seen.append((where, tuple(out.shape)))
         elif func in _SOFTMAXES and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
