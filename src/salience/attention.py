@@ -50,6 +50,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
+import threading
+import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
@@ -135,6 +138,7 @@ class AttentionCapture(TorchFunctionMode):
         self._grads: list[list[Tensor]] = []
         self.kinds: list[str] = []
         self._pending: Optional[_KeysFirst] = None  # a keys-first softmax not yet contracted
+        self._sites: Optional[list[Optional[nn.Module]]] = None  # a list: where each record was called from
 
     def _shape(self, t: Tensor) -> Tensor:
         if t.dim() == 3:
@@ -157,6 +161,8 @@ class AttentionCapture(TorchFunctionMode):
         shaped = self._shape(a.permute(order) if order else a)  # ``a`` itself or a view of it
         # reduced at once, while A is still in the cache; A itself is then free to go
         self._maps.append(shaped if self.reduce is None else self.reduce(shaped))
+        if self._sites is not None:
+            self._sites.append(_caller_module())
         self._grads.append(store)
         self.kinds.append(kind)
         if self.keep_grads and a.requires_grad:  # the hook on ``a``: a view of it is not on the output's path
@@ -174,12 +180,15 @@ class AttentionCapture(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func in _PRODUCTS or func in _COPYING:
             if self._pending is not None and self._pending.contracted(func, args, out):
+                if self._sites is not None:  # the softmax's module too: the product may be another's
+                    self._sites.append(self._pending.tag)
                 self._record(self._pending.out, "softmax", self._pending.order)
                 self._pending = None
             return out
         order = _attention_order(args, kwargs)
         if order and isinstance(out, Tensor):
-            self._pending = _KeysFirst(out, order, None)  # keys first: attention once a product contracts it
+            # keys first: attention once a product contracts it (tag: where the softmax ran, on a first pass)
+            self._pending = _KeysFirst(out, order, _caller_module() if self._sites is not None else None)
         elif order is not None and isinstance(out, Tensor):
             self._record(out, "softmax", order)
         return out
@@ -341,6 +350,124 @@ def check_model(model: nn.Module, method: str = "this method") -> None:
     check_python_model(model, method, "whose compiled graph hides its attention from salience")
 
 
+class _Scope:
+    """Where one model's attention runs: ``modules``, the submodules an attention pass needs the capture
+    active in (weakly held), and ``count``, the matrices a pass of it records; ``missed``: a pass under this
+    scope recorded another count once (a second time and the model runs under the capture everywhere)."""
+
+    def __init__(self, modules: list[nn.Module], count: int, missed: bool) -> None:
+        self.modules, self.count, self.missed = [weakref.ref(m) for m in modules], count, missed
+
+    def live(self) -> Optional[list[nn.Module]]:
+        """The modules, or ``None`` where one of them is gone (the scope is out of date then)."""
+        modules = [r() for r in self.modules]
+        return None if any(m is None for m in modules) else modules  # type: ignore[return-value]
+
+
+# model -> where its attention runs, learnt on its first attention_maps pass; _EVERYWHERE: the capture stays
+# active around the whole pass (no module to narrow it to, or two passes under the scope recorded other counts)
+_SCOPES: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+_EVERYWHERE = object()
+# nn.MultiheadAttention's parents that take a fused fast path, skipping it, unless a mode is active around them
+_FAST_PATHS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
+               nn.Transformer)
+
+
+def _caller_module() -> Optional[nn.Module]:
+    """The innermost module whose code is running (a frame whose ``self`` is an ``nn.Module``): where the
+    attention operation being recorded was called from. Looked up on a model's first pass only."""
+    f = sys._getframe(1)
+    while f is not None:
+        code = f.f_code
+        if code.co_argcount and code.co_varnames[0] == "self" and isinstance(f.f_locals.get("self"), nn.Module):
+            return f.f_locals["self"]
+        f = f.f_back
+    return None
+
+
+def _scope_of(model: nn.Module, sites: list[Optional[nn.Module]]) -> Optional[list[nn.Module]]:
+    """The outermost of the modules the attention was called from (each raised to its outermost ancestor with
+    a fast path, :data:`_FAST_PATHS`), or ``None`` where that is the model itself or a site lies outside it."""
+    parents = {id(c): p for p in model.modules() for c in p.children()}
+    scope: list[nn.Module] = []
+    for m in sites:
+        if m is None or (m is not model and id(m) not in parents):
+            return None
+        up = m
+        while id(up) in parents:  # an nn.TransformerEncoder's fast path (nested tensors) skips its layers' MHA
+            up = parents[id(up)]
+            m = up if isinstance(up, _FAST_PATHS) else m
+        if m is model:
+            return None
+        if all(m is not s for s in scope):
+            scope.append(m)
+    inside = {id(c) for s in scope for c in s.modules() if c is not s}
+    return [m for m in scope if id(m) not in inside]
+
+
+@contextmanager
+def _active_in(cap: AttentionCapture, modules: list[nn.Module]) -> Iterator[None]:
+    """``cap`` active only while one of ``modules`` runs (in this thread), by a forward pre-hook and an
+    always-called forward hook on each, removed when the block ends (and the capture left, also after an
+    error): the rest of the pass runs without a mode (every torch call through Python otherwise)."""
+    owner, depth = threading.get_ident(), [0]
+
+    def enter(module: nn.Module, args: Any) -> None:
+        if threading.get_ident() == owner:
+            depth[0] += 1
+            if depth[0] == 1:
+                cap.__enter__()
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:
+        if threading.get_ident() == owner and depth[0]:
+            depth[0] -= 1
+            if not depth[0]:
+                cap.__exit__(None, None, None)
+
+    handles = []
+    try:
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(enter))
+            handles.append(m.register_forward_hook(leave, always_call=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        if depth[0]:
+            depth[0] = 0
+            cap.__exit__(None, None, None)
+
+
+def _pass(model: nn.Module, x: Tensor, run: Callable[[nn.Module, Tensor], Any],
+          reduce: Optional[Callable[[Tensor], Tensor]]) -> list[Tensor]:
+    """One pass under inference mode with the capture where the model's attention runs (its :class:`_Scope`),
+    else around the whole pass, learning the scope then. A scoped pass that records another count than the
+    scope's, or raises, is run again with the capture everywhere (``run`` called twice; the model's own error,
+    if it is one, raised from there)."""
+    scope = _SCOPES.get(model)
+    modules = scope.live() if isinstance(scope, _Scope) else None
+    if modules is not None:
+        cap = AttentionCapture(batch=x.shape[0], reduce=reduce)
+        try:
+            with _active_in(cap, modules), torch.inference_mode(), model_call(model, x):
+                run(model, x)
+        except Exception:  # a path the model takes only without a mode around it: the pass everywhere decides
+            pass
+        else:
+            if len(cap._maps) == scope.count:
+                return cap.maps
+    cap = AttentionCapture(batch=x.shape[0], reduce=reduce)
+    cap._sites = [] if scope is not _EVERYWHERE else None
+    with cap, torch.inference_mode(), model_call(model, x):
+        run(model, x)
+    if cap._sites:  # a pass under the scope missed some once: learnt again; twice: everywhere from now on
+        missed = isinstance(scope, _Scope) and modules is not None
+        found = _scope_of(model, cap._sites)
+        _SCOPES[model] = _EVERYWHERE if found is None or (missed and scope.missed) else _Scope(
+            found, len(cap._maps), missed)
+    return cap.maps
+
+
 @contextmanager
 def capturing(model: nn.Module, *, batch: Optional[int] = None, grads: bool = False,
               reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Iterator[AttentionCapture]:
@@ -352,14 +479,22 @@ def capturing(model: nn.Module, *, batch: Optional[int] = None, grads: bool = Fa
 
 
 def attention_maps(model: nn.Module, x: Tensor, *, forward: Optional[Callable[[nn.Module, Tensor], Any]] = None,
-                   reduce: Optional[Callable[[Tensor], Tensor]] = None) -> list[Tensor]:
+                   reduce: Optional[Callable[[Tensor], Tensor]] = None, method: str = "attention capture"
+                   ) -> list[Tensor]:
     """The attention matrices ``(B, heads, L, S)`` of one forward pass of ``model`` on ``x``
     ``(B, C, H, W)``, without gradients, in call order (``forward(model, x)`` runs it; default ``model(x)``);
-    with ``reduce``, ``reduce(A)`` of each instead, computed as each ``A`` is formed.
+    with ``reduce``, ``reduce(A)`` of each instead, computed as each ``A`` is formed. ``method`` names the
+    caller in errors.
+
+    The capture is active only inside the modules that call the attention (learnt on the model's first
+    pass, kept while the model lives): the rest of the pass runs without a mode, at its bare cost. Should a
+    pass so narrowed record another number of matrices than the first (the model changed, or its forward takes
+    another path), it runs again with the capture around the whole pass: ``forward`` may be called twice, so it
+    should start afresh each time (twice and the model keeps the capture around the whole pass).
 
     The pass runs under :func:`torch.inference_mode` (no autograd bookkeeping at all), so what comes
     back are inference tensors: fine for any out-of-place operation, not for in-place ones or autograd.
     """
-    with capturing(model, batch=x.shape[0], reduce=reduce) as cap, torch.inference_mode(), model_call(model, x):
-        (forward or (lambda m, t: m(t)))(model, x)
-    return cap.maps
+    check_model(model, method)
+    with model_guard(model):
+        return _pass(model, x, forward or (lambda m, t: m(t)), reduce)

@@ -25,7 +25,7 @@ from salience._core import derived as _derived
 from salience._core import perf as _perf
 from salience._core.checkpoints import plain_checkpoints
 from salience._core.errors import SalienceError, uncoloured, user_stacklevel
-from salience._core.guard import model_guard
+from salience._core.guard import model_guard, modules_of
 from salience._core.info import model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, first_tensor
@@ -183,7 +183,7 @@ def _compute_dtype(model: nn.Module) -> Optional[torch.dtype]:
     "Input type ... and bias type ... should be the same"); ``None`` when the parameters mix dtypes,
     or there are none, or the model casts its input itself (Keras 3 layers do)."""
     dtypes = set()
-    for module in model.modules():  # the modules' own dicts: module.parameters(recurse=False) walks again
+    for module in modules_of(model):  # the modules' own dicts: module.parameters(recurse=False) walks again
         where = type(module).__module__
         if where == "keras" or where.startswith("keras."):
             return None

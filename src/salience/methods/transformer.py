@@ -162,8 +162,7 @@ def attention_rollout(
     One forward pass, no gradient; the model comes back exactly as it was.
     """
     upsample = check_flag(upsample, "upsample")
-    check_input(x, model)
-    check_model(model, "attention_rollout")
+    check_input(x, model)  # the model: checked by attention_maps
     targets, multi = split(target, x.shape[0])
     if head_fusion not in HEAD_FUSIONS:
         raise SalienceError(f"head_fusion must be one of {', '.join(map(repr, HEAD_FUSIONS))}; got {head_fusion!r}")
@@ -178,8 +177,12 @@ def attention_rollout(
         return _rollout_layer(_working(a, x), head_fusion, discard_ratio)
 
     outputs: list[object] = []  # what the model returns, to check the targets against (no second pass)
-    layers = attention_maps(model, x, reduce=layer,  # one forward pass under inference mode
-                            forward=lambda m, t: outputs.append(m(t)))
+
+    def run(m: nn.Module, t: Tensor) -> None:  # afresh each time attention_maps runs it (see there)
+        shapes.clear()
+        outputs[:] = [m(t)]
+
+    layers = attention_maps(model, x, reduce=layer, forward=run, method="attention_rollout")  # one pass
     if checked_on_output(targets):
         check_output(targets, unwrap_output(outputs[0], model))
     n = _check_maps(shapes, x.shape[0], "attention_rollout")

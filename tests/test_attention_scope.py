@@ -1,0 +1,252 @@
+"""The attention capture narrowed to the modules that call the attention (salience.attention._pass): the maps
+of a narrowed pass equal those of the capture around the whole pass (itself tested against explicit references
+in test_transformer.py), the rest of the pass runs without the mode, and every way a narrowed pass can miss
+(another path, a fast path, an error, another thread) ends right."""
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import salience
+from salience import attention
+from salience.attention import AttentionCapture, attention_maps
+
+from conftest import unchanged
+from tiny_vit import TinyViT, torchvision_vit
+
+
+def _mode_on() -> bool:
+    return torch._C._len_torch_function_stack() > 0
+
+
+class Probe(nn.Module):
+    """Identity that notes whether a torch function mode was active when it ran (outside the attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(_mode_on())
+        return x
+
+
+class Probed(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.probe, self.model = Probe(), model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.probe(x))
+
+
+class EncoderViT(nn.Module):
+    """Patch embedding + ``nn.TransformerEncoder`` (batch first) with a key padding mask (the last token): in eval
+    mode under inference mode, the encoder takes PyTorch's nested-tensor fast path unless a mode is active around
+    it, on which ``nn.MultiheadAttention`` under a mode fails."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, depth: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 8, stride=8)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1)
+        pad = torch.zeros(t.shape[:2], dtype=torch.bool, device=t.device)
+        pad[:, -1] = True
+        t = self.encoder(t, src_key_padding_mask=pad)
+        return self.head(t[:, 0])
+
+
+class KeysFirstSplit(nn.Module):
+    """A keys-first softmax ``(B, S, heads, L)`` in one module, its product with the values in a sibling."""
+
+    class Weights(nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bhld,bhsd->bshl", q, k).softmax(dim=1)
+
+    class Mix(nn.Module):
+        def forward(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bshl,bhsd->bhld", a, v)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.qkv = nn.Linear(8, 24)
+        self.weights, self.mix = self.Weights(), self.Mix()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, N, 8)
+        q, k, v = (u.unflatten(-1, (2, 4)).transpose(1, 2) for u in self.qkv(t).chunk(3, -1))  # (B, 2, N, 4)
+        o = self.mix(self.weights(q, k), v)
+        return self.head(o.transpose(1, 2).flatten(2).mean(1))
+
+
+def _tiny(mode: str) -> nn.Module:
+    torch.manual_seed(0)
+    m = TinyViT(size=(16, 16), patch=4).eval()
+    for blk in m.blocks:
+        blk.attn.mode = mode
+    return m
+
+
+MODELS = {
+    "torchvision MHA": lambda: torchvision_vit(),
+    "fused SDPA": lambda: _tiny("sdpa"),
+    "explicit softmax": lambda: _tiny("explicit"),
+    "nn.TransformerEncoder": lambda: (torch.manual_seed(0), EncoderViT().eval())[1],
+    "keys-first in two modules": lambda: (torch.manual_seed(0), KeysFirstSplit().eval())[1],
+}
+
+
+def _counted(calls: list):
+    def run(m, t):
+        calls.append(1)
+        return m(t)
+    return run
+
+
+def _everywhere(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The capture around the whole pass, on a copy of ``model`` (so its learnt scope is not used)."""
+    cap = AttentionCapture(batch=x.shape[0])
+    with cap, torch.inference_mode():
+        copy.deepcopy(model)(x)
+    return cap.maps
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_narrowed_pass_runs_once_equals_the_capture_everywhere_and_leaves_the_rest_bare(name):
+    model = Probed(MODELS[name]())
+    size = 32 if name == "torchvision MHA" else 16
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    want = _everywhere(model, x)
+    assert len(want) == 2 if name != "keys-first in two modules" else len(want) == 1
+    for n in range(3):  # the first pass learns where the attention runs, the next are narrowed to it
+        calls: list = []
+        with unchanged(model):
+            got = attention_maps(model, x, forward=_counted(calls))
+        assert len(calls) == 1, "a narrowed pass missed the attention and ran again"
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        # the probe runs before any attention: under the mode on the first pass only
+        assert model.probe.seen[-1] is (n == 0)
+    assert not _mode_on()
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_a_narrowed_pass_that_fails_runs_again_everywhere(monkeypatch):
+    """Not raised to the encoder (its fast path then runs, and MHA under the mode refuses its nested tensors): the
+    narrowed pass fails, the pass everywhere gives the maps."""
+    monkeypatch.setattr(attention, "_FAST_PATHS", ())
+    model = MODELS["nn.TransformerEncoder"]()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    want = _everywhere(model, x)
+    attention_maps(model, x)
+    calls: list = []
+    with unchanged(model):
+        got = attention_maps(model, x, forward=_counted(calls))
+    assert len(calls) == 2
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_rollout_narrowed_equals_rollout_everywhere():
+    model = _tiny("explicit")
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    first = salience.attention_rollout(model, x)  # learns the scope
+    narrowed = salience.attention_rollout(model, x)
+    fresh = salience.attention_rollout(copy.deepcopy(model), x)
+    torch.testing.assert_close(narrowed, first, rtol=0, atol=0)
+    torch.testing.assert_close(narrowed, fresh, rtol=0, atol=0)
+
+
+def test_a_pass_that_takes_another_path_runs_again_everywhere_and_learns_it():
+    model = _tiny("mha")  # the attention called from nn.MultiheadAttention ...
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    attention_maps(model, x)
+    for blk in model.blocks:
+        blk.attn.mode = "sdpa"  # ... now from its parent: a pass narrowed to the MHA modules sees none
+    want = _everywhere(model, x)
+    calls: list = []
+    got = attention_maps(model, x, forward=_counted(calls))
+    assert len(calls) == 2 and len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    attention_maps(model, x, forward=_counted(calls))
+    assert len(calls) == 1  # learnt again
+
+
+class EitherViT(nn.Module):
+    """Two ViTs of the same layout, ``use`` picks the one that runs: the attention is called from other
+    modules each time ``use`` changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vits, self.use = nn.ModuleList([_tiny("explicit"), _tiny("sdpa")]), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vits[self.use](x)
+
+
+def test_a_model_whose_path_keeps_changing_ends_with_the_capture_everywhere():
+    model = EitherViT()
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    runs = []
+    for i in range(6):
+        model.use = i % 2
+        calls: list = []
+        got = attention_maps(model, x, forward=_counted(calls))
+        want = _everywhere(model, x)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        runs.append(len(calls))
+    assert runs == [1, 2, 2, 1, 1, 1]  # learnt, missed and learnt again, missed twice: everywhere from then on
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_an_error_inside_a_narrowed_module_leaves_no_mode_and_no_hook(exc):
+    model = _tiny("explicit")
+    x = torch.rand(1, 3, 16, 16)
+    attention_maps(model, x)
+    attn = model.blocks[1].attn
+
+    def boom(module, args, out):
+        raise exc("inside the attention")
+
+    handle = attn.register_forward_hook(boom)
+    try:
+        with unchanged(model), pytest.raises(exc):
+            attention_maps(model, x)
+    finally:
+        handle.remove()
+    assert not _mode_on()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert len(attention_maps(model, x)) == 2
+
+
+def test_another_thread_running_a_narrowed_module_is_not_captured():
+    model = _tiny("explicit")
+    x = torch.rand(1, 3, 16, 16)
+    attn = model.blocks[0].attn
+    tokens = torch.rand(1, 17, 16)
+    cap = AttentionCapture(batch=1)
+    with attention._active_in(cap, [attn]), torch.no_grad():
+        t = threading.Thread(target=attn, args=(tokens,))
+        t.start()
+        t.join()
+        assert cap.maps == []
+        attn(tokens)
+        assert len(cap.maps) == 1
+    assert not _mode_on() and not attn._forward_hooks and not attn._forward_pre_hooks
+    assert len(attention_maps(model, x)) == 2
