@@ -28,7 +28,10 @@ active (around one forward pass, in the entering thread only):
   ``(B, C, H, W)`` map with ``C == H`` that only scales the map, channel attention in a CNN, is not attention).
 
 Every other torch call of the pass also reaches the mode (that is how modes work): it leaves at once
-on one set lookup of the function (:data:`_WATCHED`).
+on one set lookup of the function (:data:`_WATCHED`). :func:`attention_maps` (attention rollout's pass) keeps
+even that off the rest of the pass: a model's first pass runs under the mode throughout and notes the module
+each attention was called from (the innermost ``nn.Module`` frame on the stack); its later passes enter the
+mode only inside those modules (forward hooks), checked by the count of matrices (:func:`_pass`).
 
 What real models run is covered: timm's ``Attention`` (SDPA when ``fused_attn``, else
 ``(q * scale) @ k^T``, ``softmax(dim=-1)``, ``attn_drop``), Hugging Face eager attention
