@@ -250,3 +250,72 @@ def test_another_thread_running_a_narrowed_module_is_not_captured():
         assert len(cap.maps) == 1
     assert not _mode_on() and not attn._forward_hooks and not attn._forward_pre_hooks
     assert len(attention_maps(model, x)) == 2
+
+
+def _hooked(model: nn.Module) -> list:
+    return [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_always_called]
+
+
+def test_ctrl_c_at_each_point_of_the_narrowing_leaves_no_mode_and_no_hook():
+    """SIGINT (Ctrl-C) at each point where Python may raise ``KeyboardInterrupt`` in ``_active_in``, its two
+    hooks and what puts them on and off, in turn: afterwards no mode is on the stack, no hook on the model, and the next pass is narrowed again.
+    Before, a Ctrl-C in ``leave`` after the depth was lowered left the mode on the stack for good, one in
+    ``enter`` before the mode was entered popped a mode that was not the capture (here: none, an error), and
+    one between a hook's registration and its handle's append left the hook on the module."""
+    import signal
+    import sys
+    import types
+
+    from test_hygiene import _interruption_points, _sigint_handled_by
+
+    model = _tiny("explicit")
+    x = torch.rand(1, 3, 16, 16)
+    attention_maps(model, x)  # learnt: the next passes are narrowed
+    outer = attention._active_in.__wrapped__.__code__
+    codes = {outer, *(c for c in outer.co_consts if isinstance(c, types.CodeType)),
+             *(f.__code__ for f in (getattr(attention, "_hook", None), getattr(attention, "_unhook", None)) if f)}
+    points = {c: _interruption_points(c) for c in codes}
+
+    def traced(at):  # the points passed, in order; with ``at`` (the k-th one), SIGINT sent there
+        passed: list = []
+
+        def local(frame, event, arg):
+            if event in ("opcode", "call") and frame.f_lasti in points[frame.f_code]:
+                passed.append((frame.f_code, frame.f_lasti))
+                if len(passed) == at:
+                    sys.settrace(None)
+                    signal.raise_signal(signal.SIGINT)
+            return local
+
+        def calls(frame, event, arg):
+            if frame.f_code not in codes:
+                return None
+            frame.f_trace_opcodes = True
+            return local(frame, event, arg)
+
+        sys.settrace(calls)
+        try:
+            attention_maps(model, x)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        return passed
+
+    n = len(traced(None))
+    assert n > 25
+    failed = []
+    for k in range(1, n + 1):
+        with _sigint_handled_by(signal.default_int_handler):
+            traced(k)
+        if _mode_on() or _hooked(model):
+            failed.append(k)
+            while _mode_on():
+                torch._C._pop_torch_function_stack()
+            for m in model.modules():
+                m._forward_hooks.clear()
+                m._forward_pre_hooks.clear()
+                m._forward_hooks_always_called.clear()
+    assert not failed, f"{len(failed)} of {n} points left a mode or a hook"
+    calls: list = []
+    assert len(attention_maps(model, x, forward=_counted(calls))) == 2 and len(calls) == 1

@@ -66,7 +66,7 @@ from torch.overrides import TorchFunctionMode
 
 from salience._core.autograd import model_call
 from salience._core.errors import SalienceError
-from salience._core.guard import check_python_model, model_guard
+from salience._core.guard import _calmly, check_python_model, model_guard
 from salience._core.tensors import check_flag
 
 __all__ = ["AttentionCapture", "attention_maps", "check_model"]
@@ -427,18 +427,32 @@ def _active_in(cap: AttentionCapture, modules: list[nn.Module]) -> Iterator[None
             if not depth[0]:
                 cap.__exit__(None, None, None)
 
-    handles = []
-    try:
-        for m in modules:
-            handles.append(m.register_forward_pre_hook(enter))
-            handles.append(m.register_forward_hook(leave, always_call=True))
+    handles: list = []
+    try:  # Ctrl-C deferred while the hooks go on and off (a handle not yet kept would leave its hook behind)
+        _calmly(_hook, modules, enter, leave, handles)
         yield
     finally:
-        for h in handles:
-            h.remove()
-        if depth[0]:
-            depth[0] = 0
-            cap.__exit__(None, None, None)
+        try:
+            _calmly(_unhook, cap, handles)
+        except BaseException:  # a Ctrl-C before _calmly deferred it left all to do: done once more
+            _calmly(_unhook, cap, handles)
+            raise
+
+
+def _hook(modules: list[nn.Module], enter: Callable, leave: Callable, handles: list) -> None:
+    for m in modules:
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave, always_call=True))
+
+
+def _unhook(cap: AttentionCapture, handles: list) -> None:
+    """The hooks removed and ``cap`` left where it is still on top of the mode stack: by what the stack holds,
+    not by the hooks' depth count (a Ctrl-C between the count and the mode's entry or exit makes them differ)."""
+    while handles:
+        handles.pop().remove()
+    n = torch._C._len_torch_function_stack()
+    if n and torch._C._get_function_stack_at(n - 1) is cap:
+        cap.__exit__(None, None, None)
 
 
 def _pass(model: nn.Module, x: Tensor, run: Callable[[nn.Module, Tensor], Any],
