@@ -16,7 +16,7 @@ from salience import attention
 from salience.attention import AttentionCapture, attention_maps
 
 from conftest import unchanged
-from tiny_vit import TinyViT, torchvision_vit
+from tiny_vit import Block, TinyViT, torchvision_vit
 
 
 def _mode_on() -> bool:
@@ -99,12 +99,28 @@ def _tiny(mode: str) -> nn.Module:
     return m
 
 
+class DirectBlock(Block):
+    """A block that calls its attention's ``forward`` itself (no hook of the attention module runs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.forward(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def _direct() -> nn.Module:
+    m = _tiny("explicit")
+    for blk in m.blocks:
+        blk.__class__ = DirectBlock
+    return m
+
+
 MODELS = {
     "torchvision MHA": lambda: torchvision_vit(),
     "fused SDPA": lambda: _tiny("sdpa"),
     "explicit softmax": lambda: _tiny("explicit"),
     "nn.TransformerEncoder": lambda: (torch.manual_seed(0), EncoderViT().eval())[1],
     "keys-first in two modules": lambda: (torch.manual_seed(0), KeysFirstSplit().eval())[1],
+    "attention's forward called directly": _direct,
 }
 
 

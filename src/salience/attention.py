@@ -377,15 +377,19 @@ _FAST_PATHS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Transf
 
 
 def _caller_module() -> Optional[nn.Module]:
-    """The innermost module whose code is running (a frame whose ``self`` is an ``nn.Module``): where the
-    attention operation being recorded was called from. Looked up on a model's first pass only."""
+    """The innermost module being called (a frame of ``nn.Module._call_impl``, where its hooks run): where the
+    attention operation being recorded was called from. Not the innermost frame whose ``self`` is a module: a
+    block calling its attention's ``forward`` (or another method) itself runs no hook of that module, and a
+    scope of it would miss every pass. Looked up on a model's first pass only."""
     f = sys._getframe(1)
     while f is not None:
-        code = f.f_code
-        if code.co_argcount and code.co_varnames[0] == "self" and isinstance(f.f_locals.get("self"), nn.Module):
+        if f.f_code is _CALL_IMPL:
             return f.f_locals["self"]
         f = f.f_back
     return None
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
 
 
 def _scope_of(model: nn.Module, sites: list[Optional[nn.Module]]) -> Optional[list[nn.Module]]:
