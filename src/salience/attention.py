@@ -30,7 +30,7 @@ active (around one forward pass, in the entering thread only):
 Every other torch call of the pass also reaches the mode (that is how modes work): it leaves at once
 on one set lookup of the function (:data:`_WATCHED`). :func:`attention_maps` (attention rollout's pass) keeps
 even that off the rest of the pass: a model's first pass runs under the mode throughout and notes the module
-each attention was called from (the innermost ``nn.Module`` frame on the stack); its later passes enter the
+each attention was called from (the innermost module being called, where its hooks run); its later passes enter the
 mode only inside those modules (forward hooks), checked by the count of matrices (:func:`_pass`).
 
 What real models run is covered: timm's ``Attention`` (SDPA when ``fused_attn``, else
