@@ -335,3 +335,23 @@ def test_ctrl_c_at_each_point_of_the_narrowing_leaves_no_mode_and_no_hook():
     assert not failed, f"{len(failed)} of {n} points left a mode or a hook"
     calls: list = []
     assert len(attention_maps(model, x, forward=_counted(calls))) == 2 and len(calls) == 1
+
+
+def test_clear_cache_forgets_where_the_attention_runs():
+    """``clear_cache`` (what to call after changing a plain attribute the model's ``forward`` reads) forgets the
+    scopes too: a model that went to the capture everywhere for good is narrowed again."""
+    from salience._core.perf import clear_cache
+
+    model = EitherViT()
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    for i in range(3):
+        model.use = i % 2
+        attention_maps(model, x)
+    assert attention._SCOPES[model] is attention._EVERYWHERE
+    clear_cache()
+    attention_maps(model, x)  # learnt again
+    calls: list = []
+    got = attention_maps(model, x, forward=_counted(calls))
+    assert isinstance(attention._SCOPES[model], attention._Scope) and len(calls) == 1
+    for g, w in zip(got, _everywhere(model, x), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from salience._core import perf as _perf
 from salience._core.autograd import model_call
 from salience._core.errors import SalienceError
 from salience._core.guard import _calmly, check_python_model, model_guard
@@ -370,6 +371,7 @@ class _Scope:
 # model -> where its attention runs, learnt on its first attention_maps pass; _EVERYWHERE: the capture stays
 # active around the whole pass (no module to narrow it to, or two passes under the scope recorded other counts)
 _SCOPES: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+_perf._model_caches.append(_SCOPES)  # clear_cache forgets them too (a model everywhere for good: narrowed again)
 _EVERYWHERE = object()
 # nn.MultiheadAttention's parents that take a fused fast path, skipping it, unless a mode is active around them
 _FAST_PATHS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
