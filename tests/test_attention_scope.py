@@ -355,3 +355,26 @@ def test_clear_cache_forgets_where_the_attention_runs():
     assert isinstance(attention._SCOPES[model], attention._Scope) and len(calls) == 1
     for g, w in zip(got, _everywhere(model, x), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_narrowed_pass_leaves_another_threads_fingerprint_of_the_model_as_it_was():
+    """The narrowing's hooks are this thread's (as every hook salience puts on a model,
+    ``_core.autograd.this_thread``): another thread's ``structure`` of the model, what its cached default layers
+    and compiled graphs are kept for, leaves them out. Before, a Grad-CAM call in another thread during a rollout
+    saw a changed model (its caches missed)."""
+    from salience._core.fingerprint import structure
+
+    model = _tiny("explicit")
+    seen: list = []
+
+    def other() -> None:
+        seen.append(structure(model))
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    with attention._active_in(AttentionCapture(batch=1), [b.attn for b in model.blocks]):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen[0] == seen[1]

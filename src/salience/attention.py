@@ -54,7 +54,6 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-import threading
 import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
@@ -65,7 +64,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from salience._core import perf as _perf
-from salience._core.autograd import model_call
+from salience._core.autograd import model_call, this_thread
 from salience._core.errors import SalienceError
 from salience._core.guard import _calmly, check_python_model, model_guard
 from salience._core.tensors import check_flag
@@ -419,16 +418,17 @@ def _active_in(cap: AttentionCapture, modules: list[nn.Module]) -> Iterator[None
     """``cap`` active only while one of ``modules`` runs (in this thread), by a forward pre-hook and an
     always-called forward hook on each, removed when the block ends (and the capture left, also after an
     error): the rest of the pass runs without a mode (every torch call through Python otherwise)."""
-    owner, depth = threading.get_ident(), [0]
+    depth = [0]
 
+    @this_thread  # other threads' passes through the modules: not captured, and their fingerprints leave these out
     def enter(module: nn.Module, args: Any) -> None:
-        if threading.get_ident() == owner:
-            depth[0] += 1
-            if depth[0] == 1:
-                cap.__enter__()
+        depth[0] += 1
+        if depth[0] == 1:
+            cap.__enter__()
 
+    @this_thread
     def leave(module: nn.Module, args: Any, out: Any) -> None:
-        if threading.get_ident() == owner and depth[0]:
+        if depth[0]:
             depth[0] -= 1
             if not depth[0]:
                 cap.__exit__(None, None, None)
