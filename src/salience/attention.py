@@ -447,7 +447,9 @@ def _active_in(cap: AttentionCapture, modules: list[nn.Module]) -> Iterator[None
 
 def _hook(modules: list[nn.Module], enter: Callable, leave: Callable, handles: list) -> None:
     for m in modules:
-        handles.append(m.register_forward_pre_hook(enter))
+        # entered before the user's pre-hooks (under the capture around the whole pass too): one that raises is
+        # balanced by ``leave``, always called, instead of leaving a capture an outer module entered
+        handles.append(m.register_forward_pre_hook(enter, prepend=True))
         handles.append(m.register_forward_hook(leave, always_call=True))
 
 
