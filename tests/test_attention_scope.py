@@ -99,6 +99,50 @@ def _tiny(mode: str) -> nn.Module:
     return m
 
 
+class Refusing(nn.Module):
+    """``b`` (attention) is called from the model and from inside ``a`` (attention too, not ``b``'s parent), where a
+    pre-hook of the user's on ``b`` refuses the call (the input has no class token) and ``a`` goes on without it.
+    The capture is entered before the user's pre-hooks (as around the whole pass, where they run under it), so the
+    always-called hook balances the refused call; before, it left the capture ``a`` had entered, and every narrowed
+    pass missed ``a``'s attention (run again everywhere)."""
+
+    class Attend(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            q = t.unflatten(-1, (2, 4)).transpose(1, 2)  # (B, 2, N, 4)
+            return (q @ q.transpose(-2, -1)).softmax(-1) @ q
+
+    class Outer(nn.Module):
+        def __init__(self, helper: nn.Module) -> None:
+            super().__init__()
+            self.helper = [helper]  # not a submodule
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            try:
+                t = t + self.helper[0](t[:, 1:]).transpose(1, 2).flatten(2).mean(1, keepdim=True)
+            except ValueError:
+                pass
+            return Refusing.Attend.forward(self, t)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.b = self.Attend()
+        self.a = self.Outer(self.b)
+        self.head = nn.Linear(8, 3)
+
+        def refuse(module: nn.Module, args: tuple) -> None:
+            if args[0].shape[1] % 2 == 0:
+                raise ValueError("no class token")
+
+        self.b.register_forward_pre_hook(refuse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, 16, 8)
+        t = torch.cat([t.mean(1, keepdim=True), t], 1)  # (B, 17, 8)
+        t = t + self.b(t).transpose(1, 2).flatten(2)
+        return self.head(self.a(t).transpose(1, 2).flatten(2)[:, 0])
+
+
 class DirectBlock(Block):
     """A block that calls its attention's ``forward`` itself (no hook of the attention module runs)."""
 
@@ -121,6 +165,7 @@ MODELS = {
     "nn.TransformerEncoder": lambda: (torch.manual_seed(0), EncoderViT().eval())[1],
     "keys-first in two modules": lambda: (torch.manual_seed(0), KeysFirstSplit().eval())[1],
     "attention's forward called directly": _direct,
+    "a user's pre-hook refusing a nested call": lambda: (torch.manual_seed(0), Refusing().eval())[1],
 }
 
 
@@ -378,63 +423,3 @@ def test_a_narrowed_pass_leaves_another_threads_fingerprint_of_the_model_as_it_w
         t.start()
         t.join()
     assert seen[0] == seen[1]
-
-
-class Refusing(nn.Module):
-    """``b`` (attention) is called from the model and from inside ``a`` (attention too, not ``b``'s parent), where a
-    pre-hook of the user's on ``b`` refuses the call (the input has no class token) and ``a`` goes on without it."""
-
-    class Attend(nn.Module):
-        def forward(self, t: torch.Tensor) -> torch.Tensor:
-            q = t.unflatten(-1, (2, 4)).transpose(1, 2)  # (B, 2, N, 4)
-            return (q @ q.transpose(-2, -1)).softmax(-1) @ q
-
-    class Outer(nn.Module):
-        def __init__(self, helper: nn.Module) -> None:
-            super().__init__()
-            self.helper = [helper]  # not a submodule
-
-        def forward(self, t: torch.Tensor) -> torch.Tensor:
-            try:
-                t = t + self.helper[0](t[:, 1:]).transpose(1, 2).flatten(2).mean(1, keepdim=True)
-            except ValueError:
-                pass
-            return Refusing.Attend.forward(self, t)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Conv2d(3, 8, 4, stride=4)
-        self.b = self.Attend()
-        self.a = self.Outer(self.b)
-        self.head = nn.Linear(8, 3)
-
-        def refuse(module: nn.Module, args: tuple) -> None:
-            if args[0].shape[1] % 2 == 0:
-                raise ValueError("no class token")
-
-        self.b.register_forward_pre_hook(refuse)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, 16, 8)
-        t = torch.cat([t.mean(1, keepdim=True), t], 1)  # (B, 17, 8)
-        t = t + self.b(t).transpose(1, 2).flatten(2)
-        return self.head(self.a(t).transpose(1, 2).flatten(2)[:, 0])
-
-
-def test_a_users_pre_hook_refusing_a_nested_call_leaves_the_capture_on():
-    """The capture is entered before the user's pre-hooks (as around the whole pass, where they run under it): a
-    pre-hook that raises on ``b`` called inside ``a`` is balanced by the always-called hook, and ``a``'s own attention
-    after it is still captured. Before, the pre-hook ran before the entry, the always-called hook left the capture
-    ``a`` had entered, and every narrowed pass missed ``a``'s attention (run again everywhere)."""
-    torch.manual_seed(0)
-    model = Refusing().eval()
-    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
-    want = _everywhere(model, x)
-    assert len(want) == 2
-    for n in range(3):
-        calls: list = []
-        with unchanged(model):
-            got = attention_maps(model, x, forward=_counted(calls))
-        assert len(calls) == 1
-        for g, w in zip(got, want, strict=True):
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
