@@ -16,7 +16,7 @@ from salience import attention
 from salience.attention import AttentionCapture, attention_maps
 
 from conftest import unchanged
-from tiny_vit import TinyViT, torchvision_vit
+from tiny_vit import Block, TinyViT, torchvision_vit
 
 
 def _mode_on() -> bool:
@@ -99,12 +99,73 @@ def _tiny(mode: str) -> nn.Module:
     return m
 
 
+class Refusing(nn.Module):
+    """``b`` (attention) is called from the model and from inside ``a`` (attention too, not ``b``'s parent), where a
+    pre-hook of the user's on ``b`` refuses the call (the input has no class token) and ``a`` goes on without it.
+    The capture is entered before the user's pre-hooks (as around the whole pass, where they run under it), so the
+    always-called hook balances the refused call; before, it left the capture ``a`` had entered, and every narrowed
+    pass missed ``a``'s attention (run again everywhere)."""
+
+    class Attend(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            q = t.unflatten(-1, (2, 4)).transpose(1, 2)  # (B, 2, N, 4)
+            return (q @ q.transpose(-2, -1)).softmax(-1) @ q
+
+    class Outer(nn.Module):
+        def __init__(self, helper: nn.Module) -> None:
+            super().__init__()
+            self.helper = [helper]  # not a submodule
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            try:
+                t = t + self.helper[0](t[:, 1:]).transpose(1, 2).flatten(2).mean(1, keepdim=True)
+            except ValueError:
+                pass
+            return Refusing.Attend.forward(self, t)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.b = self.Attend()
+        self.a = self.Outer(self.b)
+        self.head = nn.Linear(8, 3)
+
+        def refuse(module: nn.Module, args: tuple) -> None:
+            if args[0].shape[1] % 2 == 0:
+                raise ValueError("no class token")
+
+        self.b.register_forward_pre_hook(refuse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, 16, 8)
+        t = torch.cat([t.mean(1, keepdim=True), t], 1)  # (B, 17, 8)
+        t = t + self.b(t).transpose(1, 2).flatten(2)
+        return self.head(self.a(t).transpose(1, 2).flatten(2)[:, 0])
+
+
+class DirectBlock(Block):
+    """A block that calls its attention's ``forward`` itself (no hook of the attention module runs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.forward(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def _direct() -> nn.Module:
+    m = _tiny("explicit")
+    for blk in m.blocks:
+        blk.__class__ = DirectBlock
+    return m
+
+
 MODELS = {
     "torchvision MHA": lambda: torchvision_vit(),
     "fused SDPA": lambda: _tiny("sdpa"),
     "explicit softmax": lambda: _tiny("explicit"),
     "nn.TransformerEncoder": lambda: (torch.manual_seed(0), EncoderViT().eval())[1],
     "keys-first in two modules": lambda: (torch.manual_seed(0), KeysFirstSplit().eval())[1],
+    "attention's forward called directly": _direct,
+    "a user's pre-hook refusing a nested call": lambda: (torch.manual_seed(0), Refusing().eval())[1],
 }
 
 
@@ -250,3 +311,115 @@ def test_another_thread_running_a_narrowed_module_is_not_captured():
         assert len(cap.maps) == 1
     assert not _mode_on() and not attn._forward_hooks and not attn._forward_pre_hooks
     assert len(attention_maps(model, x)) == 2
+
+
+def _hooked(model: nn.Module) -> list:
+    return [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_always_called]
+
+
+def test_ctrl_c_at_each_point_of_the_narrowing_leaves_no_mode_and_no_hook():
+    """SIGINT (Ctrl-C) at each point where Python may raise ``KeyboardInterrupt`` in ``_active_in``, its two
+    hooks and what puts them on and off, in turn: afterwards no mode is on the stack, no hook on the model, and the next pass is narrowed again.
+    Before, a Ctrl-C in ``leave`` after the depth was lowered left the mode on the stack for good, one in
+    ``enter`` before the mode was entered popped a mode that was not the capture (here: none, an error), and
+    one between a hook's registration and its handle's append left the hook on the module."""
+    import signal
+    import sys
+    import types
+
+    from test_hygiene import _interruption_points, _sigint_handled_by
+
+    model = _tiny("explicit")
+    x = torch.rand(1, 3, 16, 16)
+    attention_maps(model, x)  # learnt: the next passes are narrowed
+    outer = attention._active_in.__wrapped__.__code__
+    codes = {outer, *(c for c in outer.co_consts if isinstance(c, types.CodeType)),
+             *(f.__code__ for f in (getattr(attention, "_hook", None), getattr(attention, "_unhook", None)) if f)}
+    points = {c: _interruption_points(c) for c in codes}
+
+    def traced(at):  # the points passed, in order; with ``at`` (the k-th one), SIGINT sent there
+        passed: list = []
+
+        def local(frame, event, arg):
+            if event in ("opcode", "call") and frame.f_lasti in points[frame.f_code]:
+                passed.append((frame.f_code, frame.f_lasti))
+                if len(passed) == at:
+                    sys.settrace(None)
+                    signal.raise_signal(signal.SIGINT)
+            return local
+
+        def calls(frame, event, arg):
+            if frame.f_code not in codes:
+                return None
+            frame.f_trace_opcodes = True
+            return local(frame, event, arg)
+
+        sys.settrace(calls)
+        try:
+            attention_maps(model, x)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        return passed
+
+    n = len(traced(None))
+    assert n > 25
+    failed = []
+    for k in range(1, n + 1):
+        with _sigint_handled_by(signal.default_int_handler):
+            traced(k)
+        if _mode_on() or _hooked(model):
+            failed.append(k)
+            while _mode_on():
+                torch._C._pop_torch_function_stack()
+            for m in model.modules():
+                m._forward_hooks.clear()
+                m._forward_pre_hooks.clear()
+                m._forward_hooks_always_called.clear()
+    assert not failed, f"{len(failed)} of {n} points left a mode or a hook"
+    calls: list = []
+    assert len(attention_maps(model, x, forward=_counted(calls))) == 2 and len(calls) == 1
+
+
+def test_clear_cache_forgets_where_the_attention_runs():
+    """``clear_cache`` (what to call after changing a plain attribute the model's ``forward`` reads) forgets the
+    scopes too: a model that went to the capture everywhere for good is narrowed again."""
+    from salience._core.perf import clear_cache
+
+    model = EitherViT()
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    for i in range(3):
+        model.use = i % 2
+        attention_maps(model, x)
+    assert attention._SCOPES[model] is attention._EVERYWHERE
+    clear_cache()
+    attention_maps(model, x)  # learnt again
+    calls: list = []
+    got = attention_maps(model, x, forward=_counted(calls))
+    assert isinstance(attention._SCOPES[model], attention._Scope) and len(calls) == 1
+    for g, w in zip(got, _everywhere(model, x), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_narrowed_pass_leaves_another_threads_fingerprint_of_the_model_as_it_was():
+    """The narrowing's hooks are this thread's (as every hook salience puts on a model,
+    ``_core.autograd.this_thread``): another thread's ``structure`` of the model, what its cached default layers
+    and compiled graphs are kept for, leaves them out. Before, a Grad-CAM call in another thread during a rollout
+    saw a changed model (its caches missed)."""
+    from salience._core.fingerprint import structure
+
+    model = _tiny("explicit")
+    seen: list = []
+
+    def other() -> None:
+        seen.append(structure(model))
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    with attention._active_in(AttentionCapture(batch=1), [b.attn for b in model.blocks]):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen[0] == seen[1]

@@ -30,7 +30,7 @@ active (around one forward pass, in the entering thread only):
 Every other torch call of the pass also reaches the mode (that is how modes work): it leaves at once
 on one set lookup of the function (:data:`_WATCHED`). :func:`attention_maps` (attention rollout's pass) keeps
 even that off the rest of the pass: a model's first pass runs under the mode throughout and notes the module
-each attention was called from (the innermost ``nn.Module`` frame on the stack); its later passes enter the
+each attention was called from (the innermost module being called, where its hooks run); its later passes enter the
 mode only inside those modules (forward hooks), checked by the count of matrices (:func:`_pass`).
 
 What real models run is covered: timm's ``Attention`` (SDPA when ``fused_attn``, else
@@ -54,7 +54,6 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-import threading
 import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
@@ -64,9 +63,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from salience._core.autograd import model_call
+from salience._core import perf as _perf
+from salience._core.autograd import model_call, this_thread
 from salience._core.errors import SalienceError
-from salience._core.guard import check_python_model, model_guard
+from salience._core.guard import _calmly, check_python_model, model_guard
 from salience._core.tensors import check_flag
 
 __all__ = ["AttentionCapture", "attention_maps", "check_model"]
@@ -370,6 +370,7 @@ class _Scope:
 # model -> where its attention runs, learnt on its first attention_maps pass; _EVERYWHERE: the capture stays
 # active around the whole pass (no module to narrow it to, or two passes under the scope recorded other counts)
 _SCOPES: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+_perf._model_caches.append(_SCOPES)  # clear_cache forgets them too (a model everywhere for good: narrowed again)
 _EVERYWHERE = object()
 # nn.MultiheadAttention's parents that take a fused fast path, skipping it, unless a mode is active around them
 _FAST_PATHS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
@@ -377,15 +378,19 @@ _FAST_PATHS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Transf
 
 
 def _caller_module() -> Optional[nn.Module]:
-    """The innermost module whose code is running (a frame whose ``self`` is an ``nn.Module``): where the
-    attention operation being recorded was called from. Looked up on a model's first pass only."""
+    """The innermost module being called (a frame of ``nn.Module._call_impl``, where its hooks run): where the
+    attention operation being recorded was called from. Not the innermost frame whose ``self`` is a module: a
+    block calling its attention's ``forward`` (or another method) itself runs no hook of that module, and a
+    scope of it would miss every pass. Looked up on a model's first pass only."""
     f = sys._getframe(1)
     while f is not None:
-        code = f.f_code
-        if code.co_argcount and code.co_varnames[0] == "self" and isinstance(f.f_locals.get("self"), nn.Module):
+        if f.f_code is _CALL_IMPL:
             return f.f_locals["self"]
         f = f.f_back
     return None
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
 
 
 def _scope_of(model: nn.Module, sites: list[Optional[nn.Module]]) -> Optional[list[nn.Module]]:
@@ -413,32 +418,49 @@ def _active_in(cap: AttentionCapture, modules: list[nn.Module]) -> Iterator[None
     """``cap`` active only while one of ``modules`` runs (in this thread), by a forward pre-hook and an
     always-called forward hook on each, removed when the block ends (and the capture left, also after an
     error): the rest of the pass runs without a mode (every torch call through Python otherwise)."""
-    owner, depth = threading.get_ident(), [0]
+    depth = [0]
 
+    @this_thread  # other threads' passes through the modules: not captured, and their fingerprints leave these out
     def enter(module: nn.Module, args: Any) -> None:
-        if threading.get_ident() == owner:
-            depth[0] += 1
-            if depth[0] == 1:
-                cap.__enter__()
+        depth[0] += 1
+        if depth[0] == 1:
+            cap.__enter__()
 
+    @this_thread
     def leave(module: nn.Module, args: Any, out: Any) -> None:
-        if threading.get_ident() == owner and depth[0]:
+        if depth[0]:
             depth[0] -= 1
             if not depth[0]:
                 cap.__exit__(None, None, None)
 
-    handles = []
-    try:
-        for m in modules:
-            handles.append(m.register_forward_pre_hook(enter))
-            handles.append(m.register_forward_hook(leave, always_call=True))
+    handles: list = []
+    try:  # Ctrl-C deferred while the hooks go on and off (a handle not yet kept would leave its hook behind)
+        _calmly(_hook, modules, enter, leave, handles)
         yield
     finally:
-        for h in handles:
-            h.remove()
-        if depth[0]:
-            depth[0] = 0
-            cap.__exit__(None, None, None)
+        try:
+            _calmly(_unhook, cap, handles)
+        except BaseException:  # a Ctrl-C before _calmly deferred it left all to do: done once more
+            _calmly(_unhook, cap, handles)
+            raise
+
+
+def _hook(modules: list[nn.Module], enter: Callable, leave: Callable, handles: list) -> None:
+    for m in modules:
+        # entered before the user's pre-hooks (under the capture around the whole pass too): one that raises is
+        # balanced by ``leave``, always called, instead of leaving a capture an outer module entered
+        handles.append(m.register_forward_pre_hook(enter, prepend=True))
+        handles.append(m.register_forward_hook(leave, always_call=True))
+
+
+def _unhook(cap: AttentionCapture, handles: list) -> None:
+    """The hooks removed and ``cap`` left where it is still on top of the mode stack: by what the stack holds,
+    not by the hooks' depth count (a Ctrl-C between the count and the mode's entry or exit makes them differ)."""
+    while handles:
+        handles.pop().remove()
+    n = torch._C._len_torch_function_stack()
+    if n and torch._C._get_function_stack_at(n - 1) is cap:
+        cap.__exit__(None, None, None)
 
 
 def _pass(model: nn.Module, x: Tensor, run: Callable[[nn.Module, Tensor], Any],

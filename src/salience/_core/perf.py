@@ -279,7 +279,7 @@ class ModelCache:
             self._entries.clear()
 
 
-_model_caches: list[ModelCache] = []
+_model_caches: list[Any] = []  # ModelCache, and attention's scopes: each has clear()
 
 
 # --------------------------------------------------------------------------- measured choices
@@ -338,7 +338,8 @@ def _record(model: nn.Module, x: Tensor, options: Performance, tag: str) -> _Rec
 
 def clear_cache() -> None:
     """Forget every measured choice, compiled model, folded copy and :class:`ModelCache` entry (the CAMs' default
-    layers) (tests, or after changing a plain attribute a model's ``forward`` reads: :func:`structure` sees
+    layers), and where attention rollout found each model's attention (``salience.attention._SCOPES``) (tests, or
+    after changing a plain attribute a model's ``forward`` reads: :func:`structure` sees
     modules, hooks and weights only)."""
     with _lock:
         _records.clear()
