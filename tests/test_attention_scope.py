@@ -382,6 +382,34 @@ def test_ctrl_c_at_each_point_of_the_narrowing_leaves_no_mode_and_no_hook():
     assert len(attention_maps(model, x, forward=_counted(calls))) == 2 and len(calls) == 1
 
 
+class Equal(nn.Module):
+    """A model class with its own ``__eq__``: two models that compare equal (hashed by identity, as PyTorch's
+    module walks need)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = _tiny("explicit")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Equal)
+
+    __hash__ = nn.Module.__hash__
+
+
+def test_a_model_that_compares_equal_to_another_is_narrowed_by_itself():
+    one, two = Equal(), Equal()
+    two.vit.blocks[0].attn.mode = "sdpa"  # its attention called from another module than one's
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    for model in (one, two, one, two):
+        calls: list = []
+        attention_maps(model, x, forward=_counted(calls))
+    assert len(calls) == 1 and isinstance(attention._SCOPES.get(two, (), ()), attention._Scope)
+    assert attention._SCOPES.get(one, (), ()).live() != attention._SCOPES.get(two, (), ()).live()
+
+
 def test_clear_cache_forgets_where_the_attention_runs():
     """``clear_cache`` (what to call after changing a plain attribute the model's ``forward`` reads) forgets the
     scopes too: a model that went to the capture everywhere for good is narrowed again."""
@@ -392,12 +420,12 @@ def test_clear_cache_forgets_where_the_attention_runs():
     for i in range(3):
         model.use = i % 2
         attention_maps(model, x)
-    assert attention._SCOPES[model] is attention._EVERYWHERE
+    assert attention._SCOPES.get(model, (), ()) is attention._EVERYWHERE
     clear_cache()
     attention_maps(model, x)  # learnt again
     calls: list = []
     got = attention_maps(model, x, forward=_counted(calls))
-    assert isinstance(attention._SCOPES[model], attention._Scope) and len(calls) == 1
+    assert isinstance(attention._SCOPES.get(model, (), ()), attention._Scope) and len(calls) == 1
     for g, w in zip(got, _everywhere(model, x), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 

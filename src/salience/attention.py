@@ -369,8 +369,9 @@ class _Scope:
 
 # model -> where its attention runs, learnt on its first attention_maps pass; _EVERYWHERE: the capture stays
 # active around the whole pass (no module to narrow it to, or two passes under the scope recorded other counts)
-_SCOPES: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
-_perf._model_caches.append(_SCOPES)  # clear_cache forgets them too (a model everywhere for good: narrowed again)
+# (keyed by the model's id, held weakly: two models that compare equal are two keys); clear_cache
+# forgets them (a model everywhere for good: narrowed again)
+_SCOPES = _perf.ModelCache(keep=64)
 _EVERYWHERE = object()
 # nn.MultiheadAttention's parents that take a fused fast path, skipping it, unless a mode is active around them
 _FAST_PATHS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
@@ -469,7 +470,7 @@ def _pass(model: nn.Module, x: Tensor, run: Callable[[nn.Module, Tensor], Any],
     else around the whole pass, learning the scope then. A scoped pass that records another count than the
     scope's, or raises, is run again with the capture everywhere (``run`` called twice; the model's own error,
     if it is one, raised from there)."""
-    scope = _SCOPES.get(model)
+    scope = _SCOPES.get(model, (), ())
     modules = scope.live() if isinstance(scope, _Scope) else None
     if modules is not None:
         cap = AttentionCapture(batch=x.shape[0], reduce=reduce)
@@ -488,8 +489,8 @@ def _pass(model: nn.Module, x: Tensor, run: Callable[[nn.Module, Tensor], Any],
     if cap._sites:  # a pass under the scope missed some once: learnt again; twice: everywhere from now on
         missed = isinstance(scope, _Scope) and modules is not None
         found = _scope_of(model, cap._sites)
-        _SCOPES[model] = _EVERYWHERE if found is None or (missed and scope.missed) else _Scope(
-            found, len(cap._maps), missed)
+        _SCOPES.put(model, (), (), _EVERYWHERE if found is None or (missed and scope.missed) else _Scope(
+            found, len(cap._maps), missed))
     return cap.maps
 
 
