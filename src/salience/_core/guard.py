@@ -67,9 +67,9 @@ class _Entry:
     yet, or never after an error while entering). The entry is the state record itself (a
     :class:`ModuleState` or :class:`ParamState` made by :meth:`entry`), not a list holding one: a call held
     two Python objects per module and parameter and a tensor per parameter, 1100 on a ViT-Ti (152 modules,
-    152 parameters), over the 700 that start a young garbage collection: one every call, each tenth promoting
-    the call's records to the old generation, whose growth sets off a full collection (0.2 to 0.4 s with
-    torchvision imported) every few hundred calls. About 460 now (docs/performance.md, session 35)."""
+    152 parameters), over the 700 that start a young garbage collection: one every call, each tenth moving the
+    objects alive then to the old generation, whose growth set off a full collection (0.13 to 0.4 s with
+    torchvision imported) every 2000 calls of attention rollout. 493 now (docs/performance.md, session 35)."""
 
     __slots__ = ("holders", "runs", "baseline", "captured")
 
