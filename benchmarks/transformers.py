@@ -33,6 +33,7 @@ kernels, waiting on them), not the work's.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -78,10 +79,14 @@ def rounds(fn: Callable[[], object], ref: Callable[[], object], n: int, repeats:
     ``repeats`` K > 1 a round runs the pair K times, alternating within the round too (AB BA AB ...), and
     keeps each side's fastest time (``timeit``'s rule: the minimum is the run least disturbed by other
     work). ``warmup`` untimed calls of each first. On CUDA every call synchronized, and each side's peak
-    memory (MiB, the highest over its calls: ``method_peak_mib``, ``bare_peak_mib``)."""
+    memory (MiB, the highest over its calls: ``method_peak_mib``, ``bare_peak_mib``). A full garbage collection
+    after the warm-up: what the imports and the model's construction moved to the old generation (300k objects with
+    torchvision) set off one of 0.13 to 0.4 s in the first rounds otherwise, in whichever call came next (the max
+    column, 9 to 11x: docs/performance.md, session 35)."""
     for _ in range(warmup):
         fn()
         ref()
+    gc.collect()
     t_fn, t_ref, c_fn, c_ref = [], [], [], []
     peak = {"fn": 0.0, "ref": 0.0}
     for i in range(n):

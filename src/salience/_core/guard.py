@@ -48,6 +48,7 @@ import operator
 import sys
 import threading
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -59,7 +60,28 @@ from salience._core.tensors import autocast_off
 __all__ = ["model_guard", "run_guard", "ModuleState", "ParamState", "check_python_model", "modules_of", "train_mode_op"]
 
 
-class ModuleState:
+class _Entry:
+    """A guard's count of one module or parameter, in ``_held``: ``holders`` (how many guards hold it),
+    ``runs`` (how many of them are run guards), ``baseline`` (its state as the first run guard established
+    it, or ``None``) and ``captured`` (whether its own state, the record's other slots, was recorded: not
+    yet, or never after an error while entering). The entry is the state record itself (a
+    :class:`ModuleState` or :class:`ParamState` made by :meth:`entry`), not a list holding one: a call held
+    two Python objects per module and parameter and a tensor per parameter, 1100 on a ViT-Ti (152 modules,
+    152 parameters), over the 700 that start a young garbage collection: one every call, each tenth moving the
+    objects alive then to the old generation, whose growth set off a full collection (0.13 to 0.4 s with
+    torchvision imported) every 2000 calls of attention rollout. 493 now (docs/performance.md, session 35)."""
+
+    __slots__ = ("holders", "runs", "baseline", "captured")
+
+    @classmethod
+    def entry(cls) -> Any:
+        """A record held by one guard, its state not recorded yet (:meth:`take` records it)."""
+        e = cls.__new__(cls)
+        e.holders, e.runs, e.baseline, e.captured = 1, 0, None, False
+        return e
+
+
+class ModuleState(_Entry):
     """A module's state as a guard found it: its train/eval flag, the ``forward`` attribute of a
     ``torch.compile`` wrapper (its compiled callable), and its buffers (each with its version counter, a
     copy of its values and a copy of its Python attributes); :meth:`restore` puts them back.
@@ -72,6 +94,10 @@ class ModuleState:
     __slots__ = ("module", "training", "forward", "buffers", "handles")
 
     def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
+        self.take(module, wrapper)
+
+    def take(self, module: nn.Module, wrapper: Optional[type]) -> None:
+        """Record ``module``'s state (``wrapper``: see :func:`_capture`)."""
         self.module = module
         self.training = module.training
         # a torch.compile wrapper's own ``forward`` attribute, put back after the guard ran the original
@@ -84,9 +110,11 @@ class ModuleState:
         # and the user's tensors must come back without them (the compiled graphs do not read them again).
         buffers = module._buffers
         self.buffers = [(name, buf, buf._version, buf.detach().clone() if buf.requires_grad else buf.clone(),
-                         dict(buf.__dict__)) for name, buf in buffers.items() if buf is not None] if buffers else ()
-        # hooks the guard put on the module for the block (see _refuse_mixed_batches), removed first
-        self.handles: list = []
+                         _attributes(buf)) for name, buf in buffers.items() if buf is not None] if buffers else ()
+        # hooks the guard put on the module for the block (see _refuse_mixed_batches), removed first; a list once
+        # there is one (an empty list per module and call was a third of the Python objects a call held)
+        self.handles: Any = ()
+        self.captured = True
 
     def run_eagerly(self) -> None:
         """A ``torch.compile`` wrapper calls its original module, hooks and all, until :meth:`restore`."""
@@ -95,8 +123,9 @@ class ModuleState:
 
     def restore(self) -> None:
         module = self.module
-        while self.handles:
-            self.handles.pop().remove()
+        handles = self.handles
+        while handles:
+            handles.pop().remove()
         if self.forward is _NO_FORWARD:
             module.__dict__.pop("forward", None)
         elif self.forward is not _NOT_COMPILED:
@@ -123,7 +152,7 @@ class ModuleState:
             self.buffers = [(name, buf, buf._version, copy, attrs) for name, buf, _, copy, attrs in self.buffers]
 
 
-class ParamState:
+class ParamState(_Entry):
     """A parameter's state as a guard found it: ``requires_grad``, ``.grad``, its data (storage and
     strides: the engine may convert it to channels-last for a run, salience._core.perf, and must leave the
     user's layout) and a copy of its Python attributes; :meth:`restore` puts them back."""
@@ -131,11 +160,16 @@ class ParamState:
     __slots__ = ("param", "requires_grad", "grad", "data", "attrs")
 
     def __init__(self, param: torch.Tensor) -> None:
+        self.take(param)
+
+    def take(self, param: torch.Tensor, wrapper: Optional[type] = None) -> None:
+        """Record ``param``'s state (``wrapper``: unused, as :meth:`ModuleState.take`'s)."""
         self.param = param
         self.requires_grad = param.requires_grad
         self.grad = param.grad
         self.data = param.data
-        self.attrs = dict(param.__dict__)
+        self.attrs = _attributes(param)
+        self.captured = True
 
     def run_eagerly(self) -> None:
         pass
@@ -157,13 +191,23 @@ class ParamState:
     put_back = restore
 
 
-def _capture(obj: Any, wrapper: Optional[type]) -> "ModuleState | ParamState":
+def _capture(obj: Any, wrapper: Optional[type], into: Any = None) -> "ModuleState | ParamState":
     """The state of a module or a parameter (``wrapper``: torch.compile's ``OptimizedModule``, or ``None``
-    where dynamo was never imported)."""
+    where dynamo was never imported), recorded in ``into`` (its entry in ``_held``) if given."""
+    if into is not None:
+        into.take(obj, wrapper)
+        return into
     return ModuleState(obj, wrapper) if isinstance(obj, nn.Module) else ParamState(obj)
 
 
-def _restore_attributes(tensor: torch.Tensor, saved: dict) -> None:
+def _attributes(tensor: torch.Tensor) -> Any:
+    """A copy of ``tensor``'s Python attributes (its ``__dict__``), or one shared empty mapping when it has none
+    (a new empty dict per tensor and call was a Python object the call held for nothing)."""
+    attrs = tensor.__dict__
+    return dict(attrs) if attrs else _NO_ATTRIBUTES
+
+
+def _restore_attributes(tensor: torch.Tensor, saved: Any) -> None:
     """Put ``tensor``'s Python attributes back to ``saved`` (a copy of its ``__dict__``): those added
     since are deleted, those changed get their old values (the user's own attributes stay)."""
     now = tensor.__dict__
@@ -179,6 +223,7 @@ def _restore_attributes(tensor: torch.Tensor, saved: dict) -> None:
 _NO_FORWARD = object()
 _NOT_COMPILED = object()
 _MISSING = object()
+_NO_ATTRIBUTES: Any = MappingProxyType({})
 
 
 def _compiled_wrapper_class() -> Optional[type]:
@@ -234,12 +279,11 @@ def modules_of(model: nn.Module) -> list[nn.Module]:
 
 
 _lock = threading.Lock()
-# Every module and parameter some guard holds: id -> [holders, its state as the first holder found it,
-# how many of the holders are run guards, its state as the first run guard established it (the baseline)].
-_held: dict[int, list] = {}
+# Every module and parameter some guard holds: id -> its _Entry (its hold counts, its baseline, and its state as
+# the first holder found it: the entry is that state's record).
+_held: dict[int, Any] = {}
 # thread id -> its open model_guard blocks: the passes the guard's own hooks (the one-image BatchNorm check) act on
 _guarding: dict[int, int] = {}
-_HOLDERS, _STATE, _RUNS, _BASELINE = range(4)
 # (thread id, id(model)) -> that thread's hold of the model: [the key, the objects held, how many of the thread's
 # open model_guard blocks share it]. The thread's first model_guard on the model holds its modules and
 # parameters; a guard nested in it (SmoothGrad around vanilla, a method inside evaluate's guard) that finds the
@@ -253,10 +297,10 @@ def _hold(objects: list, held: list, new: list) -> None:
     for obj in objects:
         entry = _held.get(id(obj))
         if entry is None:
-            _held[id(obj)] = [1, None, 0, None]
+            _held[id(obj)] = (ModuleState if isinstance(obj, _M) else ParamState).entry()
             new.append(obj)
         else:
-            entry[0] += 1
+            entry.holders += 1
         held.append(obj)
 
 
@@ -267,18 +311,17 @@ def _release(objects: list, run: bool = False) -> None:
     back: tuple[list, list] = ([], [])
     for obj in objects:
         entry = _held[id(obj)]
-        entry[_HOLDERS] -= 1
+        entry.holders -= 1
         if run:
-            entry[_RUNS] -= 1
-            if entry[_RUNS] == 0:
-                entry[_BASELINE] = None
-        if entry[_HOLDERS] == 0:
+            entry.runs -= 1
+            if entry.runs == 0:
+                entry.baseline = None
+        if entry.holders == 0:
             del _held[id(obj)]
-            state = entry[_STATE]
-            if state is not None:  # None: its capture did not happen (an error while entering)
-                last[type(state) is ParamState].append(state)
-        elif entry[_HOLDERS] == entry[_RUNS] and entry[_BASELINE] is not None:
-            back[type(entry[_BASELINE]) is ParamState].append(entry[_BASELINE])
+            if entry.captured:  # not: its capture did not happen (an error while entering)
+                last[type(entry) is ParamState].append(entry)
+        elif entry.holders == entry.runs and entry.baseline is not None:
+            back[type(entry.baseline) is ParamState].append(entry.baseline)
     # modules first (compiled forwards, modes, buffers), then parameters; each put back even if one raises
     error = _each(last[0] + last[1], False)
     error = _each(back[0] + back[1], True) or error
@@ -472,10 +515,10 @@ def _enter(model: nn.Module, modules: list, params: list, box: list, key: Option
                 _refuse_inference_tensors(model, new)
                 wrapper = _compiled_wrapper_class()
                 for o in new:  # a module or parameter no guard held: recorded, then the model put in eval mode
-                    _held[id(o)][_STATE] = _capture(o, wrapper)
+                    _capture(o, wrapper, _held[id(o)])
                 if wrapper is not None:
                     for o in new:
-                        _held[id(o)][_STATE].run_eagerly()
+                        _held[id(o)].run_eagerly()
                 _eval(model, modules)
                 _refuse_mixed_batches(model, new)
                 for p in params:
@@ -580,16 +623,16 @@ def _enter_run(model: nn.Module, box: list) -> None:
             wrapper = _compiled_wrapper_class()
             for o in objects:
                 entry = _held[id(o)]
-                if entry[_BASELINE] is None:
-                    entry[_BASELINE] = _capture(o, wrapper)
-                entry[_RUNS] += 1
+                if entry.baseline is None:
+                    entry.baseline = _capture(o, wrapper)
+                entry.runs += 1
                 counted.append(o)
         except BaseException:
             for o in counted:
                 entry = _held[id(o)]
-                entry[_RUNS] -= 1
-                if entry[_RUNS] == 0:
-                    entry[_BASELINE] = None
+                entry.runs -= 1
+                if entry.runs == 0:
+                    entry.baseline = None
             box.clear()
             _release(objects)
             raise
@@ -677,7 +720,10 @@ def _refuse_mixed_batches(model: nn.Module, new: list) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
             if names is None:
                 names = {id(u): n for n, u in model.named_modules()}
-            _held[id(m)][_STATE].handles.append(m.register_forward_pre_hook(_one_image_per_pass(names.get(id(m), "?"))))
+            state = _held[id(m)]
+            if not state.handles:
+                state.handles = []
+            state.handles.append(m.register_forward_pre_hook(_one_image_per_pass(names.get(id(m), "?"))))
 
 
 def _one_image_per_pass(name: str) -> Any:

@@ -1,0 +1,127 @@
+"""A call of a method leaves no cyclic garbage, and holds few enough Python objects that it seldom starts a
+garbage collection: the objects alive when a young collection runs move to the older generations, and their
+growth sets off full collections (0.2 to 0.4 s in a process with torchvision imported: the max column of
+``benchmarks/transformers.py --model vit_tiny``). The guard's records were 1100 objects a call on a ViT-Ti,
+over the 700 allocations that start a young collection: one every call (docs/performance.md, session 35)."""
+from __future__ import annotations
+
+import gc
+from typing import Callable, Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import salience
+from salience._core.guard import model_guard
+from conftest import seeded_small_cnn
+from tiny_vit import TinyViT
+
+
+@pytest.fixture
+def collector() -> Iterator[None]:
+    """Python's default thresholds for the test (young collections after 700 allocations), gc enabled and the
+    thresholds put back after it."""
+    threshold, enabled = gc.get_threshold(), gc.isenabled()
+    gc.set_threshold(700, 10, 10)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.enable() if enabled else gc.disable()
+
+
+def _unreachable_after_one_call(call: Callable[[], object]) -> int:
+    """The objects only cycles kept (``gc.collect()``'s count) after one call, with no collection during it."""
+    call()  # warm: caches filled, lazy imports done
+    gc.collect()
+    gc.disable()
+    try:
+        call()
+        return gc.collect()
+    finally:
+        gc.enable()
+
+
+def _cnn_calls() -> dict[str, Callable[[], object]]:
+    model = seeded_small_cnn()  # train mode, BatchNorm statistics: the guard records and restores them
+    x = torch.rand(1, 3, 8, 8)
+    return {
+        "vanilla": lambda: salience.vanilla(model, x),
+        "gradcam": lambda: salience.gradcam(model, x),
+        "smoothgrad": lambda: salience.smoothgrad(model, x, samples=3),
+        "integrated_gradients": lambda: salience.integrated_gradients(model, x, steps=3),
+        "guided_backprop": lambda: salience.guided_backprop(model, x),
+    }
+
+
+def _vit_calls() -> dict[str, Callable[[], object]]:
+    torch.manual_seed(0)
+    model = TinyViT(size=(16, 16)).eval()
+    x = torch.rand(1, 3, 16, 16)
+    return {
+        "attention_rollout": lambda: salience.attention_rollout(model, x),
+        "transformer_attribution": lambda: salience.transformer_attribution(model, x),
+    }
+
+
+@pytest.mark.parametrize("method", ["vanilla", "gradcam", "smoothgrad", "integrated_gradients", "guided_backprop",
+                                    "attention_rollout", "transformer_attribution"])
+def test_a_call_leaves_no_cyclic_garbage(method, collector):
+    calls = {**_cnn_calls(), **_vit_calls()} if method.startswith(("attention", "transformer")) else _cnn_calls()
+    assert _unreachable_after_one_call(calls[method]) == 0
+
+
+def test_an_error_leaves_no_cyclic_garbage(collector):
+    """A refused call (the SalienceError with its traceback caught) leaves none either."""
+    model, x = seeded_small_cnn(), torch.rand(1, 3, 8, 8)
+
+    def refused() -> None:
+        with pytest.raises(salience.SalienceError):
+            salience.vanilla(model, x, target=99)
+
+    assert _unreachable_after_one_call(refused) == 0
+
+
+def test_the_guard_holds_about_one_python_object_per_module_and_two_per_parameter(collector):
+    """Inside ``model_guard``: one record per module, a record and a tensor (its data) per parameter, and a few
+    lists; before, an entry list per module and parameter, an empty list of hooks per module and a copy of each
+    parameter's empty attribute dict too (121 modules, 120 parameters: 845 objects, now 361 + a few)."""
+    model = nn.Sequential(*[m for _ in range(60) for m in (nn.Linear(2, 2), nn.ReLU())]).train()
+    modules, params = len(list(model.modules())), len(list(model.parameters()))
+    with model_guard(model):
+        pass
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        with model_guard(model):
+            alive = gc.get_count()[0] - before  # objects allocated by the entry and not freed yet
+    finally:
+        gc.enable()
+    assert alive <= modules + 2 * params + 30, (alive, modules, params)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "attention_rollout"])
+def test_warm_calls_on_a_deep_vit_seldom_start_a_collection(method, collector):
+    """A ViT of 12 blocks (125 modules, 150 parameters, as many as ViT-Ti's): the calls started a young
+    collection each (40 in 40 calls), now a few."""
+    torch.manual_seed(0)
+    model = TinyViT(size=(16, 16), depth=12).eval().set_attention("explicit")
+    x = torch.rand(1, 3, 16, 16)
+    fn = getattr(salience, method)
+    fn(model, x)
+    young = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            young.append(info["generation"])
+
+    gc.collect()
+    gc.callbacks.append(count)
+    try:
+        for _ in range(40):
+            fn(model, x)
+    finally:
+        gc.callbacks.remove(count)
+    assert len(young) < 20, young
