@@ -31,15 +31,30 @@ def collector() -> Iterator[None]:
         gc.enable() if enabled else gc.disable()
 
 
+def _ours(o: object) -> bool:
+    """Whether an unreachable object is salience's (or the test's): a frame, function or generator of its code, or
+    an instance of its classes; another thread's garbage collected at the same time (a server a test left) is not."""
+    code = getattr(o, "f_code", None) or getattr(o, "__code__", None) or getattr(o, "gi_code", None)
+    if code is not None:
+        return "salience" in code.co_filename or "/tests/" in code.co_filename
+    return type(o).__module__.startswith("salience")
+
+
 def _unreachable_after_one_call(call: Callable[[], object]) -> int:
-    """The objects only cycles kept (``gc.collect()``'s count) after one call, with no collection during it."""
+    """How many of the objects only cycles kept after one call (with no collection during it) are salience's:
+    a cycle salience makes holds one of its frames, functions, generators or instances."""
     call()  # warm: caches filled, lazy imports done
     gc.collect()
     gc.disable()
+    flags = gc.get_debug()
     try:
         call()
-        return gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        return sum(map(_ours, gc.garbage))
     finally:
+        gc.set_debug(flags)
+        gc.garbage.clear()
         gc.enable()
 
 
