@@ -25,7 +25,9 @@ active (around one forward pass, in the entering thread only):
   which the attention methods refuse by name); ``softmax(dim=1)`` of a 4-D tensor with the keys first,
   ``(B, S, heads, L)`` or ``(B, S, L, heads)``, once a product (``einsum``, ``@``, ``matmul``, ``bmm``) contracts it
   (or a view of it) with the values: recorded permuted to ``(B, heads, L, S)`` (a softmax over the channels of a
-  ``(B, C, H, W)`` map with ``C == H`` that only scales the map, channel attention in a CNN, is not attention).
+  ``(B, C, H, W)`` map with ``C == H`` that only scales the map, channel attention in a CNN, is not attention);
+  with as many heads as tokens, ``(B, S, S, S)``, the product tells the heads (shared with the values) from the
+  queries (:meth:`_KeysFirst.contracted`).
 
 Every other torch call of the pass also reaches the mode (that is how modes work): it leaves at once
 on one set lookup of the function (:data:`_WATCHED`). :func:`attention_maps` (attention rollout's pass) keeps
@@ -194,6 +196,8 @@ class AttentionCapture(TorchFunctionMode):
             self._pending = _KeysFirst(out, order, _caller_module() if self._sites is not None else None)
         elif order is not None and isinstance(out, Tensor):
             self._record(out, "softmax", order)
+        elif isinstance(out, Tensor) and _ambiguous_keys_first(args, kwargs):  # heads or queries next: the product says
+            self._pending = _KeysFirst(out, None, _caller_module() if self._sites is not None else None)
         return out
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
@@ -320,6 +324,29 @@ def _attention_order(args: tuple, kwargs: dict) -> Optional[tuple[int, ...]]:
     return None
 
 
+def _ambiguous_keys_first(args: tuple, kwargs: dict) -> bool:
+    """A softmax over dim 1 of a 4-D tensor ``(B, S, S, S)``: keys first, as many heads as tokens, so the shape
+    cannot say whether the heads or the queries come next; the product that contracts it with the values can
+    (:meth:`_KeysFirst.contracted`: the heads are the axis the values share)."""
+    x, dim = _softmax_input(args, kwargs)
+    return isinstance(x, Tensor) and x.dim() == 4 and dim in (1, -3) and x.shape[1] == x.shape[2] == x.shape[3] > 1
+
+
+def _dims_in(view: Tensor, base: Tensor) -> Optional[tuple[int, ...]]:
+    """``view``'s dims as ``base``'s (a permutation: each matched by size and stride over the same memory), or
+    ``None`` where ``view`` is no permuted view of ``base`` (another shape, a fold of two dims into one)."""
+    if view.dim() != base.dim() or view.layout != torch.strided or view.data_ptr() != base.data_ptr():
+        return None
+    free, dims = list(range(base.dim())), []
+    for size, stride in zip(view.shape, view.stride()):
+        j = next((j for j in free if base.shape[j] == size and base.stride(j) == stride), None)
+        if j is None:
+            return None
+        free.remove(j)
+        dims.append(j)
+    return tuple(dims)
+
+
 def _contracts(args: tuple, seen: list[Tensor]) -> bool:
     """Whether a call's operands (a product's: ``@`` / ``matmul`` / ``bmm``, or ``einsum``'s, listed or not) include
     one of ``seen`` (a keys-first softmax's output and its copies) or a view of one (its storage: an inference
@@ -336,16 +363,115 @@ class _KeysFirst:
     that makes it attention (:func:`_contracts`), with the copies made of it on the way; what both the capture and
     the default-layer search's spotter follow (``tag``: what the follower records when it is contracted)."""
 
-    def __init__(self, out: Tensor, order: tuple[int, ...], tag: Any) -> None:
+    def __init__(self, out: Tensor, order: Optional[tuple[int, ...]], tag: Any) -> None:
         self.out, self.order, self.tag, self.copies = out, order, tag, [out]
+        # each copy's dims as the softmax output's (None: folded), for an order the shape left open (order None)
+        self.dims: list[Optional[tuple[int, ...]]] = [tuple(range(out.dim()))]
 
     def contracted(self, func: Any, args: tuple, out: Any) -> bool:
-        """Whether the call ``func(*args) -> out`` contracts it with the values; a copy of it is noted."""
+        """Whether the call ``func(*args) -> out`` contracts it with the values (an order left open by the shape
+        found then); a copy of it is noted."""
         if func in _PRODUCTS:
-            return _contracts(args, self.copies)
+            if not _contracts(args, self.copies):
+                return False
+            if self.order is None:
+                self.order = self._order_from(func, args)
+            return self.order is not None
         if func in _COPYING and isinstance(out, Tensor) and _contracts(args[:1], self.copies):
             self.copies.append(out)  # a copy on its way to the product
+            same = isinstance(args[0], Tensor) and out.shape == args[0].shape
+            self.dims.append(self._dims_of(args[0]) if same and self.order is None else None)
         return False
+
+    def _dims_of(self, t: Tensor) -> Optional[tuple[int, ...]]:
+        """``t``'s dims as the softmax output's, ``t`` a permuted view of it or of a copy; ``None`` if not one."""
+        for c, dims in zip(self.copies, self.dims):
+            found = _dims_in(t, c) if dims is not None else None
+            if found is not None:
+                return tuple(dims[j] for j in found)
+        return None
+
+    def _order_from(self, func: Any, args: tuple) -> Optional[tuple[int, ...]]:
+        """The permutation to ``(B, heads, L, S)`` of a ``(B, S, S, S)`` softmax from the product contracting it:
+        its keys' index summed with the values' (in another operand, not kept), the heads' index shared with the
+        values, the queries' not (``einsum("bshl,bhsd->bhld")``, ``a.permute(0, 2, 3, 1) @ v``)."""
+        parsed = _einsum_labels(args) if func is torch.einsum else _matmul_labels(args, {})
+        for i, (op, labels) in enumerate(parsed[0] if parsed else ()):
+            dims = self._dims_of(op) if isinstance(op, Tensor) else None
+            if dims is None:
+                continue
+            label = {d: lab for d, lab in zip(dims, labels)}
+            others = {lab for j, (_, labs) in enumerate(parsed[0]) if j != i for lab in labs}
+            if label[1] not in others or label[1] in parsed[1] or (label[2] in others) == (label[3] in others):
+                return None
+            return (0, 2, 3, 1) if label[2] in others else (0, 3, 2, 1)
+        return None
+
+
+def _matmul_labels(args: tuple, kwargs: dict) -> Optional[tuple[list[tuple[Any, list]], set]]:
+    """A matmul of two 4-D tensors ``(B, heads, m, r) @ (B, heads, r, p)`` or two 3-D ones ``(B, m, r) @ (B, r, p)``
+    (``bmm``'s; the heads folded into the batch) as einsum labels (``bhmr,bhrp->bhmp``, ``bmr,brp->bmp``, the form
+    :meth:`salience.methods._attention_spotter._AttentionSpotter._contraction` and :meth:`_KeysFirst.contracted`
+    read); None for any other."""
+    a = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    b = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == b.dim() and a.dim() in (3, 4)
+            and a.shape[:-2] == b.shape[:-2]):
+        return None
+    lead = ["b", "h"][:a.dim() - 2]
+    return [(a, [*lead, "m", "r"]), (b, [*lead, "r", "p"])], {*lead, "m", "p"}
+
+
+def _einsum_labels(args: tuple) -> Optional[tuple[list[tuple[Any, list]], set]]:
+    """The operands of an einsum call (two or more) with each one's index label per dim, and the output's labels (an
+    ellipsis's dims labelled from the right, as they broadcast); None for an equation not read."""
+    if not args:
+        return None
+    if isinstance(args[0], Tensor):  # sublist form: op, [0, 1, ...], op, [...], ..., [output]
+        ops, subs = list(args[0::2]), list(args[1::2])
+        out_sub = ops.pop() if len(ops) > len(subs) else None
+        if len(ops) < 2 or len(subs) != len(ops):
+            return None
+        terms: list = [list(sub) for sub in subs]
+        if any(Ellipsis in t for t in terms) or out_sub is not None and Ellipsis in out_sub:
+            return None
+        output = None if out_sub is None else list(out_sub)
+    elif isinstance(args[0], str):
+        ops = list(args[1:])
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = list(ops[0])
+        eq = args[0].replace(" ", "")
+        lhs, arrow, rhs = eq.partition("->")
+        terms = [t.replace("...", ".") for t in lhs.split(",")]
+        output = rhs.replace("...", ".") if arrow else None
+        if len(ops) < 2 or len(terms) != len(ops):
+            return None
+    else:
+        return None
+    labelled, widest = [], 0
+    for op, term in zip(ops, terms):
+        if not isinstance(op, Tensor):
+            return None
+        explicit = [c for c in term if c != "."]
+        if "." in term:
+            e = op.dim() - len(explicit)
+            if e < 0:
+                return None
+            widest = max(widest, e)
+            i = list(term).index(".")
+            labels = list(term[:i]) + [("...", e - j) for j in range(e)] + list(term[i + 1:])
+        else:
+            labels = list(term)
+        if len(labels) != op.dim():
+            return None
+        labelled.append((op, labels))
+    if output is None:  # implicit: the ellipsis's dims, then the labels seen once, in order
+        seen = [lab for _, labels in labelled for lab in labels if not isinstance(lab, tuple)]
+        kept = {("...", j) for j in range(1, widest + 1)} | {lab for lab in seen if seen.count(lab) == 1}
+    else:
+        kept = {("...", j) for j in range(1, widest + 1)} if "." in output else set()
+        kept |= {c for c in output if c != "."}
+    return labelled, kept
 
 
 def check_model(model: nn.Module, method: str = "this method") -> None:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from salience.attention import _SOFTMAXES, _KeysFirst, _attention_order
+from salience.attention import _SOFTMAXES, _KeysFirst, _attention_order, _ambiguous_keys_first, _einsum_labels, \
+    _matmul_labels
 
 __all__: list[str] = []  # private to the methods (the default-layer search)
 
@@ -81,6 +82,8 @@ class _AttentionSpotter(TorchFunctionMode):
                 self._pending = _KeysFirst(out, order, (where, tuple(out.permute(order).shape)))
             else:
                 self.seen.append((where, tuple(out.shape)))
+        elif func in _SOFTMAXES and isinstance(out, Tensor) and _ambiguous_keys_first(args, kwargs):
+            self._pending = _KeysFirst(out, None, (where, tuple(out.shape)))  # (B, S, S, S): read as it is
         elif func in _SOFTMAXES and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
             self._keys.append((where, out, _key_roles(out), int(out.shape[-2])))
         elif name in _COPIES and self._keys and args and isinstance(out, Tensor):
@@ -143,19 +146,6 @@ class _AttentionSpotter(TorchFunctionMode):
                         return
 
 
-def _matmul_labels(args: tuple, kwargs: dict) -> Optional[tuple[list[tuple[Any, list]], set]]:
-    """A matmul of two 4-D tensors ``(B, heads, m, r) @ (B, heads, r, p)`` or two 3-D ones ``(B, m, r) @ (B, r, p)``
-    (``bmm``'s; the heads folded into the batch) as einsum labels (``bhmr,bhrp->bhmp``, ``bmr,brp->bmp``, the form
-    :meth:`_AttentionSpotter._contraction` reads); None for any other."""
-    a = args[0] if args else kwargs.get("input", kwargs.get("self"))
-    b = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
-    if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == b.dim() and a.dim() in (3, 4)
-            and a.shape[:-2] == b.shape[:-2]):
-        return None
-    lead = ["b", "h"][:a.dim() - 2]
-    return [(a, [*lead, "m", "r"]), (b, [*lead, "r", "p"])], {*lead, "m", "p"}
-
-
 def _roles_in(shape: tuple, strides: tuple, base_shape: tuple, base_strides: tuple,
               roles: dict[str, Any]) -> Optional[dict[str, Any]]:
     """For a view ``(shape, strides)`` of keys ``(base_shape, base_strides)`` over the same memory (whose dims'
@@ -197,55 +187,3 @@ def _offsets(sizes: list[int], strides: list[int], most: int = 1 << 16) -> Optio
             return None
         offsets = [o + i * stride for o in offsets for i in range(size)]
     return sorted(offsets)
-
-
-def _einsum_labels(args: tuple) -> Optional[tuple[list[tuple[Any, list]], set]]:
-    """The operands of an einsum call (two or more) with each one's index label per dim, and the output's labels (an
-    ellipsis's dims labelled from the right, as they broadcast); None for an equation not read."""
-    if not args:
-        return None
-    if isinstance(args[0], Tensor):  # sublist form: op, [0, 1, ...], op, [...], ..., [output]
-        ops, subs = list(args[0::2]), list(args[1::2])
-        out_sub = ops.pop() if len(ops) > len(subs) else None
-        if len(ops) < 2 or len(subs) != len(ops):
-            return None
-        terms: list = [list(sub) for sub in subs]
-        if any(Ellipsis in t for t in terms) or out_sub is not None and Ellipsis in out_sub:
-            return None
-        output = None if out_sub is None else list(out_sub)
-    elif isinstance(args[0], str):
-        ops = list(args[1:])
-        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
-            ops = list(ops[0])
-        eq = args[0].replace(" ", "")
-        lhs, arrow, rhs = eq.partition("->")
-        terms = [t.replace("...", ".") for t in lhs.split(",")]
-        output = rhs.replace("...", ".") if arrow else None
-        if len(ops) < 2 or len(terms) != len(ops):
-            return None
-    else:
-        return None
-    labelled, widest = [], 0
-    for op, term in zip(ops, terms):
-        if not isinstance(op, Tensor):
-            return None
-        explicit = [c for c in term if c != "."]
-        if "." in term:
-            e = op.dim() - len(explicit)
-            if e < 0:
-                return None
-            widest = max(widest, e)
-            i = list(term).index(".")
-            labels = list(term[:i]) + [("...", e - j) for j in range(e)] + list(term[i + 1:])
-        else:
-            labels = list(term)
-        if len(labels) != op.dim():
-            return None
-        labelled.append((op, labels))
-    if output is None:  # implicit: the ellipsis's dims, then the labels seen once, in order
-        seen = [lab for _, labels in labelled for lab in labels if not isinstance(lab, tuple)]
-        kept = {("...", j) for j in range(1, widest + 1)} | {lab for lab in seen if seen.count(lab) == 1}
-    else:
-        kept = {("...", j) for j in range(1, widest + 1)} if "." in output else set()
-        kept |= {c for c in output if c != "."}
-    return labelled, kept
