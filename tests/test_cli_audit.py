@@ -37,3 +37,37 @@ def test_values_checked_after_the_first_pass_are_refused_before_any_method_runs(
     assert rc == 2, err
     assert err.startswith("salience: error: ") and err.count("\n") == 1 and words in err
     assert not (tmp_path / "o").exists()
+
+
+def test_visualize_out_that_cannot_be_written_is_one_line_before_the_optimization(tmp_path, capsys, monkeypatch):
+    """``visualize --out`` in a folder that cannot be made (a file in the way) or a folder named
+    ``x.png``: exit 2 with one line, before the class model is optimized (was: the optimization ran
+    first, then an internal error from ``mkdir`` (exit 3), or the folder's error after it)."""
+    import salience.cli.visualize_cmd as vis
+
+    def never(*a, **k):
+        raise AssertionError("optimized before the output path was checked")
+
+    monkeypatch.setattr(vis, "class_model", never)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "d.png").mkdir()
+    for out in (tmp_path / "file" / "c.png", tmp_path / "d.png"):
+        rc, _, err = run(["visualize", "-m", "demo:shapes", "--target", "star", "--steps", "1", "--out", out], capsys)
+        assert rc == 2 and err.startswith("salience: error: ") and err.count("\n") == 1, err
+
+
+def test_atomic_write_that_cannot_open_its_file_is_a_salience_error(tmp_path, monkeypatch):
+    """A file that cannot be created (no permission, read-only or full disk) is a SalienceError naming
+    the path (was: a raw OSError, an internal error with exit 3 on the command line)."""
+    import os
+
+    from salience._core import files
+    from salience._core.errors import SalienceError
+
+    def denied(path, flags, mode=0o777):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(SalienceError, match=r"cannot write the file .*out\.png \(Permission denied\)"):
+        files.atomic_write(tmp_path / "out.png", b"x")
+    assert list(tmp_path.iterdir()) == []

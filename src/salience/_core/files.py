@@ -31,7 +31,11 @@ def _target(path: PathLike) -> Path:
         raise SalienceError(f"expected a file path, got {str(path)!r}, which names a folder")
     if p.is_dir():
         raise SalienceError(f"cannot write the file {p}: a folder of that name exists; choose another path")
-    p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SalienceError(f"cannot write the file {p}: cannot create its folder {p.parent} "
+                            f"({e.strerror or e}); choose another path") from None
     return p
 
 
@@ -45,6 +49,8 @@ def _new_temp(p: Path) -> Path:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:  # pragma: no cover - 32 random bits colliding
             continue
+        except OSError as e:  # a read-only or full disk, no permission: said, not a traceback
+            raise SalienceError(f"cannot write the file {p} ({e.strerror or e}); choose another path") from None
         os.close(fd)
         return tmp
 

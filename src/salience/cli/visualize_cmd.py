@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from salience._core.errors import SalienceError
+from salience._core.files import make_folder
 from salience._core.info import model_info
 from salience._core.tensors import model_device
 from salience.cli.common import EXIT_OK, add_model_args, load_model_arg, parse_class, scores, to_image, warn
@@ -32,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
     """Optimize the class model image of ``args.target`` and write it as a PNG to ``args.out``."""
     if Path(args.out).suffix.lower() != ".png":
         raise SalienceError(f"--out {args.out}: visualize writes a PNG image; give a file name ending in .png")
+    out = Path(args.out)
+    if out.is_dir():  # said before the optimization, not after it
+        raise SalienceError(f"--out {out}: a folder of that name exists; give a file name ending in .png")
+    make_folder(out.parent)
     model = load_model_arg(args)
     info = model_info(model)
     h, w = info.input_size or (args.size, args.size)
@@ -46,8 +51,6 @@ def run(args: argparse.Namespace) -> int:
         warn(f"warning: {args.out}: {note}")
     pic = to_image(unnormalize(img[0], info)) if info.mean is not None else to_image(img[0].clamp(0, 1))
     arr = (pic.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     viz.save_png(out, arr)
     print(f"class model of {info.class_name(target)} ({target}): {out}")
     return EXIT_OK
