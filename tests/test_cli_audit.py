@@ -71,3 +71,14 @@ def test_atomic_write_that_cannot_open_its_file_is_a_salience_error(tmp_path, mo
     with pytest.raises(SalienceError, match=r"cannot write the file .*out\.png \(Permission denied\)"):
         files.atomic_write(tmp_path / "out.png", b"x")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("options", [["--method", "layercam", "--gamma", "5"],
+                                     ["--method", "layercam", "--gamma", "nan", "--layer", "features.0"],
+                                     ["--method", "smoothgrad", "--smooth-method", "layercam", "--gamma", "3"]])
+def test_gamma_that_one_layer_ignores_is_refused(tmp_path, pic, capsys, options):
+    """LayerCAM's ``gamma`` scales only a fusion of several layers; ``--layer`` names one, so
+    ``--gamma`` changed nothing (any value, ``nan`` too, gave the same map with exit 0)."""
+    rc, _, err = run(["explain", pic, "-m", "demo:shapes", "-o", tmp_path / "o", *options], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "--gamma scales LayerCAM's maps only where several layers" in err, err
+    assert not (tmp_path / "o").exists()

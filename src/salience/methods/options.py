@@ -173,7 +173,8 @@ def read_value(opt: MethodOption, text: str) -> Any:
 
 
 def check_applicable(methods: Sequence[str], given: dict[str, Any]) -> None:
-    """Refuse a given option that none of ``methods`` takes, naming the methods that take it."""
+    """Refuse a given option that none of ``methods`` takes, naming the methods that take it, and
+    ``gamma`` without a list of layers (LayerCAM ignores it for one layer: an option silently lost)."""
     inner = given.get(_INNER)
     taken: set[str] = set()
     for name in methods:
@@ -183,6 +184,11 @@ def check_applicable(methods: Sequence[str], given: dict[str, Any]) -> None:
             opt = method_options()[keyword]
             raise SalienceError(f"{opt.flag} is an option of {_takers(keyword)}; not of "
                                 f"{', '.join(methods)} (add --method with one that takes it, or drop {opt.flag})")
+    if "gamma" in given and not isinstance(given.get("layer"), (list, tuple)):
+        # LayerCAM uses gamma only to fuse a list of layers; one layer name (all a flag can give) ignored it
+        raise SalienceError("--gamma scales LayerCAM's maps only where several layers are fused, and --layer names "
+                            "one layer, so it would change nothing: drop --gamma (several layers: from Python, "
+                            "salience.layercam(model, x, layer=[...], gamma=...))")
 
 
 def _default_inner(fn: Callable[..., Any]) -> Optional[Callable[..., Any]]:
