@@ -82,3 +82,33 @@ def test_gamma_that_one_layer_ignores_is_refused(tmp_path, pic, capsys, options)
     rc, _, err = run(["explain", pic, "-m", "demo:shapes", "-o", tmp_path / "o", *options], capsys)
     assert rc == 2 and err.count("\n") == 1 and "--gamma scales LayerCAM's maps only where several layers" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_pt2_with_a_bounded_batch_runs_its_passes_in_chunks_it_takes(tmp_path, small_cnn, capsys):
+    """A program exported with ``Dim("batch", max=4)`` refuses a batch of 5: the many-pass methods'
+    chunks (SmoothGrad's noisy copies, occlusion's windows) went over it, a raw RuntimeError (exit 3).
+    Now chunked to the bound: the maps equal the eager model's."""
+    import json
+
+    import torch
+
+    import salience
+    from salience.loading import load_model
+
+    eager = small_cnn.eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ep = torch.export.export(eager, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4)}})
+    path = tmp_path / "bounded.pt2"
+    torch.export.save(ep, path)
+    m = load_model(path)
+    assert m.salience_info.extra["max_batch"] == 4
+    for name, call in {"smoothgrad": lambda mod: salience.smoothgrad(mod, x, samples=5),
+                       "occlusion": lambda mod: salience.occlusion(mod, x, window=8),
+                       "integrated_gradients": lambda mod: salience.integrated_gradients(mod, x, steps=6)}.items():
+        assert torch.allclose(call(m), call(eager), atol=1e-5), name
+    pic = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save(pic)
+    rc, _, err = run(["explain", *[pic] * 6, "-m", path, "-o", tmp_path / "o", "--batch-size", "16",
+                      "--method", "vanilla,smoothgrad", "--samples", "3"], capsys)
+    assert rc == 0, err
+    assert len(json.loads((tmp_path / "o" / "summary.json").read_text())["images"]) == 6

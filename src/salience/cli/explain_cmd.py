@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from salience import targets as _targets
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write
-from salience._core.info import ModelInfo, model_info
+from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import Progress, progress
 from salience._core.tensors import check_int, model_device
 from salience.cli import explain_many
@@ -83,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
     args.batch_size = args.batch if args.batch is not None else 16
     request = _check_args(args)
     model = load_model_arg(args)
+    limit = max_batch(model)
+    if limit is not None and args.batch_size > limit:  # a program exported with Dim("batch", max=N) refuses more
+        args.batch_size = limit
     _options.check_layer(model, request.options)
     info = preprocessing_info(model_info(model), request.inputs)
     if info.task == "regression" and args.top is not None:

@@ -187,7 +187,22 @@ def load_exported(path: PathLike) -> nn.Module:
     size = (int(shape[2]), int(shape[3])) if shape and len(shape) == 4 and all(isinstance(v, int) for v in shape[2:]) \
         else None
     channels = int(shape[1]) if shape and len(shape) == 4 and isinstance(shape[1], int) else 3
-    return attach_info(model, ModelInfo(name=p.name, input_size=size, channels=channels))
+    most = _batch_limit(ep, shape)
+    return attach_info(model, ModelInfo(name=p.name, input_size=size, channels=channels,
+                                        extra={} if most is None else {"max_batch": most}))
+
+
+def _batch_limit(ep: Any, shape: Optional[tuple]) -> Optional[int]:
+    """The upper bound of the program's dynamic batch (``Dim("batch", max=N)``: the program refuses
+    a larger batch), or ``None`` when unbounded or unknown."""
+    if not shape:
+        return None
+    symbol = getattr(getattr(shape[0], "node", None), "expr", None)  # the batch's SymInt's symbol
+    bound = getattr(ep.range_constraints.get(symbol), "upper", None)
+    try:
+        return int(bound) if bound is not None and bound < 2 ** 62 else None
+    except (TypeError, ValueError, OverflowError):  # int_oo, a symbolic bound: no limit known
+        return None
 
 
 def _flags_eval(self: nn.Module) -> nn.Module:
