@@ -112,3 +112,24 @@ def test_pt2_with_a_bounded_batch_runs_its_passes_in_chunks_it_takes(tmp_path, s
                       "--method", "vanilla,smoothgrad", "--samples", "3"], capsys)
     assert rc == 0, err
     assert len(json.loads((tmp_path / "o" / "summary.json").read_text())["images"]) == 6
+
+
+@pytest.mark.parametrize("raised", ["cpu", "cuda"])
+def test_torch_out_of_memory_is_one_line_exit_2(tmp_path, pic, capsys, monkeypatch, raised):
+    """torch's allocators raise RuntimeErrors (``--size 100000`` on a CPU: "DefaultCPUAllocator: can't
+    allocate memory"; ``torch.OutOfMemoryError`` on CUDA), not MemoryError: they were an internal error
+    (exit 3, "please report it") rather than the out-of-memory line saying what to do."""
+    import torch
+
+    import salience.cli.explain_cmd as cmd
+
+    def oom(*a, **k):
+        if raised == "cpu":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 120000000000 bytes")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(cmd, "scores", oom)
+    rc, _, err = run(["explain", pic, "-m", "demo:shapes", "-o", tmp_path / "o"], capsys)
+    assert rc == 2 and err.startswith("salience: error: out of memory; use fewer or smaller images") and \
+        err.count("\n") == 1, err
