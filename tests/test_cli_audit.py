@@ -133,3 +133,42 @@ def test_torch_out_of_memory_is_one_line_exit_2(tmp_path, pic, capsys, monkeypat
     rc, _, err = run(["explain", pic, "-m", "demo:shapes", "-o", tmp_path / "o"], capsys)
     assert rc == 2 and err.startswith("salience: error: out of memory; use fewer or smaller images") and \
         err.count("\n") == 1, err
+
+
+def test_randomization_test_runs_on_a_pt2_program(tmp_path, small_cnn):
+    """``salience evaluate`` on a ``.pt2``: the randomization test deep-copies the model, and an
+    unflattened export program keeps fake tensors in its graphs' metadata, which cannot be copied
+    (every method's row failed, "Cannot call numel() on tensor with symbolic sizes", with torch's C++
+    stack in the message). Now the copy shares that metadata: the test runs, the model is left as it was."""
+    import torch
+
+    import salience
+    from salience.loading import load_model
+    from tests.conftest import unchanged
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ep = torch.export.export(small_cnn.eval(), (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    torch.export.save(ep, tmp_path / "cnn.pt2")
+    m = load_model(tmp_path / "cnn.pt2")
+    with unchanged(m):
+        r = salience.evidence.randomization(m, x, "vanilla")
+    assert len(r.layers) >= 2 and len(r["spearman_abs"]) == len(r.layers)
+
+
+def test_evaluate_method_failure_is_one_line():
+    """A method that fails with torch's C++ stack in its message (a RuntimeError of many lines): its
+    row's error, which ``salience evaluate`` prints as ``method NAME failed: ...`` and puts in the
+    report's tables, is the message's first line (was: every line, the stack on stderr and in a table cell)."""
+    import torch
+
+    from salience.demo import zoo
+    from salience.evidence.evaluate import evaluate_methods
+
+    def boom(model, x, target=None):
+        """fails."""
+        raise RuntimeError("Cannot call numel()\nException raised from ... (most recent call first):\nframe #0: x")
+
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    rows, _ = evaluate_methods(zoo.load_demo("shapes"), x, methods=[boom], baselines=False,
+                               randomization_images=1)
+    assert [r.error for r in rows] == ["RuntimeError: Cannot call numel()"]

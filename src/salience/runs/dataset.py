@@ -10,7 +10,6 @@ equals an uninterrupted run's.
 """
 from __future__ import annotations
 
-import copy
 import contextlib
 import functools
 import hashlib
@@ -35,7 +34,7 @@ from salience._core.files import atomic_write
 from salience._core.guard import run_guard
 from salience._core.info import ModelInfo, model_info
 from salience._core.progress import progress
-from salience._core.tensors import check_int, model_device
+from salience._core.tensors import check_int, copy_model, model_device
 from salience.loading import load_model, remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
 from salience.loading.models import name_classes, resolve_device
@@ -238,7 +237,7 @@ def _model(model: Union[nn.Module, str], device: Optional[torch.device], weights
     if not isinstance(model, nn.Module):
         raise SalienceError(f"model must be an nn.Module or a spec string, got {type(model).__name__}")
     if device is not None and model_device(model) != device:
-        return copy.deepcopy(model).to(device)  # the caller's model stays where it is
+        return copy_model(model).to(device)  # the caller's model stays where it is
     return model
 
 
