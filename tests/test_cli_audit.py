@@ -172,3 +172,40 @@ def test_evaluate_method_failure_is_one_line():
     rows, _ = evaluate_methods(zoo.load_demo("shapes"), x, methods=[boom], baselines=False,
                                randomization_images=1)
     assert [r.error for r in rows] == ["RuntimeError: Cannot call numel()"]
+
+
+@pytest.mark.parametrize("dtype", ["double", "half"])
+def test_float64_and_float16_python_models_are_explained(tmp_path, pic, capsys, dtype):
+    """A ``python:`` model in float64 (or float16): the images the command reads are float32, which
+    such a model refuses ("Input type (float) and bias type (double) should be the same": exit 3).
+    They are now converted to the model's dtype; the map equals the library's on the converted batch."""
+    import torch
+
+    import salience
+    from salience.loading import load_images, load_model
+
+    nets = tmp_path / "nets.py"
+    nets.write_text("import torch\nimport torch.nn as nn\n"
+                    "def build():\n"
+                    "    torch.manual_seed(0)\n"
+                    "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+                    f"                         nn.Linear(4, 3)).{dtype}()\n")
+    spec = f"python:{nets}:build"
+    rc, _, err = run(["explain", pic, "-m", spec, "-o", tmp_path / "o", "--method", "vanilla,gradcam", "--target", "1"],
+                     capsys)
+    assert rc == 0, err
+    model = load_model(spec)
+    x, _, _ = load_images([pic], model.salience_info)
+    want = salience.vanilla(model, x.to(getattr(torch, dtype)), 1)[0]
+    got = np.load(tmp_path / "o" / "img_vanilla_target-class1.npy")
+    assert np.allclose(got, want.float().numpy(), atol=1e-3)
+    if dtype == "double":  # (float16's optimization may overflow: a SalienceError of its own)
+        rc, _, err = run(["visualize", "-m", spec, "--target", "1", "--steps", "2", "--size", "16",
+                          "--out", tmp_path / "c.png"], capsys)
+        assert rc == 0, err
+
+
+def test_visualize_negative_size_is_refused(tmp_path, capsys):
+    rc, _, err = run(["visualize", "-m", "demo:shapes", "--target", "star", "--size", "-1",
+                      "--out", tmp_path / "c.png"], capsys)
+    assert rc == 2 and "--size must be an int >= 1, got -1" in err, err

@@ -177,6 +177,13 @@ def _shape_message(model: nn.Module, x: Tensor, said: str) -> str:
     return f"{head}{why} (the model said: {said})"
 
 
+def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype ``model``'s input must have: its parameters' one floating dtype (a float64 or float16
+    model takes no float32 image), or ``None`` when it does not say (see :func:`_compute_dtype`). The
+    command line converts the images it reads to it."""
+    return _compute_dtype(model)
+
+
 def _compute_dtype(model: nn.Module) -> Optional[torch.dtype]:
     """The one floating dtype of all of ``model``'s parameters, which its input must have (PyTorch
     layers do not cast: a float32 image in a float64 model fails inside the model with a raw

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from salience import targets as _targets
+from salience._core.autograd import model_dtype
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write
 from salience._core.info import ModelInfo, max_batch, model_info
@@ -141,7 +142,9 @@ def _load_images(args: argparse.Namespace, info: ModelInfo,
     batch, ok_paths, errors = load_images(args.images, info, max_pixels=args.max_pixels)
     for _, msg in errors:
         warn(f"skipped {msg}")
-    return (batch.to(model_device(model)) if batch is not None else None), ok_paths, errors
+    if batch is not None:  # the model's device, and its parameters' dtype (a float64 / float16 python: model)
+        batch = batch.to(model_device(model), dtype=model_dtype(model) or batch.dtype)
+    return batch, ok_paths, errors
 
 
 # --------------------------------------------------------------------------------- targets

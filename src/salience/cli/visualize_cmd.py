@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from salience._core.autograd import model_dtype
 from salience._core.errors import SalienceError
 from salience._core.files import make_folder
 from salience._core.info import model_info
-from salience._core.tensors import model_device
+from salience._core.tensors import check_int, model_device
 from salience.cli.common import EXIT_OK, add_model_args, load_model_arg, parse_class, scores, to_image, warn
 from salience.loading import unnormalize
 from salience.methods.class_model import class_model
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     """Optimize the class model image of ``args.target`` and write it as a PNG to ``args.out``."""
     if Path(args.out).suffix.lower() != ".png":
         raise SalienceError(f"--out {args.out}: visualize writes a PNG image; give a file name ending in .png")
+    check_int(args.size, "--size", minimum=1)
     out = Path(args.out)
     if out.is_dir():  # said before the optimization, not after it
         raise SalienceError(f"--out {out}: a folder of that name exists; give a file name ending in .png")
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model_arg(args)
     info = model_info(model)
     h, w = info.input_size or (args.size, args.size)
-    k = scores(model, torch.zeros(1, info.channels, h, w, device=model_device(model))).shape[1]
+    k = scores(model, torch.zeros(1, info.channels, h, w, device=model_device(model),
+                                dtype=model_dtype(model))).shape[1]
     target = parse_class(args.target, info, k)
     kwargs: dict[str, Any] = {"shape": (info.channels, h, w), "progress": sys.stderr.isatty()}
     if args.steps is not None:
