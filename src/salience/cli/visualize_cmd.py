@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_dir():  # said before the optimization, not after it
         raise SalienceError(f"--out {out}: a folder of that name exists; give a file name ending in .png")
+    model = load_model_arg(args)  # a device that is not there refused before anything is written
     make_folder(out.parent)
-    model = load_model_arg(args)
     info = model_info(model)
     h, w = info.input_size or (args.size, args.size)
     k = scores(model, torch.zeros(1, info.channels, h, w, device=model_device(model),
