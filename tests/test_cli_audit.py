@@ -28,11 +28,15 @@ def run(argv, capsys):
     (["--method", "vanilla,ablationcam", "--value", "nan"], "--value: value must be a finite number"),
     (["--method", "vanilla,occlusion", "--softmax", "nope"], "--softmax: softmax must be one of auto, classes, none"),
     (["--method", "vanilla,rise", "--softmax", "nope"], "--softmax: softmax must be one of auto, classes, none"),
+    (["--method", "vanilla,gradcam", "--grid", "0,0"], "--grid: grid must be (h, w), two positive ints"),
+    (["--method", "vanilla,scorecam", "--prefix-tokens", "-1"], "--prefix-tokens: prefix_tokens must be a "
+                                                                 "non-negative int"),
 ])
 def test_values_checked_after_the_first_pass_are_refused_before_any_method_runs(tmp_path, pic, capsys, options,
                                                                                  words):
     """The dry run stops each method at its first forward pass: a value checked after it (Score-CAM's
-    default layer runs the model first) went through, vanilla was written and the bad method failed (exit 1)."""
+    default layer runs the model first; the CAMs check grid and prefix_tokens against the layer's
+    output) went through, vanilla was written and the bad method failed (exit 1)."""
     rc, _, err = run(["explain", pic, "-m", "demo:shapes", "-o", tmp_path / "o", *options], capsys)
     assert rc == 2, err
     assert err.startswith("salience: error: ") and err.count("\n") == 1 and words in err

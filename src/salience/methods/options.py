@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from salience._core.errors import SalienceError, suggest
 from salience._core.layers import resolve_layer
 from salience.methods import METHODS
+from salience.methods._tokens import _check_grid, _check_prefix
 from salience.methods.smoothgrad import VARIANTS
 from salience.reduce import GRAD_MODIFIERS, REDUCTIONS
 from salience.rules import UNSUPPORTED
@@ -248,6 +249,13 @@ def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dic
     """Run each method's own checks of the given option values, stopping it at its first forward
     pass (a dry run on ``x``, nothing computed): a bad value is a :class:`SalienceError` naming the
     flag. Errors that name no given option (the model, the input) are left to the real run."""
+    for keyword, check in (("grid", _check_grid), ("prefix_tokens", _check_prefix)):
+        # checked by the CAMs after their first pass (the layer's output), which the dry run never reaches
+        if given.get(keyword) is not None:
+            try:
+                check(given[keyword])
+            except SalienceError as e:
+                raise SalienceError(f"{method_options()[keyword].flag}: {e}") from None
     options = {k: v for k, v in given.items() if k != "layer"}  # looked up in the model by check_layer
     if not options:
         return
