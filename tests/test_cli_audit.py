@@ -213,3 +213,25 @@ def test_visualize_negative_size_is_refused(tmp_path, capsys):
     rc, _, err = run(["visualize", "-m", "demo:shapes", "--target", "star", "--size", "-1",
                       "--out", tmp_path / "c.png"], capsys)
     assert rc == 2 and "--size must be an int >= 1, got -1" in err, err
+
+
+@pytest.mark.parametrize("options, words", [(["--out", ""], "--out is empty"),
+                                            (["--out", "OUT", "--max-pixels", "0"], "--max-pixels must be an int >= 1"),
+                                            (["--out", "OUT", "--max-pixels", "-1", "--dataset"],
+                                             "--max-pixels must be an int >= 1")])
+def test_empty_out_and_max_pixels_below_one_are_refused(tmp_path, pic, capsys, monkeypatch, options, words):
+    """``--out ""`` (an unset ``--out "$DIR"``) wrote the maps, or a whole dataset run, into the current
+    folder; ``--max-pixels 0`` skipped every image one by one (exit 1). Both are one line, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(["explain", pic, "-m", "demo:shapes", *[tmp_path / "o" if o == "OUT" else o for o in options]],
+                     capsys)
+    assert rc == 2 and err.startswith("salience: error: ") and err.count("\n") == 1 and words in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_folder_refuses_an_empty_name():
+    from salience._core.errors import SalienceError
+    from salience._core.files import make_folder
+
+    with pytest.raises(SalienceError, match="the output folder's name is empty"):
+        make_folder("")

@@ -121,7 +121,10 @@ def atomic_write(path: PathLike, data: bytes) -> Path:
 
 
 def make_folder(path: PathLike) -> Path:
-    """The folder ``path``, created with its parents; a :class:`SalienceError` saying why if it cannot be."""
+    """The folder ``path``, created with its parents; a :class:`SalienceError` saying why if it cannot be
+    (an empty name too: ``Path("")`` is the current folder, where an unset ``--out "$DIR"`` would spill)."""
+    if not str(os.fspath(path)).strip():
+        raise SalienceError("the output folder's name is empty; give a folder (e.g. --out results/)")
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)

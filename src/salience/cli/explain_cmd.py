@@ -79,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         raise SalienceError(f"--batch {args.batch} and --batch-size {args.batch_size} are the same option "
                             "(images per pass); give one")
     args.batch = args.batch if args.batch is not None else args.batch_size
+    if not args.out.strip():  # said now, not after every map is computed (Path("") is the current folder)
+        raise SalienceError("--out is empty; give a folder (e.g. --out results/)")
+    check_int(args.max_pixels, "--max-pixels", minimum=1)  # 0 or less skipped every image, one by one
     if explain_many.wants_dataset(args):
         return explain_many.run(args)
     args.batch_size = args.batch if args.batch is not None else 16
