@@ -235,3 +235,19 @@ def test_make_folder_refuses_an_empty_name():
 
     with pytest.raises(SalienceError, match="the output folder's name is empty"):
         make_folder("")
+
+
+def test_torchvision_vit_at_another_size_is_a_salience_error():
+    """torchvision's ViT asserts its input size ("Wrong image height! Expected 32 but got 16!"): with
+    ``--size`` it was an internal error (exit 3); now the input-size message, as timm's and Hugging Face's."""
+    import torch
+    from torchvision.models import VisionTransformer
+
+    from salience._core.autograd import forward_scores
+    from salience._core.errors import SalienceError
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8,
+                            num_classes=3).eval()
+    with pytest.raises(SalienceError, match=r"cannot take the input of shape \(1, 3, 16, 16\).*Wrong image height"):
+        forward_scores(vit, torch.rand(1, 3, 16, 16))

@@ -112,7 +112,8 @@ _SHAPE_FAILURE = re.compile(
     r"to have \d+ channels, but got \d+ channels|shapes cannot be multiplied|size mismatch|"
     r"must match the size of tensor|is invalid for input of size|kernel size can't be greater than actual input|"
     r"output size is too small|expected input with shape|should contain \d+ elements not \d+|"
-    r"channel dimension of the pixel values|input (image size|height|width)\b.*doesn't match model",
+    r"channel dimension of the pixel values|input (image size|height|width)\b.*doesn't match model|"
+    r"wrong image (height|width)",  # torchvision's ViT: "Wrong image height! Expected 224 but got 32!"
     re.IGNORECASE)
 _CONV_CHANNELS = re.compile(r"to have (\d+) channels, but got (\d+) channels")
 
