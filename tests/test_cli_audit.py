@@ -251,3 +251,14 @@ def test_torchvision_vit_at_another_size_is_a_salience_error():
                             num_classes=3).eval()
     with pytest.raises(SalienceError, match=r"cannot take the input of shape \(1, 3, 16, 16\).*Wrong image height"):
         forward_scores(vit, torch.rand(1, 3, 16, 16))
+
+
+def test_corrupt_pt2_is_one_line_without_torchs_logged_traceback(tmp_path, capfd):
+    """``torch.export.load`` logs a corrupt archive's whole traceback (a warning on stderr) before
+    raising: the command printed it above its one-line error."""
+    (tmp_path / "bad.pt2").write_bytes(b"PK\x03\x04" + bytes(range(256)) * 8)
+    capfd.readouterr()
+    rc = main(["list", "--model", str(tmp_path / "bad.pt2")])
+    err = capfd.readouterr().err
+    assert rc == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("salience: error: ") and "not a torch.export program" in err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 import types
@@ -171,10 +172,16 @@ def load_exported(path: PathLike) -> nn.Module:
     was exported in, so a program exported in train mode (BatchNorm batch statistics, Dropout on)
     or with a fixed batch size is refused, with how to export it instead."""
     p = Path(path)
+    # torch.export.load logs a corrupt archive's traceback as a warning before raising: the error below says it
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         ep = torch.export.load(str(p))
     except Exception as e:  # noqa: BLE001 - torch.export.load raises many types on a foreign file
         raise SalienceError(f"{p}: not a torch.export program torch.export.load can read ({_first_line(e)})") from None
+    finally:
+        logger.setLevel(level)
     _check_exported(p, ep)
     try:
         model: nn.Module = torch.export.unflatten(ep)
