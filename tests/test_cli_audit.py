@@ -180,9 +180,10 @@ def test_evaluate_method_failure_is_one_line():
 
 @pytest.mark.parametrize("dtype", ["double", "half"])
 def test_float64_and_float16_python_models_are_explained(tmp_path, pic, capsys, dtype):
-    """A ``python:`` model in float64 (or float16): the images the command reads are float32, which
-    such a model refuses ("Input type (float) and bias type (double) should be the same": exit 3).
-    They are now converted to the model's dtype; the map equals the library's on the converted batch."""
+    """A ``python:`` model in float64 (or float16): the images the commands read are float32, which
+    such a model refuses ("Input type (float) and bias type (double) should be the same": exit 3 in
+    explain, a dataset run, evaluate and visualize). They are now converted to the model's dtype; the
+    map equals the library's on the converted batch."""
     import torch
 
     import salience
@@ -206,6 +207,11 @@ def test_float64_and_float16_python_models_are_explained(tmp_path, pic, capsys, 
     if dtype == "double":  # (float16's optimization may overflow: a SalienceError of its own)
         rc, _, err = run(["visualize", "-m", spec, "--target", "1", "--steps", "2", "--size", "16",
                           "--out", tmp_path / "c.png"], capsys)
+        assert rc == 0, err
+        rc, _, err = run(["explain", pic, "--dataset", "-m", spec, "--size", "16", "-o", tmp_path / "run"], capsys)
+        assert rc == 0, err  # a dataset run: its probe, its batches
+        rc, _, err = run(["evaluate", "-m", spec, "--images", pic.parent, "--method", "vanilla", "--steps", "2",
+                          "--randomization-images", "1", "-o", tmp_path / "ev"], capsys)
         assert rc == 0, err
 
 

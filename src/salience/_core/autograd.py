@@ -28,7 +28,7 @@ from salience._core.errors import SalienceError, uncoloured, user_stacklevel
 from salience._core.guard import model_guard, modules_of
 from salience._core.info import model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
-from salience._core.tensors import check_flag, first_tensor
+from salience._core.tensors import check_flag, first_tensor, model_device
 
 __all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_value", "layer_output", "seeing_output", "check_input", "model_call", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
            "looks_like_probabilities"]
@@ -183,6 +183,12 @@ def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
     model takes no float32 image), or ``None`` when it does not say (see :func:`_compute_dtype`). The
     command line converts the images it reads to it."""
     return _compute_dtype(model)
+
+
+def model_input(model: nn.Module, x: Tensor) -> Tensor:
+    """Images read from files (float32, on the CPU) ``(B, C, H, W)`` as ``model`` takes them: on its
+    device, in its parameters' dtype (:func:`model_dtype`; unchanged where the model does not say)."""
+    return x.to(model_device(model), dtype=_compute_dtype(model) or x.dtype)
 
 
 def _compute_dtype(model: nn.Module) -> Optional[torch.dtype]:

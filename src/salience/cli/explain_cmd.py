@@ -12,12 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from salience import targets as _targets
-from salience._core.autograd import model_dtype
+from salience._core.autograd import model_input
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import Progress, progress
-from salience._core.tensors import check_int, model_device
+from salience._core.tensors import check_int
 from salience.cli import explain_many
 from salience.cli import options as _options
 from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, add_model_args, error, figure,
@@ -145,9 +145,8 @@ def _load_images(args: argparse.Namespace, info: ModelInfo,
     batch, ok_paths, errors = load_images(args.images, info, max_pixels=args.max_pixels)
     for _, msg in errors:
         warn(f"skipped {msg}")
-    if batch is not None:  # the model's device, and its parameters' dtype (a float64 / float16 python: model)
-        batch = batch.to(model_device(model), dtype=model_dtype(model) or batch.dtype)
-    return batch, ok_paths, errors
+    # the model's device, and its parameters' dtype (a float64 / float16 python: model)
+    return (model_input(model, batch) if batch is not None else None), ok_paths, errors
 
 
 # --------------------------------------------------------------------------------- targets

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience._core.autograd import predicted_classes
+from salience._core.autograd import model_input, predicted_classes
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write, make_folder
 from salience._core.info import ModelInfo, model_info
@@ -476,7 +476,7 @@ def run_evaluation(
     else:
         x, raw, m, source, mask_files = _folder_inputs_and_files(model, images, masks, n)
     device = model_device(model)
-    x, m = x.to(device), (m.to(device) if m is not None else None)
+    x, m = model_input(model, x), (m.to(device) if m is not None else None)  # its device and dtype
     predicted_classes(model, x, batch_size=32)  # a model that cannot take x: refused before the folder is made
     out = make_folder(out_dir)  # created only once the inputs are known to be good
     rows, maps = evaluate_methods(model, x, m, methods=methods, steps=steps,

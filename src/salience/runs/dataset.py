@@ -346,13 +346,13 @@ def _info(model: nn.Module, dataset: Dataset, first: int = 0) -> tuple[ModelInfo
 def _num_outputs(model: nn.Module, dataset: Dataset, info: ModelInfo, first: int = 0) -> int:
     if info.class_names:
         return len(info.class_names)
-    from salience._core.autograd import forward_scores
+    from salience._core.autograd import forward_scores, model_input
 
     c = info.channels
     h, w = info.input_size or (64, 64)
-    x = torch.zeros(1, c, h, w, device=model_device(model))
+    x = model_input(model, torch.zeros(1, c, h, w))
     if isinstance(dataset, sources.Wrapped) and len(dataset):
-        x = dataset.probe(first).x[None].to(model_device(model))
+        x = model_input(model, dataset.probe(first).x[None])
     return int(forward_scores(model, x, strip_softmax=False).reshape(1, -1).shape[1])
 
 
