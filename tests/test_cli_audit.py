@@ -268,3 +268,20 @@ def test_corrupt_pt2_is_one_line_without_torchs_logged_traceback(tmp_path, capfd
     err = capfd.readouterr().err
     assert rc == 2 and "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith("salience: error: ") and "not a torch.export program" in err
+
+
+def test_visualize_takes_channels_for_a_gray_model(tmp_path, capsys):
+    """A one-channel ``python:`` model: visualize's error said "(command line: --channels 1)", a flag
+    visualize did not have (exit 2 whatever the user did). Now it takes it."""
+    nets = tmp_path / "gray.py"
+    nets.write_text("import torch\nimport torch.nn as nn\n"
+                    "def build():\n"
+                    "    torch.manual_seed(0)\n"
+                    "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+                    "                         nn.Linear(4, 3))\n")
+    argv = ["visualize", "-m", f"python:{nets}:build", "--target", "1", "--steps", "2", "--size", "16",
+            "--out", tmp_path / "c.png"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 2 and "--channels 1" in err, err
+    rc, _, err = run(argv + ["--channels", "1"], capsys)
+    assert rc == 0 and (tmp_path / "c.png").is_file(), err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", "-o", default="class.png", metavar="PNG")
     p.add_argument("--steps", type=int, default=None, help="optimization steps")
     p.add_argument("--size", type=int, default=224, help="image side when the model does not say (default 224)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="the model's input channels when it does not say (a python: or .pt2 model with a "
+                        "one-channel stem; default: the model's, else 3)")
     p.set_defaults(func=run)
 
 
@@ -41,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model_arg(args)  # a device that is not there refused before anything is written
     make_folder(out.parent)
     info = model_info(model)
+    if args.channels is not None:  # the hint of the input error of a gray model ("--channels 1")
+        info = dataclasses.replace(info, channels=args.channels)
     h, w = info.input_size or (args.size, args.size)
     k = scores(model, torch.zeros(1, info.channels, h, w, device=model_device(model),
                                 dtype=model_dtype(model))).shape[1]
