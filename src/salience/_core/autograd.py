@@ -28,7 +28,7 @@ from salience._core.errors import SalienceError, uncoloured, user_stacklevel
 from salience._core.guard import model_guard, modules_of
 from salience._core.info import model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
-from salience._core.tensors import check_flag, first_tensor
+from salience._core.tensors import check_flag, first_tensor, model_device
 
 __all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_value", "layer_output", "seeing_output", "check_input", "model_call", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
            "looks_like_probabilities"]
@@ -112,7 +112,8 @@ _SHAPE_FAILURE = re.compile(
     r"to have \d+ channels, but got \d+ channels|shapes cannot be multiplied|size mismatch|"
     r"must match the size of tensor|is invalid for input of size|kernel size can't be greater than actual input|"
     r"output size is too small|expected input with shape|should contain \d+ elements not \d+|"
-    r"channel dimension of the pixel values|input (image size|height|width)\b.*doesn't match model",
+    r"channel dimension of the pixel values|input (image size|height|width)\b.*doesn't match model|"
+    r"wrong image (height|width)",  # torchvision's ViT: "Wrong image height! Expected 224 but got 32!"
     re.IGNORECASE)
 _CONV_CHANNELS = re.compile(r"to have (\d+) channels, but got (\d+) channels")
 
@@ -175,6 +176,19 @@ def _shape_message(model: nn.Module, x: Tensor, said: str) -> str:
     else:
         why = "; give it images of the channels and size it was made for"
     return f"{head}{why} (the model said: {said})"
+
+
+def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype ``model``'s input must have: its parameters' one floating dtype (a float64 or float16
+    model takes no float32 image), or ``None`` when it does not say (see :func:`_compute_dtype`). The
+    command line converts the images it reads to it."""
+    return _compute_dtype(model)
+
+
+def model_input(model: nn.Module, x: Tensor) -> Tensor:
+    """Images read from files (float32, on the CPU) ``(B, C, H, W)`` as ``model`` takes them: on its
+    device, in its parameters' dtype (:func:`model_dtype`; unchanged where the model does not say)."""
+    return x.to(model_device(model), dtype=_compute_dtype(model) or x.dtype)
 
 
 def _compute_dtype(model: nn.Module) -> Optional[torch.dtype]:

@@ -40,6 +40,7 @@ from salience._core import derived as _derived
 from salience._core import perf as _perf
 from salience._core.autograd import TargetLike, backward
 from salience._core.errors import SalienceError
+from salience._core.info import max_batch
 from salience._core.progress import progress as _progress
 
 __all__ = [
@@ -287,6 +288,9 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
                 run: Optional[_perf.Run]) -> Sums:
     """:func:`accumulate` in its scope."""
     sums = _Adder(n_images, weights, squares)
+    limit = max_batch(run.model) if run is not None else None  # a program exported with a bounded batch
+    if limit is not None:
+        chunk = min(chunk, limit) if chunk is not None else None
     with _progress(total, desc, enabled=progress) as bar:
         start = 0
         per_item: Optional[int] = None
@@ -316,6 +320,8 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
             cap = chunk_size(per_item, budget, n_images)
         else:
             cap = chunk
+        if limit is not None:
+            cap = min(cap, limit)
         if run is None:
             while start < total:
                 stop = min(total, start + cap)

@@ -31,7 +31,11 @@ def _target(path: PathLike) -> Path:
         raise SalienceError(f"expected a file path, got {str(path)!r}, which names a folder")
     if p.is_dir():
         raise SalienceError(f"cannot write the file {p}: a folder of that name exists; choose another path")
-    p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SalienceError(f"cannot write the file {p}: cannot create its folder {p.parent} "
+                            f"({e.strerror or e}); choose another path") from None
     return p
 
 
@@ -45,6 +49,8 @@ def _new_temp(p: Path) -> Path:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:  # pragma: no cover - 32 random bits colliding
             continue
+        except OSError as e:  # a read-only or full disk, no permission: said, not a traceback
+            raise SalienceError(f"cannot write the file {p} ({e.strerror or e}); choose another path") from None
         os.close(fd)
         return tmp
 
@@ -115,7 +121,10 @@ def atomic_write(path: PathLike, data: bytes) -> Path:
 
 
 def make_folder(path: PathLike) -> Path:
-    """The folder ``path``, created with its parents; a :class:`SalienceError` saying why if it cannot be."""
+    """The folder ``path``, created with its parents; a :class:`SalienceError` saying why if it cannot be
+    (an empty name too: ``Path("")`` is the current folder, where an unset ``--out "$DIR"`` would spill)."""
+    if not str(os.fspath(path)).strip():
+        raise SalienceError("the output folder's name is empty; give a folder (e.g. --out results/)")
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)

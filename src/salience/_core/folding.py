@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from salience._core.fingerprint import _HOOK_DICTS, _fold_key, _lock, own_hooks
+from salience._core.tensors import copy_model
 
 __all__ = ["folded_model"]
 
@@ -31,10 +32,8 @@ def _fold(model: nn.Module) -> Any:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return "the model has no BatchNorm layer"
-    import copy
-
     try:
-        clone = copy.deepcopy(model).eval().requires_grad_(False)
+        clone = copy_model(model).eval().requires_grad_(False)
         # no hook in the copy: own_hooks() found none on the model, but another thread's pass may have hooked it
         # since (salience's hooks for that thread), and a copied hook would fire in this thread's passes of the copy
         for m in clone.modules():

@@ -61,6 +61,14 @@ def model_info(model: nn.Module) -> ModelInfo:
     return info if isinstance(info, ModelInfo) else ModelInfo(name=type(model).__name__)
 
 
+def max_batch(model: nn.Module) -> Optional[int]:
+    """The largest batch ``model`` runs (``info.extra["max_batch"]``: a ``torch.export`` program exported
+    with ``Dim("batch", max=N)`` refuses more), or ``None`` for no limit. Many-pass methods chunk
+    their passes to it."""
+    n = model_info(model).extra.get("max_batch")
+    return int(n) if n is not None else None
+
+
 def attach_info(model: nn.Module, info: ModelInfo) -> nn.Module:
     """Attach ``info`` to ``model`` (as ``model.salience_info``) and return the model."""
     object.__setattr__(model, "salience_info", info)

@@ -130,6 +130,22 @@ def first_tensor(model: nn.Module) -> Optional[Tensor]:
     return p if p is not None else next(model.buffers(), None)
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for a ``torch.export`` program's module (``.pt2``): its graphs'
+    nodes keep fake tensors in ``node.meta``, which cannot be deep-copied ("Cannot call numel() on
+    tensor with symbolic sizes"). Those metadata dicts are shared with the copy (read-only notes of
+    the export), everything else is copied."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        graph = getattr(m, "graph", None)
+        if isinstance(graph, torch.fx.Graph):
+            for node in graph.nodes:
+                memo[id(node.meta)] = node.meta
+    return copy.deepcopy(model, memo)
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where the model lives: its first parameter's (or buffer's) device; CPU for a model with neither."""
     p = first_tensor(model)

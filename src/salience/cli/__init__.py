@@ -22,6 +22,8 @@ import os
 import warnings
 from typing import Optional, Sequence
 
+import torch
+
 from salience import __version__
 from salience._core.errors import SalienceError
 from salience.cli import demo_cmd, evaluate_cmd, explain_cmd, explore_cmd, list_cmd, visualize_cmd
@@ -71,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         error(str(e))
         return EXIT_USAGE
     except MemoryError:
-        error("out of memory; use fewer or smaller images per pass (--batch, --max-pixels)")
+        error(_OUT_OF_MEMORY)
         return EXIT_USAGE
     except KeyboardInterrupt:
         error("interrupted")
@@ -82,11 +84,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.environ.get("SALIENCE_DEBUG"):
             raise
         first = (str(e).strip().splitlines() or [""])[0]
+        if _out_of_memory(e):  # torch's allocators raise RuntimeErrors, not MemoryError
+            error(f"{_OUT_OF_MEMORY} (torch: {first})")
+            return EXIT_USAGE
         error(f"unexpected {type(e).__name__}: {first} (set SALIENCE_DEBUG=1 to see the traceback, and "
               "please report it)")
         return EXIT_INTERNAL
     finally:
         warnings.formatwarning = plain_format
+
+
+_OUT_OF_MEMORY = ("out of memory; use fewer or smaller images per pass (--batch, --max-pixels, a smaller --size), "
+                  "or --max-memory / --chunk for the many-pass methods")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is torch running out of memory: ``torch.OutOfMemoryError`` (CUDA, MPS) or the CPU
+    allocator's RuntimeError (``DefaultCPUAllocator: can't allocate memory``)."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(e, oom)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -12,11 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from salience import targets as _targets
+from salience._core.autograd import model_input
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write
-from salience._core.info import ModelInfo, model_info
+from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import Progress, progress
-from salience._core.tensors import check_int, model_device
+from salience._core.tensors import check_int
 from salience.cli import explain_many
 from salience.cli import options as _options
 from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, add_model_args, error, figure,
@@ -78,11 +79,17 @@ def run(args: argparse.Namespace) -> int:
         raise SalienceError(f"--batch {args.batch} and --batch-size {args.batch_size} are the same option "
                             "(images per pass); give one")
     args.batch = args.batch if args.batch is not None else args.batch_size
+    if not args.out.strip():  # said now, not after every map is computed (Path("") is the current folder)
+        raise SalienceError("--out is empty; give a folder (e.g. --out results/)")
+    check_int(args.max_pixels, "--max-pixels", minimum=1)  # 0 or less skipped every image, one by one
     if explain_many.wants_dataset(args):
         return explain_many.run(args)
     args.batch_size = args.batch if args.batch is not None else 16
     request = _check_args(args)
     model = load_model_arg(args)
+    limit = max_batch(model)
+    if limit is not None and args.batch_size > limit:  # a program exported with Dim("batch", max=N) refuses more
+        args.batch_size = limit
     _options.check_layer(model, request.options)
     info = preprocessing_info(model_info(model), request.inputs)
     if info.task == "regression" and args.top is not None:
@@ -138,7 +145,8 @@ def _load_images(args: argparse.Namespace, info: ModelInfo,
     batch, ok_paths, errors = load_images(args.images, info, max_pixels=args.max_pixels)
     for _, msg in errors:
         warn(f"skipped {msg}")
-    return (batch.to(model_device(model)) if batch is not None else None), ok_paths, errors
+    # the model's device, and its parameters' dtype (a float64 / float16 python: model)
+    return (model_input(model, batch) if batch is not None else None), ok_paths, errors
 
 
 # --------------------------------------------------------------------------------- targets

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -9,9 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from salience._core.autograd import model_dtype
 from salience._core.errors import SalienceError
+from salience._core.files import make_folder
 from salience._core.info import model_info
-from salience._core.tensors import model_device
+from salience._core.tensors import check_int, model_device
 from salience.cli.common import EXIT_OK, add_model_args, load_model_arg, parse_class, scores, to_image, warn
 from salience.loading import unnormalize
 from salience.methods.class_model import class_model
@@ -25,6 +28,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", "-o", default="class.png", metavar="PNG")
     p.add_argument("--steps", type=int, default=None, help="optimization steps")
     p.add_argument("--size", type=int, default=224, help="image side when the model does not say (default 224)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="the model's input channels when it does not say (a python: or .pt2 model with a "
+                        "one-channel stem; default: the model's, else 3)")
     p.set_defaults(func=run)
 
 
@@ -32,10 +38,18 @@ def run(args: argparse.Namespace) -> int:
     """Optimize the class model image of ``args.target`` and write it as a PNG to ``args.out``."""
     if Path(args.out).suffix.lower() != ".png":
         raise SalienceError(f"--out {args.out}: visualize writes a PNG image; give a file name ending in .png")
-    model = load_model_arg(args)
+    check_int(args.size, "--size", minimum=1)
+    out = Path(args.out)
+    if out.is_dir():  # said before the optimization, not after it
+        raise SalienceError(f"--out {out}: a folder of that name exists; give a file name ending in .png")
+    model = load_model_arg(args)  # a device that is not there refused before anything is written
+    make_folder(out.parent)
     info = model_info(model)
+    if args.channels is not None:  # the hint of the input error of a gray model ("--channels 1")
+        info = dataclasses.replace(info, channels=args.channels)
     h, w = info.input_size or (args.size, args.size)
-    k = scores(model, torch.zeros(1, info.channels, h, w, device=model_device(model))).shape[1]
+    k = scores(model, torch.zeros(1, info.channels, h, w, device=model_device(model),
+                                dtype=model_dtype(model))).shape[1]
     target = parse_class(args.target, info, k)
     kwargs: dict[str, Any] = {"shape": (info.channels, h, w), "progress": sys.stderr.isatty()}
     if args.steps is not None:
@@ -46,8 +60,6 @@ def run(args: argparse.Namespace) -> int:
         warn(f"warning: {args.out}: {note}")
     pic = to_image(unnormalize(img[0], info)) if info.mean is not None else to_image(img[0].clamp(0, 1))
     arr = (pic.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     viz.save_png(out, arr)
     print(f"class model of {info.class_name(target)} ({target}): {out}")
     return EXIT_OK

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience._core.autograd import predicted_classes
+from salience._core.autograd import model_input, predicted_classes
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write, make_folder
 from salience._core.info import ModelInfo, model_info
@@ -168,6 +168,11 @@ def _baseline_maps(name: str, x: Tensor, masks: Optional[Tensor], seed: int) -> 
     return random_maps((x.shape[0], *x.shape[-2:]), seed=image_seeds(x, seed), device=x.device)
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an error's message (torch appends its C++ stack to some RuntimeErrors)."""
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 def _method_only(row: MetricRow, model: nn.Module, x: Tensor, fn: Callable[..., Tensor], target: Tensor,
                  seed: int) -> None:
     """The tests that need the method, not only its maps (on a few images), into its row: the
@@ -260,7 +265,7 @@ def evaluate_methods(
             # Any error, not only SalienceError: a user's method may raise anything. It is not
             # swallowed: the row carries it into every table, and the other methods go on.
             except Exception as e:  # noqa: BLE001
-                row.error = f"{type(e).__name__}: {e}"
+                row.error = f"{type(e).__name__}: {_first_line(e)}"  # a table cell: torch's C++ frames left out
             else:
                 row.seconds = time.perf_counter() - t0
                 all_maps[name] = maps
@@ -268,7 +273,8 @@ def evaluate_methods(
                     score_maps(row, model, x, maps, masks, target, steps=steps, batch_size=batch_size, seed=seed,
                                probability=probability)
                 except Exception as e:  # noqa: BLE001 - as a method's failure above
-                    row = MetricRow(name, seconds=row.seconds, error=f"scoring its maps: {type(e).__name__}: {e}")
+                    row = MetricRow(name, seconds=row.seconds,
+                                    error=f"scoring its maps: {type(e).__name__}: {_first_line(e)}")
             rows.append(row)
             bar.update(1)
     return rows, all_maps
@@ -470,7 +476,7 @@ def run_evaluation(
     else:
         x, raw, m, source, mask_files = _folder_inputs_and_files(model, images, masks, n)
     device = model_device(model)
-    x, m = x.to(device), (m.to(device) if m is not None else None)
+    x, m = model_input(model, x), (m.to(device) if m is not None else None)  # its device and dtype
     predicted_classes(model, x, batch_size=32)  # a model that cannot take x: refused before the folder is made
     out = make_folder(out_dir)  # created only once the inputs are known to be good
     rows, maps = evaluate_methods(model, x, m, methods=methods, steps=steps,

@@ -9,7 +9,6 @@ the map of the predicted class with the map of a random other class.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from salience._core.autograd import check_input, forward_scores, model_call, pre
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import resolve_layer
+from salience._core.tensors import copy_model
 from salience.evidence._checks import (MethodLike, check_method_map, check_seed, class_indices, image_seeds,
                                       method_maps, resolve_method, smoothgrad_seeds)
 from salience.evidence.compare import SIMILARITIES, similarity
@@ -85,7 +85,7 @@ NO_HOOKS = ("the model randomization test needs the order in which the forward p
 def _layer_groups(model: nn.Module, x: Tensor) -> list[tuple[str, list[str]]]:
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError(NO_HOOKS)
-    probe = copy.deepcopy(model)
+    probe = copy_model(model)
     order: list[str] = []
     handles = []
     for name, mod in probe.named_modules():
@@ -188,7 +188,7 @@ def randomization(
     seed = check_seed(seed)
     kw = dict(method_kwargs or {})
     tgt = predicted_classes(model, x) if target is None else target
-    work = copy.deepcopy(model)
+    work = copy_model(model)
     groups = _layer_groups(model, x)
     if layers is not None:
         known = dict(groups)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 import types
@@ -171,10 +172,16 @@ def load_exported(path: PathLike) -> nn.Module:
     was exported in, so a program exported in train mode (BatchNorm batch statistics, Dropout on)
     or with a fixed batch size is refused, with how to export it instead."""
     p = Path(path)
+    # torch.export.load logs a corrupt archive's traceback as a warning before raising: the error below says it
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         ep = torch.export.load(str(p))
     except Exception as e:  # noqa: BLE001 - torch.export.load raises many types on a foreign file
         raise SalienceError(f"{p}: not a torch.export program torch.export.load can read ({_first_line(e)})") from None
+    finally:
+        logger.setLevel(level)
     _check_exported(p, ep)
     try:
         model: nn.Module = torch.export.unflatten(ep)
@@ -187,7 +194,22 @@ def load_exported(path: PathLike) -> nn.Module:
     size = (int(shape[2]), int(shape[3])) if shape and len(shape) == 4 and all(isinstance(v, int) for v in shape[2:]) \
         else None
     channels = int(shape[1]) if shape and len(shape) == 4 and isinstance(shape[1], int) else 3
-    return attach_info(model, ModelInfo(name=p.name, input_size=size, channels=channels))
+    most = _batch_limit(ep, shape)
+    return attach_info(model, ModelInfo(name=p.name, input_size=size, channels=channels,
+                                        extra={} if most is None else {"max_batch": most}))
+
+
+def _batch_limit(ep: Any, shape: Optional[tuple]) -> Optional[int]:
+    """The upper bound of the program's dynamic batch (``Dim("batch", max=N)``: the program refuses
+    a larger batch), or ``None`` when unbounded or unknown."""
+    if not shape:
+        return None
+    symbol = getattr(getattr(shape[0], "node", None), "expr", None)  # the batch's SymInt's symbol
+    bound = getattr(ep.range_constraints.get(symbol), "upper", None)
+    try:
+        return int(bound) if bound is not None and bound < 2 ** 62 else None
+    except (TypeError, ValueError, OverflowError):  # int_oo, a symbolic bound: no limit known
+        return None
 
 
 def _flags_eval(self: nn.Module) -> nn.Module:

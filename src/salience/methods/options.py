@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from salience._core.errors import SalienceError, suggest
 from salience._core.layers import resolve_layer
 from salience.methods import METHODS
+from salience.methods._tokens import _check_grid, _check_prefix
 from salience.methods.smoothgrad import VARIANTS
 from salience.reduce import GRAD_MODIFIERS, REDUCTIONS
 from salience.rules import UNSUPPORTED
@@ -173,7 +174,8 @@ def read_value(opt: MethodOption, text: str) -> Any:
 
 
 def check_applicable(methods: Sequence[str], given: dict[str, Any]) -> None:
-    """Refuse a given option that none of ``methods`` takes, naming the methods that take it."""
+    """Refuse a given option that none of ``methods`` takes, naming the methods that take it, and
+    ``gamma`` without a list of layers (LayerCAM ignores it for one layer: an option silently lost)."""
     inner = given.get(_INNER)
     taken: set[str] = set()
     for name in methods:
@@ -183,6 +185,11 @@ def check_applicable(methods: Sequence[str], given: dict[str, Any]) -> None:
             opt = method_options()[keyword]
             raise SalienceError(f"{opt.flag} is an option of {_takers(keyword)}; not of "
                                 f"{', '.join(methods)} (add --method with one that takes it, or drop {opt.flag})")
+    if "gamma" in given and not isinstance(given.get("layer"), (list, tuple)):
+        # LayerCAM uses gamma only to fuse a list of layers; one layer name (all a flag can give) ignored it
+        raise SalienceError("--gamma scales LayerCAM's maps only where several layers are fused, and --layer names "
+                            "one layer, so it would change nothing: drop --gamma (several layers: from Python, "
+                            "salience.layercam(model, x, layer=[...], gamma=...))")
 
 
 def _default_inner(fn: Callable[..., Any]) -> Optional[Callable[..., Any]]:
@@ -242,6 +249,13 @@ def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dic
     """Run each method's own checks of the given option values, stopping it at its first forward
     pass (a dry run on ``x``, nothing computed): a bad value is a :class:`SalienceError` naming the
     flag. Errors that name no given option (the model, the input) are left to the real run."""
+    for keyword, check in (("grid", _check_grid), ("prefix_tokens", _check_prefix)):
+        # checked by the CAMs after their first pass (the layer's output), which the dry run never reaches
+        if given.get(keyword) is not None:
+            try:
+                check(given[keyword])
+            except SalienceError as e:
+                raise SalienceError(f"{method_options()[keyword].flag}: {e}") from None
     options = {k: v for k, v in given.items() if k != "layer"}  # looked up in the model by check_layer
     if not options:
         return

@@ -45,7 +45,7 @@ from salience.methods._multi import several_targets
 from salience.reduce import Reduction
 from salience.targets import Classes, MultiLabel, Predicted, Target, resolve, split
 
-__all__ = ["occlusion", "rise", "rise_masks", "occlusion_windows", "SOFTMAX"]
+__all__ = ["occlusion", "rise", "rise_masks", "occlusion_windows", "SOFTMAX", "check_softmax"]
 
 SOFTMAX = ("auto", "classes", "none")
 """How perturbation methods score an output: ``"classes"``: the target's probability, the softmax
@@ -68,6 +68,14 @@ def check_perturbation_targets(targets: Sequence[Target], method: str) -> None:
             )
 
 
+def check_softmax(softmax: Any, choices: Sequence[str] = SOFTMAX) -> str:
+    """``softmax`` checked against ``choices`` before any pass (a dry run of the options stops at the
+    first forward pass, so a check after it let a bad name through until the method ran)."""
+    if softmax not in choices:
+        raise SalienceError(f"softmax must be one of {', '.join(choices)}; got {softmax!r}")
+    return softmax
+
+
 def use_probabilities(softmax: str, targets: Sequence[Target], out: Tensor) -> tuple[bool, ...]:
     """Whether each target is scored on class probabilities (see :data:`SOFTMAX`), one flag per target:
     with ``"auto"`` each target's own kind decides, so a class target's map is the same whatever
@@ -77,8 +85,7 @@ def use_probabilities(softmax: str, targets: Sequence[Target], out: Tensor) -> t
     classes)``, or a single logit per image, ``(B, 1)`` or ``(B,)``, whose probability is its sigmoid
     (its softmax is 1 whatever the image: every perturbed copy scored 1 and the map showed the
     masks, not the model). Other outputs take ``"none"``."""
-    if softmax not in SOFTMAX:
-        raise SalienceError(f"softmax must be one of {', '.join(SOFTMAX)}; got {softmax!r}")
+    check_softmax(softmax)
     has_probabilities = out.dim() in (1, 2)
     if softmax == "classes" and not has_probabilities:
         raise SalienceError(f"softmax='classes' needs a model output of shape (B, classes) or one logit (B,), got "
@@ -268,6 +275,7 @@ def occlusion(
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
     check_perturbation_targets(targets, "occlusion")
+    check_softmax(softmax)
     win, st = _check_window(x, window, stride)
     red = _reduce.get_reduction(reduce)
     budget = _engine.check_memory_options(chunk, max_memory)
@@ -371,6 +379,7 @@ def rise(
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
     check_perturbation_targets(targets, "rise")
+    check_softmax(softmax)
     n_masks = check_int(masks, "masks", minimum=1, what="random masks per image, e.g. 4000")
     cell = check_int(cell, "cell", minimum=1, what="grid cells a side, e.g. 7")
     p = check_number(p, "p", what="the probability of keeping a cell, in (0, 1]")

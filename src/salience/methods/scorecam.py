@@ -46,8 +46,8 @@ from salience._core.tensors import autocast_off, check_number, check_flag
 from salience.methods._multi import several_targets
 from salience.methods._tokens import Layout, one_model
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
-from salience.methods.perturbation import (SOFTMAX, check_perturbation_targets, clean_scores, judge, score_items,
-                                           use_probabilities)
+from salience.methods.perturbation import (SOFTMAX, check_perturbation_targets, check_softmax, clean_scores, judge,
+                                           score_items, use_probabilities)
 from salience.targets import Classes, Target, resolve, split
 
 __all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
@@ -197,9 +197,8 @@ def scorecam(
     upsample = check_flag(upsample, "upsample")
     align_corners = check_flag(align_corners, "align_corners")
     progress = check_flag(progress, "progress")
+    check_softmax(softmax, SCORECAM_SOFTMAX)  # before _setup, whose default layer runs the model
     targets, multi, mod = _setup("Score-CAM", model, x, target, layer)
-    if softmax not in SCORECAM_SOFTMAX:
-        raise SalienceError(f"softmax must be one of {', '.join(SCORECAM_SOFTMAX)}; got {softmax!r}")
     budget = _engine.check_memory_options(chunk, max_memory)
     perf = _perf.resolve(memory_format, compile, precision)
     b = x.shape[0]
@@ -356,8 +355,9 @@ def ablationcam(
     relu = check_flag(relu, "relu")
     upsample = check_flag(upsample, "upsample")
     progress = check_flag(progress, "progress")
-    targets, multi, mod = _setup("Ablation-CAM", model, x, target, layer)
     value = check_number(value, "value", what="the value an ablated channel takes, e.g. 0")
+    check_softmax(softmax)  # both before _setup, whose default layer runs the model
+    targets, multi, mod = _setup("Ablation-CAM", model, x, target, layer)
     budget = _engine.check_memory_options(chunk, max_memory)
     perf = _perf.resolve(memory_format, compile, precision)
     b = x.shape[0]

@@ -10,7 +10,6 @@ equals an uninterrupted run's.
 """
 from __future__ import annotations
 
-import copy
 import contextlib
 import functools
 import hashlib
@@ -35,7 +34,7 @@ from salience._core.files import atomic_write
 from salience._core.guard import run_guard
 from salience._core.info import ModelInfo, model_info
 from salience._core.progress import progress
-from salience._core.tensors import check_int, model_device
+from salience._core.tensors import check_int, copy_model, model_device
 from salience.loading import load_model, remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
 from salience.loading.models import name_classes, resolve_device
@@ -238,7 +237,7 @@ def _model(model: Union[nn.Module, str], device: Optional[torch.device], weights
     if not isinstance(model, nn.Module):
         raise SalienceError(f"model must be an nn.Module or a spec string, got {type(model).__name__}")
     if device is not None and model_device(model) != device:
-        return copy.deepcopy(model).to(device)  # the caller's model stays where it is
+        return copy_model(model).to(device)  # the caller's model stays where it is
     return model
 
 
@@ -347,13 +346,13 @@ def _info(model: nn.Module, dataset: Dataset, first: int = 0) -> tuple[ModelInfo
 def _num_outputs(model: nn.Module, dataset: Dataset, info: ModelInfo, first: int = 0) -> int:
     if info.class_names:
         return len(info.class_names)
-    from salience._core.autograd import forward_scores
+    from salience._core.autograd import forward_scores, model_input
 
     c = info.channels
     h, w = info.input_size or (64, 64)
-    x = torch.zeros(1, c, h, w, device=model_device(model))
+    x = model_input(model, torch.zeros(1, c, h, w))
     if isinstance(dataset, sources.Wrapped) and len(dataset):
-        x = dataset.probe(first).x[None].to(model_device(model))
+        x = model_input(model, dataset.probe(first).x[None])
     return int(forward_scores(model, x, strip_softmax=False).reshape(1, -1).shape[1])
 
 

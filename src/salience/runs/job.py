@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core import perf as _perf
-from salience._core.autograd import forward_scores, class_probabilities, this_thread, unwrap_output
+from salience._core.autograd import forward_scores, class_probabilities, model_input, this_thread, unwrap_output
 from salience._core.engine import MemoryProbe, default_budget
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.info import ModelInfo
@@ -321,10 +321,9 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
     maps: dict[str, Tensor] = {}
     xc: Optional[Tensor] = None
     if good:
-        device = model_device(model)
         _check_shape(plan, model, [items[j] for j in good])
         xc = torch.stack([items[j].x for j in good])
-        x = xc.to(device)
+        x = model_input(model, xc)  # its device and dtype
         indices = [items[j].index for j in good]
         with collect_gaps() as found:
             first_maps, probs, classes = _predict(plan, model, x, indices, [rows[j].get("label") for j in good])
@@ -402,7 +401,7 @@ def _check_shape(plan: Plan, model: nn.Module, items: Sequence[Item]) -> None:
         refusal = shape_refusal(plan, it)
         if refusal is not None:
             with torch.no_grad():  # raises the model's SalienceError for an input it refuses
-                forward_scores(model, it.x[None].to(model_device(model)), strip_softmax=False)
+                forward_scores(model, model_input(model, it.x[None]), strip_softmax=False)
             raise refusal
 
 
@@ -471,7 +470,7 @@ def _map_shape(plan: Plan, model: nn.Module, name: str, like: Tensor) -> tuple[i
     """Method ``name``'s map shape for one target: known from an earlier batch, else from the method
     run on a black image shaped like ``like`` (``(H, W)`` of the input when it fails there too)."""
     if name not in plan.shapes:
-        x = torch.zeros_like(like, device=model_device(model))[None]
+        x = model_input(model, torch.zeros_like(like)[None])
         target = plan.regression() or torch.full((1,), int(plan.fixed or 0), dtype=torch.long, device=x.device)
         try:
             plan.shapes[name] = tuple(plan.methods[name](model, x, target).shape[1:])
@@ -722,7 +721,7 @@ def choose_batch(model: nn.Module, item: Item, plan: Plan, cap: int) -> int:
     Integrated Gradients' completeness reports of the probe's image are dropped (the run says its
     images' once, by path)."""
     device = model_device(model)
-    x = item.x[None].to(device)
+    x = model_input(model, item.x[None])
     name, fn = next(iter(plan.methods.items()))
     probe = MemoryProbe()
     with _perf.plain(), collect_gaps(), probe:  # its completeness reports dropped: the run says its own

@@ -13,7 +13,6 @@ Ray is optional: ``pip install salience[ray]``.
 from __future__ import annotations
 
 import base64
-import copy
 import dataclasses
 import pickle
 import re
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from salience._core import perf as _perf
+from salience._core.tensors import copy_model
 from salience._core.errors import SalienceError
 from salience._core.guard import run_guard
 from salience._core.progress import progress
@@ -295,7 +295,7 @@ def shipped(ray: Any, run: Any, weights: Optional[str] = None) -> Any:
         return run.spec
     model = run.model
     if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
-        model = copy.deepcopy(model).cpu()  # a CPU actor cannot unpickle CUDA tensors; the caller's stays put
+        model = copy_model(model).cpu()  # a CPU actor cannot unpickle CUDA tensors; the caller's stays put
     return model
 
 
