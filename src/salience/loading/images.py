@@ -115,10 +115,11 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     with img:
         w, h = img.size
         if max_pixels is not None and w * h > max_pixels:
+            size = f"{w * h / 1e6:.1f} megapixels" if w * h >= 50_000 else f"{w * h} pixels"  # not "0.0 megapixels"
+            small = f" ({max_pixels} pixels)" if max_pixels < 50_000 else ""
             raise SalienceError(
-                f"{p}: {w}x{h} = {w * h / 1e6:.1f} megapixels is over the limit of {max_pixels / 1e6:g} "
-                "megapixels; shrink the image, or raise the limit (--max-pixels / max_pixels=) if you "
-                "have the memory"
+                f"{p}: {w}x{h} = {size} is over the limit of {max_pixels / 1e6:g} megapixels{small}; shrink the "
+                "image, or raise the limit (--max-pixels / max_pixels=) if you have the memory"
             )
         if w == 0 or h == 0:
             raise SalienceError(f"{p}: the image is empty ({w}x{h})")
