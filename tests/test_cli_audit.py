@@ -285,3 +285,23 @@ def test_visualize_takes_channels_for_a_gray_model(tmp_path, capsys):
     assert rc == 2 and "--channels 1" in err, err
     rc, _, err = run(argv + ["--channels", "1"], capsys)
     assert rc == 0 and (tmp_path / "c.png").is_file(), err
+
+
+def test_an_image_whose_results_cannot_be_written_does_not_lose_the_others(tmp_path, pic, capsys):
+    """A folder named as one image's figure (``out/b.png``) in the way: that image is listed among the errors in
+    ``summary.json`` (exit 1) and the other image's figure and maps are written (was: exit 2, nothing written)."""
+    import json
+    import shutil
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    shutil.copy(pic, a)
+    shutil.copy(pic, b)
+    out = tmp_path / "out"
+    (out / "b.png").mkdir(parents=True)
+    rc, stdout, err = run(["explain", a, b, "-m", "demo:shapes", "--method", "vanilla", "-o", out], capsys)
+    assert rc == 1, err
+    assert "b.png: its results not written" in err and "wrote 1 figure(s) and 1 map(s)" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [im["figure"] for im in summary["images"]] == [str(out / "a.png")]
+    assert [e["image"] for e in summary["errors"]] == [str(b)] and (out / "a.png").is_file()
+    assert len(list(out.glob("a_vanilla_*.npy"))) == 1 and not list(out.glob("b_*.npy"))

@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
     _warn_constant(maps, chosen, ok_paths, info)
     out_dir = output_folder(args.out)
     about = _about(args, info, request, names_from)
-    n_maps = _write_results(args, info, out_dir, batch, out, chosen, maps, ok_paths, errors, about)
-    print(f"wrote {len(ok_paths)} figure(s) and {n_maps} map(s) to {out_dir}/"
+    n_figures, n_maps = _write_results(args, info, out_dir, batch, out, chosen, maps, ok_paths, errors, about)
+    print(f"wrote {n_figures} figure(s) and {n_maps} map(s) to {out_dir}/"
           + (f"; {len(errors)} image(s) skipped" if errors else ""))
     return EXIT_PARTIAL if errors or failed else EXIT_OK
 
@@ -257,16 +257,23 @@ def _chunk_maps(fn: Callable[..., Tensor], model: nn.Module, xb: Tensor, start: 
 
 
 def _write_results(args: argparse.Namespace, info: ModelInfo, out_dir: Path, batch: Tensor, out: Tensor,
-                   chosen: Chosen, maps: Maps, ok_paths: Sequence[str], errors: Sequence[tuple[str, str]],
-                   about: dict[str, Any]) -> int:
-    """Each image's figure and maps, its printed line, then ``summary.json``; returns the number of maps."""
+                   chosen: Chosen, maps: Maps, ok_paths: Sequence[str], errors: list[tuple[str, str]],
+                   about: dict[str, Any]) -> tuple[int, int]:
+    """Each image's figure and maps, its printed line, then ``summary.json``; returns the number of figures and
+    of maps written. An image whose files cannot be written (a folder of that name in the way) is warned about,
+    listed among the errors (``errors`` grows), and the other images are written."""
     probs = probabilities(out) if not chosen.regression else out
     summary = []
     n_maps = 0
     for i, (path, stem) in enumerate(zip(ok_paths, _unique_stems(ok_paths))):
         picture = to_image(unnormalize(batch[i].cpu(), info))
-        files = {"figure": str(_write_figure(out_dir / f"{stem}.png", picture, i, maps, chosen, info)),
-                 "maps": _write_maps(out_dir, stem, i, maps, chosen)}
+        try:
+            files = {"figure": str(_write_figure(out_dir / f"{stem}.png", picture, i, maps, chosen, info)),
+                     "maps": _write_maps(out_dir, stem, i, maps, chosen)}
+        except SalienceError as e:
+            warn(f"{path}: its results not written: {e}")
+            errors.append((path, f"results not written: {e}"))
+            continue
         n_maps += len(files["maps"])
         if chosen.regression:
             line, entry = _regression_result(path, out[i], info)
@@ -275,7 +282,7 @@ def _write_results(args: argparse.Namespace, info: ModelInfo, out_dir: Path, bat
         print(line)
         summary.append({**entry, **files})
     _write_summary(out_dir, info, maps, summary, errors, about)
-    return n_maps
+    return len(summary), n_maps
 
 
 def _unique_stems(paths: Sequence[str]) -> list[str]:
