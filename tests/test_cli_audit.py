@@ -285,3 +285,31 @@ def test_visualize_takes_channels_for_a_gray_model(tmp_path, capsys):
     assert rc == 2 and "--channels 1" in err, err
     rc, _, err = run(argv + ["--channels", "1"], capsys)
     assert rc == 0 and (tmp_path / "c.png").is_file(), err
+
+
+def test_pt2_with_a_bounded_batch_in_a_dataset_run_and_evaluate(tmp_path, small_cnn, capsys):
+    """A program exported with ``Dim("batch", max=2)``: a dataset run's batches (chosen from memory, or
+    ``--batch``), its metrics' perturbed copies and ``evaluate``'s passes (its predictions, the methods' maps, the metrics' perturbed
+    copies, the randomization test's images) went over the bound, a raw RuntimeError (exit 3)."""
+    import json
+
+    import torch
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ep = torch.export.export(small_cnn.eval(), (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=2)}})
+    path = tmp_path / "bounded.pt2"
+    torch.export.save(ep, path)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    for extra in (["--metrics"], ["--batch", "8"]):  # --metrics: deletion / insertion's perturbed copies
+        out = tmp_path / f"run{len(extra)}"
+        rc, _, err = run(["explain", folder, "--dataset", "-m", path, "-o", out, "--method", "vanilla", *extra], capsys)
+        assert rc == 0, err
+        assert json.loads((out / "run.json").read_text())["batch"] <= 2
+    rc, _, err = run(["evaluate", "-m", path, "--images", folder, "--method", "vanilla", "--steps", "2",
+                      "--randomization-images", "3", "-o", tmp_path / "ev"], capsys)
+    assert rc == 0, err
+    rows = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]
+    assert rows[0]["name"] == "vanilla" and rows[0]["error"] is None and rows[0]["randomization"], rows[0]

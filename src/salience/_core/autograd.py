@@ -26,7 +26,7 @@ from salience._core import perf as _perf
 from salience._core.checkpoints import plain_checkpoints
 from salience._core.errors import SalienceError, uncoloured, user_stacklevel
 from salience._core.guard import model_guard, modules_of
-from salience._core.info import model_info
+from salience._core.info import max_batch, model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, first_tensor, model_device
 
@@ -761,13 +761,17 @@ def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
 
     Under :func:`model_guard` (eval mode, everything restored), the output unwrapped to a tensor
     and, with ``strip_softmax``, taken before a final softmax / log-softmax. ``batch_size``: run
-    the images in chunks of that many (``None``: all at once). Inside an engine run
+    the images in chunks of that many (``None``: all at once; at most the model's
+    :func:`~salience._core.info.max_batch`). Inside an engine run
     (:class:`salience._core.perf.Run`) the pass takes the run's layout and autocast; with
     ``compiled=True`` (the caller's promise that no hook of its own is on the model: a plain pass)
     a chunk the run marks as compiled runs the compiled model.
     """
     strip_softmax = check_flag(strip_softmax, "strip_softmax")
     step = x.shape[0] if batch_size is None else max(1, int(batch_size))
+    limit = max_batch(model)  # a program exported with Dim("batch", max=N) refuses more
+    if limit is not None:
+        step = min(step, limit)
     outs = []
     run = _perf.active(model)
     with model_guard(model), torch.no_grad():
