@@ -313,3 +313,47 @@ def test_pt2_with_a_bounded_batch_in_a_dataset_run_and_evaluate(tmp_path, small_
     assert rc == 0, err
     rows = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]
     assert rows[0]["name"] == "vanilla" and rows[0]["error"] is None and rows[0]["randomization"], rows[0]
+
+
+def test_unreadable_pt2_archive_says_the_cause_torch_logged(tmp_path, capfd):
+    """A zip that is no export archive: torch.export.load logs the cause ("file in archive is not in a
+    subdirectory") and raises "... Please check the warnings above": with the log silenced, the one
+    line pointed at warnings that were not there and never said the cause. torch's logger is left as
+    it was (no level, no filter)."""
+    import logging
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "z.pt2", "w") as z:
+        z.writestr("a.txt", "hello")
+    logger = logging.getLogger("torch.export")
+    before = (logger.level, list(logger.filters))
+    capfd.readouterr()
+    rc = main(["list", "--model", str(tmp_path / "z.pt2")])
+    err = capfd.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "not in a subdirectory" in err and "warnings above" not in err, err
+    assert (logger.level, list(logger.filters)) == before
+
+
+def test_pt2_load_keeps_torchs_plain_warnings(tmp_path, small_cnn, capfd, monkeypatch):
+    """The silence is for a failed load's logged traceback only: a warning torch logs on a load that
+    succeeds (e.g. "This version of file is deprecated") is still printed."""
+    import logging
+
+    import torch
+
+    from salience.loading import load_model
+
+    x = torch.randn(2, 3, 8, 8)
+    torch.export.save(torch.export.export(small_cnn.eval(), (x,), dynamic_shapes={"x": {0: torch.export.Dim("b")}}),
+                      tmp_path / "m.pt2")
+    real = torch.export.load
+
+    def load(*a, **k):
+        logging.getLogger("torch.export").warning("Trying to deserialize for the older format (test)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.export, "load", load)
+    capfd.readouterr()
+    load_model(tmp_path / "m.pt2")
+    assert "older format (test)" in capfd.readouterr().err
