@@ -178,16 +178,10 @@ def _shape_message(model: nn.Module, x: Tensor, said: str) -> str:
     return f"{head}{why} (the model said: {said})"
 
 
-def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
-    """The dtype ``model``'s input must have: its parameters' one floating dtype (a float64 or float16
-    model takes no float32 image), or ``None`` when it does not say (see :func:`_compute_dtype`). The
-    command line converts the images it reads to it."""
-    return _compute_dtype(model)
-
-
 def model_input(model: nn.Module, x: Tensor) -> Tensor:
     """Images read from files (float32, on the CPU) ``(B, C, H, W)`` as ``model`` takes them: on its
-    device, in its parameters' dtype (:func:`model_dtype`; unchanged where the model does not say)."""
+    device, in its parameters' one floating dtype (a float64 or float16 model takes no float32 image;
+    unchanged where the model does not say: :func:`_compute_dtype`)."""
     return x.to(model_device(model), dtype=_compute_dtype(model) or x.dtype)
 
 
