@@ -357,3 +357,18 @@ def test_pt2_load_keeps_torchs_plain_warnings(tmp_path, small_cnn, capfd, monkey
     capfd.readouterr()
     load_model(tmp_path / "m.pt2")
     assert "older format (test)" in capfd.readouterr().err
+
+
+def test_explore_max_pixels_below_one_is_refused(capsys, monkeypatch):
+    """``explore --max-pixels 0`` (as explain's, refused there): the explorer started and refused
+    every image it was given or sent as "over the pixel limit". Refused before the server starts."""
+    import importlib
+
+    server = importlib.import_module("salience.explore.server")
+
+    def never(*a, **k):
+        raise AssertionError("the explorer started")
+
+    monkeypatch.setattr(server, "start", never)
+    rc, _, err = run(["explore", "-m", "demo:shapes", "--max-pixels", "0"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "--max-pixels must be an int >= 1" in err, err
