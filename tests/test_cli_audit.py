@@ -305,3 +305,90 @@ def test_an_image_whose_results_cannot_be_written_does_not_lose_the_others(tmp_p
     assert [im["figure"] for im in summary["images"]] == [str(out / "a.png")]
     assert [e["image"] for e in summary["errors"]] == [str(b)] and (out / "a.png").is_file()
     assert len(list(out.glob("a_vanilla_*.npy"))) == 1 and not list(out.glob("b_*.npy"))
+
+
+def test_pt2_with_a_bounded_batch_in_a_dataset_run_and_evaluate(tmp_path, small_cnn, capsys):
+    """A program exported with ``Dim("batch", max=2)``: a dataset run's batches (chosen from memory, or
+    ``--batch``), its metrics' perturbed copies and ``evaluate``'s passes (its predictions, the methods' maps, the metrics' perturbed
+    copies, the randomization test's images) went over the bound, a raw RuntimeError (exit 3)."""
+    import json
+
+    import torch
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ep = torch.export.export(small_cnn.eval(), (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=2)}})
+    path = tmp_path / "bounded.pt2"
+    torch.export.save(ep, path)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    for extra in (["--metrics"], ["--batch", "8"]):  # --metrics: deletion / insertion's perturbed copies
+        out = tmp_path / f"run{len(extra)}"
+        rc, _, err = run(["explain", folder, "--dataset", "-m", path, "-o", out, "--method", "vanilla", *extra], capsys)
+        assert rc == 0, err
+        assert json.loads((out / "run.json").read_text())["batch"] <= 2
+    rc, _, err = run(["evaluate", "-m", path, "--images", folder, "--method", "vanilla", "--steps", "2",
+                      "--randomization-images", "3", "-o", tmp_path / "ev"], capsys)
+    assert rc == 0, err
+    rows = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]
+    assert rows[0]["name"] == "vanilla" and rows[0]["error"] is None and rows[0]["randomization"], rows[0]
+
+
+def test_unreadable_pt2_archive_says_the_cause_torch_logged(tmp_path, capfd):
+    """A zip that is no export archive: torch.export.load logs the cause ("file in archive is not in a
+    subdirectory") and raises "... Please check the warnings above": with the log silenced, the one
+    line pointed at warnings that were not there and never said the cause. torch's logger is left as
+    it was (no level, no filter)."""
+    import logging
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "z.pt2", "w") as z:
+        z.writestr("a.txt", "hello")
+    logger = logging.getLogger("torch.export")
+    before = (logger.level, list(logger.filters))
+    capfd.readouterr()
+    rc = main(["list", "--model", str(tmp_path / "z.pt2")])
+    err = capfd.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "not in a subdirectory" in err and "warnings above" not in err, err
+    assert (logger.level, list(logger.filters)) == before
+
+
+def test_pt2_load_keeps_torchs_plain_warnings(tmp_path, small_cnn, capfd, monkeypatch):
+    """The silence is for a failed load's logged traceback only: a warning torch logs on a load that
+    succeeds (e.g. "This version of file is deprecated") is still printed."""
+    import logging
+
+    import torch
+
+    from salience.loading import load_model
+
+    x = torch.randn(2, 3, 8, 8)
+    torch.export.save(torch.export.export(small_cnn.eval(), (x,), dynamic_shapes={"x": {0: torch.export.Dim("b")}}),
+                      tmp_path / "m.pt2")
+    real = torch.export.load
+
+    def load(*a, **k):
+        logging.getLogger("torch.export").warning("Trying to deserialize for the older format (test)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.export, "load", load)
+    capfd.readouterr()
+    load_model(tmp_path / "m.pt2")
+    assert "older format (test)" in capfd.readouterr().err
+
+
+def test_explore_max_pixels_below_one_is_refused(capsys, monkeypatch):
+    """``explore --max-pixels 0`` (as explain's, refused there): the explorer started and refused
+    every image it was given or sent as "over the pixel limit". Refused before the server starts."""
+    import importlib
+
+    server = importlib.import_module("salience.explore.server")
+
+    def never(*a, **k):
+        raise AssertionError("the explorer started")
+
+    monkeypatch.setattr(server, "start", never)
+    rc, _, err = run(["explore", "-m", "demo:shapes", "--max-pixels", "0"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "--max-pixels must be an int >= 1" in err, err

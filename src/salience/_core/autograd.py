@@ -26,7 +26,7 @@ from salience._core import perf as _perf
 from salience._core.checkpoints import plain_checkpoints
 from salience._core.errors import SalienceError, uncoloured, user_stacklevel
 from salience._core.guard import model_guard, modules_of
-from salience._core.info import model_info
+from salience._core.info import max_batch, model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, first_tensor, model_device
 
@@ -178,16 +178,10 @@ def _shape_message(model: nn.Module, x: Tensor, said: str) -> str:
     return f"{head}{why} (the model said: {said})"
 
 
-def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
-    """The dtype ``model``'s input must have: its parameters' one floating dtype (a float64 or float16
-    model takes no float32 image), or ``None`` when it does not say (see :func:`_compute_dtype`). The
-    command line converts the images it reads to it."""
-    return _compute_dtype(model)
-
-
 def model_input(model: nn.Module, x: Tensor) -> Tensor:
     """Images read from files (float32, on the CPU) ``(B, C, H, W)`` as ``model`` takes them: on its
-    device, in its parameters' dtype (:func:`model_dtype`; unchanged where the model does not say)."""
+    device, in its parameters' one floating dtype (a float64 or float16 model takes no float32 image;
+    unchanged where the model does not say: :func:`_compute_dtype`)."""
     return x.to(model_device(model), dtype=_compute_dtype(model) or x.dtype)
 
 
@@ -761,13 +755,17 @@ def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
 
     Under :func:`model_guard` (eval mode, everything restored), the output unwrapped to a tensor
     and, with ``strip_softmax``, taken before a final softmax / log-softmax. ``batch_size``: run
-    the images in chunks of that many (``None``: all at once). Inside an engine run
+    the images in chunks of that many (``None``: all at once; at most the model's
+    :func:`~salience._core.info.max_batch`). Inside an engine run
     (:class:`salience._core.perf.Run`) the pass takes the run's layout and autocast; with
     ``compiled=True`` (the caller's promise that no hook of its own is on the model: a plain pass)
     a chunk the run marks as compiled runs the compiled model.
     """
     strip_softmax = check_flag(strip_softmax, "strip_softmax")
     step = x.shape[0] if batch_size is None else max(1, int(batch_size))
+    limit = max_batch(model)  # a program exported with Dim("batch", max=N) refuses more
+    if limit is not None:
+        step = min(step, limit)
     outs = []
     run = _perf.active(model)
     with model_guard(model), torch.no_grad():

@@ -9,6 +9,7 @@ import webbrowser
 from typing import Any
 
 from salience._core.errors import SalienceError
+from salience._core.tensors import check_int
 from salience.cli.common import EXIT_INTERRUPTED, EXIT_OK, add_model_args, error, model_specs_help
 from salience.loading import DEFAULT_MAX_PIXELS
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C."""
     from salience.explore.server import start
 
+    check_int(args.max_pixels, "--max-pixels", minimum=1)  # 0 or less refused every image (as explain's)
     weights = args.compare_weights or []
     if weights and not args.compare:
         raise SalienceError("--compare-weights is the weights of the --compare model: give --compare MODEL too")

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from salience._core.autograd import model_dtype
+from salience._core.autograd import model_input
 from salience._core.errors import SalienceError
 from salience._core.files import make_folder
 from salience._core.info import model_info
-from salience._core.tensors import check_int, model_device
+from salience._core.tensors import check_int
 from salience.cli.common import EXIT_OK, add_model_args, load_model_arg, parse_class, scores, to_image, warn
 from salience.loading import unnormalize
 from salience.methods.class_model import class_model
@@ -48,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.channels is not None:  # the hint of the input error of a gray model ("--channels 1")
         info = dataclasses.replace(info, channels=args.channels)
     h, w = info.input_size or (args.size, args.size)
-    k = scores(model, torch.zeros(1, info.channels, h, w, device=model_device(model),
-                                dtype=model_dtype(model))).shape[1]
+    k = scores(model, model_input(model, torch.zeros(1, info.channels, h, w))).shape[1]
     target = parse_class(args.target, info, k)
     kwargs: dict[str, Any] = {"shape": (info.channels, h, w), "progress": sys.stderr.isatty()}
     if args.steps is not None:

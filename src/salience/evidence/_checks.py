@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from salience._core.autograd import predicted_classes
 from salience._core.errors import SalienceError
+from salience._core.info import max_batch
 from salience._core.tensors import check_int
 from salience.methods import METHODS, QUICK, as_method
 from salience.targets import Classes, Predicted, Target
@@ -149,7 +150,7 @@ def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: 
                 kwargs: Optional[dict] = None, keys: Optional[Sequence[bytes]] = None,
                 label: Optional[Callable[[int], str]] = None) -> Tensor:
     """``fn``'s maps of ``x`` for the per-image classes ``target`` ``(B,)``, ``batch_size`` images
-    per call, as float ``(B, H, W)`` at ``x``'s size: a ``(B, 1, H, W)`` map is the ``(B, H, W)``
+    per call (at most the model's :func:`~salience._core.info.max_batch`), as float ``(B, H, W)`` at ``x``'s size: a ``(B, 1, H, W)`` map is the ``(B, H, W)``
     map with its signs (as :func:`check_maps` reads it), a ``(B, C, H, W)`` map of several channels
     is reduced by the channels' largest magnitude, a smaller map (Grad-CAM without upsampling)
     resized bilinearly.
@@ -165,6 +166,7 @@ def method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: 
     image and the copy, not the row of its own flattened batch)."""
     kw0 = dict(kwargs or {})
     seeds = smoothgrad_seeds(fn, kwargs, x, keys)
+    batch_size = min(batch_size, max_batch(model) or batch_size)  # a program exported with a bounded batch
     out = []
     for i in range(0, x.shape[0], batch_size):
         kw = dict(kw0)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from salience._core.autograd import model_input, predicted_classes
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write, make_folder
-from salience._core.info import ModelInfo, model_info
+from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress as _progress
 from salience._core.tensors import check_int, model_device
 from salience.demo import data
@@ -241,6 +241,8 @@ def evaluate_methods(
     the class (:data:`salience.evidence.PROBABILITY`: ``"sigmoid"`` for a multilabel
     model). Every random draw of an image comes from its own stream (``seed`` and its content,
     :func:`salience.evidence.image_seeds`): an image's values do not depend on the others in ``x``.
+    A program exported with a bounded batch (:func:`salience._core.info.max_batch`) runs every pass
+    within it: at most that many ``randomization_images`` (the test's one batch).
     """
     _check_classifier(model)
     check_probability(probability)
@@ -251,7 +253,7 @@ def evaluate_methods(
     target = predicted_classes(model, x, batch_size=batch_size)
     rows: list[MetricRow] = []
     all_maps: dict[str, Tensor] = {}
-    k = randomization_images
+    k = min(randomization_images, max_batch(model) or randomization_images)  # the test runs them as one batch
     with _progress(len(names), "evaluate", enabled=progress) as bar:
         for name in names:
             row = MetricRow(name)

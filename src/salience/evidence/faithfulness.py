@@ -22,6 +22,7 @@ from salience._core.autograd import (check_input, class_probabilities, forward_s
                                      looks_like_probabilities, model_call, unwrap_output)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
+from salience._core.info import max_batch
 from salience._core.tensors import check_int, check_number, gaussian_blur
 from salience.evidence._checks import check_maps, check_seed, image_seeds
 from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
@@ -183,7 +184,8 @@ def prepare_maps(model: nn.Module, x: Tensor, maps: Tensor) -> Tensor:
 
 def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, make: ItemMaker, *,
                 batch_size: int, probability: ProbabilityLike, describe: Callable[[int], str]) -> Tensor:
-    """The target's score on ``total`` perturbed images, ``batch_size`` per model call: ``(total,)``.
+    """The target's score on ``total`` perturbed images, ``batch_size`` per model call (at most the model's
+    :func:`~salience._core.info.max_batch`): ``(total,)``.
 
     ``make(ids)`` returns the perturbed images of the item numbers ``ids`` and the index in ``x``
     of the image each comes from. The target (default: the class predicted on the unperturbed
@@ -195,6 +197,7 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
     (its image and which perturbed copy), not a NaN metric (averaged away by ``nanmean``).
     """
     batch_size = check_int(batch_size, "batch_size", minimum=1)
+    batch_size = min(batch_size, max_batch(model) or batch_size)  # a program exported with a bounded batch
     link = check_probability(probability)
     scores = torch.empty(total, device=x.device, dtype=torch.float32)
     with model_guard(model), torch.no_grad():

@@ -166,22 +166,40 @@ def _lies_in(module: Optional[types.ModuleType], folder: Path) -> bool:
 # --------------------------------------------------------------------------------- .pt2 (torch.export)
 
 
+class _Held(logging.Filter):
+    """A logger filter that keeps the records logged while it is on, and lets none through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
 def load_exported(path: PathLike) -> nn.Module:
     """A ``torch.export.save`` program as a module: unflattened into its module tree (so Grad-CAM
     can hook ``layer="features"``), or flat where that fails. The graph is fixed in the mode it
     was exported in, so a program exported in train mode (BatchNorm batch statistics, Dropout on)
     or with a fixed batch size is refused, with how to export it instead."""
     p = Path(path)
-    # torch.export.load logs a corrupt archive's traceback as a warning before raising: the error below says it
+    # torch.export.load logs a corrupt archive's traceback as a warning, then raises "... check the warnings
+    # above": the records are held, the error below says the logged cause, a plain warning is let through
     logger = logging.getLogger("torch.export")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    held = _Held()
+    logger.addFilter(held)
     try:
         ep = torch.export.load(str(p))
     except Exception as e:  # noqa: BLE001 - torch.export.load raises many types on a foreign file
-        raise SalienceError(f"{p}: not a torch.export program torch.export.load can read ({_first_line(e)})") from None
+        causes = [r.exc_info[1] for r in held.records if r.exc_info and r.exc_info[1] is not None]
+        said = _first_line(causes[-1] if causes else e)
+        raise SalienceError(f"{p}: not a torch.export program torch.export.load can read ({said})") from None
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(held)
+    for record in held.records:  # a load that worked: its warnings (e.g. an older format's) said, no traceback
+        if not record.exc_info:
+            logger.handle(record)
     _check_exported(p, ep)
     try:
         model: nn.Module = torch.export.unflatten(ep)

@@ -32,7 +32,7 @@ from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write
 from salience._core.guard import run_guard
-from salience._core.info import ModelInfo, model_info
+from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress
 from salience._core.tensors import check_int, copy_model, model_device
 from salience.loading import load_model, remote
@@ -476,7 +476,7 @@ def resolve_batch(run: Job, first: int) -> int:
         cap = 256 if model_device(run.model).type == "cuda" else 64
         item = sources.read_once(run.dataset, first)
         batch = job.choose_batch(run.model, item, run.plan, cap) if item.error is None else 16
-    batch = min(batch, size)
+    batch = min(batch, size, max_batch(run.model) or batch)  # a program exported with Dim("batch", max=N)
     if manifest.get("batch") != batch:
         manifest["batch"] = batch
         import json
