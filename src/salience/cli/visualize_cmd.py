@@ -29,8 +29,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimization steps")
     p.add_argument("--size", type=int, default=224, help="image side when the model does not say (default 224)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                   help="the model's input channels when it does not say (a python: or .pt2 model with a "
-                        "one-channel stem; default: the model's, else 3)")
+                   help="the model's input channels, as explain's --channels: replaces what the model says (a "
+                        "python: or .pt2 model with a one-channel stem; default: the model's, else 3)")
     p.set_defaults(func=run)
 
 
