@@ -116,3 +116,29 @@ def test_a_channel_softmax_of_that_shape_is_not_attention():
     with cap, torch.no_grad():
         ChannelSoftmaxCNN()(torch.rand(2, 3, 8, 8))
     assert cap.maps == []
+
+
+class ChannelSoftmaxThen1x1(nn.Module):
+    """A softmax over the channels of a ``(B, 8, 8, 8)`` map, then a 1x1 convolution written as a product with the
+    weight expanded over the batch and the rows (channels last): the channels contracted, the rows "shared" with an
+    operand that does not vary along them (stride 0). Not attention."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv, self.w, self.head, self.how = nn.Conv2d(3, 8, 3, padding=1), nn.Parameter(torch.randn(8, 5)), \
+            nn.Linear(5, 3), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, w = self.conv(x).softmax(dim=1), self.w.expand(len(x), 8, 8, 5)
+        h = s.permute(0, 2, 3, 1) @ w if self.how == "matmul" else torch.einsum("bchw,bhcd->bhwd", s, w)
+        return self.head(h.mean((1, 2)))
+
+
+@pytest.mark.parametrize("how", ["matmul", "einsum"])
+def test_a_channel_softmax_then_a_1x1_convolution_by_an_expanded_weight_is_not_attention(how):
+    model, x = ChannelSoftmaxThen1x1(how), torch.rand(2, 3, 8, 8)
+    cap = AttentionCapture(batch=2)
+    with cap, torch.no_grad():
+        model(x)
+    assert cap.maps == []
+    assert default_layer(model, x) == "conv"  # a CNN's last conv, not 'the model computes attention'
