@@ -394,9 +394,10 @@ class _KeysFirst:
     def _order_from(self, func: Any, args: tuple) -> Optional[tuple[int, ...]]:
         """The permutation to ``(B, heads, L, S)`` of a ``(B, S, S, S)`` softmax from the product contracting it:
         its keys' index summed with the values' (in another operand, not kept), the heads' index shared with the
-        values, the queries' not (``einsum("bshl,bhsd->bhld")``, ``a.permute(0, 2, 3, 1) @ v``). An operand's dim
-        shares an index only where it varies: not one of size 1 or stride 0, an expanded weight's (a CNN's channel
-        softmax then ``s.permute(0, 2, 3, 1) @ w.expand(B, H, C, D)``, a 1x1 convolution, is no attention)."""
+        values, the queries' not, both kept (``einsum("bshl,bhsd->bhld")``, ``a.permute(0, 2, 3, 1) @ v``). An
+        operand's dim shares an index only where it varies: not one of size 1 or stride 0, an expanded weight's (a
+        CNN's channel softmax then ``s.permute(0, 2, 3, 1) @ w.expand(B, H, C, D)``, a 1x1 convolution, is no
+        attention)."""
         parsed = _einsum_labels(args) if func is torch.einsum else _matmul_labels(args, {})
         for i, (op, labels) in enumerate(parsed[0] if parsed else ()):
             dims = self._dims_of(op) if isinstance(op, Tensor) else None
@@ -406,6 +407,10 @@ class _KeysFirst:
             others = {lab for j, (o, labs) in enumerate(parsed[0]) if j != i for d, lab in enumerate(labs)
                       if o.layout != torch.strided or o.shape[d] > 1 and o.stride(d) != 0}
             if label[1] not in others or label[1] in parsed[1] or (label[2] in others) == (label[3] in others):
+                return None
+            # the heads and the queries both outlive the values' product (an output per head and query); one that
+            # sums either, a statistic such as ``einsum("bshl,ls->bh", a, distance)``, leaves it to the next
+            if not (label[2] in parsed[1] and label[3] in parsed[1]):
                 return None
             return (0, 2, 3, 1) if label[2] in others else (0, 3, 2, 1)
         return None
