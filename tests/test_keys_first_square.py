@@ -144,17 +144,18 @@ def test_a_channel_softmax_then_a_1x1_convolution_by_an_expanded_weight_is_not_a
     assert default_layer(model, x) == "conv"  # a CNN's last conv, not 'the model computes attention'
 
 
-def test_a_per_head_statistic_taken_first_leaves_the_order_to_the_values_product():
-    """The mean attention distance per head, ``einsum("bshl,ls->bh", a, distance)``, contracts the keys and shares
-    the queries' index (with the distance table), not the heads': read as the product it would transpose heads and
-    queries; the queries are summed there, so the values' product after it says."""
+@pytest.mark.parametrize("stat", ["bshl,ls->bh", "bshl,ls->bhl"])
+def test_a_statistic_taken_first_leaves_the_order_to_the_values_product(stat):
+    """The mean attention distance per head (or per head and query), ``einsum("bshl,ls->bh", a, distance)``, contracts
+    the keys and shares the queries' index with the distance table, not the heads': read as the product it would
+    transpose heads and queries; it sums the queries, or has no batch (no values), so the values' product says."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 4, 3, generator=g) for _ in range(3))  # (B, heads, L, d): 4 heads, 4 tokens
     distance = (torch.arange(4)[:, None] - torch.arange(4)).abs().float()
     cap = AttentionCapture(batch=2)
     with cap, torch.no_grad():
         a = torch.einsum("bhld,bhsd->bshl", q, k).softmax(dim=1)
-        torch.einsum("bshl,ls->bh", a, distance)
+        torch.einsum(stat, a, distance)
         torch.einsum("bshl,bhsd->bhld", a, v)
     assert len(cap.maps) == 1
     torch.testing.assert_close(cap.maps[0], (q @ k.transpose(-1, -2)).softmax(-1))

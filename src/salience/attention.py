@@ -393,8 +393,8 @@ class _KeysFirst:
 
     def _order_from(self, func: Any, args: tuple) -> Optional[tuple[int, ...]]:
         """The permutation to ``(B, heads, L, S)`` of a ``(B, S, S, S)`` softmax from the product contracting it:
-        its keys' index summed with the values' (in another operand, not kept), the heads' index shared with the
-        values, the queries' not, both kept (``einsum("bshl,bhsd->bhld")``, ``a.permute(0, 2, 3, 1) @ v``). An
+        its keys' index summed with the values' (another operand, with the batch's index), the heads' index shared
+        with the values, the queries' not, both kept (``einsum("bshl,bhsd->bhld")``, ``a.permute(0, 2, 3, 1) @ v``). An
         operand's dim shares an index only where it varies: not one of size 1 or stride 0, an expanded weight's (a
         CNN's channel softmax then ``s.permute(0, 2, 3, 1) @ w.expand(B, H, C, D)``, a 1x1 convolution, is no
         attention)."""
@@ -412,7 +412,12 @@ class _KeysFirst:
             # sums either, a statistic such as ``einsum("bshl,ls->bh", a, distance)``, leaves it to the next
             if not (label[2] in parsed[1] and label[3] in parsed[1]):
                 return None
-            return (0, 2, 3, 1) if label[2] in others else (0, 3, 2, 1)
+            heads = 2 if label[2] in others else 3
+            # the values: one operand holding the batch, the keys and the heads (a table ``(L, S)`` has no batch)
+            if not any(j != i and {label[0], label[1], label[heads]} <= set(labs)
+                       for j, (_, labs) in enumerate(parsed[0])):
+                return None
+            return (0, 2, 3, 1) if heads == 2 else (0, 3, 2, 1)
         return None
 
 
