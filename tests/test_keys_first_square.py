@@ -159,3 +159,25 @@ def test_a_statistic_taken_first_leaves_the_order_to_the_values_product(stat):
         torch.einsum("bshl,bhsd->bhld", a, v)
     assert len(cap.maps) == 1
     torch.testing.assert_close(cap.maps[0], (q @ k.transpose(-1, -2)).softmax(-1))
+
+
+class ChannelSoftmaxThenEinsum1x1(nn.Module):
+    """A softmax over the channels of a ``(B, 8, 8, 16)`` map (the unambiguous keys-first shape ``(B, S, S, heads)``)
+    then a 1x1 convolution by einsum, ``bchw,dc->bdhw``: the channels contracted with a weight, not with values
+    (no batch index). Not attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.w, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Parameter(torch.randn(5, 8)), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.einsum("bchw,dc->bdhw", self.conv(x).softmax(dim=1), self.w).mean((2, 3)))
+
+
+def test_a_channel_softmax_then_an_einsum_1x1_convolution_is_not_attention():
+    model, x = ChannelSoftmaxThenEinsum1x1(), torch.rand(2, 3, 8, 16)
+    cap = AttentionCapture(batch=2)
+    with cap, torch.no_grad():
+        model(x)
+    assert cap.maps == []
+    assert default_layer(model, x) == "conv"
