@@ -25,9 +25,9 @@ active (around one forward pass, in the entering thread only):
   which the attention methods refuse by name); ``softmax(dim=1)`` of a 4-D tensor with the keys first,
   ``(B, S, heads, L)`` or ``(B, S, L, heads)``, once a product (``einsum``, ``@``, ``matmul``, ``bmm``) contracts it
   (or a view of it) with the values: recorded permuted to ``(B, heads, L, S)`` (a softmax over the channels of a
-  ``(B, C, H, W)`` map with ``C == H`` that only scales the map, channel attention in a CNN, is not attention);
-  with as many heads as tokens, ``(B, S, S, S)``, the product tells the heads (shared with the values) from the
-  queries (:meth:`_KeysFirst.contracted`).
+  ``(B, C, H, W)`` map with ``C == H`` that only scales the map, channel attention in a CNN, or contracts the
+  channels with a weight, no batch index, is not attention); with as many heads as tokens, ``(B, S, S, S)``, the
+  product tells the heads (shared with the values) from the queries (:meth:`_KeysFirst._read`).
 
 Every other torch call of the pass also reaches the mode (that is how modes work): it leaves at once
 on one set lookup of the function (:data:`_WATCHED`). :func:`attention_maps` (attention rollout's pass) keeps
