@@ -116,3 +116,68 @@ def test_a_channel_softmax_of_that_shape_is_not_attention():
     with cap, torch.no_grad():
         ChannelSoftmaxCNN()(torch.rand(2, 3, 8, 8))
     assert cap.maps == []
+
+
+class ChannelSoftmaxThen1x1(nn.Module):
+    """A softmax over the channels of a ``(B, 8, 8, 8)`` map, then a 1x1 convolution written as a product with the
+    weight expanded over the batch and the rows (channels last): the channels contracted, the rows "shared" with an
+    operand that does not vary along them (stride 0). Not attention."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv, self.w, self.head, self.how = nn.Conv2d(3, 8, 3, padding=1), nn.Parameter(torch.randn(8, 5)), \
+            nn.Linear(5, 3), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, w = self.conv(x).softmax(dim=1), self.w.expand(len(x), 8, 8, 5)
+        h = s.permute(0, 2, 3, 1) @ w if self.how == "matmul" else torch.einsum("bchw,bhcd->bhwd", s, w)
+        return self.head(h.mean((1, 2)))
+
+
+@pytest.mark.parametrize("how", ["matmul", "einsum"])
+def test_a_channel_softmax_then_a_1x1_convolution_by_an_expanded_weight_is_not_attention(how):
+    model, x = ChannelSoftmaxThen1x1(how), torch.rand(2, 3, 8, 8)
+    cap = AttentionCapture(batch=2)
+    with cap, torch.no_grad():
+        model(x)
+    assert cap.maps == []
+    assert default_layer(model, x) == "conv"  # a CNN's last conv, not 'the model computes attention'
+
+
+@pytest.mark.parametrize("stat", ["bshl,ls->bh", "bshl,ls->bhl"])
+def test_a_statistic_taken_first_leaves_the_order_to_the_values_product(stat):
+    """The mean attention distance per head (or per head and query), ``einsum("bshl,ls->bh", a, distance)``, contracts
+    the keys and shares the queries' index with the distance table, not the heads': read as the product it would
+    transpose heads and queries; it sums the queries, or has no batch (no values), so the values' product says."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 4, 3, generator=g) for _ in range(3))  # (B, heads, L, d): 4 heads, 4 tokens
+    distance = (torch.arange(4)[:, None] - torch.arange(4)).abs().float()
+    cap = AttentionCapture(batch=2)
+    with cap, torch.no_grad():
+        a = torch.einsum("bhld,bhsd->bshl", q, k).softmax(dim=1)
+        torch.einsum(stat, a, distance)
+        torch.einsum("bshl,bhsd->bhld", a, v)
+    assert len(cap.maps) == 1
+    torch.testing.assert_close(cap.maps[0], (q @ k.transpose(-1, -2)).softmax(-1))
+
+
+class ChannelSoftmaxThenEinsum1x1(nn.Module):
+    """A softmax over the channels of a ``(B, 8, 8, 16)`` map (the unambiguous keys-first shape ``(B, S, S, heads)``)
+    then a 1x1 convolution by einsum, ``bchw,dc->bdhw``: the channels contracted with a weight, not with values
+    (no batch index). Not attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.w, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Parameter(torch.randn(5, 8)), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.einsum("bchw,dc->bdhw", self.conv(x).softmax(dim=1), self.w).mean((2, 3)))
+
+
+def test_a_channel_softmax_then_an_einsum_1x1_convolution_is_not_attention():
+    model, x = ChannelSoftmaxThenEinsum1x1(), torch.rand(2, 3, 8, 16)
+    cap = AttentionCapture(batch=2)
+    with cap, torch.no_grad():
+        model(x)
+    assert cap.maps == []
+    assert default_layer(model, x) == "conv"

@@ -25,9 +25,9 @@ active (around one forward pass, in the entering thread only):
   which the attention methods refuse by name); ``softmax(dim=1)`` of a 4-D tensor with the keys first,
   ``(B, S, heads, L)`` or ``(B, S, L, heads)``, once a product (``einsum``, ``@``, ``matmul``, ``bmm``) contracts it
   (or a view of it) with the values: recorded permuted to ``(B, heads, L, S)`` (a softmax over the channels of a
-  ``(B, C, H, W)`` map with ``C == H`` that only scales the map, channel attention in a CNN, is not attention);
-  with as many heads as tokens, ``(B, S, S, S)``, the product tells the heads (shared with the values) from the
-  queries (:meth:`_KeysFirst.contracted`).
+  ``(B, C, H, W)`` map with ``C == H`` that only scales the map, channel attention in a CNN, or contracts the
+  channels with a weight, no batch index, is not attention); with as many heads as tokens, ``(B, S, S, S)``, the
+  product tells the heads (shared with the values) from the queries (:meth:`_KeysFirst._read`).
 
 Every other torch call of the pass also reaches the mode (that is how modes work): it leaves at once
 on one set lookup of the function (:data:`_WATCHED`). :func:`attention_maps` (attention rollout's pass) keeps
@@ -58,7 +58,7 @@ import math
 import sys
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -365,7 +365,7 @@ class _KeysFirst:
 
     def __init__(self, out: Tensor, order: Optional[tuple[int, ...]], tag: Any) -> None:
         self.out, self.order, self.tag, self.copies = out, order, tag, [out]
-        # each copy's dims as the softmax output's (None: folded), for an order the shape left open (order None)
+        # each copy's dims as the softmax output's (None: folded): how the product that contracts it reads it
         self.dims: list[Optional[tuple[int, ...]]] = [tuple(range(out.dim()))]
 
     def contracted(self, func: Any, args: tuple, out: Any) -> bool:
@@ -374,13 +374,15 @@ class _KeysFirst:
         if func in _PRODUCTS:
             if not _contracts(args, self.copies):
                 return False
+            read = self._read(func, args)
             if self.order is None:
-                self.order = self._order_from(func, args)
-            return self.order is not None
+                self.order = read or None
+                return self.order is not None
+            return read is not False  # a product read as no values' (or not read at all: taken, as the shape says)
         if func in _COPYING and isinstance(out, Tensor) and _contracts(args[:1], self.copies):
             self.copies.append(out)  # a copy on its way to the product
             same = isinstance(args[0], Tensor) and out.shape == args[0].shape
-            self.dims.append(self._dims_of(args[0]) if same and self.order is None else None)
+            self.dims.append(self._dims_of(args[0]) if same else None)
         return False
 
     def _dims_of(self, t: Tensor) -> Optional[tuple[int, ...]]:
@@ -391,20 +393,37 @@ class _KeysFirst:
                 return tuple(dims[j] for j in found)
         return None
 
-    def _order_from(self, func: Any, args: tuple) -> Optional[tuple[int, ...]]:
-        """The permutation to ``(B, heads, L, S)`` of a ``(B, S, S, S)`` softmax from the product contracting it:
-        its keys' index summed with the values' (in another operand, not kept), the heads' index shared with the
-        values, the queries' not (``einsum("bshl,bhsd->bhld")``, ``a.permute(0, 2, 3, 1) @ v``)."""
+    def _read(self, func: Any, args: tuple) -> Union[tuple[int, ...], bool, None]:
+        """The product contracting the softmax (an operand a permuted view of it or of a copy) read by its indices:
+        ``False`` where it is no values' product, ``None`` where not read (no such operand, an equation not read),
+        else the permutation to ``(B, heads, L, S)`` (the shape's, or for ``(B, S, S, S)`` the product's). The keys'
+        index summed with the values' (another operand, with the batch's index; not a weight: ``einsum("bchw,dc->
+        bdhw")``, a 1x1 convolution after a CNN's channel softmax, is no attention); for ``(B, S, S, S)`` the heads'
+        index shared with the values, the queries' not, both kept (``einsum("bshl,bhsd->bhld")``,
+        ``a.permute(0, 2, 3, 1) @ v``; a statistic such as ``einsum("bshl,ls->bh", a, distance)`` leaves it to the
+        next). An operand's dim shares an index only where it varies: not one of size 1 or stride 0, an expanded
+        weight's (``s.permute(0, 2, 3, 1) @ w.expand(B, H, C, D)``)."""
         parsed = _einsum_labels(args) if func is torch.einsum else _matmul_labels(args, {})
         for i, (op, labels) in enumerate(parsed[0] if parsed else ()):
             dims = self._dims_of(op) if isinstance(op, Tensor) else None
             if dims is None:
                 continue
-            label = {d: lab for d, lab in zip(dims, labels)}
-            others = {lab for j, (_, labs) in enumerate(parsed[0]) if j != i for lab in labs}
-            if label[1] not in others or label[1] in parsed[1] or (label[2] in others) == (label[3] in others):
-                return None
-            return (0, 2, 3, 1) if label[2] in others else (0, 3, 2, 1)
+            label, kept = {d: lab for d, lab in zip(dims, labels)}, parsed[1]
+            varying = [{lab for d, lab in enumerate(labs) if o.layout != torch.strided
+                        or o.shape[d] > 1 and o.stride(d) != 0} if j != i else set()
+                       for j, (o, labs) in enumerate(parsed[0])]
+            values = [(v, labs) for v, (_, labs) in zip(varying, parsed[0]) if label[1] in v and label[0] in labs]
+            if label[1] in kept or not values:
+                return False
+            if self.order is not None:
+                return self.order
+            others = set().union(*varying)
+            if (label[2] in others) == (label[3] in others) or not (label[2] in kept and label[3] in kept):
+                return False
+            heads = 2 if label[2] in others else 3
+            if not any(label[heads] in v for v, _ in values):
+                return False
+            return (0, 2, 3, 1) if heads == 2 else (0, 3, 2, 1)
         return None
 
 
