@@ -53,6 +53,7 @@ is not seen.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import sys
@@ -171,7 +172,9 @@ class AttentionCapture(TorchFunctionMode):
         self._grads.append(store)
         self.kinds.append(kind)
         if self.keep_grads and a.requires_grad:  # the hook on ``a``: a view of it is not on the output's path
-            a.register_hook(lambda g: store.append(g.permute(order) if order else g))
+            # a partial of a module function: one object a layer, not a closure's function, tuple and cells (with the
+            # guard's, a transformer_attribution call on ViT-Ti held over the 700 that start a young collection)
+            a.register_hook(functools.partial(_keep_gradient, store, order))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         # every torch call of the forward comes here: the others leave at once (one set lookup)
@@ -496,6 +499,11 @@ def _einsum_labels(args: tuple) -> Optional[tuple[list[tuple[Any, list]], set]]:
 def check_model(model: nn.Module, method: str = "this method") -> None:
     """Refuse what a mode cannot see into (TorchScript), and what is no model, with a clear message."""
     check_python_model(model, method, "whose compiled graph hides its attention from salience")
+
+
+def _keep_gradient(store: list[Tensor], order: tuple[int, ...], g: Tensor) -> None:
+    """A recorded matrix's gradient hook: ``g`` kept in ``store``, permuted like the matrix (``order``)."""
+    store.append(g.permute(order) if order else g)
 
 
 class _Scope:
