@@ -852,6 +852,11 @@ def test_the_grid_option_takes_two_ints(env):
         r = c.post("api/explain", json={"model": "a", "image": "f0", "method": "gradcam", "target": target,
                                         "options": {"grid": "eight"}})
         assert r.status_code == 400 and "two ints H,W" in r.json()["error"]
+        for options, said in (({"grid": "0,0"}, "option grid: grid must be (h, w), two positive ints"),
+                              ({"prefix_tokens": -1}, "option prefix_tokens: prefix_tokens must be a non-negative")):
+            r = c.post("api/explain", json={"model": "a", "image": "f0", "method": "gradcam", "target": target,
+                                            "options": options})  # refused before a job starts, named as the page
+            assert r.status_code == 400 and said in r.json()["error"], r.text
     finally:
         hub.close()
 

@@ -169,8 +169,11 @@ def check_request(slot: ModelSlot, method: str, target: Any, raw: dict[str, Any]
     x = torch.zeros(1, slot.info.channels, *slot.size)
     try:
         _options.check_values(_Stub(), x, [method], given)
-    except SalienceError as e:
-        raise SalienceError(str(e).replace("--", "option ")) from None
+    except SalienceError as e:  # the command line's flag (--prefix-tokens) as the page's option (prefix_tokens)
+        said = str(e)
+        for key, opt in sorted(_options.method_options().items(), key=lambda kv: -len(kv[1].flag)):
+            said = said.replace(opt.flag, f"option {key}")
+        raise SalienceError(said.replace("--", "option ")) from None
     return given
 
 
