@@ -222,7 +222,7 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, pics, capsys, argv, words):
         (["explain", "IMG", "-m", "demo:shapes", "--top", "-3"], "--top must be an int >= 1, got -3"),
         (["explain", "IMG", "-m", "demo:shapes", "--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
         (["evaluate", "-m", "demo:shapes", "--n", "0"], "--n must be an int >= 1, got 0"),
-        (["evaluate", "-m", "demo:shapes", "--steps", "0"], "--steps must be an int >= 1, got 0"),
+        (["evaluate", "-m", "demo:shapes", "--deletion-steps", "0"], "--deletion-steps must be an int >= 1, got 0"),
         (["evaluate", "-m", "demo:shapes", "--randomization-images", "-1"],
          "--randomization-images must be an int >= 1, got -1"),
     ],

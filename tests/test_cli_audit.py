@@ -210,7 +210,7 @@ def test_float64_and_float16_python_models_are_explained(tmp_path, pic, capsys, 
         assert rc == 0, err
         rc, _, err = run(["explain", pic, "--dataset", "-m", spec, "--size", "16", "-o", tmp_path / "run"], capsys)
         assert rc == 0, err  # a dataset run: its probe, its batches
-        rc, _, err = run(["evaluate", "-m", spec, "--images", pic.parent, "--method", "vanilla", "--steps", "2",
+        rc, _, err = run(["evaluate", "-m", spec, "--images", pic.parent, "--method", "vanilla", "--deletion-steps", "2",
                           "--randomization-images", "1", "-o", tmp_path / "ev"], capsys)
         assert rc == 0, err
 
@@ -328,7 +328,7 @@ def test_pt2_with_a_bounded_batch_in_a_dataset_run_and_evaluate(tmp_path, small_
         rc, _, err = run(["explain", folder, "--dataset", "-m", path, "-o", out, "--method", "vanilla", *extra], capsys)
         assert rc == 0, err
         assert json.loads((out / "run.json").read_text())["batch"] <= 2
-    rc, _, err = run(["evaluate", "-m", path, "--images", folder, "--method", "vanilla", "--steps", "2",
+    rc, _, err = run(["evaluate", "-m", path, "--images", folder, "--method", "vanilla", "--deletion-steps", "2",
                       "--randomization-images", "3", "-o", tmp_path / "ev"], capsys)
     assert rc == 0, err
     rows = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"]

@@ -6,6 +6,7 @@ report are checked against the metrics recomputed here on the same images.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ N_SMALL = 16
 
 def test_evaluate_demo_shapes_end_to_end(tmp_path, capsys):
     out = tmp_path / "eval"
-    code = main(["evaluate", "--model", "demo:shapes", "--method", "vanilla", "--n", str(N_SMALL), "--steps", "8",
+    code = main(["evaluate", "--model", "demo:shapes", "--method", "vanilla", "--n", str(N_SMALL), "--deletion-steps", "8",
                  "--randomization-images", "4", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -109,7 +110,7 @@ def test_images_without_masks(tmp_path, capsys):
     _shapes_folder(tmp_path, ["a", "b"], [])
     out = tmp_path / "out"
     code = main(["evaluate", "--model", "demo:shapes", "--images", str(tmp_path / "im"), "--method", "vanilla",
-                 "--steps", "4", "--randomization-images", "2", "--out", str(out)])
+                 "--deletion-steps", "4", "--randomization-images", "2", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     row = _rows(out)["vanilla"]
@@ -166,7 +167,7 @@ def test_torchscript_model_is_evaluated_and_failed_methods_are_reported(tmp_path
     torch.jit.trace(model, torch.rand(1, 3, 64, 64)).save(str(tmp_path / "m.pt"))
     out = tmp_path / "out"
     code = main(["evaluate", "--model", str(tmp_path / "m.pt"), "--images", str(tmp_path / "im"),
-                 "--method", "vanilla,gradcam", "--steps", "4", "--randomization-images", "2", "--out", str(out)])
+                 "--method", "vanilla,gradcam", "--deletion-steps", "4", "--randomization-images", "2", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 1, captured.err
     assert "Traceback" not in captured.err
@@ -180,7 +181,7 @@ def test_torchscript_model_is_evaluated_and_failed_methods_are_reported(tmp_path
     # The traced file computes what the module computes: its deletion AUC equals the module's.
     ref = tmp_path / "ref"
     assert main(["evaluate", "--model", "demo:shapes", "--images", str(tmp_path / "im"), "--method", "vanilla",
-                 "--steps", "4", "--randomization-images", "2", "--out", str(ref)]) == 0
+                 "--deletion-steps", "4", "--randomization-images", "2", "--out", str(ref)]) == 0
     capsys.readouterr()
     assert rows["vanilla"]["deletion"] == pytest.approx(_rows(ref)["vanilla"]["deletion"], abs=1e-5)
 
@@ -234,7 +235,7 @@ def test_a_model_that_cannot_take_the_images_is_one_clear_error(tmp_path, capsys
     torch.jit.trace(SmallCNN(c=1).eval(), torch.rand(1, 1, 64, 64)).save(str(tmp_path / "gray.pt"))
     out = tmp_path / "out"
     code = main(["evaluate", "--model", str(tmp_path / "gray.pt"), "--images", str(tmp_path / "im"),
-                 "--method", "vanilla", "--steps", "2", "--out", str(out)])
+                 "--method", "vanilla", "--deletion-steps", "2", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     errors = [ln for ln in err.splitlines() if ln.startswith("salience: error: ")]  # (and TorchScript's note)
@@ -242,3 +243,109 @@ def test_a_model_that_cannot_take_the_images_is_one_clear_error(tmp_path, capsys
     line = errors[0]
     assert "cannot take the input of shape (2, 3, 64, 64)" in line and "takes 1 channel" in line, line
     assert "x.mean(1, keepdim=True)" in line and not out.exists()
+
+
+# --------------------------------------------------------------------------------- method options
+
+
+@pytest.mark.filterwarnings("ignore::salience.methods.integrated.CompletenessWarning")  # 3 steps: a loose sum
+def test_evaluate_takes_the_method_options_of_explain_for_maps_metrics_and_randomization(tmp_path, capsys):
+    """``salience evaluate`` has ``explain``'s method flags: ``--steps 3`` reaches Integrated Gradients
+    (its maps' sparseness and its randomization test are those of ``integrated_gradients(..., steps=3)``,
+    not of its default 32 steps), ``--samples 2`` SmoothGrad, each only the method that takes it; the
+    deletion curves have ``--deletion-steps 4`` steps; results.json and the report say the options."""
+    from salience.evidence.sanity import randomization
+    from salience.methods import integrated_gradients
+
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--model", "demo:shapes", "--method", "integrated_gradients,smoothgrad", "--n", "2",
+                 "--steps", "3", "--samples", "2", "--deletion-steps", "4", "--randomization-images", "1",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "--steps is integrated gradients' option" not in err  # --deletion-steps given: nothing to say
+    results = json.loads((out / "results.json").read_text())
+    assert results["method_options"] == {"integrated_gradients": {"steps": 3}, "smoothgrad": {"samples": 2}}
+    assert "integrated_gradients steps=3; smoothgrad samples=2" in (out / "report.md").read_text()
+    rows = _rows(out)
+    assert len(rows["integrated_gradients"]["curves"]["deletion"]) == 4 + 1
+    model = zoo.load_demo("shapes")
+    x, _, _ = data.shapes(2, 10_000)
+    target = model(x).argmax(1)
+    for steps, same in ((3, True), (32, False)):
+        maps = integrated_gradients(model, x, target, steps=steps)
+        assert (rows["integrated_gradients"]["sparseness"]
+                == pytest.approx(M.sparseness(maps).nanmean().item(), abs=1e-6)) is same, steps
+    r = randomization(model, x[:1], lambda m, xx, t: integrated_gradients(m, xx, t, steps=3), target[:1], seed=0)
+    assert rows["integrated_gradients"]["rand_top"] == pytest.approx(r["spearman_abs"][0], abs=1e-6)
+
+
+def test_evaluate_refuses_method_options_as_explain_does_before_any_work(tmp_path, capsys):
+    """An option no chosen method takes (also ``--steps``, which names the deletion steps' new flag), a
+    bad value (checked by the method on the first image: with the default methods too) and an unknown
+    layer: exit 2, one line starting with the flag, nothing written."""
+    out = tmp_path / "out"
+    cases = [
+        (["--method", "vanilla", "--steps", "24"],
+         "--steps is an option of integrated_gradients (also through smoothgrad --smooth-method integrated_gradients)"
+         "; not of vanilla"),
+        (["--method", "vanilla,gradcam", "--samples", "4"], "--samples is an option of smoothgrad; not of vanilla"),
+        (["--method", "smoothgrad", "--samples", "0"], "--samples: samples must be an int >= 1"),
+        (["--samples", "0"], "--samples: samples must be an int >= 1"),  # the default methods, SmoothGrad among them
+        (["--method", "integrated_gradients", "--steps", "x"], "--steps must be an int, got 'x'"),
+        (["--method", "gradcam", "--layer", "nope"], "--layer: the model has no layer named 'nope'"),
+    ]
+    for extra, expected in cases:
+        code = main(["evaluate", "--model", "demo:shapes", "--n", "2", "--out", str(out), *extra])
+        line = _one_error_line(capsys, code)
+        assert expected in line, (extra, line)
+        assert not out.exists()
+    code = main(["evaluate", "--model", "demo:shapes", "--n", "2", "--method", "vanilla", "--steps", "24",
+                 "--out", str(out)])
+    assert "the deletion / insertion steps are --deletion-steps" in _one_error_line(capsys, code)
+
+
+def test_steps_without_deletion_steps_is_integrated_gradients_and_said(tmp_path, capsys, monkeypatch):
+    """An old script's ``salience evaluate --steps 24`` (the deletion steps before) with the default
+    methods, which hold Integrated Gradients: it is IG's ``steps`` now, as on ``explain``, the deletion
+    steps stay 24, and a warning line says so (not a silent change of meaning)."""
+    from salience import SalienceError
+    from salience.evidence import evaluate as E
+
+    seen = []
+
+    def fake(model, out, **kw):  # only what the command passes; the evaluation itself is tested above
+        seen.append(kw)
+        raise SalienceError("stopped here")
+
+    monkeypatch.setattr(E, "run_evaluation", fake)
+    main(["evaluate", "--model", "demo:shapes", "--n", "2", "--steps", "24", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "salience: warning: --steps is integrated gradients' option (its path steps)" in err, err
+    assert "the deletion / insertion steps are --deletion-steps" in err
+    kw = seen[-1]
+    assert kw["steps"] == 24 and kw["method_options"]["integrated_gradients"] == {"steps": 24}
+    assert "integrated_gradients" in kw["methods"] and "vanilla" in kw["methods"]
+    assert all(opts == {"steps": 24} for opts in kw["method_options"].values())  # only the methods that take it
+    main(["evaluate", "--model", "demo:shapes", "--n", "2", "--steps", "8", "--deletion-steps", "5",
+          "--out", str(tmp_path / "o")])
+    assert "warning" not in capsys.readouterr().err and seen[-1]["steps"] == 5
+
+
+def test_run_evaluation_method_options_are_checked_before_any_work(tmp_path):
+    """The Python form: ``method_options={name: {keyword: value}}``; a method not evaluated, an option it
+    does not take and a value it refuses are each a SalienceError naming it, before the folder is made."""
+    from salience import SalienceError
+    from salience.evidence import evaluate as E
+
+    model = zoo.load_demo("shapes")
+    out = tmp_path / "out"
+    for options, expected in (
+        ({"gradcam": {"layer": "features"}}, "method_options names 'gradcam', which is not one of the methods run"),
+        ({"integrated_gradients": {"samples": 3}}, "takes no option 'samples'"),
+        ({"integrated_gradients": {"steps": 0}}, "method_options['integrated_gradients']: steps must be an int >= 1"),
+    ):
+        with pytest.raises(SalienceError, match=re.escape(expected)):
+            E.run_evaluation(model, out, methods=["integrated_gradients"], method_options=options, n=1,
+                             progress=False)
+        assert not out.exists()

@@ -162,8 +162,11 @@ def test_reduce_and_grad_modifier(tmp_path, pic, model, capsys):
         (["--smooth-method", "gradcam"], "--smooth-method is an option of smoothgrad"),
     ],
 )
-def test_bad_option_values_are_one_line_exit_2(tmp_path, pic, capsys, options, words):
-    rc, out, err = run(["explain", pic, "-m", "demo:shapes", "-o", tmp_path / "o", *options], capsys)
+@pytest.mark.parametrize("dataset", [[], ["--dataset", "--workers", "0"]], ids=["files", "dataset-run"])
+def test_bad_option_values_are_one_line_exit_2(tmp_path, pic, capsys, options, words, dataset):
+    """Also in a dataset run (its values were checked by the run itself, after its folder was made, the
+    line without the flag)."""
+    rc, out, err = run(["explain", pic, "-m", "demo:shapes", "-o", tmp_path / "o", *options, *dataset], capsys)
     assert rc == 2, err
     assert err.startswith("salience: error: ") and err.count("\n") == 1 and words in err
     assert not (tmp_path / "o").exists()  # nothing explained, nothing written

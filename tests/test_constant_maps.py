@@ -396,7 +396,7 @@ def test_evaluate_says_a_methods_constant_maps_on_the_command_line_and_in_the_re
     import json
 
     paths, nets = setup
-    common = ["evaluate", "--images", paths[0].parent, "--method", "vanilla", "--n", "2", "--steps", "2",
+    common = ["evaluate", "--images", paths[0].parent, "--method", "vanilla", "--n", "2", "--deletion-steps", "2",
               "--randomization-images", "1"]
     rc, out, err = _run([*common, "-m", f"python:{nets}:blind", "-o", tmp_path / "ev"], capsys)
     assert rc == 0, err
@@ -432,7 +432,7 @@ def test_evaluate_says_a_constant_oracle_or_baseline_and_nothing_of_good_ones(se
     for name, mask in (("pic0", square), ("pic2_grey", np.zeros_like(square)), ("pic3", np.full_like(square, 255))):
         Image.fromarray(mask).save(masks / f"{name}.png")
     common = ["evaluate", "--images", paths[0].parent, "--masks", masks, "--method", "vanilla", "--n", "3",
-              "--steps", "2", "--randomization-images", "1", "-m", f"python:{nets}:seeing"]
+              "--deletion-steps", "2", "--randomization-images", "1", "-m", f"python:{nets}:seeing"]
     rc, out, err = _run([*common, "-o", tmp_path / "ev"], capsys)
     assert rc == 0, err
     oracle = ("the map (the mask) is constant ({}) everywhere: the mask marks {}, so the oracle ranks no pixel above "
@@ -515,7 +515,7 @@ def test_evaluate_names_mask_files_in_the_current_folder_plainly_and_each_quoted
     for name in ("pic1, grey", "pic2"):
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(masks / f"{name}.png")
     monkeypatch.chdir(masks)
-    rc, out, err = _run(["evaluate", "--images", imgs, "--masks", ".", "--method", "vanilla", "--n", "2", "--steps",
+    rc, out, err = _run(["evaluate", "--images", imgs, "--masks", ".", "--method", "vanilla", "--n", "2", "--deletion-steps",
                          "2", "--randomization-images", "1", "-m", f"python:{nets}:seeing", "-o", tmp_path / "ev"],
                         capsys)
     assert rc == 0, err
@@ -546,7 +546,7 @@ def test_evaluate_on_the_demos_shapes_says_a_constant_mask_is_the_demos_not_a_te
         return b
 
     monkeypatch.setattr(data, "shapes_batch", emptied)
-    rc, out, err = _run(["evaluate", "--method", "vanilla", "--n", "2", "--steps", "2", "--randomization-images", "1",
+    rc, out, err = _run(["evaluate", "--method", "vanilla", "--n", "2", "--deletion-steps", "2", "--randomization-images", "1",
                          "-m", f"python:{nets}:seeing_32", "-o", tmp_path / "ev"], capsys)
     assert rc == 0, err
     said = [ln for ln in err.splitlines() if ln.startswith(f"salience: warning: {E.ORACLE}")]

@@ -770,3 +770,70 @@ def test_a_users_dataset_on_ray_is_let_go_by_each_process_when_its_run_ends(clus
         while [p for p in readers - pids(log, "del") if _alive(p)] and time.monotonic() < until:
             time.sleep(0.1)
         assert not [p for p in readers - pids(log, "del") if _alive(p)], (bad, log.read_text())
+
+
+# --------------------------------------------------------------------------------- what the terminal shows
+
+RAY_LINE = re.compile(r"(INFO|WARNING|ERROR|DEBUG)\b|\[\d{4}-\d\d-\d\d .*\] |[A-Za-z_]+\.py:\d+ -- |Running \d+|"
+                      r"Dataset |Progress bars|Token authentication|\(MapWorker|\(raylet\)|\(pid=")
+"""The marks of Ray's own output: a logging record (level, ``file.py:N --``), a C++ log prefix
+(``[2026-12-05 01:22:13,459 E ...]``), Ray Data's progress bars and notes, a worker's forwarded line."""
+KNOWN = re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store "
+                   r"and max_restarts > 0\.")
+"""The one line of Ray's left (docs/datasets.md): its C++ core worker's note of ray-project/ray#53727 on
+Ray Data's actor pool (restarts without limit, its constructor arguments in the object store), which
+no Ray setting turns off but ``RAY_BACKEND_LOG_LEVEL``, whose own note is then printed instead."""
+
+
+def _cli_on_ray(args: list, env: "dict | None" = None) -> subprocess.CompletedProcess:
+    """``salience explain ... --engine ray`` in a process of its own, joined to the module's cluster."""
+    address = ray.get_runtime_context().gcs_address
+    return subprocess.run([sys.executable, "-m", "salience", "explain", *map(str, args), "--engine", "ray",
+                           "--address", address, "--workers", "0", "--actors", "1", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_the_command_on_ray_shows_salience_s_lines_only_and_its_errors(cluster, images, tmp_path):
+    """``salience explain DIR --engine ray``: stdout holds the command's summary line, stderr nothing of
+    Ray's own (it printed Ray Data's "Progress bars disabled" warning and its "execution finished"
+    INFO line); a model's error on the actors is still the one ``salience: error:`` line (exit 2).
+    ``SALIENCE_RAY_LOGS=1`` lets Ray's lines through."""
+    r = _cli_on_ray([images / "imgs", "-m", "demo:shapes", "--batch", "4", "--shard-size", "8",
+                     "--out", tmp_path / "run"])
+    assert r.returncode == 1, r.stderr  # the broken image: one failed, said in the summary line
+    assert r.stdout.splitlines() == [f"explained {N} of {N + 1} image(s) into {tmp_path / 'run'}/ (index.parquet, "
+                                     "index.html); 1 image(s) failed: see the 'error' column"], r.stdout
+    assert not [ln for ln in r.stderr.splitlines() if RAY_LINE.search(ln) and not KNOWN.search(ln)], r.stderr
+    nets, _ = _nets(tmp_path)
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    r = _cli_on_ray([images / "imgs", "-m", f"python:{nets}:build_fussy", "--size", "16,16", "--labels",
+                     tmp_path / "classes.txt", "--batch", "2", "--out", tmp_path / "fussy"])
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if not KNOWN.search(ln)]
+    assert len(lines) == 1 and lines[0].startswith("salience: error: the model cannot take the input"), r.stderr
+    r = _cli_on_ray([images / "imgs", "-m", "demo:shapes", "--batch", "4", "--shard-size", "8",
+                     "--out", tmp_path / "loud"], env={"SALIENCE_RAY_LOGS": "1"})
+    assert r.returncode == 1 and any(RAY_LINE.search(ln) for ln in r.stderr.splitlines()), r.stderr
+
+
+def test_the_ray_engine_puts_back_the_logging_levels_and_data_context_it_changed(cluster, images, tmp_path,
+                                                                                  capsys):
+    """A run quiets Ray's loggers and Ray Data's progress bars while it goes, and puts every setting
+    back after, also after a failed run."""
+    import logging
+
+    ctx = ray.data.DataContext.get_current()
+    before = (logging.getLogger("ray").level, logging.getLogger("ray.data").level, ctx.enable_progress_bars,
+              ctx.execution_options.preserve_order)
+    _run(images, "restore", "ray")
+    nets, _ = _nets(tmp_path)
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    from salience.cli import main
+
+    rc = main(["explain", str(images / "imgs"), "-m", f"python:{nets}:build_fussy", "--size", "16,16", "--labels",
+               str(tmp_path / "classes.txt"), "--engine", "ray", "--out", str(tmp_path / "bad"), "--workers", "0",
+               "--actors", "1", "--batch", "2"])  # the model's error raised from the actors' pass
+    assert rc == 2 and "cannot take the input" in capsys.readouterr().err
+    after = (logging.getLogger("ray").level, logging.getLogger("ray.data").level, ctx.enable_progress_bars,
+             ctx.execution_options.preserve_order)
+    assert after == before

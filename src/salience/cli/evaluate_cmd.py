@@ -5,16 +5,26 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
+from torch import nn
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int
+from salience.cli import options as _options
 from salience.cli.common import EXIT_OK, EXIT_PARTIAL, add_model_args, load_model_arg, parse_methods, warn
 from salience.demo.train import demo_train_fn
 from salience.evidence import evaluate
 from salience.evidence.sanity import NO_HOOKS
+from salience.methods import default_methods
+
+DELETION_STEPS = 24
+"""The deletion / insertion steps without ``--deletion-steps``."""
+STEPS_NOTE = ("--steps is integrated gradients' option (its path steps), as on salience explain; the deletion / "
+              "insertion steps are --deletion-steps (which --steps set before)")
+"""Said when ``--steps`` comes without ``--deletion-steps``: an old script's ``--steps 24`` now sets
+another number, so it is not taken silently."""
 
 
 def add_parser(sub: Any) -> None:
@@ -25,7 +35,8 @@ def add_parser(sub: Any) -> None:
                    help="folder of ground-truth masks, same file names (without: no localization metrics)")
     p.add_argument("--method", action="append", metavar="NAME", help="methods to evaluate (default: all)")
     p.add_argument("--n", type=int, default=64, help="held-out demo images when no --images (default 64)")
-    p.add_argument("--steps", type=int, default=24, help="deletion/insertion steps (default 24)")
+    p.add_argument("--deletion-steps", type=int, default=None, metavar="N",
+                   help=f"deletion/insertion steps (default {DELETION_STEPS}; --steps is integrated gradients')")
     p.add_argument("--randomization-images", type=int, default=8, metavar="N",
                    help="images for the model randomization test (default 8)")
     p.add_argument("--data-randomization", action="store_true",
@@ -34,24 +45,61 @@ def add_parser(sub: Any) -> None:
                    help="how deletion, insertion and ROAD score the class: softmax over the classes (default), or "
                         "each class's own sigmoid (a multilabel model)")
     p.add_argument("--out", "-o", default="salience-eval", metavar="DIR")
+    _options.add_method_args(p)
     p.set_defaults(func=run)
+
+
+def _check_applicable(methods: Sequence[str], given: dict[str, Any]) -> None:
+    """:func:`salience.cli.options.check_applicable`; a refused ``--steps`` also says where the
+    deletion steps went."""
+    try:
+        _options.check_applicable(methods, given)
+    except SalienceError as e:
+        if str(e).startswith("--steps "):
+            raise SalienceError(f"{e}; the deletion / insertion steps are --deletion-steps") from None
+        raise
+
+
+def _method_options(args: argparse.Namespace, model: nn.Module, methods: Optional[list[str]],
+                    given: dict[str, Any]) -> tuple[Optional[list[str]], dict[str, dict[str, Any]]]:
+    """The methods (the defaults chosen here when options are given) and each one's options, bound as
+    ``salience explain`` binds them: the layer looked up in the model and every value checked by the
+    methods on the first image, before any work."""
+    _options.check_layer(model, given)
+    if not given:
+        return methods, {}
+    x = evaluate.evaluation_input(model, args.images, n=args.n)
+    if methods is None:
+        methods = default_methods(model, x)
+        _check_applicable(methods, given)
+    _options.check_values(model, x, methods, given)
+    return methods, {name: taken for name in methods if (taken := _options.bind(name, given)[1])}
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate the methods on the model; the report, tables and figures go to ``args.out``."""
     if args.masks is not None and args.images is None:
         raise SalienceError("--masks needs its images: give --images DIR too (a mask per image, same file names)")
-    for opt in ("n", "steps", "randomization_images"):
-        check_int(getattr(args, opt), f"--{opt.replace('_', '-')}", minimum=1)
+    steps = args.deletion_steps if args.deletion_steps is not None else DELETION_STEPS
+    for opt, value in (("n", args.n), ("deletion_steps", steps), ("randomization_images", args.randomization_images)):
+        check_int(value, f"--{opt.replace('_', '-')}", minimum=1)
+    methods = parse_methods(args.method) if args.method else None
+    given = _options.given_options(args)
+    if methods is not None:
+        _check_applicable(methods, given)
     model = load_model_arg(args)
-    kwargs: dict[str, Any] = {"n": args.n, "steps": args.steps, "randomization_images": args.randomization_images,
-                              "progress": sys.stderr.isatty(), "probability": args.probability}
+    methods, options = _method_options(args, model, methods, given)
+    if "steps" in given and args.deletion_steps is None:
+        warn(f"warning: {STEPS_NOTE}")
+    kwargs: dict[str, Any] = {"n": args.n, "steps": steps, "randomization_images": args.randomization_images,
+                              "progress": sys.stderr.isatty(), "probability": args.probability,
+                              "method_options": options}
     if args.images is not None:
         kwargs["images"] = args.images
     if args.masks is not None:
         kwargs["masks"] = args.masks
-    if args.method:
-        kwargs["methods"] = parse_methods(args.method)
+    if methods is not None:
+        kwargs["methods"] = methods
     if args.data_randomization:
         if not args.model.startswith("demo:shapes") or args.model == "demo:shapes-regression":
             raise SalienceError("--data-randomization retrains the demo recipe, so it needs a demo:shapes classifier")

@@ -10,6 +10,9 @@ import argparse
 import sys
 from typing import Any
 
+import torch
+
+from salience._core.autograd import model_input
 from salience._core.errors import SalienceError
 from salience._core.info import attach_info, model_info
 from salience._core.tensors import check_int
@@ -87,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
     if inputs.labels is not None:
         info, _ = class_names(info, len(inputs.labels), inputs)
     attach_info(model, info)
+    if given and info.input_size is not None:  # the values checked before the run folder is made (as for files)
+        _options.check_values(model, model_input(model, torch.zeros(1, info.channels, *info.input_size)), methods,
+                              given)
     fns = {name: _options.bind(name, given)[0] for name in methods}
     taken = {name: _options.bind(name, given)[1] for name in methods}
     target = parse_class(args.target, info, len(info.class_names or ()) or 10 ** 9) if args.target else None

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -51,14 +52,16 @@ from salience.evidence.compare import SIMILARITIES
 from salience.loading import load_image, normalize_input, resize_crop
 from salience.loading.images import keep_flat
 from salience.methods import default_methods
+from salience.methods.options import dry_run, show_default, with_options
 from salience.render import plots, viz
 from salience.render.report import Report
 
 __all__ = ["MetricRow", "BASELINES", "ORACLE", "BETTER", "evaluate_methods", "score_maps", "markdown_table",
-           "run_evaluation"]
+           "run_evaluation", "evaluation_input", "bound_methods", "options_record"]
 
 PathLike = Union[str, "Path"]
 TrainFn = Callable[[Tensor, Tensor], nn.Module]
+MethodOptions = Mapping[str, Mapping[str, Any]]
 
 BASELINES: tuple[str, ...] = ("spectral_residual", "sobel_edges", "center", "random")
 """Model-free rows of every table: :func:`salience.evidence.spectral_residual`,
@@ -213,12 +216,53 @@ def score_maps(row: MetricRow, model: nn.Module, x: Tensor, maps: Tensor, masks:
     return row
 
 
+def bound_methods(model: nn.Module, x: Tensor, methods: Optional[Sequence[MethodLike]] = None,
+                  method_options: Optional[MethodOptions] = None) -> list[tuple[str, Callable[..., Tensor]]]:
+    """The methods evaluated, as ``(name, function)`` with their options bound: ``methods`` (names
+    or functions; default: those that apply, :func:`salience.methods.default_methods` on ``x[:1]``),
+    each named one with its :data:`~salience.methods.QUICK` options, then ``method_options``
+    (``{name: {keyword: value}}``, as :func:`salience.explain_dataset` takes them; they override
+    ``QUICK``). A name in ``method_options`` that is not evaluated, or an option its method does not
+    take, is a :class:`SalienceError`. The maps, the metrics, the randomization tests and the data
+    randomization all call these functions."""
+    items = [resolve_method(m) for m in (methods if methods is not None else default_methods(model, x))]
+    fns = dict(items)
+    for name, given in (method_options or {}).items():
+        fns[name] = with_options(fns, name, given)
+    return list(fns.items())
+
+
+def options_record(items: Sequence[tuple[str, Callable[..., Any]]]) -> dict[str, dict[str, Any]]:
+    """The options each method ran with beyond its defaults (its bound keywords: ``QUICK``'s and the
+    ones given), as ``results.json`` and the report say them: a method by its name, a value that is
+    no number, name or flag by its ``repr``."""
+    def shown(v: Any) -> Any:
+        if callable(v):
+            return show_default(v)
+        return v if v is None or isinstance(v, (bool, int, float, str)) else repr(v)
+
+    return {name: {k: shown(v) for k, v in getattr(fn, "keywords", {}).items()} for name, fn in items}
+
+
+def _check_option_values(model: nn.Module, x: Tensor, items: Sequence[tuple[str, Callable[..., Tensor]]],
+                         method_options: Optional[MethodOptions]) -> None:
+    """Each given option's value checked by its method on ``x`` ``(1, C, H, W)`` before any work
+    (:func:`salience.methods.options.dry_run`): a refusal that names an option given to the method is
+    a :class:`SalienceError` naming ``method_options[name]``."""
+    for name, fn in items:
+        given = (method_options or {}).get(name) or {}
+        e = dry_run(fn, model, x) if given else None
+        if e is not None and any(re.search(rf"\b{re.escape(k)}\b", str(e)) for k in given):
+            raise SalienceError(f"method_options[{name!r}]: {e}")
+
+
 def evaluate_methods(
     model: nn.Module,
     x: Tensor,
     masks: Optional[Tensor] = None,
     *,
     methods: Optional[Sequence[MethodLike]] = None,
+    method_options: Optional[MethodOptions] = None,
     baselines: bool = True,
     steps: int = 24,
     randomization_images: int = 8,
@@ -242,11 +286,14 @@ def evaluate_methods(
     model). Every random draw of an image comes from its own stream (``seed`` and its content,
     :func:`salience.evidence.image_seeds`): an image's values do not depend on the others in ``x``.
     A program exported with a bounded batch (:func:`salience._core.info.max_batch`) runs every pass
-    within it: at most that many ``randomization_images`` (the test's one batch).
+    within it: at most that many ``randomization_images`` (the test's one batch). ``method_options``:
+    ``{name: {keyword: value}}``, each method's options (:func:`bound_methods`): its maps, metrics and
+    randomization tests all run with them. ``steps`` is the deletion / insertion curves' (a method's own
+    ``steps``, Integrated Gradients', goes in ``method_options``).
     """
     _check_classifier(model)
     check_probability(probability)
-    items = [resolve_method(m) for m in (methods if methods is not None else default_methods(model, x))]
+    items = bound_methods(model, x, methods, method_options)
     fns = dict(items)
     extra = ([ORACLE] if masks is not None else []) + list(BASELINES)
     names = [n for n, _ in items] + (extra if baselines else [])
@@ -431,6 +478,18 @@ def _folder_inputs_and_files(model: nn.Module, images: PathLike, masks: Optional
     return x, raw, m, f"{len(files)} images from {folder}" + (f" with masks from {masks}" if masks else ""), mask_files
 
 
+def evaluation_input(model: nn.Module, images: Optional[PathLike] = None, *, n: int = 64,
+                     seed: int = 10_000) -> Tensor:
+    """The first image :func:`run_evaluation` evaluates (with the same ``images``, ``n`` and
+    ``seed``), as the model's input ``(1, C, H, W)`` on its device: for checking options on it
+    before the run (``salience evaluate`` does)."""
+    if images is None:
+        x = _demo_inputs(model, n, seed)[0][:1]
+    else:
+        x = _folder_inputs(model, images, None, 1)[0]
+    return model_input(model, x)
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -441,6 +500,7 @@ def run_evaluation(
     images: Optional[PathLike] = None,
     masks: Optional[PathLike] = None,
     methods: Optional[Sequence[MethodLike]] = None,
+    method_options: Optional[MethodOptions] = None,
     progress: bool = True,
     n: int = 64,
     seed: int = 10_000,
@@ -459,7 +519,13 @@ def run_evaluation(
     model``: if given, also the data randomization test on ``train_images`` shapes (slow: it
     trains two models; see :func:`salience.demo.train.demo_train_fn`). ``probability``: how the
     class is scored (``True`` / ``"softmax"``, ``"sigmoid"`` for a multilabel model, ``False``; see
-    :func:`evaluate_methods`).
+    :func:`evaluate_methods`). ``method_options``: each method's options, ``{name: {keyword: value}}``
+    (e.g. ``{"integrated_gradients": {"steps": 8}}``; :func:`bound_methods`), used by its maps, its
+    metrics, its randomization tests and the data randomization alike, and said in the report and in
+    ``results.json`` (``method_options``, with the :data:`~salience.methods.QUICK` ones); a name not
+    evaluated, an option the method does not take, or a value it refuses (checked on the first image,
+    nothing computed) is a :class:`SalienceError` before any work. ``steps``: the deletion / insertion
+    curves' steps (``salience evaluate --deletion-steps``), not a method's.
     """
     check_int(n, "n", minimum=1)
     check_probability(probability)
@@ -480,8 +546,12 @@ def run_evaluation(
     device = model_device(model)
     x, m = model_input(model, x), (m.to(device) if m is not None else None)  # its device and dtype
     predicted_classes(model, x, batch_size=32)  # a model that cannot take x: refused before the folder is made
+    items = bound_methods(model, x, methods, method_options)
+    _check_option_values(model, x[:1], items, method_options)
+    if methods is None:  # the defaults chosen once (registry names)
+        methods = [name for name, _ in items]
     out = make_folder(out_dir)  # created only once the inputs are known to be good
-    rows, maps = evaluate_methods(model, x, m, methods=methods, steps=steps,
+    rows, maps = evaluate_methods(model, x, m, methods=methods, method_options=method_options, steps=steps,
                                   randomization_images=randomization_images, progress=progress,
                                   probability=probability)
     pictures = _write_pictures(out, rows, raw, maps)
@@ -489,14 +559,14 @@ def run_evaluation(
                           demo_masks=demo_masks)
     data_rand = None
     if train_fn is not None:
-        data_rand = _data_randomization_rows(train_fn, methods if methods is not None else default_methods(model, x),
-                                             train_images, x[:randomization_images])
-
-    md = _markdown_report(rows, source, model, data_rand, time.perf_counter() - start)
+        data_rand = _data_randomization_rows(train_fn, items, train_images, x[:randomization_images])
+    used = options_record(items)
+    md = _markdown_report(rows, source, model, data_rand, time.perf_counter() - start, used)
     atomic_write(out / "report.md", md.encode("utf-8"))
     results = {
         "source": source,
         "model": model_info(model).name,
+        "method_options": used,
         "rows": [r.as_dict() for r in rows],
         "data_randomization": data_rand,
         "warnings": flat,
@@ -506,7 +576,7 @@ def run_evaluation(
     # NaN token that JSON.parse, jq and other strict readers refuse.
     text = json.dumps(_json_numbers(results), indent=1, default=float, allow_nan=False)
     atomic_write(out / "results.json", text.encode("utf-8"))
-    rep = _html_report(rows, source, model, data_rand, pictures, flat)
+    rep = _html_report(rows, source, model, data_rand, pictures, flat, used)
     rep.paragraph(f"Made in {time.perf_counter() - start:.1f} s.", css="note")
     return rep.write(out / "report.html")
 
@@ -650,11 +720,14 @@ def constant_notes(maps: dict[str, Tensor], *, mask_files: Optional[Sequence[Pat
 
 
 def _html_report(rows: Sequence[MetricRow], source: str, model: nn.Module, data_rand: Optional[dict],
-                 pictures: dict[str, Optional[Path]], flat: Sequence[str] = ()) -> Report:
+                 pictures: dict[str, Optional[Path]], flat: Sequence[str] = (),
+                 used: Optional[dict[str, dict[str, Any]]] = None) -> Report:
     rep = Report("salience evaluate", f"model {model_info(model).name}; {source}")
     for text in flat:  # flat maps (a method, the oracle, a baseline): said before the numbers they make meaningless
         rep.paragraph(f"warning: {text}", css="bad")
     rep.heading("Methods and metrics")
+    if _options_text(used):
+        rep.paragraph(_options_text(used), css="note")
     header, body = _table(rows)
     rep.table(header, body)
     rep.paragraph(_LEGEND, css="note")
@@ -703,10 +776,17 @@ def _data_rand_table(data_rand: dict) -> list[list[str]]:
     return rows
 
 
+def _options_text(used: Optional[dict[str, dict[str, Any]]]) -> str:
+    """The options the methods ran with beyond their defaults, one sentence (empty when none)."""
+    said = [f"{name} " + ", ".join(f"{k}={v}" for k, v in kw.items()) for name, kw in (used or {}).items() if kw]
+    return ("Method options (beyond each method's defaults): " + "; ".join(said) + ".") if said else ""
+
+
 def _markdown_report(rows: Sequence[MetricRow], source: str, model: nn.Module, data_rand: Optional[dict],
-                     seconds: float) -> str:
-    parts = [f"# salience evaluate: {model_info(model).name}", "", f"{source}.", "", markdown_table(rows), "",
-             _LEGEND, ""]
+                     seconds: float, used: Optional[dict[str, dict[str, Any]]] = None) -> str:
+    parts = [f"# salience evaluate: {model_info(model).name}", "", f"{source}.", ""]
+    parts += [_options_text(used), ""] if _options_text(used) else []
+    parts += [markdown_table(rows), "", _LEGEND, ""]
     if data_rand:
         parts += ["## Data randomization", "", "| method | Spearman abs | Spearman | SSIM | HOG |",
                   "|---|---|---|---|---|"]
@@ -723,7 +803,7 @@ def _markdown_report(rows: Sequence[MetricRow], source: str, model: nn.Module, d
 # ----------------------------------------------------------------------------- data randomization
 
 
-def _data_randomization_rows(train_fn: TrainFn, methods: Sequence[MethodLike], n_train: int,
+def _data_randomization_rows(train_fn: TrainFn, methods: Sequence[tuple[str, Callable[..., Tensor]]], n_train: int,
                              x: Tensor) -> dict:
     """The data randomization test of every method on ``n_train`` shapes (two models trained once,
     shared by all methods). A method that does not apply to the model (a :class:`SalienceError`)
@@ -741,7 +821,7 @@ def _data_randomization_rows(train_fn: TrainFn, methods: Sequence[MethodLike], n
     values: dict[str, dict[str, float]] = {}
     errors: dict[str, str] = {}
     acc: dict[str, float] = {}
-    for name, fn in [resolve_method(mm) for mm in methods]:
+    for name, fn in methods:  # bound_methods: with the options of the maps and the other tests
         try:
             r = data_randomization(cached, images, labels, x, fn)
         except SalienceError as e:

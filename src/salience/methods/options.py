@@ -19,7 +19,7 @@ import functools
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -32,7 +32,8 @@ from salience.reduce import GRAD_MODIFIERS, REDUCTIONS
 from salience.rules import UNSUPPORTED
 
 __all__ = ["NOT_FLAGS", "CHOICES", "MethodOption", "method_options", "keyword_parameters", "accepted", "wraps_methods",
-           "show_default", "read_value", "bind", "check_applicable", "check_layer", "check_values", "option_error"]
+           "show_default", "read_value", "bind", "with_options", "check_applicable", "check_layer", "check_values",
+           "dry_run", "option_error"]
 
 
 NOT_FLAGS: dict[str, str] = {
@@ -212,6 +213,25 @@ def bind(name: str, given: dict[str, Any]) -> tuple[Callable[..., Tensor], dict[
     return (functools.partial(fn, **taken) if taken else fn), taken
 
 
+def with_options(fns: Mapping[str, Callable[..., Any]], name: str, given: Any) -> Callable[..., Any]:
+    """``fns[name]`` with the keyword options ``given`` bound (the Python form, ``method_options={name:
+    {...}}`` of :func:`salience.explain_dataset` and :func:`salience.evidence.evaluate.run_evaluation`);
+    a method that is not run, or an option the method does not take, is refused before the run."""
+    if name not in fns:
+        raise SalienceError(f"method_options names {name!r}, which is not one of the methods run ({', '.join(fns)})")
+    if not isinstance(given, Mapping):
+        raise SalienceError(f"method_options[{name!r}] must be a dict of keyword options, e.g. {{'samples': 8}}; "
+                            f"got {type(given).__name__}")
+    fn = fns[name]
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in given if k not in params or k in ("model", "x", "target")]
+        if unknown:
+            takes = ", ".join(k for k in params if k not in ("model", "x", "target"))
+            raise SalienceError(f"method {name!r} takes no option {unknown[0]!r} (it takes: {takes})")
+    return functools.partial(fn, **given) if given else fn
+
+
 def option_error(message: str, given: dict[str, Any]) -> Optional[str]:
     """``message`` prefixed with the flag of the first given option it names, or ``None`` if it names none."""
     options = method_options()
@@ -259,16 +279,23 @@ def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dic
     options = {k: v for k, v in given.items() if k != "layer"}  # looked up in the model by check_layer
     if not options:
         return
-    halting = _Halting(model)
     for name in methods:
-        fn, _ = bind(name, options)
-        try:
-            fn(halting, x)
-        except _Halt:
-            pass
-        except SalienceError as e:
-            msg = option_error(str(e), given)
-            if msg:
-                raise SalienceError(msg) from None
-        except Exception:  # noqa: BLE001 - not about the options: the real run reports it
-            pass
+        e = dry_run(bind(name, options)[0], model, x)
+        msg = option_error(str(e), given) if e is not None else None
+        if msg:
+            raise SalienceError(msg) from None
+
+
+def dry_run(fn: Callable[..., Any], model: nn.Module, x: Tensor) -> Optional[SalienceError]:
+    """The :class:`SalienceError` that method ``fn`` (its options bound) raises on ``x`` before its
+    first forward pass of ``model`` (which stops it: nothing is computed), or ``None``. Other errors
+    are not about the options: the real run reports them."""
+    try:
+        fn(_Halting(model), x)
+    except _Halt:
+        pass
+    except SalienceError as e:
+        return e
+    except Exception:  # noqa: BLE001 - not about the options: the real run reports it
+        pass
+    return None

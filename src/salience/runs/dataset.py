@@ -11,9 +11,7 @@ equals an uninterrupted run's.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import inspect
 import os
 import queue
 import sys
@@ -39,6 +37,7 @@ from salience.loading import load_model, remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
 from salience.loading.models import name_classes, resolve_device
 from salience.methods import METHODS, as_method
+from salience.methods.options import with_options
 from salience.render import viz
 from salience.runs import gallery, job, sources
 from salience.runs.lock import run_lock
@@ -269,27 +268,9 @@ def _methods(methods: Any, options: Optional[Mapping[str, Any]]) -> tuple[dict[s
         if not name or "/" in name or name.startswith("."):
             raise SalienceError(f"method name {name!r} cannot name a folder of the store; rename it")
     for name, given in (options or {}).items():
-        fns[name] = _with_options(fns, name, given)
+        fns[name] = with_options(fns, name, given)
     record = {n: {k: repr(v) for k, v in getattr(fn, "keywords", {}).items()} for n, fn in fns.items()}
     return fns, record
-
-
-def _with_options(fns: Mapping[str, Callable[..., Any]], name: str, given: Any) -> Callable[..., Any]:
-    """``fns[name]`` with the keyword options ``given`` bound (``method_options={name: {...}}``);
-    a method that is not run, or an option the method does not take, is refused before the run."""
-    if name not in fns:
-        raise SalienceError(f"method_options names {name!r}, which is not one of the methods run ({', '.join(fns)})")
-    if not isinstance(given, Mapping):
-        raise SalienceError(f"method_options[{name!r}] must be a dict of keyword options, e.g. {{'samples': 8}}; "
-                            f"got {type(given).__name__}")
-    fn = fns[name]
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = [k for k in given if k not in params or k in ("model", "x", "target")]
-        if unknown:
-            takes = ", ".join(k for k in params if k not in ("model", "x", "target"))
-            raise SalienceError(f"method {name!r} takes no option {unknown[0]!r} (it takes: {takes})")
-    return functools.partial(fn, **given) if given else fn
 
 
 def _dataset(images: Any, model: nn.Module) -> tuple[Dataset, list[str], Optional[int]]:

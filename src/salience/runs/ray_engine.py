@@ -8,17 +8,24 @@ each hold one model (``num_gpus`` per actor, CPU actors otherwise). Each actor b
 folder or mount on a cluster); the driver merges the index at the end. A stopped run resumes the
 same way as a local one: only images that no committed shard holds are read again.
 
+Ray's own output (its log lines, Ray Data's progress bars and execution notes, the core worker's
+messages) is kept off the terminal while a run goes (:func:`quiet`): the command shows salience's
+progress and errors only. ``SALIENCE_RAY_LOGS=1`` lets it through.
+
 Ray is optional: ``pip install salience[ray]``.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import logging
+import os
 import pickle
 import re
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -352,6 +359,46 @@ def _pool(ray: Any, size: int) -> dict[str, Any]:
     return {"concurrency": size}
 
 
+RAY_LOGS = "SALIENCE_RAY_LOGS"
+"""The environment variable that lets Ray's own output through (``SALIENCE_RAY_LOGS=1``)."""
+_LOGGERS = ("ray", "ray.data")  # ray.data's does not propagate to ray's: it has a console handler of its own
+_QUIET_CONTEXT = {"enable_progress_bars": False, "print_on_execution_start": False}
+"""The Ray Data settings that print (its progress bars; the note at each execution's start)."""
+
+
+def _loud() -> bool:
+    return os.environ.get(RAY_LOGS, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@contextlib.contextmanager
+def quiet(ray: Any) -> Iterator[None]:
+    """Ray's own output off inside (unless ``SALIENCE_RAY_LOGS=1``): the ``ray`` and ``ray.data``
+    loggers at ``CRITICAL`` (ray.init's notes, Ray Data's execution lines and warnings; salience says
+    the errors itself), Ray Data's progress bars and start notes off in the current ``DataContext``
+    (the workers' output stays in their log files: ``ray.init(log_to_driver=False)``). Ray Data's
+    ``preserve_order`` is on inside (shards of consecutive images). Every setting changed is put back
+    on the way out."""
+    ctx = ray.data.DataContext.get_current()
+    settings = {k: v for k, v in _QUIET_CONTEXT.items() if hasattr(ctx, k)} if not _loud() else {}
+    saved = {k: getattr(ctx, k) for k in settings}
+    order = ctx.execution_options.preserve_order
+    levels = {name: logging.getLogger(name).level for name in _LOGGERS}
+    try:
+        ctx.execution_options.preserve_order = True
+        for k, v in settings.items():
+            setattr(ctx, k, v)
+        if not _loud():
+            for name in _LOGGERS:
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+        yield
+    finally:
+        ctx.execution_options.preserve_order = order
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def _actors(ray: Any, num_gpus: float, actors: Optional[int]) -> int:
     if actors is not None:
         return actors
@@ -368,48 +415,51 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
     this process joined, or a new local one, shut down after). The actors run on CUDA when
     ``num_gpus`` > 0, else on the CPU; they commit shards only while the run ``writer`` (from
     :func:`salience.runs.lock.run_lock`) holds the folder."""
-    from salience.runs.dataset import resolve_batch
-
     ray = _ray()
     started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        done = run.store.done()
-        pending = [i for i in range(len(run.plan.paths)) if i not in done]
-        if not pending:
-            return
-        batch = resolve_batch(run, pending[0])
-        if run.plan.first_input is None:  # every image is checked against the run's first, in every task
-            run.plan.first_input = (pending[0], tuple(read_once(run.dataset, pending[0]).x.shape))
-        size = int(run.store.manifest["command"]["shard_size"])
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # shards of consecutive images, as the local engine's
-        for quiet in ("enable_progress_bars", "print_on_execution_start"):
-            if hasattr(ctx, quiet):
-                setattr(ctx, quiet, False)
-        rows, plan, begun_in, dataset = _rows(pending, run.plan, run.dataset)
-        ds = ray.data.from_items(rows)
-        ds = ds.map_batches(decode, fn_kwargs={"dataset": dataset, "plan": plan, "begun_in": begun_in,
-                                               "writer": writer}, batch_size=batch, batch_format="numpy", num_cpus=1)
-        args = (shipped(ray, run, weights), plan, str(run.store.folder), batch, png, weights, bool(num_gpus),
-                performance, writer)
-        ds = ds.map_batches(Explain, fn_constructor_args=args,
-                            batch_size=size, batch_format="numpy", **_pool(ray, _actors(ray, num_gpus, actors)),
-                            num_gpus=num_gpus or None, num_cpus=1)
-        with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
-            try:
-                for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    _reraise(out["raised"])
-                    bar.update(len(out["index"]))
-            except Exception as e:  # noqa: BLE001 - Ray's wrapping of a model's error: that error, as it was
-                payload = _carried(e)
-                if payload is None:
-                    raise
-                _reraise([payload])
-    finally:
+    with quiet(ray):
         if started:
-            ray.shutdown()
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            _explain(ray, run, num_gpus, actors, png, weights, performance, writer, show)
+        finally:
+            if started:
+                ray.shutdown()
 
 
-__all__ = ["run", "decode", "Explain", "shipped"]
+def _explain(ray: Any, run: Any, num_gpus: float, actors: Optional[int], png: bool, weights: Optional[str],
+             performance: Optional[_perf.Performance], writer: Optional[Writer], show: bool) -> None:
+    """:func:`run`'s work on the cluster joined: the pending images through the decoding tasks and the
+    actors, the progress bar, a model's error raised as it was."""
+    from salience.runs.dataset import resolve_batch
+
+    done = run.store.done()
+    pending = [i for i in range(len(run.plan.paths)) if i not in done]
+    if not pending:
+        return
+    batch = resolve_batch(run, pending[0])
+    if run.plan.first_input is None:  # every image is checked against the run's first, in every task
+        run.plan.first_input = (pending[0], tuple(read_once(run.dataset, pending[0]).x.shape))
+    size = int(run.store.manifest["command"]["shard_size"])
+    rows, plan, begun_in, dataset = _rows(pending, run.plan, run.dataset)
+    ds = ray.data.from_items(rows)
+    ds = ds.map_batches(decode, fn_kwargs={"dataset": dataset, "plan": plan, "begun_in": begun_in,
+                                           "writer": writer}, batch_size=batch, batch_format="numpy", num_cpus=1)
+    args = (shipped(ray, run, weights), plan, str(run.store.folder), batch, png, weights, bool(num_gpus),
+            performance, writer)
+    ds = ds.map_batches(Explain, fn_constructor_args=args,
+                        batch_size=size, batch_format="numpy", **_pool(ray, _actors(ray, num_gpus, actors)),
+                        num_gpus=num_gpus or None, num_cpus=1)
+    with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                _reraise(out["raised"])
+                bar.update(len(out["index"]))
+        except Exception as e:  # noqa: BLE001 - Ray's wrapping of a model's error: that error, as it was
+            payload = _carried(e)
+            if payload is None:
+                raise
+            _reraise([payload])
+
+
+__all__ = ["run", "decode", "Explain", "shipped", "quiet", "RAY_LOGS"]
