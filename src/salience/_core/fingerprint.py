@@ -26,8 +26,8 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 def structure(model: nn.Module) -> tuple:
     """A cheap fingerprint of ``model``'s structure: every module of the tree (its id, its class,
     its children's names, a ``forward`` set on the instance) and the keys of the hooks of its own on
-    each (not :func:`observer` hooks, which a dataset run adds batch after batch, nor the hooks salience
-    holds for another thread's pass, :func:`~salience._core.autograd.this_thread`, which never run in this
+    each (not :func:`observer` hooks, which a dataset run adds batch after batch, nor the hooks and instance
+    ``forward`` salience holds for another thread's pass, :func:`~salience._core.autograd.this_thread`, which never run in this
     thread's). It changes when a
     module is replaced, added or removed (``model.fc = nn.Sequential(model.fc, nn.Softmax(1))``), a
     class or a ``forward`` is swapped, or a hook is added or removed; not when a plain attribute of a
@@ -59,6 +59,8 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
     for m in model.modules():
         d = m.__dict__
         f = d.get("forward")
+        if f is not None and getattr(f, "salience_thread", me) != me:  # another thread's pass's (attention._NativeMHA)
+            f = None
         add((id(m), type(m), tuple(d["_modules"].keys()), None if f is None else id(f)))
         if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks") or \
                 d.get("_backward_pre_hooks"):
