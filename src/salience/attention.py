@@ -620,23 +620,34 @@ def _hook(modules: list[nn.Module], enter: Callable, leave: Callable, handles: l
 def _native_ready(m: nn.Module) -> bool:
     """``m`` an ``nn.MultiheadAttention`` (its own ``forward``) whose fast path could run: batch first, one packed
     in-projection with biases, no ``bias_k`` / ``bias_v`` / ``add_zero_attn``, an even number of heads (the
-    conditions of ``nn.MultiheadAttention.forward`` that do not depend on the call; :func:`_native_fits` the rest)."""
+    conditions of ``nn.MultiheadAttention.forward`` that do not depend on the call; :func:`_native_weights` the
+    rest)."""
     return (isinstance(m, nn.MultiheadAttention) and type(m).forward is nn.MultiheadAttention.forward
             and hasattr(torch, "_native_multi_head_attention") and m.batch_first and m._qkv_same_embed_dim
             and m.in_proj_weight is not None and m.in_proj_bias is not None and m.out_proj.bias is not None
             and m.bias_k is None and m.bias_v is None and not m.add_zero_attn and m.num_heads % 2 == 0)
 
 
-def _native_fits(m: nn.MultiheadAttention, q: Tensor) -> bool:
-    """The call-time conditions of ``nn.MultiheadAttention``'s fast path, stricter (the caller checked: self-attention,
-    no mask, not causal): batched, not nested, eval mode, inference mode, fp32 / fp64 alike in every tensor, one CPU
-    or CUDA device, no autocast, the fast path not turned off, no tensor subclass nor mode with a torch function."""
-    tensors = (q, m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias)
-    return (q.dim() == 3 and not q.is_nested and not m.training and q.dtype in _NATIVE_DTYPES
-            and torch.is_inference_mode_enabled() and q.device.type in ("cpu", "cuda")
-            and all(t.dtype == q.dtype and t.device == q.device for t in tensors)
-            and not torch.is_autocast_enabled(q.device.type) and torch.backends.mha.get_fastpath_enabled()
-            and not torch.overrides.has_torch_function(tensors))
+def _native_weights(m: nn.MultiheadAttention, q: Tensor) -> Optional[tuple[Tensor, ...]]:
+    """The in- and out-projections' weights and biases of ``m`` where the call-time conditions of its fast path hold,
+    stricter (the caller checked: self-attention, no mask, not causal): batched, not nested, eval mode, inference mode,
+    fp32 / fp64 alike in every tensor, one CPU or CUDA device, no autocast, the fast path not turned off, no tensor
+    subclass nor mode with a torch function; else ``None``. Read from the modules' ``_parameters`` (a parametrized
+    weight is not there: ``None``), not by ``nn.Module.__getattr__`` (6 us for the four, of the ~100 us a layer the
+    native path saves)."""
+    if (q.dim() != 3 or q.is_nested or m.training or q.dtype not in _NATIVE_DTYPES
+            or not torch.is_inference_mode_enabled()):
+        return None
+    p, o = m._parameters, m._modules["out_proj"]._parameters
+    tensors = (p.get("in_proj_weight"), p.get("in_proj_bias"), o.get("weight"), o.get("bias"))
+    if any(t is None for t in tensors):
+        return None
+    device = q.device
+    if (device.type not in ("cpu", "cuda") or any(t.dtype != q.dtype or t.device != device for t in tensors)
+            or torch.is_autocast_enabled(device.type) or not torch.backends.mha.get_fastpath_enabled()
+            or torch.overrides.has_torch_function((q, *tensors))):
+        return None
+    return tensors
 
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -644,7 +655,7 @@ _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 class _NativeMHA:
     """An ``nn.MultiheadAttention``'s instance ``forward`` for one narrowed pass without autograd (rollout's): its
-    own ``__call__`` still runs the user's hooks around it. On the fast path's terms (:func:`_native_fits`, and
+    own ``__call__`` still runs the user's hooks around it. On the fast path's terms (:func:`_native_weights`, and
     self-attention without masks) one call of ``torch._native_multi_head_attention`` asked for the per-head weights,
     which ``cap`` records as the capture records an ``"mha"`` matrix: no mode, where under one ``nn.MultiheadAttention``
     runs its Python path (~13 torch calls through the mode, ~100 us a layer on a CPU proxy of a GPU). Otherwise, or
@@ -661,11 +672,12 @@ class _NativeMHA:
                  need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                  is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         m = self.module
-        if (query is key is value and key_padding_mask is None and attn_mask is None and not is_causal
-                and threading.get_ident() == self.salience_thread and _native_fits(m, query)):
-            out, att = torch._native_multi_head_attention(
-                query, key, value, m.embed_dim, m.num_heads, m.in_proj_weight, m.in_proj_bias, m.out_proj.weight,
-                m.out_proj.bias, None, True, False, None)
+        weights = _native_weights(m, query) if (
+            query is key is value and key_padding_mask is None and attn_mask is None and not is_causal
+            and threading.get_ident() == self.salience_thread) else None
+        if weights is not None:
+            out, att = torch._native_multi_head_attention(query, key, value, m.embed_dim, m.num_heads, *weights,
+                                                          None, True, False, None)
             self.cap._record(att, "mha")
             return out, (att.mean(dim=1) if average_attn_weights else att) if need_weights else None
         self.enter(m, ())
@@ -682,8 +694,9 @@ class _NativeMHA:
 
 
 def _unhook(cap: AttentionCapture, handles: list) -> None:
-    """The hooks (and instance ``forward`` methods, :class:`_NativeMHA`) removed and ``cap`` left where it is still on top of the mode stack: by what the stack holds,
-    not by the hooks' depth count (a Ctrl-C between the count and the mode's entry or exit makes them differ)."""
+    """The hooks (and the instance ``forward`` methods, :class:`_NativeMHA`) removed and ``cap`` left where it is
+    still on top of the mode stack: by what the stack holds, not by the hooks' depth count (a Ctrl-C between the count
+    and the mode's entry or exit makes them differ)."""
     while handles:
         handles.pop().remove()
     n = torch._C._len_torch_function_stack()
