@@ -27,6 +27,7 @@ from salience import SalienceError, attention
 from salience.attention import AttentionCapture, attention_maps
 
 from conftest import unchanged
+from test_attention_scope import _everywhere
 from test_transformer import ref_rollout
 
 torchvision = pytest.importorskip("torchvision")
@@ -78,14 +79,6 @@ def _hand(model: nn.Module, x: torch.Tensor, mhas: list[nn.Module]) -> list[torc
     return out
 
 
-def _everywhere(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The capture around the whole pass, on a copy of ``model`` (its learnt scope not used)."""
-    cap = AttentionCapture(batch=x.shape[0])
-    with cap, torch.inference_mode():
-        copy.deepcopy(model)(x)
-    return cap.maps
-
-
 @contextmanager
 def _counting(calls: dict):
     """Counts, in ``calls``, of this thread's calls of the Python attention (``F.multi_head_attention_forward``, what
@@ -106,6 +99,21 @@ def _counting(calls: dict):
         yield
     finally:
         sys.setprofile(previous)
+
+
+def _narrowed(model: nn.Module, x: torch.Tensor, between=None) -> tuple[list, list, dict, list]:
+    """The maps of the capture everywhere, then a first pass (which learns the scope), ``between()``, then a narrowed
+    pass under ``unchanged`` with its calls counted: ``(its maps, the maps everywhere, the calls, its runs of the
+    model)``."""
+    want = _everywhere(model, x)
+    attention_maps(model, x)
+    if between is not None:
+        between()
+    calls: dict = {}
+    runs: list = []
+    with unchanged(model), _counting(calls):
+        got = attention_maps(model, x, forward=lambda m, t: runs.append(m(t)))
+    return got, want, calls, runs
 
 
 def _mhas(model: nn.Module) -> list[nn.MultiheadAttention]:
@@ -130,14 +138,11 @@ def _assert_maps(got: list, want: list, exact: bool) -> None:
 
 def test_a_narrowed_pass_runs_the_native_kernel_no_python_attention_and_equals_both_references():
     model, x = _vit(), _x()
-    want, hand = _everywhere(model, x), _hand(model, x, _mhas(model))
-    attention_maps(model, x)  # learns the scope: the MHA modules
-    assert attention._SCOPES.get(model, (), ()).live() == _mhas(model)
+    hand = _hand(model, x, _mhas(model))
     for _ in range(2):
-        calls: dict = {}
-        with unchanged(model), _counting(calls):
-            got = attention_maps(model, x)
-        assert calls == {"python": 0, "native": 3}  # before: the Python path under the mode, 3 calls
+        got, want, calls, runs = _narrowed(model, x)
+        assert attention._SCOPES.get(model, (), ()).live() == _mhas(model)  # the scope: the MHA modules
+        assert calls == {"python": 0, "native": 3} and len(runs) == 1  # before: the Python path under the mode
         _assert_maps(got, want, exact=True)
         _assert_maps(got, hand, exact=False)
     assert not _left_on(model)
@@ -177,12 +182,7 @@ def test_a_users_hooks_on_the_attention_still_run_outside_any_mode_and_their_out
         return out[0] * 2, out[1]
 
     mha.register_forward_hook(doubled)
-    want = _everywhere(model, x)
-    attention_maps(model, x)
-    seen.clear()
-    calls: dict = {}
-    with unchanged(model), _counting(calls):
-        got = attention_maps(model, x)
+    got, want, calls, _ = _narrowed(model, x, between=seen.clear)
     assert calls["python"] == 0 and seen == [("pre", 0), ("post", 0)]  # before: the mode on in both
     _assert_maps(got, want, exact=True)
     mha._forward_hooks.clear()
@@ -224,14 +224,10 @@ def test_the_weights_handed_back_are_the_modules_own(average):
     model, x = WeightsViT(average).eval(), _x()
     with torch.no_grad():
         bare = model(x)
-    attention_maps(model, x)
-    outputs: list = []
-    calls: dict = {}
-    with unchanged(model), _counting(calls):
-        got = attention_maps(model, x, forward=lambda m, t: outputs.append(m(t)))
+    got, want, calls, outputs = _narrowed(model, x)
     assert calls == {"python": 0, "native": 2}
     torch.testing.assert_close(outputs[0], bare, rtol=1e-5, atol=1e-6)
-    _assert_maps(got, _everywhere(model, x), exact=True)
+    _assert_maps(got, want, exact=True)
     _assert_maps(got, _hand(model, x, _mhas(model)), exact=False)
 
 
@@ -248,12 +244,8 @@ def test_where_the_fast_paths_conditions_fail_the_capture_runs_as_before(name, m
     model, x = FALLBACKS[name](), _x()
     if name.endswith("turned off"):
         monkeypatch.setattr(torch.backends.mha, "get_fastpath_enabled", lambda: False)
-    want, hand = _everywhere(model, x), _hand(model, x, _mhas(model))
-    attention_maps(model, x)
-    calls: dict = {}
-    runs: list = []
-    with unchanged(model), _counting(calls):
-        got = attention_maps(model, x, forward=lambda m, t: runs.append(m(t)))
+    hand = _hand(model, x, _mhas(model))
+    got, want, calls, runs = _narrowed(model, x)
     assert calls["python"] == len(want) and len(runs) == 1  # the Python path under the mode, in one pass
     _assert_maps(got, want, exact=True)
     _assert_maps(got, hand, exact=False)
@@ -293,13 +285,9 @@ class EncoderViT(nn.Module):
 @pytest.mark.parametrize("pad", [False, True])
 def test_an_nn_transformer_encoder_keeps_its_attention_under_the_mode(pad):
     model, x = EncoderViT(pad).eval(), _x()
-    want, hand = _everywhere(model, x), _hand(model, x, _mhas(model))
-    attention_maps(model, x)
+    hand = _hand(model, x, _mhas(model))
+    got, want, calls, runs = _narrowed(model, x)
     assert attention._SCOPES.get(model, (), ()).live() == [model.encoder]
-    calls: dict = {}
-    runs: list = []
-    with unchanged(model), _counting(calls):
-        got = attention_maps(model, x, forward=lambda m, t: runs.append(m(t)))
     assert calls["python"] == 2 and len(runs) == 1
     _assert_maps(got, want, exact=True)
     _assert_maps(got, hand, exact=False)
@@ -350,12 +338,7 @@ def test_a_users_own_instance_forward_is_kept_and_called():
         return type(mha).forward(mha, *a, **kw)
 
     mha.forward = own
-    want = _everywhere(model, x)
-    attention_maps(model, x)
-    called.clear()
-    calls: dict = {}
-    with unchanged(model), _counting(calls):
-        got = attention_maps(model, x)
+    got, want, calls, _ = _narrowed(model, x, between=called.clear)
     assert called == [1] and mha.__dict__["forward"] is own
     assert calls == {"python": 1, "native": 3}  # layer 0: its own forward, under the mode (the kernel inside)
     _assert_maps(got, want, exact=True)
@@ -400,7 +383,8 @@ def test_ctrl_c_at_each_point_of_the_substitution_leaves_the_model_as_it_was():
     """SIGINT at each point where Python may raise ``KeyboardInterrupt`` in ``_active_in``, its hooks, ``_hook``,
     ``_unhook`` and the substituted forward (set, called, taken off): no instance ``forward``, hook or mode is
     left, and the next pass runs the native kernel again."""
-    from test_hygiene import _interruption_points, _sigint_handled_by
+    from test_attention_scope import sigint_tracer
+    from test_hygiene import _sigint_handled_by
 
     model, x = _vit(layers=2), _x(b=1)
     attention_maps(model, x)
@@ -409,34 +393,7 @@ def test_ctrl_c_at_each_point_of_the_substitution_leaves_the_model_as_it_was():
              attention._unhook.__code__, *(f.__code__ for f in (attention._NativeMHA.__init__,
                                                                  attention._NativeMHA.__call__,
                                                                  attention._NativeMHA.remove))}
-    points = {c: _interruption_points(c) for c in codes}
-
-    def traced(at):
-        passed: list = []
-
-        def local(frame, event, arg):
-            if event in ("opcode", "call") and frame.f_lasti in points[frame.f_code]:
-                passed.append((frame.f_code, frame.f_lasti))
-                if len(passed) == at:
-                    sys.settrace(None)
-                    signal.raise_signal(signal.SIGINT)
-            return local
-
-        def calls(frame, event, arg):
-            if frame.f_code not in codes:
-                return None
-            frame.f_trace_opcodes = True
-            return local(frame, event, arg)
-
-        sys.settrace(calls)
-        try:
-            attention_maps(model, x)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
-        return passed
-
+    traced = sigint_tracer(codes, lambda: attention_maps(model, x))
     passed = traced(None)
     assert any(code is attention._NativeMHA.__call__.__code__ for code, _ in passed)
     failed = []

@@ -33,7 +33,9 @@ Every other torch call of the pass also reaches the mode (that is how modes work
 on one set lookup of the function (:data:`_WATCHED`). :func:`attention_maps` (attention rollout's pass) keeps
 even that off the rest of the pass: a model's first pass runs under the mode throughout and notes the module
 each attention was called from (the innermost module being called, where its hooks run); its later passes enter the
-mode only inside those modules (forward hooks), checked by the count of matrices (:func:`_pass`).
+mode only inside those modules (forward hooks), checked by the count of matrices (:func:`_pass`); such a module that
+is an ``nn.MultiheadAttention`` on its fast path's terms runs no mode at all: an instance ``forward`` for the pass
+calls ``torch._native_multi_head_attention`` asked for the per-head weights and records them (:class:`_NativeMHA`).
 
 What real models run is covered: timm's ``Attention`` (SDPA when ``fused_attn``, else
 ``(q * scale) @ k^T``, ``softmax(dim=-1)``, ``attn_drop``), Hugging Face eager attention
