@@ -317,27 +317,18 @@ def _hooked(model: nn.Module) -> list:
     return [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_always_called]
 
 
-def test_ctrl_c_at_each_point_of_the_narrowing_leaves_no_mode_and_no_hook():
-    """SIGINT (Ctrl-C) at each point where Python may raise ``KeyboardInterrupt`` in ``_active_in``, its two
-    hooks and what puts them on and off, in turn: afterwards no mode is on the stack, no hook on the model, and the next pass is narrowed again.
-    Before, a Ctrl-C in ``leave`` after the depth was lowered left the mode on the stack for good, one in
-    ``enter`` before the mode was entered popped a mode that was not the capture (here: none, an error), and
-    one between a hook's registration and its handle's append left the hook on the module."""
+def sigint_tracer(codes: set, run):
+    """``traced(at)``: ``run()`` traced in the functions whose code is in ``codes``; the points where Python may raise
+    ``KeyboardInterrupt`` (``test_hygiene._interruption_points``) passed there, in order, returned; with ``at`` (the
+    k-th one), SIGINT sent there (the ``KeyboardInterrupt`` it raises out of ``run`` caught)."""
     import signal
     import sys
-    import types
 
-    from test_hygiene import _interruption_points, _sigint_handled_by
+    from test_hygiene import _interruption_points
 
-    model = _tiny("explicit")
-    x = torch.rand(1, 3, 16, 16)
-    attention_maps(model, x)  # learnt: the next passes are narrowed
-    outer = attention._active_in.__wrapped__.__code__
-    codes = {outer, *(c for c in outer.co_consts if isinstance(c, types.CodeType)),
-             *(f.__code__ for f in (getattr(attention, "_hook", None), getattr(attention, "_unhook", None)) if f)}
     points = {c: _interruption_points(c) for c in codes}
 
-    def traced(at):  # the points passed, in order; with ``at`` (the k-th one), SIGINT sent there
+    def traced(at):
         passed: list = []
 
         def local(frame, event, arg):
@@ -356,13 +347,33 @@ def test_ctrl_c_at_each_point_of_the_narrowing_leaves_no_mode_and_no_hook():
 
         sys.settrace(calls)
         try:
-            attention_maps(model, x)
+            run()
         except KeyboardInterrupt:
             pass
         finally:
             sys.settrace(None)
         return passed
+    return traced
 
+
+def test_ctrl_c_at_each_point_of_the_narrowing_leaves_no_mode_and_no_hook():
+    """SIGINT (Ctrl-C) at each point where Python may raise ``KeyboardInterrupt`` in ``_active_in``, its two
+    hooks and what puts them on and off, in turn: afterwards no mode is on the stack, no hook on the model, and the next pass is narrowed again.
+    Before, a Ctrl-C in ``leave`` after the depth was lowered left the mode on the stack for good, one in
+    ``enter`` before the mode was entered popped a mode that was not the capture (here: none, an error), and
+    one between a hook's registration and its handle's append left the hook on the module."""
+    import signal
+    import types
+
+    from test_hygiene import _sigint_handled_by
+
+    model = _tiny("explicit")
+    x = torch.rand(1, 3, 16, 16)
+    attention_maps(model, x)  # learnt: the next passes are narrowed
+    outer = attention._active_in.__wrapped__.__code__
+    codes = {outer, *(c for c in outer.co_consts if isinstance(c, types.CodeType)),
+             *(f.__code__ for f in (getattr(attention, "_hook", None), getattr(attention, "_unhook", None)) if f)}
+    traced = sigint_tracer(codes, lambda: attention_maps(model, x))
     n = len(traced(None))
     assert n > 25
     failed = []

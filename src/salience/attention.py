@@ -33,7 +33,9 @@ Every other torch call of the pass also reaches the mode (that is how modes work
 on one set lookup of the function (:data:`_WATCHED`). :func:`attention_maps` (attention rollout's pass) keeps
 even that off the rest of the pass: a model's first pass runs under the mode throughout and notes the module
 each attention was called from (the innermost module being called, where its hooks run); its later passes enter the
-mode only inside those modules (forward hooks), checked by the count of matrices (:func:`_pass`).
+mode only inside those modules (forward hooks), checked by the count of matrices (:func:`_pass`); such a module that
+is an ``nn.MultiheadAttention`` on its fast path's terms runs no mode at all: an instance ``forward`` for the pass
+calls ``torch._native_multi_head_attention`` asked for the per-head weights and records them (:class:`_NativeMHA`).
 
 What real models run is covered: timm's ``Attention`` (SDPA when ``fused_attn``, else
 ``(q * scale) @ k^T``, ``softmax(dim=-1)``, ``attn_drop``), Hugging Face eager attention
@@ -57,6 +59,7 @@ import functools
 import inspect
 import math
 import sys
+import threading
 import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Union
@@ -568,10 +571,12 @@ def _scope_of(model: nn.Module, sites: list[Optional[nn.Module]]) -> Optional[li
 
 
 @contextmanager
-def _active_in(cap: AttentionCapture, modules: list[nn.Module]) -> Iterator[None]:
+def _active_in(cap: AttentionCapture, modules: list[nn.Module], native: bool = False) -> Iterator[None]:
     """``cap`` active only while one of ``modules`` runs (in this thread), by a forward pre-hook and an
     always-called forward hook on each, removed when the block ends (and the capture left, also after an
-    error): the rest of the pass runs without a mode (every torch call through Python otherwise)."""
+    error): the rest of the pass runs without a mode (every torch call through Python otherwise). With
+    ``native`` (a pass without autograd: rollout's), an ``nn.MultiheadAttention`` among ``modules`` on its fast
+    path's terms runs PyTorch's kernel asked for the weights instead, no mode at all (:class:`_NativeMHA`)."""
     depth = [0]
 
     @this_thread  # other threads' passes through the modules: not captured, and their fingerprints leave these out
@@ -589,7 +594,7 @@ def _active_in(cap: AttentionCapture, modules: list[nn.Module]) -> Iterator[None
 
     handles: list = []
     try:  # Ctrl-C deferred while the hooks go on and off (a handle not yet kept would leave its hook behind)
-        _calmly(_hook, modules, enter, leave, handles)
+        _calmly(_hook, modules, enter, leave, handles, cap if native else None)
         yield
     finally:
         try:
@@ -599,17 +604,101 @@ def _active_in(cap: AttentionCapture, modules: list[nn.Module]) -> Iterator[None
             raise
 
 
-def _hook(modules: list[nn.Module], enter: Callable, leave: Callable, handles: list) -> None:
+def _hook(modules: list[nn.Module], enter: Callable, leave: Callable, handles: list,
+          native: Optional[AttentionCapture] = None) -> None:
     for m in modules:
+        if native is not None and _native_ready(m):
+            f = _NativeMHA(m, native, enter, leave)
+            handles.append(f)  # kept first: its remove() takes off its own forward only, if it was set
+            if m.__dict__.setdefault("forward", f) is f:  # not one already there (the user's, another thread's)
+                continue
+            handles.pop()
         # entered before the user's pre-hooks (under the capture around the whole pass too): one that raises is
         # balanced by ``leave``, always called, instead of leaving a capture an outer module entered
         handles.append(m.register_forward_pre_hook(enter, prepend=True))
         handles.append(m.register_forward_hook(leave, always_call=True))
 
 
+def _native_ready(m: nn.Module) -> bool:
+    """``m`` an ``nn.MultiheadAttention`` (its own ``forward``) whose fast path could run: batch first, one packed
+    in-projection with biases, no ``bias_k`` / ``bias_v`` / ``add_zero_attn``, an even number of heads (the
+    conditions of ``nn.MultiheadAttention.forward`` that do not depend on the call; :func:`_native_weights` the
+    rest)."""
+    return (isinstance(m, nn.MultiheadAttention) and type(m).forward is nn.MultiheadAttention.forward
+            and hasattr(torch, "_native_multi_head_attention") and m.batch_first and m._qkv_same_embed_dim
+            and m.in_proj_weight is not None and m.in_proj_bias is not None and m.out_proj.bias is not None
+            and m.bias_k is None and m.bias_v is None and not m.add_zero_attn and m.num_heads % 2 == 0)
+
+
+def _native_weights(m: nn.MultiheadAttention, q: Tensor) -> Optional[tuple[Tensor, ...]]:
+    """The in- and out-projections' weights and biases of ``m`` where the call-time conditions of its fast path hold,
+    stricter (the caller checked: self-attention, no mask, not causal): batched, not nested, eval mode, inference mode,
+    fp32 / fp64 alike in every tensor, one CPU or CUDA device, no autocast, the fast path not turned off, no tensor
+    subclass nor mode with a torch function; else ``None``. Read from the modules' ``_parameters`` (a parametrized
+    weight is not there: ``None``), not by ``nn.Module.__getattr__`` (6 us for the four, of the ~100 us a layer the
+    native path saves)."""
+    if (q.dim() != 3 or q.is_nested or m.training or q.dtype not in _NATIVE_DTYPES
+            or not torch.is_inference_mode_enabled()):
+        return None
+    p, o = m._parameters, m._modules["out_proj"]._parameters
+    tensors = (p.get("in_proj_weight"), p.get("in_proj_bias"), o.get("weight"), o.get("bias"))
+    if any(t is None for t in tensors):
+        return None
+    device = q.device
+    if (device.type not in ("cpu", "cuda") or any(t.dtype != q.dtype or t.device != device for t in tensors)
+            or torch.is_autocast_enabled(device.type) or not torch.backends.mha.get_fastpath_enabled()
+            or torch.overrides.has_torch_function((q, *tensors))):
+        return None
+    return tensors
+
+
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+class _NativeMHA:
+    """An ``nn.MultiheadAttention``'s instance ``forward`` for one narrowed pass without autograd (rollout's): its
+    own ``__call__`` still runs the user's hooks around it. On the fast path's terms (:func:`_native_weights`, and
+    self-attention without masks) one call of ``torch._native_multi_head_attention`` asked for the per-head weights,
+    which ``cap`` records as the capture records an ``"mha"`` matrix: no mode, where under one ``nn.MultiheadAttention``
+    runs its Python path (~13 torch calls through the mode, ~100 us a layer on a CPU proxy of a GPU). Otherwise, or
+    in another thread, the class's ``forward`` with ``cap`` entered as the narrowing's hooks enter it (``enter`` /
+    ``leave``, which leave other threads alone). :meth:`remove` takes it off the module (if it is still there)."""
+
+    __slots__ = ("module", "cap", "enter", "leave", "salience_thread")
+
+    def __init__(self, module: nn.Module, cap: AttentionCapture, enter: Callable, leave: Callable) -> None:
+        self.module, self.cap, self.enter, self.leave = module, cap, enter, leave
+        self.salience_thread = threading.get_ident()  # fingerprint.structure() of another thread leaves it out
+
+    def __call__(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        m = self.module
+        weights = _native_weights(m, query) if (
+            query is key is value and key_padding_mask is None and attn_mask is None and not is_causal
+            and threading.get_ident() == self.salience_thread) else None
+        if weights is not None:
+            out, att = torch._native_multi_head_attention(query, key, value, m.embed_dim, m.num_heads, *weights,
+                                                          None, True, False, None)
+            self.cap._record(att, "mha")
+            return out, (att.mean(dim=1) if average_attn_weights else att) if need_weights else None
+        self.enter(m, ())
+        try:
+            return type(m).forward(m, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        finally:
+            self.leave(m, (), None)
+
+    def remove(self) -> None:
+        d = self.module.__dict__
+        if d.get("forward") is self:
+            del d["forward"]
+
+
 def _unhook(cap: AttentionCapture, handles: list) -> None:
-    """The hooks removed and ``cap`` left where it is still on top of the mode stack: by what the stack holds,
-    not by the hooks' depth count (a Ctrl-C between the count and the mode's entry or exit makes them differ)."""
+    """The hooks (and the instance ``forward`` methods, :class:`_NativeMHA`) removed and ``cap`` left where it is
+    still on top of the mode stack: by what the stack holds, not by the hooks' depth count (a Ctrl-C between the count
+    and the mode's entry or exit makes them differ)."""
     while handles:
         handles.pop().remove()
     n = torch._C._len_torch_function_stack()
@@ -628,7 +717,7 @@ def _pass(model: nn.Module, x: Tensor, run: Callable[[nn.Module, Tensor], Any],
     if modules is not None:
         cap = AttentionCapture(batch=x.shape[0], reduce=reduce)
         try:
-            with _active_in(cap, modules), torch.inference_mode(), model_call(model, x):
+            with _active_in(cap, modules, native=True), torch.inference_mode(), model_call(model, x):
                 run(model, x)
         except Exception:  # a path the model takes only without a mode around it: the pass everywhere decides
             pass

@@ -26,15 +26,14 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 def structure(model: nn.Module) -> tuple:
     """A cheap fingerprint of ``model``'s structure: every module of the tree (its id, its class,
     its children's names, a ``forward`` set on the instance) and the keys of the hooks of its own on
-    each (not :func:`observer` hooks, which a dataset run adds batch after batch, nor the hooks salience
-    holds for another thread's pass, :func:`~salience._core.autograd.this_thread`, which never run in this
-    thread's). It changes when a
-    module is replaced, added or removed (``model.fc = nn.Sequential(model.fc, nn.Softmax(1))``), a
-    class or a ``forward`` is swapped, or a hook is added or removed; not when a plain attribute of a
-    module (a number its ``forward`` reads) changes. What :func:`~salience._core.perf.one_pass`
-    remembers per model (a final softmax found), the compiled model and the CAMs' default layer
-    (:class:`~salience._core.perf.ModelCache`) are kept for one structure, the folded copy for one
-    :func:`_fold_key`. About 0.2 ms on resnet50 (0.3 ms with the tensors; docs/performance.md)."""
+    each (not :func:`observer` hooks, which a dataset run adds batch after batch, nor the hooks and instance
+    ``forward`` salience holds for another thread's pass, :func:`~salience._core.autograd.this_thread`, which never
+    run in this thread's). It changes when a module is replaced, added or removed (``model.fc =
+    nn.Sequential(model.fc, nn.Softmax(1))``), a class or a ``forward`` is swapped, or a hook is added or removed;
+    not when a plain attribute of a module (a number its ``forward`` reads) changes. What
+    :func:`~salience._core.perf.one_pass` remembers per model (a final softmax found), the compiled model and the
+    CAMs' default layer (:class:`~salience._core.perf.ModelCache`) are kept for one structure, the folded copy for
+    one :func:`_fold_key`. About 0.2 ms on resnet50 (0.3 ms with the tensors; docs/performance.md)."""
     return _walk(model, False)
 
 
@@ -59,6 +58,8 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
     for m in model.modules():
         d = m.__dict__
         f = d.get("forward")
+        if f is not None and getattr(f, "salience_thread", me) != me:  # another thread's pass's (attention._NativeMHA)
+            f = None
         add((id(m), type(m), tuple(d["_modules"].keys()), None if f is None else id(f)))
         if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks") or \
                 d.get("_backward_pre_hooks"):
