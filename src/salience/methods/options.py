@@ -19,7 +19,7 @@ import functools
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -31,7 +31,7 @@ from salience.methods.smoothgrad import VARIANTS
 from salience.reduce import GRAD_MODIFIERS, REDUCTIONS
 from salience.rules import UNSUPPORTED
 
-__all__ = ["NOT_FLAGS", "CHOICES", "MethodOption", "method_options", "keyword_parameters", "accepted", "wraps_methods",
+__all__ = ["NOT_FLAGS", "CHOICES", "check_taken", "MethodOption", "method_options", "keyword_parameters", "accepted", "wraps_methods",
            "show_default", "read_value", "bind", "check_applicable", "check_layer", "check_values", "option_error"]
 
 
@@ -210,6 +210,21 @@ def bind(name: str, given: dict[str, Any]) -> tuple[Callable[..., Tensor], dict[
     fn = METHODS[name]
     taken = {k: v for k, v in given.items() if k in accepted(fn, given.get(_INNER) or _default_inner(fn))}
     return (functools.partial(fn, **taken) if taken else fn), taken
+
+
+def check_taken(fn: Callable[..., Any], given: Any, name: str) -> None:
+    """A :class:`SalienceError` for ``given`` that is not a dict of keyword options, or for an option the
+    method ``fn`` (called ``name``) does not take (a function with ``**options`` takes any), before any
+    work: it was the method's raw ``TypeError`` at its first call."""
+    if not isinstance(given, Mapping):
+        raise SalienceError(f"the options of method {name!r} must be a dict of keyword options, e.g. "
+                            f"{{'samples': 8}}; got {type(given).__name__}")
+    params = _signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in given if k not in params or k in ("model", "x", "target")]
+        if unknown:
+            takes = ", ".join(k for k in params if k not in ("model", "x", "target"))
+            raise SalienceError(f"method {name!r} takes no option {unknown[0]!r} (it takes: {takes})")
 
 
 def option_error(message: str, given: dict[str, Any]) -> Optional[str]:

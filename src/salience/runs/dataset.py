@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import inspect
 import os
 import queue
 import sys
@@ -34,11 +33,12 @@ from salience._core.files import atomic_write
 from salience._core.guard import run_guard
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress
-from salience._core.tensors import check_int, copy_model, model_device
+from salience._core.tensors import check_flag, check_int, copy_model, model_device
 from salience.loading import load_model, remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
 from salience.loading.models import name_classes, resolve_device
 from salience.methods import METHODS, as_method
+from salience.methods.options import check_taken
 from salience.render import viz
 from salience.runs import gallery, job, sources
 from salience.runs.lock import run_lock
@@ -127,6 +127,8 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     ``(seed * 1_000_003 + i) % 2**63`` (:func:`salience.runs.job.image_seed`), so its map does not
     depend on the batch (docs/datasets.md).
     """
+    png, overwrite, show_progress = (check_flag(v, n) for v, n in ((png, "png"), (overwrite, "overwrite"),
+                                                                   (show_progress, "show_progress")))
     if engine not in ENGINES:
         raise SalienceError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     check_int(shard_size, "shard_size", minimum=1)
@@ -151,7 +153,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     if regression:
         target_mode, k = _regression_mode(target, top, label_list, mode, n_out, info)
     else:
-        target_mode, k = _mode(target, top, label_list, info, n_out)
+        target_mode, k = _mode(target, top, label_list, info, n_out, mode)
     mask_list = sources.mask_files(paths, masks) if masks is not None else None
     if isinstance(dataset, sources.ImageFiles):
         dataset = sources.ImageFiles(paths, info, max_pixels, mask_list)
@@ -282,14 +284,8 @@ def _with_options(fns: Mapping[str, Callable[..., Any]], name: str, given: Any) 
     if not isinstance(given, Mapping):
         raise SalienceError(f"method_options[{name!r}] must be a dict of keyword options, e.g. {{'samples': 8}}; "
                             f"got {type(given).__name__}")
-    fn = fns[name]
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = [k for k in given if k not in params or k in ("model", "x", "target")]
-        if unknown:
-            takes = ", ".join(k for k in params if k not in ("model", "x", "target"))
-            raise SalienceError(f"method {name!r} takes no option {unknown[0]!r} (it takes: {takes})")
-    return functools.partial(fn, **given) if given else fn
+    check_taken(fns[name], given, name)
+    return functools.partial(fns[name], **given) if given else fns[name]
 
 
 def _dataset(images: Any, model: nn.Module) -> tuple[Dataset, list[str], Optional[int]]:
@@ -301,7 +297,17 @@ def _dataset(images: Any, model: nn.Module) -> tuple[Dataset, list[str], Optiona
     if isinstance(images, Dataset) and not isinstance(images, (str, Path)):
         wrapped = sources.Wrapped(images)
         return wrapped, [f"{type(images).__name__}[{i}]" for i in range(len(wrapped))], loader_workers
-    specs = [images] if isinstance(images, (str, Path)) else list(images)
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        raise SalienceError(f"images is a {type(images).__name__} of shape {tuple(images.shape)}; give a dataset of "
+                            "its images, e.g. torch.utils.data.TensorDataset(images) for (N, C, H, W) tensors")
+    try:
+        specs = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    except TypeError:  # not iterable
+        specs = [None]
+    if not all(isinstance(p, (str, os.PathLike)) for p in specs):
+        raise SalienceError("images must be a folder, a glob, a .txt list, a list of image paths, or a "
+                            "torch.utils.data.Dataset (or DataLoader) of (C, H, W) tensors; got "
+                            f"{type(images).__name__}")
     paths = sources.expand(specs)
     return sources.ImageFiles(paths, model_info(model)), paths, None
 
@@ -395,9 +401,16 @@ def _label(value: Any, i: int, paths: Sequence[str], info: ModelInfo) -> Optiona
 
 
 def _mode(target: Optional[int], top: Optional[int], labels: Union[None, list, str], info: ModelInfo,
-          n_out: int) -> tuple[str, int]:
+          n_out: int, mode: str = "increase") -> tuple[str, int]:
     """How targets are chosen and how many per image, ``target`` and ``top`` checked against the
-    classes (the model's ``n_out`` outputs when it names none)."""
+    classes (the model's ``n_out`` outputs when it names none); ``mode`` is a regression model's only."""
+    from salience.targets import REGRESSION_MODES
+
+    if mode not in REGRESSION_MODES:
+        raise SalienceError(f"mode must be one of {', '.join(REGRESSION_MODES)}, got {mode!r}")
+    if mode != "increase":  # "decrease" on a classifier was ignored: the maps of the class's increase, silently
+        raise SalienceError(f"mode {mode!r} is for a regression model or a model with one output; {info.name} is a "
+                            f"classifier with {n_out} outputs: leave mode out (its maps show what raises the class)")
     if target is not None and top is not None:
         raise SalienceError("give target or top, not both")
     n = len(info.class_names or ()) or n_out
