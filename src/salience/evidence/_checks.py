@@ -18,6 +18,7 @@ from salience._core.errors import SalienceError
 from salience._core.info import max_batch
 from salience._core.tensors import check_int
 from salience.methods import METHODS, QUICK, as_method
+from salience.methods.options import check_taken
 from salience.targets import Classes, Predicted, Target
 
 MethodLike = Union[str, Callable[..., Tensor]]
@@ -116,18 +117,23 @@ def check_masks(masks: Tensor, maps: Tensor) -> Tensor:
     return masks.to(maps.device)
 
 
-def resolve_method(method: MethodLike) -> tuple[str, Callable[..., Tensor]]:
+def resolve_method(method: MethodLike, options: Optional[dict] = None) -> tuple[str, Callable[..., Tensor]]:
     """A method given by name (a key of :data:`salience.methods.METHODS`, with its
-    :data:`~salience.methods.QUICK` options) or as a function, as ``(name, function)``."""
+    :data:`~salience.methods.QUICK` options) or as a function, as ``(name, function)``; ``options`` (a
+    metric's ``method_kwargs``) checked against what the method takes."""
     if isinstance(method, str):
         if method not in METHODS:
             raise SalienceError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
         fn = METHODS[method]
         quick = QUICK.get(method)  # the many-pass methods' cheaper options for reports (methods.QUICK)
-        return method, (functools.partial(fn, **quick) if quick else fn)
-    if callable(method):  # the registry's contract (a target-free function takes the target too)
-        return getattr(method, "__name__", "method"), as_method(method)
-    raise SalienceError(f"expected a method as a name or a function, got {type(method).__name__}")
+        name, fn = method, (functools.partial(fn, **quick) if quick else fn)
+    elif callable(method):  # the registry's contract (a target-free function takes the target too)
+        name, fn = getattr(method, "__name__", "method"), as_method(method)
+    else:
+        raise SalienceError(f"expected a method as a name or a function, got {type(method).__name__}")
+    if options is not None:
+        check_taken(fn, options, name)
+    return name, fn
 
 
 

@@ -134,6 +134,9 @@ def _noise(shape: torch.Size, seeds: Sequence[int]) -> Tensor:
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:
+    if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__"):
+        raise SalienceError(f"ROAD fractions must be a sequence of fractions, e.g. (0.5,) or ROAD_FRACTIONS; got "
+                            f"{fractions!r}")
     fr = [float(f) for f in fractions]
     if not fr or any(not 0.0 < f < 1.0 for f in fr):
         raise SalienceError(f"ROAD fractions must lie strictly between 0 and 1, got {list(fractions)}")
