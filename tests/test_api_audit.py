@@ -194,3 +194,59 @@ def test_faithfulness_correlation_of_sets_of_every_pixel(size):
     every model: refused, where it returned NaN."""
     with pytest.raises(SalienceError, match=r"replaces all 64 pixels in every set.*smaller fraction"):
         salience.evidence.faithfulness_correlation(_cnn(), X[:2], torch.rand(2, 8, 8), subsets=4, subset_size=size)
+
+
+# ----------------------------------------------------------------------------- maps, curves, baselines
+
+MAPS = torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(3))
+NAN_MAPS = MAPS.clone().index_fill_(0, torch.tensor([1]), float("nan"))
+IMAGES = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: salience.evidence.spearman(NAN_MAPS, MAPS), r"a contain NaN or infinite values \(image 1 of 2\)"),
+    (lambda: salience.evidence.spearman(MAPS.numpy(), MAPS), r"expected a as a torch.Tensor.*got ndarray"),
+    (lambda: salience.evidence.ssim(MAPS, MAPS, window=0), r"window must be an int >= 1"),
+    (lambda: salience.evidence.ssim(MAPS, MAPS, sigma=0), r"sigma must be a finite number >= 1e-06"),
+    (lambda: salience.evidence.ssim(MAPS, MAPS, data_range=0), r"data_range must be a finite number"),
+    (lambda: salience.evidence.hog_similarity(MAPS, MAPS, bins=0), r"bins must be an int >= 1"),
+    (lambda: salience.evidence.hog_similarity(MAPS, MAPS, cell=2.5), r"cell must be an int >= 1"),
+    (lambda: salience.evidence.spectral_residual(IMAGES.clone().fill_(float("nan"))),
+     r"images contain NaN or infinite values \(images 0, 1 of 2\)"),
+    (lambda: salience.evidence.sobel_edges(IMAGES.clone().fill_(float("inf"))), r"images contain NaN or infinite"),
+    (lambda: salience.evidence.spectral_residual(IMAGES[:0]), r"images is an empty batch"),
+    (lambda: salience.evidence.random_maps((2, -1, 6)), r"each side of shape must be an int >= 0, got -1"),
+    (lambda: salience.evidence.random_maps((2, 6.0, 6)), r"each side of shape must be an int >= 0, got 6.0"),
+    (lambda: salience.evidence.random_maps(6), r"shape must be a sequence of sides"),
+    (lambda: salience.evidence.random_maps((2, 6, 6), device="nope"), r"device 'nope': not a device torch knows"),
+    (lambda: salience.evidence.image_seeds(IMAGES, stream=-1), r"stream must be an int >= 0"),
+    (lambda: salience.evidence.image_seeds(IMAGES.numpy()), r"expected x as a torch.Tensor.*got ndarray"),
+    (lambda: salience.evidence.auc(np.zeros((2, 3))), r"expected curves as a torch.Tensor"),
+    (lambda: salience.evidence.auc([[0.0, 1.0]]), r"expected curves as a torch.Tensor"),
+    (lambda: salience.evidence.auc(torch.tensor([[0.0, float("nan"), 1.0]])), r"curves contain NaN"),
+    (lambda: salience.evidence.linear_imputation(IMAGES.clone().fill_(float("nan")), MAPS > 0.5),
+     r"x contain NaN or infinite values"),
+    (lambda: salience.evidence.box_iou([[0, 0, 2, 2]], [[0, 0, 2, 2]]), r"expected two \(B, 4\) tensors.*got list"),
+], ids=["spearman-nan", "spearman-numpy", "ssim-window0", "ssim-sigma0", "ssim-range0", "hog-bins0",
+        "hog-cell-float", "spectral-nan", "sobel-inf", "spectral-empty", "random-negative", "random-float",
+        "random-int", "random-device", "seeds-stream", "seeds-numpy", "auc-numpy", "auc-list", "auc-nan",
+        "imputation-nan", "iou-list"])
+def test_map_functions_refuse_what_they_cannot_score(call, message):
+    """Each was a raw error (``TypeError``, ``RuntimeError``, ``ZeroDivisionError``, ``OverflowError``,
+    ``AttributeError``) or a silent NaN / finite number from NaN input (Spearman of a NaN map ranked
+    the NaNs and returned a correlation)."""
+    with pytest.raises(SalienceError, match=message):
+        call()
+
+
+def test_auc_of_huge_values_is_their_area():
+    """The float32 sum of values near 1e38 overflowed to inf; the area (trapezoid, hand-computed) is 2e38."""
+    got = salience.evidence.auc(torch.tensor([[1e38, 3e38, 1e38]], dtype=torch.float32))
+    assert got.dtype == torch.float32 and float(got[0]) == pytest.approx(2e38, rel=1e-6)
+
+
+@pytest.mark.parametrize("fn", ["pointing_game", "weak_localization"])
+def test_localization_of_no_images_is_no_values(fn):
+    """An empty batch (a filter that kept no image) was a raw "cannot reshape tensor of 0 elements"."""
+    got = getattr(salience.evidence, fn)(MAPS[:0], MAPS[:0] > 0.5)
+    assert got.shape == (0,)
