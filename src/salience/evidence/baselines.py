@@ -16,7 +16,6 @@ from salience._core.errors import SalienceError
 from salience._core.tensors import check_int, check_number, minmax
 from salience._core.tensors import gaussian_kernel1d
 from salience.evidence._checks import check_finite, check_seed
-from salience.loading.models import resolve_device
 
 __all__ = ["spectral_residual", "sobel_edges", "center_maps", "random_maps"]
 
@@ -108,7 +107,10 @@ def random_maps(shape: Sequence[int], *, seed: Union[int, Sequence[int]] = 0,
     if isinstance(shape, int) or not hasattr(shape, "__iter__"):
         raise SalienceError(f"shape must be a sequence of sides, e.g. (B, H, W), got {shape!r}")
     shape = tuple(check_int(s, "each side of shape") for s in shape)
-    device = resolve_device(device)
+    try:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError, ValueError):
+        raise SalienceError(f"device {device!r}: not a device torch knows; use cpu, cuda or cuda:N") from None
     # float32 draws whatever torch's default dtype: the same seed gives the same maps
     if isinstance(seed, (Tensor, np.ndarray)):
         seed = seed.tolist()
@@ -121,4 +123,4 @@ def random_maps(shape: Sequence[int], *, seed: Union[int, Sequence[int]] = 0,
     else:
         gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
         maps = torch.rand(shape, generator=gen, dtype=torch.float32)
-    return maps.to(device if device is not None else "cpu")
+    return maps.to(device)

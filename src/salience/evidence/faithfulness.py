@@ -407,17 +407,17 @@ def faithfulness_correlation(
     if not 0 < frac <= 1:
         raise SalienceError(f"subset_size must be a fraction of the pixels in (0, 1], got {subset_size!r}")
     k = min(max(round(frac * h * w), 1), h * w)
-    if k == h * w:  # every set the same: the sums do not vary, and the correlation was NaN for every map
-        raise SalienceError(f"subset_size {subset_size!r} replaces all {h * w} pixels in every set, so every set's sum "
-                            "of the map is the same and the correlation is undefined; give a smaller fraction "
-                            "(default 0.1)")
     # Image i's sets from its own generator (seeded by its content), in float32 whatever the default dtype.
     keys = torch.stack([torch.rand((t, h * w), generator=torch.Generator(device="cpu").manual_seed(s),
                                    dtype=torch.float32) for s in image_seeds(x, check_seed(seed))]).to(x.device)
     chosen = torch.zeros(b, t, h * w, dtype=torch.bool, device=x.device)
     chosen.scatter_(2, keys.topk(k, dim=2).indices, True)
     chosen = chosen.reshape(b, t, h, w)
-    base = _substrate(x, substrate, blur_sigma)
+    base = _substrate(x, substrate, blur_sigma)  # first: a 1 x 1 image's blur is refused as it is everywhere
+    if k == h * w:  # every set the same: the sums do not vary, and the correlation was NaN for every map
+        raise SalienceError(f"subset_size {subset_size!r} replaces all {h * w} pixels in every set, so every set's sum "
+                            "of the map is the same and the correlation is undefined; give a smaller fraction "
+                            "(default 0.1)")
 
     def make(ids: Tensor) -> tuple[Tensor, Tensor]:
         img, s = ids // (t + 1), ids % (t + 1)  # s == 0: the image itself
