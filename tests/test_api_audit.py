@@ -250,3 +250,47 @@ def test_localization_of_no_images_is_no_values(fn):
     """An empty batch (a filter that kept no image) was a raw "cannot reshape tensor of 0 elements"."""
     got = getattr(salience.evidence, fn)(MAPS[:0], MAPS[:0] > 0.5)
     assert got.shape == (0,)
+
+
+# ----------------------------------------------------------------------------- more of explain_dataset
+
+@pytest.mark.parametrize("options, message", [
+    ({"labels": [0.5, 1, 2]}, r"label of image 0 must be an int, got 0.5"),
+    ({"metrics": 1}, r"metrics must be True, False or metric names.*got 1"),
+    ({"method_options": [("vanilla", {})]}, r"method_options must be a dict of method name: options.*got list"),
+    ({"methods": salience.vanilla}, r"methods must be names or a dict of name: function.*got function"),
+    ({"max_pixels": 0}, r"max_pixels must be an int >= 1"),
+    ({"max_pixels": -5}, r"max_pixels must be an int >= 1"),
+], ids=["label-half", "metrics-int", "options-list", "methods-function", "max-pixels-0", "max-pixels-negative"])
+def test_explain_dataset_options_of_the_wrong_kind(options, message, folder, tmp_path):
+    """A label 0.5 was class 0 (``int()``), silently; ``max_pixels=0`` made every image an error row; the
+    others were raw ``TypeError`` / ``AttributeError``."""
+    model = attach_info(_cnn(), ModelInfo(name="cnn", input_size=(8, 8)))
+    with unchanged(model), pytest.raises(SalienceError, match=message):
+        salience.explain_dataset(model, folder, **{"methods": ["vanilla"], **options}, out=tmp_path / "run")
+
+
+def test_a_run_row_by_a_string_says_it_is_the_type(folder, tmp_path):
+    """``run.row("0")`` said "image 0 is not in the run", of a run that has image 0."""
+    model = attach_info(_cnn(), ModelInfo(name="cnn", input_size=(8, 8)))
+    run = salience.explain_dataset(model, folder, ["vanilla"], tmp_path / "run", workers=0)
+    assert run.row(0)["index"] == 0
+    with pytest.raises(SalienceError, match=r"index must be an int.*got '0'"):
+        run.row("0")
+
+
+@pytest.mark.parametrize("args, message", [
+    ((X, torch.arange(3), X[0]), r"expected x of shape \(B, C, H, W\)"),
+    ((X.numpy(), torch.arange(3), X), r"expected x as a torch.Tensor"),
+    ((X, [0, 1, 2], X), r"expected labels as a \(N,\) tensor of class indices, got list"),
+], ids=["x-chw", "images-numpy", "labels-list"])
+def test_data_randomization_refuses_before_training(args, message):
+    """A bad ``x`` was the model's raw error after both trainings (``train_fn`` called twice first)."""
+    trained = []
+
+    def train_fn(images, labels):
+        trained.append(1)
+        return _cnn().eval()
+    with pytest.raises(SalienceError, match=message):
+        salience.evidence.data_randomization(train_fn, args[0], args[1], args[2], "vanilla")
+    assert not trained

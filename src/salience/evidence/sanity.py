@@ -255,6 +255,12 @@ def data_randomization(
     Returns ``{"values": {kind: mean}, "per_image": {kind: (B,)}, "train_accuracy":
     {"true": a, "shuffled": b}}`` (accuracy of each model on its own training labels).
     """
+    check_input(images)  # before the two trainings: a raw error of the model after them cost both
+    check_input(x)
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise SalienceError(f"expected labels as a (N,) tensor of class indices, got "
+                            f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__}"
+                            f"{tuple(labels.shape) if isinstance(labels, Tensor) else ''}")
     if labels.shape[0] != images.shape[0]:
         raise SalienceError(f"got {labels.shape[0]} labels for {images.shape[0]} images")
     _, fn = resolve_method(method, method_kwargs)

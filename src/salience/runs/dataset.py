@@ -134,6 +134,8 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     check_int(shard_size, "shard_size", minimum=1)
     if batch_size is not None:
         check_int(batch_size, "batch_size", minimum=1)
+    if max_pixels is not None:
+        check_int(max_pixels, "max_pixels", minimum=1, what="the largest image in pixels; None for no limit")
     if map_dtype not in ("float16", "float32"):
         raise SalienceError(f"map_dtype must be float16 or float32, got {map_dtype!r}")
     perf = _perf.resolve(memory_format, compile, precision, fold_batchnorm)
@@ -257,6 +259,12 @@ def _methods(methods: Any, options: Optional[Mapping[str, Any]]) -> tuple[dict[s
     """Names -> functions, and a JSON record of the options (for the command)."""
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
+    elif callable(methods) or not isinstance(methods, (Mapping, Sequence)):
+        raise SalienceError(f"methods must be names or a dict of name: function, e.g. {{'mine': fn}}; got "
+                            f"{type(methods).__name__}")
+    if options is not None and not isinstance(options, Mapping):
+        raise SalienceError(f"method_options must be a dict of method name: options, e.g. {{'smoothgrad': "
+                            f"{{'samples': 8}}}}; got {type(options).__name__}")
     if isinstance(methods, Mapping):  # the registry's contract (a target-free function takes the target too)
         fns = {name: as_method(fn) for name, fn in methods.items()}
     else:
@@ -397,7 +405,9 @@ def _label(value: Any, i: int, paths: Sequence[str], info: ModelInfo) -> Optiona
             return names[value.strip().lower()]
         raise SalienceError(f"label {value!r} of image {i} ({paths[i] if i < len(paths) else '?'}) is neither a class "
                             f"index nor a class name of {info.name}")
-    return int(value)
+    if isinstance(value, torch.Tensor) and value.dim() == 0:  # an item of a tensor of labels
+        value = value.item()
+    return check_int(value, f"label of image {i}", minimum=None)  # int() made 0.5 class 0, silently
 
 
 def _mode(target: Optional[int], top: Optional[int], labels: Union[None, list, str], info: ModelInfo,
@@ -448,6 +458,9 @@ def _regression_mode(target: Optional[int], top: Optional[int], labels: Union[No
 
 
 def _metric_names(metrics: Union[bool, Sequence[str]], masks: bool) -> list[str]:
+    if not isinstance(metrics, (bool, str, Sequence)):
+        raise SalienceError(f"metrics must be True, False or metric names, e.g. ['deletion', 'insertion']; got "
+                            f"{metrics!r}")
     if metrics is True:
         return ["insertion", "deletion"] + (["pointing", "energy"] if masks else [])
     if not metrics:
