@@ -136,8 +136,11 @@ def test_a_one_pixel_image_is_refused_where_nothing_would_be_removed(call):
     for substrate in ("blur", "mean"):
         with pytest.raises(SalienceError, match=rf"substrate='{substrate}' of a 1 x 1 image.*substrate='zero'"):
             fn(model, x, maps, 0, substrate=substrate)
-    kw = {"steps": 1} if call != "faithfulness_correlation" else {"subsets": 2, "subset_size": 1.0}
-    fn(model, x, maps, 0, substrate="zero", **kw)
+    if call == "faithfulness_correlation":  # one pixel, every set the whole image: the correlation is undefined
+        with pytest.raises(SalienceError, match="replaces all 1 pixels in every set"):
+            fn(model, x, maps, 0, substrate="zero", subsets=2, subset_size=1.0)
+        return
+    fn(model, x, maps, 0, substrate="zero", steps=1)
 
 
 # ------------------------------------------------------------- one scale of probabilities per call

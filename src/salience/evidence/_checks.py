@@ -18,6 +18,7 @@ from salience._core.errors import SalienceError
 from salience._core.info import max_batch
 from salience._core.tensors import check_int
 from salience.methods import METHODS, QUICK, as_method
+from salience.methods.options import check_taken
 from salience.targets import Classes, Predicted, Target
 
 MethodLike = Union[str, Callable[..., Tensor]]
@@ -38,13 +39,19 @@ def check_maps(maps: Tensor, name: str = "maps") -> Tensor:
         raise SalienceError(f"expected {name} of shape (B, H, W), got shape {tuple(maps.shape)}{hint}")
     if maps.dtype not in (torch.float32, torch.float64):
         maps = maps.float()
-    bad = ~torch.isfinite(maps).flatten(1).all(1)
+    return check_finite(maps, name, "a saliency map must be finite")
+
+
+def check_finite(t: Tensor, name: str, why: str) -> Tensor:
+    """``t`` ``(B, ...)`` if every value is finite, else a :class:`SalienceError` naming the rows that are not
+    (``images 1, 3 of 4``) and ``why`` they must be."""
+    bad = ~torch.isfinite(t).reshape(t.shape[0], -1).all(1) if t.shape[0] else torch.zeros(0, dtype=torch.bool)
     if bool(bad.any()):  # which ones: a batch of maps from several methods or files is found and fixed by image
         idx = bad.nonzero()[:, 0].tolist()
         which = ", ".join(map(str, idx[:5])) + (f" and {len(idx) - 5} more" if len(idx) > 5 else "")
         raise SalienceError(f"{name} contain NaN or infinite values (image{'s' if len(idx) > 1 else ''} {which} of "
-                            f"{maps.shape[0]}); a saliency map must be finite")
-    return maps
+                            f"{t.shape[0]}); {why}")
+    return t
 
 
 def scaled_magnitudes(maps: Tensor) -> Tensor:
@@ -94,6 +101,11 @@ def image_seeds(x: Tensor, seed: int = 0, stream: int = 0) -> list[int]:
     functions that take one seed per image (``random_maps``, ``linear_imputation``,
     ``salience.smoothgrad``) for the same property."""
     s = check_seed(seed)
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise SalienceError(f"expected x as a torch.Tensor of images (B, C, H, W), got {type(x).__name__}")
+    stream = check_int(stream, "stream", minimum=0, what="the number of the draw")
+    if stream >= 2 ** 64:
+        raise SalienceError(f"stream must be below 2**64 (8 bytes of the key), got {stream}")
     return [keyed_seed(s, k, stream) for k in image_keys(x)]
 
 
@@ -116,18 +128,23 @@ def check_masks(masks: Tensor, maps: Tensor) -> Tensor:
     return masks.to(maps.device)
 
 
-def resolve_method(method: MethodLike) -> tuple[str, Callable[..., Tensor]]:
+def resolve_method(method: MethodLike, options: Optional[dict] = None) -> tuple[str, Callable[..., Tensor]]:
     """A method given by name (a key of :data:`salience.methods.METHODS`, with its
-    :data:`~salience.methods.QUICK` options) or as a function, as ``(name, function)``."""
+    :data:`~salience.methods.QUICK` options) or as a function, as ``(name, function)``; ``options`` (a
+    metric's ``method_kwargs``) checked against what the method takes."""
     if isinstance(method, str):
         if method not in METHODS:
             raise SalienceError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
         fn = METHODS[method]
         quick = QUICK.get(method)  # the many-pass methods' cheaper options for reports (methods.QUICK)
-        return method, (functools.partial(fn, **quick) if quick else fn)
-    if callable(method):  # the registry's contract (a target-free function takes the target too)
-        return getattr(method, "__name__", "method"), as_method(method)
-    raise SalienceError(f"expected a method as a name or a function, got {type(method).__name__}")
+        name, fn = method, (functools.partial(fn, **quick) if quick else fn)
+    elif callable(method):  # the registry's contract (a target-free function takes the target too)
+        name, fn = getattr(method, "__name__", "method"), as_method(method)
+    else:
+        raise SalienceError(f"expected a method as a name or a function, got {type(method).__name__}")
+    if options is not None:
+        check_taken(fn, options, name)
+    return name, fn
 
 
 

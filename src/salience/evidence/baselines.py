@@ -15,7 +15,7 @@ from torch import Tensor
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int, check_number, minmax
 from salience._core.tensors import gaussian_kernel1d
-from salience.evidence._checks import check_seed
+from salience.evidence._checks import check_finite, check_seed
 
 __all__ = ["spectral_residual", "sobel_edges", "center_maps", "random_maps"]
 
@@ -31,11 +31,7 @@ def spectral_residual(images: Tensor, *, size: int = 64, blur_size: int = 5, blu
     value everywhere) has nothing salient: its map is 0 (the spectrum's rounding noise, scaled to
     ``[0, 1]``, made a map of noise that no check for a constant map could see).
     """
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        raise SalienceError(
-            f"expected images of shape (B, C, H, W), got "
-            f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
-        )
+    images = _check_images(images)
     size = check_int(size, "size", minimum=3, what="the side of the square the spectrum is computed on")
     blur_size = check_int(blur_size, "blur_size", minimum=1)
     blur_sigma = check_number(blur_sigma, "blur_sigma", minimum=1e-6)
@@ -59,7 +55,7 @@ def spectral_residual(images: Tensor, *, size: int = 64, blur_size: int = 5, blu
     if (h, w) != (size, size):
         sal = F.interpolate(sal, size=(h, w), mode="bilinear", align_corners=False)
     out = minmax(sal[:, 0]).masked_fill(flat, 0.0)
-    return out.to(images.dtype if images.is_floating_point() else torch.float32)
+    return out.to(images.dtype)
 
 
 def _check_images(images: Tensor) -> Tensor:
@@ -68,7 +64,10 @@ def _check_images(images: Tensor) -> Tensor:
             f"expected images of shape (B, C, H, W), got "
             f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
         )
-    return images.float() if not images.is_floating_point() else images
+    if images.shape[0] == 0:
+        raise SalienceError("images is an empty batch (B = 0)")
+    images = images.float() if not images.is_floating_point() else images
+    return check_finite(images, "images", "a baseline map of them would be NaN")
 
 
 def sobel_edges(images: Tensor) -> Tensor:
@@ -105,7 +104,13 @@ def random_maps(shape: Sequence[int], *, seed: Union[int, Sequence[int]] = 0,
     maps that belong to images and do not depend on their position, give the images' seeds,
     ``random_maps(shape, seed=salience.evidence.image_seeds(x, 0))`` (what ``salience evaluate``
     does)."""
-    shape = tuple(shape)
+    if isinstance(shape, int) or not hasattr(shape, "__iter__"):
+        raise SalienceError(f"shape must be a sequence of sides, e.g. (B, H, W), got {shape!r}")
+    shape = tuple(check_int(s, "each side of shape") for s in shape)
+    try:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError, ValueError):
+        raise SalienceError(f"device {device!r}: not a device torch knows; use cpu, cuda or cuda:N") from None
     # float32 draws whatever torch's default dtype: the same seed gives the same maps
     if isinstance(seed, (Tensor, np.ndarray)):
         seed = seed.tolist()
@@ -118,4 +123,4 @@ def random_maps(shape: Sequence[int], *, seed: Union[int, Sequence[int]] = 0,
     else:
         gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
         maps = torch.rand(shape, generator=gen, dtype=torch.float32)
-    return maps.to(device if device is not None else "cpu")
+    return maps.to(device)

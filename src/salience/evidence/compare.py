@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from salience._core.errors import SalienceError
-from salience._core.tensors import minmax
+from salience._core.tensors import check_int, check_number, minmax
 from salience._core.tensors import gaussian_kernel1d
-from salience.evidence._checks import check_maps
+from salience.evidence._checks import check_finite, check_maps
 
 __all__ = ["spearman", "ssim", "hog_similarity", "similarity", "SIMILARITIES"]
 
@@ -53,6 +53,10 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 
     Ties get average ranks (as ``scipy.stats.spearmanr``); NaN where a map is constant.
     """
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, Tensor) or t.dim() < 1:
+            raise SalienceError(f"expected {name} as a torch.Tensor of maps (B, ...), got {type(t).__name__}")
+        check_finite(t, name, "a NaN has no rank, and the correlation of the others would be a number")
     if a.shape != b.shape:
         raise SalienceError(f"spearman needs maps of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     fa, fb = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
@@ -67,7 +71,10 @@ def ssim(a: Tensor, b: Tensor, *, window: int = 11, sigma: float = 1.5, data_ran
     a, b = check_maps(a, "a"), check_maps(b, "b")
     if a.shape != b.shape:
         raise SalienceError(f"ssim needs maps of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    window = min(window, a.shape[-1], a.shape[-2])
+    window = min(check_int(window, "window", minimum=1, what="the Gaussian window's side in pixels"),
+                 a.shape[-1], a.shape[-2])
+    sigma = check_number(sigma, "sigma", minimum=1e-6, what="the Gaussian window's standard deviation in pixels")
+    data_range = check_number(data_range, "data_range", minimum=1e-12, what="the range of the scaled maps, 1")
     if window % 2 == 0:
         window -= 1
     a, b = minmax(a.double())[:, None], minmax(b.double())[:, None]
@@ -115,7 +122,8 @@ def hog_similarity(a: Tensor, b: Tensor, *, cell: int = 8, bins: int = 9) -> Ten
     a, b = check_maps(a, "a"), check_maps(b, "b")
     if a.shape != b.shape:
         raise SalienceError(f"hog_similarity needs maps of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    cell = max(1, min(cell, a.shape[-1], a.shape[-2]))
+    cell = min(check_int(cell, "cell", minimum=1, what="the cell's side in pixels"), a.shape[-1], a.shape[-2])
+    bins = check_int(bins, "bins", minimum=1, what="the orientation bins")
     return _pearson(_hog(minmax(a), cell, bins), _hog(minmax(b), cell, bins))
 
 

@@ -32,14 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience._core.autograd import model_input, predicted_classes
+from salience._core.autograd import check_input, model_input, predicted_classes
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write, make_folder
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress as _progress
-from salience._core.tensors import check_int, model_device
+from salience._core.tensors import check_flag, check_int, model_device
 from salience.demo import data
-from salience.evidence._checks import MethodLike, image_seeds, method_maps, resolve_method
+from salience.evidence._checks import MethodLike, check_masks, check_seed, image_seeds, method_maps, resolve_method
 from salience.evidence.baselines import center_maps, random_maps, sobel_edges, spectral_residual
 from salience.evidence.complexity import complexity, sparseness
 from salience.evidence.faithfulness import (ProbabilityLike, auc, check_probability, deletion_curves,
@@ -156,6 +156,30 @@ def _check_classifier(model: nn.Module) -> None:
             f"{info.name} is a regression model{names}: salience evaluate scores the predicted class, and its "
             "outputs are not classes; score its maps with the metrics and a regression target instead, e.g. "
             "salience.evidence.deletion(model, x, maps, salience.targets.regression(0), probability=False)")
+
+
+def _check_options(steps: int, randomization_images: int, batch_size: int, seed: int, **flags: bool) -> None:
+    """An evaluation's options, checked before any work: a bad one was each row's error, found after every
+    method's maps (``batch_size=0`` a raw ``ValueError``; ``randomization_images=0`` "x is an empty batch")."""
+    check_int(steps, "steps", minimum=1)
+    check_int(randomization_images, "randomization_images", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
+    check_seed(seed)
+    for name, value in flags.items():
+        check_flag(value, name)
+
+
+def _method_list(methods: Optional[Sequence[MethodLike]]) -> Optional[list[MethodLike]]:
+    """``methods`` as a list (a string of names separated by commas is split: its letters were taken as
+    methods, "unknown method 'v'"), each name once (a second row of the same name lost its maps)."""
+    if methods is None:
+        return None
+    given = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
+    names = [m for m in given if isinstance(m, str)]
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise SalienceError(f"method {twice[0]!r} is given twice; give each method once")
+    return given
 
 
 def _baseline_maps(name: str, x: Tensor, masks: Optional[Tensor], seed: int) -> Tensor:
@@ -293,6 +317,10 @@ def evaluate_methods(
     """
     _check_classifier(model)
     check_probability(probability)
+    _check_options(steps, randomization_images, batch_size, seed, baselines=baselines, progress=progress)
+    methods = _method_list(methods)
+    x = check_input(x, model)
+    masks = check_masks(masks, x[:, 0]) if masks is not None else None
     items = bound_methods(model, x, methods, method_options)
     fns = dict(items)
     extra = ([ORACLE] if masks is not None else []) + list(BASELINES)
@@ -529,11 +557,12 @@ def run_evaluation(
     """
     check_int(n, "n", minimum=1)
     check_probability(probability)
+    _check_options(steps, randomization_images, 32, seed, progress=progress)
     _check_classifier(model)
     if masks is not None and images is None:
         raise SalienceError("masks need their images: give images=DIR too")
+    methods = _method_list(methods)
     if methods is not None:
-        methods = list(methods)
         for mm in methods:
             resolve_method(mm)  # unknown names fail here, before any work
     start = time.perf_counter()

@@ -24,7 +24,7 @@ from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import max_batch
 from salience._core.tensors import check_int, check_number, gaussian_blur
-from salience.evidence._checks import check_maps, check_seed, image_seeds
+from salience.evidence._checks import check_finite, check_maps, check_seed, image_seeds
 from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
 
 __all__ = ["deletion", "insertion", "deletion_curves", "insertion_curves", "auc", "faithfulness_correlation",
@@ -323,10 +323,15 @@ def insertion_curves(
 
 def auc(curves: Tensor) -> Tensor:
     """Area under curves ``(B, n)`` sampled evenly on ``[0, 1]`` (trapezoid rule): ``(B,)``."""
+    if not isinstance(curves, Tensor):
+        raise SalienceError(f"expected curves as a torch.Tensor (B, n), got {type(curves).__name__}")
     if curves.dim() != 2 or curves.shape[1] < 2:
         raise SalienceError(f"expected curves of shape (B, n) with n >= 2, got {tuple(curves.shape)}")
+    check_finite(curves, "curves", "an area of them would be NaN")
     n = curves.shape[1] - 1
-    return (curves.sum(1) - 0.5 * (curves[:, 0] + curves[:, -1])) / n
+    c = curves.double()  # a float32 sum of values near 1e38 overflowed to inf, where the area is finite
+    return ((c.sum(1) - 0.5 * (c[:, 0] + c[:, -1])) / n).to(curves.dtype if curves.is_floating_point() else
+                                                           torch.float32)
 
 
 def deletion(
@@ -408,7 +413,11 @@ def faithfulness_correlation(
     chosen = torch.zeros(b, t, h * w, dtype=torch.bool, device=x.device)
     chosen.scatter_(2, keys.topk(k, dim=2).indices, True)
     chosen = chosen.reshape(b, t, h, w)
-    base = _substrate(x, substrate, blur_sigma)
+    base = _substrate(x, substrate, blur_sigma)  # first: a 1 x 1 image's blur is refused as it is everywhere
+    if k == h * w:  # every set the same: the sums do not vary, and the correlation was NaN for every map
+        raise SalienceError(f"subset_size {subset_size!r} replaces all {h * w} pixels in every set, so every set's sum "
+                            "of the map is the same and the correlation is undefined; give a smaller fraction "
+                            "(default 0.1)")
 
     def make(ids: Tensor) -> tuple[Tensor, Tensor]:
         img, s = ids // (t + 1), ids % (t + 1)  # s == 0: the image itself

@@ -52,7 +52,7 @@ def pointing_game(maps: Tensor, masks: Tensor, *, tolerance: float = 0.0) -> Ten
     maps = check_maps(maps)
     masks = check_masks(masks, maps)
     hit_zone = _dilate(masks, check_number(tolerance, "tolerance", minimum=0, what="pixels around the mask"))
-    flat = maps.reshape(maps.shape[0], -1)
+    flat = maps.flatten(1)
     is_max = flat == flat.amax(dim=1, keepdim=True)
     hits = (is_max & hit_zone.reshape(flat.shape)).sum(1).float() / is_max.sum(1).float()
     empty = ~masks.reshape(flat.shape).any(1)
@@ -124,7 +124,7 @@ def _largest_component(fg: Tensor) -> Tensor:
         if torch.equal(new, lab):
             break
         lab = new
-    flat = lab.reshape(b, -1).long()
+    flat = lab.flatten(1).long()
     counts = torch.zeros(b, h * w + 1, device=fg.device, dtype=torch.long)
     counts.scatter_add_(1, flat, torch.ones_like(flat))
     counts[:, 0] = 0
@@ -155,6 +155,9 @@ def saliency_box(maps: Tensor, *, threshold: float = 0.2, largest: bool = True) 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
     """Intersection over union of boxes ``(B, 4)`` ``(x0, y0, x1, y1)``, row by row: ``(B,)``."""
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        raise SalienceError(f"expected two (B, 4) tensors of boxes (x0, y0, x1, y1); got {type(a).__name__} and "
+                            f"{type(b).__name__}")
     if a.shape != b.shape or a.dim() != 2 or a.shape[1] != 4:
         raise SalienceError(
             f"expected two (B, 4) tensors of boxes (x0, y0, x1, y1); got {tuple(a.shape)} and {tuple(b.shape)}"

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_number
-from salience.evidence._checks import check_seed, image_keys, keyed_seed
+from salience.evidence._checks import check_finite, check_seed, image_keys, keyed_seed
 from salience.evidence.faithfulness import ProbabilityLike, pixel_ranks, prepare_maps, score_items
 from salience.targets import TargetLike
 
@@ -101,10 +101,14 @@ def linear_imputation(x: Tensor, removed: Tensor, *, noise: float = 0.0, seed: i
     Solved in float64 on the CPU; returned in ``x``'s dtype and device. At least one pixel per
     image must be kept.
     """
+    if not isinstance(x, Tensor) or not isinstance(removed, Tensor):
+        raise SalienceError(f"expected x and removed as torch.Tensors, got {type(x).__name__} and "
+                            f"{type(removed).__name__}")
     if x.dim() != 4 or removed.shape != (x.shape[0], *x.shape[-2:]):
         raise SalienceError(f"expected x (B, C, H, W) and removed (B, H, W), got {tuple(x.shape)} and "
                             f"{tuple(removed.shape)}")
     noise = check_number(noise, "noise", minimum=0.0)
+    check_finite(x, "x", "the pixels filled from their neighbours would be NaN")
     rem = removed.detach().to("cpu", torch.bool).numpy()
     if rem.reshape(rem.shape[0], -1).all(1).any():
         raise SalienceError("linear imputation needs at least one kept pixel per image; remove less")
@@ -134,6 +138,9 @@ def _noise(shape: torch.Size, seeds: Sequence[int]) -> Tensor:
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:
+    if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__"):
+        raise SalienceError(f"ROAD fractions must be a sequence of fractions, e.g. (0.5,) or ROAD_FRACTIONS; got "
+                            f"{fractions!r}")
     fr = [float(f) for f in fractions]
     if not fr or any(not 0.0 < f < 1.0 for f in fr):
         raise SalienceError(f"ROAD fractions must lie strictly between 0 and 1, got {list(fractions)}")

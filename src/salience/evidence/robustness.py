@@ -44,7 +44,7 @@ def max_sensitivity(
     at a time. A map with NaN or infinite values is a :class:`SalienceError` naming the image
     and, for a noisy copy, which copy (``k`` of ``samples``, counted from 0).
     """
-    _, fn = resolve_method(method)
+    _, fn = resolve_method(method, method_kwargs)
     check_input(x, model)
     n = check_int(samples, "samples", minimum=1)
     r = check_number(radius, "radius", minimum=0.0)

@@ -21,7 +21,7 @@ from salience._core.autograd import check_input, forward_scores, model_call, pre
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import resolve_layer
-from salience._core.tensors import copy_model
+from salience._core.tensors import check_int, copy_model
 from salience.evidence._checks import (MethodLike, check_method_map, check_seed, class_indices, image_seeds,
                                       method_maps, resolve_method, smoothgrad_seeds)
 from salience.evidence.compare import SIMILARITIES, similarity
@@ -37,6 +37,16 @@ def _takes_reduce(fn: Callable) -> bool:
     except (TypeError, ValueError):
         return False
     return "reduce" in params
+
+
+def _layer_names(layers: Sequence[str]) -> list[str]:
+    """``layers`` of the randomization test as a list of names: one name for a string (its letters were
+    taken as names: "no layer named 'h'"); an empty list is refused (``torch.stack``'s raw error)."""
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names:
+        raise SalienceError("layers is empty: give the layers to re-initialize (randomization_layers(model, x) "
+                            "lists them), or None for all")
+    return names
 
 
 def _signed_and_abs(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: TargetLike,
@@ -183,7 +193,7 @@ def randomization(
     """
     if mode not in ("cascading", "independent"):
         raise SalienceError(f"mode must be 'cascading' or 'independent', got {mode!r}")
-    _, fn = resolve_method(method)
+    _, fn = resolve_method(method, method_kwargs)
     check_input(x, model)
     seed = check_seed(seed)
     kw = dict(method_kwargs or {})
@@ -193,7 +203,7 @@ def randomization(
     if layers is not None:
         known = dict(groups)
         chosen = []
-        for name in layers:
+        for name in _layer_names(layers):
             resolve_layer(work, name)  # a clear error for unknown names
             members = known.get(name, [n for n, m in work.named_modules()
                                        if (n == name or n.startswith(name + ".")) and
@@ -245,9 +255,15 @@ def data_randomization(
     Returns ``{"values": {kind: mean}, "per_image": {kind: (B,)}, "train_accuracy":
     {"true": a, "shuffled": b}}`` (accuracy of each model on its own training labels).
     """
+    check_input(images)  # before the two trainings: a raw error of the model after them cost both
+    check_input(x)
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise SalienceError(f"expected labels as a (N,) tensor of class indices, got "
+                            f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__}"
+                            f"{tuple(labels.shape) if isinstance(labels, Tensor) else ''}")
     if labels.shape[0] != images.shape[0]:
         raise SalienceError(f"got {labels.shape[0]} labels for {images.shape[0]} images")
-    _, fn = resolve_method(method)
+    _, fn = resolve_method(method, method_kwargs)
     gen = torch.Generator().manual_seed(check_seed(seed))
     perm = torch.randperm(labels.shape[0], generator=gen).to(labels.device)
     shuffled = labels[perm]
@@ -293,8 +309,9 @@ def random_logit(
     """
     if kind not in SIMILARITIES:
         raise SalienceError(f"kind must be one of {', '.join(SIMILARITIES)}, got {kind!r}")
-    _, fn = resolve_method(method)
+    _, fn = resolve_method(method, method_kwargs)
     check_input(x, model)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
     out = forward_scores(model, x[:1], strip_softmax=False)
     k = out.reshape(1, -1).shape[1]
     if k < 2:

@@ -32,8 +32,8 @@ from salience.reduce import GRAD_MODIFIERS, REDUCTIONS
 from salience.rules import UNSUPPORTED
 
 __all__ = ["NOT_FLAGS", "CHOICES", "MethodOption", "method_options", "keyword_parameters", "accepted", "wraps_methods",
-           "show_default", "read_value", "bind", "with_options", "check_applicable", "check_layer", "check_values",
-           "dry_run", "option_error"]
+           "show_default", "read_value", "bind", "check_taken", "with_options", "check_applicable", "check_layer",
+           "check_values", "dry_run", "option_error"]
 
 
 NOT_FLAGS: dict[str, str] = {
@@ -213,6 +213,21 @@ def bind(name: str, given: dict[str, Any]) -> tuple[Callable[..., Tensor], dict[
     return (functools.partial(fn, **taken) if taken else fn), taken
 
 
+def check_taken(fn: Callable[..., Any], given: Any, name: str) -> None:
+    """A :class:`SalienceError` for ``given`` that is not a dict of keyword options, or for an option the
+    method ``fn`` (called ``name``) does not take (a function with ``**options`` takes any), before any
+    work: it was the method's raw ``TypeError`` at its first call."""
+    if not isinstance(given, Mapping):
+        raise SalienceError(f"the options of method {name!r} must be a dict of keyword options, e.g. "
+                            f"{{'samples': 8}}; got {type(given).__name__}")
+    params = _signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in given if k not in params or k in ("model", "x", "target")]
+        if unknown:
+            takes = ", ".join(k for k in params if k not in ("model", "x", "target"))
+            raise SalienceError(f"method {name!r} takes no option {unknown[0]!r} (it takes: {takes})")
+
+
 def with_options(fns: Mapping[str, Callable[..., Any]], name: str, given: Any) -> Callable[..., Any]:
     """``fns[name]`` with the keyword options ``given`` bound (the Python form, ``method_options={name:
     {...}}`` of :func:`salience.explain_dataset` and :func:`salience.evidence.evaluate.run_evaluation`);
@@ -222,14 +237,8 @@ def with_options(fns: Mapping[str, Callable[..., Any]], name: str, given: Any) -
     if not isinstance(given, Mapping):
         raise SalienceError(f"method_options[{name!r}] must be a dict of keyword options, e.g. {{'samples': 8}}; "
                             f"got {type(given).__name__}")
-    fn = fns[name]
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = [k for k in given if k not in params or k in ("model", "x", "target")]
-        if unknown:
-            takes = ", ".join(k for k in params if k not in ("model", "x", "target"))
-            raise SalienceError(f"method {name!r} takes no option {unknown[0]!r} (it takes: {takes})")
-    return functools.partial(fn, **given) if given else fn
+    check_taken(fns[name], given, name)
+    return functools.partial(fns[name], **given) if given else fns[name]
 
 
 def option_error(message: str, given: dict[str, Any]) -> Optional[str]:

@@ -32,7 +32,7 @@ from salience._core.files import atomic_write
 from salience._core.guard import run_guard
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress
-from salience._core.tensors import check_int, copy_model, model_device
+from salience._core.tensors import check_flag, check_int, copy_model, model_device
 from salience.loading import load_model, remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
 from salience.loading.models import name_classes, resolve_device
@@ -126,11 +126,15 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     ``(seed * 1_000_003 + i) % 2**63`` (:func:`salience.runs.job.image_seed`), so its map does not
     depend on the batch (docs/datasets.md).
     """
+    png, overwrite, show_progress = (check_flag(v, n) for v, n in ((png, "png"), (overwrite, "overwrite"),
+                                                                   (show_progress, "show_progress")))
     if engine not in ENGINES:
         raise SalienceError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     check_int(shard_size, "shard_size", minimum=1)
     if batch_size is not None:
         check_int(batch_size, "batch_size", minimum=1)
+    if max_pixels is not None:
+        check_int(max_pixels, "max_pixels", minimum=1, what="the largest image in pixels; None for no limit")
     if map_dtype not in ("float16", "float32"):
         raise SalienceError(f"map_dtype must be float16 or float32, got {map_dtype!r}")
     perf = _perf.resolve(memory_format, compile, precision, fold_batchnorm)
@@ -150,7 +154,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     if regression:
         target_mode, k = _regression_mode(target, top, label_list, mode, n_out, info)
     else:
-        target_mode, k = _mode(target, top, label_list, info, n_out)
+        target_mode, k = _mode(target, top, label_list, info, n_out, mode)
     mask_list = sources.mask_files(paths, masks) if masks is not None else None
     if isinstance(dataset, sources.ImageFiles):
         dataset = sources.ImageFiles(paths, info, max_pixels, mask_list)
@@ -254,6 +258,12 @@ def _methods(methods: Any, options: Optional[Mapping[str, Any]]) -> tuple[dict[s
     """Names -> functions, and a JSON record of the options (for the command)."""
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
+    elif callable(methods) or not isinstance(methods, (Mapping, Sequence)):
+        raise SalienceError(f"methods must be names or a dict of name: function, e.g. {{'mine': fn}}; got "
+                            f"{type(methods).__name__}")
+    if options is not None and not isinstance(options, Mapping):
+        raise SalienceError(f"method_options must be a dict of method name: options, e.g. {{'smoothgrad': "
+                            f"{{'samples': 8}}}}; got {type(options).__name__}")
     if isinstance(methods, Mapping):  # the registry's contract (a target-free function takes the target too)
         fns = {name: as_method(fn) for name, fn in methods.items()}
     else:
@@ -282,7 +292,17 @@ def _dataset(images: Any, model: nn.Module) -> tuple[Dataset, list[str], Optiona
     if isinstance(images, Dataset) and not isinstance(images, (str, Path)):
         wrapped = sources.Wrapped(images)
         return wrapped, [f"{type(images).__name__}[{i}]" for i in range(len(wrapped))], loader_workers
-    specs = [images] if isinstance(images, (str, Path)) else list(images)
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        raise SalienceError(f"images is a {type(images).__name__} of shape {tuple(images.shape)}; give a dataset of "
+                            "its images, e.g. torch.utils.data.TensorDataset(images) for (N, C, H, W) tensors")
+    try:
+        specs = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    except TypeError:  # not iterable
+        specs = [None]
+    if not all(isinstance(p, (str, os.PathLike)) for p in specs):
+        raise SalienceError("images must be a folder, a glob, a .txt list, a list of image paths, or a "
+                            "torch.utils.data.Dataset (or DataLoader) of (C, H, W) tensors; got "
+                            f"{type(images).__name__}")
     paths = sources.expand(specs)
     return sources.ImageFiles(paths, model_info(model)), paths, None
 
@@ -372,13 +392,22 @@ def _label(value: Any, i: int, paths: Sequence[str], info: ModelInfo) -> Optiona
             return names[value.strip().lower()]
         raise SalienceError(f"label {value!r} of image {i} ({paths[i] if i < len(paths) else '?'}) is neither a class "
                             f"index nor a class name of {info.name}")
-    return int(value)
+    if isinstance(value, torch.Tensor) and value.dim() == 0:  # an item of a tensor of labels
+        value = value.item()
+    return check_int(value, f"label of image {i}", minimum=None)  # int() made 0.5 class 0, silently
 
 
 def _mode(target: Optional[int], top: Optional[int], labels: Union[None, list, str], info: ModelInfo,
-          n_out: int) -> tuple[str, int]:
+          n_out: int, mode: str = "increase") -> tuple[str, int]:
     """How targets are chosen and how many per image, ``target`` and ``top`` checked against the
-    classes (the model's ``n_out`` outputs when it names none)."""
+    classes (the model's ``n_out`` outputs when it names none); ``mode`` is a regression model's only."""
+    from salience.targets import REGRESSION_MODES
+
+    if mode not in REGRESSION_MODES:
+        raise SalienceError(f"mode must be one of {', '.join(REGRESSION_MODES)}, got {mode!r}")
+    if mode != "increase":  # "decrease" on a classifier was ignored: the maps of the class's increase, silently
+        raise SalienceError(f"mode {mode!r} is for a regression model or a model with one output; {info.name} is a "
+                            f"classifier with {n_out} outputs: leave mode out (its maps show what raises the class)")
     if target is not None and top is not None:
         raise SalienceError("give target or top, not both")
     n = len(info.class_names or ()) or n_out
@@ -416,6 +445,9 @@ def _regression_mode(target: Optional[int], top: Optional[int], labels: Union[No
 
 
 def _metric_names(metrics: Union[bool, Sequence[str]], masks: bool) -> list[str]:
+    if not isinstance(metrics, (bool, str, Sequence)):
+        raise SalienceError(f"metrics must be True, False or metric names, e.g. ['deletion', 'insertion']; got "
+                            f"{metrics!r}")
     if metrics is True:
         return ["insertion", "deletion"] + (["pointing", "energy"] if masks else [])
     if not metrics:

@@ -231,11 +231,14 @@ def _first_pass(plan: Plan, model: nn.Module, x: Tensor,
             seen.append(unwrap_output(output, model).detach())
 
     name, fn = next(iter(plan.methods.items()))
-    handle = model.register_forward_hook(_perf.observer(this_thread(keep)))  # compiled / folded passes may skip it
+    # compiled / folded passes may skip it; a TorchScript model takes no hook (the second forward reads its output)
+    handle = (None if isinstance(model, torch.jit.ScriptModule)
+              else model.register_forward_hook(_perf.observer(this_thread(keep))))
     try:
         m = call_method(fn, model, x, plan.regression(), indices).detach().float().cpu().unsqueeze(1)
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     out = seen[0] if seen else _outputs(model, x)
     if plan.mode == "regression":
         return m, out, torch.full((out.shape[0], 1), int(plan.fixed or 0), dtype=torch.long)

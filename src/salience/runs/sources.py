@@ -260,7 +260,9 @@ class ImageFiles(Dataset):
     def __init__(self, paths: Sequence[str], info: ModelInfo, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
                  masks: Optional[Sequence[Optional[str]]] = None):
         if info.input_size is None:
-            raise SalienceError(f"{info.name} takes any input size, but a dataset run needs one size; give --size H,W")
+            raise SalienceError(f"{info.name} takes any input size, but a dataset run of image files needs one size; "
+                                "give --size H,W (from Python: the images as a torch.utils.data.Dataset of (C, H, W) "
+                                "tensors of one size, e.g. a TensorDataset)")
         self.paths = list(paths)
         self.info = info
         self.max_pixels = max_pixels

@@ -34,6 +34,7 @@ import numpy as np
 
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_path, atomic_write, make_folder
+from salience._core.tensors import check_int
 from salience.runs.lock import LOCK_NAME
 
 FORMAT = "salience-run/1"
@@ -631,6 +632,7 @@ class Run:
         such row (it says so when rows without an index may hide it); :class:`BadIndex` when it has
         several (a table written by hand or by another program: which one is meant cannot be known).
         Rows without an index are no image's: the others are found by their index all the same."""
+        index = check_int(index, "index", minimum=None, what="an image's number in the run")  # "0" was "not in the run"
         keys, order = self._index_lookup()
         pos = int(np.searchsorted(keys, index))
         if pos >= len(keys) or keys[pos] != index:
