@@ -349,3 +349,25 @@ def test_run_evaluation_method_options_are_checked_before_any_work(tmp_path):
             E.run_evaluation(model, out, methods=["integrated_gradients"], method_options=options, n=1,
                              progress=False)
         assert not out.exists()
+
+
+def test_evaluate_takes_a_layer_for_the_cams_and_uses_it(tmp_path, capsys):
+    """``salience evaluate --method gradcam --layer features.2`` (a layer of the model, not the default
+    one): the run is made (the check of the values on the first image looked the name up in a stand-in
+    model whose layers are named ``model.features.2``: it refused every valid layer), and the row's maps
+    are Grad-CAM's at that layer, not at the default one."""
+    from salience.methods import gradcam
+
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--model", "demo:shapes", "--method", "gradcam", "--layer", "features.2", "--n", "2",
+                 "--deletion-steps", "2", "--randomization-images", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert json.loads((out / "results.json").read_text())["method_options"] == {"gradcam": {"layer": "features.2"}}
+    row = _rows(out)["gradcam"]
+    model = zoo.load_demo("shapes")
+    x, _, _ = data.shapes(2, 10_000)
+    target = model(x).argmax(1)
+    for layer, same in (("features.2", True), (None, False)):
+        maps = gradcam(model, x, target, layer=layer)
+        assert (row["sparseness"] == pytest.approx(M.sparseness(maps).nanmean().item(), abs=1e-6)) is same, layer
