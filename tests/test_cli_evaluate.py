@@ -371,3 +371,25 @@ def test_evaluate_takes_a_layer_for_the_cams_and_uses_it(tmp_path, capsys):
     for layer, same in (("features.2", True), (None, False)):
         maps = gradcam(model, x, target, layer=layer)
         assert (row["sparseness"] == pytest.approx(M.sparseness(maps).nanmean().item(), abs=1e-6)) is same, layer
+
+
+def test_run_evaluation_refuses_an_option_a_named_method_does_not_take_before_reading_images(tmp_path,
+                                                                                             monkeypatch):
+    """With ``methods`` named, a ``method_options`` entry for a method not evaluated or an option the
+    method does not take needs neither the images nor the model: refused before any image is decoded
+    and before any forward pass (it came after every image was read and run through the model)."""
+    from salience import SalienceError
+    from salience.evidence import evaluate as E
+
+    model = zoo.load_demo("shapes")
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append("forward"))
+    real = E.load_image
+    monkeypatch.setattr(E, "load_image", lambda *a, **k: (calls.append("decode"), real(*a, **k))[1])
+    _shapes_folder(tmp_path, ["a", "b"], [])
+    for options, expected in (({"vanilla": {"steps": 3}}, "method_options names 'vanilla'"),
+                              ({"integrated_gradients": {"samples": 3}}, "takes no option 'samples'")):
+        with pytest.raises(SalienceError, match=re.escape(expected)):
+            E.run_evaluation(model, tmp_path / "out", images=tmp_path / "im", methods=["integrated_gradients"],
+                             method_options=options, progress=False)
+        assert not calls and not (tmp_path / "out").exists()
