@@ -393,3 +393,23 @@ def test_run_evaluation_refuses_an_option_a_named_method_does_not_take_before_re
             E.run_evaluation(model, tmp_path / "out", images=tmp_path / "im", methods=["integrated_gradients"],
                              method_options=options, progress=False)
         assert not calls and not (tmp_path / "out").exists()
+
+
+def test_data_randomization_of_a_model_that_is_no_demo_classifier_is_refused_before_loading_it(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """``--data-randomization`` retrains the demo recipe: with any other model (a file, a torchvision
+    model whose weights may first be downloaded, the demo regressor) it is one error line, exit 2,
+    before the model is loaded (it came after loading it and reading the first image) and nothing is
+    written."""
+    from salience.cli import evaluate_cmd
+
+    def loaded(args):
+        raise AssertionError(f"the model {args.model} was loaded")
+
+    monkeypatch.setattr(evaluate_cmd, "load_model_arg", loaded)
+    out = tmp_path / "out"
+    for model in ("resnet18", str(tmp_path / "m.pt"), "demo:shapes-regression"):
+        code = main(["evaluate", "--model", model, "--data-randomization", "--samples", "4", "--out", str(out)])
+        line = _one_error_line(capsys, code)
+        assert "--data-randomization retrains the demo recipe, so it needs a demo:shapes classifier" in line, line
+        assert not out.exists()
