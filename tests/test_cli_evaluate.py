@@ -349,3 +349,67 @@ def test_run_evaluation_method_options_are_checked_before_any_work(tmp_path):
             E.run_evaluation(model, out, methods=["integrated_gradients"], method_options=options, n=1,
                              progress=False)
         assert not out.exists()
+
+
+def test_evaluate_takes_a_layer_for_the_cams_and_uses_it(tmp_path, capsys):
+    """``salience evaluate --method gradcam --layer features.2`` (a layer of the model, not the default
+    one): the run is made (the check of the values on the first image looked the name up in a stand-in
+    model whose layers are named ``model.features.2``: it refused every valid layer), and the row's maps
+    are Grad-CAM's at that layer, not at the default one."""
+    from salience.methods import gradcam
+
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--model", "demo:shapes", "--method", "gradcam", "--layer", "features.2", "--n", "2",
+                 "--deletion-steps", "2", "--randomization-images", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert json.loads((out / "results.json").read_text())["method_options"] == {"gradcam": {"layer": "features.2"}}
+    row = _rows(out)["gradcam"]
+    model = zoo.load_demo("shapes")
+    x, _, _ = data.shapes(2, 10_000)
+    target = model(x).argmax(1)
+    for layer, same in (("features.2", True), (None, False)):
+        maps = gradcam(model, x, target, layer=layer)
+        assert (row["sparseness"] == pytest.approx(M.sparseness(maps).nanmean().item(), abs=1e-6)) is same, layer
+
+
+def test_run_evaluation_refuses_an_option_a_named_method_does_not_take_before_reading_images(tmp_path,
+                                                                                             monkeypatch):
+    """With ``methods`` named, a ``method_options`` entry for a method not evaluated or an option the
+    method does not take needs neither the images nor the model: refused before any image is decoded
+    and before any forward pass (it came after every image was read and run through the model)."""
+    from salience import SalienceError
+    from salience.evidence import evaluate as E
+
+    model = zoo.load_demo("shapes")
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append("forward"))
+    real = E.load_image
+    monkeypatch.setattr(E, "load_image", lambda *a, **k: (calls.append("decode"), real(*a, **k))[1])
+    _shapes_folder(tmp_path, ["a", "b"], [])
+    for options, expected in (({"vanilla": {"steps": 3}}, "method_options names 'vanilla'"),
+                              ({"integrated_gradients": {"samples": 3}}, "takes no option 'samples'")):
+        with pytest.raises(SalienceError, match=re.escape(expected)):
+            E.run_evaluation(model, tmp_path / "out", images=tmp_path / "im", methods=["integrated_gradients"],
+                             method_options=options, progress=False)
+        assert not calls and not (tmp_path / "out").exists()
+
+
+def test_data_randomization_of_a_model_that_is_no_demo_classifier_is_refused_before_loading_it(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """``--data-randomization`` retrains the demo recipe: with any other model (a file, a torchvision
+    model whose weights may first be downloaded, the demo regressor) it is one error line, exit 2,
+    before the model is loaded (it came after loading it and reading the first image) and nothing is
+    written."""
+    from salience.cli import evaluate_cmd
+
+    def loaded(args):
+        raise AssertionError(f"the model {args.model} was loaded")
+
+    monkeypatch.setattr(evaluate_cmd, "load_model_arg", loaded)
+    out = tmp_path / "out"
+    for model in ("resnet18", str(tmp_path / "m.pt"), "demo:shapes-regression"):
+        code = main(["evaluate", "--model", model, "--data-randomization", "--samples", "4", "--out", str(out)])
+        line = _one_error_line(capsys, code)
+        assert "--data-randomization retrains the demo recipe, so it needs a demo:shapes classifier" in line, line
+        assert not out.exists()

@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     given = _options.given_options(args)
     if methods is not None:
         _check_applicable(methods, given)
+    if args.data_randomization and (not args.model.startswith("demo:shapes") or args.model == "demo:shapes-regression"):
+        raise SalienceError("--data-randomization retrains the demo recipe, so it needs a demo:shapes classifier")
     model = load_model_arg(args)
     methods, options = _method_options(args, model, methods, given)
     if "steps" in given and args.deletion_steps is None:
@@ -101,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
     if methods is not None:
         kwargs["methods"] = methods
     if args.data_randomization:
-        if not args.model.startswith("demo:shapes") or args.model == "demo:shapes-regression":
-            raise SalienceError("--data-randomization retrains the demo recipe, so it needs a demo:shapes classifier")
         kwargs.update(train_fn=demo_train_fn(epochs=6), train_images=2000)
     if isinstance(model, torch.jit.ScriptModule):
         warn(f"no randomization columns: {NO_HOOKS}")

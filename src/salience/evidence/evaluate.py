@@ -240,11 +240,12 @@ def score_maps(row: MetricRow, model: nn.Module, x: Tensor, maps: Tensor, masks:
     return row
 
 
-def bound_methods(model: nn.Module, x: Tensor, methods: Optional[Sequence[MethodLike]] = None,
+def bound_methods(model: nn.Module, x: Optional[Tensor], methods: Optional[Sequence[MethodLike]] = None,
                   method_options: Optional[MethodOptions] = None) -> list[tuple[str, Callable[..., Tensor]]]:
     """The methods evaluated, as ``(name, function)`` with their options bound: ``methods`` (names
-    or functions; default: those that apply, :func:`salience.methods.default_methods` on ``x[:1]``),
-    each named one with its :data:`~salience.methods.QUICK` options, then ``method_options``
+    or functions; default: those that apply, :func:`salience.methods.default_methods` on ``x[:1]``,
+    or without ``x`` on an image of the model's input size), each named one with its
+    :data:`~salience.methods.QUICK` options, then ``method_options``
     (``{name: {keyword: value}}``, as :func:`salience.explain_dataset` takes them; they override
     ``QUICK``). A name in ``method_options`` that is not evaluated, or an option its method does not
     take, is a :class:`SalienceError`. The maps, the metrics, the randomization tests and the data
@@ -563,8 +564,7 @@ def run_evaluation(
         raise SalienceError("masks need their images: give images=DIR too")
     methods = _method_list(methods)
     if methods is not None:
-        for mm in methods:
-            resolve_method(mm)  # unknown names fail here, before any work
+        bound_methods(model, None, methods, method_options)  # unknown names and options: before any image is read
     start = time.perf_counter()
     mask_files: Optional[list[Path]] = None  # the demo's masks are made, not read
     demo_masks: Optional[str] = None  # the call that made them

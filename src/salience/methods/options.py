@@ -264,11 +264,24 @@ class _Halt(BaseException):
 
 
 class _Halting(nn.Module):
-    """The model for a dry run: the same parameters, a forward pass that stops the method."""
+    """The model for a dry run: the same layers under the same names (a ``layer`` option bound to the
+    method names them as in the model), the same parameters, a forward pass that stops the method.
+    The model itself is not changed: its layers are shared, not moved."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.training = model.training  # the flag only: train() would set the model's layers too
+        try:
+            for name, child in model.named_children():
+                self.add_module(name, child)
+            for name, p in model.named_parameters(recurse=False):
+                self.register_parameter(name, p)
+            for name, b in model.named_buffers(recurse=False):
+                self.register_buffer(name, b)
+        except (KeyError, AttributeError):  # a name nn.Module keeps for itself: the model as one layer
+            for table in (self._modules, self._parameters, self._buffers):
+                table.clear()
+            self.model = model
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise _Halt()

@@ -25,7 +25,7 @@ import pickle
 import re
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -370,19 +370,49 @@ def _loud() -> bool:
     return os.environ.get(RAY_LOGS, "").strip().lower() not in ("", "0", "false", "no")
 
 
+_QUIET_LOCK = threading.Lock()
+_QUIET: dict[str, Any] = {"runs": 0, "put_back": None}
+"""The runs inside :func:`quiet` in this process and how to put back what the first one changed."""
+
+
 @contextlib.contextmanager
 def quiet(ray: Any) -> Iterator[None]:
     """Ray's own output off inside (unless ``SALIENCE_RAY_LOGS=1``): the ``ray`` and ``ray.data``
     loggers at ``CRITICAL`` (ray.init's notes, Ray Data's execution lines and warnings; salience says
     the errors itself), Ray Data's progress bars and start notes off in the current ``DataContext``
     (the workers' output stays in their log files: ``ray.init(log_to_driver=False)``). Ray Data's
-    ``preserve_order`` is on inside (shards of consecutive images). Every setting changed is put back
-    on the way out."""
-    ctx = ray.data.DataContext.get_current()
+    ``preserve_order`` is on inside (shards of consecutive images). The loggers and the context are
+    the process's, not the thread's: the first of overlapping runs (threads of one process) changes
+    them, the last one to end puts every setting back as it was before the first, also after an error
+    or Ctrl-C (each run putting back what it saw on entry left Ray quiet for good when two overlapped)."""
+    with _QUIET_LOCK:
+        if _QUIET["runs"] == 0:
+            _QUIET["put_back"] = _quieten(ray.data.DataContext.get_current())
+        _QUIET["runs"] += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _QUIET["runs"] -= 1
+            if _QUIET["runs"] == 0:
+                _QUIET["put_back"]()
+
+
+def _quieten(ctx: Any) -> Callable[[], None]:
+    """:func:`quiet`'s settings made in ``ctx`` and the loggers; returns what puts them back (called
+    here too if one of them cannot be made)."""
     settings = {k: v for k, v in _QUIET_CONTEXT.items() if hasattr(ctx, k)} if not _loud() else {}
     saved = {k: getattr(ctx, k) for k in settings}
     order = ctx.execution_options.preserve_order
     levels = {name: logging.getLogger(name).level for name in _LOGGERS}
+
+    def put_back() -> None:
+        ctx.execution_options.preserve_order = order
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
     try:
         ctx.execution_options.preserve_order = True
         for k, v in settings.items():
@@ -390,13 +420,10 @@ def quiet(ray: Any) -> Iterator[None]:
         if not _loud():
             for name in _LOGGERS:
                 logging.getLogger(name).setLevel(logging.CRITICAL)
-        yield
-    finally:
-        ctx.execution_options.preserve_order = order
-        for k, v in saved.items():
-            setattr(ctx, k, v)
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+    except BaseException:
+        put_back()
+        raise
+    return put_back
 
 
 def _actors(ray: Any, num_gpus: float, actors: Optional[int]) -> int:
