@@ -24,20 +24,21 @@ running passes).
 What a model's own forward changes on itself during salience's passes (SmoothGrad runs 50 the user did not ask
 for, integrated gradients 32) comes back too (session 36, ``tests/test_guard_gaps.py``): its buffers by name and
 in order (a slot registered as ``None`` that the forward fills, a cache; a buffer registered, replaced or deleted;
-the non-persistent names), and its plain attributes one level deep (a copy of each module's ``__dict__``: a call
-counter, the last shape, a tensor it caches, which held salience's noisy batch and its graph; an attribute added or
-deleted), compared in C and put back by identity. Not copied (a copy and a comparison of each module's ~20
-entries were 6 to 10% of the guard's cost): the attributes of torch.nn's own layers that have neither a hook nor
-an instance ``forward`` (their forward sets none; a user's hook may, so a layer with one is copied).
+the non-persistent names); its plain attributes one level deep (a copy of each module's ``__dict__``, compared in
+C: a call counter, the last shape, a tensor it caches, which held salience's batch and its graph; an attribute
+added or deleted); its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward: the
+user's parameter object, compared by identity). The copies are not made for torch.nn's own layers that have
+neither a hook nor an instance ``forward`` (:func:`_plain_classes`: their forward sets and registers nothing; a
+user's hook may, so a layer with one is copied): nine in ten modules of a ViT-Ti or a resnet50, whose copies and
+comparisons cost 10 to 30% of the guard and 270 Python objects a call on a ViT-Ti, over the 700 that start a
+garbage collection (docs/performance.md, session 36).
 
-What remains a limit (not put back): parameters and submodules registered, replaced or deleted by the forward
-(``self.w = nn.Parameter(...)`` in ``forward``: copying each module's ``_parameters`` and ``_modules`` and
-comparing them cost 6% more and 117 Python objects a call on a ViT-Ti, over the 700 that start a garbage
-collection; the parameters themselves, their data, flags and ``.grad``, are put back); the contents of an
-attribute changed in place (a list appended to, a dict filled: one level only); hooks the forward registers
-and leaves on the model; a value replaced by another equal to it (``==``: a number, a string) keeps the new
-object; an attribute a global module hook (``register_module_forward_hook``) sets on a torch.nn layer without a
-hook of its own.
+What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
+(``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back); the
+contents of an attribute changed in place (a list appended to, a dict filled: one level only); hooks the forward
+registers and leaves on the model; an attribute replaced by another equal to it (``==``: a number, a string, a
+one-element tensor) keeps the new object; an attribute a global module hook (``register_module_forward_hook``)
+sets on a torch.nn layer without a hook of its own.
 
 A dataset run holds the model for the whole run (:func:`run_guard`): the full save and restore
 (about 1.7 ms on resnet50 on one CPU core, 5 ms before the records were made light) is paid once per
@@ -150,11 +151,14 @@ class ModuleState(_Entry):
         except KeyError:  # a module made without nn.Module.__init__
             plain = False
         if plain:
-            self.attrs = self.params = self.children = None
+            self.attrs = None  # params and children are read only with attrs
         else:
             self.attrs = attrs.copy()
-            self.params = _copy(attrs.get("_parameters"))
-            self.children = _copy(attrs.get("_modules"))
+            # copies (the shared _EMPTY for an empty one), or None for what is no plain dict (TorchScript's wrapper)
+            slot = attrs.get("_parameters")
+            self.params = (slot.copy() if slot else _EMPTY) if type(slot) is dict else None
+            slot = attrs.get("_modules")
+            self.children = (slot.copy() if slot else _EMPTY) if type(slot) is dict else None
         # hooks the guard put on the module for the block (see _refuse_mixed_batches), removed first; a list once
         # there is one (an empty list per module and call was a third of the Python objects a call held)
         self.handles: Any = ()
@@ -184,8 +188,15 @@ class ModuleState(_Entry):
                     _restore_mapping(now, saved)
             except Exception:  # a value whose == raises (a tensor's, an array's): changed
                 _restore_mapping(now, saved)
-            _restore_slot(saved.get("_parameters"), self.params)
-            _restore_slot(saved.get("_modules"), self.children)
+            # the same names and objects in the same order (a dict keeps a key's object while the key stays)
+            slot, copy = saved.get("_parameters"), self.params
+            if copy is not None and (len(slot) != len(copy) or not all(map(_is, slot.values(), copy.values())) or
+                                     not all(map(_is, slot, copy))):
+                _restore_mapping(slot, copy)
+            slot, copy = saved.get("_modules"), self.children
+            if copy is not None and (len(slot) != len(copy) or not all(map(_is, slot.values(), copy.values())) or
+                                     not all(map(_is, slot, copy))):
+                _restore_mapping(slot, copy)
         if self.buffers:
             buffers = module._buffers
             missing = False
@@ -286,23 +297,6 @@ def _plain_classes() -> frozenset:
 _PLAIN = _plain_classes()
 
 
-def _copy(mapping: Any) -> Optional[dict]:
-    """A copy of a module's ``_parameters`` or ``_modules`` (:data:`_EMPTY` for an empty one), or ``None`` for
-    what is no plain dict (TorchScript's wrapper, which a forward cannot change)."""
-    return (mapping.copy() if mapping else _EMPTY) if type(mapping) is dict else None
-
-
-def _restore_slot(mapping: Any, saved: Optional[dict]) -> None:
-    """A module's ``_parameters`` or ``_modules`` (``mapping``, the dict it had) put back to ``saved``, its
-    :func:`_copy`: the names and the objects, by identity (an equal parameter is not the user's)."""
-    if saved is None or type(mapping) is not dict:
-        return
-    if len(mapping) == len(saved) and all(map(operator.is_, mapping.values(), saved.values())) and \
-            list(mapping) == list(saved):
-        return
-    _restore_mapping(mapping, saved)
-
-
 def _restore_mapping(now: dict, saved: dict) -> None:
     """Put the dict ``now`` (a module's ``__dict__``) back to ``saved``, its copy: the keys added since deleted,
     the values replaced since put back (by identity), in the saved order. The caller compares ``now != saved``
@@ -355,6 +349,7 @@ _NOT_COMPILED = object()
 _MISSING = object()
 _NO_ATTRIBUTES: Any = MappingProxyType({})
 _EMPTY: Any = MappingProxyType({})  # the copy of an empty _parameters or _modules, shared
+_is = operator.is_
 
 
 def _compiled_wrapper_class() -> Optional[type]:
