@@ -131,23 +131,26 @@ def test_a_parametrized_layer_comes_back_with_its_originals(method):
 
 
 class Rewiring(nn.Module):
-    """A forward that replaces its parameter and its submodule, registers new ones and deletes one."""
+    """A forward that replaces its parameters (one of one element by an unequal one, one of three by an equal one:
+    each a new object) and its submodule, registers new ones and deletes one."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.act = nn.ReLU()
         self.gain = nn.Parameter(torch.ones(1))
+        self.mix = nn.Parameter(torch.ones(3))
         self.bias_gone = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.gain = nn.Parameter(torch.ones(1))  # an equal parameter, not the user's
+        self.gain = nn.Parameter(self.gain.detach() + 1)
+        self.mix = nn.Parameter(torch.ones(3))  # an equal parameter, not the user's
         self.act = nn.Identity()
         self.register_parameter("extra", nn.Parameter(torch.zeros(1)))
         self.add_module("spare", nn.Identity())
         if "bias_gone" in self._parameters:
             del self.bias_gone
-        return self.act(self.conv(x)).mean((2, 3)) * self.gain
+        return self.act(self.conv(x)).mean((2, 3))[:, :3] * self.gain * self.mix
 
 
 @pytest.mark.parametrize("fail", [False, True])

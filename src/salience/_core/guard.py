@@ -24,21 +24,23 @@ running passes).
 What a model's own forward changes on itself during salience's passes (SmoothGrad runs 50 the user did not ask
 for, integrated gradients 32) comes back too (session 36, ``tests/test_guard_gaps.py``): its buffers by name and
 in order (a slot registered as ``None`` that the forward fills, a cache; a buffer registered, replaced or deleted;
-the non-persistent names); its plain attributes one level deep (a copy of each module's ``__dict__``, compared in
-C: a call counter, the last shape, a tensor it caches, which held salience's batch and its graph; an attribute
-added or deleted); its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward: the
-user's parameter object, compared by identity). The copies are not made for torch.nn's own layers that have
-neither a hook nor an instance ``forward`` (:func:`_plain_classes`: their forward sets and registers nothing; a
-user's hook may, so a layer with one is copied): nine in ten modules of a ViT-Ti or a resnet50, whose copies and
-comparisons cost 10 to 30% of the guard and 270 Python objects a call on a ViT-Ti, over the 700 that start a
-garbage collection (docs/performance.md, session 36).
+the non-persistent names); its plain attributes one level deep (a copy of each module's ``__dict__``: a call
+counter, the last shape, a tensor it caches, which held salience's batch and its graph; an attribute added or
+deleted); its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
+compared with the module's dict in C (``==``, each value by identity first) and put back by identity where it
+differs. The copies are not made for torch.nn's own layers that have neither a hook nor an instance ``forward``
+(:func:`_plain_classes`: their forward sets and registers nothing; a user's hook may, so a layer with one is
+copied): nine in ten modules of a ViT-Ti or a resnet50. Copied and compared for every module, the attributes
+alone cost 6 to 10% more of the guard and 150 Python objects a call on a ViT-Ti (docs/performance.md, session
+36); the check that a layer is plain costs 0.1 us (15 us for a ViT-Ti's 152 modules).
 
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back); the
 contents of an attribute changed in place (a list appended to, a dict filled: one level only); hooks the forward
-registers and leaves on the model; an attribute replaced by another equal to it (``==``: a number, a string, a
-one-element tensor) keeps the new object; an attribute a global module hook (``register_module_forward_hook``)
-sets on a torch.nn layer without a hook of its own.
+registers and leaves on the model; an attribute or parameter replaced by another equal to it (``==``: a number, a
+string, a one-element tensor or parameter of the same value; a parameter of several elements compares by
+identity, its ``==`` raising) keeps the new object; an attribute a global module hook
+(``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own.
 
 A dataset run holds the model for the whole run (:func:`run_guard`): the full save and restore
 (about 1.7 ms on resnet50 on one CPU core, 5 ms before the records were made light) is paid once per
@@ -188,15 +190,20 @@ class ModuleState(_Entry):
                     _restore_mapping(now, saved)
             except Exception:  # a value whose == raises (a tensor's, an array's): changed
                 _restore_mapping(now, saved)
-            # the same names and objects in the same order (a dict keeps a key's object while the key stays)
-            slot, copy = saved.get("_parameters"), self.params
-            if copy is not None and (len(slot) != len(copy) or not all(map(_is, slot.values(), copy.values())) or
-                                     not all(map(_is, slot, copy))):
-                _restore_mapping(slot, copy)
-            slot, copy = saved.get("_modules"), self.children
-            if copy is not None and (len(slot) != len(copy) or not all(map(_is, slot.values(), copy.values())) or
-                                     not all(map(_is, slot, copy))):
-                _restore_mapping(slot, copy)
+            # the parameters and submodules by name, compared as the attributes (a parameter's == raises unless
+            # it has one element: 25 ns a dict, 0.6 us by identity, which cost the run guard's calls 10%)
+            try:
+                same = self.params is None or saved["_parameters"] == self.params
+            except Exception:
+                same = False
+            if not same:
+                _restore_mapping(saved["_parameters"], self.params)
+            try:
+                same = self.children is None or saved["_modules"] == self.children
+            except Exception:  # a class of the user's with an __eq__ that raises
+                same = False
+            if not same:
+                _restore_mapping(saved["_modules"], self.children)
         if self.buffers:
             buffers = module._buffers
             missing = False
@@ -348,8 +355,7 @@ _NO_FORWARD = object()
 _NOT_COMPILED = object()
 _MISSING = object()
 _NO_ATTRIBUTES: Any = MappingProxyType({})
-_EMPTY: Any = MappingProxyType({})  # the copy of an empty _parameters or _modules, shared
-_is = operator.is_
+_EMPTY: dict = {}  # the copy of an empty _parameters or _modules, shared (never changed)
 
 
 def _compiled_wrapper_class() -> Optional[type]:
