@@ -30,7 +30,8 @@ deleted); its parameters and submodules by name (``self.w = nn.Parameter(...)`` 
 compared with the module's dict in C (``==``, each value by identity first) and put back by identity where it
 differs. The copies are not made for torch.nn's own layers that have neither a hook nor an instance ``forward``
 (:func:`_plain_classes`: their forward sets and registers nothing; a user's hook may, so a layer with one is
-copied): nine in ten modules of a ViT-Ti or a resnet50. Copied and compared for every module, the attributes
+copied), nor for a subclass that keeps ``nn.Sequential``'s forward (torchvision's MLP): 138 of a ViT-Ti's 152
+modules, 134 of a resnet50's 151. Copied and compared for every module, the attributes
 alone cost 6 to 10% more of the guard and 150 Python objects a call on a ViT-Ti (docs/performance.md, session
 36); the check that a layer is plain costs 0.1 us (15 us for a ViT-Ti's 152 modules).
 
@@ -147,10 +148,11 @@ class ModuleState(_Entry):
         # and registers none, unless a hook or an instance forward may (_plain_classes).
         attrs = module.__dict__
         try:
-            plain = type(module) in _PLAIN and "forward" not in attrs and not (
+            plain = (type(module) in _PLAIN or type(module).forward is _SEQUENTIAL) and \
+                "forward" not in attrs and not (
                 attrs["_forward_hooks"] or attrs["_forward_pre_hooks"] or attrs["_backward_hooks"] or
                 attrs["_backward_pre_hooks"])
-        except KeyError:  # a module made without nn.Module.__init__
+        except Exception:  # a module made without nn.Module.__init__; TorchScript's forward descriptor
             plain = False
         if plain:
             self.attrs = None  # params and children are read only with attrs
@@ -302,6 +304,7 @@ def _plain_classes() -> frozenset:
 
 
 _PLAIN = _plain_classes()
+_SEQUENTIAL = nn.Sequential.forward  # a subclass that keeps it (torchvision's MLP) is as plain
 
 
 def _restore_mapping(now: dict, saved: dict) -> None:
