@@ -31,9 +31,10 @@ compared with the module's dict in C (``==``, each value by identity first) and 
 differs. The copies are not made for torch.nn's own layers that have neither a hook nor an instance ``forward``
 (:func:`_plain_classes`: their forward sets and registers nothing; a user's hook may, so a layer with one is
 copied), nor for a subclass that keeps ``nn.Sequential``'s forward (torchvision's MLP): 138 of a ViT-Ti's 152
-modules, 134 of a resnet50's 151. Copied and compared for every module, the attributes
-alone cost 6 to 10% more of the guard and 150 Python objects a call on a ViT-Ti (docs/performance.md, session
-36); the check that a layer is plain costs 0.1 us (15 us for a ViT-Ti's 152 modules).
+modules, 134 of a resnet50's 151. Copied and compared for every module, the attributes alone cost 10 and 15%
+more of the guard on a ViT-Ti (alone, in a run guard) and 152 Python objects a call, which with attention
+rollout's passed the 700 that start a young garbage collection every call; now 6 and 3%, 30 objects
+(docs/performance.md, session 36). The check that a layer is plain costs 0.1 us a module.
 
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back); the
@@ -288,8 +289,8 @@ def _plain_classes() -> frozenset:
     """The classes whose modules' attributes need no copy (:meth:`ModuleState.take`) when one has no instance
     ``forward`` and no hook (which may set one): torch.nn's own layers (those of ``torch.nn.modules``), whose
     forward sets no attribute of its own (read in torch 2.14's source: all but the recurrent layers' refresh of
-    their flat weights, which are copied). Nine in ten modules of a ViT-Ti or a resnet50: a copy and a
-    comparison each (0.26 us), 6 to 10% of the guard, saved (docs/performance.md, session 36). A set made once,
+    their flat weights, which are copied). 138 of a ViT-Ti's 152 modules with :data:`_SEQUENTIAL`: a copy and
+    a comparison each (0.26 us) and an object saved (see the module's docstring). A set made once,
     not a cache filled per class: each call takes the same path (the Ctrl-C test traces every point of it)."""
     from torch.nn import modules
 
