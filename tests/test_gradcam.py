@@ -42,10 +42,10 @@ class VggLike(nn.Module):
         self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                       nn.Conv2d(4, 6, 3, padding=1), nn.ReLU())
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(6 * 4 * 4, 10), nn.ReLU(), nn.Linear(10, 3))
-        self.calls = 0
+        self.calls: list = []  # one per pass, appended to: the guard puts back a counter it reassigns
 
     def forward(self, x):
-        self.calls += 1
+        self.calls.append(1)
         return self.classifier(self.features(x))
 
 
@@ -165,9 +165,8 @@ def test_guided_gradcam_two_passes_when_relus_follow_the_layer():
     m = VggLike().eval()
     x = torch.randn(3, 3, 8, 8)
     t = [0, 1, 2]
-    m.calls = 0
     ours = salience.guided_gradcam(m, x, t, layer="features", reduce=None)
-    assert m.calls == 2
+    assert len(m.calls) == 2
     gb = salience.guided_backprop(m, x, t, reduce=None)
     cam = salience.gradcam(m, x, t, layer="features")
     assert_each_varies(cam)

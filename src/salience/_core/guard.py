@@ -21,6 +21,29 @@ the first thread's temporary eval mode as "the user's" and restore the wrong one
 per model, the first thread to leave put a shared backbone back in train mode under the other's
 running passes).
 
+What a model's own forward changes on itself during salience's passes (SmoothGrad runs 50 the user did not ask
+for, integrated gradients 32) comes back too (session 36, ``tests/test_guard_gaps.py``): its buffers by name and
+in order (a slot registered as ``None`` that the forward fills, a cache; a buffer registered, replaced or deleted;
+the non-persistent names); its plain attributes one level deep (a copy of each module's ``__dict__``: a call
+counter, the last shape, a tensor it caches, which held salience's batch and its graph; an attribute added or
+deleted); its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
+compared with the module's dict in C (``==``, each value by identity first) and put back by identity where it
+differs. The copies are not made for torch.nn's own layers that have neither a hook nor an instance ``forward``
+(:func:`_plain_classes`: their forward sets and registers nothing; a user's hook may, so a layer with one is
+copied), nor for a subclass that keeps ``nn.Sequential``'s forward (torchvision's MLP): 138 of a ViT-Ti's 152
+modules, 134 of a resnet50's 151. Copied and compared for every module, the attributes alone cost 10 and 15%
+more of the guard on a ViT-Ti (alone, in a run guard) and 152 Python objects a call, which with attention
+rollout's passed the 700 that start a young garbage collection every call; now 6 and 3%, 30 objects
+(docs/performance.md, session 36). The check that a layer is plain costs 0.1 us a module.
+
+What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
+(``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back); the
+contents of an attribute changed in place (a list appended to, a dict filled: one level only); hooks the forward
+registers and leaves on the model; an attribute or parameter replaced by another equal to it (``==``: a number, a
+string, a one-element tensor or parameter of the same value; a parameter of several elements compares by
+identity, its ``==`` raising) keeps the new object; an attribute a global module hook
+(``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own.
+
 A dataset run holds the model for the whole run (:func:`run_guard`): the full save and restore
 (about 1.7 ms on resnet50 on one CPU core, 5 ms before the records were made light) is paid once per
 run, not once per batch and method. Each guard entered inside it (a method's call) then only counts,
@@ -83,15 +106,17 @@ class _Entry:
 
 class ModuleState(_Entry):
     """A module's state as a guard found it: its train/eval flag, the ``forward`` attribute of a
-    ``torch.compile`` wrapper (its compiled callable), and its buffers (each with its version counter, a
-    copy of its values and a copy of its Python attributes); :meth:`restore` puts them back.
+    ``torch.compile`` wrapper (its compiled callable), its buffers (each name in order, ``None`` slots too,
+    with its version counter, a copy of its values and a copy of its Python attributes) and non-persistent
+    names, and a copy of its ``__dict__`` (``attrs``; ``None`` for a torch.nn layer without hooks, see the
+    module's docstring); :meth:`restore` puts them back.
 
     One small record per module and one per parameter (:class:`ParamState`), each held and put back on
     its own (modules are shared between models and threads); plain slots and tuples, not a dataclass of
     lists per object: recording resnet50's 320 objects cost 1.85 ms that way, 0.65 ms now (0.25 ms of it
     the buffers' clones), and putting them back 0.52 ms, now 0.22 ms."""
 
-    __slots__ = ("module", "training", "forward", "buffers", "handles")
+    __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children")
 
     def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
         self.take(module, wrapper)
@@ -108,9 +133,37 @@ class ModuleState(_Entry):
         # values if it was. Each tensor's Python attributes (its ``__dict__``, copied): torch.compile marks
         # the tensors it traces (``_dynamo_static_input_type``; inductor's freezing ``_is_frozen_param``),
         # and the user's tensors must come back without them (the compiled graphs do not read them again).
+        # Each name in order, a slot registered as None too (a forward that fills it, a cache, is undone).
         buffers = module._buffers
-        self.buffers = [(name, buf, buf._version, buf.detach().clone() if buf.requires_grad else buf.clone(),
-                         _attributes(buf)) for name, buf in buffers.items() if buf is not None] if buffers else ()
+        if buffers:
+            self.buffers = [(name, buf, buf._version, buf.detach().clone() if buf.requires_grad else buf.clone(),
+                             _attributes(buf)) if buf is not None else (name, None, 0, None, _NO_ATTRIBUTES)
+                            for name, buf in buffers.items()]
+            quiet = module.__dict__.get("_non_persistent_buffers_set")  # the non-persistent names, if any
+            self.quiet = frozenset(quiet) if quiet else None
+        else:
+            self.buffers, self.quiet = (), None
+        # The module's attributes, one level (a copy of its ``__dict__``: a counter or a cache its forward sets
+        # on each of salience's passes, SmoothGrad's 50, is put back to the user's value), and which parameters
+        # and submodules it has under which names (see restore). Not for torch.nn's own layers, whose forward sets
+        # and registers none, unless a hook or an instance forward may (_plain_classes).
+        attrs = module.__dict__
+        try:
+            plain = (type(module) in _PLAIN or type(module).forward is _SEQUENTIAL) and \
+                "forward" not in attrs and not (
+                attrs["_forward_hooks"] or attrs["_forward_pre_hooks"] or attrs["_backward_hooks"] or
+                attrs["_backward_pre_hooks"])
+        except Exception:  # a module made without nn.Module.__init__; TorchScript's forward descriptor
+            plain = False
+        if plain:
+            self.attrs = None  # params and children are read only with attrs
+        else:
+            self.attrs = attrs.copy()
+            # copies (the shared _EMPTY for an empty one), or None for what is no plain dict (TorchScript's wrapper)
+            slot = attrs.get("_parameters")
+            self.params = (slot.copy() if slot else _EMPTY) if type(slot) is dict else None
+            slot = attrs.get("_modules")
+            self.children = (slot.copy() if slot else _EMPTY) if type(slot) is dict else None
         # hooks the guard put on the module for the block (see _refuse_mixed_batches), removed first; a list once
         # there is one (an empty list per module and call was a third of the Python objects a call held)
         self.handles: Any = ()
@@ -132,24 +185,56 @@ class ModuleState(_Entry):
             module.__dict__["forward"] = self.forward
         if module.training != self.training:  # nn.Module.__setattr__ costs: about half of a restore on resnet50
             module.training = self.training
+        saved = self.attrs
+        if saved is not None:
+            now = module.__dict__
+            try:  # compared in C, each value by identity first (see _restore_mapping): 0.16 us for a Linear's 19
+                if now != saved:
+                    _restore_mapping(now, saved)
+            except Exception:  # a value whose == raises (a tensor's, an array's): changed
+                _restore_mapping(now, saved)
+            # the parameters and submodules by name, compared as the attributes (a parameter's == raises unless
+            # it has one element: 25 ns a dict, 0.6 us by identity, which cost the run guard's calls 10%)
+            try:
+                same = self.params is None or saved["_parameters"] == self.params
+            except Exception:
+                same = False
+            if not same:
+                _restore_mapping(saved["_parameters"], self.params)
+            try:
+                same = self.children is None or saved["_modules"] == self.children
+            except Exception:  # a class of the user's with an __eq__ that raises
+                same = False
+            if not same:
+                _restore_mapping(saved["_modules"], self.children)
         if self.buffers:
             buffers = module._buffers
+            missing = False
             for name, buf, version, copy, attrs in self.buffers:
                 # TorchScript modules' _buffers is a mapping without .get()
-                current = buffers[name] if name in buffers else None
-                if current is not buf:
-                    buffers[name] = buf
+                if name in buffers:
+                    if buffers[name] is not buf:
+                        buffers[name] = buf
+                else:
+                    missing = True
+                if buf is None:
+                    continue
                 if buf._version != version:
                     with torch.no_grad():
                         buf.copy_(copy)
                 _restore_attributes(buf, attrs)
+            if missing or len(buffers) != len(self.buffers):  # deleted or registered since: the names, in order
+                _restore_buffer_names(module, self.buffers, self.quiet)
+        elif saved is not None and saved.get("_buffers"):  # registered in the block (a module without buffers;
+            _restore_buffer_names(module, (), None)  # not a plain torch.nn layer, whose forward registers none)
 
     def put_back(self) -> None:
         """:meth:`restore`, then the buffers' version counters taken again (a buffer put back by a copy has
         a new version; the next :meth:`put_back` copies only what was written since)."""
         self.restore()
-        if any(buf._version != version for _, buf, version, _, _ in self.buffers):
-            self.buffers = [(name, buf, buf._version, copy, attrs) for name, buf, _, copy, attrs in self.buffers]
+        if any(buf is not None and buf._version != version for _, buf, version, _, _ in self.buffers):
+            self.buffers = [(name, buf, buf._version if buf is not None else 0, copy, attrs)
+                            for name, buf, _, copy, attrs in self.buffers]
 
 
 class ParamState(_Entry):
@@ -200,6 +285,56 @@ def _capture(obj: Any, wrapper: Optional[type], into: Any = None) -> "ModuleStat
     return ModuleState(obj, wrapper) if isinstance(obj, nn.Module) else ParamState(obj)
 
 
+def _plain_classes() -> frozenset:
+    """The classes whose modules' attributes need no copy (:meth:`ModuleState.take`) when one has no instance
+    ``forward`` and no hook (which may set one): torch.nn's own layers (those of ``torch.nn.modules``), whose
+    forward sets no attribute of its own (read in torch 2.14's source: all but the recurrent layers' refresh of
+    their flat weights, which are copied). 138 of a ViT-Ti's 152 modules with :data:`_SEQUENTIAL`: a copy and
+    a comparison each (0.26 us) and an object saved (see the module's docstring). A set made once,
+    not a cache filled per class: each call takes the same path (the Ctrl-C test traces every point of it)."""
+    from torch.nn import modules
+
+    found = set()
+    for name in dir(modules):
+        sub = getattr(modules, name)
+        for cls in vars(sub).values() if isinstance(sub, type(modules)) else (sub,):
+            if isinstance(cls, type) and issubclass(cls, nn.Module) and \
+                    cls.__module__.startswith("torch.nn.modules.") and not issubclass(cls, nn.RNNBase):
+                found.add(cls)
+    return frozenset(found)
+
+
+_PLAIN = _plain_classes()
+_SEQUENTIAL = nn.Sequential.forward  # a subclass that keeps it (torchvision's MLP) is as plain
+
+
+def _restore_mapping(now: dict, saved: dict) -> None:
+    """Put the dict ``now`` (a module's ``__dict__``) back to ``saved``, its copy: the keys added since deleted,
+    the values replaced since put back (by identity), in the saved order. The caller compares ``now != saved``
+    first (in C, each value by identity first): a value replaced by one equal to it (a number, a string) stays."""
+    if list(now) != list(saved):  # keys added, deleted or moved: rebuilt in the saved order
+        now.clear()
+        now.update(saved)
+        return
+    for k, v in saved.items():
+        if now[k] is not v:
+            now[k] = v
+
+
+def _restore_buffer_names(module: nn.Module, records: Any, quiet: Optional[frozenset]) -> None:
+    """``module``'s buffers back to the names of ``records`` (:meth:`ModuleState.take`'s), in their order, and
+    its non-persistent names to ``quiet`` (``None``: none): those registered since removed, those deleted put
+    back."""
+    buffers = module._buffers
+    buffers.clear()
+    for record in records:
+        buffers[record[0]] = record[1]
+    now = module.__dict__.get("_non_persistent_buffers_set")
+    if now is not None and now != (quiet or set()):
+        now.clear()
+        now.update(quiet or ())
+
+
 def _attributes(tensor: torch.Tensor) -> Any:
     """A copy of ``tensor``'s Python attributes (its ``__dict__``), or one shared empty mapping when it has none
     (a new empty dict per tensor and call was a Python object the call held for nothing)."""
@@ -224,6 +359,7 @@ _NO_FORWARD = object()
 _NOT_COMPILED = object()
 _MISSING = object()
 _NO_ATTRIBUTES: Any = MappingProxyType({})
+_EMPTY: dict = {}  # the copy of an empty _parameters or _modules, shared (never changed)
 
 
 def _compiled_wrapper_class() -> Optional[type]:
@@ -418,9 +554,10 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     original modules eagerly) for the block, then restore it.
 
     Restores every module's train/eval flag, every parameter's ``requires_grad``, ``.grad`` and
-    data (storage and strides: a channels-last run is undone), and any buffer written in place,
-    and each parameter's and buffer's Python attributes (those ``torch.compile`` sets on the tensors
-    it traces are removed), also if the block raises. A caller's ``torch.autocast`` is off in the block (this thread's):
+    data (storage and strides: a channels-last run is undone), any buffer written in place, registered,
+    replaced, deleted or filled (a ``None`` slot), the modules' plain attributes (one level; see the module's
+    docstring for torch.nn's own layers and the limits), and each parameter's and buffer's Python attributes
+    (those ``torch.compile`` sets on the tensors it traces are removed), also if the block raises. A caller's ``torch.autocast`` is off in the block (this thread's):
     the passes run in the precision of salience's ``precision=`` option (fp32 unless asked), which
     enters its own autocast inside.
 
