@@ -379,6 +379,63 @@ def test_another_thread_running_the_attention_gets_the_class_forward_uncaptured(
     assert not _left_on(model)
 
 
+class HybridViT(nn.Module):
+    """A convolution + BatchNorm stem (what ``fold_batchnorm`` folds) and two ``nn.MultiheadAttention`` layers on
+    their fast path's terms (the narrowed pass's scope: the two, with no hook on them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 8, stride=8), nn.BatchNorm2d(16))
+        self.attn = nn.ModuleList(nn.MultiheadAttention(16, 2, batch_first=True) for _ in range(2))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        for mha in self.attn:
+            t = t + mha(t, t, t)[0]
+        return self.head(t.mean(1))
+
+
+def test_a_copy_made_by_another_thread_mid_pass_carries_no_instance_forward():
+    """Another thread's ``fold_batchnorm`` call (RISE) during a narrowed rollout pass: own_hooks() sees no hook (the
+    native path puts none), so the folded copy is a deep copy of the model with this pass's instance ``forward``
+    in it. The copy, kept for the process, then ran this thread's inference-mode passes through that forward,
+    recording every attention matrix into a copy of the finished pass's capture (memory kept for good), and
+    its other passes under the finished pass's own capture. The copy has no instance ``forward``."""
+    from salience._core import perf as _perf
+
+    model, x = HybridViT().eval(), _x()
+    attention_maps(model, x)
+    errors: list = []
+
+    def rise() -> None:
+        try:
+            with salience.performance(fold_batchnorm=True):
+                salience.rise(model, x[:1], 0, masks=4)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def run(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        assert all("forward" in a.__dict__ for a in m.attn)  # this pass's native path is on
+        other = threading.Thread(target=rise)
+        other.start()
+        other.join()
+        return m(t)
+
+    try:
+        got = attention_maps(model, x, forward=run)
+        folded, why = _perf.folded_model(model)
+        assert not errors and folded is not None, (errors, why)
+        assert [n for n, m in folded.named_modules() if "forward" in m.__dict__] == []  # before: attn.0, attn.1
+        with torch.inference_mode():
+            folded(x)  # before: recorded by the pass's forward copied into the folded copy
+    finally:
+        _perf.clear_cache()
+    _assert_maps(got, _everywhere(model, x), exact=True)
+    assert not _left_on(model)
+
+
 def test_ctrl_c_at_each_point_of_the_substitution_leaves_the_model_as_it_was():
     """SIGINT at each point where Python may raise ``KeyboardInterrupt`` in ``_active_in``, its hooks, ``_hook``,
     ``_unhook`` and the substituted forward (set, called, taken off): no instance ``forward``, hook or mode is

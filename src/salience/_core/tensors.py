@@ -134,16 +134,38 @@ def copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)``, also for a ``torch.export`` program's module (``.pt2``): its graphs'
     nodes keep fake tensors in ``node.meta``, which cannot be deep-copied ("Cannot call numel() on
     tensor with symbolic sizes"). Those metadata dicts are shared with the copy (read-only notes of
-    the export), everything else is copied."""
+    the export), everything else is copied. An instance ``forward`` that a salience pass of another thread holds
+    on a module at that moment (attention rollout's ``nn.MultiheadAttention``, marked ``salience_thread``) is left
+    out of the copy: it records into that pass's capture, and a copy kept for the process (``fold_batchnorm``'s)
+    ran the pass's thread's later passes through it."""
     import copy
 
     memo: dict[int, Any] = {}
+    passes = []  # held for the copy: an id in the memo is not reused
     for m in model.modules():
         graph = getattr(m, "graph", None)
         if isinstance(graph, torch.fx.Graph):
             for node in graph.nodes:
                 memo[id(node.meta)] = node.meta
-    return copy.deepcopy(model, memo)
+        f = m.__dict__.get("forward")
+        if _pass_forward(f):
+            passes.append(f)
+            memo[id(f)] = _LEFT_OUT  # not copied (nor the capture it holds)
+    clone = copy.deepcopy(model, memo)
+    for m in clone.modules():
+        f = m.__dict__.get("forward")
+        if f is _LEFT_OUT or _pass_forward(f):  # the second: set meanwhile
+            del m.__dict__["forward"]
+    return clone
+
+
+_LEFT_OUT = object()
+
+
+def _pass_forward(f: Any) -> bool:
+    """``f`` (a module's instance ``forward``) is a salience pass's (``salience_thread``, a thread id), not a user's
+    (a ``Mock``'s attributes are all there, none an int)."""
+    return f is not None and type(getattr(f, "salience_thread", None)) is int
 
 
 def model_device(model: nn.Module) -> torch.device:
