@@ -390,3 +390,10 @@ def test_data_randomization_takes_float_labels_of_whole_numbers():
     assert got[0] is labels and set(out["values"]) == {"spearman_abs", "spearman", "ssim", "hog"}
     with pytest.raises(SalienceError, match=r"class indices \(whole numbers\)"):
         salience.evidence.data_randomization(train_fn, X, torch.tensor([0.5, 1.0, 2.0]), X[:2], "vanilla")
+
+
+def test_evaluate_methods_given_one_function_says_to_list_it():
+    """``methods=salience.vanilla`` was a raw "'function' object is not iterable"."""
+    with pytest.raises(SalienceError, match=r"methods is one function; .*methods=\[vanilla\]"):
+        ev.evaluate_methods(_cnn(), X, None, methods=salience.vanilla, steps=2)
+

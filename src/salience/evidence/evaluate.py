@@ -174,6 +174,9 @@ def _method_list(methods: Optional[Sequence[MethodLike]]) -> Optional[list[Metho
     methods, "unknown method 'v'"), each name once (a second row of the same name lost its maps)."""
     if methods is None:
         return None
+    if callable(methods):  # list(fn) was a raw "'function' object is not iterable"
+        raise SalienceError(f"methods is one function; give a list of names or functions, e.g. "
+                            f"methods=[{getattr(methods, '__name__', 'fn')}]")
     given = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
     names = [m for m in given if isinstance(m, str)]
     twice = sorted({m for m in names if names.count(m) > 1})
