@@ -397,3 +397,21 @@ def test_evaluate_methods_given_one_function_says_to_list_it():
     with pytest.raises(SalienceError, match=r"methods is one function; .*methods=\[vanilla\]"):
         ev.evaluate_methods(_cnn(), X, None, methods=salience.vanilla, steps=2)
 
+
+def test_a_traced_model_in_memory_is_explained_and_runs_a_dataset(tmp_path):
+    """``torch.jit.trace``'s module (not saved and loaded: a ``TopLevelTracedModule``, whose ``_modules`` are
+    behind ``__getattr__``) stopped every method with a raw ``KeyError: '_modules'`` (the structure fingerprint
+    read the instance dict). Its maps equal the Python module's, in a call and in a dataset run."""
+    torch.manual_seed(0)
+    plain = SmallCNN().eval()
+    traced = torch.jit.trace(plain, X)
+    np.testing.assert_array_equal(salience.vanilla(traced, X).numpy(), salience.vanilla(plain, X).numpy())
+    model = attach_info(traced, ModelInfo(name="traced", input_size=(8, 8)))
+    with unchanged(model):
+        run = salience.explain_dataset(model, torch.utils.data.TensorDataset(X), ["vanilla"], tmp_path / "run",
+                                       workers=0, metrics=True, metric_steps=2, map_dtype="float32")
+    assert run.table.column("error").to_pylist() == [None] * 3
+    with torch.no_grad():
+        assert run.table.column("predicted").to_pylist() == plain(X).argmax(1).tolist()
+    np.testing.assert_array_equal(np.stack([run.map(i, "vanilla") for i in range(3)]),
+                                  salience.vanilla(plain, X).numpy())
