@@ -415,3 +415,17 @@ def test_a_traced_model_in_memory_is_explained_and_runs_a_dataset(tmp_path):
         assert run.table.column("predicted").to_pylist() == plain(X).argmax(1).tolist()
     np.testing.assert_array_equal(np.stack([run.map(i, "vanilla") for i in range(3)]),
                                   salience.vanilla(plain, X).numpy())
+
+
+def test_two_functions_of_one_name_are_refused():
+    """Two partials (named "method") or two lambdas made one row, the first one's maps and metrics lost, silently
+    (the rows are a dict by name)."""
+    import functools
+
+    two = [functools.partial(salience.smoothgrad, samples=2), functools.partial(salience.smoothgrad, samples=4)]
+    with pytest.raises(SalienceError, match=r"two methods are named 'method'.*fn.__name__ = 'method_2'"):
+        ev.evaluate_methods(_cnn(), X, None, methods=two, steps=2)
+    with pytest.raises(SalienceError, match=r"two methods are named '<lambda>'"):
+        ev.evaluate_methods(_cnn(), X, None, methods=[lambda m, x, t: salience.vanilla(m, x, t)] * 2, steps=2)
+    with pytest.raises(SalienceError, match=r"method 'vanilla' is given twice"):
+        ev.evaluate_methods(_cnn(), X, None, methods=["vanilla", salience.vanilla], steps=2)
