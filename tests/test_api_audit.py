@@ -214,7 +214,6 @@ IMAGES = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(4))
     (lambda: salience.evidence.spectral_residual(IMAGES.clone().fill_(float("nan"))),
      r"images contain NaN or infinite values \(images 0, 1 of 2\)"),
     (lambda: salience.evidence.sobel_edges(IMAGES.clone().fill_(float("inf"))), r"images contain NaN or infinite"),
-    (lambda: salience.evidence.spectral_residual(IMAGES[:0]), r"images is an empty batch"),
     (lambda: salience.evidence.random_maps((2, -1, 6)), r"each side of shape must be an int >= 0, got -1"),
     (lambda: salience.evidence.random_maps((2, 6.0, 6)), r"each side of shape must be an int >= 0, got 6.0"),
     (lambda: salience.evidence.random_maps(6), r"shape must be a sequence of sides"),
@@ -228,7 +227,7 @@ IMAGES = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(4))
      r"x contain NaN or infinite values"),
     (lambda: salience.evidence.box_iou([[0, 0, 2, 2]], [[0, 0, 2, 2]]), r"expected two \(B, 4\) tensors.*got list"),
 ], ids=["spearman-nan", "spearman-numpy", "ssim-window0", "ssim-sigma0", "ssim-range0", "hog-bins0",
-        "hog-cell-float", "spectral-nan", "sobel-inf", "spectral-empty", "random-negative", "random-float",
+        "hog-cell-float", "spectral-nan", "sobel-inf", "random-negative", "random-float",
         "random-int", "random-device", "seeds-stream", "seeds-numpy", "auc-numpy", "auc-list", "auc-nan",
         "imputation-nan", "iou-list"])
 def test_map_functions_refuse_what_they_cannot_score(call, message):
@@ -282,7 +281,7 @@ def test_a_run_row_by_a_string_says_it_is_the_type(folder, tmp_path):
 @pytest.mark.parametrize("args, message", [
     ((X, torch.arange(3), X[0]), r"expected x of shape \(B, C, H, W\)"),
     ((X.numpy(), torch.arange(3), X), r"expected x as a torch.Tensor"),
-    ((X, [0, 1, 2], X), r"expected labels as a \(N,\) tensor of class indices, got list"),
+    ((X, [0, 1, 2], X), r"expected labels as a \(N,\) tensor of class indices.*got list"),
 ], ids=["x-chw", "images-numpy", "labels-list"])
 def test_data_randomization_refuses_before_training(args, message):
     """A bad ``x`` was the model's raw error after both trainings (``train_fn`` called twice first)."""
@@ -294,3 +293,139 @@ def test_data_randomization_refuses_before_training(args, message):
     with pytest.raises(SalienceError, match=message):
         salience.evidence.data_randomization(train_fn, args[0], args[1], args[2], "vanilla")
     assert not trained
+
+
+# ----------------------------------------------------------------------------- valid inputs the checks must take
+
+def _named_cnn() -> torch.nn.Module:
+    return attach_info(_cnn(), ModelInfo(name="cnn", input_size=(8, 8)))
+
+
+@pytest.mark.parametrize("labels", [np.array([0.0, 1.0, 2.0]), torch.tensor([0.0, 1.0, 2.0]), [0.0, 1.0, 2.0],
+                                    [np.array(0), np.array(1), np.array(2)], list(torch.tensor([[0], [1], [2]]))],
+                         ids=["ndarray-float", "tensor-float", "list-float", "0d-arrays", "one-element-tensors"])
+def test_labels_of_integral_floats_and_one_element_arrays(labels, folder, tmp_path):
+    """``np.loadtxt``'s float64 labels, a float tensor of labels and the rows of an ``(N, 1)`` tensor were class
+    indices before the check of 0.5 (``int()``), and are as a dataset's own labels (``sources._item_label``);
+    the check refused them all ("must be an int, got 0.0")."""
+    run = salience.explain_dataset(_named_cnn(), folder, ["vanilla"], tmp_path / "run", labels=labels, workers=0)
+    assert run.table.column("label").to_pylist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("methods", [{"vanilla": 0}.keys(), (m for m in ["vanilla"]), iter(["vanilla"])],
+                         ids=["dict-keys", "generator", "iterator"])
+def test_methods_as_any_iterable_of_names(methods, folder, tmp_path):
+    """An iterable of names (``METHODS.keys()``, a generator) ran before the check of a function given as
+    ``methods``, which refused anything but a list or a dict."""
+    run = salience.explain_dataset(_named_cnn(), folder, methods, tmp_path / "run", workers=0)
+    assert run.methods == ["vanilla"] and run.table.column("error").to_pylist() == [None] * 3
+
+
+def test_a_function_in_a_list_of_methods_says_to_name_it(folder, tmp_path):
+    with pytest.raises(SalienceError, match=r"a method given as a function needs a name: methods=\{'vanilla': fn\}"):
+        salience.explain_dataset(_named_cnn(), folder, [salience.vanilla], tmp_path / "run")
+
+
+@pytest.mark.parametrize("metrics, want", [(None, []), (np.bool_(False), []),
+                                           (np.bool_(True), ["insertion", "deletion"])], ids=["none", "np-false",
+                                                                                              "np-true"])
+def test_metrics_none_and_numpy_bools(metrics, want, folder, tmp_path):
+    """``metrics=None`` (no metrics) ran before the check of ``metrics``' kind, which refused it; numpy's bools
+    are bools everywhere else (``check_flag``)."""
+    run = salience.explain_dataset(_named_cnn(), folder, ["vanilla"], tmp_path / "run", metrics=metrics,
+                                   metric_steps=2, workers=0)
+    assert run.manifest["metrics"] == want
+
+
+def test_images_as_an_array_of_paths(folder, tmp_path):
+    """A numpy array of paths (a DataFrame's column ``.values``) was a list of paths; the refusal of a tensor of
+    images took it for pixels ("images is a ndarray of shape (2,)")."""
+    paths = np.array([str(folder / "i0.png"), str(folder / "i1.png")])
+    run = salience.explain_dataset(_named_cnn(), paths, ["vanilla"], tmp_path / "run", workers=0)
+    assert len(run) == 2 and run.table.column("error").to_pylist() == [None, None]
+
+
+def test_numpy_ints_for_the_counts_of_a_run(folder, tmp_path):
+    """``check_int`` takes numpy ints, but ``max_pixels`` / ``shard_size`` / ``metric_steps`` were kept as given
+    and written to run.json: "Object of type int64 is not JSON serializable"."""
+    run = salience.explain_dataset(_named_cnn(), folder, ["vanilla"], tmp_path / "run", workers=np.int64(0),
+                                   max_pixels=np.int64(10 ** 6), shard_size=np.int64(2), metrics=True,
+                                   metric_steps=np.int64(2), batch_size=np.int64(2))
+    cmd = run.manifest["command"]
+    assert (cmd["max_pixels"], cmd["shard_size"], cmd["metric_steps"]) == (10 ** 6, 2, 2)
+
+
+def test_a_run_row_by_a_tensor_index(folder, tmp_path):
+    """``run.row(scores.argmax())`` (a 0-d integer tensor) found the row before the check of the index's kind."""
+    run = salience.explain_dataset(_named_cnn(), folder, ["vanilla"], tmp_path / "run", workers=0)
+    assert run.row(torch.tensor(1))["index"] == 1 and run.row(np.array(2))["index"] == 2
+    with pytest.raises(SalienceError, match=r"index must be an int"):
+        run.row(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("fn", ["center_maps", "sobel_edges", "spectral_residual"])
+def test_baselines_of_no_images_are_no_maps(fn):
+    """``center_maps`` and ``sobel_edges`` of an empty batch gave ``(0, H, W)`` maps (as the metrics give empty
+    results, docs/evaluation.md); the NaN check of the images refused it ("images is an empty batch")."""
+    got = getattr(salience.evidence, fn)(IMAGES[:0])
+    assert got.shape == (0, 6, 6) and got.dtype == torch.float32
+
+
+def test_spearman_of_no_maps_is_no_values():
+    """A raw "cannot reshape tensor of 0 elements" (the other map functions give empty results)."""
+    got = salience.evidence.spearman(MAPS[:0], MAPS[:0])
+    assert got.shape == (0,)
+
+
+def test_data_randomization_takes_float_labels_of_whole_numbers():
+    """Float labels (0.0, 1.0, 2.0) went to ``train_fn`` and scored its accuracy before the check of the labels,
+    which refused every float tensor; 0.5 is still no class."""
+    got = []
+
+    def train_fn(images, labels):
+        got.append(labels)
+        return _cnn().eval()
+    labels = torch.tensor([0.0, 1.0, 2.0])
+    out = salience.evidence.data_randomization(train_fn, X, labels, X[:2], "vanilla")
+    assert got[0] is labels and set(out["values"]) == {"spearman_abs", "spearman", "ssim", "hog"}
+    with pytest.raises(SalienceError, match=r"class indices \(whole numbers\)"):
+        salience.evidence.data_randomization(train_fn, X, torch.tensor([0.5, 1.0, 2.0]), X[:2], "vanilla")
+
+
+def test_evaluate_methods_given_one_function_says_to_list_it():
+    """``methods=salience.vanilla`` was a raw "'function' object is not iterable"."""
+    with pytest.raises(SalienceError, match=r"methods is one function; .*methods=\[vanilla\]"):
+        ev.evaluate_methods(_cnn(), X, None, methods=salience.vanilla, steps=2)
+
+
+def test_a_traced_model_in_memory_is_explained_and_runs_a_dataset(tmp_path):
+    """``torch.jit.trace``'s module (not saved and loaded: a ``TopLevelTracedModule``, whose ``_modules`` are
+    behind ``__getattr__``) stopped every method with a raw ``KeyError: '_modules'`` (the structure fingerprint
+    read the instance dict). Its maps equal the Python module's, in a call and in a dataset run."""
+    torch.manual_seed(0)
+    plain = SmallCNN().eval()
+    traced = torch.jit.trace(plain, X)
+    np.testing.assert_array_equal(salience.vanilla(traced, X).numpy(), salience.vanilla(plain, X).numpy())
+    model = attach_info(traced, ModelInfo(name="traced", input_size=(8, 8)))
+    with unchanged(model):
+        run = salience.explain_dataset(model, torch.utils.data.TensorDataset(X), ["vanilla"], tmp_path / "run",
+                                       workers=0, metrics=True, metric_steps=2, map_dtype="float32")
+    assert run.table.column("error").to_pylist() == [None] * 3
+    with torch.no_grad():
+        assert run.table.column("predicted").to_pylist() == plain(X).argmax(1).tolist()
+    np.testing.assert_array_equal(np.stack([run.map(i, "vanilla") for i in range(3)]),
+                                  salience.vanilla(plain, X).numpy())
+
+
+def test_two_functions_of_one_name_are_refused():
+    """Two partials (named "method") or two lambdas made one row, the first one's maps and metrics lost, silently
+    (the rows are a dict by name)."""
+    import functools
+
+    two = [functools.partial(salience.smoothgrad, samples=2), functools.partial(salience.smoothgrad, samples=4)]
+    with pytest.raises(SalienceError, match=r"two methods are named 'method'.*fn.__name__ = 'method_2'"):
+        ev.evaluate_methods(_cnn(), X, None, methods=two, steps=2)
+    with pytest.raises(SalienceError, match=r"two methods are named '<lambda>'"):
+        ev.evaluate_methods(_cnn(), X, None, methods=[lambda m, x, t: salience.vanilla(m, x, t)] * 2, steps=2)
+    with pytest.raises(SalienceError, match=r"method 'vanilla' is given twice"):
+        ev.evaluate_methods(_cnn(), X, None, methods=["vanilla", salience.vanilla], steps=2)

@@ -81,7 +81,7 @@ def test_data_randomization_records_a_method_that_does_not_apply():
         raise SalienceError("this method needs a conv layer")
 
     x = torch.rand(2, 3, 64, 64)
-    out = E._data_randomization_rows(_train, ["vanilla", not_here], 8, x)
+    out = E._data_randomization_rows(_train, E.bound_methods(_train(None, None), x, ["vanilla", not_here]), 8, x)
     assert set(out["values"]) == {"vanilla"}
     assert out["errors"] == {"not_here": "SalienceError: this method needs a conv layer"}
     assert ["not_here", "failed: SalienceError: this method needs a conv layer", "", "", ""] in E._data_rand_table(out)
@@ -92,4 +92,4 @@ def test_data_randomization_does_not_swallow_other_errors():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        E._data_randomization_rows(_train, [broken], 8, torch.rand(2, 3, 64, 64))
+        E._data_randomization_rows(_train, [("broken", broken)], 8, torch.rand(2, 3, 64, 64))

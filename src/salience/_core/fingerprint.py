@@ -60,7 +60,8 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
         f = d.get("forward")
         if f is not None and getattr(f, "salience_thread", me) != me:  # another thread's pass's (attention._NativeMHA)
             f = None
-        add((id(m), type(m), tuple(d["_modules"].keys()), None if f is None else id(f)))
+        mods = d.get("_modules")  # a traced module (torch.jit.trace, not loaded) keeps them behind __getattr__
+        add((id(m), type(m), tuple((m._modules if mods is None else mods).keys()), None if f is None else id(f)))
         if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks") or \
                 d.get("_backward_pre_hooks"):
             # each hook dict copied at once (in C, under the GIL) before getattr runs Python per hook: another
@@ -71,10 +72,10 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
             if any(own):  # observers alone leave the fingerprint as without them
                 add(own)
         if tensors:
-            for t in d["_parameters"].values():
+            for t in d.get("_parameters", m._parameters).values():
                 if t is not None:
                     add((t.data_ptr(), t._version, t.shape, t.stride()))
-            for t in d["_buffers"].values():
+            for t in d.get("_buffers", m._buffers).values():
                 if t is not None:
                     add((t.data_ptr(), t._version, t.shape, t.stride()))
     return tuple(out)

@@ -36,6 +36,8 @@ def spectral_residual(images: Tensor, *, size: int = 64, blur_size: int = 5, blu
     blur_size = check_int(blur_size, "blur_size", minimum=1)
     blur_sigma = check_number(blur_sigma, "blur_sigma", minimum=1e-6)
     b, c, h, w = images.shape
+    if b == 0:  # no images, no maps (as the other baselines and the metrics of an empty batch)
+        return images.new_zeros((0, h, w))
     g = images.float().mean(1, keepdim=True)
     flat = (g.amax((1, 2, 3)) == g.amin((1, 2, 3)))[:, None, None]  # before the resize's rounding
     if (h, w) != (size, size):
@@ -64,8 +66,6 @@ def _check_images(images: Tensor) -> Tensor:
             f"expected images of shape (B, C, H, W), got "
             f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
         )
-    if images.shape[0] == 0:
-        raise SalienceError("images is an empty batch (B = 0)")
     images = images.float() if not images.is_floating_point() else images
     return check_finite(images, "images", "a baseline map of them would be NaN")
 

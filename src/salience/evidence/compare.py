@@ -59,7 +59,8 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
         check_finite(t, name, "a NaN has no rank, and the correlation of the others would be a number")
     if a.shape != b.shape:
         raise SalienceError(f"spearman needs maps of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    fa, fb = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    n = math.prod(a.shape[1:])  # not -1: reshape(0, -1) of an empty batch raised
+    fa, fb = a.reshape(a.shape[0], n), b.reshape(b.shape[0], n)
     return _pearson(_average_ranks(fa), _average_ranks(fb))
 
 

@@ -174,11 +174,18 @@ def _method_list(methods: Optional[Sequence[MethodLike]]) -> Optional[list[Metho
     methods, "unknown method 'v'"), each name once (a second row of the same name lost its maps)."""
     if methods is None:
         return None
+    if callable(methods):  # list(fn) was a raw "'function' object is not iterable"
+        raise SalienceError(f"methods is one function; give a list of names or functions, e.g. "
+                            f"methods=[{getattr(methods, '__name__', 'fn')}]")
     given = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
-    names = [m for m in given if isinstance(m, str)]
+    # a function's row is named by its __name__ (resolve_method): two partials or lambdas were one row, silently
+    names = [m if isinstance(m, str) else getattr(m, "__name__", "method") for m in given]
     twice = sorted({m for m in names if names.count(m) > 1})
-    if twice:
+    if twice and twice[0] in given:
         raise SalienceError(f"method {twice[0]!r} is given twice; give each method once")
+    if twice:
+        raise SalienceError(f"two methods are named {twice[0]!r} (a function's row is named by its __name__; a "
+                            f"partial's is 'method'): give each its own, e.g. fn.__name__ = '{twice[0]}_2'")
     return given
 
 

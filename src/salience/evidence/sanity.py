@@ -257,10 +257,12 @@ def data_randomization(
     """
     check_input(images)  # before the two trainings: a raw error of the model after them cost both
     check_input(x)
-    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise SalienceError(f"expected labels as a (N,) tensor of class indices, got "
-                            f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__}"
-                            f"{tuple(labels.shape) if isinstance(labels, Tensor) else ''}")
+    # float labels of whole numbers (2.0) are class indices, given to train_fn as they are
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype == torch.bool or labels.is_complex() or \
+            labels.is_floating_point() and not bool((labels == labels.round()).all()):
+        got = f"{labels.dtype}{tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
+        raise SalienceError(f"expected labels as a (N,) tensor of class indices (whole numbers), e.g. "
+                            f"torch.as_tensor(labels), got {got}")
     if labels.shape[0] != images.shape[0]:
         raise SalienceError(f"got {labels.shape[0]} labels for {images.shape[0]} images")
     _, fn = resolve_method(method, method_kwargs)

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -130,11 +130,13 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
                                                                    (show_progress, "show_progress")))
     if engine not in ENGINES:
         raise SalienceError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    check_int(shard_size, "shard_size", minimum=1)
+    # the checked values kept (numpy's ints as ints: run.json is written from them)
+    shard_size = check_int(shard_size, "shard_size", minimum=1)
     if batch_size is not None:
-        check_int(batch_size, "batch_size", minimum=1)
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
     if max_pixels is not None:
-        check_int(max_pixels, "max_pixels", minimum=1, what="the largest image in pixels; None for no limit")
+        max_pixels = check_int(max_pixels, "max_pixels", minimum=1, what="the largest image in pixels; None for no "
+                               "limit")
     if map_dtype not in ("float16", "float32"):
         raise SalienceError(f"map_dtype must be float16 or float32, got {map_dtype!r}")
     perf = _perf.resolve(memory_format, compile, precision, fold_batchnorm)
@@ -159,7 +161,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     if isinstance(dataset, sources.ImageFiles):
         dataset = sources.ImageFiles(paths, info, max_pixels, mask_list)
     metric_names = _metric_names(metrics, masks is not None)
-    check_int(metric_steps, "metric_steps", minimum=1)
+    metric_steps = check_int(metric_steps, "metric_steps", minimum=1)
     if regression and target is None:
         target = 0
     plan = job.Plan(fns, info, paths, mode=target_mode, k=k, fixed=target, labels=known_labels, metrics=metric_names,
@@ -187,7 +189,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
                 "cwd": os.getcwd()}  # where the relative paths of inputs.parquet are from
     if workers is None:
         workers = loader_workers if loader_workers is not None else min(4, max((os.cpu_count() or 1) - 1, 0))
-    check_int(workers, "workers", minimum=0)
+    workers = check_int(workers, "workers", minimum=0)
     check_folder(folder, overwrite)
     with run_lock(folder) as writer:  # one writer: a second run on this folder is refused while this one lives
         store = Store(folder, manifest, overwrite=overwrite, legacy=legacy, planned=planned)
@@ -258,7 +260,7 @@ def _methods(methods: Any, options: Optional[Mapping[str, Any]]) -> tuple[dict[s
     """Names -> functions, and a JSON record of the options (for the command)."""
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
-    elif callable(methods) or not isinstance(methods, (Mapping, Sequence)):
+    elif callable(methods) or not isinstance(methods, (Mapping, Iterable)):  # any iterable of names: METHODS.keys()
         raise SalienceError(f"methods must be names or a dict of name: function, e.g. {{'mine': fn}}; got "
                             f"{type(methods).__name__}")
     if options is not None and not isinstance(options, Mapping):
@@ -269,6 +271,9 @@ def _methods(methods: Any, options: Optional[Mapping[str, Any]]) -> tuple[dict[s
     else:
         fns = {}
         for name in methods:
+            if callable(name):
+                raise SalienceError(f"a method given as a function needs a name: methods={{"
+                                    f"{getattr(name, '__name__', 'mine')!r}: fn}} (a dict of name: function)")
             if name not in METHODS:
                 raise SalienceError(f"unknown method {name!r} (available: {', '.join(METHODS)})")
             fns[name] = METHODS[name]
@@ -292,7 +297,7 @@ def _dataset(images: Any, model: nn.Module) -> tuple[Dataset, list[str], Optiona
     if isinstance(images, Dataset) and not isinstance(images, (str, Path)):
         wrapped = sources.Wrapped(images)
         return wrapped, [f"{type(images).__name__}[{i}]" for i in range(len(wrapped))], loader_workers
-    if isinstance(images, (torch.Tensor, np.ndarray)):
+    if isinstance(images, torch.Tensor) or isinstance(images, np.ndarray) and images.dtype.kind not in "USO":
         raise SalienceError(f"images is a {type(images).__name__} of shape {tuple(images.shape)}; give a dataset of "
                             "its images, e.g. torch.utils.data.TensorDataset(images) for (N, C, H, W) tensors")
     try:
@@ -392,9 +397,11 @@ def _label(value: Any, i: int, paths: Sequence[str], info: ModelInfo) -> Optiona
             return names[value.strip().lower()]
         raise SalienceError(f"label {value!r} of image {i} ({paths[i] if i < len(paths) else '?'}) is neither a class "
                             f"index nor a class name of {info.name}")
-    if isinstance(value, torch.Tensor) and value.dim() == 0:  # an item of a tensor of labels
-        value = value.item()
-    return check_int(value, f"label of image {i}", minimum=None)  # int() made 0.5 class 0, silently
+    if (c := sources.class_index(value)) is not None:  # as a dataset's own labels: 2.0, an (N, 1) tensor's rows
+        return c
+    # int() made 0.5 class 0, silently
+    raise SalienceError(f"label of image {i} must be an int, got {value!r}: a class index (2.0 is one, 0.5 is not) "
+                        "or a class name")
 
 
 def _mode(target: Optional[int], top: Optional[int], labels: Union[None, list, str], info: ModelInfo,
@@ -445,6 +452,8 @@ def _regression_mode(target: Optional[int], top: Optional[int], labels: Union[No
 
 
 def _metric_names(metrics: Union[bool, Sequence[str]], masks: bool) -> list[str]:
+    if metrics is None or isinstance(metrics, np.bool_):  # None: no metrics; numpy's bools are bools
+        metrics = bool(metrics)
     if not isinstance(metrics, (bool, str, Sequence)):
         raise SalienceError(f"metrics must be True, False or metric names, e.g. ['deletion', 'insertion']; got "
                             f"{metrics!r}")

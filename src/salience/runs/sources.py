@@ -349,14 +349,22 @@ class Wrapped(Dataset):
         return dataset_labels(self.dataset)
 
 
-def _item_label(value: Any, index: int) -> int:
-    """An item's label as a class index (an int, or a one-element integer tensor / array)."""
+def class_index(value: Any) -> Optional[int]:
+    """``value`` as a class index: an int (numpy's too), a float that is one (a label stored as 2.0), or a
+    one-element tensor / array of one; ``None`` for anything else (a bool, 0.5, a string)."""
     if isinstance(value, Tensor) and value.numel() == 1 or isinstance(value, np.ndarray) and value.size == 1:
         value = value.item()
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         return int(value)
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return int(value)  # a label stored as a float (2.0)
+        return int(value)
+    return None
+
+
+def _item_label(value: Any, index: int) -> int:
+    """An item's label as a class index (:func:`class_index`)."""
+    if (c := class_index(value)) is not None:
+        return c
     shown = " ".join(repr(value).split())[:60]
     raise SalienceError(f"the dataset's item {index} is (image, {shown}): the second value must be the image's "
                         "label, a class index; return (image, label) or the image alone")

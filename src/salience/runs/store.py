@@ -632,6 +632,8 @@ class Run:
         such row (it says so when rows without an index may hide it); :class:`BadIndex` when it has
         several (a table written by hand or by another program: which one is meant cannot be known).
         Rows without an index are no image's: the others are found by their index all the same."""
+        if getattr(index, "ndim", None) == 0 and hasattr(index, "item"):  # a 0-d tensor / array: scores.argmax()
+            index = index.item()
         index = check_int(index, "index", minimum=None, what="an image's number in the run")  # "0" was "not in the run"
         keys, order = self._index_lookup()
         pos = int(np.searchsorted(keys, index))
