@@ -329,7 +329,9 @@ def auc(curves: Tensor) -> Tensor:
         raise SalienceError(f"expected curves of shape (B, n) with n >= 2, got {tuple(curves.shape)}")
     check_finite(curves, "curves", "an area of them would be NaN")
     n = curves.shape[1] - 1
-    c = curves.double()  # a float32 sum of values near 1e38 overflowed to inf, where the area is finite
+    # in float64 (a float32 sum of values near 1e38 overflowed to inf, where the area is finite), but for a device
+    # without float64 (Apple's MPS): there in float32
+    c = curves.to(torch.float32 if curves.device.type == "mps" else torch.float64)
     return ((c.sum(1) - 0.5 * (c[:, 0] + c[:, -1])) / n).to(curves.dtype if curves.is_floating_point() else
                                                            torch.float32)
 
