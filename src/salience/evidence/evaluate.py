@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ from salience.evidence.compare import SIMILARITIES
 from salience.loading import load_image, normalize_input, resize_crop
 from salience.loading.images import keep_flat
 from salience.methods import default_methods
-from salience.methods.options import dry_run, show_default, with_options
+from salience.methods.options import check_bound_values, show_default, with_options
 from salience.render import plots, viz
 from salience.render.report import Report
 
@@ -267,18 +266,6 @@ def options_record(items: Sequence[tuple[str, Callable[..., Any]]]) -> dict[str,
         return v if v is None or isinstance(v, (bool, int, float, str)) else repr(v)
 
     return {name: {k: shown(v) for k, v in getattr(fn, "keywords", {}).items()} for name, fn in items}
-
-
-def _check_option_values(model: nn.Module, x: Tensor, items: Sequence[tuple[str, Callable[..., Tensor]]],
-                         method_options: Optional[MethodOptions]) -> None:
-    """Each given option's value checked by its method on ``x`` ``(1, C, H, W)`` before any work
-    (:func:`salience.methods.options.dry_run`): a refusal that names an option given to the method is
-    a :class:`SalienceError` naming ``method_options[name]``."""
-    for name, fn in items:
-        given = (method_options or {}).get(name) or {}
-        e = dry_run(fn, model, x) if given else None
-        if e is not None and any(re.search(rf"\b{re.escape(k)}\b", str(e)) for k in given):
-            raise SalienceError(f"method_options[{name!r}]: {e}")
 
 
 def evaluate_methods(
@@ -576,7 +563,7 @@ def run_evaluation(
     x, m = model_input(model, x), (m.to(device) if m is not None else None)  # its device and dtype
     predicted_classes(model, x, batch_size=32)  # a model that cannot take x: refused before the folder is made
     items = bound_methods(model, x, methods, method_options)
-    _check_option_values(model, x[:1], items, method_options)
+    check_bound_values(model, x[:1], dict(items), method_options)
     if methods is None:  # the defaults chosen once (registry names)
         methods = [name for name, _ in items]
     out = make_folder(out_dir)  # created only once the inputs are known to be good

@@ -37,7 +37,7 @@ from salience.loading import load_model, remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
 from salience.loading.models import name_classes, resolve_device
 from salience.methods import METHODS, as_method
-from salience.methods.options import with_options
+from salience.methods.options import check_bound_values, with_options
 from salience.render import viz
 from salience.runs import gallery, job, sources
 from salience.runs.lock import run_lock
@@ -158,6 +158,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     mask_list = sources.mask_files(paths, masks) if masks is not None else None
     if isinstance(dataset, sources.ImageFiles):
         dataset = sources.ImageFiles(paths, info, max_pixels, mask_list)
+    _check_option_values(module, dataset, first, info, fns, method_options)  # before any file is written
     metric_names = _metric_names(metrics, masks is not None)
     check_int(metric_steps, "metric_steps", minimum=1)
     if regression and target is None:
@@ -317,6 +318,26 @@ def _first_pending(folder: Path, n: int, overwrite: bool) -> int:
     except (OSError, ValueError, SalienceError):
         return 0
     return next((i for i in range(n) if i not in done), 0)
+
+
+def _check_option_values(model: nn.Module, dataset: Dataset, first: int, info: ModelInfo,
+                         fns: Mapping[str, Callable[..., Any]], given: Optional[Mapping[str, Any]]) -> None:
+    """Each ``method_options`` value checked by its method (:func:`salience.methods.options.check_bound_values`,
+    as ``salience explain DIR`` and ``run_evaluation`` check them) on the first image the run reads
+    (item ``first``), or, where it cannot be read, a blank image of the model's input size; neither (an
+    empty dataset): nothing to check, nothing explained. The run folder is not made yet."""
+    if not given or not any(given.values()) or not len(dataset):
+        return
+    item = sources.read_once(dataset, first)
+    if item.error is None:
+        x = item.x[None]
+    elif info.input_size is not None:
+        x = torch.zeros(1, info.channels, *info.input_size)
+    else:
+        return
+    from salience._core.autograd import model_input
+
+    check_bound_values(model, model_input(model, x), fns, given)
 
 
 def _dataset_labels(dataset: Dataset, first: int) -> Union[None, list, str]:
