@@ -399,22 +399,22 @@ def _names(paths: Sequence[Path], k: int = 5) -> str:
 
 def _image_files(folder: Path, n: int) -> list[Path]:
     if not folder.is_dir():
-        raise SalienceError(f"--images: {folder} is not a folder; give a folder of image files")
+        raise SalienceError(f"images={folder} is not a folder; give a folder of image files")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)[:n]
     if not files:
-        raise SalienceError(f"--images: no image files ({', '.join(_IMAGE_SUFFIXES)}) in {folder}")
+        raise SalienceError(f"images={folder}: no image files ({', '.join(_IMAGE_SUFFIXES)}) in it")
     return files
 
 
 def _mask_files(mfolder: Path, files: Sequence[Path], folder: Path) -> list[Path]:
     """The mask of each image file: the file in ``mfolder`` with the image's stem."""
     if not mfolder.is_dir():
-        raise SalienceError(f"--masks: {mfolder} is not a folder; give a folder of mask images")
+        raise SalienceError(f"masks={mfolder} is not a folder; give a folder of mask images")
     by_stem: dict[str, Path] = {}
     for p in sorted(mfolder.iterdir()):
         if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES:
             if p.stem in by_stem:
-                raise SalienceError(f"--masks: two masks for the image {p.stem!r} in {mfolder}: "
+                raise SalienceError(f"masks={mfolder}: two masks for the image {p.stem!r}: "
                                     f"{by_stem[p.stem].name} and {p.name}; keep one")
             by_stem[p.stem] = p
     missing = [p for p in files if p.stem not in by_stem]

@@ -229,7 +229,7 @@ def _out_folder(out: PathLike) -> Path:
     """The run folder: a local path (or a mounted one); an object storage URL is refused."""
     text = os.fspath(out)
     if remote.is_remote(text):
-        raise SalienceError(f"--out {text}: a run folder must be a local (or mounted) folder, not object storage "
+        raise SalienceError(f"out={text}: a run folder must be a local (or mounted) folder, not object storage "
                             "(resuming needs atomic renames and a lock); write it locally, then copy it "
                             "(e.g. aws s3 sync)")
     return Path(text)
@@ -452,10 +452,10 @@ def _regression_mode(target: Optional[int], top: Optional[int], labels: Union[No
 
     what = "a regression model" if info.task == "regression" else "a model with one output"
     if top is not None:
-        raise SalienceError(f"top ranks classes, but {info.name} is {what}; give target=OUTPUT (--target) and "
-                            "mode (--mode increase|decrease|maintain)")
+        raise SalienceError(f"top ranks classes, but {info.name} is {what}; give target=OUTPUT and "
+                            "mode=MODE (increase, decrease or maintain)")
     if labels is not None:
-        raise SalienceError(f"labels are classes, but {info.name} is {what}; leave out labels (--labels-csv)")
+        raise SalienceError(f"labels are classes, but {info.name} is {what}; leave out labels=")
     if mode not in REGRESSION_MODES:
         raise SalienceError(f"mode must be one of {', '.join(REGRESSION_MODES)}, got {mode!r}")
     if target is not None:
@@ -478,7 +478,7 @@ def _metric_names(metrics: Union[bool, Sequence[str]], masks: bool) -> list[str]
         if m not in METRICS:
             raise SalienceError(f"unknown metric {m!r} (available: {', '.join(METRICS)})")
         if m in ("pointing", "energy") and not masks:
-            raise SalienceError(f"metric {m} needs masks (--masks DIR)")
+            raise SalienceError(f"metric {m} needs masks=DIR (a folder of masks by file stem)")
     return names
 
 
