@@ -542,8 +542,8 @@ class Run:
         self.folder = Path(folder)
         manifest = self.folder / "run.json"
         if not manifest.is_file():
-            raise SalienceError(f"{self.folder} is not a salience run (no run.json); give the --out folder of "
-                                "'salience explain DIR --out RUN'")
+            raise SalienceError(f"{self.folder} is not a salience run (no run.json); give the folder of a run (out= of "
+                                "salience.explain_dataset, --out of 'salience explain DIR --out RUN')")
         self.manifest = _read_json(manifest)
         if self.manifest.get("format") != FORMAT:
             raise SalienceError(f"{self.folder}: unknown run format {self.manifest.get('format')!r} (this salience "
