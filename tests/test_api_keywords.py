@@ -3,6 +3,11 @@ line's the flags (``--masks``, ``--labels-csv``, ``--out``, ``--images``): the C
 with its flags where it calls the API (:func:`salience.cli.common.with_flags`)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -78,3 +83,19 @@ def test_with_flags_reads_keywords_only():
         "choose another --out, or add --overwrite to start again"
     assert with_flags("give the same labels= (x); masks=DIR", FLAGS) == "give the same --labels-csv (x); --masks DIR"
     assert with_flags("layout=3, x.out=4, engine='ray' needs Ray", FLAGS) == "layout=3, x.out=4, --engine ray needs Ray"
+
+
+def test_the_warning_of_a_labels_csv_that_names_some_images(tmp_path, imgs):
+    """Warnings too: ``labels=CSV names 1 of the 2 images`` from Python, ``--labels-csv CSV ...`` printed
+    by the command."""
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\n0.png,1\n")
+    with pytest.warns(UserWarning, match=rf"^labels={csv} names 1 of the 2 images"):
+        salience.explain_dataset("demo:shapes", imgs, ["vanilla"], tmp_path / "a", labels=csv, workers=0)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},
+           "PYTHONPATH": str(Path(salience.__file__).parents[1])}
+    p = subprocess.run([sys.executable, "-m", "salience", "explain", str(imgs), "--model", "demo:shapes", "--out",
+                        str(tmp_path / "b"), "--labels-csv", str(csv), "--workers", "0"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.startswith(f"salience: warning: --labels-csv {csv} names 1 of the 2 images"), p.stderr

@@ -52,12 +52,22 @@ def with_flags(message: str, flags: Mapping[str, str]) -> str:
 
 @contextlib.contextmanager
 def flag_errors(flags: Mapping[str, str]) -> Iterator[None]:
-    """A :class:`SalienceError` of the Python API raised inside said with the command's flags
-    (:func:`with_flags`)."""
+    """A :class:`SalienceError` of the Python API raised inside, and the warnings it prints, said with
+    the command's flags (:func:`with_flags`)."""
+    import warnings
+
+    shown = warnings.formatwarning
+
+    def flagged(message: Any, *args: Any, **kwargs: Any) -> str:
+        return shown(with_flags(str(message), flags), *args, **kwargs)
+
+    warnings.formatwarning = flagged
     try:
         yield
     except SalienceError as e:
         raise SalienceError(with_flags(str(e), flags)) from None
+    finally:
+        warnings.formatwarning = shown
 
 
 # --------------------------------------------------------------------------------- arguments

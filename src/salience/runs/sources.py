@@ -232,7 +232,7 @@ def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[
     out = [label(q) for q in paths]
     missing = [q for q, v in zip(paths, out) if v is None]
     if missing:
-        warnings.warn(f"--labels-csv {p} names {len(paths) - len(missing)} of the {len(paths)} images; "
+        warnings.warn(f"labels={p} names {len(paths) - len(missing)} of the {len(paths)} images; "
                       f"{len(missing)} {'has' if len(missing) == 1 else 'have'} no label (e.g. {missing[0]}) and explain their predicted class; "
                       "write their paths (or file names) in the CSV", stacklevel=user_stacklevel())
     return out
