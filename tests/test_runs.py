@@ -1655,10 +1655,10 @@ def test_a_label_refusal_says_an_item_without_a_label_has_none(tmp_path):
     with pytest.raises(SalienceError, match=r"^" + re.escape(
             f"{folder} holds a run of a different command (labels: image 3 (_Logged[3]): label 3 -> none, its "
             "item carries no label; the run was begun with its labels given up front); give the same labels= "
-            "(--labels-csv) to continue it, choose another --out, or add --overwrite to start again") + r"$"):
+            "to continue it, choose another out=, or add overwrite=True to start again") + r"$"):
         salience.explain_dataset(model, some_bare(log, n=6), ["vanilla"], folder, **kw)
     said = str(job.begun_label_refusal("run", 2, "p.png", 1, None, given=True))  # given 1, the item none
-    assert "(labels: image 2 (p.png): label none -> 1, given up front (labels=, --labels-csv); the run was begun " \
+    assert "(labels: image 2 (p.png): label none -> 1, given up front (labels=); the run was begun " \
            "reading the labels with each item, and its item carries no label); " in said, said
 
 
@@ -1674,8 +1674,8 @@ def test_a_run_begun_with_labels_given_is_not_continued_with_other_labels_its_it
     (folder / "shards" / "000000002.parquet").unlink()  # the run cut short
     with pytest.raises(SalienceError, match=r"^" + re.escape(
             f"{folder} holds a run of a different command (labels: image 2 (_Logged[2]): label 3 -> 2, the label "
-            "its item carries; the run was begun with its labels given up front); give the same labels= (--labels-csv) "
-            "to continue it, choose another --out, or add --overwrite to start again") + r"$"):
+            "its item carries; the run was begun with its labels given up front); give the same labels= "
+            "to continue it, choose another out=, or add overwrite=True to start again") + r"$"):
         salience.explain_dataset(model, ds, ["vanilla"], folder, **kw)
     assert {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet", "000000004.parquet"}
     again = salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[3] * 6, **kw)
@@ -1723,8 +1723,8 @@ def test_a_run_begun_with_labels_whose_inputs_parquet_lacks_them_is_not_continue
     digest = salience.runs.sources.digest([3] * 6)
     with pytest.raises(SalienceError, match=r"^" + re.escape(
             f"{folder} holds a run begun with its labels given up front (labels: {digest!r}), and its "
-            "inputs.parquet does not hold them; give the same labels= (--labels-csv) to continue it, choose "
-            "another --out, or add --overwrite to start again") + r"$"):
+            "inputs.parquet does not hold them; give the same labels= to continue it, choose "
+            "another out=, or add overwrite=True to start again") + r"$"):
         salience.explain_dataset(model, ds, ["vanilla"], folder, **kw)
     assert _reads(log) == ([2], [])  # no batch was read: the first image still to explain only
     assert {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet"}
@@ -1811,19 +1811,19 @@ def test_a_run_begun_reading_labels_with_each_item_is_continued_with_labels_that
         (folder / "shards" / f"{name}.parquet").unlink()
     (folder / "index.parquet").unlink()
     _reads(log)
-    advice = ("leave the labels out (or give the ones its items carry) to continue it, choose another --out, or add "
-              "--overwrite to start again")
+    advice = ("leave the labels out (or give the ones its items carry) to continue it, choose another out=, or add "
+              "overwrite=True to start again")
     # image 1's row holds 1 (its item's): refused before any batch
     with pytest.raises(SalienceError, match=r"^" + re.escape(
             f"{folder} holds a run of a different command (labels: image 1 (_Logged[1]): label 1 -> 2, given up "
-            "front (labels=, --labels-csv); the run was begun reading the labels with each item, and its row holds "
+            "front (labels=); the run was begun reading the labels with each item, and its row holds "
             f"1); {advice}") + r"$"):
         salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[0, 2, 2, 3, 0, 1], **kw)
     assert _reads(log)[1] == [] and {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet"}
     # the first image still to explain (2) carries 2, not 1: refused before the run, only it read
     with pytest.raises(SalienceError, match=r"^" + re.escape(
             f"{folder} holds a run of a different command (labels: image 2 (_Logged[2]): label 2 -> 1, given up "
-            "front (labels=, --labels-csv); the run was begun reading the labels with each item, and its item "
+            "front (labels=); the run was begun reading the labels with each item, and its item "
             f"carries 2); {advice}") + r"$"):
         salience.explain_dataset(model, ds, ["vanilla"], folder, labels=[0, 1, 1, 3, 0, 1], **kw)
     assert _reads(log) == ([2], []) and {p.name for p in (folder / "shards").iterdir()} == {"000000000.parquet"}
@@ -1855,9 +1855,9 @@ def test_labels_given_to_a_run_of_item_labels_with_other_inputs_are_refused_sayi
     seven = _Logged(tmp_path / "reads.log", n=7)
     with pytest.raises(SalienceError, match=r"^" + re.escape(
             f"{folder} holds a run of a different command (inputs: 6 images -> 7 (image 6 is new: _Logged[6]); "
-            "labels: image 0 (_Logged[0]): label 0 -> 1, given up front (labels=, --labels-csv); the run was begun "
+            "labels: image 0 (_Logged[0]): label 0 -> 1, given up front (labels=); the run was begun "
             "reading the labels with each item, and its row holds 0); run the same command to continue it, choose "
-            "another --out, or add --overwrite to start again") + r"$"):
+            "another out=, or add overwrite=True to start again") + r"$"):
         salience.explain_dataset(model, seven, ["vanilla"], folder, labels=[1] * 7, **kw)
     with pytest.raises(SalienceError, match=r"^" + re.escape(  # labels that agree: the inputs alone
             f"{folder} holds a run of a different command (inputs: 6 images -> 7 (image 6 is new: _Logged[6])); run")):

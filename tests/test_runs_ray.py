@@ -694,7 +694,7 @@ def test_a_ray_run_begun_reading_labels_with_each_item_continues_with_labels_tha
     other = items[:6] + [2, items[7]]  # image 6 carries 0
     with pytest.raises(SalienceError, match=r"^" + re.escape(
             f"{folder} holds a run of a different command (labels: image 6 (Items[6]): label 0 -> 2, given up front "
-            "(labels=, --labels-csv); the run was begun reading the labels with each item, and its item carries 0)")):
+            "(labels=); the run was begun reading the labels with each item, and its item carries 0)")):
         salience.explain_dataset(model, Items(), ["vanilla"], folder, labels=other, engine="ray", actors=1, **kw)
     assert "shards/000000006.parquet" not in _committed(folder)
     resumed = salience.explain_dataset(model, Items(), ["vanilla"], folder, labels=items, engine="ray", actors=1, **kw)

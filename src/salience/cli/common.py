@@ -5,7 +5,8 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any, ContextManager, Optional, Sequence
+import contextlib
+from typing import Any, ContextManager, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 from torch import Tensor, nn
@@ -34,6 +35,39 @@ def error(msg: str) -> None:
 def warn(msg: str) -> None:
     """A one-line note on stderr (a skipped input, a failed method)."""
     print(f"salience: {msg}", file=sys.stderr)
+
+
+def with_flags(message: str, flags: Mapping[str, str]) -> str:
+    """``message``, an error of the Python API that names its keywords (``masks=DIR``, ``labels=``,
+    ``overwrite=True``), as the command says it: each ``flags`` key (the keyword with its ``=``, or a
+    whole ``keyword=value``) as its flag (``--masks DIR``, ``--labels-csv``, ``--overwrite``); a word
+    that only ends in a keyword (``layout=``) is left as it is."""
+    for word, flag in flags.items():
+        def said(m: re.Match) -> str:
+            value = m.group(1)
+            return flag + (" " if value and value not in ",;:)" else "")
+        message = re.sub(rf"(?<![\w.]){re.escape(word)}(?=(\S?))", said, message)
+    return message
+
+
+@contextlib.contextmanager
+def flag_errors(flags: Mapping[str, str]) -> Iterator[None]:
+    """A :class:`SalienceError` of the Python API raised inside, and the warnings it prints, said with
+    the command's flags (:func:`with_flags`)."""
+    import warnings
+
+    shown = warnings.formatwarning
+
+    def flagged(message: Any, *args: Any, **kwargs: Any) -> str:
+        return shown(with_flags(str(message), flags), *args, **kwargs)
+
+    warnings.formatwarning = flagged
+    try:
+        yield
+    except SalienceError as e:
+        raise SalienceError(with_flags(str(e), flags)) from None
+    finally:
+        warnings.formatwarning = shown
 
 
 # --------------------------------------------------------------------------------- arguments

@@ -13,7 +13,8 @@ from torch import nn
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int
 from salience.cli import options as _options
-from salience.cli.common import EXIT_OK, EXIT_PARTIAL, add_model_args, load_model_arg, parse_methods, warn
+from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, add_model_args, flag_errors, load_model_arg, parse_methods,
+                                 warn)
 from salience.demo.train import demo_train_fn
 from salience.evidence import evaluate
 from salience.evidence.sanity import NO_HOOKS
@@ -49,6 +50,10 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+FLAGS = {"images=": "--images", "masks=": "--masks", "out_dir=": "--out"}
+"""The keywords of :func:`salience.evidence.evaluate.run_evaluation` that its errors name, as this command's flags."""
+
+
 def _check_applicable(methods: Sequence[str], given: dict[str, Any]) -> None:
     """:func:`salience.cli.options.check_applicable`; a refused ``--steps`` also says where the
     deletion steps went."""
@@ -68,7 +73,8 @@ def _method_options(args: argparse.Namespace, model: nn.Module, methods: Optiona
     _options.check_layer(model, given)
     if not given:
         return methods, {}
-    x = evaluate.evaluation_input(model, args.images, n=args.n)
+    with flag_errors(FLAGS):
+        x = evaluate.evaluation_input(model, args.images, n=args.n)
     if methods is None:
         methods = default_methods(model, x)
         _check_applicable(methods, given)
@@ -106,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         kwargs.update(train_fn=demo_train_fn(epochs=6), train_images=2000)
     if isinstance(model, torch.jit.ScriptModule):
         warn(f"no randomization columns: {NO_HOOKS}")
-    report = evaluate.run_evaluation(model, args.out, **kwargs)
+    with flag_errors(FLAGS):
+        report = evaluate.run_evaluation(model, args.out, **kwargs)
     print(f"evaluation written to {args.out}")
     print(f"report: {Path(report).resolve()}")
     results = json.loads((Path(report).parent / "results.json").read_text())

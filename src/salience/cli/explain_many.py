@@ -17,12 +17,16 @@ from salience._core.errors import SalienceError
 from salience._core.info import attach_info, model_info
 from salience._core.tensors import check_int
 from salience.cli import options as _options
-from salience.cli.common import EXIT_OK, EXIT_PARTIAL, load_model_arg, parse_class, parse_methods, warn
+from salience.cli.common import EXIT_OK, EXIT_PARTIAL, flag_errors, load_model_arg, parse_class, parse_methods, warn
 from salience.cli.inputs import class_names, preprocessing_info, read_inputs
 from salience.runs import explain_dataset
 from salience.runs.dataset import ENGINES, METRICS
 from salience.runs.job import constant_notes
 from salience.runs.sources import is_dataset_spec
+
+FLAGS = {"labels=": "--labels-csv", "masks=": "--masks", "out=": "--out", "overwrite=True": "--overwrite",
+         "target=": "--target", "mode=": "--mode", "engine='ray'": "--engine ray"}
+"""The keywords of :func:`salience.explain_dataset` that its errors name, as this command's flags."""
 
 _DATASET_FLAGS = ("dataset", "labels_csv", "masks", "metrics", "png", "overwrite", "engine", "num_gpus", "workers",
                   "actors", "address", "shard_size", "map_dtype")
@@ -97,7 +101,20 @@ def run(args: argparse.Namespace) -> int:
     taken = {name: _options.bind(name, given)[1] for name in methods}
     target = parse_class(args.target, info, len(info.class_names or ()) or 10 ** 9) if args.target else None
     show = args.progress if args.progress is not None else sys.stderr.isatty()
-    run_ = explain_dataset(
+    with flag_errors(FLAGS):
+        run_ = _explain(args, model, fns, target, show, taken)
+    _warn_constant(run_.table, methods)
+    errors = sum(1 for e in run_.table.column("error").to_pylist() if e is not None)
+    print(f"explained {len(run_) - errors} of {len(run_)} image(s) into {args.out}/ (index.parquet, index.html)"
+          + (f"; {errors} image(s) failed: see the 'error' column" if errors else ""))
+    if not run_.complete:
+        raise SalienceError(f"the run in {args.out} is not complete; run the same command again")
+    return EXIT_PARTIAL if errors else EXIT_OK
+
+
+def _explain(args: argparse.Namespace, model: Any, fns: dict, target: Any, show: bool, taken: dict) -> Any:
+    """The dataset run the arguments describe (:func:`salience.explain_dataset`)."""
+    return explain_dataset(
         model, list(args.images), fns, args.out, target=target, top=args.top, mode=args.mode, labels=args.labels_csv,
         masks=args.masks, metrics=_metrics(args.metrics, args.masks is not None),
         batch_size=args.batch, workers=args.workers, shard_size=args.shard_size or 256, png=bool(args.png),
@@ -107,10 +124,3 @@ def run(args: argparse.Namespace) -> int:
         model_spec=args.model, memory_format=getattr(args, "memory_format", None),
         compile=getattr(args, "compile", None), precision=getattr(args, "precision", None),
         fold_batchnorm=getattr(args, "fold_batchnorm", None))
-    _warn_constant(run_.table, methods)
-    errors = sum(1 for e in run_.table.column("error").to_pylist() if e is not None)
-    print(f"explained {len(run_) - errors} of {len(run_)} image(s) into {args.out}/ (index.parquet, index.html)"
-          + (f"; {errors} image(s) failed: see the 'error' column" if errors else ""))
-    if not run_.complete:
-        raise SalienceError(f"the run in {args.out} is not complete; run the same command again")
-    return EXIT_PARTIAL if errors else EXIT_OK

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ from salience.evidence.compare import SIMILARITIES
 from salience.loading import load_image, normalize_input, resize_crop
 from salience.loading.images import keep_flat
 from salience.methods import default_methods
-from salience.methods.options import dry_run, show_default, with_options
+from salience.methods.options import check_bound_values, show_default, with_options
 from salience.render import plots, viz
 from salience.render.report import Report
 
@@ -276,18 +275,6 @@ def options_record(items: Sequence[tuple[str, Callable[..., Any]]]) -> dict[str,
     return {name: {k: shown(v) for k, v in getattr(fn, "keywords", {}).items()} for name, fn in items}
 
 
-def _check_option_values(model: nn.Module, x: Tensor, items: Sequence[tuple[str, Callable[..., Tensor]]],
-                         method_options: Optional[MethodOptions]) -> None:
-    """Each given option's value checked by its method on ``x`` ``(1, C, H, W)`` before any work
-    (:func:`salience.methods.options.dry_run`): a refusal that names an option given to the method is
-    a :class:`SalienceError` naming ``method_options[name]``."""
-    for name, fn in items:
-        given = (method_options or {}).get(name) or {}
-        e = dry_run(fn, model, x) if given else None
-        if e is not None and any(re.search(rf"\b{re.escape(k)}\b", str(e)) for k in given):
-            raise SalienceError(f"method_options[{name!r}]: {e}")
-
-
 def evaluate_methods(
     model: nn.Module,
     x: Tensor,
@@ -419,22 +406,22 @@ def _names(paths: Sequence[Path], k: int = 5) -> str:
 
 def _image_files(folder: Path, n: int) -> list[Path]:
     if not folder.is_dir():
-        raise SalienceError(f"--images: {folder} is not a folder; give a folder of image files")
+        raise SalienceError(f"images={folder} is not a folder; give a folder of image files")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)[:n]
     if not files:
-        raise SalienceError(f"--images: no image files ({', '.join(_IMAGE_SUFFIXES)}) in {folder}")
+        raise SalienceError(f"images={folder}: no image files ({', '.join(_IMAGE_SUFFIXES)}) in it")
     return files
 
 
 def _mask_files(mfolder: Path, files: Sequence[Path], folder: Path) -> list[Path]:
     """The mask of each image file: the file in ``mfolder`` with the image's stem."""
     if not mfolder.is_dir():
-        raise SalienceError(f"--masks: {mfolder} is not a folder; give a folder of mask images")
+        raise SalienceError(f"masks={mfolder} is not a folder; give a folder of mask images")
     by_stem: dict[str, Path] = {}
     for p in sorted(mfolder.iterdir()):
         if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES:
             if p.stem in by_stem:
-                raise SalienceError(f"--masks: two masks for the image {p.stem!r} in {mfolder}: "
+                raise SalienceError(f"masks={mfolder}: two masks for the image {p.stem!r}: "
                                     f"{by_stem[p.stem].name} and {p.name}; keep one")
             by_stem[p.stem] = p
     missing = [p for p in files if p.stem not in by_stem]
@@ -583,7 +570,7 @@ def run_evaluation(
     x, m = model_input(model, x), (m.to(device) if m is not None else None)  # its device and dtype
     predicted_classes(model, x, batch_size=32)  # a model that cannot take x: refused before the folder is made
     items = bound_methods(model, x, methods, method_options)
-    _check_option_values(model, x[:1], items, method_options)
+    check_bound_values(model, x[:1], dict(items), method_options)
     if methods is None:  # the defaults chosen once (registry names)
         methods = [name for name, _ in items]
     out = make_folder(out_dir)  # created only once the inputs are known to be good

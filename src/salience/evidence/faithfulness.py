@@ -228,10 +228,12 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
 
 def _curves(model: nn.Module, x: Tensor, maps: Tensor, target: TargetLike, *, insert: bool,
             opts: _Options) -> Tensor:
-    """The one implementation behind the four public functions: ``(B, steps + 1)`` scores."""
+    """The one implementation behind the four public functions: ``(B, min(steps, H*W) + 1)`` scores."""
     maps = prepare_maps(model, x, maps)
-    steps = check_int(opts.steps, "steps", minimum=1)
     b, c, h, w = x.shape
+    # More steps than pixels only repeat points (the pixel count is round(k H W / steps)), unevenly, and each
+    # costs a forward pass: at most one step per pixel, the curve then the exact per-pixel one.
+    steps = min(check_int(opts.steps, "steps", minimum=1), h * w)
     rank = pixel_ranks(maps, check_seed(opts.seed)).reshape(b, h, w)
     base = _substrate(x, opts.substrate, opts.blur_sigma)
     start, end = (base, x) if insert else (x, base)
@@ -267,7 +269,8 @@ def deletion_curves(
     probability: ProbabilityLike = True,
     seed: int = 0,
 ) -> Tensor:
-    """The target's probability as the most salient pixels are removed first: ``(B, steps + 1)``.
+    """The target's probability as the most salient pixels are removed first:
+    ``(B, min(steps, H * W) + 1)``.
 
     ``x`` ``(B, C, H, W)``; ``maps`` ``(B, H, W)`` (resized bilinearly to ``x`` if needed).
     ``target``: default the class predicted on the unperturbed image, kept for every step; or
@@ -276,7 +279,8 @@ def deletion_curves(
     (``True`` or ``"softmax"``, RISE; the sigmoid of a model with a single logit output, ``(B,)`` or
     ``(B, 1)``), each class's own sigmoid (``"sigmoid"``: a multilabel model) or the raw output
     (``False``); other targets are always raw (:data:`PROBABILITY`). ``steps``: the curve has
-    ``steps + 1`` points, at ``k / steps`` of the pixels. ``substrate``: what a removed pixel
+    ``steps + 1`` points, at ``k / steps`` of the pixels; at most ``H * W`` steps are taken (more
+    would only repeat points: the curve then has ``H * W + 1``, one per pixel count). ``substrate``: what a removed pixel
     becomes: ``"blur"`` (default: a Gaussian-blurred copy, ``blur_sigma`` px, the canvas RISE
     inserts into), ``"zero"``, ``"mean"`` (the image's channel means), a number, or a tensor like
     ``x``. Black is not the default: on the demo model it scores deleting the object *worse* than
@@ -302,7 +306,7 @@ def insertion_curves(
     seed: int = 0,
 ) -> Tensor:
     """The target's probability as the most salient pixels are put back first onto the
-    substrate (default: a blurred copy, as in RISE): ``(B, steps + 1)``.
+    substrate (default: a blurred copy, as in RISE): ``(B, min(steps, H * W) + 1)``.
 
     ``x`` ``(B, C, H, W)``; ``maps`` ``(B, H, W)`` (resized bilinearly to ``x`` if needed).
     ``target``: default the class predicted on the unperturbed image, kept for every step; or
@@ -311,7 +315,8 @@ def insertion_curves(
     (``True`` or ``"softmax"``, RISE; the sigmoid of a model with a single logit output, ``(B,)`` or
     ``(B, 1)``), each class's own sigmoid (``"sigmoid"``: a multilabel model) or the raw output
     (``False``); other targets are always raw (:data:`PROBABILITY`). ``steps``: the curve has
-    ``steps + 1`` points, at ``k / steps`` of the pixels. ``substrate``: what a pixel not yet
+    ``steps + 1`` points, at ``k / steps`` of the pixels; at most ``H * W`` steps are taken (more
+    would only repeat points: the curve then has ``H * W + 1``, one per pixel count). ``substrate``: what a pixel not yet
     inserted is: ``"zero"``, ``"blur"`` (Gaussian, ``blur_sigma`` px), ``"mean"`` (the image's
     channel means), a number, or a tensor like ``x``. Ties in the map are broken in a random
     order fixed by ``seed``. The model runs under :func:`salience.model_guard` (eval mode,

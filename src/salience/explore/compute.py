@@ -341,13 +341,14 @@ def curves(slot: ModelSlot, image: Tensor, raw: np.ndarray, target: int, ticker:
     """Insertion and deletion curves (probability of the target, ``CURVE_STEPS + 1`` points) and their AUCs."""
     x = slot.input(image)
     m = torch.from_numpy(display_map(raw)).to(x.device)[None]
-    ticker.total = 2 * (CURVE_STEPS + 1)
+    ticker.total = 2 * (min(CURVE_STEPS, x.shape[-2] * x.shape[-1]) + 1)  # at most a step per pixel
     tgt = slot.target(target)
     with _watched(slot.model, ticker):
         ins = insertion_curves(slot.model, x, m, tgt, steps=CURVE_STEPS)
         dele = deletion_curves(slot.model, x, m, tgt, steps=CURVE_STEPS)
     return {"insertion": ins[0].tolist(), "deletion": dele[0].tolist(),
-            "insertion_auc": float(auc(ins)[0]), "deletion_auc": float(auc(dele)[0]), "steps": CURVE_STEPS}
+            "insertion_auc": float(auc(ins)[0]), "deletion_auc": float(auc(dele)[0]),
+            "steps": len(ins[0]) - 1}  # CURVE_STEPS, or one per pixel of a smaller image
 
 
 def check_sanity(slot: ModelSlot) -> None:

@@ -33,7 +33,7 @@ from salience.rules import UNSUPPORTED
 
 __all__ = ["NOT_FLAGS", "CHOICES", "MethodOption", "method_options", "keyword_parameters", "accepted", "wraps_methods",
            "show_default", "read_value", "bind", "check_taken", "with_options", "check_applicable", "check_layer",
-           "check_values", "dry_run", "option_error"]
+           "check_values", "check_bound_values", "dry_run", "option_error"]
 
 
 NOT_FLAGS: dict[str, str] = {
@@ -306,6 +306,19 @@ def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dic
         msg = option_error(str(e), given) if e is not None else None
         if msg:
             raise SalienceError(msg) from None
+
+
+def check_bound_values(model: nn.Module, x: Tensor, fns: Mapping[str, Callable[..., Any]],
+                       given: Optional[Mapping[str, Mapping[str, Any]]]) -> None:
+    """The Python form of :func:`check_values`: each method ``fns[name]`` (``given[name]``, its options,
+    bound to it by :func:`with_options`) run by :func:`dry_run` on ``x`` ``(1, C, H, W)``, nothing
+    computed; a refusal that names one of its given options is a :class:`SalienceError` naming
+    ``method_options[name]`` (:func:`salience.explain_dataset` and
+    :func:`salience.evidence.evaluate.run_evaluation` call it before they write anything)."""
+    for name, options in (given or {}).items():
+        e = dry_run(fns[name], model, x) if options else None
+        if e is not None and any(re.search(rf"\b{re.escape(k)}\b", str(e)) for k in options):
+            raise SalienceError(f"method_options[{name!r}]: {e}") from None
 
 
 def dry_run(fn: Callable[..., Any], model: nn.Module, x: Tensor) -> Optional[SalienceError]:

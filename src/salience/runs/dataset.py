@@ -37,7 +37,7 @@ from salience.loading import load_model, remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
 from salience.loading.models import name_classes, resolve_device
 from salience.methods import METHODS, as_method
-from salience.methods.options import with_options
+from salience.methods.options import check_bound_values, with_options
 from salience.render import viz
 from salience.runs import gallery, job, sources
 from salience.runs.lock import run_lock
@@ -160,6 +160,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     mask_list = sources.mask_files(paths, masks) if masks is not None else None
     if isinstance(dataset, sources.ImageFiles):
         dataset = sources.ImageFiles(paths, info, max_pixels, mask_list)
+    _check_option_values(module, dataset, first, info, fns, method_options)  # before any file is written
     metric_names = _metric_names(metrics, masks is not None)
     metric_steps = check_int(metric_steps, "metric_steps", minimum=1)
     if regression and target is None:
@@ -230,7 +231,7 @@ def _out_folder(out: PathLike) -> Path:
     """The run folder: a local path (or a mounted one); an object storage URL is refused."""
     text = os.fspath(out)
     if remote.is_remote(text):
-        raise SalienceError(f"--out {text}: a run folder must be a local (or mounted) folder, not object storage "
+        raise SalienceError(f"out={text}: a run folder must be a local (or mounted) folder, not object storage "
                             "(resuming needs atomic renames and a lock); write it locally, then copy it "
                             "(e.g. aws s3 sync)")
     return Path(text)
@@ -322,6 +323,26 @@ def _first_pending(folder: Path, n: int, overwrite: bool) -> int:
     except (OSError, ValueError, SalienceError):
         return 0
     return next((i for i in range(n) if i not in done), 0)
+
+
+def _check_option_values(model: nn.Module, dataset: Dataset, first: int, info: ModelInfo,
+                         fns: Mapping[str, Callable[..., Any]], given: Optional[Mapping[str, Any]]) -> None:
+    """Each ``method_options`` value checked by its method (:func:`salience.methods.options.check_bound_values`,
+    as ``salience explain DIR`` and ``run_evaluation`` check them) on the first image the run reads
+    (item ``first``), or, where it cannot be read, a blank image of the model's input size; neither (an
+    empty dataset): nothing to check, nothing explained. The run folder is not made yet."""
+    if not given or not any(given.values()) or not len(dataset):
+        return
+    item = sources.read_once(dataset, first)
+    if item.error is None:
+        x = item.x[None]
+    elif info.input_size is not None:
+        x = torch.zeros(1, info.channels, *info.input_size)
+    else:
+        return
+    from salience._core.autograd import model_input
+
+    check_bound_values(model, model_input(model, x), fns, given)
 
 
 def _dataset_labels(dataset: Dataset, first: int) -> Union[None, list, str]:
@@ -438,10 +459,10 @@ def _regression_mode(target: Optional[int], top: Optional[int], labels: Union[No
 
     what = "a regression model" if info.task == "regression" else "a model with one output"
     if top is not None:
-        raise SalienceError(f"top ranks classes, but {info.name} is {what}; give target=OUTPUT (--target) and "
-                            "mode (--mode increase|decrease|maintain)")
+        raise SalienceError(f"top ranks classes, but {info.name} is {what}; give target=OUTPUT and "
+                            "mode=MODE (increase, decrease or maintain)")
     if labels is not None:
-        raise SalienceError(f"labels are classes, but {info.name} is {what}; leave out labels (--labels-csv)")
+        raise SalienceError(f"labels are classes, but {info.name} is {what}; leave out labels=")
     if mode not in REGRESSION_MODES:
         raise SalienceError(f"mode must be one of {', '.join(REGRESSION_MODES)}, got {mode!r}")
     if target is not None:
@@ -466,7 +487,7 @@ def _metric_names(metrics: Union[bool, Sequence[str]], masks: bool) -> list[str]
         if m not in METRICS:
             raise SalienceError(f"unknown metric {m!r} (available: {', '.join(METRICS)})")
         if m in ("pointing", "energy") and not masks:
-            raise SalienceError(f"metric {m} needs masks (--masks DIR)")
+            raise SalienceError(f"metric {m} needs masks=DIR (a folder of masks by file stem)")
     return names
 
 

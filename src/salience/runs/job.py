@@ -135,7 +135,7 @@ def begun_label_refusal(folder: str, index: int, path: str, was: Optional[int], 
     return SalienceError(
         f"{folder} holds a run of a different command (labels: image {index} ({path}): label {label_text(was)} "
         f"-> {label_text(now)}, {carried}; the run was begun with its labels given up front); give the same labels= "
-        "(--labels-csv) to continue it, choose another --out, or add --overwrite to start again")
+        "to continue it, choose another out=, or add overwrite=True to start again")
 
 
 @dataclass

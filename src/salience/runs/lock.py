@@ -131,7 +131,7 @@ def run_lock(folder: Path) -> Iterator[Optional[Writer]]:
     with _held_lock:
         if key in _held:
             raise SalienceError(f"{folder} is being written by another run of this process (pid {os.getpid()}); "
-                                "wait for it to finish, or choose another --out")
+                                "wait for it to finish, or choose another out=")
         _held.add(key)
     try:
         with _locked_file(folder, path) as fd:
@@ -156,7 +156,7 @@ def _locked_file(folder: Path, path: Path) -> Iterator[Optional[Writer]]:
             return
         if not locked:
             raise SalienceError(f"{folder} is being written by {_holder(path)}; wait for it to finish (or stop it), "
-                                "or choose another --out")
+                                "or choose another out=")
         writer = Writer(str(folder), secrets.token_hex(16), os.getpid(), socket.gethostname())
         _fence(fd, folder, writer.token, refuse=True)
         try:

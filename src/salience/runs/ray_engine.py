@@ -45,7 +45,7 @@ def _ray() -> Any:
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise SalienceError("--engine ray needs Ray Data: pip install 'salience[ray]' (or pip install 'ray[data]')"
+        raise SalienceError("engine='ray' needs Ray Data: pip install 'salience[ray]' (or pip install 'ray[data]')"
                             ) from None
     return ray
 

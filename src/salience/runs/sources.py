@@ -186,25 +186,25 @@ def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[
             reader = csv.reader(f)
             rows = [(reader.line_num, r) for r in reader if r and not r[0].startswith("#")]
     except OSError as e:
-        raise SalienceError(f"--labels-csv {p}: cannot read it ({e.strerror or e})") from None
+        raise SalienceError(f"labels={p}: cannot read it ({e.strerror or e})") from None
     names = {n.lower(): i for i, n in enumerate(class_names or ())}
     table: dict[str, int] = {}
     lines: dict[str, int] = {}
     for n, (line, row) in enumerate(rows):
         if len(row) < 2:
-            raise SalienceError(f"--labels-csv {p}: line {line} needs two columns, path,label")
+            raise SalienceError(f"labels={p}: line {line} needs two columns, path,label")
         key, value = row[0].strip(), row[1].strip()
         if value.lstrip("-").isdigit():
             table[key] = int(value)
             if n_classes is not None and not 0 <= table[key] < n_classes:
-                raise SalienceError(f"--labels-csv {p}: line {line}: label {value} is out of range for the model's "
+                raise SalienceError(f"labels={p}: line {line}: label {value} is out of range for the model's "
                                     f"{n_classes} classes (0..{n_classes - 1}); fix the line")
         elif value.lower() in names:
             table[key] = names[value.lower()]
         elif n == 0 and Path(key).suffix.lower() not in IMAGE_SUFFIXES:
             continue  # a header (its first cell names no image file)
         else:
-            raise SalienceError(f"--labels-csv {p}: line {line}: {value!r} is neither a class index nor a class name")
+            raise SalienceError(f"labels={p}: line {line}: {value!r} is neither a class index nor a class name")
         lines[key] = line
     by_abs = {str(Path(k).resolve()): v for k, v in table.items()}
     by_parts = {Path(k).parts: v for k, v in table.items()}
@@ -224,7 +224,7 @@ def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[
         labels = by_name.get(Path(q).name, {})
         if len(labels) > 1:
             at = sorted(line for found in labels.values() for line in found)
-            raise SalienceError(f"--labels-csv {p}: {q}: the file name {Path(q).name} is on lines "
+            raise SalienceError(f"labels={p}: {q}: the file name {Path(q).name} is on lines "
                                 f"{', '.join(map(str, at[:-1]))} and {at[-1]} with different labels; write the "
                                 "image's path (or the end of it, with its folder) in the CSV")
         return next(iter(labels)) if labels else None
@@ -232,7 +232,7 @@ def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[
     out = [label(q) for q in paths]
     missing = [q for q, v in zip(paths, out) if v is None]
     if missing:
-        warnings.warn(f"--labels-csv {p} names {len(paths) - len(missing)} of the {len(paths)} images; "
+        warnings.warn(f"labels={p} names {len(paths) - len(missing)} of the {len(paths)} images; "
                       f"{len(missing)} {'has' if len(missing) == 1 else 'have'} no label (e.g. {missing[0]}) and explain their predicted class; "
                       "write their paths (or file names) in the CSV", stacklevel=user_stacklevel())
     return out
@@ -432,7 +432,7 @@ def mask_files(paths: Sequence[str], folder: PathLike) -> list[Optional[str]]:
     """Each image's mask in ``folder``: the file of the same stem (any image suffix), or ``None``."""
     d = Path(folder)
     if not d.is_dir():
-        raise SalienceError(f"--masks {d}: no such folder; give the folder of the mask images")
+        raise SalienceError(f"masks={d}: no such folder; give the folder of the mask images")
     by_stem = {f.stem: str(f) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES}
     return [by_stem.get(Path(p).stem) for p in paths]
 

@@ -45,8 +45,8 @@ ITEM_LABELS = "read with each item"
 without reading those (:func:`salience.runs.sources.dataset_labels`): each label is read with its
 image, so no digest of them is known before the run."""
 
-GIVEN_LABELS_ADVICE = ("leave the labels out (or give the ones its items carry) to continue it, choose another --out, "
-                      "or add --overwrite to start again")
+GIVEN_LABELS_ADVICE = ("leave the labels out (or give the ones its items carry) to continue it, choose another out=, "
+                      "or add overwrite=True to start again")
 """The end of the refusal of labels given up front to a run begun reading its labels with each item
 that differ from the items' (:func:`given_label_difference`)."""
 
@@ -56,8 +56,8 @@ def given_label_difference(index: int, path: str, was: Optional[int], now: Optio
     """``labels: image I (PATH): label WAS -> NOW, ...``: image ``index``'s label ``now`` given up front
     to a run begun reading its labels with each item, whose item carries (``where="item carries"``),
     or whose committed row holds, ``was``; a ``None`` label is written ``none`` (:func:`label_text`) and said as no label."""
-    return (f"labels: image {index} ({path}): label {label_text(was)} -> {label_text(now)}, given up front (labels=, "
-            f"--labels-csv); the run was begun reading the labels with each item, and its {where} "
+    return (f"labels: image {index} ({path}): label {label_text(was)} -> {label_text(now)}, given up front (labels=); "
+            f"the run was begun reading the labels with each item, and its {where} "
             f"{'no label' if was is None else was}")
 
 
@@ -118,7 +118,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise SalienceError(f"{path}: cannot read the run's manifest ({e}); use --overwrite to start again") from None
+        raise SalienceError(f"{path}: cannot read the run's manifest ({e}); use overwrite=True to start again") from None
 
 
 _MISSING = object()
@@ -208,8 +208,8 @@ def _check_begun_labels(folder: Path, labels_digest: str) -> None:
     if held is not None and _digest(held) == labels_digest:
         return
     raise SalienceError(f"{folder} holds a run begun with its labels given up front (labels: {labels_digest!r}), "
-                        "and its inputs.parquet does not hold them; give the same labels= (--labels-csv) to continue "
-                        "it, choose another --out, or add --overwrite to start again")
+                        "and its inputs.parquet does not hold them; give the same labels= to continue it, choose "
+                        "another out=, or add overwrite=True to start again")
 
 
 def _stored_label_difference(folder: Path, labels: Sequence[Optional[int]], paths: Sequence[str]) -> Optional[str]:
@@ -264,12 +264,12 @@ def _remove_temporaries(folder: Path) -> None:
 def check_folder(folder: Path, overwrite: bool) -> None:
     """Refuse a file, or a folder that holds other files than a run's (the lock file aside), as ``--out``."""
     if folder.exists() and not folder.is_dir():
-        raise SalienceError(f"{folder} is a file, not a run folder; choose another --out")
+        raise SalienceError(f"{folder} is a file, not a run folder; choose another out=")
     if not folder.is_dir() or (folder / "run.json").exists():
         return
     names = [p.name for p in folder.iterdir() if p.name != LOCK_NAME]
     if names and (not overwrite or any(n not in _RUN_FILES + _RUN_FOLDERS for n in names)):
-        raise SalienceError(f"{folder} exists and is not a salience run; choose another --out (an empty or new "
+        raise SalienceError(f"{folder} exists and is not a salience run; choose another out= (an empty or new "
                             "folder)")
 
 
@@ -336,15 +336,15 @@ class Store:
             diff = _differences(was, now)
             if diff and not overwrite:
                 detail = _input_differences(f, old, planned) if planned is not None else {}
-                advice = ("run the same command to continue it, choose another --out, or add --overwrite to start "
-                          "again")
+                advice = ("run the same command to continue it, choose another out=, or add overwrite=True to "
+                          "start again")
                 if stored_differ is not None:  # true with other inputs too: image i's row and its given label
                     detail["labels"] = stored_differ
                     if len([d for d in diff if not d.startswith("labels:")]) == 0:
                         advice = GIVEN_LABELS_ADVICE
                 elif begun == ITEM_LABELS and given_now and now.get("labels") != ITEM_LABELS:
                     detail.setdefault("labels", "labels: read with each item of the dataset when the run began, now "
-                                                "given up front (labels=, --labels-csv); leave them out (or give the "
+                                                "given up front (labels=); leave them out (or give the "
                                                 "ones its items carry) to continue it")
                 diff = list(detail.values()) + [d for d in diff if d.split(".")[0].split(":")[0] not in detail]
                 more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
@@ -542,8 +542,8 @@ class Run:
         self.folder = Path(folder)
         manifest = self.folder / "run.json"
         if not manifest.is_file():
-            raise SalienceError(f"{self.folder} is not a salience run (no run.json); give the --out folder of "
-                                "'salience explain DIR --out RUN'")
+            raise SalienceError(f"{self.folder} is not a salience run (no run.json); give the folder of a run (out= of "
+                                "salience.explain_dataset, --out of 'salience explain DIR --out RUN')")
         self.manifest = _read_json(manifest)
         if self.manifest.get("format") != FORMAT:
             raise SalienceError(f"{self.folder}: unknown run format {self.manifest.get('format')!r} (this salience "

@@ -1,0 +1,101 @@
+"""The Python API's errors name its keywords (``masks=``, ``labels=``, ``out=``, ``images=``), the command
+line's the flags (``--masks``, ``--labels-csv``, ``--out``, ``--images``): the CLI says the same error
+with its flags where it calls the API (:func:`salience.cli.common.with_flags`)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import salience
+from salience import SalienceError
+from salience.cli import main
+from salience.cli.common import with_flags
+from salience.cli.explain_many import FLAGS
+
+
+@pytest.fixture()
+def imgs(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray((np.random.default_rng(i).random((64, 64, 3)) * 255).astype(np.uint8)).save(
+            folder / f"{i}.png")
+    return folder
+
+
+def _python_error(**kw) -> str:
+    with pytest.raises(SalienceError) as e:
+        salience.explain_dataset("demo:shapes", kw.pop("images"), ["vanilla"], kw.pop("out"), workers=0, **kw)
+    assert "--" not in str(e.value), e.value
+    return str(e.value)
+
+
+def _cli_error(capsys, *args: str) -> str:
+    capsys.readouterr()
+    assert main(["explain", *args, "--model", "demo:shapes", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "=" not in err.split("salience: error: ")[1].split(" ")[0], err
+    return err.removeprefix("salience: error: ").strip()
+
+
+def test_masks_labels_out_and_metrics(tmp_path, imgs, capsys):
+    missing, csv, a_file = tmp_path / "no-masks", tmp_path / "no.csv", tmp_path / "a-file"
+    a_file.write_text("x")
+    run = str(tmp_path / "run")
+    assert _python_error(images=imgs, out=run, masks=missing) == \
+        f"masks={missing}: no such folder; give the folder of the mask images"
+    assert _cli_error(capsys, str(imgs), "--out", run, "--masks", str(missing)) == \
+        f"--masks {missing}: no such folder; give the folder of the mask images"
+    assert _python_error(images=imgs, out=run, labels=csv).startswith(f"labels={csv}: cannot read it")
+    assert _cli_error(capsys, str(imgs), "--out", run, "--labels-csv", str(csv)).startswith(
+        f"--labels-csv {csv}: cannot read it")
+    assert _python_error(images=imgs, out=a_file) == f"{a_file} is a file, not a run folder; choose another out="
+    assert _cli_error(capsys, str(imgs), "--out", str(a_file)) == \
+        f"{a_file} is a file, not a run folder; choose another --out"
+    assert _python_error(images=imgs, out=run, metrics=["pointing"]).startswith("metric pointing needs masks=DIR")
+    assert _cli_error(capsys, str(imgs), "--out", run, "--metrics", "pointing").startswith(
+        "metric pointing needs --masks DIR")
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_evaluation_images(tmp_path, capsys):
+    model = salience.load_model("demo:shapes")
+    with pytest.raises(SalienceError, match=r"^images=\S+ is not a folder; give a folder of image files$"):
+        salience.evidence.evaluate.run_evaluation(model, tmp_path / "eval", images=tmp_path / "nope", progress=False)
+    assert main(["evaluate", "--model", "demo:shapes", "--images", str(tmp_path / "nope"), "--out",
+                 str(tmp_path / "eval")]) == 2
+    assert capsys.readouterr().err == f"salience: error: --images {tmp_path / 'nope'} is not a folder; give a " \
+                                      "folder of image files\n"
+    assert not (tmp_path / "eval").exists()
+
+
+def test_with_flags_reads_keywords_only():
+    """A keyword with a value becomes the flag and the value, a bare one the flag; a word that ends in a
+    keyword (``layout=``, ``x.out=``) is left as it is."""
+    assert with_flags("choose another out=, or add overwrite=True to start again", FLAGS) == \
+        "choose another --out, or add --overwrite to start again"
+    assert with_flags("give the same labels= (x); masks=DIR", FLAGS) == "give the same --labels-csv (x); --masks DIR"
+    assert with_flags("layout=3, x.out=4, engine='ray' needs Ray", FLAGS) == "layout=3, x.out=4, --engine ray needs Ray"
+
+
+def test_the_warning_of_a_labels_csv_that_names_some_images(tmp_path, imgs):
+    """Warnings too: ``labels=CSV names 1 of the 2 images`` from Python, ``--labels-csv CSV ...`` printed
+    by the command."""
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\n0.png,1\n")
+    with pytest.warns(UserWarning, match=rf"^labels={csv} names 1 of the 2 images"):
+        salience.explain_dataset("demo:shapes", imgs, ["vanilla"], tmp_path / "a", labels=csv, workers=0)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},
+           "PYTHONPATH": str(Path(salience.__file__).parents[1])}
+    p = subprocess.run([sys.executable, "-m", "salience", "explain", str(imgs), "--model", "demo:shapes", "--out",
+                        str(tmp_path / "b"), "--labels-csv", str(csv), "--workers", "0"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.startswith(f"salience: warning: --labels-csv {csv} names 1 of the 2 images"), p.stderr
