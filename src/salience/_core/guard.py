@@ -42,7 +42,10 @@ contents of an attribute changed in place (a list appended to, a dict filled: on
 registers and leaves on the model; an attribute or parameter replaced by another equal to it (``==``: a number, a
 string, a one-element tensor or parameter of the same value; a parameter of several elements compares by
 identity, its ``==`` raising) keeps the new object; an attribute a global module hook
-(``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own.
+(``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own. What another thread of
+the user's sets on the model while salience's call runs (its own forward's counter) is put back with salience's:
+the guard cannot tell whose it is; the dicts are put back in place, never emptied meanwhile, so that thread's
+forward does not fail (``_restore_mapping``).
 
 A dataset run holds the model for the whole run (:func:`run_guard`): the full save and restore
 (about 1.7 ms on resnet50 on one CPU core, 5 ms before the records were made light) is paid once per
@@ -309,29 +312,34 @@ _SEQUENTIAL = nn.Sequential.forward  # a subclass that keeps it (torchvision's M
 
 
 def _restore_mapping(now: dict, saved: dict) -> None:
-    """Put the dict ``now`` (a module's ``__dict__``) back to ``saved``, its copy: the keys added since deleted,
-    the values replaced since put back (by identity), in the saved order. The caller compares ``now != saved``
-    first (in C, each value by identity first): a value replaced by one equal to it (a number, a string) stays."""
-    if list(now) != list(saved):  # keys added, deleted or moved: rebuilt in the saved order
-        now.clear()
-        now.update(saved)
-        return
+    """Put the dict ``now`` (a module's ``__dict__``, ``_parameters``, ``_modules`` or ``_buffers``) back to ``saved``,
+    its copy: the keys added since deleted, those deleted put back, the values replaced since put back (by identity),
+    in the saved order. A key both have is never taken out, even for an instant: clearing and refilling the dict left
+    it empty between the two calls, and the user's own thread running the model meanwhile failed at random ("object
+    has no attribute '_backward_hooks'", or a layer's name; ``tests/test_guard_gaps.py``). Only where the order
+    differs (a key the block deleted, put back at the end) are the keys after the first one out of place moved back
+    behind it (each taken out and put back). The caller compares ``now != saved`` first (in C, each value by identity
+    first): a value replaced by one equal to it (a number, a string) stays."""
+    for k in [k for k in now if k not in saved]:
+        del now[k]
     for k, v in saved.items():
-        if now[k] is not v:
+        if now.get(k, _MISSING) is not v:
             now[k] = v
+    keys = list(saved)
+    if list(now) != keys:  # a key put back at the end: the ones after its place moved behind it, in order
+        first = next(i for i, (a, b) in enumerate(zip(now, keys)) if a != b)
+        for k in keys[first:]:
+            now[k] = now.pop(k)
 
 
 def _restore_buffer_names(module: nn.Module, records: Any, quiet: Optional[frozenset]) -> None:
     """``module``'s buffers back to the names of ``records`` (:meth:`ModuleState.take`'s), in their order, and
     its non-persistent names to ``quiet`` (``None``: none): those registered since removed, those deleted put
-    back."""
-    buffers = module._buffers
-    buffers.clear()
-    for record in records:
-        buffers[record[0]] = record[1]
+    back; in place, a name both have never taken out (:func:`_restore_mapping`)."""
+    _restore_mapping(module._buffers, {record[0]: record[1] for record in records})
     now = module.__dict__.get("_non_persistent_buffers_set")
     if now is not None and now != (quiet or set()):
-        now.clear()
+        now.intersection_update(quiet or ())
         now.update(quiet or ())
 
 
