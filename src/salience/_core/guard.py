@@ -320,16 +320,17 @@ def _restore_mapping(now: dict, saved: dict) -> None:
     differs (a key the block deleted, put back at the end) are the keys after the first one out of place moved back
     behind it (each taken out and put back). The caller compares ``now != saved`` first (in C, each value by identity
     first): a value replaced by one equal to it (a number, a string) stays."""
-    for k in [k for k in now if k not in saved]:
-        del now[k]
+    for k in [k for k in list(now) if k not in saved]:  # list(): a copy made in C, at once (another thread may add)
+        now.pop(k, None)
     for k, v in saved.items():
         if now.get(k, _MISSING) is not v:
             now[k] = v
-    keys = list(saved)
-    if list(now) != keys:  # a key put back at the end: the ones after its place moved behind it, in order
-        first = next(i for i, (a, b) in enumerate(zip(now, keys)) if a != b)
+    keys, order = list(saved), list(now)
+    if order != keys:  # a key put back at the end: the ones after its place moved behind it, in order
+        first = next(i for i, (a, b) in enumerate(zip(order, keys)) if a != b)
         for k in keys[first:]:
-            now[k] = now.pop(k)
+            now.pop(k, None)
+            now[k] = saved[k]
 
 
 def _restore_buffer_names(module: nn.Module, records: Any, quiet: Optional[frozenset]) -> None:
