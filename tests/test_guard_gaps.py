@@ -225,3 +225,36 @@ def test_the_users_thread_running_the_model_meanwhile_never_misses_an_attribute(
         sys.setswitchinterval(interval)
     assert not errors, errors[:3]
     assert "seen" not in vars(model) and list(model._buffers) == ["scale"] and list(model._parameters) == ["gain"]
+
+
+class Repersisting(nn.Module):
+    """A forward that registers its non-persistent buffer again with ``register_buffer``'s default, persistent, and a
+    persistent one as non-persistent: the same names, the same order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("cache", torch.zeros(1), persistent=False)
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.register_buffer("cache", x.detach())
+        self.register_buffer("scale", self.scale, persistent=False)
+        return self.conv(x).mean((2, 3)) * self.scale
+
+
+@pytest.mark.parametrize("run", [False, True])
+def test_which_buffers_persist_comes_back_when_the_names_stay(run):
+    """The state dict keeps the user's keys: before, the non-persistent names were put back only when a buffer was
+    registered or deleted, and here ``cache`` went into the state dict and ``scale`` out of it (a fresh model then
+    refused the saved state: an unexpected key, a missing one)."""
+    model = Repersisting()
+    keys = list(model.state_dict())
+    if run:
+        with run_guard(model):
+            salience.vanilla(model, torch.rand(1, 3, 8, 8), 0)
+            assert list(model.state_dict()) == keys  # the run's baseline, after the call
+    else:
+        salience.vanilla(model, torch.rand(1, 3, 8, 8), 0)
+    assert list(model.state_dict()) == keys == ["scale", "conv.weight", "conv.bias"]
+    assert model._non_persistent_buffers_set == {"cache"}

@@ -226,7 +226,11 @@ class ModuleState(_Entry):
                     with torch.no_grad():
                         buf.copy_(copy)
                 _restore_attributes(buf, attrs)
-            if missing or len(buffers) != len(self.buffers):  # deleted or registered since: the names, in order
+            # deleted or registered since: the names, in order; or the same names, one registered again persistent or
+            # not (``register_buffer``'s default, persistent: the user's state dict gained or lost a key; a plain
+            # torch.nn layer's forward registers none)
+            if missing or len(buffers) != len(self.buffers) or saved is not None and \
+                    module.__dict__.get("_non_persistent_buffers_set", _NO_NAMES) != (self.quiet or _NO_NAMES):
                 _restore_buffer_names(module, self.buffers, self.quiet)
         elif saved is not None and saved.get("_buffers"):  # registered in the block (a module without buffers;
             _restore_buffer_names(module, (), None)  # not a plain torch.nn layer, whose forward registers none)
@@ -369,6 +373,7 @@ _NOT_COMPILED = object()
 _MISSING = object()
 _NO_ATTRIBUTES: Any = MappingProxyType({})
 _EMPTY: dict = {}  # the copy of an empty _parameters or _modules, shared (never changed)
+_NO_NAMES: frozenset = frozenset()  # no non-persistent buffer names
 
 
 def _compiled_wrapper_class() -> Optional[type]:
