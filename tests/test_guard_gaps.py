@@ -258,3 +258,58 @@ def test_which_buffers_persist_comes_back_when_the_names_stay(run):
         salience.vanilla(model, torch.rand(1, 3, 8, 8), 0)
     assert list(model.state_dict()) == keys == ["scale", "conv.weight", "conv.bias"]
     assert model._non_persistent_buffers_set == {"cache"}
+
+
+class _Attending(nn.Module):
+    """An ``nn.MultiheadAttention`` on its fast path's terms (rollout's pass runs it by an instance ``forward``,
+    attention._NativeMHA) after a patch embedding, with a class token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Conv2d(3, 8, 4, 4)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.emb(x).flatten(2).transpose(1, 2)
+        t = torch.cat([t[:, :1] * 0, t], 1)
+        return self.head((t + self.att(t, t, t)[0]).mean(1))
+
+
+def test_a_dataset_run_entered_during_another_threads_call_leaves_no_instance_forward():
+    """A run guard entered (in another thread) while attention rollout's pass has its instance ``forward`` on an
+    ``nn.MultiheadAttention`` (a torch.nn layer, whose dict the first guard did not copy): the run's baseline copied
+    it, put it back after the run's next call, and nothing took it off at the end: the user's layer kept salience's
+    ``_NativeMHA`` for good (a regression of session 36; before, the baseline did not copy a module's dict)."""
+    import threading
+
+    torch.manual_seed(0)
+    model = _Attending().eval()
+    x = torch.rand(1, 3, 16, 16)
+    salience.attention_rollout(model, x, prefix_tokens=1)  # learns where the attention runs
+    entered, done, seen, thread = threading.Event(), threading.Event(), [], []
+
+    def dataset_run() -> None:
+        with run_guard(model):
+            entered.set()
+            done.wait(10)
+            with model_guard(model):  # a call of the run, after rollout's call ended
+                pass
+            seen.append(model.att.__dict__.get("forward"))
+
+    def pre(module: nn.Module, args: tuple) -> None:
+        if not thread and "forward" in vars(model.att):  # rollout's pass, its instance forward on
+            thread.append(threading.Thread(target=dataset_run))
+            thread[0].start()
+            entered.wait(10)
+
+    handle = model.emb.register_forward_pre_hook(pre)
+    try:
+        salience.attention_rollout(model, x, prefix_tokens=1)
+    finally:
+        handle.remove()
+        done.set()
+        for t in thread:
+            t.join()
+    assert len(thread) == 1 and seen == [None]
+    assert "forward" not in vars(model.att)

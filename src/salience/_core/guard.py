@@ -776,6 +776,11 @@ def _enter_run(model: nn.Module, box: list) -> None:
                 entry = _held[id(o)]
                 if entry.baseline is None:
                     entry.baseline = _capture(o, wrapper)
+                    if type(entry) is ModuleState and entry.attrs is None:
+                        # the state recorded copied no dict (a torch.nn layer without hooks): nor does the baseline,
+                        # which saw another thread's call mid-way (its instance forward, attention._NativeMHA) and put
+                        # it back after each call, for good (the final restore had no dict to put back)
+                        entry.baseline.attrs = None
                 entry.runs += 1
                 counted.append(o)
         except BaseException:
