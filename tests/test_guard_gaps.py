@@ -169,3 +169,147 @@ def test_parameters_and_submodules_the_forward_replaces_registers_or_deletes_com
     assert list(model._parameters) == list(params) and all(model._parameters[k] is p for k, p in params.items())
     assert list(model._modules) == list(children) and all(model._modules[k] is m for k, m in children.items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+class Noting(nn.Module):
+    """A forward that notes its input and registers a buffer only on passes with autograd (salience's): what salience's
+    restore takes off again while the user's own thread runs the model without autograd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("scale", torch.ones(1))
+        self.register_parameter("gain", nn.Parameter(torch.ones(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.seen = x
+            self.register_buffer("noted", x.detach(), persistent=False)
+            self.register_parameter("extra", nn.Parameter(torch.zeros(1)))
+        return self.conv(x).mean((2, 3)) * self.scale * self.gain
+
+
+def test_the_users_thread_running_the_model_meanwhile_never_misses_an_attribute():
+    """Putting back a module's dict, its buffers and parameters never takes away, even for an instant, what the
+    user's model has: before, the dicts were cleared and refilled, and the user's own thread running the model
+    meanwhile (no_grad inference) failed at random: "'Noting' object has no attribute '_backward_hooks'" (or
+    'conv', 'scale'). Switching threads every microsecond makes that instant likely (1074 failures in 8 s before)."""
+    import sys
+    import threading
+    import time
+
+    model = Noting().eval()
+    x = torch.rand(1, 3, 8, 8)
+    errors: list = []
+    stop = threading.Event()
+
+    def user() -> None:
+        while not stop.is_set():
+            try:
+                with torch.no_grad():
+                    model(x)
+            except Exception as e:  # noqa: BLE001 - any failure of the user's forward is the finding
+                errors.append(repr(e))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    thread = threading.Thread(target=user)
+    thread.start()
+    try:
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end and not errors:
+            salience.vanilla(model, x, 0)
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+    assert "seen" not in vars(model) and list(model._buffers) == ["scale"] and list(model._parameters) == ["gain"]
+
+
+class Repersisting(nn.Module):
+    """A forward that registers its non-persistent buffer again with ``register_buffer``'s default, persistent, and a
+    persistent one as non-persistent: the same names, the same order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("cache", torch.zeros(1), persistent=False)
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.register_buffer("cache", x.detach())
+        self.register_buffer("scale", self.scale, persistent=False)
+        return self.conv(x).mean((2, 3)) * self.scale
+
+
+@pytest.mark.parametrize("run", [False, True])
+def test_which_buffers_persist_comes_back_when_the_names_stay(run):
+    """The state dict keeps the user's keys: before, the non-persistent names were put back only when a buffer was
+    registered or deleted, and here ``cache`` went into the state dict and ``scale`` out of it (a fresh model then
+    refused the saved state: an unexpected key, a missing one)."""
+    model = Repersisting()
+    keys = list(model.state_dict())
+    if run:
+        with run_guard(model):
+            salience.vanilla(model, torch.rand(1, 3, 8, 8), 0)
+            assert list(model.state_dict()) == keys  # the run's baseline, after the call
+    else:
+        salience.vanilla(model, torch.rand(1, 3, 8, 8), 0)
+    assert list(model.state_dict()) == keys == ["scale", "conv.weight", "conv.bias"]
+    assert model._non_persistent_buffers_set == {"cache"}
+
+
+class _Attending(nn.Module):
+    """An ``nn.MultiheadAttention`` on its fast path's terms (rollout's pass runs it by an instance ``forward``,
+    attention._NativeMHA) after a patch embedding, with a class token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Conv2d(3, 8, 4, 4)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.emb(x).flatten(2).transpose(1, 2)
+        t = torch.cat([t[:, :1] * 0, t], 1)
+        return self.head((t + self.att(t, t, t)[0]).mean(1))
+
+
+def test_a_dataset_run_entered_during_another_threads_call_leaves_no_instance_forward():
+    """A run guard entered (in another thread) while attention rollout's pass has its instance ``forward`` on an
+    ``nn.MultiheadAttention`` (a torch.nn layer, whose dict the first guard did not copy): the run's baseline copied
+    it, put it back after the run's next call, and nothing took it off at the end: the user's layer kept salience's
+    ``_NativeMHA`` for good (a regression of session 36; before, the baseline did not copy a module's dict)."""
+    import threading
+
+    torch.manual_seed(0)
+    model = _Attending().eval()
+    x = torch.rand(1, 3, 16, 16)
+    salience.attention_rollout(model, x, prefix_tokens=1)  # learns where the attention runs
+    entered, done, seen, thread = threading.Event(), threading.Event(), [], []
+
+    def dataset_run() -> None:
+        with run_guard(model):
+            entered.set()
+            done.wait(10)
+            with model_guard(model):  # a call of the run, after rollout's call ended
+                pass
+            seen.append(model.att.__dict__.get("forward"))
+
+    def pre(module: nn.Module, args: tuple) -> None:
+        if not thread and "forward" in vars(model.att):  # rollout's pass, its instance forward on
+            thread.append(threading.Thread(target=dataset_run))
+            thread[0].start()
+            entered.wait(10)
+
+    handle = model.emb.register_forward_pre_hook(pre)
+    try:
+        salience.attention_rollout(model, x, prefix_tokens=1)
+    finally:
+        handle.remove()
+        done.set()
+        for t in thread:
+            t.join()
+    assert len(thread) == 1 and seen == [None]
+    assert "forward" not in vars(model.att)

@@ -42,7 +42,10 @@ contents of an attribute changed in place (a list appended to, a dict filled: on
 registers and leaves on the model; an attribute or parameter replaced by another equal to it (``==``: a number, a
 string, a one-element tensor or parameter of the same value; a parameter of several elements compares by
 identity, its ``==`` raising) keeps the new object; an attribute a global module hook
-(``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own.
+(``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own. What another thread of
+the user's sets on the model while salience's call runs (its own forward's counter) is put back with salience's:
+the guard cannot tell whose it is; the dicts are put back in place, never emptied meanwhile, so that thread's
+forward does not fail (``_restore_mapping``).
 
 A dataset run holds the model for the whole run (:func:`run_guard`): the full save and restore
 (about 1.7 ms on resnet50 on one CPU core, 5 ms before the records were made light) is paid once per
@@ -223,7 +226,11 @@ class ModuleState(_Entry):
                     with torch.no_grad():
                         buf.copy_(copy)
                 _restore_attributes(buf, attrs)
-            if missing or len(buffers) != len(self.buffers):  # deleted or registered since: the names, in order
+            # deleted or registered since: the names, in order; or the same names, one registered again persistent or
+            # not (``register_buffer``'s default, persistent: the user's state dict gained or lost a key; a plain
+            # torch.nn layer's forward registers none)
+            if missing or len(buffers) != len(self.buffers) or saved is not None and \
+                    module.__dict__.get("_non_persistent_buffers_set", _NO_NAMES) != (self.quiet or _NO_NAMES):
                 _restore_buffer_names(module, self.buffers, self.quiet)
         elif saved is not None and saved.get("_buffers"):  # registered in the block (a module without buffers;
             _restore_buffer_names(module, (), None)  # not a plain torch.nn layer, whose forward registers none)
@@ -309,29 +316,35 @@ _SEQUENTIAL = nn.Sequential.forward  # a subclass that keeps it (torchvision's M
 
 
 def _restore_mapping(now: dict, saved: dict) -> None:
-    """Put the dict ``now`` (a module's ``__dict__``) back to ``saved``, its copy: the keys added since deleted,
-    the values replaced since put back (by identity), in the saved order. The caller compares ``now != saved``
-    first (in C, each value by identity first): a value replaced by one equal to it (a number, a string) stays."""
-    if list(now) != list(saved):  # keys added, deleted or moved: rebuilt in the saved order
-        now.clear()
-        now.update(saved)
-        return
+    """Put the dict ``now`` (a module's ``__dict__``, ``_parameters``, ``_modules`` or ``_buffers``) back to ``saved``,
+    its copy: the keys added since deleted, those deleted put back, the values replaced since put back (by identity),
+    in the saved order. A key both have is never taken out, even for an instant: clearing and refilling the dict left
+    it empty between the two calls, and the user's own thread running the model meanwhile failed at random ("object
+    has no attribute '_backward_hooks'", or a layer's name; ``tests/test_guard_gaps.py``). Only where the order
+    differs (a key the block deleted, put back at the end) are the keys after the first one out of place moved back
+    behind it (each taken out and put back). The caller compares ``now != saved`` first (in C, each value by identity
+    first): a value replaced by one equal to it (a number, a string) stays."""
+    for k in [k for k in list(now) if k not in saved]:  # list(): a copy made in C, at once (another thread may add)
+        now.pop(k, None)
     for k, v in saved.items():
-        if now[k] is not v:
+        if now.get(k, _MISSING) is not v:
             now[k] = v
+    keys, order = list(saved), list(now)
+    if order != keys:  # a key put back at the end: the ones after its place moved behind it, in order
+        first = next(i for i, (a, b) in enumerate(zip(order, keys)) if a != b)
+        for k in keys[first:]:
+            now.pop(k, None)
+            now[k] = saved[k]
 
 
 def _restore_buffer_names(module: nn.Module, records: Any, quiet: Optional[frozenset]) -> None:
     """``module``'s buffers back to the names of ``records`` (:meth:`ModuleState.take`'s), in their order, and
     its non-persistent names to ``quiet`` (``None``: none): those registered since removed, those deleted put
-    back."""
-    buffers = module._buffers
-    buffers.clear()
-    for record in records:
-        buffers[record[0]] = record[1]
+    back; in place, a name both have never taken out (:func:`_restore_mapping`)."""
+    _restore_mapping(module._buffers, {record[0]: record[1] for record in records})
     now = module.__dict__.get("_non_persistent_buffers_set")
     if now is not None and now != (quiet or set()):
-        now.clear()
+        now.intersection_update(quiet or ())
         now.update(quiet or ())
 
 
@@ -360,6 +373,7 @@ _NOT_COMPILED = object()
 _MISSING = object()
 _NO_ATTRIBUTES: Any = MappingProxyType({})
 _EMPTY: dict = {}  # the copy of an empty _parameters or _modules, shared (never changed)
+_NO_NAMES: frozenset = frozenset()  # no non-persistent buffer names
 
 
 def _compiled_wrapper_class() -> Optional[type]:
@@ -762,6 +776,11 @@ def _enter_run(model: nn.Module, box: list) -> None:
                 entry = _held[id(o)]
                 if entry.baseline is None:
                     entry.baseline = _capture(o, wrapper)
+                    if type(entry) is ModuleState and entry.attrs is None:
+                        # the state recorded copied no dict (a torch.nn layer without hooks): nor does the baseline,
+                        # which saw another thread's call mid-way (its instance forward, attention._NativeMHA) and put
+                        # it back after each call, for good (the final restore had no dict to put back)
+                        entry.baseline.attrs = None
                 entry.runs += 1
                 counted.append(o)
         except BaseException:
