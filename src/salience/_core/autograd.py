@@ -34,8 +34,10 @@ __all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_
            "looks_like_probabilities"]
 
 
-def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
+def check_input(x: Any, model: Optional[nn.Module] = None, modules: Optional[Sequence[nn.Module]] = None) -> Tensor:
     """Validate an image batch ``(B, C, H, W)``: a finite floating tensor on the model's device.
+    ``modules``: ``model``'s modules, ``modules_of(model)``, where the caller walked them already for its
+    other checks in this call (one walk, not one per check).
 
     The finiteness test (a host-device synchronization) is skipped for an input a many-pass method made from
     its own checked ``x`` for the chunk that runs (:func:`salience._core.derived.derived`: noisy copies, path
@@ -72,7 +74,7 @@ def check_input(x: Any, model: Optional[nn.Module] = None) -> Tensor:
             raise SalienceError(
                 f"x is on {x.device} but the model is on {p.device}; move one, e.g. x.to('{p.device}')"
             )
-        dtype = _compute_dtype(model)
+        dtype = _compute_dtype(model, modules)
         if dtype is not None and x.dtype != dtype:
             raise SalienceError(
                 f"x is {x.dtype} but the model computes in {dtype} (its parameters' dtype); convert one, "
@@ -185,13 +187,14 @@ def model_input(model: nn.Module, x: Tensor) -> Tensor:
     return x.to(model_device(model), dtype=_compute_dtype(model) or x.dtype)
 
 
-def _compute_dtype(model: nn.Module) -> Optional[torch.dtype]:
+def _compute_dtype(model: nn.Module, modules: Optional[Sequence[nn.Module]] = None) -> Optional[torch.dtype]:
     """The one floating dtype of all of ``model``'s parameters, which its input must have (PyTorch
     layers do not cast: a float32 image in a float64 model fails inside the model with a raw
     "Input type ... and bias type ... should be the same"); ``None`` when the parameters mix dtypes,
     or there are none, or the model casts its input itself (Keras 3 layers do)."""
     dtypes = set()
-    for module in modules_of(model):  # the modules' own dicts: module.parameters(recurse=False) walks again
+    # the modules' own dicts: module.parameters(recurse=False) walks again
+    for module in modules_of(model) if modules is None else modules:
         where = type(module).__module__
         if where == "keras" or where.startswith("keras."):
             return None
