@@ -109,25 +109,32 @@ def _working(a: Tensor, x: Tensor) -> Tensor:
     """``a`` in the working precision: at least float32 (a model in half precision may form ``A`` in
     float32, as Hugging Face's eager attention does, or in its own dtype, as SDPA does: the same
     arithmetic either way), the map returned in ``x``'s dtype."""
-    return a.to(torch.promote_types(x.dtype, torch.float32))
+    working = torch.promote_types(x.dtype, torch.float32)
+    return a if a.dtype == working else a.to(working)
 
 
 def _fuse_heads(a: Tensor, head_fusion: str) -> Tensor:
-    """One layer's ``(B, heads, N, N)`` -> its heads fused, ``(B, N, N)``: the mean (PyTorch's sum, then a
-    division by the head count), the max or the min. Called by the capture as soon as the layer's attention is
-    formed (in the cache still), so only ``(B, N, N)`` is kept; the rest of :func:`_rollout_layers` waits for
-    all the layers, to run once over them."""
+    """One layer's ``(B, heads, N, N)`` -> its heads fused, ``(B, N, N)``: their sum for the mean (divided by the
+    head count in :func:`_rollout_layers`, as PyTorch's mean does), the max or the min. Called by the capture as
+    soon as the layer's attention is formed (in the cache still), so only ``(B, N, N)`` is kept; the rest of
+    ``A'`` waits for all the layers, to run once over them."""
     if head_fusion == "mean":
-        return a.sum(1).div_(a.shape[1])
+        return a.sum(1)
     return a.amax(1) if head_fusion == "max" else a.amin(1)
 
 
-def _rollout_layers(fused: list[Tensor], discard_ratio: float) -> Tensor:
-    """The layers' fused heads ``(B, N, N)`` each -> ``A' = 0.5 A_f + 0.5 I`` with rows renormalized, ``(L, B, N,
-    N)``: the lowest ``discard_ratio`` of each image's fused weights in each layer set to 0 (never ``[0, 0]``).
-    All layers at once (a few torch calls, not a few per layer: ~30 us a layer on a small ViT); each layer's
-    numbers as from that layer alone (the same operations in the same order per element and row)."""
+def _rollout_layers(fused: list[Tensor], discard_ratio: float, heads: Optional[list[int]]) -> Tensor:
+    """The layers' fused heads ``(B, N, N)`` each (summed, with ``heads`` their head counts, for the mean) ->
+    ``A' = 0.5 A_f + 0.5 I`` with rows renormalized, ``(L, B, N, N)``: the lowest ``discard_ratio`` of each image's
+    fused weights in each layer set to 0 (never ``[0, 0]``). All layers at once (a few torch calls, not a few per
+    layer: ~30 us a layer on a small ViT); each layer's numbers as from that layer alone (the same operations in
+    the same order per element and row)."""
     stacked = torch.stack(fused)
+    if heads and len(set(heads)) == 1:
+        stacked.div_(heads[0])
+    elif heads:  # layers of different head counts (each divided by its own)
+        for layer, h in zip(stacked.unbind(0), heads):
+            layer.div_(h)
     flat = stacked.flatten(2)  # (L, B, N * N)
     n = int(flat.shape[-1] * discard_ratio)
     if n:
@@ -201,7 +208,8 @@ def attention_rollout(
     n = _check_maps(shapes, x.shape[0], "attention_rollout")
     layout = _layout(model, x, n, prefix_tokens, grid, "attention_rollout", modules)
     with torch.inference_mode(), autocast_off():
-        m = _row_map(_class_row(_rollout_layers(fused, discard_ratio)), layout, x, upsample).to(x.dtype)
+        heads = [s[1] for s in shapes] if head_fusion == "mean" else None
+        m = _row_map(_class_row(_rollout_layers(fused, discard_ratio, heads)), layout, x, upsample).to(x.dtype)
     m = m.clone()  # a normal tensor for the caller (in-place operations allowed), (B, h, w) or (B, H, W): small
     return m.unsqueeze(1).repeat(1, len(targets), 1, 1) if multi else m
 
