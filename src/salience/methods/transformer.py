@@ -128,8 +128,9 @@ def _rollout_layers(fused: list[Tensor], discard_ratio: float, heads: Optional[l
     ``A' = 0.5 A_f + 0.5 I`` with rows renormalized, ``(L, B, N, N)``: the lowest ``discard_ratio`` of each image's
     fused weights in each layer set to 0 (never ``[0, 0]``). All layers at once (a few torch calls, not a few per
     layer: ~30 us a layer on a small ViT); each layer's numbers as from that layer alone (the same operations in
-    the same order per element and row)."""
+    the same order per element and row). Empties ``fused``."""
     stacked = torch.stack(fused)
+    fused.clear()  # the layers' own tensors freed once stacked: one (L, B, N, N) at a time, as before
     if heads and len(set(heads)) == 1:
         stacked.div_(heads[0])
     elif heads:  # layers of different head counts (each divided by its own)
