@@ -62,7 +62,7 @@ import sys
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -499,8 +499,13 @@ def _einsum_labels(args: tuple) -> Optional[tuple[list[tuple[Any, list]], set]]:
     return labelled, kept
 
 
-def check_model(model: nn.Module, method: str = "this method") -> None:
-    """Refuse what a mode cannot see into (TorchScript), and what is no model, with a clear message."""
+def check_model(model: nn.Module, method: str = "this method", modules: Optional[Sequence[nn.Module]] = None) -> None:
+    """Refuse what a mode cannot see into (TorchScript), and what is no model, with a clear message. ``modules``:
+    ``model``'s modules (``modules_of(model)``) where the caller walked them already in this call: none of them a
+    ``ScriptModule`` and the model is checked (a walk the less); else the full check, which names the module."""
+    if modules is not None and isinstance(model, nn.Module) and \
+            not any(isinstance(m, torch.jit.ScriptModule) for m in modules):
+        return
     check_python_model(model, method, "whose compiled graph hides its attention from salience")
 
 
@@ -747,12 +752,12 @@ def capturing(model: nn.Module, *, batch: Optional[int] = None, grads: bool = Fa
 
 
 def attention_maps(model: nn.Module, x: Tensor, *, forward: Optional[Callable[[nn.Module, Tensor], Any]] = None,
-                   reduce: Optional[Callable[[Tensor], Tensor]] = None, method: str = "attention capture"
-                   ) -> list[Tensor]:
+                   reduce: Optional[Callable[[Tensor], Tensor]] = None, method: str = "attention capture",
+                   modules: Optional[Sequence[nn.Module]] = None) -> list[Tensor]:
     """The attention matrices ``(B, heads, L, S)`` of one forward pass of ``model`` on ``x``
     ``(B, C, H, W)``, without gradients, in call order (``forward(model, x)`` runs it; default ``model(x)``);
     with ``reduce``, ``reduce(A)`` of each instead, computed as each ``A`` is formed. ``method`` names the
-    caller in errors.
+    caller in errors; ``modules``: the model's modules where the caller walked them already (:func:`check_model`).
 
     The capture is active only inside the modules that call the attention (learnt on the model's first
     pass, kept while the model lives): the rest of the pass runs without a mode, at its bare cost. Should a
@@ -763,6 +768,6 @@ def attention_maps(model: nn.Module, x: Tensor, *, forward: Optional[Callable[[n
     The pass runs under :func:`torch.inference_mode` (no autograd bookkeeping at all), so what comes
     back are inference tensors: fine for any out-of-place operation, not for in-place ones or autograd.
     """
-    check_model(model, method)
+    check_model(model, method, modules)
     with model_guard(model):
         return _pass(model, x, forward or (lambda m, t: m(t)), reduce)

@@ -181,12 +181,16 @@ def patch_embeddings(model: nn.Module, channels: int) -> list[tuple[str, nn.Conv
     memo, key = _EMBEDS.get(), (id(model), channels)
     if memo is not None and key in memo:
         return memo[key]
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.Conv2d) and m.in_channels == channels and tuple(m.stride) == tuple(m.kernel_size)
-             and max(m.kernel_size) > 1 and not isinstance(m.padding, str)]
+    found = [(name, m) for name, m in model.named_modules() if _patch_conv(m, channels)]
     if memo is not None:
         memo[key] = found
     return found
+
+
+def _patch_conv(m: nn.Module, channels: int) -> bool:
+    """Whether ``m`` is a patch embedding on a ``channels``-channel input (see :func:`patch_embeddings`)."""
+    return (isinstance(m, nn.Conv2d) and m.in_channels == channels and tuple(m.stride) == tuple(m.kernel_size)
+            and max(m.kernel_size) > 1 and not isinstance(m.padding, str))
 
 
 def patch_embedding(model: nn.Module, channels: int) -> Optional[tuple[str, nn.Conv2d]]:
@@ -445,10 +449,18 @@ def check_token_order(model: nn.Module, module: Optional[nn.Module], x_shape: Se
         )
 
 
-def patch_grid(model: nn.Module, x_shape: Sequence[int]) -> Optional[tuple[int, int]]:
-    """The patch embedding's output grid ``(h, w)`` for an input of shape ``x_shape``; None without one."""
-    embed = patch_embedding(model, int(x_shape[1]))
-    return None if embed is None else _conv_grid(embed[1], x_shape[-2:])
+def patch_grid(model: nn.Module, x_shape: Sequence[int], modules: Optional[Sequence[nn.Module]] = None
+               ) -> Optional[tuple[int, int]]:
+    """The patch embedding's output grid ``(h, w)`` for an input of shape ``x_shape``; None without one.
+    ``modules``: ``model``'s modules in ``named_modules()`` order (``modules_of(model)``) where the caller walked
+    them already in this call: the first patch embedding among them, without the walk for the names."""
+    if modules is not None:
+        channels = int(x_shape[1])
+        conv = next((m for m in modules if _patch_conv(m, channels)), None)
+    else:
+        embed = patch_embedding(model, int(x_shape[1]))
+        conv = None if embed is None else embed[1]
+    return None if conv is None else _conv_grid(conv, x_shape[-2:])
 
 
 def _check_stride_grid(x_shape: Sequence[int], grid: tuple[int, int]) -> None:
@@ -503,14 +515,16 @@ def _check_given_grid(model: nn.Module, x_shape: Sequence[int], grid: tuple[int,
 
 
 def token_layout(model: nn.Module, x_shape: Sequence[int], n_tokens: int, *, grid: object = None,
-                 prefix_tokens: object = None, what: str = "the layer") -> Layout:
+                 prefix_tokens: object = None, what: str = "the layer",
+                 modules: Optional[Sequence[nn.Module]] = None) -> Layout:
     """Which of ``n_tokens`` tokens are patches, and their grid, for an input of shape ``x_shape``
-    ``(B, C, H, W)`` (see the module doc for the rule). Raises :class:`SalienceError` saying what to pass."""
+    ``(B, C, H, W)`` (see the module doc for the rule). Raises :class:`SalienceError` saying what to pass.
+    ``modules``: as in :func:`patch_grid`."""
     g, k = _check_grid(grid), _check_prefix(prefix_tokens)
     if g is not None:
         _check_given_grid(model, x_shape, g, n_tokens, k)
     else:
-        g = patch_grid(model, x_shape)
+        g = patch_grid(model, x_shape, modules)
         if g is not None and g[0] * g[1] > n_tokens and not k:
             merged = _merged_grid(g, n_tokens)  # Hugging Face Swin's later stages: (B, h * w, C), no prefix
             classed = _merged_grid(g, n_tokens - 1) if merged is None and k is None else None
