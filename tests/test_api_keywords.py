@@ -85,6 +85,18 @@ def test_with_flags_reads_keywords_only():
     assert with_flags("layout=3, x.out=4, engine='ray' needs Ray", FLAGS) == "layout=3, x.out=4, --engine ray needs Ray"
 
 
+
+def test_with_flags_leaves_the_users_paths_alone(tmp_path, imgs, capsys):
+    """A keyword inside a path (a Hive-style folder ``masks=v2``, ``mode=train``), or after ``--``, is
+    the user's text, not a keyword of the message: it was rewritten (``/data/--masks v2``)."""
+    assert with_flags("masks=/data/masks=v2: no such folder", FLAGS) == "--masks /data/masks=v2: no such folder"
+    assert with_flags("labels=/d/mode=train/l.csv: line 2", FLAGS) == "--labels-csv /d/mode=train/l.csv: line 2"
+    assert with_flags(r"masks=C:\\out=1 x; use --out=RUN", FLAGS) == r"--masks C:\\out=1 x; use --out=RUN"
+    assert with_flags("give 'masks=' here", FLAGS) == "give '--masks' here"
+    missing = tmp_path / "masks=v2"
+    assert _cli_error(capsys, str(imgs), "--out", str(tmp_path / "run"), "--masks", str(missing)) == \
+        f"--masks {missing}: no such folder; give the folder of the mask images"
+
 def test_the_warning_of_a_labels_csv_that_names_some_images(tmp_path, imgs):
     """Warnings too: ``labels=CSV names 1 of the 2 images`` from Python, ``--labels-csv CSV ...`` printed
     by the command."""
