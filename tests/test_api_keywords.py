@@ -111,3 +111,27 @@ def test_the_warning_of_a_labels_csv_that_names_some_images(tmp_path, imgs):
                        text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stderr.startswith(f"salience: warning: --labels-csv {csv} names 1 of the 2 images"), p.stderr
+
+
+def test_a_warning_of_the_users_model_is_printed_as_it_said_it(tmp_path, imgs):
+    """Only salience's own warnings name its keywords: a warning of the user's model that says
+    ``target=`` or ``masks=`` (its own words) was printed by the command as ``--target`` / ``--masks``."""
+    (tmp_path / "net.py").write_text(
+        "import warnings\nimport torch\nfrom torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                                  nn.Linear(4, 3))\n\n"
+        "    def forward(self, x):\n"
+        "        warnings.warn('net: trained with target=2 and masks=none')\n"
+        "        return self.body(x)\n\n"
+        "def build():\n    torch.manual_seed(0)\n    return Net()\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},
+           "PYTHONPATH": str(Path(salience.__file__).parents[1])}
+    p = subprocess.run([sys.executable, "-m", "salience", "explain", str(imgs), "--model",
+                        f"python:{tmp_path / 'net.py'}:build", "--out", str(tmp_path / "run"), "--workers", "0",
+                        "--method", "vanilla", "--size", "16,16"], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "net: trained with target=2 and masks=none" in p.stderr, p.stderr
+    assert "--target" not in p.stderr and "--masks" not in p.stderr, p.stderr
