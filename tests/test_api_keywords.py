@@ -87,12 +87,14 @@ def test_with_flags_reads_keywords_only():
 
 
 def test_with_flags_leaves_the_users_paths_alone(tmp_path, imgs, capsys):
-    """A keyword inside a path (a Hive-style folder ``masks=v2``, ``mode=train``), or after ``--``, is
-    the user's text, not a keyword of the message: it was rewritten (``/data/--masks v2``)."""
+    """A keyword inside a path (a Hive-style folder ``masks=v2``, ``mode=train``), after ``--``, or in a
+    quoted value of the user's, is the user's text, not a keyword of the message: it was rewritten
+    (``/data/--masks v2``)."""
     assert with_flags("masks=/data/masks=v2: no such folder", FLAGS) == "--masks /data/masks=v2: no such folder"
     assert with_flags("labels=/d/mode=train/l.csv: line 2", FLAGS) == "--labels-csv /d/mode=train/l.csv: line 2"
     assert with_flags(r"masks=C:\\out=1 x; use --out=RUN", FLAGS) == r"--masks C:\\out=1 x; use --out=RUN"
-    assert with_flags("give 'masks=' here", FLAGS) == "give '--masks' here"
+    assert with_flags("labels=/x.csv: line 2: 'target=3' is neither a class index", FLAGS) == \
+        "--labels-csv /x.csv: line 2: 'target=3' is neither a class index"  # the CSV's cell, quoted
     missing = tmp_path / "masks=v2"
     assert _cli_error(capsys, str(imgs), "--out", str(tmp_path / "run"), "--masks", str(missing)) == \
         f"--masks {missing}: no such folder; give the folder of the mask images"

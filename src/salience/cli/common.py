@@ -41,13 +41,14 @@ def with_flags(message: str, flags: Mapping[str, str]) -> str:
     """``message``, an error of the Python API that names its keywords (``masks=DIR``, ``labels=``,
     ``overwrite=True``), as the command says it: each ``flags`` key (the keyword with its ``=``, or a
     whole ``keyword=value``) as its flag (``--masks DIR``, ``--labels-csv``, ``--overwrite``). Only a
-    keyword that starts a word (after a space, an opening bracket or quote) is one: a word that only
-    ends in one (``layout=``, ``/data/masks=v2``, a path the user gave, ``--out=``) is left as it is."""
+    keyword that starts a word (after a space or an opening bracket) is one: a word that only ends in
+    one (``layout=``, ``/data/masks=v2``, a path the user gave, ``--out=``) or a quoted value
+    (``'target=3'``, a CSV cell) is left as it is."""
     for word, flag in flags.items():
         def said(m: re.Match) -> str:
             value = m.group(1)
             return flag + (" " if value and value not in ",;:)]}'\"" else "")
-        message = re.sub(rf"(?<![^\s(\[{{'\"]){re.escape(word)}(?=(\S?))", said, message)
+        message = re.sub(rf"(?<![^\s(\[]){re.escape(word)}(?=(\S?))", said, message)
     return message
 
 
