@@ -85,6 +85,20 @@ def test_with_flags_reads_keywords_only():
     assert with_flags("layout=3, x.out=4, engine='ray' needs Ray", FLAGS) == "layout=3, x.out=4, --engine ray needs Ray"
 
 
+
+def test_with_flags_leaves_the_users_paths_alone(tmp_path, imgs, capsys):
+    """A keyword inside a path (a Hive-style folder ``masks=v2``, ``mode=train``), after ``--``, or in a
+    quoted value of the user's, is the user's text, not a keyword of the message: it was rewritten
+    (``/data/--masks v2``)."""
+    assert with_flags("masks=/data/masks=v2: no such folder", FLAGS) == "--masks /data/masks=v2: no such folder"
+    assert with_flags("labels=/d/mode=train/l.csv: line 2", FLAGS) == "--labels-csv /d/mode=train/l.csv: line 2"
+    assert with_flags(r"masks=C:\\out=1 x; use --out=RUN", FLAGS) == r"--masks C:\\out=1 x; use --out=RUN"
+    assert with_flags("labels=/x.csv: line 2: 'target=3' is neither a class index", FLAGS) == \
+        "--labels-csv /x.csv: line 2: 'target=3' is neither a class index"  # the CSV's cell, quoted
+    missing = tmp_path / "masks=v2"
+    assert _cli_error(capsys, str(imgs), "--out", str(tmp_path / "run"), "--masks", str(missing)) == \
+        f"--masks {missing}: no such folder; give the folder of the mask images"
+
 def test_the_warning_of_a_labels_csv_that_names_some_images(tmp_path, imgs):
     """Warnings too: ``labels=CSV names 1 of the 2 images`` from Python, ``--labels-csv CSV ...`` printed
     by the command."""
@@ -99,3 +113,27 @@ def test_the_warning_of_a_labels_csv_that_names_some_images(tmp_path, imgs):
                        text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stderr.startswith(f"salience: warning: --labels-csv {csv} names 1 of the 2 images"), p.stderr
+
+
+def test_a_warning_of_the_users_model_is_printed_as_it_said_it(tmp_path, imgs):
+    """Only salience's own warnings name its keywords: a warning of the user's model that says
+    ``target=`` or ``masks=`` (its own words) was printed by the command as ``--target`` / ``--masks``."""
+    (tmp_path / "net.py").write_text(
+        "import warnings\nimport torch\nfrom torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                                  nn.Linear(4, 3))\n\n"
+        "    def forward(self, x):\n"
+        "        warnings.warn('net: trained with target=2 and masks=none')\n"
+        "        return self.body(x)\n\n"
+        "def build():\n    torch.manual_seed(0)\n    return Net()\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},
+           "PYTHONPATH": str(Path(salience.__file__).parents[1])}
+    p = subprocess.run([sys.executable, "-m", "salience", "explain", str(imgs), "--model",
+                        f"python:{tmp_path / 'net.py'}:build", "--out", str(tmp_path / "run"), "--workers", "0",
+                        "--method", "vanilla", "--size", "16,16"], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "net: trained with target=2 and masks=none" in p.stderr, p.stderr
+    assert "--target" not in p.stderr and "--masks" not in p.stderr, p.stderr

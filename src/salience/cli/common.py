@@ -40,26 +40,39 @@ def warn(msg: str) -> None:
 def with_flags(message: str, flags: Mapping[str, str]) -> str:
     """``message``, an error of the Python API that names its keywords (``masks=DIR``, ``labels=``,
     ``overwrite=True``), as the command says it: each ``flags`` key (the keyword with its ``=``, or a
-    whole ``keyword=value``) as its flag (``--masks DIR``, ``--labels-csv``, ``--overwrite``); a word
-    that only ends in a keyword (``layout=``) is left as it is."""
+    whole ``keyword=value``) as its flag (``--masks DIR``, ``--labels-csv``, ``--overwrite``). Only a
+    keyword that starts a word (after a space or an opening bracket) is one: a word that only ends in
+    one (``layout=``, ``/data/masks=v2``, a path the user gave, ``--out=``) or a quoted value
+    (``'target=3'``, a CSV cell) is left as it is."""
     for word, flag in flags.items():
         def said(m: re.Match) -> str:
             value = m.group(1)
-            return flag + (" " if value and value not in ",;:)" else "")
-        message = re.sub(rf"(?<![\w.]){re.escape(word)}(?=(\S?))", said, message)
+            return flag + (" " if value and value not in ",;:)]}'\"" else "")
+        message = re.sub(rf"(?<![^\s(\[]){re.escape(word)}(?=(\S?))", said, message)
     return message
+
+
+def _warned_by_salience(frame: Any) -> bool:
+    """Whether the warning being formatted (``frame``: in the warnings module, which formats it) was
+    issued by salience's code, whose warnings name its keywords; not by the user's model or dataset,
+    or a library, whose ``target=`` or ``masks=`` are their own words."""
+    while frame is not None and frame.f_globals.get("__name__") in ("warnings", "_py_warnings"):
+        frame = frame.f_back
+    name = frame.f_globals.get("__name__", "") if frame is not None else ""
+    return name == "salience" or name.startswith("salience.")
 
 
 @contextlib.contextmanager
 def flag_errors(flags: Mapping[str, str]) -> Iterator[None]:
-    """A :class:`SalienceError` of the Python API raised inside, and the warnings it prints, said with
-    the command's flags (:func:`with_flags`)."""
+    """A :class:`SalienceError` of the Python API raised inside, and the warnings salience prints (not
+    those of the user's model or dataset), said with the command's flags (:func:`with_flags`)."""
     import warnings
 
     shown = warnings.formatwarning
 
     def flagged(message: Any, *args: Any, **kwargs: Any) -> str:
-        return shown(with_flags(str(message), flags), *args, **kwargs)
+        said = with_flags(str(message), flags) if _warned_by_salience(sys._getframe(1)) else message
+        return shown(said, *args, **kwargs)
 
     warnings.formatwarning = flagged
     try:
