@@ -13,7 +13,7 @@ embedding or from ``prefix_tokens=`` / ``grid=`` (rules in :mod:`salience.method
   attention to itself, entry ``[0, 0]``, as in Gildenblat's reference implementation), then
   ``A' = 0.5 A + 0.5 I`` with rows renormalized to sum to 1; ``R = A'_L ... A'_2 A'_1``. One
   forward pass under inference mode, each layer's heads fused as soon as its ``A`` is formed (the
-  ``(B, heads, N, N)`` matrices are not kept), the rest of ``A'`` formed for all layers at once after
+  ``(B, heads, N, N)`` matrices are not kept), the rest of ``A'`` formed for runs of layers at once after
   the pass, only ``R``'s class-token row computed (from the left: vector-matrix products); the map does not depend on the class, but a class target is
   checked against the model's output from that same pass (a wrong one is refused as elsewhere).
 * **Transformer attribution** (Chefer et al. 2021, "Generic Attention-model Explainability",
@@ -123,20 +123,39 @@ def _fuse_heads(a: Tensor, head_fusion: str) -> Tensor:
     return a.amax(1) if head_fusion == "max" else a.amin(1)
 
 
-def _rollout_layers(fused: list[Tensor], discard_ratio: float, heads: Optional[list[int]]) -> Tensor:
+# Elements of (layers, B, N, N) fused at once (16 MB in float32): all the layers of a small ViT in one go, while a
+# large batch or token count goes a few layers at a time, so that what the fusion adds to the layers' own (B, N, N)
+# (the stack, and with discard_ratio topk's values and indices and the mask: ~15 bytes an element at 0.9) stays
+# bounded, as the per-layer fusion before session 36 was (all 12 layers stacked at once: a 384 px ViT-Ti (577 tokens)
+# at 16 images peaked at 963 MB with discard_ratio=0.9, 488 MB without; in runs: 361 MB both; benchmarks/rollout_peak.py)
+_CHUNK = 1 << 22
+
+
+def _rollout_layers(fused: list[Tensor], discard_ratio: float, heads: Optional[list[int]]) -> list[Tensor]:
     """The layers' fused heads ``(B, N, N)`` each (summed, with ``heads`` their head counts, for the mean) ->
-    ``A' = 0.5 A_f + 0.5 I`` with rows renormalized, ``(L, B, N, N)``: the lowest ``discard_ratio`` of each image's
-    fused weights in each layer set to 0 (never ``[0, 0]``). All layers at once (a few torch calls, not a few per
-    layer: ~30 us a layer on a small ViT); each layer's numbers as from that layer alone (the same operations in
-    the same order per element and row). Empties ``fused``."""
+    ``A' = 0.5 A_f + 0.5 I`` with rows renormalized, as ``(l, B, N, N)`` runs of layers in order: the lowest
+    ``discard_ratio`` of each image's fused weights in each layer set to 0 (never ``[0, 0]``). Several layers at
+    once (a few torch calls, not a few per layer: ~30 us a layer on a small ViT), at most ``_CHUNK`` elements a
+    run unless one layer is more; each layer's numbers as from that layer alone. Empties ``fused``."""
+    step = max(1, _CHUNK // max(1, fused[0].numel()))
+    runs = []
+    for i in range(0, len(fused), step):
+        part = fused[:step]
+        del fused[:step]  # the run's own tensors held by ``part`` only: freed once stacked
+        runs.append(_rollout_run(part, discard_ratio, heads[i:i + step] if heads else None))
+    return runs
+
+
+def _rollout_run(fused: list[Tensor], discard_ratio: float, heads: Optional[list[int]]) -> Tensor:
+    """:func:`_rollout_layers` for one run of layers ``(B, N, N)`` -> ``(l, B, N, N)``. Empties ``fused``."""
     stacked = torch.stack(fused)
-    fused.clear()  # the layers' own tensors freed once stacked: one (L, B, N, N) at a time, as before
+    fused.clear()
     if heads and len(set(heads)) == 1:
         stacked.div_(heads[0])
     elif heads:  # layers of different head counts (each divided by its own)
         for layer, h in zip(stacked.unbind(0), heads):
             layer.div_(h)
-    flat = stacked.flatten(2)  # (L, B, N * N)
+    flat = stacked.flatten(2)  # (l, B, N * N)
     n = int(flat.shape[-1] * discard_ratio)
     if n:
         drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(n, dim=-1, largest=False).indices, True)
@@ -146,11 +165,11 @@ def _rollout_layers(fused: list[Tensor], discard_ratio: float, heads: Optional[l
     return stacked.div_(stacked.sum(dim=-1, keepdim=True))
 
 
-def _class_row(layers: Tensor) -> Tensor:
-    """Row 0 of ``R = A'_L ... A'_2 A'_1`` ``(B, 1, N)`` from ``layers`` ``(L, B, N, N)``, from the left:
+def _class_row(runs: list[Tensor]) -> Tensor:
+    """Row 0 of ``R = A'_L ... A'_2 A'_1`` ``(B, 1, N)`` from ``runs`` of layers ``(l, B, N, N)``, from the left:
     ``e_0^T A'_L``, then one vector-matrix product per layer (``L N^2`` work per image instead of the full
     product's ``L N^3``; the same numbers up to float rounding)."""
-    each = layers.unbind(0)
+    each = [a for run in runs for a in run.unbind(0)]
     v = each[-1][:, :1]
     for a in reversed(each[:-1]):
         v = torch.bmm(v, a)
