@@ -33,7 +33,8 @@ Every other torch call of the pass also reaches the mode (that is how modes work
 on one set lookup of the function (:data:`_WATCHED`). :func:`attention_maps` (attention rollout's pass) keeps
 even that off the rest of the pass: a model's first pass runs under the mode throughout and notes the module
 each attention was called from (the innermost module being called, where its hooks run); its later passes enter the
-mode only inside those modules (forward hooks), checked by the count of matrices (:func:`_pass`); such a module that
+mode only inside those modules (forward hooks), checked by the count of matrices (:func:`scoped`, which transformer
+attribution's forward shares, without the native path below: :class:`ActiveIn`); such a module that
 is an ``nn.MultiheadAttention`` on its fast path's terms runs no mode at all: an instance ``forward`` for the pass
 calls ``torch._native_multi_head_attention`` asked for the per-head weights and records them (:class:`_NativeMHA`).
 
@@ -713,32 +714,67 @@ def _unhook(cap: AttentionCapture, handles: list) -> None:
 
 def _pass(model: nn.Module, x: Tensor, run: Callable[[nn.Module, Tensor], Any],
           reduce: Optional[Callable[[Tensor], Tensor]]) -> list[Tensor]:
-    """One pass under inference mode with the capture where the model's attention runs (its :class:`_Scope`),
-    else around the whole pass, learning the scope then. A scoped pass that records another count than the
-    scope's, or raises, is run again with the capture everywhere (``run`` called twice; the model's own error,
-    if it is one, raised from there)."""
+    """One pass under inference mode with the capture where the model's attention runs (:func:`scoped`): the
+    narrowed pass runs ``nn.MultiheadAttention`` natively where it can (:class:`_NativeMHA`); ``run`` may be called
+    twice (the model's own error, if it is one, raised from the second call)."""
+
+    def narrowed(cap: AttentionCapture, modules: list[nn.Module]) -> None:
+        with _active_in(cap, modules, native=True), torch.inference_mode(), model_call(model, x):
+            run(model, x)
+
+    def everywhere(cap: AttentionCapture) -> None:
+        with cap, torch.inference_mode(), model_call(model, x):
+            run(model, x)
+
+    return scoped(model, lambda: AttentionCapture(batch=x.shape[0], reduce=reduce), narrowed, everywhere).maps
+
+
+def scoped(model: nn.Module, make: Callable[[], AttentionCapture],
+           narrowed: Callable[[AttentionCapture, list[nn.Module]], Any],
+           everywhere: Callable[[AttentionCapture], Any]) -> AttentionCapture:
+    """A capture (``make()``) of one pass of ``model`` where its attention runs (its :class:`_Scope`): ``narrowed(cap,
+    modules)`` runs the pass with ``cap`` active only inside ``modules`` (:func:`_active_in`); else, and where that
+    records another count than the scope's or raises, ``everywhere(cap)`` runs it again with a fresh capture around
+    the whole pass, learning the scope (a model that missed twice: everywhere from then on). Shared by attention
+    rollout and transformer attribution: the scope either learns serves both."""
     scope = _SCOPES.get(model, (), ())
     modules = scope.live() if isinstance(scope, _Scope) else None
     if modules is not None:
-        cap = AttentionCapture(batch=x.shape[0], reduce=reduce)
+        cap = make()
         try:
-            with _active_in(cap, modules, native=True), torch.inference_mode(), model_call(model, x):
-                run(model, x)
+            narrowed(cap, modules)
         except Exception:  # a path the model takes only without a mode around it: the pass everywhere decides
             pass
         else:
             if len(cap._maps) == scope.count:
-                return cap.maps
-    cap = AttentionCapture(batch=x.shape[0], reduce=reduce)
+                return cap
+    cap = make()
     cap._sites = [] if scope is not _EVERYWHERE else None
-    with cap, torch.inference_mode(), model_call(model, x):
-        run(model, x)
+    everywhere(cap)
     if cap._sites:  # a pass under the scope missed some once: learnt again; twice: everywhere from now on
         missed = isinstance(scope, _Scope) and modules is not None
         found = _scope_of(model, cap._sites)
         _SCOPES.put(model, (), (), _EVERYWHERE if found is None or (missed and scope.missed) else _Scope(
             found, len(cap._maps), missed))
-    return cap.maps
+    return cap
+
+
+class ActiveIn:
+    """:func:`_active_in` (``cap`` active only inside ``modules``, without the native path) as a context manager
+    that can be entered again after it is left (a forward that runs twice enters its modes twice)."""
+
+    def __init__(self, cap: AttentionCapture, modules: list[nn.Module]) -> None:
+        self.cap, self.modules = cap, modules
+        self._on: list = []
+
+    def __enter__(self) -> "ActiveIn":
+        cm = _active_in(self.cap, self.modules)
+        cm.__enter__()
+        self._on.append(cm)
+        return self
+
+    def __exit__(self, *exc: Any) -> Optional[bool]:
+        return self._on.pop().__exit__(*exc)
 
 
 @contextmanager

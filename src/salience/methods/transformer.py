@@ -22,13 +22,13 @@ embedding or from ``prefix_tokens=`` / ``grid=`` (rules in :mod:`salience.method
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from salience.attention import AttentionCapture, attention_maps, check_model
+from salience.attention import ActiveIn, AttentionCapture, attention_maps, check_model, scoped
 from salience._core.autograd import backward, check_input, unwrap_output
 from salience._core.errors import SalienceError
 from salience._core.guard import modules_of
@@ -234,6 +234,19 @@ def attention_rollout(
     return m.unsqueeze(1).repeat(1, len(targets), 1, 1) if multi else m
 
 
+def _attribution_pass(model: nn.Module, x: Tensor, targets: list, strip_softmax: bool) -> AttentionCapture:
+    """The forward and the targets' backward passes with the attention captured with its gradients: once the
+    model's attention modules are known (by this or attention rollout), the capture is active only inside them
+    during the forward (the backward needs no mode: the gradients come by the matrices' tensor hooks); a narrowed
+    pass that misses or raises runs again with a fresh capture around the whole forward (:func:`scoped`)."""
+
+    def run(cap: Any) -> None:
+        backward(model, x, targets, extra_modes=[cap], strip_softmax=strip_softmax)
+
+    return scoped(model, lambda: AttentionCapture(batch=x.shape[0], grads=True),
+                  lambda cap, modules: run(ActiveIn(cap, modules)), run)
+
+
 @several_targets
 def transformer_attribution(
     model: nn.Module,
@@ -257,10 +270,9 @@ def transformer_attribution(
     check_input(x, model, modules)
     check_model(model, "transformer_attribution", modules)
     targets, multi = split(target, x.shape[0])
-    cap = AttentionCapture(batch=x.shape[0], grads=True)
     checkpoint_error = getattr(torch.utils.checkpoint, "CheckpointError", ())
-    try:
-        backward(model, x, targets, extra_modes=[cap], strip_softmax=strip_softmax)
+    try:  # the capture only inside the modules that call the attention, once known (a fresh one if that misses)
+        cap = _attribution_pass(model, x, targets, strip_softmax)
     except checkpoint_error:  # type: ignore[misc]  # a non-reentrant checkpoint backward() could not run plainly
         raise SalienceError(
             "transformer_attribution cannot run through a non-reentrant torch.utils.checkpoint: the backward pass "

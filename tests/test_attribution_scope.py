@@ -1,0 +1,172 @@
+"""Transformer attribution narrowed to the modules that call the attention (salience.attention.scoped, shared with
+attention rollout): once a model's attention modules are known, its forward runs the capture only inside them (the
+rest of the forward without a mode), its maps equal those of the capture around the whole forward (compared to the
+bit: the same operations on the same inputs; the reference path is itself tested against explicit references in
+test_transformer.py), and a narrowed pass that misses or raises runs again everywhere, leaving the model as it was.
+A scope learnt by either method serves the other."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import salience
+from salience import attention
+from salience.attention import AttentionCapture, attention_maps
+
+from conftest import unchanged
+from test_attention_scope import MODELS, _tiny
+
+NAMES = ["torchvision MHA", "fused SDPA", "explicit softmax", "nn.TransformerEncoder"]
+
+
+class Outside(nn.Module):
+    """Before the model: one torch call (``x * 1``) outside any attention module; ``hits`` counts the calls that
+    reached ``AttentionCapture.__torch_function__`` while it ran, ``runs`` its forwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.n = model, {"inside": False, "hits": 0, "runs": 0}  # a dict: the pass's changes kept
+
+    @property
+    def hits(self) -> int:
+        return self.n["hits"]
+
+    @property
+    def runs(self) -> int:
+        return self.n["runs"]
+
+    def reset(self) -> None:
+        self.n.update(hits=0, runs=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.n["inside"], self.n["runs"] = True, self.n["runs"] + 1
+        try:
+            x = x * 1
+        finally:
+            self.n["inside"] = False
+        return self.model(x)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """``AttentionCapture.__torch_function__`` wrapped to count, on the ``Outside`` models listed, its calls made
+    while their own torch call runs."""
+    watched: list[Outside] = []
+    original = AttentionCapture.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        for m in watched:
+            m.n["hits"] += m.n["inside"]
+        return original(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(AttentionCapture, "__torch_function__", counting)
+    return watched
+
+
+def _model(name: str) -> tuple[Outside, torch.Tensor]:
+    size = 32 if name == "torchvision MHA" else 16
+    return Outside(MODELS[name]()), torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("target", [None, 1, [[0, 2], [1, 0]]], ids=["top", "class 1", "two per image"])
+@pytest.mark.parametrize("name", NAMES)
+def test_attribution_narrowed_equals_the_capture_everywhere_and_leaves_the_rest_bare(name, target, counted):
+    model, x = _model(name)
+    counted.append(model)
+    want = salience.transformer_attribution(copy.deepcopy(model), x, target)  # a copy: its own first pass
+    for n in range(3):  # the first pass learns where the attention runs, the next are narrowed to it
+        model.reset()
+        with unchanged(model):
+            got = salience.transformer_attribution(model, x, target)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert model.runs == 1, "a narrowed pass missed the attention and ran again"
+        assert (model.hits > 0) is (n == 0), "the capture ran outside the attention modules"
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_a_path_that_changes_runs_again_everywhere_and_learns_it():
+    model = Outside(_tiny("mha"))  # the attention called from nn.MultiheadAttention ...
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    salience.transformer_attribution(model, x)
+    for blk in model.model.blocks:
+        blk.attn.mode = "sdpa"  # ... now from its parent: a pass narrowed to the MHA modules sees none
+    want = salience.transformer_attribution(copy.deepcopy(model), x, [[1, 3]])
+    model.reset()
+    with unchanged(model):
+        got = salience.transformer_attribution(model, x, [[1, 3]])
+    assert model.runs == 2
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    model.reset()
+    torch.testing.assert_close(salience.transformer_attribution(model, x, [[1, 3]]), want, rtol=0, atol=0)
+    assert model.runs == 1  # learnt again
+
+
+@pytest.mark.parametrize("once", [True, False])
+def test_an_error_in_a_narrowed_forward_runs_again_everywhere_or_leaves_the_model_as_it_was(once):
+    """Raised once (in the narrowed forward only): the pass everywhere gives the maps, with no gradient of the failed
+    attempt mixed in; raised every time: the error comes out, no mode, no hook left."""
+    model, x = _model("explicit softmax")
+    want = salience.transformer_attribution(copy.deepcopy(model), x, [[0, 1], [2, 1]])
+    salience.transformer_attribution(model, x)
+    raised: list = []
+
+    def boom(module, args, out):
+        if not (once and raised):
+            raised.append(1)
+            raise RuntimeError("inside the attention")
+
+    handle = model.model.blocks[1].attn.register_forward_hook(boom)
+    try:
+        model.reset()
+        with unchanged(model):
+            if once:
+                torch.testing.assert_close(salience.transformer_attribution(model, x, [[0, 1], [2, 1]]), want, rtol=0, atol=0)
+            else:
+                with pytest.raises(RuntimeError, match="inside the attention"):
+                    salience.transformer_attribution(model, x, [[0, 1], [2, 1]])
+    finally:
+        handle.remove()
+    assert model.runs == 2 and torch._C._len_torch_function_stack() == 0
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    model.reset()
+    torch.testing.assert_close(salience.transformer_attribution(model, x, [[0, 1], [2, 1]]), want, rtol=0, atol=0)
+    assert model.runs == 1
+
+
+def test_a_count_that_changes_after_the_backward_keeps_no_gradient_of_the_failed_attempt():
+    """A narrowed forward that records fewer matrices than the scope's (one attention skipped, then not): its
+    backward ran, but the maps come from a fresh capture of the pass everywhere."""
+    model, x = _model("explicit softmax")
+    salience.transformer_attribution(model, x)
+    scope = attention._SCOPES.get(model, (), ())
+    scope.count += 1  # the narrowed pass now misses once
+    want = salience.transformer_attribution(copy.deepcopy(model), x, [[2, 1], [0, 2]])
+    model.reset()
+    with unchanged(model):
+        got = salience.transformer_attribution(model, x, [[2, 1], [0, 2]])
+    assert model.runs == 2
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["torchvision MHA", "explicit softmax", "nn.TransformerEncoder"])
+def test_a_scope_learnt_by_rollout_serves_attribution_and_vice_versa(name, counted):
+    model, x = _model(name)
+    counted.append(model)
+    want = salience.transformer_attribution(copy.deepcopy(model), x)
+    salience.attention_rollout(model, x)  # learns the scope
+    model.reset()
+    torch.testing.assert_close(salience.transformer_attribution(model, x), want, rtol=0, atol=0)
+    assert model.hits == 0 and model.runs == 1
+
+    other, x = _model(name)
+    counted.append(other)
+    salience.transformer_attribution(other, x)  # learns the scope
+    other.reset()
+    maps = attention_maps(other, x)
+    assert other.hits == 0 and other.runs == 1
+    want_maps = attention_maps(copy.deepcopy(other), x)
+    for g, w in zip(maps, want_maps, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
