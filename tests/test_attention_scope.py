@@ -356,24 +356,13 @@ def sigint_tracer(codes: set, run):
     return traced
 
 
-def test_ctrl_c_at_each_point_of_the_narrowing_leaves_no_mode_and_no_hook():
-    """SIGINT (Ctrl-C) at each point where Python may raise ``KeyboardInterrupt`` in ``_active_in``, its two
-    hooks and what puts them on and off, in turn: afterwards no mode is on the stack, no hook on the model, and the next pass is narrowed again.
-    Before, a Ctrl-C in ``leave`` after the depth was lowered left the mode on the stack for good, one in
-    ``enter`` before the mode was entered popped a mode that was not the capture (here: none, an error), and
-    one between a hook's registration and its handle's append left the hook on the module."""
+def ctrl_c_leftovers(model: nn.Module, traced) -> tuple[list, int]:
+    """The points (of ``traced``'s, :func:`sigint_tracer`) where SIGINT left a mode on the stack or a hook on
+    ``model`` (cleaned up after each), and their number."""
     import signal
-    import types
 
     from test_hygiene import _sigint_handled_by
 
-    model = _tiny("explicit")
-    x = torch.rand(1, 3, 16, 16)
-    attention_maps(model, x)  # learnt: the next passes are narrowed
-    outer = attention._active_in.__wrapped__.__code__
-    codes = {outer, *(c for c in outer.co_consts if isinstance(c, types.CodeType)),
-             *(f.__code__ for f in (getattr(attention, "_hook", None), getattr(attention, "_unhook", None)) if f)}
-    traced = sigint_tracer(codes, lambda: attention_maps(model, x))
     n = len(traced(None))
     assert n > 25
     failed = []
@@ -388,6 +377,24 @@ def test_ctrl_c_at_each_point_of_the_narrowing_leaves_no_mode_and_no_hook():
                 m._forward_hooks.clear()
                 m._forward_pre_hooks.clear()
                 m._forward_hooks_always_called.clear()
+    return failed, n
+
+
+def test_ctrl_c_at_each_point_of_the_narrowing_leaves_no_mode_and_no_hook():
+    """SIGINT (Ctrl-C) at each point where Python may raise ``KeyboardInterrupt`` in ``_active_in``, its two
+    hooks and what puts them on and off, in turn: afterwards no mode is on the stack, no hook on the model, and the next pass is narrowed again.
+    Before, a Ctrl-C in ``leave`` after the depth was lowered left the mode on the stack for good, one in
+    ``enter`` before the mode was entered popped a mode that was not the capture (here: none, an error), and
+    one between a hook's registration and its handle's append left the hook on the module."""
+    import types
+
+    model = _tiny("explicit")
+    x = torch.rand(1, 3, 16, 16)
+    attention_maps(model, x)  # learnt: the next passes are narrowed
+    outer = attention._active_in.__wrapped__.__code__
+    codes = {outer, *(c for c in outer.co_consts if isinstance(c, types.CodeType)),
+             *(f.__code__ for f in (getattr(attention, "_hook", None), getattr(attention, "_unhook", None)) if f)}
+    failed, n = ctrl_c_leftovers(model, sigint_tracer(codes, lambda: attention_maps(model, x)))
     assert not failed, f"{len(failed)} of {n} points left a mode or a hook"
     calls: list = []
     assert len(attention_maps(model, x, forward=_counted(calls))) == 2 and len(calls) == 1

@@ -170,3 +170,54 @@ def test_a_scope_learnt_by_rollout_serves_attribution_and_vice_versa(name, count
     want_maps = attention_maps(copy.deepcopy(other), x)
     for g, w in zip(maps, want_maps, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["fused SDPA", "explicit softmax", "torchvision MHA"])
+def test_a_ctrl_c_inside_a_narrowed_attention_runs_nothing_again_and_leaves_no_mode(name):
+    """A ``KeyboardInterrupt`` (no ``Exception``: torch calls no always-called forward hook for it, so the capture the
+    narrowing entered in the attention module is still on the stack) out of an attention module of a narrowed pass:
+    raised as it is, no second pass, and no mode left on the thread's stack (the softmax tap, entered after the
+    narrowing, popped the capture on its exit and was itself left there), no hook on the model."""
+    model, x = _model(name)
+    salience.transformer_attribution(model, x)  # learns the scope
+    attn = attention._SCOPES.get(model, (), ()).live()
+
+    def interrupt(module, args, out):
+        raise KeyboardInterrupt
+
+    handle = attn[-1].register_forward_hook(interrupt)
+    try:
+        model.reset()
+        with unchanged(model):
+            with pytest.raises(KeyboardInterrupt):
+                salience.transformer_attribution(model, x, 1)
+        left = [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
+    finally:
+        handle.remove()
+        while torch._C._len_torch_function_stack():  # the next tests not run under a leftover mode
+            torch._C._pop_torch_function_stack()
+    assert model.runs == 1 and left == []
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_always_called
+                   for m in model.modules())
+
+
+def test_ctrl_c_at_each_point_of_attributions_narrowing_leaves_no_mode_and_no_hook():
+    """SIGINT at each point where Python may raise ``KeyboardInterrupt`` in ``ActiveIn``'s entry and exit, in
+    ``_active_in``, its hooks and what puts them on and off, during a narrowed ``transformer_attribution``: afterwards
+    no mode on the stack, no hook on the model, and the next call narrowed again with the same map."""
+    import types
+
+    from test_attention_scope import ctrl_c_leftovers, sigint_tracer
+
+    model, x = _model("explicit softmax")
+    want = salience.transformer_attribution(copy.deepcopy(model), x, 1)
+    salience.transformer_attribution(model, x, 1)  # learnt: the next calls are narrowed
+    outer = attention._active_in.__wrapped__.__code__
+    codes = {outer, *(c for c in outer.co_consts if isinstance(c, types.CodeType)),
+             attention._hook.__code__, attention._unhook.__code__,
+             attention.ActiveIn.__enter__.__code__, attention.ActiveIn.__exit__.__code__}
+    failed, n = ctrl_c_leftovers(model, sigint_tracer(codes, lambda: salience.transformer_attribution(model, x, 1)))
+    assert not failed, f"{len(failed)} of {n} points left a mode or a hook: {failed}"
+    model.reset()
+    torch.testing.assert_close(salience.transformer_attribution(model, x, 1), want, rtol=0, atol=0)
+    assert model.runs == 1

@@ -583,7 +583,7 @@ def _active_in(cap: AttentionCapture, modules: list[nn.Module], native: bool = F
     error): the rest of the pass runs without a mode (every torch call through Python otherwise). With
     ``native`` (a pass without autograd: rollout's), an ``nn.MultiheadAttention`` among ``modules`` on its fast
     path's terms runs PyTorch's kernel asked for the weights instead, no mode at all (:class:`_NativeMHA`)."""
-    depth = [0]
+    depth, below = [0], torch._C._len_torch_function_stack()  # the stack's height to leave it at
 
     @this_thread  # other threads' passes through the modules: not captured, and their fingerprints leave these out
     def enter(module: nn.Module, args: Any) -> None:
@@ -604,9 +604,9 @@ def _active_in(cap: AttentionCapture, modules: list[nn.Module], native: bool = F
         yield
     finally:
         try:
-            _calmly(_unhook, cap, handles)
+            _calmly(_unhook, cap, handles, below if depth[0] else None)
         except BaseException:  # a Ctrl-C before _calmly deferred it left all to do: done once more
-            _calmly(_unhook, cap, handles)
+            _calmly(_unhook, cap, handles, below if depth[0] else None)
             raise
 
 
@@ -701,12 +701,20 @@ class _NativeMHA:
             del d["forward"]
 
 
-def _unhook(cap: AttentionCapture, handles: list) -> None:
+def _unhook(cap: AttentionCapture, handles: list, below: Optional[int]) -> None:
     """The hooks (and the instance ``forward`` methods, :class:`_NativeMHA`) removed and ``cap`` left where it is
     still on top of the mode stack: by what the stack holds, not by the hooks' depth count (a Ctrl-C between the count
-    and the mode's entry or exit makes them differ)."""
+    and the mode's entry or exit makes them differ). With ``below`` (the block ends with a module still inside ``cap``:
+    a ``KeyboardInterrupt`` out of a module calls no always-called hook, torch's ``except Exception``) the stack is put
+    back to its height ``below`` at the block's entry: a mode entered inside the block after the hooks (attribution's
+    softmax tap) popped ``cap`` on its exit instead of itself, and every mode entered inside the block has been left."""
     while handles:
         handles.pop().remove()
+    while below is not None and torch._C._len_torch_function_stack() > below:
+        if torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1) is cap:
+            cap.__exit__(None, None, None)
+        else:
+            torch._C._pop_torch_function_stack()
     n = torch._C._len_torch_function_stack()
     if n and torch._C._get_function_stack_at(n - 1) is cap:
         cap.__exit__(None, None, None)
@@ -775,6 +783,11 @@ class ActiveIn:
 
     def __exit__(self, *exc: Any) -> Optional[bool]:
         return self._on.pop().__exit__(*exc)
+
+    def close(self) -> None:
+        """Every entry not left yet left (hooks off, the stack put back): a safety net after the pass."""
+        while self._on:
+            self._on.pop().__exit__(None, None, None)
 
 
 @contextmanager

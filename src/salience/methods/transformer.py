@@ -243,8 +243,14 @@ def _attribution_pass(model: nn.Module, x: Tensor, targets: list, strip_softmax:
     def run(cap: Any) -> None:
         backward(model, x, targets, extra_modes=[cap], strip_softmax=strip_softmax)
 
-    return scoped(model, lambda: AttentionCapture(batch=x.shape[0], grads=True),
-                  lambda cap, modules: run(ActiveIn(cap, modules)), run)
+    def narrowed(cap: AttentionCapture, modules: list[nn.Module]) -> None:
+        active = ActiveIn(cap, modules)
+        try:
+            run(active)
+        finally:  # a Ctrl-C at the start of ActiveIn.__exit__ left its hooks on: taken off here
+            active.close()
+
+    return scoped(model, lambda: AttentionCapture(batch=x.shape[0], grads=True), narrowed, run)
 
 
 @several_targets
