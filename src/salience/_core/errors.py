@@ -11,7 +11,7 @@ import threading
 import warnings
 from typing import Any, Iterator, Sequence
 
-__all__ = ["SalienceError", "suggest", "user_stacklevel", "uncoloured"]
+__all__ = ["SalienceError", "suggest", "user_stacklevel", "uncoloured", "first_line"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -21,6 +21,15 @@ class SalienceError(ValueError):
 
     It subclasses ``ValueError`` so that code catching ``ValueError`` keeps working.
     """
+
+
+def first_line(e: BaseException, *, empty: str | None = None) -> str:
+    """The first line of an error's message, for a one-line message of salience's (torch appends its C++
+    stack to some errors, a traceback to others); for an empty message ``empty``, or the error's type name."""
+    text = str(e).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(e).__name__ if empty is None else empty
 
 
 def suggest(name: str, choices: "Sequence[str]", n: int = 3) -> str:

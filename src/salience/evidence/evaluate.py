@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salience._core.autograd import check_input, model_input, predicted_classes
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, first_line
 from salience._core.files import atomic_write, make_folder
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress as _progress
@@ -201,11 +201,6 @@ def _baseline_maps(name: str, x: Tensor, masks: Optional[Tensor], seed: int) -> 
     return random_maps((x.shape[0], *x.shape[-2:]), seed=image_seeds(x, seed), device=x.device)
 
 
-def _first_line(e: BaseException) -> str:
-    """The first line of an error's message (torch appends its C++ stack to some RuntimeErrors)."""
-    return (str(e).strip().splitlines() or [""])[0]
-
-
 def _method_only(row: MetricRow, model: nn.Module, x: Tensor, fn: Callable[..., Tensor], target: Tensor,
                  seed: int) -> None:
     """The tests that need the method, not only its maps (on a few images), into its row: the
@@ -337,7 +332,8 @@ def evaluate_methods(
             # Any error, not only SalienceError: a user's method may raise anything. It is not
             # swallowed: the row carries it into every table, and the other methods go on.
             except Exception as e:  # noqa: BLE001
-                row.error = f"{type(e).__name__}: {_first_line(e)}"  # a table cell: torch's C++ frames left out
+                # a table cell: torch's C++ frames left out
+                row.error = f"{type(e).__name__}: {first_line(e, empty='')}"
             else:
                 row.seconds = time.perf_counter() - t0
                 all_maps[name] = maps
@@ -346,7 +342,7 @@ def evaluate_methods(
                                probability=probability)
                 except Exception as e:  # noqa: BLE001 - as a method's failure above
                     row = MetricRow(name, seconds=row.seconds,
-                                    error=f"scoring its maps: {type(e).__name__}: {_first_line(e)}")
+                                    error=f"scoring its maps: {type(e).__name__}: {first_line(e, empty='')}")
             rows.append(row)
             bar.update(1)
     return rows, all_maps

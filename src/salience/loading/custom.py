@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from salience._core.errors import SalienceError, suggest
+from salience._core.errors import SalienceError, first_line, suggest
 from salience._core.guard import train_mode_op
 from salience._core.info import ModelInfo, attach_info, model_info
 from salience.loading.models import PathLike, load_state, read_state_dict
@@ -70,7 +70,7 @@ def load_python(ref: str, weights: Optional[PathLike] = None, trust_pickle: bool
     try:
         model = fn()
     except Exception as e:  # noqa: BLE001 - the user's code can raise anything; one line says what
-        raise SalienceError(f"python:{ref}: {attr}() raised {type(e).__name__}: {_first_line(e)}") from None
+        raise SalienceError(f"python:{ref}: {attr}() raised {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise SalienceError(f"python:{ref}: {attr}() returned an object of type {type(model).__name__}, "
                             "expected a torch.nn.Module")
@@ -79,11 +79,6 @@ def load_python(ref: str, weights: Optional[PathLike] = None, trust_pickle: bool
     if not isinstance(getattr(model, "salience_info", None), ModelInfo):
         attach_info(model, ModelInfo(name=f"python:{ref}"))
     return model
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _import(target: str) -> types.ModuleType:
@@ -99,9 +94,9 @@ def _import(target: str) -> types.ModuleType:
         if e.name and (target == e.name or target.startswith(e.name + ".")):
             raise SalienceError(f"python:{target}: no module named {target!r} (not on sys.path nor in the current "
                                 "folder); give a file instead: python:path/to/file.py:FUNC") from None
-        raise SalienceError(f"python:{target}: importing it failed: {_first_line(e)}") from None
+        raise SalienceError(f"python:{target}: importing it failed: {first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - the module's own code raised while importing
-        raise SalienceError(f"python:{target}: importing it raised {type(e).__name__}: {_first_line(e)}") from None
+        raise SalienceError(f"python:{target}: importing it raised {type(e).__name__}: {first_line(e)}") from None
     finally:
         if added and os.getcwd() in sys.path:
             sys.path.remove(os.getcwd())
@@ -126,7 +121,7 @@ def _import_file(path: Path) -> types.ModuleType:
         spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - the file's own code raised
         sys.modules.pop(name, None)
-        raise SalienceError(f"python:{path}: running it raised {type(e).__name__}: {_first_line(e)}") from None
+        raise SalienceError(f"python:{path}: running it raised {type(e).__name__}: {first_line(e)}") from None
     finally:
         if folder in sys.path:
             sys.path.remove(folder)
@@ -193,7 +188,7 @@ def load_exported(path: PathLike) -> nn.Module:
         ep = torch.export.load(str(p))
     except Exception as e:  # noqa: BLE001 - torch.export.load raises many types on a foreign file
         causes = [r.exc_info[1] for r in held.records if r.exc_info and r.exc_info[1] is not None]
-        said = _first_line(causes[-1] if causes else e)
+        said = first_line(causes[-1] if causes else e)
         raise SalienceError(f"{p}: not a torch.export program torch.export.load can read ({said})") from None
     finally:
         logger.removeFilter(held)

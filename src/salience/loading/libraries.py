@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from salience._core.errors import SalienceError, suggest, user_stacklevel
+from salience._core.errors import SalienceError, first_line, suggest, user_stacklevel
 from salience._core.info import ModelInfo, attach_info
 from salience.loading.models import PathLike, imagenet_class_names, load_state, read_state_dict
 
@@ -125,7 +125,7 @@ def _timm_pretrained(timm: Any, name: str, revision: Optional[str], trust_pickle
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={**overlay, "state_dict": state},
                                   **model_args)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise SalienceError(f"{spec}: the cached weights {path} do not fit timm's {name} ({_first_line(e)})") from None
+        raise SalienceError(f"{spec}: the cached weights {path} do not fit timm's {name} ({first_line(e)})") from None
     model.pretrained_cfg.pop("state_dict", None)  # timm keeps what it was handed: a second copy of the weights
     return model
 
@@ -202,7 +202,7 @@ def _snapshot_config(path: Path, architecture: str, spec: str) -> tuple[dict, di
         if not isinstance(cfg, dict) or not isinstance(cfg.get("pretrained_cfg", {}), dict):
             raise ValueError("not a timm model config (a JSON object with a pretrained_cfg object)")
     except (OSError, ValueError) as e:
-        raise SalienceError(f"{spec}: the cached {path} is not a readable timm config ({_first_line(e)}); "
+        raise SalienceError(f"{spec}: the cached {path} is not a readable timm config ({first_line(e)}); "
                             "download the revision again") from None
     flat = "pretrained_cfg" not in cfg
     pretrained = dict(cfg if flat else cfg["pretrained_cfg"])
@@ -272,11 +272,11 @@ def load_hf(ref: str) -> nn.Module:
     except (OSError, ValueError, KeyError) as e:
         if Path(ref).is_dir():
             raise SalienceError(f"hf:{ref}: transformers could not load an image classifier from this folder "
-                                f"({_first_line(e)})") from None
+                                f"({first_line(e)})") from None
         repo, _, revision = ref.partition("@")
         raise SalienceError(
             f"hf:{ref}: transformers could not load an image classifier from the cached snapshot {folder} "
-            f"({_first_line(e)}); if a download was cut short, get it again online: hf download {repo}"
+            f"({first_line(e)}); if a download was cut short, get it again online: hf download {repo}"
             f"{' --revision ' + revision if revision else ''}") from None
     finally:
         if bar:
@@ -308,11 +308,6 @@ def _hf_source(ref: str) -> str:
         f"salience loads offline only. Save the model with save_pretrained(DIR) and pass hf:DIR, or download "
         f"it once online (hf download {repo}{' --revision ' + revision if revision else ''}; "
         "HF_HUB_CACHE / HF_HOME say where the cache is)")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _processor_config(ref: str) -> Optional[dict]:
