@@ -745,8 +745,9 @@ def _html_report(rows: Sequence[MetricRow], source: str, model: nn.Module, data_
     for text in flat:  # flat maps (a method, the oracle, a baseline): said before the numbers they make meaningless
         rep.paragraph(f"warning: {text}", css="bad")
     rep.heading("Methods and metrics")
-    if _options_text(used):
-        rep.paragraph(_options_text(used), css="note")
+    said = _options_text(used)
+    if said:
+        rep.paragraph(said, css="note")
     header, body = _table(rows)
     rep.table(header, body)
     rep.paragraph(_LEGEND, css="note")
@@ -804,7 +805,8 @@ def _options_text(used: Optional[dict[str, dict[str, Any]]]) -> str:
 def _markdown_report(rows: Sequence[MetricRow], source: str, model: nn.Module, data_rand: Optional[dict],
                      seconds: float, used: Optional[dict[str, dict[str, Any]]] = None) -> str:
     parts = [f"# salience evaluate: {model_info(model).name}", "", f"{source}.", ""]
-    parts += [_options_text(used), ""] if _options_text(used) else []
+    said = _options_text(used)
+    parts += [said, ""] if said else []
     parts += [markdown_table(rows), "", _LEGEND, ""]
     if data_rand:
         parts += ["## Data randomization", "", "| method | Spearman abs | Spearman | SSIM | HOG |",

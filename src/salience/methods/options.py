@@ -213,12 +213,13 @@ def bind(name: str, given: dict[str, Any]) -> tuple[Callable[..., Tensor], dict[
     return (functools.partial(fn, **taken) if taken else fn), taken
 
 
-def check_taken(fn: Callable[..., Any], given: Any, name: str) -> None:
+def check_taken(fn: Callable[..., Any], given: Any, name: str, what: Optional[str] = None) -> None:
     """A :class:`SalienceError` for ``given`` that is not a dict of keyword options, or for an option the
     method ``fn`` (called ``name``) does not take (a function with ``**options`` takes any), before any
-    work: it was the method's raw ``TypeError`` at its first call."""
+    work: it was the method's raw ``TypeError`` at its first call. ``what``: how the message names the
+    options (default: the options of method ``name``)."""
     if not isinstance(given, Mapping):
-        raise SalienceError(f"the options of method {name!r} must be a dict of keyword options, e.g. "
+        raise SalienceError(f"{what or f'the options of method {name!r}'} must be a dict of keyword options, e.g. "
                             f"{{'samples': 8}}; got {type(given).__name__}")
     params = _signature(fn).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -234,10 +235,7 @@ def with_options(fns: Mapping[str, Callable[..., Any]], name: str, given: Any) -
     a method that is not run, or an option the method does not take, is refused before the run."""
     if name not in fns:
         raise SalienceError(f"method_options names {name!r}, which is not one of the methods run ({', '.join(fns)})")
-    if not isinstance(given, Mapping):
-        raise SalienceError(f"method_options[{name!r}] must be a dict of keyword options, e.g. {{'samples': 8}}; "
-                            f"got {type(given).__name__}")
-    check_taken(fns[name], given, name)
+    check_taken(fns[name], given, name, f"method_options[{name!r}]")
     return functools.partial(fns[name], **given) if given else fns[name]
 
 
