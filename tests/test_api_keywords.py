@@ -137,3 +137,61 @@ def test_a_warning_of_the_users_model_is_printed_as_it_said_it(tmp_path, imgs):
     assert p.returncode == 0, p.stderr
     assert "net: trained with target=2 and masks=none" in p.stderr, p.stderr
     assert "--target" not in p.stderr and "--masks" not in p.stderr, p.stderr
+
+
+ANY_SIZE = ("import torch\nfrom torch import nn\n\n"
+            "def build():\n    torch.manual_seed(0)\n"
+            "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), "
+            "nn.Linear(4, 3))\n")
+
+
+def test_a_model_of_any_size_on_image_files_size_keyword_and_flag(tmp_path, imgs, capsys):
+    """A model that takes any input size on image files: the Python refusal named the command line's
+    ``--size H,W``; it names ``size=(H, W)`` and where it goes, and doing what it says runs; the command
+    says ``--size H,W``."""
+    from salience._core.info import model_info
+    from salience.loading import with_preprocessing
+
+    (tmp_path / "net.py").write_text(ANY_SIZE)
+    model = salience.load_model(f"python:{tmp_path / 'net.py'}:build")
+    with pytest.raises(SalienceError) as e:
+        salience.explain_dataset(model, imgs, ["vanilla"], tmp_path / "a", workers=0)
+    said = str(e.value)
+    assert "--" not in said and "size=(H, W)" in said and "with_preprocessing" in said, said
+    model.salience_info = with_preprocessing(model_info(model), size=(16, 16))  # what the message says to do
+    assert len(salience.explain_dataset(model, imgs, ["vanilla"], tmp_path / "a", workers=0)) == 2
+    capsys.readouterr()
+    assert main(["explain", str(imgs), "--model", f"python:{tmp_path / 'net.py'}:build", "--workers", "0",
+                 "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("salience: error: ") and err.strip().endswith("needs one size; give --size H,W"), err
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_float16_storage_warning_names_map_dtype_keyword_and_flag(tmp_path):
+    """A run whose float16 maps lost what float32 held: Python's warning named the command line's
+    ``--map-dtype float32`` beside the keyword; it names ``map_dtype="float32"`` only, and ``salience explain``
+    prints ``--map-dtype float32``. The explorer's page (runs made either way) keeps both."""
+    from salience._core.info import ModelInfo, attach_info
+    from salience.runs.store import float16_note
+    from test_constant_maps import NETS, _two_pictures
+
+    (tmp_path / "pics").mkdir()
+    _two_pictures(tmp_path / "pics")
+    (tmp_path / "nets.py").write_text(NETS)
+    model = attach_info(salience.load_model(f"python:{tmp_path / 'nets.py'}:tiny"),
+                        ModelInfo(name="tiny", input_size=(32, 32)))
+    with pytest.warns(UserWarning, match="float16") as said:
+        salience.explain_dataset(model, tmp_path / "pics", ["vanilla"], tmp_path / "a", workers=0)
+    (text,) = [str(w.message) for w in said if "float16" in str(w.message)]
+    assert 'Run again with map_dtype="float32" to keep such maps' in text and "--" not in text, text
+    assert "--map-dtype float32" in float16_note(0.0, command=True)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},
+           "PYTHONPATH": str(Path(salience.__file__).parents[1])}
+    p = subprocess.run([sys.executable, "-m", "salience", "explain", str(tmp_path / "pics"), "--model",
+                        f"python:{tmp_path / 'nets.py'}:tiny", "--size", "32", "--out", str(tmp_path / "b"),
+                        "--workers", "0", "--method", "vanilla", "--no-progress"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "Run again with --map-dtype float32 to keep such maps" in p.stderr and "map_dtype=" not in p.stderr, \
+        p.stderr
