@@ -195,3 +195,63 @@ def test_the_float16_storage_warning_names_map_dtype_keyword_and_flag(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "Run again with --map-dtype float32 to keep such maps" in p.stderr and "map_dtype=" not in p.stderr, \
         p.stderr
+
+
+def _load_error(capsys, tmp_path, spec: str, *flags: str, **kw) -> tuple[str, str]:
+    """``load_model(spec, **kw)``'s message from Python, and what ``salience list --model spec FLAGS`` says."""
+    with pytest.raises(SalienceError) as e:
+        salience.load_model(spec, **kw)
+    capsys.readouterr()
+    assert main(["list", "--model", spec, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("salience: error: ") and err.count("\n") == 1, err
+    return str(e.value), err.removeprefix("salience: error: ").strip()
+
+
+def test_load_models_errors_name_its_keywords_and_the_commands_its_flags(tmp_path, capsys, monkeypatch):
+    """``load_model``'s refusals said ``--weights FILE``, ``--weights random``, ``--trust-pickle`` and
+    ``--model ... --weights`` to Python callers; they name ``weights=``, ``weights="random"`` and
+    ``trust_pickle=True``, and every command that loads a model says them with its flags
+    (:data:`salience.cli.common.MODEL_FLAGS`)."""
+    import torch
+    from torch import nn
+
+    st = tmp_path / "w.safetensors"
+    st.write_bytes(b"")
+    py, cli = _load_error(capsys, tmp_path, str(st))
+    assert py == f"{st}: a .safetensors file holds weights only; give its architecture too, e.g. model " \
+                 f"timm:resnet50 with weights={st} (or torchvision:ARCH, python:MODULE:FUNC)"
+    assert cli == py.replace(f"weights={st}", f"--weights {st}")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "sd.pt")
+    py, cli = _load_error(capsys, tmp_path, str(tmp_path / "sd.pt"))
+    assert f"e.g. model torchvision:resnet50 with weights={tmp_path / 'sd.pt'}, or save" in py and "--" not in py
+    assert cli == py.replace("weights=", "--weights ")
+    torch.save(nn.Linear(2, 2), tmp_path / "whole.pt")
+    py, cli = _load_error(capsys, tmp_path, str(tmp_path / "whole.pt"))
+    assert "If you trust the file, pass trust_pickle=True; better" in py and "--" not in py
+    assert cli == py.replace("trust_pickle=True", "--trust-pickle")
+    pytest.importorskip("timm")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    py, cli = _load_error(capsys, tmp_path, "timm:convnext_atto_rms")  # no pretrained weights at all
+    assert py.endswith('; pass weights=FILE (a state dict) or weights="random"') and "--" not in py, py
+    assert cli.endswith("; pass --weights FILE (a state dict) or --weights random"), cli
+    py, cli = _load_error(capsys, tmp_path, "timm:test_resnet@main", "--weights", "random", weights="random")
+    assert py.endswith("give one, timm:test_resnet with weights=FILE or timm:test_resnet@main without weights")
+    assert "--" not in py and cli == py.replace("weights=FILE", "--weights FILE")
+
+
+def test_an_empty_output_folder_names_out_dir_from_python_and_out_on_the_command_line(tmp_path, capsys, monkeypatch):
+    """``run_evaluation(model, "")`` said ``give a folder (e.g. --out results/)``, a flag Python has not."""
+    monkeypatch.chdir(tmp_path)
+    model = salience.load_model("demo:shapes")
+    with pytest.raises(SalienceError) as e:
+        salience.evidence.evaluate.run_evaluation(model, "", methods=["vanilla"], progress=False)
+    assert str(e.value) == "the output folder's name is empty; give a folder (e.g. out_dir=results/)"
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "demo:shapes", "--method", "vanilla", "--out", ""]) == 2
+    assert capsys.readouterr().err == "salience: error: the output folder's name is empty; give a folder (e.g. " \
+                                      "--out results/)\n"
+    assert main(["explain", "--model", "demo:shapes", "--out", " ", "demo"]) == 2
+    assert capsys.readouterr().err.endswith("give a folder (e.g. --out results/)\n")
+    assert list(tmp_path.iterdir()) == []
