@@ -113,7 +113,7 @@ def test_explain_dataset_says_what_images_it_takes(images, message, tmp_path):
 
 def test_a_model_of_any_size_on_files_says_what_to_do_from_python(folder, tmp_path):
     """The refusal named only the command line's ``--size H,W``, which a Python caller cannot give."""
-    with pytest.raises(SalienceError, match=r"--size H,W \(from Python: .*torch.utils.data.Dataset"):
+    with pytest.raises(SalienceError, match=r"size=\(H, W\) \(model.salience_info = .*torch.utils.data.Dataset"):
         salience.explain_dataset(_cnn(), folder, ["vanilla"], tmp_path / "run")
 
 

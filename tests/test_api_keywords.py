@@ -137,3 +137,121 @@ def test_a_warning_of_the_users_model_is_printed_as_it_said_it(tmp_path, imgs):
     assert p.returncode == 0, p.stderr
     assert "net: trained with target=2 and masks=none" in p.stderr, p.stderr
     assert "--target" not in p.stderr and "--masks" not in p.stderr, p.stderr
+
+
+ANY_SIZE = ("import torch\nfrom torch import nn\n\n"
+            "def build():\n    torch.manual_seed(0)\n"
+            "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), "
+            "nn.Linear(4, 3))\n")
+
+
+def test_a_model_of_any_size_on_image_files_size_keyword_and_flag(tmp_path, imgs, capsys):
+    """A model that takes any input size on image files: the Python refusal named the command line's
+    ``--size H,W``; it names ``size=(H, W)`` and where it goes, and doing what it says runs; the command
+    says ``--size H,W``."""
+    from salience._core.info import model_info
+    from salience.loading import with_preprocessing
+
+    (tmp_path / "net.py").write_text(ANY_SIZE)
+    model = salience.load_model(f"python:{tmp_path / 'net.py'}:build")
+    with pytest.raises(SalienceError) as e:
+        salience.explain_dataset(model, imgs, ["vanilla"], tmp_path / "a", workers=0)
+    said = str(e.value)
+    assert "--" not in said and "size=(H, W)" in said and "with_preprocessing" in said, said
+    model.salience_info = with_preprocessing(model_info(model), size=(16, 16))  # what the message says to do
+    assert len(salience.explain_dataset(model, imgs, ["vanilla"], tmp_path / "a", workers=0)) == 2
+    capsys.readouterr()
+    assert main(["explain", str(imgs), "--model", f"python:{tmp_path / 'net.py'}:build", "--workers", "0",
+                 "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("salience: error: ") and err.strip().endswith("needs one size; give --size H,W"), err
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_float16_storage_warning_names_map_dtype_keyword_and_flag(tmp_path):
+    """A run whose float16 maps lost what float32 held: Python's warning named the command line's
+    ``--map-dtype float32`` beside the keyword; it names ``map_dtype="float32"`` only, and ``salience explain``
+    prints ``--map-dtype float32``. The explorer's page (runs made either way) keeps both."""
+    from salience._core.info import ModelInfo, attach_info
+    from salience.runs.store import float16_note
+    from test_constant_maps import NETS, _two_pictures
+
+    (tmp_path / "pics").mkdir()
+    _two_pictures(tmp_path / "pics")
+    (tmp_path / "nets.py").write_text(NETS)
+    model = attach_info(salience.load_model(f"python:{tmp_path / 'nets.py'}:tiny"),
+                        ModelInfo(name="tiny", input_size=(32, 32)))
+    with pytest.warns(UserWarning, match="float16") as said:
+        salience.explain_dataset(model, tmp_path / "pics", ["vanilla"], tmp_path / "a", workers=0)
+    (text,) = [str(w.message) for w in said if "float16" in str(w.message)]
+    assert 'Run again with map_dtype="float32" to keep such maps' in text and "--" not in text, text
+    assert "--map-dtype float32" in float16_note(0.0, command=True)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"},
+           "PYTHONPATH": str(Path(salience.__file__).parents[1])}
+    p = subprocess.run([sys.executable, "-m", "salience", "explain", str(tmp_path / "pics"), "--model",
+                        f"python:{tmp_path / 'nets.py'}:tiny", "--size", "32", "--out", str(tmp_path / "b"),
+                        "--workers", "0", "--method", "vanilla", "--no-progress"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "Run again with --map-dtype float32 to keep such maps" in p.stderr and "map_dtype=" not in p.stderr, \
+        p.stderr
+
+
+def _load_error(capsys, tmp_path, spec: str, *flags: str, **kw) -> tuple[str, str]:
+    """``load_model(spec, **kw)``'s message from Python, and what ``salience list --model spec FLAGS`` says."""
+    with pytest.raises(SalienceError) as e:
+        salience.load_model(spec, **kw)
+    capsys.readouterr()
+    assert main(["list", "--model", spec, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("salience: error: ") and err.count("\n") == 1, err
+    return str(e.value), err.removeprefix("salience: error: ").strip()
+
+
+def test_load_models_errors_name_its_keywords_and_the_commands_its_flags(tmp_path, capsys, monkeypatch):
+    """``load_model``'s refusals said ``--weights FILE``, ``--weights random``, ``--trust-pickle`` and
+    ``--model ... --weights`` to Python callers; they name ``weights=``, ``weights="random"`` and
+    ``trust_pickle=True``, and every command that loads a model says them with its flags
+    (:data:`salience.cli.common.MODEL_FLAGS`)."""
+    import torch
+    from torch import nn
+
+    st = tmp_path / "w.safetensors"
+    st.write_bytes(b"")
+    py, cli = _load_error(capsys, tmp_path, str(st))
+    assert py == f"{st}: a .safetensors file holds weights only; give its architecture too, e.g. model " \
+                 f"timm:resnet50 with weights={st} (or torchvision:ARCH, python:MODULE:FUNC)"
+    assert cli == py.replace(f"weights={st}", f"--weights {st}")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "sd.pt")
+    py, cli = _load_error(capsys, tmp_path, str(tmp_path / "sd.pt"))
+    assert f"e.g. model torchvision:resnet50 with weights={tmp_path / 'sd.pt'}, or save" in py and "--" not in py
+    assert cli == py.replace("weights=", "--weights ")
+    torch.save(nn.Linear(2, 2), tmp_path / "whole.pt")
+    py, cli = _load_error(capsys, tmp_path, str(tmp_path / "whole.pt"))
+    assert "If you trust the file, pass trust_pickle=True; better" in py and "--" not in py
+    assert cli == py.replace("trust_pickle=True", "--trust-pickle")
+    pytest.importorskip("timm")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    py, cli = _load_error(capsys, tmp_path, "timm:convnext_atto_rms")  # no pretrained weights at all
+    assert py.endswith('; pass weights=FILE (a state dict) or weights="random"') and "--" not in py, py
+    assert cli.endswith("; pass --weights FILE (a state dict) or --weights random"), cli
+    py, cli = _load_error(capsys, tmp_path, "timm:test_resnet@main", "--weights", "random", weights="random")
+    assert py.endswith("give one, timm:test_resnet with weights=FILE or timm:test_resnet@main without weights")
+    assert "--" not in py and cli == py.replace("weights=FILE", "--weights FILE")
+
+
+def test_an_empty_output_folder_names_out_dir_from_python_and_out_on_the_command_line(tmp_path, capsys, monkeypatch):
+    """``run_evaluation(model, "")`` said ``give a folder (e.g. --out results/)``, a flag Python has not."""
+    monkeypatch.chdir(tmp_path)
+    model = salience.load_model("demo:shapes")
+    with pytest.raises(SalienceError) as e:
+        salience.evidence.evaluate.run_evaluation(model, "", methods=["vanilla"], progress=False)
+    assert str(e.value) == "the output folder's name is empty; give a folder (e.g. out_dir=results/)"
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "demo:shapes", "--method", "vanilla", "--out", ""]) == 2
+    assert capsys.readouterr().err == "salience: error: the output folder's name is empty; give a folder (e.g. " \
+                                      "--out results/)\n"
+    assert main(["explain", "--model", "demo:shapes", "--out", " ", "demo"]) == 2
+    assert capsys.readouterr().err.endswith("give a folder (e.g. --out results/)\n")
+    assert list(tmp_path.iterdir()) == []

@@ -221,3 +221,38 @@ def test_ctrl_c_at_each_point_of_attributions_narrowing_leaves_no_mode_and_no_ho
     model.reset()
     torch.testing.assert_close(salience.transformer_attribution(model, x, 1), want, rtol=0, atol=0)
     assert model.runs == 1
+
+
+WRONG = {"class out of range": 99, "negative class": -1, "one of two per image out of range": [[0, 2], [99, 1]],
+         "a score per class, not per image": lambda out: out, "regression output out of range":
+         salience.targets.regression(99)}
+
+
+@pytest.mark.parametrize("wrong", WRONG.values(), ids=WRONG.keys())
+@pytest.mark.parametrize("name", ["explicit softmax", "torchvision MHA"])
+def test_a_wrong_target_on_a_learnt_scope_runs_one_forward_and_keeps_the_scope(name, wrong, counted):
+    """The user's mistake (a target that does not fit the output, found by salience's checks after the narrowed
+    forward, before any backward) comes out at once with the message a first call gives: it ran the forward (and
+    the backward) a second time with the capture everywhere, the model's forward side effects twice. The scope is
+    kept: the next call is narrowed (no capture outside the attention) with the maps of the capture everywhere."""
+    model, x = _model(name)
+    counted.append(model)
+    with pytest.raises(salience.SalienceError) as first:  # a first call: the pass everywhere, where main raised
+        salience.transformer_attribution(copy.deepcopy(model), x, wrong)
+    want = salience.transformer_attribution(copy.deepcopy(model), x, 1)
+    salience.transformer_attribution(model, x, 1)  # learns the scope
+    scope = attention._SCOPES.get(model, (), ())
+    learnt = (scope.count, scope.missed, scope.live())
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda m, args: forwards.append(1))
+    try:
+        with unchanged(model), pytest.raises(salience.SalienceError) as e:
+            salience.transformer_attribution(model, x, wrong)
+    finally:
+        handle.remove()
+    assert len(forwards) == 1, "the forward ran again for the user's mistake"
+    assert str(e.value) == str(first.value)
+    assert attention._SCOPES.get(model, (), ()) is scope and (scope.count, scope.missed, scope.live()) == learnt
+    model.reset()
+    torch.testing.assert_close(salience.transformer_attribution(model, x, 1), want, rtol=0, atol=0)
+    assert model.runs == 1 and model.hits == 0

@@ -251,7 +251,7 @@ def test_timm_revision_with_weights_is_refused(timm_repo, tmp_path, weights):
     """A revision picks the hub's weights, ``weights`` replaces them: both at once is an error, not a
     silent choice (the file need not exist: the spec is checked first)."""
     with pytest.raises(SalienceError, match=r"timm:test_resnet@finetune: the revision @finetune picks timm's "
-                                            r"pretrained weights .* give one, timm:test_resnet --weights FILE"):
+                                            r"pretrained weights .* give one, timm:test_resnet with weights=FILE or"):
         load_model("timm:test_resnet@finetune", weights=weights)
 
 
@@ -277,7 +277,7 @@ def test_timm_without_pretrained_weights_says_there_are_none(cache, revision):
         load_model(f"timm:{NO_WEIGHTS}{revision}")
     msg = str(e.value)
     assert msg.startswith(f"timm:{NO_WEIGHTS}{revision}: timm has no pretrained weights for {NO_WEIGHTS}")
-    assert "--weights random" in msg and "online" not in msg and "\n" not in msg
+    assert 'weights="random"' in msg and "--" not in msg and "online" not in msg and "\n" not in msg
     assert (f"at {revision}" in msg) == bool(revision)
     m = load_model(f"timm:{NO_WEIGHTS}", weights="random")  # what the message offers works
     assert m.salience_info.name == f"timm:{NO_WEIGHTS}"
@@ -291,7 +291,7 @@ def test_timm_url_weights_without_a_hub_repo(cache, tmp_path, monkeypatch):
                                             r"repo .*so a revision names no weights; drop @main"):
         load_model(f"timm:{URL_ONLY}@main")
     with pytest.raises(SalienceError, match=rf"timm:{URL_ONLY}: timm's pretrained weights are not in the local "
-                                            r"cache .*never downloads.*--weights random"):
+                                            r"cache .*never downloads.*weights=\"random\""):
         load_model(f"timm:{URL_ONLY}")
     torch.manual_seed(5)
     src = timm.create_model(URL_ONLY, pretrained=False).eval()

@@ -74,7 +74,7 @@ def test_timm_pretrained_without_a_cache_says_how_to_get_them(tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(SalienceError, match=r"not in the local cache.*never downloads.*"
-                                            r"hf download timm/test_resnet.r160_in1k.*--weights random") as e:
+                                            r"hf download timm/test_resnet.r160_in1k.*weights=\"random\"") as e:
         load_model("timm:test_resnet")
     assert "\n" not in str(e.value)
 

@@ -743,14 +743,20 @@ def scoped(model: nn.Module, make: Callable[[], AttentionCapture],
     """A capture (``make()``) of one pass of ``model`` where its attention runs (its :class:`_Scope`): ``narrowed(cap,
     modules)`` runs the pass with ``cap`` active only inside ``modules`` (:func:`_active_in`); else, and where that
     records another count than the scope's or raises, ``everywhere(cap)`` runs it again with a fresh capture around
-    the whole pass, learning the scope (a model that missed twice: everywhere from then on). Shared by attention
-    rollout and transformer attribution: the scope either learns serves both."""
+    the whole pass, learning the scope (a model that missed twice: everywhere from then on). A
+    :class:`SalienceError` of a narrowed pass that recorded the scope's count (the user's mistake salience's own
+    checks found, e.g. a target class out of range, checked before any backward) comes out at once: the model's
+    forward is not run again and the scope stays as learnt. Shared by attention rollout and transformer attribution:
+    the scope either learns serves both."""
     scope = _SCOPES.get(model, (), ())
     modules = scope.live() if isinstance(scope, _Scope) else None
     if modules is not None:
         cap = make()
         try:
             narrowed(cap, modules)
+        except SalienceError:  # the capture saw every matrix: salience's check of the user's input (a target
+            if len(cap._maps) == scope.count:  # that does not fit the output), raised at once, the scope kept
+                raise
         except Exception:  # a path the model takes only without a mode around it: the pass everywhere decides
             pass
         else:

@@ -120,11 +120,12 @@ def atomic_write(path: PathLike, data: bytes) -> Path:
     return Path(os.fspath(path))
 
 
-def make_folder(path: PathLike) -> Path:
+def make_folder(path: PathLike, given: str = "out=") -> Path:
     """The folder ``path``, created with its parents; a :class:`SalienceError` saying why if it cannot be
-    (an empty name too: ``Path("")`` is the current folder, where an unset ``--out "$DIR"`` would spill)."""
+    (an empty name too: ``Path("")`` is the current folder, where an unset ``--out "$DIR"`` would spill).
+    ``given``: how the caller's user gives the folder, in the message (a keyword, ``out_dir=``; a flag, ``--out ``)."""
     if not str(os.fspath(path)).strip():
-        raise SalienceError("the output folder's name is empty; give a folder (e.g. --out results/)")
+        raise SalienceError(f"the output folder's name is empty; give a folder (e.g. {given}results/)")
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)

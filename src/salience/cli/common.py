@@ -212,13 +212,18 @@ def model_specs_help(indent: str = "  ") -> str:
     return "\n".join(f"{indent}{spec:<{width}}{desc}" for spec, desc in MODEL_SPECS)
 
 
+MODEL_FLAGS = {'weights="random"': "--weights random", "weights=": "--weights", "trust_pickle=True": "--trust-pickle"}
+"""The keywords of :func:`salience.load_model` that its errors name, as the commands' flags."""
+
+
 def load_model_arg(args: argparse.Namespace) -> nn.Module:
-    """The model that :func:`add_model_args`'s options name."""
+    """The model that :func:`add_model_args`'s options name (its errors said with the flags)."""
     output = getattr(args, "output", None)
     if output is not None and re.fullmatch(r"-?\d+", output.strip()):
         output = int(output)
-    return load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=args.device,
-                      output=output)
+    with flag_errors(MODEL_FLAGS):
+        return load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=args.device,
+                          output=output)
 
 
 # --------------------------------------------------------------------------------- scores
@@ -241,8 +246,8 @@ def probabilities(out: Tensor) -> Tensor:
 
 
 def output_folder(path: str) -> Path:
-    """The folder ``path``, created with its parents; a :class:`SalienceError` if it cannot be."""
-    return make_folder(path)
+    """The folder ``path`` (``--out``), created with its parents; a :class:`SalienceError` if it cannot be."""
+    return make_folder(path, "--out ")
 
 
 def safe_name(name: str) -> str:

@@ -22,10 +22,11 @@ from salience.cli.inputs import class_names, preprocessing_info, read_inputs
 from salience.runs import explain_dataset
 from salience.runs.dataset import ENGINES, METRICS
 from salience.runs.job import constant_notes
-from salience.runs.sources import is_dataset_spec
+from salience.runs.sources import is_dataset_spec, needs_one_size
 
 FLAGS = {"labels=": "--labels-csv", "masks=": "--masks", "out=": "--out", "overwrite=True": "--overwrite",
-         "target=": "--target", "mode=": "--mode", "engine='ray'": "--engine ray"}
+         "target=": "--target", "mode=": "--mode", "engine='ray'": "--engine ray",
+         'map_dtype="float32"': "--map-dtype float32"}
 """The keywords of :func:`salience.explain_dataset` that its errors name, as this command's flags."""
 
 _DATASET_FLAGS = ("dataset", "labels_csv", "masks", "metrics", "png", "overwrite", "engine", "num_gpus", "workers",
@@ -101,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     taken = {name: _options.bind(name, given)[1] for name in methods}
     target = parse_class(args.target, info, len(info.class_names or ()) or 10 ** 9) if args.target else None
     show = args.progress if args.progress is not None else sys.stderr.isatty()
+    if info.input_size is None:  # the command's inputs are image files: said with its flag, not Python's keyword
+        raise needs_one_size(info.name, "give --size H,W")
     with flag_errors(FLAGS):
         run_ = _explain(args, model, fns, target, show, taken)
     _warn_constant(run_.table, methods)

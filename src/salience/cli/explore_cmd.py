@@ -10,7 +10,8 @@ from typing import Any
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int
-from salience.cli.common import EXIT_INTERRUPTED, EXIT_OK, add_model_args, error, model_specs_help
+from salience.cli.common import (EXIT_INTERRUPTED, EXIT_OK, MODEL_FLAGS, add_model_args, error, flag_errors,
+                                 model_specs_help)
 from salience.loading import DEFAULT_MAX_PIXELS
 
 
@@ -63,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
     if len(weights) > 1 and len(weights) != len(args.compare):
         raise SalienceError(f"--compare-weights given {len(weights)} times for {len(args.compare)} --compare models: "
                             "give it once (for all of them) or once per --compare, in the same order")
-    explorer = start(args.model, args.images, compare=args.compare, host=args.host, port=args.port,
-                     max_pixels=args.max_pixels, load=_load_options(args), background=False,
-                     compare_load=None if not weights else [{"weights": w} for w in weights]
-                     if len(weights) > 1 else {"weights": weights[0]},
-                     allow_hosts=args.allow_host)
+    with flag_errors(MODEL_FLAGS):  # the models' loading errors (load_model's keywords) said with the flags
+        explorer = start(args.model, args.images, compare=args.compare, host=args.host, port=args.port,
+                         max_pixels=args.max_pixels, load=_load_options(args), background=False,
+                         compare_load=None if not weights else [{"weights": w} for w in weights]
+                         if len(weights) > 1 else {"weights": weights[0]},
+                         allow_hosts=args.allow_host)
     print(f"salience explore: {explorer.url}  (Ctrl-C stops it)", flush=True)
     if args.open:
         webbrowser.open(explorer.url)

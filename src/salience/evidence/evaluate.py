@@ -569,7 +569,7 @@ def run_evaluation(
     check_bound_values(model, x[:1], dict(items), method_options)
     if methods is None:  # the defaults chosen once (registry names)
         methods = [name for name, _ in items]
-    out = make_folder(out_dir)  # created only once the inputs are known to be good
+    out = make_folder(out_dir, "out_dir=")  # created only once the inputs are known to be good
     rows, maps = evaluate_methods(model, x, m, methods=methods, method_options=method_options, steps=steps,
                                   randomization_images=randomization_images, progress=progress,
                                   probability=probability)

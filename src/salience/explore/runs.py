@@ -389,7 +389,7 @@ class RunSource:
         if values[k] is not None:
             return viz.constant_map_note(np.array([values[k]]))
         lost = viz.constant_value(stored)
-        return None if lost is None else float16_note(lost)
+        return None if lost is None else float16_note(lost, command=True)
 
     def _stored(self, what: str) -> None:
         """:class:`NotStored` when the run's table cannot say where a row's ``what`` are (no

@@ -458,7 +458,7 @@ def load_images(
             errors.append((str(path), str(e)))
             continue
         except MemoryError:
-            errors.append((str(path), f"{path}: out of memory while decoding; lower --max-pixels"))
+            errors.append((str(path), f"{path}: out of memory while decoding; lower the limit (--max-pixels / max_pixels=)"))
             continue
         if size is None:
             size = (int(img.shape[-2]), int(img.shape[-1]))

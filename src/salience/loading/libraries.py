@@ -73,8 +73,8 @@ def load_timm(name: str, weights: Optional[PathLike] = None, trust_pickle: bool 
     if revision and weights is not None:
         raise SalienceError(
             f"timm:{name}: the revision @{revision} picks timm's pretrained weights of that revision from the hub "
-            f"cache, and weights {os.fspath(weights)!r} replace them: give one, timm:{arch} --weights FILE or "
-            f"timm:{name} without weights")
+            f"cache, and weights {os.fspath(weights)!r} replace them: give one, timm:{arch} with weights=FILE "
+            f"or timm:{name} without weights")
     if weights is None:
         model = _timm_pretrained(timm, arch, revision, trust_pickle)
     elif str(weights) == "random":
@@ -136,8 +136,8 @@ def _timm_missing(spec: str, name: str, repo: str, revision: Optional[str], url:
     if not repo and not url:
         return SalienceError(f"{spec}: timm has no pretrained weights for {name} (its pretrained_cfg names no "
                              "hub repo and no URL), so there is nothing to load"
-                             f"{f' at @{revision}' if revision else ''}; pass --weights FILE (a state dict) or "
-                             "--weights random (Python: weights=...)")
+                             f"{f' at @{revision}' if revision else ''}; pass weights=FILE (a state dict) or "
+                             "weights=\"random\"")
     if revision and not repo:
         return SalienceError(f"{spec}: timm's {name} has no Hugging Face hub repo (its pretrained_cfg has no "
                              f"hf_hub_id), so a revision names no weights; drop @{revision}")
@@ -150,7 +150,7 @@ def _timm_missing(spec: str, name: str, repo: str, revision: Optional[str], url:
     return SalienceError(
         f"{spec}: timm's pretrained weights are not in the local cache ({hub_cache()}) and salience "
         f"never downloads. Get them once online ({hub}python -c \"import timm; timm.create_model('{name}', "
-        "pretrained=True)\"), or pass --weights FILE (a state dict) or --weights random")
+        "pretrained=True)\"), or pass weights=FILE (a state dict) or weights=\"random\"")
 
 
 def _cached(repo: str) -> str:

@@ -165,7 +165,7 @@ def _torch_load(path: Path, trust_pickle: bool):
         raise SalienceError(
             f"{path}: contains pickled Python objects (e.g. a whole model saved with torch.save(model)), "
             "which can run arbitrary code when loaded, so salience refused it. If you trust the file, "
-            "pass --trust-pickle (trust_pickle=True); better, save a state dict or TorchScript"
+            "pass trust_pickle=True; better, save a state dict or TorchScript"
         ) from None
     except Exception as e:  # noqa: BLE001 - torch.load raises many types on a foreign file
         text = str(e).strip()
@@ -188,8 +188,8 @@ def _torchvision_pretrained(tvm, arch: str, weights_enum) -> nn.Module:
     """torchvision's own pretrained weights for ``arch`` (downloaded by torchvision on first use)."""
     if weights_enum is None:
         raise SalienceError(
-            f"torchvision has no pretrained weights for {arch!r}; pass --weights FILE (a state dict) "
-            "or --weights random"
+            f"torchvision has no pretrained weights for {arch!r}; pass weights=FILE (a state dict) "
+            "or weights=\"random\""
         )
     try:
         return tvm.get_model(arch, weights=weights_enum)
@@ -197,8 +197,8 @@ def _torchvision_pretrained(tvm, arch: str, weights_enum) -> nn.Module:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SalienceError(
             f"could not get torchvision's pretrained weights for {arch} ({type(e).__name__}: {msg}); "
-            "torchvision downloads them on first use, which needs the internet. Pass --weights FILE "
-            "(a state dict) or --weights random to explain random weights"
+            "torchvision downloads them on first use, which needs the internet. Pass weights=FILE "
+            "(a state dict) or weights=\"random\" to explain random weights"
         ) from None
 
 
@@ -281,7 +281,7 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
         except Exception as e:  # noqa: BLE001 - converter errors become one line
             raise SalienceError(
                 f"{path}: onnx2torch could not convert this ONNX model ({type(e).__name__}: {e}); it converts "
-                "a subset of ONNX: give the PyTorch model if you have it (torchvision:ARCH --weights FILE, "
+                "a subset of ONNX: give the PyTorch model if you have it (torchvision:ARCH with weights=FILE, "
                 "python:MODULE:CALLABLE, a .pt2 from torch.export.save)") from None
         return model
     if suffix == ".pt2":
@@ -291,7 +291,7 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
     if suffix == ".safetensors":
         raise SalienceError(
             f"{path}: a .safetensors file holds weights only; give its architecture too, e.g. "
-            f"--model timm:resnet50 --weights {path} (or torchvision:ARCH, python:MODULE:FUNC)"
+            f"model timm:resnet50 with weights={path} (or torchvision:ARCH, python:MODULE:FUNC)"
         )
     if _is_torchscript(path):
         try:
@@ -307,12 +307,11 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
     if isinstance(obj, dict):
         raise SalienceError(
             f"{path}: holds a state dict (weights only); give its architecture too, e.g. "
-            f"--model torchvision:resnet50 --weights {path} (load_model('torchvision:resnet50', weights=...)), "
-            "or save the model as TorchScript"
+            f"model torchvision:resnet50 with weights={path}, or save the model as TorchScript"
         )
     raise SalienceError(
         f"{path}: holds a {type(obj).__name__}, not a model; expected TorchScript (torch.jit.save) "
-        "or a state dict with --weights"
+        "or a state dict, as weights= beside its architecture"
     )
 
 

@@ -254,15 +254,22 @@ class Item:
     """The label the item came with (a user's dataset of ``(image, label)``), read with its image."""
 
 
+def needs_one_size(name: str, how: str) -> SalienceError:
+    """The refusal of a dataset run of image files for model ``name``, which takes any input size; ``how``: what
+    to do, in the caller's words (Python's keyword here, the command's flag in :mod:`salience.cli.explain_many`)."""
+    return SalienceError(f"{name} takes any input size, but a dataset run of image files needs one size; {how}")
+
+
 class ImageFiles(Dataset):
     """Image files decoded, resized and normalized for ``info`` (in the DataLoader's workers)."""
 
     def __init__(self, paths: Sequence[str], info: ModelInfo, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
                  masks: Optional[Sequence[Optional[str]]] = None):
         if info.input_size is None:
-            raise SalienceError(f"{info.name} takes any input size, but a dataset run of image files needs one size; "
-                                "give --size H,W (from Python: the images as a torch.utils.data.Dataset of (C, H, W) "
-                                "tensors of one size, e.g. a TensorDataset)")
+            raise needs_one_size(info.name, "give the model one, size=(H, W) (model.salience_info = salience.loading."
+                                 "with_preprocessing(info, size=(H, W)), info its ModelInfo: salience._core.info."
+                                 "model_info(model)), or the images as a torch.utils.data.Dataset of (C, H, W) tensors "
+                                 "of one size, e.g. a TensorDataset")
         self.paths = list(paths)
         self.info = info
         self.max_pixels = max_pixels

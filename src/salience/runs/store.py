@@ -460,11 +460,13 @@ FLOAT16_SMALLEST = float(np.finfo(np.float16).smallest_subnormal)
 """float16's smallest positive value (5.96e-08): a map's values below half of it are stored as 0."""
 
 
-def float16_note(stored: float, what: str = "map") -> str:
+def float16_note(stored: float, what: str = "map", command: bool = False) -> str:
     """What to tell a user whose ``what`` is not constant (judged on the float32 map, the run's
     ``METHOD.constant`` column) but whose map stored as float16 (a run's default ``map_dtype``) is one
     value everywhere, ``stored``: its values below float16's range (``stored`` 0) or closer together
-    than its precision. The map was computed; the storage lost it, and ``map_dtype="float32"`` keeps it."""
+    than its precision. The map was computed; the storage lost it, and ``map_dtype="float32"`` keeps it
+    (the run's warning; ``salience explain`` prints it with ``--map-dtype float32``); with ``command``, both
+    (the explorer's page, which shows runs made either way)."""
     if stored == 0.0:
         why = (f"its values are all below float16's range (its smallest value is {FLOAT16_SMALLEST:.2g}), so the "
                "map stored as float16 is zero everywhere")
@@ -472,8 +474,10 @@ def float16_note(stored: float, what: str = "map") -> str:
         why = (f"its values differ by less than float16's precision, so the map stored as float16 is constant "
                f"({stored:.4g}) everywhere")
     return (f"the {what} is not constant, but {why} (its picture one flat colour): the storage lost it, not the "
-            "model. Run again with map_dtype=\"float32\" (salience explain --dataset --map-dtype float32) to keep "
-            "such maps")
+            f"model. Run again with map_dtype=\"float32\"{_COMMAND if command else ''} to keep such maps")
+
+
+_COMMAND = " (salience explain --dataset --map-dtype float32)"
 
 
 def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
