@@ -79,6 +79,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
+from torch.utils.hooks import RemovableHandle as _Handle
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import autocast_off
@@ -119,7 +121,7 @@ class ModuleState(_Entry):
     lists per object: recording resnet50's 320 objects cost 1.85 ms that way, 0.65 ms now (0.25 ms of it
     the buffers' clones), and putting them back 0.52 ms, now 0.22 ms."""
 
-    __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children")
+    __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since")
 
     def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
         self.take(module, wrapper)
@@ -128,6 +130,7 @@ class ModuleState(_Entry):
         """Record ``module``'s state (``wrapper``: see :func:`_capture`)."""
         self.module = module
         self.training = module.training
+        self.since = _Handle.next_id  # the key of the next hook registered anywhere (see _unhook)
         # a torch.compile wrapper's own ``forward`` attribute, put back after the guard ran the original
         # module eagerly (see the module's docstring)
         self.forward = module.__dict__.get("forward", _NO_FORWARD) \
@@ -439,6 +442,9 @@ _guarding: dict[int, int] = {}
 # parameters; a guard nested in it (SmoothGrad around vanilla, a method inside evaluate's guard) that finds the
 # same ones only counts itself here (0.45 -> 0.12 ms on resnet50): the outer block holds them until it leaves.
 _threads: dict[tuple[int, int], list] = {}
+# ids of the modules a hold left while a model_guard still held them, the hook counter moved in its block: their
+# hooks are swept when they are put back, whatever the hold putting them back saw (see _unhook)
+_stale: set[int] = set()
 
 
 def _hold(objects: list, held: list, new: list) -> None:
@@ -454,9 +460,12 @@ def _hold(objects: list, held: list, new: list) -> None:
         held.append(obj)
 
 
-def _release(objects: list, run: bool = False) -> None:
+def _release(objects: list, run: bool = False, start: int = -1) -> None:
     """One holder fewer of each of ``objects`` (``run``: a run guard): the state of each that no guard
-    holds any more is put back; one that only run guards hold now gets its baseline back."""
+    holds any more is put back; one that only run guards hold now gets its baseline back. ``start``: the
+    hold's :data:`_Handle.next_id` when it began (-1: unknown); where a hook was registered since (or a hold
+    left one to sweep, ``_stale``), the hooks registered since on what is put back are removed (:func:`_unhook`)."""
+    moved = _Handle.next_id != start  # the common case: no hook registered anywhere since, one attribute read
     last: tuple[list, list] = ([], [])
     back: tuple[list, list] = ([], [])
     for obj in objects:
@@ -475,6 +484,11 @@ def _release(objects: list, run: bool = False) -> None:
     # modules first (compiled forwards, modes, buffers), then parameters; each put back even if one raises
     error = _each(last[0] + last[1], False)
     error = _each(back[0] + back[1], True) or error
+    if moved or _stale:
+        try:
+            _unhook(objects, last[0] + back[0], moved)
+        except BaseException as e:
+            error = error or e
     if error is not None:
         raise error
 
@@ -495,6 +509,60 @@ def _each(states: list, put_back: bool) -> Optional[BaseException]:
             except BaseException:
                 pass
     return error
+
+
+def _unhook(objects: list, states: list, moved: bool) -> None:
+    """The hooks registered since each of ``states`` was recorded (:class:`ModuleState` records put back: their last
+    holder left, or their baseline put back) removed from its module, and from torch's global dicts those since
+    the earliest, all but salience's own (:func:`_own_hook`). Then ``objects`` (a hold's, left) that a
+    model_guard still holds are noted in ``_stale`` if the counter ``moved`` in the hold's block: what their
+    forward registered then is swept by the hold that puts them back, which may have begun after it."""
+    since = None
+    for state in states:
+        _stale.discard(id(state.module))
+        _drop_hooks(state.module.__dict__, state.since, _HOOK_DICTS, _COMPANIONS)
+        since = state.since if since is None else min(since, state.since)
+    if since is not None:
+        _drop_hooks(vars(_torch_module), since, _GLOBAL_HOOK_DICTS, _GLOBAL_COMPANIONS)
+    for obj in objects:
+        entry = _held.get(id(obj))
+        if entry is None:
+            _stale.discard(id(obj))  # released without a state put back (an error while entering)
+        elif moved and type(entry) is ModuleState and entry.holders > entry.runs:
+            _stale.add(id(obj))
+
+
+def _drop_hooks(attrs: Any, since: int, names: tuple, companions: tuple) -> None:
+    """The hooks of the dicts ``names`` of ``attrs`` (a module's ``__dict__``, or torch's module of the global
+    ones) whose keys (:class:`~torch.utils.hooks.RemovableHandle` ids, from one counter) are ``since`` or later
+    removed, with their keys in the ``companions`` dicts (``with_kwargs``, ``always_called``), but salience's own."""
+    for name in names:
+        hooks = attrs.get(name)
+        if not hooks or not isinstance(hooks, dict):
+            continue
+        # a copy at once (in C): another thread may add its hook meanwhile
+        for key in [k for k, h in tuple(hooks.items()) if type(k) is int and k >= since and not _own_hook(h)]:
+            hooks.pop(key, None)
+            for companion in companions:
+                extra = attrs.get(companion)
+                if extra:
+                    extra.pop(key, None)
+
+
+def _own_hook(hook: Any) -> bool:
+    """Whether ``hook`` is salience's own, which salience removes itself: scoped to its thread
+    (:func:`~salience._core.autograd.this_thread`) or an observer (:func:`~salience._core.fingerprint.observer`)."""
+    return getattr(hook, "salience_thread", None) is not None or getattr(hook, "salience_observer", False) is True
+
+
+# every hook dict of a module and of torch's global module hooks; the companions hold flags under the same keys
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_COMPANIONS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks", "_global_buffer_registration_hooks",
+                      "_global_module_registration_hooks", "_global_parameter_registration_hooks")
+_GLOBAL_COMPANIONS = ("_global_forward_hooks_with_kwargs", "_global_forward_hooks_always_called")
 
 
 class _Deferred:
@@ -648,16 +716,18 @@ def _leave(hold: list) -> None:
     if hold[2] == 0:
         if _threads.get(hold[0]) is hold:
             del _threads[hold[0]]
-        _release(hold[1])
+        _release(hold[1], start=hold[3])
 
 
 def _enter(model: nn.Module, modules: list, params: list, box: list, key: Optional[tuple[int, int]]) -> None:
     """Hold ``model``'s ``modules`` and ``params`` (each one no guard held: its state recorded, then the
-    model put in eval mode with frozen parameters); the hold, ``[key, objects, 1]``, is appended to
+    model put in eval mode with frozen parameters); the hold, ``[key, objects, 1, start]`` (``start``: see
+    :func:`_release`), is appended to
     ``box``, and registered as the thread's hold of the model under ``key`` if it has none (``None``: a run
     guard's, which nested blocks do not share)."""
     objects = modules + params
     held: list = []
+    start = _Handle.next_id  # see _unhook
     with _lock:
         try:  # also an error part way: what was counted is released (a state not yet captured is None)
             new: list = []
@@ -675,7 +745,7 @@ def _enter(model: nn.Module, modules: list, params: list, box: list, key: Option
                 for p in params:
                     if p.requires_grad:
                         p.requires_grad_(False)
-            hold = [key, objects, 1]
+            hold = [key, objects, 1, start]
             box.append(hold)  # from here on the caller releases it
             if key is not None and key not in _threads:
                 _threads[key] = hold
@@ -799,7 +869,8 @@ def _leave_run(box: list) -> None:
     or this ran already)."""
     if box:
         with _lock:
-            _release(box.pop()[1], run=True)
+            hold = box.pop()
+            _release(hold[1], run=True, start=hold[3])
 
 
 def _eval(model: nn.Module, modules: Optional[list] = None) -> None:
