@@ -36,16 +36,34 @@ more of the guard on a ViT-Ti (alone, in a run guard) and 152 Python objects a c
 rollout's passed the 700 that start a young garbage collection every call; now 6 and 3%, 30 objects
 (docs/performance.md, session 36). The check that a layer is plain costs 0.1 us a module.
 
+The hooks a forward registers and leaves on the model are taken off too (session 37, ``tests/test_guard_hooks.py``):
+``self.fc.register_forward_hook(...)`` on each call left one per pass (SmoothGrad's 50), one registered lazily on
+the first call stayed. Every registration takes the next key of one counter (``RemovableHandle.next_id``): each
+hold reads it when it begins and compares it when it leaves (the common case, no hook registered anywhere meanwhile,
+costs that one read); where it moved, the modules put back (their last holder left, or a run guard's baseline put
+back after a call) lose the hooks whose keys are their record's or later, from every hook dict (forward, pre,
+backward, backward pre, state-dict and load hooks, and the ``with_kwargs`` / ``always_called`` companions), and
+torch's global module hook dicts those since the earliest of them (:func:`_unhook`). Salience's own hooks are kept
+(:func:`~salience._core.autograd.this_thread`'s and observers, which their code removes itself: a dataset run's
+observer around a call; the guard's own, in ``handles``, go first). A hold that leaves modules another guard still
+holds notes them (``_stale``): the hold putting them back sweeps them even if it began after the hook. A sweep
+looks at every hook dict of the modules put back (:func:`_drop_hooks`): tens of microseconds on resnet50, paid
+where the counter moved (Grad-CAM's own hook, a full backward hook's per-pass handles; docs/performance.md).
+
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
-(``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back); the
-contents of an attribute changed in place (a list appended to, a dict filled: one level only); hooks the forward
-registers and leaves on the model; an attribute or parameter replaced by another equal to it (``==``: a number, a
-string, a one-element tensor or parameter of the same value; a parameter of several elements compares by
-identity, its ``==`` raising) keeps the new object; an attribute a global module hook
+(``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
+hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
+stays); the contents of an attribute changed in place (a list appended to, a dict filled: one level only); a hook
+on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
+forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
+to it (``==``: a number, a string, a one-element tensor or parameter of the same value; a parameter of several
+elements compares by identity, its ``==`` raising) keeps the new object; an attribute a global module hook
 (``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own. What another thread of
 the user's sets on the model while salience's call runs (its own forward's counter) is put back with salience's:
 the guard cannot tell whose it is; the dicts are put back in place, never emptied meanwhile, so that thread's
-forward does not fail (``_restore_mapping``).
+forward does not fail (``_restore_mapping``). So are the hooks it registers meanwhile on the modules put back, and
+a global module hook registered anywhere in the process meanwhile (by any thread: the user's profiler's, another
+library's), unless it is salience's own: a key says when a hook was registered, not by whom.
 
 A dataset run holds the model for the whole run (:func:`run_guard`): the full save and restore
 (about 1.7 ms on resnet50 on one CPU core, 5 ms before the records were made light) is paid once per
@@ -74,6 +92,7 @@ import operator
 import sys
 import threading
 from contextlib import contextmanager
+from itertools import compress
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Optional
 
@@ -485,8 +504,9 @@ def _release(objects: list, run: bool = False, start: int = -1) -> None:
     error = _each(last[0] + last[1], False)
     error = _each(back[0] + back[1], True) or error
     if moved or _stale:
-        try:
-            _unhook(objects, last[0] + back[0], moved)
+        try:  # some objects still held by a model_guard (or not captured, an error while entering): noted, see _unhook
+            kept = len(last[0]) + len(last[1]) + len(back[0]) + len(back[1]) < len(objects)
+            _unhook(objects if kept else (), last[0] + back[0], moved)
         except BaseException as e:
             error = error or e
     if error is not None:
@@ -511,19 +531,23 @@ def _each(states: list, put_back: bool) -> Optional[BaseException]:
     return error
 
 
-def _unhook(objects: list, states: list, moved: bool) -> None:
-    """The hooks registered since each of ``states`` was recorded (:class:`ModuleState` records put back: their last
-    holder left, or their baseline put back) removed from its module, and from torch's global dicts those since
-    the earliest, all but salience's own (:func:`_own_hook`). Then ``objects`` (a hold's, left) that a
-    model_guard still holds are noted in ``_stale`` if the counter ``moved`` in the hold's block: what their
-    forward registered then is swept by the hold that puts them back, which may have begun after it."""
-    since = None
-    for state in states:
-        _stale.discard(id(state.module))
+def _unhook(objects: Any, states: list, moved: bool) -> None:
+    """The hooks registered since each of ``states`` was recorded (the :class:`ModuleState` records put back: their
+    last holder left, or their baseline put back) removed from its module, and from torch's global dicts those since
+    the earliest, all but salience's own (:func:`_own_hook`). Then ``objects`` (a hold's, left; empty where all were
+    put back) that a model_guard still holds are noted in ``_stale`` if the counter ``moved`` in the hold's block:
+    what their forward registered then is swept by the hold that puts them back, which may have begun after it."""
+    if _stale:
+        for state in states:
+            _stale.discard(id(state.module))
+    try:  # the modules with a hook of any kind, found in C (0.2 us a module; a Python loop over the dicts cost 0.65)
+        hooked = list(compress(states, map(any, map(_HOOKS_OF, map(_ATTRS_OF, states)))))
+    except Exception:  # a module made without nn.Module.__init__ (a dict missing)
+        hooked = states
+    for state in hooked:
         _drop_hooks(state.module.__dict__, state.since, _HOOK_DICTS, _COMPANIONS)
-        since = state.since if since is None else min(since, state.since)
-    if since is not None:
-        _drop_hooks(vars(_torch_module), since, _GLOBAL_HOOK_DICTS, _GLOBAL_COMPANIONS)
+    if states:
+        _drop_hooks(vars(_torch_module), min(map(_SINCE_OF, states)), _GLOBAL_HOOK_DICTS, _GLOBAL_COMPANIONS)
     for obj in objects:
         entry = _held.get(id(obj))
         if entry is None:
@@ -563,6 +587,9 @@ _GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_gl
                       "_global_backward_pre_hooks", "_global_buffer_registration_hooks",
                       "_global_module_registration_hooks", "_global_parameter_registration_hooks")
 _GLOBAL_COMPANIONS = ("_global_forward_hooks_with_kwargs", "_global_forward_hooks_always_called")
+_HOOKS_OF = operator.itemgetter(*_HOOK_DICTS)
+_ATTRS_OF = operator.attrgetter("module.__dict__")
+_SINCE_OF = operator.attrgetter("since")
 
 
 class _Deferred:
@@ -639,9 +666,10 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     data (storage and strides: a channels-last run is undone), any buffer written in place, registered,
     replaced, deleted or filled (a ``None`` slot), the modules' plain attributes (one level; see the module's
     docstring for torch.nn's own layers and the limits), and each parameter's and buffer's Python attributes
-    (those ``torch.compile`` sets on the tensors it traces are removed), also if the block raises. A caller's ``torch.autocast`` is off in the block (this thread's):
-    the passes run in the precision of salience's ``precision=`` option (fp32 unless asked), which
-    enters its own autocast inside.
+    (those ``torch.compile`` sets on the tensors it traces are removed), and takes off the hooks registered in the
+    block on the model's modules and torch's global module hooks (salience's own excepted), also if the block
+    raises. A caller's ``torch.autocast`` is off in the block (this thread's): the passes run in the precision of
+    salience's ``precision=`` option (fp32 unless asked), which enters its own autocast inside.
 
     The guard holds each module and parameter, not the model: nested calls (SmoothGrad around
     vanilla), threads explaining the same model, and threads explaining two models that share
