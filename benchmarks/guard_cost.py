@@ -4,13 +4,15 @@ count, and the baseline compared and put back), on ``transformers.py``'s ``vit_t
 and resnet50 (one CPU thread). ``--base REF`` loads ``src/salience/_core/guard.py`` of that git revision as a second
 module (its own tables) and times both in alternating rounds (AB, BA, ...): per round the median of ``--calls``
 calls, then min / median / max over the rounds; and the Python objects a call's guard holds (``gc`` generation 0's
-count inside the block).
+count inside the block). ``--hooked``: each block registers a forward hook on the model and removes it, as Grad-CAM
+does (torch's hook counter moves, so the guard looks for hooks the block left on the model: session 37).
 
     flock /tmp/bench.lock taskset -c 1 python benchmarks/guard_cost.py --base main --rounds 21 --out benchmarks/guard-gaps-s36
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -47,21 +49,20 @@ def tiny_vit():
     return module.tiny_vit(1)
 
 
-def per_call(g, model, calls: int, run: bool) -> float:
-    """The median time of ``calls`` guards (each inside one ``run_guard`` if ``run``), in ms."""
+def _nothing(*args) -> None:
+    return None
+
+
+def per_call(g, model, calls: int, run: bool, hooked: bool = False) -> float:
+    """The median time of ``calls`` guards (each inside one ``run_guard`` if ``run``; ``hooked``: a hook put on the
+    model and removed in each block), in ms."""
     times = []
-    if run:
-        with g.run_guard(model):
-            for _ in range(calls):
-                t = time.perf_counter()
-                with g.model_guard(model):
-                    pass
-                times.append(time.perf_counter() - t)
-    else:
+    with g.run_guard(model) if run else contextlib.nullcontext():
         for _ in range(calls):
             t = time.perf_counter()
             with g.model_guard(model):
-                pass
+                if hooked:
+                    model.register_forward_hook(_nothing).remove()
             times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
 
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--hooked", action="store_true", help="a hook registered and removed in each block")
     args = ap.parse_args(argv)
     base = guard_at(args.base)
     models = {"vit_tiny": tiny_vit(), "resnet50": make_model("resnet50", 1)}
@@ -94,13 +96,13 @@ def main(argv=None) -> int:
         for run in (False, True):
             got: dict = {"base": [], "here": []}
             for side in sides.values():
-                per_call(side, model, 5, run)  # warm-up
+                per_call(side, model, 5, run, args.hooked)  # warm-up
             for r in range(args.rounds):
                 order = ("base", "here") if r % 2 == 0 else ("here", "base")
                 for side in order:
-                    got[side].append(per_call(sides[side], model, args.calls, run))
+                    got[side].append(per_call(sides[side], model, args.calls, run, args.hooked))
             ratios = sorted(h / b for h, b in zip(got["here"], got["base"]))
-            row = {"model": name, "mode": "in a run_guard" if run else "alone",
+            row = {"model": name, "mode": ("in a run_guard" if run else "alone") + (", hooked" if args.hooked else ""),
                    **{f"{s} ms": [min(v), statistics.median(v), max(v)] for s, v in got.items()},
                    "ratio here/base": [ratios[0], statistics.median(ratios), ratios[-1]]}
             if not run:
@@ -110,7 +112,8 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out + ".json").write_text(json.dumps(rows, indent=1) + "\n")
         lines = [f"Guard cost per call, base `{args.base}` vs this tree, {args.rounds} alternating rounds of "
-                 f"{args.calls} calls (per round the median), min / median / max; torch threads 1.", "",
+                 f"{args.calls} calls (per round the median), min / median / max; torch threads 1"
+                 f"{'; a hook registered and removed in each block' if args.hooked else ''}.", "",
                  "| model | mode | base ms | here ms | here / base (per round) | objects held base / here |",
                  "|---|---|---|---|---|---|"]
         fmt = lambda v: " / ".join(f"{x:.3f}" for x in v)  # noqa: E731

@@ -1061,12 +1061,53 @@ def _changed_on_itself(model: nn.Module) -> None:
 
 
 def _own_state(model: nn.Module) -> list:
-    """Each module's own attributes (by identity), buffers, parameters and submodules by name in order, and
-    non-persistent buffer names: what :func:`model_snapshot` does not see."""
+    """Each module's own attributes (by identity), buffers, parameters and submodules by name in order,
+    non-persistent buffer names and the keys of its hook dicts, and those of torch's global hook dicts: what
+    :func:`model_snapshot` does not see."""
+    from salience._core import guard
+
     return [(n, [(k, id(v)) for k, v in vars(m).items() if not k.startswith("_")],
              [(k, id(v)) for k, v in m._buffers.items()], [(k, id(v)) for k, v in m._parameters.items()],
-             [(k, id(v)) for k, v in m._modules.items()], sorted(m._non_persistent_buffers_set))
-            for n, m in model.named_modules()]
+             [(k, id(v)) for k, v in m._modules.items()], sorted(m._non_persistent_buffers_set),
+             [list(getattr(m, d)) for d in guard._HOOK_DICTS + guard._COMPANIONS])
+            for n, m in model.named_modules()] + \
+        [[list(getattr(torch.nn.modules.module, d)) for d in guard._GLOBAL_HOOK_DICTS + guard._GLOBAL_COMPANIONS]]
+
+
+def _no_hook(*args, **kwargs) -> None:
+    return None
+
+
+def _hook_as_a_forward_may(model: nn.Module) -> None:
+    """Hooks a forward may register and leave (session 37's sweep): on a torch.nn layer, on the user's module
+    (with kwargs: a companion dict), and a global one."""
+    model[0].register_forward_hook(_no_hook)
+    model[1].register_forward_pre_hook(_no_hook, with_kwargs=True)
+    torch.nn.modules.module.register_module_forward_hook(_no_hook, always_call=True)
+
+
+def _hooked_in_the_block(model: nn.Module) -> None:
+    """A guard and a run guard with a call inside, each block registering hooks as a forward may; and a guard
+    that leaves the BatchNorm it hooked to a later guard of another model holding it (``_stale``)."""
+    from salience._core.guard import run_guard
+
+    with model_guard(model):
+        _hook_as_a_forward_may(model)
+    with run_guard(model):
+        with model_guard(model):
+            _hook_as_a_forward_may(model)
+    first, second = model_guard(model), model_guard(nn.Sequential(model[0]))
+    first.__enter__()
+    try:
+        _hook_as_a_forward_may(model)
+        second.__enter__()
+    except BaseException:
+        first.__exit__(*sys.exc_info())
+        raise
+    try:
+        first.__exit__(None, None, None)  # left first: the BatchNorm stays held by the second guard
+    finally:
+        second.__exit__(None, None, None)
 
 
 def _shared(model: nn.Module) -> None:
@@ -1198,14 +1239,15 @@ def _sigint_handled_by(handler):
         signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.parametrize("scenario", [_nested, _run_with_calls, _shared, _changed_on_itself])
+@pytest.mark.parametrize("scenario", [_nested, _run_with_calls, _shared, _changed_on_itself, _hooked_in_the_block])
 def test_ctrl_c_at_each_point_of_the_guards_bookkeeping(monkeypatch, request, scenario):
     """Ctrl-C (SIGINT, whose handler raises ``KeyboardInterrupt``) at each point where Python may raise
     it in the guards' functions and what they call, in turn (nested model guards, a run guard with calls
     inside, two models sharing a module, a module of the user's changed as its forward may: session 36's
-    restore of its dict, buffers, parameters and submodules, 130 points in ``_restore_mapping``): afterwards the
-    model is as it was (its modules' own attributes and names too), no guard holds anything, the
-    handler is the one before, and the next guard holds and restores the model again. Before, 117 of the
+    restore of its dict, buffers, parameters and submodules, 130 points in ``_restore_mapping``; hooks registered in
+    the blocks, session 37's sweep, 409 points in ``_unhook``, ``_drop_hooks`` and ``_own_hook``): afterwards the
+    model is as it was (its modules' own attributes, names and hook keys too, torch's global hooks), no guard holds
+    anything, the handler is the one before, and the next guard holds and restores the model again. Before, 117 of the
     1402 points failed: a Ctrl-C inside the hold counts' bookkeeping (``_release``, ``_leave``, ``_each``,
     part way through ``_hold``, between ``run_guard``'s hold and its ``try``) left counts behind, so the
     model stayed in eval mode, frozen, or a later guard found a stale holder and did not restore it."""

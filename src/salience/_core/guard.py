@@ -36,16 +36,34 @@ more of the guard on a ViT-Ti (alone, in a run guard) and 152 Python objects a c
 rollout's passed the 700 that start a young garbage collection every call; now 6 and 3%, 30 objects
 (docs/performance.md, session 36). The check that a layer is plain costs 0.1 us a module.
 
+The hooks a forward registers and leaves on the model are taken off too (session 37, ``tests/test_guard_hooks.py``):
+``self.fc.register_forward_hook(...)`` on each call left one per pass (SmoothGrad's 50), one registered lazily on
+the first call stayed. Every registration takes the next key of one counter (``RemovableHandle.next_id``): each
+hold reads it when it begins and compares it when it leaves (the common case, no hook registered anywhere meanwhile,
+costs that one read); where it moved, the modules put back (their last holder left, or a run guard's baseline put
+back after a call) lose the hooks whose keys are their record's or later, from every hook dict (forward, pre,
+backward, backward pre, state-dict and load hooks, and the ``with_kwargs`` / ``always_called`` companions), and
+torch's global module hook dicts those since the earliest of them (:func:`_unhook`). Salience's own hooks are kept
+(:func:`~salience._core.autograd.this_thread`'s and observers, which their code removes itself: a dataset run's
+observer around a call; the guard's own, in ``handles``, go first). A hold that leaves modules another guard still
+holds notes them (``_stale``): the hold putting them back sweeps them even if it began after the hook. A sweep
+looks at every hook dict of the modules put back (:func:`_drop_hooks`): tens of microseconds on resnet50, paid
+where the counter moved (Grad-CAM's own hook, a full backward hook's per-pass handles; docs/performance.md).
+
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
-(``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back); the
-contents of an attribute changed in place (a list appended to, a dict filled: one level only); hooks the forward
-registers and leaves on the model; an attribute or parameter replaced by another equal to it (``==``: a number, a
-string, a one-element tensor or parameter of the same value; a parameter of several elements compares by
-identity, its ``==`` raising) keeps the new object; an attribute a global module hook
+(``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
+hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
+stays); the contents of an attribute changed in place (a list appended to, a dict filled: one level only); a hook
+on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
+forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
+to it (``==``: a number, a string, a one-element tensor or parameter of the same value; a parameter of several
+elements compares by identity, its ``==`` raising) keeps the new object; an attribute a global module hook
 (``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own. What another thread of
 the user's sets on the model while salience's call runs (its own forward's counter) is put back with salience's:
 the guard cannot tell whose it is; the dicts are put back in place, never emptied meanwhile, so that thread's
-forward does not fail (``_restore_mapping``).
+forward does not fail (``_restore_mapping``). So are the hooks it registers meanwhile on the modules put back, and
+a global module hook registered anywhere in the process meanwhile (by any thread: the user's profiler's, another
+library's), unless it is salience's own: a key says when a hook was registered, not by whom.
 
 A dataset run holds the model for the whole run (:func:`run_guard`): the full save and restore
 (about 1.7 ms on resnet50 on one CPU core, 5 ms before the records were made light) is paid once per
@@ -74,11 +92,14 @@ import operator
 import sys
 import threading
 from contextlib import contextmanager
+from itertools import compress
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
+from torch.utils.hooks import RemovableHandle as _Handle
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import autocast_off
@@ -119,7 +140,7 @@ class ModuleState(_Entry):
     lists per object: recording resnet50's 320 objects cost 1.85 ms that way, 0.65 ms now (0.25 ms of it
     the buffers' clones), and putting them back 0.52 ms, now 0.22 ms."""
 
-    __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children")
+    __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since")
 
     def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
         self.take(module, wrapper)
@@ -128,6 +149,7 @@ class ModuleState(_Entry):
         """Record ``module``'s state (``wrapper``: see :func:`_capture`)."""
         self.module = module
         self.training = module.training
+        self.since = _Handle.next_id  # the key of the next hook registered anywhere (see _unhook)
         # a torch.compile wrapper's own ``forward`` attribute, put back after the guard ran the original
         # module eagerly (see the module's docstring)
         self.forward = module.__dict__.get("forward", _NO_FORWARD) \
@@ -439,6 +461,9 @@ _guarding: dict[int, int] = {}
 # parameters; a guard nested in it (SmoothGrad around vanilla, a method inside evaluate's guard) that finds the
 # same ones only counts itself here (0.45 -> 0.12 ms on resnet50): the outer block holds them until it leaves.
 _threads: dict[tuple[int, int], list] = {}
+# ids of the modules a hold left while a model_guard still held them, the hook counter moved in its block: their
+# hooks are swept when they are put back, whatever the hold putting them back saw (see _unhook)
+_stale: set[int] = set()
 
 
 def _hold(objects: list, held: list, new: list) -> None:
@@ -454,9 +479,12 @@ def _hold(objects: list, held: list, new: list) -> None:
         held.append(obj)
 
 
-def _release(objects: list, run: bool = False) -> None:
+def _release(objects: list, run: bool = False, start: int = -1) -> None:
     """One holder fewer of each of ``objects`` (``run``: a run guard): the state of each that no guard
-    holds any more is put back; one that only run guards hold now gets its baseline back."""
+    holds any more is put back; one that only run guards hold now gets its baseline back. ``start``: the
+    hold's :data:`_Handle.next_id` when it began (-1: unknown); where a hook was registered since (or a hold
+    left one to sweep, ``_stale``), the hooks registered since on what is put back are removed (:func:`_unhook`)."""
+    moved = _Handle.next_id != start  # the common case: no hook registered anywhere since, one attribute read
     last: tuple[list, list] = ([], [])
     back: tuple[list, list] = ([], [])
     for obj in objects:
@@ -475,6 +503,12 @@ def _release(objects: list, run: bool = False) -> None:
     # modules first (compiled forwards, modes, buffers), then parameters; each put back even if one raises
     error = _each(last[0] + last[1], False)
     error = _each(back[0] + back[1], True) or error
+    if moved or _stale:
+        try:  # some objects still held by a model_guard (or not captured, an error while entering): noted, see _unhook
+            kept = len(last[0]) + len(last[1]) + len(back[0]) + len(back[1]) < len(objects)
+            _unhook(objects if kept else (), last[0] + back[0], moved)
+        except BaseException as e:
+            error = error or e
     if error is not None:
         raise error
 
@@ -495,6 +529,67 @@ def _each(states: list, put_back: bool) -> Optional[BaseException]:
             except BaseException:
                 pass
     return error
+
+
+def _unhook(objects: Any, states: list, moved: bool) -> None:
+    """The hooks registered since each of ``states`` was recorded (the :class:`ModuleState` records put back: their
+    last holder left, or their baseline put back) removed from its module, and from torch's global dicts those since
+    the earliest, all but salience's own (:func:`_own_hook`). Then ``objects`` (a hold's, left; empty where all were
+    put back) that a model_guard still holds are noted in ``_stale`` if the counter ``moved`` in the hold's block:
+    what their forward registered then is swept by the hold that puts them back, which may have begun after it."""
+    if _stale:
+        for state in states:
+            _stale.discard(id(state.module))
+    try:  # the modules with a hook of any kind, found in C (0.2 us a module; a Python loop over the dicts cost 0.65)
+        hooked = list(compress(states, map(any, map(_HOOKS_OF, map(_ATTRS_OF, states)))))
+    except Exception:  # a module made without nn.Module.__init__ (a dict missing)
+        hooked = states
+    for state in hooked:
+        _drop_hooks(state.module.__dict__, state.since, _HOOK_DICTS, _COMPANIONS)
+    if states:
+        _drop_hooks(vars(_torch_module), min(map(_SINCE_OF, states)), _GLOBAL_HOOK_DICTS, _GLOBAL_COMPANIONS)
+    for obj in objects:
+        entry = _held.get(id(obj))
+        if entry is None:
+            _stale.discard(id(obj))  # released without a state put back (an error while entering)
+        elif moved and type(entry) is ModuleState and entry.holders > entry.runs:
+            _stale.add(id(obj))
+
+
+def _drop_hooks(attrs: Any, since: int, names: tuple, companions: tuple) -> None:
+    """The hooks of the dicts ``names`` of ``attrs`` (a module's ``__dict__``, or torch's module of the global
+    ones) whose keys (:class:`~torch.utils.hooks.RemovableHandle` ids, from one counter) are ``since`` or later
+    removed, with their keys in the ``companions`` dicts (``with_kwargs``, ``always_called``), but salience's own."""
+    for name in names:
+        hooks = attrs.get(name)
+        if not hooks or not isinstance(hooks, dict):
+            continue
+        # a copy at once (in C): another thread may add its hook meanwhile
+        for key in [k for k, h in tuple(hooks.items()) if type(k) is int and k >= since and not _own_hook(h)]:
+            hooks.pop(key, None)
+            for companion in companions:
+                extra = attrs.get(companion)
+                if extra:
+                    extra.pop(key, None)
+
+
+def _own_hook(hook: Any) -> bool:
+    """Whether ``hook`` is salience's own, which salience removes itself: scoped to its thread
+    (:func:`~salience._core.autograd.this_thread`) or an observer (:func:`~salience._core.fingerprint.observer`)."""
+    return getattr(hook, "salience_thread", None) is not None or getattr(hook, "salience_observer", False) is True
+
+
+# every hook dict of a module and of torch's global module hooks; the companions hold flags under the same keys
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_COMPANIONS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks", "_global_buffer_registration_hooks",
+                      "_global_module_registration_hooks", "_global_parameter_registration_hooks")
+_GLOBAL_COMPANIONS = ("_global_forward_hooks_with_kwargs", "_global_forward_hooks_always_called")
+_HOOKS_OF = operator.itemgetter(*_HOOK_DICTS)
+_ATTRS_OF = operator.attrgetter("module.__dict__")
+_SINCE_OF = operator.attrgetter("since")
 
 
 class _Deferred:
@@ -571,9 +666,10 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     data (storage and strides: a channels-last run is undone), any buffer written in place, registered,
     replaced, deleted or filled (a ``None`` slot), the modules' plain attributes (one level; see the module's
     docstring for torch.nn's own layers and the limits), and each parameter's and buffer's Python attributes
-    (those ``torch.compile`` sets on the tensors it traces are removed), also if the block raises. A caller's ``torch.autocast`` is off in the block (this thread's):
-    the passes run in the precision of salience's ``precision=`` option (fp32 unless asked), which
-    enters its own autocast inside.
+    (those ``torch.compile`` sets on the tensors it traces are removed), and takes off the hooks registered in the
+    block on the model's modules and torch's global module hooks (salience's own excepted), also if the block
+    raises. A caller's ``torch.autocast`` is off in the block (this thread's): the passes run in the precision of
+    salience's ``precision=`` option (fp32 unless asked), which enters its own autocast inside.
 
     The guard holds each module and parameter, not the model: nested calls (SmoothGrad around
     vanilla), threads explaining the same model, and threads explaining two models that share
@@ -648,16 +744,18 @@ def _leave(hold: list) -> None:
     if hold[2] == 0:
         if _threads.get(hold[0]) is hold:
             del _threads[hold[0]]
-        _release(hold[1])
+        _release(hold[1], start=hold[3])
 
 
 def _enter(model: nn.Module, modules: list, params: list, box: list, key: Optional[tuple[int, int]]) -> None:
     """Hold ``model``'s ``modules`` and ``params`` (each one no guard held: its state recorded, then the
-    model put in eval mode with frozen parameters); the hold, ``[key, objects, 1]``, is appended to
+    model put in eval mode with frozen parameters); the hold, ``[key, objects, 1, start]`` (``start``: see
+    :func:`_release`), is appended to
     ``box``, and registered as the thread's hold of the model under ``key`` if it has none (``None``: a run
     guard's, which nested blocks do not share)."""
     objects = modules + params
     held: list = []
+    start = _Handle.next_id  # see _unhook
     with _lock:
         try:  # also an error part way: what was counted is released (a state not yet captured is None)
             new: list = []
@@ -675,7 +773,7 @@ def _enter(model: nn.Module, modules: list, params: list, box: list, key: Option
                 for p in params:
                     if p.requires_grad:
                         p.requires_grad_(False)
-            hold = [key, objects, 1]
+            hold = [key, objects, 1, start]
             box.append(hold)  # from here on the caller releases it
             if key is not None and key not in _threads:
                 _threads[key] = hold
@@ -799,7 +897,8 @@ def _leave_run(box: list) -> None:
     or this ran already)."""
     if box:
         with _lock:
-            _release(box.pop()[1], run=True)
+            hold = box.pop()
+            _release(hold[1], run=True, start=hold[3])
 
 
 def _eval(model: nn.Module, modules: Optional[list] = None) -> None:

@@ -236,7 +236,8 @@ def _watched(model: nn.Module, ticker: Ticker) -> Iterator[None]:
     try:
         handle = model.register_forward_pre_hook(_perf.observer(this_thread(hook)))  # compiled passes may not tick
     except (RuntimeError, AttributeError, TypeError):  # TorchScript: "not supported on ScriptModules"
-        handle = torch.nn.modules.module.register_module_forward_pre_hook(script_hook)
+        # an observer: salience's own, which the guards' sweep of the hooks their blocks left keeps
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(_perf.observer(script_hook))
     try:
         yield
     finally:
