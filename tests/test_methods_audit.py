@@ -1,0 +1,62 @@
+"""The Python API of the saliency methods (``salience.METHODS`` and ``salience.class_model``) over the
+inputs a user passes: each call works, or raises a ``SalienceError`` saying what to do, and the user's
+model comes back as it was. Each test here failed before its fix (a raw ``AttributeError`` /
+``ValueError`` / ``RuntimeError``, a NaN map, or a message that named the wrong thing)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import salience
+from salience import SalienceError
+
+from conftest import SmallCNN, unchanged
+
+X = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+CHEAP = {"smoothgrad": {"samples": 2}, "integrated_gradients": {"steps": 2}, "rise": {"masks": 4, "cell": 2}}
+LAYER_METHODS = sorted(salience.methods.LAYER_METHODS)
+
+
+def _cnn() -> SmallCNN:
+    torch.manual_seed(0)
+    return SmallCNN()  # train mode, as a user's model may be
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "integrated_gradients"])
+@pytest.mark.parametrize("target", [None, torch.tensor([1, 2])], ids=["predicted", "per-image"])
+def test_many_pass_methods_run_under_inference_mode(method, target):
+    """Called under ``torch.inference_mode()`` (as a user's evaluation loop may be), SmoothGrad and
+    integrated gradients stopped with torch's raw "Inference tensors cannot be saved for backward":
+    the class indices made there were gathered in the backward pass. Every other method ran. The
+    maps equal those of a call outside it."""
+    model = _cnn()
+    want = salience.METHODS[method](model, X, target, **CHEAP[method])
+    with unchanged(model):
+        with torch.inference_mode():
+            got = salience.METHODS[method](model, X, target, **CHEAP[method])
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "gradcam"])
+@pytest.mark.parametrize("make", [lambda: torch.tensor([1, 2]), lambda: salience.targets.classes([1, 2]),
+                                  lambda: salience.targets.multilabel([0, 1])], ids=["tensor", "classes", "multilabel"])
+def test_a_target_made_under_inference_mode(method, make):
+    """Class indices made under ``torch.inference_mode()`` (a target built in a user's evaluation loop)
+    stopped every gradient method with torch's raw "Inference tensors cannot be saved for backward"."""
+    model = _cnn()
+    want = salience.METHODS[method](model, X, make(), **CHEAP.get(method, {}))
+    with torch.inference_mode():
+        target = make()
+    with unchanged(model):
+        torch.testing.assert_close(salience.METHODS[method](model, X, target, **CHEAP.get(method, {})), want)
+
+
+@pytest.mark.parametrize("method", sorted(salience.METHODS))
+def test_an_empty_list_of_targets_says_so(method):
+    """``target=[]`` was refused as "expected integer class indices, got a tensor of dtype torch.float32"
+    (torch.as_tensor([]) is float)."""
+    model = _cnn()
+    if method in salience.methods.ATTENTION_METHODS:
+        pytest.skip("the attention methods refuse the CNN first")
+    with unchanged(model), pytest.raises(SalienceError, match=r"got no target class \(an empty list\)"):
+        salience.METHODS[method](model, X, [], **CHEAP.get(method, {}))
