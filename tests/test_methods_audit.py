@@ -22,6 +22,16 @@ def _cnn() -> SmallCNN:
     return SmallCNN()  # train mode, as a user's model may be
 
 
+def test_eigencam_from_the_registry_says_what_x_must_be():
+    """``METHODS["eigencam"]`` (the adapter that takes a target) read ``x.shape`` first: a list of
+    pixels was a raw "'list' object has no attribute 'shape'"; every other method says what x must be."""
+    model = _cnn()
+    for x, message in [(X.tolist(), r"x as a torch.Tensor of shape \(B, C, H, W\), got list"),
+                       (X[0], r"add the batch dimension with x.unsqueeze\(0\)")]:
+        with unchanged(model), pytest.raises(SalienceError, match=message):
+            salience.METHODS["eigencam"](model, x, None)
+
+
 @pytest.mark.parametrize("method", ["smoothgrad", "integrated_gradients"])
 @pytest.mark.parametrize("target", [None, torch.tensor([1, 2])], ids=["predicted", "per-image"])
 def test_many_pass_methods_run_under_inference_mode(method, target):
@@ -49,6 +59,15 @@ def test_a_target_made_under_inference_mode(method, make):
         target = make()
     with unchanged(model):
         torch.testing.assert_close(salience.METHODS[method](model, X, target, **CHEAP.get(method, {})), want)
+
+
+@pytest.mark.parametrize("method", LAYER_METHODS)
+def test_the_default_layer_search_names_the_callers_input(method):
+    """The CAMs' default-layer search runs on the first image: a batch of the wrong channel count was
+    refused as "the input of shape (1, 1, 8, 8)", a shape the user never gave."""
+    model = _cnn()
+    with unchanged(model), pytest.raises(SalienceError, match=r"cannot take the input of shape \(2, 1, 8, 8\)"):
+        salience.METHODS[method](model, X[:, :1], None)
 
 
 @pytest.mark.parametrize("method", sorted(salience.METHODS))
