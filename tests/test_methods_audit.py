@@ -32,6 +32,15 @@ def test_eigencam_from_the_registry_says_what_x_must_be():
             salience.METHODS["eigencam"](model, x, None)
 
 
+@pytest.mark.parametrize("shape", ["x", ("3", "8", "x"), (3, 8.5, 8), (3, None, 8)])
+def test_class_model_refuses_a_shape_it_cannot_read(shape):
+    """``shape="x"`` was a raw "invalid literal for int()", ``(3, None, 8)`` a raw TypeError, and
+    ``(3, 8.5, 8)`` was truncated to 8 rows silently."""
+    model = _cnn()
+    with unchanged(model), pytest.raises(SalienceError, match=r"shape must be \(C, H, W\) with positive sizes"):
+        salience.class_model(model, 1, shape=shape, steps=1)
+
+
 @pytest.mark.parametrize("method", ["smoothgrad", "integrated_gradients"])
 @pytest.mark.parametrize("target", [None, torch.tensor([1, 2])], ids=["predicted", "per-image"])
 def test_many_pass_methods_run_under_inference_mode(method, target):
@@ -59,6 +68,20 @@ def test_a_target_made_under_inference_mode(method, make):
         target = make()
     with unchanged(model):
         torch.testing.assert_close(salience.METHODS[method](model, X, target, **CHEAP.get(method, {})), want)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "guided_gradcam", "hirescam", "layercam"])
+def test_a_cam_layer_after_the_targets_layer_says_what_to_do(method):
+    """With a target on an inner layer (``activation("features.3", 1)``), a CAM layer that runs after it
+    (the default layer ``features`` wraps it) said "layer 'features' was not called in the forward
+    pass": it was called, but the pass stops at the target's layer. A layer before it works."""
+    model = _cnn()
+    target = salience.targets.activation("features.3", 1)
+    with unchanged(model), pytest.raises(SalienceError, match=r"layer 'features' gave no output before the "
+                                         r"target's layer 'features.3'.*pass a layer that runs before"):
+        salience.METHODS[method](model, X, target)
+    with unchanged(model):
+        assert salience.METHODS[method](model, X, target, layer="features.0").shape == (2, 8, 8)
 
 
 @pytest.mark.parametrize("method", LAYER_METHODS)

@@ -589,6 +589,14 @@ def _hooked_forward(model: nn.Module, x_in: Tensor, target_layer: Optional[Layer
     if target_layer is not None:
         if not target_store:
             raise SalienceError(f"the target's layer {target_layer!r} was not called in the forward pass")
+        for layer, store in zip(layers, captured):
+            if not store:  # the pass stopped at the target's layer before this one ran
+                name = layer if isinstance(layer, str) else layer_name(model, layer)
+                tname = target_layer if isinstance(target_layer, str) else layer_name(model, target_layer)
+                raise SalienceError(
+                    f"layer {name!r} gave no output before the target's layer {tname!r}, where the forward pass "
+                    f"stops (the target reads that layer's output): pass a layer that runs before {tname!r}, or a "
+                    "target on the model's output")
         return unwrap_output(target_store[0]), captured
     return unwrap_output(out, model), captured
 

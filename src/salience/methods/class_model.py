@@ -193,7 +193,10 @@ def _image_shape(model: nn.Module, shape: Optional[Sequence[int]]) -> tuple[int,
                 "with an input size)"
             )
         shape = (info.channels, *info.input_size)
-    shape = tuple(int(s) for s in shape)
+    try:
+        shape = tuple(check_int(s, "shape's sizes") for s in shape)
+    except (SalienceError, TypeError):
+        raise SalienceError(f"shape must be (C, H, W) with positive sizes, got {shape!r}") from None
     if len(shape) != 3 or min(shape) < 1:
         raise SalienceError(f"shape must be (C, H, W) with positive sizes, got {shape}")
     return shape  # type: ignore[return-value]
