@@ -93,6 +93,39 @@ def test_the_default_layer_search_names_the_callers_input(method):
         salience.METHODS[method](model, X[:, :1], None)
 
 
+@pytest.mark.parametrize("method", ["occlusion", "integrated_gradients"])
+def test_a_baseline_tensor_with_nan_is_refused(method):
+    """Occlusion took a baseline tensor with NaN pixels and gave a NaN map silently (integrated gradients
+    refused it, without saying what to do)."""
+    model = _cnn()
+    baseline = torch.zeros(3, 8, 8)
+    baseline[0, 0, 0] = float("nan")
+    with unchanged(model), pytest.raises(SalienceError, match=r"the baseline contains 1 NaN or infinite value\(s\); "
+                                                              r"give finite values"):
+        salience.METHODS[method](model, X, None, baseline=baseline, **CHEAP.get(method, {}))
+
+
+@pytest.mark.parametrize("seed", [2 ** 60, -2 ** 62, 10 ** 30])
+def test_rise_takes_a_large_seed(seed):
+    """``seed * 1_000_003 + i`` overflowed torch's 64-bit seed: a raw "Overflow when unpacking long long".
+    The masks of a small seed are unchanged (taken modulo 2**64, as torch takes a negative seed)."""
+    model = _cnn()
+    with unchanged(model):
+        m = salience.rise(model, X, masks=4, cell=2, seed=seed)
+    assert m.shape == (2, 8, 8) and torch.isfinite(m).all()
+    g = salience.methods.perturbation.rise_masks
+    torch.testing.assert_close(g(0, 3, (8, 8), cell=2, seed=-1), torch.stack(
+        [_mask_from(torch.Generator().manual_seed(-1_000_003 + i)) for i in range(3)]))
+
+
+def _mask_from(g: torch.Generator) -> torch.Tensor:
+    """RISE's mask for ``cell=2`` on 8 x 8 from generator ``g`` (rise_masks's construction, written out)."""
+    grid = (torch.rand(2, 2, generator=g) < 0.5).float()
+    dy, dx = int(torch.randint(0, 4, (1,), generator=g)), int(torch.randint(0, 4, (1,), generator=g))
+    up = torch.nn.functional.interpolate(grid[None, None], size=(12, 12), mode="bilinear", align_corners=False)
+    return up[0, 0, dy:dy + 8, dx:dx + 8]
+
+
 @pytest.mark.parametrize("method", sorted(salience.METHODS))
 def test_an_empty_list_of_targets_says_so(method):
     """``target=[]`` was refused as "expected integer class indices, got a tensor of dtype torch.float32"
@@ -102,3 +135,9 @@ def test_an_empty_list_of_targets_says_so(method):
         pytest.skip("the attention methods refuse the CNN first")
     with unchanged(model), pytest.raises(SalienceError, match=r"got no target class \(an empty list\)"):
         salience.METHODS[method](model, X, [], **CHEAP.get(method, {}))
+
+
+def test_rise_seed_message_says_what_it_is():
+    """The message read "seed must be an int (an int), got None"."""
+    with pytest.raises(SalienceError, match=r"seed must be an int \(it fixes the masks, e.g. 0\), got None"):
+        salience.rise(_cnn(), X, masks=4, cell=2, seed=None)

@@ -24,7 +24,7 @@ from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import backward, check_input
 from salience._core.errors import SalienceError, user_stacklevel
-from salience._core.tensors import check_int, gaussian_blur, check_flag
+from salience._core.tensors import check_finite_tensor, check_int, gaussian_blur, check_flag
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.targets import Predicted, Target, split
@@ -225,8 +225,7 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
             f"baseline of shape {tuple(baseline.shape)} does not fit x of shape {tuple(x.shape)}; expected "
             f"{tuple(x.shape)}, (1, {', '.join(map(str, x.shape[1:]))}) or ({', '.join(map(str, x.shape[1:]))})"
         )
-    if not bool(torch.isfinite(bl).all()):
-        raise SalienceError("the baseline contains NaN or infinite values")
+    check_finite_tensor(bl, "the baseline")
     return bl.expand_as(x)
 
 
