@@ -4,6 +4,7 @@ model comes back as it was. Each test here failed before its fix (a raw ``Attrib
 ``ValueError`` / ``RuntimeError``, a NaN map, or a message that named the wrong thing)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +142,30 @@ def test_rise_seed_message_says_what_it_is():
     """The message read "seed must be an int (an int), got None"."""
     with pytest.raises(SalienceError, match=r"seed must be an int \(it fixes the masks, e.g. 0\), got None"):
         salience.rise(_cnn(), X, masks=4, cell=2, seed=None)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: salience.class_model(m, 1, shape=(3, 8, 8), steps=np.int64(1)),
+    lambda m: salience.class_model(m, 1, shape=torch.tensor([3, 8, 8]), steps=1),
+    lambda m: salience.integrated_gradients(m, X, baseline=np.float32(0.5), steps=2),
+], ids=["class_model-steps-numpy", "class_model-shape-tensor", "ig-baseline-numpy"])
+def test_numpy_numbers_are_taken(call):
+    """The opposite error: a numpy int for ``steps`` was refused ("steps must be a positive integer, got
+    np.int64(1)"), and a numpy float baseline ("got float32"), where the other options take them. (The
+    shape as an int tensor worked through int(); it still does.)"""
+    model = _cnn()
+    with unchanged(model):
+        assert torch.isfinite(call(model)).all()
+
+
+@pytest.mark.parametrize("option", [{"prefix_tokens": np.int64(1)}, {"grid": (np.int64(2), np.int64(2))}],
+                         ids=["prefix_tokens", "grid"])
+def test_token_options_take_numpy_ints(option):
+    """``prefix_tokens=np.int64(1)`` and a grid of numpy ints were refused as not ints."""
+    from tiny_vit import TinyViT
+
+    torch.manual_seed(0)
+    vit = TinyViT(size=(16, 16), patch=8, classes=4).eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with unchanged(vit):
+        torch.testing.assert_close(salience.gradcam(vit, x, **option), salience.gradcam(vit, x))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import numbers
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -211,7 +212,7 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
                 raise SalienceError(f"blur_sigma must be > 0 pixels, got {blur_sigma!r}")
             return gaussian_blur(x.detach(), float(sigma))
         raise SalienceError(f"unknown baseline {baseline!r}; expected None/'black' (zeros), 'blur', a number or a tensor")
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+    if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):  # numpy's numbers too
         if not math.isfinite(float(baseline)):  # the path points are not checked one by one (they derive from these)
             raise SalienceError(f"the baseline is {baseline!r}; give a finite number")
         return torch.full_like(x, float(baseline))
