@@ -169,3 +169,30 @@ def test_token_options_take_numpy_ints(option):
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with unchanged(vit):
         torch.testing.assert_close(salience.gradcam(vit, x, **option), salience.gradcam(vit, x))
+
+
+GRADIENT_METHODS = ["vanilla", "guided_backprop", "deconvnet", "guided_gradcam", "smoothgrad", "integrated_gradients",
+                    "input_x_gradient"]
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+@pytest.mark.parametrize("fn, message", [
+    (lambda g: None, r"the grad_modifier function must return a tensor of shape \(2, 3, 8, 8\).*got NoneType"),
+    (lambda g: g.sum(1), r"the grad_modifier function must return .*got shape \(2, 8, 8\)"),
+], ids=["none", "reduced"])
+def test_a_grad_modifier_function_must_keep_the_shape(method, fn, message):
+    """A function that returned ``None`` was a raw AttributeError ("'NoneType' object has no attribute
+    'dim'"); one that reduced the channels a raw error of the reduction, or (SmoothGrad) taken."""
+    model = _cnn()
+    with unchanged(model), pytest.raises(SalienceError, match=message):
+        salience.METHODS[method](model, X, None, grad_modifier=fn, **CHEAP.get(method, {}))
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS + ["occlusion"])
+def test_a_reduce_function_must_give_maps(method):
+    """A reduction that returned a scalar was a raw IndexError ("Dimension out of range"), or, in
+    SmoothGrad, a "map" of shape ()."""
+    model = _cnn()
+    with unchanged(model), pytest.raises(SalienceError, match=r"the reduce function must return a tensor of shape "
+                                                              r"\(B, H, W\) = \(2, 8, 8\).*got shape \(\)"):
+        salience.METHODS[method](model, X, None, reduce=lambda g: g.sum(), **CHEAP.get(method, {}))
