@@ -196,3 +196,22 @@ def test_a_reduce_function_must_give_maps(method):
     with unchanged(model), pytest.raises(SalienceError, match=r"the reduce function must return a tensor of shape "
                                                               r"\(B, H, W\) = \(2, 8, 8\).*got shape \(\)"):
         salience.METHODS[method](model, X, None, reduce=lambda g: g.sum(), **CHEAP.get(method, {}))
+
+
+class _NaNScores(torch.nn.Module):
+    """A classifier whose scores are NaN (a log of a negative number): the perturbation methods' maps were
+    NaN, silently."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _cnn()
+
+    def forward(self, x):
+        return self.net(x) + torch.log(x.mean() - 10)
+
+
+@pytest.mark.parametrize("method", ["occlusion", "rise", "scorecam", "ablationcam"])
+def test_perturbation_methods_refuse_nan_scores(method):
+    model = _NaNScores()
+    with unchanged(model), pytest.raises(SalienceError, match=r"scores of the perturbed images are NaN or infinite"):
+        salience.METHODS[method](model, X, 0, **CHEAP.get(method, {}))

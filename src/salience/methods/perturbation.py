@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salience import reduce as _reduce
+from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import check_input, class_probabilities, forward_scores, looks_like_probabilities
@@ -133,7 +134,17 @@ def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bo
                 f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__} (a scalar loss does not apply)"
             )
         cols.append(s)
-    return torch.stack(cols, dim=1)
+    scores = torch.stack(cols, dim=1)
+    scope = _derived.current()
+    if scope is not None:  # in the passes: tested with the call's one synchronization at the end
+        scope.defer("finite:scores", ~torch.isfinite(scores).all(), _refuse_scores)
+    return scores
+
+
+def _refuse_scores() -> None:
+    raise SalienceError("the model's scores of the perturbed images are NaN or infinite, which makes the map NaN; "
+                        "check what the model gives for such images (e.g. model(torch.zeros_like(x)) for masked "
+                        "pixels), or use a gradient method")
 
 
 def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Target],
