@@ -215,3 +215,22 @@ def test_perturbation_methods_refuse_nan_scores(method):
     model = _NaNScores()
     with unchanged(model), pytest.raises(SalienceError, match=r"scores of the perturbed images are NaN or infinite"):
         salience.METHODS[method](model, X, 0, **CHEAP.get(method, {}))
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _cnn()
+
+    def forward(self, x, mask):
+        return self.net(x * mask)
+
+
+@pytest.mark.parametrize("method", sorted(salience.METHODS))
+def test_a_model_that_needs_a_second_input_says_to_wrap_it(method):
+    """A model whose forward takes a second input stopped every method with Python's raw TypeError
+    "forward() missing 1 required positional argument: 'mask'"."""
+    model = _TwoInputs()
+    with unchanged(model), pytest.raises(SalienceError, match=r"the model's forward needs more than the image batch "
+                                                              r"\(.*'mask'\).*wrap the model"):
+        salience.METHODS[method](model, X, None, **CHEAP.get(method, {}))

@@ -127,7 +127,9 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
     ValueError) is a :class:`SalienceError` naming the input's shape, what the model takes where it is
     known (the channels its convolution asked for, its first convolution's ``in_channels``, its
     :class:`~salience._core.info.ModelInfo` input size) and what to do; the model's own error is its
-    ``__cause__``. Any other error propagates as it is (a bug in the model keeps its traceback)."""
+    ``__cause__``. So is a model whose ``forward`` needs more arguments than ``x`` (Python's TypeError "X.forward()
+    missing 1 required positional argument"). Any other error propagates as it is (a bug in the model keeps its
+    traceback)."""
     try:
         yield
     except (RuntimeError, AssertionError, ValueError) as e:
@@ -137,6 +139,12 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
         if said is None:
             raise
         raise SalienceError(_shape_message(model, x, said.removeprefix("RuntimeError: "))) from e
+    except TypeError as e:  # the model's own forward needs more than x (a second input): not one of its bugs
+        if not re.match(rf"{re.escape(type(model).__qualname__)}\.forward\(\) missing \d+ required", str(e)):
+            raise
+        raise SalienceError(
+            f"the model's forward needs more than the image batch ({e}); salience calls model(x) with x alone: "
+            "wrap the model in an nn.Module whose forward(x) gives it the rest") from e
 
 
 def _first_conv(model: nn.Module) -> Optional[tuple[str, int]]:
