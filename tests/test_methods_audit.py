@@ -234,3 +234,16 @@ def test_a_model_that_needs_a_second_input_says_to_wrap_it(method):
     with unchanged(model), pytest.raises(SalienceError, match=r"the model's forward needs more than the image batch "
                                                               r"\(.*'mask'\).*wrap the model"):
         salience.METHODS[method](model, X, None, **CHEAP.get(method, {}))
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "integrated_gradients", "occlusion", "rise"])
+def test_compile_on_a_torchscript_model_runs_eagerly(method):
+    """``compile=`` on a TorchScript model (which these methods explain) stopped them with torch's raw
+    "torch.compile does not support compiling torch.jit.script ... models"; like any compile that cannot
+    run, it warns and runs eagerly: the maps of a call without it."""
+    model = torch.jit.script(_cnn().eval())
+    want = salience.METHODS[method](model, X, None, **CHEAP.get(method, {}))
+    with unchanged(model), pytest.warns(UserWarning, match="compile: torch.compile does not take a TorchScript "
+                                                           "model; running eagerly"):
+        got = salience.METHODS[method](model, X, None, compile="eager", **CHEAP.get(method, {}))
+    torch.testing.assert_close(got, want)
