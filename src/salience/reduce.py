@@ -80,8 +80,27 @@ def get_grad_modifier(modifier: Union[None, str, GradModifier]) -> Optional[Grad
                 f"unknown grad_modifier {modifier!r}; expected one of {', '.join(GRAD_MODIFIERS)} or a function"
             ) from None
     if callable(modifier):
-        return modifier
+        return modifier if modifier in GRAD_MODIFIERS.values() else _checked(modifier, "grad_modifier", True)
     raise SalienceError(f"grad_modifier must be a name or a function, got {type(modifier).__name__}")
+
+
+def _checked(fn: Callable[[Tensor], Tensor], name: str, same_shape: bool) -> Callable[[Tensor], Tensor]:
+    """A user's ``grad_modifier`` / ``reduce`` function whose result is checked: a tensor of the gradient's
+    shape (a modifier), or ``(B, H, W)`` / ``(B, C', H, W)`` (a reduction). Without the check, ``None`` was a
+    raw AttributeError, a scalar a raw IndexError (or SmoothGrad's map of shape ``()``)."""
+    def call(grad: Tensor) -> Tensor:
+        out = fn(grad)
+        b, hw = grad.shape[0], tuple(grad.shape[-2:])
+        fits = isinstance(out, Tensor) and (
+            out.shape == grad.shape if same_shape else out.dim() in (3, 4) and out.shape[0] == b
+            and tuple(out.shape[-2:]) == hw)
+        if not fits:
+            got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            want = (f"{tuple(grad.shape)}, the gradient's shape" if same_shape
+                    else f"(B, H, W) = {(b, *hw)} (or (B, C', H, W))")
+            raise SalienceError(f"the {name} function must return a tensor of shape {want}; got {got}")
+        return out
+    return call
 
 
 def _check4(g: Tensor) -> None:
@@ -143,7 +162,7 @@ def get_reduction(reduce: Union[None, str, Reduction]) -> Optional[Reduction]:
                 f"unknown reduce {reduce!r}; expected None (raw gradient), one of {', '.join(REDUCTIONS)}, or a function"
             ) from None
     if callable(reduce):
-        return reduce
+        return reduce if reduce in REDUCTIONS.values() else _checked(reduce, "reduce", False)
     raise SalienceError(f"reduce must be None, a name or a function, got {type(reduce).__name__}")
 
 

@@ -115,6 +115,14 @@ def _class_scores(output: Tensor) -> Tensor:
     return output
 
 
+def _index_on(idx: Tensor, device: torch.device) -> Tensor:
+    """Class indices on ``device`` for a gather the backward pass saves: a copy of indices made under
+    ``torch.inference_mode()`` (a caller's; SmoothGrad's and integrated gradients' predicted classes
+    there), which autograd refuses to save ("Inference tensors cannot be saved for backward")."""
+    idx = idx.to(device)
+    return idx.clone() if idx.is_inference() and not torch.is_inference_mode_enabled() else idx
+
+
 def _check_range(idx: Union[int, Tensor], k: int) -> None:
     """Refuse a class (an int, or any of a tensor's) outside ``0..k-1``: one synchronization for a tensor."""
     if isinstance(idx, int):
@@ -200,6 +208,9 @@ class Classes(_Indexed):
             self.index: Union[int, Tensor] = index
         else:
             t = torch.as_tensor(index)
+            if t.numel() == 0:  # torch.as_tensor([]) is float32: it was "expected integer class indices"
+                raise SalienceError(f"got no target class (an empty {type(index).__name__}); give one class per "
+                                    "image, one int for all, or None for each image's top class")
             if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
                 raise SalienceError(f"expected integer class indices, got a tensor of dtype {t.dtype}")
             if t.dim() > 1:
@@ -216,7 +227,7 @@ class Classes(_Indexed):
             _check_range(self.index, k)
             return scores[:, self.index]
         self.check_batch(b)
-        idx = self.index.to(scores.device)
+        idx = _index_on(self.index, scores.device)
         self._check_fits(idx, k)
         return scores.gather(1, idx.view(-1, 1)).squeeze(1)
 
@@ -258,7 +269,7 @@ class MultiLabel(_Indexed):
     def __call__(self, output: Tensor) -> Tensor:
         scores = _class_scores(output)
         b, k = scores.shape
-        idx = self.indices.to(scores.device)
+        idx = _index_on(self.indices, scores.device)
         self._check_fits(idx, k)
         if idx.dim() == 1:
             return scores[:, idx].sum(dim=1)

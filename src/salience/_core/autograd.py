@@ -127,7 +127,9 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
     ValueError) is a :class:`SalienceError` naming the input's shape, what the model takes where it is
     known (the channels its convolution asked for, its first convolution's ``in_channels``, its
     :class:`~salience._core.info.ModelInfo` input size) and what to do; the model's own error is its
-    ``__cause__``. Any other error propagates as it is (a bug in the model keeps its traceback)."""
+    ``__cause__``. So is a model whose ``forward`` needs more arguments than ``x`` (Python's TypeError "X.forward()
+    missing 1 required positional argument"). Any other error propagates as it is (a bug in the model keeps its
+    traceback)."""
     try:
         yield
     except (RuntimeError, AssertionError, ValueError) as e:
@@ -137,6 +139,12 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
         if said is None:
             raise
         raise SalienceError(_shape_message(model, x, said.removeprefix("RuntimeError: "))) from e
+    except TypeError as e:  # the model's own forward needs more than x (a second input): not one of its bugs
+        if not re.match(rf"{re.escape(type(model).__qualname__)}\.forward\(\) missing \d+ required", str(e)):
+            raise
+        raise SalienceError(
+            f"the model's forward needs more than the image batch ({e}); salience calls model(x) with x alone: "
+            "wrap the model in an nn.Module whose forward(x) gives it the rest") from e
 
 
 def _first_conv(model: nn.Module) -> Optional[tuple[str, int]]:
@@ -589,6 +597,14 @@ def _hooked_forward(model: nn.Module, x_in: Tensor, target_layer: Optional[Layer
     if target_layer is not None:
         if not target_store:
             raise SalienceError(f"the target's layer {target_layer!r} was not called in the forward pass")
+        for layer, store in zip(layers, captured):
+            if not store:  # the pass stopped at the target's layer before this one ran
+                name = layer if isinstance(layer, str) else layer_name(model, layer)
+                tname = target_layer if isinstance(target_layer, str) else layer_name(model, target_layer)
+                raise SalienceError(
+                    f"layer {name!r} gave no output before the target's layer {tname!r}, where the forward pass "
+                    f"stops (the target reads that layer's output): pass a layer that runs before {tname!r}, or a "
+                    "target on the model's output")
         return unwrap_output(target_store[0]), captured
     return unwrap_output(out, model), captured
 

@@ -425,7 +425,9 @@ class Run:
             if self._folded is None:
                 warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=user_stacklevel())
         if self.options.backend is not None:
-            why = compile_unavailable(self.options.backend, self.device) or own_hooks(model)
+            why = (compile_unavailable(self.options.backend, self.device) or own_hooks(model)
+                   or ("torch.compile does not take a TorchScript model" if isinstance(model, torch.jit.ScriptModule)
+                       else None))
             if why is not None:
                 warnings.warn(f"compile: {why}; running eagerly", stacklevel=user_stacklevel())
             else:

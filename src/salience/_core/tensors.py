@@ -220,3 +220,13 @@ def check_number(value: Any, name: str, *, minimum: Optional[float] = None, what
         hint = f" ({what})" if what else ""
         raise SalienceError(f"{name} must be {kind}{bound}{hint}, got {value!r}")
     return float(value)
+
+
+def check_finite_tensor(t: Tensor, name: str) -> Tensor:
+    """``t``, or a :class:`SalienceError` counting its NaN or infinite values (a baseline given as a
+    tensor: a NaN pixel there made a NaN map silently). One host-device synchronization."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise SalienceError(f"{name} contains {int(bad.sum())} NaN or infinite value(s); give finite values "
+                            "(e.g. torch.nan_to_num)")
+    return t

@@ -217,7 +217,7 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
         # caller runs under torch.inference_mode(), where enable_grad() alone records no graph.
         with model_guard(model), torch.inference_mode(False), torch.enable_grad(), _plain_checkpoints():
             one = x[:1].clone() if x.is_inference() else x[:1]
-            with model_call(model, one), (_AttentionSpotter(running) if attending is not None
+            with model_call(model, x), (_AttentionSpotter(running) if attending is not None  # errors name the caller's x
                                           else contextlib.nullcontext()) as spotter:
                 out = model(one.detach().requires_grad_(True))
             if attending is not None:

@@ -78,6 +78,8 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
         return _ADAPTED[method]
 
     def call(model: nn.Module, x: Tensor, target: Any = None, **options: Any) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            check_input(x, model)  # says what x must be (a list, an image without its batch dimension...)
         targets, multi = split(target, x.shape[0])
         maps = free_maps(lambda: method(model, x, **options), model, x, targets)
         return maps.unsqueeze(1).repeat(1, len(targets), *([1] * (maps.dim() - 1))) if multi else maps

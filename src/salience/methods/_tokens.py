@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -212,7 +213,7 @@ def _check_grid(grid: object) -> Optional[tuple[int, int]]:
     if grid is None:
         return None
     if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)):
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in grid)):
         raise SalienceError(
             f"grid must be (h, w), two positive ints (the patch grid, e.g. grid=(14, 14) for a 224x224 "
             f"input and 16-pixel patches); got {grid!r}"
@@ -223,12 +224,12 @@ def _check_grid(grid: object) -> Optional[tuple[int, int]]:
 def _check_prefix(prefix_tokens: object) -> Optional[int]:
     if prefix_tokens is None:
         return None
-    if not isinstance(prefix_tokens, int) or isinstance(prefix_tokens, bool) or prefix_tokens < 0:
+    if not isinstance(prefix_tokens, numbers.Integral) or isinstance(prefix_tokens, bool) or prefix_tokens < 0:
         raise SalienceError(
             f"prefix_tokens must be a non-negative int (the class / distillation / register tokens before "
             f"the patches, e.g. 1 for a ViT's class token); got {prefix_tokens!r}"
         )
-    return prefix_tokens
+    return int(prefix_tokens)
 
 
 def _aspect_grid(n: int, size: Sequence[int]) -> Optional[tuple[int, int]]:

@@ -30,6 +30,8 @@ Regularizers that make the picture readable, each optional:
 """
 from __future__ import annotations
 
+import numbers
+import operator
 from contextlib import ExitStack
 from typing import Callable, Optional, Sequence, Union
 
@@ -148,7 +150,7 @@ def _check_options(model: nn.Module, steps: int, optimizer: str, lr: float, l2: 
     if not isinstance(model, nn.Module):
         raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
     # Not check_int: its wording ("an int >= 1") would drop "a positive integer", which callers match.
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:  # numpy's ints too
         raise SalienceError(f"steps must be a positive integer, got {steps!r}")
     if optimizer not in _OPTIMIZERS:
         raise SalienceError(f"optimizer must be one of {', '.join(_OPTIMIZERS)}, got {optimizer!r}")
@@ -193,7 +195,10 @@ def _image_shape(model: nn.Module, shape: Optional[Sequence[int]]) -> tuple[int,
                 "with an input size)"
             )
         shape = (info.channels, *info.input_size)
-    shape = tuple(int(s) for s in shape)
+    try:
+        shape = tuple(operator.index(s) for s in shape)  # ints, numpy's and 0-d integer tensors; not 8.5, not '8'
+    except TypeError:
+        raise SalienceError(f"shape must be (C, H, W) with positive sizes, got {shape!r}") from None
     if len(shape) != 3 or min(shape) < 1:
         raise SalienceError(f"shape must be (C, H, W) with positive sizes, got {shape}")
     return shape  # type: ignore[return-value]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import numbers
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import backward, check_input
 from salience._core.errors import SalienceError, user_stacklevel
-from salience._core.tensors import check_int, gaussian_blur, check_flag
+from salience._core.tensors import check_finite_tensor, check_int, gaussian_blur, check_flag
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.targets import Predicted, Target, split
@@ -211,7 +212,7 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
                 raise SalienceError(f"blur_sigma must be > 0 pixels, got {blur_sigma!r}")
             return gaussian_blur(x.detach(), float(sigma))
         raise SalienceError(f"unknown baseline {baseline!r}; expected None/'black' (zeros), 'blur', a number or a tensor")
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+    if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):  # numpy's numbers too
         if not math.isfinite(float(baseline)):  # the path points are not checked one by one (they derive from these)
             raise SalienceError(f"the baseline is {baseline!r}; give a finite number")
         return torch.full_like(x, float(baseline))
@@ -225,8 +226,7 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
             f"baseline of shape {tuple(baseline.shape)} does not fit x of shape {tuple(x.shape)}; expected "
             f"{tuple(x.shape)}, (1, {', '.join(map(str, x.shape[1:]))}) or ({', '.join(map(str, x.shape[1:]))})"
         )
-    if not bool(torch.isfinite(bl).all()):
-        raise SalienceError("the baseline contains NaN or infinite values")
+    check_finite_tensor(bl, "the baseline")
     return bl.expand_as(x)
 
 

@@ -35,12 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salience import reduce as _reduce
+from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import check_input, class_probabilities, forward_scores, looks_like_probabilities
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
-from salience._core.tensors import check_int, check_number, gaussian_blur, check_flag
+from salience._core.tensors import check_finite_tensor, check_int, check_number, gaussian_blur, check_flag
 from salience.methods._multi import several_targets
 from salience.reduce import Reduction
 from salience.targets import Classes, MultiLabel, Predicted, Target, resolve, split
@@ -133,7 +134,17 @@ def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bo
                 f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__} (a scalar loss does not apply)"
             )
         cols.append(s)
-    return torch.stack(cols, dim=1)
+    scores = torch.stack(cols, dim=1)
+    scope = _derived.current()
+    if scope is not None:  # in the passes: tested with the call's one synchronization at the end
+        scope.defer("finite:scores", ~torch.isfinite(scores).all(), _refuse_scores)
+    return scores
+
+
+def _refuse_scores() -> None:
+    raise SalienceError("the model's scores of the perturbed images are NaN or infinite, which makes the map NaN; "
+                        "check what the model gives for such images (e.g. model(torch.zeros_like(x)) for masked "
+                        "pixels), or use a gradient method")
 
 
 def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Target],
@@ -202,7 +213,7 @@ def _baseline(x: Tensor, baseline: Any) -> Tensor:
         return gaussian_blur(x, sigma=max(1.0, min(x.shape[-2:]) / 16))
     if isinstance(baseline, Tensor):
         try:
-            return baseline.to(device=x.device, dtype=x.dtype).expand_as(x)
+            return check_finite_tensor(baseline.to(device=x.device, dtype=x.dtype), "the baseline").expand_as(x)
         except RuntimeError:
             raise SalienceError(f"a baseline tensor must broadcast to the input {tuple(x.shape)}, got "
                                 f"{tuple(baseline.shape)}") from None
@@ -331,7 +342,8 @@ def rise_masks(start: int, stop: int, size: tuple[int, int], *, cell: int = 7, p
     ch, cw = math.ceil(h / cell), math.ceil(w / cell)
     grids, shifts = [], []
     for i in range(start, stop):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        # modulo 2**64, as torch takes a negative seed: a large one does not overflow its 64 bits, the others unchanged
+        g = torch.Generator().manual_seed((seed * 1_000_003 + i) % 2 ** 64)
         grids.append((torch.rand(cell, cell, generator=g, dtype=torch.float32) < p).to(dtype))  # whatever the default dtype
         shifts.append((int(torch.randint(0, ch, (1,), generator=g)), int(torch.randint(0, cw, (1,), generator=g))))
     grid = torch.stack(grids)
@@ -385,7 +397,7 @@ def rise(
     p = check_number(p, "p", what="the probability of keeping a cell, in (0, 1]")
     if not 0 < p <= 1:
         raise SalienceError(f"p must be in (0, 1] (the probability of keeping a cell), got {p}")
-    seed = check_int(seed, "seed", minimum=None, what="an int")
+    seed = check_int(seed, "seed", minimum=None, what="it fixes the masks, e.g. 0")
     if cell > min(x.shape[-2:]):
         raise SalienceError(f"cell={cell} is more cells than the {x.shape[-2]}x{x.shape[-1]} image has pixels a side")
     budget = _engine.check_memory_options(chunk, max_memory)
