@@ -285,3 +285,24 @@ def test_the_commands_leave_the_users_values_alone(tmp_path, imgs, capsys, monke
         "salience: error: cannot create the output folder out_dir=f/sub (Not a directory)\n"
     assert with_flags("out=run exists; choose another out=", FLAGS, ["out=run"]) == \
         "out=run exists; choose another --out"
+
+
+def test_a_dataset_run_refuses_an_empty_out_and_a_folder_behind_a_file(tmp_path, imgs, capsys, monkeypatch):
+    """``explain_dataset(..., out="")`` wrote the run into the current folder among the user's files (``Path("")``
+    is ``.``): refused as ``run_evaluation``'s empty ``out_dir`` is; an ``out`` under a file was an unexpected
+    NotADirectoryError ('please report it'): a SalienceError, ``--out`` on the command line."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in ("", " "):
+        with pytest.raises(SalienceError) as e:
+            salience.explain_dataset("demo:shapes", imgs, ["vanilla"], out, workers=0)
+        assert str(e.value) == "the output folder's name is empty; give a folder (e.g. out=results/)"
+    assert list(here.iterdir()) == []
+    (tmp_path / "a-file").write_text("x")
+    behind = tmp_path / "a-file" / "run"
+    with pytest.raises(SalienceError) as e:
+        salience.explain_dataset("demo:shapes", imgs, ["vanilla"], behind, workers=0)
+    assert str(e.value) == f"cannot create the output folder {behind} (Not a directory)"
+    assert _cli_error(capsys, str(imgs), "--out", str(behind)) == \
+        f"cannot create the output folder {behind} (Not a directory)"
