@@ -221,11 +221,11 @@ def test_load_models_errors_name_its_keywords_and_the_commands_its_flags(tmp_pat
     py, cli = _load_error(capsys, tmp_path, str(st))
     assert py == f"{st}: a .safetensors file holds weights only; give its architecture too, e.g. model " \
                  f"timm:resnet50 with weights={st} (or torchvision:ARCH, python:MODULE:FUNC)"
-    assert cli == py.replace(f"weights={st}", f"--weights {st}")
+    assert cli == py.replace(f"model timm:resnet50 with weights={st}", f"--model timm:resnet50 --weights {st}")
     torch.save({"w": torch.zeros(1)}, tmp_path / "sd.pt")
     py, cli = _load_error(capsys, tmp_path, str(tmp_path / "sd.pt"))
     assert f"e.g. model torchvision:resnet50 with weights={tmp_path / 'sd.pt'}, or save" in py and "--" not in py
-    assert cli == py.replace("weights=", "--weights ")
+    assert cli == py.replace("model torchvision:resnet50 with weights=", "--model torchvision:resnet50 --weights ")
     torch.save(nn.Linear(2, 2), tmp_path / "whole.pt")
     py, cli = _load_error(capsys, tmp_path, str(tmp_path / "whole.pt"))
     assert "If you trust the file, pass trust_pickle=True; better" in py and "--" not in py
@@ -255,3 +255,54 @@ def test_an_empty_output_folder_names_out_dir_from_python_and_out_on_the_command
     assert main(["explain", "--model", "demo:shapes", "--out", " ", "demo"]) == 2
     assert capsys.readouterr().err.endswith("give a folder (e.g. --out results/)\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_commands_leave_the_users_values_alone(tmp_path, imgs, capsys, monkeypatch):
+    """What the user typed that holds a keyword (a file ``weights=x.pt``, a folder ``out=run``) stays as typed where
+    the message starts with it: the command said ``--weights x.pt: holds a state dict``, ``--out run exists``,
+    ``cannot create the output folder --out f/sub``; and the example of a spec with weights is the command line's
+    ``--model torchvision:resnet50 --weights PATH`` (it said ``model torchvision:resnet50 with --weights PATH``)."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "weights=x.pt")
+    for spec in ("weights=x.pt", "./weights=x.pt"):
+        capsys.readouterr()
+        assert main(["list", "--model", spec]) == 2
+        assert capsys.readouterr().err == (
+            "salience: error: weights=x.pt: holds a state dict (weights only); give its architecture too, e.g. "
+            "--model torchvision:resnet50 --weights weights=x.pt, or save the model as TorchScript\n")
+    (tmp_path / "out=run").mkdir()
+    (tmp_path / "out=run" / "notes.txt").write_text("x")
+    capsys.readouterr()
+    assert main(["explain", str(imgs), "--model", "demo:shapes", "--workers", "0", "--out", "out=run"]) == 2
+    assert capsys.readouterr().err == "salience: error: out=run exists and is not a salience run; choose another " \
+                                      "--out (an empty or new folder)\n"
+    (tmp_path / "out_dir=f").write_text("a file")
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "demo:shapes", "--method", "vanilla", "--out", "out_dir=f/sub"]) == 2
+    assert capsys.readouterr().err == \
+        "salience: error: cannot create the output folder out_dir=f/sub (Not a directory)\n"
+    assert with_flags("out=run exists; choose another out=", FLAGS, ["out=run"]) == \
+        "out=run exists; choose another --out"
+
+
+def test_a_dataset_run_refuses_an_empty_out_and_a_folder_behind_a_file(tmp_path, imgs, capsys, monkeypatch):
+    """``explain_dataset(..., out="")`` wrote the run into the current folder among the user's files (``Path("")``
+    is ``.``): refused as ``run_evaluation``'s empty ``out_dir`` is; an ``out`` under a file was an unexpected
+    NotADirectoryError ('please report it'): a SalienceError, ``--out`` on the command line."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in ("", " "):
+        with pytest.raises(SalienceError) as e:
+            salience.explain_dataset("demo:shapes", imgs, ["vanilla"], out, workers=0)
+        assert str(e.value) == "the output folder's name is empty; give a folder (e.g. out=results/)"
+    assert list(here.iterdir()) == []
+    (tmp_path / "a-file").write_text("x")
+    behind = tmp_path / "a-file" / "run"
+    with pytest.raises(SalienceError) as e:
+        salience.explain_dataset("demo:shapes", imgs, ["vanilla"], behind, workers=0)
+    assert str(e.value) == f"cannot create the output folder {behind} (Not a directory)"
+    assert _cli_error(capsys, str(imgs), "--out", str(behind)) == \
+        f"cannot create the output folder {behind} (Not a directory)"

@@ -16,7 +16,7 @@ from typing import Iterator, Union
 
 from salience._core.errors import SalienceError
 
-__all__ = ["atomic_path", "atomic_write", "make_folder"]
+__all__ = ["atomic_path", "atomic_write", "folder_name", "make_folder"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -120,13 +120,19 @@ def atomic_write(path: PathLike, data: bytes) -> Path:
     return Path(os.fspath(path))
 
 
-def make_folder(path: PathLike, given: str = "out=") -> Path:
-    """The folder ``path``, created with its parents; a :class:`SalienceError` saying why if it cannot be
-    (an empty name too: ``Path("")`` is the current folder, where an unset ``--out "$DIR"`` would spill).
-    ``given``: how the caller's user gives the folder, in the message (a keyword, ``out_dir=``; a flag, ``--out ``)."""
+def folder_name(path: PathLike, given: str = "out=") -> Path:
+    """``path`` as the output folder's :class:`~pathlib.Path`; a :class:`SalienceError` for an empty name
+    (``Path("")`` is the current folder, where an unset ``--out "$DIR"`` would spill). ``given``: how the caller's
+    user gives the folder, in the message (a keyword, ``out_dir=``; a flag, ``--out ``)."""
     if not str(os.fspath(path)).strip():
         raise SalienceError(f"the output folder's name is empty; give a folder (e.g. {given}results/)")
-    folder = Path(path)
+    return Path(path)
+
+
+def make_folder(path: PathLike, given: str = "out=") -> Path:
+    """The folder ``path`` (:func:`folder_name`), created with its parents; a :class:`SalienceError` saying why if
+    it cannot be (an empty name, a file in its way)."""
+    folder = folder_name(path, given)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -37,18 +37,25 @@ def warn(msg: str) -> None:
     print(f"salience: {msg}", file=sys.stderr)
 
 
-def with_flags(message: str, flags: Mapping[str, str]) -> str:
+def with_flags(message: str, flags: Mapping[str, str], given: Sequence[str] = ()) -> str:
     """``message``, an error of the Python API that names its keywords (``masks=DIR``, ``labels=``,
     ``overwrite=True``), as the command says it: each ``flags`` key (the keyword with its ``=``, or a
     whole ``keyword=value``) as its flag (``--masks DIR``, ``--labels-csv``, ``--overwrite``). Only a
     keyword that starts a word (after a space or an opening bracket) is one: a word that only ends in
     one (``layout=``, ``/data/masks=v2``, a path the user gave, ``--out=``) or a quoted value
-    (``'target=3'``, a CSV cell) is left as it is."""
+    (``'target=3'``, a CSV cell) is left as it is; so is each of ``given`` (what the user typed) that holds
+    a keyword, wherever the message repeats it (a file ``weights=x.pt``, a folder ``out=run``, at a word's start
+    too), unless it is a keyword alone (``out=``: which one the message means cannot be told)."""
+    kept = sorted({v for v in given if v not in flags and any(k in v for k in flags)}, key=len, reverse=True)
+    for i, v in enumerate(kept):
+        message = message.replace(v, f"\0{i}\0")
     for word, flag in flags.items():
         def said(m: re.Match) -> str:
             value = m.group(1)
             return flag + (" " if value and value not in ",;:)]}'\"" else "")
         message = re.sub(rf"(?<![^\s(\[]){re.escape(word)}(?=(\S?))", said, message)
+    for i, v in enumerate(kept):
+        message = message.replace(f"\0{i}\0", v)
     return message
 
 
@@ -63,24 +70,36 @@ def _warned_by_salience(frame: Any) -> bool:
 
 
 @contextlib.contextmanager
-def flag_errors(flags: Mapping[str, str]) -> Iterator[None]:
+def flag_errors(flags: Mapping[str, str], args: Optional[argparse.Namespace] = None) -> Iterator[None]:
     """A :class:`SalienceError` of the Python API raised inside, and the warnings salience prints (not
-    those of the user's model or dataset), said with the command's flags (:func:`with_flags`)."""
+    those of the user's model or dataset), said with the command's flags (:func:`with_flags`); the
+    values the user gave in ``args`` (a path ``weights=x.pt``, a folder ``out=run``) are left as they are."""
     import warnings
 
     shown = warnings.formatwarning
+    given = _given(args)
 
     def flagged(message: Any, *args: Any, **kwargs: Any) -> str:
-        said = with_flags(str(message), flags) if _warned_by_salience(sys._getframe(1)) else message
+        said = with_flags(str(message), flags, given) if _warned_by_salience(sys._getframe(1)) else message
         return shown(said, *args, **kwargs)
 
     warnings.formatwarning = flagged
     try:
         yield
     except SalienceError as e:
-        raise SalienceError(with_flags(str(e), flags)) from None
+        raise SalienceError(with_flags(str(e), flags, given)) from None
     finally:
         warnings.formatwarning = shown
+
+
+def _given(args: Optional[argparse.Namespace]) -> list[str]:
+    """The text values of ``args`` (lists' items too), each also as a path writes it (``./x`` as ``x``)."""
+    values: list[str] = []
+    for v in vars(args).values() if args is not None else ():
+        for item in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(item, str) and item:
+                values += [item, str(Path(item))]
+    return values
 
 
 # --------------------------------------------------------------------------------- arguments
@@ -212,8 +231,13 @@ def model_specs_help(indent: str = "  ") -> str:
     return "\n".join(f"{indent}{spec:<{width}}{desc}" for spec, desc in MODEL_SPECS)
 
 
-MODEL_FLAGS = {'weights="random"': "--weights random", "weights=": "--weights", "trust_pickle=True": "--trust-pickle"}
-"""The keywords of :func:`salience.load_model` that its errors name, as the commands' flags."""
+MODEL_FLAGS = {**{f"model {spec} with weights=": f"--model {spec} --weights" for spec in
+                  ("torchvision:resnet50", "timm:resnet50")}, "torchvision:ARCH with weights=": "--model "
+               "torchvision:ARCH --weights", 'weights="random"': "--weights random", "weights=": "--weights",
+               "trust_pickle=True": "--trust-pickle"}
+"""The keywords of :func:`salience.load_model` that its errors name, as the commands' flags; its examples of a
+spec with weights (``model timm:resnet50 with weights=PATH``) as the command line says them (``--model
+timm:resnet50 --weights PATH``)."""
 
 
 def load_model_arg(args: argparse.Namespace) -> nn.Module:
@@ -221,7 +245,7 @@ def load_model_arg(args: argparse.Namespace) -> nn.Module:
     output = getattr(args, "output", None)
     if output is not None and re.fullmatch(r"-?\d+", output.strip()):
         output = int(output)
-    with flag_errors(MODEL_FLAGS):
+    with flag_errors(MODEL_FLAGS, args):
         return load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=args.device,
                           output=output)
 

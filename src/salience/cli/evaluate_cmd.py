@@ -73,7 +73,7 @@ def _method_options(args: argparse.Namespace, model: nn.Module, methods: Optiona
     _options.check_layer(model, given)
     if not given:
         return methods, {}
-    with flag_errors(FLAGS):
+    with flag_errors(FLAGS, args):
         x = evaluate.evaluation_input(model, args.images, n=args.n)
     if methods is None:
         methods = default_methods(model, x)
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         kwargs.update(train_fn=demo_train_fn(epochs=6), train_images=2000)
     if isinstance(model, torch.jit.ScriptModule):
         warn(f"no randomization columns: {NO_HOOKS}")
-    with flag_errors(FLAGS):
+    with flag_errors(FLAGS, args):
         report = evaluate.run_evaluation(model, args.out, **kwargs)
     print(f"evaluation written to {args.out}")
     print(f"report: {Path(report).resolve()}")

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     if info.input_size is None:  # the command's inputs are image files: said with its flag, not Python's keyword
         raise needs_one_size(info.name, "give --size H,W")
-    with flag_errors(FLAGS):
+    with flag_errors(FLAGS, args):
         run_ = _explain(args, model, fns, target, show, taken)
     _warn_constant(run_.table, methods)
     errors = sum(1 for e in run_.table.column("error").to_pylist() if e is not None)

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if len(weights) > 1 and len(weights) != len(args.compare):
         raise SalienceError(f"--compare-weights given {len(weights)} times for {len(args.compare)} --compare models: "
                             "give it once (for all of them) or once per --compare, in the same order")
-    with flag_errors(MODEL_FLAGS):  # the models' loading errors (load_model's keywords) said with the flags
+    with flag_errors(MODEL_FLAGS, args):  # the models' loading errors (load_model's keywords) said with the flags
         explorer = start(args.model, args.images, compare=args.compare, host=args.host, port=args.port,
                          max_pixels=args.max_pixels, load=_load_options(args), background=False,
                          compare_load=None if not weights else [{"weights": w} for w in weights]

@@ -238,10 +238,16 @@ def _attribution_pass(model: nn.Module, x: Tensor, targets: list, strip_softmax:
     """The forward and the targets' backward passes with the attention captured with its gradients: once the
     model's attention modules are known (by this or attention rollout), the capture is active only inside them
     during the forward (the backward needs no mode: the gradients come by the matrices' tensor hooks); a narrowed
-    pass that misses or raises runs again with a fresh capture around the whole forward (:func:`scoped`)."""
+    pass that misses or raises runs again with a fresh capture around the whole forward (:func:`scoped`). A target
+    on an inner layer (its forward stops there) is captured around the whole forward and teaches no scope."""
 
     def run(cap: Any) -> None:
         backward(model, x, targets, extra_modes=[cap], strip_softmax=strip_softmax)
+
+    if any(getattr(t, "layer", None) is not None for t in targets):  # the forward stops at the target's layer: the
+        cap = AttentionCapture(batch=x.shape[0], grads=True)  # attention before it is not the model's, nor its scope
+        run(cap)  # (learnt from it, later passes narrowed to those modules gave maps without the layers after it)
+        return cap
 
     def narrowed(cap: AttentionCapture, modules: list[nn.Module]) -> None:
         active = ActiveIn(cap, modules)

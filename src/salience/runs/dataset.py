@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from salience._core import perf as _perf
 from salience._core.errors import SalienceError
-from salience._core.files import atomic_write
+from salience._core.files import atomic_write, folder_name
 from salience._core.guard import run_guard
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress
@@ -228,8 +228,10 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
 
 
 def _out_folder(out: PathLike) -> Path:
-    """The run folder: a local path (or a mounted one); an object storage URL is refused."""
+    """The run folder: a local path (or a mounted one); an object storage URL is refused, and an empty name (the
+    current folder, where a run was written among the user's files)."""
     text = os.fspath(out)
+    folder_name(text)  # an empty name refused (not as a Path: s3://b/r would be s3:/b/r)
     if remote.is_remote(text):
         raise SalienceError(f"out={text}: a run folder must be a local (or mounted) folder, not object storage "
                             "(resuming needs atomic renames and a lock); write it locally, then copy it "

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from salience._core.errors import SalienceError, user_stacklevel
+from salience._core.files import make_folder
 
 LOCK_NAME = ".salience-run.lock"
 """The lock file's name inside a run folder (never removed, never an input: a hidden file)."""
@@ -125,7 +126,7 @@ def run_lock(folder: Path) -> Iterator[Optional[Writer]]:
     """Hold the lock of the run folder ``folder`` (created if needed) while the block runs; a
     :class:`SalienceError` at once when another live process holds it. Yields what a process that
     writes shards for this run passes to :func:`commit_fence` (``None``: the file system cannot lock)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)  # a file in its way: said as such (it was an unexpected NotADirectoryError)
     path = folder / LOCK_NAME
     key = os.path.realpath(folder)
     with _held_lock:
