@@ -1,11 +1,15 @@
 """Hooks a model's own forward registers during salience's passes and leaves on the model (a forward hook, a
-pre-hook, a full backward hook, a global module hook, one registered lazily on the first call) are taken off when
+pre-hook, a full backward hook, a state-dict hook, one registered lazily on the first call) are taken off when
 the guard leaves (session 37): SmoothGrad's passes left one per pass, hooks the user never asked for (their own
-single forward adds one). The user's own hooks, registered before, stay and are still called; salience's own hooks
-(an observer a dataset run puts on the model around a call) stay too. On an exception, nested in a dataset run's
-guard, and with two threads explaining the same model. What remains a limit is in ``_core/guard.py``'s docstring."""
+single forward adds one). The user's own hooks, registered before, stay and are still called, also one whose key
+another process's counter gave (a model pickled whole); salience's own hooks (an observer a dataset run puts on the
+model around a call) stay too; torch's global module hooks are the process's and stay (another thread's profiler).
+On an exception, nested in a dataset run's guard, and with two threads explaining the same model. What remains a
+limit is in ``_core/guard.py``'s docstring."""
 from __future__ import annotations
 
+import contextlib
+import pickle
 import threading
 
 import pytest
@@ -25,16 +29,20 @@ GLOBAL_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_b
                 "_global_backward_pre_hooks", "_global_forward_hooks_always_called",
                 "_global_forward_hooks_with_kwargs", "_global_buffer_registration_hooks",
                 "_global_module_registration_hooks", "_global_parameter_registration_hooks")
-KINDS = ("forward", "pre", "backward", "global", "lazy", "state_dict")
+KINDS = ("forward", "pre", "backward", "lazy", "state_dict")
 
 
 def _nothing(*args, **kwargs) -> None:
     return None
 
 
+def _doubled(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out * 2
+
+
 class Hooking(nn.Module):
     """A forward that registers a hook of ``kind`` on each call (``lazy``: on its first call only, with kwargs and
-    ``always_call``, so the companion dicts get keys too), and raises after it if ``fail``."""
+    ``always_call``, so the companion dicts get keys too; another kind: none), and raises after it if ``fail``."""
 
     def __init__(self, kind: str, fail: bool = False) -> None:
         super().__init__()
@@ -49,11 +57,9 @@ class Hooking(nn.Module):
             self.conv.register_forward_pre_hook(_nothing)
         elif self.kind == "backward":
             self.fc.register_full_backward_hook(_nothing)
-        elif self.kind == "global":
-            torch_module.register_module_forward_hook(_nothing)
         elif self.kind == "state_dict":
             self.fc.register_state_dict_pre_hook(_nothing)
-        elif not getattr(self, "hooked", False):
+        elif self.kind == "lazy" and not getattr(self, "hooked", False):
             self.conv.register_forward_hook(_nothing, with_kwargs=True, always_call=True)
             self.conv.register_forward_pre_hook(_nothing, with_kwargs=True)
             self.hooked = True
@@ -144,7 +150,7 @@ def test_nested_in_a_guard_and_in_a_run_guard(kind):
     assert_users_hook_still_called(model, calls)
 
 
-@pytest.mark.parametrize("kind", ["forward", "global", "lazy"])
+@pytest.mark.parametrize("kind", ["forward", "lazy"])
 def test_two_threads_explaining_the_same_model(kind):
     model, calls = user_hooked(kind)
     before = hooks(model)
@@ -206,3 +212,68 @@ def test_a_hook_left_by_a_guard_that_another_threads_guard_outlived():
     assert all(s.is_set() for s in steps)
     assert hooks(model) == before
     assert_users_hook_still_called(model, calls)
+
+
+@pytest.mark.parametrize("ahead", [10 ** 6, 3])
+def test_a_hook_whose_key_another_process_gave_stays(ahead):
+    """A model pickled whole with a hook of the user's (``torch.save(model)`` and ``torch.load``, the copy a Ray actor
+    unpickles) keeps the key the saving process's counter gave it, which may be past this process's counter (a fresh
+    process starts at 0). The sweep took every key from the block's start on: the user's hook went at the first call
+    that registered one (Grad-CAM's own), and the model's outputs changed for good. Only keys given during the block
+    (below the counter when it leaves) are swept, and not one the module had when recorded: this process's counter
+    reaches the key a few calls later (``ahead=3``), in a dataset run's guard too."""
+    torch.manual_seed(0)
+    model = Hooking("none")
+    handle = model.fc.register_forward_hook(_doubled)
+    dicts = model.fc._forward_hooks
+    dicts[handle.id + ahead] = dicts.pop(handle.id)  # as another process's counter, further, gave it
+    model = pickle.loads(pickle.dumps(model))
+    x = torch.rand(1, 3, 8, 8)
+    before, out = hooks(model), model(x)
+    for guard in (contextlib.nullcontext(), run_guard(model)):
+        with guard:
+            for _ in range(3):  # Grad-CAM's own hook and a hook of the forward's: the counter moves by 2 a call
+                model.kind = "forward"
+                salience.gradcam(model, x, 0, layer="conv")
+                model.kind = "none"
+                assert hooks(model) == before
+    assert torch.equal(model(x), out)
+
+
+def test_a_global_hook_another_thread_registers_during_a_call_stays():
+    """torch's global module hooks are the process's, not the model's: one that another thread registers while
+    salience's call runs (a profiler's, a monitoring library's) stays and is still called. The sweep took every global
+    hook registered anywhere in the process during the call (a key says when it was registered, not by whom)."""
+    started, go = threading.Event(), threading.Event()
+
+    class Paused(Hooking):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            started.set()
+            go.wait(5)
+            return super().forward(x)
+
+    me, seen, errors = threading.get_ident(), [], []
+
+    def count(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if threading.get_ident() == me:  # this thread's passes only (the profiler's own)
+            seen.append(type(module).__name__)
+
+    def work() -> None:
+        try:
+            explain("vanilla", Paused("none"))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    assert started.wait(5)
+    handle = torch_module.register_module_forward_hook(count)  # registered while the call holds its model
+    try:
+        go.set()
+        thread.join()
+        assert not errors
+        assert handle.id in torch_module._global_forward_hooks
+        nn.Linear(2, 2)(torch.rand(1, 2))
+        assert seen == ["Linear"]
+    finally:
+        handle.remove()

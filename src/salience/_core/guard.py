@@ -41,10 +41,13 @@ The hooks a forward registers and leaves on the model are taken off too (session
 the first call stayed. Every registration takes the next key of one counter (``RemovableHandle.next_id``): each
 hold reads it when it begins and compares it when it leaves (the common case, no hook registered anywhere meanwhile,
 costs that one read); where it moved, the modules put back (their last holder left, or a run guard's baseline put
-back after a call) lose the hooks whose keys are their record's or later, from every hook dict (forward, pre,
-backward, backward pre, state-dict and load hooks, and the ``with_kwargs`` / ``always_called`` companions), and
-torch's global module hook dicts those since the earliest of them (:func:`_unhook`). Salience's own hooks are kept
-(:func:`~salience._core.autograd.this_thread`'s and observers, which their code removes itself: a dataset run's
+back after a call) lose the hooks whose keys are their record's or later and below the counter's value then, from
+every hook dict (forward, pre, backward, backward pre, state-dict and load hooks, and the ``with_kwargs`` /
+``always_called`` companions; :func:`_unhook`), but those keys the module had when recorded (:func:`_foreign`): a
+key past the counter came from another process's (a model pickled whole with a hook of the user's, ``torch.load``'s
+or a Ray actor's copy; swept from the block's start on with no end, it went at the first call that registered a hook,
+Grad-CAM's own, and the outputs changed; this process's counter reaches it later). Salience's own hooks are kept (:func:`~salience._core.autograd.this_thread`'s and observers, which their code removes itself: a
+dataset run's
 observer around a call; the guard's own, in ``handles``, go first). A hold that leaves modules another guard still
 holds notes them (``_stale``): the hold putting them back sweeps them even if it began after the hook. A sweep
 looks at every hook dict of the modules put back (:func:`_drop_hooks`): tens of microseconds on resnet50, paid
@@ -61,9 +64,12 @@ elements compares by identity, its ``==`` raising) keeps the new object; an attr
 (``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own. What another thread of
 the user's sets on the model while salience's call runs (its own forward's counter) is put back with salience's:
 the guard cannot tell whose it is; the dicts are put back in place, never emptied meanwhile, so that thread's
-forward does not fail (``_restore_mapping``). So are the hooks it registers meanwhile on the modules put back, and
-a global module hook registered anywhere in the process meanwhile (by any thread: the user's profiler's, another
-library's), unless it is salience's own: a key says when a hook was registered, not by whom.
+forward does not fail (``_restore_mapping``). So are the hooks it registers meanwhile on the modules put back
+(a key says when a hook was registered, not by whom), and a state-dict hook of a torch.nn layer without other
+hooks whose key another process gave (pickled), once this process's counter reaches it. Torch's global module hooks (``register_module_forward_hook``)
+are the process's, not the model's, and are left alone, one a forward registers too: any thread registers them
+(a profiler's ``ModuleTracker``, ``FlopCounterMode``, for its block), and sweeping those registered anywhere during
+a call took another thread's (``tests/test_guard_hooks.py``).
 
 A dataset run holds the model for the whole run (:func:`run_guard`): the full save and restore
 (about 1.7 ms on resnet50 on one CPU core, 5 ms before the records were made light) is paid once per
@@ -98,7 +104,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _torch_module
 from torch.utils.hooks import RemovableHandle as _Handle
 
 from salience._core.errors import SalienceError
@@ -140,7 +145,8 @@ class ModuleState(_Entry):
     lists per object: recording resnet50's 320 objects cost 1.85 ms that way, 0.65 ms now (0.25 ms of it
     the buffers' clones), and putting them back 0.52 ms, now 0.22 ms."""
 
-    __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since")
+    __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since",
+                 "foreign")
 
     def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
         self.take(module, wrapper)
@@ -182,8 +188,10 @@ class ModuleState(_Entry):
             plain = False
         if plain:
             self.attrs = None  # params and children are read only with attrs
+            self.foreign = _NO_KEYS  # no forward or backward hook (a state-dict hook's key is not looked at)
         else:
             self.attrs = attrs.copy()
+            self.foreign = _foreign(attrs, self.since)
             # copies (the shared _EMPTY for an empty one), or None for what is no plain dict (TorchScript's wrapper)
             slot = attrs.get("_parameters")
             self.params = (slot.copy() if slot else _EMPTY) if type(slot) is dict else None
@@ -484,7 +492,8 @@ def _release(objects: list, run: bool = False, start: int = -1) -> None:
     holds any more is put back; one that only run guards hold now gets its baseline back. ``start``: the
     hold's :data:`_Handle.next_id` when it began (-1: unknown); where a hook was registered since (or a hold
     left one to sweep, ``_stale``), the hooks registered since on what is put back are removed (:func:`_unhook`)."""
-    moved = _Handle.next_id != start  # the common case: no hook registered anywhere since, one attribute read
+    until = _Handle.next_id  # the key the next hook registered anywhere gets
+    moved = until != start  # the common case: no hook registered anywhere since, one attribute read
     last: tuple[list, list] = ([], [])
     back: tuple[list, list] = ([], [])
     for obj in objects:
@@ -506,7 +515,7 @@ def _release(objects: list, run: bool = False, start: int = -1) -> None:
     if moved or _stale:
         try:  # some objects still held by a model_guard (or not captured, an error while entering): noted, see _unhook
             kept = len(last[0]) + len(last[1]) + len(back[0]) + len(back[1]) < len(objects)
-            _unhook(objects if kept else (), last[0] + back[0], moved)
+            _unhook(objects if kept else (), last[0] + back[0], moved, until)
         except BaseException as e:
             error = error or e
     if error is not None:
@@ -531,12 +540,13 @@ def _each(states: list, put_back: bool) -> Optional[BaseException]:
     return error
 
 
-def _unhook(objects: Any, states: list, moved: bool) -> None:
-    """The hooks registered since each of ``states`` was recorded (the :class:`ModuleState` records put back: their
-    last holder left, or their baseline put back) removed from its module, and from torch's global dicts those since
-    the earliest, all but salience's own (:func:`_own_hook`). Then ``objects`` (a hold's, left; empty where all were
-    put back) that a model_guard still holds are noted in ``_stale`` if the counter ``moved`` in the hold's block:
-    what their forward registered then is swept by the hold that puts them back, which may have begun after it."""
+def _unhook(objects: Any, states: list, moved: bool, until: int) -> None:
+    """The hooks registered since each of ``states`` was recorded and before ``until`` (the counter when the hold
+    left) removed from its module (the :class:`ModuleState` records put back: their last holder left, or their
+    baseline put back), all but salience's own (:func:`_own_hook`). Then ``objects`` (a hold's, left; empty where all
+    were put back) that a model_guard still holds are noted in ``_stale`` if the counter ``moved`` in the hold's
+    block: what their forward registered then is swept by the hold that puts them back, which may have begun after
+    it."""
     if _stale:
         for state in states:
             _stale.discard(id(state.module))
@@ -545,9 +555,7 @@ def _unhook(objects: Any, states: list, moved: bool) -> None:
     except Exception:  # a module made without nn.Module.__init__ (a dict missing)
         hooked = states
     for state in hooked:
-        _drop_hooks(state.module.__dict__, state.since, _HOOK_DICTS, _COMPANIONS)
-    if states:
-        _drop_hooks(vars(_torch_module), min(map(_SINCE_OF, states)), _GLOBAL_HOOK_DICTS, _GLOBAL_COMPANIONS)
+        _drop_hooks(state.module.__dict__, state.since, until, state.foreign)
     for obj in objects:
         entry = _held.get(id(obj))
         if entry is None:
@@ -556,21 +564,38 @@ def _unhook(objects: Any, states: list, moved: bool) -> None:
             _stale.add(id(obj))
 
 
-def _drop_hooks(attrs: Any, since: int, names: tuple, companions: tuple) -> None:
-    """The hooks of the dicts ``names`` of ``attrs`` (a module's ``__dict__``, or torch's module of the global
-    ones) whose keys (:class:`~torch.utils.hooks.RemovableHandle` ids, from one counter) are ``since`` or later
-    removed, with their keys in the ``companions`` dicts (``with_kwargs``, ``always_called``), but salience's own."""
-    for name in names:
+def _drop_hooks(attrs: dict, since: int, until: int, foreign: Any) -> None:
+    """The hooks of a module (``attrs``, its ``__dict__``) whose keys (:class:`~torch.utils.hooks.RemovableHandle`
+    ids, from one counter) are ``since`` or later and below ``until`` removed from each of its hook dicts, with their
+    keys in the companion dicts (``with_kwargs``, ``always_called``), but salience's own and the ``foreign`` keys
+    (:func:`_foreign`). A key past ``until`` was not given in the block either: another process's counter gave it (a
+    model pickled whole with its hooks, a Ray actor's copy)."""
+    for name in _HOOK_DICTS:
         hooks = attrs.get(name)
         if not hooks or not isinstance(hooks, dict):
             continue
         # a copy at once (in C): another thread may add its hook meanwhile
-        for key in [k for k, h in tuple(hooks.items()) if type(k) is int and k >= since and not _own_hook(h)]:
+        for key in [k for k, h in tuple(hooks.items())
+                    if type(k) is int and since <= k < until and k not in foreign and not _own_hook(h)]:
             hooks.pop(key, None)
-            for companion in companions:
+            for companion in _COMPANIONS:
                 extra = attrs.get(companion)
                 if extra:
                     extra.pop(key, None)
+
+
+def _foreign(attrs: dict, since: int) -> Any:
+    """The keys of a module's hooks (``attrs``, its ``__dict__``) that are ``since`` (the counter when its state is
+    recorded) or later: another process's counter gave them (a model pickled whole with the user's hooks, a Ray
+    actor's copy), and this one's reaches them in some later block, which must not sweep them (:func:`_drop_hooks`)."""
+    try:
+        dicts = _HOOKS_OF(attrs)
+        if not any(dicts):  # in C, as _unhook's look (most modules: none)
+            return _NO_KEYS
+    except Exception:  # a module made without nn.Module.__init__ (a dict missing)
+        return _NO_KEYS
+    return frozenset(k for d in dicts if isinstance(d, dict) for k in tuple(d) if type(k) is int and k >= since) \
+        or _NO_KEYS
 
 
 def _own_hook(hook: Any) -> bool:
@@ -579,17 +604,15 @@ def _own_hook(hook: Any) -> bool:
     return getattr(hook, "salience_thread", None) is not None or getattr(hook, "salience_observer", False) is True
 
 
-# every hook dict of a module and of torch's global module hooks; the companions hold flags under the same keys
+# every hook dict of a module; the companions hold flags under the same keys. Not torch's global module hooks
+# (``register_module_forward_hook``): the process's, which any thread registers (a profiler's, for its block), and a
+# key says when a hook was registered, not by whom
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
                "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 _COMPANIONS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
-_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                      "_global_backward_pre_hooks", "_global_buffer_registration_hooks",
-                      "_global_module_registration_hooks", "_global_parameter_registration_hooks")
-_GLOBAL_COMPANIONS = ("_global_forward_hooks_with_kwargs", "_global_forward_hooks_always_called")
 _HOOKS_OF = operator.itemgetter(*_HOOK_DICTS)
+_NO_KEYS: frozenset = frozenset()
 _ATTRS_OF = operator.attrgetter("module.__dict__")
-_SINCE_OF = operator.attrgetter("since")
 
 
 class _Deferred:
@@ -667,9 +690,9 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     replaced, deleted or filled (a ``None`` slot), the modules' plain attributes (one level; see the module's
     docstring for torch.nn's own layers and the limits), and each parameter's and buffer's Python attributes
     (those ``torch.compile`` sets on the tensors it traces are removed), and takes off the hooks registered in the
-    block on the model's modules and torch's global module hooks (salience's own excepted), also if the block
-    raises. A caller's ``torch.autocast`` is off in the block (this thread's): the passes run in the precision of
-    salience's ``precision=`` option (fp32 unless asked), which enters its own autocast inside.
+    block on the model's modules (salience's own excepted; torch's global module hooks, the process's, stay), also
+    if the block raises. A caller's ``torch.autocast`` is off in the block (this thread's): the passes run in the
+    precision of salience's ``precision=`` option (fp32 unless asked), which enters its own autocast inside.
 
     The guard holds each module and parameter, not the model: nested calls (SmoothGrad around
     vanilla), threads explaining the same model, and threads explaining two models that share
