@@ -247,3 +247,61 @@ def test_compile_on_a_torchscript_model_runs_eagerly(method):
                                                            "model; running eagerly"):
         got = salience.METHODS[method](model, X, None, compile="eager", **CHEAP.get(method, {}))
     torch.testing.assert_close(got, want)
+
+
+class _Derived(_TwoInputs):
+    """A model whose forward (needing a mask) is its base class's: Python names ``_TwoInputs.forward``."""
+
+
+class _Masker(torch.nn.Module):
+    def forward(self, x, mask):
+        return x * mask
+
+
+class _CallsItWrongly(torch.nn.Module):
+    """A model whose own forward calls a submodule without its second input: the model's bug."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.masker = _cnn(), _Masker()
+
+    def forward(self, x):
+        return self.net(self.masker(x))
+
+
+class _Nested(torch.nn.Module):
+    """A model whose forward calls a module of its own class without the mask: the model's bug too."""
+
+    def __init__(self, inner=True):
+        super().__init__()
+        self.net, self.inner = _cnn(), (_Nested(False) if inner else None)
+
+    def forward(self, x, mask=None):
+        return self.net(x) if self.inner is None else self.inner(mask=x)  # the bug: x given as the mask
+
+
+@pytest.mark.parametrize("make", [_Derived, lambda: torch.compile(_TwoInputs(), backend="eager"),
+                                  lambda: torch.nn.DataParallel(_TwoInputs()),
+                                  lambda: torch.jit.script(_TwoInputs().eval())],
+                         ids=["inherited-forward", "torch.compile", "DataParallel", "TorchScript"])
+@pytest.mark.parametrize("method", ["vanilla", "occlusion"])
+def test_a_wrapped_or_derived_model_that_needs_a_second_input(make, method):
+    """The check matched the model's class name only: a forward inherited from a base class (Python's
+    message names the base), a model wrapped by ``torch.compile`` or ``nn.DataParallel``, and a TorchScript
+    model (torch's RuntimeError "forward() is missing value for argument 'mask'") stayed raw errors."""
+    model = make()
+    with unchanged(model), pytest.raises(SalienceError, match=r"the model's forward needs more than the image batch "
+                                                              r"\(.*'mask'.*\).*wrap the model"):
+        salience.METHODS[method](model, X, None)
+
+
+@pytest.mark.parametrize("make, raw", [(_CallsItWrongly, r"_Masker.forward\(\) missing 1 required"),
+                                       (_Nested, r"_Nested.forward\(\) missing 1 required")],
+                         ids=["submodule", "same-class-submodule"])
+def test_a_submodule_called_wrongly_keeps_its_error(make, raw):
+    """The model's own bug (its forward calls a submodule, even one of its own class, without an
+    argument) propagates as Python's TypeError with its traceback: it is not "the model needs a second
+    input"."""
+    model = make()
+    with unchanged(model), pytest.raises(TypeError, match=raw):
+        salience.vanilla(model, X)

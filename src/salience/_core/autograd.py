@@ -8,8 +8,10 @@ touched and no graph is built for parameters.
 """
 from __future__ import annotations
 
+import inspect
 import re
 import threading
+import traceback
 import warnings
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -135,16 +137,41 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
     except (RuntimeError, AssertionError, ValueError) as e:
         if isinstance(e, SalienceError):
             raise
+        if isinstance(model, torch.jit.ScriptModule) and _SCRIPT_MISSING.match(str(e)):
+            raise SalienceError(_needs_more(str(e).split(". Declaration")[0])) from e
         said = next((uncoloured(line).strip() for line in str(e).splitlines() if _SHAPE_FAILURE.search(line)), None)
         if said is None:
             raise
         raise SalienceError(_shape_message(model, x, said.removeprefix("RuntimeError: "))) from e
     except TypeError as e:  # the model's own forward needs more than x (a second input): not one of its bugs
-        if not re.match(rf"{re.escape(type(model).__qualname__)}\.forward\(\) missing \d+ required", str(e)):
+        if not _needs_more_inputs(model, e):
             raise
-        raise SalienceError(
-            f"the model's forward needs more than the image batch ({e}); salience calls model(x) with x alone: "
-            "wrap the model in an nn.Module whose forward(x) gives it the rest") from e
+        raise SalienceError(_needs_more(str(e))) from e
+
+
+_MISSING = re.compile(r"(\S+)\.forward\(\) missing \d+ required")
+_SCRIPT_MISSING = re.compile(r"forward\(\) is missing value for argument")  # TorchScript's (its submodules' are typed)
+
+
+def _needs_more(said: str) -> str:
+    return (f"the model's forward needs more than the image batch ({said}); salience calls model(x) with x alone: "
+            "wrap the model in an nn.Module whose forward(x) gives it the rest")
+
+
+def _needs_more_inputs(model: nn.Module, e: TypeError) -> bool:
+    """Whether ``e`` is Python's refusal to call the forward of ``model`` (or of the module it wraps:
+    ``torch.compile``'s, ``nn.DataParallel``'s) with ``x`` alone. Python names the function that defines it
+    (a base class's, for a forward inherited); a TypeError raised once that forward runs (a submodule called
+    without an argument, even one of the model's class) is the model's bug, kept as it is."""
+    said = _MISSING.match(str(e))
+    inner: Any = model
+    while said is not None and isinstance(inner, nn.Module):
+        forward = inspect.unwrap(type(inner).forward)
+        if getattr(forward, "__qualname__", None) == f"{said.group(1)}.forward":
+            code = getattr(forward, "__code__", None)
+            return not any(frame.f_code is code for frame, _ in traceback.walk_tb(e.__traceback__))
+        inner = getattr(inner, "_orig_mod", None) or getattr(inner, "module", None)  # compile's, DataParallel's
+    return False
 
 
 def _first_conv(model: nn.Module) -> Optional[tuple[str, int]]:
