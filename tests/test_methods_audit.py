@@ -305,3 +305,36 @@ def test_a_submodule_called_wrongly_keeps_its_error(make, raw):
     model = make()
     with unchanged(model), pytest.raises(TypeError, match=raw):
         salience.vanilla(model, X)
+
+
+TARGET_METHODS = GRADIENT_METHODS + ["gradcam", "gradcam_plus_plus", "hirescam", "xgradcam", "layercam"]
+
+
+@pytest.mark.parametrize("method", TARGET_METHODS)
+def test_gradient_methods_refuse_nan_scores(method):
+    """A target's score that is NaN (a model taking a log of a negative number) gave a map of NaN silently
+    in the 12 gradient methods, as in the perturbation methods before their check."""
+    model = _NaNScores()
+    with unchanged(model), pytest.raises(SalienceError, match=r"the target's score is NaN or infinite"):
+        salience.METHODS[method](model, X, 0, **CHEAP.get(method, {}))
+
+
+class _MaskedLogProbabilities(torch.nn.Module):
+    """Log-probabilities with class 3 ruled out (``-inf``): legitimate, the target is another class."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _cnn()
+
+    def forward(self, x):
+        out = torch.log_softmax(self.net(x), 1)
+        return out.masked_fill(torch.arange(out.shape[1]) == 3, float("-inf"))
+
+
+@pytest.mark.parametrize("method", TARGET_METHODS + ["occlusion", "rise"])
+def test_an_infinite_score_of_another_class_is_taken(method):
+    """Only the target's scores are checked: an output whose other class is ``-inf`` explains class 0 (the
+    guard against refusing too much: it passed before the check, and must still)."""
+    model = _MaskedLogProbabilities()
+    with unchanged(model):
+        assert torch.isfinite(salience.METHODS[method](model, X, 0, **CHEAP.get(method, {}))).all()

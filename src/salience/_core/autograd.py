@@ -686,6 +686,9 @@ def backward(
         raise SalienceError("no target to differentiate")
     target_layer = _common_layer(targets)
     with ExitStack() as stack:
+        # the call's deferred checks (the targets' scores finite, the probabilities warning): one synchronization
+        # after the backward pass, none in a many-pass call (its scope, which this joins, tests them at its end)
+        stack.enter_context(_derived.run_scope())
         stack.enter_context(model_guard(model))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
@@ -708,12 +711,12 @@ def backward(
                 frozen = _perf.gradient_call(model, x_in, targets[0], strip_softmax, _unwrapper(model))
         if frozen is not None:
             out, captured = frozen[0], []  # already the score tensor (_unwrapper's, in the graph)
-            scores = [check_scores(targets[0](out), x.shape[0])]  # the classes' range checked here
+            scores = _finite_scores([check_scores(targets[0](out), x.shape[0])])  # the classes' range checked here
             per_target = [[frozen[1]]]
         else:
             with model_call(model, x_in):
                 out, captured = _forward(model, x_in, target_layer, layers, strip_softmax, extra_modes)
-            scores = [check_scores(t(out), x.shape[0]) for t in targets]
+            scores = _finite_scores([check_scores(t(out), x.shape[0]) for t in targets])
             wrt = ([x_in] if input_grad else []) + [c[0] for c in captured]
             per_target = _walk_back(scores, wrt, input_grad)
     inputs = None
@@ -764,6 +767,21 @@ def check_scores(scores: Any, batch: int) -> Tensor:
             f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
         )
     return scores
+
+
+def _finite_scores(scores: list[Tensor]) -> list[Tensor]:
+    """``scores``, with their finiteness deferred to the end of the call (:func:`salience._core.derived.run_scope`):
+    a NaN or infinite score of the target made a map of NaN silently. The target's scores only: another class's
+    output may be ``-inf`` (log-probabilities of a class ruled out)."""
+    bad = torch.stack([~torch.isfinite(s.detach()).all() for s in scores]).any()
+    _derived.current().defer("finite:target", bad, _refuse_target_scores)  # type: ignore[union-attr]
+    return scores
+
+
+def _refuse_target_scores() -> None:
+    raise SalienceError("the target's score is NaN or infinite (the model's output, or the target's function of it), "
+                        "which makes the map NaN; check torch.isfinite(model(x)) and the target, e.g. a log or a "
+                        "division in the model's forward")
 
 
 def looks_like_probabilities(out: Tensor) -> bool:
