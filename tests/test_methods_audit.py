@@ -338,3 +338,16 @@ def test_an_infinite_score_of_another_class_is_taken(method):
     model = _MaskedLogProbabilities()
     with unchanged(model):
         assert torch.isfinite(salience.METHODS[method](model, X, 0, **CHEAP.get(method, {}))).all()
+
+
+def test_an_exported_program_that_needs_a_second_input_says_to_wrap_it():
+    """``torch.export``'s module of a two-input program, passed in Python (the loader refuses its file),
+    stopped every method with torch's raw ValueError "Trying to flatten user inputs with exported input
+    tree spec" (its unflattened module with a raw TypeError "There is no flat args adapter specified")."""
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(_TwoInputs().eval(), (X, torch.ones_like(X)),
+                                  dynamic_shapes={"x": {0: batch}, "mask": {0: batch}})
+    for method, module in [("vanilla", program.module()), ("occlusion", program.module()),
+                           ("vanilla", torch.export.unflatten(program))]:
+        with pytest.raises(SalienceError, match=r"the model's forward needs more than the image batch .*wrap the model"):
+            salience.METHODS[method](module, X, None)

@@ -137,8 +137,9 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
     except (RuntimeError, AssertionError, ValueError) as e:
         if isinstance(e, SalienceError):
             raise
-        if isinstance(model, torch.jit.ScriptModule) and _SCRIPT_MISSING.match(str(e)):
-            raise SalienceError(_needs_more(str(e).split(". Declaration")[0])) from e
+        if isinstance(model, torch.jit.ScriptModule) and _SCRIPT_MISSING.match(str(e)) \
+                or str(e).startswith(_EXPORT_INPUTS):
+            raise SalienceError(_needs_more(str(e).split(". Declaration")[0].split(":")[0])) from e
         said = next((uncoloured(line).strip() for line in str(e).splitlines() if _SHAPE_FAILURE.search(line)), None)
         if said is None:
             raise
@@ -151,6 +152,7 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
 
 _MISSING = re.compile(r"(\S+)\.forward\(\) missing \d+ required")
 _SCRIPT_MISSING = re.compile(r"forward\(\) is missing value for argument")  # TorchScript's (its submodules' are typed)
+_EXPORT_INPUTS = "Trying to flatten user inputs with exported input tree spec"  # a torch.export program's module
 
 
 def _needs_more(said: str) -> str:
@@ -163,6 +165,8 @@ def _needs_more_inputs(model: nn.Module, e: TypeError) -> bool:
     ``torch.compile``'s, ``nn.DataParallel``'s) with ``x`` alone. Python names the function that defines it
     (a base class's, for a forward inherited); a TypeError raised once that forward runs (a submodule called
     without an argument, even one of the model's class) is the model's bug, kept as it is."""
+    if type(model).__name__ == "UnflattenedModule" and str(e).startswith("There is no flat args adapter specified"):
+        return True  # torch.export.unflatten's module of a program exported with more inputs
     said = _MISSING.match(str(e))
     inner: Any = model
     while said is not None and isinstance(inner, nn.Module):
