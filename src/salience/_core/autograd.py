@@ -130,7 +130,8 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
     known (the channels its convolution asked for, its first convolution's ``in_channels``, its
     :class:`~salience._core.info.ModelInfo` input size) and what to do; the model's own error is its
     ``__cause__``. So is a model whose ``forward`` needs more arguments than ``x`` (Python's TypeError "X.forward()
-    missing 1 required positional argument"). Any other error propagates as it is (a bug in the model keeps its
+    missing 1 required positional argument", TorchScript's and torch.export's own words: :func:`_needs_more_inputs`).
+    Any other error propagates as it is (a bug in the model keeps its
     traceback)."""
     try:
         yield
