@@ -280,6 +280,17 @@ class _Nested(torch.nn.Module):
         return self.net(x) if self.inner is None else self.inner(mask=x)  # the bug: x given as the mask
 
 
+class _Wraps(torch.nn.Module):
+    """A user's wrapper whose forward calls its ``module`` (as DataParallel names it) without the mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = _TwoInputs()
+
+    def forward(self, x):
+        return self.module(x)
+
+
 @pytest.mark.parametrize("make", [_Derived, lambda: torch.compile(_TwoInputs(), backend="eager"),
                                   lambda: torch.nn.DataParallel(_TwoInputs()),
                                   lambda: torch.jit.script(_TwoInputs().eval())],
@@ -296,8 +307,9 @@ def test_a_wrapped_or_derived_model_that_needs_a_second_input(make, method):
 
 
 @pytest.mark.parametrize("make, raw", [(_CallsItWrongly, r"_Masker.forward\(\) missing 1 required"),
-                                       (_Nested, r"_Nested.forward\(\) missing 1 required")],
-                         ids=["submodule", "same-class-submodule"])
+                                       (_Nested, r"_Nested.forward\(\) missing 1 required"),
+                                       (_Wraps, r"_TwoInputs.forward\(\) missing 1 required")],
+                         ids=["submodule", "same-class-submodule", "a-wrappers-module"])
 def test_a_submodule_called_wrongly_keeps_its_error(make, raw):
     """The model's own bug (its forward calls a submodule, even one of its own class, without an
     argument) propagates as Python's TypeError with its traceback: it is not "the model needs a second

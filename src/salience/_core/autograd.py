@@ -175,7 +175,8 @@ def _needs_more_inputs(model: nn.Module, e: TypeError) -> bool:
         if getattr(forward, "__qualname__", None) == f"{said.group(1)}.forward":
             code = getattr(forward, "__code__", None)
             return not any(frame.f_code is code for frame, _ in traceback.walk_tb(e.__traceback__))
-        inner = getattr(inner, "_orig_mod", None) or getattr(inner, "module", None)  # compile's, DataParallel's
+        inner = (inner.module if isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+                 else getattr(inner, "_orig_mod", None) if type(inner).__name__ == "OptimizedModule" else None)
     return False
 
 
