@@ -363,3 +363,20 @@ def test_an_exported_program_that_needs_a_second_input_says_to_wrap_it():
                            ("vanilla", torch.export.unflatten(program))]:
         with pytest.raises(SalienceError, match=r"the model's forward needs more than the image batch .*wrap the model"):
             salience.METHODS[method](module, X, None)
+
+
+@pytest.mark.parametrize("make, needs", [(_TwoInputs, True), (_Derived, True), (_CallsItWrongly, False), (_Nested, False)],
+                         ids=["two-inputs", "inherited-forward", "submodule", "same-class-submodule"])
+def test_python_39s_words_for_a_missing_argument(make, needs):
+    """Python 3.9 (which salience supports) says "forward() missing 1 required positional argument" without
+    the class's name, which the check required: there a model that needs a second input was a raw TypeError.
+    Python 3.9's words are made here from the error of this Python (the traceback is the same)."""
+    from salience._core.autograd import _needs_more_inputs
+
+    model = make()
+    with pytest.raises(TypeError) as caught:
+        model(X)
+    e = caught.value
+    e.args = (str(e).split(".forward", 1)[-1].join(["forward", ""]) if ".forward()" in str(e) else str(e),)
+    assert str(e).startswith("forward() missing")
+    assert _needs_more_inputs(model, e) is needs

@@ -9,6 +9,7 @@ touched and no graph is built for parameters.
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import threading
 import traceback
@@ -151,7 +152,8 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
         raise SalienceError(_needs_more(str(e))) from e
 
 
-_MISSING = re.compile(r"(\S+)\.forward\(\) missing \d+ required")
+_MISSING = re.compile(r"(?:(\S+)\.)?forward\(\) missing \d+ required")  # Python 3.9 names no class
+_TORCH_AND_OURS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
 _SCRIPT_MISSING = re.compile(r"forward\(\) is missing value for argument")  # TorchScript's (its submodules' are typed)
 _EXPORT_INPUTS = "Trying to flatten user inputs with exported input tree spec"  # a torch.export program's module
 
@@ -165,10 +167,14 @@ def _needs_more_inputs(model: nn.Module, e: TypeError) -> bool:
     """Whether ``e`` is Python's refusal to call the forward of ``model`` (or of the module it wraps:
     ``torch.compile``'s, ``nn.DataParallel``'s) with ``x`` alone. Python names the function that defines it
     (a base class's, for a forward inherited); a TypeError raised once that forward runs (a submodule called
-    without an argument, even one of the model's class) is the model's bug, kept as it is."""
+    without an argument, even one of the model's class) is the model's bug, kept as it is. Python 3.9 names
+    no class: there, no frame outside torch's and salience's files may have run."""
     if type(model).__name__ == "UnflattenedModule" and str(e).startswith("There is no flat args adapter specified"):
         return True  # torch.export.unflatten's module of a program exported with more inputs
     said = _MISSING.match(str(e))
+    if said is not None and said.group(1) is None:  # Python 3.9: no code of the model's (or a layer's own) ran
+        called = list(traceback.walk_tb(e.__traceback__))[1:]  # below the frame that called the model
+        return all(frame.f_code.co_filename.startswith(_TORCH_AND_OURS) for frame, _ in called)
     inner: Any = model
     while said is not None and isinstance(inner, nn.Module):
         forward = inspect.unwrap(type(inner).forward)
