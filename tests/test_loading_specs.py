@@ -404,6 +404,28 @@ def test_pt2_exported_in_train_mode_or_with_a_fixed_batch_is_refused(tmp_path, s
         load_model(tmp_path / "train.pt2")
 
 
+class _Masked(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, mask):
+        return self.net(x * mask)
+
+
+def test_pt2_exported_with_a_second_input_is_refused(tmp_path, small_cnn):
+    """A program exported with two inputs loaded, then every method stopped with torch's raw ValueError
+    "Trying to flatten user inputs with exported input tree spec" (salience calls it with x alone)."""
+    x = _x(2, 16)
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(_Masked(small_cnn.eval()), (x, torch.ones_like(x)),
+                             dynamic_shapes={"x": {0: batch}, "mask": {0: batch}})
+    torch.export.save(ep, tmp_path / "two.pt2")
+    with pytest.raises(SalienceError, match=r"exported with 2 inputs \(x, mask\).*export a module whose "
+                                            r"forward\(x\) takes the image batch alone"):
+        load_model(tmp_path / "two.pt2")
+
+
 # --------------------------------------------------------------------------------- safetensors
 
 

@@ -247,3 +247,136 @@ def test_compile_on_a_torchscript_model_runs_eagerly(method):
                                                            "model; running eagerly"):
         got = salience.METHODS[method](model, X, None, compile="eager", **CHEAP.get(method, {}))
     torch.testing.assert_close(got, want)
+
+
+class _Derived(_TwoInputs):
+    """A model whose forward (needing a mask) is its base class's: Python names ``_TwoInputs.forward``."""
+
+
+class _Masker(torch.nn.Module):
+    def forward(self, x, mask):
+        return x * mask
+
+
+class _CallsItWrongly(torch.nn.Module):
+    """A model whose own forward calls a submodule without its second input: the model's bug."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.masker = _cnn(), _Masker()
+
+    def forward(self, x):
+        return self.net(self.masker(x))
+
+
+class _Nested(torch.nn.Module):
+    """A model whose forward calls a module of its own class without the mask: the model's bug too."""
+
+    def __init__(self, inner=True):
+        super().__init__()
+        self.net, self.inner = _cnn(), (_Nested(False) if inner else None)
+
+    def forward(self, x, mask=None):
+        return self.net(x) if self.inner is None else self.inner(mask=x)  # the bug: x given as the mask
+
+
+class _Wraps(torch.nn.Module):
+    """A user's wrapper whose forward calls its ``module`` (as DataParallel names it) without the mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = _TwoInputs()
+
+    def forward(self, x):
+        return self.module(x)
+
+
+@pytest.mark.parametrize("make", [_Derived, lambda: torch.compile(_TwoInputs(), backend="eager"),
+                                  lambda: torch.nn.DataParallel(_TwoInputs()),
+                                  lambda: torch.jit.script(_TwoInputs().eval())],
+                         ids=["inherited-forward", "torch.compile", "DataParallel", "TorchScript"])
+@pytest.mark.parametrize("method", ["vanilla", "occlusion"])
+def test_a_wrapped_or_derived_model_that_needs_a_second_input(make, method):
+    """The check matched the model's class name only: a forward inherited from a base class (Python's
+    message names the base), a model wrapped by ``torch.compile`` or ``nn.DataParallel``, and a TorchScript
+    model (torch's RuntimeError "forward() is missing value for argument 'mask'") stayed raw errors."""
+    model = make()
+    with unchanged(model), pytest.raises(SalienceError, match=r"the model's forward needs more than the image batch "
+                                                              r"\(.*'mask'.*\).*wrap the model"):
+        salience.METHODS[method](model, X, None)
+
+
+@pytest.mark.parametrize("make, raw", [(_CallsItWrongly, r"_Masker.forward\(\) missing 1 required"),
+                                       (_Nested, r"_Nested.forward\(\) missing 1 required"),
+                                       (_Wraps, r"_TwoInputs.forward\(\) missing 1 required")],
+                         ids=["submodule", "same-class-submodule", "a-wrappers-module"])
+def test_a_submodule_called_wrongly_keeps_its_error(make, raw):
+    """The model's own bug (its forward calls a submodule, even one of its own class, without an
+    argument) propagates as Python's TypeError with its traceback: it is not "the model needs a second
+    input"."""
+    model = make()
+    with unchanged(model), pytest.raises(TypeError, match=raw):
+        salience.vanilla(model, X)
+
+
+TARGET_METHODS = GRADIENT_METHODS + ["gradcam", "gradcam_plus_plus", "hirescam", "xgradcam", "layercam"]
+
+
+@pytest.mark.parametrize("method", TARGET_METHODS)
+def test_gradient_methods_refuse_nan_scores(method):
+    """A target's score that is NaN (a model taking a log of a negative number) gave a map of NaN silently
+    in the 12 gradient methods, as in the perturbation methods before their check."""
+    model = _NaNScores()
+    with unchanged(model), pytest.raises(SalienceError, match=r"the target's score is NaN or infinite"):
+        salience.METHODS[method](model, X, 0, **CHEAP.get(method, {}))
+
+
+class _MaskedLogProbabilities(torch.nn.Module):
+    """Log-probabilities with class 3 ruled out (``-inf``): legitimate, the target is another class."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _cnn()
+
+    def forward(self, x):
+        out = torch.log_softmax(self.net(x), 1)
+        return out.masked_fill(torch.arange(out.shape[1]) == 3, float("-inf"))
+
+
+@pytest.mark.parametrize("method", TARGET_METHODS + ["occlusion", "rise"])
+def test_an_infinite_score_of_another_class_is_taken(method):
+    """Only the target's scores are checked: an output whose other class is ``-inf`` explains class 0 (the
+    guard against refusing too much: it passed before the check, and must still)."""
+    model = _MaskedLogProbabilities()
+    with unchanged(model):
+        assert torch.isfinite(salience.METHODS[method](model, X, 0, **CHEAP.get(method, {}))).all()
+
+
+def test_an_exported_program_that_needs_a_second_input_says_to_wrap_it():
+    """``torch.export``'s module of a two-input program, passed in Python (the loader refuses its file),
+    stopped every method with torch's raw ValueError "Trying to flatten user inputs with exported input
+    tree spec" (its unflattened module with a raw TypeError "There is no flat args adapter specified")."""
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(_TwoInputs().eval(), (X, torch.ones_like(X)),
+                                  dynamic_shapes={"x": {0: batch}, "mask": {0: batch}})
+    for method, module in [("vanilla", program.module()), ("occlusion", program.module()),
+                           ("vanilla", torch.export.unflatten(program))]:
+        with pytest.raises(SalienceError, match=r"the model's forward needs more than the image batch .*wrap the model"):
+            salience.METHODS[method](module, X, None)
+
+
+@pytest.mark.parametrize("make, needs", [(_TwoInputs, True), (_Derived, True), (_CallsItWrongly, False), (_Nested, False)],
+                         ids=["two-inputs", "inherited-forward", "submodule", "same-class-submodule"])
+def test_python_39s_words_for_a_missing_argument(make, needs):
+    """Python 3.9 (which salience supports) says "forward() missing 1 required positional argument" without
+    the class's name, which the check required: there a model that needs a second input was a raw TypeError.
+    Python 3.9's words are made here from the error of this Python (the traceback is the same)."""
+    from salience._core.autograd import _needs_more_inputs
+
+    model = make()
+    with pytest.raises(TypeError) as caught:
+        model(X)
+    e = caught.value
+    e.args = (str(e).split(".forward", 1)[-1].join(["forward", ""]) if ".forward()" in str(e) else str(e),)
+    assert str(e).startswith("forward() missing")
+    assert _needs_more_inputs(model, e) is needs

@@ -8,8 +8,11 @@ touched and no graph is built for parameters.
 """
 from __future__ import annotations
 
+import inspect
+import os
 import re
 import threading
+import traceback
 import warnings
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -128,23 +131,59 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
     known (the channels its convolution asked for, its first convolution's ``in_channels``, its
     :class:`~salience._core.info.ModelInfo` input size) and what to do; the model's own error is its
     ``__cause__``. So is a model whose ``forward`` needs more arguments than ``x`` (Python's TypeError "X.forward()
-    missing 1 required positional argument"). Any other error propagates as it is (a bug in the model keeps its
+    missing 1 required positional argument", TorchScript's and torch.export's own words: :func:`_needs_more_inputs`).
+    Any other error propagates as it is (a bug in the model keeps its
     traceback)."""
     try:
         yield
     except (RuntimeError, AssertionError, ValueError) as e:
         if isinstance(e, SalienceError):
             raise
+        if isinstance(model, torch.jit.ScriptModule) and _SCRIPT_MISSING.match(str(e)) \
+                or str(e).startswith(_EXPORT_INPUTS):
+            raise SalienceError(_needs_more(str(e).split(". Declaration")[0].split(":")[0])) from e
         said = next((uncoloured(line).strip() for line in str(e).splitlines() if _SHAPE_FAILURE.search(line)), None)
         if said is None:
             raise
         raise SalienceError(_shape_message(model, x, said.removeprefix("RuntimeError: "))) from e
     except TypeError as e:  # the model's own forward needs more than x (a second input): not one of its bugs
-        if not re.match(rf"{re.escape(type(model).__qualname__)}\.forward\(\) missing \d+ required", str(e)):
+        if not _needs_more_inputs(model, e):
             raise
-        raise SalienceError(
-            f"the model's forward needs more than the image batch ({e}); salience calls model(x) with x alone: "
-            "wrap the model in an nn.Module whose forward(x) gives it the rest") from e
+        raise SalienceError(_needs_more(str(e))) from e
+
+
+_MISSING = re.compile(r"(?:(\S+)\.)?forward\(\) missing \d+ required")  # Python 3.9 names no class
+_TORCH_AND_OURS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+_SCRIPT_MISSING = re.compile(r"forward\(\) is missing value for argument")  # TorchScript's (its submodules' are typed)
+_EXPORT_INPUTS = "Trying to flatten user inputs with exported input tree spec"  # a torch.export program's module
+
+
+def _needs_more(said: str) -> str:
+    return (f"the model's forward needs more than the image batch ({said}); salience calls model(x) with x alone: "
+            "wrap the model in an nn.Module whose forward(x) gives it the rest")
+
+
+def _needs_more_inputs(model: nn.Module, e: TypeError) -> bool:
+    """Whether ``e`` is Python's refusal to call the forward of ``model`` (or of the module it wraps:
+    ``torch.compile``'s, ``nn.DataParallel``'s) with ``x`` alone. Python names the function that defines it
+    (a base class's, for a forward inherited); a TypeError raised once that forward runs (a submodule called
+    without an argument, even one of the model's class) is the model's bug, kept as it is. Python 3.9 names
+    no class: there, no frame outside torch's and salience's files may have run."""
+    if type(model).__name__ == "UnflattenedModule" and str(e).startswith("There is no flat args adapter specified"):
+        return True  # torch.export.unflatten's module of a program exported with more inputs
+    said = _MISSING.match(str(e))
+    if said is not None and said.group(1) is None:  # Python 3.9: no code of the model's (or a layer's own) ran
+        called = list(traceback.walk_tb(e.__traceback__))[1:]  # below the frame that called the model
+        return all(frame.f_code.co_filename.startswith(_TORCH_AND_OURS) for frame, _ in called)
+    inner: Any = model
+    while said is not None and isinstance(inner, nn.Module):
+        forward = inspect.unwrap(type(inner).forward)
+        if getattr(forward, "__qualname__", None) == f"{said.group(1)}.forward":
+            code = getattr(forward, "__code__", None)
+            return not any(frame.f_code is code for frame, _ in traceback.walk_tb(e.__traceback__))
+        inner = (inner.module if isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+                 else getattr(inner, "_orig_mod", None) if type(inner).__name__ == "OptimizedModule" else None)
+    return False
 
 
 def _first_conv(model: nn.Module) -> Optional[tuple[str, int]]:
@@ -659,6 +698,9 @@ def backward(
         raise SalienceError("no target to differentiate")
     target_layer = _common_layer(targets)
     with ExitStack() as stack:
+        # the call's deferred checks (the targets' scores finite, the probabilities warning): one synchronization
+        # after the backward pass, none in a many-pass call (its scope, which this joins, tests them at its end)
+        stack.enter_context(_derived.run_scope())
         stack.enter_context(model_guard(model))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
@@ -681,12 +723,12 @@ def backward(
                 frozen = _perf.gradient_call(model, x_in, targets[0], strip_softmax, _unwrapper(model))
         if frozen is not None:
             out, captured = frozen[0], []  # already the score tensor (_unwrapper's, in the graph)
-            scores = [check_scores(targets[0](out), x.shape[0])]  # the classes' range checked here
+            scores = _finite_scores([check_scores(targets[0](out), x.shape[0])])  # the classes' range checked here
             per_target = [[frozen[1]]]
         else:
             with model_call(model, x_in):
                 out, captured = _forward(model, x_in, target_layer, layers, strip_softmax, extra_modes)
-            scores = [check_scores(t(out), x.shape[0]) for t in targets]
+            scores = _finite_scores([check_scores(t(out), x.shape[0]) for t in targets])
             wrt = ([x_in] if input_grad else []) + [c[0] for c in captured]
             per_target = _walk_back(scores, wrt, input_grad)
     inputs = None
@@ -737,6 +779,21 @@ def check_scores(scores: Any, batch: int) -> Tensor:
             f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
         )
     return scores
+
+
+def _finite_scores(scores: list[Tensor]) -> list[Tensor]:
+    """``scores``, with their finiteness deferred to the end of the call (:func:`salience._core.derived.run_scope`):
+    a NaN or infinite score of the target made a map of NaN silently. The target's scores only: another class's
+    output may be ``-inf`` (log-probabilities of a class ruled out)."""
+    bad = torch.stack([~torch.isfinite(s.detach()).all() for s in scores]).any()
+    _derived.current().defer("finite:target", bad, _refuse_target_scores)  # type: ignore[union-attr]
+    return scores
+
+
+def _refuse_target_scores() -> None:
+    raise SalienceError("the target's score is NaN or infinite (the model's output, or the target's function of it), "
+                        "which makes the map NaN; check torch.isfinite(model(x)) and the target, e.g. a log or a "
+                        "division in the model's forward")
 
 
 def looks_like_probabilities(out: Tensor) -> bool:

@@ -243,7 +243,13 @@ def _input_shape(ep: Any) -> Optional[tuple]:
 
 
 def _check_exported(p: Path, ep: Any) -> None:
-    """Refuse a program that salience cannot run as exported: train mode, or a fixed batch."""
+    """Refuse a program that salience cannot run as exported: more inputs than the image batch, train mode,
+    or a fixed batch."""
+    inputs = list(ep.graph_signature.user_inputs)
+    if len(inputs) > 1:  # it loaded, then every method stopped with torch's raw "Trying to flatten user inputs"
+        raise SalienceError(
+            f"{p}: exported with {len(inputs)} inputs ({', '.join(inputs)}); salience calls the model with the image "
+            "batch alone: export a module whose forward(x) takes the image batch alone and gives the model the rest")
     name = train_mode_op(ep.graph)
     if name is not None:
         raise SalienceError(
