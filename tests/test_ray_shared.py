@@ -36,7 +36,7 @@ def test_runs_in_threads_share_the_cluster_salience_starts_and_the_last_one_shut
     dataset raises on Ray (C, ``KeyError``), one interrupted in its job (D, ``KeyboardInterrupt``).
     C and D end while A and B still run: the cluster stays up; A and B then finish with the local
     engine's maps and rows; Ray was started once and shut down once, by the last run, after which no
-    cluster is left. Before, each run that saw no cluster called ``ray.init`` (Ray: "Maybe you called
+    cluster is left. Before, each run that saw no cluster called ``ray.init`` (Ray: "Perhaps you called
     ray.init twice by accident?"), and the first run to end shut the cluster down under the others."""
     def wait(path: Path, seconds: float = 120) -> None:
         """Until the test creates ``path`` (at most ``seconds``: a failing test never hangs)."""

@@ -12,6 +12,9 @@ Ray's own output (its log lines, Ray Data's progress bars and execution notes, t
 messages) is kept off the terminal while a run goes (:func:`quiet`): the command shows salience's
 progress and errors only. ``SALIENCE_RAY_LOGS=1`` lets it through.
 
+Runs in threads of one process share one cluster (:func:`cluster`): the first starts it (unless
+the caller joined one first, which salience never shuts down), the last to end shuts it down.
+
 Ray is optional: ``pip install salience[ray]``.
 """
 from __future__ import annotations
@@ -467,7 +470,7 @@ def cluster(ray: Any, address: Optional[str] = None, num_gpus: float = 0) -> Ite
     before (their own ``ray.init()``) is used and never shut down. A run asking for another cluster
     (an ``address`` that is not the joined one's) or, on a cluster started in this process (which
     cannot grow), more GPUs per actor than it has is refused (:class:`SalienceError`), the other
-    runs untouched; Ray's raw error ("Maybe you called ray.init twice by accident?") or a run
+    runs untouched; Ray's raw error ("Perhaps you called ray.init twice by accident?") or a run
     waiting for ever for its actors came instead, and the first run to end shut the cluster down
     under the others."""
     _join(ray, address)
@@ -529,15 +532,24 @@ def _host_port(address: str) -> Optional[tuple[str, int]]:
 
 def _same_cluster(address: str, joined: Optional[str], asked: Optional[str]) -> bool:
     """Whether ``address`` names the cluster joined at ``joined`` (asked for as ``asked``): the same
-    text, or the same port on the same host (``localhost``, ``127.0.0.1`` and this machine's name
-    being one host)."""
+    text, or the same port on the same host (``localhost``, ``127.0.0.1`` and this machine's own
+    addresses being one host)."""
     if address in (joined, asked):
         return True
     a, b = _host_port(address), _host_port(joined) if joined is not None else None
     if a is None or b is None or a[1] != b[1]:
         return False
-    here = {ip for ip, _ in filter(None, [_host_port(f"{socket.gethostname()}:0")])}
-    return a[0] == b[0] or all(ip.startswith("127.") or ip in here for ip in (a[0], b[0]))
+    return a[0] == b[0] or (_here(a[0]) and _here(b[0]))
+
+
+def _here(ip: str) -> bool:
+    """Whether ``ip`` is one of this machine's addresses (a socket can be bound to it)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+        return True
+    except OSError:
+        return False
 
 
 def _check_address(ray: Any, address: Optional[str]) -> None:
