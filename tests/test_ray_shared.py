@@ -34,10 +34,13 @@ def _read_on_ray(log: Path) -> bool:
 def test_runs_in_threads_share_the_cluster_salience_starts_and_the_last_one_shuts_it_down(tmp_path, monkeypatch):
     """Four runs started together (a Barrier) with no cluster running: two good ones (A, B), one whose
     dataset raises on Ray (C, ``KeyError``), one interrupted in its job (D, ``KeyboardInterrupt``).
-    C and D end while A and B still run: the cluster stays up; A and B then finish with the local
-    engine's maps and rows; Ray was started once and shut down once, by the last run, after which no
-    cluster is left. Before, each run that saw no cluster called ``ray.init`` (Ray: "Perhaps you called
-    ray.init twice by accident?"), and the first run to end shut the cluster down under the others."""
+    A and B join the cluster C or D starts. C and D end while A and B still run: the cluster stays up
+    (also once the thread that started it has ended); A and B then finish with the local engine's
+    maps and rows; Ray was started once and shut down once, by the last run in the engine, after which
+    no cluster is left. Before, each run that saw no cluster called ``ray.init`` (Ray: "Perhaps you
+    called ray.init twice by accident?"), the first run to end shut the cluster down under the others,
+    and a cluster started from a run's thread was killed when that thread ended (``PR_SET_PDEATHSIG``:
+    the test process then died, "Failed to connect to GCS within 60 seconds")."""
     def wait(path: Path, seconds: float = 120) -> None:
         """Until the test creates ``path`` (at most ``seconds``: a failing test never hangs)."""
         until = time.monotonic() + seconds
@@ -89,11 +92,14 @@ def test_runs_in_threads_share_the_cluster_salience_starts_and_the_last_one_shut
             raise KeyboardInterrupt
         return real_explain(ray_, run, *args, **kwargs)
 
-    def engine(*args, **kwargs):  # the runs in the Ray engine (their folder's index and gallery are written after)
+    def engine(run, *args, **kwargs):  # the runs in the Ray engine (their folder's index and gallery are after)
+        until = time.monotonic() + 120
+        while run.store.folder.name in "ab" and not inits and time.monotonic() < until:
+            time.sleep(0.01)  # A and B join the cluster C or D starts: its thread ends first
         with lock:
             inside[0] += 1
         try:
-            return real_run(*args, **kwargs)
+            return real_run(run, *args, **kwargs)
         finally:
             with lock:
                 inside[0] -= 1

@@ -453,10 +453,11 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
 
 
 _CLUSTER_LOCK = threading.Lock()
-_CLUSTER: dict[str, Any] = {"runs": 0, "ours": False, "asked": None}
+_CLUSTER: dict[str, Any] = {"runs": 0, "ours": False, "asked": None, "keeper": None}
 """This process's runs on Ray now (``runs``, inside :func:`cluster`), whether salience started the
 cluster they share (``ours``: ``ray.init`` by the first of them; the last to leave shuts it down) and
-the address that first run asked for (``asked``)."""
+the address that first run asked for (``asked``), and the event that lets the thread that started
+it end once it is shut down (``keeper``: :func:`_start`)."""
 _ANY = (None, "", "auto")
 """``address`` values that take the cluster this process is joined to, whichever it is."""
 
@@ -486,16 +487,10 @@ def _join(ray: Any, address: Optional[str]) -> None:
     one checked against ``address``; the run counted (not counted if it raises)."""
     with _CLUSTER_LOCK:
         if not ray.is_initialized():
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-            except BaseException:
-                if ray.is_initialized():  # joined, then failed (or Ctrl-C): not left half started
-                    ray.shutdown()
-                raise
-            _CLUSTER.update(ours=True, asked=address)
+            _CLUSTER.update(ours=True, asked=address, keeper=_start(ray, address))
         else:
             if _CLUSTER["runs"] == 0:  # joined before salience's first run: the caller's, left running
-                _CLUSTER.update(ours=False, asked=None)
+                _CLUSTER.update(ours=False, asked=None, keeper=None)
             _check_address(ray, address)
         _CLUSTER["runs"] += 1
 
@@ -506,9 +501,59 @@ def _leave(ray: Any) -> None:
     with _CLUSTER_LOCK:
         _CLUSTER["runs"] -= 1
         if _CLUSTER["runs"] == 0 and _CLUSTER["ours"]:
-            _CLUSTER.update(ours=False, asked=None)
-            if ray.is_initialized():
-                ray.shutdown()
+            keeper = _CLUSTER["keeper"]
+            _CLUSTER.update(ours=False, asked=None, keeper=None)
+            try:
+                if ray.is_initialized():
+                    ray.shutdown()
+            finally:
+                if keeper is not None:
+                    keeper.set()
+
+
+def _init(ray: Any, address: Optional[str]) -> None:
+    """``ray.init`` as salience calls it; nothing left joined if it raises (or is interrupted)."""
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except BaseException:
+        if ray.is_initialized():
+            ray.shutdown()
+        raise
+
+
+def _start(ray: Any, address: Optional[str]) -> Optional[threading.Event]:
+    """Join a cluster (:func:`_init`) from the main thread, or from a thread of salience's that lives
+    until the cluster is shut down (``None``, or the event that lets that thread end). A local
+    cluster's processes (its GCS, its raylet) are killed by Linux when the *thread* that started them
+    ends (Ray starts them with ``PR_SET_PDEATHSIG``): started from a run's own thread, the cluster
+    died under the other runs as soon as that thread ended (``tests/test_ray_shared.py``)."""
+    if threading.current_thread() is threading.main_thread():
+        _init(ray, address)  # the main thread lives as long as the process (and Ray sets its SIGTERM handler)
+        return None
+    done, stop, raised = threading.Event(), threading.Event(), []
+
+    def keep() -> None:
+        try:
+            _init(ray, address)
+        except BaseException as e:  # noqa: BLE001 - raised in the run's thread, below
+            raised.append(e)
+        finally:
+            done.set()
+        if not raised:
+            stop.wait()
+
+    threading.Thread(target=keep, name="salience-ray-cluster", daemon=True).start()
+    try:
+        done.wait()
+    except BaseException:  # interrupted while Ray starts: let it end, then shut it down
+        done.wait()
+        if not raised and ray.is_initialized():
+            ray.shutdown()
+        stop.set()
+        raise
+    if raised:
+        raise raised[0]
+    return stop
 
 
 def _joined_address(ray: Any) -> Optional[str]:
