@@ -468,11 +468,12 @@ def cluster(ray: Any, address: Optional[str] = None, num_gpus: float = 0) -> Ite
     the first run joins one (``ray.init(address=)``: a new local cluster without ``address`` nor
     ``RAY_ADDRESS``), later runs join the same one while any runs, and the last to leave shuts it down
     (``ray.shutdown()``), also when its run raised or was interrupted. A cluster the caller joined
-    before (their own ``ray.init()``) is used and never shut down. A run asking for another cluster
-    (an ``address`` that is not the joined one's) or, on a cluster started in this process (which
-    cannot grow), more GPUs per actor than it has is refused (:class:`SalienceError`), the other
-    runs untouched; Ray's raw error ("Perhaps you called ray.init twice by accident?") or a run
-    waiting for ever for its actors came instead, and the first run to end shut the cluster down
+    before (their own ``ray.init()``) is used and never shut down. A run in a thread other than the
+    main one starts the cluster from a thread that outlives it (:func:`_start`). A run asking for
+    another cluster (an ``address`` that is not the joined one's) or, on a cluster started in this
+    process (which cannot grow), more GPUs per actor than it has is refused (:class:`SalienceError`),
+    the other runs untouched; Ray's raw error ("Perhaps you called ray.init twice by accident?") or a
+    run waiting for ever for its actors came instead, and the first run to end shut the cluster down
     under the others."""
     _join(ray, address)
     try:
