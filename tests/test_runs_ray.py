@@ -837,3 +837,57 @@ def test_the_ray_engine_puts_back_the_logging_levels_and_data_context_it_changed
     after = (logging.getLogger("ray").level, logging.getLogger("ray.data").level, ctx.enable_progress_bars,
              ctx.execution_options.preserve_order)
     assert after == before
+
+
+# --------------------------------------------------------------------------------- runs in threads
+
+def test_runs_in_threads_use_the_callers_cluster_leave_it_running_and_another_cluster_is_refused(cluster, tmp_path):
+    """Two runs started together (threads, a Barrier) on the caller's cluster: both give the local
+    engine's maps and rows, and the caller's cluster runs on after them (the same node). A run asking
+    for another cluster while this process is joined to one (``address=`` of another port) is a
+    SalienceError naming the joined one (it ran on the joined cluster, silently); the joined one's
+    address written another way (``localhost:PORT``) runs there; ``num_gpus`` above the GPUs of this
+    local cluster is a SalienceError (the actors waited for ever). The shared cluster of runs that
+    salience starts: tests/test_ray_shared.py."""
+    import threading
+
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).eval()
+    data = torch.utils.data.TensorDataset(torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)))
+    kw = dict(shard_size=2, batch_size=2, workers=0, map_dtype="float32")
+    local = salience.explain_dataset(model, data, ["vanilla"], tmp_path / "local", **kw)
+    node, address = ray.get_runtime_context().get_node_id(), ray.get_runtime_context().gcs_address
+    barrier, out = threading.Barrier(2), {}
+
+    def job(name: str, **more) -> None:
+        barrier.wait(30)
+        try:
+            out[name] = salience.explain_dataset(model, data, ["vanilla"], tmp_path / name, engine="ray", actors=1,
+                                                 **kw, **more)
+        except Exception as e:  # noqa: BLE001 - asserted below
+            out[name] = e
+
+    threads = [threading.Thread(target=job, args=("a",)),
+               threading.Thread(target=job, args=("b",), kwargs={"address": f"localhost:{address.rsplit(':', 1)[1]}"})]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node
+    cols = [c for c in local.table.column_names if c != "shard"]
+    for name in "ab":
+        assert not isinstance(out[name], Exception), out[name]
+        assert out[name].table.select(cols).equals(local.table.select(cols))
+        for i in range(4):
+            np.testing.assert_array_equal(out[name].map(i, "vanilla"), local.map(i, "vanilla"))
+    other = f"127.0.0.1:{int(address.rsplit(':', 1)[1]) + 1}"
+    with pytest.raises(SalienceError, match=rf"address='{other}': this process is already joined to the Ray "
+                                            rf"cluster at {re.escape(address)} \(the caller's own ray.init\(\)\)"):
+        salience.explain_dataset(model, data, ["vanilla"], tmp_path / "other", engine="ray", address=other, **kw)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    with pytest.raises(SalienceError, match=rf"num_gpus={gpus + 1:g} per actor, but the local Ray cluster of this "
+                                            rf"process has {gpus:g} GPU\(s\)"):
+        salience.explain_dataset(model, data, ["vanilla"], tmp_path / "gpus", engine="ray", num_gpus=gpus + 1, **kw)
+    assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node

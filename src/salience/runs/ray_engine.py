@@ -12,6 +12,9 @@ Ray's own output (its log lines, Ray Data's progress bars and execution notes, t
 messages) is kept off the terminal while a run goes (:func:`quiet`): the command shows salience's
 progress and errors only. ``SALIENCE_RAY_LOGS=1`` lets it through.
 
+Runs in threads of one process share one cluster (:func:`cluster`): the first starts it (unless
+the caller joined one first, which salience never shuts down), the last to end shuts it down.
+
 Ray is optional: ``pip install salience[ray]``.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import os
 import pickle
 import re
+import socket
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -439,19 +443,194 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
         show: bool = False, png: bool = False, weights: Optional[str] = None,
         performance: Optional[_perf.Performance] = None, writer: Optional[Writer] = None) -> None:
     """Explain the run's pending images on Ray (a cluster at ``address``, ``RAY_ADDRESS``, the one
-    this process joined, or a new local one, shut down after). The actors run on CUDA when
-    ``num_gpus`` > 0, else on the CPU; they commit shards only while the run ``writer`` (from
-    :func:`salience.runs.lock.run_lock`) holds the folder."""
+    this process joined, or a new local one: :func:`cluster`, which shuts down what salience started
+    once the last run of this process on it ends). The actors run on CUDA when ``num_gpus`` > 0, else
+    on the CPU; they commit shards only while the run ``writer`` (from
+    :func:`salience.runs.lock.run_lock`) holds the folder. Safe to call from several threads at once."""
     ray = _ray()
-    started = not ray.is_initialized()
-    with quiet(ray):
-        if started:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    with quiet(ray), cluster(ray, address, num_gpus):
+        _explain(ray, run, num_gpus, actors, png, weights, performance, writer, show)
+
+
+_CLUSTER_LOCK = threading.Lock()
+_CLUSTER: dict[str, Any] = {"runs": 0, "ours": False, "asked": None, "keeper": None}
+"""This process's runs on Ray now (``runs``, inside :func:`cluster`), whether salience started the
+cluster they share (``ours``: ``ray.init`` by the first of them; the last to leave shuts it down) and
+the address that first run asked for (``asked``), and the event that lets the thread that started
+it end once it is shut down (``keeper``: :func:`_start`)."""
+_ANY = (None, "", "auto")
+"""``address`` values that take the cluster this process is joined to, whichever it is."""
+
+
+@contextlib.contextmanager
+def cluster(ray: Any, address: Optional[str] = None, num_gpus: float = 0) -> Iterator[None]:
+    """The Ray cluster of a run, shared by the runs of this process (threads: a notebook, a service):
+    the first run joins one (``ray.init(address=)``: a new local cluster without ``address`` nor
+    ``RAY_ADDRESS``), later runs join the same one while any runs, and the last to leave shuts it down
+    (``ray.shutdown()``), also when its run raised or was interrupted. A cluster the caller joined
+    before (their own ``ray.init()``) is used and never shut down. A run in a thread other than the
+    main one starts the cluster from a thread that outlives it (:func:`_start`). A run asking for
+    another cluster (an ``address`` that is not the joined one's) or, on a cluster started in this
+    process (which cannot grow), more GPUs per actor than it has is refused (:class:`SalienceError`),
+    the other runs untouched; Ray's raw error ("Perhaps you called ray.init twice by accident?") or a
+    run waiting for ever for its actors came instead, and the first run to end shut the cluster down
+    under the others."""
+    _join(ray, address)
+    try:
+        _check_gpus(ray, num_gpus)
+        yield
+    finally:
+        _leave(ray)
+
+
+def _join(ray: Any, address: Optional[str]) -> None:
+    """:func:`cluster`'s entry: ``ray.init`` if this process is joined to no cluster, else the joined
+    one checked against ``address``; the run counted (not counted if it raises)."""
+    with _CLUSTER_LOCK:
+        if not ray.is_initialized():
+            _CLUSTER.update(ours=True, asked=address, keeper=_start(ray, address))
+        else:
+            if _CLUSTER["runs"] == 0:  # joined before salience's first run: the caller's, left running
+                _CLUSTER.update(ours=False, asked=None, keeper=None)
+            _check_address(ray, address)
+        _CLUSTER["runs"] += 1
+
+
+def _leave(ray: Any) -> None:
+    """:func:`cluster`'s exit: the run no longer counted; the last run on a cluster salience started
+    shuts it down."""
+    with _CLUSTER_LOCK:
+        _CLUSTER["runs"] -= 1
+        if _CLUSTER["runs"] == 0 and _CLUSTER["ours"]:
+            keeper = _CLUSTER["keeper"]
+            _CLUSTER.update(ours=False, asked=None, keeper=None)
+            try:
+                if ray.is_initialized():
+                    ray.shutdown()
+            finally:
+                if keeper is not None:
+                    keeper.set()
+
+
+def _init(ray: Any, address: Optional[str]) -> None:
+    """``ray.init`` as salience calls it; nothing left joined if it raises (or is interrupted)."""
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except BaseException:
+        if ray.is_initialized():
+            ray.shutdown()
+        raise
+
+
+def _start(ray: Any, address: Optional[str]) -> Optional[threading.Event]:
+    """Join a cluster (:func:`_init`) from the main thread, or from a thread of salience's that lives
+    until the cluster is shut down (``None``, or the event that lets that thread end). A local
+    cluster's processes (its GCS, its raylet) are killed by Linux when the *thread* that started them
+    ends (Ray starts them with ``PR_SET_PDEATHSIG``): started from a run's own thread, the cluster
+    died under the other runs as soon as that thread ended (``tests/test_ray_shared.py``)."""
+    if threading.current_thread() is threading.main_thread():
+        _init(ray, address)  # the main thread lives as long as the process (and Ray sets its SIGTERM handler)
+        return None
+    done, stop, raised = threading.Event(), threading.Event(), []
+
+    def keep() -> None:
         try:
-            _explain(ray, run, num_gpus, actors, png, weights, performance, writer, show)
+            _init(ray, address)
+        except BaseException as e:  # noqa: BLE001 - raised in the run's thread, below
+            raised.append(e)
         finally:
-            if started:
-                ray.shutdown()
+            done.set()
+        if not raised:
+            stop.wait()
+
+    threading.Thread(target=keep, name="salience-ray-cluster", daemon=True).start()
+    try:
+        done.wait()
+    except BaseException:  # interrupted while Ray starts: let it end, then shut it down
+        done.wait()
+        if not raised and ray.is_initialized():
+            ray.shutdown()
+        stop.set()
+        raise
+    if raised:
+        raise raised[0]
+    return stop
+
+
+def _joined_address(ray: Any) -> Optional[str]:
+    """The address of the cluster this process is joined to (its GCS's ``host:port``), if Ray says."""
+    try:
+        return str(ray.get_runtime_context().gcs_address)
+    except Exception:  # noqa: BLE001 - a Ray client connection (ray://) has none to give
+        return None
+
+
+def _host_port(address: str) -> Optional[tuple[str, int]]:
+    """``host:port`` as (the host's IP, the port), or ``None`` where it is no such address."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        return socket.gethostbyname(host), int(port)
+    except OSError:
+        return None
+
+
+def _same_cluster(address: str, joined: Optional[str], asked: Optional[str]) -> bool:
+    """Whether ``address`` names the cluster joined at ``joined`` (asked for as ``asked``): the same
+    text, or the same port on the same host (``localhost``, ``127.0.0.1`` and this machine's own
+    addresses being one host)."""
+    if address in (joined, asked):
+        return True
+    a, b = _host_port(address), _host_port(joined) if joined is not None else None
+    if a is None or b is None or a[1] != b[1]:
+        return False
+    return a[0] == b[0] or (_here(a[0]) and _here(b[0]))
+
+
+def _here(ip: str) -> bool:
+    """Whether ``ip`` is one of this machine's addresses (a socket can be bound to it)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+        return True
+    except OSError:
+        return False
+
+
+def _check_address(ray: Any, address: Optional[str]) -> None:
+    """Refuse ``address`` unless it names the cluster this process is joined to (or is none, or
+    ``"auto"``): a process is joined to one Ray cluster at a time. Called holding the lock."""
+    if address in _ANY:
+        return
+    joined = _joined_address(ray)
+    if _same_cluster(str(address), joined, _CLUSTER["asked"]):
+        return
+    whose = ("salience started it for a run of this process still going" if _CLUSTER["ours"]
+             else "the caller's own ray.init()")
+    raise SalienceError(f"address={address!r}: this process is already joined to the Ray cluster at "
+                        f"{joined or _CLUSTER['asked']} ({whose}), and a process joins one Ray cluster at a "
+                        "time; give that address (or none) to run there, or run this one after the other runs "
+                        "end, or in a process of its own")
+
+
+def _check_gpus(ray: Any, num_gpus: float) -> None:
+    """Refuse ``num_gpus`` per actor above the GPUs of a cluster started in this process (by salience or
+    the caller's ``ray.init()``): it cannot grow, and the actors would wait for ever. A cluster joined
+    at an address may add GPU nodes (its autoscaler): left to Ray."""
+    if not num_gpus:
+        return
+    try:
+        started_here = bool(ray._private.worker._global_node.head)  # None.head: a Ray client connection
+    except AttributeError:
+        return
+    if not started_here:
+        return
+    have = float(ray.cluster_resources().get("GPU", 0))
+    if have < num_gpus:
+        raise SalienceError(f"num_gpus={num_gpus:g} per actor, but the local Ray cluster of this process has "
+                            f"{have:g} GPU(s); give num_gpus={have:g} or less (0: CPU actors), or a cluster with "
+                            "GPUs (address=, RAY_ADDRESS)")
 
 
 def _explain(ray: Any, run: Any, num_gpus: float, actors: Optional[int], png: bool, weights: Optional[str],
@@ -489,4 +668,4 @@ def _explain(ray: Any, run: Any, num_gpus: float, actors: Optional[int], png: bo
             _reraise([payload])
 
 
-__all__ = ["run", "decode", "Explain", "shipped", "quiet", "RAY_LOGS"]
+__all__ = ["run", "cluster", "decode", "Explain", "shipped", "quiet", "RAY_LOGS"]

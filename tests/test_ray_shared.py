@@ -1,0 +1,145 @@
+"""Runs on Ray in threads of one process (a notebook, a service running two dataset jobs) share the
+local cluster salience starts: the first run starts it, the others join it, the last to leave shuts
+it down, also when the others failed or were interrupted (``ray_engine.cluster``). No cluster runs
+before this module's test: salience starts the one it uses (the caller's cluster, which salience
+leaves running: tests/test_runs_ray.py)."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import salience
+
+ray = pytest.importorskip("ray", reason="the ray extra (pip install salience[ray]) is not installed")
+pytest.importorskip("ray.data")
+
+from salience.runs import ray_engine  # noqa: E402
+
+N = 4
+KW = dict(methods=["vanilla"], shard_size=2, batch_size=2, workers=0, map_dtype="float32")
+
+
+def _read_on_ray(log: Path) -> bool:
+    """Whether a Ray worker process (not this one) has read an image of ``log``'s dataset."""
+    return log.exists() and any(int(ln.split()[0]) != os.getpid() for ln in log.read_text().splitlines())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own, when its DataContext is made
+def test_runs_in_threads_share_the_cluster_salience_starts_and_the_last_one_shuts_it_down(tmp_path, monkeypatch):
+    """Four runs started together (a Barrier) with no cluster running: two good ones (A, B), one whose
+    dataset raises on Ray (C, ``KeyError``), one interrupted in its job (D, ``KeyboardInterrupt``).
+    A and B join the cluster C or D starts. C and D end while A and B still run: the cluster stays up
+    (also once the thread that started it has ended); A and B then finish with the local engine's
+    maps and rows; Ray was started once and shut down once, by the last run in the engine, after which
+    no cluster is left. Before, each run that saw no cluster called ``ray.init`` (Ray: "Perhaps you
+    called ray.init twice by accident?"), the first run to end shut the cluster down under the others,
+    and a cluster started from a run's thread was killed when that thread ended (``PR_SET_PDEATHSIG``:
+    the test process then died, "Failed to connect to GCS within 60 seconds")."""
+    def wait(path: Path, seconds: float = 120) -> None:
+        """Until the test creates ``path`` (at most ``seconds``: a failing test never hangs)."""
+        until = time.monotonic() + seconds
+        while not path.exists() and time.monotonic() < until:
+            time.sleep(0.05)
+
+    class Gated(torch.utils.data.Dataset):
+        """N seeded images; each read logged (``pid index``) in ``log``; images from 1 on read only once the
+        file ``gate`` exists, then raising ``KeyError`` if ``fails``. Defined here: Ray's workers get it by value
+        (they cannot import this module)."""
+
+        def __init__(self, log: Path, gate: Path, fails: bool = False):
+            self.log, self.gate, self.fails = str(log), str(gate), fails
+
+        def __len__(self) -> int:
+            return N
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            with open(self.log, "a") as f:
+                f.write(f"{os.getpid()} {i}\n")
+            if i >= 1:
+                wait(Path(self.gate))
+                if self.fails:
+                    raise KeyError("label")
+            return torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(i))
+
+    assert not ray.is_initialized()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).eval()
+    go, fail = tmp_path / "go", tmp_path / "fail"
+    (tmp_path / "open").touch()
+    local = salience.explain_dataset(model, Gated(tmp_path / "local.log", tmp_path / "open"),
+                                     out=tmp_path / "local", **KW)
+    inside, inits, shutdowns = [0], [], []
+    real_init, real_shutdown, real_explain, real_run = ray.init, ray.shutdown, ray_engine._explain, ray_engine.run
+
+    def init(*args, **kwargs):  # 4 CPUs: the three runs' actors at once on a 2-core machine
+        inits.append(kwargs.get("address"))
+        return real_init(*args, **{**kwargs, "num_cpus": 4})
+
+    def shutdown(*args, **kwargs):
+        shutdowns.append(inside[0])  # the runs in the Ray engine when the cluster goes
+        return real_shutdown(*args, **kwargs)
+
+    def explain(ray_, run, *args, **kwargs):  # D: Ctrl-C in its job, once C has begun on the cluster
+        if run.store.folder.name == "d":
+            (tmp_path / "d-joined").touch()
+            wait(fail)
+            raise KeyboardInterrupt
+        return real_explain(ray_, run, *args, **kwargs)
+
+    def engine(run, *args, **kwargs):  # the runs in the Ray engine (their folder's index and gallery are after)
+        until = time.monotonic() + 120
+        while run.store.folder.name in "ab" and not inits and time.monotonic() < until:
+            time.sleep(0.01)  # A and B join the cluster C or D starts: its thread ends first
+        with lock:
+            inside[0] += 1
+        try:
+            return real_run(run, *args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    monkeypatch.setattr(ray_engine, "_explain", explain)
+    monkeypatch.setattr(ray_engine, "run", engine)
+    lock, barrier, out = threading.Lock(), threading.Barrier(4), {}
+
+    def job(name: str, dataset: Gated) -> None:
+        barrier.wait(30)
+        try:
+            out[name] = salience.explain_dataset(model, dataset, out=tmp_path / name, engine="ray", actors=1, **KW)
+        except BaseException as e:  # noqa: BLE001 - the thread's outcome, asserted below
+            out[name] = e
+
+    datasets = {"a": Gated(tmp_path / "a.log", go), "b": Gated(tmp_path / "b.log", go),
+                "c": Gated(tmp_path / "c.log", fail, fails=True), "d": Gated(tmp_path / "d.log", go)}
+    threads = {n: threading.Thread(target=job, args=(n, d)) for n, d in datasets.items()}
+    try:
+        for t in threads.values():
+            t.start()
+        until = time.monotonic() + 120  # every run on the cluster: A, B and C's first images read there
+        while not (all(_read_on_ray(tmp_path / f"{n}.log") for n in "abc") and (tmp_path / "d-joined").exists()):
+            assert time.monotonic() < until and all(n not in out for n in "abc"), out
+            time.sleep(0.1)
+        fail.touch()
+        threads["c"].join(120), threads["d"].join(120)
+        assert isinstance(out.get("c"), KeyError) and isinstance(out.get("d"), KeyboardInterrupt), out
+        assert ray.is_initialized() and "a" not in out and "b" not in out, out  # A and B still run
+    finally:
+        go.touch(), fail.touch()
+        for t in threads.values():
+            t.join(120)
+    assert not ray.is_initialized()
+    assert len(inits) == 1 and shutdowns == [1], (inits, shutdowns)
+    cols = [c for c in local.table.column_names if c != "shard"]
+    for name in "ab":
+        assert out[name].complete and out[name].table.select(cols).equals(local.table.select(cols)), out[name]
+        for i in range(N):
+            np.testing.assert_array_equal(out[name].map(i, "vanilla"), local.map(i, "vanilla"))
+    assert ray_engine._CLUSTER["runs"] == 0 and not ray_engine._CLUSTER["ours"]
