@@ -230,3 +230,16 @@ def test_the_thread_of_a_cluster_shut_down_under_its_runs_ends():
         time.sleep(0.01)
     assert keepers() == before and not fake.joined
     assert ray_engine._CLUSTER["runs"] == 0 and not ray_engine._CLUSTER["ours"]
+
+
+def test_an_ipv6_address_of_the_joined_cluster_written_otherwise_is_that_cluster():
+    """Ray writes an IPv6 node's GCS as ``[IP]:port`` (``ray._common.network_utils.build_address``): the same
+    address written otherwise (another case, zeros spelt out) is the joined cluster (it was refused: ``[`` is
+    no host name), another IPv6 host or port is not; IPv4 as before."""
+    same = ray_engine._same_cluster
+    assert same("[2001:DB8:0::5]:6379", "[2001:db8::5]:6379", None)
+    assert same("[0:0:0:0:0:0:0:1]:6379", "[::1]:6379", None)
+    assert not same("[2001:db8::6]:6379", "[2001:db8::5]:6379", None)
+    assert not same("[2001:db8::5]:6380", "[2001:db8::5]:6379", None)
+    assert same("localhost:6379", "127.0.0.1:6379", None) and not same("192.0.2.6:6379", "192.0.2.5:6379", None)
+    assert not same("ray://192.0.2.5:6379", "192.0.2.5:6379", None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import pickle
@@ -577,13 +578,16 @@ def _client_address(ray: Any) -> Optional[str]:
 
 
 def _host_port(address: str) -> Optional[tuple[str, int]]:
-    """``host:port`` as (the host's IP, the port), or ``None`` where it is no such address."""
+    """``host:port`` (``[IPv6]:port`` as Ray writes it) as (the host's IP, written one way, the port), or
+    ``None`` where it is no such address."""
     host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     if not host or not port.isdigit():
         return None
     try:
-        return socket.gethostbyname(host), int(port)
-    except OSError:
+        return str(ipaddress.ip_address(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])), int(port)
+    except (OSError, ValueError):
         return None
 
 
@@ -602,7 +606,7 @@ def _same_cluster(address: str, joined: Optional[str], asked: Optional[str]) -> 
 def _here(ip: str) -> bool:
     """Whether ``ip`` is one of this machine's addresses (a socket can be bound to it)."""
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((ip, 0))
         return True
     except OSError:
