@@ -143,3 +143,103 @@ def test_runs_in_threads_share_the_cluster_salience_starts_and_the_last_one_shut
         for i in range(N):
             np.testing.assert_array_equal(out[name].map(i, "vanilla"), local.map(i, "vanilla"))
     assert ray_engine._CLUSTER["runs"] == 0 and not ray_engine._CLUSTER["ours"]
+
+
+# ----------------------------------------------------------------- cluster() on a stand-in Ray (no cluster)
+
+class _Ray:
+    """Ray as :func:`ray_engine.cluster` sees it, without a cluster: ``init`` / ``shutdown`` / ``is_initialized``,
+    the GCS address of the cluster joined, and the Ray client connection (``ray://``) if ``client`` is given."""
+
+    def __init__(self, gcs: str = "192.0.2.5:6379", client: "str | None" = None, joined: bool = False):
+        from types import SimpleNamespace
+
+        self.joined, self.gcs = joined, gcs
+        context = SimpleNamespace(client_worker=SimpleNamespace(_conn_str=client))
+        stub = SimpleNamespace(get_context=lambda: context, is_connected=lambda: client is not None and self.joined)
+        self.util = SimpleNamespace(client=SimpleNamespace(ray=stub))
+        self._private = SimpleNamespace(worker=SimpleNamespace(_global_node=None))  # head: not this process's
+
+    def is_initialized(self) -> bool:
+        return self.joined
+
+    def init(self, **kwargs) -> None:
+        self.joined = True
+
+    def shutdown(self) -> None:
+        self.joined = False
+
+    def get_runtime_context(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(gcs_address=self.gcs)
+
+
+def test_a_ray_client_address_of_the_cluster_this_process_is_connected_to_is_that_cluster():
+    """The caller connected to a remote cluster through the Ray client (``ray.init("ray://HEAD:10001")``; the GCS
+    is at ``HEAD:6379``): a run given that same ``ray://`` address runs there (it was refused, "already joined to
+    the Ray cluster at HEAD:6379": the client server's port is not the GCS's), so does its GCS address; a
+    ``ray://`` address of another host or port is refused, the caller's connection left as it was."""
+    fake = _Ray(gcs="192.0.2.5:6379", client="192.0.2.5:10001", joined=True)
+    for address in ("ray://192.0.2.5:10001", "192.0.2.5:6379", None, "auto"):
+        with ray_engine.cluster(fake, address):
+            assert ray_engine._CLUSTER["runs"] == 1
+    for other in ("ray://192.0.2.6:10001", "ray://192.0.2.5:10002"):
+        with pytest.raises(salience.SalienceError, match=r"already joined to the Ray cluster at 192\.0\.2\.5:6379"):
+            with ray_engine.cluster(fake, other):
+                pass
+    assert fake.joined and ray_engine._CLUSTER["runs"] == 0 and not ray_engine._CLUSTER["ours"]
+    fake = _Ray(gcs="192.0.2.5:6379")  # joined directly (no client): a ray:// address is another connection
+    fake.joined = True
+    with pytest.raises(salience.SalienceError):
+        with ray_engine.cluster(fake, "ray://192.0.2.5:10001"):
+            pass
+
+
+def test_the_thread_of_a_cluster_shut_down_under_its_runs_ends():
+    """A run in a thread starts the cluster (from salience's thread that lives until it is shut down); the caller
+    shuts it down (``ray.shutdown()``) while the run goes; a second run then starts another. Once both end, no
+    thread of salience's is left: the first cluster's thread waited for ever (one leaked per such restart)."""
+    fake, entered, leave = _Ray(), threading.Barrier(2), threading.Event()
+
+    def keepers() -> int:
+        return sum(t.name == "salience-ray-cluster" and t.is_alive() for t in threading.enumerate())
+
+    before = keepers()
+
+    def first() -> None:
+        with ray_engine.cluster(fake):
+            entered.wait(10)
+            leave.wait(10)
+
+    t = threading.Thread(target=first)
+    t.start()
+    entered.wait(10)
+    fake.shutdown()  # the caller's ray.shutdown() under the run
+
+    def second() -> None:
+        with ray_engine.cluster(fake):
+            assert fake.joined and ray_engine._CLUSTER["runs"] == 2
+            leave.set()
+
+    s = threading.Thread(target=second)
+    s.start()
+    s.join(10), t.join(10)
+    until = time.monotonic() + 5
+    while keepers() > before and time.monotonic() < until:
+        time.sleep(0.01)
+    assert keepers() == before and not fake.joined
+    assert ray_engine._CLUSTER["runs"] == 0 and not ray_engine._CLUSTER["ours"]
+
+
+def test_an_ipv6_address_of_the_joined_cluster_written_otherwise_is_that_cluster():
+    """Ray writes an IPv6 node's GCS as ``[IP]:port`` (``ray._common.network_utils.build_address``): the same
+    address written otherwise (another case, zeros spelt out) is the joined cluster (it was refused: ``[`` is
+    no host name), another IPv6 host or port is not; IPv4 as before."""
+    same = ray_engine._same_cluster
+    assert same("[2001:DB8:0::5]:6379", "[2001:db8::5]:6379", None)
+    assert same("[0:0:0:0:0:0:0:1]:6379", "[::1]:6379", None)
+    assert not same("[2001:db8::6]:6379", "[2001:db8::5]:6379", None)
+    assert not same("[2001:db8::5]:6380", "[2001:db8::5]:6379", None)
+    assert same("localhost:6379", "127.0.0.1:6379", None) and not same("192.0.2.6:6379", "192.0.2.5:6379", None)
+    assert not same("ray://192.0.2.5:6379", "192.0.2.5:6379", None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import pickle
@@ -488,6 +489,8 @@ def _join(ray: Any, address: Optional[str]) -> None:
     one checked against ``address``; the run counted (not counted if it raises)."""
     with _CLUSTER_LOCK:
         if not ray.is_initialized():
+            if _CLUSTER["keeper"] is not None:  # the cluster salience started was shut down under its runs:
+                _CLUSTER["keeper"].set()  # its thread ends (it waited for ever)
             _CLUSTER.update(ours=True, asked=address, keeper=_start(ray, address))
         else:
             if _CLUSTER["runs"] == 0:  # joined before salience's first run: the caller's, left running
@@ -565,14 +568,26 @@ def _joined_address(ray: Any) -> Optional[str]:
         return None
 
 
+def _client_address(ray: Any) -> Optional[str]:
+    """The ``host:port`` of the Ray client server (``ray://``) this process is connected to, if it is."""
+    try:
+        client = ray.util.client.ray
+        return str(client.get_context().client_worker._conn_str) if client.is_connected() else None
+    except Exception:  # noqa: BLE001 - no client connection, or a Ray that keeps it otherwise
+        return None
+
+
 def _host_port(address: str) -> Optional[tuple[str, int]]:
-    """``host:port`` as (the host's IP, the port), or ``None`` where it is no such address."""
+    """``host:port`` (``[IPv6]:port`` as Ray writes it) as (the host's IP, written one way, the port), or
+    ``None`` where it is no such address."""
     host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     if not host or not port.isdigit():
         return None
     try:
-        return socket.gethostbyname(host), int(port)
-    except OSError:
+        return str(ipaddress.ip_address(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])), int(port)
+    except (OSError, ValueError):
         return None
 
 
@@ -591,7 +606,7 @@ def _same_cluster(address: str, joined: Optional[str], asked: Optional[str]) -> 
 def _here(ip: str) -> bool:
     """Whether ``ip`` is one of this machine's addresses (a socket can be bound to it)."""
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((ip, 0))
         return True
     except OSError:
@@ -600,12 +615,15 @@ def _here(ip: str) -> bool:
 
 def _check_address(ray: Any, address: Optional[str]) -> None:
     """Refuse ``address`` unless it names the cluster this process is joined to (or is none, or
-    ``"auto"``): a process is joined to one Ray cluster at a time. Called holding the lock."""
+    ``"auto"``; a ``ray://`` address: the Ray client server this process is connected to): a process is
+    joined to one Ray cluster at a time. Called holding the lock."""
     if address in _ANY:
         return
-    joined = _joined_address(ray)
+    joined, client = _joined_address(ray), _client_address(ray)
     if _same_cluster(str(address), joined, _CLUSTER["asked"]):
         return
+    if client is not None and str(address).startswith("ray://") and _same_cluster(str(address)[6:], client, None):
+        return  # the Ray client server this process is connected to (the GCS's address is another port)
     whose = ("salience started it for a run of this process still going" if _CLUSTER["ours"]
              else "the caller's own ray.init()")
     raise SalienceError(f"address={address!r}: this process is already joined to the Ray cluster at "
