@@ -122,3 +122,20 @@ def test_a_model_refusing_batches_explains_image_by_image(tmp_path):
     for i in (4, 5):
         np.testing.assert_allclose(run.map(i, "one"), salience.vanilla(Marked().eval(), x[i:i + 1])[0],
                                    rtol=1e-5, atol=1e-7)
+
+
+def test_completeness_reports_of_the_reruns_name_their_images(tmp_path):
+    """Integrated Gradients' completeness report of a rerun part names the part's images by their
+    positions in the batch: here the method reports the last image of each call; the batch
+    [0, 1 (marked), 2, 3] is rerun as [1] and [0, 2, 3], whose last image is image 3 (not image 2)."""
+    from salience.methods.integrated import CompletenessWarning, GapReport, report_gaps
+
+    def reporting(model, x, target):
+        m = salience.vanilla(model, x, target)
+        report_gaps(GapReport([x.shape[0] - 1], [1.0], 8, "riemann_trapezoid"))
+        return m
+
+    with pytest.warns(CompletenessWarning) as said:
+        run = _run(Marked().eval(), _images((1,)), tmp_path / "run", methods={"ig": reporting}, method_options=None)
+    assert [w.message.images for w in said if isinstance(w.message, CompletenessWarning)] == [[run.row(3)["path"]]]
+    assert run.row(1)["error"].startswith("method ig failed")

@@ -4,6 +4,7 @@ the two engines write the same rows and maps.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import math
@@ -25,7 +26,7 @@ from salience._core.tensors import model_device
 from salience.evidence.faithfulness import deletion, insertion
 from salience.evidence.localization import energy_in_mask, pointing_game
 from salience.loading.images import unnormalize
-from salience.methods.integrated import CompletenessWarning, GapReport, collect_gaps
+from salience.methods.integrated import CompletenessWarning, GapReport, collect_gaps, report_gaps
 from salience.render import viz
 from salience.runs.sources import Item
 from salience.runs.store import GIVEN_LABELS_ADVICE, given_label_difference, label_text
@@ -287,7 +288,11 @@ def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, clas
         raise error
 
     def run(part: list[int]) -> Tensor:
-        return _method_maps(fn, model, x[part], classes[part], plan, [indices[j] for j in part])
+        with collect_gaps() as gaps:
+            m = _method_maps(fn, model, x[part], classes[part], plan, [indices[j] for j in part])
+        for r in gaps:  # Integrated Gradients' reports of a part passed: its positions are the batch's
+            report_gaps(dataclasses.replace(r, images=[part[p] for p in r.images]))
+        return m
 
     found: dict[int, Tensor] = {}
     refused: dict[int, str] = {}
@@ -417,6 +422,7 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
                         m = (first_maps if i_method == 0 and first_maps is not None
                              else _method_maps(fn, model, x, classes, plan, indices))
                     except SalienceError as e:
+                        found.clear()  # what the refused call reported; the parts report their own
                         m, refused = _refused_images(fn, model, x, classes, plan, indices, e, suspects)
                 _warn_gaps(plan, name, found, indices)
             except SalienceError as e:
