@@ -891,3 +891,27 @@ def test_runs_in_threads_use_the_callers_cluster_leave_it_running_and_another_cl
                                             rf"process has {gpus:g} GPU\(s\)"):
         salience.explain_dataset(model, data, ["vanilla"], tmp_path / "gpus", engine="ray", num_gpus=gpus + 1, **kw)
     assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node
+
+
+def test_an_image_the_methods_refuse_costs_only_its_row_on_ray(cluster, tmp_path):
+    """On Ray, as locally (test_runs_bad_image): the image whose score is NaN gets the methods' errors,
+    the other images of its batch their maps, equal to the local engine's run."""
+    import torch
+
+    import test_runs_bad_image
+    from test_runs_bad_image import METHODS, OPTIONS, Marked, _images
+
+    model, x = Marked().eval(), _images((1,))
+    kw = dict(workers=0, map_dtype="float32", batch_size=4, shard_size=4, method_options=OPTIONS)
+    data = torch.utils.data.TensorDataset(x)
+    local = salience.explain_dataset(model, data, METHODS, tmp_path / "local", **kw)
+    ray.cloudpickle.register_pickle_by_value(test_runs_bad_image)  # the actors cannot import the tests' module
+    try:
+        on_ray = salience.explain_dataset(model, data, METHODS, tmp_path / "ray", engine="ray", actors=1, **kw)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(test_runs_bad_image)
+    assert on_ray.table.column("error").to_pylist() == local.table.column("error").to_pylist()
+    assert local.row(1)["error"].startswith("method vanilla failed") and local.row(0)["error"] is None
+    for i in (0, 2, 3, 4, 5):
+        for m in METHODS:
+            np.testing.assert_allclose(on_ray.map(i, m), local.map(i, m), rtol=1e-5, atol=1e-7)

@@ -4,6 +4,7 @@ the two engines write the same rows and maps.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import math
@@ -25,7 +26,7 @@ from salience._core.tensors import model_device
 from salience.evidence.faithfulness import deletion, insertion
 from salience.evidence.localization import energy_in_mask, pointing_game
 from salience.loading.images import unnormalize
-from salience.methods.integrated import CompletenessWarning, GapReport, collect_gaps
+from salience.methods.integrated import CompletenessWarning, GapReport, collect_gaps, report_gaps
 from salience.render import viz
 from salience.runs.sources import Item
 from salience.runs.store import GIVEN_LABELS_ADVICE, given_label_difference, label_text
@@ -270,6 +271,80 @@ def _method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes
     return m.unsqueeze(1) if classes.shape[1] == 1 else m
 
 
+def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes: Tensor, plan: Plan,
+                    indices: Sequence[int], error: SalienceError,
+                    suspects: Sequence[int] = ()) -> tuple[Tensor, dict[int, str]]:
+    """After the method ``fn`` refused the batch ``x`` (``error``, e.g. one image whose score is NaN):
+    its maps of the images it explains when run without the ones it refuses, and its error for each
+    of those (by position in the batch). Bisection: the method runs again on two parts (first the
+    ``suspects``, the images whose prediction is not finite, apart from the others; else halves), a
+    part refused is split again, down to single images. Bounded: when both first parts are refused
+    as well, the error is the whole call's (an option the model refuses, a model that takes one image
+    a call) and is raised again after those two calls; otherwise at most ``2n - 2`` calls in all, about ``2 k log2(n / k)`` for
+    ``k`` refused images. Each image's map is the method's on it as a run without the refused images
+    gives (the methods treat the images of a call independently)."""
+    n = x.shape[0]
+    if n < 2:
+        raise error
+
+    def run(part: list[int]) -> Tensor:
+        with collect_gaps() as gaps:
+            m = _method_maps(fn, model, x[part], classes[part], plan, [indices[j] for j in part])
+        for r in gaps:  # Integrated Gradients' reports of a part passed: its positions are the batch's
+            report_gaps(dataclasses.replace(r, images=[part[p] for p in r.images]))
+        return m
+
+    found: dict[int, Tensor] = {}
+    refused: dict[int, str] = {}
+    rest = [j for j in range(n) if j not in set(suspects)]
+    first = (list(suspects), rest) if suspects and rest else None
+    _bisect(run, list(range(n)), error, found, refused, [False], first)
+    if not found:  # the whole call's error
+        raise error
+    some = next(iter(found.values()))
+    m = torch.full((n, *some.shape), float("nan"), dtype=some.dtype)
+    for j, v in found.items():
+        m[j] = v
+    return m, refused
+
+
+def _method_error(row: dict[str, Any], name: str, text: str) -> None:
+    """Row ``row``'s error: method ``name`` failed (``text``), after another method's failure if one did."""
+    said = f"method {name} failed: {text}"
+    row["error"] = said if row["error"] is None else f"{row['error']}; {said}"
+
+
+def _rows_of(kept: list[int], lost: Any) -> Any:
+    """The index of a batch tensor's ``kept`` rows: all of them (no copy) when none is ``lost``."""
+    return kept if lost else slice(None)
+
+
+def _bisect(run: Callable[[list[int]], Tensor], part: list[int], error: SalienceError, found: dict[int, Tensor],
+            refused: dict[int, str], passed: list[bool], halves: Optional[tuple[list[int], list[int]]] = None) -> None:
+    """:func:`_refused_images`' bisection of ``part``, which the method refused with ``error``: the maps
+    of its images in ``found``, the errors in ``refused``; ``passed[0]``: whether any part passed yet."""
+    if len(part) == 1:
+        refused[part[0]] = str(error)
+        return
+    halves = halves or (part[:len(part) // 2], part[len(part) // 2:])
+    errors: list[Optional[SalienceError]] = []
+    for half in halves:
+        try:
+            m = run(half)
+        except SalienceError as e:
+            errors.append(e)
+            continue
+        errors.append(None)
+        passed[0] = True
+        for j, pos in enumerate(half):
+            found[pos] = m[j]
+    if not passed[0]:  # both parts refused, no part ever passed: the whole call's error, no more calls
+        return
+    for half, e in zip(halves, errors):
+        if e is not None:
+            _bisect(run, half, e, found, refused, passed)
+
+
 def _metrics(plan: Plan, model: nn.Module, x: Tensor, first: Tensor, classes: Tensor,
              masks: Sequence[Optional[Tensor]]) -> dict[str, list[Optional[float]]]:
     """The metric columns of one method (first target): insertion / deletion AUC, and with masks the
@@ -299,7 +374,7 @@ class Computed:
     the batch's ``items``, the positions of the ``good`` ones (decoded), the ``rows`` (predictions,
     targets, metrics, errors; the summaries still to fill), each method's maps ``(g, K, ...)`` float32
     on the CPU for the good items (a method that failed on the batch: its NaN maps' shape in
-    ``failed``), and ``x``: the good items' inputs stacked on the CPU ``(g, C, H, W)`` (the thumbnails')."""
+    ``failed``; one that failed on some items only: NaN rows, their positions in ``lost``), and ``x``: the good items' inputs stacked on the CPU ``(g, C, H, W)`` (the thumbnails')."""
 
     items: Sequence[Item]
     good: list[int]
@@ -307,6 +382,9 @@ class Computed:
     maps: dict[str, Tensor]
     failed: dict[str, tuple[int, ...]]
     x: Optional[Tensor]
+    lost: dict[str, list[int]] = field(default_factory=dict)
+    """Per method that refused some of the good items but explained the others (:func:`_refused_images`):
+    those items' positions in ``good`` (their maps are NaN, their rows say the method's error)."""
 
 
 def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result:
@@ -322,6 +400,7 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
     good = [j for j, it in enumerate(items) if it.error is None]
     rows = [_row(plan, it) for it in items]
     maps: dict[str, Tensor] = {}
+    lost: dict[str, list[int]] = {}
     xc: Optional[Tensor] = None
     if good:
         _check_shape(plan, model, [items[j] for j in good])
@@ -334,28 +413,41 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
         masks = [items[j].mask for j in good]
         for j, pos in enumerate(good):
             _prediction_row(rows[pos], plan, probs[j], classes[j])
+        suspects = (~torch.isfinite(probs).all(1)).nonzero().flatten().tolist()  # tried apart on a refusal
         for i_method, (name, fn) in enumerate(plan.methods.items()):
+            refused: dict[int, str] = {}  # positions in ``good`` the method refused, when it explained the others
             try:
                 with collect_gaps() as found:
-                    m = (first_maps if i_method == 0 and first_maps is not None
-                         else _method_maps(fn, model, x, classes, plan, indices))
+                    try:
+                        m = (first_maps if i_method == 0 and first_maps is not None
+                             else _method_maps(fn, model, x, classes, plan, indices))
+                    except SalienceError as e:
+                        found.clear()  # what the refused call reported; the parts report their own
+                        m, refused = _refused_images(fn, model, x, classes, plan, indices, e, suspects)
                 _warn_gaps(plan, name, found, indices)
             except SalienceError as e:
                 for pos in good:
-                    rows[pos]["error"] = f"method {name} failed: {e}"
+                    _method_error(rows[pos], name, str(e))
                 continue
             plan.shapes.setdefault(name, tuple(m.shape[2:]))
             maps[name] = m
+            for j, text in refused.items():
+                _method_error(rows[good[j]], name, text)
+            if refused:
+                lost[name] = sorted(refused)
+            kept = [j for j in range(len(good)) if j not in refused]
             if plan.metrics:
-                for col, vals in _metrics(plan, model, x, display(m[:, 0]), classes, masks).items():
-                    for j, pos in enumerate(good):
-                        rows[pos][f"{name}.{col}"] = vals[j]
+                sub = _rows_of(kept, refused)
+                for col, vals in _metrics(plan, model, x[sub], display(m[sub, 0]), classes[sub],
+                                          [masks[j] for j in kept]).items():
+                    for j, v in zip(kept, vals):
+                        rows[good[j]][f"{name}.{col}"] = v
     for pos in good:  # explained, but its mask's metrics are missing: the row says why (and the run exits 1)
         if items[pos].mask_error is not None and rows[pos]["error"] is None:
             rows[pos]["error"] = items[pos].mask_error
     # a method that failed on this batch: NaN maps of the right shape
     failed = {name: _map_shape(plan, model, name, items[0].x) for name in plan.methods if name not in maps}
-    return Computed(items, good, rows, maps, failed, xc)
+    return Computed(items, good, rows, maps, failed, xc, lost)
 
 
 def finish_items(plan: Plan, done: Computed, warn: Optional[Callable[[str], None]] = None) -> Result:
@@ -376,18 +468,25 @@ def finish_items(plan: Plan, done: Computed, warn: Optional[Callable[[str], None
         full[good] = m.numpy()
         maps[name] = full
         first = display(m[:, 0])
-        firsts[name] = first
-        for col, vals in _summaries(first).items():
-            for j, pos in enumerate(good):
-                rows[pos][f"{name}.{col}"] = vals[j]
-        lo, hi = picture_extremes(m)
+        lost = set(done.lost.get(name, ()))
+        firsts[name] = first.nan_to_num(0.0) if lost else first  # the refused items' tiles: blanked below
+        kept = [j for j in range(len(good)) if j not in lost]  # the items the method explained
+        where = [good[j] for j in kept]
+        for col, vals in _summaries(first[_rows_of(kept, lost)]).items():
+            for v, pos in zip(vals, where):
+                rows[pos][f"{name}.{col}"] = v
+        lo, hi = picture_extremes(m[_rows_of(kept, lost)])
         constants = _constants(lo, hi)
-        for j, pos in enumerate(good):
-            rows[pos][f"{name}.constant"] = constants[j]
-        said = _stored_warning(plan, name, lo, hi, constants, [items[j].index for j in good])
+        for c, pos in zip(constants, where):
+            rows[pos][f"{name}.constant"] = c
+        said = _stored_warning(plan, name, lo, hi, constants, [items[j].index for j in where])
         if said is not None:
             (warn or _warn)(said)
     tiles = _tiles(plan, items, good, firsts, done.x) if plan.thumbs else None
+    for c, name in enumerate(plan.methods, start=1):  # an item the method refused: its blank tile, as a failed one's
+        for j in done.lost.get(name, ()):
+            if tiles is not None:
+                tiles[good[j], c] = 235
     return Result(rows, maps, tiles)
 
 

@@ -1,0 +1,141 @@
+"""Dataset runs with an image the methods refuse (its score NaN: an fp16 overflow, a corrupt image):
+only that image's row says the method's error; the other images of its batch keep their maps,
+equal to a run without it (the batch is split until the refused images are found). An error of the
+whole call still fails the batch, after a bounded number of calls."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import salience
+from salience import SalienceError
+
+MARK = 7.0
+"""The value of pixel (0, 0, 0) that makes the model's output NaN."""
+
+
+class Marked(nn.Module):
+    """A tiny classifier whose output is NaN for an image whose pixel (0, 0, 0) is :data:`MARK`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                  nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bad = x[:, 0, 0, 0] == MARK
+        return self.body(x) + torch.where(bad, torch.tensor(float("nan")), torch.tensor(0.0))[:, None]
+
+
+def _images(marked) -> torch.Tensor:
+    torch.manual_seed(1)
+    x = torch.rand(6, 3, 8, 8)
+    x[list(marked), 0, 0, 0] = MARK
+    return x
+
+
+METHODS = ["vanilla", "occlusion"]
+OPTIONS = {"occlusion": {"window": 4, "stride": 2}}
+
+
+def _run(model, x, folder, **kw):
+    return salience.explain_dataset(model, torch.utils.data.TensorDataset(x), kw.pop("methods", METHODS), folder,
+                                    workers=0, map_dtype="float32", batch_size=4,
+                                    method_options=kw.pop("method_options", OPTIONS), **kw)
+
+
+@pytest.mark.parametrize("marked", [(1,), (0, 3)])
+def test_the_other_images_keep_their_maps(tmp_path, marked):
+    """Images ``marked`` (in the first batch of 4) are refused by vanilla (target score NaN) and
+    occlusion (perturbed scores NaN): their rows say each method's error, their maps are NaN; every
+    other image's maps and insertion metric equal those of a run of the images without them."""
+    model = Marked().eval()
+    x = _images(marked)
+    run = _run(model, x, tmp_path / "run", metrics=["insertion"])
+    others = [i for i in range(6) if i not in marked]
+    ref = _run(model, x[others], tmp_path / "ref", metrics=["insertion"])
+    for r, i in enumerate(others):
+        row, want = run.row(i), ref.row(r)
+        assert row["error"] is None
+        for m in METHODS:
+            np.testing.assert_allclose(run.map(i, m), ref.map(r, m), rtol=1e-5, atol=1e-7)
+            assert row[f"{m}.max"] == pytest.approx(want[f"{m}.max"], rel=1e-5, abs=1e-7)
+            assert row[f"{m}.insertion"] == pytest.approx(want[f"{m}.insertion"], rel=1e-5, abs=1e-7)
+    for i in marked:
+        row = run.row(i)
+        said = row["error"].split("; method ")
+        assert said[0].startswith("method vanilla failed: the target's score is NaN or infinite"), said
+        assert said[1].startswith("occlusion failed: the model's scores of the perturbed images are NaN"), said
+        for m in METHODS:
+            with pytest.raises(SalienceError, match=f"image {i} has no map: method vanilla failed: .*NaN or infinite"):
+                run.map(i, m)
+            assert row[f"{m}.min"] is None and row[f"{m}.insertion"] is None
+    assert (run.table.column("error").null_count, ref.table.column("error").null_count) == (len(others), len(others))
+
+
+def test_no_extra_call_when_nothing_fails(tmp_path):
+    """A batch the method explains whole: one call of it per batch (the first method's pass is also
+    the prediction's), nothing rerun."""
+    calls = []
+
+    def counted(model, x, target):
+        calls.append(x.shape[0])
+        return salience.vanilla(model, x, target)
+
+    _run(Marked().eval(), _images(()), tmp_path / "run", methods={"counted": counted}, method_options=None)
+    assert calls == [4, 2]
+
+
+def test_a_whole_call_error_fails_the_batch_after_two_more_calls(tmp_path):
+    """A method that refuses every call (an option the model refuses, say): each batch's rows say its
+    error, after the batch's calls (the prediction's pass, then with the classes) and the two halves'
+    only, not one call per image."""
+    calls = []
+
+    def refuses(model, x, target):
+        calls.append(x.shape[0])
+        raise SalienceError("this model refuses option z=3")
+
+    run = _run(Marked().eval(), _images(()), tmp_path / "run", methods={"refuses": refuses}, method_options=None)
+    assert calls == [4, 4, 2, 2, 1, 2, 2, 1, 1]  # the 1 after the first batch: the NaN maps' shape, once a run
+    assert run.table.column("error").to_pylist() == ["method refuses failed: this model refuses option z=3"] * 6
+
+
+def test_a_model_refusing_batches_explains_image_by_image(tmp_path):
+    """A method that refuses more than one image a call: refused whole by a batch's halves of two, so
+    the batch of 4 fails after two more calls; the last batch's halves are single images: explained."""
+    calls = []
+
+    def one_at_a_time(model, x, target):
+        calls.append(x.shape[0])
+        if x.shape[0] > 1:
+            raise SalienceError("one image a call")
+        return salience.vanilla(model, x, target)
+
+    run = _run(Marked().eval(), _images(()), tmp_path / "run", methods={"one": one_at_a_time}, method_options=None)
+    assert calls == [4, 4, 2, 2, 1, 2, 2, 1, 1]  # the 1 after the first batch: the NaN maps' shape, once a run
+    assert run.table.column("error").to_pylist() == ["method one failed: one image a call"] * 4 + [None] * 2
+    x = _images(())
+    for i in (4, 5):
+        np.testing.assert_allclose(run.map(i, "one"), salience.vanilla(Marked().eval(), x[i:i + 1])[0],
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_completeness_reports_of_the_reruns_name_their_images(tmp_path):
+    """Integrated Gradients' completeness report of a rerun part names the part's images by their
+    positions in the batch: here the method reports the last image of each call; the batch
+    [0, 1 (marked), 2, 3] is rerun as [1] and [0, 2, 3], whose last image is image 3 (not image 2)."""
+    from salience.methods.integrated import CompletenessWarning, GapReport, report_gaps
+
+    def reporting(model, x, target):
+        m = salience.vanilla(model, x, target)
+        report_gaps(GapReport([x.shape[0] - 1], [1.0], 8, "riemann_trapezoid"))
+        return m
+
+    with pytest.warns(CompletenessWarning) as said:
+        run = _run(Marked().eval(), _images((1,)), tmp_path / "run", methods={"ig": reporting}, method_options=None)
+    assert [w.message.images for w in said if isinstance(w.message, CompletenessWarning)] == [[run.row(3)["path"]]]
+    assert run.row(1)["error"].startswith("method ig failed")
