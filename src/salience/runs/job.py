@@ -379,6 +379,32 @@ def _metrics(plan: Plan, model: nn.Module, x: Tensor, first: Tensor, classes: Te
     return out
 
 
+def _metric_rows(plan: Plan, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor, Sequence[Optional[Tensor]]],
+                 kept: list[int], suspects: Sequence[int], rows: list[dict[str, Any]], name: str) -> None:
+    """Method ``name``'s metric columns in ``rows`` (the good items') of the ``kept`` ones it explained;
+    ``batch``: their inputs, maps, classes and masks. A metric that refuses them (``SalienceError``: an
+    image whose prediction is NaN, which a method such as SmoothGrad explains all the same) is computed
+    again without the ``suspects`` (prediction not finite), whose rows say its error."""
+    x, m, classes, masks = batch
+
+    def columns(part: list[int]) -> dict[str, list[Optional[float]]]:
+        sub = _rows_of(part, len(part) != len(m))
+        return _metrics(plan, model, x[sub], display(m[sub, 0]), classes[sub], [masks[j] for j in part])
+
+    try:
+        cols = columns(kept)
+    except SalienceError as e:
+        rest = [j for j in kept if j not in set(suspects)]
+        if len(rest) == len(kept):
+            raise
+        for j in set(kept) - set(rest):
+            _method_error(rows[j], f"{name}'s metrics", str(e))
+        kept, cols = rest, (columns(rest) if rest else {})
+    for col, vals in cols.items():
+        for j, v in zip(kept, vals):
+            rows[j][f"{name}.{col}"] = v
+
+
 @dataclass
 class Computed:
     """A batch's model work done (:func:`compute_items`), what is left host work (:func:`finish_items`):
@@ -448,11 +474,8 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
                 lost[name] = sorted(refused)
             kept = [j for j in range(len(good)) if j not in refused]
             if plan.metrics:
-                sub = _rows_of(kept, refused)
-                for col, vals in _metrics(plan, model, x[sub], display(m[sub, 0]), classes[sub],
-                                          [masks[j] for j in kept]).items():
-                    for j, v in zip(kept, vals):
-                        rows[good[j]][f"{name}.{col}"] = v
+                _metric_rows(plan, model, (x, m, classes, masks), kept, suspects,
+                             [rows[pos] for pos in good], name)
     for pos in good:  # explained, but its mask's metrics are missing: the row says why (and the run exits 1)
         if items[pos].mask_error is not None and rows[pos]["error"] is None:
             rows[pos]["error"] = items[pos].mask_error
