@@ -139,3 +139,67 @@ def test_completeness_reports_of_the_reruns_name_their_images(tmp_path):
         run = _run(Marked().eval(), _images((1,)), tmp_path / "run", methods={"ig": reporting}, method_options=None)
     assert [w.message.images for w in said if isinstance(w.message, CompletenessWarning)] == [[run.row(3)["path"]]]
     assert run.row(1)["error"].startswith("method ig failed")
+
+
+def test_an_image_refused_with_a_finite_prediction_beside_a_suspect(tmp_path):
+    """A batch [0, 1 (its prediction NaN), 2, 3 (its prediction finite, refused all the same: a NaN
+    perturbed score, say)]: the suspect [1] and the rest [0, 2, 3] are both refused, which is no whole
+    call's error (the suspect's part was meant to be refused): images 0 and 2 keep their maps."""
+    def picky(model, x, target):
+        if (x[:, 0, 0, 1] == MARK).any():
+            raise SalienceError("the model's scores of the perturbed images are NaN")
+        return salience.vanilla(model, x, target)
+
+    x = _images((1,))
+    x[3, 0, 0, 1] = MARK
+    run = _run(Marked().eval(), x, tmp_path / "run", methods={"picky": picky}, method_options=None)
+    errors = run.table.column("error").to_pylist()
+    assert [e is None for e in errors] == [True, False, True, False, True, True], errors
+    for i in (0, 2):
+        np.testing.assert_allclose(run.map(i, "picky"), salience.vanilla(Marked().eval(), x[i:i + 1])[0],
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_a_whole_call_error_beside_a_suspect_stops_after_the_rests_halves(tmp_path):
+    """A method that refuses every call, in a batch with an image whose prediction is NaN: after the
+    suspect's part and the rest's, the rest's two halves (the whole call's error), not one call per image."""
+    calls = []
+
+    def refuses(model, x, target):
+        calls.append(x.shape[0])
+        raise SalienceError("this model refuses option z=3")
+
+    run = _run(Marked().eval(), _images((1,)), tmp_path / "run", methods={"refuses": refuses}, method_options=None)
+    assert calls == [4, 4, 1, 3, 1, 2, 1, 2, 2, 1, 1]  # batch 1: [1], [0, 2, 3], [0], [2, 3]; then the NaN maps' shape
+    assert run.table.column("error").to_pylist() == ["method refuses failed: this model refuses option z=3"] * 6
+
+
+def test_a_metric_refusing_an_image_the_method_explained_costs_only_its_row(tmp_path):
+    """SmoothGrad explains image 1 whose prediction is NaN (its noisy copies' scores are finite), but
+    its insertion curve is NaN (the metric refuses it): only image 1's row says that; the others'
+    insertion equals a run where image 1 is an ordinary image (their seeds unchanged)."""
+    kw = dict(methods=["smoothgrad"], method_options={"smoothgrad": {"samples": 2}}, metrics=["insertion"])
+    x = _images((1,))
+    run = _run(Marked().eval(), x, tmp_path / "run", **kw)
+    x[1, 0, 0, 0] = 0.5
+    ref = _run(Marked().eval(), x, tmp_path / "ref", **kw)
+    assert run.row(1)["error"].startswith("method smoothgrad's metrics failed: the model's score is nan on image")
+    assert run.row(1)["smoothgrad.insertion"] is None
+    for i in (0, 2, 3, 4, 5):
+        assert run.row(i)["error"] is None
+        assert run.row(i)["smoothgrad.insertion"] == pytest.approx(ref.row(i)["smoothgrad.insertion"], rel=1e-5)
+
+
+def test_the_refused_images_thumbnail_is_blank_the_others_are_overlays(tmp_path):
+    """The gallery's sprite: image 1's vanilla tile (refused) is the blank grey (235) of a failed map,
+    image 0's an overlay (not flat)."""
+    from PIL import Image
+
+    from salience.runs.job import THUMB
+
+    run = _run(Marked().eval(), _images((1,)), tmp_path / "run", methods=["vanilla"], method_options=None)
+    path, offset = run.thumbnail(1)
+    canvas = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+    tile = canvas[THUMB:2 * THUMB, offset * THUMB:(offset + 1) * THUMB]  # the method's row, image 1's column
+    assert abs(tile.mean() - 235) < 2 and tile.std() < 5  # a flat grey, but for the JPEG's edges
+    assert canvas[THUMB:2 * THUMB, :THUMB].std() > 10  # image 0's overlay

@@ -279,8 +279,9 @@ def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, clas
     of those (by position in the batch). Bisection: the method runs again on two parts (first the
     ``suspects``, the images whose prediction is not finite, apart from the others; else halves), a
     part refused is split again, down to single images. Bounded: when both first parts are refused
-    as well, the error is the whole call's (an option the model refuses, a model that takes one image
-    a call) and is raised again after those two calls; otherwise at most ``2n - 2`` calls in all, about ``2 k log2(n / k)`` for
+    as well (with suspects: the rest and its two halves, the suspects' part being meant to be refused),
+    the error is the whole call's (an option the model refuses, a model that takes one image a call)
+    and is raised again after those two (four) calls; otherwise at most ``2n - 2`` calls in all, about ``2 k log2(n / k)`` for
     ``k`` refused images. Each image's map is the method's on it as a run without the refused images
     gives (the methods treat the images of a call independently)."""
     n = x.shape[0]
@@ -296,9 +297,16 @@ def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, clas
 
     found: dict[int, Tensor] = {}
     refused: dict[int, str] = {}
+    passed = [False]
     rest = [j for j in range(n) if j not in set(suspects)]
-    first = (list(suspects), rest) if suspects and rest else None
-    _bisect(run, list(range(n)), error, found, refused, [False], first)
+    if suspects and rest:  # the suspects' part is meant to be refused: only the rest's says a whole call's error
+        errors = [_try_part(run, part, found, passed) for part in (list(suspects), rest)]
+        if errors[1] is not None:
+            _bisect(run, rest, errors[1], found, refused, passed)
+        if errors[0] is not None and passed[0]:
+            _bisect(run, list(suspects), errors[0], found, refused, passed)
+    else:
+        _bisect(run, list(range(n)), error, found, refused, passed)
     if not found:  # the whole call's error
         raise error
     some = next(iter(found.values()))
@@ -319,25 +327,28 @@ def _rows_of(kept: list[int], lost: Any) -> Any:
     return kept if lost else slice(None)
 
 
+def _try_part(run: Callable[[list[int]], Tensor], part: list[int], found: dict[int, Tensor],
+              passed: list[bool]) -> Optional[SalienceError]:
+    """The method on ``part``: its maps in ``found`` (and ``passed[0]`` set), or its error."""
+    try:
+        m = run(part)
+    except SalienceError as e:
+        return e
+    passed[0] = True
+    for j, pos in enumerate(part):
+        found[pos] = m[j]
+    return None
+
+
 def _bisect(run: Callable[[list[int]], Tensor], part: list[int], error: SalienceError, found: dict[int, Tensor],
-            refused: dict[int, str], passed: list[bool], halves: Optional[tuple[list[int], list[int]]] = None) -> None:
+            refused: dict[int, str], passed: list[bool]) -> None:
     """:func:`_refused_images`' bisection of ``part``, which the method refused with ``error``: the maps
     of its images in ``found``, the errors in ``refused``; ``passed[0]``: whether any part passed yet."""
     if len(part) == 1:
         refused[part[0]] = str(error)
         return
-    halves = halves or (part[:len(part) // 2], part[len(part) // 2:])
-    errors: list[Optional[SalienceError]] = []
-    for half in halves:
-        try:
-            m = run(half)
-        except SalienceError as e:
-            errors.append(e)
-            continue
-        errors.append(None)
-        passed[0] = True
-        for j, pos in enumerate(half):
-            found[pos] = m[j]
+    halves = (part[:len(part) // 2], part[len(part) // 2:])
+    errors = [_try_part(run, half, found, passed) for half in halves]
     if not passed[0]:  # both parts refused, no part ever passed: the whole call's error, no more calls
         return
     for half, e in zip(halves, errors):
@@ -366,6 +377,32 @@ def _metrics(plan: Plan, model: nn.Module, x: Tensor, first: Tensor, classes: Te
                     vals[j] = None if v != v else float(v)
             out[name] = vals
     return out
+
+
+def _metric_rows(plan: Plan, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor, Sequence[Optional[Tensor]]],
+                 kept: list[int], suspects: Sequence[int], rows: list[dict[str, Any]], name: str) -> None:
+    """Method ``name``'s metric columns in ``rows`` (the good items') of the ``kept`` ones it explained;
+    ``batch``: their inputs, maps, classes and masks. A metric that refuses them (``SalienceError``: an
+    image whose prediction is NaN, which a method such as SmoothGrad explains all the same) is computed
+    again without the ``suspects`` (prediction not finite), whose rows say its error."""
+    x, m, classes, masks = batch
+
+    def columns(part: list[int]) -> dict[str, list[Optional[float]]]:
+        sub = _rows_of(part, len(part) != len(m))
+        return _metrics(plan, model, x[sub], display(m[sub, 0]), classes[sub], [masks[j] for j in part])
+
+    try:
+        cols = columns(kept)
+    except SalienceError as e:
+        rest = [j for j in kept if j not in set(suspects)]
+        if len(rest) == len(kept):
+            raise
+        for j in set(kept) - set(rest):
+            _method_error(rows[j], f"{name}'s metrics", str(e))
+        kept, cols = rest, (columns(rest) if rest else {})
+    for col, vals in cols.items():
+        for j, v in zip(kept, vals):
+            rows[j][f"{name}.{col}"] = v
 
 
 @dataclass
@@ -437,11 +474,8 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
                 lost[name] = sorted(refused)
             kept = [j for j in range(len(good)) if j not in refused]
             if plan.metrics:
-                sub = _rows_of(kept, refused)
-                for col, vals in _metrics(plan, model, x[sub], display(m[sub, 0]), classes[sub],
-                                          [masks[j] for j in kept]).items():
-                    for j, v in zip(kept, vals):
-                        rows[good[j]][f"{name}.{col}"] = v
+                _metric_rows(plan, model, (x, m, classes, masks), kept, suspects,
+                             [rows[pos] for pos in good], name)
     for pos in good:  # explained, but its mask's metrics are missing: the row says why (and the run exits 1)
         if items[pos].mask_error is not None and rows[pos]["error"] is None:
             rows[pos]["error"] = items[pos].mask_error
