@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import salience
 from salience import SalienceError
@@ -380,3 +381,25 @@ def test_python_39s_words_for_a_missing_argument(make, needs):
     e.args = (str(e).split(".forward", 1)[-1].join(["forward", ""]) if ".forward()" in str(e) else str(e),)
     assert str(e).startswith("forward() missing")
     assert _needs_more_inputs(model, e) is needs
+
+
+class _ClassesOut(nn.Module):
+    """A model that returns what its scores decide, not the scores: an argmax's classes, or a threshold's bools."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.conv, self.kind = nn.Conv2d(3, 4, 3, padding=1), kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.conv(x).mean((2, 3))
+        return s.argmax(1, keepdim=True).repeat(1, 4) if self.kind == "long" else s > 0
+
+
+@pytest.mark.parametrize("kind", ["long", "bool"])
+@pytest.mark.parametrize("name", ["vanilla", "gradcam", "rise", "scorecam", "occlusion", "ablationcam"])
+def test_a_model_returning_classes_or_bools_says_to_return_the_scores(name, kind):
+    """RISE and Score-CAM raised torch's raw 'softmax not implemented for Long', every method the raw 'argmax():
+    does not support bool input', occlusion and Ablation-CAM explained an argmax's class indices silently."""
+    options = {"masks": 8} if name == "rise" else {}
+    with pytest.raises(SalienceError, match="floating-point scores"):
+        salience.METHODS[name](_ClassesOut(kind), torch.rand(2, 3, 16, 16), **options)

@@ -295,11 +295,20 @@ def unwrap_output(out: Any, model: Optional[nn.Module] = None) -> Tensor:
     its ``"logits"`` key, else its only tensor value; a tuple or list -> its first element when
     that is a tensor (Hugging Face's ``return_dict=False`` puts the logits first). Anything else,
     and a dict with several tensors and no ``"logits"``, is a :class:`SalienceError` naming what
-    the model returned and saying to pass ``output=``.
+    the model returned and saying to pass ``output=``. Scores of an integer or bool dtype (an argmax's
+    classes, a threshold) are a :class:`SalienceError` too: no method can explain them.
     """
     pick = model_info(model).output if model is not None else None
-    if pick is not None:
-        return _pick_output(out, pick)
+    scores = _pick_output(out, pick) if pick is not None else _the_scores(out)
+    if not scores.is_floating_point():  # an argmax's classes, a threshold's bools: RISE's softmax, argmax raised raw
+        raise SalienceError(
+            f"the model returned scores of dtype {scores.dtype}; salience explains floating-point scores (logits, "
+            "probabilities or a regression value): return them before an argmax, a threshold or a rounding")
+    return scores
+
+
+def _the_scores(out: Any) -> Tensor:
+    """:func:`unwrap_output`'s rule without a pick: the score tensor of what a forward returned."""
     if isinstance(out, Tensor):
         return out
     logits = getattr(out, "logits", None)
