@@ -403,3 +403,25 @@ def test_a_model_returning_classes_or_bools_says_to_return_the_scores(name, kind
     options = {"masks": 8} if name == "rise" else {}
     with pytest.raises(SalienceError, match="floating-point scores"):
         salience.METHODS[name](_ClassesOut(kind), torch.rand(2, 3, 16, 16), **options)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 1), (1, 3, 1, 1), (), (1, 1, 16)])
+def test_integrated_gradients_takes_a_baseline_that_broadcasts(shape):
+    """A per-channel mean ``(C, 1, 1)`` (the usual 'mean of the data' baseline), a 0-d tensor: integrated gradients
+    refused what occlusion broadcasts ("does not fit x"). The map equals the one of the baseline expanded by hand,
+    and completeness holds: the attributions sum to f(x) - f(baseline) (a linear model: exact)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 2)).eval()
+    x = torch.rand(2, 3, 16, 16)
+    baseline = torch.rand(shape)
+    got = salience.integrated_gradients(model, x, 1, baseline=baseline, steps=4, reduce=None)
+    want = salience.integrated_gradients(model, x, 1, baseline=baseline.expand_as(x).clone(), steps=4, reduce=None)
+    torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        gap = model(x)[:, 1] - model(baseline.expand_as(x))[:, 1]
+    torch.testing.assert_close(got.reshape(2, -1).sum(1).double(), gap.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_integrated_gradients_refuses_a_baseline_that_does_not_broadcast():
+    with pytest.raises(SalienceError, match=r"broadcasts to it: .*per-channel \(3, 1, 1\)"):
+        salience.integrated_gradients(SmallCNN().eval(), torch.rand(2, 3, 16, 16), 0, baseline=torch.rand(2, 1, 1))

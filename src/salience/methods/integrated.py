@@ -219,12 +219,15 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
     if not isinstance(baseline, Tensor):
         raise SalienceError(f"baseline must be None, 'blur', a number or a tensor, got {type(baseline).__name__}")
     bl = baseline.detach().to(device=x.device, dtype=x.dtype)
-    if bl.dim() == 3:
-        bl = bl.unsqueeze(0)
-    if bl.dim() != 4 or bl.shape[0] not in (1, x.shape[0]) or bl.shape[1:] != x.shape[1:]:
+    try:  # any shape that broadcasts to x, as occlusion's: a per-channel mean (C, 1, 1), one number as a 0-d tensor
+        fits = torch.broadcast_shapes(bl.shape, x.shape) == x.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
         raise SalienceError(
-            f"baseline of shape {tuple(baseline.shape)} does not fit x of shape {tuple(x.shape)}; expected "
-            f"{tuple(x.shape)}, (1, {', '.join(map(str, x.shape[1:]))}) or ({', '.join(map(str, x.shape[1:]))})"
+            f"baseline of shape {tuple(baseline.shape)} does not fit x of shape {tuple(x.shape)}; give a tensor that "
+            f"broadcasts to it: {tuple(x.shape)}, (1, {', '.join(map(str, x.shape[1:]))}), "
+            f"({', '.join(map(str, x.shape[1:]))}) or a per-channel ({x.shape[1]}, 1, 1)"
         )
     check_finite_tensor(bl, "the baseline")
     return bl.expand_as(x)
@@ -253,8 +256,8 @@ def integrated_gradients(
 ) -> Union[Tensor, IGResult]:
     """Integrated Gradients of the target's score along the straight path from a baseline to ``x``.
 
-    ``x``: ``(B, C, H, W)``. ``baseline``: ``None`` (black: zeros), a number, a tensor
-    ``(B, C, H, W)`` / ``(1, C, H, W)`` / ``(C, H, W)``, or ``"blur"`` (``x`` blurred with a Gaussian
+    ``x``: ``(B, C, H, W)``. ``baseline``: ``None`` (black: zeros), a number, a tensor that broadcasts
+    to ``x`` (``(B, C, H, W)`` / ``(1, C, H, W)`` / ``(C, H, W)``, a per-channel mean ``(C, 1, 1)``), or ``"blur"`` (``x`` blurred with a Gaussian
     of ``blur_sigma`` pixels, default ``min(H, W) / 20``). ``steps`` points, ``rule``:
     ``"trapezoid"`` (default; exact for a linear path integrand),
     ``"gausslegendre"``, ``"left"``, ``"right"``, ``"middle"`` (also Captum's names such as
