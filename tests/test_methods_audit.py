@@ -425,3 +425,14 @@ def test_integrated_gradients_takes_a_baseline_that_broadcasts(shape):
 def test_integrated_gradients_refuses_a_baseline_that_does_not_broadcast():
     with pytest.raises(SalienceError, match=r"broadcasts to it: .*per-channel \(3, 1, 1\)"):
         salience.integrated_gradients(SmallCNN().eval(), torch.rand(2, 3, 16, 16), 0, baseline=torch.rand(2, 1, 1))
+
+
+@pytest.mark.parametrize("method, message", [
+    (salience.class_model, r"class_model makes an image for a class, it does not explain x"),
+    ("vanilla", r"got str \(the function, not its name: method=salience.vanilla\)"),
+])
+def test_smoothgrad_of_what_is_no_map_of_x_says_what_to_give(method, message):
+    """``smoothgrad(method=class_model)`` was Python's raw 'class_model() takes 2 positional arguments but 3 were
+    given'; a method's name said only 'got str'."""
+    with pytest.raises(SalienceError, match=message):
+        salience.smoothgrad(SmallCNN().eval(), torch.rand(1, 3, 16, 16), 0, method=method, samples=2)

@@ -196,7 +196,12 @@ class _CopyGaps:
 
 def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options: dict) -> None:
     if not callable(method):
-        raise SalienceError(f"method must be a saliency function such as salience.vanilla, got {type(method).__name__}")
+        named = f" (the function, not its name: method=salience.{method})" if isinstance(method, str) else ""
+        raise SalienceError(f"method must be a saliency function such as salience.vanilla, got "
+                            f"{type(method).__name__}{named}")
+    if getattr(method, "__module__", None) == "salience.methods.class_model":  # its (model, target): a raw TypeError
+        raise SalienceError("method=class_model makes an image for a class, it does not explain x: SmoothGrad averages "
+                            "a map of x over noisy copies; give a method that explains x, e.g. salience.vanilla")
     check_int(samples, "samples", minimum=1, what="noisy copies per image")
     check_number(noise, "noise", minimum=0, what="a fraction of each image's range, e.g. 0.15")
     if variant not in VARIANTS:
