@@ -203,3 +203,25 @@ def test_the_refused_images_thumbnail_is_blank_the_others_are_overlays(tmp_path)
     tile = canvas[THUMB:2 * THUMB, offset * THUMB:(offset + 1) * THUMB]  # the method's row, image 1's column
     assert abs(tile.mean() - 235) < 2 and tile.std() < 5  # a flat grey, but for the JPEG's edges
     assert canvas[THUMB:2 * THUMB, :THUMB].std() > 10  # image 0's overlay
+
+
+def test_the_gallery_shows_a_refused_images_thumbnails(tmp_path):
+    """``RUN/index.html`` in Chromium: the row of an image a method refused shows its tiles (the image, the
+    refused method's blank one, the others'); the page showed none for any row with an error, so an image only
+    vanilla refused hid occlusion's map too."""
+    from explore_helpers import ARGS, CHROMIUM, browser_api
+
+    sync_api = browser_api()
+    pytest.importorskip("pyarrow")
+    _run(Marked().eval(), _images((1,)), tmp_path / "run", methods=["vanilla"], method_options={})
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto((tmp_path / "run" / "index.html").resolve().as_uri())
+            page.wait_for_function("document.querySelectorAll('#body tr').length === 6")
+            tiles = page.evaluate("() => [...document.querySelectorAll('#body tr')].map("
+                                  "tr => [tr.children[1].textContent, tr.querySelectorAll('.tile').length])")
+        finally:
+            browser.close()
+    assert sorted(tiles) == [[str(i), 2] for i in range(6)], tiles

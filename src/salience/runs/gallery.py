@@ -256,7 +256,9 @@ function render() {
   const body = $("body"); body.textContent = "";
   for (const r of shown.slice(page * PAGE, (page + 1) * PAGE)) {
     const tr = document.createElement("tr"), td = document.createElement("td");
-    if (r[C.error] === null) td.appendChild(thumbs(r)); tr.appendChild(td);
+    // a method's refusal ("method M failed: ...") leaves the image and the other methods' tiles (its own a blank
+    // grey); an image that could not be read has none
+    if (r[C.error] === null || /^method /.test(r[C.error])) td.appendChild(thumbs(r)); tr.appendChild(td);
     headers.slice(1).forEach(c => tr.appendChild(cell(c, r[C[c]]))); body.appendChild(tr);
   }
 }
