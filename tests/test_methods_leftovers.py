@@ -119,3 +119,35 @@ def test_a_nan_score_of_a_function_target_names_the_images():
         salience.vanilla(model, _bad_batch(), lambda out: out[:, 1] * 2)
     with pytest.raises(SalienceError, match=r"^the target's score is NaN or infinite \(the model's output"):
         salience.vanilla(model, _bad_batch(), lambda out: out[:, 1].sum())
+
+
+# ---------------------------------------------------------------------------------------------- Guided Grad-CAM
+
+def _huge_scores(dtype: torch.dtype) -> nn.Module:
+    """:class:`SmallCNN` whose scores are about 1e37 (float32's largest value is 3.4e38)."""
+    model = _cnn().eval()
+    with torch.no_grad():
+        model.head.weight.mul_(1e38)
+        model.head.bias.mul_(1e38)
+    return model.to(dtype)
+
+
+def test_guided_gradcam_of_huge_scores_says_the_product_overflows():
+    """Scores near 1e37 in float32: guided backprop's map and Grad-CAM's are finite (about 2e34 and 3e34), their
+    product (about 8e68) is not a float32, and the map was ``inf`` silently. It is refused now, saying so, from the
+    call's one deferred check; a float64 copy gives the product, equal to the two maps multiplied by hand."""
+    model = _huge_scores(torch.float32)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert model(x).abs().amax() > 1e36
+    gb, cam = salience.guided_backprop(model, x, 1, reduce=None), salience.gradcam(model, x, 1)
+    assert torch.isfinite(gb).all() and torch.isfinite(cam).all() and (gb.abs().amax() * cam.amax()).isinf()
+    with unchanged(model), pytest.raises(SalienceError, match=r"guided backprop's map reaches .*e\+3\d and Grad-CAM's "
+                                                              r".*e\+3\d, each finite, but their product \(.*e\+6\d\) "
+                                                              r"exceeds torch.float32's .*explain a float64 copy"):
+        salience.guided_gradcam(model, x, 1, reduce=None)
+    model64, x64 = _huge_scores(torch.float64), x.double()
+    got = salience.guided_gradcam(model64, x64, 1, reduce=None)
+    want = salience.guided_backprop(model64, x64, 1, reduce=None) * salience.gradcam(model64, x64, 1)[:, None]
+    assert torch.isfinite(got).all() and got.abs().amax() > 1e60
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
