@@ -151,3 +151,21 @@ def test_guided_gradcam_of_huge_scores_says_the_product_overflows():
     want = salience.guided_backprop(model64, x64, 1, reduce=None) * salience.gradcam(model64, x64, 1)[:, None]
     assert torch.isfinite(got).all() and got.abs().amax() > 1e60
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- TorchScript, bf16 / fp16
+
+@pytest.mark.parametrize("method, options", [("smoothgrad", {"samples": 2}), ("integrated_gradients", {"steps": 3})])
+def test_a_scripted_model_takes_fp16_after_bf16(method, options):
+    """A TorchScript model run with ``precision="fp16"`` after ``"bf16"`` in one process raised TorchScript's raw
+    "The following operation failed in the TorchScript interpreter ... expected m1 and m2 to have the same dtype,
+    but got: c10::Half != c10::BFloat16" (torch's own: its optimized executor keeps the first autocast dtype's
+    backward graph). Each precision's map now equals the Python model's under the same precision."""
+    torch.manual_seed(0)
+    python = SmallCNN().eval()
+    scripted = torch.jit.script(python)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    for precision in ("bf16", "fp16", "bf16", "fp32"):
+        got = salience.METHODS[method](scripted, x, 1, precision=precision, **options)
+        want = salience.METHODS[method](python, x, 1, precision=precision, **options)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
