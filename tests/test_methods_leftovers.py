@@ -169,3 +169,30 @@ def test_a_scripted_model_takes_fp16_after_bf16(method, options):
         got = salience.METHODS[method](scripted, x, 1, precision=precision, **options)
         want = salience.METHODS[method](python, x, 1, precision=precision, **options)
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- unknown options
+
+@pytest.mark.parametrize("call, hint", [
+    (lambda: salience.smoothgrad(SmallCNN().eval(), X, 0, samples=2, method=salience.gradcam, layers="features"),
+     r"gradcam has no option 'layers' \(nor has smoothgrad\); did you mean 'layer'\?$"),
+    (lambda: salience.smoothgrad(SmallCNN().eval(), X, 0, sample=2),
+     r"vanilla has no option 'sample' \(nor has smoothgrad\); did you mean 'samples'\?$"),
+    (lambda: salience.methods.options.with_options(salience.METHODS, "gradcam", {"layers": "features"}),
+     r"method 'gradcam' takes no option 'layers' \(it takes: layer, .*\); did you mean 'layer'\?$"),
+], ids=["smoothgrad-inner", "smoothgrad-own", "method_options"])
+def test_an_unknown_option_where_salience_forwards_it_says_the_close_one(call, hint):
+    """Where salience hands the user's keywords on (SmoothGrad's ``**options`` to its method, ``method_options`` of
+    dataset runs and evaluations), an unknown one named no close option: a typo of SmoothGrad's own ``samples``
+    was "vanilla has no option 'sample'". A direct call keeps Python's TypeError (no wrapper slows every call)."""
+    with pytest.raises(SalienceError, match=hint):
+        call()
+
+
+@pytest.mark.parametrize("flag, hint", [("--layers", "--layer"), ("--smaples", "--samples")])
+def test_an_unknown_flag_says_the_close_one(capsys, flag, hint):
+    """argparse said "unrecognized arguments: --layers features" and no more."""
+    from salience.cli import main
+
+    assert main(["explain", "a.png", "--model", "demo:shapes", "--method", "gradcam", flag, "3"]) == 2
+    assert f"unrecognized arguments: {flag} 3; did you mean '{hint}'?" in capsys.readouterr().err

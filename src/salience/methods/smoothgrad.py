@@ -6,6 +6,7 @@ in chunks sized by :mod:`salience._core.engine`, and only running sums are kept.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -17,7 +18,7 @@ from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import check_input
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, suggest
 from salience._core.tensors import check_int, check_number, check_flag, fresh_seed
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
@@ -208,7 +209,21 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
         raise SalienceError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
     for name in options:
         if not _engine.accepts(method, name):
-            raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r}")
+            raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r} (nor has smoothgrad)"
+                                f"{suggest(name, _option_names(method), n=1)}")
+
+
+def _option_names(method: Callable[..., Any]) -> list[str]:
+    """What a keyword given to SmoothGrad may have meant (for the message of one neither takes): SmoothGrad's own
+    keywords first (``sample`` is ``samples``, not an option of the method), then ``method``'s."""
+    names = []
+    for fn in (smoothgrad, method):
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):  # a builtin without a signature
+            continue
+        names += [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names]
+    return names
 
 
 def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bool) -> dict:
