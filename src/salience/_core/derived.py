@@ -104,6 +104,7 @@ class Derived:
         for h, (_, action) in zip(held, items):
             if h:
                 action()
+        self._scores.clear()
 
 
 _SCOPE: ContextVar[Optional[Derived]] = ContextVar("salience_derived", default=None)

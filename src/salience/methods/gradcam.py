@@ -212,16 +212,19 @@ def guided_gradcam(
         cams = upsample_maps(cams, tuple(x.shape[-2:]))
         guided = g.inputs.transpose(0, 1)  # (B, K, C, H, W)
         product = guided * cams.unsqueeze(2)
+        # the factors' largest values (0-d, on the device; a SmoothGrad of this keeps each call's, not its maps)
+        sizes = scope.once("guided_gradcam:sizes", list)
+        sizes.append(torch.stack([guided.detach().abs().amax(), cams.detach().amax()]))
         scope.defer("finite:guided_gradcam", ~torch.isfinite(product).all(),
-                    lambda: _refuse_overflow(guided, cams, product.dtype))
+                    lambda: _refuse_overflow(sizes, product.dtype))
     return finish(product, grad_modifier, reduce, multi, targets)
 
 
-def _refuse_overflow(guided: Tensor, cams: Tensor, dtype: torch.dtype) -> None:
+def _refuse_overflow(sizes: list[Tensor], dtype: torch.dtype) -> None:
     """Guided Grad-CAM's product is not finite: a :class:`SalienceError` saying which factor is not, or by how much
     their product exceeds ``dtype`` (the model's outputs near its largest value: each map finite, their product
-    not), and what to do."""
-    g, c = guided.detach().abs().double().amax().item(), cams.detach().double().amax().item()
+    not), and what to do. ``sizes``: each pass's largest ``|guided backprop|`` and Grad-CAM value."""
+    g, c = torch.stack(sizes).double().amax(0).tolist()
     if not (math.isfinite(g) and math.isfinite(c)):
         which = "guided backprop's map" if not math.isfinite(g) else "Grad-CAM's map"
         raise SalienceError(f"Guided Grad-CAM's map is not finite: {which} is NaN or infinite itself in {dtype} (the "
