@@ -191,8 +191,8 @@ def test_model_unchanged(small_cnn):
 
 
 @pytest.mark.parametrize("kw, msg", [
-    ({"baseline": torch.zeros(1, 3, 5, 5)}, "does not fit x"),
-    ({"baseline": torch.zeros(3, 1, 3, 10, 10)}, "does not fit x"),
+    ({"baseline": torch.zeros(1, 3, 5, 5)}, "does not broadcast to x"),
+    ({"baseline": torch.zeros(3, 1, 3, 10, 10)}, "does not broadcast to x"),
     ({"baseline": "grey"}, "unknown baseline"),
     ({"baseline": [0.0]}, "baseline must be None"),
     ({"steps": 0}, "steps must be an int >= 1"),

@@ -102,7 +102,7 @@ def test_a_baseline_tensor_with_nan_is_refused(method):
     model = _cnn()
     baseline = torch.zeros(3, 8, 8)
     baseline[0, 0, 0] = float("nan")
-    with unchanged(model), pytest.raises(SalienceError, match=r"the baseline contains 1 NaN or infinite value\(s\); "
+    with unchanged(model), pytest.raises(SalienceError, match=r"^baseline contains 1 NaN or infinite value\(s\); "
                                                               r"give finite values"):
         salience.METHODS[method](model, X, None, baseline=baseline, **CHEAP.get(method, {}))
 
@@ -140,9 +140,11 @@ def test_an_empty_list_of_targets_says_so(method):
 
 
 def test_rise_seed_message_says_what_it_is():
-    """The message read "seed must be an int (an int), got None"."""
-    with pytest.raises(SalienceError, match=r"seed must be an int \(it fixes the masks, e.g. 0\), got None"):
-        salience.rise(_cnn(), X, masks=4, cell=2, seed=None)
+    """The message read "seed must be an int (an int), got None" (``seed=None`` now draws fresh masks:
+    tests/test_methods_leftovers.py)."""
+    with pytest.raises(SalienceError, match=r"seed must be an int \(it fixes the masks, e.g. 0; None: fresh masks\), "
+                                            r"got '0'"):
+        salience.rise(_cnn(), X, masks=4, cell=2, seed="0")
 
 
 @pytest.mark.parametrize("call", [
@@ -423,7 +425,7 @@ def test_integrated_gradients_takes_a_baseline_that_broadcasts(shape):
 
 
 def test_integrated_gradients_refuses_a_baseline_that_does_not_broadcast():
-    with pytest.raises(SalienceError, match=r"broadcasts to it: .*per-channel \(3, 1, 1\)"):
+    with pytest.raises(SalienceError, match=r"that does: .*per-channel \(3, 1, 1\)"):
         salience.integrated_gradients(SmallCNN().eval(), torch.rand(2, 3, 16, 16), 0, baseline=torch.rand(2, 1, 1))
 
 

@@ -732,12 +732,13 @@ def backward(
                 frozen = _perf.gradient_call(model, x_in, targets[0], strip_softmax, _unwrapper(model))
         if frozen is not None:
             out, captured = frozen[0], []  # already the score tensor (_unwrapper's, in the graph)
-            scores = _finite_scores([check_scores(targets[0](out), x.shape[0])])  # the classes' range checked here
+            # the classes' range checked here
+            scores = _finite_scores([check_scores(targets[0](out), x.shape[0])], targets)
             per_target = [[frozen[1]]]
         else:
             with model_call(model, x_in):
                 out, captured = _forward(model, x_in, target_layer, layers, strip_softmax, extra_modes)
-            scores = _finite_scores([check_scores(t(out), x.shape[0]) for t in targets])
+            scores = _finite_scores([check_scores(t(out), x.shape[0]) for t in targets], targets)
             wrt = ([x_in] if input_grad else []) + [c[0] for c in captured]
             per_target = _walk_back(scores, wrt, input_grad)
     inputs = None
@@ -790,19 +791,28 @@ def check_scores(scores: Any, batch: int) -> Tensor:
     return scores
 
 
-def _finite_scores(scores: list[Tensor]) -> list[Tensor]:
+def _finite_scores(scores: list[Tensor], targets: Sequence[TargetLike]) -> list[Tensor]:
     """``scores``, with their finiteness deferred to the end of the call (:func:`salience._core.derived.run_scope`):
     a NaN or infinite score of the target made a map of NaN silently. The target's scores only: another class's
-    output may be ``-inf`` (log-probabilities of a class ruled out)."""
-    bad = torch.stack([~torch.isfinite(s.detach()).all() for s in scores]).any()
-    _derived.current().defer("finite:target", bad, _refuse_target_scores)  # type: ignore[union-attr]
+    output may be ``-inf`` (log-probabilities of a class ruled out). Which items were not finite is kept on the
+    device (:meth:`~salience._core.derived.Derived.note_scores`), read only for the refusal's message, which names
+    the images and the target (no synchronization more)."""
+    scope = _derived.current()
+    assert scope is not None  # backward runs in a scope
+    if all(s.dim() == 1 for s in scores):
+        bad = torch.stack([~torch.isfinite(s.detach()) for s in scores], 1)  # (n, K)
+        scope.note_scores("finite:target", bad, targets)
+        flag = bad.any()
+    else:  # a scalar score (a loss over the batch): no image to name
+        flag = torch.stack([~torch.isfinite(s.detach()).all() for s in scores]).any()
+    scope.defer("finite:target", flag, lambda: _refuse_target_scores(scope, len(targets)))
     return scores
 
 
-def _refuse_target_scores() -> None:
-    raise SalienceError("the target's score is NaN or infinite (the model's output, or the target's function of it), "
-                        "which makes the map NaN; check torch.isfinite(model(x)) and the target, e.g. a log or a "
-                        "division in the model's forward")
+def _refuse_target_scores(scope: _derived.Derived, k: int) -> None:
+    raise SalienceError(f"the target's score is NaN or infinite{_derived.scores_where(scope, 'finite:target', k)} (the "
+                        "model's output, or the target's function of it), which makes the map NaN; check "
+                        "torch.isfinite(model(x)) and the target, e.g. a log or a division in the model's forward")
 
 
 def looks_like_probabilities(out: Tensor) -> bool:

@@ -17,7 +17,10 @@ such a loop on an H200).
 - :meth:`Derived.defer`: any such device-side condition and what to do when it holds (raise, warn), all tested
   with one synchronization at the end;
 - :meth:`Derived.once`: what is to be done once per call (the range of a target's classes, the look at a
-  model's output for probabilities).
+  model's output for probabilities);
+- :meth:`Derived.note_scores`: which items' target scores were NaN or infinite (a bool tensor per pass, on the
+  device), read only when the call refuses them, to name the images (:meth:`Derived.bad_images`): the engine's
+  chunk (:func:`chunk_items`) says which image each item of a pass belongs to.
 
 Per context (a :class:`~contextvars.ContextVar`): another thread's calls have their own. A nested many-pass call
 (SmoothGrad of Integrated Gradients) joins the outer call's scope: its inputs derive from the outer ones.
@@ -26,12 +29,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Derived", "current", "derived", "is_derived", "run_scope"]
+__all__ = ["Derived", "current", "derived", "is_derived", "run_scope", "chunk_items", "scores_where"]
 
 
 class Derived:
@@ -41,6 +44,33 @@ class Derived:
         self.inputs: list[Tensor] = []  # the inputs of the chunks that run (a stack: nested calls push theirs)
         self._flags: dict[str, tuple[Tensor, Callable[[], None]]] = {}
         self._done: dict[Any, Any] = {}
+        self.levels: list[tuple[int, int]] = []  # the engine's running chunks (first item, images), outermost first
+        self._scores: dict[str, list[tuple[Tensor, Optional[Tensor], tuple[tuple[int, int], ...], list[Any]]]] = {}
+
+    def note_scores(self, key: str, bad: Tensor, targets: Sequence[Any], owner: Optional[Tensor] = None) -> None:
+        """``bad`` ``(n, K)`` (on the device): which of a pass's ``n`` items had a NaN or infinite score of each of
+        the K targets. ``owner``: the image of each item in the running chunk's images (default: the engine's
+        numbering, item ``j`` of image ``j % images``; none running: item ``i`` is image ``i``); ``targets``: the K
+        targets of the pass (a class target names its class, ``classes_for``). Kept, not read."""
+        self._scores.setdefault(key, []).append((bad, owner, tuple(self.levels), list(targets)))
+
+    def bad_images(self, key: str) -> tuple[list[tuple[int, int, Optional[int]]], Optional[int]]:
+        """The noted bad scores of ``key`` as sorted ``(image, target, class)`` triples, and the call's number of
+        images (``None`` where unknown). Reads the device: for the message of a refusal only."""
+        found: set[tuple[int, int, Optional[int]]] = set()
+        batch: Optional[int] = None
+        for bad, owner, levels, targets in self._scores.get(key, []):
+            rows, ks = bad.nonzero(as_tuple=True)
+            img = rows if owner is None else owner.to(rows.device)[rows]
+            outer = levels if owner is None else levels[:-1]  # the owner stands for the innermost chunk's numbering
+            for first, n in reversed(outer):
+                img = (first + img) % n
+            batch = levels[0][1] if levels else bad.shape[0] if owner is None else None
+            classes = [_classes_of(t, bad.shape[0]) for t in targets]
+            for r, i, k in zip(rows.tolist(), img.tolist(), ks.tolist()):
+                c = classes[k] if k < len(classes) else None
+                found.add((i, k, None if c is None else int(c[r])))
+        return sorted(found, key=lambda t: (t[0], t[1])), batch
 
     def defer(self, key: str, flag: Tensor, action: Callable[[], None]) -> None:
         """``flag`` (a 0-d bool tensor, on the device) OR-ed into the call's ``key`` condition; ``action``
@@ -74,6 +104,7 @@ class Derived:
         for h, (_, action) in zip(held, items):
             if h:
                 action()
+        self._scores.clear()
 
 
 _SCOPE: ContextVar[Optional[Derived]] = ContextVar("salience_derived", default=None)
@@ -99,6 +130,49 @@ def run_scope() -> Iterator[Derived]:
     finally:
         _SCOPE.reset(token)
     scope.finish()
+
+
+def _classes_of(target: Any, n: int) -> Optional[Tensor]:
+    """The class each of ``n`` items scores for ``target`` (a class target's ``classes_for``), or ``None``."""
+    classes_for = getattr(target, "classes_for", None)
+    return classes_for(n) if callable(classes_for) else None
+
+
+@contextmanager
+def chunk_items(first: int, images: int) -> Iterator[None]:
+    """The engine's chunk that runs in the block: its items ``first, first + 1, ...``, item ``j`` of image
+    ``j % images`` (what :meth:`Derived.bad_images` maps a pass's items to images by)."""
+    scope = _SCOPE.get()
+    if scope is None:
+        yield
+        return
+    scope.levels.append((first, images))
+    try:
+        yield
+    finally:
+        scope.levels.pop()
+
+
+def scores_where(scope: Derived, key: str, targets: int) -> str:
+    """Where the noted bad scores of ``key`` are, for a message: ``" (image 1 of 4, class 3)"``,
+    ``" (images 0, 2 of 4; target 2 of 3, class 7)"``; ``""`` when none was noted."""
+    found, batch = scope.bad_images(key)
+    if not found:
+        return ""
+    images = sorted({i for i, _, _ in found})
+    of = f" of {batch}" if batch is not None else ""
+    listed = ", ".join(map(str, images[:8])) + (", ..." if len(images) > 8 else "")
+    text = f"image{'s' if len(images) > 1 else ''} {listed}{of}"
+    which = []
+    for k in sorted({k for _, k, _ in found}):
+        classes = sorted({c for _, kk, c in found if kk == k and c is not None})
+        part = f"target {k + 1} of {targets}" if targets > 1 else ""
+        if classes:
+            part += (", " if part else "") + f"class{'es' if len(classes) > 1 else ''} {', '.join(map(str, classes))}"
+        if part:
+            which.append(part)
+    sep = "; " if targets > 1 else ", "
+    return f" ({text}{sep + sep.join(which) if which else ''})"
 
 
 @contextmanager

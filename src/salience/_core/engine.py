@@ -278,7 +278,7 @@ def accumulate(
     if total < 1:
         raise SalienceError("nothing to compute (0 items)")
     with _derived.run_scope():
-        return _accumulate(functools.partial(_run, compute, inference=inference), total, n_images, weights, squares,
+        return _accumulate(functools.partial(_run, compute, inference=inference, images=n_images), total, n_images, weights, squares,
                            chunk, max_memory, progress, desc, device, inference, run)
 
 
@@ -404,10 +404,12 @@ class _Adder:
 
 
 def _run(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]], start: int, stop: int,
-         inference: bool) -> Union[Tensor, tuple[Tensor, Tensor]]:
+         inference: bool, images: int) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``compute(start, stop)``, under ``torch.inference_mode()`` when ``inference``; the inputs it marks as
-    derived (:func:`salience._core.derived.derived`) are the chunk's only."""
-    with torch.inference_mode() if inference else contextlib.nullcontext(), _derived.chunk_inputs():
+    derived (:func:`salience._core.derived.derived`) are the chunk's only; its items are ``start..stop-1`` of
+    ``images`` images (:func:`salience._core.derived.chunk_items`: a refusal of their scores names the images)."""
+    with torch.inference_mode() if inference else contextlib.nullcontext(), _derived.chunk_inputs(), \
+            _derived.chunk_items(start, images):
         return compute(start, stop)
 
 

@@ -1,7 +1,8 @@
 """The one home of small tensor and argument helpers that several layers need.
 
 Gaussian blur, the maps' bilinear upsampling, per-sample scaling to ``[0, 1]``, the device and dtype of a model, and the checks
-of integer and number arguments (one message shape for every option of every method).
+of integer and number arguments (one message shape for every option of every method), of a baseline tensor, and a
+fresh seed.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 
-__all__ = ["autocast_off", "gaussian_blur", "gaussian_kernel1d", "upsample_bilinear", "minmax", "unit_scale", "first_tensor", "model_device", "model_dtype", "check_int", "check_number", "check_flag", "check_optional_flag"]
+__all__ = ["autocast_off", "gaussian_blur", "gaussian_kernel1d", "upsample_bilinear", "minmax", "unit_scale", "first_tensor", "model_device", "model_dtype", "check_int", "check_number", "check_flag", "check_optional_flag", "check_finite_tensor", "baseline_tensor", "fresh_seed"]
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
@@ -230,3 +231,28 @@ def check_finite_tensor(t: Tensor, name: str) -> Tensor:
         raise SalienceError(f"{name} contains {int(bad.sum())} NaN or infinite value(s); give finite values "
                             "(e.g. torch.nan_to_num)")
     return t
+
+
+def baseline_tensor(baseline: Tensor, x: Tensor, name: str = "baseline") -> Tensor:
+    """``baseline`` (a tensor given for ``x``) detached, in ``x``'s device and dtype, expanded to ``x``'s shape (a
+    view), or a :class:`SalienceError`: a shape that does not broadcast to ``x`` (the message names the shapes
+    that fit), or NaN / infinite values (:func:`check_finite_tensor`, after the cast: a float64 1e300 is inf in
+    float32). The one check of integrated gradients' and occlusion's ``baseline=``."""
+    bl = baseline.detach().to(device=x.device, dtype=x.dtype)
+    try:  # a per-channel mean (C, 1, 1), one number as a 0-d tensor, a (1, C, H, W) for every image
+        fits = torch.broadcast_shapes(bl.shape, x.shape) == x.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        rest = ", ".join(map(str, x.shape[1:]))
+        raise SalienceError(
+            f"{name} of shape {tuple(bl.shape)} does not broadcast to x of shape {tuple(x.shape)}; give a tensor "
+            f"that does: {tuple(x.shape)}, (1, {rest}), ({rest}) or a per-channel ({x.shape[1]}, 1, 1)")
+    return check_finite_tensor(bl, name).expand_as(x)
+
+
+def fresh_seed() -> int:
+    """A non-deterministic seed (SmoothGrad's and RISE's ``seed=None``), from a private generator: ``torch.seed()``
+    re-seeded the caller's global RNG, so ``seed=None`` took away the reproducibility of everything the caller drew
+    after."""
+    return int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(torch.Generator().seed())))

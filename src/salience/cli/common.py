@@ -112,6 +112,26 @@ class Parser(argparse.ArgumentParser):
     def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Any:
         return super().parse_known_args(compile_words(sys.argv[1:] if args is None else args), namespace)
 
+    def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """argparse's, with "did you mean --layer?" after "unrecognized arguments: --layers" (the command's own
+        flags; argparse names none). Only the error path does more than argparse."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}{self._did_you_mean(parsed, extra)}")
+        return parsed
+
+    def _did_you_mean(self, parsed: Any, extra: Sequence[str]) -> str:
+        """``"; did you mean '--layer'?"`` for the first unknown flag of ``extra``, among the flags of the command
+        that ran (the subcommand's parser) or of this parser; ``""`` when none is close."""
+        parser: argparse.ArgumentParser = self
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+                parser = action.choices[getattr(parsed, action.dest)]
+        flags = [f[2:] for f in parser._option_string_actions if f.startswith("--")]  # compared without the "--"
+        unknown = next((w.split("=", 1)[0][2:] for w in extra if w.startswith("--")), None)
+        hint = suggest(unknown, flags, n=1) if unknown else ""
+        return hint.replace("mean '", "mean '--")
+
 
 def compile_words(argv: Sequence[str]) -> list[str]:
     """``argv`` with ``--compile`` in the one form argparse reads without taking a following image

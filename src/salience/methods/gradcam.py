@@ -12,12 +12,14 @@ Guided Grad-CAM multiplies guided backpropagation ``(B, C, H, W)`` by the upsamp
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience import rules
 from salience._core.autograd import backward, check_input, this_thread
@@ -194,16 +196,41 @@ def guided_gradcam(
     mod = resolve_cam_layer(model, x, layer, checked=True)
     rules.check_model(model, "guided Grad-CAM")
     rule = rules.guided(unsupported=unsupported)
-    # One ruled pass gives all K targets' guided input gradients and the layer's gradients.
-    with _rectified_before(mod, rule) as mark:
-        g = backward(model, x, targets, layers=[mod], strip_softmax=strip_softmax, extra_modes=[rule])
-    assert g.inputs is not None
-    acts, layer_grads = g.activations[0], g.layer_grads[0]
-    if not (mark and mark[0] == rule.rectified):
-        # ReLUs ran after the layer: the rule changed its gradient; Grad-CAM needs the plain one.
-        acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
-    layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
-    acts, layer_grads = layout.to_grid(acts), layout.to_grid(layer_grads)
-    cams = torch.stack([_gradcam_map(acts, lg).clamp(min=0) for lg in layer_grads], dim=1)  # (B, K, h, w)
-    cams = upsample_maps(cams, tuple(x.shape[-2:]))
-    return finish(g.inputs.transpose(0, 1) * cams.unsqueeze(2), grad_modifier, reduce, multi, targets)
+    # the passes' deferred checks and the product's finiteness: one synchronization, when the scope ends
+    with _derived.run_scope() as scope:
+        # One ruled pass gives all K targets' guided input gradients and the layer's gradients.
+        with _rectified_before(mod, rule) as mark:
+            g = backward(model, x, targets, layers=[mod], strip_softmax=strip_softmax, extra_modes=[rule])
+        assert g.inputs is not None
+        acts, layer_grads = g.activations[0], g.layer_grads[0]
+        if not (mark and mark[0] == rule.rectified):
+            # ReLUs ran after the layer: the rule changed its gradient; Grad-CAM needs the plain one.
+            acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+        layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
+        acts, layer_grads = layout.to_grid(acts), layout.to_grid(layer_grads)
+        cams = torch.stack([_gradcam_map(acts, lg).clamp(min=0) for lg in layer_grads], dim=1)  # (B, K, h, w)
+        cams = upsample_maps(cams, tuple(x.shape[-2:]))
+        guided = g.inputs.transpose(0, 1)  # (B, K, C, H, W)
+        product = guided * cams.unsqueeze(2)
+        # the factors' largest values (0-d, on the device; a SmoothGrad of this keeps each call's, not its maps)
+        sizes = scope.once("guided_gradcam:sizes", list)
+        sizes.append(torch.stack([guided.detach().abs().amax(), cams.detach().amax()]))
+        scope.defer("finite:guided_gradcam", ~torch.isfinite(product).all(),
+                    lambda: _refuse_overflow(sizes, product.dtype))
+    return finish(product, grad_modifier, reduce, multi, targets)
+
+
+def _refuse_overflow(sizes: list[Tensor], dtype: torch.dtype) -> None:
+    """Guided Grad-CAM's product is not finite: a :class:`SalienceError` saying which factor is not, or by how much
+    their product exceeds ``dtype`` (the model's outputs near its largest value: each map finite, their product
+    not), and what to do. ``sizes``: each pass's largest ``|guided backprop|`` and Grad-CAM value."""
+    g, c = torch.stack(sizes).double().amax(0).tolist()
+    if not (math.isfinite(g) and math.isfinite(c)):
+        which = "guided backprop's map" if not math.isfinite(g) else "Grad-CAM's map"
+        raise SalienceError(f"Guided Grad-CAM's map is not finite: {which} is NaN or infinite itself in {dtype} (the "
+                            "model's gradients overflow); scale the model's output down, or explain a float64 copy")
+    raise SalienceError(
+        f"Guided Grad-CAM's map is not finite in {dtype}: guided backprop's map reaches {g:.3g} and Grad-CAM's "
+        f"{c:.3g}, each finite, but their product ({g * c:.3g}) exceeds {dtype}'s largest value "
+        f"{torch.finfo(dtype).max:.3g}; explain a float64 copy, salience.guided_gradcam(copy.deepcopy(model).double(), "
+        "x.double(), ...), or scale the model's output down")

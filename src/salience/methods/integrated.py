@@ -25,7 +25,7 @@ from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import backward, check_input
 from salience._core.errors import SalienceError, user_stacklevel
-from salience._core.tensors import check_finite_tensor, check_int, gaussian_blur, check_flag
+from salience._core.tensors import baseline_tensor, check_int, gaussian_blur, check_flag
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.targets import Predicted, Target, split
@@ -218,19 +218,7 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
         return torch.full_like(x, float(baseline))
     if not isinstance(baseline, Tensor):
         raise SalienceError(f"baseline must be None, 'blur', a number or a tensor, got {type(baseline).__name__}")
-    bl = baseline.detach().to(device=x.device, dtype=x.dtype)
-    try:  # any shape that broadcasts to x, as occlusion's: a per-channel mean (C, 1, 1), one number as a 0-d tensor
-        fits = torch.broadcast_shapes(bl.shape, x.shape) == x.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
-        raise SalienceError(
-            f"baseline of shape {tuple(baseline.shape)} does not fit x of shape {tuple(x.shape)}; give a tensor that "
-            f"broadcasts to it: {tuple(x.shape)}, (1, {', '.join(map(str, x.shape[1:]))}), "
-            f"({', '.join(map(str, x.shape[1:]))}) or a per-channel ({x.shape[1]}, 1, 1)"
-        )
-    check_finite_tensor(bl, "the baseline")
-    return bl.expand_as(x)
+    return baseline_tensor(baseline, x)
 
 
 @several_targets

@@ -225,8 +225,9 @@ def check_taken(fn: Callable[..., Any], given: Any, name: str, what: Optional[st
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = [k for k in given if k not in params or k in ("model", "x", "target")]
         if unknown:
-            takes = ", ".join(k for k in params if k not in ("model", "x", "target"))
-            raise SalienceError(f"method {name!r} takes no option {unknown[0]!r} (it takes: {takes})")
+            names = [k for k in params if k not in ("model", "x", "target")]
+            raise SalienceError(f"method {name!r} takes no option {unknown[0]!r} (it takes: {', '.join(names)})"
+                                f"{suggest(str(unknown[0]), names, n=1)}")
 
 
 def with_options(fns: Mapping[str, Callable[..., Any]], name: str, given: Any) -> Callable[..., Any]:

@@ -41,7 +41,7 @@ from salience._core import perf as _perf
 from salience._core.autograd import check_input, class_probabilities, forward_scores, looks_like_probabilities
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
-from salience._core.tensors import check_finite_tensor, check_int, check_number, gaussian_blur, check_flag
+from salience._core.tensors import baseline_tensor, check_int, check_number, gaussian_blur, check_flag, fresh_seed
 from salience.methods._multi import several_targets
 from salience.reduce import Reduction
 from salience.targets import Classes, MultiLabel, Predicted, Target, resolve, split
@@ -106,18 +106,20 @@ def judge(out: Tensor, probabilities: Sequence[bool]) -> bool:
 
 
 def score_items(model: nn.Module, xs: Tensor, targets: Sequence[Target], probabilities: Sequence[bool],
-                strip_softmax: bool, *, already: bool, plain: bool = True) -> Tensor:
+                strip_softmax: bool, *, already: bool, plain: bool = True, owner: Optional[Tensor] = None) -> Tensor:
     """The K targets' scores ``(n, K)`` of the model on ``xs`` ``(n, C, H, W)`` (one forward, no gradient).
 
     ``already``: the call's :func:`judge` of its clean output (see :func:`scores_of`). ``plain``: no
     hook of the caller's is on the model, so inside an engine run with ``compile`` the pass may run
     the compiled model (Ablation-CAM's passes, which replace a layer's output by a hook, pass
-    ``False``)."""
+    ``False``). ``owner``: each item's image, where the items are not the engine's chunk in order (Score-CAM's
+    live channels): a refusal of NaN scores names those images."""
     out = forward_scores(model, xs, strip_softmax=strip_softmax, compiled=plain)
-    return scores_of(out, targets, probabilities, already=already)
+    return scores_of(out, targets, probabilities, already=already, owner=owner)
 
 
-def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bool], *, already: bool) -> Tensor:
+def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bool], *, already: bool,
+              owner: Optional[Tensor] = None) -> Tensor:
     """The K targets' scores ``(n, K)`` of a model output ``(n, ...)``: target ``k``'s of its class
     probabilities (:func:`salience._core.autograd.class_probabilities`) when ``probabilities[k]``,
     else of ``out``. ``already``: whether ``(n, classes)`` rows are kept as they are or softmaxed,
@@ -137,14 +139,17 @@ def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bo
     scores = torch.stack(cols, dim=1)
     scope = _derived.current()
     if scope is not None:  # in the passes: tested with the call's one synchronization at the end
-        scope.defer("finite:scores", ~torch.isfinite(scores).all(), _refuse_scores)
+        bad = ~torch.isfinite(scores)  # (n, K), read only for the refusal's message
+        scope.note_scores("finite:scores", bad, targets, owner)
+        scope.defer("finite:scores", bad.any(), lambda: _refuse_scores(scope, len(targets)))
     return scores
 
 
-def _refuse_scores() -> None:
-    raise SalienceError("the model's scores of the perturbed images are NaN or infinite, which makes the map NaN; "
-                        "check what the model gives for such images (e.g. model(torch.zeros_like(x)) for masked "
-                        "pixels), or use a gradient method")
+def _refuse_scores(scope: _derived.Derived, k: int) -> None:
+    raise SalienceError(f"the model's scores of the perturbed images are NaN or infinite"
+                        f"{_derived.scores_where(scope, 'finite:scores', k)}, which makes the map NaN; check what the "
+                        "model gives for such images (e.g. model(torch.zeros_like(x)) for masked pixels), or use a "
+                        "gradient method")
 
 
 def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Target],
@@ -212,11 +217,7 @@ def _baseline(x: Tensor, baseline: Any) -> Tensor:
             raise SalienceError(f"baseline must be a number, 'blur' or a tensor; got {baseline!r}")
         return gaussian_blur(x, sigma=max(1.0, min(x.shape[-2:]) / 16))
     if isinstance(baseline, Tensor):
-        try:
-            return check_finite_tensor(baseline.to(device=x.device, dtype=x.dtype), "the baseline").expand_as(x)
-        except RuntimeError:
-            raise SalienceError(f"a baseline tensor must broadcast to the input {tuple(x.shape)}, got "
-                                f"{tuple(baseline.shape)}") from None
+        return baseline_tensor(baseline, x)
     v = check_number(baseline, "baseline", what="a pixel value, 'blur' or a tensor")
     return torch.full((1, 1, 1, 1), v, dtype=x.dtype, device=x.device).expand_as(x)
 
@@ -365,7 +366,7 @@ def rise(
     masks: int = 4000,
     cell: int = 7,
     p: float = 0.5,
-    seed: int = 0,
+    seed: Union[None, int] = 0,
     softmax: str = "auto",
     strip_softmax: bool = True,
     chunk: Optional[int] = None,
@@ -381,7 +382,9 @@ def rise(
     ``M_i`` (:func:`rise_masks`), the same for all images. ``masks`` is the number of random masks
     (forward passes per image; the paper used 4000 on 224 x 224 images). ``cell`` is the grid's
     number of cells a side (the paper's s). ``p`` is the probability of keeping a cell. ``seed``
-    fixes the masks: the same seed gives the same masks whatever the chunking.
+    fixes the masks: the same seed gives the same masks whatever the chunking (and the global RNG is neither
+    used nor changed); ``None`` draws a fresh seed, so each call has masks of its own (as SmoothGrad's
+    ``seed=None`` has noise of its own).
     ``softmax="auto"`` scores class probabilities for class targets (the paper), the raw output
     otherwise (see :data:`SOFTMAX`). Several targets give ``(B, K, H, W)`` and share every forward
     pass. ``chunk``, ``max_memory``, ``progress``, ``memory_format``, ``compile`` and ``precision``
@@ -397,7 +400,8 @@ def rise(
     p = check_number(p, "p", what="the probability of keeping a cell, in (0, 1]")
     if not 0 < p <= 1:
         raise SalienceError(f"p must be in (0, 1] (the probability of keeping a cell), got {p}")
-    seed = check_int(seed, "seed", minimum=None, what="it fixes the masks, e.g. 0")
+    seed = fresh_seed() if seed is None else check_int(seed, "seed", minimum=None,
+                                                      what="it fixes the masks, e.g. 0; None: fresh masks")
     if cell > min(x.shape[-2:]):
         raise SalienceError(f"cell={cell} is more cells than the {x.shape[-2]}x{x.shape[-1]} image has pixels a side")
     budget = _engine.check_memory_options(chunk, max_memory)

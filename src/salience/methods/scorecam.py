@@ -215,7 +215,7 @@ def scorecam(
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
             mask, owner = items(live[start:stop])
             s = score_items(model, x[owner].mul_(mask), [t.for_items(owner) for t in resolved], probs, strip_softmax,
-                            already=already)
+                            already=already, owner=owner)  # the live items: not the chunk's items in order
             return s, s  # the scores are the weights: kept per item (small), combined below
 
         total = acts.shape[1] * b

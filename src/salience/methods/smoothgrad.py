@@ -6,6 +6,7 @@ in chunks sized by :mod:`salience._core.engine`, and only running sums are kept.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -17,8 +18,8 @@ from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import check_input
-from salience._core.errors import SalienceError
-from salience._core.tensors import check_int, check_number, check_flag
+from salience._core.errors import SalienceError, suggest
+from salience._core.tensors import check_int, check_number, check_flag, fresh_seed
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.methods._multi import as_method, free_maps, is_target_free, takes_several_targets
@@ -106,7 +107,7 @@ def smoothgrad(
     red = _reduce.get_reduction(reduce)
     raw_options = _raw_options(method, options, strip_softmax)
     targets, multi = split(target, x.shape[0])
-    copies = NoisyCopies(x, noise, _fresh_seed() if seed is None else seed)
+    copies = NoisyCopies(x, noise, fresh_seed() if seed is None else seed)
     # Methods that take the K targets in one call share each chunk's forward pass between them.
     shared = multi and takes_several_targets(method)
     # A target-free method (Eigen-CAM): the mean of its one map, which stands for every target.
@@ -208,7 +209,21 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
         raise SalienceError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
     for name in options:
         if not _engine.accepts(method, name):
-            raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r}")
+            raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r} (nor has smoothgrad)"
+                                f"{suggest(name, _option_names(method), n=1)}")
+
+
+def _option_names(method: Callable[..., Any]) -> list[str]:
+    """What a keyword given to SmoothGrad may have meant (for the message of one neither takes): SmoothGrad's own
+    keywords first (``sample`` is ``samples``, not an option of the method), then ``method``'s."""
+    names = []
+    for fn in (smoothgrad, method):
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):  # a builtin without a signature
+            continue
+        names += [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names]
+    return names
 
 
 def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bool) -> dict:
@@ -246,12 +261,6 @@ def _check_seed_int(value: Any, name: str, what: str) -> int:
     if not _SEED_RANGE[0] <= v <= _SEED_RANGE[1]:
         raise SalienceError(f"{name} must be an int from -2**63 to 2**64 - 1 (a generator's seed), got {v}")
     return v
-
-
-def _fresh_seed() -> int:
-    """A non-deterministic seed, from a private generator: ``torch.seed()`` re-seeded the caller's
-    global RNG, so ``seed=None`` took away the reproducibility of everything the caller drew after."""
-    return int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(torch.Generator().seed())))
 
 
 class NoisyCopies:
