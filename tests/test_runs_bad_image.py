@@ -136,6 +136,26 @@ def test_a_later_batch_refused_in_other_words_is_rerun(tmp_path):
     np.testing.assert_allclose(run.map(4, "first"), salience.vanilla(Marked().eval(), x[4:5])[0], rtol=1e-5, atol=1e-7)
 
 
+def test_a_remembered_whole_call_error_beside_a_suspect_costs_the_two_parts_only(tmp_path):
+    """Batch 2 holds an image whose prediction is NaN, so the batch is refused in other words (its NaN score)
+    than the whole call's error learnt on batch 1; the others' part is refused in the learnt words: not
+    bisected (two more calls for batch 2: the suspect's part and the others')."""
+    calls = []
+
+    def refuses(model, x, target):
+        calls.append(x.shape[0])
+        if (x[:, 0, 0, 0] == MARK).any():
+            raise SalienceError("the target's score is NaN or infinite")
+        raise SalienceError("this model refuses option z=3")
+
+    x = torch.cat([_images(()), _images(())[:2]])
+    x[5, 0, 0, 0] = MARK
+    run = salience.explain_dataset(Marked().eval(), torch.utils.data.TensorDataset(x), {"refuses": refuses},
+                                   tmp_path / "run", workers=0, map_dtype="float32", batch_size=4)
+    assert calls == [4, 4, 2, 2, 1, 1, 1, 4, 4, 1, 3]  # batch 1, the NaN maps' shape, batch 2: [5], [4, 6, 7]
+    assert run.table.column("error").to_pylist() == ["method refuses failed: this model refuses option z=3"] * 8
+
+
 def test_a_model_refusing_batches_explains_image_by_image(tmp_path):
     """A method that refuses more than one image a call: refused by a batch's halves of two, it explains
     the halves' halves, single images (something passed: no whole call's error), so every image gets its
@@ -282,7 +302,8 @@ def test_the_refused_images_thumbnail_is_blank_the_others_are_overlays(tmp_path)
 def test_the_gallery_shows_a_refused_images_thumbnails(tmp_path):
     """``RUN/index.html`` in Chromium: the row of an image a method refused shows its tiles (the image, the
     refused method's blank one, the others'); the page showed none for any row with an error, so an image only
-    vanilla refused hid occlusion's map too."""
+    vanilla refused hid occlusion's map too. Under the refused method's blank tile, its error (as the explorer's
+    run table says it)."""
     from explore_helpers import ARGS, CHROMIUM, browser_api
 
     sync_api = browser_api()
@@ -296,6 +317,63 @@ def test_the_gallery_shows_a_refused_images_thumbnails(tmp_path):
             page.wait_for_function("document.querySelectorAll('#body tr').length === 6")
             tiles = page.evaluate("() => [...document.querySelectorAll('#body tr')].map("
                                   "tr => [tr.children[1].textContent, tr.querySelectorAll('.tile').length])")
+            said = page.evaluate("() => [...document.querySelectorAll('#body tr')].map(tr => [tr.children[1].textContent,"
+                                 " [...tr.querySelectorAll('.tile')].map(t => t.querySelector('.refused')?.textContent)])")
         finally:
             browser.close()
     assert sorted(tiles) == [[str(i), 2] for i in range(6)], tiles
+    # and under its blank tile, why (it said nothing there)
+    refused = {i: ts for i, ts in said if any(ts)}
+    assert list(refused) == ["1"] and refused["1"][0] is None, said
+    assert refused["1"][1].startswith("failed: the target's score is NaN or infinite"), said
+
+
+def test_the_explorers_run_table_shows_the_prediction_and_the_refusal_under_its_method(tmp_path):
+    """The explorer's run table in Chromium: image 1, which method ``picky`` refused (its prediction finite),
+    shows its predicted class (it said ``failed: method picky failed: ...`` in place of it) and the refusal under
+    picky's thumbnail, not under vanilla's; the other rows say no refusal."""
+    from explore_helpers import browser_page
+
+    from salience._core.info import ModelInfo, attach_info
+
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    x = _images(())
+    x[1, 0, 0, 1] = MARK
+    model = attach_info(Marked().eval(), ModelInfo(name="marked", channels=3, input_size=(8, 8),
+                                                   class_names=("ant", "bee", "cat")))
+    run = _run(model, x, tmp_path / "run", methods={"picky": _picky([]), "vanilla": salience.vanilla},
+               method_options=None)
+    explorer = salience.explore(model, run=run, show=False)
+    errors: list[str] = []
+    try:
+        with browser_page(explorer.url, errors) as page:
+            page.wait_for_function("document.querySelectorAll('#run-body tr').length === 6")
+            seen = page.evaluate("() => [...document.querySelectorAll('#run-body tr')].map(tr => ["
+                                 "tr.children[5].textContent, "  # 3 thumbnails, the index, the file, the class
+                                 "[1, 2].map(t => [...tr.querySelectorAll(`td[data-tile='${t}'] [data-what=refused]`)]"
+                                 ".map(d => d.textContent))])")
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    names = [run.row(i)["predicted_name"] for i in range(6)]
+    assert all(n in ("ant", "bee", "cat") for n in names), names
+    said = "failed: the model's scores of the perturbed images are NaN"
+    assert seen == [[names[i], [[said] if i == 1 else [], []]] for i in range(6)], seen
+    assert run.row(1)["error"] == "method picky failed: the model's scores of the perturbed images are NaN"
+
+
+def test_a_rows_error_is_read_back_per_method():
+    """``method_errors`` reads back what the run wrote: each method's refusal (a name the start of another's,
+    a text holding ``; ``), its metrics' failure, and the rest (an image not read) apart."""
+    from salience.runs.job import _method_error, method_errors
+
+    row = {"error": None}
+    _method_error(row, "grad", "a; b")
+    _method_error(row, "gradcam", "the target's score is NaN")
+    _method_error(row, "grad's metrics", "the model's score is nan on image 3")
+    assert method_errors(row["error"], ["grad", "gradcam"]) == (
+        {"grad": "a; b; metrics failed: the model's score is nan on image 3", "gradcam": "the target's score is NaN"},
+        None)
+    assert method_errors("cannot identify image file x.png", ["grad"]) == ({}, "cannot identify image file x.png")
+    assert method_errors(None, ["grad"]) == ({}, None)

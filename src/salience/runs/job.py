@@ -9,6 +9,7 @@ import functools
 import io
 import math
 import numbers
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -309,6 +310,8 @@ def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, clas
     rest = [j for j in range(n) if j not in set(suspects)]
     if suspects and rest:  # the suspects' part is meant to be refused: only the rest's says a whole call's error
         errors = [search.attempt(part) for part in (list(suspects), rest)]
+        if errors[1] is not None and name is not None and plan.whole_call.get(name) == str(errors[1]):
+            raise errors[1]  # the rest refused with a whole call's words, learnt on an earlier batch
         if errors[1] is not None:
             search.error, search.alike = errors[1], True  # the rest's words, whatever the suspects said
             search.bisect(rest, errors[1])
@@ -372,9 +375,29 @@ class _Search:
 
 
 def _method_error(row: dict[str, Any], name: str, text: str) -> None:
-    """Row ``row``'s error: method ``name`` failed (``text``), after another method's failure if one did."""
+    """Row ``row``'s error: method ``name`` failed (``text``), after another method's failure if one did
+    (what :func:`method_errors` reads back)."""
     said = f"method {name} failed: {text}"
     row["error"] = said if row["error"] is None else f"{row['error']}; {said}"
+
+
+def method_errors(error: Optional[str], methods: Sequence[str]) -> tuple[dict[str, str], Optional[str]]:
+    """A row's ``error`` read back as :func:`_method_error` wrote it (``method M failed: ...`` of each of
+    the run's ``methods`` that refused the image, ``method M's metrics failed: ...`` of one whose metrics
+    did, joined by ``; ``): method -> what it said (``metrics failed: ...`` for its metrics), and the
+    rest, not a method's (the image not read, its mask not read; ``None``: none). The explorer's run table
+    shows a row whose image was read and predicted with its prediction, each refusal under its method."""
+    if not error or not methods:
+        return {}, error or None
+    names = "|".join(re.escape(m) for m in sorted(methods, key=len, reverse=True))
+    heads = list(re.finditer(rf"(?:^|; )method ({names})('s metrics)? failed: ", error))
+    said: dict[str, str] = {}
+    for h, after in zip(heads, heads[1:] + [None]):
+        text = error[h.end():after.start() if after is not None else len(error)]
+        text = f"metrics failed: {text}" if h.group(2) else text
+        said[h.group(1)] = f"{said[h.group(1)]}; {text}" if h.group(1) in said else text
+    rest = error[:heads[0].start()] if heads else error
+    return said, rest or None
 
 
 def _rows_of(kept: list[int], lost: Any) -> Any:
