@@ -227,7 +227,8 @@ def test_a_run_without_stored_thumbnails_or_maps_is_404_saying_what_is_missing(t
         warned = [rec for rec in caplog.records if rec.name == "salience.explore"]
         assert len(warned) == 8 and all(rec.levelname == "WARNING" and rec.exc_info is None
                                         and "\n" not in rec.getMessage() for rec in warned), warned
-        assert c.get("api/runs/r3/rows").json()["rows"][0] == {"index": 0, "id": "r3-0", "image": False, "constant": {}}
+        assert c.get("api/runs/r3/rows").json()["rows"][0] == {"index": 0, "id": "r3-0", "image": False, "constant": {},
+                                                               "method_errors": {}, "other_error": None}
     finally:
         hub.close()
 

@@ -89,10 +89,12 @@ def test_no_extra_call_when_nothing_fails(tmp_path):
     assert calls == [4, 2]
 
 
-def test_a_whole_call_error_fails_the_batch_after_two_more_calls(tmp_path):
+def test_a_whole_call_error_fails_the_batch_and_later_batches_are_not_rerun(tmp_path):
     """A method that refuses every call (an option the model refuses, say): each batch's rows say its
-    error, after the batch's calls (the prediction's pass, then with the classes) and the two halves'
-    only, not one call per image."""
+    error. The first batch's, after its calls (the prediction's pass, then with the classes), the halves
+    and the first half's halves (a single image refused as the batch was, nothing passed: the whole
+    call's, ``2 log2(4)`` more calls, not one per image); the next batch's error has the same words: not
+    rerun (before, every batch paid its reruns)."""
     calls = []
 
     def refuses(model, x, target):
@@ -100,13 +102,64 @@ def test_a_whole_call_error_fails_the_batch_after_two_more_calls(tmp_path):
         raise SalienceError("this model refuses option z=3")
 
     run = _run(Marked().eval(), _images(()), tmp_path / "run", methods={"refuses": refuses}, method_options=None)
-    assert calls == [4, 4, 2, 2, 1, 2, 2, 1, 1]  # the 1 after the first batch: the NaN maps' shape, once a run
+    assert calls == [4, 4, 2, 2, 1, 1, 1, 2, 2]  # the 1 after the first batch: the NaN maps' shape, once a run
     assert run.table.column("error").to_pylist() == ["method refuses failed: this model refuses option z=3"] * 6
 
 
+def test_a_later_batch_refused_in_other_words_is_rerun(tmp_path):
+    """The run remembers a whole call's error per method by its words: a method refusing the first batch
+    whole (``z=3``), then, in the second, only the image with a mark (other words), is rerun on the
+    second batch's parts, and the other images of that batch keep their maps. Another method refusing
+    with the first one's words is rerun on its own first batch (remembered per method)."""
+    calls: dict[str, list[int]] = {"first": [], "second": []}
+
+    def method(key):
+        def refusing(model, x, target):
+            calls[key].append(x.shape[0])
+            if (x[:, 0, 0, 1] == MARK).any():
+                raise SalienceError("the model's scores of the perturbed images are NaN")
+            if x[:, 0, 0, 2].max() < 2:  # the first batch's images (and the NaN maps' shape's black one)
+                raise SalienceError("this model refuses option z=3")
+            return salience.vanilla(model, x, target)
+        return refusing
+
+    x = _images(())
+    x[4:, 0, 0, 2] = 3.0  # the second batch's images: the option is taken
+    x[5, 0, 0, 1] = MARK
+    run = _run(Marked().eval(), x, tmp_path / "run", methods={k: method(k) for k in calls}, method_options=None)
+    assert calls["first"] == [4, 4, 2, 2, 1, 1, 1, 2, 2, 1, 1]  # batch 2: [4, 5], then [4] and [5]
+    assert calls["second"] == [4, 2, 2, 1, 1, 1, 2, 1, 1]  # its own first batch's reruns, its shape's call
+    errors = run.table.column("error").to_pylist()
+    assert errors[:4] == ["method first failed: this model refuses option z=3; "
+                          "method second failed: this model refuses option z=3"] * 4
+    assert errors[4] is None and errors[5].startswith("method first failed: the model's scores"), errors
+    np.testing.assert_allclose(run.map(4, "first"), salience.vanilla(Marked().eval(), x[4:5])[0], rtol=1e-5, atol=1e-7)
+
+
+def test_a_remembered_whole_call_error_beside_a_suspect_costs_the_two_parts_only(tmp_path):
+    """Batch 2 holds an image whose prediction is NaN, so the batch is refused in other words (its NaN score)
+    than the whole call's error learnt on batch 1; the others' part is refused in the learnt words: not
+    bisected (two more calls for batch 2: the suspect's part and the others')."""
+    calls = []
+
+    def refuses(model, x, target):
+        calls.append(x.shape[0])
+        if (x[:, 0, 0, 0] == MARK).any():
+            raise SalienceError("the target's score is NaN or infinite")
+        raise SalienceError("this model refuses option z=3")
+
+    x = torch.cat([_images(()), _images(())[:2]])
+    x[5, 0, 0, 0] = MARK
+    run = salience.explain_dataset(Marked().eval(), torch.utils.data.TensorDataset(x), {"refuses": refuses},
+                                   tmp_path / "run", workers=0, map_dtype="float32", batch_size=4)
+    assert calls == [4, 4, 2, 2, 1, 1, 1, 4, 4, 1, 3]  # batch 1, the NaN maps' shape, batch 2: [5], [4, 6, 7]
+    assert run.table.column("error").to_pylist() == ["method refuses failed: this model refuses option z=3"] * 8
+
+
 def test_a_model_refusing_batches_explains_image_by_image(tmp_path):
-    """A method that refuses more than one image a call: refused whole by a batch's halves of two, so
-    the batch of 4 fails after two more calls; the last batch's halves are single images: explained."""
+    """A method that refuses more than one image a call: refused by a batch's halves of two, it explains
+    the halves' halves, single images (something passed: no whole call's error), so every image gets its
+    map, at ``2n - 1`` calls for ``n`` images (it failed each batch of 4 whole before)."""
     calls = []
 
     def one_at_a_time(model, x, target):
@@ -116,12 +169,51 @@ def test_a_model_refusing_batches_explains_image_by_image(tmp_path):
         return salience.vanilla(model, x, target)
 
     run = _run(Marked().eval(), _images(()), tmp_path / "run", methods={"one": one_at_a_time}, method_options=None)
-    assert calls == [4, 4, 2, 2, 1, 2, 2, 1, 1]  # the 1 after the first batch: the NaN maps' shape, once a run
-    assert run.table.column("error").to_pylist() == ["method one failed: one image a call"] * 4 + [None] * 2
+    assert calls == [4, 4, 2, 2, 1, 1, 1, 1, 2, 2, 1, 1]
+    assert run.table.column("error").to_pylist() == [None] * 6
     x = _images(())
-    for i in (4, 5):
+    for i in range(6):
         np.testing.assert_allclose(run.map(i, "one"), salience.vanilla(Marked().eval(), x[i:i + 1])[0],
                                    rtol=1e-5, atol=1e-7)
+
+
+def _picky(calls: list):
+    """vanilla, refusing a call with an image whose pixel (0, 0, 1) is :data:`MARK` (its prediction finite)."""
+    def picky(model, x, target):
+        calls.append(x.shape[0])
+        if (x[:, 0, 0, 1] == MARK).any():
+            raise SalienceError("the model's scores of the perturbed images are NaN")
+        return salience.vanilla(model, x, target)
+    return picky
+
+
+@pytest.mark.parametrize("refused", [(), (0,), (7,), (3,), (3, 4), (0, 7), (1, 2), (0, 4), (2, 5, 6), (0, 1, 7),
+                                     (1, 3, 4)])
+def test_every_refused_image_is_found_at_most_2k_log2n_more_calls(tmp_path, refused):
+    """A batch of 8 whose images ``refused`` (their predictions finite, so no suspects) the method refuses,
+    in one half, both, adjacent, first and last: each is a row with the method's error, every other image's
+    stored map equals a run of those images alone, and the reruns cost at most ``2 k log2(8)`` calls for
+    ``k`` refused images (none without one). Before, two in different halves failed the batch whole."""
+    calls: list[int] = []
+    x = _images(())
+    x = torch.cat([x, x[:2] * 0.5])  # 8 images
+    x[list(refused), 0, 0, 1] = MARK
+    kw = dict(workers=0, map_dtype="float32", batch_size=8)
+    run = salience.explain_dataset(Marked().eval(), torch.utils.data.TensorDataset(x), {"picky": _picky(calls)},
+                                   tmp_path / "run", **kw)
+    others = [i for i in range(8) if i not in refused]
+    ref = salience.explain_dataset(Marked().eval(), torch.utils.data.TensorDataset(x[others]),
+                                   {"picky": _picky([])}, tmp_path / "ref", **kw)
+    errors = run.table.column("error").to_pylist()
+    assert [i for i, e in enumerate(errors) if e is not None] == list(refused), errors
+    for i in refused:
+        assert errors[i] == "method picky failed: the model's scores of the perturbed images are NaN"
+    for r, i in enumerate(others):
+        np.testing.assert_allclose(run.map(i, "picky"), ref.map(r, "picky"), rtol=1e-5, atol=1e-7)
+    if not refused:
+        assert calls == [8]  # the prediction's pass only
+    else:  # the prediction's pass, the batch's call, then the reruns
+        assert calls[:2] == [8, 8] and len(calls) - 2 <= 2 * len(refused) * 3, calls
 
 
 def test_completeness_reports_of_the_reruns_name_their_images(tmp_path):
@@ -170,7 +262,9 @@ def test_a_whole_call_error_beside_a_suspect_stops_after_the_rests_halves(tmp_pa
         raise SalienceError("this model refuses option z=3")
 
     run = _run(Marked().eval(), _images((1,)), tmp_path / "run", methods={"refuses": refuses}, method_options=None)
-    assert calls == [4, 4, 1, 3, 1, 2, 1, 2, 2, 1, 1]  # batch 1: [1], [0, 2, 3], [0], [2, 3]; then the NaN maps' shape
+    # batch 1: [1], [0, 2, 3], [0], [2, 3]; the NaN maps' shape; batch 2 and its halves: learnt from 3 images
+    # only (not remembered), the whole call's error is found again
+    assert calls == [4, 4, 1, 3, 1, 2, 1, 2, 2, 1, 1]
     assert run.table.column("error").to_pylist() == ["method refuses failed: this model refuses option z=3"] * 6
 
 
@@ -208,7 +302,8 @@ def test_the_refused_images_thumbnail_is_blank_the_others_are_overlays(tmp_path)
 def test_the_gallery_shows_a_refused_images_thumbnails(tmp_path):
     """``RUN/index.html`` in Chromium: the row of an image a method refused shows its tiles (the image, the
     refused method's blank one, the others'); the page showed none for any row with an error, so an image only
-    vanilla refused hid occlusion's map too."""
+    vanilla refused hid occlusion's map too. Under the refused method's blank tile, its error (as the explorer's
+    run table says it)."""
     from explore_helpers import ARGS, CHROMIUM, browser_api
 
     sync_api = browser_api()
@@ -222,6 +317,63 @@ def test_the_gallery_shows_a_refused_images_thumbnails(tmp_path):
             page.wait_for_function("document.querySelectorAll('#body tr').length === 6")
             tiles = page.evaluate("() => [...document.querySelectorAll('#body tr')].map("
                                   "tr => [tr.children[1].textContent, tr.querySelectorAll('.tile').length])")
+            said = page.evaluate("() => [...document.querySelectorAll('#body tr')].map(tr => [tr.children[1].textContent,"
+                                 " [...tr.querySelectorAll('.tile')].map(t => t.querySelector('.refused')?.textContent)])")
         finally:
             browser.close()
     assert sorted(tiles) == [[str(i), 2] for i in range(6)], tiles
+    # and under its blank tile, why (it said nothing there)
+    refused = {i: ts for i, ts in said if any(ts)}
+    assert list(refused) == ["1"] and refused["1"][0] is None, said
+    assert refused["1"][1].startswith("failed: the target's score is NaN or infinite"), said
+
+
+def test_the_explorers_run_table_shows_the_prediction_and_the_refusal_under_its_method(tmp_path):
+    """The explorer's run table in Chromium: image 1, which method ``picky`` refused (its prediction finite),
+    shows its predicted class (it said ``failed: method picky failed: ...`` in place of it) and the refusal under
+    picky's thumbnail, not under vanilla's; the other rows say no refusal."""
+    from explore_helpers import browser_page
+
+    from salience._core.info import ModelInfo, attach_info
+
+    pytest.importorskip("starlette")
+    pytest.importorskip("pyarrow")
+    x = _images(())
+    x[1, 0, 0, 1] = MARK
+    model = attach_info(Marked().eval(), ModelInfo(name="marked", channels=3, input_size=(8, 8),
+                                                   class_names=("ant", "bee", "cat")))
+    run = _run(model, x, tmp_path / "run", methods={"picky": _picky([]), "vanilla": salience.vanilla},
+               method_options=None)
+    explorer = salience.explore(model, run=run, show=False)
+    errors: list[str] = []
+    try:
+        with browser_page(explorer.url, errors) as page:
+            page.wait_for_function("document.querySelectorAll('#run-body tr').length === 6")
+            seen = page.evaluate("() => [...document.querySelectorAll('#run-body tr')].map(tr => ["
+                                 "tr.children[5].textContent, "  # 3 thumbnails, the index, the file, the class
+                                 "[1, 2].map(t => [...tr.querySelectorAll(`td[data-tile='${t}'] [data-what=refused]`)]"
+                                 ".map(d => d.textContent))])")
+    finally:
+        explorer.stop()
+    assert not errors, errors
+    names = [run.row(i)["predicted_name"] for i in range(6)]
+    assert all(n in ("ant", "bee", "cat") for n in names), names
+    said = "failed: the model's scores of the perturbed images are NaN"
+    assert seen == [[names[i], [[said] if i == 1 else [], []]] for i in range(6)], seen
+    assert run.row(1)["error"] == "method picky failed: the model's scores of the perturbed images are NaN"
+
+
+def test_a_rows_error_is_read_back_per_method():
+    """``method_errors`` reads back what the run wrote: each method's refusal (a name the start of another's,
+    a text holding ``; ``), its metrics' failure, and the rest (an image not read) apart."""
+    from salience.runs.job import _method_error, method_errors
+
+    row = {"error": None}
+    _method_error(row, "grad", "a; b")
+    _method_error(row, "gradcam", "the target's score is NaN")
+    _method_error(row, "grad's metrics", "the model's score is nan on image 3")
+    assert method_errors(row["error"], ["grad", "gradcam"]) == (
+        {"grad": "a; b; metrics failed: the model's score is nan on image 3", "gradcam": "the target's score is NaN"},
+        None)
+    assert method_errors("cannot identify image file x.png", ["grad"]) == ({}, "cannot identify image file x.png")
+    assert method_errors(None, ["grad"]) == ({}, None)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from salience._core.files import atomic_write
-from salience.runs.job import constant_maps, constant_notes, flat_maps
+from salience.runs.job import constant_maps, constant_notes, flat_maps, method_errors
 from salience.runs.store import Run, number_columns
 
 _COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "output_name", "value", "targets", "label",
@@ -93,6 +93,21 @@ def rows_json(run: Run, flat: Optional[Flat] = None) -> str:
     return script_json(rows)
 
 
+def refused_json(run: Run) -> str:
+    """The methods that refused a row's image (its ``error``, read per method:
+    :func:`~salience.runs.job.method_errors`), said under their (blank) thumbnails as the explorer's
+    gallery says them, as JSON safe inside ``<script>``: ``{position: [[method, text], ...]}``, ``position``
+    the row's in :func:`rows_json`, ``method`` an index in the run's methods."""
+    table = run.table
+    errors = table.column("error").to_pylist() if "error" in table.column_names else []
+    rows: dict[str, list[list[Any]]] = {}
+    for i, error in enumerate(errors):
+        said = method_errors(error, run.methods)[0]
+        if said:
+            rows[str(i)] = [[m, said[name]] for m, name in enumerate(run.methods) if name in said]
+    return script_json(rows)
+
+
 def flat_json(run: Run, flat: Optional[Flat] = None) -> str:
     """The run's maps that are one value everywhere, said under their thumbnails as the explorer's
     gallery says them (:func:`salience.runs.job.flat_maps`), as JSON safe inside ``<script>``:
@@ -141,9 +156,9 @@ def write(folder: Path) -> Path:
     warned = "".join(f'<p class="warn">{html.escape("warning: " + t)}</p>\n'
                      for t in constant_notes(run.table, run.methods, found=found))  # the flat pictures said, as text
     parts = {"TITLE": title, "WARNINGS": warned, "ABOUT": script_json(about), "ROWS": rows_json(run, flat),
-             "FLAT": flat_json(run, flat)}
+             "FLAT": flat_json(run, flat), "REFUSED": refused_json(run)}
     # one pass: a placeholder inside a part (a model or file named __ROWS__) stays as it is
-    page = re.sub(r"__(TITLE|WARNINGS|ABOUT|ROWS|FLAT)__", lambda m: parts[m.group(1)], _PAGE)
+    page = re.sub(r"__(TITLE|WARNINGS|ABOUT|ROWS|FLAT|REFUSED)__", lambda m: parts[m.group(1)], _PAGE)
     return atomic_write(folder / "index.html", page.encode("utf-8"))
 
 
@@ -154,7 +169,7 @@ body{font:14px system-ui,sans-serif;margin:1em;color:#222}
 table{border-collapse:collapse}td,th{padding:2px 6px;border-bottom:1px solid #ddd;text-align:left;vertical-align:middle}
 th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}th.sorted:after{content:" \25B4"}th.desc:after{content:" \25BE"}
 .tile{display:inline-block;vertical-align:top;margin:0 2px 2px 0}.t{display:block;background-color:#eee;background-repeat:no-repeat}
-.flat{color:#8a4b00;font-size:11px;overflow-wrap:anywhere}
+.flat{color:#8a4b00;font-size:11px;overflow-wrap:anywhere}.refused{font-size:11px;overflow-wrap:anywhere}
 .bad{color:#b00}.ok{color:#070}.err{color:#b00;font-size:12px}.warn{color:#8a4b00;max-width:60em}
 #filters label{margin-right:1em}#nav{margin:.5em 0}
 </style></head><body>
@@ -178,6 +193,7 @@ __WARNINGS__<div id="filters">
 const ABOUT = __ABOUT__;
 const ROWS = __ROWS__;
 const FLATS = __FLAT__, FLAT = new Map(Object.entries(FLATS.rows).map(([i, f]) => [ROWS[+i], f]));
+const REFUSED = new Map(Object.entries(__REFUSED__).map(([i, f]) => [ROWS[+i], f]));
 const C = {}; ABOUT.columns.forEach((c, i) => C[c] = i);
 const PAGE = 100, T = ABOUT.thumb, tiles = 1 + ABOUT.methods.length;
 let sortCol = "index", desc = false, page = 0, shown = [];
@@ -231,6 +247,9 @@ function thumbs(r) {
     for (const [m, k, name, value, note] of FLAT.get(r) || []) if (m === j - 1) { const f = document.createElement("div");
       f.className = "flat"; f.title = FLATS.notes[note];
       f.textContent = `${k === 0 ? "" : `class ${name ?? "?"}: `}constant map (${value})`; tile.appendChild(f); }
+    // a method that refused the image: why, under its blank tile (the row's error column says it too)
+    for (const [m, text] of REFUSED.get(r) || []) if (m === j - 1) { const f = document.createElement("div");
+      f.className = "err refused"; f.title = text; f.textContent = `failed: ${text}`; tile.appendChild(f); }
     box.appendChild(tile); }
   return box;
 }

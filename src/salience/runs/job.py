@@ -9,6 +9,7 @@ import functools
 import io
 import math
 import numbers
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -92,6 +93,11 @@ class Plan:
     """Whether :attr:`begun_labels` are labels given now (``labels=``, ``--labels-csv``) to a run begun
     reading its labels with each item, rather than those the run was begun with: what a refusal says
     (:func:`begun_label_refusal`)."""
+    whole_call: dict[str, str] = field(default_factory=dict)
+    """Per method, the words of a batch's error found to be the whole call's (:func:`_refused_images`:
+    a single image refused as the batch was, before any part passed): a later batch the method refuses
+    with the same words is not rerun on its parts (one call, not ``2 log2(n)`` more, a batch); refused
+    with other words, it is. This run's only (with Ray, each actor's)."""
 
     def has_labels(self) -> bool:
         """Whether the rows have labels (given, or the items')."""
@@ -272,20 +278,25 @@ def _method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes
 
 
 def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes: Tensor, plan: Plan,
-                    indices: Sequence[int], error: SalienceError,
-                    suspects: Sequence[int] = ()) -> tuple[Tensor, dict[int, str]]:
-    """After the method ``fn`` refused the batch ``x`` (``error``, e.g. one image whose score is NaN):
-    its maps of the images it explains when run without the ones it refuses, and its error for each
-    of those (by position in the batch). Bisection: the method runs again on two parts (first the
-    ``suspects``, the images whose prediction is not finite, apart from the others; else halves), a
-    part refused is split again, down to single images. Bounded: when both first parts are refused
-    as well (with suspects: the rest and its two halves, the suspects' part being meant to be refused),
-    the error is the whole call's (an option the model refuses, a model that takes one image a call)
-    and is raised again after those two (four) calls; otherwise at most ``2n - 2`` calls in all, about ``2 k log2(n / k)`` for
-    ``k`` refused images. Each image's map is the method's on it as a run without the refused images
-    gives (the methods treat the images of a call independently)."""
+                    indices: Sequence[int], error: SalienceError, suspects: Sequence[int] = (),
+                    name: Optional[str] = None) -> tuple[Tensor, dict[int, str]]:
+    """After the method ``fn`` (the run's method ``name``) refused the batch ``x`` (``error``, e.g. one
+    image whose score is NaN): its maps of the images it explains when run without the ones it refuses,
+    and its error for each of those (by position in the batch). A bisection (:class:`_Search`): the
+    method runs again on two parts (first the ``suspects``, the images whose prediction is not finite,
+    apart from the others; else halves), each refused part is split in two again, down to single
+    images, so ``k`` refused images of ``n`` cost at most ``2 k ceil(log2 n)`` more calls (every
+    refused part's two halves) and every one is found. The error is the whole call's (an option the
+    model refuses), and raised again, when a single image is refused before any part passed, every
+    refusal with the same words (``2 ceil(log2 n)`` more calls; with suspects, in the others' part:
+    the suspects' part is meant to be refused). Learnt from 4 images or more whose predictions are finite
+    (so from three disjoint parts refused: the halves and the first half's halves), the plan then
+    remembers it for ``name`` (:attr:`Plan.whole_call`), and a later batch this method refuses with the
+    same words is not rerun.
+    Each image's map is the method's on it as a run without the refused images gives (the methods
+    treat the images of a call independently)."""
     n = x.shape[0]
-    if n < 2:
+    if n < 2 or (name is not None and plan.whole_call.get(name) == str(error)):
         raise error
 
     def run(part: list[int]) -> Tensor:
@@ -295,65 +306,103 @@ def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, clas
             report_gaps(dataclasses.replace(r, images=[part[p] for p in r.images]))
         return m
 
-    found: dict[int, Tensor] = {}
-    refused: dict[int, str] = {}
-    passed = [False]
+    search = _Search(run, error)
     rest = [j for j in range(n) if j not in set(suspects)]
     if suspects and rest:  # the suspects' part is meant to be refused: only the rest's says a whole call's error
-        errors = [_try_part(run, part, found, passed) for part in (list(suspects), rest)]
+        errors = [search.attempt(part) for part in (list(suspects), rest)]
+        if errors[1] is not None and name is not None and plan.whole_call.get(name) == str(errors[1]):
+            raise errors[1]  # the rest refused with a whole call's words, learnt on an earlier batch
         if errors[1] is not None:
-            _bisect(run, rest, errors[1], found, refused, passed)
-        if errors[0] is not None and passed[0]:
-            _bisect(run, list(suspects), errors[0], found, refused, passed)
+            search.error, search.alike = errors[1], True  # the rest's words, whatever the suspects said
+            search.bisect(rest, errors[1])
+        if errors[0] is not None and not search.whole:
+            search.early = False  # all of them refused says nothing of the call
+            search.bisect(list(suspects), errors[0])
     else:
-        _bisect(run, list(range(n)), error, found, refused, passed)
-    if not found:  # the whole call's error
-        raise error
-    some = next(iter(found.values()))
+        search.bisect(list(range(n)), error)
+    if search.whole or not search.found:  # the whole call's error (or every image refused)
+        if search.whole and len(rest) >= 4 and name is not None:  # learnt from 3 refused parts of finite predictions
+            plan.whole_call[name] = str(search.error)
+        raise search.error
+    some = next(iter(search.found.values()))
     m = torch.full((n, *some.shape), float("nan"), dtype=some.dtype)
-    for j, v in found.items():
+    for j, v in search.found.items():
         m[j] = v
-    return m, refused
+    return m, search.refused
+
+
+class _Search:
+    """:func:`_refused_images`' bisection: ``run(part)`` is the method's maps of the batch's positions
+    ``part``, or its ``SalienceError``; ``found`` the maps by position, ``refused`` the errors;
+    ``passed``: whether any part passed yet; ``alike``: whether every refusal said what ``error`` says
+    (the batch's, or the part's whose bisection may find the whole call's); ``whole``: ``error`` was
+    found to be the whole call's; ``early``: whether that may be found (a stop before every refused
+    image is found)."""
+
+    def __init__(self, run: Callable[[list[int]], Tensor], error: SalienceError) -> None:
+        self.run, self.error = run, error
+        self.found: dict[int, Tensor] = {}
+        self.refused: dict[int, str] = {}
+        self.passed = self.whole = False
+        self.alike = self.early = True
+
+    def attempt(self, part: list[int]) -> Optional[SalienceError]:
+        """The method on ``part``: its maps in ``found``, or its error."""
+        try:
+            m = self.run(part)
+        except SalienceError as e:
+            self.alike = self.alike and str(e) == str(self.error)
+            return e
+        self.passed = True
+        for j, pos in enumerate(part):
+            self.found[pos] = m[j]
+        return None
+
+    def bisect(self, part: list[int], error: SalienceError) -> None:
+        """``part``, which the method refused with ``error``: its halves tried, each refused one bisected
+        in turn (depth first), until its refused images are found or the error is the whole call's."""
+        if len(part) == 1:
+            self.refused[part[0]] = str(error)
+            return
+        halves = (part[:len(part) // 2], part[len(part) // 2:])
+        errors = [self.attempt(half) for half in halves]
+        if self.early and not self.passed and self.alike and len(halves[0]) == 1:
+            self.whole = True  # a single image refused as the whole batch was, nothing ever passed
+            return
+        for half, e in zip(halves, errors):
+            if e is not None and not self.whole:
+                self.bisect(half, e)
 
 
 def _method_error(row: dict[str, Any], name: str, text: str) -> None:
-    """Row ``row``'s error: method ``name`` failed (``text``), after another method's failure if one did."""
+    """Row ``row``'s error: method ``name`` failed (``text``), after another method's failure if one did
+    (what :func:`method_errors` reads back)."""
     said = f"method {name} failed: {text}"
     row["error"] = said if row["error"] is None else f"{row['error']}; {said}"
+
+
+def method_errors(error: Optional[str], methods: Sequence[str]) -> tuple[dict[str, str], Optional[str]]:
+    """A row's ``error`` read back as :func:`_method_error` wrote it (``method M failed: ...`` of each of
+    the run's ``methods`` that refused the image, ``method M's metrics failed: ...`` of one whose metrics
+    did, joined by ``; ``): method -> what it said (``metrics failed: ...`` for its metrics), and the
+    rest, not a method's (the image not read, its mask not read; ``None``: none). The explorer's run table
+    shows a row whose image was read and predicted with its prediction, each refusal under its method."""
+    if not error or not methods:
+        return {}, error or None
+    names = "|".join(re.escape(m) for m in sorted(methods, key=len, reverse=True))
+    heads = list(re.finditer(rf"(?:^|; )method ({names})('s metrics)? failed: ", error))
+    said: dict[str, str] = {}
+    for h, after in zip(heads, heads[1:] + [None]):
+        text = error[h.end():after.start() if after is not None else len(error)]
+        text = f"metrics failed: {text}" if h.group(2) else text
+        said[h.group(1)] = f"{said[h.group(1)]}; {text}" if h.group(1) in said else text
+    rest = error[:heads[0].start()] if heads else error
+    return said, rest or None
 
 
 def _rows_of(kept: list[int], lost: Any) -> Any:
     """The index of a batch tensor's ``kept`` rows: all of them (no copy) when none is ``lost``."""
     return kept if lost else slice(None)
-
-
-def _try_part(run: Callable[[list[int]], Tensor], part: list[int], found: dict[int, Tensor],
-              passed: list[bool]) -> Optional[SalienceError]:
-    """The method on ``part``: its maps in ``found`` (and ``passed[0]`` set), or its error."""
-    try:
-        m = run(part)
-    except SalienceError as e:
-        return e
-    passed[0] = True
-    for j, pos in enumerate(part):
-        found[pos] = m[j]
-    return None
-
-
-def _bisect(run: Callable[[list[int]], Tensor], part: list[int], error: SalienceError, found: dict[int, Tensor],
-            refused: dict[int, str], passed: list[bool]) -> None:
-    """:func:`_refused_images`' bisection of ``part``, which the method refused with ``error``: the maps
-    of its images in ``found``, the errors in ``refused``; ``passed[0]``: whether any part passed yet."""
-    if len(part) == 1:
-        refused[part[0]] = str(error)
-        return
-    halves = (part[:len(part) // 2], part[len(part) // 2:])
-    errors = [_try_part(run, half, found, passed) for half in halves]
-    if not passed[0]:  # both parts refused, no part ever passed: the whole call's error, no more calls
-        return
-    for half, e in zip(halves, errors):
-        if e is not None:
-            _bisect(run, half, e, found, refused, passed)
 
 
 def _metrics(plan: Plan, model: nn.Module, x: Tensor, first: Tensor, classes: Tensor,
@@ -422,6 +471,9 @@ class Computed:
     lost: dict[str, list[int]] = field(default_factory=dict)
     """Per method that refused some of the good items but explained the others (:func:`_refused_images`):
     those items' positions in ``good`` (their maps are NaN, their rows say the method's error)."""
+    kept: dict[str, list[int]] = field(default_factory=dict)
+    """Per method in ``maps``, the positions in ``good`` of the items it explained (all of them but its
+    ``lost``): whose summaries, ``.constant`` values and metrics the rows get."""
 
 
 def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result:
@@ -438,6 +490,7 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
     rows = [_row(plan, it) for it in items]
     maps: dict[str, Tensor] = {}
     lost: dict[str, list[int]] = {}
+    kept_of: dict[str, list[int]] = {}
     xc: Optional[Tensor] = None
     if good:
         _check_shape(plan, model, [items[j] for j in good])
@@ -460,7 +513,7 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
                              else _method_maps(fn, model, x, classes, plan, indices))
                     except SalienceError as e:
                         found.clear()  # what the refused call reported; the parts report their own
-                        m, refused = _refused_images(fn, model, x, classes, plan, indices, e, suspects)
+                        m, refused = _refused_images(fn, model, x, classes, plan, indices, e, suspects, name)
                 _warn_gaps(plan, name, found, indices)
             except SalienceError as e:
                 for pos in good:
@@ -472,7 +525,7 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
                 _method_error(rows[good[j]], name, text)
             if refused:
                 lost[name] = sorted(refused)
-            kept = [j for j in range(len(good)) if j not in refused]
+            kept = kept_of[name] = [j for j in range(len(good)) if j not in refused]
             if plan.metrics:
                 _metric_rows(plan, model, (x, m, classes, masks), kept, suspects,
                              [rows[pos] for pos in good], name)
@@ -481,7 +534,7 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
             rows[pos]["error"] = items[pos].mask_error
     # a method that failed on this batch: NaN maps of the right shape
     failed = {name: _map_shape(plan, model, name, items[0].x) for name in plan.methods if name not in maps}
-    return Computed(items, good, rows, maps, failed, xc, lost)
+    return Computed(items, good, rows, maps, failed, xc, lost, kept_of)
 
 
 def finish_items(plan: Plan, done: Computed, warn: Optional[Callable[[str], None]] = None) -> Result:
@@ -502,9 +555,9 @@ def finish_items(plan: Plan, done: Computed, warn: Optional[Callable[[str], None
         full[good] = m.numpy()
         maps[name] = full
         first = display(m[:, 0])
-        lost = set(done.lost.get(name, ()))
+        kept = done.kept[name]  # the items the method explained
+        lost = len(kept) != len(good)
         firsts[name] = first.nan_to_num(0.0) if lost else first  # the refused items' tiles: blanked below
-        kept = [j for j in range(len(good)) if j not in lost]  # the items the method explained
         where = [good[j] for j in kept]
         for col, vals in _summaries(first[_rows_of(kept, lost)]).items():
             for v, pos in zip(vals, where):

@@ -294,11 +294,19 @@ async function listRows() {
     // is a flat colour and cannot say why) are said under its thumbnail, as text; the whole note on hover
     const flat = (t) => (t === 0 ? [] : (row.constant || {})[r.methods[t - 1]] || []).map((f) =>
       el("div", { class: "flat", title: f.note }, `${f.k === 0 ? "" : `class ${f.name ?? names[f.class] ?? f.class ?? "?"}: `}constant map (${f.value})`));
+    // a method that refused the image (the row's error, read per method by the server: method_errors): said
+    // under that method's thumbnail (a blank tile); the image was read and predicted all the same
+    const refused = (t) => { const said = t === 0 ? undefined : (row.method_errors || {})[r.methods[t - 1]];
+      return said === undefined ? [] : [el("div", { class: "error", "data-what": "refused", title: said }, `failed: ${said}`)]; };
     const thumbs = [0, ...r.methods.map((_, i) => i + 1)].map((t) =>
       el("td", { "data-tile": t }, runThumb(`api/runs/${r.id}/rows/${row.index}/thumb.jpg?tile=${t}&v=${r.version}`, R.page.signal),
-         ...flat(t), ...(t === 0 ? [] : [storedMapButton(r, row, r.methods[t - 1])])));
+         ...flat(t), ...refused(t), ...(t === 0 ? [] : [storedMapButton(r, row, r.methods[t - 1])])));
+    // the class: the prediction whenever the row has one (only a method, or the mask, failed), else why it failed
+    const predicted = row.predicted_name !== null && row.predicted_name !== undefined;
+    const other = predicted && row.other_error ? [el("div", { class: "error" }, row.other_error)] : [];
+    const cls = el("td", { "data-what": "class" }, row.error && !predicted ? `failed: ${row.error}` : (row.predicted_name ?? ""), ...other);
     const cells = [...thumbs, el("td", {}, String(row.index)), el("td", { title: row.path ?? "" }, (row.path ?? "").split(/[\\/]/).pop()),  // a table without paths: none
-      el("td", {}, row.error ? `failed: ${row.error}` : (row.predicted_name ?? "")), el("td", {}, num(row.probability))];
+      cls, el("td", {}, num(row.probability))];
     if (r.labels) cells.push(el("td", {}, row.label === null ? "" : (names[row.label] ?? String(row.label))),
       el("td", { class: row.correct ? "right" : "wrong" }, row.correct === null ? "" : (row.correct ? "right" : "wrong")));
     for (const m of r.metrics) cells.push(el("td", {}, num(row[m])));
