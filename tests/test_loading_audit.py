@@ -5,6 +5,7 @@ that sent the user the wrong way, or a silently wrong result). Every file is mad
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
 INFO = ModelInfo(name="m", input_size=(8, 8), resize=10, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
 X = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(0))
+
+
+def _said(pattern: str, fn, *args) -> str:
+    """The message of the SalienceError that ``fn(*args)`` raises, which must match ``pattern``."""
+    with pytest.raises(SalienceError, match=pattern) as e:
+        fn(*args)
+    return str(e.value)
 
 
 @pytest.fixture()
@@ -109,9 +117,7 @@ def test_a_foreign_file_as_weights_is_not_sent_to_trust_pickle(tmp_path):
     and to pass ``trust_pickle=True``, which would not have helped (nor been safe)."""
     p = tmp_path / "m.onnx"
     p.write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x052.1.0:\x9c\x01\n\x1b")
-    with pytest.raises(SalienceError, match=r"not a PyTorch model file \(torch.save writes a zip archive") as e:
-        read_state_dict(p)
-    assert "trust_pickle" not in str(e.value)
+    assert "trust_pickle" not in _said(r"not a PyTorch model file \(torch.save writes a zip archive", read_state_dict, p)
     empty = tmp_path / "e.pt"
     empty.write_bytes(b"")
     with pytest.raises(SalienceError, match=r"e\.pt: the file is empty"):
@@ -293,3 +299,21 @@ def test_with_preprocessing_takes_numbers_and_refuses_the_rest():
     with pytest.raises(SalienceError, match=r"with_preprocessing needs a ModelInfo"):
         with_preprocessing(None, size=8)
     assert not math.isnan(got.mean[0])
+
+
+# ----------------------------------------------------------------------------- Keras files
+
+def test_keras_files_that_cannot_be_models_name_the_file(tmp_path):
+    """A .keras file that is no zip archive was Keras's "File not found: filepath=..." of a file that is there; an
+    unbuilt model's refusal did not name the file it came from."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":  # pragma: no cover - another test imported keras differently
+        pytest.skip("keras runs on another backend in this process")
+    bad = tmp_path / "cut.keras"
+    bad.write_bytes(b"PK\x03\x04 cut short")
+    assert "File not found" not in _said(r"cut\.keras: not a \.keras file \(model.save writes a zip", load_model, bad)
+    unbuilt = tmp_path / "unbuilt.keras"
+    keras.Sequential([keras.layers.Dense(2)]).save(unbuilt)
+    with pytest.raises(SalienceError, match=r"unbuilt\.keras: the Keras model has no known input shape"):
+        load_model(unbuilt)
