@@ -317,3 +317,15 @@ def test_keras_files_that_cannot_be_models_name_the_file(tmp_path):
     keras.Sequential([keras.layers.Dense(2)]).save(unbuilt)
     with pytest.raises(SalienceError, match=r"unbuilt\.keras: the Keras model has no known input shape"):
         load_model(unbuilt)
+
+
+def test_an_hf_folder_with_cut_weights_is_one_line(tmp_path):
+    """A ``save_pretrained`` folder whose ``model.safetensors`` was cut short was safetensors' raw
+    ``SafetensorError: Error while deserializing header``."""
+    from transformers import ViTConfig
+
+    ViTConfig(image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+              intermediate_size=8, num_labels=2).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"xx")
+    _said(r"hf:.*: transformers could not load an image classifier from this folder \(.*header", load_model,
+          f"hf:{tmp_path}")
