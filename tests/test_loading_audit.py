@@ -303,6 +303,7 @@ def test_with_preprocessing_takes_numbers_and_refuses_the_rest():
 
 # ----------------------------------------------------------------------------- Keras files
 
+@pytest.mark.filterwarnings("ignore:You are saving a model that has not yet been built:UserWarning")
 def test_keras_files_that_cannot_be_models_name_the_file(tmp_path):
     """A .keras file that is no zip archive was Keras's "File not found: filepath=..." of a file that is there; an
     unbuilt model's refusal did not name the file it came from."""
@@ -329,3 +330,8 @@ def test_an_hf_folder_with_cut_weights_is_one_line(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"xx")
     _said(r"hf:.*: transformers could not load an image classifier from this folder \(.*header", load_model,
           f"hf:{tmp_path}")
+
+
+def test_numpy_strings_are_paths(png):
+    """A path from a numpy array of paths (``np.str_``, a str) is read as a path, not refused as an array."""
+    assert torch.equal(load_image(np.array([str(png)])[0]), load_image(png))

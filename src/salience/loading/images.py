@@ -149,7 +149,8 @@ def check_max_pixels(max_pixels: Any) -> Optional[int]:
 
 def _image_path(path: Any) -> Path:
     """``load_image``'s ``path`` as a ``Path``; an image already in memory says what to do instead."""
-    if isinstance(path, Tensor) or type(path).__module__.startswith(("numpy", "PIL")):
+    if not isinstance(path, (str, os.PathLike)) and (isinstance(path, Tensor) or type(path).__module__.startswith(
+            ("numpy", "PIL"))):  # numpy's str_ (a DataFrame column's path) is a str
         raise SalienceError(f"load_image reads an image file and takes its path, got a {type(path).__name__}: an image "
                             "already in memory goes to preprocess(...) as a float tensor (C, H, W) in [0, 1]")
     if isinstance(path, (bytes, bytearray)) and not isinstance(path, str):
