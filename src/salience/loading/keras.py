@@ -256,8 +256,8 @@ def load_keras(path: Union[str, Path]) -> KerasModel:
     if not p.exists():
         raise SalienceError(f"{p}: no such file")
     if p.suffix.lower() == ".keras" and not zipfile.is_zipfile(p):  # Keras says "File not found" of such a file
-        raise SalienceError(f"{p}: not a .keras file (model.save writes a zip archive; this is none, or it is "
-                            "cut short); save the model again")
+        raise SalienceError(f"{p}: Keras could not load this model: not a .keras file (model.save writes a zip "
+                            "archive; this is none, or it is cut short); save the model again")
     try:
         model = keras.saving.load_model(str(p), compile=False)
     except Exception as e:  # noqa: BLE001 - Keras raises many types; report one line
