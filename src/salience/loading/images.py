@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -91,7 +92,10 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    p: Any = Path(path) if data is None else str(path)
+    max_pixels = check_max_pixels(max_pixels)
+    if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SalienceError(f"load_image: data must be the file's bytes, got {type(data).__name__}")
+    p: Any = _image_path(path) if data is None else str(path)
     if data is None and not p.exists():
         raise SalienceError(f"{p}: no such file; check the path")
     if data is None and p.is_dir():
@@ -136,6 +140,26 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         return _to_rgb_tensor(img)
 
 
+def check_max_pixels(max_pixels: Any) -> Optional[int]:
+    """``max_pixels`` checked: ``None`` (no limit) or an int >= 1."""
+    if max_pixels is not None and not _pixels(max_pixels):
+        raise SalienceError(f"max_pixels must be an int >= 1 (width x height) or None for no limit, got {max_pixels!r}")
+    return None if max_pixels is None else int(max_pixels)
+
+
+def _image_path(path: Any) -> Path:
+    """``load_image``'s ``path`` as a ``Path``; an image already in memory says what to do instead."""
+    if not isinstance(path, (str, os.PathLike)) and (isinstance(path, Tensor) or type(path).__module__.startswith(
+            ("numpy", "PIL"))):  # numpy's str_ (a DataFrame column's path) is a str
+        raise SalienceError(f"load_image reads an image file and takes its path, got a {type(path).__name__}: an image "
+                            "already in memory goes to preprocess(...) as a float tensor (C, H, W) in [0, 1]")
+    if isinstance(path, (bytes, bytearray)) and not isinstance(path, str):
+        raise SalienceError("load_image takes the image's path; its bytes go as data=, with a name as path")
+    from salience.loading.models import path_arg
+
+    return path_arg(path, "load_image's path")
+
+
 def _to_rgb_tensor(img) -> Tensor:
     """A PIL image of any mode -> ``(3, H, W)`` float32 in ``[0, 1]``."""
     from PIL import Image
@@ -161,6 +185,66 @@ def _to_rgb_tensor(img) -> Tensor:
     return torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0)
 
 
+def check_info(info: Any, fn: str) -> ModelInfo:
+    """``info`` is a :class:`ModelInfo` whose preprocessing can be applied: an input size of two ints
+    >= 1 (or none), a resize >= 1 (or none), finite means, stds > 0; else a :class:`SalienceError`."""
+    if not isinstance(info, ModelInfo):
+        raise SalienceError(f"{fn} needs a ModelInfo (model.salience_info, or salience.loading.models.ModelInfo(...)), "
+                            f"got {type(info).__name__}")
+    size = info.input_size
+    if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2 or not all(_pixels(v) for v in size)):
+        raise SalienceError(f"{fn}: the ModelInfo's input_size must be (H, W), two ints >= 1, or None; got {size!r}")
+    if info.resize is not None and not _pixels(info.resize):
+        raise SalienceError(f"{fn}: the ModelInfo's resize must be an int >= 1 (the shorter side) or None; "
+                            f"got {info.resize!r}")
+    for name, values in (("mean", info.mean), ("std", info.std)):
+        if values is None:
+            continue
+        ok = isinstance(values, (tuple, list)) and len(values) >= 1 and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not ok or (name == "std" and min(values) <= 0):
+            raise SalienceError(f"{fn}: the ModelInfo's {name} must be finite numbers"
+                                f"{' > 0' if name == 'std' else ''}, one or one per channel; got {values!r}")
+    return info
+
+
+def _pixels(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+
+
+def check_image(x: Any, info: ModelInfo, fn: str) -> Tensor:
+    """``x`` is a float image tensor ``(C, H, W)`` or ``(B, C, H, W)`` with pixels, whose ``C`` suits ``info``
+    (its channels, 1 or 3); else a :class:`SalienceError` saying how to make one."""
+    if not isinstance(x, Tensor):
+        hint = " (a numpy array: torch.from_numpy(a))" if type(x).__module__.startswith("numpy") else \
+            " (a PIL image, a file: salience.loading.load_image(path))" if type(x).__module__.startswith("PIL") else ""
+        raise SalienceError(f"{fn} takes an image tensor (C, H, W) or (B, C, H, W), got {type(x).__name__}{hint}")
+    if x.dim() not in (3, 4):
+        raise SalienceError(f"{fn} takes an image tensor (C, H, W) or (B, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise SalienceError(f"{fn} takes a floating-point image in [0, 1], got {x.dtype}"
+                            + (": x.float() / 255" if x.dtype == torch.uint8 else ": x.float()"))
+    if x.is_meta:
+        raise SalienceError(f"{fn}: the image is on the meta device, which holds no values")
+    c, h, w = x.shape[-3:]
+    if h == 0 or w == 0 or x.numel() == 0:
+        raise SalienceError(f"{fn}: the image has no pixels (shape {tuple(x.shape)})")
+    if c not in (1, 3, info.channels):
+        hint = ": an (H, W, C) image is x.permute(2, 0, 1)" if x.shape[-1] in (1, 3, info.channels) else ""
+        raise SalienceError(f"{fn}: the image has {c} channels (shape {tuple(x.shape)}); expected (C, H, W) with "
+                            f"C = {info.channels}{hint}")
+    return x
+
+
+def _check_stats(x: Tensor, info: ModelInfo, fn: str) -> None:
+    """``info``'s mean / std fit the channels of ``x`` (one value, or one per channel)."""
+    c = x.shape[-3]
+    for name, values in (("mean", info.mean), ("std", info.std)):
+        if values is not None and len(values) not in (1, c) and not (c == 1 and len(values) == info.channels):
+            raise SalienceError(f"{fn}: the ModelInfo's {name} has {len(values)} values for an image of {c} "
+                                f"channels; give one value or one per channel")
+
+
 def resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
     """Resize (and centre-crop) ``image`` ``(C, H, W)`` or ``(B, C, H, W)`` as ``info`` says.
 
@@ -169,9 +253,12 @@ def resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
     ``info.input_size``; with no ``input_size`` the image is unchanged. ``info.interpolation``
     (bilinear or bicubic), antialiased, values clamped to ``[0, 1]``.
     """
-    x = image.unsqueeze(0) if image.dim() == 3 else image
+    check_image(image, check_info(info, "resize_crop"), "resize_crop")
     if info.input_size is None:
         return image
+    if image.dtype in (torch.float16, torch.bfloat16) and image.device.type == "cpu":  # no CPU kernel: float32
+        return resize_crop(image.float(), info).to(image.dtype)
+    x = image.unsqueeze(0) if image.dim() == 3 else image
     source = x
     th, tw = (int(s) for s in info.input_size)
     h, w = x.shape[-2:]
@@ -289,10 +376,11 @@ def normalize_input(image: Tensor, info: ModelInfo) -> Tensor:
     Converts RGB to one channel (ITU-R 601 luma) when ``info.channels == 1``, then applies
     ``(x - mean) / std`` when ``info`` has them.
     """
-    x = image
+    x = check_image(image, check_info(info, "normalize_input"), "normalize_input")
     cdim = 0 if x.dim() == 3 else 1
     if info.channels == 1 and x.shape[cdim] == 3:
         x = luma(x)
+    _check_stats(x, info, "normalize_input")
     mean, std = _stats(info.mean, x.shape[cdim], x), _stats(info.std, x.shape[cdim], x)
     if mean is not None:
         x = x - mean
@@ -303,6 +391,8 @@ def normalize_input(image: Tensor, info: ModelInfo) -> Tensor:
 
 def unnormalize(x: Tensor, info: ModelInfo) -> Tensor:
     """Undo :func:`normalize_input`'s mean/std: the model's input back to a ``[0, 1]`` picture."""
+    check_image(x, check_info(info, "unnormalize"), "unnormalize")
+    _check_stats(x, info, "unnormalize")
     std, mean = _stats(info.std, 0, x), _stats(info.mean, 0, x)
     if std is None and mean is None:
         return x.clamp(0.0, 1.0)
@@ -325,6 +415,7 @@ RESIZE_MODES = ("crop", "stretch", "none")
 
 def resize_mode(info: ModelInfo) -> str:
     """``info``'s resizing as one of :data:`RESIZE_MODES`."""
+    check_info(info, "resize_mode")
     if info.input_size is None:
         return "none"
     return "crop" if info.resize else "stretch"
@@ -345,10 +436,11 @@ def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]]
     model's input channels, 1 (gray: RGB images become their ITU-R 601 luma) or 3 (RGB), for a model
     whose info does not say (a ``python:`` or ``.pt2`` model with a one-channel stem).
     """
+    check_info(info, "with_preprocessing")
     if channels is not None:
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels not in (1, 3):
+        if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels not in (1, 3):
             raise SalienceError(f"channels must be 1 (gray) or 3 (RGB), got {channels!r}")
-        info = dataclasses.replace(info, channels=channels)
+        info = dataclasses.replace(info, channels=int(channels))
     size_t = _check_size(size)
     if resize is not None:
         _positive_int(resize, "resize")
@@ -393,19 +485,21 @@ def _crop_resize(info: ModelInfo, target: tuple[int, int], resize: Optional[int]
 
 
 def _positive_int(v: Any, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    if not _pixels(v):
         raise SalienceError(f"{name} must be a positive int (pixels), got {v!r}")
-    return v
+    return int(v)
 
 
 def _check_size(size: Union[None, int, Sequence[int]]) -> Optional[tuple[int, int]]:
     if size is None:
         return None
-    values = [size] if isinstance(size, int) else list(size)
+    if isinstance(size, numbers.Number) or isinstance(size, (str, bytes)) or not isinstance(size, Sequence):
+        values = [size]
+    else:
+        values = list(size)
     if len(values) not in (1, 2):
         raise SalienceError(f"size must be one side or (H, W), got {size!r}")
-    for v in values:
-        _positive_int(v, "size")
+    values = [_positive_int(v, "size") for v in values]
     return (values[0], values[-1])
 
 
@@ -414,7 +508,13 @@ def _stats_arg(info: ModelInfo, values: Optional[Sequence[float]], name: str,
     """``mean`` / ``std`` checked: one value or one per channel, finite (``std`` > 0)."""
     if values is None:
         return own
-    vals = tuple(float(v) for v in values)
+    if isinstance(values, (Tensor, np.ndarray)):
+        values = values.reshape(-1).tolist()
+    items = [values] if isinstance(values, numbers.Real) else values
+    if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable) or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
+        raise SalienceError(f"{name} must be a number or one number per channel, got {values!r}")
+    vals = tuple(float(v) for v in items)
     if len(vals) not in (1, info.channels):
         raise SalienceError(f"{name} needs 1 or {info.channels} values (one per channel), got {len(vals)}")
     if not all(math.isfinite(v) for v in vals) or (name == "std" and min(vals) <= 0):
@@ -425,7 +525,7 @@ def _stats_arg(info: ModelInfo, values: Optional[Sequence[float]], name: str,
 def preprocessing_record(info: ModelInfo) -> dict[str, Any]:
     """What :func:`preprocess` does with ``info``, as plain JSON values: the resize mode, the input
     size, the shorter side resized to and the crop (``crop`` mode), mean, std and channels."""
-    mode = resize_mode(info)
+    mode = resize_mode(check_info(info, "preprocessing_record"))
     size = list(info.input_size) if info.input_size is not None else None
     return {"mode": mode, "input_size": size, "resize": int(info.resize) if mode == "crop" else None,
             "crop": size if mode == "crop" else None,
@@ -447,6 +547,9 @@ def load_images(
     (``info.input_size`` is ``None``), images are resized to the first good image's size so
     that they form one batch.
     """
+    paths = _path_list(paths)
+    check_info(info, "load_images")
+    max_pixels = check_max_pixels(max_pixels)
     tensors: list[Tensor] = []
     ok: list[str] = []
     errors: list[tuple[str, str]] = []
@@ -469,3 +572,18 @@ def load_images(
         ok.append(str(path))
     batch = torch.stack(tensors) if tensors else None
     return batch, ok, errors
+
+
+def _path_list(paths: Any) -> list:
+    """``load_images``' ``paths``: a list (any iterable) of file paths; one path alone is refused, not read as its
+    letters."""
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise SalienceError(f"load_images takes a list of image paths, got one path {os.fsdecode(paths)!r}: "
+                            "pass [path] (a folder: sorted(Path(folder).glob('*.png')), or salience.runs for a dataset)")
+    if not isinstance(paths, Iterable):
+        raise SalienceError(f"load_images takes a list of image paths, got {type(paths).__name__}")
+    items = list(paths)
+    bad = next((p for p in items if not isinstance(p, (str, os.PathLike))), None)
+    if bad is not None:
+        raise SalienceError(f"load_images takes image paths (str or pathlib.Path), got a {type(bad).__name__} among them")
+    return items

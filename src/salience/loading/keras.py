@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -254,6 +255,9 @@ def load_keras(path: Union[str, Path]) -> KerasModel:
     p = Path(path)
     if not p.exists():
         raise SalienceError(f"{p}: no such file")
+    if p.suffix.lower() == ".keras" and not zipfile.is_zipfile(p):  # Keras says "File not found" of such a file
+        raise SalienceError(f"{p}: Keras could not load this model: not a .keras file (model.save writes a zip "
+                            "archive; this is none, or it is cut short); save the model again")
     try:
         model = keras.saving.load_model(str(p), compile=False)
     except Exception as e:  # noqa: BLE001 - Keras raises many types; report one line
@@ -262,7 +266,10 @@ def load_keras(path: Union[str, Path]) -> KerasModel:
             f"{p}: Keras could not load this model ({type(e).__name__}: {first}). Keras 3 reads .keras files "
             "and most legacy .h5 files; models with custom layers need their classes registered"
         ) from None
-    return wrap_keras(model, name=f"keras:{p.name}")
+    try:
+        return wrap_keras(model, name=f"keras:{p.name}")
+    except SalienceError as e:  # what is wrong with the model: said with the file it came from
+        raise SalienceError(f"{p}: {e}") from None
 
 
 def find_layer_idx(model: Any, name: str) -> int:

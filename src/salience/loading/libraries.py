@@ -269,7 +269,9 @@ def load_hf(ref: str) -> nn.Module:
     hf_logging.disable_progress_bar()
     try:
         model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, KeyError, safetensors' own error on a cut file ...
         if Path(ref).is_dir():
             raise SalienceError(f"hf:{ref}: transformers could not load an image classifier from this folder "
                                 f"({first_line(e)})") from None

@@ -10,11 +10,12 @@ never unpickled unless ``trust_pickle=True``.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _KERAS_EXT = (".keras", ".h5", ".hdf5")
 _ONNX_EXT = (".onnx",)
+_MODEL_FILE_EXT = (".pt", ".pth", ".ts", ".pt2", ".safetensors", ".bin", ".ckpt", ".jit") + _KERAS_EXT + _ONNX_EXT
 
 MODEL_SPECS: tuple[tuple[str, str], ...] = (
     ("demo:NAME", "a bundled demo model, no download (salience list names them)"),
@@ -55,6 +57,20 @@ MODEL_SPECS: tuple[tuple[str, str], ...] = (
 )
 """Every model spec :func:`load_model` accepts, as ``(spec, description)``: the one list that the
 command line's ``--model`` help and ``salience list`` print."""
+
+
+def path_arg(value: Any, what: str) -> Path:
+    """``value`` (a ``str`` or ``os.PathLike``; ``~`` expanded) as a ``Path``; anything else, or an empty
+    string, is a :class:`SalienceError` naming ``what`` and what it got."""
+    if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
+        text = os.fspath(value)
+        if isinstance(text, str) and text.strip():
+            return Path(os.path.expanduser(text))
+    if isinstance(value, (bytes, bytearray)):
+        got = "bytes (decode a path with .decode(); a file's contents are no path)"
+    else:
+        got = "an empty string" if isinstance(value, str) else f"a {type(value).__name__}"
+    raise SalienceError(f"{what} must be a file path (a str or pathlib.Path), got {got}")
 
 
 def _torchvision_info(arch: str, num_classes: int, weights_enum) -> ModelInfo:
@@ -112,28 +128,64 @@ def read_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, 
     read with ``torch.load(weights_only=True)`` unless ``trust_pickle``. A checkpoint's
     ``state_dict`` / ``model`` entry is taken, and ``module.`` / ``_orig_mod.`` prefixes removed."""
     trust_pickle = check_flag(trust_pickle, "trust_pickle")
-    p = Path(path)
+    p = path_arg(path, "the weights file")
     if not p.is_file():
-        raise SalienceError(f"weights file {p}: no such file; check the path")
+        raise _no_weights_file(p)
     return _read_state_dict(p, trust_pickle)
 
 
+def _no_weights_file(p: Path) -> SalienceError:
+    """A weights path that is no file: a folder, a missing path, or a misspelt ``"random"``."""
+    if p.is_dir():
+        return SalienceError(f"weights file {p}: is a directory; expected a state-dict file (.pt, .pth, .safetensors)")
+    near = str(p).strip().lower() == "random"
+    return SalienceError(f"weights file {p}: no such file; check the path"
+                         + ('; weights="random" (lower case) for random weights' if near else ""))
+
+
 def load_state(model: nn.Module, state: dict, path: PathLike, what: str) -> nn.Module:
-    """Load ``state`` into ``model`` (strict); a mismatch is one line naming the first keys that differ."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    parts = [f"{label} {', '.join(keys[:3])}{f' (+{len(keys) - 3} more)' if len(keys) > 3 else ''}"
-             for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
-    if parts:
-        raise SalienceError(f"{path}: the state dict does not fit {what} ({'; '.join(parts)})")
+    """Load ``state`` into ``model`` (strict); a mismatch is one line naming the first keys that differ.
+    ``state`` must be a dict of parameter name -> tensor (:func:`read_state_dict` makes one)."""
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"load_state needs a torch.nn.Module, got {type(model).__name__}")
+    _check_state(state, path)
+    mismatch = state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise SalienceError(f"{path}: the state dict does not fit {what} ({mismatch})")
     model.load_state_dict(state)
     return model
 
 
+def _check_state(state: Any, path: Any) -> None:
+    """``state`` is a mapping of str -> Tensor, or a :class:`SalienceError` says what it is."""
+    if not isinstance(state, Mapping):
+        hint = "; read the file first: read_state_dict(path)" if isinstance(state, (str, os.PathLike)) else ""
+        raise SalienceError(f"{path}: expected a state dict (a dict of parameter name -> tensor), "
+                            f"got {type(state).__name__}{hint}")
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, Tensor):
+            hint = " (a numpy array: torch.from_numpy(a))" if type(v).__module__ == "numpy" else ""
+            raise SalienceError(f"{path}: a state dict maps parameter names (str) to tensors; {k!r} holds a "
+                                f"{type(v).__name__}{hint}")
+
+
+def state_mismatch(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> str:
+    """The first keys missing from ``state``, unexpected in it and of another shape than in ``own``, as
+    one short line (``""`` when it fits)."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    return "; ".join(f"{label} {', '.join(keys[:3])}{f' (+{len(keys) - 3} more)' if len(keys) > 3 else ''}"
+                     for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys)
+
+
 def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
+    whole = "a torch.export program (.pt2)" if path.suffix.lower() == ".pt2" else \
+        "a TorchScript archive (torch.jit.save)" if path.suffix.lower() != ".safetensors" and _is_torchscript(path) else None
+    if whole:
+        raise SalienceError(f"{path}: {whole} is a whole model, not a state dict: load it by itself, "
+                            f"load_model({str(path)!r}), without an architecture or weights")
     obj = _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _torch_load(path, trust_pickle)
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model", "net"):
@@ -154,20 +206,36 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
     return obj
 
 
+def _file_start(path: Path) -> bytes:
+    """The first bytes of ``path`` (``b""`` when empty or unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
+
+
 def _torch_load(path: Path, trust_pickle: bool):
     import pickle
 
+    start = _file_start(path)
+    if not start:
+        raise SalienceError(f"{path}: the file is empty; save the model again")
+    # torch.save writes a zip archive (a pickle, protocol 2+, before PyTorch 1.6): anything else is no PyTorch file
+    # (an ONNX file, a text file), and trust_pickle would not help
+    foreign = not (start.startswith(b"PK") or start[:1] == b"\x80")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as e:
-        if trust_pickle or "weights only" not in str(e).lower():
-            raise SalienceError(f"{path}: not a PyTorch file salience can read ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
-        raise SalienceError(
-            f"{path}: contains pickled Python objects (e.g. a whole model saved with torch.save(model)), "
-            "which can run arbitrary code when loaded, so salience refused it. If you trust the file, "
-            "pass trust_pickle=True; better, save a state dict or TorchScript"
-        ) from None
     except Exception as e:  # noqa: BLE001 - torch.load raises many types on a foreign file
+        if foreign:
+            raise SalienceError(f"{path}: not a PyTorch model file (torch.save writes a zip archive or a pickle; this is neither); expected "
+                                "a state dict (torch.save(model.state_dict())) or TorchScript (torch.jit.save)") from None
+        if isinstance(e, pickle.UnpicklingError) and not trust_pickle and "weights only" in str(e).lower():
+            raise SalienceError(
+                f"{path}: contains pickled Python objects (e.g. a whole model saved with torch.save(model)), "
+                "which can run arbitrary code when loaded, so salience refused it. If you trust the file, "
+                "pass trust_pickle=True; better, save a state dict or TorchScript"
+            ) from None
         text = str(e).strip()
         msg = text.splitlines()[0] if text and not isinstance(e, KeyError) else type(e).__name__
         raise SalienceError(
@@ -205,28 +273,25 @@ def _torchvision_pretrained(tvm, arch: str, weights_enum) -> nn.Module:
 def _torchvision_from_file(tvm, arch: str, wpath: Path, trust_pickle: bool) -> nn.Module:
     """torchvision's ``arch`` with a state dict from ``wpath`` (also one fine-tuned to other classes)."""
     if not wpath.is_file():
-        raise SalienceError(f"weights file {wpath}: no such file; check the path")
+        raise _no_weights_file(wpath)
     state = _read_state_dict(wpath, trust_pickle)
     model = tvm.get_model(arch, weights=None)
-    try:
+    if not state_mismatch(model.state_dict(), state):
         model.load_state_dict(state)
-    except RuntimeError:
-        # A model fine-tuned to another number of classes: the last 2-D weight says how many.
-        mats = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
-        n = int(mats[-1].shape[0]) if mats else None
+        return model
+    # A model fine-tuned to another number of classes: the last 2-D weight says how many.
+    mats = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    n = int(mats[-1].shape[0]) if mats else None
+    if n is not None:
         try:
-            if n is None:
-                raise RuntimeError("no linear layer")
-            model = tvm.get_model(arch, weights=None, num_classes=n)
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError, ValueError) as e:
-            first = str(e).strip().splitlines()
-            detail = first[1].strip() if len(first) > 1 else (first[0] if first else "")
-            raise SalienceError(
-                f"{wpath}: the state dict does not fit torchvision's {arch} ({detail}); check the "
-                "architecture name"
-            ) from None
-    return model
+            other = tvm.get_model(arch, weights=None, num_classes=n)
+        except (RuntimeError, TypeError, ValueError):
+            other = None
+        if other is not None and not state_mismatch(other.state_dict(), state):
+            other.load_state_dict(state)
+            return other
+    raise SalienceError(f"{wpath}: the state dict does not fit torchvision's {arch} "
+                        f"({state_mismatch(model.state_dict(), state)}); check the architecture name")
 
 
 def _load_torchvision(arch: str, weights: Optional[PathLike], trust_pickle: bool) -> nn.Module:
@@ -252,7 +317,7 @@ def _load_torchvision(arch: str, weights: Optional[PathLike], trust_pickle: bool
     elif str(weights) == "random":
         model = tvm.get_model(arch, weights=None)
     else:
-        model = _torchvision_from_file(tvm, arch, Path(weights), trust_pickle)
+        model = _torchvision_from_file(tvm, arch, path_arg(weights, "weights"), trust_pickle)
     n = _num_outputs(model) or 1000
     return attach_info(model.eval(), _torchvision_info(arch, n, weights_enum))
 
@@ -383,10 +448,15 @@ def load_model(
     Raises :class:`SalienceError` with one line saying what went wrong and what to do.
     """
     trust_pickle = check_flag(trust_pickle, "trust_pickle")
-    s = os.fspath(spec)
+    s = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else spec
     if not isinstance(s, str) or not s:
-        raise SalienceError(f"expected a model spec such as 'demo:shapes', got {spec!r}")
+        raise SalienceError(f"expected a model spec such as 'demo:shapes' (a str, or the path of a model file), "
+                            f"got {spec!r}")
+    if weights is not None and not (isinstance(weights, str) and weights == "random"):
+        weights = path_arg(weights, "weights (a state-dict file, or \"random\")")
     device = resolve_device(device)
+    if s.startswith("~") and Path(os.path.expanduser(s)).exists():
+        s = os.path.expanduser(s)
     is_file = Path(s).exists() and not s.startswith(("hf:", "python:"))
     if weights is not None and (is_file or not s.startswith(_WEIGHTS_SPECS)):
         raise SalienceError(
@@ -440,6 +510,9 @@ def resolve_device(device: Optional[Union[str, torch.device]]) -> Optional[torch
         if dev.index is not None and dev.index >= count:
             raise SalienceError(f"device {device!r}: no CUDA device {dev.index} here ({count} device(s): "
                                 f"cuda:0..cuda:{count - 1})")
+    elif dev.type == "meta":
+        raise SalienceError(f"device {device!r}: a meta device holds no weights, so the model could not run there; "
+                            "use cpu, cuda or auto")
     elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise SalienceError(f"device {device!r}: no MPS device here; use cpu or auto")
     return dev
@@ -447,6 +520,11 @@ def resolve_device(device: Optional[Union[str, torch.device]]) -> Optional[torch
 
 def _load_spec(s: str, is_file: bool, weights: Optional[PathLike], trust_pickle: bool) -> nn.Module:
     """The model a spec names (before eval mode, device and info)."""
+    prefix = next((p for p in ("demo:", "torchvision:", "timm:", "hf:") if s.startswith(p)), None)
+    if prefix and not is_file and not s[len(prefix):].strip():
+        what = {"demo:": "NAME", "torchvision:": "ARCH", "timm:": "NAME", "hf:": "DIR_OR_ID"}[prefix]
+        raise SalienceError(f"model {s!r} names no model: expected {prefix}{what}"
+                            + (" (salience list names them)" if prefix == "demo:" else ""))
     if s.startswith("demo:") and not is_file:
         from salience.demo import zoo
 
@@ -478,9 +556,12 @@ def _load_spec(s: str, is_file: bool, weights: Optional[PathLike], trust_pickle:
     from salience.demo import zoo
 
     demos = ["demo:" + n for n in zoo.DEMOS]
-    hint = suggest(s, demos) or suggest("demo:" + s, demos)
+    if "/" in s or os.sep in s or s.startswith("~") or Path(s).suffix.lower() in _MODEL_FILE_EXT:
+        head, hint = f"model file {s}: no such file; check the path", ""
+    else:
+        head, hint = f"unknown model {s!r}", suggest(s, demos) or suggest("demo:" + s, demos)
     raise SalienceError(
-        f"unknown model {s!r}{hint} (expected demo:NAME ({', '.join(demos)}), torchvision:ARCH, timm:NAME, "
+        f"{head}{hint} (expected demo:NAME ({', '.join(demos)}), torchvision:ARCH, timm:NAME, "
         "hf:DIR_OR_ID, python:MODULE:FUNC, or the path of an existing model file)"
     )
 
@@ -505,7 +586,7 @@ def read_labels(path: PathLike) -> tuple[str, ...]:
     when it cannot be read or is none of these."""
     import json
 
-    p = Path(path)
+    p = path_arg(path, "the labels file")
     try:
         text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
@@ -525,13 +606,21 @@ def read_labels(path: PathLike) -> tuple[str, ...]:
 
 def _json_labels(p: Path, data: object) -> list[str]:
     """A JSON list of names, or ``{index: name}`` covering ``0..K-1``, as a list."""
-    if isinstance(data, list) and all(isinstance(v, (str, int, float)) for v in data):
+    import json
+
+    def name(v: object) -> bool:  # a class name: a string or a number, not true / null / an object
+        return isinstance(v, (str, int, float)) and not isinstance(v, bool)
+
+    if isinstance(data, list) and all(name(v) for v in data):
         return [str(v) for v in data]
     if isinstance(data, dict):
         try:
             by_index = {int(k): str(v) for k, v in data.items()}
         except ValueError:
             raise SalienceError(f"labels file {p}: the keys of a JSON object must be class indices 0, 1, ...") from None
+        bad = next((v for v in data.values() if not name(v)), None)
+        if bad is not None or any(v is None for v in data.values()):
+            raise SalienceError(f"labels file {p}: each class name must be a string, got {json.dumps(bad)}")
         if sorted(by_index) != list(range(len(by_index))):
             missing = sorted(set(range(max(by_index, default=-1) + 1)) - set(by_index))[:5]
             raise SalienceError(f"labels file {p}: the indices must run 0..{len(by_index) - 1} without gaps "
@@ -549,7 +638,15 @@ def name_classes(info: ModelInfo, num_outputs: int,
     gets ImageNet-1k's (:func:`imagenet_class_names`, when torchvision is installed). The source is
     ``"labels"``, ``"model"``, ``"imagenet-1k"`` or ``None`` (no names).
     """
+    if not isinstance(info, ModelInfo):
+        raise SalienceError(f"name_classes needs the model's ModelInfo (model.salience_info), got {type(info).__name__}")
+    if isinstance(num_outputs, bool) or not isinstance(num_outputs, numbers.Integral) or num_outputs < 1:
+        raise SalienceError(f"num_outputs must be the model's number of outputs, an int >= 1, got {num_outputs!r}")
     if labels is not None:
+        if isinstance(labels, (str, bytes, Mapping)) or not isinstance(labels, Sequence) \
+                or not all(isinstance(n, str) for n in labels):
+            raise SalienceError(f"labels must be a list of class names (str), one per output, got {type(labels).__name__}"
+                                + (" (a str would be split into its letters)" if isinstance(labels, str) else ""))
         if len(labels) != num_outputs:
             raise SalienceError(f"{len(labels)} class names for a model with {num_outputs} outputs; "
                                 f"give one name per output")
