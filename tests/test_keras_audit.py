@@ -124,3 +124,17 @@ def test_model_layers_of_a_keras_model_and_of_no_model():
     assert layers[kv.find_layer_idx(km, "c1")][0] == "c1"
     with pytest.raises(SalienceError, match=r"expected a torch.nn.Module or a keras.Model, got NoneType"):
         kv.model_layers(None)
+
+
+@pytest.mark.parametrize("layer_idx, wrt, message", [
+    (-1, 0, r"wrt_tensor 'input_layer(_\d+)?' is the model's input layer; leave wrt_tensor=None"),
+    (-1, -1, r"wrt_tensor 'fc' is not a layer between the input and the explained layer 'fc'"),
+    ("c1", "gap", r"wrt_tensor 'gap' is not a layer between the input and the explained layer 'c1'"),
+], ids=["input-layer", "the-final-dense", "after-the-layer"])
+def test_keras_wrt_tensor_outside_the_path_says_so(layer_idx, wrt, message):
+    """Before: "layer 'layers.input_layer' was not called in the forward pass" and "the model has no
+    layer named 'layers.fc'; did you mean ..." for a layer the model has."""
+    with pytest.raises(SalienceError, match=message):
+        kv.visualize_saliency(_keras_net(), layer_idx, 0, SEED.transpose(1, 2, 0), wrt_tensor=wrt)
+    got = kv.visualize_saliency(_keras_net(), -1, 0, SEED.transpose(1, 2, 0), wrt_tensor="c1", keepdims=True)
+    assert got.shape == (5, 5, 4) and got.min() == 0.0  # a layer on the path: its output's (h, w, channels)

@@ -336,7 +336,7 @@ def visualize_saliency_with_losses(
         wrapped = wrap_keras(model)
         wrapped.seed = True  # a fresh wrapper: its input errors name seed_input (H, W, C)
         x = _to_batch(seed_input, wrapped.channels_last).to(model_device(wrapped))
-        wrt = None if wrt_tensor is None else resolve_layer(wrapped, layer_module_name(_keras_layer(model, wrt_tensor)))
+        wrt = _keras_wrt(model, model, wrapped, wrt_tensor)
         grad = _loss_gradient(wrapped, x, losses, method, wrt)
         # Input gradients are (1, C, H, W) here; a Keras layer's are channels-last already.
         axis = 0 if wrt is None or not wrapped.channels_last else -1
@@ -347,6 +347,24 @@ def visualize_saliency_with_losses(
     wrt = None if wrt_tensor is None else _torch_layer(model, wrt_tensor)
     grad = _loss_gradient(model, x, losses, method, wrt)
     return _finish(grad, grad_modifier, keepdims, 0, False)
+
+
+def _keras_wrt(model: Any, sub: Any, wrapped: nn.Module, wrt_tensor: Any, explained: Any = None) -> Optional[nn.Module]:
+    """The module of the Keras layer ``wrt_tensor`` in ``wrapped`` (the wrapped ``sub``, ``model`` up to the
+    explained layer), or a SalienceError: the InputLayer (no pass runs through it) or a layer at or after
+    the explained one (the gradient does not pass through it)."""
+    if wrt_tensor is None:
+        return None
+    layer = _keras_layer(model, wrt_tensor)
+    keras = import_keras()
+    if isinstance(layer, keras.layers.InputLayer):
+        raise SalienceError(f"wrt_tensor {layer.name!r} is the model's input layer; leave wrt_tensor=None for the "
+                            "gradient with respect to the input")
+    if not any(layer is l for l in sub.layers):
+        upto = f"the explained layer {explained.name!r}" if explained is not None else "the output"
+        raise SalienceError(f"wrt_tensor {layer.name!r} is not a layer between the input and {upto} (a final Dense "
+                            "is read from its input, before its activation); give an earlier layer")
+    return resolve_layer(wrapped, layer_module_name(layer))
 
 
 def _keras_layer(model: Any, layer: Any) -> Any:
@@ -441,9 +459,7 @@ def _keras_saliency(model: Any, layer_idx: Any, idx: list[int], seed_input: Any,
     loss: Target = _PreActivation(layer, idx) if pre_activation else ActivationMaximization(
         None, idx, channel_axis=-1 if channels_last else 1)
     x = _to_batch(seed_input, channels_last).to(model_device(wrapped))
-    wrt = None
-    if wrt_tensor is not None:
-        wrt = resolve_layer(wrapped, layer_module_name(_keras_layer(model, wrt_tensor)))
+    wrt = _keras_wrt(model, sub, wrapped, wrt_tensor, layer)
     grad = _loss_gradient(wrapped, x, [(loss, -1.0)], method, wrt)
     axis = 0 if wrt is None or not channels_last else -1
     return _finish(grad, grad_modifier, keepdims, axis, channels_last and wrt is None)
