@@ -200,3 +200,18 @@ def test_report_writes_unicode_paths_and_escapes(tmp_path):
     text = out.read_text("utf-8")
     assert "<title>é &lt;b&gt;</title>" in text and 'src="../%s/a.png"' % "ñ 🐱" in text
     assert "<td>1</td>" in text
+
+
+@pytest.mark.parametrize("call", [viz.heatmap, viz.scale, viz.grayscale], ids=["heatmap", "scale", "grayscale"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_channels_last_map_is_refused(call, channels):
+    """A Keras-layout ``(H, W, 1)`` / ``(H, W, 3)`` map (keras-vis's ``keepdims=True``) was read as a
+    batch of H maps 1 or 3 pixels wide (heatmap: a ``(6, 8, 1, 3)`` "picture"; scale: each row
+    scaled on its own) or as H channels (grayscale: an ``(8, 1, 3)`` picture)."""
+    m = RNG.random((6, 8, channels))
+    with pytest.raises(SalienceError, match=r"looks channels-last \(H, W, C\).*m\[\.\.\., 0\].*transpose\(2, 0, 1\)"):
+        call(m)
+    if channels == 1:  # what the message says to do draws the one map
+        assert np.array_equal(viz.heatmap(m[..., 0]), viz.heatmap(np.ascontiguousarray(m[..., 0])))
+    else:
+        assert viz.grayscale(m.transpose(2, 0, 1)).shape == (6, 8, 3)

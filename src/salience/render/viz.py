@@ -167,6 +167,19 @@ def _finite(a: np.ndarray, what: str) -> np.ndarray:
     return f
 
 
+def _not_channels_last(a: np.ndarray, what: str) -> None:
+    """Refuse a map that reads as channels-last, ``(H, W, 1)`` / ``(H, W, 3)`` (Keras's, PIL's layout):
+    read as channels-first it is a batch of H maps 1 or 3 pixels wide (or C = H channels), each row
+    scaled on its own, which draws nonsense without a word. A map 1 or 3 pixels wide whose other two
+    axes both exceed 4 is no real case."""
+    if a.ndim >= 3 and a.shape[-1] in (1, 3) and a.shape[-2] > 4 and a.shape[-3] > 4:
+        raise SalienceError(
+            f"{what} of shape {tuple(a.shape)} looks channels-last (H, W, C); salience's maps are (H, W), "
+            "(B, H, W) or per-channel (C, H, W): give m[..., 0] for (H, W, 1), or move the channels first "
+            "(m.transpose(2, 0, 1) for an array, m.permute(2, 0, 1) for a tensor) for viz.colored / viz.grayscale"
+        )
+
+
 def _is_number(x: object) -> bool:
     """A real number (numpy's included), not a bool (``True`` is not 1 %) nor a string."""
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
@@ -224,6 +237,7 @@ def scale(m: ArrayLike, norm: Norm = "percentile", *, percentile: float = 99.0,
     a = _finite(_as_array(m, "map"), "map")
     if a.ndim < 2:
         raise SalienceError(f"map must be (H, W) or a batch (B, H, W) / (B, C, H, W), got shape {tuple(a.shape)}")
+    _not_channels_last(a, "the map")
     one = a.ndim == 2
     out, _ = _scale(a[None] if one else a, norm, percentile, signed, "map")
     return out[0] if one else out
@@ -297,6 +311,7 @@ def heatmap(m: ArrayLike, *, cmap: Union[None, str, ArrayLike] = None, norm: Nor
             f"heatmap expects one map (H, W) or a batch (B, H, W), got shape {tuple(a.shape)}; "
             "for per-channel maps use viz.colored (RGB) or viz.grayscale"
         )
+    _not_channels_last(a, "the map")
     one = a.ndim == 2
     v, sig = _scale(a[None] if one else a, norm, percentile, signed, "map")
     rgb = _lut(cmap, sig)[_index(v, sig)]
@@ -342,6 +357,7 @@ def grayscale(m: ArrayLike, *, norm: Norm = "percentile", percentile: float = 99
             f"grayscale expects a per-channel map (C, H, W) or (B, C, H, W), got shape {tuple(a.shape)}; "
             "a map (H, W) is already single-channel: use viz.heatmap(m, cmap='gray')"
         )
+    _not_channels_last(a, "the map")
     return heatmap(np.abs(a).sum(axis=-3), cmap=cmap, norm=norm, percentile=percentile, signed=False)
 
 
