@@ -135,6 +135,7 @@ S = {"a": [0.1, 0.5, 0.9]}
     (S, {"ylim": 1}, r"ylim must be \(low, high\)"),
     (S, {"size": (10, 10)}, r"size must be \(width, height\) in pixels, at least \(240, 120\)"),
     (S, {"size": (520.5, 340)}, r"size must be \(width, height\)"),
+    (S, {"size": (100_000, 100_000)}, r"at most 10000 a side"),   # 30 GB asked of PIL
     (S, {"title": None}, r"title must be a string, got NoneType"),
     (S, {"xlabel": 3}, r"xlabel must be a string"),
     (None, {}, r"series must be a mapping"),

@@ -81,12 +81,14 @@ def _check_plot(series: Any, ylim: Any, size: Any) -> tuple[dict[str, list[float
         raise SalienceError(f"ylim must be (low, high) with low < high, got {tuple(ylim)!r}")
     if not (isinstance(size, (tuple, list)) and len(size) == 2
             and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size)
-            and size[0] >= _MIN_SIZE[0] and size[1] >= _MIN_SIZE[1]):
-        raise SalienceError(f"size must be (width, height) in pixels, at least {_MIN_SIZE}, got {size!r}")
+            and _MIN_SIZE[0] <= size[0] <= _MAX_SIDE and _MIN_SIZE[1] <= size[1] <= _MAX_SIDE):
+        raise SalienceError(f"size must be (width, height) in pixels, at least {_MIN_SIZE} and at most {_MAX_SIDE} "
+                            f"a side, got {size!r}")
     return out, lo, hi, int(size[0]), int(size[1])
 
 
 _MIN_SIZE = (240, 120)  # the margins (218 x 88 pixels) and a plot area
+_MAX_SIDE = 10_000  # 100000 x 100000 asked for 30 GB
 
 
 def line_plot(series: Mapping[str, Sequence[float]], *, title: str = "", xlabel: str = "",
