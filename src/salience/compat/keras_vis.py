@@ -28,6 +28,7 @@ which is left untouched).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -38,7 +39,7 @@ from salience import reduce as _reduce
 from salience import rules
 from salience._core.autograd import gradients
 from salience._core.errors import SalienceError
-from salience._core.tensors import model_device, check_flag
+from salience._core.tensors import model_device, model_dtype, check_flag
 from salience.loading.keras import import_keras, is_keras_model, layer_module_name
 from salience._core.layers import resolve_layer
 from salience.methods import METHODS
@@ -76,12 +77,18 @@ class ActivationMaximization(Target):
         if channel_axis is None:  # Keras layers are channels-last, PyTorch's channels-first
             keras_layer = type(layer).__module__.split(".")[0] == "keras"
             channel_axis = -1 if keras_layer else 1
-        self.channel_axis = channel_axis
+        if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral):
+            raise SalienceError(f"channel_axis must be an int (the axis of the layer's output that holds the "
+                                f"channels: 1 for PyTorch, -1 for Keras), got {channel_axis!r}")
+        self.channel_axis = int(channel_axis)
 
     def __call__(self, output: Tensor) -> Tensor:
         if not isinstance(output, Tensor) or output.dim() < 2:
             raise SalienceError(f"ActivationMaximization expects a layer output (B, ...), got {type(output).__name__}")
         axis = 1 if output.dim() == 2 else self.channel_axis
+        if not -output.dim() <= axis < output.dim():
+            raise SalienceError(f"channel_axis {axis} is out of range for the layer's output of shape "
+                                f"{tuple(output.shape)}; give the axis that holds the channels")
         n = output.shape[axis]
         loss = output.new_zeros(output.shape[0])
         for i in self.filter_indices:
@@ -95,13 +102,27 @@ class ActivationMaximization(Target):
         return f"ActivationMaximization({self.layer!r}, {self.filter_indices})"
 
 
+def _index(i: Any) -> Optional[int]:
+    """``i`` as an int if it is one (numpy's, a 0-d integer tensor or array), else ``None``: a float,
+    a bool or a string is not an index (``int(0.5)`` would explain unit 0, ``int("1")`` take a string)."""
+    if isinstance(i, (Tensor, np.ndarray)) and i.ndim == 0:
+        i = i.item()  # a float's or a bool's item stays refused below
+    if isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_)):
+        return int(i)
+    return None
+
+
 def _indices(filter_indices: Union[int, Sequence[int], Any]) -> list[int]:
-    if isinstance(filter_indices, (int, np.integer)) and not isinstance(filter_indices, bool):
-        return [int(filter_indices)]
-    try:
-        out = [int(i) for i in filter_indices]
-    except TypeError:
-        raise SalienceError(f"filter_indices must be an int or a list of ints, got {filter_indices!r}") from None
+    one = _index(filter_indices)
+    if one is not None:
+        return [one]
+    bad = SalienceError(f"filter_indices must be an int or a list of ints, got {filter_indices!r}")
+    if (isinstance(filter_indices, (str, bytes)) or not isinstance(filter_indices, (Sequence, np.ndarray, Tensor))
+            or getattr(filter_indices, "ndim", 1) == 0):
+        raise bad
+    out = [_index(i) for i in filter_indices]
+    if any(i is None for i in out):
+        raise bad
     if not out:
         raise SalienceError("filter_indices is empty; give at least one index")
     return out
@@ -109,7 +130,12 @@ def _indices(filter_indices: Union[int, Sequence[int], Any]) -> list[int]:
 
 def model_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """A PyTorch model's "layers" in keras-vis's sense: its leaf modules (no children), in order,
-    as ``(dotted name, module)``; ``layer_idx`` indexes this list."""
+    as ``(dotted name, module)``; ``layer_idx`` indexes this list. A Keras model's: its
+    ``model.layers`` as ``(name, layer)``, which a Keras model's ``layer_idx`` indexes."""
+    if is_keras_model(model):
+        return [(layer.name, layer) for layer in model.layers]
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"expected a torch.nn.Module or a keras.Model, got {type(model).__name__}")
     return [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
 
 
@@ -144,10 +170,31 @@ def _torch_layer(model: nn.Module, layer_idx: Any) -> nn.Module:
     return _pick(model_layers(model), layer_idx, "the model")[1]
 
 
-def _to_batch(seed_input: Any, channels_last: bool) -> Tensor:
-    """One image (no batch dimension) in the model's layout -> ``(1, C, H, W)`` float tensor."""
-    x = torch.as_tensor(np.asarray(seed_input) if not isinstance(seed_input, Tensor) else seed_input)
-    if not x.is_floating_point():
+def _seed_tensor(seed_input: Any) -> Tensor:
+    """``seed_input`` (a tensor, array, PIL image or nested list of real numbers) as a tensor, or a SalienceError."""
+    if isinstance(seed_input, Tensor):
+        if seed_input.is_meta or seed_input.layout != torch.strided:
+            raise SalienceError(f"seed_input must be a dense tensor with values, got a {seed_input.layout} tensor on "
+                                f"{seed_input.device}; give the image's values (t.to_dense(), on the CPU or a GPU)")
+        x = seed_input.detach()
+    else:
+        a = np.asarray(seed_input)
+        if a.dtype.kind not in "biuf":
+            raise SalienceError(f"seed_input must be an image of real numbers (an array, tensor or PIL image), got "
+                                f"{type(seed_input).__name__} of dtype {a.dtype}")
+        x = torch.from_numpy(np.array(a))  # a copy: the user's array is never written
+    if x.is_complex():
+        raise SalienceError("seed_input must be real, got a complex tensor; give its real part or magnitude")
+    return x
+
+
+def _to_batch(seed_input: Any, channels_last: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """One image (no batch dimension) in the model's layout -> ``(1, C, H, W)`` float tensor, of the
+    model's floating dtype ``dtype`` when given (keras-vis took any numeric array: numpy's float64 too)."""
+    x = _seed_tensor(seed_input)
+    if dtype is not None and dtype.is_floating_point:
+        x = x.to(dtype)
+    elif not x.is_floating_point():
         x = x.float()
     if x.dim() != 3:
         layout = "(H, W, C)" if channels_last else "(C, H, W)"
@@ -289,17 +336,35 @@ def visualize_saliency_with_losses(
         wrapped = wrap_keras(model)
         wrapped.seed = True  # a fresh wrapper: its input errors name seed_input (H, W, C)
         x = _to_batch(seed_input, wrapped.channels_last).to(model_device(wrapped))
-        wrt = None if wrt_tensor is None else resolve_layer(wrapped, layer_module_name(_keras_layer(model, wrt_tensor)))
+        wrt = _keras_wrt(model, model, wrapped, wrt_tensor)
         grad = _loss_gradient(wrapped, x, losses, method, wrt)
         # Input gradients are (1, C, H, W) here; a Keras layer's are channels-last already.
         axis = 0 if wrt is None or not wrapped.channels_last else -1
         return _finish(grad, grad_modifier, keepdims, axis, wrapped.channels_last and wrt is None)
     if not isinstance(model, nn.Module):
         raise SalienceError(f"expected a torch.nn.Module or a keras.Model, got {type(model).__name__}")
-    x = _to_batch(seed_input, False).to(model_device(model))
+    x = _to_batch(seed_input, False, model_dtype(model)).to(model_device(model))
     wrt = None if wrt_tensor is None else _torch_layer(model, wrt_tensor)
     grad = _loss_gradient(model, x, losses, method, wrt)
     return _finish(grad, grad_modifier, keepdims, 0, False)
+
+
+def _keras_wrt(model: Any, sub: Any, wrapped: nn.Module, wrt_tensor: Any, explained: Any = None) -> Optional[nn.Module]:
+    """The module of the Keras layer ``wrt_tensor`` in ``wrapped`` (the wrapped ``sub``, ``model`` up to the
+    explained layer), or a SalienceError: the InputLayer (no pass runs through it) or a layer at or after
+    the explained one (the gradient does not pass through it)."""
+    if wrt_tensor is None:
+        return None
+    layer = _keras_layer(model, wrt_tensor)
+    keras = import_keras()
+    if isinstance(layer, keras.layers.InputLayer):
+        raise SalienceError(f"wrt_tensor {layer.name!r} is the model's input layer; leave wrt_tensor=None for the "
+                            "gradient with respect to the input")
+    if not any(layer is l for l in sub.layers):
+        upto = f"the explained layer {explained.name!r}" if explained is not None else "the output"
+        raise SalienceError(f"wrt_tensor {layer.name!r} is not a layer between the input and {upto} (a final Dense "
+                            "is read from its input, before its activation); give an earlier layer")
+    return resolve_layer(wrapped, layer_module_name(layer))
 
 
 def _keras_layer(model: Any, layer: Any) -> Any:
@@ -394,9 +459,7 @@ def _keras_saliency(model: Any, layer_idx: Any, idx: list[int], seed_input: Any,
     loss: Target = _PreActivation(layer, idx) if pre_activation else ActivationMaximization(
         None, idx, channel_axis=-1 if channels_last else 1)
     x = _to_batch(seed_input, channels_last).to(model_device(wrapped))
-    wrt = None
-    if wrt_tensor is not None:
-        wrt = resolve_layer(wrapped, layer_module_name(_keras_layer(model, wrt_tensor)))
+    wrt = _keras_wrt(model, sub, wrapped, wrt_tensor, layer)
     grad = _loss_gradient(wrapped, x, [(loss, -1.0)], method, wrt)
     axis = 0 if wrt is None or not channels_last else -1
     return _finish(grad, grad_modifier, keepdims, axis, channels_last and wrt is None)

@@ -4,9 +4,12 @@ save the result with :func:`salience.render.viz.save_png`."""
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+import numbers
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
+
+from salience._core.errors import SalienceError
 
 __all__ = ["PALETTE", "nice_ticks", "line_plot", "side_by_side"]
 
@@ -16,9 +19,15 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
     """Round tick values covering ``[lo, hi]``: a step of 1, 2, 2.5 or 5 times a power of ten
-    giving about ``target`` intervals, e.g. ``(-0.2, 1.0) -> [-0.2, 0, 0.2, ..., 1.0]``."""
+    giving about ``target`` intervals, e.g. ``(-0.2, 1.0) -> [-0.2, 0, 0.2, ..., 1.0]``. ``lo`` and
+    ``hi`` are finite numbers (``[lo]`` when ``hi <= lo``), ``target`` an int from 1 to 1000."""
+    lo, hi = _finite(lo, "lo"), _finite(hi, "hi")
+    if isinstance(target, bool) or not isinstance(target, numbers.Integral) or not 1 <= target <= _MAX_TICKS:
+        raise SalienceError(f"target must be an int from 1 to {_MAX_TICKS} (about how many intervals), got {target!r}")
     if not hi > lo:
         return [lo]
+    if not math.isfinite(hi - lo):  # e.g. -1e308 .. 1e308: the span itself overflows
+        raise SalienceError(f"the range [{lo:g}, {hi:g}] is too wide to divide into ticks; give a narrower one")
     raw = (hi - lo) / target
     mag = 10.0 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
@@ -31,6 +40,57 @@ def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
     return ticks
 
 
+_MAX_TICKS = 1000
+
+
+def _finite(v: Any, what: str) -> float:
+    """``v`` as a finite float (numpy's and 0-d tensors' numbers included), else a SalienceError."""
+    ok = isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+    if not ok and hasattr(v, "item") and getattr(v, "ndim", None) == 0:
+        v, ok = v.item(), isinstance(v.item(), (int, float)) and not isinstance(v.item(), bool)
+    if not ok or not math.isfinite(float(v)):
+        raise SalienceError(f"{what} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _text(v: Any, what: str) -> str:
+    if not isinstance(v, str):
+        raise SalienceError(f"{what} must be a string, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _check_plot(series: Any, ylim: Any, size: Any) -> tuple[dict[str, list[float]], float, float, int, int]:
+    """The line plot's arguments checked: the series as lists of floats (NaN: a gap), ``ylim``, ``size``."""
+    if not isinstance(series, Mapping):
+        raise SalienceError(f"series must be a mapping {{name: values}}, got {type(series).__name__}")
+    out: dict[str, list[float]] = {}
+    for name, values in series.items():
+        if isinstance(values, Iterator):  # a generator: its values, once
+            values = list(values)
+        try:
+            vals = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise SalienceError(f"series {name!r} must be a sequence of numbers, got {values!r:.80}") from None
+        if vals.ndim != 1:
+            raise SalienceError(f"series {name!r} must be one sequence of numbers (1-D), got shape {vals.shape}")
+        out[str(name)] = [float(v) for v in vals]
+    if not (isinstance(ylim, (tuple, list)) and len(ylim) == 2):
+        raise SalienceError(f"ylim must be (low, high), got {ylim!r}")
+    lo, hi = _finite(ylim[0], "ylim's low"), _finite(ylim[1], "ylim's high")
+    if not hi > lo:
+        raise SalienceError(f"ylim must be (low, high) with low < high, got {tuple(ylim)!r}")
+    if not (isinstance(size, (tuple, list)) and len(size) == 2
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size)
+            and _MIN_SIZE[0] <= size[0] <= _MAX_SIDE and _MIN_SIZE[1] <= size[1] <= _MAX_SIDE):
+        raise SalienceError(f"size must be (width, height) in pixels, at least {_MIN_SIZE} and at most {_MAX_SIDE} "
+                            f"a side, got {size!r}")
+    return out, lo, hi, int(size[0]), int(size[1])
+
+
+_MIN_SIZE = (240, 120)  # the margins (218 x 88 pixels) and a plot area
+_MAX_SIDE = 10_000  # 100000 x 100000 asked for 30 GB
+
+
 def line_plot(series: Mapping[str, Sequence[float]], *, title: str = "", xlabel: str = "",
               ylabel: str = "", xticks: Optional[Sequence[str]] = None, ylim: tuple[float, float] = (0.0, 1.0),
               size: tuple[int, int] = (520, 340)) -> np.ndarray:
@@ -41,7 +101,8 @@ def line_plot(series: Mapping[str, Sequence[float]], *, title: str = "", xlabel:
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    w, h = size
+    series, lo, hi, w, h = _check_plot(series, ylim, size)
+    title, xlabel, ylabel = _text(title, "title"), _text(xlabel, "xlabel"), _text(ylabel, "ylabel")
     img = Image.new("RGB", (w, h), (255, 255, 255))
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
@@ -49,7 +110,6 @@ def line_plot(series: Mapping[str, Sequence[float]], *, title: str = "", xlabel:
     left, right, top = 48, 170, 26
     bottom = 62 if xticks else 42
     pw, ph = w - left - right, h - top - bottom
-    lo, hi = ylim
     d.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))
     for v in nice_ticks(lo, hi):
         y = top + ph - ph * (v - lo) / (hi - lo)
@@ -90,5 +150,16 @@ def line_plot(series: Mapping[str, Sequence[float]], *, title: str = "", xlabel:
 
 
 def side_by_side(*plots: np.ndarray) -> np.ndarray:
-    """Pictures ``(H, W, 3)`` of the same height joined left to right."""
+    """Pictures ``(H, W, 3)`` uint8 of the same height joined left to right."""
+    if not plots:
+        raise SalienceError("side_by_side needs at least one picture")
+    for i, p in enumerate(plots):
+        if not (isinstance(p, np.ndarray) and p.dtype == np.uint8 and p.ndim == 3 and p.shape[-1] == 3):
+            what = f"{type(p).__name__} of shape {getattr(p, 'shape', None)}, dtype {getattr(p, 'dtype', None)}"
+            raise SalienceError(f"side_by_side joins uint8 RGB pictures (H, W, 3) such as line_plot's; picture "
+                                f"{i} is a {what}")
+    heights = [p.shape[0] for p in plots]
+    if len(set(heights)) > 1:
+        raise SalienceError(f"side_by_side joins pictures of one height, got heights {heights}; make them the "
+                            "same height (e.g. line_plot(..., size=(w, h)) with one h)")
     return np.concatenate(plots, axis=1)

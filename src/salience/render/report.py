@@ -9,10 +9,12 @@ The page is written atomically: a reader never sees half a file.
 from __future__ import annotations
 
 import html
+import numbers
 import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+from salience._core.errors import SalienceError
 from salience._core.files import atomic_write  # re-exported: salience writes files one way
 
 __all__ = ["Report", "atomic_write"]
@@ -31,6 +33,28 @@ th{background:#f4f4f4}.ok{color:#176f2c}.bad{color:#b00020}.note{color:#666;font
 """
 
 
+def _text(value: object, what: str, *, optional: bool = False) -> str:
+    """``value`` if it is a string (``None`` as ``""`` where ``optional``), else a SalienceError."""
+    if optional and value is None:
+        return ""
+    if not isinstance(value, str):
+        raise SalienceError(f"{what} must be a string, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _path(value: object, what: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or isinstance(os.fspath(value), bytes):
+        raise SalienceError(f"{what} must be a path (str or pathlib.Path), got {type(value).__name__} {value!r:.60}")
+    return Path(value)
+
+
+def _cells(row: object, what: str) -> list[str]:
+    """A header or row of a table: a sequence of cells (not a string, whose letters would be the cells)."""
+    if isinstance(row, (str, bytes)) or not isinstance(row, Iterable):
+        raise SalienceError(f"{what} must be a list of cells, got {type(row).__name__} {row!r:.60}")
+    return [html.escape(str(c)) for c in row]
+
+
 class Report:
     """An HTML page built section by section; ``write(path)`` saves it.
 
@@ -39,46 +63,55 @@ class Report:
     """
 
     def __init__(self, title: str, subtitle: Optional[str] = None):
-        self.title = title
+        self.title = _text(title, "title")
+        subtitle = _text(subtitle, "subtitle", optional=True)
         self._parts: list[tuple[str, object]] = []
         if subtitle:
             self.paragraph(subtitle, css="note")
 
     def heading(self, text: str) -> "Report":
         """A section heading."""
+        text = _text(text, "heading")
         self._parts.append(("html", f"<h2>{html.escape(text)}</h2>"))
         return self
 
     def paragraph(self, text: str, *, css: Optional[str] = None) -> "Report":
         """A paragraph of plain text (escaped)."""
+        text, css = _text(text, "paragraph"), _text(css, "css", optional=True)
         cls = f' class="{html.escape(css)}"' if css else ""
         self._parts.append(("html", f"<p{cls}>{html.escape(text)}</p>"))
         return self
 
     def table(self, header: Sequence[str], rows: Iterable[Sequence[object]]) -> "Report":
         """A table of plain-text cells."""
-        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        head = "".join(f"<th>{h}</th>" for h in _cells(header, "the table's header"))
+        if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
+            raise SalienceError(f"rows must be a list of rows (lists of cells), got {type(rows).__name__}")
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+            "<tr>" + "".join(f"<td>{c}</td>" for c in _cells(row, f"row {i}")) + "</tr>" for i, row in enumerate(rows)
         )
         self._parts.append(("html", f"<table><tr>{head}</tr>{body}</table>"))
         return self
 
     def figure(self, image: PathLike, caption: str = "", *, css: Optional[str] = None,
                width: Optional[int] = None) -> "Report":
-        """An image (linked relative to the page) with a caption."""
-        self._parts.append(("figure", (Path(image), caption, css, width)))
+        """An image (linked relative to the page) with a caption; ``width`` in pixels (an int > 0)."""
+        caption, css = _text(caption, "caption", optional=True), _text(css, "css", optional=True)
+        if width is not None and (isinstance(width, bool) or not isinstance(width, numbers.Integral) or width <= 0):
+            raise SalienceError(f"width must be a number of pixels (an int > 0) or None, got {width!r}")
+        self._parts.append(("figure", (_path(image, "the figure's image"), caption, css, width)))
         return self
 
     def raw(self, fragment: str) -> "Report":
         """An HTML fragment inserted as it is (trusted: made by salience itself)."""
+        fragment = _text(fragment, "fragment")
         self._parts.append(("html", fragment))
         return self
 
     def fragment(self, base: PathLike = ".") -> str:
         """The sections alone (no page, no title), for another page to insert with :meth:`raw`;
         image links relative to the folder ``base``."""
-        base_path = Path(base).resolve()
+        base_path = _path(base, "base").resolve()
         out = []
         for kind, value in self._parts:
             if kind == "html":
@@ -107,6 +140,6 @@ class Report:
 
     def write(self, path: PathLike) -> Path:
         """Write the page to ``path`` atomically; returns the path."""
-        p = Path(path)
+        p = _path(path, "path")
         atomic_write(p, self.render(p.parent).encode("utf-8"))
         return p

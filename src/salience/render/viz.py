@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io as _io
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -31,7 +32,7 @@ import torch
 
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_path, atomic_write
-from salience._core.tensors import unit_scale, check_flag, check_optional_flag
+from salience._core.tensors import unit_scale, check_flag, check_int, check_optional_flag
 
 __all__ = [
     "COLORMAPS",
@@ -132,6 +133,11 @@ def _lut(cmap: Union[None, str, ArrayLike], signed: bool) -> np.ndarray:
 def _as_array(x: object, what: str) -> np.ndarray:
     """A numpy view of a tensor (detached, on the CPU; bfloat16/half as float32) or array."""
     if _is_tensor(x):
+        if getattr(x, "is_meta", False):
+            raise SalienceError(f"{what} is a tensor on the 'meta' device, which holds no values; give the tensor "
+                                "the method computed (on the CPU or a GPU)")
+        if getattr(x, "layout", torch.strided) != torch.strided:
+            raise SalienceError(f"{what} is a sparse tensor ({x.layout}); give a dense one: t.to_dense()")
         t = x.detach().cpu()
         if t.is_complex():
             raise SalienceError(f"{what} must be real, got a complex tensor")
@@ -161,6 +167,24 @@ def _finite(a: np.ndarray, what: str) -> np.ndarray:
     return f
 
 
+def _not_channels_last(a: np.ndarray, what: str) -> None:
+    """Refuse a map that reads as channels-last, ``(H, W, 1)`` / ``(H, W, 3)`` (Keras's, PIL's layout):
+    read as channels-first it is a batch of H maps 1 or 3 pixels wide (or C = H channels), each row
+    scaled on its own, which draws nonsense without a word. A map 1 or 3 pixels wide whose other two
+    axes both exceed 4 is no real case."""
+    if a.ndim >= 3 and a.shape[-1] in (1, 3) and a.shape[-2] > 4 and a.shape[-3] > 4:
+        raise SalienceError(
+            f"{what} of shape {tuple(a.shape)} looks channels-last (H, W, C); salience's maps are (H, W), "
+            "(B, H, W) or per-channel (C, H, W): give m[..., 0] for (H, W, 1), or move the channels first "
+            "(m.transpose(2, 0, 1) for an array, m.permute(2, 0, 1) for a tensor) for viz.colored / viz.grayscale"
+        )
+
+
+def _is_number(x: object) -> bool:
+    """A real number (numpy's included), not a bool (``True`` is not 1 %) nor a string."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
 def _is_tensor(x: object) -> bool:
     return hasattr(x, "detach") and hasattr(x, "cpu")
 
@@ -172,7 +196,7 @@ def _scale(a: np.ndarray, norm: Norm, percentile: float, signed: Optional[bool],
     """Scale ``a`` (batch on axis 0, everything else is one image) to [0, 1] or, signed, [-1, 1]."""
     if norm not in ("percentile", "minmax", None):
         raise SalienceError(f"norm must be 'percentile', 'minmax' or None, got {norm!r}")
-    if norm == "percentile" and not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
+    if norm == "percentile" and not (_is_number(percentile) and 0 < percentile <= 100):
         raise SalienceError(f"percentile must be a number in (0, 100], got {percentile!r}")
     if signed is None:
         signed = bool((a < 0).any())
@@ -213,6 +237,7 @@ def scale(m: ArrayLike, norm: Norm = "percentile", *, percentile: float = 99.0,
     a = _finite(_as_array(m, "map"), "map")
     if a.ndim < 2:
         raise SalienceError(f"map must be (H, W) or a batch (B, H, W) / (B, C, H, W), got shape {tuple(a.shape)}")
+    _not_channels_last(a, "the map")
     one = a.ndim == 2
     out, _ = _scale(a[None] if one else a, norm, percentile, signed, "map")
     return out[0] if one else out
@@ -286,6 +311,7 @@ def heatmap(m: ArrayLike, *, cmap: Union[None, str, ArrayLike] = None, norm: Nor
             f"heatmap expects one map (H, W) or a batch (B, H, W), got shape {tuple(a.shape)}; "
             "for per-channel maps use viz.colored (RGB) or viz.grayscale"
         )
+    _not_channels_last(a, "the map")
     one = a.ndim == 2
     v, sig = _scale(a[None] if one else a, norm, percentile, signed, "map")
     rgb = _lut(cmap, sig)[_index(v, sig)]
@@ -331,6 +357,7 @@ def grayscale(m: ArrayLike, *, norm: Norm = "percentile", percentile: float = 99
             f"grayscale expects a per-channel map (C, H, W) or (B, C, H, W), got shape {tuple(a.shape)}; "
             "a map (H, W) is already single-channel: use viz.heatmap(m, cmap='gray')"
         )
+    _not_channels_last(a, "the map")
     return heatmap(np.abs(a).sum(axis=-3), cmap=cmap, norm=norm, percentile=percentile, signed=False)
 
 
@@ -414,10 +441,30 @@ def _resize(a: np.ndarray, size: tuple[int, int], smooth: bool = True) -> np.nda
     return np.clip(out, a.min(), a.max())
 
 
+def _check_fits(hw: tuple[int, int], size: tuple[int, int], what: str) -> None:
+    """Refuse a map ``hw`` that no one scale factor (up to a pixel of rounding per side) takes to the
+    image's ``size``: stretching it would draw each value somewhere else (a transposed map, another
+    image's map). A low-resolution map of the same shape (a CAM's 7 x 7 on 224 x 224, 7 x 10 on
+    224 x 300) fits."""
+    (h, w), (ih, iw) = hw, size
+
+    def span(n: int, big: int) -> tuple[float, float]:  # the scales s with |n - big / s| <= 1
+        return big / (n + 1), (big / (n - 1) if n > 1 else math.inf)
+
+    (a0, a1), (b0, b1) = span(h, ih), span(w, iw)
+    if max(a0, b0) > min(a1, b1):
+        raise SalienceError(
+            f"{what} of {h} x {w} does not fit the image of {ih} x {iw}: its aspect ratio differs, so stretching "
+            "it would put each value on other pixels (a transposed map? another image's map?); give the map "
+            "made for this image, e.g. m.T for a transposed one, or resize the image to the map's shape"
+        )
+
+
 def _map_tiles(m: np.ndarray, size: tuple[int, int], *, cmap, norm: Norm, percentile: float,
-               signed: Optional[bool]) -> np.ndarray:
+               signed: Optional[bool], what: str = "the map") -> np.ndarray:
     """Maps ``(B, H', W')`` or colored ``(B, 3, H', W')`` -> uint8 ``(B, H, W, 3)`` at ``size``:
     scaled on the raw map, then resized (bilinear), then coloured."""
+    _check_fits(m.shape[-2:], size, what)
     v, sig = _scale(m, norm, percentile, signed, "map")
     if v.ndim == 4:
         v = np.stack([np.stack([_resize(c, size) for c in img]) for img in v])
@@ -432,7 +479,7 @@ def _blend(image: np.ndarray, tile: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _check_alpha(alpha: float) -> float:
-    if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+    if not _is_number(alpha) or not 0.0 <= float(alpha) <= 1.0:
         raise SalienceError(f"alpha must be a number in [0, 1] (0: only the image, 1: only the map), got {alpha!r}")
     return float(alpha)
 
@@ -546,15 +593,15 @@ def figure(images: Union[ArrayLike, Sequence[ArrayLike]], maps: Mapping[str, Arr
     methods = _figure_maps(maps, n)
     titles = _names(titles, [name for name, _ in methods], "titles", "method")
     row_labels = None if row_labels is None else _names(row_labels, None, "row_labels", "image", n)
-    if not isinstance(pad, int) or pad < 0:
-        raise SalienceError(f"pad must be an int >= 0, got {pad!r}")
+    pad = check_int(pad, "pad", what="white pixels between the tiles")
     th, tw = _tile_size(scale_to, h, w)
 
     # Columns of tiles, each (n, th, tw, 3).
     columns: list[np.ndarray] = [np.stack([_resize(im, (th, tw)) for im in imgs])]
     notes: list[tuple[int, int, str]] = []  # (column, row, text): a constant map's tile says so
     for name, a in methods:
-        heat = _map_tiles(a, (h, w), cmap=cmap, norm=norm, percentile=percentile, signed=signed)
+        heat = _map_tiles(a, (h, w), cmap=cmap, norm=norm, percentile=percentile, signed=signed,
+                          what=f"map {name!r}")
         notes += [(len(columns), r, f"constant {v:.3g}") for r, v in enumerate(map(constant_value, a))
                   if v is not None]
         cols = [heat] + ([_blend(imgs, heat, alpha)] if overlay else [])
@@ -569,7 +616,13 @@ def _figure_images(images: Union[ArrayLike, Sequence[ArrayLike]]) -> np.ndarray:
     if isinstance(images, (list, tuple)):
         if not images:
             raise SalienceError("images is an empty sequence; expected at least one image")
-        imgs = np.stack([to_uint8_image(i) for i in images])
+        items = [to_uint8_image(i) for i in images]
+        if len({i.shape for i in items}) > 1:
+            raise SalienceError(
+                f"images: the images of a figure must share one size, got {sorted({i.shape[:-1] for i in items})} "
+                "(H, W); resize them to one size first (or make one figure per size)"
+            )
+        imgs = np.stack(items)
         if imgs.ndim != 4:
             raise SalienceError("images: each item of the sequence must be one image (C, H, W) or (H, W, C)")
         return imgs
@@ -593,12 +646,15 @@ def _names(given: Optional[Sequence[str]], default: Optional[list[str]], what: s
 def _tile_size(scale_to: Union[None, int, tuple[int, int]], h: int, w: int) -> tuple[int, int]:
     if scale_to is None:
         return h, w
-    if isinstance(scale_to, int) and not isinstance(scale_to, bool) and scale_to > 0:
-        return scale_to, max(1, round(w * scale_to / h))
-    if (isinstance(scale_to, (tuple, list)) and len(scale_to) == 2
-            and all(isinstance(s, int) and s > 0 for s in scale_to)):
+    if _is_count(scale_to):
+        return int(scale_to), max(1, round(w * int(scale_to) / h))
+    if isinstance(scale_to, (tuple, list)) and len(scale_to) == 2 and all(_is_count(s) for s in scale_to):
         return int(scale_to[0]), int(scale_to[1])
     raise SalienceError(f"scale_to must be a positive int (tile height) or (height, width), got {scale_to!r}")
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) and x > 0
 
 
 def _canvas(columns: list[np.ndarray], header: int, left: int, pad: int) -> np.ndarray:
