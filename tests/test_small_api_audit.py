@@ -287,3 +287,13 @@ def test_attention_maps_of_a_tiny_vit():
     maps = salience.attention.attention_maps(model, X)
     assert len(maps) == 1 and maps[0].shape == (3, 2, 5, 5)
     torch.testing.assert_close(maps[0].sum(-1), torch.ones(3, 2, 5))  # rows of a softmax
+
+
+@pytest.mark.parametrize("target", [targets.activation("nope", 0), targets.custom(lambda o: o.mean(), layer="zz")],
+                         ids=["activation", "custom"])
+def test_the_target_free_entry_refuses_a_target_on_a_layer_the_model_lacks(target):
+    """``METHODS["eigencam"]`` took a target on a layer name the model does not have silently (every other
+    method says 'the model has no layer named ...')."""
+    m = _cnn()
+    with unchanged(m), pytest.raises(SalienceError, match="the model has no layer named"):
+        salience.METHODS["eigencam"](m, X, target, layer="features.3")
