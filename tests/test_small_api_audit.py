@@ -98,8 +98,9 @@ def test_normalize_gives_an_empty_map_back_empty(m, mode):
     (torch.rand(2, 3, 3), {"eps": -1.0}, r"eps must be a finite number >= 0"),
     (torch.tensor([[[float("nan"), 1.0], [0.0, 2.0]]]), {}, r"1 NaN or infinite value\(s\) \(image\(s\) \[0\]\)"),
     (torch.tensor([[[1.0, 1.0]], [[float("inf"), 2.0]]]), {"mode": "percentile"}, r"image\(s\) \[1\]"),
+    (torch.empty(2, 3, 3, device="meta"), {}, r"on the meta device"),
 ], ids=["0d", "numpy", "list", "percentile-str", "percentile-none", "eps-str", "eps-none", "eps-nan", "eps-neg",
-        "nan-pixel", "inf-pixel"])
+        "nan-pixel", "inf-pixel", "meta"])
 def test_normalize_refuses_what_it_cannot_scale(m, options, message):
     """Raw IndexError (0-d), AttributeError (numpy, list), TypeError (a percentile or eps of another type);
     eps=NaN, and a single NaN pixel, made the whole map NaN silently."""

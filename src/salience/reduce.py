@@ -222,6 +222,8 @@ def _check_map(m: Any) -> None:
     if m.dim() == 0:
         raise SalienceError("normalize scales each map of a batch: expected a tensor (B, ...), got a 0-d tensor; "
                             "give maps with their batch dimension, e.g. m.view(1, 1)")
+    if m.is_meta:
+        raise SalienceError("normalize: the map is on the meta device (a shape without values); give a map with values")
     if m.is_floating_point() and m.numel():
         bad = ~torch.isfinite(m)
         if bool(bad.any()):
