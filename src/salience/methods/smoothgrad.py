@@ -211,10 +211,10 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
         raise SalienceError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
     for name in options:
         if not _engine.accepts(method, name):
-            where = (f", nor has smoothgrad: {name} is a setting of how the passes run, "
-                     f"salience.set_performance({name}=...) or `with salience.performance({name}=...):`"
-                     if name in _PERF_SETTINGS else "")
-            raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r}{where}")
+            where = (f"; {name} is a setting of how the passes run: salience.set_performance({name}=...) or "
+                     f"`with salience.performance({name}=...):`" if name in _PERF_SETTINGS else "")
+            raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r} (nor has smoothgrad)"
+                                f"{where}")
 
 
 def _check_channels(maps: Tensor, reduce: Any, multi: bool, method: Callable[..., Tensor]) -> None:
