@@ -225,15 +225,17 @@ def test_other_clamps_are_left_alone(x8):
     with rule:
         m(x8.clone().requires_grad_())
     assert rule.rectified == 0
-    torch.testing.assert_close(salience.guided_backprop(m, x8, reduce=None), salience.vanilla(m, x8, reduce=None))
+    # no rectifier at all: the plain gradient, taken with unsupported="ignore" (refused by default)
+    torch.testing.assert_close(salience.guided_backprop(m, x8, reduce=None, unsupported="ignore"),
+                               salience.vanilla(m, x8, reduce=None))
 
 
 def test_relu_free_model_guided_equals_vanilla(x8):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 3), nn.Sigmoid(), nn.Flatten(),
                       nn.Linear(64, 3))
-    for method in (salience.guided_backprop, salience.deconvnet):
-        assert torch.equal(method(m, x8, reduce=None), salience.vanilla(m, x8, reduce=None))
+    for method in (salience.guided_backprop, salience.deconvnet):  # refused by default (no ReLU), taken with "ignore"
+        assert torch.equal(method(m, x8, reduce=None, unsupported="ignore"), salience.vanilla(m, x8, reduce=None))
 
 
 # ------------------------------------------------------------------------------- Captum

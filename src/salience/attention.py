@@ -71,10 +71,10 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from salience._core import perf as _perf
-from salience._core.autograd import model_call, this_thread
+from salience._core.autograd import check_input, model_call, this_thread
 from salience._core.errors import SalienceError
 from salience._core.guard import _calmly, check_python_model, model_guard
-from salience._core.tensors import check_flag
+from salience._core.tensors import check_flag, check_int
 
 __all__ = ["AttentionCapture", "attention_maps", "check_model"]
 
@@ -90,6 +90,13 @@ _PRODUCTS = frozenset({torch.einsum, torch.matmul, Tensor.matmul, Tensor.__matmu
 _COPYING = frozenset({Tensor.contiguous, Tensor.clone, torch.clone, Tensor.reshape, torch.reshape, Tensor.flatten,
                       torch.flatten})
 _WATCHED = frozenset({_SDPA, F.multi_head_attention_forward, *_SOFTMAXES, *_PRODUCTS, *_COPYING})
+
+
+def _check_callable(fn: Any, name: str, what: str) -> None:
+    """``fn`` ``None`` or callable, else a :class:`SalienceError` (it was a raw "'int' object is not callable"
+    in the middle of the pass)."""
+    if fn is not None and not callable(fn):
+        raise SalienceError(f"{name} must be None or {what}, got {type(fn).__name__}")
 
 
 def _mha_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -141,8 +148,12 @@ class AttentionCapture(TorchFunctionMode):
                  reduce: Optional[Callable[[Tensor], Tensor]] = None):
         grads = check_flag(grads, "grads")
         super().__init__()
+        if batch is not None:
+            batch = check_int(batch, "batch", minimum=1, what="the images of the pass, to split (B * heads, L, S)")
+        _check_callable(reduce, "reduce", "a function of each attention matrix (B, heads, L, S)")
         if grads and reduce is not None:
-            raise ValueError("AttentionCapture: grads=True needs the matrices themselves, not reduce=")
+            raise SalienceError("AttentionCapture: grads=True needs the matrices themselves, not reduce=; "
+                                "give one of them")
         self.batch, self.keep_grads, self.reduce = batch, grads, reduce
         self._maps: list[Tensor] = []
         self._grads: list[list[Tensor]] = []
@@ -824,5 +835,9 @@ def attention_maps(model: nn.Module, x: Tensor, *, forward: Optional[Callable[[n
     back are inference tensors: fine for any out-of-place operation, not for in-place ones or autograd.
     """
     check_model(model, method, modules)
+    if modules is None:  # a caller's own call (attention rollout checked its x already)
+        check_input(x, model)
+    _check_callable(forward, "forward", "a function forward(model, x) that runs the pass")
+    _check_callable(reduce, "reduce", "a function of each attention matrix (B, heads, L, S)")
     with model_guard(model):
         return _pass(model, x, forward or (lambda m, t: m(t)), reduce)

@@ -6,13 +6,13 @@ per-channel "colored" variant); :func:`normalize` is for the caller who wants ``
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from salience._core.errors import SalienceError
-from salience._core.tensors import unit_scale
+from salience._core.tensors import check_number, unit_scale
 
 __all__ = [
     "GradModifier",
@@ -37,24 +37,37 @@ GradModifier = Callable[[Tensor], Tensor]
 Reduction = Callable[[Tensor], Tensor]
 
 
+def _check_tensor(grad: Any, what: str) -> None:
+    """Refuse what is no gradient (a numpy array, a list: raw AttributeErrors; a bool tensor: torch's raw
+    NotImplementedError for ``abs`` / ``-``)."""
+    if not isinstance(grad, Tensor) or grad.dtype == torch.bool or grad.is_complex():
+        got = f"a tensor of dtype {grad.dtype}" if isinstance(grad, Tensor) else type(grad).__name__
+        raise SalienceError(f"{what} expects a real-valued torch.Tensor (a gradient or a map), got {got}"
+                            + ("; convert it with torch.as_tensor" if not isinstance(grad, Tensor) else ""))
+
+
 def absolute(grad: Tensor) -> Tensor:
     """``|g|``."""
+    _check_tensor(grad, "absolute")
     return grad.abs()
 
 
 def negate(grad: Tensor) -> Tensor:
     """``-g``: what *decreases* the score."""
+    _check_tensor(grad, "negate")
     return -grad
 
 
 def small_values(grad: Tensor) -> Tensor:
     """``|1/g|``, finite at zero: highlights the inputs the score is *least* sensitive to."""
+    _check_tensor(grad, "small_values")
     eps = torch.finfo(grad.dtype).eps if grad.is_floating_point() else 1e-7
     return 1.0 / (grad.abs() + eps)
 
 
 def relu(grad: Tensor) -> Tensor:
     """``max(g, 0)``: only what increases the score."""
+    _check_tensor(grad, "relu")
     return grad.clamp(min=0)
 
 
@@ -104,6 +117,7 @@ def _checked(fn: Callable[[Tensor], Tensor], name: str, same_shape: bool) -> Cal
 
 
 def _check4(g: Tensor) -> None:
+    _check_tensor(g, "a channel reduction")
     if g.dim() != 4:
         raise SalienceError(f"channel reductions expect (B, C, H, W), got shape {tuple(g.shape)}")
 
@@ -180,15 +194,39 @@ def normalize(m: Tensor, *, mode: str = "minmax", percentile: float = 99.0, eps:
     the given percentile first, so a few pixels don't wash the map out). Shape is kept; dim 0 is the batch.
 
     A mostly-constant map whose percentile equals its minimum (zero but for a few salient pixels) is
-    scaled by its max instead, so those pixels still show; a constant map is 0. ``eps`` floors each
-    map's span (0: any nonzero span is stretched to ``[0, 1]``, whatever its scale). Floating maps
-    keep their dtype (half and bfloat16 are computed in float32); other maps come back as float32.
-    The same numbers as ``viz.scale(m, mode, signed=False)``: both are
-    :func:`salience._core.tensors.unit_scale`."""
+    scaled by its max instead, so those pixels still show; a constant map is 0. ``eps`` (a finite number
+    ``>= 0``) floors each map's span (0: any nonzero span is stretched to ``[0, 1]``, whatever its scale).
+    Floating maps keep their dtype (half and bfloat16 are computed in float32); other maps come back as
+    float32. An empty map (no images, or no pixels) comes back empty; a map with NaN or infinite values is
+    refused (one such pixel made the whole map NaN). The same numbers as ``viz.scale(m, mode, signed=False)``:
+    both are :func:`salience._core.tensors.unit_scale`."""
     if mode not in ("minmax", "percentile"):
         raise SalienceError(f"normalize mode must be 'minmax' or 'percentile', got {mode!r}")
-    if mode == "percentile" and not 0 < percentile <= 100:
-        raise SalienceError(f"percentile must be in (0, 100], got {percentile}")
+    if mode == "percentile":
+        p = check_number(percentile, "percentile", what="in (0, 100]")
+        if not 0 < p <= 100:
+            raise SalienceError(f"percentile must be in (0, 100], got {percentile}")
+    eps = check_number(eps, "eps", minimum=0, what="the smallest span a map is stretched by")
+    _check_map(m)
+    if m.numel() == 0:
+        return (m if m.is_floating_point() else m.float()).clone()
     work = m if m.dtype in (torch.float32, torch.float64) else m.float()
     out = unit_scale(work, percentile if mode == "percentile" else None, eps)
     return out.to(m.dtype) if m.is_floating_point() else out
+
+
+def _check_map(m: Any) -> None:
+    """:func:`normalize`'s map: a real tensor with a batch dimension and finite values."""
+    if not (isinstance(m, Tensor) and m.dtype == torch.bool):  # a bool mask is a map of 0 and 1
+        _check_tensor(m, "normalize")
+    if m.dim() == 0:
+        raise SalienceError("normalize scales each map of a batch: expected a tensor (B, ...), got a 0-d tensor; "
+                            "give maps with their batch dimension, e.g. m.view(1, 1)")
+    if m.is_meta:
+        raise SalienceError("normalize: the map is on the meta device (a shape without values); give a map with values")
+    if m.is_floating_point() and m.numel():
+        bad = ~torch.isfinite(m)
+        if bool(bad.any()):
+            images = sorted(set(bad.reshape(m.shape[0], -1).any(1).nonzero().flatten().tolist()))
+            raise SalienceError(f"normalize: the map holds {int(bad.sum())} NaN or infinite value(s) (image(s) "
+                                f"{images[:5]}); replace them first, e.g. torch.nan_to_num(m, nan=0.0)")

@@ -35,7 +35,10 @@ bound, other thresholds) are handled by the ``unsupported`` option: ``"error"`` 
 :class:`~salience.SalienceError` at the first one; ``"warn"`` lets the plain gradient through them
 and warns once per pass with their count; ``"ignore"`` lets the plain gradient through silently.
 Gates such as ``sigmoid``, ``tanh`` and ``hardsigmoid`` (squeeze-and-excitation blocks, LSTMs)
-are not rectifiers and always pass the plain gradient.
+are not rectifiers and always pass the plain gradient. A forward pass in which the rule met no
+rectifier at all (a model without ReLUs) gives the plain gradient, vanilla's map: the methods
+(:meth:`BackpropRule.check_rectified`) refuse it with ``"error"``, warn with ``"warn"``, return it with
+``"ignore"``.
 
 Limits: a TorchScript model (``torch.jit.ScriptModule``, also as a submodule) runs its compiled
 graph without Python dispatch, so no mode can see its ReLUs: :func:`check_model` refuses it.
@@ -242,6 +245,7 @@ class BackpropRule(TorchFunctionMode):
         self.unsupported = unsupported
         self.rectified = 0
         self.unsupported_seen: collections.Counter = collections.Counter()
+        self.ran_through = False  # whether a pass under the rule ran to its end (not stopped at a layer)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -281,7 +285,23 @@ class BackpropRule(TorchFunctionMode):
                 f"call(s) in this model ({what}); the plain gradient passed through them",
                 stacklevel=user_stacklevel(),
             )
+        self.ran_through = exc_type is None
         return result
+
+    def check_rectified(self) -> None:
+        """After the pass: a whole forward pass without a rectifier the rule took over (a model without
+        ReLUs, or with ReLUs written as arithmetic) gives the plain gradient, vanilla's map. Refused
+        (``"error"``) or said (``"warn"``; not again after the warning of unsupported activations); the
+        methods returned it silently as the rule's. A pass stopped at a target's inner layer
+        (``_StopForward``) is not checked: no ReLU may lie before that layer."""
+        if not self.ran_through or self.rectified or self.unsupported == "ignore" or self.unsupported_seen:
+            return
+        what = (f"{self.name} found no ReLU in the model's forward pass (the rule acts at relu, relu6, "
+                "hardtanh(0, c), clamp(min=0) and threshold(0, 0) calls; x * (x > 0), torch.where and "
+                "torch.maximum are not seen), so its map is the plain gradient, vanilla's")
+        if self.unsupported == "error":
+            raise SalienceError(f"{what}; use salience.vanilla, or pass unsupported='ignore' to take it anyway")
+        warnings.warn(what, stacklevel=user_stacklevel())
 
 
 class GuidedRule(BackpropRule):

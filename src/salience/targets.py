@@ -28,6 +28,7 @@ from salience._core import derived as _derived
 from salience._core.autograd import forward_scores
 from salience._core.errors import SalienceError
 from salience._core.layers import LayerSpec
+from salience._core.tensors import check_int
 from salience.reduce import small_values
 
 __all__ = [
@@ -136,6 +137,28 @@ def _check_range(idx: Union[int, Tensor], k: int) -> None:
         )
 
 
+def _position(value: Any, name: str, what: str) -> int:
+    """An index given as an int (numpy's, or a 0-d integer tensor), or a :class:`SalienceError`: ``int()``
+    truncated ``1.5`` to 1, took the string ``"1"`` and ``True``, and raised a raw TypeError for a list."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point() and not value.is_complex() \
+            and value.dtype != torch.bool:
+        return int(value)
+    return check_int(value, name, minimum=None, what=what)
+
+
+def _indices(value: Any, expected: str) -> Tensor:
+    """``value`` (class indices: an int, a sequence, an array or a tensor) as a tensor, or a
+    :class:`SalienceError` saying ``expected``: ``torch.as_tensor`` of a string was a raw TypeError
+    ("new(): invalid data type 'str'"), of ``None`` a raw RuntimeError, of a list of strings a raw ValueError."""
+    if isinstance(value, (str, bytes)) or value is None:
+        raise SalienceError(f"{expected}, got {value!r}" + ("; None (the target itself) is each image's top class"
+                                                            if value is None else ""))
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SalienceError(f"{expected}, got {value!r}") from e
+
+
 class _Indexed(Target):
     """A target that picks outputs by class index (:class:`Classes`, :class:`MultiLabel`): the indices' range
     is checked against the model's output; for the targets :meth:`Target.for_items` derives from one (``_root``)
@@ -207,7 +230,7 @@ class Classes(_Indexed):
         if isinstance(index, int):
             self.index: Union[int, Tensor] = index
         else:
-            t = torch.as_tensor(index)
+            t = _indices(index, "expected a class index (an int), or one per image (a list or an int tensor)")
             if t.numel() == 0:  # torch.as_tensor([]) is float32: it was "expected integer class indices"
                 raise SalienceError(f"got no target class (an empty {type(index).__name__}); give one class per "
                                     "image, one int for all, or None for each image's top class")
@@ -259,7 +282,7 @@ class MultiLabel(_Indexed):
     """The sum of several classes' scores: the same classes for every sample, or ``(B, k)``."""
 
     def __init__(self, indices: Union[Sequence[int], Tensor]):
-        t = torch.as_tensor(indices)
+        t = _indices(indices, "multilabel expects a non-empty list of class indices or a (B, k) integer tensor")
         if t.is_floating_point() or t.dtype == torch.bool or t.dim() not in (1, 2) or t.numel() == 0:
             raise SalienceError(
                 f"multilabel expects a non-empty list of class indices or a (B, k) integer tensor, got {indices!r}"
@@ -309,7 +332,7 @@ class Regression(Target):
     def __init__(self, index: int = 0, mode: str = "increase"):
         if mode not in REGRESSION_MODES:
             raise SalienceError(f"regression mode must be one of {', '.join(REGRESSION_MODES)}; got {mode!r}")
-        self.index = int(index)
+        self.index = _position(index, "regression index", "the output's position")
         self.mode = mode
 
     def __call__(self, output: Tensor) -> Tensor:
@@ -341,7 +364,7 @@ class Activation(Target):
 
     def __init__(self, layer: LayerSpec, channel: int):
         self.layer = layer
-        self.channel = int(channel)
+        self.channel = _position(channel, "activation channel", "the filter's index")
 
     def __call__(self, output: Tensor) -> Tensor:
         if not isinstance(output, Tensor) or output.dim() < 2:
@@ -461,7 +484,7 @@ def _split(target: Any, batch: Optional[int]) -> tuple[list[Target], bool]:
             )
         return [Classes(target[:, k]) for k in range(target.shape[1])], True
     if isinstance(target, (list, tuple)) and target and all(isinstance(t, (list, tuple)) for t in target):
-        return _split(torch.as_tensor(target), batch)
+        return _split(_indices(target, "several targets per image are a (B, K) integer tensor or nested list"), batch)
     if isinstance(target, (list, tuple)) and target and any(
             t is None or isinstance(t, Target) or callable(t) for t in target):
         return [as_target(t) for t in target], True

@@ -171,23 +171,26 @@ class Performance:
 
 
 _process = Performance()
-_override: contextvars.ContextVar[Optional[Performance]] = contextvars.ContextVar("salience_perf", default=None)
+# the options a performance() block names (its own and its enclosing blocks'), over the process's settings: a
+# snapshot of all of them hid a set_performance() of another option made while the block ran
+_override: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("salience_perf", default=None)
 _plain: contextvars.ContextVar[bool] = contextvars.ContextVar("salience_perf_plain", default=False)
 
 
 def current() -> Performance:
-    """The settings in force here: the defaults inside :func:`plain`, else the innermost
-    :func:`performance` block, else the process's."""
+    """The settings in force here: the defaults inside :func:`plain`, else the options the innermost
+    :func:`performance` blocks name over the process's."""
     if _plain.get():
         return Performance()
     o = _override.get()
-    return o if o is not None else _process
+    return replace(_process, **o) if o else _process
 
 
 def set_performance(**options: Any) -> Performance:
     """Set the process-wide options (``memory_format``, ``compile``, ``precision``, ``chunks``,
-    ``fold_batchnorm``);
-    returns the previous settings (pass them back with ``set_performance(**vars(prev))``)."""
+    ``fold_batchnorm``; ``None`` leaves one as it is); returns the previous settings (pass them back with
+    ``set_performance(**vars(prev))``). Inside a :func:`performance` block the options the block names stay
+    the block's until it ends; the others are these."""
     global _process
     with _lock:
         prev = _process
@@ -198,8 +201,11 @@ def set_performance(**options: Any) -> Performance:
 @contextmanager
 def performance(**options: Any) -> Iterator[Performance]:
     """The options for the block (this thread / context only), e.g.
-    ``with salience.performance(compile=True): salience.smoothgrad(...)``."""
-    token = _override.set(_replace(current(), options))
+    ``with salience.performance(compile=True): salience.smoothgrad(...)``: those it names (``None``: not
+    named) over the enclosing blocks' and the process's settings, which stay in force for the others."""
+    _replace(current(), options)  # checked
+    named = {k: _option(k, v) for k, v in options.items() if v is not None}
+    token = _override.set({**(_override.get() or {}), **named})
     try:
         yield current()
     finally:
@@ -224,7 +230,16 @@ def _replace(base: Performance, options: dict) -> Performance:
     if unknown:
         raise SalienceError(f"unknown performance option(s) {sorted(unknown)}; "
                             "expected memory_format, compile, precision, chunks, fold_batchnorm")
-    return replace(base, **{k: v for k, v in options.items() if v is not None}).validated()
+    return replace(base, **{k: _option(k, v) for k, v in options.items() if v is not None}).validated()
+
+
+def _option(name: str, value: Any) -> Any:
+    """A numpy bool as a Python bool for the flags (``fold_batchnorm``, ``compile``), as every bool option of
+    salience takes it (:func:`salience._core.tensors.check_flag`): it was "must be True or False; got np.True_"."""
+    if name in ("fold_batchnorm", "compile") and type(value).__module__ == "numpy" \
+            and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
+    return value
 
 
 def resolve(memory_format: Optional[str] = None, compile: Any = None, precision: Optional[str] = None,

@@ -25,6 +25,7 @@ from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience import reduce as _reduce
 from salience._core.autograd import check_input, forward_scores, seeing_output, unwrap_output
+from salience._core.layers import resolve_layer
 from salience.targets import Target, check_output, checked_on_output, split
 
 F = TypeVar("F", bound=Callable[..., Tensor])
@@ -112,7 +113,12 @@ def free_maps(call: Callable[[], Tensor], model: nn.Module, x: Tensor, targets: 
     (:func:`salience._core.autograd.seeing_output`): Eigen-CAM's pass then runs on past its layer to
     the output (the layers after it, for the default layer the pooling and the classifier) instead of
     stopping there. A method whose pass does not report the output gets one forward pass without
-    gradient (:func:`salience._core.autograd.forward_scores`) for the check."""
+    gradient (:func:`salience._core.autograd.forward_scores`) for the check. A target on an inner layer
+    (``targets.activation``, a custom target with ``layer=``) has its layer looked up in the model: a name
+    the model does not have was taken silently."""
+    for t in targets:
+        if t.layer is not None:
+            resolve_layer(model, t.layer)
     check = checked_on_output(targets)
     if not check:
         return call()

@@ -40,6 +40,8 @@ def resolve_cam_layer(model: nn.Module, x: Tensor, layer: Optional[LayerSpec], *
     """The module of ``layer`` (default: :func:`default_layer`), refused on TorchScript (no hooks). ``checked``:
     the caller checked ``x`` (:func:`~salience._core.autograd.check_input`; every CAM does, first), so the
     default-layer search does not test it again."""
+    if not isinstance(model, nn.Module):  # the default-layer search's raw "'NoneType' has no attribute 'named_modules'"
+        raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError(
             "Grad-CAM and the other CAMs read a layer's output with a forward hook, which a TorchScript model "
@@ -202,6 +204,7 @@ def guided_gradcam(
         with _rectified_before(mod, rule) as mark:
             g = backward(model, x, targets, layers=[mod], strip_softmax=strip_softmax, extra_modes=[rule])
         assert g.inputs is not None
+        rule.check_rectified()  # a model without ReLUs: Grad-CAM times vanilla's gradient, not guided backprop's
         acts, layer_grads = g.activations[0], g.layer_grads[0]
         if not (mark and mark[0] == rule.rectified):
             # ReLUs ran after the layer: the rule changed its gradient; Grad-CAM needs the plain one.

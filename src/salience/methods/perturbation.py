@@ -135,6 +135,11 @@ def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bo
                 f"a perturbation method needs the target's score of each perturbed image, shape ({n},); got "
                 f"{tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__} (a scalar loss does not apply)"
             )
+        if not s.is_floating_point():  # an argmax's classes, a threshold's bools: raw errors, or a map of them
+            raise SalienceError(
+                f"a perturbation method needs the target's scores as floating-point numbers; the target {t!r} gave "
+                f"dtype {s.dtype} (a class index or a comparison is no score): return the output's values, "
+                "e.g. target=lambda out: out[:, 3]")
         cols.append(s)
     scores = torch.stack(cols, dim=1)
     scope = _derived.current()

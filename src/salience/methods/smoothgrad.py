@@ -30,6 +30,7 @@ from salience.targets import Target, checked_on_output, resolve, split
 __all__ = ["smoothgrad", "VARIANTS"]
 
 VARIANTS = ("mean", "squared", "vargrad")
+_PERF_SETTINGS = ("chunks", "fold_batchnorm")  # the engine's options that are settings only, not keywords
 
 
 def smoothgrad(
@@ -123,6 +124,7 @@ def smoothgrad(
             if free:  # its one map; the targets checked against the output of its pass on the copies
                 checked = [t.for_items(owner) for t in checked_on_output(resolved)]
                 m = free_maps(lambda: _call(method, model, xs, None, raw_options), model, xs, checked)
+                _check_channels(m, reduce, False, method)
                 return _finish(m, mod, red, False, resolved) if reduce_each else m
             tgts = [t.for_items(owner) for t in resolved]
             if shared:
@@ -130,6 +132,7 @@ def smoothgrad(
             else:
                 outs = [_call(method, model, xs, t, raw_options) for t in tgts]
                 maps = torch.stack(outs, dim=1) if multi else outs[0]
+            _check_channels(maps, reduce, multi, method)
             return _finish(maps, mod, red, multi, resolved) if reduce_each else maps
 
         sums = _engine.accumulate(
@@ -209,8 +212,11 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
         raise SalienceError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
     for name in options:
         if not _engine.accepts(method, name):
+            where = (f"; {name} is a setting of how the passes run: salience.set_performance({name}=...) or "
+                     f"`with salience.performance({name}=...):`" if name in _PERF_SETTINGS
+                     else suggest(name, _option_names(method), n=1))
             raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r} (nor has smoothgrad)"
-                                f"{suggest(name, _option_names(method), n=1)}")
+                                f"{where}")
 
 
 def _option_names(method: Callable[..., Any]) -> list[str]:
@@ -224,6 +230,17 @@ def _option_names(method: Callable[..., Any]) -> list[str]:
             continue
         names += [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names]
     return names
+
+
+def _check_channels(maps: Tensor, reduce: Any, multi: bool, method: Callable[..., Tensor]) -> None:
+    """Refuse a ``reduce`` given for maps that have no channels to reduce (Grad-CAM's ``(n, H, W)``): it was
+    ignored silently, whatever it was (a function returning ``None`` too). The default (``"max_abs"``) and
+    ``None`` stand for "the method's map as it is" there."""
+    default = reduce is _reduce.max_abs or (isinstance(reduce, str) and reduce == "max_abs")
+    if reduce is None or default or maps.dim() - (1 if multi else 0) != 3:
+        return
+    raise SalienceError(f"reduce={getattr(reduce, '__name__', reduce)!r} reduces a gradient's channels, but "
+                        f"{getattr(method, '__name__', 'the method')}'s maps (B, H, W) have none; leave reduce out")
 
 
 def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bool) -> dict:
