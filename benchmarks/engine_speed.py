@@ -51,7 +51,7 @@ mode, ratios of medians, and the load average before and after each round are wr
 round over that round's best bare pass and the medians of CPU seconds and minor page faults per timed call.
 
 ``--allocator reuse`` runs the whole process (bare passes too) with ``salience.set_performance(allocator="reuse")``
-and glibc's mmap threshold raised before the first pass (docs/performance.md, session 38); compare it with a
+and glibc's mmap and trim thresholds fixed before the first pass (docs/performance.md, session 38); compare it with a
 run without it (alternating runs: the setting cannot be undone within a process).
 """
 from __future__ import annotations
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="compare each mode's maps with the defaults' (fp32, contiguous); always on with cuda")
     ap.add_argument("--allocator", choices=["default", "reuse"], default="default",
-                    help="reuse: salience.set_performance(allocator='reuse'), glibc's mmap threshold raised before "
+                    help="reuse: salience.set_performance(allocator='reuse'), glibc's thresholds set before "
                          "any pass, so the bare passes run under the same allocator as salience's")
     ap.add_argument("--out", default=str(HERE / "engine_speed"))
     args = ap.parse_args(argv)
@@ -312,8 +312,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.allocator != "default":
         salience.set_performance(allocator=args.allocator)
-        from salience._core.malloc import raise_mmap_threshold
-        raise_mmap_threshold()  # before the first pass, bare or not: one allocator state for every mode
+        from salience._core.malloc import keep_freed_memory
+        keep_freed_memory()  # before the first pass, bare or not: one allocator state for every mode
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)(weights=None).eval()
     frozen = getattr(torchvision.models, args.model)(weights=None).eval()

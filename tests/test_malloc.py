@@ -77,7 +77,7 @@ def test_allocator_option_is_checked_and_acts_only_when_asked(monkeypatch):
         salience.set_performance(allocator="jemalloc")
     assert _perf.current() == _perf.Performance()
     calls = []
-    monkeypatch.setattr(_perf, "raise_mmap_threshold", lambda: calls.append(1))
+    monkeypatch.setattr(_perf, "keep_freed_memory", lambda: calls.append(1))
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3))
     x = torch.rand(1, 3, 6, 6)
     model(x)
@@ -88,8 +88,10 @@ def test_allocator_option_is_checked_and_acts_only_when_asked(monkeypatch):
     assert calls == [1]
 
 
-def test_raise_mmap_threshold_is_once_per_process(monkeypatch):
+def test_keep_freed_memory_is_once_per_process(monkeypatch):
+    set_ = []
     monkeypatch.setattr(_malloc, "_done", False)
-    first = _malloc.raise_mmap_threshold()
-    assert first == (_malloc._glibc() is not None)
-    assert _malloc.raise_mmap_threshold() is False
+    monkeypatch.setattr(_malloc, "_glibc", lambda: type("libc", (), {"mallopt": lambda p, v: set_.append((p, v)) or 1}))
+    assert _malloc.keep_freed_memory() is True
+    assert _malloc.keep_freed_memory() is False
+    assert set_ == [(_malloc.M_MMAP_THRESHOLD, 32 << 20), (_malloc.M_TRIM_THRESHOLD, 2 ** 31 - 1)]

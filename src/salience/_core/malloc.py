@@ -4,17 +4,17 @@ glibc serves a block of at least its *mmap threshold* with a fresh ``mmap`` (giv
 freed), and gives the free memory at the top of its heap back when it passes the *trim threshold*. Both move:
 the threshold starts at 128 KiB and rises to the size of each mmapped block freed, up to
 ``DEFAULT_MMAP_THRESHOLD_MAX`` (32 MiB on 64-bit), the trim threshold with it (twice). A CPU gradient pass
-frees hundreds of MB of activations; where the threshold sits below the pass's buffers (the largest a pass has
-freed so far), the next pass maps them again or grows the trimmed heap again, and the kernel zeroes every page
-it touches (a minor page fault each): resnet50 at 224 px, 8 images a pass, 400,000 to 480,000 faults per
-SmoothGrad call of 4 images (docs/performance.md, session 38).
+frees hundreds of MB of activations at once: they go back to the system, and the next pass gets fresh pages,
+which the kernel zeroes as it touches each (a minor page fault each): resnet50 at 224 px, 8 images a pass,
+400,000 to 480,000 faults per SmoothGrad call of 4 images, 1.3 million per integrated-gradients call of 8
+(docs/performance.md, session 38).
 
-:func:`raise_mmap_threshold` allocates and frees one block just under 32 MiB, once per process: glibc then
-moves its thresholds to their highest (32 MiB, 64 MiB), as it would after any program freed such a block.
-It sets nothing (no ``mallopt``: glibc keeps adjusting, and an environment's ``MALLOC_MMAP_THRESHOLD_`` or
-a ``mallopt`` made earlier win), and there is no way back short of a ``mallopt``, which would fix the
-thresholds for the process: so salience does it only when asked (``salience.set_performance(allocator="reuse")``).
-Elsewhere (macOS, Windows, musl) it does nothing.
+:func:`keep_freed_memory` sets, once per process, ``mallopt(M_MMAP_THRESHOLD, 32 MiB)`` (a block under 32 MiB
+comes from the heap) and ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)`` (the heap's free top is kept, up to 2 GiB):
+what the environment variables ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647`` set at a
+process's start. Both fix glibc's thresholds for the whole process (it stops adjusting them), the process keeps
+the memory it has freed (its peak stays resident), and there is no way back: so salience does it only when
+asked (``salience.set_performance(allocator="reuse")``). Elsewhere (macOS, Windows, musl) it does nothing.
 """
 from __future__ import annotations
 
@@ -24,12 +24,11 @@ import platform
 import threading
 from typing import Optional
 
-__all__ = ["raise_mmap_threshold", "BLOCK"]
+__all__ = ["keep_freed_memory", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
-# glibc raises its threshold to a freed mmapped block's size when that size, with its flag bits, is at most
-# DEFAULT_MMAP_THRESHOLD_MAX (32 MiB): the largest such block is 32 MiB less a page, asked as 32 MiB less
-# two pages (a block's header and the page rounding).
-BLOCK = (32 << 20) - 8192
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+MMAP_THRESHOLD = 32 << 20  # the highest glibc takes (HEAP_MAX_SIZE / 2 on 64-bit)
+TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int
 
 _done = False
 _lock = threading.Lock()
@@ -43,15 +42,14 @@ def _glibc() -> Optional[ctypes.CDLL]:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
-    libc.malloc.restype = ctypes.c_void_p
-    libc.malloc.argtypes = [ctypes.c_size_t]
-    libc.free.restype = None
-    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallopt.restype = ctypes.c_int
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return libc
 
 
-def raise_mmap_threshold() -> bool:
-    """Move glibc's dynamic mmap threshold to its highest (once per process); ``True`` when it was done now."""
+def keep_freed_memory() -> bool:
+    """Fix glibc's mmap and trim thresholds so freed activations are kept for reuse (once per process);
+    ``True`` when both were set now."""
     global _done
     with _lock:
         if _done:
@@ -60,8 +58,5 @@ def raise_mmap_threshold() -> bool:
         libc = _glibc()
         if libc is None:
             return False
-        block = libc.malloc(BLOCK)  # mmapped (the threshold is below it), never touched: no page is faulted in
-        if not block:
-            return False
-        libc.free(block)
-        return True
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(libc.mallopt(M_TRIM_THRESHOLD,
+                                                                                          TRIM_THRESHOLD))

@@ -35,10 +35,10 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   when a parameter or buffer of the model or its :func:`structure` changes; it costs one copy of
   the weights.
 - ``allocator``: ``"default"`` (the C allocator as it is) or ``"reuse"``: before a run's passes on a CPU,
-  glibc's dynamic mmap threshold is moved to its highest, once for the process
-  (:func:`salience._core.malloc.raise_mmap_threshold`), so the activations a pass frees are kept for the
-  next instead of being given back and faulted in again. Process-wide and not undone (glibc's thresholds
-  only rise), hence opt-in; nothing elsewhere than glibc. The maps are the same bits.
+  glibc's mmap and trim thresholds are fixed high, once for the process
+  (:func:`salience._core.malloc.keep_freed_memory`), so the activations a pass frees are kept for the
+  next instead of being given back and faulted in again. Process-wide and not undone (the process keeps the
+  memory it freed), hence opt-in; nothing elsewhere than glibc. The maps are the same bits.
 
 ``auto``, ``throughput`` and ``fold_batchnorm`` are not the defaults: the only benchmark run so far (under heavy load,
 benchmarks/engine_speed.md) found ``auto`` slower than the default layout at 1 image; they become
@@ -81,7 +81,7 @@ from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _co
                                      _release_graphs, _shared_setting, _store, compile_unavailable, weights_key)
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
-from salience._core.malloc import raise_mmap_threshold
+from salience._core.malloc import keep_freed_memory
 from salience._core.folding import _described, _folded, _remember_fold, folded_model
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "plain", "current", "resolve", "active",
@@ -91,8 +91,8 @@ __all__ = ["Performance", "Run", "set_performance", "performance", "plain", "cur
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHUNKING = ("throughput", "memory")
-# allocator: "default" leaves the C allocator as it is; "reuse" (glibc) raises its mmap threshold once, so the
-# activations a CPU pass frees are kept for the next (salience._core.malloc)
+# allocator: "default" leaves the C allocator as it is; "reuse" (glibc) fixes its mmap and trim thresholds high
+# once, so the activations a CPU pass frees are kept for the next (salience._core.malloc)
 ALLOCATORS = ("default", "reuse")
 # A pass that needs less than this per item (measured by the engine's memory probe) is too small
 # for the layout to matter against the noise of timing it: auto leaves such models contiguous.
@@ -398,7 +398,7 @@ class Run:
         self.dtype = _DTYPES.get(self.options.precision)
         self.convolutional = _is_convolutional(model)
         if self.options.allocator == "reuse" and self.device.type == "cpu":
-            raise_mmap_threshold()  # once per process (glibc's thresholds only rise)
+            keep_freed_memory()  # once per process; process-wide, not undone (docs/performance.md)
         # Compiled runs share the eager runs' decisions (they measure nothing themselves).
         rec = self.record = _record(model, x, self.options, tag)
         self._item_shape = tuple(x.shape[1:])
