@@ -246,19 +246,25 @@ def _table(jobs: list[dict], args) -> str:
 def _usage_lines(jobs: list[dict]) -> str:
     """Per job: each mode's time per round over that round's best bare pass (the issue's 1.05x), and the
     medians over the timed calls of CPU seconds and minor page faults (``getrusage``; the allocator's share)."""
+    def ratios(v: list[float], best: list[float]) -> str:
+        r = [a / b for a, b in zip(v, best)]
+        return f"{', '.join(f'{x:.3f}' for x in r)} (min {min(r):.3f}, median {statistics.median(r):.3f}, max {max(r):.3f})"
+
     lines = []
     for j in jobs:
         t = j["times_s"]
-        bares = [v for k, v in t.items() if k.startswith("bare") and len(k.split()) == 2]
-        best = [min(r) for r in zip(*bares)]
+        bares = [k for k in t if k.startswith("bare") and len(k.split()) == 2]
+        best = [min(r) for r in zip(*(t[k] for k in bares))]
+        use = j.get("cpu_s_minflt", {})
+        k_rep = max(1, len(next(iter(use.values()), [])) // max(1, len(best)))  # timed calls per round
+        cpu = {k: [min(c for c, _ in u[i * k_rep:(i + 1) * k_rep]) for i in range(len(best))] for k, u in use.items()}
+        best_cpu = [min(r) for r in zip(*(cpu[k] for k in bares))] if cpu else []
         for k, v in t.items():
-            u = j.get("cpu_s_minflt", {}).get(k) or [(0.0, 0)]
-            ratios = [a / r for a, r in zip(v, best)]
-            lines.append(f"- {j['method']} B={j['images']} {k}: per round / that round's best bare "
-                         f"{', '.join(f'{r:.3f}' for r in ratios)} (min {min(ratios):.3f}, median "
-                         f"{statistics.median(ratios):.3f}, max {max(ratios):.3f}); per call CPU "
-                         f"{statistics.median(c for c, _ in u):.2f} s, {statistics.median(f for _, f in u):,.0f} "
-                         "minor faults (medians)")
+            u = use.get(k) or [(0.0, 0)]
+            lines.append(f"- {j['method']} B={j['images']} {k}: per round / that round's best bare {ratios(v, best)}"
+                         + (f"; CPU s per round / that round's best bare CPU {ratios(cpu[k], best_cpu)}" if k in cpu else "")
+                         + f"; per call CPU {statistics.median(c for c, _ in u):.2f} s, "
+                         f"{statistics.median(f for _, f in u):,.0f} minor faults (medians)")
     return "\n".join(lines)
 
 
