@@ -47,7 +47,12 @@ tolerance of a reduced precision. ``benchmarks/gpu.sh`` runs the GPU configurati
 Each salience mode is called once before the rounds: that call pays the probes (and the compile)
 and is reported apart as ``first call``; the rounds measure the warm calls. Min / median / max per
 mode, ratios of medians, and the load average before and after each round are written to
-``benchmarks/engine_speed.json`` and a table to ``benchmarks/engine_speed.md``.
+``benchmarks/engine_speed.json`` and a table to ``benchmarks/engine_speed.md``, with, per mode, its time per
+round over that round's best bare pass and the medians of CPU seconds and minor page faults per timed call.
+
+``--allocator reuse`` runs the whole process (bare passes too) with ``salience.set_performance(allocator="reuse")``
+and glibc's mmap and trim thresholds fixed before the first pass (docs/performance.md, session 38); compare it with a
+run without it (alternating runs: the setting cannot be undone within a process).
 """
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -166,6 +172,7 @@ def _job(model, frozen, x, method: str, args) -> dict:
     loads = []
     names = list(modes)
     every: dict[str, list[list[float]]] = {k: [] for k in modes}  # per round, each of the K timings
+    usage: dict[str, list[tuple[float, int]]] = {k: [] for k in modes}  # each timed call: CPU s, minor faults
     for r in range(args.rounds):
         load0 = os.getloadavg()[0]
         taken: dict[str, list[float]] = {k: [] for k in names}
@@ -173,7 +180,11 @@ def _job(model, frozen, x, method: str, args) -> dict:
         for i in range(args.repeats):  # K sweeps over every mode, the order rotating in and across rounds
             s = (r * args.repeats + i) % len(names)
             for k in names[s:] + names[:s]:
+                ru0 = resource.getrusage(resource.RUSAGE_SELF)
                 wall, peak, _ = _timed(modes[k], device)
+                ru1 = resource.getrusage(resource.RUSAGE_SELF)
+                usage[k].append((ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime,
+                                 ru1.ru_minflt - ru0.ru_minflt))
                 taken[k].append(wall)
                 if peak is not None:
                     peak_r[k].append(peak)
@@ -191,7 +202,7 @@ def _job(model, frozen, x, method: str, args) -> dict:
                  if rec.model() is model and k[5] == "auto" and k[1].startswith(tag) and k[2] == tuple(x.shape[1:])]
     peak_mib = {k: max(v) for k, v in peaks.items() if v and v[0] is not None}
     return {"method": method, "images": b, "items": n * b, "first_call_s": first, "times_s": times,
-            "repeats_s": every, "load_1min_before_after": loads, "auto_decisions": decisions,
+            "repeats_s": every, "cpu_s_minflt": usage, "load_1min_before_after": loads, "auto_decisions": decisions,
             "peak_mib": peak_mib, "first_call_peak_mib": first_peak if peak_mib else {}, "check": check}
 
 
@@ -232,6 +243,31 @@ def _table(jobs: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def _usage_lines(jobs: list[dict]) -> str:
+    """Per job: each mode's time per round over that round's best bare pass (the issue's 1.05x), and the
+    medians over the timed calls of CPU seconds and minor page faults (``getrusage``; the allocator's share)."""
+    def ratios(v: list[float], best: list[float]) -> str:
+        r = [a / b for a, b in zip(v, best)]
+        return f"{', '.join(f'{x:.3f}' for x in r)} (min {min(r):.3f}, median {statistics.median(r):.3f}, max {max(r):.3f})"
+
+    lines = []
+    for j in jobs:
+        t = j["times_s"]
+        bares = [k for k in t if k.startswith("bare") and len(k.split()) == 2]
+        best = [min(r) for r in zip(*(t[k] for k in bares))]
+        use = j.get("cpu_s_minflt", {})
+        k_rep = max(1, len(next(iter(use.values()), [])) // max(1, len(best)))  # timed calls per round
+        cpu = {k: [min(c for c, _ in u[i * k_rep:(i + 1) * k_rep]) for i in range(len(best))] for k, u in use.items()}
+        best_cpu = [min(r) for r in zip(*(cpu[k] for k in bares))] if cpu else []
+        for k, v in t.items():
+            u = use.get(k) or [(0.0, 0)]
+            lines.append(f"- {j['method']} B={j['images']} {k}: per round / that round's best bare {ratios(v, best)}"
+                         + (f"; CPU s per round / that round's best bare CPU {ratios(cpu[k], best_cpu)}" if k in cpu else "")
+                         + f"; per call CPU {statistics.median(c for c, _ in u):.2f} s, "
+                         f"{statistics.median(f for _, f in u):,.0f} minor faults (medians)")
+    return "\n".join(lines)
+
+
 def _check_table(jobs: list[dict]) -> str:
     """``--check``: each mode's maps against the defaults' (fp32, contiguous), first calls, same inputs."""
     lines = ["| method | images | mode | max abs diff / max abs of fp32 map | correlation | lowest per-image correlation |",
@@ -265,6 +301,9 @@ def main(argv=None) -> int:
                          "(default: 2 on cuda, 0 on cpu)")
     ap.add_argument("--check", action="store_true",
                     help="compare each mode's maps with the defaults' (fp32, contiguous); always on with cuda")
+    ap.add_argument("--allocator", choices=["default", "reuse"], default="default",
+                    help="reuse: salience.set_performance(allocator='reuse'), glibc's thresholds set before "
+                         "any pass, so the bare passes run under the same allocator as salience's")
     ap.add_argument("--out", default=str(HERE / "engine_speed"))
     args = ap.parse_args(argv)
     if args.repeats < 1:
@@ -277,6 +316,10 @@ def main(argv=None) -> int:
     args.check = args.check or device.type == "cuda"
 
     torch.set_num_threads(args.threads)
+    if args.allocator != "default":
+        salience.set_performance(allocator=args.allocator)
+        from salience._core.malloc import keep_freed_memory
+        keep_freed_memory()  # before the first pass, bare or not: one allocator state for every mode
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)(weights=None).eval()
     frozen = getattr(torchvision.models, args.model)(weights=None).eval()
@@ -320,6 +363,7 @@ def _write(report: dict, args, command: str, wall: float) -> str:
           f"average {report['loadavg_start'][0]:.1f} at the start, {report['loadavg_end'][0]:.1f} at the end "
           f"(per round in the .json). {wall:.0f} s in all. `{command}`", "",
           _table(report["jobs"], args), "",
+          _usage_lines(report["jobs"]), "",
           "Decisions of the auto probe (layout True = channels-last, size = items per pass): "
           + "; ".join(f"{j['method']} B={j['images']}: {j['auto_decisions']}" for j in report["jobs"]), ""]
     if any(j.get("check") for j in report["jobs"]):

@@ -34,6 +34,11 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   or one without such a pair runs as it is, with a warning), cached for the process and made again
   when a parameter or buffer of the model or its :func:`structure` changes; it costs one copy of
   the weights.
+- ``allocator``: ``"default"`` (the C allocator as it is) or ``"reuse"``: before a run's passes on a CPU,
+  glibc's mmap and trim thresholds are fixed high, once for the process
+  (:func:`salience._core.malloc.keep_freed_memory`), so the activations a pass frees are kept for the
+  next instead of being given back and faulted in again. Process-wide and not undone (the process keeps the
+  memory it freed), hence opt-in; nothing elsewhere than glibc. The maps are the same bits.
 
 ``auto``, ``throughput`` and ``fold_batchnorm`` are not the defaults: the only benchmark run so far (under heavy load,
 benchmarks/engine_speed.md) found ``auto`` slower than the default layout at 1 image; they become
@@ -76,6 +81,7 @@ from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _co
                                      _release_graphs, _shared_setting, _store, compile_unavailable, weights_key)
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
+from salience._core.malloc import keep_freed_memory
 from salience._core.folding import _described, _folded, _remember_fold, folded_model
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "plain", "current", "resolve", "active",
@@ -85,6 +91,9 @@ __all__ = ["Performance", "Run", "set_performance", "performance", "plain", "cur
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHUNKING = ("throughput", "memory")
+# allocator: "default" leaves the C allocator as it is; "reuse" (glibc) fixes its mmap and trim thresholds high
+# once, so the activations a CPU pass frees are kept for the next (salience._core.malloc)
+ALLOCATORS = ("default", "reuse")
 # A pass that needs less than this per item (measured by the engine's memory probe) is too small
 # for the layout to matter against the noise of timing it: auto leaves such models contiguous.
 SMALL_ITEM_BYTES = 4 << 20
@@ -136,6 +145,7 @@ class Performance:
     precision: str = "fp32"
     chunks: str = "memory"
     fold_batchnorm: bool = False
+    allocator: str = "default"
 
     def validated(self) -> "Performance":
         if self.memory_format not in MEMORY_FORMATS:
@@ -146,6 +156,8 @@ class Performance:
             raise SalienceError(f"chunks must be one of {', '.join(CHUNKING)}; got {self.chunks!r}")
         if not isinstance(self.fold_batchnorm, bool):
             raise SalienceError(f"fold_batchnorm must be True or False; got {self.fold_batchnorm!r}")
+        if self.allocator not in ALLOCATORS:
+            raise SalienceError(f"allocator must be one of {', '.join(ALLOCATORS)}; got {self.allocator!r}")
         c = self.compile
         if not (isinstance(c, (bool, str)) or callable(c)):
             raise SalienceError(f"compile must be True/False, {FREEZE!r}, a torch.compile backend name or callable; "
@@ -188,7 +200,7 @@ def current() -> Performance:
 
 def set_performance(**options: Any) -> Performance:
     """Set the process-wide options (``memory_format``, ``compile``, ``precision``, ``chunks``,
-    ``fold_batchnorm``; ``None`` leaves one as it is); returns the previous settings (pass them back with
+    ``fold_batchnorm``, ``allocator``; ``None`` leaves one as it is); returns the previous settings (pass them back with
     ``set_performance(**vars(prev))``). Inside a :func:`performance` block the options the block names stay
     the block's until it ends; the others are these."""
     global _process
@@ -226,10 +238,10 @@ def plain() -> Iterator[None]:
 
 
 def _replace(base: Performance, options: dict) -> Performance:
-    unknown = set(options) - {"memory_format", "compile", "precision", "chunks", "fold_batchnorm"}
+    unknown = set(options) - {"memory_format", "compile", "precision", "chunks", "fold_batchnorm", "allocator"}
     if unknown:
         raise SalienceError(f"unknown performance option(s) {sorted(unknown)}; "
-                            "expected memory_format, compile, precision, chunks, fold_batchnorm")
+                            "expected memory_format, compile, precision, chunks, fold_batchnorm, allocator")
     return replace(base, **{k: _option(k, v) for k, v in options.items() if v is not None}).validated()
 
 
@@ -400,6 +412,8 @@ class Run:
         self.device = x.device
         self.dtype = _DTYPES.get(self.options.precision)
         self.convolutional = _is_convolutional(model)
+        if self.options.allocator == "reuse" and self.device.type == "cpu":
+            keep_freed_memory()  # once per process; process-wide, not undone (docs/performance.md)
         # Compiled runs share the eager runs' decisions (they measure nothing themselves).
         rec = self.record = _record(model, x, self.options, tag)
         self._item_shape = tuple(x.shape[1:])
