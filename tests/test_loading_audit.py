@@ -335,3 +335,36 @@ def test_an_hf_folder_with_cut_weights_is_one_line(tmp_path):
 def test_numpy_strings_are_paths(png):
     """A path from a numpy array of paths (``np.str_``, a str) is read as a path, not refused as an array."""
     assert torch.equal(load_image(np.array([str(png)])[0]), load_image(png))
+
+
+# ----------------------------------------------------------------------------- review: ~, TIFF samples, channels
+
+def test_a_folder_called_tilde_in_the_working_directory_is_still_read(tmp_path, monkeypatch, png):
+    """``~/w.pt`` names the home folder's file; where that is missing and the working directory holds a folder
+    literally called ``~`` (as ``load_model`` already allowed), its file was refused as "no such file" (and read
+    before ``~`` was expanded)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    (work / "~").mkdir(parents=True)
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    torch.save(SmallCNN().state_dict(), work / "~" / "w.pt")
+    (work / "~" / "i.png").write_bytes(png.read_bytes())
+    assert set(read_state_dict("~/w.pt")) == set(SmallCNN().state_dict())
+    assert torch.equal(load_image("~/i.png"), load_image(png))
+    torch.save({"x": torch.ones(1)}, home / "w.pt")  # the home folder's file first, as the shell would
+    assert set(read_state_dict("~/w.pt")) == {"x"}
+
+
+def test_tilde_is_home_in_hf_and_python_specs(tmp_path, monkeypatch):
+    """``hf:~/dir`` and ``python:~/f.py:build`` did not expand ``~`` where plain paths do: "no such file"."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=8, num_labels=2)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    assert load_model("hf:~/vit").config.num_labels == 2
+    (tmp_path / "f.py").write_text("import torch\n\ndef build():\n    return torch.nn.Linear(2, 3)\n")
+    assert isinstance(load_model("python:~/f.py:build"), torch.nn.Linear)

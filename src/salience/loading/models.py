@@ -59,13 +59,20 @@ MODEL_SPECS: tuple[tuple[str, str], ...] = (
 command line's ``--model`` help and ``salience list`` print."""
 
 
+def expand_home(text: str) -> str:
+    """``text`` with a leading ``~`` as the home folder (as the shell reads it), unless that names nothing and
+    ``text`` itself names something: a path under a folder literally called ``~`` in the working directory."""
+    home = os.path.expanduser(text)
+    return text if home != text and not os.path.exists(home) and os.path.exists(text) else home
+
+
 def path_arg(value: Any, what: str) -> Path:
-    """``value`` (a ``str`` or ``os.PathLike``; ``~`` expanded) as a ``Path``; anything else, or an empty
-    string, is a :class:`SalienceError` naming ``what`` and what it got."""
+    """``value`` (a ``str`` or ``os.PathLike``; ``~`` expanded, :func:`expand_home`) as a ``Path``; anything
+    else, or an empty string, is a :class:`SalienceError` naming ``what`` and what it got."""
     if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
         text = os.fspath(value)
         if isinstance(text, str) and text.strip():
-            return Path(os.path.expanduser(text))
+            return Path(expand_home(text))
     if isinstance(value, (bytes, bytearray)):
         got = "bytes (decode a path with .decode(); a file's contents are no path)"
     else:
@@ -455,8 +462,7 @@ def load_model(
     if weights is not None and not (isinstance(weights, str) and weights == "random"):
         weights = path_arg(weights, "weights (a state-dict file, or \"random\")")
     device = resolve_device(device)
-    if s.startswith("~") and Path(os.path.expanduser(s)).exists():
-        s = os.path.expanduser(s)
+    s = expand_home(s)
     is_file = Path(s).exists() and not s.startswith(("hf:", "python:"))
     if weights is not None and (is_file or not s.startswith(_WEIGHTS_SPECS)):
         raise SalienceError(
@@ -542,7 +548,7 @@ def _load_spec(s: str, is_file: bool, weights: Optional[PathLike], trust_pickle:
 
         if s.startswith("timm:"):
             return libraries.load_timm(s[len("timm:"):], weights, trust_pickle)
-        return libraries.load_hf(s[len("hf:"):])
+        return libraries.load_hf(expand_home(s[len("hf:"):]))
     if s.startswith("python:"):
         from salience.loading.custom import load_python
 
