@@ -368,3 +368,67 @@ def test_tilde_is_home_in_hf_and_python_specs(tmp_path, monkeypatch):
     assert load_model("hf:~/vit").config.num_labels == 2
     (tmp_path / "f.py").write_text("import torch\n\ndef build():\n    return torch.nn.Linear(2, 3)\n")
     assert isinstance(load_model("python:~/f.py:build"), torch.nn.Linear)
+
+
+def _tiff(tmp_path, name: str, a: np.ndarray) -> Path:
+    p = tmp_path / name
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(p, a)
+    return p
+
+
+RAMP = np.linspace(0.0, 1.0, 20, dtype=np.float32).reshape(4, 5)
+
+
+def test_a_float_tiff_in_0_1_is_read_as_it_is(tmp_path):
+    """A float TIFF (PIL's mode ``F``) was divided by 255: an image in [0, 1], as torchvision and scikit-image take
+    a float image, came out nearly black (its white 0.0039)."""
+    p = tmp_path / "f.tif"
+    Image.fromarray(RAMP, mode="F").save(p)
+    got = load_image(p)
+    assert got.shape == (3, 4, 5) and torch.equal(got[0], torch.from_numpy(RAMP)) and torch.equal(got[0], got[2])
+    skimage_io = pytest.importorskip("skimage.io")
+    assert np.array_equal(got[0].numpy(), skimage_io.imread(p))  # scikit-image reads the samples as they are
+
+
+@pytest.mark.parametrize("a, message", [
+    (RAMP * 255, r"f\.tif: floating-point samples from 0 to 255: .* \[0, 1\]; .*divide by 255"),
+    (np.where(RAMP > 0.5, np.nan, RAMP).astype(np.float32), r"NaN or infinite samples"),
+], ids=["0-255", "nan"])
+def test_a_float_tiff_outside_0_1_is_refused(tmp_path, a, message):
+    """A float TIFF of 0..255 happened to be right (divided by 255), one of 0..4095 (or kelvins) white, NaN black:
+    its range is the file's own, so it is refused and the message says how to make it [0, 1]."""
+    p = tmp_path / "f.tif"
+    Image.fromarray(a, mode="F").save(p)
+    with pytest.raises(SalienceError, match=message):
+        load_image(p)
+
+
+def test_integer_tiffs_are_scaled_by_their_samples_range(tmp_path):
+    """A 32-bit TIFF beyond 16 bits was clipped at 65535 (white) and a signed 16-bit one divided by 65535 (half as
+    bright as scikit-image and torchvision read an ``int16`` image: / 32767); negative samples were black."""
+    wide = _tiff(tmp_path, "i32.tif", (RAMP * 1e6).astype(np.int32))
+    with pytest.raises(SalienceError, match=r"i32\.tif: integer samples from 0 to 1000000: .*65535 \(white\)"):
+        load_image(wide)
+    sixteen = (RAMP * 65535).astype(np.int32)  # 16-bit data in a 32-bit file: as the 16-bit file
+    assert torch.equal(load_image(_tiff(tmp_path, "i32small.tif", sixteen))[0],
+                       torch.from_numpy((sixteen / 65535.0).astype(np.float32)))
+    signed = (RAMP * 32767).astype(np.int16)
+    got = load_image(_tiff(tmp_path, "i16.tif", signed))[0]
+    assert torch.equal(got, torch.from_numpy((signed / 32767.0).astype(np.float32)))
+    skimage_util = pytest.importorskip("skimage.util")
+    assert np.allclose(got.numpy(), skimage_util.img_as_float(signed), atol=1e-7)
+    with pytest.raises(SalienceError, match=r"signed 16-bit samples from -5 to .*negative"):
+        load_image(_tiff(tmp_path, "neg.tif", signed - 5))
+    unsigned = (RAMP * 65535).astype(np.uint16)
+    assert torch.equal(load_image(_tiff(tmp_path, "u16.tif", unsigned))[0],
+                       torch.from_numpy((unsigned / 65535.0).astype(np.float32)))
+
+
+def test_a_tiff_pil_cannot_decode_says_so(tmp_path):
+    """A float16 TIFF (or 64-bit float, float RGB) said "not an image file ... check that it is not empty or
+    truncated", of a whole, valid TIFF."""
+    p = _tiff(tmp_path, "h.tif", RAMP.astype(np.float16))
+    for call in (lambda: load_image(p), lambda: load_image("h.tif", data=p.read_bytes())):
+        with pytest.raises(SalienceError, match=r"h\.tif: a TIFF file whose samples PIL cannot decode .*16- or 64-bit"):
+            call()

@@ -3,7 +3,8 @@
 :func:`load_image` reads one file into a ``(3, H, W)`` float tensor in ``[0, 1]``,
 refusing (before decoding) an image larger than ``max_pixels``, and converting every mode PIL
 knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``) are scaled by
-``1/65535``, CMYK / YCbCr / palette images go through PIL's conversion, and transparent images
+``1/65535`` (signed 16-bit TIFFs by ``1/32767``; 32-bit integer ones only when their values fit in 16 bits),
+float images (``F``) taken as they are when in ``[0, 1]`` (else refused), CMYK / YCbCr / palette images go through PIL's conversion, and transparent images
 (RGBA, LA, palette with transparency) are **composited on white** (a transparent background
 reads as paper, not as black). :func:`preprocess` applies a model's
 :class:`~salience._core.info.ModelInfo` (resize + centre crop, mean/std); :func:`load_images`
@@ -83,7 +84,10 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
     The size is read from the file's header and checked against ``max_pixels`` (width x height;
     ``None``: no limit) before any pixel is decoded. EXIF orientation is applied. Alpha is
-    composited on white; 16-bit images keep their precision (scaled by ``1/65535``).
+    composited on white; 16-bit images keep their precision (scaled by ``1/65535``; a TIFF of
+    signed 16-bit samples by ``1/32767``, negative ones refused; a 32-bit integer image is read so when its values
+    fit in 16 bits, else refused); a float image (PIL's ``F``, a 32-bit float TIFF) is taken as it is, in
+    ``[0, 1]`` as torchvision and scikit-image take a float image; one outside it is refused (its range is its own).
     Raises :class:`SalienceError` with one line for a missing, unreadable, corrupt or truncated
     file, or an image over the limit. ``data``: the file's bytes, already read (an object from
     storage, :mod:`salience.loading.remote`); ``path`` then only names it in messages.
@@ -106,10 +110,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         with _without_pils_bomb_limit(), quiet_warnings():  # PIL's notes on odd metadata; errors are raised below
             img = Image.open(p if data is None else io.BytesIO(data))
     except UnidentifiedImageError:
-        raise SalienceError(
-            f"{p}: not an image file PIL can read (expected PNG, JPEG, BMP, TIFF, WebP, GIF ...); "
-            "check that the file is an image and not empty or truncated"
-        ) from None
+        raise _unidentified(p, data) from None
     except Image.DecompressionBombError as e:  # pragma: no cover - the limit is lifted above
         raise SalienceError(f"{p}: refused as too large to decode ({e}); raise the pixel limit if you trust it") from None
     except MemoryError:
@@ -130,6 +131,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         try:
             with _without_pils_bomb_limit(), quiet_warnings():
                 img.load()
+                top = _integer_top(img)  # before exif_transpose, whose copy has no TIFF tags
                 img = ImageOps.exif_transpose(img) or img
         except MemoryError:
             raise
@@ -137,7 +139,22 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
             raise SalienceError(
                 f"{p}: corrupt or truncated {img.format or 'image'} file ({e}); re-export or re-download it"
             ) from None
-        return _to_rgb_tensor(img)
+        try:
+            return _to_rgb_tensor(img, top)
+        except SalienceError as e:
+            raise SalienceError(f"{p}: {e}") from None
+
+
+def _unidentified(p: Any, data: Optional[bytes]) -> SalienceError:
+    """A file PIL cannot identify: a TIFF whose samples PIL cannot decode says so, anything else is no image."""
+    from salience.loading.models import _file_start
+
+    head = bytes(data[:4]) if data is not None else _file_start(p)
+    if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return SalienceError(f"{p}: a TIFF file whose samples PIL cannot decode (16- or 64-bit floats, float RGB, ...); "
+                             "save it with 8- or 16-bit integers, or as a one-channel 32-bit float image in [0, 1]")
+    return SalienceError(f"{p}: not an image file PIL can read (expected PNG, JPEG, BMP, TIFF, WebP, GIF ...); "
+                         "check that the file is an image and not empty or truncated")
 
 
 def check_max_pixels(max_pixels: Any) -> Optional[int]:
@@ -160,18 +177,56 @@ def _image_path(path: Any) -> Path:
     return path_arg(path, "load_image's path")
 
 
-def _to_rgb_tensor(img) -> Tensor:
-    """A PIL image of any mode -> ``(3, H, W)`` float32 in ``[0, 1]``."""
+def _integer_top(img) -> int:
+    """The value of white in ``img``'s integer samples of PIL's modes ``I;16`` / ``I``: 32767 for a TIFF of signed
+    16-bit samples (their largest, as scikit-image and torchvision scale ``int16``), else 65535 (16-bit samples;
+    PIL's ``I`` holds 16-bit PGM / TIFF files, and 32-bit ones whose values :func:`_scaled_integers` checks)."""
+    tags = getattr(img, "tag_v2", None)
+    if tags is None:
+        return 65535
+    bits, fmt = tags.get(258), tags.get(339)
+    first = (lambda v: v[0] if isinstance(v, tuple) and v else v)
+    return 32767 if first(bits) == 16 and first(fmt) == 2 else 65535
+
+
+def _scaled_integers(a: np.ndarray, top: int) -> np.ndarray:
+    """Integer samples as float32 in ``[0, 1]`` (``/ top``); samples outside ``0..top`` (32-bit ones beyond 16
+    bits, negative ones) are refused: clipped, they made a white (or black) image."""
+    lo, hi = int(a.min()), int(a.max())
+    if lo < 0 or hi > top:
+        read = ("signed 16-bit samples from {} to {}: salience reads them as 0..32767 (white) and cannot tell what a "
+                "negative one is") if top == 32767 else ("integer samples from {} to {}: salience reads 16-bit samples, "
+                                                          "and 32-bit ones that fit in 16 bits, as 0..65535 (white)")
+        raise SalienceError(read.format(lo, hi) + "; save the image with 8- or 16-bit unsigned samples, or as 32-bit "
+                            "floats in [0, 1]")
+    return (a.astype(np.float64) / top).astype(np.float32)
+
+
+_FLOAT_SLACK = 1e-3
+"""How far a floating-point image's samples may lie outside ``[0, 1]`` (rounding) before it is refused."""
+
+
+def _unit_floats(a: np.ndarray) -> np.ndarray:
+    """Floating-point samples (PIL's mode ``F``) as they are: in ``[0, 1]``, as torchvision and scikit-image take a
+    float image. Anything else is refused: its range is the file's own (0..255, 0..4095, kelvins, metres ...)."""
+    if not np.isfinite(a).all():
+        raise SalienceError("the image has NaN or infinite samples; save it with finite values in [0, 1]")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < -_FLOAT_SLACK or hi > 1 + _FLOAT_SLACK:
+        raise SalienceError(f"floating-point samples from {lo:g} to {hi:g}: salience reads a float image as values in "
+                            "[0, 1]; rescale it to [0, 1] (one of 0..255: divide by 255) and save it again, or give "
+                            "preprocess(...) a tensor in [0, 1] yourself")
+    return np.clip(a, 0.0, 1.0).astype(np.float32)
+
+
+def _to_rgb_tensor(img, top: int = 65535) -> Tensor:
+    """A PIL image of any mode -> ``(3, H, W)`` float32 in ``[0, 1]`` (``top``: white in ``I`` / ``I;16`` samples,
+    :func:`_integer_top`)."""
     from PIL import Image
 
     mode = img.mode
-    if mode.startswith("I;16") or mode == "I":
-        # 16-bit grayscale (PNG/TIFF): keep its precision. PIL's "I" (32-bit) comes from 16-bit files.
-        a = np.asarray(img, dtype=np.float64) / 65535.0
-        a = np.clip(a, 0.0, 1.0).astype(np.float32)
-        return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0).repeat(3, 1, 1)
-    if mode == "F":
-        a = np.clip(np.asarray(img, dtype=np.float32) / 255.0, 0.0, 1.0)
+    if mode.startswith("I;16") or mode == "I" or mode == "F":
+        a = _unit_floats(np.asarray(img, dtype=np.float32)) if mode == "F" else _scaled_integers(np.asarray(img), top)
         return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0).repeat(3, 1, 1)
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
