@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -238,13 +239,40 @@ def test_load_images_refuses_one_path_and_what_are_no_paths(png):
     (X[0], r"takes an image tensor \(C, H, W\) or \(B, C, H, W\), got shape \(10, 12\)"),
     (X[:, :0], r"the image has no pixels"),
     (X.permute(1, 2, 0), r"has 10 channels .*an \(H, W, C\) image is x.permute\(2, 0, 1\)"),
-    (torch.rand(4, 10, 12), r"has 4 channels"),
-], ids=["uint8", "numpy", "none", "2d", "empty", "hwc", "rgba"])
+], ids=["uint8", "numpy", "none", "2d", "empty", "hwc"])
 def test_image_functions_refuse_what_is_no_float_image(fn, x, message):
     """A uint8 image was resized then clamped to [0, 1] (every pixel above 0 became 1), silently; numpy, None,
-    2-D, empty or 4-channel inputs were torch's or Python's raw errors, an (H, W, C) image mis-resized."""
+    2-D or empty inputs were torch's or Python's raw errors, an (H, W, C) image mis-resized."""
     with pytest.raises(SalienceError, match=message):
         fn(x, INFO)
+
+
+@pytest.mark.parametrize("fn", [normalize_input, unnormalize, preprocess])
+def test_an_rgba_tensor_is_refused_where_the_channels_count(fn):
+    """Four channels for three means were torch's raw "The size of tensor a (4) must match ..."."""
+    with pytest.raises(SalienceError, match=r"has 4 channels .*an RGBA image's RGB is x\[\.\.\., :3, :, :\]"):
+        fn(torch.rand(4, 10, 12), INFO)
+
+
+@pytest.mark.parametrize("c", [2, 4, 6])
+def test_resize_crop_takes_any_channels_but_an_hwc_image(c):
+    """``resize_crop`` (a resize and a crop, channel by channel) refused an RGBA or gray+alpha image, or a mask
+    stack, which it resized before the audit; each channel is resized on its own, as alone."""
+    x = torch.rand(c, 10, 12, generator=torch.Generator().manual_seed(c))
+    got = resize_crop(x, INFO)
+    assert got.shape == (c, 8, 8)
+    assert torch.equal(got, torch.cat([resize_crop(x[i:i + 1], INFO) for i in range(c)]))
+    with pytest.raises(SalienceError, match=r"an \(H, W, C\) image is x.permute\(2, 0, 1\)"):
+        resize_crop(torch.rand(10, 12, 4), INFO)
+
+
+@pytest.mark.parametrize("dtype, advice", [(torch.int64, "x.float() / 255 for 8-bit values, x.float() / 65535"),
+                                           (torch.int16, "x.float() / 255 for 8-bit"), (torch.bool, "x.float()")])
+def test_an_integer_image_is_told_its_scale(dtype, advice):
+    """An int64 image (``torch.from_numpy`` of a 0..255 array) was told ``x.float()``, which gave 0..255 floats:
+    clamped to white by ``resize_crop``."""
+    with pytest.raises(SalienceError, match=r"got torch\.\w+: " + re.escape(advice)):
+        resize_crop((X * 255).to(dtype), INFO)
 
 
 @pytest.mark.parametrize("fn", [resize_crop, normalize_input, unnormalize, preprocess, resize_mode,

@@ -267,25 +267,29 @@ def _pixels(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
 
 
-def check_image(x: Any, info: ModelInfo, fn: str) -> Tensor:
+def check_image(x: Any, info: ModelInfo, fn: str, any_channels: bool = False) -> Tensor:
     """``x`` is a float image tensor ``(C, H, W)`` or ``(B, C, H, W)`` with pixels, whose ``C`` suits ``info``
-    (its channels, 1 or 3); else a :class:`SalienceError` saying how to make one."""
+    (its channels, 1 or 3; ``any_channels``: any ``C`` but that of an ``(H, W, C)`` image, ``C`` > 4 with 1, 3 or 4
+    last); else a :class:`SalienceError` saying how to make one."""
     if not isinstance(x, Tensor):
         hint = " (a numpy array: torch.from_numpy(a))" if type(x).__module__.startswith("numpy") else \
             " (a PIL image, a file: salience.loading.load_image(path))" if type(x).__module__.startswith("PIL") else ""
         raise SalienceError(f"{fn} takes an image tensor (C, H, W) or (B, C, H, W), got {type(x).__name__}{hint}")
     if x.dim() not in (3, 4):
         raise SalienceError(f"{fn} takes an image tensor (C, H, W) or (B, C, H, W), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise SalienceError(f"{fn} takes a floating-point image in [0, 1], got {x.dtype}"
-                            + (": x.float() / 255" if x.dtype == torch.uint8 else ": x.float()"))
+    if not x.is_floating_point():  # uint8 is 0..255 (torchvision's convention); other integers say their bits
+        raise SalienceError(f"{fn} takes a floating-point image in [0, 1], got {x.dtype}: " + (
+            "x.float()" if x.dtype == torch.bool else "x.float() / 255" if x.dtype == torch.uint8 else
+            "x.float() / 255 for 8-bit values, x.float() / 65535 for 16-bit ones"))
     if x.is_meta:
         raise SalienceError(f"{fn}: the image is on the meta device, which holds no values")
     c, h, w = x.shape[-3:]
     if h == 0 or w == 0 or x.numel() == 0:
         raise SalienceError(f"{fn}: the image has no pixels (shape {tuple(x.shape)})")
-    if c not in (1, 3, info.channels):
-        hint = ": an (H, W, C) image is x.permute(2, 0, 1)" if x.shape[-1] in (1, 3, info.channels) else ""
+    hwc = x.shape[-1] in (1, 3, 4, info.channels)
+    if c not in (1, 3, info.channels) and not (any_channels and (c <= 4 or not hwc)):
+        hint = ": an (H, W, C) image is x.permute(2, 0, 1)" if hwc and c > 4 else \
+            ": an RGBA image's RGB is x[..., :3, :, :] (load_image composites the alpha on white)" if c == 4 else ""
         raise SalienceError(f"{fn}: the image has {c} channels (shape {tuple(x.shape)}); expected (C, H, W) with "
                             f"C = {info.channels}{hint}")
     return x
@@ -305,10 +309,12 @@ def resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
 
     ``info.resize`` set: the shorter side goes to ``resize`` then a centre crop of
     ``info.input_size`` (torchvision's ``Resize + CenterCrop``); otherwise a plain resize to
-    ``info.input_size``; with no ``input_size`` the image is unchanged. ``info.interpolation``
-    (bilinear or bicubic), antialiased, values clamped to ``[0, 1]``.
+    ``info.input_size``; with no ``input_size`` the image itself is returned (no copy, as torchvision's
+    ``Resize`` returns its input when the size is already right: ``.clone()`` it before changing it in place).
+    ``info.interpolation`` (bilinear or bicubic), antialiased, values clamped to ``[0, 1]``. Any number of channels
+    (RGBA, a mask, a stack), but not an ``(H, W, C)`` image: ``C`` > 4 with 1, 3 or 4 last is refused.
     """
-    check_image(image, check_info(info, "resize_crop"), "resize_crop")
+    check_image(image, check_info(info, "resize_crop"), "resize_crop", any_channels=True)
     if info.input_size is None:
         return image
     if image.dtype in (torch.float16, torch.bfloat16) and image.device.type == "cpu":  # no CPU kernel: float32
@@ -458,7 +464,8 @@ def unnormalize(x: Tensor, info: ModelInfo) -> Tensor:
 
 
 def preprocess(image: Tensor, info: ModelInfo) -> Tensor:
-    """``image`` ``(3, H, W)`` in ``[0, 1]`` -> the model's input ``(C, h, w)``: resize, crop, normalize."""
+    """``image`` ``(3, H, W)`` in ``[0, 1]`` -> the model's input ``(C, h, w)``: resize, crop, normalize. With
+    nothing to do (no input size, mean or std, the model's channels) that is ``image`` itself, not a copy."""
     return normalize_input(resize_crop(image, info), info)
 
 
