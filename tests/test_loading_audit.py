@@ -460,3 +460,25 @@ def test_a_tiff_pil_cannot_decode_says_so(tmp_path):
     for call in (lambda: load_image(p), lambda: load_image("h.tif", data=p.read_bytes())):
         with pytest.raises(SalienceError, match=r"h\.tif: a TIFF file whose samples PIL cannot decode .*16- or 64-bit"):
             call()
+
+
+def test_weights_without_batchnorm_counts_load(tmp_path):
+    """A state dict without BatchNorm's ``num_batches_tracked`` (saved before PyTorch 0.4.1, as torchvision's first
+    ResNet files; or converted from another library), which ``torch`` loads, was refused since the audit:
+    "missing bn1.num_batches_tracked, ..."; for ``load_state`` even with the state dict's own metadata."""
+    import torchvision
+
+    source = torchvision.models.resnet18(num_classes=10)
+    plain = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(plain, tmp_path / "r18.pth")
+    got = load_model("torchvision:resnet18", weights=tmp_path / "r18.pth")  # fine-tuned to 10 classes, too
+    assert torch.equal(got.fc.weight, source.fc.weight) and torch.equal(got.layer4[1].bn2.running_var,
+                                                                         source.layer4[1].bn2.running_var)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    net[1].num_batches_tracked.fill_(7)
+    state = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict()
+    del state["1.num_batches_tracked"]  # an OrderedDict with its metadata: torch's strict load refuses it
+    load_state(net, state, "w.pt", "the net")
+    assert torch.equal(net[0].weight, state["0.weight"]) and int(net[1].num_batches_tracked) == 7
+    with pytest.raises(SalienceError, match=r"missing 1\.running_mean"):
+        load_state(net, {k: v for k, v in state.items() if k != "1.running_mean"}, "w.pt", "the net")

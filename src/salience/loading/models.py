@@ -14,6 +14,7 @@ import numbers
 import os
 import warnings
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -156,10 +157,11 @@ def load_state(model: nn.Module, state: dict, path: PathLike, what: str) -> nn.M
     if not isinstance(model, nn.Module):
         raise SalienceError(f"load_state needs a torch.nn.Module, got {type(model).__name__}")
     _check_state(state, path)
-    mismatch = state_mismatch(model.state_dict(), state)
+    own = model.state_dict()
+    mismatch = state_mismatch(own, state)
     if mismatch:
         raise SalienceError(f"{path}: the state dict does not fit {what} ({mismatch})")
-    model.load_state_dict(state)
+    model.load_state_dict(with_counts(own, state))
     return model
 
 
@@ -176,10 +178,30 @@ def _check_state(state: Any, path: Any) -> None:
                                 f"{type(v).__name__}{hint}")
 
 
+def _is_count(key: str) -> bool:
+    """A BatchNorm's ``num_batches_tracked``: a count of training steps, no weight. State dicts saved before
+    PyTorch 0.4.1 (torchvision's first ResNet files) or converted from other libraries have none, and torch
+    keeps the module's own when it loads them."""
+    return key.rpartition(".")[2] == "num_batches_tracked"
+
+
+def with_counts(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """``state`` with the BatchNorm counts it lacks (:func:`_is_count`) taken from ``own``, as torch does for a
+    state dict without version metadata: a strict ``load_state_dict`` then loads it whatever its metadata says."""
+    gaps = [k for k in own if _is_count(k) and k not in state]
+    if not gaps:
+        return state
+    full: Any = OrderedDict(state)
+    full.update((k, own[k]) for k in gaps)
+    if getattr(state, "_metadata", None) is not None:
+        full._metadata = state._metadata  # type: ignore[attr-defined]
+    return full
+
+
 def state_mismatch(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> str:
-    """The first keys missing from ``state``, unexpected in it and of another shape than in ``own``, as
-    one short line (``""`` when it fits)."""
-    missing = [k for k in own if k not in state]
+    """The first keys missing from ``state`` (but BatchNorm counts, :func:`_is_count`), unexpected in it and of
+    another shape than in ``own``, as one short line (``""`` when it fits)."""
+    missing = [k for k in own if k not in state and not _is_count(k)]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -284,7 +306,7 @@ def _torchvision_from_file(tvm, arch: str, wpath: Path, trust_pickle: bool) -> n
     state = _read_state_dict(wpath, trust_pickle)
     model = tvm.get_model(arch, weights=None)
     if not state_mismatch(model.state_dict(), state):
-        model.load_state_dict(state)
+        model.load_state_dict(with_counts(model.state_dict(), state))
         return model
     # A model fine-tuned to another number of classes: the last 2-D weight says how many.
     mats = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
@@ -295,7 +317,7 @@ def _torchvision_from_file(tvm, arch: str, wpath: Path, trust_pickle: bool) -> n
         except (RuntimeError, TypeError, ValueError):
             other = None
         if other is not None and not state_mismatch(other.state_dict(), state):
-            other.load_state_dict(state)
+            other.load_state_dict(with_counts(other.state_dict(), state))
             return other
     raise SalienceError(f"{wpath}: the state dict does not fit torchvision's {arch} "
                         f"({state_mismatch(model.state_dict(), state)}); check the architecture name")
