@@ -482,3 +482,19 @@ def test_weights_without_batchnorm_counts_load(tmp_path):
     assert torch.equal(net[0].weight, state["0.weight"]) and int(net[1].num_batches_tracked) == 7
     with pytest.raises(SalienceError, match=r"missing 1\.running_mean"):
         load_state(net, {k: v for k, v in state.items() if k != "1.running_mean"}, "w.pt", "the net")
+
+
+def test_a_model_info_of_numpy_or_torch_values_is_applied():
+    """A ModelInfo built with numpy / torch values (``mean=np.array(...)``, ``std=torch.tensor(...)``, sides from
+    an array, ``resize=224 / 0.875`` = 256.0), which preprocessing applied before the audit, was refused: "the
+    ModelInfo's mean must be finite numbers ... got array([...])"."""
+    plain = INFO
+    odd = ModelInfo(name="m", input_size=np.array([8, 8]), resize=10.0, mean=np.array(INFO.mean),
+                    std=torch.tensor(INFO.std, dtype=torch.float64))
+    for fn in (resize_crop, normalize_input, unnormalize, preprocess):
+        assert torch.equal(fn(X, odd), fn(X, plain)), fn.__name__
+    assert preprocessing_record(odd) == preprocessing_record(plain)
+    got = with_preprocessing(odd, std=0.5)
+    assert got.input_size == (8, 8) and got.resize == 10 and got.mean == INFO.mean and got.std == (0.5,) * 3
+    with pytest.raises(SalienceError, match=r"input_size must be \(H, W\)"):
+        resize_crop(X, ModelInfo(input_size=np.zeros((2, 2), dtype=int) + 8))

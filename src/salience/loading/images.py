@@ -241,26 +241,51 @@ def _to_rgb_tensor(img, top: int = 65535) -> Tensor:
 
 
 def check_info(info: Any, fn: str) -> ModelInfo:
-    """``info`` is a :class:`ModelInfo` whose preprocessing can be applied: an input size of two ints
-    >= 1 (or none), a resize >= 1 (or none), finite means, stds > 0; else a :class:`SalienceError`."""
+    """``info`` as a :class:`ModelInfo` whose preprocessing can be applied: an input size of two whole numbers
+    >= 1 (or none), a resize >= 1 (or none), finite means, stds > 0, one or one per channel; else a
+    :class:`SalienceError`. numpy / torch values (an array of means, ``np.int64`` sides, ``224 / 0.875 = 256.0``)
+    come back as plain ``int`` / ``float`` tuples."""
     if not isinstance(info, ModelInfo):
         raise SalienceError(f"{fn} needs a ModelInfo (model.salience_info, or salience.loading.models.ModelInfo(...)), "
                             f"got {type(info).__name__}")
-    size = info.input_size
-    if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2 or not all(_pixels(v) for v in size)):
-        raise SalienceError(f"{fn}: the ModelInfo's input_size must be (H, W), two ints >= 1, or None; got {size!r}")
-    if info.resize is not None and not _pixels(info.resize):
-        raise SalienceError(f"{fn}: the ModelInfo's resize must be an int >= 1 (the shorter side) or None; "
-                            f"got {info.resize!r}")
-    for name, values in (("mean", info.mean), ("std", info.std)):
+    fixed: dict[str, Any] = {}
+    if info.input_size is not None:
+        sides = _plain(info.input_size)
+        if sides is None or len(sides) != 2 or not all(_pixels(v) for v in sides):
+            raise SalienceError(f"{fn}: the ModelInfo's input_size must be (H, W), two ints >= 1, or None; "
+                                f"got {info.input_size!r}")
+        fixed["input_size"] = tuple(int(v) for v in sides)
+    if info.resize is not None:
+        if not _pixels(_whole(info.resize)):
+            raise SalienceError(f"{fn}: the ModelInfo's resize must be an int >= 1 (the shorter side) or None; "
+                                f"got {info.resize!r}")
+        fixed["resize"] = int(info.resize)
+    for name in ("mean", "std"):
+        values = getattr(info, name)
         if values is None:
             continue
-        ok = isinstance(values, (tuple, list)) and len(values) >= 1 and all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-        if not ok or (name == "std" and min(values) <= 0):
+        vals = _plain(values)
+        if not vals or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                               for v in vals) or (name == "std" and min(vals) <= 0):
             raise SalienceError(f"{fn}: the ModelInfo's {name} must be finite numbers"
                                 f"{' > 0' if name == 'std' else ''}, one or one per channel; got {values!r}")
-    return info
+        fixed[name] = tuple(float(v) for v in vals)
+    if all(type(v) is type(getattr(info, k)) and v == getattr(info, k) for k, v in fixed.items()):
+        return info
+    return dataclasses.replace(info, **fixed)
+
+
+def _plain(values: Any) -> Optional[list]:
+    """A tuple / list / 1-D array or tensor as a list of its (Python) values; anything else ``None``."""
+    if isinstance(values, (Tensor, np.ndarray)):
+        return values.reshape(-1).tolist() if values.ndim == 1 else None
+    return [_whole(v) if isinstance(v, float) else v for v in values] if isinstance(values, (tuple, list)) else None
+
+
+def _whole(v: Any) -> Any:
+    """``v`` as an ``int`` when it is a float with a whole value (``256.0``), else ``v``."""
+    return int(v) if isinstance(v, numbers.Real) and not isinstance(v, (bool, numbers.Integral)) and \
+        math.isfinite(v) and float(v) == int(v) else v
 
 
 def _pixels(v: Any) -> bool:
@@ -314,7 +339,8 @@ def resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
     ``info.interpolation`` (bilinear or bicubic), antialiased, values clamped to ``[0, 1]``. Any number of channels
     (RGBA, a mask, a stack), but not an ``(H, W, C)`` image: ``C`` > 4 with 1, 3 or 4 last is refused.
     """
-    check_image(image, check_info(info, "resize_crop"), "resize_crop", any_channels=True)
+    info = check_info(info, "resize_crop")
+    check_image(image, info, "resize_crop", any_channels=True)
     if info.input_size is None:
         return image
     if image.dtype in (torch.float16, torch.bfloat16) and image.device.type == "cpu":  # no CPU kernel: float32
@@ -437,7 +463,8 @@ def normalize_input(image: Tensor, info: ModelInfo) -> Tensor:
     Converts RGB to one channel (ITU-R 601 luma) when ``info.channels == 1``, then applies
     ``(x - mean) / std`` when ``info`` has them.
     """
-    x = check_image(image, check_info(info, "normalize_input"), "normalize_input")
+    info = check_info(info, "normalize_input")
+    x = check_image(image, info, "normalize_input")
     cdim = 0 if x.dim() == 3 else 1
     if info.channels == 1 and x.shape[cdim] == 3:
         x = luma(x)
@@ -452,7 +479,8 @@ def normalize_input(image: Tensor, info: ModelInfo) -> Tensor:
 
 def unnormalize(x: Tensor, info: ModelInfo) -> Tensor:
     """Undo :func:`normalize_input`'s mean/std: the model's input back to a ``[0, 1]`` picture."""
-    check_image(x, check_info(info, "unnormalize"), "unnormalize")
+    info = check_info(info, "unnormalize")
+    check_image(x, info, "unnormalize")
     _check_stats(x, info, "unnormalize")
     std, mean = _stats(info.std, 0, x), _stats(info.mean, 0, x)
     if std is None and mean is None:
@@ -477,7 +505,7 @@ RESIZE_MODES = ("crop", "stretch", "none")
 
 def resize_mode(info: ModelInfo) -> str:
     """``info``'s resizing as one of :data:`RESIZE_MODES`."""
-    check_info(info, "resize_mode")
+    info = check_info(info, "resize_mode")
     if info.input_size is None:
         return "none"
     return "crop" if info.resize else "stretch"
@@ -498,7 +526,7 @@ def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]]
     model's input channels, 1 (gray: RGB images become their ITU-R 601 luma) or 3 (RGB), for a model
     whose info does not say (a ``python:`` or ``.pt2`` model with a one-channel stem).
     """
-    check_info(info, "with_preprocessing")
+    info = check_info(info, "with_preprocessing")
     if channels is not None:
         if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels not in (1, 3):
             raise SalienceError(f"channels must be 1 (gray) or 3 (RGB), got {channels!r}")
@@ -587,7 +615,8 @@ def _stats_arg(info: ModelInfo, values: Optional[Sequence[float]], name: str,
 def preprocessing_record(info: ModelInfo) -> dict[str, Any]:
     """What :func:`preprocess` does with ``info``, as plain JSON values: the resize mode, the input
     size, the shorter side resized to and the crop (``crop`` mode), mean, std and channels."""
-    mode = resize_mode(check_info(info, "preprocessing_record"))
+    info = check_info(info, "preprocessing_record")
+    mode = resize_mode(info)
     size = list(info.input_size) if info.input_size is not None else None
     return {"mode": mode, "input_size": size, "resize": int(info.resize) if mode == "crop" else None,
             "crop": size if mode == "crop" else None,
@@ -610,7 +639,7 @@ def load_images(
     that they form one batch.
     """
     paths = _path_list(paths)
-    check_info(info, "load_images")
+    info = check_info(info, "load_images")
     max_pixels = check_max_pixels(max_pixels)
     tensors: list[Tensor] = []
     ok: list[str] = []
