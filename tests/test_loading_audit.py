@@ -4,6 +4,7 @@ test here failed before its fix (a raw ``TypeError`` / ``AttributeError`` / ``Ru
 that sent the user the wrong way, or a silently wrong result). Every file is made here, in ``tmp_path``."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -498,3 +499,16 @@ def test_a_model_info_of_numpy_or_torch_values_is_applied():
     assert got.input_size == (8, 8) and got.resize == 10 and got.mean == INFO.mean and got.std == (0.5,) * 3
     with pytest.raises(SalienceError, match=r"input_size must be \(H, W\)"):
         resize_crop(X, ModelInfo(input_size=np.zeros((2, 2), dtype=int) + 8))
+
+
+def test_name_classes_takes_an_array_of_names_and_numbers_as_read_labels_does(tmp_path):
+    """An array of names (``np.loadtxt(..., dtype=str)``, a pandas column's ``.values``), which named the classes
+    before the audit, was refused ("got ndarray"); so were numbers, which ``read_labels`` takes from a JSON list,
+    and a 0-d tensor as ``num_outputs``."""
+    names = np.array(["cat", "dog", "bird"])
+    assert name_classes(INFO, 3, names) == (dataclasses.replace(INFO, class_names=("cat", "dog", "bird")), "labels")
+    p = tmp_path / "labels.json"
+    p.write_text("[3, 5, 7]")
+    assert name_classes(INFO, torch.tensor(3), [3, 5, 7])[0].class_names == read_labels(p) == ("3", "5", "7")
+    with pytest.raises(SalienceError, match=r"labels must be a list of class names"):
+        name_classes(INFO, 2, ["a", True])

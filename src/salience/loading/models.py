@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import operator
 import os
 import warnings
 import zipfile
@@ -668,11 +669,19 @@ def name_classes(info: ModelInfo, num_outputs: int,
     """
     if not isinstance(info, ModelInfo):
         raise SalienceError(f"name_classes needs the model's ModelInfo (model.salience_info), got {type(info).__name__}")
-    if isinstance(num_outputs, bool) or not isinstance(num_outputs, numbers.Integral) or num_outputs < 1:
+    try:  # an int, a numpy integer, a 0-d integer tensor (logits.shape[-1] is an int)
+        count = None if isinstance(num_outputs, bool) else operator.index(num_outputs)
+    except TypeError:
+        count = None
+    if count is None or count < 1:
         raise SalienceError(f"num_outputs must be the model's number of outputs, an int >= 1, got {num_outputs!r}")
+    num_outputs = count
     if labels is not None:
-        if isinstance(labels, (str, bytes, Mapping)) or not isinstance(labels, Sequence) \
-                or not all(isinstance(n, str) for n in labels):
+        if hasattr(labels, "tolist") and not isinstance(labels, (str, bytes)):  # a numpy array, a pandas Series
+            labels = labels.tolist()
+        # names are strings, or numbers as read_labels takes them from a JSON list; not None, True or an object
+        if isinstance(labels, (str, bytes, Mapping)) or not isinstance(labels, Sequence) or not all(
+                isinstance(n, (str, numbers.Real)) and not isinstance(n, bool) for n in labels):
             raise SalienceError(f"labels must be a list of class names (str), one per output, got {type(labels).__name__}"
                                 + (" (a str would be split into its letters)" if isinstance(labels, str) else ""))
         if len(labels) != num_outputs:
