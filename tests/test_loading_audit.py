@@ -512,3 +512,17 @@ def test_name_classes_takes_an_array_of_names_and_numbers_as_read_labels_does(tm
     assert name_classes(INFO, torch.tensor(3), [3, 5, 7])[0].class_names == read_labels(p) == ("3", "5", "7")
     with pytest.raises(SalienceError, match=r"labels must be a list of class names"):
         name_classes(INFO, 2, ["a", True])
+
+
+def test_a_hub_id_or_an_architecture_without_its_prefix_is_told_it(tmp_path, monkeypatch):
+    """``google/vit-base-patch16-224`` (a hub id without ``hf:``) was "model file ...: no such file; check the path"
+    since the audit; ``resnet18`` (torchvision's, without ``torchvision:``) got "did you mean 'demo:shapes'"."""
+    monkeypatch.chdir(tmp_path)
+    text = _said(r"unknown model 'google/vit-base-patch16-224': a hub model id goes with its library, "
+                 r"hf:google/vit-base-patch16-224 \(transformers\)", load_model, "google/vit-base-patch16-224")
+    assert "check the path" not in text
+    _said(r"or timm:resnet50\.a1_in1k", load_model, "timm/resnet50.a1_in1k")
+    _said(r"unknown model 'resnet18'; did you mean 'torchvision:resnet18' \(or 'timm:resnet18'\)\?", load_model,
+          "resnet18")
+    (tmp_path / "models").mkdir()
+    _said(r"model file models/m: no such file; check the path", load_model, "models/m")  # a folder that is there

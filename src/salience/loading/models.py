@@ -13,6 +13,7 @@ import dataclasses
 import numbers
 import operator
 import os
+import re
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -582,14 +583,31 @@ def _load_spec(s: str, is_file: bool, weights: Optional[PathLike], trust_pickle:
             raise SalienceError(f"{p}: is a directory; expected a model file, hf:{p} for a Hugging Face folder, "
                                 "or 'demo:NAME' / 'torchvision:ARCH'")
         return _load_file(p, trust_pickle)
+    raise _unknown_spec(s)
+
+
+def _unknown_spec(s: str) -> SalienceError:
+    """A spec that names nothing: a missing file (a path), a hub id without its library (``ORG/NAME``), a
+    torchvision architecture without ``torchvision:``, or an unknown name."""
     from salience.demo import zoo
 
     demos = ["demo:" + n for n in zoo.DEMOS]
-    if "/" in s or os.sep in s or s.startswith("~") or Path(s).suffix.lower() in _MODEL_FILE_EXT:
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", s) and Path(s).suffix.lower() not in _MODEL_FILE_EXT \
+            and not Path(s).parent.exists():
+        head = f"unknown model {s!r}: a hub model id goes with its library, hf:{s} (transformers)" + (
+            f" or timm:{s[len('timm/'):]}" if s.startswith("timm/") else "") + "; a file of that name is not here"
+        hint = ""
+    elif "/" in s or os.sep in s or s.startswith("~") or Path(s).suffix.lower() in _MODEL_FILE_EXT:
         head, hint = f"model file {s}: no such file; check the path", ""
     else:
         head, hint = f"unknown model {s!r}", suggest(s, demos) or suggest("demo:" + s, demos)
-    raise SalienceError(
+        try:
+            from torchvision.models import list_models
+
+            hint = f"; did you mean 'torchvision:{s}' (or 'timm:{s}')?" if s in list_models() else hint
+        except Exception:  # noqa: BLE001 - torchvision missing or too old: the demos' hint stays
+            pass
+    return SalienceError(
         f"{head}{hint} (expected demo:NAME ({', '.join(demos)}), torchvision:ARCH, timm:NAME, "
         "hf:DIR_OR_ID, python:MODULE:FUNC, or the path of an existing model file)"
     )
