@@ -526,3 +526,14 @@ def test_a_hub_id_or_an_architecture_without_its_prefix_is_told_it(tmp_path, mon
           "resnet18")
     (tmp_path / "models").mkdir()
     _said(r"model file models/m: no such file; check the path", load_model, "models/m")  # a folder that is there
+
+
+def test_a_safetensors_file_of_another_name_is_read(tmp_path):
+    """A safetensors file named ``.bin`` / ``.pt`` (as some exports name it) was "not a PyTorch model file ...;
+    expected a state dict", of a state dict."""
+    from safetensors.torch import save_file
+
+    state = SmallCNN().state_dict()
+    save_file(state, tmp_path / "w.bin")
+    got = read_state_dict(tmp_path / "w.bin")
+    assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)

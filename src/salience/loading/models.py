@@ -211,13 +211,27 @@ def state_mismatch(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> st
                      for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys)
 
 
+def _is_safetensors(path: Path) -> bool:
+    """``path`` is a safetensors file by its name, or by its start (an 8-byte header length, then a JSON object)
+    whatever its name (a ``.bin`` / ``.pt`` that holds one)."""
+    if path.suffix.lower() == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
 def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
+    safetensors = _is_safetensors(path)
     whole = "a torch.export program (.pt2)" if path.suffix.lower() == ".pt2" else \
-        "a TorchScript archive (torch.jit.save)" if path.suffix.lower() != ".safetensors" and _is_torchscript(path) else None
+        "a TorchScript archive (torch.jit.save)" if not safetensors and _is_torchscript(path) else None
     if whole:
         raise SalienceError(f"{path}: {whole} is a whole model, not a state dict: load it by itself, "
                             f"load_model({str(path)!r}), without an architecture or weights")
-    obj = _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _torch_load(path, trust_pickle)
+    obj = _read_safetensors(path) if safetensors else _torch_load(path, trust_pickle)
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model", "net"):
             if isinstance(obj.get(key), dict):
