@@ -208,6 +208,15 @@ def test_max_pixels_is_checked(png, max_pixels):
         load_images([png], INFO, max_pixels=max_pixels)
 
 
+def test_max_pixels_in_scientific_notation_is_a_limit(png):
+    """``max_pixels=5e7`` (a whole float, as one writes fifty million), a limit before the audit, was refused: "must
+    be an int >= 1"."""
+    assert torch.equal(load_image(png, max_pixels=5e7), load_image(png))
+    with pytest.raises(SalienceError, match=r"over the limit of 0\.0001 megapixels \(100 pixels\)"):
+        load_image(png, max_pixels=1e2)
+    assert load_images([png], INFO, max_pixels=1e2)[1] == []
+
+
 def test_load_image_data_must_be_bytes(png):
     import io
 

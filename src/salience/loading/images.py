@@ -158,8 +158,8 @@ def _unidentified(p: Any, data: Optional[bytes]) -> SalienceError:
 
 
 def check_max_pixels(max_pixels: Any) -> Optional[int]:
-    """``max_pixels`` checked: ``None`` (no limit) or an int >= 1."""
-    if max_pixels is not None and not _pixels(max_pixels):
+    """``max_pixels`` checked: ``None`` (no limit) or an int >= 1 (a whole float too: ``5e7``)."""
+    if max_pixels is not None and not _pixels(_whole(max_pixels)):
         raise SalienceError(f"max_pixels must be an int >= 1 (width x height) or None for no limit, got {max_pixels!r}")
     return None if max_pixels is None else int(max_pixels)
 
