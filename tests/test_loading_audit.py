@@ -4,8 +4,10 @@ test here failed before its fix (a raw ``TypeError`` / ``AttributeError`` / ``Ru
 that sent the user the wrong way, or a silently wrong result). Every file is made here, in ``tmp_path``."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +208,15 @@ def test_max_pixels_is_checked(png, max_pixels):
         load_images([png], INFO, max_pixels=max_pixels)
 
 
+def test_max_pixels_in_scientific_notation_is_a_limit(png):
+    """``max_pixels=5e7`` (a whole float, as one writes fifty million), a limit before the audit, was refused: "must
+    be an int >= 1"."""
+    assert torch.equal(load_image(png, max_pixels=5e7), load_image(png))
+    with pytest.raises(SalienceError, match=r"over the limit of 0\.0001 megapixels \(100 pixels\)"):
+        load_image(png, max_pixels=1e2)
+    assert load_images([png], INFO, max_pixels=1e2)[1] == []
+
+
 def test_load_image_data_must_be_bytes(png):
     import io
 
@@ -238,13 +249,40 @@ def test_load_images_refuses_one_path_and_what_are_no_paths(png):
     (X[0], r"takes an image tensor \(C, H, W\) or \(B, C, H, W\), got shape \(10, 12\)"),
     (X[:, :0], r"the image has no pixels"),
     (X.permute(1, 2, 0), r"has 10 channels .*an \(H, W, C\) image is x.permute\(2, 0, 1\)"),
-    (torch.rand(4, 10, 12), r"has 4 channels"),
-], ids=["uint8", "numpy", "none", "2d", "empty", "hwc", "rgba"])
+], ids=["uint8", "numpy", "none", "2d", "empty", "hwc"])
 def test_image_functions_refuse_what_is_no_float_image(fn, x, message):
     """A uint8 image was resized then clamped to [0, 1] (every pixel above 0 became 1), silently; numpy, None,
-    2-D, empty or 4-channel inputs were torch's or Python's raw errors, an (H, W, C) image mis-resized."""
+    2-D or empty inputs were torch's or Python's raw errors, an (H, W, C) image mis-resized."""
     with pytest.raises(SalienceError, match=message):
         fn(x, INFO)
+
+
+@pytest.mark.parametrize("fn", [normalize_input, unnormalize, preprocess])
+def test_an_rgba_tensor_is_refused_where_the_channels_count(fn):
+    """Four channels for three means were torch's raw "The size of tensor a (4) must match ..."."""
+    with pytest.raises(SalienceError, match=r"has 4 channels .*an RGBA image's RGB is x\[\.\.\., :3, :, :\]"):
+        fn(torch.rand(4, 10, 12), INFO)
+
+
+@pytest.mark.parametrize("c", [2, 4, 6])
+def test_resize_crop_takes_any_channels_but_an_hwc_image(c):
+    """``resize_crop`` (a resize and a crop, channel by channel) refused an RGBA or gray+alpha image, or a mask
+    stack, which it resized before the audit; each channel is resized on its own, as alone."""
+    x = torch.rand(c, 10, 12, generator=torch.Generator().manual_seed(c))
+    got = resize_crop(x, INFO)
+    assert got.shape == (c, 8, 8)
+    assert torch.equal(got, torch.cat([resize_crop(x[i:i + 1], INFO) for i in range(c)]))
+    with pytest.raises(SalienceError, match=r"an \(H, W, C\) image is x.permute\(2, 0, 1\)"):
+        resize_crop(torch.rand(10, 12, 4), INFO)
+
+
+@pytest.mark.parametrize("dtype, advice", [(torch.int64, "x.float() / 255 for 8-bit values, x.float() / 65535"),
+                                           (torch.int16, "x.float() / 255 for 8-bit"), (torch.bool, "x.float()")])
+def test_an_integer_image_is_told_its_scale(dtype, advice):
+    """An int64 image (``torch.from_numpy`` of a 0..255 array) was told ``x.float()``, which gave 0..255 floats:
+    clamped to white by ``resize_crop``."""
+    with pytest.raises(SalienceError, match=r"got torch\.\w+: " + re.escape(advice)):
+        resize_crop((X * 255).to(dtype), INFO)
 
 
 @pytest.mark.parametrize("fn", [resize_crop, normalize_input, unnormalize, preprocess, resize_mode,
@@ -335,3 +373,176 @@ def test_an_hf_folder_with_cut_weights_is_one_line(tmp_path):
 def test_numpy_strings_are_paths(png):
     """A path from a numpy array of paths (``np.str_``, a str) is read as a path, not refused as an array."""
     assert torch.equal(load_image(np.array([str(png)])[0]), load_image(png))
+
+
+# ----------------------------------------------------------------------------- review: ~, TIFF samples, channels
+
+def test_a_folder_called_tilde_in_the_working_directory_is_still_read(tmp_path, monkeypatch, png):
+    """``~/w.pt`` names the home folder's file; where that is missing and the working directory holds a folder
+    literally called ``~`` (as ``load_model`` already allowed), its file was refused as "no such file" (and read
+    before ``~`` was expanded)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    (work / "~").mkdir(parents=True)
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    torch.save(SmallCNN().state_dict(), work / "~" / "w.pt")
+    (work / "~" / "i.png").write_bytes(png.read_bytes())
+    assert set(read_state_dict("~/w.pt")) == set(SmallCNN().state_dict())
+    assert torch.equal(load_image("~/i.png"), load_image(png))
+    torch.save({"x": torch.ones(1)}, home / "w.pt")  # the home folder's file first, as the shell would
+    assert set(read_state_dict("~/w.pt")) == {"x"}
+
+
+def test_tilde_is_home_in_hf_and_python_specs(tmp_path, monkeypatch):
+    """``hf:~/dir`` and ``python:~/f.py:build`` did not expand ``~`` where plain paths do: "no such file"."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=8, num_labels=2)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    assert load_model("hf:~/vit").config.num_labels == 2
+    (tmp_path / "f.py").write_text("import torch\n\ndef build():\n    return torch.nn.Linear(2, 3)\n")
+    assert isinstance(load_model("python:~/f.py:build"), torch.nn.Linear)
+
+
+def _tiff(tmp_path, name: str, a: np.ndarray) -> Path:
+    p = tmp_path / name
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(p, a)
+    return p
+
+
+RAMP = np.linspace(0.0, 1.0, 20, dtype=np.float32).reshape(4, 5)
+
+
+def test_a_float_tiff_in_0_1_is_read_as_it_is(tmp_path):
+    """A float TIFF (PIL's mode ``F``) was divided by 255: an image in [0, 1], as torchvision and scikit-image take
+    a float image, came out nearly black (its white 0.0039)."""
+    p = tmp_path / "f.tif"
+    Image.fromarray(RAMP, mode="F").save(p)
+    got = load_image(p)
+    assert got.shape == (3, 4, 5) and torch.equal(got[0], torch.from_numpy(RAMP)) and torch.equal(got[0], got[2])
+    skimage_io = pytest.importorskip("skimage.io")
+    assert np.array_equal(got[0].numpy(), skimage_io.imread(p))  # scikit-image reads the samples as they are
+
+
+@pytest.mark.parametrize("a, message", [
+    (RAMP * 255, r"f\.tif: floating-point samples from 0 to 255: .* \[0, 1\]; .*divide by 255"),
+    (np.where(RAMP > 0.5, np.nan, RAMP).astype(np.float32), r"NaN or infinite samples"),
+], ids=["0-255", "nan"])
+def test_a_float_tiff_outside_0_1_is_refused(tmp_path, a, message):
+    """A float TIFF of 0..255 happened to be right (divided by 255), one of 0..4095 (or kelvins) white, NaN black:
+    its range is the file's own, so it is refused and the message says how to make it [0, 1]."""
+    p = tmp_path / "f.tif"
+    Image.fromarray(a, mode="F").save(p)
+    with pytest.raises(SalienceError, match=message):
+        load_image(p)
+
+
+def test_integer_tiffs_are_scaled_by_their_samples_range(tmp_path):
+    """A 32-bit TIFF beyond 16 bits was clipped at 65535 (white) and a signed 16-bit one divided by 65535 (half as
+    bright as scikit-image and torchvision read an ``int16`` image: / 32767); negative samples were black."""
+    wide = _tiff(tmp_path, "i32.tif", (RAMP * 1e6).astype(np.int32))
+    with pytest.raises(SalienceError, match=r"i32\.tif: integer samples from 0 to 1000000: .*65535 \(white\)"):
+        load_image(wide)
+    sixteen = (RAMP * 65535).astype(np.int32)  # 16-bit data in a 32-bit file: as the 16-bit file
+    assert torch.equal(load_image(_tiff(tmp_path, "i32small.tif", sixteen))[0],
+                       torch.from_numpy((sixteen / 65535.0).astype(np.float32)))
+    signed = (RAMP * 32767).astype(np.int16)
+    got = load_image(_tiff(tmp_path, "i16.tif", signed))[0]
+    assert torch.equal(got, torch.from_numpy((signed / 32767.0).astype(np.float32)))
+    skimage_util = pytest.importorskip("skimage.util")
+    assert np.allclose(got.numpy(), skimage_util.img_as_float(signed), atol=1e-7)
+    with pytest.raises(SalienceError, match=r"signed 16-bit samples from -5 to .*negative"):
+        load_image(_tiff(tmp_path, "neg.tif", signed - 5))
+    unsigned = (RAMP * 65535).astype(np.uint16)
+    assert torch.equal(load_image(_tiff(tmp_path, "u16.tif", unsigned))[0],
+                       torch.from_numpy((unsigned / 65535.0).astype(np.float32)))
+
+
+def test_a_tiff_pil_cannot_decode_says_so(tmp_path):
+    """A float16 TIFF (or 64-bit float, float RGB) said "not an image file ... check that it is not empty or
+    truncated", of a whole, valid TIFF."""
+    p = _tiff(tmp_path, "h.tif", RAMP.astype(np.float16))
+    for call in (lambda: load_image(p), lambda: load_image("h.tif", data=p.read_bytes())):
+        with pytest.raises(SalienceError, match=r"h\.tif: a TIFF file whose samples PIL cannot decode .*16- or 64-bit"):
+            call()
+
+
+def test_weights_without_batchnorm_counts_load(tmp_path):
+    """A state dict without BatchNorm's ``num_batches_tracked`` (saved before PyTorch 0.4.1, as torchvision's first
+    ResNet files; or converted from another library), which ``torch`` loads, was refused since the audit:
+    "missing bn1.num_batches_tracked, ..."; for ``load_state`` even with the state dict's own metadata."""
+    import torchvision
+
+    source = torchvision.models.resnet18(num_classes=10)
+    plain = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(plain, tmp_path / "r18.pth")
+    got = load_model("torchvision:resnet18", weights=tmp_path / "r18.pth")  # fine-tuned to 10 classes, too
+    assert torch.equal(got.fc.weight, source.fc.weight) and torch.equal(got.layer4[1].bn2.running_var,
+                                                                         source.layer4[1].bn2.running_var)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    net[1].num_batches_tracked.fill_(7)
+    state = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict()
+    del state["1.num_batches_tracked"]  # an OrderedDict with its metadata: torch's strict load refuses it
+    load_state(net, state, "w.pt", "the net")
+    assert torch.equal(net[0].weight, state["0.weight"]) and int(net[1].num_batches_tracked) == 7
+    with pytest.raises(SalienceError, match=r"missing 1\.running_mean"):
+        load_state(net, {k: v for k, v in state.items() if k != "1.running_mean"}, "w.pt", "the net")
+
+
+def test_a_model_info_of_numpy_or_torch_values_is_applied():
+    """A ModelInfo built with numpy / torch values (``mean=np.array(...)``, ``std=torch.tensor(...)``, sides from
+    an array, ``resize=224 / 0.875`` = 256.0), which preprocessing applied before the audit, was refused: "the
+    ModelInfo's mean must be finite numbers ... got array([...])"."""
+    plain = INFO
+    odd = ModelInfo(name="m", input_size=np.array([8, 8]), resize=10.0, mean=np.array(INFO.mean),
+                    std=torch.tensor(INFO.std, dtype=torch.float64))
+    for fn in (resize_crop, normalize_input, unnormalize, preprocess):
+        assert torch.equal(fn(X, odd), fn(X, plain)), fn.__name__
+    assert preprocessing_record(odd) == preprocessing_record(plain)
+    got = with_preprocessing(odd, std=0.5)
+    assert got.input_size == (8, 8) and got.resize == 10 and got.mean == INFO.mean and got.std == (0.5,) * 3
+    with pytest.raises(SalienceError, match=r"input_size must be \(H, W\)"):
+        resize_crop(X, ModelInfo(input_size=np.zeros((2, 2), dtype=int) + 8))
+
+
+def test_name_classes_takes_an_array_of_names_and_numbers_as_read_labels_does(tmp_path):
+    """An array of names (``np.loadtxt(..., dtype=str)``, a pandas column's ``.values``), which named the classes
+    before the audit, was refused ("got ndarray"); so were numbers, which ``read_labels`` takes from a JSON list,
+    and a 0-d tensor as ``num_outputs``."""
+    names = np.array(["cat", "dog", "bird"])
+    assert name_classes(INFO, 3, names) == (dataclasses.replace(INFO, class_names=("cat", "dog", "bird")), "labels")
+    p = tmp_path / "labels.json"
+    p.write_text("[3, 5, 7]")
+    assert name_classes(INFO, torch.tensor(3), [3, 5, 7])[0].class_names == read_labels(p) == ("3", "5", "7")
+    with pytest.raises(SalienceError, match=r"labels must be a list of class names"):
+        name_classes(INFO, 2, ["a", True])
+
+
+def test_a_hub_id_or_an_architecture_without_its_prefix_is_told_it(tmp_path, monkeypatch):
+    """``google/vit-base-patch16-224`` (a hub id without ``hf:``) was "model file ...: no such file; check the path"
+    since the audit; ``resnet18`` (torchvision's, without ``torchvision:``) got "did you mean 'demo:shapes'"."""
+    monkeypatch.chdir(tmp_path)
+    text = _said(r"unknown model 'google/vit-base-patch16-224': a hub model id goes with its library, "
+                 r"hf:google/vit-base-patch16-224 \(transformers\)", load_model, "google/vit-base-patch16-224")
+    assert "check the path" not in text
+    _said(r"or timm:resnet50\.a1_in1k", load_model, "timm/resnet50.a1_in1k")
+    _said(r"unknown model 'resnet18'; did you mean 'torchvision:resnet18' \(or 'timm:resnet18'\)\?", load_model,
+          "resnet18")
+    (tmp_path / "models").mkdir()
+    _said(r"model file models/m: no such file; check the path", load_model, "models/m")  # a folder that is there
+
+
+def test_a_safetensors_file_of_another_name_is_read(tmp_path):
+    """A safetensors file named ``.bin`` / ``.pt`` (as some exports name it) was "not a PyTorch model file ...;
+    expected a state dict", of a state dict."""
+    from safetensors.torch import save_file
+
+    state = SmallCNN().state_dict()
+    save_file(state, tmp_path / "w.bin")
+    got = read_state_dict(tmp_path / "w.bin")
+    assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)

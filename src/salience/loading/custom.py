@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from salience._core.errors import SalienceError, first_line, suggest
 from salience._core.guard import train_mode_op
 from salience._core.info import ModelInfo, attach_info, model_info
-from salience.loading.models import PathLike, load_state, read_state_dict
+from salience.loading.models import PathLike, expand_home, load_state, read_state_dict
 
 __all__ = ["select_output", "load_python", "load_exported", "user_modules"]
 
@@ -84,7 +84,7 @@ def load_python(ref: str, weights: Optional[PathLike] = None, trust_pickle: bool
 def _import(target: str) -> types.ModuleType:
     """A module by dotted name (the current folder searched too) or a ``.py`` file."""
     if target.endswith(".py") or os.sep in target or "/" in target:
-        return _import_file(Path(target))
+        return _import_file(Path(expand_home(target)))
     added = os.getcwd() not in sys.path
     if added:
         sys.path.append(os.getcwd())

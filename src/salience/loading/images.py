@@ -3,7 +3,8 @@
 :func:`load_image` reads one file into a ``(3, H, W)`` float tensor in ``[0, 1]``,
 refusing (before decoding) an image larger than ``max_pixels``, and converting every mode PIL
 knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``) are scaled by
-``1/65535``, CMYK / YCbCr / palette images go through PIL's conversion, and transparent images
+``1/65535`` (signed 16-bit TIFFs by ``1/32767``; 32-bit integer ones only when their values fit in 16 bits),
+float images (``F``) taken as they are when in ``[0, 1]`` (else refused), CMYK / YCbCr / palette images go through PIL's conversion, and transparent images
 (RGBA, LA, palette with transparency) are **composited on white** (a transparent background
 reads as paper, not as black). :func:`preprocess` applies a model's
 :class:`~salience._core.info.ModelInfo` (resize + centre crop, mean/std); :func:`load_images`
@@ -83,7 +84,10 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
     The size is read from the file's header and checked against ``max_pixels`` (width x height;
     ``None``: no limit) before any pixel is decoded. EXIF orientation is applied. Alpha is
-    composited on white; 16-bit images keep their precision (scaled by ``1/65535``).
+    composited on white; 16-bit images keep their precision (scaled by ``1/65535``; a TIFF of
+    signed 16-bit samples by ``1/32767``, negative ones refused; a 32-bit integer image is read so when its values
+    fit in 16 bits, else refused); a float image (PIL's ``F``, a 32-bit float TIFF) is taken as it is, in
+    ``[0, 1]`` as torchvision and scikit-image take a float image; one outside it is refused (its range is its own).
     Raises :class:`SalienceError` with one line for a missing, unreadable, corrupt or truncated
     file, or an image over the limit. ``data``: the file's bytes, already read (an object from
     storage, :mod:`salience.loading.remote`); ``path`` then only names it in messages.
@@ -106,10 +110,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         with _without_pils_bomb_limit(), quiet_warnings():  # PIL's notes on odd metadata; errors are raised below
             img = Image.open(p if data is None else io.BytesIO(data))
     except UnidentifiedImageError:
-        raise SalienceError(
-            f"{p}: not an image file PIL can read (expected PNG, JPEG, BMP, TIFF, WebP, GIF ...); "
-            "check that the file is an image and not empty or truncated"
-        ) from None
+        raise _unidentified(p, data) from None
     except Image.DecompressionBombError as e:  # pragma: no cover - the limit is lifted above
         raise SalienceError(f"{p}: refused as too large to decode ({e}); raise the pixel limit if you trust it") from None
     except MemoryError:
@@ -130,6 +131,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         try:
             with _without_pils_bomb_limit(), quiet_warnings():
                 img.load()
+                top = _integer_top(img)  # before exif_transpose, whose copy has no TIFF tags
                 img = ImageOps.exif_transpose(img) or img
         except MemoryError:
             raise
@@ -137,12 +139,27 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
             raise SalienceError(
                 f"{p}: corrupt or truncated {img.format or 'image'} file ({e}); re-export or re-download it"
             ) from None
-        return _to_rgb_tensor(img)
+        try:
+            return _to_rgb_tensor(img, top)
+        except SalienceError as e:
+            raise SalienceError(f"{p}: {e}") from None
+
+
+def _unidentified(p: Any, data: Optional[bytes]) -> SalienceError:
+    """A file PIL cannot identify: a TIFF whose samples PIL cannot decode says so, anything else is no image."""
+    from salience.loading.models import _file_start
+
+    head = bytes(data[:4]) if data is not None else _file_start(p)
+    if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return SalienceError(f"{p}: a TIFF file whose samples PIL cannot decode (16- or 64-bit floats, float RGB, ...); "
+                             "save it with 8- or 16-bit integers, or as a one-channel 32-bit float image in [0, 1]")
+    return SalienceError(f"{p}: not an image file PIL can read (expected PNG, JPEG, BMP, TIFF, WebP, GIF ...); "
+                         "check that the file is an image and not empty or truncated")
 
 
 def check_max_pixels(max_pixels: Any) -> Optional[int]:
-    """``max_pixels`` checked: ``None`` (no limit) or an int >= 1."""
-    if max_pixels is not None and not _pixels(max_pixels):
+    """``max_pixels`` checked: ``None`` (no limit) or an int >= 1 (a whole float too: ``5e7``)."""
+    if max_pixels is not None and not _pixels(_whole(max_pixels)):
         raise SalienceError(f"max_pixels must be an int >= 1 (width x height) or None for no limit, got {max_pixels!r}")
     return None if max_pixels is None else int(max_pixels)
 
@@ -160,18 +177,56 @@ def _image_path(path: Any) -> Path:
     return path_arg(path, "load_image's path")
 
 
-def _to_rgb_tensor(img) -> Tensor:
-    """A PIL image of any mode -> ``(3, H, W)`` float32 in ``[0, 1]``."""
+def _integer_top(img) -> int:
+    """The value of white in ``img``'s integer samples of PIL's modes ``I;16`` / ``I``: 32767 for a TIFF of signed
+    16-bit samples (their largest, as scikit-image and torchvision scale ``int16``), else 65535 (16-bit samples;
+    PIL's ``I`` holds 16-bit PGM / TIFF files, and 32-bit ones whose values :func:`_scaled_integers` checks)."""
+    tags = getattr(img, "tag_v2", None)
+    if tags is None:
+        return 65535
+    bits, fmt = tags.get(258), tags.get(339)
+    first = (lambda v: v[0] if isinstance(v, tuple) and v else v)
+    return 32767 if first(bits) == 16 and first(fmt) == 2 else 65535
+
+
+def _scaled_integers(a: np.ndarray, top: int) -> np.ndarray:
+    """Integer samples as float32 in ``[0, 1]`` (``/ top``); samples outside ``0..top`` (32-bit ones beyond 16
+    bits, negative ones) are refused: clipped, they made a white (or black) image."""
+    lo, hi = int(a.min()), int(a.max())
+    if lo < 0 or hi > top:
+        read = ("signed 16-bit samples from {} to {}: salience reads them as 0..32767 (white) and cannot tell what a "
+                "negative one is") if top == 32767 else ("integer samples from {} to {}: salience reads 16-bit samples, "
+                                                          "and 32-bit ones that fit in 16 bits, as 0..65535 (white)")
+        raise SalienceError(read.format(lo, hi) + "; save the image with 8- or 16-bit unsigned samples, or as 32-bit "
+                            "floats in [0, 1]")
+    return (a.astype(np.float64) / top).astype(np.float32)
+
+
+_FLOAT_SLACK = 1e-3
+"""How far a floating-point image's samples may lie outside ``[0, 1]`` (rounding) before it is refused."""
+
+
+def _unit_floats(a: np.ndarray) -> np.ndarray:
+    """Floating-point samples (PIL's mode ``F``) as they are: in ``[0, 1]``, as torchvision and scikit-image take a
+    float image. Anything else is refused: its range is the file's own (0..255, 0..4095, kelvins, metres ...)."""
+    if not np.isfinite(a).all():
+        raise SalienceError("the image has NaN or infinite samples; save it with finite values in [0, 1]")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < -_FLOAT_SLACK or hi > 1 + _FLOAT_SLACK:
+        raise SalienceError(f"floating-point samples from {lo:g} to {hi:g}: salience reads a float image as values in "
+                            "[0, 1]; rescale it to [0, 1] (one of 0..255: divide by 255) and save it again, or give "
+                            "preprocess(...) a tensor in [0, 1] yourself")
+    return np.clip(a, 0.0, 1.0).astype(np.float32)
+
+
+def _to_rgb_tensor(img, top: int = 65535) -> Tensor:
+    """A PIL image of any mode -> ``(3, H, W)`` float32 in ``[0, 1]`` (``top``: white in ``I`` / ``I;16`` samples,
+    :func:`_integer_top`)."""
     from PIL import Image
 
     mode = img.mode
-    if mode.startswith("I;16") or mode == "I":
-        # 16-bit grayscale (PNG/TIFF): keep its precision. PIL's "I" (32-bit) comes from 16-bit files.
-        a = np.asarray(img, dtype=np.float64) / 65535.0
-        a = np.clip(a, 0.0, 1.0).astype(np.float32)
-        return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0).repeat(3, 1, 1)
-    if mode == "F":
-        a = np.clip(np.asarray(img, dtype=np.float32) / 255.0, 0.0, 1.0)
+    if mode.startswith("I;16") or mode == "I" or mode == "F":
+        a = _unit_floats(np.asarray(img, dtype=np.float32)) if mode == "F" else _scaled_integers(np.asarray(img), top)
         return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0).repeat(3, 1, 1)
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -186,51 +241,80 @@ def _to_rgb_tensor(img) -> Tensor:
 
 
 def check_info(info: Any, fn: str) -> ModelInfo:
-    """``info`` is a :class:`ModelInfo` whose preprocessing can be applied: an input size of two ints
-    >= 1 (or none), a resize >= 1 (or none), finite means, stds > 0; else a :class:`SalienceError`."""
+    """``info`` as a :class:`ModelInfo` whose preprocessing can be applied: an input size of two whole numbers
+    >= 1 (or none), a resize >= 1 (or none), finite means, stds > 0, one or one per channel; else a
+    :class:`SalienceError`. numpy / torch values (an array of means, ``np.int64`` sides, ``224 / 0.875 = 256.0``)
+    come back as plain ``int`` / ``float`` tuples."""
     if not isinstance(info, ModelInfo):
         raise SalienceError(f"{fn} needs a ModelInfo (model.salience_info, or salience.loading.models.ModelInfo(...)), "
                             f"got {type(info).__name__}")
-    size = info.input_size
-    if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2 or not all(_pixels(v) for v in size)):
-        raise SalienceError(f"{fn}: the ModelInfo's input_size must be (H, W), two ints >= 1, or None; got {size!r}")
-    if info.resize is not None and not _pixels(info.resize):
-        raise SalienceError(f"{fn}: the ModelInfo's resize must be an int >= 1 (the shorter side) or None; "
-                            f"got {info.resize!r}")
-    for name, values in (("mean", info.mean), ("std", info.std)):
+    fixed: dict[str, Any] = {}
+    if info.input_size is not None:
+        sides = _plain(info.input_size)
+        if sides is None or len(sides) != 2 or not all(_pixels(v) for v in sides):
+            raise SalienceError(f"{fn}: the ModelInfo's input_size must be (H, W), two ints >= 1, or None; "
+                                f"got {info.input_size!r}")
+        fixed["input_size"] = tuple(int(v) for v in sides)
+    if info.resize is not None:
+        if not _pixels(_whole(info.resize)):
+            raise SalienceError(f"{fn}: the ModelInfo's resize must be an int >= 1 (the shorter side) or None; "
+                                f"got {info.resize!r}")
+        fixed["resize"] = int(info.resize)
+    for name in ("mean", "std"):
+        values = getattr(info, name)
         if values is None:
             continue
-        ok = isinstance(values, (tuple, list)) and len(values) >= 1 and all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-        if not ok or (name == "std" and min(values) <= 0):
+        vals = _plain(values)
+        if not vals or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                               for v in vals) or (name == "std" and min(vals) <= 0):
             raise SalienceError(f"{fn}: the ModelInfo's {name} must be finite numbers"
                                 f"{' > 0' if name == 'std' else ''}, one or one per channel; got {values!r}")
-    return info
+        fixed[name] = tuple(float(v) for v in vals)
+    if all(type(v) is type(getattr(info, k)) and v == getattr(info, k) for k, v in fixed.items()):
+        return info
+    return dataclasses.replace(info, **fixed)
+
+
+def _plain(values: Any) -> Optional[list]:
+    """A tuple / list / 1-D array or tensor as a list of its (Python) values; anything else ``None``."""
+    if isinstance(values, (Tensor, np.ndarray)):
+        return values.reshape(-1).tolist() if values.ndim == 1 else None
+    return [_whole(v) if isinstance(v, float) else v for v in values] if isinstance(values, (tuple, list)) else None
+
+
+def _whole(v: Any) -> Any:
+    """``v`` as an ``int`` when it is a float with a whole value (``256.0``), else ``v``."""
+    return int(v) if isinstance(v, numbers.Real) and not isinstance(v, (bool, numbers.Integral)) and \
+        math.isfinite(v) and float(v) == int(v) else v
 
 
 def _pixels(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
 
 
-def check_image(x: Any, info: ModelInfo, fn: str) -> Tensor:
+def check_image(x: Any, info: ModelInfo, fn: str, any_channels: bool = False) -> Tensor:
     """``x`` is a float image tensor ``(C, H, W)`` or ``(B, C, H, W)`` with pixels, whose ``C`` suits ``info``
-    (its channels, 1 or 3); else a :class:`SalienceError` saying how to make one."""
+    (its channels, 1 or 3; ``any_channels``: any ``C`` but that of an ``(H, W, C)`` image, ``C`` > 4 with 1, 3 or 4
+    last); else a :class:`SalienceError` saying how to make one."""
     if not isinstance(x, Tensor):
         hint = " (a numpy array: torch.from_numpy(a))" if type(x).__module__.startswith("numpy") else \
             " (a PIL image, a file: salience.loading.load_image(path))" if type(x).__module__.startswith("PIL") else ""
         raise SalienceError(f"{fn} takes an image tensor (C, H, W) or (B, C, H, W), got {type(x).__name__}{hint}")
     if x.dim() not in (3, 4):
         raise SalienceError(f"{fn} takes an image tensor (C, H, W) or (B, C, H, W), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise SalienceError(f"{fn} takes a floating-point image in [0, 1], got {x.dtype}"
-                            + (": x.float() / 255" if x.dtype == torch.uint8 else ": x.float()"))
+    if not x.is_floating_point():  # uint8 is 0..255 (torchvision's convention); other integers say their bits
+        raise SalienceError(f"{fn} takes a floating-point image in [0, 1], got {x.dtype}: " + (
+            "x.float()" if x.dtype == torch.bool else "x.float() / 255" if x.dtype == torch.uint8 else
+            "x.float() / 255 for 8-bit values, x.float() / 65535 for 16-bit ones"))
     if x.is_meta:
         raise SalienceError(f"{fn}: the image is on the meta device, which holds no values")
     c, h, w = x.shape[-3:]
     if h == 0 or w == 0 or x.numel() == 0:
         raise SalienceError(f"{fn}: the image has no pixels (shape {tuple(x.shape)})")
-    if c not in (1, 3, info.channels):
-        hint = ": an (H, W, C) image is x.permute(2, 0, 1)" if x.shape[-1] in (1, 3, info.channels) else ""
+    hwc = x.shape[-1] in (1, 3, 4, info.channels)
+    if c not in (1, 3, info.channels) and not (any_channels and (c <= 4 or not hwc)):
+        hint = ": an (H, W, C) image is x.permute(2, 0, 1)" if hwc and c > 4 else \
+            ": an RGBA image's RGB is x[..., :3, :, :] (load_image composites the alpha on white)" if c == 4 else ""
         raise SalienceError(f"{fn}: the image has {c} channels (shape {tuple(x.shape)}); expected (C, H, W) with "
                             f"C = {info.channels}{hint}")
     return x
@@ -250,10 +334,13 @@ def resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
 
     ``info.resize`` set: the shorter side goes to ``resize`` then a centre crop of
     ``info.input_size`` (torchvision's ``Resize + CenterCrop``); otherwise a plain resize to
-    ``info.input_size``; with no ``input_size`` the image is unchanged. ``info.interpolation``
-    (bilinear or bicubic), antialiased, values clamped to ``[0, 1]``.
+    ``info.input_size``; with no ``input_size`` the image itself is returned (no copy, as torchvision's
+    ``Resize`` returns its input when the size is already right: ``.clone()`` it before changing it in place).
+    ``info.interpolation`` (bilinear or bicubic), antialiased, values clamped to ``[0, 1]``. Any number of channels
+    (RGBA, a mask, a stack), but not an ``(H, W, C)`` image: ``C`` > 4 with 1, 3 or 4 last is refused.
     """
-    check_image(image, check_info(info, "resize_crop"), "resize_crop")
+    info = check_info(info, "resize_crop")
+    check_image(image, info, "resize_crop", any_channels=True)
     if info.input_size is None:
         return image
     if image.dtype in (torch.float16, torch.bfloat16) and image.device.type == "cpu":  # no CPU kernel: float32
@@ -376,7 +463,8 @@ def normalize_input(image: Tensor, info: ModelInfo) -> Tensor:
     Converts RGB to one channel (ITU-R 601 luma) when ``info.channels == 1``, then applies
     ``(x - mean) / std`` when ``info`` has them.
     """
-    x = check_image(image, check_info(info, "normalize_input"), "normalize_input")
+    info = check_info(info, "normalize_input")
+    x = check_image(image, info, "normalize_input")
     cdim = 0 if x.dim() == 3 else 1
     if info.channels == 1 and x.shape[cdim] == 3:
         x = luma(x)
@@ -391,7 +479,8 @@ def normalize_input(image: Tensor, info: ModelInfo) -> Tensor:
 
 def unnormalize(x: Tensor, info: ModelInfo) -> Tensor:
     """Undo :func:`normalize_input`'s mean/std: the model's input back to a ``[0, 1]`` picture."""
-    check_image(x, check_info(info, "unnormalize"), "unnormalize")
+    info = check_info(info, "unnormalize")
+    check_image(x, info, "unnormalize")
     _check_stats(x, info, "unnormalize")
     std, mean = _stats(info.std, 0, x), _stats(info.mean, 0, x)
     if std is None and mean is None:
@@ -403,7 +492,8 @@ def unnormalize(x: Tensor, info: ModelInfo) -> Tensor:
 
 
 def preprocess(image: Tensor, info: ModelInfo) -> Tensor:
-    """``image`` ``(3, H, W)`` in ``[0, 1]`` -> the model's input ``(C, h, w)``: resize, crop, normalize."""
+    """``image`` ``(3, H, W)`` in ``[0, 1]`` -> the model's input ``(C, h, w)``: resize, crop, normalize. With
+    nothing to do (no input size, mean or std, the model's channels) that is ``image`` itself, not a copy."""
     return normalize_input(resize_crop(image, info), info)
 
 
@@ -415,7 +505,7 @@ RESIZE_MODES = ("crop", "stretch", "none")
 
 def resize_mode(info: ModelInfo) -> str:
     """``info``'s resizing as one of :data:`RESIZE_MODES`."""
-    check_info(info, "resize_mode")
+    info = check_info(info, "resize_mode")
     if info.input_size is None:
         return "none"
     return "crop" if info.resize else "stretch"
@@ -436,7 +526,7 @@ def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]]
     model's input channels, 1 (gray: RGB images become their ITU-R 601 luma) or 3 (RGB), for a model
     whose info does not say (a ``python:`` or ``.pt2`` model with a one-channel stem).
     """
-    check_info(info, "with_preprocessing")
+    info = check_info(info, "with_preprocessing")
     if channels is not None:
         if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels not in (1, 3):
             raise SalienceError(f"channels must be 1 (gray) or 3 (RGB), got {channels!r}")
@@ -525,7 +615,8 @@ def _stats_arg(info: ModelInfo, values: Optional[Sequence[float]], name: str,
 def preprocessing_record(info: ModelInfo) -> dict[str, Any]:
     """What :func:`preprocess` does with ``info``, as plain JSON values: the resize mode, the input
     size, the shorter side resized to and the crop (``crop`` mode), mean, std and channels."""
-    mode = resize_mode(check_info(info, "preprocessing_record"))
+    info = check_info(info, "preprocessing_record")
+    mode = resize_mode(info)
     size = list(info.input_size) if info.input_size is not None else None
     return {"mode": mode, "input_size": size, "resize": int(info.resize) if mode == "crop" else None,
             "crop": size if mode == "crop" else None,
@@ -548,7 +639,7 @@ def load_images(
     that they form one batch.
     """
     paths = _path_list(paths)
-    check_info(info, "load_images")
+    info = check_info(info, "load_images")
     max_pixels = check_max_pixels(max_pixels)
     tensors: list[Tensor] = []
     ok: list[str] = []

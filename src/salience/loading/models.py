@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import operator
 import os
+import re
 import warnings
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -59,13 +62,20 @@ MODEL_SPECS: tuple[tuple[str, str], ...] = (
 command line's ``--model`` help and ``salience list`` print."""
 
 
+def expand_home(text: str) -> str:
+    """``text`` with a leading ``~`` as the home folder (as the shell reads it), unless that names nothing and
+    ``text`` itself names something: a path under a folder literally called ``~`` in the working directory."""
+    home = os.path.expanduser(text)
+    return text if home != text and not os.path.exists(home) and os.path.exists(text) else home
+
+
 def path_arg(value: Any, what: str) -> Path:
-    """``value`` (a ``str`` or ``os.PathLike``; ``~`` expanded) as a ``Path``; anything else, or an empty
-    string, is a :class:`SalienceError` naming ``what`` and what it got."""
+    """``value`` (a ``str`` or ``os.PathLike``; ``~`` expanded, :func:`expand_home`) as a ``Path``; anything
+    else, or an empty string, is a :class:`SalienceError` naming ``what`` and what it got."""
     if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
         text = os.fspath(value)
         if isinstance(text, str) and text.strip():
-            return Path(os.path.expanduser(text))
+            return Path(expand_home(text))
     if isinstance(value, (bytes, bytearray)):
         got = "bytes (decode a path with .decode(); a file's contents are no path)"
     else:
@@ -149,10 +159,11 @@ def load_state(model: nn.Module, state: dict, path: PathLike, what: str) -> nn.M
     if not isinstance(model, nn.Module):
         raise SalienceError(f"load_state needs a torch.nn.Module, got {type(model).__name__}")
     _check_state(state, path)
-    mismatch = state_mismatch(model.state_dict(), state)
+    own = model.state_dict()
+    mismatch = state_mismatch(own, state)
     if mismatch:
         raise SalienceError(f"{path}: the state dict does not fit {what} ({mismatch})")
-    model.load_state_dict(state)
+    model.load_state_dict(with_counts(own, state))
     return model
 
 
@@ -169,10 +180,30 @@ def _check_state(state: Any, path: Any) -> None:
                                 f"{type(v).__name__}{hint}")
 
 
+def _is_count(key: str) -> bool:
+    """A BatchNorm's ``num_batches_tracked``: a count of training steps, no weight. State dicts saved before
+    PyTorch 0.4.1 (torchvision's first ResNet files) or converted from other libraries have none, and torch
+    keeps the module's own when it loads them."""
+    return key.rpartition(".")[2] == "num_batches_tracked"
+
+
+def with_counts(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """``state`` with the BatchNorm counts it lacks (:func:`_is_count`) taken from ``own``, as torch does for a
+    state dict without version metadata: a strict ``load_state_dict`` then loads it whatever its metadata says."""
+    gaps = [k for k in own if _is_count(k) and k not in state]
+    if not gaps:
+        return state
+    full: Any = OrderedDict(state)
+    full.update((k, own[k]) for k in gaps)
+    if getattr(state, "_metadata", None) is not None:
+        full._metadata = state._metadata  # type: ignore[attr-defined]
+    return full
+
+
 def state_mismatch(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> str:
-    """The first keys missing from ``state``, unexpected in it and of another shape than in ``own``, as
-    one short line (``""`` when it fits)."""
-    missing = [k for k in own if k not in state]
+    """The first keys missing from ``state`` (but BatchNorm counts, :func:`_is_count`), unexpected in it and of
+    another shape than in ``own``, as one short line (``""`` when it fits)."""
+    missing = [k for k in own if k not in state and not _is_count(k)]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -180,13 +211,27 @@ def state_mismatch(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> st
                      for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys)
 
 
+def _is_safetensors(path: Path) -> bool:
+    """``path`` is a safetensors file by its name, or by its start (an 8-byte header length, then a JSON object)
+    whatever its name (a ``.bin`` / ``.pt`` that holds one)."""
+    if path.suffix.lower() == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
 def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
+    safetensors = _is_safetensors(path)
     whole = "a torch.export program (.pt2)" if path.suffix.lower() == ".pt2" else \
-        "a TorchScript archive (torch.jit.save)" if path.suffix.lower() != ".safetensors" and _is_torchscript(path) else None
+        "a TorchScript archive (torch.jit.save)" if not safetensors and _is_torchscript(path) else None
     if whole:
         raise SalienceError(f"{path}: {whole} is a whole model, not a state dict: load it by itself, "
                             f"load_model({str(path)!r}), without an architecture or weights")
-    obj = _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _torch_load(path, trust_pickle)
+    obj = _read_safetensors(path) if safetensors else _torch_load(path, trust_pickle)
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model", "net"):
             if isinstance(obj.get(key), dict):
@@ -277,7 +322,7 @@ def _torchvision_from_file(tvm, arch: str, wpath: Path, trust_pickle: bool) -> n
     state = _read_state_dict(wpath, trust_pickle)
     model = tvm.get_model(arch, weights=None)
     if not state_mismatch(model.state_dict(), state):
-        model.load_state_dict(state)
+        model.load_state_dict(with_counts(model.state_dict(), state))
         return model
     # A model fine-tuned to another number of classes: the last 2-D weight says how many.
     mats = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
@@ -288,7 +333,7 @@ def _torchvision_from_file(tvm, arch: str, wpath: Path, trust_pickle: bool) -> n
         except (RuntimeError, TypeError, ValueError):
             other = None
         if other is not None and not state_mismatch(other.state_dict(), state):
-            other.load_state_dict(state)
+            other.load_state_dict(with_counts(other.state_dict(), state))
             return other
     raise SalienceError(f"{wpath}: the state dict does not fit torchvision's {arch} "
                         f"({state_mismatch(model.state_dict(), state)}); check the architecture name")
@@ -455,8 +500,7 @@ def load_model(
     if weights is not None and not (isinstance(weights, str) and weights == "random"):
         weights = path_arg(weights, "weights (a state-dict file, or \"random\")")
     device = resolve_device(device)
-    if s.startswith("~") and Path(os.path.expanduser(s)).exists():
-        s = os.path.expanduser(s)
+    s = expand_home(s)
     is_file = Path(s).exists() and not s.startswith(("hf:", "python:"))
     if weights is not None and (is_file or not s.startswith(_WEIGHTS_SPECS)):
         raise SalienceError(
@@ -542,7 +586,7 @@ def _load_spec(s: str, is_file: bool, weights: Optional[PathLike], trust_pickle:
 
         if s.startswith("timm:"):
             return libraries.load_timm(s[len("timm:"):], weights, trust_pickle)
-        return libraries.load_hf(s[len("hf:"):])
+        return libraries.load_hf(expand_home(s[len("hf:"):]))
     if s.startswith("python:"):
         from salience.loading.custom import load_python
 
@@ -553,14 +597,31 @@ def _load_spec(s: str, is_file: bool, weights: Optional[PathLike], trust_pickle:
             raise SalienceError(f"{p}: is a directory; expected a model file, hf:{p} for a Hugging Face folder, "
                                 "or 'demo:NAME' / 'torchvision:ARCH'")
         return _load_file(p, trust_pickle)
+    raise _unknown_spec(s)
+
+
+def _unknown_spec(s: str) -> SalienceError:
+    """A spec that names nothing: a missing file (a path), a hub id without its library (``ORG/NAME``), a
+    torchvision architecture without ``torchvision:``, or an unknown name."""
     from salience.demo import zoo
 
     demos = ["demo:" + n for n in zoo.DEMOS]
-    if "/" in s or os.sep in s or s.startswith("~") or Path(s).suffix.lower() in _MODEL_FILE_EXT:
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", s) and Path(s).suffix.lower() not in _MODEL_FILE_EXT \
+            and not Path(s).parent.exists():
+        head = f"unknown model {s!r}: a hub model id goes with its library, hf:{s} (transformers)" + (
+            f" or timm:{s[len('timm/'):]}" if s.startswith("timm/") else "") + "; a file of that name is not here"
+        hint = ""
+    elif "/" in s or os.sep in s or s.startswith("~") or Path(s).suffix.lower() in _MODEL_FILE_EXT:
         head, hint = f"model file {s}: no such file; check the path", ""
     else:
         head, hint = f"unknown model {s!r}", suggest(s, demos) or suggest("demo:" + s, demos)
-    raise SalienceError(
+        try:
+            from torchvision.models import list_models
+
+            hint = f"; did you mean 'torchvision:{s}' (or 'timm:{s}')?" if s in list_models() else hint
+        except Exception:  # noqa: BLE001 - torchvision missing or too old: the demos' hint stays
+            pass
+    return SalienceError(
         f"{head}{hint} (expected demo:NAME ({', '.join(demos)}), torchvision:ARCH, timm:NAME, "
         "hf:DIR_OR_ID, python:MODULE:FUNC, or the path of an existing model file)"
     )
@@ -640,11 +701,19 @@ def name_classes(info: ModelInfo, num_outputs: int,
     """
     if not isinstance(info, ModelInfo):
         raise SalienceError(f"name_classes needs the model's ModelInfo (model.salience_info), got {type(info).__name__}")
-    if isinstance(num_outputs, bool) or not isinstance(num_outputs, numbers.Integral) or num_outputs < 1:
+    try:  # an int, a numpy integer, a 0-d integer tensor (logits.shape[-1] is an int)
+        count = None if isinstance(num_outputs, bool) else operator.index(num_outputs)
+    except TypeError:
+        count = None
+    if count is None or count < 1:
         raise SalienceError(f"num_outputs must be the model's number of outputs, an int >= 1, got {num_outputs!r}")
+    num_outputs = count
     if labels is not None:
-        if isinstance(labels, (str, bytes, Mapping)) or not isinstance(labels, Sequence) \
-                or not all(isinstance(n, str) for n in labels):
+        if hasattr(labels, "tolist") and not isinstance(labels, (str, bytes)):  # a numpy array, a pandas Series
+            labels = labels.tolist()
+        # names are strings, or numbers as read_labels takes them from a JSON list; not None, True or an object
+        if isinstance(labels, (str, bytes, Mapping)) or not isinstance(labels, Sequence) or not all(
+                isinstance(n, (str, numbers.Real)) and not isinstance(n, bool) for n in labels):
             raise SalienceError(f"labels must be a list of class names (str), one per output, got {type(labels).__name__}"
                                 + (" (a str would be split into its letters)" if isinstance(labels, str) else ""))
         if len(labels) != num_outputs:
