@@ -93,12 +93,6 @@ class Plan:
     """Whether :attr:`begun_labels` are labels given now (``labels=``, ``--labels-csv``) to a run begun
     reading its labels with each item, rather than those the run was begun with: what a refusal says
     (:func:`begun_label_refusal`)."""
-    whole_call: dict[str, str] = field(default_factory=dict)
-    """Per method, the words of a batch's error found to be the whole call's (:func:`_refused_images`:
-    a single image refused as the batch was, before any part passed): a later batch the method refuses
-    with the same words is not rerun on its parts (one call, not ``2 log2(n)`` more, a batch); refused
-    with other words, it is. This run's only (with Ray, each actor's)."""
-
     def has_labels(self) -> bool:
         """Whether the rows have labels (given, or the items')."""
         return self.labels is not None or self.item_labels
@@ -278,25 +272,24 @@ def _method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes
 
 
 def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes: Tensor, plan: Plan,
-                    indices: Sequence[int], error: SalienceError, suspects: Sequence[int] = (),
-                    name: Optional[str] = None) -> tuple[Tensor, dict[int, str]]:
-    """After the method ``fn`` (the run's method ``name``) refused the batch ``x`` (``error``, e.g. one
+                    indices: Sequence[int], error: SalienceError,
+                    suspects: Sequence[int] = ()) -> tuple[Tensor, dict[int, str]]:
+    """After the method ``fn`` refused the batch ``x`` (``error``, e.g. one
     image whose score is NaN): its maps of the images it explains when run without the ones it refuses,
     and its error for each of those (by position in the batch). A bisection (:class:`_Search`): the
     method runs again on two parts (first the ``suspects``, the images whose prediction is not finite,
     apart from the others; else halves), each refused part is split in two again, down to single
     images, so ``k`` refused images of ``n`` cost at most ``2 k ceil(log2 n)`` more calls (every
-    refused part's two halves) and every one is found. The error is the whole call's (an option the
-    model refuses), and raised again, when a single image is refused before any part passed, every
-    refusal with the same words (``2 ceil(log2 n)`` more calls; with suspects, in the others' part:
-    the suspects' part is meant to be refused). Learnt from 4 images or more whose predictions are finite
-    (so from three disjoint parts refused: the halves and the first half's halves), the plan then
-    remembers it for ``name`` (:attr:`Plan.whole_call`), and a later batch this method refuses with the
-    same words is not rerun.
+    refused part's two halves; 2 more when the suspects' part passes) and every one is found. The error
+    is the whole call's (an option the model refuses), and raised again, when a single image is refused
+    before any part passed, every refusal with the same words (``2 ceil(log2 n)`` more calls; with
+    suspects, in the others' part: the suspects' part is meant to be refused). Nothing is remembered
+    from one batch to the next: a batch's rows depend on its images only, so a continued run, and the
+    Ray engine's actors, write what an uninterrupted local run writes.
     Each image's map is the method's on it as a run without the refused images gives (the methods
     treat the images of a call independently)."""
     n = x.shape[0]
-    if n < 2 or (name is not None and plan.whole_call.get(name) == str(error)):
+    if n < 2:
         raise error
 
     def run(part: list[int]) -> Tensor:
@@ -310,8 +303,6 @@ def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, clas
     rest = [j for j in range(n) if j not in set(suspects)]
     if suspects and rest:  # the suspects' part is meant to be refused: only the rest's says a whole call's error
         errors = [search.attempt(part) for part in (list(suspects), rest)]
-        if errors[1] is not None and name is not None and plan.whole_call.get(name) == str(errors[1]):
-            raise errors[1]  # the rest refused with a whole call's words, learnt on an earlier batch
         if errors[1] is not None:
             search.error, search.alike = errors[1], True  # the rest's words, whatever the suspects said
             search.bisect(rest, errors[1])
@@ -321,8 +312,6 @@ def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, clas
     else:
         search.bisect(list(range(n)), error)
     if search.whole or not search.found:  # the whole call's error (or every image refused)
-        if search.whole and len(rest) >= 4 and name is not None:  # learnt from 3 refused parts of finite predictions
-            plan.whole_call[name] = str(search.error)
         raise search.error
     some = next(iter(search.found.values()))
     m = torch.full((n, *some.shape), float("nan"), dtype=some.dtype)
@@ -513,7 +502,7 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
                              else _method_maps(fn, model, x, classes, plan, indices))
                     except SalienceError as e:
                         found.clear()  # what the refused call reported; the parts report their own
-                        m, refused = _refused_images(fn, model, x, classes, plan, indices, e, suspects, name)
+                        m, refused = _refused_images(fn, model, x, classes, plan, indices, e, suspects)
                 _warn_gaps(plan, name, found, indices)
             except SalienceError as e:
                 for pos in good:
