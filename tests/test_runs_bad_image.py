@@ -407,3 +407,32 @@ def test_a_continued_run_equals_an_uninterrupted_one_after_a_batch_failed_whole(
     assert [i for i, e in enumerate(errors) if e is not None] == list(range(8)) + [9], errors
     for i in range(10, 16):
         np.testing.assert_allclose(cut.map(i, "picky"), whole.map(i, "picky"), rtol=0, atol=0)
+
+
+class Touchy(Marked):
+    """Finite on its inputs; NaN for an image whose channel 2 is 1 everywhere (as it stays when blurred) once pixel
+    (0, 7, 7) is no longer 0.5 (a perturbed copy of it: deletion's blurred pixels)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bad = (x[:, 2].amin((1, 2)) > 0.99) & (x[:, 0, 7, 7] != 0.5)
+        return self.body(x) + torch.where(bad, torch.tensor(float("nan")), torch.tensor(0.0))[:, None]
+
+
+def test_an_image_the_metrics_refuse_costs_its_own_metrics_only(tmp_path):
+    """vanilla explains image 2 (its prediction finite), whose deletion curve is NaN (a perturbed copy's score):
+    its row says the metrics' error, its map is kept, every other image's deletion equals a run without it.
+    Before, the metrics refused the whole batch, no image to blame by its prediction: the run stopped there."""
+    x = _images(())
+    x[:, 0, 7, 7] = 0.5
+    x[2, 2] = 1.0
+    run = _run(Touchy().eval(), x, tmp_path / "run", methods=["vanilla"], method_options=None, metrics=["deletion"])
+    others = [0, 1, 3, 4, 5]
+    ref = _run(Touchy().eval(), x[others], tmp_path / "ref", methods=["vanilla"], method_options=None,
+               metrics=["deletion"])
+    row = run.row(2)
+    assert row["error"].startswith("method vanilla's metrics failed: the model's score is nan on image 0"), row["error"]
+    assert row["vanilla.deletion"] is None and row["vanilla.max"] is not None
+    np.testing.assert_allclose(run.map(2, "vanilla"), salience.vanilla(Touchy().eval(), x[2:3])[0], rtol=1e-5, atol=1e-7)
+    for r, i in enumerate(others):
+        assert run.row(i)["error"] is None
+        assert run.row(i)["vanilla.deletion"] == pytest.approx(ref.row(r)["vanilla.deletion"], rel=1e-5, abs=1e-7)

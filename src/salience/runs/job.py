@@ -288,10 +288,6 @@ def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, clas
     Ray engine's actors, write what an uninterrupted local run writes.
     Each image's map is the method's on it as a run without the refused images gives (the methods
     treat the images of a call independently)."""
-    n = x.shape[0]
-    if n < 2:
-        raise error
-
     def run(part: list[int]) -> Tensor:
         with collect_gaps() as gaps:
             m = _method_maps(fn, model, x[part], classes[part], plan, [indices[j] for j in part])
@@ -299,6 +295,22 @@ def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, clas
             report_gaps(dataclasses.replace(r, images=[part[p] for p in r.images]))
         return m
 
+    n = x.shape[0]
+    search = _bisection(run, n, error, suspects)
+    some = next(iter(search.found.values()))
+    m = torch.full((n, *some.shape), float("nan"), dtype=some.dtype)
+    for j, v in search.found.items():
+        m[j] = v
+    return m, search.refused
+
+
+def _bisection(run: Callable[[list[int]], Any], n: int, error: SalienceError, suspects: Sequence[int]) -> "_Search":
+    """:func:`_refused_images`' search over positions ``0 .. n-1`` refused with ``error`` (``run(part)``: the
+    results of ``part``, indexable by its positions, or its ``SalienceError``), the ``suspects`` tried apart
+    first; also the metrics' (:func:`_metric_rows`). Raises the whole call's error, or the last one when
+    every position is refused."""
+    if n < 2:
+        raise error
     search = _Search(run, error)
     rest = [j for j in range(n) if j not in set(suspects)]
     if suspects and rest:  # the suspects' part is meant to be refused: only the rest's says a whole call's error
@@ -313,11 +325,7 @@ def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, clas
         search.bisect(list(range(n)), error)
     if search.whole or not search.found:  # the whole call's error (or every image refused)
         raise search.error
-    some = next(iter(search.found.values()))
-    m = torch.full((n, *some.shape), float("nan"), dtype=some.dtype)
-    for j, v in search.found.items():
-        m[j] = v
-    return m, search.refused
+    return search
 
 
 class _Search:
@@ -421,26 +429,34 @@ def _metric_rows(plan: Plan, model: nn.Module, batch: tuple[Tensor, Tensor, Tens
                  kept: list[int], suspects: Sequence[int], rows: list[dict[str, Any]], name: str) -> None:
     """Method ``name``'s metric columns in ``rows`` (the good items') of the ``kept`` ones it explained;
     ``batch``: their inputs, maps, classes and masks. A metric that refuses them (``SalienceError``: an
-    image whose prediction is NaN, which a method such as SmoothGrad explains all the same) is computed
-    again without the ``suspects`` (prediction not finite), whose rows say its error."""
+    image whose perturbed scores are NaN, or whose prediction is NaN, which a method such as SmoothGrad
+    explains all the same) is computed again on parts, as a method is (:func:`_bisection`, the
+    ``suspects``, prediction not finite, apart first): the refused images' rows say its error, the others
+    get their columns. An error of the whole call, or of every image whose prediction is finite, is
+    raised (the run stops, as a metric refused up front would)."""
     x, m, classes, masks = batch
 
-    def columns(part: list[int]) -> dict[str, list[Optional[float]]]:
-        sub = _rows_of(part, len(part) != len(m))
-        return _metrics(plan, model, x[sub], display(m[sub, 0]), classes[sub], [masks[j] for j in part])
+    def columns(part: list[int]) -> list[dict[str, Optional[float]]]:  # positions in ``kept``: each image's
+        at = [kept[p] for p in part]
+        sub = _rows_of(at, len(at) != len(m))
+        cols = _metrics(plan, model, x[sub], display(m[sub, 0]), classes[sub], [masks[j] for j in at])
+        return [{col: vals[i] for col, vals in cols.items()} for i in range(len(at))]
 
+    everyone = list(range(len(kept)))
     try:
-        cols = columns(kept)
+        found, refused = dict(enumerate(columns(everyone))), {}
     except SalienceError as e:
-        rest = [j for j in kept if j not in set(suspects)]
-        if len(rest) == len(kept):
-            raise
-        for j in set(kept) - set(rest):
-            _method_error(rows[j], f"{name}'s metrics", str(e))
-        kept, cols = rest, (columns(rest) if rest else {})
-    for col, vals in cols.items():
-        for j, v in zip(kept, vals):
-            rows[j][f"{name}.{col}"] = v
+        inner = [p for p in everyone if kept[p] in set(suspects)]
+        if len(inner) == len(kept):  # only images whose prediction is not finite: each says it
+            found, refused = {}, {p: str(e) for p in inner}
+        else:
+            search = _bisection(columns, len(kept), e, inner)
+            found, refused = search.found, search.refused
+    for p, text in refused.items():
+        _method_error(rows[kept[p]], f"{name}'s metrics", text)
+    for p, cols in found.items():
+        for col, v in cols.items():
+            rows[kept[p]][f"{name}.{col}"] = v
 
 
 @dataclass
