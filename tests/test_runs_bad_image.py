@@ -436,3 +436,17 @@ def test_an_image_the_metrics_refuse_costs_its_own_metrics_only(tmp_path):
     for r, i in enumerate(others):
         assert run.row(i)["error"] is None
         assert run.row(i)["vanilla.deletion"] == pytest.approx(ref.row(r)["vanilla.deletion"], rel=1e-5, abs=1e-7)
+
+
+def test_a_last_batch_of_one_image_the_metrics_refuse_is_its_row(tmp_path):
+    """5 images in batches of 4: the last batch is image 4 alone, whose deletion curve is NaN (a copy of image 2
+    of the test above): its row says the metrics' error, as a method's refusal of it would be. Before, a batch
+    whose metrics refused every image whose prediction is finite stopped the run."""
+    x = _images(())[:5]
+    x[:, 0, 7, 7] = 0.5
+    x[4, 2] = 1.0
+    run = _run(Touchy().eval(), x, tmp_path / "run", methods=["vanilla"], method_options=None, metrics=["deletion"])
+    errors = run.table.column("error").to_pylist()
+    assert errors[:4] == [None] * 4 and errors[4].startswith("method vanilla's metrics failed: the model's score is "
+                                                             "nan on image 0"), errors
+    assert run.row(4)["vanilla.deletion"] is None and run.row(3)["vanilla.deletion"] is not None

@@ -432,8 +432,7 @@ def _metric_rows(plan: Plan, model: nn.Module, batch: tuple[Tensor, Tensor, Tens
     image whose perturbed scores are NaN, or whose prediction is NaN, which a method such as SmoothGrad
     explains all the same) is computed again on parts, as a method is (:func:`_bisection`, the
     ``suspects``, prediction not finite, apart first): the refused images' rows say its error, the others
-    get their columns. An error of the whole call, or of every image whose prediction is finite, is
-    raised (the run stops, as a metric refused up front would)."""
+    get their columns; an error of the whole call (or of every image) is every row's, as a method's is."""
     x, m, classes, masks = batch
 
     def columns(part: list[int]) -> list[dict[str, Optional[float]]]:  # positions in ``kept``: each image's
@@ -450,8 +449,11 @@ def _metric_rows(plan: Plan, model: nn.Module, batch: tuple[Tensor, Tensor, Tens
         if len(inner) == len(kept):  # only images whose prediction is not finite: each says it
             found, refused = {}, {p: str(e) for p in inner}
         else:
-            search = _bisection(columns, len(kept), e, inner)
-            found, refused = search.found, search.refused
+            try:
+                search = _bisection(columns, len(kept), e, inner)
+                found, refused = search.found, search.refused
+            except SalienceError as whole:  # the whole call's error, or every image's: each row says it
+                found, refused = {}, {p: str(whole) for p in everyone}
     for p, text in refused.items():
         _method_error(rows[kept[p]], f"{name}'s metrics", text)
     for p, cols in found.items():
