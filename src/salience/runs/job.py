@@ -329,8 +329,8 @@ def _bisection(run: Callable[[list[int]], Any], n: int, error: SalienceError, su
 
 
 class _Search:
-    """:func:`_refused_images`' bisection: ``run(part)`` is the method's maps of the batch's positions
-    ``part``, or its ``SalienceError``; ``found`` the maps by position, ``refused`` the errors;
+    """:func:`_bisection`'s state: ``run(part)`` is the method's maps (or the metrics' columns) of the batch's
+    positions ``part``, or its ``SalienceError``; ``found`` the maps by position, ``refused`` the errors;
     ``passed``: whether any part passed yet; ``alike``: whether every refusal said what ``error`` says
     (the batch's, or the part's whose bisection may find the whole call's); ``whole``: ``error`` was
     found to be the whole call's; ``early``: whether that may be found (a stop before every refused
