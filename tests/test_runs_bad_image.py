@@ -89,12 +89,12 @@ def test_no_extra_call_when_nothing_fails(tmp_path):
     assert calls == [4, 2]
 
 
-def test_a_whole_call_error_fails_the_batch_and_later_batches_are_not_rerun(tmp_path):
+def test_a_whole_call_error_fails_each_batch_after_2_log2n_more_calls(tmp_path):
     """A method that refuses every call (an option the model refuses, say): each batch's rows say its
-    error. The first batch's, after its calls (the prediction's pass, then with the classes), the halves
-    and the first half's halves (a single image refused as the batch was, nothing passed: the whole
-    call's, ``2 log2(4)`` more calls, not one per image); the next batch's error has the same words: not
-    rerun (before, every batch paid its reruns)."""
+    error, after the batch's calls (the prediction's pass, then with the classes), the halves and the first
+    half's halves (a single image refused as the batch was, nothing passed: the whole call's, ``2 log2(4)``
+    more calls, not one per image). The next batch finds it again (its halves: 2 more calls): nothing is
+    remembered from one batch to the next, so a continued run writes what an uninterrupted one does."""
     calls = []
 
     def refuses(model, x, target):
@@ -102,15 +102,14 @@ def test_a_whole_call_error_fails_the_batch_and_later_batches_are_not_rerun(tmp_
         raise SalienceError("this model refuses option z=3")
 
     run = _run(Marked().eval(), _images(()), tmp_path / "run", methods={"refuses": refuses}, method_options=None)
-    assert calls == [4, 4, 2, 2, 1, 1, 1, 2, 2]  # the 1 after the first batch: the NaN maps' shape, once a run
+    assert calls == [4, 4, 2, 2, 1, 1, 1, 2, 2, 1, 1]  # the 1 after the first batch: the NaN maps' shape, once a run
     assert run.table.column("error").to_pylist() == ["method refuses failed: this model refuses option z=3"] * 6
 
 
 def test_a_later_batch_refused_in_other_words_is_rerun(tmp_path):
-    """The run remembers a whole call's error per method by its words: a method refusing the first batch
-    whole (``z=3``), then, in the second, only the image with a mark (other words), is rerun on the
-    second batch's parts, and the other images of that batch keep their maps. Another method refusing
-    with the first one's words is rerun on its own first batch (remembered per method)."""
+    """A method refusing the first batch whole (``z=3``), then, in the second, only the image with a mark
+    (other words), is rerun on the second batch's parts, and the other images of that batch keep their
+    maps; another method does the same on its own."""
     calls: dict[str, list[int]] = {"first": [], "second": []}
 
     def method(key):
@@ -136,10 +135,11 @@ def test_a_later_batch_refused_in_other_words_is_rerun(tmp_path):
     np.testing.assert_allclose(run.map(4, "first"), salience.vanilla(Marked().eval(), x[4:5])[0], rtol=1e-5, atol=1e-7)
 
 
-def test_a_remembered_whole_call_error_beside_a_suspect_costs_the_two_parts_only(tmp_path):
+def test_a_whole_call_error_beside_a_suspect_is_found_in_the_others_part(tmp_path):
     """Batch 2 holds an image whose prediction is NaN, so the batch is refused in other words (its NaN score)
-    than the whole call's error learnt on batch 1; the others' part is refused in the learnt words: not
-    bisected (two more calls for batch 2: the suspect's part and the others')."""
+    than the whole call's error of batch 1; the others' part is refused in the whole call's words and
+    bisected until a single image is (its halves, 1 and 2 images): the batch's rows say the whole call's
+    error."""
     calls = []
 
     def refuses(model, x, target):
@@ -152,7 +152,7 @@ def test_a_remembered_whole_call_error_beside_a_suspect_costs_the_two_parts_only
     x[5, 0, 0, 0] = MARK
     run = salience.explain_dataset(Marked().eval(), torch.utils.data.TensorDataset(x), {"refuses": refuses},
                                    tmp_path / "run", workers=0, map_dtype="float32", batch_size=4)
-    assert calls == [4, 4, 2, 2, 1, 1, 1, 4, 4, 1, 3]  # batch 1, the NaN maps' shape, batch 2: [5], [4, 6, 7]
+    assert calls == [4, 4, 2, 2, 1, 1, 1, 4, 4, 1, 3, 1, 2]  # batch 1, the NaN maps' shape, batch 2: [5], [4, 6, 7], [4], [6, 7]
     assert run.table.column("error").to_pylist() == ["method refuses failed: this model refuses option z=3"] * 8
 
 
@@ -262,8 +262,7 @@ def test_a_whole_call_error_beside_a_suspect_stops_after_the_rests_halves(tmp_pa
         raise SalienceError("this model refuses option z=3")
 
     run = _run(Marked().eval(), _images((1,)), tmp_path / "run", methods={"refuses": refuses}, method_options=None)
-    # batch 1: [1], [0, 2, 3], [0], [2, 3]; the NaN maps' shape; batch 2 and its halves: learnt from 3 images
-    # only (not remembered), the whole call's error is found again
+    # batch 1: [1], [0, 2, 3], [0], [2, 3]; the NaN maps' shape; batch 2 and its halves
     assert calls == [4, 4, 1, 3, 1, 2, 1, 2, 2, 1, 1]
     assert run.table.column("error").to_pylist() == ["method refuses failed: this model refuses option z=3"] * 6
 
@@ -377,3 +376,77 @@ def test_a_rows_error_is_read_back_per_method():
         None)
     assert method_errors("cannot identify image file x.png", ["grad"]) == ({}, "cannot identify image file x.png")
     assert method_errors(None, ["grad"]) == ({}, None)
+
+
+def test_a_continued_run_equals_an_uninterrupted_one_after_a_batch_failed_whole(tmp_path):
+    """Batch 1 of 8: a method refuses images 0, 1, 2 and 4 alike (its words name no image), which the bisection
+    takes for a whole call's error (a documented limit: the batch's rows all say it). Batch 2: it refuses image 9
+    only, in the same words. A run stopped after batch 1 (an error not a ``SalienceError``) and continued writes
+    what the uninterrupted run writes: batch 2's other images keep their maps. Before, the uninterrupted run
+    remembered batch 1's words as a whole call's error and failed batch 2 whole, the continued one (nothing
+    remembered) explained its other seven images; with Ray, an actor's batches depended on which it got first."""
+    torch.manual_seed(2)
+    x = torch.rand(16, 3, 8, 8)
+    x[[0, 1, 2, 4, 9], 0, 0, 1] = MARK
+    stop = [True]
+
+    def stopped_once(model, x, target):  # the run's process ends during batch 2 (kill -9, Ctrl-C)
+        if stop[0] and len(x) == 8 and x[:, 0, 0, 1].eq(MARK).sum() == 1:  # batch 2's first call
+            stop[0] = False
+            raise RuntimeError("stopped")
+        return _picky([])(model, x, target)
+
+    kw = dict(workers=0, map_dtype="float32", batch_size=8, shard_size=8)
+    data = torch.utils.data.TensorDataset(x)
+    whole = salience.explain_dataset(Marked().eval(), data, {"picky": _picky([])}, tmp_path / "whole", **kw)
+    with pytest.raises(RuntimeError, match="stopped"):
+        salience.explain_dataset(Marked().eval(), data, {"picky": stopped_once}, tmp_path / "cut", **kw)
+    cut = salience.explain_dataset(Marked().eval(), data, {"picky": stopped_once}, tmp_path / "cut", **kw)
+    errors = whole.table.column("error").to_pylist()
+    assert cut.table.column("error").to_pylist() == errors
+    assert [i for i, e in enumerate(errors) if e is not None] == list(range(8)) + [9], errors
+    for i in range(10, 16):
+        np.testing.assert_allclose(cut.map(i, "picky"), whole.map(i, "picky"), rtol=0, atol=0)
+
+
+class Touchy(Marked):
+    """Finite on its inputs; NaN for an image whose channel 2 is 1 everywhere (as it stays when blurred) once pixel
+    (0, 7, 7) is no longer 0.5 (a perturbed copy of it: deletion's blurred pixels)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bad = (x[:, 2].amin((1, 2)) > 0.99) & (x[:, 0, 7, 7] != 0.5)
+        return self.body(x) + torch.where(bad, torch.tensor(float("nan")), torch.tensor(0.0))[:, None]
+
+
+def test_an_image_the_metrics_refuse_costs_its_own_metrics_only(tmp_path):
+    """vanilla explains image 2 (its prediction finite), whose deletion curve is NaN (a perturbed copy's score):
+    its row says the metrics' error, its map is kept, every other image's deletion equals a run without it.
+    Before, the metrics refused the whole batch, no image to blame by its prediction: the run stopped there."""
+    x = _images(())
+    x[:, 0, 7, 7] = 0.5
+    x[2, 2] = 1.0
+    run = _run(Touchy().eval(), x, tmp_path / "run", methods=["vanilla"], method_options=None, metrics=["deletion"])
+    others = [0, 1, 3, 4, 5]
+    ref = _run(Touchy().eval(), x[others], tmp_path / "ref", methods=["vanilla"], method_options=None,
+               metrics=["deletion"])
+    row = run.row(2)
+    assert row["error"].startswith("method vanilla's metrics failed: the model's score is nan on image 0"), row["error"]
+    assert row["vanilla.deletion"] is None and row["vanilla.max"] is not None
+    np.testing.assert_allclose(run.map(2, "vanilla"), salience.vanilla(Touchy().eval(), x[2:3])[0], rtol=1e-5, atol=1e-7)
+    for r, i in enumerate(others):
+        assert run.row(i)["error"] is None
+        assert run.row(i)["vanilla.deletion"] == pytest.approx(ref.row(r)["vanilla.deletion"], rel=1e-5, abs=1e-7)
+
+
+def test_a_last_batch_of_one_image_the_metrics_refuse_is_its_row(tmp_path):
+    """5 images in batches of 4: the last batch is image 4 alone, whose deletion curve is NaN (a copy of image 2
+    of the test above): its row says the metrics' error, as a method's refusal of it would be. Before, a batch
+    whose metrics refused every image whose prediction is finite stopped the run."""
+    x = _images(())[:5]
+    x[:, 0, 7, 7] = 0.5
+    x[4, 2] = 1.0
+    run = _run(Touchy().eval(), x, tmp_path / "run", methods=["vanilla"], method_options=None, metrics=["deletion"])
+    errors = run.table.column("error").to_pylist()
+    assert errors[:4] == [None] * 4 and errors[4].startswith("method vanilla's metrics failed: the model's score is "
+                                                             "nan on image 0"), errors
+    assert run.row(4)["vanilla.deletion"] is None and run.row(3)["vanilla.deletion"] is not None

@@ -93,12 +93,6 @@ class Plan:
     """Whether :attr:`begun_labels` are labels given now (``labels=``, ``--labels-csv``) to a run begun
     reading its labels with each item, rather than those the run was begun with: what a refusal says
     (:func:`begun_label_refusal`)."""
-    whole_call: dict[str, str] = field(default_factory=dict)
-    """Per method, the words of a batch's error found to be the whole call's (:func:`_refused_images`:
-    a single image refused as the batch was, before any part passed): a later batch the method refuses
-    with the same words is not rerun on its parts (one call, not ``2 log2(n)`` more, a batch); refused
-    with other words, it is. This run's only (with Ray, each actor's)."""
-
     def has_labels(self) -> bool:
         """Whether the rows have labels (given, or the items')."""
         return self.labels is not None or self.item_labels
@@ -278,27 +272,22 @@ def _method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes
 
 
 def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes: Tensor, plan: Plan,
-                    indices: Sequence[int], error: SalienceError, suspects: Sequence[int] = (),
-                    name: Optional[str] = None) -> tuple[Tensor, dict[int, str]]:
-    """After the method ``fn`` (the run's method ``name``) refused the batch ``x`` (``error``, e.g. one
+                    indices: Sequence[int], error: SalienceError,
+                    suspects: Sequence[int] = ()) -> tuple[Tensor, dict[int, str]]:
+    """After the method ``fn`` refused the batch ``x`` (``error``, e.g. one
     image whose score is NaN): its maps of the images it explains when run without the ones it refuses,
     and its error for each of those (by position in the batch). A bisection (:class:`_Search`): the
     method runs again on two parts (first the ``suspects``, the images whose prediction is not finite,
     apart from the others; else halves), each refused part is split in two again, down to single
     images, so ``k`` refused images of ``n`` cost at most ``2 k ceil(log2 n)`` more calls (every
-    refused part's two halves) and every one is found. The error is the whole call's (an option the
-    model refuses), and raised again, when a single image is refused before any part passed, every
-    refusal with the same words (``2 ceil(log2 n)`` more calls; with suspects, in the others' part:
-    the suspects' part is meant to be refused). Learnt from 4 images or more whose predictions are finite
-    (so from three disjoint parts refused: the halves and the first half's halves), the plan then
-    remembers it for ``name`` (:attr:`Plan.whole_call`), and a later batch this method refuses with the
-    same words is not rerun.
+    refused part's two halves; 2 more when the suspects' part passes) and every one is found. The error
+    is the whole call's (an option the model refuses), and raised again, when a single image is refused
+    before any part passed, every refusal with the same words (``2 ceil(log2 n)`` more calls; with
+    suspects, in the others' part: the suspects' part is meant to be refused). Nothing is remembered
+    from one batch to the next: a batch's rows depend on its images only, so a continued run, and the
+    Ray engine's actors, write what an uninterrupted local run writes.
     Each image's map is the method's on it as a run without the refused images gives (the methods
     treat the images of a call independently)."""
-    n = x.shape[0]
-    if n < 2 or (name is not None and plan.whole_call.get(name) == str(error)):
-        raise error
-
     def run(part: list[int]) -> Tensor:
         with collect_gaps() as gaps:
             m = _method_maps(fn, model, x[part], classes[part], plan, [indices[j] for j in part])
@@ -306,12 +295,26 @@ def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, clas
             report_gaps(dataclasses.replace(r, images=[part[p] for p in r.images]))
         return m
 
+    n = x.shape[0]
+    search = _bisection(run, n, error, suspects)
+    some = next(iter(search.found.values()))
+    m = torch.full((n, *some.shape), float("nan"), dtype=some.dtype)
+    for j, v in search.found.items():
+        m[j] = v
+    return m, search.refused
+
+
+def _bisection(run: Callable[[list[int]], Any], n: int, error: SalienceError, suspects: Sequence[int]) -> "_Search":
+    """:func:`_refused_images`' search over positions ``0 .. n-1`` refused with ``error`` (``run(part)``: the
+    results of ``part``, indexable by its positions, or its ``SalienceError``), the ``suspects`` tried apart
+    first; also the metrics' (:func:`_metric_rows`). Raises the whole call's error, or the last one when
+    every position is refused."""
+    if n < 2:
+        raise error
     search = _Search(run, error)
     rest = [j for j in range(n) if j not in set(suspects)]
     if suspects and rest:  # the suspects' part is meant to be refused: only the rest's says a whole call's error
         errors = [search.attempt(part) for part in (list(suspects), rest)]
-        if errors[1] is not None and name is not None and plan.whole_call.get(name) == str(errors[1]):
-            raise errors[1]  # the rest refused with a whole call's words, learnt on an earlier batch
         if errors[1] is not None:
             search.error, search.alike = errors[1], True  # the rest's words, whatever the suspects said
             search.bisect(rest, errors[1])
@@ -321,19 +324,13 @@ def _refused_images(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, clas
     else:
         search.bisect(list(range(n)), error)
     if search.whole or not search.found:  # the whole call's error (or every image refused)
-        if search.whole and len(rest) >= 4 and name is not None:  # learnt from 3 refused parts of finite predictions
-            plan.whole_call[name] = str(search.error)
         raise search.error
-    some = next(iter(search.found.values()))
-    m = torch.full((n, *some.shape), float("nan"), dtype=some.dtype)
-    for j, v in search.found.items():
-        m[j] = v
-    return m, search.refused
+    return search
 
 
 class _Search:
-    """:func:`_refused_images`' bisection: ``run(part)`` is the method's maps of the batch's positions
-    ``part``, or its ``SalienceError``; ``found`` the maps by position, ``refused`` the errors;
+    """:func:`_bisection`'s state: ``run(part)`` is the method's maps (or the metrics' columns) of the batch's
+    positions ``part``, or its ``SalienceError``; ``found`` the maps by position, ``refused`` the errors;
     ``passed``: whether any part passed yet; ``alike``: whether every refusal said what ``error`` says
     (the batch's, or the part's whose bisection may find the whole call's); ``whole``: ``error`` was
     found to be the whole call's; ``early``: whether that may be found (a stop before every refused
@@ -432,26 +429,36 @@ def _metric_rows(plan: Plan, model: nn.Module, batch: tuple[Tensor, Tensor, Tens
                  kept: list[int], suspects: Sequence[int], rows: list[dict[str, Any]], name: str) -> None:
     """Method ``name``'s metric columns in ``rows`` (the good items') of the ``kept`` ones it explained;
     ``batch``: their inputs, maps, classes and masks. A metric that refuses them (``SalienceError``: an
-    image whose prediction is NaN, which a method such as SmoothGrad explains all the same) is computed
-    again without the ``suspects`` (prediction not finite), whose rows say its error."""
+    image whose perturbed scores are NaN, or whose prediction is NaN, which a method such as SmoothGrad
+    explains all the same) is computed again on parts, as a method is (:func:`_bisection`, the
+    ``suspects``, prediction not finite, apart first): the refused images' rows say its error, the others
+    get their columns; an error of the whole call (or of every image) is every row's, as a method's is."""
     x, m, classes, masks = batch
 
-    def columns(part: list[int]) -> dict[str, list[Optional[float]]]:
-        sub = _rows_of(part, len(part) != len(m))
-        return _metrics(plan, model, x[sub], display(m[sub, 0]), classes[sub], [masks[j] for j in part])
+    def columns(part: list[int]) -> list[dict[str, Optional[float]]]:  # positions in ``kept``: each image's
+        at = [kept[p] for p in part]
+        sub = _rows_of(at, len(at) != len(m))
+        cols = _metrics(plan, model, x[sub], display(m[sub, 0]), classes[sub], [masks[j] for j in at])
+        return [{col: vals[i] for col, vals in cols.items()} for i in range(len(at))]
 
+    everyone = list(range(len(kept)))
     try:
-        cols = columns(kept)
+        found, refused = dict(enumerate(columns(everyone))), {}
     except SalienceError as e:
-        rest = [j for j in kept if j not in set(suspects)]
-        if len(rest) == len(kept):
-            raise
-        for j in set(kept) - set(rest):
-            _method_error(rows[j], f"{name}'s metrics", str(e))
-        kept, cols = rest, (columns(rest) if rest else {})
-    for col, vals in cols.items():
-        for j, v in zip(kept, vals):
-            rows[j][f"{name}.{col}"] = v
+        inner = [p for p in everyone if kept[p] in set(suspects)]
+        if len(inner) == len(kept):  # only images whose prediction is not finite: each says it
+            found, refused = {}, {p: str(e) for p in inner}
+        else:
+            try:
+                search = _bisection(columns, len(kept), e, inner)
+                found, refused = search.found, search.refused
+            except SalienceError as whole:  # the whole call's error, or every image's: each row says it
+                found, refused = {}, {p: str(whole) for p in everyone}
+    for p, text in refused.items():
+        _method_error(rows[kept[p]], f"{name}'s metrics", text)
+    for p, cols in found.items():
+        for col, v in cols.items():
+            rows[kept[p]][f"{name}.{col}"] = v
 
 
 @dataclass
@@ -513,7 +520,7 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
                              else _method_maps(fn, model, x, classes, plan, indices))
                     except SalienceError as e:
                         found.clear()  # what the refused call reported; the parts report their own
-                        m, refused = _refused_images(fn, model, x, classes, plan, indices, e, suspects, name)
+                        m, refused = _refused_images(fn, model, x, classes, plan, indices, e, suspects)
                 _warn_gaps(plan, name, found, indices)
             except SalienceError as e:
                 for pos in good:

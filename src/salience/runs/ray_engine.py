@@ -278,7 +278,7 @@ class Explain:
                 if self.png:
                     write_overlays(self.store.folder, part, parts[-1], plan)
         # what the batches learnt that later ones need (maps' shapes, warnings said once)
-        for name in ("shapes", "first_input", "gap_warned", "storage_warned", "whole_call"):
+        for name in ("shapes", "first_input", "gap_warned", "storage_warned"):
             setattr(self.plan, name, getattr(plan, name))
         indices = [it.index for it in items]
         with commit_fence(self.writer):  # refused once the driver's run has ended (an error, Ctrl-C)
