@@ -103,9 +103,14 @@ def test_allocator_option_is_checked_and_acts_only_when_asked(monkeypatch):
     x = torch.rand(1, 3, 6, 6)
     model(x)
     salience.smoothgrad(model, x, 0, samples=2)
+    salience.vanilla(model, x, 0)
     assert calls == []  # the default: the allocator left as it is
     with salience.performance(allocator="reuse"):
         salience.smoothgrad(model, x, 0, samples=2)
+    assert calls  # keep_freed_memory itself acts once (the next test)
+    calls.clear()
+    with salience.performance(allocator="reuse"):  # a one-pass method's input gradient (a dataset run's
+        salience.vanilla(model, x, 0)  # prediction pass too) is a CPU pass as well: it was left out
     assert calls == [1]
 
 

@@ -412,8 +412,7 @@ class Run:
         self.device = x.device
         self.dtype = _DTYPES.get(self.options.precision)
         self.convolutional = _is_convolutional(model)
-        if self.options.allocator == "reuse" and self.device.type == "cpu":
-            keep_freed_memory()  # once per process; process-wide, not undone (docs/performance.md)
+        _allocator(self.options, self.device)
         # Compiled runs share the eager runs' decisions (they measure nothing themselves).
         rec = self.record = _record(model, x, self.options, tag)
         self._item_shape = tuple(x.shape[1:])
@@ -943,6 +942,13 @@ def _observers_aside(model: nn.Module) -> Iterator[tuple[list, list]]:
                 hooks[k] = h
 
 
+def _allocator(options: Performance, device: torch.device) -> None:
+    """``allocator="reuse"`` before a pass on a CPU: glibc's thresholds fixed, once per process and not undone
+    (:func:`salience._core.malloc.keep_freed_memory`; docs/performance.md)."""
+    if options.allocator == "reuse" and device.type == "cpu":
+        keep_freed_memory()
+
+
 def _fast(options: Performance) -> bool:
     """Whether ``options`` change how a single pass runs (``"auto"`` layouts are chosen by measuring
     chunks: a single pass runs contiguous under it)."""
@@ -1006,7 +1012,11 @@ def one_pass(model: nn.Module, x: Tensor, *, tag: str, gradient_graph: bool = Fa
     graph instead of compiling a graph of each (the forward's values are the same; it keeps the
     activations until the output is dropped)."""
     options = current()
-    if active(model) is not None or not _fast(options):
+    if active(model) is not None:  # the run's chunk: the run set the allocator
+        yield None
+        return
+    _allocator(options, x.device)  # also where the pass runs as it is (the allocator is not the pass's)
+    if not _fast(options):
         yield None
         return
     run = Run(model, x, options, tag=tag)
