@@ -942,11 +942,18 @@ def _observers_aside(model: nn.Module) -> Iterator[tuple[list, list]]:
                 hooks[k] = h
 
 
-def _allocator(options: Performance, device: torch.device) -> None:
+def _allocator(options: Performance, device: Any) -> None:
     """``allocator="reuse"`` before a pass on a CPU: glibc's thresholds fixed, once per process and not undone
     (:func:`salience._core.malloc.keep_freed_memory`; docs/performance.md)."""
-    if options.allocator == "reuse" and device.type == "cpu":
+    if options.allocator == "reuse" and getattr(device, "type", None) == "cpu":
         keep_freed_memory()
+
+
+def before_pass(x: Any) -> None:
+    """What the options in force ask before any pass of a model on ``x`` (:func:`salience._core.autograd.model_call`,
+    which every pass salience runs goes through: one-pass methods, the CAMs', a dataset run's prediction, the
+    metrics'): ``allocator="reuse"`` on a CPU."""
+    _allocator(current(), getattr(x, "device", None))
 
 
 def _fast(options: Performance) -> bool:
@@ -1012,11 +1019,7 @@ def one_pass(model: nn.Module, x: Tensor, *, tag: str, gradient_graph: bool = Fa
     graph instead of compiling a graph of each (the forward's values are the same; it keeps the
     activations until the output is dropped)."""
     options = current()
-    if active(model) is not None:  # the run's chunk: the run set the allocator
-        yield None
-        return
-    _allocator(options, x.device)  # also where the pass runs as it is (the allocator is not the pass's)
-    if not _fast(options):
+    if active(model) is not None or not _fast(options):
         yield None
         return
     run = Run(model, x, options, tag=tag)
