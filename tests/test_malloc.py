@@ -154,3 +154,30 @@ def test_elsewhere_than_glibc_nothing_is_set_a_warning_says_so_and_nothing_raise
         warnings.simplefilter("error")
         assert _malloc.keep_freed_memory() is False  # once
 
+
+def test_cli_allocator_flag_reaches_the_engine(monkeypatch, tmp_path):
+    """``salience explain --allocator reuse`` (as ``--memory-format``, ``--fold-batchnorm``): the option in force
+    for the command, the allocator set before its CPU passes (single images, and a dataset run of a one-pass
+    method: its prediction pass), nothing left after it; a bad value is a usage error."""
+    from salience.cli import build_parser, main
+    from salience.cli.common import performance_from_args
+
+    args = build_parser().parse_args(["explain", "--model", "demo:shapes", "--allocator", "reuse", "a.png"])
+    with performance_from_args(args) as p:
+        assert p.allocator == "reuse"
+    assert _perf.current() == _perf.Performance()
+    calls = []
+    monkeypatch.setattr(_perf, "keep_freed_memory", lambda: calls.append(1))
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    assert main(["explain", str(tmp_path / "a.png"), "--model", "demo:shapes", "--method",
+                 "smoothgrad", "--out", str(out), "--allocator", "reuse"]) == 0
+    assert calls
+    calls.clear()  # a dataset run (a folder): the option reaches its passes (explain_dataset reads the settings)
+    assert main(["explain", str(tmp_path), "--model", "demo:shapes", "--method", "gradcam", "--out",
+                 str(tmp_path / "run"), "--workers", "0", "--allocator", "reuse"]) == 0
+    assert calls
+    assert _perf.current() == _perf.Performance()
+    assert main(["explain", str(tmp_path / "a.png"), "--model", "demo:shapes", "--allocator", "jemalloc"]) == 2
