@@ -181,3 +181,12 @@ def test_cli_allocator_flag_reaches_the_engine(monkeypatch, tmp_path):
     assert calls
     assert _perf.current() == _perf.Performance()
     assert main(["explain", str(tmp_path / "a.png"), "--model", "demo:shapes", "--allocator", "jemalloc"]) == 2
+
+
+def test_smoothgrad_keyword_says_allocator_is_a_setting():
+    """``smoothgrad(allocator=...)``, as ``chunks=`` and ``fold_batchnorm=``: a setting, and the message says how to
+    set it (it said "vanilla has no option 'allocator' (nor has smoothgrad)" and nothing more)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(32, 3))
+    with pytest.raises(SalienceError, match=r"allocator is a setting of how the passes run: "
+                                            r"salience.set_performance\(allocator=...\)"):
+        salience.smoothgrad(model, torch.rand(1, 3, 6, 6), 0, samples=2, allocator="reuse")
