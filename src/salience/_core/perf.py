@@ -34,11 +34,12 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   or one without such a pair runs as it is, with a warning), cached for the process and made again
   when a parameter or buffer of the model or its :func:`structure` changes; it costs one copy of
   the weights.
-- ``allocator``: ``"default"`` (the C allocator as it is) or ``"reuse"``: before a run's passes on a CPU,
-  glibc's mmap and trim thresholds are fixed high, once for the process
+- ``allocator``: ``"default"`` (the C allocator as it is) or ``"reuse"``: before the first pass of a model on a
+  CPU under it (:func:`before_pass`, from :func:`salience._core.autograd.model_call`; a :class:`Run` before its
+  probes), glibc's mmap and trim thresholds are fixed high, once for the process
   (:func:`salience._core.malloc.keep_freed_memory`), so the activations a pass frees are kept for the
   next instead of being given back and faulted in again. Process-wide and not undone (the process keeps the
-  memory it freed), hence opt-in; nothing elsewhere than glibc. The maps are the same bits.
+  memory it freed), hence opt-in; elsewhere than glibc nothing, and a warning. The maps are the same bits.
 
 ``auto``, ``throughput`` and ``fold_batchnorm`` are not the defaults: the only benchmark run so far (under heavy load,
 benchmarks/engine_speed.md) found ``auto`` slower than the default layout at 1 image; they become
