@@ -7,7 +7,8 @@ per call (the first one the cold call), with the chunks the engine ran (docs/per
     taskset -c 1 python benchmarks/malloc_calls.py sg 4 trim=2147483647 mmap=33554432   # mallopt, as allocator="reuse"
     taskset -c 1 python benchmarks/malloc_calls.py ig 8 calls=1 warm=33000000          # one 31.5 MiB block freed first
 
-``calls=N`` warm calls after the first (default 2); ``pre=C``: three bare passes of C images first.
+``calls=N`` warm calls after the first (default 2); ``pre=C``: three bare passes of C images first. Each line ends with
+the resident memory after the call and the process's peak so far (what ``allocator="reuse"`` keeps).
 """
 import ctypes, resource, sys, time
 import torch, torchvision
@@ -44,9 +45,13 @@ def call():
     return salience.integrated_gradients(m, x, t, steps=32, reduce=None, chunk=chunk)
 def ru():
     r = resource.getrusage(resource.RUSAGE_SELF); return r.ru_minflt, r.ru_utime + r.ru_stime
+def rss():  # resident MiB now, and the process's peak (ru_maxrss, KiB on Linux)
+    with open("/proc/self/statm") as f: now = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    return f"rss={now:.0f}MiB peak={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}MiB"
+print("before the first call:", rss(), flush=True)
 for i in range(calls + 1):
     seen.clear(); f0, c0 = ru(); w0 = time.perf_counter()
     out = call()
     f1, c1 = ru()
-    print(f"{method} B={b} {' '.join(sys.argv[3:]) or 'default'} call{i}: faults={f1-f0} cpu={c1-c0:.2f} wall={time.perf_counter()-w0:.2f} chunks={seen[-1] if seen else '?'}", flush=True)
+    print(f"{method} B={b} {' '.join(sys.argv[3:]) or 'default'} call{i}: faults={f1-f0} cpu={c1-c0:.2f} wall={time.perf_counter()-w0:.2f} chunks={seen[-1] if seen else '?'} {rss()}", flush=True)
     if "save" in kw and i == calls: torch.save(out, kw["save"])

@@ -133,7 +133,9 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
     ``__cause__``. So is a model whose ``forward`` needs more arguments than ``x`` (Python's TypeError "X.forward()
     missing 1 required positional argument", TorchScript's and torch.export's own words: :func:`_needs_more_inputs`).
     Any other error propagates as it is (a bug in the model keeps its
-    traceback)."""
+    traceback). Before the pass, the options in force that concern every pass (:func:`salience._core.perf.before_pass`:
+    ``allocator="reuse"`` on a CPU)."""
+    _perf.before_pass(x)
     try:
         yield
     except (RuntimeError, AssertionError, ValueError) as e:

@@ -14,7 +14,8 @@ comes from the heap) and ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)`` (the heap's fr
 what the environment variables ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647`` set at a
 process's start. Both fix glibc's thresholds for the whole process (it stops adjusting them), the process keeps
 the memory it has freed (its peak stays resident), and there is no way back: so salience does it only when
-asked (``salience.set_performance(allocator="reuse")``). Elsewhere (macOS, Windows, musl) it does nothing.
+asked (``salience.set_performance(allocator="reuse")``). Elsewhere (macOS, Windows, musl, a C library without
+``mallopt``) it sets nothing and warns once; it never raises.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import ctypes
 import ctypes.util
 import platform
 import threading
-from typing import Optional
+import warnings
+from typing import Any, Optional
 
 __all__ = ["keep_freed_memory", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
@@ -34,29 +36,39 @@ _done = False
 _lock = threading.Lock()
 
 
-def _glibc() -> Optional[ctypes.CDLL]:
-    """The process's C library when it is glibc, else ``None``."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
+def _glibc() -> tuple[Optional[Any], str]:
+    """The process's C library when it is glibc and has ``mallopt``, else ``None``; and what it is (for the
+    warning). Never raises: ``platform.libc_ver`` reads the interpreter's file where ``confstr`` does not say
+    (musl), and can fail (an unreadable ``sys.executable``); a library without ``mallopt`` is not glibc's."""
     try:
+        system = platform.system()
+        kind, version = platform.libc_ver() if system == "Linux" else ("", "")
+        if system != "Linux" or kind != "glibc":
+            return None, f"{system or 'this system'} with {kind or 'a C library other than glibc'}"
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    libc.mallopt.restype = ctypes.c_int
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return libc
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, ValueError) as e:
+        return None, f"glibc's mallopt not found ({type(e).__name__}: {e})"
+    mallopt.restype = ctypes.c_int
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return libc, f"glibc {version}"
 
 
 def keep_freed_memory() -> bool:
     """Fix glibc's mmap and trim thresholds so freed activations are kept for reuse (once per process);
-    ``True`` when both were set now."""
+    ``True`` when both were set now. Where the C library is not glibc (macOS, Windows, musl) nothing is
+    set, and a warning says so, once."""
     global _done
     with _lock:
         if _done:
             return False
         _done = True
-        libc = _glibc()
+        libc, what = _glibc()
         if libc is None:
+            from salience._core.errors import user_stacklevel  # here: this module imports no torch (tests/test_malloc.py)
+
+            warnings.warn(f"allocator='reuse' does nothing here: it sets glibc's malloc thresholds, and this process "
+                          f"runs on {what}; the passes run with the C allocator as it is", stacklevel=user_stacklevel())
             return False
         return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(libc.mallopt(M_TRIM_THRESHOLD,
                                                                                           TRIM_THRESHOLD))

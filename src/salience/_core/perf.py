@@ -34,11 +34,12 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   or one without such a pair runs as it is, with a warning), cached for the process and made again
   when a parameter or buffer of the model or its :func:`structure` changes; it costs one copy of
   the weights.
-- ``allocator``: ``"default"`` (the C allocator as it is) or ``"reuse"``: before a run's passes on a CPU,
-  glibc's mmap and trim thresholds are fixed high, once for the process
+- ``allocator``: ``"default"`` (the C allocator as it is) or ``"reuse"``: before the first pass of a model on a
+  CPU under it (:func:`before_pass`, from :func:`salience._core.autograd.model_call`; a :class:`Run` before its
+  probes), glibc's mmap and trim thresholds are fixed high, once for the process
   (:func:`salience._core.malloc.keep_freed_memory`), so the activations a pass frees are kept for the
   next instead of being given back and faulted in again. Process-wide and not undone (the process keeps the
-  memory it freed), hence opt-in; nothing elsewhere than glibc. The maps are the same bits.
+  memory it freed), hence opt-in; elsewhere than glibc nothing, and a warning. The maps are the same bits.
 
 ``auto``, ``throughput`` and ``fold_batchnorm`` are not the defaults: the only benchmark run so far (under heavy load,
 benchmarks/engine_speed.md) found ``auto`` slower than the default layout at 1 image; they become
@@ -412,8 +413,7 @@ class Run:
         self.device = x.device
         self.dtype = _DTYPES.get(self.options.precision)
         self.convolutional = _is_convolutional(model)
-        if self.options.allocator == "reuse" and self.device.type == "cpu":
-            keep_freed_memory()  # once per process; process-wide, not undone (docs/performance.md)
+        _allocator(self.options, self.device)
         # Compiled runs share the eager runs' decisions (they measure nothing themselves).
         rec = self.record = _record(model, x, self.options, tag)
         self._item_shape = tuple(x.shape[1:])
@@ -941,6 +941,20 @@ def _observers_aside(model: nn.Module) -> Iterator[tuple[list, list]]:
         for hooks, pairs in zip((model._forward_pre_hooks, model._forward_hooks), taken):
             for k, h in pairs:
                 hooks[k] = h
+
+
+def _allocator(options: Performance, device: Any) -> None:
+    """``allocator="reuse"`` before a pass on a CPU: glibc's thresholds fixed, once per process and not undone
+    (:func:`salience._core.malloc.keep_freed_memory`; docs/performance.md)."""
+    if options.allocator == "reuse" and getattr(device, "type", None) == "cpu":
+        keep_freed_memory()
+
+
+def before_pass(x: Any) -> None:
+    """What the options in force ask before any pass of a model on ``x`` (:func:`salience._core.autograd.model_call`,
+    which every pass salience runs goes through: one-pass methods, the CAMs', a dataset run's prediction, the
+    metrics'): ``allocator="reuse"`` on a CPU."""
+    _allocator(current(), getattr(x, "device", None))
 
 
 def _fast(options: Performance) -> bool:

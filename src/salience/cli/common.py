@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from salience._core.autograd import forward_scores, class_probabilities
 from salience._core.errors import SalienceError, suggest
 from salience._core.files import make_folder
-from salience._core.perf import FREEZE, MEMORY_FORMATS, PRECISIONS, performance
+from salience._core.perf import ALLOCATORS, FREEZE, MEMORY_FORMATS, PRECISIONS, performance
 from salience.loading import load_model
 from salience.loading.models import MODEL_SPECS
 from salience.methods import METHODS
@@ -236,13 +236,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fold-batchnorm", action="store_true", default=None,
                    help="plain passes run a copy of the model with each BatchNorm folded into the convolution "
                         "before it (the same function: maps equal up to float rounding; faster on CNNs)")
+    g.add_argument("--allocator", choices=ALLOCATORS, default=None,
+                   help="default, or reuse: on a CPU with glibc, malloc's mmap and trim thresholds fixed high "
+                        "before the first pass, so the memory a pass frees is kept for the next (no page faults; "
+                        "the command's process keeps its peak memory)")
 
 
 def performance_from_args(args: argparse.Namespace) -> ContextManager[Any]:
     """The performance options a command's flags give, in force for the command (this thread)."""
     return performance(memory_format=getattr(args, "memory_format", None), compile=getattr(args, "compile", None),
                        precision=getattr(args, "precision", None),
-                       fold_batchnorm=getattr(args, "fold_batchnorm", None))
+                       fold_batchnorm=getattr(args, "fold_batchnorm", None),
+                       allocator=getattr(args, "allocator", None))
 
 
 def model_specs_help(indent: str = "  ") -> str:

@@ -30,7 +30,7 @@ from salience.targets import Target, checked_on_output, resolve, split
 __all__ = ["smoothgrad", "VARIANTS"]
 
 VARIANTS = ("mean", "squared", "vargrad")
-_PERF_SETTINGS = ("chunks", "fold_batchnorm")  # the engine's options that are settings only, not keywords
+_PERF_SETTINGS = ("chunks", "fold_batchnorm", "allocator")  # the engine's options that are settings only, not keywords
 
 
 def smoothgrad(
