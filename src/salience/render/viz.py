@@ -442,21 +442,27 @@ def _resize(a: np.ndarray, size: tuple[int, int], smooth: bool = True) -> np.nda
 
 
 def _check_fits(hw: tuple[int, int], size: tuple[int, int], what: str) -> None:
-    """Refuse a map ``hw`` that no one scale factor (up to a pixel of rounding per side) takes to the
-    image's ``size``: stretching it would draw each value somewhere else (a transposed map, another
-    image's map). A low-resolution map of the same shape (a CAM's 7 x 7 on 224 x 224, 7 x 10 on
-    224 x 300) fits."""
+    """Refuse a map ``hw`` that no one scale factor takes to the image's ``size``: stretching it would
+    draw each value somewhere else (a transposed map, another image's map). A map of the same shape at
+    a lower resolution fits: up to a pixel of rounding per side (a CAM's 7 x 10 on 224 x 300) and a
+    border lost on both axes alike, at most half the shorter side (unpadded convolutions: a valid-conv
+    CNN's 47 x 15 on 100 x 37, ``(H - r) / s``, as Grad-CAM's own upsampling stretches it)."""
     (h, w), (ih, iw) = hw, size
+    # With u = 1 / s and v = r / s: v >= a u + b for each of ``lows``, v <= a u + b for each of ``highs``.
+    lows = [(ih, -h - 1.0), (iw, -w - 1.0), (0.0, 0.0)]
+    highs = [(ih, 1.0 - h), (iw, 1.0 - w), (min(ih, iw) / 2, 0.0)]
+    lines = lows + highs
 
-    def span(n: int, big: int) -> tuple[float, float]:  # the scales s with |n - big / s| <= 1
-        return big / (n + 1), (big / (n - 1) if n > 1 else math.inf)
+    def slack(u: float) -> float:  # concave in u: its largest value is at a kink or as u -> 0
+        return min(a * u + b for a, b in highs) - max(a * u + b for a, b in lows)
 
-    (a0, a1), (b0, b1) = span(h, ih), span(w, iw)
-    if max(a0, b0) > min(a1, b1):
+    kinks = [(b2 - b1) / (a1 - a2) for i, (a1, b1) in enumerate(lines) for a2, b2 in lines[i + 1:] if a1 != a2]
+    if max(slack(u) for u in [1e-12, *kinks] if u > 0) < -1e-9:
         raise SalienceError(
             f"{what} of {h} x {w} does not fit the image of {ih} x {iw}: its aspect ratio differs, so stretching "
             "it would put each value on other pixels (a transposed map? another image's map?); give the map "
-            "made for this image, e.g. m.T for a transposed one, or resize the image to the map's shape"
+            "made for this image, e.g. m.T for a transposed one, or resize the image to the map's shape (a map "
+            "that is this image's all the same: resize it to the image first, torch.nn.functional.interpolate)"
         )
 
 
