@@ -58,3 +58,90 @@ def test_a_map_that_does_not_fit_says_how_to_draw_it_anyway():
     """The refusal names the way out for a map that is this image's after all: resize it to the image."""
     with pytest.raises(SalienceError, match=r"interpolate"):
         viz.overlay(np.zeros((24, 37, 3), np.uint8), RNG.random((8, 21)))
+
+
+# ----------------------------------------------------------------------------- save_png's file name
+
+@pytest.mark.parametrize("name", ["a.jpg", "a.jpeg", "a", "a.png.tmp", "a.webp"])
+def test_save_png_refuses_a_name_of_another_format(name, tmp_path):
+    """PNG bytes were written under a ``.jpg`` (or suffix-less) name: a file whose name says another
+    format than it holds. Nothing is written."""
+    with pytest.raises(SalienceError, match=r"save_png writes PNG files; give a file name ending in \.png"):
+        viz.save_png(tmp_path / name, np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(SalienceError, match=r"ending in \.png"):
+        viz.save_figure(tmp_path / name, np.zeros((4, 4, 3), np.uint8), {"m": np.zeros((1, 4, 4))})
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_png_takes_png_in_any_case(tmp_path):
+    from PIL import Image
+
+    for name in ("a.png", "b.PNG", "c.Png"):
+        p = viz.save_png(str(tmp_path / name), np.zeros((4, 5, 3), np.uint8))
+        assert Image.open(p).format == "PNG" and Image.open(p).size == (5, 4)
+
+
+# ----------------------------------------------------------------------------- figure's size and labels
+
+@pytest.mark.parametrize("options", [{"pad": 10_000}, {"scale_to": 100_000}, {"scale_to": (20_000, 20_000)}])
+def test_figure_refuses_a_canvas_too_large_to_open(options):
+    """``pad=10000`` asked numpy for a 3.6 GB canvas (``scale_to=100000``: the tiles alone, 30 GB) before
+    anything was drawn; a figure over PIL's ``MAX_IMAGE_PIXELS`` (89 megapixels), which PIL warns
+    about opening and refuses at twice that, is refused first, saying what to shrink."""
+    img = np.zeros((6, 8, 3), np.uint8)
+    with pytest.raises(SalienceError, match=r"the figure would be \d+ x \d+ pixels .*scale_to.*pad"):
+        viz.figure(img, {"m": np.zeros((1, 6, 8))}, **options)
+
+
+def test_a_wide_figure_under_the_cap_is_drawn():
+    """A row of 41 tiles (20 methods, map and overlay) 224 pixels high: 9,428 pixels wide, far under
+    the pixel cap (a side cap of 10,000 would be too near what ``salience explain --png`` draws)."""
+    img = np.zeros((1, 224, 224, 3), np.uint8)
+    maps = {f"m{i}": np.zeros((1, 7, 7)) for i in range(20)}
+    assert viz.figure(img, maps, labels=False).shape == (224 + 8, 41 * 224 + 42 * 4, 3)
+
+
+def test_figure_titles_none_is_no_title_and_a_string_is_not_its_letters():
+    """``titles=[None]`` drew the word "None"; ``titles="gradcam"`` (one string) was split into letters,
+    and refused as 7 titles for 1 method (``row_labels="cat"``: 3 labels for 3 images, drawn as c, a, t)."""
+    img, m = np.zeros((3, 6, 8, 3), np.uint8), np.zeros((3, 6, 8))
+    blank = viz.figure(img, {"m": m}, titles=[""])
+    assert np.array_equal(viz.figure(img, {"m": m}, titles=[None]), blank)
+    assert not np.array_equal(viz.figure(img, {"m": m}, titles=["None"]), blank)
+    with pytest.raises(SalienceError, match=r"titles must be a list of strings \(one per method\), not one string"):
+        viz.figure(img, {"m": m}, titles="gradcam")
+    with pytest.raises(SalienceError, match=r"row_labels must be a list of strings \(one per image\), not one string"):
+        viz.figure(img, {"m": m}, row_labels="cat")
+
+
+def test_figure_row_labels_of_tensor_numbers_are_their_values():
+    """``row_labels=labels`` (a tensor of classes) drew "tensor(3)"; a 0-d tensor or array is its value."""
+    img, m = np.zeros((2, 6, 8, 3), np.uint8), np.zeros((2, 6, 8))
+    assert np.array_equal(viz.figure(img, {"m": m}, row_labels=torch.tensor([3, 7])),
+                          viz.figure(img, {"m": m}, row_labels=["3", "7"]))
+    assert np.array_equal(viz.figure(img, {"m": m}, row_labels=np.array([3, 7])),
+                          viz.figure(img, {"m": m}, row_labels=["3", "7"]))
+
+
+# ----------------------------------------------------------------------------- line_plot's xticks
+
+@pytest.mark.parametrize("xticks, message", [
+    (["a", "b"], r"xticks: 2 labels for series 's' of 3 points; give one label per point"),
+    ("abc", r"xticks must be a list of labels \(one per point\), not one string"),
+    (5, r"xticks must be a list of labels \(one per point\), got int"),
+])
+def test_line_plot_checks_xticks(xticks, message):
+    """Two labels for three points were spread over the axis, each at no point; a string's letters
+    were the labels (3 of them, so drawn)."""
+    from salience.render import plots
+
+    with pytest.raises(SalienceError, match=message):
+        plots.line_plot({"s": [0.1, 0.5, 0.9]}, xticks=xticks)
+
+
+def test_line_plot_takes_an_array_of_xticks():
+    """An array of labels was 'ambiguous' (``if xticks:``, numpy's ValueError); it is its labels."""
+    from salience.render import plots
+
+    got = plots.line_plot({"s": [0.1, 0.5, 0.9]}, xticks=np.array(["a", "b", "c"]))
+    assert np.array_equal(got, plots.line_plot({"s": [0.1, 0.5, 0.9]}, xticks=["a", "b", "c"]))

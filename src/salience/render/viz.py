@@ -25,7 +25,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -601,6 +601,7 @@ def figure(images: Union[ArrayLike, Sequence[ArrayLike]], maps: Mapping[str, Arr
     row_labels = None if row_labels is None else _names(row_labels, None, "row_labels", "image", n)
     pad = check_int(pad, "pad", what="white pixels between the tiles")
     th, tw = _tile_size(scale_to, h, w)
+    _check_canvas(n, 1 + len(methods) * (2 if overlay else 1), th, tw, pad)
 
     # Columns of tiles, each (n, th, tw, 3).
     columns: list[np.ndarray] = [np.stack([_resize(im, (th, tw)) for im in imgs])]
@@ -642,11 +643,25 @@ def _names(given: Optional[Sequence[str]], default: Optional[list[str]], what: s
     if given is None:
         assert default is not None
         return default
-    names = [str(t) for t in given]
+    if isinstance(given, (str, bytes)):
+        raise SalienceError(f"{what} must be a list of strings (one per {per}), not one string: {given!r:.60}; "
+                            f"give [{given!r:.60}]")
+    if not isinstance(given, Iterable):
+        raise SalienceError(f"{what} must be a list of strings (one per {per}), got {type(given).__name__}")
+    names = [_label(t) for t in given]
     want = n if n is not None else len(default or [])
     if len(names) != want:
         raise SalienceError(f"{what}: expected {want} (one per {per}), got {len(names)}")
     return names
+
+
+def _label(t: object) -> str:
+    """A title or row label as text: ``None`` is none, a 0-d tensor or array its value (a class index)."""
+    if t is None:
+        return ""
+    if getattr(t, "ndim", None) == 0 and hasattr(t, "item"):
+        t = t.item()
+    return str(t)
 
 
 def _tile_size(scale_to: Union[None, int, tuple[int, int]], h: int, w: int) -> tuple[int, int]:
@@ -657,6 +672,21 @@ def _tile_size(scale_to: Union[None, int, tuple[int, int]], h: int, w: int) -> t
     if isinstance(scale_to, (tuple, list)) and len(scale_to) == 2 and all(_is_count(s) for s in scale_to):
         return int(scale_to[0]), int(scale_to[1])
     raise SalienceError(f"scale_to must be a positive int (tile height) or (height, width), got {scale_to!r}")
+
+
+def _check_canvas(rows: int, cols: int, th: int, tw: int, pad: int) -> None:
+    """Refuse a figure over PIL's ``MAX_IMAGE_PIXELS`` (89 megapixels: PIL warns about opening it and
+    refuses twice that), before its tiles are made (``pad=10000``: a 3.6 GB canvas)."""
+    from PIL import Image
+
+    cap = Image.MAX_IMAGE_PIXELS or 89_478_485
+    ch, cw = rows * th + (rows + 1) * pad, cols * tw + (cols + 1) * pad
+    if ch * cw > cap:
+        raise SalienceError(
+            f"the figure would be {cw} x {ch} pixels ({ch * cw / 1e6:.0f} megapixels), over the {cap / 1e6:.0f} "
+            f"megapixels an image viewer (PIL's MAX_IMAGE_PIXELS) opens; give a smaller scale_to (tiles of "
+            f"{th} x {tw}) or pad ({pad}), or fewer images or methods per figure"
+        )
 
 
 def _is_count(x: object) -> bool:
@@ -723,9 +753,12 @@ def save_png(path: PathLike, array: ArrayLike) -> Path:
 
     uint8 ``(H, W)`` is saved as gray, ``(H, W, 3)`` as RGB, ``(H, W, 4)`` as RGBA, exactly; any
     other image :func:`to_uint8_image` accepts (a float ``(3, H, W)`` tensor...) is converted first.
+    ``path`` ends in ``.png`` (any case): a ``.jpg`` or suffix-less name, which would hold PNG bytes
+    under another format's name, is refused.
     """
     from PIL import Image
 
+    _check_png_name(path)
     a = _as_array(array, "picture")
     if not (a.dtype == np.uint8 and not _is_tensor(array)
             and (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4)))):
@@ -737,6 +770,13 @@ def save_png(path: PathLike, array: ArrayLike) -> Path:
     buf = _io.BytesIO()
     Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
     return atomic_write(path, buf.getvalue())
+
+
+def _check_png_name(path: PathLike) -> None:
+    if isinstance(path, (str, os.PathLike)) and not isinstance(os.fspath(path), bytes) \
+            and Path(path).suffix.lower() != ".png":
+        raise SalienceError(f"save_png writes PNG files; give a file name ending in .png, got {os.fspath(path)!r} "
+                            "(for another format: PIL.Image.fromarray(picture).save(path))")
 
 
 def save_npy(path: PathLike, m: ArrayLike) -> Path:
@@ -753,5 +793,6 @@ def save_npy(path: PathLike, m: ArrayLike) -> Path:
 
 def save_figure(path: PathLike, images: Union[ArrayLike, Sequence[ArrayLike]], maps: Mapping[str, ArrayLike],
                 **options) -> Path:
-    """:func:`figure` written as PNG (atomically) to ``path``; ``options`` go to :func:`figure`."""
+    """:func:`figure` written as PNG (atomically) to ``path`` (a ``.png`` name); ``options`` go to :func:`figure`."""
+    _check_png_name(path)  # before the figure is drawn
     return save_png(path, figure(images, maps, **options))
