@@ -145,3 +145,15 @@ def test_line_plot_takes_an_array_of_xticks():
 
     got = plots.line_plot({"s": [0.1, 0.5, 0.9]}, xticks=np.array(["a", "b", "c"]))
     assert np.array_equal(got, plots.line_plot({"s": [0.1, 0.5, 0.9]}, xticks=["a", "b", "c"]))
+
+
+# ----------------------------------------------------------------------------- channels-last refusal
+
+def test_a_batch_of_narrow_maps_refused_as_channels_last_is_told_how_to_draw_them():
+    """A batch of 5 CAMs of 300 x 20 images at stride 32 is ``(5, 10, 1)``: read as one channels-last
+    map and refused (the rule cannot tell them apart), the message gave no way to draw the batch."""
+    cams = RNG.random((5, 10, 1))
+    for call in (viz.heatmap, viz.scale):
+        with pytest.raises(SalienceError, match=r"a batch of maps 1 or 3 pixels wide .*one map at a time, m\[i\]"):
+            call(cams)
+    assert viz.heatmap(cams[0]).shape == (10, 1, 3)

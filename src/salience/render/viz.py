@@ -176,7 +176,8 @@ def _not_channels_last(a: np.ndarray, what: str) -> None:
         raise SalienceError(
             f"{what} of shape {tuple(a.shape)} looks channels-last (H, W, C); salience's maps are (H, W), "
             "(B, H, W) or per-channel (C, H, W): give m[..., 0] for (H, W, 1), or move the channels first "
-            "(m.transpose(2, 0, 1) for an array, m.permute(2, 0, 1) for a tensor) for viz.colored / viz.grayscale"
+            "(m.transpose(2, 0, 1) for an array, m.permute(2, 0, 1) for a tensor) for viz.colored / viz.grayscale; "
+            "a batch of maps 1 or 3 pixels wide after all (a CAM of tall, narrow images): one map at a time, m[i]"
         )
 
 
