@@ -94,8 +94,8 @@ def test_figure_refuses_a_canvas_too_large_to_open(options):
 
 
 def test_a_wide_figure_under_the_cap_is_drawn():
-    """A row of 41 tiles (20 methods, map and overlay) 224 pixels high: 9,428 pixels wide, far under
-    the pixel cap (a side cap of 10,000 would be too near what ``salience explain --png`` draws)."""
+    """A row of 41 tiles (20 methods, map and overlay) 224 pixels high: 9,352 pixels wide, far under
+    the pixel cap (a side cap of 10,000 px would be near what ``salience explain --png`` draws for many methods)."""
     img = np.zeros((1, 224, 224, 3), np.uint8)
     maps = {f"m{i}": np.zeros((1, 7, 7)) for i in range(20)}
     assert viz.figure(img, maps, labels=False).shape == (224 + 8, 41 * 224 + 42 * 4, 3)
