@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -87,6 +87,22 @@ def _check_plot(series: Any, ylim: Any, size: Any) -> tuple[dict[str, list[float
     return out, lo, hi, int(size[0]), int(size[1])
 
 
+def _check_xticks(xticks: Any, series: Mapping[str, list[float]]) -> Optional[list[str]]:
+    """``xticks`` as a list of labels, one per point of every series (``None`` or empty: none)."""
+    if xticks is None:
+        return None
+    if isinstance(xticks, (str, bytes)):
+        raise SalienceError(f"xticks must be a list of labels (one per point), not one string: {xticks!r:.60}")
+    if not isinstance(xticks, Iterable):
+        raise SalienceError(f"xticks must be a list of labels (one per point), got {type(xticks).__name__}")
+    labels = [str(t.item() if getattr(t, "ndim", None) == 0 and hasattr(t, "item") else t) for t in xticks]
+    for name, values in series.items() if labels else ():
+        if len(values) != len(labels):
+            raise SalienceError(f"xticks: {len(labels)} labels for series {name!r} of {len(values)} points; give "
+                                "one label per point (an empty string for a point left unlabelled)")
+    return labels or None
+
+
 _MIN_SIZE = (240, 120)  # the margins (218 x 88 pixels) and a plot area
 _MAX_SIDE = 10_000  # 100000 x 100000 asked for 30 GB
 
@@ -102,6 +118,7 @@ def line_plot(series: Mapping[str, Sequence[float]], *, title: str = "", xlabel:
     from PIL import Image, ImageDraw, ImageFont
 
     series, lo, hi, w, h = _check_plot(series, ylim, size)
+    xticks = _check_xticks(xticks, series)
     title, xlabel, ylabel = _text(title, "title"), _text(xlabel, "xlabel"), _text(ylabel, "ylabel")
     img = Image.new("RGB", (w, h), (255, 255, 255))
     d = ImageDraw.Draw(img)

@@ -25,7 +25,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -176,7 +176,8 @@ def _not_channels_last(a: np.ndarray, what: str) -> None:
         raise SalienceError(
             f"{what} of shape {tuple(a.shape)} looks channels-last (H, W, C); salience's maps are (H, W), "
             "(B, H, W) or per-channel (C, H, W): give m[..., 0] for (H, W, 1), or move the channels first "
-            "(m.transpose(2, 0, 1) for an array, m.permute(2, 0, 1) for a tensor) for viz.colored / viz.grayscale"
+            "(m.transpose(2, 0, 1) for an array, m.permute(2, 0, 1) for a tensor) for viz.colored / viz.grayscale; "
+            "a batch of maps 1 or 3 pixels wide after all (a CAM of tall, narrow images): one map at a time, m[i]"
         )
 
 
@@ -442,21 +443,27 @@ def _resize(a: np.ndarray, size: tuple[int, int], smooth: bool = True) -> np.nda
 
 
 def _check_fits(hw: tuple[int, int], size: tuple[int, int], what: str) -> None:
-    """Refuse a map ``hw`` that no one scale factor (up to a pixel of rounding per side) takes to the
-    image's ``size``: stretching it would draw each value somewhere else (a transposed map, another
-    image's map). A low-resolution map of the same shape (a CAM's 7 x 7 on 224 x 224, 7 x 10 on
-    224 x 300) fits."""
+    """Refuse a map ``hw`` that no one scale factor takes to the image's ``size``: stretching it would
+    draw each value somewhere else (a transposed map, another image's map). A map of the same shape at
+    a lower resolution fits: up to a pixel of rounding per side (a CAM's 7 x 10 on 224 x 300) and a
+    border lost on both axes alike, at most half the shorter side (unpadded convolutions: a valid-conv
+    CNN's 47 x 15 on 100 x 37, ``(H - r) / s``, as Grad-CAM's own upsampling stretches it)."""
     (h, w), (ih, iw) = hw, size
+    # With u = 1 / s and v = r / s: v >= a u + b for each of ``lows``, v <= a u + b for each of ``highs``.
+    lows = [(ih, -h - 1.0), (iw, -w - 1.0), (0.0, 0.0)]
+    highs = [(ih, 1.0 - h), (iw, 1.0 - w), (min(ih, iw) / 2, 0.0)]
+    lines = lows + highs
 
-    def span(n: int, big: int) -> tuple[float, float]:  # the scales s with |n - big / s| <= 1
-        return big / (n + 1), (big / (n - 1) if n > 1 else math.inf)
+    def slack(u: float) -> float:  # concave in u: its largest value is at a kink or as u -> 0
+        return min(a * u + b for a, b in highs) - max(a * u + b for a, b in lows)
 
-    (a0, a1), (b0, b1) = span(h, ih), span(w, iw)
-    if max(a0, b0) > min(a1, b1):
+    kinks = [(b2 - b1) / (a1 - a2) for i, (a1, b1) in enumerate(lines) for a2, b2 in lines[i + 1:] if a1 != a2]
+    if max(slack(u) for u in [1e-12, *kinks] if u > 0) < -1e-9:
         raise SalienceError(
             f"{what} of {h} x {w} does not fit the image of {ih} x {iw}: its aspect ratio differs, so stretching "
             "it would put each value on other pixels (a transposed map? another image's map?); give the map "
-            "made for this image, e.g. m.T for a transposed one, or resize the image to the map's shape"
+            "made for this image, e.g. m.T for a transposed one, or resize the image to the map's shape (a map "
+            "that is this image's all the same: resize it to the image first, torch.nn.functional.interpolate)"
         )
 
 
@@ -595,6 +602,7 @@ def figure(images: Union[ArrayLike, Sequence[ArrayLike]], maps: Mapping[str, Arr
     row_labels = None if row_labels is None else _names(row_labels, None, "row_labels", "image", n)
     pad = check_int(pad, "pad", what="white pixels between the tiles")
     th, tw = _tile_size(scale_to, h, w)
+    _check_canvas(n, 1 + len(methods) * (2 if overlay else 1), th, tw, pad)
 
     # Columns of tiles, each (n, th, tw, 3).
     columns: list[np.ndarray] = [np.stack([_resize(im, (th, tw)) for im in imgs])]
@@ -636,11 +644,25 @@ def _names(given: Optional[Sequence[str]], default: Optional[list[str]], what: s
     if given is None:
         assert default is not None
         return default
-    names = [str(t) for t in given]
+    if isinstance(given, (str, bytes)):
+        raise SalienceError(f"{what} must be a list of strings (one per {per}), not one string: {given!r:.60}; "
+                            f"give [{given!r:.60}]")
+    if not isinstance(given, Iterable):
+        raise SalienceError(f"{what} must be a list of strings (one per {per}), got {type(given).__name__}")
+    names = [_label(t) for t in given]
     want = n if n is not None else len(default or [])
     if len(names) != want:
         raise SalienceError(f"{what}: expected {want} (one per {per}), got {len(names)}")
     return names
+
+
+def _label(t: object) -> str:
+    """A title or row label as text: ``None`` is none, a 0-d tensor or array its value (a class index)."""
+    if t is None:
+        return ""
+    if getattr(t, "ndim", None) == 0 and hasattr(t, "item"):
+        t = t.item()
+    return str(t)
 
 
 def _tile_size(scale_to: Union[None, int, tuple[int, int]], h: int, w: int) -> tuple[int, int]:
@@ -651,6 +673,21 @@ def _tile_size(scale_to: Union[None, int, tuple[int, int]], h: int, w: int) -> t
     if isinstance(scale_to, (tuple, list)) and len(scale_to) == 2 and all(_is_count(s) for s in scale_to):
         return int(scale_to[0]), int(scale_to[1])
     raise SalienceError(f"scale_to must be a positive int (tile height) or (height, width), got {scale_to!r}")
+
+
+def _check_canvas(rows: int, cols: int, th: int, tw: int, pad: int) -> None:
+    """Refuse a figure over PIL's ``MAX_IMAGE_PIXELS`` (89 megapixels: PIL warns about opening it and
+    refuses twice that), before its tiles are made (``pad=10000``: a 3.6 GB canvas)."""
+    from PIL import Image
+
+    cap = Image.MAX_IMAGE_PIXELS or 89_478_485
+    ch, cw = rows * th + (rows + 1) * pad, cols * tw + (cols + 1) * pad
+    if ch * cw > cap:
+        raise SalienceError(
+            f"the figure would be {cw} x {ch} pixels ({ch * cw / 1e6:.0f} megapixels), over the {cap / 1e6:.0f} "
+            f"megapixels an image viewer (PIL's MAX_IMAGE_PIXELS) opens; give a smaller scale_to (tiles of "
+            f"{th} x {tw}) or pad ({pad}), or fewer images or methods per figure"
+        )
 
 
 def _is_count(x: object) -> bool:
@@ -717,9 +754,12 @@ def save_png(path: PathLike, array: ArrayLike) -> Path:
 
     uint8 ``(H, W)`` is saved as gray, ``(H, W, 3)`` as RGB, ``(H, W, 4)`` as RGBA, exactly; any
     other image :func:`to_uint8_image` accepts (a float ``(3, H, W)`` tensor...) is converted first.
+    ``path`` ends in ``.png`` (any case): a ``.jpg`` or suffix-less name, which would hold PNG bytes
+    under another format's name, is refused.
     """
     from PIL import Image
 
+    _check_png_name(path)
     a = _as_array(array, "picture")
     if not (a.dtype == np.uint8 and not _is_tensor(array)
             and (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4)))):
@@ -731,6 +771,13 @@ def save_png(path: PathLike, array: ArrayLike) -> Path:
     buf = _io.BytesIO()
     Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
     return atomic_write(path, buf.getvalue())
+
+
+def _check_png_name(path: PathLike) -> None:
+    if isinstance(path, (str, os.PathLike)) and not isinstance(os.fspath(path), bytes) \
+            and Path(path).suffix.lower() != ".png":
+        raise SalienceError(f"save_png writes PNG files; give a file name ending in .png, got {os.fspath(path)!r} "
+                            "(for another format: PIL.Image.fromarray(picture).save(path))")
 
 
 def save_npy(path: PathLike, m: ArrayLike) -> Path:
@@ -747,5 +794,6 @@ def save_npy(path: PathLike, m: ArrayLike) -> Path:
 
 def save_figure(path: PathLike, images: Union[ArrayLike, Sequence[ArrayLike]], maps: Mapping[str, ArrayLike],
                 **options) -> Path:
-    """:func:`figure` written as PNG (atomically) to ``path``; ``options`` go to :func:`figure`."""
+    """:func:`figure` written as PNG (atomically) to ``path`` (a ``.png`` name); ``options`` go to :func:`figure`."""
+    _check_png_name(path)  # before the figure is drawn
     return save_png(path, figure(images, maps, **options))
