@@ -104,3 +104,27 @@ def test_a_0d_numpy_integer_array_is_an_index(value):
     m = _Net(nn.ReLU()).eval()
     torch.testing.assert_close(salience.vanilla(m, X, targets.regression(value)),
                                salience.vanilla(m, X, targets.regression(1)))
+
+
+# ----------------------------------------------------------------------------- keras-vis
+
+def test_keras_vis_says_the_no_relu_refusal_in_its_own_words():
+    """``visualize_saliency(..., backprop_modifier="guided")`` on a Keras model without ReLUs is refused as
+    ``guided_backprop`` refuses it, but the refusal said to pass ``unsupported='ignore'``, a keyword the
+    keras-vis functions do not take (a TypeError if tried); it says ``backprop_modifier=None``."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    from salience.compat.keras_vis import visualize_saliency
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    out = keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Conv2D(4, 3, activation="tanh")(inp)))
+    model = keras.Model(inp, out)
+    seed = np.random.default_rng(0).random((8, 8, 3)).astype("float32")
+    for modifier in ("guided", "relu"):
+        with pytest.raises(salience.SalienceError, match="found no ReLU") as e:
+            visualize_saliency(model, -1, 1, seed, backprop_modifier=modifier)
+        assert "backprop_modifier=None" in str(e.value) and "unsupported=" not in str(e.value), str(e.value)
+    assert visualize_saliency(model, -1, 1, seed).shape == (8, 8)

@@ -64,6 +64,8 @@ from salience._core.guard import check_python_model
 __all__ = ["BackpropRule", "GuidedRule", "DeconvnetRule", "guided", "deconvnet", "check_model", "UNSUPPORTED"]
 
 UNSUPPORTED = ("error", "warn", "ignore")
+# what the refusal of a pass without rectifiers says to do (salience.compat.keras_vis says it in its own words)
+NO_RECTIFIER_ADVICE = "use salience.vanilla, or pass unsupported='ignore' to take it anyway"
 
 # Parameter names after the input, in positional order, with defaults, per kind of call.
 _PARAMS: dict[str, tuple[tuple[str, Any], ...]] = {
@@ -303,7 +305,7 @@ class BackpropRule(TorchFunctionMode):
                 "hardtanh(0, c), clamp(min=0) and threshold(0, 0) calls; x * (x > 0), torch.where and "
                 "torch.maximum are not seen), so its map is the plain gradient, vanilla's")
         if self.unsupported == "error":
-            raise SalienceError(f"{what}; use salience.vanilla, or pass unsupported='ignore' to take it anyway")
+            raise SalienceError(f"{what}; {NO_RECTIFIER_ADVICE}")
         if _first_in_call(("rules:no rectifier", self.name)):
             warnings.warn(what, stacklevel=user_stacklevel())
 
