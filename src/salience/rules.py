@@ -33,12 +33,13 @@ Activations the rules are not defined for (GELU, SiLU/Swish, Mish, ELU, CELU, SE
 with a non-zero slope, PReLU, RReLU, Hardswish, Softplus, ``hardtanh`` with a non-zero lower
 bound, other thresholds) are handled by the ``unsupported`` option: ``"error"`` (default) raises
 :class:`~salience.SalienceError` at the first one; ``"warn"`` lets the plain gradient through them
-and warns once per pass with their count; ``"ignore"`` lets the plain gradient through silently.
+and warns once per pass with their count (once per call of a many-pass method: SmoothGrad's
+chunks); ``"ignore"`` lets the plain gradient through silently.
 Gates such as ``sigmoid``, ``tanh`` and ``hardsigmoid`` (squeeze-and-excitation blocks, LSTMs)
 are not rectifiers and always pass the plain gradient. A forward pass in which the rule met no
 rectifier at all (a model without ReLUs) gives the plain gradient, vanilla's map: the methods
-(:meth:`BackpropRule.check_rectified`) refuse it with ``"error"``, warn with ``"warn"``, return it with
-``"ignore"``.
+(:meth:`BackpropRule.check_rectified`) refuse it with ``"error"``, warn with ``"warn"`` (as above: once
+per call of a many-pass method), return it with ``"ignore"``.
 
 Limits: a TorchScript model (``torch.jit.ScriptModule``, also as a submodule) runs its compiled
 graph without Python dispatch, so no mode can see its ReLUs: :func:`check_model` refuses it.
@@ -56,12 +57,15 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from salience._core import derived as _derived
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.guard import check_python_model
 
 __all__ = ["BackpropRule", "GuidedRule", "DeconvnetRule", "guided", "deconvnet", "check_model", "UNSUPPORTED"]
 
 UNSUPPORTED = ("error", "warn", "ignore")
+# what the refusal of a pass without rectifiers says to do (salience.compat.keras_vis says it in its own words)
+NO_RECTIFIER_ADVICE = "use salience.vanilla, or pass unsupported='ignore' to take it anyway"
 
 # Parameter names after the input, in positional order, with defaults, per kind of call.
 _PARAMS: dict[str, tuple[tuple[str, Any], ...]] = {
@@ -278,7 +282,8 @@ class BackpropRule(TorchFunctionMode):
 
     def __exit__(self, exc_type, exc, tb):  # type: ignore[override]
         result = super().__exit__(exc_type, exc, tb)
-        if self.unsupported == "warn" and self.unsupported_seen and (exc_type is None or exc_type.__name__ == "_StopForward"):
+        if self.unsupported == "warn" and self.unsupported_seen and (exc_type is None or exc_type.__name__ == "_StopForward") \
+                and _first_in_call(("rules:unsupported", self.name)):
             what = ", ".join(f"{n} x{c}" for n, c in sorted(self.unsupported_seen.items()))
             warnings.warn(
                 f"{self.name}: the rule is not defined for {sum(self.unsupported_seen.values())} activation "
@@ -300,8 +305,16 @@ class BackpropRule(TorchFunctionMode):
                 "hardtanh(0, c), clamp(min=0) and threshold(0, 0) calls; x * (x > 0), torch.where and "
                 "torch.maximum are not seen), so its map is the plain gradient, vanilla's")
         if self.unsupported == "error":
-            raise SalienceError(f"{what}; use salience.vanilla, or pass unsupported='ignore' to take it anyway")
-        warnings.warn(what, stacklevel=user_stacklevel())
+            raise SalienceError(f"{what}; {NO_RECTIFIER_ADVICE}")
+        if _first_in_call(("rules:no rectifier", self.name)):
+            warnings.warn(what, stacklevel=user_stacklevel())
+
+
+def _first_in_call(key: tuple) -> bool:
+    """Whether a rule's warning of kind ``key`` is the first of the running many-pass call (SmoothGrad's chunks
+    of noisy copies each run a ruled pass: it came once per pass); outside one, every pass warns."""
+    scope = _derived.current()
+    return scope is None or scope.first(key)
 
 
 class GuidedRule(BackpropRule):

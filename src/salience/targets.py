@@ -138,10 +138,13 @@ def _check_range(idx: Union[int, Tensor], k: int) -> None:
 
 
 def _position(value: Any, name: str, what: str) -> int:
-    """An index given as an int (numpy's, or a 0-d integer tensor), or a :class:`SalienceError`: ``int()``
-    truncated ``1.5`` to 1, took the string ``"1"`` and ``True``, and raised a raw TypeError for a list."""
+    """An index given as an int (numpy's, or a 0-d integer tensor or numpy array), or a :class:`SalienceError`:
+    ``int()`` truncated ``1.5`` to 1, took the string ``"1"`` and ``True``, and raised a raw TypeError for a list."""
     if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point() and not value.is_complex() \
             and value.dtype != torch.bool:
+        return int(value)
+    if type(value).__name__ == "ndarray" and type(value).__module__ == "numpy" and value.ndim == 0 \
+            and value.dtype.kind in "iu":  # np.asarray(3), as a class target takes it
         return int(value)
     return check_int(value, name, minimum=None, what=what)
 

@@ -37,6 +37,12 @@ def warn(msg: str) -> None:
     print(f"salience: {msg}", file=sys.stderr)
 
 
+METHOD_FLAGS = {"unsupported='warn' (or 'ignore')": "--unsupported warn (or ignore)",
+                "unsupported='ignore'": "--unsupported ignore", "use salience.vanilla": "use --method vanilla"}
+"""What the guided methods' refusals (an activation the rule is not defined for, a model without ReLUs) name
+of the Python API, as the commands' flags (``salience explain``, dataset runs, ``evaluate``)."""
+
+
 def with_flags(message: str, flags: Mapping[str, str], given: Sequence[str] = ()) -> str:
     """``message``, an error of the Python API that names its keywords (``masks=DIR``, ``labels=``,
     ``overwrite=True``), as the command says it: each ``flags`` key (the keyword with its ``=``, or a

@@ -13,8 +13,8 @@ from torch import nn
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int
 from salience.cli import options as _options
-from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, add_model_args, flag_errors, load_model_arg, parse_methods,
-                                 warn)
+from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, METHOD_FLAGS, add_model_args, flag_errors, load_model_arg,
+                                 parse_methods, warn)
 from salience.demo.train import demo_train_fn
 from salience.evidence import evaluate
 from salience.evidence.sanity import NO_HOOKS
@@ -50,7 +50,7 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-FLAGS = {"images=": "--images", "masks=": "--masks", "out_dir=": "--out"}
+FLAGS = {"images=": "--images", "masks=": "--masks", "out_dir=": "--out", **METHOD_FLAGS}
 """The keywords of :func:`salience.evidence.evaluate.run_evaluation` that its errors name, as this command's flags."""
 
 

@@ -20,9 +20,9 @@ from salience._core.progress import Progress, progress
 from salience._core.tensors import check_int
 from salience.cli import explain_many
 from salience.cli import options as _options
-from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, add_model_args, error, figure,
-                                 load_model_arg, model_specs_help, output_folder, parse_class, parse_methods,
-                                 probabilities, safe_name, scores, to_image, warn)
+from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, METHOD_FLAGS, add_model_args, error,
+                                 figure, load_model_arg, model_specs_help, output_folder, parse_class, parse_methods,
+                                 probabilities, safe_name, scores, to_image, warn, with_flags)
 from salience.cli.inputs import Inputs, add_input_args, class_names, preprocessing_info, read_inputs
 from salience.loading import DEFAULT_MAX_PIXELS, load_images, unnormalize
 from salience.loading.images import preprocessing_record
@@ -223,8 +223,7 @@ def _compute_maps(args: argparse.Namespace, model: nn.Module, batch: Tensor, cho
                                                places[s:s + args.batch_size]) for s in chunks])
             except SalienceError as e:
                 # the library names its keyword; the command line has the flag
-                warn(f"method {name} failed: " + str(e).replace("unsupported='warn' (or 'ignore')",
-                                                                "--unsupported warn (or ignore)"))
+                warn(f"method {name} failed: " + with_flags(str(e), METHOD_FLAGS))
                 failed.append(name)
                 continue
             maps[name] = [every[:, j] for j in range(len(chosen.ranks))]

@@ -17,7 +17,8 @@ from salience._core.errors import SalienceError
 from salience._core.info import attach_info, model_info
 from salience._core.tensors import check_int
 from salience.cli import options as _options
-from salience.cli.common import EXIT_OK, EXIT_PARTIAL, flag_errors, load_model_arg, parse_class, parse_methods, warn
+from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, METHOD_FLAGS, flag_errors, load_model_arg, parse_class,
+                                 parse_methods, warn)
 from salience.cli.inputs import class_names, preprocessing_info, read_inputs
 from salience.runs import explain_dataset
 from salience.runs.dataset import ENGINES, METRICS
@@ -26,7 +27,7 @@ from salience.runs.sources import is_dataset_spec, needs_one_size
 
 FLAGS = {"labels=": "--labels-csv", "masks=": "--masks", "out=": "--out", "overwrite=True": "--overwrite",
          "target=": "--target", "mode=": "--mode", "engine='ray'": "--engine ray",
-         'map_dtype="float32"': "--map-dtype float32"}
+         'map_dtype="float32"': "--map-dtype float32", **METHOD_FLAGS}
 """The keywords of :func:`salience.explain_dataset` that its errors name, as this command's flags."""
 
 _DATASET_FLAGS = ("dataset", "labels_csv", "masks", "metrics", "png", "overwrite", "engine", "num_gpus", "workers",

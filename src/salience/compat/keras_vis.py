@@ -296,7 +296,7 @@ def _loss_gradient(model: nn.Module, x: Tensor, losses: Sequence[tuple[Target, f
     for group in groups:
         target = _Weighted(group)
         if wrt is None:
-            g = METHODS["vanilla" if method is None else method](model, x, target, reduce=None)
+            g = _method_gradient(model, x, target, method)
         else:
             modes = []
             if method is not None:
@@ -307,6 +307,18 @@ def _loss_gradient(model: nn.Module, x: Tensor, losses: Sequence[tuple[Target, f
         total = g if total is None else total + g
     assert total is not None
     return total
+
+
+def _method_gradient(model: nn.Module, x: Tensor, target: Target, method: Optional[str]) -> Tensor:
+    """The raw input gradient of ``method`` (``None``: vanilla). A rule's refusal of a model without ReLUs said
+    to pass ``unsupported='ignore'``, which keras-vis's functions do not take: said as ``backprop_modifier=None``."""
+    try:
+        return METHODS["vanilla" if method is None else method](model, x, target, reduce=None)
+    except SalienceError as e:
+        if rules.NO_RECTIFIER_ADVICE not in str(e):
+            raise
+        raise SalienceError(str(e).replace(rules.NO_RECTIFIER_ADVICE, "backprop_modifier=None gives that map "
+                                           "(the modifier acts at ReLUs only)")) from None
 
 
 def visualize_saliency_with_losses(
