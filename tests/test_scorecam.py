@@ -333,3 +333,23 @@ def test_ablationcam_names_the_image_whose_ablated_score_is_nan_whatever_the_chu
     for chunk in (1, 2, 3, 4, 5, 7, 12):
         with pytest.raises(SalienceError, match=r"NaN or infinite \(image 2 of 4, class 0\)"):
             salience.ablationcam(model, x, 0, layer=model.conv, chunk=chunk)
+
+
+class InfOnBlack(DeadChannels):
+    """:class:`DeadChannels` whose class 1 scores infinite on an all-zero image (a division by its pixels' sum)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        lit = (x.flatten(1).abs().sum(1) > 0).float()
+        return torch.cat([out[:, :1], out[:, 1:2] / lit[:, None], out[:, 2:]], 1)
+
+
+def test_scorecam_refuses_an_empty_masks_infinite_score_naming_the_image():
+    """A dead channel's empty mask is scored once, on all-zero images, before the engine's passes: that pass ran
+    outside the call's deferred checks, so an infinite score there gave a map of NaN with no word."""
+    model = InfOnBlack().eval()
+    x = torch.rand(3, 3, 8, 8)
+    with unchanged(model), pytest.raises(SalienceError, match=r"NaN or infinite \(image 0 of 3, class 1\)"):
+        salience.scorecam(model, x, torch.tensor([1, 2, 2]), layer="act", softmax="none")
+    m = salience.scorecam(model, x, torch.tensor([0, 2, 2]), layer="act", softmax="none")
+    assert bool(torch.isfinite(m).all())

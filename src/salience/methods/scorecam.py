@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import capture_hook, check_input, forward_scores, layer_not_captured, this_thread
@@ -220,15 +221,16 @@ def scorecam(
 
         total = acts.shape[1] * b
         scores = torch.empty(total, len(resolved), dtype=x.dtype, device=x.device)
-        if len(live) < total:  # each image's scores of an all-zero mask (B, K), computed once, as the passes run
-            with torch.inference_mode(), run.autocast():
-                empty = score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax, already=already)
-            scores[:] = empty[torch.arange(total, device=x.device) % b]
-        if len(live):
-            sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
-                                      desc="scorecam", device=x.device, inference=True, run=run)
-            assert sums.scores is not None
-            scores[live] = sums.scores
+        with _derived.run_scope():  # the blank images' scores are checked with the passes' (NaN: a refusal naming them)
+            if len(live) < total:  # each image's scores of an all-zero mask (B, K), computed once, as the passes run
+                with torch.inference_mode(), run.autocast():
+                    empty = score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax, already=already)
+                scores[:] = empty[torch.arange(total, device=x.device) % b]
+            if len(live):
+                sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
+                                          desc="scorecam", device=x.device, inference=True, run=run)
+                assert sums.scores is not None
+                scores[live] = sums.scores
     w = _per_image(scores, b)  # (B, K, D)
     if softmax == "channels":
         w = w.softmax(dim=-1)
