@@ -196,3 +196,30 @@ def test_an_unknown_flag_says_the_close_one(capsys, flag, hint):
 
     assert main(["explain", "a.png", "--model", "demo:shapes", "--method", "gradcam", flag, "3"]) == 2
     assert f"unrecognized arguments: {flag} 3; did you mean '{hint}'?" in capsys.readouterr().err
+
+
+def _held_tensors(fn, depth: int = 3) -> list:
+    """The tensors a function's closure holds (and its closures' functions', ``depth`` levels)."""
+    held = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        v = cell.cell_contents
+        if isinstance(v, torch.Tensor):
+            held.append(v)
+        elif callable(v) and depth:
+            held += _held_tensors(v, depth - 1)
+    return held
+
+
+def test_the_deferred_checks_hold_no_chunks_tensors():
+    """A deferred check's action waits for the end of the call: Guided Grad-CAM's held its product (B, K, C, H, W)
+    and ``derived``'s the chunk's input, so inside SmoothGrad the last chunk's product and noisy copies stayed
+    alive through the next chunk (memory the engine's budget did not measure), until the call ended."""
+    from salience._core import derived as _derived
+
+    model = _cnn().eval()
+    with _derived.run_scope() as scope:  # the call's scope, kept open to look at its deferred actions
+        salience.smoothgrad(model, X, 1, method=salience.guided_gradcam, samples=4, chunk=2, layer="features.3")
+        actions = [a for _, a in scope._flags.values()]
+        assert len(actions) >= 3
+        held = [t for a in actions for t in _held_tensors(a)]
+    assert all(t.numel() <= 2 for t in held), [tuple(t.shape) for t in held]

@@ -235,9 +235,11 @@ def derived(x: Tensor, what: str = "the method's inputs") -> Tensor:
     except (RuntimeError, NotImplementedError):  # pragma: no cover - a backend without aminmax
         bad = ~torch.isfinite(x.detach()).all()
 
+    dtype = x.dtype  # not x: the action waits for the call's end, and would keep the chunk's input alive till then
+
     def refuse() -> None:
         raise SalienceError(f"{what} contain NaN or infinite values, although x is finite: its values are too "
-                            f"large for {x.dtype} (they overflow); scale x down, or compute in a wider dtype")
+                            f"large for {dtype} (they overflow); scale x down, or compute in a wider dtype")
 
     scope.defer(f"finite:{what}", bad, refuse)
     scope.inputs.append(x)
