@@ -3,6 +3,7 @@ gradients and occlusion, ``rise(seed=None)``, a NaN score's refusal naming the i
 of two finite maps, TorchScript under fp16 after bf16, unknown options. Each test here failed before its fix."""
 from __future__ import annotations
 
+import warnings
 
 import pytest
 import torch
@@ -223,3 +224,37 @@ def test_the_deferred_checks_hold_no_chunks_tensors():
         assert len(actions) >= 3
         held = [t for a in actions for t in _held_tensors(a)]
     assert all(t.numel() <= 2 for t in held), [tuple(t.shape) for t in held]
+
+
+def _head(t: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    h = torch.relu(torch.mm(t, w1) + 1.0)
+    h = torch.sigmoid(torch.mm(h, w1) * 2.0) + h
+    return torch.mm(h, w2)
+
+
+class _CallsAScriptedFunction(nn.Module):
+    """A Python model whose forward calls ``head`` (a scripted function: no module of it is a ScriptModule)."""
+
+    def __init__(self, head) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w1, self.w2 = nn.Parameter(torch.randn(12, 12) * 0.1), nn.Parameter(torch.randn(12, 4) * 0.1)
+        self.head = head
+
+    def forward(self, x):
+        return self.head(x.mean((2, 3)).repeat(1, 4), self.w1, self.w2)
+
+
+def test_a_model_calling_a_scripted_function_takes_fp16_after_bf16():
+    """The JIT's optimized execution was turned off only for a model with a ScriptModule among its modules: a
+    Python model calling a scripted function failed as before ("AD_mm_backward_self ... RuntimeError") in fp16
+    after bf16. Each precision's map equals the same function's, not scripted."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation
+        scripted = _CallsAScriptedFunction(torch.jit.script(_head)).eval()
+    python = _CallsAScriptedFunction(_head).eval()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    for precision in ("bf16", "fp16", "bf16"):
+        got = salience.smoothgrad(scripted, x, 1, precision=precision, samples=2)
+        torch.testing.assert_close(got, salience.smoothgrad(python, x, 1, precision=precision, samples=2),
+                                   rtol=1e-3, atol=1e-6)
