@@ -30,7 +30,7 @@ def _cnn() -> SmallCNN:
 def test_a_baseline_tensor_is_checked_by_one_rule(method):
     """Integrated gradients said "does not fit x", occlusion "a baseline tensor must broadcast to the input", each
     with its own words; one check now says, for both, what came and the shapes that fit, and counts values that
-    are not finite in x's dtype (a float64 1e300 is inf in float32)."""
+    are not finite; a finite float64 1e300, inf in float32, is said to be too large for x's dtype."""
     model = _cnn()
     fits = r"give a tensor that does: \(2, 3, 8, 8\), \(1, 3, 8, 8\), \(3, 8, 8\) or a per-channel \(3, 1, 1\)$"
     with unchanged(model), pytest.raises(SalienceError, match=r"^baseline of shape \(2, 1, 1\) does not broadcast to x "
@@ -38,7 +38,12 @@ def test_a_baseline_tensor_is_checked_by_one_rule(method):
         salience.METHODS[method](model, X, 0, baseline=torch.zeros(2, 1, 1), **CHEAP.get(method, {}))
     huge = torch.zeros(3, 1, 1, dtype=torch.float64)
     huge[1] = 1e300
-    with unchanged(model), pytest.raises(SalienceError, match=r"^baseline contains 1 NaN or infinite value\(s\)"):
+    # finite as given: not "contains 1 NaN or infinite value(s)", which it does not
+    with unchanged(model), pytest.raises(SalienceError, match=r"^baseline has values too large for x's dtype "
+                                                              r"torch.float32 \(its largest magnitude 1e\+300; "):
+        salience.METHODS[method](model, X, 0, baseline=huge, **CHEAP.get(method, {}))
+    huge[1] = float("nan")
+    with pytest.raises(SalienceError, match=r"^baseline contains 1 NaN or infinite value\(s\)"):
         salience.METHODS[method](model, X, 0, baseline=huge, **CHEAP.get(method, {}))
 
 
