@@ -3,6 +3,7 @@ gradients and occlusion, ``rise(seed=None)``, a NaN score's refusal naming the i
 of two finite maps, TorchScript under fp16 after bf16, unknown options. Each test here failed before its fix."""
 from __future__ import annotations
 
+import warnings
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def _cnn() -> SmallCNN:
 def test_a_baseline_tensor_is_checked_by_one_rule(method):
     """Integrated gradients said "does not fit x", occlusion "a baseline tensor must broadcast to the input", each
     with its own words; one check now says, for both, what came and the shapes that fit, and counts values that
-    are not finite in x's dtype (a float64 1e300 is inf in float32)."""
+    are not finite; a finite float64 1e300, inf in float32, is said to be too large for x's dtype."""
     model = _cnn()
     fits = r"give a tensor that does: \(2, 3, 8, 8\), \(1, 3, 8, 8\), \(3, 8, 8\) or a per-channel \(3, 1, 1\)$"
     with unchanged(model), pytest.raises(SalienceError, match=r"^baseline of shape \(2, 1, 1\) does not broadcast to x "
@@ -37,7 +38,12 @@ def test_a_baseline_tensor_is_checked_by_one_rule(method):
         salience.METHODS[method](model, X, 0, baseline=torch.zeros(2, 1, 1), **CHEAP.get(method, {}))
     huge = torch.zeros(3, 1, 1, dtype=torch.float64)
     huge[1] = 1e300
-    with unchanged(model), pytest.raises(SalienceError, match=r"^baseline contains 1 NaN or infinite value\(s\)"):
+    # finite as given: not "contains 1 NaN or infinite value(s)", which it does not
+    with unchanged(model), pytest.raises(SalienceError, match=r"^baseline has values too large for x's dtype "
+                                                              r"torch.float32 \(its largest magnitude 1e\+300; "):
+        salience.METHODS[method](model, X, 0, baseline=huge, **CHEAP.get(method, {}))
+    huge[1] = float("nan")
+    with pytest.raises(SalienceError, match=r"^baseline contains 1 NaN or infinite value\(s\)"):
         salience.METHODS[method](model, X, 0, baseline=huge, **CHEAP.get(method, {}))
 
 
@@ -196,3 +202,64 @@ def test_an_unknown_flag_says_the_close_one(capsys, flag, hint):
 
     assert main(["explain", "a.png", "--model", "demo:shapes", "--method", "gradcam", flag, "3"]) == 2
     assert f"unrecognized arguments: {flag} 3; did you mean '{hint}'?" in capsys.readouterr().err
+
+
+def _held_tensors(fn, depth: int = 3) -> list:
+    """The tensors a function's closure holds (and its closures' functions', ``depth`` levels)."""
+    held = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        v = cell.cell_contents
+        if isinstance(v, torch.Tensor):
+            held.append(v)
+        elif callable(v) and depth:
+            held += _held_tensors(v, depth - 1)
+    return held
+
+
+def test_the_deferred_checks_hold_no_chunks_tensors():
+    """A deferred check's action waits for the end of the call: Guided Grad-CAM's held its product (B, K, C, H, W)
+    and ``derived``'s the chunk's input, so inside SmoothGrad the last chunk's product and noisy copies stayed
+    alive through the next chunk (memory the engine's budget did not measure), until the call ended."""
+    from salience._core import derived as _derived
+
+    model = _cnn().eval()
+    with _derived.run_scope() as scope:  # the call's scope, kept open to look at its deferred actions
+        salience.smoothgrad(model, X, 1, method=salience.guided_gradcam, samples=4, chunk=2, layer="features.3")
+        actions = [a for _, a in scope._flags.values()]
+        assert len(actions) >= 3
+        held = [t for a in actions for t in _held_tensors(a)]
+    assert all(t.numel() <= 2 for t in held), [tuple(t.shape) for t in held]
+
+
+def _head(t: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    h = torch.relu(torch.mm(t, w1) + 1.0)
+    h = torch.sigmoid(torch.mm(h, w1) * 2.0) + h
+    return torch.mm(h, w2)
+
+
+class _CallsAScriptedFunction(nn.Module):
+    """A Python model whose forward calls ``head`` (a scripted function: no module of it is a ScriptModule)."""
+
+    def __init__(self, head) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w1, self.w2 = nn.Parameter(torch.randn(12, 12) * 0.1), nn.Parameter(torch.randn(12, 4) * 0.1)
+        self.head = head
+
+    def forward(self, x):
+        return self.head(x.mean((2, 3)).repeat(1, 4), self.w1, self.w2)
+
+
+def test_a_model_calling_a_scripted_function_takes_fp16_after_bf16():
+    """The JIT's optimized execution was turned off only for a model with a ScriptModule among its modules: a
+    Python model calling a scripted function failed as before ("AD_mm_backward_self ... RuntimeError") in fp16
+    after bf16. Each precision's map equals the same function's, not scripted."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation
+        scripted = _CallsAScriptedFunction(torch.jit.script(_head)).eval()
+    python = _CallsAScriptedFunction(_head).eval()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    for precision in ("bf16", "fp16", "bf16"):
+        got = salience.smoothgrad(scripted, x, 1, precision=precision, samples=2)
+        torch.testing.assert_close(got, salience.smoothgrad(python, x, 1, precision=precision, samples=2),
+                                   rtol=1e-3, atol=1e-6)

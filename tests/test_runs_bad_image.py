@@ -450,3 +450,14 @@ def test_a_last_batch_of_one_image_the_metrics_refuse_is_its_row(tmp_path):
     assert errors[:4] == [None] * 4 and errors[4].startswith("method vanilla's metrics failed: the model's score is "
                                                              "nan on image 0"), errors
     assert run.row(4)["vanilla.deletion"] is None and run.row(3)["vanilla.deletion"] is not None
+
+
+def test_a_refused_images_row_names_it_by_its_index_in_the_run(tmp_path):
+    """A refusal of NaN scores names the images of the call: the rerun of a batch's refused image alone said
+    "image 0 of 1" in the row of image 3 (and of image 5, in the second batch); the row names the run's image."""
+    run = _run(Marked().eval(), _images((3, 5)), tmp_path / "run")
+    for i in (3, 5):
+        said = run.row(i)["error"].split("; method ")
+        assert "is NaN or infinite (image %d, class 0)" % i in said[0], said
+        assert "are NaN or infinite (image %d, class 0)" % i in said[1], said
+        assert " of 1" not in run.row(i)["error"]

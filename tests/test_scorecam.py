@@ -222,3 +222,134 @@ def test_ablationcam_refuses_a_score_of_zero_instead_of_a_map_of_nan(small_cnn):
         salience.ablationcam(small_cnn, x, torch.tensor([[1, 2], [1, 2]]), layer="features.5")
     m = salience.ablationcam(small_cnn, x, 2, layer="features.5", softmax="classes")
     assert m.shape == (2, 8, 8) and bool(torch.isfinite(m).all())
+
+
+class InputSkip(nn.Module):
+    """The head reads ``x`` again after the layer: a skip from the input around the whole network."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(3, 3)
+        self.side = nn.Linear(3, 3)
+
+    def forward(self, x):
+        a = self.act(self.conv(x))
+        return self.head(a.mean((2, 3))) + self.side(x.mean((2, 3)))
+
+
+class UsesXTwice(nn.Module):
+    """The forward reads ``x`` twice: the layer's output is gated by another function of ``x``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.gate = nn.Conv2d(3, 3, 1)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        a = self.conv(x).relu()
+        return self.head((a * torch.sigmoid(self.gate(x))).mean((2, 3)))
+
+
+class ReadsOnlyTheLayer(nn.Module):
+    """Nothing after the layer but its output: the layers before may run once per image."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.conv(x).relu().mean((2, 3)))
+
+
+def _ablation_reference(model, layer, x, cls):
+    """Desai & Ramaswamy 2020, one image and one channel at a time: ``w_k = (y - y_k) / y``, ``y_k`` the score
+    with channel ``k`` of the layer's output set to 0; the map ``ReLU(sum_k w_k A_k)`` at the layer's size."""
+    maps = []
+    with torch.no_grad():
+        for i in range(x.shape[0]):
+            xi = x[i:i + 1]
+            a = _acts(model, layer, xi)[0]
+            y = model(xi)[0, cls]
+            cam = torch.zeros(a.shape[1:])
+            for k in range(a.shape[0]):
+                def zero(m, inp, o, k=k):
+                    o = o.clone()
+                    o[:, k] = 0
+                    return o
+                h = layer.register_forward_hook(zero)
+                yk = model(xi)[0, cls]
+                h.remove()
+                cam += (y - yk) / y * a[k]
+            maps.append(cam.clamp(min=0))
+    return torch.stack(maps)
+
+
+@pytest.mark.parametrize("make", [InputSkip, UsesXTwice, ReadsOnlyTheLayer])
+def test_ablationcam_equals_the_papers_formula_per_image_whatever_the_chunk(make):
+    """The layers before the layer ran once per distinct image of a chunk, and the ablated rows were matched to
+    the images by position: when the rest of the model reads ``x`` again (a skip from the input, a forward that
+    uses ``x`` twice) and a chunk held as many items as distinct images, in another order (chunk=3 on 4 images:
+    items 3, 4, 5 are images 3, 0, 1), the rows met another image's ``x``: a wrong map, with no error."""
+    model = make().eval()
+    for b in (1, 2, 3, 4):
+        x = torch.rand(b, 3, 6, 6, generator=torch.Generator().manual_seed(b)) - 0.3
+        ref = _ablation_reference(model, model.conv, x, 1)
+        for chunk in [None, *range(1, 3 * b + 2)]:
+            with unchanged(model):
+                ours = salience.ablationcam(model, x, 1, layer=model.conv, upsample=False, chunk=chunk)
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"b={b} chunk={chunk}: {m}")
+
+
+class NaNWhenAblated(nn.Module):
+    """Channel 1 of the layer is 5 everywhere; the score is ``log(mean(A_1) - mean(x))``: ablating channel 1 gives
+    ``log(-mean(x))``, NaN on an image whose mean is positive (and only there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(0.1)
+            self.conv.weight[1] = 0
+            self.conv.bias.zero_()
+            self.conv.bias[1] = 5
+
+    def forward(self, x):
+        a = self.conv(x).mean((2, 3))
+        s = torch.log(a[:, 1] - x.mean((1, 2, 3)))
+        return torch.stack([s, a[:, 0] + s], 1)
+
+
+def test_ablationcam_names_the_image_whose_ablated_score_is_nan_whatever_the_chunk():
+    model = NaNWhenAblated().eval()
+    x = -torch.rand(4, 3, 4, 4)
+    x[2] = -x[2]  # image 2 only: positive mean
+    for chunk in (1, 2, 3, 4, 5, 7, 12):
+        with pytest.raises(SalienceError, match=r"NaN or infinite \(image 2 of 4, class 0\)"):
+            salience.ablationcam(model, x, 0, layer=model.conv, chunk=chunk)
+
+
+class InfOnBlack(DeadChannels):
+    """:class:`DeadChannels` whose class 1 scores infinite on an all-zero image (a division by its pixels' sum)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        lit = (x.flatten(1).abs().sum(1) > 0).float()
+        return torch.cat([out[:, :1], out[:, 1:2] / lit[:, None], out[:, 2:]], 1)
+
+
+def test_scorecam_refuses_an_empty_masks_infinite_score_naming_the_image():
+    """A dead channel's empty mask is scored once, on all-zero images, before the engine's passes: that pass ran
+    outside the call's deferred checks, so an infinite score there gave a map of NaN with no word."""
+    model = InfOnBlack().eval()
+    x = torch.rand(3, 3, 8, 8)
+    with unchanged(model), pytest.raises(SalienceError, match=r"NaN or infinite \(image 0 of 3, class 1\)"):
+        salience.scorecam(model, x, torch.tensor([1, 2, 2]), layer="act", softmax="none")
+    m = salience.scorecam(model, x, torch.tensor([0, 2, 2]), layer="act", softmax="none")
+    assert bool(torch.isfinite(m).all())

@@ -812,9 +812,9 @@ def _finite_scores(scores: list[Tensor], targets: Sequence[TargetLike]) -> list[
 
 
 def _refuse_target_scores(scope: _derived.Derived, k: int) -> None:
-    raise SalienceError(f"the target's score is NaN or infinite{_derived.scores_where(scope, 'finite:target', k)} (the "
-                        "model's output, or the target's function of it), which makes the map NaN; check "
-                        "torch.isfinite(model(x)) and the target, e.g. a log or a division in the model's forward")
+    raise _derived.refusal(scope, "finite:target", k, "the target's score is NaN or infinite",
+                           " (the model's output, or the target's function of it), which makes the map NaN; check "
+                           "torch.isfinite(model(x)) and the target, e.g. a log or a division in the model's forward")
 
 
 def looks_like_probabilities(out: Tensor) -> bool:

@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Derived", "current", "derived", "is_derived", "run_scope", "chunk_items", "scores_where"]
+__all__ = ["Derived", "current", "derived", "is_derived", "run_scope", "chunk_items", "scores_where", "refusal",
+           "renamed"]
 
 
 class Derived:
@@ -157,6 +158,11 @@ def scores_where(scope: Derived, key: str, targets: int) -> str:
     """Where the noted bad scores of ``key`` are, for a message: ``" (image 1 of 4, class 3)"``,
     ``" (images 0, 2 of 4; target 2 of 3, class 7)"``; ``""`` when none was noted."""
     found, batch = scope.bad_images(key)
+    return _where(found, batch, targets)
+
+
+def _where(found: Sequence[tuple[int, int, Optional[int]]], batch: Optional[int], targets: int) -> str:
+    """:func:`scores_where`'s words for the ``(image, target, class)`` triples ``found`` of ``batch`` images."""
     if not found:
         return ""
     images = sorted({i for i, _, _ in found})
@@ -173,6 +179,32 @@ def scores_where(scope: Derived, key: str, targets: int) -> str:
             which.append(part)
     sep = "; " if targets > 1 else ", "
     return f" ({text}{sep + sep.join(which) if which else ''})"
+
+
+def refusal(scope: Derived, key: str, targets: int, head: str, tail: str) -> Exception:
+    """The :class:`~salience.SalienceError` ``head + where + tail`` of the noted bad scores of ``key`` (``where``:
+    :func:`scores_where`'s), which keeps the images it names by their positions in the call (plain data: it
+    pickles), so that a caller that knows them by other names (a dataset run: by their ``index``) says those
+    (:func:`renamed`)."""
+    from salience._core.errors import SalienceError
+
+    found, batch = scope.bad_images(key)
+    error = SalienceError(head + _where(found, batch, targets) + tail)
+    error.salience_scores = (found, targets, head, tail)  # type: ignore[attr-defined]
+    return error
+
+
+def renamed(error: BaseException, names: Sequence[int]) -> Optional[Exception]:
+    """``error`` (a :func:`refusal`) with the images it names called ``names[i]`` instead of ``i`` (a dataset run's
+    indices of the call's images; "image 3", not "image 0 of 1" in the row of a rerun's single image), or
+    ``None`` when it is no such refusal."""
+    kept = getattr(error, "salience_scores", None)
+    if kept is None:
+        return None
+    found, targets, head, tail = kept
+    if any(not 0 <= i < len(names) for i, _, _ in found):
+        return None
+    return type(error)(head + _where([(int(names[i]), k, c) for i, k, c in found], None, targets) + tail)
 
 
 @contextmanager
@@ -203,9 +235,11 @@ def derived(x: Tensor, what: str = "the method's inputs") -> Tensor:
     except (RuntimeError, NotImplementedError):  # pragma: no cover - a backend without aminmax
         bad = ~torch.isfinite(x.detach()).all()
 
+    dtype = x.dtype  # not x: the action waits for the call's end, and would keep the chunk's input alive till then
+
     def refuse() -> None:
         raise SalienceError(f"{what} contain NaN or infinite values, although x is finite: its values are too "
-                            f"large for {x.dtype} (they overflow); scale x down, or compute in a wider dtype")
+                            f"large for {dtype} (they overflow); scale x down, or compute in a wider dtype")
 
     scope.defer(f"finite:{what}", bad, refuse)
     scope.inputs.append(x)

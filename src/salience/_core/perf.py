@@ -432,7 +432,6 @@ class Run:
         self._probing = False
         self.softmax_checked = False
         self.softmax_stripped = False
-        self._scripted: Optional[bool] = None  # the model has TorchScript parts (autocast asks, once)
         if self.options.freeze and rec.softmax is not None:
             # compile="freeze": an earlier run on this model's structure checked for a final softmax,
             # so the first chunk may run the frozen graphs too (reused_probe)
@@ -571,15 +570,12 @@ class Run:
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def autocast(self) -> Any:
-        """The run's autocast (``precision``), or nothing for fp32. A model with TorchScript parts runs it with the
-        JIT's optimized execution off (:func:`_scripted_autocast`)."""
+        """The run's autocast (``precision``), or nothing for fp32; with the JIT's optimized execution off in this
+        thread (:func:`_scripted_autocast`): TorchScript runs in the passes wherever the model calls it, a scripted
+        submodule or a scripted function (no module says so), and the flag is the JIT's alone."""
         if self.dtype is None:
             return contextlib_null()
-        if self._scripted is None:  # asked once per run
-            self._scripted = any(isinstance(m, torch.jit.ScriptModule) for m in self.model.modules())
-        if self._scripted:
-            return _scripted_autocast(self.device.type, self.dtype)
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return _scripted_autocast(self.device.type, self.dtype)
 
     def forward_fn(self, plain: bool, strip_softmax: bool) -> Optional[Callable]:
         """What runs a plain pass (no hooks, no interception modes) once an eager pass showed no
@@ -793,12 +789,14 @@ class Run:
 
 @contextmanager
 def _scripted_autocast(device_type: str, dtype: torch.dtype) -> Iterator[None]:
-    """``torch.autocast`` for a model with TorchScript parts, with the JIT's optimized execution off in this
-    thread (``torch.jit.optimized_execution(False)``, a thread-local flag, put back after). The optimized executor
-    keeps one backward graph per scripted function with the first autocast dtype's casts in it: the same process's
-    fp16 gradient pass after a bf16 one (or bf16 after fp16) failed with TorchScript's raw "expected m1 and m2 to
-    have the same dtype, but got: c10::Half != c10::BFloat16" (torch's own, without salience). Unoptimized, each
-    pass casts as eager autocast does: any order of precisions works, at the cost of the JIT's fusions."""
+    """``torch.autocast`` with the JIT's optimized execution off in this thread (``torch.jit.optimized_execution(
+    False)``, a thread-local flag, put back after), for the TorchScript a model may run: a scripted model or
+    submodule, or a scripted function its Python forward calls (a model without any is not affected). The optimized
+    executor keeps one backward graph per scripted function with the first autocast dtype's casts in it: the same
+    process's fp16 gradient pass after a bf16 one (or bf16 after fp16) failed with TorchScript's raw "expected m1
+    and m2 to have the same dtype, but got: c10::Half != c10::BFloat16" (torch's own, without salience).
+    Unoptimized, each pass casts as eager autocast does: any order of precisions works, at the cost of the JIT's
+    fusions."""
     with torch.jit.optimized_execution(False), torch.autocast(device_type=device_type, dtype=dtype):
         yield
 

@@ -236,8 +236,8 @@ def check_finite_tensor(t: Tensor, name: str) -> Tensor:
 def baseline_tensor(baseline: Tensor, x: Tensor, name: str = "baseline") -> Tensor:
     """``baseline`` (a tensor given for ``x``) detached, in ``x``'s device and dtype, expanded to ``x``'s shape (a
     view), or a :class:`SalienceError`: a shape that does not broadcast to ``x`` (the message names the shapes
-    that fit), or NaN / infinite values (:func:`check_finite_tensor`, after the cast: a float64 1e300 is inf in
-    float32). The one check of integrated gradients' and occlusion's ``baseline=``."""
+    that fit), or NaN / infinite values (:func:`check_finite_tensor`, after the cast; a finite float64 1e300, inf in
+    float32, is said to be too large for ``x``'s dtype). The one check of integrated gradients' and occlusion's ``baseline=``."""
     bl = baseline.detach().to(device=x.device, dtype=x.dtype)
     try:  # a per-channel mean (C, 1, 1), one number as a 0-d tensor, a (1, C, H, W) for every image
         fits = torch.broadcast_shapes(bl.shape, x.shape) == x.shape
@@ -248,7 +248,16 @@ def baseline_tensor(baseline: Tensor, x: Tensor, name: str = "baseline") -> Tens
         raise SalienceError(
             f"{name} of shape {tuple(bl.shape)} does not broadcast to x of shape {tuple(x.shape)}; give a tensor "
             f"that does: {tuple(x.shape)}, (1, {rest}), ({rest}) or a per-channel ({x.shape[1]}, 1, 1)")
-    return check_finite_tensor(bl, name).expand_as(x)
+    try:
+        return check_finite_tensor(bl, name).expand_as(x)
+    except SalienceError:
+        given = baseline.detach()
+        if given.dtype == bl.dtype or not bool(torch.isfinite(given).all()):
+            raise
+        raise SalienceError(  # finite as given: "contains NaN or infinite values" would be untrue
+            f"{name} has values too large for x's dtype {x.dtype} (its largest magnitude "
+            f"{float(given.abs().max()):.3g}; {x.dtype}'s is {torch.finfo(x.dtype).max:.3g}): they become infinite "
+            "in it; scale the baseline (and x) down, or explain x in a wider dtype") from None
 
 
 def fresh_seed() -> int:

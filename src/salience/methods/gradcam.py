@@ -218,8 +218,8 @@ def guided_gradcam(
         # the factors' largest values (0-d, on the device; a SmoothGrad of this keeps each call's, not its maps)
         sizes = scope.once("guided_gradcam:sizes", list)
         sizes.append(torch.stack([guided.detach().abs().amax(), cams.detach().amax()]))
-        scope.defer("finite:guided_gradcam", ~torch.isfinite(product).all(),
-                    lambda: _refuse_overflow(sizes, product.dtype))
+        dtype = product.dtype  # not the product: the action waits for the call's end (a SmoothGrad's, chunks later)
+        scope.defer("finite:guided_gradcam", ~torch.isfinite(product).all(), lambda: _refuse_overflow(sizes, dtype))
     return finish(product, grad_modifier, reduce, multi, targets)
 
 

@@ -151,10 +151,9 @@ def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bo
 
 
 def _refuse_scores(scope: _derived.Derived, k: int) -> None:
-    raise SalienceError(f"the model's scores of the perturbed images are NaN or infinite"
-                        f"{_derived.scores_where(scope, 'finite:scores', k)}, which makes the map NaN; check what the "
-                        "model gives for such images (e.g. model(torch.zeros_like(x)) for masked pixels), or use a "
-                        "gradient method")
+    raise _derived.refusal(scope, "finite:scores", k, "the model's scores of the perturbed images are NaN or infinite",
+                           ", which makes the map NaN; check what the model gives for such images (e.g. "
+                           "model(torch.zeros_like(x)) for masked pixels), or use a gradient method")
 
 
 def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Target],

@@ -18,10 +18,10 @@ share every pass. Score-CAM runs one forward pass per item, but a channel that i
 image (a dead ReLU channel: common) masks the image to zeros, and that image's score of zeros is
 computed once: the engine's items are the live (channel, image) pairs, found before the first
 pass, so every full chunk has the same batch size. Ablation-CAM replaces the layer's output in the
-forward pass: the layers before it run once per image of a chunk, not once per channel, and the
-ablated copies of the layer's output run through the rest of the model together (when the rest
-mixes in an earlier tensor of the batch, such as a skip connection around the layer, the images
-are repeated instead).
+forward pass: in a chunk of more items than images, the layers before it run once per image, not once per
+channel, and the ablated copies of the layer's output run through the rest of the model together (when the
+rest reads an earlier tensor of the batch, such as a skip connection around the layer or ``x`` itself, the
+images are repeated instead; a chunk of at most as many items as images always runs them repeated).
 
 Both take the engine's performance options (``memory_format``, ``compile``, ``precision``; see
 docs/performance.md): Score-CAM's chunks of live items keep a compiled graph's one shape;
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import capture_hook, check_input, forward_scores, layer_not_captured, this_thread
@@ -220,15 +221,16 @@ def scorecam(
 
         total = acts.shape[1] * b
         scores = torch.empty(total, len(resolved), dtype=x.dtype, device=x.device)
-        if len(live) < total:  # each image's scores of an all-zero mask (B, K), computed once, as the passes run
-            with torch.inference_mode(), run.autocast():
-                empty = score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax, already=already)
-            scores[:] = empty[torch.arange(total, device=x.device) % b]
-        if len(live):
-            sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
-                                      desc="scorecam", device=x.device, inference=True, run=run)
-            assert sums.scores is not None
-            scores[live] = sums.scores
+        with _derived.run_scope():  # the blank images' scores are checked with the passes' (NaN: a refusal naming them)
+            if len(live) < total:  # each image's scores of an all-zero mask (B, K), computed once, as the passes run
+                with torch.inference_mode(), run.autocast():
+                    empty = score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax, already=already)
+                scores[:] = empty[torch.arange(total, device=x.device) % b]
+            if len(live):
+                sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
+                                          desc="scorecam", device=x.device, inference=True, run=run)
+                assert sums.scores is not None
+                scores[live] = sums.scores
     w = _per_image(scores, b)  # (B, K, D)
     if softmax == "channels":
         w = w.softmax(dim=-1)
@@ -242,7 +244,12 @@ class _Ablated:
     def __init__(self, model: nn.Module, mod: nn.Module, x: Tensor, layout: Layout, value: float,
                  score: Callable[[Tensor, Tensor], Tensor]) -> None:
         self.model, self.mod, self.x, self.layout, self.value, self.score = model, mod, x, layout, value, score
-        self.shared = True  # the layers before run once per image; False: once per item
+        # the layers before run once per image, for a chunk of more items than images (b rows, the items' n rows
+        # after the layer: a read of x or of an earlier tensor after it meets two batch sizes, an error, and the
+        # passes run once per item from then on; with one image, a broadcast of its own rows); False: once per item.
+        # A chunk of at most b items runs its items' images (n rows) as they are: sharing saves nothing there, and
+        # rows of the same count could not tell a read of another image's x (chunk=3 of 4 images mixed them)
+        self.shared = True
 
     def _ablate(self, out: Tensor, rows: Tensor, ch: Tensor) -> Tensor:
         t = out[rows].clone()
@@ -275,26 +282,15 @@ class _Ablated:
         b = self.x.shape[0]
         idx = torch.arange(start, stop, device=self.x.device)
         owner, ch = idx % b, idx // b
-        if self.shared:
-            imgs, rows = _images_of(start, stop, b, owner)
+        if self.shared and stop - start > b:  # the chunk's consecutive items hold every image, some twice or more
             try:
-                s = self._run(self.x[imgs], rows, ch, owner)
+                s = self._run(self.x, owner, ch, owner)  # the layer's output row ``owner[i]`` for item ``i``
                 if s.shape[0] == len(owner):
                     return s
             except (RuntimeError, SalienceError):
-                pass  # the rest of the model mixes in an earlier tensor of the batch
+                pass  # the rest of the model reads a tensor from before the layer: b rows against the items' n
             self.shared = False
         return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
-
-
-def _images_of(start: int, stop: int, b: int, owner: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.unique(owner, sorted=True, return_inverse=True)`` of items ``start..stop-1`` of images
-    ``owner = item % b``, without it: the images of consecutive items are known (``unique`` waits for the device to
-    say how many there are, a synchronization per chunk)."""
-    if stop - start >= b:  # every image
-        return torch.arange(b, device=owner.device), owner
-    imgs = ((torch.arange(stop - start, device=owner.device) + start) % b).sort().values  # distinct: fewer than b
-    return imgs, torch.searchsorted(imgs, owner)
 
 
 def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from salience._core import derived as _derived
 from salience._core import perf as _perf
 from salience._core.autograd import forward_scores, class_probabilities, model_input, this_thread, unwrap_output
 from salience._core.engine import MemoryProbe, default_budget
@@ -186,11 +187,18 @@ def _run_seed(fn: Callable[..., Tensor]) -> Optional[int]:
 
 def call_method(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Any,
                 indices: Optional[Sequence[int]] = None) -> Tensor:
-    """``fn(model, x, target)``; SmoothGrad with the seeds of images ``indices`` (:func:`image_seed`)."""
+    """``fn(model, x, target)``; SmoothGrad with the seeds of images ``indices`` (:func:`image_seed`). A refusal that
+    names images (NaN scores) names them by ``indices``: a rerun's part, or a batch, numbers them from 0."""
     seed = _run_seed(fn) if indices is not None else None
-    if seed is None:
-        return fn(model, x, target)
-    return fn(model, x, target, seed=[image_seed(seed, i) for i in indices])
+    try:
+        if seed is None:
+            return fn(model, x, target)
+        return fn(model, x, target, seed=[image_seed(seed, i) for i in indices])
+    except SalienceError as e:
+        named = _derived.renamed(e, indices) if indices is not None else None
+        if named is None:
+            raise
+        raise named.with_traceback(e.__traceback__) from None
 
 
 def _predictions(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
