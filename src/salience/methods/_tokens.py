@@ -31,7 +31,11 @@ than that grid and no prefix is given (a hierarchical model: Hugging Face Swin's
 until it has ``N`` cells, with no prefix tokens; if no halving has ``N`` cells and one has ``N - 1``, the
 first token is a class token before them (CoaT, whose stages each embed their own patches and prepend
 their own class token: ``(B, 1 + 7 * 7, C)`` in its last stage at 224 px, its first embedding's grid
-56x56). With only ``prefix_tokens`` and no patch
+56x56). **An input not a whole number of patches** (:func:`_embedding_grids`): the floor grid above, or the
+padded one ``(ceil(H / p), ceil(W / p))`` (timm's ``dynamic_img_pad``, Hugging Face Swin): the module holding the
+convolution decides where it says (``dynamic_img_pad``); else the one grid that reads the tokens with at most
+``_PLAUSIBLE_PREFIX`` prefix tokens or as a halved stage (:func:`_grid_readings`), a :class:`SalienceError` naming
+``grid=`` / ``prefix_tokens=`` where both do (:func:`_padded_choice`). With only ``prefix_tokens`` and no patch
 embedding, ``(h, w)`` keeps the input's aspect ratio, or else is the one stride grid (below) of
 ``N - k`` cells.
 
@@ -450,18 +454,86 @@ def check_token_order(model: nn.Module, module: Optional[nn.Module], x_shape: Se
         )
 
 
-def patch_grid(model: nn.Module, x_shape: Sequence[int], modules: Optional[Sequence[nn.Module]] = None
-               ) -> Optional[tuple[int, int]]:
-    """The patch embedding's output grid ``(h, w)`` for an input of shape ``x_shape``; None without one.
-    ``modules``: ``model``'s modules in ``named_modules()`` order (``modules_of(model)``) where the caller walked
-    them already in this call: the first patch embedding among them, without the walk for the names."""
+def _embedding_grids(model: nn.Module, x_shape: Sequence[int], modules: Optional[Sequence[nn.Module]] = None
+                     ) -> tuple[list[tuple[int, int]], Optional[bool]]:
+    """The grids the patch embedding may give on an input of shape ``x_shape``: its output grid (floor), then,
+    where ``(H, W)`` is not a whole number of patches, the grid of the input padded to whole patches (ceil: timm's
+    ``dynamic_img_pad``, Hugging Face Swin); and whether the model says it pads: the ``dynamic_img_pad`` of the
+    module holding the convolution (timm's ``PatchEmbed``), None where it does not say (or the input is whole
+    patches). ``([], None)`` without a patch embedding. ``modules``: as in :func:`patch_grid`."""
+    channels = int(x_shape[1])
     if modules is not None:
-        channels = int(x_shape[1])
         conv = next((m for m in modules if _patch_conv(m, channels)), None)
     else:
-        embed = patch_embedding(model, int(x_shape[1]))
+        embed = patch_embedding(model, channels)
         conv = None if embed is None else embed[1]
-    return None if conv is None else _conv_grid(conv, x_shape[-2:])
+    if conv is None:
+        return [], None
+    floor = _conv_grid(conv, x_shape[-2:])
+    padded = (-(-int(x_shape[-2]) // int(conv.stride[0])), -(-int(x_shape[-1]) // int(conv.stride[1])))
+    if padded == floor or any(int(p) for p in conv.padding):  # type: ignore[union-attr]
+        return [floor], None
+    said = (getattr(m, "dynamic_img_pad", None) for m in (modules if modules is not None else model.modules())
+            if any(c is conv for c in m.children()))
+    pads = next((v for v in said if isinstance(v, bool)), None)
+    return [floor, padded], pads
+
+
+def patch_grid(model: nn.Module, x_shape: Sequence[int], modules: Optional[Sequence[nn.Module]] = None
+               ) -> Optional[tuple[int, int]]:
+    """The patch embedding's output grid ``(h, w)`` for an input of shape ``x_shape``; None without one: the
+    padded grid where the model says it pads its input to whole patches (timm's ``dynamic_img_pad``), else the
+    floor grid (see :func:`_embedding_grids`). ``modules``: ``model``'s modules in ``named_modules()`` order
+    (``modules_of(model)``) where the caller walked them already in this call."""
+    grids, pads = _embedding_grids(model, x_shape, modules)
+    return None if not grids else grids[-1] if pads else grids[0]
+
+
+# The most prefix tokens a padded or floor patch grid is read with when the model does not say which it uses:
+# class, distillation and register tokens (timm's and DINOv2's ``reg4``: 1 + 4).
+_PLAUSIBLE_PREFIX = 8
+
+
+def _grid_readings(g: tuple[int, int], n_tokens: int, k: Optional[int]) -> list[tuple[int, tuple[int, int]]]:
+    """The readings ``(prefix, grid)`` of ``n_tokens`` tokens on the patch grid ``g``: ``k`` (given) or a few
+    (``<= _PLAUSIBLE_PREFIX``) prefix tokens before ``g``; or a later stage of a hierarchical model (see
+    :func:`_merged_grid`), with no prefix or one class token."""
+    cells = g[0] * g[1]
+    if k is not None:
+        if k + cells == n_tokens:
+            return [(k, g)]
+        merged = _merged_grid(g, n_tokens - k) if k <= 1 else None
+        return [] if merged is None else [(k, merged)]
+    if 0 <= n_tokens - cells <= _PLAUSIBLE_PREFIX:
+        return [(n_tokens - cells, g)]
+    merged = _merged_grid(g, n_tokens)
+    classed = _merged_grid(g, n_tokens - 1) if merged is None else None
+    return [(0, merged)] if merged is not None else [(1, classed)] if classed is not None else []
+
+
+def _padded_choice(model: nn.Module, x_shape: Sequence[int], n_tokens: int, k: Optional[int], what: str,
+                   modules: Optional[Sequence[nn.Module]]) -> Optional[tuple[Optional[int], tuple[int, int]]]:
+    """Where the input is not a whole number of patches and the model does not say whether it pads: the one
+    reading of ``n_tokens`` tokens on the floor or the padded grid (:func:`_grid_readings`); None where neither
+    reads them (the caller goes on with the floor grid, as before) or the input is whole patches; a
+    :class:`SalienceError` naming ``grid=`` / ``prefix_tokens=`` where both do."""
+    grids, pads = _embedding_grids(model, x_shape, modules)
+    if len(grids) < 2 or pads is not None:
+        return None
+    readings = list(dict.fromkeys(r for g in grids for r in _grid_readings(g, n_tokens, k)))
+    if len(readings) == 1:
+        return readings[0]
+    if not readings:
+        return None
+    (h0, w0), (h1, w1) = grids
+    options = " or ".join(f"grid=({g[0]}, {g[1]}), prefix_tokens={p} (command line: --grid {g[0]},{g[1]} "
+                          f"--prefix-tokens {p})" for p, g in readings)
+    raise SalienceError(
+        f"{what} gives {n_tokens} tokens, and the {int(x_shape[-2])}x{int(x_shape[-1])} input is not a whole number "
+        f"of patches: the patch embedding gives a {h0}x{w0} grid, or {h1}x{w1} if the model pads its input to whole "
+        f"patches, and the model does not say which (timm's patch_embed.dynamic_img_pad); the tokens fit both "
+        f"({', '.join(f'{p} prefix token(s) + {g[0]}x{g[1]} patches' for p, g in readings)}). Pass {options}"
+    )
 
 
 def _check_stride_grid(x_shape: Sequence[int], grid: tuple[int, int]) -> None:
@@ -497,8 +569,11 @@ def _check_given_grid(model: nn.Module, x_shape: Sequence[int], grid: tuple[int,
     if embed is None:
         _check_stride_grid(x_shape, grid)
         return
-    pg = _conv_grid(embed[1], x_shape[-2:])
-    where = f"{embed[0]!r} on a {int(x_shape[-2])}x{int(x_shape[-1])} input"
+    grids, pads = _embedding_grids(model, x_shape)
+    if grid in grids and pads is None:
+        return  # the floor or the padded grid, the model not saying which: the user does
+    pg = grids[-1] if pads else grids[0]
+    where = f"{embed[0]!r} on a {int(x_shape[-2])}x{int(x_shape[-1])} input" + (", padded to whole patches" if pads else "")
     cells, given = pg[0] * pg[1], grid[0] * grid[1]
     if pg != grid and grid == (pg[1], pg[0]):
         raise SalienceError(
@@ -524,6 +599,8 @@ def token_layout(model: nn.Module, x_shape: Sequence[int], n_tokens: int, *, gri
     g, k = _check_grid(grid), _check_prefix(prefix_tokens)
     if g is not None:
         _check_given_grid(model, x_shape, g, n_tokens, k)
+    elif (chosen := _padded_choice(model, x_shape, n_tokens, k, what, modules)) is not None:
+        k, g = chosen  # an input not a whole number of patches, the model not saying whether it pads
     else:
         g = patch_grid(model, x_shape, modules)
         if g is not None and g[0] * g[1] > n_tokens and not k:
