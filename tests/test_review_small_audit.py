@@ -14,18 +14,9 @@ from salience import targets
 from salience.cli import main
 from salience.render import viz
 
+from test_small_api_audit import _NoRelu as _Net  # a conv, an activation, a global mean and a linear head
+
 X = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-
-
-class _Net(nn.Module):
-    """A conv, an activation, a global mean and a linear head."""
-
-    def __init__(self, act: nn.Module):
-        super().__init__()
-        self.conv, self.act, self.head = nn.Conv2d(3, 4, 3, padding=1), act, nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(self.act(self.conv(x)).mean((2, 3)))
 
 
 # ----------------------------------------------------------------------------- the command line
