@@ -424,3 +424,29 @@ def test_ablationcam_lets_the_models_own_error_through():
     model = FailsAfterTheLayer().eval()
     with pytest.raises(ValueError, match="the model's own error"):
         salience.ablationcam(model, torch.rand(2, 3, 6, 6), 1, layer=model.conv, chunk=8)
+
+
+class NaNWhenRowsDiffer(nn.Module):
+    """Finite per image; NaN scores when the layer's rows are not ``x``'s (a rest that mixes them overflows)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(10)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.conv(x).relu()
+        y = self.head(h.mean((2, 3)))
+        return y if h.shape[0] == x.shape[0] else y * float("nan")
+
+
+def test_ablationcam_a_shared_pass_thrown_away_refuses_nothing():
+    """The shared pass's NaN scores, replaced by the pass per item's, were still noted: the call was refused
+    ("NaN or infinite (images 0, 1 of 2)") where every score it uses is finite."""
+    model = NaNWhenRowsDiffer().eval()
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)) + 0.1
+    ref = _ablation_reference(model, model.conv, x, 1)
+    for chunk in (None, 3, 4):
+        torch.testing.assert_close(salience.ablationcam(model, x, 1, layer=model.conv, upsample=False, chunk=chunk),
+                                   ref, atol=1e-5, rtol=1e-4)

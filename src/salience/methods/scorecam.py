@@ -286,12 +286,16 @@ class _Ablated:
         owner, ch = idx % b, idx // b
         s: Optional[Tensor] = None
         if self.shared and stop - start > b:  # the chunk's consecutive items hold every image, some twice or more
+            scope = _derived.current()
+            saved = scope.snapshot() if scope is not None else None
             try:
                 s = self._run(self.x, owner, ch, owner)  # the layer's output row ``owner[i]`` for item ``i``
             except Exception:  # noqa: BLE001 - b rows against the items' n, or the model's own check of them (a
                 pass  # ValueError, an assert): an error of the model's own comes again from the pass per item below
             if s is not None and s.shape[0] == len(owner) and self.checked:
                 return s
+            if scope is not None and saved is not None:  # its scores thrown away: their NaN refuse nothing
+                scope.restore(saved)
             self.shared = s is not None and s.shape[0] == len(owner)
         own = self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
         if s is not None and self.shared and not self.checked:  # the first shared chunk against its pass per item (one read per call):
