@@ -205,3 +205,16 @@ def test_a_model_that_says_it_pads_but_whose_tokens_fit_only_the_floor_grid_is_r
     assert_each_varies(ref)
     torch.testing.assert_close(salience.gradcam(model, x, 1, layer="blocks.1.norm1", grid=(4, 5), prefix_tokens=1),
                                ref, rtol=1e-5, atol=1e-6)
+
+
+def test_both_grids_fit_only_after_many_prefix_tokens_and_the_model_silent_is_refused(x):
+    """9 + 5x6 = 39 tokens (padded, 9 prefix tokens) or 19 + 4x5 (floor): neither prefix plausible, and the floor
+    grid was taken with no word (a wrong map)."""
+    torch.manual_seed(0)
+    model = _SilentPad(prefix=9).eval()
+    with pytest.raises(SalienceError, match=r"grid=\(4, 5\), prefix_tokens=19 .* or grid=\(5, 6\), prefix_tokens=9"):
+        salience.gradcam(model, x, 1, layer="blocks.0.norm1")
+    ref = reference_cam(model, x, model.blocks[0].norm1, torch.tensor([1, 1]), tokens_to_grid(9, 5, 6))
+    assert_each_varies(ref)
+    torch.testing.assert_close(salience.gradcam(model, x, 1, layer="blocks.0.norm1", prefix_tokens=9), ref,
+                               rtol=1e-5, atol=1e-6)

@@ -35,7 +35,8 @@ their own class token: ``(B, 1 + 7 * 7, C)`` in its last stage at 224 px, its fi
 padded one ``(ceil(H / p), ceil(W / p))`` (timm's ``dynamic_img_pad``, Hugging Face Swin): the module holding the
 convolution decides where it says (``dynamic_img_pad``); else the one grid that reads the tokens with at most
 ``_PLAUSIBLE_PREFIX`` prefix tokens or as a halved stage (:func:`_grid_readings`), a :class:`SalienceError` naming
-``grid=`` / ``prefix_tokens=`` where both do (:func:`_padded_choice`). With only ``prefix_tokens`` and no patch
+``grid=`` / ``prefix_tokens=`` where both do, or where neither does and both fit after more prefix tokens
+(:func:`_padded_choice`). With only ``prefix_tokens`` and no patch
 embedding, ``(h, w)`` keeps the input's aspect ratio, or else is the one stride grid (below) of
 ``N - k`` cells.
 
@@ -516,13 +517,16 @@ def _padded_choice(model: nn.Module, x_shape: Sequence[int], n_tokens: int, k: O
     """Where the input is not a whole number of patches and the model does not say whether it pads: the one
     reading of ``n_tokens`` tokens on the floor or the padded grid (:func:`_grid_readings`); None where neither
     reads them (the caller goes on with the floor grid, as before) or the input is whole patches; a
-    :class:`SalienceError` naming ``grid=`` / ``prefix_tokens=`` where both do."""
+    :class:`SalienceError` naming ``grid=`` / ``prefix_tokens=`` where both do, or where neither does but the
+    tokens are as many as the padded grid's cells or more (both fit after more than ``_PLAUSIBLE_PREFIX``)."""
     grids, pads = _embedding_grids(model, x_shape, modules)
     if len(grids) < 2 or pads is not None:
         return None
     readings = list(dict.fromkeys(r for g in grids for r in _grid_readings(g, n_tokens, k)))
     if len(readings) == 1:
         return readings[0]
+    if not readings and k is None and n_tokens >= grids[1][0] * grids[1][1]:  # both, after more prefix tokens
+        readings = [(n_tokens - g[0] * g[1], g) for g in grids]  # than plausible: read on the floor, a wrong map
     if not readings:
         return None
     (h0, w0), (h1, w1) = grids
