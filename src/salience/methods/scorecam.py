@@ -309,7 +309,10 @@ class _Ablated:
         own = self._run(self.x[owner], torch.arange(m, device=self.x.device), ch, owner)
         if scope is not None and saved is not None:
             scope.restore(saved)
-        return bool(((s - own).abs() <= 1e-4 * own.abs().amax() + 1e-6).all())
+        # a relative 1e-3 of the scores (8 eps at bf16 / fp16 under autocast): the layers before may round alike
+        # only to TF32's or a kernel's choice per batch size; a difference beyond is the rows mixed
+        rel = max(1e-3, 8 * torch.finfo(own.dtype).eps) if own.is_floating_point() else 1e-3
+        return bool(((s - own).abs() <= rel * own.abs().amax() + 1e-6).all())
 
     def __call__(self, start: int, stop: int) -> Tensor:
         b = self.x.shape[0]
