@@ -138,11 +138,15 @@ def test_both_grids_plausible_and_the_model_silent_is_refused():
     x = torch.rand(1, 3, 16, 20)  # 2x3 padded + 1 = 7 tokens, or 2x2 floor + 3
     with pytest.raises(SalienceError, match=r"grid=\(2, 2\), prefix_tokens=3.*grid=\(2, 3\), prefix_tokens=1"):
         salience.gradcam(model, x, 1, layer="blocks.1.norm1")
+    with pytest.raises(SalienceError, match=r"prefix_tokens alone settles it: prefix_tokens=3 .* or prefix_tokens=1"):
+        salience.gradcam(model, x, 1, layer="blocks.1.norm1")  # it did not say so
     cam = salience.gradcam(model, x, 1, layer="blocks.1.norm1", grid=(2, 3), prefix_tokens=1, upsample=False)
     ref = reference_cam(model, x, model.blocks[1].norm1, torch.tensor([1]), tokens_to_grid(1, 2, 3))
     assert cam.shape == (1, 2, 3)
     torch.testing.assert_close(salience.gradcam(model, x, 1, layer="blocks.1.norm1", grid=(2, 3), prefix_tokens=1),
                                ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(salience.gradcam(model, x, 1, layer="blocks.1.norm1", prefix_tokens=1), ref,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_other_cams_and_guided_gradcam_read_the_padded_grid(x):
@@ -169,3 +173,48 @@ def test_hf_swin_pads_its_input_so_its_last_norm_is_on_the_padded_grid():
     ref = reference_cam(model, x, model.m.swin.layernorm, torch.tensor([1]), tokens_to_grid(0, 5, 6))
     assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-5, atol=1e-6)
+
+
+class _SaysPadsButDoesNot(nn.Module):
+    """Its patch embedding says ``dynamic_img_pad=True`` (as timm's ``PatchEmbed``), its forward does not pad."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Module()
+        self.embed.proj = nn.Conv2d(3, 16, 8, stride=8)
+        self.embed.dynamic_img_pad = True
+        self.cls = nn.Parameter(torch.randn(1, 1, 16))
+        self.blocks = nn.Sequential(Block(16, 2), Block(16, 2))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = self.embed.proj(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(torch.cat([self.cls.expand(x.shape[0], -1, -1), t], 1))[:, 0])
+
+
+def test_a_model_that_says_it_pads_but_whose_tokens_fit_only_the_floor_grid_is_refused_naming_grid(x):
+    """1 + 4x5 = 21 tokens on the 33x45 input, the said padding's grid 5x6 = 30: the refusal said only "fewer than
+    the 5x6 = 30 patches of the grid", not that the model's word is what chose that grid nor which grid fits."""
+    torch.manual_seed(0)
+    model = _SaysPadsButDoesNot().eval()
+    with pytest.raises(SalienceError, match=r"says it pads.*dynamic_img_pad=True.*pass grid=\(4, 5\), prefix_tokens=1"):
+        salience.gradcam(model, x, 1, layer="blocks.1.norm1")
+    with pytest.raises(SalienceError, match=r"prefix_tokens=1, which the tokens do not fit.*pass grid=\(4, 5\)"):
+        salience.gradcam(model, x, 1, layer="blocks.1.norm1", prefix_tokens=1)
+    ref = reference_cam(model, x, model.blocks[1].norm1, torch.tensor([1, 1]), tokens_to_grid(1, 4, 5))
+    assert_each_varies(ref)
+    torch.testing.assert_close(salience.gradcam(model, x, 1, layer="blocks.1.norm1", grid=(4, 5), prefix_tokens=1),
+                               ref, rtol=1e-5, atol=1e-6)
+
+
+def test_both_grids_fit_only_after_many_prefix_tokens_and_the_model_silent_is_refused(x):
+    """9 + 5x6 = 39 tokens (padded, 9 prefix tokens) or 19 + 4x5 (floor): neither prefix plausible, and the floor
+    grid was taken with no word (a wrong map)."""
+    torch.manual_seed(0)
+    model = _SilentPad(prefix=9).eval()
+    with pytest.raises(SalienceError, match=r"grid=\(4, 5\), prefix_tokens=19 .* or grid=\(5, 6\), prefix_tokens=9"):
+        salience.gradcam(model, x, 1, layer="blocks.0.norm1")
+    ref = reference_cam(model, x, model.blocks[0].norm1, torch.tensor([1, 1]), tokens_to_grid(9, 5, 6))
+    assert_each_varies(ref)
+    torch.testing.assert_close(salience.gradcam(model, x, 1, layer="blocks.0.norm1", prefix_tokens=9), ref,
+                               rtol=1e-5, atol=1e-6)

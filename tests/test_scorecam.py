@@ -353,3 +353,100 @@ def test_scorecam_refuses_an_empty_masks_infinite_score_naming_the_image():
         salience.scorecam(model, x, torch.tensor([1, 2, 2]), layer="act", softmax="none")
     m = salience.scorecam(model, x, torch.tensor([0, 2, 2]), layer="act", softmax="none")
     assert bool(torch.isfinite(m).all())
+
+
+class TakesBFromX(nn.Module):
+    """``b = x.shape[0]`` at the top, then a spatial softmax over ``reshape(b, c, -1)`` reshaped back by the
+    layer's shape: with b rows before the layer and the items' n after it, the softmax runs over several items'
+    positions at once (no error, n rows out)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(8)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        b = x.shape[0]
+        h = self.conv(x)
+        att = h.reshape(b, h.shape[1], -1).softmax(-1).reshape(h.shape)
+        return self.head((h * att).sum((2, 3)))
+
+
+class ChecksTheBatch(nn.Module):
+    """The model checks its batch sizes itself (a ValueError, not a RuntimeError) after the layer."""
+
+    def __init__(self, kind=ValueError):
+        super().__init__()
+        torch.manual_seed(9)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+        self.kind = kind
+
+    def forward(self, x):
+        h = self.conv(x).relu()
+        if h.shape[0] != x.shape[0]:
+            raise self.kind("the batch sizes differ")
+        return self.head(h.mean((2, 3))) + x.mean((1, 2, 3))[:, None]
+
+
+@pytest.mark.parametrize("make", [TakesBFromX, ChecksTheBatch, lambda: ChecksTheBatch(AssertionError)])
+def test_ablationcam_equals_the_papers_formula_where_the_rest_takes_the_batch_size_from_x(make):
+    """The shared layers' b rows against the items' n: a rest that reshapes by ``x.shape[0]`` mixed the items'
+    rows with no error (a wrong map at the default chunk, even for one image), and a model that checks the batch
+    sizes itself (ValueError, assert) failed the call where a pass per item works."""
+    model = make().eval()
+    for b in (1, 2, 3):
+        x = torch.rand(b, 3, 6, 6, generator=torch.Generator().manual_seed(b)) + 0.1
+        ref = _ablation_reference(model, model.conv, x, 1)
+        for chunk in (None, 1, b, b + 1, 2 * b, 4 * b):
+            with unchanged(model):
+                ours = salience.ablationcam(model, x, 1, layer=model.conv, upsample=False, chunk=chunk)
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"b={b} chunk={chunk}: {m}")
+
+
+class FailsAfterTheLayer(nn.Module):
+    """The model's own error on an ablated channel (a whole channel of zeros), whatever the batch's rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if bool((h == 0).all(3).all(2).any()):
+            raise ValueError("the model's own error")
+        return h.mean((2, 3))
+
+
+def test_ablationcam_lets_the_models_own_error_through():
+    """The shared pass's failure is not taken for the rows' mismatch only: the pass per item raises it again."""
+    model = FailsAfterTheLayer().eval()
+    with pytest.raises(ValueError, match="the model's own error"):
+        salience.ablationcam(model, torch.rand(2, 3, 6, 6), 1, layer=model.conv, chunk=8)
+
+
+class NaNWhenRowsDiffer(nn.Module):
+    """Finite per image; NaN scores when the layer's rows are not ``x``'s (a rest that mixes them overflows)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(10)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.conv(x).relu()
+        y = self.head(h.mean((2, 3)))
+        return y if h.shape[0] == x.shape[0] else y * float("nan")
+
+
+def test_ablationcam_a_shared_pass_thrown_away_refuses_nothing():
+    """The shared pass's NaN scores, replaced by the pass per item's, were still noted: the call was refused
+    ("NaN or infinite (images 0, 1 of 2)") where every score it uses is finite."""
+    model = NaNWhenRowsDiffer().eval()
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)) + 0.1
+    ref = _ablation_reference(model, model.conv, x, 1)
+    for chunk in (None, 3, 4):
+        torch.testing.assert_close(salience.ablationcam(model, x, 1, layer=model.conv, upsample=False, chunk=chunk),
+                                   ref, atol=1e-5, rtol=1e-4)

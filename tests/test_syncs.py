@@ -63,7 +63,8 @@ CALLS = {
     "rise": lambda m, x, c: salience.rise(m, x, torch.tensor([0, 2]), masks=8, cell=2, chunk=c),
     "occlusion": lambda m, x, c: salience.occlusion(m, x, 1, window=4, stride=4, chunk=c),
     "scorecam": lambda m, x, c: salience.scorecam(m, x, 1, layer="features.3", chunk=c),
-    "ablationcam": lambda m, x, c: salience.ablationcam(m, x, 1, layer="features.3", chunk=c),
+    # chunks of more items than images (c + 1 > 2) share the layers before: its one check per call in each
+    "ablationcam": lambda m, x, c: salience.ablationcam(m, x, 1, layer="features.3", chunk=c + 1),
 }
 
 

@@ -73,6 +73,15 @@ class Derived:
                 found.add((i, k, None if c is None else int(c[r])))
         return sorted(found, key=lambda t: (t[0], t[1])), batch
 
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+        """The deferred conditions and noted scores so far, for :meth:`restore`."""
+        return dict(self._flags), {k: list(v) for k, v in self._scores.items()}
+
+    def restore(self, saved: tuple[dict[str, Any], dict[str, list[Any]]]) -> None:
+        """Forget the conditions and scores noted since :meth:`snapshot` gave ``saved``: a pass whose scores are
+        thrown away (Ablation-CAM's shared pass, where the pass per item replaces it) refuses nothing."""
+        self._flags, self._scores = dict(saved[0]), {k: list(v) for k, v in saved[1].items()}
+
     def defer(self, key: str, flag: Tensor, action: Callable[[], None]) -> None:
         """``flag`` (a 0-d bool tensor, on the device) OR-ed into the call's ``key`` condition; ``action``
         (raise, warn) runs once at the end of the call when any flag of ``key`` held. No synchronization."""

@@ -35,7 +35,8 @@ their own class token: ``(B, 1 + 7 * 7, C)`` in its last stage at 224 px, its fi
 padded one ``(ceil(H / p), ceil(W / p))`` (timm's ``dynamic_img_pad``, Hugging Face Swin): the module holding the
 convolution decides where it says (``dynamic_img_pad``); else the one grid that reads the tokens with at most
 ``_PLAUSIBLE_PREFIX`` prefix tokens or as a halved stage (:func:`_grid_readings`), a :class:`SalienceError` naming
-``grid=`` / ``prefix_tokens=`` where both do (:func:`_padded_choice`). With only ``prefix_tokens`` and no patch
+``grid=`` / ``prefix_tokens=`` where both do, or where neither does and both fit after more prefix tokens
+(:func:`_padded_choice`). With only ``prefix_tokens`` and no patch
 embedding, ``(h, w)`` keeps the input's aspect ratio, or else is the one stride grid (below) of
 ``N - k`` cells.
 
@@ -516,23 +517,51 @@ def _padded_choice(model: nn.Module, x_shape: Sequence[int], n_tokens: int, k: O
     """Where the input is not a whole number of patches and the model does not say whether it pads: the one
     reading of ``n_tokens`` tokens on the floor or the padded grid (:func:`_grid_readings`); None where neither
     reads them (the caller goes on with the floor grid, as before) or the input is whole patches; a
-    :class:`SalienceError` naming ``grid=`` / ``prefix_tokens=`` where both do."""
+    :class:`SalienceError` naming ``grid=`` / ``prefix_tokens=`` where both do, or where neither does but the
+    tokens are as many as the padded grid's cells or more (both fit after more than ``_PLAUSIBLE_PREFIX``)."""
     grids, pads = _embedding_grids(model, x_shape, modules)
     if len(grids) < 2 or pads is not None:
         return None
     readings = list(dict.fromkeys(r for g in grids for r in _grid_readings(g, n_tokens, k)))
     if len(readings) == 1:
         return readings[0]
+    if not readings and k is None and n_tokens >= grids[1][0] * grids[1][1]:  # both, after more prefix tokens
+        readings = [(n_tokens - g[0] * g[1], g) for g in grids]  # than plausible: read on the floor, a wrong map
     if not readings:
         return None
     (h0, w0), (h1, w1) = grids
     options = " or ".join(f"grid=({g[0]}, {g[1]}), prefix_tokens={p} (command line: --grid {g[0]},{g[1]} "
                           f"--prefix-tokens {p})" for p, g in readings)
+    alone = [p for p, _ in readings if [q for q, _ in readings].count(p) == 1]  # a prefix only one reading has
+    if alone:
+        options += ("; prefix_tokens alone settles it: " + " or ".join(f"prefix_tokens={p} (--prefix-tokens {p})"
+                                                                       for p in alone))
     raise SalienceError(
         f"{what} gives {n_tokens} tokens, and the {int(x_shape[-2])}x{int(x_shape[-1])} input is not a whole number "
         f"of patches: the patch embedding gives a {h0}x{w0} grid, or {h1}x{w1} if the model pads its input to whole "
         f"patches, and the model does not say which (timm's patch_embed.dynamic_img_pad); the tokens fit both "
         f"({', '.join(f'{p} prefix token(s) + {g[0]}x{g[1]} patches' for p, g in readings)}). Pass {options}"
+    )
+
+
+def _check_said_padding(model: nn.Module, x_shape: Sequence[int], n_tokens: int, k: Optional[int],
+                        g: tuple[int, int], what: str, modules: Optional[Sequence[nn.Module]]) -> None:
+    """Refuse the padded grid ``g`` of a model that says it pads its input to whole patches (``dynamic_img_pad``)
+    where the tokens do not fit it (fewer than its cells; or not ``k`` + its cells) and fit the floor grid (with a
+    few prefix tokens, or ``k``): the model does not pad as it says, and ``grid=`` tells which grid it is."""
+    grids, pads = _embedding_grids(model, x_shape, modules)
+    if not pads or g != grids[-1] or (n_tokens >= g[0] * g[1] if k is None else k + g[0] * g[1] == n_tokens):
+        return
+    floor = [r for r in _grid_readings(grids[0], n_tokens, k) if r[1] == grids[0]]
+    if not floor:
+        return
+    p, (h, w) = floor[0]
+    raise SalienceError(
+        f"{what} gives {n_tokens} tokens, but the model says it pads its {int(x_shape[-2])}x{int(x_shape[-1])} input "
+        f"to whole patches (its patch embedding's dynamic_img_pad=True): a {g[0]}x{g[1]} grid of {g[0] * g[1]} "
+        f"patches{'' if k is None else f' and prefix_tokens={k}'}, which the tokens do not fit. They fit the unpadded "
+        f"{h}x{w} grid after {p} prefix token(s): if the model does not pad, pass grid=({h}, {w}), prefix_tokens={p} "
+        f"(command line: --grid {h},{w} --prefix-tokens {p})"
     )
 
 
@@ -618,6 +647,8 @@ def token_layout(model: nn.Module, x_shape: Sequence[int], n_tokens: int, *, gri
                 )
         elif g is None:
             k, g = _stride_reading(n_tokens, x_shape, what, model)
+        if g is not None:
+            _check_said_padding(model, x_shape, n_tokens, k, g, what, modules)
     if k is None:
         k = n_tokens - g[0] * g[1]
         if k < 0:

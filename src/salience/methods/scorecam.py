@@ -21,7 +21,9 @@ pass, so every full chunk has the same batch size. Ablation-CAM replaces the lay
 forward pass: in a chunk of more items than images, the layers before it run once per image, not once per
 channel, and the ablated copies of the layer's output run through the rest of the model together (when the
 rest reads an earlier tensor of the batch, such as a skip connection around the layer or ``x`` itself, the
-images are repeated instead; a chunk of at most as many items as images always runs them repeated).
+images are repeated instead; a chunk of at most as many items as images always runs them repeated; the first
+shared chunk's first b + 1 items are checked against their pass per item, which catches a rest that takes ``b``
+from ``x``).
 
 Both take the engine's performance options (``memory_format``, ``compile``, ``precision``; see
 docs/performance.md): Score-CAM's chunks of live items keep a compiled graph's one shape;
@@ -250,6 +252,7 @@ class _Ablated:
         # A chunk of at most b items runs its items' images (n rows) as they are: sharing saves nothing there, and
         # rows of the same count could not tell a read of another image's x (chunk=3 of 4 images mixed them)
         self.shared = True
+        self.checked = False  # the shared pass checked against the pass per item (b + 1 items, once a call)
 
     def _ablate(self, out: Tensor, rows: Tensor, ch: Tensor) -> Tensor:
         t = out[rows].clone()
@@ -278,17 +281,50 @@ class _Ablated:
         finally:
             handle.remove()
 
+    def _shared_pass(self, owner: Tensor, ch: Tensor, keep: bool) -> Optional[Tensor]:
+        """The items' scores with the layers before run once per image (b rows before the layer, the items' n after
+        it); None where that pass fails or gives other rows. ``keep``: its deferred checks (NaN scores) stay."""
+        scope = _derived.current()
+        saved = scope.snapshot() if scope is not None else None
+        s: Optional[Tensor] = None
+        try:
+            s = self._run(self.x, owner, ch, owner)  # the layer's output row ``owner[i]`` for item ``i``
+        except Exception:  # noqa: BLE001 - b rows against the items' n, or the model's own check of them (a
+            pass  # ValueError, an assert): an error of the model's own comes again from the pass per item
+        ok = s is not None and s.shape[0] == len(owner)
+        if scope is not None and saved is not None and not (ok and keep):  # scores thrown away refuse nothing
+            scope.restore(saved)
+        return s if ok else None
+
+    def _check_shared(self, owner: Tensor, ch: Tensor) -> bool:
+        """Whether the shared pass gives b + 1 items the scores of their pass per item (one read per call): a rest
+        that takes b from x (``b = x.shape[0]``, then ``reshape(b, c, -1)`` and back) mixes the items' rows with no
+        error and no other shape. Both passes' deferred checks are dropped: the chunk runs again."""
+        m = len(owner)
+        s = self._shared_pass(owner, ch, keep=False)
+        if s is None:
+            return False
+        scope = _derived.current()
+        saved = scope.snapshot() if scope is not None else None
+        own = self._run(self.x[owner], torch.arange(m, device=self.x.device), ch, owner)
+        if scope is not None and saved is not None:
+            scope.restore(saved)
+        # a relative 1e-3 of the scores (8 eps at bf16 / fp16 under autocast): the layers before may round alike
+        # only to TF32's or a kernel's choice per batch size; a difference beyond is the rows mixed
+        rel = max(1e-3, 8 * torch.finfo(own.dtype).eps) if own.is_floating_point() else 1e-3
+        return bool(((s - own).abs() <= rel * own.abs().amax() + 1e-6).all())
+
     def __call__(self, start: int, stop: int) -> Tensor:
         b = self.x.shape[0]
         idx = torch.arange(start, stop, device=self.x.device)
         owner, ch = idx % b, idx // b
         if self.shared and stop - start > b:  # the chunk's consecutive items hold every image, some twice or more
-            try:
-                s = self._run(self.x, owner, ch, owner)  # the layer's output row ``owner[i]`` for item ``i``
-                if s.shape[0] == len(owner):
-                    return s
-            except (RuntimeError, SalienceError):
-                pass  # the rest of the model reads a tensor from before the layer: b rows against the items' n
+            if not self.checked:
+                self.checked = True
+                self.shared = self._check_shared(owner[:b + 1], ch[:b + 1])
+            s = self._shared_pass(owner, ch, keep=True) if self.shared else None
+            if s is not None:
+                return s
             self.shared = False
         return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
 
