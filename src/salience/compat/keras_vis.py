@@ -39,7 +39,7 @@ from salience import reduce as _reduce
 from salience import rules
 from salience._core.autograd import gradients
 from salience._core.errors import SalienceError
-from salience._core.tensors import model_device, model_dtype, check_flag
+from salience._core.tensors import check_flag, check_int, model_device, model_dtype
 from salience.loading.keras import import_keras, is_keras_model, layer_module_name
 from salience._core.layers import resolve_layer
 from salience.methods import METHODS
@@ -77,10 +77,8 @@ class ActivationMaximization(Target):
         if channel_axis is None:  # Keras layers are channels-last, PyTorch's channels-first
             keras_layer = type(layer).__module__.split(".")[0] == "keras"
             channel_axis = -1 if keras_layer else 1
-        if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral):
-            raise SalienceError(f"channel_axis must be an int (the axis of the layer's output that holds the "
-                                f"channels: 1 for PyTorch, -1 for Keras), got {channel_axis!r}")
-        self.channel_axis = int(channel_axis)
+        self.channel_axis = check_int(channel_axis, "channel_axis", minimum=None, what="the axis of the layer's "
+                                      "output that holds the channels: 1 for PyTorch, -1 for Keras")
 
     def __call__(self, output: Tensor) -> Tensor:
         if not isinstance(output, Tensor) or output.dim() < 2:
