@@ -317,12 +317,12 @@ def _torchvision_pretrained(tvm, arch: str, weights_enum) -> nn.Module:
 
 def _torchvision_from_file(tvm, arch: str, wpath: Path, trust_pickle: bool) -> nn.Module:
     """torchvision's ``arch`` with a state dict from ``wpath`` (also one fine-tuned to other classes)."""
-    if not wpath.is_file():
-        raise _no_weights_file(wpath)
-    state = _read_state_dict(wpath, trust_pickle)
+    state = read_state_dict(wpath, trust_pickle=trust_pickle)
     model = tvm.get_model(arch, weights=None)
-    if not state_mismatch(model.state_dict(), state):
-        model.load_state_dict(with_counts(model.state_dict(), state))
+    own = model.state_dict()
+    mismatch = state_mismatch(own, state)
+    if not mismatch:
+        model.load_state_dict(with_counts(own, state))
         return model
     # A model fine-tuned to another number of classes: the last 2-D weight says how many.
     mats = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
@@ -332,11 +332,12 @@ def _torchvision_from_file(tvm, arch: str, wpath: Path, trust_pickle: bool) -> n
             other = tvm.get_model(arch, weights=None, num_classes=n)
         except (RuntimeError, TypeError, ValueError):
             other = None
-        if other is not None and not state_mismatch(other.state_dict(), state):
-            other.load_state_dict(with_counts(other.state_dict(), state))
+        theirs = other.state_dict() if other is not None else None
+        if other is not None and not state_mismatch(theirs, state):
+            other.load_state_dict(with_counts(theirs, state))
             return other
-    raise SalienceError(f"{wpath}: the state dict does not fit torchvision's {arch} "
-                        f"({state_mismatch(model.state_dict(), state)}); check the architecture name")
+    raise SalienceError(f"{wpath}: the state dict does not fit torchvision's {arch} ({mismatch}); check the "
+                        "architecture name")
 
 
 def _load_torchvision(arch: str, weights: Optional[PathLike], trust_pickle: bool) -> nn.Module:
@@ -362,7 +363,7 @@ def _load_torchvision(arch: str, weights: Optional[PathLike], trust_pickle: bool
     elif str(weights) == "random":
         model = tvm.get_model(arch, weights=None)
     else:
-        model = _torchvision_from_file(tvm, arch, path_arg(weights, "weights"), trust_pickle)
+        model = _torchvision_from_file(tvm, arch, Path(weights), trust_pickle)  # load_model's path_arg made it
     n = _num_outputs(model) or 1000
     return attach_info(model.eval(), _torchvision_info(arch, n, weights_enum))
 
