@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Derived", "current", "derived", "is_derived", "run_scope", "chunk_items", "scores_where", "refusal",
+__all__ = ["Derived", "current", "derived", "is_derived", "run_scope", "chunk_items", "target_classes", "refusal",
            "renamed"]
 
 
@@ -67,7 +67,7 @@ class Derived:
             for first, n in reversed(outer):
                 img = (first + img) % n
             batch = levels[0][1] if levels else bad.shape[0] if owner is None else None
-            classes = [_classes_of(t, bad.shape[0]) for t in targets]
+            classes = [target_classes(t, bad.shape[0]) for t in targets]
             for r, i, k in zip(rows.tolist(), img.tolist(), ks.tolist()):
                 c = classes[k] if k < len(classes) else None
                 found.add((i, k, None if c is None else int(c[r])))
@@ -142,7 +142,7 @@ def run_scope() -> Iterator[Derived]:
     scope.finish()
 
 
-def _classes_of(target: Any, n: int) -> Optional[Tensor]:
+def target_classes(target: Any, n: int) -> Optional[Tensor]:
     """The class each of ``n`` items scores for ``target`` (a class target's ``classes_for``), or ``None``."""
     classes_for = getattr(target, "classes_for", None)
     return classes_for(n) if callable(classes_for) else None
@@ -163,15 +163,9 @@ def chunk_items(first: int, images: int) -> Iterator[None]:
         scope.levels.pop()
 
 
-def scores_where(scope: Derived, key: str, targets: int) -> str:
-    """Where the noted bad scores of ``key`` are, for a message: ``" (image 1 of 4, class 3)"``,
-    ``" (images 0, 2 of 4; target 2 of 3, class 7)"``; ``""`` when none was noted."""
-    found, batch = scope.bad_images(key)
-    return _where(found, batch, targets)
-
-
 def _where(found: Sequence[tuple[int, int, Optional[int]]], batch: Optional[int], targets: int) -> str:
-    """:func:`scores_where`'s words for the ``(image, target, class)`` triples ``found`` of ``batch`` images."""
+    """Where the bad scores ``found`` (``(image, target, class)`` triples of ``batch`` images) are, for a message:
+    ``" (image 1 of 4, class 3)"``, ``" (images 0, 2 of 4; target 2 of 3, class 7)"``; ``""`` when none."""
     if not found:
         return ""
     images = sorted({i for i, _, _ in found})
@@ -192,7 +186,7 @@ def _where(found: Sequence[tuple[int, int, Optional[int]]], batch: Optional[int]
 
 def refusal(scope: Derived, key: str, targets: int, head: str, tail: str) -> Exception:
     """The :class:`~salience.SalienceError` ``head + where + tail`` of the noted bad scores of ``key`` (``where``:
-    :func:`scores_where`'s), which keeps the images it names by their positions in the call (plain data: it
+    :func:`_where`'s), which keeps the images it names by their positions in the call (plain data: it
     pickles), so that a caller that knows them by other names (a dataset run: by their ``index``) says those
     (:func:`renamed`)."""
     from salience._core.errors import SalienceError

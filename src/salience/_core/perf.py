@@ -80,6 +80,7 @@ from torch import Tensor, nn
 from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _compile_failed, _compiled,
                                      _compiled_model, _freezing_on, _Frozen, _frozen_gradient, _frozen_model,
                                      _release_graphs, _shared_setting, _store, compile_unavailable, weights_key)
+from salience._core.derived import target_classes
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
 from salience._core.malloc import keep_freed_memory
@@ -868,14 +869,6 @@ def _as_gradient_pass(stack: ExitStack, x_in: Tensor) -> Tensor:
     return (x_in.clone() if x_in.is_inference() else x_in).detach().requires_grad_(True)
 
 
-def _target_classes(target: Any, batch: int) -> Optional[Tensor]:
-    """The class of each of ``batch`` items a class target scores (``(batch,)`` long: the target's
-    ``classes_for``), or ``None`` for a target of another kind (the frozen gradient graph computes
-    class scores only)."""
-    classes_for = getattr(target, "classes_for", None)
-    return classes_for(batch) if callable(classes_for) else None
-
-
 def gradient_call(model: nn.Module, x_in: Tensor, target: Any, strip_softmax: bool,
                   unwrap: Optional[Callable[[Any], Tensor]] = None) -> Optional[tuple[Any, Tensor]]:
     """A plain gradient pass (no layer hooked, no backprop rule, one class target) through the frozen
@@ -893,7 +886,8 @@ def gradient_call(model: nn.Module, x_in: Tensor, target: Any, strip_softmax: bo
         return None
     if torch._C._is_torch_function_mode_enabled():
         return None  # a mode of the caller's (a backprop rule around vanilla) may change the gradient
-    classes = _target_classes(target, int(x_in.shape[0]))
+    # None: a target of another kind (the frozen gradient graph computes class scores only)
+    classes = target_classes(target, int(x_in.shape[0]))
     if classes is None:
         return None
     fn = run.frozen_gradient(strip_softmax, unwrap)

@@ -475,7 +475,7 @@ class Computed:
     the batch's ``items``, the positions of the ``good`` ones (decoded), the ``rows`` (predictions,
     targets, metrics, errors; the summaries still to fill), each method's maps ``(g, K, ...)`` float32
     on the CPU for the good items (a method that failed on the batch: its NaN maps' shape in
-    ``failed``; one that failed on some items only: NaN rows, their positions in ``lost``), and ``x``: the good items' inputs stacked on the CPU ``(g, C, H, W)`` (the thumbnails')."""
+    ``failed``; one that failed on some items only: NaN rows, the positions ``kept`` leaves out), and ``x``: the good items' inputs stacked on the CPU ``(g, C, H, W)`` (the thumbnails')."""
 
     items: Sequence[Item]
     good: list[int]
@@ -483,12 +483,10 @@ class Computed:
     maps: dict[str, Tensor]
     failed: dict[str, tuple[int, ...]]
     x: Optional[Tensor]
-    lost: dict[str, list[int]] = field(default_factory=dict)
-    """Per method that refused some of the good items but explained the others (:func:`_refused_images`):
-    those items' positions in ``good`` (their maps are NaN, their rows say the method's error)."""
     kept: dict[str, list[int]] = field(default_factory=dict)
-    """Per method in ``maps``, the positions in ``good`` of the items it explained (all of them but its
-    ``lost``): whose summaries, ``.constant`` values and metrics the rows get."""
+    """Per method in ``maps``, the positions in ``good`` of the items it explained: whose summaries,
+    ``.constant`` values and metrics the rows get. The others it refused (:func:`_refused_images`): their maps
+    are NaN, their rows say the method's error."""
 
 
 def explain_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Result:
@@ -504,7 +502,6 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
     good = [j for j, it in enumerate(items) if it.error is None]
     rows = [_row(plan, it) for it in items]
     maps: dict[str, Tensor] = {}
-    lost: dict[str, list[int]] = {}
     kept_of: dict[str, list[int]] = {}
     xc: Optional[Tensor] = None
     if good:
@@ -538,8 +535,6 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
             maps[name] = m
             for j, text in refused.items():
                 _method_error(rows[good[j]], name, text)
-            if refused:
-                lost[name] = sorted(refused)
             kept = kept_of[name] = [j for j in range(len(good)) if j not in refused]
             if plan.metrics:
                 _metric_rows(plan, model, (x, m, classes, masks), kept, suspects,
@@ -549,7 +544,7 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
             rows[pos]["error"] = items[pos].mask_error
     # a method that failed on this batch: NaN maps of the right shape
     failed = {name: _map_shape(plan, model, name, items[0].x) for name in plan.methods if name not in maps}
-    return Computed(items, good, rows, maps, failed, xc, lost, kept_of)
+    return Computed(items, good, rows, maps, failed, xc, kept_of)
 
 
 def finish_items(plan: Plan, done: Computed, warn: Optional[Callable[[str], None]] = None) -> Result:
@@ -586,8 +581,9 @@ def finish_items(plan: Plan, done: Computed, warn: Optional[Callable[[str], None
             (warn or _warn)(said)
     tiles = _tiles(plan, items, good, firsts, done.x) if plan.thumbs else None
     for c, name in enumerate(plan.methods, start=1):  # an item the method refused: its blank tile, as a failed one's
-        for j in done.lost.get(name, ()):
-            if tiles is not None:
+        explained = set(done.kept.get(name, range(len(good))))
+        for j in range(len(good) if tiles is not None else 0):
+            if j not in explained:
                 tiles[good[j], c] = 235
     return Result(rows, maps, tiles)
 
