@@ -512,14 +512,14 @@ def _grid_readings(g: tuple[int, int], n_tokens: int, k: Optional[int]) -> list[
     return [(0, merged)] if merged is not None else [(1, classed)] if classed is not None else []
 
 
-def _padded_choice(model: nn.Module, x_shape: Sequence[int], n_tokens: int, k: Optional[int], what: str,
-                   modules: Optional[Sequence[nn.Module]]) -> Optional[tuple[Optional[int], tuple[int, int]]]:
-    """Where the input is not a whole number of patches and the model does not say whether it pads: the one
+def _padded_choice(grids: list[tuple[int, int]], pads: Optional[bool], x_shape: Sequence[int], n_tokens: int,
+                   k: Optional[int], what: str) -> Optional[tuple[Optional[int], tuple[int, int]]]:
+    """``grids``, ``pads``: :func:`_embedding_grids`'. Where the input is not a whole number of patches and the
+    model does not say whether it pads: the one
     reading of ``n_tokens`` tokens on the floor or the padded grid (:func:`_grid_readings`); None where neither
     reads them (the caller goes on with the floor grid, as before) or the input is whole patches; a
     :class:`SalienceError` naming ``grid=`` / ``prefix_tokens=`` where both do, or where neither does but the
     tokens are as many as the padded grid's cells or more (both fit after more than ``_PLAUSIBLE_PREFIX``)."""
-    grids, pads = _embedding_grids(model, x_shape, modules)
     if len(grids) < 2 or pads is not None:
         return None
     readings = list(dict.fromkeys(r for g in grids for r in _grid_readings(g, n_tokens, k)))
@@ -544,12 +544,12 @@ def _padded_choice(model: nn.Module, x_shape: Sequence[int], n_tokens: int, k: O
     )
 
 
-def _check_said_padding(model: nn.Module, x_shape: Sequence[int], n_tokens: int, k: Optional[int],
-                        g: tuple[int, int], what: str, modules: Optional[Sequence[nn.Module]]) -> None:
+def _check_said_padding(grids: list[tuple[int, int]], pads: Optional[bool], x_shape: Sequence[int], n_tokens: int,
+                        k: Optional[int], g: tuple[int, int], what: str) -> None:
     """Refuse the padded grid ``g`` of a model that says it pads its input to whole patches (``dynamic_img_pad``)
     where the tokens do not fit it (fewer than its cells; or not ``k`` + its cells) and fit the floor grid (with a
-    few prefix tokens, or ``k``): the model does not pad as it says, and ``grid=`` tells which grid it is."""
-    grids, pads = _embedding_grids(model, x_shape, modules)
+    few prefix tokens, or ``k``): the model does not pad as it says, and ``grid=`` tells which grid it is.
+    ``grids``, ``pads``: :func:`_embedding_grids`'."""
     if not pads or g != grids[-1] or (n_tokens >= g[0] * g[1] if k is None else k + g[0] * g[1] == n_tokens):
         return
     floor = [r for r in _grid_readings(grids[0], n_tokens, k) if r[1] == grids[0]]
@@ -626,12 +626,13 @@ def token_layout(model: nn.Module, x_shape: Sequence[int], n_tokens: int, *, gri
     ``(B, C, H, W)`` (see the module doc for the rule). Raises :class:`SalienceError` saying what to pass.
     ``modules``: as in :func:`patch_grid`."""
     g, k = _check_grid(grid), _check_prefix(prefix_tokens)
+    grids, pads = _embedding_grids(model, x_shape, modules) if g is None else ([], None)  # one walk of the modules
     if g is not None:
         _check_given_grid(model, x_shape, g, n_tokens, k)
-    elif (chosen := _padded_choice(model, x_shape, n_tokens, k, what, modules)) is not None:
+    elif (chosen := _padded_choice(grids, pads, x_shape, n_tokens, k, what)) is not None:
         k, g = chosen  # an input not a whole number of patches, the model not saying whether it pads
     else:
-        g = patch_grid(model, x_shape, modules)
+        g = None if not grids else grids[-1] if pads else grids[0]  # patch_grid's
         if g is not None and g[0] * g[1] > n_tokens and not k:
             merged = _merged_grid(g, n_tokens)  # Hugging Face Swin's later stages: (B, h * w, C), no prefix
             classed = _merged_grid(g, n_tokens - 1) if merged is None and k is None else None
@@ -648,7 +649,7 @@ def token_layout(model: nn.Module, x_shape: Sequence[int], n_tokens: int, *, gri
         elif g is None:
             k, g = _stride_reading(n_tokens, x_shape, what, model)
         if g is not None:
-            _check_said_padding(model, x_shape, n_tokens, k, g, what, modules)
+            _check_said_padding(grids, pads, x_shape, n_tokens, k, g, what)
     if k is None:
         k = n_tokens - g[0] * g[1]
         if k < 0:
