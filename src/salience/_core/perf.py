@@ -84,6 +84,7 @@ from salience._core.derived import target_classes
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
 from salience._core.malloc import keep_freed_memory
+from salience._core.tensors import is_numpy_bool
 from salience._core.folding import _described, _folded, _remember_fold, folded_model
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "plain", "current", "resolve", "active",
@@ -250,8 +251,7 @@ def _replace(base: Performance, options: dict) -> Performance:
 def _option(name: str, value: Any) -> Any:
     """A numpy bool as a Python bool for the flags (``fold_batchnorm``, ``compile``), as every bool option of
     salience takes it (:func:`salience._core.tensors.check_flag`): it was "must be True or False; got np.True_"."""
-    if name in ("fold_batchnorm", "compile") and type(value).__module__ == "numpy" \
-            and type(value).__name__ in ("bool_", "bool"):
+    if name in ("fold_batchnorm", "compile") and is_numpy_bool(value):
         return bool(value)
     return value
 

@@ -194,12 +194,17 @@ def check_int(value: Any, name: str, *, minimum: Optional[int] = 0, what: str = 
     return int(value)
 
 
+def is_numpy_bool(value: Any) -> bool:
+    """Whether ``value`` is numpy's bool (numpy not imported for it; ``numpy.bool_`` is named "bool" since numpy 2)."""
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
+
+
 def check_flag(value: Any, name: str) -> bool:
     """``value`` as a bool (``True`` / ``False``, numpy's included), or a :class:`SalienceError`
     naming the option: a string such as ``"no"`` or ``"false"`` is truthy, so taking it silently
     would do the opposite of what was meant."""
-    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
-        return bool(value)  # numpy.bool_ is named "bool" since numpy 2
+    if isinstance(value, bool) or is_numpy_bool(value):
+        return bool(value)
     raise SalienceError(f"{name} must be True or False, got {value!r}")
 
 
