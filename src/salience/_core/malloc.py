@@ -14,7 +14,8 @@ comes from the heap) and ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)`` (the heap's fr
 what the environment variables ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647`` set at a
 process's start. Both fix glibc's thresholds for the whole process (it stops adjusting them), the process keeps
 the memory it has freed (its peak stays resident), and there is no way back: so salience does it only when
-asked (``salience.set_performance(allocator="reuse")``). Elsewhere (macOS, Windows, musl, a C library without
+asked (``salience.set_performance(allocator="reuse")``), and a setter that turns it back to ``"default"``
+afterwards warns that the process keeps it (:func:`thresholds_fixed`). Elsewhere (macOS, Windows, musl, a C library without
 ``mallopt``) it sets nothing and warns once; it never raises.
 """
 from __future__ import annotations
@@ -26,13 +27,14 @@ import threading
 import warnings
 from typing import Any, Optional
 
-__all__ = ["keep_freed_memory", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["keep_freed_memory", "thresholds_fixed", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 MMAP_THRESHOLD = 32 << 20  # the highest glibc takes (HEAP_MAX_SIZE / 2 on 64-bit)
 TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int
 
 _done = False
+_fixed = False  # a mallopt of keep_freed_memory took: glibc's thresholds are this process's for good
 _lock = threading.Lock()
 
 
@@ -58,7 +60,7 @@ def keep_freed_memory() -> bool:
     """Fix glibc's mmap and trim thresholds so freed activations are kept for reuse (once per process);
     ``True`` when both were set now. Where the C library is not glibc (macOS, Windows, musl) nothing is
     set, and a warning says so, once."""
-    global _done
+    global _done, _fixed
     with _lock:
         if _done:
             return False
@@ -70,5 +72,13 @@ def keep_freed_memory() -> bool:
             warnings.warn(f"allocator='reuse' does nothing here: it sets glibc's malloc thresholds, and this process "
                           f"runs on {what}; the passes run with the C allocator as it is", stacklevel=user_stacklevel())
             return False
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(libc.mallopt(M_TRIM_THRESHOLD,
-                                                                                          TRIM_THRESHOLD))
+        mmap = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        trim = bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        _fixed = mmap or trim
+        return mmap and trim
+
+
+def thresholds_fixed() -> bool:
+    """Whether :func:`keep_freed_memory` set glibc's thresholds in this process (either of them): nothing undoes
+    that, so ``allocator="default"`` afterwards says so (``salience._core.perf``)."""
+    return _fixed

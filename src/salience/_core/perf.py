@@ -83,7 +83,7 @@ from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _co
 from salience._core.derived import target_classes
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
-from salience._core.malloc import keep_freed_memory
+from salience._core.malloc import keep_freed_memory, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
 from salience._core.folding import _described, _folded, _remember_fold, folded_model
 
@@ -210,6 +210,7 @@ def set_performance(**options: Any) -> Performance:
     with _lock:
         prev = _process
         _process = _replace(prev, options)
+    _allocator_kept(prev, _process)
     return prev
 
 
@@ -218,7 +219,8 @@ def performance(**options: Any) -> Iterator[Performance]:
     """The options for the block (this thread / context only), e.g.
     ``with salience.performance(compile=True): salience.smoothgrad(...)``: those it names (``None``: not
     named) over the enclosing blocks' and the process's settings, which stay in force for the others."""
-    _replace(current(), options)  # checked
+    before = current()
+    _allocator_kept(before, _replace(before, options))  # checked
     named = {k: _option(k, v) for k, v in options.items() if v is not None}
     token = _override.set({**(_override.get() or {}), **named})
     try:
@@ -238,6 +240,19 @@ def plain() -> Iterator[None]:
         yield
     finally:
         _plain.reset(token)
+
+
+def _allocator_kept(before: Performance, after: Performance) -> None:
+    """A warning where a setter turns ``allocator="reuse"`` into ``"default"`` after the first one fixed glibc's
+    thresholds: ``mallopt`` has no way back, so the process keeps them (a warning, not an error: the call sets
+    what it names, and ``set_performance(**vars(prev))`` restores the other options). A block that names the
+    setting in force (a dataset run's ``performance(**vars(current()))``) changes nothing and says nothing."""
+    if before.allocator == "reuse" and after.allocator == "default" and thresholds_fixed():
+        warnings.warn("allocator='default' cannot undo allocator='reuse' in this process: glibc's mmap and trim "
+                      "thresholds, fixed by mallopt before its first CPU pass, stay as they are (there is no way "
+                      "back; the process keeps the memory it frees). The option now says 'default' and salience "
+                      "sets nothing more; for the C allocator as it is, start a new Python process",
+                      stacklevel=user_stacklevel())
 
 
 def _replace(base: Performance, options: dict) -> Performance:

@@ -29,6 +29,7 @@ which is left untouched).
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from salience import reduce as _reduce
 from salience import rules
 from salience._core.autograd import gradients
-from salience._core.errors import SalienceError
+from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.tensors import check_flag, check_int, model_device, model_dtype
 from salience.loading.keras import import_keras, is_keras_model, layer_module_name
 from salience._core.layers import resolve_layer
@@ -224,8 +225,29 @@ def _finish(grad: Tensor, grad_modifier: Optional[str], keepdims: bool, channel_
     elif g.dim() >= 2:
         g = g.amax(dim=channel_axis)
     lo, hi = g.min(), g.max()
+    if bool(lo == hi):
+        _say_constant(grad, float(lo), grad_modifier, keepdims)
     # Not _core.tensors.minmax / reduce.normalize: keras-vis adds K.epsilon() to the span (its max lands just below 1).
     return ((g - lo) / (hi - lo + _EPS)).cpu().numpy()
+
+
+def _say_constant(grad: Tensor, value: float, grad_modifier: Optional[str], keepdims: bool) -> None:
+    """A warning that the map is one value everywhere, which its scaling to [0, 1] returns as all zeros ("nothing
+    salient" to the eye; keras-vis said nothing): why, as salience's command line and explorer say of a constant
+    map (``render.viz.constant_map_note``; compat does not import render: its own causes, keras-vis's terms)."""
+    if not bool(grad.any()):
+        what = ("the saliency map is constant (zero) everywhere: no gradient reached the input (or wrt_tensor) from "
+                "the explained filter_indices. Likely causes: a dead unit (its ReLU is off everywhere for this "
+                "seed_input, so ActivationMaximization of it has no gradient), a zero-initialised or untrained "
+                "layer, a backprop_modifier ('guided', 'relu') that stops every gradient, a model in training "
+                "mode. Try another seed_input, filter_indices or layer, backprop_modifier=None, and check the weights")
+    else:
+        after = f"grad_modifier={grad_modifier!r}" + ("" if keepdims else " and the channels' maximum")
+        what = (f"the saliency map is constant ({value:.4g}) everywhere after {after}: every pixel gets the same "
+                "value (e.g. grad_modifier='relu' of a gradient negative everywhere, a score that depends on the "
+                "input only through its sum). Try grad_modifier='absolute' or None, or another filter_indices")
+    warnings.warn(what + "; the map returned, scaled to [0, 1] as keras-vis did, is all zeros",
+                  stacklevel=user_stacklevel())
 
 
 def _rule(backprop_modifier: Optional[str]) -> Optional[str]:

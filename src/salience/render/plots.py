@@ -20,7 +20,10 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
     """Round tick values covering ``[lo, hi]``: a step of 1, 2, 2.5 or 5 times a power of ten
     giving about ``target`` intervals, e.g. ``(-0.2, 1.0) -> [-0.2, 0, 0.2, ..., 1.0]``. ``lo`` and
-    ``hi`` are finite numbers (``[lo]`` when ``hi <= lo``), ``target`` an int from 1 to 1000."""
+    ``hi`` are finite numbers (``[lo]`` when ``hi <= lo``; a span ``hi - lo`` past the largest float is
+    refused), ``target`` an int from 1 to 1000. The ticks are distinct and increasing for any such range,
+    tiny (subnormal) or huge: each is its exact decimal ``k * step`` correctly rounded, and the step is
+    wider than the floats' spacing there, so a range a few floats wide has as many ticks as fit."""
     lo, hi = _finite(lo, "lo"), _finite(hi, "hi")
     if isinstance(target, bool) or not isinstance(target, numbers.Integral) or not 1 <= target <= _MAX_TICKS:
         raise SalienceError(f"target must be an int from 1 to {_MAX_TICKS} (about how many intervals), got {target!r}")
@@ -28,18 +31,38 @@ def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
         return [lo]
     if not math.isfinite(hi - lo):  # e.g. -1e308 .. 1e308: the span itself overflows
         raise SalienceError(f"the range [{lo:g}, {hi:g}] is too wide to divide into ticks; give a narrower one")
-    raw = (hi - lo) / target
-    mag = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
-    first = math.ceil(lo / step - 1e-9)
-    ticks = []
-    k = first
-    while k * step <= hi + 1e-9 * step:
-        ticks.append(round(k * step, 10) + 0.0)
-        k += 1
+    sn, sd = _tick_step(hi - lo, target, math.ulp(max(abs(lo), abs(hi))))  # the step, exactly: sn / sd
+    (ln, ld), (hn, hd) = lo.as_integer_ratio(), hi.as_integer_ratio()
+    first, last = -((-ln * sd) // (ld * sn)) - 1, (hn * sd) // (hd * sn) + 1  # ceil / floor exactly; +-1: rounding
+    ticks: list[float] = []
+    for k in range(first, last + 1):
+        try:
+            v = (k * sn) / sd + 0.0  # the decimal correctly rounded (int / int); -0.0 -> 0.0
+        except OverflowError:  # the one step past a range that ends near the largest float
+            continue
+        if lo <= v <= hi and (not ticks or v > ticks[-1]):
+            ticks.append(v)
     return ticks
 
 
+def _tick_step(span: float, target: int, spacing: float) -> tuple[int, int]:
+    """The step as a fraction of ints ``(num, den)``: the least of 1, 2, 2.5, 5 times a power of ten that is
+    at least ``span / target`` (found in logarithms: ``span / target`` underflows for a subnormal span) and
+    wider than ``spacing``, the floats' spacing at the range's larger end (two decimals further apart than
+    that round to two floats)."""
+    raw = math.log10(span) - math.log10(target)
+    e = math.floor(raw)
+    i = next(i for i, m in enumerate((1, 2, 2.5, 5, 10)) if m >= 10.0 ** (raw - e) * (1 - 1e-9))
+    pn, pd = spacing.as_integer_ratio()
+    while True:
+        (mn, md), p = _MANTISSAS[i % 4], e + i // 4
+        sn, sd = mn * 10 ** max(p, 0), md * 10 ** max(-p, 0)
+        if sn * pd > pn * sd:
+            return sn, sd
+        i += 1
+
+
+_MANTISSAS = ((1, 1), (2, 1), (5, 2), (5, 1))  # 1, 2, 2.5, 5 as fractions
 _MAX_TICKS = 1000
 
 

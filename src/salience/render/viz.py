@@ -367,6 +367,7 @@ def grayscale(m: ArrayLike, *, norm: Norm = "percentile", percentile: float = 99
 
 def _one_image(a: np.ndarray, tensor: bool) -> np.ndarray:
     """One image array -> uint8 (H, W, 3)."""
+    shape = tuple(a.shape)
     if a.ndim == 2:
         a = a[..., None]
     elif a.ndim == 3:
@@ -382,7 +383,8 @@ def _one_image(a: np.ndarray, tensor: bool) -> np.ndarray:
     else:
         raise SalienceError(f"an image must be (C, H, W), (H, W, C) or (H, W), got shape {tuple(a.shape)}")
     a = a[..., :3] if a.shape[-1] == 4 else a  # RGBA: drop alpha
-    if a.shape[-1] == 1:
+    one_channel = a.shape[-1] == 1
+    if one_channel:
         a = np.repeat(a, 3, axis=-1)
     if a.size == 0:
         raise SalienceError(f"the image is empty (shape {tuple(a.shape)})")
@@ -391,11 +393,7 @@ def _one_image(a: np.ndarray, tensor: bool) -> np.ndarray:
     if a.dtype.kind == "b":
         raise SalienceError("an image must be numbers (uint8 0..255 or float 0..1), got booleans")
     if a.dtype.kind in "iu":
-        if a.min() < 0 or a.max() > 255:
-            raise SalienceError(
-                f"an integer image must lie in 0..255, got [{a.min()}, {a.max()}]; use uint8 or float in [0, 1]"
-            )
-        return a.astype(np.uint8)
+        return _integer_pixels(a, one_channel, shape)
     f = _finite(a, "image")
     lo, hi = float(f.min()), float(f.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
@@ -406,13 +404,39 @@ def _one_image(a: np.ndarray, tensor: bool) -> np.ndarray:
     return np.floor(f.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def _integer_pixels(a: np.ndarray, one_channel: bool, shape: tuple[int, ...]) -> np.ndarray:
+    """An integer array other than uint8 ``(H, W, 3)`` as pixels 0..255 (matplotlib's convention for integer RGB),
+    or a SalienceError where it reads as something else: one channel (a map's shape: a label map, an ``argmax``, an
+    integer saliency map; gray pixels are uint8), or only 0 and 1 (a mask, a [0, 1] image cast to integers). Each
+    was drawn as 8-bit pixels, nearly black, without a word."""
+    if one_channel:
+        raise SalienceError(
+            f"a one-channel integer array of dtype {a.dtype}, shape {shape}, is read as a map (a label map, an argmax, "
+            "an integer saliency map), not as pixels: as 8-bit pixels it would be nearly black. Draw a map with "
+            "viz.heatmap(m.astype(float)) (a tensor: m.float()); gray pixels 0..255 are uint8: m.astype(np.uint8) "
+            "(a tensor: m.to(torch.uint8))"
+        )
+    lo, hi = a.min(), a.max()
+    if lo < 0 or hi > 255:
+        raise SalienceError(f"an integer image must lie in 0..255, got [{lo}, {hi}]; use uint8 or float in [0, 1]")
+    if hi <= 1:
+        raise SalienceError(
+            f"an integer image (dtype {a.dtype}) holds only 0 and 1 (a mask, or a float image in [0, 1] cast to "
+            "integers), which as pixels 0..255 is black: give a [0, 1] image as float (x.float(), not x.long()), "
+            "pixels as uint8 0..255 (a mask: x * 255)"
+        )
+    return a.astype(np.uint8)
+
+
 def to_uint8_image(x: ArrayLike) -> np.ndarray:
     """An image for display: uint8 ``(H, W, 3)``; a batch (4-D) gives ``(B, H, W, 3)``.
 
     Accepts ``(C, H, W)`` with C = 1, 3 or 4 (torch layout), ``(H, W, C)`` (PIL/numpy layout),
     ``(H, W)`` gray; uint8 (0..255) or float in ``[0, 1]`` (values outside by more than 0.001 are
     an error: un-normalize first). Where both layouts fit (e.g. ``(3, 5, 3)``), tensors and float
-    arrays are read as ``(C, H, W)``, uint8 numpy arrays as ``(H, W, C)``.
+    arrays are read as ``(C, H, W)``, uint8 numpy arrays as ``(H, W, C)``. Other integer dtypes: RGB(A)
+    pixels 0..255 (matplotlib's convention); one channel (a map's shape: draw a map with :func:`heatmap`)
+    or only 0 and 1 (a mask, a [0, 1] image cast to integers) are refused: either was nearly black.
     """
     tensor = _is_tensor(x)
     a = _as_array(x, "image")
