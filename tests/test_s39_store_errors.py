@@ -8,29 +8,17 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 import pytest
 import torch
-from torch import nn
 
 import salience
 from salience import SalienceError
+from test_runs_bad_image import Marked, Touchy
 
 pytest.importorskip("pyarrow")
 
-BRIGHT, DARK = 7.0, -7.0
+BRIGHT, DARK = 9.0, -9.0
 """Pixel (0, 0, 0) of an image :func:`_choosy` refuses as too bright; pixel (0, 0, 1) of one it refuses as too dark."""
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                                  nn.Linear(16, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
 
 def _choosy(model, x, target):
@@ -59,7 +47,7 @@ def _images(n: int = 4) -> torch.Tensor:
 
 
 def _run(x, folder, methods, **kw):
-    return salience.explain_dataset(Tiny().eval(), torch.utils.data.TensorDataset(x), methods, folder, workers=0,
+    return salience.explain_dataset(Marked().eval(), torch.utils.data.TensorDataset(x), methods, folder, workers=0,
                                     map_dtype="float32", batch_size=kw.pop("batch_size", 4), **kw)
 
 
@@ -108,14 +96,6 @@ def test_a_methods_words_that_look_like_another_methods_stay_its_own(tmp_path):
     assert json.loads(refused_json(run)) == {"1": [[0, words]]}
     page = (tmp_path / "run" / "index.html").read_text(encoding="utf-8")
     assert "/^method /" not in page  # the page's thumbnails follow the image's own error, not a parse
-
-
-class Touchy(Tiny):
-    """NaN scores for an image whose blue channel is all 1 (pixel (0, 7, 7) not 0.5): its deletion curve's copies."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bad = (x[:, 2].amin((1, 2)) > 0.99) & (x[:, 0, 7, 7] != 0.5)
-        return self.body(x) + torch.where(bad, torch.tensor(float("nan")), torch.tensor(0.0))[:, None]
 
 
 def test_a_metrics_refusal_has_its_column(tmp_path):

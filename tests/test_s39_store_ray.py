@@ -13,13 +13,10 @@ import salience
 
 ray = pytest.importorskip("ray", reason="the ray extra (pip install salience[ray]) is not installed")
 pytest.importorskip("pyarrow")
+import s3_server  # noqa: E402
+import test_runs_ray  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+s3, cluster = s3_server.s3, test_runs_ray.cluster  # the fixtures: a local cluster of 2 CPUs (after the S3 server)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +49,7 @@ def test_seed_none_on_ray_is_the_drivers_run_seed(cluster, images, tmp_path):
 def test_each_refused_images_own_words_on_ray(cluster, tmp_path):
     """The batch of 2 whose images are refused for two reasons (tests/test_s39_store_errors.py) on Ray: the
     same ``METHOD.error`` columns as the local engine's, each row its own image's words."""
+    import test_runs_bad_image
     import test_s39_store_errors as here
 
     x = here._images(2)
@@ -60,13 +58,15 @@ def test_each_refused_images_own_words_on_ray(cluster, tmp_path):
     data = torch.utils.data.TensorDataset(x)
     methods = {"choosy": here._choosy, "vanilla": salience.vanilla}
     kw = dict(workers=0, map_dtype="float32", batch_size=2)
-    ray.cloudpickle.register_pickle_by_value(here)  # the actors cannot import the tests' module
+    for module in (here, test_runs_bad_image):  # the actors cannot import the tests' modules
+        ray.cloudpickle.register_pickle_by_value(module)
     try:
-        on_ray = salience.explain_dataset(here.Tiny().eval(), data, methods, tmp_path / "ray", engine="ray", actors=1,
-                                          **kw)
+        on_ray = salience.explain_dataset(here.Marked().eval(), data, methods, tmp_path / "ray", engine="ray",
+                                          actors=1, **kw)
     finally:
-        ray.cloudpickle.unregister_pickle_by_value(here)
-    local = salience.explain_dataset(here.Tiny().eval(), data, methods, tmp_path / "local", **kw)
+        for module in (here, test_runs_bad_image):
+            ray.cloudpickle.unregister_pickle_by_value(module)
+    local = salience.explain_dataset(here.Marked().eval(), data, methods, tmp_path / "local", **kw)
     said = ["error", "choosy.error", "vanilla.error"]
     assert on_ray.table.select(said).to_pylist() == local.table.select(said).to_pylist() == [
         {"error": None, "choosy.error": "an image is too bright", "vanilla.error": None},

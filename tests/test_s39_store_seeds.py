@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import salience
 from salience.runs import job
+from test_runs_bad_image import Marked
 
 pytest.importorskip("pyarrow")
 
@@ -20,17 +20,6 @@ METHODS = ["rise", "smoothgrad"]
 
 def _options(seed):
     return {"rise": {"masks": 16, "cell": 2, "seed": seed}, "smoothgrad": {"samples": 3, "seed": seed}}
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                                  nn.Linear(16, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
 
 class Items(torch.utils.data.Dataset):
@@ -52,7 +41,7 @@ class Items(torch.utils.data.Dataset):
 
 
 def _run(folder, data, seed=None):
-    return salience.explain_dataset(Tiny().eval(), data, METHODS, folder, method_options=_options(seed), workers=0,
+    return salience.explain_dataset(Marked().eval(), data, METHODS, folder, method_options=_options(seed), workers=0,
                                     map_dtype="float32", batch_size=2, shard_size=2)
 
 
@@ -80,9 +69,9 @@ def test_a_stopped_and_continued_run_equals_an_uninterrupted_one(tmp_path, monke
         np.testing.assert_allclose(a[m], c[m], rtol=1e-6, atol=1e-7)
     x = Items().x
     for i in (0, 7):  # RISE: the run seed's masks on every image; SmoothGrad: image i's own seed from it
-        alone = salience.rise(Tiny().eval(), x[i:i + 1], masks=16, cell=2, seed=seed)[0].numpy()
+        alone = salience.rise(Marked().eval(), x[i:i + 1], masks=16, cell=2, seed=seed)[0].numpy()
         np.testing.assert_allclose(a["rise"][i], alone, rtol=1e-5, atol=1e-6)
-        alone = salience.smoothgrad(Tiny().eval(), x[i:i + 1], samples=3, seed=job.image_seed(seed, i))[0].numpy()
+        alone = salience.smoothgrad(Marked().eval(), x[i:i + 1], samples=3, seed=job.image_seed(seed, i))[0].numpy()
         np.testing.assert_allclose(a["smoothgrad"][i], alone, rtol=1e-5, atol=1e-6)
 
 
@@ -95,7 +84,7 @@ def test_two_runs_with_seed_none_draw_their_own_seeds_and_explicit_seeds_are_kep
     assert not np.array_equal(_maps(one)["rise"], _maps(two)["rise"])
     given = _maps(_run(tmp_path / "five", Items(), seed=5))
     x = Items().x
-    alone = salience.smoothgrad(Tiny().eval(), x[3:4], samples=3, seed=job.image_seed(5, 3))[0].numpy()
+    alone = salience.smoothgrad(Marked().eval(), x[3:4], samples=3, seed=job.image_seed(5, 3))[0].numpy()
     np.testing.assert_allclose(given["smoothgrad"][3], alone, rtol=1e-5, atol=1e-6)
-    alone = salience.rise(Tiny().eval(), x[3:4], masks=16, cell=2, seed=5)[0].numpy()
+    alone = salience.rise(Marked().eval(), x[3:4], masks=16, cell=2, seed=5)[0].numpy()
     np.testing.assert_allclose(given["rise"][3], alone, rtol=1e-5, atol=1e-6)
