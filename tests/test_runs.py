@@ -128,7 +128,7 @@ def test_bad_image_is_a_row_with_its_error(data):
     assert row["path"].endswith("zz_broken.png") and "not an image" in row["error"]
     assert row["predicted"] is None and row["width"] is None
     assert all(r["error"] is None for r in data["run"].table.to_pylist()[:N])
-    with pytest.raises(SalienceError, match="no map"):
+    with pytest.raises(SalienceError, match="no vanilla map: .*zz_broken.png: not an image"):
         data["run"].map(N, "vanilla")
 
 

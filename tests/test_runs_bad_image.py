@@ -59,21 +59,23 @@ def test_the_other_images_keep_their_maps(tmp_path, marked):
     ref = _run(model, x[others], tmp_path / "ref", metrics=["insertion"])
     for r, i in enumerate(others):
         row, want = run.row(i), ref.row(r)
-        assert row["error"] is None
+        assert row["error"] is None and all(row[f"{m}.error"] is None for m in METHODS)
         for m in METHODS:
             np.testing.assert_allclose(run.map(i, m), ref.map(r, m), rtol=1e-5, atol=1e-7)
             assert row[f"{m}.max"] == pytest.approx(want[f"{m}.max"], rel=1e-5, abs=1e-7)
             assert row[f"{m}.insertion"] == pytest.approx(want[f"{m}.insertion"], rel=1e-5, abs=1e-7)
     for i in marked:
         row = run.row(i)
-        said = row["error"].split("; method ")
-        assert said[0].startswith("method vanilla failed: the target's score is NaN or infinite"), said
-        assert said[1].startswith("occlusion failed: the model's scores of the perturbed images are NaN"), said
+        assert row["error"] is None  # the image's own: it was read
+        assert row["vanilla.error"].startswith("the target's score is NaN or infinite"), row
+        assert row["occlusion.error"].startswith("the model's scores of the perturbed images are NaN"), row
         for m in METHODS:
-            with pytest.raises(SalienceError, match=f"image {i} has no map: method vanilla failed: .*NaN or infinite"):
+            with pytest.raises(SalienceError, match=f"image {i} has no {m} map: the .*NaN"):
                 run.map(i, m)
             assert row[f"{m}.min"] is None and row[f"{m}.insertion"] is None
-    assert (run.table.column("error").null_count, ref.table.column("error").null_count) == (len(others), len(others))
+    for m in METHODS:
+        assert (run.table.column(f"{m}.error").null_count, ref.table.column(f"{m}.error").null_count) == (
+            len(others), len(others))
 
 
 def test_no_extra_call_when_nothing_fails(tmp_path):
@@ -103,7 +105,8 @@ def test_a_whole_call_error_fails_each_batch_after_2_log2n_more_calls(tmp_path):
 
     run = _run(Marked().eval(), _images(()), tmp_path / "run", methods={"refuses": refuses}, method_options=None)
     assert calls == [4, 4, 2, 2, 1, 1, 1, 2, 2, 1, 1]  # the 1 after the first batch: the NaN maps' shape, once a run
-    assert run.table.column("error").to_pylist() == ["method refuses failed: this model refuses option z=3"] * 6
+    assert run.table.column("refuses.error").to_pylist() == ["this model refuses option z=3"] * 6
+    assert run.table.column("error").to_pylist() == [None] * 6
 
 
 def test_a_later_batch_refused_in_other_words_is_rerun(tmp_path):
@@ -128,10 +131,10 @@ def test_a_later_batch_refused_in_other_words_is_rerun(tmp_path):
     run = _run(Marked().eval(), x, tmp_path / "run", methods={k: method(k) for k in calls}, method_options=None)
     assert calls["first"] == [4, 4, 2, 2, 1, 1, 1, 2, 2, 1, 1]  # batch 2: [4, 5], then [4] and [5]
     assert calls["second"] == [4, 2, 2, 1, 1, 1, 2, 1, 1]  # its own first batch's reruns, its shape's call
-    errors = run.table.column("error").to_pylist()
-    assert errors[:4] == ["method first failed: this model refuses option z=3; "
-                          "method second failed: this model refuses option z=3"] * 4
-    assert errors[4] is None and errors[5].startswith("method first failed: the model's scores"), errors
+    errors = run.table.column("first.error").to_pylist()
+    assert run.table.column("second.error").to_pylist() == errors
+    assert errors[:4] == ["this model refuses option z=3"] * 4
+    assert errors[4] is None and errors[5].startswith("the model's scores"), errors
     np.testing.assert_allclose(run.map(4, "first"), salience.vanilla(Marked().eval(), x[4:5])[0], rtol=1e-5, atol=1e-7)
 
 
@@ -153,7 +156,7 @@ def test_a_whole_call_error_beside_a_suspect_is_found_in_the_others_part(tmp_pat
     run = salience.explain_dataset(Marked().eval(), torch.utils.data.TensorDataset(x), {"refuses": refuses},
                                    tmp_path / "run", workers=0, map_dtype="float32", batch_size=4)
     assert calls == [4, 4, 2, 2, 1, 1, 1, 4, 4, 1, 3, 1, 2]  # batch 1, the NaN maps' shape, batch 2: [5], [4, 6, 7], [4], [6, 7]
-    assert run.table.column("error").to_pylist() == ["method refuses failed: this model refuses option z=3"] * 8
+    assert run.table.column("refuses.error").to_pylist() == ["this model refuses option z=3"] * 8
 
 
 def test_a_model_refusing_batches_explains_image_by_image(tmp_path):
@@ -170,7 +173,7 @@ def test_a_model_refusing_batches_explains_image_by_image(tmp_path):
 
     run = _run(Marked().eval(), _images(()), tmp_path / "run", methods={"one": one_at_a_time}, method_options=None)
     assert calls == [4, 4, 2, 2, 1, 1, 1, 1, 2, 2, 1, 1]
-    assert run.table.column("error").to_pylist() == [None] * 6
+    assert run.table.column("one.error").to_pylist() == [None] * 6
     x = _images(())
     for i in range(6):
         np.testing.assert_allclose(run.map(i, "one"), salience.vanilla(Marked().eval(), x[i:i + 1])[0],
@@ -204,10 +207,10 @@ def test_every_refused_image_is_found_at_most_2k_log2n_more_calls(tmp_path, refu
     others = [i for i in range(8) if i not in refused]
     ref = salience.explain_dataset(Marked().eval(), torch.utils.data.TensorDataset(x[others]),
                                    {"picky": _picky([])}, tmp_path / "ref", **kw)
-    errors = run.table.column("error").to_pylist()
+    errors = run.table.column("picky.error").to_pylist()
     assert [i for i, e in enumerate(errors) if e is not None] == list(refused), errors
     for i in refused:
-        assert errors[i] == "method picky failed: the model's scores of the perturbed images are NaN"
+        assert errors[i] == "the model's scores of the perturbed images are NaN"
     for r, i in enumerate(others):
         np.testing.assert_allclose(run.map(i, "picky"), ref.map(r, "picky"), rtol=1e-5, atol=1e-7)
     if not refused:
@@ -230,7 +233,7 @@ def test_completeness_reports_of_the_reruns_name_their_images(tmp_path):
     with pytest.warns(CompletenessWarning) as said:
         run = _run(Marked().eval(), _images((1,)), tmp_path / "run", methods={"ig": reporting}, method_options=None)
     assert [w.message.images for w in said if isinstance(w.message, CompletenessWarning)] == [[run.row(3)["path"]]]
-    assert run.row(1)["error"].startswith("method ig failed")
+    assert run.row(1)["ig.error"] is not None
 
 
 def test_an_image_refused_with_a_finite_prediction_beside_a_suspect(tmp_path):
@@ -245,7 +248,7 @@ def test_an_image_refused_with_a_finite_prediction_beside_a_suspect(tmp_path):
     x = _images((1,))
     x[3, 0, 0, 1] = MARK
     run = _run(Marked().eval(), x, tmp_path / "run", methods={"picky": picky}, method_options=None)
-    errors = run.table.column("error").to_pylist()
+    errors = run.table.column("picky.error").to_pylist()
     assert [e is None for e in errors] == [True, False, True, False, True, True], errors
     for i in (0, 2):
         np.testing.assert_allclose(run.map(i, "picky"), salience.vanilla(Marked().eval(), x[i:i + 1])[0],
@@ -264,7 +267,8 @@ def test_a_whole_call_error_beside_a_suspect_stops_after_the_rests_halves(tmp_pa
     run = _run(Marked().eval(), _images((1,)), tmp_path / "run", methods={"refuses": refuses}, method_options=None)
     # batch 1: [1], [0, 2, 3], [0], [2, 3]; the NaN maps' shape; batch 2 and its halves
     assert calls == [4, 4, 1, 3, 1, 2, 1, 2, 2, 1, 1]
-    assert run.table.column("error").to_pylist() == ["method refuses failed: this model refuses option z=3"] * 6
+    assert run.table.column("refuses.error").to_pylist() == ["this model refuses option z=3"] * 6
+    assert run.table.column("error").to_pylist() == [None] * 6
 
 
 def test_a_metric_refusing_an_image_the_method_explained_costs_only_its_row(tmp_path):
@@ -276,10 +280,10 @@ def test_a_metric_refusing_an_image_the_method_explained_costs_only_its_row(tmp_
     run = _run(Marked().eval(), x, tmp_path / "run", **kw)
     x[1, 0, 0, 0] = 0.5
     ref = _run(Marked().eval(), x, tmp_path / "ref", **kw)
-    assert run.row(1)["error"].startswith("method smoothgrad's metrics failed: the model's score is nan on image")
-    assert run.row(1)["smoothgrad.insertion"] is None
+    assert run.row(1)["smoothgrad.metrics_error"].startswith("the model's score is nan on image")
+    assert run.row(1)["smoothgrad.insertion"] is None and run.row(1)["smoothgrad.error"] is None
     for i in (0, 2, 3, 4, 5):
-        assert run.row(i)["error"] is None
+        assert run.row(i)["smoothgrad.metrics_error"] is None
         assert run.row(i)["smoothgrad.insertion"] == pytest.approx(ref.row(i)["smoothgrad.insertion"], rel=1e-5)
 
 
@@ -359,23 +363,22 @@ def test_the_explorers_run_table_shows_the_prediction_and_the_refusal_under_its_
     assert all(n in ("ant", "bee", "cat") for n in names), names
     said = "failed: the model's scores of the perturbed images are NaN"
     assert seen == [[names[i], [[said] if i == 1 else [], []]] for i in range(6)], seen
-    assert run.row(1)["error"] == "method picky failed: the model's scores of the perturbed images are NaN"
+    assert run.row(1)["picky.error"] == "the model's scores of the perturbed images are NaN"
+    assert run.row(1)["error"] is None
 
 
-def test_a_rows_error_is_read_back_per_method():
-    """``method_errors`` reads back what the run wrote: each method's refusal (a name the start of another's,
-    a text holding ``; ``), its metrics' failure, and the rest (an image not read) apart."""
-    from salience.runs.job import _method_error, method_errors
+def test_a_joined_error_of_the_older_layout_is_read_back_per_method():
+    """``joined_errors`` reads back a row's ``error`` as salience-run/1 wrote it: each method's refusal (a name
+    the start of another's, a text holding ``; ``), its metrics' failure, and the rest (an image not read) apart."""
+    from salience.runs.store import joined_errors
 
-    row = {"error": None}
-    _method_error(row, "grad", "a; b")
-    _method_error(row, "gradcam", "the target's score is NaN")
-    _method_error(row, "grad's metrics", "the model's score is nan on image 3")
-    assert method_errors(row["error"], ["grad", "gradcam"]) == (
+    error = ("method grad failed: a; b; method gradcam failed: the target's score is NaN; "
+             "method grad's metrics failed: the model's score is nan on image 3")
+    assert joined_errors(error, ["grad", "gradcam"]) == (
         {"grad": "a; b; metrics failed: the model's score is nan on image 3", "gradcam": "the target's score is NaN"},
         None)
-    assert method_errors("cannot identify image file x.png", ["grad"]) == ({}, "cannot identify image file x.png")
-    assert method_errors(None, ["grad"]) == ({}, None)
+    assert joined_errors("cannot identify image file x.png", ["grad"]) == ({}, "cannot identify image file x.png")
+    assert joined_errors(None, ["grad"]) == ({}, None)
 
 
 def test_a_continued_run_equals_an_uninterrupted_one_after_a_batch_failed_whole(tmp_path):
@@ -402,8 +405,8 @@ def test_a_continued_run_equals_an_uninterrupted_one_after_a_batch_failed_whole(
     with pytest.raises(RuntimeError, match="stopped"):
         salience.explain_dataset(Marked().eval(), data, {"picky": stopped_once}, tmp_path / "cut", **kw)
     cut = salience.explain_dataset(Marked().eval(), data, {"picky": stopped_once}, tmp_path / "cut", **kw)
-    errors = whole.table.column("error").to_pylist()
-    assert cut.table.column("error").to_pylist() == errors
+    errors = whole.table.column("picky.error").to_pylist()
+    assert cut.table.column("picky.error").to_pylist() == errors
     assert [i for i, e in enumerate(errors) if e is not None] == list(range(8)) + [9], errors
     for i in range(10, 16):
         np.testing.assert_allclose(cut.map(i, "picky"), whole.map(i, "picky"), rtol=0, atol=0)
@@ -430,11 +433,12 @@ def test_an_image_the_metrics_refuse_costs_its_own_metrics_only(tmp_path):
     ref = _run(Touchy().eval(), x[others], tmp_path / "ref", methods=["vanilla"], method_options=None,
                metrics=["deletion"])
     row = run.row(2)
-    assert row["error"].startswith("method vanilla's metrics failed: the model's score is nan on image 0"), row["error"]
+    assert row["vanilla.metrics_error"].startswith("the model's score is nan on image 0"), row
+    assert row["error"] is None and row["vanilla.error"] is None
     assert row["vanilla.deletion"] is None and row["vanilla.max"] is not None
     np.testing.assert_allclose(run.map(2, "vanilla"), salience.vanilla(Touchy().eval(), x[2:3])[0], rtol=1e-5, atol=1e-7)
     for r, i in enumerate(others):
-        assert run.row(i)["error"] is None
+        assert run.row(i)["vanilla.metrics_error"] is None
         assert run.row(i)["vanilla.deletion"] == pytest.approx(ref.row(r)["vanilla.deletion"], rel=1e-5, abs=1e-7)
 
 
@@ -446,9 +450,8 @@ def test_a_last_batch_of_one_image_the_metrics_refuse_is_its_row(tmp_path):
     x[:, 0, 7, 7] = 0.5
     x[4, 2] = 1.0
     run = _run(Touchy().eval(), x, tmp_path / "run", methods=["vanilla"], method_options=None, metrics=["deletion"])
-    errors = run.table.column("error").to_pylist()
-    assert errors[:4] == [None] * 4 and errors[4].startswith("method vanilla's metrics failed: the model's score is "
-                                                             "nan on image 0"), errors
+    errors = run.table.column("vanilla.metrics_error").to_pylist()
+    assert errors[:4] == [None] * 4 and errors[4].startswith("the model's score is nan on image 0"), errors
     assert run.row(4)["vanilla.deletion"] is None and run.row(3)["vanilla.deletion"] is not None
 
 
@@ -457,7 +460,7 @@ def test_a_refused_images_row_names_it_by_its_index_in_the_run(tmp_path):
     "image 0 of 1" in the row of image 3 (and of image 5, in the second batch); the row names the run's image."""
     run = _run(Marked().eval(), _images((3, 5)), tmp_path / "run")
     for i in (3, 5):
-        said = run.row(i)["error"].split("; method ")
+        said = [run.row(i)["vanilla.error"], run.row(i)["occlusion.error"]]
         assert "is NaN or infinite (image %d, class 0)" % i in said[0], said
         assert "are NaN or infinite (image %d, class 0)" % i in said[1], said
-        assert " of 1" not in run.row(i)["error"]
+        assert " of 1" not in said[0] + said[1]

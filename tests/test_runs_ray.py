@@ -802,7 +802,7 @@ def test_the_command_on_ray_shows_salience_s_lines_only_and_its_errors(cluster, 
                      "--out", tmp_path / "run"])
     assert r.returncode == 1, r.stderr  # the broken image: one failed, said in the summary line
     assert r.stdout.splitlines() == [f"explained {N} of {N + 1} image(s) into {tmp_path / 'run'}/ (index.parquet, "
-                                     "index.html); 1 image(s) failed: see the 'error' column"], r.stdout
+                                     "index.html); 1 image(s) failed: see the 'error' and 'METHOD.error' columns"], r.stdout
     assert not [ln for ln in r.stderr.splitlines() if RAY_LINE.search(ln) and not KNOWN.search(ln)], r.stderr
     nets, _ = _nets(tmp_path)
     (tmp_path / "classes.txt").write_text("a\nb\nc\n")
@@ -910,8 +910,12 @@ def test_an_image_the_methods_refuse_costs_only_its_row_on_ray(cluster, tmp_path
         on_ray = salience.explain_dataset(model, data, METHODS, tmp_path / "ray", engine="ray", actors=1, **kw)
     finally:
         ray.cloudpickle.unregister_pickle_by_value(test_runs_bad_image)
-    assert on_ray.table.column("error").to_pylist() == local.table.column("error").to_pylist()
-    assert local.row(1)["error"].startswith("method vanilla failed") and local.row(0)["error"] is None
+    said = [c for c in local.table.column_names if c == "error" or c.endswith(".error")]  # the same columns on Ray
+    assert said == ["error", "vanilla.error", "occlusion.error"]
+    assert on_ray.table.select(said).to_pylist() == local.table.select(said).to_pylist()
+    assert local.row(1)["vanilla.error"].startswith("the target's score is NaN") and local.row(0)["vanilla.error"] is None
+    assert local.row(1)["occlusion.error"].startswith("the model's scores of the perturbed images are NaN")
+    assert local.table.column("error").to_pylist() == [None] * 6
     for i in (0, 2, 3, 4, 5):
         for m in METHODS:
             np.testing.assert_allclose(on_ray.map(i, m), local.map(i, m), rtol=1e-5, atol=1e-7)

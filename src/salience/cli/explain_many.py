@@ -108,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
     with flag_errors(FLAGS, args):
         run_ = _explain(args, model, fns, target, show, taken)
     _warn_constant(run_.table, methods)
-    errors = sum(1 for e in run_.table.column("error").to_pylist() if e is not None)
+    errors = run_.failed()  # the image's own error, or a method's (its METHOD.error column)
     print(f"explained {len(run_) - errors} of {len(run_)} image(s) into {args.out}/ (index.parquet, index.html)"
-          + (f"; {errors} image(s) failed: see the 'error' column" if errors else ""))
+          + (f"; {errors} image(s) failed: see the 'error' and 'METHOD.error' columns" if errors else ""))
     if not run_.complete:
         raise SalienceError(f"the run in {args.out} is not complete; run the same command again")
     return EXIT_PARTIAL if errors else EXIT_OK

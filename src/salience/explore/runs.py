@@ -27,7 +27,7 @@ import numpy as np
 from salience._core.errors import SalienceError
 from salience.explore.images import ImageEntry
 from salience.loading import remote
-from salience.runs.job import constant_notes, flat_maps, method_errors
+from salience.runs.job import constant_notes, flat_maps
 from salience.runs.store import BadIndex, Run, number_columns, open_run, pyarrow
 
 __all__ = ["RunSource", "NotStored", "is_run", "SORTABLE"]
@@ -138,17 +138,21 @@ class RunSource:
 
     def _dicts(self, table: Any) -> list[dict[str, Any]]:
         """The rows of ``table`` (a few: a page) as the page's dicts, with ``id``, ``image``,
-        ``constant`` (:meth:`_flat`), and the ``error`` read per method: ``method_errors`` (method ->
-        what it said, for each method that refused the image or whose metrics did) and ``other_error``
-        (the rest: the image or its mask not read; null) (:func:`~salience.runs.job.method_errors`)."""
+        ``constant`` (:meth:`_flat`), and the row's errors: ``method_errors`` (method -> what it said, for
+        each method that refused the image or whose metrics did: its ``METHOD.error`` and
+        ``METHOD.metrics_error`` columns) and ``other_error`` (the image's own, ``error``: the image or its
+        mask not read; null), :meth:`~salience.runs.store.Run.errors_of` (a run of the older layout: its
+        joined ``error`` read back); ``error`` is the image's own too."""
         flat = self._flat(table)
         out = []
-        for r, f in zip(table.select(self._columns()).to_pylist(), flat):
+        for r, f, (said, own) in zip(table.select(self._columns()).to_pylist(), flat, self.run.errors_of(table)):
             r = {c: _clean(v) for c, v in r.items()}
             r["id"] = f"{self.id}-{r['index']}"
             r["image"] = self._file(r) is not None
             r["constant"] = f
-            r["method_errors"], r["other_error"] = method_errors(r.get("error"), self.run.methods)
+            r["method_errors"], r["other_error"] = said, own
+            if "error" in r:
+                r["error"] = own
             out.append(r)
         return out
 

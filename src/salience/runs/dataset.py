@@ -124,7 +124,8 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     maps are computed, not what, so they are not part of the run's command (a run started without
     ``compile`` or ``fold_batchnorm`` may be continued with them). SmoothGrad gives image ``i`` the seed
     ``(seed * 1_000_003 + i) % 2**63`` (:func:`salience.runs.job.image_seed`), so its map does not
-    depend on the batch (docs/datasets.md).
+    depend on the batch (docs/datasets.md); ``seed=None`` of SmoothGrad or RISE is the run's seed, drawn
+    once when the run begins and kept in its ``run.json``, so a continued run equals an uninterrupted one.
     """
     png, overwrite, show_progress = (check_flag(v, n) for v, n in ((png, "png"), (overwrite, "overwrite"),
                                                                    (show_progress, "show_progress")))
@@ -186,7 +187,8 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
                 "methods": list(fns), "labels": label_list is not None,
                 "metrics": metric_names, "k": k, "map_dtype": map_dtype, "png": bool(png),
                 "class_names": list(info.class_names or ()), "thumb": job.THUMB,
-                "sprite_columns": job.SPRITE_COLUMNS, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "sprite_columns": job.SPRITE_COLUMNS, "seed": job.draw_seed(),  # a continued run keeps its own
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "cwd": os.getcwd()}  # where the relative paths of inputs.parquet are from
     if workers is None:
         workers = loader_workers if loader_workers is not None else min(4, max((os.cpu_count() or 1) - 1, 0))
@@ -204,6 +206,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         store.write_inputs(paths, known_labels, mask_list)
         plan.paths = store.input_paths()  # a continued run's rows keep the paths its first command gave
         plan.map_dtype = store.manifest.get("map_dtype", map_dtype)  # a continued run's: its shards are stored so
+        plan.seed = store.manifest["seed"]  # what seed=None stands for, drawn when the run began
         if item_labels and (begun := store.begun_labels()) is not None:  # begun with labels up front: kept
             plan.begun_labels = (str(store.folder), begun)
         if item_labels and first not in store.done():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from salience._core.files import atomic_write
-from salience.runs.job import constant_maps, constant_notes, flat_maps, method_errors
+from salience.runs.job import constant_maps, constant_notes, flat_maps
 from salience.runs.store import Run, number_columns
 
 _COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "output_name", "value", "targets", "label",
@@ -89,20 +89,19 @@ def rows_json(run: Run, flat: Optional[Flat] = None) -> str:
         data["label_name"] = [None if v is None else names[v] if 0 <= v < len(names) else str(v) for v in data["label"]]
     if "constant" in cols:  # the page's own column: which maps of the row are one value everywhere
         data["constant"] = constant_cells(run, flat)
+    if "error" in data:  # the image's own (a run of the older layout joined the methods' there too)
+        data["error"] = [own for _, own in run.errors_of()]
     rows = [[_clean(data[c][i]) if c in data else None for c in cols] for i in range(table.num_rows)]
     return script_json(rows)
 
 
 def refused_json(run: Run) -> str:
-    """The methods that refused a row's image (its ``error``, read per method:
-    :func:`~salience.runs.job.method_errors`), said under their (blank) thumbnails as the explorer's
+    """The methods that refused a row's image (its ``METHOD.error`` and ``METHOD.metrics_error`` columns:
+    :meth:`~salience.runs.store.Run.errors_of`), said under their (blank) thumbnails as the explorer's
     gallery says them, as JSON safe inside ``<script>``: ``{position: [[method, text], ...]}``, ``position``
     the row's in :func:`rows_json`, ``method`` an index in the run's methods."""
-    table = run.table
-    errors = table.column("error").to_pylist() if "error" in table.column_names else []
     rows: dict[str, list[list[Any]]] = {}
-    for i, error in enumerate(errors):
-        said = method_errors(error, run.methods)[0]
+    for i, (said, _) in enumerate(run.errors_of()):
         if said:
             rows[str(i)] = [[m, said[name]] for m, name in enumerate(run.methods) if name in said]
     return script_json(rows)
@@ -213,7 +212,7 @@ function keep(r) {
   const cls = $("cls").value, rw = $("rw").value, q = $("q").value;
   if (cls && String(r[C.predicted_name]) !== cls && (C.label_name === undefined || String(r[C.label_name]) !== cls))
     return false;
-  if (rw === "error" && r[C.error] === null) return false;
+  if (rw === "error" && r[C.error] === null && !REFUSED.has(r)) return false;  // the image's error, or a method's
   if (rw === "right" && r[C.correct] !== true) return false;
   if (rw === "wrong" && (r[C.correct] !== false)) return false;
   const p = r[C.probability], pmin = num($("pmin").value), pmax = num($("pmax").value);
@@ -247,7 +246,7 @@ function thumbs(r) {
     for (const [m, k, name, value, note] of FLAT.get(r) || []) if (m === j - 1) { const f = document.createElement("div");
       f.className = "flat"; f.title = FLATS.notes[note];
       f.textContent = `${k === 0 ? "" : `class ${name ?? "?"}: `}constant map (${value})`; tile.appendChild(f); }
-    // a method that refused the image: why, under its blank tile (the row's error column says it too)
+    // a method that refused the image: why, under its blank tile (its METHOD.error column says it too)
     for (const [m, text] of REFUSED.get(r) || []) if (m === j - 1) { const f = document.createElement("div");
       f.className = "err refused"; f.title = text; f.textContent = `failed: ${text}`; tile.appendChild(f); }
     box.appendChild(tile); }
@@ -275,9 +274,9 @@ function render() {
   const body = $("body"); body.textContent = "";
   for (const r of shown.slice(page * PAGE, (page + 1) * PAGE)) {
     const tr = document.createElement("tr"), td = document.createElement("td");
-    // a method's refusal ("method M failed: ...") leaves the image and the other methods' tiles (its own a blank
-    // grey); an image that could not be read has none
-    if (r[C.error] === null || /^method /.test(r[C.error])) td.appendChild(thumbs(r)); tr.appendChild(td);
+    // a method's refusal (its METHOD.error, said under its tile) leaves the image and the other methods' tiles
+    // (its own a blank grey); an image that could not be read (the row's own error) has none
+    if (r[C.error] === null) td.appendChild(thumbs(r)); tr.appendChild(td);
     headers.slice(1).forEach(c => tr.appendChild(cell(c, r[C[c]]))); body.appendChild(tr);
   }
 }

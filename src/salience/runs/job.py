@@ -9,7 +9,7 @@ import functools
 import io
 import math
 import numbers
-import re
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -94,6 +94,10 @@ class Plan:
     """Whether :attr:`begun_labels` are labels given now (``labels=``, ``--labels-csv``) to a run begun
     reading its labels with each item, rather than those the run was begun with: what a refusal says
     (:func:`begun_label_refusal`)."""
+    seed: Optional[int] = None
+    """The run's seed (its ``run.json``'s ``seed``, :func:`draw_seed`): what SmoothGrad's and RISE's
+    ``seed=None`` are in the run (:func:`call_method`)."""
+
     def has_labels(self) -> bool:
         """Whether the rows have labels (given, or the items')."""
         return self.labels is not None or self.item_labels
@@ -162,38 +166,67 @@ def image_seed(seed: int, index: int) -> int:
     return (int(seed) * SEED_STRIDE + int(index)) % 2 ** 63
 
 
+def draw_seed() -> int:
+    """A run's seed, drawn once when a run begins and kept in its ``run.json`` (``seed``): what a method's
+    ``seed=None`` stands for in that run (:func:`call_method`), so a continued run draws what an
+    uninterrupted one does."""
+    return secrets.randbits(63)
+
+
 def per_image_seeds(fns: Mapping[str, Callable[..., Tensor]]) -> list[str]:
     """The methods of ``fns`` whose images get seeds of their own (:func:`image_seed`): part of a
     run's command, so that a run begun when one seed drew the whole batch's noise is not continued
     with per-image noise (its maps would mix the two)."""
-    return [name for name, fn in fns.items() if _run_seed(fn) is not None]
+    return [name for name, fn in fns.items() if _run_seed(fn, 0) is not None]
 
 
-def _run_seed(fn: Callable[..., Tensor]) -> Optional[int]:
-    """The seed of ``fn`` if it is SmoothGrad (``salience.smoothgrad`` or a ``functools.partial`` of
-    it, as the command line binds options) with an int seed, else ``None``: its images get seeds of
-    their own (:func:`image_seed`). A seed of ``None`` (fresh noise) is left as it is."""
-    from salience.methods.smoothgrad import smoothgrad
-
+def _bound(fn: Callable[..., Tensor]) -> tuple[Callable[..., Tensor], dict[str, Any]]:
+    """``fn`` without its ``functools.partial`` layers (as the command line binds options), and their keywords."""
     keywords: dict[str, Any] = {}
     while isinstance(fn, functools.partial):
         keywords = {**fn.keywords, **keywords}
         fn = fn.func
-    if fn is not smoothgrad:
-        return None
-    seed = keywords.get("seed", 0)  # smoothgrad's default
+    return fn, keywords
+
+
+def _int_seed(seed: Any, run_seed: Optional[int]) -> Optional[int]:
+    """An int ``seed`` as it is; ``None`` the run's seed (``run_seed``; ``None`` outside a run); else ``None``."""
+    if seed is None:
+        return run_seed
     return int(seed) if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) else None
 
 
+def _run_seed(fn: Callable[..., Tensor], run_seed: Optional[int] = None) -> Optional[int]:
+    """The seed of ``fn`` if it is SmoothGrad (``salience.smoothgrad`` or a ``functools.partial`` of
+    it, as the command line binds options) with an int seed, or with ``seed=None`` in a run (the run's
+    seed ``run_seed``), else ``None``: its images get seeds of their own (:func:`image_seed`)."""
+    from salience.methods.smoothgrad import smoothgrad
+
+    fn, keywords = _bound(fn)
+    return _int_seed(keywords.get("seed", 0), run_seed) if fn is smoothgrad else None  # 0: smoothgrad's default
+
+
+def _mask_seed(fn: Callable[..., Tensor], run_seed: Optional[int]) -> Optional[int]:
+    """RISE (``salience.rise`` or a ``functools.partial`` of it) with ``seed=None`` in a run: the run's seed
+    ``run_seed`` for its masks, the same for every image of every batch as an int seed's; else ``None``."""
+    from salience.methods.perturbation import rise
+
+    fn, keywords = _bound(fn)
+    return run_seed if fn is rise and "seed" in keywords and keywords["seed"] is None else None
+
+
 def call_method(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Any,
-                indices: Optional[Sequence[int]] = None) -> Tensor:
-    """``fn(model, x, target)``; SmoothGrad with the seeds of images ``indices`` (:func:`image_seed`). A refusal that
-    names images (NaN scores) names them by ``indices``: a rerun's part, or a batch, numbers them from 0."""
-    seed = _run_seed(fn) if indices is not None else None
+                indices: Optional[Sequence[int]] = None, run_seed: Optional[int] = None) -> Tensor:
+    """``fn(model, x, target)``; SmoothGrad with the seeds of images ``indices`` (:func:`image_seed`). In a
+    run (``run_seed``: its seed, :func:`draw_seed`), a ``seed=None`` of SmoothGrad or RISE is that seed.
+    A refusal that names images (NaN scores) names them by ``indices``: a rerun's part, or a batch,
+    numbers them from 0."""
+    seed = _run_seed(fn, run_seed) if indices is not None else None
+    masks = _mask_seed(fn, run_seed)
     try:
-        if seed is None:
-            return fn(model, x, target)
-        return fn(model, x, target, seed=[image_seed(seed, i) for i in indices])
+        if seed is not None:
+            return fn(model, x, target, seed=[image_seed(seed, i) for i in indices])
+        return fn(model, x, target) if masks is None else fn(model, x, target, seed=masks)
     except SalienceError as e:
         named = _derived.renamed(e, indices) if indices is not None else None
         if named is None:
@@ -244,7 +277,7 @@ def _first_pass(plan: Plan, model: nn.Module, x: Tensor,
     handle = (None if isinstance(model, torch.jit.ScriptModule)
               else model.register_forward_hook(_perf.observer(this_thread(keep))))
     try:
-        m = call_method(fn, model, x, plan.regression(), indices).detach().float().cpu().unsqueeze(1)
+        m = call_method(fn, model, x, plan.regression(), indices, plan.seed).detach().float().cpu().unsqueeze(1)
     finally:
         if handle is not None:
             handle.remove()
@@ -275,7 +308,7 @@ def _method_maps(fn: Callable[..., Tensor], model: nn.Module, x: Tensor, classes
     """One method's maps ``(n, K, ...)`` float32 on the CPU, of the run's images ``indices``."""
     reg = plan.regression()
     target = reg if reg is not None else (classes[:, 0] if classes.shape[1] == 1 else classes).to(x.device)
-    m = call_method(fn, model, x, target, indices).detach().float().cpu()
+    m = call_method(fn, model, x, target, indices, plan.seed).detach().float().cpu()
     return m.unsqueeze(1) if classes.shape[1] == 1 else m
 
 
@@ -331,8 +364,10 @@ def _bisection(run: Callable[[list[int]], Any], n: int, error: SalienceError, su
             search.bisect(list(suspects), errors[0])
     else:
         search.bisect(list(range(n)), error)
-    if search.whole or not search.found:  # the whole call's error (or every image refused)
+    if search.whole:  # the whole call's error
         raise search.error
+    if not search.found:  # every image refused, in words of its own: each row says its image's
+        raise EachRefused(search.error, search.refused) from search.error
     return search
 
 
@@ -380,29 +415,29 @@ class _Search:
 
 
 def _method_error(row: dict[str, Any], name: str, text: str) -> None:
-    """Row ``row``'s error: method ``name`` failed (``text``), after another method's failure if one did
-    (what :func:`method_errors` reads back)."""
-    said = f"method {name} failed: {text}"
-    row["error"] = said if row["error"] is None else f"{row['error']}; {said}"
+    """Row ``row``'s ``METHOD.error``: method ``name`` refused its image (``text``); ``error`` stays the
+    image's own (:meth:`salience.runs.store.Run.errors_of` reads them back)."""
+    row[f"{name}.error"] = text
 
 
-def method_errors(error: Optional[str], methods: Sequence[str]) -> tuple[dict[str, str], Optional[str]]:
-    """A row's ``error`` read back as :func:`_method_error` wrote it (``method M failed: ...`` of each of
-    the run's ``methods`` that refused the image, ``method M's metrics failed: ...`` of one whose metrics
-    did, joined by ``; ``): method -> what it said (``metrics failed: ...`` for its metrics), and the
-    rest, not a method's (the image not read, its mask not read; ``None``: none). The explorer's run table
-    shows a row whose image was read and predicted with its prediction, each refusal under its method."""
-    if not error or not methods:
-        return {}, error or None
-    names = "|".join(re.escape(m) for m in sorted(methods, key=len, reverse=True))
-    heads = list(re.finditer(rf"(?:^|; )method ({names})('s metrics)? failed: ", error))
-    said: dict[str, str] = {}
-    for h, after in zip(heads, heads[1:] + [None]):
-        text = error[h.end():after.start() if after is not None else len(error)]
-        text = f"metrics failed: {text}" if h.group(2) else text
-        said[h.group(1)] = f"{said[h.group(1)]}; {text}" if h.group(1) in said else text
-    rest = error[:heads[0].start()] if heads else error
-    return said, rest or None
+def _metrics_error(row: dict[str, Any], name: str, text: str) -> None:
+    """Row ``row``'s ``METHOD.metrics_error``: method ``name``'s metrics refused its image (``text``)."""
+    row[f"{name}.metrics_error"] = text
+
+
+class EachRefused(SalienceError):
+    """Every image of a call refused, not alike (:func:`_bisection`): the batch's words, and ``each``
+    image's own by its position, which its row says (not the batch's)."""
+
+    def __init__(self, error: SalienceError, each: dict[int, str]) -> None:
+        super().__init__(str(error))
+        self.each = each
+
+
+def _said(e: SalienceError, position: int) -> str:
+    """What the row of the image at ``position`` says of the refusal ``e``: its own words when the
+    bisection found them (:class:`EachRefused`), else the call's."""
+    return e.each.get(position, str(e)) if isinstance(e, EachRefused) else str(e)
 
 
 def _rows_of(kept: list[int], lost: Any) -> Any:
@@ -460,10 +495,10 @@ def _metric_rows(plan: Plan, model: nn.Module, batch: tuple[Tensor, Tensor, Tens
             try:
                 search = _bisection(columns, len(kept), e, inner)
                 found, refused = search.found, search.refused
-            except SalienceError as whole:  # the whole call's error, or every image's: each row says it
-                found, refused = {}, {p: str(whole) for p in everyone}
+            except SalienceError as whole:  # the whole call's error (each row says it), or every image's own
+                found, refused = {}, {p: _said(whole, p) for p in everyone}
     for p, text in refused.items():
-        _method_error(rows[kept[p]], f"{name}'s metrics", text)
+        _metrics_error(rows[kept[p]], name, text)
     for p, cols in found.items():
         for col, v in cols.items():
             rows[kept[p]][f"{name}.{col}"] = v
@@ -527,9 +562,9 @@ def compute_items(model: nn.Module, items: Sequence[Item], plan: Plan) -> Comput
                         found.clear()  # what the refused call reported; the parts report their own
                         m, refused = _refused_images(fn, model, x, classes, plan, indices, e, suspects)
                 _warn_gaps(plan, name, found, indices)
-            except SalienceError as e:
-                for pos in good:
-                    _method_error(rows[pos], name, str(e))
+            except SalienceError as e:  # the whole call's error, or each image's own (EachRefused)
+                for j, pos in enumerate(good):
+                    _method_error(rows[pos], name, _said(e, j))
                 continue
             plan.shapes.setdefault(name, tuple(m.shape[2:]))
             maps[name] = m

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,12 @@ from salience._core.files import atomic_path, atomic_write, make_folder
 from salience._core.tensors import check_int
 from salience.runs.lock import LOCK_NAME
 
-FORMAT = "salience-run/1"
+FORMAT = "salience-run/2"
+"""What this salience writes: each method's refusal of an image in a column of its own (``METHOD.error``,
+``METHOD.metrics_error``), ``error`` the image's own."""
+JOINED_ERRORS = "salience-run/1"
+"""What salience wrote before: every error of a row joined in its ``error`` (``method M failed: ...``,
+``method M's metrics failed: ...``, by ``; ``). Read (:func:`joined_errors`), never continued."""
 PathLike = Union[str, "os.PathLike[str]"]
 
 ITEM_LABELS = "read with each item"
@@ -80,9 +86,12 @@ def pyarrow():
     return pa
 
 
-def row_schema(methods: Sequence[str], *, labels: bool, metrics: Sequence[str], regression: bool = False):
+def row_schema(methods: Sequence[str], *, labels: bool, metrics: Sequence[str], regression: bool = False,
+               errors: bool = True):
     """The rows' schema: the same in every shard, so the shards concatenate into one table. A
-    regression run's rows hold the explained output and its value instead of a class."""
+    regression run's rows hold the explained output and its value instead of a class. ``errors``: each
+    method's ``METHOD.error`` (and with metrics ``METHOD.metrics_error``) columns, which a run of the
+    older layout (:data:`JOINED_ERRORS`) lacks."""
     pa = pyarrow()
     fields = [("index", pa.int64()), ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32())]
     if regression:
@@ -96,22 +105,46 @@ def row_schema(methods: Sequence[str], *, labels: bool, metrics: Sequence[str], 
     for m in methods:
         fields += [(f"{m}.{s}", pa.float64()) for s in ("min", "max", "mean")]
         fields += [(f"{m}.constant", pa.list_(pa.float64()))]
+        fields += [(f"{m}.error", pa.string())] if errors else []
         fields += [(f"{m}.{s}", pa.float64()) for s in metrics]
+        fields += [(f"{m}.metrics_error", pa.string())] if errors and metrics else []
     fields += [("shard", pa.string()), ("offset", pa.int32())]
     return pa.schema(fields)
 
 
 def number_columns(table: Any) -> list[str]:
     """The ``method.statistic`` columns of ``table`` that hold one number a row (the summaries and
-    metrics), in order: not the per-target lists (``method.constant``)."""
+    metrics), in order: not the per-target lists (``method.constant``) nor the errors (``method.error``)."""
     pa = pyarrow()
-    return [f.name for f in table.schema if "." in f.name and not pa.types.is_nested(f.type)]
+    return [f.name for f in table.schema if "." in f.name
+            and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))]
 
 
 def schema_of(manifest: dict[str, Any]) -> Any:
     """The rows' schema of the run a manifest describes."""
     return row_schema(manifest["methods"], labels=manifest["labels"], metrics=manifest["metrics"],
-                      regression=manifest.get("task") == "regression")
+                      regression=manifest.get("task") == "regression",
+                      errors=manifest.get("format") != JOINED_ERRORS)
+
+
+def joined_errors(error: Optional[str], methods: Sequence[str]) -> tuple[dict[str, str], Optional[str]]:
+    """A row's ``error`` of a run of the older layout (:data:`JOINED_ERRORS`), read back per method: the
+    ``method M failed: ...`` of each of the run's ``methods`` that refused the image, ``method M's metrics
+    failed: ...`` of one whose metrics did, joined by ``; ``: method -> what it said (``metrics failed: ...``
+    for its metrics), and the rest, the image's own (not read, its mask not read; ``None``: none). Words of a
+    method that hold ``; method M failed: `` themselves are split there: what that layout could not say,
+    and why this salience writes a column per method (:meth:`Run.errors_of`)."""
+    if not error or not methods:
+        return {}, error or None
+    names = "|".join(re.escape(m) for m in sorted(methods, key=len, reverse=True))
+    heads = list(re.finditer(rf"(?:^|; )method ({names})('s metrics)? failed: ", error))
+    said: dict[str, str] = {}
+    for h, after in zip(heads, heads[1:] + [None]):
+        text = error[h.end():after.start() if after is not None else len(error)]
+        text = f"metrics failed: {text}" if h.group(2) else text
+        said[h.group(1)] = f"{said[h.group(1)]}; {text}" if h.group(1) in said else text
+    rest = error[:heads[0].start()] if heads else error
+    return said, rest or None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -312,6 +345,12 @@ class Store:
         existing = f / "run.json"
         if existing.exists():
             old = _read_json(existing)
+            if old.get("format") != FORMAT and not overwrite:
+                raise SalienceError(
+                    f"{f} holds a run begun by an older salience (format {old.get('format')}: each method's error "
+                    f"joined in the 'error' column; this salience writes {FORMAT}, a column per method), which "
+                    "open_run and the explorer still read but no run continues; add overwrite=True to start again, "
+                    "or choose another out=")
             was, now = old.get("command", {}), self.manifest["command"]
             if legacy is not None and "form" not in (was.get("inputs") or {}):
                 now = legacy  # a run begun before the paths had one form: the command as it was written
@@ -549,9 +588,9 @@ class Run:
             raise SalienceError(f"{self.folder} is not a salience run (no run.json); give the folder of a run (out= of "
                                 "salience.explain_dataset, --out of 'salience explain DIR --out RUN')")
         self.manifest = _read_json(manifest)
-        if self.manifest.get("format") != FORMAT:
+        if self.manifest.get("format") not in (FORMAT, JOINED_ERRORS):
             raise SalienceError(f"{self.folder}: unknown run format {self.manifest.get('format')!r} (this salience "
-                                f"reads {FORMAT}); upgrade salience")
+                                f"reads {JOINED_ERRORS} and {FORMAT}); upgrade salience")
         self._table: Any = None
         # the table's "index" values sorted, and each one's row (None: the table is sorted), built once
         self._lookup: Optional[tuple[np.ndarray, Optional[np.ndarray]]] = None
@@ -734,8 +773,40 @@ class Run:
             raise SalienceError(f"target k={k} out of range: the run explains {arr.shape[1]} target(s) per image")
         m = np.asarray(arr[offset, k], dtype=np.float32)
         if np.isnan(m).all():
-            raise SalienceError(f"image {index} has no map: {self.row(index).get('error') or 'it failed'}")
+            said, own = self.row_errors(int(index))
+            raise SalienceError(f"image {index} has no {method} map: {said.get(method) or own or 'it failed'}")
         return np.abs(m).max(0) if m.ndim == 3 else m
+
+    def errors_of(self, table: Any = None) -> list[tuple[dict[str, str], Optional[str]]]:
+        """Per row of ``table`` (default the run's; a page of it), its errors: method -> what it said, for
+        each method that refused the image (its ``METHOD.error``) or whose metrics did (``metrics failed:
+        ...``, its ``METHOD.metrics_error``), and the image's own error (``error``: not read, its mask not
+        read; ``None``). A run of the older layout (:data:`JOINED_ERRORS`): its joined ``error`` read back
+        (:func:`joined_errors`)."""
+        table = self.table if table is None else table
+        names = table.column_names
+
+        def column(c: str) -> list[Any]:
+            return table.column(c).to_pylist() if c in names else [None] * table.num_rows
+
+        own = column("error")
+        if self.manifest.get("format") == JOINED_ERRORS:
+            return [joined_errors(e, self.methods) for e in own]
+        out: list[tuple[dict[str, str], Optional[str]]] = [({}, e) for e in own]
+        for m in self.methods:
+            for i, (e, me) in enumerate(zip(column(f"{m}.error"), column(f"{m}.metrics_error"))):
+                if e is not None or me is not None:
+                    out[i][0][m] = e if e is not None else f"metrics failed: {me}"
+        return out
+
+    def row_errors(self, index: int) -> tuple[dict[str, str], Optional[str]]:
+        """Image ``index``'s errors, as :meth:`errors_of` says them: per method, and its own."""
+        return self.errors_of(self.table.slice(self.position(index), 1))[0]
+
+    def failed(self) -> int:
+        """How many rows failed somewhere: the image (not read, its mask not read), or a method or its
+        metrics on it (:meth:`errors_of`); what ``salience explain`` counts and exits 1 for."""
+        return sum(1 for said, own in self.errors_of() if said or own is not None)
 
     def row(self, index: int) -> dict[str, Any]:
         """Image ``index``'s row as a dict."""
