@@ -5,14 +5,18 @@
   (``(1.6e-06, 2.4999999999999998e-06, 3) -> [2e-06]``) where the plots so far had two. The ticks of ordinary
   ranges are those of the algorithm before the merge (``round(k * step, 10)`` with a 1e-9 step tolerance at the
   ends), up to that one's float error (``817548.6508000001`` is now ``817548.6508``).
+- ``viz.to_uint8_image`` of a one-channel integer array past 255 (a 16-bit gray image) told to use
+  ``m.astype(np.uint8)``, which wraps its values modulo 256.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
-from salience.render import plots
+from salience import SalienceError
+from salience.render import plots, viz
 
 
 def _before(lo: float, hi: float, target: int = 6) -> list[float]:
@@ -45,3 +49,12 @@ def test_ordinary_ranges_keep_the_ticks_of_the_plots_so_far(d):
                     assert len(new) == len(old), (lo, hi, target, old, new)
                     assert all(abs(n - o) <= 4 * math.ulp(o) for n, o in zip(new, old)), (lo, hi, target, old, new)
 
+
+def test_a_16_bit_gray_image_is_not_told_to_wrap_into_uint8():
+    gray = np.array([[0, 30000], [50000, 65535]], np.uint16)
+    with pytest.raises(SalienceError) as e:
+        viz.to_uint8_image(gray)
+    assert "astype(np.uint8)" not in str(e.value) and "m / 65535" in str(e.value)
+    assert viz.to_uint8_image(gray / 65535)[..., 0].tolist() == [[0, 117], [195, 255]]  # the advice: its gray
+    with pytest.raises(SalienceError, match=r"astype\(np\.uint8\)"):  # 0..255: uint8 is the advice, as it was
+        viz.to_uint8_image(gray // 300)
