@@ -1,5 +1,5 @@
 """``plots.nice_ticks`` for any finite ``lo < hi`` whose span ``hi - lo`` is a finite float: its ticks are distinct,
-increasing, inside ``[lo, hi]`` and multiples of a step of 1, 2, 2.5 or 5 times a power of ten. It rounded each tick
+increasing, inside ``[lo, hi]`` (or within ``1e-9`` step of it) and multiples of a step of 1, 2, 2.5 or 5 times a power of ten. It rounded each tick
 to 10 decimals (``round(k * step, 10)``), so a range under 1e-10 gave one value repeated (``(0, 1e-12)``: six
 ``0.0``), and a subnormal one (``(0, 1e-320)``) the same; a range of 5e-324 (one subnormal step) raised Python's
 "math domain error" (``(hi - lo) / 6`` underflowed to 0 before its logarithm)."""
@@ -20,7 +20,10 @@ def _check(lo: float, hi: float, target: int = 6) -> list[float]:
     ticks = plots.nice_ticks(lo, hi, target)
     assert all(isinstance(t, float) and math.isfinite(t) for t in ticks), (lo, hi, ticks)
     assert all(a < b for a, b in zip(ticks, ticks[1:])), (lo, hi, ticks)  # distinct and increasing
-    assert all(lo <= t <= hi for t in ticks), (lo, hi, ticks)
+    # inside [lo, hi], or within 1e-9 step of it (an end a float off its round decimal keeps its tick)
+    slack = (Fraction(ticks[1]) - Fraction(ticks[0])) / 10 ** 9 if len(ticks) > 1 else 0
+    slack += Fraction(math.ulp(max(abs(lo), abs(hi))))
+    assert all(Fraction(lo) - slack <= Fraction(t) <= Fraction(hi) + slack for t in ticks), (lo, hi, ticks)
     return ticks
 
 

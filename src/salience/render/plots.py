@@ -23,7 +23,8 @@ def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
     ``hi`` are finite numbers (``[lo]`` when ``hi <= lo``; a span ``hi - lo`` past the largest float is
     refused), ``target`` an int from 1 to 1000. The ticks are distinct and increasing for any such range,
     tiny (subnormal) or huge: each is its exact decimal ``k * step`` correctly rounded, and the step is
-    wider than the floats' spacing there, so a range a few floats wide has as many ticks as fit."""
+    wider than the floats' spacing there, so a range a few floats wide has as many ticks as fit. A tick
+    within ``1e-9 * step`` outside the range is kept: ``(0.1 + 0.2, 1.0)`` starts at ``0.3``."""
     lo, hi = _finite(lo, "lo"), _finite(hi, "hi")
     if isinstance(target, bool) or not isinstance(target, numbers.Integral) or not 1 <= target <= _MAX_TICKS:
         raise SalienceError(f"target must be an int from 1 to {_MAX_TICKS} (about how many intervals), got {target!r}")
@@ -33,14 +34,18 @@ def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
         raise SalienceError(f"the range [{lo:g}, {hi:g}] is too wide to divide into ticks; give a narrower one")
     sn, sd = _tick_step(hi - lo, target, math.ulp(max(abs(lo), abs(hi))))  # the step, exactly: sn / sd
     (ln, ld), (hn, hd) = lo.as_integer_ratio(), hi.as_integer_ratio()
-    first, last = -((-ln * sd) // (ld * sn)) - 1, (hn * sd) // (hd * sn) + 1  # ceil / floor exactly; +-1: rounding
+    # k from ceil(lo / step - 1e-9) to floor(hi / step + 1e-9), exactly: an end a float off its round decimal
+    # (0.1 + 0.2, 1.4e-06 computed) keeps its tick, as matplotlib's (and the plots so far) do; +-1: a decimal
+    # that rounds into [lo, hi] (a subnormal's)
+    first = -((ld * sn - ln * sd * _TOL) // (ld * sn * _TOL))
+    last = (hn * sd * _TOL + hd * sn) // (hd * sn * _TOL)
     ticks: list[float] = []
-    for k in range(first, last + 1):
+    for k in range(first - 1, last + 2):
         try:
             v = (k * sn) / sd + 0.0  # the decimal correctly rounded (int / int); -0.0 -> 0.0
         except OverflowError:  # the one step past a range that ends near the largest float
             continue
-        if lo <= v <= hi and (not ticks or v > ticks[-1]):
+        if (first <= k <= last or lo <= v <= hi) and (not ticks or v > ticks[-1]):
             ticks.append(v)
     return ticks
 
@@ -64,6 +69,7 @@ def _tick_step(span: float, target: int, spacing: float) -> tuple[int, int]:
 
 _MANTISSAS = ((1, 1), (2, 1), (5, 2), (5, 1))  # 1, 2, 2.5, 5 as fractions
 _MAX_TICKS = 1000
+_TOL = 10 ** 9  # a tick within 1e-9 step outside [lo, hi] is kept (the float of a round end)
 
 
 def _finite(v: Any, what: str) -> float:

@@ -409,14 +409,16 @@ def _integer_pixels(a: np.ndarray, one_channel: bool, shape: tuple[int, ...]) ->
     or a SalienceError where it reads as something else: one channel (a map's shape: a label map, an ``argmax``, an
     integer saliency map; gray pixels are uint8), or only 0 and 1 (a mask, a [0, 1] image cast to integers). Each
     was drawn as 8-bit pixels, nearly black, without a word."""
+    lo, hi = a.min(), a.max()
     if one_channel:
+        pixels = ("gray pixels 0..255 are uint8: m.astype(np.uint8) (a tensor: m.to(torch.uint8))" if 0 <= lo and hi <= 255
+                  else f"its values [{lo}, {hi}] are not 8-bit pixels (uint8 would wrap them): a 16-bit gray image is "
+                       "float in [0, 1]: m / 65535 (its white; salience.loading.load_image reads 16-bit files so)")
         raise SalienceError(
             f"a one-channel integer array of dtype {a.dtype}, shape {shape}, is read as a map (a label map, an argmax, "
-            "an integer saliency map), not as pixels: as 8-bit pixels it would be nearly black. Draw a map with "
-            "viz.heatmap(m.astype(float)) (a tensor: m.float()); gray pixels 0..255 are uint8: m.astype(np.uint8) "
-            "(a tensor: m.to(torch.uint8))"
+            "an integer saliency map), not as pixels. Draw a map with viz.heatmap(m.astype(float)) (a tensor: "
+            f"m.float()); {pixels}"
         )
-    lo, hi = a.min(), a.max()
     if lo < 0 or hi > 255:
         raise SalienceError(f"an integer image must lie in 0..255, got [{lo}, {hi}]; use uint8 or float in [0, 1]")
     if hi <= 1:
