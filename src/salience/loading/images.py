@@ -2,7 +2,8 @@
 
 :func:`load_image` reads one file into a ``(3, H, W)`` float tensor in ``[0, 1]``,
 refusing (before decoding) an image larger than ``max_pixels``, and converting every mode PIL
-knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``) are scaled by
+knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``, and 16-bit colour PNGs, which
+PIL cuts to 8 bits: read again for the low bytes, :data:`_PNG16_REST`) are scaled by
 ``1/65535`` (signed 16-bit TIFFs by ``1/32767``; 32-bit integer ones only when their values fit in 16 bits),
 float images (``F``) taken as they are when in ``[0, 1]`` (else refused), CMYK / YCbCr / palette images go through PIL's conversion, and transparent images
 (RGBA, LA, palette with transparency) are **composited on white** (a transparent background
@@ -84,7 +85,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
     The size is read from the file's header and checked against ``max_pixels`` (width x height;
     ``None``: no limit) before any pixel is decoded. EXIF orientation is applied. Alpha is
-    composited on white; 16-bit images keep their precision (scaled by ``1/65535``; a TIFF of
+    composited on white; 16-bit images keep their precision, colour PNGs too (scaled by ``1/65535``; a TIFF of
     signed 16-bit samples by ``1/32767``, negative ones refused; a 32-bit integer image is read so when its values
     fit in 16 bits, else refused); a float image (PIL's ``F``, a 32-bit float TIFF) is taken as it is, in
     ``[0, 1]`` as torchvision and scikit-image take a float image; one outside it is refused (its range is its own).
@@ -130,9 +131,11 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
             raise SalienceError(f"{p}: the image is empty ({w}x{h})")
         try:
             with _without_pils_bomb_limit(), quiet_warnings():
+                raw = _png16_rawmode(img)
                 img.load()
                 top = _integer_top(img)  # before exif_transpose, whose copy has no TIFF tags
                 img = ImageOps.exif_transpose(img) or img
+                rest = _png16_rest(Image.open(p if data is None else io.BytesIO(data)), raw) if raw else None
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error ...
@@ -140,7 +143,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
                 f"{p}: corrupt or truncated {img.format or 'image'} file ({e}); re-export or re-download it"
             ) from None
         try:
-            return _to_rgb_tensor(img, top)
+            return _png16_tensor(img, rest, raw) if rest is not None else _to_rgb_tensor(img, top)
         except SalienceError as e:
             raise SalienceError(f"{p}: {e}") from None
 
@@ -155,6 +158,53 @@ def _unidentified(p: Any, data: Optional[bytes]) -> SalienceError:
                              "save it with 8- or 16-bit integers, or as a one-channel 32-bit float image in [0, 1]")
     return SalienceError(f"{p}: not an image file PIL can read (expected PNG, JPEG, BMP, TIFF, WebP, GIF ...); "
                          "check that the file is an image and not empty or truncated")
+
+
+_PNG16_REST = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}
+"""PIL's raw modes of 16-bit colour PNGs (RGB, RGBA, gray + alpha), which it decodes to their samples' high bytes,
+-> the raw mode of the same bits per pixel that reads what it drops: the low bytes (``;16L`` on big-endian
+samples), or every byte of a gray + alpha pixel (as the four channels of ``RGBA``). PIL's decoder unfilters the
+scanlines by the bits per pixel of the raw mode, the same in both."""
+
+
+def _png16_rawmode(img) -> Optional[str]:
+    """The raw mode of ``img``, an opened image not yet loaded, when it is a 16-bit colour PNG; else ``None``."""
+    tile = getattr(img, "tile", None) or []
+    if img.format != "PNG" or len(tile) != 1:
+        return None
+    raw = tile[0][3]
+    raw = raw[0] if isinstance(raw, tuple) and raw else raw
+    return raw if isinstance(raw, str) and raw in _PNG16_REST else None
+
+
+def _png16_rest(img, raw: str):
+    """The 16-bit PNG ``img`` (opened again, not loaded) decoded with the raw mode that keeps what PIL's own drops
+    (:data:`_PNG16_REST`), its EXIF orientation applied."""
+    from PIL import ImageOps
+
+    with img:
+        t = img.tile[0]
+        rest = _PNG16_REST[raw]
+        img.tile = [t._replace(args=rest) if hasattr(t, "_replace") else (t[0], t[1], t[2], rest)]
+        img.load()
+        if img.getexif().get(0x0112, 1) == 1:  # no turn: no copy (the loaded pixels stay when the file closes)
+            return img
+        return ImageOps.exif_transpose(img)
+
+
+def _png16_tensor(high, rest, raw: str) -> Tensor:
+    """A 16-bit colour PNG as ``(3, H, W)`` float32 in ``[0, 1]``: its samples ``/ 65535``, from PIL's high bytes and
+    ``rest`` (:func:`_png16_rest`); alpha composited on white, as 8-bit images are."""
+    b = np.asarray(rest, dtype=np.uint16)
+    if raw == "LA;16B":  # gray, alpha: each sample's two bytes
+        v = (b[..., 0::2] << 8 | b[..., 1::2])[..., [0, 0, 0, 1]]
+    else:
+        v = np.asarray(high, dtype=np.uint16) << 8 | b
+    a = torch.from_numpy(v.astype(np.float32)).permute(2, 0, 1).div_(65535.0)  # correctly rounded: as in float64
+    if a.shape[0] == 4:
+        alpha = a[3:]
+        a = a[:3].mul_(alpha).add_(1.0 - alpha)
+    return a.contiguous()
 
 
 def check_max_pixels(max_pixels: Any) -> Optional[int]:
