@@ -583,7 +583,7 @@ def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]]
         info = dataclasses.replace(info, channels=int(channels))
     size_t = _check_size(size)
     if resize is not None:
-        _positive_int(resize, "resize")
+        resize = _positive_int(resize, "resize")
     mode = _choose_mode(info, size_t, resize, resize_mode)
     if mode == "none":
         if size_t is not None or resize is not None:
@@ -625,15 +625,19 @@ def _crop_resize(info: ModelInfo, target: tuple[int, int], resize: Optional[int]
 
 
 def _positive_int(v: Any, name: str) -> int:
-    if not _pixels(v):
+    """``v`` as an int >= 1: an int (numpy's too) or a float with a whole value (``8.0``); else a SalienceError."""
+    if not _pixels(_whole(v)):
         raise SalienceError(f"{name} must be a positive int (pixels), got {v!r}")
     return int(v)
 
 
 def _check_size(size: Union[None, int, Sequence[int]]) -> Optional[tuple[int, int]]:
+    """``with_preprocessing``'s ``size`` (one side, two, a 0-d or 1-D array or tensor of them) as ``(H, W)``."""
     if size is None:
         return None
-    if isinstance(size, numbers.Number) or isinstance(size, (str, bytes)) or not isinstance(size, Sequence):
+    if isinstance(size, (Tensor, np.ndarray)):
+        values = size.reshape(-1).tolist() if size.ndim <= 1 else []
+    elif isinstance(size, numbers.Number) or isinstance(size, (str, bytes)) or not isinstance(size, Sequence):
         values = [size]
     else:
         values = list(size)
