@@ -314,12 +314,11 @@ def check_info(info: Any, fn: str) -> ModelInfo:
         values = getattr(info, name)
         if values is None:
             continue
-        vals = _plain(values)
-        if not vals or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-                               for v in vals) or (name == "std" and min(vals) <= 0):
+        vals = _stat_floats(values, loose=False)
+        if not vals or not _stats_ok(vals, name):
             raise SalienceError(f"{fn}: the ModelInfo's {name} must be finite numbers"
                                 f"{' > 0' if name == 'std' else ''}, one or one per channel; got {values!r}")
-        fixed[name] = tuple(float(v) for v in vals)
+        fixed[name] = vals
     if all(type(v) is type(getattr(info, k)) and v == getattr(info, k) for k, v in fixed.items()):
         return info
     return dataclasses.replace(info, **fixed)
@@ -330,6 +329,28 @@ def _plain(values: Any) -> Optional[list]:
     if isinstance(values, (Tensor, np.ndarray)):
         return values.reshape(-1).tolist() if values.ndim == 1 else None
     return [_whole(v) if isinstance(v, float) else v for v in values] if isinstance(values, (tuple, list)) else None
+
+
+def _stat_floats(values: Any, loose: bool) -> Optional[tuple[float, ...]]:
+    """Means or stds as floats: a tuple / list / 1-D array or tensor of real numbers (no bools), or ``None``.
+    ``loose`` (what ``with_preprocessing`` takes): also one number alone, any iterable, an array of any shape."""
+    if isinstance(values, (Tensor, np.ndarray)):
+        items = values.reshape(-1).tolist() if loose or values.ndim == 1 else None
+    elif loose and isinstance(values, numbers.Real):
+        items = [values]
+    elif isinstance(values, (tuple, list)) or (loose and isinstance(values, Iterable)
+                                               and not isinstance(values, (str, bytes, Mapping))):
+        items = list(values)
+    else:
+        items = None
+    if items is None or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
+        return None
+    return tuple(float(v) for v in items)
+
+
+def _stats_ok(vals: tuple[float, ...], name: str) -> bool:
+    """Means are finite; stds finite and > 0 (a zero std makes every pixel ``inf``)."""
+    return all(math.isfinite(v) for v in vals) and (name != "std" or min(vals) > 0)
 
 
 def _whole(v: Any) -> Any:
@@ -585,20 +606,18 @@ def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]]
     if resize is not None:
         resize = _positive_int(resize, "resize")
     mode = _choose_mode(info, size_t, resize, resize_mode)
+    stats = {"mean": _stats_arg(info, mean, "mean", info.mean), "std": _stats_arg(info, std, "std", info.std)}
     if mode == "none":
         if size_t is not None or resize is not None:
             raise SalienceError("resize_mode 'none' keeps each image as it is; it takes no size or resize")
-        return dataclasses.replace(info, input_size=None, resize=None, mean=_stats_arg(info, mean, "mean", info.mean),
-                                   std=_stats_arg(info, std, "std", info.std))
+        return dataclasses.replace(info, input_size=None, resize=None, **stats)
     target = size_t or info.input_size
     if target is None:
         raise SalienceError(f"resize_mode {mode!r} needs the input size (size), which {info.name} does not say")
     if mode == "stretch" and resize is not None:
         raise SalienceError("resize (the shorter side before a centre crop) goes with resize_mode 'crop', not 'stretch'")
     new_resize = _crop_resize(info, target, resize) if mode == "crop" else None
-    return dataclasses.replace(info, input_size=tuple(int(v) for v in target), resize=new_resize,
-                               mean=_stats_arg(info, mean, "mean", info.mean),
-                               std=_stats_arg(info, std, "std", info.std))
+    return dataclasses.replace(info, input_size=tuple(int(v) for v in target), resize=new_resize, **stats)
 
 
 def _choose_mode(info: ModelInfo, size: Optional[tuple[int, int]], resize: Optional[int],
@@ -652,16 +671,12 @@ def _stats_arg(info: ModelInfo, values: Optional[Sequence[float]], name: str,
     """``mean`` / ``std`` checked: one value or one per channel, finite (``std`` > 0)."""
     if values is None:
         return own
-    if isinstance(values, (Tensor, np.ndarray)):
-        values = values.reshape(-1).tolist()
-    items = [values] if isinstance(values, numbers.Real) else values
-    if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable) or not all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
+    vals = _stat_floats(values, loose=True)
+    if vals is None:
         raise SalienceError(f"{name} must be a number or one number per channel, got {values!r}")
-    vals = tuple(float(v) for v in items)
     if len(vals) not in (1, info.channels):
         raise SalienceError(f"{name} needs 1 or {info.channels} values (one per channel), got {len(vals)}")
-    if not all(math.isfinite(v) for v in vals) or (name == "std" and min(vals) <= 0):
+    if not _stats_ok(vals, name):
         raise SalienceError(f"{name} values must be finite{' and > 0' if name == 'std' else ''}, got {vals}")
     return vals if len(vals) == info.channels else vals * info.channels
 
