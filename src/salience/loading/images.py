@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from salience._core.errors import SalienceError, quiet_warnings
+from salience._core.files import file_start
 from salience._core.info import ModelInfo
 
 __all__ = [
@@ -150,9 +151,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
 def _unidentified(p: Any, data: Optional[bytes]) -> SalienceError:
     """A file PIL cannot identify: a TIFF whose samples PIL cannot decode says so, anything else is no image."""
-    from salience.loading.models import _file_start
-
-    head = bytes(data[:4]) if data is not None else _file_start(p)
+    head = bytes(data[:4]) if data is not None else file_start(p, 4)
     if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return SalienceError(f"{p}: a TIFF file whose samples PIL cannot decode (16- or 64-bit floats, float RGB, ...); "
                              "save it with 8- or 16-bit integers, or as a one-channel 32-bit float image in [0, 1]")

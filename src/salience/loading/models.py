@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core.errors import SalienceError, suggest
+from salience._core.files import file_start
 from salience._core.info import ModelInfo, attach_info, model_info
 from salience._core.tensors import check_flag
 
@@ -224,11 +225,7 @@ def _is_safetensors(path: Path) -> bool:
     whatever its name (a ``.bin`` / ``.pt`` that holds one)."""
     if path.suffix.lower() == ".safetensors":
         return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
+    head = file_start(path, 9)
     return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
@@ -260,19 +257,10 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
     return obj
 
 
-def _file_start(path: Path) -> bytes:
-    """The first bytes of ``path`` (``b""`` when empty or unreadable)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4)
-    except OSError:
-        return b""
-
-
 def _torch_load(path: Path, trust_pickle: bool):
     import pickle
 
-    start = _file_start(path)
+    start = file_start(path, 4)
     if not start:
         raise SalienceError(f"{path}: the file is empty; save the model again")
     # torch.save writes a zip archive (a pickle, protocol 2+, before PyTorch 1.6): anything else is no PyTorch file
