@@ -411,10 +411,15 @@ def resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
     """
     info = check_info(info, "resize_crop")
     check_image(image, info, "resize_crop", any_channels=True)
+    return _resize_crop(image, info)
+
+
+def _resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
+    """:func:`resize_crop` of an image and an info already checked (``check_image``, :func:`check_info`)."""
     if info.input_size is None:
         return image
     if image.dtype in (torch.float16, torch.bfloat16) and image.device.type == "cpu":  # no CPU kernel: float32
-        return resize_crop(image.float(), info).to(image.dtype)
+        return _resize_crop(image.float(), info).to(image.dtype)
     x = image.unsqueeze(0) if image.dim() == 3 else image
     source = x
     th, tw = (int(s) for s in info.input_size)
@@ -534,11 +539,16 @@ def normalize_input(image: Tensor, info: ModelInfo) -> Tensor:
     ``(x - mean) / std`` when ``info`` has them.
     """
     info = check_info(info, "normalize_input")
-    x = check_image(image, info, "normalize_input")
+    return _normalize(check_image(image, info, "normalize_input"), info)
+
+
+def _normalize(x: Tensor, info: ModelInfo, fn: str = "normalize_input") -> Tensor:
+    """:func:`normalize_input` of an image and an info already checked (``check_image``, :func:`check_info`); the
+    means and stds are checked against the image's channels here (after the luma of a gray model)."""
     cdim = 0 if x.dim() == 3 else 1
     if info.channels == 1 and x.shape[cdim] == 3:
         x = luma(x)
-    _check_stats(x, info, "normalize_input")
+    _check_stats(x, info, fn)
     mean, std = _stats(info.mean, x.shape[cdim], x), _stats(info.std, x.shape[cdim], x)
     if mean is not None:
         x = x - mean
@@ -713,9 +723,9 @@ def load_images(
     ok: list[str] = []
     errors: list[tuple[str, str]] = []
     size: Optional[tuple[int, int]] = None
-    for path in paths:
+    for path in paths:  # info and max_pixels checked once, above; load_image's tensors need no check_image
         try:
-            img = resize_crop(load_image(path, max_pixels=max_pixels), info)
+            img = _resize_crop(load_image(path, max_pixels=max_pixels), info)
         except SalienceError as e:
             errors.append((str(path), str(e)))
             continue
@@ -727,7 +737,7 @@ def load_images(
         elif tuple(img.shape[-2:]) != size:
             img = F.interpolate(img.unsqueeze(0), size=size, mode="bilinear", align_corners=False,
                                 antialias=True)[0].clamp(0, 1)
-        tensors.append(normalize_input(img, info))
+        tensors.append(_normalize(img, info, "load_images"))
         ok.append(str(path))
     batch = torch.stack(tensors) if tensors else None
     return batch, ok, errors
