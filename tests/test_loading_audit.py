@@ -330,8 +330,8 @@ def test_with_preprocessing_takes_numbers_and_refuses_the_rest():
     assert with_preprocessing(INFO, channels=np.int64(1)).channels == 1
     for kwargs, message in (({"mean": "abc"}, r"mean must be a number or one number per channel, got 'abc'"),
                             ({"std": [None] * 3}, r"std must be a number or one number per channel"),
-                            ({"size": 8.0}, r"size must be a positive int \(pixels\), got 8.0"),
-                            ({"size": torch.tensor(8)}, r"size must be a positive int")):
+                            ({"size": 8.5}, r"size must be a positive int \(pixels\), got 8.5"),
+                            ({"size": torch.tensor(8.5)}, r"size must be a positive int")):
         with pytest.raises(SalienceError, match=message):
             with_preprocessing(INFO, **kwargs)
     with pytest.raises(SalienceError, match=r"with_preprocessing needs a ModelInfo"):

@@ -4,7 +4,8 @@ Everything salience writes (pictures, raw maps, reports, summaries) goes through
 :func:`atomic_path` or :func:`atomic_write`: the bytes go to a temporary file in the target's own
 folder, are flushed to disk, and the temporary file is renamed over the target in one step
 (``os.replace``). If anything fails on the way, including ``KeyboardInterrupt``, the temporary
-file is removed and an existing target is left exactly as it was.
+file is removed and an existing target is left exactly as it was. :func:`file_start` reads a file's first bytes
+(what the loaders tell a file's kind by).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Iterator, Union
 
 from salience._core.errors import SalienceError
 
-__all__ = ["atomic_path", "atomic_write", "folder_name", "make_folder"]
+__all__ = ["atomic_path", "atomic_write", "file_start", "folder_name", "make_folder"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -138,3 +139,14 @@ def make_folder(path: PathLike, given: str = "out=") -> Path:
     except OSError as e:
         raise SalienceError(f"cannot create the output folder {folder} ({e.strerror or e})") from None
     return folder
+
+
+def file_start(path: PathLike, n: int) -> bytes:
+    """The first ``n`` bytes of the file ``path``: fewer when it is shorter, ``b""`` when it is empty or cannot be
+    read (missing, a folder, no permission). What a file holds, told by its first bytes (a zip archive, a pickle,
+    a safetensors header, a TIFF)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""

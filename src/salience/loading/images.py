@@ -2,7 +2,8 @@
 
 :func:`load_image` reads one file into a ``(3, H, W)`` float tensor in ``[0, 1]``,
 refusing (before decoding) an image larger than ``max_pixels``, and converting every mode PIL
-knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``) are scaled by
+knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``, and 16-bit colour PNGs, which
+PIL cuts to 8 bits: read again for the low bytes, :data:`_PNG16_REST`) are scaled by
 ``1/65535`` (signed 16-bit TIFFs by ``1/32767``; 32-bit integer ones only when their values fit in 16 bits),
 float images (``F``) taken as they are when in ``[0, 1]`` (else refused), CMYK / YCbCr / palette images go through PIL's conversion, and transparent images
 (RGBA, LA, palette with transparency) are **composited on white** (a transparent background
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from salience._core.errors import SalienceError, quiet_warnings
+from salience._core.files import file_start
 from salience._core.info import ModelInfo
 
 __all__ = [
@@ -84,7 +86,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
     The size is read from the file's header and checked against ``max_pixels`` (width x height;
     ``None``: no limit) before any pixel is decoded. EXIF orientation is applied. Alpha is
-    composited on white; 16-bit images keep their precision (scaled by ``1/65535``; a TIFF of
+    composited on white; 16-bit images keep their precision, colour PNGs too (scaled by ``1/65535``; a TIFF of
     signed 16-bit samples by ``1/32767``, negative ones refused; a 32-bit integer image is read so when its values
     fit in 16 bits, else refused); a float image (PIL's ``F``, a 32-bit float TIFF) is taken as it is, in
     ``[0, 1]`` as torchvision and scikit-image take a float image; one outside it is refused (its range is its own).
@@ -130,9 +132,11 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
             raise SalienceError(f"{p}: the image is empty ({w}x{h})")
         try:
             with _without_pils_bomb_limit(), quiet_warnings():
+                raw = _png16_rawmode(img)
                 img.load()
                 top = _integer_top(img)  # before exif_transpose, whose copy has no TIFF tags
                 img = ImageOps.exif_transpose(img) or img
+                rest = _png16_rest(Image.open(p if data is None else io.BytesIO(data)), raw) if raw else None
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error ...
@@ -140,21 +144,66 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
                 f"{p}: corrupt or truncated {img.format or 'image'} file ({e}); re-export or re-download it"
             ) from None
         try:
-            return _to_rgb_tensor(img, top)
+            return _png16_tensor(img, rest, raw) if rest is not None else _to_rgb_tensor(img, top)
         except SalienceError as e:
             raise SalienceError(f"{p}: {e}") from None
 
 
 def _unidentified(p: Any, data: Optional[bytes]) -> SalienceError:
     """A file PIL cannot identify: a TIFF whose samples PIL cannot decode says so, anything else is no image."""
-    from salience.loading.models import _file_start
-
-    head = bytes(data[:4]) if data is not None else _file_start(p)
+    head = bytes(data[:4]) if data is not None else file_start(p, 4)
     if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return SalienceError(f"{p}: a TIFF file whose samples PIL cannot decode (16- or 64-bit floats, float RGB, ...); "
                              "save it with 8- or 16-bit integers, or as a one-channel 32-bit float image in [0, 1]")
     return SalienceError(f"{p}: not an image file PIL can read (expected PNG, JPEG, BMP, TIFF, WebP, GIF ...); "
                          "check that the file is an image and not empty or truncated")
+
+
+_PNG16_REST = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}
+"""PIL's raw modes of 16-bit colour PNGs (RGB, RGBA, gray + alpha), which it decodes to their samples' high bytes,
+-> the raw mode of the same bits per pixel that reads what it drops: the low bytes (``;16L`` on big-endian
+samples), or every byte of a gray + alpha pixel (as the four channels of ``RGBA``). PIL's decoder unfilters the
+scanlines by the bits per pixel of the raw mode, the same in both."""
+
+
+def _png16_rawmode(img) -> Optional[str]:
+    """The raw mode of ``img``, an opened image not yet loaded, when it is a 16-bit colour PNG; else ``None``."""
+    tile = getattr(img, "tile", None) or []
+    if img.format != "PNG" or len(tile) != 1:
+        return None
+    raw = tile[0][3]
+    raw = raw[0] if isinstance(raw, tuple) and raw else raw
+    return raw if isinstance(raw, str) and raw in _PNG16_REST else None
+
+
+def _png16_rest(img, raw: str):
+    """The 16-bit PNG ``img`` (opened again, not loaded) decoded with the raw mode that keeps what PIL's own drops
+    (:data:`_PNG16_REST`), its EXIF orientation applied."""
+    from PIL import ImageOps
+
+    with img:
+        t = img.tile[0]
+        rest = _PNG16_REST[raw]
+        img.tile = [t._replace(args=rest) if hasattr(t, "_replace") else (t[0], t[1], t[2], rest)]
+        img.load()
+        if img.getexif().get(0x0112, 1) == 1:  # no turn: no copy (the loaded pixels stay when the file closes)
+            return img
+        return ImageOps.exif_transpose(img)
+
+
+def _png16_tensor(high, rest, raw: str) -> Tensor:
+    """A 16-bit colour PNG as ``(3, H, W)`` float32 in ``[0, 1]``: its samples ``/ 65535``, from PIL's high bytes and
+    ``rest`` (:func:`_png16_rest`); alpha composited on white, as 8-bit images are."""
+    b = np.asarray(rest, dtype=np.uint16)
+    if raw == "LA;16B":  # gray, alpha: each sample's two bytes
+        v = (b[..., 0::2] << 8 | b[..., 1::2])[..., [0, 0, 0, 1]]
+    else:
+        v = np.asarray(high, dtype=np.uint16) << 8 | b
+    a = torch.from_numpy(v.astype(np.float32)).permute(2, 0, 1).div_(65535.0)  # correctly rounded: as in float64
+    if a.shape[0] == 4:
+        alpha = a[3:]
+        a = a[:3].mul_(alpha).add_(1.0 - alpha)
+    return a.contiguous()
 
 
 def check_max_pixels(max_pixels: Any) -> Optional[int]:
@@ -264,12 +313,11 @@ def check_info(info: Any, fn: str) -> ModelInfo:
         values = getattr(info, name)
         if values is None:
             continue
-        vals = _plain(values)
-        if not vals or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-                               for v in vals) or (name == "std" and min(vals) <= 0):
+        vals = _stat_floats(values, loose=False)
+        if not vals or not _stats_ok(vals, name):
             raise SalienceError(f"{fn}: the ModelInfo's {name} must be finite numbers"
                                 f"{' > 0' if name == 'std' else ''}, one or one per channel; got {values!r}")
-        fixed[name] = tuple(float(v) for v in vals)
+        fixed[name] = vals
     if all(type(v) is type(getattr(info, k)) and v == getattr(info, k) for k, v in fixed.items()):
         return info
     return dataclasses.replace(info, **fixed)
@@ -280,6 +328,28 @@ def _plain(values: Any) -> Optional[list]:
     if isinstance(values, (Tensor, np.ndarray)):
         return values.reshape(-1).tolist() if values.ndim == 1 else None
     return [_whole(v) if isinstance(v, float) else v for v in values] if isinstance(values, (tuple, list)) else None
+
+
+def _stat_floats(values: Any, loose: bool) -> Optional[tuple[float, ...]]:
+    """Means or stds as floats: a tuple / list / 1-D array or tensor of real numbers (no bools), or ``None``.
+    ``loose`` (what ``with_preprocessing`` takes): also one number alone, any iterable, an array of any shape."""
+    if isinstance(values, (Tensor, np.ndarray)):
+        items = values.reshape(-1).tolist() if loose or values.ndim == 1 else None
+    elif loose and isinstance(values, numbers.Real):
+        items = [values]
+    elif isinstance(values, (tuple, list)) or (loose and isinstance(values, Iterable)
+                                               and not isinstance(values, (str, bytes, Mapping))):
+        items = list(values)
+    else:
+        items = None
+    if items is None or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
+        return None
+    return tuple(float(v) for v in items)
+
+
+def _stats_ok(vals: tuple[float, ...], name: str) -> bool:
+    """Means are finite; stds finite and > 0 (a zero std makes every pixel ``inf``)."""
+    return all(math.isfinite(v) for v in vals) and (name != "std" or min(vals) > 0)
 
 
 def _whole(v: Any) -> Any:
@@ -341,10 +411,15 @@ def resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
     """
     info = check_info(info, "resize_crop")
     check_image(image, info, "resize_crop", any_channels=True)
+    return _resize_crop(image, info)
+
+
+def _resize_crop(image: Tensor, info: ModelInfo) -> Tensor:
+    """:func:`resize_crop` of an image and an info already checked (``check_image``, :func:`check_info`)."""
     if info.input_size is None:
         return image
     if image.dtype in (torch.float16, torch.bfloat16) and image.device.type == "cpu":  # no CPU kernel: float32
-        return resize_crop(image.float(), info).to(image.dtype)
+        return _resize_crop(image.float(), info).to(image.dtype)
     x = image.unsqueeze(0) if image.dim() == 3 else image
     source = x
     th, tw = (int(s) for s in info.input_size)
@@ -464,11 +539,16 @@ def normalize_input(image: Tensor, info: ModelInfo) -> Tensor:
     ``(x - mean) / std`` when ``info`` has them.
     """
     info = check_info(info, "normalize_input")
-    x = check_image(image, info, "normalize_input")
+    return _normalize(check_image(image, info, "normalize_input"), info)
+
+
+def _normalize(x: Tensor, info: ModelInfo, fn: str = "normalize_input") -> Tensor:
+    """:func:`normalize_input` of an image and an info already checked (``check_image``, :func:`check_info`); the
+    means and stds are checked against the image's channels here (after the luma of a gray model)."""
     cdim = 0 if x.dim() == 3 else 1
     if info.channels == 1 and x.shape[cdim] == 3:
         x = luma(x)
-    _check_stats(x, info, "normalize_input")
+    _check_stats(x, info, fn)
     mean, std = _stats(info.mean, x.shape[cdim], x), _stats(info.std, x.shape[cdim], x)
     if mean is not None:
         x = x - mean
@@ -533,22 +613,20 @@ def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]]
         info = dataclasses.replace(info, channels=int(channels))
     size_t = _check_size(size)
     if resize is not None:
-        _positive_int(resize, "resize")
+        resize = _positive_int(resize, "resize")
     mode = _choose_mode(info, size_t, resize, resize_mode)
+    stats = {"mean": _stats_arg(info, mean, "mean", info.mean), "std": _stats_arg(info, std, "std", info.std)}
     if mode == "none":
         if size_t is not None or resize is not None:
             raise SalienceError("resize_mode 'none' keeps each image as it is; it takes no size or resize")
-        return dataclasses.replace(info, input_size=None, resize=None, mean=_stats_arg(info, mean, "mean", info.mean),
-                                   std=_stats_arg(info, std, "std", info.std))
+        return dataclasses.replace(info, input_size=None, resize=None, **stats)
     target = size_t or info.input_size
     if target is None:
         raise SalienceError(f"resize_mode {mode!r} needs the input size (size), which {info.name} does not say")
     if mode == "stretch" and resize is not None:
         raise SalienceError("resize (the shorter side before a centre crop) goes with resize_mode 'crop', not 'stretch'")
     new_resize = _crop_resize(info, target, resize) if mode == "crop" else None
-    return dataclasses.replace(info, input_size=tuple(int(v) for v in target), resize=new_resize,
-                               mean=_stats_arg(info, mean, "mean", info.mean),
-                               std=_stats_arg(info, std, "std", info.std))
+    return dataclasses.replace(info, input_size=tuple(int(v) for v in target), resize=new_resize, **stats)
 
 
 def _choose_mode(info: ModelInfo, size: Optional[tuple[int, int]], resize: Optional[int],
@@ -575,15 +653,19 @@ def _crop_resize(info: ModelInfo, target: tuple[int, int], resize: Optional[int]
 
 
 def _positive_int(v: Any, name: str) -> int:
-    if not _pixels(v):
+    """``v`` as an int >= 1: an int (numpy's too) or a float with a whole value (``8.0``); else a SalienceError."""
+    if not _pixels(_whole(v)):
         raise SalienceError(f"{name} must be a positive int (pixels), got {v!r}")
     return int(v)
 
 
 def _check_size(size: Union[None, int, Sequence[int]]) -> Optional[tuple[int, int]]:
+    """``with_preprocessing``'s ``size`` (one side, two, a 0-d or 1-D array or tensor of them) as ``(H, W)``."""
     if size is None:
         return None
-    if isinstance(size, numbers.Number) or isinstance(size, (str, bytes)) or not isinstance(size, Sequence):
+    if isinstance(size, (Tensor, np.ndarray)):
+        values = size.reshape(-1).tolist() if size.ndim <= 1 else []
+    elif isinstance(size, numbers.Number) or isinstance(size, (str, bytes)) or not isinstance(size, Sequence):
         values = [size]
     else:
         values = list(size)
@@ -598,16 +680,12 @@ def _stats_arg(info: ModelInfo, values: Optional[Sequence[float]], name: str,
     """``mean`` / ``std`` checked: one value or one per channel, finite (``std`` > 0)."""
     if values is None:
         return own
-    if isinstance(values, (Tensor, np.ndarray)):
-        values = values.reshape(-1).tolist()
-    items = [values] if isinstance(values, numbers.Real) else values
-    if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable) or not all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
+    vals = _stat_floats(values, loose=True)
+    if vals is None:
         raise SalienceError(f"{name} must be a number or one number per channel, got {values!r}")
-    vals = tuple(float(v) for v in items)
     if len(vals) not in (1, info.channels):
         raise SalienceError(f"{name} needs 1 or {info.channels} values (one per channel), got {len(vals)}")
-    if not all(math.isfinite(v) for v in vals) or (name == "std" and min(vals) <= 0):
+    if not _stats_ok(vals, name):
         raise SalienceError(f"{name} values must be finite{' and > 0' if name == 'std' else ''}, got {vals}")
     return vals if len(vals) == info.channels else vals * info.channels
 
@@ -645,9 +723,9 @@ def load_images(
     ok: list[str] = []
     errors: list[tuple[str, str]] = []
     size: Optional[tuple[int, int]] = None
-    for path in paths:
+    for path in paths:  # info and max_pixels checked once, above; load_image's tensors need no check_image
         try:
-            img = resize_crop(load_image(path, max_pixels=max_pixels), info)
+            img = _resize_crop(load_image(path, max_pixels=max_pixels), info)
         except SalienceError as e:
             errors.append((str(path), str(e)))
             continue
@@ -659,7 +737,7 @@ def load_images(
         elif tuple(img.shape[-2:]) != size:
             img = F.interpolate(img.unsqueeze(0), size=size, mode="bilinear", align_corners=False,
                                 antialias=True)[0].clamp(0, 1)
-        tensors.append(normalize_input(img, info))
+        tensors.append(_normalize(img, info, "load_images"))
         ok.append(str(path))
     batch = torch.stack(tensors) if tensors else None
     return batch, ok, errors

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core.errors import SalienceError, suggest
+from salience._core.files import file_start
 from salience._core.info import ModelInfo, attach_info, model_info
 from salience._core.tensors import check_flag
 
@@ -136,7 +137,8 @@ def _read_safetensors(path: Path) -> dict:
 def read_state_dict(path: PathLike, *, trust_pickle: bool = False) -> dict[str, Tensor]:
     """A state dict (parameter name -> tensor) from a file: ``.safetensors``, or a PyTorch file
     read with ``torch.load(weights_only=True)`` unless ``trust_pickle``. A checkpoint's
-    ``state_dict`` / ``model`` entry is taken, and ``module.`` / ``_orig_mod.`` prefixes removed."""
+    ``state_dict`` / ``model`` entry is taken, and ``module.`` / ``_orig_mod.`` prefixes removed. A module's extra
+    state (an ``_extra_state`` entry, :func:`is_extra_state`) may be any object, as torch's ``load_state_dict`` takes."""
     trust_pickle = check_flag(trust_pickle, "trust_pickle")
     p = path_arg(path, "the weights file")
     if not p.is_file():
@@ -155,7 +157,8 @@ def _no_weights_file(p: Path) -> SalienceError:
 
 def load_state(model: nn.Module, state: dict, path: PathLike, what: str) -> nn.Module:
     """Load ``state`` into ``model`` (strict); a mismatch is one line naming the first keys that differ.
-    ``state`` must be a dict of parameter name -> tensor (:func:`read_state_dict` makes one)."""
+    ``state`` must be a dict of parameter name -> tensor (:func:`read_state_dict` makes one); an ``_extra_state``
+    entry goes to its module's ``set_extra_state`` as it is, as torch's ``load_state_dict`` does."""
     if not isinstance(model, nn.Module):
         raise SalienceError(f"load_state needs a torch.nn.Module, got {type(model).__name__}")
     _check_state(state, path)
@@ -174,10 +177,16 @@ def _check_state(state: Any, path: Any) -> None:
         raise SalienceError(f"{path}: expected a state dict (a dict of parameter name -> tensor), "
                             f"got {type(state).__name__}{hint}")
     for k, v in state.items():
-        if not isinstance(k, str) or not isinstance(v, Tensor):
+        if not isinstance(k, str) or not (isinstance(v, Tensor) or is_extra_state(k)):
             hint = " (a numpy array: torch.from_numpy(a))" if type(v).__module__ == "numpy" else ""
             raise SalienceError(f"{path}: a state dict maps parameter names (str) to tensors; {k!r} holds a "
                                 f"{type(v).__name__}{hint}")
+
+
+def is_extra_state(key: Any) -> bool:
+    """A module's extra state (``get_extra_state``): any object, not only a tensor, which torch's
+    ``load_state_dict`` hands to the module's ``set_extra_state`` as it is, whatever its shape."""
+    return isinstance(key, str) and key.rpartition(".")[2] == "_extra_state"
 
 
 def _is_count(key: str) -> bool:
@@ -206,7 +215,7 @@ def state_mismatch(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> st
     missing = [k for k in own if k not in state and not _is_count(k)]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+              if k in state and not is_extra_state(k) and tuple(state[k].shape) != tuple(own[k].shape)]
     return "; ".join(f"{label} {', '.join(keys[:3])}{f' (+{len(keys) - 3} more)' if len(keys) > 3 else ''}"
                      for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys)
 
@@ -216,11 +225,7 @@ def _is_safetensors(path: Path) -> bool:
     whatever its name (a ``.bin`` / ``.pt`` that holds one)."""
     if path.suffix.lower() == ".safetensors":
         return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
+    head = file_start(path, 9)
     return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
@@ -239,7 +244,8 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
                 break
     if isinstance(obj, nn.Module):
         return obj.state_dict()
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) or is_extra_state(k)
+                                                       for k, v in obj.items()):
         raise SalienceError(
             f"{path}: expected a state dict (a dict of parameter name -> tensor, made with "
             f"torch.save(model.state_dict(), path)), got {type(obj).__name__}"
@@ -251,19 +257,10 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
     return obj
 
 
-def _file_start(path: Path) -> bytes:
-    """The first bytes of ``path`` (``b""`` when empty or unreadable)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4)
-    except OSError:
-        return b""
-
-
 def _torch_load(path: Path, trust_pickle: bool):
     import pickle
 
-    start = _file_start(path)
+    start = file_start(path, 4)
     if not start:
         raise SalienceError(f"{path}: the file is empty; save the model again")
     # torch.save writes a zip archive (a pickle, protocol 2+, before PyTorch 1.6): anything else is no PyTorch file
