@@ -13,8 +13,7 @@ Guided Grad-CAM multiplies guided backpropagation ``(B, C, H, W)`` by the upsamp
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience import rules
-from salience._core.autograd import backward, check_input, this_thread
+from salience._core.autograd import backward, check_input
 from salience._core.errors import SalienceError
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, upsample_bilinear
@@ -149,22 +148,6 @@ def gradcam(
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
 
 
-@contextmanager
-def _rectified_before(module: nn.Module, rule: rules.BackpropRule) -> Iterator[list]:
-    """Record how many rectifiers the rule had taken over when ``module`` first returned."""
-    mark: list[int] = []
-
-    def hook(m: nn.Module, inputs: Any, output: Any) -> None:
-        if not mark:
-            mark.append(rule.rectified)
-
-    handle = module.register_forward_hook(this_thread(hook))
-    try:
-        yield mark
-    finally:
-        handle.remove()
-
-
 @several_targets
 @one_model()  # one trace of the model's grids for the default layer and the layout
 def guided_gradcam(
@@ -201,7 +184,7 @@ def guided_gradcam(
     # the passes' deferred checks and the product's finiteness: one synchronization, when the scope ends
     with _derived.run_scope() as scope:
         # One ruled pass gives all K targets' guided input gradients and the layer's gradients.
-        with _rectified_before(mod, rule) as mark:
+        with rule.marking(mod) as mark:
             g = backward(model, x, targets, layers=[mod], strip_softmax=strip_softmax, extra_modes=[rule])
         assert g.inputs is not None
         rule.check_rectified()  # a model without ReLUs: Grad-CAM times vanilla's gradient, not guided backprop's
