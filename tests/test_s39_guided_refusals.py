@@ -81,3 +81,13 @@ def test_keras_vis_wrt_tensor_refuses_a_pass_without_relu_after_the_layer():
     got = kv.visualize_saliency(_relu_then_linear(), -1, 0, seed, wrt_tensor="0", backprop_modifier="guided")
     plain = kv.visualize_saliency(_relu_then_linear(), -1, 0, seed, wrt_tensor="0")
     assert got.shape == plain.shape and not (got == plain).all()
+
+
+@pytest.mark.parametrize("wrt", [None, "0"])
+def test_keras_vis_refusal_of_gelu_names_no_option_keras_vis_lacks(wrt):
+    """keras-vis's functions take no ``unsupported=``: their refusal of a GELU said to pass it."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(144, 3)).eval()
+    with pytest.raises(SalienceError, match="calls gelu") as e:
+        kv.visualize_saliency(m, -1, 0, torch.rand(3, 8, 8), wrt_tensor=wrt, backprop_modifier="guided")
+    assert "pass unsupported=" not in str(e.value) and "backprop_modifier=None" in str(e.value)

@@ -70,6 +70,9 @@ __all__ = ["BackpropRule", "GuidedRule", "DeconvnetRule", "guided", "deconvnet",
 UNSUPPORTED = ("error", "warn", "ignore")
 # what the refusal of a pass without rectifiers says to do (salience.compat.keras_vis says it in its own words)
 NO_RECTIFIER_ADVICE = "use salience.vanilla, or pass unsupported='ignore' to take it anyway"
+# what the refusal of an activation the rule is not defined for says to do (keras_vis: in its own words too)
+UNSUPPORTED_ADVICE = ("pass unsupported='warn' (or 'ignore') to let the plain gradient through such activations, "
+                      "or use another method (e.g. vanilla)")
 
 # Parameter names after the input, in positional order, with defaults, per kind of call.
 _PARAMS: dict[str, tuple[tuple[str, Any], ...]] = {
@@ -277,11 +280,8 @@ class BackpropRule(TorchFunctionMode):
                                       name == "relu")
         elif kind == "unsupported":
             if self.unsupported == "error":
-                raise SalienceError(
-                    f"{self.name} is defined for ReLU-type activations only, but the model calls {name}; pass "
-                    f"unsupported='warn' (or 'ignore') to let the plain gradient through such activations, "
-                    f"or use another method (e.g. vanilla)"
-                )
+                raise SalienceError(f"{self.name} is defined for ReLU-type activations only, but the model calls "
+                                    f"{name}; {UNSUPPORTED_ADVICE}")
             self.unsupported_seen[name] += 1
         return func(*args, **kwargs)
 

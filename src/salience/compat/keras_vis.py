@@ -297,15 +297,22 @@ def _loss_gradient(model: nn.Module, x: Tensor, losses: Sequence[tuple[Target, f
             g = _method_gradient(model, x, target, method) if wrt is None else _wrt_gradient(model, x, target, method,
                                                                                                 wrt)
         except SalienceError as e:
-            if rules.NO_RECTIFIER_ADVICE not in str(e):
-                raise
-            # A rule's refusal of a pass without ReLUs said to pass unsupported='ignore', which keras-vis's
-            # functions do not take: said as backprop_modifier=None.
-            raise SalienceError(str(e).replace(rules.NO_RECTIFIER_ADVICE, "backprop_modifier=None gives that map "
-                                               "(the modifier acts at ReLUs only)")) from None
+            raise _in_keras_vis_words(e) from None
         total = g if total is None else total + g
     assert total is not None
     return total
+
+
+def _in_keras_vis_words(e: SalienceError) -> SalienceError:
+    """A rule's refusal (a pass without ReLUs, an activation it is not defined for) said to pass ``unsupported=``,
+    which keras-vis's functions do not take: said as ``backprop_modifier=None``; any other error as it is."""
+    msg = str(e)
+    msg = msg.replace(rules.NO_RECTIFIER_ADVICE, "backprop_modifier=None gives that map (the modifier acts at ReLUs "
+                                                 "only)")
+    msg = msg.replace(rules.UNSUPPORTED_ADVICE, "backprop_modifier=None gives the plain gradient (keras-vis's "
+                                                "functions take no unsupported=; salience.guided_backprop(..., "
+                                                "unsupported='warn') lets it through such activations only)")
+    return e if msg == str(e) else SalienceError(msg)
 
 
 def _method_gradient(model: nn.Module, x: Tensor, target: Target, method: Optional[str]) -> Tensor:
