@@ -297,7 +297,10 @@ def _loss_gradient(model: nn.Module, x: Tensor, losses: Sequence[tuple[Target, f
             g = _method_gradient(model, x, target, method) if wrt is None else _wrt_gradient(model, x, target, method,
                                                                                                 wrt)
         except SalienceError as e:
-            raise _in_keras_vis_words(e) from None
+            said = _in_keras_vis_words(e)
+            if said is e:
+                raise
+            raise said from None
         total = g if total is None else total + g
     assert total is not None
     return total
