@@ -93,3 +93,32 @@ def test_defaults_say_nothing(x):
         warnings.simplefilter("error")
         for call in METHODS.values():
             call(m, x)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_channels_last_set_for_the_process_runs_the_pass_in_that_layout(name, x):
+    """``memory_format="channels_last"``: the layer's input (the model's input, prepared by the run) is channels-last
+    during the pass, the map equals the default layout's within float rounding, and the model comes back as it was
+    (its parameters' strides included)."""
+    from conftest import unchanged
+
+    m = _net()
+    ref = METHODS[name](m, x)
+    layouts = []
+    handle = m[0].register_forward_pre_hook(
+        lambda mod, inp: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        with unchanged(m), salience.performance(memory_format="channels_last"):
+            got = METHODS[name](m, x)
+    finally:
+        handle.remove()
+    assert layouts == [True] * len(layouts) and layouts  # was contiguous: the setting not applied
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+
+
+def test_smoothgrad_of_guided_backprop_says_its_compile_is_not_applied_to_the_ruled_passes(x):
+    """Inside a many-pass method's chunk the method's own options are in force: SmoothGrad's ``compile=`` did not
+    reach its ruled passes (they run eagerly), without a word."""
+    m = _net()
+    with pytest.warns(UserWarning, match=r"guided_backprop: compile='eager' is not applied"):
+        salience.smoothgrad(m, x, 1, method=salience.guided_backprop, samples=2, compile="eager")
