@@ -122,3 +122,17 @@ def test_smoothgrad_of_guided_backprop_says_its_compile_is_not_applied_to_the_ru
     m = _net()
     with pytest.warns(UserWarning, match=r"guided_backprop: compile='eager' is not applied"):
         salience.smoothgrad(m, x, 1, method=salience.guided_backprop, samples=2, compile="eager")
+
+
+@pytest.mark.parametrize("option", [{"compile": True}, {"fold_batchnorm": True}, {"precision": "bf16"},
+                                    {"memory_format": "channels_last"}])
+def test_eigencam_says_the_options_its_pass_does_not_apply(option, x):
+    """Eigen-CAM's pass (the layer's output without gradients, under its own guard) applies none of the options:
+    said once per process, as for the methods above (it was silent)."""
+    m = _net()
+    ref = salience.eigencam(m, x, layer="2")
+    (key, value), = option.items()
+    with salience.performance(**option):
+        with pytest.warns(UserWarning, match=rf"eigencam: {key}={value!r} is not applied"):
+            got = salience.eigencam(m, x, layer="2")
+    assert torch.equal(got, ref)

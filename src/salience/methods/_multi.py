@@ -168,29 +168,32 @@ _WHY_NOT = {
                "layer after it was compiled; the passes run eagerly",
     "fold_batchnorm": "the folded copy has neither the model's layers to hook nor its activations as the rule "
                       "sees them; the passes run the model itself",
+    "precision": "its pass (a layer's output read without gradients) runs in the model's own precision",
+    "memory_format": "its pass (a layer's output read without gradients) runs in the model's own layout",
 }
 
 
 @contextlib.contextmanager
-def hooked_pass(model: nn.Module, x: Tensor, method: str) -> Iterator[None]:
+def hooked_pass(model: nn.Module, x: Tensor, method: str) -> Iterator[Optional[_perf.Run]]:
     """The block's passes (a backprop rule's, or a hooked layer's: guided backprop, deconvnet, the gradient CAMs,
     Guided Grad-CAM) under the performance options in force (:func:`salience._core.perf.current`), as far as they
     apply: ``precision`` (autocast around the forward pass) and ``memory_format="channels_last"`` (the model's
     and the input's layout), as one chunk of a :class:`~salience._core.perf.Run`; not ``compile`` nor
     ``fold_batchnorm`` (:data:`_WHY_NOT`), which a warning says once per process for each method and option. Inside
     a many-pass method's chunk (SmoothGrad of guided backprop) that run's options are in force and checked alike.
-    ``x``: checked by the caller."""
+    Yields the run in force (``None``: none, the passes run as they are; :func:`salience._core.autograd.backward`
+    finds it itself). ``x``: checked by the caller."""
     active = _perf.active(model)
     options = active.options if active is not None else _perf.current()
-    _warn_unapplied(method, options)
+    _warn_unapplied(method, options, ("compile", "fold_batchnorm"))
     channels_last = options.memory_format == "channels_last"
     if active is not None or (options.precision == "fp32" and not channels_last):
-        yield
+        yield active
         return
     run = _perf.Run(model, x, dataclasses.replace(options, compile=False, fold_batchnorm=False), tag=f"hooked:{method}")
     try:
         with run.chunk(channels_last, False):
-            yield
+            yield run
     finally:
         run.close()
 
@@ -202,12 +205,22 @@ def full_precision(t: Tensor, x: Tensor) -> Tensor:
     return t.to(x.dtype) if t.dtype in low and x.dtype not in low and x.is_floating_point() else t
 
 
-def _warn_unapplied(method: str, options: Any) -> None:
-    """The one warning per process of each option in ``options`` that :func:`hooked_pass` cannot apply to
-    ``method``'s passes (a user who set ``compile=True`` learns that these passes ran eagerly)."""
-    unapplied = {"compile": options.compile if options.backend is not None else None,
-                 "fold_batchnorm": True if options.fold_batchnorm else None}
-    for option, value in unapplied.items():
+def warn_unapplied(method: str, model: nn.Module, unapplied: Sequence[str]) -> None:
+    """:func:`_warn_unapplied` of the options in force for ``model`` (a many-pass method's run's, else the
+    settings), for a method whose pass takes none of ``unapplied`` (Eigen-CAM's)."""
+    active = _perf.active(model)
+    _warn_unapplied(method, active.options if active is not None else _perf.current(), unapplied)
+
+
+def _warn_unapplied(method: str, options: Any, unapplied: Sequence[str]) -> None:
+    """The one warning per process of each option of ``unapplied`` set in ``options`` (not its default) that
+    ``method``'s passes do not apply (a user who set ``compile=True`` learns that these passes ran eagerly)."""
+    set_to = {"compile": options.compile if options.backend is not None else None,
+              "fold_batchnorm": True if options.fold_batchnorm else None,
+              "precision": options.precision if options.precision != "fp32" else None,
+              "memory_format": options.memory_format if options.memory_format != "contiguous" else None}
+    for option in unapplied:
+        value = set_to[option]
         if value is None:
             continue
         with _UNAPPLIED_LOCK:

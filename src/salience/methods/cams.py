@@ -21,6 +21,7 @@ and why they differ from pytorch-grad-cam.
 """
 from __future__ import annotations
 
+
 from typing import Optional, Sequence, Union
 
 import torch
@@ -31,7 +32,7 @@ from salience._core.errors import SalienceError
 from salience._core.layers import LayerSpec
 from salience._core.tensors import check_flag
 from salience.targets import TargetLike, split
-from salience.methods._multi import full_precision, hooked_pass, several_targets, target_free
+from salience.methods._multi import full_precision, hooked_pass, several_targets, target_free, warn_unapplied
 from salience.methods.gradcam import gradient_cam, grid_layout, resolve_cam_layer, upsample_maps
 from salience.methods._tokens import one_model
 
@@ -244,6 +245,8 @@ def eigencam(
         )
     check_input(x, model)
     mod = resolve_cam_layer(model, x, layer, checked=True)
+    # its pass (layer_output's, under its own guard, which turns a caller's autocast off) takes no option: said
+    warn_unapplied("eigencam", model, ("compile", "fold_batchnorm", "precision", "memory_format"))
     acts = layer_output(model, x, mod)
     try:
         layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
