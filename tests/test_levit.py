@@ -429,13 +429,14 @@ def test_default_methods_without_an_input_read_the_models_input_size():
     evaluate's callers). A model that says its input size (its ModelInfo, as load_model attaches) is now
     tried on a random image of that size: the same list as with an image. A bare module says nothing: kept."""
     from salience._core.info import ModelInfo, attach_info
-    from salience.methods import ATTENTION_METHODS, METHODS, default_methods
+    from salience.methods import ATTENTION_METHODS, GUIDED_METHODS, METHODS, default_methods
 
     net = timm_levit(224)
     assert ATTENTION_METHODS <= set(default_methods(net))  # a bare module: its size is not known
     attach_info(net, ModelInfo(name="levit", input_size=(224, 224)))
     rng = torch.get_rng_state()
-    assert set(default_methods(net)) == set(METHODS) - ATTENTION_METHODS
+    # the guided methods too: their rules refuse LeViT's Hardswish (salience.methods.GUIDED_METHODS)
+    assert set(default_methods(net)) == set(METHODS) - ATTENTION_METHODS - GUIDED_METHODS
     assert torch.equal(torch.get_rng_state(), rng)  # its random image leaves the global seed alone
     for name in ATTENTION_METHODS:  # each refuses a 224-pixel image, as the list says
         with pytest.raises(SalienceError, match="attention that subsamples or pools the tokens|all patches"):

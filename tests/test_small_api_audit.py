@@ -145,14 +145,19 @@ def test_a_rule_on_a_model_without_relus_is_refused_not_vanilla_in_disguise(act,
         assert torch.equal(fn(m, X, reduce=None, unsupported="ignore"), warned)
 
 
-def test_a_rule_stopped_at_a_layer_before_any_relu_is_not_refused():
-    """A target on a layer before the first ReLU: no ReLU lies on the path, guided backprop is the plain
-    gradient by definition, and the pass stops there (not a whole pass): it runs."""
+def test_a_rule_stopped_at_a_layer_before_any_relu_is_refused_as_a_pass_without_relu():
+    """A target on a layer before the first ReLU: no ReLU lies on the path, so guided backprop's map is the plain
+    gradient, vanilla's. It ran silently; now refused as a whole pass without ReLUs is (every path alike: the same
+    silence let a ReLU-free model's last layer through, tests/test_s39_guided_refusals.py), and taken with
+    ``unsupported="ignore"``."""
     m = _cnn()
     t = targets.activation("features.0", 1)
+    with unchanged(m), pytest.raises(SalienceError, match="found no ReLU.*before the target's layer"):
+        salience.guided_backprop(m, X, t)
     with unchanged(m), warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert torch.allclose(salience.guided_backprop(m, X, t, reduce=None), salience.vanilla(m, X, t, reduce=None))
+        assert torch.allclose(salience.guided_backprop(m, X, t, reduce=None, unsupported="ignore"),
+                              salience.vanilla(m, X, t, reduce=None))
 
 
 # ----------------------------------------------------------------------------- performance

@@ -39,7 +39,9 @@ Gates such as ``sigmoid``, ``tanh`` and ``hardsigmoid`` (squeeze-and-excitation 
 are not rectifiers and always pass the plain gradient. A forward pass in which the rule met no
 rectifier at all (a model without ReLUs) gives the plain gradient, vanilla's map: the methods
 (:meth:`BackpropRule.check_rectified`) refuse it with ``"error"``, warn with ``"warn"`` (as above: once
-per call of a many-pass method), return it with ``"ignore"``.
+per call of a many-pass method), return it with ``"ignore"``. So does every path: a pass that stops at a
+target's inner layer (``targets.activation``, keras-vis's class and filter saliency) with no rectifier
+before it, and a gradient w.r.t. a layer's output (keras-vis's ``wrt_tensor``) with none after it.
 
 Limits: a TorchScript model (``torch.jit.ScriptModule``, also as a submodule) runs its compiled
 graph without Python dispatch, so no mode can see its ReLUs: :func:`check_model` refuses it.
@@ -51,13 +53,15 @@ from __future__ import annotations
 import collections
 import numbers
 import warnings
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from salience._core import derived as _derived
+from salience._core.autograd import this_thread
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.guard import check_python_model
 
@@ -66,6 +70,9 @@ __all__ = ["BackpropRule", "GuidedRule", "DeconvnetRule", "guided", "deconvnet",
 UNSUPPORTED = ("error", "warn", "ignore")
 # what the refusal of a pass without rectifiers says to do (salience.compat.keras_vis says it in its own words)
 NO_RECTIFIER_ADVICE = "use salience.vanilla, or pass unsupported='ignore' to take it anyway"
+# what the refusal of an activation the rule is not defined for says to do (keras_vis: in its own words too)
+UNSUPPORTED_ADVICE = ("pass unsupported='warn' (or 'ignore') to let the plain gradient through such activations, "
+                      "or use another method (e.g. vanilla)")
 
 # Parameter names after the input, in positional order, with defaults, per kind of call.
 _PARAMS: dict[str, tuple[tuple[str, Any], ...]] = {
@@ -249,7 +256,8 @@ class BackpropRule(TorchFunctionMode):
         self.unsupported = unsupported
         self.rectified = 0
         self.unsupported_seen: collections.Counter = collections.Counter()
-        self.ran_through = False  # whether a pass under the rule ran to its end (not stopped at a layer)
+        self.ran_through = False  # whether a pass under the rule ended: at the output, or stopped at a target's layer
+        self.stopped = False  # whether it stopped at a target's inner layer
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -272,11 +280,8 @@ class BackpropRule(TorchFunctionMode):
                                       name == "relu")
         elif kind == "unsupported":
             if self.unsupported == "error":
-                raise SalienceError(
-                    f"{self.name} is defined for ReLU-type activations only, but the model calls {name}; pass "
-                    f"unsupported='warn' (or 'ignore') to let the plain gradient through such activations, "
-                    f"or use another method (e.g. vanilla)"
-                )
+                raise SalienceError(f"{self.name} is defined for ReLU-type activations only, but the model calls "
+                                    f"{name}; {UNSUPPORTED_ADVICE}")
             self.unsupported_seen[name] += 1
         return func(*args, **kwargs)
 
@@ -290,20 +295,43 @@ class BackpropRule(TorchFunctionMode):
                 f"call(s) in this model ({what}); the plain gradient passed through them",
                 stacklevel=user_stacklevel(),
             )
-        self.ran_through = exc_type is None
+        # a pass that ended: at the model's output, or stopped at a target's inner layer (the rest never ran)
+        self.stopped = exc_type is not None and exc_type.__name__ == "_StopForward"
+        self.ran_through = exc_type is None or self.stopped
         return result
 
-    def check_rectified(self) -> None:
-        """After the pass: a whole forward pass without a rectifier the rule took over (a model without
-        ReLUs, or with ReLUs written as arithmetic) gives the plain gradient, vanilla's map. Refused
-        (``"error"``) or said (``"warn"``; not again after the warning of unsupported activations); the
-        methods returned it silently as the rule's. A pass stopped at a target's inner layer
-        (``_StopForward``) is not checked: no ReLU may lie before that layer."""
-        if not self.ran_through or self.rectified or self.unsupported == "ignore" or self.unsupported_seen:
+    @contextmanager
+    def marking(self, module: nn.Module) -> Iterator[list[int]]:
+        """For the block: a list that gets how many rectifiers the rule had taken over when ``module`` first
+        returned (Guided Grad-CAM: whether ReLUs ran after its layer; a gradient w.r.t. the module's output,
+        keras-vis's ``wrt_tensor``: :meth:`check_rectified`'s ``since``)."""
+        mark: list[int] = []
+
+        def hook(m: nn.Module, inputs: Any, output: Any) -> None:
+            if not mark:
+                mark.append(self.rectified)
+
+        handle = module.register_forward_hook(this_thread(hook))
+        try:
+            yield mark
+        finally:
+            handle.remove()
+
+    def check_rectified(self, since: int = 0, part: Optional[str] = None) -> None:
+        """After the pass: a forward pass without a rectifier the rule took over (a model without ReLUs, or with
+        ReLUs written as arithmetic) gives the plain gradient, vanilla's map. Refused (``"error"``) or said
+        (``"warn"``; not again after the warning of unsupported activations); the methods returned it silently as
+        the rule's. A pass stopped at a target's inner layer (``_StopForward``) is checked alike: the rule met no
+        ReLU before that layer, and the layers after it never ran, so the map is vanilla's all the same.
+        ``since``: the rectifiers taken over before the part of the pass the gradient goes through (a gradient
+        w.r.t. a layer's output: those before the layer act on nothing), ``part`` says that part."""
+        if not self.ran_through or self.rectified > since or self.unsupported == "ignore" or self.unsupported_seen:
             return
-        what = (f"{self.name} found no ReLU in the model's forward pass (the rule acts at relu, relu6, "
-                "hardtanh(0, c), clamp(min=0) and threshold(0, 0) calls; x * (x > 0), torch.where and "
-                "torch.maximum are not seen), so its map is the plain gradient, vanilla's")
+        where = part or ("in the forward pass before the target's layer, where the pass stops" if self.stopped
+                         else "in the model's forward pass")
+        what = (f"{self.name} found no ReLU {where} (the rule acts at relu, relu6, hardtanh(0, c), clamp(min=0) "
+                "and threshold(0, 0) calls; x * (x > 0), torch.where and torch.maximum are not seen), so its map "
+                "is the plain gradient, vanilla's")
         if self.unsupported == "error":
             raise SalienceError(f"{what}; {NO_RECTIFIER_ADVICE}")
         if _first_in_call(("rules:no rectifier", self.name)):

@@ -18,7 +18,7 @@ from salience.cli.common import EXIT_OK, EXIT_PARTIAL, figure, output_folder, pr
 from salience.demo import data, zoo
 from salience.demo.clever_hans import clever_hans_report
 from salience.evidence.localization import energy_in_mask, pointing_game
-from salience.methods import METHODS, QUICK, default_methods
+from salience.methods import GUIDED_METHODS, METHODS, QUICK, default_methods
 from salience.methods.class_model import class_model
 from salience.render import viz
 from salience.render.report import Report
@@ -110,8 +110,10 @@ def _vit_maps(model: nn.Module, images: Tensor, pred: Tensor) -> tuple[dict[str,
     """Every default method on the ViT: ``(maps, what does not apply and why, what failed)``. The
     guided rules are defined for ReLUs only and refuse the ViT's GELU: that is said, not a failure."""
     maps: dict[str, Tensor] = {}
-    skipped, failed = [], []
-    for name in default_methods(model, images):
+    names = default_methods(model, images)
+    # default_methods leaves out the methods whose rules refuse the ViT's GELU: said as not run
+    skipped, failed = [n for n in METHODS if n in GUIDED_METHODS and n not in names], []
+    for name in names:
         try:
             maps[name] = METHODS[name](model, images, pred, **QUICK.get(name, {})).detach()
         except SalienceError as e:

@@ -76,7 +76,8 @@ def _method_options(args: argparse.Namespace, model: nn.Module, methods: Optiona
     with flag_errors(FLAGS, args):
         x = evaluate.evaluation_input(model, args.images, n=args.n)
     if methods is None:
-        methods = default_methods(model, x)
+        # --grid / --prefix-tokens read the tokens: the CAMs and the attention methods are kept where they read them
+        methods = default_methods(model, x, grid=given.get("grid"), prefix_tokens=given.get("prefix_tokens"))
         _check_applicable(methods, given)
     _options.check_values(model, x, methods, given)
     return methods, {name: taken for name in methods if (taken := _options.bind(name, given)[1])}

@@ -315,30 +315,50 @@ def _loss_gradient(model: nn.Module, x: Tensor, losses: Sequence[tuple[Target, f
     total: Optional[Tensor] = None
     for group in groups:
         target = _Weighted(group)
-        if wrt is None:
-            g = _method_gradient(model, x, target, method)
-        else:
-            modes = []
-            if method is not None:
-                rules.check_model(model, method)
-                modes = [rules.guided() if method == "guided_backprop" else rules.deconvnet()]
-            # The input must require grad for the layer output to be part of a graph (the parameters are frozen).
-            g = gradients(model, x, target, layers=[wrt], extra_modes=modes).layer_grads[0]
+        try:
+            g = _method_gradient(model, x, target, method) if wrt is None else _wrt_gradient(model, x, target, method,
+                                                                                                wrt)
+        except SalienceError as e:
+            said = _in_keras_vis_words(e)
+            if said is e:
+                raise
+            raise said from None
         total = g if total is None else total + g
     assert total is not None
     return total
 
 
+def _in_keras_vis_words(e: SalienceError) -> SalienceError:
+    """A rule's refusal (a pass without ReLUs, an activation it is not defined for) said to pass ``unsupported=``,
+    which keras-vis's functions do not take: said as ``backprop_modifier=None``; any other error as it is."""
+    msg = str(e)
+    msg = msg.replace(rules.NO_RECTIFIER_ADVICE, "backprop_modifier=None gives that map (the modifier acts at ReLUs "
+                                                 "only)")
+    msg = msg.replace(rules.UNSUPPORTED_ADVICE, "backprop_modifier=None gives the plain gradient (keras-vis's "
+                                                "functions take no unsupported=; salience.guided_backprop(..., "
+                                                "unsupported='warn') lets it through such activations only)")
+    return e if msg == str(e) else SalienceError(msg)
+
+
 def _method_gradient(model: nn.Module, x: Tensor, target: Target, method: Optional[str]) -> Tensor:
-    """The raw input gradient of ``method`` (``None``: vanilla). A rule's refusal of a model without ReLUs said
-    to pass ``unsupported='ignore'``, which keras-vis's functions do not take: said as ``backprop_modifier=None``."""
-    try:
-        return METHODS["vanilla" if method is None else method](model, x, target, reduce=None)
-    except SalienceError as e:
-        if rules.NO_RECTIFIER_ADVICE not in str(e):
-            raise
-        raise SalienceError(str(e).replace(rules.NO_RECTIFIER_ADVICE, "backprop_modifier=None gives that map "
-                                           "(the modifier acts at ReLUs only)")) from None
+    """The raw input gradient of ``method`` (``None``: vanilla)."""
+    return METHODS["vanilla" if method is None else method](model, x, target, reduce=None)
+
+
+def _wrt_gradient(model: nn.Module, x: Tensor, target: Target, method: Optional[str], wrt: nn.Module) -> Tensor:
+    """The gradient of ``target`` w.r.t. ``wrt``'s output, under ``method``'s rule (``None``: plain), refused as
+    the methods refuse a pass without ReLUs (:meth:`salience.rules.BackpropRule.check_rectified`) where no ReLU ran
+    between ``wrt`` and the target's layer: the rule changed nothing, the map was silently the plain gradient's."""
+    if method is None:
+        # The input must require grad for the layer output to be part of a graph (the parameters are frozen).
+        return gradients(model, x, target, layers=[wrt]).layer_grads[0]
+    rules.check_model(model, method)
+    rule = rules.guided() if method == "guided_backprop" else rules.deconvnet()
+    with rule.marking(wrt) as mark:
+        g = gradients(model, x, target, layers=[wrt], extra_modes=[rule]).layer_grads[0]
+    rule.check_rectified(since=mark[0] if mark else 0,
+                         part="between wrt_tensor's layer and the explained layer")
+    return g
 
 
 def visualize_saliency_with_losses(

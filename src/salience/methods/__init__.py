@@ -23,7 +23,8 @@ from salience.methods.vanilla import vanilla
 from salience.methods.guided import deconvnet, guided_backprop
 from salience.methods.gradcam import default_layer_readable, gradcam, guided_gradcam
 from salience.methods.cams import eigencam, gradcam_plus_plus, hirescam, layercam, xgradcam
-from salience.methods._tokens import patch_embeddings
+from salience import rules
+from salience.methods._tokens import _check_grid, _check_prefix, patch_embeddings
 from salience.methods._multi import apply_method, as_method, is_target_free
 from salience.methods.smoothgrad import smoothgrad
 from salience.methods.integrated import input_x_gradient, integrated_gradients
@@ -99,13 +100,25 @@ LAYER_METHODS = frozenset({"gradcam", "guided_gradcam", "gradcam_plus_plus", "hi
 branches) they refuse unless a layer is named."""
 
 
-def default_methods(model: nn.Module, x: Optional[Tensor] = None) -> list[str]:
+GUIDED_METHODS = frozenset({"guided_backprop", "deconvnet", "guided_gradcam"})
+"""The methods that run a backprop rule (:mod:`salience.rules`): with their defaults they refuse a model whose
+pass calls an activation the rule is not defined for (GELU, SiLU...) or no ReLU at all (their map would be
+vanilla's), so :func:`default_methods` leaves them out there."""
+
+
+def default_methods(model: nn.Module, x: Optional[Tensor] = None, *, grid: Optional[tuple[int, int]] = None,
+                    prefix_tokens: Optional[int] = None) -> list[str]:
     """The names of the methods that run on ``model`` with their defaults: what ``salience demo``,
     ``salience evaluate``, ``salience list --model`` and the examples run or show when no method is
-    named. Left out: the :data:`HOOKED_METHODS` on a TorchScript model; the attention methods on a
+    named. Left out: the :data:`HOOKED_METHODS` on a TorchScript model; the :data:`GUIDED_METHODS` on a model whose
+    pass calls an activation the backprop rules are not defined for (GELU, SiLU, LeakyReLU...) or no ReLU (their
+    default refusal, :func:`_rules_apply`); the attention methods on a
     model where attention rollout refuses it (on an image; without one, a model without attention modules); the :data:`LAYER_METHODS`
     where the Grad-CAM default layer is refused (CrossViT: they run with ``layer=``) or its output's layout cannot
     be read without ``grid=`` / ``prefix_tokens=`` (tokens with several readings, :mod:`salience.methods._tokens`).
+    ``grid`` / ``prefix_tokens``: the user's, which the CAMs and the attention methods will be given (the
+    command line's ``--grid`` / ``--prefix-tokens``, ``method_options``): the tokens are read with them, so those
+    methods are kept where they read them (a bad value is a :class:`SalienceError` naming it).
 
     The attention methods need global self-attention over the same ``N`` tokens in every layer and a
     class token, which attention that subsamples or pools tokens (LeViT, PVT v2, MViTv2, Hiera) or a
@@ -114,19 +127,23 @@ def default_methods(model: nn.Module, x: Optional[Tensor] = None) -> list[str]:
     operation or module (or the modules' names say attention), attention rollout, once each, on an image: ``x[:1]``, or without ``x`` a random image of the model's input size
     (:class:`~salience._core.info.ModelInfo`, known for a model from :func:`salience.load_model`).
     Without either (a bare module, or a model that cannot take that image), only what the modules
-    say: the attention methods are kept on a model with attention modules, and the layer methods are
-    left out on a model with several patch embeddings."""
+    say: the attention methods are kept on a model with attention modules, the layer methods are
+    left out on a model with several patch embeddings (kept with ``grid`` / ``prefix_tokens``), the guided
+    methods left out on a model with an activation module the rules are not defined for (``nn.GELU``...)."""
+    tokens = {"grid": _check_grid(grid), "prefix_tokens": _check_prefix(prefix_tokens)}
     if isinstance(model, torch.jit.ScriptModule):
         return [n for n in METHODS if n not in HOOKED_METHODS and n not in ATTENTION_METHODS]
     image = x[:1] if x is not None else _model_image(model)
     # with an image, attention rollout decides alone: attention written as a bare function (SDPA or a softmax
     # in a module of any name) runs there too; without one, the modules' names say
     seen: dict = {}
-    layer = _default_layer_found(model, image, seen)
+    layer = _default_layer_found(model, image, seen, tokens)
     # the search's pass saw no attention operation or module: attention rollout would refuse; not run
     attention = (has_attention(model) if image is None
-                 else (seen.get("attention", True) or has_attention(model)) and _attention_runs(model, image))
-    return [n for n in METHODS if (attention or n not in ATTENTION_METHODS) and (layer or n not in LAYER_METHODS)]
+                 else (seen.get("attention", True) or has_attention(model)) and _attention_runs(model, image, tokens))
+    guided = _rules_apply(model, image)
+    return [n for n in METHODS if (attention or n not in ATTENTION_METHODS) and (layer or n not in LAYER_METHODS)
+            and (guided or n not in GUIDED_METHODS)]
 
 
 def _model_image(model: nn.Module) -> Optional[Tensor]:
@@ -146,25 +163,65 @@ def _model_image(model: nn.Module) -> Optional[Tensor]:
     return image
 
 
-def _default_layer_found(model: nn.Module, image: Optional[Tensor], seen: Optional[dict] = None) -> bool:
-    """Whether the CAMs find their default layer on ``image`` and read its output's layout (one forward pass,
-    two where the tokens' grid is read off the model's own maps; ``seen`` as in
-    :func:`~salience.methods.gradcam.default_layer_readable`); without an image, whether
-    the modules allow one: a layer the model names, or at most one patch embedding."""
+def _default_layer_found(model: nn.Module, image: Optional[Tensor], seen: dict, tokens: dict) -> bool:
+    """Whether the CAMs find their default layer on ``image`` and read its output's layout with ``tokens`` (the
+    user's ``grid`` / ``prefix_tokens``; one forward pass, two where the tokens' grid is read off the model's own
+    maps; ``seen`` as in :func:`~salience.methods.gradcam.default_layer_readable`); without an image, whether the
+    modules allow one: a layer the model names, at most one patch embedding, or the tokens' reading given."""
     if image is not None:
         try:
-            return default_layer_readable(model, image, seen)
+            return default_layer_readable(model, image, seen, **tokens)
         except Exception:  # noqa: BLE001 - not a refusal: the CAMs' own calls say what failed
             return True
     named = getattr(model, "salience_default_layer", None) is not None or model_info(model).default_layer
-    return bool(named) or len(patch_embeddings(model, model_info(model).channels)) <= 1
+    given = any(v is not None for v in tokens.values())
+    return bool(named) or given or len(patch_embeddings(model, model_info(model).channels)) <= 1
 
 
-def _attention_runs(model: nn.Module, x: Tensor) -> bool:
-    """Whether attention rollout (whose requirements transformer attribution shares) runs on ``x[:1]``;
-    any other error than its refusal keeps them, for the methods' own calls to report it."""
+# activation modules the backprop rules are not defined for whatever their arguments (see salience.rules)
+_UNRULED = (nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.PReLU, nn.RReLU, nn.Hardswish, nn.Softplus)
+
+
+def _rules_apply(model: nn.Module, image: Optional[Tensor]) -> bool:
+    """Whether guided backprop with its defaults takes ``model`` (:data:`GUIDED_METHODS`): its activation modules say
+    so where they can (one the rules are not defined for: no; ReLUs and none such: yes), else a forward pass of
+    ``image`` under the guided rule, counting (``unsupported="ignore"``: nothing raised) the rectifiers and the
+    activations it is not defined for; without an image, kept (the methods' own calls refuse it)."""
+    kinds = {_activation_kind(m) for m in model.modules()}
+    if "unsupported" in kinds:
+        return False
+    if "rectifier" in kinds or image is None:
+        return True
+    rule = rules.guided(unsupported="ignore")
+    one = image.detach().clone().requires_grad_(True)  # the rule counts the rectifiers of a pass with gradients
     try:
-        attention_rollout(model, x[:1])
+        with model_guard(model), torch.inference_mode(False), torch.enable_grad(), model_call(model, one), rule:
+            model(one)
+    except Exception:  # noqa: BLE001 - not the rule's refusal: the methods' own calls say what failed
+        return True
+    return rule.rectified > 0 and not rule.unsupported_seen
+
+
+def _activation_kind(m: nn.Module) -> Optional[str]:
+    """``"rectifier"`` (the rules act there), ``"unsupported"`` (they refuse it) or ``None`` for a module: by its type
+    and the arguments the rules read (a capped ReLU's lower bound, a leaky ReLU's slope)."""
+    if isinstance(m, _UNRULED):
+        return "unsupported"
+    if isinstance(m, nn.Hardtanh):  # nn.ReLU6 too
+        return "rectifier" if m.min_val == 0 else "unsupported"
+    if isinstance(m, nn.LeakyReLU):
+        return "rectifier" if m.negative_slope == 0 else "unsupported"
+    if isinstance(m, nn.Threshold):
+        return "rectifier" if m.threshold == 0 and m.value == 0 else "unsupported"
+    return "rectifier" if isinstance(m, nn.ReLU) else None
+
+
+def _attention_runs(model: nn.Module, x: Tensor, tokens: dict) -> bool:
+    """Whether attention rollout (whose requirements transformer attribution shares) runs on ``x[:1]`` with
+    ``tokens`` (the user's ``grid`` / ``prefix_tokens``); any other error than its refusal keeps them, for the
+    methods' own calls to report it."""
+    try:
+        attention_rollout(model, x[:1], **tokens)
     except SalienceError:
         return False
     except Exception:  # noqa: BLE001 - not a refusal: the caller runs the methods and says what failed
@@ -172,7 +229,7 @@ def _attention_runs(model: nn.Module, x: Tensor) -> bool:
     return True
 
 
-__all__ = ["METHODS", "QUICK", "ATTENTION_METHODS", "HOOKED_METHODS", "TARGET_FREE_METHODS", "LAYER_METHODS",
+__all__ = ["METHODS", "QUICK", "ATTENTION_METHODS", "HOOKED_METHODS", "GUIDED_METHODS", "TARGET_FREE_METHODS", "LAYER_METHODS",
            "as_method", "apply_method", "is_target_free",
            "default_methods", "has_attention", "vanilla", "guided_backprop", "deconvnet", "gradcam", "guided_gradcam",
            "gradcam_plus_plus", "hirescam", "xgradcam", "layercam", "eigencam", "smoothgrad", "integrated_gradients",

@@ -127,18 +127,21 @@ def describe_default_layer(model: nn.Module, x: Tensor) -> str:
     return f"{name} ({type(mod).__name__}, output {tuple(shape)}: {layout}; {why})"
 
 
-def default_layer_readable(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> bool:
-    """Whether the CAMs run at the default layer with no ``grid`` / ``prefix_tokens``: a default is found and its
-    output's layout is read (:mod:`salience.methods._tokens`); False where either is refused (CrossViT: no
-    default; tokens with several readings: the CAMs ask for ``grid=`` / ``prefix_tokens=``). One forward pass
-    (two where the tokens are read on the model's own grids), none where the search's result is cached
-    (:func:`default_layer`). ``seen``: a dict that gets ``"attention"``, whether an attention operation or module
-    ran in the search's pass (absent when no search ran: a layer the model names, or a refusal before it)."""
+def default_layer_readable(model: nn.Module, x: Tensor, seen: Optional[dict] = None, *, grid: object = None,
+                           prefix_tokens: object = None) -> bool:
+    """Whether the CAMs run at the default layer with ``grid`` / ``prefix_tokens`` (the user's, as the CAMs take
+    them; ``None``: read off the model): a default is found and its output's layout is read
+    (:mod:`salience.methods._tokens`); False where either is refused (CrossViT: no default; tokens with several
+    readings and neither given: the CAMs ask for ``grid=`` / ``prefix_tokens=``). One forward pass (two where the
+    tokens are read on the model's own grids), none where the search's result is cached (:func:`default_layer`).
+    ``seen``: a dict that gets ``"attention"``, whether an attention operation or module ran in the search's pass
+    (absent when no search ran: a layer the model names, or a refusal before it)."""
     try:
         with one_model():
             name, _, mod, shape = _default_call(model, x, seen)
             if shape is not None:
-                layer_layout(model, mod, shape, x.shape, what=f"layer {name!r}")
+                layer_layout(model, mod, shape, x.shape, grid=grid, prefix_tokens=prefix_tokens,
+                             what=f"layer {name!r}")
     except SalienceError:
         return False
     return True

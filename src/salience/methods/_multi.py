@@ -12,10 +12,13 @@ wrappers (SmoothGrad) hand it all K at once instead of calling it K times.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
+import threading
 import types
-from typing import Any, Callable, Optional, Sequence, TypeVar
+import warnings
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience import reduce as _reduce
+from salience._core.errors import user_stacklevel
 from salience._core.autograd import check_input, forward_scores, seeing_output, unwrap_output
 from salience._core.layers import resolve_layer
 from salience.targets import Target, check_output, checked_on_output, split
@@ -154,6 +158,79 @@ def finish(maps: Tensor, grad_modifier: Any, reduce: Any, multi: bool,
     return out if multi else out[:, 0]
 
 
+# (method, option) pairs whose "not applied" warning was given: once per process each
+_UNAPPLIED: set[tuple[str, str]] = set()
+_UNAPPLIED_LOCK = threading.Lock()
+
+# why an option does not apply to a pass with a backprop rule or a hooked layer
+_WHY_NOT = {
+    "compile": "a compiled graph does not see the backprop rule's interception of the ReLUs nor a hook added to a "
+               "layer after it was compiled; the passes run eagerly",
+    "fold_batchnorm": "the folded copy has neither the model's layers to hook nor its activations as the rule "
+                      "sees them; the passes run the model itself",
+    "precision": "its pass (a layer's output read without gradients) runs in the model's own precision",
+    "memory_format": "its pass (a layer's output read without gradients) runs in the model's own layout",
+}
+
+
+@contextlib.contextmanager
+def hooked_pass(model: nn.Module, x: Tensor, method: str) -> Iterator[Optional[_perf.Run]]:
+    """The block's passes (a backprop rule's, or a hooked layer's: guided backprop, deconvnet, the gradient CAMs,
+    Guided Grad-CAM) under the performance options in force (:func:`salience._core.perf.current`), as far as they
+    apply: ``precision`` (autocast around the forward pass) and ``memory_format="channels_last"`` (the model's
+    and the input's layout), as one chunk of a :class:`~salience._core.perf.Run`; not ``compile`` nor
+    ``fold_batchnorm`` (:data:`_WHY_NOT`), which a warning says once per process for each method and option. Inside
+    a many-pass method's chunk (SmoothGrad of guided backprop) that run's options are in force and checked alike.
+    Yields the run in force (``None``: none, the passes run as they are; :func:`salience._core.autograd.backward`
+    finds it itself). ``x``: checked by the caller."""
+    active = _perf.active(model)
+    options = active.options if active is not None else _perf.current()
+    _warn_unapplied(method, options, ("compile", "fold_batchnorm"))
+    channels_last = options.memory_format == "channels_last"
+    if active is not None or (options.precision == "fp32" and not channels_last):
+        yield active
+        return
+    run = _perf.Run(model, x, dataclasses.replace(options, compile=False, fold_batchnorm=False), tag=f"hooked:{method}")
+    try:
+        with run.chunk(channels_last, False):
+            yield run
+    finally:
+        run.close()
+
+
+def full_precision(t: Tensor, x: Tensor) -> Tensor:
+    """A layer's output or gradient from a pass under ``precision="bf16"`` / ``"fp16"`` (autocast) in ``x``'s dtype,
+    so that what a method computes from it, and its map, are in the input's precision as without the option."""
+    low = (torch.float16, torch.bfloat16)
+    return t.to(x.dtype) if t.dtype in low and x.dtype not in low and x.is_floating_point() else t
+
+
+def warn_unapplied(method: str, model: nn.Module, unapplied: Sequence[str]) -> None:
+    """:func:`_warn_unapplied` of the options in force for ``model`` (a many-pass method's run's, else the
+    settings), for a method whose pass takes none of ``unapplied`` (Eigen-CAM's)."""
+    active = _perf.active(model)
+    _warn_unapplied(method, active.options if active is not None else _perf.current(), unapplied)
+
+
+def _warn_unapplied(method: str, options: Any, unapplied: Sequence[str]) -> None:
+    """The one warning per process of each option of ``unapplied`` set in ``options`` (not its default) that
+    ``method``'s passes do not apply (a user who set ``compile=True`` learns that these passes ran eagerly)."""
+    set_to = {"compile": options.compile if options.backend is not None else None,
+              "fold_batchnorm": True if options.fold_batchnorm else None,
+              "precision": options.precision if options.precision != "fp32" else None,
+              "memory_format": options.memory_format if options.memory_format != "contiguous" else None}
+    for option in unapplied:
+        value = set_to[option]
+        if value is None:
+            continue
+        with _UNAPPLIED_LOCK:
+            if (method, option) in _UNAPPLIED:
+                continue
+            _UNAPPLIED.add((method, option))
+        warnings.warn(f"{method}: {option}={value!r} is not applied to its passes: {_WHY_NOT[option]} (said once "
+                      "per process)", stacklevel=user_stacklevel())
+
+
 def input_gradient_maps(
     model: nn.Module,
     x: Tensor,
@@ -164,9 +241,10 @@ def input_gradient_maps(
     strip_softmax: bool,
     extra_modes: Sequence[Any] = (),
     times_input: bool = False,
+    method: str = "",
 ) -> Tensor:
     """The (ruled) input gradient of one or several targets (times ``x`` with ``times_input``),
-    modified and reduced.
+    modified and reduced. ``method``: the name a ruled pass's warnings give (:func:`hooked_pass`).
 
     ``x`` ``(B, C, H, W)`` -> ``(B, ...)`` for one target, ``(B, K, ...)`` for K targets.
     """
@@ -175,9 +253,10 @@ def input_gradient_maps(
     _reduce.get_grad_modifier(grad_modifier)
     _reduce.get_reduction(reduce)
     # A plain pass (no backprop rule) runs under the performance options in force, as one chunk of
-    # the engine's (perf.one_pass: nothing changes with the defaults, or inside a many-pass run).
-    plain = _perf.one_pass(model, x, tag="input-gradient") if not extra_modes else contextlib.nullcontext()
-    with plain:
+    # the engine's (perf.one_pass: nothing changes with the defaults, or inside a many-pass run); a ruled
+    # pass under those that apply to it (hooked_pass: not compiled, not folded).
+    ruled = hooked_pass(model, x, method) if extra_modes else None
+    with ruled if ruled is not None else _perf.one_pass(model, x, tag="input-gradient"):
         grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax,
                                               extra_modes=extra_modes)
     if times_input:  # x detached: a caller's x that requires grad must not put the map on its graph

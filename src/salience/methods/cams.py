@@ -21,6 +21,7 @@ and why they differ from pytorch-grad-cam.
 """
 from __future__ import annotations
 
+
 from typing import Optional, Sequence, Union
 
 import torch
@@ -31,7 +32,7 @@ from salience._core.errors import SalienceError
 from salience._core.layers import LayerSpec
 from salience._core.tensors import check_flag
 from salience.targets import TargetLike, split
-from salience.methods._multi import several_targets, target_free
+from salience.methods._multi import full_precision, hooked_pass, several_targets, target_free, warn_unapplied
 from salience.methods.gradcam import gradient_cam, grid_layout, resolve_cam_layer, upsample_maps
 from salience.methods._tokens import one_model
 
@@ -94,7 +95,7 @@ def gradcam_plus_plus(
     upsample = check_flag(upsample, "upsample")
     relu = check_flag(relu, "relu")
     return gradient_cam(model, x, target, _plus_plus_map, layer=layer, upsample=upsample, relu=relu,
-                        strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
+                        strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens, method='gradcam_plus_plus')
 
 
 @several_targets
@@ -114,7 +115,7 @@ def hirescam(
     upsample = check_flag(upsample, "upsample")
     relu = check_flag(relu, "relu")
     return gradient_cam(model, x, target, _hires_map, layer=layer, upsample=upsample, relu=relu,
-                        strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
+                        strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens, method='hirescam')
 
 
 @several_targets
@@ -134,7 +135,7 @@ def xgradcam(
     upsample = check_flag(upsample, "upsample")
     relu = check_flag(relu, "relu")
     return gradient_cam(model, x, target, _xgrad_map, layer=layer, upsample=upsample, relu=relu,
-                        strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
+                        strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens, method='xgradcam')
 
 
 @several_targets
@@ -165,7 +166,7 @@ def layercam(
         return _fused_layercam(model, x, target, list(layer), upsample=upsample, relu=relu, gamma=gamma,
                                strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
     return gradient_cam(model, x, target, _layer_map, layer=layer, upsample=upsample, relu=relu,
-                        strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
+                        strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens, method='layercam')
 
 
 for _f in (gradcam_plus_plus, hirescam, xgradcam, layercam):
@@ -184,11 +185,12 @@ def _fused_layercam(model: nn.Module, x: Tensor, target: TargetLike, layers: lis
         raise SalienceError(f"gamma must be a positive number (the paper's is 2), got {gamma!r}")
     targets, multi = split(target, x.shape[0])
     mods = [resolve_cam_layer(model, x, spec, checked=True) for spec in layers]
-    g = backward(model, x, targets, layers=mods, input_grad=False, strip_softmax=strip_softmax)
+    with hooked_pass(model, x, "layercam"):  # precision (autocast) applies; compile does not
+        g = backward(model, x, targets, layers=mods, input_grad=False, strip_softmax=strip_softmax)
     maps = []
     for mod, acts, grads in zip(mods, g.activations, g.layer_grads):
         layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
-        a, gr = layout.to_grid(acts), layout.to_grid(grads)
+        a, gr = full_precision(layout.to_grid(acts), x), full_precision(layout.to_grid(grads), x)
         cam = torch.stack([_layer_map(a, gk) for gk in gr], dim=1)  # (B, K, h, w)
         maps.append(cam.clamp(min=0) if relu else cam)
     size = tuple(x.shape[-2:]) if upsample else (max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps))
@@ -243,6 +245,8 @@ def eigencam(
         )
     check_input(x, model)
     mod = resolve_cam_layer(model, x, layer, checked=True)
+    # its pass (layer_output's, under its own guard, which turns a caller's autocast off) takes no option: said
+    warn_unapplied("eigencam", model, ("compile", "fold_batchnorm", "precision", "memory_format"))
     acts = layer_output(model, x, mod)
     try:
         layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)

@@ -13,8 +13,7 @@ Guided Grad-CAM multiplies guided backpropagation ``(B, C, H, W)`` by the upsamp
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -22,13 +21,13 @@ from torch import Tensor, nn
 from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience import rules
-from salience._core.autograd import backward, check_input, this_thread
+from salience._core.autograd import backward, check_input
 from salience._core.errors import SalienceError
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, upsample_bilinear
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike, split
-from salience.methods._multi import finish, several_targets
+from salience.methods._multi import finish, full_precision, hooked_pass, several_targets
 from salience.methods._layer_search import _pick_default, default_layer, default_layer_readable, describe_default_layer
 from salience.methods._tokens import Layout, layer_layout, one_model
 
@@ -93,9 +92,11 @@ def gradient_cam(
     strip_softmax: bool,
     grid: Optional[tuple[int, int]],
     prefix_tokens: Optional[int],
+    method: str = "gradcam",
 ) -> Tensor:
     """A gradient CAM of one or K targets: ``combine(A, G)`` ``(B, D, h, w)`` x 2 -> ``(B, h, w)``
-    for each target's layer gradient ``G``, then the ReLU (``relu``) and the upsampling.
+    for each target's layer gradient ``G``, then the ReLU (``relu``) and the upsampling. ``method``: its name in
+    the warnings of performance options not applied (:func:`~salience.methods._multi.hooked_pass`).
 
     One forward pass, one backward per target down to the layer only (the engine's
     :func:`~salience._core.engine.layer_gradients`); the layer's output read as a grid by
@@ -106,9 +107,10 @@ def gradient_cam(
     mod = resolve_cam_layer(model, x, layer, checked=True)
     # One forward pass; one backward pass per target, down to the layer only (the engine's backward() runs a
     # checkpoint as a plain call: a layer inside a reentrant one has no gradient in the forward pass otherwise).
-    acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+    with hooked_pass(model, x, method):  # precision (autocast) applies; compile does not
+        acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
     layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
-    acts, grads = layout.to_grid(acts), layout.to_grid(grads)  # (B, D, h, w), (K, B, D, h, w)
+    acts, grads = full_precision(layout.to_grid(acts), x), full_precision(layout.to_grid(grads), x)
     cam = torch.stack([combine(acts, g) for g in grads], dim=1)  # (B, K, h, w)
     if relu:
         cam = cam.clamp(min=0)
@@ -149,22 +151,6 @@ def gradcam(
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
 
 
-@contextmanager
-def _rectified_before(module: nn.Module, rule: rules.BackpropRule) -> Iterator[list]:
-    """Record how many rectifiers the rule had taken over when ``module`` first returned."""
-    mark: list[int] = []
-
-    def hook(m: nn.Module, inputs: Any, output: Any) -> None:
-        if not mark:
-            mark.append(rule.rectified)
-
-    handle = module.register_forward_hook(this_thread(hook))
-    try:
-        yield mark
-    finally:
-        handle.remove()
-
-
 @several_targets
 @one_model()  # one trace of the model's grids for the default layer and the layout
 def guided_gradcam(
@@ -201,16 +187,16 @@ def guided_gradcam(
     # the passes' deferred checks and the product's finiteness: one synchronization, when the scope ends
     with _derived.run_scope() as scope:
         # One ruled pass gives all K targets' guided input gradients and the layer's gradients.
-        with _rectified_before(mod, rule) as mark:
+        with hooked_pass(model, x, "guided_gradcam"), rule.marking(mod) as mark:  # precision applies, compile not
             g = backward(model, x, targets, layers=[mod], strip_softmax=strip_softmax, extra_modes=[rule])
-        assert g.inputs is not None
-        rule.check_rectified()  # a model without ReLUs: Grad-CAM times vanilla's gradient, not guided backprop's
-        acts, layer_grads = g.activations[0], g.layer_grads[0]
-        if not (mark and mark[0] == rule.rectified):
-            # ReLUs ran after the layer: the rule changed its gradient; Grad-CAM needs the plain one.
-            acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+            assert g.inputs is not None
+            rule.check_rectified()  # a model without ReLUs: Grad-CAM times vanilla's gradient, not guided backprop's
+            acts, layer_grads = g.activations[0], g.layer_grads[0]
+            if not (mark and mark[0] == rule.rectified):
+                # ReLUs ran after the layer: the rule changed its gradient; Grad-CAM needs the plain one.
+                acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
         layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
-        acts, layer_grads = layout.to_grid(acts), layout.to_grid(layer_grads)
+        acts, layer_grads = full_precision(layout.to_grid(acts), x), full_precision(layout.to_grid(layer_grads), x)
         cams = torch.stack([_gradcam_map(acts, lg).clamp(min=0) for lg in layer_grads], dim=1)  # (B, K, h, w)
         cams = upsample_maps(cams, tuple(x.shape[-2:]))
         guided = g.inputs.transpose(0, 1)  # (B, K, C, H, W)

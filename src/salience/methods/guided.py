@@ -22,8 +22,9 @@ def _ruled_maps(model: nn.Module, x: Tensor, target: TargetLike, rule: rules.Bac
                 strip_softmax: bool, grad_modifier: Union[None, str, GradModifier],
                 reduce: Union[None, str, Reduction]) -> Tensor:
     rules.check_model(model, method)
+    # the registry's name in the warnings of performance options not applied (multi.hooked_pass)
     maps = input_gradient_maps(model, x, target, grad_modifier=grad_modifier, reduce=reduce,
-                               strip_softmax=strip_softmax, extra_modes=[rule])
+                               strip_softmax=strip_softmax, extra_modes=[rule], method=method.replace(" ", "_"))
     rule.check_rectified()  # a model without ReLUs: vanilla's map, not the rule's
     return maps
 
