@@ -281,7 +281,7 @@ def test_documented_signatures_have_the_real_parameters_and_defaults():
                          mode="eval").body
         written = [a.id for a in call.args if isinstance(a, ast.Name)] + [k.arg for k in call.keywords]
         order = [p for p in params if p in written]
-        if order != written:
+        if order != written or ("..." not in args and written != list(params)):  # without "...": all of them
             wrong.append(f"{where}: {name}{written} but the signature has {list(params)}")
         for k in call.keywords:
             value, default = _literal(k.value), params[k.arg].default if k.arg in params else None
@@ -292,6 +292,47 @@ def test_documented_signatures_have_the_real_parameters_and_defaults():
     assert seen >= 6, seen
     assert not wrong, "\n".join(wrong)
 
+
+SHORT = {"viz", "metrics", "targets", "zoo", "data", "rules", "evidence", "keras_vis"}
+"""The ``from salience import NAME`` modules the docs call by their short name (``viz.figure(...)``)."""
+
+
+def _called(node: ast.Call) -> Optional[Any]:
+    """What a call ``salience.a.b(...)`` / ``viz.f(...)`` of a snippet calls, or None for anything else."""
+    parts, f = [], node.func
+    while isinstance(f, ast.Attribute):
+        parts.insert(0, f.attr)
+        f = f.value
+    if not isinstance(f, ast.Name) or not parts or f.id not in SHORT | {"salience"}:
+        return None
+    obj = salience if f.id == "salience" else getattr(salience, f.id)
+    for part in parts:
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def test_every_keyword_of_a_documented_call_is_a_parameter():
+    wrong, seen = [], 0
+    for path in DOCS:
+        pieces = [body for lang, body, _ in blocks(path) if lang == "python"]
+        pieces += [text for _, text, in_block in snippets(path) if not in_block and "(" in text]
+        for piece in pieces:
+            try:
+                tree = ast.parse(piece)
+            except SyntaxError:
+                continue  # prose in backticks, an elided call
+            for node in ast.walk(tree):
+                fn = _called(node) if isinstance(node, ast.Call) else None
+                if fn is None or not callable(fn):
+                    continue
+                params = inspect.signature(fn).parameters
+                if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                    continue
+                seen += 1
+                wrong += [f"{path.name}: {ast.unparse(node.func)}(..., {k.arg}=...): no such parameter"
+                          for k in node.keywords if k.arg and k.arg not in params]
+    assert seen > 100, seen
+    assert not wrong, "\n".join(wrong)
 
 def test_the_cli_method_option_table_says_which_methods_take_each_flag():
     text = _text(ROOT / "docs/cli.md")
