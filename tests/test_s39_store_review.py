@@ -1,0 +1,47 @@
+"""Review of the run store's salience-run/2 layout (the errors in a column per method, the run's seed): a run
+folder of a format this salience does not know is not called an older salience's when continued; the metrics'
+refusals name the image by its index in the run, each row its own; index.html shows the thumbnails of a row whose
+image was read though its mask was not."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import salience
+from salience import SalienceError
+from test_runs_bad_image import Marked
+
+pytest.importorskip("pyarrow")
+
+
+def _images(n: int = 4) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.rand(n, 3, 8, 8)
+
+
+def _run(x, folder, methods=("vanilla",), **kw):
+    return salience.explain_dataset(Marked().eval(), torch.utils.data.TensorDataset(x), list(methods), folder,
+                                    workers=0, map_dtype="float32", batch_size=kw.pop("batch_size", 4), **kw)
+
+
+def test_a_run_of_an_unknown_format_is_not_called_older_when_continued(tmp_path):
+    """A run folder whose run.json says a format this salience does not know (a newer salience's,
+    ``salience-run/3``) is refused as unknown, with "upgrade salience": it said the run was begun by an older
+    salience whose errors were joined in ``error``, which open_run and the explorer still read (open_run
+    refuses it), and offered overwrite=True, which deletes the newer run. Nothing is written."""
+    folder = tmp_path / "run"
+    _run(_images(), folder)
+    manifest = json.loads((folder / "run.json").read_text())
+    manifest["format"] = "salience-run/3"
+    (folder / "run.json").write_text(json.dumps(manifest))
+    before = {p.name: p.stat().st_mtime_ns for p in folder.rglob("*") if p.name != ".salience-run.lock"}
+    with pytest.raises(SalienceError) as caught:
+        _run(_images(), folder)
+    said = str(caught.value)
+    assert "'salience-run/3'" in said and "upgrade salience" in said, said
+    assert "older" not in said and "still read" not in said, said
+    with pytest.raises(SalienceError, match="unknown run format 'salience-run/3'.*upgrade salience"):
+        salience.open_run(folder)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.rglob("*") if p.name != ".salience-run.lock"} == before
