@@ -433,7 +433,7 @@ def test_an_image_the_metrics_refuse_costs_its_own_metrics_only(tmp_path):
     ref = _run(Touchy().eval(), x[others], tmp_path / "ref", methods=["vanilla"], method_options=None,
                metrics=["deletion"])
     row = run.row(2)
-    assert row["vanilla.metrics_error"].startswith("the model's score is nan on image 0"), row
+    assert row["vanilla.metrics_error"].startswith("the model's score is nan on image 2 "), row  # the run's index
     assert row["error"] is None and row["vanilla.error"] is None
     assert row["vanilla.deletion"] is None and row["vanilla.max"] is not None
     np.testing.assert_allclose(run.map(2, "vanilla"), salience.vanilla(Touchy().eval(), x[2:3])[0], rtol=1e-5, atol=1e-7)
@@ -451,7 +451,7 @@ def test_a_last_batch_of_one_image_the_metrics_refuse_is_its_row(tmp_path):
     x[4, 2] = 1.0
     run = _run(Touchy().eval(), x, tmp_path / "run", methods=["vanilla"], method_options=None, metrics=["deletion"])
     errors = run.table.column("vanilla.metrics_error").to_pylist()
-    assert errors[:4] == [None] * 4 and errors[4].startswith("the model's score is nan on image 0"), errors
+    assert errors[:4] == [None] * 4 and errors[4].startswith("the model's score is nan on image 4 "), errors
     assert run.row(4)["vanilla.deletion"] is None and run.row(3)["vanilla.deletion"] is not None
 
 

@@ -45,3 +45,24 @@ def test_a_run_of_an_unknown_format_is_not_called_older_when_continued(tmp_path)
     with pytest.raises(SalienceError, match="unknown run format 'salience-run/3'.*upgrade salience"):
         salience.open_run(folder)
     assert {p.name: p.stat().st_mtime_ns for p in folder.rglob("*") if p.name != ".salience-run.lock"} == before
+
+
+def test_the_metrics_refusals_name_each_image_by_its_index_in_the_run(tmp_path):
+    """SmoothGrad explains images 0-3 of a batch of 4 whose predictions are all NaN (its noisy copies are finite);
+    their insertion curves are NaN at the end (the image put back): each row's ``smoothgrad.metrics_error`` names
+    its own image by its index in the run, as the methods' refusals do (every row said the batch's words, "image 0
+    at step 20", images 1-3 too: only images whose prediction is not finite were not bisected). Image 4, in the
+    second batch and refused alone, says "image 4" (it said "image 0", its position in the call); image 5 keeps
+    its metric."""
+    from test_runs_bad_image import MARK
+
+    x = _images(6)
+    x[[0, 1, 2, 3, 4], 0, 0, 0] = MARK
+    run = _run(x, tmp_path / "run", ["smoothgrad"], method_options={"smoothgrad": {"samples": 3}},
+               metrics=["insertion"])
+    said = run.table.column("smoothgrad.metrics_error").to_pylist()
+    for i in range(5):
+        assert said[i] is not None and f"the model's score is nan on image {i} at step " in said[i], (i, said[i])
+        assert run.row(i)["smoothgrad.error"] is None and run.row(i)["smoothgrad.insertion"] is None
+    assert said[5] is None and run.row(5)["smoothgrad.insertion"] is not None
+    assert run.failed() == 5
