@@ -66,3 +66,39 @@ def test_the_metrics_refusals_name_each_image_by_its_index_in_the_run(tmp_path):
         assert run.row(i)["smoothgrad.error"] is None and run.row(i)["smoothgrad.insertion"] is None
     assert said[5] is None and run.row(5)["smoothgrad.insertion"] is not None
     assert run.failed() == 5
+
+
+def test_the_gallery_shows_the_thumbnails_of_an_image_whose_mask_was_not_read(tmp_path):
+    """``RUN/index.html`` in Chromium: image 1, whose mask file cannot be read (its row's ``error``: ``mask not
+    read: ...``), was read and explained (its map is stored): its row shows its tiles, as the explorer's run table
+    does; only the row of an image that could not be read has none (the page hid them for any row with an
+    ``error``, the mask's too)."""
+    import numpy as np
+    from PIL import Image
+
+    from explore_helpers import ARGS, CHROMIUM, browser_api
+
+    sync_api = browser_api()
+    imgs, masks = tmp_path / "imgs", tmp_path / "masks"
+    imgs.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(imgs / f"{i:03d}.png")
+        Image.fromarray(np.full((32, 32), 255, dtype=np.uint8)).save(masks / f"{i:03d}.png")
+    (masks / "001.png").write_bytes(b"not a png")
+    (imgs / "zz_broken.png").write_bytes(b"not an image")  # image 3: not read, no thumbnails
+    run = salience.explain_dataset("demo:shapes", imgs, ["vanilla"], tmp_path / "run", masks=masks,
+                                   metrics=["pointing"], batch_size=4, workers=0)
+    assert run.row(1)["error"].startswith("mask not read:") and np.isfinite(run.map(1, "vanilla")).all()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto((tmp_path / "run" / "index.html").resolve().as_uri())
+            page.wait_for_function("document.querySelectorAll('#body tr').length === 4")
+            tiles = page.evaluate("() => [...document.querySelectorAll('#body tr')].map("
+                                  "tr => [tr.children[1].textContent, tr.querySelectorAll('.tile').length])")
+        finally:
+            browser.close()
+    assert sorted(tiles) == [["0", 2], ["1", 2], ["2", 2], ["3", 0]], tiles
