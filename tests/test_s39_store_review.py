@@ -102,3 +102,60 @@ def test_the_gallery_shows_the_thumbnails_of_an_image_whose_mask_was_not_read(tm
         finally:
             browser.close()
     assert sorted(tiles) == [["0", 2], ["1", 2], ["2", 2], ["3", 0]], tiles
+
+
+_TOUCHY = '''
+import torch
+from torch import nn
+from salience._core.info import ModelInfo, attach_info
+from salience.loading.images import with_preprocessing
+
+
+class Touchy(nn.Module):
+    """Finite on its images; NaN for one blue everywhere once its pixel (7, 7)'s red is no longer 128 (a deleted
+    pixel: deletion's blurred copy)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                  nn.Linear(16, 3))
+
+    def forward(self, x):
+        bad = (x[:, 2].amin((1, 2)) > 0.99) & ((x[:, 0, 7, 7] - 128 / 255).abs() > 1e-3)
+        return self.body(x) + torch.where(bad, torch.tensor(float("nan")), torch.tensor(0.0))[:, None]
+
+
+def build():
+    model = Touchy().eval()
+    info = with_preprocessing(ModelInfo(name="touchy", class_names=["a", "b", "c"]), size=(8, 8), mean=[0.0] * 3,
+                              std=[1.0] * 3)
+    return attach_info(model, info)
+'''
+
+
+def test_the_command_names_the_columns_that_say_why_images_failed(tmp_path, capsys):
+    """``salience explain DIR --metrics deletion``: the deletion of image 1 is refused (a perturbed copy's score
+    NaN), its map kept; the summary line sends the reader to ``vanilla.metrics_error``, the one column that says
+    why (it named ``error`` and ``METHOD.error``, both null on that row), and exits 1."""
+    import numpy as np
+    from PIL import Image
+
+    from salience.cli import main
+
+    (tmp_path / "touchy.py").write_text(_TOUCHY)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        a = rng.integers(0, 200, (8, 8, 3), dtype=np.uint8)
+        if i == 1:
+            a[..., 2], a[7, 7, 0] = 255, 128
+        Image.fromarray(a).save(imgs / f"{i}.png")
+    out = tmp_path / "run"
+    rc = main(["explain", str(imgs), "-m", f"python:{tmp_path / 'touchy.py'}:build", "--method", "vanilla",
+               "--metrics", "deletion", "--out", str(out), "--workers", "0", "--no-progress"])
+    said = capsys.readouterr().out.strip().splitlines()[-1]
+    run = salience.open_run(out)
+    assert run.row(1)["vanilla.metrics_error"] is not None and run.row(1)["vanilla.error"] is None, run.row(1)
+    assert rc == 1 and said.endswith("; 1 image(s) failed: see the 'vanilla.metrics_error' column"), said
