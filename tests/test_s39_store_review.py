@@ -76,9 +76,8 @@ def test_the_gallery_shows_the_thumbnails_of_an_image_whose_mask_was_not_read(tm
     import numpy as np
     from PIL import Image
 
-    from explore_helpers import ARGS, CHROMIUM, browser_api
+    from test_runs_bad_image import gallery_rows
 
-    sync_api = browser_api()
     imgs, masks = tmp_path / "imgs", tmp_path / "masks"
     imgs.mkdir()
     masks.mkdir()
@@ -91,16 +90,7 @@ def test_the_gallery_shows_the_thumbnails_of_an_image_whose_mask_was_not_read(tm
     run = salience.explain_dataset("demo:shapes", imgs, ["vanilla"], tmp_path / "run", masks=masks,
                                    metrics=["pointing"], batch_size=4, workers=0)
     assert run.row(1)["error"].startswith("mask not read:") and np.isfinite(run.map(1, "vanilla")).all()
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            page.goto((tmp_path / "run" / "index.html").resolve().as_uri())
-            page.wait_for_function("document.querySelectorAll('#body tr').length === 4")
-            tiles = page.evaluate("() => [...document.querySelectorAll('#body tr')].map("
-                                  "tr => [tr.children[1].textContent, tr.querySelectorAll('.tile').length])")
-        finally:
-            browser.close()
+    tiles, = gallery_rows(tmp_path / "run", 4, "tr.querySelectorAll('.tile').length")
     assert sorted(tiles) == [["0", 2], ["1", 2], ["2", 2], ["3", 0]], tiles
 
 
