@@ -302,28 +302,33 @@ def test_the_refused_images_thumbnail_is_blank_the_others_are_overlays(tmp_path)
     assert canvas[THUMB:2 * THUMB, :THUMB].std() > 10  # image 0's overlay
 
 
+def gallery_rows(folder, n: int, *scripts: str) -> list:
+    """``folder/index.html`` in Chromium, its ``n`` rows shown: per script (a JavaScript expression of a row ``tr``),
+    each row's ``[index, value]``."""
+    from explore_helpers import ARGS, CHROMIUM, browser_api
+
+    sync_api = browser_api()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto((folder / "index.html").resolve().as_uri())
+            page.wait_for_function(f"document.querySelectorAll('#body tr').length === {n}")
+            return [page.evaluate(f"() => [...document.querySelectorAll('#body tr')].map("
+                                  f"tr => [tr.children[1].textContent, {js}])") for js in scripts]
+        finally:
+            browser.close()
+
+
 def test_the_gallery_shows_a_refused_images_thumbnails(tmp_path):
     """``RUN/index.html`` in Chromium: the row of an image a method refused shows its tiles (the image, the
     refused method's blank one, the others'); the page showed none for any row with an error, so an image only
     vanilla refused hid occlusion's map too. Under the refused method's blank tile, its error (as the explorer's
     run table says it)."""
-    from explore_helpers import ARGS, CHROMIUM, browser_api
-
-    sync_api = browser_api()
     pytest.importorskip("pyarrow")
     _run(Marked().eval(), _images((1,)), tmp_path / "run", methods=["vanilla"], method_options={})
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            page.goto((tmp_path / "run" / "index.html").resolve().as_uri())
-            page.wait_for_function("document.querySelectorAll('#body tr').length === 6")
-            tiles = page.evaluate("() => [...document.querySelectorAll('#body tr')].map("
-                                  "tr => [tr.children[1].textContent, tr.querySelectorAll('.tile').length])")
-            said = page.evaluate("() => [...document.querySelectorAll('#body tr')].map(tr => [tr.children[1].textContent,"
-                                 " [...tr.querySelectorAll('.tile')].map(t => t.querySelector('.refused')?.textContent)])")
-        finally:
-            browser.close()
+    tiles, said = gallery_rows(tmp_path / "run", 6, "tr.querySelectorAll('.tile').length",
+                               "[...tr.querySelectorAll('.tile')].map(t => t.querySelector('.refused')?.textContent)")
     assert sorted(tiles) == [[str(i), 2] for i in range(6)], tiles
     # and under its blank tile, why (it said nothing there)
     refused = {i: ts for i, ts in said if any(ts)}
@@ -433,7 +438,7 @@ def test_an_image_the_metrics_refuse_costs_its_own_metrics_only(tmp_path):
     ref = _run(Touchy().eval(), x[others], tmp_path / "ref", methods=["vanilla"], method_options=None,
                metrics=["deletion"])
     row = run.row(2)
-    assert row["vanilla.metrics_error"].startswith("the model's score is nan on image 0"), row
+    assert row["vanilla.metrics_error"].startswith("the model's score is nan on image 2 "), row  # the run's index
     assert row["error"] is None and row["vanilla.error"] is None
     assert row["vanilla.deletion"] is None and row["vanilla.max"] is not None
     np.testing.assert_allclose(run.map(2, "vanilla"), salience.vanilla(Touchy().eval(), x[2:3])[0], rtol=1e-5, atol=1e-7)
@@ -451,7 +456,7 @@ def test_a_last_batch_of_one_image_the_metrics_refuse_is_its_row(tmp_path):
     x[4, 2] = 1.0
     run = _run(Touchy().eval(), x, tmp_path / "run", methods=["vanilla"], method_options=None, metrics=["deletion"])
     errors = run.table.column("vanilla.metrics_error").to_pylist()
-    assert errors[:4] == [None] * 4 and errors[4].startswith("the model's score is nan on image 0"), errors
+    assert errors[:4] == [None] * 4 and errors[4].startswith("the model's score is nan on image 4 "), errors
     assert run.row(4)["vanilla.deletion"] is None and run.row(3)["vanilla.deletion"] is not None
 
 

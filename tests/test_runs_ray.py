@@ -802,7 +802,7 @@ def test_the_command_on_ray_shows_salience_s_lines_only_and_its_errors(cluster, 
                      "--out", tmp_path / "run"])
     assert r.returncode == 1, r.stderr  # the broken image: one failed, said in the summary line
     assert r.stdout.splitlines() == [f"explained {N} of {N + 1} image(s) into {tmp_path / 'run'}/ (index.parquet, "
-                                     "index.html); 1 image(s) failed: see the 'error' and 'METHOD.error' columns"], r.stdout
+                                     "index.html); 1 image(s) failed: see the 'error' column"], r.stdout
     assert not [ln for ln in r.stderr.splitlines() if RAY_LINE.search(ln) and not KNOWN.search(ln)], r.stderr
     nets, _ = _nets(tmp_path)
     (tmp_path / "classes.txt").write_text("a\nb\nc\n")

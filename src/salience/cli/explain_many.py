@@ -108,12 +108,23 @@ def run(args: argparse.Namespace) -> int:
     with flag_errors(FLAGS, args):
         run_ = _explain(args, model, fns, target, show, taken)
     _warn_constant(run_.table, methods)
-    errors = run_.failed()  # the image's own error, or a method's (its METHOD.error column)
+    errors = run_.failed()  # the image's own error, or a method's or its metrics' (METHOD.error, METHOD.metrics_error)
     print(f"explained {len(run_) - errors} of {len(run_)} image(s) into {args.out}/ (index.parquet, index.html)"
-          + (f"; {errors} image(s) failed: see the 'error' and 'METHOD.error' columns" if errors else ""))
+          + (f"; {errors} image(s) failed: see {_said_columns(run_)}" if errors else ""))
     if not run_.complete:
         raise SalienceError(f"the run in {args.out} is not complete; run the same command again")
     return EXIT_PARTIAL if errors else EXIT_OK
+
+
+def _said_columns(run: Any) -> str:
+    """The columns of ``run``'s table that say why its failed images failed, for the summary line: ``error`` (the
+    image's own) and each method's ``METHOD.error`` and ``METHOD.metrics_error`` that holds one."""
+    t = run.table
+    names = ["error"] + [f"{m}.{c}" for m in run.methods for c in ("error", "metrics_error")]
+    found = [f"'{c}'" for c in names if c in t.column_names and t.column(c).null_count < t.num_rows]
+    if len(found) < 2:
+        return f"the {''.join(found) or repr('error')} column"
+    return f"the {', '.join(found[:-1])} and {found[-1]} columns"
 
 
 def _explain(args: argparse.Namespace, model: Any, fns: dict, target: Any, show: bool, taken: dict) -> Any:

@@ -11,8 +11,10 @@ of the output when they are removed.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -226,6 +228,21 @@ def score_items(model: nn.Module, x: Tensor, target: TargetLike, total: int, mak
     return scores
 
 
+_IMAGE_NAMES: ContextVar[Optional[Sequence[int]]] = ContextVar("salience_curve_image_names", default=None)
+
+
+@contextmanager
+def image_names(names: Sequence[int]) -> Iterator[None]:
+    """Inside the block, a refusal of a deletion or insertion curve (a NaN score of a perturbed copy) names
+    image ``i`` of the call ``names[i]``: a dataset run's index of it, which its row says (not ``0``, its
+    position in a rerun's part)."""
+    token = _IMAGE_NAMES.set(list(names))
+    try:
+        yield
+    finally:
+        _IMAGE_NAMES.reset(token)
+
+
 def _curves(model: nn.Module, x: Tensor, maps: Tensor, target: TargetLike, *, insert: bool,
             opts: _Options) -> Tensor:
     """The one implementation behind the four public functions: ``(B, min(steps, H*W) + 1)`` scores."""
@@ -245,8 +262,11 @@ def _curves(model: nn.Module, x: Tensor, maps: Tensor, target: TargetLike, *, in
         switched = (rank[img] < counts[step][:, None, None])[:, None]
         return torch.where(switched, end[img], start[img]), img
 
+    names = _IMAGE_NAMES.get()
+
     def describe(j: int) -> str:
         i, k = divmod(j, steps + 1)
+        i = names[i] if names is not None and i < len(names) else i  # a dataset run's index (image_names)
         what = "put back onto the substrate" if insert else "removed"
         return (f"image {i} at step {k} of {steps} of its {'insertion' if insert else 'deletion'} curve "
                 f"({int(counts[k])} of its {h * w} pixels {what})")

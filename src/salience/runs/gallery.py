@@ -275,8 +275,10 @@ function render() {
   for (const r of shown.slice(page * PAGE, (page + 1) * PAGE)) {
     const tr = document.createElement("tr"), td = document.createElement("td");
     // a method's refusal (its METHOD.error, said under its tile) leaves the image and the other methods' tiles
-    // (its own a blank grey); an image that could not be read (the row's own error) has none
-    if (r[C.error] === null) td.appendChild(thumbs(r)); tr.appendChild(td);
+    // (its own a blank grey), and so does its mask not read (the row's error, its targets explained); an image that
+    // could not be read (the row's own error, no targets) has none
+    if (r[C.error] === null || (C.targets !== undefined && r[C.targets] !== null)) td.appendChild(thumbs(r));
+    tr.appendChild(td);
     headers.slice(1).forEach(c => tr.appendChild(cell(c, r[C[c]]))); body.appendChild(tr);
   }
 }

@@ -25,7 +25,7 @@ from salience._core.engine import MemoryProbe, default_budget
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.info import ModelInfo
 from salience._core.tensors import model_device
-from salience.evidence.faithfulness import deletion, insertion
+from salience.evidence.faithfulness import deletion, image_names, insertion
 from salience.evidence.localization import energy_in_mask, pointing_game
 from salience.loading.images import unnormalize
 from salience.methods.integrated import CompletenessWarning, GapReport, collect_gaps, report_gaps
@@ -474,14 +474,17 @@ def _metric_rows(plan: Plan, model: nn.Module, batch: tuple[Tensor, Tensor, Tens
     ``batch``: their inputs, maps, classes and masks. A metric that refuses them (``SalienceError``: an
     image whose perturbed scores are NaN, or whose prediction is NaN, which a method such as SmoothGrad
     explains all the same) is computed again on parts, as a method is (:func:`_bisection`, the
-    ``suspects``, prediction not finite, apart first): the refused images' rows say its error, the others
-    get their columns; an error of the whole call (or of every image) is every row's, as a method's is."""
+    ``suspects``, prediction not finite, apart first; a batch of suspects only too): the refused images' rows
+    say its error, naming the image by its index in the run (:func:`~salience.evidence.faithfulness.image_names`),
+    the others get their columns; an error of the whole call is every row's, as a method's is, and every image
+    refused in words of its own says its own (:class:`EachRefused`)."""
     x, m, classes, masks = batch
 
     def columns(part: list[int]) -> list[dict[str, Optional[float]]]:  # positions in ``kept``: each image's
         at = [kept[p] for p in part]
         sub = _rows_of(at, len(at) != len(m))
-        cols = _metrics(plan, model, x[sub], display(m[sub, 0]), classes[sub], [masks[j] for j in at])
+        with image_names([rows[j]["index"] for j in at]):  # a refusal names the run's image, not its place here
+            cols = _metrics(plan, model, x[sub], display(m[sub, 0]), classes[sub], [masks[j] for j in at])
         return [{col: vals[i] for col, vals in cols.items()} for i in range(len(at))]
 
     everyone = list(range(len(kept)))
@@ -489,14 +492,11 @@ def _metric_rows(plan: Plan, model: nn.Module, batch: tuple[Tensor, Tensor, Tens
         found, refused = dict(enumerate(columns(everyone))), {}
     except SalienceError as e:
         inner = [p for p in everyone if kept[p] in set(suspects)]
-        if len(inner) == len(kept):  # only images whose prediction is not finite: each says it
-            found, refused = {}, {p: str(e) for p in inner}
-        else:
-            try:
-                search = _bisection(columns, len(kept), e, inner)
-                found, refused = search.found, search.refused
-            except SalienceError as whole:  # the whole call's error (each row says it), or every image's own
-                found, refused = {}, {p: _said(whole, p) for p in everyone}
+        try:  # only images whose prediction is not finite too: each found, in its own words
+            search = _bisection(columns, len(kept), e, inner)
+            found, refused = search.found, search.refused
+        except SalienceError as whole:  # the whole call's error (each row says it), or every image's own
+            found, refused = {}, {p: _said(whole, p) for p in everyone}
     for p, text in refused.items():
         _metrics_error(rows[kept[p]], name, text)
     for p, cols in found.items():

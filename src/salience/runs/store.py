@@ -317,6 +317,21 @@ def done_indices(folder: PathLike) -> set[int]:
     return indices
 
 
+def _format_refusal(folder: Path, found: Any) -> SalienceError:
+    """Why the run in ``folder``, of format ``found`` (not :data:`FORMAT`), is not continued: a run of the older
+    layout (:data:`JOINED_ERRORS`), read but not continued; any other format is unknown (a newer salience's):
+    upgrade salience (starting again would delete it)."""
+    if found == JOINED_ERRORS:
+        return SalienceError(
+            f"{folder} holds a run begun by an older salience (format {found}: each method's error joined in the "
+            f"'error' column; this salience writes {FORMAT}, a column per method), which open_run and the explorer "
+            "still read but no run continues; add overwrite=True to start again, or choose another out=")
+    return SalienceError(
+        f"{folder} holds a run of an unknown run format {found!r} (this salience reads {JOINED_ERRORS} and {FORMAT}, "
+        "and continues a run of " + FORMAT + "); upgrade salience to continue it, or choose another out= "
+        "(overwrite=True would delete it)")
+
+
 class Store:
     """Writing side of ``RUN/``: the manifest, the shards, the merged index."""
 
@@ -346,11 +361,7 @@ class Store:
         if existing.exists():
             old = _read_json(existing)
             if old.get("format") != FORMAT and not overwrite:
-                raise SalienceError(
-                    f"{f} holds a run begun by an older salience (format {old.get('format')}: each method's error "
-                    f"joined in the 'error' column; this salience writes {FORMAT}, a column per method), which "
-                    "open_run and the explorer still read but no run continues; add overwrite=True to start again, "
-                    "or choose another out=")
+                raise _format_refusal(f, old.get("format"))
             was, now = old.get("command", {}), self.manifest["command"]
             if legacy is not None and "form" not in (was.get("inputs") or {}):
                 now = legacy  # a run begun before the paths had one form: the command as it was written
