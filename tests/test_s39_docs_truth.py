@@ -334,7 +334,15 @@ def test_every_keyword_of_a_documented_call_is_a_parameter():
     assert seen > 100, seen
     assert not wrong, "\n".join(wrong)
 
+def _only_clauses(cell: str) -> list[tuple[set[str], str]]:
+    """The ``(a, b: `--flag` only)`` clauses of a "taken by" cell: (the methods named, that flag)."""
+    return [(set(re.findall(r"\w+", m.group(1))) & set(salience.METHODS), m.group(2))
+            for m in re.finditer(r"\(([^():]*): `(--[\w-]+)` only\)", cell)]
+
+
 def test_the_cli_method_option_table_says_which_methods_take_each_flag():
+    """Each row names exactly the methods that take one of its keywords (an omission is as false as an extra
+    name), or "all but ..." exactly the others; "(a, b: `--upsample` only)": a and b take that one alone."""
     text = _text(ROOT / "docs/cli.md")
     table = re.search(r"^\| flag \| keyword \| taken by \| values \|\n.*?\n\n", text, re.S | re.M).group(0)
     options, wrong, rows = method_options(), [], 0
@@ -353,6 +361,12 @@ def test_the_cli_method_option_table_says_which_methods_take_each_flag():
                 wrong.append(f"{keywords}: '{taken_cell}', but taken by {sorted(every)}")
         else:
             wrong += [f"{keywords}: {m} is named but takes none of them" for m in sorted(named - takers)]
+            wrong += [f"{keywords}: {m} takes it but is not named" for m in sorted(takers - named)]
+        for methods, flag in _only_clauses(taken_cell):
+            for m in sorted(methods):
+                took = sorted(options[kw].flag for kw in keywords if m in options[kw].defaults)
+                if took != [flag]:
+                    wrong.append(f"{keywords}: {m}: '{flag} only' written, but it takes {took}")
         rows += 1
     assert rows >= 10, rows
     assert not wrong, "\n".join(wrong)
