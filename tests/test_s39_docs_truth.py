@@ -449,6 +449,8 @@ def run_snippet(code: str, ns: dict[str, Any], skip: Optional[str] = None) -> in
         source = ast.get_source_segment(code, stmt)
         if skip and re.search(skip, source):
             continue
+        assert not re.search(r"allocator\s*=\s*['\"]reuse", source), \
+            f"{source}: mallopt cannot be undone in this process; leave it out (skip=)"
         claims = _claims(stmt, lines)
         if isinstance(stmt, ast.Expr) and claims:
             values = [eval(compile(ast.Expression(stmt.value), "<doc>", "eval"), ns)]
@@ -475,6 +477,30 @@ def python_block(doc: str, starts: str) -> str:
     found = [body for lang, body, _ in blocks(ROOT / doc) if lang == "python" and body.startswith(starts)]
     assert len(found) == 1, (doc, starts, len(found))
     return found[0]
+
+
+def _process_state() -> dict[str, Any]:
+    """What a snippet could set for the whole process, and so for every later test of a pytest worker."""
+    return {"salience.set_performance": salience.set_performance(), "torch.get_num_threads": torch.get_num_threads(),
+            "torch.get_num_interop_threads": torch.get_num_interop_threads(),
+            "torch.is_grad_enabled": torch.is_grad_enabled(), "torch.get_default_dtype": torch.get_default_dtype(),
+            "torch.are_deterministic_algorithms_enabled": torch.are_deterministic_algorithms_enabled()}
+
+
+@pytest.fixture(autouse=True)
+def _leaves_the_process_as_it_was():
+    """The snippets run in the tests' process: a setting one leaves (``salience.set_performance(...)``, torch's
+    threads, grad mode, dtype, global RNG) is put back, and fails the test that left it."""
+    before = _process_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    after = _process_state()
+    salience.set_performance(**vars(before["salience.set_performance"]))
+    torch.set_num_threads(before["torch.get_num_threads"])
+    torch.set_grad_enabled(before["torch.is_grad_enabled"])
+    torch.set_default_dtype(before["torch.get_default_dtype"])
+    torch.use_deterministic_algorithms(before["torch.are_deterministic_algorithms_enabled"])
+    assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
 
 
 def _tiny_namespace() -> dict[str, Any]:
