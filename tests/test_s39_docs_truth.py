@@ -40,8 +40,10 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 FLAG = re.compile(r"(?<![\w\-/=.])--[a-z][\w-]*")
 COMMAND = re.compile(r"(?:^|&&|;|\|)\s*(?:[A-Z_]+=\S*\s+)*(?:salience|python -m salience)\s+([a-z][\w-]*)([^#|;&]*)")
-OTHER_TOOLS = {"--dist", "--no-deps", "--revision", "--cache-dir", "--head", "--port"}
-"""Flags of the other tools the docs name (pytest-xdist, pip, hf, ray start): not salience's."""
+OTHER_TOOLS = {"--dist": r"pytest|-n \d", "--no-deps": r"\bpip\b", "--revision": r"\bhf download\b",
+               "--cache-dir": r"\bhf download\b", "--head": r"\bray start\b"}
+"""Flags of the other tools the docs name (pytest-xdist, pip, hf, ray start), not salience's: each allowed only on
+a line that names its tool (a salience ``--revision`` is not)."""
 
 
 def _text(path: Path) -> str:
@@ -99,7 +101,7 @@ def _is_value(word: str) -> bool:
 
 
 def test_every_salience_command_names_a_real_command_and_its_flags():
-    subs, seen, wrong = subcommands(), 0, []
+    subs, seen, wrong, flags, values = subcommands(), 0, [], 0, 0
     for where, command, rest, _ in commands():
         seen += 1
         if command not in subs:
@@ -111,15 +113,18 @@ def test_every_salience_command_names_a_real_command_and_its_flags():
             flag = word.split("=", 1)[0].strip("[]()`,;.")
             if not FLAG.fullmatch(flag):
                 continue
+            flags += 1
             if flag not in actions:
                 wrong.append(f"{where}: salience {command} has no {flag}")
                 continue
             choices = actions[flag].choices
             value = word.split("=", 1)[1] if "=" in word else (words[i + 1] if i + 1 < len(words) else "")
             value = value.strip("`,;")
+            values += bool(choices and _is_value(value))
             if choices and _is_value(value) and value not in choices:
                 wrong.append(f"{where}: salience {command} {flag} {value}: not one of {sorted(choices)}")
-    assert seen > 50, f"only {seen} commands found: the reader of the docs is broken"
+    assert seen > 50 and flags > 120 and values >= 5, f"{seen} commands, {flags} flags, {values} values of choices: " \
+        "the reader of the docs is broken"
     assert not wrong, "\n".join(wrong)
 
 
@@ -138,18 +143,24 @@ def test_the_complete_command_lines_of_the_code_blocks_parse(capsys):
 
 
 def test_every_flag_written_is_a_flag_of_some_parser():
-    known = set(OTHER_TOOLS)
+    known: set[str] = set()
     for sub in subcommands().values():
         known |= {f for f in sub._option_string_actions if f.startswith("--")}
     for script in [ROOT / "src/salience/demo/train.py", *(ROOT / "examples").glob("*.py"),
                    *(ROOT / "benchmarks").glob("*.py")]:
         known |= _flags_of(script)
-    wrong = []
+    wrong, seen, tools = [], 0, set()
     for path in DOCS:
         text = re.sub(r"unrecognized arguments:\s+--[\w-]+", "", _text(path))  # cli.md's example of a wrong flag
         for i, line in enumerate(text.splitlines(), 1):
-            wrong += [f"{path.name}:{i}: {flag}" for flag in FLAG.findall(line)
-                      if flag not in known and flag not in ("--x", "--no-x")]  # cli.md: `--x` / `--no-x`, the pattern
+            for flag in FLAG.findall(line):
+                seen += 1
+                if flag in OTHER_TOOLS and flag not in known and re.search(OTHER_TOOLS[flag], line):
+                    tools.add(flag)
+                elif flag not in known and flag not in ("--x", "--no-x"):  # cli.md: `--x` / `--no-x`, the pattern
+                    wrong.append(f"{path.name}:{i}: {flag}")
+    assert seen > 700, seen
+    assert tools == set(OTHER_TOOLS), f"allowed for other tools but not written: {set(OTHER_TOOLS) - tools}"
     assert not wrong, "flags no parser has:\n" + "\n".join(wrong)
 
 
