@@ -180,6 +180,9 @@ def _anchors(path: Path) -> set[str]:
             for h in re.findall(r"^#+\s+(.*)$", text, re.M)}
 
 
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:tests|benchmarks|examples|src|docs|\.ci)/[\w./<>*-]*[\w*>])")
+
+
 def test_every_link_file_anchor_and_package_path_exists():
     wrong, seen = [], 0
     for path in DOCS:
@@ -197,7 +200,13 @@ def test_every_link_file_anchor_and_package_path_exists():
             seen += 1
             if not list((ROOT / "src").glob(re.sub(r"<[^>]+>", "*", m.group(1)))):
                 wrong.append(f"{path.name}: {m.group(1)}: no such file in src/")
-    assert seen > 100, seen
+        for where, code, _ in snippets(path):  # tests/x.py, benchmarks/x.md, `--out benchmarks/x` (x.md, x.json)
+            for m in REPO_PATH.finditer(code):
+                seen += 1
+                pattern = re.sub(r"<[^>]+>", "*", m.group(1))
+                if not any(list(ROOT.glob(p)) for p in (pattern, pattern + ".*", pattern + "-*")):
+                    wrong.append(f"{where}: {m.group(1)}: no such file in the repository")
+    assert seen > 350, seen  # 100 links and salience/ paths, 273 repository paths
     assert not wrong, "\n".join(wrong)
 
 
