@@ -164,6 +164,29 @@ def test_every_flag_written_is_a_flag_of_some_parser():
     assert not wrong, "flags no parser has:\n" + "\n".join(wrong)
 
 
+SCRIPT = re.compile(r"python3? (?:-m salience\.demo\.train|((?:benchmarks|examples)/\w+\.py))([^#|;&]*)")
+
+
+def test_a_script_command_has_that_scripts_flags():
+    """``python benchmarks/x.py --flag`` / ``examples/x.py`` / ``-m salience.demo.train``: a flag of that script,
+    not only of some parser (the test above)."""
+    wrong, commands, flags = [], 0, 0
+    for path in DOCS:
+        for where, text, _ in snippets(path):
+            for m in SCRIPT.finditer(text):
+                script = ROOT / (m.group(1) or "src/salience/demo/train.py")
+                if not script.exists():
+                    wrong.append(f"{where}: {m.group(1)}: no such script")
+                    continue
+                own, commands = _flags_of(script), commands + 1
+                for flag in FLAG.findall(m.group(2)):
+                    flags += 1
+                    if flag not in own:
+                        wrong.append(f"{where}: {script.name} has no {flag}")
+    assert commands > 50 and flags > 200, (commands, flags)  # 65 and 252
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_demo_training_commands_name_real_models():
     from salience.demo.train import CONFIGS
     names = [m.group(1) for path in DOCS for _, text, _ in snippets(path)
