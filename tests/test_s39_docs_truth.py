@@ -579,12 +579,15 @@ def _leaves_the_process_as_it_was():
     with torch.random.fork_rng(devices=[]):
         yield
     after = _process_state()
-    salience.set_performance(**vars(before["salience.set_performance"]))
-    torch.set_num_threads(before["torch.get_num_threads"])
-    torch.set_grad_enabled(before["torch.is_grad_enabled"])
-    torch.set_default_dtype(before["torch.get_default_dtype"])
-    torch.use_deterministic_algorithms(before["torch.are_deterministic_algorithms_enabled"])
-    assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    put_back = {"salience.set_performance": lambda v: salience.set_performance(**vars(v)),
+                "torch.get_num_threads": torch.set_num_threads, "torch.is_grad_enabled": torch.set_grad_enabled,
+                "torch.get_default_dtype": torch.set_default_dtype,
+                "torch.are_deterministic_algorithms_enabled": torch.use_deterministic_algorithms}
+    for k in changed:  # only what changed: the rest (a deterministic mode's warn_only, ...) stays untouched
+        if k in put_back:
+            put_back[k](before[k])
+    assert not changed, changed
 
 
 def _tiny_namespace() -> dict[str, Any]:
