@@ -240,7 +240,8 @@ def test_every_table_has_its_header_row():
     ``|---|`` line under it: the row shows as text."""
     wrong, tables = [], 0
     for path in DOCS:
-        lines = BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), _text(path)).splitlines()
+        lines = [line.lstrip() for line in  # a table in a list item is indented
+                 BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), _text(path)).splitlines()]
         for i, line in enumerate(lines):
             row = line.startswith("|") and line.rstrip().endswith("|")
             if row and (i == 0 or not lines[i - 1].startswith("|")):
@@ -249,6 +250,7 @@ def test_every_table_has_its_header_row():
                     wrong.append(f"{path.name}:{i + 1}: {line[:60]}")
     assert tables > 30, tables
     assert not wrong, "rows outside a table:\n" + "\n".join(wrong)
+
 
 def resolve(dotted: str) -> bool:
     """Whether ``dotted`` (``salience.a.b``) names something: an attribute, else a module to import."""
