@@ -40,8 +40,10 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 FLAG = re.compile(r"(?<![\w\-/=.])--[a-z][\w-]*")
 COMMAND = re.compile(r"(?:^|&&|;|\|)\s*(?:[A-Z_]+=\S*\s+)*(?:salience|python -m salience)\s+([a-z][\w-]*)([^#|;&]*)")
-OTHER_TOOLS = {"--dist", "--no-deps", "--revision", "--cache-dir", "--head", "--port"}
-"""Flags of the other tools the docs name (pytest-xdist, pip, hf, ray start): not salience's."""
+OTHER_TOOLS = {"--dist": r"pytest|-n \d", "--no-deps": r"\bpip\b", "--revision": r"\bhf download\b",
+               "--cache-dir": r"\bhf download\b", "--head": r"\bray start\b"}
+"""Flags of the other tools the docs name (pytest-xdist, pip, hf, ray start), not salience's: each allowed only on
+a line that names its tool (a salience ``--revision`` is not)."""
 
 
 def _text(path: Path) -> str:
@@ -99,7 +101,7 @@ def _is_value(word: str) -> bool:
 
 
 def test_every_salience_command_names_a_real_command_and_its_flags():
-    subs, seen, wrong = subcommands(), 0, []
+    subs, seen, wrong, flags, values = subcommands(), 0, [], 0, 0
     for where, command, rest, _ in commands():
         seen += 1
         if command not in subs:
@@ -111,15 +113,18 @@ def test_every_salience_command_names_a_real_command_and_its_flags():
             flag = word.split("=", 1)[0].strip("[]()`,;.")
             if not FLAG.fullmatch(flag):
                 continue
+            flags += 1
             if flag not in actions:
                 wrong.append(f"{where}: salience {command} has no {flag}")
                 continue
             choices = actions[flag].choices
             value = word.split("=", 1)[1] if "=" in word else (words[i + 1] if i + 1 < len(words) else "")
             value = value.strip("`,;")
+            values += bool(choices and _is_value(value))
             if choices and _is_value(value) and value not in choices:
                 wrong.append(f"{where}: salience {command} {flag} {value}: not one of {sorted(choices)}")
-    assert seen > 50, f"only {seen} commands found: the reader of the docs is broken"
+    assert seen > 50 and flags > 120 and values >= 5, f"{seen} commands, {flags} flags, {values} values of choices: " \
+        "the reader of the docs is broken"
     assert not wrong, "\n".join(wrong)
 
 
@@ -131,26 +136,57 @@ def test_the_complete_command_lines_of_the_code_blocks_parse(capsys):
         try:
             parser.parse_args([command, *shlex.split(rest)])
             parsed += 1
-        except SystemExit:
-            wrong.append(f"{where}: salience {command}{rest}: {capsys.readouterr().err.strip().splitlines()[-1]}")
+        except SystemExit as done:  # `--help` exits 0 (its text on stdout): a line that parses
+            parsed += done.code == 0
+            if done.code != 0:
+                wrong.append(f"{where}: salience {command}{rest}: {capsys.readouterr().err.strip().splitlines()[-1]}")
     assert parsed > 30, parsed
     assert not wrong, "\n".join(wrong)
 
 
 def test_every_flag_written_is_a_flag_of_some_parser():
-    known = set(OTHER_TOOLS)
+    known: set[str] = set()
     for sub in subcommands().values():
         known |= {f for f in sub._option_string_actions if f.startswith("--")}
     for script in [ROOT / "src/salience/demo/train.py", *(ROOT / "examples").glob("*.py"),
                    *(ROOT / "benchmarks").glob("*.py")]:
         known |= _flags_of(script)
-    wrong = []
+    wrong, seen, tools = [], 0, set()
     for path in DOCS:
         text = re.sub(r"unrecognized arguments:\s+--[\w-]+", "", _text(path))  # cli.md's example of a wrong flag
         for i, line in enumerate(text.splitlines(), 1):
-            wrong += [f"{path.name}:{i}: {flag}" for flag in FLAG.findall(line)
-                      if flag not in known and flag not in ("--x", "--no-x")]  # cli.md: `--x` / `--no-x`, the pattern
+            for flag in FLAG.findall(line):
+                seen += 1
+                if flag in OTHER_TOOLS and flag not in known and re.search(OTHER_TOOLS[flag], line):
+                    tools.add(flag)
+                elif flag not in known and flag not in ("--x", "--no-x"):  # cli.md: `--x` / `--no-x`, the pattern
+                    wrong.append(f"{path.name}:{i}: {flag}")
+    assert seen > 700, seen
+    assert tools == set(OTHER_TOOLS), f"allowed for other tools but not written: {set(OTHER_TOOLS) - tools}"
     assert not wrong, "flags no parser has:\n" + "\n".join(wrong)
+
+
+SCRIPT = re.compile(r"python3? (?:-m salience\.demo\.train|((?:benchmarks|examples)/\w+\.py))([^#|;&]*)")
+
+
+def test_a_script_command_has_that_scripts_flags():
+    """``python benchmarks/x.py --flag`` / ``examples/x.py`` / ``-m salience.demo.train``: a flag of that script,
+    not only of some parser (the test above)."""
+    wrong, commands, flags = [], 0, 0
+    for path in DOCS:
+        for where, text, _ in snippets(path):
+            for m in SCRIPT.finditer(text):
+                script = ROOT / (m.group(1) or "src/salience/demo/train.py")
+                if not script.exists():
+                    wrong.append(f"{where}: {m.group(1)}: no such script")
+                    continue
+                own, commands = _flags_of(script), commands + 1
+                for flag in FLAG.findall(m.group(2)):
+                    flags += 1
+                    if flag not in own:
+                        wrong.append(f"{where}: {script.name} has no {flag}")
+    assert commands > 50 and flags > 200, (commands, flags)  # 65 and 252
+    assert not wrong, "\n".join(wrong)
 
 
 def test_the_demo_training_commands_name_real_models():
@@ -167,6 +203,9 @@ def _anchors(path: Path) -> set[str]:
     text = BLOCK.sub("", _text(path))
     return {re.sub(r"[^\w\- ]", "", h.strip().lower().replace("`", "")).replace(" ", "-")
             for h in re.findall(r"^#+\s+(.*)$", text, re.M)}
+
+
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:tests|benchmarks|examples|src|docs|\.ci)/[\w./<>*-]*[\w*>])")
 
 
 def test_every_link_file_anchor_and_package_path_exists():
@@ -186,7 +225,13 @@ def test_every_link_file_anchor_and_package_path_exists():
             seen += 1
             if not list((ROOT / "src").glob(re.sub(r"<[^>]+>", "*", m.group(1)))):
                 wrong.append(f"{path.name}: {m.group(1)}: no such file in src/")
-    assert seen > 100, seen
+        for where, code, _ in snippets(path):  # tests/x.py, benchmarks/x.md, `--out benchmarks/x` (x.md, x.json)
+            for m in REPO_PATH.finditer(code):
+                seen += 1
+                pattern = re.sub(r"<[^>]+>", "*", m.group(1))
+                if not any(list(ROOT.glob(p)) for p in (pattern, pattern + ".*", pattern + "-*")):
+                    wrong.append(f"{where}: {m.group(1)}: no such file in the repository")
+    assert seen > 350, seen  # 100 links and salience/ paths, 273 repository paths
     assert not wrong, "\n".join(wrong)
 
 
@@ -195,7 +240,8 @@ def test_every_table_has_its_header_row():
     ``|---|`` line under it: the row shows as text."""
     wrong, tables = [], 0
     for path in DOCS:
-        lines = BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), _text(path)).splitlines()
+        lines = [line.lstrip() for line in  # a table in a list item is indented
+                 BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), _text(path)).splitlines()]
         for i, line in enumerate(lines):
             row = line.startswith("|") and line.rstrip().endswith("|")
             if row and (i == 0 or not lines[i - 1].startswith("|")):
@@ -204,6 +250,7 @@ def test_every_table_has_its_header_row():
                     wrong.append(f"{path.name}:{i + 1}: {line[:60]}")
     assert tables > 30, tables
     assert not wrong, "rows outside a table:\n" + "\n".join(wrong)
+
 
 def resolve(dotted: str) -> bool:
     """Whether ``dotted`` (``salience.a.b``) names something: an attribute, else a module to import."""
@@ -261,21 +308,34 @@ def _literal(node: ast.expr) -> Any:
 
 
 def _documented_signatures() -> Iterator[tuple[str, str, str]]:
-    """``name(a, b=1, *, c=2, ...)`` written in inline code: (where, name, arguments)."""
+    """``name(a, b=1, *, c=2, ...)`` written in inline code, ``salience.x.name``, ``viz.name`` or a bare ``name``
+    (evaluation.md's table of metrics): (where, name, arguments)."""
     for path in DOCS:
         rest = BLOCK.sub("", _text(path))
-        for m in re.finditer(r"`((?:salience|viz|metrics)(?:\.\w+)+)\(([^`]*)\)`", rest):
-            args = " ".join(m.group(2).split())
+        for m in re.finditer(r"`((?:salience|viz|metrics)(?:\.\w+)+|\w+)\(([^`]*)\)`", rest):
+            args = " ".join(m.group(2).replace("\\|", "|").split())  # `order="morf" \| "lerf"` in a table
             if re.search(r"(^|, )\*(,|$)", args):
                 yield path.name, m.group(1), args
+
+
+def _signature_owner(name: str) -> Any:
+    """What a written signature's name names: a dotted name, or a bare one of salience.metrics, viz, keras_vis or
+    salience itself (None: a placeholder such as README's ``method(model, x, ...)``)."""
+    if "." not in name:
+        homes = (salience.metrics, salience.viz, importlib.import_module("salience.keras_vis"), salience)
+        return next((getattr(home, name) for home in homes if hasattr(home, name)), None)
+    obj = salience
+    for part in re.sub(r"^(viz|metrics)\.", r"salience.\1.", name).split(".")[1:]:
+        obj = getattr(obj, part, None) or importlib.import_module(f"{obj.__name__}.{part}")
+    return obj
 
 
 def test_documented_signatures_have_the_real_parameters_and_defaults():
     wrong, seen = [], 0
     for where, name, args in _documented_signatures():
-        obj = salience
-        for part in re.sub(r"^(viz|metrics)\.", r"salience.\1.", name).split(".")[1:]:
-            obj = getattr(obj, part, None) or importlib.import_module(f"{obj.__name__}.{part}")
+        obj = _signature_owner(name)
+        if obj is None:
+            continue
         params = inspect.signature(obj).parameters
         call = ast.parse("f(" + re.sub(r"(^|, )\*(?=,|$)", "", args).replace("...", "").strip(", ") + ")",
                          mode="eval").body
@@ -289,7 +349,7 @@ def test_documented_signatures_have_the_real_parameters_and_defaults():
                     np.atleast_1d(default)):
                 wrong.append(f"{where}: {name}: {k.arg}={value!r} written, the default is {default!r}")
         seen += 1
-    assert seen >= 6, seen
+    assert seen >= 15, seen  # 16: 7 with a dotted name, 9 bare (evaluation.md's metrics, keras-vis.md)
     assert not wrong, "\n".join(wrong)
 
 
@@ -311,9 +371,33 @@ def _called(node: ast.Call) -> Optional[Any]:
     return obj
 
 
+def _keywords(fn: Any, node: ast.Call) -> Optional[set[str]]:
+    """The keywords ``fn`` takes, those its ``**options`` hand on included (SmoothGrad's inner method's, the
+    performance options, ``viz.figure``'s, ``load_model``'s); None for another ``**`` it does not know."""
+    params = inspect.signature(fn).parameters
+    names = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return names
+    if fn is salience.smoothgrad:
+        inner = next((k.value for k in node.keywords if k.arg == "method"), None)
+        inner = (salience.vanilla if inner is None else _called(ast.Call(inner, [], [])) if isinstance(
+            inner, ast.Attribute) else salience.METHODS.get(getattr(inner, "value", None)))
+        return None if inner is None else names | _keywords(inner, ast.Call(ast.Name("f"), [], []))
+    from dataclasses import fields
+    from salience._core.perf import Performance
+    handed = {salience.set_performance: {f.name for f in fields(Performance)},
+              salience.performance: {f.name for f in fields(Performance)},
+              salience.viz.save_figure: set(inspect.signature(salience.viz.figure).parameters),
+              salience.explore: set(inspect.signature(salience.load_model).parameters)}
+    return names | handed[fn] if fn in handed else None
+
+
 def test_every_keyword_of_a_documented_call_is_a_parameter():
-    wrong, seen = [], 0
+    wrong, seen, unknown = [], 0, []
     for path in DOCS:
+        for lang, body, line in blocks(path):
+            if lang == "python":  # a block that does not parse would be skipped whole below
+                ast.parse(body, f"{path.name}:{line}")
         pieces = [body for lang, body, _ in blocks(path) if lang == "python"]
         pieces += [text for _, text, in_block in snippets(path) if not in_block and "(" in text]
         for piece in pieces:
@@ -325,16 +409,26 @@ def test_every_keyword_of_a_documented_call_is_a_parameter():
                 fn = _called(node) if isinstance(node, ast.Call) else None
                 if fn is None or not callable(fn):
                     continue
-                params = inspect.signature(fn).parameters
-                if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                params = _keywords(fn, node)
+                if params is None:
+                    unknown.append(ast.unparse(node.func))
                     continue
                 seen += 1
                 wrong += [f"{path.name}: {ast.unparse(node.func)}(..., {k.arg}=...): no such parameter"
                           for k in node.keywords if k.arg and k.arg not in params]
-    assert seen > 100, seen
+    assert seen > 130 and not unknown, (seen, unknown)  # 131 calls: smoothgrad's, explore's, ... included
     assert not wrong, "\n".join(wrong)
 
+
+def _only_clauses(cell: str) -> list[tuple[set[str], str]]:
+    """The ``(a, b: `--flag` only)`` clauses of a "taken by" cell: (the methods named, that flag)."""
+    return [(set(re.findall(r"\w+", m.group(1))) & set(salience.METHODS), m.group(2))
+            for m in re.finditer(r"\(([^():]*): `(--[\w-]+)` only\)", cell)]
+
+
 def test_the_cli_method_option_table_says_which_methods_take_each_flag():
+    """Each row names exactly the methods that take one of its keywords (an omission is as false as an extra
+    name), or "all but ..." exactly the others; "(a, b: `--upsample` only)": a and b take that one alone."""
     text = _text(ROOT / "docs/cli.md")
     table = re.search(r"^\| flag \| keyword \| taken by \| values \|\n.*?\n\n", text, re.S | re.M).group(0)
     options, wrong, rows = method_options(), [], 0
@@ -353,6 +447,12 @@ def test_the_cli_method_option_table_says_which_methods_take_each_flag():
                 wrong.append(f"{keywords}: '{taken_cell}', but taken by {sorted(every)}")
         else:
             wrong += [f"{keywords}: {m} is named but takes none of them" for m in sorted(named - takers)]
+            wrong += [f"{keywords}: {m} takes it but is not named" for m in sorted(takers - named)]
+        for methods, flag in _only_clauses(taken_cell):
+            for m in sorted(methods):
+                took = sorted(options[kw].flag for kw in keywords if m in options[kw].defaults)
+                if took != [flag]:
+                    wrong.append(f"{keywords}: {m}: '{flag} only' written, but it takes {took}")
         rows += 1
     assert rows >= 10, rows
     assert not wrong, "\n".join(wrong)
@@ -435,6 +535,8 @@ def run_snippet(code: str, ns: dict[str, Any], skip: Optional[str] = None) -> in
         source = ast.get_source_segment(code, stmt)
         if skip and re.search(skip, source):
             continue
+        assert not re.search(r"allocator\s*=\s*['\"]reuse", source), \
+            f"{source}: mallopt cannot be undone in this process; leave it out (skip=)"
         claims = _claims(stmt, lines)
         if isinstance(stmt, ast.Expr) and claims:
             values = [eval(compile(ast.Expression(stmt.value), "<doc>", "eval"), ns)]
@@ -461,6 +563,33 @@ def python_block(doc: str, starts: str) -> str:
     found = [body for lang, body, _ in blocks(ROOT / doc) if lang == "python" and body.startswith(starts)]
     assert len(found) == 1, (doc, starts, len(found))
     return found[0]
+
+
+def _process_state() -> dict[str, Any]:
+    """What a snippet could set for the whole process, and so for every later test of a pytest worker."""
+    return {"salience.set_performance": salience.set_performance(), "torch.get_num_threads": torch.get_num_threads(),
+            "torch.get_num_interop_threads": torch.get_num_interop_threads(),
+            "torch.is_grad_enabled": torch.is_grad_enabled(), "torch.get_default_dtype": torch.get_default_dtype(),
+            "torch.are_deterministic_algorithms_enabled": torch.are_deterministic_algorithms_enabled()}
+
+
+@pytest.fixture(autouse=True)
+def _leaves_the_process_as_it_was():
+    """The snippets run in the tests' process: a setting one leaves (``salience.set_performance(...)``, torch's
+    threads, grad mode, dtype, global RNG) is put back, and fails the test that left it."""
+    before = _process_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    after = _process_state()
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    put_back = {"salience.set_performance": lambda v: salience.set_performance(**vars(v)),
+                "torch.get_num_threads": torch.set_num_threads, "torch.is_grad_enabled": torch.set_grad_enabled,
+                "torch.get_default_dtype": torch.set_default_dtype,
+                "torch.are_deterministic_algorithms_enabled": torch.use_deterministic_algorithms}
+    for k in changed:  # only what changed: the rest (a deterministic mode's warn_only, ...) stays untouched
+        if k in put_back:
+            put_back[k](before[k])
+    assert not changed, changed
 
 
 def _tiny_namespace() -> dict[str, Any]:
@@ -559,7 +688,7 @@ def test_the_run_snippets(tmp_path, monkeypatch):
               "other": salience.load_model("demo:shapes-regression")}
         try:
             run_snippet(python_block("docs/explore.md", "ex = salience.explore("), ns)  # its last line stops the last
-        finally:
-            for ex in started[:-1]:  # the snippet's other lines are alternatives, each left running
+        finally:  # the snippet's other lines are alternatives, each left running; the last stops its own,
+            for ex in started:  # unless a line failed before it: stop() again changes nothing
                 ex.stop()
         assert len(started) == 3 and all(ex.url.startswith("http://127.0.0.1:") for ex in started)
