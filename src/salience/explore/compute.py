@@ -56,7 +56,7 @@ class ModelSlot:
 
     def __init__(self, name: str, model: nn.Module, *, max_queue: int = 256) -> None:
         self.name = name
-        self.model = model.eval()
+        self.model = model  # no eval(): every pass runs in eval mode under the guard, the user's flags kept
         info = model_info(model)
         self.size = tuple(info.input_size) if info.input_size else _DEFAULT_SIZE
         probe = torch.zeros(1, info.channels, *self.size, device=model_device(model))

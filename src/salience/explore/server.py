@@ -99,10 +99,18 @@ def build_hub(model: ModelLike, images: Sequence[Any] = (), *, compare: CompareL
     files = [p for p in images if not is_run(p)]
     run_sources = [RunSource(f, n) for n, f in enumerate(run_folders)]
     load = dict(load or {})
-    slots = [_slot("a", model, load)] + [_slot(SLOTS[i + 1], m, {**load, **extra})
-                                         for i, (m, extra) in enumerate(others)]
-    sources = ([FileSource(files)] if files else []) + run_sources
-    return Hub(slots, ImageStore(sources, max_pixels=max_pixels), runs=run_sources)
+    slots: list[ModelSlot] = []
+    try:  # each slot starts a worker thread: one that fails to load stops those started before it
+        for name, m, extra in [("a", model, {})] + [(SLOTS[i + 1], m, e) for i, (m, e) in enumerate(others)]:
+            slots.append(_slot(name, m, {**load, **extra}))
+        sources = ([FileSource(files)] if files else []) + run_sources
+        return Hub(slots, ImageStore(sources, max_pixels=max_pixels), runs=run_sources)
+    except BaseException:
+        for s in slots:
+            s.worker.halt()
+        for s in slots:
+            s.worker.stop(5.0)
+        raise
 
 
 class Explorer:
@@ -184,15 +192,22 @@ def start(model: ModelLike, images: Sequence[Any] = (), *, compare: CompareLike 
     _check_deps()
     hub = build_hub(model, images, compare=compare, max_pixels=max_pixels, load=load, runs=runs,
                     compare_load=compare_load)
+    sock, explorer = None, None
     try:
         sock = bind_socket(host, port)
-    except BaseException:
+        if not is_local(host):
+            print("salience: " + REMOTE_WARNING.format(host=host, port=sock.getsockname()[1]), file=sys.stderr)
+        explorer = Explorer(hub, sock, host, allow_hosts)
+        return explorer.start() if background else explorer
+    except BaseException:  # the workers, the uploads and the socket: nothing left behind a failed start
+        if explorer is not None:
+            explorer.stop()
+            raise
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
         hub.close()
         raise
-    if not is_local(host):
-        print("salience: " + REMOTE_WARNING.format(host=host, port=sock.getsockname()[1]), file=sys.stderr)
-    explorer = Explorer(hub, sock, host, allow_hosts)
-    return explorer.start() if background else explorer
 
 
 def _check_deps() -> None:
