@@ -235,8 +235,9 @@ def _warn_unapplied(method: str, options: Any, unapplied: Sequence[str],
             if (method, option) in _UNAPPLIED:
                 continue
             _UNAPPLIED.add((method, option))
-        warnings.warn(f"{method}: {option}={value!r} is not applied to its passes: {(why or _WHY_NOT)[option]} (said once "
-                      "per process)", stacklevel=user_stacklevel())
+        reason = (why or _WHY_NOT)[option]
+        warnings.warn(f"{method}: {option}={value!r} is not applied to its passes: {reason} (said once per process)",
+                      stacklevel=user_stacklevel())
 
 
 def input_gradient_maps(
