@@ -144,3 +144,20 @@ def test_the_capture_forms_attention_right_under_bf16_autocast(kind):
         assert (a.sum(-1) - 1).abs().max() <= 2 ** -6
         assert (a - r).abs().max() <= 2 ** -5
     assert ((out - own).norm() / own.norm()) <= 2e-2
+
+
+def test_default_methods_tries_rollout_without_a_word_of_the_settings():
+    """``default_methods`` runs attention rollout once on an image to learn whether it takes the model: a probe, run
+    with the default options (``perf.plain``), which says nothing of the process's settings; the user's own call
+    of the method says it, once."""
+    m, x = _models()["mha"], _x()
+    prev = salience.set_performance(compile=True, fold_batchnorm=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            names = salience.methods.default_methods(m, x)
+        assert "attention_rollout" in names
+        with pytest.warns(UserWarning, match=r"^attention_rollout: compile=True is not applied"):
+            salience.attention_rollout(m, x, 1)
+    finally:
+        salience.set_performance(**vars(prev))
