@@ -6,12 +6,14 @@ a token model's patch embedding, a hybrid's backbone); ``compile`` and ``fold_ba
 torch function mode entered by hooks on the model's own attention modules) and a warning says so once per process
 and option, at the user's line. Before, all four were ignored without a word.
 
-Tolerances (bf16 on CPU, relative L2 per image against the float32 map, a fixed class target), measured over 20 seeds
-x 4 images x 2 targets (torchvision's ViT, 2 layers, 2 heads, dim 16, 32 px; tests/tiny_vit.py with its three
-attention kernels, 4 layers, 4 heads, dim 32): rollout at most 1.6e-3, attribution at most 4.9e-2 (its gradient's
-bf16 rounding, amplified by the ReLU of ``dS/dA * A``); bounds 1e-2 and 1e-1. With ``target=None`` a near-tie of the
-two top classes (8.95 against 8.88) may flip the predicted class under bf16: another class's map, as for every
-method. Commands: /tmp/s39 scripts in the session report.
+Tolerances (bf16 on CPU, relative L2 per image against the float32 map, a fixed class, 0 or 1), measured by
+:func:`measure` over 20 seeds x 4 images x 2 classes (torchvision's ViT, 2 layers, 2 heads, dim 16, 32 px;
+tests/tiny_vit.py with its three attention kernels, 4 layers, 4 heads, dim 32): rollout at most 1.5e-3 (median 3e-4
+to 8e-4); attribution median 2.2e-3 to 6.5e-3, at most 4.7e-3 on tests/tiny_vit.py, but 0.18 on one torchvision draw
+(two of its 160 maps above 0.1, correlation 0.9915 still: the ReLU of ``dS/dA * A`` takes entries near 0 in or out
+as their bf16 rounding flips their sign). Tested bounds: rollout 1e-2; attribution 0.25 and a correlation of at least 0.98 (the model drawn here
+gives 5e-3). With ``target=None`` a near-tie of the two top classes (8.95 against 8.88) may flip the predicted class
+under bf16: another class's map, as for every method. The figures: ``PYTHONPATH=src python tests/test_s39_attnperf_transformer.py`` (:func:`measure`).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from conftest import unchanged
 from tiny_vit import TinyViT, torchvision_vit
 
 METHODS = {"attention_rollout": salience.attention_rollout, "transformer_attribution": salience.transformer_attribution}
-TOLERANCE = {"attention_rollout": 1e-2, "transformer_attribution": 1e-1}
+TOLERANCE = {"attention_rollout": 1e-2, "transformer_attribution": 0.25}
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +60,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)
 
 
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+
 @pytest.mark.parametrize("kind", ["torchvision", "mha", "sdpa", "explicit"])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_precision_set_for_the_process_runs_the_attention_pass_under_autocast(name, kind):
@@ -77,6 +83,7 @@ def test_precision_set_for_the_process_runs_the_attention_pass_under_autocast(na
     assert seen and set(seen) == {torch.bfloat16}  # was float32: the setting silently not applied
     assert got.dtype == torch.float32 and got.shape == ref.shape and not torch.equal(got, ref)
     assert _rel(got, ref).max() <= TOLERANCE[name]
+    assert min(_corr(a, b) for a, b in zip(got, ref)) >= 0.98
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -151,7 +158,7 @@ def test_default_methods_tries_rollout_without_a_word_of_the_settings():
     with the default options (``perf.plain``), which says nothing of the process's settings; the user's own call
     of the method says it, once."""
     m, x = _models()["mha"], _x()
-    prev = salience.set_performance(compile=True, fold_batchnorm=True)
+    prev = salience.set_performance(compile=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -161,3 +168,38 @@ def test_default_methods_tries_rollout_without_a_word_of_the_settings():
             salience.attention_rollout(m, x, 1)
     finally:
         salience.set_performance(**vars(prev))
+
+
+def measure(seeds: int = 20) -> dict:
+    """Per method and model: the median and largest relative L2 distance per image of the bf16 map (CPU autocast) to
+    the float32 map, and the smallest correlation, with a fixed class (0 and 1), over ``seeds`` draws of each model
+    and of 4 images: the figures of the module doc."""
+    from statistics import median
+
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    seen: dict = {}
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        tv = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                               num_classes=5).eval()
+        nn.init.normal_(tv.heads.head.weight)
+        models = {"torchvision": tv, **{k: TinyViT(size=(32, 32), patch=8, dim=32, heads=4, depth=4).eval()
+                                        .set_attention(k) for k in ("mha", "sdpa", "explicit")}}
+        x = torch.rand(4, 3, 32, 32)
+        for kind, m in models.items():
+            for name, f in METHODS.items():
+                for target in (0, 1):
+                    ref = f(m, x, target)
+                    with salience.performance(precision="bf16"):
+                        got = f(m, x, target)
+                    rel, corr = seen.setdefault((name, kind), ([], []))
+                    rel.extend(_rel(got, ref).tolist())
+                    corr.extend(_corr(a, b) for a, b in zip(got, ref))
+    return {key: (median(rel), max(rel), min(corr)) for key, (rel, corr) in seen.items()}
+
+
+if __name__ == "__main__":
+    print("method                   model        median L2  max L2    min corr")
+    for (name, kind), (med, worst, corr) in sorted(measure().items()):
+        print(f"{name:24s} {kind:12s} {med:.2e}   {worst:.2e}  {corr:.4f}")
