@@ -211,9 +211,11 @@ def _small_values(grad: Tensor) -> Tensor:
     return (1.0 / (grad + _EPS)).abs()
 
 
-def _finish(grad: Tensor, grad_modifier: Optional[str], keepdims: bool, channel_axis: int, to_hwc: bool) -> np.ndarray:
+def _finish(grad: Tensor, grad_modifier: Optional[str], keepdims: bool, channel_axis: int, to_hwc: bool,
+            losses: bool = False) -> np.ndarray:
     """keras-vis's tail: grad modifier, signed max over ``channel_axis`` (unless ``keepdims``), then
-    the whole map scaled to ``[0, 1]``; ``to_hwc`` turns a kept ``(C, H, W)`` into ``(H, W, C)``."""
+    the whole map scaled to ``[0, 1]``; ``to_hwc`` turns a kept ``(C, H, W)`` into ``(H, W, C)``. ``losses``: the
+    map is :func:`visualize_saliency_with_losses`'s (a constant map is said in its terms)."""
     mod = _small_values if grad_modifier == "small_values" else _reduce.get_grad_modifier(grad_modifier)
     g = grad.detach().float()
     if mod is not None:
@@ -226,26 +228,35 @@ def _finish(grad: Tensor, grad_modifier: Optional[str], keepdims: bool, channel_
         g = g.amax(dim=channel_axis)
     lo, hi = g.min(), g.max()
     if bool(lo == hi):
-        _say_constant(grad, float(lo), grad_modifier, keepdims)
+        _say_constant(grad, float(lo), grad_modifier, keepdims, losses)
     # Not _core.tensors.minmax / reduce.normalize: keras-vis adds K.epsilon() to the span (its max lands just below 1).
     return ((g - lo) / (hi - lo + _EPS)).cpu().numpy()
 
 
-def _say_constant(grad: Tensor, value: float, grad_modifier: Optional[str], keepdims: bool) -> None:
+def _say_constant(grad: Tensor, value: float, grad_modifier: Optional[str], keepdims: bool, losses: bool) -> None:
     """A warning that the map is one value everywhere, which its scaling to [0, 1] returns as all zeros ("nothing
     salient" to the eye; keras-vis said nothing): why, as salience's command line and explorer say of a constant
-    map (``render.viz.constant_map_note``; compat does not import render: its own causes, keras-vis's terms)."""
+    map (``render.viz.constant_map_note``; compat does not import render: its own causes, keras-vis's terms: those
+    of :func:`visualize_saliency` (``filter_indices``, a layer) or, with ``losses``, of
+    :func:`visualize_saliency_with_losses` (its ``losses`` and their weights))."""
+    if losses:
+        source, dead = "the weighted sum of the losses", ("a loss on a dead unit (its ReLU is off everywhere for this "
+                                                          "seed_input: no gradient), weights that cancel the losses")
+        other = "other losses or weights"
+    else:
+        source, dead = "the explained filter_indices", ("a dead unit (its ReLU is off everywhere for this seed_input, "
+                                                       "so ActivationMaximization of it has no gradient)")
+        other = "another filter_indices or layer"
     if not bool(grad.any()):
-        what = ("the saliency map is constant (zero) everywhere: no gradient reached the input (or wrt_tensor) from "
-                "the explained filter_indices. Likely causes: a dead unit (its ReLU is off everywhere for this "
-                "seed_input, so ActivationMaximization of it has no gradient), a zero-initialised or untrained "
-                "layer, a backprop_modifier ('guided', 'relu') that stops every gradient, a model in training "
-                "mode. Try another seed_input, filter_indices or layer, backprop_modifier=None, and check the weights")
+        what = (f"the saliency map is constant (zero) everywhere: no gradient reached the input (or wrt_tensor) from "
+                f"{source}. Likely causes: {dead}, a zero-initialised or untrained layer, a backprop_modifier "
+                "('guided', 'relu') that stops every gradient, a model in training mode. Try another seed_input, "
+                f"{other}, backprop_modifier=None, and check the weights")
     else:
         after = f"grad_modifier={grad_modifier!r}" + ("" if keepdims else " and the channels' maximum")
         what = (f"the saliency map is constant ({value:.4g}) everywhere after {after}: every pixel gets the same "
                 "value (e.g. grad_modifier='relu' of a gradient negative everywhere, a score that depends on the "
-                "input only through its sum). Try grad_modifier='absolute' or None, or another filter_indices")
+                f"input only through its sum). Try grad_modifier='absolute' or None, or {other}")
     warnings.warn(what + "; the map returned, scaled to [0, 1] as keras-vis did, is all zeros",
                   stacklevel=user_stacklevel())
 
@@ -379,8 +390,16 @@ def visualize_saliency_with_losses(
     ``sum(weight * loss)``. ``wrt_tensor``: a layer (index, name or module) whose output the
     gradient is taken against instead of the input. Returns the normalized map (see module doc).
     """
+    return _with_losses(input_tensor, losses, seed_input, wrt_tensor, grad_modifier, keepdims, backprop_modifier,
+                        True)
+
+
+def _with_losses(model: Any, losses: Sequence[tuple[Target, float]], seed_input: Any, wrt_tensor: Any,
+                 grad_modifier: Optional[str], keepdims: bool, backprop_modifier: Optional[str],
+                 said_as_losses: bool) -> np.ndarray:
+    """:func:`visualize_saliency_with_losses`; ``said_as_losses``: a constant map is said in its terms (``False``:
+    :func:`visualize_saliency`'s, ``filter_indices``)."""
     keepdims = check_flag(keepdims, "keepdims")
-    model = input_tensor
     method = _rule(backprop_modifier)
     if is_keras_model(model):
         from salience.loading.keras import wrap_keras
@@ -392,13 +411,13 @@ def visualize_saliency_with_losses(
         grad = _loss_gradient(wrapped, x, losses, method, wrt)
         # Input gradients are (1, C, H, W) here; a Keras layer's are channels-last already.
         axis = 0 if wrt is None or not wrapped.channels_last else -1
-        return _finish(grad, grad_modifier, keepdims, axis, wrapped.channels_last and wrt is None)
+        return _finish(grad, grad_modifier, keepdims, axis, wrapped.channels_last and wrt is None, said_as_losses)
     if not isinstance(model, nn.Module):
         raise SalienceError(f"expected a torch.nn.Module or a keras.Model, got {type(model).__name__}")
     x = _to_batch(seed_input, False, model_dtype(model)).to(model_device(model))
     wrt = None if wrt_tensor is None else _torch_layer(model, wrt_tensor)
     grad = _loss_gradient(model, x, losses, method, wrt)
-    return _finish(grad, grad_modifier, keepdims, 0, False)
+    return _finish(grad, grad_modifier, keepdims, 0, False, said_as_losses)
 
 
 def _keras_wrt(model: Any, sub: Any, wrapped: nn.Module, wrt_tensor: Any, explained: Any = None) -> Optional[nn.Module]:
@@ -464,8 +483,8 @@ def visualize_saliency(
                                keepdims)
     layer = _torch_layer(model, layer_idx)
     loss = ActivationMaximization(layer, idx, channel_axis=1)
-    return visualize_saliency_with_losses(model, [(loss, -1.0)], seed_input, wrt_tensor, grad_modifier, keepdims,
-                                          backprop_modifier=backprop_modifier)
+    return _with_losses(model, [(loss, -1.0)], seed_input, wrt_tensor, grad_modifier, keepdims, backprop_modifier,
+                        False)
 
 
 class _PreActivation(Target):

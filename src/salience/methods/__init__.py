@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from salience._core import perf as _perf
 from salience._core.autograd import model_call
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
@@ -219,9 +220,11 @@ def _activation_kind(m: nn.Module) -> Optional[str]:
 def _attention_runs(model: nn.Module, x: Tensor, tokens: dict) -> bool:
     """Whether attention rollout (whose requirements transformer attribution shares) runs on ``x[:1]`` with
     ``tokens`` (the user's ``grid`` / ``prefix_tokens``); any other error than its refusal keeps them, for the
-    methods' own calls to report it."""
+    methods' own calls to report it. Run with the default options (:func:`salience._core.perf.plain`): a probe, not
+    the user's call, so it neither depends on the performance settings nor gives their once-per-process warnings."""
     try:
-        attention_rollout(model, x[:1], **tokens)
+        with _perf.plain():
+            attention_rollout(model, x[:1], **tokens)
     except SalienceError:
         return False
     except Exception:  # noqa: BLE001 - not a refusal: the caller runs the methods and says what failed

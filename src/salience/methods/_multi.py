@@ -18,7 +18,7 @@ import inspect
 import threading
 import types
 import warnings
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import torch
 
@@ -174,7 +174,8 @@ _WHY_NOT = {
 
 
 @contextlib.contextmanager
-def hooked_pass(model: nn.Module, x: Tensor, method: str) -> Iterator[Optional[_perf.Run]]:
+def hooked_pass(model: nn.Module, x: Tensor, method: str,
+                why: Optional[Mapping[str, str]] = None) -> Iterator[Optional[_perf.Run]]:
     """The block's passes (a backprop rule's, or a hooked layer's: guided backprop, deconvnet, the gradient CAMs,
     Guided Grad-CAM) under the performance options in force (:func:`salience._core.perf.current`), as far as they
     apply: ``precision`` (autocast around the forward pass) and ``memory_format="channels_last"`` (the model's
@@ -182,10 +183,11 @@ def hooked_pass(model: nn.Module, x: Tensor, method: str) -> Iterator[Optional[_
     ``fold_batchnorm`` (:data:`_WHY_NOT`), which a warning says once per process for each method and option. Inside
     a many-pass method's chunk (SmoothGrad of guided backprop) that run's options are in force and checked alike.
     Yields the run in force (``None``: none, the passes run as they are; :func:`salience._core.autograd.backward`
-    finds it itself). ``x``: checked by the caller."""
+    finds it itself). ``x``: checked by the caller. ``why``: the method's own reasons, by option, for the warning
+    (default :data:`_WHY_NOT`'s: a backprop rule's, a hooked layer's)."""
     active = _perf.active(model)
     options = active.options if active is not None else _perf.current()
-    _warn_unapplied(method, options, ("compile", "fold_batchnorm"))
+    _warn_unapplied(method, options, ("compile", "fold_batchnorm"), why)
     channels_last = options.memory_format == "channels_last"
     if active is not None or (options.precision == "fp32" and not channels_last):
         yield active
@@ -205,16 +207,22 @@ def full_precision(t: Tensor, x: Tensor) -> Tensor:
     return t.to(x.dtype) if t.dtype in low and x.dtype not in low and x.is_floating_point() else t
 
 
-def warn_unapplied(method: str, model: nn.Module, unapplied: Sequence[str]) -> None:
-    """:func:`_warn_unapplied` of the options in force for ``model`` (a many-pass method's run's, else the
-    settings), for a method whose pass takes none of ``unapplied`` (Eigen-CAM's)."""
-    active = _perf.active(model)
-    _warn_unapplied(method, active.options if active is not None else _perf.current(), unapplied)
+def warn_unapplied(method: str, model: nn.Module, unapplied: Sequence[str], options: Any = None,
+                   why: Optional[Mapping[str, str]] = None) -> None:
+    """:func:`_warn_unapplied` of ``options`` (default: those in force for ``model``, a many-pass method's run's, else
+    the settings), for a method whose pass takes none of ``unapplied`` (Eigen-CAM's; Ablation-CAM's ``compile`` and
+    ``fold_batchnorm``); ``why``: its reasons by option (default :data:`_WHY_NOT`)."""
+    if options is None:
+        active = _perf.active(model)
+        options = active.options if active is not None else _perf.current()
+    _warn_unapplied(method, options, unapplied, why)
 
 
-def _warn_unapplied(method: str, options: Any, unapplied: Sequence[str]) -> None:
+def _warn_unapplied(method: str, options: Any, unapplied: Sequence[str],
+                    why: Optional[Mapping[str, str]] = None) -> None:
     """The one warning per process of each option of ``unapplied`` set in ``options`` (not its default) that
-    ``method``'s passes do not apply (a user who set ``compile=True`` learns that these passes ran eagerly)."""
+    ``method``'s passes do not apply (a user who set ``compile=True`` learns that these passes ran eagerly);
+    ``why``: the reason for each option (default :data:`_WHY_NOT`)."""
     set_to = {"compile": options.compile if options.backend is not None else None,
               "fold_batchnorm": True if options.fold_batchnorm else None,
               "precision": options.precision if options.precision != "fp32" else None,
@@ -227,8 +235,9 @@ def _warn_unapplied(method: str, options: Any, unapplied: Sequence[str]) -> None
             if (method, option) in _UNAPPLIED:
                 continue
             _UNAPPLIED.add((method, option))
-        warnings.warn(f"{method}: {option}={value!r} is not applied to its passes: {_WHY_NOT[option]} (said once "
-                      "per process)", stacklevel=user_stacklevel())
+        reason = (why or _WHY_NOT)[option]
+        warnings.warn(f"{method}: {option}={value!r} is not applied to its passes: {reason} (said once per process)",
+                      stacklevel=user_stacklevel())
 
 
 def input_gradient_maps(

@@ -30,20 +30,23 @@ Regularizers that make the picture readable, each optional:
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import operator
-from contextlib import ExitStack
-from typing import Callable, Optional, Sequence, Union
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from salience._core import perf as _perf
 from salience._core.autograd import gradients
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.progress import progress as _progress
 from salience._core.tensors import check_int, check_number, gaussian_blur, model_device, model_dtype, check_flag
+from salience.methods._multi import warn_unapplied
 from salience.targets import Classes, Target, as_target
 
 __all__ = ["class_model", "total_variation", "tv_gradient", "gaussian_blur"]  # gaussian_blur: re-export of the core one
@@ -289,6 +292,37 @@ class _Regularizers:
         return _clip(img, self.bounds)
 
 
+# why a target on an inner layer (a filter's activation) takes neither option: the one warning per process of
+# salience.methods._multi.warn_unapplied
+_LAYER_WHY = {
+    "compile": "a target on an inner layer reads it with a hook, which a compiled graph does not follow; the passes "
+               "run eagerly",
+    "fold_batchnorm": "a target on an inner layer reads the model's own layer, which the folded copy has not; the "
+                      "passes run the model itself",
+}
+
+
+@contextmanager
+def _passes(model: nn.Module, img: Tensor, groups: list[tuple[Target, list[int]]]) -> Iterator[None]:
+    """The ascent's passes under the performance options in force (:func:`salience._core.perf.current`), as one
+    chunk of a :class:`~salience._core.perf.Run` for all the steps (each a gradient pass of one batch size): the
+    layout, autocast, and after the first step (which looks for a final softmax to strip) the compiled model or the
+    folded copy; with a target on an inner layer not those two, which a warning says once per process."""
+    options = _perf.current()
+    if _perf.active(model) is not None or not _perf._fast(options):
+        yield  # the defaults (or "auto", measured over a many-pass call's chunks): the passes as they are
+        return
+    if any(getattr(t, "layer", None) is not None for t, _ in groups):
+        warn_unapplied("class_model", model, ("compile", "fold_batchnorm"), options, _LAYER_WHY)
+        options = dataclasses.replace(options, compile=False, fold_batchnorm=False)
+    run = _perf.Run(model, img, options, tag="class-model")
+    try:
+        with run.chunk(options.memory_format == "channels_last", True):
+            yield
+    finally:
+        run.close()
+
+
 def _ascend(model: nn.Module, img: Tensor, groups: list[tuple[Target, list[int]]], update: _Update,
             reg: _Regularizers, *, steps: int, jitter: int, generator: Optional[torch.Generator], progress: bool,
             callback: Optional[Callback]) -> tuple[Tensor, list[Tensor]]:
@@ -298,6 +332,7 @@ def _ascend(model: nn.Module, img: Tensor, groups: list[tuple[Target, list[int]]
     history: list[Tensor] = []
     with ExitStack() as stack:
         stack.enter_context(model_guard(model))  # one guard for all steps
+        stack.enter_context(_passes(model, img, groups))  # the performance options, one run for all steps
         bar = stack.enter_context(_progress(steps, "class model", enabled=progress))
         for step in range(steps):
             scores, grad = _scores_and_gradient(model, img, groups, jitter, generator)

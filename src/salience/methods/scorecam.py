@@ -27,7 +27,7 @@ from ``x``).
 
 Both take the engine's performance options (``memory_format``, ``compile``, ``precision``; see
 docs/performance.md): Score-CAM's chunks of live items keep a compiled graph's one shape;
-Ablation-CAM's hooked passes never run compiled.
+Ablation-CAM's hooked passes never run compiled nor folded (a warning says so once per process).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
 from salience._core.tensors import autocast_off, check_number, check_flag
-from salience.methods._multi import several_targets
+from salience.methods._multi import several_targets, warn_unapplied
 from salience.methods._tokens import Layout, one_model
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
 from salience.methods.perturbation import (SOFTMAX, check_perturbation_targets, check_softmax, clean_scores, judge,
@@ -54,6 +54,16 @@ from salience.methods.perturbation import (SOFTMAX, check_perturbation_targets, 
 from salience.targets import Classes, Target, resolve, split
 
 __all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
+
+# why Ablation-CAM's passes do not take these options: the one warning per process of
+# salience.methods._multi.warn_unapplied (the layout and the autocast apply)
+_ABLATION_WHY = {
+    "compile": "a forward hook replaces the layer's output in each pass, which a compiled graph does not follow "
+               "(dynamo does not guard on a hook added after it compiled) and would retrace for every chunk's hook; "
+               "the passes run eagerly",
+    "fold_batchnorm": "the folded copy has not the model's layer whose output the hook replaces; the passes run the "
+                      "model itself",
+}
 
 SCORECAM_SOFTMAX = SOFTMAX + ("channels",)
 """Score-CAM's weights: ``"classes"`` (the target's probability, the paper), ``"none"`` (the raw
@@ -381,8 +391,9 @@ def ablationcam(
     ``layer``, ``relu``, ``grid``, ``prefix_tokens`` and ``strip_softmax`` as in :func:`salience.gradcam`;
     ``chunk``, ``max_memory``, ``progress``, ``memory_format``, ``compile`` and ``precision`` as in
     :func:`salience.smoothgrad`: the passes take the layout and the autocast, but never run compiled
-    (a forward hook replaces the layer's output in each of them; ``compile`` is accepted, for
-    settings shared with the other methods, and its passes run eagerly).
+    nor folded (a forward hook replaces the layer's output in each of them; ``compile`` and ``fold_batchnorm``
+    are accepted, for settings shared with the other methods, its passes run eagerly on the model itself, and a
+    warning says so once per process).
     """
     relu = check_flag(relu, "relu")
     upsample = check_flag(upsample, "upsample")
@@ -392,6 +403,7 @@ def ablationcam(
     targets, multi, mod = _setup("Ablation-CAM", model, x, target, layer)
     budget = _engine.check_memory_options(chunk, max_memory)
     perf = _perf.resolve(memory_format, compile, precision)
+    warn_unapplied("ablationcam", model, ("compile", "fold_batchnorm"), perf, _ABLATION_WHY)
     b = x.shape[0]
     with model_guard(model):
         native, out = _capture(model, x, mod, strip_softmax)
@@ -399,8 +411,9 @@ def ablationcam(
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
-        # no compiled passes: a hook replaces the layer's output in each (compile would retrace per chunk)
-        run = _perf.Run(model, x, replace(perf, compile=False), tag=f"ablationcam:{probs}:{strip_softmax}:{value}")
+        # no compiled nor folded passes: a hook replaces the layer's output in each (_ABLATION_WHY)
+        run = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False),
+                        tag=f"ablationcam:{probs}:{strip_softmax}:{value}")
         clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already)  # (B, K)
         _check_nonzero(clean, resolved, probs)
 

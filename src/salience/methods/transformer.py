@@ -22,24 +22,35 @@ embedding or from ``prefix_tokens=`` / ``grid=`` (rules in :mod:`salience.method
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from salience._core import perf as _perf
 from salience.attention import ActiveIn, AttentionCapture, attention_maps, check_model, scoped
 from salience._core.autograd import backward, check_input, unwrap_output
 from salience._core.errors import SalienceError
 from salience._core.guard import modules_of
 from salience._core.tensors import autocast_off, check_flag, upsample_bilinear
-from salience.methods._multi import several_targets
+from salience.methods._multi import hooked_pass, several_targets
 from salience.methods._tokens import Layout, token_layout
 from salience.targets import TargetLike, check_output, checked_on_output, split
 
 __all__ = ["attention_rollout", "transformer_attribution", "HEAD_FUSIONS"]
 
 HEAD_FUSIONS = ("mean", "max", "min")
+
+# why the attention methods' passes do not take these performance options: the one warning per process of
+# salience.methods._multi.hooked_pass, which applies the others (precision: autocast; memory_format="channels_last")
+_WHY_NOT = {
+    "compile": "the attention capture is a torch function mode entered by hooks on the model's attention modules "
+               "for the pass, which a compiled graph neither runs nor guards on; the passes run eagerly",
+    "fold_batchnorm": "the attention capture runs in the model's own attention modules (learnt per model), not in a "
+                      "folded copy's; the passes run the model itself",
+}
 
 
 def _check_maps(shapes: list[tuple[int, ...]], batch: int, method: str) -> int:
@@ -220,9 +231,12 @@ def attention_rollout(
 
     def run(m: nn.Module, t: Tensor) -> None:  # afresh each time attention_maps runs it (see there)
         shapes.clear()
-        outputs[:] = [m(t)]
+        chunk = _perf.active(m)  # the performance options that apply (hooked_pass): the layout, autocast
+        with chunk.autocast() if chunk is not None else contextlib.nullcontext():
+            outputs[:] = [m(chunk.prepare(t) if chunk is not None else t)]
 
-    fused = attention_maps(model, x, reduce=layer, forward=run, method="attention_rollout", modules=modules)
+    with hooked_pass(model, x, "attention_rollout", _WHY_NOT):
+        fused = attention_maps(model, x, reduce=layer, forward=run, method="attention_rollout", modules=modules)
     if checked_on_output(targets):
         check_output(targets, unwrap_output(outputs[0], model))
     n = _check_maps(shapes, x.shape[0], "attention_rollout")
@@ -284,7 +298,8 @@ def transformer_attribution(
     targets, multi = split(target, x.shape[0])
     checkpoint_error = getattr(torch.utils.checkpoint, "CheckpointError", ())
     try:  # the capture only inside the modules that call the attention, once known (a fresh one if that misses)
-        cap = _attribution_pass(model, x, targets, strip_softmax)
+        with hooked_pass(model, x, "transformer_attribution", _WHY_NOT):  # precision, layout; autograd.backward's
+            cap = _attribution_pass(model, x, targets, strip_softmax)
     except checkpoint_error:  # type: ignore[misc]  # a non-reentrant checkpoint backward() could not run plainly
         raise SalienceError(
             "transformer_attribution cannot run through a non-reentrant torch.utils.checkpoint: the backward pass "
