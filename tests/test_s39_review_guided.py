@@ -1,0 +1,74 @@
+"""Review of the merge e91f5c2 (guided methods' refusals, default_methods without them, precision on the hooked
+passes): what it left wrong, each test failing against the merge."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import salience
+from salience import SalienceError
+from salience.methods import default_methods
+
+GUIDED = {"guided_backprop", "deconvnet", "guided_gradcam"}
+
+
+class _ReluModulesAndFunctionalGelu(nn.Module):
+    """ReLU modules, and a GELU called functionally (no module says so): guided backprop refuses it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.fc(F.gelu(self.c2(self.relu(self.c1(x)))).mean((2, 3)))
+
+
+class _FunctionalReluCNN(nn.Module):
+    """A CNN whose ReLUs are F.relu calls (torchvision's Inception v3, GoogLeNet): no activation module."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).mean((2, 3)))
+
+
+def _forwards(model: nn.Module, call) -> tuple:
+    """``call()``'s result and how many times the model's forward ran during it."""
+    n = [0]
+    handle = model.register_forward_pre_hook(lambda m, i: n.__setitem__(0, n[0] + 1))
+    try:
+        return call(), n[0]
+    finally:
+        handle.remove()
+
+
+def test_a_functional_gelu_beside_relu_modules_leaves_the_guided_methods_out():
+    """The module scan saw the ReLU modules and kept the guided methods, which then all refuse the F.gelu."""
+    model = _ReluModulesAndFunctionalGelu().eval()
+    x = torch.rand(1, 3, 8, 8)
+    for name in GUIDED:
+        kwargs = {"layer": "c2"} if name == "guided_gradcam" else {}
+        try:
+            salience.METHODS[name](model, x, **kwargs)
+            raise AssertionError(f"{name} ran")
+        except SalienceError as e:
+            assert "gelu" in str(e)
+    methods = default_methods(model, x)
+    assert not GUIDED & set(methods)
+    assert {"vanilla", "gradcam"} <= set(methods)
+
+
+def test_default_methods_runs_one_forward_on_a_cnn_with_functional_relus():
+    """The default-layer search's pass says which activations ran: no second pass under the guided rule (there were
+    two on a CNN whose ReLUs are F.relu, one before the merge)."""
+    model = _FunctionalReluCNN().eval()
+    x = torch.rand(2, 3, 8, 8)
+    methods, n = _forwards(model, lambda: default_methods(model, x))
+    assert GUIDED <= set(methods)
+    assert n == 1
