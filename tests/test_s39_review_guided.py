@@ -2,6 +2,7 @@
 passes): what it left wrong, each test failing against the merge."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -72,3 +73,46 @@ def test_default_methods_runs_one_forward_on_a_cnn_with_functional_relus():
     methods, n = _forwards(model, lambda: default_methods(model, x))
     assert GUIDED <= set(methods)
     assert n == 1
+
+
+class _Fp16Overflow(nn.Module):
+    """Finite scores whose gradients overflow float16 (past 65504): ``(z * 1e-6) * 1e5`` gives the gradient 1e5 at
+    ``z * 1e-6``; float32 and bfloat16 (float32's range) hold it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.f = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return (self.head(self.f(x).mean((2, 3))) * 1e-6) * 1e5
+
+
+_FP16_CALLS = {
+    "vanilla": lambda m, x: salience.vanilla(m, x, 1),
+    "guided_backprop": lambda m, x: salience.guided_backprop(m, x, 1),
+    "deconvnet": lambda m, x: salience.deconvnet(m, x, 1),
+    "gradcam": lambda m, x: salience.gradcam(m, x, 1, layer="f.2"),
+    "gradcam_plus_plus": lambda m, x: salience.gradcam_plus_plus(m, x, [0, 1], layer="f.2"),
+    "layercam (fused)": lambda m, x: salience.layercam(m, x, 1, layer=["f.0", "f.2"]),
+    "guided_gradcam": lambda m, x: salience.guided_gradcam(m, x, 1, layer="f.2"),
+    "smoothgrad of guided backprop": lambda m, x: salience.smoothgrad(m, x, 1, method=salience.guided_backprop,
+                                                                      samples=2),
+}
+
+
+@pytest.mark.parametrize("name", list(_FP16_CALLS))
+def test_gradients_that_overflow_float16_under_precision_fp16_are_refused(name):
+    """``precision="fp16"`` (autocast) on a pass whose gradients pass 65504: the map came back NaN / infinite in
+    float32, without a word (the merge put the guided and CAM passes under the option; vanilla was so before);
+    a SalienceError now says to use bf16 or fp32. bf16 gives a finite map close to fp32's."""
+    m = _Fp16Overflow().eval()
+    x = torch.rand(2, 3, 8, 8)
+    ref = _FP16_CALLS[name](m, x)
+    assert torch.isfinite(ref).all()
+    with salience.performance(precision="fp16"):
+        with pytest.raises(SalienceError, match=r"overflow float16 under precision='fp16'.*'bf16'"):
+            _FP16_CALLS[name](m, x)
+    with salience.performance(precision="bf16"):
+        assert torch.isfinite(_FP16_CALLS[name](m, x)).all()
