@@ -116,3 +116,32 @@ def test_gradients_that_overflow_float16_under_precision_fp16_are_refused(name):
             _FP16_CALLS[name](m, x)
     with salience.performance(precision="bf16"):
         assert torch.isfinite(_FP16_CALLS[name](m, x)).all()
+
+
+def test_keras_vis_wrt_tensor_with_a_modifier_runs_its_ruled_pass_under_the_precision_set():
+    """keras-vis's ``wrt_tensor=`` with ``backprop_modifier=``: a ruled pass like guided backprop's, which the merge
+    put under ``precision`` (autocast) and ``memory_format``; this one ran in float32 without a word. Now its pass
+    runs under bf16, the map in the input's dtype, close to fp32's."""
+    from salience.compat import keras_vis as kv
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    x = torch.rand(3, 8, 8)
+    seen: set = set()
+    handle = m[2].register_forward_hook(lambda mod, i, o: seen.add(o.dtype))
+
+    def call():
+        return kv.visualize_saliency(m, -1, filter_indices=1, seed_input=x, backprop_modifier="guided",
+                                     wrt_tensor=m[0])
+    try:
+        ref = call()
+        assert seen == {torch.float32}
+        seen.clear()
+        with salience.performance(precision="bf16"):
+            got = call()
+    finally:
+        handle.remove()
+    assert seen == {torch.bfloat16}  # was float32: the setting silently not applied
+    assert got.dtype == ref.dtype
+    torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(ref), rtol=0.1, atol=0.05)
