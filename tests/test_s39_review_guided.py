@@ -2,6 +2,8 @@
 passes): what it left wrong, each test failing against the merge."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -145,3 +147,26 @@ def test_keras_vis_wrt_tensor_with_a_modifier_runs_its_ruled_pass_under_the_prec
     assert seen == {torch.bfloat16}  # was float32: the setting silently not applied
     assert got.dtype == ref.dtype
     torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(ref), rtol=0.1, atol=0.05)
+
+
+def test_memory_format_auto_is_not_said_unapplied_by_a_single_pass():
+    """``memory_format="auto"`` is measured over a many-pass call's chunks only: no single pass applies it (vanilla,
+    Grad-CAM, guided backprop say nothing). Eigen-CAM's new warning said it "not applied" all the same, once per
+    process; ``"channels_last"`` is still said."""
+    from salience.methods import _multi
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    _multi._UNAPPLIED.clear()
+    try:
+        with salience.performance(memory_format="auto"), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for name in ("vanilla", "gradcam", "guided_backprop", "eigencam"):
+                salience.METHODS[name](m, x, **({"layer": "2"} if "cam" in name else {}))
+        with salience.performance(memory_format="channels_last"):
+            with pytest.warns(UserWarning, match="eigencam: memory_format='channels_last' is not applied"):
+                salience.eigencam(m, x, layer="2")
+    finally:
+        _multi._UNAPPLIED.clear()

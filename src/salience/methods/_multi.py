@@ -241,7 +241,8 @@ def _warn_unapplied(method: str, options: Any, unapplied: Sequence[str]) -> None
     set_to = {"compile": options.compile if options.backend is not None else None,
               "fold_batchnorm": True if options.fold_batchnorm else None,
               "precision": options.precision if options.precision != "fp32" else None,
-              "memory_format": options.memory_format if options.memory_format != "contiguous" else None}
+              # "auto" is measured over a many-pass call's chunks only: no single pass applies it, none says so
+              "memory_format": options.memory_format if options.memory_format == "channels_last" else None}
     for option in unapplied:
         value = set_to[option]
         if value is None:
