@@ -170,3 +170,15 @@ def test_memory_format_auto_is_not_said_unapplied_by_a_single_pass():
                 salience.eigencam(m, x, layer="2")
     finally:
         _multi._UNAPPLIED.clear()
+
+
+def test_a_model_naming_its_layer_is_decided_by_that_layers_pass():
+    """A model that names its Grad-CAM layer (``salience_default_layer``: no search) has the one pass recording that
+    layer count its activations: the F.gelu beside ReLU modules leaves the guided methods out, with no pass more
+    than before the merge (that pass and attention rollout's)."""
+    model = _ReluModulesAndFunctionalGelu().eval()
+    model.salience_default_layer = "c2"
+    x = torch.rand(2, 3, 8, 8)
+    methods, n = _forwards(model, lambda: default_methods(model, x))
+    assert not GUIDED & set(methods) and "gradcam" in methods
+    assert n == 2
