@@ -65,7 +65,7 @@ from salience._core.autograd import this_thread
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.guard import check_python_model
 
-__all__ = ["BackpropRule", "GuidedRule", "DeconvnetRule", "guided", "deconvnet", "check_model", "UNSUPPORTED"]
+__all__ = ["BackpropRule", "ActivationCount", "GuidedRule", "DeconvnetRule", "guided", "deconvnet", "check_model", "UNSUPPORTED"]
 
 UNSUPPORTED = ("error", "warn", "ignore")
 # what the refusal of a pass without rectifiers says to do (salience.compat.keras_vis says it in its own words)
@@ -238,6 +238,53 @@ def _guided_relu(out: Tensor) -> Tensor:
     return out
 
 
+def _sort_call(func: Callable, args: tuple, kwargs: dict) -> tuple[str, Optional[tuple[Tensor, bool, Optional[float]]], str]:
+    """:func:`_classify`, remembering in :data:`_PLAIN` a callable that is no activation whatever its arguments."""
+    kind, info, name = _classify(func, args, kwargs)
+    if kind == "other" and name not in _PARAMS:
+        try:
+            _PLAIN.add(func)
+        except TypeError:  # an unhashable callable: classified again next time
+            pass
+    return kind, info, name
+
+
+def _taken_over(info: Optional[tuple[Tensor, bool, Optional[float]]]) -> bool:
+    """Whether a rule takes a rectifier call over: its input is on the pass's graph (a float that requires grad)."""
+    assert info is not None
+    x = info[0]
+    return torch.is_grad_enabled() and x.requires_grad and x.is_floating_point()
+
+
+class ActivationCount(TorchFunctionMode):
+    """Around a forward pass with gradients, changing nothing: what a backprop rule with its defaults would meet
+    there, ``rectified`` (the rectifier calls it would take over) and ``unsupported_seen`` (a
+    :class:`collections.Counter` of the activations it refuses). :attr:`rules_apply`: whether guided backprop with
+    its defaults takes such a pass (:func:`salience.methods.default_methods` reads it off the default-layer search's
+    pass, with no pass of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rectified = 0
+        self.unsupported_seen: collections.Counter = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func not in _PLAIN:
+            kind, info, name = _sort_call(func, tuple(args), kwargs)
+            if kind == "rectifier" and _taken_over(info):
+                self.rectified += 1
+            elif kind == "unsupported":
+                self.unsupported_seen[name] += 1
+        return func(*args, **kwargs)
+
+    @property
+    def rules_apply(self) -> bool:
+        """A rectifier met and no activation the rules refuse: the default call neither refuses it nor gives
+        vanilla's map."""
+        return self.rectified > 0 and not self.unsupported_seen
+
+
 class BackpropRule(TorchFunctionMode):
     """A backprop rule as a context manager: enter it around a model's forward pass only.
 
@@ -263,16 +310,11 @@ class BackpropRule(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _PLAIN:  # most calls (conv2d, batch_norm, add_, dim, ...): no rule, no bookkeeping
             return func(*args, **kwargs)
-        kind, info, name = _classify(func, tuple(args), kwargs)
-        if kind == "other" and name not in _PARAMS:
-            try:
-                _PLAIN.add(func)
-            except TypeError:  # an unhashable callable: classified again next time
-                pass
+        kind, info, name = _sort_call(func, tuple(args), kwargs)
         if kind == "rectifier":
             assert info is not None
             x, inplace, cap = info
-            if torch.is_grad_enabled() and x.requires_grad and x.is_floating_point():
+            if _taken_over(info):
                 self.rectified += 1
                 if self.use_gate and name == "relu" and not (inplace and x._is_view()):
                     return _guided_relu(func(*args, **kwargs))

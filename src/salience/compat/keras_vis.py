@@ -44,6 +44,7 @@ from salience._core.tensors import check_flag, check_int, model_device, model_dt
 from salience.loading.keras import import_keras, is_keras_model, layer_module_name
 from salience._core.layers import resolve_layer
 from salience.methods import METHODS
+from salience.methods._multi import full_precision, hooked_pass, refuse_fp16_overflow
 from salience.targets import Target
 
 __all__ = [
@@ -365,11 +366,13 @@ def _wrt_gradient(model: nn.Module, x: Tensor, target: Target, method: Optional[
         return gradients(model, x, target, layers=[wrt]).layer_grads[0]
     rules.check_model(model, method)
     rule = rules.guided() if method == "guided_backprop" else rules.deconvnet()
-    with rule.marking(wrt) as mark:
+    # a ruled pass as guided backprop's: under the precision and layout set (not compiled, not folded: said)
+    with hooked_pass(model, x, method), rule.marking(wrt) as mark:
         g = gradients(model, x, target, layers=[wrt], extra_modes=[rule]).layer_grads[0]
+        refuse_fp16_overflow(model, g)
     rule.check_rectified(since=mark[0] if mark else 0,
                          part="between wrt_tensor's layer and the explained layer")
-    return g
+    return full_precision(g, x)
 
 
 def visualize_saliency_with_losses(

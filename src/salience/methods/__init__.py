@@ -124,7 +124,9 @@ def default_methods(model: nn.Module, x: Optional[Tensor] = None, *, grid: Optio
     The attention methods need global self-attention over the same ``N`` tokens in every layer and a
     class token, which attention that subsamples or pools tokens (LeViT, PVT v2, MViTv2, Hiera) or a
     model without a class token does not give; and the default layer may depend on what the layers
-    output. Both are decided by running the default-layer search and, where its pass saw an attention
+    output. The guided methods are decided by the activations the search's pass calls (functional ones too,
+    :class:`salience.rules.ActivationCount`: no pass of their own). Both are decided by running the default-layer
+    search and, where its pass saw an attention
     operation or module (or the modules' names say attention), attention rollout, once each, on an image: ``x[:1]``, or without ``x`` a random image of the model's input size
     (:class:`~salience._core.info.ModelInfo`, known for a model from :func:`salience.load_model`).
     Without either (a bare module, or a model that cannot take that image), only what the modules
@@ -136,13 +138,14 @@ def default_methods(model: nn.Module, x: Optional[Tensor] = None, *, grid: Optio
         return [n for n in METHODS if n not in HOOKED_METHODS and n not in ATTENTION_METHODS]
     image = x[:1] if x is not None else _model_image(model)
     # with an image, attention rollout decides alone: attention written as a bare function (SDPA or a softmax
-    # in a module of any name) runs there too; without one, the modules' names say
+    # in a module of any name) runs there too; without one, the modules' names say. The search's pass also says
+    # which activations a backprop rule meets there ("guided": no pass of _rules_apply's own)
     seen: dict = {}
     layer = _default_layer_found(model, image, seen, tokens)
     # the search's pass saw no attention operation or module: attention rollout would refuse; not run
     attention = (has_attention(model) if image is None
                  else (seen.get("attention", True) or has_attention(model)) and _attention_runs(model, image, tokens))
-    guided = _rules_apply(model, image)
+    guided = seen["guided"] if seen.get("guided") is not None else _rules_apply(model, image)
     return [n for n in METHODS if (attention or n not in ATTENTION_METHODS) and (layer or n not in LAYER_METHODS)
             and (guided or n not in GUIDED_METHODS)]
 
@@ -184,7 +187,8 @@ _UNRULED = (nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.PReLU, nn.RR
 
 
 def _rules_apply(model: nn.Module, image: Optional[Tensor]) -> bool:
-    """Whether guided backprop with its defaults takes ``model`` (:data:`GUIDED_METHODS`): its activation modules say
+    """Whether guided backprop with its defaults takes ``model`` (:data:`GUIDED_METHODS`) where the default-layer
+    search's pass did not say it (no image, a pass that failed): its activation modules say
     so where they can (one the rules are not defined for: no; ReLUs and none such: yes), else a forward pass of
     ``image`` under the guided rule, counting (``unsupported="ignore"``: nothing raised) the rectifiers and the
     activations it is not defined for; without an image, kept (the methods' own calls refuse it)."""

@@ -30,6 +30,7 @@ from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.layers import layer_name, resolve_layer
 from salience._core.perf import ModelCache, structure
+from salience import rules
 from salience.methods._attention_spotter import _AttentionSpotter
 from salience.methods._tokens import (Layout, channel_count, layer_layout, one_model, patch_embeddings, patch_grid,
                                       token_shaped)
@@ -158,7 +159,10 @@ def _default_call(model: nn.Module, x: Tensor,
     if "shape" in seen:
         return name, why, mod, seen["shape"]
     check_input(x, model)  # a layer the model names: no search checked x
-    return name, why, mod, _first_shape(_record_calls(model, x, only=mod), mod)
+    counting = rules.ActivationCount()
+    shape = _first_shape(_record_calls(model, x, only=mod, counting=counting), mod)
+    seen["guided"] = counting.rules_apply
+    return name, why, mod, shape
 
 
 def _first_shape(calls: list["_Call"], mod: nn.Module) -> Optional[tuple[int, ...]]:
@@ -178,14 +182,15 @@ class _Call:
 
 def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
                   outputs: Optional[list] = None, attending: Optional[list] = None,
-                  factorized: Optional[list] = None) -> list[_Call]:
+                  factorized: Optional[list] = None, counting: Optional["rules.ActivationCount"] = None) -> list[_Call]:
     """Every named module's call on ``x[:1]``, in the order they *finished*, its output as a CAM reads it
     (:func:`~salience._core.autograd.layer_value`: a block's ``(hidden_states, ...)`` tuple -> its first
     tensor); an output requires grad exactly when it depends on the input (the parameters are frozen).
     The model's own output is appended to ``outputs`` when given; with ``attending`` (a list), the
     attention operations of the pass are appended to it as ``(the innermost running module's name, the
     attention's shape or None)`` (:class:`_AttentionSpotter`), and its factorized attentions to ``factorized`` (a
-    list, given with ``attending``) as ``(module name, N tokens)``. ``x``: checked by the caller
+    list, given with ``attending``) as ``(module name, N tokens)``; ``counting``: entered around the pass, to count
+    the activations a backprop rule would meet (:class:`~salience.rules.ActivationCount`). ``x``: checked by the caller
     (:func:`~salience._core.autograd.check_input`)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise SalienceError("cannot look inside a TorchScript model for a Grad-CAM layer; pass the Python nn.Module")
@@ -220,8 +225,9 @@ def _record_calls(model: nn.Module, x: Tensor, only: Optional[nn.Module] = None,
         # caller runs under torch.inference_mode(), where enable_grad() alone records no graph.
         with model_guard(model), torch.inference_mode(False), torch.enable_grad(), _plain_checkpoints():
             one = x[:1].clone() if x.is_inference() else x[:1]
-            with model_call(model, x), (_AttentionSpotter(running) if attending is not None  # errors name the caller's x
-                                          else contextlib.nullcontext()) as spotter:
+            with model_call(model, x), counting or contextlib.nullcontext(), \
+                    (_AttentionSpotter(running) if attending is not None  # errors name the caller's x
+                     else contextlib.nullcontext()) as spotter:
                 out = model(one.detach().requires_grad_(True))
             if attending is not None:
                 attending.extend(spotter.seen)
@@ -576,6 +582,7 @@ class _Found:
     shape: Optional[tuple[int, ...]]
     attention: bool
     refused: str = ""
+    guided: Optional[bool] = None  # whether guided backprop's defaults take the pass (rules.ActivationCount)
 
 
 _SEARCHED = ModelCache(keep=32)
@@ -597,15 +604,15 @@ def _searched(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple
         try:
             name, why = _search(model, x, pass_seen)
             found = _Found(name, why, _first_shape(pass_seen["calls"], resolve_layer(model, name)),
-                           pass_seen["attention"])
+                           pass_seen["attention"], guided=pass_seen["guided"])
         except SalienceError as e:
             if "calls" not in pass_seen:
                 raise  # the pass itself failed: nothing the rules decided
-            found = _Found("", "", None, pass_seen["attention"], str(e))
+            found = _Found("", "", None, pass_seen["attention"], str(e), pass_seen["guided"])
         if structure(model) == fingerprint:  # not a model that changed in its own pass (kept for what it is now)
             _SEARCHED.put(model, key, fingerprint, found)
     if seen is not None:
-        seen["attention"], seen["shape"] = found.attention, found.shape
+        seen["attention"], seen["shape"], seen["guided"] = found.attention, found.shape, found.guided
     if found.refused:
         raise SalienceError(found.refused)
     return found.name, found.why
@@ -654,9 +661,10 @@ def _search(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[s
     outputs: list = []
     attending: list[tuple[str, Any]] = []
     factorized: list[tuple[str, int]] = []
-    calls = _record_calls(model, x, outputs=outputs, attending=attending, factorized=factorized)
+    counting = rules.ActivationCount()
+    calls = _record_calls(model, x, outputs=outputs, attending=attending, factorized=factorized, counting=counting)
     if seen is not None:
-        seen["calls"] = calls
+        seen["calls"], seen["guided"] = calls, counting.rules_apply
         seen["attention"] = bool(attending) or bool(factorized) or any(_is_attention(c.module) for c in calls)
     _refuse_inline_attention(model, x, attending)
     vit = _before_last_attention(model, x, calls, attending, factorized)

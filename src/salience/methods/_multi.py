@@ -25,9 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from salience._core import engine as _engine
+from salience._core import derived as _derived
 from salience._core import perf as _perf
 from salience import reduce as _reduce
-from salience._core.errors import user_stacklevel
+from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.autograd import check_input, forward_scores, seeing_output, unwrap_output
 from salience._core.layers import resolve_layer
 from salience.targets import Target, check_output, checked_on_output, split
@@ -207,6 +208,28 @@ def full_precision(t: Tensor, x: Tensor) -> Tensor:
     return t.to(x.dtype) if t.dtype in low and x.dtype not in low and x.is_floating_point() else t
 
 
+def refuse_fp16_overflow(model: nn.Module, *grads: Tensor) -> None:
+    """Inside a pass's block: under ``precision="fp16"`` (the run in force on ``model``), a :class:`SalienceError`
+    where ``grads`` (the pass's gradients, cast back or not) are NaN or infinite: float16 holds magnitudes up to
+    65504, and a map cast back from an overflowed pass was NaN / infinite in float32 without a word. Inside a
+    many-pass call tested at its end (:meth:`salience._core.derived.Derived.defer`: no synchronization per pass);
+    nothing at all under another precision."""
+    run = _perf.active(model)
+    if run is None or run.dtype is not torch.float16 or not grads:
+        return
+    bad = torch.stack([~torch.isfinite(g.detach()).all() for g in grads]).any()
+
+    def refuse() -> None:
+        raise SalienceError("the gradients overflow float16 under precision='fp16' (NaN or infinite values: float16 "
+                            "holds magnitudes up to 65504); use precision='bf16' (float32's range) or 'fp32'")
+
+    scope = _derived.current()
+    if scope is not None:
+        scope.defer("fp16 overflow", bad, refuse)
+    elif bool(bad):
+        refuse()
+
+
 def warn_unapplied(method: str, model: nn.Module, unapplied: Sequence[str], options: Any = None,
                    why: Optional[Mapping[str, str]] = None) -> None:
     """:func:`_warn_unapplied` of ``options`` (default: those in force for ``model``, a many-pass method's run's, else
@@ -226,7 +249,8 @@ def _warn_unapplied(method: str, options: Any, unapplied: Sequence[str],
     set_to = {"compile": options.compile if options.backend is not None else None,
               "fold_batchnorm": True if options.fold_batchnorm else None,
               "precision": options.precision if options.precision != "fp32" else None,
-              "memory_format": options.memory_format if options.memory_format != "contiguous" else None}
+              # "auto" is measured over a many-pass call's chunks only: no single pass applies it, none says so
+              "memory_format": options.memory_format if options.memory_format == "channels_last" else None}
     for option in unapplied:
         value = set_to[option]
         if value is None:
@@ -268,6 +292,7 @@ def input_gradient_maps(
     with ruled if ruled is not None else _perf.one_pass(model, x, tag="input-gradient"):
         grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax,
                                               extra_modes=extra_modes)
+        refuse_fp16_overflow(model, grads)
     if times_input:  # x detached: a caller's x that requires grad must not put the map on its graph
         grads = grads * x.detach().unsqueeze(0)
     return finish(grads.transpose(0, 1), grad_modifier, reduce, multi, targets)

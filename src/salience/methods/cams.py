@@ -32,7 +32,8 @@ from salience._core.errors import SalienceError
 from salience._core.layers import LayerSpec
 from salience._core.tensors import check_flag
 from salience.targets import TargetLike, split
-from salience.methods._multi import full_precision, hooked_pass, several_targets, target_free, warn_unapplied
+from salience.methods._multi import (full_precision, hooked_pass, refuse_fp16_overflow, several_targets, target_free,
+                                     warn_unapplied)
 from salience.methods.gradcam import gradient_cam, grid_layout, resolve_cam_layer, upsample_maps
 from salience.methods._tokens import one_model
 
@@ -187,6 +188,7 @@ def _fused_layercam(model: nn.Module, x: Tensor, target: TargetLike, layers: lis
     mods = [resolve_cam_layer(model, x, spec, checked=True) for spec in layers]
     with hooked_pass(model, x, "layercam"):  # precision (autocast) applies; compile does not
         g = backward(model, x, targets, layers=mods, input_grad=False, strip_softmax=strip_softmax)
+        refuse_fp16_overflow(model, *g.layer_grads)
     maps = []
     for mod, acts, grads in zip(mods, g.activations, g.layer_grads):
         layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)

@@ -27,7 +27,7 @@ from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, upsample_bilinear
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike, split
-from salience.methods._multi import finish, full_precision, hooked_pass, several_targets
+from salience.methods._multi import finish, full_precision, hooked_pass, refuse_fp16_overflow, several_targets
 from salience.methods._layer_search import _pick_default, default_layer, default_layer_readable, describe_default_layer
 from salience.methods._tokens import Layout, layer_layout, one_model
 
@@ -109,6 +109,7 @@ def gradient_cam(
     # checkpoint as a plain call: a layer inside a reentrant one has no gradient in the forward pass otherwise).
     with hooked_pass(model, x, method):  # precision (autocast) applies; compile does not
         acts, grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+        refuse_fp16_overflow(model, grads)
     layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
     acts, grads = full_precision(layout.to_grid(acts), x), full_precision(layout.to_grid(grads), x)
     cam = torch.stack([combine(acts, g) for g in grads], dim=1)  # (B, K, h, w)
@@ -195,6 +196,7 @@ def guided_gradcam(
             if not (mark and mark[0] == rule.rectified):
                 # ReLUs ran after the layer: the rule changed its gradient; Grad-CAM needs the plain one.
                 acts, layer_grads = _engine.layer_gradients(model, x, targets, mod, strip_softmax=strip_softmax)
+            refuse_fp16_overflow(model, g.inputs, layer_grads)
         layout = grid_layout(model, mod, acts, x, grid, prefix_tokens)
         acts, layer_grads = full_precision(layout.to_grid(acts), x), full_precision(layout.to_grid(layer_grads), x)
         cams = torch.stack([_gradcam_map(acts, lg).clamp(min=0) for lg in layer_grads], dim=1)  # (B, K, h, w)
