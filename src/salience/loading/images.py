@@ -18,6 +18,7 @@ import dataclasses
 import math
 import numbers
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -106,6 +107,8 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         raise SalienceError(f"{p}: no such file; check the path")
     if data is None and p.is_dir():
         raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
+    if data is None:
+        data = _pipe_bytes(p)  # a pipe gives its bytes once; a 16-bit PNG is read twice (_png16_rest)
     try:
         # We check the size ourselves (below) against max_pixels; PIL's own bomb check would
         # otherwise refuse or warn on its own, different limit.
@@ -147,6 +150,16 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
             return _png16_tensor(img, rest, raw) if rest is not None else _to_rgb_tensor(img, top)
         except SalienceError as e:
             raise SalienceError(f"{p}: {e}") from None
+
+
+def _pipe_bytes(p: Path) -> Optional[bytes]:
+    """The bytes of ``p`` when it is a pipe (bash's ``<(curl ...)``, a named pipe), read whole, as PIL reads a stream it
+    cannot seek; ``None`` for any other file, which is opened where it is (twice for a 16-bit colour PNG,
+    :func:`_png16_rest`: a pipe would be empty, or wait for ever, the second time)."""
+    try:
+        return p.read_bytes() if stat.S_ISFIFO(p.stat().st_mode) else None
+    except OSError as e:
+        raise SalienceError(f"{p}: cannot be read ({e.strerror or e})") from None
 
 
 def _unidentified(p: Any, data: Optional[bytes]) -> SalienceError:
