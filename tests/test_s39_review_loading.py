@@ -50,3 +50,20 @@ def test_a_16_bit_png_from_a_pipe_is_read_once_not_waited_for(tmp_path):
     assert isinstance(got["x"], torch.Tensor), got["x"]
     want = torch.from_numpy((a.astype(np.float64) / 65535).astype(np.float32)).permute(2, 0, 1)
     assert torch.equal(got["x"], want)
+
+
+def test_a_meta_tensor_size_or_mean_is_refused_as_bad_input():
+    """The merge read a tensor ``size`` with ``.tolist()``, which a meta tensor answers with NotImplementedError
+    (before it, any tensor size was refused with a SalienceError); means and the ModelInfo's own numbers likewise."""
+    from salience import SalienceError
+    from salience._core.info import ModelInfo
+    from salience.loading import normalize_input, with_preprocessing
+
+    info = ModelInfo(name="m", input_size=(8, 8))
+    meta = torch.tensor([8.0, 8.0], device="meta")
+    for kwargs in ({"size": torch.tensor(8, device="meta")}, {"size": meta}, {"mean": meta[:1]}, {"std": meta[:1]}):
+        with pytest.raises(SalienceError, match=rf"{next(iter(kwargs))} must be"):
+            with_preprocessing(info, **kwargs)
+    for bad in (ModelInfo(name="m", input_size=meta), ModelInfo(name="m", mean=meta[:1])):
+        with pytest.raises(SalienceError, match=r"normalize_input: the ModelInfo's"):
+            normalize_input(torch.rand(3, 4, 4), bad)

@@ -339,7 +339,7 @@ def check_info(info: Any, fn: str) -> ModelInfo:
 def _plain(values: Any) -> Optional[list]:
     """A tuple / list / 1-D array or tensor as a list of its (Python) values; anything else ``None``."""
     if isinstance(values, (Tensor, np.ndarray)):
-        return values.reshape(-1).tolist() if values.ndim == 1 else None
+        return values.reshape(-1).tolist() if values.ndim == 1 and _has_values(values) else None
     return [_whole(v) if isinstance(v, float) else v for v in values] if isinstance(values, (tuple, list)) else None
 
 
@@ -347,7 +347,7 @@ def _stat_floats(values: Any, loose: bool) -> Optional[tuple[float, ...]]:
     """Means or stds as floats: a tuple / list / 1-D array or tensor of real numbers (no bools), or ``None``.
     ``loose`` (what ``with_preprocessing`` takes): also one number alone, any iterable, an array of any shape."""
     if isinstance(values, (Tensor, np.ndarray)):
-        items = values.reshape(-1).tolist() if loose or values.ndim == 1 else None
+        items = values.reshape(-1).tolist() if (loose or values.ndim == 1) and _has_values(values) else None
     elif loose and isinstance(values, numbers.Real):
         items = [values]
     elif isinstance(values, (tuple, list)) or (loose and isinstance(values, Iterable)
@@ -358,6 +358,11 @@ def _stat_floats(values: Any, loose: bool) -> Optional[tuple[float, ...]]:
     if items is None or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
         return None
     return tuple(float(v) for v in items)
+
+
+def _has_values(x: Any) -> bool:
+    """``x`` (an array or tensor) holds values to read: not a tensor on the meta device (``.tolist()`` raises)."""
+    return not (isinstance(x, Tensor) and x.is_meta)
 
 
 def _stats_ok(vals: tuple[float, ...], name: str) -> bool:
@@ -677,7 +682,7 @@ def _check_size(size: Union[None, int, Sequence[int]]) -> Optional[tuple[int, in
     if size is None:
         return None
     if isinstance(size, (Tensor, np.ndarray)):
-        values = size.reshape(-1).tolist() if size.ndim <= 1 else []
+        values = size.reshape(-1).tolist() if size.ndim <= 1 and _has_values(size) else []
     elif isinstance(size, numbers.Number) or isinstance(size, (str, bytes)) or not isinstance(size, Sequence):
         values = [size]
     else:
