@@ -67,3 +67,44 @@ def test_a_meta_tensor_size_or_mean_is_refused_as_bad_input():
     for bad in (ModelInfo(name="m", input_size=meta), ModelInfo(name="m", mean=meta[:1])):
         with pytest.raises(SalienceError, match=r"normalize_input: the ModelInfo's"):
             normalize_input(torch.rand(3, 4, 4), bad)
+
+
+# --------------------------------------------------------------- tRNS: a key colour of a gray or RGB PNG is transparent
+
+def _with_trns(png: bytes, key: bytes) -> bytes:
+    """``png`` with a tRNS chunk (before its first IDAT): the key colour, 2 bytes a sample, big-endian."""
+    from test_s39_loading_png16 import _chunk
+
+    at = png.index(b"IDAT") - 4
+    return png[:at] + _chunk(b"tRNS", key) + png[at:]
+
+
+def test_an_8_bit_rgb_or_gray_png_with_a_key_colour_is_white_where_the_key_is():
+    """A tRNS chunk makes every pixel of its colour transparent (PNG spec 11.3.2.1; Pillow's ``convert("RGBA")``
+    gives them alpha 0): composited on white as alpha and palette transparency are. They kept the key colour."""
+    import io
+
+    from PIL import Image
+
+    rgb = np.array([[[10, 20, 30], [10, 20, 31], [200, 100, 0]]], np.uint8)
+    for arr, key in ((rgb, (10, 20, 30)), (rgb[..., 0], 10)):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "PNG", transparency=key)
+        x = load_image("k.png", data=buf.getvalue())
+        want = np.repeat(arr[..., None], 3, -1) if arr.ndim == 2 else arr.copy()
+        want = np.where((arr == key if arr.ndim == 2 else (arr == key).all(-1))[..., None], 255, want)
+        assert torch.equal(x, torch.from_numpy(want).permute(2, 0, 1).float() / 255)
+
+
+@pytest.mark.parametrize("colour_type, channels", [(0, 1), (2, 3)])
+def test_a_16_bit_png_with_a_key_colour_is_white_where_all_16_bits_match(colour_type, channels):
+    """The key of a 16-bit PNG is 16 bits a sample: the pixel equal to it is white, one equal in its high bytes alone
+    (what an 8-bit reading compares) keeps its value. Both kept the key colour."""
+    from test_s39_loading_png16 import _on_white, _png
+
+    a = np.array([[[1000, 2000, 3000], [1001, 2000, 3000], [40000, 5, 65534]]], np.uint16)[..., :channels]
+    key = a[0, 0]
+    png = _with_trns(_png(a, colour_type), key.astype(">u2").tobytes())
+    want = _on_white(a[..., 0] if channels == 1 else a)
+    want[:, 0, 0] = 1.0
+    assert torch.equal(load_image("k.png", data=png), want)
