@@ -14,14 +14,9 @@ from salience.loading import load_image
 cv2 = pytest.importorskip("cv2")
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
-def test_a_16_bit_png_from_a_pipe_is_read_once_not_waited_for(tmp_path):
-    """A pipe (bash's ``<(curl ...)``, a named pipe) gives its bytes once: the merge opened a 16-bit colour PNG a
-    second time for its low bytes and waited for ever on the pipe (an 8-bit one, or any before the merge, loaded)."""
-    a = np.random.default_rng(3).integers(0, 65536, (4, 5, 3), dtype=np.uint16)
-    a[a % 257 == 0] += 1
-    assert cv2.imwrite(str(tmp_path / "s.png"), a[..., ::-1].copy())
-    body = (tmp_path / "s.png").read_bytes()
+def _through_pipe(tmp_path, body: bytes):
+    """``load_image`` of a named pipe a thread writes ``body`` to: its tensor or error, or ``None`` if it waited
+    10 s (the reader is then let go with an empty write)."""
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
 
@@ -34,22 +29,48 @@ def test_a_16_bit_png_from_a_pipe_is_read_once_not_waited_for(tmp_path):
     def read() -> None:
         try:
             got["x"] = load_image(fifo)
-        except Exception as e:  # noqa: BLE001 - reported by the assert below
+        except Exception as e:  # noqa: BLE001 - returned to the test
             got["x"] = e
 
     threads = [threading.Thread(target=write, daemon=True), threading.Thread(target=read, daemon=True)]
     for t in threads:
         t.start()
     threads[1].join(10)
-    if threads[1].is_alive():  # unblock the reader waiting on the pipe: a writer that closes at once (EOF)
-        try:
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
-    assert "x" in got, "load_image waited on the pipe for a second reading"
-    assert isinstance(got["x"], torch.Tensor), got["x"]
-    want = torch.from_numpy((a.astype(np.float64) / 65535).astype(np.float32)).permute(2, 0, 1)
-    assert torch.equal(got["x"], want)
+    if not threads[1].is_alive():
+        return got["x"]
+    try:  # let the reader waiting on the pipe go: a writer that closes at once (EOF)
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+    threads[1].join(5)
+    return None
+
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+
+
+@needs_fifo
+def test_a_16_bit_png_from_a_pipe_is_read_once_not_waited_for(tmp_path):
+    """A pipe (bash's ``<(curl ...)``, a named pipe) gives its bytes once: the merge opened a 16-bit colour PNG a
+    second time for its low bytes and waited for ever on the pipe (an 8-bit one, or any before the merge, loaded)."""
+    a = np.random.default_rng(3).integers(0, 65536, (4, 5, 3), dtype=np.uint16)
+    a[a % 257 == 0] += 1
+    assert cv2.imwrite(str(tmp_path / "s.png"), a[..., ::-1].copy())
+    x = _through_pipe(tmp_path, (tmp_path / "s.png").read_bytes())
+    assert x is not None, "load_image waited on the pipe for a second reading"
+    assert isinstance(x, torch.Tensor), x
+    assert torch.equal(x, torch.from_numpy((a.astype(np.float64) / 65535).astype(np.float32)).permute(2, 0, 1))
+
+
+@needs_fifo
+def test_no_image_from_a_pipe_is_said_at_once(tmp_path):
+    """Bytes PIL cannot identify: the message looks at the file's first bytes (a TIFF?), which read the pipe a
+    second time and waited for ever."""
+    from salience import SalienceError
+
+    x = _through_pipe(tmp_path, b"no image, some text\n")
+    assert x is not None, "load_image waited on the pipe for its first bytes"
+    assert isinstance(x, SalienceError) and "not an image file" in str(x), x
 
 
 def test_a_meta_tensor_size_or_mean_is_refused_as_bad_input():
