@@ -6,9 +6,9 @@ knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``
 PIL cuts to 8 bits: read again for the low bytes, :data:`_PNG16_REST`) are scaled by
 ``1/65535`` (signed 16-bit TIFFs by ``1/32767``; 32-bit integer ones only when their values fit in 16 bits),
 float images (``F``) taken as they are when in ``[0, 1]`` (else refused), CMYK / YCbCr / palette images go through PIL's conversion, and transparent images
-(RGBA, LA, palette with transparency, a gray or RGB PNG's tRNS key colour, compared in all 16 bits of a 16-bit
-one) are **composited on white** (a transparent background reads as paper, not as black). :func:`preprocess`
-applies a model's :class:`~salience._core.info.ModelInfo` (resize + centre crop, mean/std); :func:`load_images`
+(RGBA, LA, palette with transparency) are **composited on white** (a transparent background
+reads as paper, not as black). :func:`preprocess` applies a model's
+:class:`~salience._core.info.ModelInfo` (resize + centre crop, mean/std); :func:`load_images`
 does both for a list of files and keeps going past bad ones.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     """Read an image file as an RGB float tensor ``(3, H, W)`` in ``[0, 1]``.
 
     The size is read from the file's header and checked against ``max_pixels`` (width x height;
-    ``None``: no limit) before any pixel is decoded. EXIF orientation is applied. Alpha (a PNG's tRNS key colour too) is
+    ``None``: no limit) before any pixel is decoded. EXIF orientation is applied. Alpha is
     composited on white; 16-bit images keep their precision, colour PNGs too (scaled by ``1/65535``; a TIFF of
     signed 16-bit samples by ``1/32767``, negative ones refused; a 32-bit integer image is read so when its values
     fit in 16 bits, else refused); a float image (PIL's ``F``, a 32-bit float TIFF) is taken as it is, in
@@ -213,24 +213,10 @@ def _png16_tensor(high, rest, raw: str) -> Tensor:
     else:
         v = np.asarray(high, dtype=np.uint16) << 8 | b
     a = torch.from_numpy(v.astype(np.float32)).permute(2, 0, 1).div_(65535.0)  # correctly rounded: as in float64
-    if raw == "RGB;16B":  # a tRNS key colour: 16 bits a sample
-        a[:, torch.from_numpy(_key_mask(v, high.info.get("transparency")))] = 1.0
     if a.shape[0] == 4:
         alpha = a[3:]
         a = a[:3].mul_(alpha).add_(1.0 - alpha)
     return a.contiguous()
-
-
-def _key_mask(samples: np.ndarray, key: Any) -> np.ndarray:
-    """The pixels of ``samples`` (``(H, W)`` gray or ``(H, W, C)`` integers) equal to ``key``, the key colour of a PNG's
-    tRNS chunk (PIL's ``info["transparency"]``: an int for gray, ``(R, G, B)``), which it makes transparent; none when
-    there is no key (or one that does not fit the samples)."""
-    k = np.asarray(key) if isinstance(key, (int, tuple)) and not isinstance(key, bool) else None
-    if k is not None and k.dtype.kind in "iu" and samples.ndim == 2 and k.ndim == 0:
-        return samples == k
-    if k is not None and k.dtype.kind in "iu" and samples.ndim == 3 and k.shape == samples.shape[-1:]:
-        return (samples == k).all(-1)
-    return np.zeros(samples.shape[:2], dtype=bool)
 
 
 def check_max_pixels(max_pixels: Any) -> Optional[int]:
@@ -302,14 +288,9 @@ def _to_rgb_tensor(img, top: int = 65535) -> Tensor:
 
     mode = img.mode
     if mode.startswith("I;16") or mode == "I" or mode == "F":
-        if mode == "F":
-            a = _unit_floats(np.asarray(img, dtype=np.float32))
-        else:
-            samples = np.asarray(img)
-            a = _scaled_integers(samples, top)
-            a[_key_mask(samples, img.info.get("transparency"))] = 1.0
+        a = _unit_floats(np.asarray(img, dtype=np.float32)) if mode == "F" else _scaled_integers(np.asarray(img), top)
         return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0).repeat(3, 1, 1)
-    if mode in ("P", "1", "L", "RGB") and "transparency" in img.info:  # a palette index or a key colour: PIL's alpha
+    if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
