@@ -88,3 +88,29 @@ def test_a_meta_tensor_size_or_mean_is_refused_as_bad_input():
     for bad in (ModelInfo(name="m", input_size=meta), ModelInfo(name="m", mean=meta[:1])):
         with pytest.raises(SalienceError, match=r"normalize_input: the ModelInfo's"):
             normalize_input(torch.rand(3, 4, 4), bad)
+
+
+def test_a_16_bit_png_replaced_between_its_two_readings_is_a_salience_error(tmp_path, monkeypatch):
+    """The low bytes come from a second opening of the file: one replaced in between by an image of another size
+    (a folder being re-exported) raised numpy's ValueError (broadcasting), which load_images does not catch."""
+    from PIL import Image
+
+    from salience import SalienceError
+    from salience._core.info import ModelInfo
+    from salience.loading import load_images
+
+    p = tmp_path / "a.png"
+    assert cv2.imwrite(str(p), np.full((4, 5, 3), 1000, np.uint16))
+    opened = Image.open
+
+    def open_then_replace(fp, *args, **kwargs):
+        im = opened(fp, *args, **kwargs)
+        w, h = im.size  # replaced after each opening by one of another size, which the next opening reads
+        assert cv2.imwrite(str(p), np.full((h + 2, w + 2, 3), 1000, np.uint16))
+        return im
+
+    monkeypatch.setattr(Image, "open", open_then_replace)
+    with pytest.raises(SalienceError, match=r"a.png: corrupt or truncated .*\(the file changed while it was read"):
+        load_image(p)
+    batch, ok, errors = load_images([p], ModelInfo(name="m"))
+    assert batch is None and ok == [] and "changed while it was read" in errors[0][1]

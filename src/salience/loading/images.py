@@ -139,7 +139,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
                 img.load()
                 top = _integer_top(img)  # before exif_transpose, whose copy has no TIFF tags
                 img = ImageOps.exif_transpose(img) or img
-                rest = _png16_rest(Image.open(p if data is None else io.BytesIO(data)), raw) if raw else None
+                rest = _png16_rest(Image.open(p if data is None else io.BytesIO(data)), raw, (w, h)) if raw else None
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error ...
@@ -189,12 +189,15 @@ def _png16_rawmode(img) -> Optional[str]:
     return raw if isinstance(raw, str) and raw in _PNG16_REST else None
 
 
-def _png16_rest(img, raw: str):
+def _png16_rest(img, raw: str, size: tuple[int, int]):
     """The 16-bit PNG ``img`` (opened again, not loaded) decoded with the raw mode that keeps what PIL's own drops
-    (:data:`_PNG16_REST`), its EXIF orientation applied."""
+    (:data:`_PNG16_REST`), its EXIF orientation applied; ``raw`` and ``size``: the first opening's (a file replaced
+    in between is an ``OSError``, not high bytes of one image joined to low bytes of another of another size)."""
     from PIL import ImageOps
 
     with img:
+        if _png16_rawmode(img) != raw or img.size != size:
+            raise OSError("the file changed while it was read; read it again")
         t = img.tile[0]
         rest = _PNG16_REST[raw]
         img.tile = [t._replace(args=rest) if hasattr(t, "_replace") else (t[0], t[1], t[2], rest)]
