@@ -18,6 +18,7 @@ import dataclasses
 import math
 import numbers
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -106,6 +107,8 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         raise SalienceError(f"{p}: no such file; check the path")
     if data is None and p.is_dir():
         raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
+    if data is None:
+        data = _pipe_bytes(p)  # a pipe gives its bytes once; a 16-bit PNG is read twice (_png16_rest)
     try:
         # We check the size ourselves (below) against max_pixels; PIL's own bomb check would
         # otherwise refuse or warn on its own, different limit.
@@ -136,7 +139,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
                 img.load()
                 top = _integer_top(img)  # before exif_transpose, whose copy has no TIFF tags
                 img = ImageOps.exif_transpose(img) or img
-                rest = _png16_rest(Image.open(p if data is None else io.BytesIO(data)), raw) if raw else None
+                rest = _png16_rest(Image.open(p if data is None else io.BytesIO(data)), raw, (w, h)) if raw else None
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error ...
@@ -147,6 +150,16 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
             return _png16_tensor(img, rest, raw) if rest is not None else _to_rgb_tensor(img, top)
         except SalienceError as e:
             raise SalienceError(f"{p}: {e}") from None
+
+
+def _pipe_bytes(p: Path) -> Optional[bytes]:
+    """The bytes of ``p`` when it is a pipe (bash's ``<(curl ...)``, a named pipe), read whole, as PIL reads a stream it
+    cannot seek; ``None`` for any other file, which is opened where it is (twice for a 16-bit colour PNG,
+    :func:`_png16_rest`: a pipe would be empty, or wait for ever, the second time)."""
+    try:
+        return p.read_bytes() if stat.S_ISFIFO(p.stat().st_mode) else None
+    except OSError as e:
+        raise SalienceError(f"{p}: cannot be read ({e.strerror or e})") from None
 
 
 def _unidentified(p: Any, data: Optional[bytes]) -> SalienceError:
@@ -176,12 +189,15 @@ def _png16_rawmode(img) -> Optional[str]:
     return raw if isinstance(raw, str) and raw in _PNG16_REST else None
 
 
-def _png16_rest(img, raw: str):
+def _png16_rest(img, raw: str, size: tuple[int, int]):
     """The 16-bit PNG ``img`` (opened again, not loaded) decoded with the raw mode that keeps what PIL's own drops
-    (:data:`_PNG16_REST`), its EXIF orientation applied."""
+    (:data:`_PNG16_REST`), its EXIF orientation applied; ``raw`` and ``size``: the first opening's (a file replaced
+    in between is an ``OSError``, not high bytes of one image joined to low bytes of another of another size)."""
     from PIL import ImageOps
 
     with img:
+        if _png16_rawmode(img) != raw or img.size != size:
+            raise OSError("the file changed while it was read; read it again")
         t = img.tile[0]
         rest = _PNG16_REST[raw]
         img.tile = [t._replace(args=rest) if hasattr(t, "_replace") else (t[0], t[1], t[2], rest)]
@@ -326,7 +342,7 @@ def check_info(info: Any, fn: str) -> ModelInfo:
 def _plain(values: Any) -> Optional[list]:
     """A tuple / list / 1-D array or tensor as a list of its (Python) values; anything else ``None``."""
     if isinstance(values, (Tensor, np.ndarray)):
-        return values.reshape(-1).tolist() if values.ndim == 1 else None
+        return values.reshape(-1).tolist() if values.ndim == 1 and _has_values(values) else None
     return [_whole(v) if isinstance(v, float) else v for v in values] if isinstance(values, (tuple, list)) else None
 
 
@@ -334,7 +350,7 @@ def _stat_floats(values: Any, loose: bool) -> Optional[tuple[float, ...]]:
     """Means or stds as floats: a tuple / list / 1-D array or tensor of real numbers (no bools), or ``None``.
     ``loose`` (what ``with_preprocessing`` takes): also one number alone, any iterable, an array of any shape."""
     if isinstance(values, (Tensor, np.ndarray)):
-        items = values.reshape(-1).tolist() if loose or values.ndim == 1 else None
+        items = values.reshape(-1).tolist() if (loose or values.ndim == 1) and _has_values(values) else None
     elif loose and isinstance(values, numbers.Real):
         items = [values]
     elif isinstance(values, (tuple, list)) or (loose and isinstance(values, Iterable)
@@ -345,6 +361,11 @@ def _stat_floats(values: Any, loose: bool) -> Optional[tuple[float, ...]]:
     if items is None or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
         return None
     return tuple(float(v) for v in items)
+
+
+def _has_values(x: Any) -> bool:
+    """``x`` (an array or tensor) holds values to read: not a tensor on the meta device (``.tolist()`` raises)."""
+    return not (isinstance(x, Tensor) and x.is_meta)
 
 
 def _stats_ok(vals: tuple[float, ...], name: str) -> bool:
@@ -664,7 +685,7 @@ def _check_size(size: Union[None, int, Sequence[int]]) -> Optional[tuple[int, in
     if size is None:
         return None
     if isinstance(size, (Tensor, np.ndarray)):
-        values = size.reshape(-1).tolist() if size.ndim <= 1 else []
+        values = size.reshape(-1).tolist() if size.ndim <= 1 and _has_values(size) else []
     elif isinstance(size, numbers.Number) or isinstance(size, (str, bytes)) or not isinstance(size, Sequence):
         values = [size]
     else:
