@@ -162,10 +162,17 @@ def run_salience(model: torch.nn.Module, folder: Path, batch: int, workers: int,
                              model_spec="benchmark", **options)
 
 
-def usage() -> tuple[float, int, float, int]:
-    """CPU s and minor faults of this process, then of its reaped children (the DataLoader workers)."""
+def usage() -> tuple[float, ...]:
+    """CPU s and minor faults of this process, then of its reaped children (the DataLoader workers), then
+    the main thread's seconds on a CPU and runnable but waiting for one (``/proc/thread-self/schedstat``:
+    another process on the core; NaN where there is none)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime, me.ru_minflt, kids.ru_utime + kids.ru_stime, kids.ru_minflt
+    try:
+        run_ns, wait_ns = Path("/proc/thread-self/schedstat").read_text().split()[:2]
+        sched = int(run_ns) / 1e9, int(wait_ns) / 1e9
+    except (OSError, ValueError):
+        sched = float("nan"), float("nan")
+    return (me.ru_utime + me.ru_stime, me.ru_minflt, kids.ru_utime + kids.ru_stime, kids.ru_minflt, *sched)
 
 
 def compile_supported() -> bool:
@@ -253,6 +260,7 @@ def main(argv=None) -> int:  # long: the options, the rounds and the report in o
                     torch.cuda.synchronize()
                 times[c].append(time.perf_counter() - t)
                 use[c].append([round(b - a, 3) for a, b in zip(u0, usage())])
+                use[c][-1].append(round(times[c][-1] - use[c][-1][4] - use[c][-1][5], 3))  # blocked: off the runqueue
                 loads[c].append([round(before, 2), round(os.getloadavg()[0], 2)])
                 print(f"round {r + 1} {c:16s} {counts[r] / times[c][-1]:7.2f} img/s  (load {before:.1f}; CPU "
                       f"{use[c][-1][0]:.1f} s, {use[c][-1][1]:.0f} faults; workers {use[c][-1][2]:.1f} s)", flush=True)
@@ -260,8 +268,9 @@ def main(argv=None) -> int:  # long: the options, the rounds and the report in o
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = _report(args, counts, times, loads, skipped)
-    report["usage_per_round"] = {"fields": ["cpu_s", "minor_faults", "workers_cpu_s", "workers_minor_faults"],
-                                 **use}
+    report["usage_per_round"] = {"fields": ["cpu_s", "minor_faults", "workers_cpu_s", "workers_minor_faults",
+                                            "main_thread_on_cpu_s", "main_thread_runnable_waiting_s",
+                                            "main_thread_blocked_s"], **use}
     report["cpu_ratio_salience_over_bare_per_round"] = [s[0] / b[0] for s, b in zip(use["salience"], use["bare"])]
     Path(args.out + ".json").write_text(json.dumps(report, indent=2))
     Path(args.out + ".md").write_text(_markdown(report))
@@ -326,7 +335,13 @@ def _usage_lines(rep: dict) -> list[str]:
              + "; ".join(f"{k} {med(v, 0):.1f} s, {med(v, 1):,.0f} faults (workers {med(v, 2):.1f} s, "
                          f"{med(v, 3):,.0f})" for k, v in use.items())]
     ratios = rep.get("cpu_ratio_salience_over_bare_per_round", [])
-    lines += ["CPU s salience / bare per round: " + ", ".join(f"{r:.3f}" for r in ratios), ""]
+    lines += ["CPU s salience / bare per round: " + ", ".join(f"{r:.3f}" for r in ratios)]
+    if all(len(r) >= 7 for v in use.values() for r in v):
+        lines += ["The main thread's wall s per round: on a CPU / runnable, waiting for the core (another process "
+                  "there) / blocked (waiting for a batch, a write, a lock): "
+                  + "; ".join(f"{k} " + ", ".join(f"{r[4]:.1f} / {r[5]:.1f} / {r[6]:.1f}" for r in v)
+                              for k, v in use.items())]
+    lines += [""]
     return lines
 
 
