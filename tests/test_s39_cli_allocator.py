@@ -32,21 +32,17 @@ libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 N, PAGE = 24 << 20, os.sysconf("SC_PAGE_SIZE")
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * PAGE
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-out = []
-for _ in range(3):
-    f0, r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, rss()
+def probe():  # eight blocks written, then freed: (faults, resident bytes gained)
+    f0, r0 = faults(), rss()
     blocks = [libc.malloc(N) for _ in range(8)]
-    for b in blocks:
-        ctypes.memset(b, 1, N)
-    for b in reversed(blocks):
-        libc.free(b)
-    out.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0, rss() - r0))
-print(json.dumps({"rc": rc, "rounds": out}))
+    [ctypes.memset(b, 1, N) for b in blocks]
+    [libc.free(b) for b in reversed(blocks)]
+    return faults() - f0, rss() - r0
+
+print(json.dumps({"rc": rc, "rounds": [probe() for _ in range(3)]}))
 """
 
 MIB = 1 << 20
