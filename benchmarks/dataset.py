@@ -3,6 +3,7 @@
     python benchmarks/dataset.py                       # the issue's: 2,000 JPEGs, resnet50 at 224, 5 rounds of 400
     python benchmarks/dataset.py --compile             # also a salience row with compile=True (issue 19)
     python benchmarks/dataset.py --fold-batchnorm      # also a salience row with fold_batchnorm=True
+    python benchmarks/dataset.py --allocator reuse     # the whole process (bare passes too) under allocator="reuse"
     python benchmarks/dataset.py --n 40 --size 64 --model resnet18 --rounds 1 --out /tmp/ds   # a smoke test
 
 Peers over the same JPEG files (photographs from scikit-image, cropped and flipped so that no two
@@ -38,13 +39,22 @@ core with one thread, decoding on the other); without them the workers share the
 
 Reported: images/s min / median / max over the rounds and overall (all files / total time) per
 peer, the time ratios of salience to the bare passes and to Captum (of the medians and per
-round), and the 1-minute load average before and after each peer's round.
+round), and the 1-minute load average before and after each peer's round. Next to the wall times, per
+peer and round, ``getrusage``: the CPU seconds and minor page faults of the benchmark's own process (the
+model's passes, and salience's writing; not the DataLoader workers, which are other processes) and of the
+workers it reaped in that round (``RUSAGE_CHILDREN``: the decoding), and salience's CPU seconds over the
+bare passes' per round: the figure another core's load moves least.
+
+``--allocator reuse`` runs the whole process under ``salience.set_performance(allocator="reuse")`` (glibc's
+mmap and trim thresholds fixed before any pass, bare or not, as ``engine_speed.py --allocator reuse``); the
+DataLoader workers are forked after it (they inherit the thresholds; they run no passes).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -152,6 +162,19 @@ def run_salience(model: torch.nn.Module, folder: Path, batch: int, workers: int,
                              model_spec="benchmark", **options)
 
 
+def usage() -> tuple[float, ...]:
+    """CPU s and minor faults of this process, then of its reaped children (the DataLoader workers), then
+    the main thread's seconds on a CPU and runnable but waiting for one (``/proc/thread-self/schedstat``:
+    another process on the core; NaN where there is none)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        run_ns, wait_ns = Path("/proc/thread-self/schedstat").read_text().split()[:2]
+        sched = int(run_ns) / 1e9, int(wait_ns) / 1e9
+    except (OSError, ValueError):
+        sched = float("nan"), float("nan")
+    return (me.ru_utime + me.ru_stime, me.ru_minflt, kids.ru_utime + kids.ru_stime, kids.ru_minflt, *sched)
+
+
 def compile_supported() -> bool:
     """Whether dataset runs take ``compile=`` (issue 19 adds it)."""
     import inspect
@@ -173,8 +196,15 @@ def main(argv=None) -> int:  # long: the options, the rounds and the report in o
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU: e.g. --model vit_b_16 --batch 64)")
     ap.add_argument("--model-cpus", default="", help="cores of the model's passes, e.g. 1 (Linux; default: all)")
     ap.add_argument("--decode-cpus", default="", help="cores of the DataLoader workers, e.g. 0 (default: the model's)")
+    ap.add_argument("--allocator", choices=["default", "reuse"], default="default",
+                    help="reuse: salience.set_performance(allocator='reuse') with glibc's thresholds set before "
+                         "any pass, so the bare passes run under the same allocator as salience's")
     ap.add_argument("--out", default=str(HERE / "dataset"), help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
+    if args.allocator != "default":
+        salience.set_performance(allocator=args.allocator)
+        from salience._core.malloc import keep_freed_memory
+        keep_freed_memory()  # before the first pass, bare or not: one allocator state for every peer
     cpus = lambda text: {int(c) for c in text.split(",") if c.strip()}  # noqa: E731
     if args.model_cpus:
         os.sched_setaffinity(0, cpus(args.model_cpus))
@@ -217,23 +247,31 @@ def main(argv=None) -> int:  # long: the options, the rounds and the report in o
                          fold_batchnorm=True)
         times: dict[str, list[float]] = {c: [] for c in cases}
         loads: dict[str, list[list[float]]] = {c: [] for c in cases}
+        use: dict[str, list[list[float]]] = {c: [] for c in cases}  # per round: CPU s, faults, workers' CPU s, faults
         counts = [len(b) for b in blocks]
         order = list(cases)
         for r in range(args.rounds):
             x = decoded(blocks[r], info)  # the bare passes' input, decoded before any timing
             for c in order[r % len(order):] + order[:r % len(order)]:
                 before = os.getloadavg()[0]
-                t = time.perf_counter()
+                u0, t = usage(), time.perf_counter()
                 cases[c](r, x)
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 times[c].append(time.perf_counter() - t)
+                use[c].append([round(b - a, 3) for a, b in zip(u0, usage())])
+                use[c][-1].append(round(times[c][-1] - use[c][-1][4] - use[c][-1][5], 3))  # blocked: off the runqueue
                 loads[c].append([round(before, 2), round(os.getloadavg()[0], 2)])
-                print(f"round {r + 1} {c:16s} {counts[r] / times[c][-1]:7.2f} img/s  (load {before:.1f})", flush=True)
+                print(f"round {r + 1} {c:16s} {counts[r] / times[c][-1]:7.2f} img/s  (load {before:.1f}; CPU "
+                      f"{use[c][-1][0]:.1f} s, {use[c][-1][1]:.0f} faults; workers {use[c][-1][2]:.1f} s)", flush=True)
             del x
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = _report(args, counts, times, loads, skipped)
+    report["usage_per_round"] = {"fields": ["cpu_s", "minor_faults", "workers_cpu_s", "workers_minor_faults",
+                                            "main_thread_on_cpu_s", "main_thread_runnable_waiting_s",
+                                            "main_thread_blocked_s"], **use}
+    report["cpu_ratio_salience_over_bare_per_round"] = [s[0] / b[0] for s, b in zip(use["salience"], use["bare"])]
     Path(args.out + ".json").write_text(json.dumps(report, indent=2))
     Path(args.out + ".md").write_text(_markdown(report))
     print(_markdown(report))
@@ -246,7 +284,8 @@ def _report(args, counts, times, loads, skipped) -> dict:
     rounds = range(args.rounds)
     return {
         "config": {k: getattr(args, k) for k in ("model", "n", "size", "batch", "workers", "rounds", "threads",
-                                                 "compile", "fold_batchnorm", "device", "model_cpus", "decode_cpus")},
+                                                 "compile", "fold_batchnorm", "device", "model_cpus", "decode_cpus",
+                                                 "allocator")},
         "command": "python benchmarks/dataset.py " + " ".join(sys.argv[1:]),
         "files_per_round": counts,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "salience": salience.__version__},
@@ -279,9 +318,31 @@ def _markdown(rep: dict) -> str:
               + ", ".join(f"{r:.3f}" for r in b["per_round"]),
               f"time salience / captum: {c['of_medians']:.3f} (medians); per round "
               + ", ".join(f"{r:.3f}" for r in c["per_round"]), "",
+              *_usage_lines(rep),
               "load average (1 min) before / after each peer's round: "
               + "; ".join(f"{k}: " + ", ".join(f"{a}/{z}" for a, z in v) for k, v in rep["load_before_after"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _usage_lines(rep: dict) -> list[str]:
+    """The ``getrusage`` figures of each peer (medians over the rounds) and salience's CPU over the bare passes'."""
+    use = {k: v for k, v in rep.get("usage_per_round", {}).items() if k != "fields"}
+    if not use:
+        return []
+    med = lambda rows, i: statistics.median(r[i] for r in rows)  # noqa: E731
+    lines = [f"allocator: {rep['config'].get('allocator', 'default')}. Per round (medians), this process's CPU s "
+             "and minor page faults, then the reaped DataLoader workers': "
+             + "; ".join(f"{k} {med(v, 0):.1f} s, {med(v, 1):,.0f} faults (workers {med(v, 2):.1f} s, "
+                         f"{med(v, 3):,.0f})" for k, v in use.items())]
+    ratios = rep.get("cpu_ratio_salience_over_bare_per_round", [])
+    lines += ["CPU s salience / bare per round: " + ", ".join(f"{r:.3f}" for r in ratios)]
+    if all(len(r) >= 7 for v in use.values() for r in v):
+        lines += ["The main thread's wall s per round: on a CPU / runnable, waiting for the core (another process "
+                  "there) / blocked (waiting for a batch, a write, a lock): "
+                  + "; ".join(f"{k} " + ", ".join(f"{r[4]:.1f} / {r[5]:.1f} / {r[6]:.1f}" for r in v)
+                              for k, v in use.items())]
+    lines += [""]
+    return lines
 
 
 if __name__ == "__main__":

@@ -54,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+def main(argv: Optional[Sequence[str]] = None, *, owns_process: Optional[bool] = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code. ``owns_process``
+    (default: ``argv is None``, as the ``salience`` command and ``python -m salience`` call it): the process
+    ends with the command, so ``explain`` and ``evaluate`` run with ``allocator="reuse"`` unless
+    ``--allocator`` says otherwise (:data:`salience.cli.common.OWN_PROCESS_ALLOCATOR`)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -67,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plain_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning  # printed warnings only; recorded ones (tests) are untouched
     try:
-        with performance_from_args(args):
+        with performance_from_args(args, owns_process=argv is None if owns_process is None else owns_process):
             return int(args.func(args))
     except SalienceError as e:
         error(str(e))

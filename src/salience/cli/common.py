@@ -243,17 +243,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="plain passes run a copy of the model with each BatchNorm folded into the convolution "
                         "before it (the same function: maps equal up to float rounding; faster on CNNs)")
     g.add_argument("--allocator", choices=ALLOCATORS, default=None,
-                   help="default, or reuse: on a CPU with glibc, malloc's mmap and trim thresholds fixed high "
-                        "before the first pass, so the memory a pass frees is kept for the next (no page faults; "
-                        "the command's process keeps its peak memory)")
+                   help="reuse: on a CPU with glibc, malloc's mmap and trim thresholds fixed high before the "
+                        "first pass, so the memory a pass frees is kept for the next (no page faults; the "
+                        "process keeps its peak memory); the default of explain and evaluate run as the "
+                        "salience command. default: the C allocator as it is (the other commands' default)")
 
 
-def performance_from_args(args: argparse.Namespace) -> ContextManager[Any]:
-    """The performance options a command's flags give, in force for the command (this thread)."""
+OWN_PROCESS_ALLOCATOR = {"explain": "reuse", "evaluate": "reuse"}
+"""The allocator of these commands when the command owns its process (the ``salience`` command, ``python -m
+salience``) and no ``--allocator`` says otherwise: their passes fault no pages afresh (docs/performance.md, session
+39); the setting is process-wide and not undone, which a process that ends with the command can afford, and
+:func:`salience.cli.main` called with an ``argv`` from a user's process (a notebook, a test) cannot."""
+
+
+def performance_from_args(args: argparse.Namespace, owns_process: bool = False) -> ContextManager[Any]:
+    """The performance options a command's flags give, in force for the command (this thread); with
+    ``owns_process``, :data:`OWN_PROCESS_ALLOCATOR`'s allocator where ``--allocator`` is not given."""
+    allocator = getattr(args, "allocator", None)
+    if allocator is None and owns_process:
+        allocator = OWN_PROCESS_ALLOCATOR.get(getattr(args, "command", None) or "")
     return performance(memory_format=getattr(args, "memory_format", None), compile=getattr(args, "compile", None),
                        precision=getattr(args, "precision", None),
-                       fold_batchnorm=getattr(args, "fold_batchnorm", None),
-                       allocator=getattr(args, "allocator", None))
+                       fold_batchnorm=getattr(args, "fold_batchnorm", None), allocator=allocator)
 
 
 def model_specs_help(indent: str = "  ") -> str:
