@@ -76,9 +76,22 @@ class MemoryProbe(TorchDispatchMode):
 
         self._ref = StorageWeakRef
         self._live: dict[int, tuple[Any, int]] = {}
-        self._external: set[int] = set()
+        # storages that existed before, by address, each with a weak reference: an address freed and then
+        # reused by a storage made under the mode is that new storage's, counted (a plain set of addresses
+        # left it uncounted, the peak as low as the allocator's reuse made it)
+        self._external: dict[int, Any] = {}
         self.current = 0
         self.peak = 0
+
+    def _is_external(self, key: int) -> bool:
+        """Whether ``key`` is the address of a storage that existed before and is still alive."""
+        ref = self._external.get(key)
+        if ref is None:
+            return False
+        if ref.expired():
+            del self._external[key]
+            return False
+        return True
 
     def _prune(self) -> None:
         dead = [k for k, (ref, _) in self._live.items() if ref.expired()]
@@ -90,14 +103,14 @@ class MemoryProbe(TorchDispatchMode):
         for t in flat_in:
             if isinstance(t, Tensor):
                 key = _storage_key(t)
-                if key is not None and key not in self._live:
-                    self._external.add(key)
+                if key is not None and key not in self._live and not self._is_external(key):
+                    self._external[key] = self._ref(t.untyped_storage())
         out = func(*args, **(kwargs or {}))
         self._prune()
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, Tensor):
                 key = _storage_key(t)
-                if key is None or key in self._live or key in self._external:
+                if key is None or key in self._live or self._is_external(key):
                     continue
                 st = t.untyped_storage()
                 n = st.nbytes()
