@@ -20,7 +20,7 @@ from torch import nn
 
 import salience
 from salience import SalienceError
-from salience.methods import LAYER_METHODS, default_methods
+from salience.methods import GUIDED_METHODS, LAYER_METHODS, default_methods
 from salience.methods.gradcam import default_layer
 
 from hand_cams import assert_each_varies, gradcam_by_hand, row_major
@@ -56,7 +56,8 @@ def test_default_layer_of_tnt_and_pit_reads_their_grid_and_equals_the_hand_compu
     cam = salience.gradcam(net, x, target)
     assert_each_varies(ref)
     torch.testing.assert_close(cam, ref, rtol=1e-4, atol=1e-6)
-    assert set(LAYER_METHODS) <= set(default_methods(net, x[:1]))
+    # guided Grad-CAM is left out on these GELU models (its rule is not defined for GELU: it refuses them)
+    assert set(LAYER_METHODS) - set(GUIDED_METHODS) <= set(default_methods(net, x[:1]))
 
 
 class _Pooled(nn.Module):
@@ -113,7 +114,7 @@ def test_tokens_with_two_readings_on_the_models_grids_ask_for_grid_and_prefix_to
                                             r"\(2 prefix token\(s\) \+ 8x8, 1 prefix token\(s\) \+ 5x13\)"):
         salience.gradcam(net, x, target)
     assert not set(LAYER_METHODS) & set(default_methods(net, x[:1]))
-    assert set(LAYER_METHODS) <= set(default_methods(_Pooled().eval(), x[:1]))
+    assert set(LAYER_METHODS) - set(GUIDED_METHODS) <= set(default_methods(_Pooled().eval(), x[:1]))
     cam = salience.gradcam(net, x, target, grid=(8, 8), prefix_tokens=2)
     ref = gradcam_by_hand(net, x, "norm", target, row_major(8, 8, 2))
     assert_each_varies(ref)
