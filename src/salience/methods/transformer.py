@@ -237,10 +237,10 @@ def attention_rollout(
 
     with hooked_pass(model, x, "attention_rollout", _WHY_NOT):
         fused = attention_maps(model, x, reduce=layer, forward=run, method="attention_rollout", modules=modules)
+        if checked_on_output(targets):
+            check_output(targets, unwrap_output(outputs[0], model))
+        n = _check_maps(shapes, x.shape[0], "attention_rollout")
         refuse_fp16_overflow(model, *fused, what="the attention matrices")  # fp16 logits past 65504: NaN A
-    if checked_on_output(targets):
-        check_output(targets, unwrap_output(outputs[0], model))
-    n = _check_maps(shapes, x.shape[0], "attention_rollout")
     layout = _layout(model, x, n, prefix_tokens, grid, "attention_rollout", modules)
     with torch.inference_mode(), autocast_off():
         heads = [s[1] for s in shapes] if head_fusion == "mean" else None
