@@ -78,3 +78,16 @@ def test_class_model_gradients_that_overflow_float16_are_refused_not_called_dive
             salience.class_model(m, 1, shape=(3, 8, 8), steps=3)
     with salience.performance(precision="bf16"):
         assert torch.isfinite(salience.class_model(m, 1, shape=(3, 8, 8), steps=3)).all()
+
+
+def test_smoothgrad_of_transformer_attribution_refuses_the_fp16_overflow_at_the_end_of_the_call():
+    """Inside a many-pass call (SmoothGrad's chunks) the test is deferred to the call's end: NaN maps before
+    (``chunk`` given: no memory probe, seconds on a first call)."""
+    v, x = _vit(_GradOverflowViT, "mha"), torch.rand(2, 3, 16, 16)
+
+    def call(**options):
+        return salience.smoothgrad(v, x, 1, method=salience.transformer_attribution, samples=2, chunk=4, **options)
+
+    assert torch.isfinite(call()).all()
+    with pytest.raises(SalienceError, match=FP16):
+        call(precision="fp16")
