@@ -91,3 +91,35 @@ def test_smoothgrad_of_transformer_attribution_refuses_the_fp16_overflow_at_the_
     assert torch.isfinite(call()).all()
     with pytest.raises(SalienceError, match=FP16):
         call(precision="fp16")
+
+
+class _ForwardOverflowCNN(_GradOverflowCNN):
+    """Scores near 1e6 (``scale`` times the head's, shifted): past 65504, infinite under fp16, where float32's are
+    finite (``scale=1e39``: infinite in every precision)."""
+
+    def __init__(self, scale: float = 1e5) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.head(self.f(x).mean((2, 3))) + 10) * self.scale
+
+
+def test_a_score_that_overflows_float16_names_the_precision():
+    """The merge ran class_model's steps and transformer attribution under fp16: a forward pass past 65504 was
+    refused with "check torch.isfinite(model(x))", which is finite in float32: the refusal now names fp16."""
+    m, v = _ForwardOverflowCNN().eval(), _vit(TinyViT, "mha")
+    with torch.no_grad():
+        v.head.bias.add_(1e6)
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.isfinite(salience.class_model(m, 1, shape=(3, 8, 8), steps=2)).all()
+    assert torch.isfinite(salience.transformer_attribution(v, x, 1)).all()
+    with salience.performance(precision="fp16"):
+        with pytest.raises(SalienceError, match=r"^the target's score is NaN or infinite .*precision='fp16'.*'bf16'"):
+            salience.class_model(m, 1, shape=(3, 8, 8), steps=2)
+        with pytest.raises(SalienceError, match=r"^the target's score is NaN or infinite .*precision='fp16'.*'bf16'"):
+            salience.transformer_attribution(v, x, 1)
+    with salience.performance(precision="bf16"):
+        with pytest.raises(SalienceError, match=r"torch.isfinite\(model\(x\)\)") as other:
+            salience.vanilla(_ForwardOverflowCNN(1e39).eval(), x[:, :, :8, :8], 1)
+    assert "fp16" not in str(other.value)  # under another precision: said as before
