@@ -740,7 +740,8 @@ def backward(
         else:
             with model_call(model, x_in):
                 out, captured = _forward(model, x_in, target_layer, layers, strip_softmax, extra_modes)
-            scores = _finite_scores([check_scores(t(out), x.shape[0]) for t in targets], targets)
+            scores = _finite_scores([check_scores(t(out), x.shape[0]) for t in targets], targets,
+                                    run is not None and run.dtype is torch.float16)
             wrt = ([x_in] if input_grad else []) + [c[0] for c in captured]
             per_target = _walk_back(scores, wrt, input_grad)
     inputs = None
@@ -793,12 +794,13 @@ def check_scores(scores: Any, batch: int) -> Tensor:
     return scores
 
 
-def _finite_scores(scores: list[Tensor], targets: Sequence[TargetLike]) -> list[Tensor]:
+def _finite_scores(scores: list[Tensor], targets: Sequence[TargetLike], fp16: bool = False) -> list[Tensor]:
     """``scores``, with their finiteness deferred to the end of the call (:func:`salience._core.derived.run_scope`):
     a NaN or infinite score of the target made a map of NaN silently. The target's scores only: another class's
     output may be ``-inf`` (log-probabilities of a class ruled out). Which items were not finite is kept on the
     device (:meth:`~salience._core.derived.Derived.note_scores`), read only for the refusal's message, which names
-    the images and the target (no synchronization more)."""
+    the images and the target (no synchronization more). ``fp16``: the pass ran under ``precision="fp16"``, whose
+    overflow the message names (``torch.isfinite(model(x))`` in float32 would not show it)."""
     scope = _derived.current()
     assert scope is not None  # backward runs in a scope
     if all(s.dim() == 1 for s in scores):
@@ -807,14 +809,17 @@ def _finite_scores(scores: list[Tensor], targets: Sequence[TargetLike]) -> list[
         flag = bad.any()
     else:  # a scalar score (a loss over the batch): no image to name
         flag = torch.stack([~torch.isfinite(s.detach()).all() for s in scores]).any()
-    scope.defer("finite:target", flag, lambda: _refuse_target_scores(scope, len(targets)))
+    scope.defer("finite:target", flag, lambda: _refuse_target_scores(scope, len(targets), fp16))
     return scores
 
 
-def _refuse_target_scores(scope: _derived.Derived, k: int) -> None:
+def _refuse_target_scores(scope: _derived.Derived, k: int, fp16: bool = False) -> None:
+    under = ("; under precision='fp16' the forward pass may overflow float16 (magnitudes past 65504) where float32 "
+             "does not: try precision='bf16' (float32's range) or 'fp32'") if fp16 else ""
     raise _derived.refusal(scope, "finite:target", k, "the target's score is NaN or infinite",
                            " (the model's output, or the target's function of it), which makes the map NaN; check "
-                           "torch.isfinite(model(x)) and the target, e.g. a log or a division in the model's forward")
+                           "torch.isfinite(model(x)) and the target, e.g. a log or a division in the model's forward"
+                           + under)
 
 
 def looks_like_probabilities(out: Tensor) -> bool:

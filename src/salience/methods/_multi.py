@@ -208,20 +208,21 @@ def full_precision(t: Tensor, x: Tensor) -> Tensor:
     return t.to(x.dtype) if t.dtype in low and x.dtype not in low and x.is_floating_point() else t
 
 
-def refuse_fp16_overflow(model: nn.Module, *grads: Tensor) -> None:
+def refuse_fp16_overflow(model: nn.Module, *grads: Tensor, what: str = "the gradients") -> None:
     """Inside a pass's block: under ``precision="fp16"`` (the run in force on ``model``), a :class:`SalienceError`
     where ``grads`` (the pass's gradients, cast back or not) are NaN or infinite: float16 holds magnitudes up to
     65504, and a map cast back from an overflowed pass was NaN / infinite in float32 without a word. Inside a
     many-pass call tested at its end (:meth:`salience._core.derived.Derived.defer`: no synchronization per pass);
-    nothing at all under another precision."""
+    nothing at all under another precision. ``what``: the tensors, as the message names them (attention rollout's
+    are the attention matrices of its forward pass)."""
     run = _perf.active(model)
     if run is None or run.dtype is not torch.float16 or not grads:
         return
     bad = torch.stack([~torch.isfinite(g.detach()).all() for g in grads]).any()
 
     def refuse() -> None:
-        raise SalienceError("the gradients overflow float16 under precision='fp16' (NaN or infinite values: float16 "
-                            "holds magnitudes up to 65504); use precision='bf16' (float32's range) or 'fp32'")
+        raise SalienceError(f"{what} overflow float16 under precision='fp16' (NaN or infinite values: float16 holds "
+                            "magnitudes up to 65504); use precision='bf16' (float32's range) or 'fp32'")
 
     scope = _derived.current()
     if scope is not None:

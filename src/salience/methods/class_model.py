@@ -46,7 +46,7 @@ from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.progress import progress as _progress
 from salience._core.tensors import check_int, check_number, gaussian_blur, model_device, model_dtype, check_flag
-from salience.methods._multi import warn_unapplied
+from salience.methods._multi import refuse_fp16_overflow, warn_unapplied
 from salience.targets import Classes, Target, as_target
 
 __all__ = ["class_model", "total_variation", "tv_gradient", "gaussian_blur"]  # gaussian_blur: re-export of the core one
@@ -240,6 +240,7 @@ def _scores_and_gradient(model: nn.Module, img: Tensor, groups: list[tuple[Targe
                 "scores (B,) instead of their sum or mean"
             )
         assert p.grad is not None
+        refuse_fp16_overflow(model, p.grad)  # under precision="fp16" (the steps' run): not called a divergence
         grad[idx] = p.grad.to(img.dtype)
         scores[idx] = p.scores.to(img.dtype)
     if dy or dx:

@@ -35,7 +35,7 @@ from salience._core.autograd import backward, check_input, unwrap_output
 from salience._core.errors import SalienceError
 from salience._core.guard import modules_of
 from salience._core.tensors import autocast_off, check_flag, upsample_bilinear
-from salience.methods._multi import hooked_pass, several_targets
+from salience.methods._multi import hooked_pass, refuse_fp16_overflow, several_targets
 from salience.methods._tokens import Layout, token_layout
 from salience.targets import TargetLike, check_output, checked_on_output, split
 
@@ -237,9 +237,10 @@ def attention_rollout(
 
     with hooked_pass(model, x, "attention_rollout", _WHY_NOT):
         fused = attention_maps(model, x, reduce=layer, forward=run, method="attention_rollout", modules=modules)
-    if checked_on_output(targets):
-        check_output(targets, unwrap_output(outputs[0], model))
-    n = _check_maps(shapes, x.shape[0], "attention_rollout")
+        if checked_on_output(targets):
+            check_output(targets, unwrap_output(outputs[0], model))
+        n = _check_maps(shapes, x.shape[0], "attention_rollout")
+        refuse_fp16_overflow(model, *fused, what="the attention matrices")  # fp16 logits past 65504: NaN A
     layout = _layout(model, x, n, prefix_tokens, grid, "attention_rollout", modules)
     with torch.inference_mode(), autocast_off():
         heads = [s[1] for s in shapes] if head_fusion == "mean" else None
@@ -300,6 +301,7 @@ def transformer_attribution(
     try:  # the capture only inside the modules that call the attention, once known (a fresh one if that misses)
         with hooked_pass(model, x, "transformer_attribution", _WHY_NOT):  # precision, layout; autograd.backward's
             cap = _attribution_pass(model, x, targets, strip_softmax)
+            refuse_fp16_overflow(model, *(g for gs in cap.grads for g in gs))  # dS/dA past 65504: a NaN map
     except checkpoint_error:  # type: ignore[misc]  # a non-reentrant checkpoint backward() could not run plainly
         raise SalienceError(
             "transformer_attribution cannot run through a non-reentrant torch.utils.checkpoint: the backward pass "
