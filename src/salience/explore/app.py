@@ -31,6 +31,7 @@ import collections
 import io
 import json
 import math
+import re
 import threading
 import time
 import urllib.parse
@@ -42,7 +43,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 import numpy as np
@@ -287,11 +288,24 @@ class Hub:
 # --------------------------------------------------------------------------------- helpers
 
 
+MAX_JSON_BYTES = 2**20
+"""Largest JSON body read (``POST api/explain``: a few hundred bytes); larger bodies get 413."""
+
+
 async def _json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object. Over :data:`MAX_JSON_BYTES` is a 413 (it was read whole, however
+    large), nested past Python's recursion limit a 400 (it was a 500: ``RecursionError``)."""
+    data = b""
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_JSON_BYTES:
+            raise HTTPException(413, f"the JSON body is over {MAX_JSON_BYTES // 1024} kB; send "
+                                     '{"model", "image", "method", "target", "options"} only')
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-        raise HTTPException(400, "the body must be a JSON object") from None
+        body = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
+        raise HTTPException(400, "the body must be a JSON object, e.g. "
+                                 '{"model": "a", "image": "f0", "method": "vanilla", "target": 0}') from None
     if not isinstance(body, dict):
         raise HTTPException(400, "the body must be a JSON object")
     return body
@@ -318,8 +332,25 @@ def _float(request: Request, name: str, default: float, lo: float, hi: float) ->
         v = float(text)
     except ValueError:
         raise HTTPException(400, f"{name} must be a number, got {text!r}") from None
+    if not math.isfinite(v):  # said "must be in [-inf, inf]" of a NaN
+        raise HTTPException(400, f"{name} must be a finite number, got {text!r}")
     if not lo <= v <= hi:
         raise HTTPException(400, f"{name} must be in [{lo:g}, {hi:g}], got {text!r}")
+    return v
+
+
+def _int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    """The whole number ``name`` of the query in ``[lo, hi]`` (``default`` when absent): a fraction
+    is refused (``k=2.5`` gave 2 classes, ``offset=0.5`` the first page), and the number is read
+    exactly (through a float, ``offset=4611686018427387903`` came back ``...904``)."""
+    text = request.query_params.get(name)
+    if text is None or text == "":
+        return default
+    if re.fullmatch(r"[+-]?[0-9]{1,30}", text.strip()) is None:
+        raise HTTPException(400, f"{name} must be a whole number from {lo} to {hi}, got {text!r}")
+    v = int(text)
+    if not lo <= v <= hi:
+        raise HTTPException(400, f"{name} must be a whole number from {lo} to {hi}, got {text!r}")
     return v
 
 
@@ -375,7 +406,12 @@ async def upload(request: Request) -> Response:
         raise HTTPException(413, f"the upload is over the limit of {limit / 2**20:g} MB")
     name = request.query_params.get("name", "upload")
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=4)
+        try:
+            form = await request.form(max_files=1, max_fields=4)
+        except HTTPException as e:  # Starlette's own words ("Missing boundary in multipart.") said nothing to do
+            raise HTTPException(400, f"the multipart upload cannot be read ({str(e.detail).rstrip('.')}); send one "
+                                     "image file in the field 'file', or the file's bytes as the body with ?name=") \
+                from None
         item = form.get("file")
         if item is None or isinstance(item, str):
             raise HTTPException(400, "a multipart upload needs the image in a field named 'file'")
@@ -411,7 +447,7 @@ async def top(request: Request) -> Response:
     slot = hub.slot(request.path_params["slot"])
     image_id = request.query_params.get("image", "")
     image, digest = await hub.image_async(image_id)
-    k = int(_float(request, "k", 5, 1, 1000))
+    k = _int(request, "k", 5, 1, 1000)
     key = key_of(kind="top", model=slot.info.name, slot=slot.name, image=digest or image_id, k=k)
     cached = hub.cache.get(key)
     if cached is None:
@@ -454,7 +490,8 @@ async def explain(request: Request) -> Response:
     if not isinstance(raw_options, dict):
         raise HTTPException(400, "options must be an object {keyword: value}")
     target = body.get("target")
-    given = compute.check_request(slot, method, target, raw_options)
+    # in a thread: a method's dry run (its checks of the values) must not hold the event loop
+    given = await asyncio.to_thread(compute.check_request, slot, method, target, raw_options)
     canon = {k: str(v).strip() for k, v in raw_options.items() if k in given}
     key = key_of(kind="map", model=slot.info.name, slot=slot.name, image=digest or image_id, method=method,
                  target=target, options=canon)
@@ -484,10 +521,13 @@ async def job_cancel(request: Request) -> Response:
 
 async def map_npy(request: Request) -> Response:
     hub = _hub(request)
-    key = request.path_params["key"]
+    key, what = request.path_params["key"], request.path_params.get("what")
     hub.request_of(key)
+    if what not in (None, "display"):  # any other name answered the raw map
+        raise HTTPException(404, f"no {what!r} map; GET api/maps/KEY.npy (the raw map) or api/maps/KEY/display.npy "
+                                 "(the (H, W) map drawn)")
     raw = hub.map_raw(key)
-    data = raw if request.path_params.get("what") != "display" else compute.display_map(raw)
+    data = raw if what is None else compute.display_map(raw)
     return Response(compute.npy_bytes(data), media_type="application/octet-stream",
                     headers={"Content-Disposition": f'attachment; filename="{_file_name(hub, key)}.npy"'})
 
@@ -605,13 +645,29 @@ async def run_rows(request: Request) -> Response:
             found = source.rows(**filters)
         return {**found, "warnings": said}
 
+    pmin, pmax, low, high = _ranges(request)
     found = await asyncio.to_thread(
         listed, sort=q.get("sort") or "index", descending=order == "desc", cls=q.get("class") or None,
-        correct=_bool(request, "correct"), min_probability=_opt_float(request, "min_probability"),
-        max_probability=_opt_float(request, "max_probability"), metric=q.get("metric") or None,
-        low=_opt_float(request, "min"), high=_opt_float(request, "max"),
-        offset=int(_float(request, "offset", 0, 0, 2**62)), limit=int(_float(request, "limit", 100, 1, 1000)))
+        correct=_bool(request, "correct"), min_probability=pmin, max_probability=pmax,
+        metric=q.get("metric") or None, low=low, high=high,
+        offset=_int(request, "offset", 0, 0, 2**62), limit=_int(request, "limit", 100, 1, 1000))
     return JSONResponse(found)
+
+
+def _ranges(request: Request) -> tuple[Optional[float], ...]:
+    """The gallery's bounds: ``min_probability`` / ``max_probability`` in [0, 1], ``min`` / ``max`` of the
+    metric, each min at most its max (a probability of 2, or a min above its max, answered an empty page
+    as if no row matched; the page refuses them before asking, other clients were told nothing)."""
+    bounds = (_opt_float(request, "min_probability"), _opt_float(request, "max_probability"),
+              _opt_float(request, "min"), _opt_float(request, "max"))
+    for name, v in zip(("min_probability", "max_probability"), bounds[:2]):
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise HTTPException(400, f"{name} must be a probability from 0 to 1, got {v:g}")
+    for (lo_name, lo), (hi_name, hi) in ((("min_probability", bounds[0]), ("max_probability", bounds[1])),
+                                         (("min", bounds[2]), ("max", bounds[3]))):
+        if lo is not None and hi is not None and lo > hi:
+            raise HTTPException(400, f"{lo_name} {lo:g} is above {hi_name} {hi:g}: swap them, or leave one out")
+    return bounds
 
 
 async def run_row(request: Request) -> Response:
@@ -633,7 +689,7 @@ def _with_warnings(headers: dict[str, str], said: list[str]) -> dict[str, str]:
 async def run_thumb(request: Request) -> Response:
     """A row's thumbnail tile (JPEG), with the warnings raised while it was read (:data:`WARNINGS_HEADER`)."""
     source, index = _hub(request).run_row(request)
-    tile = int(_float(request, "tile", 0, 0, 1000))
+    tile = _int(request, "tile", 0, 0, 1000)
 
     def read() -> tuple[bytes, list[str]]:
         with compute.caught_warnings() as said:
@@ -653,7 +709,7 @@ async def run_map(request: Request) -> Response:
     method = request.path_params["method"]
     if method not in source.run.methods:
         raise HTTPException(404, f"the run has no method {method!r}; its methods are {', '.join(source.run.methods)}")
-    k = int(_float(request, "k", 0, 0, 10**6))
+    k = _int(request, "k", 0, 0, 10**6)
 
     def read() -> tuple[np.ndarray, list[str]]:
         with compute.caught_warnings() as said:
@@ -704,7 +760,22 @@ async def _salience_error(request: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return JSONResponse({"error": exc.detail}, exc.status_code, headers=getattr(exc, "headers", None))
+    return JSONResponse({"error": _routing_detail(request, exc)}, exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def _routing_detail(request: Request, exc: HTTPException) -> str:
+    """The error's text; for the router's own 404 and 405 (``Not Found``, ``Method Not Allowed``:
+    a URL that is no endpoint, an encoded ``/`` in an id (``..%2f``), a GET of a POST endpoint) what
+    the API's endpoints are, or which methods the URL takes."""
+    path = request.url.path
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return (f"no endpoint {path!r}; the API is GET api/info, api/status, api/images, api/runs ... (see "
+                "docs/explore.md, 'The API'), and an id in a URL holds no '/'")
+    if exc.status_code == 405 and exc.detail == "Method Not Allowed":
+        allowed = sorted({m for r in request.app.routes if isinstance(r, Route)  # every route of the URL
+                          and r.matches(request.scope)[0] == Match.PARTIAL for m in (r.methods or ())} - {"HEAD"})
+        return f"{request.method} is not allowed on {path!r}; it takes {' or '.join(allowed) or 'another method'}"
+    return str(exc.detail)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -144,6 +144,21 @@ def read_options(method: str, raw: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
+MAX_PASSES = 100_000
+"""Most ``samples`` / ``steps`` / ``masks`` a map of the explorer may ask for (each an image through the
+model). ``steps=10**30`` hung the server: integrated gradients' quadrature is a list of ``steps`` weights,
+built by the request's check on the event loop, so no other request was answered again."""
+
+
+def _check_passes(given: dict[str, Any]) -> None:
+    """A :class:`SalienceError` for a count of forward passes over :data:`MAX_PASSES`."""
+    for key in ("samples", "steps", "masks"):
+        v = given.get(key)
+        if isinstance(v, int) and v > MAX_PASSES:
+            raise SalienceError(f"option {key}: at most {MAX_PASSES} in the explorer (each is an image through the "
+                                f"model), got {v}; call the method from Python or salience explain for more")
+
+
 class _Stub(nn.Module):
     """A model without parameters for the dry run of :func:`check_request`: the methods check
     their option values before the first forward pass, which this model never gets to."""
@@ -157,6 +172,7 @@ def check_request(slot: ModelSlot, method: str, target: Any, raw: dict[str, Any]
     options (types, choices, finite numbers, and the method's own checks of the values, on a
     stand-in model so the worker's model is not touched), the layer, the output index."""
     given = read_options(method, raw)
+    _check_passes(given)
     try:
         _options.check_layer(slot.model, given)
     except SalienceError as e:  # e.g. model a's layer asked of model b: name the model and where its layers are
