@@ -39,6 +39,14 @@ _ALIASES = {"riemann_trapezoid": "trapezoid", "riemann_left": "left", "riemann_r
             "riemann_middle": "middle", "gauss_legendre": "gausslegendre", "gauss-legendre": "gausslegendre"}
 
 
+MAX_STEPS = 1_000_000
+"""The most points of a trapezoid / Riemann rule (their nodes and weights are built as lists first: ``steps=10**30``
+ran the process out of memory before any pass)."""
+MAX_STEPS_GAUSS = 1_000
+"""The most Gauss-Legendre points (``numpy.polynomial.legendre.leggauss`` solves an n x n eigenproblem: 1,000
+points 0.5 s, 4,000 points 26 s and 128 MB here)."""
+
+
 def quadrature(rule: str, steps: int) -> tuple[list[float], list[float]]:
     """Nodes ``a_i`` in ``[0, 1]`` and weights ``w_i`` (summing to 1) of a rule with ``steps`` points.
 
@@ -50,6 +58,14 @@ def quadrature(rule: str, steps: int) -> tuple[list[float], list[float]]:
     """
     rule = _ALIASES.get(rule, rule)
     n = steps
+    limit = MAX_STEPS_GAUSS if rule == "gausslegendre" else MAX_STEPS
+    if rule in RULES and n > limit:
+        raise SalienceError(
+            f"steps={n} is more than the {limit:,} points the {rule} rule takes here: "
+            + ("its nodes come from an n x n eigenproblem (4,000 points took 26 s), and it reaches float precision "
+               "with far fewer (a few hundred)" if rule == "gausslegendre" else
+               "each point is a forward and backward pass, so that many take days, and the completeness gap "
+               "stops shrinking long before; rule='gausslegendre' reaches float precision with a few hundred"))
     if rule == "trapezoid":
         if n < 2:
             raise SalienceError(f"the trapezoid rule needs steps >= 2 (both ends of the path), got {n}")
