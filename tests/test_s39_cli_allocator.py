@@ -103,3 +103,28 @@ def test_only_explain_and_evaluate_of_an_owned_process_default_to_reuse(monkeypa
         assert main(argv, owns_process=owns) == 0, argv
         assert bool(calls) is expected, (argv, owns)
         assert _perf.current() == _perf.Performance()
+
+
+def test_elsewhere_than_glibc_the_command_does_not_default_to_an_option_that_would_warn(monkeypatch, tmp_path):
+    """On macOS, Windows or musl ``allocator="reuse"`` does nothing and says so: as the command's own default it
+    made every CPU ``salience explain`` print a warning about an option the user never set. There the command
+    keeps the C allocator as it is, silently; ``--allocator reuse`` asked for still warns."""
+    import warnings
+
+    from PIL import Image
+
+    from salience._core import malloc
+    from salience.cli import common
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "a.png")
+    monkeypatch.setattr(malloc, "_glibc", lambda: (None, "Darwin with a C library other than glibc"))
+    monkeypatch.setattr(malloc, "_done", False)
+    args = common.argparse.Namespace(command="explain", allocator=None)
+    with common.performance_from_args(args, owns_process=True):
+        assert _perf.current().allocator == "default"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with common.performance_from_args(common.argparse.Namespace(command="explain", allocator="reuse")):
+            assert _perf.current().allocator == "reuse"
+            malloc.keep_freed_memory()
+    assert any("does nothing here" in str(w.message) for w in seen)

@@ -78,6 +78,13 @@ def keep_freed_memory() -> bool:
         return mmap and trim
 
 
+def available() -> bool:
+    """Whether ``allocator="reuse"`` can act in this process (glibc with ``mallopt``): a default that picks it
+    (the command line's, ``salience.cli.common``) picks it only here, so elsewhere no warning is said about an
+    option nobody set."""
+    return _glibc()[0] is not None
+
+
 def thresholds_fixed() -> bool:
     """Whether :func:`keep_freed_memory` set glibc's thresholds in this process (either of them): nothing undoes
     that, so ``allocator="default"`` afterwards says so (``salience._core.perf``)."""

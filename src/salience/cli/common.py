@@ -15,6 +15,7 @@ from salience._core.autograd import forward_scores, class_probabilities
 from salience._core.errors import SalienceError, suggest
 from salience._core.files import make_folder
 from salience._core.perf import ALLOCATORS, FREEZE, MEMORY_FORMATS, PRECISIONS, performance
+from salience._core.malloc import available as malloc_available
 from salience.loading import load_model
 from salience.loading.models import MODEL_SPECS
 from salience.methods import METHODS
@@ -244,15 +245,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "before it (the same function: maps equal up to float rounding; faster on CNNs)")
     g.add_argument("--allocator", choices=ALLOCATORS, default=None,
                    help="reuse: on a CPU with glibc, malloc's mmap and trim thresholds fixed high before the "
-                        "first pass, so the memory a pass frees is kept for the next (no page faults; the "
-                        "process keeps its peak memory); the default of explain and evaluate run as the "
+                        "first pass, so the memory a pass frees is kept for the next (fewer page faults: about half for "
+                        "explain DIR, measured; the process keeps its peak memory); the default of explain and evaluate run as the "
                         "salience command. default: the C allocator as it is (the other commands' default)")
 
 
 OWN_PROCESS_ALLOCATOR = {"explain": "reuse", "evaluate": "reuse"}
 """The allocator of these commands when the command owns its process (the ``salience`` command, ``python -m
-salience``) and no ``--allocator`` says otherwise: their passes fault no pages afresh (docs/performance.md, session
-39); the setting is process-wide and not undone, which a process that ends with the command can afford, and
+salience``), no ``--allocator`` says otherwise and the C library is glibc (elsewhere the option does nothing and
+would warn): their CPU passes fault far fewer pages afresh (about half a dataset command's: docs/performance.md,
+session 39); the setting is process-wide and not undone, which a process that ends with the command can afford, and
 :func:`salience.cli.main` called with an ``argv`` from a user's process (a notebook, a test) cannot."""
 
 
@@ -260,7 +262,7 @@ def performance_from_args(args: argparse.Namespace, owns_process: bool = False) 
     """The performance options a command's flags give, in force for the command (this thread); with
     ``owns_process``, :data:`OWN_PROCESS_ALLOCATOR`'s allocator where ``--allocator`` is not given."""
     allocator = getattr(args, "allocator", None)
-    if allocator is None and owns_process:
+    if allocator is None and owns_process and malloc_available():  # elsewhere than glibc: not a default to warn of
         allocator = OWN_PROCESS_ALLOCATOR.get(getattr(args, "command", None) or "")
     return performance(memory_format=getattr(args, "memory_format", None), compile=getattr(args, "compile", None),
                        precision=getattr(args, "precision", None),
