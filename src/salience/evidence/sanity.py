@@ -9,6 +9,7 @@ the map of the predicted class with the map of a random other class.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -214,7 +215,8 @@ def randomization(
         groups = chosen
     top_down = list(reversed(groups))
     mods = dict(work.named_modules())
-    original = {k: v.detach().clone() for k, v in work.state_dict().items()}
+    original = {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)  # extra state: any object
+                for k, v in work.state_dict().items()}
 
     signed0, abs0 = _signed_and_abs(fn, work, x, tgt, kw, "the original model's map")
     per: dict[str, list[Tensor]] = {k: [] for k in SIMILARITIES}

@@ -253,10 +253,14 @@ def _model(model: Union[nn.Module, str], device: Optional[torch.device], weights
 
 
 def _module_id(model: nn.Module) -> str:
-    """A module's name in the command: its class and a digest of its weights."""
+    """A module's name in the command: its class and a digest of its weights (a module's extra state that is not a
+    tensor, ``get_extra_state``'s any object, by its ``repr``)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
+        if not isinstance(t, torch.Tensor):
+            h.update(repr(t).encode())
+            continue
         h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else
                  t.detach().float().cpu().numpy().tobytes())
     return f"module:{type(model).__name__}:{h.hexdigest()[:16]}"
