@@ -360,3 +360,10 @@ def test_the_server_answers_after_and_nothing_changed(env):
     assert not [j.error for j, _ in hub.jobs.values() if j.status_code >= 500 and j.state == "error"]
     assert _disk(env["root"]) == env["disk"]
     assert_same_snapshot(env["model"], model_snapshot(hub.slots["a"].model))
+
+
+def test_a_missing_static_file_is_not_called_an_api_endpoint(env):
+    """The router's 404 wording (no endpoint; the API is ...) was given to a page file that is not there too."""
+    r = env["client"].get("static/nope.js")
+    assert r.status_code == 404
+    assert "page's own files" in r.json()["error"] and "no endpoint" not in r.json()["error"]

@@ -91,3 +91,13 @@ def test_keras_vis_refusal_of_gelu_names_no_option_keras_vis_lacks(wrt):
     with pytest.raises(SalienceError, match="calls gelu") as e:
         kv.visualize_saliency(m, -1, 0, torch.rand(3, 8, 8), wrt_tensor=wrt, backprop_modifier="guided")
     assert "pass unsupported=" not in str(e.value) and "backprop_modifier=None" in str(e.value)
+
+
+@pytest.mark.parametrize("modifier, named", [("guided", "salience.guided_backprop("), ("relu", "salience.deconvnet(")])
+def test_keras_vis_refusal_of_gelu_names_the_modifiers_own_function(modifier, named):
+    """A deconvnet modifier's refusal named ``salience.guided_backprop`` as the function that lets GELU through."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(144, 3)).eval()
+    with pytest.raises(SalienceError, match="calls gelu") as e:
+        kv.visualize_saliency(m, -1, 0, torch.rand(3, 8, 8), backprop_modifier=modifier)
+    assert named in str(e.value)

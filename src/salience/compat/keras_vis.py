@@ -331,7 +331,7 @@ def _loss_gradient(model: nn.Module, x: Tensor, losses: Sequence[tuple[Target, f
             g = _method_gradient(model, x, target, method) if wrt is None else _wrt_gradient(model, x, target, method,
                                                                                                 wrt)
         except SalienceError as e:
-            said = _in_keras_vis_words(e)
+            said = _in_keras_vis_words(e, method or "guided_backprop")
             if said is e:
                 raise
             raise said from None
@@ -340,14 +340,15 @@ def _loss_gradient(model: nn.Module, x: Tensor, losses: Sequence[tuple[Target, f
     return total
 
 
-def _in_keras_vis_words(e: SalienceError) -> SalienceError:
+def _in_keras_vis_words(e: SalienceError, method: str = "guided_backprop") -> SalienceError:
     """A rule's refusal (a pass without ReLUs, an activation it is not defined for) said to pass ``unsupported=``,
-    which keras-vis's functions do not take: said as ``backprop_modifier=None``; any other error as it is."""
+    which keras-vis's functions do not take: said as ``backprop_modifier=None``, naming salience's function of the
+    modifier's rule (``method``: guided backprop's or deconvnet's); any other error as it is."""
     msg = str(e)
     msg = msg.replace(rules.NO_RECTIFIER_ADVICE, "backprop_modifier=None gives that map (the modifier acts at ReLUs "
                                                  "only)")
     msg = msg.replace(rules.UNSUPPORTED_ADVICE, "backprop_modifier=None gives the plain gradient (keras-vis's "
-                                                "functions take no unsupported=; salience.guided_backprop(..., "
+                                                f"functions take no unsupported=; salience.{method}(..., "
                                                 "unsupported='warn') lets it through such activations only)")
     return e if msg == str(e) else SalienceError(msg)
 

@@ -768,6 +768,8 @@ def _routing_detail(request: Request, exc: HTTPException) -> str:
     a URL that is no endpoint, an encoded ``/`` in an id (``..%2f``), a GET of a POST endpoint) what
     the API's endpoints are, or which methods the URL takes."""
     path = request.url.path
+    if exc.status_code == 404 and exc.detail == "Not Found" and path.startswith("/static/"):
+        return f"no file {path!r} among the page's own files (salience/explore/static)"
     if exc.status_code == 404 and exc.detail == "Not Found":
         return (f"no endpoint {path!r}; the API is GET api/info, api/status, api/images, api/runs ... (see "
                 "docs/explore.md, 'The API'), and an id in a URL holds no '/'")
