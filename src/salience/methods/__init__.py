@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from salience._core import perf as _perf
 from salience._core.autograd import model_call
+from salience._core.checkpoints import plain_checkpoints
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
@@ -200,7 +201,10 @@ def _rules_apply(model: nn.Module, image: Optional[Tensor]) -> bool:
     rule = rules.guided(unsupported="ignore")
     one = image.detach().clone().requires_grad_(True)  # the rule counts the rectifiers of a pass with gradients
     try:
-        with model_guard(model), torch.inference_mode(False), torch.enable_grad(), model_call(model, one), rule:
+        # a checkpoint run as a plain call, as the methods' passes run it (a reentrant one runs its ReLUs without
+        # gradients, where the rule counts none)
+        with model_guard(model), torch.inference_mode(False), torch.enable_grad(), plain_checkpoints(), \
+                model_call(model, one), rule:
             model(one)
     except Exception:  # noqa: BLE001 - not the rule's refusal: the methods' own calls say what failed
         return True
