@@ -17,10 +17,13 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from salience._core import perf as _perf
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 SCRIPT = r"""
 import ctypes, json, os, resource, sys
@@ -57,6 +60,7 @@ def _commands(tmp_path, *commands: list[str]) -> list[dict]:
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "a.png")
     # glibc's settings from the environment left out (a user's MALLOC_ARENA_MAX, a CI's tunables): glibc as it is
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")  # this tree's salience, not the installed
     procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, *c], cwd=tmp_path, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
     got = []

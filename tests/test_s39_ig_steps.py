@@ -23,7 +23,7 @@ def test_absurd_steps_are_refused_at_once_with_the_rules_ceiling(rule):
     with pytest.raises(SalienceError, match="more than"):
         salience.integrated_gradients(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)), torch.rand(1, 3, 2, 2),
                                       target=0, steps=10 ** 30, rule=rule)
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 60  # refused before the lists: a hang or an out-of-memory is what fails
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -4,6 +4,7 @@ a plain set, so such a storage went uncounted and the peak (and with it the batc
 run, ``runs.job.choose_batch``) depended on the allocator's reuse: a flaky batch size."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from salience._core.engine import MemoryProbe
@@ -27,7 +28,8 @@ def test_a_storage_at_a_freed_external_address_is_counted():
         if c.untyped_storage().data_ptr() == addr:
             break
         tries += 1
-        assert tries < 20, "the allocator never reused the address: the case cannot be made here"
+        if tries >= 20:  # another allocator (jemalloc, tcmalloc, macOS's): the case cannot be made here
+            pytest.skip("the allocator never handed a freed address back: the case needs glibc's reuse")
     # b and c alive at the end, each n floats: the peak counts both (and the ones kept meanwhile)
     assert probe.peak >= 2 * 4 * n, probe.peak
     del b, kept

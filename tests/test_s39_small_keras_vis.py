@@ -7,6 +7,7 @@ keras-vis's all the same."""
 from __future__ import annotations
 
 import os
+import random
 import warnings
 
 import numpy as np
@@ -73,11 +74,15 @@ def test_a_keras_models_dead_unit_too():
     keras = pytest.importorskip("keras")
     if keras.backend.backend() != "torch":  # pragma: no cover - another test imported keras differently
         pytest.skip("keras was imported with another backend in this process")
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((8, 8, 3))
-    h = keras.layers.Conv2D(4, 3, activation="relu", bias_initializer=keras.initializers.Constant(-100.0))(inp)
-    out = keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(h))
-    model = keras.Model(inp, out)
+    with torch.random.fork_rng():  # keras seeds Python's, numpy's and torch's generators: none kept for later files
+        state, np_state = random.getstate(), np.random.get_state()
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((8, 8, 3))
+        h = keras.layers.Conv2D(4, 3, activation="relu", bias_initializer=keras.initializers.Constant(-100.0))(inp)
+        out = keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(h))
+        model = keras.Model(inp, out)
+        random.setstate(state)
+        np.random.set_state(np_state)
     with pytest.warns(UserWarning, match=r"the saliency map is constant \(zero\) everywhere"):
         heat = kv.visualize_saliency(model, -1, 2, SEED.permute(1, 2, 0).numpy())
     assert heat.shape == (8, 8) and not np.any(heat)
