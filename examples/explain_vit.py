@@ -82,6 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--method", action="append", choices=list(METHODS), help=f"default: {', '.join(METHODS)}")
     ap.add_argument("--out", default="explain-vit")
     args = ap.parse_args(argv)
+    if args.n < 1:
+        ap.error(f"--n must be at least 1, got {args.n}")
 
     model = salience.load_model("demo:shapes-vit")
     images, labels, masks = salience.data.shapes(args.n, seed=10_000)  # held out: the models trained on seed 0
