@@ -37,7 +37,7 @@ import time
 import urllib.parse
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -72,6 +72,18 @@ _WAIT_S = 120.0  # longest a request waits for a quick job (top classes, default
 MAX_MAPS = 65536
 """Map keys a server remembers (what request makes each: a few hundred bytes each), the least
 recently used forgotten past it; the maps themselves are in the cache, bounded by bytes."""
+
+
+def stop_workers(slots: Iterable[ModelSlot], timeout: float = 5.0) -> None:
+    """Cancel every job of the slots' workers and wait (``timeout`` seconds in all, the workers together) for their
+    threads to end at their next forward pass: a hub's close, and a hub whose building failed (a compared model that
+    did not load stops the workers started before it)."""
+    slots = list(slots)
+    for s in slots:
+        s.worker.halt()
+    end = time.monotonic() + timeout
+    for s in slots:
+        s.worker.stop(max(0.0, end - time.monotonic()))
 
 
 class Hub:
@@ -273,11 +285,7 @@ class Hub:
         """Cancel every job, wait (``timeout`` seconds in all, the workers together) for the threads to
         end at their next forward pass, and remove the uploads. :meth:`computing` says whether one is
         still inside a forward pass."""
-        for s in self.slots.values():
-            s.worker.halt()
-        end = time.monotonic() + timeout
-        for s in self.slots.values():
-            s.worker.stop(max(0.0, end - time.monotonic()))
+        stop_workers(self.slots.values(), timeout)
         self.images.close()
 
     def computing(self) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Union
 from torch import nn
 
 from salience._core.errors import SalienceError
-from salience.explore.app import Hub, create_app
+from salience.explore.app import Hub, create_app, stop_workers
 from salience.explore.compute import ModelSlot, name_model
 from salience.explore.hosts import HostGuard, is_local
 from salience.explore.images import FileSource, ImageStore
@@ -106,10 +106,7 @@ def build_hub(model: ModelLike, images: Sequence[Any] = (), *, compare: CompareL
         sources = ([FileSource(files)] if files else []) + run_sources
         return Hub(slots, ImageStore(sources, max_pixels=max_pixels), runs=run_sources)
     except BaseException:
-        for s in slots:
-            s.worker.halt()
-        for s in slots:
-            s.worker.stop(5.0)
+        stop_workers(slots)
         raise
 
 
