@@ -570,7 +570,8 @@ def loader_context(device: torch.device, workers: int, dataset: Any = None) -> O
     run, and every page of it the passes write again is copied at a fault: under ``allocator="reuse"``
     the memory a pass freed is kept, about 320,000 faults and 1 CPU s per 64 images on resnet50. A
     ``dataset`` a forkserver's worker could not receive is forked as before (``None``: the platform's
-    default, fork on Linux): one that does not pickle (a lambda in its transform), on a CPU one whose
+    default, fork on Linux): one that does not pickle (a lambda in its transform) or come back from its
+    pickle (:func:`_sendable`), on a CPU one whose
     pickle is over :data:`PICKLE_LIMIT` (its data in memory: a fork shares it), or one that refers to a
     class or function of an interactive ``__main__`` (a notebook's: the worker cannot import it); on a
     CPU also a call from a script's top level outside ``if __name__ == "__main__":`` (the forkserver
