@@ -52,6 +52,7 @@ DataLoader workers are forked after it (they inherit the thresholds; they run no
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -133,12 +134,13 @@ class Files(torch.utils.data.Dataset):
 DECODE_CPUS: set[int] = set()  # --decode-cpus: the cores of the DataLoader workers (empty: the model's)
 
 
-def pin_worker(_: int = 0) -> None:
+def pin_worker(_: int = 0, cores: frozenset = frozenset()) -> None:
     """A DataLoader worker's start (salience's and the Captum loop's alike): one thread, and the
-    ``--decode-cpus`` cores when given."""
+    ``--decode-cpus`` cores when given (``cores``, bound by ``functools.partial``: a worker started from a
+    forkserver imports this module afresh, where ``DECODE_CPUS`` is empty)."""
     torch.set_num_threads(1)
-    if DECODE_CPUS:
-        os.sched_setaffinity(0, DECODE_CPUS)
+    if cores or DECODE_CPUS:
+        os.sched_setaffinity(0, cores or DECODE_CPUS)
 
 
 def run_captum(model: torch.nn.Module, paths: list[Path], size: int, batch: int, workers: int, out: Path) -> None:
@@ -210,7 +212,8 @@ def main(argv=None) -> int:  # long: the options, the rounds and the report in o
         os.sched_setaffinity(0, cpus(args.model_cpus))
     if args.decode_cpus:
         DECODE_CPUS.update(cpus(args.decode_cpus))
-        salience.runs.sources.worker_init = pin_worker  # what explain_dataset's DataLoader starts its workers with
+        # what explain_dataset's DataLoader starts its workers with (the cores bound: pickled to a forkserver's worker)
+        salience.runs.sources.worker_init = functools.partial(pin_worker, cores=frozenset(DECODE_CPUS))
     if args.n < args.rounds:
         ap.error("--n must be at least --rounds (a block of files per round)")
     torch.set_num_threads(args.threads)
