@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 import queue
 import sys
 import threading
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -562,96 +560,23 @@ WRITER_QUEUE = 2
 flat: the queue is bounded); ``0``: the store's work runs in the main thread, between batches."""
 
 
-PICKLE_LIMIT = 64 << 20
-"""The largest pickle of a dataset that a forkserver's workers are sent (each worker receives a copy);
-a bigger one (its data in memory) is forked, which shares it for free."""
-
-
 def loader_context(device: torch.device, workers: int, dataset: Any = None) -> Optional[str]:
-    """The DataLoader's multiprocessing start method: ``"forkserver"`` whenever workers decode. On CUDA
-    forking a process with CUDA and threads running is unsafe; on a CPU (where fork, the quickest to
-    start, was the default) a worker forked from this process shares its heap copy-on-write for the whole
-    run, and every page of it the passes write again is copied at a fault: under ``allocator="reuse"``
-    the memory a pass freed is kept, about 320,000 faults and 1 CPU s per 64 images on resnet50. A
-    ``dataset`` a forkserver's worker could not receive is forked as before (``None``: the platform's
-    default, fork on Linux): one that does not pickle (a lambda in its transform) or come back from its
-    pickle (:func:`_sendable`), on a CPU one whose
-    pickle is over :data:`PICKLE_LIMIT` (its data in memory: a fork shares it), or one that refers to a
-    class or function of an interactive ``__main__`` (a notebook's: the worker cannot import it); on a
-    CPU also a call from a script's top level outside ``if __name__ == "__main__":`` (the forkserver
-    imports the script: its body would run again there)."""
+    """The DataLoader's multiprocessing start method: ``"forkserver"`` when the run's device is CUDA
+    and workers decode (forking a process that has CUDA and threads running is unsafe: Python 3.12
+    warns), else ``None``, the platform's default (fork on Linux: the quickest to start). A
+    ``dataset`` that does not pickle (a lambda in its transform, a class defined in a notebook) is
+    forked as before: a forkserver's workers receive it pickled, and would fail to start."""
     import multiprocessing
-
-    cpu = device.type != "cuda"
-    if workers <= 0 or (dataset is not None and not _sendable(dataset, PICKLE_LIMIT if cpu else None)):
-        return None
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return None if cpu else "spawn"
-    if cpu and not _main_guarded():
-        return None
-    return "forkserver"
-
-
-class _Limited(io.BytesIO):
-    """A buffer that stops the pickle written to it past ``limit`` bytes (``None``: no limit)."""
-
-    def __init__(self, limit: Optional[int]) -> None:
-        super().__init__()
-        self.limit = limit
-
-    def write(self, b: Any) -> int:
-        if self.limit is not None and self.tell() + len(b) > self.limit:
-            raise OverflowError("pickle over the limit")
-        return super().write(b)
-
-
-def _sendable(dataset: Any, limit: Optional[int]) -> bool:
-    """Whether a forkserver's worker can receive ``dataset``: it pickles, within ``limit`` bytes, names
-    nothing of an interactive ``__main__`` (no file to import it from), and unpickles (an object whose
-    class's ``__init__`` takes other arguments than it keeps, e.g. an exception, pickles but does not
-    come back: the worker would die)."""
     import pickle
 
-    interactive = getattr(sys.modules.get("__main__"), "__file__", None) is None
-
-    class Checker(pickle.Pickler):
-        def reducer_override(self, obj: Any) -> Any:
-            if interactive and isinstance(obj, (type, types.FunctionType)) and obj.__module__ == "__main__":
-                raise pickle.PicklingError(f"{obj.__qualname__} is defined in an interactive __main__")
-            return NotImplemented
-
-    buffer = _Limited(limit)
-    try:
-        Checker(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(dataset)
-        pickle.loads(buffer.getbuffer())
-    except Exception:  # noqa: BLE001 - any failure to pickle or unpickle: the worker is forked
-        return False
-    return True
-
-
-def _main_guarded() -> bool:
-    """Whether a forkserver may import ``__main__``: it has no file (a notebook, ``python -c``), was run
-    with ``-m`` (not imported by path), or this call comes from inside its ``if __name__ == "__main__":``
-    block (or a function: the script's top level then ran to the block that called it)."""
-    import ast
-    import inspect
-
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if path is None or getattr(main, "__spec__", None) is not None:
-        return True
-    frame = inspect.currentframe()
-    while frame is not None and not (frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"):
-        frame = frame.f_back
-    if frame is None:
-        return True  # not called from the script's body (a thread, a callback)
-    line = frame.f_lineno
-    try:
-        tree = ast.parse(Path(path).read_text())
-    except (OSError, SyntaxError, ValueError):
-        return False
-    return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in
-               ast.unparse(node.test) and node.lineno <= line <= (node.end_lineno or 0) for node in tree.body)
+    if device.type != "cuda" or workers <= 0:
+        return None
+    if dataset is not None:
+        try:
+            pickle.dumps(dataset)
+        except Exception:
+            return None
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> None:
