@@ -24,6 +24,7 @@ from salience.runs import explain_dataset
 from salience.runs.dataset import ENGINES, METRICS
 from salience.runs.job import constant_notes
 from salience.runs.sources import is_dataset_spec, needs_one_size
+from salience.runs.store import error_column, metrics_error_column
 
 FLAGS = {"labels=": "--labels-csv", "masks=": "--masks", "out=": "--out", "overwrite=True": "--overwrite",
          "target=": "--target", "mode=": "--mode", "engine='ray'": "--engine ray",
@@ -120,7 +121,7 @@ def _said_columns(run: Any) -> str:
     """The columns of ``run``'s table that say why its failed images failed, for the summary line: ``error`` (the
     image's own) and each method's ``METHOD.error`` and ``METHOD.metrics_error`` that holds one."""
     t = run.table
-    names = ["error"] + [f"{m}.{c}" for m in run.methods for c in ("error", "metrics_error")]
+    names = ["error"] + [c(m) for m in run.methods for c in (error_column, metrics_error_column)]
     found = [f"'{c}'" for c in names if c in t.column_names and t.column(c).null_count < t.num_rows]
     if len(found) < 2:
         return f"the {''.join(found) or repr('error')} column"

@@ -31,7 +31,8 @@ from salience.loading.images import unnormalize
 from salience.methods.integrated import CompletenessWarning, GapReport, collect_gaps, report_gaps
 from salience.render import viz
 from salience.runs.sources import Item
-from salience.runs.store import GIVEN_LABELS_ADVICE, given_label_difference, label_text
+from salience.runs.store import (GIVEN_LABELS_ADVICE, error_column, given_label_difference, label_text,
+                                 metrics_error_column)
 from salience.targets import Regression
 
 THUMB = 96
@@ -417,12 +418,12 @@ class _Search:
 def _method_error(row: dict[str, Any], name: str, text: str) -> None:
     """Row ``row``'s ``METHOD.error``: method ``name`` refused its image (``text``); ``error`` stays the
     image's own (:meth:`salience.runs.store.Run.errors_of` reads them back)."""
-    row[f"{name}.error"] = text
+    row[error_column(name)] = text
 
 
 def _metrics_error(row: dict[str, Any], name: str, text: str) -> None:
     """Row ``row``'s ``METHOD.metrics_error``: method ``name``'s metrics refused its image (``text``)."""
-    row[f"{name}.metrics_error"] = text
+    row[metrics_error_column(name)] = text
 
 
 class EachRefused(SalienceError):

@@ -86,6 +86,16 @@ def pyarrow():
     return pa
 
 
+def error_column(method: str) -> str:
+    """The column of ``method``'s refusal of a row's image (its maps not made)."""
+    return f"{method}.error"
+
+
+def metrics_error_column(method: str) -> str:
+    """The column of ``method``'s metrics' refusal of a row's image (its maps made, not scored)."""
+    return f"{method}.metrics_error"
+
+
 def row_schema(methods: Sequence[str], *, labels: bool, metrics: Sequence[str], regression: bool = False,
                errors: bool = True):
     """The rows' schema: the same in every shard, so the shards concatenate into one table. A
@@ -105,9 +115,9 @@ def row_schema(methods: Sequence[str], *, labels: bool, metrics: Sequence[str], 
     for m in methods:
         fields += [(f"{m}.{s}", pa.float64()) for s in ("min", "max", "mean")]
         fields += [(f"{m}.constant", pa.list_(pa.float64()))]
-        fields += [(f"{m}.error", pa.string())] if errors else []
+        fields += [(error_column(m), pa.string())] if errors else []
         fields += [(f"{m}.{s}", pa.float64()) for s in metrics]
-        fields += [(f"{m}.metrics_error", pa.string())] if errors and metrics else []
+        fields += [(metrics_error_column(m), pa.string())] if errors and metrics else []
     fields += [("shard", pa.string()), ("offset", pa.int32())]
     return pa.schema(fields)
 
@@ -805,7 +815,7 @@ class Run:
             return [joined_errors(e, self.methods) for e in own]
         out: list[tuple[dict[str, str], Optional[str]]] = [({}, e) for e in own]
         for m in self.methods:
-            for i, (e, me) in enumerate(zip(column(f"{m}.error"), column(f"{m}.metrics_error"))):
+            for i, (e, me) in enumerate(zip(column(error_column(m)), column(metrics_error_column(m)))):
                 if e is not None or me is not None:
                     out[i][0][m] = e if e is not None else f"metrics failed: {me}"
         return out
