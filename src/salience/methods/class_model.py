@@ -310,7 +310,7 @@ def _passes(model: nn.Module, img: Tensor, groups: list[tuple[Target, list[int]]
     layout, autocast, and after the first step (which looks for a final softmax to strip) the compiled model or the
     folded copy; with a target on an inner layer not those two, which a warning says once per process."""
     options = _perf.current()
-    if _perf.active(model) is not None or not _perf._fast(options):
+    if _perf.active(model) is not None or not _perf.changes_single_pass(options):
         yield  # the defaults (or "auto", measured over a many-pass call's chunks): the passes as they are
         return
     if any(getattr(t, "layer", None) is not None for t, _ in groups):
