@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -96,6 +97,72 @@ def test_core_knows_no_target_class():
     """The engine takes targets as objects with a small protocol; it never imports salience.targets."""
     for p in (SRC / "_core").rglob("*.py"):
         assert all(not t.startswith("salience.targets") for _, t in _imports(p)), p
+
+
+# Another room's underscore-private names (``from salience._core.perf import _fast``, ``perf._fast(...)``) a module may
+# use, as "module: name": none. The underscore says "this room's own": a name one room offers another is named without
+# it (``perf.changes_single_pass``, ``guard.calmly``, ``attention.einsum_labels``), so that its room knows it has
+# callers outside and its tests and docs say what it promises. A room's own private names, and a room's private
+# modules' public names (``methods._multi.hooked_pass``, which ``compat.keras_vis`` takes), are not concerned.
+PRIVATE_IMPORTS_ALLOWED: frozenset[str] = frozenset()
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _other_rooms_privates(path: Path, module: Optional[str] = None) -> list[str]:
+    """``line N: name`` for each underscore-private name that ``path``'s module (named ``module``, by default its
+    place under ``SRC``) takes from a module of another room, not in :data:`PRIVATE_IMPORTS_ALLOWED`: by
+    ``from M import _name`` (a private module of a package too: ``from salience.methods import _multi``) and as
+    ``alias._name`` where ``alias`` is bound by ``import M as alias`` or ``from P import M [as alias]``; imports
+    inside functions included."""
+    module = module or _module_name(path)
+    room = _room(module)
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    aliases: dict[str, str] = {}  # local name -> the salience module it is bound to
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("salience."):
+            for a in node.names:
+                target = _submodule(node.module, a.name)
+                if _is_private(a.name) and _room(target) != room:
+                    found.append((node.lineno, f"{node.module}.{a.name}"))
+                if target != node.module:
+                    aliases[a.asname or a.name] = target
+        elif isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name for a in node.names if a.asname and a.name.startswith("salience.")})
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                and _is_private(node.attr) and _room(aliases[node.value.id]) != room:
+            found.append((node.lineno, f"{aliases[node.value.id]}.{node.attr}"))
+    return [f"line {n}: {name}" for n, name in sorted(found) if f"{module}: {name}" not in PRIVATE_IMPORTS_ALLOWED]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_no_room_takes_another_rooms_private_names(path):
+    """A module uses no underscore-private name of another room's modules (the exceptions, each with its reason, in
+    :data:`PRIVATE_IMPORTS_ALLOWED`: none)."""
+    bad = _other_rooms_privates(path)
+    assert not bad, (f"{_module_name(path)} takes another room's private names {bad}: give them a name without the "
+                     "underscore in their module (and say them in docs/architecture.md), or import what is public")
+
+
+def test_the_private_names_rule_sees_both_forms(tmp_path):
+    """The rule's reader on a module of its own, read as ``salience.methods.probe``: ``from M import _x`` and
+    ``alias._y`` of another room's modules are found; the room's own private names, and public names through a
+    private alias, are not."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("from salience._core.perf import _fast, current\n"
+                     "from salience._core import perf as _perf\n"
+                     "from salience.methods._multi import hooked_pass, _UNAPPLIED\n"
+                     "def f():\n"
+                     "    import salience.rules as r\n"
+                     "    return _perf._fast, _perf.current, r._classify, r.ACTIVATIONS, _UNAPPLIED, hooked_pass\n")
+    assert _other_rooms_privates(probe, "salience.methods.probe") == [
+        "line 1: salience._core.perf._fast", "line 6: salience._core.perf._fast", "line 6: salience.rules._classify"]
+    assert _other_rooms_privates(probe, "salience._core.probe") == ["line 3: salience.methods._multi._UNAPPLIED",
+                                                                  "line 6: salience.rules._classify"]
 
 
 MAX_LINES = 60

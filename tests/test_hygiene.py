@@ -1311,7 +1311,7 @@ def test_ctrl_c_with_a_users_handler_that_raises_another_exception(monkeypatch, 
     """A user's SIGINT handler that raises something else than ``KeyboardInterrupt`` (``sys.exit(1)``'s
     ``SystemExit``, an exception of their own), at each point of the guards: the model is as it was, no
     guard holds anything, the handler is the user's. Before, a Ctrl-C at the start of the exit's
-    ``_calmly`` (before the deferral) was done once more only for a ``KeyboardInterrupt``: with the user's
+    ``calmly`` (before the deferral) was done once more only for a ``KeyboardInterrupt``: with the user's
     exception the hold stayed, the model in eval mode with frozen parameters for good."""
     from salience._core import guard
 

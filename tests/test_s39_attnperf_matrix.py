@@ -13,12 +13,16 @@ word. What is seen, without salience's help:
 engine's many-pass calls only: a one-pass method (the gradient methods, the CAMs, the attention methods; class
 model's steps, each a pass of its batch) runs its batch as one pass whatever the option (``"memory"`` neither): that
 it is not concerned is checked too (the same passes under both values). The CNN methods run on a tiny CNN with
-BatchNorm at 16 px, the attention methods on tests/tiny_vit.py at 16 px. ``MATRIX`` is the table of
-docs/performance.md ("Which methods, and how").
+BatchNorm at 16 px, the attention methods on tests/tiny_vit.py at 16 px. ``MATRIX`` is read from the table of
+docs/performance.md ("Which methods, and how"), so the docs and the test cannot disagree: a row, column or cell the
+reader does not know fails the test file at once; the second table's cells that begin with "yes" / "no" (layout,
+compiled forward, autocast) agree with it.
 """
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +41,50 @@ ONE_PASS = {"vanilla", "input_x_gradient", "guided_backprop", "deconvnet", "grad
             "gradcam_plus_plus", "hirescam", "xgradcam", "layercam", "eigencam", "attention_rollout",
             "transformer_attribution", "class_model"}
 NAMES = [*METHODS, "class_model"]
-OPTIONS = ["precision", "memory_format", "compile", "fold_batchnorm", "chunks"]
+DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+SECTION = "## Which methods, and how"
+CELLS = {"applied": "A", "warned": "W", "—": "-"}  # the table's words: A applied, W warned, - not concerned
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+    """The markdown tables of :data:`SECTION` in ``text``: each a list of rows of cells, the header first (the
+    ``|---|`` line left out)."""
+    assert SECTION in text, f"{DOC} has no section {SECTION!r}"
+    body = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    tables: list[list[list[str]]] = [[]]
+    for line in body.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                tables[-1].append(cells)
+        elif tables[-1]:
+            tables.append([])
+    return [t for t in tables if t]
+
+
+def _names(cell: str) -> list[str]:
+    return re.findall(r"`([a-z_0-9]+)`", cell)
+
+
+def _matrix(table: list[list[str]]) -> tuple[list[str], dict[str, str]]:
+    """The options (the header's columns after "method") and each method's row, a letter of :data:`CELLS` per
+    option; a method named twice or a cell of another word fails."""
+    header, *rows = table
+    assert header[0] == "method", header
+    options = [c.strip("`") for c in header[1:]]
+    matrix: dict[str, str] = {}
+    for row in rows:
+        assert len(row) == len(header), row
+        unknown = [c for c in row[1:] if c not in CELLS]
+        assert not unknown, f"cells {unknown} of {row[0]}: the table's words are {list(CELLS)}"
+        for name in _names(row[0]):
+            assert name not in matrix, f"{name} in two rows"
+            matrix[name] = "".join(CELLS[c] for c in row[1:])
+    return options, matrix
+
+
+TABLES = _tables(DOC.read_text(encoding="utf-8"))
+OPTIONS, MATRIX = _matrix(TABLES[0])
 
 
 class Net(nn.Module):
@@ -175,23 +222,38 @@ def _fold_observed(name: str, m: nn.Module, x: torch.Tensor) -> tuple[bool, list
     return counts[1] < counts[0], said
 
 
-MATRIX = {  # what each method does with each option of OPTIONS: A applied, W warned, - not concerned
-    "vanilla": "AAAA-", "input_x_gradient": "AAAA-",
-    "guided_backprop": "AAWW-", "deconvnet": "AAWW-", "gradcam": "AAWW-", "guided_gradcam": "AAWW-",
-    "gradcam_plus_plus": "AAWW-", "hirescam": "AAWW-", "xgradcam": "AAWW-", "layercam": "AAWW-",
-    "eigencam": "WWWW-", "attention_rollout": "AAWW-", "transformer_attribution": "AAWW-",
-    "smoothgrad": "AAAAA", "integrated_gradients": "AAAAA", "scorecam": "AAAAA", "occlusion": "AAAAA",
-    "rise": "AAAAA", "ablationcam": "AAWWA", "class_model": "AAAA-",
-}
-
-
 def test_the_matrix_covers_every_method():
-    """The table of docs/performance.md ("Which methods, and how"), as data: every registered method is in it."""
-    assert set(MATRIX) == set(NAMES)
+    """The table of docs/performance.md ("Which methods, and how"), read as data: its five options (those
+    :func:`_observe` sees), and every registered method and ``class_model`` in it, once."""
+    assert OPTIONS == ["precision", "memory_format", "compile", "fold_batchnorm", "chunks"]
+    assert len(MATRIX) == len(NAMES) == 20 and set(MATRIX) == set(NAMES)
     for name, row in MATRIX.items():
         assert len(row) == len(OPTIONS) and set(row) <= set("AW-"), name
         assert (row[4] == "-") == (name in ONE_PASS), name
         assert "-" not in row[:4], name  # every method is concerned by the four options of how a pass runs
+
+
+# the second table's columns (how each method applies them) and the options they are
+HOW = {"layout": "memory_format", "compiled forward": "compile", "autocast": "precision"}
+
+
+def test_the_how_table_agrees_with_the_matrix():
+    """The second table of the section: a cell that begins with "yes" is an option applied, one with "no" an option
+    warned about (others say how, "plain passes", and are not read); each of its methods is in the matrix."""
+    header, *rows = TABLES[1]
+    assert header == ["method", *HOW], header
+    read = 0
+    for row in rows:
+        names = [n for n in _names(row[0]) if n in MATRIX]
+        for name in names:
+            for column, cell in zip(header[1:], row[1:]):
+                word = re.match(r"(yes|no)\b", cell)
+                if word:
+                    expected = {"yes": "A", "no": "W"}[word.group(1)]
+                    assert MATRIX[name][OPTIONS.index(HOW[column])] == expected, (name, column, cell[:40])
+                    read += 1
+    assert {n for row in rows for n in _names(row[0])} >= set(NAMES)
+    assert read == 58, read  # 20 methods x 3 columns, less SmoothGrad's and IG's compiled forward, "plain passes"
 
 
 @pytest.mark.parametrize("option", OPTIONS)

@@ -27,7 +27,7 @@ active (around one forward pass, in the entering thread only):
   (or a view of it) with the values: recorded permuted to ``(B, heads, L, S)`` (a softmax over the channels of a
   ``(B, C, H, W)`` map with ``C == H`` that only scales the map, channel attention in a CNN, or contracts the
   channels with a weight, no batch index, is not attention); with as many heads as tokens, ``(B, S, S, S)``, the
-  product tells the heads (shared with the values) from the queries (:meth:`_KeysFirst._read`).
+  product tells the heads (shared with the values) from the queries (:meth:`KeysFirst._read`).
 
 Every other torch call of the pass also reaches the mode (that is how modes work): it leaves at once
 on one set lookup of the function (:data:`_WATCHED`). :func:`attention_maps` (attention rollout's pass) keeps
@@ -73,7 +73,7 @@ from torch.overrides import TorchFunctionMode
 from salience._core import perf as _perf
 from salience._core.autograd import check_input, model_call, this_thread
 from salience._core.errors import SalienceError
-from salience._core.guard import _calmly, check_python_model, model_guard
+from salience._core.guard import calmly, check_python_model, model_guard
 from salience._core.tensors import check_flag, check_int
 
 __all__ = ["AttentionCapture", "attention_maps", "check_model"]
@@ -82,14 +82,14 @@ _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 _MHA_NAMES = tuple(_MHA_SIGNATURE.parameters)
 _MHA_DEFAULTS = {n: p.default for n, p in _MHA_SIGNATURE.parameters.items() if p.default is not inspect.Parameter.empty}
 _SDPA = F.scaled_dot_product_attention
-_SOFTMAXES = frozenset({torch.softmax, Tensor.softmax, F.softmax, torch.special.softmax})
+SOFTMAXES = frozenset({torch.softmax, Tensor.softmax, F.softmax, torch.special.softmax})
 # the functions the capture acts on; any other torch call passes straight through
 # products that contract a keys-first softmax with the values (what makes it attention, not a channel weighting)
 _PRODUCTS = frozenset({torch.einsum, torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm})
 # calls that may copy a keys-first softmax on its way to that product (``a.permute(...).reshape(B * heads, L, S)``)
 _COPYING = frozenset({Tensor.contiguous, Tensor.clone, torch.clone, Tensor.reshape, torch.reshape, Tensor.flatten,
                       torch.flatten})
-_WATCHED = frozenset({_SDPA, F.multi_head_attention_forward, *_SOFTMAXES, *_PRODUCTS, *_COPYING})
+_WATCHED = frozenset({_SDPA, F.multi_head_attention_forward, *SOFTMAXES, *_PRODUCTS, *_COPYING})
 
 
 def _check_callable(fn: Any, name: str, what: str) -> None:
@@ -158,7 +158,7 @@ class AttentionCapture(TorchFunctionMode):
         self._maps: list[Tensor] = []
         self._grads: list[list[Tensor]] = []
         self.kinds: list[str] = []
-        self._pending: Optional[_KeysFirst] = None  # a keys-first softmax not yet contracted
+        self._pending: Optional[KeysFirst] = None  # a keys-first softmax not yet contracted
         self._sites: Optional[list[Optional[nn.Module]]] = None  # a list: where each record was called from
 
     def _shape(self, t: Tensor) -> Tensor:
@@ -208,14 +208,14 @@ class AttentionCapture(TorchFunctionMode):
                 self._record(self._pending.out, "softmax", self._pending.order)
                 self._pending = None
             return out
-        order = _attention_order(args, kwargs)
+        order = attention_order(args, kwargs)
         if order and isinstance(out, Tensor):
             # keys first: attention once a product contracts it (tag: where the softmax ran, on a first pass)
-            self._pending = _KeysFirst(out, order, _caller_module() if self._sites is not None else None)
+            self._pending = KeysFirst(out, order, _caller_module() if self._sites is not None else None)
         elif order is not None and isinstance(out, Tensor):
             self._record(out, "softmax", order)
-        elif isinstance(out, Tensor) and _ambiguous_keys_first(args, kwargs):  # heads or queries next: the product says
-            self._pending = _KeysFirst(out, None, _caller_module() if self._sites is not None else None)
+        elif isinstance(out, Tensor) and ambiguous_keys_first(args, kwargs):  # heads or queries next: the product says
+            self._pending = KeysFirst(out, None, _caller_module() if self._sites is not None else None)
         return out
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
@@ -324,7 +324,7 @@ def _is_attention_softmax(args: tuple, kwargs: dict) -> bool:
     return dim in (-1, x.dim() - 1)
 
 
-def _attention_order(args: tuple, kwargs: dict) -> Optional[tuple[int, ...]]:
+def attention_order(args: tuple, kwargs: dict) -> Optional[tuple[int, ...]]:
     """How a softmax's output reads as attention weights ``(B, heads, L, S)``: ``()`` for a softmax over the
     last dim of 3 or more dims (as it is); for a softmax over dim 1 of a 4-D tensor (keys on dim 1, the layout
     ``(B, S, heads, L)`` or ``(B, S, L, heads)``) the permutation to ``(B, heads, L, S)``, the query axis being
@@ -342,10 +342,10 @@ def _attention_order(args: tuple, kwargs: dict) -> Optional[tuple[int, ...]]:
     return None
 
 
-def _ambiguous_keys_first(args: tuple, kwargs: dict) -> bool:
+def ambiguous_keys_first(args: tuple, kwargs: dict) -> bool:
     """A softmax over dim 1 of a 4-D tensor ``(B, S, S, S)``: keys first, as many heads as tokens, so the shape
     cannot say whether the heads or the queries come next; the product that contracts it with the values can
-    (:meth:`_KeysFirst.contracted`: the heads are the axis the values share)."""
+    (:meth:`KeysFirst.contracted`: the heads are the axis the values share)."""
     x, dim = _softmax_input(args, kwargs)
     return isinstance(x, Tensor) and x.dim() == 4 and dim in (1, -3) and x.shape[1] == x.shape[2] == x.shape[3] > 1
 
@@ -376,7 +376,7 @@ def _contracts(args: tuple, seen: list[Tensor]) -> bool:
                and t.numel() == a.numel() for t in ops for a in seen)
 
 
-class _KeysFirst:
+class KeysFirst:
     """A keys-first softmax's output (``order``: its permutation to ``(B, heads, L, S)``) waiting for the product
     that makes it attention (:func:`_contracts`), with the copies made of it on the way; what both the capture and
     the default-layer search's spotter follow (``tag``: what the follower records when it is contracted)."""
@@ -421,7 +421,7 @@ class _KeysFirst:
         ``a.permute(0, 2, 3, 1) @ v``; a statistic such as ``einsum("bshl,ls->bh", a, distance)`` leaves it to the
         next). An operand's dim shares an index only where it varies: not one of size 1 or stride 0, an expanded
         weight's (``s.permute(0, 2, 3, 1) @ w.expand(B, H, C, D)``)."""
-        parsed = _einsum_labels(args) if func is torch.einsum else _matmul_labels(args, {})
+        parsed = einsum_labels(args) if func is torch.einsum else matmul_labels(args, {})
         for i, (op, labels) in enumerate(parsed[0] if parsed else ()):
             dims = self._dims_of(op) if isinstance(op, Tensor) else None
             if dims is None:
@@ -445,10 +445,10 @@ class _KeysFirst:
         return None
 
 
-def _matmul_labels(args: tuple, kwargs: dict) -> Optional[tuple[list[tuple[Any, list]], set]]:
+def matmul_labels(args: tuple, kwargs: dict) -> Optional[tuple[list[tuple[Any, list]], set]]:
     """A matmul of two 4-D tensors ``(B, heads, m, r) @ (B, heads, r, p)`` or two 3-D ones ``(B, m, r) @ (B, r, p)``
     (``bmm``'s; the heads folded into the batch) as einsum labels (``bhmr,bhrp->bhmp``, ``bmr,brp->bmp``, the form
-    :meth:`salience.methods._attention_spotter._AttentionSpotter._contraction` and :meth:`_KeysFirst.contracted`
+    :meth:`salience.methods._attention_spotter._AttentionSpotter._contraction` and :meth:`KeysFirst.contracted`
     read); None for any other."""
     a = args[0] if args else kwargs.get("input", kwargs.get("self"))
     b = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
@@ -459,7 +459,7 @@ def _matmul_labels(args: tuple, kwargs: dict) -> Optional[tuple[list[tuple[Any, 
     return [(a, [*lead, "m", "r"]), (b, [*lead, "r", "p"])], {*lead, "m", "p"}
 
 
-def _einsum_labels(args: tuple) -> Optional[tuple[list[tuple[Any, list]], set]]:
+def einsum_labels(args: tuple) -> Optional[tuple[list[tuple[Any, list]], set]]:
     """The operands of an einsum call (two or more) with each one's index label per dim, and the output's labels (an
     ellipsis's dims labelled from the right, as they broadcast); None for an equation not read."""
     if not args:
@@ -611,13 +611,13 @@ def _active_in(cap: AttentionCapture, modules: list[nn.Module], native: bool = F
 
     handles: list = []
     try:  # Ctrl-C deferred while the hooks go on and off (a handle not yet kept would leave its hook behind)
-        _calmly(_hook, modules, enter, leave, handles, cap if native else None)
+        calmly(_hook, modules, enter, leave, handles, cap if native else None)
         yield
     finally:
         try:
-            _calmly(_unhook, cap, handles, below if depth[0] else None)
-        except BaseException:  # a Ctrl-C before _calmly deferred it left all to do: done once more
-            _calmly(_unhook, cap, handles, below if depth[0] else None)
+            calmly(_unhook, cap, handles, below if depth[0] else None)
+        except BaseException:  # a Ctrl-C before calmly deferred it left all to do: done once more
+            calmly(_unhook, cap, handles, below if depth[0] else None)
             raise
 
 

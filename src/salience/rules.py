@@ -54,9 +54,11 @@ import collections
 import numbers
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -65,7 +67,8 @@ from salience._core.autograd import this_thread
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.guard import check_python_model
 
-__all__ = ["BackpropRule", "ActivationCount", "GuidedRule", "DeconvnetRule", "guided", "deconvnet", "check_model", "UNSUPPORTED"]
+__all__ = ["BackpropRule", "ActivationCount", "GuidedRule", "DeconvnetRule", "guided", "deconvnet", "check_model", "UNSUPPORTED",
+           "ACTIVATIONS", "Activation", "activation_kind"]
 
 UNSUPPORTED = ("error", "warn", "ignore")
 # what the refusal of a pass without rectifiers says to do (salience.compat.keras_vis says it in its own words)
@@ -74,23 +77,93 @@ NO_RECTIFIER_ADVICE = "use salience.vanilla, or pass unsupported='ignore' to tak
 UNSUPPORTED_ADVICE = ("pass unsupported='warn' (or 'ignore') to let the plain gradient through such activations, "
                       "or use another method (e.g. vanilla)")
 
-# Parameter names after the input, in positional order, with defaults, per kind of call.
-_PARAMS: dict[str, tuple[tuple[str, Any], ...]] = {
-    "relu": (("inplace", False),),
-    "relu6": (("inplace", False),),
-    "hardtanh": (("min_val", -1.0), ("max_val", 1.0), ("inplace", False)),
-    "threshold": (("threshold", None), ("value", None), ("inplace", False)),
-    "leaky_relu": (("negative_slope", 0.01), ("inplace", False)),
-    "clamp": (("min", None), ("max", None)),
-    "clip": (("min", None), ("max", None)),
-    "clamp_min": (("min", None),),
-}
+# How a call (or a module) is sorted: ``(kind, upper cap of a rectifier or None, the name a message says)``, kind
+# one of "rectifier" (the rule takes it over), "unsupported" (the rule is not defined for it) or "other".
+Sorted = tuple[str, Optional[float], str]
 
-# ReLU-like activations the rules are not defined for.
-_UNSUPPORTED_NAMES = frozenset(
-    {"gelu", "silu", "mish", "elu", "celu", "selu", "prelu", "rrelu", "hardswish", "softplus", "leaky_relu",
-     "hardtanh", "threshold"}
-)
+
+@dataclass(frozen=True)
+class Activation:
+    """What the rules know of one activation, the one table of it (:data:`ACTIVATIONS`), read by both the call
+    sorter of the rules' mode (:func:`_classify`) and the module sorter (:func:`activation_kind`).
+
+    ``sort(name, bound)``: the kind of a call with its arguments bound by name (the module sorter binds a module's
+    attributes of the same names); ``params``: the call's parameters after the input, in positional order, with
+    their defaults (none: the kind is the same whatever the arguments); ``modules``: the ``torch.nn`` types whose
+    forward makes this call; ``calls``: torch's callables that spell it (a call is sorted by its canonical name,
+    :func:`_base_name`, so every spelling is; ``tests/test_s40_struct_activations.py`` checks each)."""
+
+    sort: Callable[[str, dict], Sorted]
+    params: tuple[tuple[str, Any], ...] = ()
+    modules: tuple[type, ...] = ()
+    calls: tuple[Callable, ...] = ()
+
+
+def _rectifier(cap: Optional[float] = None) -> Callable[[str, dict], Sorted]:
+    return lambda name, b: ("rectifier", cap, name)
+
+
+def _unsupported(name: str, b: dict) -> Sorted:
+    return "unsupported", None, name
+
+
+def _hardtanh(name: str, b: dict) -> Sorted:
+    """A capped ReLU (``relu6`` is ``hardtanh(0, 6)``) with a lower bound of exactly 0."""
+    if _is_num(b["min_val"], 0.0) and _is_num(b["max_val"]):
+        return "rectifier", float(b["max_val"]), name
+    return "unsupported", None, f"hardtanh(min_val={b['min_val']})"
+
+
+def _threshold(name: str, b: dict) -> Sorted:
+    if _is_num(b["threshold"], 0.0) and _is_num(b["value"], 0.0):
+        return "rectifier", None, name
+    return "unsupported", None, f"threshold({b['threshold']}, {b['value']})"
+
+
+def _leaky_relu(name: str, b: dict) -> Sorted:
+    return ("rectifier", None, name) if _is_num(b["negative_slope"], 0.0) else ("unsupported", None, name)
+
+
+def _clamp(name: str, b: dict) -> Sorted:
+    """A ReLU only with a lower bound of exactly 0 and no tensor bounds; any other clamp is no activation."""
+    lo, hi = b.get("min"), b.get("max")
+    if _is_num(lo, 0.0) and (hi is None or _is_num(hi)):
+        return "rectifier", None if hi is None else float(hi), name
+    return "other", None, name
+
+
+_INPLACE = (("inplace", False),)
+_BOUNDS = (("min", None), ("max", None))
+
+# Every activation the rules know, by canonical call name: the rectifiers the rules take over (some by their
+# arguments) and the ReLU-like activations they are not defined for. Sigmoid, tanh, hardsigmoid (gates) and the
+# rest are no activation here: their calls pass on untouched.
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation(_rectifier(), _INPLACE, (nn.ReLU,),
+                       (F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_)),
+    "relu6": Activation(_rectifier(6.0), _INPLACE, (), (F.relu6,)),
+    "hardtanh": Activation(_hardtanh, (("min_val", -1.0), ("max_val", 1.0), ("inplace", False)),
+                           (nn.Hardtanh, nn.ReLU6), (F.hardtanh, F.hardtanh_)),
+    "threshold": Activation(_threshold, (("threshold", None), ("value", None), ("inplace", False)), (nn.Threshold,),
+                            (F.threshold, F.threshold_, torch.threshold, torch.threshold_)),
+    "leaky_relu": Activation(_leaky_relu, (("negative_slope", 0.01), ("inplace", False)), (nn.LeakyReLU,),
+                             (F.leaky_relu, F.leaky_relu_)),
+    "clamp": Activation(_clamp, _BOUNDS, (), (torch.clamp, torch.clamp_, Tensor.clamp, Tensor.clamp_)),
+    "clip": Activation(_clamp, _BOUNDS, (), (torch.clip, torch.clip_, Tensor.clip, Tensor.clip_)),
+    "clamp_min": Activation(_clamp, (("min", None),), (), (torch.clamp_min, Tensor.clamp_min, Tensor.clamp_min_)),
+    "gelu": Activation(_unsupported, (), (nn.GELU,), (F.gelu,)),
+    "silu": Activation(_unsupported, (), (nn.SiLU,), (F.silu,)),
+    "mish": Activation(_unsupported, (), (nn.Mish,), (F.mish,)),
+    "elu": Activation(_unsupported, (), (nn.ELU,), (F.elu, F.elu_)),
+    "celu": Activation(_unsupported, (), (nn.CELU,), (F.celu, F.celu_)),
+    "selu": Activation(_unsupported, (), (nn.SELU,), (F.selu, F.selu_, torch.selu)),
+    "prelu": Activation(_unsupported, (), (nn.PReLU,), (F.prelu,)),
+    "rrelu": Activation(_unsupported, (), (nn.RReLU,), (F.rrelu, F.rrelu_)),
+    "hardswish": Activation(_unsupported, (), (nn.Hardswish,), (F.hardswish,)),
+    "softplus": Activation(_unsupported, (), (nn.Softplus,), (F.softplus,)),
+}
+# the same table by module type (a subclass is found through its bases, the nearest first)
+_BY_MODULE: dict[type, str] = {t: name for name, a in ACTIVATIONS.items() for t in a.modules}
 
 
 # Torch callables seen to be neither rectifiers nor unsupported activations, whatever their arguments
@@ -109,9 +182,8 @@ def _base_name(func: Callable) -> tuple[str, bool]:
     return name.strip("_"), inplace
 
 
-def _bind(kind: str, args: tuple, kwargs: dict) -> Optional[dict]:
-    """The call's arguments by name (the input as ``"input"``), or None if they don't fit."""
-    params = _PARAMS[kind]
+def _bind(params: tuple[tuple[str, Any], ...], args: tuple, kwargs: dict) -> Optional[dict]:
+    """The call's arguments by name (the input as ``"input"``), or None if they don't fit ``params``."""
     if not args:
         return None
     bound: dict[str, Any] = {"input": args[0]}
@@ -137,37 +209,35 @@ def _is_num(v: Any, value: Optional[float] = None) -> bool:
 
 
 def _classify(func: Callable, args: tuple, kwargs: dict) -> tuple[str, Optional[tuple[Tensor, bool, Optional[float]]], str]:
-    """Sort one torch call: ``("rectifier", (x, inplace, upper cap), name)``, ``("unsupported", None,
-    name)`` or ``("other", None, name)``."""
+    """Sort one torch call by :data:`ACTIVATIONS`: ``("rectifier", (x, inplace, upper cap), name)``,
+    ``("unsupported", None, name)`` or ``("other", None, name)``."""
     name, inplace = _base_name(func)
-    if name not in _PARAMS:
-        return ("unsupported" if name in _UNSUPPORTED_NAMES else "other"), None, name
-    b = _bind(name, args, kwargs)
+    entry = ACTIVATIONS.get(name)
+    if entry is None:
+        return "other", None, name
+    if not entry.params:  # the same kind whatever the arguments
+        kind, _, said = entry.sort(name, {})
+        return kind, None, said
+    b = _bind(entry.params, args, kwargs)
     if b is None or not isinstance(b["input"], Tensor):
         return "other", None, name
-    x = b["input"]
-    inplace = inplace or bool(b.get("inplace", False))
-    if name == "relu":
-        return "rectifier", (x, inplace, None), name
-    if name == "relu6":
-        return "rectifier", (x, inplace, 6.0), name
-    if name == "hardtanh":
-        if _is_num(b["min_val"], 0.0) and _is_num(b["max_val"]):
-            return "rectifier", (x, inplace, float(b["max_val"])), name
-        return "unsupported", None, f"hardtanh(min_val={b['min_val']})"
-    if name == "threshold":
-        if _is_num(b["threshold"], 0.0) and _is_num(b["value"], 0.0):
-            return "rectifier", (x, inplace, None), name
-        return "unsupported", None, f"threshold({b['threshold']}, {b['value']})"
-    if name == "leaky_relu":
-        if _is_num(b["negative_slope"], 0.0):
-            return "rectifier", (x, inplace, None), name
-        return "unsupported", None, name
-    # clamp / clip / clamp_min: a ReLU only with a lower bound of exactly 0 and no tensor bounds
-    lo, hi = b.get("min"), b.get("max")
-    if _is_num(lo, 0.0) and (hi is None or _is_num(hi)):
-        return "rectifier", (x, inplace, None if hi is None else float(hi)), name
-    return "other", None, name
+    kind, cap, said = entry.sort(name, b)
+    if kind != "rectifier":
+        return kind, None, said
+    return "rectifier", (b["input"], inplace or bool(b.get("inplace", False)), cap), said
+
+
+def activation_kind(module: nn.Module) -> Optional[str]:
+    """``"rectifier"`` (the rules act at its call), ``"unsupported"`` (they refuse it) or ``None`` (no activation) for a
+    module, by :data:`ACTIVATIONS` as its call would be sorted: its type (or its nearest base there) and the
+    arguments the rules read, its attributes of the call's parameter names (a capped ReLU's bounds, a leaky
+    ReLU's slope). A module of another type is ``None`` whatever its forward calls."""
+    name = next((_BY_MODULE[t] for t in type(module).__mro__ if t in _BY_MODULE), None)
+    if name is None:
+        return None
+    entry = ACTIVATIONS[name]
+    kind = entry.sort(name, {p: getattr(module, p, default) for p, default in entry.params})[0]
+    return None if kind == "other" else kind
 
 
 class _Rectify(torch.autograd.Function):
@@ -241,7 +311,7 @@ def _guided_relu(out: Tensor) -> Tensor:
 def _sort_call(func: Callable, args: tuple, kwargs: dict) -> tuple[str, Optional[tuple[Tensor, bool, Optional[float]]], str]:
     """:func:`_classify`, remembering in :data:`_PLAIN` a callable that is no activation whatever its arguments."""
     kind, info, name = _classify(func, args, kwargs)
-    if kind == "other" and name not in _PARAMS:
+    if kind == "other" and name not in ACTIVATIONS:
         try:
             _PLAIN.add(func)
         except TypeError:  # an unhashable callable: classified again next time

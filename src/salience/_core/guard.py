@@ -80,7 +80,7 @@ comparing and fixing only what differs, so that no call's change (a buffer the m
 forward, a flag, a layout) reaches the next batch's call.
 
 A Ctrl-C never leaves a count wrong: the bookkeeping of each entry and exit (the counts, the states
-recorded and put back) runs with Ctrl-C deferred to its end (:func:`_calmly`; in the main thread, where
+recorded and put back) runs with Ctrl-C deferred to its end (:func:`calmly`; in the main thread, where
 Python raises ``KeyboardInterrupt``; SIGINT's handler, the user's own too, put back as it was and then
 called), and a Ctrl-C just before the deferral starts leaves nothing done, which the exit's ``finally``
 does once more. ``tests/test_hygiene.py`` sends SIGINT at every point where Python may raise it in these
@@ -524,7 +524,7 @@ def _release(objects: list, run: bool = False, start: int = -1) -> None:
 
 def _each(states: list, put_back: bool) -> Optional[BaseException]:
     """Each of ``states`` restored (or put back), all of them even if one raises (a buffer the block resized,
-    a ``KeyboardInterrupt`` raised by code: a Ctrl-C waits for the end, see :func:`_calmly`): the one that raised is run once more (a restore may
+    a ``KeyboardInterrupt`` raised by code: a Ctrl-C waits for the end, see :func:`calmly`): the one that raised is run once more (a restore may
     run twice) and the others still run; returns the first error. Before, the objects after it stayed in
     eval mode, frozen, for good (no guard held them any more)."""
     error = None
@@ -616,7 +616,7 @@ _ATTRS_OF = operator.attrgetter("module.__dict__")
 
 
 class _Deferred:
-    """SIGINT's handler while a guard changes its tables (:func:`_calmly`): it notes a Ctrl-C, which the
+    """SIGINT's handler while a guard changes its tables (:func:`calmly`): it notes a Ctrl-C, which the
     handler it replaced (``previous``) gets when they are consistent again."""
 
     __slots__ = ("previous", "caught", "frame")
@@ -631,7 +631,7 @@ class _Deferred:
             self.caught, self.frame = True, frame
 
 
-def _calmly(fn: Callable[..., None], *args: Any) -> None:
+def calmly(fn: Callable[..., None], *args: Any) -> None:
     """``fn(*args)`` (a guard's bookkeeping: hold counts, states recorded or put back) with Ctrl-C deferred
     to its end. Python raises ``KeyboardInterrupt`` from SIGINT's handler, in the main thread, at a call's
     start or end or a loop's back jump, anywhere: in ``_release`` after some counts were lowered, it left
@@ -703,15 +703,15 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     """
     me = threading.get_ident()
     hold: list = []  # this block's hold, once held and counted (see _enter_guard)
-    try:  # inside: a Ctrl-C as _calmly ends still releases what was held
-        _calmly(_enter_guard, model, me, hold)
+    try:  # inside: a Ctrl-C as calmly ends still releases what was held
+        calmly(_enter_guard, model, me, hold)
         with autocast_off():
             yield model
     finally:
-        try:  # a Ctrl-C before _calmly deferred it (at its call) left all to do: done once more (see run_guard)
-            _calmly(_leave_guard, me, hold)
+        try:  # a Ctrl-C before calmly deferred it (at its call) left all to do: done once more (see run_guard)
+            calmly(_leave_guard, me, hold)
         except BaseException:  # not only KeyboardInterrupt: the user's SIGINT handler may raise anything (sys.exit)
-            _calmly(_leave_guard, me, hold)
+            calmly(_leave_guard, me, hold)
             raise
 
 
@@ -860,17 +860,17 @@ def run_guard(model: nn.Module) -> Iterator[nn.Module]:
     it, as without a run guard (a dataset run records the error per method)."""
     box: list = []  # the run's hold, once held with its run counts raised
     try:
-        _calmly(_enter_run, model, box)
+        calmly(_enter_run, model, box)
         yield model
     finally:
         # Inline, not a helper: a Ctrl-C at a helper's start (before its try) would leave the hold. One
-        # arriving before _calmly deferred it (at _calmly's own start) left everything to do: done once more.
+        # arriving before calmly deferred it (at calmly's own start) left everything to do: done once more.
         # Any exception, not only KeyboardInterrupt: the user's SIGINT handler may raise anything (sys.exit);
         # an error of the exit itself left box empty (popped first), and the second call does nothing.
         try:
-            _calmly(_leave_run, box)
+            calmly(_leave_run, box)
         except BaseException:
-            _calmly(_leave_run, box)
+            calmly(_leave_run, box)
             raise
 
 

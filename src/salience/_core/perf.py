@@ -964,11 +964,15 @@ def before_pass(x: Any) -> None:
     _allocator(current(), getattr(x, "device", None))
 
 
-def _fast(options: Performance) -> bool:
+def changes_single_pass(options: Performance) -> bool:
     """Whether ``options`` change how a single pass runs (``"auto"`` layouts are chosen by measuring
-    chunks: a single pass runs contiguous under it)."""
+    chunks: a single pass runs contiguous under it); a method that runs its own single passes as a run's chunk
+    (:func:`salience.methods.class_model`'s steps) asks it, as :func:`one_pass` does."""
     return (options.memory_format == "channels_last" or options.backend is not None
             or options.precision != "fp32" or options.fold_batchnorm)
+
+
+_fast = changes_single_pass  # the name it had: kept for the callers in this module
 
 
 def _compiles(rec: _Record, sizes: _Record, x: Tensor) -> bool:

@@ -26,7 +26,7 @@ from salience.methods import METHODS
 from salience.methods.options import (CHOICES, NOT_FLAGS, MethodOption, accepted, bind, check_applicable,  # noqa: F401
                                       check_layer, check_values, keyword_parameters, method_options, option_error,
                                       read_value, show_default, wraps_methods)
-from salience.methods.options import _INNER, _signature
+from salience.methods.options import INNER_METHOD, signature_of
 
 __all__ = ["NOT_FLAGS", "CHOICES", "MethodOption", "method_options", "keyword_parameters", "accepted",
            "wraps_methods", "show_default", "read_value", "bind", "check_applicable", "check_layer", "check_values",
@@ -53,7 +53,7 @@ def _help(opt: MethodOption) -> str:
     defaults = "; ".join(f"{', '.join(ns)}: default {d}" for d, ns in groups.items())
     choices = f" One of {', '.join(CHOICES[opt.keyword])}." if opt.keyword in CHOICES else ""
     wrappers = [n for n, fn in METHODS.items() if wraps_methods(fn) and opt.keyword not in accepted(fn)]
-    via = "".join(f" Also {w} --smooth-method NAME." for w in wrappers) if opt.keyword != _INNER else ""
+    via = "".join(f" Also {w} --smooth-method NAME." for w in wrappers) if opt.keyword != INNER_METHOD else ""
     return f"{defaults}.{choices}{via}".replace("%", "%%")
 
 
@@ -90,7 +90,7 @@ def describe(name: str) -> list[str]:
     if wraps_methods(fn):
         lines.append("  the inner method's options (--smooth-method NAME) go to it, e.g. --layer for gradcam; "
                      "'salience list NAME' lists them")
-    skipped = [k for k in _signature(fn).parameters if k in NOT_FLAGS]
+    skipped = [k for k in signature_of(fn).parameters if k in NOT_FLAGS]
     lines += [f"  ({k}= is no flag: {NOT_FLAGS[k]})" for k in skipped]
     return lines
 

@@ -216,9 +216,9 @@ def _expected_items(method: str, given: dict[str, Any], x: Tensor) -> int:
             if isinstance(value, int):
                 return value + 1
     if method == "occlusion":
-        from salience.methods.perturbation import _check_window, occlusion_windows
+        from salience.methods.perturbation import check_window, occlusion_windows
 
-        window, stride = _check_window(x, given.get("window"), given.get("stride"))
+        window, stride = check_window(x, given.get("window"), given.get("stride"))
         return len(occlusion_windows(tuple(x.shape[-2:]), window, stride)[0]) + 1
     return 1
 

@@ -183,17 +183,13 @@ def _default_layer_found(model: nn.Module, image: Optional[Tensor], seen: dict, 
     return bool(named) or given or len(patch_embeddings(model, model_info(model).channels)) <= 1
 
 
-# activation modules the backprop rules are not defined for whatever their arguments (see salience.rules)
-_UNRULED = (nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.PReLU, nn.RReLU, nn.Hardswish, nn.Softplus)
-
-
 def _rules_apply(model: nn.Module, image: Optional[Tensor]) -> bool:
     """Whether guided backprop with its defaults takes ``model`` (:data:`GUIDED_METHODS`) where the default-layer
-    search's pass did not say it (no image, a pass that failed): its activation modules say
-    so where they can (one the rules are not defined for: no; ReLUs and none such: yes), else a forward pass of
-    ``image`` under the guided rule, counting (``unsupported="ignore"``: nothing raised) the rectifiers and the
-    activations it is not defined for; without an image, kept (the methods' own calls refuse it)."""
-    kinds = {_activation_kind(m) for m in model.modules()}
+    search's pass did not say it (no image, a pass that failed): its activation modules say so where they can
+    (:func:`salience.rules.activation_kind`: one the rules are not defined for: no; ReLUs and none such: yes), else
+    a forward pass of ``image`` under the guided rule, counting (``unsupported="ignore"``: nothing raised) the
+    rectifiers and the activations it is not defined for; without an image, kept (the methods' own calls refuse it)."""
+    kinds = {rules.activation_kind(m) for m in model.modules()}
     if "unsupported" in kinds:
         return False
     if "rectifier" in kinds or image is None:
@@ -209,20 +205,6 @@ def _rules_apply(model: nn.Module, image: Optional[Tensor]) -> bool:
     except Exception:  # noqa: BLE001 - not the rule's refusal: the methods' own calls say what failed
         return True
     return rule.rectified > 0 and not rule.unsupported_seen
-
-
-def _activation_kind(m: nn.Module) -> Optional[str]:
-    """``"rectifier"`` (the rules act there), ``"unsupported"`` (they refuse it) or ``None`` for a module: by its type
-    and the arguments the rules read (a capped ReLU's lower bound, a leaky ReLU's slope)."""
-    if isinstance(m, _UNRULED):
-        return "unsupported"
-    if isinstance(m, nn.Hardtanh):  # nn.ReLU6 too
-        return "rectifier" if m.min_val == 0 else "unsupported"
-    if isinstance(m, nn.LeakyReLU):
-        return "rectifier" if m.negative_slope == 0 else "unsupported"
-    if isinstance(m, nn.Threshold):
-        return "rectifier" if m.threshold == 0 and m.value == 0 else "unsupported"
-    return "rectifier" if isinstance(m, nn.ReLU) else None
 
 
 def _attention_runs(model: nn.Module, x: Tensor, tokens: dict) -> bool:

@@ -4,7 +4,7 @@ A torch-function mode for the default-layer search's recorded pass (:func:`salie
 which module ran scaled dot-product attention, ``F.multi_head_attention_forward`` or a softmax over the last dim (what
 :class:`~salience.attention.AttentionCapture` takes for attention), and which ran a factorized attention (keys
 softmaxed over their tokens, contracted with values over them by ``@`` / ``matmul`` / ``bmm`` or ``torch.einsum``:
-:func:`_matmul_labels` and :func:`_einsum_labels` read the products as einsum labels, :func:`_roles_in` finds the
+:func:`matmul_labels` and :func:`einsum_labels` read the products as einsum labels, :func:`_roles_in` finds the
 keys' dims in a view of them).
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from salience.attention import _SOFTMAXES, _KeysFirst, _attention_order, _ambiguous_keys_first, _einsum_labels, \
-    _matmul_labels
+from salience.attention import SOFTMAXES, KeysFirst, attention_order, ambiguous_keys_first, einsum_labels, \
+    matmul_labels
 
 __all__: list[str] = []  # private to the methods (the default-layer search)
 
@@ -62,7 +62,7 @@ class _AttentionSpotter(TorchFunctionMode):
         # keys, if factorized: (module name, a softmax over dim -2 or a copy of a view of one, its dims' roles, N)
         self._keys: list[tuple[str, Tensor, dict[str, Any], int]] = []
         # a keys-first softmax not yet contracted; its tag: (module name, its (B, heads, L, S) shape)
-        self._pending: Optional[_KeysFirst] = None
+        self._pending: Optional[KeysFirst] = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -77,21 +77,21 @@ class _AttentionSpotter(TorchFunctionMode):
             self.seen.append((where, (*q.shape[:-1], k.shape[-2])))
         elif func is F.multi_head_attention_forward:
             self.seen.append((where, None))
-        elif func in _SOFTMAXES and isinstance(out, Tensor) and (order := _attention_order(args, kwargs)) is not None:
+        elif func in SOFTMAXES and isinstance(out, Tensor) and (order := attention_order(args, kwargs)) is not None:
             if order:  # keys first: attention once a product contracts it with the values, as the capture takes it
-                self._pending = _KeysFirst(out, order, (where, tuple(out.permute(order).shape)))
+                self._pending = KeysFirst(out, order, (where, tuple(out.permute(order).shape)))
             else:
                 self.seen.append((where, tuple(out.shape)))
-        elif func in _SOFTMAXES and isinstance(out, Tensor) and _ambiguous_keys_first(args, kwargs):
-            self._pending = _KeysFirst(out, None, (where, tuple(out.shape)))  # (B, S, S, S): read as it is
-        elif func in _SOFTMAXES and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
+        elif func in SOFTMAXES and isinstance(out, Tensor) and ambiguous_keys_first(args, kwargs):
+            self._pending = KeysFirst(out, None, (where, tuple(out.shape)))  # (B, S, S, S): read as it is
+        elif func in SOFTMAXES and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
             self._keys.append((where, out, _key_roles(out), int(out.shape[-2])))
         elif name in _COPIES and self._keys and args and isinstance(out, Tensor):
             self._copied(args[0], out)
         elif name in _MATMULS and self._keys:
-            self._contraction(where, _matmul_labels(args, kwargs))
+            self._contraction(where, matmul_labels(args, kwargs))
         elif name == "einsum" and self._keys:
-            self._contraction(where, _einsum_labels(args))
+            self._contraction(where, einsum_labels(args))
         return out
 
     def _views(self, t: Tensor) -> Iterator[tuple[str, dict[str, Any], int]]:
@@ -114,7 +114,7 @@ class _AttentionSpotter(TorchFunctionMode):
 
     def _contraction(self, where: str, parsed: Optional[tuple[list[tuple[Any, list]], set]]) -> None:
         """Note a factorized attention where a product (``parsed``: its operands with each one's index label per
-        dim, and the output's labels; :func:`_matmul_labels`, :func:`_einsum_labels`) run in module ``where``
+        dim, and the output's labels; :func:`matmul_labels`, :func:`einsum_labels`) run in module ``where``
         contracts keys softmaxed over their ``N`` tokens (an operand that is a view of that softmax's output or of a
         copy of one: its dims in any order, batch and heads folded into one or not, never tokens and channels mixed;
         the softmax run in ``where`` itself, ``k.softmax(dim=2)``, or in a submodule of it, an ``nn.Softmax(dim=-2)``

@@ -163,8 +163,10 @@ def finish(maps: Tensor, grad_modifier: Any, reduce: Any, multi: bool,
 _UNAPPLIED: set[tuple[str, str]] = set()
 _UNAPPLIED_LOCK = threading.Lock()
 
-# why an option does not apply to a pass with a backprop rule or a hooked layer
-_WHY_NOT = {
+# why a pass with a backprop rule or a hooked layer does not take each performance option, by option: the reason the
+# one warning per process of an option not applied gives (precision and memory_format: a hooked layer's pass without
+# gradients, Eigen-CAM's); a method whose passes skip an option for reasons of their own passes its own table as ``why``
+_WHY_HOOKED_PASSES_SKIP: dict[str, str] = {
     "compile": "a compiled graph does not see the backprop rule's interception of the ReLUs nor a hook added to a "
                "layer after it was compiled; the passes run eagerly",
     "fold_batchnorm": "the folded copy has neither the model's layers to hook nor its activations as the rule "
@@ -175,17 +177,18 @@ _WHY_NOT = {
 
 
 @contextlib.contextmanager
-def hooked_pass(model: nn.Module, x: Tensor, method: str,
+def hooked_pass(model: nn.Module, x: Tensor, method: str, *,
                 why: Optional[Mapping[str, str]] = None) -> Iterator[Optional[_perf.Run]]:
     """The block's passes (a backprop rule's, or a hooked layer's: guided backprop, deconvnet, the gradient CAMs,
     Guided Grad-CAM) under the performance options in force (:func:`salience._core.perf.current`), as far as they
     apply: ``precision`` (autocast around the forward pass) and ``memory_format="channels_last"`` (the model's
     and the input's layout), as one chunk of a :class:`~salience._core.perf.Run`; not ``compile`` nor
-    ``fold_batchnorm`` (:data:`_WHY_NOT`), which a warning says once per process for each method and option. Inside
-    a many-pass method's chunk (SmoothGrad of guided backprop) that run's options are in force and checked alike.
-    Yields the run in force (``None``: none, the passes run as they are; :func:`salience._core.autograd.backward`
-    finds it itself). ``x``: checked by the caller. ``why``: the method's own reasons, by option, for the warning
-    (default :data:`_WHY_NOT`'s: a backprop rule's, a hooked layer's)."""
+    ``fold_batchnorm`` (:data:`_WHY_HOOKED_PASSES_SKIP`), which a warning says once per process for each method and
+    option. Inside a many-pass method's chunk (SmoothGrad of guided backprop) that run's options are in force and
+    checked alike. Yields the run in force (``None``: none, the passes run as they are;
+    :func:`salience._core.autograd.backward` finds it itself). ``x``: checked by the caller. ``why``: the method's own
+    reasons, by option, for the warning (default :data:`_WHY_HOOKED_PASSES_SKIP`: a backprop rule's, a hooked
+    layer's)."""
     active = _perf.active(model)
     options = active.options if active is not None else _perf.current()
     _warn_unapplied(method, options, ("compile", "fold_batchnorm"), why)
@@ -231,11 +234,11 @@ def refuse_fp16_overflow(model: nn.Module, *grads: Tensor, what: str = "the grad
         refuse()
 
 
-def warn_unapplied(method: str, model: nn.Module, unapplied: Sequence[str], options: Any = None,
+def warn_unapplied(method: str, model: nn.Module, unapplied: Sequence[str], options: Any = None, *,
                    why: Optional[Mapping[str, str]] = None) -> None:
     """:func:`_warn_unapplied` of ``options`` (default: those in force for ``model``, a many-pass method's run's, else
     the settings), for a method whose pass takes none of ``unapplied`` (Eigen-CAM's; Ablation-CAM's ``compile`` and
-    ``fold_batchnorm``); ``why``: its reasons by option (default :data:`_WHY_NOT`)."""
+    ``fold_batchnorm``); ``why``: its reasons by option (default :data:`_WHY_HOOKED_PASSES_SKIP`)."""
     if options is None:
         active = _perf.active(model)
         options = active.options if active is not None else _perf.current()
@@ -246,7 +249,7 @@ def _warn_unapplied(method: str, options: Any, unapplied: Sequence[str],
                     why: Optional[Mapping[str, str]] = None) -> None:
     """The one warning per process of each option of ``unapplied`` set in ``options`` (not its default) that
     ``method``'s passes do not apply (a user who set ``compile=True`` learns that these passes ran eagerly);
-    ``why``: the reason for each option (default :data:`_WHY_NOT`)."""
+    ``why``: the reason for each option (default :data:`_WHY_HOOKED_PASSES_SKIP`)."""
     set_to = {"compile": options.compile if options.backend is not None else None,
               "fold_batchnorm": True if options.fold_batchnorm else None,
               "precision": options.precision if options.precision != "fp32" else None,
@@ -260,7 +263,7 @@ def _warn_unapplied(method: str, options: Any, unapplied: Sequence[str],
             if (method, option) in _UNAPPLIED:
                 continue
             _UNAPPLIED.add((method, option))
-        reason = (why or _WHY_NOT)[option]
+        reason = (why or _WHY_HOOKED_PASSES_SKIP)[option]
         warnings.warn(f"{method}: {option}={value!r} is not applied to its passes: {reason} (said once per process)",
                       stacklevel=user_stacklevel())
 

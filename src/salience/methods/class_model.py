@@ -293,9 +293,9 @@ class _Regularizers:
         return _clip(img, self.bounds)
 
 
-# why a target on an inner layer (a filter's activation) takes neither option: the one warning per process of
-# salience.methods._multi.warn_unapplied
-_LAYER_WHY = {
+# why the ascent's passes for a target on an inner layer (a filter's activation) take neither option, by option: the
+# reason the one warning per process of salience.methods._multi.warn_unapplied gives
+_WHY_INNER_LAYER_PASSES_SKIP: dict[str, str] = {
     "compile": "a target on an inner layer reads it with a hook, which a compiled graph does not follow; the passes "
                "run eagerly",
     "fold_batchnorm": "a target on an inner layer reads the model's own layer, which the folded copy has not; the "
@@ -310,11 +310,12 @@ def _passes(model: nn.Module, img: Tensor, groups: list[tuple[Target, list[int]]
     layout, autocast, and after the first step (which looks for a final softmax to strip) the compiled model or the
     folded copy; with a target on an inner layer not those two, which a warning says once per process."""
     options = _perf.current()
-    if _perf.active(model) is not None or not _perf._fast(options):
+    if _perf.active(model) is not None or not _perf.changes_single_pass(options):
         yield  # the defaults (or "auto", measured over a many-pass call's chunks): the passes as they are
         return
     if any(getattr(t, "layer", None) is not None for t, _ in groups):
-        warn_unapplied("class_model", model, ("compile", "fold_batchnorm"), options, _LAYER_WHY)
+        warn_unapplied("class_model", model, ("compile", "fold_batchnorm"), options,
+                       why=_WHY_INNER_LAYER_PASSES_SKIP)
         options = dataclasses.replace(options, compile=False, fold_batchnorm=False)
     run = _perf.Run(model, img, options, tag="class-model")
     try:

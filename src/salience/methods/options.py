@@ -48,10 +48,10 @@ NOT_FLAGS: dict[str, str] = {
 _FLAG_NAMES = {"method": "--smooth-method", "masks": "--rise-masks"}
 """Flags renamed where the plain name means something else on the command line: `--masks DIR` is
 the object masks of `salience evaluate` and of dataset runs."""
-_INNER = "method"  # the keyword of a method that wraps another (SmoothGrad)
+INNER_METHOD = "method"  # the keyword of a method that wraps another (SmoothGrad)
 CHOICES: dict[str, Sequence[str]] = {
     "reduce": [*REDUCTIONS, "none"], "grad_modifier": list(GRAD_MODIFIERS), "unsupported": UNSUPPORTED,
-    "variant": VARIANTS, _INNER: list(METHODS),
+    "variant": VARIANTS, INNER_METHOD: list(METHODS),
 }
 """The registry each named value is looked up in (as the methods themselves do)."""
 
@@ -78,11 +78,12 @@ class MethodOption:
 
 def keyword_parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
     """``fn``'s keyword-only parameters that are flags (not those of :data:`NOT_FLAGS`)."""
-    return [p for p in _signature(fn).parameters.values()
+    return [p for p in signature_of(fn).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in NOT_FLAGS]
 
 
-def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+def signature_of(fn: Callable[..., Any]) -> inspect.Signature:
+    """``fn``'s signature, or an empty one for a builtin without one (no options); the command line reads it too."""
     try:
         return inspect.signature(fn)
     except (TypeError, ValueError):  # a builtin without a signature: no options
@@ -91,8 +92,8 @@ def _signature(fn: Callable[..., Any]) -> inspect.Signature:
 
 def wraps_methods(fn: Callable[..., Any]) -> bool:
     """Whether ``fn`` takes an inner method (``method=``) and hands it other options (``**options``)."""
-    params = _signature(fn).parameters.values()
-    return (any(p.name == _INNER and p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
+    params = signature_of(fn).parameters.values()
+    return (any(p.name == INNER_METHOD and p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
             and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params))
 
 
@@ -100,7 +101,7 @@ def accepted(fn: Callable[..., Any], inner: Optional[Callable[..., Any]] = None)
     """The flag keywords ``fn`` takes; with ``inner`` (for a method that wraps one) also the inner's."""
     names = {p.name for p in keyword_parameters(fn)}
     if inner is not None and wraps_methods(fn):
-        names |= {p.name for p in keyword_parameters(inner)} - {_INNER}
+        names |= {p.name for p in keyword_parameters(inner)} - {INNER_METHOD}
     return names
 
 
@@ -112,7 +113,7 @@ def _annotation(p: inspect.Parameter) -> str:
 
 
 def _kind(keyword: str, annotation: str, default: Any) -> str:
-    if keyword == _INNER:
+    if keyword == INNER_METHOD:
         return "method"
     if isinstance(default, bool):
         return "bool"
@@ -177,7 +178,7 @@ def read_value(opt: MethodOption, text: str) -> Any:
 def check_applicable(methods: Sequence[str], given: dict[str, Any]) -> None:
     """Refuse a given option that none of ``methods`` takes, naming the methods that take it, and
     ``gamma`` without a list of layers (LayerCAM ignores it for one layer: an option silently lost)."""
-    inner = given.get(_INNER)
+    inner = given.get(INNER_METHOD)
     taken: set[str] = set()
     for name in methods:
         taken |= accepted(METHODS[name], inner or _default_inner(METHODS[name]))
@@ -194,7 +195,7 @@ def check_applicable(methods: Sequence[str], given: dict[str, Any]) -> None:
 
 
 def _default_inner(fn: Callable[..., Any]) -> Optional[Callable[..., Any]]:
-    p = _signature(fn).parameters.get(_INNER)
+    p = signature_of(fn).parameters.get(INNER_METHOD)
     return p.default if p is not None and wraps_methods(fn) and callable(p.default) else None
 
 
@@ -209,7 +210,7 @@ def _takers(keyword: str) -> str:
 def bind(name: str, given: dict[str, Any]) -> tuple[Callable[..., Tensor], dict[str, Any]]:
     """Method ``name`` with those of the ``given`` options that it takes, and those options."""
     fn = METHODS[name]
-    taken = {k: v for k, v in given.items() if k in accepted(fn, given.get(_INNER) or _default_inner(fn))}
+    taken = {k: v for k, v in given.items() if k in accepted(fn, given.get(INNER_METHOD) or _default_inner(fn))}
     return (functools.partial(fn, **taken) if taken else fn), taken
 
 
@@ -221,7 +222,7 @@ def check_taken(fn: Callable[..., Any], given: Any, name: str, what: Optional[st
     if not isinstance(given, Mapping):
         raise SalienceError(f"{what or f'the options of method {name!r}'} must be a dict of keyword options, e.g. "
                             f"{{'samples': 8}}; got {type(given).__name__}")
-    params = _signature(fn).parameters
+    params = signature_of(fn).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = [k for k in given if k not in params or k in ("model", "x", "target")]
         if unknown:
@@ -244,7 +245,7 @@ def option_error(message: str, given: dict[str, Any]) -> Optional[str]:
     """``message`` prefixed with the flag of the first given option it names, or ``None`` if it names none."""
     options = method_options()
     for keyword in given:
-        if keyword != _INNER and re.search(rf"\b{re.escape(keyword)}\b", message):
+        if keyword != INNER_METHOD and re.search(rf"\b{re.escape(keyword)}\b", message):
             return f"{options[keyword].flag}: {message}"
     return None
 

@@ -198,7 +198,10 @@ def occlusion_windows(size: tuple[int, int], window: tuple[int, int], stride: tu
     return corners, cover
 
 
-def _check_window(x: Tensor, window: Any, stride: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+def check_window(x: Tensor, window: Any, stride: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Occlusion's ``(window, stride)`` as ``(h, w)`` pairs for ``x``'s images: the defaults (an eighth of the shorter
+    side, half the window) filled in, a value larger than the image refused (a :class:`SalienceError`); also what
+    the explorer checks before it draws the windows."""
     h, w = int(x.shape[-2]), int(x.shape[-1])
     if window is None:
         side = max(1, round(min(h, w) / 8))
@@ -292,7 +295,7 @@ def occlusion(
     targets, multi = split(target, x.shape[0])
     check_perturbation_targets(targets, "occlusion")
     check_softmax(softmax)
-    win, st = _check_window(x, window, stride)
+    win, st = check_window(x, window, stride)
     red = _reduce.get_reduction(reduce)
     budget = _engine.check_memory_options(chunk, max_memory)
     perf = _perf.resolve(memory_format, compile, precision)

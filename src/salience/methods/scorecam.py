@@ -55,9 +55,9 @@ from salience.targets import Classes, Target, resolve, split
 
 __all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
 
-# why Ablation-CAM's passes do not take these options: the one warning per process of
-# salience.methods._multi.warn_unapplied (the layout and the autocast apply)
-_ABLATION_WHY = {
+# why Ablation-CAM's passes do not take each of these performance options, by option: the reason the one warning per
+# process of salience.methods._multi.warn_unapplied gives (the layout and the autocast apply)
+_WHY_ABLATION_PASSES_SKIP: dict[str, str] = {
     "compile": "a forward hook replaces the layer's output in each pass, which a compiled graph does not follow "
                "(dynamo does not guard on a hook added after it compiled) and would retrace for every chunk's hook; "
                "the passes run eagerly",
@@ -403,7 +403,7 @@ def ablationcam(
     targets, multi, mod = _setup("Ablation-CAM", model, x, target, layer)
     budget = _engine.check_memory_options(chunk, max_memory)
     perf = _perf.resolve(memory_format, compile, precision)
-    warn_unapplied("ablationcam", model, ("compile", "fold_batchnorm"), perf, _ABLATION_WHY)
+    warn_unapplied("ablationcam", model, ("compile", "fold_batchnorm"), perf, why=_WHY_ABLATION_PASSES_SKIP)
     b = x.shape[0]
     with model_guard(model):
         native, out = _capture(model, x, mod, strip_softmax)
@@ -411,7 +411,7 @@ def ablationcam(
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
-        # no compiled nor folded passes: a hook replaces the layer's output in each (_ABLATION_WHY)
+        # no compiled nor folded passes: a hook replaces the layer's output in each (_WHY_ABLATION_PASSES_SKIP)
         run = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False),
                         tag=f"ablationcam:{probs}:{strip_softmax}:{value}")
         clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already)  # (B, K)

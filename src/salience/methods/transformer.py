@@ -43,9 +43,10 @@ __all__ = ["attention_rollout", "transformer_attribution", "HEAD_FUSIONS"]
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
-# why the attention methods' passes do not take these performance options: the one warning per process of
-# salience.methods._multi.hooked_pass, which applies the others (precision: autocast; memory_format="channels_last")
-_WHY_NOT = {
+# why the attention methods' passes do not take each of these performance options, by option: the reason the one
+# warning per process of salience.methods._multi.hooked_pass gives (it applies the others: precision, autocast;
+# memory_format="channels_last")
+_WHY_ATTENTION_PASSES_SKIP: dict[str, str] = {
     "compile": "the attention capture is a torch function mode entered by hooks on the model's attention modules "
                "for the pass, which a compiled graph neither runs nor guards on; the passes run eagerly",
     "fold_batchnorm": "the attention capture runs in the model's own attention modules (learnt per model), not in a "
@@ -235,7 +236,7 @@ def attention_rollout(
         with chunk.autocast() if chunk is not None else contextlib.nullcontext():
             outputs[:] = [m(chunk.prepare(t) if chunk is not None else t)]
 
-    with hooked_pass(model, x, "attention_rollout", _WHY_NOT):
+    with hooked_pass(model, x, "attention_rollout", why=_WHY_ATTENTION_PASSES_SKIP):
         fused = attention_maps(model, x, reduce=layer, forward=run, method="attention_rollout", modules=modules)
         if checked_on_output(targets):
             check_output(targets, unwrap_output(outputs[0], model))
@@ -299,7 +300,8 @@ def transformer_attribution(
     targets, multi = split(target, x.shape[0])
     checkpoint_error = getattr(torch.utils.checkpoint, "CheckpointError", ())
     try:  # the capture only inside the modules that call the attention, once known (a fresh one if that misses)
-        with hooked_pass(model, x, "transformer_attribution", _WHY_NOT):  # precision, layout; autograd.backward's
+        # precision and the layout apply (autograd.backward finds the run); compile and fold_batchnorm are said
+        with hooked_pass(model, x, "transformer_attribution", why=_WHY_ATTENTION_PASSES_SKIP):
             cap = _attribution_pass(model, x, targets, strip_softmax)
             refuse_fp16_overflow(model, *(g for gs in cap.grads for g in gs))  # dS/dA past 65504: a NaN map
     except checkpoint_error:  # type: ignore[misc]  # a non-reentrant checkpoint backward() could not run plainly
