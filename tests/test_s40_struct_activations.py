@@ -128,6 +128,20 @@ def test_a_module_with_a_forward_of_its_own_is_not_sorted_by_its_type(make):
     assert not _rules_apply(model, x)
 
 
+
+class _OwnGELU(nn.GELU):
+    """timm's PReLU's way: a subclass of an activation the rules are not defined for, its forward its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x, approximate=self.approximate)
+
+
+def test_a_subclass_of_an_unsupported_activation_with_its_own_forward_stays_unsupported():
+    """So ``default_methods`` without an image still leaves guided backprop out of such a model (as before)."""
+    assert _seen(_OwnGELU())[0] == "unsupported" and rules.activation_kind(_OwnGELU()) == "unsupported"
+    assert not _rules_apply(nn.Sequential(nn.Conv2d(3, 4, 3), _OwnGELU()), None)
+
+
 def _torch_activation_modules() -> list[type]:
     found = []
     for _, cls in vars(nn.modules.activation).items():
