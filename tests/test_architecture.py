@@ -111,31 +111,67 @@ def _is_private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
+def _is_salience(module: str) -> bool:
+    return module == "salience" or module.startswith("salience.")
+
+
+def _room_of(module: str) -> str:
+    """:func:`_room`, the package ``salience`` itself a room of its own (its ``__init__`` is no room's)."""
+    return module if module == "salience" else _room(module)
+
+
+def _module_of(expr: ast.expr, aliases: dict[str, str]) -> Optional[str]:
+    """The salience module ``expr`` names (``rules``, ``salience.attention``: a name bound by an import, then its
+    submodules), or None (another object: ``rules.ACTIVATIONS``, a local variable)."""
+    parts = []
+    while isinstance(expr, ast.Attribute):
+        parts.append(expr.attr)
+        expr = expr.value
+    if not isinstance(expr, ast.Name) or expr.id not in aliases:
+        return None
+    module = aliases[expr.id]
+    for part in reversed(parts):
+        if _submodule(module, part) == module:  # an attribute of the module, not a submodule
+            return None
+        module = _submodule(module, part)
+    return module
+
+
 def _other_rooms_privates(path: Path, module: Optional[str] = None) -> list[str]:
     """``line N: name`` for each underscore-private name that ``path``'s module (named ``module``, by default its
     place under ``SRC``) takes from a module of another room, not in :data:`PRIVATE_IMPORTS_ALLOWED`: by
-    ``from M import _name`` (a private module of a package too: ``from salience.methods import _multi``) and as
-    ``alias._name`` where ``alias`` is bound by ``import M as alias`` or ``from P import M [as alias]``; imports
-    inside functions included."""
+    ``from M import _name`` (``M`` the package too; a private module of a package too: ``from salience.methods
+    import _multi``), as ``alias._name`` or ``alias.sub._name`` where ``alias`` is bound by ``import M [as alias]``
+    or ``from P import M [as alias]`` (``from salience import rules``), and as ``getattr(alias, "_name"[, default])``;
+    imports inside functions included."""
     module = module or _module_name(path)
     room = _room(module)
     tree = ast.parse(path.read_text(encoding="utf-8"))
     aliases: dict[str, str] = {}  # local name -> the salience module it is bound to
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("salience."):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _is_salience(node.module):
             for a in node.names:
                 target = _submodule(node.module, a.name)
-                if _is_private(a.name) and _room(target) != room:
+                if _is_private(a.name) and _room_of(target) != room:
                     found.append((node.lineno, f"{node.module}.{a.name}"))
                 if target != node.module:
                     aliases[a.asname or a.name] = target
         elif isinstance(node, ast.Import):
-            aliases.update({a.asname: a.name for a in node.names if a.asname and a.name.startswith("salience.")})
+            for a in node.names:
+                if _is_salience(a.name):  # import salience.x binds "salience"; import salience.x as y binds y
+                    aliases[a.asname or "salience"] = a.name if a.asname else "salience"
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
-                and _is_private(node.attr) and _room(aliases[node.value.id]) != room:
-            found.append((node.lineno, f"{aliases[node.value.id]}.{node.attr}"))
+        if isinstance(node, ast.Attribute) and _is_private(node.attr):
+            owner, name = _module_of(node.value, aliases), node.attr
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" \
+                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
+                and isinstance(node.args[1].value, str) and _is_private(node.args[1].value):
+            owner, name = _module_of(node.args[0], aliases), node.args[1].value
+        else:
+            continue
+        if owner is not None and _room_of(owner) != room:
+            found.append((node.lineno, f"{owner}.{name}"))
     return [f"line {n}: {name}" for n, name in sorted(found) if f"{module}: {name}" not in PRIVATE_IMPORTS_ALLOWED]
 
 
@@ -163,6 +199,24 @@ def test_the_private_names_rule_sees_both_forms(tmp_path):
         "line 1: salience._core.perf._fast", "line 6: salience._core.perf._fast", "line 6: salience.rules._classify"]
     assert _other_rooms_privates(probe, "salience._core.probe") == ["line 3: salience.methods._multi._UNAPPLIED",
                                                                   "line 6: salience.rules._classify"]
+
+
+def test_the_private_names_rule_sees_the_package_forms(tmp_path):
+    """The forms the code mostly uses, ``from salience import rules`` (then ``rules._x``), and the others that reach a
+    module's private name: ``import salience.attention`` then ``salience.attention._x``, ``getattr(rules, "_x")``;
+    ``from salience import _x`` too. A private name of an object (``rules.ACTIVATIONS._x``) is no module's."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("from salience import rules, reduce as _reduce\n"
+                     "import salience.attention\n"
+                     "def f():\n"
+                     "    return rules._classify, _reduce._x, rules.ACTIVATIONS._y, rules.ACTIVATIONS\n"
+                     "def g():\n"
+                     "    return salience.attention._NativeMHA, getattr(rules, '_classify', None), getattr(rules, 'guided')\n")
+    assert _other_rooms_privates(probe, "salience.methods.probe") == [
+        "line 4: salience.reduce._x", "line 4: salience.rules._classify", "line 6: salience.attention._NativeMHA",
+        "line 6: salience.rules._classify"]
+    assert _other_rooms_privates(probe, "salience.rules") == ["line 4: salience.reduce._x",
+                                                            "line 6: salience.attention._NativeMHA"]
 
 
 MAX_LINES = 60

@@ -68,13 +68,15 @@ def _names(cell: str) -> list[str]:
 
 def _matrix(table: list[list[str]]) -> tuple[list[str], dict[str, str]]:
     """The options (the header's columns after "method") and each method's row, a letter of :data:`CELLS` per
-    option; a method named twice or a cell of another word fails."""
+    option; a method named twice, a cell of another word or a first cell of anything but method names fails."""
     header, *rows = table
     assert header[0] == "method", header
     options = [c.strip("`") for c in header[1:]]
     matrix: dict[str, str] = {}
     for row in rows:
         assert len(row) == len(header), row
+        assert re.fullmatch(r"`[a-z_0-9]+`(, `[a-z_0-9]+`)*", row[0]), \
+            f"row {row[0]!r}: its first cell must be method names in backquotes, comma-separated"
         unknown = [c for c in row[1:] if c not in CELLS]
         assert not unknown, f"cells {unknown} of {row[0]}: the table's words are {list(CELLS)}"
         for name in _names(row[0]):
@@ -231,6 +233,18 @@ def test_the_matrix_covers_every_method():
         assert len(row) == len(OPTIONS) and set(row) <= set("AW-"), name
         assert (row[4] == "-") == (name in ONE_PASS), name
         assert "-" not in row[:4], name  # every method is concerned by the four options of how a pass runs
+
+
+@pytest.mark.parametrize("first", ["Vanilla", "vanilla", "`vanilla`, input_x_gradient", "`vanilla` `input_x_gradient`",
+                                   "`vanilla`; `input_x_gradient`", "`Vanilla`"])
+def test_a_row_whose_methods_cannot_be_read_fails(first):
+    """A first cell that is not only backquoted method names, comma-separated, fails the reader, rather than the row
+    being left out (or a name in it) while the doc goes on saying it."""
+    table = [["method", *OPTIONS], [first, *["applied"] * len(OPTIONS)], ["`rise`", *["applied"] * len(OPTIONS)]]
+    with pytest.raises(AssertionError, match="method names"):
+        _matrix(table)
+    assert _matrix([table[0], ["`vanilla`, `input_x_gradient`", *["applied"] * len(OPTIONS)]])[1] == {
+        "vanilla": "AAAAA", "input_x_gradient": "AAAAA"}
 
 
 # the second table's columns (how each method applies them) and the options they are

@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+import salience
 from salience import rules
+from salience.methods import _rules_apply
 
 # arguments per entry, each the call's keywords and the module's constructor keywords (the same names: the module
 # sorter reads a module's attributes of the call's parameter names); the first of each is the default
@@ -94,6 +96,50 @@ class _MyReLU(nn.ReLU):
 def test_a_subclass_is_sorted_by_its_nearest_base_in_the_table():
     assert rules.activation_kind(_MyReLU()) == "rectifier"
     assert rules.activation_kind(nn.ReLU6()) == "rectifier"  # a Hardtanh(0, 6)
+
+
+class _ReLUThatIsAGELU(nn.ReLU):
+    """A ReLU by its type, a GELU by what its forward computes (a user's subclass, its own forward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x)
+
+
+def _instance_forward_relu() -> nn.Module:
+    relu = nn.ReLU()
+    relu.forward = torch.nn.functional.silu  # an instance forward: the type says nothing of the call
+    return relu
+
+
+@pytest.mark.parametrize("make", [_ReLUThatIsAGELU, _instance_forward_relu], ids=["subclass", "instance"])
+def test_a_module_with_a_forward_of_its_own_is_not_sorted_by_its_type(make):
+    """The table says what a torch.nn type's own forward calls; a module whose forward is another (a subclass's, an
+    instance's) is None: the rules' mode, which sorts the calls it makes, says unsupported. So ``default_methods``
+    without the search's pass runs its one pass under the guided rule, which sees the GELU / SiLU and leaves guided
+    backprop out, as guided backprop refuses the model (it was kept: the module said "rectifier")."""
+    module = make()
+    assert _seen(module)[0] == "unsupported"
+    assert rules.activation_kind(module) is None
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), make(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.rand(1, 3, 8, 8)
+    model(x)
+    with pytest.raises(salience.SalienceError):
+        salience.guided_backprop(model, x, 0)
+    assert not _rules_apply(model, x)
+
+
+
+class _OwnGELU(nn.GELU):
+    """timm's PReLU's way: a subclass of an activation the rules are not defined for, its forward its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x, approximate=self.approximate)
+
+
+def test_a_subclass_of_an_unsupported_activation_with_its_own_forward_stays_unsupported():
+    """So ``default_methods`` without an image still leaves guided backprop out of such a model (as before)."""
+    assert _seen(_OwnGELU())[0] == "unsupported" and rules.activation_kind(_OwnGELU()) == "unsupported"
+    assert not _rules_apply(nn.Sequential(nn.Conv2d(3, 4, 3), _OwnGELU()), None)
 
 
 def _torch_activation_modules() -> list[type]:

@@ -231,13 +231,17 @@ def activation_kind(module: nn.Module) -> Optional[str]:
     """``"rectifier"`` (the rules act at its call), ``"unsupported"`` (they refuse it) or ``None`` (no activation) for a
     module, by :data:`ACTIVATIONS` as its call would be sorted: its type (or its nearest base there) and the
     arguments the rules read, its attributes of the call's parameter names (a capped ReLU's bounds, a leaky
-    ReLU's slope). A module of another type is ``None`` whatever its forward calls."""
-    name = next((_BY_MODULE[t] for t in type(module).__mro__ if t in _BY_MODULE), None)
-    if name is None:
+    ReLU's slope). A module of another type is ``None`` whatever its forward calls. A rectifier only with its table
+    type's own forward: one with a forward of its own (a subclass's ``forward``, an instance's) may call anything, and
+    is ``None``; a subclass of an activation the rules are not defined for stays one (timm's ``PReLU``)."""
+    base = next((t for t in type(module).__mro__ if t in _BY_MODULE), None)
+    if base is None:
         return None
+    name = _BY_MODULE[base]
     entry = ACTIVATIONS[name]
     kind = entry.sort(name, {p: getattr(module, p, default) for p, default in entry.params})[0]
-    return None if kind == "other" else kind
+    own_forward = "forward" not in vars(module) and type(module).forward is base.forward
+    return kind if kind == "unsupported" or kind == "rectifier" and own_forward else None
 
 
 class _Rectify(torch.autograd.Function):
