@@ -1,6 +1,8 @@
 """Integrated Gradients under ``precision="fp16"`` refuses a gradient past float16's 65504 (a ``SalienceError`` saying to
 use "bf16" or "fp32"), as the other gradient methods do: the map came back NaN with only a completeness warning.
-SmoothGrad of it (and of vanilla / input x gradient) goes through the same check. The model: two linear layers of
+SmoothGrad of it (and of vanilla / input x gradient) goes through the same check: SmoothGrad's own ``precision`` /
+``memory_format`` / ``compile`` keywords reach a wrapped many-pass method that names them (its passes ran under the
+settings, float32, the keywords lost). The model: two linear layers of
 weight 300 (each fits float16), so the input gradient is 300 * 300 = 90,000 under CPU fp16 autocast; its inputs are
 small enough that the forward pass stays in range."""
 from __future__ import annotations
@@ -29,6 +31,8 @@ CALLS = {
     "integrated_gradients": lambda m, **kw: salience.integrated_gradients(m, X, 0, steps=8, **kw),
     "integrated_gradients_gap": lambda m, **kw: salience.integrated_gradients(m, X, 0, steps=8, return_gap=True, **kw),
     "ig_gausslegendre": lambda m, **kw: salience.integrated_gradients(m, X, 0, steps=8, rule="gausslegendre", **kw),
+    "smoothgrad_of_ig": lambda m, **kw: salience.smoothgrad(m, X, 0, method=salience.integrated_gradients, samples=4,
+                                                            steps=4, **kw),
     "smoothgrad": lambda m, **kw: salience.smoothgrad(m, X, 0, samples=4, **kw),
     "input_x_gradient": lambda m, **kw: _set(kw, lambda: salience.input_x_gradient(m, X, 0)),
 }
@@ -65,3 +69,37 @@ def test_fp16_in_range_is_not_refused():
     got = salience.integrated_gradients(m, X, 0, steps=8, precision="fp16")
     ref = salience.integrated_gradients(m, X, 0, steps=8)
     assert torch.isfinite(got).all() and torch.allclose(got, ref, rtol=1e-2, atol=1e-6)
+
+
+def _seen(call) -> list:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    seen: list = []
+    m[0].register_forward_pre_hook(lambda mod, i: seen.append(i[0].is_contiguous(memory_format=torch.channels_last)))
+    m[0].register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # steps=2: a completeness warning, not the point
+        call(m)
+    return seen
+
+
+@pytest.mark.parametrize("inner", [salience.integrated_gradients, salience.rise])
+def test_smoothgrad_gives_its_pass_options_to_a_many_pass_method(inner):
+    kw = {"steps": 2} if inner is salience.integrated_gradients else {"masks": 4}
+    bf16 = _seen(lambda m: salience.smoothgrad(m, torch.rand(1, 3, 8, 8), 0, method=inner, samples=2, precision="bf16",
+                                               **kw))
+    assert torch.bfloat16 in bf16 and torch.float32 not in bf16[1:]  # every pass of the copies (after the target's)
+    cl = _seen(lambda m: salience.smoothgrad(m, torch.rand(1, 3, 8, 8), 0, method=inner, samples=2,
+                                             memory_format="channels_last", **kw))
+    assert True in cl
+
+
+def test_a_method_taking_any_keyword_is_not_given_them():
+    got = []
+
+    def mine(model, x, target, **kw):
+        got.append(sorted(kw))
+        return salience.vanilla(model, x, target, **kw)
+
+    _seen(lambda m: salience.smoothgrad(m, torch.rand(1, 3, 8, 8), 0, method=mine, samples=2, precision="bf16"))
+    assert got and all("precision" not in k for k in got)

@@ -106,7 +106,8 @@ def smoothgrad(
     perf = _perf.resolve(memory_format, compile, precision)
     mod = _reduce.get_grad_modifier(grad_modifier)
     red = _reduce.get_reduction(reduce)
-    raw_options = _raw_options(method, options, strip_softmax)
+    raw_options = _raw_options(method, options, strip_softmax,
+                               dict(memory_format=memory_format, compile=compile, precision=precision))
     targets, multi = split(target, x.shape[0])
     copies = NoisyCopies(x, noise, fresh_seed() if seed is None else seed)
     # Methods that take the K targets in one call share each chunk's forward pass between them.
@@ -243,9 +244,16 @@ def _check_channels(maps: Tensor, reduce: Any, multi: bool, method: Callable[...
                         f"{getattr(method, '__name__', 'the method')}'s maps (B, H, W) have none; leave reduce out")
 
 
-def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bool) -> dict:
-    """The wrapped method's options with its reduction and modifier off: SmoothGrad averages raw maps."""
+def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bool,
+                 perf: Optional[dict] = None) -> dict:
+    """The wrapped method's options with its reduction and modifier off: SmoothGrad averages raw maps. ``perf``:
+    SmoothGrad's own ``memory_format`` / ``compile`` / ``precision`` keywords, given to a many-pass method that names
+    them (Integrated Gradients, RISE...) where ``options`` does not: its passes run under its own options, and
+    SmoothGrad's were lost (its fp16 overflow never seen)."""
     raw = dict(options)
+    for name, value in (perf or {}).items():
+        if value is not None and name not in raw and _names(method, name):
+            raw[name] = value
     if _engine.accepts(method, "reduce"):
         raw["reduce"] = None
     if _engine.accepts(method, "grad_modifier"):
@@ -253,6 +261,15 @@ def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bo
     if _engine.accepts(method, "strip_softmax"):
         raw["strip_softmax"] = strip_softmax
     return raw
+
+
+def _names(method: Callable[..., Any], name: str) -> bool:
+    """Whether ``method``'s signature names the keyword ``name`` (not only ``**kwargs``, which may pass it on to a
+    method that does not take it)."""
+    try:
+        return name in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 _SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
