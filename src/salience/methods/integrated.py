@@ -39,7 +39,7 @@ _ALIASES = {"riemann_trapezoid": "trapezoid", "riemann_left": "left", "riemann_r
             "riemann_middle": "middle", "gauss_legendre": "gausslegendre", "gauss-legendre": "gausslegendre"}
 
 
-MAX_STEPS = 1_000_000
+MAX_STEPS = _engine.MAX_PASSES
 """The most points of a trapezoid / Riemann rule (their nodes and weights are built as lists first: ``steps=10**30``
 ran the process out of memory before any pass)."""
 MAX_STEPS_GAUSS = 1_000

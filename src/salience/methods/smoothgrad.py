@@ -208,6 +208,8 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
         raise SalienceError("method=class_model makes an image for a class, it does not explain x: SmoothGrad averages "
                             "a map of x over noisy copies; give a method that explains x, e.g. salience.vanilla")
     check_int(samples, "samples", minimum=1, what="noisy copies per image")
+    _engine.check_passes(samples, f"samples={samples} is", "SmoothGrad's maps settle with tens of samples (the paper: "
+                         "50)")
     check_number(noise, "noise", minimum=0, what="a fraction of each image's range, e.g. 0.15")
     if variant not in VARIANTS:
         raise SalienceError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
