@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from test_s39_attnperf_matrix import _Graphs, _conv, _hooked, _model, _with, fresh_state  # noqa: F401
+from test_s39_attnperf_matrix import _Graphs, _hooked, _model, _with
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -20,6 +20,19 @@ from salience.compat import keras_vis as kv  # noqa: E402
 
 SEED = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
 MODIFIERS = [None, "guided"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_state():
+    """Each test as in a fresh process: the once-per-process warnings and the engine's caches."""
+    from salience._core import perf
+    from salience.methods import _multi
+
+    _multi._UNAPPLIED.clear()
+    perf.clear_cache()
+    yield
+    _multi._UNAPPLIED.clear()
+    perf.clear_cache()
 
 
 def _call(m: nn.Module, modifier) -> np.ndarray:
