@@ -135,3 +135,20 @@ def test_the_command_line_refuses_them_too(flags, tmp_path):
     out = subprocess.run([sys.executable, "-m", "salience", "explain", "--model", "demo:shapes", str(img),
                           "--out", str(tmp_path / "o"), *flags], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "more than the 1,000,000" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("call", [
+    lambda: salience.smoothgrad(_NoPass(), X, 0, method=salience.rise, samples=1000),  # 1000 x RISE's 4000 masks
+    lambda: salience.smoothgrad(_NoPass(), X, 0, method=salience.integrated_gradients, samples=10 ** 6, steps=10 ** 6),
+    lambda: salience.smoothgrad(_NoPass(), X, 0, method=salience.integrated_gradients, samples=40_000),  # x 32
+], ids=["rise_default_masks", "ig_given_steps", "ig_default_steps"])
+def test_smoothgrad_of_a_many_pass_method_counts_both(call):
+    """Each count within the cap, their product not: refused at once, naming both."""
+    with _within(10), pytest.raises(SalienceError, match=r"samples=\d+ of \w+ with (masks|steps)=\d+ is [\d,]+ passes "
+                                                          r"of each image, more than the 1,000,000"):
+        call()
+
+
+def test_smoothgrad_of_a_many_pass_method_within_the_cap_runs():
+    with _within(10), pytest.raises(AssertionError, match="a pass ran"):
+        salience.smoothgrad(_NoPass(), X, 0, method=salience.rise, samples=250)  # 250 x 4000: the cap

@@ -220,6 +220,22 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
                      else suggest(name, _option_names(method), n=1))
             raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r} (nor has smoothgrad)"
                                 f"{where}")
+    _check_inner_passes(method, samples, options)
+
+
+def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict) -> None:
+    """The passes of each image of SmoothGrad of a many-pass method (``samples`` times its ``steps`` / ``masks`` /
+    ``samples``, given or its default) within :data:`~salience._core.engine.MAX_PASSES`: each count alone was, and
+    ``samples=10**6`` of RISE's 4,000 masks was 4e9 passes an image."""
+    for key in ("steps", "masks", "samples"):
+        if not _names(method, key):
+            continue
+        inner = options.get(key, inspect.signature(method).parameters[key].default)
+        if isinstance(inner, int) and not isinstance(inner, bool) and inner > 0:
+            name = getattr(method, "__name__", "method")
+            _engine.check_passes(samples * inner, f"samples={samples} of {name} with {key}={inner} is "
+                                 f"{samples * inner:,} passes of each image,", f"fewer samples or {key}")
+            return
 
 
 def _option_names(method: Callable[..., Any]) -> list[str]:
