@@ -275,7 +275,7 @@ def test_resize_mode_none_and_crop(tmp_path, wide_pic, model, capsys):
 @pytest.mark.parametrize(
     "options, words",
     [
-        (["--size", "0"], "--size: size must be a positive int"),
+        (["--size", "0"], "--size must be H or H,W in pixels (whole numbers >= 1)"),  # read before the model loads
         (["--size", "big"], "--size must be H or H,W in pixels"),
         (["--size", "32", "--crop", "32"], "--size and --crop both"),
         (["--mean", "1,2"], "--mean: mean needs 1 or 3 values"),

@@ -53,9 +53,35 @@ __all__ = [
     "accepts",
     "acc_dtype",
     "check_memory_options",
+    "MAX_PASSES",
+    "check_passes",
 ]
 
 _GiB = 1 << 30
+
+MAX_PASSES = 1_000_000
+"""The most passes of each image one call of a many-pass method runs: SmoothGrad's ``samples``, RISE's ``masks``,
+occlusion's windows, ``class_model``'s ``steps`` (integrated gradients' ``steps``: ``MAX_STEPS``, the same). At 1 ms a
+pass a million take 17 minutes an image; ``samples=10**12`` ran for ever without a word (and occlusion built its
+windows first)."""
+
+
+def check_passes(n: int, said: str, advice: str) -> None:
+    """A :class:`SalienceError` where ``n`` passes of each image are more than :data:`MAX_PASSES`, before anything is
+    built. ``said``: the count as the user gave it, ending with its verb (``"samples=10 is"``); ``advice``: what
+    to give instead."""
+    if n > MAX_PASSES:
+        raise SalienceError(f"{said} more than the {MAX_PASSES:,} passes of each image a call runs here (each is a "
+                            f"pass of the model: at 1 ms a pass a million take 17 minutes an image, and {n:,} "
+                            f"would take {_duration(n * 1e-3)}); {advice}")
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` in the largest unit that keeps the number at least 1 (up to years)."""
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.0f} {unit}"
+    return f"{seconds:.0f} seconds"
 
 
 # --------------------------------------------------------------------------- memory

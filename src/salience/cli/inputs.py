@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from salience._core.errors import SalienceError
 from salience._core.info import ModelInfo
-from salience.loading.images import RESIZE_MODES, with_preprocessing
+from salience._core.tensors import check_int
+from salience.loading.images import RESIZE_MODES, check_input_pixels, with_preprocessing
 from salience.loading.models import name_classes, read_labels
 
 
@@ -60,10 +61,12 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
     size_text = args.crop if args.crop is not None else args.size
     if size_text is not None:
         given["size"] = _ints(size_text, flags["size"], "H or H,W in pixels")
+        check_input_pixels(given["size"], flags["size"])
     if args.crop is not None:
         given["resize_mode"] = "crop"
     if args.resize is not None:
         given["resize"] = _ints(args.resize, "--resize", "the shorter side in pixels", count=1)[0]
+        check_input_pixels([given["resize"]], "--resize", resize=True)
     if args.resize_mode is not None:
         given["resize_mode"] = args.resize_mode
     if args.channels is not None:
@@ -82,6 +85,14 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
     return Inputs(given, flags, labels)
 
 
+def check_side(value: int, flag: str) -> int:
+    """A square image's side given on the command line (``salience list / visualize --size``): an int >= 1 of at
+    most :data:`~salience.loading.images.MAX_INPUT_PIXELS` pixels, else a :class:`SalienceError` naming ``flag``."""
+    check_int(value, flag, minimum=1)
+    check_input_pixels((value, value), flag)
+    return value
+
+
 def _split(text: str) -> list[str]:
     return [t for t in re.split(r"[,x\s]+", text.strip()) if t]
 
@@ -92,8 +103,8 @@ def _ints(text: str, flag: str, what: str, count: int = 2) -> tuple[int, ...]:
         values = tuple(int(t) for t in parts)
     except ValueError:
         values = ()
-    if not 1 <= len(values) <= count:
-        raise SalienceError(f"{flag} must be {what}, got {text!r}")
+    if not 1 <= len(values) <= count or min(values) < 1:  # 0 and -5 were refused only once the model had loaded
+        raise SalienceError(f"{flag} must be {what} (whole numbers >= 1), got {text!r}")
     return values
 
 

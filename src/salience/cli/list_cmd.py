@@ -11,6 +11,7 @@ from salience._core.errors import SalienceError
 from salience._core.info import model_info
 from salience._core.tensors import model_device
 from salience.cli.common import EXIT_OK, load_model_arg, model_specs_help
+from salience.cli.inputs import check_side
 from salience.cli.options import describe
 from salience.demo import zoo
 from salience.methods import LAYER_METHODS, METHODS, default_methods
@@ -38,6 +39,7 @@ def describe_model(args: argparse.Namespace) -> list[str]:
     """What salience picks for ``args.model`` on an image of its input size: the default Grad-CAM
     layer with its layout and why, and the methods that apply (``default_methods``); where the default layer
     is refused (CrossViT), the layer methods that run when ``--layer`` names one."""
+    check_side(args.size, "--size")
     model = load_model_arg(args)
     info = model_info(model)
     h, w = info.input_size or (args.size, args.size)

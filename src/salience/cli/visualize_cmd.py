@@ -14,8 +14,8 @@ from salience._core.autograd import model_input
 from salience._core.errors import SalienceError
 from salience._core.files import make_folder
 from salience._core.info import model_info
-from salience._core.tensors import check_int
 from salience.cli.common import EXIT_OK, add_model_args, load_model_arg, parse_class, scores, to_image, warn
+from salience.cli.inputs import check_side
 from salience.loading import unnormalize
 from salience.methods.class_model import class_model
 from salience.render import viz
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     """Optimize the class model image of ``args.target`` and write it as a PNG to ``args.out``."""
     if Path(args.out).suffix.lower() != ".png":
         raise SalienceError(f"--out {args.out}: visualize writes a PNG image; give a file name ending in .png")
-    check_int(args.size, "--size", minimum=1)
+    check_side(args.size, "--size")
     out = Path(args.out)
     if out.is_dir():  # said before the optimization, not after it
         raise SalienceError(f"--out {out}: a folder of that name exists; give a file name ending in .png")

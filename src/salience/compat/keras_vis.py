@@ -358,13 +358,26 @@ def _method_gradient(model: nn.Module, x: Tensor, target: Target, method: Option
     return METHODS["vanilla" if method is None else method](model, x, target, reduce=None)
 
 
+_WRT_WHY_NOT = {
+    "compile": "wrt_tensor's layer output is read with a hook added to the layer, which a compiled graph does not "
+               "see; the passes run eagerly",
+    "fold_batchnorm": "the folded copy has not the model's layers (wrt_tensor's among them) to hook; the passes run "
+                      "the model itself",
+}
+
+
 def _wrt_gradient(model: nn.Module, x: Tensor, target: Target, method: Optional[str], wrt: nn.Module) -> Tensor:
     """The gradient of ``target`` w.r.t. ``wrt``'s output, under ``method``'s rule (``None``: plain), refused as
     the methods refuse a pass without ReLUs (:meth:`salience.rules.BackpropRule.check_rectified`) where no ReLU ran
-    between ``wrt`` and the target's layer: the rule changed nothing, the map was silently the plain gradient's."""
+    between ``wrt`` and the target's layer: the rule changed nothing, the map was silently the plain gradient's.
+    Either pass runs under the precision and layout in force (:func:`hooked_pass`; ``compile`` / ``fold_batchnorm``
+    said not applied), an fp16 gradient past float16's range refused."""
     if method is None:
         # The input must require grad for the layer output to be part of a graph (the parameters are frozen).
-        return gradients(model, x, target, layers=[wrt]).layer_grads[0]
+        with hooked_pass(model, x, "keras_vis (wrt_tensor=)", _WRT_WHY_NOT):
+            g = gradients(model, x, target, layers=[wrt]).layer_grads[0]
+            refuse_fp16_overflow(model, g)
+        return full_precision(g, x)
     rules.check_model(model, method)
     rule = rules.guided() if method == "guided_backprop" else rules.deconvnet()
     # a ruled pass as guided backprop's: under the precision and layout set (not compiled, not folded: said)

@@ -50,7 +50,7 @@ from salience.evidence.sanity import data_randomization, random_logit, randomiza
 from salience.evidence.compare import SIMILARITIES
 from salience.loading import load_image, normalize_input, resize_crop
 from salience.loading.images import keep_flat
-from salience.methods import default_methods
+from salience.methods import METHODS, default_methods
 from salience.methods.options import check_bound_values, show_default, with_options
 from salience.render import plots, viz
 from salience.render.report import Report
@@ -250,12 +250,30 @@ def bound_methods(model: nn.Module, x: Optional[Tensor], methods: Optional[Seque
     (``{name: {keyword: value}}``, as :func:`salience.explain_dataset` takes them; they override
     ``QUICK``). A name in ``method_options`` that is not evaluated, or an option its method does not
     take, is a :class:`SalienceError`. The maps, the metrics, the randomization tests and the data
-    randomization all call these functions."""
-    items = [resolve_method(m) for m in (methods if methods is not None else default_methods(model, x))]
+    randomization all call these functions. Without ``methods``, a method given ``grid`` / ``prefix_tokens`` in
+    ``method_options`` is chosen with them (as ``salience evaluate --grid / --prefix-tokens``): a CAM or attention
+    method is kept where they read the tokens (a ViT-like model whose tokens read two ways without them)."""
+    chosen = methods if methods is not None else _default_names(model, x, method_options or {})
+    items = [resolve_method(m) for m in chosen]
     fns = dict(items)
     for name, given in (method_options or {}).items():
         fns[name] = with_options(fns, name, given)
     return list(fns.items())
+
+
+def _default_names(model: nn.Module, x: Optional[Tensor], method_options: MethodOptions) -> list[str]:
+    """:func:`default_methods`, each method decided with its own ``grid`` / ``prefix_tokens`` from
+    ``method_options`` (one choice per distinct pair; the methods given none are decided without them)."""
+    def tokens(name: str) -> tuple[Any, Any]:
+        given = method_options.get(name)
+        given = given if isinstance(given, Mapping) else {}
+        return given.get("grid"), given.get("prefix_tokens")
+
+    choices: dict[str, list[str]] = {}
+    for grid, prefix in [(None, None)] + [tokens(name) for name in method_options]:
+        if repr((grid, prefix)) not in choices:  # a list is no key: its repr is
+            choices[repr((grid, prefix))] = default_methods(model, x, grid=grid, prefix_tokens=prefix)
+    return [name for name in METHODS if name in choices[repr(tokens(name))]]
 
 
 def options_record(items: Sequence[tuple[str, Callable[..., Any]]]) -> dict[str, dict[str, Any]]:

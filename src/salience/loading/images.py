@@ -34,6 +34,8 @@ from salience._core.info import ModelInfo
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "MAX_INPUT_PIXELS",
+    "check_input_pixels",
     "load_image",
     "load_images",
     "preprocess",
@@ -49,6 +51,28 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 DEFAULT_MAX_PIXELS = 50_000_000
+MAX_INPUT_PIXELS = DEFAULT_MAX_PIXELS
+"""The most pixels (H x W) of a model's input size, and of the square of a ``resize``'s shorter side: the 50 megapixels
+an image file may have by default (600 MB as float32 RGB). ``size=1e300`` or ``10**9`` was taken until the resize, which
+failed with torch's "Overflow when unpacking long long" or an allocation of terabytes."""
+
+
+def check_input_pixels(sides: Sequence[int], name: str, *, resize: bool = False) -> None:
+    """A :class:`SalienceError` where an input size ``sides`` ``(H, W)`` (``resize``: one shorter side, at least its
+    square resized) has more than :data:`MAX_INPUT_PIXELS` pixels; ``name``: the option or flag as the user gave it."""
+    h, w = (sides[0], sides[0]) if resize else (sides[0], sides[-1])
+    if h * w <= MAX_INPUT_PIXELS:
+        return
+    said = f"{name} {_count(h)} makes images of at least {_count(h)}x{_count(h)} =" if resize else \
+        f"{name} {_count(h)}x{_count(w)} is"
+    raise SalienceError(f"{said} {_count(h * w)} pixels, more than the {MAX_INPUT_PIXELS:,} a model's input may have "
+                        f"here (an image file's default limit; {_count(h * w * 12)} bytes as float32 RGB); give the "
+                        "model's input size, e.g. 224")
+
+
+def _count(n: int) -> str:
+    """``n`` with thousands separators, or as ``1e+300`` past a trillion."""
+    return f"{n:,}" if n < 10 ** 12 else f"{float(n):.3g}" if n < 10 ** 308 else "more than 1e+308"
 """Largest image (width x height) :func:`load_image` decodes by default: 50 megapixels
 (about 600 MB as float32 RGB)."""
 
@@ -325,6 +349,7 @@ def check_info(info: Any, fn: str) -> ModelInfo:
             raise SalienceError(f"{fn}: the ModelInfo's resize must be an int >= 1 (the shorter side) or None; "
                                 f"got {info.resize!r}")
         fixed["resize"] = int(info.resize)
+    _check_info_pixels(fixed, fn)
     for name in ("mean", "std"):
         values = getattr(info, name)
         if values is None:
@@ -337,6 +362,17 @@ def check_info(info: Any, fn: str) -> ModelInfo:
     if all(type(v) is type(getattr(info, k)) and v == getattr(info, k) for k, v in fixed.items()):
         return info
     return dataclasses.replace(info, **fixed)
+
+
+def _check_info_pixels(fixed: dict[str, Any], fn: str) -> None:
+    """:func:`check_input_pixels` of a ModelInfo's input size and resize, said as the ModelInfo's."""
+    try:
+        if "input_size" in fixed:
+            check_input_pixels(fixed["input_size"], "input_size")
+        if "resize" in fixed:
+            check_input_pixels([fixed["resize"]], "resize", resize=True)
+    except SalienceError as e:
+        raise SalienceError(f"{fn}: the ModelInfo's {e}") from None
 
 
 def _plain(values: Any) -> Optional[list]:
@@ -635,6 +671,7 @@ def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]]
     size_t = _check_size(size)
     if resize is not None:
         resize = _positive_int(resize, "resize")
+        check_input_pixels([resize], "resize", resize=True)
     mode = _choose_mode(info, size_t, resize, resize_mode)
     stats = {"mean": _stats_arg(info, mean, "mean", info.mean), "std": _stats_arg(info, std, "std", info.std)}
     if mode == "none":
@@ -693,6 +730,7 @@ def _check_size(size: Union[None, int, Sequence[int]]) -> Optional[tuple[int, in
     if len(values) not in (1, 2):
         raise SalienceError(f"size must be one side or (H, W), got {size!r}")
     values = [_positive_int(v, "size") for v in values]
+    check_input_pixels(values, "size")
     return (values[0], values[-1])
 
 

@@ -39,6 +39,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import gradients
 from salience._core.errors import SalienceError
@@ -155,6 +156,8 @@ def _check_options(model: nn.Module, steps: int, optimizer: str, lr: float, l2: 
     # Not check_int: its wording ("an int >= 1") would drop "a positive integer", which callers match.
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:  # numpy's ints too
         raise SalienceError(f"steps must be a positive integer, got {steps!r}")
+    _engine.check_passes(steps, f"steps={steps} is", "the default 300 steps give readable pictures; return_history="
+                         "True shows when the score stops rising")
     if optimizer not in _OPTIMIZERS:
         raise SalienceError(f"optimizer must be one of {', '.join(_OPTIMIZERS)}, got {optimizer!r}")
     for name, value in (("lr", lr), ("l2", l2), ("tv", tv), ("blur_sigma", blur_sigma)):

@@ -29,7 +29,7 @@ from salience._core.tensors import baseline_tensor, check_int, gaussian_blur, ch
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.targets import Predicted, Target, split
-from salience.methods._multi import several_targets, finish, input_gradient_maps
+from salience.methods._multi import several_targets, finish, input_gradient_maps, refuse_fp16_overflow
 
 __all__ = ["integrated_gradients", "input_x_gradient", "quadrature", "RULES", "IGResult", "CompletenessWarning",
            "GAP_WARNING", "collect_gaps", "gap_floor", "gaps_to_report"]
@@ -39,7 +39,7 @@ _ALIASES = {"riemann_trapezoid": "trapezoid", "riemann_left": "left", "riemann_r
             "riemann_middle": "middle", "gauss_legendre": "gausslegendre", "gauss-legendre": "gausslegendre"}
 
 
-MAX_STEPS = 1_000_000
+MAX_STEPS = _engine.MAX_PASSES
 """The most points of a trapezoid / Riemann rule (their nodes and weights are built as lists first: ``steps=10**30``
 ran the process out of memory before any pass)."""
 MAX_STEPS_GAUSS = 1_000
@@ -306,6 +306,7 @@ def integrated_gradients(
             xs, owner = path(start, stop)
             items = [t.for_items(owner) for t in targets]
             grads, scores, _ = _engine.input_gradients(model, xs, items, strip_softmax=strip_softmax)
+            refuse_fp16_overflow(model, grads)  # fp16 past 65504: refused at the call's end, not a NaN map
             return grads.transpose(0, 1), scores.t()  # (n, K, C, H, W), (n, K)
 
         sums = None

@@ -192,10 +192,14 @@ def occlusion_windows(size: tuple[int, int], window: tuple[int, int], stride: tu
         starts.append(torch.arange(count) * stride[i])
     ys, xs = torch.meshgrid(starts[0], starts[1], indexing="ij")
     corners = torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=1)
-    cover = torch.zeros(size)
-    for y, x in corners.tolist():
-        cover[y:y + window[0], x:x + window[1]] += 1
-    return corners, cover
+    # the windows are a grid of rows x columns: a pixel's count is its row's count times its column's
+    along = []
+    for i in range(2):  # +1 where a window starts, -1 past its end: the running sum counts the windows over a pixel
+        steps = torch.zeros(size[i] + 1)
+        steps.index_add_(0, starts[i], torch.ones(len(starts[i])))
+        steps.index_add_(0, (starts[i] + window[i]).clamp(max=size[i]), -torch.ones(len(starts[i])))
+        along.append(steps.cumsum(0)[:-1])
+    return corners, along[0][:, None] * along[1][None, :]
 
 
 def check_window(x: Tensor, window: Any, stride: Any) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -214,7 +218,19 @@ def check_window(x: Tensor, window: Any, stride: Any) -> tuple[tuple[int, int], 
         if v[0] > h or v[1] > w:
             raise SalienceError(f"{name} {v[0]}x{v[1]} is larger than the {h}x{w} image; pass a {name} of at most "
                                 f"({h}, {w})")
+    n = math.prod(math.ceil((side - win[i]) / st[i]) + 1 for i, side in enumerate((h, w)))  # occlusion_windows'
+    _engine.check_passes(n, f"window {win[0]}x{win[1]} with stride {st[0]}x{st[1]} on the {h}x{w} image is {n:,} "
+                         "windows,", "give a larger stride (each window is a pass of the image), e.g. stride="
+                         f"{_stride_for(h, w, win)}")
     return win, st
+
+
+def _stride_for(h: int, w: int, win: tuple[int, int]) -> int:
+    """The smallest square stride whose windows of ``win`` on an ``h`` x ``w`` image are within the cap."""
+    s = 1
+    while (math.ceil((h - win[0]) / s) + 1) * (math.ceil((w - win[1]) / s) + 1) > _engine.MAX_PASSES:
+        s += 1
+    return s
 
 
 def _baseline(x: Tensor, baseline: Any) -> Tensor:
@@ -233,18 +249,19 @@ class _Occluded:
     """Items of occlusion: item ``j`` is image ``j % B`` with window ``j // B`` replaced by the baseline."""
 
     def __init__(self, x: Tensor, base: Tensor, corners: Tensor, window: tuple[int, int]) -> None:
-        self.x, self.base, self.corners, self.window = x, base, corners.tolist(), window
+        self.x, self.base, self.window = x, base, window
+        self.corners = corners.to(x.device)
         h, w = x.shape[-2:]
-        rows = torch.arange(h, device=x.device)
-        cols = torch.arange(w, device=x.device)
-        c = corners.to(x.device)
-        # (n_windows, H) and (n_windows, W) indicators; the window mask is their outer product.
-        self.rows = ((rows >= c[:, :1]) & (rows < c[:, :1] + window[0])).to(x.dtype)
-        self.cols = ((cols >= c[:, 1:]) & (cols < c[:, 1:] + window[1])).to(x.dtype)
+        self.rows = torch.arange(h, device=x.device)
+        self.cols = torch.arange(w, device=x.device)
 
     def masks(self, win: Tensor) -> Tensor:
-        """The windows ``win`` ``(n,)`` as masks ``(n, 1, H, W)`` (1 inside)."""
-        return (self.rows[win][:, :, None] * self.cols[win][:, None, :]).unsqueeze(1)
+        """The windows ``win`` ``(n,)`` as masks ``(n, 1, H, W)`` (1 inside): the outer product of their row and
+        column indicators, made for these windows only (for all at once they were ``(windows, H + W)`` floats)."""
+        c = self.corners[win]
+        rows = ((self.rows >= c[:, :1]) & (self.rows < c[:, :1] + self.window[0])).to(self.x.dtype)
+        cols = ((self.cols >= c[:, 1:]) & (self.cols < c[:, 1:] + self.window[1])).to(self.x.dtype)
+        return (rows[:, :, None] * cols[:, None, :]).unsqueeze(1)
 
     def __call__(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
         b = self.x.shape[0]
@@ -403,6 +420,7 @@ def rise(
     check_perturbation_targets(targets, "rise")
     check_softmax(softmax)
     n_masks = check_int(masks, "masks", minimum=1, what="random masks per image, e.g. 4000")
+    _engine.check_passes(n_masks, f"masks={n_masks} is", "RISE's paper uses 4,000 to 8,000 masks")
     cell = check_int(cell, "cell", minimum=1, what="grid cells a side, e.g. 7")
     p = check_number(p, "p", what="the probability of keeping a cell, in (0, 1]")
     if not 0 < p <= 1:

@@ -106,7 +106,8 @@ def smoothgrad(
     perf = _perf.resolve(memory_format, compile, precision)
     mod = _reduce.get_grad_modifier(grad_modifier)
     red = _reduce.get_reduction(reduce)
-    raw_options = _raw_options(method, options, strip_softmax)
+    raw_options = _raw_options(method, options, strip_softmax,
+                               dict(memory_format=memory_format, compile=compile, precision=precision))
     targets, multi = split(target, x.shape[0])
     copies = NoisyCopies(x, noise, fresh_seed() if seed is None else seed)
     # Methods that take the K targets in one call share each chunk's forward pass between them.
@@ -207,6 +208,8 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
         raise SalienceError("method=class_model makes an image for a class, it does not explain x: SmoothGrad averages "
                             "a map of x over noisy copies; give a method that explains x, e.g. salience.vanilla")
     check_int(samples, "samples", minimum=1, what="noisy copies per image")
+    _engine.check_passes(samples, f"samples={samples} is", "SmoothGrad's maps settle with tens of samples (the paper: "
+                         "50)")
     check_number(noise, "noise", minimum=0, what="a fraction of each image's range, e.g. 0.15")
     if variant not in VARIANTS:
         raise SalienceError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
@@ -217,6 +220,22 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
                      else suggest(name, _option_names(method), n=1))
             raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r} (nor has smoothgrad)"
                                 f"{where}")
+    _check_inner_passes(method, samples, options)
+
+
+def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict) -> None:
+    """The passes of each image of SmoothGrad of a many-pass method (``samples`` times its ``steps`` / ``masks`` /
+    ``samples``, given or its default) within :data:`~salience._core.engine.MAX_PASSES`: each count alone was, and
+    ``samples=10**6`` of RISE's 4,000 masks was 4e9 passes an image."""
+    for key in ("steps", "masks", "samples"):
+        if not _names(method, key):
+            continue
+        inner = options.get(key, inspect.signature(method).parameters[key].default)
+        if isinstance(inner, int) and not isinstance(inner, bool) and inner > 0:
+            name = getattr(method, "__name__", "method")
+            _engine.check_passes(samples * inner, f"samples={samples} of {name} with {key}={inner} is "
+                                 f"{samples * inner:,} passes of each image,", f"fewer samples or {key}")
+            return
 
 
 def _option_names(method: Callable[..., Any]) -> list[str]:
@@ -243,9 +262,16 @@ def _check_channels(maps: Tensor, reduce: Any, multi: bool, method: Callable[...
                         f"{getattr(method, '__name__', 'the method')}'s maps (B, H, W) have none; leave reduce out")
 
 
-def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bool) -> dict:
-    """The wrapped method's options with its reduction and modifier off: SmoothGrad averages raw maps."""
+def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bool,
+                 perf: Optional[dict] = None) -> dict:
+    """The wrapped method's options with its reduction and modifier off: SmoothGrad averages raw maps. ``perf``:
+    SmoothGrad's own ``memory_format`` / ``compile`` / ``precision`` keywords, given to a many-pass method that names
+    them (Integrated Gradients, RISE...) where ``options`` does not: its passes run under its own options, and
+    SmoothGrad's were lost (its fp16 overflow never seen)."""
     raw = dict(options)
+    for name, value in (perf or {}).items():
+        if value is not None and name not in raw and _names(method, name):
+            raw[name] = value
     if _engine.accepts(method, "reduce"):
         raw["reduce"] = None
     if _engine.accepts(method, "grad_modifier"):
@@ -253,6 +279,15 @@ def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bo
     if _engine.accepts(method, "strip_softmax"):
         raw["strip_softmax"] = strip_softmax
     return raw
+
+
+def _names(method: Callable[..., Any], name: str) -> bool:
+    """Whether ``method``'s signature names the keyword ``name`` (not only ``**kwargs``, which may pass it on to a
+    method that does not take it)."""
+    try:
+        return name in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 _SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
