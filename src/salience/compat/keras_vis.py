@@ -358,7 +358,7 @@ def _method_gradient(model: nn.Module, x: Tensor, target: Target, method: Option
     return METHODS["vanilla" if method is None else method](model, x, target, reduce=None)
 
 
-_WRT_WHY_NOT = {
+_WHY_WRT_TENSOR_PASSES_SKIP = {
     "compile": "wrt_tensor's layer output is read with a hook added to the layer, which a compiled graph does not "
                "see; the passes run eagerly",
     "fold_batchnorm": "the folded copy has not the model's layers (wrt_tensor's among them) to hook; the passes run "
@@ -374,7 +374,7 @@ def _wrt_gradient(model: nn.Module, x: Tensor, target: Target, method: Optional[
     said not applied), an fp16 gradient past float16's range refused."""
     if method is None:
         # The input must require grad for the layer output to be part of a graph (the parameters are frozen).
-        with hooked_pass(model, x, "keras_vis (wrt_tensor=)", _WRT_WHY_NOT):
+        with hooked_pass(model, x, "keras_vis (wrt_tensor=)", why=_WHY_WRT_TENSOR_PASSES_SKIP):
             g = gradients(model, x, target, layers=[wrt]).layer_grads[0]
             refuse_fp16_overflow(model, g)
         return full_precision(g, x)
