@@ -195,8 +195,10 @@ def occlusion_windows(size: tuple[int, int], window: tuple[int, int], stride: tu
     # the windows are a grid of rows x columns: a pixel's count is its row's count times its column's
     along = []
     for i in range(2):  # +1 where a window starts, -1 past its end: the running sum counts the windows over a pixel
+        # clamped: where the stride does not divide, the last window may start past the image (stride > window + 1:
+        # it covers no pixel, index size[i] is dropped below; unclamped it was an IndexError)
         steps = torch.zeros(size[i] + 1)
-        steps.index_add_(0, starts[i], torch.ones(len(starts[i])))
+        steps.index_add_(0, starts[i].clamp(max=size[i]), torch.ones(len(starts[i])))
         steps.index_add_(0, (starts[i] + window[i]).clamp(max=size[i]), -torch.ones(len(starts[i])))
         along.append(steps.cumsum(0)[:-1])
     return corners, along[0][:, None] * along[1][None, :]

@@ -1,0 +1,46 @@
+"""Review of the merge of wt-leftlib-s40 (9da0435): occlusion's coverage counted per row and column (a window that
+starts past the image, stride > window + 1, was an IndexError), ..."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+import salience
+from salience.methods.perturbation import occlusion_windows
+
+
+def _brute_cover(size, window, corners):
+    """The old loop: every window's pixels (clipped to the image) counted."""
+    cover = torch.zeros(size)
+    for y, x in corners.tolist():
+        cover[y:y + window[0], x:x + window[1]] += 1
+    return cover
+
+
+def test_occlusion_coverage_counts_every_window_when_the_stride_leaves_the_last_window_past_the_image():
+    # side 5, window 1, stride 3: windows start at 0, 3, 6; the one at 6 covers no pixel (was an IndexError)
+    for h, w in [(5, 7), (9, 4), (23, 17)]:
+        for wh, ww, sh, sw in itertools.product((1, 2, 3, h), (1, 2, w), (1, 2, 3, 4, h), (1, 3, 4, w)):
+            if wh > h or sh > h:
+                continue
+            corners, cover = occlusion_windows((h, w), (wh, ww), (sh, sw))
+            assert torch.equal(cover, _brute_cover((h, w), (wh, ww), corners)), (h, w, wh, ww, sh, sw)
+
+
+def test_occlusion_with_a_stride_more_than_one_past_the_window_runs_and_matches_a_hand_occlusion():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.rand(1, 3, 11, 7)
+    got = salience.occlusion(model, x, target=1, window=2, stride=4, baseline=0.0)  # rows start 0,4,8,12: 12 > 11
+    with torch.no_grad():
+        full = model(x)[0, 1]
+        total, count = torch.zeros(11, 7), torch.zeros(11, 7)
+        for y, c in itertools.product(range(0, 13, 4), range(0, 9, 4)):
+            xo = x.clone()
+            xo[..., y:y + 2, c:c + 2] = 0
+            total[y:y + 2, c:c + 2] += full - model(xo)[0, 1]
+            count[y:y + 2, c:c + 2] += 1
+    want = torch.where(count > 0, total / count.clamp_min(1), torch.zeros(()))
+    torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-4)
