@@ -1,5 +1,6 @@
 """Review of the merge of wt-leftlib-s40 (9da0435): occlusion's coverage counted per row and column (a window that
-starts past the image, stride > window + 1, was an IndexError), ..."""
+starts past the image, stride > window + 1, was an IndexError); SmoothGrad's precision / memory_format / compile
+not given over a wrapped method's own (a functools.partial binding them)."""
 from __future__ import annotations
 
 import itertools
@@ -44,3 +45,21 @@ def test_occlusion_with_a_stride_more_than_one_past_the_window_runs_and_matches_
             count[y:y + 2, c:c + 2] += 1
     want = torch.where(count > 0, total / count.clamp_min(1), torch.zeros(()))
     torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-4)
+
+
+def test_smoothgrad_does_not_override_a_precision_bound_to_the_wrapped_method():
+    # functools.partial(integrated_gradients, precision="fp32") (method_options binds the same way) is the user's
+    # choice for the inner passes: SmoothGrad's precision="bf16" went to it all the same, the map was bf16's
+    import functools
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                          nn.Linear(128, 5)).eval()
+    x = torch.rand(2, 3, 16, 16)
+    dtypes: list = []
+    model[0].register_forward_hook(lambda mod, i, o: dtypes.append(o.dtype))
+    fp32_ig = functools.partial(salience.integrated_gradients, precision="fp32")
+    got = salience.smoothgrad(model, x, 1, method=fp32_ig, samples=3, seed=3, steps=4, precision="bf16")
+    assert torch.bfloat16 not in dtypes
+    want = salience.smoothgrad(model, x, 1, method=salience.integrated_gradients, samples=3, seed=3, steps=4)
+    assert torch.equal(got, want)

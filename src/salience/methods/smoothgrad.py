@@ -6,6 +6,7 @@ in chunks sized by :mod:`salience._core.engine`, and only running sums are kept.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any, Callable, Optional, Sequence, Union
@@ -270,7 +271,7 @@ def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bo
     SmoothGrad's were lost (its fp16 overflow never seen)."""
     raw = dict(options)
     for name, value in (perf or {}).items():
-        if value is not None and name not in raw and _names(method, name):
+        if value is not None and name not in raw and _names(method, name) and not _bound(method, name):
             raw[name] = value
     if _engine.accepts(method, "reduce"):
         raw["reduce"] = None
@@ -288,6 +289,16 @@ def _names(method: Callable[..., Any], name: str) -> bool:
         return name in inspect.signature(method).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _bound(method: Callable[..., Any], name: str) -> bool:
+    """Whether ``method`` is a ``functools.partial`` (``method_options``' binding too) that binds ``name``: the user's
+    choice for the wrapped method, which SmoothGrad's own keyword does not override."""
+    while isinstance(method, functools.partial):
+        if name in method.keywords:
+            return True
+        method = method.func
+    return False
 
 
 _SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
