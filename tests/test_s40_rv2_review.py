@@ -63,3 +63,23 @@ def test_smoothgrad_does_not_override_a_precision_bound_to_the_wrapped_method():
     assert torch.bfloat16 not in dtypes
     want = salience.smoothgrad(model, x, 1, method=salience.integrated_gradients, samples=3, seed=3, steps=4)
     assert torch.equal(got, want)
+
+
+def test_the_image_size_constants_keep_their_docstrings():
+    # MAX_INPUT_PIXELS was put between DEFAULT_MAX_PIXELS and its docstring, which ended up dead code after _count
+    import ast
+    import inspect as _inspect
+
+    from salience.loading import images
+
+    body = ast.parse(_inspect.getsource(images)).body
+    docs = {}
+    for node, after in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            docs[node.targets[0].id] = (after.value.value if isinstance(after, ast.Expr)
+                                        and isinstance(after.value, ast.Constant) else None)
+    assert "load_image" in (docs["DEFAULT_MAX_PIXELS"] or "")
+    assert "model's input size" in (docs["MAX_INPUT_PIXELS"] or "")
+    for fn in ast.walk(ast.parse(_inspect.getsource(images._count))):
+        if isinstance(fn, ast.FunctionDef):
+            assert len(fn.body) == 2  # its docstring and its return: no stray string after it
