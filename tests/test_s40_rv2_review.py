@@ -1,6 +1,7 @@
 """Review of the merge of wt-leftlib-s40 (9da0435): occlusion's coverage counted per row and column (a window that
 starts past the image, stride > window + 1, was an IndexError); SmoothGrad's precision / memory_format / compile
-not given over a wrapped method's own (a functools.partial binding them)."""
+not given over a wrapped method's own (a functools.partial binding them); SmoothGrad of occlusion counting samples
+times windows; DEFAULT_MAX_PIXELS's docstring."""
 from __future__ import annotations
 
 import itertools
@@ -83,3 +84,25 @@ def test_the_image_size_constants_keep_their_docstrings():
     for fn in ast.walk(ast.parse(_inspect.getsource(images._count))):
         if isinstance(fn, ast.FunctionDef):
             assert len(fn.body) == 2  # its docstring and its return: no stray string after it
+
+
+class _NoPass(nn.Module):
+    def forward(self, x):
+        raise AssertionError("a pass ran")
+
+
+def test_smoothgrad_of_occlusion_counts_samples_times_windows():
+    # 50 samples x 50,176 windows (window 1, stride 1 on 224 px) = 2,508,800 passes an image: each count alone was
+    # within the cap, their product ran (42 minutes an image at 1 ms a pass)
+    import functools
+
+    import pytest
+
+    x = torch.zeros(1, 3, 224, 224)
+    for method, kw in [(salience.occlusion, {"window": 1, "stride": 1}),
+                       (functools.partial(salience.occlusion, window=1, stride=1), {})]:
+        with pytest.raises(salience.SalienceError, match=r"samples=50 of occlusion with 50,176 windows .* is 2,508,800 "
+                                                         r"passes of each image, more than the 1,000,000"):
+            salience.smoothgrad(_NoPass(), x, 0, method=method, **kw)
+    with pytest.raises(AssertionError, match="a pass ran"):  # 50 x 3,136 windows: taken
+        salience.smoothgrad(_NoPass(), x, 0, method=salience.occlusion, window=4, stride=4)
