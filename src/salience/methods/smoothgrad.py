@@ -234,8 +234,8 @@ def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict,
         given = [options.get(k, inspect.signature(method).parameters[k].default) for k in ("window", "stride")]
         win, st = perturbation.check_window(x, *given)
         n = perturbation.window_count(int(x.shape[-2]), int(x.shape[-1]), win, st)
-        _engine.check_passes(samples * n, f"samples={samples} of occlusion with {n:,} windows (window {win[0]}x{win[1]},"
-                             f" stride {st[0]}x{st[1]}) is {samples * n:,} passes of each image,",
+        _engine.check_passes(samples * n, f"samples={samples} of occlusion with {n:,} windows (window "
+                             f"{win[0]}x{win[1]}, stride {st[0]}x{st[1]}) is {samples * n:,} passes of each image,",
                              "fewer samples or a larger stride")
     for key in ("steps", "masks", "samples"):
         if not _names(method, key):
