@@ -4,8 +4,12 @@ not given over a wrapped method's own (a functools.partial binding them); Smooth
 times windows; DEFAULT_MAX_PIXELS's docstring."""
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import itertools
 
+import pytest
 import torch
 from torch import nn
 
@@ -51,8 +55,6 @@ def test_occlusion_with_a_stride_more_than_one_past_the_window_runs_and_matches_
 def test_smoothgrad_does_not_override_a_precision_bound_to_the_wrapped_method():
     # functools.partial(integrated_gradients, precision="fp32") (method_options binds the same way) is the user's
     # choice for the inner passes: SmoothGrad's precision="bf16" went to it all the same, the map was bf16's
-    import functools
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
                           nn.Linear(128, 5)).eval()
@@ -68,12 +70,9 @@ def test_smoothgrad_does_not_override_a_precision_bound_to_the_wrapped_method():
 
 def test_the_image_size_constants_keep_their_docstrings():
     # MAX_INPUT_PIXELS was put between DEFAULT_MAX_PIXELS and its docstring, which ended up dead code after _count
-    import ast
-    import inspect as _inspect
-
     from salience.loading import images
 
-    body = ast.parse(_inspect.getsource(images)).body
+    body = ast.parse(inspect.getsource(images)).body
     docs = {}
     for node, after in zip(body, body[1:] + [None]):
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
@@ -81,7 +80,7 @@ def test_the_image_size_constants_keep_their_docstrings():
                                         and isinstance(after.value, ast.Constant) else None)
     assert "load_image" in (docs["DEFAULT_MAX_PIXELS"] or "")
     assert "model's input size" in (docs["MAX_INPUT_PIXELS"] or "")
-    for fn in ast.walk(ast.parse(_inspect.getsource(images._count))):
+    for fn in ast.walk(ast.parse(inspect.getsource(images._count))):
         if isinstance(fn, ast.FunctionDef):
             assert len(fn.body) == 2  # its docstring and its return: no stray string after it
 
@@ -94,10 +93,6 @@ class _NoPass(nn.Module):
 def test_smoothgrad_of_occlusion_counts_samples_times_windows():
     # 50 samples x 50,176 windows (window 1, stride 1 on 224 px) = 2,508,800 passes an image: each count alone was
     # within the cap, their product ran (42 minutes an image at 1 ms a pass)
-    import functools
-
-    import pytest
-
     x = torch.zeros(1, 3, 224, 224)
     for method, kw in [(salience.occlusion, {"window": 1, "stride": 1}),
                        (functools.partial(salience.occlusion, window=1, stride=1), {})]:
