@@ -51,6 +51,8 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 DEFAULT_MAX_PIXELS = 50_000_000
+"""Largest image (width x height) :func:`load_image` decodes by default: 50 megapixels
+(about 600 MB as float32 RGB)."""
 MAX_INPUT_PIXELS = DEFAULT_MAX_PIXELS
 """The most pixels (H x W) of a model's input size, and of the square of a ``resize``'s shorter side: the 50 megapixels
 an image file may have by default (600 MB as float32 RGB). ``size=1e300`` or ``10**9`` was taken until the resize, which
@@ -73,8 +75,6 @@ def check_input_pixels(sides: Sequence[int], name: str, *, resize: bool = False)
 def _count(n: int) -> str:
     """``n`` with thousands separators, or as ``1e+300`` past a trillion."""
     return f"{n:,}" if n < 10 ** 12 else f"{float(n):.3g}" if n < 10 ** 308 else "more than 1e+308"
-"""Largest image (width x height) :func:`load_image` decodes by default: 50 megapixels
-(about 600 MB as float32 RGB)."""
 
 
 _bomb_lock = threading.Lock()

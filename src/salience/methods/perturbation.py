@@ -195,8 +195,10 @@ def occlusion_windows(size: tuple[int, int], window: tuple[int, int], stride: tu
     # the windows are a grid of rows x columns: a pixel's count is its row's count times its column's
     along = []
     for i in range(2):  # +1 where a window starts, -1 past its end: the running sum counts the windows over a pixel
+        # clamped: where the stride does not divide, the last window may start past the image (stride > window + 1:
+        # it covers no pixel, index size[i] is dropped below; unclamped it was an IndexError)
         steps = torch.zeros(size[i] + 1)
-        steps.index_add_(0, starts[i], torch.ones(len(starts[i])))
+        steps.index_add_(0, starts[i].clamp(max=size[i]), torch.ones(len(starts[i])))
         steps.index_add_(0, (starts[i] + window[i]).clamp(max=size[i]), -torch.ones(len(starts[i])))
         along.append(steps.cumsum(0)[:-1])
     return corners, along[0][:, None] * along[1][None, :]
@@ -218,17 +220,23 @@ def check_window(x: Tensor, window: Any, stride: Any) -> tuple[tuple[int, int], 
         if v[0] > h or v[1] > w:
             raise SalienceError(f"{name} {v[0]}x{v[1]} is larger than the {h}x{w} image; pass a {name} of at most "
                                 f"({h}, {w})")
-    n = math.prod(math.ceil((side - win[i]) / st[i]) + 1 for i, side in enumerate((h, w)))  # occlusion_windows'
+    n = window_count(h, w, win, st)
     _engine.check_passes(n, f"window {win[0]}x{win[1]} with stride {st[0]}x{st[1]} on the {h}x{w} image is {n:,} "
                          "windows,", "give a larger stride (each window is a pass of the image), e.g. stride="
                          f"{_stride_for(h, w, win)}")
     return win, st
 
 
+def window_count(h: int, w: int, win: tuple[int, int], st: tuple[int, int]) -> int:
+    """How many windows (passes of each image) occlusion runs on an ``h`` x ``w`` image: :func:`occlusion_windows`'
+    count."""
+    return math.prod(math.ceil((side - win[i]) / st[i]) + 1 for i, side in enumerate((h, w)))
+
+
 def _stride_for(h: int, w: int, win: tuple[int, int]) -> int:
     """The smallest square stride whose windows of ``win`` on an ``h`` x ``w`` image are within the cap."""
     s = 1
-    while (math.ceil((h - win[0]) / s) + 1) * (math.ceil((w - win[1]) / s) + 1) > _engine.MAX_PASSES:
+    while window_count(h, w, win, (s, s)) > _engine.MAX_PASSES:
         s += 1
     return s
 

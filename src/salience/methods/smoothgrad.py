@@ -6,6 +6,7 @@ in chunks sized by :mod:`salience._core.engine`, and only running sums are kept.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any, Callable, Optional, Sequence, Union
@@ -22,6 +23,7 @@ from salience._core.errors import SalienceError, suggest
 from salience._core.tensors import check_int, check_number, check_flag, fresh_seed
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
+from salience.methods import perturbation
 from salience.methods._multi import as_method, free_maps, is_target_free, takes_several_targets
 from salience.methods.integrated import GapReport, collect_gaps, gaps_to_report, report_gaps
 from salience.methods.vanilla import vanilla
@@ -97,7 +99,7 @@ def smoothgrad(
     reduce_each = check_flag(reduce_each, "reduce_each")
     progress = check_flag(progress, "progress")
     check_input(x, model)
-    _check_options(method, samples, noise, variant, options)
+    _check_options(method, samples, noise, variant, options, x)
     seed = check_seed(seed, x.shape[0])
     if isinstance(seed, int) and x.shape[0] == 1:
         seed = [seed]  # one image: its own stream, as in a per-image list
@@ -199,7 +201,7 @@ class _CopyGaps:
             report_gaps(GapReport(images, [worst[b] for b in images], self.steps, self.rule, int(copies)))
 
 
-def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options: dict) -> None:
+def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options: dict, x: Tensor) -> None:
     if not callable(method):
         named = f" (the function, not its name: method=salience.{method})" if isinstance(method, str) else ""
         raise SalienceError(f"method must be a saliency function such as salience.vanilla, got "
@@ -220,13 +222,21 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
                      else suggest(name, _option_names(method), n=1))
             raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r} (nor has smoothgrad)"
                                 f"{where}")
-    _check_inner_passes(method, samples, options)
+    _check_inner_passes(method, samples, options, x)
 
 
-def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict) -> None:
+def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict, x: Tensor) -> None:
     """The passes of each image of SmoothGrad of a many-pass method (``samples`` times its ``steps`` / ``masks`` /
-    ``samples``, given or its default) within :data:`~salience._core.engine.MAX_PASSES`: each count alone was, and
-    ``samples=10**6`` of RISE's 4,000 masks was 4e9 passes an image."""
+    ``samples``, given or its default; occlusion's windows on ``x``'s images) within
+    :data:`~salience._core.engine.MAX_PASSES`: each count alone was, and ``samples=10**6`` of RISE's 4,000 masks was
+    4e9 passes an image."""
+    if _root(method) is _root(perturbation.occlusion):
+        given = [options.get(k, inspect.signature(method).parameters[k].default) for k in ("window", "stride")]
+        win, st = perturbation.check_window(x, *given)
+        n = perturbation.window_count(int(x.shape[-2]), int(x.shape[-1]), win, st)
+        _engine.check_passes(samples * n, f"samples={samples} of occlusion with {n:,} windows (window "
+                             f"{win[0]}x{win[1]}, stride {st[0]}x{st[1]}) is {samples * n:,} passes of each image,",
+                             "fewer samples or a larger stride")
     for key in ("steps", "masks", "samples"):
         if not _names(method, key):
             continue
@@ -270,7 +280,7 @@ def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bo
     SmoothGrad's were lost (its fp16 overflow never seen)."""
     raw = dict(options)
     for name, value in (perf or {}).items():
-        if value is not None and name not in raw and _names(method, name):
+        if value is not None and name not in raw and _names(method, name) and not _bound(method, name):
             raw[name] = value
     if _engine.accepts(method, "reduce"):
         raw["reduce"] = None
@@ -288,6 +298,23 @@ def _names(method: Callable[..., Any], name: str) -> bool:
         return name in inspect.signature(method).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _root(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The function under ``method``'s ``functools.partial`` bindings and decorators."""
+    while isinstance(method, functools.partial):
+        method = method.func
+    return inspect.unwrap(method)
+
+
+def _bound(method: Callable[..., Any], name: str) -> bool:
+    """Whether ``method`` is a ``functools.partial`` (``method_options``' binding too) that binds ``name``: the user's
+    choice for the wrapped method, which SmoothGrad's own keyword does not override."""
+    while isinstance(method, functools.partial):
+        if name in method.keywords:
+            return True
+        method = method.func
+    return False
 
 
 _SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
