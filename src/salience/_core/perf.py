@@ -20,7 +20,9 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   most :data:`ONE_PASS_SIZES`. Where compilation is unavailable or fails, a warning says why and the
   eager path runs.
 - ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward pass under
-  ``torch.autocast`` (meant for CUDA; see docs/performance.md for the tolerance).
+  ``torch.autocast`` (see docs/performance.md for the tolerance): for CUDA, and ``"bf16"`` for a CPU with
+  native bf16 (AMX-BF16, AVX512-BF16: :func:`native_bf16`), best with ``memory_format="channels_last"``; on a CPU
+  without, ``"bf16"`` is slower than fp32 and warns once per process (:mod:`salience._core.cpu`).
 - ``chunks``: ``"memory"`` (default): the largest chunk the budget allows, so a seeded call gives
   the same bits every time; ``"throughput"`` picks the chunk size by measured seconds per item
   (the fastest of :data:`SIZE_SAMPLES` timings per size), within the memory budget (results then
@@ -77,6 +79,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from salience._core.cpu import native_bf16, warn_bf16_without_native
 from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _compile_failed, _compiled,
                                      _compiled_model, _freezing_on, _Frozen, _frozen_gradient, _frozen_model,
                                      _release_graphs, _shared_setting, _store, compile_unavailable, weights_key)
@@ -89,7 +92,8 @@ from salience._core.folding import _described, _folded, _remember_fold, folded_m
 
 __all__ = ["Performance", "Run", "set_performance", "performance", "plain", "current", "resolve", "active",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
-           "own_hooks", "observer", "one_pass", "structure", "ModelCache", "FREEZE", "weights_key", "gradient_call"]
+           "own_hooks", "observer", "one_pass", "structure", "ModelCache", "FREEZE", "weights_key", "gradient_call",
+           "native_bf16"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -430,6 +434,7 @@ class Run:
         self.dtype = _DTYPES.get(self.options.precision)
         self.convolutional = _is_convolutional(model)
         _allocator(self.options, self.device)
+        warn_bf16_without_native(self.options.precision, self.device)
         # Compiled runs share the eager runs' decisions (they measure nothing themselves).
         rec = self.record = _record(model, x, self.options, tag)
         self._item_shape = tuple(x.shape[1:])
