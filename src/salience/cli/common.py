@@ -238,8 +238,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "the passes without gradients (scorecam, occlusion, rise) run a graph compiled with "
                         "inductor's freezing (the weights as constants; compiled again when they change)")
     g.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="fp32 (default), or bf16 / fp16 autocast for the forward pass (for CUDA; maps differ "
-                        "by about 1e-2 relative)")
+                   help="fp32 (default), or bf16 / fp16 autocast for the forward pass (for CUDA, and bf16 on a CPU "
+                        "with AMX-BF16; maps differ by about 1e-2 relative; part of a dataset run's command)")
     g.add_argument("--fold-batchnorm", action="store_true", default=None,
                    help="plain passes run a copy of the model with each BatchNorm folded into the convolution "
                         "before it (the same function: maps equal up to float rounding; faster on CNNs)")
