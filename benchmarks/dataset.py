@@ -3,6 +3,7 @@
     python benchmarks/dataset.py                       # the issue's: 2,000 JPEGs, resnet50 at 224, 5 rounds of 400
     python benchmarks/dataset.py --compile             # also a salience row with compile=True (issue 19)
     python benchmarks/dataset.py --fold-batchnorm      # also a salience row with fold_batchnorm=True
+    python benchmarks/dataset.py --bf16                # also bf16 + channels-last rows: salience's and the bare passes'
     python benchmarks/dataset.py --allocator reuse     # the whole process (bare passes too) under allocator="reuse"
     python benchmarks/dataset.py --n 40 --size 64 --model resnet18 --rounds 1 --out /tmp/ds   # a smoke test
 
@@ -22,6 +23,11 @@ files are alike, saved at 1.25x the input size so that every peer decodes and re
   model, to check for a final softmax). Tables made before this (e.g.
   ``dataset-compile-quiet2.md``) timed these rows on the model as it is: the options did not reach
   a dataset run's vanilla maps then.
+- ``salience+bf16cl`` and ``bare+bf16cl`` (with ``--bf16``): the run with ``precision="bf16",
+  memory_format="channels_last"`` (``salience explain DIR --precision bf16 --memory-format channels_last``), and
+  its floor: the bare passes below on a channels-last copy of the model, the input channels-last, the forward
+  under ``torch.autocast("cpu", torch.bfloat16)`` (what the engine's options do to a pass). On a CPU with AMX-BF16
+  (``lscpu | grep amx``) resnet50's forward + input gradient runs about 2.9x faster so.
 - ``bare``: the floor, no decoding, nothing written: the images already decoded into tensors (not
   timed), then per batch of B one forward and ``torch.autograd.grad`` of the predicted class's score
   w.r.t. the input (what a vanilla map needs).
@@ -104,14 +110,26 @@ def decoded(paths: list[Path], info) -> torch.Tensor:
     return x
 
 
-def run_bare(model: torch.nn.Module, x: torch.Tensor, batch: int) -> None:
+def run_bare(model: torch.nn.Module, x: torch.Tensor, batch: int, bf16: bool = False) -> None:
+    """The floor: per batch a forward and the input gradient of the predicted class's score; ``bf16``: the input
+    channels-last and the forward under bf16 autocast (``model`` a channels-last copy: :func:`bf16_copy`)."""
     device = next(model.parameters()).device
+    layout = torch.channels_last if bf16 else torch.contiguous_format
     for s in range(0, x.shape[0], batch):
-        xi = x[s:s + batch].to(device).detach().clone().requires_grad_(True)
-        out = model(xi)
+        xi = x[s:s + batch].to(device).contiguous(memory_format=layout).detach().requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(xi)
         pred = out.argmax(1)
         (g,) = torch.autograd.grad(out.gather(1, pred[:, None]).sum(), xi)
         g.abs().amax(1).cpu()
+
+
+def bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A channels-last copy of ``model`` for the bf16 bare passes (salience converts the model itself in place for
+    its passes and puts it back)."""
+    import copy
+
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
 class Files(torch.utils.data.Dataset):
@@ -195,6 +213,7 @@ def main(argv=None) -> int:  # long: the options, the rounds and the report in o
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="add a salience row with compile=True")
     ap.add_argument("--fold-batchnorm", action="store_true", help="add a salience row with fold_batchnorm=True")
+    ap.add_argument("--bf16", action="store_true", help="add salience and bare rows with bf16 autocast + channels-last")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU: e.g. --model vit_b_16 --batch 64)")
     ap.add_argument("--model-cpus", default="", help="cores of the model's passes, e.g. 1 (Linux; default: all)")
     ap.add_argument("--decode-cpus", default="", help="cores of the DataLoader workers, e.g. 0 (default: the model's)")
@@ -240,11 +259,21 @@ def main(argv=None) -> int:  # long: the options, the rounds and the report in o
         if args.fold_batchnorm:
             cases["salience+fold"] = lambda r, x: run_salience(model, tmp / "jpegs" / f"block{r}", args.batch,
                                                                args.workers, tmp / "run-folded", fold_batchnorm=True)
+        if args.bf16:
+            cl_model = bf16_copy(model)
+            cases["bare+bf16cl"] = lambda r, x: run_bare(cl_model, x, args.batch, bf16=True)
+            cases["salience+bf16cl"] = lambda r, x: run_salience(model, tmp / "jpegs" / f"block{r}", args.batch,
+                                                                 args.workers, tmp / "run-bf16", precision="bf16",
+                                                                 memory_format="channels_last")
         warm = decoded(blocks[0][:args.batch], info)
         run_bare(model, warm, args.batch)  # warm-up (and, with --compile, the compiled run's first trace below)
         if "salience+compile" in cases:
             run_salience(model, tmp / "jpegs" / "block0", args.batch, args.workers, tmp / "warm-compiled",
                          compile=True)
+        if args.bf16:  # oneDNN's bf16 kernels chosen once, outside the timing
+            run_bare(cl_model, warm, args.batch, bf16=True)
+            run_salience(model, tmp / "jpegs" / "block0", args.batch, args.workers, tmp / "warm-bf16",
+                         precision="bf16", memory_format="channels_last")
         if "salience+fold" in cases:  # the folded copy is made once (cached for the process)
             run_salience(model, tmp / "jpegs" / "block0", args.batch, args.workers, tmp / "warm-folded",
                          fold_batchnorm=True)
@@ -275,6 +304,8 @@ def main(argv=None) -> int:  # long: the options, the rounds and the report in o
                                             "main_thread_on_cpu_s", "main_thread_runnable_waiting_s",
                                             "main_thread_blocked_s"], **use}
     report["cpu_ratio_salience_over_bare_per_round"] = [s[0] / b[0] for s, b in zip(use["salience"], use["bare"])]
+    if args.bf16:
+        report["bf16"] = _bf16_ratios(times, use)
     Path(args.out + ".json").write_text(json.dumps(report, indent=2))
     Path(args.out + ".md").write_text(_markdown(report))
     print(_markdown(report))
@@ -287,7 +318,7 @@ def _report(args, counts, times, loads, skipped) -> dict:
     rounds = range(args.rounds)
     return {
         "config": {k: getattr(args, k) for k in ("model", "n", "size", "batch", "workers", "rounds", "threads",
-                                                 "compile", "fold_batchnorm", "device", "model_cpus", "decode_cpus",
+                                                 "compile", "fold_batchnorm", "bf16", "device", "model_cpus", "decode_cpus",
                                                  "allocator")},
         "command": "python benchmarks/dataset.py " + " ".join(sys.argv[1:]),
         "files_per_round": counts,
@@ -301,6 +332,19 @@ def _report(args, counts, times, loads, skipped) -> dict:
                                             "per_round": [times["salience"][r] / times["captum"][r] for r in rounds]},
         "load_before_after": loads,
     }
+
+
+def _bf16_ratios(times: dict, use: dict) -> dict:
+    """Per round, the bf16 + channels-last rows' time and CPU ratios: the run over its own floor (the bf16 bare
+    passes) and over the fp32 bare passes, and the bare passes' speed-up."""
+    rounds = range(len(times["bare"]))
+    ratio = lambda a, b, t: [t[a][r] / t[b][r] for r in rounds]  # noqa: E731
+    cpu = {k: [u[0] for u in v] for k, v in use.items()}
+    return {"time_salience_bf16cl_over_bare_bf16cl": ratio("salience+bf16cl", "bare+bf16cl", times),
+            "cpu_salience_bf16cl_over_bare_bf16cl": ratio("salience+bf16cl", "bare+bf16cl", cpu),
+            "time_salience_bf16cl_over_bare": ratio("salience+bf16cl", "bare", times),
+            "time_salience_bf16cl_over_salience": ratio("salience+bf16cl", "salience", times),
+            "time_bare_bf16cl_over_bare": ratio("bare+bf16cl", "bare", times)}
 
 
 def _markdown(rep: dict) -> str:
@@ -322,6 +366,8 @@ def _markdown(rep: dict) -> str:
               f"time salience / captum: {c['of_medians']:.3f} (medians); per round "
               + ", ".join(f"{r:.3f}" for r in c["per_round"]), "",
               *_usage_lines(rep),
+              *[f"{k.replace('_', ' ')} per round: " + ", ".join(f"{r:.3f}" for r in v)
+                for k, v in rep.get("bf16", {}).items()], *([""] if rep.get("bf16") else []),
               "load average (1 min) before / after each peer's round: "
               + "; ".join(f"{k}: " + ", ".join(f"{a}/{z}" for a, z in v) for k, v in rep["load_before_after"].items())]
     return "\n".join(lines) + "\n"

@@ -120,9 +120,11 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     an existing run raise, saying what differs, unless ``overwrite``; while a run writes ``out``,
     another one on it raises at once (a lock the system releases when the process ends). ``memory_format``, ``compile``,
     ``precision`` and ``fold_batchnorm``: how the methods' passes run (``None``: the settings of
-    :func:`salience.set_performance`; docs/performance.md), on both engines; they change how the
-    maps are computed, not what, so they are not part of the run's command (a run started without
-    ``compile`` or ``fold_batchnorm`` may be continued with them). SmoothGrad gives image ``i`` the seed
+    :func:`salience.set_performance`; docs/performance.md), on both engines. ``memory_format``, ``compile`` and
+    ``fold_batchnorm`` change how the maps are computed, not what (float rounding), so they are not part of the
+    run's command (a run started without them may be continued with them); ``precision`` is (bf16 / fp16 maps
+    differ from fp32's by up to a tenth of their largest value): a run is continued in the precision it was begun
+    in, another one refused unless ``overwrite``. SmoothGrad gives image ``i`` the seed
     ``(seed * 1_000_003 + i) % 2**63`` (:func:`salience.runs.job.image_seed`), so its map does not
     depend on the batch (docs/datasets.md); ``seed=None`` of SmoothGrad or RISE is the run's seed, drawn
     once when the run begins and kept in its ``run.json``, so a continued run equals an uninterrupted one.
@@ -177,6 +179,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
         "masks": sources.digest(planned.canonical(mask_list)) if mask_list is not None else None,
         "metrics": metric_names, "metric_steps": metric_steps if metric_names else None, "preprocessing": preprocessing_record(info), "map_dtype": map_dtype,
         "shard_size": shard_size, "png": bool(png), "max_pixels": max_pixels,
+        "precision": perf.precision,  # bf16 / fp16 maps differ from fp32's beyond rounding: one precision a run
         "inputs": {"count": len(paths), "digest": sources.digest(planned.canonical(paths)), "form": "absolute"},
         **({"per_image_seeds": seeded} if (seeded := job.per_image_seeds(fns)) else {}),
     }
