@@ -2,8 +2,8 @@
 
 :func:`load_image` reads one file into a ``(3, H, W)`` float tensor in ``[0, 1]``,
 refusing (before decoding) an image larger than ``max_pixels``, and converting every mode PIL
-knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``, and 16-bit colour PNGs, which
-PIL cuts to 8 bits: read again for the low bytes, :data:`_PNG16_REST`) are scaled by
+knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``, and 16-bit PNGs, whose colour ones
+PIL cuts to 8 bits: decoded by :mod:`salience.loading.png`) are scaled by
 ``1/65535`` (signed 16-bit TIFFs by ``1/32767``; 32-bit integer ones only when their values fit in 16 bits),
 float images (``F``) taken as they are when in ``[0, 1]`` (else refused), CMYK / YCbCr / palette images go through PIL's conversion, and transparent images
 (RGBA, LA, palette with transparency) are **composited on white** (a transparent background
@@ -31,6 +31,7 @@ from torch import Tensor
 from salience._core.errors import SalienceError, quiet_warnings
 from salience._core.files import file_start
 from salience._core.info import ModelInfo
+from salience.loading.png import decode_png16, is_png16
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -132,7 +133,10 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     if data is None and p.is_dir():
         raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
     if data is None:
-        data = _pipe_bytes(p)  # a pipe gives its bytes once; a 16-bit PNG is read twice (_png16_rest)
+        data = _pipe_bytes(p)  # a pipe gives its bytes once
+    png16 = is_png16(bytes(data[:25]) if data is not None else file_start(p, 25))
+    if png16 and data is None:  # decoded here (salience.loading.png) from the bytes Pillow read the header from
+        data = _file_bytes(p)
     try:
         # We check the size ourselves (below) against max_pixels; PIL's own bomb check would
         # otherwise refuse or warn on its own, different limit.
@@ -159,11 +163,12 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
             raise SalienceError(f"{p}: the image is empty ({w}x{h})")
         try:
             with _without_pils_bomb_limit(), quiet_warnings():
-                raw = _png16_rawmode(img)
-                img.load()
-                top = _integer_top(img)  # before exif_transpose, whose copy has no TIFF tags
-                img = ImageOps.exif_transpose(img) or img
-                rest = _png16_rest(Image.open(p if data is None else io.BytesIO(data)), raw, (w, h)) if raw else None
+                if png16:
+                    samples = _png16_samples(data)
+                else:
+                    img.load()
+                    top = _integer_top(img)  # before exif_transpose, whose copy has no TIFF tags
+                    img = ImageOps.exif_transpose(img) or img
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error ...
@@ -171,17 +176,25 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
                 f"{p}: corrupt or truncated {img.format or 'image'} file ({e}); re-export or re-download it"
             ) from None
         try:
-            return _png16_tensor(img, rest, raw) if rest is not None else _to_rgb_tensor(img, top)
+            return _png16_tensor(samples) if png16 else _to_rgb_tensor(img, top)
         except SalienceError as e:
             raise SalienceError(f"{p}: {e}") from None
 
 
 def _pipe_bytes(p: Path) -> Optional[bytes]:
     """The bytes of ``p`` when it is a pipe (bash's ``<(curl ...)``, a named pipe), read whole, as PIL reads a stream it
-    cannot seek; ``None`` for any other file, which is opened where it is (twice for a 16-bit colour PNG,
-    :func:`_png16_rest`: a pipe would be empty, or wait for ever, the second time)."""
+    cannot seek (a second look at its first bytes, :func:`_unidentified`, would wait for ever); ``None`` for any other
+    file, which is opened where it is."""
     try:
         return p.read_bytes() if stat.S_ISFIFO(p.stat().st_mode) else None
+    except OSError as e:
+        raise SalienceError(f"{p}: cannot be read ({e.strerror or e})") from None
+
+
+def _file_bytes(p: Path) -> bytes:
+    """The bytes of the file ``p`` (a 16-bit PNG, decoded from them); one that cannot be read says so."""
+    try:
+        return p.read_bytes()
     except OSError as e:
         raise SalienceError(f"{p}: cannot be read ({e.strerror or e})") from None
 
@@ -196,51 +209,34 @@ def _unidentified(p: Any, data: Optional[bytes]) -> SalienceError:
                          "check that the file is an image and not empty or truncated")
 
 
-_PNG16_REST = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}
-"""PIL's raw modes of 16-bit colour PNGs (RGB, RGBA, gray + alpha), which it decodes to their samples' high bytes,
--> the raw mode of the same bits per pixel that reads what it drops: the low bytes (``;16L`` on big-endian
-samples), or every byte of a gray + alpha pixel (as the four channels of ``RGBA``). PIL's decoder unfilters the
-scanlines by the bits per pixel of the raw mode, the same in both."""
+_ORIENTED = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+             5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+             8: lambda a: np.rot90(a, 1)}
+"""EXIF orientation -> the turn of an ``(H, W, C)`` array that shows it upright, as ``PIL.ImageOps.exif_transpose``
+turns an image (6: 90 degrees clockwise; 5 and 7: the transposes)."""
 
 
-def _png16_rawmode(img) -> Optional[str]:
-    """The raw mode of ``img``, an opened image not yet loaded, when it is a 16-bit colour PNG; else ``None``."""
-    tile = getattr(img, "tile", None) or []
-    if img.format != "PNG" or len(tile) != 1:
-        return None
-    raw = tile[0][3]
-    raw = raw[0] if isinstance(raw, tuple) and raw else raw
-    return raw if isinstance(raw, str) and raw in _PNG16_REST else None
+def _png16_samples(data: bytes) -> np.ndarray:
+    """A 16-bit PNG's samples, ``(H, W, C)`` uint16 (:func:`salience.loading.png.decode_png16`: Pillow cuts colour
+    ones to 8 bits), turned upright as its ``eXIf`` chunk's orientation says."""
+    from PIL import Image
+
+    samples, exif = decode_png16(bytes(data))
+    if exif is None:
+        return samples
+    tags = Image.Exif()
+    tags.load(exif if exif.startswith(b"Exif") else b"Exif\x00\x00" + exif)
+    turn = _ORIENTED.get(tags.get(0x0112, 1))
+    return samples if turn is None else turn(samples)
 
 
-def _png16_rest(img, raw: str, size: tuple[int, int]):
-    """The 16-bit PNG ``img`` (opened again, not loaded) decoded with the raw mode that keeps what PIL's own drops
-    (:data:`_PNG16_REST`), its EXIF orientation applied; ``raw`` and ``size``: the first opening's (a file replaced
-    in between is an ``OSError``, not high bytes of one image joined to low bytes of another of another size)."""
-    from PIL import ImageOps
-
-    with img:
-        if _png16_rawmode(img) != raw or img.size != size:
-            raise OSError("the file changed while it was read; read it again")
-        t = img.tile[0]
-        rest = _PNG16_REST[raw]
-        img.tile = [t._replace(args=rest) if hasattr(t, "_replace") else (t[0], t[1], t[2], rest)]
-        img.load()
-        if img.getexif().get(0x0112, 1) == 1:  # no turn: no copy (the loaded pixels stay when the file closes)
-            return img
-        return ImageOps.exif_transpose(img)
-
-
-def _png16_tensor(high, rest, raw: str) -> Tensor:
-    """A 16-bit colour PNG as ``(3, H, W)`` float32 in ``[0, 1]``: its samples ``/ 65535``, from PIL's high bytes and
-    ``rest`` (:func:`_png16_rest`); alpha composited on white, as 8-bit images are."""
-    b = np.asarray(rest, dtype=np.uint16)
-    if raw == "LA;16B":  # gray, alpha: each sample's two bytes
-        v = (b[..., 0::2] << 8 | b[..., 1::2])[..., [0, 0, 0, 1]]
-    else:
-        v = np.asarray(high, dtype=np.uint16) << 8 | b
-    a = torch.from_numpy(v.astype(np.float32)).permute(2, 0, 1).div_(65535.0)  # correctly rounded: as in float64
-    if a.shape[0] == 4:
+def _png16_tensor(samples: np.ndarray) -> Tensor:
+    """A 16-bit PNG's samples ``(H, W, C)`` as ``(3, H, W)`` float32 in ``[0, 1]``: ``/ 65535``, gray repeated over
+    three channels, alpha (the last of 2 or 4) composited on white, as 8-bit images are."""
+    c = samples.shape[-1]
+    v = samples[..., [0, 0, 0, 1][:4 if c == 2 else 3] if c < 3 else slice(None)]
+    a = torch.from_numpy(np.ascontiguousarray(v).astype(np.float32)).permute(2, 0, 1).div_(65535.0)
+    if a.shape[0] == 4:  # (correctly rounded: as in float64)
         alpha = a[3:]
         a = a[:3].mul_(alpha).add_(1.0 - alpha)
     return a.contiguous()
