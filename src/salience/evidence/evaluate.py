@@ -49,7 +49,7 @@ from salience.evidence.robustness import max_sensitivity
 from salience.evidence.sanity import data_randomization, random_logit, randomization
 from salience.evidence.compare import SIMILARITIES
 from salience.loading import load_image, normalize_input, resize_crop
-from salience.loading.images import keep_flat
+from salience.loading.images import keep_flat, mask_values
 from salience.methods import METHODS, default_methods
 from salience.methods.options import check_bound_values, show_default, with_options
 from salience.render import plots, viz
@@ -476,8 +476,9 @@ def _pictures(files: Sequence[Path], info: ModelInfo) -> Tensor:
 
 def _mask(path: Path, info: ModelInfo, size: tuple[int, int]) -> Tensor:
     """A mask file as bool ``(h, w)``: resized and cropped like its image (nearest), set where its
-    brightest channel is at least half its maximum."""
-    mk = resize_crop(load_image(path).amax(0, keepdim=True), info)
+    brightest channel (its alpha, if it has transparency: :func:`~salience.loading.images.mask_values`) is at
+    least half its maximum."""
+    mk = resize_crop(mask_values(path), info)
     if tuple(mk.shape[-2:]) != size:
         mk = F.interpolate(mk[None], size=size, mode="nearest")[0]
     mk = mk[0]

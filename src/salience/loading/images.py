@@ -6,8 +6,8 @@ knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``
 PIL cuts to 8 bits: decoded by :mod:`salience.loading.png`) are scaled by
 ``1/65535`` (signed 16-bit TIFFs by ``1/32767``; 32-bit integer ones only when their values fit in 16 bits),
 float images (``F``) taken as they are when in ``[0, 1]`` (else refused), CMYK / YCbCr / palette images go through PIL's conversion, and transparent images
-(RGBA, LA, palette with transparency) are **composited on white** (a transparent background
-reads as paper, not as black). :func:`preprocess` applies a model's
+(RGBA, LA, palette with transparency, a gray or RGB PNG's ``tRNS`` key colour) are **composited on white** (a
+transparent background reads as paper, not as black; a mask file's alpha is its mask, :func:`mask_values`). :func:`preprocess` applies a model's
 :class:`~salience._core.info.ModelInfo` (resize + centre crop, mean/std); :func:`load_images`
 does both for a list of files and keeps going past bad ones.
 """
@@ -31,7 +31,7 @@ from torch import Tensor
 from salience._core.errors import SalienceError, quiet_warnings
 from salience._core.files import file_start
 from salience._core.info import ModelInfo
-from salience.loading.png import decode_png16, is_png16
+from salience.loading.png import SIGNATURE, decode_png16, is_png16
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -118,8 +118,26 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     ``[0, 1]`` as torchvision and scikit-image take a float image; one outside it is refused (its range is its own).
     Raises :class:`SalienceError` with one line for a missing, unreadable, corrupt or truncated
     file, or an image over the limit. ``data``: the file's bytes, already read (an object from
-    storage, :mod:`salience.loading.remote`); ``path`` then only names it in messages.
+    storage, :mod:`salience.loading.remote`); ``path`` then only names it in messages. A gray or RGB PNG's
+    ``tRNS`` key colour is transparent (composited on white) like any other transparency.
     """
+    return _load(path, max_pixels, data, alpha=False)
+
+
+def mask_values(path: PathLike) -> Tensor:
+    """A mask file as ``(1, H, W)`` float32 in ``[0, 1]``, which its reader thresholds at half its maximum: its
+    alpha where it has transparency (an alpha channel below opaque somewhere, a PNG's ``tRNS`` key colour, a
+    palette's transparent entries), so a transparent pixel is off and an opaque one on whatever its colour (a
+    cut-out of the object, a coloured overlay); else its brightest channel (white-on-black masks, 0/1 label images,
+    coloured label images). Composited on white, a transparent background read as the object."""
+    x = _load(path, DEFAULT_MAX_PIXELS, None, alpha=True)
+    if x.shape[0] == 4 and bool((x[3] < 1).any()):
+        return x[3:].contiguous()
+    return x[:3].amax(0, keepdim=True)
+
+
+def _load(path: PathLike, max_pixels: Any, data: Any, alpha: bool) -> Tensor:
+    """:func:`load_image`; ``alpha``: a transparent image as RGBA ``(4, H, W)``, not composited."""
     import io
 
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -134,7 +152,8 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
         raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
     if data is None:
         data = _pipe_bytes(p)  # a pipe gives its bytes once
-    png16 = is_png16(bytes(data[:25]) if data is not None else file_start(p, 25))
+    head = bytes(data[:26]) if data is not None else file_start(p, 26)
+    png16 = is_png16(head)
     if png16 and data is None:  # decoded here (salience.loading.png) from the bytes Pillow read the header from
         data = _file_bytes(p)
     try:
@@ -151,16 +170,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     except Exception as e:  # noqa: BLE001 - PIL's plugins raise many types on a foreign file
         raise SalienceError(f"{p}: cannot be read as an image ({type(e).__name__}: {e})") from None
     with img:
-        w, h = img.size
-        if max_pixels is not None and w * h > max_pixels:
-            size = f"{w * h / 1e6:.1f} megapixels" if w * h >= 50_000 else f"{w * h} pixels"  # not "0.0 megapixels"
-            small = f" ({max_pixels} pixels)" if max_pixels < 50_000 else ""
-            raise SalienceError(
-                f"{p}: {w}x{h} = {size} is over the limit of {max_pixels / 1e6:g} megapixels{small}; shrink the "
-                "image, or raise the limit (--max-pixels / max_pixels=) if you have the memory"
-            )
-        if w == 0 or h == 0:
-            raise SalienceError(f"{p}: the image is empty ({w}x{h})")
+        _check_sides(p, img.size, max_pixels)
         try:
             with _without_pils_bomb_limit(), quiet_warnings():
                 if png16:
@@ -168,6 +178,7 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
                 else:
                     img.load()
                     top = _integer_top(img)  # before exif_transpose, whose copy has no TIFF tags
+                    _scale_gray_key(img, head)
                     img = ImageOps.exif_transpose(img) or img
         except MemoryError:
             raise
@@ -176,9 +187,23 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
                 f"{p}: corrupt or truncated {img.format or 'image'} file ({e}); re-export or re-download it"
             ) from None
         try:
-            return _png16_tensor(samples) if png16 else _to_rgb_tensor(img, top)
+            return _png16_tensor(samples, alpha) if png16 else _to_rgb_tensor(img, top, alpha)
         except SalienceError as e:
             raise SalienceError(f"{p}: {e}") from None
+
+
+def _check_sides(p: Any, sides: tuple[int, int], max_pixels: Optional[int]) -> None:
+    """An image of ``sides`` (width, height, from its header) over ``max_pixels`` or empty is refused."""
+    w, h = sides
+    if max_pixels is not None and w * h > max_pixels:
+        size = f"{w * h / 1e6:.1f} megapixels" if w * h >= 50_000 else f"{w * h} pixels"  # not "0.0 megapixels"
+        small = f" ({max_pixels} pixels)" if max_pixels < 50_000 else ""
+        raise SalienceError(
+            f"{p}: {w}x{h} = {size} is over the limit of {max_pixels / 1e6:g} megapixels{small}; shrink the "
+            "image, or raise the limit (--max-pixels / max_pixels=) if you have the memory"
+        )
+    if w == 0 or h == 0:
+        raise SalienceError(f"{p}: the image is empty ({w}x{h})")
 
 
 def _pipe_bytes(p: Path) -> Optional[bytes]:
@@ -230,15 +255,28 @@ def _png16_samples(data: bytes) -> np.ndarray:
     return samples if turn is None else turn(samples)
 
 
-def _png16_tensor(samples: np.ndarray) -> Tensor:
+def _scale_gray_key(img, head: bytes) -> None:
+    """A 2- or 4-bit gray PNG's ``tRNS`` key in ``img.info`` scaled as Pillow scales its samples to 8 bits (x 85,
+    x 17): Pillow keeps the file's number (key 1 of a 2-bit image: no pixel of value 85 made transparent). A key
+    no sample can have is dropped."""
+    key = img.info.get("transparency")
+    if head[:8] != SIGNATURE or len(head) < 26 or head[25] != 0 or head[24] not in (2, 4) or not isinstance(key, int):
+        return
+    top = 2 ** head[24] - 1
+    if 0 <= key <= top:
+        img.info["transparency"] = key * (255 // top)
+    else:
+        del img.info["transparency"]
+
+
+def _png16_tensor(samples: np.ndarray, alpha: bool = False) -> Tensor:
     """A 16-bit PNG's samples ``(H, W, C)`` as ``(3, H, W)`` float32 in ``[0, 1]``: ``/ 65535``, gray repeated over
-    three channels, alpha (the last of 2 or 4) composited on white, as 8-bit images are."""
+    three channels, alpha (the last of 2 or 4) composited on white, as 8-bit images are (``alpha``: kept, RGBA)."""
     c = samples.shape[-1]
     v = samples[..., [0, 0, 0, 1][:4 if c == 2 else 3] if c < 3 else slice(None)]
     a = torch.from_numpy(np.ascontiguousarray(v).astype(np.float32)).permute(2, 0, 1).div_(65535.0)
-    if a.shape[0] == 4:  # (correctly rounded: as in float64)
-        alpha = a[3:]
-        a = a[:3].mul_(alpha).add_(1.0 - alpha)
+    if a.shape[0] == 4 and not alpha:  # (correctly rounded: as in float64)
+        a = a[:3].mul_(a[3:]).add_(1.0 - a[3:])
     return a.contiguous()
 
 
@@ -304,20 +342,23 @@ def _unit_floats(a: np.ndarray) -> np.ndarray:
     return np.clip(a, 0.0, 1.0).astype(np.float32)
 
 
-def _to_rgb_tensor(img, top: int = 65535) -> Tensor:
+def _to_rgb_tensor(img, top: int = 65535, alpha: bool = False) -> Tensor:
     """A PIL image of any mode -> ``(3, H, W)`` float32 in ``[0, 1]`` (``top``: white in ``I`` / ``I;16`` samples,
-    :func:`_integer_top`)."""
+    :func:`_integer_top`); a transparent one composited on white (``alpha``: ``(4, H, W)`` RGBA, not composited).
+    A palette's transparent entries and a gray or RGB image's key colour (a PNG's ``tRNS``) are transparency."""
     from PIL import Image
 
     mode = img.mode
     if mode.startswith("I;16") or mode == "I" or mode == "F":
         a = _unit_floats(np.asarray(img, dtype=np.float32)) if mode == "F" else _scaled_integers(np.asarray(img), top)
         return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0).repeat(3, 1, 1)
-    if mode == "P" and "transparency" in img.info:
+    if mode in ("P", "1", "L", "RGB") and "transparency" in img.info:
         img = img.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
+        if alpha:
+            return torch.from_numpy(np.array(rgba, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
     rgb = img.convert("RGB")

@@ -2,7 +2,7 @@
 
 Pillow cuts 16-bit RGB, RGBA and gray + alpha PNGs to their high bytes; salience read the low ones by swapping the
 raw mode in Pillow's ``img.tile``, a detail that changes between Pillow versions. :func:`decode_png16` parses the
-chunks itself (``IHDR``, ``eXIf``, the ``IDAT`` chunks joined, each chunk's CRC checked), inflates the data and
+chunks itself (``IHDR``, ``tRNS``, ``eXIf``, the ``IDAT`` chunks joined, each chunk's CRC checked), inflates the data and
 undoes the five scanline filters (None, Sub, Up, Average, Paeth) with numpy, Adam7 interlacing included. Average
 and Paeth predict a byte from the one to its left, decoded just before, so the rows of an image using them are
 decoded along anti-diagonals (every pixel of one depends only on the two before it): ``H + W`` numpy steps, each
@@ -29,8 +29,8 @@ def is_png16(head: bytes) -> bool:
 
 
 def _chunks(data: bytes) -> dict:
-    """The chunks :func:`decode_png16` needs: ``IHDR``'s and ``eXIf``'s bodies, the ``IDAT`` bodies joined. Each
-    chunk's CRC is checked; a chunk running past the end is a truncated file (``ValueError``)."""
+    """The chunks :func:`decode_png16` needs: ``IHDR``'s, ``tRNS``'s and ``eXIf``'s bodies, the ``IDAT`` bodies
+    joined. Each chunk's CRC is checked; a chunk running past the end is a truncated file (``ValueError``)."""
     view, pos, found, idat = memoryview(data), 8, {}, []
     while pos + 8 <= len(data):
         n, kind = struct.unpack(">I4s", view[pos:pos + 8])
@@ -41,7 +41,7 @@ def _chunks(data: bytes) -> dict:
             raise ValueError(f"its {kind.decode('latin-1')!r} chunk fails its CRC check")
         if kind == b"IDAT":
             idat.append(body)
-        elif kind in (b"IHDR", b"eXIf"):
+        elif kind in (b"IHDR", b"tRNS", b"eXIf"):
             found.setdefault(kind, bytes(body))
         elif kind == b"IEND":
             break
@@ -61,7 +61,8 @@ def _passes(w: int, h: int, interlace: int) -> list:
 
 def decode_png16(data: bytes) -> tuple[np.ndarray, Optional[bytes]]:
     """A 16-bit PNG's samples, ``(H, W, C)`` uint16: C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; and its ``eXIf``
-    chunk's body (``None`` without one). A corrupt or truncated file is a ``ValueError``
+    chunk's body (``None`` without one). A gray or RGB image whose ``tRNS`` chunk names a key colour gets an alpha
+    channel: 0 on the pixels of that colour, 65535 on the others. A corrupt or truncated file is a ``ValueError``
     saying what is wrong."""
     found = _chunks(data)
     w, h, depth, colour, method, filt, interlace = struct.unpack(">IIBBBBB", found[b"IHDR"])
@@ -83,7 +84,19 @@ def decode_png16(data: bytes) -> tuple[np.ndarray, Optional[bytes]]:
         rows = unfilter(flat[at:at + ph * (pw * 2 * c + 1)].reshape(ph, pw * 2 * c + 1), 2 * c)
         out[y0::dy, x0::dx] = rows.view(">u2").reshape(ph, pw, c)
         at += ph * (pw * 2 * c + 1)
-    return out, found.get(b"eXIf")
+    key = _key(found.get(b"tRNS"), colour)
+    if key is None:
+        return out, found.get(b"eXIf")
+    alpha = np.where((out == key).all(-1, keepdims=True), np.uint16(0), np.uint16(65535))
+    return np.concatenate([out, alpha], -1), found.get(b"eXIf")
+
+
+def _key(trns: Optional[bytes], colour: int) -> Optional[np.ndarray]:
+    """The key colour a gray (2 bytes) or RGB (6 bytes) image's ``tRNS`` chunk names, as uint16; else ``None``
+    (images with alpha have no ``tRNS``; one of another length is ignored, as libpng ignores it)."""
+    if trns is None or colour not in (0, 2) or len(trns) != 2 * _CHANNELS[colour]:
+        return None
+    return np.frombuffer(trns, ">u2").astype(np.uint16)
 
 
 def unfilter(lines: np.ndarray, bpp: int) -> np.ndarray:
