@@ -38,7 +38,8 @@ from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress as _progress
 from salience._core.tensors import check_flag, check_int, model_device
 from salience.demo import data
-from salience.evidence._checks import MethodLike, check_masks, check_seed, image_seeds, method_maps, resolve_method
+from salience.evidence._checks import (MethodLike, check_count, check_masks, check_seed, image_seeds, method_maps,
+                                      resolve_method)
 from salience.evidence.baselines import center_maps, random_maps, sobel_edges, spectral_residual
 from salience.evidence.complexity import complexity, sparseness
 from salience.evidence.faithfulness import (ProbabilityLike, auc, check_probability, deletion_curves,
@@ -160,7 +161,7 @@ def _check_classifier(model: nn.Module) -> None:
 def _check_options(steps: int, randomization_images: int, batch_size: int, seed: int, **flags: bool) -> None:
     """An evaluation's options, checked before any work: a bad one was each row's error, found after every
     method's maps (``batch_size=0`` a raw ``ValueError``; ``randomization_images=0`` "x is an empty batch")."""
-    check_int(steps, "steps", minimum=1)
+    check_count(steps, "steps", 1, "a pass of the model each, the deletion / insertion curves' points less one")
     check_int(randomization_images, "randomization_images", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
     check_seed(seed)
