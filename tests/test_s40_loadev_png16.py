@@ -81,10 +81,11 @@ def test_odd_sides_mixed_filters_and_adam7(tmp_path, h, w, interlace):
 
 
 @pytest.mark.parametrize("bpp", [1, 2, 3, 6, 8])
-def test_unfilter_is_the_specifications_byte_rule(bpp):
+@pytest.mark.parametrize("h, w", [(7, 5), (50, 2), (3, 40), (40, 17)])
+def test_unfilter_is_the_specifications_byte_rule(bpp, h, w):
     """Random filtered bytes and filter types: each byte is the filtered byte plus its predictor, mod 256, from the
-    decoded bytes to its left and above (the rule, byte by byte)."""
-    h, w = 7, 5
+    decoded bytes to its left and above (the rule, byte by byte). Tall images are decoded in bands of rows, each
+    band's first row predicted from the last of the band before."""
     lines = RNG.integers(0, 256, (h, 1 + w * bpp), dtype=np.uint8)
     lines[:, 0] = RNG.integers(0, 5, h)
     out, prior = [], bytes(w * bpp)

@@ -5,8 +5,8 @@ raw mode in Pillow's ``img.tile``, a detail that changes between Pillow versions
 chunks itself (``IHDR``, ``tRNS``, ``eXIf``, the ``IDAT`` chunks joined, each chunk's CRC checked), inflates the data and
 undoes the five scanline filters (None, Sub, Up, Average, Paeth) with numpy, Adam7 interlacing included. Average
 and Paeth predict a byte from the one to its left, decoded just before, so the rows of an image using them are
-decoded along anti-diagonals (every pixel of one depends only on the two before it): ``H + W`` numpy steps, each
-across every row at once, instead of ``H x W`` pixel steps."""
+decoded along anti-diagonals (every pixel of one depends only on the two before it), in bands of at most 1024 rows:
+``band + W`` numpy steps a band, each across the band's rows at once, instead of ``band x W`` pixel steps."""
 from __future__ import annotations
 
 import struct
@@ -105,8 +105,12 @@ def unfilter(lines: np.ndarray, bpp: int) -> np.ndarray:
     kinds, f = lines[:, 0], lines[:, 1:]
     if kinds.size and int(kinds.max()) > 4:
         raise ValueError(f"a scanline of filter type {int(kinds.max())} (PNG has 0 to 4)")
-    if np.isin(kinds, (3, 4)).any():
-        return _unfilter_diagonals(f, kinds, bpp)
+    if np.isin(kinds, (3, 4)).any():  # in bands of at most 1024 rows (16 at least): skewed arrays of (band + W) x band
+        out, prior, band = np.empty_like(f), np.zeros(f.shape[1], np.uint8), max(16, min(f.shape[1] // bpp, 1024))
+        for y in range(0, f.shape[0], band):  # pixels, 3 bytes each, not (H + W) x H (a 50,000,000 x 1 image)
+            out[y:y + band] = _unfilter_diagonals(f[y:y + band], kinds[y:y + band], bpp, prior)
+            prior = out[min(y + band, f.shape[0]) - 1]
+        return out
     out, prior = np.empty_like(f), np.zeros(f.shape[1], np.uint8)
     for y, kind in enumerate(kinds.tolist()):
         if kind == 1:  # Sub: each byte plus the decoded one bpp to its left, a running sum mod 256 per channel
@@ -125,14 +129,16 @@ def _skewed(a: np.ndarray) -> np.ndarray:
                       strides=(s0 + s1, s0, s2), writeable=True)
 
 
-def _unfilter_diagonals(f: np.ndarray, kinds: np.ndarray, bpp: int) -> np.ndarray:
+def _unfilter_diagonals(f: np.ndarray, kinds: np.ndarray, bpp: int, prior: np.ndarray) -> np.ndarray:
     """:func:`unfilter` of scanlines some of which are Average or Paeth, one anti-diagonal of pixels at a time (a
-    pixel's left, upper and upper-left neighbours lie on the two diagonals before it); place 0 of each diagonal and
-    place y + 1 of diagonal y stay 0: the bytes above the image's first row and left of its first column."""
+    pixel's left, upper and upper-left neighbours lie on the two diagonals before it); ``prior``: the decoded row
+    above the first (zeros above the image). Place 0 of the diagonals holds ``prior``; place y + 1 of diagonal y
+    stays 0: the bytes left of the first column."""
     h, w = f.shape[0], f.shape[1] // bpp
-    sk = np.zeros((h + w, h + 1, bpp), np.int16)
+    sk = np.zeros((h + w, h + 1, bpp), np.uint8)
     _skewed(sk)[...] = f.reshape(h, w, bpp)
-    d = np.zeros_like(sk)
+    d = np.zeros(sk.shape, np.int16)
+    d[:w, 0] = prior.reshape(w, bpp)
     kind = np.concatenate([[0], kinds]).astype(np.int16)[:, None]
     for col in range(1, h + w):
         lo, hi = max(1, col - w + 1), min(h, col) + 1
