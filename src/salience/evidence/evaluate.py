@@ -502,7 +502,8 @@ def _folder_inputs_and_files(model: nn.Module, images: PathLike, masks: Optional
 
     A mask is the file in ``masks`` with the image's stem (``cat.jpg`` <-> ``cat.png``), resized
     and cropped like the image, and set where its brightest channel is at least half the mask's
-    maximum (so white-on-black, 0/1 label images and coloured label images all work). Any image
+    maximum (so white-on-black, 0/1 label images and coloured label images all work; a mask with transparency
+    where it is at least half opaque, :func:`~salience.loading.images.mask_values`). Any image
     without a mask, or any unreadable file, is an error: an evaluation that silently drops images
     is not the evaluation the user asked for. Each file is decoded once.
     """
@@ -709,7 +710,7 @@ def _mask_check(where: Sequence[int], mask_files: Optional[Sequence[PathLike]],
         else:
             named = _first([repr(str(f)) for f in files])
         return (f" Check the mask file{s} {named}: the object is where its brightest channel is "
-                "at least half its maximum")
+                "at least half its maximum (in a file with transparency: where it is at least half opaque)")
     indices = _first([str(i) for i in where])
     if demo_masks is not None:
         return (" These are the demo's generated masks, not files: image "
