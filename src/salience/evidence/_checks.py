@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salience._core.autograd import predicted_classes
+from salience._core.engine import MAX_PASSES, check_passes
 from salience._core.errors import SalienceError
 from salience._core.info import max_batch
 from salience._core.tensors import check_int
@@ -107,6 +108,17 @@ def image_seeds(x: Tensor, seed: int = 0, stream: int = 0) -> list[int]:
     if stream >= 2 ** 64:
         raise SalienceError(f"stream must be below 2**64 (8 bytes of the key), got {stream}")
     return [keyed_seed(s, k, stream) for k in image_keys(x)]
+
+
+def check_count(value: object, name: str, minimum: int, what: str) -> int:
+    """A metric's count of passes of the model over each image (deletion / insertion ``steps``, faithfulness
+    correlation's ``subsets``, max-sensitivity's ``samples``, ROAD's fractions) as an int from ``minimum`` to
+    :data:`~salience._core.engine.MAX_PASSES`, else a :class:`SalienceError` before anything is built or run: a bool,
+    a float or a string is no count, and ``10**12`` ran for ever (or asked for terabytes) without a word. ``what``:
+    what one is, said in both messages."""
+    n = check_int(value, name, minimum=minimum, what=what)
+    check_passes(n, f"{name}={n:,} is", f"give at most {MAX_PASSES:,} ({what})")
+    return n
 
 
 def check_masks(masks: Tensor, maps: Tensor) -> Tensor:

@@ -38,7 +38,8 @@ from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress as _progress
 from salience._core.tensors import check_flag, check_int, model_device
 from salience.demo import data
-from salience.evidence._checks import MethodLike, check_masks, check_seed, image_seeds, method_maps, resolve_method
+from salience.evidence._checks import (MethodLike, check_count, check_masks, check_seed, image_seeds, method_maps,
+                                      resolve_method)
 from salience.evidence.baselines import center_maps, random_maps, sobel_edges, spectral_residual
 from salience.evidence.complexity import complexity, sparseness
 from salience.evidence.faithfulness import (ProbabilityLike, auc, check_probability, deletion_curves,
@@ -49,7 +50,7 @@ from salience.evidence.robustness import max_sensitivity
 from salience.evidence.sanity import data_randomization, random_logit, randomization
 from salience.evidence.compare import SIMILARITIES
 from salience.loading import load_image, normalize_input, resize_crop
-from salience.loading.images import keep_flat
+from salience.loading.images import keep_flat, mask_values
 from salience.methods import METHODS, default_methods
 from salience.methods.options import check_bound_values, show_default, with_options
 from salience.render import plots, viz
@@ -160,7 +161,7 @@ def _check_classifier(model: nn.Module) -> None:
 def _check_options(steps: int, randomization_images: int, batch_size: int, seed: int, **flags: bool) -> None:
     """An evaluation's options, checked before any work: a bad one was each row's error, found after every
     method's maps (``batch_size=0`` a raw ``ValueError``; ``randomization_images=0`` "x is an empty batch")."""
-    check_int(steps, "steps", minimum=1)
+    check_count(steps, "steps", 1, "a pass of the model each, the deletion / insertion curves' points less one")
     check_int(randomization_images, "randomization_images", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
     check_seed(seed)
@@ -476,8 +477,9 @@ def _pictures(files: Sequence[Path], info: ModelInfo) -> Tensor:
 
 def _mask(path: Path, info: ModelInfo, size: tuple[int, int]) -> Tensor:
     """A mask file as bool ``(h, w)``: resized and cropped like its image (nearest), set where its
-    brightest channel is at least half its maximum."""
-    mk = resize_crop(load_image(path).amax(0, keepdim=True), info)
+    brightest channel (its alpha, if it has transparency: :func:`~salience.loading.images.mask_values`) is at
+    least half its maximum."""
+    mk = resize_crop(mask_values(path), info)
     if tuple(mk.shape[-2:]) != size:
         mk = F.interpolate(mk[None], size=size, mode="nearest")[0]
     mk = mk[0]
@@ -500,7 +502,8 @@ def _folder_inputs_and_files(model: nn.Module, images: PathLike, masks: Optional
 
     A mask is the file in ``masks`` with the image's stem (``cat.jpg`` <-> ``cat.png``), resized
     and cropped like the image, and set where its brightest channel is at least half the mask's
-    maximum (so white-on-black, 0/1 label images and coloured label images all work). Any image
+    maximum (so white-on-black, 0/1 label images and coloured label images all work; a mask with transparency
+    where it is at least half opaque, :func:`~salience.loading.images.mask_values`). Any image
     without a mask, or any unreadable file, is an error: an evaluation that silently drops images
     is not the evaluation the user asked for. Each file is decoded once.
     """
@@ -707,7 +710,7 @@ def _mask_check(where: Sequence[int], mask_files: Optional[Sequence[PathLike]],
         else:
             named = _first([repr(str(f)) for f in files])
         return (f" Check the mask file{s} {named}: the object is where its brightest channel is "
-                "at least half its maximum")
+                "at least half its maximum (in a file with transparency: where it is at least half opaque)")
     indices = _first([str(i) for i in where])
     if demo_masks is not None:
         return (" These are the demo's generated masks, not files: image "

@@ -26,7 +26,7 @@ from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import max_batch
 from salience._core.tensors import check_int, check_number, gaussian_blur
-from salience.evidence._checks import check_finite, check_maps, check_seed, image_seeds
+from salience.evidence._checks import check_count, check_finite, check_maps, check_seed, image_seeds
 from salience.targets import Classes, MultiLabel, Predicted, Target, TargetLike, as_target
 
 __all__ = ["deletion", "insertion", "deletion_curves", "insertion_curves", "auc", "faithfulness_correlation",
@@ -246,11 +246,12 @@ def image_names(names: Sequence[int]) -> Iterator[None]:
 def _curves(model: nn.Module, x: Tensor, maps: Tensor, target: TargetLike, *, insert: bool,
             opts: _Options) -> Tensor:
     """The one implementation behind the four public functions: ``(B, min(steps, H*W) + 1)`` scores."""
+    steps = check_count(opts.steps, "steps", 1, "a pass of the model each, the curve's points less one")
     maps = prepare_maps(model, x, maps)
     b, c, h, w = x.shape
     # More steps than pixels only repeat points (the pixel count is round(k H W / steps)), unevenly, and each
     # costs a forward pass: at most one step per pixel, the curve then the exact per-pixel one.
-    steps = min(check_int(opts.steps, "steps", minimum=1), h * w)
+    steps = min(steps, h * w)
     rank = pixel_ranks(maps, check_seed(opts.seed)).reshape(b, h, w)
     base = _substrate(x, opts.substrate, opts.blur_sigma)
     start, end = (base, x) if insert else (x, base)
@@ -427,8 +428,8 @@ def faithfulness_correlation(
     with ``"sigmoid"``, :data:`PROBABILITY`). ``NaN`` where the
     drops or the sums do not vary. All ``B * (subsets + 1)`` images run in batches.
     """
+    t = check_count(subsets, "subsets", 2, "random pixel sets, a pass of the model each")
     maps = prepare_maps(model, x, maps)
-    t = check_int(subsets, "subsets", minimum=2)
     b, c, h, w = x.shape
     frac = check_number(subset_size, "subset_size", what="the fraction of the pixels each set replaces, in (0, 1]")
     if not 0 < frac <= 1:

@@ -18,6 +18,7 @@ the model runs on all (image, fraction) pairs in batches.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_number
+from salience._core.engine import MAX_PASSES, check_passes
 from salience.evidence._checks import check_finite, check_seed, image_keys, keyed_seed
 from salience.evidence.faithfulness import ProbabilityLike, pixel_ranks, prepare_maps, score_items
 from salience.targets import TargetLike
@@ -141,7 +143,11 @@ def _check_fractions(fractions: Sequence[float]) -> list[float]:
     if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__"):
         raise SalienceError(f"ROAD fractions must be a sequence of fractions, e.g. (0.5,) or ROAD_FRACTIONS; got "
                             f"{fractions!r}")
-    fr = [float(f) for f in fractions]
+    fr = list(itertools.islice(fractions, MAX_PASSES + 1))  # an endless iterator: refused, not read for ever
+    if len(fr) > MAX_PASSES:
+        check_passes(len(fr), f"{len(fr):,} ROAD fractions or more are",
+                     f"give at most {MAX_PASSES:,} fractions (a pass of the model each), e.g. ROAD_FRACTIONS")
+    fr = [check_number(f, "each ROAD fraction", what="in (0, 1)") for f in fr]
     if not fr or any(not 0.0 < f < 1.0 for f in fr):
         raise SalienceError(f"ROAD fractions must lie strictly between 0 and 1, got {list(fractions)}")
     return fr
@@ -174,8 +180,8 @@ def road_curves(
     """
     if order not in ("morf", "lerf"):
         raise SalienceError(f"order must be 'morf' (most relevant first) or 'lerf' (least relevant first), got {order!r}")
-    maps = prepare_maps(model, x, maps)
     fr = _check_fractions(fractions)
+    maps = prepare_maps(model, x, maps)
     seed = check_seed(seed)
     b, _, h, w = x.shape
     n = h * w

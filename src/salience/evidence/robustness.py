@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from salience._core.autograd import check_input
 from salience._core.tensors import check_int, check_number
-from salience.evidence._checks import (MethodLike, check_seed, class_indices, image_keys, keyed_seed, method_maps,
-                                      resolve_method)
+from salience.evidence._checks import (MethodLike, check_count, check_seed, class_indices, image_keys, keyed_seed,
+                                      method_maps, resolve_method)
 
 __all__ = ["max_sensitivity"]
 
@@ -44,9 +44,9 @@ def max_sensitivity(
     at a time. A map with NaN or infinite values is a :class:`SalienceError` naming the image
     and, for a noisy copy, which copy (``k`` of ``samples``, counted from 0).
     """
+    n = check_count(samples, "samples", 1, "noisy copies of each image, a map of the method each")
     _, fn = resolve_method(method, method_kwargs)
     check_input(x, model)
-    n = check_int(samples, "samples", minimum=1)
     r = check_number(radius, "radius", minimum=0.0)
     bs = check_int(batch_size, "batch_size", minimum=1)
     b = x.shape[0]

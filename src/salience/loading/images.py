@@ -2,12 +2,12 @@
 
 :func:`load_image` reads one file into a ``(3, H, W)`` float tensor in ``[0, 1]``,
 refusing (before decoding) an image larger than ``max_pixels``, and converting every mode PIL
-knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``, and 16-bit colour PNGs, which
-PIL cuts to 8 bits: read again for the low bytes, :data:`_PNG16_REST`) are scaled by
+knows to RGB: grayscale is repeated over three channels, 16-bit images (``I;16``, and 16-bit PNGs, whose colour ones
+PIL cuts to 8 bits: decoded by :mod:`salience.loading.png`) are scaled by
 ``1/65535`` (signed 16-bit TIFFs by ``1/32767``; 32-bit integer ones only when their values fit in 16 bits),
 float images (``F``) taken as they are when in ``[0, 1]`` (else refused), CMYK / YCbCr / palette images go through PIL's conversion, and transparent images
-(RGBA, LA, palette with transparency) are **composited on white** (a transparent background
-reads as paper, not as black). :func:`preprocess` applies a model's
+(RGBA, LA, palette with transparency, a gray or RGB PNG's ``tRNS`` key colour) are **composited on white** (a
+transparent background reads as paper, not as black; a mask file's alpha is its mask, :func:`mask_values`). :func:`preprocess` applies a model's
 :class:`~salience._core.info.ModelInfo` (resize + centre crop, mean/std); :func:`load_images`
 does both for a list of files and keeps going past bad ones.
 """
@@ -31,6 +31,7 @@ from torch import Tensor
 from salience._core.errors import SalienceError, quiet_warnings
 from salience._core.files import file_start
 from salience._core.info import ModelInfo
+from salience.loading.png import SIGNATURE, decode_png16, is_png16
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -117,8 +118,26 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     ``[0, 1]`` as torchvision and scikit-image take a float image; one outside it is refused (its range is its own).
     Raises :class:`SalienceError` with one line for a missing, unreadable, corrupt or truncated
     file, or an image over the limit. ``data``: the file's bytes, already read (an object from
-    storage, :mod:`salience.loading.remote`); ``path`` then only names it in messages.
+    storage, :mod:`salience.loading.remote`); ``path`` then only names it in messages. A gray or RGB PNG's
+    ``tRNS`` key colour is transparent (composited on white) like any other transparency.
     """
+    return _load(path, max_pixels, data, alpha=False)
+
+
+def mask_values(path: PathLike) -> Tensor:
+    """A mask file as ``(1, H, W)`` float32 in ``[0, 1]``, which its reader thresholds at half its maximum: its
+    alpha where it has transparency (an alpha channel below opaque somewhere, a PNG's ``tRNS`` key colour, a
+    palette's transparent entries), so a transparent pixel is off and an opaque one on whatever its colour (a
+    cut-out of the object, a coloured overlay); else its brightest channel (white-on-black masks, 0/1 label images,
+    coloured label images). Composited on white, a transparent background read as the object."""
+    x = _load(path, DEFAULT_MAX_PIXELS, None, alpha=True)
+    if x.shape[0] == 4 and bool((x[3] < 1).any()):
+        return x[3:].contiguous()
+    return x[:3].amax(0, keepdim=True)
+
+
+def _load(path: PathLike, max_pixels: Any, data: Any, alpha: bool) -> Tensor:
+    """:func:`load_image`; ``alpha``: a transparent image as RGBA ``(4, H, W)``, not composited."""
     import io
 
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -132,7 +151,11 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     if data is None and p.is_dir():
         raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
     if data is None:
-        data = _pipe_bytes(p)  # a pipe gives its bytes once; a 16-bit PNG is read twice (_png16_rest)
+        data = _pipe_bytes(p)  # a pipe gives its bytes once
+    head = bytes(data[:26]) if data is not None else file_start(p, 26)
+    png16 = is_png16(head)
+    if png16 and data is None:  # decoded here (salience.loading.png) from the bytes Pillow read the header from
+        data = _file_bytes(p)
     try:
         # We check the size ourselves (below) against max_pixels; PIL's own bomb check would
         # otherwise refuse or warn on its own, different limit.
@@ -147,23 +170,16 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     except Exception as e:  # noqa: BLE001 - PIL's plugins raise many types on a foreign file
         raise SalienceError(f"{p}: cannot be read as an image ({type(e).__name__}: {e})") from None
     with img:
-        w, h = img.size
-        if max_pixels is not None and w * h > max_pixels:
-            size = f"{w * h / 1e6:.1f} megapixels" if w * h >= 50_000 else f"{w * h} pixels"  # not "0.0 megapixels"
-            small = f" ({max_pixels} pixels)" if max_pixels < 50_000 else ""
-            raise SalienceError(
-                f"{p}: {w}x{h} = {size} is over the limit of {max_pixels / 1e6:g} megapixels{small}; shrink the "
-                "image, or raise the limit (--max-pixels / max_pixels=) if you have the memory"
-            )
-        if w == 0 or h == 0:
-            raise SalienceError(f"{p}: the image is empty ({w}x{h})")
+        _check_sides(p, img.size, max_pixels)
         try:
             with _without_pils_bomb_limit(), quiet_warnings():
-                raw = _png16_rawmode(img)
-                img.load()
-                top = _integer_top(img)  # before exif_transpose, whose copy has no TIFF tags
-                img = ImageOps.exif_transpose(img) or img
-                rest = _png16_rest(Image.open(p if data is None else io.BytesIO(data)), raw, (w, h)) if raw else None
+                if png16:
+                    samples = _png16_samples(data)
+                else:
+                    img.load()
+                    top = _integer_top(img)  # before exif_transpose, whose copy has no TIFF tags
+                    _scale_gray_key(img, head)
+                    img = ImageOps.exif_transpose(img) or img
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error ...
@@ -171,17 +187,39 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
                 f"{p}: corrupt or truncated {img.format or 'image'} file ({e}); re-export or re-download it"
             ) from None
         try:
-            return _png16_tensor(img, rest, raw) if rest is not None else _to_rgb_tensor(img, top)
+            return _png16_tensor(samples, alpha) if png16 else _to_rgb_tensor(img, top, alpha)
         except SalienceError as e:
             raise SalienceError(f"{p}: {e}") from None
 
 
+def _check_sides(p: Any, sides: tuple[int, int], max_pixels: Optional[int]) -> None:
+    """An image of ``sides`` (width, height, from its header) over ``max_pixels`` or empty is refused."""
+    w, h = sides
+    if max_pixels is not None and w * h > max_pixels:
+        size = f"{w * h / 1e6:.1f} megapixels" if w * h >= 50_000 else f"{w * h} pixels"  # not "0.0 megapixels"
+        small = f" ({max_pixels} pixels)" if max_pixels < 50_000 else ""
+        raise SalienceError(
+            f"{p}: {w}x{h} = {size} is over the limit of {max_pixels / 1e6:g} megapixels{small}; shrink the "
+            "image, or raise the limit (--max-pixels / max_pixels=) if you have the memory"
+        )
+    if w == 0 or h == 0:
+        raise SalienceError(f"{p}: the image is empty ({w}x{h})")
+
+
 def _pipe_bytes(p: Path) -> Optional[bytes]:
     """The bytes of ``p`` when it is a pipe (bash's ``<(curl ...)``, a named pipe), read whole, as PIL reads a stream it
-    cannot seek; ``None`` for any other file, which is opened where it is (twice for a 16-bit colour PNG,
-    :func:`_png16_rest`: a pipe would be empty, or wait for ever, the second time)."""
+    cannot seek (a second look at its first bytes, :func:`_unidentified`, would wait for ever); ``None`` for any other
+    file, which is opened where it is."""
     try:
         return p.read_bytes() if stat.S_ISFIFO(p.stat().st_mode) else None
+    except OSError as e:
+        raise SalienceError(f"{p}: cannot be read ({e.strerror or e})") from None
+
+
+def _file_bytes(p: Path) -> bytes:
+    """The bytes of the file ``p`` (a 16-bit PNG, decoded from them); one that cannot be read says so."""
+    try:
+        return p.read_bytes()
     except OSError as e:
         raise SalienceError(f"{p}: cannot be read ({e.strerror or e})") from None
 
@@ -196,53 +234,49 @@ def _unidentified(p: Any, data: Optional[bytes]) -> SalienceError:
                          "check that the file is an image and not empty or truncated")
 
 
-_PNG16_REST = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}
-"""PIL's raw modes of 16-bit colour PNGs (RGB, RGBA, gray + alpha), which it decodes to their samples' high bytes,
--> the raw mode of the same bits per pixel that reads what it drops: the low bytes (``;16L`` on big-endian
-samples), or every byte of a gray + alpha pixel (as the four channels of ``RGBA``). PIL's decoder unfilters the
-scanlines by the bits per pixel of the raw mode, the same in both."""
+_ORIENTED = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+             5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+             8: lambda a: np.rot90(a, 1)}
+"""EXIF orientation -> the turn of an ``(H, W, C)`` array that shows it upright, as ``PIL.ImageOps.exif_transpose``
+turns an image (6: 90 degrees clockwise; 5 and 7: the transposes)."""
 
 
-def _png16_rawmode(img) -> Optional[str]:
-    """The raw mode of ``img``, an opened image not yet loaded, when it is a 16-bit colour PNG; else ``None``."""
-    tile = getattr(img, "tile", None) or []
-    if img.format != "PNG" or len(tile) != 1:
-        return None
-    raw = tile[0][3]
-    raw = raw[0] if isinstance(raw, tuple) and raw else raw
-    return raw if isinstance(raw, str) and raw in _PNG16_REST else None
+def _png16_samples(data: bytes) -> np.ndarray:
+    """A 16-bit PNG's samples, ``(H, W, C)`` uint16 (:func:`salience.loading.png.decode_png16`: Pillow cuts colour
+    ones to 8 bits), turned upright as its ``eXIf`` chunk's orientation says."""
+    from PIL import Image
+
+    samples, exif = decode_png16(bytes(data))
+    if exif is None:
+        return samples
+    tags = Image.Exif()
+    tags.load(exif if exif.startswith(b"Exif") else b"Exif\x00\x00" + exif)
+    turn = _ORIENTED.get(tags.get(0x0112, 1))
+    return samples if turn is None else turn(samples)
 
 
-def _png16_rest(img, raw: str, size: tuple[int, int]):
-    """The 16-bit PNG ``img`` (opened again, not loaded) decoded with the raw mode that keeps what PIL's own drops
-    (:data:`_PNG16_REST`), its EXIF orientation applied; ``raw`` and ``size``: the first opening's (a file replaced
-    in between is an ``OSError``, not high bytes of one image joined to low bytes of another of another size)."""
-    from PIL import ImageOps
-
-    with img:
-        if _png16_rawmode(img) != raw or img.size != size:
-            raise OSError("the file changed while it was read; read it again")
-        t = img.tile[0]
-        rest = _PNG16_REST[raw]
-        img.tile = [t._replace(args=rest) if hasattr(t, "_replace") else (t[0], t[1], t[2], rest)]
-        img.load()
-        if img.getexif().get(0x0112, 1) == 1:  # no turn: no copy (the loaded pixels stay when the file closes)
-            return img
-        return ImageOps.exif_transpose(img)
-
-
-def _png16_tensor(high, rest, raw: str) -> Tensor:
-    """A 16-bit colour PNG as ``(3, H, W)`` float32 in ``[0, 1]``: its samples ``/ 65535``, from PIL's high bytes and
-    ``rest`` (:func:`_png16_rest`); alpha composited on white, as 8-bit images are."""
-    b = np.asarray(rest, dtype=np.uint16)
-    if raw == "LA;16B":  # gray, alpha: each sample's two bytes
-        v = (b[..., 0::2] << 8 | b[..., 1::2])[..., [0, 0, 0, 1]]
+def _scale_gray_key(img, head: bytes) -> None:
+    """A 2- or 4-bit gray PNG's ``tRNS`` key in ``img.info`` scaled as Pillow scales its samples to 8 bits (x 85,
+    x 17): Pillow keeps the file's number (key 1 of a 2-bit image: no pixel of value 85 made transparent). A key
+    no sample can have is dropped."""
+    key = img.info.get("transparency")
+    if head[:8] != SIGNATURE or len(head) < 26 or head[25] != 0 or head[24] not in (2, 4) or not isinstance(key, int):
+        return
+    top = 2 ** head[24] - 1
+    if 0 <= key <= top:
+        img.info["transparency"] = key * (255 // top)
     else:
-        v = np.asarray(high, dtype=np.uint16) << 8 | b
-    a = torch.from_numpy(v.astype(np.float32)).permute(2, 0, 1).div_(65535.0)  # correctly rounded: as in float64
-    if a.shape[0] == 4:
-        alpha = a[3:]
-        a = a[:3].mul_(alpha).add_(1.0 - alpha)
+        del img.info["transparency"]
+
+
+def _png16_tensor(samples: np.ndarray, alpha: bool = False) -> Tensor:
+    """A 16-bit PNG's samples ``(H, W, C)`` as ``(3, H, W)`` float32 in ``[0, 1]``: ``/ 65535``, gray repeated over
+    three channels, alpha (the last of 2 or 4) composited on white, as 8-bit images are (``alpha``: kept, RGBA)."""
+    c = samples.shape[-1]
+    v = samples[..., [0, 0, 0, 1][:4 if c == 2 else 3] if c < 3 else slice(None)]
+    a = torch.from_numpy(np.ascontiguousarray(v).astype(np.float32)).permute(2, 0, 1).div_(65535.0)
+    if a.shape[0] == 4 and not alpha:  # (correctly rounded: as in float64)
+        a = a[:3].mul_(a[3:]).add_(1.0 - a[3:])
     return a.contiguous()
 
 
@@ -308,20 +342,23 @@ def _unit_floats(a: np.ndarray) -> np.ndarray:
     return np.clip(a, 0.0, 1.0).astype(np.float32)
 
 
-def _to_rgb_tensor(img, top: int = 65535) -> Tensor:
+def _to_rgb_tensor(img, top: int = 65535, alpha: bool = False) -> Tensor:
     """A PIL image of any mode -> ``(3, H, W)`` float32 in ``[0, 1]`` (``top``: white in ``I`` / ``I;16`` samples,
-    :func:`_integer_top`)."""
+    :func:`_integer_top`); a transparent one composited on white (``alpha``: ``(4, H, W)`` RGBA, not composited).
+    A palette's transparent entries and a gray or RGB image's key colour (a PNG's ``tRNS``) are transparency."""
     from PIL import Image
 
     mode = img.mode
     if mode.startswith("I;16") or mode == "I" or mode == "F":
         a = _unit_floats(np.asarray(img, dtype=np.float32)) if mode == "F" else _scaled_integers(np.asarray(img), top)
         return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0).repeat(3, 1, 1)
-    if mode == "P" and "transparency" in img.info:
+    if mode in ("P", "1", "L", "RGB") and "transparency" in img.info:
         img = img.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
+        if alpha:
+            return torch.from_numpy(np.array(rgba, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
     rgb = img.convert("RGB")

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.info import ModelInfo
 from salience.loading import remote
-from salience.loading.images import DEFAULT_MAX_PIXELS, load_image, normalize_input, resize_crop
+from salience.loading.images import DEFAULT_MAX_PIXELS, load_image, mask_values, normalize_input, resize_crop
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -310,7 +310,7 @@ class ImageFiles(Dataset):
         """The mask in file ``path``, resized and cropped like its image, bool ``(H, W)`` (``None``: no mask)."""
         if path is None:
             return None
-        mk = resize_crop(load_image(path).amax(0, keepdim=True), self.info)[0]
+        mk = resize_crop(mask_values(path), self.info)[0]
         top = float(mk.max())
         return mk >= 0.5 * top if top > 0 else torch.zeros_like(mk, dtype=torch.bool)
 

@@ -1,0 +1,154 @@
+"""16-bit PNGs decoded here, from the PNG specification, with zlib and numpy: no Pillow internals.
+
+Pillow cuts 16-bit RGB, RGBA and gray + alpha PNGs to their high bytes; salience read the low ones by swapping the
+raw mode in Pillow's ``img.tile``, a detail that changes between Pillow versions. :func:`decode_png16` parses the
+chunks itself (``IHDR``, ``tRNS``, ``eXIf``, the ``IDAT`` chunks joined, each chunk's CRC checked), inflates the data and
+undoes the five scanline filters (None, Sub, Up, Average, Paeth) with numpy, Adam7 interlacing included. Average
+and Paeth predict a byte from the one to its left, decoded just before, so the rows of an image using them are
+decoded along anti-diagonals (every pixel of one depends only on the two before it), in bands of at most 1024 rows:
+``band + W`` numpy steps a band, each across the band's rows at once, instead of ``band x W`` pixel steps."""
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Optional
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
+"""PNG colour type -> samples a pixel: gray, RGB, gray + alpha, RGBA (3, palette, has no 16-bit form)."""
+_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
+"""Adam7's passes: first row, first column, row step, column step."""
+
+
+def is_png16(head: bytes) -> bool:
+    """Whether ``head`` (a file's first 25 bytes or more) starts a PNG of 16-bit samples."""
+    return len(head) >= 25 and head[:8] == SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16
+
+
+def _chunks(data: bytes) -> dict:
+    """The chunks :func:`decode_png16` needs: ``IHDR``'s, ``tRNS``'s and ``eXIf``'s bodies, the ``IDAT`` bodies
+    joined. Each chunk's CRC is checked; a chunk running past the end is a truncated file (``ValueError``)."""
+    view, pos, found, idat = memoryview(data), 8, {}, []
+    while pos + 8 <= len(data):
+        n, kind = struct.unpack(">I4s", view[pos:pos + 8])
+        if pos + 12 + n > len(data):
+            raise ValueError(f"truncated in its {kind.decode('latin-1')!r} chunk")
+        body = view[pos + 8:pos + 8 + n]
+        if zlib.crc32(body, zlib.crc32(kind)) != struct.unpack(">I", view[pos + 8 + n:pos + 12 + n])[0]:
+            raise ValueError(f"its {kind.decode('latin-1')!r} chunk fails its CRC check")
+        if kind == b"IDAT":
+            idat.append(body)
+        elif kind in (b"IHDR", b"tRNS", b"eXIf"):
+            found.setdefault(kind, bytes(body))
+        elif kind == b"IEND":
+            break
+        pos += 12 + n
+    if b"IHDR" not in found or len(found[b"IHDR"]) != 13 or not idat:
+        raise ValueError("no image header or no image data (IHDR, IDAT)")
+    found[b"IDAT"] = b"".join(idat)
+    return found
+
+
+def _passes(w: int, h: int, interlace: int) -> list:
+    """``(y0, x0, dy, dx, pass width, pass height)`` of each non-empty pass: the whole image, or Adam7's seven."""
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    sides = [(y0, x0, dy, dx, -(-(w - x0) // dx), -(-(h - y0) // dy)) for y0, x0, dy, dx in passes]
+    return [p for p in sides if p[4] > 0 and p[5] > 0]
+
+
+def decode_png16(data: bytes) -> tuple[np.ndarray, Optional[bytes]]:
+    """A 16-bit PNG's samples, ``(H, W, C)`` uint16: C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; and its ``eXIf``
+    chunk's body (``None`` without one). A gray or RGB image whose ``tRNS`` chunk names a key colour gets an alpha
+    channel: 0 on the pixels of that colour, 65535 on the others. A corrupt or truncated file is a ``ValueError``
+    saying what is wrong."""
+    found = _chunks(data)
+    w, h, depth, colour, method, filt, interlace = struct.unpack(">IIBBBBB", found[b"IHDR"])
+    if depth != 16 or colour not in _CHANNELS or method or filt or interlace > 1 or not w or not h:
+        raise ValueError(f"an image header no 16-bit PNG has (depth {depth}, colour type {colour}, "
+                         f"compression {method}, filter {filt}, interlace {interlace})")
+    c = _CHANNELS[colour]
+    passes = _passes(w, h, interlace)
+    need = sum(ph * (pw * 2 * c + 1) for *_, pw, ph in passes)
+    inflate = zlib.decompressobj()
+    try:
+        raw = inflate.decompress(found[b"IDAT"], need)
+    except zlib.error as e:
+        raise ValueError(f"its compressed image data is corrupt ({e})") from None
+    if len(raw) < need:
+        raise ValueError(f"its image data is short: {len(raw)} of {need} bytes (a truncated file)")
+    flat, out, at = np.frombuffer(raw, np.uint8), np.empty((h, w, c), np.uint16), 0
+    for y0, x0, dy, dx, pw, ph in passes:
+        rows = unfilter(flat[at:at + ph * (pw * 2 * c + 1)].reshape(ph, pw * 2 * c + 1), 2 * c)
+        out[y0::dy, x0::dx] = rows.view(">u2").reshape(ph, pw, c)
+        at += ph * (pw * 2 * c + 1)
+    key = _key(found.get(b"tRNS"), colour)
+    if key is None:
+        return out, found.get(b"eXIf")
+    alpha = np.where((out == key).all(-1, keepdims=True), np.uint16(0), np.uint16(65535))
+    return np.concatenate([out, alpha], -1), found.get(b"eXIf")
+
+
+def _key(trns: Optional[bytes], colour: int) -> Optional[np.ndarray]:
+    """The key colour a gray (2 bytes) or RGB (6 bytes) image's ``tRNS`` chunk names, as uint16; else ``None``
+    (images with alpha have no ``tRNS``; one of another length is ignored, as libpng ignores it)."""
+    if trns is None or colour not in (0, 2) or len(trns) != 2 * _CHANNELS[colour]:
+        return None
+    return np.frombuffer(trns, ">u2").astype(np.uint16)
+
+
+def unfilter(lines: np.ndarray, bpp: int) -> np.ndarray:
+    """PNG scanlines ``(H, 1 + row bytes)`` uint8, each a filter type byte then the filtered bytes -> the bytes
+    ``(H, row bytes)``; ``bpp``: bytes a pixel (the distance to the byte on the left), a divisor of the row's."""
+    kinds, f = lines[:, 0], lines[:, 1:]
+    if kinds.size and int(kinds.max()) > 4:
+        raise ValueError(f"a scanline of filter type {int(kinds.max())} (PNG has 0 to 4)")
+    if np.isin(kinds, (3, 4)).any():  # in bands of at most 1024 rows (16 at least): skewed arrays of (band + W) x band
+        out, prior, band = np.empty_like(f), np.zeros(f.shape[1], np.uint8), max(16, min(f.shape[1] // bpp, 1024))
+        for y in range(0, f.shape[0], band):  # pixels, 3 bytes each, not (H + W) x H (a 50,000,000 x 1 image)
+            out[y:y + band] = _unfilter_diagonals(f[y:y + band], kinds[y:y + band], bpp, prior)
+            prior = out[min(y + band, f.shape[0]) - 1]
+        return out
+    out, prior = np.empty_like(f), np.zeros(f.shape[1], np.uint8)
+    for y, kind in enumerate(kinds.tolist()):
+        if kind == 1:  # Sub: each byte plus the decoded one bpp to its left, a running sum mod 256 per channel
+            out[y] = f[y].reshape(-1, bpp).cumsum(0, dtype=np.uint8).reshape(-1)
+        else:  # None, Up: the byte above added (uint8 wraps mod 256)
+            out[y] = f[y] + prior if kind == 2 else f[y]
+        prior = out[y]
+    return out
+
+
+def _skewed(a: np.ndarray) -> np.ndarray:
+    """``a`` (H + W, H + 1, bpp) seen as ``(H, W, bpp)``: pixel (y, x) at ``a[y + 1 + x, y + 1]``, so that each row
+    of ``a`` holds one anti-diagonal of the image, contiguous, the pixels above at the row before, one place up."""
+    s0, s1, s2 = a.strides
+    return as_strided(a[1:, 1:], shape=(a.shape[1] - 1, a.shape[0] - a.shape[1] + 1, a.shape[2]),
+                      strides=(s0 + s1, s0, s2), writeable=True)
+
+
+def _unfilter_diagonals(f: np.ndarray, kinds: np.ndarray, bpp: int, prior: np.ndarray) -> np.ndarray:
+    """:func:`unfilter` of scanlines some of which are Average or Paeth, one anti-diagonal of pixels at a time (a
+    pixel's left, upper and upper-left neighbours lie on the two diagonals before it); ``prior``: the decoded row
+    above the first (zeros above the image). Place 0 of the diagonals holds ``prior``; place y + 1 of diagonal y
+    stays 0: the bytes left of the first column."""
+    h, w = f.shape[0], f.shape[1] // bpp
+    sk = np.zeros((h + w, h + 1, bpp), np.uint8)
+    _skewed(sk)[...] = f.reshape(h, w, bpp)
+    d = np.zeros(sk.shape, np.int16)
+    d[:w, 0] = prior.reshape(w, bpp)
+    kind = np.concatenate([[0], kinds]).astype(np.int16)[:, None]
+    for col in range(1, h + w):
+        lo, hi = max(1, col - w + 1), min(h, col) + 1
+        a, b, c = d[col - 1, lo:hi], d[col - 1, lo - 1:hi - 1], d[col - 2, lo - 1:hi - 1]
+        pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
+        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+        k = kind[lo:hi]
+        if (k == 4).all():
+            pred = paeth
+        else:
+            pred = np.where(k == 4, paeth, np.where(k == 3, (a + b) >> 1, np.where(k == 2, b, np.where(k == 1, a, 0))))
+        np.bitwise_and(sk[col, lo:hi] + pred, 255, out=d[col, lo:hi])
+    return _skewed(d).astype(np.uint8).reshape(h, w * bpp)
