@@ -24,6 +24,14 @@ the one compared). The issue's model and resolution, one image, one thread on a 
         --layer layer4 --masks 4000 --window 32 --stride 16 --threads 1 --rounds 3 \
         --methods scorecam,ablationcam,rise --out benchmarks/perturbation-resnet50
 
+With ``--bf16 1`` (a CPU with AMX-BF16 / AVX512-BF16): salience under ``precision="bf16"`` + channels-last
+(and + ``fold_batchnorm``), and each peer again with the same autocast and layout by hand; ``--layer`` takes a
+dotted name (``layer4.0.conv1``: 512 channels, a quarter of ``layer4``'s passes):
+
+    flock /tmp/bench.lock taskset -c 1 python benchmarks/perturbation.py --model resnet50 --size 224 \
+        --images 1 --layer layer4.0.conv1 --masks 512 --window 32 --stride 16 --peer-batch 8 --threads 1 \
+        --rounds 3 --bf16 1 --methods scorecam,rise --out benchmarks/perturbation-resnet50-bf16-scorecam-rise
+
 Peak memory is the process's ``VmHWM`` (its own high-water mark; ``ru_maxrss`` would carry the
 parent's) above the resident memory just before the call.
 """
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -286,7 +295,7 @@ def _table(results: dict) -> list[str]:
 
 def _command(config: dict, methods: list[str], out: str) -> str:
     """The command line that gives this configuration (each flag, also the defaults)."""
-    flags = " ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+    flags = " ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else shlex.quote(str(v))}"
                      for k, v in config.items() if k in CONFIG and k != "model" and v != "")  # no empty --skip
     return (f"python benchmarks/perturbation.py --model {config['model'].split()[1].rstrip(',')} {flags} "
             f"--rounds {config['rounds']} --methods {','.join(methods)} --out {out}")
