@@ -24,6 +24,14 @@ the one compared). The issue's model and resolution, one image, one thread on a 
         --layer layer4 --masks 4000 --window 32 --stride 16 --threads 1 --rounds 3 \
         --methods scorecam,ablationcam,rise --out benchmarks/perturbation-resnet50
 
+With ``--bf16 1`` (a CPU with AMX-BF16 / AVX512-BF16): salience under ``precision="bf16"`` + channels-last
+(and + ``fold_batchnorm``), and each peer again with the same autocast and layout by hand; ``--layer`` takes a
+dotted name (``layer4.0.conv1``: 512 channels, a quarter of ``layer4``'s passes):
+
+    flock /tmp/bench.lock taskset -c 1 python benchmarks/perturbation.py --model resnet50 --size 224 \
+        --images 1 --layer layer4.0.conv1 --masks 512 --window 32 --stride 16 --peer-batch 8 --threads 1 \
+        --rounds 3 --bf16 1 --methods scorecam,rise --out benchmarks/perturbation-resnet50-bf16-scorecam-rise
+
 Peak memory is the process's ``VmHWM`` (its own high-water mark; ``ru_maxrss`` would carry the
 parent's) above the resident memory just before the call.
 """
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -44,7 +53,7 @@ from _common import peak_rss_bytes  # noqa: E402
 
 # The configuration; main() sets it from the flags and hands it to each measuring child in BENCH_CONFIG.
 CONFIG = {"model": "resnet18", "size": 64, "images": 2, "layer": "layer2", "masks": 128, "window": 16, "stride": 8,
-          "peer_batch": [32, 128], "captum_ppe": [16, 64], "threads": 2, "fast": 0, "skip": ""}
+          "peer_batch": [32, 128], "captum_ppe": [16, 64], "threads": 2, "fast": 0, "bf16": 0, "skip": ""}
 if os.environ.get("BENCH_CONFIG"):
     CONFIG.update(json.loads(os.environ["BENCH_CONFIG"]))
 SIZE, IMAGES, LAYER, MASKS = CONFIG["size"], CONFIG["images"], CONFIG["layer"], CONFIG["masks"]
@@ -55,11 +64,16 @@ def impls() -> dict[str, list[str]]:
     """Each method's implementations, in the order of the table."""
     peers = [f"pytorch-grad-cam bs={b}" for b in CONFIG["peer_batch"]]
     ours = ["salience"] + ([FAST] if CONFIG["fast"] in (1, 3) else []) + ([FROZEN] if CONFIG["fast"] >= 2 else [])
-    every = {"scorecam": ours + ["loop"] + peers, "ablationcam": ours + ["loop"] + peers,
-             "rise": ours + ["loop"],
-             "occlusion": ours + ["loop"] + [f"captum ppe={p}" for p in CONFIG["captum_ppe"]]}
+    ours += [BF16, BF16_FOLD] if CONFIG["bf16"] else []
+    every = {"scorecam": ["loop"] + peers, "ablationcam": ["loop"] + peers, "rise": ["loop"],
+             "occlusion": ["loop"] + [f"captum ppe={p}" for p in CONFIG["captum_ppe"]]}
     skip = {name.strip() for name in CONFIG["skip"].split(",") if name.strip()}
-    return {method: [i for i in names if i not in skip] for method, names in every.items()}
+    skip |= {f"ablationcam|{BF16_FOLD}"}  # its hooked passes never run folded (it warns): the row would be BF16's
+    out = {}
+    for method, theirs in every.items():
+        names = ours + theirs + ([t + BY_HAND for t in theirs] if CONFIG["bf16"] else [])
+        out[method] = [i for i in names if i not in skip and f"{method}|{i}" not in skip]
+    return out
 
 
 # --fast 1: also salience under the engine's opt-in performance options (issue 19): batch norms
@@ -70,6 +84,17 @@ FAST = "salience fold+channels_last"
 # compile is part of the measured call: each measurement is a fresh process); --fast 3: both rows.
 # --skip "salience,pytorch-grad-cam bs=32" leaves implementations out (names as in the table).
 FROZEN = "salience compile=freeze"
+# --bf16 1: salience with precision="bf16" and channels-last (and a row with fold_batchnorm too; not for
+# Ablation-CAM, whose passes never run folded), and every peer again with the same trick by hand: the
+# model and the input channels-last, the call inside torch.autocast("cpu", torch.bfloat16), both in the
+# measured call (pytorch-grad-cam also with reshape_transform=lambda a: a.float(): as shipped it turns the
+# layer's bf16 activations into numpy, which has no bfloat16, and fails). Fast on a CPU with AMX / AVX512-BF16.
+BF16 = "salience bf16+channels_last"
+BF16_FOLD = "salience bf16+channels_last+fold"
+BY_HAND = " bf16+channels_last"  # the suffix of a peer's row under the same autocast and layout, by hand
+OPTIONS = {"salience": {}, FAST: dict(fold_batchnorm=True, memory_format="channels_last"),
+           FROZEN: dict(compile="freeze"), BF16: dict(precision="bf16", memory_format="channels_last"),
+           BF16_FOLD: dict(precision="bf16", memory_format="channels_last", fold_batchnorm=True)}
 
 
 def _rss() -> int:
@@ -97,7 +122,7 @@ def _score_masks(torch, acts, size):
 
 def _acts(torch, model, x):
     store = []
-    h = getattr(model, LAYER).register_forward_hook(lambda m, i, o: store.append(o))
+    h = model.get_submodule(LAYER).register_forward_hook(lambda m, i, o: store.append(o))
     with torch.no_grad():
         model(x)
     h.remove()
@@ -121,7 +146,7 @@ def _loop(method, torch, model, x, target):
                         o = o.clone()
                         o[:, k] = 0
                         return o
-                    h = getattr(model, LAYER).register_forward_hook(zero)
+                    h = model.get_submodule(LAYER).register_forward_hook(zero)
                     w[:, k] = (y - model(x)[rows, target]) / y
                     h.remove()
             return torch.relu((w[:, :, None, None] * acts).sum(1))
@@ -147,7 +172,7 @@ def _loop(method, torch, model, x, target):
         return sal / cover
 
 
-def _peer(method, impl, torch, model, x, target):
+def _peer(method, impl, torch, model, x, target, hand=False):
     if impl.startswith("captum"):
         from captum.attr import Occlusion
 
@@ -158,12 +183,14 @@ def _peer(method, impl, torch, model, x, target):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     bs = int(impl.split("=")[1])
-    layer = [getattr(model, LAYER)]
+    layer = [model.get_submodule(LAYER)]
+    # under autocast its layer's activations are bf16, which it turns into numpy (no bfloat16): float32 first
+    shape = (lambda a: a.float()) if hand else None
     if method == "scorecam":
-        cam = ScoreCAM(model, layer)
+        cam = ScoreCAM(model, layer, reshape_transform=shape)
         cam.batch_size = bs
     else:
-        cam = AblationCAM(model, layer, batch_size=bs)
+        cam = AblationCAM(model, layer, reshape_transform=shape, batch_size=bs)
     with open(os.devnull, "w") as null:  # its tqdm bars
         err, sys.stderr = sys.stderr, null
         try:
@@ -184,14 +211,19 @@ def one(method: str, impl: str) -> dict:
     if impl.startswith("salience"):
         opts = {"scorecam": dict(layer=LAYER), "ablationcam": dict(layer=LAYER), "rise": dict(masks=MASKS),
                 "occlusion": dict(window=WINDOW, stride=STRIDE)}[method]
-        fast = (dict(fold_batchnorm=True, memory_format="channels_last") if impl == FAST
-                else dict(compile="freeze") if impl == FROZEN else {})
-        with salience.performance(**fast):
+        with salience.performance(**OPTIONS[impl]):
             getattr(salience, method)(model, x, target, **opts)
-    elif impl == "loop":
-        _loop(method, torch, model, x, target)
     else:
-        _peer(method, impl, torch, model, x, target)
+        hand = impl.endswith(BY_HAND)
+        if hand:  # the user's own bf16 trick: both layouts converted inside the measured call, as salience does
+            impl = impl[:-len(BY_HAND)]
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=hand):
+            if impl == "loop":
+                _loop(method, torch, model, x, target)
+            else:
+                _peer(method, impl, torch, model, x, target, hand)
     seconds = time.perf_counter() - t0
     peak = peak_rss_bytes()
     return {"seconds": seconds, "peak_mib": max(0, peak - before) / 2 ** 20}
@@ -210,32 +242,61 @@ def _stats(values: list[float]) -> dict:
             "max": v[-1]}
 
 
+def _bf16(impl: str) -> bool:
+    """Whether a row runs under bf16 autocast (salience's option, or a peer's by hand)."""
+    return "bf16" in impl
+
+
+def _ratio(impls: dict, mine: str, theirs: str) -> str:
+    """Their median over salience's row ``mine`` (worst: their min over our max)."""
+    s, t = impls[mine]["seconds"], impls[theirs]["seconds"]
+    return f"{t['median'] / s['median']:.2f}x (worst {t['min'] / s['max']:.2f}x)"
+
+
+def _fastest(impls: dict, names: list[str]) -> str:
+    return min(names, key=lambda i: impls[i]["seconds"]["median"])
+
+
+def _speed(impls: dict, impl: str) -> str:
+    """The speed-up cell of a row, saying which comparison it is. A salience row other than plain salience:
+    over the fastest peer as shipped (fp32), and for a bf16 row also over the fastest peer given the same
+    autocast and layout by hand. A peer's row: its time over plain salience's (fp32 peers) and over the
+    fastest salience bf16 row's."""
+    peers = [i for i in impls if not i.startswith("salience")]
+    shipped, by_hand = [i for i in peers if not _bf16(i)], [i for i in peers if _bf16(i)]
+    ours_bf16 = [i for i in impls if i.startswith("salience") and _bf16(i)]
+    cells = []
+    if impl.startswith("salience") and impl != "salience":
+        if shipped:
+            best = _fastest(impls, shipped)
+            cells.append(f"{_ratio(impls, impl, best)} over {best} as shipped (fp32)")
+        if _bf16(impl) and by_hand:
+            best = _fastest(impls, by_hand)
+            cells.append(f"{_ratio(impls, impl, best)} over {best}: the same bf16 + channels-last by hand")
+    elif not impl.startswith("salience"):
+        if "salience" in impls and not _bf16(impl):
+            cells.append(f"{_ratio(impls, 'salience', impl)} for salience (fp32)")
+        if ours_bf16:
+            fast = _fastest(impls, ours_bf16)
+            cells.append(f"{_ratio(impls, fast, impl)} for {fast}")
+    return "; ".join(cells)
+
+
 def _table(results: dict) -> list[str]:
-    lines = ["| method | implementation | seconds min / median / max | peak MiB (median) | salience speed-up "
-             "(median; worst: salience max vs their min) |", "|---|---|---|---|---|"]
+    lines = ["| method | implementation | seconds min / median / max | peak MiB (median) | salience speed-up: "
+             "their median / salience's (worst: their min / salience's max), which rows |", "|---|---|---|---|---|"]
     for method, impls in results.items():
-        # the row the peers' speed-ups are against: plain salience, else the first salience row (--skip salience)
-        mine = "salience" if "salience" in impls else next(i for i in impls if i.startswith("salience"))
-        ours = impls[mine]
         for impl, r in impls.items():
             s = r["seconds"]
-            speed = ""
-            if impl.startswith("salience") and impl != mine:
-                best = min((r2["seconds"]["median"], i2) for i2, r2 in impls.items() if not i2.startswith("salience"))
-                speed = (f"{best[0] / s['median']:.2f}x over {best[1]} (worst "
-                         f"{impls[best[1]]['seconds']['min'] / s['max']:.2f}x)")
-            elif impl != mine:
-                speed = (f"{s['median'] / ours['seconds']['median']:.2f}x "
-                         f"(worst {s['min'] / ours['seconds']['max']:.2f}x)")
             lines.append(f"| {method} | {impl} | {s['min']:.1f} / {s['median']:.1f} / {s['max']:.1f} | "
-                         f"{r['peak_mib']['median']:.0f} | {speed} |")
+                         f"{r['peak_mib']['median']:.0f} | {_speed(impls, impl)} |")
     return lines
 
 
 def _command(config: dict, methods: list[str], out: str) -> str:
     """The command line that gives this configuration (each flag, also the defaults)."""
-    flags = " ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
-                     for k, v in config.items() if k in CONFIG and k != "model")
+    flags = " ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else shlex.quote(str(v))}"
+                     for k, v in config.items() if k in CONFIG and k != "model" and v != "")  # no empty --skip
     return (f"python benchmarks/perturbation.py --model {config['model'].split()[1].rstrip(',')} {flags} "
             f"--rounds {config['rounds']} --methods {','.join(methods)} --out {out}")
 
@@ -253,7 +314,7 @@ def markdown(data: dict, out: str) -> str:
         for mine in (i for i in impls if i.startswith("salience")):
             ours = impls[mine]["raw"]["seconds"]
             for impl, r in impls.items():
-                if not impl.startswith("salience"):
+                if not impl.startswith("salience") and (_bf16(mine) or not _bf16(impl)):
                     per = ", ".join(f"{a / b:.3f}" for a, b in zip(ours, r["raw"]["seconds"]))
                     lines.append(f"- {method}, {mine + ' / ' if mine != 'salience' else ''}{impl}: {per}")
     lines += ["", "load average (1 / 5 / 15 min) before -> after each round: " + "; ".join(
