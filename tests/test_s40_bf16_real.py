@@ -7,7 +7,9 @@ The model is the pretrained EfficientNet-Lite0 of tests/test_real_model.py (weig
 ``|b - a| / |a|`` and correlation of the bf16 map ``b`` with the fp32 map ``a``: vanilla 0.42 / 0.82, SmoothGrad 4
 0.31 / 0.87, integrated gradients 8 0.48 / 0.83, Grad-CAM 0.011 / 0.9995. The pixel-gradient maps of a real
 network are much further from fp32 than the CUDA bounds (0.35 / 0.95, resnet18 random) or the 3-convolution net's:
-the bounds below hold those figures with a margin, and Grad-CAM's keeps the CAMs' much tighter agreement.
+the bounds below hold those figures with a margin, and Grad-CAM's keeps the CAMs' much tighter agreement. Those
+bounds leave the maps' magnitude almost free (a map scaled by 0.75 or 1.3 passed them), so the ratio of the maps'
+norms is bound too: 1.003-1.037 on ``chelsea``, 0.94-1.04 on ``chelsea`` / ``coffee`` / ``rocket``.
 """
 from __future__ import annotations
 
@@ -49,5 +51,8 @@ def test_bf16_channels_last_on_pretrained_lite0_within_the_cpu_tolerance(cat, me
     assert b.dtype == a.dtype == torch.float32 and b.shape == a.shape
     a, b = a.double().flatten(), b.double().flatten()
     assert float((b - a).norm() / a.norm()) <= rel_l2
+    # the magnitude: the L2 bounds above are mostly bf16's uncorrelated noise and let a map off by 25 % in scale
+    # pass (vanilla 0.435, SmoothGrad 0.357, IG 0.466 with b * 0.75); |b| / |a| measured 0.94-1.04 (3 photos)
+    assert 0.85 <= float(b.norm() / a.norm()) <= 1.15
     assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) >= corr
     assert not torch.equal(a, b)  # bf16 really ran

@@ -23,8 +23,12 @@ from salience._core.errors import user_stacklevel
 
 __all__ = ["native_bf16", "warn_bf16_without_native"]
 
-# ONEDNN_MAX_CPU_ISA values (oneDNN's names) under which oneDNN may still use native bf16 instructions
-_BF16_ISAS = ("BF16", "AMX", "AVX10", "FP16", "ALL", "DEFAULT")
+# The values of ONEDNN_MAX_CPU_ISA (or its older spelling DNNL_MAX_CPU_ISA) that oneDNN documents for x86 (its
+# "CPU Dispatcher Control") and that cap it below native bf16 (AVX512_CORE_BF16 and above, AVX10, the AMX ones,
+# DEFAULT and ALL keep it). oneDNN compares the whole name, case-insensitively, and ignores a value it does not know
+# (no cap), as this does: a typo, or an Arm value (SVE_256), warns of nothing.
+_BELOW_BF16_ISAS = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                              "AVX512_MIC", "AVX512_MIC_4OPS"})
 _CPUINFO = "/proc/cpuinfo"
 _warned = False
 _warn_lock = threading.Lock()
@@ -67,12 +71,22 @@ def _cpu_has_bf16() -> Optional[bool]:
 def native_bf16() -> Optional[bool]:
     """Whether the CPU runs bf16 convolutions and matrix products with native instructions (AMX-BF16 or
     AVX512-BF16 on x86, the BF16 extension on Arm) that oneDNN may use: ``False`` also where the environment caps
-    oneDNN below them (``ONEDNN_MAX_CPU_ISA``, e.g. ``AVX2`` or ``AVX512_CORE``); ``None``: not known."""
+    oneDNN below them (``ONEDNN_MAX_CPU_ISA`` or ``DNNL_MAX_CPU_ISA``, e.g. ``AVX2`` or ``AVX512_CORE``);
+    ``None``: not known."""
     has = _cpu_has_bf16()
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    if has and cap and not any(name in cap for name in _BF16_ISAS):
+    if has and _onednn_cap() in _BELOW_BF16_ISAS:
         return False
     return has
+
+
+def _onednn_cap() -> str:
+    """oneDNN's ISA cap from the environment, upper case: ``ONEDNN_MAX_CPU_ISA``, else the older
+    ``DNNL_MAX_CPU_ISA`` (oneDNN reads the first of the two that is set and not empty); ``""`` where neither is."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value.upper()
+    return ""
 
 
 def warn_bf16_without_native(precision: str, device: torch.device) -> None:
