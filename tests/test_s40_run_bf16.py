@@ -92,7 +92,7 @@ def _stopped(run: Path) -> None:
 def test_a_run_is_continued_in_its_precision_and_another_is_refused_unless_overwrite(tmp_path):
     """Begun in bf16, continued in fp32 (or the reverse, or fp16): refused, saying the precision differs; the same
     precision continues it (channels-last may change: layout is rounding, not another function); overwrite starts
-    again in the new precision. A run.json written before the command held a precision is an fp32 run."""
+    again in the new precision."""
     model, files = net(), images(tmp_path / "imgs")
     out = tmp_path / "run"
     salience.explain_dataset(model, files, METHODS, out, precision="bf16", **KW)
@@ -108,14 +108,23 @@ def test_a_run_is_continued_in_its_precision_and_another_is_refused_unless_overw
     assert done.complete and done.options["precision"] == "bf16"
     again = salience.explain_dataset(model, files, METHODS, out, overwrite=True, **KW)
     assert again.complete and again.options["precision"] == "fp32"
-    # a run begun before the command held its precision: continued in fp32, refused in bf16
-    manifest = json.loads((out / "run.json").read_text())
-    del manifest["command"]["precision"]
-    (out / "run.json").write_text(json.dumps(manifest))
-    _stopped(out)
-    with pytest.raises(SalienceError, match=r"precision: 'fp32' -> 'bf16'"):
-        salience.explain_dataset(model, files, METHODS, out, precision="bf16", **KW)
-    assert salience.explain_dataset(model, files, METHODS, out, **KW).complete
+
+def test_a_run_begun_before_the_command_held_its_precision_is_continued_in_the_one_given(tmp_path):
+    """A run.json written before session 40 holds no precision, whichever the run was begun in (an older salience
+    ran ``--precision bf16`` runs too): the same command continues it, with ``precision="bf16"`` as without (the
+    older salience's rule), and its run.json is kept as it was (no precision claimed for the shards already
+    written)."""
+    model, files = net(), images(tmp_path / "imgs")
+    for given in ("bf16", "fp32"):
+        out = tmp_path / given
+        salience.explain_dataset(model, files, METHODS, out, precision=given, **KW)
+        manifest = json.loads((out / "run.json").read_text())
+        del manifest["command"]["precision"]  # as an older salience wrote it
+        (out / "run.json").write_text(json.dumps(manifest))
+        _stopped(out)
+        run = salience.explain_dataset(model, files, METHODS, out, precision=given, **KW)
+        assert run.complete and "precision" not in run.options
+        assert "precision" not in json.loads((out / "run.json").read_text())["command"]
 
 
 def test_the_command_line_records_its_precision_and_refuses_another_on_the_run(tmp_path, capsys):

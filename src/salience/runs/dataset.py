@@ -122,10 +122,10 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     ``precision`` and ``fold_batchnorm``: how the methods' passes run (``None``: the settings of
     :func:`salience.set_performance`; docs/performance.md), on both engines. ``memory_format``, ``compile`` and
     ``fold_batchnorm`` change how the maps are computed, not what (float rounding), so they are not part of the
-    run's command (a run started without them may be continued with them); ``precision`` is (bf16 / fp16 maps
-    differ from fp32's by up to a tenth of their largest value): a run is continued in the precision it was begun
-    in, another one refused unless ``overwrite``. SmoothGrad gives image ``i`` the seed
-    ``(seed * 1_000_003 + i) % 2**63`` (:func:`salience.runs.job.image_seed`), so its map does not
+    run's command (a run started without them may be continued with them); ``precision`` is (bf16 maps differ
+    from fp32's beyond rounding: the pixel-gradient maps by 0.1-0.6 in relative L2, docs/performance.md): a run is
+    continued in the precision it was begun in, another one refused unless ``overwrite``. SmoothGrad gives image
+    ``i`` the seed ``(seed * 1_000_003 + i) % 2**63`` (:func:`salience.runs.job.image_seed`), so its map does not
     depend on the batch (docs/datasets.md); ``seed=None`` of SmoothGrad or RISE is the run's seed, drawn
     once when the run begins and kept in its ``run.json``, so a continued run equals an uninterrupted one.
     """

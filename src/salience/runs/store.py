@@ -373,8 +373,10 @@ class Store:
             if old.get("format") != FORMAT and not overwrite:
                 raise _format_refusal(f, old.get("format"))
             was, now = old.get("command", {}), self.manifest["command"]
-            if "precision" in now and "precision" not in was:  # begun before the command held it: the default's
-                was = {**was, "precision": "fp32"}
+            if "precision" in now and "precision" not in was:
+                # begun before the command held it (session 40): its precision is not known (an older salience ran
+                # `--precision bf16` runs too and recorded none), so it is continued in the one given, as it was then
+                was = {**was, "precision": now["precision"]}
             if legacy is not None and "form" not in (was.get("inputs") or {}):
                 now = legacy  # a run begun before the paths had one form: the command as it was written
             begun = was.get("labels")
