@@ -45,7 +45,7 @@ def folder(tmp_path_factory):
     (X, MASKS[:, :-1], {}, r"masks of shape \(3, 7, 8\) do not match"),
     (X, MASKS[:2], {}, r"masks of shape \(2, 8, 8\) do not match"),
     (X, MASKS.float() * 0.5, {}, r"threshold them first"),
-    (X, MASKS, {"steps": 0}, r"steps must be an int >= 1, got 0"),
+    (X, MASKS, {"steps": 0}, r"steps must be an int >= 1 \(a pass of the model each.*\), got 0"),
     (X, MASKS, {"randomization_images": 0}, r"randomization_images must be an int >= 1, got 0"),
     (X, MASKS, {"batch_size": 0}, r"batch_size must be an int >= 1, got 0"),
     (X, MASKS, {"seed": 0.5}, r"seed must be an int, got 0.5"),
