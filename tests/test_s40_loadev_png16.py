@@ -184,3 +184,23 @@ def test_a_16_bit_png_from_a_pipe(tmp_path):
     x = _through_pipe(tmp_path, _png(a, 6))
     assert isinstance(x, torch.Tensor), x
     torch.testing.assert_close(x, _expected(a), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", [b"tEXt", b"eXIf", b"gAMA"])
+def test_an_ancillary_chunk_failing_its_crc_is_dropped_as_libpng_drops_it(tmp_path, kind):
+    """A bad CRC in an ancillary chunk after the image data (a damaged comment, EXIF block, gamma) costs that chunk,
+    not the image: libpng warns and drops it, Pillow reads an 8-bit PNG so, and salience read 16-bit ones so before
+    session 40 (they were then refused as corrupt). A critical chunk's bad CRC stays an error (the "CRC" case
+    above)."""
+    a = RNG.integers(0, 65536, (3, 4, 3), dtype=np.uint16)
+    body = _png(a, 2)
+    end = body.rindex(b"IEND") - 4
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = {b"tEXt": b"k\x00v", b"eXIf": exif.tobytes()[6:], b"gAMA": struct.pack(">I", 45455)}[kind]
+    bad = bytearray(_chunk(kind, payload))
+    bad[-1] ^= 1
+    p = tmp_path / "c.png"
+    p.write_bytes(body[:end] + bytes(bad) + body[end:])
+    assert np.array_equal(cv2.imread(str(p), cv2.IMREAD_UNCHANGED)[..., ::-1], a)
+    torch.testing.assert_close(load_image(p), _expected(a), rtol=0, atol=1e-6)  # the damaged eXIf: no turn
