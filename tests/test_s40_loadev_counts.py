@@ -91,3 +91,22 @@ def test_counts_within_the_cap_still_run():
 
     assert deletion_curves(Sum(), X, MAPS, 0, steps=MAX_PASSES, substrate="zero", probability=False).shape == (1, 65)
     assert road_curves(Sum(), X, MAPS, 0, fractions=(0.5,) * 3, probability=False).shape == (1, 3)
+
+
+def test_road_fractions_as_a_tensor_or_a_generator():
+    """``torch.linspace(0.1, 0.9, 9)`` as fractions runs, as before session 40 (``float()`` of each element): the
+    check of each fraction as a number refused its 0-d tensors. A bool tensor and a 0-d tensor stay refused, and a
+    generator's bad fraction is named (the message listed what was left of it: ``[]``)."""
+    class Sum(nn.Module):
+        def forward(self, x):
+            return x.sum((1, 2, 3))[:, None]
+
+    want = road_curves(Sum(), X, MAPS, 0, fractions=[0.25, 0.5, 0.75], probability=False)
+    got = road_curves(Sum(), X, MAPS, 0, fractions=torch.linspace(0.25, 0.75, 3), probability=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(SalienceError, match="each ROAD fraction must be a"):
+        road_curves(Sum(), X, MAPS, 0, fractions=torch.tensor([True, False]))
+    with pytest.raises(SalienceError, match="must be a sequence of fractions"):
+        road_curves(Sum(), X, MAPS, 0, fractions=torch.tensor(0.5))
+    with pytest.raises(SalienceError, match=r"strictly between 0 and 1, got \[0.5, 1.5\]"):
+        road_curves(Sum(), X, MAPS, 0, fractions=(f for f in (0.5, 1.5)))
