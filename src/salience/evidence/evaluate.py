@@ -503,7 +503,7 @@ def _folder_inputs_and_files(model: nn.Module, images: PathLike, masks: Optional
     A mask is the file in ``masks`` with the image's stem (``cat.jpg`` <-> ``cat.png``), resized
     and cropped like the image, and set where its brightest channel is at least half the mask's
     maximum (so white-on-black, 0/1 label images and coloured label images all work; a mask with transparency
-    where it is at least half opaque, :func:`~salience.loading.images.mask_values`). Any image
+    where its alpha is at least half its largest, :func:`~salience.loading.images.mask_values`). Any image
     without a mask, or any unreadable file, is an error: an evaluation that silently drops images
     is not the evaluation the user asked for. Each file is decoded once.
     """
