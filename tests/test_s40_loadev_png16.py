@@ -204,3 +204,29 @@ def test_an_ancillary_chunk_failing_its_crc_is_dropped_as_libpng_drops_it(tmp_pa
     p.write_bytes(body[:end] + bytes(bad) + body[end:])
     assert np.array_equal(cv2.imread(str(p), cv2.IMREAD_UNCHANGED)[..., ::-1], a)
     torch.testing.assert_close(load_image(p), _expected(a), rtol=0, atol=1e-6)  # the damaged eXIf: no turn
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_xmp_orientation_turns_16_bit_samples_as_pillow_turns_8_bit_ones(tmp_path, orientation):
+    """An XMP packet's ``tiff:Orientation`` (an iTXt chunk, no eXIf): Pillow's ``getexif`` reads it, so an 8-bit PNG
+    is turned, and so was a 16-bit one before session 40 (read through Pillow); the decoder of 67c6dcb read only
+    eXIf and left it as stored."""
+    from PIL import PngImagePlugin
+
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation}"/>'
+           '</rdf:RDF></x:xmpmeta>')
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp)
+    v = RNG.integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    eight = tmp_path / "x8.png"
+    Image.fromarray(v).save(eight, pnginfo=info)
+    raw = eight.read_bytes()
+    at = raw.index(b"iTXt") - 4
+    itxt = raw[at:at + 12 + struct.unpack(">I", raw[at:at + 4])[0]]
+    body = _png(v.astype(np.uint16) * 257, 2)
+    sixteen = tmp_path / "x16.png"
+    sixteen.write_bytes(body[:33] + itxt + body[33:])  # after IHDR, before IDAT (where Pillow reads it)
+    want = load_image(eight)
+    assert want.shape[1:] == ((5, 3) if orientation == 6 else (3, 5))
+    torch.testing.assert_close(load_image(sixteen), want, rtol=0, atol=1e-6)
