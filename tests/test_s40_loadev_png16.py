@@ -184,3 +184,49 @@ def test_a_16_bit_png_from_a_pipe(tmp_path):
     x = _through_pipe(tmp_path, _png(a, 6))
     assert isinstance(x, torch.Tensor), x
     torch.testing.assert_close(x, _expected(a), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", [b"tEXt", b"eXIf", b"gAMA"])
+def test_an_ancillary_chunk_failing_its_crc_is_dropped_as_libpng_drops_it(tmp_path, kind):
+    """A bad CRC in an ancillary chunk after the image data (a damaged comment, EXIF block, gamma) costs that chunk,
+    not the image: libpng warns and drops it, Pillow reads an 8-bit PNG so, and salience read 16-bit ones so before
+    session 40 (they were then refused as corrupt). A critical chunk's bad CRC stays an error (the "CRC" case
+    above)."""
+    a = RNG.integers(0, 65536, (3, 4, 3), dtype=np.uint16)
+    body = _png(a, 2)
+    end = body.rindex(b"IEND") - 4
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = {b"tEXt": b"k\x00v", b"eXIf": exif.tobytes()[6:], b"gAMA": struct.pack(">I", 45455)}[kind]
+    bad = bytearray(_chunk(kind, payload))
+    bad[-1] ^= 1
+    p = tmp_path / "c.png"
+    p.write_bytes(body[:end] + bytes(bad) + body[end:])
+    assert np.array_equal(cv2.imread(str(p), cv2.IMREAD_UNCHANGED)[..., ::-1], a)
+    torch.testing.assert_close(load_image(p), _expected(a), rtol=0, atol=1e-6)  # the damaged eXIf: no turn
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_xmp_orientation_turns_16_bit_samples_as_pillow_turns_8_bit_ones(tmp_path, orientation):
+    """An XMP packet's ``tiff:Orientation`` (an iTXt chunk, no eXIf): Pillow's ``getexif`` reads it, so an 8-bit PNG
+    is turned, and so was a 16-bit one before session 40 (read through Pillow); the decoder of 67c6dcb read only
+    eXIf and left it as stored."""
+    from PIL import PngImagePlugin
+
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation}"/>'
+           '</rdf:RDF></x:xmpmeta>')
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp)
+    v = RNG.integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    eight = tmp_path / "x8.png"
+    Image.fromarray(v).save(eight, pnginfo=info)
+    raw = eight.read_bytes()
+    at = raw.index(b"iTXt") - 4
+    itxt = raw[at:at + 12 + struct.unpack(">I", raw[at:at + 4])[0]]
+    body = _png(v.astype(np.uint16) * 257, 2)
+    sixteen = tmp_path / "x16.png"
+    sixteen.write_bytes(body[:33] + itxt + body[33:])  # after IHDR, before IDAT (where Pillow reads it)
+    want = load_image(eight)
+    assert want.shape[1:] == ((5, 3) if orientation == 6 else (3, 5))
+    torch.testing.assert_close(load_image(sixteen), want, rtol=0, atol=1e-6)

@@ -110,14 +110,17 @@ def image_seeds(x: Tensor, seed: int = 0, stream: int = 0) -> list[int]:
     return [keyed_seed(s, k, stream) for k in image_keys(x)]
 
 
-def check_count(value: object, name: str, minimum: int, what: str) -> int:
+def check_count(value: object, name: str, minimum: int, what: str, most: Optional[int] = None) -> int:
     """A metric's count of passes of the model over each image (deletion / insertion ``steps``, faithfulness
-    correlation's ``subsets``, max-sensitivity's ``samples``, ROAD's fractions) as an int from ``minimum`` to
-    :data:`~salience._core.engine.MAX_PASSES`, else a :class:`SalienceError` before anything is built or run: a bool,
-    a float or a string is no count, and ``10**12`` ran for ever (or asked for terabytes) without a word. ``what``:
-    what one is, said in both messages."""
+    correlation's ``subsets``, max-sensitivity's ``samples``, ROAD's fractions) as an int from ``minimum``, the passes
+    it runs at most :data:`~salience._core.engine.MAX_PASSES`, else a :class:`SalienceError` before anything is built
+    or run: a bool, a float or a string is no count, and ``10**12`` ran for ever (or asked for terabytes) without a
+    word. ``most``: the passes any count runs at most (deletion's H x W pixels: more steps are cut to one a pixel, as
+    documented), so ``steps=10**7`` on a 224 x 224 image runs its 50,176 passes. ``what``: what one is."""
     n = check_int(value, name, minimum=minimum, what=what)
-    check_passes(n, f"{name}={n:,} is", f"give at most {MAX_PASSES:,} ({what})")
+    runs = n if most is None else min(n, most)
+    said = f"{name}={n:,} is" if runs == n else f"{name}={n:,} ({runs:,} passes, one a pixel) is"
+    check_passes(runs, said, f"give at most {MAX_PASSES:,} ({what})")
     return n
 
 

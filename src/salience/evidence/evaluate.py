@@ -158,10 +158,18 @@ def _check_classifier(model: nn.Module) -> None:
             "salience.evidence.deletion(model, x, maps, salience.targets.regression(0), probability=False)")
 
 
-def _check_options(steps: int, randomization_images: int, batch_size: int, seed: int, **flags: bool) -> None:
+_STEPS = "a pass of the model each, the deletion / insertion curves' points less one"
+
+
+def _check_options(steps: int, randomization_images: int, batch_size: int, seed: int, pixels: Optional[int],
+                   **flags: bool) -> None:
     """An evaluation's options, checked before any work: a bad one was each row's error, found after every
-    method's maps (``batch_size=0`` a raw ``ValueError``; ``randomization_images=0`` "x is an empty batch")."""
-    check_count(steps, "steps", 1, "a pass of the model each, the deletion / insertion curves' points less one")
+    method's maps (``batch_size=0`` a raw ``ValueError``; ``randomization_images=0`` "x is an empty batch").
+    ``pixels``: an image's H x W, which ``steps``' passes are cut to (``None``: not known yet, checked again)."""
+    if pixels is None:
+        check_int(steps, "steps", minimum=1)
+    else:
+        check_count(steps, "steps", 1, _STEPS, pixels)
     check_int(randomization_images, "randomization_images", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
     check_seed(seed)
@@ -326,7 +334,8 @@ def evaluate_methods(
     """
     _check_classifier(model)
     check_probability(probability)
-    _check_options(steps, randomization_images, batch_size, seed, baselines=baselines, progress=progress)
+    pixels = x.shape[-2] * x.shape[-1] if isinstance(x, Tensor) and x.dim() >= 2 else None
+    _check_options(steps, randomization_images, batch_size, seed, pixels, baselines=baselines, progress=progress)
     methods = _method_list(methods)
     x = check_input(x, model)
     masks = check_masks(masks, x[:, 0]) if masks is not None else None
@@ -503,7 +512,7 @@ def _folder_inputs_and_files(model: nn.Module, images: PathLike, masks: Optional
     A mask is the file in ``masks`` with the image's stem (``cat.jpg`` <-> ``cat.png``), resized
     and cropped like the image, and set where its brightest channel is at least half the mask's
     maximum (so white-on-black, 0/1 label images and coloured label images all work; a mask with transparency
-    where it is at least half opaque, :func:`~salience.loading.images.mask_values`). Any image
+    where its alpha is at least half its largest, :func:`~salience.loading.images.mask_values`). Any image
     without a mask, or any unreadable file, is an error: an evaluation that silently drops images
     is not the evaluation the user asked for. Each file is decoded once.
     """
@@ -569,7 +578,7 @@ def run_evaluation(
     """
     check_int(n, "n", minimum=1)
     check_probability(probability)
-    _check_options(steps, randomization_images, 32, seed, progress=progress)
+    _check_options(steps, randomization_images, 32, seed, None, progress=progress)
     _check_classifier(model)
     if masks is not None and images is None:
         raise SalienceError("masks need their images: give images=DIR too")
@@ -585,6 +594,7 @@ def run_evaluation(
         x, raw, m, source, mask_files = _folder_inputs_and_files(model, images, masks, n)
     device = model_device(model)
     x, m = model_input(model, x), (m.to(device) if m is not None else None)  # its device and dtype
+    check_count(steps, "steps", 1, _STEPS, x.shape[-2] * x.shape[-1])  # its passes: before the folder is made
     predicted_classes(model, x, batch_size=32)  # a model that cannot take x: refused before the folder is made
     items = bound_methods(model, x, methods, method_options)
     check_bound_values(model, x[:1], dict(items), method_options)

@@ -246,7 +246,8 @@ def image_names(names: Sequence[int]) -> Iterator[None]:
 def _curves(model: nn.Module, x: Tensor, maps: Tensor, target: TargetLike, *, insert: bool,
             opts: _Options) -> Tensor:
     """The one implementation behind the four public functions: ``(B, min(steps, H*W) + 1)`` scores."""
-    steps = check_count(opts.steps, "steps", 1, "a pass of the model each, the curve's points less one")
+    pixels = x.shape[-2] * x.shape[-1] if isinstance(x, Tensor) and x.dim() >= 2 else None
+    steps = check_count(opts.steps, "steps", 1, "a pass of the model each, the curve's points less one", pixels)
     maps = prepare_maps(model, x, maps)
     b, c, h, w = x.shape
     # More steps than pixels only repeat points (the pixel count is round(k H W / steps)), unevenly, and each

@@ -140,7 +140,12 @@ def _noise(shape: torch.Size, seeds: Sequence[int]) -> Tensor:
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:
-    if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__"):
+    """``fractions`` as floats in (0, 1), at most :data:`MAX_PASSES` of them; a 1-D tensor (``torch.linspace``) gives
+    its values (its 0-d elements are no numbers to :func:`check_number`), a 0-d one is one number, refused."""
+    if isinstance(fractions, Tensor) and fractions.dim() == 1:
+        fractions = fractions.detach().cpu().tolist()
+    if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__") or (
+            isinstance(fractions, Tensor) and fractions.dim() == 0):
         raise SalienceError(f"ROAD fractions must be a sequence of fractions, e.g. (0.5,) or ROAD_FRACTIONS; got "
                             f"{fractions!r}")
     fr = list(itertools.islice(fractions, MAX_PASSES + 1))  # an endless iterator: refused, not read for ever
@@ -149,7 +154,7 @@ def _check_fractions(fractions: Sequence[float]) -> list[float]:
                      f"give at most {MAX_PASSES:,} fractions (a pass of the model each), e.g. ROAD_FRACTIONS")
     fr = [check_number(f, "each ROAD fraction", what="in (0, 1)") for f in fr]
     if not fr or any(not 0.0 < f < 1.0 for f in fr):
-        raise SalienceError(f"ROAD fractions must lie strictly between 0 and 1, got {list(fractions)}")
+        raise SalienceError(f"ROAD fractions must lie strictly between 0 and 1, got {fr}")
     return fr
 
 

@@ -174,7 +174,7 @@ def _load(path: PathLike, max_pixels: Any, data: Any, alpha: bool) -> Tensor:
         try:
             with _without_pils_bomb_limit(), quiet_warnings():
                 if png16:
-                    samples = _png16_samples(data)
+                    samples = _png16_samples(data, img.info)
                 else:
                     img.load()
                     top = _integer_top(img)  # before exif_transpose, whose copy has no TIFF tags
@@ -241,17 +241,19 @@ _ORIENTED = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a
 turns an image (6: 90 degrees clockwise; 5 and 7: the transposes)."""
 
 
-def _png16_samples(data: bytes) -> np.ndarray:
+def _png16_samples(data: bytes, info: dict) -> np.ndarray:
     """A 16-bit PNG's samples, ``(H, W, C)`` uint16 (:func:`salience.loading.png.decode_png16`: Pillow cuts colour
-    ones to 8 bits), turned upright as its ``eXIf`` chunk's orientation says."""
+    ones to 8 bits), turned upright as Pillow's ``getexif`` reads the orientation of an 8-bit PNG: its ``eXIf``
+    chunk (before or after the image data), else ImageMagick's raw EXIF profile or XMP's ``tiff:Orientation`` in
+    ``info`` (the opened file's text chunks)."""
     from PIL import Image
 
     samples, exif = decode_png16(bytes(data))
-    if exif is None:
-        return samples
-    tags = Image.Exif()
-    tags.load(exif if exif.startswith(b"Exif") else b"Exif\x00\x00" + exif)
-    turn = _ORIENTED.get(tags.get(0x0112, 1))
+    shown = Image.new("L", (1, 1))  # Pillow's own reading of the orientation, without decoding the file again
+    shown.info = dict(info)
+    if exif is not None:
+        shown.info["exif"] = exif if exif.startswith(b"Exif") else b"Exif\x00\x00" + exif
+    turn = _ORIENTED.get(shown.getexif().get(0x0112, 1))
     return samples if turn is None else turn(samples)
 
 

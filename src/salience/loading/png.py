@@ -30,7 +30,9 @@ def is_png16(head: bytes) -> bool:
 
 def _chunks(data: bytes) -> dict:
     """The chunks :func:`decode_png16` needs: ``IHDR``'s, ``tRNS``'s and ``eXIf``'s bodies, the ``IDAT`` bodies
-    joined. Each chunk's CRC is checked; a chunk running past the end is a truncated file (``ValueError``)."""
+    joined. Each chunk's CRC is checked: a critical chunk failing it is a ``ValueError``, an ancillary one is dropped
+    (libpng's default; Pillow reads such a chunk after the image data without a word); a chunk running past the end
+    is a truncated file (``ValueError``)."""
     view, pos, found, idat = memoryview(data), 8, {}, []
     while pos + 8 <= len(data):
         n, kind = struct.unpack(">I4s", view[pos:pos + 8])
@@ -38,7 +40,10 @@ def _chunks(data: bytes) -> dict:
             raise ValueError(f"truncated in its {kind.decode('latin-1')!r} chunk")
         body = view[pos + 8:pos + 8 + n]
         if zlib.crc32(body, zlib.crc32(kind)) != struct.unpack(">I", view[pos + 8 + n:pos + 12 + n])[0]:
-            raise ValueError(f"its {kind.decode('latin-1')!r} chunk fails its CRC check")
+            if not kind[0] & 0x20:  # a critical chunk (IHDR, IDAT, IEND: upper-case first letter)
+                raise ValueError(f"its {kind.decode('latin-1')!r} chunk fails its CRC check")
+            pos += 12 + n  # an ancillary one (tEXt, eXIf, tRNS ...) is dropped, as libpng and Pillow drop it
+            continue
         if kind == b"IDAT":
             idat.append(body)
         elif kind in (b"IHDR", b"tRNS", b"eXIf"):
