@@ -28,10 +28,12 @@ files are alike, saved at 1.25x the input size so that every peer decodes and re
   its floor: the bare passes below on a channels-last copy of the model, the input channels-last, the forward
   under ``torch.autocast("cpu", torch.bfloat16)`` (what the engine's options do to a pass). On a CPU with AMX-BF16
   (``lscpu | grep amx``) resnet50's forward + input gradient runs about 2.7x faster so (2.3-3.0x per round in
-  ``dataset-s40-bf16-1thread.md``; 2.7x in docs/performance.md's ``cpu_bf16.py`` table).
+  ``dataset-s40-bf16-1thread.md``; 0.38x fp32's time, 2.6x faster, in ``cpu-bf16-s40.md``'s rounds).
 - ``bare``: the floor, no decoding, nothing written: the images already decoded into tensors (not
   timed), then per batch of B one forward and ``torch.autograd.grad`` of the predicted class's score
-  w.r.t. the input (what a vanilla map needs).
+  w.r.t. the input (what a vanilla map needs). Since session 40 (60191c2) its fp32 path no longer clones the
+  batch (the detached slice is the gradient's leaf without a copy; the clone copied about 9.6 MB a batch of 16 at 224 px), so
+  ``bare`` is marginally faster than in the earlier tables.
 - ``captum``: what people write by hand: a ``DataLoader`` over the files (PIL + torchvision
   transforms, the same workers), per batch a forward for the predicted class, Captum
   ``Saliency.attribute`` (its own forward + backward), maps saved as float16 ``.npy`` per batch.

@@ -30,7 +30,10 @@ dotted name (``layer4.0.conv1``: 512 channels, a quarter of ``layer4``'s passes)
 
     flock /tmp/bench.lock taskset -c 1 python benchmarks/perturbation.py --model resnet50 --size 224 \
         --images 1 --layer layer4.0.conv1 --masks 512 --window 32 --stride 16 --peer-batch 8 --threads 1 \
-        --rounds 3 --bf16 1 --methods scorecam,rise --out benchmarks/perturbation-resnet50-bf16-scorecam-rise
+        --captum-ppe 16,64 --rounds 3 --bf16 1 --skip salience --methods scorecam,rise \
+        --out benchmarks/perturbation-resnet50-bf16-scorecam-rise
+
+(the committed table's command; ``--skip salience`` leaves out salience's plain fp32 row, for time).
 
 Peak memory is the process's ``VmHWM`` (its own high-water mark; ``ru_maxrss`` would carry the
 parent's) above the resident memory just before the call.

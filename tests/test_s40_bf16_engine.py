@@ -4,7 +4,8 @@ CPU's native bf16 is detected (:func:`salience._core.cpu.native_bf16`), and bf16
 The probe test makes the probe's clock exact (``Run.clock`` reads a virtual clock that the model's own forward
 advances by a cost that depends on the autocast and the layout the pass really ran under), so what it decides is
 what the passes it timed ran under, not the machine's load: channels-last is made faster under bf16 only (as on
-an AMX CPU: resnet50's forward + input gradient, bf16 + channels-last 0.37x fp32's time, fp32 channels-last 0.89x).
+an AMX CPU: resnet50's forward + input gradient, bf16 + channels-last 0.38x fp32's time, fp32 channels-last 0.93x, medians of
+benchmarks/cpu-bf16-s40.md's rounds).
 """
 from __future__ import annotations
 

@@ -50,7 +50,10 @@ def test_precision_is_applied(modifier):
     got, said = _hooked(m, False, lambda mod, i, o: dtypes.append(o.dtype),
                         lambda: _with({"precision": "bf16"}, lambda: _call(m, modifier), m))
     assert torch.bfloat16 in dtypes and not _ours(said, "precision")
-    assert got.dtype == ref.dtype and np.abs(got - ref).max() < 0.1  # the same map, to bf16's precision
+    # the same map, to bf16's precision: the documented bf16 bound on a CPU, the largest difference at most 0.1 of the
+    # map's largest value (docs/performance.md, "precision"; test_performance.py's BF16_ATOL), here in absolute terms
+    # since keras-vis's maps are normalized to [0, 1) (their largest value just below 1)
+    assert got.dtype == ref.dtype and np.abs(got - ref).max() < 0.1
 
 
 @pytest.mark.parametrize("modifier", MODIFIERS)

@@ -17,7 +17,6 @@ from salience.loading import load_image
 from salience.loading.png import unfilter
 from test_s39_loading_png16 import _chunk, _paeth  # the encoder's pieces, from the specification
 
-cv2 = pytest.importorskip("cv2")
 RNG = np.random.default_rng(40)
 _ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
 
@@ -65,6 +64,7 @@ def test_every_filter_type_alone_on_every_colour_type(tmp_path, kind, colour_typ
     p = tmp_path / "f.png"
     p.write_bytes(_png(a, colour_type, lambda i: kind))
     if channels in (1, 3, 4):  # libpng reads the file as written: the encoder is right
+        cv2 = pytest.importorskip("cv2")  # OpenCV only here: the rest of this module runs without it
         back = cv2.imread(str(p), cv2.IMREAD_UNCHANGED).reshape(6, 7, channels)
         assert np.array_equal(back[..., [2, 1, 0, 3][:channels]] if channels > 1 else back, a)
     torch.testing.assert_close(load_image(p), _expected(a), rtol=0, atol=1e-6)
@@ -76,6 +76,7 @@ def test_odd_sides_mixed_filters_and_adam7(tmp_path, h, w, interlace):
     a = RNG.integers(0, 65536, (h, w, 3), dtype=np.uint16)
     p = tmp_path / "o.png"
     p.write_bytes(_png(a, 2, lambda i: (3 * i + 1) % 5, interlace))
+    cv2 = pytest.importorskip("cv2")
     assert np.array_equal(cv2.imread(str(p), cv2.IMREAD_UNCHANGED).reshape(h, w, 3)[..., ::-1], a)
     torch.testing.assert_close(load_image(p), _expected(a), rtol=0, atol=1e-6)
 
@@ -202,6 +203,7 @@ def test_an_ancillary_chunk_failing_its_crc_is_dropped_as_libpng_drops_it(tmp_pa
     bad[-1] ^= 1
     p = tmp_path / "c.png"
     p.write_bytes(body[:end] + bytes(bad) + body[end:])
+    cv2 = pytest.importorskip("cv2")
     assert np.array_equal(cv2.imread(str(p), cv2.IMREAD_UNCHANGED)[..., ::-1], a)
     torch.testing.assert_close(load_image(p), _expected(a), rtol=0, atol=1e-6)  # the damaged eXIf: no turn
 

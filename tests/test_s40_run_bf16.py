@@ -1,5 +1,5 @@
 """bf16 and channels-last in a dataset run (issue 17 / 19, session 40): the run's passes run under both, the stored
-maps are float16 and within bf16's tolerance of an fp32 run's, and the precision is part of the run's command (a run
+maps are float16 and within bf16's tolerance of an fp32 run's (relative L2, ``|a - b| / |b|``, at most 0.1), and the precision is part of the run's command (a run
 is continued in the precision it was begun in; another one is refused unless overwrite)."""
 from __future__ import annotations
 
