@@ -12,7 +12,9 @@ host work in the main thread (``runs.dataset.WRITER_QUEUE = 0``: same bytes), so
 
 The files and the peers are ``benchmarks/dataset.py``'s: the model on the cores ``CPUS`` (default 1) with
 one thread, the DataLoader worker (one) on core 0. Prints the images/s of the bare passes and of
-``salience.explain_dataset`` (``REPS`` rounds each, alternating) and their time ratio per round, then
+``salience.explain_dataset`` (``REPS`` rounds each, alternating) and their time ratio per round, and the CPU
+seconds of each and of ``calls``: the method alone, ``salience.vanilla`` batch by batch under the same options (what
+of the run's CPU over the bare passes is the method call's, what the run layer's), then
 (``PROF=1``) a cProfile of one more run, cumulative, the runs layer and the DataLoader's functions:
 cProfile sees the main thread only (the writer thread's work shows as ``_Writer.put`` / ``close``).
 Not a benchmark of record (no file written).
@@ -55,16 +57,26 @@ try:
     bare = bench.bf16_copy(model) if BF16 else model
     bench.run_bare(bare, x[:16], 16, bf16=BF16)
     bench.run_salience(model, tmp / "jpegs" / "block0", 16, 1, tmp / "warm", **KW)
-    times: dict[str, list[float]] = {"bare": [], "salience": []}
+    def calls() -> None:  # the method alone: salience.vanilla batch by batch under the run's options, no run
+        with salience.performance(**KW):
+            for s in range(0, N, 16):
+                salience.vanilla(model, x[s:s + 16])
+
+    peers = {"bare": lambda: bench.run_bare(bare, x, 16, bf16=BF16), "calls": calls,
+             "salience": lambda: bench.run_salience(model, tmp / "jpegs" / "block0", 16, 1, tmp / "run", **KW)}
+    times: dict[str, list[float]] = {k: [] for k in peers}
+    cpu: dict[str, list[float]] = {k: [] for k in peers}
     for _ in range(int(os.environ.get("REPS", 2))):
-        t = time.perf_counter()
-        bench.run_bare(bare, x, 16, bf16=BF16)
-        times["bare"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        bench.run_salience(model, tmp / "jpegs" / "block0", 16, 1, tmp / "run", **KW)
-        times["salience"].append(time.perf_counter() - t)
+        for k, peer in peers.items():
+            t, c = time.perf_counter(), time.process_time()
+            peer()
+            times[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
     print({k: [round(N / v, 1) for v in vs] for k, vs in times.items()}, "images/s; salience / bare per round:",
           [round(s / b, 3) for s, b in zip(times["salience"], times["bare"])])
+    print("CPU s per round:", {k: [round(v, 2) for v in vs] for k, vs in cpu.items()}, "; over bare: calls",
+          [round(s / b, 3) for s, b in zip(cpu["calls"], cpu["bare"])], "salience",
+          [round(s / b, 3) for s, b in zip(cpu["salience"], cpu["bare"])])
     if os.environ.get("PROF", "1") == "1":
         profile = cProfile.Profile(time.process_time) if os.environ.get("TIMER") == "cpu" else cProfile.Profile()
         profile.enable()
