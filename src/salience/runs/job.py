@@ -597,9 +597,11 @@ def finish_items(plan: Plan, done: Computed, warn: Optional[Callable[[str], None
             maps[name] = np.full((n, plan.k, *done.failed[name]), np.nan, dtype=np.float32)
             continue
         m = done.maps[name]
-        full = np.full((n, *m.shape[1:]), np.nan, dtype=np.float32)
-        full[good] = m.numpy()
-        maps[name] = full
+        if len(good) == n and m.dtype == torch.float32:  # every item decoded: the maps as they are (no NaN rows)
+            maps[name] = m.numpy()
+        else:
+            maps[name] = np.full((n, *m.shape[1:]), np.nan, dtype=np.float32)
+            maps[name][good] = m.numpy()
         first = display(m[:, 0])
         kept = done.kept[name]  # the items the method explained
         lost = len(kept) != len(good)

@@ -545,10 +545,14 @@ _COMMAND = " (salience explain --dataset --map-dtype float32)"
 
 
 def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``arr`` as ``dtype``; float16 clips to its finite range (NaN kept: the rows of failed images)."""
+    """``arr`` as ``dtype``; float16 clips to its finite range (NaN kept: the rows of failed images). The clip
+    runs on the float16 copy, in place (a value past the range is +-inf there, clipped to +-65504, as the
+    float32 clipped first casts to): the same bits, without a float32 copy of the maps."""
     if dtype == np.float16:
-        big = float(np.finfo(np.float16).max)
-        arr = np.clip(arr, -big, big)
+        big = np.finfo(np.float16).max
+        with np.errstate(over="ignore"):  # past the range: inf, clipped next
+            out = np.asarray(arr).astype(np.float16)
+        return np.clip(out, -big, big, out=out)
     return arr.astype(dtype, copy=False)
 
 
