@@ -31,6 +31,7 @@ from torch import Tensor
 from salience._core.errors import SalienceError, quiet_warnings
 from salience._core.files import file_start
 from salience._core.info import ModelInfo
+from salience._core.tensors import MAX_INPUT_PIXELS as _MAX_INPUT_PIXELS, check_input_pixels
 from salience.loading.png import SIGNATURE, decode_png16, is_png16
 
 __all__ = [
@@ -54,28 +55,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 DEFAULT_MAX_PIXELS = 50_000_000
 """Largest image (width x height) :func:`load_image` decodes by default: 50 megapixels
 (about 600 MB as float32 RGB)."""
-MAX_INPUT_PIXELS = DEFAULT_MAX_PIXELS
-"""The most pixels (H x W) of a model's input size, and of the square of a ``resize``'s shorter side: the 50 megapixels
-an image file may have by default (600 MB as float32 RGB). ``size=1e300`` or ``10**9`` was taken until the resize, which
-failed with torch's "Overflow when unpacking long long" or an allocation of terabytes."""
-
-
-def check_input_pixels(sides: Sequence[int], name: str, *, resize: bool = False) -> None:
-    """A :class:`SalienceError` where an input size ``sides`` ``(H, W)`` (``resize``: one shorter side, at least its
-    square resized) has more than :data:`MAX_INPUT_PIXELS` pixels; ``name``: the option or flag as the user gave it."""
-    h, w = (sides[0], sides[0]) if resize else (sides[0], sides[-1])
-    if h * w <= MAX_INPUT_PIXELS:
-        return
-    said = f"{name} {_count(h)} makes images of at least {_count(h)}x{_count(h)} =" if resize else \
-        f"{name} {_count(h)}x{_count(w)} is"
-    raise SalienceError(f"{said} {_count(h * w)} pixels, more than the {MAX_INPUT_PIXELS:,} a model's input may have "
-                        f"here (an image file's default limit; {_count(h * w * 12)} bytes as float32 RGB); give the "
-                        "model's input size, e.g. 224")
-
-
-def _count(n: int) -> str:
-    """``n`` with thousands separators, or as ``1e+300`` past a trillion."""
-    return f"{n:,}" if n < 10 ** 12 else f"{float(n):.3g}" if n < 10 ** 308 else "more than 1e+308"
+MAX_INPUT_PIXELS = _MAX_INPUT_PIXELS
+"""The most pixels (H x W) of a model's input size, and of the square of a ``resize``'s shorter side (re-exported
+from :data:`salience._core.tensors.MAX_INPUT_PIXELS`, where methods' own checks find it): the 50 megapixels an image
+file may have by default (600 MB as float32 RGB)."""
 
 
 _bomb_lock = threading.Lock()
