@@ -57,7 +57,7 @@ from salience.render import plots, viz
 from salience.render.report import Report
 
 __all__ = ["MetricRow", "BASELINES", "ORACLE", "BETTER", "evaluate_methods", "score_maps", "markdown_table",
-           "run_evaluation", "evaluation_input", "bound_methods", "options_record"]
+           "run_evaluation", "evaluation_input", "bound_methods", "default_names", "options_record"]
 
 PathLike = Union[str, "Path"]
 TrainFn = Callable[[Tensor, Tensor], nn.Module]
@@ -262,7 +262,7 @@ def bound_methods(model: nn.Module, x: Optional[Tensor], methods: Optional[Seque
     randomization all call these functions. Without ``methods``, a method given ``grid`` / ``prefix_tokens`` in
     ``method_options`` is chosen with them (as ``salience evaluate --grid / --prefix-tokens``): a CAM or attention
     method is kept where they read the tokens (a ViT-like model whose tokens read two ways without them)."""
-    chosen = methods if methods is not None else _default_names(model, x, method_options or {})
+    chosen = methods if methods is not None else default_names(model, x, method_options or {})
     items = [resolve_method(m) for m in chosen]
     fns = dict(items)
     for name, given in (method_options or {}).items():
@@ -270,9 +270,12 @@ def bound_methods(model: nn.Module, x: Optional[Tensor], methods: Optional[Seque
     return list(fns.items())
 
 
-def _default_names(model: nn.Module, x: Optional[Tensor], method_options: MethodOptions) -> list[str]:
-    """:func:`default_methods`, each method decided with its own ``grid`` / ``prefix_tokens`` from
-    ``method_options`` (one choice per distinct pair; the methods given none are decided without them)."""
+def default_names(model: nn.Module, x: Optional[Tensor], method_options: Mapping[str, Any]) -> list[str]:
+    """The methods evaluated by default: :func:`default_methods` (no ``grid`` / ``prefix_tokens``), plus each
+    method that its own ``grid`` / ``prefix_tokens`` in ``method_options`` keeps (a CAM or attention method on a
+    ViT-like model whose tokens read two ways without them). The token-aware choice only adds: a method given them
+    that the plain choice has stays, so its own check of them speaks (GradCAM given ``grid`` on a CNN). One choice
+    per distinct pair; ``salience evaluate --grid / --prefix-tokens`` picks with this too."""
     def tokens(name: str) -> tuple[Any, Any]:
         given = method_options.get(name)
         given = given if isinstance(given, Mapping) else {}
@@ -282,7 +285,8 @@ def _default_names(model: nn.Module, x: Optional[Tensor], method_options: Method
     for grid, prefix in [(None, None)] + [tokens(name) for name in method_options]:
         if repr((grid, prefix)) not in choices:  # a list is no key: its repr is
             choices[repr((grid, prefix))] = default_methods(model, x, grid=grid, prefix_tokens=prefix)
-    return [name for name in METHODS if name in choices[repr(tokens(name))]]
+    plain = choices[repr((None, None))]
+    return [name for name in METHODS if name in plain or name in choices[repr(tokens(name))]]
 
 
 def options_record(items: Sequence[tuple[str, Callable[..., Any]]]) -> dict[str, dict[str, Any]]:
