@@ -2,7 +2,6 @@
 a SalienceError before anything is allocated: (3, 10**6, 10**6) asked torch for 12 TB (a raw RuntimeError) and
 (3, 10**300, 10**300) failed with a raw TypeError."""
 import pytest
-import torch
 from torch import nn
 
 import salience

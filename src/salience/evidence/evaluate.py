@@ -724,7 +724,8 @@ def _mask_check(where: Sequence[int], mask_files: Optional[Sequence[PathLike]],
         else:
             named = _first([repr(str(f)) for f in files])
         return (f" Check the mask file{s} {named}: the object is where its brightest channel is "
-                "at least half its maximum (in a file with transparency: where it is at least half opaque)")
+                "at least half its maximum (in a file whose alpha is below half its largest alpha somewhere: where its alpha is "
+                "at least half its largest alpha)")
     indices = _first([str(i) for i in where])
     if demo_masks is not None:
         return (" These are the demo's generated masks, not files: image "

@@ -109,12 +109,13 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
 def mask_values(path: PathLike) -> Tensor:
     """A mask file as ``(1, H, W)`` float32 in ``[0, 1]``, which its reader thresholds at half its maximum: its
-    alpha where it has transparency (an alpha channel below opaque somewhere, a PNG's ``tRNS`` key colour, a
-    palette's transparent entries), so a transparent pixel is off and an opaque one on whatever its colour (a
-    cut-out of the object, a coloured overlay); else its brightest channel (white-on-black masks, 0/1 label images,
-    coloured label images). Composited on white, a transparent background read as the object."""
+    alpha where the alpha itself makes a mask (some pixel's alpha below half its largest: an alpha channel, a PNG's
+    ``tRNS`` key colour, a palette's transparent entries), so a transparent pixel is off and an opaque one on whatever
+    its colour (a cut-out of the object, a coloured overlay); else its brightest channel (white-on-black masks, 0/1
+    label images, coloured label images, an RGBA mask whose alpha is near opaque everywhere: one pixel of alpha 254
+    read the whole image as the object). Composited on white, a transparent background read as the object."""
     x = _load(path, DEFAULT_MAX_PIXELS, None, alpha=True)
-    if x.shape[0] == 4 and bool((x[3] < 1).any()):
+    if x.shape[0] == 4 and bool((x[3] < x[3].max() / 2).any()):
         return x[3:].contiguous()
     return x[:3].amax(0, keepdim=True)
 
