@@ -7,7 +7,6 @@ import signal
 import struct
 import zlib
 
-import numpy as np
 import pytest
 
 from salience import SalienceError
