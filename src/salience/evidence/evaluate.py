@@ -158,7 +158,8 @@ def _check_classifier(model: nn.Module) -> None:
             "salience.evidence.deletion(model, x, maps, salience.targets.regression(0), probability=False)")
 
 
-_STEPS = "a pass of the model each, the deletion / insertion curves' points less one"
+STEPS_MEANING = "a pass of the model each, the deletion / insertion curves' points less one"
+"""What one of the deletion / insertion ``steps`` is, as the count checks say it (``run_evaluation``, dataset runs)."""
 
 
 def _check_options(steps: int, randomization_images: int, batch_size: int, seed: int, pixels: Optional[int],
@@ -169,7 +170,7 @@ def _check_options(steps: int, randomization_images: int, batch_size: int, seed:
     if pixels is None:
         check_int(steps, "steps", minimum=1)
     else:
-        check_count(steps, "steps", 1, _STEPS, pixels)
+        check_count(steps, "steps", 1, STEPS_MEANING, pixels)
     check_int(randomization_images, "randomization_images", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
     check_seed(seed)
@@ -598,7 +599,7 @@ def run_evaluation(
         x, raw, m, source, mask_files = _folder_inputs_and_files(model, images, masks, n)
     device = model_device(model)
     x, m = model_input(model, x), (m.to(device) if m is not None else None)  # its device and dtype
-    check_count(steps, "steps", 1, _STEPS, x.shape[-2] * x.shape[-1])  # its passes: before the folder is made
+    check_count(steps, "steps", 1, STEPS_MEANING, x.shape[-2] * x.shape[-1])  # its passes: before the folder is made
     predicted_classes(model, x, batch_size=32)  # a model that cannot take x: refused before the folder is made
     items = bound_methods(model, x, methods, method_options)
     check_bound_values(model, x[:1], dict(items), method_options)
