@@ -201,8 +201,9 @@ def check_input_pixels(sides: Sequence[int], name: str, *, resize: bool = False)
 
 
 def count_text(n: int) -> str:
-    """``n`` with thousands separators, or as ``1e+300`` past a trillion."""
-    return f"{n:,}" if n < 10 ** 12 else f"{float(n):.3g}" if n < 10 ** 308 else "more than 1e+308"
+    """``n`` with thousands separators, or as ``1e+300`` past a trillion (``over 1e+308`` past floats: the messages
+    go on "..., more than the 50,000,000", which "more than 1e+308" doubled)."""
+    return f"{n:,}" if n < 10 ** 12 else f"{float(n):.3g}" if n < 10 ** 308 else "over 1e+308"
 
 
 def check_int(value: Any, name: str, *, minimum: Optional[int] = 0, what: str = "") -> int:

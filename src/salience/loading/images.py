@@ -354,7 +354,7 @@ def _to_rgb_tensor(img, top: int = 65535, alpha: bool = False) -> Tensor:
     return torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0)
 
 
-def check_info(info: Any, fn: str) -> ModelInfo:
+def check_info(info: Any, fn: str, *, pixels: bool = True) -> ModelInfo:
     """``info`` as a :class:`ModelInfo` whose preprocessing can be applied: an input size of two whole numbers
     >= 1 (or none), a resize >= 1 (or none), finite means, stds > 0, one or one per channel; else a
     :class:`SalienceError`. numpy / torch values (an array of means, ``np.int64`` sides, ``224 / 0.875 = 256.0``)
@@ -374,7 +374,8 @@ def check_info(info: Any, fn: str) -> ModelInfo:
             raise SalienceError(f"{fn}: the ModelInfo's resize must be an int >= 1 (the shorter side) or None; "
                                 f"got {info.resize!r}")
         fixed["resize"] = int(info.resize)
-    _check_info_pixels(fixed, fn)
+    if pixels:  # with_preprocessing checks the sizes it ends with (the user's size overrides the model's)
+        _check_info_pixels(fixed, fn)
     for name in ("mean", "std"):
         values = getattr(info, name)
         if values is None:
@@ -667,7 +668,7 @@ RESIZE_MODES = ("crop", "stretch", "none")
 
 def resize_mode(info: ModelInfo) -> str:
     """``info``'s resizing as one of :data:`RESIZE_MODES`."""
-    info = check_info(info, "resize_mode")
+    info = check_info(info, "resize_mode", pixels=False)  # the mode: sizes are checked where they are used
     if info.input_size is None:
         return "none"
     return "crop" if info.resize else "stretch"
@@ -688,7 +689,7 @@ def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]]
     model's input channels, 1 (gray: RGB images become their ITU-R 601 luma) or 3 (RGB), for a model
     whose info does not say (a ``python:`` or ``.pt2`` model with a one-channel stem).
     """
-    info = check_info(info, "with_preprocessing")
+    info = check_info(info, "with_preprocessing", pixels=False)
     if channels is not None:
         if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels not in (1, 3):
             raise SalienceError(f"channels must be 1 (gray) or 3 (RGB), got {channels!r}")
@@ -709,6 +710,8 @@ def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]]
     if mode == "stretch" and resize is not None:
         raise SalienceError("resize (the shorter side before a centre crop) goes with resize_mode 'crop', not 'stretch'")
     new_resize = _crop_resize(info, target, resize) if mode == "crop" else None
+    _check_info_pixels({"input_size": target, **({} if new_resize is None else {"resize": new_resize})},
+                       "with_preprocessing")  # the sizes it ends with: a model's 8192 x 8192 is overridden by size=224
     return dataclasses.replace(info, input_size=tuple(int(v) for v in target), resize=new_resize, **stats)
 
 
