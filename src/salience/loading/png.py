@@ -6,7 +6,8 @@ chunks itself (``IHDR``, ``tRNS``, ``eXIf``, the ``IDAT`` chunks joined, each ch
 undoes the five scanline filters (None, Sub, Up, Average, Paeth) with numpy, Adam7 interlacing included. Average
 and Paeth predict a byte from the one to its left, decoded just before, so the rows of an image using them are
 decoded along anti-diagonals (every pixel of one depends only on the two before it), in bands of at most 1024 rows:
-``band + W`` numpy steps a band, each across the band's rows at once, instead of ``band x W`` pixel steps."""
+``band + W`` numpy steps a band, each across the band's rows at once, instead of ``band x W`` pixel steps; past
+:data:`MAX_DIAGONAL_STEPS` (a thin image: 1 x 200,000) such a file is refused saying how to re-save it."""
 from __future__ import annotations
 
 import struct
