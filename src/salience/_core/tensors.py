@@ -190,7 +190,7 @@ failed with torch's "Overflow when unpacking long long" or an allocation of tera
 def check_input_pixels(sides: Sequence[int], name: str, *, resize: bool = False) -> None:
     """A :class:`SalienceError` where an input size ``sides`` ``(H, W)`` (``resize``: one shorter side, at least its
     square resized) has more than :data:`MAX_INPUT_PIXELS` pixels; ``name``: the option or flag as the user gave it."""
-    h, w = (sides[0], sides[0]) if resize else (sides[0], sides[-1])
+    h, w = (sides[0], sides[0]) if check_flag(resize, "resize") else (sides[0], sides[-1])
     if h * w <= MAX_INPUT_PIXELS:
         return
     said = f"{name} {count_text(h)} makes images of at least {count_text(h)}x{count_text(h)} =" if resize else \
