@@ -438,8 +438,8 @@ def test_evaluate_says_a_constant_oracle_or_baseline_and_nothing_of_good_ones(se
     assert rc == 0, err
     oracle = ("the map (the mask) is constant ({}) everywhere: the mask marks {}, so the oracle ranks no pixel above "
               "another and its row is no ceiling for the methods. Check the mask file {!r} in {!r}: the object is "
-              "where its brightest channel is at least half its maximum (in a file with transparency: where it is at "
-              "least half opaque)")
+              "where its brightest channel is at least half its maximum "
+              "(in a file whose alpha is below half its largest alpha somewhere: where its alpha is at least half its largest alpha)")
     want = [f"{E.ORACLE}, 1 of 3 image(s) (image 1): {oracle.format('zero', 'no pixel', 'pic2_grey.png', str(masks))}",
             f"{E.ORACLE}, 1 of 3 image(s) (image 2): {oracle.format('1', 'every pixel', 'pic3.png', str(masks))}"]
     want += [f"{name}, 1 of 3 image(s) (image 1): the map is constant (zero) everywhere: the image holds nothing "
@@ -487,8 +487,8 @@ def test_evaluate_with_mask_tensors_names_the_masks_to_check_not_a_file(tmp_path
     assert all("file" not in t for t in said)
     files = [tmp_path / "m" / f"{n}.png" for n in ("a", "b", "c", "d")]
     by_file = E.constant_notes({E.ORACLE: maps[E.ORACLE]}, mask_files=files)
-    check = ("the object is where its brightest channel is at least half its maximum (in a file with transparency: "
-             "where it is at least half opaque)")
+    check = ("the object is where its brightest channel is at least half its maximum "
+             "(in a file whose alpha is below half its largest alpha somewhere: where its alpha is at least half its largest alpha)")
     assert by_file == [
         f"{E.ORACLE}, 1 of 4 image(s) (image 1): {base.format('zero', 'no pixel')}Check the mask file 'b.png' in "
         f"'{tmp_path / 'm'}': {check}",
@@ -525,7 +525,8 @@ def test_evaluate_names_mask_files_in_the_current_folder_plainly_and_each_quoted
     want = (f"{E.ORACLE}, 2 of 2 image(s) (images 0, 1): the map (the mask) is constant (zero) everywhere: the mask "
             "marks no pixel, so the oracle ranks no pixel above another and its row is no ceiling for the methods. "
             "Check the mask files 'pic1, grey.png', 'pic2.png': the object is where its brightest channel is at "
-            "least half its maximum (in a file with transparency: where it is at least half opaque)")
+            "least half its maximum "
+            "(in a file whose alpha is below half its largest alpha somewhere: where its alpha is at least half its largest alpha)")
     assert [ln for ln in err.splitlines() if ln.startswith(f"salience: warning: {E.ORACLE}")] == [
         f"salience: warning: {want}"], err
     assert want in json.loads((tmp_path / "ev" / "results.json").read_text())["warnings"]
@@ -584,7 +585,7 @@ def test_constant_notes_refuses_mask_files_that_are_not_one_per_image():
         E.constant_notes({E.ORACLE: masks}, mask_files=["a.png", "b.png", "c.png"], demo_masks="shapes_batch(3)")
     assert E.constant_notes({E.ORACLE: masks}, mask_files=["m/a.png", "m/b.png", "m/c.png"])[0].endswith(
         "Check the mask files 'b.png', 'c.png' in 'm': the object is where its brightest channel is at least half its "
-        "maximum (in a file with transparency: where it is at least half opaque)")
+        "maximum (in a file whose alpha is below half its largest alpha somewhere: where its alpha is at least half its largest alpha)")
 
 
 def test_visualize_says_a_class_model_image_left_flat(setup, tmp_path, capsys):

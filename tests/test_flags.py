@@ -92,6 +92,8 @@ CALLS.update({
         lambda f, v: salience.targets.resolve([salience.targets.as_target(None)], _cnn(), X, **{f: v}),
     ("salience.attention", "AttentionCapture", "grads"): lambda f, v: salience.attention.AttentionCapture(**{f: v}),
     ("salience.demo.zoo", "ShapesViT", "stem"): lambda f, v: salience.zoo.ShapesViT(depth=1, **{f: v}),
+    ("salience._core.tensors", "check_input_pixels", "resize"):
+        lambda f, v: salience.loading.check_input_pixels([8], "size", **{f: v}),
 })
 _TRUST = {("salience.loading.models", "load_model", "trust_pickle"), ("salience.loading.models", "read_state_dict",
                                                                         "trust_pickle")}

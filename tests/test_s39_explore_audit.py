@@ -34,7 +34,7 @@ import salience  # noqa: E402
 from conftest import assert_same_snapshot, model_snapshot  # noqa: E402
 from explore_helpers import forget, npy, shapes_files, wait_job  # noqa: E402
 from salience.explore.app import create_app  # noqa: E402
-from salience.explore.compute import MAX_PASSES  # noqa: E402
+from salience.explore.compute import EXPLORER_MAX_PASSES as MAX_PASSES  # noqa: E402
 from salience.explore.server import build_hub  # noqa: E402
 
 

@@ -977,9 +977,6 @@ def changes_single_pass(options: Performance) -> bool:
             or options.precision != "fp32" or options.fold_batchnorm)
 
 
-_fast = changes_single_pass  # the name it had: kept for the callers in this module
-
-
 def _compiles(rec: _Record, sizes: _Record, x: Tensor) -> bool:
     """Whether a one-pass call of ``x``'s batch size may run compiled: the size is one of those
     compiled (``sizes.compiled``, shared by the tags whose passes share the graphs), or this tag
@@ -1036,7 +1033,7 @@ def one_pass(model: nn.Module, x: Tensor, *, tag: str, gradient_graph: bool = Fa
     graph instead of compiling a graph of each (the forward's values are the same; it keeps the
     activations until the output is dropped)."""
     options = current()
-    if active(model) is not None or not _fast(options):
+    if active(model) is not None or not changes_single_pass(options):
         yield None
         return
     run = Run(model, x, options, tag=tag)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 
-__all__ = ["autocast_off", "gaussian_blur", "gaussian_kernel1d", "upsample_bilinear", "minmax", "unit_scale", "first_tensor", "model_device", "model_dtype", "check_int", "check_number", "check_flag", "check_optional_flag", "check_finite_tensor", "baseline_tensor", "fresh_seed"]
+__all__ = ["autocast_off", "gaussian_blur", "gaussian_kernel1d", "upsample_bilinear", "minmax", "unit_scale", "first_tensor", "model_device", "model_dtype", "check_int", "MAX_INPUT_PIXELS", "check_input_pixels", "count_text", "check_number", "check_flag", "check_optional_flag", "check_finite_tensor", "baseline_tensor", "fresh_seed"]
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
@@ -179,6 +179,31 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype the model computes in (its first floating parameter's); float32 by default."""
     p = first_tensor(model)
     return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
+MAX_INPUT_PIXELS = 50_000_000
+"""The most pixels (H x W) of a model's input size, and of the square of a ``resize``'s shorter side: the 50 megapixels
+an image file may have by default (``salience.loading.DEFAULT_MAX_PIXELS``) (600 MB as float32 RGB). ``size=1e300`` or ``10**9`` was taken until the resize, which
+failed with torch's "Overflow when unpacking long long" or an allocation of terabytes."""
+
+
+def check_input_pixels(sides: Sequence[int], name: str, *, resize: bool = False) -> None:
+    """A :class:`SalienceError` where an input size ``sides`` ``(H, W)`` (``resize``: one shorter side, at least its
+    square resized) has more than :data:`MAX_INPUT_PIXELS` pixels; ``name``: the option or flag as the user gave it."""
+    h, w = (sides[0], sides[0]) if check_flag(resize, "resize") else (sides[0], sides[-1])
+    if h * w <= MAX_INPUT_PIXELS:
+        return
+    said = f"{name} {count_text(h)} makes images of at least {count_text(h)}x{count_text(h)} =" if resize else \
+        f"{name} {count_text(h)}x{count_text(w)} is"
+    raise SalienceError(f"{said} {count_text(h * w)} pixels, more than the {MAX_INPUT_PIXELS:,} a model's input may have "
+                        f"here (an image file's default limit; {count_text(h * w * 12)} bytes as float32 RGB); give the "
+                        "model's input size, e.g. 224")
+
+
+def count_text(n: int) -> str:
+    """``n`` with thousands separators, or as ``1e+300`` past a trillion (``over 1e+308`` past floats: the messages
+    go on "..., more than the 50,000,000", which "more than 1e+308" doubled)."""
+    return f"{n:,}" if n < 10 ** 12 else f"{float(n):.3g}" if n < 10 ** 308 else "over 1e+308"
 
 
 def check_int(value: Any, name: str, *, minimum: Optional[int] = 0, what: str = "") -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int
@@ -18,7 +18,7 @@ from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, METHOD_FLAGS, add_model_
 from salience.demo.train import demo_train_fn
 from salience.evidence import evaluate
 from salience.evidence.sanity import NO_HOOKS
-from salience.methods import default_methods
+from salience.methods import METHODS
 
 DELETION_STEPS = 24
 """The deletion / insertion steps without ``--deletion-steps``."""
@@ -65,6 +65,14 @@ def _check_applicable(methods: Sequence[str], given: dict[str, Any]) -> None:
         raise
 
 
+def default_choice(model: nn.Module, x: Tensor, given: dict[str, Any]) -> list[str]:
+    """The methods run without ``--method``: :func:`salience.evidence.evaluate.default_names` with ``--grid`` /
+    ``--prefix-tokens`` given to each method that takes them (the CAMs and attention methods kept where they read
+    the tokens), the choice the Python API makes for the same options."""
+    tokens = {k: v for k, v in given.items() if k in ("grid", "prefix_tokens")}
+    return evaluate.default_names(model, x, {name: taken for name in METHODS if (taken := _options.bind(name, tokens)[1])})
+
+
 def _method_options(args: argparse.Namespace, model: nn.Module, methods: Optional[list[str]],
                     given: dict[str, Any]) -> tuple[Optional[list[str]], dict[str, dict[str, Any]]]:
     """The methods (the defaults chosen here when options are given) and each one's options, bound as
@@ -76,8 +84,7 @@ def _method_options(args: argparse.Namespace, model: nn.Module, methods: Optiona
     with flag_errors(FLAGS, args):
         x = evaluate.evaluation_input(model, args.images, n=args.n)
     if methods is None:
-        # --grid / --prefix-tokens read the tokens: the CAMs and the attention methods are kept where they read them
-        methods = default_methods(model, x, grid=given.get("grid"), prefix_tokens=given.get("prefix_tokens"))
+        methods = default_choice(model, x, given)
         _check_applicable(methods, given)
     _options.check_values(model, x, methods, given)
     return methods, {name: taken for name in methods if (taken := _options.bind(name, given)[1])}

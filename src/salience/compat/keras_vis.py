@@ -372,16 +372,17 @@ def _wrt_gradient(model: nn.Module, x: Tensor, target: Target, method: Optional[
     between ``wrt`` and the target's layer: the rule changed nothing, the map was silently the plain gradient's.
     Either pass runs under the precision and layout in force (:func:`hooked_pass`; ``compile`` / ``fold_batchnorm``
     said not applied), an fp16 gradient past float16's range refused."""
+    label = f"keras_vis wrt_tensor= ({method or 'plain gradient'})"  # both passes' warnings: one scheme, their own
     if method is None:
         # The input must require grad for the layer output to be part of a graph (the parameters are frozen).
-        with hooked_pass(model, x, "keras_vis (wrt_tensor=)", why=_WHY_WRT_TENSOR_PASSES_SKIP):
+        with hooked_pass(model, x, label, why=_WHY_WRT_TENSOR_PASSES_SKIP):
             g = gradients(model, x, target, layers=[wrt]).layer_grads[0]
             refuse_fp16_overflow(model, g)
         return full_precision(g, x)
     rules.check_model(model, method)
     rule = rules.guided() if method == "guided_backprop" else rules.deconvnet()
     # a ruled pass as guided backprop's: under the precision and layout set (not compiled, not folded: said)
-    with hooked_pass(model, x, method), rule.marking(wrt) as mark:
+    with hooked_pass(model, x, label, why=_WHY_WRT_TENSOR_PASSES_SKIP), rule.marking(wrt) as mark:
         g = gradients(model, x, target, layers=[wrt], extra_modes=[rule]).layer_grads[0]
         refuse_fp16_overflow(model, g)
     rule.check_rectified(since=mark[0] if mark else 0,

@@ -57,7 +57,7 @@ from salience.render import plots, viz
 from salience.render.report import Report
 
 __all__ = ["MetricRow", "BASELINES", "ORACLE", "BETTER", "evaluate_methods", "score_maps", "markdown_table",
-           "run_evaluation", "evaluation_input", "bound_methods", "options_record"]
+           "run_evaluation", "evaluation_input", "bound_methods", "default_names", "options_record"]
 
 PathLike = Union[str, "Path"]
 TrainFn = Callable[[Tensor, Tensor], nn.Module]
@@ -158,7 +158,8 @@ def _check_classifier(model: nn.Module) -> None:
             "salience.evidence.deletion(model, x, maps, salience.targets.regression(0), probability=False)")
 
 
-_STEPS = "a pass of the model each, the deletion / insertion curves' points less one"
+STEPS_MEANING = "a pass of the model each, the deletion / insertion curves' points less one"
+"""What one of the deletion / insertion ``steps`` is, as the count checks say it (``run_evaluation``, dataset runs)."""
 
 
 def _check_options(steps: int, randomization_images: int, batch_size: int, seed: int, pixels: Optional[int],
@@ -169,7 +170,7 @@ def _check_options(steps: int, randomization_images: int, batch_size: int, seed:
     if pixels is None:
         check_int(steps, "steps", minimum=1)
     else:
-        check_count(steps, "steps", 1, _STEPS, pixels)
+        check_count(steps, "steps", 1, STEPS_MEANING, pixels)
     check_int(randomization_images, "randomization_images", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
     check_seed(seed)
@@ -262,7 +263,7 @@ def bound_methods(model: nn.Module, x: Optional[Tensor], methods: Optional[Seque
     randomization all call these functions. Without ``methods``, a method given ``grid`` / ``prefix_tokens`` in
     ``method_options`` is chosen with them (as ``salience evaluate --grid / --prefix-tokens``): a CAM or attention
     method is kept where they read the tokens (a ViT-like model whose tokens read two ways without them)."""
-    chosen = methods if methods is not None else _default_names(model, x, method_options or {})
+    chosen = methods if methods is not None else default_names(model, x, method_options or {})
     items = [resolve_method(m) for m in chosen]
     fns = dict(items)
     for name, given in (method_options or {}).items():
@@ -270,9 +271,12 @@ def bound_methods(model: nn.Module, x: Optional[Tensor], methods: Optional[Seque
     return list(fns.items())
 
 
-def _default_names(model: nn.Module, x: Optional[Tensor], method_options: MethodOptions) -> list[str]:
-    """:func:`default_methods`, each method decided with its own ``grid`` / ``prefix_tokens`` from
-    ``method_options`` (one choice per distinct pair; the methods given none are decided without them)."""
+def default_names(model: nn.Module, x: Optional[Tensor], method_options: Mapping[str, Any]) -> list[str]:
+    """The methods evaluated by default: :func:`default_methods` (no ``grid`` / ``prefix_tokens``), plus each
+    method that its own ``grid`` / ``prefix_tokens`` in ``method_options`` keeps (a CAM or attention method on a
+    ViT-like model whose tokens read two ways without them). The token-aware choice only adds: a method given them
+    that the plain choice has stays, so its own check of them speaks (GradCAM given ``grid`` on a CNN). One choice
+    per distinct pair; ``salience evaluate --grid / --prefix-tokens`` picks with this too."""
     def tokens(name: str) -> tuple[Any, Any]:
         given = method_options.get(name)
         given = given if isinstance(given, Mapping) else {}
@@ -282,7 +286,8 @@ def _default_names(model: nn.Module, x: Optional[Tensor], method_options: Method
     for grid, prefix in [(None, None)] + [tokens(name) for name in method_options]:
         if repr((grid, prefix)) not in choices:  # a list is no key: its repr is
             choices[repr((grid, prefix))] = default_methods(model, x, grid=grid, prefix_tokens=prefix)
-    return [name for name in METHODS if name in choices[repr(tokens(name))]]
+    plain = choices[repr((None, None))]
+    return [name for name in METHODS if name in plain or name in choices[repr(tokens(name))]]
 
 
 def options_record(items: Sequence[tuple[str, Callable[..., Any]]]) -> dict[str, dict[str, Any]]:
@@ -594,7 +599,7 @@ def run_evaluation(
         x, raw, m, source, mask_files = _folder_inputs_and_files(model, images, masks, n)
     device = model_device(model)
     x, m = model_input(model, x), (m.to(device) if m is not None else None)  # its device and dtype
-    check_count(steps, "steps", 1, _STEPS, x.shape[-2] * x.shape[-1])  # its passes: before the folder is made
+    check_count(steps, "steps", 1, STEPS_MEANING, x.shape[-2] * x.shape[-1])  # its passes: before the folder is made
     predicted_classes(model, x, batch_size=32)  # a model that cannot take x: refused before the folder is made
     items = bound_methods(model, x, methods, method_options)
     check_bound_values(model, x[:1], dict(items), method_options)
@@ -720,7 +725,8 @@ def _mask_check(where: Sequence[int], mask_files: Optional[Sequence[PathLike]],
         else:
             named = _first([repr(str(f)) for f in files])
         return (f" Check the mask file{s} {named}: the object is where its brightest channel is "
-                "at least half its maximum (in a file with transparency: where it is at least half opaque)")
+                "at least half its maximum (in a file whose alpha is below half its largest alpha somewhere: where its alpha is "
+                "at least half its largest alpha)")
     indices = _first([str(i) for i in where])
     if demo_masks is not None:
         return (" These are the demo's generated masks, not files: image "

@@ -141,11 +141,12 @@ def _noise(shape: torch.Size, seeds: Sequence[int]) -> Tensor:
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:
     """``fractions`` as floats in (0, 1), at most :data:`MAX_PASSES` of them; a 1-D tensor (``torch.linspace``) gives
-    its values (its 0-d elements are no numbers to :func:`check_number`), a 0-d one is one number, refused."""
+    its values (its 0-d elements are no numbers to :func:`check_number`), a 0-d one (tensor or numpy array) is one
+    number, refused."""
     if isinstance(fractions, Tensor) and fractions.dim() == 1:
         fractions = fractions.detach().cpu().tolist()
     if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__") or (
-            isinstance(fractions, Tensor) and fractions.dim() == 0):
+            isinstance(fractions, (Tensor, np.ndarray)) and np.ndim(fractions) == 0):  # np.array(0.5): no sequence
         raise SalienceError(f"ROAD fractions must be a sequence of fractions, e.g. (0.5,) or ROAD_FRACTIONS; got "
                             f"{fractions!r}")
     fr = list(itertools.islice(fractions, MAX_PASSES + 1))  # an endless iterator: refused, not read for ever

@@ -35,6 +35,7 @@ from salience.loading.images import luma, preprocess, resize_crop
 from salience.loading.models import name_classes
 from salience.methods import METHODS
 from salience.methods import options as _options
+from salience.methods.perturbation import check_window, window_count
 from salience.render import viz
 
 __all__ = ["ModelSlot", "ExplainRequest", "check_request", "explain", "top_classes", "curves", "sanity",
@@ -144,19 +145,33 @@ def read_options(method: str, raw: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
-MAX_PASSES = 100_000
-"""Most ``samples`` / ``steps`` / ``masks`` a map of the explorer may ask for (each an image through the
-model). ``steps=10**30`` hung the server: integrated gradients' quadrature is a list of ``steps`` weights,
+EXPLORER_MAX_PASSES = 100_000
+"""Most ``samples`` / ``steps`` / ``masks`` / occlusion windows a map of the explorer may ask for (each an image
+through the model; the library's own cap, :data:`salience._core.engine.MAX_PASSES`, is a million). ``steps=10**30`` hung the server: integrated gradients' quadrature is a list of ``steps`` weights,
 built by the request's check on the event loop, so no other request was answered again."""
 
 
 def _check_passes(given: dict[str, Any]) -> None:
-    """A :class:`SalienceError` for a count of forward passes over :data:`MAX_PASSES`."""
+    """A :class:`SalienceError` for a count of forward passes over :data:`EXPLORER_MAX_PASSES`."""
     for key in ("samples", "steps", "masks"):
         v = given.get(key)
-        if isinstance(v, int) and v > MAX_PASSES:
-            raise SalienceError(f"option {key}: at most {MAX_PASSES} in the explorer (each is an image through the "
+        if isinstance(v, int) and v > EXPLORER_MAX_PASSES:
+            raise SalienceError(f"option {key}: at most {EXPLORER_MAX_PASSES} in the explorer (each is an image through the "
                                 f"model), got {v}; call the method from Python or salience explain for more")
+
+
+def _check_windows(x: Tensor, given: dict[str, Any]) -> None:
+    """A :class:`SalienceError` for occlusion windows on ``x``'s images over :data:`EXPLORER_MAX_PASSES` (a window
+    and stride the method refuses itself are left to its own check)."""
+    try:
+        win, st = check_window(x, given.get("window"), given.get("stride"))
+    except SalienceError:
+        return
+    n = window_count(int(x.shape[-2]), int(x.shape[-1]), win, st)
+    if n > EXPLORER_MAX_PASSES:
+        raise SalienceError(f"options window / stride: window {win[0]}x{win[1]} with stride {st[0]}x{st[1]} is {n} "
+                            f"windows, at most {EXPLORER_MAX_PASSES} in the explorer (each is an image through the "
+                            "model); give a larger stride, or call the method from Python or salience explain")
 
 
 class _Stub(nn.Module):
@@ -183,6 +198,8 @@ def check_request(slot: ModelSlot, method: str, target: Any, raw: dict[str, Any]
         raise SalienceError(f"target must be an output index 0..{slot.num_outputs - 1} of {slot.info.name}, "
                             f"got {target!r}")
     x = torch.zeros(1, slot.info.channels, *slot.size)
+    if method == "occlusion":
+        _check_windows(x, given)
     try:
         _options.check_values(_Stub(), x, [method], given)
     except SalienceError as e:  # the command line's flag (--prefix-tokens) as the page's option (prefix_tokens)
@@ -216,7 +233,7 @@ def _expected_items(method: str, given: dict[str, Any], x: Tensor) -> int:
             if isinstance(value, int):
                 return value + 1
     if method == "occlusion":
-        from salience.methods.perturbation import check_window, occlusion_windows
+        from salience.methods.perturbation import occlusion_windows
 
         window, stride = check_window(x, given.get("window"), given.get("stride"))
         return len(occlusion_windows(tuple(x.shape[-2:]), window, stride)[0]) + 1

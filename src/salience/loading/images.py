@@ -31,6 +31,7 @@ from torch import Tensor
 from salience._core.errors import SalienceError, quiet_warnings
 from salience._core.files import file_start
 from salience._core.info import ModelInfo
+from salience._core.tensors import MAX_INPUT_PIXELS as _MAX_INPUT_PIXELS, check_input_pixels
 from salience.loading.png import SIGNATURE, decode_png16, is_png16
 
 __all__ = [
@@ -54,28 +55,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 DEFAULT_MAX_PIXELS = 50_000_000
 """Largest image (width x height) :func:`load_image` decodes by default: 50 megapixels
 (about 600 MB as float32 RGB)."""
-MAX_INPUT_PIXELS = DEFAULT_MAX_PIXELS
-"""The most pixels (H x W) of a model's input size, and of the square of a ``resize``'s shorter side: the 50 megapixels
-an image file may have by default (600 MB as float32 RGB). ``size=1e300`` or ``10**9`` was taken until the resize, which
-failed with torch's "Overflow when unpacking long long" or an allocation of terabytes."""
-
-
-def check_input_pixels(sides: Sequence[int], name: str, *, resize: bool = False) -> None:
-    """A :class:`SalienceError` where an input size ``sides`` ``(H, W)`` (``resize``: one shorter side, at least its
-    square resized) has more than :data:`MAX_INPUT_PIXELS` pixels; ``name``: the option or flag as the user gave it."""
-    h, w = (sides[0], sides[0]) if resize else (sides[0], sides[-1])
-    if h * w <= MAX_INPUT_PIXELS:
-        return
-    said = f"{name} {_count(h)} makes images of at least {_count(h)}x{_count(h)} =" if resize else \
-        f"{name} {_count(h)}x{_count(w)} is"
-    raise SalienceError(f"{said} {_count(h * w)} pixels, more than the {MAX_INPUT_PIXELS:,} a model's input may have "
-                        f"here (an image file's default limit; {_count(h * w * 12)} bytes as float32 RGB); give the "
-                        "model's input size, e.g. 224")
-
-
-def _count(n: int) -> str:
-    """``n`` with thousands separators, or as ``1e+300`` past a trillion."""
-    return f"{n:,}" if n < 10 ** 12 else f"{float(n):.3g}" if n < 10 ** 308 else "more than 1e+308"
+MAX_INPUT_PIXELS = _MAX_INPUT_PIXELS
+"""The most pixels (H x W) of a model's input size, and of the square of a ``resize``'s shorter side (re-exported
+from :data:`salience._core.tensors.MAX_INPUT_PIXELS`, where methods' own checks find it): the 50 megapixels an image
+file may have by default (600 MB as float32 RGB)."""
 
 
 _bomb_lock = threading.Lock()
@@ -126,12 +109,13 @@ def load_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
 def mask_values(path: PathLike) -> Tensor:
     """A mask file as ``(1, H, W)`` float32 in ``[0, 1]``, which its reader thresholds at half its maximum: its
-    alpha where it has transparency (an alpha channel below opaque somewhere, a PNG's ``tRNS`` key colour, a
-    palette's transparent entries), so a transparent pixel is off and an opaque one on whatever its colour (a
-    cut-out of the object, a coloured overlay); else its brightest channel (white-on-black masks, 0/1 label images,
-    coloured label images). Composited on white, a transparent background read as the object."""
+    alpha where the alpha itself makes a mask (some pixel's alpha below half its largest: an alpha channel, a PNG's
+    ``tRNS`` key colour, a palette's transparent entries), so a transparent pixel is off and an opaque one on whatever
+    its colour (a cut-out of the object, a coloured overlay); else its brightest channel (white-on-black masks, 0/1
+    label images, coloured label images, an RGBA mask whose alpha is near opaque everywhere: one pixel of alpha 254
+    read the whole image as the object). Composited on white, a transparent background read as the object."""
     x = _load(path, DEFAULT_MAX_PIXELS, None, alpha=True)
-    if x.shape[0] == 4 and bool((x[3] < 1).any()):
+    if x.shape[0] == 4 and bool((x[3] < x[3].max() / 2).any()):
         return x[3:].contiguous()
     return x[:3].amax(0, keepdim=True)
 
@@ -182,6 +166,8 @@ def _load(path: PathLike, max_pixels: Any, data: Any, alpha: bool) -> Tensor:
                     img = ImageOps.exif_transpose(img) or img
         except MemoryError:
             raise
+        except SalienceError as e:  # a 16-bit PNG too slow to decode: what to do with it
+            raise SalienceError(f"{p}: {e}") from None
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error ...
             raise SalienceError(
                 f"{p}: corrupt or truncated {img.format or 'image'} file ({e}); re-export or re-download it"
@@ -368,7 +354,7 @@ def _to_rgb_tensor(img, top: int = 65535, alpha: bool = False) -> Tensor:
     return torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0)
 
 
-def check_info(info: Any, fn: str) -> ModelInfo:
+def check_info(info: Any, fn: str, *, pixels: bool = True) -> ModelInfo:
     """``info`` as a :class:`ModelInfo` whose preprocessing can be applied: an input size of two whole numbers
     >= 1 (or none), a resize >= 1 (or none), finite means, stds > 0, one or one per channel; else a
     :class:`SalienceError`. numpy / torch values (an array of means, ``np.int64`` sides, ``224 / 0.875 = 256.0``)
@@ -388,7 +374,8 @@ def check_info(info: Any, fn: str) -> ModelInfo:
             raise SalienceError(f"{fn}: the ModelInfo's resize must be an int >= 1 (the shorter side) or None; "
                                 f"got {info.resize!r}")
         fixed["resize"] = int(info.resize)
-    _check_info_pixels(fixed, fn)
+    if pixels:  # with_preprocessing checks the sizes it ends with (the user's size overrides the model's)
+        _check_info_pixels(fixed, fn)
     for name in ("mean", "std"):
         values = getattr(info, name)
         if values is None:
@@ -681,7 +668,7 @@ RESIZE_MODES = ("crop", "stretch", "none")
 
 def resize_mode(info: ModelInfo) -> str:
     """``info``'s resizing as one of :data:`RESIZE_MODES`."""
-    info = check_info(info, "resize_mode")
+    info = check_info(info, "resize_mode", pixels=False)  # the mode: sizes are checked where they are used
     if info.input_size is None:
         return "none"
     return "crop" if info.resize else "stretch"
@@ -702,7 +689,7 @@ def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]]
     model's input channels, 1 (gray: RGB images become their ITU-R 601 luma) or 3 (RGB), for a model
     whose info does not say (a ``python:`` or ``.pt2`` model with a one-channel stem).
     """
-    info = check_info(info, "with_preprocessing")
+    info = check_info(info, "with_preprocessing", pixels=False)
     if channels is not None:
         if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels not in (1, 3):
             raise SalienceError(f"channels must be 1 (gray) or 3 (RGB), got {channels!r}")
@@ -723,6 +710,8 @@ def with_preprocessing(info: ModelInfo, *, size: Union[None, int, Sequence[int]]
     if mode == "stretch" and resize is not None:
         raise SalienceError("resize (the shorter side before a centre crop) goes with resize_mode 'crop', not 'stretch'")
     new_resize = _crop_resize(info, target, resize) if mode == "crop" else None
+    _check_info_pixels({"input_size": target, **({} if new_resize is None else {"resize": new_resize})},
+                       "with_preprocessing")  # the sizes it ends with: a model's 8192 x 8192 is overridden by size=224
     return dataclasses.replace(info, input_size=tuple(int(v) for v in target), resize=new_resize, **stats)
 
 

@@ -6,7 +6,8 @@ chunks itself (``IHDR``, ``tRNS``, ``eXIf``, the ``IDAT`` chunks joined, each ch
 undoes the five scanline filters (None, Sub, Up, Average, Paeth) with numpy, Adam7 interlacing included. Average
 and Paeth predict a byte from the one to its left, decoded just before, so the rows of an image using them are
 decoded along anti-diagonals (every pixel of one depends only on the two before it), in bands of at most 1024 rows:
-``band + W`` numpy steps a band, each across the band's rows at once, instead of ``band x W`` pixel steps."""
+``band + W`` numpy steps a band, each across the band's rows at once, instead of ``band x W`` pixel steps; past
+:data:`MAX_DIAGONAL_STEPS` (a thin image: 1 x 200,000) such a file is refused saying how to re-save it."""
 from __future__ import annotations
 
 import struct
@@ -15,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+
+from salience._core.errors import SalienceError
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
@@ -112,6 +115,7 @@ def unfilter(lines: np.ndarray, bpp: int) -> np.ndarray:
         raise ValueError(f"a scanline of filter type {int(kinds.max())} (PNG has 0 to 4)")
     if np.isin(kinds, (3, 4)).any():  # in bands of at most 1024 rows (16 at least): skewed arrays of (band + W) x band
         out, prior, band = np.empty_like(f), np.zeros(f.shape[1], np.uint8), max(16, min(f.shape[1] // bpp, 1024))
+        _check_steps(f.shape[0], f.shape[1] // bpp, band)
         for y in range(0, f.shape[0], band):  # pixels, 3 bytes each, not (H + W) x H (a 50,000,000 x 1 image)
             out[y:y + band] = _unfilter_diagonals(f[y:y + band], kinds[y:y + band], bpp, prior)
             prior = out[min(y + band, f.shape[0]) - 1]
@@ -124,6 +128,22 @@ def unfilter(lines: np.ndarray, bpp: int) -> np.ndarray:
             out[y] = f[y] + prior if kind == 2 else f[y]
         prior = out[y]
     return out
+
+
+MAX_DIAGONAL_STEPS = 100_000
+"""The most numpy steps (anti-diagonals, ``band + W`` a band of rows) :func:`unfilter` takes for Average / Paeth rows:
+about 3 s. A square 50-megapixel image takes 56,000; a thin one (1 x 50,000,000) took 50,000,000, about 27 minutes."""
+
+
+def _check_steps(h: int, w: int, band: int) -> None:
+    """A :class:`SalienceError` where Average / Paeth rows of ``h`` x ``w`` pixels, in bands of ``band`` rows, take
+    more than :data:`MAX_DIAGONAL_STEPS` steps (a thin image: each step decodes one anti-diagonal, a pixel or few)."""
+    steps = h + -(-h // band) * w  # each band: its rows + W diagonals
+    if steps > MAX_DIAGONAL_STEPS:
+        raise SalienceError(f"a {w:,} x {h:,} pixel 16-bit PNG whose rows use the Average or Paeth filter decodes one "
+                            f"anti-diagonal at a time: {steps:,} steps, more than the {MAX_DIAGONAL_STEPS:,} taken "
+                            "(minutes for a thin image); re-save it with the None / Sub / Up filters, as a 16-bit "
+                            "TIFF, or as an 8-bit PNG")
 
 
 def _skewed(a: np.ndarray) -> np.ndarray:

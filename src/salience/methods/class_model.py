@@ -46,7 +46,7 @@ from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.progress import progress as _progress
-from salience._core.tensors import check_int, check_number, gaussian_blur, model_device, model_dtype, check_flag
+from salience._core.tensors import check_input_pixels, check_int, check_number, gaussian_blur, model_device, model_dtype, check_flag
 from salience.methods._multi import refuse_fp16_overflow, warn_unapplied
 from salience.targets import Classes, Target, as_target
 
@@ -207,6 +207,7 @@ def _image_shape(model: nn.Module, shape: Optional[Sequence[int]]) -> tuple[int,
         raise SalienceError(f"shape must be (C, H, W) with positive sizes, got {shape!r}") from None
     if len(shape) != 3 or min(shape) < 1:
         raise SalienceError(f"shape must be (C, H, W) with positive sizes, got {shape}")
+    check_input_pixels(shape[1:], "shape's H x W")  # (3, 10**6, 10**6) asked torch for 12 TB; 10**300 a raw TypeError
     return shape  # type: ignore[return-value]
 
 

@@ -222,8 +222,8 @@ def check_window(x: Tensor, window: Any, stride: Any) -> tuple[tuple[int, int], 
                                 f"({h}, {w})")
     n = window_count(h, w, win, st)
     _engine.check_passes(n, f"window {win[0]}x{win[1]} with stride {st[0]}x{st[1]} on the {h}x{w} image is {n:,} "
-                         "windows,", "give a larger stride (each window is a pass of the image), e.g. stride="
-                         f"{_stride_for(h, w, win)}")
+                         "windows,", "give a larger stride (each window is a pass of the image; at most the window, so that the windows "
+                         f"cover the image), e.g. {_stride_for(h, w, win)}")
     return win, st
 
 
@@ -233,12 +233,17 @@ def window_count(h: int, w: int, win: tuple[int, int], st: tuple[int, int]) -> i
     return math.prod(math.ceil((side - win[i]) / st[i]) + 1 for i, side in enumerate((h, w)))
 
 
-def _stride_for(h: int, w: int, win: tuple[int, int]) -> int:
-    """The smallest square stride whose windows of ``win`` on an ``h`` x ``w`` image are within the cap."""
+def _stride_for(h: int, w: int, win: tuple[int, int]) -> str:
+    """The options to suggest: the smallest square stride ``s`` whose windows are within the cap and still cover the
+    image (stride at most the window: ``stride=s``, or ``window=s, stride=s`` where ``s`` is past the window; window 1
+    with stride 2 left 3 of 4 pixels never occluded)."""
     s = 1
-    while window_count(h, w, win, (s, s)) > _engine.MAX_PASSES:
+    while window_count(h, w, (max(win[0], s), max(win[1], s)), (s, s)) > _engine.MAX_PASSES:
         s += 1
-    return s
+    if s <= min(win):
+        return f"stride={s}"
+    a, b = max(win[0], s), max(win[1], s)
+    return f"window={a if a == b else (a, b)}, stride={s}"
 
 
 def _baseline(x: Tensor, baseline: Any) -> Tensor:

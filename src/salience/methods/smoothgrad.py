@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -241,8 +242,9 @@ def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict,
         if not _names(method, key):
             continue
         inner = options.get(key, inspect.signature(method).parameters[key].default)
-        if isinstance(inner, int) and not isinstance(inner, bool) and inner > 0:
-            name = getattr(method, "__name__", "method")
+        if isinstance(inner, numbers.Integral) and not isinstance(inner, bool) and inner > 0:  # np.int64 too
+            inner = int(inner)
+            name = getattr(_root(method), "__name__", "the method")  # partial(rise, masks=4000): 'rise'
             _engine.check_passes(samples * inner, f"samples={samples} of {name} with {key}={inner} is "
                                  f"{samples * inner:,} passes of each image,", f"fewer samples or {key}")
             return

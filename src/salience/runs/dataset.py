@@ -33,6 +33,8 @@ from salience._core.guard import run_guard
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress
 from salience._core.tensors import check_flag, check_int, copy_model, model_device
+from salience.evidence._checks import check_count
+from salience.evidence.evaluate import STEPS_MEANING
 from salience.loading import load_model, remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
 from salience.loading.models import name_classes, resolve_device
@@ -166,6 +168,8 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     _check_option_values(module, dataset, first, info, fns, method_options)  # before any file is written
     metric_names = _metric_names(metrics, masks is not None)
     metric_steps = check_int(metric_steps, "metric_steps", minimum=1)
+    if metric_names and info.input_size is not None:  # its passes, once: not every row's metric error
+        check_count(metric_steps, "metric_steps", 1, STEPS_MEANING, info.input_size[0] * info.input_size[-1])
     if regression and target is None:
         target = 0
     plan = job.Plan(fns, info, paths, mode=target_mode, k=k, fixed=target, labels=known_labels, metrics=metric_names,
