@@ -216,3 +216,17 @@ def counting_backend():
         return run
 
     return backend, graphs, calls
+
+
+@pytest.fixture
+def fresh_perf_state():
+    """As in a fresh process, before and after the test: the once-per-process "is not applied" warnings of the
+    methods and the engine's caches (a file takes it with ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    from salience._core import perf
+    from salience.methods import _multi
+
+    _multi._UNAPPLIED.clear()
+    perf.clear_cache()
+    yield
+    _multi._UNAPPLIED.clear()
+    perf.clear_cache()

@@ -22,17 +22,7 @@ SEED = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
 MODIFIERS = [None, "guided"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_state():
-    """Each test as in a fresh process: the once-per-process warnings and the engine's caches."""
-    from salience._core import perf
-    from salience.methods import _multi
-
-    _multi._UNAPPLIED.clear()
-    perf.clear_cache()
-    yield
-    _multi._UNAPPLIED.clear()
-    perf.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_perf_state")
 
 
 def _call(m: nn.Module, modifier) -> np.ndarray:

@@ -14,16 +14,11 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import salience  # noqa: E402
 from salience.compat import keras_vis as kv  # noqa: E402
-from salience.methods import _multi  # noqa: E402
 
 SEED = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True)
-def fresh_state():
-    _multi._UNAPPLIED.clear()
-    yield
-    _multi._UNAPPLIED.clear()
+pytestmark = pytest.mark.usefixtures("fresh_perf_state")
 
 
 def _said(fn) -> list[str]:

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import salience
-from salience._core import perf
 from salience.methods import _multi
 from tiny_vit import TinyViT
 
@@ -65,13 +64,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_state():
-    _multi._UNAPPLIED.clear()
-    perf.clear_cache()
-    yield
-    _multi._UNAPPLIED.clear()
-    perf.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_perf_state")
 
 
 def test_each_table_holds_reasons_for_pass_options_only():
