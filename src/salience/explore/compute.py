@@ -233,10 +233,8 @@ def _expected_items(method: str, given: dict[str, Any], x: Tensor) -> int:
             if isinstance(value, int):
                 return value + 1
     if method == "occlusion":
-        from salience.methods.perturbation import occlusion_windows
-
         window, stride = check_window(x, given.get("window"), given.get("stride"))
-        return len(occlusion_windows(tuple(x.shape[-2:]), window, stride)[0]) + 1
+        return window_count(int(x.shape[-2]), int(x.shape[-1]), window, stride) + 1
     return 1
 
 

@@ -58,9 +58,8 @@ def quadrature(rule: str, steps: int) -> tuple[list[float], list[float]]:
     """
     rule = _ALIASES.get(rule, rule)
     n = steps
-    limit = MAX_STEPS_GAUSS if rule == "gausslegendre" else MAX_STEPS
-    if rule == "gausslegendre" and n > limit:
-        raise SalienceError(f"steps={n} is more than the {limit:,} points the {rule} rule takes here: its nodes come "
+    if rule == "gausslegendre" and n > MAX_STEPS_GAUSS:
+        raise SalienceError(f"steps={n} is more than the {MAX_STEPS_GAUSS:,} points the {rule} rule takes here: its nodes come "
                             "from an n x n eigenproblem (4,000 points took 26 s), and it reaches float precision with "
                             "far fewer (a few hundred)")
     if rule in RULES:  # each point is a forward and backward pass: the cap of every many-pass count, said alike

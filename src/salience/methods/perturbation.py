@@ -188,8 +188,7 @@ def occlusion_windows(size: tuple[int, int], window: tuple[int, int], stride: tu
     and how many windows cover each pixel ``(H, W)``."""
     starts = []
     for i in range(2):
-        count = math.ceil((size[i] - window[i]) / stride[i]) + 1
-        starts.append(torch.arange(count) * stride[i])
+        starts.append(torch.arange(_windows_along(size[i], window[i], stride[i])) * stride[i])
     ys, xs = torch.meshgrid(starts[0], starts[1], indexing="ij")
     corners = torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=1)
     # the windows are a grid of rows x columns: a pixel's count is its row's count times its column's
@@ -230,7 +229,12 @@ def check_window(x: Tensor, window: Any, stride: Any) -> tuple[tuple[int, int], 
 def window_count(h: int, w: int, win: tuple[int, int], st: tuple[int, int]) -> int:
     """How many windows (passes of each image) occlusion runs on an ``h`` x ``w`` image: :func:`occlusion_windows`'
     count."""
-    return math.prod(math.ceil((side - win[i]) / st[i]) + 1 for i, side in enumerate((h, w)))
+    return _windows_along(h, win[0], st[0]) * _windows_along(w, win[1], st[1])
+
+
+def _windows_along(side: int, window: int, stride: int) -> int:
+    """How many windows start along one side: one at 0, then one a stride, the last possibly past the image's end."""
+    return math.ceil((side - window) / stride) + 1
 
 
 def _stride_for(h: int, w: int, win: tuple[int, int]) -> str:
