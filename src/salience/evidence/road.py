@@ -150,9 +150,8 @@ def _check_fractions(fractions: Sequence[float]) -> list[float]:
         raise SalienceError(f"ROAD fractions must be a sequence of fractions, e.g. (0.5,) or ROAD_FRACTIONS; got "
                             f"{fractions!r}")
     fr = list(itertools.islice(fractions, MAX_PASSES + 1))  # an endless iterator: refused, not read for ever
-    if len(fr) > MAX_PASSES:
-        check_passes(len(fr), f"{len(fr):,} ROAD fractions or more are",
-                     f"give at most {MAX_PASSES:,} fractions (a pass of the model each), e.g. ROAD_FRACTIONS")
+    check_passes(len(fr), f"{len(fr):,} ROAD fractions or more are",
+                 f"give at most {MAX_PASSES:,} fractions (a pass of the model each), e.g. ROAD_FRACTIONS")
     fr = [check_number(f, "each ROAD fraction", what="in (0, 1)") for f in fr]
     if not fr or any(not 0.0 < f < 1.0 for f in fr):
         raise SalienceError(f"ROAD fractions must lie strictly between 0 and 1, got {fr}")
