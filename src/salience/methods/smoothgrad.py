@@ -97,8 +97,7 @@ def smoothgrad(
     :func:`salience.set_performance`; see docs/performance.md). Other keyword ``options`` go to
     ``method`` (e.g. ``layer=`` for Grad-CAM).
     """
-    reduce_each = check_flag(reduce_each, "reduce_each")
-    progress = check_flag(progress, "progress")
+    reduce_each, progress = check_flag(reduce_each, "reduce_each"), check_flag(progress, "progress")
     check_input(x, model)
     _check_options(method, samples, noise, variant, options, x)
     seed = check_seed(seed, x.shape[0])
