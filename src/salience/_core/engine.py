@@ -29,8 +29,9 @@ import functools
 import inspect
 import os
 from contextlib import nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,9 @@ __all__ = [
     "check_memory_options",
     "MAX_PASSES",
     "check_passes",
+    "passes_within",
+    "outer_passes",
+    "signature_of",
 ]
 
 _GiB = 1 << 30
@@ -74,6 +78,27 @@ def check_passes(n: int, said: str, advice: str) -> None:
         raise SalienceError(f"{said} more than the {MAX_PASSES:,} passes of each image a call runs here (each is a "
                             f"pass of the model: at 1 ms a pass a million take 17 minutes an image, and {n:,} "
                             f"would take {_duration(n * 1e-3)}); {advice}")
+
+
+_OUTER_PASSES: ContextVar[int] = ContextVar("salience_outer_passes", default=1)
+
+
+@contextlib.contextmanager
+def passes_within(n: int) -> Iterator[None]:
+    """Inside the block, every call of a method runs ``n`` times for each image (SmoothGrad's noisy copies: its
+    ``samples``), on top of the blocks around it: :func:`outer_passes` is their product. A method whose count is
+    known only after a pass (Score-CAM's, Ablation-CAM's channels) checks ``outer_passes() * count`` with
+    :func:`check_passes` before its many passes."""
+    token = _OUTER_PASSES.set(_OUTER_PASSES.get() * int(n))
+    try:
+        yield
+    finally:
+        _OUTER_PASSES.reset(token)
+
+
+def outer_passes() -> int:
+    """How many times each image's call runs from the calls around it (:func:`passes_within`; 1 outside any)."""
+    return _OUTER_PASSES.get()
 
 
 def _duration(seconds: float) -> str:
@@ -490,6 +515,14 @@ def layer_gradients(
     g = backward(model, x, targets, layers=[layer], input_grad=False, strip_softmax=strip_softmax,
                  extra_modes=extra_modes)
     return g.activations[0], g.layer_grads[0]
+
+
+def signature_of(fn: Callable[..., Any]) -> inspect.Signature:
+    """``fn``'s signature, or an empty one for a builtin without one (no options); the command line reads it too."""
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: no options
+        return inspect.Signature()
 
 
 def accepts(fn: Callable, name: str) -> bool:

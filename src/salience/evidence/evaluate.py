@@ -36,7 +36,7 @@ from salience._core.errors import SalienceError, first_line
 from salience._core.files import atomic_write, make_folder
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress as _progress
-from salience._core.tensors import check_flag, check_int, model_device
+from salience._core.tensors import MAX_INPUT_PIXELS, check_flag, check_int, count_text, model_device
 from salience.demo import data
 from salience.evidence._checks import (MethodLike, check_count, check_masks, check_seed, image_seeds, method_maps,
                                       resolve_method)
@@ -57,7 +57,13 @@ from salience.render import plots, viz
 from salience.render.report import Report
 
 __all__ = ["MetricRow", "BASELINES", "ORACLE", "BETTER", "evaluate_methods", "score_maps", "markdown_table",
-           "run_evaluation", "evaluation_input", "bound_methods", "default_names", "options_record"]
+           "run_evaluation", "evaluation_input", "bound_methods", "default_names", "options_record", "MAX_PIXELS",
+           "check_images"]
+
+MAX_PIXELS = MAX_INPUT_PIXELS
+"""The most pixels (``n x H x W``) of the images one evaluation runs on: it holds them all at once (the input, the
+pictures, each method's maps). The 50 megapixels of one image file's default limit: 12,207 shapes images of 64 x 64,
+996 of 224 x 224. ``n=10**9`` drew a billion shapes images before anything was said."""
 
 PathLike = Union[str, "Path"]
 TrainFn = Callable[[Tensor, Tensor], nn.Module]
@@ -415,13 +421,32 @@ def markdown_table(rows: Sequence[MetricRow]) -> str:
 # ----------------------------------------------------------------------------- inputs
 
 
+def check_images(n: int, size: Sequence[int], what: str) -> None:
+    """A :class:`SalienceError` where ``n`` images of ``size`` ``(H, W)`` are more than :data:`MAX_PIXELS` pixels: an
+    evaluation holds every image at once. ``what``: the images as the user chose them (``"held-out shapes images"``)."""
+    h, w = int(size[0]), int(size[1])
+    if n * h * w <= MAX_PIXELS:
+        return
+    raise SalienceError(f"n={count_text(n)} {what} of {h}x{w} are {count_text(n * h * w)} pixels, more than the "
+                        f"{MAX_PIXELS:,} an evaluation holds here (every image, its picture and each method's map are "
+                        f"kept at once, {count_text(n * h * w * 24)} bytes of the images alone); give n at most "
+                        f"{MAX_PIXELS // (h * w):,} (salience evaluate --n)")
+
+
+def _demo_size(model: nn.Module) -> int:
+    """The side of the held-out shapes images for ``model``: its square input size (at least 32), else 64."""
+    info = model_info(model)
+    if info.input_size is not None and info.input_size[0] == info.input_size[1] and info.input_size[0] >= 32:
+        return int(info.input_size[0])
+    return 64
+
+
 def _demo_inputs(model: nn.Module, n: int, seed: int) -> tuple[Tensor, Tensor, Tensor, str, str]:
     """``n`` held-out shapes images for ``model``: its input, the pictures, the masks, a one-line
     description and the call that made them (what a constant mask's text names)."""
     info = model_info(model)
-    size = 64
-    if info.input_size is not None and info.input_size[0] == info.input_size[1] and info.input_size[0] >= 32:
-        size = int(info.input_size[0])
+    size = _demo_size(model)
+    check_images(n, (size, size), "held-out shapes images")  # before any is drawn
     b = data.shapes_batch(n, seed, size=size)
     x = normalize_input(b.images, info)
     made = f"salience.demo.data.shapes_batch({n}, seed={seed}, size={size})"
@@ -484,6 +509,8 @@ def _pictures(files: Sequence[Path], info: ModelInfo) -> Tensor:
             img = keep_flat(img[None], F.interpolate(img[None], size=tuple(pics[0].shape[-2:]), mode="bilinear",
                                                      align_corners=False, antialias=True))[0].clamp(0, 1)
         pics.append(img)
+        if len(pics) == 1:  # the size known: all of them held at once, refused before the others are decoded
+            check_images(len(files), img.shape[-2:], f"images (of {files[0].parent})")
     if errors:
         raise SalienceError(f"{len(errors)} of {len(files)} images could not be read; the first: {errors[0]}")
     return torch.stack(pics)
@@ -538,7 +565,10 @@ def evaluation_input(model: nn.Module, images: Optional[PathLike] = None, *, n: 
     ``seed``), as the model's input ``(1, C, H, W)`` on its device: for checking options on it
     before the run (``salience evaluate`` does)."""
     if images is None:
-        x = _demo_inputs(model, n, seed)[0][:1]
+        check_int(n, "n", minimum=1)
+        size = _demo_size(model)
+        check_images(n, (size, size), "held-out shapes images")  # the run's refusal, before it: image 0 is drawn alone
+        x = _demo_inputs(model, 1, seed)[0]
     else:
         x = _folder_inputs(model, images, None, 1)[0]
     return model_input(model, x)

@@ -436,12 +436,7 @@ def faithfulness_correlation(
     if not 0 < frac <= 1:
         raise SalienceError(f"subset_size must be a fraction of the pixels in (0, 1], got {subset_size!r}")
     k = min(max(round(frac * h * w), 1), h * w)
-    # Image i's sets from its own generator (seeded by its content), in float32 whatever the default dtype.
-    keys = torch.stack([torch.rand((t, h * w), generator=torch.Generator(device="cpu").manual_seed(s),
-                                   dtype=torch.float32) for s in image_seeds(x, check_seed(seed))]).to(x.device)
-    chosen = torch.zeros(b, t, h * w, dtype=torch.bool, device=x.device)
-    chosen.scatter_(2, keys.topk(k, dim=2).indices, True)
-    chosen = chosen.reshape(b, t, h, w)
+    sets = _RandomSets(maps, image_seeds(x, check_seed(seed)), t, k)
     base = _substrate(x, substrate, blur_sigma)  # first: a 1 x 1 image's blur is refused as it is everywhere
     if k == h * w:  # every set the same: the sums do not vary, and the correlation was NaN for every map
         raise SalienceError(f"subset_size {subset_size!r} replaces all {h * w} pixels in every set, so every set's sum "
@@ -449,9 +444,8 @@ def faithfulness_correlation(
                             "(default 0.1)")
 
     def make(ids: Tensor) -> tuple[Tensor, Tensor]:
-        img, s = ids // (t + 1), ids % (t + 1)  # s == 0: the image itself
-        drop = (s > 0)[:, None, None] & chosen[img, (s - 1).clamp(min=0)]
-        return torch.where(drop[:, None], base[img], x[img]), img
+        img = ids // (t + 1)  # item s == 0 of an image: the image itself
+        return torch.where(sets(int(ids[0]), len(ids))[:, None], base[img], x[img]), img
 
     def describe(j: int) -> str:
         i, s = divmod(j, t + 1)
@@ -462,8 +456,43 @@ def faithfulness_correlation(
                          describe=describe)
     scores = scores.reshape(b, t + 1).double()
     drops = scores[:, :1] - scores[:, 1:]
-    sums = (maps[:, None].double() * chosen).sum((2, 3))
-    return _pearson_rows(drops, sums).float()
+    return _pearson_rows(drops, sets.sums).float()
+
+
+class _RandomSets:
+    """Faithfulness correlation's random pixel sets, drawn as the items that replace them are made, a batch at a
+    time, with the map's sum over each: memory of a batch, not of all ``subsets x H x W`` (4,096 sets of one 224 x 224
+    image were 822 MB of keys, 206 MB of sets and 1.6 GB of products at once). Item ``j`` is set ``j % (t + 1) - 1``
+    of image ``j // (t + 1)`` (``-1``: the image itself). Image ``i``'s sets are the ``k`` largest of ``t`` rows of
+    ``H x W`` float32 keys from a generator seeded with ``seeds[i]``, drawn in order (one draw of all rows is the
+    same stream), so the sets and ``sums`` ``(B, t)`` are those of the whole draw at once."""
+
+    def __init__(self, maps: Tensor, seeds: Sequence[int], t: int, k: int) -> None:
+        self.maps, self.t, self.k = maps, t, k
+        self.gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        self.drawn = [0] * len(seeds)
+        self.sums = torch.empty(len(seeds), t, dtype=torch.float64, device=maps.device)
+
+    def __call__(self, start: int, n: int) -> Tensor:
+        """Which pixels items ``start..start+n-1`` replace ``(n, H, W)`` bool (none for an image itself)."""
+        h, w = self.maps.shape[-2:]
+        drop = torch.zeros(n, h, w, dtype=torch.bool, device=self.maps.device)
+        per = self.t + 1
+        for i in range(start // per, (start + n - 1) // per + 1):
+            lo, hi = max(start, i * per + 1), min(start + n, (i + 1) * per)  # its sets' items in the batch
+            if lo >= hi:
+                continue
+            if lo - i * per - 1 != self.drawn[i]:
+                raise RuntimeError(f"faithfulness correlation's sets of image {i} asked for out of order")
+            keys = torch.rand((hi - lo, h * w), generator=self.gens[i], dtype=torch.float32).to(self.maps.device)
+            chosen = torch.zeros(hi - lo, h * w, dtype=torch.bool, device=self.maps.device)
+            chosen.scatter_(1, keys.topk(self.k, dim=1).indices, True)
+            chosen = chosen.reshape(hi - lo, h, w)
+            first = self.drawn[i]
+            self.sums[i, first:first + hi - lo] = (self.maps[i].double() * chosen).sum((1, 2))
+            self.drawn[i] += hi - lo
+            drop[lo - start:hi - start] = chosen
+        return drop
 
 
 def _pearson_rows(a: Tensor, b: Tensor) -> Tensor:

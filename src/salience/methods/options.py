@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
+from salience._core.engine import signature_of
 from salience._core.errors import SalienceError, suggest
 from salience._core.layers import resolve_layer
 from salience.methods import METHODS
@@ -80,14 +81,6 @@ def keyword_parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
     """``fn``'s keyword-only parameters that are flags (not those of :data:`NOT_FLAGS`)."""
     return [p for p in signature_of(fn).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in NOT_FLAGS]
-
-
-def signature_of(fn: Callable[..., Any]) -> inspect.Signature:
-    """``fn``'s signature, or an empty one for a builtin without one (no options); the command line reads it too."""
-    try:
-        return inspect.signature(fn)
-    except (TypeError, ValueError):  # a builtin without a signature: no options
-        return inspect.Signature()
 
 
 def wraps_methods(fn: Callable[..., Any]) -> bool:

@@ -105,6 +105,18 @@ def _grid(method: str, model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor
     return layout, layout.to_grid(acts)
 
 
+def _check_channel_passes(method: str, channels: int) -> None:
+    """A :class:`SalienceError` where ``method``'s passes of each image, one a channel of its layer, times the calls
+    around it (SmoothGrad's noisy copies, :func:`~salience._core.engine.outer_passes`) are more than
+    :data:`~salience._core.engine.MAX_PASSES`: the channels are known after the first pass (the layer's output), so
+    SmoothGrad's own check before any pass could not count them; this one runs before their passes."""
+    outer = _engine.outer_passes()
+    around = f" in each of {outer:,} noisy copies (SmoothGrad's samples)" if outer > 1 else ""
+    _engine.check_passes(outer * channels, f"{method}'s {channels:,} channels (a pass each){around} are "
+                         f"{outer * channels:,} passes of each image,",
+                         "fewer samples, or a layer with fewer channels (layer=)")
+
+
 def _cam(weights: Tensor, acts: Tensor, relu: bool, upsample: bool, size: tuple[int, int], multi: bool) -> Tensor:
     """``ReLU(sum_d w_d A_d)``: weights ``(B, K, D)``, acts ``(B, D, h, w)`` -> ``(B, [K,] H, W)``."""
     with autocast_off():  # in the layer's dtype, whatever autocast the caller is in
@@ -218,6 +230,7 @@ def scorecam(
     with model_guard(model):
         acts, out = _capture(model, x, mod, strip_softmax)
         _, acts = _grid("Score-CAM", model, mod, acts, x, grid, prefix_tokens)
+        _check_channel_passes("Score-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities("none" if softmax == "channels" else softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk (and the blank image) on one scale
@@ -408,6 +421,7 @@ def ablationcam(
     with model_guard(model):
         native, out = _capture(model, x, mod, strip_softmax)
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
+        _check_channel_passes("Ablation-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale

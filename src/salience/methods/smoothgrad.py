@@ -97,8 +97,7 @@ def smoothgrad(
     :func:`salience.set_performance`; see docs/performance.md). Other keyword ``options`` go to
     ``method`` (e.g. ``layer=`` for Grad-CAM).
     """
-    reduce_each = check_flag(reduce_each, "reduce_each")
-    progress = check_flag(progress, "progress")
+    reduce_each, progress = check_flag(reduce_each, "reduce_each"), check_flag(progress, "progress")
     check_input(x, model)
     _check_options(method, samples, noise, variant, options, x)
     seed = check_seed(seed, x.shape[0])
@@ -139,11 +138,12 @@ def smoothgrad(
             _check_channels(maps, reduce, multi, method)
             return _finish(maps, mod, red, multi, resolved) if reduce_each else maps
 
-        sums = _engine.accumulate(
-            compute, samples * x.shape[0], x.shape[0], squares=variant != "mean", chunk=chunk,
-            max_memory=budget, progress=progress, desc="smoothgrad", device=x.device,
-            run=_perf.Run(model, x, perf, tag=_tag(method, len(targets), reduce, reduce_each, raw_options)),
-        )
+        with _engine.passes_within(samples):  # the method's own many passes (Score-CAM's channels) check the product
+            sums = _engine.accumulate(
+                compute, samples * x.shape[0], x.shape[0], squares=variant != "mean", chunk=chunk,
+                max_memory=budget, progress=progress, desc="smoothgrad", device=x.device,
+                run=_perf.Run(model, x, perf, tag=_tag(method, len(targets), reduce, reduce_each, raw_options)),
+            )
     gaps.report()
     mean = sums.total / samples
     if variant == "mean":
@@ -227,27 +227,49 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
 
 
 def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict, x: Tensor) -> None:
-    """The passes of each image of SmoothGrad of a many-pass method (``samples`` times its ``steps`` / ``masks`` /
-    ``samples``, given or its default; occlusion's windows on ``x``'s images) within
-    :data:`~salience._core.engine.MAX_PASSES`: each count alone was, and ``samples=10**6`` of RISE's 4,000 masks was
-    4e9 passes an image."""
-    if _root(method) is _root(perturbation.occlusion):
-        given = [options.get(k, inspect.signature(method).parameters[k].default) for k in ("window", "stride")]
-        win, st = perturbation.check_window(x, *given)
+    """The passes of each image of SmoothGrad of a many-pass method within :data:`~salience._core.engine.MAX_PASSES`:
+    ``samples`` times the method's passes (:func:`_passes_of`: its ``steps`` / ``masks`` / ``samples``, given or its
+    default, occlusion's windows on ``x``'s images, every level of a SmoothGrad inside it), times the noisy copies of
+    the SmoothGrads around this one (:func:`~salience._core.engine.outer_passes`). Each count alone was checked, and
+    ``samples=10**6`` of RISE's 4,000 masks was 4e9 passes an image; a third level multiplied only two counts."""
+    outer = _engine.outer_passes()
+    inner, said = _passes_of(method, options, x)
+    total = outer * samples * inner
+    if total == samples:
+        return
+    around = f" within {outer:,} noisy copies of the SmoothGrad around it" if outer > 1 else ""
+    _engine.check_passes(total, f"samples={samples} of {said}{around} is {total:,} passes of each image,",
+                         "fewer samples or " + ("a larger stride" if _root(method) is _root(perturbation.occlusion)
+                                                else "fewer inner passes"))
+
+
+def _passes_of(method: Callable[..., Any], options: dict, x: Tensor, depth: int = 0) -> tuple[int, str]:
+    """The passes of each image one call of ``method`` with the keywords ``options`` runs, as far as its signature says
+    before any pass, and how to say it (``"rise with masks=4000"``): a SmoothGrad's ``samples`` times those of its
+    inner method, to every level; occlusion's windows on ``x``; a ``steps`` / ``masks`` / ``samples`` count (given, or
+    its default, a ``functools.partial``'s too). 1 where unknown (a value the method will refuse itself, Score-CAM's
+    channels: it checks them after its first pass, :func:`~salience._core.engine.outer_passes`)."""
+    params = _engine.signature_of(method).parameters
+    root = _root(method)
+    name = getattr(root, "__name__", "the method")  # partial(rise, masks=4000): 'rise'
+
+    def given(key: str) -> Any:
+        return options.get(key, params[key].default if key in params else None)
+
+    if root is _root(perturbation.occlusion):
+        win, st = perturbation.check_window(x, given("window"), given("stride"))
         n = perturbation.window_count(int(x.shape[-2]), int(x.shape[-1]), win, st)
-        _engine.check_passes(samples * n, f"samples={samples} of occlusion with {n:,} windows (window "
-                             f"{win[0]}x{win[1]}, stride {st[0]}x{st[1]}) is {samples * n:,} passes of each image,",
-                             "fewer samples or a larger stride")
+        return n, f"occlusion with {n:,} windows (window {win[0]}x{win[1]}, stride {st[0]}x{st[1]})"
     for key in ("steps", "masks", "samples"):
-        if not _names(method, key):
+        inner = given(key) if key in params else None
+        if not (isinstance(inner, numbers.Integral) and not isinstance(inner, bool) and inner > 0):  # np.int64 too
             continue
-        inner = options.get(key, inspect.signature(method).parameters[key].default)
-        if isinstance(inner, numbers.Integral) and not isinstance(inner, bool) and inner > 0:  # np.int64 too
-            inner = int(inner)
-            name = getattr(_root(method), "__name__", "the method")  # partial(rise, masks=4000): 'rise'
-            _engine.check_passes(samples * inner, f"samples={samples} of {name} with {key}={inner} is "
-                                 f"{samples * inner:,} passes of each image,", f"fewer samples or {key}")
-            return
+        if root is smoothgrad and callable(given("method")) and depth < 32:  # every level: its copies of its method
+            rest = {k: v for k, v in options.items() if k not in params}  # what it hands on to its method
+            n, said = _passes_of(given("method"), rest, x, depth + 1)
+            return int(inner) * n, f"smoothgrad with samples={int(inner)}" + (f" of {said}" if n > 1 else "")
+        return int(inner), f"{name} with {key}={int(inner)}"
+    return 1, name
 
 
 def _option_names(method: Callable[..., Any]) -> list[str]:
@@ -255,10 +277,7 @@ def _option_names(method: Callable[..., Any]) -> list[str]:
     keywords first (``sample`` is ``samples``, not an option of the method), then ``method``'s."""
     names = []
     for fn in (smoothgrad, method):
-        try:
-            params = inspect.signature(fn).parameters.values()
-        except (TypeError, ValueError):  # a builtin without a signature
-            continue
+        params = _engine.signature_of(fn).parameters.values()  # a builtin without a signature: none
         names += [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names]
     return names
 
@@ -282,7 +301,7 @@ def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bo
     SmoothGrad's were lost (its fp16 overflow never seen)."""
     raw = dict(options)
     for name, value in (perf or {}).items():
-        if value is not None and name not in raw and _names(method, name) and not _bound(method, name):
+        if value is not None and name not in raw and name in _engine.signature_of(method).parameters and not _bound(method, name):
             raw[name] = value
     if _engine.accepts(method, "reduce"):
         raw["reduce"] = None
@@ -291,15 +310,6 @@ def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bo
     if _engine.accepts(method, "strip_softmax"):
         raw["strip_softmax"] = strip_softmax
     return raw
-
-
-def _names(method: Callable[..., Any], name: str) -> bool:
-    """Whether ``method``'s signature names the keyword ``name`` (not only ``**kwargs``, which may pass it on to a
-    method that does not take it)."""
-    try:
-        return name in inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _root(method: Callable[..., Any]) -> Callable[..., Any]:
