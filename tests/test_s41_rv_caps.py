@@ -1,0 +1,36 @@
+"""Review of the session-41 caps (``git diff 377afcd 98bc521``): a SmoothGrad inside SmoothGrad counted with the
+keywords its ``functools.partial`` hands on to its method; the evaluation's ``n`` as numpy's int64 capped too; RISE,
+occlusion and integrated gradients inside a function SmoothGrad cannot see through counted by the copies around them;
+the outer count thread-local and back to 1 after an interrupt."""
+import functools
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import salience
+from salience import SalienceError
+from salience._core import engine
+from salience.evidence import evaluate
+from test_s41_caps import _Counted  # 8 channels, a linear head; more than `limit` passes: an AssertionError
+
+
+# ----------------------------------------------------------------------------- a partial's keywords for its method
+
+
+def test_an_inner_smoothgrad_is_counted_with_the_masks_its_partial_hands_to_rise():
+    # 200 x 100 x 100 = 2,000,000: it said "rise with masks=4000" (RISE's default) and 80,000,000
+    inner = functools.partial(salience.smoothgrad, method=salience.rise, masks=100, samples=100)
+    with pytest.raises(SalienceError) as e:
+        salience.smoothgrad(_Counted(limit=0), torch.rand(1, 3, 8, 8), 0, method=inner, samples=200)
+    assert "samples=200 of smoothgrad with samples=100 of rise with masks=100 is 2,000,000 passes" in str(e.value)
+
+
+def test_an_inner_smoothgrad_with_few_masks_bound_is_not_refused():
+    # 300 x 2 x 2 = 1,200 passes of the image; counted with RISE's default 4,000 masks it was 2,400,000, refused
+    torch.manual_seed(0)
+    inner = functools.partial(salience.smoothgrad, method=salience.rise, masks=2, samples=2, reduce=None)
+    out = salience.smoothgrad(_Counted(limit=10_000), torch.rand(1, 3, 8, 8), 0, method=inner, samples=300)
+    assert out.shape == (1, 8, 8) and bool(torch.isfinite(out).all())
