@@ -34,3 +34,16 @@ def test_an_inner_smoothgrad_with_few_masks_bound_is_not_refused():
     inner = functools.partial(salience.smoothgrad, method=salience.rise, masks=2, samples=2, reduce=None)
     out = salience.smoothgrad(_Counted(limit=10_000), torch.rand(1, 3, 8, 8), 0, method=inner, samples=300)
     assert out.shape == (1, 8, 8) and bool(torch.isfinite(out).all())
+
+
+# ----------------------------------------------------------------------------- the evaluation's n as numpy's int
+
+
+def test_a_numpy_n_past_int64_products_is_refused(monkeypatch):
+    # np.int64(2**62) x 64 x 64 wrapped to 0 pixels: let through to draw 2**62 shapes images
+    monkeypatch.setattr(evaluate.data, "shapes_batch", lambda *a, **k: 1 / 0)
+    with pytest.raises(SalienceError, match=r"n=4.61e\+18 held-out shapes images of 64x64 .*give n at most 12,207"):
+        evaluate.check_images(np.int64(2 ** 62), (64, 64), "held-out shapes images")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 4))
+    with pytest.raises(SalienceError, match="give n at most 12,207"):
+        evaluate.evaluation_input(model, n=np.int64(2 ** 62))

@@ -424,7 +424,7 @@ def markdown_table(rows: Sequence[MetricRow]) -> str:
 def check_images(n: int, size: Sequence[int], what: str) -> None:
     """A :class:`SalienceError` where ``n`` images of ``size`` ``(H, W)`` are more than :data:`MAX_PIXELS` pixels: an
     evaluation holds every image at once. ``what``: the images as the user chose them (``"held-out shapes images"``)."""
-    h, w = int(size[0]), int(size[1])
+    n, h, w = int(n), int(size[0]), int(size[1])  # numpy's int64 n: n * h * w wrapped past 2**63 and was let through
     if n * h * w <= MAX_PIXELS:
         return
     raise SalienceError(f"n={count_text(n)} {what} of {h}x{w} are {count_text(n * h * w)} pixels, more than the "
