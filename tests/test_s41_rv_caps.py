@@ -47,3 +47,61 @@ def test_a_numpy_n_past_int64_products_is_refused(monkeypatch):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 4))
     with pytest.raises(SalienceError, match="give n at most 12,207"):
         evaluate.evaluation_input(model, n=np.int64(2 ** 62))
+
+
+# ----------------------------------------------------------------------------- a many-pass method in a function
+
+
+def _hidden(method, **bound):
+    """``method`` inside a function whose signature shows nothing of its count."""
+    def wrapped(model, x, target, **kw):
+        return method(model, x, target, **bound)
+    return wrapped
+
+
+@pytest.mark.parametrize("method, bound, samples, said", [
+    (salience.rise, {"masks": 2000}, 1000, "RISE's 2,000 masks in each of 1,000 noisy copies"),
+    (salience.occlusion, {"window": 1, "stride": 1}, 4000, "occlusion's 256 windows in each of 4,000 noisy copies"),
+    (salience.integrated_gradients, {"steps": 2000}, 1000, "integrated gradients' 2,000 steps in each of 1,000 noisy"),
+])
+def test_a_many_pass_method_inside_a_function_is_counted_by_the_copies_around_it(method, bound, samples, said):
+    model = _Counted(limit=40)  # over 1,000,000 passes of the image ran on before (the model's 41st pass stops them)
+    with pytest.raises(SalienceError) as e:
+        salience.smoothgrad(model, torch.rand(1, 3, 16, 16), 0, method=_hidden(method, chunk=8, **bound),
+                            samples=samples, chunk=1)  # small passes: before, they ran until the 41st
+    assert said in str(e.value) and "passes of each image" in str(e.value)
+    assert model.calls[0] <= 3
+
+
+def test_a_many_pass_method_inside_a_function_within_the_cap_runs_as_before():
+    torch.manual_seed(0)
+    model, x = _Counted(limit=10_000), torch.rand(1, 3, 8, 8)
+    got = salience.smoothgrad(model, x, 0, method=_hidden(salience.rise, masks=4, seed=1), samples=3, noise=0.0)
+    torch.testing.assert_close(got, salience.rise(model, x, 0, masks=4, seed=1))  # samples of noise 0: RISE itself
+
+
+def test_rise_alone_is_checked_as_before():
+    with pytest.raises(SalienceError, match=r"masks=2000000 is more than the 1,000,000"):
+        salience.rise(_Counted(limit=0), torch.rand(1, 3, 8, 8), 0, masks=2_000_000)
+
+
+# ----------------------------------------------------------------------------- the outer count's state
+
+
+def test_the_outer_count_is_back_to_one_after_an_interrupt():
+    def interrupted(model, x, target, **kw):
+        assert engine.outer_passes() == 7
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        salience.smoothgrad(_Counted(), torch.rand(1, 3, 8, 8), 0, method=interrupted, samples=7)
+    assert engine.outer_passes() == 1
+
+
+def test_the_outer_count_is_the_threads_own():
+    seen = []
+    with engine.passes_within(1000):
+        t = threading.Thread(target=lambda: seen.append(engine.outer_passes()))
+        t.start()
+        t.join()
+        assert engine.outer_passes() == 1000
+    assert seen == [1]
