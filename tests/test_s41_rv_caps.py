@@ -49,6 +49,14 @@ def test_a_numpy_n_past_int64_products_is_refused(monkeypatch):
         evaluate.evaluation_input(model, n=np.int64(2 ** 62))
 
 
+def test_one_image_past_the_cap_is_not_told_to_give_n_at_most_0():
+    with pytest.raises(SalienceError) as e:
+        evaluate.check_images(1, (8000, 8000), "held-out shapes images")
+    assert "at most 0" not in str(e.value)
+    assert "one of the held-out shapes images is 8000x8000, 64,000,000 pixels" in str(e.value)
+    assert "give smaller images" in str(e.value)
+
+
 # ----------------------------------------------------------------------------- a many-pass method in a function
 
 
