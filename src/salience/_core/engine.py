@@ -58,6 +58,7 @@ __all__ = [
     "check_passes",
     "passes_within",
     "outer_passes",
+    "check_copies",
     "signature_of",
 ]
 
@@ -87,8 +88,10 @@ _OUTER_PASSES: ContextVar[int] = ContextVar("salience_outer_passes", default=1)
 def passes_within(n: int) -> Iterator[None]:
     """Inside the block, every call of a method runs ``n`` times for each image (SmoothGrad's noisy copies: its
     ``samples``), on top of the blocks around it: :func:`outer_passes` is their product. A method whose count is
-    known only after a pass (Score-CAM's, Ablation-CAM's channels) checks ``outer_passes() * count`` with
-    :func:`check_passes` before its many passes."""
+    known only after a pass (Score-CAM's, Ablation-CAM's channels), or called by a function whose signature hides its
+    count (RISE, occlusion, integrated gradients: :func:`check_copies`), checks ``outer_passes() * count`` with
+    :func:`check_passes` before its many passes. A :class:`~contextvars.ContextVar`: each thread's own, and reset
+    when the block ends, by an exception (a ``KeyboardInterrupt``) too."""
     token = _OUTER_PASSES.set(_OUTER_PASSES.get() * int(n))
     try:
         yield
@@ -99,6 +102,17 @@ def passes_within(n: int) -> Iterator[None]:
 def outer_passes() -> int:
     """How many times each image's call runs from the calls around it (:func:`passes_within`; 1 outside any)."""
     return _OUTER_PASSES.get()
+
+
+def check_copies(n: int, what: str, advice: str) -> None:
+    """:func:`check_passes` of a method's ``n`` passes of each image times :func:`outer_passes` (nothing outside any
+    SmoothGrad: the method checks ``n`` itself), as its call runs, before its passes: a function that calls RISE,
+    occlusion or integrated gradients inside SmoothGrad hides the count from SmoothGrad's check of the signature.
+    ``what``: the count as the method says it (``"RISE's 4,000 masks"``)."""
+    outer = outer_passes()
+    if outer > 1:
+        check_passes(outer * n, f"{what} in each of {outer:,} noisy copies (SmoothGrad's samples) are {outer * n:,} "
+                     "passes of each image,", advice)
 
 
 def _duration(seconds: float) -> str:

@@ -285,6 +285,7 @@ def integrated_gradients(
     if not isinstance(rule, str):
         raise SalienceError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     alphas, weights = quadrature(rule, steps)
+    _engine.check_copies(len(alphas), f"integrated gradients' {len(alphas):,} steps", "fewer samples or fewer steps")
     budget = _engine.check_memory_options(chunk, max_memory)
     perf = _perf.resolve(memory_format, compile, precision)
     _reduce.get_grad_modifier(grad_modifier)

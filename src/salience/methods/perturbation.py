@@ -330,6 +330,8 @@ def occlusion(
     check_perturbation_targets(targets, "occlusion")
     check_softmax(softmax)
     win, st = check_window(x, window, stride)
+    n_windows = window_count(int(x.shape[-2]), int(x.shape[-1]), win, st)
+    _engine.check_copies(n_windows, f"occlusion's {n_windows:,} windows", "fewer samples or a larger stride")
     red = _reduce.get_reduction(reduce)
     budget = _engine.check_memory_options(chunk, max_memory)
     perf = _perf.resolve(memory_format, compile, precision)
@@ -438,6 +440,7 @@ def rise(
     check_softmax(softmax)
     n_masks = check_int(masks, "masks", minimum=1, what="random masks per image, e.g. 4000")
     _engine.check_passes(n_masks, f"masks={n_masks} is", "RISE's paper uses 4,000 to 8,000 masks")
+    _engine.check_copies(n_masks, f"RISE's {n_masks:,} masks", "fewer samples or fewer masks")
     cell = check_int(cell, "cell", minimum=1, what="grid cells a side, e.g. 7")
     p = check_number(p, "p", what="the probability of keeping a cell, in (0, 1]")
     if not 0 < p <= 1:

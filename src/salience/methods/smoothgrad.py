@@ -265,7 +265,8 @@ def _passes_of(method: Callable[..., Any], options: dict, x: Tensor, depth: int 
         if not (isinstance(inner, numbers.Integral) and not isinstance(inner, bool) and inner > 0):  # np.int64 too
             continue
         if root is smoothgrad and callable(given("method")) and depth < 32:  # every level: its copies of its method
-            rest = {k: v for k, v in options.items() if k not in params}  # what it hands on to its method
+            handed = {**_bound_keywords(method), **options}  # partial(smoothgrad, masks=100): its **options' too
+            rest = {k: v for k, v in handed.items() if k not in params}  # what it hands on to its method
             n, said = _passes_of(given("method"), rest, x, depth + 1)
             return int(inner) * n, f"smoothgrad with samples={int(inner)}" + (f" of {said}" if n > 1 else "")
         return int(inner), f"{name} with {key}={int(inner)}"
@@ -317,6 +318,17 @@ def _root(method: Callable[..., Any]) -> Callable[..., Any]:
     while isinstance(method, functools.partial):
         method = method.func
     return inspect.unwrap(method)
+
+
+def _bound_keywords(method: Callable[..., Any]) -> dict[str, Any]:
+    """The keywords ``method``'s ``functools.partial`` bindings give (an outer binding over an inner one), those its
+    signature does not show included: ``partial(smoothgrad, method=rise, masks=100)`` hands ``masks=100`` to RISE."""
+    found: dict[str, Any] = {}
+    while isinstance(method, functools.partial):
+        for k, v in method.keywords.items():
+            found.setdefault(k, v)
+        method = method.func
+    return found
 
 
 def _bound(method: Callable[..., Any], name: str) -> bool:
