@@ -231,14 +231,13 @@ def _png16_samples(data: bytes, info: dict) -> np.ndarray:
     """A 16-bit PNG's samples, ``(H, W, C)`` uint16 (:func:`salience.loading.png.decode_png16`: Pillow cuts colour
     ones to 8 bits), turned upright as Pillow's ``getexif`` reads the orientation of an 8-bit PNG: its ``eXIf``
     chunk (before or after the image data), else ImageMagick's raw EXIF profile or XMP's ``tiff:Orientation`` in
-    ``info`` (the opened file's text chunks)."""
+    a text chunk (``info``: those before the image data, read by ``Image.open``; those after it, which Pillow reads
+    only as it decodes the samples, from :func:`~salience.loading.png.decode_png16`)."""
     from PIL import Image
 
-    samples, exif = decode_png16(bytes(data))
+    samples, after = decode_png16(bytes(data))
     shown = Image.new("L", (1, 1))  # Pillow's own reading of the orientation, without decoding the file again
-    shown.info = dict(info)
-    if exif is not None:
-        shown.info["exif"] = exif if exif.startswith(b"Exif") else b"Exif\x00\x00" + exif
+    shown.info = {**info, **after}  # what Pillow reads after the image data when it decodes an 8-bit PNG
     turn = _ORIENTED.get(shown.getexif().get(0x0112, 1))
     return samples if turn is None else turn(samples)
 

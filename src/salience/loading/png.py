@@ -33,7 +33,8 @@ def is_png16(head: bytes) -> bool:
 
 def _chunks(data: bytes) -> dict:
     """The chunks :func:`decode_png16` needs: ``IHDR``'s, ``tRNS``'s and ``eXIf``'s bodies, the ``IDAT`` bodies
-    joined. Each chunk's CRC is checked: a critical chunk failing it is a ``ValueError``, an ancillary one is dropped
+    joined, and under ``b"text"`` the text chunks (``tEXt``, ``zTXt``, ``iTXt``) after the image data, which Pillow's
+    ``Image.open`` has not read (it reads them when it decodes the samples). Each chunk's CRC is checked: a critical chunk failing it is a ``ValueError``, an ancillary one is dropped
     (libpng's default; Pillow reads such a chunk after the image data without a word); a chunk running past the end
     is a truncated file (``ValueError``)."""
     view, pos, found, idat = memoryview(data), 8, {}, []
@@ -49,8 +50,12 @@ def _chunks(data: bytes) -> dict:
             continue
         if kind == b"IDAT":
             idat.append(body)
-        elif kind in (b"IHDR", b"tRNS", b"eXIf"):
+        elif kind == b"eXIf":  # the last one, as Pillow reads it (before or after the image data)
+            found[kind] = bytes(body)
+        elif kind in (b"IHDR", b"tRNS"):
             found.setdefault(kind, bytes(body))
+        elif kind in (b"tEXt", b"zTXt", b"iTXt") and idat:
+            found.setdefault(b"text", []).append((kind, bytes(body)))
         elif kind == b"IEND":
             break
         pos += 12 + n
@@ -67,11 +72,13 @@ def _passes(w: int, h: int, interlace: int) -> list:
     return [p for p in sides if p[4] > 0 and p[5] > 0]
 
 
-def decode_png16(data: bytes) -> tuple[np.ndarray, Optional[bytes]]:
-    """A 16-bit PNG's samples, ``(H, W, C)`` uint16: C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; and its ``eXIf``
-    chunk's body (``None`` without one). A gray or RGB image whose ``tRNS`` chunk names a key colour gets an alpha
-    channel: 0 on the pixels of that colour, 65535 on the others. A corrupt or truncated file is a ``ValueError``
-    saying what is wrong."""
+def decode_png16(data: bytes) -> tuple[np.ndarray, dict]:
+    """A 16-bit PNG's samples, ``(H, W, C)`` uint16: C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; and the entries of
+    Pillow's ``info`` that Pillow reads only when it decodes an 8-bit PNG's samples: ``"exif"`` (the last ``eXIf``
+    chunk, before or after the image data, with ``Exif\\0\\0`` in front) and the text chunks after the image data (an XMP
+    packet there, ``"XML:com.adobe.xmp"``, holds an orientation), read as Pillow reads them. A gray or RGB image whose
+    ``tRNS`` chunk names a key colour gets an alpha channel: 0 on the pixels of that colour, 65535 on the others. A
+    corrupt or truncated file is a ``ValueError`` saying what is wrong."""
     found = _chunks(data)
     w, h, depth, colour, method, filt, interlace = struct.unpack(">IIBBBBB", found[b"IHDR"])
     if depth != 16 or colour not in _CHANNELS or method or filt or interlace > 1 or not w or not h:
@@ -92,11 +99,50 @@ def decode_png16(data: bytes) -> tuple[np.ndarray, Optional[bytes]]:
         rows = unfilter(flat[at:at + ph * (pw * 2 * c + 1)].reshape(ph, pw * 2 * c + 1), 2 * c)
         out[y0::dy, x0::dx] = rows.view(">u2").reshape(ph, pw, c)
         at += ph * (pw * 2 * c + 1)
+    info = dict(filter(None, (_text(kind, body) for kind, body in found.get(b"text", ()))))
+    exif = found.get(b"eXIf")
+    if exif is not None:  # Pillow's form, Exif\0\0 in front (unless the writer put it there already)
+        info["exif"] = exif if exif.startswith(b"Exif") else b"Exif\x00\x00" + exif
     key = _key(found.get(b"tRNS"), colour)
     if key is None:
-        return out, found.get(b"eXIf")
+        return out, info
     alpha = np.where((out == key).all(-1, keepdims=True), np.uint16(0), np.uint16(65535))
-    return np.concatenate([out, alpha], -1), found.get(b"eXIf")
+    return np.concatenate([out, alpha], -1), info
+
+
+MAX_TEXT = 1 << 20
+"""The most bytes a compressed text chunk inflates to (Pillow's ``MAX_TEXT_CHUNK``); a longer one is dropped."""
+
+
+def _text(kind: bytes, body: bytes) -> Optional[tuple]:
+    """A ``tEXt``, ``zTXt`` or ``iTXt`` chunk as Pillow's PNG reader puts it in ``info``: ``(keyword, text)`` (the
+    text as bytes for ``tEXt`` keyword ``exif``); ``None`` for one Pillow skips (no keyword, undecodable text)."""
+    key, _, rest = body.partition(b"\x00")
+    if not key:
+        return None
+    if kind == b"tEXt":
+        return key.decode("latin-1"), rest if key == b"exif" else rest.decode("latin-1", "replace")
+    if kind == b"zTXt":
+        text = _inflated(rest[1:]) if rest[:1] == b"\x00" else None
+        return None if text is None else (key.decode("latin-1"), text.decode("latin-1", "replace"))
+    parts = rest[2:].split(b"\x00", 2)
+    if len(rest) < 2 or len(parts) < 3 or (rest[0] and rest[1]):  # compressed by a method other than zlib's
+        return None
+    text = _inflated(parts[2]) if rest[0] else parts[2]
+    try:
+        return None if text is None else (key.decode("latin-1"), text.decode("utf-8"))
+    except UnicodeError:
+        return None
+
+
+def _inflated(z: bytes) -> Optional[bytes]:
+    """``z`` inflated, ``None`` where it is corrupt or inflates past :data:`MAX_TEXT`."""
+    inflate = zlib.decompressobj()
+    try:
+        text = inflate.decompress(z, MAX_TEXT)
+    except zlib.error:
+        return None
+    return None if inflate.unconsumed_tail else text
 
 
 def _key(trns: Optional[bytes], colour: int) -> Optional[np.ndarray]:

