@@ -86,3 +86,39 @@ def test_the_last_exif_chunk_counts_as_for_pillow(tmp_path):
     want = load_image(eight)
     assert want.shape == (3, 5, 3)
     torch.testing.assert_close(load_image(sixteen), want, rtol=0, atol=1e-6)
+
+
+_DYNAMIC = ("import importlib\n"
+            "from importlib import import_module as im\n"
+            "def f():\n"
+            "    a = importlib.import_module('salience._core.perf')._fast\n"
+            "    b = __import__('salience.rules')._x, __import__('salience.rules').rules._classify\n"
+            "    c = __import__('salience.rules', None, None, ['x'])._classify, im('.reduce', 'salience')._y\n"
+            "    m = importlib.import_module('salience.attention')\n"
+            "    return a, b, c, m._NativeMHA, getattr(im('salience.rules'), '_z'), importlib.import_module('os')._x\n"
+            "def g():\n"
+            "    return importlib.import_module('salience.rules').ACTIVATIONS._w, im('salience._core.perf').current\n")
+
+
+def test_the_private_names_rule_sees_import_module_and_dunder_import(tmp_path):
+    """Read as ``salience.methods.probe``: ``importlib.import_module("salience.x")._name`` (bound ``importlib`` or
+    ``import_module``, relative with a package, assigned to a name) and ``__import__`` (the package ``salience``
+    without a fromlist, the module with one) are found; ``os``'s private names, an object's and public names are
+    not. Before, none of them was found."""
+    from test_architecture import _other_rooms_privates
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(_DYNAMIC)
+    assert _other_rooms_privates(probe, "salience.methods.probe") == [
+        "line 4: salience._core.perf._fast", "line 5: salience._x", "line 5: salience.rules._classify",
+        "line 6: salience.reduce._y", "line 6: salience.rules._classify", "line 8: salience.attention._NativeMHA",
+        "line 8: salience.rules._z"]
+
+
+def test_the_private_names_rule_reads_a_source_string():
+    """The rule is a function of a source and a module name; a room's own private names are not flagged."""
+    from test_architecture import _private_uses
+
+    assert _private_uses(_DYNAMIC, "salience.rules") == [
+        "line 4: salience._core.perf._fast", "line 5: salience._x", "line 6: salience.reduce._y",
+        "line 8: salience.attention._NativeMHA"]
