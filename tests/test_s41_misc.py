@@ -122,3 +122,84 @@ def test_the_private_names_rule_reads_a_source_string():
     assert _private_uses(_DYNAMIC, "salience.rules") == [
         "line 4: salience._core.perf._fast", "line 5: salience._x", "line 6: salience.reduce._y",
         "line 8: salience.attention._NativeMHA"]
+
+
+# ------------------------------------------------------------------------------------------- (4) bf16 without AMX
+
+
+def _cpu_with(monkeypatch, tmp_path, machine: str, flags_line: str) -> None:
+    """A made-up CPU: ``platform.machine()`` and /proc/cpuinfo's flags, PyTorch's own probes taken away."""
+    from salience._core import cpu as _cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\n{flags_line}\n")
+    monkeypatch.setattr(_cpu, "_CPUINFO", str(info))
+    monkeypatch.setattr(_cpu.platform, "machine", lambda: machine)
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, None, raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(_cpu, "_warned", False)
+    _cpu._cpu_flags.cache_clear()
+    _cpu._cpu_bf16.cache_clear() if hasattr(_cpu, "_cpu_bf16") else _cpu._cpu_has_bf16.cache_clear()
+
+
+def _bf16_warning() -> list:
+    import warnings
+
+    import salience
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 2))
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        salience.smoothgrad(model, torch.rand(1, 3, 8, 8), 0, samples=2, precision="bf16")
+    return [str(w.message) for w in got if "precision='bf16'" in str(w.message)]
+
+
+@pytest.fixture
+def fresh_cpu_cache():
+    from salience._core import cpu as _cpu
+
+    yield
+    _cpu._cpu_flags.cache_clear()
+    _cpu._cpu_bf16.cache_clear() if hasattr(_cpu, "_cpu_bf16") else _cpu._cpu_has_bf16.cache_clear()
+
+
+def test_avx512_bf16_without_amx_is_not_native_and_warns(monkeypatch, tmp_path, fresh_cpu_cache):
+    """Cooper Lake / Zen 4 (AVX512-BF16, no AMX): bf16 + channels-last took 1.00-1.06x fp32's time where measured
+    (benchmarks/cpu-bf16-s40-quiet.md), so bf16 warns, saying so and what to use. Before, no warning."""
+    from salience._core import cpu as _cpu
+
+    _cpu_with(monkeypatch, tmp_path, "x86_64", "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16")
+    assert _cpu.native_bf16() is False
+    (message,) = _bf16_warning()
+    assert "AVX512-BF16 but no AMX-BF16" in message and "1.00-1.06x" in message
+    assert "precision='fp32'" in message and "a CPU with AMX-BF16" in message
+
+
+def test_an_amx_cpu_capped_below_amx_warns_and_one_that_is_not_does_not(monkeypatch, tmp_path, fresh_cpu_cache):
+    from salience._core import cpu as _cpu
+
+    _cpu_with(monkeypatch, tmp_path, "x86_64", "flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile")
+    assert _cpu.native_bf16() is True and _bf16_warning() == []
+    for cap in ("AVX512_CORE_BF16", "avx10_1_512", "AVX10_2_512"):  # below AMX, AVX512-BF16 kept
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        monkeypatch.setattr(_cpu, "_warned", False)
+        assert _cpu.native_bf16() is False, cap
+        (message,) = _bf16_warning()
+        assert "ONEDNN_MAX_CPU_ISA caps it below AMX" in message and "1.00-1.06x" in message
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # below bf16: the older warning, slower than fp32
+    monkeypatch.setattr(_cpu, "_warned", False)
+    (message,) = _bf16_warning()
+    assert "no bf16 instructions" in message and "slower than fp32" in message
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert _cpu.native_bf16() is True
+
+
+def test_arm_bf16_is_unchanged(monkeypatch, tmp_path, fresh_cpu_cache):
+    from salience._core import cpu as _cpu
+
+    _cpu_with(monkeypatch, tmp_path, "aarch64", "Features\t: fp asimd sve bf16")
+    assert _cpu.native_bf16() is True and _bf16_warning() == []
+    _cpu_with(monkeypatch, tmp_path, "aarch64", "Features\t: fp asimd")
+    assert _cpu.native_bf16() is False
