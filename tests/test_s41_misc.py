@@ -203,3 +203,46 @@ def test_arm_bf16_is_unchanged(monkeypatch, tmp_path, fresh_cpu_cache):
     assert _cpu.native_bf16() is True and _bf16_warning() == []
     _cpu_with(monkeypatch, tmp_path, "aarch64", "Features\t: fp asimd")
     assert _cpu.native_bf16() is False
+
+
+# ------------------------------------------------------------------------------------------- (5) which source
+
+
+def _failing_read(monkeypatch):
+    import errno
+    import pathlib
+
+    def read_bytes(self):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
+
+
+def test_a_pipe_that_cannot_be_read_says_it_is_a_pipe(tmp_path, monkeypatch):
+    import os
+
+    from salience import SalienceError
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("named pipes are POSIX")
+    fifo = tmp_path / "in.png"
+    os.mkfifo(fifo)
+    _failing_read(monkeypatch)
+    with pytest.raises(SalienceError) as e:
+        load_image(fifo)
+    message = str(e.value)
+    assert message.startswith(f"{fifo}: a pipe") and "Input/output error" in message
+    assert "run the command that writes to it again" in message and "save the image to a file" in message
+
+
+def test_a_16_bit_png_file_that_cannot_be_read_whole_says_it_is_the_file(tmp_path, monkeypatch):
+    from salience import SalienceError
+
+    p = tmp_path / "deep.png"
+    p.write_bytes(_png(RNG.integers(0, 65536, (2, 3, 3), dtype=np.uint16), 16))
+    _failing_read(monkeypatch)  # the header is read (file_start opens the file); reading it whole fails
+    with pytest.raises(SalienceError) as e:
+        load_image(p)
+    message = str(e.value)
+    assert message.startswith(f"{p}: the file's header was read but not the whole file (Input/output error)")
+    assert "pipe" not in message and "readable" in message

@@ -195,19 +195,28 @@ def _check_sides(p: Any, sides: tuple[int, int], max_pixels: Optional[int]) -> N
 def _pipe_bytes(p: Path) -> Optional[bytes]:
     """The bytes of ``p`` when it is a pipe (bash's ``<(curl ...)``, a named pipe), read whole, as PIL reads a stream it
     cannot seek (a second look at its first bytes, :func:`_unidentified`, would wait for ever); ``None`` for any other
-    file, which is opened where it is."""
+    file, which is opened where it is. A pipe that cannot be read says it is a pipe (its writer is gone or failed)."""
     try:
-        return p.read_bytes() if stat.S_ISFIFO(p.stat().st_mode) else None
+        fifo = stat.S_ISFIFO(p.stat().st_mode)
     except OSError as e:
-        raise SalienceError(f"{p}: cannot be read ({e.strerror or e})") from None
+        raise SalienceError(f"{p}: cannot be read ({e.strerror or e}); check the path and its permissions") from None
+    try:
+        return p.read_bytes() if fifo else None
+    except OSError as e:
+        raise SalienceError(f"{p}: a pipe (/dev/stdin, a named pipe, <(...)) that cannot be read ({e.strerror or e}); "
+                            "run the command that writes to it again, or save the image to a file and give its "
+                            "path") from None
 
 
 def _file_bytes(p: Path) -> bytes:
-    """The bytes of the file ``p`` (a 16-bit PNG, decoded from them); one that cannot be read says so."""
+    """The bytes of the file ``p`` (a 16-bit PNG, decoded from them; its header was read just before); one that
+    cannot be read says it is the file, read a second time."""
     try:
         return p.read_bytes()
     except OSError as e:
-        raise SalienceError(f"{p}: cannot be read ({e.strerror or e})") from None
+        raise SalienceError(f"{p}: the file's header was read but not the whole file ({e.strerror or e}); check that "
+                            "it is still there and readable (permissions, a network or removable disk), or copy it "
+                            "to a local disk") from None
 
 
 def _unidentified(p: Any, data: Optional[bytes]) -> SalienceError:
