@@ -246,3 +246,67 @@ def test_a_16_bit_png_file_that_cannot_be_read_whole_says_it_is_the_file(tmp_pat
     message = str(e.value)
     assert message.startswith(f"{p}: the file's header was read but not the whole file (Input/output error)")
     assert "pipe" not in message and "readable" in message
+
+
+# ------------------------------------------------------------------------------------------- (2) thin Average / Paeth
+
+
+def _paeth(a: int, b: int, c: int) -> int:
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    return a if pa <= pb and pa <= pc else b if pb <= pc else c
+
+
+def _spec_unfilter(lines: np.ndarray, bpp: int) -> np.ndarray:
+    """The PNG specification's filters (section 9), byte by byte: each byte plus its predictor, mod 256."""
+    out, prior = [], [0] * (lines.shape[1] - 1)
+    for line in lines.tolist():
+        row: list = []
+        for j, x in enumerate(line[1:]):
+            a, b, c = (row[j - bpp] if j >= bpp else 0), prior[j], (prior[j - bpp] if j >= bpp else 0)
+            row.append((x + (0, a, b, (a + b) // 2, _paeth(a, b, c))[line[0]]) % 256)
+        out.append(row)
+        prior = row
+    return np.array(out, np.uint8)
+
+
+@pytest.mark.parametrize("bpp", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("h, w", [(7, 5), (40, 3), (3, 40), (1, 61)])
+def test_pillows_unfiltering_is_the_specifications_byte_rule(monkeypatch, bpp, h, w):
+    """The thin-image route (forced here: no numpy step allowed), in bands of 37 pixels (each band's first row
+    predicted from the row above it), against the specification's rule on random bytes and filter types."""
+    from salience.loading import png
+
+    monkeypatch.setattr(png, "MAX_NUMPY_STEPS", 0)
+    monkeypatch.setattr(png, "BAND_PIXELS", 37)
+    lines = RNG.integers(0, 256, (h, 1 + w * bpp), dtype=np.uint8)
+    lines[:, 0] = RNG.integers(0, 5, h)
+    assert np.array_equal(png.unfilter(lines, bpp), _spec_unfilter(lines, bpp))
+
+
+@pytest.mark.parametrize("bpp", [2, 6, 8])
+def test_pillows_route_equals_the_numpy_diagonals(monkeypatch, bpp):
+    """A 20 x 3000 image (3,020 diagonal steps: numpy) decoded both ways: equal."""
+    from salience.loading import png
+
+    lines = RNG.integers(0, 256, (20, 1 + 3000 * bpp), dtype=np.uint8)
+    lines[:, 0] = RNG.choice([3, 4, 1, 2], 20)
+    numpy_way = png.unfilter(lines, bpp)
+    monkeypatch.setattr(png, "MAX_NUMPY_STEPS", 0)
+    assert np.array_equal(png.unfilter(lines, bpp), numpy_way)
+
+
+@pytest.mark.parametrize("w, h", [(150_000, 2), (3, 200_000)])
+def test_a_thin_16_bit_gray_average_paeth_png_reads_as_pillows_i16(tmp_path, w, h):
+    """Random filtered bytes, rows Average and Paeth: 150,002 and 237,500 diagonal steps (refused before), read as
+    Pillow reads a 16-bit gray PNG (``I;16``, all 16 bits)."""
+    lines = RNG.integers(0, 256, (h, 1 + 2 * w), dtype=np.uint8)
+    lines[:, 0] = np.arange(h) % 2 + 3
+    p = tmp_path / "thin.png"
+    p.write_bytes(SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0))
+                  + _chunk(b"IDAT", zlib.compress(lines.tobytes())) + _chunk(b"IEND", b""))
+    with Image.open(p) as img:
+        assert img.mode == "I;16"
+        want = np.asarray(img).astype(np.float64) / 65535
+    x = load_image(p, max_pixels=None)
+    torch.testing.assert_close(x, torch.from_numpy(want).float().expand(3, h, w), rtol=0, atol=1e-7)

@@ -166,8 +166,6 @@ def _load(path: PathLike, max_pixels: Any, data: Any, alpha: bool) -> Tensor:
                     img = ImageOps.exif_transpose(img) or img
         except MemoryError:
             raise
-        except SalienceError as e:  # a 16-bit PNG too slow to decode: what to do with it
-            raise SalienceError(f"{p}: {e}") from None
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error ...
             raise SalienceError(
                 f"{p}: corrupt or truncated {img.format or 'image'} file ({e}); re-export or re-download it"
