@@ -122,14 +122,18 @@ def _room_of(module: str) -> str:
 
 def _module_of(expr: ast.expr, aliases: dict[str, str]) -> Optional[str]:
     """The salience module ``expr`` names (``rules``, ``salience.attention``: a name bound by an import, then its
-    submodules), or None (another object: ``rules.ACTIVATIONS``, a local variable)."""
+    submodules; ``importlib.import_module("salience.x")``, ``__import__(...)``), or None (another object:
+    ``rules.ACTIVATIONS``, a local variable)."""
     parts = []
     while isinstance(expr, ast.Attribute):
         parts.append(expr.attr)
         expr = expr.value
-    if not isinstance(expr, ast.Name) or expr.id not in aliases:
+    if isinstance(expr, ast.Call):
+        module = _imported(expr, aliases)
+    else:
+        module = aliases.get(expr.id) if isinstance(expr, ast.Name) else None
+    if module is None or not _is_salience(module):  # not salience's ("importlib": a name bound to importlib)
         return None
-    module = aliases[expr.id]
     for part in reversed(parts):
         if _submodule(module, part) == module:  # an attribute of the module, not a submodule
             return None
@@ -137,30 +141,88 @@ def _module_of(expr: ast.expr, aliases: dict[str, str]) -> Optional[str]:
     return module
 
 
-def _other_rooms_privates(path: Path, module: Optional[str] = None) -> list[str]:
-    """``line N: name`` for each underscore-private name that ``path``'s module (named ``module``, by default its
-    place under ``SRC``) takes from a module of another room, not in :data:`PRIVATE_IMPORTS_ALLOWED`: by
-    ``from M import _name`` (``M`` the package too; a private module of a package too: ``from salience.methods
-    import _multi``), as ``alias._name`` or ``alias.sub._name`` where ``alias`` is bound by ``import M [as alias]``
-    or ``from P import M [as alias]`` (``from salience import rules``), and as ``getattr(alias, "_name"[, default])``;
-    imports inside functions included."""
-    module = module or _module_name(path)
-    room = _room(module)
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    aliases: dict[str, str] = {}  # local name -> the salience module it is bound to
-    found = []
+def _constant(node: Optional[ast.expr]) -> Optional[str]:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def _imported(call: ast.Call, aliases: dict[str, str]) -> Optional[str]:
+    """The salience module a call returns: ``importlib.import_module("salience.x")`` (``import_module`` bound by
+    ``from importlib import``; ``(".x", "salience")`` relative) returns ``salience.x``; ``__import__("salience.x")``
+    the package ``salience``, ``salience.x`` with a non-empty fromlist. None for other calls, a name not a constant,
+    or a module that is not there."""
+    import importlib.util
+
+    f, args, kw = call.func, call.args, {k.arg: k.value for k in call.keywords}
+    name = _constant(args[0] if args else kw.get("name"))
+    if name is None:
+        return None
+    if isinstance(f, ast.Name) and f.id == "__import__":
+        fromlist = args[3] if len(args) > 3 else kw.get("fromlist")
+        empty = fromlist is None or (isinstance(fromlist, (ast.List, ast.Tuple)) and not fromlist.elts) \
+            or (isinstance(fromlist, ast.Constant) and not fromlist.value)
+        name = name.split(".")[0] if empty else name
+    elif (isinstance(f, ast.Name) and aliases.get(f.id) == "importlib.import_module") or (
+            isinstance(f, ast.Attribute) and f.attr == "import_module" and isinstance(f.value, ast.Name)
+            and aliases.get(f.value.id) == "importlib"):
+        package = _constant(args[1] if len(args) > 1 else kw.get("package"))
+        try:
+            name = importlib.util.resolve_name(name, package) if name.startswith(".") else name
+        except (ImportError, ValueError):
+            return None
+    else:
+        return None
+    module, *rest = name.split(".")
+    for part in rest:  # each part a module of the package: else no module (an error when it runs)
+        if _submodule(module, part) == module:
+            return None
+        module = _submodule(module, part)
+    return module
+
+
+def _aliases(tree: ast.AST) -> dict[str, str]:
+    """Local name -> the salience module an import binds it to (``importlib`` and ``importlib.import_module`` too),
+    then names assigned a module a call returns (``m = importlib.import_module("salience.x")``)."""
+    aliases: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _is_salience(node.module):
             for a in node.names:
-                target = _submodule(node.module, a.name)
-                if _is_private(a.name) and _room_of(target) != room:
-                    found.append((node.lineno, f"{node.module}.{a.name}"))
-                if target != node.module:
-                    aliases[a.asname or a.name] = target
+                if _submodule(node.module, a.name) != node.module:
+                    aliases[a.asname or a.name] = _submodule(node.module, a.name)
+        elif isinstance(node, ast.ImportFrom) and node.module == "importlib":
+            aliases.update({a.asname or a.name: "importlib.import_module" for a in node.names
+                            if a.name == "import_module"})
         elif isinstance(node, ast.Import):
-            for a in node.names:
-                if _is_salience(a.name):  # import salience.x binds "salience"; import salience.x as y binds y
-                    aliases[a.asname or "salience"] = a.name if a.asname else "salience"
+            for a in node.names:  # import salience.x binds "salience"; import salience.x as y binds y
+                if _is_salience(a.name) or a.name == "importlib":
+                    aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and isinstance(node.value, ast.Call) and _imported(node.value, aliases):
+            aliases[node.targets[0].id] = _imported(node.value, aliases)
+    return aliases
+
+
+def _other_rooms_privates(path: Path, module: Optional[str] = None) -> list[str]:
+    """:func:`_private_uses` of the file ``path``, its module ``module`` (by default its place under ``SRC``)."""
+    return _private_uses(path.read_text(encoding="utf-8"), module or _module_name(path))
+
+
+def _private_uses(source: str, module: str) -> list[str]:
+    """``line N: name`` for each underscore-private name that the module ``module``, of source ``source``, takes
+    from a module of another room, not in :data:`PRIVATE_IMPORTS_ALLOWED`: by ``from M import _name`` (``M`` the
+    package too; a private module of a package too: ``from salience.methods import _multi``), as ``alias._name`` or
+    ``alias.sub._name`` where ``alias`` is bound by ``import M [as alias]`` or ``from P import M [as alias]`` (``from
+    salience import rules``) or assigned ``importlib.import_module("M")``, on such a call itself
+    (``importlib.import_module("M")._name``, ``__import__("M")``), and as ``getattr(alias, "_name"[, default])``;
+    imports inside functions included."""
+    room = _room(module)
+    tree = ast.parse(source)
+    aliases = _aliases(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _is_salience(node.module):
+            found += [(node.lineno, f"{node.module}.{a.name}") for a in node.names
+                      if _is_private(a.name) and _room_of(_submodule(node.module, a.name)) != room]
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and _is_private(node.attr):
             owner, name = _module_of(node.value, aliases), node.attr

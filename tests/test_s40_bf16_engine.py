@@ -84,7 +84,7 @@ def test_the_auto_layout_probe_times_the_calls_precision(monkeypatch):
 
 
 def _cpu_answer(monkeypatch, tmp_path, machine, flags_line, torch_probes):
-    """:func:`_cpu._cpu_has_bf16` on a made-up machine: ``platform.machine()``, /proc/cpuinfo's flags line and
+    """:func:`_cpu._cpu_bf16` on a made-up machine: ``platform.machine()``, /proc/cpuinfo's flags line and
     torch's own probes (``None``: torch has none)."""
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\n{flags_line}\n")
@@ -93,37 +93,39 @@ def _cpu_answer(monkeypatch, tmp_path, machine, flags_line, torch_probes):
     for name, value in zip(("_is_avx512_bf16_supported", "_is_amx_tile_supported"), torch_probes or (None, None)):
         monkeypatch.setattr(torch.cpu, name, (lambda v=value: v) if torch_probes else None, raising=False)
     _cpu._cpu_flags.cache_clear()
-    _cpu._cpu_has_bf16.cache_clear()
+    _cpu._cpu_bf16.cache_clear()
     try:
-        return _cpu._cpu_has_bf16()
+        return _cpu._cpu_bf16()
     finally:
         _cpu._cpu_flags.cache_clear()
-        _cpu._cpu_has_bf16.cache_clear()
+        _cpu._cpu_bf16.cache_clear()
 
 
 @pytest.mark.parametrize("machine, flags, probes, expected", [
-    ("x86_64", "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile", None, True),   # Sapphire Rapids
-    ("x86_64", "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni", None, False),  # Cascade Lake
-    ("x86_64", "flags\t\t: fpu sse2 avx2", None, False),                               # an AVX2 CPU
-    ("x86_64", "flags\t\t: fpu sse2 avx2", (False, True), True),                       # torch's answer first
-    ("x86_64", "flags\t\t: fpu avx512_bf16", (False, False), False),
-    ("aarch64", "Features\t: fp asimd sve bf16", None, True),                          # Graviton 3
-    ("aarch64", "Features\t: fp asimd", None, False),                                  # Graviton 2
+    ("x86_64", "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile", None, "AMX-BF16"),  # Sapphire R.
+    ("x86_64", "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16", None, "AVX512-BF16"),  # Cooper Lake, Zen 4
+    ("x86_64", "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni", None, ""),     # Cascade Lake
+    ("x86_64", "flags\t\t: fpu sse2 avx2", None, ""),                                  # an AVX2 CPU
+    ("x86_64", "flags\t\t: fpu sse2 avx2", (False, True), "AMX-BF16"),                 # torch's answer first
+    ("x86_64", "flags\t\t: fpu sse2 avx2", (True, False), "AVX512-BF16"),
+    ("x86_64", "flags\t\t: fpu avx512_bf16", (False, False), ""),
+    ("aarch64", "Features\t: fp asimd sve bf16", None, "BF16"),                        # Graviton 3
+    ("aarch64", "Features\t: fp asimd", None, ""),                                     # Graviton 2
     ("x86_64", "", None, None),                                                        # nothing to read: unknown
     ("riscv64", "isa\t: rv64", None, None),
 ])
 def test_native_bf16_from_torch_or_cpuinfo(monkeypatch, tmp_path, machine, flags, probes, expected):
-    assert _cpu_answer(monkeypatch, tmp_path, machine, flags, probes) is expected
+    assert _cpu_answer(monkeypatch, tmp_path, machine, flags, probes) == expected
 
 
 def test_native_bf16_heeds_onednn_isa_cap(monkeypatch):
-    monkeypatch.setattr(_cpu, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(_cpu, "_cpu_bf16", lambda: "AMX-BF16")
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)  # read where ONEDNN_MAX_CPU_ISA is empty ("" below)
     for cap, native in (("", True), ("AVX2", False), ("avx512_core", False), ("AVX512_CORE_VNNI", False),
-                        ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True), ("ALL", True)):
+                        ("AVX512_CORE_BF16", False), ("AVX512_CORE_AMX", True), ("ALL", True)):  # session 41: AMX
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
         assert _cpu.native_bf16() is native, cap
-    monkeypatch.setattr(_cpu, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(_cpu, "_cpu_bf16", lambda: "")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
     assert _cpu.native_bf16() is False
 
@@ -133,7 +135,7 @@ def test_this_machines_answer_is_its_cpuinfo_flags():
     flags = _cpu._cpu_flags()
     if _cpu.platform.machine() != "x86_64" or not flags:
         pytest.skip("x86 Linux only")
-    assert _cpu._cpu_has_bf16() is bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert _cpu._cpu_bf16() == ("AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "")
 
 
 # ------------------------------------------------------------------------------------------- the warning
@@ -143,7 +145,7 @@ def _bf16_warnings(fn):
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
         fn()
-    return [w for w in got if "no native bf16" in str(w.message)]
+    return [w for w in got if "precision='bf16': this CPU" in str(w.message)]
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch):

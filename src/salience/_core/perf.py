@@ -21,8 +21,9 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   eager path runs.
 - ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward pass under
   ``torch.autocast`` (see docs/performance.md for the tolerance): for CUDA, and ``"bf16"`` for a CPU with
-  native bf16 (AMX-BF16, AVX512-BF16: :func:`native_bf16`), best with ``memory_format="channels_last"``; on a CPU
-  without, ``"bf16"`` is slower than fp32 and warns once per process (:mod:`salience._core.cpu`).
+  native bf16 that pays (AMX-BF16; Arm's BF16: :func:`native_bf16`), best with ``memory_format="channels_last"``; on
+  a CPU without, ``"bf16"`` is no faster than fp32 (AVX512-BF16 alone) or slower, and warns once per process
+  (:mod:`salience._core.cpu`).
 - ``chunks``: ``"memory"`` (default): the largest chunk the budget allows, so a seeded call gives
   the same bits every time; ``"throughput"`` picks the chunk size by measured seconds per item
   (the fastest of :data:`SIZE_SAMPLES` timings per size), within the memory budget (results then

@@ -239,8 +239,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "inductor's freezing (the weights as constants; compiled again when they change)")
     g.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="fp32 (default), or bf16 / fp16 autocast for the forward pass: for CUDA, and bf16 for a "
-                        "CPU with native bf16 (AMX-BF16, AVX512-BF16; with --memory-format channels_last about 0.4x "
-                        "fp32's time on resnet50), slower than fp32 on a CPU without (a warning says so); the "
+                        "CPU with AMX-BF16 (with --memory-format channels_last about 0.4x fp32's time on resnet50); "
+                        "no faster than fp32 with AVX512-BF16 alone, slower without bf16 (a warning says so); the "
                         "pixel-gradient maps differ from fp32's by 0.1-0.6 in relative L2, the CAMs' by about 0.01 "
                         "(docs/performance.md); part of a dataset run's command")
     g.add_argument("--fold-batchnorm", action="store_true", default=None,

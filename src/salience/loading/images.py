@@ -166,8 +166,6 @@ def _load(path: PathLike, max_pixels: Any, data: Any, alpha: bool) -> Tensor:
                     img = ImageOps.exif_transpose(img) or img
         except MemoryError:
             raise
-        except SalienceError as e:  # a 16-bit PNG too slow to decode: what to do with it
-            raise SalienceError(f"{p}: {e}") from None
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error ...
             raise SalienceError(
                 f"{p}: corrupt or truncated {img.format or 'image'} file ({e}); re-export or re-download it"
@@ -195,19 +193,28 @@ def _check_sides(p: Any, sides: tuple[int, int], max_pixels: Optional[int]) -> N
 def _pipe_bytes(p: Path) -> Optional[bytes]:
     """The bytes of ``p`` when it is a pipe (bash's ``<(curl ...)``, a named pipe), read whole, as PIL reads a stream it
     cannot seek (a second look at its first bytes, :func:`_unidentified`, would wait for ever); ``None`` for any other
-    file, which is opened where it is."""
+    file, which is opened where it is. A pipe that cannot be read says it is a pipe (its writer is gone or failed)."""
     try:
-        return p.read_bytes() if stat.S_ISFIFO(p.stat().st_mode) else None
+        fifo = stat.S_ISFIFO(p.stat().st_mode)
     except OSError as e:
-        raise SalienceError(f"{p}: cannot be read ({e.strerror or e})") from None
+        raise SalienceError(f"{p}: cannot be read ({e.strerror or e}); check the path and its permissions") from None
+    try:
+        return p.read_bytes() if fifo else None
+    except OSError as e:
+        raise SalienceError(f"{p}: a pipe (/dev/stdin, a named pipe, <(...)) that cannot be read ({e.strerror or e}); "
+                            "run the command that writes to it again, or save the image to a file and give its "
+                            "path") from None
 
 
 def _file_bytes(p: Path) -> bytes:
-    """The bytes of the file ``p`` (a 16-bit PNG, decoded from them); one that cannot be read says so."""
+    """The bytes of the file ``p`` (a 16-bit PNG, decoded from them; its header was read just before); one that
+    cannot be read says it is the file, read a second time."""
     try:
         return p.read_bytes()
     except OSError as e:
-        raise SalienceError(f"{p}: cannot be read ({e.strerror or e})") from None
+        raise SalienceError(f"{p}: the file's header was read but not the whole file ({e.strerror or e}); check that "
+                            "it is still there and readable (permissions, a network or removable disk), or copy it "
+                            "to a local disk") from None
 
 
 def _unidentified(p: Any, data: Optional[bytes]) -> SalienceError:
@@ -231,14 +238,13 @@ def _png16_samples(data: bytes, info: dict) -> np.ndarray:
     """A 16-bit PNG's samples, ``(H, W, C)`` uint16 (:func:`salience.loading.png.decode_png16`: Pillow cuts colour
     ones to 8 bits), turned upright as Pillow's ``getexif`` reads the orientation of an 8-bit PNG: its ``eXIf``
     chunk (before or after the image data), else ImageMagick's raw EXIF profile or XMP's ``tiff:Orientation`` in
-    ``info`` (the opened file's text chunks)."""
+    a text chunk (``info``: those before the image data, read by ``Image.open``; those after it, which Pillow reads
+    only as it decodes the samples, from :func:`~salience.loading.png.decode_png16`)."""
     from PIL import Image
 
-    samples, exif = decode_png16(bytes(data))
+    samples, after = decode_png16(bytes(data))
     shown = Image.new("L", (1, 1))  # Pillow's own reading of the orientation, without decoding the file again
-    shown.info = dict(info)
-    if exif is not None:
-        shown.info["exif"] = exif if exif.startswith(b"Exif") else b"Exif\x00\x00" + exif
+    shown.info = {**info, **after}  # what Pillow reads after the image data when it decodes an 8-bit PNG
     turn = _ORIENTED.get(shown.getexif().get(0x0112, 1))
     return samples if turn is None else turn(samples)
 

@@ -2,12 +2,15 @@
 
 Pillow cuts 16-bit RGB, RGBA and gray + alpha PNGs to their high bytes; salience read the low ones by swapping the
 raw mode in Pillow's ``img.tile``, a detail that changes between Pillow versions. :func:`decode_png16` parses the
-chunks itself (``IHDR``, ``tRNS``, ``eXIf``, the ``IDAT`` chunks joined, each chunk's CRC checked), inflates the data and
-undoes the five scanline filters (None, Sub, Up, Average, Paeth) with numpy, Adam7 interlacing included. Average
-and Paeth predict a byte from the one to its left, decoded just before, so the rows of an image using them are
-decoded along anti-diagonals (every pixel of one depends only on the two before it), in bands of at most 1024 rows:
-``band + W`` numpy steps a band, each across the band's rows at once, instead of ``band x W`` pixel steps; past
-:data:`MAX_DIAGONAL_STEPS` (a thin image: 1 x 200,000) such a file is refused saying how to re-save it."""
+chunks itself (``IHDR``, ``tRNS``, ``eXIf``, text chunks after the image data, the ``IDAT`` chunks joined, each
+chunk's CRC checked), inflates the data and undoes the five scanline filters (None, Sub, Up, Average, Paeth) with
+numpy, Adam7 interlacing included. Average and Paeth predict a byte from the one to its left, decoded just before, so
+the rows of an image using them are decoded along anti-diagonals (every pixel of one depends only on the two before
+it), in bands of at most 1024 rows: ``band + W`` numpy steps a band, each across the band's rows at once, instead of
+``band x W`` pixel steps. Past :data:`MAX_NUMPY_STEPS` (a thin image: 1 x 200,000, whose row is one chain of
+dependent pixels, no numpy step can take more than one of them) the filtered bytes go to Pillow's own C decoder as
+8-bit PNGs of up to 4 bytes a pixel (:func:`_unfilter_by_pillow`, public API only; until session 41 such a file was
+refused)."""
 from __future__ import annotations
 
 import struct
@@ -17,7 +20,6 @@ from typing import Optional
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from salience._core.errors import SalienceError
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
@@ -33,9 +35,10 @@ def is_png16(head: bytes) -> bool:
 
 def _chunks(data: bytes) -> dict:
     """The chunks :func:`decode_png16` needs: ``IHDR``'s, ``tRNS``'s and ``eXIf``'s bodies, the ``IDAT`` bodies
-    joined. Each chunk's CRC is checked: a critical chunk failing it is a ``ValueError``, an ancillary one is dropped
-    (libpng's default; Pillow reads such a chunk after the image data without a word); a chunk running past the end
-    is a truncated file (``ValueError``)."""
+    joined, and under ``b"text"`` the text chunks (``tEXt``, ``zTXt``, ``iTXt``) after the image data, which Pillow's
+    ``Image.open`` has not read (it reads them when it decodes the samples). Each chunk's CRC is checked: a critical
+    chunk failing it is a ``ValueError``, an ancillary one is dropped (libpng's default; Pillow reads such a chunk
+    after the image data without a word); a chunk running past the end is a truncated file (``ValueError``)."""
     view, pos, found, idat = memoryview(data), 8, {}, []
     while pos + 8 <= len(data):
         n, kind = struct.unpack(">I4s", view[pos:pos + 8])
@@ -49,8 +52,12 @@ def _chunks(data: bytes) -> dict:
             continue
         if kind == b"IDAT":
             idat.append(body)
-        elif kind in (b"IHDR", b"tRNS", b"eXIf"):
+        elif kind == b"eXIf":  # the last one, as Pillow reads it (before or after the image data)
+            found[kind] = bytes(body)
+        elif kind in (b"IHDR", b"tRNS"):
             found.setdefault(kind, bytes(body))
+        elif kind in (b"tEXt", b"zTXt", b"iTXt") and idat:
+            found.setdefault(b"text", []).append((kind, bytes(body)))
         elif kind == b"IEND":
             break
         pos += 12 + n
@@ -67,11 +74,13 @@ def _passes(w: int, h: int, interlace: int) -> list:
     return [p for p in sides if p[4] > 0 and p[5] > 0]
 
 
-def decode_png16(data: bytes) -> tuple[np.ndarray, Optional[bytes]]:
-    """A 16-bit PNG's samples, ``(H, W, C)`` uint16: C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; and its ``eXIf``
-    chunk's body (``None`` without one). A gray or RGB image whose ``tRNS`` chunk names a key colour gets an alpha
-    channel: 0 on the pixels of that colour, 65535 on the others. A corrupt or truncated file is a ``ValueError``
-    saying what is wrong."""
+def decode_png16(data: bytes) -> tuple[np.ndarray, dict]:
+    """A 16-bit PNG's samples, ``(H, W, C)`` uint16: C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; and the entries of
+    Pillow's ``info`` that Pillow reads only when it decodes an 8-bit PNG's samples: ``"exif"`` (the last ``eXIf``
+    chunk, before or after the image data, with ``Exif\\0\\0`` in front) and the text chunks after the image data
+    (an XMP packet there, ``"XML:com.adobe.xmp"``, holds an orientation), read as Pillow reads them. A gray or RGB
+    image whose ``tRNS`` chunk names a key colour gets an alpha channel: 0 on the pixels of that colour, 65535 on the
+    others. A corrupt or truncated file is a ``ValueError`` saying what is wrong."""
     found = _chunks(data)
     w, h, depth, colour, method, filt, interlace = struct.unpack(">IIBBBBB", found[b"IHDR"])
     if depth != 16 or colour not in _CHANNELS or method or filt or interlace > 1 or not w or not h:
@@ -92,11 +101,50 @@ def decode_png16(data: bytes) -> tuple[np.ndarray, Optional[bytes]]:
         rows = unfilter(flat[at:at + ph * (pw * 2 * c + 1)].reshape(ph, pw * 2 * c + 1), 2 * c)
         out[y0::dy, x0::dx] = rows.view(">u2").reshape(ph, pw, c)
         at += ph * (pw * 2 * c + 1)
+    info = dict(filter(None, (_text(kind, body) for kind, body in found.get(b"text", ()))))
+    exif = found.get(b"eXIf")
+    if exif is not None:  # Pillow's form, Exif\0\0 in front (unless the writer put it there already)
+        info["exif"] = exif if exif.startswith(b"Exif") else b"Exif\x00\x00" + exif
     key = _key(found.get(b"tRNS"), colour)
     if key is None:
-        return out, found.get(b"eXIf")
+        return out, info
     alpha = np.where((out == key).all(-1, keepdims=True), np.uint16(0), np.uint16(65535))
-    return np.concatenate([out, alpha], -1), found.get(b"eXIf")
+    return np.concatenate([out, alpha], -1), info
+
+
+MAX_TEXT = 1 << 20
+"""The most bytes a compressed text chunk inflates to (Pillow's ``MAX_TEXT_CHUNK``); a longer one is dropped."""
+
+
+def _text(kind: bytes, body: bytes) -> Optional[tuple]:
+    """A ``tEXt``, ``zTXt`` or ``iTXt`` chunk as Pillow's PNG reader puts it in ``info``: ``(keyword, text)`` (the
+    text as bytes for ``tEXt`` keyword ``exif``); ``None`` for one Pillow skips (no keyword, undecodable text)."""
+    key, _, rest = body.partition(b"\x00")
+    if not key:
+        return None
+    if kind == b"tEXt":
+        return key.decode("latin-1"), rest if key == b"exif" else rest.decode("latin-1", "replace")
+    if kind == b"zTXt":
+        text = _inflated(rest[1:]) if rest[:1] == b"\x00" else None
+        return None if text is None else (key.decode("latin-1"), text.decode("latin-1", "replace"))
+    parts = rest[2:].split(b"\x00", 2)
+    if len(rest) < 2 or len(parts) < 3 or (rest[0] and rest[1]):  # compressed by a method other than zlib's
+        return None
+    text = _inflated(parts[2]) if rest[0] else parts[2]
+    try:
+        return None if text is None else (key.decode("latin-1"), text.decode("utf-8"))
+    except UnicodeError:
+        return None
+
+
+def _inflated(z: bytes) -> Optional[bytes]:
+    """``z`` inflated, ``None`` where it is corrupt or inflates past :data:`MAX_TEXT`."""
+    inflate = zlib.decompressobj()
+    try:
+        text = inflate.decompress(z, MAX_TEXT)
+    except zlib.error:
+        return None
+    return None if inflate.unconsumed_tail else text
 
 
 def _key(trns: Optional[bytes], colour: int) -> Optional[np.ndarray]:
@@ -109,18 +157,23 @@ def _key(trns: Optional[bytes], colour: int) -> Optional[np.ndarray]:
 
 def unfilter(lines: np.ndarray, bpp: int) -> np.ndarray:
     """PNG scanlines ``(H, 1 + row bytes)`` uint8, each a filter type byte then the filtered bytes -> the bytes
-    ``(H, row bytes)``; ``bpp``: bytes a pixel (the distance to the byte on the left), a divisor of the row's."""
+    ``(H, row bytes)``; ``bpp``: bytes a pixel (the distance to the byte on the left), a divisor of the row's.
+    With numpy where that takes at most :data:`MAX_NUMPY_STEPS` steps (rows of None / Sub / Up one a step; Average /
+    Paeth rows along anti-diagonals, :func:`_unfilter_diagonals`), else (a thin image) by Pillow's decoder,
+    :func:`_unfilter_by_pillow`."""
     kinds, f = lines[:, 0], lines[:, 1:]
     if kinds.size and int(kinds.max()) > 4:
         raise ValueError(f"a scanline of filter type {int(kinds.max())} (PNG has 0 to 4)")
-    if np.isin(kinds, (3, 4)).any():  # in bands of at most 1024 rows (16 at least): skewed arrays of (band + W) x band
-        out, prior, band = np.empty_like(f), np.zeros(f.shape[1], np.uint8), max(16, min(f.shape[1] // bpp, 1024))
-        _check_steps(f.shape[0], f.shape[1] // bpp, band)
-        for y in range(0, f.shape[0], band):  # pixels, 3 bytes each, not (H + W) x H (a 50,000,000 x 1 image)
+    diagonal, band = bool(np.isin(kinds, (3, 4)).any()), max(16, min(f.shape[1] // bpp, 1024))
+    steps = f.shape[0] + -(-f.shape[0] // band) * (f.shape[1] // bpp) if diagonal else f.shape[0]
+    if steps > MAX_NUMPY_STEPS:
+        return _unfilter_by_pillow(f, kinds, bpp)
+    out, prior = np.empty_like(f), np.zeros(f.shape[1], np.uint8)
+    if diagonal:  # in bands of at most 1024 rows (16 at least): skewed arrays of (band + W) x band pixels, not
+        for y in range(0, f.shape[0], band):  # (H + W) x H (a 50,000 x 1,000 image)
             out[y:y + band] = _unfilter_diagonals(f[y:y + band], kinds[y:y + band], bpp, prior)
             prior = out[min(y + band, f.shape[0]) - 1]
         return out
-    out, prior = np.empty_like(f), np.zeros(f.shape[1], np.uint8)
     for y, kind in enumerate(kinds.tolist()):
         if kind == 1:  # Sub: each byte plus the decoded one bpp to its left, a running sum mod 256 per channel
             out[y] = f[y].reshape(-1, bpp).cumsum(0, dtype=np.uint8).reshape(-1)
@@ -130,20 +183,10 @@ def unfilter(lines: np.ndarray, bpp: int) -> np.ndarray:
     return out
 
 
-MAX_DIAGONAL_STEPS = 100_000
-"""The most numpy steps (anti-diagonals, ``band + W`` a band of rows) :func:`unfilter` takes for Average / Paeth rows:
-about 3 s. A square 50-megapixel image takes 56,000; a thin one (1 x 50,000,000) took 50,000,000, about 27 minutes."""
-
-
-def _check_steps(h: int, w: int, band: int) -> None:
-    """A :class:`SalienceError` where Average / Paeth rows of ``h`` x ``w`` pixels, in bands of ``band`` rows, take
-    more than :data:`MAX_DIAGONAL_STEPS` steps (a thin image: each step decodes one anti-diagonal, a pixel or few)."""
-    steps = h + -(-h // band) * w  # each band: its rows + W diagonals
-    if steps > MAX_DIAGONAL_STEPS:
-        raise SalienceError(f"a {w:,} x {h:,} pixel 16-bit PNG whose rows use the Average or Paeth filter decodes one "
-                            f"anti-diagonal at a time: {steps:,} steps, more than the {MAX_DIAGONAL_STEPS:,} taken "
-                            "(minutes for a thin image); re-save it with the None / Sub / Up filters, as a 16-bit "
-                            "TIFF, or as an 8-bit PNG")
+MAX_NUMPY_STEPS = 100_000
+"""The most numpy steps :func:`unfilter` takes (rows of None / Sub / Up; for Average / Paeth rows anti-diagonals,
+``band + W`` a band of rows): about 3 s. A square 50-megapixel image takes 56,000; a thin one takes more (1 x
+50,000,000 Paeth: 50,000,000 steps, about 27 minutes) and goes to Pillow's decoder instead."""
 
 
 def _skewed(a: np.ndarray) -> np.ndarray:
@@ -177,3 +220,62 @@ def _unfilter_diagonals(f: np.ndarray, kinds: np.ndarray, bpp: int, prior: np.nd
             pred = np.where(k == 4, paeth, np.where(k == 3, (a + b) >> 1, np.where(k == 2, b, np.where(k == 1, a, 0))))
         np.bitwise_and(sk[col, lo:hi] + pred, 255, out=d[col, lo:hi])
     return _skewed(d).astype(np.uint8).reshape(h, w * bpp)
+
+
+def _unfilter_by_pillow(f: np.ndarray, kinds: np.ndarray, bpp: int) -> np.ndarray:
+    """:func:`unfilter` of the filtered bytes ``f`` ``(H, row bytes)``, rows of filter ``kinds``, by Pillow's own PNG
+    decoder (C, one pass a row whatever the filters: a thin image, which numpy would take one pixel a step).
+
+    A byte's predictor takes the bytes ``bpp`` to its left and above, so the bytes at each offset of a pixel form
+    ``bpp`` images of their own, unfiltered alike; those at up to 4 offsets next to each other (a 16-bit RGB pixel's 6
+    bytes: 3 + 3) are an 8-bit gray, gray + alpha, RGB or RGBA PNG's scanlines: each such image is written as a PNG,
+    in bands of at most :data:`BAND_PIXELS` pixels, each band's first row predicted from the last decoded one above
+    it (put first, filter None), and read back with ``Image.open``: Pillow's public reading of an 8-bit PNG."""
+    h, w = f.shape[0], f.shape[1] // bpp
+    out = np.empty((h, w, bpp), np.uint8)
+    filtered, band = f.reshape(h, w, bpp), max(1, BAND_PIXELS // max(w, 1))
+    for at, n in _groups(bpp):
+        for y in range(0, h, band):
+            prior = out[y - 1, :, at:at + n] if y else None
+            out[y:y + band, :, at:at + n] = _pillow_unfiltered(filtered[y:y + band, :, at:at + n], kinds[y:y + band],
+                                                              prior)
+    return out.reshape(h, w * bpp)
+
+
+BAND_PIXELS = 1 << 24
+"""The most pixels of one 8-bit PNG :func:`unfilter` hands Pillow (16 megapixels, 64 MB at most): well under Pillow's
+decompression-bomb limit (89 megapixels by default), and the copies it makes stay small."""
+_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}
+"""Bytes a pixel -> the 8-bit PNG colour type with that many: gray, gray + alpha, RGB, RGBA."""
+
+
+def _groups(bpp: int) -> list:
+    """``(first offset, bytes)`` of the fewest runs of at most 4 of a pixel's ``bpp`` bytes, as even as can be."""
+    runs = -(-bpp // 4)
+    sizes = [bpp // runs + (i < bpp % runs) for i in range(runs)]
+    return [(sum(sizes[:i]), n) for i, n in enumerate(sizes)]
+
+
+def _pillow_unfiltered(rows: np.ndarray, kinds: np.ndarray, prior: Optional[np.ndarray]) -> np.ndarray:
+    """Filtered bytes ``(H, W, n)`` (``n`` of 1 to 4), row ``i`` of filter ``kinds[i]``, unfiltered by Pillow's 8-bit
+    PNG decoder; ``prior``: the decoded ``(W, n)`` row above the first (``None``: the image's top, zeros above)."""
+    import io
+
+    from PIL import Image
+
+    h, w, n = rows.shape
+    top = prior is not None
+    lines = np.empty((h + top, 1 + w * n), np.uint8)
+    if top:
+        lines[0, 0], lines[0, 1:] = 0, prior.reshape(-1)
+    lines[top:, 0], lines[top:, 1:] = kinds, rows.reshape(h, w * n)
+    data = zlib.compress(lines, 0)  # stored: Pillow's inflating copies it
+    chunks = [_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h + top, 8, _COLOUR_TYPES[n], 0, 0, 0))]
+    chunks += [_chunk(b"IDAT", data[i:i + (1 << 30)]) for i in range(0, len(data), 1 << 30)]
+    with Image.open(io.BytesIO(b"".join([SIGNATURE, *chunks, _chunk(b"IEND", b"")])), formats=["PNG"]) as img:
+        return np.asarray(img).reshape(h + top, w, n)[top:]
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    """A PNG chunk: length, type, body, CRC."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
