@@ -93,7 +93,7 @@ def warn_bf16_without_native(precision: str, device: torch.device) -> None:
     """Warn, once per process, that ``precision="bf16"`` on a CPU without native bf16 (:func:`native_bf16` is
     ``False``) is usually slower than fp32; nothing where the CPU has it or it is not known."""
     global _warned
-    if _warned or precision != "bf16" or device.type != "cpu" or native_bf16() is not False:
+    if _warned or precision not in ("bf16", "bf16-mixed") or device.type != "cpu" or native_bf16() is not False:
         return
     with _warn_lock:
         if _warned:
