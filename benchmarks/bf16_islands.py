@@ -2,7 +2,9 @@
 
     flock /tmp/bench.lock taskset -c 1 python benchmarks/bf16_islands.py --rounds 5 --out benchmarks/bf16-islands-s41
 
-``--engine`` adds salience's own maps of EfficientNet-Lite0 on the three photos (vanilla, SmoothGrad 16 with noise 0.15
+``--engine`` adds salience's SmoothGrad 16 and integrated gradients 32 on one of the random images, timed on resnet50
+and Lite0 (fp32 defaults, bf16 and bf16-mixed with channels-last; a warm-up round, then ``min(--rounds, 3)`` rounds
+of every variant in turn), and salience's own maps of EfficientNet-Lite0 on the three photos (vanilla, SmoothGrad 16 with noise 0.15
 and seed 0, integrated gradients 32, Grad-CAM; the example's settings) under ``precision="bf16"`` and ``"bf16-mixed"``
 with ``memory_format="channels_last"`` against the fp32 defaults': relative L2, correlation, and ``|b| / |a|``.
 
@@ -183,6 +185,32 @@ def engine(net: nn.Module, photos: torch.Tensor, top: torch.Tensor) -> dict:
     return out
 
 
+def engine_timing(models: dict, x: torch.Tensor, rounds: int) -> dict:
+    """``{model: {method: {variant: [seconds per round]}}}``: salience's SmoothGrad 16 and integrated gradients 32 on
+    ``x`` in fp32 (the defaults), and under bf16 / bf16-mixed with channels-last, the variants alternated per round."""
+    import warnings
+
+    import salience
+
+    variants = {"fp32": {}, "bf16": dict(precision="bf16", memory_format="channels_last"),
+                "bf16-mixed": dict(precision="bf16-mixed", memory_format="channels_last")}
+    methods = {"smoothgrad 16": lambda m: salience.smoothgrad(m, x, 0, samples=16, seed=0),
+               "integrated_gradients 32": lambda m: salience.integrated_gradients(m, x, 0, steps=32)}
+    out: dict = {name: {meth: {v: [] for v in variants} for meth in methods} for name in models}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # IG's completeness check
+        for r in range(rounds + 1):  # round 0: the warm-up
+            for name, model in models.items():
+                for meth, call in methods.items():
+                    for v, options in variants.items():
+                        t0 = time.perf_counter()
+                        with salience.performance(**options):
+                            call(model)
+                        if r:
+                            out[name][meth][v].append(time.perf_counter() - t0)
+    return out
+
+
 def _pairs(rows: list) -> str:
     return ", ".join(" / ".join(f"{v:.3f}" for v in row) for row in rows)
 
@@ -202,6 +230,14 @@ def markdown(res: dict, command: str) -> str:
         lines += ["", "## salience's maps of Lite0, channels-last, against the fp32 defaults': rel L2 / corr / "
                   "norm ratio per photo", "", "| method | bf16 | bf16-mixed |", "|---|---|---|"]
         lines += [f"| {m} | {_pairs(v['bf16'])} | {_pairs(v['bf16-mixed'])} |" for m, v in res["lite0_engine"].items()]
+    for name, methods in res.get("engine_time", {}).items():
+        lines += ["", f"## salience on {name}, 1 image of 224 px, one thread: seconds per call, min / median / max", "",
+                  "| method | fp32 | bf16 + channels-last | bf16-mixed + channels-last | medians over fp32's |",
+                  "|---|---|---|---|---|"]
+        for meth, t in methods.items():
+            cells = [f"{min(v):.2f} / {statistics.median(v):.2f} / {max(v):.2f}" for v in t.values()]
+            ratio = ", ".join(f"{statistics.median(t[v]) / statistics.median(t['fp32']):.2f}" for v in ("bf16", "bf16-mixed"))
+            lines.append(f"| {meth} | {' | '.join(cells)} | {ratio} |")
     for key, title in (("resnet50_time", "resnet50"), ("lite0_time", "EfficientNet-Lite0")):
         t = res[key]
         base = statistics.median(t["fp32"])
@@ -244,6 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                       args.rounds)}
     if args.engine:
         res["lite0_engine"] = engine(net, photos, top)
+        res["engine_time"] = engine_timing({"resnet50": r50, "efficientnet-lite0": net}, imgs[:1], min(args.rounds, 3))
     if args.out:
         args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
         command = "flock /tmp/bench.lock taskset -c 1 python benchmarks/bf16_islands.py " + " ".join(
