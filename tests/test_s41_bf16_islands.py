@@ -112,8 +112,10 @@ def test_the_model_comes_back_as_it_was_and_compile_is_refused():
 def test_an_in_place_operation_on_a_bf16_high_resolution_map_is_not_lost_to_a_cast():
     t = torch.zeros(1, 2, 16, 16, dtype=torch.bfloat16)  # a bf16 map at the input's resolution
     with torch.autocast("cpu", dtype=torch.bfloat16), HighResolutionFp32("cpu", (16, 16)):
-        t.add_(1.0)
-        F.relu(t, inplace=True)
-        u = t + 2.0  # out of place: computed in fp32
-    assert t.dtype == torch.bfloat16 and torch.equal(t, torch.ones_like(t))  # changed in place, still bf16
-    assert u.dtype == torch.float32 and torch.equal(u, torch.full_like(u, 3.0))
+        torch.sub(t, 1.0, out=t)  # -1
+        F.relu(t, inplace=True)  # 0
+        t[:, 0] = 2.0
+        assert t.dtype == torch.bfloat16  # a tensor's own property: its own, not a cast copy's
+        u = torch.add(t, 2.0)  # out of place: computed in fp32
+    assert t.dtype == torch.bfloat16 and torch.equal(t[:, 1], torch.zeros_like(t[:, 1])) and (t[:, 0] == 2).all()
+    assert u.dtype == torch.float32 and torch.equal(u[:, 1], torch.full_like(u[:, 1], 2.0))

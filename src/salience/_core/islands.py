@@ -8,12 +8,15 @@ correlation 0.9999 with fp32's; an fp32 pass with the bf16 pass's gates 0.68-0.8
 that matter are those at high resolution: the stem and the first blocks in fp32 bring the correlation to 0.97, the
 head and the last blocks in fp32 change nothing.
 
-The rule: an operation one of whose tensor arguments (or a tensor in a list or tuple argument, ``torch.cat``'s) is a
+The rule: a function of ``torch`` / ``torch.nn.functional`` (what modules call: ``F.conv2d``, ``F.batch_norm``,
+``F.relu``, ``torch.cat``; not a tensor's own methods and properties, which run as they are) one of whose tensor arguments (or a tensor in a list or tuple argument, ``torch.cat``'s) is a
 4-D ``(N, C, h, w)`` map with ``h * w >= H * W / RATIO**2`` (``H x W``: the input image's size; with
 :data:`RATIO` 4, the maps at the input's full, half and quarter resolution) runs with autocast off and its bf16
 arguments cast to float32, so it and its backward compute in fp32. The other operations run under the bf16 autocast
 as ``precision="bf16"`` runs them. A model whose input is not an image ``(N, C, H, W)`` runs as under ``"bf16"``.
-In-place operations (``add_``, ``relu(..., inplace=True)``, ``out=``) are not cast (a cast copy would take the
+The rule reads any 4-D tensor as a map: a vision transformer's attention tensors ``(batch, heads, tokens, dim)`` are
+4-D too, and its functions on them (``F.scaled_dot_product_attention``, ``torch.matmul``) run in fp32.
+In-place functions (``relu(..., inplace=True)``, ``out=``) are not cast (a cast copy would take the
 change), only run with autocast off.
 
 It is a ``TorchFunctionMode`` entered around each eager pass (:meth:`salience._core.perf.Run.autocast`), so the
@@ -34,6 +37,14 @@ RATIO = 4
 vanilla maps at correlation 0.92-0.96 with fp32's on three photos, 4 gave 0.968-0.975, 8 0.984-0.988; resnet50's
 forward + input gradient, channels-last, took 0.51, 0.67 and 0.83 of fp32's time, plain bf16 0.46: medians,
 benchmarks/bf16-islands-s41.md)."""
+
+
+def _tensor_method(func: Any) -> bool:
+    """A method or property of a tensor (``x.dtype``, ``x.add_``, ``x[...] = v``, ``x.register_hook``, ``x + y``):
+    run as it is; a cast copy would answer for another tensor (its dtype, its hooks, its changes)."""
+    return (getattr(func, "__objclass__", None) in (torch.Tensor, torch._C.TensorBase)
+            or getattr(func, "__qualname__", "").startswith(("Tensor.", "TensorBase."))
+            or getattr(func, "__name__", "") in ("__get__", "__set__"))
 
 
 def _is_inplace(func: Any, kwargs: dict) -> bool:
@@ -61,7 +72,7 @@ class HighResolutionFp32(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
-        if not self._large(args):
+        if _tensor_method(func) or not self._large(args):
             return func(*args, **kwargs)
         if not _is_inplace(func, kwargs):
             args = tuple(_fp32(a) for a in args)
