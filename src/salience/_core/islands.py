@@ -35,7 +35,7 @@ __all__ = ["RATIO", "HighResolutionFp32"]
 RATIO = 4
 """Maps at ``1 / RATIO`` of the input's height and width or larger run in fp32 (measured: 2 left EfficientNet-Lite0's
 vanilla maps at correlation 0.92-0.96 with fp32's on three photos, 4 gave 0.968-0.975, 8 0.984-0.988; resnet50's
-forward + input gradient, channels-last, took 0.51, 0.67 and 0.83 of fp32's time, plain bf16 0.46: medians,
+forward + input gradient, channels-last, took 0.48, 0.64 and 0.82 of fp32's time, plain bf16 0.42: medians,
 benchmarks/bf16-islands-s41.md)."""
 
 
