@@ -39,16 +39,22 @@ def cat():
     return model, x
 
 
-@pytest.mark.parametrize("method, kw, rel_l2, corr", BOUNDS, ids=[b[0] for b in BOUNDS])
-def test_bf16_channels_last_on_pretrained_lite0_within_the_cpu_tolerance(cat, method, kw, rel_l2, corr):
-    model, x = cat
+def fp32_and(precision, model, x, method, kw):
+    """``method``'s maps of ``x`` for the tiger cat (class 282, the model's top class on ``chelsea``): the fp32
+    defaults', and ``precision``'s with channels-last."""
     fn = salience.METHODS[method]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # IG's completeness at 8 steps; bf16 on a CPU without native bf16
-        a = fn(model, x, 282, **kw)  # tiger cat, the model's top class
-        with salience.performance(precision="bf16", memory_format="channels_last"):
+        a = fn(model, x, 282, **kw)
+        with salience.performance(precision=precision, memory_format="channels_last"):
             b = fn(model, x, 282, **kw)
     assert b.dtype == a.dtype == torch.float32 and b.shape == a.shape
+    return a, b
+
+
+@pytest.mark.parametrize("method, kw, rel_l2, corr", BOUNDS, ids=[b[0] for b in BOUNDS])
+def test_bf16_channels_last_on_pretrained_lite0_within_the_cpu_tolerance(cat, method, kw, rel_l2, corr):
+    a, b = fp32_and("bf16", *cat, method, kw)
     a, b = a.double().flatten(), b.double().flatten()
     assert float((b - a).norm() / a.norm()) <= rel_l2
     # the magnitude: the L2 bounds above are mostly bf16's uncorrelated noise and let a map off by 25 % in scale

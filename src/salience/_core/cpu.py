@@ -111,7 +111,7 @@ def warn_bf16_without_native(precision: str, device: torch.device) -> None:
     ``False``) is no faster than fp32 (AVX512-BF16 without AMX) or slower (no bf16 instructions), saying what was
     measured and what to use; nothing where bf16 pays or it is not known."""
     global _warned
-    if _warned or precision != "bf16" or device.type != "cpu" or native_bf16() is not False:
+    if _warned or precision not in ("bf16", "bf16-mixed") or device.type != "cpu" or native_bf16() is not False:
         return
     with _warn_lock:
         if _warned:

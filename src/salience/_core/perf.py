@@ -24,6 +24,9 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   native bf16 that pays (AMX-BF16; Arm's BF16: :func:`native_bf16`), best with ``memory_format="channels_last"``; on
   a CPU without, ``"bf16"`` is no faster than fp32 (AVX512-BF16 alone) or slower, and warns once per process
   (:mod:`salience._core.cpu`).
+  ``"bf16-mixed"``: the bf16 autocast with the operations on the maps at a quarter of the input's resolution or
+  larger in fp32 (:mod:`salience._core.islands`; the pixel-gradient maps much closer to fp32's than bf16's, at a
+  part of bf16's speed-up), eager only (``compile`` refused with it).
 - ``chunks``: ``"memory"`` (default): the largest chunk the budget allows, so a seeded call gives
   the same bits every time; ``"throughput"`` picks the chunk size by measured seconds per item
   (the fastest of :data:`SIZE_SAMPLES` timings per size), within the memory budget (results then
@@ -86,6 +89,7 @@ from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _co
                                      _release_graphs, _shared_setting, _store, compile_unavailable, weights_key)
 from salience._core.derived import target_classes
 from salience._core.errors import SalienceError, user_stacklevel
+from salience._core.islands import HighResolutionFp32
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
 from salience._core.malloc import keep_freed_memory, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
@@ -97,7 +101,7 @@ __all__ = ["Performance", "Run", "set_performance", "performance", "plain", "cur
            "native_bf16"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "bf16-mixed", "fp16")
 CHUNKING = ("throughput", "memory")
 # allocator: "default" leaves the C allocator as it is; "reuse" (glibc) fixes its mmap and trim thresholds high
 # once, so the activations a CPU pass frees are kept for the next (salience._core.malloc)
@@ -141,7 +145,7 @@ FROZEN_TAILS = 1
 # shapes: a tail graph per method and input shape took one more of the limit's 8 graphs per input shape
 # (SmoothGrad on five image sizes: ten graphs, the ninth failed, and no pass of the model ran frozen).
 FROZEN_TAILS_PER_MODEL = 2
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,10 @@ class Performance:
                                 f"got {c!r}")
         if isinstance(c, str) and c != FREEZE:
             _check_backend_name(c)
+        if self.precision == "bf16-mixed" and c is not False:
+            raise SalienceError(f"precision='bf16-mixed' runs eagerly (torch.compile does not trace its fp32 operations "
+                                f"correctly): use compile=False with it, or precision='bf16' to compile; got "
+                                f"compile={c!r}")
         return self
 
     @property
@@ -597,6 +605,9 @@ class Run:
         submodule or a scripted function (no module says so), and the flag is the JIT's alone."""
         if self.dtype is None:
             return contextlib_null()
+        if self.options.precision == "bf16-mixed" and len(self._item_shape) == 3:
+            return _scripted_autocast(self.device.type, self.dtype, HighResolutionFp32(self.device.type,
+                                                                                       self._item_shape))
         return _scripted_autocast(self.device.type, self.dtype)
 
     def forward_fn(self, plain: bool, strip_softmax: bool) -> Optional[Callable]:
@@ -810,7 +821,7 @@ class Run:
 
 
 @contextmanager
-def _scripted_autocast(device_type: str, dtype: torch.dtype) -> Iterator[None]:
+def _scripted_autocast(device_type: str, dtype: torch.dtype, mode: Any = None) -> Iterator[None]:
     """``torch.autocast`` with the JIT's optimized execution off in this thread (``torch.jit.optimized_execution(
     False)``, a thread-local flag, put back after), for the TorchScript a model may run: a scripted model or
     submodule, or a scripted function its Python forward calls (a model without any is not affected). The optimized
@@ -818,9 +829,11 @@ def _scripted_autocast(device_type: str, dtype: torch.dtype) -> Iterator[None]:
     process's fp16 gradient pass after a bf16 one (or bf16 after fp16) failed with TorchScript's raw "expected m1
     and m2 to have the same dtype, but got: c10::Half != c10::BFloat16" (torch's own, without salience).
     Unoptimized, each pass casts as eager autocast does: any order of precisions works, at the cost of the JIT's
-    fusions."""
+    fusions. ``mode``: a torch function mode entered inside the autocast (``precision="bf16-mixed"``'s
+    :class:`salience._core.islands.HighResolutionFp32`)."""
     with torch.jit.optimized_execution(False), torch.autocast(device_type=device_type, dtype=dtype):
-        yield
+        with mode if mode is not None else contextlib_null():
+            yield
 
 
 @contextmanager

@@ -242,7 +242,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "CPU with AMX-BF16 (with --memory-format channels_last about 0.4x fp32's time on resnet50); "
                         "no faster than fp32 with AVX512-BF16 alone, slower without bf16 (a warning says so); the "
                         "pixel-gradient maps differ from fp32's by 0.1-0.6 in relative L2, the CAMs' by about 0.01 "
-                        "(docs/performance.md); part of a dataset run's command")
+                        "(docs/performance.md); bf16-mixed: bf16 with the operations on the maps at a quarter of "
+                        "the input's resolution or larger in fp32 (vanilla's map of a pretrained EfficientNet-Lite0: "
+                        "correlation 0.97 with fp32's against bf16's 0.68-0.82; resnet50 0.64x fp32's time; no "
+                        "--compile); part of a dataset run's command")
     g.add_argument("--fold-batchnorm", action="store_true", default=None,
                    help="plain passes run a copy of the model with each BatchNorm folded into the convolution "
                         "before it (the same function: maps equal up to float rounding; faster on CNNs)")

@@ -1,0 +1,89 @@
+"""``precision="bf16-mixed"``: bf16 autocast, except the operations on the image's first, high-resolution feature
+maps, which run in fp32.
+
+Why (``benchmarks/bf16_islands.py``, docs/performance.md, "precision", "On a CPU"): the bf16 error of an input
+gradient is the forward's rounding flipping activation gates (a ReLU6's ``0 < z < 6``), not the bf16 arithmetic of
+the backward. On the pretrained EfficientNet-Lite0, a bf16 pass with the fp32 pass's gates gives a vanilla map of
+correlation 0.9999 with fp32's; an fp32 pass with the bf16 pass's gates 0.68-0.82, as plain bf16. And the flips
+that matter are those at high resolution: the stem and the first blocks in fp32 bring the correlation to 0.97, the
+head and the last blocks in fp32 change nothing.
+
+The rule: a function of ``torch`` / ``torch.nn.functional`` (what modules call: ``F.conv2d``, ``F.batch_norm``,
+``F.relu``, ``torch.cat``; not a tensor's own methods and properties, which run as they are) one of whose tensor arguments (or a tensor in a list or tuple argument, ``torch.cat``'s) is a
+4-D ``(N, C, h, w)`` map with ``h * w >= H * W / RATIO**2`` (``H x W``: the input image's size; with
+:data:`RATIO` 4, the maps at the input's full, half and quarter resolution) runs with autocast off and its bf16
+arguments cast to float32, so it and its backward compute in fp32. The other operations run under the bf16 autocast
+as ``precision="bf16"`` runs them. A model whose input is not an image ``(N, C, H, W)`` runs as under ``"bf16"``.
+The rule reads any 4-D tensor as a map: a vision transformer's attention tensors ``(batch, heads, tokens, dim)`` are
+4-D too, and its functions on them (``F.scaled_dot_product_attention``, ``torch.matmul``) run in fp32.
+In-place functions (``relu(..., inplace=True)``, ``out=``) are not cast (a cast copy would take the
+change), only run with autocast off.
+
+It is a ``TorchFunctionMode`` entered around each eager pass (:meth:`salience._core.perf.Run.autocast`), so the
+model is not touched (no hook, no attribute). ``torch.compile`` does not trace it correctly (inductor's graph
+expected bf16 where the mode gave fp32, torch 2.14), so the option refuses ``compile``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["RATIO", "HighResolutionFp32"]
+
+RATIO = 4
+"""Maps at ``1 / RATIO`` of the input's height and width or larger run in fp32 (measured: 2 left EfficientNet-Lite0's
+vanilla maps at correlation 0.92-0.96 with fp32's on three photos, 4 gave 0.968-0.975, 8 0.984-0.988; resnet50's
+forward + input gradient, channels-last, took 0.48, 0.64 and 0.82 of fp32's time, plain bf16 0.42: medians,
+benchmarks/bf16-islands-s41.md)."""
+
+
+def _tensor_method(func: Any) -> bool:
+    """A method or property of a tensor (``x.dtype``, ``x.add_``, ``x[...] = v``, ``x.register_hook``, ``x + y``):
+    run as it is; a cast copy would answer for another tensor (its dtype, its hooks, its changes)."""
+    return (getattr(func, "__objclass__", None) in (torch.Tensor, torch._C.TensorBase)
+            or getattr(func, "__qualname__", "").startswith(("Tensor.", "TensorBase."))
+            or getattr(func, "__name__", "") in ("__get__", "__set__"))
+
+
+def _is_inplace(func: Any, kwargs: dict) -> bool:
+    name = getattr(func, "__name__", "")
+    return bool(kwargs.get("inplace")) or "out" in kwargs or name.startswith("__i") or (
+        name.endswith("_") and not name.endswith("__"))
+
+
+class HighResolutionFp32(TorchFunctionMode):
+    """The mode of ``precision="bf16-mixed"`` for one pass on images of ``size`` ``(H, W)`` on ``device_type``."""
+
+    def __init__(self, device_type: str, size: Sequence[int], ratio: int = RATIO) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.limit = size[-1] * size[-2] / ratio ** 2
+
+    def _large(self, args: Sequence[Any]) -> bool:
+        for a in args:
+            if isinstance(a, (list, tuple)):
+                if self._large([t for t in a if isinstance(t, torch.Tensor)]):
+                    return True
+            elif isinstance(a, torch.Tensor) and a.dim() == 4 and a.shape[-1] * a.shape[-2] >= self.limit:
+                return True
+        return False
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if _tensor_method(func) or not self._large(args):
+            return func(*args, **kwargs)
+        if not _is_inplace(func, kwargs):
+            args = tuple(_fp32(a) for a in args)
+        with torch.autocast(self.device_type, enabled=False):
+            return func(*args, **kwargs)
+
+
+def _fp32(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return a.float() if a.dtype in (torch.bfloat16, torch.float16) else a
+    if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in a):
+        cast = [_fp32(t) for t in a]
+        return cast if isinstance(a, list) else tuple(cast)
+    return a
