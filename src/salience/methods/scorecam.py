@@ -160,6 +160,28 @@ class _ChannelMasks:
             out.append(items[self._upsampled(items)[2].flatten() > 0])
         return torch.cat(out)
 
+    def distinct(self, live: Tensor) -> tuple[Tensor, Tensor]:
+        """``(first, source)``: the live items whose mask no earlier live item of their image already has
+        (increasing), and for each live item the position in ``first`` of the item with its mask.
+
+        Bilinear upsampling is affine-equivariant (its weights sum to 1), so two channels of an image that
+        differ by ``a' = c * a + d`` (``c > 0``) have the same mask ``(up - min) / (max - min)``: a ReLU6
+        channel with one nonzero position, or saturated at 6 on the same positions as another. Compared
+        exactly by each channel's own scaling to ``[0, 1]`` at the layer's size (float64 where the device
+        has it); maps that only round apart stay apart."""
+        b, n = self.x.shape[0], len(live)
+        exact = torch.float32 if self.x.device.type == "mps" else torch.float64
+        a = self.acts[live % b, live // b].flatten(1).to(self.x.dtype).to(exact)  # (n, h * w)
+        lo = a.amin(1, keepdim=True)
+        canon = torch.cat([(live % b).unsqueeze(1).to(exact), (a - lo) / (a.amax(1, keepdim=True) - lo)], 1)
+        groups, inverse = torch.unique(canon, dim=0, return_inverse=True)
+        first = torch.full((len(groups),), n, dtype=torch.long, device=live.device)
+        first.scatter_reduce_(0, inverse, torch.arange(n, device=live.device), "amin")  # each mask's first item
+        order = first.argsort()
+        position = torch.empty_like(order)
+        position[order] = torch.arange(len(order), device=live.device)  # each mask's place among the firsts
+        return live[first[order]], position[inverse]
+
     def __call__(self, items: Tensor) -> tuple[Tensor, Tensor]:
         """``(mask (n, 1, H, W), owner (n,))`` of live items (the same values :meth:`live` tested). The
         mask is a view of a buffer that the next call overwrites: a fresh ``(n, 1, H, W)`` per chunk
@@ -223,10 +245,11 @@ def scorecam(
         already = judge(out, probs)  # once, on the clean images: every chunk (and the blank image) on one scale
         items = _ChannelMasks(x, acts, align_corners)
         live = items.live()  # item j = channel j // B of image j % B; the others mask the image to zeros
+        first, source = items.distinct(live)  # the live items of a mask of their own; source: each one's first
         run = _perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}")
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            mask, owner = items(live[start:stop])
+            mask, owner = items(first[start:stop])
             s = score_items(model, x[owner].mul_(mask), [t.for_items(owner) for t in resolved], probs, strip_softmax,
                             already=already, owner=owner)  # the live items: not the chunk's items in order
             return s, s  # the scores are the weights: kept per item (small), combined below
@@ -238,11 +261,11 @@ def scorecam(
                 with torch.inference_mode(), run.autocast():
                     empty = score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax, already=already)
                 scores[:] = empty[torch.arange(total, device=x.device) % b]
-            if len(live):
-                sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
+            if len(live):  # one pass per distinct mask of an image; the items of the same mask share its score
+                sums = _engine.accumulate(compute, len(first), b, chunk=chunk, max_memory=budget, progress=progress,
                                           desc="scorecam", device=x.device, inference=True, run=run)
                 assert sums.scores is not None
-                scores[live] = sums.scores
+                scores[live] = sums.scores[source]
     w = _per_image(scores, b)  # (B, K, D)
     if softmax == "channels":
         w = w.softmax(dim=-1)
@@ -324,11 +347,11 @@ class _Ablated:
         rel = max(1e-3, 8 * torch.finfo(own.dtype).eps) if own.is_floating_point() else 1e-3
         return bool(((s - own).abs() <= rel * own.abs().amax() + 1e-6).all())
 
-    def __call__(self, start: int, stop: int) -> Tensor:
+    def __call__(self, idx: Tensor) -> Tensor:
+        """The scores of items ``idx`` (increasing; the engine's chunk of the items that are run)."""
         b = self.x.shape[0]
-        idx = torch.arange(start, stop, device=self.x.device)
         owner, ch = idx % b, idx // b
-        if self.shared and stop - start > b:  # the chunk's consecutive items hold every image, some twice or more
+        if self.shared and len(idx) > b:  # more items than images: some image twice or more
             if not self.checked:
                 self.checked = True
                 self.shared = self._check_shared(owner[:b + 1], ch[:b + 1])
@@ -419,19 +442,25 @@ def ablationcam(
 
         def score(inputs: Tensor, owner: Tensor) -> Tensor:
             return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax,
-                               already=already, plain=False)
+                               already=already, plain=False, owner=owner)  # the live items: not in order
 
         items = _Ablated(model, mod, x, layout, value, score)
 
+        # item j = channel j // B of image j % B; a channel already equal to value everywhere on its image is not
+        # changed by its ablation: its score is the clean one (weight 0, and it multiplies a map of value anyway)
+        live = (acts != value).flatten(2).any(2).t().flatten().nonzero().flatten()
+
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            s = items(start, stop)
+            s = items(live[start:stop])
             return s, s  # the scores give the weights: kept per item (small), combined below
 
-        depth = int(native.shape[1]) if layout.kind == "channels_first" else int(native.shape[-1])
-        sums = _engine.accumulate(compute, depth * b, b, chunk=chunk, max_memory=budget, progress=progress,
-                                  desc="ablationcam", device=x.device, inference=True, run=run)
-    assert sums.scores is not None
-    ablated = _per_image(sums.scores, b)  # (B, K, D)
+        scores = clean.repeat(acts.shape[1], 1)  # (D * B, K): each item's clean score until its pass
+        if len(live):
+            sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
+                                      desc="ablationcam", device=x.device, inference=True, run=run)
+            assert sums.scores is not None
+            scores[live] = sums.scores.to(scores.dtype)
+    ablated = _per_image(scores, b)  # (B, K, D)
     y = clean.unsqueeze(-1)
     w = (y - ablated) / y
     return _cam(w, acts, relu, upsample, (int(x.shape[-2]), int(x.shape[-1])), multi)
