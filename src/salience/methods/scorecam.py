@@ -17,7 +17,10 @@ Every (channel, image) pair is an item of :func:`salience._core.engine.accumulat
 share every pass. Score-CAM runs one forward pass per item, but a channel that is constant on an
 image (a dead ReLU channel: common) masks the image to zeros, and that image's score of zeros is
 computed once: the engine's items are the live (channel, image) pairs, found before the first
-pass, so every full chunk has the same batch size. Ablation-CAM replaces the layer's output in the
+pass, so every full chunk has the same batch size; live channels of an image related by ``c * a + d``
+(``c > 0``) have the same mask (bilinear upsampling is affine-equivariant) and share one pass
+(:meth:`_ChannelMasks.distinct`). Ablation-CAM runs no pass for a channel already equal to ``value``
+everywhere on its image (its ablation changes nothing: the clean score, weight 0). Ablation-CAM replaces the layer's output in the
 forward pass: in a chunk of more items than images, the layers before it run once per image, not once per
 channel, and the ablated copies of the layer's output run through the rest of the model together (when the
 rest reads an earlier tensor of the batch, such as a skip connection around the layer or ``x`` itself, the
@@ -223,7 +226,8 @@ def scorecam(
     ``(H, W)`` (``align_corners``: ``True`` is pytorch-grad-cam's upsampling) and scaled to
     ``[0, 1]``, masks the image; ``w_k`` is the target's score of ``x * H_k``. ``softmax``: see
     :data:`SCORECAM_SOFTMAX` (default: the class probability, as the paper). One forward pass per
-    channel and image: a layer with fewer channels is cheaper. ``layer``, ``relu``, ``grid``,
+    distinct mask of an image (a constant channel's empty mask once per image; channels with the
+    same mask share a pass): a layer with fewer channels is cheaper. ``layer``, ``relu``, ``grid``,
     ``prefix_tokens`` and ``strip_softmax`` as in :func:`salience.gradcam`; ``chunk``,
     ``max_memory``, ``progress``, ``memory_format``, ``compile`` and ``precision`` (how the masked
     passes run; ``None``: the settings) as in :func:`salience.smoothgrad`.
@@ -409,7 +413,7 @@ def ablationcam(
     ``x``: ``(B, C, H, W)`` -> raw ``(B, H, W)`` (``(B, h, w)`` with ``upsample=False``; ``(B, K, ...)``
     for K targets, which share every forward pass). ``w_k = (S - S_k) / S``, ``S_k`` the target's
     score with channel ``k`` of the layer's output set to ``value`` (default 0, the paper's
-    ablation); ``S`` near 0 makes the weights large, ``S == 0`` is a :class:`SalienceError`. ``softmax``: score the raw output (default, the
+    ablation; a channel already equal to ``value`` on an image costs no pass: ``S_k = S``); ``S`` near 0 makes the weights large, ``S == 0`` is a :class:`SalienceError`. ``softmax``: score the raw output (default, the
     paper's class score) or class probabilities (see :data:`salience.methods.perturbation.SOFTMAX`).
     ``layer``, ``relu``, ``grid``, ``prefix_tokens`` and ``strip_softmax`` as in :func:`salience.gradcam`;
     ``chunk``, ``max_memory``, ``progress``, ``memory_format``, ``compile`` and ``precision`` as in
