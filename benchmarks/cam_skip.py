@@ -31,11 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _before():
-    """The scorecam module of this branch's base on main (``git merge-base HEAD main``), loaded beside this
-    branch's (the rest of the package is this branch's: main's newer modules may not fit it)."""
+def _before(rev):
+    """The scorecam module of commit ``rev`` (default: this branch's base on main, ``git merge-base HEAD main``;
+    after the merge, 377afcd), loaded beside this tree's (the rest of the package is this tree's)."""
     git = ["git", "-C", str(ROOT)]
-    base = subprocess.run(git + ["merge-base", "HEAD", "main"], capture_output=True, text=True, check=True).stdout
+    base = rev or subprocess.run(git + ["merge-base", "HEAD", "main"], capture_output=True, text=True,
+                                 check=True).stdout
     src = subprocess.run(git + ["show", f"{base.strip()}:src/salience/methods/scorecam.py"],
                          capture_output=True, text=True, check=True).stdout
     path = Path("/tmp/salience_scorecam_main.py")
@@ -80,6 +81,7 @@ def main() -> None:
     p.add_argument("--methods", default="scorecam,ablationcam")
     p.add_argument("--peer-methods", default="scorecam", help="the methods pytorch-grad-cam runs for")
     p.add_argument("--out", default="benchmarks/cam-skip-s41")
+    p.add_argument("--before", default="", help="the commit whose scorecam.py is 'salience before'")
     p.add_argument("--warmup", type=int, default=0, help="1: one untimed call of each implementation first")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -91,7 +93,7 @@ def main() -> None:
         target = model(x).argmax(1)
     rows = [0]
     model._fc.register_forward_hook(lambda m, i, o: rows.__setitem__(0, rows[0] + o.shape[0]))
-    before = _before()
+    before = _before(a.before)
     kw = {"scorecam": dict(layer="head_act", softmax="channels", align_corners=True, upsample=False),
           "ablationcam": dict(layer="head_act", upsample=False)}
     impls = {}
