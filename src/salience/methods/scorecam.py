@@ -17,7 +17,10 @@ Every (channel, image) pair is an item of :func:`salience._core.engine.accumulat
 share every pass. Score-CAM runs one forward pass per item, but a channel that is constant on an
 image (a dead ReLU channel: common) masks the image to zeros, and that image's score of zeros is
 computed once: the engine's items are the live (channel, image) pairs, found before the first
-pass, so every full chunk has the same batch size. Ablation-CAM replaces the layer's output in the
+pass, so every full chunk has the same batch size; live channels of an image related by ``c * a + d``
+(``c > 0``) have the same mask (bilinear upsampling is affine-equivariant) and share one pass
+(:meth:`_ChannelMasks.distinct`). Ablation-CAM runs no pass for a channel already equal to ``value``
+everywhere on its image (its ablation changes nothing: the clean score, weight 0). Ablation-CAM replaces the layer's output in the
 forward pass: in a chunk of more items than images, the layers before it run once per image, not once per
 channel, and the ablated copies of the layer's output run through the rest of the model together (when the
 rest reads an earlier tensor of the batch, such as a skip connection around the layer or ``x`` itself, the
@@ -172,6 +175,28 @@ class _ChannelMasks:
             out.append(items[self._upsampled(items)[2].flatten() > 0])
         return torch.cat(out)
 
+    def distinct(self, live: Tensor) -> tuple[Tensor, Tensor]:
+        """``(first, source)``: the live items whose mask no earlier live item of their image already has
+        (increasing), and for each live item the position in ``first`` of the item with its mask.
+
+        Bilinear upsampling is affine-equivariant (its weights sum to 1), so two channels of an image that
+        differ by ``a' = c * a + d`` (``c > 0``) have the same mask ``(up - min) / (max - min)``: a ReLU6
+        channel with one nonzero position, or saturated at 6 on the same positions as another. Compared
+        exactly by each channel's own scaling to ``[0, 1]`` at the layer's size (float64 where the device
+        has it); maps that only round apart stay apart."""
+        b, n = self.x.shape[0], len(live)
+        exact = torch.float32 if self.x.device.type == "mps" else torch.float64
+        a = self.acts[live % b, live // b].flatten(1).to(self.x.dtype).to(exact)  # (n, h * w)
+        lo = a.amin(1, keepdim=True)
+        canon = torch.cat([(live % b).unsqueeze(1).to(exact), (a - lo) / (a.amax(1, keepdim=True) - lo)], 1)
+        groups, inverse = torch.unique(canon, dim=0, return_inverse=True)
+        first = torch.full((len(groups),), n, dtype=torch.long, device=live.device)
+        first.scatter_reduce_(0, inverse, torch.arange(n, device=live.device), "amin")  # each mask's first item
+        order = first.argsort()
+        position = torch.empty_like(order)
+        position[order] = torch.arange(len(order), device=live.device)  # each mask's place among the firsts
+        return live[first[order]], position[inverse]
+
     def __call__(self, items: Tensor) -> tuple[Tensor, Tensor]:
         """``(mask (n, 1, H, W), owner (n,))`` of live items (the same values :meth:`live` tested). The
         mask is a view of a buffer that the next call overwrites: a fresh ``(n, 1, H, W)`` per chunk
@@ -213,7 +238,8 @@ def scorecam(
     ``(H, W)`` (``align_corners``: ``True`` is pytorch-grad-cam's upsampling) and scaled to
     ``[0, 1]``, masks the image; ``w_k`` is the target's score of ``x * H_k``. ``softmax``: see
     :data:`SCORECAM_SOFTMAX` (default: the class probability, as the paper). One forward pass per
-    channel and image: a layer with fewer channels is cheaper. ``layer``, ``relu``, ``grid``,
+    distinct mask of an image (a constant channel's empty mask once per image; channels with the
+    same mask share a pass): a layer with fewer channels is cheaper. ``layer``, ``relu``, ``grid``,
     ``prefix_tokens`` and ``strip_softmax`` as in :func:`salience.gradcam`; ``chunk``,
     ``max_memory``, ``progress``, ``memory_format``, ``compile`` and ``precision`` (how the masked
     passes run; ``None``: the settings) as in :func:`salience.smoothgrad`.
@@ -236,10 +262,11 @@ def scorecam(
         already = judge(out, probs)  # once, on the clean images: every chunk (and the blank image) on one scale
         items = _ChannelMasks(x, acts, align_corners)
         live = items.live()  # item j = channel j // B of image j % B; the others mask the image to zeros
+        first, source = items.distinct(live)  # the live items of a mask of their own; source: each one's first
         run = _perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}")
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            mask, owner = items(live[start:stop])
+            mask, owner = items(first[start:stop])
             s = score_items(model, x[owner].mul_(mask), [t.for_items(owner) for t in resolved], probs, strip_softmax,
                             already=already, owner=owner)  # the live items: not the chunk's items in order
             return s, s  # the scores are the weights: kept per item (small), combined below
@@ -251,11 +278,11 @@ def scorecam(
                 with torch.inference_mode(), run.autocast():
                     empty = score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax, already=already)
                 scores[:] = empty[torch.arange(total, device=x.device) % b]
-            if len(live):
-                sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
+            if len(live):  # one pass per distinct mask of an image; the items of the same mask share its score
+                sums = _engine.accumulate(compute, len(first), b, chunk=chunk, max_memory=budget, progress=progress,
                                           desc="scorecam", device=x.device, inference=True, run=run)
                 assert sums.scores is not None
-                scores[live] = sums.scores
+                scores[live] = sums.scores[source]
     w = _per_image(scores, b)  # (B, K, D)
     if softmax == "channels":
         w = w.softmax(dim=-1)
@@ -337,11 +364,11 @@ class _Ablated:
         rel = max(1e-3, 8 * torch.finfo(own.dtype).eps) if own.is_floating_point() else 1e-3
         return bool(((s - own).abs() <= rel * own.abs().amax() + 1e-6).all())
 
-    def __call__(self, start: int, stop: int) -> Tensor:
+    def __call__(self, idx: Tensor) -> Tensor:
+        """The scores of items ``idx`` (increasing; the engine's chunk of the items that are run)."""
         b = self.x.shape[0]
-        idx = torch.arange(start, stop, device=self.x.device)
         owner, ch = idx % b, idx // b
-        if self.shared and stop - start > b:  # the chunk's consecutive items hold every image, some twice or more
+        if self.shared and len(idx) > b:  # more items than images: some image twice or more
             if not self.checked:
                 self.checked = True
                 self.shared = self._check_shared(owner[:b + 1], ch[:b + 1])
@@ -399,7 +426,7 @@ def ablationcam(
     ``x``: ``(B, C, H, W)`` -> raw ``(B, H, W)`` (``(B, h, w)`` with ``upsample=False``; ``(B, K, ...)``
     for K targets, which share every forward pass). ``w_k = (S - S_k) / S``, ``S_k`` the target's
     score with channel ``k`` of the layer's output set to ``value`` (default 0, the paper's
-    ablation); ``S`` near 0 makes the weights large, ``S == 0`` is a :class:`SalienceError`. ``softmax``: score the raw output (default, the
+    ablation; a channel already equal to ``value`` on an image costs no pass: ``S_k = S``); ``S`` near 0 makes the weights large, ``S == 0`` is a :class:`SalienceError`. ``softmax``: score the raw output (default, the
     paper's class score) or class probabilities (see :data:`salience.methods.perturbation.SOFTMAX`).
     ``layer``, ``relu``, ``grid``, ``prefix_tokens`` and ``strip_softmax`` as in :func:`salience.gradcam`;
     ``chunk``, ``max_memory``, ``progress``, ``memory_format``, ``compile`` and ``precision`` as in
@@ -433,19 +460,25 @@ def ablationcam(
 
         def score(inputs: Tensor, owner: Tensor) -> Tensor:
             return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax,
-                               already=already, plain=False)
+                               already=already, plain=False, owner=owner)  # the live items: not in order
 
         items = _Ablated(model, mod, x, layout, value, score)
 
+        # item j = channel j // B of image j % B; a channel already equal to value everywhere on its image is not
+        # changed by its ablation: its score is the clean one (weight 0, and it multiplies a map of value anyway)
+        live = (acts != value).flatten(2).any(2).t().flatten().nonzero().flatten()
+
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            s = items(start, stop)
+            s = items(live[start:stop])
             return s, s  # the scores give the weights: kept per item (small), combined below
 
-        depth = int(native.shape[1]) if layout.kind == "channels_first" else int(native.shape[-1])
-        sums = _engine.accumulate(compute, depth * b, b, chunk=chunk, max_memory=budget, progress=progress,
-                                  desc="ablationcam", device=x.device, inference=True, run=run)
-    assert sums.scores is not None
-    ablated = _per_image(sums.scores, b)  # (B, K, D)
+        scores = clean.repeat(acts.shape[1], 1)  # (D * B, K): each item's clean score until its pass
+        if len(live):
+            sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
+                                      desc="ablationcam", device=x.device, inference=True, run=run)
+            assert sums.scores is not None
+            scores[live] = sums.scores.to(scores.dtype)
+    ablated = _per_image(scores, b)  # (B, K, D)
     y = clean.unsqueeze(-1)
     w = (y - ablated) / y
     return _cam(w, acts, relu, upsample, (int(x.shape[-2]), int(x.shape[-1])), multi)
