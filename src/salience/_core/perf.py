@@ -86,6 +86,7 @@ from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _co
 from salience._core.derived import target_classes
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
+from salience._core.layouts import channels_last_data
 from salience._core.malloc import keep_freed_memory, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
 from salience._core.folding import _described, _folded, _remember_fold, folded_model
@@ -504,15 +505,17 @@ class Run:
     # ---- layout
 
     def set_layout(self, channels_last: bool) -> None:
-        """Convert the model's 4-D parameters to channels-last (or back to the user's) in place."""
+        """Convert the model's 4-D parameters to channels-last (or back to the user's) in place (the copies made once
+        per dataset run: :func:`salience._core.layouts.kept_layouts`)."""
         if channels_last == self.channels_last:
             return
         if channels_last:
             folded = self._folded.parameters() if self._folded is not None else ()
             for p in (*self.model.parameters(), *folded):
                 if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
-                    self._saved.append((p, p.data))
-                    p.data = p.data.contiguous(memory_format=torch.channels_last)
+                    data = p.data
+                    self._saved.append((p, data))
+                    p.data = channels_last_data(self.model, p, data)  # kept across a dataset run's calls
         else:
             self._restore()
         self.channels_last = channels_last
