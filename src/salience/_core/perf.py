@@ -51,7 +51,8 @@ A :class:`Run` holds one many-pass call's choices; :func:`salience._core.engine.
 each chunk under :meth:`Run.chunk`, and :func:`salience._core.autograd.backward` asks
 :func:`active` how to run a pass of the model (input layout, compiled forward, autocast). The
 model's parameters are converted in place for channels-last and always put back (also by
-:func:`salience._core.guard.model_guard`, which records their data).
+:func:`salience._core.guard.model_guard`, which records their data); a dataset run makes their channels-last
+copies once and each call swaps them in (:func:`salience._core.layouts.kept_layouts`).
 
 What is measured is cached per model and input shape (:class:`_Record`), so a later call on the
 same model and shape starts from the decision. What depends on the model's modules (a final
