@@ -46,7 +46,8 @@ def kept_layouts(model: nn.Module) -> Iterator[None]:
     """Keep the channels-last copies of ``model``'s 4-D parameters (and of its folded copy's) for the block: a
     dataset run's calls then copy each once. The model itself is not changed here (each call converts and puts
     back its parameters as always); the copies are dropped when the block ends, also on an error or Ctrl-C. A
-    block already open on the model (nested, or another thread's) shares its copies; the outermost drops them."""
+    block opened while another is open on the model (nested, or another thread's run) shares its copies, which the
+    first block drops when it ends (the other's later calls then copy every call, as outside a run)."""
     key = id(model)
     with _lock:
         mine = key not in _kept
