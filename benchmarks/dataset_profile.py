@@ -17,7 +17,8 @@ seconds of each and of ``calls``: the method alone, ``salience.vanilla`` batch b
 of the run's CPU over the bare passes is the method call's, what the run layer's), then
 (``PROF=1``) a cProfile of one more run, cumulative, the runs layer and the DataLoader's functions:
 cProfile sees the main thread only (the writer thread's work shows as ``_Writer.put`` / ``close``).
-Not a benchmark of record (no file written).
+``STATS``: the regular expression of the profile's rows (default the runs layer and the DataLoader's; ``STATS=_core/``
+the method calls' own), ``ROWS`` how many (40). Not a benchmark of record (no file written).
 """
 import cProfile
 import os
@@ -83,6 +84,6 @@ try:
         bench.run_salience(model, tmp / "jpegs" / "block0", 16, 1, tmp / "run", **KW)
         profile.disable()
         pstats.Stats(profile).sort_stats("cumulative").print_stats(
-            r"runs/|dataloader|autograd/__init__|files.py|queue.py", 40)
+            os.environ.get("STATS", r"runs/|dataloader|autograd/__init__|files.py|queue.py"), int(os.environ.get("ROWS", 40)))
 finally:
     shutil.rmtree(tmp, ignore_errors=True)

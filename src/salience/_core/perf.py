@@ -55,7 +55,8 @@ A :class:`Run` holds one many-pass call's choices; :func:`salience._core.engine.
 each chunk under :meth:`Run.chunk`, and :func:`salience._core.autograd.backward` asks
 :func:`active` how to run a pass of the model (input layout, compiled forward, autocast). The
 model's parameters are converted in place for channels-last and always put back (also by
-:func:`salience._core.guard.model_guard`, which records their data).
+:func:`salience._core.guard.model_guard`, which records their data); a dataset run makes their channels-last
+copies once and each call swaps them in (:func:`salience._core.layouts.kept_layouts`).
 
 What is measured is cached per model and input shape (:class:`_Record`), so a later call on the
 same model and shape starts from the decision. What depends on the model's modules (a final
@@ -91,6 +92,7 @@ from salience._core.derived import target_classes
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.islands import HighResolutionFp32
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
+from salience._core.layouts import channels_last_data
 from salience._core.malloc import keep_freed_memory, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
 from salience._core.folding import _described, _folded, _remember_fold, folded_model
@@ -513,15 +515,17 @@ class Run:
     # ---- layout
 
     def set_layout(self, channels_last: bool) -> None:
-        """Convert the model's 4-D parameters to channels-last (or back to the user's) in place."""
+        """Convert the model's 4-D parameters to channels-last (or back to the user's) in place (the copies made once
+        per dataset run: :func:`salience._core.layouts.kept_layouts`)."""
         if channels_last == self.channels_last:
             return
         if channels_last:
             folded = self._folded.parameters() if self._folded is not None else ()
             for p in (*self.model.parameters(), *folded):
                 if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
-                    self._saved.append((p, p.data))
-                    p.data = p.data.contiguous(memory_format=torch.channels_last)
+                    data = p.data
+                    self._saved.append((p, data))
+                    p.data = channels_last_data(self.model, p, data)  # kept across a dataset run's calls
         else:
             self._restore()
         self.channels_last = channels_last

@@ -30,6 +30,7 @@ from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write, folder_name
 from salience._core.guard import run_guard
+from salience._core.layouts import kept_layouts
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress
 from salience._core.tensors import check_flag, check_int, copy_model, model_device
@@ -554,11 +555,13 @@ def run_local(run: Job, *, show: bool = False, png: bool = False) -> None:
     """Explain the pending shards: a DataLoader decodes batches in its workers while the model runs;
     a shard is written when its last batch is done. The model is held by one guard for the whole run
     (:func:`salience._core.guard.run_guard`: saved and restored once, each method call put back to the
-    run's state when it leaves), not saved and restored by every method call of every batch."""
+    run's state when it leaves), not saved and restored by every method call of every batch; under
+    ``memory_format="channels_last"`` the weights' channels-last copies are made once for the run
+    (:func:`salience._core.layouts.kept_layouts`), each call swapping them in and out."""
     shards = pending_shards(run.store, len(run.plan.paths))
     if not shards:
         return
-    with run_guard(run.model):
+    with run_guard(run.model), kept_layouts(run.model):  # channels-last weights copied once a run, not a call
         _run_shards(run, shards, show, png)
 
 
