@@ -72,3 +72,13 @@ def test_out_none_is_not_in_place():
     torch.testing.assert_close(n, F.normalize(x.float(), dim=1), rtol=0, atol=0)
     torch.testing.assert_close(m, torch.norm(x.float(), dim=1, keepdim=True), rtol=0, atol=0)
     assert o.dtype == BF and torch.equal(o, (x.float() + 1).to(BF))
+
+
+def test_the_no_native_bf16_warning_names_bf16_mixed(monkeypatch):
+    from salience._core import cpu as _cpu
+    monkeypatch.setattr(_cpu, "native_bf16", lambda: False)
+    monkeypatch.setattr(_cpu, "_warned", False)
+    with pytest.warns(UserWarning) as got, salience.performance(precision="bf16-mixed"):
+        salience.vanilla(_Biased().eval(), torch.rand(1, 3, 8, 8), 0)
+    said = [str(w.message) for w in got if "this CPU" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("precision='bf16-mixed': ")  # was "precision='bf16': "
