@@ -82,3 +82,37 @@ def test_the_no_native_bf16_warning_names_bf16_mixed(monkeypatch):
         salience.vanilla(_Biased().eval(), torch.rand(1, 3, 8, 8), 0)
     said = [str(w.message) for w in got if "this CPU" in str(w.message)]
     assert len(said) == 1 and said[0].startswith("precision='bf16-mixed': ")  # was "precision='bf16': "
+
+
+class _ChannelsLastMlp(nn.Module):
+    """torchvision's ConvNeXt's pattern on a 32 x 32 image: a stride-4 stem (8 x 8, a quarter), a linear layer on the
+    channels-last (N, 8, 8, 16) features, a stride-2 convolution (4 x 4, an eighth), a linear layer on (N, 4, 4, 64),
+    a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.mlp1 = nn.Conv2d(3, 16, 4, 4), nn.Linear(16, 16)
+        self.down, self.mlp2 = nn.Conv2d(16, 64, 2, 2), nn.Linear(64, 64)
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = self.mlp1(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        h = self.mlp2(self.down(h).permute(0, 2, 3, 1))
+        return self.fc(F.relu(h).mean((1, 2)))
+
+
+def test_a_channels_last_map_is_read_by_its_sides_not_its_last_two_dims_area():
+    model, x = _ChannelsLastMlp().eval(), torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    seen = {}
+    for name in ("stem", "mlp1", "down", "mlp2"):
+        getattr(model, name).register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.dtype))
+    with salience.performance(precision="bf16-mixed"):
+        salience.vanilla(model, x, 0)
+    # (1, 4, 4, 64) is an eighth of the image: bf16 (its last two sides 4 x 64 = 256 = 32 * 32 / 16 read it as large)
+    assert seen == dict(stem=torch.float32, mlp1=torch.float32, down=torch.float32, mlp2=BF)
+    with torch.autocast("cpu", dtype=BF), HighResolutionFp32("cpu", (64, 64)):
+        nhwc = F.linear(torch.rand(1, 8, 8, 256), torch.rand(8, 256))  # an eighth, 256 channels: was fp32
+        nchw = F.conv2d(torch.rand(1, 2, 16, 16), torch.rand(2, 2, 1, 1))  # a quarter, channels first
+        wide = F.conv2d(torch.rand(1, 2, 64, 8), torch.rand(2, 2, 1, 1))  # an eighth of the width: bf16
+    assert (nhwc.dtype, nchw.dtype, wide.dtype) == (BF, torch.float32, BF)
