@@ -107,9 +107,10 @@ def _onednn_cap() -> str:
 
 
 def warn_bf16_without_native(precision: str, device: torch.device) -> None:
-    """Warn, once per process, that ``precision="bf16"`` on a CPU where bf16 does not pay (:func:`native_bf16` is
-    ``False``) is no faster than fp32 (AVX512-BF16 without AMX) or slower (no bf16 instructions), saying what was
-    measured and what to use; nothing where bf16 pays or it is not known."""
+    """Warn, once per process, that ``precision="bf16"`` (or ``"bf16-mixed"``, the warning names the one given) on a
+    CPU where bf16 does not pay (:func:`native_bf16` is ``False``) is no faster than fp32 (AVX512-BF16 without AMX)
+    or slower (no bf16 instructions), saying what was measured and what to use; nothing where bf16 pays or it is not
+    known."""
     global _warned
     if _warned or precision not in ("bf16", "bf16-mixed") or device.type != "cpu" or native_bf16() is not False:
         return
@@ -126,6 +127,6 @@ def warn_bf16_without_native(precision: str, device: torch.device) -> None:
         what = ("this CPU has no bf16 instructions (AMX-BF16 or AVX512-BF16) that PyTorch may use, and bf16 on it is "
                 "usually slower than fp32 (resnet50's forward + input gradient: 2.7x the fp32 time with AVX-512 "
                 "alone, measured)")
-    warnings.warn(f"precision='bf16': {what}; use precision='fp32' (the default: no slower here, and its maps carry "
+    warnings.warn(f"precision={precision!r}: {what}; use precision='fp32' (the default: no slower here, and its maps carry "
                   "no bf16 rounding), or a CPU with AMX-BF16 (Sapphire Rapids or later: bf16 + channels-last about "
                   "0.4x the fp32 time) (docs/performance.md, 'precision')", stacklevel=user_stacklevel())

@@ -9,15 +9,17 @@ that matter are those at high resolution: the stem and the first blocks in fp32 
 head and the last blocks in fp32 change nothing.
 
 The rule: a function of ``torch`` / ``torch.nn.functional`` (what modules call: ``F.conv2d``, ``F.batch_norm``,
-``F.relu``, ``torch.cat``; not a tensor's own methods and properties, which run as they are) one of whose tensor arguments (or a tensor in a list or tuple argument, ``torch.cat``'s) is a
-4-D ``(N, C, h, w)`` map with ``h * w >= H * W / RATIO**2`` (``H x W``: the input image's size; with
-:data:`RATIO` 4, the maps at the input's full, half and quarter resolution) runs with autocast off and its bf16
-arguments cast to float32, so it and its backward compute in fp32. The other operations run under the bf16 autocast
-as ``precision="bf16"`` runs them. A model whose input is not an image ``(N, C, H, W)`` runs as under ``"bf16"``.
-The rule reads any 4-D tensor as a map: a vision transformer's attention tensors ``(batch, heads, tokens, dim)`` are
-4-D too, and its functions on them (``F.scaled_dot_product_attention``, ``torch.matmul``) run in fp32.
-In-place functions (``relu(..., inplace=True)``, ``out=``) are not cast (a cast copy would take the
-change), only run with autocast off.
+``F.relu``, ``torch.cat``; not a tensor's own methods and properties, which run as they are) one of whose tensor
+arguments, positional or keyword (or a tensor in a list or tuple argument, ``torch.cat``'s) is a 4-D
+``(N, C, h, w)`` map with ``h >= H / RATIO`` and ``w >= W / RATIO`` (``H x W``: the input image's size; with
+:data:`RATIO` 4, the maps at the input's full, half and quarter resolution; each side, not the area: a channels-last
+``(N, h, w, C)`` tensor, torchvision's ConvNeXt's MLPs, has ``w x C`` as its last two sides) runs with autocast off
+and its bf16 arguments (keyword ones too: ``attn_mask=``, ``weight=``) cast to float32, so it and its backward
+compute in fp32. The other operations run under the bf16 autocast as ``precision="bf16"`` runs them. A model whose
+input is not an image ``(N, C, H, W)`` runs as under ``"bf16"``. The rule reads any 4-D tensor as a map: a vision
+transformer's attention tensors ``(batch, heads, tokens, dim)`` are 4-D too, and its functions on them
+(``F.scaled_dot_product_attention``, ``torch.matmul``) run in fp32. In-place functions (``relu(..., inplace=True)``,
+an ``out=`` tensor; not ``out=None``) are not cast (a cast copy would take the change), only run with autocast off.
 
 It is a ``TorchFunctionMode`` entered around each eager pass (:meth:`salience._core.perf.Run.autocast`), so the
 model is not touched (no hook, no attribute). ``torch.compile`` does not trace it correctly (inductor's graph
@@ -48,8 +50,10 @@ def _tensor_method(func: Any) -> bool:
 
 
 def _is_inplace(func: Any, kwargs: dict) -> bool:
+    """Whether the call writes into a tensor it is given: ``inplace=True``, an ``out=`` tensor (not ``out=None``,
+    which ``F.normalize`` and ``torch.norm`` pass on to the mode always), a name ending in ``_``."""
     name = getattr(func, "__name__", "")
-    return bool(kwargs.get("inplace")) or "out" in kwargs or name.startswith("__i") or (
+    return bool(kwargs.get("inplace")) or kwargs.get("out") is not None or name.startswith("__i") or (
         name.endswith("_") and not name.endswith("__"))
 
 
@@ -59,23 +63,27 @@ class HighResolutionFp32(TorchFunctionMode):
     def __init__(self, device_type: str, size: Sequence[int], ratio: int = RATIO) -> None:
         super().__init__()
         self.device_type = device_type
-        self.limit = size[-1] * size[-2] / ratio ** 2
+        # each side: a channels-last (N, h, w, C) tensor (torchvision's ConvNeXt blocks, Keras layers) has its
+        # channels last, and h * w read as w * C took ConvNeXt-T's MLPs down to 7 x 7 x 768 for a large map
+        self.min_h, self.min_w = size[-2] / ratio, size[-1] / ratio
 
     def _large(self, args: Sequence[Any]) -> bool:
         for a in args:
             if isinstance(a, (list, tuple)):
                 if self._large([t for t in a if isinstance(t, torch.Tensor)]):
                     return True
-            elif isinstance(a, torch.Tensor) and a.dim() == 4 and a.shape[-1] * a.shape[-2] >= self.limit:
+            elif (isinstance(a, torch.Tensor) and a.dim() == 4 and a.shape[-2] >= self.min_h
+                  and a.shape[-1] >= self.min_w):
                 return True
         return False
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
-        if _tensor_method(func) or not self._large(args):
+        if _tensor_method(func) or not self._large((*args, *kwargs.values())):
             return func(*args, **kwargs)
-        if not _is_inplace(func, kwargs):
+        if not _is_inplace(func, kwargs):  # keyword arguments too: F.scaled_dot_product_attention's attn_mask=
             args = tuple(_fp32(a) for a in args)
+            kwargs = {k: _fp32(v) for k, v in kwargs.items()}
         with torch.autocast(self.device_type, enabled=False):
             return func(*args, **kwargs)
 

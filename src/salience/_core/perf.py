@@ -19,7 +19,7 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   frozen graphs of its own size: :meth:`Run._frozen_tail`); single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
   most :data:`ONE_PASS_SIZES`. Where compilation is unavailable or fails, a warning says why and the
   eager path runs.
-- ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward pass under
+- ``precision``: ``"fp32"`` (default), ``"bf16"``, ``"bf16-mixed"`` or ``"fp16"``: the forward pass under
   ``torch.autocast`` (see docs/performance.md for the tolerance): for CUDA, and ``"bf16"`` for a CPU with
   native bf16 that pays (AMX-BF16; Arm's BF16: :func:`native_bf16`), best with ``memory_format="channels_last"``; on
   a CPU without, ``"bf16"`` is no faster than fp32 (AVX512-BF16 alone) or slower, and warns once per process

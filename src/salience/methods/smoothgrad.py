@@ -93,7 +93,7 @@ def smoothgrad(
     chunk size; ``progress=True`` draws a progress bar. ``memory_format`` (``"auto"``,
     ``"contiguous"``, ``"channels_last"``), ``compile`` (``True``, a backend; ``"freeze"``: the passes
     without gradients, Score-CAM's, RISE's, occlusion's, frozen) and ``precision``
-    (``"bf16"``, ``"fp16"``) choose how the passes run (``None``: the settings of
+    (``"bf16"``, ``"bf16-mixed"``, ``"fp16"``) choose how the passes run (``None``: the settings of
     :func:`salience.set_performance`; see docs/performance.md). Other keyword ``options`` go to
     ``method`` (e.g. ``layer=`` for Grad-CAM).
     """
