@@ -465,8 +465,11 @@ def ablationcam(
         items = _Ablated(model, mod, x, layout, value, score)
 
         # item j = channel j // B of image j % B; a channel already equal to value everywhere on its image is not
-        # changed by its ablation: its score is the clean one (weight 0, and it multiplies a map of value anyway)
-        live = (acts != value).flatten(2).any(2).t().flatten().nonzero().flatten()
+        # changed by its ablation: its score is the clean one (weight 0, and it multiplies a map of value anyway).
+        # Tested on the layer's output as the ablation writes it: every token, a ViT's prefix tokens too (the grid
+        # has the patches only: a channel at value on them and not on the class token changes the score)
+        axis = 1 if layout.kind == "channels_first" else native.dim() - 1
+        live = (native != value).movedim(axis, 1).flatten(2).any(2).t().flatten().nonzero().flatten()
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
             s = items(live[start:stop])
