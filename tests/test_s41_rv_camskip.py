@@ -63,3 +63,49 @@ def test_ablationcam_runs_a_channel_equal_to_value_on_the_patches_but_not_on_the
                                     upsample=False, relu=True)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
+
+def _twins(b=16, d=12, h=16):
+    """Layer outputs ``(b, d, h, h)`` of ReLU'd noise, where per image some channels are ``2 a + 1`` / ``a / 4``
+    (exact in float32) of an earlier one and some are constant; which ones differs between images."""
+    g = torch.Generator().manual_seed(3)
+    acts = (torch.randn(b, d, h, h, generator=g).clamp(min=0) * 256).round() / 256  # 2 a + 1 exact
+    for i in range(b):
+        k = i % (d - 3)
+        acts[i, k + 1] = 2 * acts[i, k] + 1
+        acts[i, k + 2] = acts[i, k] / 4
+        acts[i, (k + 5) % d] = 0.0
+    return acts
+
+
+def _reference_groups(acts, live):
+    """For each live item ``j`` (channel ``j // B`` of image ``j % B``), the first live item of its image with the
+    same scaling of its channel to [0, 1] in float64, compared value by value."""
+    b = acts.shape[0]
+    seen, out = {}, []
+    for j in live.tolist():
+        a = acts[j % b, j // b].double().flatten()
+        key = (j % b, ((a - a.min()) / (a.max() - a.min())).numpy().tobytes())
+        out.append(seen.setdefault(key, j))
+    return torch.tensor(out)
+
+
+def test_scorecam_groups_masks_a_block_of_images_at_a_time():
+    from salience._core.engine import MemoryProbe
+    from salience.methods.scorecam import _ChannelMasks
+
+    acts = _twins()
+    b, one = acts.shape[0], acts[0].numel() * 8  # one image's layer output in float64
+    x = torch.rand(b, 3, 32, 32)
+    masks = _ChannelMasks(x, acts, align_corners=False)
+    live = masks.live()
+    ref = _reference_groups(acts, live)
+    assert len(live) < acts.shape[0] * acts.shape[1] and len(set(ref.tolist())) < len(live) - b  # dead and twins
+    for block in (1, acts[0].numel(), 3 * acts[0].numel() + 5, 1 << 22):  # images per block: 1, 1, 3, all
+        masks.BLOCK_PIXELS = block
+        with MemoryProbe() as probe:
+            first, source = masks.distinct(live)
+        assert torch.equal(first[source], ref) and bool((first.diff() > 0).all())
+        assert torch.equal(first, torch.tensor(sorted(set(ref.tolist()))))
+        if block < (1 << 22):  # the float64 copies of a block of images, not of the batch
+            images = max(1, block // acts[0].numel())
+            assert probe.peak < 6 * images * one + 64 * len(live), (block, probe.peak, one)
