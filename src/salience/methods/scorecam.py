@@ -145,7 +145,7 @@ class _ChannelMasks:
     allocator sees the same sizes in every chunk (chunks of varying live counts made glibc keep
     hundreds of MiB of freed memory: docs/methods-perturbation.md)."""
 
-    BLOCK_PIXELS = 1 << 22  # items upsampled at once by :meth:`live`: 16 MiB of float32
+    BLOCK_PIXELS = 1 << 22  # items upsampled at once by :meth:`live` (16 MiB of float32); :meth:`distinct` per block
 
     def __init__(self, x: Tensor, acts: Tensor, align_corners: bool) -> None:
         self.x, self.acts, self.align_corners = x, acts, align_corners
@@ -183,19 +183,38 @@ class _ChannelMasks:
         differ by ``a' = c * a + d`` (``c > 0``) have the same mask ``(up - min) / (max - min)``: a ReLU6
         channel with one nonzero position, or saturated at 6 on the same positions as another. Compared
         exactly by each channel's own scaling to ``[0, 1]`` at the layer's size (float64 where the device
-        has it); maps that only round apart stay apart."""
+        has it); maps that only round apart stay apart. A block of images at a time (:attr:`BLOCK_PIXELS`
+        values of the layer, one image at least): the float64 copies of every image at once took 5.5x the
+        batch's layer output, outside the memory budget."""
         b, n = self.x.shape[0], len(live)
-        exact = torch.float32 if self.x.device.type == "mps" else torch.float64
-        a = self.acts[live % b, live // b].flatten(1).to(self.x.dtype).to(exact)  # (n, h * w)
-        lo = a.amin(1, keepdim=True)
-        canon = torch.cat([(live % b).unsqueeze(1).to(exact), (a - lo) / (a.amax(1, keepdim=True) - lo)], 1)
-        groups, inverse = torch.unique(canon, dim=0, return_inverse=True)
-        first = torch.full((len(groups),), n, dtype=torch.long, device=live.device)
-        first.scatter_reduce_(0, inverse, torch.arange(n, device=live.device), "amin")  # each mask's first item
+        by_image = (live % b).argsort(stable=True)  # the live items' positions, image by image
+        ends = [0] + torch.bincount(live % b, minlength=b).cumsum(0).tolist()  # image i's: ends[i]:ends[i + 1]
+        per = max(1, self.BLOCK_PIXELS // max(1, self.acts[0].numel()))  # images per block
+        group = torch.empty(n, dtype=torch.long, device=live.device)  # each live item's mask, numbered across images
+        groups = 0
+        for start in range(0, b, per):
+            at = by_image[ends[start]:ends[min(b, start + per)]]
+            if len(at):
+                inverse = self._groups(live[at])
+                group[at] = inverse + groups
+                groups += int(inverse.max()) + 1
+        first = torch.full((groups,), n, dtype=torch.long, device=live.device)
+        first.scatter_reduce_(0, group, torch.arange(n, device=live.device), "amin")  # each mask's first item
         order = first.argsort()
         position = torch.empty_like(order)
         position[order] = torch.arange(len(order), device=live.device)  # each mask's place among the firsts
-        return live[first[order]], position[inverse]
+        return live[first[order]], position[group]
+
+    def _groups(self, items: Tensor) -> Tensor:
+        """Each item's mask ``(n,)``, numbered ``0..m-1`` (items of one mask: one image, channels ``c * a + d``)."""
+        b = self.x.shape[0]
+        exact = torch.float32 if self.x.device.type == "mps" else torch.float64
+        a = self.acts[items % b, items // b].flatten(1).to(self.x.dtype).to(exact)  # (n, h * w)
+        lo = a.amin(1, keepdim=True)
+        span = a.amax(1, keepdim=True) - lo
+        canon = torch.cat([(items % b).unsqueeze(1).to(exact), a.sub_(lo).div_(span)], 1)
+        del a
+        return torch.unique(canon, dim=0, return_inverse=True)[1]
 
     def __call__(self, items: Tensor) -> tuple[Tensor, Tensor]:
         """``(mask (n, 1, H, W), owner (n,))`` of live items (the same values :meth:`live` tested). The
@@ -465,8 +484,11 @@ def ablationcam(
         items = _Ablated(model, mod, x, layout, value, score)
 
         # item j = channel j // B of image j % B; a channel already equal to value everywhere on its image is not
-        # changed by its ablation: its score is the clean one (weight 0, and it multiplies a map of value anyway)
-        live = (acts != value).flatten(2).any(2).t().flatten().nonzero().flatten()
+        # changed by its ablation: its score is the clean one (weight 0, and it multiplies a map of value anyway).
+        # Tested on the layer's output as the ablation writes it: every token, a ViT's prefix tokens too (the grid
+        # has the patches only: a channel at value on them and not on the class token changes the score)
+        axis = 1 if layout.kind == "channels_first" else native.dim() - 1
+        live = (native != value).movedim(axis, 1).flatten(2).any(2).t().flatten().nonzero().flatten()
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
             s = items(live[start:stop])
