@@ -34,9 +34,10 @@ def is_png16(head: bytes) -> bool:
 
 
 def _chunks(data: bytes) -> dict:
-    """The chunks :func:`decode_png16` needs: ``IHDR``'s, ``tRNS``'s and ``eXIf``'s bodies, the ``IDAT`` bodies
-    joined, and under ``b"text"`` the text chunks (``tEXt``, ``zTXt``, ``iTXt``) after the image data, which Pillow's
-    ``Image.open`` has not read (it reads them when it decodes the samples). Each chunk's CRC is checked: a critical
+    """The chunks :func:`decode_png16` needs: ``IHDR``'s and ``tRNS``'s bodies, the ``IDAT`` bodies joined, and
+    under ``b"after"`` the ``eXIf`` and text chunks (``tEXt``, ``zTXt``, ``iTXt``) after the image data, in file order,
+    which Pillow's ``Image.open`` has not read (it reads them when it decodes the samples; those before the image
+    data are in its ``info``). Each chunk's CRC is checked: a critical
     chunk failing it is a ``ValueError``, an ancillary one is dropped (libpng's default; Pillow reads such a chunk
     after the image data without a word); a chunk running past the end is a truncated file (``ValueError``)."""
     view, pos, found, idat = memoryview(data), 8, {}, []
@@ -52,12 +53,10 @@ def _chunks(data: bytes) -> dict:
             continue
         if kind == b"IDAT":
             idat.append(body)
-        elif kind == b"eXIf":  # the last one, as Pillow reads it (before or after the image data)
-            found[kind] = bytes(body)
         elif kind in (b"IHDR", b"tRNS"):
             found.setdefault(kind, bytes(body))
-        elif kind in (b"tEXt", b"zTXt", b"iTXt") and idat:
-            found.setdefault(b"text", []).append((kind, bytes(body)))
+        elif kind in (b"tEXt", b"zTXt", b"iTXt", b"eXIf") and idat:  # in order: of two, the later one counts
+            found.setdefault(b"after", []).append((kind, bytes(body)))
         elif kind == b"IEND":
             break
         pos += 12 + n
@@ -76,9 +75,11 @@ def _passes(w: int, h: int, interlace: int) -> list:
 
 def decode_png16(data: bytes) -> tuple[np.ndarray, dict]:
     """A 16-bit PNG's samples, ``(H, W, C)`` uint16: C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; and the entries of
-    Pillow's ``info`` that Pillow reads only when it decodes an 8-bit PNG's samples: ``"exif"`` (the last ``eXIf``
-    chunk, before or after the image data, with ``Exif\\0\\0`` in front) and the text chunks after the image data
-    (an XMP packet there, ``"XML:com.adobe.xmp"``, holds an orientation), read as Pillow reads them. A gray or RGB
+    Pillow's ``info`` that Pillow reads only when it decodes an 8-bit PNG's samples: those of the ``eXIf`` and text
+    chunks after the image data, in file order (the later of two entries of one name wins: an ``eXIf`` there
+    replaces one before the image data, a ``tEXt`` ``exif`` after it an ``eXIf``), read as Pillow reads them:
+    ``"exif"`` (``Exif\\0\\0`` then the chunk's body), an XMP packet's ``"XML:com.adobe.xmp"`` (text) and ``"xmp"``
+    (bytes, also where the text is no UTF-8), each of which may hold an orientation. A gray or RGB
     image whose ``tRNS`` chunk names a key colour gets an alpha channel: 0 on the pixels of that colour, 65535 on the
     others. A corrupt or truncated file is a ``ValueError`` saying what is wrong."""
     found = _chunks(data)
@@ -101,10 +102,7 @@ def decode_png16(data: bytes) -> tuple[np.ndarray, dict]:
         rows = unfilter(flat[at:at + ph * (pw * 2 * c + 1)].reshape(ph, pw * 2 * c + 1), 2 * c)
         out[y0::dy, x0::dx] = rows.view(">u2").reshape(ph, pw, c)
         at += ph * (pw * 2 * c + 1)
-    info = dict(filter(None, (_text(kind, body) for kind, body in found.get(b"text", ()))))
-    exif = found.get(b"eXIf")
-    if exif is not None:  # Pillow's form, Exif\0\0 in front (unless the writer put it there already)
-        info["exif"] = exif if exif.startswith(b"Exif") else b"Exif\x00\x00" + exif
+    info = dict(pair for kind, body in found.get(b"after", ()) for pair in _entries(kind, body))
     key = _key(found.get(b"tRNS"), colour)
     if key is None:
         return out, info
@@ -116,25 +114,34 @@ MAX_TEXT = 1 << 20
 """The most bytes a compressed text chunk inflates to (Pillow's ``MAX_TEXT_CHUNK``); a longer one is dropped."""
 
 
-def _text(kind: bytes, body: bytes) -> Optional[tuple]:
-    """A ``tEXt``, ``zTXt`` or ``iTXt`` chunk as Pillow's PNG reader puts it in ``info``: ``(keyword, text)`` (the
-    text as bytes for ``tEXt`` keyword ``exif``); ``None`` for one Pillow skips (no keyword, undecodable text)."""
+def _entries(kind: bytes, body: bytes) -> list:
+    """An ``eXIf``, ``tEXt``, ``zTXt`` or ``iTXt`` chunk as Pillow's PNG reader puts it in ``info``: ``[(name,
+    value)]``: ``("exif", b"Exif\\0\\0" + body)``; ``(keyword, text)`` (the text as bytes for ``tEXt`` keyword
+    ``exif``); an ``iTXt`` XMP packet's bytes as ``"xmp"`` too, before (and whether or not) its text decodes;
+    ``[]`` for a chunk Pillow skips (no keyword, undecodable text)."""
+    if kind == b"eXIf":
+        return [("exif", b"Exif\x00\x00" + body)]
     key, _, rest = body.partition(b"\x00")
     if not key:
-        return None
+        return []
     if kind == b"tEXt":
-        return key.decode("latin-1"), rest if key == b"exif" else rest.decode("latin-1", "replace")
+        return [(key.decode("latin-1"), rest if key == b"exif" else rest.decode("latin-1", "replace"))]
     if kind == b"zTXt":
         text = _inflated(rest[1:]) if rest[:1] == b"\x00" else None
-        return None if text is None else (key.decode("latin-1"), text.decode("latin-1", "replace"))
+        return [] if text is None else [(key.decode("latin-1"), text.decode("latin-1", "replace"))]
     parts = rest[2:].split(b"\x00", 2)
     if len(rest) < 2 or len(parts) < 3 or (rest[0] and rest[1]):  # compressed by a method other than zlib's
-        return None
+        return []
     text = _inflated(parts[2]) if rest[0] else parts[2]
-    try:
-        return None if text is None else (key.decode("latin-1"), text.decode("utf-8"))
+    if text is None:
+        return []
+    xmp = [("xmp", text)] if key == b"XML:com.adobe.xmp" else []
+    try:  # Pillow keeps the text only where it, the language and the translated keyword are UTF-8
+        entry = (key.decode("latin-1"), text.decode("utf-8"))
+        parts[0].decode("utf-8"), parts[1].decode("utf-8")
     except UnicodeError:
-        return None
+        return xmp
+    return [*xmp, entry]
 
 
 def _inflated(z: bytes) -> Optional[bytes]:

@@ -1,0 +1,62 @@
+"""Review of 632bf6f (session 41's misc merge). A 16-bit PNG's metadata after the image data is read in file order as
+Pillow reads an 8-bit PNG's: an XMP packet whose text is not UTF-8 still turns the image (Pillow keeps its bytes as
+``info["xmp"]`` and ``getexif`` reads the orientation there), and a ``tEXt`` ``exif`` after the image data outranks
+an ``eXIf`` before it (the later entry wins). The PNGs are built by hand (struct, zlib, CRCs); the expected images
+are Pillow's own reading of the same file at 8 bits."""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+from salience.loading import load_image
+
+RNG = np.random.default_rng(4141)
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def _png(v: np.ndarray, depth: int, before: bytes, after: bytes) -> bytes:
+    """An RGB PNG of ``v`` (H, W, 3) at ``depth`` 8 or 16, rows filter None; ``before`` / ``after`` the IDAT chunk."""
+    h, w, _ = v.shape
+    rows = v.astype(">u2" if depth == 16 else np.uint8).reshape(h, -1).view(np.uint8)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], 1).tobytes()
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, 2, 0, 0, 0)
+    return (SIGNATURE + _chunk(b"IHDR", ihdr) + before + _chunk(b"IDAT", zlib.compress(raw)) + after
+            + _chunk(b"IEND", b""))
+
+
+def _exif(orientation: int) -> bytes:
+    """A TIFF-structured EXIF block (no ``Exif\\0\\0``) holding one orientation tag."""
+    return b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + bytes(4)
+
+
+def _same_as_8_bit(before: bytes, after: bytes, want_shape: tuple) -> None:
+    v = RNG.integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    eight = load_image("a8.png", data=_png(v, 8, before, after))
+    assert tuple(eight.shape) == want_shape  # Pillow's own reading turned (or not) the 8-bit file so
+    sixteen = load_image("a16.png", data=_png(v.astype(np.uint16) * 257, 16, before, after))
+    torch.testing.assert_close(sixteen, eight, rtol=0, atol=1e-6)
+
+
+def test_an_xmp_packet_after_the_image_data_that_is_not_utf8_turns_16_bit_pngs_too():
+    """XMP (iTXt) after IDAT with one Latin-1 byte in a comment, tiff:Orientation 6 (90 degrees): Pillow keeps the
+    bytes (``info["xmp"]``) and turns the 8-bit file to 5 x 3; before the fix the 16-bit one stayed 3 x 5."""
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><!-- caf\xe9 --><rdf:RDF '
+           b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+           b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    _same_as_8_bit(b"", _chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + xmp), (3, 5, 3))
+
+
+def test_of_an_exif_and_a_text_exif_the_later_one_counts():
+    """eXIf (orientation 3, 180 degrees) before IDAT, a tEXt ``exif`` (orientation 6) after it: Pillow's info keeps
+    the later, 6 (5 x 3); before the fix the 16-bit file took the eXIf's 3 (3 x 5). Both after IDAT, tEXt ``exif``
+    (6) then eXIf (3): the eXIf, the later, counts for both depths (3 x 5)."""
+    text = _chunk(b"tEXt", b"exif\x00Exif\x00\x00" + _exif(6))
+    _same_as_8_bit(_chunk(b"eXIf", _exif(3)), text, (3, 5, 3))
+    _same_as_8_bit(b"", text + _chunk(b"eXIf", _exif(3)), (3, 3, 5))
