@@ -60,3 +60,16 @@ def test_of_an_exif_and_a_text_exif_the_later_one_counts():
     text = _chunk(b"tEXt", b"exif\x00Exif\x00\x00" + _exif(6))
     _same_as_8_bit(_chunk(b"eXIf", _exif(3)), text, (3, 5, 3))
     _same_as_8_bit(b"", text + _chunk(b"eXIf", _exif(3)), (3, 3, 5))
+
+
+def test_the_private_names_rule_sees_import_module_after_import_importlib_util():
+    """``import importlib.util`` binds ``importlib`` as ``import importlib`` does, and ``m: T = import_module(...)``
+    binds ``m`` as ``m = ...`` does: both were missed before (no finding at all)."""
+    from test_architecture import _private_uses
+
+    source = ("import importlib.util\n"
+              "x = importlib.import_module('salience._core.perf')._fast\n"
+              "m: object = importlib.import_module('salience.rules')\n"
+              "y = m._classify, importlib.util.find_spec('os')\n")
+    assert _private_uses(source, "salience.methods.probe") == [
+        "line 2: salience._core.perf._fast", "line 4: salience.rules._classify"]
