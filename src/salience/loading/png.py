@@ -236,22 +236,29 @@ def _unfilter_by_pillow(f: np.ndarray, kinds: np.ndarray, bpp: int) -> np.ndarra
     A byte's predictor takes the bytes ``bpp`` to its left and above, so the bytes at each offset of a pixel form
     ``bpp`` images of their own, unfiltered alike; those at up to 4 offsets next to each other (a 16-bit RGB pixel's 6
     bytes: 3 + 3) are an 8-bit gray, gray + alpha, RGB or RGBA PNG's scanlines: each such image is written as a PNG,
-    in bands of at most :data:`BAND_PIXELS` pixels, each band's first row predicted from the last decoded one above
-    it (put first, filter None), and read back with ``Image.open``: Pillow's public reading of an 8-bit PNG."""
+    in tiles of at most :data:`BAND_PIXELS` pixels (bands of rows; a row wider than that in pieces), each tile's
+    first row predicted from the last decoded one above it and its first column from the decoded one left of it
+    (both put in front, :func:`_pillow_unfiltered`), and read back with ``Image.open``: Pillow's public reading of
+    an 8-bit PNG."""
     h, w = f.shape[0], f.shape[1] // bpp
     out = np.empty((h, w, bpp), np.uint8)
-    filtered, band = f.reshape(h, w, bpp), max(1, BAND_PIXELS // max(w, 1))
+    cols = max(1, min(w, BAND_PIXELS))
+    filtered, band = f.reshape(h, w, bpp), max(1, BAND_PIXELS // cols)
     for at, n in _groups(bpp):
         for y in range(0, h, band):
-            prior = out[y - 1, :, at:at + n] if y else None
-            out[y:y + band, :, at:at + n] = _pillow_unfiltered(filtered[y:y + band, :, at:at + n], kinds[y:y + band],
-                                                              prior)
+            for x in range(0, w, cols):
+                prior = out[y - 1, max(x - 1, 0):x + cols, at:at + n] if y else None
+                left = out[y:y + band, x - 1, at:at + n] if x else None
+                out[y:y + band, x:x + cols, at:at + n] = _pillow_unfiltered(
+                    filtered[y:y + band, x:x + cols, at:at + n], kinds[y:y + band], prior, left)
     return out.reshape(h, w * bpp)
 
 
 BAND_PIXELS = 1 << 24
-"""The most pixels of one 8-bit PNG :func:`unfilter` hands Pillow (16 megapixels, 64 MB at most): well under Pillow's
-decompression-bomb limit (89 megapixels by default), and the copies it makes stay small."""
+"""The most pixels of one tile of an 8-bit PNG :func:`unfilter` hands Pillow (16 megapixels, 64 MB at most, and one
+row and column of context; a row wider than that in pieces, since 632bf6f's review: a 1 x 24,000,000 gray + alpha
+row went whole, 644 MB over the decoded bytes at its peak, now 259 MB): well under Pillow's decompression-bomb limit
+(89 megapixels by default), and the copies it makes stay small."""
 _COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}
 """Bytes a pixel -> the 8-bit PNG colour type with that many: gray, gray + alpha, RGB, RGBA."""
 
@@ -263,24 +270,40 @@ def _groups(bpp: int) -> list:
     return [(sum(sizes[:i]), n) for i, n in enumerate(sizes)]
 
 
-def _pillow_unfiltered(rows: np.ndarray, kinds: np.ndarray, prior: Optional[np.ndarray]) -> np.ndarray:
+def _pillow_unfiltered(rows: np.ndarray, kinds: np.ndarray, prior: Optional[np.ndarray],
+                       left: Optional[np.ndarray] = None) -> np.ndarray:
     """Filtered bytes ``(H, W, n)`` (``n`` of 1 to 4), row ``i`` of filter ``kinds[i]``, unfiltered by Pillow's 8-bit
-    PNG decoder; ``prior``: the decoded ``(W, n)`` row above the first (``None``: the image's top, zeros above)."""
+    PNG decoder. ``prior``: the decoded row above the first (``None``: the image's top, zeros above), ``(W, n)``, or
+    ``(W + 1, n)`` with ``left``: the decoded ``(H, n)`` column left of the first, put in front as a column whose
+    filtered bytes decode to it (its own left and upper-left bytes are 0, so the predictor is 0, ``b``, ``b >> 1``, ``b``
+    for Sub, Up, Average, Paeth; ``b`` the byte above it). The PNG is built in one copy of the bytes (a stored
+    zlib stream), released before Pillow decodes it."""
     import io
 
     from PIL import Image
 
     h, w, n = rows.shape
-    top = prior is not None
-    lines = np.empty((h + top, 1 + w * n), np.uint8)
+    top, side = int(prior is not None), int(left is not None)
+    lines = np.empty((h + top, 1 + (w + side) * n), np.uint8)
     if top:
         lines[0, 0], lines[0, 1:] = 0, prior.reshape(-1)
-    lines[top:, 0], lines[top:, 1:] = kinds, rows.reshape(h, w * n)
+    lines[top:, 0], lines[top:, 1 + side * n:] = kinds, rows.reshape(h, w * n)
+    if side:
+        above = np.concatenate([prior[:1] if top else np.zeros((1, n), np.uint8), left[:-1]]).astype(np.int16)
+        pred = np.select([kinds[:, None] == 2, kinds[:, None] == 3, kinds[:, None] == 4], [above, above >> 1, above])
+        lines[top:, 1:1 + n] = (left.astype(np.int16) - pred) & 255
     data = zlib.compress(lines, 0)  # stored: Pillow's inflating copies it
-    chunks = [_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h + top, 8, _COLOUR_TYPES[n], 0, 0, 0))]
-    chunks += [_chunk(b"IDAT", data[i:i + (1 << 30)]) for i in range(0, len(data), 1 << 30)]
-    with Image.open(io.BytesIO(b"".join([SIGNATURE, *chunks, _chunk(b"IEND", b"")])), formats=["PNG"]) as img:
-        return np.asarray(img).reshape(h + top, w, n)[top:]
+    del lines
+    view, step = memoryview(data), 1 << 30
+    parts = [SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w + side, h + top, 8, _COLOUR_TYPES[n], 0, 0, 0))]
+    for i in range(0, len(data), step):  # length, type, body, CRC: joined once, no copy of the body before
+        parts += [struct.pack(">I", len(view[i:i + step])), b"IDAT", view[i:i + step],
+                  struct.pack(">I", zlib.crc32(view[i:i + step], zlib.crc32(b"IDAT")))]
+    file = b"".join([*parts, _chunk(b"IEND", b"")])
+    del parts, view, data
+    with Image.open(io.BytesIO(file), formats=["PNG"]) as img:
+        del file  # the BytesIO holds it until the decoder has read it
+        return np.asarray(img).reshape(h + top, w + side, n)[top:, side:]
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
