@@ -76,25 +76,6 @@ def test_the_private_names_rule_sees_import_module_after_import_importlib_util()
         "line 2: salience._core.perf._fast", "line 4: salience.rules._classify"]
 
 
-def _paeth(a: int, b: int, c: int) -> int:
-    p = a + b - c
-    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-    return a if pa <= pb and pa <= pc else b if pb <= pc else c
-
-
-def _spec_unfilter(lines: np.ndarray, bpp: int) -> np.ndarray:
-    """The PNG specification's filters (section 9), byte by byte: each byte plus its predictor, mod 256."""
-    out, prior = [], [0] * (lines.shape[1] - 1)
-    for line in lines.tolist():
-        row: list = []
-        for j, x in enumerate(line[1:]):
-            a, b, c = (row[j - bpp] if j >= bpp else 0), prior[j], (prior[j - bpp] if j >= bpp else 0)
-            row.append((x + (0, a, b, (a + b) // 2, _paeth(a, b, c))[line[0]]) % 256)
-        out.append(row)
-        prior = row
-    return np.array(out, np.uint8)
-
-
 @pytest.mark.parametrize("bpp", [2, 4, 6, 8])
 @pytest.mark.parametrize("h, w", [(1, 61), (4, 23), (9, 10)])
 def test_a_row_wider_than_a_band_goes_to_pillow_in_pieces(monkeypatch, bpp, h, w):
@@ -102,6 +83,8 @@ def test_a_row_wider_than_a_band_goes_to_pillow_in_pieces(monkeypatch, bpp, h, w
     of context (before, a 61-pixel row went whole: 61 wide), and the bytes are the specification's, each piece's
     first column predicted from the decoded one left of it (every filter type, small bytes for Paeth's ties)."""
     from PIL import Image
+
+    from test_s41_misc import _spec_unfilter  # the specification's byte rule
 
     from salience.loading import png
 
