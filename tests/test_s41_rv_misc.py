@@ -1,12 +1,12 @@
-"""Review of 632bf6f (session 41's misc merge). A 16-bit PNG's metadata after the image data is read in file order as
-Pillow reads an 8-bit PNG's: an XMP packet whose text is not UTF-8 still turns the image (Pillow keeps its bytes as
-``info["xmp"]`` and ``getexif`` reads the orientation there), and a ``tEXt`` ``exif`` after the image data outranks
-an ``eXIf`` before it (the later entry wins). The PNGs are built by hand (struct, zlib, CRCs); the expected images
-are Pillow's own reading of the same file at 8 bits."""
+"""Review of 632bf6f (session 41's misc merge). (1) A 16-bit PNG's metadata after the image data is read in file
+order as Pillow reads an 8-bit PNG's: an XMP packet whose text is not UTF-8 still turns the image (Pillow keeps its
+bytes as ``info["xmp"]`` and ``getexif`` reads the orientation there), and a ``tEXt`` ``exif`` after the image data
+outranks an ``eXIf`` before it (the later entry wins); the expected images are Pillow's own reading of the same file
+at 8 bits. (2) The architecture rule sees ``import_module`` after ``import importlib.util`` and an annotated
+assignment. (3) The thin-image route hands Pillow tiles no wider than ``BAND_PIXELS`` (a long row in pieces),
+checked against the specification's byte rule."""
 from __future__ import annotations
 
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -14,34 +14,16 @@ import torch
 
 from salience.loading import load_image
 
+from test_s41_misc import _chunk, _exif, _png  # hand-built PNGs: struct, zlib, CRCs
+
 RNG = np.random.default_rng(4141)
-SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-
-def _png(v: np.ndarray, depth: int, before: bytes, after: bytes) -> bytes:
-    """An RGB PNG of ``v`` (H, W, 3) at ``depth`` 8 or 16, rows filter None; ``before`` / ``after`` the IDAT chunk."""
-    h, w, _ = v.shape
-    rows = v.astype(">u2" if depth == 16 else np.uint8).reshape(h, -1).view(np.uint8)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], 1).tobytes()
-    ihdr = struct.pack(">IIBBBBB", w, h, depth, 2, 0, 0, 0)
-    return (SIGNATURE + _chunk(b"IHDR", ihdr) + before + _chunk(b"IDAT", zlib.compress(raw)) + after
-            + _chunk(b"IEND", b""))
-
-
-def _exif(orientation: int) -> bytes:
-    """A TIFF-structured EXIF block (no ``Exif\\0\\0``) holding one orientation tag."""
-    return b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + bytes(4)
 
 
 def _same_as_8_bit(before: bytes, after: bytes, want_shape: tuple) -> None:
     v = RNG.integers(0, 256, (3, 5, 3), dtype=np.uint8)
-    eight = load_image("a8.png", data=_png(v, 8, before, after))
+    eight = load_image("a8.png", data=_png(v, 8, after=after, before=before))
     assert tuple(eight.shape) == want_shape  # Pillow's own reading turned (or not) the 8-bit file so
-    sixteen = load_image("a16.png", data=_png(v.astype(np.uint16) * 257, 16, before, after))
+    sixteen = load_image("a16.png", data=_png(v.astype(np.uint16) * 257, 16, after=after, before=before))
     torch.testing.assert_close(sixteen, eight, rtol=0, atol=1e-6)
 
 
