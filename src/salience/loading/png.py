@@ -275,8 +275,8 @@ def _pillow_unfiltered(rows: np.ndarray, kinds: np.ndarray, prior: Optional[np.n
     """Filtered bytes ``(H, W, n)`` (``n`` of 1 to 4), row ``i`` of filter ``kinds[i]``, unfiltered by Pillow's 8-bit
     PNG decoder. ``prior``: the decoded row above the first (``None``: the image's top, zeros above), ``(W, n)``, or
     ``(W + 1, n)`` with ``left``: the decoded ``(H, n)`` column left of the first, put in front as a column whose
-    filtered bytes decode to it (its own left and upper-left bytes are 0, so the predictor is 0, ``b``, ``b >> 1``, ``b``
-    for Sub, Up, Average, Paeth; ``b`` the byte above it). The PNG is built in one copy of the bytes (a stored
+    filtered bytes decode to it (its own left and upper-left bytes are 0, so the predictor is 0, ``b``, ``b >> 1``,
+    ``b`` for Sub, Up, Average, Paeth; ``b`` the byte above it). The PNG is built in one copy of the bytes (a stored
     zlib stream), released before Pillow decodes it."""
     import io
 
