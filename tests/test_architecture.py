@@ -193,12 +193,13 @@ def _aliases(tree: ast.AST) -> dict[str, str]:
                             if a.name == "import_module"})
         elif isinstance(node, ast.Import):
             for a in node.names:  # import salience.x binds "salience"; import salience.x as y binds y
-                if _is_salience(a.name) or a.name == "importlib":
+                if _is_salience(a.name) or a.name.split(".")[0] == "importlib":  # import importlib.util too
                     aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
-                and isinstance(node.value, ast.Call) and _imported(node.value, aliases):
-            aliases[node.targets[0].id] = _imported(node.value, aliases)
+    for node in ast.walk(tree):  # m = ... and m: ModuleType = ...
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(target, ast.Name) and isinstance(node.value, ast.Call) and _imported(node.value, aliases):
+            aliases[target.id] = _imported(node.value, aliases)
     return aliases
 
 

@@ -34,9 +34,10 @@ def is_png16(head: bytes) -> bool:
 
 
 def _chunks(data: bytes) -> dict:
-    """The chunks :func:`decode_png16` needs: ``IHDR``'s, ``tRNS``'s and ``eXIf``'s bodies, the ``IDAT`` bodies
-    joined, and under ``b"text"`` the text chunks (``tEXt``, ``zTXt``, ``iTXt``) after the image data, which Pillow's
-    ``Image.open`` has not read (it reads them when it decodes the samples). Each chunk's CRC is checked: a critical
+    """The chunks :func:`decode_png16` needs: ``IHDR``'s and ``tRNS``'s bodies, the ``IDAT`` bodies joined, and
+    under ``b"after"`` the ``eXIf`` and text chunks (``tEXt``, ``zTXt``, ``iTXt``) after the image data, in file order,
+    which Pillow's ``Image.open`` has not read (it reads them when it decodes the samples; those before the image
+    data are in its ``info``). Each chunk's CRC is checked: a critical
     chunk failing it is a ``ValueError``, an ancillary one is dropped (libpng's default; Pillow reads such a chunk
     after the image data without a word); a chunk running past the end is a truncated file (``ValueError``)."""
     view, pos, found, idat = memoryview(data), 8, {}, []
@@ -52,12 +53,10 @@ def _chunks(data: bytes) -> dict:
             continue
         if kind == b"IDAT":
             idat.append(body)
-        elif kind == b"eXIf":  # the last one, as Pillow reads it (before or after the image data)
-            found[kind] = bytes(body)
         elif kind in (b"IHDR", b"tRNS"):
             found.setdefault(kind, bytes(body))
-        elif kind in (b"tEXt", b"zTXt", b"iTXt") and idat:
-            found.setdefault(b"text", []).append((kind, bytes(body)))
+        elif kind in (b"tEXt", b"zTXt", b"iTXt", b"eXIf") and idat:  # in order: of two, the later one counts
+            found.setdefault(b"after", []).append((kind, bytes(body)))
         elif kind == b"IEND":
             break
         pos += 12 + n
@@ -76,9 +75,11 @@ def _passes(w: int, h: int, interlace: int) -> list:
 
 def decode_png16(data: bytes) -> tuple[np.ndarray, dict]:
     """A 16-bit PNG's samples, ``(H, W, C)`` uint16: C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; and the entries of
-    Pillow's ``info`` that Pillow reads only when it decodes an 8-bit PNG's samples: ``"exif"`` (the last ``eXIf``
-    chunk, before or after the image data, with ``Exif\\0\\0`` in front) and the text chunks after the image data
-    (an XMP packet there, ``"XML:com.adobe.xmp"``, holds an orientation), read as Pillow reads them. A gray or RGB
+    Pillow's ``info`` that Pillow reads only when it decodes an 8-bit PNG's samples: those of the ``eXIf`` and text
+    chunks after the image data, in file order (the later of two entries of one name wins: an ``eXIf`` there
+    replaces one before the image data, a ``tEXt`` ``exif`` after it an ``eXIf``), read as Pillow reads them:
+    ``"exif"`` (``Exif\\0\\0`` then the chunk's body), an XMP packet's ``"XML:com.adobe.xmp"`` (text) and ``"xmp"``
+    (bytes, also where the text is no UTF-8), each of which may hold an orientation. A gray or RGB
     image whose ``tRNS`` chunk names a key colour gets an alpha channel: 0 on the pixels of that colour, 65535 on the
     others. A corrupt or truncated file is a ``ValueError`` saying what is wrong."""
     found = _chunks(data)
@@ -101,10 +102,7 @@ def decode_png16(data: bytes) -> tuple[np.ndarray, dict]:
         rows = unfilter(flat[at:at + ph * (pw * 2 * c + 1)].reshape(ph, pw * 2 * c + 1), 2 * c)
         out[y0::dy, x0::dx] = rows.view(">u2").reshape(ph, pw, c)
         at += ph * (pw * 2 * c + 1)
-    info = dict(filter(None, (_text(kind, body) for kind, body in found.get(b"text", ()))))
-    exif = found.get(b"eXIf")
-    if exif is not None:  # Pillow's form, Exif\0\0 in front (unless the writer put it there already)
-        info["exif"] = exif if exif.startswith(b"Exif") else b"Exif\x00\x00" + exif
+    info = dict(pair for kind, body in found.get(b"after", ()) for pair in _entries(kind, body))
     key = _key(found.get(b"tRNS"), colour)
     if key is None:
         return out, info
@@ -116,25 +114,34 @@ MAX_TEXT = 1 << 20
 """The most bytes a compressed text chunk inflates to (Pillow's ``MAX_TEXT_CHUNK``); a longer one is dropped."""
 
 
-def _text(kind: bytes, body: bytes) -> Optional[tuple]:
-    """A ``tEXt``, ``zTXt`` or ``iTXt`` chunk as Pillow's PNG reader puts it in ``info``: ``(keyword, text)`` (the
-    text as bytes for ``tEXt`` keyword ``exif``); ``None`` for one Pillow skips (no keyword, undecodable text)."""
+def _entries(kind: bytes, body: bytes) -> list:
+    """An ``eXIf``, ``tEXt``, ``zTXt`` or ``iTXt`` chunk as Pillow's PNG reader puts it in ``info``: ``[(name,
+    value)]``: ``("exif", b"Exif\\0\\0" + body)``; ``(keyword, text)`` (the text as bytes for ``tEXt`` keyword
+    ``exif``); an ``iTXt`` XMP packet's bytes as ``"xmp"`` too, before (and whether or not) its text decodes;
+    ``[]`` for a chunk Pillow skips (no keyword, undecodable text)."""
+    if kind == b"eXIf":
+        return [("exif", b"Exif\x00\x00" + body)]
     key, _, rest = body.partition(b"\x00")
     if not key:
-        return None
+        return []
     if kind == b"tEXt":
-        return key.decode("latin-1"), rest if key == b"exif" else rest.decode("latin-1", "replace")
+        return [(key.decode("latin-1"), rest if key == b"exif" else rest.decode("latin-1", "replace"))]
     if kind == b"zTXt":
         text = _inflated(rest[1:]) if rest[:1] == b"\x00" else None
-        return None if text is None else (key.decode("latin-1"), text.decode("latin-1", "replace"))
+        return [] if text is None else [(key.decode("latin-1"), text.decode("latin-1", "replace"))]
     parts = rest[2:].split(b"\x00", 2)
     if len(rest) < 2 or len(parts) < 3 or (rest[0] and rest[1]):  # compressed by a method other than zlib's
-        return None
+        return []
     text = _inflated(parts[2]) if rest[0] else parts[2]
-    try:
-        return None if text is None else (key.decode("latin-1"), text.decode("utf-8"))
+    if text is None:
+        return []
+    xmp = [("xmp", text)] if key == b"XML:com.adobe.xmp" else []
+    try:  # Pillow keeps the text only where it, the language and the translated keyword are UTF-8
+        entry = (key.decode("latin-1"), text.decode("utf-8"))
+        parts[0].decode("utf-8"), parts[1].decode("utf-8")
     except UnicodeError:
-        return None
+        return xmp
+    return [*xmp, entry]
 
 
 def _inflated(z: bytes) -> Optional[bytes]:
@@ -229,22 +236,29 @@ def _unfilter_by_pillow(f: np.ndarray, kinds: np.ndarray, bpp: int) -> np.ndarra
     A byte's predictor takes the bytes ``bpp`` to its left and above, so the bytes at each offset of a pixel form
     ``bpp`` images of their own, unfiltered alike; those at up to 4 offsets next to each other (a 16-bit RGB pixel's 6
     bytes: 3 + 3) are an 8-bit gray, gray + alpha, RGB or RGBA PNG's scanlines: each such image is written as a PNG,
-    in bands of at most :data:`BAND_PIXELS` pixels, each band's first row predicted from the last decoded one above
-    it (put first, filter None), and read back with ``Image.open``: Pillow's public reading of an 8-bit PNG."""
+    in tiles of at most :data:`BAND_PIXELS` pixels (bands of rows; a row wider than that in pieces), each tile's
+    first row predicted from the last decoded one above it and its first column from the decoded one left of it
+    (both put in front, :func:`_pillow_unfiltered`), and read back with ``Image.open``: Pillow's public reading of
+    an 8-bit PNG."""
     h, w = f.shape[0], f.shape[1] // bpp
     out = np.empty((h, w, bpp), np.uint8)
-    filtered, band = f.reshape(h, w, bpp), max(1, BAND_PIXELS // max(w, 1))
+    cols = max(1, min(w, BAND_PIXELS))
+    filtered, band = f.reshape(h, w, bpp), max(1, BAND_PIXELS // cols)
     for at, n in _groups(bpp):
         for y in range(0, h, band):
-            prior = out[y - 1, :, at:at + n] if y else None
-            out[y:y + band, :, at:at + n] = _pillow_unfiltered(filtered[y:y + band, :, at:at + n], kinds[y:y + band],
-                                                              prior)
+            for x in range(0, w, cols):
+                prior = out[y - 1, max(x - 1, 0):x + cols, at:at + n] if y else None
+                left = out[y:y + band, x - 1, at:at + n] if x else None
+                out[y:y + band, x:x + cols, at:at + n] = _pillow_unfiltered(
+                    filtered[y:y + band, x:x + cols, at:at + n], kinds[y:y + band], prior, left)
     return out.reshape(h, w * bpp)
 
 
 BAND_PIXELS = 1 << 24
-"""The most pixels of one 8-bit PNG :func:`unfilter` hands Pillow (16 megapixels, 64 MB at most): well under Pillow's
-decompression-bomb limit (89 megapixels by default), and the copies it makes stay small."""
+"""The most pixels of one tile of an 8-bit PNG :func:`unfilter` hands Pillow (16 megapixels, 64 MB at most, and one
+row and column of context; a row wider than that in pieces, since 632bf6f's review: a 1 x 24,000,000 gray + alpha
+row went whole, 644 MB over the decoded bytes at its peak, now 259 MB): well under Pillow's decompression-bomb limit
+(89 megapixels by default), and the copies it makes stay small."""
 _COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}
 """Bytes a pixel -> the 8-bit PNG colour type with that many: gray, gray + alpha, RGB, RGBA."""
 
@@ -256,24 +270,40 @@ def _groups(bpp: int) -> list:
     return [(sum(sizes[:i]), n) for i, n in enumerate(sizes)]
 
 
-def _pillow_unfiltered(rows: np.ndarray, kinds: np.ndarray, prior: Optional[np.ndarray]) -> np.ndarray:
+def _pillow_unfiltered(rows: np.ndarray, kinds: np.ndarray, prior: Optional[np.ndarray],
+                       left: Optional[np.ndarray] = None) -> np.ndarray:
     """Filtered bytes ``(H, W, n)`` (``n`` of 1 to 4), row ``i`` of filter ``kinds[i]``, unfiltered by Pillow's 8-bit
-    PNG decoder; ``prior``: the decoded ``(W, n)`` row above the first (``None``: the image's top, zeros above)."""
+    PNG decoder. ``prior``: the decoded row above the first (``None``: the image's top, zeros above), ``(W, n)``, or
+    ``(W + 1, n)`` with ``left``: the decoded ``(H, n)`` column left of the first, put in front as a column whose
+    filtered bytes decode to it (its own left and upper-left bytes are 0, so the predictor is 0, ``b``, ``b >> 1``,
+    ``b`` for Sub, Up, Average, Paeth; ``b`` the byte above it). The PNG is built in one copy of the bytes (a stored
+    zlib stream), released before Pillow decodes it."""
     import io
 
     from PIL import Image
 
     h, w, n = rows.shape
-    top = prior is not None
-    lines = np.empty((h + top, 1 + w * n), np.uint8)
+    top, side = int(prior is not None), int(left is not None)
+    lines = np.empty((h + top, 1 + (w + side) * n), np.uint8)
     if top:
         lines[0, 0], lines[0, 1:] = 0, prior.reshape(-1)
-    lines[top:, 0], lines[top:, 1:] = kinds, rows.reshape(h, w * n)
+    lines[top:, 0], lines[top:, 1 + side * n:] = kinds, rows.reshape(h, w * n)
+    if side:
+        above = np.concatenate([prior[:1] if top else np.zeros((1, n), np.uint8), left[:-1]]).astype(np.int16)
+        pred = np.select([kinds[:, None] == 2, kinds[:, None] == 3, kinds[:, None] == 4], [above, above >> 1, above])
+        lines[top:, 1:1 + n] = (left.astype(np.int16) - pred) & 255
     data = zlib.compress(lines, 0)  # stored: Pillow's inflating copies it
-    chunks = [_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h + top, 8, _COLOUR_TYPES[n], 0, 0, 0))]
-    chunks += [_chunk(b"IDAT", data[i:i + (1 << 30)]) for i in range(0, len(data), 1 << 30)]
-    with Image.open(io.BytesIO(b"".join([SIGNATURE, *chunks, _chunk(b"IEND", b"")])), formats=["PNG"]) as img:
-        return np.asarray(img).reshape(h + top, w, n)[top:]
+    del lines
+    view, step = memoryview(data), 1 << 30
+    parts = [SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w + side, h + top, 8, _COLOUR_TYPES[n], 0, 0, 0))]
+    for i in range(0, len(data), step):  # length, type, body, CRC: joined once, no copy of the body before
+        parts += [struct.pack(">I", len(view[i:i + step])), b"IDAT", view[i:i + step],
+                  struct.pack(">I", zlib.crc32(view[i:i + step], zlib.crc32(b"IDAT")))]
+    file = b"".join([*parts, _chunk(b"IEND", b"")])
+    del parts, view, data
+    with Image.open(io.BytesIO(file), formats=["PNG"]) as img:
+        del file  # the BytesIO holds it until the decoder has read it
+        return np.asarray(img).reshape(h + top, w + side, n)[top:, side:]
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
