@@ -2,8 +2,9 @@
 
 Under ``memory_format="channels_last"`` each call (each chunk of a :class:`salience._core.perf.Run`) converts the
 model's 4-D parameters to channels-last and puts the user's tensors back when it ends
-(:meth:`~salience._core.perf.Run.set_layout`): on resnet50 a copy of 94 MB of weights per call, 1.2 ms an image in a
-bf16 dataset run of batch 16 on one CPU core (docs/performance.md, session 40). A dataset run calls the methods batch
+(:meth:`~salience._core.perf.Run.set_layout`): on resnet50 a copy of 45 MB of weights per call (its 17 4-D weights
+that are not 1x1), 1.2 ms an image in a bf16 dataset run of batch 16 on one CPU core (docs/performance.md, session
+40). A dataset run calls the methods batch
 after batch on weights nobody changes meanwhile (:func:`salience._core.guard.run_guard` holds the model), so it keeps
 the copies for the run (:func:`kept_layouts`): each call still swaps every parameter's data to its channels-last
 copy and back (the model outside a call is the user's, strides and tensors, as without the run), but the copy is
@@ -16,20 +17,26 @@ during a pass): else a fresh copy is made, as a call outside a run does. What a 
 seen here either: a value changed in place through ``p.data`` (``p.data.mul_(2)``) during a run, by the model's own
 forward or another thread (the call outside a run converts the values of the moment; the run keeps the copy).
 Outside :func:`kept_layouts` nothing is kept. The copies cost their memory for the run (one more copy of the 4-D
-weights) and are dropped at its end.
+weights) and are dropped at its end; an entry refers to its parameter weakly and goes when the parameter is freed (a
+folded copy made again, for a model whose forward writes a buffer: else each batch's dead copy was held to the end).
 """
 from __future__ import annotations
 
+import functools
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
+from salience._core.guard import calmly
+
 __all__ = ["kept_layouts", "channels_last_data", "copies_made"]
 
-# per model (id): {id(parameter): (parameter, its user data, the channels-last copy, the version counter then)}
+# per model (id): {id(parameter): (a weak reference to the parameter, its user data, the channels-last copy, the
+# version counter then)}
 _kept: dict[int, dict[int, tuple]] = {}
 _lock = threading.Lock()
 # channels-last copies made of 4-D parameters (every call's, kept or not): what tests count
@@ -45,33 +52,62 @@ def copies_made() -> int:
 def kept_layouts(model: nn.Module) -> Iterator[None]:
     """Keep the channels-last copies of ``model``'s 4-D parameters (and of its folded copy's) for the block: a
     dataset run's calls then copy each once. The model itself is not changed here (each call converts and puts
-    back its parameters as always); the copies are dropped when the block ends, also on an error or Ctrl-C. A
-    block opened while another is open on the model (nested, or another thread's run) shares its copies, which the
-    first block drops when it ends (the other's later calls then copy every call, as outside a run)."""
+    back its parameters as always); the copies are dropped when the block ends, also on an error or Ctrl-C (one in
+    the block's own entry or exit too: the bookkeeping runs with Ctrl-C deferred, as the run guard's,
+    :func:`salience._core.guard.calmly`). A block opened while another is open on the model (nested, or another
+    thread's run) shares its copies, which the first block drops when it ends (the other's later calls then copy
+    every call, as outside a run)."""
     key = id(model)
-    with _lock:
-        mine = key not in _kept
-        if mine:
-            _kept[key] = {}
+    box: list = []  # the copies' dict, when this block registered it (not when it shares an open block's)
     try:
+        calmly(_open, key, box)
         yield
     finally:
-        if mine:
-            with _lock:
-                _kept.pop(key, None)
+        # Inline, as run_guard's: a Ctrl-C at calmly's start (before its deferral) left the drop to do: once more.
+        try:
+            calmly(_close, key, box)
+        except BaseException:
+            calmly(_close, key, box)
+            raise
+
+
+def _open(key: int, box: list) -> None:
+    """Register a dict of copies for the model ``key`` unless a block holds one; ``box`` gets it first."""
+    with _lock:
+        if key not in _kept:
+            box.append({})
+            _kept[key] = box[0]
+
+
+def _close(key: int, box: list) -> None:
+    """Drop the dict of copies ``box`` holds (nothing if it is empty: the block shared another's, or this ran)."""
+    if box:
+        with _lock:
+            if _kept.get(key) is box[0]:
+                del _kept[key]
+        box.clear()
+
+
+def _forget(model_key: int, key: int, ref: "weakref.ref") -> None:
+    """A kept parameter was freed (a folded copy made again, parameters replaced): its entry and copy go with it.
+    Called by the collector, in any thread, maybe with :data:`_lock` held: single dict operations, no lock."""
+    kept = _kept.get(model_key)
+    got = kept.get(key) if kept is not None else None
+    if got is not None and got[0] is ref:
+        kept.pop(key, None)
 
 
 def channels_last_data(model: nn.Module, p: Tensor, data: Tensor) -> Tensor:
     """The channels-last copy of ``p``'s data ``data`` (``p.data``, in another layout): kept from an earlier call of
     the run on ``model`` if :func:`kept_layouts` is open on it and the copy is still ``p``'s (see the module
-    docstring), else made now (and kept if a block is open)."""
+    docstring), else made now (and kept if a block is open, while ``p`` lives: weakly referenced)."""
     kept: Optional[dict] = _kept.get(id(model))
     if kept is not None:
         got = kept.get(id(p))
-        if got is not None and got[0] is p and got[3] == p._version and data.is_set_to(got[1]):
+        if got is not None and got[0]() is p and got[3] == p._version and data.is_set_to(got[1]):
             return got[2]
     copy = data.contiguous(memory_format=torch.channels_last)
     _copies[0] += 1
     if kept is not None:
-        kept[id(p)] = (p, data, copy, p._version)
+        kept[id(p)] = (weakref.ref(p, functools.partial(_forget, id(model), id(p))), data, copy, p._version)
     return copy
