@@ -4,7 +4,6 @@ folded copy made again each batch)."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import signal
 import warnings
 
@@ -105,7 +104,6 @@ def test_a_run_keeps_no_copies_of_parameters_that_are_gone(tmp_path, monkeypatch
             try:
                 yield
             finally:
-                gc.collect()  # an fx GraphModule (the folded copy) is freed by the collector
                 kept_at_end.append(len(layouts._kept[id(m)]))
 
     monkeypatch.setattr(salience.runs.dataset, "kept_layouts", spy)

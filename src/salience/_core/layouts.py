@@ -17,26 +17,24 @@ during a pass): else a fresh copy is made, as a call outside a run does. What a 
 seen here either: a value changed in place through ``p.data`` (``p.data.mul_(2)``) during a run, by the model's own
 forward or another thread (the call outside a run converts the values of the moment; the run keeps the copy).
 Outside :func:`kept_layouts` nothing is kept. The copies cost their memory for the run (one more copy of the 4-D
-weights) and are dropped at its end; an entry refers to its parameter weakly and goes when the parameter is freed (a
-folded copy made again, for a model whose forward writes a buffer: else each batch's dead copy was held to the end).
+weights) and are dropped at its end; a call that made a copy drops those of parameters it no longer has
+(:func:`keep_only`: a folded copy made again, for a model whose forward writes a buffer, else each batch's dead
+folded copy was held to the end).
 """
 from __future__ import annotations
 
-import functools
 import threading
-import weakref
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 from salience._core.guard import calmly
 
-__all__ = ["kept_layouts", "channels_last_data", "copies_made"]
+__all__ = ["kept_layouts", "channels_last_data", "keep_only", "copies_made"]
 
-# per model (id): {id(parameter): (a weak reference to the parameter, its user data, the channels-last copy, the
-# version counter then)}
+# per model (id): {id(parameter): (parameter, its user data, the channels-last copy, the version counter then)}
 _kept: dict[int, dict[int, tuple]] = {}
 _lock = threading.Lock()
 # channels-last copies made of 4-D parameters (every call's, kept or not): what tests count
@@ -88,26 +86,28 @@ def _close(key: int, box: list) -> None:
         box.clear()
 
 
-def _forget(model_key: int, key: int, ref: "weakref.ref") -> None:
-    """A kept parameter was freed (a folded copy made again, parameters replaced): its entry and copy go with it.
-    Called by the collector, in any thread, maybe with :data:`_lock` held: single dict operations, no lock."""
-    kept = _kept.get(model_key)
-    got = kept.get(key) if kept is not None else None
-    if got is not None and got[0] is ref:
-        kept.pop(key, None)
+def keep_only(model: nn.Module, params: Iterable[Tensor]) -> None:
+    """Drop the copies kept for ``model`` of parameters not among ``params`` (a call's: the model's and its folded
+    copy's). A folded copy made again (for a model whose forward writes a buffer: each batch) has new parameters; the
+    old ones' entries, their data and copies were held to the run's end. Called where a call made a copy."""
+    kept = _kept.get(id(model))
+    if kept is not None:
+        live = {id(p) for p in params}
+        for key in [k for k in tuple(kept) if k not in live]:
+            kept.pop(key, None)
 
 
 def channels_last_data(model: nn.Module, p: Tensor, data: Tensor) -> Tensor:
     """The channels-last copy of ``p``'s data ``data`` (``p.data``, in another layout): kept from an earlier call of
     the run on ``model`` if :func:`kept_layouts` is open on it and the copy is still ``p``'s (see the module
-    docstring), else made now (and kept if a block is open, while ``p`` lives: weakly referenced)."""
+    docstring), else made now (and kept if a block is open)."""
     kept: Optional[dict] = _kept.get(id(model))
     if kept is not None:
         got = kept.get(id(p))
-        if got is not None and got[0]() is p and got[3] == p._version and data.is_set_to(got[1]):
+        if got is not None and got[0] is p and got[3] == p._version and data.is_set_to(got[1]):
             return got[2]
     copy = data.contiguous(memory_format=torch.channels_last)
     _copies[0] += 1
     if kept is not None:
-        kept[id(p)] = (weakref.ref(p, functools.partial(_forget, id(model), id(p))), data, copy, p._version)
+        kept[id(p)] = (p, data, copy, p._version)
     return copy
