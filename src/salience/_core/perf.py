@@ -92,7 +92,7 @@ from salience._core.derived import target_classes
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.islands import HighResolutionFp32
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
-from salience._core.layouts import channels_last_data
+from salience._core.layouts import channels_last_data, copies_made, keep_only
 from salience._core.malloc import keep_freed_memory, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
 from salience._core.folding import _described, _folded, _remember_fold, folded_model
@@ -521,11 +521,14 @@ class Run:
             return
         if channels_last:
             folded = self._folded.parameters() if self._folded is not None else ()
-            for p in (*self.model.parameters(), *folded):
+            params, made = (*self.model.parameters(), *folded), copies_made()
+            for p in params:
                 if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
                     data = p.data
                     self._saved.append((p, data))
                     p.data = channels_last_data(self.model, p, data)  # kept across a dataset run's calls
+            if copies_made() != made:  # a copy made: those of parameters gone (an old folded copy's) dropped
+                keep_only(self.model, params)
         else:
             self._restore()
         self.channels_last = channels_last
