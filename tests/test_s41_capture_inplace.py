@@ -197,3 +197,14 @@ def test_a_layer_changed_in_place_after_costs_one_more_pass_once(case):
     again = salience.gradcam(model, x, TARGET, layer=model.layer4[-1].bn2)
     assert len(calls) == 1 and torch.equal(first, again)  # the layer is known: a copy from the first pass
     _close(again, _gradient_reference("gradcam", a, g))
+
+
+def test_layer_gradient_is_the_gradient_wrt_bn2(case):
+    """The engine's layer gradient (keras-vis's ``wrt_tensor``, the CAMs' ``G``): w.r.t. bn2's own output."""
+    from salience._core.autograd import gradients
+    from salience.targets import as_target
+
+    model, x, _, a, g = case
+    p = gradients(model, x, as_target(TARGET), layers=[model.layer4[-1].bn2])
+    _close(p.layer_grads[0], g)
+    _close(p.activations[0], a)

@@ -537,8 +537,9 @@ def seeing_output() -> Iterator[list[Any]]:
 def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
     """``layer``'s output on ``x`` ``(B, C, H, W)`` from one forward pass, under :func:`model_guard` and
     ``torch.inference_mode`` (no graph is built), stopped when the layer returns: the layers after
-    it do not run, unless the call is inside :func:`seeing_output`. For the gradient-free methods that
-    read a layer (Eigen-CAM)."""
+    it do not run, unless the call is inside :func:`seeing_output` (then they run on a copy of the layer's
+    output, which an in-place operation after the layer would change otherwise: inference tensors have no
+    version counter to tell). For the gradient-free methods that read a layer (Eigen-CAM)."""
     check_input(x, model)
     seen = _SEEN_OUTPUTS.get()
     store: list[Any] = []
