@@ -513,6 +513,7 @@ def captured_pass(mod: nn.Module, run: Callable[[], Any], copy: bool = False) ->
     if not modified_after(store):
         return store, result
     _CHANGED_AFTER.add(mod)
+    del store, result  # freed before the second pass
     return captured_pass(mod, run, True)
 
 
@@ -684,6 +685,7 @@ def _hooked_forward(model: nn.Module, x_in: Tensor, target_layer: Optional[Layer
         return out, captured
     _CHANGED_AFTER.update(m for m, c in zip(mods, changed) if c)
     copies = [c or m for c, m in zip(copies, changed)]
+    del out, captured  # the first pass's graph freed before the second is built
     return _hooked_pass(model, x_in, target_layer, layers, copies, extra_modes, run, tap)
 
 
