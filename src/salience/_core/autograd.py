@@ -13,6 +13,7 @@ import os
 import re
 import threading
 import traceback
+import weakref
 import warnings
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -33,7 +34,7 @@ from salience._core.info import max_batch, model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, first_tensor, model_device
 
-__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "layer_value", "layer_output", "seeing_output", "check_input", "model_call", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
+__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "captured_pass", "modified_after", "layer_value", "layer_output", "seeing_output", "check_input", "model_call", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
            "looks_like_probabilities"]
 
 
@@ -454,16 +455,66 @@ def layer_value(output: Any) -> Any:
     return output
 
 
-def capture_hook(store: list, stop: bool):
+def capture_hook(store: list, stop: bool, copy: bool = False):
     """A forward hook that keeps a module's first output (:func:`layer_value`: a tuple's first tensor) in
-    ``store`` (and ends the pass with ``stop``)."""
-    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        if not store:  # the first call of a reused module
-            store.append(layer_value(output))
-            if stop:
-                raise _StopForward(output)
+    ``store`` (and ends the pass with ``stop``). The rest of the forward may change that tensor in place (a
+    ResNet block's ``out += identity`` and in-place ReLU after its ``bn2``), which would change what ``store``
+    holds; so ``store`` gets the tensor's version counter beside it (:func:`modified_after` tells), or, with
+    ``copy`` (or an inference tensor, which has no version counter), the rest of the forward is handed a copy
+    of it and ``store`` keeps the layer's own output, gradient path included."""
+    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+        if store:  # the first call of a reused module only
+            return None
+        value = layer_value(output)
+        store.append(value)
+        if stop:
+            raise _StopForward(output)
+        if not isinstance(value, Tensor):
+            return None
+        if copy or value.is_inference():
+            return _with_value(output, value.clone())
+        store.append(value._version)
+        return None
 
     return hook
+
+
+def _with_value(output: Any, value: Tensor) -> Any:
+    """``output`` with :func:`layer_value`'s tensor replaced by ``value`` (a tuple's / list's first element)."""
+    if isinstance(output, Tensor):
+        return value
+    items = [value, *output[1:]]
+    return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+
+
+def modified_after(store: list) -> bool:
+    """Whether the tensor :func:`capture_hook` kept in ``store`` was changed in place after the layer returned
+    (its version counter moved): what ``store`` holds is then not the layer's output."""
+    return len(store) > 1 and isinstance(store[0], Tensor) and store[0]._version != store[1]
+
+
+# Layers whose captured output an in-place operation later in the forward changed: their captures hand the rest of
+# the forward a copy from then on (no pass to run again). Weakly held; perf.clear_cache() empties it.
+_CHANGED_AFTER: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_perf._model_caches.append(_CHANGED_AFTER)
+
+
+def captured_pass(mod: nn.Module, run: Callable[[], Any], copy: bool = False) -> tuple[list, Any]:
+    """``run()`` (one forward pass of the model) with ``mod``'s first output kept (:func:`capture_hook`):
+    ``(store, run's result)``. A pass that changed the output in place after ``mod`` runs again, the rest of
+    it on a copy, and ``mod`` is remembered for the next captures (which copy at once)."""
+    copy = copy or mod in _CHANGED_AFTER
+    store: list[Any] = []
+    handle = mod.register_forward_hook(this_thread(capture_hook(store, False, copy)))
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    if not modified_after(store):
+        return store, result
+    _CHANGED_AFTER.add(mod)
+    del store, result  # freed before the second pass
+    return captured_pass(mod, run, True)
 
 
 _SEEN_OUTPUTS: ContextVar[Optional[list[Any]]] = ContextVar("salience_seen_outputs", default=None)
@@ -487,8 +538,9 @@ def seeing_output() -> Iterator[list[Any]]:
 def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
     """``layer``'s output on ``x`` ``(B, C, H, W)`` from one forward pass, under :func:`model_guard` and
     ``torch.inference_mode`` (no graph is built), stopped when the layer returns: the layers after
-    it do not run, unless the call is inside :func:`seeing_output`. For the gradient-free methods that
-    read a layer (Eigen-CAM)."""
+    it do not run, unless the call is inside :func:`seeing_output` (then they run on a copy of the layer's
+    output, which an in-place operation after the layer would change otherwise: inference tensors have no
+    version counter to tell). For the gradient-free methods that read a layer (Eigen-CAM)."""
     check_input(x, model)
     seen = _SEEN_OUTPUTS.get()
     store: list[Any] = []
@@ -620,13 +672,33 @@ def _warn_probabilities() -> None:
 def _hooked_forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], layers: Sequence[LayerSpec],
                     extra_modes: Sequence[Any], run: Any, tap: Optional["_SoftmaxTap"]) -> tuple[Any, list[list[Any]]]:
     """One forward of :func:`_forward` with the layers' hooks (and the target's layer's, where the pass stops),
-    the modes and the tap: the output (the target layer's, or the model's unwrapped) and the captured outputs."""
+    the modes and the tap: the output (the target layer's, or the model's unwrapped) and the captured outputs.
+    A layer's output that the rest of the pass changed in place (:func:`modified_after`; its gradient would be
+    the changed tensor's too) runs the pass again, the rest of it on a copy of that output, remembered for the
+    layer's later passes (:func:`captured_pass`); under extra modes (a backprop rule, which counts what a pass
+    met) the captures hand the rest a copy at once: no second pass."""
+    mods = [resolve_layer(model, layer) for layer in layers]
+    copies = [bool(extra_modes) or m in _CHANGED_AFTER for m in mods]
+    out, captured = _hooked_pass(model, x_in, target_layer, layers, copies, extra_modes, run, tap)
+    changed = [modified_after(store) for store in captured]
+    if not any(changed):
+        return out, captured
+    _CHANGED_AFTER.update(m for m, c in zip(mods, changed) if c)
+    copies = [c or m for c, m in zip(copies, changed)]
+    del out, captured  # the first pass's graph freed before the second is built
+    return _hooked_pass(model, x_in, target_layer, layers, copies, extra_modes, run, tap)
+
+
+def _hooked_pass(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], layers: Sequence[LayerSpec],
+                 copies: Sequence[bool], extra_modes: Sequence[Any], run: Any,
+                 tap: Optional["_SoftmaxTap"]) -> tuple[Any, list[list[Any]]]:
+    """The pass of :func:`_hooked_forward`; ``copies``: per layer, whether its capture hands the rest a copy."""
     captured: list[list[Any]] = [[] for _ in layers]
     target_store: list[Any] = []
     handles = []
     try:
-        for layer, store in zip(layers, captured):
-            handles.append(_hooked(model, layer, capture_hook(store, False)))
+        for layer, store, copy in zip(layers, captured, copies):
+            handles.append(_hooked(model, layer, capture_hook(store, False, copy)))
         if target_layer is not None:
             # Registered last, so the other layers' hooks on the same module run first.
             handles.append(_hooked(model, target_layer, capture_hook(target_store, True)))

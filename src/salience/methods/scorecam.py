@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
-from salience._core.autograd import capture_hook, check_input, forward_scores, layer_not_captured, this_thread
+from salience._core.autograd import captured_pass, check_input, forward_scores, layer_not_captured, this_thread
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
@@ -87,12 +87,8 @@ def _setup(method: str, model: nn.Module, x: Tensor, target: Any, layer: Optiona
 
 def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
     """The layer's output (as the layer gives it) and the model's output for ``x``: one forward pass."""
-    store: list[Any] = []
-    handle = mod.register_forward_hook(this_thread(capture_hook(store, False)))  # the first output of a reused module
-    try:
-        out = forward_scores(model, x, strip_softmax=strip_softmax)
-    finally:
-        handle.remove()
+    # the first output of a reused module; the layer's own, not as an in-place operation after it left it
+    store, out = captured_pass(mod, lambda: forward_scores(model, x, strip_softmax=strip_softmax))
     if not store or not isinstance(store[0], Tensor):
         raise layer_not_captured(model, mod, store)
     return store[0].detach(), out
