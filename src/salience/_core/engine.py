@@ -501,14 +501,15 @@ def input_gradients(
     *,
     strip_softmax: bool = True,
     extra_modes: Sequence[Any] = (),
+    checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of K targets w.r.t. ``x`` ``(n, C, H, W)`` from one forward pass.
 
     Returns ``(grads (K, n, C, H, W), scores (K, n), output)``: the forward pass is walked back
     once per target (:func:`salience._core.autograd.backward`), which costs one forward less per
-    extra target than separate calls.
+    extra target than separate calls. ``checked``: ``x`` was checked just before (``backward``'s).
     """
-    g = backward(model, x, targets, strip_softmax=strip_softmax, extra_modes=extra_modes)
+    g = backward(model, x, targets, strip_softmax=strip_softmax, extra_modes=extra_modes, checked=checked)
     assert g.inputs is not None
     return g.inputs, g.score_matrix(x.shape[0]), g.output
 

@@ -357,6 +357,10 @@ class _Record:
     down: bool = False
     softmax: Optional[bool] = None  # one-pass runs: whether an eager pass found a final softmax to strip
     structure: Optional[tuple] = None  # the model's structure() that ``softmax`` was found for
+    # (a structure(), whether the model has 3 convolutions in it: _is_convolutional): the modules' classes are in the
+    # structure, so the answer holds while it does (a walk of the model's modules less per call; docs/performance.md,
+    # session 41). A pair, not a flag beside ``structure``: another thread's Run may set that meanwhile
+    convolutional: Optional[tuple[tuple, bool]] = None
     seen: dict[int, int] = field(default_factory=dict)  # one-pass runs under compile: inputs per batch size
     last: Any = None  # one-pass runs under compile: a weakref to the last call's input
     compiled: list[int] = field(default_factory=list)  # the one-pass sizes compiled (on _ONE_PASS's record)
@@ -443,15 +447,12 @@ class Run:
         self.options = (options or current()).validated()
         self.device = x.device
         self.dtype = _DTYPES.get(self.options.precision)
-        self.convolutional = _is_convolutional(model)
         _allocator(self.options, self.device)
         warn_bf16_without_native(self.options.precision, self.device)
         # Compiled runs share the eager runs' decisions (they measure nothing themselves).
         rec = self.record = _record(model, x, self.options, tag)
         self._item_shape = tuple(x.shape[1:])
-        self.structure = structure(model)
-        if rec.structure != self.structure:  # a module, a forward or a hook changed: found again
-            rec.softmax, rec.probes, rec.structure = None, {}, self.structure
+        self._take_structure(model, rec)
         # What the folded copy is kept for, taken now (a channels-last chunk moves the parameters).
         self._fold_key = _fold_key(model) if self.options.fold_batchnorm else None
         self.channels_last = False
@@ -498,6 +499,17 @@ class Run:
                     self._compiled_fn = None
                 elif self.options.freeze:
                     self._freeze(base)
+
+    def _take_structure(self, model: nn.Module, rec: _Record) -> None:
+        """``self.structure``, the model's :func:`structure` now (what ``rec`` found for another is forgotten), and
+        ``self.convolutional``, kept in ``rec`` with the structure it was found for (its modules' classes are in it)."""
+        self.structure = structure(model)
+        if rec.structure != self.structure:  # a module, a forward or a hook changed: found again
+            rec.softmax, rec.probes, rec.structure = None, {}, self.structure
+        conv = rec.convolutional
+        if conv is None or conv[0] != self.structure:
+            conv = rec.convolutional = (self.structure, _is_convolutional(model))
+        self.convolutional: bool = conv[1]
 
     def _freeze(self, base: nn.Module) -> None:
         """Take the frozen graph of ``base`` (the model or its folded copy) for the model's weights as

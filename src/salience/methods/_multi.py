@@ -294,8 +294,9 @@ def input_gradient_maps(
     # pass under those that apply to it (hooked_pass: not compiled, not folded).
     ruled = hooked_pass(model, x, method) if extra_modes else None
     with ruled if ruled is not None else _perf.one_pass(model, x, tag="input-gradient"):
+        # x checked above, nothing of the user's run since: not checked again (a second finiteness test and walk)
         grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax,
-                                              extra_modes=extra_modes)
+                                              extra_modes=extra_modes, checked=True)
         refuse_fp16_overflow(model, grads)
     if times_input:  # x detached: a caller's x that requires grad must not put the map on its graph
         grads = grads * x.detach().unsqueeze(0)
