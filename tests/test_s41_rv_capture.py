@@ -2,7 +2,6 @@
 shows the change runs again on a copy. Each test fails on eca951e."""
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -71,3 +70,44 @@ def test_scorecam_first_call_is_a_later_calls_map():
     torch.manual_seed(7)
     later = salience.scorecam(model, x, 2, layer=model.bn)
     assert torch.equal(first, later)
+
+
+class SoftmaxBlock(nn.Module):
+    """conv -> bn; ``out += proj`` in place after ``bn``; a ReLU module (its output ``h`` kept by ``h * h``'s
+    backward: alive while the pass's graph is); a final softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.proj = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(3, 4, 1)
+        self.act, self.fc = nn.ReLU(), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn(self.conv(x))
+        out += self.proj(x)
+        h = self.act(out)
+        return self.fc((h * h).mean(dim=(2, 3))).softmax(dim=1)  # the product keeps h for its backward
+
+
+def test_first_pass_graph_freed_before_the_second_on_a_model_ending_in_softmax():
+    """The first pass's graph (its saved tensors: ``h``) is gone when the second pass runs, also where
+    the softmax tap kept the first pass's scores and probabilities (on eca951e it held the whole first graph
+    through the second pass: two passes' memory on the first call)."""
+    import weakref
+
+    torch.manual_seed(0)
+    model = SoftmaxBlock().eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    outputs: list = []
+    alive_at_second: list[bool] = []
+
+    def hook(m: nn.Module, i: object, o: Tensor) -> None:
+        if outputs:
+            alive_at_second.append(outputs[0]() is not None)
+        outputs.append(weakref.ref(o))
+
+    handle = model.act.register_forward_hook(hook)
+    try:
+        salience.gradcam(model, x, 1, layer=model.bn)
+    finally:
+        handle.remove()
+    assert alive_at_second == [False]  # two passes; the first's graph freed when the second ran

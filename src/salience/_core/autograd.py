@@ -703,6 +703,8 @@ def _hooked_forward(model: nn.Module, x_in: Tensor, target_layer: Optional[Layer
     _CHANGED_AFTER.update(m for m, c in zip(mods, changed) if c)
     copies = [c or m for c, m in zip(copies, changed)]
     del out, captured  # the first pass's graph freed before the second is built
+    if tap is not None:
+        tap.last = None  # the first pass's softmax input and output, which held its graph too
     _set_rng_state(rng)  # the same random numbers as the first pass's
     return _hooked_pass(model, x_in, target_layer, layers, copies, extra_modes, run, tap)
 
