@@ -2,6 +2,7 @@
 shows the change runs again on a copy. Each test fails on eca951e."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,20 +39,22 @@ def _reference(model: NoisyBlock, x: Tensor, target: int) -> Tensor:
     return F.interpolate(cam.detach()[:, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
 
 
-def test_second_pass_draws_the_same_random_numbers_as_the_first():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_second_pass_draws_the_same_random_numbers_as_the_first(device):
     """The pass run again on a copy must not draw new random numbers: the map is the one pass's of the seed (on
     eca951e the first call's map came from a second draw, another map than the same seed's later calls), and the
     generator after the call is where one pass leaves it."""
     torch.manual_seed(0)
     model = NoisyBlock().eval()
     model.bn.running_mean.uniform_(-1, 1)
-    x = torch.randn(2, 3, SIZE, SIZE)
+    model, x = model.to(device), torch.randn(2, 3, SIZE, SIZE).to(device)
     torch.manual_seed(5)
     want = _reference(model, x, 1)
-    after_one_pass = torch.rand(3)
+    after_one_pass = torch.rand(3, device=device)
     torch.manual_seed(5)
     first = salience.gradcam(model, x, 1, layer=model.bn)  # the layer is not known yet: two passes
-    after_first = torch.rand(3)
+    after_first = torch.rand(3, device=device)
     torch.manual_seed(5)
     later = salience.gradcam(model, x, 1, layer=model.bn)  # known: one pass with a copy
     assert torch.allclose(later, want, atol=1e-6)
