@@ -504,6 +504,7 @@ def captured_pass(mod: nn.Module, run: Callable[[], Any], copy: bool = False) ->
     ``(store, run's result)``. A pass that changed the output in place after ``mod`` runs again, the rest of
     it on a copy, and ``mod`` is remembered for the next captures (which copy at once)."""
     copy = copy or mod in _CHANGED_AFTER
+    rng = None if copy else _rng_state()
     store: list[Any] = []
     handle = mod.register_forward_hook(this_thread(capture_hook(store, False, copy)))
     try:
@@ -514,7 +515,22 @@ def captured_pass(mod: nn.Module, run: Callable[[], Any], copy: bool = False) ->
         return store, result
     _CHANGED_AFTER.add(mod)
     del store, result  # freed before the second pass
+    _set_rng_state(rng)  # the pass again on the same random numbers (a model that draws some in eval mode)
     return captured_pass(mod, run, True)
+
+
+def _rng_state() -> tuple[Tensor, Optional[list[Tensor]]]:
+    """The CPU's and the initialized CUDA devices' random generators' states, for a pass to run again on the same
+    random numbers (:func:`_set_rng_state`): a model that draws some in eval mode (noise, Monte-Carlo dropout) gives
+    the map of one draw, and the generators end where one pass leaves them."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: Any) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 _SEEN_OUTPUTS: ContextVar[Optional[list[Any]]] = ContextVar("salience_seen_outputs", default=None)
@@ -679,6 +695,7 @@ def _hooked_forward(model: nn.Module, x_in: Tensor, target_layer: Optional[Layer
     met) the captures hand the rest a copy at once: no second pass."""
     mods = [resolve_layer(model, layer) for layer in layers]
     copies = [bool(extra_modes) or m in _CHANGED_AFTER for m in mods]
+    rng = None if all(copies) else _rng_state()
     out, captured = _hooked_pass(model, x_in, target_layer, layers, copies, extra_modes, run, tap)
     changed = [modified_after(store) for store in captured]
     if not any(changed):
@@ -686,6 +703,9 @@ def _hooked_forward(model: nn.Module, x_in: Tensor, target_layer: Optional[Layer
     _CHANGED_AFTER.update(m for m, c in zip(mods, changed) if c)
     copies = [c or m for c, m in zip(copies, changed)]
     del out, captured  # the first pass's graph freed before the second is built
+    if tap is not None:
+        tap.last = None  # the first pass's softmax input and output, which held its graph too
+    _set_rng_state(rng)  # the same random numbers as the first pass's
     return _hooked_pass(model, x_in, target_layer, layers, copies, extra_modes, run, tap)
 
 
