@@ -29,7 +29,7 @@ def test_densenet_gradcam_is_the_closed_form_on_features_own_output(densenet):
         a = densenet.features(x)  # (B, K, h, w), signed: the in-place ReLU comes after
     assert (a < 0).any()  # otherwise the ReLU changes nothing and the test could not fail
     h, w = a.shape[-2:]
-    grad = densenet.classifier.weight[t][:, :, None, None] / (h * w) * (a > 0)
+    grad = densenet.classifier.weight.detach()[t][:, :, None, None] / (h * w) * (a > 0)
     low = (grad.mean((2, 3), keepdim=True) * a).sum(1).clamp(min=0)
     ref = F.interpolate(low[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
     ours = salience.gradcam(densenet, x, t)
