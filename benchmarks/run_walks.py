@@ -1,6 +1,8 @@
 """What each per-call model walk and input check of a one-pass call costs on its own (issue 17, session 41).
 
-    taskset -c 0 python benchmarks/run_walks.py          # resnet50, a batch of 16 at 224, one thread, CPU ms a call
+    flock /tmp/bench.lock taskset -c 1 python benchmarks/run_walks.py
+
+resnet50, a batch of 16 at 224, one thread, CPU ms a call.
 
 Each piece is called ``N`` times (default 200) after one warm call, timed with ``time.process_time`` (no profiler:
 cProfile charges every call it sees, 2-3x a walk's own time). Not a benchmark of record (no file written).
