@@ -35,6 +35,14 @@ dotted name (``layer4.0.conv1``: 512 channels, a quarter of ``layer4``'s passes)
 
 (the committed table's command; ``--skip salience`` leaves out salience's plain fp32 row, for time).
 
+The issue's 8 images (session 41; Score-CAM on ``layer1.0.conv1``, 64 channels, and 64 masks, to fit 3 rounds in a
+session; pytorch-grad-cam at batch 8, its best of 8 / 16 / 32 / 64 in a probe; only the rows issue 15 compares):
+
+    flock /tmp/bench.lock taskset -c 1 python benchmarks/perturbation.py --model resnet50 --size 224 --images 8 \
+        --layer layer1.0.conv1 --masks 64 --peer-batch 8 --threads 1 --rounds 3 --bf16 1 \
+        --skip 'salience bf16+channels_last,pytorch-grad-cam bs=8 bf16+channels_last' --methods scorecam,rise \
+        --out benchmarks/perturbation-resnet50-8images-s41
+
 Peak memory is the process's ``VmHWM`` (its own high-water mark; ``ru_maxrss`` would carry the
 parent's) above the resident memory just before the call.
 """
