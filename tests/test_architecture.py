@@ -45,8 +45,24 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    """:func:`_source_imports` of the file ``path``."""
+    return _source_imports(path.read_text(encoding="utf-8"))
+
+
+def _source_imports(source: str) -> list[tuple[int, str]]:
+    """``(line, module)`` for each salience module the source ``source`` imports: ``import``, ``from ... import``
+    (``"<relative>"`` for a relative one), and the calls ``importlib.import_module("salience.x")`` (bound
+    ``importlib`` or ``import_module``, relative with a package) and ``__import__("salience.x")`` (which loads
+    ``salience.x`` whatever its fromlist); imports inside functions included. A name that is not a constant is not
+    seen."""
+    tree = ast.parse(source)
     found = []
+    aliases = _aliases(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            module = _imported(node, aliases, loaded=True)
+            if module is not None and _is_salience(module):
+                found.append((node.lineno, module))
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "salience" or node.module.startswith("salience."):
@@ -145,11 +161,11 @@ def _constant(node: Optional[ast.expr]) -> Optional[str]:
     return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
-def _imported(call: ast.Call, aliases: dict[str, str]) -> Optional[str]:
+def _imported(call: ast.Call, aliases: dict[str, str], loaded: bool = False) -> Optional[str]:
     """The salience module a call returns: ``importlib.import_module("salience.x")`` (``import_module`` bound by
     ``from importlib import``; ``(".x", "salience")`` relative) returns ``salience.x``; ``__import__("salience.x")``
-    the package ``salience``, ``salience.x`` with a non-empty fromlist. None for other calls, a name not a constant,
-    or a module that is not there."""
+    the package ``salience``, ``salience.x`` with a non-empty fromlist (``loaded``: ``salience.x`` either way, the
+    module the call loads). None for other calls, a name not a constant, or a module that is not there."""
     import importlib.util
 
     f, args, kw = call.func, call.args, {k.arg: k.value for k in call.keywords}
@@ -160,7 +176,7 @@ def _imported(call: ast.Call, aliases: dict[str, str]) -> Optional[str]:
         fromlist = args[3] if len(args) > 3 else kw.get("fromlist")
         empty = fromlist is None or (isinstance(fromlist, (ast.List, ast.Tuple)) and not fromlist.elts) \
             or (isinstance(fromlist, ast.Constant) and not fromlist.value)
-        name = name.split(".")[0] if empty else name
+        name = name.split(".")[0] if empty and not loaded else name
     elif (isinstance(f, ast.Name) and aliases.get(f.id) == "importlib.import_module") or (
             isinstance(f, ast.Attribute) and f.attr == "import_module" and isinstance(f.value, ast.Name)
             and aliases.get(f.value.id) == "importlib"):

@@ -17,6 +17,7 @@ from salience._core.info import ModelInfo
 from salience.cli.common import EXIT_OK, EXIT_PARTIAL, figure, output_folder, probabilities, safe_name, scores
 from salience.demo import data, zoo
 from salience.demo.clever_hans import clever_hans_report
+from salience.evidence.evaluate import check_images
 from salience.evidence.localization import energy_in_mask, pointing_game
 from salience.methods import GUIDED_METHODS, METHODS, QUICK, default_methods
 from salience.methods.class_model import class_model
@@ -26,6 +27,8 @@ from salience.targets import REGRESSION_MODES, regression
 
 DEMO_SEED = 10_000
 """Seed of the demo report's images: the demo models' held-out set (never trained on)."""
+DEMO_SIZE = 64
+"""Side of the demo report's images (:func:`salience.demo.data.shapes`' default, the demo models' input size)."""
 
 
 def add_parser(sub: Any) -> None:
@@ -39,6 +42,9 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write the report (``index.html`` and its pictures) to ``args.out``; exit 1 if a part failed."""
     start = time.perf_counter()
+    # the report holds every image and each method's map at once: the evaluation's cap, before any folder is made
+    check_images(args.n, (DEMO_SIZE, DEMO_SIZE), "held-out shapes images", holder="the demo report",
+                 flag="salience demo --n")
     out_dir = output_folder(args.out)
     model = zoo.load_demo("shapes")
     rep = Report(
@@ -49,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         "which adds the attention methods).",
     )
     notes: list[str] = []  # what failed, each also said in the report
-    images, labels, masks = data.shapes(args.n, seed=DEMO_SEED)
+    images, labels, masks = data.shapes(args.n, seed=DEMO_SEED, size=DEMO_SIZE)
     cnn_maps = _classification(rep, out_dir, model, images, labels, notes)
     _section(rep, notes, "Vision Transformer section",
              lambda: _transformer(rep, out_dir, images, labels, masks, cnn_maps, notes))

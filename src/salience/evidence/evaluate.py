@@ -421,21 +421,22 @@ def markdown_table(rows: Sequence[MetricRow]) -> str:
 # ----------------------------------------------------------------------------- inputs
 
 
-def check_images(n: int, size: Sequence[int], what: str) -> None:
+def check_images(n: int, size: Sequence[int], what: str, *, holder: str = "an evaluation",
+                 flag: str = "salience evaluate --n") -> None:
     """A :class:`SalienceError` where ``n`` images of ``size`` ``(H, W)`` are more than :data:`MAX_PIXELS` pixels: an
-    evaluation holds every image at once. ``what``: the images as the user chose them (``"held-out shapes images"``)."""
+    evaluation holds every image at once. ``what``: the images as the user chose them (``"held-out shapes images"``);
+    ``holder``: what holds them (``"the demo report"``); ``flag``: the option that gives ``n``."""
     n, h, w = int(n), int(size[0]), int(size[1])  # numpy's int64 n: n * h * w wrapped past 2**63 and was let through
     if n * h * w <= MAX_PIXELS:
         return
+    kept = "every image, its picture and each method's map are kept at once"
     if h * w > MAX_PIXELS:  # "give n at most 0" said nothing the user could do
         raise SalienceError(f"one of the {what} is {h}x{w}, {count_text(h * w)} pixels, more than the {MAX_PIXELS:,} "
-                            "an evaluation holds here (every image, its picture and each method's map are kept at "
-                            "once); give smaller images: a model whose input size is this large cannot be evaluated "
-                            "here")
+                            f"{holder} holds here ({kept}); give smaller images: a model whose input size is this "
+                            "large cannot be evaluated here")
     raise SalienceError(f"n={count_text(n)} {what} of {h}x{w} are {count_text(n * h * w)} pixels, more than the "
-                        f"{MAX_PIXELS:,} an evaluation holds here (every image, its picture and each method's map are "
-                        f"kept at once, {count_text(n * h * w * 24)} bytes of the images alone); give n at most "
-                        f"{MAX_PIXELS // (h * w):,} (salience evaluate --n)")
+                        f"{MAX_PIXELS:,} {holder} holds here ({kept}, {count_text(n * h * w * 24)} bytes of the "
+                        f"images alone); give n at most {MAX_PIXELS // (h * w):,} ({flag})")
 
 
 def _demo_size(model: nn.Module) -> int:
