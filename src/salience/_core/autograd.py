@@ -502,21 +502,38 @@ _perf._model_caches.append(_CHANGED_AFTER)
 def captured_pass(mod: nn.Module, run: Callable[[], Any], copy: bool = False) -> tuple[list, Any]:
     """``run()`` (one forward pass of the model) with ``mod``'s first output kept (:func:`capture_hook`):
     ``(store, run's result)``. A pass that changed the output in place after ``mod`` runs again, the rest of
-    it on a copy, and ``mod`` is remembered for the next captures (which copy at once)."""
-    copy = copy or mod in _CHANGED_AFTER
-    rng = None if copy else _rng_state()
-    store: list[Any] = []
-    handle = mod.register_forward_hook(this_thread(capture_hook(store, False, copy)))
-    try:
-        result = run()
-    finally:
-        handle.remove()
-    if not modified_after(store):
-        return store, result
-    _CHANGED_AFTER.add(mod)
-    del store, result  # freed before the second pass
-    _set_rng_state(rng)  # the pass again on the same random numbers (a model that draws some in eval mode)
-    return captured_pass(mod, run, True)
+    it on a copy, and ``mod`` is remembered for the next captures (which copy at once): :func:`_again_if_changed`."""
+    def one_pass(copies: Sequence[bool]) -> tuple[Any, list[list[Any]]]:
+        store: list[Any] = []
+        handle = mod.register_forward_hook(this_thread(capture_hook(store, False, copies[0])))
+        try:
+            return run(), [store]
+        finally:
+            handle.remove()
+
+    result, stores = _again_if_changed([mod], [copy or mod in _CHANGED_AFTER], one_pass)
+    return stores[0], result
+
+
+def _again_if_changed(mods: Sequence[nn.Module], copies: Sequence[bool],
+                      one_pass: Callable[[Sequence[bool]], tuple[Any, list[list[Any]]]],
+                      before_again: Callable[[], None] = lambda: None) -> tuple[Any, list[list[Any]]]:
+    """``one_pass(copies)`` (a pass capturing ``mods``' outputs: ``(result, stores)``; ``copies``: per layer, whether
+    its capture hands the rest of the pass a copy), and where the rest of the pass changed a captured output in
+    place (:func:`modified_after`), the pass again with those layers copied, remembered for their later passes. The
+    first pass's result is dropped (its graph freed: ``before_again`` drops what else holds it) and the random
+    generators are put back, so the second pass draws the first's numbers (a model that draws some in eval mode)."""
+    rng = None if all(copies) else _rng_state()
+    result, stores = one_pass(copies)
+    changed = [modified_after(store) for store in stores]
+    if not any(changed):
+        return result, stores
+    _CHANGED_AFTER.update(m for m, c in zip(mods, changed) if c)
+    copies = [c or m for c, m in zip(copies, changed)]
+    del result, stores  # the first pass's graph freed before the second is built
+    before_again()
+    _set_rng_state(rng)
+    return one_pass(copies)
 
 
 def _rng_state() -> tuple[Tensor, Optional[list[Tensor]]]:
@@ -691,22 +708,17 @@ def _hooked_forward(model: nn.Module, x_in: Tensor, target_layer: Optional[Layer
     the modes and the tap: the output (the target layer's, or the model's unwrapped) and the captured outputs.
     A layer's output that the rest of the pass changed in place (:func:`modified_after`; its gradient would be
     the changed tensor's too) runs the pass again, the rest of it on a copy of that output, remembered for the
-    layer's later passes (:func:`captured_pass`); under extra modes (a backprop rule, which counts what a pass
+    layer's later passes (:func:`_again_if_changed`); under extra modes (a backprop rule, which counts what a pass
     met) the captures hand the rest a copy at once: no second pass."""
     mods = [resolve_layer(model, layer) for layer in layers]
-    copies = [bool(extra_modes) or m in _CHANGED_AFTER for m in mods]
-    rng = None if all(copies) else _rng_state()
-    out, captured = _hooked_pass(model, x_in, target_layer, layers, copies, extra_modes, run, tap)
-    changed = [modified_after(store) for store in captured]
-    if not any(changed):
-        return out, captured
-    _CHANGED_AFTER.update(m for m, c in zip(mods, changed) if c)
-    copies = [c or m for c, m in zip(copies, changed)]
-    del out, captured  # the first pass's graph freed before the second is built
-    if tap is not None:
-        tap.last = None  # the first pass's softmax input and output, which held its graph too
-    _set_rng_state(rng)  # the same random numbers as the first pass's
-    return _hooked_pass(model, x_in, target_layer, layers, copies, extra_modes, run, tap)
+
+    def drop_tap() -> None:
+        if tap is not None:
+            tap.last = None  # the first pass's softmax input and output, which held its graph too
+
+    return _again_if_changed(mods, [bool(extra_modes) or m in _CHANGED_AFTER for m in mods],
+                             lambda copies: _hooked_pass(model, x_in, target_layer, layers, copies, extra_modes, run,
+                                                         tap), drop_tap)
 
 
 def _hooked_pass(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], layers: Sequence[LayerSpec],
