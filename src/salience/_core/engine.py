@@ -60,6 +60,7 @@ __all__ = [
     "outer_passes",
     "check_copies",
     "signature_of",
+    "unbind",
 ]
 
 _GiB = 1 << 30
@@ -538,6 +539,16 @@ def signature_of(fn: Callable[..., Any]) -> inspect.Signature:
         return inspect.signature(fn)
     except (TypeError, ValueError):  # a builtin without a signature: no options
         return inspect.Signature()
+
+
+def unbind(fn: Callable[..., Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """``fn`` without its ``functools.partial`` layers (as the command line and ``method_options`` bind options), and
+    the keywords they bind (an outer binding over an inner one)."""
+    keywords: dict[str, Any] = {}
+    while isinstance(fn, functools.partial):
+        keywords = {**fn.keywords, **keywords}
+        fn = fn.func
+    return fn, keywords
 
 
 def accepts(fn: Callable, name: str) -> bool:

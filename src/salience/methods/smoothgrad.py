@@ -6,7 +6,6 @@ in chunks sized by :mod:`salience._core.engine`, and only running sums are kept.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import numbers
@@ -265,7 +264,7 @@ def _passes_of(method: Callable[..., Any], options: dict, x: Tensor, depth: int 
         if not (isinstance(inner, numbers.Integral) and not isinstance(inner, bool) and inner > 0):  # np.int64 too
             continue
         if root is smoothgrad and callable(given("method")) and depth < 32:  # every level: its copies of its method
-            handed = {**_bound_keywords(method), **options}  # partial(smoothgrad, masks=100): its **options' too
+            handed = {**_engine.unbind(method)[1], **options}  # partial(smoothgrad, masks=100): its **options' too
             rest = {k: v for k, v in handed.items() if k not in params}  # what it hands on to its method
             n, said = _passes_of(given("method"), rest, x, depth + 1)
             return int(inner) * n, f"smoothgrad with samples={int(inner)}" + (f" of {said}" if n > 1 else "")
@@ -302,7 +301,8 @@ def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bo
     SmoothGrad's were lost (its fp16 overflow never seen)."""
     raw = dict(options)
     for name, value in (perf or {}).items():
-        if value is not None and name not in raw and name in _engine.signature_of(method).parameters and not _bound(method, name):
+        if (value is not None and name not in raw and name in _engine.signature_of(method).parameters
+                and name not in _engine.unbind(method)[1]):  # a partial's binding: the user's choice for the method
             raw[name] = value
     if _engine.accepts(method, "reduce"):
         raw["reduce"] = None
@@ -315,30 +315,7 @@ def _raw_options(method: Callable[..., Tensor], options: dict, strip_softmax: bo
 
 def _root(method: Callable[..., Any]) -> Callable[..., Any]:
     """The function under ``method``'s ``functools.partial`` bindings and decorators."""
-    while isinstance(method, functools.partial):
-        method = method.func
-    return inspect.unwrap(method)
-
-
-def _bound_keywords(method: Callable[..., Any]) -> dict[str, Any]:
-    """The keywords ``method``'s ``functools.partial`` bindings give (an outer binding over an inner one), those its
-    signature does not show included: ``partial(smoothgrad, method=rise, masks=100)`` hands ``masks=100`` to RISE."""
-    found: dict[str, Any] = {}
-    while isinstance(method, functools.partial):
-        for k, v in method.keywords.items():
-            found.setdefault(k, v)
-        method = method.func
-    return found
-
-
-def _bound(method: Callable[..., Any], name: str) -> bool:
-    """Whether ``method`` is a ``functools.partial`` (``method_options``' binding too) that binds ``name``: the user's
-    choice for the wrapped method, which SmoothGrad's own keyword does not override."""
-    while isinstance(method, functools.partial):
-        if name in method.keywords:
-            return True
-        method = method.func
-    return False
+    return inspect.unwrap(_engine.unbind(method)[0])
 
 
 _SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes

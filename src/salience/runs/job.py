@@ -5,7 +5,6 @@ the two engines write the same rows and maps.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import math
 import numbers
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 from salience._core import derived as _derived
 from salience._core import perf as _perf
 from salience._core.autograd import forward_scores, class_probabilities, model_input, this_thread, unwrap_output
-from salience._core.engine import MemoryProbe, default_budget
+from salience._core.engine import MemoryProbe, default_budget, unbind
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.info import ModelInfo
 from salience._core.tensors import model_device
@@ -181,15 +180,6 @@ def per_image_seeds(fns: Mapping[str, Callable[..., Tensor]]) -> list[str]:
     return [name for name, fn in fns.items() if _run_seed(fn, 0) is not None]
 
 
-def _bound(fn: Callable[..., Tensor]) -> tuple[Callable[..., Tensor], dict[str, Any]]:
-    """``fn`` without its ``functools.partial`` layers (as the command line binds options), and their keywords."""
-    keywords: dict[str, Any] = {}
-    while isinstance(fn, functools.partial):
-        keywords = {**fn.keywords, **keywords}
-        fn = fn.func
-    return fn, keywords
-
-
 def _int_seed(seed: Any, run_seed: Optional[int]) -> Optional[int]:
     """An int ``seed`` as it is; ``None`` the run's seed (``run_seed``; ``None`` outside a run); else ``None``."""
     if seed is None:
@@ -203,7 +193,7 @@ def _run_seed(fn: Callable[..., Tensor], run_seed: Optional[int] = None) -> Opti
     seed ``run_seed``), else ``None``: its images get seeds of their own (:func:`image_seed`)."""
     from salience.methods.smoothgrad import smoothgrad
 
-    fn, keywords = _bound(fn)
+    fn, keywords = unbind(fn)
     return _int_seed(keywords.get("seed", 0), run_seed) if fn is smoothgrad else None  # 0: smoothgrad's default
 
 
@@ -212,7 +202,7 @@ def _mask_seed(fn: Callable[..., Tensor], run_seed: Optional[int]) -> Optional[i
     ``run_seed`` for its masks, the same for every image of every batch as an int seed's; else ``None``."""
     from salience.methods.perturbation import rise
 
-    fn, keywords = _bound(fn)
+    fn, keywords = unbind(fn)
     return run_seed if fn is rise and "seed" in keywords and keywords["seed"] is None else None
 
 
