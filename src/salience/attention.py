@@ -175,13 +175,22 @@ class AttentionCapture(TorchFunctionMode):
     def grads(self) -> list[list[Tensor]]:
         return [[self._shape(g) for g in gs] for gs in self._grads]
 
-    def _record(self, a: Tensor, kind: str, order: tuple[int, ...] = ()) -> None:
+    def _record(self, a: Tensor, kind: str, order: tuple[int, ...] = (), exposed: bool = True) -> None:
         """Record ``a``, the tensor the attention's output is computed from; ``order``: the permutation that
-        makes it ``(B, heads, L, S)`` (a softmax over dim 1), its gradient permuted alike."""
+        makes it ``(B, heads, L, S)`` (a softmax over dim 1), its gradient permuted alike. ``exposed``: the model
+        holds ``a`` (a softmax's output; the per-head weights ``nn.MultiheadAttention`` returns), which the rest of
+        its pass may change in place (``attn.mul_(...)``, a masked fill): in :func:`attention_maps`'s pass (inference
+        mode: no version counter to tell) what is kept is then a copy where it shares ``a``'s memory (``a`` itself,
+        a view ``reduce`` returned), the matrix as it was formed. Elsewhere the matrix itself (the very tensor the
+        module returned; with gradients, an in-place change of what softmax and ``A @ v`` saved fails the model's own
+        backward)."""
         store: list[Tensor] = []
         shaped = self._shape(a.permute(order) if order else a)  # ``a`` itself or a view of it
         # reduced at once, while A is still in the cache; A itself is then free to go
-        self._maps.append(shaped if self.reduce is None else self.reduce(shaped))
+        kept = shaped if self.reduce is None else self.reduce(shaped)
+        if exposed and a.is_inference() and _shares_memory(kept, a):
+            kept = kept.clone()
+        self._maps.append(kept)
         if self._sites is not None:
             self._sites.append(_caller_module())
         self._grads.append(store)
@@ -225,7 +234,7 @@ class AttentionCapture(TorchFunctionMode):
             k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
         s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         out, a = _attend(q, k, v, s, _additive(attn_mask, True, q), is_causal, dropout_p)
-        self._record(a, "sdpa")
+        self._record(a, "sdpa", exposed=False)  # A is the capture's own: the model never sees it
         return out
 
     def _mha(self, args: tuple, kwargs: dict) -> tuple[Tensor, Optional[Tensor]]:
@@ -238,16 +247,18 @@ class AttentionCapture(TorchFunctionMode):
                 "add_zero_attn or static keys; this model uses one of them"
             )
         native = _native_mha(a, query, key, value, h)
+        exposed = bool(a["need_weights"]) and not a["average_attn_weights"]  # the model gets the matrix itself
         if native is not None:
             out, att = native
-            self._record(att, "mha")
+            self._record(att, "mha", exposed=exposed)
         else:
-            out, att = self._explicit_mha(a, query, key, value, h)
+            out, att = self._explicit_mha(a, query, key, value, h, exposed)
         if not a["need_weights"]:
             return out, None
         return out, att.mean(dim=1) if a["average_attn_weights"] else att
 
-    def _explicit_mha(self, a: dict, query: Tensor, key: Tensor, value: Tensor, h: int) -> tuple[Tensor, Tensor]:
+    def _explicit_mha(self, a: dict, query: Tensor, key: Tensor, value: Tensor, h: int,
+                      exposed: bool) -> tuple[Tensor, Tensor]:
         """The Python attention: batch-first throughout (``query`` ``(L, B, E)`` is usually a view of a
         batch-first input), q, k, v as views of the projection, one copy back after ``A v``."""
         (ln, b, e), s = query.shape, key.shape[0]
@@ -257,7 +268,7 @@ class AttentionCapture(TorchFunctionMode):
         causal = bool(a["is_causal"]) and a["attn_mask"] is None
         drop = float(a["dropout_p"]) if a["training"] else 0.0
         out, att = _attend(q, k, v, 1.0 / math.sqrt(e // h), mask, causal, drop)
-        self._record(att, "mha")
+        self._record(att, "mha", exposed=exposed)
         out = F.linear(out.transpose(1, 2).reshape(b, ln, e), a["out_proj_weight"], a["out_proj_bias"])
         return out.transpose(0, 1), att
 
@@ -521,6 +532,11 @@ def check_model(model: nn.Module, method: str = "this method", modules: Optional
     check_python_model(model, method, "whose compiled graph hides its attention from salience")
 
 
+def _shares_memory(t: Any, a: Tensor) -> bool:
+    """Whether ``t`` (a recorded matrix, or what ``reduce`` made of it) is ``a``'s memory: the same storage."""
+    return isinstance(t, Tensor) and t.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+
+
 def _keep_gradient(store: list[Tensor], order: tuple[int, ...], g: Tensor) -> None:
     """A recorded matrix's gradient hook: ``g`` kept in ``store``, permuted like the matrix (``order``)."""
     store.append(g.permute(order) if order else g)
@@ -697,7 +713,7 @@ class _NativeMHA:
         if weights is not None:
             out, att = torch._native_multi_head_attention(query, key, value, m.embed_dim, m.num_heads, *weights,
                                                           None, True, False, None)
-            self.cap._record(att, "mha")
+            self.cap._record(att, "mha", exposed=need_weights and not average_attn_weights)
             return out, (att.mean(dim=1) if average_attn_weights else att) if need_weights else None
         self.enter(m, ())
         try:

@@ -13,7 +13,6 @@ import os
 import re
 import threading
 import traceback
-import weakref
 import warnings
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -34,7 +33,7 @@ from salience._core.info import max_batch, model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, first_tensor, model_device
 
-__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "captured_pass", "modified_after", "layer_value", "layer_output", "seeing_output", "check_input", "model_call", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
+__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "captured_pass", "settle", "grad_input", "layer_value", "layer_output", "seeing_output", "check_input", "model_call", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
            "looks_like_probabilities"]
 
 
@@ -455,13 +454,14 @@ def layer_value(output: Any) -> Any:
     return output
 
 
-def capture_hook(store: list, stop: bool, copy: bool = False):
+def capture_hook(store: list, stop: bool):
     """A forward hook that keeps a module's first output (:func:`layer_value`: a tuple's first tensor) in
-    ``store`` (and ends the pass with ``stop``). The rest of the forward may change that tensor in place (a
-    ResNet block's ``out += identity`` and in-place ReLU after its ``bn2``), which would change what ``store``
-    holds; so ``store`` gets the tensor's version counter beside it (:func:`modified_after` tells), or, with
-    ``copy`` (or an inference tensor, which has no version counter), the rest of the forward is handed a copy
-    of it and ``store`` keeps the layer's own output, gradient path included."""
+    ``store`` (and ends the pass with ``stop``). The rest of the forward runs on the layer's own output, as the
+    model computes it; an in-place operation there (a ResNet block's ``out += identity`` and in-place ReLU after
+    its ``bn3``, DenseNet's in-place ReLU after a norm, or one on a tensor the output aliases: the input that an
+    ``Identity`` or an eval-mode ``Dropout`` returns) would change what ``store`` holds, so a tensor's values are
+    also copied when the layer returns, with its version counter and gradient edge (:class:`_Kept`);
+    :func:`settle` picks, after the pass, the tensor itself (unchanged) or the copy and the edge."""
     def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
         if store:  # the first call of a reused module only
             return None
@@ -469,85 +469,60 @@ def capture_hook(store: list, stop: bool, copy: bool = False):
         store.append(value)
         if stop:
             raise _StopForward(output)
-        if not isinstance(value, Tensor):
-            return None
-        if copy or value.is_inference():
-            return _with_value(output, value.clone())
-        store.append(value._version)
+        if isinstance(value, Tensor):
+            store.append(_Kept(value))
         return None
 
     return hook
 
 
-def _with_value(output: Any, value: Tensor) -> Any:
-    """``output`` with :func:`layer_value`'s tensor replaced by ``value`` (a tuple's / list's first element)."""
-    if isinstance(output, Tensor):
-        return value
-    items = [value, *output[1:]]
-    return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+class _Kept:
+    """A captured output as the layer returned it: its version counter (``None`` for an inference tensor, which
+    has none), a copy of its values (one activation: 1.6 MB at resnet50's ``layer4`` for 4 images at 224, not seen
+    in a call's time nor its peak memory, benchmarks/capture-inplace-s42.md) and its gradient edge (``None`` without gradients): the place in
+    the graph of the output's values at that moment, which the gradients of every later use reach, also through the
+    in-place operations that changed the tensor since (``torch.autograd.grad`` of the tensor itself would
+    differentiate its latest version)."""
+
+    __slots__ = ("version", "values", "edge")
+
+    def __init__(self, value: Tensor) -> None:
+        self.version = None if value.is_inference() else value._version
+        self.values = value.detach().clone()
+        self.edge = torch.autograd.graph.get_gradient_edge(value) if value.requires_grad else None
 
 
-def modified_after(store: list) -> bool:
-    """Whether the tensor :func:`capture_hook` kept in ``store`` was changed in place after the layer returned
-    (its version counter moved): what ``store`` holds is then not the layer's output."""
-    return len(store) > 1 and isinstance(store[0], Tensor) and store[0]._version != store[1]
+def settle(store: list) -> list:
+    """``store`` of :func:`capture_hook` after the pass, made ``[tensor]`` where the output is as the layer returned
+    it (its version counter did not move: the tensor itself, its copy dropped), else ``[copy of its values, gradient
+    edge or None]`` (changed in place since, under its name or another's: a view of it, the input it is); a store
+    without a tensor as it is. Read the values as ``store[0]``, differentiate :func:`grad_input`\\ ``(store)``."""
+    if len(store) > 1 and isinstance(store[1], _Kept):
+        kept = store[1]
+        if kept.version is not None and store[0]._version == kept.version:
+            del store[1:]
+        else:
+            store[:] = [kept.values, kept.edge]
+    return store
 
 
-# Layers whose captured output an in-place operation later in the forward changed: their captures hand the rest of
-# the forward a copy from then on (no pass to run again). Weakly held; perf.clear_cache() empties it.
-_CHANGED_AFTER: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-_perf._model_caches.append(_CHANGED_AFTER)
+def grad_input(store: list) -> Any:
+    """What to differentiate for a settled store's output (:func:`settle`): its gradient edge where its tensor was
+    changed in place after the layer returned, else the tensor."""
+    return store[1] if len(store) > 1 and store[1] is not None else store[0]
 
 
-def captured_pass(mod: nn.Module, run: Callable[[], Any], copy: bool = False) -> tuple[list, Any]:
+def captured_pass(mod: nn.Module, run: Callable[[], Any]) -> tuple[list, Any]:
     """``run()`` (one forward pass of the model) with ``mod``'s first output kept (:func:`capture_hook`):
-    ``(store, run's result)``. A pass that changed the output in place after ``mod`` runs again, the rest of
-    it on a copy, and ``mod`` is remembered for the next captures (which copy at once): :func:`_again_if_changed`."""
-    def one_pass(copies: Sequence[bool]) -> tuple[Any, list[list[Any]]]:
-        store: list[Any] = []
-        handle = mod.register_forward_hook(this_thread(capture_hook(store, False, copies[0])))
-        try:
-            return run(), [store]
-        finally:
-            handle.remove()
-
-    result, stores = _again_if_changed([mod], [copy or mod in _CHANGED_AFTER], one_pass)
-    return stores[0], result
-
-
-def _again_if_changed(mods: Sequence[nn.Module], copies: Sequence[bool],
-                      one_pass: Callable[[Sequence[bool]], tuple[Any, list[list[Any]]]],
-                      before_again: Callable[[], None] = lambda: None) -> tuple[Any, list[list[Any]]]:
-    """``one_pass(copies)`` (a pass capturing ``mods``' outputs: ``(result, stores)``; ``copies``: per layer, whether
-    its capture hands the rest of the pass a copy), and where the rest of the pass changed a captured output in
-    place (:func:`modified_after`), the pass again with those layers copied, remembered for their later passes. The
-    first pass's result is dropped (its graph freed: ``before_again`` drops what else holds it) and the random
-    generators are put back, so the second pass draws the first's numbers (a model that draws some in eval mode)."""
-    rng = None if all(copies) else _rng_state()
-    result, stores = one_pass(copies)
-    changed = [modified_after(store) for store in stores]
-    if not any(changed):
-        return result, stores
-    _CHANGED_AFTER.update(m for m, c in zip(mods, changed) if c)
-    copies = [c or m for c, m in zip(copies, changed)]
-    del result, stores  # the first pass's graph freed before the second is built
-    before_again()
-    _set_rng_state(rng)
-    return one_pass(copies)
-
-
-def _rng_state() -> tuple[Tensor, Optional[list[Tensor]]]:
-    """The CPU's and the initialized CUDA devices' random generators' states, for a pass to run again on the same
-    random numbers (:func:`_set_rng_state`): a model that draws some in eval mode (noise, Monte-Carlo dropout) gives
-    the map of one draw, and the generators end where one pass leaves them."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: Any) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
+    ``(store, run's result)``, the store settled (:func:`settle`): its values as the layer returned them, whatever
+    the rest of the pass changed in place, in one pass (the model's state and random numbers are one pass's)."""
+    store: list[Any] = []
+    handle = mod.register_forward_hook(this_thread(capture_hook(store, False)))
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    return settle(store), result
 
 
 _SEEN_OUTPUTS: ContextVar[Optional[list[Any]]] = ContextVar("salience_seen_outputs", default=None)
@@ -571,9 +546,10 @@ def seeing_output() -> Iterator[list[Any]]:
 def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
     """``layer``'s output on ``x`` ``(B, C, H, W)`` from one forward pass, under :func:`model_guard` and
     ``torch.inference_mode`` (no graph is built), stopped when the layer returns: the layers after
-    it do not run, unless the call is inside :func:`seeing_output` (then they run on a copy of the layer's
-    output, which an in-place operation after the layer would change otherwise: inference tensors have no
-    version counter to tell). For the gradient-free methods that read a layer (Eigen-CAM)."""
+    it do not run, unless the call is inside :func:`seeing_output` (then they run on the layer's own output, the
+    model's output as the model computes it, and the layer's values are a copy taken when it returned: inference
+    tensors have no version counter to tell an in-place change after it, :func:`capture_hook`). For the
+    gradient-free methods that read a layer (Eigen-CAM)."""
     check_input(x, model)
     seen = _SEEN_OUTPUTS.get()
     store: list[Any] = []
@@ -591,7 +567,7 @@ def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
         handle.remove()
     if not store or not isinstance(store[0], Tensor):
         raise layer_not_captured(model, layer, store)
-    return store[0]
+    return settle(store)[0]
 
 
 def this_thread(hook: Callable) -> Callable:
@@ -665,10 +641,11 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
     # output says that it now does (the pass is then run again with the tap)
     softmax = _SoftmaxPass(model, run) if strip_softmax and target_layer is None else None
     tap = softmax.tap if softmax is not None else None
-    out, captured = _hooked_forward(model, x_in, target_layer, layers, extra_modes, run, tap)
+    out, captured = _hooked_pass(model, x_in, target_layer, layers, extra_modes, run, tap)
     if softmax is not None and softmax.untapped_softmax(out):
         softmax.record(True)  # known now: the pass under the tap records nothing again
-        out, captured = _hooked_forward(model, x_in, target_layer, layers, extra_modes, run, softmax.tap_again())
+        del out, captured  # the first pass's graph freed before the second is built
+        out, captured = _hooked_pass(model, x_in, target_layer, layers, extra_modes, run, softmax.tap_again())
     if softmax is not None:
         out, stripped = softmax.strip(out)
         if not stripped:
@@ -702,35 +679,18 @@ def _warn_probabilities() -> None:
     )
 
 
-def _hooked_forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], layers: Sequence[LayerSpec],
-                    extra_modes: Sequence[Any], run: Any, tap: Optional["_SoftmaxTap"]) -> tuple[Any, list[list[Any]]]:
-    """One forward of :func:`_forward` with the layers' hooks (and the target's layer's, where the pass stops),
-    the modes and the tap: the output (the target layer's, or the model's unwrapped) and the captured outputs.
-    A layer's output that the rest of the pass changed in place (:func:`modified_after`; its gradient would be
-    the changed tensor's too) runs the pass again, the rest of it on a copy of that output, remembered for the
-    layer's later passes (:func:`_again_if_changed`); under extra modes (a backprop rule, which counts what a pass
-    met) the captures hand the rest a copy at once: no second pass."""
-    mods = [resolve_layer(model, layer) for layer in layers]
-
-    def drop_tap() -> None:
-        if tap is not None:
-            tap.last = None  # the first pass's softmax input and output, which held its graph too
-
-    return _again_if_changed(mods, [bool(extra_modes) or m in _CHANGED_AFTER for m in mods],
-                             lambda copies: _hooked_pass(model, x_in, target_layer, layers, copies, extra_modes, run,
-                                                         tap), drop_tap)
-
-
 def _hooked_pass(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], layers: Sequence[LayerSpec],
-                 copies: Sequence[bool], extra_modes: Sequence[Any], run: Any,
-                 tap: Optional["_SoftmaxTap"]) -> tuple[Any, list[list[Any]]]:
-    """The pass of :func:`_hooked_forward`; ``copies``: per layer, whether its capture hands the rest a copy."""
+                 extra_modes: Sequence[Any], run: Any, tap: Optional["_SoftmaxTap"]) -> tuple[Any, list[list[Any]]]:
+    """One forward of :func:`_forward` with the layers' hooks (and the target's layer's, where the pass stops), the
+    modes and the tap: the output (the target layer's, or the model's unwrapped) and the captured outputs, settled
+    (:func:`settle`: the values each layer returned, whatever the rest of the pass changed in place since, and what
+    to differentiate for them: one pass, the model's output its own)."""
     captured: list[list[Any]] = [[] for _ in layers]
     target_store: list[Any] = []
     handles = []
     try:
-        for layer, store, copy in zip(layers, captured, copies):
-            handles.append(_hooked(model, layer, capture_hook(store, False, copy)))
+        for layer, store in zip(layers, captured):
+            handles.append(_hooked(model, layer, capture_hook(store, False)))
         if target_layer is not None:
             # Registered last, so the other layers' hooks on the same module run first.
             handles.append(_hooked(model, target_layer, capture_hook(target_store, True)))
@@ -748,6 +708,8 @@ def _hooked_pass(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpe
     finally:
         for h in handles:
             h.remove()
+    for store in captured:
+        settle(store)
     if target_layer is not None:
         if not target_store:
             raise SalienceError(f"the target's layer {target_layer!r} was not called in the forward pass")
@@ -763,8 +725,9 @@ def _hooked_pass(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpe
     return unwrap_output(out, model), captured
 
 
-def _walk_back(scores: list[Tensor], wrt: list[Tensor], need_input: bool) -> list[list[Tensor]]:
-    """One backward pass per target's scores, the graph kept until the last; zeros where unused."""
+def _walk_back(scores: list[Tensor], wrt: list[Any], need_input: bool, likes: list[Tensor]) -> list[list[Tensor]]:
+    """One backward pass per target's scores, the graph kept until the last; zeros where unused. ``wrt``: tensors or
+    gradient edges (:func:`grad_input`); ``likes``: tensors of their shapes, for the zeros."""
     if not wrt:
         return [[] for _ in scores]
     out = []
@@ -780,7 +743,7 @@ def _walk_back(scores: list[Tensor], wrt: list[Tensor], need_input: bool) -> lis
                 "the target's score does not depend on the input x (no gradient path); check that the "
                 "model uses its input and that the target reads the model's output"
             )
-        out.append([g if g is not None else torch.zeros_like(w) for g, w in zip(grads, wrt)])
+        out.append([g if g is not None else torch.zeros_like(w) for g, w in zip(grads, likes)])
     return out
 
 
@@ -851,8 +814,8 @@ def backward(
                 out, captured = _forward(model, x_in, target_layer, layers, strip_softmax, extra_modes)
             scores = _finite_scores([check_scores(t(out), x.shape[0]) for t in targets], targets,
                                     run is not None and run.dtype is torch.float16)
-            wrt = ([x_in] if input_grad else []) + [c[0] for c in captured]
-            per_target = _walk_back(scores, wrt, input_grad)
+            wrt = ([x_in] if input_grad else []) + [grad_input(c) for c in captured]
+            per_target = _walk_back(scores, wrt, input_grad, ([x_in] if input_grad else []) + [c[0] for c in captured])
     inputs = None
     if input_grad:
         inputs = _stack([t.modify_gradient(g[0]) for t, g in zip(targets, per_target)])
