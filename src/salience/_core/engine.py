@@ -105,15 +105,16 @@ def outer_passes() -> int:
     return _OUTER_PASSES.get()
 
 
-def check_copies(n: int, what: str, advice: str) -> None:
-    """:func:`check_passes` of a method's ``n`` passes of each image times :func:`outer_passes` (nothing outside any
-    SmoothGrad: the method checks ``n`` itself), as its call runs, before its passes: a function that calls RISE,
-    occlusion or integrated gradients inside SmoothGrad hides the count from SmoothGrad's check of the signature.
-    ``what``: the count as the method says it (``"RISE's 4,000 masks"``)."""
+def check_copies(n: int, what: str, advice: str, *, alone: bool = False) -> None:
+    """:func:`check_passes` of a method's ``n`` passes of each image times :func:`outer_passes`, as its call runs,
+    before its passes: a function that calls RISE, occlusion or integrated gradients inside SmoothGrad hides the count
+    from SmoothGrad's check of the signature. Outside any SmoothGrad nothing, the method checks ``n`` itself, unless
+    ``alone``: a count known only now, after a pass (Score-CAM's and Ablation-CAM's channels, the layer's output),
+    which nothing checked before. ``what``: the count as the method says it (``"RISE's 4,000 masks"``)."""
     outer = outer_passes()
-    if outer > 1:
-        check_passes(outer * n, f"{what} in each of {outer:,} noisy copies (SmoothGrad's samples) are {outer * n:,} "
-                     "passes of each image,", advice)
+    if outer > 1 or alone:
+        around = f" in each of {outer:,} noisy copies (SmoothGrad's samples)" if outer > 1 else ""
+        check_passes(outer * n, f"{what}{around} are {outer * n:,} passes of each image,", advice)
 
 
 def _duration(seconds: float) -> str:
