@@ -257,8 +257,7 @@ def _passes_of(method: Callable[..., Any], options: dict, x: Tensor, depth: int 
         return options.get(key, params[key].default if key in params else None)
 
     if root is _root(perturbation.occlusion):
-        win, st = perturbation.check_window(x, given("window"), given("stride"))
-        n = perturbation.window_count(int(x.shape[-2]), int(x.shape[-1]), win, st)
+        win, st, n = perturbation.check_window(x, given("window"), given("stride"))
         return n, f"occlusion with {n:,} windows (window {win[0]}x{win[1]}, stride {st[0]}x{st[1]})"
     for key in ("steps", "masks", "samples"):
         inner = given(key) if key in params else None
