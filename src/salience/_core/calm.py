@@ -1,8 +1,8 @@
-"""Ctrl-C deferred while salience changes its own tables: :func:`calmly`, the guards' bookkeeping
-(:mod:`salience._core.guard`: hold counts, states recorded and put back), the run's kept channels-last copies
-(:mod:`salience._core.layouts`) and the attention hooks (:mod:`salience.attention`). A module of its own, below
-both the guard and the layouts, so that the run guard opens the layouts' copies itself (session 42; it was in
-``guard``, which ``layouts`` imported)."""
+"""Ctrl-C deferred while salience changes its own tables: :func:`calmly`, for the guards' bookkeeping
+(:mod:`salience._core.guard`: hold counts, states recorded and put back, and the run's kept channels-last copies,
+:mod:`salience._core.layouts`, opened and dropped in the run guard's entry and exit) and the attention hooks
+(:mod:`salience.attention`). A module of its own since session 42: it was in ``guard``, and ``layouts`` imported it
+from there, so the run guard could not open the layouts' copies itself."""
 from __future__ import annotations
 
 import _signal  # signal's C module: without the Handlers enum's conversion (a ValueError caught per call, 2.7 us)

@@ -80,8 +80,8 @@ comparing and fixing only what differs, so that no call's change (a buffer the m
 forward, a flag, a layout) reaches the next batch's call.
 
 A Ctrl-C never leaves a count wrong: the bookkeeping of each entry and exit (the counts, the states
-recorded and put back) runs with Ctrl-C deferred to its end (:func:`salience._core.calm.calmly`; in the main thread, where
-Python raises ``KeyboardInterrupt``; SIGINT's handler, the user's own too, put back as it was and then
+recorded and put back) runs with Ctrl-C deferred to its end (:func:`salience._core.calm.calmly`; in the main thread,
+where Python raises ``KeyboardInterrupt``; SIGINT's handler, the user's own too, put back as it was and then
 called), and a Ctrl-C just before the deferral starts leaves nothing done, which the exit's ``finally``
 does once more. ``tests/test_hygiene.py`` sends SIGINT at every point where Python may raise it in these
 functions (and what they call), nested and run guards, and checks the model, the tables and the next call.

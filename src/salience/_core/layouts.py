@@ -4,9 +4,9 @@ Under ``memory_format="channels_last"`` each call (each chunk of a :class:`salie
 model's 4-D parameters to channels-last and puts the user's tensors back when it ends
 (:meth:`~salience._core.perf.Run.set_layout`): on resnet50 a copy of 45 MB of weights per call (its 17 4-D weights
 that are not 1x1), 1.2 ms an image in a bf16 dataset run of batch 16 on one CPU core (docs/performance.md, session
-40). A dataset run calls the methods batch
-after batch on weights nobody changes meanwhile (:func:`salience._core.guard.run_guard` holds the model), so that guard keeps
-the copies for the run (:func:`open_copies` to :func:`close_copies`): each call still swaps every parameter's data to its channels-last
+40). A dataset run calls the methods batch after batch on weights nobody changes meanwhile
+(:func:`salience._core.guard.run_guard` holds the model), so that guard keeps the copies for the run
+(:func:`open_copies` to :func:`close_copies`): each call still swaps every parameter's data to its channels-last
 copy and back (the model outside a call is the user's, strides and tensors, as without the run), but the copy is
 made once per parameter and run, not once per call.
 
