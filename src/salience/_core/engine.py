@@ -58,7 +58,6 @@ __all__ = [
     "check_passes",
     "passes_within",
     "outer_passes",
-    "outer_said",
     "check_copies",
     "signature_of",
     "unbind",
@@ -110,7 +109,7 @@ def outer_passes() -> int:
     return copies * calls
 
 
-def outer_said() -> str:
+def _outer_said() -> str:
     """What :func:`outer_passes` counts, said after a count (``" in each of 50 noisy copies (SmoothGrad's samples)
     for each of 3 targets (a call each)"``); empty outside any :func:`passes_within`."""
     copies, calls = _OUTER_PASSES.get()
@@ -126,7 +125,7 @@ def check_copies(n: int, what: str, advice: str, *, alone: bool = False) -> None
     which nothing checked before. ``what``: the count as the method says it (``"RISE's 4,000 masks"``)."""
     outer = outer_passes()
     if outer > 1 or alone:
-        check_passes(outer * n, f"{what}{outer_said()} are {outer * n:,} passes of each image,", advice)
+        check_passes(outer * n, f"{what}{_outer_said()} are {outer * n:,} passes of each image,", advice)
 
 
 def _duration(seconds: float) -> str:
