@@ -117,7 +117,7 @@ def test_core_knows_no_target_class():
 
 # Another room's underscore-private names (``from salience._core.perf import _fast``, ``perf._fast(...)``) a module may
 # use, as "module: name": none. The underscore says "this room's own": a name one room offers another is named without
-# it (``perf.changes_single_pass``, ``guard.calmly``, ``attention.einsum_labels``), so that its room knows it has
+# it (``perf.changes_single_pass``, ``calm.calmly``, ``attention.einsum_labels``), so that its room knows it has
 # callers outside and its tests and docs say what it promises. A room's own private names, and a room's private
 # modules' public names (``methods._multi.hooked_pass``, which ``compat.keras_vis`` takes), are not concerned.
 PRIVATE_IMPORTS_ALLOWED: frozenset[str] = frozenset()

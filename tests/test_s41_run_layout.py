@@ -1,5 +1,5 @@
 """A dataset run under ``memory_format="channels_last"`` copies each 4-D weight to channels-last once per run, not
-once per call (issue 17, session 41: ``salience._core.layouts.kept_layouts``); the maps are the bits of a run that
+once per call (issue 17, session 41: kept by the run's guard since session 42, ``salience._core.layouts.open_copies``); the maps are the bits of a run that
 copies them every call, and the model comes back exactly as it was, after the run and after a Ctrl-C in it."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 import salience
 from salience._core import layouts
+from salience._core.guard import run_guard
 from test_s40_run_bf16 import images, net
 
 KW = dict(batch_size=2, shard_size=2, workers=0, target=1, model_spec="net3", memory_format="channels_last",
@@ -39,7 +40,7 @@ def weight_copies(model):
 def test_a_channels_last_run_copies_each_weight_once_and_keeps_the_bits(tmp_path, monkeypatch):
     """8 images in 4 batches, each with a prediction pass, vanilla's and integrated gradients' chunks: every call
     converted the 3 convolution weights before (36 copies here); now each is copied once for the run (3). The maps
-    are the same float16 bits as a run that copies every call (``kept_layouts`` made a no-op: the code before),
+    are the same float16 bits as a run that copies every call (``layouts.open_copies`` made a no-op: the code before),
     and the kept copies are dropped at the run's end."""
     from conftest import unchanged
 
@@ -50,7 +51,7 @@ def test_a_channels_last_run_copies_each_weight_once_and_keeps_the_bits(tmp_path
         run = salience.explain_dataset(model, files, METHODS, tmp_path / "kept", **KW)
     assert counts[0] == 3 and layouts.copies_made() - before == 3, counts
     assert layouts._kept == {}
-    monkeypatch.setattr(salience.runs.dataset, "kept_layouts", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(layouts, "open_copies", lambda model, box: None)
     with weight_copies(model) as counts:
         ref = salience.explain_dataset(model, files, METHODS, tmp_path / "every", **KW)
     assert counts[0] > 3 * 8, counts  # every call's
@@ -87,12 +88,12 @@ def test_a_ctrl_c_mid_run_leaves_the_model_as_it_was_and_drops_the_copies(tmp_pa
 
 
 def test_a_kept_copy_is_used_only_while_its_weight_is_unchanged():
-    """Inside ``kept_layouts`` the copy of a parameter's data is made once and given again while the parameter holds
+    """Inside a run guard (which keeps the copies: ``layouts.open_copies``) the copy of a parameter's data is made once and given again while the parameter holds
     the same tensor and its version counter did not move; an in-place change (``mul_`` under ``no_grad``, as an
     optimizer's step) or new data make a fresh copy of the new values; outside the block every call copies."""
     model = net()
     p = model[0].weight
-    with layouts.kept_layouts(model):
+    with run_guard(model):
         a = layouts.channels_last_data(model, p, p.data)
         assert layouts.channels_last_data(model, p, p.data) is a
         assert a.is_contiguous(memory_format=torch.channels_last) and torch.equal(a, p)
@@ -123,7 +124,7 @@ def test_a_forward_that_changes_its_weight_in_place_gets_the_bits_of_every_call_
 
     files = images(tmp_path / "imgs", n=6)
     run = salience.explain_dataset(scaling(), files, METHODS, tmp_path / "kept", **KW)
-    monkeypatch.setattr(salience.runs.dataset, "kept_layouts", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(layouts, "open_copies", lambda model, box: None)
     ref = salience.explain_dataset(scaling(), files, METHODS, tmp_path / "every", **KW)
     for m in METHODS:
         for i in range(len(files)):

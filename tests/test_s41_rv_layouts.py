@@ -1,9 +1,9 @@
 """Review of the run's kept channels-last copies (``salience._core.layouts``, session 41): a Ctrl-C inside
-``kept_layouts``' own entry or exit leaves nothing kept, and a run keeps no copy of a parameter that is gone (the
+the keeping's own entry or exit (``layouts.open_copies`` / ``close_copies``, in the run guard since session 42)
+leaves nothing kept, and a run keeps no copy of a parameter that is gone (the
 folded copy made again each batch)."""
 from __future__ import annotations
 
-import contextlib
 import signal
 import warnings
 
@@ -13,6 +13,7 @@ from torch import nn
 
 import salience
 from salience._core import layouts
+from salience._core.guard import run_guard
 from test_s40_run_bf16 import images, net
 
 
@@ -56,7 +57,7 @@ def test_a_ctrl_c_in_kept_layouts_own_entry_or_exit_leaves_nothing_kept(monkeypa
     monkeypatch.setattr(layouts, "_lock", _InterruptingLock(layouts._lock, at))
     try:
         with pytest.raises(KeyboardInterrupt):
-            with layouts.kept_layouts(model):
+            with run_guard(model):
                 layouts.channels_last_data(model, p, p.data)
         monkeypatch.undo()
         assert layouts._kept == {}
@@ -96,17 +97,14 @@ def test_a_run_keeps_no_copies_of_parameters_that_are_gone(tmp_path, monkeypatch
     model = _Counting().eval()
     attach_info(model, ModelInfo(name="counting", input_size=(16, 16)))
     kept_at_end = []
-    real = layouts.kept_layouts
+    real = layouts.close_copies
 
-    @contextlib.contextmanager
-    def spy(m):
-        with real(m):
-            try:
-                yield
-            finally:
-                kept_at_end.append(len(layouts._kept[id(m)]))
+    def spy(box):
+        if box:
+            kept_at_end.append(len(box[0][1]))
+        real(box)
 
-    monkeypatch.setattr(salience.runs.dataset, "kept_layouts", spy)
+    monkeypatch.setattr(layouts, "close_copies", spy)
     files = images(tmp_path / "imgs", n=12)
     with unchanged(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")

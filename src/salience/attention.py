@@ -73,7 +73,8 @@ from torch.overrides import TorchFunctionMode
 from salience._core import perf as _perf
 from salience._core.autograd import check_input, model_call, this_thread
 from salience._core.errors import SalienceError
-from salience._core.guard import calmly, check_python_model, model_guard
+from salience._core.calm import calmly
+from salience._core.guard import check_python_model, model_guard
 from salience._core.tensors import check_flag, check_int
 
 __all__ = ["AttentionCapture", "attention_maps", "check_model"]

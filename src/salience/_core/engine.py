@@ -82,18 +82,21 @@ def check_passes(n: int, said: str, advice: str) -> None:
                             f"would take {_duration(n * 1e-3)}); {advice}")
 
 
-_OUTER_PASSES: ContextVar[int] = ContextVar("salience_outer_passes", default=1)
+# (noisy copies, calls of the method on each copy) of the blocks around, each the product of theirs
+_OUTER_PASSES: ContextVar[tuple[int, int]] = ContextVar("salience_outer_passes", default=(1, 1))
 
 
 @contextlib.contextmanager
-def passes_within(n: int) -> Iterator[None]:
+def passes_within(n: int, calls: int = 1) -> Iterator[None]:
     """Inside the block, every call of a method runs ``n`` times for each image (SmoothGrad's noisy copies: its
-    ``samples``), on top of the blocks around it: :func:`outer_passes` is their product. A method whose count is
+    ``samples``), ``calls`` times on each (SmoothGrad's K targets, for a method that takes one target a call), on top
+    of the blocks around it: :func:`outer_passes` is the product of them all. A method whose count is
     known only after a pass (Score-CAM's, Ablation-CAM's channels), or called by a function whose signature hides its
     count (RISE, occlusion, integrated gradients: :func:`check_copies`), checks ``outer_passes() * count`` with
     :func:`check_passes` before its many passes. A :class:`~contextvars.ContextVar`: each thread's own, and reset
     when the block ends, by an exception (a ``KeyboardInterrupt``) too."""
-    token = _OUTER_PASSES.set(_OUTER_PASSES.get() * int(n))
+    copies, each = _OUTER_PASSES.get()
+    token = _OUTER_PASSES.set((copies * int(n), each * int(calls)))
     try:
         yield
     finally:
@@ -102,18 +105,27 @@ def passes_within(n: int) -> Iterator[None]:
 
 def outer_passes() -> int:
     """How many times each image's call runs from the calls around it (:func:`passes_within`; 1 outside any)."""
-    return _OUTER_PASSES.get()
+    copies, calls = _OUTER_PASSES.get()
+    return copies * calls
 
 
-def check_copies(n: int, what: str, advice: str) -> None:
-    """:func:`check_passes` of a method's ``n`` passes of each image times :func:`outer_passes` (nothing outside any
-    SmoothGrad: the method checks ``n`` itself), as its call runs, before its passes: a function that calls RISE,
-    occlusion or integrated gradients inside SmoothGrad hides the count from SmoothGrad's check of the signature.
-    ``what``: the count as the method says it (``"RISE's 4,000 masks"``)."""
+def _outer_said() -> str:
+    """What :func:`outer_passes` counts, said after a count (``" in each of 50 noisy copies (SmoothGrad's samples)
+    for each of 3 targets (a call each)"``); empty outside any :func:`passes_within`."""
+    copies, calls = _OUTER_PASSES.get()
+    said = f" in each of {copies:,} noisy copies (SmoothGrad's samples)" if copies > 1 else ""
+    return said + (f" for each of {calls:,} targets (a call each)" if calls > 1 else "")
+
+
+def check_copies(n: int, what: str, advice: str, *, alone: bool = False) -> None:
+    """:func:`check_passes` of a method's ``n`` passes of each image times :func:`outer_passes`, as its call runs,
+    before its passes: a function that calls RISE, occlusion or integrated gradients inside SmoothGrad hides the count
+    from SmoothGrad's check of the signature. Outside any SmoothGrad nothing, the method checks ``n`` itself, unless
+    ``alone``: a count known only now, after a pass (Score-CAM's and Ablation-CAM's channels, the layer's output),
+    which nothing checked before. ``what``: the count as the method says it (``"RISE's 4,000 masks"``)."""
     outer = outer_passes()
-    if outer > 1:
-        check_passes(outer * n, f"{what} in each of {outer:,} noisy copies (SmoothGrad's samples) are {outer * n:,} "
-                     "passes of each image,", advice)
+    if outer > 1 or alone:
+        check_passes(outer * n, f"{what}{_outer_said()} are {outer * n:,} passes of each image,", advice)
 
 
 def _duration(seconds: float) -> str:

@@ -80,8 +80,8 @@ comparing and fixing only what differs, so that no call's change (a buffer the m
 forward, a flag, a layout) reaches the next batch's call.
 
 A Ctrl-C never leaves a count wrong: the bookkeeping of each entry and exit (the counts, the states
-recorded and put back) runs with Ctrl-C deferred to its end (:func:`calmly`; in the main thread, where
-Python raises ``KeyboardInterrupt``; SIGINT's handler, the user's own too, put back as it was and then
+recorded and put back) runs with Ctrl-C deferred to its end (:func:`salience._core.calm.calmly`; in the main thread,
+where Python raises ``KeyboardInterrupt``; SIGINT's handler, the user's own too, put back as it was and then
 called), and a Ctrl-C just before the deferral starts leaves nothing done, which the exit's ``finally``
 does once more. ``tests/test_hygiene.py`` sends SIGINT at every point where Python may raise it in these
 functions (and what they call), nested and run guards, and checks the model, the tables and the next call.
@@ -93,19 +93,20 @@ thread, as any ``signal.signal`` call replaces it.
 """
 from __future__ import annotations
 
-import _signal  # signal's C module: without the Handlers enum's conversion (a ValueError caught per call, 2.7 us)
 import operator
 import sys
 import threading
 from contextlib import contextmanager
 from itertools import compress
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle as _Handle
 
+from salience._core import layouts
+from salience._core.calm import calmly
 from salience._core.errors import SalienceError
 from salience._core.tensors import autocast_off
 
@@ -615,71 +616,6 @@ _NO_KEYS: frozenset = frozenset()
 _ATTRS_OF = operator.attrgetter("module.__dict__")
 
 
-class _Deferred:
-    """SIGINT's handler while a guard changes its tables (:func:`calmly`): it notes a Ctrl-C, which the
-    handler it replaced (``previous``) gets when they are consistent again."""
-
-    __slots__ = ("previous", "caught", "frame")
-
-    def __init__(self) -> None:
-        self.previous: Any = None
-        self.caught = False
-        self.frame: Any = None
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        if not self.caught:
-            self.caught, self.frame = True, frame
-
-
-def calmly(fn: Callable[..., None], *args: Any) -> None:
-    """``fn(*args)`` (a guard's bookkeeping: hold counts, states recorded or put back) with Ctrl-C deferred
-    to its end. Python raises ``KeyboardInterrupt`` from SIGINT's handler, in the main thread, at a call's
-    start or end or a loop's back jump, anywhere: in ``_release`` after some counts were lowered, it left
-    counts that no guard would lower (the model never put back, or a later guard sure that another held
-    it). ``SIGINT``'s handler is replaced for the call by one that notes the signal (in the main thread
-    only, and only a Python handler: the default one, or the user's own), then put back, and called with
-    the signal noted: a model_guard's entry and exit cost 3 us more on a one-layer model, 10 to 14 us
-    (under 1 %) more than their 1.8 ms on resnet50 (four ``sigaction`` calls). A Ctrl-C at this function's
-    own start, before the deferral, raises here with nothing done (``KeyboardInterrupt``, or whatever the
-    user's handler raises): the callers' ``finally`` blocks run it once more on any exception."""
-    deferred = _defer_sigint()
-    try:
-        fn(*args)
-    finally:
-        if deferred is not None:
-            _resume_sigint(deferred)
-
-
-def _defer_sigint() -> Optional[_Deferred]:
-    """A :class:`_Deferred` put in SIGINT's handler's place, or ``None`` where no Ctrl-C can be raised in
-    this thread (not the main one, a handler that is not Python's: ignored, the OS default) or where an outer
-    deferral is in place."""
-    if threading.get_ident() != threading.main_thread().ident:
-        return None
-    previous = _signal.getsignal(_signal.SIGINT)
-    if not callable(previous) or type(previous) is _Deferred:
-        return None
-    deferred = _Deferred()
-    try:
-        # the signals pending run first, with the handler still in place: a Ctrl-C raises with nothing changed
-        deferred.previous = _signal.signal(_signal.SIGINT, deferred)
-    except ValueError:  # signal handlers are only set in the main interpreter
-        return None
-    return deferred
-
-
-def _resume_sigint(deferred: _Deferred) -> None:
-    """The handler ``deferred`` replaced put back, and called if a Ctrl-C came meanwhile (the default one
-    raises ``KeyboardInterrupt`` here)."""
-    try:
-        _signal.signal(_signal.SIGINT, deferred.previous)
-    except BaseException:  # another signal's handler raised before the change (pending ones run first)
-        _signal.signal(_signal.SIGINT, deferred.previous)
-        raise
-    if deferred.caught and callable(deferred.previous):
-        deferred.previous(_signal.SIGINT, deferred.frame)
-
-
 @contextmanager
 def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode with frozen parameters (its ``torch.compile`` wrappers running their
@@ -857,10 +793,16 @@ def run_guard(model: nn.Module) -> Iterator[nn.Module]:
     under another thread's running pass.
 
     A model the guard refuses (a graph exported in train mode) is not held: each call's guard refuses
-    it, as without a run guard (a dataset run records the error per method)."""
+    it, as without a run guard (a dataset run records the error per method).
+
+    The block also keeps the channels-last copies of the model's 4-D weights for the run
+    (:func:`salience._core.layouts.open_copies`: each call's channels-last pass copies a weight once a run, not once a
+    call), dropped when it ends, by an exception or a Ctrl-C too: one entry point for a run over a model, which both
+    dataset engines use."""
     box: list = []  # the run's hold, once held with its run counts raised
+    copies: list = []  # the run's kept channels-last copies (layouts), once registered
     try:
-        calmly(_enter_run, model, box)
+        calmly(_enter_run, model, box, copies)
         yield model
     finally:
         # Inline, not a helper: a Ctrl-C at a helper's start (before its try) would leave the hold. One
@@ -868,16 +810,17 @@ def run_guard(model: nn.Module) -> Iterator[nn.Module]:
         # Any exception, not only KeyboardInterrupt: the user's SIGINT handler may raise anything (sys.exit);
         # an error of the exit itself left box empty (popped first), and the second call does nothing.
         try:
-            calmly(_leave_run, box)
+            calmly(_leave_run, box, copies)
         except BaseException:
-            calmly(_leave_run, box)
+            calmly(_leave_run, box, copies)
             raise
 
 
-def _enter_run(model: nn.Module, box: list) -> None:
-    """Hold ``model`` for a run guard and raise its objects' run counts (each one's baseline recorded by
-    the first run guard); the hold is appended to ``box`` when all is done, and not at all on an error or
-    a refused model."""
+def _enter_run(model: nn.Module, box: list, copies: list) -> None:
+    """Keep the run's channels-last copies (``copies``, :func:`salience._core.layouts.open_copies`), hold ``model``
+    for a run guard and raise its objects' run counts (each one's baseline recorded by the first run guard); the hold
+    is appended to ``box`` when all is done, and not at all on an error or a refused model."""
+    layouts.open_copies(model, copies)
     try:
         modules, params = _walk(model)
         _enter(model, modules, params, box, None)
@@ -915,9 +858,10 @@ def _enter_run(model: nn.Module, box: list) -> None:
             raise
 
 
-def _leave_run(box: list) -> None:
-    """The run guard whose hold is in ``box`` left (nothing if ``box`` is empty: the model was refused,
-    or this ran already)."""
+def _leave_run(box: list, copies: list) -> None:
+    """The run guard whose hold is in ``box`` and copies in ``copies`` left (nothing of either that is empty: the
+    model was refused, the copies shared with another run's, or this ran already)."""
+    layouts.close_copies(copies)
     if box:
         with _lock:
             hold = box.pop()

@@ -4,9 +4,9 @@ Under ``memory_format="channels_last"`` each call (each chunk of a :class:`salie
 model's 4-D parameters to channels-last and puts the user's tensors back when it ends
 (:meth:`~salience._core.perf.Run.set_layout`): on resnet50 a copy of 45 MB of weights per call (its 17 4-D weights
 that are not 1x1), 1.2 ms an image in a bf16 dataset run of batch 16 on one CPU core (docs/performance.md, session
-40). A dataset run calls the methods batch
-after batch on weights nobody changes meanwhile (:func:`salience._core.guard.run_guard` holds the model), so it keeps
-the copies for the run (:func:`kept_layouts`): each call still swaps every parameter's data to its channels-last
+40). A dataset run calls the methods batch after batch on weights nobody changes meanwhile
+(:func:`salience._core.guard.run_guard` holds the model), so that guard keeps the copies for the run
+(:func:`open_copies` to :func:`close_copies`): each call still swaps every parameter's data to its channels-last
 copy and back (the model outside a call is the user's, strides and tensors, as without the run), but the copy is
 made once per parameter and run, not once per call.
 
@@ -16,7 +16,7 @@ change of the parameter, ``p.mul_(2)`` under ``no_grad`` or an optimizer's step,
 during a pass): else a fresh copy is made, as a call outside a run does. What a version counter does not see is not
 seen here either: a value changed in place through ``p.data`` (``p.data.mul_(2)``) during a run, by the model's own
 forward or another thread (the call outside a run converts the values of the moment; the run keeps the copy).
-Outside :func:`kept_layouts` nothing is kept. The copies cost their memory for the run (one more copy of the 4-D
+Outside a run guard nothing is kept. The copies cost their memory for the run (one more copy of the 4-D
 weights) and are dropped at its end; a call that made a copy drops those of parameters it no longer has
 (:func:`keep_only`: a folded copy made again, for a model whose forward writes a buffer, else each batch's dead
 folded copy was held to the end).
@@ -24,15 +24,12 @@ folded copy was held to the end).
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from salience._core.guard import calmly
-
-__all__ = ["kept_layouts", "channels_last_data", "keep_only", "copies_made"]
+__all__ = ["open_copies", "close_copies", "channels_last_data", "keep_only", "copies_made"]
 
 # per model (id): {id(parameter): (parameter, its user data, the channels-last copy, the version counter then)}
 _kept: dict[int, dict[int, tuple]] = {}
@@ -46,42 +43,27 @@ def copies_made() -> int:
     return _copies[0]
 
 
-@contextmanager
-def kept_layouts(model: nn.Module) -> Iterator[None]:
-    """Keep the channels-last copies of ``model``'s 4-D parameters (and of its folded copy's) for the block: a
-    dataset run's calls then copy each once. The model itself is not changed here (each call converts and puts
-    back its parameters as always); the copies are dropped when the block ends, also on an error or Ctrl-C (one in
-    the block's own entry or exit too: the bookkeeping runs with Ctrl-C deferred, as the run guard's,
-    :func:`salience._core.guard.calmly`). A block opened while another is open on the model (nested, or another
-    thread's run) shares its copies, which the first block drops when it ends (the other's later calls then copy
-    every call, as outside a run)."""
+def open_copies(model: nn.Module, box: list) -> None:
+    """Keep the channels-last copies of ``model``'s 4-D parameters (and of its folded copy's) from now on: a dataset
+    run's calls then copy each once. The model itself is not changed here (each call converts and puts back its
+    parameters as always). ``box`` gets the copies' dict (with the model's key), unless a run already keeps the
+    model's (nested, or another thread's run): this one shares them, and the first run's :func:`close_copies` drops
+    them (the other's later calls then copy every call, as outside a run). Called by the run guard
+    (:func:`salience._core.guard.run_guard`), with Ctrl-C deferred (:func:`salience._core.calm.calmly`)."""
     key = id(model)
-    box: list = []  # the copies' dict, when this block registered it (not when it shares an open block's)
-    try:
-        calmly(_open, key, box)
-        yield
-    finally:
-        # Inline, as run_guard's: a Ctrl-C at calmly's start (before its deferral) left the drop to do: once more.
-        try:
-            calmly(_close, key, box)
-        except BaseException:
-            calmly(_close, key, box)
-            raise
-
-
-def _open(key: int, box: list) -> None:
-    """Register a dict of copies for the model ``key`` unless a block holds one; ``box`` gets it first."""
     with _lock:
         if key not in _kept:
-            box.append({})
-            _kept[key] = box[0]
+            box.append((key, {}))
+            _kept[key] = box[0][1]
 
 
-def _close(key: int, box: list) -> None:
-    """Drop the dict of copies ``box`` holds (nothing if it is empty: the block shared another's, or this ran)."""
+def close_copies(box: list) -> None:
+    """Drop the copies :func:`open_copies` kept in ``box`` (nothing if it is empty: the run shared another's, or
+    this ran already)."""
     if box:
+        key, kept = box[0]
         with _lock:
-            if _kept.get(key) is box[0]:
+            if _kept.get(key) is kept:
                 del _kept[key]
         box.clear()
 
@@ -99,7 +81,7 @@ def keep_only(model: nn.Module, params: Iterable[Tensor]) -> None:
 
 def channels_last_data(model: nn.Module, p: Tensor, data: Tensor) -> Tensor:
     """The channels-last copy of ``p``'s data ``data`` (``p.data``, in another layout): kept from an earlier call of
-    the run on ``model`` if :func:`kept_layouts` is open on it and the copy is still ``p``'s (see the module
+    the run on ``model`` if a run guard keeps its copies (:func:`open_copies`) and the copy is still ``p``'s (see the module
     docstring), else made now (and kept if a block is open)."""
     kept: Optional[dict] = _kept.get(id(model))
     if kept is not None:

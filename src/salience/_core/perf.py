@@ -56,7 +56,7 @@ each chunk under :meth:`Run.chunk`, and :func:`salience._core.autograd.backward`
 :func:`active` how to run a pass of the model (input layout, compiled forward, autocast). The
 model's parameters are converted in place for channels-last and always put back (also by
 :func:`salience._core.guard.model_guard`, which records their data); a dataset run makes their channels-last
-copies once and each call swaps them in (:func:`salience._core.layouts.kept_layouts`).
+copies once and each call swaps them in (its run guard keeps them: :func:`salience._core.layouts.open_copies`).
 
 What is measured is cached per model and input shape (:class:`_Record`), so a later call on the
 same model and shape starts from the decision. What depends on the model's modules (a final
@@ -528,7 +528,7 @@ class Run:
 
     def set_layout(self, channels_last: bool) -> None:
         """Convert the model's 4-D parameters to channels-last (or back to the user's) in place (the copies made once
-        per dataset run: :func:`salience._core.layouts.kept_layouts`)."""
+        per dataset run: :func:`salience._core.layouts.open_copies`)."""
         if channels_last == self.channels_last:
             return
         if channels_last:

@@ -35,7 +35,7 @@ from salience.loading.images import luma, preprocess, resize_crop
 from salience.loading.models import name_classes
 from salience.methods import METHODS
 from salience.methods import options as _options
-from salience.methods.perturbation import check_window, window_count
+from salience.methods.perturbation import check_window
 from salience.render import viz
 
 __all__ = ["ModelSlot", "ExplainRequest", "check_request", "explain", "top_classes", "curves", "sanity",
@@ -164,10 +164,9 @@ def _check_windows(x: Tensor, given: dict[str, Any]) -> None:
     """A :class:`SalienceError` for occlusion windows on ``x``'s images over :data:`EXPLORER_MAX_PASSES` (a window
     and stride the method refuses itself are left to its own check)."""
     try:
-        win, st = check_window(x, given.get("window"), given.get("stride"))
+        win, st, n = check_window(x, given.get("window"), given.get("stride"))
     except SalienceError:
         return
-    n = window_count(int(x.shape[-2]), int(x.shape[-1]), win, st)
     if n > EXPLORER_MAX_PASSES:
         raise SalienceError(f"options window / stride: window {win[0]}x{win[1]} with stride {st[0]}x{st[1]} is {n} "
                             f"windows, at most {EXPLORER_MAX_PASSES} in the explorer (each is an image through the "
@@ -233,8 +232,7 @@ def _expected_items(method: str, given: dict[str, Any], x: Tensor) -> int:
             if isinstance(value, int):
                 return value + 1
     if method == "occlusion":
-        window, stride = check_window(x, given.get("window"), given.get("stride"))
-        return window_count(int(x.shape[-2]), int(x.shape[-1]), window, stride) + 1
+        return check_window(x, given.get("window"), given.get("stride"))[2] + 1
     return 1
 
 

@@ -203,10 +203,11 @@ def occlusion_windows(size: tuple[int, int], window: tuple[int, int], stride: tu
     return corners, along[0][:, None] * along[1][None, :]
 
 
-def check_window(x: Tensor, window: Any, stride: Any) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Occlusion's ``(window, stride)`` as ``(h, w)`` pairs for ``x``'s images: the defaults (an eighth of the shorter
-    side, half the window) filled in, a value larger than the image refused (a :class:`SalienceError`); also what
-    the explorer checks before it draws the windows."""
+def check_window(x: Tensor, window: Any, stride: Any) -> tuple[tuple[int, int], tuple[int, int], int]:
+    """Occlusion's ``(window, stride, windows)``: the window and stride as ``(h, w)`` pairs for ``x``'s images, the
+    defaults (an eighth of the shorter side, half the window) filled in, a value larger than the image refused (a
+    :class:`SalienceError`), and how many windows they make (:func:`window_count`, within
+    :data:`~salience._core.engine.MAX_PASSES`); also what the explorer and SmoothGrad count before the windows."""
     h, w = int(x.shape[-2]), int(x.shape[-1])
     if window is None:
         side = max(1, round(min(h, w) / 8))
@@ -223,7 +224,7 @@ def check_window(x: Tensor, window: Any, stride: Any) -> tuple[tuple[int, int], 
     _engine.check_passes(n, f"window {win[0]}x{win[1]} with stride {st[0]}x{st[1]} on the {h}x{w} image is {n:,} "
                          "windows,", "give a larger stride (each window is a pass of the image; at most the window, so that the windows "
                          f"cover the image), e.g. {_stride_for(h, w, win)}")
-    return win, st
+    return win, st, n
 
 
 def window_count(h: int, w: int, win: tuple[int, int], st: tuple[int, int]) -> int:
@@ -329,8 +330,7 @@ def occlusion(
     targets, multi = split(target, x.shape[0])
     check_perturbation_targets(targets, "occlusion")
     check_softmax(softmax)
-    win, st = check_window(x, window, stride)
-    n_windows = window_count(int(x.shape[-2]), int(x.shape[-1]), win, st)
+    win, st, n_windows = check_window(x, window, stride)
     _engine.check_copies(n_windows, f"occlusion's {n_windows:,} windows", "fewer samples or a larger stride")
     red = _reduce.get_reduction(reduce)
     budget = _engine.check_memory_options(chunk, max_memory)

@@ -106,14 +106,11 @@ def _grid(method: str, model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor
 
 def _check_channel_passes(method: str, channels: int) -> None:
     """A :class:`SalienceError` where ``method``'s passes of each image, one a channel of its layer, times the calls
-    around it (SmoothGrad's noisy copies, :func:`~salience._core.engine.outer_passes`) are more than
-    :data:`~salience._core.engine.MAX_PASSES`: the channels are known after the first pass (the layer's output), so
-    SmoothGrad's own check before any pass could not count them; this one runs before their passes."""
-    outer = _engine.outer_passes()
-    around = f" in each of {outer:,} noisy copies (SmoothGrad's samples)" if outer > 1 else ""
-    _engine.check_passes(outer * channels, f"{method}'s {channels:,} channels (a pass each){around} are "
-                         f"{outer * channels:,} passes of each image,",
-                         "fewer samples, or a layer with fewer channels (layer=)")
+    around it (SmoothGrad's noisy copies) are more than :data:`~salience._core.engine.MAX_PASSES`: the channels are
+    known after the first pass (the layer's output), so SmoothGrad's own check before any pass could not count them;
+    this one runs before their passes (:func:`~salience._core.engine.check_copies`, also with no SmoothGrad)."""
+    _engine.check_copies(channels, f"{method}'s {channels:,} channels (a pass each)",
+                         "fewer samples, or a layer with fewer channels (layer=)", alone=True)
 
 
 def _cam(weights: Tensor, acts: Tensor, relu: bool, upsample: bool, size: tuple[int, int], multi: bool) -> Tensor:

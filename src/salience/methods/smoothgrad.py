@@ -111,10 +111,10 @@ def smoothgrad(
                                dict(memory_format=memory_format, compile=compile, precision=precision))
     targets, multi = split(target, x.shape[0])
     copies = NoisyCopies(x, noise, fresh_seed() if seed is None else seed)
-    # Methods that take the K targets in one call share each chunk's forward pass between them.
-    shared = multi and takes_several_targets(method)
-    # A target-free method (Eigen-CAM): the mean of its one map, which stands for every target.
-    free = is_target_free(method)
+    # K targets: one call sharing the pass (several_targets), the one map of a target-free one (Eigen-CAM), or K calls
+    shared, free = multi and takes_several_targets(method), is_target_free(method)
+    calls = len(targets) if multi and not shared and not free else 1
+    _check_inner_passes(method, samples, options, x, calls)
 
     gaps = _CopyGaps(x.shape[0])
     with model_guard(model):
@@ -137,7 +137,7 @@ def smoothgrad(
             _check_channels(maps, reduce, multi, method)
             return _finish(maps, mod, red, multi, resolved) if reduce_each else maps
 
-        with _engine.passes_within(samples):  # the method's own many passes (Score-CAM's channels) check the product
+        with _engine.passes_within(samples, calls):  # the method's own many passes (Score-CAM's channels) check the product
             sums = _engine.accumulate(
                 compute, samples * x.shape[0], x.shape[0], squares=variant != "mean", chunk=chunk,
                 max_memory=budget, progress=progress, desc="smoothgrad", device=x.device,
@@ -222,22 +222,23 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
                      else suggest(name, _option_names(method), n=1))
             raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r} (nor has smoothgrad)"
                                 f"{where}")
-    _check_inner_passes(method, samples, options, x)
 
 
-def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict, x: Tensor) -> None:
+def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict, x: Tensor, calls: int = 1) -> None:
     """The passes of each image of SmoothGrad of a many-pass method within :data:`~salience._core.engine.MAX_PASSES`:
     ``samples`` times the method's passes (:func:`_passes_of`: its ``steps`` / ``masks`` / ``samples``, given or its
-    default, occlusion's windows on ``x``'s images, every level of a SmoothGrad inside it), times the noisy copies of
-    the SmoothGrads around this one (:func:`~salience._core.engine.outer_passes`). Each count alone was checked, and
-    ``samples=10**6`` of RISE's 4,000 masks was 4e9 passes an image; a third level multiplied only two counts."""
+    default, occlusion's windows on ``x``'s images, every level of a SmoothGrad inside it), times its ``calls`` on
+    each copy (K targets to a method that takes one a call), times the noisy copies of the SmoothGrads around this one
+    (:func:`~salience._core.engine.outer_passes`). Each count alone was checked, and ``samples=10**6`` of RISE's 4,000
+    masks was 4e9 passes an image; a third level multiplied only two counts; K targets were counted as one."""
     outer = _engine.outer_passes()
     inner, said = _passes_of(method, options, x)
-    total = outer * samples * inner
+    total = outer * samples * calls * inner
     if total == samples:
         return
+    per = f" for each of {calls:,} targets (a call each)" if calls > 1 else ""
     around = f" within {outer:,} noisy copies of the SmoothGrad around it" if outer > 1 else ""
-    _engine.check_passes(total, f"samples={samples} of {said}{around} is {total:,} passes of each image,",
+    _engine.check_passes(total, f"samples={samples} of {said}{per}{around} is {total:,} passes of each image,",
                          "fewer samples or " + ("a larger stride" if _root(method) is _root(perturbation.occlusion)
                                                 else "fewer inner passes"))
 
@@ -256,8 +257,7 @@ def _passes_of(method: Callable[..., Any], options: dict, x: Tensor, depth: int 
         return options.get(key, params[key].default if key in params else None)
 
     if root is _root(perturbation.occlusion):
-        win, st = perturbation.check_window(x, given("window"), given("stride"))
-        n = perturbation.window_count(int(x.shape[-2]), int(x.shape[-1]), win, st)
+        win, st, n = perturbation.check_window(x, given("window"), given("stride"))
         return n, f"occlusion with {n:,} windows (window {win[0]}x{win[1]}, stride {st[0]}x{st[1]})"
     for key in ("steps", "masks", "samples"):
         inner = given(key) if key in params else None

@@ -30,7 +30,6 @@ from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write, folder_name
 from salience._core.guard import run_guard
-from salience._core.layouts import kept_layouts
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress
 from salience._core.tensors import check_flag, check_int, copy_model, model_device
@@ -557,11 +556,11 @@ def run_local(run: Job, *, show: bool = False, png: bool = False) -> None:
     (:func:`salience._core.guard.run_guard`: saved and restored once, each method call put back to the
     run's state when it leaves), not saved and restored by every method call of every batch; under
     ``memory_format="channels_last"`` the weights' channels-last copies are made once for the run
-    (:func:`salience._core.layouts.kept_layouts`), each call swapping them in and out."""
+    (by the same guard, :func:`salience._core.layouts.open_copies`), each call swapping them in and out."""
     shards = pending_shards(run.store, len(run.plan.paths))
     if not shards:
         return
-    with run_guard(run.model), kept_layouts(run.model):  # channels-last weights copied once a run, not a call
+    with run_guard(run.model):  # channels-last weights copied once a run, not a call, too
         _run_shards(run, shards, show, png)
 
 

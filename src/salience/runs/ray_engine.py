@@ -39,7 +39,6 @@ from salience._core import perf as _perf
 from salience._core.tensors import copy_model
 from salience._core.errors import SalienceError
 from salience._core.guard import run_guard
-from salience._core.layouts import kept_layouts
 from salience._core.progress import progress
 from salience.runs import job
 from salience.runs.lock import Writer, commit_fence, run_going
@@ -272,7 +271,7 @@ class Explain:
         plan = _some(self.plan, batch) if "path" in batch else self.plan
         parts = []
         # saved and restored once per Ray batch, not per method call; channels-last weights copied once too
-        with run_guard(self.model), kept_layouts(self.model):
+        with run_guard(self.model):
             for s in range(0, n, self.batch):
                 part = items[s:s + self.batch]
                 with _perf.performance(**vars(self.performance)):
