@@ -29,3 +29,46 @@ def test_an_inner_smoothgrads_refusal_tells_the_copies_from_the_targets_around_i
     assert "2,000,000 passes of each image" in said
     assert "within 100 noisy copies" in said and "200 noisy copies" not in said, said
     assert "for each of 2 targets (a call each)" in said, said
+
+
+def _slot(size: int = 64):
+    from salience._core.info import ModelInfo, attach_info
+    from salience.explore import compute
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    attach_info(model, ModelInfo(name="tiny", input_size=(size, size)))
+    return compute.ModelSlot("a", model)
+
+
+@pytest.mark.parametrize("raw, passes", [
+    ({"method": "rise", "samples": "1000", "masks": "1000"}, "1,000,000"),
+    # window 1, stride 1 on the 64 x 64 image: 4,096 windows (within the cap alone) in each of 50 copies
+    ({"method": "occlusion", "window": "1", "stride": "1", "samples": "50"}, "204,800"),
+])
+def test_the_explorer_caps_smoothgrads_copies_times_its_methods_passes(raw, passes):
+    """The explorer's cap (``EXPLORER_MAX_PASSES``, 100,000 images through the model for a map) counted each option
+    alone: SmoothGrad of RISE with 1,000 samples of 1,000 masks (a million passes, ten times the cap) and of occlusion
+    with 4,096 windows in 50 copies were taken, and the job's progress expected ``samples + 1`` images."""
+    from salience.explore import compute
+
+    slot = _slot()
+    with pytest.raises(SalienceError) as e:
+        compute.check_request(slot, "smoothgrad", 0, raw)
+    said = str(e.value)
+    assert f"{passes} passes" in said and "at most 100,000 in the explorer" in said, said
+
+
+def test_the_explorer_takes_a_smoothgrad_within_its_cap_and_counts_its_passes():
+    from salience.explore import compute
+    from salience.methods import METHODS
+
+    slot = _slot()
+    given = compute.check_request(slot, "smoothgrad", 0, {"method": "rise", "samples": "100", "masks": "1000"})
+    x = torch.zeros(1, 3, 64, 64)
+    assert compute._expected_items("smoothgrad", given, x) == 100 * 1000 + 1
+    # the inner method's default count (RISE's 4,000 masks), SmoothGrad's default 50 copies; occlusion's windows
+    assert compute._expected_items("smoothgrad", {"method": METHODS["rise"]}, x) == 50 * 4000 + 1
+    assert compute._expected_items("smoothgrad", {"method": METHODS["occlusion"], "samples": 2}, x) == 2 * 15 * 15 + 1
+    assert compute._expected_items("smoothgrad", {"samples": 7}, x) == 8  # vanilla: a pass a copy
+    assert compute._expected_items("smoothgrad", {"method": METHODS["scorecam"]}, x) == 0  # its channels: unknown
