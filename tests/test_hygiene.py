@@ -1334,8 +1334,9 @@ def test_ctrl_c_with_a_users_handler_that_raises_another_exception(monkeypatch, 
     ``SystemExit``, an exception of their own), at each point of the guards: the model is as it was, no
     guard holds anything, the handler is the user's. Before, a Ctrl-C at the start of the exit's
     ``calmly`` (before the deferral) was done once more only for a ``KeyboardInterrupt``: with the user's
-    exception the hold stayed, the model in eval mode with frozen parameters for good."""
-    from salience._core import guard
+    exception the hold stayed, the model in eval mode with frozen parameters for good. Also with run guards that
+    keep channels-last copies (session 42): none stays kept."""
+    from salience._core import guard, layouts
 
     monkeypatch.setattr(guard, "_lock", _LockOrFail())
     model = _tiny_trained_model()
@@ -1344,12 +1345,14 @@ def test_ctrl_c_with_a_users_handler_that_raises_another_exception(monkeypatch, 
     def handler(signum, frame):
         raise raised(signum)
 
-    seen: collections.Counter = collections.Counter()
-    for point in _points_passed(_run_with_calls, model):
-        seen[point] += 1
-        with _sigint_handled_by(handler):
-            finished, sent = _interrupted_at(_run_with_calls, model, point, seen[point], raised)
-            assert sent and not finished, point
-            assert signal.getsignal(signal.SIGINT) is handler, point
-        assert_same_snapshot(before, model_snapshot(model))
-        assert not guard._held and not guard._threads and not guard._guarding, point
+    for scenario in (_run_with_calls, _runs_keeping_copies):
+        seen: collections.Counter = collections.Counter()
+        for point in _points_passed(scenario, model):
+            seen[point] += 1
+            with _sigint_handled_by(handler):
+                finished, sent = _interrupted_at(scenario, model, point, seen[point], raised)
+                assert sent and not finished, point
+                assert signal.getsignal(signal.SIGINT) is handler, point
+            assert_same_snapshot(before, model_snapshot(model))
+            assert not guard._held and not guard._threads and not guard._guarding, point
+            assert layouts._kept == {}, point
