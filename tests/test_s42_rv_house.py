@@ -41,34 +41,63 @@ def _slot(size: int = 64):
     return compute.ModelSlot("a", model)
 
 
-@pytest.mark.parametrize("raw, passes", [
-    ({"method": "rise", "samples": "1000", "masks": "1000"}, "1,000,000"),
-    # window 1, stride 1 on the 64 x 64 image: 4,096 windows (within the cap alone) in each of 50 copies
-    ({"method": "occlusion", "window": "1", "stride": "1", "samples": "50"}, "204,800"),
+@pytest.mark.parametrize("raw, images", [
+    ({"method": "rise", "samples": "1000", "masks": "1000"}, "1,001,000"),  # each copy: 1,000 masks and the clean one
+    # window 1, stride 1 on the 64 x 64 image: 4,096 windows (within the cap alone) and the clean image, 50 copies
+    ({"method": "occlusion", "window": "1", "stride": "1", "samples": "50"}, "204,850"),
 ])
-def test_the_explorer_caps_smoothgrads_copies_times_its_methods_passes(raw, passes):
+def test_the_explorer_caps_smoothgrads_copies_times_its_methods_passes(raw, images):
     """The explorer's cap (``EXPLORER_MAX_PASSES``, 100,000 images through the model for a map) counted each option
     alone: SmoothGrad of RISE with 1,000 samples of 1,000 masks (a million passes, ten times the cap) and of occlusion
-    with 4,096 windows in 50 copies were taken, and the job's progress expected ``samples + 1`` images."""
+    with 4,096 windows in 50 copies were taken."""
     from salience.explore import compute
 
     slot = _slot()
     with pytest.raises(SalienceError) as e:
         compute.check_request(slot, "smoothgrad", 0, raw)
     said = str(e.value)
-    assert f"{passes} passes" in said and "at most 100,000 in the explorer" in said, said
+    assert f"{images} images through the model" in said and "at most 100,000 in the explorer" in said, said
 
 
-def test_the_explorer_takes_a_smoothgrad_within_its_cap_and_counts_its_passes():
+@pytest.mark.parametrize("given", [
+    {"samples": 3},  # vanilla, a pass a copy
+    {"method": "rise", "samples": 3, "masks": 20},
+    {"method": "occlusion", "samples": 2, "window": 16, "stride": 16},
+    {"method": "integrated_gradients", "samples": 2, "steps": 5},
+])
+def test_the_explorers_expected_images_of_smoothgrad_are_those_through_the_model(given):
+    """A SmoothGrad job's progress expects the images its map takes through the model (each copy's through its
+    inner method), counted here by a forward pre-hook as the job's own ticker counts them; it expected
+    ``samples + 1`` (1,001 for RISE's 1,000 masks in 1,000 copies: a bar a thousand times over full)."""
+    import functools
+
     from salience.explore import compute
     from salience.methods import METHODS
 
     slot = _slot()
-    given = compute.check_request(slot, "smoothgrad", 0, {"method": "rise", "samples": "100", "masks": "1000"})
+    given = {k: METHODS[v] if k == "method" else v for k, v in given.items()}
+    x = slot.input(torch.rand(3, 64, 64))
+    seen = [0]
+    handle = slot.model.register_forward_pre_hook(lambda m, args: seen.__setitem__(0, seen[0] + args[0].shape[0]))
+    try:
+        functools.partial(salience.smoothgrad, **given)(slot.model, x, 1)
+    finally:
+        handle.remove()
+    expected = compute._expected_items("smoothgrad", given, x)
+    inner = given.get("method")
+    # integrated gradients' own count is its steps and the clean image (the explorer's, before): one over, per copy
+    assert expected == seen[0] + (given["samples"] if inner is METHODS["integrated_gradients"] else 0), (expected, seen)
+
+
+def test_the_explorer_takes_a_smoothgrad_within_its_cap():
+    from salience.explore import compute
+    from salience.methods import METHODS
+
+    slot = _slot()
+    given = compute.check_request(slot, "smoothgrad", 0, {"method": "rise", "samples": "99", "masks": "1000"})
     x = torch.zeros(1, 3, 64, 64)
-    assert compute._expected_items("smoothgrad", given, x) == 100 * 1000 + 1
+    assert compute._expected_items("smoothgrad", given, x) == 99 * 1001
     # the inner method's default count (RISE's 4,000 masks), SmoothGrad's default 50 copies; occlusion's windows
-    assert compute._expected_items("smoothgrad", {"method": METHODS["rise"]}, x) == 50 * 4000 + 1
-    assert compute._expected_items("smoothgrad", {"method": METHODS["occlusion"], "samples": 2}, x) == 2 * 15 * 15 + 1
-    assert compute._expected_items("smoothgrad", {"samples": 7}, x) == 8  # vanilla: a pass a copy
+    assert compute._expected_items("smoothgrad", {"method": METHODS["rise"]}, x) == 50 * 4001
+    assert compute._expected_items("smoothgrad", {"method": METHODS["occlusion"], "samples": 2}, x) == 2 * 226
     assert compute._expected_items("smoothgrad", {"method": METHODS["scorecam"]}, x) == 0  # its channels: unknown
