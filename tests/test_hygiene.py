@@ -1037,6 +1037,26 @@ def _run_with_calls(model: nn.Module) -> None:
             model[0].weight.grad = torch.zeros(2)
 
 
+_WEIGHT_4D = nn.Parameter(torch.rand(2, 2, 3, 3))  # a 4-D weight whose channels-last copy a run keeps
+
+
+def _runs_keeping_copies(model: nn.Module) -> None:
+    """Run guards that keep the run's channels-last copies (``layouts.open_copies`` / ``close_copies``, in the
+    run guard's entry and exit since session 42): one with a call keeping a copy and a nested run guard sharing
+    them, then a second run on the same model."""
+    from salience._core import layouts
+    from salience._core.guard import run_guard
+
+    p = _WEIGHT_4D
+    with run_guard(model):
+        with model_guard(model):
+            layouts.channels_last_data(model, p, p.data)
+        with run_guard(model), model_guard(model):
+            layouts.channels_last_data(model, p, p.data)
+    with run_guard(model):
+        layouts.channels_last_data(model, p, p.data)
+
+
 def _change_on_itself(m: nn.Module) -> None:
     """What a forward may change on its module (session 36's restore of the dicts): an attribute reassigned and one
     added, a ``None`` slot filled, a buffer deleted and one registered, a parameter and a submodule replaced."""
@@ -1240,7 +1260,8 @@ def _sigint_handled_by(handler):
         signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.parametrize("scenario", [_nested, _run_with_calls, _shared, _changed_on_itself, _hooked_in_the_block])
+@pytest.mark.parametrize("scenario", [_nested, _run_with_calls, _shared, _changed_on_itself, _hooked_in_the_block,
+                                      _runs_keeping_copies])
 def test_ctrl_c_at_each_point_of_the_guards_bookkeeping(monkeypatch, request, scenario):
     """Ctrl-C (SIGINT, whose handler raises ``KeyboardInterrupt``) at each point where Python may raise
     it in the guards' functions and what they call, in turn (nested model guards, a run guard with calls
@@ -1252,7 +1273,7 @@ def test_ctrl_c_at_each_point_of_the_guards_bookkeeping(monkeypatch, request, sc
     1402 points failed: a Ctrl-C inside the hold counts' bookkeeping (``_release``, ``_leave``, ``_each``,
     part way through ``_hold``, between ``run_guard``'s hold and its ``try``) left counts behind, so the
     model stayed in eval mode, frozen, or a later guard found a stale holder and did not restore it."""
-    from salience._core import guard
+    from salience._core import guard, layouts
 
     monkeypatch.setattr(guard, "_lock", _LockOrFail())
     model = _tiny_trained_model()
@@ -1275,6 +1296,7 @@ def test_ctrl_c_at_each_point_of_the_guards_bookkeeping(monkeypatch, request, sc
         assert_same_snapshot(before, model_snapshot(model))
         assert _own_state(model) == own, point
         assert not guard._held and not guard._threads and not guard._guarding, point
+        assert layouts._kept == {}, point  # the run's channels-last copies dropped too
         with model_guard(model):
             assert not model.training and not any(p.requires_grad for p in model.parameters())
         assert_same_snapshot(before, model_snapshot(model))
@@ -1312,8 +1334,9 @@ def test_ctrl_c_with_a_users_handler_that_raises_another_exception(monkeypatch, 
     ``SystemExit``, an exception of their own), at each point of the guards: the model is as it was, no
     guard holds anything, the handler is the user's. Before, a Ctrl-C at the start of the exit's
     ``calmly`` (before the deferral) was done once more only for a ``KeyboardInterrupt``: with the user's
-    exception the hold stayed, the model in eval mode with frozen parameters for good."""
-    from salience._core import guard
+    exception the hold stayed, the model in eval mode with frozen parameters for good. Also with run guards that
+    keep channels-last copies (session 42): none stays kept."""
+    from salience._core import guard, layouts
 
     monkeypatch.setattr(guard, "_lock", _LockOrFail())
     model = _tiny_trained_model()
@@ -1322,12 +1345,14 @@ def test_ctrl_c_with_a_users_handler_that_raises_another_exception(monkeypatch, 
     def handler(signum, frame):
         raise raised(signum)
 
-    seen: collections.Counter = collections.Counter()
-    for point in _points_passed(_run_with_calls, model):
-        seen[point] += 1
-        with _sigint_handled_by(handler):
-            finished, sent = _interrupted_at(_run_with_calls, model, point, seen[point], raised)
-            assert sent and not finished, point
-            assert signal.getsignal(signal.SIGINT) is handler, point
-        assert_same_snapshot(before, model_snapshot(model))
-        assert not guard._held and not guard._threads and not guard._guarding, point
+    for scenario in (_run_with_calls, _runs_keeping_copies):
+        seen: collections.Counter = collections.Counter()
+        for point in _points_passed(scenario, model):
+            seen[point] += 1
+            with _sigint_handled_by(handler):
+                finished, sent = _interrupted_at(scenario, model, point, seen[point], raised)
+                assert sent and not finished, point
+                assert signal.getsignal(signal.SIGINT) is handler, point
+            assert_same_snapshot(before, model_snapshot(model))
+            assert not guard._held and not guard._threads and not guard._guarding, point
+            assert layouts._kept == {}, point

@@ -58,6 +58,7 @@ __all__ = [
     "check_passes",
     "passes_within",
     "outer_passes",
+    "outer_counts",
     "check_copies",
     "signature_of",
     "unbind",
@@ -109,10 +110,16 @@ def outer_passes() -> int:
     return copies * calls
 
 
+def outer_counts() -> tuple[int, int]:
+    """:func:`outer_passes`' two factors, ``(noisy copies, calls on each copy)``, for a message that says them apart
+    (the calls are K targets of a method that takes one a call: not noisy copies); ``(1, 1)`` outside any."""
+    return _OUTER_PASSES.get()
+
+
 def _outer_said() -> str:
     """What :func:`outer_passes` counts, said after a count (``" in each of 50 noisy copies (SmoothGrad's samples)
     for each of 3 targets (a call each)"``); empty outside any :func:`passes_within`."""
-    copies, calls = _OUTER_PASSES.get()
+    copies, calls = outer_counts()
     said = f" in each of {copies:,} noisy copies (SmoothGrad's samples)" if copies > 1 else ""
     return said + (f" for each of {calls:,} targets (a call each)" if calls > 1 else "")
 

@@ -173,6 +173,27 @@ def _check_windows(x: Tensor, given: dict[str, Any]) -> None:
                             "model); give a larger stride, or call the method from Python or salience explain")
 
 
+def _check_wrapped(method: str, x: Tensor, given: dict[str, Any]) -> None:
+    """A :class:`SalienceError` for SmoothGrad's copies times its inner method's images (:func:`_expected_items`) over
+    :data:`EXPLORER_MAX_PASSES`: each count alone was checked (:func:`_check_passes`, :func:`_check_windows`), and
+    1,000 samples of RISE's 1,000 masks, a million images through the model, were taken (a window the method refuses
+    itself is left to its own check)."""
+    try:
+        n = _expected_items(method, given, x)
+    except SalienceError:
+        return
+    if n > EXPLORER_MAX_PASSES:
+        inner = _options.show_default(_inner_method(method, given))
+        raise SalienceError(f"options samples / method: {method}'s noisy copies of {inner} are {n:,} images through "
+                            f"the model, at most {EXPLORER_MAX_PASSES:,} in the explorer; give fewer samples or "
+                            f"fewer passes of {inner}, or call the method from Python or salience explain")
+
+
+def _inner_method(method: str, given: dict[str, Any]) -> Any:
+    """The method SmoothGrad (``method``) runs on each copy: ``given``'s (``--smooth-method``) or its default."""
+    return given.get(_options.INNER_METHOD) or _options.method_options()[_options.INNER_METHOD].defaults.get(method)
+
+
 class _Stub(nn.Module):
     """A model without parameters for the dry run of :func:`check_request`: the methods check
     their option values before the first forward pass, which this model never gets to."""
@@ -199,6 +220,8 @@ def check_request(slot: ModelSlot, method: str, target: Any, raw: dict[str, Any]
     x = torch.zeros(1, slot.info.channels, *slot.size)
     if method == "occlusion":
         _check_windows(x, given)
+    elif _options.wraps_methods(METHODS[method]):
+        _check_wrapped(method, x, given)
     try:
         _options.check_values(_Stub(), x, [method], given)
     except SalienceError as e:  # the command line's flag (--prefix-tokens) as the page's option (prefix_tokens)
@@ -218,16 +241,25 @@ UNCOUNTED = {"scorecam": "one masked forward pass per channel of the layer, coun
 done so far and this reason instead of a fraction."""
 
 
-def _expected_items(method: str, given: dict[str, Any], x: Tensor) -> int:
+def _expected_items(method: str, given: dict[str, Any], x: Tensor, depth: int = 0) -> int:
     """How many images the model's forward passes take in all for one map of ``x`` ``(1, C, H, W)``:
     the samples, steps or masks of a many-pass method (its default when not given) or occlusion's
-    windows, plus the clean image; 1 for a one-pass method, 0 when unknown (:data:`UNCOUNTED`)."""
-    if method in UNCOUNTED:
+    windows, plus the clean image; SmoothGrad's copies times its inner method's images (``--smooth-method``, default
+    vanilla, with the options SmoothGrad does not take: it counted ``samples + 1``, a million images counted as
+    1,001); 1 for a one-pass method, 0 when unknown (:data:`UNCOUNTED`)."""
+    if method in UNCOUNTED or depth > 8:
         return 0
     fn = METHODS[method]
     opts = _options.method_options()
+    own = _options.accepted(fn)
+    if _options.wraps_methods(fn):  # SmoothGrad: each noisy copy through its inner method
+        samples, inner = given.get("samples", opts["samples"].defaults.get(method)), _inner_method(method, given)
+        name = _options.show_default(inner)
+        if not isinstance(samples, int) or name not in METHODS:
+            return 0
+        return samples * _expected_items(name, {k: v for k, v in given.items() if k not in own}, x, depth + 1)
     for key in ("samples", "steps", "masks"):
-        if key in _options.accepted(fn):
+        if key in own:
             value = given.get(key, opts[key].defaults.get(method))
             if isinstance(value, int):
                 return value + 1

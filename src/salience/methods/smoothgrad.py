@@ -228,16 +228,20 @@ def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict,
     """The passes of each image of SmoothGrad of a many-pass method within :data:`~salience._core.engine.MAX_PASSES`:
     ``samples`` times the method's passes (:func:`_passes_of`: its ``steps`` / ``masks`` / ``samples``, given or its
     default, occlusion's windows on ``x``'s images, every level of a SmoothGrad inside it), times its ``calls`` on
-    each copy (K targets to a method that takes one a call), times the noisy copies of the SmoothGrads around this one
-    (:func:`~salience._core.engine.outer_passes`). Each count alone was checked, and ``samples=10**6`` of RISE's 4,000
-    masks was 4e9 passes an image; a third level multiplied only two counts; K targets were counted as one."""
+    each copy (K targets to a method that takes one a call), times the noisy copies and calls of the SmoothGrads around
+    this one (:func:`~salience._core.engine.outer_passes`; said apart, :func:`~salience._core.engine.outer_counts`).
+    Each count alone was checked, and ``samples=10**6`` of RISE's 4,000 masks was 4e9 passes an image; a third level
+    multiplied only two counts; K targets were counted as one."""
     outer = _engine.outer_passes()
     inner, said = _passes_of(method, options, x)
     total = outer * samples * calls * inner
     if total == samples:
         return
     per = f" for each of {calls:,} targets (a call each)" if calls > 1 else ""
-    around = f" within {outer:,} noisy copies of the SmoothGrad around it" if outer > 1 else ""
+    copies, theirs = _engine.outer_counts()  # said apart: the calls for K targets are not noisy copies
+    around = (f" within {copies:,} noisy copies" if copies > 1 else "") + (
+        f" for each of {theirs:,} targets (a call each)" if theirs > 1 else "") + (
+        " of the SmoothGrad around it" if outer > 1 else "")
     _engine.check_passes(total, f"samples={samples} of {said}{per}{around} is {total:,} passes of each image,",
                          "fewer samples or " + ("a larger stride" if _root(method) is _root(perturbation.occlusion)
                                                 else "fewer inner passes"))
