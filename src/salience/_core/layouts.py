@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from salience._core.guard import calmly
 
-__all__ = ["kept_layouts", "channels_last_data", "keep_only", "copies_made"]
+__all__ = ["kept_layouts", "channels_last_data", "keep_only", "copies_made", "keeping"]
 
 # per model (id): {id(parameter): (parameter, its user data, the channels-last copy, the version counter then)}
 _kept: dict[int, dict[int, tuple]] = {}
@@ -95,6 +95,11 @@ def keep_only(model: nn.Module, params: Iterable[Tensor]) -> None:
         live = {id(p) for p in params}
         for key in [k for k in tuple(kept) if k not in live]:
             kept.pop(key, None)
+
+
+def keeping(model: nn.Module) -> bool:
+    """Whether a :func:`kept_layouts` block is open on ``model`` (its channels-last copies are kept)."""
+    return id(model) in _kept
 
 
 def channels_last_data(model: nn.Module, p: Tensor, data: Tensor) -> Tensor:
