@@ -223,22 +223,30 @@ def _storage_key(t: Tensor) -> Optional[int]:
 # before this fix, against 313 s for a plain loop in the next run). 128 MiB gives 11 images there;
 # small inputs still batch widely.
 CPU_INFERENCE_BUDGET = 128 << 20
+# The same passes under a bf16 / fp16 autocast (precision=): the probe measures about half the bytes per item (6 MB
+# per image for resnet50 at 224 px), so CPU_INFERENCE_BUDGET gave 16 images per pass, where one thread ran 5-7 %
+# slower per image than at 8 (session 42, AMX-BF16, channels-last, benchmarks/perturbation-resnet50-8images-s42*.md)
+# and held twice the activations. 64 MiB gives 8 there.
+CPU_LOW_PRECISION_BUDGET = 64 << 20
 
 
-def default_budget(device: torch.device, *, inference: bool = False) -> int:
+def default_budget(device: torch.device, *, inference: bool = False, low_precision: bool = False) -> int:
     """The memory a chunk may use when ``max_memory`` is not given, in bytes.
 
     CUDA: half the free device memory, at most 4 GiB. Otherwise a quarter of the available
     host memory (``MemAvailable`` on Linux), at most 1 GiB; larger chunks do not run faster
     on a CPU, they only take memory from everything else. Gradient-free passes (``inference``)
-    on a CPU: at most :data:`CPU_INFERENCE_BUDGET`, where they run fastest per item.
+    on a CPU: at most :data:`CPU_INFERENCE_BUDGET`, where they run fastest per item; under an autocast to bf16 /
+    fp16 (``low_precision``): at most :data:`CPU_LOW_PRECISION_BUDGET`.
     """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(min(free // 2, 4 * _GiB))
     avail = _available_host_memory()
     budget = int(min(avail // 4, 1 * _GiB)) if avail else 512 << 20
-    return min(budget, CPU_INFERENCE_BUDGET) if inference else budget
+    if not inference:
+        return budget
+    return min(budget, CPU_LOW_PRECISION_BUDGET if low_precision else CPU_INFERENCE_BUDGET)
 
 
 def _available_host_memory() -> Optional[int]:
@@ -395,8 +403,7 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
         reused = run.reused_probe() if (run is not None and chunk is None) else None
         if reused is not None:  # compile="freeze": an earlier call's probe; every chunk the fixed size
             per_item = reused
-            budget = max_memory if max_memory is not None else default_budget(device or torch.device("cpu"),
-                                                                               inference=inference)
+            budget = _budget(max_memory, device, inference, run)
             cap = chunk_size(per_item, budget, n_images)
         elif chunk is None:
             first = min(total, n_images)
@@ -404,7 +411,7 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
             # call's did (the same chunks after it, the same bits), without the probe's cost
             known = run.known_probe(n_images) if run is not None else None
             probe = MemoryProbe() if known is None else None
-            ctx = run.chunk(False, False) if run is not None else nullcontext()
+            ctx = run.chunk(run.probe_layout(), False) if run is not None else nullcontext()
             with ctx, (probe if probe is not None else nullcontext()):  # the sums' own temporaries count too
                 sums.add(0, compute(0, first))
             sums.sizes.append(first)
@@ -413,8 +420,7 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
             per_item = known if probe is None else max(1, -(-probe.peak // first))
             if run is not None and probe is not None:
                 run.probed(per_item, n_images)
-            budget = max_memory if max_memory is not None else default_budget(device or torch.device("cpu"),
-                                                                               inference=inference)
+            budget = _budget(max_memory, device, inference, run)
             cap = chunk_size(per_item, budget, n_images)
         else:
             cap = chunk
@@ -433,6 +439,15 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
             finally:
                 run.close()
     return sums.result(per_item, run)
+
+
+def _budget(max_memory: Optional[int], device: Optional[torch.device], inference: bool, run: Optional[_perf.Run]
+            ) -> int:
+    """``max_memory``, else :func:`default_budget` for the device and the run's autocast."""
+    if max_memory is not None:
+        return max_memory
+    return default_budget(device or torch.device("cpu"), inference=inference,
+                          low_precision=run is not None and run.dtype is not None)
 
 
 def _run_planned(compute: Callable, sums: "_Adder", run: _perf.Run, start: int, total: int, n_images: int,

@@ -29,7 +29,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["open_copies", "close_copies", "channels_last_data", "keep_only", "copies_made"]
+__all__ = ["open_copies", "close_copies", "channels_last_data", "keep_only", "copies_made", "keeping"]
 
 # per model (id): {id(parameter): (parameter, its user data, the channels-last copy, the version counter then)}
 _kept: dict[int, dict[int, tuple]] = {}
@@ -77,6 +77,11 @@ def keep_only(model: nn.Module, params: Iterable[Tensor]) -> None:
         live = {id(p) for p in params}
         for key in [k for k in tuple(kept) if k not in live]:
             kept.pop(key, None)
+
+
+def keeping(model: nn.Module) -> bool:
+    """Whether a run guard keeps ``model``'s channels-last copies (:func:`open_copies`)."""
+    return id(model) in _kept
 
 
 def channels_last_data(model: nn.Module, p: Tensor, data: Tensor) -> Tensor:

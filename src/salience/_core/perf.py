@@ -92,7 +92,7 @@ from salience._core.derived import target_classes
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.islands import HighResolutionFp32
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
-from salience._core.layouts import channels_last_data, copies_made, keep_only
+from salience._core.layouts import channels_last_data, copies_made, keep_only, keeping
 from salience._core.malloc import keep_freed_memory, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
 from salience._core.folding import _described, _folded, _remember_fold, folded_model
@@ -442,8 +442,12 @@ class Run:
     back (:func:`salience._core.engine.accumulate` calls it).
     """
 
-    def __init__(self, model: nn.Module, x: Tensor, options: Optional[Performance] = None, *, tag: str = "") -> None:
+    def __init__(self, model: nn.Module, x: Tensor, options: Optional[Performance] = None, *, tag: str = "",
+                 plain_passes: bool = False) -> None:
         self.model = model
+        # every pass is plain (no hook, no interception: Score-CAM's and RISE's): once the folded copy runs them, the
+        # model's own parameters are not run again, and stay as they are (set_layout)
+        self.plain_passes = plain_passes
         self.options = (options or current()).validated()
         self.device = x.device
         self.dtype = _DTYPES.get(self.options.precision)
@@ -456,7 +460,8 @@ class Run:
         # What the folded copy is kept for, taken now (a channels-last chunk moves the parameters).
         self._fold_key = _fold_key(model) if self.options.fold_batchnorm else None
         self.channels_last = False
-        self._saved: list[tuple[nn.Parameter, Tensor]] = []
+        # (parameter, its data before): put back by _restore; data None: the folded copy's, converted in place
+        self._saved: list[tuple[nn.Parameter, Optional[Tensor]]] = []
         self._compiled_now = False
         # compile="freeze": this chunk (a last, shorter one) may run the frozen graphs only, never the
         # plain compiled model (another size of the model class's graph): set by plan() for the next chunk
@@ -528,27 +533,48 @@ class Run:
 
     def set_layout(self, channels_last: bool) -> None:
         """Convert the model's 4-D parameters to channels-last (or back to the user's) in place (the copies made once
-        per dataset run: :func:`salience._core.layouts.open_copies`)."""
+        per dataset run: :func:`salience._core.layouts.open_copies`). The folded copy's, salience's own, are
+        converted in place outside a dataset run (and back at the end): keeping its contiguous weights beside
+        them held a third copy of the weights (94 MB on resnet50). With ``plain_passes``, once the folded copy runs
+        the passes the model's own stay as they are (their channels-last copies were one more)."""
         if channels_last == self.channels_last:
             return
         if channels_last:
-            folded = self._folded.parameters() if self._folded is not None else ()
-            params, made = (*self.model.parameters(), *folded), copies_made()
-            for p in params:
+            own = tuple(self.model.parameters())
+            folded = tuple(self._folded.parameters()) if self._folded is not None else ()
+            made, in_place = copies_made(), not keeping(self.model)
+            for p in (*(() if self._folded_runs() else own), *folded):
                 if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
                     data = p.data
-                    self._saved.append((p, data))
-                    p.data = channels_last_data(self.model, p, data)  # kept across a dataset run's calls
+                    if in_place and any(p is q for q in folded):
+                        self._saved.append((p, None))
+                        p.data = data.contiguous(memory_format=torch.channels_last)
+                    else:
+                        self._saved.append((p, data))
+                        p.data = channels_last_data(self.model, p, data)  # kept across a dataset run's calls
+                    del data
             if copies_made() != made:  # a copy made: those of parameters gone (an old folded copy's) dropped
-                keep_only(self.model, params)
+                keep_only(self.model, (*own, *folded))
         else:
             self._restore()
         self.channels_last = channels_last
 
+    def _folded_runs(self) -> bool:
+        """Whether every pass from now on runs the folded copy (:meth:`forward_fn`): ``plain_passes``, and an eager
+        pass showed no final softmax to strip."""
+        return self.plain_passes and self._folded is not None and self.softmax_checked and not self.softmax_stripped
+
+    def probe_layout(self) -> bool:
+        """The layout of the first, probing chunk (which runs the model itself): with ``plain_passes`` and no folded
+        copy, channels-last where the run's ``memory_format`` is (a contiguous bf16 pass took twice a channels-last
+        one's time on resnet50); else contiguous (with a folded copy the model's parameters are left as they are,
+        :meth:`set_layout`)."""
+        return self.plain_passes and self._folded is None and self.options.memory_format == "channels_last"
+
     def _restore(self) -> None:
         while self._saved:
             p, data = self._saved.pop()
-            p.data = data
+            p.data = p.data.contiguous() if data is None else data
 
     def close(self) -> None:
         self._restore()
