@@ -478,8 +478,9 @@ def capture_hook(store: list, stop: bool):
 
 class _Kept:
     """A captured output as the layer returned it: its version counter (``None`` for an inference tensor, which
-    has none), a copy of its values (one activation: 1.6 MB at resnet50's ``layer4`` for 4 images at 224, not seen
-    in a call's time nor its peak memory, benchmarks/capture-inplace-s42.md) and its gradient edge (``None`` without
+    has none), a copy of its values (one activation, alive through the rest of the forward: 1.6 MB at resnet50's
+    ``layer4`` for 4 images at 224, not seen in a call's time nor its peak memory, benchmarks/capture-inplace-s42.md;
+    at an early layer part of the peak, +4.6 MiB of 224 at resnet18's ``layer1``, benchmarks/capture-peak-s42.md) and its gradient edge (``None`` without
     gradients): the place in the graph of the output's values at that moment, which the gradients of every later use
     reach, also through the in-place operations that changed the tensor since (``torch.autograd.grad`` of the tensor
     itself would differentiate its latest version). For a view (``nn.Flatten``'s output, a slice) the edge is its
