@@ -120,8 +120,8 @@ def test_b_an_output_that_is_its_input_changed_later_under_the_inputs_name():
 
 
 def test_b_a_view_of_the_input_changed_later_under_the_inputs_name():
-    """The values and the model's output as above; the gradient reaches the view's uses before the change (after it,
-    a use of ``a`` is a use of the changed input ``h``, whose gradient autograd gives ``h``: not looked at here)."""
+    """The values and the model's output as above (the gradient, through the uses after the change too:
+    tests/test_s42_rv_capture.py)."""
     torch.manual_seed(2)
     model = Aliasing(view=True).eval()
     model.fc = nn.Linear(8, 3)

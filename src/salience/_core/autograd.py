@@ -33,7 +33,7 @@ from salience._core.info import max_batch, model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, first_tensor, model_device
 
-__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "captured_pass", "settle", "grad_input", "layer_value", "layer_output", "seeing_output", "check_input", "model_call", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
+__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "captured_pass", "settle", "grad_input", "layer_grad", "layer_value", "layer_output", "seeing_output", "check_input", "model_call", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
            "looks_like_probabilities"]
 
 
@@ -478,38 +478,76 @@ def capture_hook(store: list, stop: bool):
 
 class _Kept:
     """A captured output as the layer returned it: its version counter (``None`` for an inference tensor, which
-    has none), a copy of its values (one activation: 1.6 MB at resnet50's ``layer4`` for 4 images at 224, not seen
-    in a call's time nor its peak memory, benchmarks/capture-inplace-s42.md) and its gradient edge (``None`` without gradients): the place in
-    the graph of the output's values at that moment, which the gradients of every later use reach, also through the
-    in-place operations that changed the tensor since (``torch.autograd.grad`` of the tensor itself would
-    differentiate its latest version)."""
+    has none), a copy of its values (one activation, alive through the rest of the forward: 1.6 MB at resnet50's
+    ``layer4`` for 4 images at 224, not seen in a call's time nor its peak memory, benchmarks/capture-inplace-s42.md;
+    at an early layer part of the peak, +4.6 MiB of 224 at resnet18's ``layer1``, benchmarks/capture-peak-s42.md) and its gradient edge (``None`` without
+    gradients): the place in the graph of the output's values at that moment, which the gradients of every later use
+    reach, also through the in-place operations that changed the tensor since (``torch.autograd.grad`` of the tensor
+    itself would differentiate its latest version). For a view (``nn.Flatten``'s output, a slice) the edge is its
+    base's, with ``region`` (:class:`_Region`) to read the view's part of the base's gradient: an in-place change of
+    the view or of its base rebases both on the base's new version, whose gradient reaches the base's edge, never the
+    view's own (where every later use would be lost: a zero gradient after ``flatten`` and an in-place ReLU)."""
 
-    __slots__ = ("version", "values", "edge")
+    __slots__ = ("version", "values", "edge", "region")
 
     def __init__(self, value: Tensor) -> None:
         self.version = None if value.is_inference() else value._version
         self.values = value.detach().clone()
-        self.edge = torch.autograd.graph.get_gradient_edge(value) if value.requires_grad else None
+        self.edge: Any = None
+        self.region: Optional[_Region] = None
+        if value.requires_grad:
+            base = value._base
+            if base is not None and base.requires_grad:
+                self.edge, self.region = torch.autograd.graph.get_gradient_edge(base), _Region(base, value)
+            else:
+                self.edge = torch.autograd.graph.get_gradient_edge(value)
+
+
+class _Region:
+    """Where a view lies in its base (sizes, strides, storage offsets): :meth:`read` takes the view's gradient out of
+    the base's gradient (a tensor of the base's shape, whatever its strides)."""
+
+    __slots__ = ("base", "view")
+
+    def __init__(self, base: Tensor, view: Tensor) -> None:
+        self.base = (base.size(), base.stride(), base.storage_offset())
+        self.view = (view.size(), view.stride(), view.storage_offset())
+
+    def read(self, g: Tensor) -> Tensor:
+        size, stride, offset = self.base
+        full = g.new_empty_strided(size, stride)
+        full.copy_(g)
+        vsize, vstride, voffset = self.view
+        return full.as_strided(vsize, vstride, voffset - offset)
 
 
 def settle(store: list) -> list:
     """``store`` of :func:`capture_hook` after the pass, made ``[tensor]`` where the output is as the layer returned
     it (its version counter did not move: the tensor itself, its copy dropped), else ``[copy of its values, gradient
-    edge or None]`` (changed in place since, under its name or another's: a view of it, the input it is); a store
-    without a tensor as it is. Read the values as ``store[0]``, differentiate :func:`grad_input`\\ ``(store)``."""
+    edge or None]`` (changed in place since, under its name or another's: a view of it, the input it is), with the
+    view's :class:`_Region` third where the edge is its base's; a store without a tensor as it is. Read the values as
+    ``store[0]``, differentiate :func:`grad_input`\\ ``(store)``, make autograd's answer :func:`layer_grad`."""
     if len(store) > 1 and isinstance(store[1], _Kept):
         kept = store[1]
         if kept.version is not None and store[0]._version == kept.version:
             del store[1:]
         else:
-            store[:] = [kept.values, kept.edge]
+            store[:] = [kept.values, kept.edge] + ([kept.region] if kept.region is not None else [])
     return store
 
 
 def grad_input(store: list) -> Any:
     """What to differentiate for a settled store's output (:func:`settle`): its gradient edge where its tensor was
-    changed in place after the layer returned, else the tensor."""
+    changed in place after the layer returned (a view's: its base's), else the tensor."""
     return store[1] if len(store) > 1 and store[1] is not None else store[0]
+
+
+def layer_grad(store: list, g: Optional[Tensor]) -> Tensor:
+    """The gradient of a settled store's output from autograd's for :func:`grad_input`\\ ``(store)``: zeros where
+    it was unused (``None``), a view's part of its base's gradient (:class:`_Region`), else ``g`` as it is."""
+    if g is None:
+        return torch.zeros_like(store[0])
+    return store[2].read(g) if len(store) > 2 else g
 
 
 def captured_pass(mod: nn.Module, run: Callable[[], Any]) -> tuple[list, Any]:
@@ -725,9 +763,10 @@ def _hooked_pass(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpe
     return unwrap_output(out, model), captured
 
 
-def _walk_back(scores: list[Tensor], wrt: list[Any], need_input: bool, likes: list[Tensor]) -> list[list[Tensor]]:
-    """One backward pass per target's scores, the graph kept until the last; zeros where unused. ``wrt``: tensors or
-    gradient edges (:func:`grad_input`); ``likes``: tensors of their shapes, for the zeros."""
+def _walk_back(scores: list[Tensor], stores: list[list[Any]], need_input: bool) -> list[list[Tensor]]:
+    """One backward pass per target's scores, the graph kept until the last; zeros where unused. ``stores``: settled
+    stores (:func:`settle`; ``[x]`` for the input), differentiated at :func:`grad_input`, read with :func:`layer_grad`."""
+    wrt = [grad_input(store) for store in stores]
     if not wrt:
         return [[] for _ in scores]
     out = []
@@ -743,7 +782,7 @@ def _walk_back(scores: list[Tensor], wrt: list[Any], need_input: bool, likes: li
                 "the target's score does not depend on the input x (no gradient path); check that the "
                 "model uses its input and that the target reads the model's output"
             )
-        out.append([g if g is not None else torch.zeros_like(w) for g, w in zip(grads, likes)])
+        out.append([layer_grad(store, g) for g, store in zip(grads, stores)])
     return out
 
 
@@ -814,8 +853,7 @@ def backward(
                 out, captured = _forward(model, x_in, target_layer, layers, strip_softmax, extra_modes)
             scores = _finite_scores([check_scores(t(out), x.shape[0]) for t in targets], targets,
                                     run is not None and run.dtype is torch.float16)
-            wrt = ([x_in] if input_grad else []) + [grad_input(c) for c in captured]
-            per_target = _walk_back(scores, wrt, input_grad, ([x_in] if input_grad else []) + [c[0] for c in captured])
+            per_target = _walk_back(scores, ([[x_in]] if input_grad else []) + captured, input_grad)
     inputs = None
     if input_grad:
         inputs = _stack([t.modify_gradient(g[0]) for t, g in zip(targets, per_target)])
