@@ -15,7 +15,9 @@ what the environment variables ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THR
 process's start. Both fix glibc's thresholds for the whole process (it stops adjusting them), the process keeps
 the memory it has freed (its peak stays resident), and there is no way back: so salience does it only when
 asked (``salience.set_performance(allocator="reuse")``), and a setter that turns it back to ``"default"``
-afterwards warns that the process keeps it (:func:`thresholds_fixed`). Elsewhere (macOS, Windows, musl, a C library without
+afterwards warns that the process keeps it (:func:`thresholds_fixed`). A process that then forks (a dataset run's
+decoding workers) shares that kept heap copy-on-write with the child, and every page of it the parent's next passes
+write is copied at a fault: :func:`release_before_fork` gives the freed pages back first. Elsewhere (macOS, Windows, musl, a C library without
 ``mallopt``) it sets nothing and warns once; it never raises.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ import threading
 import warnings
 from typing import Any, Optional
 
-__all__ = ["keep_freed_memory", "thresholds_fixed", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["keep_freed_memory", "thresholds_fixed", "release_before_fork", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 MMAP_THRESHOLD = 32 << 20  # the highest glibc takes (HEAP_MAX_SIZE / 2 on 64-bit)
@@ -89,3 +91,23 @@ def thresholds_fixed() -> bool:
     """Whether :func:`keep_freed_memory` set glibc's thresholds in this process (either of them): nothing undoes
     that, so ``allocator="default"`` afterwards says so (``salience._core.perf``)."""
     return _fixed
+
+
+def release_before_fork() -> bool:
+    """Before forking (a dataset run's DataLoader workers), give the heap's free pages back (glibc's
+    ``malloc_trim(0)``), where :func:`keep_freed_memory` fixed the thresholds in this process; ``True`` when it did.
+
+    A forked child shares every resident page of its parent copy-on-write: under ``allocator="reuse"`` the heap keeps
+    the activations the passes freed, the parent's next passes write them again, and each such page is copied at a
+    minor fault (about 255,000 a run of resnet50 in bf16, batch 16, in a process whose kept heap had grown: docs/
+    performance.md, session 42). Pages given back are not shared: the next pass maps them afresh (a fault too, with
+    no copy). Nothing is freed that is in use; the maps and the model do not change. Elsewhere it does nothing."""
+    if not _fixed:
+        return False
+    libc, _ = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim.restype = ctypes.c_int
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim(0)
+    return True

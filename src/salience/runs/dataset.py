@@ -31,6 +31,7 @@ from salience._core.errors import SalienceError
 from salience._core.files import atomic_write, folder_name
 from salience._core.guard import run_guard
 from salience._core.layouts import kept_layouts
+from salience._core.malloc import release_before_fork
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress
 from salience._core.tensors import check_flag, check_int, copy_model, model_device
@@ -601,6 +602,8 @@ def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> Non
                         persistent_workers=False,
                         multiprocessing_context=loader_context(model_device(run.model), run.workers, dataset))
     total = sum(len(s) for s in shards)
+    if run.workers and _forks(loader):  # the workers fork from this process: give the freed heap back first,
+        release_before_fork()  # which they would share copy-on-write (allocator="reuse"; salience/_core/malloc.py)
     writer = _Writer(run, shards, png)
     try:
         with progress(total, "explain", enabled=show, unit="img") as bar:
@@ -614,6 +617,17 @@ def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> Non
         writer.close(stopped=True)
         raise
     writer.close()
+
+
+def _forks(loader: DataLoader) -> bool:
+    """Whether ``loader``'s workers start by forking this process (its context's start method, else the default's,
+    which is ``"fork"`` on Linux before Python 3.14)."""
+    import multiprocessing
+
+    ctx = loader.multiprocessing_context
+    if ctx is not None:
+        return ctx.get_start_method() == "fork"
+    return (multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]) == "fork"
 
 
 class _Writer:
