@@ -1,13 +1,13 @@
-"""A bf16 dataset run's page faults and CPU with its decoding worker forked, with and without the heap given back
-before the fork (session 42, issue 17), against the bf16 bare passes and the same run with ``workers=0``.
+"""A bf16 dataset run's page faults and CPU with its decoding worker forked, with and without the worker giving back
+the heap's free pages it shares (session 42, issue 17), against the bf16 bare passes and the run with ``workers=0``.
 
     flock /tmp/bench.lock taskset -c 1 env PYTHONPATH=src python benchmarks/dataset_fork_faults.py [--n 80] [--reps 3]
 
 One process, ``allocator="reuse"`` (as ``salience explain``): resnet50 random weights at 224 px, one thread, batch
 16, vanilla, ``precision="bf16", memory_format="channels_last"``; ``--n`` JPEGs from ``dataset.py``. After a warm-up,
 ``--reps`` rounds of four steps, alternating: the bf16 bare passes (``dataset.py``'s), ``explain_dataset`` with one
-forked worker and ``salience.runs.dataset.release_before_fork`` replaced by a no-op (the run before session 42), the
-same with it, and the run with ``workers=0`` (decoded in this process, nothing forked). Per step: wall s, this
+forked worker and ``salience.runs.dataset.release_shared_heap`` (which the worker calls as it starts) replaced by
+a no-op (the run before session 42), the same with it, and the run with ``workers=0`` (decoded in this process, nothing forked). Per step: wall s, this
 process's CPU s, system s and minor page faults (``getrusage``). Prints, writes nothing.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     model = salience.load_model("torchvision:resnet50", weights="random")
     info = salience.loading.images.with_preprocessing(salience.loading.models.model_info(model), size=224, resize=256)
     salience._core.info.attach_info(model, info)
-    real = run_dataset.release_before_fork
+    real = run_dataset.release_shared_heap
     tmp = Path(tempfile.mkdtemp(prefix="salience-fork-faults-"))
     try:
         (files,) = bench.make_jpegs(tmp / "jpegs", args.n, 224)
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         bare = bench.bf16_copy(model)
 
         def run(workers: int, release: bool = True) -> None:
-            run_dataset.release_before_fork = real if release else (lambda: False)
+            run_dataset.release_shared_heap = real if release else (lambda: False)
             bench.run_salience(model, tmp / "jpegs" / "block0", 16, workers, tmp / "run", **KW)
 
         bench.run_bare(bare, x, 16, bf16=True)
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         print(f"{args.n} images, batch 16, bf16 + channels-last, allocator reuse", flush=True)
         timed_steps(steps, 24, 2)
     finally:
-        run_dataset.release_before_fork = real
+        run_dataset.release_shared_heap = real
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -1,10 +1,11 @@
-"""A dataset run whose decoding workers fork gives the heap's freed pages back first (issue 17, session 42).
+"""A dataset run's forked decoding worker gives back the heap's free pages it shares with the run (issue 17, session 42).
 
 Under ``allocator="reuse"`` the process keeps the activations its passes free; a worker forked from it shares that
 heap copy-on-write for the run, and each page of it the next passes write is copied at a fault (the bf16 run's
 258,638 faults a round against the bare passes' 18,656 in ``dataset-s41-bf16-reuse-1thread.md``: with ``workers=0``
-the same run faults as the bare passes). ``salience._core.malloc.release_before_fork`` (glibc's ``malloc_trim``)
-runs before the workers fork, once a run; the maps are the same bits."""
+the same run faults as the bare passes). ``salience._core.malloc.release_shared_heap`` (glibc's ``malloc_trim``)
+runs in each forked worker as it starts, so the run's writes find those pages its own (no copy); the maps are the
+same bits."""
 from __future__ import annotations
 
 import json
@@ -29,24 +30,36 @@ forking = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods
 
 
 @forking
-def test_a_run_releases_the_freed_heap_once_before_its_workers_fork_and_keeps_the_bits(tmp_path, monkeypatch):
-    """workers=1: one release a run, while no worker of the run is alive yet; workers=0 (nothing forks): none. The
-    maps equal those of a run that releases nothing."""
-    calls: list[list] = []
+def test_a_runs_forked_worker_releases_the_shared_heap_before_decoding_and_the_bits_stay(tmp_path, monkeypatch):
+    """workers=1: the release runs once a run, in the worker (another process, before its first batch's decoding),
+    then the worker's own start (``sources.worker_init``, which it wraps); workers=0 (nothing forked): none. The
+    maps equal those of a run whose worker releases nothing."""
+    import os
+
+    log = tmp_path / "calls.txt"
 
     def recording() -> bool:
-        calls.append(multiprocessing.active_children())
-        return _malloc.release_before_fork()
+        with open(log, "a") as f:
+            f.write(f"release {os.getpid()}\n")
+        return _malloc.release_shared_heap()
+
+    def init(_: int) -> None:
+        with open(log, "a") as f:
+            f.write(f"init {os.getpid()}\n")
 
     monkeypatch.setattr(_malloc, "_fixed", True)  # as after allocator="reuse" (glibc's thresholds not touched)
-    monkeypatch.setattr(run_dataset, "release_before_fork", recording, raising=False)
+    monkeypatch.setattr(run_dataset, "release_shared_heap", recording, raising=False)
+    monkeypatch.setattr(run_dataset.sources, "worker_init", init)
     files = images(tmp_path / "imgs", n=4)
     model = net()
     salience.explain_dataset(model, files, ["vanilla"], tmp_path / "w1", workers=1, **KW)
-    assert calls == [[]]
+    lines = log.read_text().split() if log.exists() else []
+    assert lines[0::2] == ["release", "init"], lines
+    assert lines[1] == lines[3] != str(os.getpid())
+    log.unlink()
     salience.explain_dataset(model, files, ["vanilla"], tmp_path / "w0", workers=0, **KW)
-    assert calls == [[]]
-    monkeypatch.setattr(run_dataset, "release_before_fork", lambda: False)
+    assert not log.exists()
+    monkeypatch.setattr(run_dataset, "release_shared_heap", lambda: False, raising=False)
     salience.explain_dataset(model, files, ["vanilla"], tmp_path / "none", workers=1, **KW)
     runs = [salience.open_run(tmp_path / k) for k in ("w1", "w0", "none")]
     for i in range(4):
@@ -58,10 +71,10 @@ def test_a_run_releases_the_freed_heap_once_before_its_workers_fork_and_keeps_th
 def test_release_acts_only_where_reuse_fixed_glibcs_thresholds(monkeypatch):
     """Nothing to give back unless ``keep_freed_memory`` fixed the thresholds; elsewhere than glibc nothing, no raise."""
     monkeypatch.setattr(_malloc, "_fixed", False)
-    assert _malloc.release_before_fork() is False
+    assert _malloc.release_shared_heap() is False
     monkeypatch.setattr(_malloc, "_fixed", True)
     monkeypatch.setattr(_malloc, "_glibc", lambda: (None, "macOS"))
-    assert _malloc.release_before_fork() is False
+    assert _malloc.release_shared_heap() is False
 
 
 SCRIPT = r"""
@@ -78,7 +91,7 @@ del b
 held = bytearray(1 << 20)  # a block above the freed ones: the heap's top is not free, so only malloc_trim gives back
 blocks.clear()
 kept = rss()
-released = malloc.release_before_fork()
+released = malloc.release_shared_heap()
 print(json.dumps({"kept": kept, "after": rss(), "released": released}))
 """
 

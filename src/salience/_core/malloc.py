@@ -17,7 +17,7 @@ the memory it has freed (its peak stays resident), and there is no way back: so 
 asked (``salience.set_performance(allocator="reuse")``), and a setter that turns it back to ``"default"``
 afterwards warns that the process keeps it (:func:`thresholds_fixed`). A process that then forks (a dataset run's
 decoding workers) shares that kept heap copy-on-write with the child, and every page of it the parent's next passes
-write is copied at a fault: :func:`release_before_fork` gives the freed pages back first. Elsewhere (macOS, Windows, musl, a C library without
+write is copied at a fault: the child gives the free pages back (:func:`release_shared_heap`). Elsewhere (macOS, Windows, musl, a C library without
 ``mallopt``) it sets nothing and warns once; it never raises.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import threading
 import warnings
 from typing import Any, Optional
 
-__all__ = ["keep_freed_memory", "thresholds_fixed", "release_before_fork", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["keep_freed_memory", "thresholds_fixed", "release_shared_heap", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 MMAP_THRESHOLD = 32 << 20  # the highest glibc takes (HEAP_MAX_SIZE / 2 on 64-bit)
@@ -93,15 +93,18 @@ def thresholds_fixed() -> bool:
     return _fixed
 
 
-def release_before_fork() -> bool:
-    """Before forking (a dataset run's DataLoader workers), give the heap's free pages back (glibc's
-    ``malloc_trim(0)``), where :func:`keep_freed_memory` fixed the thresholds in this process; ``True`` when it did.
+def release_shared_heap() -> bool:
+    """In a process just forked from one where :func:`keep_freed_memory` fixed the thresholds (a dataset run's
+    DataLoader worker), give back the free pages of the heap it shares with its parent (glibc's ``malloc_trim(0)``);
+    ``True`` when it did.
 
-    A forked child shares every resident page of its parent copy-on-write: under ``allocator="reuse"`` the heap keeps
-    the activations the passes freed, the parent's next passes write them again, and each such page is copied at a
-    minor fault (about 255,000 a run of resnet50 in bf16, batch 16, in a process whose kept heap had grown: docs/
-    performance.md, session 42). Pages given back are not shared: the next pass maps them afresh (a fault too, with
-    no copy). Nothing is freed that is in use; the maps and the model do not change. Elsewhere it does nothing."""
+    A fork shares every resident page copy-on-write: under ``allocator="reuse"`` the parent's heap keeps the
+    activations its passes freed, its next passes write them again, and while the child maps a page each write copies
+    it at a minor fault (about 255,000 a run of resnet50 in bf16, batch 16, in a process whose kept heap had grown:
+    docs/performance.md, session 42). A page the child gave back is the parent's alone: its write still faults once
+    (fork write-protects the parent's pages) but keeps the page, with no copy (nor the zeroing a page the parent gave
+    back would take). The child frees nothing it uses (free pages only; it inherits the parent's thresholds, so
+    ``_fixed``); the parent is not touched. Elsewhere it does nothing."""
     if not _fixed:
         return False
     libc, _ = _glibc()
