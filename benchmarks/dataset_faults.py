@@ -30,6 +30,17 @@ import dataset as bench  # noqa: E402  (benchmarks/dataset.py: the files, the ba
 import salience  # noqa: E402
 
 
+def timed_steps(steps, width: int = 26, digits: int = 1) -> None:
+    """Run each ``(name, step)`` in turn and print its wall s, this process's CPU s (system s) and minor faults."""
+    for name, step in steps:
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        step()
+        r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+        cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+        print(f"{name:{width}s} wall {wall:6.{digits}f} s  CPU {cpu:6.{digits}f} s (sys {r1.ru_stime - r0.ru_stime:5.{digits}f})"
+              f"  {r1.ru_minflt - r0.ru_minflt:9,d} minor faults", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=64)
@@ -56,13 +67,7 @@ def main(argv=None) -> int:
                                                                     tmp / "run2")),
                  ("bare passes again", lambda: bench.run_bare(model, x, 16))]
         print(f"allocator {args.allocator}, {args.n} images, batch 16; pid {os.getpid()}", flush=True)
-        for name, step in steps:
-            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            step()
-            r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
-            cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
-            print(f"{name:26s} wall {wall:6.1f} s  CPU {cpu:6.1f} s (sys {r1.ru_stime - r0.ru_stime:5.1f})  "
-                  f"{r1.ru_minflt - r0.ru_minflt:9,d} minor faults", flush=True)
+        timed_steps(steps)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

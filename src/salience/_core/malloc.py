@@ -15,7 +15,9 @@ what the environment variables ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THR
 process's start. Both fix glibc's thresholds for the whole process (it stops adjusting them), the process keeps
 the memory it has freed (its peak stays resident), and there is no way back: so salience does it only when
 asked (``salience.set_performance(allocator="reuse")``), and a setter that turns it back to ``"default"``
-afterwards warns that the process keeps it (:func:`thresholds_fixed`). Elsewhere (macOS, Windows, musl, a C library without
+afterwards warns that the process keeps it (:func:`thresholds_fixed`). A process that then forks (a dataset run's
+decoding workers) shares that kept heap copy-on-write with the child, and every page of it the parent's next passes
+write is copied at a fault: the child gives the free pages back (:func:`release_shared_heap`). Elsewhere (macOS, Windows, musl, a C library without
 ``mallopt``) it sets nothing and warns once; it never raises.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ import threading
 import warnings
 from typing import Any, Optional
 
-__all__ = ["keep_freed_memory", "thresholds_fixed", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["keep_freed_memory", "thresholds_fixed", "release_shared_heap", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 MMAP_THRESHOLD = 32 << 20  # the highest glibc takes (HEAP_MAX_SIZE / 2 on 64-bit)
@@ -89,3 +91,26 @@ def thresholds_fixed() -> bool:
     """Whether :func:`keep_freed_memory` set glibc's thresholds in this process (either of them): nothing undoes
     that, so ``allocator="default"`` afterwards says so (``salience._core.perf``)."""
     return _fixed
+
+
+def release_shared_heap() -> bool:
+    """In a process just forked from one where :func:`keep_freed_memory` fixed the thresholds (a dataset run's
+    DataLoader worker), give back the free pages of the heap it shares with its parent (glibc's ``malloc_trim(0)``);
+    ``True`` when it did.
+
+    A fork shares every resident page copy-on-write: under ``allocator="reuse"`` the parent's heap keeps the
+    activations its passes freed, its next passes write them again, and while the child maps a page each write copies
+    it at a minor fault (about 255,000 a run of resnet50 in bf16, batch 16, in a process whose kept heap had grown:
+    docs/performance.md, session 42). A page the child gave back is the parent's alone: its write still faults once
+    (fork write-protects the parent's pages) but keeps the page, with no copy (nor the zeroing a page the parent gave
+    back would take). The child frees nothing it uses (free pages only; it inherits the parent's thresholds, so
+    ``_fixed``); the parent is not touched. Elsewhere it does nothing."""
+    if not _fixed:
+        return False
+    libc, _ = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim.restype = ctypes.c_int
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim(0)
+    return True

@@ -11,6 +11,7 @@ equals an uninterrupted run's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import queue
@@ -30,6 +31,7 @@ from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write, folder_name
 from salience._core.guard import run_guard
+from salience._core.malloc import release_shared_heap
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress
 from salience._core.tensors import check_flag, check_int, copy_model, model_device
@@ -594,11 +596,7 @@ def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> Non
     # an error in a worker (a user's item that is no image tensor, a KeyError of the user's transform) comes
     # back as Raised and is raised here as it is; torch would re-raise it in its wrapping, the traceback its message
     # with workers=0 the error is raised as it is, a note naming the image (sources.Noted)
-    dataset = (sources.Guarded if run.workers else sources.Noted)(run.dataset, run.plan.paths)
-    loader = DataLoader(dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
-                        collate_fn=sources.collate, worker_init_fn=sources.worker_init if run.workers else None,
-                        persistent_workers=False,
-                        multiprocessing_context=loader_context(model_device(run.model), run.workers, dataset))
+    loader = _loader(run, plan_batches)
     total = sum(len(s) for s in shards)
     writer = _Writer(run, shards, png)
     try:
@@ -613,6 +611,36 @@ def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> Non
         writer.close(stopped=True)
         raise
     writer.close()
+
+
+def _loader(run: Job, plan_batches: list[tuple[int, list[int]]]) -> DataLoader:
+    """The run's DataLoader over its pending batches; workers forked from this process first give back the heap's
+    free pages they share with it (:func:`_forked_worker`)."""
+    dataset = (sources.Guarded if run.workers else sources.Noted)(run.dataset, run.plan.paths)
+    context = loader_context(model_device(run.model), run.workers, dataset)
+    init = sources.worker_init if run.workers else None
+    if init is not None and _forks(context):
+        init = functools.partial(_forked_worker, init)
+    return DataLoader(dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
+                      collate_fn=sources.collate, worker_init_fn=init, persistent_workers=False,
+                      multiprocessing_context=context)
+
+
+def _forks(context: Optional[str]) -> bool:
+    """Whether a DataLoader's workers of start method ``context`` start by forking this process (``None``: the
+    default's, ``"fork"`` on Linux before Python 3.14)."""
+    import multiprocessing
+
+    if context is not None:
+        return context == "fork"
+    return (multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]) == "fork"
+
+
+def _forked_worker(init: Callable[[int], None], worker_id: int) -> None:
+    """A forked decoding worker's start: the heap's free pages it shares with the run's process given back
+    (:func:`salience._core.malloc.release_shared_heap`, under ``allocator="reuse"``), then ``init``."""
+    release_shared_heap()
+    init(worker_id)
 
 
 class _Writer:
