@@ -1,5 +1,6 @@
 """Review of the Score-CAM / RISE bf16 merge (issue 15, session 42): the reused masked-input buffer never overwrites
-an input that something still holds (a hook of the user's that keeps the model's input)."""
+an input that something still holds (a hook of the user's that keeps the model's input), and a Ctrl-C as a run
+closes does not leave the process's folded copy channels-last."""
 from __future__ import annotations
 
 import warnings
@@ -10,6 +11,7 @@ from torch import nn
 
 import salience
 from salience._core import engine as _engine
+from salience._core import folding as _folding
 from salience._core import perf as _perf
 from salience.methods.perturbation import _Reused
 
@@ -67,6 +69,34 @@ def test_inputs_a_hook_keeps_are_not_overwritten_by_later_passes(method):
     assert all(torch.equal(seen, then) for seen, then in kept)
 
 
+def test_ctrl_c_as_the_run_closes_leaves_the_folded_copy_contiguous(monkeypatch):
+    """A Ctrl-C at ``Run.close``'s start (before it put the layouts back): the engine's ``finally`` ran close once,
+    so the process's cached folded copy stayed channels-last (converted in place), and every later call on the
+    model ran it so, also ``memory_format="contiguous"`` ones. Close now runs with Ctrl-C deferred, and again if
+    it raised."""
+    model, x = _net(bn=True), torch.rand(2, 3, 8, 8)
+    close, raised = _perf.Run.close, []
+
+    def interrupted(self):
+        if not raised:
+            raised.append(True)
+            raise KeyboardInterrupt
+        close(self)
+
+    monkeypatch.setattr(_perf.Run, "close", interrupted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with salience.performance(fold_batchnorm=True, memory_format="channels_last"), \
+                pytest.raises(KeyboardInterrupt):
+            salience.rise(model, x, target=0, masks=8, chunk=4)
+    assert raised
+    hit = _folding._folded.get(id(model))
+    assert hit is not None and isinstance(hit[2], nn.Module)
+    convs = [p for p in hit[2].parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous() for p in convs)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
 def test_explicit_budget_and_chunk_win_under_bf16():
     """``max_memory`` and ``chunk`` are the caller's: the low-precision default does not cut them."""
     model, x = _net(), torch.rand(1, 3, 8, 8)
@@ -86,3 +116,43 @@ def test_explicit_budget_and_chunk_win_under_bf16():
         run = _perf.Run(model, x, _perf.resolve(precision="bf16"), tag="s42rv")
     sums = _engine.accumulate(compute, 60, 1, device=torch.device("cpu"), inference=True, run=run, chunk=30)
     assert max(sums.chunks) == 30
+
+
+def test_an_exception_inside_the_restore_leaves_nothing_channels_last():
+    """An exception at each line of ``Run._restore`` (a Ctrl-C that Python raised from a trace here, a MemoryError
+    of a conversion): the second try puts back what the first did not. ``_restore`` popped each parameter before
+    putting it back, so the one popped was lost (the folded copy's stayed channels-last in the process's cache)."""
+    import sys
+
+    model, x = _net(bn=True), torch.rand(2, 3, 8, 8)
+    for k in range(1, 40):
+        lines, fired = [0], []
+
+        def trace(frame, event, arg):
+            if frame.f_code.co_name != "_restore" or not frame.f_code.co_filename.endswith("perf.py"):
+                return None
+
+            def local(frame, event, arg):
+                if event == "line":
+                    lines[0] += 1
+                    if lines[0] == k and not fired:
+                        fired.append(frame.f_lineno)
+                        raise KeyboardInterrupt
+                return local
+            return local
+
+        sys.settrace(trace)
+        try:
+            with warnings.catch_warnings(), salience.performance(fold_batchnorm=True, memory_format="channels_last"):
+                warnings.simplefilter("ignore")
+                salience.rise(model, x, target=0, masks=8, chunk=4)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        if not fired:
+            break
+        folded = _folding._folded[id(model)][2]
+        assert all(p.is_contiguous() for p in folded.parameters()), (k, fired)
+        assert all(p.is_contiguous() for p in model.parameters())
+    assert k > 3  # _restore's lines were reached

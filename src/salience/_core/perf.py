@@ -572,9 +572,12 @@ class Run:
         return self.plain_passes and self._folded is None and self.options.memory_format == "channels_last"
 
     def _restore(self) -> None:
+        """Put the parameters :meth:`set_layout` converted back; each one is dropped from the list once it is back, so
+        that a second try (:func:`salience._core.engine._close`, after an exception here) puts back the rest."""
         while self._saved:
-            p, data = self._saved.pop()
+            p, data = self._saved[-1]
             p.data = p.data.contiguous() if data is None else data
+            self._saved.pop()
 
     def close(self) -> None:
         self._restore()
