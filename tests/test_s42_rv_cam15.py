@@ -156,3 +156,28 @@ def test_an_exception_inside_the_restore_leaves_nothing_channels_last():
         assert all(p.is_contiguous() for p in folded.parameters()), (k, fired)
         assert all(p.is_contiguous() for p in model.parameters())
     assert k > 3  # _restore's lines were reached
+
+
+def test_ctrl_c_as_a_one_pass_run_closes_leaves_the_folded_copy_contiguous(monkeypatch):
+    """The same for a single pass's run (``perf.one_pass``: vanilla's input gradient on the folded copy), which
+    closed its run with a plain ``run.close()`` too."""
+    model, x = _net(bn=True), torch.rand(2, 3, 8, 8)
+    close, raised, ran = _perf.Run.close, [], []
+
+    def interrupted(self):
+        ran.append(self._folded is not None and bool(self._saved))
+        if not raised:
+            raised.append(True)
+            raise KeyboardInterrupt
+        close(self)
+
+    monkeypatch.setattr(_perf.Run, "close", interrupted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with salience.performance(fold_batchnorm=True, memory_format="channels_last"), \
+                pytest.raises(KeyboardInterrupt):
+            salience.vanilla(model, x, target=0)
+    assert raised and ran[0]  # the run held the folded copy, converted
+    folded = _folding._folded[id(model)][2]
+    assert all(p.is_contiguous() for p in folded.parameters())
+    assert all(p.is_contiguous() for p in model.parameters())

@@ -40,7 +40,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from salience._core import derived as _derived
 from salience._core import perf as _perf
 from salience._core.autograd import TargetLike, backward
-from salience._core.calm import calmly
 from salience._core.errors import SalienceError
 from salience._core.info import max_batch
 from salience._core.progress import progress as _progress
@@ -438,19 +437,8 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
             try:
                 _run_planned(compute, sums, run, start, total, n_images, cap, chunk is not None, per_item, bar)
             finally:
-                _close(run)
+                _perf.close_run(run)
     return sums.result(per_item, run)
-
-
-def _close(run: _perf.Run) -> None:
-    """``run.close()`` with Ctrl-C deferred (:func:`~salience._core.calm.calmly`), and once more if it raised: a
-    Ctrl-C before it put the layouts back left the process's folded copy, converted in place, channels-last for
-    every later call on the model (the user's own parameters are put back by the model guard)."""
-    try:
-        calmly(run.close)
-    except BaseException:  # a Ctrl-C before calmly deferred it, or the user's SIGINT handler's exception
-        calmly(run.close)
-        raise
 
 
 def _budget(max_memory: Optional[int], device: Optional[torch.device], inference: bool, run: Optional[_perf.Run]
