@@ -69,17 +69,16 @@ def test_inputs_a_hook_keeps_are_not_overwritten_by_later_passes(method):
     assert all(torch.equal(seen, then) for seen, then in kept)
 
 
-def test_ctrl_c_as_the_run_closes_leaves_the_folded_copy_contiguous(monkeypatch):
-    """A Ctrl-C at ``Run.close``'s start (before it put the layouts back): the engine's ``finally`` ran close once,
-    so the process's cached folded copy stayed channels-last (converted in place), and every later call on the
-    model ran it so, also ``memory_format="contiguous"`` ones. Close now runs with Ctrl-C deferred, and again if
-    it raised."""
-    model, x = _net(bn=True), torch.rand(2, 3, 8, 8)
-    close, raised = _perf.Run.close, []
+def _interrupted_close(monkeypatch, call) -> list[bool]:
+    """Run ``call()`` under fold + channels-last with a Ctrl-C at the first ``Run.close``'s start (before it put the
+    layouts back); check that the process's folded copy and the model are contiguous after. Returns, per close, whether
+    the run held the folded copy converted."""
+    model = _net(bn=True)
+    close, ran = _perf.Run.close, []
 
     def interrupted(self):
-        if not raised:
-            raised.append(True)
+        ran.append(self._folded is not None and bool(self._saved))
+        if len(ran) == 1:
             raise KeyboardInterrupt
         close(self)
 
@@ -88,13 +87,21 @@ def test_ctrl_c_as_the_run_closes_leaves_the_folded_copy_contiguous(monkeypatch)
         warnings.simplefilter("ignore")
         with salience.performance(fold_batchnorm=True, memory_format="channels_last"), \
                 pytest.raises(KeyboardInterrupt):
-            salience.rise(model, x, target=0, masks=8, chunk=4)
-    assert raised
-    hit = _folding._folded.get(id(model))
-    assert hit is not None and isinstance(hit[2], nn.Module)
-    convs = [p for p in hit[2].parameters() if p.dim() == 4]
+            call(model, torch.rand(2, 3, 8, 8))
+    folded = _folding._folded[id(model)][2]
+    assert isinstance(folded, nn.Module)
+    convs = [p for p in folded.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous() for p in convs)
     assert all(p.is_contiguous() for p in model.parameters())
+    return ran
+
+
+def test_ctrl_c_as_the_run_closes_leaves_the_folded_copy_contiguous(monkeypatch):
+    """A Ctrl-C at ``Run.close``'s start: the engine's ``finally`` ran close once, so the process's cached folded
+    copy stayed channels-last (converted in place), and every later call on the model ran it so, also
+    ``memory_format="contiguous"`` ones. Close now runs with Ctrl-C deferred, and again if it raised."""
+    ran = _interrupted_close(monkeypatch, lambda model, x: salience.rise(model, x, target=0, masks=8, chunk=4))
+    assert ran[0]
 
 
 def test_explicit_budget_and_chunk_win_under_bf16():
@@ -161,23 +168,5 @@ def test_an_exception_inside_the_restore_leaves_nothing_channels_last():
 def test_ctrl_c_as_a_one_pass_run_closes_leaves_the_folded_copy_contiguous(monkeypatch):
     """The same for a single pass's run (``perf.one_pass``: vanilla's input gradient on the folded copy), which
     closed its run with a plain ``run.close()`` too."""
-    model, x = _net(bn=True), torch.rand(2, 3, 8, 8)
-    close, raised, ran = _perf.Run.close, [], []
-
-    def interrupted(self):
-        ran.append(self._folded is not None and bool(self._saved))
-        if not raised:
-            raised.append(True)
-            raise KeyboardInterrupt
-        close(self)
-
-    monkeypatch.setattr(_perf.Run, "close", interrupted)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with salience.performance(fold_batchnorm=True, memory_format="channels_last"), \
-                pytest.raises(KeyboardInterrupt):
-            salience.vanilla(model, x, target=0)
-    assert raised and ran[0]  # the run held the folded copy, converted
-    folded = _folding._folded[id(model)][2]
-    assert all(p.is_contiguous() for p in folded.parameters())
-    assert all(p.is_contiguous() for p in model.parameters())
+    ran = _interrupted_close(monkeypatch, lambda model, x: salience.vanilla(model, x, target=0))
+    assert ran[0]  # the run held the folded copy, converted
