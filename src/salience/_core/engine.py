@@ -437,7 +437,7 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
             try:
                 _run_planned(compute, sums, run, start, total, n_images, cap, chunk is not None, per_item, bar)
             finally:
-                run.close()
+                _perf.close_run(run)
     return sums.result(per_item, run)
 
 

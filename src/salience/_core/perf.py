@@ -89,6 +89,7 @@ from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _co
                                      _compiled_model, _freezing_on, _Frozen, _frozen_gradient, _frozen_model,
                                      _release_graphs, _shared_setting, _store, compile_unavailable, weights_key)
 from salience._core.derived import target_classes
+from salience._core.calm import calmly
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.islands import HighResolutionFp32
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
@@ -97,7 +98,7 @@ from salience._core.malloc import keep_freed_memory, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
 from salience._core.folding import _described, _folded, _remember_fold, folded_model
 
-__all__ = ["Performance", "Run", "set_performance", "performance", "plain", "current", "resolve", "active",
+__all__ = ["Performance", "Run", "close_run", "set_performance", "performance", "plain", "current", "resolve", "active",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
            "own_hooks", "observer", "one_pass", "structure", "ModelCache", "FREEZE", "weights_key", "gradient_call",
            "native_bf16"]
@@ -433,6 +434,19 @@ def active(model: nn.Module) -> Optional["Run"]:
     return None
 
 
+def close_run(run: "Run") -> None:
+    """``run.close()`` with Ctrl-C deferred (:func:`~salience._core.calm.calmly`), and once more if it raised (a
+    Ctrl-C before the deferral, or an exception in it): for the ``finally`` of every block that made a run. A
+    Ctrl-C before close put the layouts back left the process's folded copy, converted in place
+    (:meth:`Run.set_layout`), channels-last for every later call on the model (the user's own parameters are put
+    back by the model guard)."""
+    try:
+        calmly(run.close)
+    except BaseException:  # a Ctrl-C before calmly deferred it, or the user's SIGINT handler's exception
+        calmly(run.close)
+        raise
+
+
 class Run:
     """The options of one many-pass call on ``model`` for items shaped like ``x[0]``, and its state:
     the model's current layout, whether this chunk may run compiled, what the probes measured.
@@ -572,9 +586,12 @@ class Run:
         return self.plain_passes and self._folded is None and self.options.memory_format == "channels_last"
 
     def _restore(self) -> None:
+        """Put the parameters :meth:`set_layout` converted back; each one is dropped from the list once it is back, so
+        that a second try (:func:`close_run`, after an exception here) puts back the rest."""
         while self._saved:
-            p, data = self._saved.pop()
+            p, data = self._saved[-1]
             p.data = p.data.contiguous() if data is None else data
+            self._saved.pop()
 
     def close(self) -> None:
         self._restore()
@@ -1107,4 +1124,4 @@ def one_pass(model: nn.Module, x: Tensor, *, tag: str, gradient_graph: bool = Fa
     finally:
         if run.softmax_checked:
             rec.softmax = run.softmax_stripped
-        run.close()
+        close_run(run)

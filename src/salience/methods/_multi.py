@@ -201,7 +201,7 @@ def hooked_pass(model: nn.Module, x: Tensor, method: str, *,
         with run.chunk(channels_last, False):
             yield run
     finally:
-        run.close()
+        _perf.close_run(run)
 
 
 def full_precision(t: Tensor, x: Tensor) -> Tensor:

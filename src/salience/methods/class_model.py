@@ -326,7 +326,7 @@ def _passes(model: nn.Module, img: Tensor, groups: list[tuple[Target, list[int]]
         with run.chunk(options.memory_format == "channels_last", True):
             yield
     finally:
-        run.close()
+        _perf.close_run(run)
 
 
 def _ascend(model: nn.Module, img: Tensor, groups: list[tuple[Target, list[int]]], update: _Update,

@@ -404,7 +404,11 @@ class _Reused:
     """Rows of ``x`` gathered into one buffer that every chunk reuses (:meth:`rows`; the next call overwrites it).
     A fresh ``(n, C, H, W)`` per chunk, freed between the small tensors the call keeps (each chunk's scores), grew
     glibc's heap by about its size a chunk (Score-CAM's masked images: 4.6 MB a chunk for 8 images at 224 px, session
-    42; RISE's peak did not change measurably with it: its masks and maps are fresh per chunk still)."""
+    42; RISE's peak did not change measurably with it: its masks and maps are fresh per chunk still).
+
+    The buffer is handed to the model (a contiguous run's input): one that something still holds when the next
+    chunk comes (a hook of the user's that keeps the model's input, a view of it) is left to its holder and a fresh
+    one is taken (:func:`_held_elsewhere`), else every input kept became the last chunk's."""
 
     def __init__(self, x: Tensor) -> None:
         self.x = x
@@ -413,10 +417,20 @@ class _Reused:
     def rows(self, owner: Tensor) -> Tensor:
         """``x[owner]`` ``(n, C, H, W)``, in the buffer."""
         n = len(owner)
-        if self._buffer is None or self._buffer.shape[0] < n:
+        if self._buffer is None or self._buffer.shape[0] < n or _held_elsewhere(self._buffer):
             self._buffer = None  # the smaller one (the probe's) goes first
             self._buffer = torch.empty((n,) + tuple(self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device)
         return torch.index_select(self.x, 0, owner, out=self._buffer[:n])
+
+
+def _held_elsewhere(buffer: Tensor) -> bool:
+    """Whether a tensor other than ``buffer`` (a view, the same tensor kept elsewhere counts through its storage)
+    refers to ``buffer``'s storage: its storage's use count, ``buffer``'s and the storage object's asked for here
+    apart (``True`` where this torch cannot say)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return True
+    return count(buffer.untyped_storage()._cdata) > 2
 
 
 @several_targets
