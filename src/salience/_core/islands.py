@@ -20,9 +20,9 @@ input is not an image ``(N, C, H, W)`` runs as under ``"bf16"``. Products of act
 (:data:`PRODUCTS`, session 42): attention (``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``),
 ``torch.matmul`` and the softmax run under the bf16 autocast as ``"bf16"`` runs them, as the tensor methods ``q @ k``
 and ``a.softmax(-1)`` always did: a vision transformer's attention tensors ``(batch, heads, tokens, dim)`` are 4-D
-with sides past a quarter of the input's, and in fp32 they cost timm's ``vit_small_patch8_224`` a vanilla pass 0.65
-of fp32's time against bf16's 0.53, the maps no closer to fp32's (relative L2 0.0076 against 0.0091;
-benchmarks/vit-bf16-mixed-s42.md). In-place functions (``relu(..., inplace=True)``,
+with sides past a quarter of the input's, and in fp32 they cost timm's ``vit_small_patch8_224`` (785 tokens) a vanilla
+pass 0.60 of fp32's time against bf16's 0.50, for maps that bf16 already gives at correlation 0.99996 with fp32's
+(benchmarks/vit-bf16-mixed-s42.md). In-place functions (``relu(..., inplace=True)``,
 an ``out=`` tensor; not ``out=None``) are not cast (a cast copy would take the change), only run with autocast off.
 
 It is a ``TorchFunctionMode`` entered around each eager pass (:meth:`salience._core.perf.Run.autocast`), so the
