@@ -186,8 +186,8 @@ def cuda_info(device: torch.device) -> dict:
 
 def compare_maps(ref: torch.Tensor, other: torch.Tensor) -> dict:
     """How far ``other`` is from ``ref`` (maps of the same shape ``(B, ...)``): the largest absolute
-    difference over the reference's largest absolute value, and the Pearson correlation of all values
-    and the lowest of each image's own (float64 on the CPU)."""
+    difference over the reference's largest absolute value, the relative L2 ``||other - ref|| / ||ref||``, and
+    the Pearson correlation of all values and the lowest of each image's own (float64 on the CPU)."""
     a = ref.detach().to("cpu", torch.float64).reshape(ref.shape[0], -1)
     b = other.detach().to("cpu", torch.float64).reshape(other.shape[0], -1)
 
@@ -197,4 +197,5 @@ def compare_maps(ref: torch.Tensor, other: torch.Tensor) -> dict:
         return float((u * v).sum()) / den if den > 0 else float("nan")
 
     return {"rel_max_abs_diff": float((a - b).abs().max() / a.abs().max().clamp_min(1e-300)),
+            "rel_l2": float((a - b).norm() / a.norm().clamp_min(1e-300)),
             "corr": corr(a.flatten(), b.flatten()), "corr_min_image": min(corr(u, v) for u, v in zip(a, b))}

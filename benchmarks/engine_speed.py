@@ -28,7 +28,8 @@ disturbed by other work on the machine; all K timings are in the .json, ``repeat
     python benchmarks/engine_speed.py --images 4 --modes contiguous fold fold+channels_last channels_last
 
 Reduced precision (``precision=``: the forward passes under ``torch.autocast``, meant for CUDA):
-``bf16``, ``fp16`` (default layout) and ``bf16+channels_last``. With any of them the table gains a
+``bf16``, ``fp16`` (default layout) and ``bf16+channels_last``; ``bf16-mixed`` and ``bf16-mixed+channels_last``
+(``precision="bf16-mixed"``: no bare reference of their own). With bf16 or fp16 the table gains a
 bare reference per precision, ``bare B bf16`` / ``bare B fp16``: the bare passes of B images with
 the forward under the same ``torch.autocast`` (the score and the gradient outside it, as salience
 runs them), so that salience's bf16 reads against both the fp32 and the bf16 bare passes.
@@ -95,6 +96,10 @@ MODES = {
     "bf16": dict(memory_format="contiguous", chunks="memory", precision="bf16"),
     "fp16": dict(memory_format="contiguous", chunks="memory", precision="fp16"),
     "bf16+channels_last": dict(memory_format="channels_last", chunks="memory", precision="bf16"),
+    # bf16-mixed: bf16 autocast, the operations on maps of >= 1/4 of the input's sides in fp32
+    # (salience._core.islands); no bare reference of its own (plain autocast is not its passes)
+    "bf16-mixed": dict(memory_format="contiguous", chunks="memory", precision="bf16-mixed"),
+    "bf16-mixed+channels_last": dict(memory_format="channels_last", chunks="memory", precision="bf16-mixed"),
 }
 
 
@@ -138,7 +143,7 @@ def _job(model, frozen, x, method: str, args) -> dict:
     if b != 8:
         modes["bare 8"] = lambda: bare(frozen, items, tgt, 8)
     # the bare passes of each reduced precision among the modes, B at a time, under the same autocast
-    for prec in sorted({MODES[m].get("precision", "fp32") for m in args.modes} - {"fp32"}):
+    for prec in sorted({MODES[m].get("precision", "fp32") for m in args.modes} - {"fp32", "bf16-mixed"}):
         modes[f"bare {b} {prec}"] = (lambda dt: lambda: bare(frozen, items, tgt, b, dt))(_DTYPES[prec])
     def under(options: dict) -> Callable[[], object]:
         def run() -> object:
@@ -270,11 +275,13 @@ def _usage_lines(jobs: list[dict]) -> str:
 
 def _check_table(jobs: list[dict]) -> str:
     """``--check``: each mode's maps against the defaults' (fp32, contiguous), first calls, same inputs."""
-    lines = ["| method | images | mode | max abs diff / max abs of fp32 map | correlation | lowest per-image correlation |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | images | mode | max abs diff / max abs of fp32 map | relative L2 | correlation | "
+             "lowest per-image correlation |",
+             "|---|---|---|---|---|---|---|"]
     for j in jobs:
         for k, c in j.get("check", {}).items():
-            lines.append(f"| {j['method']} | {j['images']} | {k} | {c['rel_max_abs_diff']:.2e} | {c['corr']:.6f} | "
+            lines.append(f"| {j['method']} | {j['images']} | {k} | {c['rel_max_abs_diff']:.2e} | "
+                         f"{c.get('rel_l2', float('nan')):.4f} | {c['corr']:.6f} | "
                          f"{c['corr_min_image']:.6f} |")
     return "\n".join(lines)
 

@@ -16,9 +16,13 @@ arguments, positional or keyword (or a tensor in a list or tuple argument, ``tor
 ``(N, h, w, C)`` tensor, torchvision's ConvNeXt's MLPs, has ``w x C`` as its last two sides) runs with autocast off
 and its bf16 arguments (keyword ones too: ``attn_mask=``, ``weight=``) cast to float32, so it and its backward
 compute in fp32. The other operations run under the bf16 autocast as ``precision="bf16"`` runs them. A model whose
-input is not an image ``(N, C, H, W)`` runs as under ``"bf16"``. The rule reads any 4-D tensor as a map: a vision
-transformer's attention tensors ``(batch, heads, tokens, dim)`` are 4-D too, and its functions on them
-(``F.scaled_dot_product_attention``, ``torch.matmul``) run in fp32. In-place functions (``relu(..., inplace=True)``,
+input is not an image ``(N, C, H, W)`` runs as under ``"bf16"``. Products of activations are no map operations
+(:data:`PRODUCTS`, session 42): attention (``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``),
+``torch.matmul`` and the softmax run under the bf16 autocast as ``"bf16"`` runs them, as the tensor methods ``q @ k``
+and ``a.softmax(-1)`` always did: a vision transformer's attention tensors ``(batch, heads, tokens, dim)`` are 4-D
+with sides past a quarter of the input's, and in fp32 they cost timm's ``vit_small_patch8_224`` (785 tokens) a vanilla
+pass 0.60 of fp32's time against bf16's 0.50, for maps that bf16 already gives at correlation 0.99996 with fp32's
+(benchmarks/vit-bf16-mixed-s42.md). In-place functions (``relu(..., inplace=True)``,
 an ``out=`` tensor; not ``out=None``) are not cast (a cast copy would take the change), only run with autocast off.
 
 It is a ``TorchFunctionMode`` entered around each eager pass (:meth:`salience._core.perf.Run.autocast`), so the
@@ -32,13 +36,20 @@ from typing import Any, Optional, Sequence
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RATIO", "HighResolutionFp32"]
+__all__ = ["RATIO", "PRODUCTS", "HighResolutionFp32"]
 
 RATIO = 4
 """Maps at ``1 / RATIO`` of the input's height and width or larger run in fp32 (measured: 2 left EfficientNet-Lite0's
 vanilla maps at correlation 0.92-0.96 with fp32's on three photos, 4 gave 0.968-0.975, 8 0.984-0.988; resnet50's
 forward + input gradient, channels-last, took 0.48, 0.64 and 0.82 of fp32's time, plain bf16 0.42: medians,
 benchmarks/bf16-islands-s41.md)."""
+
+
+PRODUCTS = frozenset({torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.multi_head_attention_forward,
+                      torch.matmul, torch.nn.functional.softmax, torch.softmax})
+"""Functions the rule leaves to the bf16 autocast whatever their arguments' sizes: attention and its parts, the
+functions that ``q @ k`` and ``a.softmax(-1)`` (tensor methods, which run as they are) spell otherwise. (``torch.einsum``
+stays under the rule: ``einsum("bchw,dc->bdhw", x, w)`` is a 1x1 convolution on a map.)"""
 
 
 def _tensor_method(func: Any) -> bool:
@@ -79,7 +90,7 @@ class HighResolutionFp32(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
-        if _tensor_method(func) or not self._large((*args, *kwargs.values())):
+        if func in PRODUCTS or _tensor_method(func) or not self._large((*args, *kwargs.values())):
             return func(*args, **kwargs)
         if not _is_inplace(func, kwargs):  # keyword arguments too: F.scaled_dot_product_attention's attn_mask=
             args = tuple(_fp32(a) for a in args)
