@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import pickle
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,27 @@ def test_the_workers_release_uses_the_c_library_found_before_the_fork():
     looked, got = (json.loads(line) for line in out.stdout.splitlines())
     assert looked["looked"] == [] and got["released"] is True, (looked, got)
     assert got["kept"] - got["after"] >= 100 << 20, got
+
+
+ROW = re.compile(r"^(.+?)\s+wall\s+([\d.]+) s\s+CPU\s+([\d.]+) s \(sys\s+([\d.]+)\)\s+([\d,]+) minor faults$", re.M)
+STEPS = ("run, forked, no release", "run, forked, release", "run, workers=0")
+
+
+@pytest.mark.parametrize("doc", ["docs/datasets.md", "docs/performance.md"])
+def test_the_docs_rounds_2_and_3_of_the_committed_script_are_the_output_files(doc):
+    """The paragraph on the committed script's rounds 2 and 3 (the output file's third part) gives, per step, the
+    range of those two rounds' system s and faults (its first round, disturbed, left out as it says)."""
+    text = (ROOT / "benchmarks/dataset-fork-faults-s42-1thread.md").read_text()
+    third = text.split("```")[5]
+    rows: dict[str, list[tuple[float, int]]] = {}
+    for name, _, _, sys_s, faults in ROW.findall(third):
+        rows.setdefault(name.strip(), []).append((float(sys_s), int(faults.replace(",", ""))))
+    said = (ROOT / doc).read_text().split("The committed script at 1cb2c1c")[1].split("\n\n")[0]
+    system = re.search(r"system s (\S+) / (\S+) / (\S+);", said).groups()
+    faults = re.search(r"faults\s+(\S+) / (\S+) / ([\d,-]+)", said).groups()
+    for k, step in enumerate(STEPS):
+        later = rows[step][1:3]
+        s = sorted(r[0] for r in later)
+        f = sorted(r[1] for r in later)
+        assert system[k] == f"{s[0]:.2f}-{s[1]:.2f}", (step, system[k])
+        assert faults[k] == f"{f[0]:,}-{f[1]:,}", (step, faults[k])
