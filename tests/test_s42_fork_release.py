@@ -74,6 +74,9 @@ def test_release_acts_only_where_reuse_fixed_glibcs_thresholds(monkeypatch):
     assert _malloc.release_shared_heap() is False
     monkeypatch.setattr(_malloc, "_fixed", True)
     monkeypatch.setattr(_malloc, "_glibc", lambda: (None, "macOS"))
+    monkeypatch.setattr(_malloc, "_libc", None)  # keep_freed_memory found no glibc (its C library is kept)
+    assert _malloc.release_shared_heap() is False
+    monkeypatch.setattr(_malloc, "_libc", object())  # a C library without malloc_trim
     assert _malloc.release_shared_heap() is False
 
 

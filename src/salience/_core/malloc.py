@@ -37,6 +37,7 @@ TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int
 
 _done = False
 _fixed = False  # a mallopt of keep_freed_memory took: glibc's thresholds are this process's for good
+_libc: Optional[Any] = None  # the glibc keep_freed_memory set them in: a forked worker's release looks nothing up
 _lock = threading.Lock()
 
 
@@ -62,7 +63,7 @@ def keep_freed_memory() -> bool:
     """Fix glibc's mmap and trim thresholds so freed activations are kept for reuse (once per process);
     ``True`` when both were set now. Where the C library is not glibc (macOS, Windows, musl) nothing is
     set, and a warning says so, once."""
-    global _done, _fixed
+    global _done, _fixed, _libc
     with _lock:
         if _done:
             return False
@@ -77,6 +78,7 @@ def keep_freed_memory() -> bool:
         mmap = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
         trim = bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
         _fixed = mmap or trim
+        _libc = libc if _fixed else None
         return mmap and trim
 
 
@@ -104,13 +106,18 @@ def release_shared_heap() -> bool:
     docs/performance.md, session 42). A page the child gave back is the parent's alone: its write still faults once
     (fork write-protects the parent's pages) but keeps the page, with no copy (nor the zeroing a page the parent gave
     back would take). The child frees nothing it uses (free pages only; it inherits the parent's thresholds, so
-    ``_fixed``); the parent is not touched. Elsewhere it does nothing."""
-    if not _fixed:
+    ``_fixed``); the parent is not touched. It calls the C library :func:`keep_freed_memory` found in the parent
+    (inherited too): no lookup in the worker (``ctypes.util.find_library`` runs ``ldconfig -p`` as a process, and a
+    ``dlopen`` in a process forked from a threaded one can wait on a lock no thread will release). Elsewhere (no
+    thresholds fixed, a C library without ``malloc_trim``) it does nothing and never raises."""
+    libc = _libc
+    if not _fixed or libc is None:
         return False
-    libc, _ = _glibc()
-    if libc is None:
+    try:
+        trim = libc.malloc_trim
+    except AttributeError:
         return False
-    libc.malloc_trim.restype = ctypes.c_int
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    libc.malloc_trim(0)
+    trim.restype = ctypes.c_int
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
     return True

@@ -63,6 +63,7 @@ class Job:
     batch: int
     workers: int
     spec: Any  # what the Ray actors load the model from: a spec string or the module itself
+    worker_init: Optional[Callable[[int], None]] = None  # a given DataLoader's worker_init_fn (the local engine's)
 
 
 def explain_dataset(  # long: the documented keywords, checked one by one, then one call per step
@@ -152,7 +153,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     device = resolve_device(device)
     module = _model(model, device, weights)
     fns, options = _methods(methods, method_options)
-    dataset, paths, loader_workers = _dataset(images, module)
+    dataset, paths, loader = _dataset(images, module)
     first = _first_pending(folder, len(paths), overwrite)  # the one item read before the run: its first to do
     info, n_out = _info(module, dataset, first)
     regression = info.task == "regression" or n_out == 1
@@ -200,7 +201,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "cwd": os.getcwd()}  # where the relative paths of inputs.parquet are from
     if workers is None:
-        workers = loader_workers if loader_workers is not None else min(4, max((os.cpu_count() or 1) - 1, 0))
+        workers = loader.num_workers if loader is not None else min(4, max((os.cpu_count() or 1) - 1, 0))
     workers = check_int(workers, "workers", minimum=0)
     check_folder(folder, overwrite)
     with run_lock(folder) as writer:  # one writer: a second run on this folder is refused while this one lives
@@ -222,7 +223,8 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
             # the first image still to explain, read before the run anyway: its label checked now (one of the
             # model's classes, the one the run was begun with), not when its batch comes; the others when read
             plan.label(sources.read_once(dataset, first))
-        run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module)
+        run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module,
+                  loader.worker_init_fn if loader is not None else None)
         if engine == "ray":  # the driver holds the lock; the actors write shards while it holds it (writer)
             from salience.runs import ray_engine
 
@@ -307,15 +309,16 @@ def _methods(methods: Any, options: Optional[Mapping[str, Any]]) -> tuple[dict[s
     return fns, record
 
 
-def _dataset(images: Any, model: nn.Module) -> tuple[Dataset, list[str], Optional[int]]:
-    """The dataset, a path per index, and a DataLoader's workers. No item is read."""
-    loader_workers = None
+def _dataset(images: Any, model: nn.Module) -> tuple[Dataset, list[str], Optional[DataLoader]]:
+    """The dataset, a path per index, and the DataLoader given (its workers and ``worker_init_fn`` are the run's).
+    No item is read."""
+    loader = None
     if isinstance(images, DataLoader):
-        loader_workers = images.num_workers
+        loader = images
         images = images.dataset
     if isinstance(images, Dataset) and not isinstance(images, (str, Path)):
         wrapped = sources.Wrapped(images)
-        return wrapped, [f"{type(images).__name__}[{i}]" for i in range(len(wrapped))], loader_workers
+        return wrapped, [f"{type(images).__name__}[{i}]" for i in range(len(wrapped))], loader
     if isinstance(images, torch.Tensor) or isinstance(images, np.ndarray) and images.dtype.kind not in "USO":
         raise SalienceError(f"images is a {type(images).__name__} of shape {tuple(images.shape)}; give a dataset of "
                             "its images, e.g. torch.utils.data.TensorDataset(images) for (N, C, H, W) tensors")
@@ -575,8 +578,9 @@ def loader_context(device: torch.device, workers: int, dataset: Any = None) -> O
     """The DataLoader's multiprocessing start method: ``"forkserver"`` when the run's device is CUDA
     and workers decode (forking a process that has CUDA and threads running is unsafe: Python 3.12
     warns), else ``None``, the platform's default (fork on Linux: the quickest to start). A
-    ``dataset`` that does not pickle (a lambda in its transform, a class defined in a notebook) is
-    forked as before: a forkserver's workers receive it pickled, and would fail to start."""
+    ``dataset`` that does not pickle (a lambda in its transform, a class defined in a notebook; with the
+    ``worker_init_fn`` of the user's DataLoader, :func:`_loader`) is forked as before: a forkserver's
+    workers receive it pickled, and would fail to start."""
     import multiprocessing
     import pickle
 
@@ -614,13 +618,14 @@ def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> Non
 
 
 def _loader(run: Job, plan_batches: list[tuple[int, list[int]]]) -> DataLoader:
-    """The run's DataLoader over its pending batches; workers forked from this process first give back the heap's
-    free pages they share with it (:func:`_forked_worker`)."""
+    """The run's DataLoader over its pending batches; each worker starts with :func:`_worker_start` (a forked one
+    gives back the heap's free pages it shares with this process; the user's DataLoader's ``worker_init_fn`` last).
+    A user's ``worker_init_fn`` that does not pickle forks the workers, as a dataset that does not
+    (:func:`loader_context`)."""
     dataset = (sources.Guarded if run.workers else sources.Noted)(run.dataset, run.plan.paths)
-    context = loader_context(model_device(run.model), run.workers, dataset)
-    init = sources.worker_init if run.workers else None
-    if init is not None and _forks(context):
-        init = functools.partial(_forked_worker, init)
+    user = run.worker_init if run.workers else None
+    context = loader_context(model_device(run.model), run.workers, dataset if user is None else (dataset, user))
+    init = functools.partial(_worker_start, _forks(context), user) if run.workers else None
     return DataLoader(dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
                       collate_fn=sources.collate, worker_init_fn=init, persistent_workers=False,
                       multiprocessing_context=context)
@@ -636,11 +641,15 @@ def _forks(context: Optional[str]) -> bool:
     return (multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]) == "fork"
 
 
-def _forked_worker(init: Callable[[int], None], worker_id: int) -> None:
-    """A forked decoding worker's start: the heap's free pages it shares with the run's process given back
-    (:func:`salience._core.malloc.release_shared_heap`, under ``allocator="reuse"``), then ``init``."""
-    release_shared_heap()
-    init(worker_id)
+def _worker_start(forked: bool, user: Optional[Callable[[int], None]], worker_id: int) -> None:
+    """A decoding worker's start: a ``forked`` one first gives back the heap's free pages it shares with the run's
+    process (:func:`salience._core.malloc.release_shared_heap`, under ``allocator="reuse"``); then salience's own
+    start (:func:`sources.worker_init`), then ``user``, the ``worker_init_fn`` of the DataLoader the run was given."""
+    if forked:
+        release_shared_heap()
+    sources.worker_init(worker_id)
+    if user is not None:
+        user(worker_id)
 
 
 class _Writer:
