@@ -18,7 +18,8 @@ and its bf16 arguments (keyword ones too: ``attn_mask=``, ``weight=``) cast to f
 compute in fp32. The other operations run under the bf16 autocast as ``precision="bf16"`` runs them. A model whose
 input is not an image ``(N, C, H, W)`` runs as under ``"bf16"``. Products of activations are no map operations
 (:data:`PRODUCTS`, session 42): attention (``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``),
-``torch.matmul`` and the softmax run under the bf16 autocast as ``"bf16"`` runs them, as the tensor methods ``q @ k``
+``torch.matmul`` of two batched operands (both 3-D or more; by a 1-D or 2-D weight it is a linear layer on the map and
+stays under the rule, :data:`MATMULS`) and the softmax run under the bf16 autocast as ``"bf16"`` runs them, as the tensor methods ``q @ k``
 and ``a.softmax(-1)`` always did: a vision transformer's attention tensors ``(batch, heads, tokens, dim)`` are 4-D
 with sides past a quarter of the input's, and in fp32 they cost timm's ``vit_small_patch8_224`` (785 tokens) a vanilla
 pass 0.60 of fp32's time against bf16's 0.50, for maps that bf16 already gives at correlation 0.99996 with fp32's
