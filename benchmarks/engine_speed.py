@@ -40,7 +40,7 @@ the highest over the rounds, MiB, a column of the table), the GPU's name, CUDA /
 TF32 settings written with the results; the times in ms; ``--warmup`` (default 2 there, 0 on a CPU)
 calls of every mode before the rounds; and ``--check`` is on: each salience mode's maps (its first
 call) against the ``contiguous`` mode's (fp32): the largest absolute difference over the fp32
-map's largest absolute value, and the correlation (all values; the lowest per image), the
+map's largest absolute value, the relative L2, and the correlation (all values; the lowest per image), the
 tolerance of a reduced precision. ``benchmarks/gpu.sh`` runs the GPU configuration.
 
     python benchmarks/engine_speed.py --device cuda --images 1 4 8 32 --modes contiguous channels_last bf16 fp16 bf16+channels_last

@@ -18,7 +18,8 @@ and its bf16 arguments (keyword ones too: ``attn_mask=``, ``weight=``) cast to f
 compute in fp32. The other operations run under the bf16 autocast as ``precision="bf16"`` runs them. A model whose
 input is not an image ``(N, C, H, W)`` runs as under ``"bf16"``. Products of activations are no map operations
 (:data:`PRODUCTS`, session 42): attention (``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``),
-``torch.matmul`` and the softmax run under the bf16 autocast as ``"bf16"`` runs them, as the tensor methods ``q @ k``
+``torch.matmul`` of two batched operands (both 3-D or more; by a 1-D or 2-D weight it is a linear layer on the map and
+stays under the rule, :data:`MATMULS`) and the softmax run under the bf16 autocast as ``"bf16"`` runs them, as the tensor methods ``q @ k``
 and ``a.softmax(-1)`` always did: a vision transformer's attention tensors ``(batch, heads, tokens, dim)`` are 4-D
 with sides past a quarter of the input's, and in fp32 they cost timm's ``vit_small_patch8_224`` (785 tokens) a vanilla
 pass 0.60 of fp32's time against bf16's 0.50, for maps that bf16 already gives at correlation 0.99996 with fp32's
@@ -36,7 +37,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RATIO", "PRODUCTS", "HighResolutionFp32"]
+__all__ = ["RATIO", "PRODUCTS", "MATMULS", "HighResolutionFp32"]
 
 RATIO = 4
 """Maps at ``1 / RATIO`` of the input's height and width or larger run in fp32 (measured: 2 left EfficientNet-Lite0's
@@ -49,7 +50,13 @@ PRODUCTS = frozenset({torch.nn.functional.scaled_dot_product_attention, torch.nn
                       torch.matmul, torch.nn.functional.softmax, torch.softmax})
 """Functions the rule leaves to the bf16 autocast whatever their arguments' sizes: attention and its parts, the
 functions that ``q @ k`` and ``a.softmax(-1)`` (tensor methods, which run as they are) spell otherwise. (``torch.einsum``
-stays under the rule: ``einsum("bchw,dc->bdhw", x, w)`` is a 1x1 convolution on a map.)"""
+stays under the rule: ``einsum("bchw,dc->bdhw", x, w)`` is a 1x1 convolution on a map.) A matrix product is one of
+two batched operands, both 3-D or more (``q @ k``); by a 1-D or 2-D weight it is a linear layer (``torch.matmul(h, w)``
+on a channels-last ``(N, h, w, C)`` map, a 1x1 convolution): :data:`MATMULS`, under the rule (session 42 review)."""
+
+MATMULS = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__})
+"""Every spelling of a matrix product (the function and the tensor methods ``@``, ``x.matmul``): one rule for all of
+them, the operands' ranks (:func:`_product`)."""
 
 
 def _tensor_method(func: Any) -> bool:
@@ -58,6 +65,15 @@ def _tensor_method(func: Any) -> bool:
     return (getattr(func, "__objclass__", None) in (torch.Tensor, torch._C.TensorBase)
             or getattr(func, "__qualname__", "").startswith(("Tensor.", "TensorBase."))
             or getattr(func, "__name__", "") in ("__get__", "__set__"))
+
+
+def _product(func: Any, args: Sequence[Any], kwargs: dict) -> bool:
+    """Left to the bf16 autocast whatever the sizes: a function of :data:`PRODUCTS`, but a matrix product only of two
+    batched operands (a weight of 1 or 2 dimensions makes it a linear layer on a map, under the rule)."""
+    if func in MATMULS:
+        ops = [*args[:2], *(kwargs[k] for k in ("input", "other") if k in kwargs)]
+        return len(ops) == 2 and all(isinstance(a, torch.Tensor) and a.dim() >= 3 for a in ops)
+    return func in PRODUCTS
 
 
 def _is_inplace(func: Any, kwargs: dict) -> bool:
@@ -90,7 +106,8 @@ class HighResolutionFp32(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
-        if func in PRODUCTS or _tensor_method(func) or not self._large((*args, *kwargs.values())):
+        if (_product(func, args, kwargs) or (func not in MATMULS and _tensor_method(func))
+                or not self._large((*args, *kwargs.values()))):
             return func(*args, **kwargs)
         if not _is_inplace(func, kwargs):  # keyword arguments too: F.scaled_dot_product_attention's attn_mask=
             args = tuple(_fp32(a) for a in args)
