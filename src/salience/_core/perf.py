@@ -443,6 +443,8 @@ class Run:
     back (:func:`salience._core.engine.accumulate` calls it).
     """
 
+    keeps_casts = False  # inside casts_kept: the engine runs the passes under no_grad (autocast's casts kept)
+
     def __init__(self, model: nn.Module, x: Tensor, options: Optional[Performance] = None, *, tag: str = "",
                  plain_passes: bool = False) -> None:
         self.model = model
@@ -488,7 +490,6 @@ class Run:
         self._used_frozen = False
         self._folded: Optional[nn.Module] = None
         self._used_folded = False
-        self.keeps_casts = False  # inside casts_kept: the engine runs the passes under no_grad (casts kept)
         if self.options.fold_batchnorm:
             self._folded, why = folded_model(model, self._fold_key)
             if self._folded is None:
@@ -580,16 +581,15 @@ class Run:
         if self.dtype is None or self.options.backend is not None or not params or self.keeps_casts:
             yield
             return
-        torch.autocast_increment_nesting()  # the cache outlives each pass's autocast block until this one leaves
+        entered: list[bool] = []
         try:
-            calmly(_requires_grad, params, True)
+            calmly(_keep_casts, params, entered)
             self.keeps_casts = True
             yield
         finally:
             self.keeps_casts = False
-            calmly(_requires_grad, params, False)
-            if torch.autocast_decrement_nesting() == 0:
-                torch.clear_autocast_cache()
+            if entered:
+                calmly(_drop_casts, params)
 
     def _folded_runs(self) -> bool:
         """Whether every pass from now on runs the folded copy (:meth:`forward_fn`): ``plain_passes``, and an eager
@@ -897,9 +897,22 @@ class Run:
         return time.perf_counter()
 
 
-def _requires_grad(params: list, value: bool) -> None:
+def _keep_casts(params: list, entered: list) -> None:
+    """:meth:`Run.casts_kept`'s entry: one autocast nesting more (its cache outlives each pass's autocast block until
+    this one leaves) and ``params`` requiring gradients (autocast caches a cast of a leaf that does);
+    ``entered`` noted (all done, or nothing: under :func:`calmly`)."""
+    torch.autocast_increment_nesting()
     for p in params:
-        p.requires_grad_(value)
+        p.requires_grad_(True)
+    entered.append(True)
+
+
+def _drop_casts(params: list) -> None:
+    """:meth:`Run.casts_kept`'s exit: ``params`` back to no gradients, the nesting closed, the copies dropped."""
+    for p in params:
+        p.requires_grad_(False)
+    if torch.autocast_decrement_nesting() == 0:
+        torch.clear_autocast_cache()
 
 
 @contextmanager
