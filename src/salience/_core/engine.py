@@ -15,7 +15,9 @@ belongs to image ``j % B``. :func:`accumulate`
   size, ``max_memory=`` sets the budget (default: :func:`default_budget`);
 - shows a progress bar when asked;
 - runs ``compute`` under ``torch.inference_mode()`` with ``inference=True``, for the gradient-free
-  passes of the perturbation methods (Score-CAM, Ablation-CAM, occlusion, RISE).
+  passes of the perturbation methods (Score-CAM, Ablation-CAM, occlusion, RISE); under a run's eager autocast
+  (``precision``) under ``torch.no_grad`` instead, inside :meth:`salience._core.perf.Run.casts_kept` for the
+  whole call, so that autocast casts each weight once per call, not once per pass.
 
 :func:`input_gradients` and :func:`layer_gradients` are what methods ask of the engine: the
 gradients of K targets over given items, from one forward pass and one backward pass per target

@@ -23,7 +23,8 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   ``torch.autocast`` (see docs/performance.md for the tolerance): for CUDA, and ``"bf16"`` for a CPU with
   native bf16 that pays (AMX-BF16; Arm's BF16: :func:`native_bf16`), best with ``memory_format="channels_last"``; on
   a CPU without, ``"bf16"`` is no faster than fp32 (AVX512-BF16 alone) or slower, and warns once per process
-  (:mod:`salience._core.cpu`).
+  (:mod:`salience._core.cpu`). The gradient-free many-pass runs keep autocast's cast of each weight for the whole
+  call (:meth:`Run.casts_kept`); the gradient methods' passes still cast every weight per pass.
   ``"bf16-mixed"``: the bf16 autocast with the operations on the maps at a quarter of the input's resolution or
   larger in fp32 (:mod:`salience._core.islands`; the pixel-gradient maps much closer to fp32's than bf16's, at a
   part of bf16's speed-up), eager only (``compile`` refused with it).
