@@ -23,7 +23,8 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   ``torch.autocast`` (see docs/performance.md for the tolerance): for CUDA, and ``"bf16"`` for a CPU with
   native bf16 that pays (AMX-BF16; Arm's BF16: :func:`native_bf16`), best with ``memory_format="channels_last"``; on
   a CPU without, ``"bf16"`` is no faster than fp32 (AVX512-BF16 alone) or slower, and warns once per process
-  (:mod:`salience._core.cpu`).
+  (:mod:`salience._core.cpu`). The gradient-free many-pass runs keep autocast's cast of each weight for the whole
+  call (:meth:`Run.casts_kept`); the gradient methods' passes still cast every weight per pass.
   ``"bf16-mixed"``: the bf16 autocast with the operations on the maps at a quarter of the input's resolution or
   larger in fp32 (:mod:`salience._core.islands`; the pixel-gradient maps much closer to fp32's than bf16's, at a
   part of bf16's speed-up), eager only (``compile`` refused with it).
@@ -84,6 +85,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from salience._core.calm import calmly
 from salience._core.cpu import native_bf16, warn_bf16_without_native
 from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _compile_failed, _compiled,
                                      _compiled_model, _freezing_on, _Frozen, _frozen_gradient, _frozen_model,
@@ -456,6 +458,8 @@ class Run:
     back (:func:`salience._core.engine.accumulate` calls it).
     """
 
+    keeps_casts = False  # inside casts_kept: the engine runs the passes under no_grad (autocast's casts kept)
+
     def __init__(self, model: nn.Module, x: Tensor, options: Optional[Performance] = None, *, tag: str = "",
                  plain_passes: bool = False) -> None:
         self.model = model
@@ -572,6 +576,35 @@ class Run:
         else:
             self._restore()
         self.channels_last = channels_last
+        if self.keeps_casts:  # autocast's cache is keyed on the parameter: its copies have the old layout
+            torch.clear_autocast_cache()
+
+    @contextmanager
+    def casts_kept(self) -> Iterator[None]:
+        """Autocast's low-precision copies of the weights made once for all the passes of the run (``precision``,
+        eager), as one autocast block around a loop by hand keeps them. Each pass's own block dropped them on
+        leaving, and autocast keeps a cast only of a leaf that requires gradients (the guard turned that off) and
+        only out of ``torch.inference_mode``: every pass cast every weight again (resnet50 at 8 images of 112 px,
+        Ablation-CAM: 4,431 weight copies, 1.1 s of 5.5). Here one autocast nesting stays open for the call and
+        the parameters (the model's, the folded copy's) require gradients, turned back off (:func:`calmly`: a
+        Ctrl-C waits; the guard puts the user's back anyway) before the guard restores the model; the engine runs
+        the passes under ``torch.no_grad`` instead of ``inference_mode`` meanwhile (:attr:`keeps_casts`). Not
+        with ``compile`` (a compiled graph casts in itself, and guards on ``requires_grad``)."""
+        folded = tuple(self._folded.parameters()) if self._folded is not None else ()
+        params = [p for p in (*self.model.parameters(), *folded)
+                  if p.dtype == torch.float32 and not p.requires_grad and p.is_leaf]
+        if self.dtype is None or self.options.backend is not None or not params or self.keeps_casts:
+            yield
+            return
+        entered: list[bool] = []
+        try:
+            calmly(_keep_casts, params, entered)
+            self.keeps_casts = True
+            yield
+        finally:
+            self.keeps_casts = False
+            if entered:
+                calmly(_drop_casts, params)
 
     def _folded_runs(self) -> bool:
         """Whether every pass from now on runs the folded copy (:meth:`forward_fn`): ``plain_passes``, and an eager
@@ -880,6 +913,24 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def _keep_casts(params: list, entered: list) -> None:
+    """:meth:`Run.casts_kept`'s entry: one autocast nesting more (its cache outlives each pass's autocast block until
+    this one leaves) and ``params`` requiring gradients (autocast caches a cast of a leaf that does);
+    ``entered`` noted (all done, or nothing: under :func:`calmly`)."""
+    torch.autocast_increment_nesting()
+    for p in params:
+        p.requires_grad_(True)
+    entered.append(True)
+
+
+def _drop_casts(params: list) -> None:
+    """:meth:`Run.casts_kept`'s exit: ``params`` back to no gradients, the nesting closed, the copies dropped."""
+    for p in params:
+        p.requires_grad_(False)
+    if torch.autocast_decrement_nesting() == 0:
+        torch.clear_autocast_cache()
 
 
 @contextmanager

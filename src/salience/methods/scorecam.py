@@ -34,9 +34,8 @@ Ablation-CAM's hooked passes never run compiled nor folded (a warning says so on
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager, nullcontext as contextlib_null
 from dataclasses import replace
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -401,42 +400,6 @@ class _Ablated:
         return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
 
 
-@contextmanager
-def _weight_casts_kept(model: nn.Module, run: _perf.Run) -> Iterator[None]:
-    """Autocast's low-precision copies of the weights made once for all the passes of a run under ``precision``, as
-    one autocast block around a loop by hand keeps them: each pass's own block dropped them on leaving, and
-    autocast keeps a cast only of a parameter that requires gradients, which the guard turned off, so every pass
-    cast every weight again (resnet50's 25 M at each pass: 1.1 s of 5.5 at 8 images of 112 px, chunks of 8). The
-    passes run under ``torch.inference_mode`` (no graph, whatever ``requires_grad`` says); ``requires_grad`` is
-    turned back off, and the copies dropped, before the guard restores the model. Autocast keeps no cast made
-    under ``torch.inference_mode``: each pass runs out of it, under ``torch.no_grad`` (:func:`_cast_pass`)."""
-    params = [p for p in model.parameters() if p.dtype == torch.float32 and not p.requires_grad]
-    if run.dtype is None or not params:
-        yield
-        return
-    torch.autocast_increment_nesting()  # the cache outlives each pass's autocast block until this one leaves
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-        if torch.autocast_decrement_nesting() == 0:
-            torch.clear_autocast_cache()
-
-
-def _cast_pass(run: _perf.Run) -> Any:
-    """Where a pass runs inside :func:`_weight_casts_kept`: ``torch.no_grad`` out of the engine's inference mode
-    (whose casts autocast does not keep); nothing under fp32."""
-    if run.dtype is None:
-        return contextlib_null()
-    stack = ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.no_grad())
-    return stack
-
-
 def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) -> None:
     """Refuse a clean score ``S`` of exactly 0 (``clean`` ``(B, K)``): Ablation-CAM's weights
     ``(S - S_k) / S`` would be 0 / 0 or infinite there, a map of NaN (a fresh torchvision
@@ -530,15 +493,13 @@ def ablationcam(
         live = (native != value).movedim(axis, 1).flatten(2).any(2).t().flatten().nonzero().flatten()
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            with _cast_pass(run):
-                s = items(live[start:stop])
+            s = items(live[start:stop])
             return s, s  # the scores give the weights: kept per item (small), combined below
 
         scores = clean.repeat(acts.shape[1], 1)  # (D * B, K): each item's clean score until its pass
         if len(live):
-            with _weight_casts_kept(model, run):
-                sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
-                                          desc="ablationcam", device=x.device, inference=True, run=run)
+            sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
+                                      desc="ablationcam", device=x.device, inference=True, run=run)
             assert sums.scores is not None
             scores[live] = sums.scores.to(scores.dtype)
     ablated = _per_image(scores, b)  # (B, K, D)
