@@ -94,6 +94,7 @@ from salience._core.derived import target_classes
 from salience._core.calm import calmly
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.islands import HighResolutionFp32
+from salience._core.strided import ContiguousAttention, holds_attention
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
 from salience._core.layouts import channels_last_data, copies_made, keep_only, keeping
 from salience._core.malloc import keep_freed_memory, thresholds_fixed
@@ -486,8 +487,8 @@ class Run:
         self._frozen_only = self._tail_next = False
         self._used_compiled = False
         self._probing = False
-        self.softmax_checked = False
-        self.softmax_stripped = False
+        self.softmax_checked = self.softmax_stripped = False
+        self._holds_attention: Optional[bool] = None  # holds an nn.MultiheadAttention (_strided_attention)
         if self.options.freeze and rec.softmax is not None:
             # compile="freeze": an earlier run on this model's structure checked for a final softmax,
             # so the first chunk may run the frozen graphs too (reused_probe)
@@ -700,10 +701,22 @@ class Run:
         submodule or a scripted function (no module says so), and the flag is the JIT's alone."""
         if self.dtype is None:
             return contextlib_null()
+        modes = []
+        if self._strided_attention():
+            modes.append(ContiguousAttention())
         if self.options.precision == "bf16-mixed" and len(self._item_shape) == 3:
-            return _scripted_autocast(self.device.type, self.dtype, HighResolutionFp32(self.device.type,
-                                                                                       self._item_shape))
-        return _scripted_autocast(self.device.type, self.dtype)
+            modes.append(HighResolutionFp32(self.device.type, self._item_shape))
+        return _scripted_autocast(self.device.type, self.dtype, *modes)
+
+    def _strided_attention(self) -> bool:
+        """Whether an eager pass under this run's autocast hands ``nn.MultiheadAttention`` contiguous inputs
+        (:mod:`salience._core.strided`): a CPU bf16 autocast, a model holding one (asked once per run), not a compiled
+        chunk (the compiled graph is inductor's own)."""
+        if self.dtype is not torch.bfloat16 or self.device.type != "cpu" or self._compiled_now:
+            return False
+        if self._holds_attention is None:
+            self._holds_attention = holds_attention(self.model)
+        return self._holds_attention
 
     def forward_fn(self, plain: bool, strip_softmax: bool) -> Optional[Callable]:
         """What runs a plain pass (no hooks, no interception modes) once an eager pass showed no
@@ -934,7 +947,7 @@ def _drop_casts(params: list) -> None:
 
 
 @contextmanager
-def _scripted_autocast(device_type: str, dtype: torch.dtype, mode: Any = None) -> Iterator[None]:
+def _scripted_autocast(device_type: str, dtype: torch.dtype, *modes: Any) -> Iterator[None]:
     """``torch.autocast`` with the JIT's optimized execution off in this thread (``torch.jit.optimized_execution(
     False)``, a thread-local flag, put back after), for the TorchScript a model may run: a scripted model or
     submodule, or a scripted function its Python forward calls (a model without any is not affected). The optimized
@@ -942,11 +955,13 @@ def _scripted_autocast(device_type: str, dtype: torch.dtype, mode: Any = None) -
     process's fp16 gradient pass after a bf16 one (or bf16 after fp16) failed with TorchScript's raw "expected m1
     and m2 to have the same dtype, but got: c10::Half != c10::BFloat16" (torch's own, without salience).
     Unoptimized, each pass casts as eager autocast does: any order of precisions works, at the cost of the JIT's
-    fusions. ``mode``: a torch function mode entered inside the autocast (``precision="bf16-mixed"``'s
-    :class:`salience._core.islands.HighResolutionFp32`)."""
-    with torch.jit.optimized_execution(False), torch.autocast(device_type=device_type, dtype=dtype):
-        with mode if mode is not None else contextlib_null():
-            yield
+    fusions. ``modes``: torch function modes entered inside the autocast, in order (the last one sees a call
+    first): :class:`salience._core.strided.ContiguousAttention`, ``precision="bf16-mixed"``'s
+    :class:`salience._core.islands.HighResolutionFp32`."""
+    with torch.jit.optimized_execution(False), torch.autocast(device_type=device_type, dtype=dtype), ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(mode)
+        yield
 
 
 @contextmanager
