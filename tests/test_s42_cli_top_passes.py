@@ -2,28 +2,21 @@
 at once, so SmoothGrad over the many-pass cap only for K targets is refused before any pass, with the flags."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import salience
 from salience._core.errors import SalienceError
 from salience.cli import main
 from salience.cli.options import check_values, top_targets
 from salience.demo import zoo
+import test_cli_options
+
+pic = test_cli_options.pic  # the fixture: a held-out demo image as a PNG file
 
 # 8,000 noisy copies of SmoothGrad's default 50 inner samples: 400,000 passes an image for one target,
 # 1,200,000 (over the 1,000,000 cap) for --top 3's three, each a call of the inner SmoothGrad
 OVER_FOR_THREE = ["--method", "smoothgrad", "--smooth-method", "smoothgrad", "--samples", "8000"]
-
-
-@pytest.fixture(scope="module")
-def pic(tmp_path_factory):
-    images, _, _ = salience.data.shapes(1, seed=10_002)
-    p = tmp_path_factory.mktemp("pic") / "img.png"
-    Image.fromarray((images[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)).save(p)
-    return p
 
 
 @pytest.fixture
