@@ -122,3 +122,41 @@ def test_scorecam_masked_images_reuse_one_buffer():
     again, _ = items.masked(torch.tensor([4, 5, 6]))
     mask, owner = items(torch.tensor([4, 5, 6]))
     assert again.data_ptr() == ptr and torch.equal(again, x[owner] * mask)
+
+
+@pytest.mark.parametrize("method", ["scorecam", "rise"])
+def test_model_stays_when_the_folded_copy_runs_every_pass_keeping_the_softmax(monkeypatch, method):
+    """``strip_softmax=False`` with ``fold_batchnorm`` and channels-last: the folded copy runs every pass from the
+    first (no softmax to look for), so the model's own weights are left as they are in every chunk (they were
+    converted, a second channels-last copy, because the run waited for a softmax check that path never makes); the
+    maps are those of the same folded passes in the contiguous layout."""
+    model, x = _net(), torch.rand(2, 3, 16, 16)
+    own = {id(p): p.data.data_ptr() for p in model.parameters()}
+    seen, layouts = [], []
+    set_layout, accumulate = _perf.Run.set_layout, _engine.accumulate
+
+    def spy(self, channels_last):
+        set_layout(self, channels_last)
+        seen.append({id(p): p.data.data_ptr() for p in model.parameters()})
+
+    def recording(*args, **kwargs):
+        sums = accumulate(*args, **kwargs)
+        layouts.extend(sums.layouts)
+        return sums
+
+    monkeypatch.setattr(_perf.Run, "set_layout", spy)
+    monkeypatch.setattr(_engine, "accumulate", recording)
+    options = dict(strip_softmax=False, chunk=4)
+    fn = {"scorecam": lambda **o: salience.scorecam(model, x, target=1, layer="3", **o),
+          "rise": lambda **o: salience.rise(model, x, target=1, masks=6, seed=0, **o)}[method]
+
+    def call(**o):
+        with salience.performance(fold_batchnorm=True):
+            return fn(**o)
+
+    maps = call(memory_format="channels_last", **options)
+    assert layouts and all(lay == "channels_last folded" for lay in layouts)  # each chunk: folded, channels-last
+    assert seen and all(s == own for s in seen)  # the model's own weights never converted
+    assert {id(p): p.data.data_ptr() for p in model.parameters()} == own
+    monkeypatch.setattr(_perf.Run, "set_layout", set_layout)
+    torch.testing.assert_close(maps, call(memory_format="contiguous", **options), rtol=1e-5, atol=1e-6)

@@ -462,11 +462,11 @@ class Run:
     keeps_casts = False  # inside casts_kept: the engine runs the passes under no_grad (autocast's casts kept)
 
     def __init__(self, model: nn.Module, x: Tensor, options: Optional[Performance] = None, *, tag: str = "",
-                 plain_passes: bool = False) -> None:
+                 plain_passes: bool = False, strip_softmax: bool = True) -> None:
         self.model = model
-        # every pass is plain (no hook, no interception: Score-CAM's and RISE's): once the folded copy runs them, the
-        # model's own parameters are not run again, and stay as they are (set_layout)
-        self.plain_passes = plain_passes
+        # every pass is plain (no hook, no interception: Score-CAM's and RISE's): once the folded copy runs them (from
+        # the first with strip_softmax=False), the model's own parameters are not run again: as they are (set_layout)
+        self.plain_passes, self.strip_softmax = plain_passes, strip_softmax
         self.options = (options or current()).validated()
         self.device = x.device
         self.dtype = _DTYPES.get(self.options.precision)
@@ -608,9 +608,11 @@ class Run:
                 calmly(_drop_casts, params)
 
     def _folded_runs(self) -> bool:
-        """Whether every pass from now on runs the folded copy (:meth:`forward_fn`): ``plain_passes``, and an eager
-        pass showed no final softmax to strip."""
-        return self.plain_passes and self._folded is not None and self.softmax_checked and not self.softmax_stripped
+        """Whether every pass from now on runs the folded copy (:meth:`forward_fn`): ``plain_passes``, and no final
+        softmax to strip (an eager pass showed none, or the passes keep it: ``strip_softmax=False``)."""
+        if not self.plain_passes or self._folded is None:
+            return False
+        return not self.strip_softmax or (self.softmax_checked and not self.softmax_stripped)
 
     def probe_layout(self) -> bool:
         """The layout of the first, probing chunk (which runs the model itself): with ``plain_passes`` and no folded

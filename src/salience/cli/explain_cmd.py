@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if batch is None:
         error(f"none of the {len(args.images)} image(s) could be read; nothing explained")
         return EXIT_PARTIAL
-    _options.check_values(model, batch[:1], request.methods, request.options)
+    _options.check_values(model, batch[:1], request.methods, request.options,
+                          *_options.top_targets(args.top, info, request.inputs.labels))
     out = scores(model, batch, args.batch_size)
     info, names_from = class_names(info, out.shape[1], request.inputs)
     chosen = _choose_targets(args, info, out)

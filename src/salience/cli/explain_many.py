@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     attach_info(model, info)
     if given and info.input_size is not None:  # the values checked before the run folder is made (as for files)
         _options.check_values(model, model_input(model, torch.zeros(1, info.channels, *info.input_size)), methods,
-                              given)
+                              given, *_options.top_targets(args.top, info))
     fns = {name: _options.bind(name, given)[0] for name in methods}
     taken = {name: _options.bind(name, given)[1] for name in methods}
     target = parse_class(args.target, info, len(info.class_names or ()) or 10 ** 9) if args.target else None

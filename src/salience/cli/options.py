@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 from salience._core.errors import SalienceError, suggest
+from salience._core.info import ModelInfo
 from salience.methods import METHODS
 from salience.methods.options import (CHOICES, NOT_FLAGS, MethodOption, accepted, bind, check_applicable,  # noqa: F401
                                       check_layer, check_values, keyword_parameters, method_options, option_error,
@@ -30,7 +31,7 @@ from salience.methods.options import INNER_METHOD, signature_of
 
 __all__ = ["NOT_FLAGS", "CHOICES", "MethodOption", "method_options", "keyword_parameters", "accepted",
            "wraps_methods", "show_default", "read_value", "bind", "check_applicable", "check_layer", "check_values",
-           "option_error", "add_method_args", "given_options", "describe"]
+           "option_error", "add_method_args", "given_options", "top_targets", "describe"]
 
 
 # --------------------------------------------------------------------------------- parser
@@ -65,6 +66,17 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
         if text is not None:
             given[opt.keyword] = text if opt.kind == "bool" else read_value(opt, text)
     return given
+
+
+def top_targets(top: Optional[int], info: ModelInfo, labels: Optional[Sequence[str]] = None) -> tuple[int, str]:
+    """How many targets ``--top K`` makes the methods explain at once, and the flag that says it
+    (:func:`check_values`' ``targets``, ``said``): K, or the model's classes where it names fewer (``--labels``,
+    else ``info``'s names; one output is one target). Without ``--top``: one, ``""``."""
+    if top is None:
+        return 1, ""
+    names = labels if labels is not None else info.class_names
+    n = top if not names else 1 if len(names) == 1 else min(top, len(names))
+    return n, f"--top {top}"
 
 
 # --------------------------------------------------------------------------------- salience list METHOD

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from salience._core.engine import signature_of
@@ -280,10 +281,14 @@ class _Halting(nn.Module):
         raise _Halt()
 
 
-def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dict[str, Any]) -> None:
+def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dict[str, Any], targets: int = 1,
+                 said: str = "") -> None:
     """Run each method's own checks of the given option values, stopping it at its first forward
     pass (a dry run on ``x``, nothing computed): a bad value is a :class:`SalienceError` naming the
-    flag. Errors that name no given option (the model, the input) are left to the real run."""
+    flag. Errors that name no given option (the model, the input) are left to the real run.
+    ``targets``: how many targets the real call explains (``--top K``; a ``(1, K)`` target in the dry run, so
+    SmoothGrad counts its passes for each, as the real call does), ``said`` the flag that asks for them
+    (``"--top 3"``), named where the refusal counts them."""
     for keyword, check in (("grid", _check_grid), ("prefix_tokens", _check_prefix)):
         # checked by the CAMs after their first pass (the layer's output), which the dry run never reaches
         if given.get(keyword) is not None:
@@ -294,11 +299,13 @@ def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dic
     options = {k: v for k, v in given.items() if k != "layer"}  # looked up in the model by check_layer
     if not options:
         return
+    target = torch.arange(targets, device=x.device).unsqueeze(0) if targets > 1 else None
     for name in methods:
-        e = dry_run(bind(name, options)[0], model, x)
+        e = dry_run(bind(name, options)[0], model, x, target)
         msg = option_error(str(e), given) if e is not None else None
         if msg:
-            raise SalienceError(msg) from None
+            counted = f"{targets:,} targets"
+            raise SalienceError(msg.replace(counted, f"{counted} of {said}") if said else msg) from None
 
 
 def check_bound_values(model: nn.Module, x: Tensor, fns: Mapping[str, Callable[..., Any]],
@@ -314,12 +321,12 @@ def check_bound_values(model: nn.Module, x: Tensor, fns: Mapping[str, Callable[.
             raise SalienceError(f"method_options[{name!r}]: {e}") from None
 
 
-def dry_run(fn: Callable[..., Any], model: nn.Module, x: Tensor) -> Optional[SalienceError]:
-    """The :class:`SalienceError` that method ``fn`` (its options bound) raises on ``x`` before its
-    first forward pass of ``model`` (which stops it: nothing is computed), or ``None``. Other errors
+def dry_run(fn: Callable[..., Any], model: nn.Module, x: Tensor, target: Any = None) -> Optional[SalienceError]:
+    """The :class:`SalienceError` that method ``fn`` (its options bound) raises on ``x`` (for ``target``) before
+    its first forward pass of ``model`` (which stops it: nothing is computed), or ``None``. Other errors
     are not about the options: the real run reports them."""
     try:
-        fn(_Halting(model), x)
+        fn(_Halting(model), x) if target is None else fn(_Halting(model), x, target)
     except _Halt:
         pass
     except SalienceError as e:

@@ -506,6 +506,7 @@ def rise(
 
         sums = _engine.accumulate(compute, n_masks * b, b, chunk=chunk, max_memory=budget, progress=progress,
                                   desc="rise", device=x.device, inference=True,
-                                  run=_perf.Run(model, x, perf, tag=f"rise:{probs}:{strip_softmax}", plain_passes=True))
+                                  run=_perf.Run(model, x, perf, tag=f"rise:{probs}:{strip_softmax}", plain_passes=True,
+                                                strip_softmax=strip_softmax))
     maps = (sums.total / (n_masks * p)).to(x.dtype)
     return maps if multi else maps[:, 0]

@@ -284,7 +284,8 @@ def scorecam(
         items = _ChannelMasks(x, acts, align_corners)
         live = items.live()  # item j = channel j // B of image j % B; the others mask the image to zeros
         first, source = items.distinct(live)  # the live items of a mask of their own; source: each one's first
-        run = _perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}", plain_passes=True)
+        run = _perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}", plain_passes=True,
+                         strip_softmax=strip_softmax)
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
             masked, owner = items.masked(first[start:stop])
