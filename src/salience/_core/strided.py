@@ -5,8 +5,9 @@ Why (docs/performance.md, "bf16-mixed: issue 19's table, and transformers (sessi
 ``nn.MultiheadAttention(batch_first=True)`` (torchvision's ViTs) transposes its input to a ``(tokens, batch, dim)``
 view and gives it to ``F.linear`` (the in-projection); under a CPU bf16 autocast, with weights that do not require
 gradients (salience's passes), ``F.linear`` on such a strided view is pathological: torchvision's ``vit_b_16``
-in-projection at 2 images took 2.7 s against 0.015 s on a contiguous copy (torch 2.14), and the backward is as
-slow: a vanilla gradient of 2 images took 6.9x fp32's time.
+in-projection at 2 images took 2.995 s against 0.017 s on a contiguous copy (torch 2.14,
+benchmarks/bf16-strided-linear-s42.md), and the backward is as slow: a vanilla gradient of 2 images took 6.90x fp32's
+time (benchmarks/vit-bf16-mixed-s42.md).
 
 :class:`ContiguousAttention` is a ``TorchFunctionMode`` that hands ``F.multi_head_attention_forward`` contiguous
 copies of a non-contiguous ``query``, ``key`` and ``value`` (one copy for arguments that are the same tensor: torch

@@ -98,11 +98,13 @@ def run(args: argparse.Namespace) -> int:
     if batch is None:
         error(f"none of the {len(args.images)} image(s) could be read; nothing explained")
         return EXIT_PARTIAL
-    _options.check_values(model, batch[:1], request.methods, request.options,
-                          *_options.top_targets(args.top, info, request.inputs.labels))
+    checked, said = _options.top_targets(args.top, info, request.inputs.labels, unnamed=1)
+    _options.check_values(model, batch[:1], request.methods, request.options, checked, said)
     out = scores(model, batch, args.batch_size)
     info, names_from = class_names(info, out.shape[1], request.inputs)
     chosen = _choose_targets(args, info, out)
+    if chosen.classes.shape[1] > checked:  # names unknown up front: the outputs' count known now, before any map
+        _options.check_values(model, batch[:1], request.methods, request.options, chosen.classes.shape[1], said)
     maps, failed = _compute_maps(args, model, batch, chosen, request, _places(args.images, ok_paths))
     if not maps:
         error("every method failed; nothing written")

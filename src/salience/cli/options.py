@@ -68,14 +68,17 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-def top_targets(top: Optional[int], info: ModelInfo, labels: Optional[Sequence[str]] = None) -> tuple[int, str]:
+def top_targets(top: Optional[int], info: ModelInfo, labels: Optional[Sequence[str]] = None,
+                unnamed: Optional[int] = None) -> tuple[int, str]:
     """How many targets ``--top K`` makes the methods explain at once, and the flag that says it
     (:func:`check_values`' ``targets``, ``said``): K, or the model's classes where it names fewer (``--labels``,
-    else ``info``'s names; one output is one target). Without ``--top``: one, ``""``."""
+    else ``info``'s names; one output is one target). Without ``--top``: one, ``""``. Names unknown: K, or
+    ``unnamed`` where given (a file run, whose one-output model is explained as one target whatever K: it checks
+    the real count again once its prediction pass tells the outputs)."""
     if top is None:
         return 1, ""
     names = labels if labels is not None else info.class_names
-    n = top if not names else 1 if len(names) == 1 else min(top, len(names))
+    n = (top if unnamed is None else unnamed) if not names else 1 if len(names) == 1 else min(top, len(names))
     return n, f"--top {top}"
 
 
