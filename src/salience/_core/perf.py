@@ -604,8 +604,11 @@ class Run:
             yield
         finally:
             self.keeps_casts = False
-            if entered:
-                calmly(_drop_casts, params)
+            try:  # a Ctrl-C at calmly's start, before it deferred the signal, left all to do: done once more
+                calmly(_drop_casts, params, entered)
+            except BaseException:
+                calmly(_drop_casts, params, entered)
+                raise
 
     def _folded_runs(self) -> bool:
         """Whether every pass from now on runs the folded copy (:meth:`forward_fn`): ``plain_passes``, and no final
@@ -934,18 +937,25 @@ def _keep_casts(params: list, entered: list) -> None:
     """:meth:`Run.casts_kept`'s entry: one autocast nesting more (its cache outlives each pass's autocast block until
     this one leaves) and ``params`` requiring gradients (autocast caches a cast of a leaf that does);
     ``entered`` noted (all done, or nothing: under :func:`calmly`)."""
+    torch.clear_autocast_cache()  # a caller's autocast block may hold casts of these (then changed in place)
     torch.autocast_increment_nesting()
     for p in params:
         p.requires_grad_(True)
     entered.append(True)
 
 
-def _drop_casts(params: list) -> None:
-    """:meth:`Run.casts_kept`'s exit: ``params`` back to no gradients, the nesting closed, the copies dropped."""
+def _drop_casts(params: list, entered: list) -> None:
+    """:meth:`Run.casts_kept`'s exit: ``params`` back to no gradients, the nesting closed, the copies dropped, also
+    inside a caller's ``torch.autocast`` block (the nesting not back to 0): its cache kept the casts of the model's
+    weights, and the next call in the block, the weights loaded anew in place (``load_state_dict``), ran on the old
+    ones (and the folded copy's stayed alive). Nothing where ``entered`` is empty (not entered, or done already)."""
+    if not entered:
+        return
     for p in params:
         p.requires_grad_(False)
-    if torch.autocast_decrement_nesting() == 0:
-        torch.clear_autocast_cache()
+    torch.autocast_decrement_nesting()
+    torch.clear_autocast_cache()
+    entered.pop()
 
 
 @contextmanager
