@@ -91,7 +91,6 @@ from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _co
                                      _compiled_model, _freezing_on, _Frozen, _frozen_gradient, _frozen_model,
                                      _release_graphs, _shared_setting, _store, compile_unavailable, weights_key)
 from salience._core.derived import target_classes
-from salience._core.calm import calmly
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.islands import HighResolutionFp32
 from salience._core.strided import ContiguousAttention, holds_attention
