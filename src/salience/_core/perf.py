@@ -91,7 +91,6 @@ from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _co
                                      _compiled_model, _freezing_on, _Frozen, _frozen_gradient, _frozen_model,
                                      _release_graphs, _shared_setting, _store, compile_unavailable, weights_key)
 from salience._core.derived import target_classes
-from salience._core.calm import calmly
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.islands import HighResolutionFp32
 from salience._core.strided import ContiguousAttention, holds_attention
@@ -604,8 +603,11 @@ class Run:
             yield
         finally:
             self.keeps_casts = False
-            if entered:
-                calmly(_drop_casts, params)
+            try:  # a Ctrl-C at calmly's start, before it deferred the signal, left all to do: done once more
+                calmly(_drop_casts, params, entered)
+            except BaseException:
+                calmly(_drop_casts, params, entered)
+                raise
 
     def _folded_runs(self) -> bool:
         """Whether every pass from now on runs the folded copy (:meth:`forward_fn`): ``plain_passes``, and no final
@@ -934,18 +936,25 @@ def _keep_casts(params: list, entered: list) -> None:
     """:meth:`Run.casts_kept`'s entry: one autocast nesting more (its cache outlives each pass's autocast block until
     this one leaves) and ``params`` requiring gradients (autocast caches a cast of a leaf that does);
     ``entered`` noted (all done, or nothing: under :func:`calmly`)."""
+    torch.clear_autocast_cache()  # a caller's autocast block may hold casts of these (then changed in place)
     torch.autocast_increment_nesting()
     for p in params:
         p.requires_grad_(True)
     entered.append(True)
 
 
-def _drop_casts(params: list) -> None:
-    """:meth:`Run.casts_kept`'s exit: ``params`` back to no gradients, the nesting closed, the copies dropped."""
+def _drop_casts(params: list, entered: list) -> None:
+    """:meth:`Run.casts_kept`'s exit: ``params`` back to no gradients, the nesting closed, the copies dropped, also
+    inside a caller's ``torch.autocast`` block (the nesting not back to 0): its cache kept the casts of the model's
+    weights, and the next call in the block, the weights loaded anew in place (``load_state_dict``), ran on the old
+    ones (and the folded copy's stayed alive). Nothing where ``entered`` is empty (not entered, or done already)."""
+    if not entered:
+        return
     for p in params:
         p.requires_grad_(False)
-    if torch.autocast_decrement_nesting() == 0:
-        torch.clear_autocast_cache()
+    torch.autocast_decrement_nesting()
+    torch.clear_autocast_cache()
+    entered.pop()
 
 
 @contextmanager
