@@ -61,6 +61,7 @@ __all__ = [
     "passes_within",
     "outer_passes",
     "outer_counts",
+    "calls_said",
     "check_copies",
     "signature_of",
     "unbind",
@@ -123,7 +124,13 @@ def _outer_said() -> str:
     for each of 3 targets (a call each)"``); empty outside any :func:`passes_within`."""
     copies, calls = outer_counts()
     said = f" in each of {copies:,} noisy copies (SmoothGrad's samples)" if copies > 1 else ""
-    return said + (f" for each of {calls:,} targets (a call each)" if calls > 1 else "")
+    return said + calls_said(calls)
+
+
+def calls_said(calls: int) -> str:
+    """``" for each of 3 targets (a call each)"``: SmoothGrad's ``calls`` of a method that takes one target a call,
+    said after a count (empty for one call); the refusals of :func:`check_copies` and SmoothGrad's own say it alike."""
+    return f" for each of {calls:,} targets (a call each)" if calls > 1 else ""
 
 
 def check_copies(n: int, what: str, advice: str, *, alone: bool = False) -> None:

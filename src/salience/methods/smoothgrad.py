@@ -237,10 +237,9 @@ def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict,
     total = outer * samples * calls * inner
     if total == samples:
         return
-    per = f" for each of {calls:,} targets (a call each)" if calls > 1 else ""
+    per = _engine.calls_said(calls)
     copies, theirs = _engine.outer_counts()  # said apart: the calls for K targets are not noisy copies
-    around = (f" within {copies:,} noisy copies" if copies > 1 else "") + (
-        f" for each of {theirs:,} targets (a call each)" if theirs > 1 else "") + (
+    around = (f" within {copies:,} noisy copies" if copies > 1 else "") + _engine.calls_said(theirs) + (
         " of the SmoothGrad around it" if outer > 1 else "")
     _engine.check_passes(total, f"samples={samples} of {said}{per}{around} is {total:,} passes of each image,",
                          "fewer samples or " + ("a larger stride" if _root(method) is _root(perturbation.occlusion)
