@@ -161,6 +161,7 @@ class AttentionCapture(TorchFunctionMode):
         self.kinds: list[str] = []
         self._pending: Optional[KeysFirst] = None  # a keys-first softmax not yet contracted
         self._sites: Optional[list[Optional[nn.Module]]] = None  # a list: where each record was called from
+        self._versions: list[tuple[int, Tensor, int]] = []  # (index, matrix, version) of exposed ones with gradients
 
     def _shape(self, t: Tensor) -> Tensor:
         if t.dim() == 3:
@@ -170,6 +171,12 @@ class AttentionCapture(TorchFunctionMode):
 
     @property
     def maps(self) -> list[Tensor]:
+        for i, t, version in self._versions:
+            if t._version != version:
+                raise SalienceError(
+                    f"AttentionCapture: the model changed attention matrix {i} ({self.kinds[i]}) in place after it "
+                    "was formed, in a pass with gradients (where the capture keeps the matrix itself, not a copy): "
+                    "capture under torch.no_grad() or torch.inference_mode() for the matrices as formed")
         return list(self._maps)
 
     @property
@@ -180,17 +187,23 @@ class AttentionCapture(TorchFunctionMode):
         """Record ``a``, the tensor the attention's output is computed from; ``order``: the permutation that
         makes it ``(B, heads, L, S)`` (a softmax over dim 1), its gradient permuted alike. ``exposed``: the model
         holds ``a`` (a softmax's output; the per-head weights ``nn.MultiheadAttention`` returns), which the rest of
-        its pass may change in place (``attn.mul_(...)``, a masked fill): in :func:`attention_maps`'s pass (inference
-        mode: no version counter to tell) what is kept is then a copy where it shares ``a``'s memory (``a`` itself,
-        a view ``reduce`` returned), the matrix as it was formed. Elsewhere the matrix itself (the very tensor the
-        module returned; with gradients, an in-place change of what softmax and ``A @ v`` saved fails the model's own
-        backward)."""
+        its pass may change in place (``attn.mul_(...)``, a masked fill): where ``a`` has no gradient (a pass under
+        ``torch.no_grad()`` or ``torch.inference_mode()``, :func:`attention_maps`'s, a capture by hand; session 43:
+        ``no_grad`` kept ``a`` itself, and a later in-place change) what is kept is then a copy where it shares ``a``'s
+        memory (``a`` itself, a view ``reduce`` returned), the matrix as it was formed: the model lets go of ``a``
+        after the product, so the copy takes its place. With a gradient, the matrix itself (the very tensor the
+        module returned: its graph, its gradient hook; the copy would hold a second matrix a layer for the whole
+        pass), its version noted: an in-place change of it fails the model's own backward (softmax and ``A @ v``
+        saved it), and :attr:`maps` refuses it."""
         store: list[Tensor] = []
         shaped = self._shape(a.permute(order) if order else a)  # ``a`` itself or a view of it
         # reduced at once, while A is still in the cache; A itself is then free to go
         kept = shaped if self.reduce is None else self.reduce(shaped)
-        if exposed and a.is_inference() and _shares_memory(kept, a):
-            kept = kept.clone()
+        if exposed and _shares_memory(kept, a):
+            if a.requires_grad:
+                self._versions.append((len(self._maps), kept, kept._version))
+            else:
+                kept = kept.clone()
         self._maps.append(kept)
         if self._sites is not None:
             self._sites.append(_caller_module())

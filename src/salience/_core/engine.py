@@ -62,6 +62,7 @@ __all__ = [
     "outer_passes",
     "outer_counts",
     "calls_said",
+    "TargetsCounted",
     "check_copies",
     "signature_of",
     "unbind",
@@ -76,14 +77,36 @@ pass a million take 17 minutes an image; ``samples=10**12`` ran for ever without
 windows first)."""
 
 
-def check_passes(n: int, said: str, advice: str) -> None:
+def check_passes(n: int, said: str, advice: str, targets: tuple[str, int] = ("", 1)) -> None:
     """A :class:`SalienceError` where ``n`` passes of each image are more than :data:`MAX_PASSES`, before anything is
     built. ``said``: the count as the user gave it, ending with its verb (``"samples=10 is"``); ``advice``: what
-    to give instead."""
+    to give instead. ``targets``: ``(head, K)`` where the count is of K targets (a call each): the message is
+    ``head``, K's words (:func:`calls_said`), then ``said``, and the refusal a :class:`TargetsCounted` that can name
+    the flag that asked for the K (session 43)."""
     if n > MAX_PASSES:
-        raise SalienceError(f"{said} more than the {MAX_PASSES:,} passes of each image a call runs here (each is a "
-                            f"pass of the model: at 1 ms a pass a million take 17 minutes an image, and {n:,} "
-                            f"would take {_duration(n * 1e-3)}); {advice}")
+        tail = (f"{said} more than the {MAX_PASSES:,} passes of each image a call runs here (each is a pass of the "
+                f"model: at 1 ms a pass a million take 17 minutes an image, and {n:,} would take "
+                f"{_duration(n * 1e-3)}); {advice}")
+        head, k = targets
+        raise TargetsCounted(head, k, tail) if k > 1 else SalienceError(head + tail)
+
+
+class TargetsCounted(SalienceError):
+    """A refusal whose count includes K targets (``targets``, a call each): its message is ``head``, the K said by
+    :func:`calls_said`, then ``tail``. :meth:`naming` says it again with the flag that asked for the K after them
+    (``" for each of 3 targets of --top 3 (a call each)"``), so a command line names its flag from what the refusal
+    counts, not by finding the words in its text (session 43; ``salience.cli.options.check_values``)."""
+
+    def __init__(self, head: str, targets: int, tail: str) -> None:
+        self.head, self.targets, self.tail = head, targets, tail
+        super().__init__(self.naming())
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.head, self.targets, self.tail)
+
+    def naming(self, flag: str = "") -> str:
+        """The message, the K targets said as asked for by ``flag`` (``"--top 3"``; none: the message as raised)."""
+        return f"{self.head}{calls_said(self.targets, flag)}{self.tail}"
 
 
 # (noisy copies, calls of the method on each copy) of the blocks around, each the product of theirs
@@ -119,18 +142,18 @@ def outer_counts() -> tuple[int, int]:
     return _OUTER_PASSES.get()
 
 
-def _outer_said() -> str:
-    """What :func:`outer_passes` counts, said after a count (``" in each of 50 noisy copies (SmoothGrad's samples)
-    for each of 3 targets (a call each)"``); empty outside any :func:`passes_within`."""
-    copies, calls = outer_counts()
-    said = f" in each of {copies:,} noisy copies (SmoothGrad's samples)" if copies > 1 else ""
-    return said + calls_said(calls)
+def _outer_copies_said() -> str:
+    """The noisy copies of :func:`outer_passes`, said after a count (``" in each of 50 noisy copies (SmoothGrad's
+    samples)"``), before its calls (:func:`calls_said`); empty outside any :func:`passes_within`."""
+    copies = outer_counts()[0]
+    return f" in each of {copies:,} noisy copies (SmoothGrad's samples)" if copies > 1 else ""
 
 
-def calls_said(calls: int) -> str:
+def calls_said(calls: int, flag: str = "") -> str:
     """``" for each of 3 targets (a call each)"``: SmoothGrad's ``calls`` of a method that takes one target a call,
-    said after a count (empty for one call); the refusals of :func:`check_copies` and SmoothGrad's own say it alike."""
-    return f" for each of {calls:,} targets (a call each)" if calls > 1 else ""
+    said after a count (empty for one call); the refusals of :func:`check_copies` and SmoothGrad's own say it alike.
+    ``flag``: what asked for the targets, said after them (``" for each of 3 targets of --top 3 (a call each)"``)."""
+    return f" for each of {calls:,} targets{f' of {flag}' if flag else ''} (a call each)" if calls > 1 else ""
 
 
 def check_copies(n: int, what: str, advice: str, *, alone: bool = False) -> None:
@@ -141,7 +164,8 @@ def check_copies(n: int, what: str, advice: str, *, alone: bool = False) -> None
     which nothing checked before. ``what``: the count as the method says it (``"RISE's 4,000 masks"``)."""
     outer = outer_passes()
     if outer > 1 or alone:
-        check_passes(outer * n, f"{what}{_outer_said()} are {outer * n:,} passes of each image,", advice)
+        check_passes(outer * n, f" are {outer * n:,} passes of each image,", advice,
+                     (f"{what}{_outer_copies_said()}", outer_counts()[1]))
 
 
 def _duration(seconds: float) -> str:

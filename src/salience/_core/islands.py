@@ -19,8 +19,9 @@ compute in fp32. The other operations run under the bf16 autocast as ``precision
 input is not an image ``(N, C, H, W)`` runs as under ``"bf16"``. Products of activations are no map operations
 (:data:`PRODUCTS`, session 42): attention (``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``),
 ``torch.matmul`` of two batched operands (both 3-D or more; by a 1-D or 2-D weight it is a linear layer on the map and
-stays under the rule, :data:`MATMULS`) and the softmax run under the bf16 autocast as ``"bf16"`` runs them, as the tensor methods ``q @ k``
-and ``a.softmax(-1)`` always did: a vision transformer's attention tensors ``(batch, heads, tokens, dim)`` are 4-D
+stays under the rule, :data:`MATMULS`), an einsum of batched operands (:data:`EINSUMS`) and the softmax and log-softmax in
+every function spelling run under the bf16 autocast as ``"bf16"`` runs them, as the tensor methods ``q @ k``,
+``a.softmax(-1)`` and ``a.log_softmax(-1)`` always did (one math written two ways runs at one precision, session 43): a vision transformer's attention tensors ``(batch, heads, tokens, dim)`` are 4-D
 with sides past a quarter of the input's, and in fp32 they cost timm's ``vit_small_patch8_224`` (785 tokens) a vanilla
 pass 0.60 of fp32's time against bf16's 0.50, for maps that bf16 already gives at correlation 0.99996 with fp32's
 (benchmarks/vit-bf16-mixed-s42.md). In-place functions (``relu(..., inplace=True)``,
@@ -35,9 +36,10 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RATIO", "PRODUCTS", "MATMULS", "HighResolutionFp32"]
+__all__ = ["RATIO", "PRODUCTS", "MATMULS", "EINSUMS", "HighResolutionFp32"]
 
 RATIO = 4
 """Maps at ``1 / RATIO`` of the input's height and width or larger run in fp32 (measured: 2 left EfficientNet-Lite0's
@@ -46,17 +48,27 @@ forward + input gradient, channels-last, took 0.48, 0.64 and 0.82 of fp32's time
 benchmarks/bf16-islands-s41.md)."""
 
 
-PRODUCTS = frozenset({torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.multi_head_attention_forward,
-                      torch.matmul, torch.nn.functional.softmax, torch.softmax})
+PRODUCTS = frozenset({F.scaled_dot_product_attention, F.multi_head_attention_forward, torch.matmul,
+                      F.softmax, torch.softmax, torch.special.softmax, F.softmin,
+                      F.log_softmax, torch.log_softmax, torch.special.log_softmax})
 """Functions the rule leaves to the bf16 autocast whatever their arguments' sizes: attention and its parts, the
-functions that ``q @ k`` and ``a.softmax(-1)`` (tensor methods, which run as they are) spell otherwise. (``torch.einsum``
-stays under the rule: ``einsum("bchw,dc->bdhw", x, w)`` is a 1x1 convolution on a map.) A matrix product is one of
-two batched operands, both 3-D or more (``q @ k``); by a 1-D or 2-D weight it is a linear layer (``torch.matmul(h, w)``
-on a channels-last ``(N, h, w, C)`` map, a 1x1 convolution): :data:`MATMULS`, under the rule (session 42 review)."""
+functions that ``q @ k``, ``a.softmax(-1)`` and ``a.log_softmax(-1)`` (tensor methods, which run as they are) spell
+otherwise: every function spelling of a softmax (``F.softmin(a)`` is ``(-a).softmax()``), so one math written two ways
+runs at one precision (session 43: ``F.log_softmax`` ran in fp32 on a bf16 map, ``x.log_softmax()`` in bf16). A
+matrix product is one of two batched operands, both 3-D or more (``q @ k``); by a 1-D or 2-D weight it is a linear
+layer (``torch.matmul(h, w)`` on a channels-last ``(N, h, w, C)`` map, a 1x1 convolution): :data:`MATMULS`, under the
+rule (session 42 review). ``torch.einsum`` alike (:data:`EINSUMS`)."""
 
 MATMULS = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__})
 """Every spelling of a matrix product (the function and the tensor methods ``@``, ``x.matmul``): one rule for all of
-them, the operands' ranks (:func:`_product`)."""
+them, the operands' ranks (:func:`_product`). ``torch.bmm`` / ``torch.baddbmm`` take 3-D operands only, which the
+rule never reads as maps: bf16 in every spelling already."""
+
+EINSUMS = frozenset({torch.einsum, torch.functional.einsum})
+"""``torch.einsum``: a product of two or more operands all 3-D or more (attention, ``einsum("bhqd,bhkd->bhqk", q,
+k)``, the ``q @ k.transpose(-2, -1)`` it spells) runs under the bf16 autocast as ``q @ k`` does; with an operand of 1
+or 2 dimensions (a weight: ``einsum("bchw,dc->bdhw", x, w)``, a 1x1 convolution on a map) or one operand (a
+permutation, a sum of a map) it stays under the rule (session 43: every einsum ran in fp32 on a large map)."""
 
 
 def _tensor_method(func: Any) -> bool:
@@ -67,12 +79,21 @@ def _tensor_method(func: Any) -> bool:
             or getattr(func, "__name__", "") in ("__get__", "__set__"))
 
 
+def _batched(ops: Sequence[Any]) -> bool:
+    """Two or more operands, every one a tensor of 3 dimensions or more: a product of activations, not of a weight."""
+    return len(ops) >= 2 and all(isinstance(a, torch.Tensor) and a.dim() >= 3 for a in ops)
+
+
 def _product(func: Any, args: Sequence[Any], kwargs: dict) -> bool:
-    """Left to the bf16 autocast whatever the sizes: a function of :data:`PRODUCTS`, but a matrix product only of two
-    batched operands (a weight of 1 or 2 dimensions makes it a linear layer on a map, under the rule)."""
+    """Left to the bf16 autocast whatever the sizes: a function of :data:`PRODUCTS`, but a matrix product (and an
+    einsum) only of batched operands (a weight of 1 or 2 dimensions makes it a linear layer on a map, under the
+    rule)."""
     if func in MATMULS:
         ops = [*args[:2], *(kwargs[k] for k in ("input", "other") if k in kwargs)]
-        return len(ops) == 2 and all(isinstance(a, torch.Tensor) and a.dim() >= 3 for a in ops)
+        return len(ops) == 2 and _batched(ops)
+    if func in EINSUMS:  # einsum(equation, *operands), or einsum(equation, [operands])
+        ops = args[1:]
+        return _batched(ops[0] if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops)
     return func in PRODUCTS
 
 

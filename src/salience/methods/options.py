@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from salience._core.engine import signature_of
+from salience._core.engine import TargetsCounted, signature_of
 from salience._core.errors import SalienceError, suggest
 from salience._core.layers import resolve_layer
 from salience.methods import METHODS
@@ -288,7 +288,8 @@ def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dic
     flag. Errors that name no given option (the model, the input) are left to the real run.
     ``targets``: how many targets the real call explains (``--top K``; a ``(1, K)`` target in the dry run, so
     SmoothGrad counts its passes for each, as the real call does), ``said`` the flag that asks for them
-    (``"--top 3"``), named where the refusal counts them."""
+    (``"--top 3"``), named where the refusal counts them: a :class:`~salience._core.engine.TargetsCounted` of K
+    targets says itself again with the flag (session 43; the message's words were searched for ``"K targets"``)."""
     for keyword, check in (("grid", _check_grid), ("prefix_tokens", _check_prefix)):
         # checked by the CAMs after their first pass (the layer's output), which the dry run never reaches
         if given.get(keyword) is not None:
@@ -304,8 +305,9 @@ def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dic
         e = dry_run(bind(name, options)[0], model, x, target)
         msg = option_error(str(e), given) if e is not None else None
         if msg:
-            counted = f"{targets:,} targets"
-            raise SalienceError(msg.replace(counted, f"{counted} of {said}") if said else msg) from None
+            if said and isinstance(e, TargetsCounted) and e.targets == targets:  # the K it counts: said's
+                msg = option_error(e.naming(said), given)
+            raise SalienceError(msg) from None
 
 
 def check_bound_values(model: nn.Module, x: Tensor, fns: Mapping[str, Callable[..., Any]],

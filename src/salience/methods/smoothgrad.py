@@ -237,13 +237,16 @@ def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict,
     total = outer * samples * calls * inner
     if total == samples:
         return
-    per = _engine.calls_said(calls)
     copies, theirs = _engine.outer_counts()  # said apart: the calls for K targets are not noisy copies
-    around = (f" within {copies:,} noisy copies" if copies > 1 else "") + _engine.calls_said(theirs) + (
-        " of the SmoothGrad around it" if outer > 1 else "")
-    _engine.check_passes(total, f"samples={samples} of {said}{per}{around} is {total:,} passes of each image,",
+    within = f" within {copies:,} noisy copies" if copies > 1 else ""
+    around = " of the SmoothGrad around it" if outer > 1 else ""
+    # the refusal carries the K targets it counts (_engine.TargetsCounted): this call's, else those of the one around
+    head, tail = f"samples={samples} of {said}", f"{within}{_engine.calls_said(theirs)}{around}"
+    if calls == 1:
+        head, tail, calls = head + within, around, theirs
+    _engine.check_passes(total, f"{tail} is {total:,} passes of each image,",
                          "fewer samples or " + ("a larger stride" if _root(method) is _root(perturbation.occlusion)
-                                                else "fewer inner passes"))
+                                                else "fewer inner passes"), (head, calls))
 
 
 def _passes_of(method: Callable[..., Any], options: dict, x: Tensor, depth: int = 0) -> tuple[int, str]:
