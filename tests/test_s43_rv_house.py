@@ -32,3 +32,44 @@ def test_linalg_matmul_runs_as_the_matmul_it_is():
         by_weight, weight_method = torch.linalg.matmul(q, w), q @ w
     assert batched.dtype == by_method.dtype == BF and torch.equal(batched, by_method)  # linalg's was float32
     assert by_weight.dtype == weight_method.dtype == torch.float32 and torch.equal(by_weight, weight_method)
+
+
+class _Attend(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return (h @ h.transpose(-2, -1)).softmax(-1) @ h
+
+
+def test_the_callers_own_change_of_a_map_it_was_given_is_no_models_change():
+    x = torch.randn(2, 2, 5, 4, generator=torch.Generator().manual_seed(0))
+    with AttentionCapture() as cap:  # with gradients (the layer's weights): the matrices themselves are kept
+        _Attend()(x)
+    eye = torch.eye(5)
+    fused = []
+    for i in range(len(cap.maps)):  # rollout by hand: each map read as it comes, the identity added in place
+        a = cap.maps[i].detach()
+        a += eye
+        fused.append(a)
+    assert len(fused) == 1 and torch.equal(cap.maps[0].detach(), fused[0])  # was refused: "the model changed" it
+
+
+def test_a_changed_matrix_is_still_refused_when_the_model_changes_it():
+    x = torch.randn(2, 2, 5, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+
+    class Later(nn.Module):
+        def forward(self, x):
+            a = (x @ x.transpose(-2, -1)).softmax(-1)
+            out = a @ x
+            a.mul_(0)
+            return out
+
+    with AttentionCapture() as cap:
+        Later()(x)
+    for _ in range(2):  # refused each time it is read, not only the first
+        with pytest.raises(SalienceError, match="changed attention matrix 0"):
+            cap.maps
