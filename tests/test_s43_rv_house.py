@@ -73,3 +73,15 @@ def test_a_changed_matrix_is_still_refused_when_the_model_changes_it():
     for _ in range(2):  # refused each time it is read, not only the first
         with pytest.raises(SalienceError, match="changed attention matrix 0"):
             cap.maps
+
+
+def test_targets_counted_pickles_back_with_its_notes():
+    refusal = engine.TargetsCounted("samples=8000 of smoothgrad", 3, " is 1,200,000 passes of each image")
+    refusal.add_note("explaining image 4")
+    plain = SalienceError(str(refusal))
+    plain.add_note("explaining image 4")
+    for e in (plain, refusal):
+        again = pickle.loads(pickle.dumps(e))
+        assert type(again) is type(e) and str(again) == str(e)
+        assert again.__notes__ == ["explaining image 4"]  # TargetsCounted's were lost
+    assert pickle.loads(pickle.dumps(refusal)).targets == 3
