@@ -161,7 +161,7 @@ class AttentionCapture(TorchFunctionMode):
         self.kinds: list[str] = []
         self._pending: Optional[KeysFirst] = None  # a keys-first softmax not yet contracted
         self._sites: Optional[list[Optional[nn.Module]]] = None  # a list: where each record was called from
-        self._versions: list[tuple[int, Tensor, int]] = []  # (index, matrix, version) of exposed ones with gradients
+        self._versions: list[tuple[int, Tensor, int]] = []  # (index, matrix, version): exposed, with gradients, unread
 
     def _shape(self, t: Tensor) -> Tensor:
         if t.dim() == 3:
@@ -177,6 +177,9 @@ class AttentionCapture(TorchFunctionMode):
                     f"AttentionCapture: the model changed attention matrix {i} ({self.kinds[i]}) in place after it "
                     "was formed, in a pass with gradients (where the capture keeps the matrix itself, not a copy): "
                     "capture under torch.no_grad() or torch.inference_mode() for the matrices as formed")
+        # read as formed: a later change is the caller's, of a map it was given (rollout by hand adding the identity
+        # in place), not the model's (until a review of session 43 the next read refused it, blaming the model)
+        self._versions.clear()
         return list(self._maps)
 
     @property

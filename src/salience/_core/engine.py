@@ -102,7 +102,9 @@ class TargetsCounted(SalienceError):
         super().__init__(self.naming())
 
     def __reduce__(self) -> tuple:
-        return type(self), (self.head, self.targets, self.tail)
+        # the instance's dict too, as an exception's own pickling keeps it (its notes: until a review of session 43
+        # a TargetsCounted came back without the notes a SalienceError keeps)
+        return type(self), (self.head, self.targets, self.tail), self.__dict__
 
     def naming(self, flag: str = "") -> str:
         """The message, the K targets said as asked for by ``flag`` (``"--top 3"``; none: the message as raised)."""

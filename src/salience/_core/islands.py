@@ -59,9 +59,11 @@ matrix product is one of two batched operands, both 3-D or more (``q @ k``); by 
 layer (``torch.matmul(h, w)`` on a channels-last ``(N, h, w, C)`` map, a 1x1 convolution): :data:`MATMULS`, under the
 rule (session 42 review). ``torch.einsum`` alike (:data:`EINSUMS`)."""
 
-MATMULS = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__})
-"""Every spelling of a matrix product (the function and the tensor methods ``@``, ``x.matmul``): one rule for all of
-them, the operands' ranks (:func:`_product`). ``torch.bmm`` / ``torch.baddbmm`` take 3-D operands only, which the
+MATMULS = frozenset({torch.matmul, torch.linalg.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
+                     torch.Tensor.__rmatmul__})
+"""Every spelling of a matrix product (the functions ``torch.matmul`` and ``torch.linalg.matmul``, another function
+object, which ran in fp32 on a large map until a review of session 43, and the tensor methods ``@``, ``x.matmul``): one
+rule for all of them, the operands' ranks (:func:`_product`). ``torch.bmm`` / ``torch.baddbmm`` take 3-D operands only, which the
 rule never reads as maps: bf16 in every spelling already."""
 
 EINSUMS = frozenset({torch.einsum, torch.functional.einsum})
