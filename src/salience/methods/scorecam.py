@@ -318,13 +318,14 @@ class _Ablated:
     def __init__(self, model: nn.Module, mod: nn.Module, x: Tensor, layout: Layout, value: float,
                  score: Callable[[Tensor, Tensor], Tensor]) -> None:
         self.model, self.mod, self.x, self.layout, self.value, self.score = model, mod, x, layout, value, score
-        # the layers before run once per image, for a chunk of more items than images (b rows, the items' n rows
-        # after the layer: a read of x or of an earlier tensor after it meets two batch sizes, an error, and the
-        # passes run once per item from then on; with one image, a broadcast of its own rows); False: once per item.
-        # A chunk of at most b items runs its items' images (n rows) as they are: sharing saves nothing there, and
-        # rows of the same count could not tell a read of another image's x (chunk=3 of 4 images mixed them)
+        # the layers before run once per run of an image's items in a chunk, on that image's one row (the layer's
+        # output row repeated for the items' n after it: a read of x or of an earlier tensor after the layer
+        # broadcasts its one row, or meets two batch sizes, an error, and the passes run once per item from then
+        # on); False: once per item. One image at a time: rows of several images could not tell a read of another
+        # image's x (chunk=3 of 4 images mixed them), and a skip around the layer (a resnet block's) cannot
+        # broadcast several images' rows against the items'
         self.shared = True
-        self.checked = False  # the shared pass checked against the pass per item (b + 1 items, once a call)
+        self.checked = False  # the shared pass checked against the pass per item (two items, once a call)
 
     def _ablate(self, out: Tensor, rows: Tensor, ch: Tensor) -> Tensor:
         t = out[rows].clone()
@@ -354,31 +355,38 @@ class _Ablated:
             handle.remove()
 
     def _shared_pass(self, owner: Tensor, ch: Tensor, keep: bool) -> Optional[Tensor]:
-        """The items' scores with the layers before run once per image (b rows before the layer, the items' n after
-        it); None where that pass fails or gives other rows. ``keep``: its deferred checks (NaN scores) stay."""
+        """The scores of items of one image (``owner`` all equal) with the layers before run once, on that image's
+        one row (the layer's output row repeated for the items' n after it: a skip around the layer, or a read of
+        ``x`` after it, broadcasts its one row); None where that pass fails or gives other rows. ``keep``: its
+        deferred checks (NaN scores) stay."""
         scope = _derived.current()
         saved = scope.snapshot() if scope is not None else None
         s: Optional[Tensor] = None
+        o = int(owner[0])
         try:
-            s = self._run(self.x, owner, ch, owner)  # the layer's output row ``owner[i]`` for item ``i``
-        except Exception:  # noqa: BLE001 - b rows against the items' n, or the model's own check of them (a
+            s = self._run(self.x[o:o + 1], torch.zeros_like(owner), ch, owner)
+        except Exception:  # noqa: BLE001 - one row against the items' n, or the model's own check of them (a
             pass  # ValueError, an assert): an error of the model's own comes again from the pass per item
         ok = s is not None and s.shape[0] == len(owner)
         if scope is not None and saved is not None and not (ok and keep):  # scores thrown away refuse nothing
             scope.restore(saved)
         return s if ok else None
 
+    def _own(self, owner: Tensor, ch: Tensor) -> Tensor:
+        """The items' scores with every item's image a row of its own (the whole model once per item)."""
+        return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
+
     def _check_shared(self, owner: Tensor, ch: Tensor) -> bool:
-        """Whether the shared pass gives b + 1 items the scores of their pass per item (one read per call): a rest
-        that takes b from x (``b = x.shape[0]``, then ``reshape(b, c, -1)`` and back) mixes the items' rows with no
-        error and no other shape. Both passes' deferred checks are dropped: the chunk runs again."""
-        m = len(owner)
+        """Whether the shared pass gives items of one image (two: its first chunk's first two) the scores of their
+        pass per item (one read per call): a rest that takes b from x (``b = x.shape[0]``, then
+        ``reshape(b, c, -1)`` and back) mixes the items' rows with no error and no other shape. Both passes'
+        deferred checks are dropped: these items run again."""
         s = self._shared_pass(owner, ch, keep=False)
         if s is None:
             return False
         scope = _derived.current()
         saved = scope.snapshot() if scope is not None else None
-        own = self._run(self.x[owner], torch.arange(m, device=self.x.device), ch, owner)
+        own = self._own(owner, ch)
         if scope is not None and saved is not None:
             scope.restore(saved)
         # a relative 1e-3 of the scores (8 eps at bf16 / fp16 under autocast): the layers before may round alike
@@ -387,18 +395,41 @@ class _Ablated:
         return bool(((s - own).abs() <= rel * own.abs().amax() + 1e-6).all())
 
     def __call__(self, idx: Tensor) -> Tensor:
-        """The scores of items ``idx`` (increasing; the engine's chunk of the items that are run)."""
+        """The scores of items ``idx`` (image by image: the engine's chunk of the items that are run, in the order
+        :func:`ablationcam` gives them). Each run of two or more items of one image is one pass with the layers
+        before the layer run once, on that image alone; the first such run of a call is checked against its
+        pass per item (:meth:`_check_shared`); where sharing fails, the rest run one row per item."""
         b = self.x.shape[0]
         owner, ch = idx % b, idx // b
-        if self.shared and len(idx) > b:  # more items than images: some image twice or more
-            if not self.checked:
-                self.checked = True
-                self.shared = self._check_shared(owner[:b + 1], ch[:b + 1])
-            s = self._shared_pass(owner, ch, keep=True) if self.shared else None
-            if s is not None:
-                return s
-            self.shared = False
-        return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
+        if not self.shared:
+            return self._own(owner, ch)
+        ends = (torch.nonzero(owner[1:] != owner[:-1]).flatten() + 1).tolist() + [len(idx)]
+        done: list[tuple[int, int, Tensor]] = []  # (start, stop, scores) of the runs that ran shared
+        start = 0
+        for stop in ends:
+            if stop - start > 1 and self.shared:
+                o, c = owner[start:stop], ch[start:stop]
+                if not self.checked:
+                    self.checked = True
+                    self.shared = self._check_shared(o[:2], c[:2])
+                s = self._shared_pass(o, c, keep=True) if self.shared else None
+                if s is None:
+                    self.shared = False
+                else:
+                    done.append((start, stop, s))
+            start = stop
+        if not done:
+            return self._own(owner, ch)
+        rest = torch.ones(len(idx), dtype=torch.bool, device=idx.device)
+        for start, stop, _ in done:
+            rest[start:stop] = False
+        parts = [s for _, _, s in done]
+        at = [torch.arange(start, stop, device=idx.device) for start, stop, _ in done]
+        if bool(rest.any()):  # single items of an image, and what ran after sharing failed: one pass together
+            parts.append(self._own(owner[rest], ch[rest]))
+            at.append(rest.nonzero().flatten())
+        order = torch.cat(at).argsort()
+        return torch.cat(parts)[order]
 
 
 def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) -> None:
@@ -491,7 +522,11 @@ def ablationcam(
         # Tested on the layer's output as the ablation writes it: every token, a ViT's prefix tokens too (the grid
         # has the patches only: a channel at value on them and not on the class token changes the score)
         axis = 1 if layout.kind == "channels_first" else native.dim() - 1
-        live = (native != value).movedim(axis, 1).flatten(2).any(2).t().flatten().nonzero().flatten()
+        alive = (native != value).movedim(axis, 1).flatten(2).any(2)  # (B, D)
+        # image by image (item j = channel j // B of image j % B): a chunk's items of one image share the layers
+        # before the layer (_Ablated: once per run of an image's items, on its one row)
+        at = alive.flatten().nonzero().flatten()
+        live = (at % alive.shape[1]) * b + at // alive.shape[1]
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
             s = items(live[start:stop])
