@@ -21,12 +21,14 @@ pass, so every full chunk has the same batch size; live channels of an image rel
 (``c > 0``) have the same mask (bilinear upsampling is affine-equivariant) and share one pass
 (:meth:`_ChannelMasks.distinct`). Ablation-CAM runs no pass for a channel already equal to ``value``
 everywhere on its image (its ablation changes nothing: the clean score, weight 0). Ablation-CAM replaces the layer's output in the
-forward pass: in a chunk of more items than images, the layers before it run once per image, not once per
-channel, and the ablated copies of the layer's output run through the rest of the model together (when the
-rest reads an earlier tensor of the batch, such as a skip connection around the layer or ``x`` itself, the
-images are repeated instead; a chunk of at most as many items as images always runs them repeated; the first
-shared chunk's first b + 1 items are checked against their pass per item, which catches a rest that takes ``b``
-from ``x``).
+forward pass: its items come image by image, and each run of two or more items of one image in a chunk runs the
+layers before the layer once, on that image's one row, and the ablated copies of the layer's output (that row
+repeated) through the rest together; a skip around the layer (a resnet block's shortcut, which reads the block's
+input) or a read of ``x`` after it broadcasts its one row against the items' (session 43; before, the layers before
+ran on the chunk's B images, and a skip with several images met B rows against the items', an error, and every pass
+ran the whole model once per item). Where the rest cannot take one row against n (a concatenation of an earlier
+tensor, a model that checks its batch sizes), the passes run one row per item; the first run of a call is checked
+against its pass per item on two items, which catches a rest that takes ``b`` from ``x`` and mixes the items' rows.
 
 Both take the engine's performance options (``memory_format``, ``compile``, ``precision``; see
 docs/performance.md): Score-CAM's chunks of live items keep a compiled graph's one shape;
@@ -354,15 +356,14 @@ class _Ablated:
         finally:
             handle.remove()
 
-    def _shared_pass(self, owner: Tensor, ch: Tensor, keep: bool) -> Optional[Tensor]:
-        """The scores of items of one image (``owner`` all equal) with the layers before run once, on that image's
+    def _shared_pass(self, o: int, owner: Tensor, ch: Tensor, keep: bool) -> Optional[Tensor]:
+        """The scores of items of image ``o`` (``owner`` all ``o``) with the layers before run once, on that image's
         one row (the layer's output row repeated for the items' n after it: a skip around the layer, or a read of
         ``x`` after it, broadcasts its one row); None where that pass fails or gives other rows. ``keep``: its
         deferred checks (NaN scores) stay."""
         scope = _derived.current()
         saved = scope.snapshot() if scope is not None else None
         s: Optional[Tensor] = None
-        o = int(owner[0])
         try:
             s = self._run(self.x[o:o + 1], torch.zeros_like(owner), ch, owner)
         except Exception:  # noqa: BLE001 - one row against the items' n, or the model's own check of them (a
@@ -376,12 +377,12 @@ class _Ablated:
         """The items' scores with every item's image a row of its own (the whole model once per item)."""
         return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
 
-    def _check_shared(self, owner: Tensor, ch: Tensor) -> bool:
-        """Whether the shared pass gives items of one image (two: its first chunk's first two) the scores of their
-        pass per item (one read per call): a rest that takes b from x (``b = x.shape[0]``, then
+    def _check_shared(self, o: int, owner: Tensor, ch: Tensor) -> bool:
+        """Whether the shared pass gives items of image ``o`` (two: the call's first run's first two) the scores of
+        their pass per item (one read per call): a rest that takes b from x (``b = x.shape[0]``, then
         ``reshape(b, c, -1)`` and back) mixes the items' rows with no error and no other shape. Both passes'
         deferred checks are dropped: these items run again."""
-        s = self._shared_pass(owner, ch, keep=False)
+        s = self._shared_pass(o, owner, ch, keep=False)
         if s is None:
             return False
         scope = _derived.current()
@@ -394,42 +395,41 @@ class _Ablated:
         rel = max(1e-3, 8 * torch.finfo(own.dtype).eps) if own.is_floating_point() else 1e-3
         return bool(((s - own).abs() <= rel * own.abs().amax() + 1e-6).all())
 
-    def __call__(self, idx: Tensor) -> Tensor:
+    def __call__(self, idx: Tensor, owners: Sequence[int]) -> Tensor:
         """The scores of items ``idx`` (image by image: the engine's chunk of the items that are run, in the order
-        :func:`ablationcam` gives them). Each run of two or more items of one image is one pass with the layers
-        before the layer run once, on that image alone; the first such run of a call is checked against its
-        pass per item (:meth:`_check_shared`); where sharing fails, the rest run one row per item."""
+        :func:`ablationcam` gives them; ``owners``: their images, on the host, so that a chunk reads no tensor).
+        Each run of two or more items of one image is one pass with the layers before the layer run once, on that
+        image alone; the call's first such run is checked against its pass per item (:meth:`_check_shared`);
+        single items, and every item once sharing failed, run together, one row per item."""
         b = self.x.shape[0]
         owner, ch = idx % b, idx // b
         if not self.shared:
             return self._own(owner, ch)
-        ends = (torch.nonzero(owner[1:] != owner[:-1]).flatten() + 1).tolist() + [len(idx)]
+        bounds = [i for i in range(1, len(owners)) if owners[i] != owners[i - 1]]
         done: list[tuple[int, int, Tensor]] = []  # (start, stop, scores) of the runs that ran shared
-        start = 0
-        for stop in ends:
+        rest: list[int] = []  # the positions that run one row per item
+        for start, stop in zip([0] + bounds, bounds + [len(owners)]):
+            s = None
             if stop - start > 1 and self.shared:
                 o, c = owner[start:stop], ch[start:stop]
                 if not self.checked:
                     self.checked = True
-                    self.shared = self._check_shared(o[:2], c[:2])
-                s = self._shared_pass(o, c, keep=True) if self.shared else None
-                if s is None:
-                    self.shared = False
-                else:
-                    done.append((start, stop, s))
-            start = stop
+                    self.shared = self._check_shared(owners[start], o[:2], c[:2])
+                s = self._shared_pass(owners[start], o, c, keep=True) if self.shared else None
+                self.shared = s is not None
+            if s is None:
+                rest.extend(range(start, stop))
+            else:
+                done.append((start, stop, s))
         if not done:
             return self._own(owner, ch)
-        rest = torch.ones(len(idx), dtype=torch.bool, device=idx.device)
-        for start, stop, _ in done:
-            rest[start:stop] = False
         parts = [s for _, _, s in done]
         at = [torch.arange(start, stop, device=idx.device) for start, stop, _ in done]
-        if bool(rest.any()):  # single items of an image, and what ran after sharing failed: one pass together
-            parts.append(self._own(owner[rest], ch[rest]))
-            at.append(rest.nonzero().flatten())
-        order = torch.cat(at).argsort()
-        return torch.cat(parts)[order]
+        if rest:
+            r = torch.tensor(rest, device=idx.device)
+            parts.append(self._own(owner[r], ch[r]))
+            at.append(r)
+        return torch.cat(parts)[torch.cat(at).argsort()]
 
 
 def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) -> None:
@@ -528,8 +528,10 @@ def ablationcam(
         at = alive.flatten().nonzero().flatten()
         live = (at % alive.shape[1]) * b + at // alive.shape[1]
 
+        owners = (live % b).tolist()  # each item's image, read once: the chunks split their items by image
+
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            s = items(live[start:stop])
+            s = items(live[start:stop], owners[start:stop])
             return s, s  # the scores give the weights: kept per item (small), combined below
 
         scores = clean.repeat(acts.shape[1], 1)  # (D * B, K): each item's clean score until its pass
