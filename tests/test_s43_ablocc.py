@@ -15,32 +15,13 @@ from torch import nn
 import salience
 
 from conftest import unchanged
+from test_scorecam import _ablation_reference
 
 
 def _reference(model, layer, x, cls):
-    """Desai & Ramaswamy 2020 one image and one channel at a time: ``w_k = (y - y_k) / y``, ``y_k`` the score with
-    channel ``k`` of the layer's output set to 0; the map ``ReLU(sum_k w_k A_k)`` at the layer's size."""
-    maps = []
-    with torch.no_grad():
-        for i in range(x.shape[0]):
-            xi = x[i:i + 1]
-            store = []
-            h = layer.register_forward_hook(lambda m, inp, o: store.append(o.clone()))
-            y = model(xi)[0, cls[i]]
-            h.remove()
-            a = store[0][0]
-            cam = torch.zeros(a.shape[1:])
-            for k in range(a.shape[0]):
-                def zero(m, inp, o, k=k):
-                    o = o.clone()
-                    o[:, k] = 0
-                    return o
-                h = layer.register_forward_hook(zero)
-                yk = model(xi)[0, cls[i]]
-                h.remove()
-                cam += (y - yk) / y * a[k]
-            maps.append(cam.clamp(min=0))
-    return torch.stack(maps)
+    """The paper's map per image (test_scorecam's reference, one image and one channel at a time), each image's
+    class its own."""
+    return torch.cat([_ablation_reference(model, layer, x[i:i + 1], int(cls[i])) for i in range(x.shape[0])])
 
 
 def _rows(module):
@@ -56,42 +37,37 @@ def resnet():
     return torchvision.models.resnet18(num_classes=10).eval()
 
 
+def _stem_rows_and_maps(model, layer, b, seed, **kw):
+    """Rows the stem (``conv1``) ran on during the call, the call's map and the paper's, for ``b`` images."""
+    x = torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        cls = model(x).argmax(1)
+    ref = _reference(model, layer, x, cls)
+    rows, h = _rows(model.conv1)
+    try:
+        with unchanged(model):
+            ours = salience.ablationcam(model, x, cls, layer=layer, upsample=False, **kw)
+    finally:
+        h.remove()
+    return rows[0], ours, ref
+
+
 def test_ablationcam_on_a_resnet_blocks_first_conv_runs_the_stem_once_per_image_of_a_chunk(resnet):
     """``layer1.0.conv1`` of resnet18 (64 channels), two images: the block's shortcut reads the block's input. With
     ``chunk=16`` (image 0's 64 items, then image 1's: 8 chunks of one image each) the stem runs on 2 rows (the capture)
     + 3 (the check: two items shared, 1 row, and one by one, 2) + one row a chunk = 13; before, 2 + 2 (a failed
     shared try) + one row per item (128) = 132. The map is the paper's formula's."""
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        cls = resnet(x).argmax(1)
-    layer = resnet.layer1[0].conv1
-    ref = _reference(resnet, layer, x, cls)
-    rows, h = _rows(resnet.conv1)
-    try:
-        with unchanged(resnet):
-            ours = salience.ablationcam(resnet, x, cls, layer=layer, upsample=False, chunk=16)
-    finally:
-        h.remove()
-    assert rows[0] == 2 + 3 + 8
+    rows, ours, ref = _stem_rows_and_maps(resnet, resnet.layer1[0].conv1, 2, 3, chunk=16)
+    assert rows == 2 + 3 + 8
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_ablationcam_default_chunks_share_the_stem_and_keep_the_formula(resnet):
     """The engine's own chunks (a probe of b items first, then from the memory budget), three images, a layer in
     the second stage (``layer2.0.conv1``, whose block has a strided downsample on its shortcut): far fewer stem rows
-    than one per item, and the paper's map."""
-    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        cls = resnet(x).argmax(1)
-    layer = resnet.layer2[0].conv1
-    ref = _reference(resnet, layer, x, cls)
-    rows, h = _rows(resnet.conv1)
-    try:
-        ours = salience.ablationcam(resnet, x, cls, layer=layer, upsample=False)
-    finally:
-        h.remove()
-    items = 3 * 128
-    assert rows[0] < items // 4, rows[0]
+    than one per item (3 x 128), and the paper's map."""
+    rows, ours, ref = _stem_rows_and_maps(resnet, resnet.layer2[0].conv1, 3, 4)
+    assert rows < 3 * 128 // 4, rows
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
 
 
