@@ -21,12 +21,14 @@ pass, so every full chunk has the same batch size; live channels of an image rel
 (``c > 0``) have the same mask (bilinear upsampling is affine-equivariant) and share one pass
 (:meth:`_ChannelMasks.distinct`). Ablation-CAM runs no pass for a channel already equal to ``value``
 everywhere on its image (its ablation changes nothing: the clean score, weight 0). Ablation-CAM replaces the layer's output in the
-forward pass: in a chunk of more items than images, the layers before it run once per image, not once per
-channel, and the ablated copies of the layer's output run through the rest of the model together (when the
-rest reads an earlier tensor of the batch, such as a skip connection around the layer or ``x`` itself, the
-images are repeated instead; a chunk of at most as many items as images always runs them repeated; the first
-shared chunk's first b + 1 items are checked against their pass per item, which catches a rest that takes ``b``
-from ``x``).
+forward pass: its items come image by image, and each run of two or more items of one image in a chunk runs the
+layers before the layer once, on that image's one row, and the ablated copies of the layer's output (that row
+repeated) through the rest together; a skip around the layer (a resnet block's shortcut, which reads the block's
+input) or a read of ``x`` after it broadcasts its one row against the items' (session 43; before, the layers before
+ran on the chunk's B images, and a skip with several images met B rows against the items', an error, and every pass
+ran the whole model once per item). Where the rest cannot take one row against n (a concatenation of an earlier
+tensor, a model that checks its batch sizes), the passes run one row per item; the first run of a call is checked
+against its pass per item on two items, which catches a rest that takes ``b`` from ``x`` and mixes the items' rows.
 
 Both take the engine's performance options (``memory_format``, ``compile``, ``precision``; see
 docs/performance.md): Score-CAM's chunks of live items keep a compiled graph's one shape;
@@ -318,13 +320,14 @@ class _Ablated:
     def __init__(self, model: nn.Module, mod: nn.Module, x: Tensor, layout: Layout, value: float,
                  score: Callable[[Tensor, Tensor], Tensor]) -> None:
         self.model, self.mod, self.x, self.layout, self.value, self.score = model, mod, x, layout, value, score
-        # the layers before run once per image, for a chunk of more items than images (b rows, the items' n rows
-        # after the layer: a read of x or of an earlier tensor after it meets two batch sizes, an error, and the
-        # passes run once per item from then on; with one image, a broadcast of its own rows); False: once per item.
-        # A chunk of at most b items runs its items' images (n rows) as they are: sharing saves nothing there, and
-        # rows of the same count could not tell a read of another image's x (chunk=3 of 4 images mixed them)
+        # the layers before run once per run of an image's items in a chunk, on that image's one row (the layer's
+        # output row repeated for the items' n after it: a read of x or of an earlier tensor after the layer
+        # broadcasts its one row, or meets two batch sizes, an error, and the passes run once per item from then
+        # on); False: once per item. One image at a time: rows of several images could not tell a read of another
+        # image's x (chunk=3 of 4 images mixed them), and a skip around the layer (a resnet block's) cannot
+        # broadcast several images' rows against the items'
         self.shared = True
-        self.checked = False  # the shared pass checked against the pass per item (b + 1 items, once a call)
+        self.checked = False  # the shared pass checked against the pass per item (two items, once a call)
 
     def _ablate(self, out: Tensor, rows: Tensor, ch: Tensor) -> Tensor:
         t = out[rows].clone()
@@ -353,32 +356,38 @@ class _Ablated:
         finally:
             handle.remove()
 
-    def _shared_pass(self, owner: Tensor, ch: Tensor, keep: bool) -> Optional[Tensor]:
-        """The items' scores with the layers before run once per image (b rows before the layer, the items' n after
-        it); None where that pass fails or gives other rows. ``keep``: its deferred checks (NaN scores) stay."""
+    def _shared_pass(self, o: int, owner: Tensor, ch: Tensor, keep: bool) -> Optional[Tensor]:
+        """The scores of items of image ``o`` (``owner`` all ``o``) with the layers before run once, on that image's
+        one row (the layer's output row repeated for the items' n after it: a skip around the layer, or a read of
+        ``x`` after it, broadcasts its one row); None where that pass fails or gives other rows. ``keep``: its
+        deferred checks (NaN scores) stay."""
         scope = _derived.current()
         saved = scope.snapshot() if scope is not None else None
         s: Optional[Tensor] = None
         try:
-            s = self._run(self.x, owner, ch, owner)  # the layer's output row ``owner[i]`` for item ``i``
-        except Exception:  # noqa: BLE001 - b rows against the items' n, or the model's own check of them (a
+            s = self._run(self.x[o:o + 1], torch.zeros_like(owner), ch, owner)
+        except Exception:  # noqa: BLE001 - one row against the items' n, or the model's own check of them (a
             pass  # ValueError, an assert): an error of the model's own comes again from the pass per item
         ok = s is not None and s.shape[0] == len(owner)
         if scope is not None and saved is not None and not (ok and keep):  # scores thrown away refuse nothing
             scope.restore(saved)
         return s if ok else None
 
-    def _check_shared(self, owner: Tensor, ch: Tensor) -> bool:
-        """Whether the shared pass gives b + 1 items the scores of their pass per item (one read per call): a rest
-        that takes b from x (``b = x.shape[0]``, then ``reshape(b, c, -1)`` and back) mixes the items' rows with no
-        error and no other shape. Both passes' deferred checks are dropped: the chunk runs again."""
-        m = len(owner)
-        s = self._shared_pass(owner, ch, keep=False)
+    def _own(self, owner: Tensor, ch: Tensor) -> Tensor:
+        """The items' scores with every item's image a row of its own (the whole model once per item)."""
+        return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
+
+    def _check_shared(self, o: int, owner: Tensor, ch: Tensor) -> bool:
+        """Whether the shared pass gives items of image ``o`` (two: the call's first run's first two) the scores of
+        their pass per item (one read per call): a rest that takes b from x (``b = x.shape[0]``, then
+        ``reshape(b, c, -1)`` and back) mixes the items' rows with no error and no other shape. Both passes'
+        deferred checks are dropped: these items run again."""
+        s = self._shared_pass(o, owner, ch, keep=False)
         if s is None:
             return False
         scope = _derived.current()
         saved = scope.snapshot() if scope is not None else None
-        own = self._run(self.x[owner], torch.arange(m, device=self.x.device), ch, owner)
+        own = self._own(owner, ch)
         if scope is not None and saved is not None:
             scope.restore(saved)
         # a relative 1e-3 of the scores (8 eps at bf16 / fp16 under autocast): the layers before may round alike
@@ -386,19 +395,54 @@ class _Ablated:
         rel = max(1e-3, 8 * torch.finfo(own.dtype).eps) if own.is_floating_point() else 1e-3
         return bool(((s - own).abs() <= rel * own.abs().amax() + 1e-6).all())
 
-    def __call__(self, idx: Tensor) -> Tensor:
-        """The scores of items ``idx`` (increasing; the engine's chunk of the items that are run)."""
+    def check(self, idx: Tensor, owners: Sequence[int]) -> None:
+        """Check the sharing (:meth:`_check_shared`) on the first two items of the first image with two or more, before
+        the engine's chunks: inside the first chunk, the engine's memory probe, its passes counted as the chunk's
+        (11.2 MB an item against 6.9 without for resnet50 at 224 px: chunks of 4 items, not 7, and the rest of the
+        model ran 14 % slower an image at 4 rows a pass than at 8). Nothing where no image has two items."""
+        for i in range(1, len(owners)):
+            if owners[i] == owners[i - 1]:
+                self.checked = True
+                b = self.x.shape[0]
+                pair = idx[i - 1:i + 1]
+                self.shared = self._check_shared(owners[i], pair % b, pair // b)
+                return
+
+    def __call__(self, idx: Tensor, owners: Sequence[int]) -> Tensor:
+        """The scores of items ``idx`` (image by image: the engine's chunk of the items that are run, in the order
+        :func:`ablationcam` gives them; ``owners``: their images, on the host, so that a chunk reads no tensor).
+        Each run of two or more items of one image is one pass with the layers before the layer run once, on that
+        image alone; the call's first such run is checked against its pass per item (:meth:`_check_shared`);
+        single items, and every item once sharing failed, run together, one row per item."""
         b = self.x.shape[0]
         owner, ch = idx % b, idx // b
-        if self.shared and len(idx) > b:  # more items than images: some image twice or more
-            if not self.checked:
-                self.checked = True
-                self.shared = self._check_shared(owner[:b + 1], ch[:b + 1])
-            s = self._shared_pass(owner, ch, keep=True) if self.shared else None
-            if s is not None:
-                return s
-            self.shared = False
-        return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
+        if not self.shared:
+            return self._own(owner, ch)
+        bounds = [i for i in range(1, len(owners)) if owners[i] != owners[i - 1]]
+        done: list[tuple[int, int, Tensor]] = []  # (start, stop, scores) of the runs that ran shared
+        rest: list[int] = []  # the positions that run one row per item
+        for start, stop in zip([0] + bounds, bounds + [len(owners)]):
+            s = None
+            if stop - start > 1 and self.shared:
+                o, c = owner[start:stop], ch[start:stop]
+                if not self.checked:
+                    self.checked = True
+                    self.shared = self._check_shared(owners[start], o[:2], c[:2])
+                s = self._shared_pass(owners[start], o, c, keep=True) if self.shared else None
+                self.shared = s is not None
+            if s is None:
+                rest.extend(range(start, stop))
+            else:
+                done.append((start, stop, s))
+        if not done:
+            return self._own(owner, ch)
+        parts = [s for _, _, s in done]
+        at = [torch.arange(start, stop, device=idx.device) for start, stop, _ in done]
+        if rest:
+            r = torch.tensor(rest, device=idx.device)
+            parts.append(self._own(owner[r], ch[r]))
+            at.append(r)
+        return torch.cat(parts)[torch.cat(at).argsort()]
 
 
 def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) -> None:
@@ -491,10 +535,19 @@ def ablationcam(
         # Tested on the layer's output as the ablation writes it: every token, a ViT's prefix tokens too (the grid
         # has the patches only: a channel at value on them and not on the class token changes the score)
         axis = 1 if layout.kind == "channels_first" else native.dim() - 1
-        live = (native != value).movedim(axis, 1).flatten(2).any(2).t().flatten().nonzero().flatten()
+        alive = (native != value).movedim(axis, 1).flatten(2).any(2)  # (B, D)
+        # image by image (item j = channel j // B of image j % B): a chunk's items of one image share the layers
+        # before the layer (_Ablated: once per run of an image's items, on its one row)
+        at = alive.flatten().nonzero().flatten()
+        live = (at % alive.shape[1]) * b + at // alive.shape[1]
+
+        owners = (live % b).tolist()  # each item's image, read once: the chunks split their items by image
+        if chunk is None or chunk > 1:  # chunk=1: no pass shares
+            with torch.inference_mode(), run.autocast():  # the passes' precision; outside the first chunk's probe
+                items.check(live, owners)
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            s = items(live[start:stop])
+            s = items(live[start:stop], owners[start:stop])
             return s, s  # the scores give the weights: kept per item (small), combined below
 
         scores = clean.repeat(acts.shape[1], 1)  # (D * B, K): each item's clean score until its pass
