@@ -2,6 +2,7 @@
 
     flock /tmp/bench.lock taskset -c 1 python benchmarks/casts_s43.py --before /tmp/s43_old/src --after src \\
         --images 4 --rounds 3 --out benchmarks/casts-s43
+    (the same with --chunk 4 --modes bf16+channels_last --out benchmarks/casts-s43-chunk4: one pass per 4 items)
 
 Two worker processes, one per source tree (``--before``: main's, ``--after``: this branch's), each with resnet50
 (random weights, eval), ``--images`` images at ``--size`` px, one thread. Each salience mode (SmoothGrad ``--samples``
@@ -24,7 +25,7 @@ import time
 MODES = {"bf16+channels_last": "bf16", "bf16-mixed+channels_last": "bf16-mixed"}
 
 
-def worker(images: int, size: int, samples: int, steps: int) -> None:
+def worker(images: int, size: int, samples: int, steps: int, chunk: int) -> None:
     import torch
     import torchvision
     import salience
@@ -33,10 +34,9 @@ def worker(images: int, size: int, samples: int, steps: int) -> None:
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()
     x = torch.rand(images, 3, size, size, generator=torch.Generator().manual_seed(0))
-    calls = {"smoothgrad": lambda p: salience.smoothgrad(model, x, 1, samples=samples, seed=0, precision=p,
-                                                         memory_format="channels_last"),
-             "ig": lambda p: salience.integrated_gradients(model, x, 1, steps=steps, precision=p,
-                                                          memory_format="channels_last")}
+    kw = {"memory_format": "channels_last", "chunk": chunk or None}
+    calls = {"smoothgrad": lambda p: salience.smoothgrad(model, x, 1, samples=samples, seed=0, precision=p, **kw),
+             "ig": lambda p: salience.integrated_gradients(model, x, 1, steps=steps, precision=p, **kw)}
 
     def bare(passes: int) -> None:
         m = model.to(memory_format=torch.channels_last)
@@ -71,15 +71,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/casts-s43")
+    ap.add_argument("--chunk", type=int, default=0, help="items per pass (0: salience's memory budget)")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     ap.add_argument("--worker", action="store_true")
     a = ap.parse_args()
     if a.worker:
-        return worker(a.images, a.size, a.samples, a.steps)
+        return worker(a.images, a.size, a.samples, a.steps, a.chunk)
     procs = {}
     for name, src in (("before", a.before), ("after", a.after)):
         env = dict(os.environ, PYTHONPATH=os.path.abspath(src), OMP_NUM_THREADS="1")
         procs[name] = subprocess.Popen([sys.executable, __file__, "--worker", "--images", str(a.images), "--size",
-                                        str(a.size), "--samples", str(a.samples), "--steps", str(a.steps)],
+                                        str(a.size), "--samples", str(a.samples), "--steps", str(a.steps), "--chunk", str(a.chunk)],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def call(tree: str, method: str, mode: str) -> float:
@@ -91,14 +93,14 @@ def main() -> None:
     rows: dict = {}
     first = {}
     for method in ("smoothgrad", "ig"):
-        for mode in MODES:
+        for mode in a.modes:
             for tree in procs:
                 first[f"{method} {mode} {tree}"] = call(tree, method, mode)
     for r in range(a.rounds):
         order = list(procs) if r % 2 == 0 else list(reversed(procs))
         for method in ("smoothgrad", "ig"):
             rows.setdefault(f"{method} bare bf16+channels_last", []).append(call("after", method, "bare"))
-            for mode in MODES:
+            for mode in a.modes:
                 for tree in order:
                     rows.setdefault(f"{method} {mode} {tree}", []).append(call(tree, method, mode))
         print(f"round {r + 1} done", flush=True)
@@ -110,7 +112,7 @@ def main() -> None:
 
 def write(a: argparse.Namespace, rows: dict, first: dict) -> None:
     lines = [f"# Weight casts once per call (session 43): resnet50, {a.images} images at {a.size} px, one thread",
-             "", f"SmoothGrad {a.samples} samples, IG {a.steps} steps; {a.rounds} rounds, trees alternating; seconds "
+             "", f"SmoothGrad {a.samples} samples, IG {a.steps} steps, chunk {a.chunk or 'by memory'}; {a.rounds} rounds, trees alternating; seconds "
              "per call. `before`: main's tree, `after`: this branch's. Command: see the script's docstring.", "",
              "| method / mode / tree | min | median | max | median / bare |", "|---|---|---|---|---|"]
     for key, ts in rows.items():
