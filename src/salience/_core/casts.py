@@ -76,8 +76,10 @@ class CastCache:
 
 
 def _eligible(a: Any) -> bool:
-    return (isinstance(a, nn.Parameter) and a.dtype == torch.float32 and not a.requires_grad
-            and not a.is_inference())
+    """A parameter CPU autocast would cast to bf16 afresh: fp32, dense, on the CPU, not requiring gradients (one that
+    does is autocast's to cache), not an inference tensor (no version counter to see a change by)."""
+    return (isinstance(a, nn.Parameter) and a.dtype == torch.float32 and a.layout == torch.strided
+            and a.device.type == "cpu" and not a.requires_grad and not a.is_inference())
 
 
 class WeightCasts(TorchFunctionMode):
