@@ -1,60 +1,39 @@
-"""Session 43: one bf16 pass (forward + input gradient) of resnet50 with autocast's per-pass weight casts against the
-same pass served the call's cached casts (salience._core.casts.WeightCasts), in alternating rounds, one process.
+"""Session 43: what one bf16 pass of resnet50 pays for autocast's per-pass weight casts, one process, under the lock.
 
-    flock /tmp/bench.lock taskset -c 1 python benchmarks/casts_s43_pass.py --images 4 --size 224 --rounds 5
+    flock /tmp/bench.lock taskset -c 1 env PYTHONPATH=src python benchmarks/casts_s43_pass.py
 
-Each round times ``--passes`` passes of each kind (the order alternating); per pass seconds, min / median / max over
-the rounds; the parameters frozen, model and input channels-last, as salience runs its passes.
+Prints the time of the 55 bf16 casts of resnet50's weights (its convolutions' and the classifier's weight and bias)
+and of a forward + input gradient (bf16 autocast, channels-last, parameters frozen) of 1 image at 32 and 224 px,
+with autocast's per-pass casts (main) against the same pass served the call's cached casts
+(salience._core.casts.WeightCasts), 6 alternating rounds of 10 passes, median and min per pass.
+(benchmarks/casts-s43-pass.md also has a first run of 4 images at 224 px, made with an earlier version of this script.)
 """
-from __future__ import annotations
-
-import argparse
-import statistics
-import time
+import time, statistics, torch, torchvision
 from contextlib import nullcontext
-
-import torch
-import torchvision
-
 from salience._core.casts import CastCache, WeightCasts
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=4)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--passes", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=5)
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    model = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    x = torch.rand(a.images, 3, a.size, a.size).contiguous(memory_format=torch.channels_last)
+torch.set_num_threads(1)
+m = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
+for p in m.parameters(): p.requires_grad_(False)
+ws = [p for p in m.parameters() if p.dim() > 1 or p.numel() == 1000]
+def casts():
+    t = time.perf_counter()
+    for _ in range(10): [p.to(torch.bfloat16) for p in ws]
+    return (time.perf_counter() - t) / 10
+print("55 casts (ms):", [round(casts() * 1e3, 1) for _ in range(5)])
+for size, n in ((32, 1), (224, 1)):  # (images at 4: about 300 ms a pass, the saving within the noise)
+    x = torch.rand(n, 3, size, size).contiguous(memory_format=torch.channels_last)
     cache = CastCache()
-
-    def passes(cached: bool) -> float:
+    def run(cached, k=10):
         t = time.perf_counter()
-        for _ in range(a.passes):
+        for _ in range(k):
             xi = x.clone().requires_grad_(True)
             with torch.autocast("cpu", dtype=torch.bfloat16), (WeightCasts(cache) if cached else nullcontext()):
-                out = model(xi)
+                out = m(xi)
             torch.autograd.grad(out[:, 1].float().sum(), xi)
-        return (time.perf_counter() - t) / a.passes
-
-    passes(False), passes(True)  # warm-up (the cache's copies made)
-    times: dict = {"per-pass casts (main)": [], "cached casts (session 43)": []}
-    for r in range(a.rounds):
-        for cached in ((False, True) if r % 2 == 0 else (True, False)):
-            times["cached casts (session 43)" if cached else "per-pass casts (main)"].append(passes(cached))
-    print(f"resnet50, {a.images} images at {a.size} px, bf16 + channels-last, one thread; {a.passes} passes a round")
-    print("| pass | min | median | max |\n|---|---|---|---|")
-    for k, ts in times.items():
-        print(f"| {k} | {min(ts) * 1e3:.1f} ms | {statistics.median(ts) * 1e3:.1f} ms | {max(ts) * 1e3:.1f} ms |")
-    base, new = times["per-pass casts (main)"], times["cached casts (session 43)"]
-    print("cached / per-pass, per round: " + ", ".join(f"{n / b:.3f}" for n, b in zip(new, base)))
-    print(f"copies made by the cache: {cache.made}")
-
-
-if __name__ == "__main__":
-    main()
+        return (time.perf_counter() - t) / k * 1e3
+    run(False, 2); run(True, 2)
+    a, b = [], []
+    for r in range(6):
+        if r % 2: b.append(run(True)); a.append(run(False))
+        else: a.append(run(False)); b.append(run(True))
+    print(f"{n} image {size}px fwd+bwd ms: per-pass casts {statistics.median(a):.1f} (min {min(a):.1f}), cached {statistics.median(b):.1f} (min {min(b):.1f})")
