@@ -100,7 +100,7 @@ def test_ctrl_c_at_each_point_of_casts_kept_leaves_the_model_and_autocast_as_the
     model = _model()
     model[3].weight.requires_grad_(False)
     before = [p.requires_grad for p in model.parameters()]
-    codes = {perf.Run.casts_kept.__wrapped__.__code__, perf._keep_casts.__code__, perf._drop_casts.__code__}
+    codes = {perf.Run.casts_kept.__wrapped__.__code__}  # session 43: no requires_grad flip, no nesting left
     passed: list = []
 
     def record(frame, event, arg):
@@ -120,7 +120,7 @@ def test_ctrl_c_at_each_point_of_casts_kept_leaves_the_model_and_autocast_as_the
         _scenario(model)
     finally:
         sys.settrace(None)
-    assert len(passed) > 10
+    assert len(passed) > 3
     for i in range(len(passed)):
         seen = [0]
 

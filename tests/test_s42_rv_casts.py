@@ -48,32 +48,31 @@ def _nesting() -> int:
     return n
 
 
-def test_ctrl_c_at_the_exits_calmly_call_still_drops_the_casts(monkeypatch):
-    """SIGINT raised at ``calmly``'s own start in casts_kept's exit (before the deferral: ``calmly`` says its callers
-    run it once more): the nesting closed, the folded copy's parameters (kept for the model's next calls) back to
-    no gradients, and the next call's map the same."""
-    from salience._core import perf
-
+def test_ctrl_c_in_a_pass_leaves_no_casts_and_no_gradients_on(monkeypatch):
+    """A Ctrl-C (``KeyboardInterrupt``) inside a pass of a folded Score-CAM call: no autocast nesting left open, the
+    folded copy's parameters (kept for the model's next calls) without gradients, the model's as before, and the
+    next call's map the same. (Session 42 tested a Ctrl-C at ``calmly``'s start in ``casts_kept``'s exit; since
+    session 43 that exit only drops the call's cache: nothing of the model or of autocast is changed.)"""
     model = _model()
     with warnings.catch_warnings(), salience.performance(fold_batchnorm=True):
         warnings.simplefilter("ignore")
         ref = CALLS["scorecam"](model)
-        real, hit = perf.calmly, []
-
-        def calmly(fn, *args):
-            if fn is perf._drop_casts and not hit:
-                hit.append(1)
-                raise KeyboardInterrupt
-            return real(fn, *args)
-
-        monkeypatch.setattr(perf, "calmly", calmly)
-        with pytest.raises(KeyboardInterrupt):
-            CALLS["scorecam"](model)
-        monkeypatch.setattr(perf, "calmly", real)
-        assert hit
-        assert _nesting() == 0
         from salience._core.folding import _folded
         copies = [p for f in _folded.values() for m in f if isinstance(m, nn.Module) for p in m.parameters()]
+        calls = []
+
+        def interrupt(*_):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+
+        hooks = [m.register_forward_hook(interrupt) for f in _folded.values() for m in f
+                 if isinstance(m, nn.Module)]
+        with pytest.raises(KeyboardInterrupt):
+            CALLS["scorecam"](model)
+        for h in hooks:
+            h.remove()
+        assert _nesting() == 0
         assert copies and not any(p.requires_grad for p in copies)
         assert all(p.requires_grad for p in model.parameters())
         assert torch.equal(CALLS["scorecam"](model), ref)

@@ -15,9 +15,9 @@ belongs to image ``j % B``. :func:`accumulate`
   size, ``max_memory=`` sets the budget (default: :func:`default_budget`);
 - shows a progress bar when asked;
 - runs ``compute`` under ``torch.inference_mode()`` with ``inference=True``, for the gradient-free
-  passes of the perturbation methods (Score-CAM, Ablation-CAM, occlusion, RISE); under a run's eager autocast
-  (``precision``) under ``torch.no_grad`` instead, inside :meth:`salience._core.perf.Run.casts_kept` for the
-  whole call, so that autocast casts each weight once per call, not once per pass.
+  passes of the perturbation methods (Score-CAM, Ablation-CAM, occlusion, RISE);
+- runs the whole call inside :meth:`salience._core.perf.Run.casts_kept`, so that under a CPU bf16 ``precision``
+  each weight is cast once per call, not once per pass (gradient passes too).
 
 :func:`input_gradients` and :func:`layer_gradients` are what methods ask of the engine: the
 gradients of K targets over given items, from one forward pass and one backward pass per target
@@ -418,9 +418,9 @@ def accumulate(
     """
     if total < 1:
         raise SalienceError("nothing to compute (0 items)")
-    kept = run.casts_kept() if (run is not None and inference) else contextlib.nullcontext()
+    kept = run.casts_kept() if run is not None else contextlib.nullcontext()
     with _derived.run_scope(), kept:
-        return _accumulate(functools.partial(_run, compute, inference=inference, images=n_images, run=run), total,
+        return _accumulate(functools.partial(_run, compute, inference=inference, images=n_images), total,
                            n_images, weights, squares, chunk, max_memory, progress, desc, device, inference, run)
 
 
@@ -553,26 +553,13 @@ class _Adder:
 
 
 def _run(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]], start: int, stop: int,
-         inference: bool, images: int, run: Optional[_perf.Run] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """``compute(start, stop)``, under ``torch.inference_mode()`` when ``inference`` (``torch.no_grad`` while the
-    run keeps autocast's weight casts, :meth:`~salience._core.perf.Run.casts_kept`: autocast keeps none made in
-    inference mode); the inputs it marks as derived (:func:`salience._core.derived.derived`) are the chunk's only;
-    its items are ``start..stop-1`` of ``images`` images (:func:`salience._core.derived.chunk_items`: a refusal of
-    their scores names the images)."""
-    with _pass_mode(inference, run), _derived.chunk_inputs(), _derived.chunk_items(start, images):
+         inference: bool, images: int) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """``compute(start, stop)``, under ``torch.inference_mode()`` when ``inference``; the inputs it marks as derived
+    (:func:`salience._core.derived.derived`) are the chunk's only; its items are ``start..stop-1`` of ``images``
+    images (:func:`salience._core.derived.chunk_items`: a refusal of their scores names the images)."""
+    mode = torch.inference_mode() if inference else contextlib.nullcontext()
+    with mode, _derived.chunk_inputs(), _derived.chunk_items(start, images):
         return compute(start, stop)
-
-
-def _pass_mode(inference: bool, run: Optional[_perf.Run]) -> Any:
-    """The grad mode of a pass of :func:`_run`."""
-    if not inference:
-        return contextlib.nullcontext()
-    if run is None or not run.keeps_casts:
-        return torch.inference_mode()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.no_grad())
-    return stack
 
 
 # --------------------------------------------------------------------------- several targets, one forward

@@ -23,8 +23,8 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   ``torch.autocast`` (see docs/performance.md for the tolerance): for CUDA, and ``"bf16"`` for a CPU with
   native bf16 that pays (AMX-BF16; Arm's BF16: :func:`native_bf16`), best with ``memory_format="channels_last"``; on
   a CPU without, ``"bf16"`` is no faster than fp32 (AVX512-BF16 alone) or slower, and warns once per process
-  (:mod:`salience._core.cpu`). The gradient-free many-pass runs keep autocast's cast of each weight for the whole
-  call (:meth:`Run.casts_kept`); the gradient methods' passes still cast every weight per pass.
+  (:mod:`salience._core.cpu`). Under a CPU bf16 autocast every many-pass run (gradient methods and gradient-free
+  ones) casts each weight to bf16 once per call, not once per pass (:meth:`Run.casts_kept`, :mod:`salience._core.casts`).
   ``"bf16-mixed"``: the bf16 autocast with the operations on the maps at a quarter of the input's resolution or
   larger in fp32 (:mod:`salience._core.islands`; the pixel-gradient maps much closer to fp32's than bf16's, at a
   part of bf16's speed-up), eager only (``compile`` refused with it).
@@ -86,6 +86,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core.calm import calmly
+from salience._core.casts import CastCache, WeightCasts
 from salience._core.cpu import native_bf16, warn_bf16_without_native
 from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _compile_failed, _compiled,
                                      _compiled_model, _freezing_on, _Frozen, _frozen_gradient, _frozen_model,
@@ -458,7 +459,7 @@ class Run:
     back (:func:`salience._core.engine.accumulate` calls it).
     """
 
-    keeps_casts = False  # inside casts_kept: the engine runs the passes under no_grad (autocast's casts kept)
+    _casts: Optional[CastCache] = None  # inside casts_kept: the call's bf16 copies of the weights
 
     def __init__(self, model: nn.Module, x: Tensor, options: Optional[Performance] = None, *, tag: str = "",
                  plain_passes: bool = False, strip_softmax: bool = True) -> None:
@@ -576,38 +577,27 @@ class Run:
         else:
             self._restore()
         self.channels_last = channels_last
-        if self.keeps_casts:  # autocast's cache is keyed on the parameter: its copies have the old layout
-            torch.clear_autocast_cache()
+        if self._casts is not None:  # its copies have the old layout (a changed data pointer makes them again anyway)
+            self._casts.clear()
 
     @contextmanager
     def casts_kept(self) -> Iterator[None]:
-        """Autocast's low-precision copies of the weights made once for all the passes of the run (``precision``,
-        eager), as one autocast block around a loop by hand keeps them. Each pass's own block dropped them on
-        leaving, and autocast keeps a cast only of a leaf that requires gradients (the guard turned that off) and
-        only out of ``torch.inference_mode``: every pass cast every weight again (resnet50 at 8 images of 112 px,
-        Ablation-CAM: 4,431 weight copies, 1.1 s of 5.5). Here one autocast nesting stays open for the call and
-        the parameters (the model's, the folded copy's) require gradients, turned back off (:func:`calmly`: a
-        Ctrl-C waits; the guard puts the user's back anyway) before the guard restores the model; the engine runs
-        the passes under ``torch.no_grad`` instead of ``inference_mode`` meanwhile (:attr:`keeps_casts`). Not
-        with ``compile`` (a compiled graph casts in itself, and guards on ``requires_grad``)."""
-        folded = tuple(self._folded.parameters()) if self._folded is not None else ()
-        params = [p for p in (*self.model.parameters(), *folded)
-                  if p.dtype == torch.float32 and not p.requires_grad and p.is_leaf]
-        if self.dtype is None or self.options.backend is not None or not params or self.keeps_casts:
+        """Each weight cast to bf16 once for all the passes of the call (a CPU bf16 ``precision``, eager): the call's
+        :class:`salience._core.casts.CastCache`, which :meth:`autocast` hands to a
+        :class:`salience._core.casts.WeightCasts` mode in each pass (thread-local; the parameters, the model's and the
+        folded copy's, untouched: their ``requires_grad`` stays as the guard set it). Every pass cast every weight
+        again before (autocast keeps a cast only of a leaf that requires gradients, out of ``torch.inference_mode``,
+        within one block): resnet50, 55 copies per pass, ``aten._to_copy`` counted. Gradient passes and gradient-free
+        ones alike (the copies are detached: no graph holds the weights). Not with ``compile`` (a compiled graph
+        casts in itself), not on CUDA (not measured there). The copies are dropped as the call leaves."""
+        if self._casts is not None or not _caches_casts(self):
             yield
             return
-        entered: list[bool] = []
+        self._casts = CastCache(self.dtype)
         try:
-            calmly(_keep_casts, params, entered)
-            self.keeps_casts = True
             yield
         finally:
-            self.keeps_casts = False
-            try:  # a Ctrl-C at calmly's start, before it deferred the signal, left all to do: done once more
-                calmly(_drop_casts, params, entered)
-            except BaseException:
-                calmly(_drop_casts, params, entered)
-                raise
+            self._casts = None
 
     def _folded_runs(self) -> bool:
         """Whether every pass from now on runs the folded copy (:meth:`forward_fn`): ``plain_passes``, and no final
@@ -705,7 +695,9 @@ class Run:
         submodule or a scripted function (no module says so), and the flag is the JIT's alone."""
         if self.dtype is None:
             return contextlib_null()
-        modes = []
+        modes: list = []
+        if self._casts is not None and not self._compiled_now:  # first: it sees each call last, as autocast will run it
+            modes.append(WeightCasts(self._casts))
         if self._strided_attention():
             modes.append(ContiguousAttention())
         if self.options.precision == "bf16-mixed" and len(self._item_shape) == 3:
@@ -932,29 +924,9 @@ class Run:
         return time.perf_counter()
 
 
-def _keep_casts(params: list, entered: list) -> None:
-    """:meth:`Run.casts_kept`'s entry: one autocast nesting more (its cache outlives each pass's autocast block until
-    this one leaves) and ``params`` requiring gradients (autocast caches a cast of a leaf that does);
-    ``entered`` noted (all done, or nothing: under :func:`calmly`)."""
-    torch.clear_autocast_cache()  # a caller's autocast block may hold casts of these (then changed in place)
-    torch.autocast_increment_nesting()
-    for p in params:
-        p.requires_grad_(True)
-    entered.append(True)
-
-
-def _drop_casts(params: list, entered: list) -> None:
-    """:meth:`Run.casts_kept`'s exit: ``params`` back to no gradients, the nesting closed, the copies dropped, also
-    inside a caller's ``torch.autocast`` block (the nesting not back to 0): its cache kept the casts of the model's
-    weights, and the next call in the block, the weights loaded anew in place (``load_state_dict``), ran on the old
-    ones (and the folded copy's stayed alive). Nothing where ``entered`` is empty (not entered, or done already)."""
-    if not entered:
-        return
-    for p in params:
-        p.requires_grad_(False)
-    torch.autocast_decrement_nesting()
-    torch.clear_autocast_cache()
-    entered.pop()
+def _caches_casts(run: Run) -> bool:
+    """Whether ``run`` keeps its weight casts for the call (:meth:`Run.casts_kept`): a CPU bf16 autocast, eager."""
+    return run.dtype is torch.bfloat16 and run.device.type == "cpu" and run.options.backend is None
 
 
 @contextmanager

@@ -1,0 +1,109 @@
+"""Under a CPU bf16 autocast, each weight cast to bf16 once per call, not once per pass (session 43).
+
+Why: ``torch.autocast`` keeps its cast of a weight (its cache) only for a leaf that requires gradients, made outside
+``torch.inference_mode``, until the outermost autocast block leaves. Salience's passes run with the parameters'
+``requires_grad`` off (the guard), each in its own autocast block, so every pass (every chunk) cast every weight
+again: resnet50, 55 copies (its 53 convolutions' weights, the classifier's weight and bias) per pass. Session 42's fix (``Run.casts_kept`` turning the parameters'
+``requires_grad`` on, the passes under ``no_grad``) served the gradient-free methods only, and the flip was visible to
+other threads running the same model.
+
+:class:`WeightCasts` is a ``TorchFunctionMode`` (the mode stack is thread-local: nothing another thread sees) that,
+for the operations CPU autocast runs in bf16 and that take a weight (convolutions and transposed convolutions,
+``F.linear``, the matmul family, ``prelu``), hands the function a bf16 copy of each fp32 ``nn.Parameter`` argument
+that does not require gradients, made once per call (detached, outside inference mode, so that gradient passes and
+inference passes share it) and kept in the call's dict (:class:`CastCache`) by the parameter's identity; autocast's
+own cast of a bf16 argument is then nothing. A copy is made again when the parameter's ``_version`` (a change in
+place: a user's hook, ``load_state_dict``), data pointer, strides or shape changed (``p.data = ...``: a change of
+layout). The values are the same as autocast's cast (one rounding of the same fp32 values), so the maps are the same
+bits. ``F.multi_head_attention_forward`` (Python: a mode does not see the ``F.linear`` calls inside it) is handed the copies
+of its projections' weights and biases, which it uses only as ``F.linear``'s arguments (no other use of them in
+torch 2.14's source), so its projections are served too. A parameter that requires gradients, a tensor that is not a
+parameter (a weight computed in the forward) or an inference tensor (no version counter) is left to autocast; so is
+everything while autocast's cache is turned off (``torch.autocast(..., cache_enabled=False)``).
+
+:meth:`salience._core.perf.Run.casts_kept` makes the call's cache; :meth:`salience._core.perf.Run.autocast` enters the
+mode (CPU bf16, eager chunks only: a compiled graph casts inside itself).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["CastCache", "WeightCasts", "CAST_FUNCTIONS"]
+
+#: The functions (as torch hands them to a mode) whose fp32 parameter arguments are served bf16 copies: those of
+#: torch's CPU autocast lower-precision list that take a weight or bias.
+CAST_FUNCTIONS = frozenset({
+    torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
+    torch.conv_tbc, torch._C._nn.linear, torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__,
+    torch.mm, Tensor.mm, torch.bmm, Tensor.bmm, torch.addmm, Tensor.addmm, torch.baddbmm, Tensor.baddbmm,
+    torch.addbmm, Tensor.addbmm, torch.prelu, Tensor.prelu,
+})
+_ATTENTION = F.multi_head_attention_forward
+# its arguments (by position and name) that it uses only as F.linear's weight and bias (in torch 2.14: directly, or
+# chunked or split first): the in-projection, the separate q / k / v projections, the out-projection
+_ATTENTION_WEIGHTS = frozenset({5, 6, 11, 12, "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias",
+                                "q_proj_weight", "k_proj_weight", "v_proj_weight"})
+
+
+class CastCache:
+    """One call's bf16 copies of the parameters: ``id(p)`` -> ``(p, key, copy)`` (``p`` kept alive with its copy, so
+    that its id is not reused while the entry lives). ``made`` counts the copies made (for tests and reports)."""
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.dtype = dtype
+        self.copies: dict[int, tuple[Tensor, tuple, Tensor]] = {}
+        self.made = 0
+
+    def clear(self) -> None:
+        self.copies.clear()
+
+    def get(self, p: Tensor) -> Tensor:
+        """The low-precision copy of ``p`` for its current values (made now when ``p`` changed since)."""
+        key = (p._version, p.data_ptr(), p.stride(), p.shape)
+        hit = self.copies.get(id(p))
+        if hit is not None and hit[0] is p and hit[1] == key:
+            return hit[2]
+        with torch.inference_mode(False), torch.no_grad():
+            copy = p.detach().to(self.dtype)
+        self.copies[id(p)] = (p, key, copy)
+        self.made += 1
+        return copy
+
+
+def _eligible(a: Any) -> bool:
+    """A parameter CPU autocast would cast to bf16 afresh: fp32, dense, on the CPU, not requiring gradients (one that
+    does is autocast's to cache), not an inference tensor (no version counter to see a change by)."""
+    return (isinstance(a, nn.Parameter) and a.dtype == torch.float32 and a.layout == torch.strided
+            and a.device.type == "cpu" and not a.requires_grad and not a.is_inference())
+
+
+class WeightCasts(TorchFunctionMode):
+    """The mode: the fp32 parameter arguments of :data:`CAST_FUNCTIONS` replaced by the call's copies (``cache``)."""
+
+    def __init__(self, cache: CastCache) -> None:
+        super().__init__()
+        self.cache = cache
+
+    def _casting(self) -> bool:
+        """Whether autocast runs the call in the cache's dtype with its cache on (``precision="bf16-mixed"`` turns
+        autocast off for its fp32 operations: :class:`salience._core.islands.HighResolutionFp32`)."""
+        return (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == self.cache.dtype
+                and torch.is_autocast_cache_enabled())
+
+    def _swap(self, a: Any) -> Any:
+        return self.cache.get(a) if _eligible(a) else a
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if func in CAST_FUNCTIONS and self._casting():
+            args = tuple(self._swap(a) for a in args)
+            kwargs = {k: self._swap(v) for k, v in kwargs.items()}
+        elif func is _ATTENTION and self._casting():  # its projections' weights, which it hands to F.linear only
+            args = tuple(self._swap(a) if i in _ATTENTION_WEIGHTS else a for i, a in enumerate(args))
+            kwargs = {k: self._swap(v) if k in _ATTENTION_WEIGHTS else v for k, v in kwargs.items()}
+        return func(*args, **kwargs)
