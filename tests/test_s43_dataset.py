@@ -184,3 +184,32 @@ def test_kept_free_bytes_counts_the_heap_freed_under_fixed_thresholds():
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["before"] == 0 and got["after"] >= 128 << 20, got
+
+
+def test_a_files_run_decodes_its_first_batch_in_its_own_process_while_the_worker_starts(tmp_path, monkeypatch):
+    """Image files, one worker, three batches: the first batch's images are read in the run's process (nothing can
+    hide that batch's decoding; the run would wait for it), the others in the worker; the maps are those of a run
+    without workers (and an image's error row is the same)."""
+    from salience.runs import sources
+
+    log = tmp_path / "reads.jsonl"
+    real = sources.ImageFiles.__getitem__
+
+    def reading(self, index):
+        with open(log, "a") as f:
+            f.write(json.dumps([index, os.getpid()]) + "\n")
+        return real(self, index)
+
+    files, model = images(tmp_path / "imgs", n=6), net()
+    (tmp_path / "imgs" / "5.png").write_bytes(b"not a png")  # a bad image in the last batch: its row's error
+    salience.explain_dataset(model, files, ["vanilla"], tmp_path / "none", workers=0, **KW)
+    monkeypatch.setattr(sources.ImageFiles, "__getitem__", reading)
+    salience.explain_dataset(model, files, ["vanilla"], tmp_path / "one", workers=1, **KW)
+    reads = _starts(log)
+    assert sorted(i for i, pid in reads if pid == os.getpid()) == [0, 1], reads
+    assert sorted(i for i, pid in reads if pid != os.getpid()) == [2, 3, 4, 5], reads
+    a, b = salience.open_run(tmp_path / "none"), salience.open_run(tmp_path / "one")
+    for i in range(5):
+        assert np.array_equal(a.map(i, "vanilla"), b.map(i, "vanilla")), i
+    errors = [r.table["error"].to_pylist() for r in (a, b)]
+    assert errors[0] == errors[1] and sum(e is not None for e in errors[1]) == 1, errors

@@ -702,7 +702,7 @@ def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> Non
     # an error in a worker (a user's item that is no image tensor, a KeyError of the user's transform) comes
     # back as Raised and is raised here as it is; torch would re-raise it in its wrapping, the traceback its message
     # with workers=0 the error is raised as it is, a note naming the image (sources.Noted)
-    loader = _loader(run, plan_batches)
+    loader = _decoded(run, plan_batches)
     total = sum(len(s) for s in shards)
     writer = _Writer(run, shards, png)
     try:
@@ -717,6 +717,23 @@ def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> Non
         writer.close(stopped=True)
         raise
     writer.close()
+
+
+def _decoded(run: Job, plan_batches: list[tuple[int, list[int]]]) -> Iterator[list[Any]]:
+    """The items of each planned batch, in order, from :func:`_loader`'s workers; where the run reads image files
+    (its own dataset: no user's ``worker_init_fn`` or worker state to honour) and has a second batch, the first batch
+    is decoded in this process while the workers start and decode the next: no batch can hide the first one's
+    decoding, and this process would wait for it anyway (a worker's start and a busy decoding core on top). The same
+    items either way (the same code reads them; an error comes as the workers' :class:`sources.Raised`)."""
+    head = bool(run.workers) and len(plan_batches) > 1 and isinstance(run.dataset, sources.ImageFiles)
+    loader = _loader(run, plan_batches[1:] if head else plan_batches)
+    if not head:
+        yield from loader
+        return
+    rest = iter(loader)  # the workers start, and the second batch's indices are sent, before the first is decoded
+    read = sources.Guarded(run.dataset, run.plan.paths)
+    yield sources.collate([read[i] for i in plan_batches[0][1]])
+    yield from rest
 
 
 def _loader(run: Job, plan_batches: list[tuple[int, list[int]]]) -> DataLoader:
