@@ -48,19 +48,22 @@ def timed_loader(run, plan_batches):
     made = time.perf_counter()
     loader = LOADER(run, plan_batches)
 
+    def batches(it):
+        while True:
+            t = time.perf_counter()
+            try:
+                x = next(it)
+            except StopIteration:
+                return
+            WAITS.append(("b", time.perf_counter() - t))
+            yield x
+
     class Timed:
-        def __iter__(self):
+        def __iter__(self):  # not a generator: the workers start when the iterator is asked for, as the loader's
             t = time.perf_counter()
             it = iter(loader)
             WAITS.extend([("setup", made - T0[0]), ("iter", time.perf_counter() - t)])
-            while True:
-                t = time.perf_counter()
-                try:
-                    x = next(it)
-                except StopIteration:
-                    return
-                WAITS.append(("b", time.perf_counter() - t))
-                yield x
+            return batches(it)
 
     return Timed()
 
