@@ -17,7 +17,8 @@ the memory it has freed (its peak stays resident), and there is no way back: so 
 asked (``salience.set_performance(allocator="reuse")``), and a setter that turns it back to ``"default"``
 afterwards warns that the process keeps it (:func:`thresholds_fixed`). A process that then forks (a dataset run's
 decoding workers) shares that kept heap copy-on-write with the child, and every page of it the parent's next passes
-write is copied at a fault: the child gives the free pages back (:func:`release_shared_heap`). Elsewhere (macOS, Windows, musl, a C library without
+write is copied at a fault: the child gives the free pages back (:func:`release_shared_heap`), and a dataset run
+whose process keeps much of it (:func:`kept_free_bytes`) starts its workers from a forkserver instead of forking. Elsewhere (macOS, Windows, musl, a C library without
 ``mallopt``) it sets nothing and warns once; it never raises.
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ import threading
 import warnings
 from typing import Any, Optional
 
-__all__ = ["keep_freed_memory", "thresholds_fixed", "release_shared_heap", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["keep_freed_memory", "thresholds_fixed", "release_shared_heap", "kept_free_bytes", "MMAP_THRESHOLD",
+           "TRIM_THRESHOLD"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 MMAP_THRESHOLD = 32 << 20  # the highest glibc takes (HEAP_MAX_SIZE / 2 on 64-bit)
@@ -121,3 +123,28 @@ def release_shared_heap() -> bool:
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
     return True
+
+
+class _Mallinfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (2.33 and later): every field a ``size_t``."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def kept_free_bytes() -> int:
+    """Bytes the process's heap holds free under the thresholds :func:`keep_freed_memory` fixed (glibc's
+    ``mallinfo2().fordblks``, over all arenas): the freed activations a fork would share copy-on-write with its
+    child (a dataset run's decoding worker, ``salience.runs.dataset.loader_context``). ``0`` where the thresholds
+    were not fixed (the free top of the heap is given back, large blocks are unmapped when freed) or glibc has no
+    ``mallinfo2`` (before 2.33); never raises."""
+    libc = _libc
+    if not _fixed or libc is None:
+        return 0
+    try:
+        info = libc.mallinfo2
+    except AttributeError:
+        return 0
+    info.restype = _Mallinfo2
+    info.argtypes = []
+    return int(info().fordblks)

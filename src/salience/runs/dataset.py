@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import os
 import queue
 import sys
@@ -31,7 +32,7 @@ from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_write, folder_name
 from salience._core.guard import run_guard
-from salience._core.malloc import release_shared_heap
+from salience._core.malloc import kept_free_bytes, release_shared_heap
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress
 from salience._core.tensors import check_flag, check_int, copy_model, model_device
@@ -64,6 +65,7 @@ class Job:
     workers: int
     spec: Any  # what the Ray actors load the model from: a spec string or the module itself
     worker_init: Optional[Callable[[int], None]] = None  # a given DataLoader's worker_init_fn (the local engine's)
+    worker_context: Any = None  # a given DataLoader's multiprocessing_context (the local engine's; None: the run's)
 
 
 def explain_dataset(  # long: the documented keywords, checked one by one, then one call per step
@@ -116,7 +118,9 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     (and pointing game / energy in mask when ``masks``, a folder of masks by file stem, is
     given) or a list of those names; ``metric_steps``: points of the insertion / deletion curves.
     ``batch_size``: default from memory. ``workers``: DataLoader
-    processes decoding images (default: up to 4, one core left to the model). ``engine``:
+    processes decoding images (default: up to 4, one core left to the model; forked, or from a forkserver on CUDA
+    and in a process that keeps a large freed heap, or as a given DataLoader's ``multiprocessing_context`` says:
+    docs/datasets.md). ``engine``:
     ``"local"`` or ``"ray"`` (``num_gpus`` per actor, ``actors`` in the pool, ``address`` of the
     cluster). ``method_options``: keyword options per method, e.g. ``{"smoothgrad": {"samples": 8}}``
     (part of the run's command). ``model_spec``: the name of a given module in the run's command (default: its class
@@ -224,7 +228,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
             # model's classes, the one the run was begun with), not when its batch comes; the others when read
             plan.label(sources.read_once(dataset, first))
         run = Job(module, plan, dataset, store, batch_size or 0, workers, model if isinstance(model, str) else module,
-                  loader.worker_init_fn if loader is not None else None)
+                  *((loader.worker_init_fn, loader.multiprocessing_context) if loader is not None else ()))
         if engine == "ray":  # the driver holds the lock; the actors write shards while it holds it (writer)
             from salience.runs import ray_engine
 
@@ -574,18 +578,33 @@ WRITER_QUEUE = 2
 flat: the queue is bounded); ``0``: the store's work runs in the main thread, between batches."""
 
 
+SHARED_HEAP = 256 << 20
+"""Free heap, in bytes, from which a CPU run's decoding workers start from a forkserver rather than forking the run's
+process (:func:`loader_context`): under ``allocator="reuse"`` the process keeps the activations its passes freed, a
+forked worker shares them copy-on-write, and the run's passes then fault every page of them once more (0.2-0.3 s of
+system time per GB, docs/performance.md, session 42)."""
+
+
 def loader_context(device: torch.device, workers: int, dataset: Any = None) -> Optional[str]:
-    """The DataLoader's multiprocessing start method: ``"forkserver"`` when the run's device is CUDA
-    and workers decode (forking a process that has CUDA and threads running is unsafe: Python 3.12
-    warns), else ``None``, the platform's default (fork on Linux: the quickest to start). A
-    ``dataset`` that does not pickle (a lambda in its transform, a class defined in a notebook; with the
-    ``worker_init_fn`` of the user's DataLoader, :func:`_loader`) is forked as before: a forkserver's
-    workers receive it pickled, and would fail to start."""
+    """The DataLoader's multiprocessing start method: ``"forkserver"`` when workers decode and either the run's device
+    is CUDA (forking a process that has CUDA and threads running is unsafe: Python 3.12 warns) or the process keeps
+    at least :data:`SHARED_HEAP` bytes of freed heap (``allocator="reuse"``, :func:`kept_free_bytes`) and a forkserver
+    is already running for it (:func:`_forkserver_ready`: the first such run forks, and starts the server for the next
+    runs); else ``None``, the platform's default (fork on Linux: the quickest to start). A ``dataset`` that does not
+    pickle (a lambda in its transform; with the ``worker_init_fn`` of the user's DataLoader, :func:`_loader`) is
+    forked as before: a forkserver's workers receive it pickled, and would fail to start. On a CPU also one that
+    does not come back from its pickle, names a class or function of an interactive ``__main__`` (a notebook's) or
+    pickles to over :data:`PICKLE_LIMIT` (:func:`_sendable`), and a call from a script's top level outside ``if
+    __name__ == "__main__":`` (:func:`_main_guarded`: a forkserver imports the script)."""
     import multiprocessing
     import pickle
 
-    if device.type != "cuda" or workers <= 0:
+    if workers <= 0:
         return None
+    if device.type != "cuda":
+        if kept_free_bytes() < SHARED_HEAP or not _main_guarded() or not _sendable(dataset, PICKLE_LIMIT):
+            return None
+        return "forkserver" if _forkserver_ready() else None
     if dataset is not None:
         try:
             pickle.dumps(dataset)
@@ -594,13 +613,98 @@ def loader_context(device: torch.device, workers: int, dataset: Any = None) -> O
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
+PICKLE_LIMIT = 64 << 20
+"""The largest pickle of a CPU run's dataset that a forkserver's workers are sent (each receives a copy); a bigger
+one (its data in memory) is forked, which shares it for free."""
+
+
+class _Limited(io.BytesIO):
+    """A buffer that stops the pickle written to it past ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def write(self, data: Any) -> int:
+        if self.tell() + len(data) > self.limit:
+            raise ValueError("over the limit")
+        return super().write(data)
+
+
+def _sendable(dataset: Any, limit: int) -> bool:
+    """Whether a forkserver's worker can receive ``dataset``: it pickles, within ``limit`` bytes, names nothing of an
+    interactive ``__main__`` (no file to import it from), and unpickles (an object whose class's ``__init__`` takes
+    other arguments than it keeps, e.g. an exception, pickles but does not come back: the worker would die)."""
+    import pickle
+    import types
+
+    interactive = getattr(sys.modules.get("__main__"), "__file__", None) is None
+
+    class Checker(pickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if interactive and isinstance(obj, (type, types.FunctionType)) and obj.__module__ == "__main__":
+                raise pickle.PicklingError(f"{obj.__qualname__} is defined in an interactive __main__")
+            return NotImplemented
+
+    buffer = _Limited(limit)
+    try:
+        Checker(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(dataset)
+        pickle.loads(buffer.getbuffer())
+    except Exception:  # noqa: BLE001 - any failure to pickle or unpickle: the worker is forked
+        return False
+    return True
+
+
+def _main_guarded() -> bool:
+    """Whether a forkserver may import ``__main__``: it has no file (a notebook, ``python -c``), was run with ``-m``
+    (not imported by path), or this call comes from inside its ``if __name__ == "__main__":`` block (or a function:
+    the script's top level then ran to the block that called it)."""
+    import ast
+    import inspect
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or getattr(main, "__spec__", None) is not None:
+        return True
+    frame = inspect.currentframe()
+    while frame is not None and not (frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    if frame is None:
+        return True  # not called from the script's body (a thread, a callback)
+    line = frame.f_lineno
+    try:
+        tree = ast.parse(Path(path).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in
+               ast.unparse(node.test) and node.lineno <= line <= (node.end_lineno or 0) for node in tree.body)
+
+
+def _forkserver_ready() -> bool:
+    """Whether this process's forkserver runs; if not, it is started now (in the background: this run's workers fork),
+    with ``salience.runs.dataset`` added to the modules it imports once (its workers then import nothing; the default
+    ``__main__`` kept). ``False`` where there is no forkserver (macOS's and Windows' spawn)."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if "forkserver" not in multiprocessing.get_all_start_methods() or server is None:
+        return False
+    if getattr(server, "_forkserver_pid", None) is not None:
+        return True
+    preload = list(getattr(server, "_preload_modules", ["__main__"]))
+    forkserver.set_forkserver_preload(preload + [m for m in ("salience.runs.dataset",) if m not in preload])
+    forkserver.ensure_running()
+    return False
+
+
 def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> None:
     batch = resolve_batch(run, shards[0][0])
     plan_batches = list(_batches(shards, batch))
     # an error in a worker (a user's item that is no image tensor, a KeyError of the user's transform) comes
     # back as Raised and is raised here as it is; torch would re-raise it in its wrapping, the traceback its message
     # with workers=0 the error is raised as it is, a note naming the image (sources.Noted)
-    loader = _loader(run, plan_batches)
+    loader = _decoded(run, plan_batches)
     total = sum(len(s) for s in shards)
     writer = _Writer(run, shards, png)
     try:
@@ -617,37 +721,66 @@ def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> Non
     writer.close()
 
 
+def _decoded(run: Job, plan_batches: list[tuple[int, list[int]]]) -> Iterator[list[Any]]:
+    """The items of each planned batch, in order, from :func:`_loader`'s workers; where the run reads image files
+    (its own dataset: no user's ``worker_init_fn`` or worker state to honour) and has a second batch, the first batch
+    is decoded in this process while the workers start and decode the next: no batch can hide the first one's
+    decoding, and this process would wait for it anyway (a worker's start and a busy decoding core on top). The same
+    items either way (the same code reads them; an error comes as the workers' :class:`sources.Raised`)."""
+    head = bool(run.workers) and len(plan_batches) > 1 and isinstance(run.dataset, sources.ImageFiles)
+    loader = _loader(run, plan_batches[1:] if head else plan_batches)
+    if not head:
+        yield from loader
+        return
+    rest = iter(loader)  # the workers start, and the second batch's indices are sent, before the first is decoded
+    read = sources.Guarded(run.dataset, run.plan.paths)
+    yield sources.collate([read[i] for i in plan_batches[0][1]])
+    yield from rest
+
+
 def _loader(run: Job, plan_batches: list[tuple[int, list[int]]]) -> DataLoader:
     """The run's DataLoader over its pending batches; each worker starts with :func:`_worker_start` (a forked one
-    gives back the heap's free pages it shares with this process; the user's DataLoader's ``worker_init_fn`` last).
-    A user's ``worker_init_fn`` that does not pickle forks the workers, as a dataset that does not
-    (:func:`loader_context`)."""
+    gives back the heap's free pages it shares with this process; one from a forkserver or spawn takes this process's
+    environment; the user's DataLoader's ``worker_init_fn`` last). The start method: the user's DataLoader's
+    ``multiprocessing_context`` when it has one, else :func:`loader_context`'s; a user's ``worker_init_fn`` that does
+    not pickle forks the workers, as a dataset that does not."""
     dataset = (sources.Guarded if run.workers else sources.Noted)(run.dataset, run.plan.paths)
     user = run.worker_init if run.workers else None
-    context = loader_context(model_device(run.model), run.workers, dataset if user is None else (dataset, user))
-    init = functools.partial(_worker_start, _forks(context), user) if run.workers else None
+    context = getattr(run, "worker_context", None) if run.workers else None
+    if context is None:
+        context = loader_context(model_device(run.model), run.workers, dataset if user is None else (dataset, user))
+    forks = _forks(context)
+    # salience's own start bound now (sent pickled to a forkserver's worker, which imports sources afresh)
+    init = functools.partial(_worker_start, forks, user, sources.worker_init, None if forks else dict(os.environ)) \
+        if run.workers else None
     return DataLoader(dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
                       collate_fn=sources.collate, worker_init_fn=init, persistent_workers=False,
                       multiprocessing_context=context)
 
 
-def _forks(context: Optional[str]) -> bool:
-    """Whether a DataLoader's workers of start method ``context`` start by forking this process (``None``: the
-    default's, ``"fork"`` on Linux before Python 3.14)."""
+def _forks(context: Any) -> bool:
+    """Whether a DataLoader's workers of start method ``context`` (a name or a multiprocessing context) start by
+    forking this process (``None``: the default's, ``"fork"`` on Linux before Python 3.14)."""
     import multiprocessing
 
     if context is not None:
-        return context == "fork"
+        return (context if isinstance(context, str) else context.get_start_method()) == "fork"
     return (multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]) == "fork"
 
 
-def _worker_start(forked: bool, user: Optional[Callable[[int], None]], worker_id: int) -> None:
+def _worker_start(forked: bool, user: Optional[Callable[[int], None]], own: Optional[Callable[[int], None]] = None,
+                  env: Optional[dict[str, str]] = None, worker_id: int = 0) -> None:
     """A decoding worker's start: a ``forked`` one first gives back the heap's free pages it shares with the run's
-    process (:func:`salience._core.malloc.release_shared_heap`, under ``allocator="reuse"``); then salience's own
-    start (:func:`sources.worker_init`), then ``user``, the ``worker_init_fn`` of the DataLoader the run was given."""
+    process (:func:`salience._core.malloc.release_shared_heap`, under ``allocator="reuse"``); one started afresh (a
+    forkserver's, spawn's) takes ``env``, the run's environment when its DataLoader was made (a forkserver has the
+    one it started with); then salience's own start (``own``: :func:`sources.worker_init` as it was then), then
+    ``user``, the ``worker_init_fn`` of the DataLoader the run was given."""
     if forked:
         release_shared_heap()
-    sources.worker_init(worker_id)
+    if env is not None and env != os.environ:
+        os.environ.clear()
+        os.environ.update(env)
+    (own or sources.worker_init)(worker_id)
     if user is not None:
         user(worker_id)
 
