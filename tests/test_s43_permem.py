@@ -109,15 +109,34 @@ def test_the_model_s_kept_casts_are_dropped_once_when_the_folded_copy_runs(monke
         assert cleared == [1]
 
 
-def test_a_cpu_pass_without_a_bad_score_keeps_nothing_for_the_refusal():
+def _held(scope: _derived.Derived) -> int:
+    """The tensors the scope holds for its refusal of NaN scores."""
+    held = [t for v in scope._scores.values() for note in v for t in note if isinstance(t, torch.Tensor)]
+    return len(held) + sum(3 for _ in scope._cpu.values())
+
+
+def test_cpu_passes_keep_no_tensor_each_for_the_refusal():
+    counts = []
+    for passes in (3, 300):
+        scope = _derived.Derived()
+        scope.levels.append((0, 2))
+        for _ in range(passes):
+            scope.note_scores("finite:scores", torch.zeros(6, 2, dtype=torch.bool), [None, None])
+        counts.append(_held(scope))
+    assert counts[0] == counts[1]
+
+
+def test_the_refusal_still_names_the_images_and_classes():
     scope = _derived.Derived()
-    for _ in range(5):
-        scope.note_scores("finite:scores", torch.zeros(6, 2, dtype=torch.bool), [None, None])
-    assert scope._scores == {}
     bad = torch.zeros(6, 2, dtype=torch.bool)
-    bad[4, 1] = True
+    bad[4, 1] = True  # item 4 of the chunk starting at item 10 of 4 images: item 14, image 2
+    scope.levels.append((10, 4))  # the engine's chunk (chunk_items)
+    scope.note_scores("finite:scores", torch.zeros(6, 2, dtype=torch.bool), [None, None])
     scope.note_scores("finite:scores", bad, [None, None])
-    assert scope.bad_images("finite:scores")[0] == [(4, 1, None)]
+    saved = scope.snapshot()
+    scope.note_scores("finite:scores", torch.ones(6, 2, dtype=torch.bool), [None, None])
+    scope.restore(saved)  # a pass thrown away refuses nothing
+    assert scope.bad_images("finite:scores") == ([(2, 1, None)], 4)
 
 
 def test_score_cam_keeps_no_scores_per_chunk(monkeypatch):
