@@ -506,12 +506,7 @@ class Run:
         self._folded: Optional[nn.Module] = None
         self._used_folded = False
         self._dropped_casts = False  # the model's own kept casts dropped once the folded copy runs (folded_now)
-        # eager passes under an autocast run a folded copy held in its dtype (what the autocast made of a float32 one)
-        self._fold_dtype = self.dtype if self.options.backend is None else None
-        if self.options.fold_batchnorm:
-            self._folded, why = folded_model(model, self._fold_key, self._fold_dtype)
-            if self._folded is None:
-                warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=user_stacklevel())
+        self._take_folded(model)
         if self.options.backend is not None:
             why = (compile_unavailable(self.options.backend, self.device) or own_hooks(model)
                    or ("torch.compile does not take a TorchScript model" if isinstance(model, torch.jit.ScriptModule)
@@ -525,6 +520,15 @@ class Run:
                     self._compiled_fn = None
                 elif self.options.freeze:
                     self._freeze(base)
+
+    def _take_folded(self, model: nn.Module) -> None:
+        """``self._folded``: the process's folded copy of ``model`` with ``fold_batchnorm`` (else ``None``; a warning
+        says why there is none); eager passes under an autocast run one held in its dtype (:func:`folded_model`)."""
+        self._fold_dtype = self.dtype if self.options.backend is None else None
+        if self.options.fold_batchnorm:
+            self._folded, why = folded_model(model, self._fold_key, self._fold_dtype)
+            if self._folded is None:
+                warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=user_stacklevel())
 
     def _take_structure(self, model: nn.Module, rec: _Record) -> None:
         """``self.structure``, the model's :func:`structure` now (what ``rec`` found for another is forgotten), and
