@@ -17,11 +17,7 @@ from salience._core import folding as _folding
 from salience._core import perf as _perf
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    _perf.clear_cache()
-    yield
-    _perf.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_perf_state")  # the folded copies made afresh in each test
 
 
 def _net() -> nn.Module:
