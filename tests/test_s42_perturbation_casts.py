@@ -46,7 +46,9 @@ def test_bf16_passes_cast_each_weight_once_per_call(name, fold):
         # as before the fix; the same casts, so the same bits
         with torch.autocast("cpu", enabled=False, cache_enabled=False):
             again, ref = _casts(name, model, x)
-    assert again >= 4, again  # the passes (at least 4 chunks of 2 items) each cast the weight without the cache
+    # the passes (at least 4 chunks of 2 items) each cast the weight without the cache; those of the folded copy do
+    # not: under bf16 it holds its convolutions' weights in bf16 (session 43), the probe's pass of the model casts
+    assert again >= (1 if fold and name != "ablationcam" else 4), again
     assert n <= 2, n  # the clean pass's cast and the passes' one
     assert torch.equal(m, ref)
 

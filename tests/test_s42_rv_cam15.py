@@ -88,7 +88,7 @@ def _interrupted_close(monkeypatch, call) -> list[bool]:
         with salience.performance(fold_batchnorm=True, memory_format="channels_last"), \
                 pytest.raises(KeyboardInterrupt):
             call(model, torch.rand(2, 3, 8, 8))
-    folded = _folding._folded[id(model)][2]
+    folded = _folding._folded[(id(model), None)][2]
     assert isinstance(folded, nn.Module)
     convs = [p for p in folded.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous() for p in convs)
@@ -159,7 +159,7 @@ def test_an_exception_inside_the_restore_leaves_nothing_channels_last():
             sys.settrace(None)
         if not fired:
             break
-        folded = _folding._folded[id(model)][2]
+        folded = _folding._folded[(id(model), None)][2]
         assert all(p.is_contiguous() for p in folded.parameters()), (k, fired)
         assert all(p.is_contiguous() for p in model.parameters())
     assert k > 3  # _restore's lines were reached

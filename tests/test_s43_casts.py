@@ -65,7 +65,10 @@ def test_each_weight_cast_once_per_call_and_the_same_maps(name, fold, precision)
         _casts(name, model, x, precision=precision)  # the folded copy made, kept for the model
         n, m = _casts(name, model, x, precision=precision)
         again, ref = _uncached(name, model, x, precision=precision)
-    assert again >= 4, again  # every pass (at least 4 chunks of 2 items) casts without a cache
+    if fold:  # the folded copy is held in bf16 (session 43, issue 15's memory): its passes cast nothing, cache or not
+        assert again <= 2, again
+    else:
+        assert again >= 4, again  # every pass (at least 4 chunks of 2 items) casts without a cache
     assert n <= (2 if fold else 1), n  # folded: the model's clean pass and the copy's passes
     assert torch.equal(m, ref)
 

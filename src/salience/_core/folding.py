@@ -18,13 +18,19 @@ from salience._core.tensors import copy_model
 
 __all__ = ["folded_model"]
 
-_folded: "OrderedDict[int, tuple[Any, tuple, Any]]" = OrderedDict()
+_folded: "OrderedDict[tuple[int, Optional[torch.dtype]], tuple[Any, tuple, Any]]" = OrderedDict()
 _FOLDED_KEEP = 2  # folded copies kept for the process (each holds a copy of its model's weights)
+# the modules whose weight and bias every pass under an autocast casts to its dtype (F.conv*d, F.linear: autocast's
+# lower-precision list): a low-precision folded copy holds them in that dtype, the rest in float32
+_CAST_BY_AUTOCAST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _fold(model: nn.Module) -> Any:
+def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
     """A copy of ``model`` (eval mode, parameters frozen) with each BatchNorm after a convolution
-    folded into it, or the reason there is none (a string)."""
+    folded into it, or the reason there is none (a string). ``dtype`` (bf16 / fp16: the passes' autocast): the
+    convolutions' and linear layers' weights are held in it (the autocast's own cast of the float32 fold, so the
+    same values), folded one layer at a time from the model's float32 tensors: no float32 copy of all the weights
+    is ever held (on resnet50, 98 MiB, plus the autocast's 49 MiB of casts of it, against 49 MiB now)."""
     from torch.fx.experimental.optimization import fuse
 
     if isinstance(model, torch.jit.ScriptModule):
@@ -32,8 +38,11 @@ def _fold(model: nn.Module) -> Any:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return "the model has no BatchNorm layer"
+    own = (*model.parameters(), *model.buffers()) if dtype is not None else ()
     try:
-        clone = copy_model(model).eval().requires_grad_(False)
+        clone = copy_model(model, share=own).eval()  # sharing the model's tensors until _own_tensors
+        if dtype is None:
+            clone.requires_grad_(False)
         # no hook in the copy: own_hooks() found none on the model, but another thread's pass may have hooked it
         # since (salience's hooks for that thread), and a copied hook would fire in this thread's passes of the copy
         for m in clone.modules():
@@ -45,39 +54,60 @@ def _fold(model: nn.Module) -> Any:
         folded = fuse(clone, inplace=True)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
         return f"torch.fx cannot trace it ({_described(e, 200)})"
+    if dtype is not None:
+        _own_tensors(folded, own, dtype)
     left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     if left == len(norms):
         return "no BatchNorm layer follows a convolution directly"
     return folded
 
 
-def folded_model(model: nn.Module, key: Optional[tuple] = None) -> tuple[Optional[nn.Module], str]:
+def _own_tensors(folded: nn.Module, shared: tuple, dtype: torch.dtype) -> None:
+    """Give the low-precision folded copy tensors of its own: the weights and biases of its convolutions and linear
+    layers in ``dtype`` (the folded ones are new float32 tensors, freed here one by one), every other tensor still
+    ``shared`` with the model copied in float32; all frozen. Nothing of the copy is the model's afterwards (its
+    channels-last conversion in place, :meth:`salience._core.perf.Run.set_layout`, would have been the model's)."""
+    ids = {id(t) for t in shared}
+    for m in folded.modules():
+        cast = isinstance(m, _CAST_BY_AUTOCAST)
+        for name, p in list(m.named_parameters(recurse=False)):
+            if cast or id(p) in ids:
+                data = p.detach().to(dtype) if cast else p.detach().clone()
+                setattr(m, name, nn.Parameter(data, requires_grad=False))
+        for name, b in list(m.named_buffers(recurse=False)):
+            if id(b) in ids:
+                setattr(m, name, b.clone())
+    folded.requires_grad_(False)
+
+
+def folded_model(model: nn.Module, key: Optional[tuple] = None, dtype: Optional[torch.dtype] = None
+                 ) -> tuple[Optional[nn.Module], str]:
     """The process's BatchNorm-folded copy of ``model`` (made again when the model's structure, see
     :func:`~salience._core.fingerprint.structure`, or its parameters or buffers changed since: ``key``,
     its :func:`~salience._core.fingerprint._fold_key`, when the caller has it), or ``(None, why)`` when
-    folding does not apply."""
+    folding does not apply. ``dtype``: the copy for passes under an autocast to it (:func:`_fold`), one of its own."""
     why = own_hooks(model)
     if why is not None:
         return None, why
     sig = key if key is not None else _fold_key(model)
     with _lock:
-        hit = _folded.get(id(model))
+        hit = _folded.get((id(model), dtype))
         if hit is not None and hit[0]() is model and sig is not None and hit[1] == sig:
-            _folded.move_to_end(id(model))
+            _folded.move_to_end((id(model), dtype))
             made = hit[2]
         else:
             made = None
     if made is None:
-        made = _fold(model)
-        _remember_fold(model, sig, made)
+        made = _fold(model, dtype)
+        _remember_fold(model, sig, made, dtype)
     return (made, "") if isinstance(made, nn.Module) else (None, made)
 
 
-def _remember_fold(model: nn.Module, sig: Optional[tuple], made: Any) -> None:
-    """Cache ``made`` (the folded copy, or why there is none) for ``model`` in the state ``sig``."""
+def _remember_fold(model: nn.Module, sig: Optional[tuple], made: Any, dtype: Optional[torch.dtype] = None) -> None:
+    """Cache ``made`` (the folded copy, or why there is none) for ``model`` in the state ``sig`` and ``dtype``."""
     with _lock:
-        _folded[id(model)] = (weakref.ref(model), sig, made)
-        _folded.move_to_end(id(model))
+        _folded[(id(model), dtype)] = (weakref.ref(model), sig, made)
+        _folded.move_to_end((id(model), dtype))
         while len(_folded) > _FOLDED_KEEP:
             _folded.popitem(last=False)
 

@@ -131,17 +131,18 @@ def first_tensor(model: nn.Module) -> Optional[Tensor]:
     return p if p is not None else next(model.buffers(), None)
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module, share: Any = ()) -> nn.Module:
     """``copy.deepcopy(model)``, also for a ``torch.export`` program's module (``.pt2``): its graphs'
     nodes keep fake tensors in ``node.meta``, which cannot be deep-copied ("Cannot call numel() on
     tensor with symbolic sizes"). Those metadata dicts are shared with the copy (read-only notes of
     the export), everything else is copied. An instance ``forward`` that a salience pass of another thread holds
     on a module at that moment (attention rollout's ``nn.MultiheadAttention``, marked ``salience_thread``) is left
     out of the copy: it records into that pass's capture, and a copy kept for the process (``fold_batchnorm``'s)
-    ran the pass's thread's later passes through it."""
+    ran the pass's thread's later passes through it. ``share``: tensors (parameters, buffers) the copy holds as they
+    are, not copied (the low-precision folded copy replaces each of them afterwards: :mod:`salience._core.folding`)."""
     import copy
 
-    memo: dict[int, Any] = {}
+    memo: dict[int, Any] = {id(t): t for t in share}
     passes = []  # held for the copy: an id in the memo is not reused
     for m in model.modules():
         graph = getattr(m, "graph", None)

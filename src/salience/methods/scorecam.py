@@ -289,11 +289,16 @@ def scorecam(
         run = _perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}", plain_passes=True,
                          strip_softmax=strip_softmax)
 
-        def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
+        # the scores are the weights, written into one buffer: a small tensor kept per chunk (the engine's per-item
+        # scores) between the chunk's freed activations split glibc's heap, whose peak then grew with the chunks
+        got = torch.empty(len(first), len(resolved), dtype=x.dtype, device=x.device)
+
+        def compute(start: int, stop: int) -> Tensor:
             masked, owner = items.masked(first[start:stop])
             s = score_items(model, masked, [t.for_items(owner) for t in resolved], probs, strip_softmax,
                             already=already, owner=owner)  # the live items: not the chunk's items in order
-            return s, s  # the scores are the weights: kept per item (small), combined below
+            got[start:stop] = s
+            return s  # summed per image by the engine (small), unused
 
         total = acts.shape[1] * b
         scores = torch.empty(total, len(resolved), dtype=x.dtype, device=x.device)
@@ -303,10 +308,9 @@ def scorecam(
                     empty = score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax, already=already)
                 scores[:] = empty[torch.arange(total, device=x.device) % b]
             if len(live):  # one pass per distinct mask of an image; the items of the same mask share its score
-                sums = _engine.accumulate(compute, len(first), b, chunk=chunk, max_memory=budget, progress=progress,
-                                          desc="scorecam", device=x.device, inference=True, run=run)
-                assert sums.scores is not None
-                scores[live] = sums.scores[source]
+                _engine.accumulate(compute, len(first), b, chunk=chunk, max_memory=budget, progress=progress,
+                                   desc="scorecam", device=x.device, inference=True, run=run)
+                scores[live] = got[source]
     w = _per_image(scores, b)  # (B, K, D)
     if softmax == "channels":
         w = w.softmax(dim=-1)
