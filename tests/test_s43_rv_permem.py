@@ -15,21 +15,9 @@ from torch import nn
 import salience
 from salience._core import folding as _folding
 from salience._core import perf as _perf
+from test_s43_permem import _net
 
 pytestmark = pytest.mark.usefixtures("fresh_perf_state")
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
-    for m in model.modules():  # statistics of their own, so that the fold changes the weights
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 def _float32_fold(monkeypatch) -> None:
