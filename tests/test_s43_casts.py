@@ -65,8 +65,8 @@ def test_each_weight_cast_once_per_call_and_the_same_maps(name, fold, precision)
         _casts(name, model, x, precision=precision)  # the folded copy made, kept for the model
         n, m = _casts(name, model, x, precision=precision)
         again, ref = _uncached(name, model, x, precision=precision)
-    if fold:  # the folded copy is held in bf16 (session 43, issue 15's memory): its passes cast nothing, cache or not
-        assert again <= 2, again
+    if fold and not pool:  # the folded copy is held in bf16 (session 43, issue 15's memory): its passes cast nothing
+        assert again <= 2, again  # (bf16-mixed keeps the float32 fold: its fp32 islands ran its weights unrounded)
     else:
         assert again >= 4, again  # every pass (at least 4 chunks of 2 items) casts without a cache
     assert n <= (2 if fold else 1), n  # folded: the model's clean pass and the copy's passes

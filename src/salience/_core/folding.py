@@ -63,16 +63,18 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
 
 
 def _own_tensors(folded: nn.Module, shared: tuple, dtype: torch.dtype) -> None:
-    """Give the low-precision folded copy tensors of its own: the weights and biases of its convolutions and linear
-    layers in ``dtype`` (the folded ones are new float32 tensors, freed here one by one), every other tensor still
+    """Give the low-precision folded copy tensors of its own: the float32 weights and biases of its convolutions and
+    linear layers in ``dtype`` (the folded ones are new float32 tensors, freed here one by one), every other tensor still
     ``shared`` with the model copied in float32; all frozen. Nothing of the copy is the model's afterwards (its
     channels-last conversion in place, :meth:`salience._core.perf.Run.set_layout`, would have been the model's)."""
     ids = {id(t) for t in shared}
     for m in folded.modules():
         cast = isinstance(m, _CAST_BY_AUTOCAST)
         for name, p in list(m.named_parameters(recurse=False)):
-            if cast or id(p) in ids:
-                data = p.detach().to(dtype) if cast else p.detach().clone()
+            # float32 only: autocast leaves float64 as it is (a bf16 weight failed a float64 model's pass), and a
+            # weight in dtype already is cloned (.to would have shared the model's storage)
+            if (cast and p.dtype == torch.float32) or id(p) in ids:
+                data = p.detach().to(dtype) if cast and p.dtype == torch.float32 else p.detach().clone()
                 setattr(m, name, nn.Parameter(data, requires_grad=False))
         for name, b in list(m.named_buffers(recurse=False)):
             if id(b) in ids:

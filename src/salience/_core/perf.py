@@ -524,12 +524,18 @@ class Run:
 
     def _take_folded(self, model: nn.Module) -> None:
         """``self._folded``: the process's folded copy of ``model`` with ``fold_batchnorm`` (else ``None``; a warning
-        says why there is none); eager passes under an autocast run one held in its dtype (:func:`folded_model`)."""
-        self._fold_dtype = self.dtype if self.options.backend is None else None
+        says why there is none); eager passes under an autocast run one held in its dtype (:func:`folded_model`), but
+        for ``bf16-mixed`` on images, whose high-resolution convolutions run in float32."""
+        # not under bf16-mixed's fp32 islands (islands.py): their convolutions ran the float32 fold's weights unrounded
+        self._fold_dtype = self.dtype if self.options.backend is None and not self._islands() else None
         if self.options.fold_batchnorm:
             self._folded, why = folded_model(model, self._fold_key, self._fold_dtype)
             if self._folded is None:
                 warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=user_stacklevel())
+
+    def _islands(self) -> bool:
+        """Whether the eager passes run bf16-mixed's fp32 islands (:class:`HighResolutionFp32`): on images only."""
+        return self.options.precision == "bf16-mixed" and len(self._item_shape) == 3
 
     def _take_structure(self, model: nn.Module, rec: _Record) -> None:
         """``self.structure``, the model's :func:`structure` now (what ``rec`` found for another is forgotten), and
@@ -707,7 +713,7 @@ class Run:
             modes.append(WeightCasts(self._casts))
         if self._strided_attention():
             modes.append(ContiguousAttention())
-        if self.options.precision == "bf16-mixed" and len(self._item_shape) == 3:
+        if self._islands():
             modes.append(HighResolutionFp32(self.device.type, self._item_shape))
         return _scripted_autocast(self.device.type, self.dtype, *modes)
 
