@@ -449,6 +449,13 @@ class _Ablated:
         return torch.cat(parts)[torch.cat(at).argsort()]
 
 
+def _check_precision(model: nn.Module, x: Tensor, run: _perf.Run) -> Any:
+    """The precision of Ablation-CAM's sharing check (:meth:`_Ablated.check`): fp32 where the model and ``x`` are (a
+    bf16 autocast's rounding is most of the drops ``S - S_k`` the check compares), else the passes' autocast."""
+    fp32 = x.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
+    return autocast_off() if fp32 else run.autocast()
+
+
 def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) -> None:
     """Refuse a clean score ``S`` of exactly 0 (``clean`` ``(B, K)``): Ablation-CAM's weights
     ``(S - S_k) / S`` would be 0 / 0 or infinite there, a map of NaN (a fresh torchvision
@@ -547,11 +554,7 @@ def ablationcam(
 
         owners = (live % b).tolist()  # each item's image, read once: the chunks split their items by image
         if chunk is None or chunk > 1:  # chunk=1: no pass shares
-            # outside the first chunk's probe; in fp32 where the model and x are (a bf16 autocast's rounding is most
-            # of the drops the check compares), else in the passes' precision
-            fp32 = x.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters()
-                                                     if p.is_floating_point())
-            with torch.inference_mode(), (autocast_off() if fp32 else run.autocast()):
+            with torch.inference_mode(), _check_precision(model, x, run):  # outside the first chunk's probe
                 items.check(live, owners)
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
