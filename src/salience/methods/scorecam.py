@@ -322,8 +322,9 @@ class _Ablated:
     set to ``value``. A forward hook replaces the layer's output by the chunk's ablated copies."""
 
     def __init__(self, model: nn.Module, mod: nn.Module, x: Tensor, layout: Layout, value: float,
-                 score: Callable[[Tensor, Tensor], Tensor]) -> None:
+                 score: Callable[[Tensor, Tensor], Tensor], clean: Tensor) -> None:
         self.model, self.mod, self.x, self.layout, self.value, self.score = model, mod, x, layout, value, score
+        self.clean = clean  # (B, K): the images' clean scores, the check's scale (the drops S - S_k)
         # the layers before run once per run of an image's items in a chunk, on that image's one row (the layer's
         # output row repeated for the items' n after it: a read of x or of an earlier tensor after the layer
         # broadcasts its one row, or meets two batch sizes, an error, and the passes run once per item from then
@@ -394,10 +395,13 @@ class _Ablated:
         own = self._own(owner, ch)
         if scope is not None and saved is not None:
             scope.restore(saved)
-        # a relative 1e-3 of the scores (8 eps at bf16 / fp16 under autocast): the layers before may round alike
-        # only to TF32's or a kernel's choice per batch size; a difference beyond is the rows mixed
-        rel = max(1e-3, 8 * torch.finfo(own.dtype).eps) if own.is_floating_point() else 1e-3
-        return bool(((s - own).abs() <= rel * own.abs().amax() + 1e-6).all())
+        # a relative 1e-3 of the drops S - S_k (the map's signal: one channel of hundreds moves S by 1e-3 of it or
+        # less, so 1e-3 of S let a rest that mixed the items' rows by about the drops pass, a wrong map), and 8 eps of
+        # the scores for the layers before rounding by a kernel's choice per batch size (the check runs in fp32 where
+        # the model and x are: ablationcam; under a bf16 / fp16 autocast 8 eps of S is most of the drops)
+        eps = 8 * torch.finfo(own.dtype).eps if own.is_floating_point() else 0.0
+        drop = (own - self.clean[o].to(own.dtype)).abs().amax()
+        return bool(((s - own).abs() <= 1e-3 * drop + eps * own.abs().amax() + 1e-7).all())
 
     def check(self, idx: Tensor, owners: Sequence[int]) -> None:
         """Check the sharing (:meth:`_check_shared`) on the first two items of the first image with two or more, before
@@ -447,6 +451,13 @@ class _Ablated:
             parts.append(self._own(owner[r], ch[r]))
             at.append(r)
         return torch.cat(parts)[torch.cat(at).argsort()]
+
+
+def _check_precision(model: nn.Module, x: Tensor, run: _perf.Run) -> Any:
+    """The precision of Ablation-CAM's sharing check (:meth:`_Ablated.check`): fp32 where the model and ``x`` are (a
+    bf16 autocast's rounding is most of the drops ``S - S_k`` the check compares), else the passes' autocast."""
+    fp32 = x.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
+    return autocast_off() if fp32 else run.autocast()
 
 
 def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) -> None:
@@ -532,7 +543,7 @@ def ablationcam(
             return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax,
                                already=already, plain=False, owner=owner)  # the live items: not in order
 
-        items = _Ablated(model, mod, x, layout, value, score)
+        items = _Ablated(model, mod, x, layout, value, score, clean)
 
         # item j = channel j // B of image j % B; a channel already equal to value everywhere on its image is not
         # changed by its ablation: its score is the clean one (weight 0, and it multiplies a map of value anyway).
@@ -547,7 +558,7 @@ def ablationcam(
 
         owners = (live % b).tolist()  # each item's image, read once: the chunks split their items by image
         if chunk is None or chunk > 1:  # chunk=1: no pass shares
-            with torch.inference_mode(), run.autocast():  # the passes' precision; outside the first chunk's probe
+            with torch.inference_mode(), _check_precision(model, x, run):  # outside the first chunk's probe
                 items.check(live, owners)
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
