@@ -94,9 +94,11 @@ def _drop(copies: dict, key: int, ref: weakref.ref) -> None:
 
 
 def _eligible(a: Any) -> bool:
-    """A parameter CPU autocast would cast to bf16 afresh: fp32, dense, on the CPU, not requiring gradients (one that
+    """A parameter CPU autocast would cast to bf16 afresh: a plain ``nn.Parameter`` (a subclass's own
+    ``__torch_function__``, which runs after the mode, would get the bf16 copy where autocast hands it the fp32 values:
+    a weight standardized in it came out otherwise), fp32, dense, on the CPU, not requiring gradients (one that
     does is autocast's to cache), not an inference tensor (no version counter to see a change by)."""
-    return (isinstance(a, nn.Parameter) and a.dtype == torch.float32 and a.layout == torch.strided
+    return (type(a) is nn.Parameter and a.dtype == torch.float32 and a.layout == torch.strided
             and a.device.type == "cpu" and not a.requires_grad and not a.is_inference())
 
 
