@@ -19,13 +19,18 @@ bits. ``F.multi_head_attention_forward`` (Python: a mode does not see the ``F.li
 of its projections' weights and biases, which it uses only as ``F.linear``'s arguments (no other use of them in
 torch 2.14's source), so its projections are served too. A parameter that requires gradients, a tensor that is not a
 parameter (a weight computed in the forward) or an inference tensor (no version counter) is left to autocast; so is
-everything while autocast's cache is turned off (``torch.autocast(..., cache_enabled=False)``).
+everything while autocast's cache is turned off (``torch.autocast(..., cache_enabled=False)``), and a call with an
+``out=`` tensor (autocast leaves that overload in fp32: a bf16 weight made it fail). A change in place that bumps no
+version counter (through ``p.data``: ``p.data.mul_(2)``) during a call is not seen (autocast's own cache does not see
+it either).
 
 :meth:`salience._core.perf.Run.casts_kept` makes the call's cache; :meth:`salience._core.perf.Run.autocast` enters the
 mode (CPU bf16, eager chunks only: a compiled graph casts inside itself).
 """
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Any, Optional, Sequence
 
 import torch
@@ -51,12 +56,17 @@ _ATTENTION_WEIGHTS = frozenset({5, 6, 11, 12, "in_proj_weight", "in_proj_bias", 
 
 
 class CastCache:
-    """One call's bf16 copies of the parameters: ``id(p)`` -> ``(p, key, copy)`` (``p`` kept alive with its copy, so
-    that its id is not reused while the entry lives). ``made`` counts the copies made (for tests and reports)."""
+    """One call's bf16 copies of the parameters: ``id(p)`` -> ``(ref, key, copy, source)``. ``ref``: a weak reference
+    to ``p``, whose death drops the entry (so that its id, then free, finds nothing; a parameter a user's hook renews
+    every pass, ``mod.weight = nn.Parameter(...)``, left every earlier one and its copy alive for the call while the
+    entries held them). ``source``: ``p``'s values the copy was made of, so that their storage's address is not reused
+    while the entry lives (a tensor swapped in for a pass, ``p.data = w * mask``, then the original put back, freed the
+    swapped one's storage, and the next pass's swapped tensor, made at that address, was served the stale copy).
+    ``made`` counts the copies made (for tests and reports)."""
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
         self.dtype = dtype
-        self.copies: dict[int, tuple[Tensor, tuple, Tensor]] = {}
+        self.copies: dict[int, tuple[weakref.ref, tuple, Tensor, Tensor]] = {}
         self.made = 0
 
     def clear(self) -> None:
@@ -66,19 +76,29 @@ class CastCache:
         """The low-precision copy of ``p`` for its current values (made now when ``p`` changed since)."""
         key = (p._version, p.data_ptr(), p.stride(), p.shape)
         hit = self.copies.get(id(p))
-        if hit is not None and hit[0] is p and hit[1] == key:
+        if hit is not None and hit[0]() is p and hit[1] == key:
             return hit[2]
         with torch.inference_mode(False), torch.no_grad():
-            copy = p.detach().to(self.dtype)
-        self.copies[id(p)] = (p, key, copy)
+            source = p.detach()
+            copy = source.to(self.dtype)
+        self.copies[id(p)] = (weakref.ref(p, functools.partial(_drop, self.copies, id(p))), key, copy, source)
         self.made += 1
         return copy
 
 
+def _drop(copies: dict, key: int, ref: weakref.ref) -> None:
+    """A parameter's death: its entry dropped (unless another one took its place)."""
+    hit = copies.get(key)
+    if hit is not None and hit[0] is ref:
+        copies.pop(key, None)
+
+
 def _eligible(a: Any) -> bool:
-    """A parameter CPU autocast would cast to bf16 afresh: fp32, dense, on the CPU, not requiring gradients (one that
+    """A parameter CPU autocast would cast to bf16 afresh: a plain ``nn.Parameter`` (a subclass's own
+    ``__torch_function__``, which runs after the mode, would get the bf16 copy where autocast hands it the fp32 values:
+    a weight standardized in it came out otherwise), fp32, dense, on the CPU, not requiring gradients (one that
     does is autocast's to cache), not an inference tensor (no version counter to see a change by)."""
-    return (isinstance(a, nn.Parameter) and a.dtype == torch.float32 and a.layout == torch.strided
+    return (type(a) is nn.Parameter and a.dtype == torch.float32 and a.layout == torch.strided
             and a.device.type == "cpu" and not a.requires_grad and not a.is_inference())
 
 
@@ -100,7 +120,9 @@ class WeightCasts(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
-        if func in CAST_FUNCTIONS and self._casting():
+        if kwargs.get("out") is not None:  # an out= overload: not on autocast's list, run in the arguments' dtypes
+            pass
+        elif func in CAST_FUNCTIONS and self._casting():
             args = tuple(self._swap(a) for a in args)
             kwargs = {k: self._swap(v) for k, v in kwargs.items()}
         elif func is _ATTENTION and self._casting():  # its projections' weights, which it hands to F.linear only

@@ -606,11 +606,12 @@ class Run:
         if self._casts is not None or not _caches_casts(self):
             yield
             return
-        self._casts = CastCache(self.dtype)
+        cache = self._casts = CastCache(self.dtype)
         try:
             yield
         finally:
             self._casts = None
+            cache.clear()  # a traceback the caller keeps holds the passes' modes, and so this cache
 
     def _folded_runs(self) -> bool:
         """Whether every pass from now on runs the folded copy (:meth:`forward_fn`): ``plain_passes``, and no final
