@@ -716,6 +716,7 @@ def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> Non
                 writer.put(s, job.compute_items(run.model, items, run.plan))
                 bar.update(len(items))
     except BaseException:
+        loader.close()  # its workers stop now, not when the error's traceback (its frames: a notebook keeps it) goes
         writer.close(stopped=True)
         raise
     writer.close()
@@ -728,14 +729,16 @@ def _decoded(run: Job, plan_batches: list[tuple[int, list[int]]]) -> Iterator[li
     decoding, and this process would wait for it anyway (a worker's start and a busy decoding core on top). The same
     items either way (the same code reads them; an error comes as the workers' :class:`sources.Raised`)."""
     head = bool(run.workers) and len(plan_batches) > 1 and isinstance(run.dataset, sources.ImageFiles)
-    loader = _loader(run, plan_batches[1:] if head else plan_batches)
-    if not head:
-        yield from loader
-        return
-    rest = iter(loader)  # the workers start, and the second batch's indices are sent, before the first is decoded
-    read = sources.Guarded(run.dataset, run.plan.paths)
-    yield sources.collate([read[i] for i in plan_batches[0][1]])
-    yield from rest
+    rest = iter(_loader(run, plan_batches[1:] if head else plan_batches))  # the workers start (and the second
+    try:  # batch's indices are sent) before the first batch is decoded here
+        if head:
+            read = sources.Guarded(run.dataset, run.plan.paths)
+            yield sources.collate([read[i] for i in plan_batches[0][1]])
+        yield from rest
+    finally:  # closed by the run on an error or a Ctrl-C: the workers end with it
+        stop = getattr(rest, "_shutdown_workers", None)
+        if stop is not None:
+            stop()
 
 
 def _loader(run: Job, plan_batches: list[tuple[int, list[int]]]) -> DataLoader:

@@ -1,0 +1,66 @@
+"""Review of session 43's dataset change (forkserver workers, the first batch decoded in the run's process)."""
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import salience
+import salience.runs.dataset as run_dataset
+from test_s40_run_bf16 import images, net
+
+KW = dict(batch_size=2, shard_size=2, target=1, model_spec="net3", overwrite=True)
+
+
+def _alive_workers() -> list:
+    """This process's live multiprocessing children (a DataLoader's workers), after a moment to exit."""
+    deadline = time.monotonic() + 5
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return multiprocessing.active_children()
+
+
+class Failing(Dataset):
+    """Eight images; item 4 raises (a user's transform's KeyError)."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int):
+        if index == 4:
+            raise KeyError("no such key")
+        return torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(index))
+
+
+def test_a_run_that_raises_mid_run_stops_its_workers_while_its_error_is_kept(tmp_path):
+    """A user's dataset raising in the third batch: the run raises its error, and its decoding workers have ended
+    by then, even while the error (its traceback: the run's frames) is kept, as a notebook or REPL keeps the last
+    one (sys.last_exc) after an error or a Ctrl-C."""
+    assert not _alive_workers()
+    with pytest.raises(KeyError) as info:
+        salience.explain_dataset(net(), Failing(), ["vanilla"], tmp_path / "run", workers=2, **KW)
+    assert info.value is not None  # kept, as sys.last_exc keeps it
+    assert not _alive_workers()
+
+
+def test_a_files_run_interrupted_in_a_later_batch_stops_its_workers(tmp_path, monkeypatch):
+    """Image files (the first batch read in the run's process): a Ctrl-C during the second batch's passes leaves no
+    worker running while the KeyboardInterrupt is kept."""
+    real, calls = run_dataset.job.compute_items, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    files = images(tmp_path / "imgs", n=8)
+    monkeypatch.setattr(run_dataset.job, "compute_items", interrupted)
+    assert not _alive_workers()
+    with pytest.raises(KeyboardInterrupt) as info:
+        salience.explain_dataset(net(), files, ["vanilla"], tmp_path / "run", workers=2, **KW)
+    assert info.value is not None
+    assert not _alive_workers()
