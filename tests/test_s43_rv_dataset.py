@@ -64,3 +64,31 @@ def test_a_files_run_interrupted_in_a_later_batch_stops_its_workers(tmp_path, mo
         salience.explain_dataset(net(), files, ["vanilla"], tmp_path / "run", workers=2, **KW)
     assert info.value is not None
     assert not _alive_workers()
+
+
+SCRIPT = """import threading
+import salience.runs.dataset as d
+got = {}
+def call(key):
+    got[key] = d._main_guarded()
+t = threading.Thread(target=call, args=("out",)); t.start(); t.join()
+if __name__ == '__main__':
+    t = threading.Thread(target=call, args=("in",)); t.start(); t.join()
+"""
+
+
+def test_a_run_from_a_thread_of_an_unguarded_script_forks_its_workers(tmp_path, monkeypatch):
+    """A script that runs its dataset runs in a thread (a ThreadPoolExecutor at its top level, no main guard): a
+    forkserver's worker imports the script, whose body runs again there (it raised: 'An attempt has been made to
+    start a new process before the current process has finished its bootstrapping phase', and the run failed with
+    'DataLoader worker exited unexpectedly'); where the main thread waits is what counts, not the calling thread."""
+    import sys
+    import types
+
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    main = types.ModuleType("__main__")
+    main.__file__, main.__spec__, main.__name__ = str(script), None, "__main__"
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    exec(compile(script.read_text(), str(script), "exec"), vars(main))
+    assert main.got == {"out": False, "in": True}

@@ -657,8 +657,10 @@ def _sendable(dataset: Any, limit: int) -> bool:
 
 def _main_guarded() -> bool:
     """Whether a forkserver may import ``__main__``: it has no file (a notebook, ``python -c``), was run with ``-m``
-    (not imported by path), or this call comes from inside its ``if __name__ == "__main__":`` block (or a function:
-    the script's top level then ran to the block that called it)."""
+    (not imported by path), or the script's body stands inside its ``if __name__ == "__main__":`` block (or a
+    function it calls: the top level then ran to the block that called it): the body of this thread's stack, or
+    from another thread the main thread's (a ``ThreadPoolExecutor`` at an unguarded top level is not guarded; a
+    main thread past its body, or none, is not either: its whole top level would run again)."""
     import ast
     import inspect
 
@@ -666,11 +668,11 @@ def _main_guarded() -> bool:
     path = getattr(main, "__file__", None)
     if path is None or getattr(main, "__spec__", None) is not None:
         return True
-    frame = inspect.currentframe()
-    while frame is not None and not (frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"):
-        frame = frame.f_back
+    frame = _body(inspect.currentframe(), main)
+    if frame is None and threading.current_thread() is not threading.main_thread():
+        frame = _body(sys._current_frames().get(threading.main_thread().ident or -1), main)
     if frame is None:
-        return True  # not called from the script's body (a thread, a callback)
+        return False
     line = frame.f_lineno
     try:
         tree = ast.parse(Path(path).read_text())
@@ -678,6 +680,13 @@ def _main_guarded() -> bool:
         return False
     return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in
                ast.unparse(node.test) and node.lineno <= line <= (node.end_lineno or 0) for node in tree.body)
+
+
+def _body(frame: Any, main: Any) -> Any:
+    """The frame of ``main``'s (the script's) body in the stack that ``frame`` tops, ``None`` where there is none."""
+    while frame is not None and not (frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    return frame
 
 
 def _forkserver_ready() -> bool:
