@@ -92,3 +92,32 @@ def test_a_run_from_a_thread_of_an_unguarded_script_forks_its_workers(tmp_path, 
     monkeypatch.setitem(sys.modules, "__main__", main)
     exec(compile(script.read_text(), str(script), "exec"), vars(main))
     assert main.got == {"out": False, "in": True}
+
+
+def test_a_dataset_naming_a_python_file_models_function_is_forked(tmp_path, monkeypatch):
+    """A model of ``python:FILE.py:build`` whose scores a function of that file picks (``select_output``): the run's
+    ImageFiles carry its ModelInfo, the function pickled by the name ``salience_user_...`` that only this process
+    has. A forkserver's worker could not import it ('No module named salience_user_net_...', then 'DataLoader
+    worker exited unexpectedly': the second run of a process keeping a large heap failed); it is forked, as before."""
+    import dataclasses
+
+    from salience._core.info import ModelInfo
+    from salience.loading.custom import load_python
+    from salience.runs import sources
+
+    (tmp_path / "net.py").write_text("import torch.nn as nn\nfrom salience._core.info import ModelInfo, attach_info\n"
+                                     "from salience.loading.custom import select_output\n"
+                                     "def pick(out):\n    return out\n"
+                                     "def build():\n    m = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))\n"
+                                     "    attach_info(m, ModelInfo(name='net', input_size=(4, 4)))\n"
+                                     "    return select_output(m, pick)\n")
+    model = load_python(f"{tmp_path / 'net.py'}:build")
+    info = model.salience_info
+    files = sources.Guarded(sources.ImageFiles(["a.png"], info))
+    plain = sources.Guarded(sources.ImageFiles(["a.png"], dataclasses.replace(info, output=None)))
+    monkeypatch.setattr(run_dataset, "kept_free_bytes", lambda: 1 << 30)
+    monkeypatch.setattr(run_dataset, "_forkserver_ready", lambda: True)
+    cpu = torch.device("cpu")
+    assert run_dataset.loader_context(cpu, 1, plain) == "forkserver"
+    assert run_dataset.loader_context(cpu, 1, files) is None
+    assert isinstance(info, ModelInfo)

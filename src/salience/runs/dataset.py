@@ -633,17 +633,23 @@ class _Limited(io.BytesIO):
 
 def _sendable(dataset: Any, limit: int) -> bool:
     """Whether a forkserver's worker can receive ``dataset``: it pickles, within ``limit`` bytes, names nothing of an
-    interactive ``__main__`` (no file to import it from), and unpickles (an object whose class's ``__init__`` takes
-    other arguments than it keeps, e.g. an exception, pickles but does not come back: the worker would die)."""
+    interactive ``__main__`` (no file to import it from) nor of a ``python:FILE.py`` model's file (a module name only
+    this process has, :func:`salience.loading.custom.user_modules`: a function its ``select_output`` stored in the
+    ModelInfo the run's images carry), and unpickles (an object whose class's ``__init__`` takes other arguments than
+    it keeps, e.g. an exception, pickles but does not come back: the worker would die)."""
     import pickle
     import types
 
+    from salience.loading.custom import user_modules
+
     interactive = getattr(sys.modules.get("__main__"), "__file__", None) is None
+    local = {m.__name__ for m in user_modules()} | ({"__main__"} if interactive else set())
 
     class Checker(pickle.Pickler):
         def reducer_override(self, obj: Any) -> Any:
-            if interactive and isinstance(obj, (type, types.FunctionType)) and obj.__module__ == "__main__":
-                raise pickle.PicklingError(f"{obj.__qualname__} is defined in an interactive __main__")
+            if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", None) in local:
+                raise pickle.PicklingError(f"{obj.__qualname__} is defined in {obj.__module__}, which only this "
+                                           "process can import")
             return NotImplemented
 
     buffer = _Limited(limit)
