@@ -121,3 +121,46 @@ def test_a_dataset_naming_a_python_file_models_function_is_forked(tmp_path, monk
     assert run_dataset.loader_context(cpu, 1, plain) == "forkserver"
     assert run_dataset.loader_context(cpu, 1, files) is None
     assert isinstance(info, ModelInfo)
+
+
+def test_pils_truncated_images_setting_reaches_every_batch_of_a_forkserver_run(tmp_path, monkeypatch):
+    """``ImageFile.LOAD_TRUNCATED_IMAGES = True`` set in the run's process (a notebook's cell, a script's guarded
+    block): a forked worker inherits it, a forkserver's does not. The run of a process keeping a large heap read the
+    truncated JPEG of its third batch as an error row ('corrupt or truncated') where the run without workers (and
+    its own first batch, read in the process) made its map; now every image is read as without workers."""
+    import numpy as np
+    from PIL import Image, ImageFile
+
+    files = images(tmp_path / "imgs", n=6)
+    rng = np.random.default_rng(1)
+    jpeg = tmp_path / "imgs" / "4.jpg"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[:-600])
+    files[4] = jpeg
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    monkeypatch.setattr(run_dataset, "kept_free_bytes", lambda: 1 << 30)
+    model = net()
+    salience.explain_dataset(model, files, ["vanilla"], tmp_path / "none", workers=0, **KW)
+    salience.explain_dataset(model, files, ["vanilla"], tmp_path / "first", workers=1, **KW)  # starts the server
+    salience.explain_dataset(model, files, ["vanilla"], tmp_path / "later", workers=1, **KW)
+    a, b = salience.open_run(tmp_path / "none"), salience.open_run(tmp_path / "later")
+    assert a.table["error"].to_pylist() == [None] * 6
+    assert b.table["error"].to_pylist() == a.table["error"].to_pylist()
+    for i in range(6):
+        assert np.array_equal(a.map(i, "vanilla"), b.map(i, "vanilla")), i
+
+
+class _Opener:
+    """A third-party image opener (what ``pillow_heif.register_heif_opener()`` registers)."""
+
+
+def test_an_opener_registered_from_outside_pil_forks_the_workers(monkeypatch):
+    from PIL import Image
+
+    Image.init()
+    assert run_dataset._pil_fresh()
+    monkeypatch.setitem(Image.OPEN, "S43FAKE", (_Opener, None))
+    assert not run_dataset._pil_fresh()
+    monkeypatch.setattr(run_dataset, "kept_free_bytes", lambda: 1 << 30)
+    monkeypatch.setattr(run_dataset, "_forkserver_ready", lambda: True)
+    assert run_dataset.loader_context(torch.device("cpu"), 1, [0]) is None

@@ -594,15 +594,17 @@ def loader_context(device: torch.device, workers: int, dataset: Any = None) -> O
     pickle (a lambda in its transform; with the ``worker_init_fn`` of the user's DataLoader, :func:`_loader`) is
     forked as before: a forkserver's workers receive it pickled, and would fail to start. On a CPU also one that
     does not come back from its pickle, names a class or function of an interactive ``__main__`` (a notebook's) or
-    pickles to over :data:`PICKLE_LIMIT` (:func:`_sendable`), and a call from a script's top level outside ``if
-    __name__ == "__main__":`` (:func:`_main_guarded`: a forkserver imports the script)."""
+    pickles to over :data:`PICKLE_LIMIT` (:func:`_sendable`), a call from a script's top level outside ``if
+    __name__ == "__main__":`` (:func:`_main_guarded`: a forkserver imports the script), and a process whose PIL
+    decodes otherwise than a fresh one (:func:`_pil_fresh`)."""
     import multiprocessing
     import pickle
 
     if workers <= 0:
         return None
     if device.type != "cuda":
-        if kept_free_bytes() < SHARED_HEAP or not _main_guarded() or not _sendable(dataset, PICKLE_LIMIT):
+        if kept_free_bytes() < SHARED_HEAP or not _main_guarded() or not _pil_fresh() or \
+                not _sendable(dataset, PICKLE_LIMIT):
             return None
         return "forkserver" if _forkserver_ready() else None
     if dataset is not None:
@@ -659,6 +661,18 @@ def _sendable(dataset: Any, limit: int) -> bool:
     except Exception:  # noqa: BLE001 - any failure to pickle or unpickle: the worker is forked
         return False
     return True
+
+
+def _pil_fresh() -> bool:
+    """Whether PIL decodes in this process as in a fresh one (a forkserver's worker): ``ImageFile.LOAD_TRUNCATED_IMAGES``
+    not set, and no opener registered from outside PIL (``pillow_heif.register_heif_opener()``); a forked worker
+    inherits them, a forkserver's would read those images as error rows where the run without workers maps them."""
+    image_file, image = sys.modules.get("PIL.ImageFile"), sys.modules.get("PIL.Image")
+    if image_file is None or image is None:
+        return True
+    if getattr(image_file, "LOAD_TRUNCATED_IMAGES", False):
+        return False
+    return all(str(getattr(factory, "__module__", "")).startswith("PIL.") for factory, _ in image.OPEN.values())
 
 
 def _main_guarded() -> bool:
