@@ -164,3 +164,27 @@ def test_an_opener_registered_from_outside_pil_forks_the_workers(monkeypatch):
     monkeypatch.setattr(run_dataset, "kept_free_bytes", lambda: 1 << 30)
     monkeypatch.setattr(run_dataset, "_forkserver_ready", lambda: True)
     assert run_dataset.loader_context(torch.device("cpu"), 1, [0]) is None
+
+
+def test_an_error_reading_the_first_batch_in_the_process_says_so_as_without_workers(tmp_path, monkeypatch):
+    """An error that escapes the reading of an image of the first batch (a RuntimeError of torch's allocator in the
+    resize) is read in the run's process: its note says so, as the run without workers says (it said 'in a
+    DataLoader worker; its traceback there is the cause', and its cause was that process's traceback)."""
+    from salience.runs import sources
+
+    real = sources.ImageFiles.read
+
+    def failing(self, index, path, mask=None):
+        if index == 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real(self, index, path, mask)
+
+    files = images(tmp_path / "imgs", n=6)
+    monkeypatch.setattr(sources.ImageFiles, "read", failing)
+    notes = []
+    for workers in (0, 1):
+        with pytest.raises(RuntimeError, match="allocate memory") as info:
+            salience.explain_dataset(net(), files, ["vanilla"], tmp_path / f"w{workers}", workers=workers, **KW)
+        notes.append(getattr(info.value, "__notes__", None))
+    assert notes[0] == notes[1] and "in the run's process" in notes[1][0], notes
+    assert not _alive_workers()

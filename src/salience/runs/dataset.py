@@ -756,12 +756,13 @@ def _decoded(run: Job, plan_batches: list[tuple[int, list[int]]]) -> Iterator[li
     (its own dataset: no user's ``worker_init_fn`` or worker state to honour) and has a second batch, the first batch
     is decoded in this process while the workers start and decode the next: no batch can hide the first one's
     decoding, and this process would wait for it anyway (a worker's start and a busy decoding core on top). The same
-    items either way (the same code reads them; an error comes as the workers' :class:`sources.Raised`)."""
+    items either way (the same code reads them; an error that escapes it is raised as without workers,
+    :class:`sources.Noted`: its note says the run's process, not a worker)."""
     head = bool(run.workers) and len(plan_batches) > 1 and isinstance(run.dataset, sources.ImageFiles)
     rest = iter(_loader(run, plan_batches[1:] if head else plan_batches))  # the workers start (and the second
     try:  # batch's indices are sent) before the first batch is decoded here
         if head:
-            read = sources.Guarded(run.dataset, run.plan.paths)
+            read = sources.Noted(run.dataset, run.plan.paths)  # an error raised as without workers (a note)
             yield sources.collate([read[i] for i in plan_batches[0][1]])
         yield from rest
     finally:  # closed by the run on an error or a Ctrl-C: the workers end with it
