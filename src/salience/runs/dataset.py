@@ -594,15 +594,17 @@ def loader_context(device: torch.device, workers: int, dataset: Any = None) -> O
     pickle (a lambda in its transform; with the ``worker_init_fn`` of the user's DataLoader, :func:`_loader`) is
     forked as before: a forkserver's workers receive it pickled, and would fail to start. On a CPU also one that
     does not come back from its pickle, names a class or function of an interactive ``__main__`` (a notebook's) or
-    pickles to over :data:`PICKLE_LIMIT` (:func:`_sendable`), and a call from a script's top level outside ``if
-    __name__ == "__main__":`` (:func:`_main_guarded`: a forkserver imports the script)."""
+    pickles to over :data:`PICKLE_LIMIT` (:func:`_sendable`), a call from a script's top level outside ``if
+    __name__ == "__main__":`` (:func:`_main_guarded`: a forkserver imports the script), and a process whose PIL
+    decodes otherwise than a fresh one (:func:`_pil_fresh`)."""
     import multiprocessing
     import pickle
 
     if workers <= 0:
         return None
     if device.type != "cuda":
-        if kept_free_bytes() < SHARED_HEAP or not _main_guarded() or not _sendable(dataset, PICKLE_LIMIT):
+        if kept_free_bytes() < SHARED_HEAP or not _main_guarded() or not _pil_fresh() or \
+                not _sendable(dataset, PICKLE_LIMIT):
             return None
         return "forkserver" if _forkserver_ready() else None
     if dataset is not None:
@@ -633,17 +635,23 @@ class _Limited(io.BytesIO):
 
 def _sendable(dataset: Any, limit: int) -> bool:
     """Whether a forkserver's worker can receive ``dataset``: it pickles, within ``limit`` bytes, names nothing of an
-    interactive ``__main__`` (no file to import it from), and unpickles (an object whose class's ``__init__`` takes
-    other arguments than it keeps, e.g. an exception, pickles but does not come back: the worker would die)."""
+    interactive ``__main__`` (no file to import it from) nor of a ``python:FILE.py`` model's file (a module name only
+    this process has, :func:`salience.loading.custom.user_modules`: a function its ``select_output`` stored in the
+    ModelInfo the run's images carry), and unpickles (an object whose class's ``__init__`` takes other arguments than
+    it keeps, e.g. an exception, pickles but does not come back: the worker would die)."""
     import pickle
     import types
 
+    from salience.loading.custom import user_modules
+
     interactive = getattr(sys.modules.get("__main__"), "__file__", None) is None
+    local = {m.__name__ for m in user_modules()} | ({"__main__"} if interactive else set())
 
     class Checker(pickle.Pickler):
         def reducer_override(self, obj: Any) -> Any:
-            if interactive and isinstance(obj, (type, types.FunctionType)) and obj.__module__ == "__main__":
-                raise pickle.PicklingError(f"{obj.__qualname__} is defined in an interactive __main__")
+            if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", None) in local:
+                raise pickle.PicklingError(f"{obj.__qualname__} is defined in {obj.__module__}, which only this "
+                                           "process can import")
             return NotImplemented
 
     buffer = _Limited(limit)
@@ -655,10 +663,24 @@ def _sendable(dataset: Any, limit: int) -> bool:
     return True
 
 
+def _pil_fresh() -> bool:
+    """Whether PIL decodes in this process as in a fresh one (a forkserver's worker): ``ImageFile.LOAD_TRUNCATED_IMAGES``
+    not set, and no opener registered from outside PIL (``pillow_heif.register_heif_opener()``); a forked worker
+    inherits them, a forkserver's would read those images as error rows where the run without workers maps them."""
+    image_file, image = sys.modules.get("PIL.ImageFile"), sys.modules.get("PIL.Image")
+    if image_file is None or image is None:
+        return True
+    if getattr(image_file, "LOAD_TRUNCATED_IMAGES", False):
+        return False
+    return all(str(getattr(factory, "__module__", "")).startswith("PIL.") for factory, _ in image.OPEN.values())
+
+
 def _main_guarded() -> bool:
     """Whether a forkserver may import ``__main__``: it has no file (a notebook, ``python -c``), was run with ``-m``
-    (not imported by path), or this call comes from inside its ``if __name__ == "__main__":`` block (or a function:
-    the script's top level then ran to the block that called it)."""
+    (not imported by path), or the script's body stands inside its ``if __name__ == "__main__":`` block (or a
+    function it calls: the top level then ran to the block that called it): the body of this thread's stack, or
+    from another thread the main thread's (a ``ThreadPoolExecutor`` at an unguarded top level is not guarded; a
+    main thread past its body, or none, is not either: its whole top level would run again)."""
     import ast
     import inspect
 
@@ -666,11 +688,11 @@ def _main_guarded() -> bool:
     path = getattr(main, "__file__", None)
     if path is None or getattr(main, "__spec__", None) is not None:
         return True
-    frame = inspect.currentframe()
-    while frame is not None and not (frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"):
-        frame = frame.f_back
+    frame = _body(inspect.currentframe(), main)
+    if frame is None and threading.current_thread() is not threading.main_thread():
+        frame = _body(sys._current_frames().get(threading.main_thread().ident or -1), main)
     if frame is None:
-        return True  # not called from the script's body (a thread, a callback)
+        return False
     line = frame.f_lineno
     try:
         tree = ast.parse(Path(path).read_text())
@@ -678,6 +700,13 @@ def _main_guarded() -> bool:
         return False
     return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in
                ast.unparse(node.test) and node.lineno <= line <= (node.end_lineno or 0) for node in tree.body)
+
+
+def _body(frame: Any, main: Any) -> Any:
+    """The frame of ``main``'s (the script's) body in the stack that ``frame`` tops, ``None`` where there is none."""
+    while frame is not None and not (frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    return frame
 
 
 def _forkserver_ready() -> bool:
@@ -716,6 +745,7 @@ def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> Non
                 writer.put(s, job.compute_items(run.model, items, run.plan))
                 bar.update(len(items))
     except BaseException:
+        loader.close()  # its workers stop now, not when the error's traceback (its frames: a notebook keeps it) goes
         writer.close(stopped=True)
         raise
     writer.close()
@@ -726,16 +756,19 @@ def _decoded(run: Job, plan_batches: list[tuple[int, list[int]]]) -> Iterator[li
     (its own dataset: no user's ``worker_init_fn`` or worker state to honour) and has a second batch, the first batch
     is decoded in this process while the workers start and decode the next: no batch can hide the first one's
     decoding, and this process would wait for it anyway (a worker's start and a busy decoding core on top). The same
-    items either way (the same code reads them; an error comes as the workers' :class:`sources.Raised`)."""
+    items either way (the same code reads them; an error that escapes it is raised as without workers,
+    :class:`sources.Noted`: its note says the run's process, not a worker)."""
     head = bool(run.workers) and len(plan_batches) > 1 and isinstance(run.dataset, sources.ImageFiles)
-    loader = _loader(run, plan_batches[1:] if head else plan_batches)
-    if not head:
-        yield from loader
-        return
-    rest = iter(loader)  # the workers start, and the second batch's indices are sent, before the first is decoded
-    read = sources.Guarded(run.dataset, run.plan.paths)
-    yield sources.collate([read[i] for i in plan_batches[0][1]])
-    yield from rest
+    rest = iter(_loader(run, plan_batches[1:] if head else plan_batches))  # the workers start (and the second
+    try:  # batch's indices are sent) before the first batch is decoded here
+        if head:
+            read = sources.Noted(run.dataset, run.plan.paths)  # an error raised as without workers (a note)
+            yield sources.collate([read[i] for i in plan_batches[0][1]])
+        yield from rest
+    finally:  # closed by the run on an error or a Ctrl-C: the workers end with it
+        stop = getattr(rest, "_shutdown_workers", None)
+        if stop is not None:
+            stop()
 
 
 def _loader(run: Job, plan_batches: list[tuple[int, list[int]]]) -> DataLoader:
