@@ -752,7 +752,8 @@ class Run:
         """Before a pass of the folded copy: the first in a run whose every pass runs it (:meth:`_folded_runs`) drops
         the call's kept casts (:meth:`casts_kept`), which are the model's own weights' from the first, probing pass
         (the model itself) and are not used again: 49 MiB of bf16 on resnet50, held beside the folded copy (whose
-        weights are in the passes' precision already: nothing of it is cached)."""
+        convolutions' and linear layers' weights are in the passes' precision already, nothing of them cached; under
+        ``bf16-mixed`` on images the copy is float32 and its own casts are cached from here on)."""
         if not self._dropped_casts and self._casts is not None and self._folded_runs():
             self._dropped_casts = True
             self._casts.clear()
