@@ -40,7 +40,8 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   this CPU). The copy is made with ``torch.fx`` (a model fx cannot trace, one with hooks of its own,
   or one without such a pair runs as it is, with a warning), cached for the process and made again
   when a parameter or buffer of the model or its :func:`structure` changes; it costs one copy of
-  the weights.
+  the weights (for eager passes under a bf16 / fp16 ``precision``, but ``bf16-mixed`` on images, its convolutions'
+  and linear layers' weights held in that dtype: :func:`salience._core.folding.folded_model`).
 - ``allocator``: ``"default"`` (the C allocator as it is) or ``"reuse"``: before the first pass of a model on a
   CPU under it (:func:`before_pass`, from :func:`salience._core.autograd.model_call`; a :class:`Run` before its
   probes), glibc's mmap and trim thresholds are fixed high, once for the process
@@ -752,7 +753,8 @@ class Run:
         """Before a pass of the folded copy: the first in a run whose every pass runs it (:meth:`_folded_runs`) drops
         the call's kept casts (:meth:`casts_kept`), which are the model's own weights' from the first, probing pass
         (the model itself) and are not used again: 49 MiB of bf16 on resnet50, held beside the folded copy (whose
-        weights are in the passes' precision already: nothing of it is cached)."""
+        convolutions' and linear layers' weights are in the passes' precision already, nothing of them cached; under
+        ``bf16-mixed`` on images the copy is float32 and its own casts are cached from here on)."""
         if not self._dropped_casts and self._casts is not None and self._folded_runs():
             self._dropped_casts = True
             self._casts.clear()
