@@ -59,14 +59,13 @@ class Derived:
         resnet50, 8 images, 64 masks in 85 passes: 160 to 280 MiB, session 43)."""
         if bad.device.type == "cpu" and bad.dim() == 2:
             img = torch.arange(bad.shape[0]) if owner is None else owner.to("cpu", torch.int64)
-            for first, n in reversed(self.levels if owner is None else self.levels[:-1]):
-                img = (first + img) % n  # the owner stands for the innermost chunk's numbering
+            img = _call_images(img, owner is not None, self.levels)
             cls = torch.full(bad.shape, -1, dtype=torch.int64)
             for k, t in enumerate(targets[:bad.shape[1]]):
                 c = target_classes(t, bad.shape[0])
                 if c is not None:
                     cls[:, k] = torch.as_tensor(c).to("cpu", torch.int64).reshape(-1).expand(bad.shape[0])
-            batch = self.levels[0][1] if self.levels else bad.shape[0] if owner is None else None
+            batch = _images_in_call(self.levels, bad.shape[0], owner is not None)
             self._cpu.setdefault((key, bad.shape[1]), _Noted(bad.shape[1])).add(bad, img, cls, batch)
             return
         self._scores.setdefault(key, []).append((bad, owner, tuple(self.levels), list(targets)))
@@ -82,11 +81,8 @@ class Derived:
                 batch = noted.batch
         for bad, owner, levels, targets in self._scores.get(key, []):
             rows, ks = bad.nonzero(as_tuple=True)
-            img = rows if owner is None else owner.to(rows.device)[rows]
-            outer = levels if owner is None else levels[:-1]  # the owner stands for the innermost chunk's numbering
-            for first, n in reversed(outer):
-                img = (first + img) % n
-            batch = levels[0][1] if levels else bad.shape[0] if owner is None else None
+            img = _call_images(rows if owner is None else owner.to(rows.device)[rows], owner is not None, levels)
+            batch = _images_in_call(levels, bad.shape[0], owner is not None)
             classes = [target_classes(t, bad.shape[0]) for t in targets]
             for r, i, k in zip(rows.tolist(), img.tolist(), ks.tolist()):
                 c = classes[k] if k < len(classes) else None
@@ -165,6 +161,21 @@ def run_scope() -> Iterator[Derived]:
     finally:
         _SCOPE.reset(token)
     scope.finish()
+
+
+def _call_images(img: Tensor, owned: bool, levels: Sequence[tuple[int, int]]) -> Tensor:
+    """Items' images in the running chunk (``img``) numbered as the call's images, through the engine's running chunks
+    ``levels`` (first item, images), outermost first; ``owned``: ``img`` came from an owner, which stands for the
+    innermost chunk's numbering."""
+    for first, n in reversed(levels[:-1] if owned else levels):
+        img = (first + img) % n
+    return img
+
+
+def _images_in_call(levels: Sequence[tuple[int, int]], items: int, owned: bool) -> Optional[int]:
+    """The call's number of images: the outermost running chunk's, else the pass's ``items`` where no owner numbers
+    them; ``None`` where unknown."""
+    return levels[0][1] if levels else items if not owned else None
 
 
 class _Noted:

@@ -112,17 +112,25 @@ def release_shared_heap() -> bool:
     (inherited too): no lookup in the worker (``ctypes.util.find_library`` runs ``ldconfig -p`` as a process, and a
     ``dlopen`` in a process forked from a threaded one can wait on a lock no thread will release). Elsewhere (no
     thresholds fixed, a C library without ``malloc_trim``) it does nothing and never raises."""
-    libc = _libc
-    if not _fixed or libc is None:
+    trim = _fixed_libc_function("malloc_trim", ctypes.c_int, [ctypes.c_size_t])
+    if trim is None:
         return False
-    try:
-        trim = libc.malloc_trim
-    except AttributeError:
-        return False
-    trim.restype = ctypes.c_int
-    trim.argtypes = [ctypes.c_size_t]
     trim(0)
     return True
+
+
+def _fixed_libc_function(name: str, restype: Any, argtypes: list) -> Optional[Any]:
+    """The function ``name`` of the C library :func:`keep_freed_memory` fixed the thresholds in (typed), or ``None``
+    where it fixed none or the library lacks it (an older glibc)."""
+    libc = _libc
+    if not _fixed or libc is None:
+        return None
+    try:
+        fn = getattr(libc, name)
+    except AttributeError:
+        return None
+    fn.restype, fn.argtypes = restype, argtypes
+    return fn
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -138,13 +146,5 @@ def kept_free_bytes() -> int:
     child (a dataset run's decoding worker, ``salience.runs.dataset.loader_context``). ``0`` where the thresholds
     were not fixed (the free top of the heap is given back, large blocks are unmapped when freed) or glibc has no
     ``mallinfo2`` (before 2.33); never raises."""
-    libc = _libc
-    if not _fixed or libc is None:
-        return 0
-    try:
-        info = libc.mallinfo2
-    except AttributeError:
-        return 0
-    info.restype = _Mallinfo2
-    info.argtypes = []
-    return int(info().fordblks)
+    info = _fixed_libc_function("mallinfo2", _Mallinfo2, [])
+    return 0 if info is None else int(info().fordblks)
