@@ -332,7 +332,6 @@ class _Ablated:
         # image's x (chunk=3 of 4 images mixed them), and a skip around the layer (a resnet block's) cannot
         # broadcast several images' rows against the items'
         self.shared = True
-        self.checked = False  # the shared pass checked against the pass per item (two items, once a call)
 
     def _ablate(self, out: Tensor, rows: Tensor, ch: Tensor) -> Tensor:
         t = out[rows].clone()
@@ -410,7 +409,6 @@ class _Ablated:
         model ran 14 % slower an image at 4 rows a pass than at 8). Nothing where no image has two items."""
         for i in range(1, len(owners)):
             if owners[i] == owners[i - 1]:
-                self.checked = True
                 b = self.x.shape[0]
                 pair = idx[i - 1:i + 1]
                 self.shared = self._check_shared(owners[i], pair % b, pair // b)
@@ -420,8 +418,9 @@ class _Ablated:
         """The scores of items ``idx`` (image by image: the engine's chunk of the items that are run, in the order
         :func:`ablationcam` gives them; ``owners``: their images, on the host, so that a chunk reads no tensor).
         Each run of two or more items of one image is one pass with the layers before the layer run once, on that
-        image alone; the call's first such run is checked against its pass per item (:meth:`_check_shared`);
-        single items, and every item once sharing failed, run together, one row per item."""
+        image alone (its sharing checked before the chunks, :meth:`check`: any run of two items here is two
+        neighbours of ``live``, which the check saw first); single items, and every item once sharing failed, run
+        together, one row per item."""
         b = self.x.shape[0]
         owner, ch = idx % b, idx // b
         if not self.shared:
@@ -432,11 +431,7 @@ class _Ablated:
         for start, stop in zip([0] + bounds, bounds + [len(owners)]):
             s = None
             if stop - start > 1 and self.shared:
-                o, c = owner[start:stop], ch[start:stop]
-                if not self.checked:
-                    self.checked = True
-                    self.shared = self._check_shared(owners[start], o[:2], c[:2])
-                s = self._shared_pass(owners[start], o, c, keep=True) if self.shared else None
+                s = self._shared_pass(owners[start], owner[start:stop], ch[start:stop], keep=True)
                 self.shared = s is not None
             if s is None:
                 rest.extend(range(start, stop))
