@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from test_s41_choosing_options import FIGURE, LINK, _anchor, section
+from test_s41_choosing_options import FIGURE, LINK, _anchor, source, unsourced
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -25,33 +25,6 @@ def table(text: str, header: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[2:] if line.startswith("|")]
 
 
-def source(base: Path, target: str, anchor: str | None) -> str:
-    """The text a link names: ``target`` relative to ``base``'s folder (``base`` itself when empty), the anchor's
-    section where one is given."""
-    path = (base.parent / target).resolve() if target else base
-    assert path.exists(), f"link to {target}: no such file"
-    text = path.read_text(encoding="utf-8")
-    return section(text, anchor) if anchor else text
-
-
-def unsourced(cell: str, base: Path = README) -> tuple[list[str], int]:
-    """The figures of ``cell`` that no following link's source holds as written, and how many were checked."""
-    wrong, checked, start = [], 0, 0
-    for m in [*LINK.finditer(cell), None]:
-        chunk = cell[start:m.end() if m else len(cell)]
-        figures = FIGURE.findall(re.sub(r"`[^`]*`", " ", LINK.sub(" ", chunk)))
-        if m is None:
-            wrong += [f"{f}: no link after it in {cell[:60]!r}" for f in figures]
-            break
-        held = source(base, m.group(1), m.group(2))
-        for f in figures:
-            checked += 1
-            if not re.search(rf"(?<![\d.]){re.escape(f)}(?!\d)", held):
-                wrong.append(f"{f}: not in {m.group(1) or base.name}#{m.group(2) or ''}")
-        start = m.end()
-    return wrong, checked
-
-
 def test_every_figure_of_the_goals_table_is_in_the_table_it_links():
     rows = table(README.read_text(encoding="utf-8"), HEADER)
     assert len(rows) >= 20, len(rows)
@@ -59,7 +32,7 @@ def test_every_figure_of_the_goals_table_is_in_the_table_it_links():
     for row in rows:
         assert len(row) == 6, row
         assert not FIGURE.findall(re.sub(r"`[^`]*`", " ", row[4])), f"a figure in the status cell, unchecked: {row}"
-        w, c = unsourced(row[2])
+        w, c = unsourced(row[2], README)
         wrong += [f"issue {row[0]}, {row[1][:40]!r}: {x}" for x in w]
         checked += c
     assert checked >= 80, checked
@@ -73,16 +46,16 @@ def test_every_link_of_the_goals_table_leads_somewhere():
         for cell in row:
             for m in LINK.finditer(cell):
                 if m.group(1):
-                    source(README, m.group(1), m.group(2))  # raises where the file or the heading is missing
+                    source(m.group(1), m.group(2), README)  # raises where the file or the heading is missing
                 else:
                     assert m.group(2) in headings, m.group(0)
 
 
 def test_a_figure_the_table_does_not_hold_or_without_a_link_fails():
     good = "vanilla 0.92 / 1.01 / 1.02 ([table](benchmarks/results-min2.md))"
-    assert unsourced(good) == ([], 3)
-    assert unsourced(good.replace("1.01", "1.07"))[0] == ["1.07: not in benchmarks/results-min2.md#"]
-    wrong, _ = unsourced(good + "; IG 0.98")
+    assert unsourced(good, README) == ([], 3)
+    assert unsourced(good.replace("1.01", "1.07"), README)[0] == ["1.07: not in benchmarks/results-min2.md#"]
+    wrong, _ = unsourced(good + "; IG 0.98", README)
     assert wrong == ["0.98: no link after it in " + repr((good + "; IG 0.98")[:60])]
 
 
