@@ -39,9 +39,10 @@ def section(text: str, anchor: str) -> str:
     raise AssertionError(f"no heading with the anchor #{anchor}")
 
 
-def source(target: str, anchor: str | None) -> str:
-    """The text a link of the guide names: a file relative to docs/ (the guide's own file without the guide)."""
-    path = (DOC.parent / target).resolve() if target else DOC
+def source(target: str, anchor: str | None, base: Path = DOC) -> str:
+    """The text a link of ``base`` (the guide by default) names: a file relative to ``base``'s folder, ``base``
+    itself when ``target`` is empty (the guide's own file without the guide)."""
+    path = (base.parent / target).resolve() if target else base
     assert path.exists(), f"link to {target}: no such file"
     text = path.read_text(encoding="utf-8")
     if path == DOC:
@@ -60,9 +61,10 @@ def pieces(text: str) -> list[str]:
     return out
 
 
-def unsourced(text: str) -> tuple[list[str], int]:
+def unsourced(text: str, base: Path = DOC) -> tuple[list[str], int]:
     """The figures of ``text``'s pieces that no following link's source holds as written, and how many were
-    checked. Inline code is no figure (``bf16``, ``--n 240``)."""
+    checked; links are read relative to ``base`` (the guide by default). Inline code is no figure (``bf16``,
+    ``--n 240``)."""
     wrong, checked = [], 0
     for piece in pieces(text):
         start = 0
@@ -72,11 +74,11 @@ def unsourced(text: str) -> tuple[list[str], int]:
             if m is None:
                 wrong += [f"{f}: no link after it in {piece[:60]!r}" for f in figures]
                 break
-            held = source(m.group(1), m.group(2))
+            held = source(m.group(1), m.group(2), base)
             for f in figures:
                 checked += 1
                 if not re.search(rf"(?<![\d.]){re.escape(f)}(?!\d)", held):
-                    wrong.append(f"{f}: not in {m.group(1) or 'performance.md'}#{m.group(2) or ''}")
+                    wrong.append(f"{f}: not in {m.group(1) or base.name}#{m.group(2) or ''}")
             start = m.end()
     return wrong, checked
 
