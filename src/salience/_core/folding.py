@@ -27,8 +27,7 @@ _CAST_BY_AUTOCAST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
     """A copy of ``model`` (eval mode, parameters frozen) with each BatchNorm after a convolution
-    folded into it, or the reason there is none (a string: a model fx cannot trace, a forward that runs operations in
-    a ``torch.autocast`` block, :class:`_AutocastSeeingTracer`). ``dtype`` (bf16 / fp16: the passes' autocast): the
+    folded into it, or the reason there is none (a string). ``dtype`` (bf16 / fp16: the passes' autocast): the
     convolutions' and linear layers' weights are held in it (the autocast's own cast of the float32 fold, so the
     same values), folded one layer at a time from the model's float32 tensors: no float32 copy of all the weights
     is ever held (on resnet50, 98 MiB, plus the autocast's 49 MiB of casts of it, against 49 MiB now)."""
@@ -55,7 +54,7 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
         tracer = _AutocastSeeingTracer()
         graph = tracer.trace(clone)
         if tracer.changed:
-            return (f"its forward runs {tracer.changed} in a torch.autocast block, which torch.fx does not record "
+            return (f"its forward runs {tracer.changed!r} in a torch.autocast block, which torch.fx does not record "
                     "(the copy would run it under the passes' autocast)")
         folded = fuse(torch.fx.GraphModule(tracer.root, graph, type(clone).__name__), inplace=True, no_trace=True)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
