@@ -68,11 +68,12 @@ def test_out_none_is_not_in_place():
     with torch.autocast("cpu", dtype=BF), HighResolutionFp32("cpu", (16, 16)):
         n = F.normalize(x, dim=1)  # F.normalize and torch.norm hand the mode out=None
         m = torch.norm(x, dim=1, keepdim=True)
+        by_method = x.norm(dim=1, keepdim=True)  # torch.norm runs as x.norm() does since session 44 (islands._method_twin)
         o = torch.empty(1, 4, 16, 16, dtype=BF)
         torch.add(x, 1.0, out=o)  # a real out=: written, in its own dtype
-    assert n.dtype == m.dtype == torch.float32  # were bf16
+    assert n.dtype == torch.float32  # was bf16
     torch.testing.assert_close(n, F.normalize(x.float(), dim=1), rtol=0, atol=0)
-    torch.testing.assert_close(m, torch.norm(x.float(), dim=1, keepdim=True), rtol=0, atol=0)
+    assert m.dtype == by_method.dtype and torch.equal(m, by_method)
     assert o.dtype == BF and torch.equal(o, (x.float() + 1).to(BF))
 
 

@@ -85,8 +85,11 @@ _MHA_DEFAULTS = {n: p.default for n, p in _MHA_SIGNATURE.parameters.items() if p
 _SDPA = F.scaled_dot_product_attention
 SOFTMAXES = frozenset({torch.softmax, Tensor.softmax, F.softmax, torch.special.softmax})
 # the functions the capture acts on; any other torch call passes straight through
-# products that contract a keys-first softmax with the values (what makes it attention, not a channel weighting)
-_PRODUCTS = frozenset({torch.einsum, torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm})
+# products that contract a keys-first softmax with the values (what makes it attention, not a channel weighting);
+# torch.linalg.matmul is another function object than torch.matmul, the same product (session 44: a keys-first
+# softmax contracted by it was never taken for attention, "saw no attention operation")
+_PRODUCTS = frozenset({torch.einsum, torch.matmul, torch.linalg.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm,
+                       Tensor.bmm})
 # calls that may copy a keys-first softmax on its way to that product (``a.permute(...).reshape(B * heads, L, S)``)
 _COPYING = frozenset({Tensor.contiguous, Tensor.clone, torch.clone, Tensor.reshape, torch.reshape, Tensor.flatten,
                       torch.flatten})

@@ -22,7 +22,9 @@ parameter (a weight computed in the forward) or an inference tensor (no version 
 everything while autocast's cache is turned off (``torch.autocast(..., cache_enabled=False)``), and a call with an
 ``out=`` tensor (autocast leaves that overload in fp32: a bf16 weight made it fail). A change in place that bumps no
 version counter (through ``p.data``: ``p.data.mul_(2)``) during a call is not seen (autocast's own cache does not see
-it either).
+it either): ``p.data`` is a new tensor at each access with a version counter of its own, a storage has none, so only
+reading the values could see it, and the cheapest read (a sum of each weight, not even a sound checksum) cost 0.18 of
+the casts it would guard, every pass (session 44, benchmarks/cast-check-s44.txt): not done.
 
 :meth:`salience._core.perf.Run.casts_kept` makes the call's cache; :meth:`salience._core.perf.Run.autocast` enters the
 mode (CPU bf16, eager chunks only: a compiled graph casts inside itself).

@@ -51,7 +51,12 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
                 hooks = m.__dict__.get(name)
                 if hooks:
                     hooks.clear()
-        folded = fuse(clone, inplace=True)
+        tracer = _AutocastSeeingTracer()
+        graph = tracer.trace(clone)
+        if tracer.changed:
+            return (f"its forward runs {tracer.changed!r} in a torch.autocast block, which torch.fx does not record "
+                    "(the copy would run it under the passes' autocast)")
+        folded = fuse(torch.fx.GraphModule(tracer.root, graph, type(clone).__name__), inplace=True, no_trace=True)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
         return f"torch.fx cannot trace it ({_described(e, 200)})"
     if dtype is not None:
@@ -60,6 +65,38 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
     if left == len(norms):
         return "no BatchNorm layer follows a convolution directly"
     return folded
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")  # torch.autocast(device_type), torch.cuda.amp.autocast, torch.cpu.amp.autocast
+
+
+def _autocast_state() -> tuple:
+    """The thread's autocast: its blocks' nesting (every ``with torch.autocast(...)`` block counts, ``enabled=False``
+    too, in any spelling), and on or off and the dtype per device type (a forward's ``torch.set_autocast_enabled``)."""
+    depth = torch.autocast_increment_nesting() - 1  # read, not changed: no other way to read it (torch 2.14)
+    torch.autocast_decrement_nesting()
+    return (depth, *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES))
+
+
+class _AutocastSeeingTracer(torch.fx.Tracer):
+    """``torch.fx``'s tracer, noting in :attr:`changed` an operation recorded inside an autocast block of the forward
+    (or under other autocast settings than the trace began with). fx runs a ``with torch.autocast(...)`` block
+    (``enabled=False``: a float32 island of a bf16 model; ``torch.cuda.amp.autocast`` likewise) while tracing and
+    records none of it, so the folded copy would run that block's operations under the passes' autocast (session 44:
+    a linear layer in float32 in the model ran in bf16 in the copy under ``precision="bf16"``, with no warning). Such a
+    model is not folded. Grad-mode blocks (``torch.no_grad()``) are not recorded either, but change no value of a
+    forward pass, and the copy runs only plain passes (no backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start = _autocast_state()
+        self.changed = ""
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: Optional[str] = None,
+                    type_expr: Optional[Any] = None) -> torch.fx.Node:
+        if not self.changed and _autocast_state() != self._start:
+            self.changed = str(target if isinstance(target, str) else getattr(target, "__name__", target))
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
 
 
 def _own_tensors(folded: nn.Module, shared: tuple, dtype: torch.dtype) -> None:

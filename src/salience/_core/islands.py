@@ -15,13 +15,16 @@ arguments, positional or keyword (or a tensor in a list or tuple argument, ``tor
 :data:`RATIO` 4, the maps at the input's full, half and quarter resolution; each side, not the area: a channels-last
 ``(N, h, w, C)`` tensor, torchvision's ConvNeXt's MLPs, has ``w x C`` as its last two sides) runs with autocast off
 and its bf16 arguments (keyword ones too: ``attn_mask=``, ``weight=``) cast to float32, so it and its backward
-compute in fp32. The other operations run under the bf16 autocast as ``precision="bf16"`` runs them. A model whose
+compute in fp32. The other operations run under the bf16 autocast as ``precision="bf16"`` runs them, and so does a
+function a tensor method spells too (``torch.exp`` as ``a.exp()``, :func:`_method_twin`, session 44; but ``prelu``, a
+gate autocast casts down, is under the rule in every spelling, the method too: :data:`GATES`). A model whose
 input is not an image ``(N, C, H, W)`` runs as under ``"bf16"``. Products of activations are no map operations
 (:data:`PRODUCTS`, session 42): attention (``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``),
 ``torch.matmul`` of two batched operands (both 3-D or more; by a 1-D or 2-D weight it is a linear layer on the map and
 stays under the rule, :data:`MATMULS`), an einsum of batched operands (:data:`EINSUMS`) and the softmax and log-softmax in
 every function spelling run under the bf16 autocast as ``"bf16"`` runs them, as the tensor methods ``q @ k``,
-``a.softmax(-1)`` and ``a.log_softmax(-1)`` always did (one math written two ways runs at one precision, session 43): a vision transformer's attention tensors ``(batch, heads, tokens, dim)`` are 4-D
+``a.softmax(-1)`` and ``a.log_softmax(-1)`` always did (one math written two ways runs at one precision, session 43;
+``torch.tensordot`` as the einsum it spells, session 44): a vision transformer's attention tensors ``(batch, heads, tokens, dim)`` are 4-D
 with sides past a quarter of the input's, and in fp32 they cost timm's ``vit_small_patch8_224`` (785 tokens) a vanilla
 pass 0.60 of fp32's time against bf16's 0.50, for maps that bf16 already gives at correlation 0.99996 with fp32's
 (benchmarks/vit-bf16-mixed-s42.md). In-place functions (``relu(..., inplace=True)``,
@@ -39,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RATIO", "PRODUCTS", "MATMULS", "EINSUMS", "HighResolutionFp32"]
+__all__ = ["RATIO", "PRODUCTS", "MATMULS", "EINSUMS", "GATES", "HighResolutionFp32"]
 
 RATIO = 4
 """Maps at ``1 / RATIO`` of the input's height and width or larger run in fp32 (measured: 2 left EfficientNet-Lite0's
@@ -48,23 +51,25 @@ forward + input gradient, channels-last, took 0.48, 0.64 and 0.82 of fp32's time
 benchmarks/bf16-islands-s41.md)."""
 
 
-PRODUCTS = frozenset({F.scaled_dot_product_attention, F.multi_head_attention_forward, torch.matmul,
+PRODUCTS = frozenset({F.scaled_dot_product_attention, F.multi_head_attention_forward,
                       F.softmax, torch.softmax, torch.special.softmax, F.softmin,
                       F.log_softmax, torch.log_softmax, torch.special.log_softmax})
 """Functions the rule leaves to the bf16 autocast whatever their arguments' sizes: attention and its parts, the
-functions that ``q @ k``, ``a.softmax(-1)`` and ``a.log_softmax(-1)`` (tensor methods, which run as they are) spell
-otherwise: every function spelling of a softmax (``F.softmin(a)`` is ``(-a).softmax()``), so one math written two ways
-runs at one precision (session 43: ``F.log_softmax`` ran in fp32 on a bf16 map, ``x.log_softmax()`` in bf16). A
-matrix product is one of two batched operands, both 3-D or more (``q @ k``); by a 1-D or 2-D weight it is a linear
-layer (``torch.matmul(h, w)`` on a channels-last ``(N, h, w, C)`` map, a 1x1 convolution): :data:`MATMULS`, under the
-rule (session 42 review). ``torch.einsum`` alike (:data:`EINSUMS`)."""
+functions that ``a.softmax(-1)`` and ``a.log_softmax(-1)`` (tensor methods, which run as they are) spell otherwise:
+every function spelling of a softmax (``F.softmin(a)`` is ``(-a).softmax()``), so one math written two ways runs at
+one precision (session 43: ``F.log_softmax`` ran in fp32 on a bf16 map, ``x.log_softmax()`` in bf16). The products
+of two operands are decided by the operands' ranks, not by the function alone: :data:`MATMULS` (``torch.matmul``
+among them, listed here too until session 44, though only its ranks decided), :data:`EINSUMS`."""
 
 MATMULS = frozenset({torch.matmul, torch.linalg.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
-                     torch.Tensor.__rmatmul__})
-"""Every spelling of a matrix product (the functions ``torch.matmul`` and ``torch.linalg.matmul``, another function
-object, which ran in fp32 on a large map until a review of session 43, and the tensor methods ``@``, ``x.matmul``): one
-rule for all of them, the operands' ranks (:func:`_product`). ``torch.bmm`` / ``torch.baddbmm`` take 3-D operands only, which the
-rule never reads as maps: bf16 in every spelling already."""
+                     torch.Tensor.__rmatmul__, torch.tensordot})
+"""Every spelling of a product of two operands (the functions ``torch.matmul`` and ``torch.linalg.matmul``, another
+function object, which ran in fp32 on a large map until a review of session 43, the tensor methods ``@``,
+``x.matmul``, and ``torch.tensordot``, which ran in fp32 where the einsum it spells ran in bf16 until session 44): one
+rule for all of them, the operands' ranks (:func:`_product`): of two batched operands, both 3-D or more (``q @ k``),
+it runs under the bf16 autocast; by a 1-D or 2-D weight it is a linear layer (``torch.matmul(h, w)`` on a
+channels-last ``(N, h, w, C)`` map, a 1x1 convolution), under the rule (session 42 review). ``torch.bmm`` /
+``torch.baddbmm`` take 3-D operands only, which the rule never reads as maps: bf16 in every spelling already."""
 
 EINSUMS = frozenset({torch.einsum, torch.functional.einsum})
 """``torch.einsum``: a product of two or more operands all 3-D or more (attention, ``einsum("bhqd,bhkd->bhqk", q,
@@ -72,10 +77,35 @@ k)``, the ``q @ k.transpose(-2, -1)`` it spells) runs under the bf16 autocast as
 or 2 dimensions (a weight: ``einsum("bchw,dc->bdhw", x, w)``, a 1x1 convolution on a map) or one operand (a
 permutation, a sum of a map) it stays under the rule (session 43: every einsum ran in fp32 on a large map)."""
 
+GATES = frozenset({"prelu"})
+"""The functions with a tensor-method twin that autocast casts to bf16 and that gate a CNN's activations on its
+maps (``F.prelu``, ``torch.prelu``, ``x.prelu(w)``, ``nn.PReLU``): under the rule in every spelling, the tensor
+method too (session 44: ``x.prelu(w)`` ran in bf16 on a full-resolution map where ``F.prelu`` ran in fp32)."""
+
+_F_TWINS = frozenset({F.relu, F.sigmoid, F.tanh, F.hardshrink})  # F's functions spelling the tensor method of their
+# name (F.unfold does not: Tensor.unfold is another operation; F.softmax, F.log_softmax: PRODUCTS; F.prelu: GATES)
+
+
+def _method_twin(func: Any) -> bool:
+    """A function that a tensor method spells too (``torch.exp`` and ``a.exp()``, ``torch.logsumexp`` and
+    ``a.logsumexp()``, ``torch.add`` and ``a + b``, ``F.relu`` and ``a.relu()``): it runs as the method does, as it
+    is under the bf16 autocast (session 44: ``torch.exp`` of a bf16 map ran in fp32, ``a.exp()`` in bf16). Autocast
+    leaves these in their inputs' dtype, so on the float32 maps that the rule's convolutions give they compute in
+    float32 in every spelling; on a bf16 map (attention's scores, a small map upsampled) in bf16 in every spelling.
+    Not the products (:data:`MATMULS`: by their ranks) nor :data:`GATES` (under the rule in every spelling)."""
+    if func in _F_TWINS:
+        return True
+    name = getattr(func, "__name__", "")
+    return (name not in GATES and func not in MATMULS and getattr(torch, name, None) is func
+            and hasattr(torch.Tensor, name))
+
 
 def _tensor_method(func: Any) -> bool:
     """A method or property of a tensor (``x.dtype``, ``x.add_``, ``x[...] = v``, ``x.register_hook``, ``x + y``):
-    run as it is; a cast copy would answer for another tensor (its dtype, its hooks, its changes)."""
+    run as it is; a cast copy would answer for another tensor (its dtype, its hooks, its changes). Not a product
+    (:data:`MATMULS`) nor a gate (:data:`GATES`: ``x.prelu(w)``), which every spelling decides alike."""
+    if func in MATMULS or getattr(func, "__name__", "") in GATES:
+        return False
     return (getattr(func, "__objclass__", None) in (torch.Tensor, torch._C.TensorBase)
             or getattr(func, "__qualname__", "").startswith(("Tensor.", "TensorBase."))
             or getattr(func, "__name__", "") in ("__get__", "__set__"))
@@ -90,8 +120,8 @@ def _product(func: Any, args: Sequence[Any], kwargs: dict) -> bool:
     """Left to the bf16 autocast whatever the sizes: a function of :data:`PRODUCTS`, but a matrix product (and an
     einsum) only of batched operands (a weight of 1 or 2 dimensions makes it a linear layer on a map, under the
     rule)."""
-    if func in MATMULS:
-        ops = [*args[:2], *(kwargs[k] for k in ("input", "other") if k in kwargs)]
+    if func in MATMULS:  # matmul(input, other), tensordot(a, b, dims)
+        ops = [*args[:2], *(kwargs[k] for k in ("input", "other", "a", "b") if k in kwargs)]
         return len(ops) == 2 and _batched(ops)
     if func in EINSUMS:  # einsum(equation, *operands), or einsum(equation, [operands])
         ops = args[1:]
@@ -129,7 +159,7 @@ class HighResolutionFp32(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
-        if (_product(func, args, kwargs) or (func not in MATMULS and _tensor_method(func))
+        if (_product(func, args, kwargs) or _tensor_method(func) or _method_twin(func)
                 or not self._large((*args, *kwargs.values()))):
             return func(*args, **kwargs)
         if not _is_inplace(func, kwargs):  # keyword arguments too: F.scaled_dot_product_attention's attn_mask=

@@ -21,7 +21,8 @@ from salience.attention import SOFTMAXES, KeysFirst, attention_order, ambiguous_
 
 __all__: list[str] = []  # private to the methods (the default-layer search)
 
-_MATMULS = ("matmul", "__matmul__", "bmm")  # bmm: the heads folded into the batch, (B * heads, N, d)
+# bmm: the heads folded into the batch, (B * heads, N, d); linalg_matmul: torch.linalg.matmul's name (session 44)
+_MATMULS = ("matmul", "__matmul__", "linalg_matmul", "bmm")
 _COPIES = ("contiguous", "clone")  # the keys copied before the product: the same dims, other memory
 
 
