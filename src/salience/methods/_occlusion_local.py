@@ -105,6 +105,7 @@ class Plan:
     saved: float = 0.0
     cut: str = ""
     why: str = ""
+    clean: Optional[Tensor] = None  # the prefix's float32 output on the clean images (the check's)
 
 
 def _trace(model: nn.Module) -> Any:
@@ -338,7 +339,7 @@ def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Te
     assert p.prefix is not None and p.suffix is not None
     try:
         with torch.no_grad():
-            act = p.prefix(x)
+            act = p.clean = p.prefix(x)
             again = unwrap(p.suffix(act)).float()
             if again.shape != out.shape or not torch.allclose(again, out.float(), rtol=1e-4, atol=1e-4 * (
                     1 + float(out.float().abs().max()))):

@@ -361,8 +361,10 @@ def occlusion(
         clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already)  # (B, K)
         if split_plan is not None:
             plan, spans = split_plan
-            with torch.no_grad(), run.autocast():
-                clean_cut = plan.prefix(x)  # (B, C', H', W'), what every pass's cut starts from
+            clean_cut = plan.clean  # (B, C', H', W'), what every pass's cut starts from
+            if run.dtype is not None:  # at the passes' precision
+                with torch.no_grad(), run.autocast():
+                    clean_cut = plan.prefix(x)
 
         def compute(start: int, stop: int) -> Tensor:
             if split_plan is None:
