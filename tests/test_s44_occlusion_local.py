@@ -206,6 +206,10 @@ def test_untraceable_and_scripted_models_fall_back(caplog):
     occl(Branchy().eval(), x, 1, caplog, False, window=6, stride=6)
     scripted = torch.jit.script(vgg_like())
     occl(scripted, x, 1, caplog, False, window=6, stride=6)
+    occl(vgg_like(), x, 1, caplog, False, window=6, stride=6, precision="bf16-mixed")  # picks fp32 layers by size
+    hooked = vgg_like()
+    hooked[0].register_forward_hook(lambda *a: None)
+    occl(hooked, x, 1, caplog, False, window=6, stride=6)
 
 
 def test_prefix_runs_on_crops_with_fewer_flops(caplog):
@@ -242,3 +246,32 @@ def test_model_left_as_it_was():
 def test_local_flag_checked():
     with pytest.raises(salience.SalienceError):
         salience.occlusion(vgg_like(), torch.randn(1, 3, 16, 16), 1, window=4, local="yes")
+
+
+def test_channels_last_and_bf16(caplog):
+    """The run's layout and autocast apply to the crops' passes too: channels-last in float32 gives the same map;
+    under bf16 the local and full maps differ by bf16 rounding only (2 % of the scores' scale)."""
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    occl(m, x, 5, caplog, True, window=12, stride=8, memory_format="channels_last")
+    a = salience.occlusion(m, x, 5, window=12, stride=8, precision="bf16")
+    b = salience.occlusion(m, x, 5, window=12, stride=8, precision="bf16", local=False)
+    assert float((a - b).abs().max()) <= 2e-2 * (1 + scale(m, x))
+    assert float((a - b).abs().max()) < 0.25 * float(b.abs().max())
+
+
+def test_fold_batchnorm_runs_the_folded_copy_on_crops(caplog):
+    """With fold_batchnorm the crops run the folded copy (no BatchNorm in the prefix) and the map is full passes'."""
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with salience.performance(fold_batchnorm=True):
+        occl(m, x, 5, caplog, True, window=12, stride=8)
+        from salience.methods import _occlusion_local as L
+        from salience._core.perf import folded_model  # the process's folded copy: its prefix holds no BatchNorm
+        copy = folded_model(m)[0]
+        assert copy is not None and not any(isinstance(k, nn.BatchNorm2d) for k in copy.modules())
+        p = L.plan(copy, x, (12, 12), (8, 8), torch.tensor([[0, 0], [24, 24], [52, 52]]), True,
+                   copy(x), lambda o: o)
+        assert p.prefix is not None and not any(isinstance(k, nn.BatchNorm2d) for k in p.prefix.modules())

@@ -347,7 +347,8 @@ def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Te
             picks = sorted({0, len(corners) // 2, len(corners) - 1})
             sp = spans(p, corners[picks], window, (int(x.shape[-2]), int(x.shape[-1])))
             owner = torch.zeros(len(picks), dtype=torch.long, device=x.device)
-            pasted = paste(p, act[:1].repeat(len(picks), 1, 1, 1), p.prefix(crops(x[:1], owner, sp, p.crop)), sp)
+            pasted = paste(p, act[:1].repeat(len(picks), 1, 1, 1), p.prefix(crops(x[:1], owner, sp.to(x.device), p.crop)),
+                           sp.tolist())
             scale = 1 + float(act.abs().max())
             if not torch.allclose(pasted, act[:1].expand_as(pasted), rtol=1e-4, atol=1e-4 * scale):
                 return "a crop's exact part differs from the clean activation (an op is not local)"
@@ -365,12 +366,13 @@ def crops(x: Tensor, owner: Tensor, sp: Tensor, size: tuple[int, int]) -> Tensor
              r[:, None, :, None], c[:, None, None, :]]
 
 
-def paste(p: Plan, clean: Tensor, act: Tensor, sp: Tensor) -> Tensor:
+def paste(p: Plan, clean: Tensor, act: Tensor, sp: list) -> Tensor:
     """``clean`` ``(n, C', H', W')`` (a fresh copy of the clean activations of the items' images, written in place)
-    with each item's affected rows and columns taken from its crop's activation ``act``."""
+    with each item's affected rows and columns taken from its crop's activation ``act``; ``sp``: the items' spans
+    (:func:`spans`) as a list, read on the host once per call (no read of a device tensor per chunk)."""
     s = p.field.s if p.field is not None else (1, 1)
     out = clean
-    for k, ((c0, a0, a1), (d0, b0, b1)) in enumerate(sp.tolist()):
+    for k, ((c0, a0, a1), (d0, b0, b1)) in enumerate(sp):
         if a1 <= a0 or b1 <= b0:
             continue
         oy, ox = c0 // s[0], d0 // s[1]

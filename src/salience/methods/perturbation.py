@@ -361,6 +361,7 @@ def occlusion(
         clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already)  # (B, K)
         if split_plan is not None:
             plan, spans = split_plan
+            spans_host = spans.tolist()  # (windows, 2, 3) as lists: the pastes' slices, read once
             clean_cut = plan.clean  # (B, C', H', W'), what every pass's cut starts from
             if run.dtype is not None:  # at the passes' precision
                 with torch.no_grad(), run.autocast():
@@ -374,7 +375,8 @@ def occlusion(
                 idx = torch.arange(start, stop, device=x.device)
                 owner, w_idx = idx % b, idx // b
                 m = items.masks(w_idx)
-                scores = _local_scores(plan, spans[w_idx], items, owner, w_idx, clean_cut, run, model)
+                sp = [spans_host[j // b] for j in range(start, stop)]
+                scores = _local_scores(plan, spans[w_idx], sp, items, owner, w_idx, clean_cut, run, model)
             tg = [t.for_items(owner) for t in resolved]
             if scores is None:
                 scores = score_items(model, xs, tg, probs, strip_softmax, already=already)
@@ -401,7 +403,11 @@ def _split(model: nn.Module, x: Tensor, win: tuple[int, int], st: tuple[int, int
     elif perf.precision == "bf16-mixed":
         why = "bf16-mixed chooses float32 layers by the input's size, which a crop changes"
     else:
-        plan = _local.plan(model, x, win, st, corners, strip_softmax, out, lambda o: unwrap_output(o, model))
+        # fold_batchnorm: the crops and the rest run the process's float32 folded copy (the passes' own under fp32;
+        # under an autocast it casts that copy's weights, the same values as the run's copy in the autocast's dtype)
+        folded = _perf.folded_model(model)[0] if perf.fold_batchnorm else None
+        plan = _local.plan(folded if folded is not None else model, x, win, st, corners, strip_softmax, out,
+                           lambda o: unwrap_output(o, model))
         why = plan.why
     if why:
         _local.log.debug("occlusion: full passes: %s", why)
@@ -411,10 +417,11 @@ def _split(model: nn.Module, x: Tensor, win: tuple[int, int], st: tuple[int, int
     return plan, _local.spans(plan, corners, win, (int(x.shape[-2]), int(x.shape[-1]))).to(x.device)
 
 
-def _local_scores(plan: Any, sp: Tensor, items: _Occluded, owner: Tensor, win: Tensor, clean_cut: Tensor,
-                  run: _perf.Run, model: nn.Module) -> Tensor:
+def _local_scores(plan: Any, sp: Tensor, sp_host: list, items: _Occluded, owner: Tensor, win: Tensor,
+                  clean_cut: Tensor, run: _perf.Run, model: nn.Module) -> Tensor:
     """The model's output ``(n, ...)`` for the occluded items: the prefix on their crops ``(n, C, h, w)`` (the
-    window occluded there as :class:`_Occluded` does on the whole image), pasted into the clean cut, the suffix."""
+    window occluded there as :class:`_Occluded` does on the whole image), pasted into the clean cut, the suffix.
+    ``sp``: the items' spans on the device, ``sp_host`` the same as lists."""
     x, base = items.x, items.base
     xc = _local.crops(x, owner, sp, plan.crop)
     bc = _local.crops(base, owner, sp, plan.crop)
@@ -428,7 +435,7 @@ def _local_scores(plan: Any, sp: Tensor, items: _Occluded, owner: Tensor, win: T
     xc = xc * (1 - m) + bc * m
     with torch.no_grad(), run.autocast():
         act = plan.prefix(run.prepare(xc))
-        cut = _local.paste(plan, clean_cut[owner], act, sp)
+        cut = _local.paste(plan, clean_cut[owner], act, sp_host)
         out = unwrap_output(plan.suffix(cut), model)
     return out.detach().to(x.dtype)
 
