@@ -3,8 +3,8 @@ and Captum's ``Occlusion`` at ``perturbations_per_eval`` 1, 4, 16, on resnet50 (
 (169 windows at 224 px), fp32. One thread; each measurement a fresh process; interleaved rounds.
 
 Run as: flock /tmp/bench.lock taskset -c 1 python benchmarks/occlusion_local_s44.py --images 1 --rounds 2
-(``--configs`` picks some: local, full, cap1, cap4, cap16, local_cl, cap1_cl: the last two channels-last, Captum's by
-hand). Writes benchmarks/occlusion-local-s44.json and .md (``--out`` for another stem).
+(``--configs`` picks some: local, full, localfold, fullfold (``fold_batchnorm=True``), cap1, cap4, cap16, and any of
+them with ``_cl``: channels-last, Captum's by hand). Writes benchmarks/occlusion-local-s44.json and .md (``--out`` for another stem).
 """
 from __future__ import annotations
 
@@ -36,9 +36,10 @@ def one(config: str, images: int) -> float:
     cl = config.endswith("_cl")
     name = config[:-3] if cl else config
     t0 = time.perf_counter()
-    if name in ("local", "full"):
-        salience.occlusion(m, x, t, window=32, stride=16, local=name == "local",
-                           memory_format="channels_last" if cl else "contiguous")
+    if name in ("local", "full", "localfold", "fullfold"):
+        salience.occlusion(m, x, t, window=32, stride=16, local=name.startswith("local"),
+                           memory_format="channels_last" if cl else "contiguous",
+                           fold_batchnorm=name.endswith("fold"))
     else:
         from captum.attr import Occlusion
         if cl:
@@ -76,7 +77,7 @@ def main() -> None:
     rows = {c: {"min": min(v), "median": statistics.median(v), "max": max(v), "all": v} for c, v in times.items()}
     with open(a.out + ".json", "w") as f:
         json.dump({"images": a.images, "rounds": a.rounds, "load": load, "seconds": rows}, f, indent=1)
-    lines = [f"| config | min s | median s | max s | all rounds |", "|---|---|---|---|---|"]
+    lines = ["| config | min s | median s | max s | all rounds |", "|---|---|---|---|---|"]
     for c, v in rows.items():
         lines.append(f"| {c} | {v['min']:.2f} | {v['median']:.2f} | {v['max']:.2f} | "
                      f"{', '.join(f'{t:.2f}' for t in v['all'])} |")
