@@ -275,3 +275,31 @@ def test_fold_batchnorm_runs_the_folded_copy_on_crops(caplog):
         p = L.plan(copy, x, (12, 12), (8, 8), torch.tensor([[0, 0], [24, 24], [52, 52]]), True,
                    copy(x), lambda o: o)
         assert p.prefix is not None and not any(isinstance(k, nn.BatchNorm2d) for k in p.prefix.modules())
+
+
+class InPlace(nn.Module):
+    """In-place layers at both ends of the cut: the clean activation every pass starts from must stay as it was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu(x, inplace=True)
+        y = self.a(x)
+        y = F.relu(y, inplace=True)
+        y = self.b(y)
+        return self.head(y.amax((2, 3)))
+
+
+def test_in_place_layers_leave_the_input_and_map_as_full_passes(caplog):
+    m = InPlace().eval()
+    x = torch.randn(1, 3, 24, 24)
+    xa, xb = x.clone(), x.clone()
+    a = salience.occlusion(m, xa, 1, window=4, stride=4, local=True)
+    b = salience.occlusion(m, xb, 1, window=4, stride=4, local=False)
+    assert torch.equal(xa, xb)  # the model's own clean pass writes x in both; the split's passes write no more
+    close(a, b, scale(m, x.clone()))

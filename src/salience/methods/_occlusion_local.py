@@ -301,7 +301,7 @@ def plan(model: nn.Module, x: Tensor, window: tuple[int, int], stride: tuple[int
     h, w = int(x.shape[-2]), int(x.shape[-1])
     try:
         with torch.no_grad():
-            cost = _flops(gm, x[:1])
+            cost = _flops(gm, x[:1].clone())  # copies: an in-place first layer must not write the user's x
     except Exception as e:  # noqa: BLE001
         return Plan(why=f"its shapes could not be propagated ({type(e).__name__})")
     nodes = list(gm.graph.nodes)
@@ -339,8 +339,8 @@ def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Te
     assert p.prefix is not None and p.suffix is not None
     try:
         with torch.no_grad():
-            act = p.clean = p.prefix(x)
-            again = unwrap(p.suffix(act)).float()
+            act = p.clean = p.prefix(x.clone())
+            again = unwrap(p.suffix(act.clone())).float()  # the passes hand the suffix a copy too (in-place layers)
             if again.shape != out.shape or not torch.allclose(again, out.float(), rtol=1e-4, atol=1e-4 * (
                     1 + float(out.float().abs().max()))):
                 return "the model split at the cut does not give its output (a final softmax, or a traced branch)"

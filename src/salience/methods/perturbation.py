@@ -365,7 +365,7 @@ def occlusion(
             clean_cut = plan.clean  # (B, C', H', W'), what every pass's cut starts from
             if run.dtype is not None:  # at the passes' precision
                 with torch.no_grad(), run.autocast():
-                    clean_cut = plan.prefix(x)
+                    clean_cut = plan.prefix(x.clone())
 
         def compute(start: int, stop: int) -> Tensor:
             if split_plan is None:
