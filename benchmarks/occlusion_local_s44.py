@@ -37,9 +37,9 @@ def one(config: str, images: int) -> float:
     name = config[:-3] if cl else config
     t0 = time.perf_counter()
     if name in ("local", "full", "localfold", "fullfold"):
-        salience.occlusion(m, x, t, window=32, stride=16, local=name.startswith("local"),
-                           memory_format="channels_last" if cl else "contiguous",
-                           fold_batchnorm=name.endswith("fold"))
+        with salience.performance(fold_batchnorm=name.endswith("fold")):
+            salience.occlusion(m, x, t, window=32, stride=16, local=name.startswith("local"),
+                               memory_format="channels_last" if cl else "contiguous")
     else:
         from captum.attr import Occlusion
         if cl:
