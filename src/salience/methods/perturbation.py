@@ -278,10 +278,15 @@ class _Occluded:
     def masks(self, win: Tensor) -> Tensor:
         """The windows ``win`` ``(n,)`` as masks ``(n, 1, H, W)`` (1 inside): the outer product of their row and
         column indicators, made for these windows only (for all at once they were ``(windows, H + W)`` floats)."""
+        return self.masks_on(win, self.rows, self.cols)
+
+    def masks_on(self, win: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """The windows ``win`` ``(n,)`` on the pixels at ``rows`` and ``cols`` (``(h,)`` / ``(w,)``, or per window
+        ``(n, h)`` / ``(n, w)``: a crop's) as masks ``(n, 1, h, w)``."""
         c = self.corners[win]
-        rows = ((self.rows >= c[:, :1]) & (self.rows < c[:, :1] + self.window[0])).to(self.x.dtype)
-        cols = ((self.cols >= c[:, 1:]) & (self.cols < c[:, 1:] + self.window[1])).to(self.x.dtype)
-        return (rows[:, :, None] * cols[:, None, :]).unsqueeze(1)
+        r = ((rows >= c[:, :1]) & (rows < c[:, :1] + self.window[0])).to(self.x.dtype)
+        k = ((cols >= c[:, 1:]) & (cols < c[:, 1:] + self.window[1])).to(self.x.dtype)
+        return (r[:, :, None] * k[:, None, :]).unsqueeze(1)
 
     def __call__(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
         b = self.x.shape[0]
@@ -425,13 +430,9 @@ def _local_scores(plan: Any, sp: Tensor, sp_host: list, items: _Occluded, owner:
     x, base = items.x, items.base
     xc = _local.crops(x, owner, sp, plan.crop)
     bc = _local.crops(base, owner, sp, plan.crop)
-    c = items.corners[win]
     dev = x.device
-    rows = sp[:, 0, 0, None].to(dev) + torch.arange(plan.crop[0], device=dev)
-    cols = sp[:, 1, 0, None].to(dev) + torch.arange(plan.crop[1], device=dev)
-    r = ((rows >= c[:, :1]) & (rows < c[:, :1] + items.window[0])).to(x.dtype)
-    k = ((cols >= c[:, 1:]) & (cols < c[:, 1:] + items.window[1])).to(x.dtype)
-    m = (r[:, :, None] * k[:, None, :]).unsqueeze(1)
+    m = items.masks_on(win, sp[:, 0, 0, None] + torch.arange(plan.crop[0], device=dev),
+                       sp[:, 1, 0, None] + torch.arange(plan.crop[1], device=dev))
     xc = xc * (1 - m) + bc * m
     with torch.no_grad(), run.autocast():
         act = plan.prefix(run.prepare(xc))
