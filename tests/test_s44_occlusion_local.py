@@ -303,3 +303,11 @@ def test_in_place_layers_leave_the_input_and_map_as_full_passes(caplog):
     b = salience.occlusion(m, xb, 1, window=4, stride=4, local=False)
     assert torch.equal(xa, xb)  # the model's own clean pass writes x in both; the split's passes write no more
     close(a, b, scale(m, x.clone()))
+
+
+def test_windows_past_the_border(caplog):
+    """A stride past the window + 1: the last window starts past the image (it occludes nothing, drop 0)."""
+    m = vgg_like()
+    x = torch.randn(1, 3, 40, 40)
+    a = occl(m, x, 3, caplog, True, window=3, stride=7, reduce=None)  # starts 0, 7, ..., 35, 42 (Captum refuses it)
+    assert float(a[..., 38:, :].abs().max()) == 0 and float(a[..., :, 38:].abs().max()) == 0  # covered by none
