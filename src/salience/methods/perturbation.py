@@ -38,10 +38,12 @@ from salience import reduce as _reduce
 from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
-from salience._core.autograd import check_input, class_probabilities, forward_scores, looks_like_probabilities
+from salience._core.autograd import (check_input, class_probabilities, forward_scores, looks_like_probabilities,
+                                     unwrap_output)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.tensors import baseline_tensor, check_int, check_number, gaussian_blur, check_flag, fresh_seed
+from salience.methods import _occlusion_local as _local
 from salience.methods._multi import several_targets
 from salience.reduce import Reduction
 from salience.targets import Classes, MultiLabel, Predicted, Target, resolve, split
@@ -276,10 +278,15 @@ class _Occluded:
     def masks(self, win: Tensor) -> Tensor:
         """The windows ``win`` ``(n,)`` as masks ``(n, 1, H, W)`` (1 inside): the outer product of their row and
         column indicators, made for these windows only (for all at once they were ``(windows, H + W)`` floats)."""
+        return self.masks_on(win, self.rows, self.cols)
+
+    def masks_on(self, win: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """The windows ``win`` ``(n,)`` on the pixels at ``rows`` and ``cols`` (``(h,)`` / ``(w,)``, or per window
+        ``(n, h)`` / ``(n, w)``: a crop's) as masks ``(n, 1, h, w)``."""
         c = self.corners[win]
-        rows = ((self.rows >= c[:, :1]) & (self.rows < c[:, :1] + self.window[0])).to(self.x.dtype)
-        cols = ((self.cols >= c[:, 1:]) & (self.cols < c[:, 1:] + self.window[1])).to(self.x.dtype)
-        return (rows[:, :, None] * cols[:, None, :]).unsqueeze(1)
+        r = ((rows >= c[:, :1]) & (rows < c[:, :1] + self.window[0])).to(self.x.dtype)
+        k = ((cols >= c[:, 1:]) & (cols < c[:, 1:] + self.window[1])).to(self.x.dtype)
+        return (r[:, :, None] * k[:, None, :]).unsqueeze(1)
 
     def __call__(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
         b = self.x.shape[0]
@@ -308,6 +315,7 @@ def occlusion(
     memory_format: Optional[str] = None,
     compile: Union[None, bool, str, Callable] = None,
     precision: Optional[str] = None,
+    local: bool = True,
 ) -> Tensor:
     """Occlusion: the drop of the target's score when a window over each pixel is blanked out.
 
@@ -324,8 +332,16 @@ def occlusion(
     targets give ``(B, K, ...)`` and share every forward pass. ``chunk`` (occluded copies per pass),
     ``max_memory`` (bytes or ``"2GiB"``), ``progress``, ``memory_format``, ``compile`` and
     ``precision`` (how the passes run; ``None``: the settings) as in :func:`salience.smoothgrad`.
+    ``local`` (default ``True``): region-limited passes where the model allows them: its leading local layers
+    (convolutions, eval-mode batch norm, elementwise activations, pooling, sums of such branches) run on a crop
+    around each window only and the rest of the model from a copy of the clean activation with the crop's exact
+    part pasted in (:mod:`salience.methods._occlusion_local`); the same maps as full passes up to float rounding.
+    Models that cannot be traced by ``torch.fx``, have hooks or no such prefix, and ``compile`` or
+    ``precision="bf16-mixed"`` runs, take full passes (a debug log line of ``salience.occlusion`` says why);
+    ``False``: always full passes.
     """
     progress = check_flag(progress, "progress")
+    local = check_flag(local, "local")
     check_input(x, model)
     targets, multi = split(target, x.shape[0])
     check_perturbation_targets(targets, "occlusion")
@@ -344,13 +360,34 @@ def occlusion(
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
-        run = _perf.Run(model, x, perf, tag=f"occlusion:{win}:{st}:{probs}:{strip_softmax}")
+        split_plan = _split(model, x, win, st, corners, strip_softmax, out, perf) if local else None
+        tag = f"occlusion{'-local' if split_plan is not None else ''}:{win}:{st}:{probs}:{strip_softmax}"
+        run = _perf.Run(model, x, perf, tag=tag)
         clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already)  # (B, K)
+        if split_plan is not None:
+            plan, spans = split_plan
+            spans_host = spans.tolist()  # (windows, 2, 3) as lists: the pastes' slices, read once
+            clean_cut = plan.clean  # (B, C', H', W'), what every pass's cut starts from
+            if run.dtype is not None:  # at the passes' precision
+                with torch.no_grad(), run.autocast():
+                    clean_cut = plan.prefix(x.clone())
 
         def compute(start: int, stop: int) -> Tensor:
-            xs, owner, m = items(start, stop)
+            if split_plan is None:
+                xs, owner, m = items(start, stop)
+                scores = None
+            else:
+                idx = torch.arange(start, stop, device=x.device)
+                owner, w_idx = idx % b, idx // b
+                m = items.masks(w_idx)
+                sp = [spans_host[j // b] for j in range(start, stop)]
+                scores = _local_scores(plan, spans[w_idx], sp, items, owner, w_idx, clean_cut, run, model)
             tg = [t.for_items(owner) for t in resolved]
-            drop = clean[owner] - score_items(model, xs, tg, probs, strip_softmax, already=already)  # (n, K)
+            if scores is None:
+                scores = score_items(model, xs, tg, probs, strip_softmax, already=already)
+            else:
+                scores = scores_of(scores, tg, probs, already=already)
+            drop = clean[owner] - scores  # (n, K)
             return drop[:, :, None, None] * m  # (n, K, H, W)
 
         sums = _engine.accumulate(compute, len(corners) * b, b, chunk=chunk, max_memory=budget,
@@ -359,6 +396,49 @@ def occlusion(
     maps = (sums.total / cov).to(x.dtype)  # (B, K, H, W)
     maps = maps.unsqueeze(2).expand(-1, -1, x.shape[1], -1, -1)  # (B, K, C, H, W)
     return _finish(maps, red, multi)
+
+
+def _split(model: nn.Module, x: Tensor, win: tuple[int, int], st: tuple[int, int], corners: Tensor,
+           strip_softmax: bool, out: Tensor, perf: _perf.Performance) -> Optional[tuple[Any, Tensor]]:
+    """The region-limited passes' plan and each window's spans (:func:`salience.methods._occlusion_local.spans`), or
+    ``None`` (full passes; a debug log line says why)."""
+    why = ""
+    if perf.backend is not None:
+        why = "compile runs the whole model compiled"
+    elif perf.precision == "bf16-mixed":
+        why = "bf16-mixed chooses float32 layers by the input's size, which a crop changes"
+    else:
+        # fold_batchnorm: the crops and the rest run the process's float32 folded copy (the passes' own under fp32;
+        # under an autocast it casts that copy's weights, the same values as the run's copy in the autocast's dtype)
+        folded = _perf.folded_model(model)[0] if perf.fold_batchnorm else None
+        plan = _local.plan(folded if folded is not None else model, x, win, st, corners, strip_softmax, out,
+                           lambda o: unwrap_output(o, model))
+        why = plan.why
+    if why:
+        _local.log.debug("occlusion: full passes: %s", why)
+        return None
+    _local.log.debug("occlusion: region-limited passes, cut at %s, crops %s, about %.0f %% of a pass saved",
+                     plan.cut, plan.crop, 100 * plan.saved)
+    return plan, _local.spans(plan, corners, win, (int(x.shape[-2]), int(x.shape[-1]))).to(x.device)
+
+
+def _local_scores(plan: Any, sp: Tensor, sp_host: list, items: _Occluded, owner: Tensor, win: Tensor,
+                  clean_cut: Tensor, run: _perf.Run, model: nn.Module) -> Tensor:
+    """The model's output ``(n, ...)`` for the occluded items: the prefix on their crops ``(n, C, h, w)`` (the
+    window occluded there as :class:`_Occluded` does on the whole image), pasted into the clean cut, the suffix.
+    ``sp``: the items' spans on the device, ``sp_host`` the same as lists."""
+    x, base = items.x, items.base
+    xc = _local.crops(x, owner, sp, plan.crop)
+    bc = _local.crops(base, owner, sp, plan.crop)
+    dev = x.device
+    m = items.masks_on(win, sp[:, 0, 0, None] + torch.arange(plan.crop[0], device=dev),
+                       sp[:, 1, 0, None] + torch.arange(plan.crop[1], device=dev))
+    xc = xc * (1 - m) + bc * m
+    with torch.no_grad(), run.autocast():
+        act = plan.prefix(run.prepare(xc))
+        cut = _local.paste(plan, clean_cut[owner], act, sp_host)
+        out = unwrap_output(plan.suffix(cut), model)
+    return out.detach().to(x.dtype)
 
 
 def _finish(maps: Tensor, red: Optional[Reduction], multi: bool) -> Tensor:

@@ -1,0 +1,380 @@
+"""Occlusion's region-limited passes: the model's leading *local* layers run on a crop around each window.
+
+An occluded image differs from the clean one only inside its window, so the output of the model's leading local
+layers (convolutions, eval-mode batch norm, elementwise activations, max / average pooling, the sum or channel
+concatenation of two local branches) differs from the clean activation only inside the window grown by their
+receptive field. :func:`plan` traces the model with ``torch.fx``, follows each node's receptive field per axis
+(output index ``i`` reads input rows ``[i * S - A, i * S + E]``), and picks the *cut*: a local node that every later
+node depends on alone, where the FLOPs saved are largest. Each pass then runs the prefix (input to cut) on a crop of
+the occluded image only (the affected region plus the margin its receptive field reads; crops start on multiples of
+``S``, so the crop's grid is the image's, and a crop clamped at a border ends on it, so its padding is the image's),
+pastes the exact part into a copy of the clean activation and runs the rest of the model from the cut (the
+suffix). The maps are those of full passes up to the convolutions' own rounding (another input size may sum in
+another order: about 1e-6 of a score in float32).
+
+Where the model cannot be traced, has hooks, no local prefix that saves work, or fails the check on the clean
+images (the split model must give the model's output, and a crop's exact part the clean activation),
+:func:`plan` says why (``Plan.why``) and occlusion runs full passes (a debug log line says so).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger("salience.occlusion")
+
+__all__ = ["Plan", "plan"]
+
+# elementwise modules and functions: a node of them is as local as its input, with the same receptive field
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+                        nn.Hardsigmoid, nn.ELU, nn.Mish, nn.Identity, nn.PReLU, nn.Hardtanh, nn.Softplus)
+_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, torch.sigmoid, F.sigmoid,
+                          torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.elu, F.mish, F.hardtanh, torch.relu_}
+_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clamp", "clamp_"}
+_SUMS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul, operator.sub, torch.sub}
+_SUM_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
+_SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
+_SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax)
+
+
+@dataclass(frozen=True)
+class _Field:
+    """A 4-D local node's receptive field per axis: output row ``i`` reads input rows ``[i*S - A, i*S + E]``."""
+    s: tuple[int, int]
+    a: tuple[int, int]
+    e: tuple[int, int]
+
+    def then(self, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int], d: tuple[int, int]) -> "_Field":
+        """This field followed by a window op of kernel ``k``, stride ``s``, padding ``p``, dilation ``d``."""
+        return _Field(tuple(self.s[i] * s[i] for i in range(2)),  # type: ignore[arg-type]
+                      tuple(p[i] * self.s[i] + self.a[i] for i in range(2)),  # type: ignore[arg-type]
+                      tuple((d[i] * (k[i] - 1) - p[i]) * self.s[i] + self.e[i] for i in range(2)))  # type: ignore
+
+    def union(self, other: "_Field") -> Optional["_Field"]:
+        if self.s != other.s:
+            return None
+        return _Field(self.s, tuple(max(a, b) for a, b in zip(self.a, other.a)),  # type: ignore[arg-type]
+                      tuple(max(a, b) for a, b in zip(self.e, other.e)))  # type: ignore[arg-type]
+
+
+def _two(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _module_field(m: nn.Module, f: _Field) -> Optional[_Field]:
+    """The field after module ``m`` (its input's field ``f``), or ``None`` where ``m`` is not local."""
+    if isinstance(m, nn.Conv2d):
+        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+            return None
+        return f.then(_two(m.kernel_size), _two(m.stride), _two(m.padding), _two(m.dilation))
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        if m.ceil_mode:
+            return None
+        k = _two(m.kernel_size)
+        stride = _two(m.stride if m.stride is not None else m.kernel_size)
+        d = _two(getattr(m, "dilation", 1))
+        return f.then(k, stride, _two(m.padding), d)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return f if (not m.training and m.running_mean is not None) else None
+    if isinstance(m, nn.Dropout):
+        return f if not m.training else None
+    if isinstance(m, _ELEMENTWISE_MODULES):
+        return f
+    return None
+
+
+@dataclass
+class Plan:
+    """The split of a model for region-limited passes, or why there is none (``why``, ``prefix`` ``None``).
+
+    ``prefix``: input ``(n, C, h, w)`` -> the cut's activation; ``suffix``: the cut's activation -> the model's
+    output (a final softmax dropped where ``strip_softmax`` asked it); ``field``: the cut's receptive field;
+    ``crop``: the crops' ``(h, w)``; ``saved``: the fraction of a pass's FLOPs saved (estimate)."""
+    prefix: Optional[nn.Module] = None
+    suffix: Optional[nn.Module] = None
+    field: Optional[_Field] = None
+    cut_shape: tuple[int, ...] = ()
+    crop: tuple[int, int] = (0, 0)
+    saved: float = 0.0
+    cut: str = ""
+    why: str = ""
+    clean: Optional[Tensor] = None  # the prefix's float32 output on the clean images (the check's)
+
+
+def _trace(model: nn.Module) -> Any:
+    if isinstance(model, torch.jit.ScriptModule):
+        return "a TorchScript model cannot be traced by torch.fx"
+    from salience._core.fingerprint import own_hooks
+    hooked = own_hooks(model)
+    if hooked is not None:
+        return f"the model has hooks ({hooked})"
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means: full passes
+        return f"torch.fx cannot trace it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+
+
+def _fields(gm: Any) -> dict:
+    """Each local node's field (the placeholder's is the identity); nodes missing are not local."""
+    nodes = list(gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    fields: dict = {}
+    if len(placeholders) != 1:
+        return fields
+    fields[placeholders[0]] = _Field((1, 1), (0, 0), (0, 0))
+    mods = dict(gm.named_modules())
+    for n in nodes:
+        if n.op == "placeholder" or n.op == "output" or n.op == "get_attr":
+            continue
+        data = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        if not data or any(a not in fields for a in data):
+            continue  # reads a non-local node (or nothing of the image): not local
+        f = None
+        if n.op == "call_module":
+            if len(data) == 1 and len(n.args) == 1 and not n.kwargs:
+                f = _module_field(mods[n.target], fields[data[0]])
+        elif n.op == "call_function" and n.target in _ELEMENTWISE_FUNCTIONS or (
+                n.op == "call_method" and n.target in _ELEMENTWISE_METHODS):
+            if len(data) == 1 and n.args and n.args[0] is data[0]:
+                f = fields[data[0]]
+        elif (n.op == "call_function" and n.target in _SUMS) or (n.op == "call_method" and n.target in _SUM_METHODS):
+            others = [a for a in list(n.args) + list(n.kwargs.values()) if a not in data]
+            if len(data) <= 2 and all(isinstance(o, (int, float)) for o in others):
+                f = fields[data[0]]
+                for a in data[1:]:
+                    f = f.union(fields[a]) if f is not None else None
+        elif n.op == "call_function" and n.target is torch.cat:
+            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+            seq = n.args[0] if n.args else n.kwargs.get("tensors")
+            if dim == 1 and isinstance(seq, (list, tuple)) and all(a in fields for a in seq):
+                f = fields[seq[0]]
+                for a in seq[1:]:
+                    f = f.union(fields[a]) if f is not None else None
+        if f is not None:
+            fields[n] = f
+    return fields
+
+
+def _cuts(gm: Any, fields: dict) -> list:
+    """The local nodes that every later node depends on alone (in graph order)."""
+    nodes = list(gm.graph.nodes)
+    last_use = {}
+    for i, n in enumerate(nodes):
+        for a in n.all_input_nodes:
+            last_use[a] = i
+    out = []
+    live: set = set()
+    for i, n in enumerate(nodes):
+        if n.op == "output":
+            break
+        if n.op != "get_attr":
+            live.add(n)
+        live = {m for m in live if last_use.get(m, -1) > i}
+        if n in fields and n.op != "placeholder" and live == {n}:
+            out.append(n)
+    return out
+
+
+def _flops(gm: Any, x: Tensor) -> dict:
+    """Multiply-adds of each node on ``x`` (convolutions and linear layers; others their output's size)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+    ShapeProp(gm).propagate(x)
+    mods = dict(gm.named_modules())
+    cost = {}
+    for n in gm.graph.nodes:
+        meta = n.meta.get("tensor_meta")
+        shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
+        numel = math.prod(shape) if shape else 0
+        c = float(numel)
+        if n.op == "call_module":
+            m = mods[n.target]
+            if isinstance(m, nn.Conv2d):
+                c = numel * (m.in_channels // m.groups) * math.prod(_two(m.kernel_size))
+            elif isinstance(m, nn.Linear):
+                c = numel * m.in_features
+        cost[n] = c
+    return cost
+
+
+def _crop_len(side: int, win: int, stride: int, n: int, s: int, a: int, e: int, cut_side: int) -> int:
+    """The crop's length along one axis: the longest span any window needs, aligned (see :func:`spans`)."""
+    need = 1
+    for j in range(n):
+        lo, hi = _affected(j * stride, win, side, s, a, e, cut_side)
+        if lo > hi:
+            continue
+        r0, r1 = max(0, lo * s - a), min(side, hi * s + e + 1)
+        need = max(need, r1 - (r0 // s) * s)
+    length = side - ((side - need) // s) * s  # side - length a multiple of s: a crop clamped at the end starts aligned
+    return min(side, length)
+
+
+def _affected(y: int, win: int, side: int, s: int, a: int, e: int, cut_side: int) -> tuple[int, int]:
+    """The cut's rows ``[lo, hi]`` whose field meets the window's rows ``[y, min(y + win, side))`` (``lo > hi``:
+    none, a window past the image)."""
+    end = min(y + win, side)
+    if y >= end:
+        return 1, 0
+    return max(0, -((e - y) // s)), min(cut_side - 1, (end - 1 + a) // s)
+
+
+def spans(p: Plan, corners: Tensor, window: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """Per window ``(n, 2, 3)``: per axis the crop's start in pixels and the affected cut rows ``[lo, hi + 1)``."""
+    f = p.field
+    assert f is not None
+    rows = []
+    for y, x in corners.tolist():
+        one = []
+        for i, c in enumerate((y, x)):
+            s, a, e, side, cl = f.s[i], f.a[i], f.e[i], size[i], p.crop[i]
+            lo, hi = _affected(c, window[i], side, s, a, e, p.cut_shape[2 + i])
+            if lo > hi:
+                one.append((0, 0, 0))
+                continue
+            r0 = max(0, lo * s - a)
+            one.append((min((r0 // s) * s, side - cl), lo, hi + 1))
+        rows.append(one)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _subgraphs(gm: Any, cut: Any, strip_softmax: bool) -> tuple[nn.Module, nn.Module]:
+    """``(prefix, suffix)`` GraphModules sharing ``gm``'s modules: input -> ``cut``, ``cut`` -> output."""
+    from torch.fx import Graph, GraphModule
+    nodes = list(gm.graph.nodes)
+    at = nodes.index(cut)
+    pre, post = Graph(), Graph()
+    env_pre: dict = {}
+    for n in nodes[:at + 1]:
+        env_pre[n] = pre.node_copy(n, lambda a: env_pre[a])
+    pre.output(env_pre[cut])
+    env: dict = {cut: post.placeholder("cut")}
+    attrs = {n for n in nodes if n.op == "get_attr"}
+
+    def lookup(a: Any) -> Any:
+        if a not in env and a in attrs:
+            env[a] = post.node_copy(a, lambda b: env[b])
+        return env[a]
+
+    for n in nodes[at + 1:]:
+        if n.op == "get_attr":
+            continue
+        if n.op == "output":
+            result = n.args[0]
+            if strip_softmax and hasattr(result, "op") and _is_softmax(gm, result):
+                result = result.args[0] if result.args else result.kwargs["input"]
+            post.output(torch.fx.node.map_arg(result, lookup))
+            break
+        env[n] = post.node_copy(n, lookup)
+    return GraphModule(gm, pre), GraphModule(gm, post)
+
+
+def _is_softmax(gm: Any, n: Any) -> bool:
+    if n.op == "call_function":
+        return n.target in _SOFTMAX_FUNCTIONS
+    if n.op == "call_method":
+        return n.target in ("softmax", "log_softmax")
+    if n.op == "call_module":
+        return isinstance(dict(gm.named_modules())[n.target], _SOFTMAX_MODULES)
+    return False
+
+
+def plan(model: nn.Module, x: Tensor, window: tuple[int, int], stride: tuple[int, int], corners: Tensor,
+         strip_softmax: bool, out: Tensor, unwrap: Callable[[Any], Tensor]) -> Plan:
+    """The split for occlusion of ``x`` ``(B, C, H, W)`` with these windows, checked on the clean images
+    (``out``: the model's output on them, ``unwrap``: the output rule), or a :class:`Plan` with ``why``."""
+    if x.dim() != 4:
+        return Plan(why="the input is not a batch of images")
+    gm = _trace(model)
+    if isinstance(gm, str):
+        return Plan(why=gm)
+    fields = _fields(gm)
+    cuts = _cuts(gm, fields)
+    if not cuts:
+        return Plan(why="the model has no local prefix (its first layer is not a convolution, pooling or elementwise)")
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    try:
+        with torch.no_grad():
+            cost = _flops(gm, x[:1].clone())  # copies: an in-place first layer must not write the user's x
+    except Exception as e:  # noqa: BLE001
+        return Plan(why=f"its shapes could not be propagated ({type(e).__name__})")
+    nodes = list(gm.graph.nodes)
+    total = sum(cost.values()) or 1.0
+    n_along = [math.ceil((s - k) / st) + 1 for s, k, st in zip((h, w), window, stride)]
+    best: Optional[Plan] = None
+    for c in cuts:
+        meta = c.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape") or len(meta.shape) != 4:
+            continue
+        f = fields[c]
+        shape = tuple(int(v) for v in meta.shape)
+        crop = tuple(_crop_len((h, w)[i], window[i], stride[i], n_along[i], f.s[i], f.a[i], f.e[i], shape[2 + i])
+                     for i in range(2))
+        prefix = sum(cost[n] for n in nodes[:nodes.index(c) + 1])
+        ratio = crop[0] * crop[1] / (h * w)
+        # saved: the prefix on the rest of the image, less the copy of the clean activation (its size, twice)
+        saved = (prefix * (1 - ratio) - 2 * math.prod(shape[1:])) / total
+        if best is None or saved > best.saved:
+            best = Plan(field=f, cut_shape=shape, crop=crop, saved=saved, cut=c.name)  # type: ignore[arg-type]
+    if best is None or best.saved < 0.05:
+        return Plan(why="no cut saves 5 % of a pass (the windows' fields cover most of the image)")
+    cut = next(n for n in nodes if n.name == best.cut)
+    best.prefix, best.suffix = _subgraphs(gm, cut, strip_softmax)
+    why = _check(best, x, window, corners, out, unwrap)
+    if why:
+        return Plan(why=why)
+    return best
+
+
+def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Tensor,
+           unwrap: Callable[[Any], Tensor]) -> str:
+    """Why the split fails on the clean images (``""``: it holds): the suffix of the clean activation must be the
+    model's output, and the crops of the first, middle and last windows must give the clean activation's exact part."""
+    assert p.prefix is not None and p.suffix is not None
+    try:
+        with torch.no_grad():
+            act = p.clean = p.prefix(x.clone())
+            again = unwrap(p.suffix(act.clone())).float()  # the passes hand the suffix a copy too (in-place layers)
+            if again.shape != out.shape or not torch.allclose(again, out.float(), rtol=1e-4, atol=1e-4 * (
+                    1 + float(out.float().abs().max()))):
+                return "the model split at the cut does not give its output (a final softmax, or a traced branch)"
+            picks = sorted({0, len(corners) // 2, len(corners) - 1})
+            sp = spans(p, corners[picks], window, (int(x.shape[-2]), int(x.shape[-1])))
+            owner = torch.zeros(len(picks), dtype=torch.long, device=x.device)
+            pasted = paste(p, act[:1].repeat(len(picks), 1, 1, 1), p.prefix(crops(x[:1], owner, sp.to(x.device), p.crop)),
+                           sp.tolist())
+            scale = 1 + float(act.abs().max())
+            if not torch.allclose(pasted, act[:1].expand_as(pasted), rtol=1e-4, atol=1e-4 * scale):
+                return "a crop's exact part differs from the clean activation (an op is not local)"
+    except Exception as e:  # noqa: BLE001 - anything the split cannot run: full passes
+        return f"the split model failed on the clean images ({type(e).__name__}: {str(e)[:120]})"
+    return ""
+
+
+def crops(x: Tensor, owner: Tensor, sp: Tensor, size: tuple[int, int]) -> Tensor:
+    """The crops ``(n, C, h, w)`` of images ``x[owner]`` starting at ``sp[:, :, 0]``."""
+    dev = x.device
+    r = sp[:, 0, 0].to(dev)[:, None] + torch.arange(size[0], device=dev)
+    c = sp[:, 1, 0].to(dev)[:, None] + torch.arange(size[1], device=dev)
+    return x[owner[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None],
+             r[:, None, :, None], c[:, None, None, :]]
+
+
+def paste(p: Plan, clean: Tensor, act: Tensor, sp: list) -> Tensor:
+    """``clean`` ``(n, C', H', W')`` (a fresh copy of the clean activations of the items' images, written in place)
+    with each item's affected rows and columns taken from its crop's activation ``act``; ``sp``: the items' spans
+    (:func:`spans`) as a list, read on the host once per call (no read of a device tensor per chunk)."""
+    s = p.field.s if p.field is not None else (1, 1)
+    out = clean
+    for k, ((c0, a0, a1), (d0, b0, b1)) in enumerate(sp):
+        if a1 <= a0 or b1 <= b0:
+            continue
+        oy, ox = c0 // s[0], d0 // s[1]
+        out[k, :, a0:a1, b0:b1] = act[k, :, a0 - oy:a1 - oy, b0 - ox:b1 - ox]
+    return out
