@@ -12,10 +12,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import salience
 from salience._core import folding
+from test_s44_loose_fold_autocast import Island as _Stem
 
 
 class _ToFp32(torch.autograd.Function):
@@ -34,21 +34,9 @@ class _ToFp32(torch.autograd.Function):
         return g @ w, None, None
 
 
-class Island(nn.Module):
-    """A conv + BatchNorm stem, a float32 island (a linear layer with a bias of 1000: in bf16 its output's step is 4,
-    the signal below it is rounded away), a head; the island taken only when an autocast is on."""
-
-    def __init__(self, spelling: str) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.spelling = spelling
-        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
-        with torch.no_grad():
-            self.fc.bias.fill_(1000.0)
-            self.bn.running_mean.uniform_(-0.2, 0.2)
-            self.bn.running_var.uniform_(0.5, 2.0)
-        self.eval()
+class Island(_Stem):
+    """session 44's conv + BatchNorm stem, float32 island (a bias of 1000: in bf16 its output's step is 4, the signal
+    below it rounded away) and head, the island taken only when an autocast is on."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn(self.conv(x))).mean((2, 3))
