@@ -51,12 +51,10 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
                 hooks = m.__dict__.get(name)
                 if hooks:
                     hooks.clear()
-        tracer = _AutocastSeeingTracer()
-        graph = tracer.trace(clone)
-        if tracer.changed:
-            return (f"its forward runs {tracer.changed!r} in a torch.autocast block, which torch.fx does not record "
-                    "(the copy would run it under the passes' autocast)")
-        folded = fuse(torch.fx.GraphModule(tracer.root, graph, type(clone).__name__), inplace=True, no_trace=True)
+        traced = _traced(clone, dtype)
+        if isinstance(traced, str):
+            return traced
+        folded = fuse(traced, inplace=True, no_trace=True)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
         return f"torch.fx cannot trace it ({_described(e, 200)})"
     if dtype is not None:
@@ -84,7 +82,8 @@ class _AutocastSeeingTracer(torch.fx.Tracer):
     (``enabled=False``: a float32 island of a bf16 model; ``torch.cuda.amp.autocast`` likewise) while tracing and
     records none of it, so the folded copy would run that block's operations under the passes' autocast (session 44:
     a linear layer in float32 in the model ran in bf16 in the copy under ``precision="bf16"``, with no warning). Such a
-    model is not folded. Grad-mode blocks (``torch.no_grad()``) are not recorded either, but change no value of a
+    model is not folded; :func:`_traced` traces under the passes' autocast too (a block entered only under one).
+    Grad-mode blocks (``torch.no_grad()``) are not recorded either, but change no value of a
     forward pass, and the copy runs only plain passes (no backward)."""
 
     def __init__(self) -> None:
@@ -97,6 +96,30 @@ class _AutocastSeeingTracer(torch.fx.Tracer):
         if not self.changed and _autocast_state() != self._start:
             self.changed = str(target if isinstance(target, str) else getattr(target, "__name__", target))
         return super().create_node(kind, target, args, kwargs, name, type_expr)
+
+
+def _traced(clone: nn.Module, dtype: Optional[torch.dtype]) -> Any:
+    """``clone`` traced by ``torch.fx`` (a ``GraphModule``), or why it is not folded (a string): an operation run in an
+    autocast block of its forward (:class:`_AutocastSeeingTracer`). Traced twice: as it is, and under the autocast the
+    passes run it in (``dtype``, else the device's default: ``"bf16-mixed"`` and compiled passes run a float32 copy
+    under one), on the model's device type. A forward that enters its float32 island only when an autocast is on (``if
+    torch.is_autocast_enabled(): with torch.autocast(..., enabled=False)``, ``torch.amp.custom_fwd(cast_inputs=...)``)
+    showed the first trace nothing (session 44 review: the copy ran the island in bf16); one whose graph differs under
+    the autocast reads the autocast, and the copy would run one branch for both."""
+    device = next((t.device.type for t in (*clone.parameters(), *clone.buffers())), "cpu")
+    graphs = []
+    for under in (False, True):
+        with torch.autocast(device, dtype=dtype or torch.get_autocast_dtype(device), enabled=under):
+            tracer = _AutocastSeeingTracer()
+            graph = tracer.trace(clone)
+        if tracer.changed:
+            return (f"its forward runs {tracer.changed!r} in a torch.autocast block, which torch.fx does not record "
+                    "(the copy would run it under the passes' autocast)")
+        graphs.append(graph)
+    if str(graphs[0]) != str(graphs[1]):
+        return ("its forward reads the autocast (another graph under torch.autocast), which torch.fx does not record "
+                "(the copy would run one branch under any autocast)")
+    return torch.fx.GraphModule(tracer.root, graphs[0], type(clone).__name__)
 
 
 def _own_tensors(folded: nn.Module, shared: tuple, dtype: torch.dtype) -> None:
