@@ -6,6 +6,7 @@
     python benchmarks/dataset.py --bf16                # also bf16 + channels-last rows: salience's and the bare passes'
     python benchmarks/dataset.py --allocator reuse     # the whole process (bare passes too) under allocator="reuse"
     python benchmarks/dataset.py --n 40 --size 64 --model resnet18 --rounds 1 --out /tmp/ds   # a smoke test
+    python benchmarks/dataset.py --lock /tmp/bench.lock  # each round (all its peers) inside an exclusive flock
 
 Peers over the same JPEG files (photographs from scikit-image, cropped and flipped so that no two
 files are alike, saved at 1.25x the input size so that every peer decodes and resizes):
@@ -61,6 +62,8 @@ DataLoader workers are forked after it (they inherit the thresholds; they run no
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -198,6 +201,45 @@ def usage() -> tuple[float, ...]:
     return (me.ru_utime + me.ru_stime, me.ru_minflt, kids.ru_utime + kids.ru_stime, kids.ru_minflt, *sched)
 
 
+@contextlib.contextmanager
+def held(lock: str):
+    """An exclusive ``flock`` on the file ``lock`` for the ``with`` body (nothing when ``lock`` is empty); yields
+    the seconds waited for it. Released explicitly (``LOCK_UN``): a DataLoader worker forked inside the body holds
+    a copy of the descriptor, and a lock held by a copy would outlive the round."""
+    if not lock:
+        yield 0.0
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        t = time.perf_counter()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield time.perf_counter() - t
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def proc_loadavg() -> str:
+    """``/proc/loadavg`` as it reads (1, 5, 15-minute load, running / all tasks, last pid); '' off Linux."""
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), with ``amx_bf16`` / ``avx512_bf16`` when it has them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    return " ".join([name, *[f for f in ("avx512_bf16", "amx_bf16") if f in flags]])
+
+
 def compile_supported() -> bool:
     """Whether dataset runs take ``compile=`` (issue 19 adds it)."""
     import inspect
@@ -223,6 +265,8 @@ def main(argv=None) -> int:  # long: the options, the rounds and the report in o
     ap.add_argument("--allocator", choices=["default", "reuse"], default="default",
                     help="reuse: salience.set_performance(allocator='reuse') with glibc's thresholds set before "
                          "any pass, so the bare passes run under the same allocator as salience's")
+    ap.add_argument("--lock", default="", help="a file to hold an exclusive flock on around each round (all peers of "
+                    "a round in one hold, released between rounds): a machine shared with other timings")
     ap.add_argument("--out", default=str(HERE / "dataset"), help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
     if args.allocator != "default":
@@ -285,24 +329,34 @@ def main(argv=None) -> int:  # long: the options, the rounds and the report in o
         use: dict[str, list[list[float]]] = {c: [] for c in cases}  # per round: CPU s, faults, workers' CPU s, faults
         counts = [len(b) for b in blocks]
         order = list(cases)
+        machine_load: list[dict] = []  # per round: /proc/loadavg when the lock was taken and at the round's end
         for r in range(args.rounds):
-            x = decoded(blocks[r], info)  # the bare passes' input, decoded before any timing
-            for c in order[r % len(order):] + order[:r % len(order)]:
-                before = os.getloadavg()[0]
-                u0, t = usage(), time.perf_counter()
-                cases[c](r, x)
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times[c].append(time.perf_counter() - t)
-                use[c].append([round(b - a, 3) for a, b in zip(u0, usage())])
-                use[c][-1].append(round(times[c][-1] - use[c][-1][4] - use[c][-1][5], 3))  # blocked: off the runqueue
-                loads[c].append([round(before, 2), round(os.getloadavg()[0], 2)])
-                print(f"round {r + 1} {c:16s} {counts[r] / times[c][-1]:7.2f} img/s  (load {before:.1f}; CPU "
-                      f"{use[c][-1][0]:.1f} s, {use[c][-1][1]:.0f} faults; workers {use[c][-1][2]:.1f} s)", flush=True)
+            x = decoded(blocks[r], info)  # the bare passes' input, decoded before any timing (outside the lock)
+            with held(args.lock) as waited:
+                machine_load.append({"lock_wait_s": round(waited, 1), "start": proc_loadavg()})
+                for c in order[r % len(order):] + order[:r % len(order)]:
+                    before = os.getloadavg()[0]
+                    u0, t = usage(), time.perf_counter()
+                    cases[c](r, x)
+                    if args.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    times[c].append(time.perf_counter() - t)
+                    use[c].append([round(b - a, 3) for a, b in zip(u0, usage())])
+                    # blocked: off the runqueue
+                    use[c][-1].append(round(times[c][-1] - use[c][-1][4] - use[c][-1][5], 3))
+                    loads[c].append([round(before, 2), round(os.getloadavg()[0], 2)])
+                    print(f"round {r + 1} {c:16s} {counts[r] / times[c][-1]:7.2f} img/s  (load {before:.1f}; CPU "
+                          f"{use[c][-1][0]:.1f} s, {use[c][-1][1]:.0f} faults; workers {use[c][-1][2]:.1f} s)",
+                          flush=True)
+                machine_load[-1]["end"] = proc_loadavg()
+            print(f"round {r + 1}: /proc/loadavg {machine_load[-1]['start']} -> {machine_load[-1]['end']} "
+                  f"(lock waited {machine_load[-1]['lock_wait_s']} s)", flush=True)
             del x
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = _report(args, counts, times, loads, skipped)
+    report["machine_load_per_round"] = machine_load
+    report["cpu"] = cpu_name()
     report["usage_per_round"] = {"fields": ["cpu_s", "minor_faults", "workers_cpu_s", "workers_minor_faults",
                                             "main_thread_on_cpu_s", "main_thread_runnable_waiting_s",
                                             "main_thread_blocked_s"], **use}
@@ -372,8 +426,18 @@ def _markdown(rep: dict) -> str:
               *[f"{k.replace('_', ' ')} per round: " + ", ".join(f"{r:.3f}" for r in v)
                 for k, v in rep.get("bf16", {}).items()], *([""] if rep.get("bf16") else []),
               "load average (1 min) before / after each peer's round: "
-              + "; ".join(f"{k}: " + ", ".join(f"{a}/{z}" for a, z in v) for k, v in rep["load_before_after"].items())]
+              + "; ".join(f"{k}: " + ", ".join(f"{a}/{z}" for a, z in v) for k, v in rep["load_before_after"].items()),
+              *_machine_lines(rep)]
     return "\n".join(lines) + "\n"
+
+
+def _machine_lines(rep: dict) -> list[str]:
+    """The CPU and, per round, ``/proc/loadavg`` at the start and the end of the round (with ``--lock``: the start
+    is when the lock was taken)."""
+    lines = [""] + ([f"CPU: {rep['cpu']}."] if rep.get("cpu") else [])
+    for r, m in enumerate(rep.get("machine_load_per_round", [])):
+        lines.append(f"round {r + 1}: /proc/loadavg {m['start']} -> {m['end']}, lock waited {m['lock_wait_s']} s")
+    return lines
 
 
 def _usage_lines(rep: dict) -> list[str]:

@@ -85,7 +85,8 @@ def _loader_on_cuda(monkeypatch, init) -> torch.utils.data.DataLoader:
     monkeypatch.setattr(run_dataset, "model_device", lambda model: torch.device("cuda", 0))
     dataset, paths, _ = run_dataset._dataset(torch.utils.data.DataLoader(_data(4), num_workers=1,
                                                                          worker_init_fn=init), torch.nn.Identity())
-    run = SimpleNamespace(dataset=dataset, plan=SimpleNamespace(paths=paths), model=None, workers=1, worker_init=init)
+    run = SimpleNamespace(dataset=dataset, plan=SimpleNamespace(paths=paths), model=None, workers=1, worker_init=init,
+                          worker_context=None)
     return run_dataset._loader(run, [(0, [0, 1]), (0, [2, 3])])
 
 

@@ -587,32 +587,35 @@ system time per GB, docs/performance.md, session 42)."""
 
 def loader_context(device: torch.device, workers: int, dataset: Any = None) -> Optional[str]:
     """The DataLoader's multiprocessing start method: ``"forkserver"`` when workers decode and either the run's device
-    is CUDA (forking a process that has CUDA and threads running is unsafe: Python 3.12 warns) or the process keeps
-    at least :data:`SHARED_HEAP` bytes of freed heap (``allocator="reuse"``, :func:`kept_free_bytes`) and a forkserver
-    is already running for it (:func:`_forkserver_ready`: the first such run forks, and starts the server for the next
-    runs); else ``None``, the platform's default (fork on Linux: the quickest to start). A ``dataset`` that does not
-    pickle (a lambda in its transform; with the ``worker_init_fn`` of the user's DataLoader, :func:`_loader`) is
-    forked as before: a forkserver's workers receive it pickled, and would fail to start. On a CPU also one that
-    does not come back from its pickle, names a class or function of an interactive ``__main__`` (a notebook's) or
-    pickles to over :data:`PICKLE_LIMIT` (:func:`_sendable`), a call from a script's top level outside ``if
-    __name__ == "__main__":`` (:func:`_main_guarded`: a forkserver imports the script), and a process whose PIL
-    decodes otherwise than a fresh one (:func:`_pil_fresh`)."""
+    is CUDA (forking a process that has CUDA and threads running is unsafe: Python 3.12 warns; ``"spawn"`` where there
+    is no forkserver) or the process keeps at least :data:`SHARED_HEAP` bytes of freed heap (``allocator="reuse"``,
+    :func:`kept_free_bytes`) and a forkserver is already running for it (:func:`_forkserver_ready`: the first two
+    such runs fork, the second starting the server for the next runs); else ``None``, the platform's default (fork on
+    Linux: the quickest to start). On either device the workers fork as before where a worker started afresh could
+    not get the same ``dataset`` (with the ``worker_init_fn`` of the user's DataLoader, :func:`_loader`) or decode it
+    the same way (:func:`_afresh_decodes_alike`: one check for both devices since session 44; a CUDA run checked only
+    that the dataset pickles before, and its workers read images as error rows that the run's own process, under
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` or a third-party opener, maps)."""
     import multiprocessing
-    import pickle
 
     if workers <= 0:
         return None
-    if device.type != "cuda":
-        if kept_free_bytes() < SHARED_HEAP or not _main_guarded() or not _pil_fresh() or \
-                not _sendable(dataset, PICKLE_LIMIT):
-            return None
-        return "forkserver" if _forkserver_ready() else None
-    if dataset is not None:
-        try:
-            pickle.dumps(dataset)
-        except Exception:
-            return None
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    cuda = device.type == "cuda"
+    if not cuda and kept_free_bytes() < SHARED_HEAP:
+        return None
+    if not _afresh_decodes_alike(dataset):
+        return None
+    if cuda:
+        return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return "forkserver" if _forkserver_ready() else None
+
+
+def _afresh_decodes_alike(dataset: Any) -> bool:
+    """Whether a worker started afresh (from a forkserver, or spawned) gets ``dataset`` and decodes it as a forked one
+    would: it comes back from its pickle within :data:`PICKLE_LIMIT` bytes naming nothing only this process can import
+    (:func:`_sendable`), the script's top level would not run again (:func:`_main_guarded`: a fresh worker imports the
+    script), and PIL decodes here as in a fresh process (:func:`_pil_fresh`)."""
+    return _main_guarded() and _pil_fresh() and _sendable(dataset, PICKLE_LIMIT)
 
 
 PICKLE_LIMIT = 64 << 20
@@ -709,18 +712,30 @@ def _body(frame: Any, main: Any) -> Any:
     return frame
 
 
+_SERVER_ASKED = 0
+"""How many runs of this process have asked :func:`_forkserver_ready` while no forkserver ran."""
+
+
 def _forkserver_ready() -> bool:
-    """Whether this process's forkserver runs; if not, it is started now (in the background: this run's workers fork),
-    with ``salience.runs.dataset`` added to the modules it imports once (its workers then import nothing; the default
-    ``__main__`` kept). ``False`` where there is no forkserver (macOS's and Windows' spawn)."""
+    """Whether this process's forkserver runs. If not, it is started now (in the background: this run's workers fork)
+    when an earlier run of this process asked too (this is its second such run: a third may use it), with
+    ``salience.runs.dataset`` added to the modules it imports once (its workers then import nothing; the default
+    ``__main__`` kept); a process's first such run starts nothing (until session 44 it did: a process with one run,
+    a notebook's after some explained images, started a server it never used, a fresh interpreter of about 0.5 GB
+    resident and 1.7 CPU s, docs/performance.md). ``False`` where there is no forkserver (macOS's and Windows'
+    spawn)."""
     import multiprocessing
     from multiprocessing import forkserver
 
+    global _SERVER_ASKED
     server = getattr(forkserver, "_forkserver", None)
     if "forkserver" not in multiprocessing.get_all_start_methods() or server is None:
         return False
     if getattr(server, "_forkserver_pid", None) is not None:
         return True
+    _SERVER_ASKED += 1
+    if _SERVER_ASKED < 2:
+        return False
     preload = list(getattr(server, "_preload_modules", ["__main__"]))
     forkserver.set_forkserver_preload(preload + [m for m in ("salience.runs.dataset",) if m not in preload])
     forkserver.ensure_running()
@@ -779,7 +794,7 @@ def _loader(run: Job, plan_batches: list[tuple[int, list[int]]]) -> DataLoader:
     not pickle forks the workers, as a dataset that does not."""
     dataset = (sources.Guarded if run.workers else sources.Noted)(run.dataset, run.plan.paths)
     user = run.worker_init if run.workers else None
-    context = getattr(run, "worker_context", None) if run.workers else None
+    context = run.worker_context if run.workers else None
     if context is None:
         context = loader_context(model_device(run.model), run.workers, dataset if user is None else (dataset, user))
     forks = _forks(context)
