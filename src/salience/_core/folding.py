@@ -81,7 +81,7 @@ def _own_tensors(folded: nn.Module, shared: tuple, dtype: torch.dtype) -> None:
 
 
 def _fuse(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
-    """``torch.fx.experimental.optimization.fuse(model, inplace=True)``, with each fused layer's float32 weight and
+    """``torch.fx.experimental.optimization.fuse(model, inplace=True)`` (``no_trace=True`` for a ``GraphModule``), with each fused layer's float32 weight and
     bias cast to ``dtype`` (when given) as soon as it is made: the fuse made every fused float32 tensor before
     :func:`_own_tensors` cast them, 94 MiB at once on resnet50, freed one by one between the bf16 copies, holes that
     glibc's heap kept through the call (session 44). The same values: each is the same cast of the same tensor."""
@@ -91,7 +91,7 @@ def _fuse(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
 
     patterns = [(nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
                 (nn.Linear, nn.BatchNorm1d)]
-    traced = fx.symbolic_trace(model)
+    traced = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)  # a traced one: as fuse(no_trace)
     modules = dict(traced.named_modules())
     graph = traced.graph
     for pattern in patterns:
