@@ -48,7 +48,8 @@ def test_bf16_passes_cast_each_weight_once_per_call(name, fold):
             again, ref = _casts(name, model, x)
     # the passes (at least 4 chunks of 2 items) each cast the weight without the cache; those of the folded copy do
     # not: under bf16 it holds its convolutions' weights in bf16 (session 43), the probe's pass of the model casts
-    assert again >= (1 if fold and name != "ablationcam" else 4), again
+    # (Score-CAM's and RISE's probe runs the folded copy too since session 44: tests/test_s44_mem_passes.py)
+    assert again >= (0 if fold and name in ("rise", "scorecam") else 1 if fold and name != "ablationcam" else 4), again
     assert n <= 2, n  # the clean pass's cast and the passes' one
     assert torch.equal(m, ref)
 
@@ -62,8 +63,8 @@ def test_model_comes_back_after_an_error_in_a_pass(name):
 
     def fail(*_):
         calls.append(1)
-        if len(calls) == 4:  # inside the passes
-            raise RuntimeError("boom")
+        if len(calls) >= 4:  # inside the passes (every one from there: Ablation-CAM's shared pass that fails falls
+            raise RuntimeError("boom")  # back to a pass per item; its capture runs one pass per image since session 44)
 
     h = model[4].register_forward_hook(fail)
     with pytest.raises(RuntimeError, match="boom"):

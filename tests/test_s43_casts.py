@@ -133,8 +133,10 @@ def test_a_weight_changed_in_place_by_a_hook_during_a_call_is_cast_again(name):
         count = []
 
         def hook(mod, args):
+            if args[0].dtype == torch.float32:  # the float32 clean pass (one per half of the images since session 44)
+                return
             count.append(1)
-            if len(count) == 3:
+            if len(count) == 2:
                 with torch.no_grad():
                     mod.weight.mul_(2)
         return _conv2(model).register_forward_pre_hook(hook)

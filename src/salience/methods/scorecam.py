@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
-from salience._core.autograd import captured_pass, check_input, forward_scores, layer_not_captured, this_thread
+from salience._core.autograd import (captured_pass, check_input, final_softmax, forward_scores, layer_not_captured,
+                                    this_thread)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
@@ -54,8 +55,8 @@ from salience._core.tensors import autocast_off, check_number, check_flag
 from salience.methods._multi import several_targets, warn_unapplied
 from salience.methods._tokens import Layout, one_model
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
-from salience.methods.perturbation import (SOFTMAX, _Reused, check_perturbation_targets, check_softmax, clean_scores,
-                                           judge, score_items, use_probabilities)
+from salience.methods.perturbation import (SOFTMAX, _Reused, check_perturbation_targets, check_softmax, clean_batch,
+                                           clean_scores, judge, score_items, softmax_known, use_probabilities)
 from salience.targets import Classes, Target, resolve, split
 
 __all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
@@ -87,13 +88,35 @@ def _setup(method: str, model: nn.Module, x: Tensor, target: Any, layer: Optiona
     return targets, multi, resolve_cam_layer(model, x, layer, checked=True)
 
 
-def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
-    """The layer's output (as the layer gives it) and the model's output for ``x``: one forward pass."""
-    # the first output of a reused module; the layer's own, not as an in-place operation after it left it
-    store, out = captured_pass(mod, lambda: forward_scores(model, x, strip_softmax=strip_softmax))
-    if not store or not isinstance(store[0], Tensor):
-        raise layer_not_captured(model, mod, store)
-    return store[0].detach(), out
+def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, batch: Optional[int] = None,
+             seen: Optional[list] = None) -> tuple[Tensor, Tensor]:
+    """The layer's output (as the layer gives it) and the model's output for ``x``: one forward pass, or one per
+    ``batch`` images (:func:`~salience.methods.perturbation.clean_batch`) where the layer's output is ``(n, ...)`` for
+    ``n`` images (checked on the first; else the one pass of all: a layer with another first axis, a sequence-first
+    one). ``seen``: given, gets what the pass showed of a final softmax (:func:`final_softmax`, read while the capture
+    hook, which changes no output, is on: the structure it was recorded for)."""
+    step = x.shape[0] if batch is None else max(1, min(int(batch), x.shape[0]))
+    acts: list[Tensor] = []
+    outs: list[Tensor] = []
+    for i in range(0, x.shape[0], step):
+        xb = x[i:i + step]
+        # the first output of a reused module; the layer's own, not as an in-place operation after it left it
+        def scored(xb: Tensor = xb) -> Tensor:
+            o = forward_scores(model, xb, strip_softmax=strip_softmax)
+            if seen is not None:
+                seen[:] = [final_softmax(model)]
+            return o
+
+        store, out = captured_pass(mod, scored)
+        if not store or not isinstance(store[0], Tensor):
+            raise layer_not_captured(model, mod, store)
+        if step < x.shape[0] and (store[0].dim() == 0 or store[0].shape[0] != xb.shape[0]
+                                  or out.dim() == 0 or out.shape[0] != xb.shape[0]):
+            return _capture(model, x, mod, strip_softmax, seen=seen)  # not image by image along its first axis: all at once
+        acts.append(store[0].detach())
+        outs.append(out)
+        del store, out
+    return (acts[0], outs[0]) if len(acts) == 1 else (torch.cat(acts), torch.cat(outs))
 
 
 def _grid(method: str, model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor, grid: Any,
@@ -277,7 +300,8 @@ def scorecam(
     perf = _perf.resolve(memory_format, compile, precision)
     b = x.shape[0]
     with model_guard(model):
-        acts, out = _capture(model, x, mod, strip_softmax)
+        seen: list = [None]  # what the capture's pass showed of a final softmax, for the run
+        acts, out = _capture(model, x, mod, strip_softmax, clean_batch(x, perf), seen)
         _, acts = _grid("Score-CAM", model, mod, acts, x, grid, prefix_tokens)
         _check_channel_passes("Score-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
@@ -286,8 +310,6 @@ def scorecam(
         items = _ChannelMasks(x, acts, align_corners)
         live = items.live()  # item j = channel j // B of image j % B; the others mask the image to zeros
         first, source = items.distinct(live)  # the live items of a mask of their own; source: each one's first
-        run = _perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}", plain_passes=True,
-                         strip_softmax=strip_softmax)
 
         # the scores are the weights, written into one buffer: a small tensor kept per chunk (the engine's per-item
         # scores) between the chunk's freed activations split glibc's heap, whose peak then grew with the chunks
@@ -304,10 +326,15 @@ def scorecam(
         scores = torch.empty(total, len(resolved), dtype=x.dtype, device=x.device)
         with _derived.run_scope():  # the blank images' scores are checked with the passes' (NaN: a refusal naming them)
             if len(live) < total:  # each image's scores of an all-zero mask (B, K), computed once, as the passes run
-                with torch.inference_mode(), run.autocast():
+                blank = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False))  # its autocast only
+                with torch.inference_mode(), blank.autocast():
                     empty = score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax, already=already)
                 scores[:] = empty[torch.arange(total, device=x.device) % b]
             if len(live):  # one pass per distinct mask of an image; the items of the same mask share its score
+                # the run (its folded copy) made after the blank images' pass, which ran the model itself under the
+                # autocast with its casts of the weights (session 44: both held at once were the call's peak)
+                run = softmax_known(_perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}", plain_passes=True,
+                                              strip_softmax=strip_softmax), seen[0])
                 _engine.accumulate(compute, len(first), b, chunk=chunk, max_memory=budget, progress=progress,
                                    desc="scorecam", device=x.device, inference=True, run=run)
                 scores[live] = got[source]
@@ -334,7 +361,7 @@ class _Ablated:
         self.shared = True
 
     def _ablate(self, out: Tensor, rows: Tensor, ch: Tensor) -> Tensor:
-        t = out[rows].clone()
+        t = out[rows]  # a copy already (an index tensor), in out's layout: out[rows].clone() made two (session 44)
         n = torch.arange(len(ch), device=t.device)
         if self.layout.kind == "channels_first":
             t[n, ch] = self.value
@@ -522,7 +549,7 @@ def ablationcam(
     warn_unapplied("ablationcam", model, ("compile", "fold_batchnorm"), perf, why=_WHY_ABLATION_PASSES_SKIP)
     b = x.shape[0]
     with model_guard(model):
-        native, out = _capture(model, x, mod, strip_softmax)
+        native, out = _capture(model, x, mod, strip_softmax, clean_batch(x, perf))
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
         _check_channel_passes("Ablation-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
