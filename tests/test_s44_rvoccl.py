@@ -6,6 +6,7 @@ import sys
 import threading
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import salience
@@ -56,3 +57,32 @@ def test_tracing_leaves_other_threads_models_alone():
     full = salience.occlusion(mine, x, 0, window=6, stride=6, local=False)
     for a in maps:
         assert float((a - full).abs().max()) <= 1e-5 * (1 + float(refs[id(mine)].abs().max()))
+
+
+class ClampByMap(nn.Module):
+    """A clamp by a buffer that varies over the image: traced as local, it fails on a crop (a broadcast error), so
+    the check falls back to full passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("floor", torch.randn(1, 1, 20, 20))
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).clamp(min=self.floor)
+        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_check_falling_back_prints_nothing(capfd):
+    """A split that fails the check on the clean images falls back quietly (a debug log line, as documented): the
+    merged code let torch.fx's GraphModule print the error's traceback to stderr (24 lines) on every call."""
+    torch.manual_seed(0)
+    m = ClampByMap().eval()
+    x = torch.randn(1, 3, 20, 20)
+    capfd.readouterr()
+    a = salience.occlusion(m, x, 0, window=4, stride=2)
+    out, err = capfd.readouterr()
+    assert err == "" and out == "", err[:400]
+    b = salience.occlusion(m, x, 0, window=4, stride=2, local=False)
+    assert torch.equal(a, b)

@@ -363,16 +363,18 @@ def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Te
     assert p.prefix is not None and p.suffix is not None
     try:
         with torch.no_grad():
-            act = p.clean = p.prefix(x.clone())
-            again = unwrap(p.suffix(act.clone())).float()  # the passes hand the suffix a copy too (in-place layers)
+            # .forward, not the call: a GraphModule's call prints an error's traceback to stderr before raising it,
+            # and a failure here is no error of the user's but the documented fallback (a debug log line)
+            act = p.clean = p.prefix.forward(x.clone())
+            again = unwrap(p.suffix.forward(act.clone())).float()  # the passes hand the suffix a copy (in-place layers)
             if again.shape != out.shape or not torch.allclose(again, out.float(), rtol=1e-4, atol=1e-4 * (
                     1 + float(out.float().abs().max()))):
                 return "the model split at the cut does not give its output (a final softmax, or a traced branch)"
             picks = sorted({0, len(corners) // 2, len(corners) - 1})
             sp = spans(p, corners[picks], window, (int(x.shape[-2]), int(x.shape[-1])))
             owner = torch.zeros(len(picks), dtype=torch.long, device=x.device)
-            pasted = paste(p, act[:1].repeat(len(picks), 1, 1, 1), p.prefix(crops(x[:1], owner, sp.to(x.device), p.crop)),
-                           sp.tolist())
+            cropped = p.prefix.forward(crops(x[:1], owner, sp.to(x.device), p.crop))
+            pasted = paste(p, act[:1].repeat(len(picks), 1, 1, 1), cropped, sp.tolist())
             scale = 1 + float(act.abs().max())
             if not torch.allclose(pasted, act[:1].expand_as(pasted), rtol=1e-4, atol=1e-4 * scale):
                 return "a crop's exact part differs from the clean activation (an op is not local)"
