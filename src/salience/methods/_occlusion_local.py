@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -108,6 +109,27 @@ class Plan:
     clean: Optional[Tensor] = None  # the prefix's float32 output on the clean images (the check's)
 
 
+class _ThisThreadTracer(torch.fx.Tracer):
+    """``torch.fx``'s tracer for this thread only: while it traces, it patches ``nn.Module.__call__`` and
+    ``nn.Module.__getattr__`` for the whole process, so another thread's model call in that time raised ``NameError``
+    (a model not under the traced root) or got proxies back (the same model's parameters). Calls and attribute reads
+    of other threads pass through as they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._thread = threading.get_ident()
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
 def _trace(model: nn.Module) -> Any:
     if isinstance(model, torch.jit.ScriptModule):
         return "a TorchScript model cannot be traced by torch.fx"
@@ -116,7 +138,9 @@ def _trace(model: nn.Module) -> Any:
     if hooked is not None:
         return f"the model has hooks ({hooked})"
     try:
-        return torch.fx.symbolic_trace(model)
+        tracer = _ThisThreadTracer()
+        graph = tracer.trace(model)
+        return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: full passes
         return f"torch.fx cannot trace it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
 
@@ -339,16 +363,18 @@ def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Te
     assert p.prefix is not None and p.suffix is not None
     try:
         with torch.no_grad():
-            act = p.clean = p.prefix(x.clone())
-            again = unwrap(p.suffix(act.clone())).float()  # the passes hand the suffix a copy too (in-place layers)
+            # .forward, not the call: a GraphModule's call prints an error's traceback to stderr before raising it,
+            # and a failure here is no error of the user's but the documented fallback (a debug log line)
+            act = p.clean = p.prefix.forward(x.clone())
+            again = unwrap(p.suffix.forward(act.clone())).float()  # the passes hand the suffix a copy (in-place layers)
             if again.shape != out.shape or not torch.allclose(again, out.float(), rtol=1e-4, atol=1e-4 * (
                     1 + float(out.float().abs().max()))):
                 return "the model split at the cut does not give its output (a final softmax, or a traced branch)"
             picks = sorted({0, len(corners) // 2, len(corners) - 1})
             sp = spans(p, corners[picks], window, (int(x.shape[-2]), int(x.shape[-1])))
             owner = torch.zeros(len(picks), dtype=torch.long, device=x.device)
-            pasted = paste(p, act[:1].repeat(len(picks), 1, 1, 1), p.prefix(crops(x[:1], owner, sp.to(x.device), p.crop)),
-                           sp.tolist())
+            cropped = p.prefix.forward(crops(x[:1], owner, sp.to(x.device), p.crop))
+            pasted = paste(p, act[:1].repeat(len(picks), 1, 1, 1), cropped, sp.tolist())
             scale = 1 + float(act.abs().max())
             if not torch.allclose(pasted, act[:1].expand_as(pasted), rtol=1e-4, atol=1e-4 * scale):
                 return "a crop's exact part differs from the clean activation (an op is not local)"
