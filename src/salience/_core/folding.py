@@ -6,9 +6,10 @@ and caching it is a job of its own; it imports :mod:`~salience._core.fingerprint
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -74,7 +75,29 @@ def _autocast_state() -> tuple:
     return (depth, *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES))
 
 
-class _AutocastSeeingTracer(torch.fx.Tracer):
+class ThisThreadTracer(torch.fx.Tracer):
+    """``torch.fx``'s tracer for this thread only: while it traces, it patches ``nn.Module.__call__`` and
+    ``nn.Module.__getattr__`` for the whole process, so another thread's model call in that time raised ``NameError``
+    (a model not under the traced root) or got proxies back (the same model's parameters). Calls and attribute reads
+    of other threads pass through as they are. Every fx trace of salience (the folded copy, occlusion's local
+    passes) uses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._thread = threading.get_ident()
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+class _AutocastSeeingTracer(ThisThreadTracer):
     """``torch.fx``'s tracer, noting in :attr:`changed` an operation recorded inside an autocast block of the forward
     (or under other autocast settings than the trace began with). fx runs a ``with torch.autocast(...)`` block
     (``enabled=False``: a float32 island of a bf16 model; ``torch.cuda.amp.autocast`` likewise) while tracing and

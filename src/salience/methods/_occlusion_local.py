@@ -21,13 +21,14 @@ from __future__ import annotations
 import logging
 import math
 import operator
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from salience._core.folding import ThisThreadTracer
 
 log = logging.getLogger("salience.occlusion")
 
@@ -109,27 +110,6 @@ class Plan:
     clean: Optional[Tensor] = None  # the prefix's float32 output on the clean images (the check's)
 
 
-class _ThisThreadTracer(torch.fx.Tracer):
-    """``torch.fx``'s tracer for this thread only: while it traces, it patches ``nn.Module.__call__`` and
-    ``nn.Module.__getattr__`` for the whole process, so another thread's model call in that time raised ``NameError``
-    (a model not under the traced root) or got proxies back (the same model's parameters). Calls and attribute reads
-    of other threads pass through as they are."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._thread = threading.get_ident()
-
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        if threading.get_ident() != self._thread:
-            return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
-
-    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
-        if threading.get_ident() != self._thread:
-            return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
-
-
 def _trace(model: nn.Module) -> Any:
     if isinstance(model, torch.jit.ScriptModule):
         return "a TorchScript model cannot be traced by torch.fx"
@@ -138,7 +118,7 @@ def _trace(model: nn.Module) -> Any:
     if hooked is not None:
         return f"the model has hooks ({hooked})"
     try:
-        tracer = _ThisThreadTracer()
+        tracer = ThisThreadTracer()
         graph = tracer.trace(model)
         return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: full passes
