@@ -40,3 +40,13 @@ def test_a_large_cuda_dataset_that_a_fresh_worker_could_not_get_still_forks(monk
     main.Cell = cell
     monkeypatch.setitem(sys.modules, "__main__", main)
     assert run_dataset.loader_context(CUDA, 1, [big, cell()]) is None
+
+
+def test_the_architecture_table_states_session_44s_start_rule():
+    """docs/architecture.md's `runs/` row still said session 43's rule (a forkserver on CUDA and whenever the heap is
+    large, the first such run starting it): it names the run that starts the server and the one check now."""
+    row = next(line for line in (ROOT / "docs" / "architecture.md").read_text().splitlines()
+               if line.startswith("| `runs/` |"))
+    workers = row[row.index("DataLoader workers"):row.index("shards, resume")]
+    assert "third run" in workers and "the second starts it" in workers, workers
+    assert "`_afresh_decodes_alike`" in workers and "pickle limit keeps the forkserver" in workers, workers

@@ -119,8 +119,8 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     given) or a list of those names; ``metric_steps``: points of the insertion / deletion curves.
     ``batch_size``: default from memory. ``workers``: DataLoader
     processes decoding images (default: up to 4, one core left to the model; forked, or from a forkserver on CUDA
-    and in a process that keeps a large freed heap, or as a given DataLoader's ``multiprocessing_context`` says:
-    docs/datasets.md). ``engine``:
+    and from the third run of a process that keeps a large freed heap, where a fresh worker decodes alike, or as a
+    given DataLoader's ``multiprocessing_context`` says: docs/datasets.md). ``engine``:
     ``"local"`` or ``"ray"`` (``num_gpus`` per actor, ``actors`` in the pool, ``address`` of the
     cluster). ``method_options``: keyword options per method, e.g. ``{"smoothgrad": {"samples": 8}}``
     (part of the run's command). ``model_spec``: the name of a given module in the run's command (default: its class
