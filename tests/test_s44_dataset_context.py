@@ -24,9 +24,10 @@ class _Opener:
 
 
 def test_a_cuda_run_starts_a_forkserver_only_where_its_worker_would_decode_alike(monkeypatch):
-    """The CUDA path asked only whether the dataset pickles: a dataset that does not come back from its pickle, one
-    over the pickle limit, a class of an interactive ``__main__``, PIL's truncated-images setting or a third-party
-    opener all got a forkserver. Each now forks, as on the CPU; a plain dataset still gets the forkserver."""
+    """The CUDA path asked only whether the dataset pickles: a dataset that does not come back from its pickle, a
+    class of an interactive ``__main__``, PIL's truncated-images setting or a third-party opener all got a
+    forkserver. Each now forks, as on the CPU; a plain dataset, and one over the pickle limit, still get the
+    forkserver."""
     from PIL import Image, ImageFile
 
     Image.init()
@@ -34,8 +35,8 @@ def test_a_cuda_run_starts_a_forkserver_only_where_its_worker_would_decode_alike
     assert run_dataset.loader_context(CUDA, 0, [0]) is None
     assert run_dataset.loader_context(CUDA, 1, [lambda: 0]) is None  # as before: it does not pickle
     assert run_dataset.loader_context(CUDA, 1, [_Unpicklable(1, 2)]) is None  # pickles, does not come back
-    monkeypatch.setattr(run_dataset, "PICKLE_LIMIT", 1 << 10)
-    assert run_dataset.loader_context(CUDA, 1, np.zeros(4096)) is None
+    monkeypatch.setattr(run_dataset, "PICKLE_LIMIT", 1 << 10)  # over the limit: the CPU's cost rule, not CUDA's
+    assert run_dataset.loader_context(CUDA, 1, np.zeros(4096)) == "forkserver"  # (session 44's review)
     monkeypatch.setattr(run_dataset, "PICKLE_LIMIT", 64 << 20)
     with monkeypatch.context() as m:
         m.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
@@ -90,5 +91,5 @@ def test_both_devices_ask_the_same_question(monkeypatch, device):
     monkeypatch.setattr(run_dataset, "kept_free_bytes", lambda: 1 << 30)
     monkeypatch.setattr(run_dataset, "_forkserver_ready", lambda: True)
     for answer in (False, True):
-        monkeypatch.setattr(run_dataset, "_afresh_decodes_alike", lambda dataset, a=answer: a)
+        monkeypatch.setattr(run_dataset, "_afresh_decodes_alike", lambda dataset, cuda=False, a=answer: a)
         assert run_dataset.loader_context(torch.device(device), 1, [0]) == ("forkserver" if answer else None)

@@ -119,8 +119,8 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     given) or a list of those names; ``metric_steps``: points of the insertion / deletion curves.
     ``batch_size``: default from memory. ``workers``: DataLoader
     processes decoding images (default: up to 4, one core left to the model; forked, or from a forkserver on CUDA
-    and in a process that keeps a large freed heap, or as a given DataLoader's ``multiprocessing_context`` says:
-    docs/datasets.md). ``engine``:
+    and from the third run of a process that keeps a large freed heap, where a fresh worker decodes alike, or as a
+    given DataLoader's ``multiprocessing_context`` says: docs/datasets.md). ``engine``:
     ``"local"`` or ``"ray"`` (``num_gpus`` per actor, ``actors`` in the pool, ``address`` of the
     cluster). ``method_options``: keyword options per method, e.g. ``{"smoothgrad": {"samples": 8}}``
     (part of the run's command). ``model_spec``: the name of a given module in the run's command (default: its class
@@ -595,7 +595,8 @@ def loader_context(device: torch.device, workers: int, dataset: Any = None) -> O
     not get the same ``dataset`` (with the ``worker_init_fn`` of the user's DataLoader, :func:`_loader`) or decode it
     the same way (:func:`_afresh_decodes_alike`: one check for both devices since session 44; a CUDA run checked only
     that the dataset pickles before, and its workers read images as error rows that the run's own process, under
-    ``ImageFile.LOAD_TRUNCATED_IMAGES`` or a third-party opener, maps)."""
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` or a third-party opener, maps; a CUDA run's dataset over the pickle limit
+    keeps the forkserver)."""
     import multiprocessing
 
     if workers <= 0:
@@ -603,19 +604,22 @@ def loader_context(device: torch.device, workers: int, dataset: Any = None) -> O
     cuda = device.type == "cuda"
     if not cuda and kept_free_bytes() < SHARED_HEAP:
         return None
-    if not _afresh_decodes_alike(dataset):
+    if not _afresh_decodes_alike(dataset, cuda):
         return None
     if cuda:
         return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     return "forkserver" if _forkserver_ready() else None
 
 
-def _afresh_decodes_alike(dataset: Any) -> bool:
+def _afresh_decodes_alike(dataset: Any, cuda: bool = False) -> bool:
     """Whether a worker started afresh (from a forkserver, or spawned) gets ``dataset`` and decodes it as a forked one
     would: it comes back from its pickle within :data:`PICKLE_LIMIT` bytes naming nothing only this process can import
     (:func:`_sendable`), the script's top level would not run again (:func:`_main_guarded`: a fresh worker imports the
-    script), and PIL decodes here as in a fresh process (:func:`_pil_fresh`)."""
-    return _main_guarded() and _pil_fresh() and _sendable(dataset, PICKLE_LIMIT)
+    script), and PIL decodes here as in a fresh process (:func:`_pil_fresh`). On ``cuda`` a dataset over the limit
+    that pickles whole still counts: the limit is the CPU's cost rule (a fork shares the data for free), while on
+    CUDA a fork is what a worker that touches CUDA (a dataset of CUDA tensors) cannot survive, torch's "Cannot
+    re-initialize CUDA in forked subprocess"; such a dataset got a forkserver before session 44 too."""
+    return _main_guarded() and _pil_fresh() and _sendable(dataset, PICKLE_LIMIT, whole=cuda)
 
 
 PICKLE_LIMIT = 64 << 20
@@ -632,15 +636,27 @@ class _Limited(io.BytesIO):
 
     def write(self, data: Any) -> int:
         if self.tell() + len(data) > self.limit:
-            raise ValueError("over the limit")
+            raise _OverLimit("over the limit")
         return super().write(data)
 
 
-def _sendable(dataset: Any, limit: int) -> bool:
-    """Whether a forkserver's worker can receive ``dataset``: it pickles, within ``limit`` bytes, names nothing of an
-    interactive ``__main__`` (no file to import it from) nor of a ``python:FILE.py`` model's file (a module name only
-    this process has, :func:`salience.loading.custom.user_modules`: a function its ``select_output`` stored in the
-    ModelInfo the run's images carry), and unpickles (an object whose class's ``__init__`` takes other arguments than
+class _OverLimit(ValueError):
+    """A pickle stopped by :class:`_Limited`."""
+
+
+class _Sink:
+    """A file that keeps nothing written to it: a pickle's whole length checked without its bytes."""
+
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+def _sendable(dataset: Any, limit: int, whole: bool = False) -> bool:
+    """Whether a forkserver's worker can receive ``dataset``: it pickles, within ``limit`` bytes (where ``whole``, a
+    pickle over it is run to its end instead, neither kept nor unpickled: a CUDA run's, :func:`_afresh_decodes_alike`),
+    names nothing of an interactive ``__main__`` (no file to import it from) nor of a ``python:FILE.py`` model's file
+    (a module name only this process has, :func:`salience.loading.custom.user_modules`: a function its
+    ``select_output`` stored in the ModelInfo the run's images carry), and unpickles (an object whose class's ``__init__`` takes other arguments than
     it keeps, e.g. an exception, pickles but does not come back: the worker would die)."""
     import pickle
     import types
@@ -661,6 +677,13 @@ def _sendable(dataset: Any, limit: int) -> bool:
     try:
         Checker(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(dataset)
         pickle.loads(buffer.getbuffer())
+    except _OverLimit:  # ``whole``: over the limit is fine where all of it pickles (not unpickled: no second copy)
+        if not whole:
+            return False
+        try:
+            Checker(_Sink(), protocol=pickle.HIGHEST_PROTOCOL).dump(dataset)
+        except Exception:  # noqa: BLE001 - as below
+            return False
     except Exception:  # noqa: BLE001 - any failure to pickle or unpickle: the worker is forked
         return False
     return True
