@@ -2,14 +2,12 @@
 on the merged code, each with the test that failed there."""
 from __future__ import annotations
 
-import sys
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import salience
+from test_s44_fold_threads import beside_other_threads
 
 
 def small() -> nn.Module:
@@ -25,38 +23,13 @@ def test_tracing_leaves_other_threads_models_alone():
     torch.manual_seed(0)
     other, mine = small(), small()
     x_other = torch.randn(1, 3, 16, 16)
-    with torch.no_grad():
-        refs = {id(other): other(x_other), id(mine): mine(x_other)}
-    errors: list = []
-    stop = threading.Event()
-
-    def worker(model: nn.Module) -> None:
-        while not stop.is_set():
-            try:
-                with torch.no_grad():
-                    y = model(x_other)
-                if not isinstance(y, torch.Tensor) or not torch.equal(y, refs[id(model)]):
-                    errors.append(("wrong output", type(y).__name__))
-            except Exception as e:  # noqa: BLE001 - recorded, asserted below
-                errors.append((type(e).__name__, str(e)[:80]))
-
-    threads = [threading.Thread(target=worker, args=(m,)) for m in (other, mine)]
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads often, so that they run while the trace is on
-    try:
-        for t in threads:
-            t.start()
-        x = torch.randn(1, 3, 24, 24)
-        maps = [salience.occlusion(mine, x, 0, window=6, stride=6) for _ in range(6)]
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-        sys.setswitchinterval(old)
+    x = torch.randn(1, 3, 24, 24)
+    maps, errors = beside_other_threads(
+        (other, mine), x_other, lambda: [salience.occlusion(mine, x, 0, window=6, stride=6) for _ in range(6)])
     assert not errors, (len(errors), errors[:3])
     full = salience.occlusion(mine, x, 0, window=6, stride=6, local=False)
     for a in maps:
-        assert float((a - full).abs().max()) <= 1e-5 * (1 + float(refs[id(mine)].abs().max()))
+        assert float((a - full).abs().max()) <= 1e-5 * (1 + float(mine(x).detach().abs().max()))
 
 
 class ClampByMap(nn.Module):
