@@ -73,3 +73,22 @@ def test_rise_maps_with_fold_are_the_models(cls):
     with salience.performance(fold_batchnorm=True):
         folded = salience.rise(model, X, 1, masks=16, seed=0)
     torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
+
+
+class OnlyReused(nn.Module):
+    """The only conv + BatchNorm pair has a convolution called twice: nothing folds, and the reason says why."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        _stats(self.bn)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(self.conv(x))).mean((1, 2, 3))
+
+
+def test_no_fold_when_the_only_pair_has_a_reused_convolution():
+    why = folding._fold(OnlyReused())
+    assert isinstance(why, str) and "calls once" in why, why

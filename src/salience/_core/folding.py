@@ -59,7 +59,7 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
         _own_tensors(folded, own, dtype)
     left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     if left == len(norms):
-        return "no BatchNorm layer follows a convolution directly"
+        return "no BatchNorm layer follows a convolution directly (one the forward calls once)"
     return folded
 
 
