@@ -60,7 +60,7 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
         _own_tensors(folded, own, dtype)
     left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     if left == len(norms):
-        return "no BatchNorm layer follows a convolution directly"
+        return "no BatchNorm layer follows a convolution directly (one the forward calls once)"
     return folded
 
 
@@ -167,7 +167,9 @@ def _fuse(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
     """``torch.fx.experimental.optimization.fuse(model, inplace=True)`` (``no_trace=True`` for a ``GraphModule``), with each fused layer's float32 weight and
     bias cast to ``dtype`` (when given) as soon as it is made: the fuse made every fused float32 tensor before
     :func:`_own_tensors` cast them, 94 MiB at once on resnet50, freed one by one between the bf16 copies, holes that
-    glibc's heap kept through the call (session 44). The same values: each is the same cast of the same tensor."""
+    glibc's heap kept through the call (session 44). The same values: each is the same cast of the same tensor. Unlike
+    torch's, a convolution / linear layer the forward calls more than once is not fused (its other calls would run
+    the fused weights)."""
     from torch import fx
     from torch.fx.experimental.optimization import matches_module_pattern, replace_node_module
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
@@ -177,9 +179,17 @@ def _fuse(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
     traced = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)  # a traced one: as fuse(no_trace)
     modules = dict(traced.named_modules())
     graph = traced.graph
+    # a module the forward calls more than once: replacing it by the fused one changes every call of it (a second
+    # call with no BatchNorm after it, or another BatchNorm, ran the fused weights: torch's fuse does so; review s44)
+    calls: dict = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     for pattern in patterns:
         for node in list(graph.nodes):
             if not matches_module_pattern(pattern, node, modules) or len(node.args[0].users) > 1:
+                continue
+            if calls[node.args[0].target] > 1:
                 continue
             first, bn = modules[node.args[0].target], modules[node.target]
             if not bn.track_running_stats:
