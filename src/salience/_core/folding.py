@@ -17,7 +17,7 @@ from torch import nn
 from salience._core.fingerprint import _HOOK_DICTS, _fold_key, _lock, own_hooks
 from salience._core.tensors import copy_model
 
-__all__ = ["folded_model"]
+__all__ = ["folded_model", "fx_traced", "ThisThreadTracer"]
 
 _folded: "OrderedDict[tuple[int, Optional[torch.dtype]], tuple[Any, tuple, Any]]" = OrderedDict()
 _FOLDED_KEEP = 2  # folded copies kept for the process (each holds a copy of its model's weights)
@@ -50,7 +50,7 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
                 hooks = m.__dict__.get(name)
                 if hooks:
                     hooks.clear()
-        traced = _traced(clone, dtype)
+        traced = fx_traced(clone, dtype)
         if isinstance(traced, str):
             return traced
         folded = _fuse(traced, dtype)
@@ -79,8 +79,8 @@ class ThisThreadTracer(torch.fx.Tracer):
     """``torch.fx``'s tracer for this thread only: while it traces, it patches ``nn.Module.__call__`` and
     ``nn.Module.__getattr__`` for the whole process, so another thread's model call in that time raised ``NameError``
     (a model not under the traced root) or got proxies back (the same model's parameters). Calls and attribute reads
-    of other threads pass through as they are. Every fx trace of salience (the folded copy, occlusion's local
-    passes) uses it."""
+    of other threads pass through as they are. Every fx trace of salience uses it (:func:`fx_traced`, the folded
+    copy's and occlusion's region-limited passes')."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -103,7 +103,7 @@ class _AutocastSeeingTracer(ThisThreadTracer):
     (``enabled=False``: a float32 island of a bf16 model; ``torch.cuda.amp.autocast`` likewise) while tracing and
     records none of it, so the folded copy would run that block's operations under the passes' autocast (session 44:
     a linear layer in float32 in the model ran in bf16 in the copy under ``precision="bf16"``, with no warning). Such a
-    model is not folded; :func:`_traced` traces under the passes' autocast too (a block entered only under one).
+    model is not folded; :func:`fx_traced` traces under the passes' autocast too (a block entered only under one).
     Grad-mode blocks (``torch.no_grad()``) are not recorded either, but change no value of a
     forward pass, and the copy runs only plain passes (no backward)."""
 
@@ -119,9 +119,11 @@ class _AutocastSeeingTracer(ThisThreadTracer):
         return super().create_node(kind, target, args, kwargs, name, type_expr)
 
 
-def _traced(clone: nn.Module, dtype: Optional[torch.dtype]) -> Any:
-    """``clone`` traced by ``torch.fx`` (a ``GraphModule``), or why it is not folded (a string): an operation run in an
-    autocast block of its forward (:class:`_AutocastSeeingTracer`). Traced twice: as it is, and under the autocast the
+def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype]) -> Any:
+    """``clone`` traced by ``torch.fx`` (a ``GraphModule``), or why the trace cannot stand for the model (a string): an
+    operation run in an autocast block of its forward (:class:`_AutocastSeeingTracer`). The folded copy's trace and
+    occlusion's region-limited passes' (:mod:`salience.methods._occlusion_local`: until session 44's last read its
+    own trace ran a float32 island in bf16 under ``precision="bf16"``). Traced twice: as it is, and under the autocast the
     passes run it in (``dtype``, else the device's default: ``"bf16-mixed"`` and compiled passes run a float32 copy
     under one), on the model's device type. A forward that enters its float32 island only when an autocast is on (``if
     torch.is_autocast_enabled(): with torch.autocast(..., enabled=False)``, ``torch.amp.custom_fwd(cast_inputs=...)``)
