@@ -165,8 +165,9 @@ def _own_tensors(folded: nn.Module, shared: tuple, dtype: torch.dtype) -> None:
     folded.requires_grad_(False)
 
 
-def _fuse(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
-    """``torch.fx.experimental.optimization.fuse(model, inplace=True)`` (``no_trace=True`` for a ``GraphModule``), with each fused layer's float32 weight and
+def _fuse(traced: Any, dtype: Optional[torch.dtype]) -> nn.Module:
+    """``torch.fx.experimental.optimization.fuse(traced, inplace=True, no_trace=True)`` on the ``GraphModule`` of
+    :func:`fx_traced` (never traced again here), with each fused layer's float32 weight and
     bias cast to ``dtype`` (when given) as soon as it is made: the fuse made every fused float32 tensor before
     :func:`_own_tensors` cast them, 94 MiB at once on resnet50, freed one by one between the bf16 copies, holes that
     glibc's heap kept through the call (session 44). The same values: each is the same cast of the same tensor. Unlike
@@ -178,7 +179,6 @@ def _fuse(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
 
     patterns = [(nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
                 (nn.Linear, nn.BatchNorm1d)]
-    traced = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)  # a traced one: as fuse(no_trace)
     modules = dict(traced.named_modules())
     graph = traced.graph
     # a module the forward calls more than once: replacing it by the fused one changes every call of it (a second
