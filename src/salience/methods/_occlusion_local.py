@@ -32,7 +32,7 @@ from salience._core.folding import fx_traced
 
 log = logging.getLogger("salience.occlusion")
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "plan", "spans", "crops", "paste", "log"]  # occlusion (methods.perturbation) uses them all
 
 # elementwise modules and functions: a node of them is as local as its input, with the same receptive field
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
