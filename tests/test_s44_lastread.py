@@ -60,3 +60,34 @@ def test_occlusion_still_splits_a_plain_model_under_bf16(caplog):
             salience.occlusion(model, x, target=1, window=4, stride=4, precision="bf16")
     assert any("region-limited passes" in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
+
+
+def test_the_float32_clean_activation_is_not_held_through_bf16_passes(monkeypatch):
+    """Under ``precision="bf16"`` the passes start from the clean activation at their precision: the check's float32
+    one (``Plan.clean``, ``(B, C', H', W')``, 25 MiB on resnet50's 8 images at a layer1 cut) is freed before them.
+    It stayed referenced by the plan through every pass."""
+    import weakref
+
+    from salience.methods import _occlusion_local as L
+
+    seen: dict = {}
+    plan, paste = L.plan, L.paste
+
+    def planned(*a, **k):
+        p = plan(*a, **k)
+        if p.clean is not None:
+            seen["clean"] = weakref.ref(p.clean)
+        return p
+
+    def pasted(p, clean, act, sp):
+        if "clean" in seen:  # the passes' pastes (the check's own comes before the plan is returned)
+            seen.setdefault("alive", seen["clean"]() is not None)
+        return paste(p, clean, act, sp)
+
+    monkeypatch.setattr(L, "plan", planned)
+    monkeypatch.setattr(L, "paste", pasted)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        salience.occlusion(_Plain().eval(), x, target=1, window=4, stride=4, precision="bf16")
+    assert seen["alive"] is False

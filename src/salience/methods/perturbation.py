@@ -367,8 +367,8 @@ def occlusion(
         if split_plan is not None:
             plan, spans = split_plan
             spans_host = spans.tolist()  # (windows, 2, 3) as lists: the pastes' slices, read once
-            clean_cut = plan.clean  # (B, C', H', W'), what every pass's cut starts from
-            if run.dtype is not None:  # at the passes' precision
+            clean_cut, plan.clean = plan.clean, None  # (B, C', H', W'), what every pass's cut starts from; held once
+            if run.dtype is not None:  # (the check's float32 one was held beside it through the passes)  # at the passes' precision
                 with torch.no_grad(), run.autocast():
                     clean_cut = plan.prefix(x.clone())
 
