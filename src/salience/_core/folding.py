@@ -54,7 +54,7 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
         if isinstance(traced, str):
             return traced
         folded = _fuse(traced, dtype)
-    except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
+    except Exception as e:  # noqa: BLE001 - the copy or the fuse failing: run the model as it is
         return f"torch.fx cannot trace it ({_described(e, 200)})"
     if dtype is not None:
         _own_tensors(folded, own, dtype)
@@ -120,8 +120,9 @@ class _AutocastSeeingTracer(ThisThreadTracer):
 
 
 def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype]) -> Any:
-    """``clone`` traced by ``torch.fx`` (a ``GraphModule``), or why the trace cannot stand for the model (a string): an
-    operation run in an autocast block of its forward (:class:`_AutocastSeeingTracer`). The folded copy's trace and
+    """``clone`` traced by ``torch.fx`` (a ``GraphModule``), or why the trace cannot stand for the model (a string): a
+    tracing error (``"torch.fx cannot trace it (...)"``), an operation run in an autocast block of its forward
+    (:class:`_AutocastSeeingTracer`). The folded copy's trace and
     occlusion's region-limited passes' (:mod:`salience.methods._occlusion_local`: until session 44's last read its
     own trace ran a float32 island in bf16 under ``precision="bf16"``). Traced twice: as it is, and under the autocast the
     passes run it in (``dtype``, else the device's default: ``"bf16-mixed"`` and compiled passes run a float32 copy
@@ -132,9 +133,12 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype]) -> Any:
     device = next((t.device.type for t in (*clone.parameters(), *clone.buffers())), "cpu")
     graphs = []
     for under in (False, True):
-        with torch.autocast(device, dtype=dtype or torch.get_autocast_dtype(device), enabled=under):
-            tracer = _AutocastSeeingTracer()
-            graph = tracer.trace(clone)
+        try:
+            with torch.autocast(device, dtype=dtype or torch.get_autocast_dtype(device), enabled=under):
+                tracer = _AutocastSeeingTracer()
+                graph = tracer.trace(clone)
+        except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
+            return f"torch.fx cannot trace it ({_described(e, 200)})"
         if tracer.changed:
             return (f"its forward runs {tracer.changed!r} in a torch.autocast block, which torch.fx does not record "
                     "(the copy would run it under the passes' autocast)")

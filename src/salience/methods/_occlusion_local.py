@@ -119,10 +119,7 @@ def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
     hooked = own_hooks(model)
     if hooked is not None:
         return f"the model has hooks ({hooked})"
-    try:
-        return fx_traced(model, dtype)
-    except Exception as e:  # noqa: BLE001 - any tracing failure means: full passes
-        return f"torch.fx cannot trace it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+    return fx_traced(model, dtype)  # a tracing failure: its reason, full passes
 
 
 def _fields(gm: Any) -> dict:
