@@ -17,7 +17,7 @@ from torch import nn
 from salience._core.fingerprint import _HOOK_DICTS, _fold_key, _lock, own_hooks
 from salience._core.tensors import copy_model
 
-__all__ = ["folded_model"]
+__all__ = ["folded_model", "fx_traced", "ThisThreadTracer"]
 
 _folded: "OrderedDict[tuple[int, Optional[torch.dtype]], tuple[Any, tuple, Any]]" = OrderedDict()
 _FOLDED_KEEP = 2  # folded copies kept for the process (each holds a copy of its model's weights)
@@ -50,11 +50,11 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
                 hooks = m.__dict__.get(name)
                 if hooks:
                     hooks.clear()
-        traced = _traced(clone, dtype)
+        traced = fx_traced(clone, dtype)
         if isinstance(traced, str):
             return traced
         folded = _fuse(traced, dtype)
-    except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
+    except Exception as e:  # noqa: BLE001 - the copy or the fuse failing: run the model as it is
         return f"torch.fx cannot trace it ({_described(e, 200)})"
     if dtype is not None:
         _own_tensors(folded, own, dtype)
@@ -79,8 +79,8 @@ class ThisThreadTracer(torch.fx.Tracer):
     """``torch.fx``'s tracer for this thread only: while it traces, it patches ``nn.Module.__call__`` and
     ``nn.Module.__getattr__`` for the whole process, so another thread's model call in that time raised ``NameError``
     (a model not under the traced root) or got proxies back (the same model's parameters). Calls and attribute reads
-    of other threads pass through as they are. Every fx trace of salience (the folded copy, occlusion's local
-    passes) uses it."""
+    of other threads pass through as they are. Every fx trace of salience uses it (:func:`fx_traced`, the folded
+    copy's and occlusion's region-limited passes')."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -103,7 +103,7 @@ class _AutocastSeeingTracer(ThisThreadTracer):
     (``enabled=False``: a float32 island of a bf16 model; ``torch.cuda.amp.autocast`` likewise) while tracing and
     records none of it, so the folded copy would run that block's operations under the passes' autocast (session 44:
     a linear layer in float32 in the model ran in bf16 in the copy under ``precision="bf16"``, with no warning). Such a
-    model is not folded; :func:`_traced` traces under the passes' autocast too (a block entered only under one).
+    model is not folded; :func:`fx_traced` traces under the passes' autocast too (a block entered only under one).
     Grad-mode blocks (``torch.no_grad()``) are not recorded either, but change no value of a
     forward pass, and the copy runs only plain passes (no backward)."""
 
@@ -119,9 +119,12 @@ class _AutocastSeeingTracer(ThisThreadTracer):
         return super().create_node(kind, target, args, kwargs, name, type_expr)
 
 
-def _traced(clone: nn.Module, dtype: Optional[torch.dtype]) -> Any:
-    """``clone`` traced by ``torch.fx`` (a ``GraphModule``), or why it is not folded (a string): an operation run in an
-    autocast block of its forward (:class:`_AutocastSeeingTracer`). Traced twice: as it is, and under the autocast the
+def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype]) -> Any:
+    """``clone`` traced by ``torch.fx`` (a ``GraphModule``), or why the trace cannot stand for the model (a string): a
+    tracing error (``"torch.fx cannot trace it (...)"``), an operation run in an autocast block of its forward
+    (:class:`_AutocastSeeingTracer`). The folded copy's trace and
+    occlusion's region-limited passes' (:mod:`salience.methods._occlusion_local`: until session 44's last read its
+    own trace ran a float32 island in bf16 under ``precision="bf16"``). Traced twice: as it is, and under the autocast the
     passes run it in (``dtype``, else the device's default: ``"bf16-mixed"`` and compiled passes run a float32 copy
     under one), on the model's device type. A forward that enters its float32 island only when an autocast is on (``if
     torch.is_autocast_enabled(): with torch.autocast(..., enabled=False)``, ``torch.amp.custom_fwd(cast_inputs=...)``)
@@ -130,9 +133,12 @@ def _traced(clone: nn.Module, dtype: Optional[torch.dtype]) -> Any:
     device = next((t.device.type for t in (*clone.parameters(), *clone.buffers())), "cpu")
     graphs = []
     for under in (False, True):
-        with torch.autocast(device, dtype=dtype or torch.get_autocast_dtype(device), enabled=under):
-            tracer = _AutocastSeeingTracer()
-            graph = tracer.trace(clone)
+        try:
+            with torch.autocast(device, dtype=dtype or torch.get_autocast_dtype(device), enabled=under):
+                tracer = _AutocastSeeingTracer()
+                graph = tracer.trace(clone)
+        except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
+            return f"torch.fx cannot trace it ({_described(e, 200)})"
         if tracer.changed:
             return (f"its forward runs {tracer.changed!r} in a torch.autocast block, which torch.fx does not record "
                     "(the copy would run it under the passes' autocast)")
@@ -163,8 +169,9 @@ def _own_tensors(folded: nn.Module, shared: tuple, dtype: torch.dtype) -> None:
     folded.requires_grad_(False)
 
 
-def _fuse(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
-    """``torch.fx.experimental.optimization.fuse(model, inplace=True)`` (``no_trace=True`` for a ``GraphModule``), with each fused layer's float32 weight and
+def _fuse(traced: Any, dtype: Optional[torch.dtype]) -> nn.Module:
+    """``torch.fx.experimental.optimization.fuse(traced, inplace=True, no_trace=True)`` on the ``GraphModule`` of
+    :func:`fx_traced` (never traced again here), with each fused layer's float32 weight and
     bias cast to ``dtype`` (when given) as soon as it is made: the fuse made every fused float32 tensor before
     :func:`_own_tensors` cast them, 94 MiB at once on resnet50, freed one by one between the bf16 copies, holes that
     glibc's heap kept through the call (session 44). The same values: each is the same cast of the same tensor. Unlike
@@ -176,7 +183,6 @@ def _fuse(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
 
     patterns = [(nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
                 (nn.Linear, nn.BatchNorm1d)]
-    traced = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)  # a traced one: as fuse(no_trace)
     modules = dict(traced.named_modules())
     graph = traced.graph
     # a module the forward calls more than once: replacing it by the fused one changes every call of it (a second

@@ -105,7 +105,7 @@ from salience._core.folding import _described, _folded, _remember_fold, folded_m
 __all__ = ["Performance", "Run", "close_run", "set_performance", "performance", "plain", "current", "resolve", "active",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
            "own_hooks", "observer", "one_pass", "structure", "ModelCache", "FREEZE", "weights_key", "gradient_call",
-           "native_bf16"]
+           "native_bf16", "autocast_dtype"]
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "bf16-mixed", "fp16")
@@ -153,6 +153,11 @@ FROZEN_TAILS = 1
 # (SmoothGrad on five image sizes: ten graphs, the ninth failed, and no pass of the model ran frozen).
 FROZEN_TAILS_PER_MODEL = 2
 _DTYPES = {"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(options: "Performance") -> Optional[torch.dtype]:
+    """The dtype of the autocast the passes of ``options`` run under (``None``: float32, no autocast)."""
+    return _DTYPES.get(options.precision)
 
 
 @dataclass(frozen=True)
@@ -470,7 +475,7 @@ class Run:
         self.plain_passes, self.strip_softmax = plain_passes, strip_softmax
         self.options = (options or current()).validated()
         self.device = x.device
-        self.dtype = _DTYPES.get(self.options.precision)
+        self.dtype = autocast_dtype(self.options)
         _allocator(self.options, self.device)
         warn_bf16_without_native(self.options.precision, self.device)
         # Compiled runs share the eager runs' decisions (they measure nothing themselves).

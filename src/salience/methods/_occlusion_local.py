@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience._core.folding import ThisThreadTracer
+from salience._core.folding import fx_traced
 
 log = logging.getLogger("salience.occlusion")
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "plan", "spans", "crops", "paste", "log"]  # occlusion (methods.perturbation) uses them all
 
 # elementwise modules and functions: a node of them is as local as its input, with the same receptive field
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
@@ -110,19 +110,16 @@ class Plan:
     clean: Optional[Tensor] = None  # the prefix's float32 output on the clean images (the check's)
 
 
-def _trace(model: nn.Module) -> Any:
+def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
+    """``model`` traced as the folded copy is (:func:`salience._core.folding.fx_traced`, under the passes' autocast
+    ``dtype`` too: a forward's own autocast block, which fx does not record, is refused), or why not (a string)."""
     if isinstance(model, torch.jit.ScriptModule):
         return "a TorchScript model cannot be traced by torch.fx"
     from salience._core.fingerprint import own_hooks
     hooked = own_hooks(model)
     if hooked is not None:
         return f"the model has hooks ({hooked})"
-    try:
-        tracer = ThisThreadTracer()
-        graph = tracer.trace(model)
-        return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    except Exception as e:  # noqa: BLE001 - any tracing failure means: full passes
-        return f"torch.fx cannot trace it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+    return fx_traced(model, dtype)  # a tracing failure: its reason, full passes
 
 
 def _fields(gm: Any) -> dict:
@@ -290,12 +287,13 @@ def _is_softmax(gm: Any, n: Any) -> bool:
 
 
 def plan(model: nn.Module, x: Tensor, window: tuple[int, int], stride: tuple[int, int], corners: Tensor,
-         strip_softmax: bool, out: Tensor, unwrap: Callable[[Any], Tensor]) -> Plan:
+         strip_softmax: bool, out: Tensor, unwrap: Callable[[Any], Tensor], dtype: Optional[torch.dtype] = None) -> Plan:
     """The split for occlusion of ``x`` ``(B, C, H, W)`` with these windows, checked on the clean images
-    (``out``: the model's output on them, ``unwrap``: the output rule), or a :class:`Plan` with ``why``."""
+    (``out``: the model's output on them, ``unwrap``: the output rule; ``dtype``: the passes' autocast, ``None``
+    for float32), or a :class:`Plan` with ``why``."""
     if x.dim() != 4:
         return Plan(why="the input is not a batch of images")
-    gm = _trace(model)
+    gm = _trace(model, dtype)
     if isinstance(gm, str):
         return Plan(why=gm)
     fields = _fields(gm)

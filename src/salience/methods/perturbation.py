@@ -336,8 +336,8 @@ def occlusion(
     (convolutions, eval-mode batch norm, elementwise activations, pooling, sums of such branches) run on a crop
     around each window only and the rest of the model from a copy of the clean activation with the crop's exact
     part pasted in (:mod:`salience.methods._occlusion_local`); the same maps as full passes up to float rounding.
-    Models that cannot be traced by ``torch.fx``, have hooks or no such prefix, and ``compile`` or
-    ``precision="bf16-mixed"`` runs, take full passes (a debug log line of ``salience.occlusion`` says why);
+    Models that cannot be traced by ``torch.fx``, have hooks, an autocast block in their forward or no such
+    prefix, and ``compile`` or ``precision="bf16-mixed"`` runs, take full passes (a debug log line of ``salience.occlusion`` says why);
     ``False``: always full passes.
     """
     progress = check_flag(progress, "progress")
@@ -367,8 +367,8 @@ def occlusion(
         if split_plan is not None:
             plan, spans = split_plan
             spans_host = spans.tolist()  # (windows, 2, 3) as lists: the pastes' slices, read once
-            clean_cut = plan.clean  # (B, C', H', W'), what every pass's cut starts from
-            if run.dtype is not None:  # at the passes' precision
+            clean_cut, plan.clean = plan.clean, None  # (B, C', H', W'), what every pass's cut starts from; held once
+            if run.dtype is not None:  # (the check's float32 one was held beside it through the passes)  # at the passes' precision
                 with torch.no_grad(), run.autocast():
                     clean_cut = plan.prefix(x.clone())
 
@@ -412,7 +412,7 @@ def _split(model: nn.Module, x: Tensor, win: tuple[int, int], st: tuple[int, int
         # under an autocast it casts that copy's weights, the same values as the run's copy in the autocast's dtype)
         folded = _perf.folded_model(model)[0] if perf.fold_batchnorm else None
         plan = _local.plan(folded if folded is not None else model, x, win, st, corners, strip_softmax, out,
-                           lambda o: unwrap_output(o, model))
+                           lambda o: unwrap_output(o, model), _perf.autocast_dtype(perf))
         why = plan.why
     if why:
         _local.log.debug("occlusion: full passes: %s", why)
