@@ -150,6 +150,9 @@ def _bf16_warnings(fn):
 
 def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch):
     monkeypatch.setattr(_cpu, "native_bf16", lambda: False)
+    # a CPU with no bf16 instructions at all, whatever this machine has (session 44's AMD EPYC has AVX512-BF16, whose
+    # message is the other one: tests/test_s41_misc.py)
+    monkeypatch.setattr(_cpu, "bf16_instructions", lambda: "")
     model, x = _TimedNet(), torch.rand(1, 3, 8, 8)
     assert _bf16_warnings(lambda: salience.smoothgrad(model, x, 0, samples=2)) == []  # fp32: nothing
     got = _bf16_warnings(lambda: salience.smoothgrad(model, x, 0, samples=2, precision="bf16"))
