@@ -368,7 +368,8 @@ def occlusion(
             plan, spans = split_plan
             spans_host = spans.tolist()  # (windows, 2, 3) as lists: the pastes' slices, read once
             clean_cut, plan.clean = plan.clean, None  # (B, C', H', W'), what every pass's cut starts from; held once
-            if run.dtype is not None:  # (the check's float32 one was held beside it through the passes)  # at the passes' precision
+            # at the passes' precision: the check's float32 one was held beside it through the passes
+            if run.dtype is not None:
                 with torch.no_grad(), run.autocast():
                     clean_cut = plan.prefix(x.clone())
 
