@@ -6,6 +6,11 @@
    the capture and the default-layer search's spotter read each call's operands in one place
    (:func:`salience.attention.operands`), positional or keyword. The reference: the model's own attention matrices
    ``(B, heads, L, S)``, recorded by the model.
+2. ``precision="bf16-mixed"``: a function whose result a tensor method of another name gives too (``F.hardtanh(x, 0,
+   6)``, ``F.relu6(x)``, ``F.threshold(x, 0, 0)`` and ``x.clamp``; ``torch.special.expit`` and ``x.sigmoid()``;
+   ``torch.zeros_like(x)`` and ``x.new_zeros(x.shape)``) ran in float32 on a bf16 full-resolution map (the rule's
+   cast) where the method ran in bf16: one model written both ways gave two maps. The reference: the method spelling's
+   map, bit for bit, on a model whose full-resolution map is bf16 (a small map upsampled).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import salience
+from salience._core.islands import HighResolutionFp32
 from salience.attention import attention_maps
 
 from conftest import unchanged
@@ -156,3 +162,67 @@ def test_a_factorized_attention_copied_by_a_keyword_clone_is_recognized():
     assert torch.equal(by_at(x), by_keywords(x))  # one model
     assert default_layer(by_at, x) == "blocks.1.norm1"
     assert default_layer(by_keywords, x) == "blocks.1.norm1"
+
+
+# ---- 2. bf16-mixed: one math, two spellings, one precision -------------------------------------------------------
+
+BF = torch.bfloat16
+# each class: (the function spelling, the tensor-method spelling of the same math)
+SPELLING_PAIRS = {
+    "hardtanh": (lambda u: F.hardtanh(u, 0.0, 6.0), lambda u: u.clamp(0, 6)),
+    "relu6": (F.relu6, lambda u: u.clamp(0, 6)),
+    "nn.ReLU6": (nn.ReLU6(), lambda u: u.clamp(0, 6)),
+    "threshold": (lambda u: F.threshold(u, 0.0, 0.0), lambda u: u.relu()),
+    "clip": (lambda u: torch.clip(u, 0, 6), lambda u: u.clamp(0, 6)),  # a twin already (torch.clip is Tensor.clip's)
+    "relu": (F.relu, lambda u: u.clamp(min=0)),  # a twin already (F.relu is Tensor.relu's)
+    "special.expit": (torch.special.expit, lambda u: u.sigmoid()),
+    "special.expm1": (torch.special.expm1, lambda u: u.expm1()),
+    "zeros_like": (lambda u: torch.maximum(u, torch.zeros_like(u)), lambda u: torch.maximum(u, u.new_zeros(u.shape))),
+}
+
+
+class Upsampled(nn.Module):
+    """A 32 px image, an 8 px stride convolution (4 x 4, float32 under the rule: its input is the image), a 1x1
+    convolution on that small map (bf16 under the autocast) upsampled 8x: a bf16 map at full resolution, where
+    ``spell(u) * u`` runs; a 3x3 convolution (float32: the rule), a linear head."""
+
+    def __init__(self, spell) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(3, 4, 8, stride=8), nn.Conv2d(4, 4, 1)
+        self.c3, self.fc, self.spell = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3), spell
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = F.interpolate(self.c2(self.c1(x)) * 3, scale_factor=8.0)
+        return self.fc(self.c3(self.spell(u) * u).mean((2, 3)))
+
+
+XU = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", list(SPELLING_PAIRS))
+@pytest.mark.parametrize("dtype", [torch.float32, BF], ids=["fp32-map", "bf16-map"])
+def test_each_spelling_runs_as_its_method_on_a_full_resolution_map(name, dtype):
+    u = (torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    function, method = SPELLING_PAIRS[name]
+    with torch.autocast("cpu", dtype=BF), HighResolutionFp32("cpu", (32, 32)):
+        by_function, by_method = function(u), method(u)
+    assert by_method.dtype == dtype
+    assert by_function.dtype == dtype  # a bf16 map's F.relu6 was float32
+    assert torch.equal(by_function, by_method)
+
+
+@pytest.mark.usefixtures("fresh_perf_state")
+@pytest.mark.parametrize("name", list(SPELLING_PAIRS))
+def test_a_model_written_both_ways_gives_one_map_under_bf16_mixed(name):
+    function, method = SPELLING_PAIRS[name]
+    by_function, by_method = Upsampled(function).eval(), Upsampled(method).eval()
+    fp32 = [salience.vanilla(m, XU, 1) for m in (by_function, by_method)]
+    torch.testing.assert_close(fp32[0], fp32[1], rtol=0, atol=0)  # one model in float32
+    with torch.autocast("cpu", dtype=BF), HighResolutionFp32("cpu", (32, 32)):
+        u = F.interpolate(by_method.c2(by_method.c1(XU)) * 3, scale_factor=8.0)
+    assert u.dtype == BF and u.shape[-2:] == (32, 32)  # the spellings run on a bf16 full-resolution map
+    with salience.performance(precision="bf16-mixed"):
+        maps = [salience.vanilla(m, XU, 1) for m in (by_function, by_method)]
+    assert not torch.equal(maps[1], fp32[1])  # bf16's rounding is in the map: the pair is no fp32 one
+    assert torch.equal(maps[0], maps[1])  # were apart: the function's result float32, the method's bf16
