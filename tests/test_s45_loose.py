@@ -16,11 +16,21 @@
    refused (the run unfolded, the fold's speed lost). Now folded: the maps are those of the same model without the
    block, folded, bit for bit, and the unfolded model's within the documented bf16 bound; a block that changes the math
    (a float32 island, another dtype, a bf16 block in a float32 or bf16-mixed run) is still refused.
+4. Dataset runs in a process that keeps a large freed heap: the first starts no forkserver (session 44), and the
+   second started it in the background and forked its own workers, so a process with exactly two such runs forked
+   both and paid for a server no run used. The second now starts it and its workers start from it: checked on real
+   DataLoader runs in a fresh interpreter, by each worker's parent process.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -305,3 +315,50 @@ def test_a_block_that_changes_the_math_is_still_refused(block, precision):
     out, notes = _rise_notes(model, precision, True)
     assert torch.equal(out, ref)
     assert any("torch.autocast block" in n and "running the model as it is" in n for n in notes), notes
+
+
+# ---- 4. a process with exactly two large-heap dataset runs --------------------------------------------------------
+
+TWO_RUNS = """
+import json, os, pathlib, sys
+import numpy as np
+from multiprocessing import forkserver
+import salience, salience.runs.dataset as d
+from test_s43_dataset import record_start
+from test_s40_run_bf16 import images, net
+
+if __name__ == "__main__":
+    d.kept_free_bytes = lambda: 1 << 30  # the process keeps 1 GiB of freed heap (allocator="reuse" after passes)
+    d.sources.worker_init = record_start  # each worker writes its parent's pid to $S43_LOG
+    tmp, log = pathlib.Path(sys.argv[1]), pathlib.Path(os.environ["S43_LOG"])
+    files, model = images(tmp / "imgs", n=4), net()
+    kw = dict(batch_size=2, shard_size=2, target=1, model_spec="net3")
+    salience.explain_dataset(model, files, ["vanilla"], tmp / "none", workers=0, **kw)
+    parents, same = [], []
+    for name in ("first", "second"):
+        salience.explain_dataset(model, files, ["vanilla"], tmp / name, workers=1, **kw)
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        log.unlink()
+        parents.append(["run's process" if r[0] == os.getpid() else "another" for r in rows])
+        a, b = salience.open_run(tmp / "none"), salience.open_run(tmp / name)
+        same.append(all(np.array_equal(a.map(i, "vanilla"), b.map(i, "vanilla")) for i in range(4)))
+    server = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    print(json.dumps([parents, same, server is not None]))
+"""
+
+
+def test_a_process_with_two_large_heap_runs_starts_the_second_runs_workers_from_a_forkserver(tmp_path):
+    """Two runs of one worker each (the first batch decoded in the run's process, the second by the worker): the first
+    run's worker is the run's process's child (forked, no server started), the second's is not (the forkserver's
+    child: the server the second run started); the maps those of a run without workers."""
+    script = tmp_path / "two_runs.py"  # a file with a main guard: a forkserver may import it
+    script.write_text(TWO_RUNS)
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "S43_LOG": str(tmp_path / "starts.jsonl"),
+           "PYTHONPATH": os.pathsep.join([str(Path(salience.__file__).resolve().parents[1]), str(here)])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parents, same, server = json.loads(done.stdout.strip().splitlines()[-1])
+    assert parents == [["run's process"], ["another"]], parents  # before session 45: both the run's process's
+    assert same == [True, True] and server
