@@ -27,10 +27,8 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -273,15 +271,11 @@ class Blocked(nn.Module):
         return self.head(F.relu(self.bn2(self.conv2(h.float()))).mean((2, 3)))  # float: the block's may be bf16
 
 
-XF = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-
-
 def _rise_notes(model, precision, fold):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with salience.performance(fold_batchnorm=fold):
-            out = salience.rise(model, XF, 1, masks=32, seed=0, precision=precision)
-    return out, [str(w.message) for w in caught if str(w.message).startswith("fold_batchnorm")]
+    """RISE's map of session 44's images under ``precision``, folded or not, and the fold's warnings."""
+    from test_s44_rvloose import _rise
+
+    return _rise(model, precision, fold)
 
 
 @pytest.mark.usefixtures("fresh_perf_state")
