@@ -62,7 +62,7 @@ def test_a_cpu_run_keeping_a_large_heap_starts_its_worker_from_a_forkserver_with
     (small,) = _starts(log)
     assert small[0] == os.getpid()  # forked: the run's process is its parent
     monkeypatch.setattr(run_dataset, "kept_free_bytes", lambda: LARGE, raising=False)
-    for _ in range(2):  # the first two such runs fork where no forkserver ran yet (the second starts one)
+    for _ in range(2):  # the first such run forks, the second starts a forkserver and uses it (session 45)
         salience.explain_dataset(model, files, ["vanilla"], tmp_path / "first", workers=1, **KW)
     _starts(log)
     monkeypatch.setenv("S43_SET_LATE", "after the server started")

@@ -1,6 +1,6 @@
 """Attention whose product is spelled ``torch.linalg.matmul`` (session 44). A keys-first softmax (over dim 1 of
 ``(B, S, heads, L)``) is attention once a product contracts it with the values; the capture's list of products
-(:data:`salience.attention._PRODUCTS`) and the default-layer search's spotter did not hold ``torch.linalg.matmul``
+(:data:`salience.attention.PRODUCTS`) and the default-layer search's spotter did not hold ``torch.linalg.matmul``
 (another function object than ``torch.matmul``, the same product), so such a model's attention was not captured.
 Each spelling is checked against the model's own ``(B, heads, L, S)`` attention, recorded by the model."""
 from __future__ import annotations

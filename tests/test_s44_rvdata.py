@@ -48,5 +48,6 @@ def test_the_architecture_table_states_session_44s_start_rule():
     row = next(line for line in (ROOT / "docs" / "architecture.md").read_text().splitlines()
                if line.startswith("| `runs/` |"))
     workers = row[row.index("DataLoader workers"):row.index("shards, resume")]
-    assert "third run" in workers and "the second starts it" in workers, workers
+    # session 45: the second run uses the server it starts (it was the third, the second forking)
+    assert "second run on" in workers and "the second starts it and uses it" in workers, workers
     assert "`_afresh_decodes_alike`" in workers and "pickle limit keeps the forkserver" in workers, workers

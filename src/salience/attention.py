@@ -29,6 +29,9 @@ active (around one forward pass, in the entering thread only):
   channels with a weight, no batch index, is not attention); with as many heads as tokens, ``(B, S, S, S)``, the
   product tells the heads (shared with the values) from the queries (:meth:`KeysFirst._read`).
 
+Each call's arguments are read positional or by keyword alike (``torch.matmul(input=a, other=v)``,
+``F.scaled_dot_product_attention(query=q, key=k, value=v)``): :func:`operands`, :func:`softmax_input`.
+
 Every other torch call of the pass also reaches the mode (that is how modes work): it leaves at once
 on one set lookup of the function (:data:`_WATCHED`). :func:`attention_maps` (attention rollout's pass) keeps
 even that off the rest of the pass: a model's first pass runs under the mode throughout and notes the module
@@ -88,12 +91,35 @@ SOFTMAXES = frozenset({torch.softmax, Tensor.softmax, F.softmax, torch.special.s
 # products that contract a keys-first softmax with the values (what makes it attention, not a channel weighting);
 # torch.linalg.matmul is another function object than torch.matmul, the same product (session 44: a keys-first
 # softmax contracted by it was never taken for attention, "saw no attention operation")
-_PRODUCTS = frozenset({torch.einsum, torch.matmul, torch.linalg.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm,
-                       Tensor.bmm})
+PRODUCTS = frozenset({torch.einsum, torch.matmul, torch.linalg.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm,
+                      Tensor.bmm})
 # calls that may copy a keys-first softmax on its way to that product (``a.permute(...).reshape(B * heads, L, S)``)
 _COPYING = frozenset({Tensor.contiguous, Tensor.clone, torch.clone, Tensor.reshape, torch.reshape, Tensor.flatten,
                       torch.flatten})
-_WATCHED = frozenset({_SDPA, F.multi_head_attention_forward, *SOFTMAXES, *_PRODUCTS, *_COPYING})
+_WATCHED = frozenset({_SDPA, F.multi_head_attention_forward, *SOFTMAXES, *PRODUCTS, *_COPYING})
+# the operands each call reads, in torch's order and by torch's names: a call may give any of them by keyword
+# (``torch.matmul(input=a, other=v)``, ``a.matmul(other=v)``, ``torch.bmm(input=a, mat2=v)``, ``torch.reshape(input=a,
+# shape=s)``, ``F.scaled_dot_product_attention(query=q, key=k, value=v)``; session 45: read by position only, such a
+# model's keys-first attention was not seen, "saw no attention operation", and SDPA's keywords were a TypeError)
+_OPERAND_NAMES: dict[Any, tuple[str, ...]] = {
+    **{f: ("input", "other") for f in (torch.matmul, torch.linalg.matmul, Tensor.matmul, Tensor.__matmul__)},
+    **{f: ("input", "mat2") for f in (torch.bmm, Tensor.bmm)},
+    **{f: ("input",) for f in _COPYING}, _SDPA: ("query", "key", "value")}
+
+
+def operands(func: Any, args: tuple, kwargs: Optional[dict]) -> list[Any]:
+    """The operands a call of ``func`` reads, in order, whichever way it spelled them (positional or keyword; a
+    method's own tensor, ``a`` of ``a.matmul(other=v)``, is its first): a product's two (``@``, ``matmul``,
+    ``linalg.matmul``, ``bmm``) or ``torch.einsum``'s tensors (given one by one or as a list; einsum takes no
+    keywords), a copy's source (``contiguous``, ``clone``, ``reshape``, ``flatten``), SDPA's query, key and value;
+    ``[]`` for any other call. The one reader of these calls' arguments: the capture's :class:`KeysFirst`,
+    :func:`product_labels` and the default-layer search's spotter all take them from here. A missing one is
+    ``None``."""
+    if func is torch.einsum:
+        return [t for x in args[1:] for t in (x if isinstance(x, (list, tuple)) else (x,)) if isinstance(t, Tensor)]
+    names = _OPERAND_NAMES.get(func, ())
+    kwargs = kwargs or {}
+    return [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
 
 
 def _check_callable(fn: Any, name: str, what: str) -> None:
@@ -230,8 +256,8 @@ class AttentionCapture(TorchFunctionMode):
         if func is F.multi_head_attention_forward:
             return self._mha(args, kwargs)
         out = func(*args, **kwargs)
-        if func in _PRODUCTS or func in _COPYING:
-            if self._pending is not None and self._pending.contracted(func, args, out):
+        if func in PRODUCTS or func in _COPYING:
+            if self._pending is not None and self._pending.contracted(func, args, kwargs, out):
                 if self._sites is not None:  # the softmax's module too: the product may be another's
                     self._sites.append(self._pending.tag)
                 self._record(self._pending.out, "softmax", self._pending.order)
@@ -247,8 +273,11 @@ class AttentionCapture(TorchFunctionMode):
             self._pending = KeysFirst(out, None, _caller_module() if self._sites is not None else None)
         return out
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-              is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
+    def _sdpa(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+              dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+              enable_gqa: bool = False) -> Tensor:
+        """SDPA explicitly; its arguments by torch's names (``query=q``: a keyword call as a positional one)."""
+        q, k, v = query, key, value
         if enable_gqa and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
             rep = q.shape[-3] // k.shape[-3]
             k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
@@ -341,15 +370,15 @@ def _mha_mask(a: dict, b: int, h: int, ln: int, s: int, like: Tensor) -> Optiona
     return mask
 
 
-def _softmax_input(args: tuple, kwargs: dict) -> tuple[Any, Any]:
-    """A softmax call's ``(input, dim)``, whichever way it was spelled."""
+def softmax_input(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """A softmax call's ``(input, dim)``, whichever way it was spelled (the spotter's reader too)."""
     x = args[0] if args else kwargs.get("input", kwargs.get("self"))
     return x, args[1] if len(args) > 1 else kwargs.get("dim")
 
 
 def _is_attention_softmax(args: tuple, kwargs: dict) -> bool:
     """A softmax over the last dim of a tensor of 3 or more dims (attention weights, not class scores)."""
-    x, dim = _softmax_input(args, kwargs)
+    x, dim = softmax_input(args, kwargs)
     if not isinstance(x, Tensor) or x.dim() < 3 or not isinstance(dim, int):
         return False
     return dim in (-1, x.dim() - 1)
@@ -362,7 +391,7 @@ def attention_order(args: tuple, kwargs: dict) -> Optional[tuple[int, ...]]:
     the one other axis of size ``S`` (self-attention); ``None`` for any other softmax (not attention)."""
     if _is_attention_softmax(args, kwargs):
         return ()
-    x, dim = _softmax_input(args, kwargs)
+    x, dim = softmax_input(args, kwargs)
     if not isinstance(x, Tensor) or x.dim() != 4 or dim not in (1, -3):
         return None
     s, p, q = x.shape[1:]
@@ -377,7 +406,7 @@ def ambiguous_keys_first(args: tuple, kwargs: dict) -> bool:
     """A softmax over dim 1 of a 4-D tensor ``(B, S, S, S)``: keys first, as many heads as tokens, so the shape
     cannot say whether the heads or the queries come next; the product that contracts it with the values can
     (:meth:`KeysFirst.contracted`: the heads are the axis the values share)."""
-    x, dim = _softmax_input(args, kwargs)
+    x, dim = softmax_input(args, kwargs)
     return isinstance(x, Tensor) and x.dim() == 4 and dim in (1, -3) and x.shape[1] == x.shape[2] == x.shape[3] > 1
 
 
@@ -396,13 +425,12 @@ def _dims_in(view: Tensor, base: Tensor) -> Optional[tuple[int, ...]]:
     return tuple(dims)
 
 
-def _contracts(args: tuple, seen: list[Tensor]) -> bool:
-    """Whether a call's operands (a product's: ``@`` / ``matmul`` / ``bmm``, or ``einsum``'s, listed or not) include
-    one of ``seen`` (a keys-first softmax's output and its copies) or a view of one (its storage: an inference
+def _contracts(ops: list[Any], seen: list[Tensor]) -> bool:
+    """Whether a call's operands (:func:`operands`: a product's, ``@`` / ``matmul`` / ``bmm`` or ``einsum``'s, or a
+    copy's source) include one of ``seen`` (a keys-first softmax's output and its copies) or a view of one (its storage: an inference
     tensor's view keeps no ``_base``): a keys-first softmax is attention when contracted with the values, as in
     ``einsum("bshl,bhsd->bhld", a, v)``; a softmax over the channels of a ``(B, C, H, W)`` map with ``C == H`` that
     only scales the map is not."""
-    ops = [t for x in args for t in (x if isinstance(x, (list, tuple)) else (x,))]
     return any(isinstance(t, Tensor) and t.layout == a.layout == torch.strided and t.data_ptr() == a.data_ptr()
                and t.numel() == a.numel() for t in ops for a in seen)
 
@@ -417,21 +445,24 @@ class KeysFirst:
         # each copy's dims as the softmax output's (None: folded): how the product that contracts it reads it
         self.dims: list[Optional[tuple[int, ...]]] = [tuple(range(out.dim()))]
 
-    def contracted(self, func: Any, args: tuple, out: Any) -> bool:
-        """Whether the call ``func(*args) -> out`` contracts it with the values (an order left open by the shape
-        found then); a copy of it is noted."""
-        if func in _PRODUCTS:
-            if not _contracts(args, self.copies):
+    def contracted(self, func: Any, args: tuple, kwargs: Optional[dict], out: Any) -> bool:
+        """Whether the call ``func(*args, **kwargs) -> out`` contracts it with the values (an order left open by the
+        shape found then); a copy of it is noted."""
+        if func in PRODUCTS:
+            if not _contracts(operands(func, args, kwargs), self.copies):
                 return False
-            read = self._read(func, args)
+            read = self._read(func, args, kwargs)
             if self.order is None:
                 self.order = read or None
                 return self.order is not None
             return read is not False  # a product read as no values' (or not read at all: taken, as the shape says)
-        if func in _COPYING and isinstance(out, Tensor) and _contracts(args[:1], self.copies):
+        if func in _COPYING and isinstance(out, Tensor):
+            src = operands(func, args, kwargs)[0]
+            if not _contracts([src], self.copies):
+                return False
             self.copies.append(out)  # a copy on its way to the product
-            same = isinstance(args[0], Tensor) and out.shape == args[0].shape
-            self.dims.append(self._dims_of(args[0]) if same else None)
+            same = isinstance(src, Tensor) and out.shape == src.shape
+            self.dims.append(self._dims_of(src) if same else None)
         return False
 
     def _dims_of(self, t: Tensor) -> Optional[tuple[int, ...]]:
@@ -442,7 +473,7 @@ class KeysFirst:
                 return tuple(dims[j] for j in found)
         return None
 
-    def _read(self, func: Any, args: tuple) -> Union[tuple[int, ...], bool, None]:
+    def _read(self, func: Any, args: tuple, kwargs: Optional[dict]) -> Union[tuple[int, ...], bool, None]:
         """The product contracting the softmax (an operand a permuted view of it or of a copy) read by its indices:
         ``False`` where it is no values' product, ``None`` where not read (no such operand, an equation not read),
         else the permutation to ``(B, heads, L, S)`` (the shape's, or for ``(B, S, S, S)`` the product's). The keys'
@@ -452,7 +483,7 @@ class KeysFirst:
         ``a.permute(0, 2, 3, 1) @ v``; a statistic such as ``einsum("bshl,ls->bh", a, distance)`` leaves it to the
         next). An operand's dim shares an index only where it varies: not one of size 1 or stride 0, an expanded
         weight's (``s.permute(0, 2, 3, 1) @ w.expand(B, H, C, D)``)."""
-        parsed = einsum_labels(args) if func is torch.einsum else matmul_labels(args, {})
+        parsed = product_labels(func, args, kwargs)
         for i, (op, labels) in enumerate(parsed[0] if parsed else ()):
             dims = self._dims_of(op) if isinstance(op, Tensor) else None
             if dims is None:
@@ -476,13 +507,23 @@ class KeysFirst:
         return None
 
 
-def matmul_labels(args: tuple, kwargs: dict) -> Optional[tuple[list[tuple[Any, list]], set]]:
-    """A matmul of two 4-D tensors ``(B, heads, m, r) @ (B, heads, r, p)`` or two 3-D ones ``(B, m, r) @ (B, r, p)``
-    (``bmm``'s; the heads folded into the batch) as einsum labels (``bhmr,bhrp->bhmp``, ``bmr,brp->bmp``, the form
+def product_labels(func: Any, args: tuple, kwargs: Optional[dict]) -> Optional[tuple[list[tuple[Any, list]], set]]:
+    """A product's operands (:func:`operands`) with each one's index label per dim, and the output's labels (the form
     :meth:`salience.methods._attention_spotter._AttentionSpotter._contraction` and :meth:`KeysFirst.contracted`
-    read); None for any other."""
-    a = args[0] if args else kwargs.get("input", kwargs.get("self"))
-    b = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+    read): ``torch.einsum``'s by :func:`einsum_labels`, a matmul's by :func:`_matmul_labels`; None for any other
+    call or an equation not read."""
+    if func is torch.einsum:
+        return einsum_labels(args)
+    if func not in PRODUCTS:
+        return None
+    a, b = operands(func, args, kwargs)
+    return _matmul_labels(a, b)
+
+
+def _matmul_labels(a: Any, b: Any) -> Optional[tuple[list[tuple[Any, list]], set]]:
+    """A matmul of two 4-D tensors ``(B, heads, m, r) @ (B, heads, r, p)`` or two 3-D ones ``(B, m, r) @ (B, r, p)``
+    (``bmm``'s; the heads folded into the batch) as einsum labels (``bhmr,bhrp->bhmp``, ``bmr,brp->bmp``); None for
+    any other."""
     if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == b.dim() and a.dim() in (3, 4)
             and a.shape[:-2] == b.shape[:-2]):
         return None

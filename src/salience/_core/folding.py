@@ -99,24 +99,34 @@ class ThisThreadTracer(torch.fx.Tracer):
 
 class _AutocastSeeingTracer(ThisThreadTracer):
     """``torch.fx``'s tracer, noting in :attr:`changed` an operation recorded inside an autocast block of the forward
-    (or under other autocast settings than the trace began with). fx runs a ``with torch.autocast(...)`` block
-    (``enabled=False``: a float32 island of a bf16 model; ``torch.cuda.amp.autocast`` likewise) while tracing and
-    records none of it, so the folded copy would run that block's operations under the passes' autocast (session 44:
-    a linear layer in float32 in the model ran in bf16 in the copy under ``precision="bf16"``, with no warning). Such a
-    model is not folded; :func:`fx_traced` traces under the passes' autocast too (a block entered only under one).
-    Grad-mode blocks (``torch.no_grad()``) are not recorded either, but change no value of a
+    (or under other autocast settings than the trace began with: :func:`_autocast_state`). fx runs a
+    ``with torch.autocast(...)`` block (``enabled=False``: a float32 island of a bf16 model; ``torch.cuda.amp.autocast``
+    likewise) while tracing and records none of it, so the folded copy would run that block's operations under the
+    passes' autocast (session 44: a linear layer in float32 in the model ran in bf16 in the copy under
+    ``precision="bf16"``, with no warning). Such a model is not folded; :func:`fx_traced` traces under the passes'
+    autocast too (a block entered only under one). With ``passes`` (the autocast settings, on or off and the dtype per
+    device type, that the copy's passes run under, when only those: ``precision="bf16"`` / ``"fp16"``'s eager passes),
+    an operation inside a block that sets exactly those (``with torch.autocast("cpu", dtype=torch.bfloat16)`` in a bf16
+    run) is not noted: under the passes it changes nothing (session 45: every block was, and such a model ran unfolded,
+    at the speed of no fold). Grad-mode blocks (``torch.no_grad()``) are not recorded either, but change no value of a
     forward pass, and the copy runs only plain passes (no backward)."""
 
-    def __init__(self) -> None:
+    def __init__(self, passes: Optional[tuple] = None) -> None:
         super().__init__()
-        self._start = _autocast_state()
+        self._start, self._passes = _autocast_state(), passes
         self.changed = ""
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: Optional[str] = None,
                     type_expr: Optional[Any] = None) -> torch.fx.Node:
-        if not self.changed and _autocast_state() != self._start:
+        if not self.changed and self._changes(_autocast_state()):
             self.changed = str(target if isinstance(target, str) else getattr(target, "__name__", target))
         return super().create_node(kind, target, args, kwargs, name, type_expr)
+
+    def _changes(self, state: tuple) -> bool:
+        """Whether an operation recorded in autocast ``state`` runs otherwise in the copy: any other state than the
+        trace's start, but inside a block (nested deeper) whose settings are the passes' own."""
+        return state != self._start and (self._passes is None or state[0] <= self._start[0]
+                                         or state[1:] != self._passes)
 
 
 def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype]) -> Any:
@@ -129,13 +139,22 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype]) -> Any:
     under one), on the model's device type. A forward that enters its float32 island only when an autocast is on (``if
     torch.is_autocast_enabled(): with torch.autocast(..., enabled=False)``, ``torch.amp.custom_fwd(cast_inputs=...)``)
     showed the first trace nothing (session 44 review: the copy ran the island in bf16); one whose graph differs under
-    the autocast reads the autocast, and the copy would run one branch for both."""
+    the autocast reads the autocast, and the copy would run one branch for both. An operation under other autocast
+    settings than the trace's, or in an autocast block, refuses the trace (:class:`_AutocastSeeingTracer`); with
+    ``dtype`` (a copy for passes under that autocast only: ``precision="bf16"`` / ``"fp16"``'s eager passes) but a
+    block that sets exactly the passes' autocast (``with torch.autocast("cpu", dtype=torch.bfloat16)`` in a bf16 run,
+    in both traces: a CUDA block on a CPU model sets no CPU autocast), which is traced and folded (session 45); without
+    (a float32 copy may run with or without an autocast: ``"fp32"``, ``"bf16-mixed"``, compiled passes), every block
+    is refused."""
     device = next((t.device.type for t in (*clone.parameters(), *clone.buffers())), "cpu")
-    graphs = []
+    graphs, passes = [], None
+    if dtype is not None:  # the autocast settings of the copy's passes, the only ones it runs under
+        with torch.autocast(device, dtype=dtype):
+            passes = _autocast_state()[1:]
     for under in (False, True):
         try:
             with torch.autocast(device, dtype=dtype or torch.get_autocast_dtype(device), enabled=under):
-                tracer = _AutocastSeeingTracer()
+                tracer = _AutocastSeeingTracer(passes)
                 graph = tracer.trace(clone)
         except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
             return f"torch.fx cannot trace it ({_described(e, 200)})"

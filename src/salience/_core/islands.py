@@ -16,7 +16,9 @@ arguments, positional or keyword (or a tensor in a list or tuple argument, ``tor
 ``(N, h, w, C)`` tensor, torchvision's ConvNeXt's MLPs, has ``w x C`` as its last two sides) runs with autocast off
 and its bf16 arguments (keyword ones too: ``attn_mask=``, ``weight=``) cast to float32, so it and its backward
 compute in fp32. The other operations run under the bf16 autocast as ``precision="bf16"`` runs them, and so does a
-function a tensor method spells too (``torch.exp`` as ``a.exp()``, :func:`_method_twin`, session 44; but ``prelu``, a
+function a tensor method spells too (``torch.exp`` as ``a.exp()``, :func:`_method_twin`, session 44; or a method of
+another name, ``F.relu6(x)`` as ``x.clamp(0, 6)``, ``torch.zeros_like(x)`` as ``x.new_zeros(x.shape)``,
+:data:`SPELLS_A_METHOD`, session 45; but ``prelu``, a
 gate autocast casts down, is under the rule in every spelling, the method too: :data:`GATES`). A model whose
 input is not an image ``(N, C, H, W)`` runs as under ``"bf16"``. Products of activations are no map operations
 (:data:`PRODUCTS`, session 42): attention (``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``),
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RATIO", "PRODUCTS", "MATMULS", "EINSUMS", "GATES", "HighResolutionFp32"]
+__all__ = ["RATIO", "PRODUCTS", "MATMULS", "EINSUMS", "GATES", "SPELLS_A_METHOD", "HighResolutionFp32"]
 
 RATIO = 4
 """Maps at ``1 / RATIO`` of the input's height and width or larger run in fp32 (measured: 2 left EfficientNet-Lite0's
@@ -85,6 +87,25 @@ method too (session 44: ``x.prelu(w)`` ran in bf16 on a full-resolution map wher
 _F_TWINS = frozenset({F.relu, F.sigmoid, F.tanh, F.hardshrink})  # F's functions spelling the tensor method of their
 # name (F.unfold does not: Tensor.unfold is another operation; F.softmax, F.log_softmax: PRODUCTS; F.prelu: GATES)
 
+SPELLS_A_METHOD = frozenset({
+    # a clamp's kernel under another name: x.clamp(lo, hi), x.clamp(0, 6), x.where(x > t, v) (nn.Hardtanh, nn.ReLU6,
+    # nn.Threshold call them)
+    F.hardtanh, F.relu6, F.threshold,
+    # torch.special's names of a tensor method's function: expit is x.sigmoid(), psi x.digamma(), gammaln x.lgamma(),
+    # special.expm1 x.expm1() (and the others of one name)
+    torch.special.expit, torch.special.psi, torch.special.gammaln,
+    *(f for n, f in vars(torch.special).items() if callable(f) and not n.startswith("_") and hasattr(torch.Tensor, n)
+      and callable(getattr(torch, n, None))),
+    # factories whose result takes an argument's dtype: torch.zeros_like(x) is x.new_zeros(x.shape)
+    *(getattr(torch, n) for n in dir(torch) if n.endswith("_like") and callable(getattr(torch, n)))})
+"""Functions whose result a tensor method of another name gives too (session 45): ``F.hardtanh(x, 0, 6)``,
+``F.relu6(x)`` and ``x.clamp(0, 6)``; ``F.threshold(x, 0, 0)`` and ``x.relu()``; ``torch.special.expit(x)`` and
+``x.sigmoid()``; ``torch.zeros_like(x)`` and ``x.new_zeros(x.shape)``. Autocast leaves all of them in their inputs'
+dtype, so on the float32 maps that the rule's convolutions give they were float32 in every spelling already; on a bf16
+map the rule's cast made the function's result float32 where the method's stayed bf16, and the two spellings' maps
+split (the rounding of what follows: ``relu6(u) * u`` in float32, ``u.clamp(0, 6) * u`` in bf16). They run as the
+methods do, as :func:`_method_twin`'s functions of one name."""
+
 
 def _method_twin(func: Any) -> bool:
     """A function that a tensor method spells too (``torch.exp`` and ``a.exp()``, ``torch.logsumexp`` and
@@ -92,8 +113,8 @@ def _method_twin(func: Any) -> bool:
     is under the bf16 autocast (session 44: ``torch.exp`` of a bf16 map ran in fp32, ``a.exp()`` in bf16). Autocast
     leaves these in their inputs' dtype, so on the float32 maps that the rule's convolutions give they compute in
     float32 in every spelling; on a bf16 map (attention's scores, a small map upsampled) in bf16 in every spelling.
-    Not the products (:data:`MATMULS`: by their ranks) nor :data:`GATES` (under the rule in every spelling)."""
-    if func in _F_TWINS:
+    A method of another name too: :data:`SPELLS_A_METHOD` (``F.relu6`` and ``x.clamp(0, 6)``). Not the products (:data:`MATMULS`: by their ranks) nor :data:`GATES` (under the rule in every spelling)."""
+    if func in _F_TWINS or func in SPELLS_A_METHOD:
         return True
     name = getattr(func, "__name__", "")
     return (name not in GATES and func not in MATMULS and getattr(torch, name, None) is func

@@ -4,8 +4,9 @@ A torch-function mode for the default-layer search's recorded pass (:func:`salie
 which module ran scaled dot-product attention, ``F.multi_head_attention_forward`` or a softmax over the last dim (what
 :class:`~salience.attention.AttentionCapture` takes for attention), and which ran a factorized attention (keys
 softmaxed over their tokens, contracted with values over them by ``@`` / ``matmul`` / ``bmm`` or ``torch.einsum``:
-:func:`matmul_labels` and :func:`einsum_labels` read the products as einsum labels, :func:`_roles_in` finds the
-keys' dims in a view of them).
+:func:`~salience.attention.product_labels` reads the products as einsum labels, :func:`_roles_in` finds the keys' dims
+in a view of them). Every call's arguments are read as the capture reads them, positional or keyword
+(:func:`~salience.attention.operands`, :func:`~salience.attention.softmax_input`).
 """
 from __future__ import annotations
 
@@ -16,14 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from salience.attention import SOFTMAXES, KeysFirst, attention_order, ambiguous_keys_first, einsum_labels, \
-    matmul_labels
+from salience.attention import PRODUCTS, SOFTMAXES, KeysFirst, attention_order, ambiguous_keys_first, operands, \
+    product_labels, softmax_input
 
 __all__: list[str] = []  # private to the methods (the default-layer search)
 
-# bmm: the heads folded into the batch, (B * heads, N, d); linalg_matmul: torch.linalg.matmul's name (session 44)
-_MATMULS = ("matmul", "__matmul__", "linalg_matmul", "bmm")
-_COPIES = ("contiguous", "clone")  # the keys copied before the product: the same dims, other memory
+_COPIES = frozenset({Tensor.contiguous, Tensor.clone, torch.clone})  # the keys copied: the same dims, other memory
 
 
 def _softmax_over_tokens(args: tuple, kwargs: dict) -> bool:
@@ -31,8 +30,7 @@ def _softmax_over_tokens(args: tuple, kwargs: dict) -> bool:
     folded into the batch): keys normalized over the tokens, as a factorized attention's (``softmax(k)^T v``) are;
     :class:`_AttentionSpotter` takes it for attention only once the result is contracted with values over those
     tokens."""
-    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    x, dim = softmax_input(args, kwargs)
     return (isinstance(x, Tensor) and x.dim() in (3, 4) and isinstance(dim, int)
             and dim in (-2, x.dim() - 2))
 
@@ -70,12 +68,13 @@ class _AttentionSpotter(TorchFunctionMode):
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         where = self.running[-1] if self.running else ""
-        if self._pending is not None and self._pending.contracted(func, args, out):
+        if self._pending is not None and self._pending.contracted(func, args, kwargs, out):
             self.seen.append(self._pending.tag)
             self._pending = None
-        if name == "scaled_dot_product_attention" and len(args) > 1:
-            q, k = args[0], args[1]
-            self.seen.append((where, (*q.shape[:-1], k.shape[-2])))
+        if name == "scaled_dot_product_attention":
+            q, k = operands(F.scaled_dot_product_attention, args, kwargs)[:2]
+            if isinstance(q, Tensor) and isinstance(k, Tensor):
+                self.seen.append((where, (*q.shape[:-1], k.shape[-2])))
         elif func is F.multi_head_attention_forward:
             self.seen.append((where, None))
         elif func in SOFTMAXES and isinstance(out, Tensor) and (order := attention_order(args, kwargs)) is not None:
@@ -87,12 +86,10 @@ class _AttentionSpotter(TorchFunctionMode):
             self._pending = KeysFirst(out, None, (where, tuple(out.shape)))  # (B, S, S, S): read as it is
         elif func in SOFTMAXES and _softmax_over_tokens(args, kwargs) and isinstance(out, Tensor):
             self._keys.append((where, out, _key_roles(out), int(out.shape[-2])))
-        elif name in _COPIES and self._keys and args and isinstance(out, Tensor):
-            self._copied(args[0], out)
-        elif name in _MATMULS and self._keys:
-            self._contraction(where, matmul_labels(args, kwargs))
-        elif name == "einsum" and self._keys:
-            self._contraction(where, einsum_labels(args))
+        elif func in _COPIES and self._keys and isinstance(out, Tensor):
+            self._copied(operands(func, args, kwargs)[0], out)
+        elif func in PRODUCTS and self._keys:
+            self._contraction(where, product_labels(func, args, kwargs))
         return out
 
     def _views(self, t: Tensor) -> Iterator[tuple[str, dict[str, Any], int]]:
@@ -115,7 +112,7 @@ class _AttentionSpotter(TorchFunctionMode):
 
     def _contraction(self, where: str, parsed: Optional[tuple[list[tuple[Any, list]], set]]) -> None:
         """Note a factorized attention where a product (``parsed``: its operands with each one's index label per
-        dim, and the output's labels; :func:`matmul_labels`, :func:`einsum_labels`) run in module ``where``
+        dim, and the output's labels; :func:`~salience.attention.product_labels`) run in module ``where``
         contracts keys softmaxed over their ``N`` tokens (an operand that is a view of that softmax's output or of a
         copy of one: its dims in any order, batch and heads folded into one or not, never tokens and channels mixed;
         the softmax run in ``where`` itself, ``k.softmax(dim=2)``, or in a submodule of it, an ``nn.Softmax(dim=-2)``

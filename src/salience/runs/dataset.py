@@ -119,7 +119,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
     given) or a list of those names; ``metric_steps``: points of the insertion / deletion curves.
     ``batch_size``: default from memory. ``workers``: DataLoader
     processes decoding images (default: up to 4, one core left to the model; forked, or from a forkserver on CUDA
-    and from the third run of a process that keeps a large freed heap, where a fresh worker decodes alike, or as a
+    and from the second run of a process that keeps a large freed heap, where a fresh worker decodes alike, or as a
     given DataLoader's ``multiprocessing_context`` says: docs/datasets.md). ``engine``:
     ``"local"`` or ``"ray"`` (``num_gpus`` per actor, ``actors`` in the pool, ``address`` of the
     cluster). ``method_options``: keyword options per method, e.g. ``{"smoothgrad": {"samples": 8}}``
@@ -589,8 +589,8 @@ def loader_context(device: torch.device, workers: int, dataset: Any = None) -> O
     """The DataLoader's multiprocessing start method: ``"forkserver"`` when workers decode and either the run's device
     is CUDA (forking a process that has CUDA and threads running is unsafe: Python 3.12 warns; ``"spawn"`` where there
     is no forkserver) or the process keeps at least :data:`SHARED_HEAP` bytes of freed heap (``allocator="reuse"``,
-    :func:`kept_free_bytes`) and a forkserver is already running for it (:func:`_forkserver_ready`: the first two
-    such runs fork, the second starting the server for the next runs); else ``None``, the platform's default (fork on
+    :func:`kept_free_bytes`) and a forkserver runs for it (:func:`_forkserver_ready`: the first such run forks and
+    starts none, the second starts the server and uses it, as the runs after it do); else ``None``, the platform's default (fork on
     Linux: the quickest to start). On either device the workers fork as before where a worker started afresh could
     not get the same ``dataset`` (with the ``worker_init_fn`` of the user's DataLoader, :func:`_loader`) or decode it
     the same way (:func:`_afresh_decodes_alike`: one check for both devices since session 44; a CUDA run checked only
@@ -740,13 +740,15 @@ _SERVER_ASKED = 0
 
 
 def _forkserver_ready() -> bool:
-    """Whether this process's forkserver runs. If not, it is started now (in the background: this run's workers fork)
-    when an earlier run of this process asked too (this is its second such run: a third may use it), with
-    ``salience.runs.dataset`` added to the modules it imports once (its workers then import nothing; the default
-    ``__main__`` kept); a process's first such run starts nothing (until session 44 it did: a process with one run,
-    a notebook's after some explained images, started a server it never used, a fresh interpreter of about 0.5 GB
-    resident and 1.7 CPU s, docs/performance.md). ``False`` where there is no forkserver (macOS's and Windows'
-    spawn)."""
+    """Whether this process's forkserver runs for this run's workers. If not, it is started now when an earlier run of
+    this process asked too (this is its second such run), and this run's workers start from it (their first start
+    waits for the server's imports), with ``salience.runs.dataset`` added to the modules it imports once (its workers
+    then import nothing; the default ``__main__`` kept); a process's first such run starts nothing (until session 44
+    it did: a process with one run, a notebook's after some explained images, started a server it never used, a fresh
+    interpreter of about 0.5 GB resident and 1.7 CPU s, docs/performance.md). Until session 45 the second run started
+    the server in the background and forked its own workers, so a process with exactly two such runs forked both and
+    paid for a server no run used. ``False`` where there is no forkserver (macOS's and Windows' spawn) or it could not
+    be started (the workers fork)."""
     import multiprocessing
     from multiprocessing import forkserver
 
@@ -761,8 +763,11 @@ def _forkserver_ready() -> bool:
         return False
     preload = list(getattr(server, "_preload_modules", ["__main__"]))
     forkserver.set_forkserver_preload(preload + [m for m in ("salience.runs.dataset",) if m not in preload])
-    forkserver.ensure_running()
-    return False
+    try:
+        forkserver.ensure_running()
+    except OSError:  # no process or socket to be had: this run's workers fork, as the first run's did
+        return False
+    return getattr(server, "_forkserver_pid", None) is not None
 
 
 def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> None:
