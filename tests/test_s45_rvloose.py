@@ -9,6 +9,9 @@
 2. ``precision="bf16-mixed"``: ``torch.special.multigammaln(x, p)``, which ``x.mvlgamma(p)`` spells (a method of
    another name, missing from ``islands.SPELLS_A_METHOD``), ran in float32 on a bf16 full-resolution map where the
    method ran in bf16. The reference: the method's result, bit for bit.
+3. docs/performance.md said the clamp spellings' gradients differ at a bound (``x.clamp``'s passing where
+   ``F.hardtanh``'s and ``F.relu``'s is 0): in torch 2.14 every spelling with scalar bounds gives 0 there. The
+   reference: the clamp's derivative, 1 strictly inside the bounds.
 """
 from __future__ import annotations
 
@@ -62,3 +65,34 @@ def test_special_multigammaln_runs_as_mvlgamma_on_a_full_resolution_map():
     assert by_method.dtype == BF
     assert by_function.dtype == BF  # was float32: the rule's cast
     assert torch.equal(by_function, by_method)
+
+
+# ---- 3. the docs' note on the clamp spellings' gradient at a bound -------------------------------------------------
+
+AT_BOUNDS = {  # (function, method) with scalar bounds (upper 6 where the name says so); x at each bound, in, out
+    "hardtanh / clamp": (lambda u: torch.nn.functional.hardtanh(u, 0.0, 6.0), lambda u: u.clamp(0, 6)),
+    "relu6 / clamp": (torch.nn.functional.relu6, lambda u: u.clamp(0, 6)),
+    "relu / clamp(min=0)": (torch.nn.functional.relu, lambda u: u.clamp(min=0)),
+    "threshold / relu": (lambda u: torch.nn.functional.threshold(u, 0.0, 0.0), lambda u: u.relu()),
+}
+
+
+@pytest.mark.parametrize("name", list(AT_BOUNDS))
+def test_the_clamp_spellings_have_one_gradient_at_a_bound(name):
+    """The reference: the derivative of a clamp by its definition, 1 strictly inside, 0 outside and (torch's
+    convention for every spelling with scalar bounds) 0 at a bound itself."""
+    x = torch.tensor([-1.0, 0.0, 3.0, 6.0, 7.0], requires_grad=True)
+    hi = 6.0 if "clamp(0, 6)" in name or "6" in name or "hardtanh" in name else float("inf")
+    want = ((x > 0) & (x < hi)).float()  # strictly inside: 0 at a bound itself
+    for spell in AT_BOUNDS[name]:
+        (g,) = torch.autograd.grad(spell(x).sum(), x)
+        assert torch.equal(g, want), (name, g)
+
+
+def test_the_performance_doc_says_no_clamp_gradient_passes_at_a_bound():
+    """docs/performance.md said ``clamp``'s gradient passes at a bound where ``F.hardtanh``'s / ``F.relu``'s is 0
+    (bb76fbb): it is 0 in every spelling (the test above)."""
+    from pathlib import Path
+
+    text = " ".join((Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text().split())
+    assert "`clamp`'s passes" not in text and "`x.clamp(min=0)`'s passes" not in text
