@@ -43,10 +43,14 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["CastCache", "WeightCasts", "CAST_FUNCTIONS"]
 
 #: The functions (as torch hands them to a mode) whose fp32 parameter arguments are served bf16 copies: those of
-#: torch's CPU autocast lower-precision list that take a weight or bias.
+#: torch's CPU autocast lower-precision list that take a weight or bias. ``torch.linalg.matmul`` is not on the list
+#: but is ``matmul`` itself (autocast casts its operands as ``matmul``'s: the same copy); session 45: not served, its
+#: weight was cast again every pass. ``F.multi_head_attention_forward``'s arguments reach the mode in one form whatever
+#: the caller's spelling (torch passes its first 13 by position, the rest by keyword): see :data:`_ATTENTION_WEIGHTS`.
 CAST_FUNCTIONS = frozenset({
     torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
-    torch.conv_tbc, torch._C._nn.linear, torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__,
+    torch.conv_tbc, torch._C._nn.linear, torch.matmul, torch.linalg.matmul, Tensor.matmul, Tensor.__matmul__,
+    Tensor.__rmatmul__,
     torch.mm, Tensor.mm, torch.bmm, Tensor.bmm, torch.addmm, Tensor.addmm, torch.baddbmm, Tensor.baddbmm,
     torch.addbmm, Tensor.addbmm, torch.prelu, Tensor.prelu,
 })

@@ -93,14 +93,15 @@ SPELLS_A_METHOD = frozenset({
     F.hardtanh, F.relu6, F.threshold,
     # torch.special's names of a tensor method's function: expit is x.sigmoid(), psi x.digamma(), gammaln x.lgamma(),
     # special.expm1 x.expm1() (and the others of one name)
-    torch.special.expit, torch.special.psi, torch.special.gammaln,
+    torch.special.expit, torch.special.psi, torch.special.gammaln, torch.special.multigammaln,  # x.mvlgamma(p)
     *(f for n, f in vars(torch.special).items() if callable(f) and not n.startswith("_") and hasattr(torch.Tensor, n)
       and callable(getattr(torch, n, None))),
     # factories whose result takes an argument's dtype: torch.zeros_like(x) is x.new_zeros(x.shape)
     *(getattr(torch, n) for n in dir(torch) if n.endswith("_like") and callable(getattr(torch, n)))})
 """Functions whose result a tensor method of another name gives too (session 45): ``F.hardtanh(x, 0, 6)``,
 ``F.relu6(x)`` and ``x.clamp(0, 6)``; ``F.threshold(x, 0, 0)`` and ``x.relu()``; ``torch.special.expit(x)`` and
-``x.sigmoid()``; ``torch.zeros_like(x)`` and ``x.new_zeros(x.shape)``. Autocast leaves all of them in their inputs'
+``x.sigmoid()``; ``torch.special.multigammaln(x, p)`` and ``x.mvlgamma(p)`` (session 45's review);
+``torch.zeros_like(x)`` and ``x.new_zeros(x.shape)``. Autocast leaves all of them in their inputs'
 dtype, so on the float32 maps that the rule's convolutions give they were float32 in every spelling already; on a bf16
 map the rule's cast made the function's result float32 where the method's stayed bf16, and the two spellings' maps
 split (the rounding of what follows: ``relu6(u) * u`` in float32, ``u.clamp(0, 6) * u`` in bf16). They run as the
