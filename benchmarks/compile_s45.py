@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--bare", type=int, nargs="+", default=[8, 16],
+                    help="items per bare pass besides B (the round's best of them all is the reference)")
     ap.add_argument("--warm-only", action="store_true")
     ap.add_argument("--out", default=str(HERE / "compile-s45"))
     args = ap.parse_args(argv)
@@ -107,7 +109,7 @@ def cell(model, frozen, method: str, b: int, args, command: str) -> None:
     else:
         def call():
             return salience.integrated_gradients(model, x, target, steps=32, reduce=None)
-    modes = {f"bare {k}": (lambda k=k: bare(frozen, items, tgt, k)) for k in dict.fromkeys((b, 8, 16))}
+    modes = {f"bare {k}": (lambda k=k: bare(frozen, items, tgt, k)) for k in dict.fromkeys((b, *args.bare))}
 
     def under(options):
         def run():

@@ -99,3 +99,51 @@ def test_compile_true_probe_is_kept_per_options_and_structure(monkeypatch):
     model[2] = nn.Softplus()  # another structure: the earlier probe and softmax answer are not its
     salience.smoothgrad(model, x, 2, samples=8, reduce=None, compile=backend)
     assert [c for c, _ in seen] == [[1, 4, 3], [1, 4, 3], [4, 4], [4, 4], [1, 4, 3]], seen
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_compile_freeze_channels_last_compiles_its_frozen_graph_once(monkeypatch, fold):
+    """compile="freeze" with memory_format="channels_last" (and the folded copy): the frozen gradient graph is
+    compiled once for the model's weights and kept for the later calls, whose maps are the eager maps. The run
+    converts the 4-D weights to channels-last for its chunks (the frozen graph takes them as constants so) and
+    puts the user's back as it ends; the graph's constants were watched for their address too, so the next call
+    found them "moved" and compiled the graph again at every call (resnet50: a compile of a minute or more per
+    call). A stand-in for inductor's freezing (the graph's weights copied when compiled, as freezing takes
+    them as constants) counts the compiles."""
+    import copy
+
+    from salience._core import compiled as _compiled_mod
+
+    torch._dynamo.reset()
+    compiles: list = []
+
+    def snapshot(gm, inputs):
+        compiles.append(1)
+        kept = copy.deepcopy(gm)
+        return lambda *args: kept.forward(*args)
+
+    monkeypatch.setattr(_compiled_mod, "_freeze_compile", snapshot)
+    model = _net()
+    x = torch.rand(2, 3, 8, 8)
+    seen = _chunks_seen(monkeypatch)
+    ref = salience.smoothgrad(model, x, [1, 3], samples=4, reduce=None)
+
+    def frozen_call():
+        with salience.performance(compile="freeze", memory_format="channels_last", fold_batchnorm=fold):
+            return salience.smoothgrad(model, x, [1, 3], samples=4, reduce=None)
+
+    try:
+        for _ in range(4):
+            with unchanged(model), warnings.catch_warnings():
+                warnings.simplefilter("error")
+                out = frozen_call()
+            assert _rel(out, ref) <= RTOL
+        assert len(compiles) == 1, (len(compiles), seen)
+        assert seen[-1][1] == ["channels_last" + (" folded" if fold else "") + " compiled frozen"] * 2, seen[-1]
+        with torch.no_grad():  # a real change of the weights is still followed
+            model[0].weight.mul_(2)
+        out = frozen_call()
+        assert _rel(out, salience.smoothgrad(model, x, [1, 3], samples=4, reduce=None)) <= RTOL
+        assert len(compiles) == 2
+    finally:
+        torch._dynamo.reset()
