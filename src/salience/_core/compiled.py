@@ -106,28 +106,37 @@ def _freeze_compile(gm: Any, example_inputs: Any) -> Any:
     return compile_fx(gm, example_inputs)
 
 
-def _freezing_backend() -> Callable:
-    """A new torch.compile backend for a frozen graph. Dynamo matches a cached graph to its backend by
-    the backend's identity (an inductor backend with the same options counts as the same one), and a
-    frozen graph guards on the parameters' identity, not their values: a new ``torch.compile`` of the
-    model with ``freezing`` ran the stale graph after an in-place change. A new callable compiles anew."""
+def _freezing_backend(model: nn.Module) -> Callable:
+    """A new torch.compile backend for a frozen graph of ``model``. Dynamo matches a cached graph to its
+    backend by the backend's identity (an inductor backend with the same options counts as the same one),
+    and a frozen graph guards on the parameters' identity, not their values: a new ``torch.compile`` of
+    the model with ``freezing`` ran the stale graph after an in-place change. A new callable compiles anew.
+    It watches the tensors the graph took as constants (:func:`_graph_constants`) but ``model``'s own
+    parameters and buffers, whose state the entry is kept for already (:func:`weights_key`)."""
 
     watch: list = []
+    owner = weakref.ref(model)
 
     def freezing(gm: Any, example_inputs: Any) -> Any:
-        watch.extend(_graph_constants(gm))
+        m = owner()
+        own = {id(t) for t in (*m.parameters(), *m.buffers())} if m is not None else set()
+        watch.extend(_graph_constants(gm, own))
         return _freeze_compile(gm, example_inputs)
 
     freezing.watch = watch  # type: ignore[attr-defined]
     return freezing
 
 
-def _graph_constants(gm: Any) -> list[tuple[Any, int, int]]:
+def _graph_constants(gm: Any, own: set[int]) -> list[tuple[Any, int, int]]:
     """``(weakref, data_ptr, _version)`` of each tensor dynamo's graph ``gm`` holds as an attribute (what
-    a frozen graph takes as a constant: the weights, and a tensor a module keeps as a plain attribute,
-    ``self.scale = torch.tensor(...)``, which :func:`weights_key` does not see); dynamo installs the
-    module's own tensors there, not copies. A tensor without a version counter (an inference tensor)
-    is not watched."""
+    a frozen graph takes as a constant) but those whose ``id`` is in ``own`` (the model's parameters and
+    buffers, kept by :func:`weights_key`): a tensor a module keeps as a plain attribute,
+    ``self.scale = torch.tensor(...)``, which :func:`weights_key` does not see; dynamo installs the
+    module's own tensors there, not copies. A parameter watched here too had, after a channels-last call,
+    another address: the run converts the 4-D weights for its chunks and puts the user's back as it
+    ends (:meth:`~salience._core.perf.Run.set_layout`), so the next call found a constant "moved" and
+    compiled the frozen graph again, at every call (session 45: ``memory_format="channels_last"`` with
+    ``compile="freeze"``). A tensor without a version counter (an inference tensor) is not watched."""
     out = []
     for node in gm.graph.nodes:
         if node.op != "get_attr":
@@ -135,7 +144,7 @@ def _graph_constants(gm: Any) -> list[tuple[Any, int, int]]:
         obj = gm
         for part in str(node.target).split("."):
             obj = getattr(obj, part, None)
-        if isinstance(obj, Tensor) and not obj.is_inference():
+        if isinstance(obj, Tensor) and id(obj) not in own and not obj.is_inference():
             out.append((weakref.ref(obj), obj.data_ptr(), obj._version))
     return out
 
@@ -212,7 +221,7 @@ def _frozen_model(model: nn.Module, key: tuple, shape: tuple) -> Any:
         def forward(x: Tensor) -> Any:
             return model(x)
 
-        backend = _freezing_backend()
+        backend = _freezing_backend(model)
         fn = backend.code_of = _own_code(forward)  # type: ignore[attr-defined]
         compiled = torch.compile(fn, backend=backend, dynamic=False)
         _store(ck, (model, compiled, _Frozen(key, shape, backend, None)))
@@ -308,7 +317,7 @@ def _frozen_gradient(model: nn.Module, key: tuple, shape: tuple,
 
             return torch.func.grad(score, has_aux=True)(x)
 
-        backend = _freezing_backend()
+        backend = _freezing_backend(model)
         fn = backend.code_of = _own_code(gradient)  # type: ignore[attr-defined]
         compiled = torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
         _store(ck, (model, compiled, _Frozen(key, shape, backend, unwrap)))

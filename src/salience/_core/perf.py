@@ -495,9 +495,9 @@ class Run:
         self._probing = False
         self.softmax_checked = self.softmax_stripped = False
         self._holds_attention: Optional[bool] = None  # holds an nn.MultiheadAttention (_strided_attention)
-        if self.options.freeze and rec.softmax is not None:
-            # compile="freeze": an earlier run on this model's structure checked for a final softmax,
-            # so the first chunk may run the frozen graphs too (reused_probe)
+        if self.options.backend is not None and rec.softmax is not None:
+            # compile: an earlier run on this model's structure checked for a final softmax, so the
+            # first chunk may run the compiled model (the frozen graphs) too (reused_probe)
             self.softmax_checked, self.softmax_stripped = True, rec.softmax
         # A pass without gradients (a prediction pass) that runs the compiled model as a gradient pass
         # does, so that the two share one graph (set by one_pass(gradient_graph=True)).
@@ -649,13 +649,14 @@ class Run:
 
     def reused_probe(self) -> Optional[int]:
         """The bytes per item an earlier call's memory probe (its first, eager chunk) measured for this
-        model, tag, item shape and options, when this run may skip its own probe: with
-        ``compile="freeze"`` only, once the final softmax is known too (``None``: probe). Then every chunk
-        is one of the fixed size and runs the frozen graphs: SmoothGrad's 64 items at 4 images ran 9
-        chunks (4 eager, 7 x 8 frozen, 4 eager), now 8 x 8 frozen. Kept per :func:`structure` with the
-        softmax answer; the default options always probe (their chunks, and so their bits, are the
-        same in every call)."""
-        if not self.options.freeze or not self.softmax_checked:
+        model, tag, item shape and options, when this run may skip its own probe: with ``compile``
+        (``True``, :data:`FREEZE`, a backend) only, once the final softmax is known too (``None``: probe).
+        Then every chunk is one of the fixed size and runs the compiled model (the frozen graphs):
+        SmoothGrad's 64 items at 4 images ran 9 chunks (4 eager, 7 x 8 frozen, 4 eager), now 8 x 8
+        frozen; with ``compile=True`` (session 45) SmoothGrad 16 at 1 image ran 1 eager, 8 compiled, 7
+        eager in every call, now 8, 8 compiled. Kept per :func:`structure` with the softmax answer; the
+        default options always probe (their chunks, and so their bits, are the same in every call)."""
+        if self.options.backend is None or not self.softmax_checked:
             return None
         # one C call copies the values (no thread switch inside it): another run's probed() may change the dict
         # between any two instructions of this read, where an iterator over it would raise
