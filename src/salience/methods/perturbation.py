@@ -356,11 +356,14 @@ def occlusion(
     items = _Occluded(x, base, corners, win)
     b = x.shape[0]
     with model_guard(model):
-        out = forward_scores(model, x, strip_softmax=strip_softmax)
+        # the clean images a pass as Score-CAM's / RISE's (halved under an autocast, at most `chunk`): all B at once,
+        # in float32, was the call's peak under bf16 (session 45)
+        batch = clean_batch(x, perf, chunk)
+        out = forward_scores(model, x, strip_softmax=strip_softmax, batch_size=batch)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
-        split_plan = _split(model, x, win, st, corners, strip_softmax, out, perf) if local else None
+        split_plan = _split(model, x, win, st, corners, strip_softmax, out, perf, batch) if local else None
         tag = f"occlusion{'-local' if split_plan is not None else ''}:{win}:{st}:{probs}:{strip_softmax}"
         run = _perf.Run(model, x, perf, tag=tag)
         clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already)  # (B, K)
@@ -370,6 +373,7 @@ def occlusion(
             clean_cut, plan.clean = plan.clean, None  # (B, C', H', W'), what every pass's cut starts from; held once
             # at the passes' precision: the check's float32 one was held beside it through the passes
             if run.dtype is not None:
+                clean_cut = None  # not held while its low-precision one is made
                 with torch.no_grad(), run.autocast():
                     clean_cut = plan.prefix(x.clone())
 
@@ -400,21 +404,37 @@ def occlusion(
 
 
 def _split(model: nn.Module, x: Tensor, win: tuple[int, int], st: tuple[int, int], corners: Tensor,
-           strip_softmax: bool, out: Tensor, perf: _perf.Performance) -> Optional[tuple[Any, Tensor]]:
+           strip_softmax: bool, out: Tensor, perf: _perf.Performance, batch: Optional[int] = None
+           ) -> Optional[tuple[Any, Tensor]]:
     """The region-limited passes' plan and each window's spans (:func:`salience.methods._occlusion_local.spans`), or
-    ``None`` (full passes; a debug log line says why)."""
+    ``None`` (full passes; a debug log line says why). ``batch``: images a pass of the plan's check on the clean
+    images."""
     why = ""
     if perf.backend is not None:
         why = "compile runs the whole model compiled"
     elif perf.precision == "bf16-mixed":
         why = "bf16-mixed chooses float32 layers by the input's size, which a crop changes"
     else:
-        # fold_batchnorm: the crops and the rest run the process's float32 folded copy (the passes' own under fp32;
-        # under an autocast it casts that copy's weights, the same values as the run's copy in the autocast's dtype)
-        folded = _perf.folded_model(model)[0] if perf.fold_batchnorm else None
+        dtype = _perf.autocast_dtype(perf)
+        # fold_batchnorm in float32: the crops and the rest run the process's float32 folded copy (the passes' own).
+        # Under an autocast the split is found and checked on the model itself (its trace shares the model's
+        # weights) and then run on the folded copy the run holds in the autocast's dtype (:func:`_local.moved`):
+        # before, the float32 copy (98 MiB on resnet50, kept for the process) was held beside the run's (49 MiB)
+        folded = _perf.folded_model(model)[0] if perf.fold_batchnorm and dtype is None else None
         plan = _local.plan(folded if folded is not None else model, x, win, st, corners, strip_softmax, out,
-                           lambda o: unwrap_output(o, model), _perf.autocast_dtype(perf))
+                           lambda o: unwrap_output(o, model), dtype, batch)
         why = plan.why
+        if not why and perf.fold_batchnorm and dtype is not None:
+            low = _perf.folded_model(model, dtype=dtype)[0]  # the run's copy (cached: perf.Run takes the same)
+            if low is not None:
+                moved = _local.moved(plan, low, strip_softmax)
+                if moved is None:  # the cut is not a node of the folded graph (a folded BatchNorm): as before
+                    folded = _perf.folded_model(model)[0]
+                    plan = _local.plan(folded if folded is not None else model, x, win, st, corners, strip_softmax,
+                                       out, lambda o: unwrap_output(o, model), dtype, batch)
+                    why = plan.why
+                else:
+                    plan = moved
     if why:
         _local.log.debug("occlusion: full passes: %s", why)
         return None
@@ -514,15 +534,17 @@ def _held_elsewhere(buffer: Tensor) -> bool:
     return count(buffer.untyped_storage()._cdata) > 2
 
 
-def clean_batch(x: Tensor, perf: _perf.Performance) -> int:
+def clean_batch(x: Tensor, perf: _perf.Performance, chunk: Optional[int] = None) -> int:
     """The images per float32 clean pass of a many-pass call on ``x`` ``(B, ...)``: all ``B``, but half of them (at
-    least one) where the passes run under a 16-bit autocast (``precision``). The engine's chunks are sized for the
-    passes' 16-bit activations, about ``B`` items a chunk on resnet50 at 224 px: the clean pass, in float32 (the
-    map's scale, the targets, the layer's output), held twice a chunk's activations at once, the call's peak (92 MiB
-    of tensors against 46-60 MiB a chunk on 8 images, session 44). Images are independent in an eval-mode pass:
-    the same values up to the rounding of a kernel's choice per batch size."""
+    least one) where the passes run under a 16-bit autocast (``precision``), and at most ``chunk`` (the caller's
+    items per pass: a clean image costs what an item of the passes costs, in float32 more). The engine's chunks are
+    sized for the passes' 16-bit activations, about ``B`` items a chunk on resnet50 at 224 px: the clean pass, in
+    float32 (the map's scale, the targets, the layer's output), held twice a chunk's activations at once, the call's
+    peak (92 MiB of tensors against 46-60 MiB a chunk on 8 images, session 44). Images are independent in an
+    eval-mode pass: the same values up to the rounding of a kernel's choice per batch size."""
     b = int(x.shape[0])
-    return b if perf.precision == "fp32" else max(1, -(-b // 2))  # the others are 16-bit autocasts (perf.PRECISIONS)
+    n = b if perf.precision == "fp32" else max(1, -(-b // 2))  # the others are 16-bit autocasts (perf.PRECISIONS)
+    return n if chunk is None else max(1, min(n, int(chunk)))
 
 
 def softmax_known(run: _perf.Run, known: Optional[bool]) -> _perf.Run:
@@ -592,7 +614,7 @@ def rise(
     b = x.shape[0]
     size = (int(x.shape[-2]), int(x.shape[-1]))
     with model_guard(model):
-        out = forward_scores(model, x, strip_softmax=strip_softmax, batch_size=clean_batch(x, perf))
+        out = forward_scores(model, x, strip_softmax=strip_softmax, batch_size=clean_batch(x, perf, chunk))
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
