@@ -361,7 +361,7 @@ def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Te
         with torch.no_grad():
             # .forward, not the call: a GraphModule's call prints an error's traceback to stderr before raising it,
             # and a failure here is no error of the user's but the documented fallback (a debug log line)
-            parts = []
+            act: Optional[Tensor] = None  # all B images' clean activation, written part by part (no cat of parts)
             for i in range(0, b, step):
                 part = p.prefix.forward(x[i:i + step].clone())
                 again = unwrap(p.suffix.forward(part.clone())).float()  # the passes hand the suffix a copy (in-place)
@@ -370,9 +370,16 @@ def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Te
                         1 + float(out.float().abs().max()))):
                     return "the model split at the cut does not give its output (a final softmax, or a traced branch)"
                 del again
-                parts.append(part)
-            act = p.clean = parts[0] if len(parts) == 1 else torch.cat(parts)
-            del parts
+                if step == b:
+                    act = part
+                else:
+                    if act is None:
+                        act = torch.empty((b,) + tuple(part.shape[1:]), dtype=part.dtype, device=part.device,
+                                          memory_format=_format_of(part))
+                    act[i:i + step] = part
+                del part
+            assert act is not None
+            p.clean = act
             picks = sorted({0, len(corners) // 2, len(corners) - 1})
             sp = spans(p, corners[picks], window, (int(x.shape[-2]), int(x.shape[-1])))
             owner = torch.zeros(len(picks), dtype=torch.long, device=x.device)
@@ -384,6 +391,12 @@ def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Te
     except Exception as e:  # noqa: BLE001 - anything the split cannot run: full passes
         return f"the split model failed on the clean images ({type(e).__name__}: {str(e)[:120]})"
     return ""
+
+
+def _format_of(t: Tensor) -> torch.memory_format:
+    """``t``'s memory format (channels-last where a 4-D ``t`` is, else contiguous), for a buffer written from it."""
+    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 def crops(x: Tensor, owner: Tensor, sp: Tensor, size: tuple[int, int]) -> Tensor:
