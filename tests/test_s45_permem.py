@@ -202,8 +202,8 @@ def test_occlusion_clean_passes_take_half_the_images_under_bf16_and_at_most_chun
 
 def test_occlusion_split_check_in_parts_under_bf16():
     """The split's float32 check (prefix and suffix on the clean images) runs in the clean passes' halves: counted by
-    MemoryProbe, its peak is under the one pass of all 8 images'; the map is the full passes' (float32 bits as
-    before: the check's parts feed no value of the passes)."""
+    MemoryProbe, its peak is under that of the one pass of all 8 images, and the clean activation it keeps is the
+    prefix's of all 8 at once (up to the rounding of a kernel's choice per batch size)."""
     torch.manual_seed(0)
     model = _bn_model()
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))

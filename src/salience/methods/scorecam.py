@@ -188,10 +188,10 @@ class _ChannelMasks:
 
     BLOCK_PIXELS = 1 << 22  # items upsampled at once by :meth:`live` (16 MiB of float32); :meth:`distinct` per block
 
-    def __init__(self, x: Tensor, acts: Tensor, align_corners: bool) -> None:
+    def __init__(self, x: Tensor, acts: Tensor, align_corners: bool, model: Optional[nn.Module] = None) -> None:
         self.x, self.acts, self.align_corners = x, acts, align_corners
         self._buffer: Optional[Tensor] = None  # the chunks' upsampled channels, reused by every chunk
-        self._inputs = _Reused(x)  # the chunks' masked images, in one buffer
+        self._inputs = _Reused(x, model)  # the chunks' masked images, in one buffer (in the chunk's layout)
 
     def _upsampled(self, items: Tensor, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(up, lo, span, owner)``: the items' channels upsampled ``(n, 1, H, W)`` (into ``out`` when
@@ -330,7 +330,7 @@ def scorecam(
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities("none" if softmax == "channels" else softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk (and the blank image) on one scale
-        items = _ChannelMasks(x, acts, align_corners)
+        items = _ChannelMasks(x, acts, align_corners, model)
         live = items.live()  # item j = channel j // B of image j % B; the others mask the image to zeros
         first, source = items.distinct(live)  # the live items of a mask of their own; source: each one's first
 
