@@ -223,3 +223,28 @@ def test_occlusion_split_check_in_parts_under_bf16():
         clean = plan.clean
         torch.testing.assert_close(clean, plan.prefix(x), rtol=1e-5, atol=1e-6)
     assert peaks[4] < 0.92 * peaks[None], peaks  # 11.0 MB against 12.6 (the clean activation of all 8 is held either way)
+
+
+def test_clean_scores_run_at_the_passes_precision():
+    """clean_scores under a bf16 run: the model's scores under the bf16 autocast (what the passes' S_k are compared
+    with). Before, its autocast was turned off inside forward_scores (model_guard): float32 scores, a float32 pass."""
+    from salience._core import perf as _perf
+    from salience.methods.perturbation import clean_scores
+    from salience.targets import resolve, split
+
+    model, x = _shallow(), torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    dtypes: list = []
+    h = model[0].register_forward_hook(lambda m, a, o: dtypes.append(o.dtype))
+    with torch.no_grad():
+        out = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = model(x).float()
+    del dtypes[:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = _perf.Run(model, x, _perf.resolve(None, None, "bf16"), tag="test")
+    targets = resolve(split(1, 2)[0], model, x, strip_softmax=True, output=out)
+    got = clean_scores(model, x, out, targets, (False,), True, run, already=False)
+    h.remove()
+    assert dtypes == [torch.bfloat16], dtypes
+    torch.testing.assert_close(got[:, 0], want[:, 1], rtol=0, atol=0)

@@ -168,8 +168,14 @@ def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Tar
     float32 score and a bf16 one would show the rounding instead of the drop."""
     if run.dtype is None:
         return scores_of(out, targets, probabilities, already=already)
-    with run.autocast():
+    # the pass inside the run, which forward_scores enters the autocast of: a caller's autocast around it is turned off
+    # by forward_scores' model_guard (salience's passes take its precision= option only), so these "low" scores were
+    # float32 (session 45: a float32 pass of all B images, the call's peak, and S in float32 against bf16 S_k)
+    token = _perf._active.set(_perf._active.get() + (run,))
+    try:
         low = forward_scores(model, x, strip_softmax=strip_softmax)
+    finally:
+        _perf._active.reset(token)
     return scores_of(low.to(out.dtype), targets, probabilities, already=already)
 
 
