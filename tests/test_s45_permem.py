@@ -138,7 +138,8 @@ def test_occlusion_bf16_fold_holds_one_folded_copy():
     """Live tensors at the call's peak (MemoryProbe; the folded copies are made inside the call): the float32 folded
     copy (the split's: the model's clone and the fused products, twice the weights' bytes) plus the run's bf16 one
     (half) were 2.5 times the weights' bytes; the one bf16 copy, the fold's transient of one layer and 2 items'
-    activations (chunk=2: at the engine's chunks the activations are most of it) are under them. And no float32 copy is left in the process's cache."""
+    activations (chunk=2: at the engine's chunks the activations are most of it) are under them. And no float32 copy
+    is left in the process's cache."""
     model, x = _bn_model(), torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     before = {k: p.detach().clone() for k, p in model.state_dict().items()}
     folding._folded.clear()
@@ -146,6 +147,7 @@ def test_occlusion_bf16_fold_holds_one_folded_copy():
     with warnings.catch_warnings(), probe, salience.performance(precision="bf16", fold_batchnorm=True):
         warnings.simplefilter("ignore")
         got = salience.occlusion(model, x, 1, window=4, stride=4, chunk=2)  # 2 items a pass: small activations
+    assert got.shape == (2, 16, 16) and bool(torch.isfinite(got).all())
     w = _weights_bytes(model)
     assert probe.peak < w, (probe.peak, w)
     assert (id(model), None) not in folding._folded  # the float32 copy was made and kept for the process
@@ -248,3 +250,4 @@ def test_clean_scores_run_at_the_passes_precision():
     h.remove()
     assert dtypes == [torch.bfloat16], dtypes
     torch.testing.assert_close(got[:, 0], want[:, 1], rtol=0, atol=0)
+
