@@ -171,11 +171,8 @@ def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Tar
     # the pass inside the run, which forward_scores enters the autocast of: a caller's autocast around it is turned off
     # by forward_scores' model_guard (salience's passes take its precision= option only), so these "low" scores were
     # float32 (session 45: a float32 pass of all B images, the call's peak, and S in float32 against bf16 S_k)
-    token = _perf._active.set(_perf._active.get() + (run,))
-    try:
+    with _perf.inside(run):
         low = forward_scores(model, x, strip_softmax=strip_softmax)
-    finally:
-        _perf._active.reset(token)
     return scores_of(low.to(out.dtype), targets, probabilities, already=already)
 
 
@@ -362,28 +359,23 @@ def occlusion(
     items = _Occluded(x, base, corners, win)
     b = x.shape[0]
     with model_guard(model):
-        # the clean images a pass as Score-CAM's / RISE's (halved under an autocast, at most `chunk`): all B at once,
-        # in float32, was the call's peak under bf16 (session 45)
-        batch = clean_batch(x, perf, chunk)
+        batch = clean_batch(x, perf, chunk)  # as Score-CAM's / RISE's (all B at once in float32: the bf16 call's peak)
         out = forward_scores(model, x, strip_softmax=strip_softmax, batch_size=batch)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
         split_plan = _split(model, x, win, st, corners, strip_softmax, out, perf, batch) if local else None
         tag = f"occlusion{'-local' if split_plan is not None else ''}:{win}:{st}:{probs}:{strip_softmax}"
-        # the region-limited passes run the plan's prefix and suffix alone, never the model's own forward: with a
-        # folded copy (the plan's modules) the run converts that copy's weights to channels-last, not the model's (their
-        # float32 channels-last copies, 40.5 MiB on resnet50, were held through the passes: session 45)
-        local_passes = {"plain_passes": True, "strip_softmax": False} if split_plan is not None else {}
-        run = _perf.Run(model, x, perf, tag=tag, **local_passes)
+        # region-limited passes never run the model's forward: with a folded copy the run makes channels-last weights
+        # of that copy only (the model's float32 ones, 40.5 MiB on resnet50, were held through the passes: session 45)
+        run = _perf.Run(model, x, perf, tag=tag, **({"plain_passes": True, "strip_softmax": False} if split_plan else {}))
         clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already)  # (B, K)
         if split_plan is not None:
             plan, spans = split_plan
             spans_host = spans.tolist()  # (windows, 2, 3) as lists: the pastes' slices, read once
             clean_cut, plan.clean = plan.clean, None  # (B, C', H', W'), what every pass's cut starts from; held once
-            # at the passes' precision: the check's float32 one was held beside it through the passes
-            if run.dtype is not None:
-                clean_cut = None  # not held while its low-precision one is made
+            if run.dtype is not None:  # at the passes' precision (the check's float32 one not held beside it)
+                clean_cut = None
                 with torch.no_grad(), run.autocast():
                     clean_cut = plan.prefix(x.clone())
 
