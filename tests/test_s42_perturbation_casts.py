@@ -48,9 +48,14 @@ def test_bf16_passes_cast_each_weight_once_per_call(name, fold):
             again, ref = _casts(name, model, x)
     # the passes (at least 4 chunks of 2 items) each cast the weight without the cache; those of the folded copy do
     # not: under bf16 it holds its convolutions' weights in bf16 (session 43), the probe's pass of the model casts
-    # (Score-CAM's and RISE's probe runs the folded copy too since session 44: tests/test_s44_mem_passes.py)
-    assert again >= (0 if fold and name in ("rise", "scorecam") else 1 if fold and name != "ablationcam" else 4), again
-    assert n <= 2, n  # the clean pass's cast and the passes' one
+    # (Score-CAM's and RISE's probe runs the folded copy too since session 44: tests/test_s44_mem_passes.py; occlusion's
+    # region-limited passes run the run's bf16 folded copy since session 45, not a float32 one cast by the autocast)
+    assert again >= (0 if fold and name in ("rise", "scorecam", "occlusion") else 1 if fold and name != "ablationcam"
+                     else 4), again
+    # the clean pass's cast and the passes' one; occlusion's region-limited passes unfolded: also the clean cut's at the
+    # passes' precision (its clean scores ran in float32 until session 45, no cast: forward_scores turned the
+    # autocast off)
+    assert n <= (3 if name == "occlusion" and not fold else 2), n
     assert torch.equal(m, ref)
 
 
@@ -73,7 +78,7 @@ def test_model_comes_back_after_an_error_in_a_pass(name):
     assert [p.requires_grad for p in model.parameters()] == before
     assert not torch.is_autocast_enabled("cpu")
     n, _ = _casts(name, model, x)  # the next call's cache starts empty: its casts only
-    assert n <= 2, n
+    assert n <= (3 if name == "occlusion" else 2), n  # occlusion: its clean scores' bf16 pass too (session 45)
     assert [p.requires_grad for p in model.parameters()] == before
 
 

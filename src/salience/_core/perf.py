@@ -102,7 +102,7 @@ from salience._core.malloc import keep_freed_memory, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
 from salience._core.folding import _described, _folded, _remember_fold, folded_model
 
-__all__ = ["Performance", "Run", "close_run", "set_performance", "performance", "plain", "current", "resolve", "active",
+__all__ = ["Performance", "Run", "close_run", "set_performance", "performance", "plain", "current", "resolve", "active", "inside",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
            "own_hooks", "observer", "one_pass", "structure", "ModelCache", "FREEZE", "weights_key", "gradient_call",
            "native_bf16", "autocast_dtype"]
@@ -441,6 +441,18 @@ def active(model: nn.Module) -> Optional["Run"]:
         if run.model is model:
             return run
     return None
+
+
+@contextmanager
+def inside(run: "Run") -> Iterator[None]:
+    """``run`` active (:func:`active`) in the block without a chunk: a pass of the call outside the engine's chunks (a
+    method's clean scores, :func:`salience.methods.perturbation.clean_scores`) at the run's precision, which
+    ``forward_scores`` enters (a caller's own autocast around it is turned off by its ``model_guard``)."""
+    token = _active.set(_active.get() + (run,))
+    try:
+        yield
+    finally:
+        _active.reset(token)
 
 
 def close_run(run: "Run") -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -32,7 +32,7 @@ from salience._core.folding import fx_traced
 
 log = logging.getLogger("salience.occlusion")
 
-__all__ = ["Plan", "plan", "spans", "crops", "paste", "log"]  # occlusion (methods.perturbation) uses them all
+__all__ = ["Plan", "plan", "moved", "spans", "crops", "paste", "log"]  # occlusion (methods.perturbation) uses them all
 
 # elementwise modules and functions: a node of them is as local as its input, with the same receptive field
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
@@ -287,10 +287,11 @@ def _is_softmax(gm: Any, n: Any) -> bool:
 
 
 def plan(model: nn.Module, x: Tensor, window: tuple[int, int], stride: tuple[int, int], corners: Tensor,
-         strip_softmax: bool, out: Tensor, unwrap: Callable[[Any], Tensor], dtype: Optional[torch.dtype] = None) -> Plan:
+         strip_softmax: bool, out: Tensor, unwrap: Callable[[Any], Tensor], dtype: Optional[torch.dtype] = None,
+         batch: Optional[int] = None) -> Plan:
     """The split for occlusion of ``x`` ``(B, C, H, W)`` with these windows, checked on the clean images
     (``out``: the model's output on them, ``unwrap``: the output rule; ``dtype``: the passes' autocast, ``None``
-    for float32), or a :class:`Plan` with ``why``."""
+    for float32; ``batch``: images per pass of the check, all where ``None``), or a :class:`Plan` with ``why``."""
     if x.dim() != 4:
         return Plan(why="the input is not a batch of images")
     gm = _trace(model, dtype)
@@ -328,26 +329,57 @@ def plan(model: nn.Module, x: Tensor, window: tuple[int, int], stride: tuple[int
         return Plan(why="no cut saves 5 % of a pass (the windows' fields cover most of the image)")
     cut = next(n for n in nodes if n.name == best.cut)
     best.prefix, best.suffix = _subgraphs(gm, cut, strip_softmax)
-    why = _check(best, x, window, corners, out, unwrap)
+    why = _check(best, x, window, corners, out, unwrap, batch)
     if why:
         return Plan(why=why)
     return best
 
 
+def moved(p: Plan, gm: Any, strip_softmax: bool) -> Optional[Plan]:
+    """``p``'s split (found and checked on the model's own trace) on ``gm``, a ``GraphModule`` of the same model with
+    its BatchNorm layers folded (the low-precision copy the passes run, :func:`salience._core.folding.folded_model`):
+    the same cut, field and crops (a BatchNorm is elementwise: folding it changes no receptive field), its prefix and
+    suffix on ``gm``'s modules; ``None`` where the cut is no cut of ``gm`` (a BatchNorm folded away, or a node named
+    otherwise)."""
+    node = next((n for n in gm.graph.nodes if n.name == p.cut), None)
+    if node is None or node not in _cuts(gm, _fields(gm)):
+        return None
+    prefix, suffix = _subgraphs(gm, node, strip_softmax)
+    return replace(p, prefix=prefix, suffix=suffix, clean=None)
+
+
 def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Tensor,
-           unwrap: Callable[[Any], Tensor]) -> str:
+           unwrap: Callable[[Any], Tensor], batch: Optional[int] = None) -> str:
     """Why the split fails on the clean images (``""``: it holds): the suffix of the clean activation must be the
-    model's output, and the crops of the first, middle and last windows must give the clean activation's exact part."""
+    model's output, and the crops of the first, middle and last windows must give the clean activation's exact part.
+    ``batch`` images a pass (the call's clean passes', :func:`salience.methods.perturbation.clean_batch`): the whole
+    model in float32 on all ``B`` images at once was the clean passes' peak twice over (session 45)."""
     assert p.prefix is not None and p.suffix is not None
+    b = int(x.shape[0])
+    step = b if batch is None else max(1, min(int(batch), b))
     try:
         with torch.no_grad():
             # .forward, not the call: a GraphModule's call prints an error's traceback to stderr before raising it,
             # and a failure here is no error of the user's but the documented fallback (a debug log line)
-            act = p.clean = p.prefix.forward(x.clone())
-            again = unwrap(p.suffix.forward(act.clone())).float()  # the passes hand the suffix a copy (in-place layers)
-            if again.shape != out.shape or not torch.allclose(again, out.float(), rtol=1e-4, atol=1e-4 * (
-                    1 + float(out.float().abs().max()))):
-                return "the model split at the cut does not give its output (a final softmax, or a traced branch)"
+            act: Optional[Tensor] = None  # all B images' clean activation, written part by part (no cat of parts)
+            for i in range(0, b, step):
+                part = p.prefix.forward(x[i:i + step].clone())
+                again = unwrap(p.suffix.forward(part.clone())).float()  # the passes hand the suffix a copy (in-place)
+                want = out[i:i + step].float()
+                if again.shape != want.shape or not torch.allclose(again, want, rtol=1e-4, atol=1e-4 * (
+                        1 + float(out.float().abs().max()))):
+                    return "the model split at the cut does not give its output (a final softmax, or a traced branch)"
+                del again
+                if step == b:
+                    act = part
+                else:
+                    if act is None:
+                        act = torch.empty((b,) + tuple(part.shape[1:]), dtype=part.dtype, device=part.device,
+                                          memory_format=_format_of(part))
+                    act[i:i + step] = part
+                del part
+            assert act is not None
+            p.clean = act
             picks = sorted({0, len(corners) // 2, len(corners) - 1})
             sp = spans(p, corners[picks], window, (int(x.shape[-2]), int(x.shape[-1])))
             owner = torch.zeros(len(picks), dtype=torch.long, device=x.device)
@@ -359,6 +391,12 @@ def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Te
     except Exception as e:  # noqa: BLE001 - anything the split cannot run: full passes
         return f"the split model failed on the clean images ({type(e).__name__}: {str(e)[:120]})"
     return ""
+
+
+def _format_of(t: Tensor) -> torch.memory_format:
+    """``t``'s memory format (channels-last where a 4-D ``t`` is, else contiguous), for a buffer written from it."""
+    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 def crops(x: Tensor, owner: Tensor, sp: Tensor, size: tuple[int, int]) -> Tensor:

@@ -168,7 +168,10 @@ def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Tar
     float32 score and a bf16 one would show the rounding instead of the drop."""
     if run.dtype is None:
         return scores_of(out, targets, probabilities, already=already)
-    with run.autocast():
+    # the pass inside the run, which forward_scores enters the autocast of: a caller's autocast around it is turned off
+    # by forward_scores' model_guard (salience's passes take its precision= option only), so these "low" scores were
+    # float32 (session 45: a float32 pass of all B images, the call's peak, and S in float32 against bf16 S_k)
+    with _perf.inside(run):
         low = forward_scores(model, x, strip_softmax=strip_softmax)
     return scores_of(low.to(out.dtype), targets, probabilities, already=already)
 
@@ -356,20 +359,23 @@ def occlusion(
     items = _Occluded(x, base, corners, win)
     b = x.shape[0]
     with model_guard(model):
-        out = forward_scores(model, x, strip_softmax=strip_softmax)
+        batch = clean_batch(x, perf, chunk)  # as Score-CAM's / RISE's (all B at once in float32: the bf16 call's peak)
+        out = forward_scores(model, x, strip_softmax=strip_softmax, batch_size=batch)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
-        split_plan = _split(model, x, win, st, corners, strip_softmax, out, perf) if local else None
+        split_plan = _split(model, x, win, st, corners, strip_softmax, out, perf, batch) if local else None
         tag = f"occlusion{'-local' if split_plan is not None else ''}:{win}:{st}:{probs}:{strip_softmax}"
-        run = _perf.Run(model, x, perf, tag=tag)
+        # region-limited passes never run the model's forward: with a folded copy the run makes channels-last weights
+        # of that copy only (the model's float32 ones, 40.5 MiB on resnet50, were held through the passes: session 45)
+        run = _perf.Run(model, x, perf, tag=tag, **({"plain_passes": True, "strip_softmax": False} if split_plan else {}))
         clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already)  # (B, K)
         if split_plan is not None:
             plan, spans = split_plan
             spans_host = spans.tolist()  # (windows, 2, 3) as lists: the pastes' slices, read once
             clean_cut, plan.clean = plan.clean, None  # (B, C', H', W'), what every pass's cut starts from; held once
-            # at the passes' precision: the check's float32 one was held beside it through the passes
-            if run.dtype is not None:
+            if run.dtype is not None:  # at the passes' precision (the check's float32 one not held beside it)
+                clean_cut = None
                 with torch.no_grad(), run.autocast():
                     clean_cut = plan.prefix(x.clone())
 
@@ -400,21 +406,37 @@ def occlusion(
 
 
 def _split(model: nn.Module, x: Tensor, win: tuple[int, int], st: tuple[int, int], corners: Tensor,
-           strip_softmax: bool, out: Tensor, perf: _perf.Performance) -> Optional[tuple[Any, Tensor]]:
+           strip_softmax: bool, out: Tensor, perf: _perf.Performance, batch: Optional[int] = None
+           ) -> Optional[tuple[Any, Tensor]]:
     """The region-limited passes' plan and each window's spans (:func:`salience.methods._occlusion_local.spans`), or
-    ``None`` (full passes; a debug log line says why)."""
+    ``None`` (full passes; a debug log line says why). ``batch``: images a pass of the plan's check on the clean
+    images."""
     why = ""
     if perf.backend is not None:
         why = "compile runs the whole model compiled"
     elif perf.precision == "bf16-mixed":
         why = "bf16-mixed chooses float32 layers by the input's size, which a crop changes"
     else:
-        # fold_batchnorm: the crops and the rest run the process's float32 folded copy (the passes' own under fp32;
-        # under an autocast it casts that copy's weights, the same values as the run's copy in the autocast's dtype)
-        folded = _perf.folded_model(model)[0] if perf.fold_batchnorm else None
+        dtype = _perf.autocast_dtype(perf)
+        # fold_batchnorm in float32: the crops and the rest run the process's float32 folded copy (the passes' own).
+        # Under an autocast the split is found and checked on the model itself (its trace shares the model's
+        # weights) and then run on the folded copy the run holds in the autocast's dtype (:func:`_local.moved`):
+        # before, the float32 copy (98 MiB on resnet50, kept for the process) was held beside the run's (49 MiB)
+        folded = _perf.folded_model(model)[0] if perf.fold_batchnorm and dtype is None else None
         plan = _local.plan(folded if folded is not None else model, x, win, st, corners, strip_softmax, out,
-                           lambda o: unwrap_output(o, model), _perf.autocast_dtype(perf))
+                           lambda o: unwrap_output(o, model), dtype, batch)
         why = plan.why
+        if not why and perf.fold_batchnorm and dtype is not None:
+            low = _perf.folded_model(model, dtype=dtype)[0]  # the run's copy (cached: perf.Run takes the same)
+            if low is not None:
+                moved = _local.moved(plan, low, strip_softmax)
+                if moved is None:  # the cut is not a node of the folded graph (a folded BatchNorm): as before
+                    folded = _perf.folded_model(model)[0]
+                    plan = _local.plan(folded if folded is not None else model, x, win, st, corners, strip_softmax,
+                                       out, lambda o: unwrap_output(o, model), dtype, batch)
+                    why = plan.why
+                else:
+                    plan = moved
     if why:
         _local.log.debug("occlusion: full passes: %s", why)
         return None
@@ -491,16 +513,23 @@ class _Reused:
     chunk comes (a hook of the user's that keeps the model's input, a view of it) is left to its holder and a fresh
     one is taken (:func:`_held_elsewhere`), else every input kept became the last chunk's."""
 
-    def __init__(self, x: Tensor) -> None:
-        self.x = x
+    def __init__(self, x: Tensor, model: Optional[nn.Module] = None) -> None:
+        self.x, self.model = x, model
         self._buffer: Optional[Tensor] = None
 
     def rows(self, owner: Tensor) -> Tensor:
-        """``x[owner]`` ``(n, C, H, W)``, in the buffer."""
+        """``x[owner]`` ``(n, C, H, W)``, in the buffer, laid out as the chunk's pass takes its input: channels-last in
+        a channels-last chunk of ``model``'s run (the pass's :meth:`~salience._core.perf.Run.prepare` then makes no
+        copy: a contiguous buffer and its channels-last copy, 4.6 MiB each for 8 images at 224 px, were both alive at
+        the call's peak under bf16 + channels-last, session 45)."""
         n = len(owner)
-        if self._buffer is None or self._buffer.shape[0] < n or _held_elsewhere(self._buffer):
-            self._buffer = None  # the smaller one (the probe's) goes first
-            self._buffer = torch.empty((n,) + tuple(self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device)
+        run = _perf.active(self.model) if self.model is not None and self.x.dim() == 4 else None
+        fmt = torch.channels_last if run is not None and run.channels_last else torch.contiguous_format
+        buf = self._buffer
+        if (buf is None or buf.shape[0] < n or not buf.is_contiguous(memory_format=fmt) or _held_elsewhere(buf)):
+            self._buffer = buf = None  # the smaller one (the probe's) goes first
+            self._buffer = torch.empty((n,) + tuple(self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device,
+                                       memory_format=fmt)
         return torch.index_select(self.x, 0, owner, out=self._buffer[:n])
 
 
@@ -514,15 +543,17 @@ def _held_elsewhere(buffer: Tensor) -> bool:
     return count(buffer.untyped_storage()._cdata) > 2
 
 
-def clean_batch(x: Tensor, perf: _perf.Performance) -> int:
+def clean_batch(x: Tensor, perf: _perf.Performance, chunk: Optional[int] = None) -> int:
     """The images per float32 clean pass of a many-pass call on ``x`` ``(B, ...)``: all ``B``, but half of them (at
-    least one) where the passes run under a 16-bit autocast (``precision``). The engine's chunks are sized for the
-    passes' 16-bit activations, about ``B`` items a chunk on resnet50 at 224 px: the clean pass, in float32 (the
-    map's scale, the targets, the layer's output), held twice a chunk's activations at once, the call's peak (92 MiB
-    of tensors against 46-60 MiB a chunk on 8 images, session 44). Images are independent in an eval-mode pass:
-    the same values up to the rounding of a kernel's choice per batch size."""
+    least one) where the passes run under a 16-bit autocast (``precision``), and at most ``chunk`` (the caller's
+    items per pass: a clean image costs what an item of the passes costs, in float32 more). The engine's chunks are
+    sized for the passes' 16-bit activations, about ``B`` items a chunk on resnet50 at 224 px: the clean pass, in
+    float32 (the map's scale, the targets, the layer's output), held twice a chunk's activations at once, the call's
+    peak (92 MiB of tensors against 46-60 MiB a chunk on 8 images, session 44). Images are independent in an
+    eval-mode pass: the same values up to the rounding of a kernel's choice per batch size."""
     b = int(x.shape[0])
-    return b if perf.precision == "fp32" else max(1, -(-b // 2))  # the others are 16-bit autocasts (perf.PRECISIONS)
+    n = b if perf.precision == "fp32" else max(1, -(-b // 2))  # the others are 16-bit autocasts (perf.PRECISIONS)
+    return n if chunk is None else max(1, min(n, int(chunk)))
 
 
 def softmax_known(run: _perf.Run, known: Optional[bool]) -> _perf.Run:
@@ -592,12 +623,12 @@ def rise(
     b = x.shape[0]
     size = (int(x.shape[-2]), int(x.shape[-1]))
     with model_guard(model):
-        out = forward_scores(model, x, strip_softmax=strip_softmax, batch_size=clean_batch(x, perf))
+        out = forward_scores(model, x, strip_softmax=strip_softmax, batch_size=clean_batch(x, perf, chunk))
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
 
-        inputs = _Reused(x)
+        inputs = _Reused(x, model)
 
         def compute(start: int, stop: int) -> Tensor:
             first, last = start // b, (stop - 1) // b

@@ -88,18 +88,34 @@ def _setup(method: str, model: nn.Module, x: Tensor, target: Any, layer: Optiona
     return targets, multi, resolve_cam_layer(model, x, layer, checked=True)
 
 
+def _sizes(b: int, step: int) -> list[int]:
+    """The images of each pass of a capture in parts: ``step`` a pass, the last the rest."""
+    return [min(step, b - i) for i in range(0, b, step)]
+
+
 def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, batch: Optional[int] = None,
              seen: Optional[list] = None) -> tuple[Tensor, Tensor]:
     """The layer's output (as the layer gives it) and the model's output for ``x``: one forward pass, or one per
     ``batch`` images (:func:`~salience.methods.perturbation.clean_batch`) where the layer's output is ``(n, ...)`` for
-    ``n`` images (checked on the first; else the one pass of all: a layer with another first axis, a sequence-first
-    one). ``seen``: given, gets what the pass showed of a final softmax (:func:`final_softmax`, read while the capture
+    ``n`` images, its other axes the same in every part (else the one pass of all: a layer with another first axis, a
+    sequence-first one). A first axis equal to ``n`` by chance (a sequence-first ``(N, n, D)`` with ``N == n``: the
+    parts joined along the tokens, a wrong layer output, session 45) is told from the batch by parts of two sizes:
+    where another axis of the first part is ``n`` too and the parts would all be ``n`` images, the rest are split
+    unevenly (8 images: 4, 3, 1), and a first axis that does not follow the part's size is the one pass of all.
+    ``seen``: given, gets what the pass showed of a final softmax (:func:`final_softmax`, read while the capture
     hook, which changes no output, is on: the structure it was recorded for)."""
-    step = x.shape[0] if batch is None else max(1, min(int(batch), x.shape[0]))
+    b = x.shape[0]
+    step = b if batch is None else max(1, min(int(batch), b))
+    sizes = _sizes(b, step)
     acts: list[Tensor] = []
     outs: list[Tensor] = []
-    for i in range(0, x.shape[0], step):
-        xb = x[i:i + step]
+    i = part = 0
+    while part < len(sizes):
+        n = sizes[part]
+        xb = x[i:i + n]
+        i += n
+        part += 1
+
         # the first output of a reused module; the layer's own, not as an in-place operation after it left it
         def scored(xb: Tensor = xb) -> Tensor:
             o = forward_scores(model, xb, strip_softmax=strip_softmax)
@@ -110,12 +126,19 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
         store, out = captured_pass(mod, scored)
         if not store or not isinstance(store[0], Tensor):
             raise layer_not_captured(model, mod, store)
-        if step < x.shape[0] and (store[0].dim() == 0 or store[0].shape[0] != xb.shape[0]
-                                  or out.dim() == 0 or out.shape[0] != xb.shape[0]):
+        a = store[0]
+        if len(sizes) > 1 and (a.dim() == 0 or a.shape[0] != n or out.dim() == 0 or out.shape[0] != n
+                               or (acts and a.shape[1:] != acts[0].shape[1:])):
+            del acts, outs, store, out, a
             return _capture(model, x, mod, strip_softmax, seen=seen)  # not image by image along its first axis: all at once
-        acts.append(store[0].detach())
+        if not acts and n > 1 and len(sizes) > 1 and n in a.shape[1:] and len(set(sizes)) == 1:
+            sizes[1:] = _sizes(b - n, n - 1)  # parts of two sizes tell the batch axis from another of n
+        acts.append(a.detach())
         outs.append(out)
-        del store, out
+        del store, out, a
+    if len(sizes) > 1 and len(set(sizes)) == 1 and sizes[0] in acts[0].shape[1:]:  # one size (1), on another axis too
+        del acts, outs
+        return _capture(model, x, mod, strip_softmax, seen=seen)
     return (acts[0], outs[0]) if len(acts) == 1 else (torch.cat(acts), torch.cat(outs))
 
 
@@ -165,10 +188,10 @@ class _ChannelMasks:
 
     BLOCK_PIXELS = 1 << 22  # items upsampled at once by :meth:`live` (16 MiB of float32); :meth:`distinct` per block
 
-    def __init__(self, x: Tensor, acts: Tensor, align_corners: bool) -> None:
+    def __init__(self, x: Tensor, acts: Tensor, align_corners: bool, model: Optional[nn.Module] = None) -> None:
         self.x, self.acts, self.align_corners = x, acts, align_corners
         self._buffer: Optional[Tensor] = None  # the chunks' upsampled channels, reused by every chunk
-        self._inputs = _Reused(x)  # the chunks' masked images, in one buffer
+        self._inputs = _Reused(x, model)  # the chunks' masked images, in one buffer (in the chunk's layout)
 
     def _upsampled(self, items: Tensor, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(up, lo, span, owner)``: the items' channels upsampled ``(n, 1, H, W)`` (into ``out`` when
@@ -301,13 +324,13 @@ def scorecam(
     b = x.shape[0]
     with model_guard(model):
         seen: list = [None]  # what the capture's pass showed of a final softmax, for the run
-        acts, out = _capture(model, x, mod, strip_softmax, clean_batch(x, perf), seen)
+        acts, out = _capture(model, x, mod, strip_softmax, clean_batch(x, perf, chunk), seen)
         _, acts = _grid("Score-CAM", model, mod, acts, x, grid, prefix_tokens)
         _check_channel_passes("Score-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities("none" if softmax == "channels" else softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk (and the blank image) on one scale
-        items = _ChannelMasks(x, acts, align_corners)
+        items = _ChannelMasks(x, acts, align_corners, model)
         live = items.live()  # item j = channel j // B of image j % B; the others mask the image to zeros
         first, source = items.distinct(live)  # the live items of a mask of their own; source: each one's first
 
@@ -549,7 +572,7 @@ def ablationcam(
     warn_unapplied("ablationcam", model, ("compile", "fold_batchnorm"), perf, why=_WHY_ABLATION_PASSES_SKIP)
     b = x.shape[0]
     with model_guard(model):
-        native, out = _capture(model, x, mod, strip_softmax, clean_batch(x, perf))
+        native, out = _capture(model, x, mod, strip_softmax, clean_batch(x, perf, chunk))
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
         _check_channel_passes("Ablation-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
