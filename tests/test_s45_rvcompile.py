@@ -164,3 +164,49 @@ def test_compile_freeze_channels_last_follows_a_weight_change(monkeypatch, fold,
         with unchanged(model):
             assert _rel(frozen_call(), ref) <= RTOL
     assert len(compiles) == n + 1
+
+
+def _deep() -> nn.Module:
+    """A first layer of 4 channels, then two of 64: a pass stopped at the first holds a fraction of a whole one."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(64, 5)).eval()
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "integrated_gradients"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_probe_of_a_layer_target_is_not_reused_for_the_output(monkeypatch, method, compiled):
+    """The bytes per item a call measured for a target on an early layer (whose pass stops there) are not taken by
+    a later call on the model's output: that call's chunks are sized by an item of a whole pass, as its own probe
+    sizes them. On dd9a0cc a compiled call on the output, after an eager call on layer "0" of another number of
+    images, took that call's probe (any number of images: reused_probe), 1/14 of an item's bytes here, and ran
+    chunks of 14 times what max_memory allows; an eager call of the same number of images took it too (known_probe).
+    """
+    per_item: list = []
+    chunk_size = _engine.chunk_size
+
+    def spy(p, budget, n):
+        per_item.append(p)
+        return chunk_size(p, budget, n)
+
+    monkeypatch.setattr(_engine, "chunk_size", spy)
+    model = _deep()
+    x = torch.rand(1, 3, 32, 32)
+    kw = dict(compile=counting_backend()[0]) if compiled else {}
+
+    def call(images, target, **k):
+        xs = x.expand(images, -1, -1, -1).contiguous()
+        if method == "smoothgrad":
+            return salience.smoothgrad(model, xs, target, samples=4, reduce=None, **k)
+        return salience.integrated_gradients(model, xs, target, steps=4, reduce=None, **k)
+
+    call(1, 2, **kw)  # the output: probed (and the softmax answer found)
+    whole = per_item[-1]
+    if not compiled:  # the same number of images: known_probe's reuse, the layer's call first
+        _perf.clear_cache()
+    call(1 if not compiled else 2, salience.targets.activation("0", 0))  # eager, on layer "0": probed
+    stopped = per_item[-1]
+    assert stopped * 4 < whole  # the layer's pass is a fraction of the whole one (so the property can fail)
+    call(1, 2, **kw)
+    assert per_item[-1] == whole, (whole, stopped, per_item)
