@@ -2,7 +2,6 @@
 final-softmax answer, and the frozen graph whose constant watch skips the model's own tensors."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -10,11 +9,10 @@ import torch
 from torch import nn
 
 import salience
-from salience._core import compiled as _compiled_mod
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 
-from conftest import counting_backend, unchanged
+from conftest import counting_backend, snapshot_freezing, unchanged
 
 RTOL = 1e-4  # FREEZE_RTOL in tests/test_performance.py: a compiled map against the eager map, of its largest value
 
@@ -54,67 +52,40 @@ def _chunks_of_4(monkeypatch):
     monkeypatch.setattr(_engine, "chunk_size", lambda per_item, budget, n: 4)
 
 
-def _snapshot_freezing(monkeypatch) -> list:
-    """A stand-in for inductor's freezing (the graph's weights copied as it is compiled, as freezing takes them as
-    constants); the list counts the compiles."""
-    compiles: list = []
-
-    def snapshot(gm, inputs):
-        compiles.append(1)
-        kept = copy.deepcopy(gm)
-        return lambda *args: kept.forward(*args)
-
-    monkeypatch.setattr(_compiled_mod, "_freeze_compile", snapshot)
-    return compiles
-
-
 def _call(method: str, model: nn.Module, x: torch.Tensor, **kw) -> torch.Tensor:
     if method == "smoothgrad":
         return salience.smoothgrad(model, x, 2, samples=8, reduce=None, **kw)
     return salience.integrated_gradients(model, x, 2, steps=8, reduce=None, **kw)
 
 
+@pytest.mark.parametrize("kind", ["counting", "freeze"])
 @pytest.mark.parametrize("method", ["smoothgrad", "integrated_gradients"])
-def test_compile_true_sees_a_softmax_turned_on_between_calls(_chunks_of_4, method):
+def test_compile_sees_a_softmax_turned_on_between_calls(monkeypatch, _chunks_of_4, method, kind):
     """A softmax the forward adds by a flag set between two compiled calls (the structure unchanged) is stripped,
     as the eager call strips it: the map is the logits' (the eager map of the model with the flag on, which is the
     map without it). On dd9a0cc the later compile=True call took the earlier call's answer "no softmax" and ran
-    every chunk compiled, the first too: the map of the probabilities (75% off)."""
+    every chunk compiled, the first too: the map of the probabilities (75% off); compile="freeze" (its frozen
+    gradient graph, from the first chunk on) likewise."""
+    if kind == "freeze":
+        snapshot_freezing(monkeypatch)
+        compile = "freeze"
+    else:
+        compile = counting_backend()[0]
     model = _Flagged().eval()
     x = torch.rand(1, 3, 8, 8)
     model.probs = True
     ref = _call(method, model, x)
     _perf.clear_cache()
     model.probs = False
-    backend, _, _ = counting_backend()
     for _ in range(2):
-        _call(method, model, x, compile=backend)
+        _call(method, model, x, compile=compile)
     model.probs = True
     with unchanged(model), warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = _call(method, model, x, compile=backend)
+        out = _call(method, model, x, compile=compile)
     assert _rel(out, ref) <= RTOL
     model.probs = False  # and back: the map of the logits again, compiled
-    assert _rel(_call(method, model, x, compile=backend), ref) <= RTOL
-
-
-@pytest.mark.parametrize("method", ["smoothgrad", "integrated_gradients"])
-def test_compile_freeze_sees_a_softmax_turned_on_between_calls(monkeypatch, _chunks_of_4, method):
-    """The same with compile="freeze" (its frozen gradient graph takes the first chunk, reused probe)."""
-    _snapshot_freezing(monkeypatch)
-    model = _Flagged().eval()
-    x = torch.rand(1, 3, 8, 8)
-    model.probs = True
-    ref = _call(method, model, x)
-    _perf.clear_cache()
-    model.probs = False
-    for _ in range(2):
-        _call(method, model, x, compile="freeze")
-    model.probs = True
-    with unchanged(model), warnings.catch_warnings():
-        warnings.simplefilter("error")
-        out = _call(method, model, x, compile="freeze")
-    assert _rel(out, ref) <= RTOL
+    assert _rel(_call(method, model, x, compile=compile), ref) <= RTOL
 
 
 def _change_data(model):
@@ -144,7 +115,7 @@ def test_compile_freeze_channels_last_follows_a_weight_change(monkeypatch, fold,
     """compile="freeze" + channels-last (the watch no longer holds the model's own tensors): after a change of the
     weights between calls (``p.data = ...``, ``load_state_dict``, ``p.copy_``, a buffer changed in place) the frozen
     graph is compiled anew and the map is the changed model's eager map."""
-    compiles = _snapshot_freezing(monkeypatch)
+    compiles = snapshot_freezing(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
