@@ -218,6 +218,24 @@ def counting_backend():
     return backend, graphs, calls
 
 
+def snapshot_freezing(monkeypatch) -> list:
+    """A stand-in for inductor's freezing in ``compile="freeze"`` (the graph's weights copied as it is compiled, as
+    freezing takes them as constants), fast on a CPU; the list returned counts the compiles."""
+    import copy
+
+    from salience._core import compiled
+
+    compiles: list = []
+
+    def snapshot(gm, inputs):
+        compiles.append(1)
+        kept = copy.deepcopy(gm)
+        return lambda *args: kept.forward(*args)
+
+    monkeypatch.setattr(compiled, "_freeze_compile", snapshot)
+    return compiles
+
+
 @pytest.fixture
 def fresh_perf_state():
     """As in a fresh process, before and after the test: the once-per-process "is not applied" warnings of the

@@ -11,7 +11,7 @@ import salience
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 
-from conftest import counting_backend, unchanged
+from conftest import counting_backend, snapshot_freezing, unchanged
 
 RTOL = 1e-4  # FREEZE_RTOL in tests/test_performance.py: a compiled map against the eager map, of its largest value
 
@@ -110,19 +110,8 @@ def test_compile_freeze_channels_last_compiles_its_frozen_graph_once(monkeypatch
     found them "moved" and compiled the graph again at every call (resnet50: a compile of a minute or more per
     call). A stand-in for inductor's freezing (the graph's weights copied when compiled, as freezing takes
     them as constants) counts the compiles."""
-    import copy
-
-    from salience._core import compiled as _compiled_mod
-
     torch._dynamo.reset()
-    compiles: list = []
-
-    def snapshot(gm, inputs):
-        compiles.append(1)
-        kept = copy.deepcopy(gm)
-        return lambda *args: kept.forward(*args)
-
-    monkeypatch.setattr(_compiled_mod, "_freeze_compile", snapshot)
+    compiles = snapshot_freezing(monkeypatch)
     model = _net()
     x = torch.rand(2, 3, 8, 8)
     seen = _chunks_seen(monkeypatch)

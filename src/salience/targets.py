@@ -484,6 +484,17 @@ def as_target(target: TargetLike) -> Target:
     )
 
 
+def layers_tag(targets: Sequence[Target]) -> str:
+    """Which layer each of ``targets`` reads (``-``: the model's output), for a many-pass run's tag
+    (:class:`salience._core.perf.Run`): a target on a layer stops the forward pass there, so an item's memory is
+    a fraction of a whole pass's, and the memory probe's bytes per item are reused by a later call of the same
+    tag (a later call on the output took the layer's: chunks many times what ``max_memory`` allows; session 45's
+    review). A module layer by its ``id`` (a module of the model: replacing it changes the model's structure,
+    which forgets the probes)."""
+    return ",".join("-" if t.layer is None else t.layer if isinstance(t.layer, str) else f"#{id(t.layer)}"
+                    for t in targets)
+
+
 def split(target: Any, batch: Optional[int] = None) -> tuple[list[Target], bool]:
     """``target`` -> (targets, several). Several targets per image are a ``(B, K)`` integer tensor
     (or nested list), or a list/tuple of targets (``Target`` objects, functions, ``None``, class

@@ -673,7 +673,10 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
         if compiled is not None:
             out, done = _perf.forward_call(model, x_in, True, strip_softmax, lambda: None)
             if done:  # a plain pass of the compiled model (an eager pass showed no softmax to strip)
-                return unwrap_output(out, model), captured
+                out = unwrap_output(out, model)
+                if not softmax_appeared(run, out, strip_softmax):
+                    return out, captured
+                del out  # a softmax appeared since the answer was found: the pass runs eagerly, as below
     # the tap (every torch call of the forward through Python) runs until a pass of the model's structure
     # showed whether it ends in a softmax; after one that showed none, a softmax's gradient function on the
     # output says that it now does (the pass is then run again with the tap)
@@ -843,6 +846,8 @@ def backward(
             # compile="freeze": the forward and the input gradient in one frozen graph
             with model_call(model, x_in):
                 frozen = _perf.gradient_call(model, x_in, targets[0], strip_softmax, _unwrapper(model))
+            if frozen is not None and softmax_appeared(run, frozen[0], strip_softmax):
+                frozen = None  # a softmax appeared since the answer was found: the pass runs eagerly, below
         if frozen is not None:
             out, captured = frozen[0], []  # already the score tensor (_unwrapper's, in the graph)
             # the classes' range checked here
@@ -939,6 +944,25 @@ def looks_like_probabilities(out: Tensor) -> bool:
     return rows is not None and bool(rows)
 
 
+def softmax_appeared(run: Any, out: Any, strip_softmax: bool) -> bool:
+    """Whether ``out``, the output of a pass that ran a copy or a graph of the model (``run.forward_fn``, the frozen
+    gradient graph) on a final-softmax answer ``run`` took from an earlier call (``run.softmax_reused``: no eager
+    pass of this call looked), reads as probabilities now: a softmax the forward adds by a flag or a setting
+    changed between the calls (no change of :func:`~salience._core.fingerprint.structure`), which the eager first
+    pass of every call showed (:meth:`_SoftmaxPass.look`). Looked at once per run (one host-device
+    synchronization); then the answer is unknown again (``run.softmax_checked`` off): the caller runs the pass
+    eagerly, whose tap or look finds the softmax and strips it, and the later passes run eagerly too. Before
+    (session 45's review), a later ``compile=True`` or ``"freeze"`` call, whose first chunk runs compiled on the
+    earlier call's answer (:meth:`~salience._core.perf.Run.reused_probe`), explained the probabilities."""
+    if not strip_softmax or not getattr(run, "softmax_reused", False):
+        return False
+    run.softmax_reused = False
+    if run.softmax_stripped or not isinstance(out, Tensor) or not _probabilities_like(out):
+        return False
+    run.softmax_checked = False
+    return True
+
+
 def _probability_rows(out: Tensor) -> Optional[Tensor]:
     """:func:`looks_like_probabilities` as a 0-d bool tensor on ``out``'s device (read without waiting for
     it), ``None`` for an output without two classes or more; ``torch.allclose``'s test of the sums
@@ -1003,13 +1027,19 @@ def _scores_pass(model: nn.Module, xb: Tensor, run: Optional[_perf.Run], strip_s
                  compiled: bool) -> Tensor:
     """One forward pass of :func:`forward_scores`: compiled when the run allows it, else eager under
     the run's autocast (an eager pass tells the run whether a final softmax was stripped)."""
+    appeared = False
     if run is not None and compiled and run.forward_fn(True, strip_softmax) is not None:
         out, done = _perf.forward_call(model, xb, True, strip_softmax, lambda: None)
         if done:
-            return unwrap_output(out, model)
+            out = unwrap_output(out, model)
+            appeared = softmax_appeared(run, out, strip_softmax)
+            if not appeared:
+                return out
     # without gradients there is no gradient function to say that a softmax appeared (a flag the forward reads):
     # an output of probabilities (or their logarithms) does, and the pass runs again under the tap
     softmax = _SoftmaxPass(model, run) if strip_softmax else None
+    if softmax is not None and appeared:  # the compiled pass's output looked: straight under the tap
+        return softmax.strip(_tapped_pass(model, xb, run, softmax.tap_again()))[0]
     out = _tapped_pass(model, xb, run, softmax.tap if softmax is not None else None)
     if softmax is None:
         return out

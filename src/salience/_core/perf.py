@@ -507,9 +507,11 @@ class Run:
         self._probing = False
         self.softmax_checked = self.softmax_stripped = False
         self._holds_attention: Optional[bool] = None  # holds an nn.MultiheadAttention (_strided_attention)
-        if self.options.backend is not None and rec.softmax is not None:
-            # compile: an earlier run on this model's structure checked for a final softmax, so the
-            # first chunk may run the compiled model (the frozen graphs) too (reused_probe)
+        # compile: an earlier run on this model's structure checked for a final softmax, so the first chunk may run
+        # the compiled model (the frozen graphs) too (reused_probe), whose output is looked at once (softmax_reused:
+        # salience._core.autograd.softmax_appeared, a softmax a flag of the forward turned on since)
+        self.softmax_reused = self.options.backend is not None and rec.softmax is not None
+        if self.softmax_reused:
             self.softmax_checked, self.softmax_stripped = True, rec.softmax
         # A pass without gradients (a prediction pass) that runs the compiled model as a gradient pass
         # does, so that the two share one graph (set by one_pass(gradient_graph=True)).

@@ -28,7 +28,7 @@ from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.tensors import baseline_tensor, check_int, gaussian_blur, check_flag
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
-from salience.targets import Predicted, Target, split
+from salience.targets import Predicted, Target, layers_tag, split
 from salience.methods._multi import several_targets, finish, input_gradient_maps, refuse_fp16_overflow
 
 __all__ = ["integrated_gradients", "input_x_gradient", "quadrature", "RULES", "IGResult", "CompletenessWarning",
@@ -315,7 +315,8 @@ def integrated_gradients(
             sums = _engine.accumulate(
                 compute, len(rest) * b, b, weights=[ends.weights[a] for a in rest], chunk=chunk,
                 max_memory=budget, progress=progress, desc="integrated gradients", device=x.device,
-                run=_perf.Run(model, x, perf, tag=f"ig:{strip_softmax}:{len(targets)}"),  # K targets: K gradients per item
+                # K targets: K gradients per item; a target on a layer: its pass stops there (layers_tag)
+                run=_perf.Run(model, x, perf, tag=f"ig:{strip_softmax}:{len(targets)}:{layers_tag(targets)}"),
             )
             # The targets' scores at the end points of the path, where the path has them.
             assert sums.scores is not None

@@ -27,7 +27,7 @@ from salience.methods import perturbation
 from salience.methods._multi import as_method, free_maps, is_target_free, takes_several_targets
 from salience.methods.integrated import GapReport, collect_gaps, gaps_to_report, report_gaps
 from salience.methods.vanilla import vanilla
-from salience.targets import Target, checked_on_output, resolve, split
+from salience.targets import Target, checked_on_output, layers_tag, resolve, split
 
 __all__ = ["smoothgrad", "VARIANTS"]
 
@@ -141,7 +141,7 @@ def smoothgrad(
             sums = _engine.accumulate(
                 compute, samples * x.shape[0], x.shape[0], squares=variant != "mean", chunk=chunk,
                 max_memory=budget, progress=progress, desc="smoothgrad", device=x.device,
-                run=_perf.Run(model, x, perf, tag=_tag(method, len(targets), reduce, reduce_each, raw_options)),
+                run=_perf.Run(model, x, perf, tag=_tag(method, targets, reduce, reduce_each, raw_options)),
             )
     gaps.report()
     mean = sums.total / samples
@@ -421,11 +421,12 @@ def _finish(maps: Tensor, mod: Optional[GradModifier], red: Optional[Reduction],
     return red(targets[0].map_part(maps))
 
 
-def _tag(method: Callable[..., Tensor], n_targets: int, reduce: Any, reduce_each: bool, raw_options: dict) -> str:
+def _tag(method: Callable[..., Tensor], targets: Sequence[Target], reduce: Any, reduce_each: bool,
+         raw_options: dict) -> str:
     """The engine run's tag: what a chunk keeps per item besides the method's pass (K maps, reduced per chunk or
-    not) is part of it, since the memory probe's bytes per item are reused by a later call of the same tag (K-fold
-    too small for K targets after one)."""
-    kept = f"{n_targets}:{reduce if reduce_each and isinstance(reduce, str) else reduce_each}"
+    not) and the layers the targets read (:func:`~salience.targets.layers_tag`) are part of it, since the memory
+    probe's bytes per item are reused by a later call of the same tag (K-fold too small for K targets after one)."""
+    kept = f"{len(targets)}:{layers_tag(targets)}:{reduce if reduce_each and isinstance(reduce, str) else reduce_each}"
     return f"smoothgrad:{getattr(method, '__name__', type(method).__name__)}:{kept}:{sorted(raw_options.items())!r}"[:400]
 
 
