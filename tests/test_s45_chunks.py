@@ -195,3 +195,28 @@ def test_smoothgrad_counts_each_copys_completeness_gap_once():
     with collect_gaps() as found:
         salience.smoothgrad(model, x, 0, samples=4, seed=0, method=salience.integrated_gradients, steps=2)
     assert len(found) == 1 and found[0].copies == 4, found
+
+
+def test_every_chunk_of_a_warm_call_runs_the_folded_copy(resnet, monkeypatch):
+    """``fold_batchnorm=True``: the folded copy runs a pass once an eager pass found no final softmax. The cold call's
+    eager pass is the probe's (thrown away), so its one chunk of 16 runs folded; a warm call has no eager chunk first
+    since session 45, and runs folded from its first chunk because the record keeps the softmax answer (before,
+    for compile="freeze" only: the warm call's one chunk ran the model itself, the fold unused)."""
+    layouts: list[list[str]] = []
+    real = _engine.accumulate
+
+    def kept(*args, **kwargs):
+        sums = real(*args, **kwargs)
+        layouts.append(list(sums.layouts))
+        return sums
+
+    monkeypatch.setattr(_engine, "accumulate", kept)
+    _perf.clear_cache()
+    ref = salience.smoothgrad(resnet, _x(1), 3, samples=16, seed=1, reduce=None)
+    with salience.performance(fold_batchnorm=True):
+        cold = salience.smoothgrad(resnet, _x(1), 3, samples=16, seed=1, reduce=None)
+        warm = salience.smoothgrad(resnet, _x(1), 3, samples=16, seed=1, reduce=None)
+    assert layouts[1:] == [["contiguous folded"], ["contiguous folded"]], layouts
+    assert torch.equal(cold, warm)
+    # the fold computes the same function: the maps within float32 rounding of the model's own
+    torch.testing.assert_close(warm, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())

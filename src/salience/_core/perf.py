@@ -495,9 +495,10 @@ class Run:
         self._probing = False
         self.softmax_checked = self.softmax_stripped = False
         self._holds_attention: Optional[bool] = None  # holds an nn.MultiheadAttention (_strided_attention)
-        if self.options.freeze and rec.softmax is not None:
-            # compile="freeze": an earlier run on this model's structure checked for a final softmax,
-            # so the first chunk may run the frozen graphs too (reused_probe)
+        if rec.softmax is not None:
+            # an earlier run on this model's structure checked for a final softmax, so the first chunk may run the
+            # folded copy or the compiled model too: since session 45 a warm call has no eager probing chunk first
+            # (its chunks are the plan's from item 0), and with compile="freeze" it skips the probe (reused_probe)
             self.softmax_checked, self.softmax_stripped = True, rec.softmax
         # A pass without gradients (a prediction pass) that runs the compiled model as a gradient pass
         # does, so that the two share one graph (set by one_pass(gradient_graph=True)).
