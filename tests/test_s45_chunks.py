@@ -19,15 +19,14 @@ from salience.methods.integrated import collect_gaps
 
 
 @pytest.fixture
-def chunks_seen(monkeypatch):
-    """The chunk sizes of every ``accumulate`` a method runs (``Sums.chunks``), in call order."""
-    seen: list[list[int]] = []
+def sums_seen(monkeypatch):
+    """The :class:`~salience._core.engine.Sums` of every ``accumulate`` a method runs, in call order."""
+    seen: list[_engine.Sums] = []
     real = _engine.accumulate
 
     def kept(*args, **kwargs):
-        sums = real(*args, **kwargs)
-        seen.append(list(sums.chunks))
-        return sums
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
 
     monkeypatch.setattr(_engine, "accumulate", kept)
     return seen
@@ -52,7 +51,7 @@ CALLS = {
 
 @pytest.mark.parametrize("method", sorted(CALLS))
 @pytest.mark.parametrize("b", [1, 2])
-def test_cold_and_warm_calls_give_the_same_bits_and_chunks(resnet, chunks_seen, method, b):
+def test_cold_and_warm_calls_give_the_same_bits_and_chunks(resnet, sums_seen, method, b):
     """A seeded call gives the same bits cold (the memory probe runs) and warm (no probe), from the same chunks;
     none of them is the probe's chunk of one item per image (on old code the first was: 1 + 15 for SmoothGrad)."""
     x = _x(b)
@@ -60,6 +59,7 @@ def test_cold_and_warm_calls_give_the_same_bits_and_chunks(resnet, chunks_seen, 
     cold = CALLS[method](resnet, x)
     warm = CALLS[method](resnet, x)
     assert torch.equal(cold, warm)
+    chunks_seen = [s.chunks for s in sums_seen]
     assert len(chunks_seen) == 2 and chunks_seen[0] == chunks_seen[1], chunks_seen
     chunks = chunks_seen[0]
     assert chunks[0] == max(chunks) and chunks[0] > b, chunks  # a full chunk first, not one item per image
@@ -67,13 +67,13 @@ def test_cold_and_warm_calls_give_the_same_bits_and_chunks(resnet, chunks_seen, 
         assert max(chunks) <= _engine.CPU_GRADIENT_CHUNK
 
 
-def test_smoothgrad_of_one_image_runs_one_chunk_of_16(resnet, chunks_seen):
+def test_smoothgrad_of_one_image_runs_one_chunk_of_16(resnet, sums_seen):
     """SmoothGrad 16 of one image: one pass of 16 items (old code: 1 + 15, oneDNN's 15 slower than its 16);
     integrated gradients' 31 path points (the end point at 1 runs first, for the predicted class): 16 + 15."""
     _perf.clear_cache()
     salience.smoothgrad(resnet, _x(1), samples=16, seed=1)
     salience.integrated_gradients(resnet, _x(1), steps=32)
-    assert chunks_seen == [[16], [16, 15]]
+    assert [s.chunks for s in sums_seen] == [[16], [16, 15]]
 
 
 def test_the_probe_is_a_pass_of_its_own_in_the_first_call_only(resnet):
@@ -138,12 +138,12 @@ def test_planned_chunk_keeps_the_budgets_size_on_a_gpu_and_for_gradient_free_pas
     assert _engine.planned_chunk(64, 40, torch.device("cpu"), False) == 16
 
 
-def test_the_memory_budget_still_bounds_the_chunk(resnet, chunks_seen, monkeypatch):
+def test_the_memory_budget_still_bounds_the_chunk(resnet, sums_seen, monkeypatch):
     """A budget of 12 items per chunk: SmoothGrad's 16 items as 8 + 8 (old code: 1, then 12 and 3)."""
     monkeypatch.setattr(_engine, "chunk_size", lambda per_item, budget, n: 12)
     _perf.clear_cache()
     salience.smoothgrad(resnet, _x(1), 3, samples=16, seed=1)
-    assert chunks_seen == [[8, 8]]
+    assert [s.chunks for s in sums_seen] == [[8, 8]]
 
 
 def test_smoothgrad_equals_a_plain_loop_of_its_documented_noise(resnet):
@@ -197,25 +197,17 @@ def test_smoothgrad_counts_each_copys_completeness_gap_once():
     assert len(found) == 1 and found[0].copies == 4, found
 
 
-def test_every_chunk_of_a_warm_call_runs_the_folded_copy(resnet, monkeypatch):
+def test_every_chunk_of_a_warm_call_runs_the_folded_copy(resnet, sums_seen):
     """``fold_batchnorm=True``: the folded copy runs a pass once an eager pass found no final softmax. The cold call's
     eager pass is the probe's (thrown away), so its one chunk of 16 runs folded; a warm call has no eager chunk first
     since session 45, and runs folded from its first chunk because the record keeps the softmax answer (before,
     for compile="freeze" only: the warm call's one chunk ran the model itself, the fold unused)."""
-    layouts: list[list[str]] = []
-    real = _engine.accumulate
-
-    def kept(*args, **kwargs):
-        sums = real(*args, **kwargs)
-        layouts.append(list(sums.layouts))
-        return sums
-
-    monkeypatch.setattr(_engine, "accumulate", kept)
     _perf.clear_cache()
     ref = salience.smoothgrad(resnet, _x(1), 3, samples=16, seed=1, reduce=None)
     with salience.performance(fold_batchnorm=True):
         cold = salience.smoothgrad(resnet, _x(1), 3, samples=16, seed=1, reduce=None)
         warm = salience.smoothgrad(resnet, _x(1), 3, samples=16, seed=1, reduce=None)
+    layouts = [s.layouts for s in sums_seen]
     assert layouts[1:] == [["contiguous folded"], ["contiguous folded"]], layouts
     assert torch.equal(cold, warm)
     # the fold computes the same function: the maps within float32 rounding of the model's own

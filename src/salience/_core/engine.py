@@ -8,11 +8,19 @@ belongs to image ``j % B``. :func:`accumulate`
 - runs the items in chunks, all images together, and keeps only running sums ``(B, ...)``
   (weighted sum, and the sum of squares when asked), so peak memory depends on the chunk, never
   on the number of samples or steps;
-- picks the chunk size itself: the first chunk (one item per image) is run under
-  :class:`MemoryProbe`, which records the peak bytes of the tensors the pass creates (forward,
-  saved activations, backward; on any device), and the chunk is the memory budget divided by the
-  bytes per item. The probe's results are kept, so no work is done twice. ``chunk=`` fixes the
-  size, ``max_memory=`` sets the budget (default: :func:`default_budget`);
+- picks the chunk size itself: a pass of one item per image is run under :class:`MemoryProbe`, which
+  records the peak bytes of the tensors the pass creates (forward, saved activations, backward; on
+  any device), and the chunk is the memory budget divided by the bytes per item. Under a
+  :class:`~salience._core.perf.Run` with ``chunks="memory"`` (the default) that pass is one of its own,
+  its result thrown away (:func:`discarded` is true inside it), in the first call for a model, method,
+  item shape, options and number of images only (the measure is cached: :meth:`~salience._core.perf.Run.known_probe`);
+  then every call, cold or warm, runs the same chunks from item 0, so a seeded call gives the same
+  bits every time, and no call runs a small first chunk (session 45: SmoothGrad 16 of one image ran
+  1 + 15 items before, 16 now). On a CPU a gradient pass takes at most :data:`CPU_GRADIENT_CHUNK`
+  items and the items are split evenly (:func:`planned_chunk`); on CUDA, and for gradient-free passes,
+  the budget's size. Without a run, or with ``chunks="throughput"``, the probe's pass is the call's
+  first chunk (real work). ``chunk=`` fixes the size, ``max_memory=`` sets the budget (default:
+  :func:`default_budget`);
 - shows a progress bar when asked;
 - runs ``compute`` under ``torch.inference_mode()`` with ``inference=True``, for the gradient-free
   passes of the perturbation methods (Score-CAM, Ablation-CAM, occlusion, RISE);
@@ -345,7 +353,8 @@ class Sums:
 
     ``scores``: what ``compute`` returned beside the maps for each item ``(total, ...)`` (the
     targets' scores), when it returned any; ``chunks``: the size of every chunk that was run (the
-    first is the probe); ``per_item_bytes``: what the probe measured (``None`` if ``chunk`` was
+    first is the probe's where the probe is real work: no run, or ``chunks="throughput"``; a probe of its own,
+    thrown away, is not a chunk of the call); ``per_item_bytes``: what the probe measured (``None`` if ``chunk`` was
     given); ``layouts``: how each chunk ran (``"contiguous"``, ``"channels_last"``, ``+ " compiled"``)
     when a :class:`~salience._core.perf.Run` was given.
     """
@@ -398,7 +407,11 @@ def accumulate(
     """Run ``compute(start, stop) -> maps (stop - start, ...)`` over all items in chunks and sum.
 
     Items are computed once each, in increasing order (a chunk never goes back), so ``compute``
-    may draw from a stream (SmoothGrad's seeded noise). ``compute`` may also return ``(maps, scores)``: the per-item ``scores`` ``(stop - start, ...)``
+    may draw from a stream (SmoothGrad's seeded noise); the one exception is the memory probe's own pass
+    (``chunks="memory"`` under a run, a process's first call: :func:`discarded` is true inside it), which
+    computes items ``0..n_images-1`` once before the chunks compute them again from item 0: a stream must
+    give its first block again (SmoothGrad's keeps its last draw), and what ``compute`` gathers on the side
+    must skip that pass. ``compute`` may also return ``(maps, scores)``: the per-item ``scores`` ``(stop - start, ...)``
     are kept, in item order, in :attr:`Sums.scores` (they are small: the targets' scores).
 
     Item ``j`` belongs to image ``j % n_images`` and counts with weight ``weights[j // n_images]``
@@ -410,8 +423,9 @@ def accumulate(
     autograd state is kept and the probe measures the forward pass alone.
 
     ``run`` (a :class:`salience._core.perf.Run` on the model ``compute`` uses): each chunk runs
-    under the run's choices (memory format, compiled forward, autocast), and the chunk size is
-    picked by measured seconds per item within the memory budget (see :mod:`salience._core.perf`);
+    under the run's choices (memory format, compiled forward, autocast), and the chunk size is the
+    plan's (:func:`planned_chunk`; ``chunks="throughput"``: measured seconds per item within the memory
+    budget, see :mod:`salience._core.perf`);
     the model's layout is put back at the end. Without ``run``: chunks sized by memory only.
 
     The passes run in the call's :func:`salience._core.derived.run_scope`: what ``compute`` marks as derived
