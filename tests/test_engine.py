@@ -71,7 +71,7 @@ def test_weighted_sums_and_squares():
     torch.testing.assert_close(sums.squares[:, 0], exp2)
 
 
-def test_peak_memory_flat_as_samples_grow(small_cnn):
+def test_peak_memory_flat_as_samples_grow(small_cnn, monkeypatch):
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     budget = 100 << 10
     for run in (lambda n: salience.smoothgrad(small_cnn, x, samples=n, max_memory=budget),
@@ -85,6 +85,8 @@ def test_peak_memory_flat_as_samples_grow(small_cnn):
         assert peaks[1] <= budget, peaks  # the whole call, sums included, stays within the budget
     # and the budget is what bounds it: a larger one gives larger chunks (when chunks are sized by
     # memory; by default the engine takes a bigger chunk only when it is faster per item)
+    # (on a CPU a gradient pass takes at most CPU_GRADIENT_CHUNK items, whatever the budget: lifted here)
+    monkeypatch.setattr(_engine, "CPU_GRADIENT_CHUNK", 1 << 30)
     with _engine.MemoryProbe() as big, salience.performance(chunks="memory"):
         salience.smoothgrad(small_cnn, x, samples=64, max_memory="1MiB")
     assert big.peak > 2 * budget
@@ -153,10 +155,10 @@ def test_gradient_free_chunks_on_cpu_stay_small():
 
 
 def test_a_later_call_reuses_the_memory_probe_with_the_same_chunks_and_bits(small_cnn, monkeypatch):
-    """The memory probe (a dispatch mode over every operator of the first chunk) runs once per model,
-    items and number of images: a later call runs its first chunk plainly with the probe's answer, so its
-    chunks, and its bits, are those of the call that probed. Another number of images, or a module of
-    the model replaced, probes again."""
+    """The memory probe (a dispatch mode over every operator of a pass of one item per image) runs once per model,
+    items and number of images: a pass of its own, thrown away (session 45), then the call's chunks; a later call
+    runs the same chunks without the probe, so its bits are those of the call that probed. Another number of
+    images, or a module of the model replaced, probes again."""
     made = instances_made(monkeypatch, _engine, "MemoryProbe")
     small_cnn.eval()
     x = torch.rand(2, 3, 8, 8)
@@ -166,7 +168,8 @@ def test_a_later_call_reuses_the_memory_probe_with_the_same_chunks_and_bits(smal
         first = salience.smoothgrad(small_cnn, x, 1, samples=6, max_memory=8 << 20)
         probes, chunks = len(made), list(sizes)
         again = salience.smoothgrad(small_cnn, x, 1, samples=6, max_memory=8 << 20)
-        assert len(made) == probes == 1 and sizes[len(chunks):] == chunks  # no probe, the same chunks
+        # the first call: the probe's pass (2 items, thrown away), then its chunks; the next: the same chunks, no probe
+        assert len(made) == probes == 1 and chunks[0] == 2 and sizes[len(chunks):] == chunks[1:]
         assert torch.equal(first, again)
         salience.smoothgrad(small_cnn, x[:1], 1, samples=6, max_memory=8 << 20)
         assert len(made) == 2  # one image: its own probe

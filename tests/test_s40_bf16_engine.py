@@ -77,7 +77,8 @@ def test_the_auto_layout_probe_times_the_calls_precision(monkeypatch):
     # and the bf16 decision is still bf16's: a warm call runs channels-last under bf16, timing nothing
     model.seen.clear()
     salience.smoothgrad(model, x, 0, samples=12, memory_format="auto", precision="bf16")
-    assert model.seen[0] == (True, False) and set(model.seen[1:]) == {(True, True)}
+    # (no chunk contiguous: the memory probe's pass ran in the cold call only, session 45)
+    assert set(model.seen) == {(True, True)}
 
 
 # ------------------------------------------------------------------------------------------- native bf16

@@ -8,11 +8,19 @@ belongs to image ``j % B``. :func:`accumulate`
 - runs the items in chunks, all images together, and keeps only running sums ``(B, ...)``
   (weighted sum, and the sum of squares when asked), so peak memory depends on the chunk, never
   on the number of samples or steps;
-- picks the chunk size itself: the first chunk (one item per image) is run under
-  :class:`MemoryProbe`, which records the peak bytes of the tensors the pass creates (forward,
-  saved activations, backward; on any device), and the chunk is the memory budget divided by the
-  bytes per item. The probe's results are kept, so no work is done twice. ``chunk=`` fixes the
-  size, ``max_memory=`` sets the budget (default: :func:`default_budget`);
+- picks the chunk size itself: a pass of one item per image is run under :class:`MemoryProbe`, which
+  records the peak bytes of the tensors the pass creates (forward, saved activations, backward; on
+  any device), and the chunk is the memory budget divided by the bytes per item. Under a
+  :class:`~salience._core.perf.Run` with ``chunks="memory"`` (the default) that pass is one of its own,
+  its result thrown away (:func:`discarded` is true inside it), in the first call for a model, method,
+  item shape, options and number of images only (the measure is cached: :meth:`~salience._core.perf.Run.known_probe`);
+  then every call, cold or warm, runs the same chunks from item 0, so a seeded call gives the same
+  bits every time, and no call runs a small first chunk (session 45: SmoothGrad 16 of one image ran
+  1 + 15 items before, 16 now). On a CPU a gradient pass takes at most :data:`CPU_GRADIENT_CHUNK`
+  items and the items are split evenly (:func:`planned_chunk`); on CUDA, and for gradient-free passes,
+  the budget's size. Without a run, or with ``chunks="throughput"``, the probe's pass is the call's
+  first chunk (real work). ``chunk=`` fixes the size, ``max_memory=`` sets the budget (default:
+  :func:`default_budget`);
 - shows a progress bar when asked;
 - runs ``compute`` under ``torch.inference_mode()`` with ``inference=True``, for the gradient-free
   passes of the perturbation methods (Score-CAM, Ablation-CAM, occlusion, RISE);
@@ -66,6 +74,9 @@ __all__ = [
     "check_copies",
     "signature_of",
     "unbind",
+    "discarded",
+    "planned_chunk",
+    "CPU_GRADIENT_CHUNK",
 ]
 
 _GiB = 1 << 30
@@ -342,7 +353,8 @@ class Sums:
 
     ``scores``: what ``compute`` returned beside the maps for each item ``(total, ...)`` (the
     targets' scores), when it returned any; ``chunks``: the size of every chunk that was run (the
-    first is the probe); ``per_item_bytes``: what the probe measured (``None`` if ``chunk`` was
+    first is the probe's where the probe is real work: no run, or ``chunks="throughput"``; a probe of its own,
+    thrown away, is not a chunk of the call); ``per_item_bytes``: what the probe measured (``None`` if ``chunk`` was
     given); ``layouts``: how each chunk ran (``"contiguous"``, ``"channels_last"``, ``+ " compiled"``)
     when a :class:`~salience._core.perf.Run` was given.
     """
@@ -395,7 +407,11 @@ def accumulate(
     """Run ``compute(start, stop) -> maps (stop - start, ...)`` over all items in chunks and sum.
 
     Items are computed once each, in increasing order (a chunk never goes back), so ``compute``
-    may draw from a stream (SmoothGrad's seeded noise). ``compute`` may also return ``(maps, scores)``: the per-item ``scores`` ``(stop - start, ...)``
+    may draw from a stream (SmoothGrad's seeded noise); the one exception is the memory probe's own pass
+    (``chunks="memory"`` under a run, a process's first call: :func:`discarded` is true inside it), which
+    computes items ``0..n_images-1`` once before the chunks compute them again from item 0: a stream must
+    give its first block again (SmoothGrad's keeps its last draw), and what ``compute`` gathers on the side
+    must skip that pass. ``compute`` may also return ``(maps, scores)``: the per-item ``scores`` ``(stop - start, ...)``
     are kept, in item order, in :attr:`Sums.scores` (they are small: the targets' scores).
 
     Item ``j`` belongs to image ``j % n_images`` and counts with weight ``weights[j // n_images]``
@@ -407,8 +423,9 @@ def accumulate(
     autograd state is kept and the probe measures the forward pass alone.
 
     ``run`` (a :class:`salience._core.perf.Run` on the model ``compute`` uses): each chunk runs
-    under the run's choices (memory format, compiled forward, autocast), and the chunk size is
-    picked by measured seconds per item within the memory budget (see :mod:`salience._core.perf`);
+    under the run's choices (memory format, compiled forward, autocast), and the chunk size is the
+    plan's (:func:`planned_chunk`; ``chunks="throughput"``: measured seconds per item within the memory
+    budget, see :mod:`salience._core.perf`);
     the model's layout is put back at the end. Without ``run``: chunks sized by memory only.
 
     The passes run in the call's :func:`salience._core.derived.run_scope`: what ``compute`` marks as derived
@@ -443,21 +460,30 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
             cap = chunk_size(per_item, budget, n_images)
         elif chunk is None:
             first = min(total, n_images)
-            # an earlier call's probe of the same model, items and images: this first chunk runs as that
-            # call's did (the same chunks after it, the same bits), without the probe's cost
+            # chunks="memory" under a run: the memory probe is a pass of its own, its result thrown away, in the
+            # first call only (cached); every call then runs the same plan from item 0 (the same bits, cold and warm)
+            apart = run is not None and run.options.chunks == "memory"
+            # an earlier call's probe of the same model, items and images: no probe (the same chunks, the same bits)
             known = run.known_probe(n_images) if run is not None else None
-            probe = MemoryProbe() if known is None else None
-            ctx = run.chunk(run.probe_layout(), False) if run is not None else nullcontext()
-            with ctx, (probe if probe is not None else nullcontext()):  # the sums' own temporaries count too
-                sums.add(0, compute(0, first))
-            sums.sizes.append(first)
-            bar.update(first)
-            start = first
-            per_item = known if probe is None else max(1, -(-probe.peak // first))
-            if run is not None and probe is not None:
-                run.probed(per_item, n_images)
+            if apart:
+                per_item = known if known is not None else _probe_apart(compute, first, n_images, weights, squares,
+                                                                        run)
+            else:  # the first chunk is the probe's, real work (chunks="throughput"; no run)
+                probe = MemoryProbe() if known is None else None
+                ctx = run.chunk(run.probe_layout(), False) if run is not None else nullcontext()
+                with ctx, (probe if probe is not None else nullcontext()):  # the sums' own temporaries count too
+                    sums.add(0, compute(0, first))
+                sums.sizes.append(first)
+                bar.update(first)
+                start = first
+                per_item = known if probe is None else max(1, -(-probe.peak // first))
+                if run is not None and probe is not None:
+                    run.probed(per_item, n_images)
             budget = _budget(max_memory, device, inference, run)
             cap = chunk_size(per_item, budget, n_images)
+            if apart:
+                assert run is not None
+                cap = planned_chunk(total, cap, run.device, inference)
         else:
             cap = chunk
         if limit is not None:
@@ -475,6 +501,67 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
             finally:
                 _perf.close_run(run)
     return sums.result(per_item, run)
+
+
+_DISCARDED: ContextVar[bool] = ContextVar("salience_discarded_pass", default=False)
+
+
+def discarded() -> bool:
+    """Whether the pass running here is the engine's thrown-away memory probe (:func:`accumulate`): its result is
+    dropped and its items run again, so what a ``compute`` gathers on the side (SmoothGrad's completeness reports
+    of its copies) must not count it."""
+    return _DISCARDED.get()
+
+
+def _probe_apart(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]], first: int, n_images: int,
+                 weights: Optional[Sequence[float]], squares: bool, run: _perf.Run) -> int:
+    """The memory probe as a pass of its own: items ``0..first-1`` (one per image) under :class:`MemoryProbe`, summed
+    into sums of their own (their temporaries count too), all thrown away; returns the bytes per item and records
+    them in ``run`` (:meth:`salience._core.perf.Run.probed`). Its chunk is not one of the call's (``run.layouts``
+    keeps no entry for it)."""
+    probe, scratch = MemoryProbe(), _Adder(n_images, weights, squares)
+    token = _DISCARDED.set(True)
+    kept = len(run.layouts)
+    try:
+        with run.chunk(run.probe_layout(), False), probe:
+            scratch.add(0, compute(0, first))
+    finally:
+        _DISCARDED.reset(token)
+        del run.layouts[kept:]
+    per_item = max(1, -(-probe.peak // first))
+    run.probed(per_item, n_images)
+    return per_item
+
+
+# Gradient passes on a CPU: at most this many items a pass (fp32, one thread, the AMD EPYC of session 44, bare
+# forward + input-gradient passes, benchmarks/auto-declines-s44-*.md, median seconds): 16 items was the fastest
+# size of 1, 8, 15, 16, 31, 32 for SmoothGrad's 16 items on resnet18 at 64 px (0.121 s; 15 items 0.156 s, all 32 of
+# integrated gradients 0.239 s against 2 x 16 0.253 s), resnet50 at 112 px (0.966 s; 32 items 1.944 s against
+# 2 x 16 1.818 s) and vit_b_16 at 112 px (3.461 s; 32 items 6.866 s against 2 x 16 7.111 s); the demo CNN at 64 px
+# with 64 items ran 16 a pass in 0.098 s, 32 in 0.137 s, 60 in 0.158 s. AVX-512 holds 16 float32: sizes that are
+# not a multiple of 8 ran 10-29 % slower per item than the multiple next to them (15 against 16).
+CPU_GRADIENT_CHUNK = 16
+
+
+def planned_chunk(total: int, cap: int, device: torch.device, inference: bool) -> int:
+    """The size of every chunk of ``total`` items (the last may be shorter) where the memory budget allows ``cap``:
+    on a CUDA device ``cap`` (bigger passes are faster there), and for gradient-free passes (``inference``: their
+    CPU budget, :data:`CPU_INFERENCE_BUDGET`, is the measured one). A CPU's gradient passes: at most
+    :data:`CPU_GRADIENT_CHUNK` items, and the items split evenly over as few chunks as that size needs (16 items
+    under a cap of 12: 8 + 8, not 12 + 4), rounded up to a multiple of 8 where that needs no more chunks and leaves
+    the last at least half a chunk (60 under 16: 16, 16, 16, 12, not 15 x 4: oneDNN's 15-item pass is slower than
+    its 16-item one)."""
+    if device.type != "cpu" or inference:
+        return cap
+    cap = min(cap, CPU_GRADIENT_CHUNK)
+    n = -(-total // cap)
+    if n == 1:
+        return total
+    size = -(-total // n)
+    round8 = -(-size // 8) * 8
+    if size % 8 and round8 <= cap and -(-total // round8) == n and total - (n - 1) * round8 >= round8 // 2:
+        size = round8
+    return size
 
 
 def _budget(max_memory: Optional[int], device: Optional[torch.device], inference: bool, run: Optional[_perf.Run]

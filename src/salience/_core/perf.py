@@ -13,7 +13,8 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   for the weights' addresses and version counters: :func:`weights_key`; the plain gradient passes
   with one class target a frozen graph of forward + input gradient, :func:`gradient_call`), a backend name or a
   backend callable. The compiled model is cached for the process; every chunk of the one fixed
-  size runs compiled, a chunk of another size (the first, the last) eagerly, so nothing recompiles
+  size runs compiled, a chunk of another size (the last; the first, probing one under ``chunks="throughput"``;
+  the memory probe's own pass) eagerly, so nothing recompiles
   across chunks (with :data:`FREEZE`, a later call on the same model, shape and method skips the
   first, probing chunk: :meth:`Run.reused_probe`, and a last, shorter chunk whose size recurs runs
   frozen graphs of its own size: :meth:`Run._frozen_tail`); single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
@@ -28,8 +29,10 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   ``"bf16-mixed"``: the bf16 autocast with the operations on the maps at a quarter of the input's resolution or
   larger in fp32 (:mod:`salience._core.islands`; the pixel-gradient maps much closer to fp32's than bf16's, at a
   part of bf16's speed-up), eager only (``compile`` refused with it).
-- ``chunks``: ``"memory"`` (default): the largest chunk the budget allows, so a seeded call gives
-  the same bits every time; ``"throughput"`` picks the chunk size by measured seconds per item
+- ``chunks``: ``"memory"`` (default): the chunk the memory budget allows (on a CPU's gradient passes at most
+  ``engine.CPU_GRADIENT_CHUNK`` items, the items split evenly: :func:`salience._core.engine.planned_chunk`), the
+  memory probe a pass of its own in the first call (thrown away), so that every call runs the same chunks from
+  item 0 and a seeded call gives the same bits every time; ``"throughput"`` picks the chunk size by measured seconds per item
   (the fastest of :data:`SIZE_SAMPLES` timings per size), within the memory budget (results then
   agree only up to float rounding between calls).
 - ``fold_batchnorm``: ``False`` (default) or ``True``: plain passes (no layer hooked, no backprop
@@ -507,11 +510,13 @@ class Run:
         self._probing = False
         self.softmax_checked = self.softmax_stripped = False
         self._holds_attention: Optional[bool] = None  # holds an nn.MultiheadAttention (_strided_attention)
-        # compile: an earlier run on this model's structure checked for a final softmax, so the first chunk may run
-        # the compiled model (the frozen graphs) too (reused_probe), whose output is looked at once (softmax_reused:
-        # salience._core.autograd.softmax_appeared, a softmax a flag of the forward turned on since)
+        # an earlier run on this model's structure checked for a final softmax, so the first chunk may run the
+        # folded copy or the compiled model too: since session 45 a warm call has no eager probing chunk first (its
+        # chunks are the plan's from item 0), and with compile="freeze" it skips the probe (reused_probe); a compiled
+        # model's output is looked at once (softmax_reused: salience._core.autograd.softmax_appeared, a softmax a
+        # flag of the forward turned on since)
         self.softmax_reused = self.options.backend is not None and rec.softmax is not None
-        if self.softmax_reused:
+        if rec.softmax is not None:
             self.softmax_checked, self.softmax_stripped = True, rec.softmax
         # A pass without gradients (a prediction pass) that runs the compiled model as a gradient pass
         # does, so that the two share one graph (set by one_pass(gradient_graph=True)).
@@ -679,9 +684,10 @@ class Run:
 
     def known_probe(self, n_images: int) -> Optional[int]:
         """The bytes per item that an earlier call's memory probe measured for this model, tag, item shape,
-        options and number of images (``None``: probe). The engine then runs its first chunk (one copy of each
-        image) as the probing call did, without the probe: the same chunks, so the same bits, as that call,
-        without the probe's cost (a Python dispatch mode that sees every operator of the forward and backward
+        options and number of images (``None``: probe). The engine then plans its chunks from it without the
+        probe: with ``chunks="memory"`` the same chunks, so the same bits, as the probing call (whose probe was
+        a pass of its own, thrown away; session 45: before, every call ran a first chunk of one copy of each
+        image, the probe's, to keep the bits); without the probe's cost (a Python dispatch mode that sees every operator of the forward and backward
         passes: SmoothGrad 8 on resnet50 at 16 px took 160 ms with it against 98 ms with a fixed chunk on this
         CPU; on a GPU, where a pass costs its kernels' launches, more). Kept per :func:`structure`."""
         return self.record.probes.get(n_images)

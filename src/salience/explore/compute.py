@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from salience import targets as _targets
-from salience._core import errors, perf as _perf
+from salience._core import engine as _engine, errors, perf as _perf
 from salience._core.autograd import forward_scores, class_probabilities, this_thread
 from salience._core.errors import SalienceError, suggest
 from salience._core.info import ModelInfo, attach_info, model_info
@@ -286,7 +286,8 @@ def _watched(model: nn.Module, ticker: Ticker) -> Iterator[None]:
     so the other model's worker, are not counted)."""
     def hook(module: nn.Module, args: tuple) -> None:
         first = args[0] if args else None
-        ticker.tick(int(first.shape[0]) if isinstance(first, Tensor) and first.dim() > 0 else 1)
+        n = int(first.shape[0]) if isinstance(first, Tensor) and first.dim() > 0 else 1
+        ticker.tick(0 if _engine.discarded() else n)  # the engine's thrown-away memory probe: no image done
 
     thread = threading.get_ident()
 
