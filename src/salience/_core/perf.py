@@ -510,11 +510,8 @@ class Run:
         self._probing = False
         self.softmax_checked = self.softmax_stripped = False
         self._holds_attention: Optional[bool] = None  # holds an nn.MultiheadAttention (_strided_attention)
-        # an earlier run on this model's structure checked for a final softmax, so the first chunk may run the
-        # folded copy or the compiled model too: since session 45 a warm call has no eager probing chunk first (its
-        # chunks are the plan's from item 0), and with compile="freeze" it skips the probe (reused_probe); a compiled
-        # model's output is looked at once (softmax_reused: salience._core.autograd.softmax_appeared, a softmax a
-        # flag of the forward turned on since)
+        # an earlier run checked for a final softmax: a warm call's first chunk may run the folded copy or compiled
+        # model (no eager probing chunk since session 45); a compiled output is looked at once (softmax_appeared)
         self.softmax_reused = self.options.backend is not None and rec.softmax is not None
         if rec.softmax is not None:
             self.softmax_checked, self.softmax_stripped = True, rec.softmax
