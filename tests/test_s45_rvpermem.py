@@ -138,3 +138,70 @@ def test_sequence_first_layer_is_a_salience_error_not_an_index_error(method, b, 
     with warnings.catch_warnings(), pytest.raises(salience.SalienceError, match="batch_first"):
         warnings.simplefilter("ignore")
         getattr(salience, method)(model, x, 1, layer="mix", **kw)
+
+
+def _strides(model: nn.Module) -> list:
+    return [(p.data_ptr(), p.stride(), p.dtype) for p in model.parameters()] + [b.stride() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("method", ["occlusion", "rise", "scorecam", "ablationcam"])
+def test_model_layout_unchanged_after_a_call_and_after_an_error(method):
+    """bf16 + channels-last + fold: the model's parameters keep their storage and strides (the run converts the folded
+    copy only), also when a pass raises mid-call (a target that fails from its third call on)."""
+    model = LeftColumns().eval()
+    x = _x(2)
+    before = _strides(model)
+    kw = {"occlusion": dict(window=8, stride=8), "rise": dict(masks=4), "scorecam": dict(layer="f.3"),
+          "ablationcam": dict(layer="f.3")}[method]
+    perf = dict(precision="bf16", memory_format="channels_last", fold_batchnorm=True)
+    with warnings.catch_warnings(), salience.performance(**perf):
+        warnings.simplefilter("ignore")
+        getattr(salience, method)(model, x, 1, chunk=2, **kw)
+        assert _strides(model) == before
+        calls = [0]
+
+        def target(out):
+            calls[0] += 1
+            if calls[0] > 2:
+                raise RuntimeError("boom")
+            return out[:, 1]
+
+        with pytest.raises(Exception, match="boom"):
+            getattr(salience, method)(model, x, target, chunk=2, **kw)
+    assert _strides(model) == before
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["occlusion", "rise", "scorecam", "ablationcam"])
+def test_fp32_maps_equal_across_chunk_values(method):
+    """chunk bounds the clean passes too: chunk=1, 3 and more than B give the map of the default chunks (fp32, up to
+    float rounding of a kernel's choice per batch size)."""
+    model = LeftColumns().eval()
+    x = _x(3)
+    kw = {"occlusion": dict(window=8, stride=8), "rise": dict(masks=4), "scorecam": dict(layer="f.3"),
+          "ablationcam": dict(layer="f.3")}[method]
+    ref = getattr(salience, method)(model, x, 1, **kw)
+    for chunk in (1, 3, 100):
+        got = getattr(salience, method)(model, x, 1, chunk=chunk, **kw)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("method,kw", [("occlusion", dict(window=8, stride=8, local=False)),
+                                       ("occlusion", dict(window=8, stride=8)),
+                                       ("ablationcam", dict(layer="f.3")), ("scorecam", dict(layer="f.3")),
+                                       ("rise", dict(masks=4))])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_no_pass_over_chunk_images(method, kw, precision):
+    """``chunk`` bounds every pass of whole images, the clean ones included (the clean scores' bf16 pass ran all B at
+    once on f791696: occlusion's full passes, Ablation-CAM)."""
+    model = LeftColumns().eval()
+    x = _x(4)
+    sizes: list = []
+    h = model.f[0].register_forward_pre_hook(lambda m, a: sizes.append(int(a[0].shape[0])))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            getattr(salience, method)(model, x, 1, chunk=2, precision=precision, **kw)
+    finally:
+        h.remove()
+    assert sizes and max(sizes) <= 2, sizes

@@ -160,13 +160,15 @@ def _refuse_scores(scope: _derived.Derived, k: int) -> None:
 
 def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Target],
                  probabilities: Sequence[bool], strip_softmax: bool, run: _perf.Run, *, already: bool,
-                 plain: bool = False) -> Tensor:
+                 plain: bool = False, batch: Optional[int] = None) -> Tensor:
     """The K targets' scores ``(B, K)`` of the clean images, at the precision of the run's passes.
 
     ``out`` is the model's float32 output on ``x``, ``already`` its :func:`judge`. Under autocast (``precision="bf16"`` /
     ``"fp16"``) the clean scores are taken again under the same autocast: a score's rounding there
     (about 1e-2 of it) can be as large as the drop a perturbation causes, and differences of a
-    float32 score and a bf16 one would show the rounding instead of the drop."""
+    float32 score and a bf16 one would show the rounding instead of the drop. ``plain``: the passes run no hook of
+    their own (occlusion's full passes), so S runs what they run (the folded copy with ``fold_batchnorm``);
+    ``batch``: images a pass (the clean output's, :func:`clean_batch`)."""
     if run.dtype is None:
         return scores_of(out, targets, probabilities, already=already)
     # the pass inside the run, which forward_scores enters the autocast of: a caller's autocast around it is turned off
@@ -178,7 +180,7 @@ def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Tar
         # review: S of the model itself against the folded copy's S_k left bf16 roundings over pixels it ignores)
         run.note_softmax(False)
     with _perf.inside(run):
-        low = forward_scores(model, x, strip_softmax=strip_softmax, compiled=plain)
+        low = forward_scores(model, x, strip_softmax=strip_softmax, compiled=plain, batch_size=batch)
     return scores_of(low.to(out.dtype), targets, probabilities, already=already)
 
 
@@ -376,7 +378,8 @@ def occlusion(
         # of that copy only (the model's float32 ones, 40.5 MiB on resnet50, were held through the passes: session 45)
         run = _perf.Run(model, x, perf, tag=tag, **({"plain_passes": True, "strip_softmax": False} if split_plan else {}))
         if split_plan is None:
-            clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, plain=True)
+            clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, plain=True,
+                                 batch=batch)  # (B, K), ``batch`` images a pass as the clean output's
         else:
             plan, spans = split_plan
             spans_host = spans.tolist()  # (windows, 2, 3) as lists: the pastes' slices, read once
