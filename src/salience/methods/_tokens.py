@@ -689,13 +689,6 @@ def layer_layout(model: nn.Module, module: Optional[nn.Module], shape: Sequence[
     a :class:`SalienceError` that says which layers fit.
     """
     g = _check_grid(grid)
-    if len(shape) in (3, 4) and len(x_shape) > 0 and int(shape[0]) != int(x_shape[0]):
-        # a sequence-first (N, B, D) read as (B, N, D) indexed past the images (a raw IndexError, session 45's review)
-        raise SalienceError(
-            f"{what} gives shape {tuple(shape)}, whose first axis ({shape[0]}) is not the {x_shape[0]} images': a "
-            "sequence-first output (N, B, D) (nn.MultiheadAttention or nn.Transformer* without batch_first=True) "
-            "cannot be read as a grid; pass layer= a batch-first layer (B, N, D) or (B, K, h, w), or build the "
-            "model with batch_first=True")
     if len(shape) == 4:
         if prefix_tokens:
             raise SalienceError(f"prefix_tokens={prefix_tokens!r} applies to token outputs (B, N, D); {what} "
