@@ -111,17 +111,7 @@ def test_moved_gives_none_for_a_cut_absent_from_the_folded_graph():
     assert local.moved(replace(plan, cut="no_such_node"), low, True) is None
 
 
-class SeqFirst(nn.Module):
-    """A conv stem to 2x2 = 4 tokens, then a token-first ``(N, B, D)`` layer ``mix`` (a transformer without
-    ``batch_first``)."""
-
-    def __init__(self, d: int = 6, k: int = 5) -> None:
-        super().__init__()
-        self.stem, self.mix, self.head = nn.Conv2d(3, d, 4, 4), nn.Linear(d, d), nn.Linear(d, k)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.stem(x).flatten(2).permute(2, 0, 1)  # (N, B, D)
-        return self.head(self.mix(t).relu().mean(0))
+from test_s45_permem import SeqFirst  # noqa: E402  (a token-first (N, B, D) layer "mix")
 
 
 @pytest.mark.parametrize("method", ["scorecam", "ablationcam", "gradcam"])
@@ -188,12 +178,13 @@ def test_fp32_maps_equal_across_chunk_values(method):
 
 @pytest.mark.parametrize("method,kw", [("occlusion", dict(window=8, stride=8, local=False)),
                                        ("occlusion", dict(window=8, stride=8)),
-                                       ("ablationcam", dict(layer="f.3")), ("scorecam", dict(layer="f.3")),
+                                       ("scorecam", dict(layer="f.3")),
                                        ("rise", dict(masks=4))])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_no_pass_over_chunk_images(method, kw, precision):
     """``chunk`` bounds every pass of whole images, the clean ones included (the clean scores' bf16 pass ran all B at
-    once on f791696: occlusion's full passes, Ablation-CAM)."""
+    once on f791696: occlusion's full passes). Not Ablation-CAM: its clean scores' bf16 pass still takes all B (in parts
+    it cast each weight once a part, tests/test_s42_perturbation_casts.py)."""
     model = LeftColumns().eval()
     x = _x(4)
     sizes: list = []

@@ -383,12 +383,7 @@ def occlusion(
         else:
             plan, spans = split_plan
             spans_host = spans.tolist()  # (windows, 2, 3) as lists: the pastes' slices, read once
-            clean_cut, plan.clean = plan.clean, None  # (B, C', H', W'), what every pass's cut starts from; held once
-            if run.dtype is None:
-                clean = scores_of(out, resolved, probs, already=already)  # (B, K)
-            else:
-                clean_cut = None  # at the passes' precision (the check's float32 one not held beside it)
-                clean_cut, clean = _local_clean(plan, x, run, model, batch, resolved, probs, already)
+            clean_cut, clean = _local_clean(plan, x, out, run, model, batch, resolved, probs, already)  # (B, .), (B, K)
 
         def compute(start: int, stop: int) -> Tensor:
             if split_plan is None:
@@ -456,14 +451,19 @@ def _split(model: nn.Module, x: Tensor, win: tuple[int, int], st: tuple[int, int
     return plan, _local.spans(plan, corners, win, (int(x.shape[-2]), int(x.shape[-1]))).to(x.device)
 
 
-def _local_clean(plan: Any, x: Tensor, run: _perf.Run, model: nn.Module, batch: int, targets: Sequence[Target],
-                 probabilities: Sequence[bool], already: bool) -> tuple[Tensor, Tensor]:
-    """The clean cut ``(B, C', H', W')`` and the clean scores ``(B, K)`` of region-limited passes under an autocast:
-    the prefix and the suffix of the plan (the copy the passes run: the bf16 folded one with ``fold_batchnorm``) on
-    the clean images, in the passes' layout, ``batch`` images a pass. S and S_k then come from one function at one
-    precision: a window that changes nothing drops exactly 0 (session 45's review: the clean scores of the model
+def _local_clean(plan: Any, x: Tensor, out: Tensor, run: _perf.Run, model: nn.Module, batch: int,
+                 targets: Sequence[Target], probabilities: Sequence[bool], already: bool) -> tuple[Tensor, Tensor]:
+    """The clean cut ``(B, C', H', W')`` every pass's cut starts from (held once) and the clean scores ``(B, K)`` of
+    region-limited passes: in float32 the check's activation and ``out``'s scores; under an autocast the prefix and
+    the suffix of the plan (the copy the passes run: the bf16 folded one with ``fold_batchnorm``) on the clean images,
+    ``batch`` images a pass (the check's float32 activation dropped first). S and S_k then come from one function at
+    one precision: a window that changes nothing drops exactly 0 (session 45's review: the clean scores of the model
     itself, unfolded, against the folded copy's S_k left bf16 roundings, a quarter of the map's max, over pixels the
     model ignores)."""
+    clean_cut, plan.clean = plan.clean, None
+    if run.dtype is None:
+        return clean_cut, scores_of(out, targets, probabilities, already=already)
+    del clean_cut
     b = int(x.shape[0])
     cut: Optional[Tensor] = None
     outs = []

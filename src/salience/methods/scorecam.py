@@ -581,8 +581,7 @@ def ablationcam(
         # no compiled nor folded passes: a hook replaces the layer's output in each (_WHY_ABLATION_PASSES_SKIP)
         run = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False),
                         tag=f"ablationcam:{probs}:{strip_softmax}:{value}")
-        clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already,
-                             batch=clean_batch(x, perf, chunk))  # (B, K), at most the clean capture's images a pass
+        clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already)  # (B, K)
         _check_nonzero(clean, resolved, probs)
 
         def score(inputs: Tensor, owner: Tensor) -> Tensor:
