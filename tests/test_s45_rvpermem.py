@@ -196,3 +196,23 @@ def test_no_pass_over_chunk_images(method, kw, precision):
     finally:
         h.remove()
     assert sizes and max(sizes) <= 2, sizes
+
+
+def test_occlusion_bf16_fold_refused_runs_the_model_split(monkeypatch):
+    """A model whose fold is refused (``folded_model`` gives ``(None, why)``): the split stays on the model's own
+    trace, the run warns and runs the model; the map is the full passes' (bf16, the same unfolded function: ignored
+    pixels drop exactly 0)."""
+    from salience._core import perf as _perf
+
+    monkeypatch.setattr(_perf, "folded_model", lambda model, key=None, dtype=None: (None, "refused for the test"))
+    model = LeftColumns().eval()
+    x = _x(2)
+    maps = {}
+    for loc in (True, False):
+        with warnings.catch_warnings(record=True) as w, salience.performance(precision="bf16", fold_batchnorm=True):
+            warnings.simplefilter("always")
+            maps[loc] = salience.occlusion(model, x, 1, window=4, stride=4, local=loc)
+        assert any("refused for the test" in str(m.message) for m in w)
+    assert float(maps[True][..., 16:].abs().max()) == 0.0 == float(maps[False][..., 16:].abs().max())
+    scale = float(maps[False].abs().max())
+    assert scale > 0 and float((maps[True] - maps[False]).abs().max()) <= 0.05 * scale
