@@ -32,7 +32,7 @@ from salience._core.folding import fx_traced
 
 log = logging.getLogger("salience.occlusion")
 
-__all__ = ["Plan", "plan", "moved", "spans", "crops", "paste", "log"]  # occlusion (methods.perturbation) uses them all
+__all__ = ["Plan", "plan", "moved", "spans", "crops", "paste", "format_of", "log"]  # occlusion (methods.perturbation) uses them all
 
 # elementwise modules and functions: a node of them is as local as its input, with the same receptive field
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
@@ -375,7 +375,7 @@ def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Te
                 else:
                     if act is None:
                         act = torch.empty((b,) + tuple(part.shape[1:]), dtype=part.dtype, device=part.device,
-                                          memory_format=_format_of(part))
+                                          memory_format=format_of(part))
                     act[i:i + step] = part
                 del part
             assert act is not None
@@ -393,7 +393,7 @@ def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Te
     return ""
 
 
-def _format_of(t: Tensor) -> torch.memory_format:
+def format_of(t: Tensor) -> torch.memory_format:
     """``t``'s memory format (channels-last where a 4-D ``t`` is, else contiguous), for a buffer written from it."""
     cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     return torch.channels_last if cl else torch.contiguous_format

@@ -64,6 +64,13 @@ def grid_layout(model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor, grid:
         name = layer_name(model, mod)
     except SalienceError:
         name = type(mod).__name__
+    if acts.dim() in (3, 4) and x.dim() > 0 and int(acts.shape[0]) != int(x.shape[0]):
+        # a sequence-first (N, B, D) read as (B, N, D) indexed past the images (a raw IndexError, session 45's review)
+        raise SalienceError(
+            f"the CAM layer {name!r} gives shape {tuple(acts.shape)}, whose first axis ({acts.shape[0]}) is not the "
+            f"{x.shape[0]} images': a sequence-first output (N, B, D) (nn.MultiheadAttention or nn.Transformer* "
+            "without batch_first=True) cannot be read as a grid; pass layer= a batch-first layer (B, N, D) or "
+            "(B, K, h, w), or build the model with batch_first=True")
     return layer_layout(model, mod, acts.shape, x.shape, grid=grid, prefix_tokens=prefix_tokens,
                         what=f"the CAM layer {name!r}")
 

@@ -159,20 +159,28 @@ def _refuse_scores(scope: _derived.Derived, k: int) -> None:
 
 
 def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Target],
-                 probabilities: Sequence[bool], strip_softmax: bool, run: _perf.Run, *, already: bool) -> Tensor:
+                 probabilities: Sequence[bool], strip_softmax: bool, run: _perf.Run, *, already: bool,
+                 plain: bool = False, batch: Optional[int] = None) -> Tensor:
     """The K targets' scores ``(B, K)`` of the clean images, at the precision of the run's passes.
 
     ``out`` is the model's float32 output on ``x``, ``already`` its :func:`judge`. Under autocast (``precision="bf16"`` /
     ``"fp16"``) the clean scores are taken again under the same autocast: a score's rounding there
     (about 1e-2 of it) can be as large as the drop a perturbation causes, and differences of a
-    float32 score and a bf16 one would show the rounding instead of the drop."""
+    float32 score and a bf16 one would show the rounding instead of the drop. ``plain``: the passes run no hook of
+    their own (occlusion's full passes), so S runs what they run (the folded copy with ``fold_batchnorm``);
+    ``batch``: images a pass (the clean output's, :func:`clean_batch`)."""
     if run.dtype is None:
         return scores_of(out, targets, probabilities, already=already)
     # the pass inside the run, which forward_scores enters the autocast of: a caller's autocast around it is turned off
     # by forward_scores' model_guard (salience's passes take its precision= option only), so these "low" scores were
     # float32 (session 45: a float32 pass of all B images, the call's peak, and S in float32 against bf16 S_k)
+    if plain and (not strip_softmax or final_softmax(model) is False):
+        # ``plain``: the passes run no hook (occlusion's, RISE's): with ``fold_batchnorm`` they run the folded copy
+        # once the model is known to end in no softmax (the clean output's pass showed it): so does S (session 45's
+        # review: S of the model itself against the folded copy's S_k left bf16 roundings over pixels it ignores)
+        run.note_softmax(False)
     with _perf.inside(run):
-        low = forward_scores(model, x, strip_softmax=strip_softmax)
+        low = forward_scores(model, x, strip_softmax=strip_softmax, compiled=plain, batch_size=batch)
     return scores_of(low.to(out.dtype), targets, probabilities, already=already)
 
 
@@ -369,15 +377,13 @@ def occlusion(
         # region-limited passes never run the model's forward: with a folded copy the run makes channels-last weights
         # of that copy only (the model's float32 ones, 40.5 MiB on resnet50, were held through the passes: session 45)
         run = _perf.Run(model, x, perf, tag=tag, **({"plain_passes": True, "strip_softmax": False} if split_plan else {}))
-        clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already)  # (B, K)
-        if split_plan is not None:
+        if split_plan is None:
+            clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, plain=True,
+                                 batch=batch)  # (B, K), ``batch`` images a pass as the clean output's
+        else:
             plan, spans = split_plan
             spans_host = spans.tolist()  # (windows, 2, 3) as lists: the pastes' slices, read once
-            clean_cut, plan.clean = plan.clean, None  # (B, C', H', W'), what every pass's cut starts from; held once
-            if run.dtype is not None:  # at the passes' precision (the check's float32 one not held beside it)
-                clean_cut = None
-                with torch.no_grad(), run.autocast():
-                    clean_cut = plan.prefix(x.clone())
+            clean_cut, clean = _local_clean(plan, x, out, run, model, batch, resolved, probs, already)  # (B, .), (B, K)
 
         def compute(start: int, stop: int) -> Tensor:
             if split_plan is None:
@@ -443,6 +449,37 @@ def _split(model: nn.Module, x: Tensor, win: tuple[int, int], st: tuple[int, int
     _local.log.debug("occlusion: region-limited passes, cut at %s, crops %s, about %.0f %% of a pass saved",
                      plan.cut, plan.crop, 100 * plan.saved)
     return plan, _local.spans(plan, corners, win, (int(x.shape[-2]), int(x.shape[-1]))).to(x.device)
+
+
+def _local_clean(plan: Any, x: Tensor, out: Tensor, run: _perf.Run, model: nn.Module, batch: int,
+                 targets: Sequence[Target], probabilities: Sequence[bool], already: bool) -> tuple[Tensor, Tensor]:
+    """The clean cut ``(B, C', H', W')`` every pass's cut starts from (held once) and the clean scores ``(B, K)`` of
+    region-limited passes: in float32 the check's activation and ``out``'s scores; under an autocast the prefix and
+    the suffix of the plan (the copy the passes run: the bf16 folded one with ``fold_batchnorm``) on the clean images,
+    ``batch`` images a pass (the check's float32 activation dropped first). S and S_k then come from one function at
+    one precision: a window that changes nothing drops exactly 0 (session 45's review: the clean scores of the model
+    itself, unfolded, against the folded copy's S_k left bf16 roundings, a quarter of the map's max, over pixels the
+    model ignores)."""
+    clean_cut, plan.clean = plan.clean, None
+    if run.dtype is None:
+        return clean_cut, scores_of(out, targets, probabilities, already=already)
+    del clean_cut
+    b = int(x.shape[0])
+    cut: Optional[Tensor] = None
+    outs = []
+    with torch.no_grad(), run.autocast():
+        for i in range(0, b, batch):
+            part = plan.prefix(run.prepare(x[i:i + batch].clone()))  # a copy: the prefix may start in place
+            if cut is None:
+                cut = part if batch >= b else torch.empty((b,) + tuple(part.shape[1:]), dtype=part.dtype,
+                                                          device=part.device, memory_format=_local.format_of(part))
+            if cut is not part:
+                cut[i:i + batch] = part
+            outs.append(unwrap_output(plan.suffix(part.clone()), model).detach().to(x.dtype))  # a copy, as the passes
+            del part
+    assert cut is not None
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return cut, scores_of(out, targets, probabilities, already=already)
 
 
 def _local_scores(plan: Any, sp: Tensor, sp_host: list, items: _Occluded, owner: Tensor, win: Tensor,
