@@ -109,3 +109,24 @@ def test_a_softmax_turned_on_by_a_flag_is_stripped_from_a_new_folded_copy(method
     else:
         ref = torch.stack([_logit_grad(m, x[b], cls) for b in range(2)])
     _close(got, ref)
+
+
+def test_a_bounded_batch_is_split_evenly_too():
+    """A program exported with ``Dim("batch", max=12)`` (``info.extra["max_batch"]``): SmoothGrad's 16 copies of
+    one image run 8 + 8, the plan's even split under a cap of 12 (old code: the plan's 16, then cut to the bound:
+    12 + 4); every pass within the bound; the map the documented noise's mean, by hand."""
+    from dataclasses import replace
+
+    from salience._core.info import attach_info, model_info
+    m = _model()
+    attach_info(m, replace(model_info(m), extra={"max_batch": 12}))
+    sizes: list[int] = []
+    handle = m.c.register_forward_pre_hook(lambda mod, a: sizes.append(a[0].shape[0]))
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    try:
+        _perf.clear_cache()
+        got = salience.smoothgrad(m, x, 1, samples=16, noise=0.1, seed=7, reduce=None)
+    finally:
+        handle.remove()
+    assert sizes[-2:] == [8, 8] and max(sizes) <= 12, sizes
+    _close(got, _smoothgrad_by_hand(m, x, 1, [7], 16, 0.1))

@@ -481,9 +481,9 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
                     run.probed(per_item, n_images)
             budget = _budget(max_memory, device, inference, run)
             cap = chunk_size(per_item, budget, n_images)
-            if apart:
+            if apart:  # a bounded batch (limit) is the cap the plan splits evenly (it split 16 under 12 as 12 + 4)
                 assert run is not None
-                cap = planned_chunk(total, cap, run.device, inference)
+                cap = planned_chunk(total, cap if limit is None else min(cap, limit), run.device, inference)
         else:
             cap = chunk
         if limit is not None:
