@@ -130,3 +130,38 @@ def test_a_bounded_batch_is_split_evenly_too():
         handle.remove()
     assert sizes[-2:] == [8, 8] and max(sizes) <= 12, sizes
     _close(got, _smoothgrad_by_hand(m, x, 1, [7], 16, 0.1))
+
+
+class _Bounded(nn.Module):
+    """A linear model that refuses a batch over 4, as a program exported with ``Dim("batch", max=4)`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(3 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 4:
+            raise RuntimeError(f"batch {x.shape[0]} over the exported bound 4")
+        return self.l(x.flatten(1))
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "integrated_gradients"])
+def test_the_memory_probe_stays_within_a_bounded_batch(method):
+    """8 images on a model bounded to batches of 4: the memory probe's pass (one item per image) ran all 8 at once
+    and the model refused it (old code, before session 45 too). The maps are the closed forms of a linear model:
+    SmoothGrad's mean gradient is the class's weight row for every copy; IG from a zero baseline is ``x * w``."""
+    from dataclasses import replace
+
+    from salience._core.info import attach_info, model_info
+    torch.manual_seed(0)
+    m = _Bounded().eval()
+    attach_info(m, replace(model_info(m), extra={"max_batch": 4}))
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    w = m.l.weight[2].detach().view(1, 3, 8, 8)
+    _perf.clear_cache()
+    if method == "smoothgrad":
+        got, ref = salience.smoothgrad(m, x, 2, samples=4, seed=0, reduce=None), w.expand(8, -1, -1, -1)
+    else:
+        got = salience.integrated_gradients(m, x, 2, steps=4, baseline=torch.zeros_like(x), reduce=None)
+        ref = x * w
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
