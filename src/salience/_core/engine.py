@@ -459,7 +459,9 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
             budget = _budget(max_memory, device, inference, run)
             cap = chunk_size(per_item, budget, n_images)
         elif chunk is None:
-            first = min(total, n_images)
+            # one item per image, within a bounded batch (a program exported with Dim("batch", max=N) refused the
+            # probe's pass of more images than N: found in the review of session 45, older than its chunk plan)
+            first = min(total, n_images, limit if limit is not None else total)
             # chunks="memory" under a run: the memory probe is a pass of its own, its result thrown away, in the
             # first call only (cached); every call then runs the same plan from item 0 (the same bits, cold and warm)
             apart = run is not None and run.options.chunks == "memory"
@@ -481,9 +483,9 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
                     run.probed(per_item, n_images)
             budget = _budget(max_memory, device, inference, run)
             cap = chunk_size(per_item, budget, n_images)
-            if apart:
+            if apart:  # a bounded batch (limit) is the cap the plan splits evenly (it split 16 under 12 as 12 + 4)
                 assert run is not None
-                cap = planned_chunk(total, cap, run.device, inference)
+                cap = planned_chunk(total, cap if limit is None else min(cap, limit), run.device, inference)
         else:
             cap = chunk
         if limit is not None:

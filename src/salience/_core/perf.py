@@ -511,8 +511,9 @@ class Run:
         self.softmax_checked = self.softmax_stripped = False
         self._holds_attention: Optional[bool] = None  # holds an nn.MultiheadAttention (_strided_attention)
         # an earlier run checked for a final softmax: a warm call's first chunk may run the folded copy or compiled
-        # model (no eager probing chunk since session 45); a compiled output is looked at once (softmax_appeared)
-        self.softmax_reused = self.options.backend is not None and rec.softmax is not None
+        # model (no eager probing chunk since session 45); their output is looked at once (softmax_appeared: a fold
+        # made after a flag turned a softmax on holds it; before the review of session 45 the folded copy's was not)
+        self.softmax_reused = (self.options.backend is not None or self.options.fold_batchnorm) and rec.softmax is not None
         if rec.softmax is not None:
             self.softmax_checked, self.softmax_stripped = True, rec.softmax
         # A pass without gradients (a prediction pass) that runs the compiled model as a gradient pass
