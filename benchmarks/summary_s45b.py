@@ -44,28 +44,27 @@ HEAD = ("| method | B | 1-min load per round (start/end) | warm / round's best b
         "|---|---|---|---|---|---|---|")
 
 
+def _run(kind: str, name: str, issue: str, limit: float, warm: str) -> None:
+    """Print one run's heading, exact command, load and per-job rows (auto-declines or engine-speed JSON)."""
+    path = HERE / f"{kind}-s45b-{name}.json"
+    if not path.exists():
+        return
+    d = json.loads(path.read_text())
+    cmd = d["command"] if "command" in d else _engine_cmd(d)
+    print(f"\n### {kind} {name} (issue {issue}, limit {limit:.2f})\n\n`{cmd}`; load {_load(d['loadavg_start'])}"
+          f" -> {_load(d['loadavg_end'])}, {d['wall_s']:.0f} s\n\n{HEAD}")
+    for job in d["jobs"]:
+        pairs = job.get("loadavg_before_after") or job["load_1min_before_after"]
+        loads = [f"{a[0] if isinstance(a, list) else a:.2f}/{b[0] if isinstance(b, list) else b:.2f}"
+                 for a, b in pairs]
+        print(_rows(job, warm, loads, limit))
+
+
 def main() -> None:
     for name in AUTO:
-        path = HERE / f"auto-declines-s45b-{name}.json"
-        if not path.exists():
-            continue
-        d = json.loads(path.read_text())
-        print(f"\n### auto-declines {name} (issue 19, limit 1.00)\n\n`{d['command']}`; load {_load(d['loadavg_start'])}"
-              f" -> {_load(d['loadavg_end'])}, {d['wall_s']:.0f} s\n\n{HEAD}")
-        for job in d["jobs"]:
-            loads = [f"{a[0]:.2f}/{b[0]:.2f}" for a, b in job["loadavg_before_after"]]
-            print(_rows(job, "defaults warm", loads, 1.00))
+        _run("auto-declines", name, "19", 1.00, "defaults warm")
     for name in ENGINE:
-        path = HERE / f"engine-speed-s45b-{name}.json"
-        if not path.exists():
-            continue
-        d = json.loads(path.read_text())
-        print(f"\n### engine-speed {name} (issue 16, limit 1.05)\n\n`{_engine_cmd(d)}`; load"
-              f" {_load(d['loadavg_start'])} -> {_load(d['loadavg_end'])},"
-              f" {d['wall_s']:.0f} s\n\n{HEAD}")
-        for job in d["jobs"]:
-            loads = [f"{a:.2f}/{b:.2f}" for a, b in job["load_1min_before_after"]]
-            print(_rows(job, "contiguous", loads, 1.05))
+        _run("engine-speed", name, "16", 1.05, "contiguous")
 
 
 if __name__ == "__main__":
