@@ -524,8 +524,11 @@ def _probe_apart(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tenso
     probe, scratch = MemoryProbe(), _Adder(n_images, weights, squares)
     token = _DISCARDED.set(True)
     kept = len(run.layouts)
+    # a model that draws random numbers in its forward (dropout-like noise, stochastic depth) must see the same
+    # stream in a first call as in a later one, which runs no probe: the pass leaves the generators as it found them
+    rng_devices = [run.device] if getattr(run.device, "type", "cpu") == "cuda" else []
     try:
-        with run.chunk(run.probe_layout(), False), probe:
+        with torch.random.fork_rng(devices=rng_devices), run.chunk(run.probe_layout(), False), probe:
             scratch.add(0, compute(0, first))
     finally:
         _DISCARDED.reset(token)
