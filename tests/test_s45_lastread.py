@@ -10,26 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import salience
 from salience._core import engine as _engine
-from salience._core import perf as _perf
 
 from conftest import counting_backend, unchanged
+from test_s45_compile import _net
 
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
- _perf.clear_cache()
- yield
- _perf.clear_cache()
-
-
-def _net() -> nn.Module:
- torch.manual_seed(0)
- return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+pytestmark = pytest.mark.usefixtures("fresh_perf_state")  # the engine's caches as in a fresh process
 
 
 def _chunks_seen(monkeypatch) -> list:
