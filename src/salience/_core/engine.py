@@ -454,7 +454,10 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
         start = 0
         per_item: Optional[int] = None
         reused = run.reused_probe() if (run is not None and chunk is None) else None
-        if reused is not None:  # compile="freeze": an earlier call's probe; every chunk the fixed size
+        # chunks="memory" under a run: the memory probe is a pass of its own, its result thrown away, in the
+        # first call only (cached); every call then runs the same plan from item 0 (the same bits, cold and warm)
+        apart = run is not None and run.options.chunks == "memory"
+        if reused is not None:  # compile: an earlier call's probe; every chunk the fixed size
             per_item = reused
             budget = _budget(max_memory, device, inference, run)
             cap = chunk_size(per_item, budget, n_images)
@@ -462,9 +465,6 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
             # one item per image, within a bounded batch (a program exported with Dim("batch", max=N) refused the
             # probe's pass of more images than N: found in the review of session 45, older than its chunk plan)
             first = min(total, n_images, limit if limit is not None else total)
-            # chunks="memory" under a run: the memory probe is a pass of its own, its result thrown away, in the
-            # first call only (cached); every call then runs the same plan from item 0 (the same bits, cold and warm)
-            apart = run is not None and run.options.chunks == "memory"
             # an earlier call's probe of the same model, items and images: no probe (the same chunks, the same bits)
             known = run.known_probe(n_images) if run is not None else None
             if apart:
@@ -483,11 +483,14 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
                     run.probed(per_item, n_images)
             budget = _budget(max_memory, device, inference, run)
             cap = chunk_size(per_item, budget, n_images)
-            if apart:  # a bounded batch (limit) is the cap the plan splits evenly (it split 16 under 12 as 12 + 4)
-                assert run is not None
-                cap = planned_chunk(total, cap if limit is None else min(cap, limit), run.device, inference)
         else:
             cap = chunk
+        if chunk is None and apart:
+            # the plan's size, also where a compiled call took an earlier call's probe (reused): it ran the budget's
+            # cap, one chunk of 32 for IG 32 at one image where the other calls ran 16 + 16 (session 45's last read);
+            # a bounded batch (limit) is the cap the plan splits evenly (it split 16 under 12 as 12 + 4)
+            assert run is not None
+            cap = planned_chunk(total, cap if limit is None else min(cap, limit), run.device, inference)
         if limit is not None:
             cap = min(cap, limit)
         if run is None:

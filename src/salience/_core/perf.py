@@ -15,9 +15,9 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   backend callable. The compiled model is cached for the process; every chunk of the one fixed
   size runs compiled, a chunk of another size (the last; the first, probing one under ``chunks="throughput"``;
   the memory probe's own pass) eagerly, so nothing recompiles
-  across chunks (with :data:`FREEZE`, a later call on the same model, shape and method skips the
-  first, probing chunk: :meth:`Run.reused_probe`, and a last, shorter chunk whose size recurs runs
-  frozen graphs of its own size: :meth:`Run._frozen_tail`); single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
+  across chunks (with ``compile``, a later call on the same model, shape and method takes an earlier call's
+  probe, no probe's pass, its chunks the plan's as in every call: :meth:`Run.reused_probe`; with :data:`FREEZE` a
+  last, shorter chunk whose size recurs runs frozen graphs of its own size: :meth:`Run._frozen_tail`); single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
   most :data:`ONE_PASS_SIZES`. Where compilation is unavailable or fails, a warning says why and the
   eager path runs.
 - ``precision``: ``"fp32"`` (default), ``"bf16"``, ``"bf16-mixed"`` or ``"fp16"``: the forward pass under
