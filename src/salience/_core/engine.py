@@ -457,40 +457,38 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
         # chunks="memory" under a run: the memory probe is a pass of its own, its result thrown away, in the
         # first call only (cached); every call then runs the same plan from item 0 (the same bits, cold and warm)
         apart = run is not None and run.options.chunks == "memory"
-        if reused is not None:  # compile: an earlier call's probe; every chunk the fixed size
-            per_item = reused
-            budget = _budget(max_memory, device, inference, run)
-            cap = chunk_size(per_item, budget, n_images)
-        elif chunk is None:
-            # one item per image, within a bounded batch (a program exported with Dim("batch", max=N) refused the
-            # probe's pass of more images than N: found in the review of session 45, older than its chunk plan)
-            first = min(total, n_images, limit if limit is not None else total)
-            # an earlier call's probe of the same model, items and images: no probe (the same chunks, the same bits)
-            known = run.known_probe(n_images) if run is not None else None
+        if chunk is None:
+            if reused is not None:  # compile: an earlier call's probe; every chunk the fixed size
+                per_item = reused
+            else:
+                # one item per image, within a bounded batch (a program exported with Dim("batch", max=N) refused the
+                # probe's pass of more images than N: found in the review of session 45, older than its chunk plan)
+                first = min(total, n_images, limit if limit is not None else total)
+                # an earlier call's probe of the same model, items and images: no probe (the same chunks, the same bits)
+                known = run.known_probe(n_images) if run is not None else None
+                if apart:
+                    per_item = known if known is not None else _probe_apart(compute, first, n_images, weights,
+                                                                            squares, run)
+                else:  # the first chunk is the probe's, real work (chunks="throughput"; no run)
+                    probe = MemoryProbe() if known is None else None
+                    ctx = run.chunk(run.probe_layout(), False) if run is not None else nullcontext()
+                    with ctx, (probe if probe is not None else nullcontext()):  # the sums' own temporaries count too
+                        sums.add(0, compute(0, first))
+                    sums.sizes.append(first)
+                    bar.update(first)
+                    start = first
+                    per_item = known if probe is None else max(1, -(-probe.peak // first))
+                    if run is not None and probe is not None:
+                        run.probed(per_item, n_images)
+            cap = chunk_size(per_item, _budget(max_memory, device, inference, run), n_images)
             if apart:
-                per_item = known if known is not None else _probe_apart(compute, first, n_images, weights, squares,
-                                                                        run)
-            else:  # the first chunk is the probe's, real work (chunks="throughput"; no run)
-                probe = MemoryProbe() if known is None else None
-                ctx = run.chunk(run.probe_layout(), False) if run is not None else nullcontext()
-                with ctx, (probe if probe is not None else nullcontext()):  # the sums' own temporaries count too
-                    sums.add(0, compute(0, first))
-                sums.sizes.append(first)
-                bar.update(first)
-                start = first
-                per_item = known if probe is None else max(1, -(-probe.peak // first))
-                if run is not None and probe is not None:
-                    run.probed(per_item, n_images)
-            budget = _budget(max_memory, device, inference, run)
-            cap = chunk_size(per_item, budget, n_images)
+                # the plan's size, also where a compiled call took an earlier call's probe (reused): it ran the
+                # budget's cap, one chunk of 32 for IG 32 at one image where the other calls ran 16 + 16 (session 45's
+                # last read); a bounded batch (limit) is the cap the plan splits evenly (it split 16 under 12 as 12 + 4)
+                assert run is not None
+                cap = planned_chunk(total, cap if limit is None else min(cap, limit), run.device, inference)
         else:
             cap = chunk
-        if chunk is None and apart:
-            # the plan's size, also where a compiled call took an earlier call's probe (reused): it ran the budget's
-            # cap, one chunk of 32 for IG 32 at one image where the other calls ran 16 + 16 (session 45's last read);
-            # a bounded batch (limit) is the cap the plan splits evenly (it split 16 under 12 as 12 + 4)
-            assert run is not None
-            cap = planned_chunk(total, cap if limit is None else min(cap, limit), run.device, inference)
         if limit is not None:
             cap = min(cap, limit)
         if run is None:
