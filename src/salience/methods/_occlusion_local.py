@@ -32,7 +32,7 @@ from salience._core.folding import fx_traced
 
 log = logging.getLogger("salience.occlusion")
 
-__all__ = ["Plan", "plan", "moved", "spans", "crops", "paste", "format_of", "log"]  # occlusion (methods.perturbation) uses them all
+__all__ = ["Plan", "plan", "moved", "spans", "crops", "paste", "rows_into", "log"]  # occlusion (methods.perturbation) uses them all
 
 # elementwise modules and functions: a node of them is as local as its input, with the same receptive field
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
@@ -370,13 +370,7 @@ def _check(p: Plan, x: Tensor, window: tuple[int, int], corners: Tensor, out: Te
                         1 + float(out.float().abs().max()))):
                     return "the model split at the cut does not give its output (a final softmax, or a traced branch)"
                 del again
-                if step == b:
-                    act = part
-                else:
-                    if act is None:
-                        act = torch.empty((b,) + tuple(part.shape[1:]), dtype=part.dtype, device=part.device,
-                                          memory_format=format_of(part))
-                    act[i:i + step] = part
+                act = rows_into(act, part, i, b)
                 del part
             assert act is not None
             p.clean = act
@@ -397,6 +391,18 @@ def format_of(t: Tensor) -> torch.memory_format:
     """``t``'s memory format (channels-last where a 4-D ``t`` is, else contiguous), for a buffer written from it."""
     cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     return torch.channels_last if cl else torch.contiguous_format
+
+
+def rows_into(acc: Optional[Tensor], part: Tensor, i: int, b: int) -> Tensor:
+    """``part``, rows ``i..`` of a ``(b, ...)`` tensor taken part by part, in ``acc`` (made at the first part, in
+    ``part``'s layout; no cat of the parts at the end): ``part`` itself where it holds all ``b`` rows."""
+    if acc is None:
+        if int(part.shape[0]) >= b:
+            return part
+        acc = torch.empty((b,) + tuple(part.shape[1:]), dtype=part.dtype, device=part.device,
+                          memory_format=format_of(part))
+    acc[i:i + int(part.shape[0])] = part
+    return acc
 
 
 def crops(x: Tensor, owner: Tensor, sp: Tensor, size: tuple[int, int]) -> Tensor:

@@ -428,18 +428,18 @@ def _split(model: nn.Module, x: Tensor, win: tuple[int, int], st: tuple[int, int
         # Under an autocast the split is found and checked on the model itself (its trace shares the model's
         # weights) and then run on the folded copy the run holds in the autocast's dtype (:func:`_local.moved`):
         # before, the float32 copy (98 MiB on resnet50, kept for the process) was held beside the run's (49 MiB)
-        folded = _perf.folded_model(model)[0] if perf.fold_batchnorm and dtype is None else None
-        plan = _local.plan(folded if folded is not None else model, x, win, st, corners, strip_softmax, out,
-                           lambda o: unwrap_output(o, model), dtype, batch)
+        def planned(on: Optional[nn.Module]) -> Any:  # the split found and checked on ``on`` (None: the model)
+            return _local.plan(on if on is not None else model, x, win, st, corners, strip_softmax, out,
+                               lambda o: unwrap_output(o, model), dtype, batch)
+
+        plan = planned(_perf.folded_model(model)[0] if perf.fold_batchnorm and dtype is None else None)
         why = plan.why
         if not why and perf.fold_batchnorm and dtype is not None:
             low = _perf.folded_model(model, dtype=dtype)[0]  # the run's copy (cached: perf.Run takes the same)
             if low is not None:
                 moved = _local.moved(plan, low, strip_softmax)
                 if moved is None:  # the cut is not a node of the folded graph (a folded BatchNorm): as before
-                    folded = _perf.folded_model(model)[0]
-                    plan = _local.plan(folded if folded is not None else model, x, win, st, corners, strip_softmax,
-                                       out, lambda o: unwrap_output(o, model), dtype, batch)
+                    plan = planned(_perf.folded_model(model)[0])
                     why = plan.why
                 else:
                     plan = moved
@@ -470,11 +470,7 @@ def _local_clean(plan: Any, x: Tensor, out: Tensor, run: _perf.Run, model: nn.Mo
     with torch.no_grad(), run.autocast():
         for i in range(0, b, batch):
             part = plan.prefix(run.prepare(x[i:i + batch].clone()))  # a copy: the prefix may start in place
-            if cut is None:
-                cut = part if batch >= b else torch.empty((b,) + tuple(part.shape[1:]), dtype=part.dtype,
-                                                          device=part.device, memory_format=_local.format_of(part))
-            if cut is not part:
-                cut[i:i + batch] = part
+            cut = _local.rows_into(cut, part, i, b)
             outs.append(unwrap_output(plan.suffix(part.clone()), model).detach().to(x.dtype))  # a copy, as the passes
             del part
     assert cut is not None
