@@ -665,14 +665,15 @@ class Run:
             self.record.softmax = self.softmax_stripped
 
     def reused_probe(self) -> Optional[int]:
-        """The bytes per item an earlier call's memory probe (its first, eager chunk) measured for this
-        model, tag, item shape and options, when this run may skip its own probe: with ``compile``
-        (``True``, :data:`FREEZE`, a backend) only, once the final softmax is known too (``None``: probe).
+        """The bytes per item an earlier call's memory probe (its pass, eager) measured for this
+        model, tag, item shape and options, for any number of images, when this run may skip its own
+        probe: with ``compile`` (``True``, :data:`FREEZE`, a backend) only, once the final softmax is known too (``None``: probe).
         Then every chunk is one of the fixed size and runs the compiled model (the frozen graphs):
         SmoothGrad's 64 items at 4 images ran 9 chunks (4 eager, 7 x 8 frozen, 4 eager), now 8 x 8
         frozen; with ``compile=True`` (session 45) SmoothGrad 16 at 1 image ran 1 eager, 8 compiled, 7
         eager in every call, now 8, 8 compiled. Kept per :func:`structure` with the softmax answer; the
-        default options always probe (their chunks, and so their bits, are the same in every call)."""
+        eager options take only a probe of the same number of images (:meth:`known_probe`: their chunks, and so
+        their bits, the same in every call)."""
         if self.options.backend is None or not self.softmax_checked:
             return None
         # one C call copies the values (no thread switch inside it): another run's probed() may change the dict
