@@ -154,6 +154,20 @@ class _CoaTLike(nn.Module):
         return self.head(self.blocks(torch.cat([self.cls.expand(len(x), -1, -1), t], dim=1))[:, 0])
 
 
+def assert_spotted_as_by_at(spelled: type) -> None:
+    """``spelled``, a :class:`_Factorized` whose forward writes the same products another way, is one model with
+    the ``@`` spelling (the same output from the same weights) and takes the same default layer (the input of the
+    last factorized attention, ``blocks.1.norm1``)."""
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    by_at = _CoaTLike(_Factorized).eval()
+    torch.manual_seed(0)
+    other = _CoaTLike(spelled).eval()
+    assert torch.equal(by_at(x), other(x))  # one model
+    assert default_layer(by_at, x) == "blocks.1.norm1"
+    assert default_layer(other, x) == "blocks.1.norm1"
+
+
 def test_a_factorized_attention_is_recognized_by_what_it_computes_not_by_its_name():
     """CoaT's attention was recognized by its class name (``FactorAttn...``): a user's module computing the same
     ``q @ (softmax(k)^T v)`` under another name was no attention, so the map rule took ``embed2``, before the

@@ -90,8 +90,7 @@ def test_a_factorized_attention_by_linalg_matmul_is_recognized_as_by_at():
     """The default-layer search's spotter: CoaT's ``q @ (softmax(k)^T v)`` with ``torch.linalg.matmul`` is the same
     factorized attention (its products were read by name, ``matmul`` / ``__matmul__`` / ``bmm``: ``linalg_matmul``
     was none, so the map rule took ``embed2``, before the blocks)."""
-    from test_default_layers import _CoaTLike, _Factorized
-    from salience.methods.gradcam import default_layer
+    from test_default_layers import _Factorized, assert_spotted_as_by_at
 
     class LinalgFactorized(_Factorized):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,11 +99,4 @@ def test_a_factorized_attention_by_linalg_matmul_is_recognized_as_by_at():
             out = torch.linalg.matmul(q, torch.linalg.matmul(k.softmax(dim=2).transpose(-1, -2), v))
             return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    by_at = _CoaTLike(_Factorized).eval()
-    torch.manual_seed(0)
-    by_linalg = _CoaTLike(LinalgFactorized).eval()
-    assert torch.equal(by_at(x), by_linalg(x))  # one model
-    assert default_layer(by_at, x) == "blocks.1.norm1"
-    assert default_layer(by_linalg, x) == "blocks.1.norm1"
+    assert_spotted_as_by_at(LinalgFactorized)

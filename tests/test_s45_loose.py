@@ -158,8 +158,7 @@ def test_the_default_layer_search_sees_keyword_spellings(layout, spelling):
 def test_a_factorized_attention_copied_by_a_keyword_clone_is_recognized():
     """CoaT's ``q @ (softmax(k)^T v)`` with the keys copied by ``torch.clone(input=...)`` and the products by
     ``torch.matmul(input=..., other=...)``: the same factorized attention as the ``@`` spelling."""
-    from test_default_layers import _CoaTLike, _Factorized
-    from salience.methods.gradcam import default_layer
+    from test_default_layers import _Factorized, assert_spotted_as_by_at
 
     class KeywordFactorized(_Factorized):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,14 +168,7 @@ def test_a_factorized_attention_copied_by_a_keyword_clone_is_recognized():
             out = torch.matmul(input=q, other=torch.matmul(input=keys, other=v))
             return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    by_at = _CoaTLike(_Factorized).eval()
-    torch.manual_seed(0)
-    by_keywords = _CoaTLike(KeywordFactorized).eval()
-    assert torch.equal(by_at(x), by_keywords(x))  # one model
-    assert default_layer(by_at, x) == "blocks.1.norm1"
-    assert default_layer(by_keywords, x) == "blocks.1.norm1"
+    assert_spotted_as_by_at(KeywordFactorized)
 
 
 # ---- 2. bf16-mixed: one math, two spellings, one precision -------------------------------------------------------
