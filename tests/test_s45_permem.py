@@ -44,9 +44,10 @@ class BatchFirst(nn.Module):
         return self.head(self.mix(t).relu().mean(1))
 
 
-def _sizes_seen(model: nn.Module, fn):
+def _sizes_seen(first: nn.Module, fn):
+    """``fn()`` and the batch size of each pass through ``first`` (the model's first layer) while it ran."""
     seen: list = []
-    h = model.stem.register_forward_pre_hook(lambda m, a: seen.append(int(a[0].shape[0])))
+    h = first.register_forward_pre_hook(lambda m, a: seen.append(int(a[0].shape[0])))
     try:
         return fn(), seen
     finally:
@@ -57,7 +58,7 @@ def test_capture_in_halves_of_a_sequence_first_layer_is_the_one_pass():
     torch.manual_seed(0)
     model, x = SeqFirst().eval(), torch.rand(8, 3, 8, 8)
     whole, _ = _capture(model, x, model.mix, True)
-    (parts, out), sizes = _sizes_seen(model, lambda: _capture(model, x, model.mix, True, 4))
+    (parts, out), sizes = _sizes_seen(model.stem, lambda: _capture(model, x, model.mix, True, 4))
     assert whole.shape == (4, 8, 6)
     assert parts.shape == whole.shape  # the old code joined (4, 4, 6) twice along the tokens: (8, 4, 6)
     torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-6)
@@ -90,7 +91,7 @@ def test_capture_in_parts_of_batch_first_tokens_equal_to_the_half_is_kept():
     torch.manual_seed(0)
     model, x = BatchFirst().eval(), torch.rand(8, 3, 8, 8)
     whole, _ = _capture(model, x, model.mix, True)
-    (parts, _), sizes = _sizes_seen(model, lambda: _capture(model, x, model.mix, True, 4))
+    (parts, _), sizes = _sizes_seen(model.stem, lambda: _capture(model, x, model.mix, True, 4))
     assert sizes == [4, 3, 1]
     torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-6)
 
@@ -100,10 +101,7 @@ def test_capture_of_a_plain_conv_layer_keeps_its_even_halves():
     model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(5, 3)).eval()
     x = torch.rand(8, 3, 10, 10)
-    seen: list = []
-    h = model[0].register_forward_pre_hook(lambda m, a: seen.append(int(a[0].shape[0])))
-    parts, _ = _capture(model, x, model[0], True, 4)
-    h.remove()
+    (parts, _), seen = _sizes_seen(model[0], lambda: _capture(model, x, model[0], True, 4))
     assert seen == [4, 4]
     torch.testing.assert_close(parts, model[0](x), rtol=1e-6, atol=1e-6)
 
