@@ -1,0 +1,72 @@
+"""Session 46's loose ends of session 45, each checked against a reference.
+
+1. ``torch.einsum`` over a weight under a CPU bf16 precision: einsum is not on autocast's list; it runs as views and
+   ``bmm`` (autocast casts a view of the weight every pass: never cached) or, with nothing contracted or a label
+   summed out of one operand, as ``mul`` / ``sum`` in fp32. :class:`salience._core.casts.WeightCasts` now serves the
+   weight's bf16 copy where einsum only views and casts it (seen on its first run), so each weight is cast once per
+   call. The reference: the same call with autocast's cache off (every pass casts), bit for bit; the bf16 copies
+   counted by the profiler; an einsum that multiplies without contracting keeps its fp32 bits.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import salience
+from test_s43_casts import CALLS, _casts, _uncached
+
+X = torch.rand(2, 1, 5, 4, generator=torch.Generator().manual_seed(1))
+
+
+class Einsum(nn.Module):
+    """A token model whose weight ``w`` (4 x 24) meets the tokens by ``torch.einsum(equation, x, w)``."""
+
+    def __init__(self, equation: str, shape=(4, 24), spelling: str = "args") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w, self.equation, self.spelling = nn.Parameter(torch.randn(*shape) * 0.3), equation, spelling
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x[:, 0]
+        if self.spelling == "list":
+            y = torch.einsum(self.equation, [t, self.w])
+        elif self.spelling == "sublist":
+            y = torch.einsum(t, [0, 1, 2], self.w, [2, 3], [0, 1, 3])
+        else:
+            y = torch.einsum(self.equation, t, self.w)
+        return self.head(y.relu().flatten(1))
+
+
+def _ig(model: nn.Module, shapes: list[list[int]]) -> tuple[int, torch.Tensor, int, torch.Tensor]:
+    """IG of 8 steps (chunks of 2), its bf16 casts of the weight (profiler copies of any of ``shapes``), and the
+    same for the uncached passes."""
+    model(X[:1, 0:1].expand(1, 1, 5, 4))  # the lazy head's shape
+    CALLS["ig_s46"] = lambda m, x, **kw: salience.integrated_gradients(m, x, 1, steps=8, **kw)
+    try:
+        n = [_casts("ig_s46", model, X, shape=s) for s in shapes]
+        u = [_uncached("ig_s46", model, X, shape=s) for s in shapes]
+        return sum(c for c, _ in n), n[0][1], sum(c for c, _ in u), u[0][1]
+    finally:
+        del CALLS["ig_s46"]
+
+
+@pytest.mark.usefixtures("fresh_perf_state")
+@pytest.mark.parametrize("spelling", ["args", "list", "sublist"])
+def test_a_weight_contracted_by_einsum_is_cast_once_per_call(spelling):
+    n, m, again, ref = _ig(Einsum("bti,ij->btj", spelling=spelling).eval(), [[4, 24], [1, 4, 24]])
+    assert again >= 4, again  # every pass casts a view of the weight (main: so with the cache on too)
+    assert n == 1, n
+    assert torch.equal(m, ref)
+
+
+@pytest.mark.usefixtures("fresh_perf_state")
+@pytest.mark.parametrize("equation,shape", [("bti,i->bti", (4,)), ("bti,ij->bt", (4, 24))],
+                         ids=["mul", "summed-out"])
+def test_an_einsum_that_does_arithmetic_on_the_weight_keeps_its_bits(equation, shape):
+    """No contraction (einsum multiplies in fp32) or a label only the weight has, summed in fp32 first: a bf16 copy
+    would round the weight where autocast does not; the map stays the bits of the uncached passes."""
+    model = Einsum(equation, shape).eval()
+    n, m, again, ref = _ig(model, [list(shape)])
+    assert torch.equal(m, ref)
