@@ -70,3 +70,82 @@ def test_an_einsum_that_does_arithmetic_on_the_weight_keeps_its_bits(equation, s
     model = Einsum(equation, shape).eval()
     n, m, again, ref = _ig(model, [list(shape)])
     assert torch.equal(m, ref)
+
+
+# 2. A keys-first softmax (over dim 1 of (B, S, heads, L)) taken in float64 and cast back to the values' dtype before
+# its product (``.to(dtype)``, ``.type_as(v)``, ``.float()``): the cast is a copy on its way to the product, followed
+# as ``.contiguous()`` is (session 45 and before: no attention seen). The reference: the model's own attention
+# matrices (B, heads, L, S), recorded by the model.
+import test_s45_loose as s45  # noqa: E402
+
+CASTS = ("to", "type_as", "float", "to permuted")
+
+
+class CastBlock(s45.Block):
+    def _keys_first(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        f = torch.einsum("bhld,bhsd->bshl", q, k).softmax(dim=1, dtype=torch.float64)  # (B, S, heads, L)
+        if self.spelling == "to":
+            a = f.to(v.dtype).permute(0, 2, 3, 1)
+        elif self.spelling == "type_as":
+            a = f.permute(0, 2, 3, 1).type_as(v)
+        elif self.spelling == "float":
+            a = f.float().permute(0, 2, 3, 1)
+        else:
+            a = f.permute(0, 2, 3, 1).to(dtype=v.dtype)
+        if self.record:
+            self.seen.append(a.detach().clone())
+        return a @ v
+
+
+def _cast_vit(spelling: str) -> nn.Module:
+    model = s45.TinyViT("keys-first", "@").eval()
+    for blk in model.blocks:
+        blk.__class__, blk.spelling = CastBlock, spelling
+    return model
+
+
+@pytest.mark.parametrize("spelling", CASTS)
+def test_a_keys_first_softmax_cast_before_its_product_is_captured(spelling):
+    from salience.attention import attention_maps
+    from conftest import unchanged
+
+    own = _cast_vit(spelling)
+    for blk in own.blocks:
+        blk.record = True
+    with torch.no_grad():
+        own(s45.X)
+    want = [a for blk in own.blocks for a in blk.seen]
+    model = _cast_vit(spelling)
+    with unchanged(model):
+        got = attention_maps(model, s45.X)
+    assert len(got) == 2, len(got)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spelling", CASTS)
+def test_the_default_layer_search_sees_a_cast_keys_first_softmax(spelling):
+    from salience.methods.gradcam import default_layer
+
+    assert default_layer(_cast_vit(spelling), s45.X) == default_layer(s45.TinyViT("keys-first", "@").eval(), s45.X)
+
+
+def test_a_factorized_attention_whose_keys_are_cast_is_recognized():
+    """CoaT's ``q @ (softmax(k)^T v)`` with the keys softmaxed in float64 and cast back (``.to(v.dtype)``): the same
+    factorized attention as the ``@`` spelling."""
+    from salience.methods.gradcam import default_layer
+    from test_default_layers import _CoaTLike, _Factorized
+
+    class CastFactorized(_Factorized):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            q, k, v = self.split(x)
+            keys = k.softmax(dim=2, dtype=torch.float64).to(v.dtype).transpose(-1, -2)
+            return self.proj((q @ (keys @ v)).transpose(1, 2).reshape(b, n, c))
+
+    torch.manual_seed(0)
+    model = _CoaTLike(CastFactorized).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(x), _CoaTLike(_Factorized).eval()(x))  # one model, the keys' softmax rounded otherwise
+    assert default_layer(model, x) == "blocks.1.norm1"  # the @ spelling's (tests/test_default_layers.py)
