@@ -149,3 +149,41 @@ def test_a_factorized_attention_whose_keys_are_cast_is_recognized():
     torch.manual_seed(0)
     torch.testing.assert_close(model(x), _CoaTLike(_Factorized).eval()(x))  # one model, the keys' softmax rounded otherwise
     assert default_layer(model, x) == "blocks.1.norm1"  # the @ spelling's (tests/test_default_layers.py)
+
+
+# 3. A cached folded copy (``fold_batchnorm=True``) traced before a flag of the forward changed: torch.fx bakes the
+# flag's branch into the copy, whose key (the structure and the weights' state) did not see a plain attribute, so with
+# ``strip_softmax=False`` (nothing looks at the copy's output) the map stayed the old branch's. The copy is now kept
+# for the modules' plain attributes too. The reference: the input gradient of the model's output by hand.
+from test_s45_rvchunks import _model as _flagged  # noqa: E402
+
+
+def _grad(m: nn.Module, xb: torch.Tensor, cls: int) -> torch.Tensor:
+    xg = xb.unsqueeze(0).clone().requires_grad_(True)
+    return torch.autograd.grad(m(xg)[0, cls], xg)[0][0]
+
+
+@pytest.mark.usefixtures("fresh_perf_state")
+@pytest.mark.parametrize("first", [False, True], ids=["turned-on", "turned-off"])
+@pytest.mark.parametrize("method", ["vanilla", "integrated_gradients"])
+def test_a_folded_copy_follows_a_flag_of_the_forward_with_strip_softmax_off(method, first):
+    m, x, cls = _flagged(), torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), 1
+    m.probs = first
+
+    def call() -> torch.Tensor:
+        if method == "vanilla":
+            return salience.vanilla(m, x, cls, reduce=None, strip_softmax=False)
+        return salience.integrated_gradients(m, x, cls, steps=4, baseline=torch.zeros_like(x), reduce=None,
+                                             strip_softmax=False)
+
+    with salience.performance(fold_batchnorm=True):
+        call()
+        call()  # warm: the folded copy made with the flag as it was
+        m.probs = not first
+        got = call()
+    if method == "vanilla":
+        ref = torch.stack([_grad(m, x[b], cls) for b in range(2)])
+    else:  # trapezoid IG from zeros, 4 steps
+        ref = torch.stack([x[b] * sum((0.5 if i in (0, 3) else 1.0) / 3 * _grad(m, x[b] * (i / 3), cls)
+                                      for i in range(4)) for b in range(2)])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())

@@ -230,19 +230,47 @@ def _fuse(traced: Any, dtype: Optional[torch.dtype]) -> nn.Module:
     return fx.GraphModule(traced, graph)
 
 
+_PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype})
+
+
+def settings(model: nn.Module) -> tuple:
+    """The plain attributes of ``model``'s modules (booleans, numbers, strings, dtypes and tuples of them: a flag
+    ``self.probs`` the forward reads, a temperature), which a ``torch.fx`` trace bakes in (the branch taken, the
+    constant) and :func:`~salience._core.fingerprint.structure` does not see: what a trace is kept for besides the
+    structure and the weights (session 46: a folded copy traced with a softmax flag off ran the logits after the flag
+    was turned on, with ``strip_softmax=False``). About 1 ms on resnet50 (151 modules; AMD EPYC, session 46)."""
+    out: list = []
+    add, plain = out.append, _PLAIN
+    for m in model.modules():
+        for k, v in m.__dict__.items():
+            t = type(v)
+            if t in plain or (t is tuple and plain.issuperset(map(type, v))):
+                add(k)
+                add(v)
+        add(None)  # the module's end
+    return tuple(out)
+
+
+def _kept_for(model: nn.Module, sig: Optional[tuple]) -> Optional[tuple]:
+    """What a folded copy is kept for: the weights' state ``sig`` and the plain attributes (``None``: not comparable)."""
+    return None if sig is None else (sig, settings(model))
+
+
 def folded_model(model: nn.Module, key: Optional[tuple] = None, dtype: Optional[torch.dtype] = None
                  ) -> tuple[Optional[nn.Module], str]:
     """The process's BatchNorm-folded copy of ``model`` (made again when the model's structure, see
     :func:`~salience._core.fingerprint.structure`, or its parameters or buffers changed since: ``key``,
-    its :func:`~salience._core.fingerprint._fold_key`, when the caller has it), or ``(None, why)`` when
-    folding does not apply. ``dtype``: the copy for passes under an autocast to it (:func:`_fold`), one of its own."""
+    its :func:`~salience._core.fingerprint._fold_key`, when the caller has it, or a plain attribute of a module,
+    :func:`settings`), or ``(None, why)`` when folding does not apply. ``dtype``: the copy for passes under an
+    autocast to it (:func:`_fold`), one of its own."""
     why = own_hooks(model)
     if why is not None:
         return None, why
     sig = key if key is not None else _fold_key(model)
+    kept = _kept_for(model, sig)
     with _lock:
         hit = _folded.get((id(model), dtype))
-        if hit is not None and hit[0]() is model and sig is not None and hit[1] == sig:
+        if hit is not None and hit[0]() is model and kept is not None and hit[1] == kept:
             _folded.move_to_end((id(model), dtype))
             made = hit[2]
         else:
@@ -254,9 +282,11 @@ def folded_model(model: nn.Module, key: Optional[tuple] = None, dtype: Optional[
 
 
 def _remember_fold(model: nn.Module, sig: Optional[tuple], made: Any, dtype: Optional[torch.dtype] = None) -> None:
-    """Cache ``made`` (the folded copy, or why there is none) for ``model`` in the state ``sig`` and ``dtype``."""
+    """Cache ``made`` (the folded copy, or why there is none) for ``model`` in the state ``sig`` (its
+    :func:`~salience._core.fingerprint._fold_key`; its :func:`settings` read here) and ``dtype``."""
+    kept = _kept_for(model, sig)
     with _lock:
-        _folded[(id(model), dtype)] = (weakref.ref(model), sig, made)
+        _folded[(id(model), dtype)] = (weakref.ref(model), kept, made)
         _folded.move_to_end((id(model), dtype))
         while len(_folded) > _FOLDED_KEEP:
             _folded.popitem(last=False)
