@@ -187,3 +187,143 @@ def test_a_folded_copy_follows_a_flag_of_the_forward_with_strip_softmax_off(meth
         ref = torch.stack([x[b] * sum((0.5 if i in (0, 3) else 1.0) / 3 * _grad(m, x[b] * (i / 3), cls)
                                       for i in range(4)) for b in range(2)])
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+# 4. precision="bf16-mixed" (a float32 folded copy, its passes under the bf16 autocast only, the islands turning it
+# off themselves) and an autocast block of the forward at bf16: the block changes nothing under those passes, yet the
+# copy was refused (the float32 copy is shared with float32 runs, where the block is the model's math). Now a float32
+# copy of its own is traced for those passes. The reference: the same model without the block, folded, bit for bit;
+# a float32 run of the blocked model is still refused and gives the model's own map.
+from test_s45_loose import Blocked, _rise_notes  # noqa: E402
+
+
+@pytest.mark.usefixtures("fresh_perf_state")
+def test_bf16_mixed_folds_a_model_with_a_bf16_block():
+    blocked, plain = Blocked(torch.bfloat16), Blocked(None)
+    folded, notes = _rise_notes(blocked, "bf16-mixed", True)
+    assert notes == []  # was: "fold_batchnorm: its forward runs 'conv' in a torch.autocast block ..."
+    assert torch.equal(folded, _rise_notes(plain, "bf16-mixed", True)[0])
+    from salience._core import folding
+
+    assert isinstance(folding._folded[(id(blocked), None, torch.bfloat16)][2], nn.Module)  # its own copy ran
+    unfolded, _ = _rise_notes(blocked, "bf16-mixed", False)
+    assert (folded - unfolded).abs().max() <= 0.1 * unfolded.abs().max()  # the documented bf16 bound
+    # the float32 run of the same model after it: the block is its math, the shared float32 copy still refused
+    ref, _ = _rise_notes(blocked, "fp32", False)
+    out, notes = _rise_notes(blocked, "fp32", True)
+    assert torch.equal(out, ref)
+    assert any("torch.autocast block" in n and "running the model as it is" in n for n in notes), notes
+    # and bf16-mixed again takes its own copy (kept), a float16 block is still refused under it
+    assert torch.equal(_rise_notes(blocked, "bf16-mixed", True)[0], folded)
+    ref16, _ = _rise_notes(Blocked(torch.float16), "bf16-mixed", False)
+    out16, notes = _rise_notes(Blocked(torch.float16), "bf16-mixed", True)
+    assert torch.equal(out16, ref16) and any("torch.autocast block" in n for n in notes), notes
+
+
+# 5. Occlusion's region-limited passes traced the model twice per call (torch.fx, under and without the autocast),
+# uncached: the trace and what the plan reads of it are now kept per model (structure, weights' state, plain
+# attributes), passes' dtype and image shape. The reference: the traces counted; the maps Captum's Occlusion's.
+import gc  # noqa: E402
+import threading  # noqa: E402
+
+from test_s44_occlusion_local import captum_map, close, scale, vgg_like  # noqa: E402
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """The torch.fx traces made, counted (every trace of salience goes through this tracer class)."""
+    from salience._core import folding
+
+    seen = []
+    real = folding._AutocastSeeingTracer.trace
+
+    def counted(self, *a, **kw):
+        seen.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(folding._AutocastSeeingTracer, "trace", counted)
+    return seen
+
+
+def _occlusion(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return salience.occlusion(m, x, 2, window=6, stride=4, reduce=None)
+
+
+@pytest.mark.usefixtures("fresh_perf_state")
+def test_occlusion_traces_a_model_once_per_structure_and_image_shape(traces):
+    m, x = vgg_like(), torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(3))
+    first = _occlusion(m, x)
+    assert len(traces) == 2  # fx_traced: as it is and under the autocast
+    again = _occlusion(m, x * 0.5)
+    assert len(traces) == 2, len(traces)  # was 4: traced again every call
+    close(first, captum_map(m, x, 2, 6, 4), scale(m, x))
+    close(again, captum_map(m, x * 0.5, 2, 6, 4), scale(m, x * 0.5))
+    _occlusion(m, torch.randn(1, 3, 48, 48))
+    assert len(traces) == 4  # another image shape: its own trace (the shapes on its nodes)
+    torch.manual_seed(5)
+    m[0] = nn.Conv2d(3, 8, 3, padding=1)  # a module replaced: traced again, the new weights' map
+    assert len(traces) == 4
+    close(_occlusion(m, x), captum_map(m, x, 2, 6, 4), scale(m, x))
+    assert len(traces) == 6
+
+
+@pytest.mark.usefixtures("fresh_perf_state")
+def test_the_kept_trace_serves_threads_and_goes_with_its_model():
+    from salience.methods import _occlusion_local
+
+    m = vgg_like()
+    xs = [torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(s)) for s in (40, 48, 40, 48)]
+    _occlusion(m, xs[0])
+    got: dict = {}
+
+    def work(i: int) -> None:
+        got[i] = _occlusion(m, xs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, x in enumerate(xs):
+        close(got[i], captum_map(m, x, 2, 6, 4), scale(m, x))
+    assert len(_occlusion_local._TRACES._entries) == 2
+    del m, threads
+    gc.collect()
+    assert len(_occlusion_local._TRACES._entries) == 0  # the traces held the model's modules
+
+
+# 6. A Ctrl-C while the forkserver of a dataset run's workers starts (it imports __main__, torch and salience:
+# seconds) printed the server's KeyboardInterrupt traceback; the server now starts with SIGINT ignored (its workers
+# too: the run's process stops them), and the run's process still gets the Ctrl-C.
+CTRL_C = """
+import os, signal, sys, time
+import salience.runs.dataset as d
+from multiprocessing import forkserver
+d._SERVER_ASKED = 1  # a second large-heap run of the process: it starts the server
+assert d._forkserver_ready()
+time.sleep(0.3)  # the server imports its modules
+try:
+    os.killpg(0, signal.SIGINT)  # a terminal's Ctrl-C: the whole process group
+    time.sleep(5)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+time.sleep(3)  # the server's imports end
+os.kill(forkserver._forkserver._forkserver_pid, 0)  # still running
+print("server alive", flush=True)
+"""
+
+
+def test_a_ctrl_c_while_the_forkserver_starts_prints_no_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C)
+    src = str(Path(salience.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path, start_new_session=True)  # its own process group: the Ctrl-C stays there
+    assert done.stdout.split("\n")[:2] == ["interrupted", "server alive"], (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
