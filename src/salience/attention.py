@@ -96,10 +96,10 @@ PRODUCTS = frozenset({torch.einsum, torch.matmul, torch.linalg.matmul, Tensor.ma
 # calls that may copy a keys-first softmax on its way to that product (``a.permute(...).reshape(B * heads, L, S)``),
 # casts among them (``softmax(s, dim=1, dtype=torch.float64).to(v.dtype)``: the same dims, another dtype; session 46,
 # such a softmax was never taken for attention, "saw no attention operation")
-_CASTS = frozenset({Tensor.to, Tensor.type_as, Tensor.type, Tensor.float, Tensor.double, Tensor.half,
+CASTS = frozenset({Tensor.to, Tensor.type_as, Tensor.type, Tensor.float, Tensor.double, Tensor.half,
                     Tensor.bfloat16})
 _COPYING = frozenset({Tensor.contiguous, Tensor.clone, torch.clone, Tensor.reshape, torch.reshape, Tensor.flatten,
-                      torch.flatten, *_CASTS})
+                      torch.flatten, *CASTS})
 _WATCHED = frozenset({_SDPA, F.multi_head_attention_forward, *SOFTMAXES, *PRODUCTS, *_COPYING})
 # the operands each call reads, in torch's order and by torch's names: a call may give any of them by keyword
 # (``torch.matmul(input=a, other=v)``, ``a.matmul(other=v)``, ``torch.bmm(input=a, mat2=v)``, ``torch.reshape(input=a,

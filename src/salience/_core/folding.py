@@ -17,7 +17,7 @@ from torch import nn
 from salience._core.fingerprint import _HOOK_DICTS, _fold_key, _lock, own_hooks
 from salience._core.tensors import copy_model
 
-__all__ = ["folded_model", "fx_traced", "ThisThreadTracer"]
+__all__ = ["folded_model", "fx_traced", "kept_for", "settings", "ThisThreadTracer"]
 
 # (id(model), dtype) -> (weak reference to the model, what it is kept for, the copy or why none); a float32 copy for
 # passes under one autocast only (bf16-mixed's) is kept at (id(model), None, that dtype): folded_model
@@ -133,6 +133,11 @@ class _AutocastSeeingTracer(ThisThreadTracer):
 
 
 _IN_BLOCK = "its forward runs "  # the start of the refusal of an operation in an autocast block (fx_traced)
+# one fx trace at a time in the process: a trace patches nn.Module.__call__ / __getattr__ for the process and puts
+# back what it found, so two at once in two threads (the first ending before the second) left the second's find, the
+# first's patch, in place for good: a later thread whose id was the first's got fx proxies back from its model
+# (session 46: "the model returned a Proxy", occlusion from four threads)
+_TRACING = threading.Lock()
 
 
 def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Optional[torch.dtype] = None) -> Any:
@@ -161,7 +166,7 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
             passes = _autocast_state()[1:]
     for under in (False, True):
         try:
-            with torch.autocast(device, dtype=autocast or torch.get_autocast_dtype(device), enabled=under):
+            with _TRACING, torch.autocast(device, dtype=autocast or torch.get_autocast_dtype(device), enabled=under):
                 tracer = _AutocastSeeingTracer(passes)
                 graph = tracer.trace(clone)
         except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
@@ -259,7 +264,7 @@ def settings(model: nn.Module) -> tuple:
     return tuple(out)
 
 
-def _kept_for(model: nn.Module, sig: Optional[tuple]) -> Optional[tuple]:
+def kept_for(model: nn.Module, sig: Optional[tuple]) -> Optional[tuple]:
     """What a folded copy is kept for: the weights' state ``sig`` and the plain attributes (``None``: not comparable)."""
     return None if sig is None else (sig, settings(model))
 
@@ -278,7 +283,7 @@ def folded_model(model: nn.Module, key: Optional[tuple] = None, dtype: Optional[
     if why is not None:
         return None, why
     sig = key if key is not None else _fold_key(model)
-    kept = _kept_for(model, sig)
+    kept = kept_for(model, sig)
     made = _kept_fold(model, kept, (id(model), dtype))
     if made is None:
         made = _fold(model, dtype)
@@ -306,7 +311,7 @@ def _remember_fold(model: nn.Module, sig: Optional[tuple], made: Any, dtype: Opt
     """Cache ``made`` (the folded copy, or why there is none) for ``model`` in the state ``sig`` (its
     :func:`~salience._core.fingerprint._fold_key`; its :func:`settings` read here) and ``dtype`` (``passes``: a
     float32 copy for passes under that autocast only, :func:`folded_model`)."""
-    kept, at = _kept_for(model, sig), (id(model), dtype) if passes is None else (id(model), None, passes)
+    kept, at = kept_for(model, sig), (id(model), dtype) if passes is None else (id(model), None, passes)
     with _lock:
         _folded[at] = (weakref.ref(model), kept, made)
         _folded.move_to_end(at)

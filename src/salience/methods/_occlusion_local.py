@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience._core.folding import _kept_for, fx_traced
+from salience._core.folding import fx_traced, kept_for
 from salience._core.perf import ModelCache
 
 log = logging.getLogger("salience.occlusion")
@@ -155,16 +155,17 @@ _TRACES = _Traces(4)
 def _analysed(model: nn.Module, x: Tensor, dtype: Optional[torch.dtype]) -> Any:
     """``(gm, fields, cuts, cost)`` of ``model`` (its trace, :func:`_trace`, each local node's field, the cuts and the
     FLOPs per node on one image of ``x``'s shape), or why none (a string): kept for the model's structure, weights'
-    state and plain attributes (:func:`salience._core.folding._kept_for`, as the folded copy is), the passes'
+    state and plain attributes (:func:`salience._core.folding.kept_for`, as the folded copy is), the passes'
     ``dtype`` and the image's shape, dtype and device; hooks are looked at every call."""
-    from salience._core.fingerprint import _fold_key, own_hooks
+    from salience._core.compiled import weights_key
+    from salience._core.fingerprint import own_hooks
 
     if isinstance(model, torch.jit.ScriptModule):
         return _analyse(model, x, dtype)
     hooked = own_hooks(model)
     if hooked is not None:
         return f"the model has hooks ({hooked})"
-    key, kept = (dtype, tuple(x.shape[1:]), x.dtype, x.device), _kept_for(model, _fold_key(model))
+    key, kept = (dtype, tuple(x.shape[1:]), x.dtype, x.device), kept_for(model, weights_key(model))
     made = _TRACES.get(model, key, kept) if kept is not None else None
     if made is None:
         made = _analyse(model, x, dtype)
