@@ -251,13 +251,14 @@ def settings(model: nn.Module) -> tuple:
     ``self.probs`` the forward reads, a temperature), which a ``torch.fx`` trace bakes in (the branch taken, the
     constant) and :func:`~salience._core.fingerprint.structure` does not see: what a trace is kept for besides the
     structure and the weights (session 46: a folded copy traced with a softmax flag off ran the logits after the flag
-    was turned on, with ``strip_softmax=False``). About 1 ms on resnet50 (151 modules; AMD EPYC, session 46)."""
+    was turned on, with ``strip_softmax=False``). Not ``training``: a copy is traced in eval mode whatever the model's
+    mode (salience's passes run it so; the guard puts it back). About 1 ms on resnet50 (151 modules; AMD EPYC, session 46)."""
     out: list = []
     add, plain = out.append, _PLAIN
     for m in model.modules():
         for k, v in m.__dict__.items():
             t = type(v)
-            if t in plain or (t is tuple and plain.issuperset(map(type, v))):
+            if k != "training" and (t in plain or (t is tuple and plain.issuperset(map(type, v)))):
                 add(k)
                 add(v)
         add(None)  # the module's end
