@@ -204,7 +204,7 @@ def test_occlusion_bf16_fold_refused_runs_the_model_split(monkeypatch):
     pixels drop exactly 0)."""
     from salience._core import perf as _perf
 
-    monkeypatch.setattr(_perf, "folded_model", lambda model, key=None, dtype=None: (None, "refused for the test"))
+    monkeypatch.setattr(_perf, "folded_model", lambda model, key=None, dtype=None, passes=None: (None, "refused for the test"))
     model = LeftColumns().eval()
     x = _x(2)
     maps = {}

@@ -93,9 +93,13 @@ SOFTMAXES = frozenset({torch.softmax, Tensor.softmax, F.softmax, torch.special.s
 # softmax contracted by it was never taken for attention, "saw no attention operation")
 PRODUCTS = frozenset({torch.einsum, torch.matmul, torch.linalg.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm,
                       Tensor.bmm})
-# calls that may copy a keys-first softmax on its way to that product (``a.permute(...).reshape(B * heads, L, S)``)
+# calls that may copy a keys-first softmax on its way to that product (``a.permute(...).reshape(B * heads, L, S)``),
+# casts among them (``softmax(s, dim=1, dtype=torch.float64).to(v.dtype)``: the same dims, another dtype; session 46,
+# such a softmax was never taken for attention, "saw no attention operation")
+CASTS = frozenset({Tensor.to, Tensor.type_as, Tensor.type, Tensor.float, Tensor.double, Tensor.half,
+                    Tensor.bfloat16})
 _COPYING = frozenset({Tensor.contiguous, Tensor.clone, torch.clone, Tensor.reshape, torch.reshape, Tensor.flatten,
-                      torch.flatten})
+                      torch.flatten, *CASTS})
 _WATCHED = frozenset({_SDPA, F.multi_head_attention_forward, *SOFTMAXES, *PRODUCTS, *_COPYING})
 # the operands each call reads, in torch's order and by torch's names: a call may give any of them by keyword
 # (``torch.matmul(input=a, other=v)``, ``a.matmul(other=v)``, ``torch.bmm(input=a, mat2=v)``, ``torch.reshape(input=a,
@@ -111,7 +115,7 @@ def operands(func: Any, args: tuple, kwargs: Optional[dict]) -> list[Any]:
     """The operands a call of ``func`` reads, in order, whichever way it spelled them (positional or keyword; a
     method's own tensor, ``a`` of ``a.matmul(other=v)``, is its first): a product's two (``@``, ``matmul``,
     ``linalg.matmul``, ``bmm``) or ``torch.einsum``'s tensors (given one by one or as a list; einsum takes no
-    keywords), a copy's source (``contiguous``, ``clone``, ``reshape``, ``flatten``), SDPA's query, key and value;
+    keywords), a copy's source (``contiguous``, ``clone``, ``reshape``, ``flatten``, a cast: ``to``, ``float``...), SDPA's query, key and value;
     ``[]`` for any other call. The one reader of these calls' arguments: the capture's :class:`KeysFirst`,
     :func:`product_labels` and the default-layer search's spotter all take them from here. A missing one is
     ``None``."""

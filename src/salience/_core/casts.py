@@ -28,10 +28,19 @@ the casts it would guard, every pass (session 44, benchmarks/cast-check-s44.txt)
 
 :meth:`salience._core.perf.Run.casts_kept` makes the call's cache; :meth:`salience._core.perf.Run.autocast` enters the
 mode (CPU bf16, eager chunks only: a compiled graph casts inside itself).
+
+``torch.einsum`` (session 46) is not on autocast's list: it runs in C++ as views of its operands and ``bmm`` (which
+autocast casts: a view of a weight, so autocast's cache never held it), or as ``mul`` and ``sum`` in the operands'
+dtype when nothing is contracted or a label is summed out of one operand alone. A bf16 copy handed to the latter
+would round the weight where autocast does not (other bits), so a weight is served only where einsum, run once for
+that equation and those shapes and strides (:data:`_EINSUM_SEEN`), took nothing of it but views and autocast's cast
+to bf16: seen by a dispatch mode (:class:`_WeightUse`) on the pass that first meets the signature, which runs as
+before (autocast casting).
 """
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from typing import Any, Optional, Sequence
 
@@ -39,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["CastCache", "WeightCasts", "CAST_FUNCTIONS"]
 
@@ -59,6 +69,39 @@ _ATTENTION = F.multi_head_attention_forward
 # chunked or split first): the in-projection, the separate q / k / v projections, the out-projection
 _ATTENTION_WEIGHTS = frozenset({5, 6, 11, 12, "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias",
                                 "q_proj_weight", "k_proj_weight", "v_proj_weight"})
+
+
+_EINSUM = torch.functional.einsum
+#: einsum signature (equation, each operand's shape, strides, dtype and eligibility, opt_einsum's setting) -> the
+#: positions of the eligible operands that einsum took only as views cast to bf16 (a process-wide memo; its size capped)
+_EINSUM_SEEN: dict[tuple, frozenset] = {}
+_EINSUM_LOCK = threading.Lock()
+_EINSUM_CAP = 4096
+
+
+class _WeightUse(TorchDispatchMode):
+    """Records, for the storages watched, whether every operation that read them was a view or a cast to ``dtype``
+    (views' results share the storage, so a chain of views is followed; the cast's result is a new storage)."""
+
+    def __init__(self, storages: dict[int, int], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.storages, self.dtype, self.other = storages, dtype, set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        cast = func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == self.dtype
+        if not cast and not func.is_view:
+            for a in torch.utils._pytree.tree_leaves((args, kwargs)):
+                if isinstance(a, Tensor) and a.untyped_storage().data_ptr() in self.storages:
+                    self.other.add(a.untyped_storage().data_ptr())
+        return func(*args, **kwargs)
+
+
+def _einsum_key(equation: str, operands: Sequence[Any]) -> tuple:
+    from torch.backends import opt_einsum
+    return (equation, opt_einsum.enabled, opt_einsum.strategy if len(operands) > 2 else None,
+            tuple((tuple(o.shape), o.stride(), o.dtype, _eligible(o)) if isinstance(o, Tensor) else type(o)
+                  for o in operands))
 
 
 class CastCache:
@@ -131,7 +174,37 @@ class WeightCasts(TorchFunctionMode):
         elif func in CAST_FUNCTIONS and self._casting():
             args = tuple(self._swap(a) for a in args)
             kwargs = {k: self._swap(v) for k, v in kwargs.items()}
+        elif func is _EINSUM and self._casting() and args and isinstance(args[0], str):
+            return self._einsum(func, args)
         elif func is _ATTENTION and self._casting():  # its projections' weights, which it hands to F.linear only
             args = tuple(self._swap(a) if i in _ATTENTION_WEIGHTS else a for i, a in enumerate(args))
             kwargs = {k: self._swap(v) if k in _ATTENTION_WEIGHTS else v for k, v in kwargs.items()}
         return func(*args, **kwargs)
+
+    def _einsum(self, func: Any, args: Sequence[Any]) -> Any:
+        """``torch.einsum(equation, *operands)`` (or its operands in one list) with the copies of the eligible
+        operands that einsum only views and casts (known from the first run of the signature, which this one is
+        when unknown)."""
+        equation, operands = args[0], tuple(args[1:])
+        listed = len(operands) == 1 and isinstance(operands[0], (list, tuple))
+        if listed:
+            operands = tuple(operands[0])
+        eligible = [i for i, o in enumerate(operands) if _eligible(o)]
+        if not eligible:
+            return func(*args)
+        key = _einsum_key(equation, operands)
+        served = _EINSUM_SEEN.get(key)
+        if served is None:  # first met: run it as autocast does, watching what einsum does with each weight
+            storages = {operands[i].untyped_storage().data_ptr(): i for i in eligible}
+            with _WeightUse(storages, self.cache.dtype) as use:
+                out = func(*args)
+            served = frozenset(i for p, i in storages.items() if p not in use.other)
+            with _EINSUM_LOCK:
+                if len(_EINSUM_SEEN) >= _EINSUM_CAP:
+                    _EINSUM_SEEN.clear()
+                _EINSUM_SEEN[key] = served
+            return out
+        if not served:
+            return func(*args)
+        swapped = [self.cache.get(o) if i in served else o for i, o in enumerate(operands)]
+        return func(equation, swapped) if listed else func(equation, *swapped)

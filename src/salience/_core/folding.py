@@ -17,18 +17,21 @@ from torch import nn
 from salience._core.fingerprint import _HOOK_DICTS, _fold_key, _lock, own_hooks
 from salience._core.tensors import copy_model
 
-__all__ = ["folded_model", "fx_traced", "ThisThreadTracer"]
+__all__ = ["folded_model", "fx_traced", "kept_for", "settings", "ThisThreadTracer"]
 
-_folded: "OrderedDict[tuple[int, Optional[torch.dtype]], tuple[Any, tuple, Any]]" = OrderedDict()
+# (id(model), dtype) -> (weak reference to the model, what it is kept for, the copy or why none); a float32 copy for
+# passes under one autocast only (bf16-mixed's) is kept at (id(model), None, that dtype): folded_model
+_folded: "OrderedDict[tuple, tuple[Any, tuple, Any]]" = OrderedDict()
 _FOLDED_KEEP = 2  # folded copies kept for the process (each holds a copy of its model's weights)
 # the modules whose weight and bias every pass under an autocast casts to its dtype (F.conv*d, F.linear: autocast's
 # lower-precision list): a low-precision folded copy holds them in that dtype, the rest in float32
 _CAST_BY_AUTOCAST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
+def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None, passes: Optional[torch.dtype] = None) -> Any:
     """A copy of ``model`` (eval mode, parameters frozen) with each BatchNorm after a convolution
-    folded into it, or the reason there is none (a string). ``dtype`` (bf16 / fp16: the passes' autocast): the
+    folded into it, or the reason there is none (a string). ``passes``: the autocast dtype its passes run under, when
+    only that (:func:`fx_traced`; ``dtype`` implies it). ``dtype`` (bf16 / fp16: the passes' autocast): the
     convolutions' and linear layers' weights are held in it (the autocast's own cast of the float32 fold, so the
     same values), folded one layer at a time from the model's float32 tensors: no float32 copy of all the weights
     is ever held (on resnet50, 98 MiB, plus the autocast's 49 MiB of casts of it, against 49 MiB now)."""
@@ -50,7 +53,7 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
                 hooks = m.__dict__.get(name)
                 if hooks:
                     hooks.clear()
-        traced = fx_traced(clone, dtype)
+        traced = fx_traced(clone, dtype, passes)
         if isinstance(traced, str):
             return traced
         folded = _fuse(traced, dtype)
@@ -129,7 +132,15 @@ class _AutocastSeeingTracer(ThisThreadTracer):
                                          or state[1:] != self._passes)
 
 
-def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype]) -> Any:
+_IN_BLOCK = "its forward runs "  # the start of the refusal of an operation in an autocast block (fx_traced)
+# one fx trace at a time in the process: a trace patches nn.Module.__call__ / __getattr__ for the process and puts
+# back what it found, so two at once in two threads (the first ending before the second) left the second's find, the
+# first's patch, in place for good: a later thread whose id was the first's got fx proxies back from its model
+# (session 46: "the model returned a Proxy", occlusion from four threads)
+_TRACING = threading.Lock()
+
+
+def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Optional[torch.dtype] = None) -> Any:
     """``clone`` traced by ``torch.fx`` (a ``GraphModule``), or why the trace cannot stand for the model (a string): a
     tracing error (``"torch.fx cannot trace it (...)"``), an operation run in an autocast block of its forward
     (:class:`_AutocastSeeingTracer`). The folded copy's trace and
@@ -145,21 +156,23 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype]) -> Any:
     block that sets exactly the passes' autocast (``with torch.autocast("cpu", dtype=torch.bfloat16)`` in a bf16 run,
     in both traces: a CUDA block on a CPU model sets no CPU autocast), which is traced and folded (session 45); without
     (a float32 copy may run with or without an autocast: ``"fp32"``, ``"bf16-mixed"``, compiled passes), every block
-    is refused."""
+    is refused. ``passes_dtype``: a float32 copy (``dtype`` None) whose passes run under that autocast only
+    (``"bf16-mixed"``'s eager passes, whose float32 islands turn the autocast off themselves, inside a block or not:
+    session 46), traced as for a copy in that dtype."""
     device = next((t.device.type for t in (*clone.parameters(), *clone.buffers())), "cpu")
-    graphs, passes = [], None
-    if dtype is not None:  # the autocast settings of the copy's passes, the only ones it runs under
-        with torch.autocast(device, dtype=dtype):
+    graphs, passes, autocast = [], None, dtype or passes_dtype
+    if autocast is not None:  # the autocast settings of the copy's passes, the only ones it runs under
+        with torch.autocast(device, dtype=autocast):
             passes = _autocast_state()[1:]
     for under in (False, True):
         try:
-            with torch.autocast(device, dtype=dtype or torch.get_autocast_dtype(device), enabled=under):
+            with _TRACING, torch.autocast(device, dtype=autocast or torch.get_autocast_dtype(device), enabled=under):
                 tracer = _AutocastSeeingTracer(passes)
                 graph = tracer.trace(clone)
         except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
             return f"torch.fx cannot trace it ({_described(e, 200)})"
         if tracer.changed:
-            return (f"its forward runs {tracer.changed!r} in a torch.autocast block, which torch.fx does not record "
+            return (f"{_IN_BLOCK}{tracer.changed!r} in a torch.autocast block, which torch.fx does not record "
                     "(the copy would run it under the passes' autocast)")
         graphs.append(graph)
     if str(graphs[0]) != str(graphs[1]):
@@ -230,34 +243,79 @@ def _fuse(traced: Any, dtype: Optional[torch.dtype]) -> nn.Module:
     return fx.GraphModule(traced, graph)
 
 
-def folded_model(model: nn.Module, key: Optional[tuple] = None, dtype: Optional[torch.dtype] = None
-                 ) -> tuple[Optional[nn.Module], str]:
+_PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype})
+
+
+def settings(model: nn.Module) -> tuple:
+    """The plain attributes of ``model``'s modules (booleans, numbers, strings, dtypes and tuples of them: a flag
+    ``self.probs`` the forward reads, a temperature), which a ``torch.fx`` trace bakes in (the branch taken, the
+    constant) and :func:`~salience._core.fingerprint.structure` does not see: what a trace is kept for besides the
+    structure and the weights (session 46: a folded copy traced with a softmax flag off ran the logits after the flag
+    was turned on, with ``strip_softmax=False``). Not ``training``: a copy is traced in eval mode whatever the model's
+    mode (salience's passes run it so; the guard puts it back). About 1 ms on resnet50 (151 modules; AMD EPYC, session 46)."""
+    out: list = []
+    add, plain = out.append, _PLAIN
+    for m in model.modules():
+        for k, v in m.__dict__.items():
+            t = type(v)
+            if k != "training" and (t in plain or (t is tuple and plain.issuperset(map(type, v)))):
+                add(k)
+                add(v)
+        add(None)  # the module's end
+    return tuple(out)
+
+
+def kept_for(model: nn.Module, sig: Optional[tuple]) -> Optional[tuple]:
+    """What a folded copy is kept for: the weights' state ``sig`` and the plain attributes (``None``: not comparable)."""
+    return None if sig is None else (sig, settings(model))
+
+
+def folded_model(model: nn.Module, key: Optional[tuple] = None, dtype: Optional[torch.dtype] = None,
+                 passes: Optional[torch.dtype] = None) -> tuple[Optional[nn.Module], str]:
     """The process's BatchNorm-folded copy of ``model`` (made again when the model's structure, see
     :func:`~salience._core.fingerprint.structure`, or its parameters or buffers changed since: ``key``,
-    its :func:`~salience._core.fingerprint._fold_key`, when the caller has it), or ``(None, why)`` when
-    folding does not apply. ``dtype``: the copy for passes under an autocast to it (:func:`_fold`), one of its own."""
+    its :func:`~salience._core.fingerprint._fold_key`, when the caller has it, or a plain attribute of a module,
+    :func:`settings`), or ``(None, why)`` when folding does not apply. ``dtype``: the copy for passes under an
+    autocast to it (:func:`_fold`), one of its own. ``passes`` (with ``dtype`` None: ``"bf16-mixed"``'s float32
+    copy, whose passes run under that autocast only): where the float32 copy the float32 runs share is refused for
+    an autocast block of the forward, a float32 copy of its own traced for those passes (a block at their dtype
+    changes nothing there: :func:`fx_traced`); kept apart, since in a float32 run the block is the model's math."""
     why = own_hooks(model)
     if why is not None:
         return None, why
     sig = key if key is not None else _fold_key(model)
-    with _lock:
-        hit = _folded.get((id(model), dtype))
-        if hit is not None and hit[0]() is model and sig is not None and hit[1] == sig:
-            _folded.move_to_end((id(model), dtype))
-            made = hit[2]
-        else:
-            made = None
+    kept = kept_for(model, sig)
+    made = _kept_fold(model, kept, (id(model), dtype))
     if made is None:
         made = _fold(model, dtype)
         _remember_fold(model, sig, made, dtype)
+    if isinstance(made, str) and made.startswith(_IN_BLOCK) and passes is not None and dtype is None:
+        made = _kept_fold(model, kept, (id(model), None, passes))
+        if made is None:
+            made = _fold(model, None, passes)
+            _remember_fold(model, sig, made, None, passes)
     return (made, "") if isinstance(made, nn.Module) else (None, made)
 
 
-def _remember_fold(model: nn.Module, sig: Optional[tuple], made: Any, dtype: Optional[torch.dtype] = None) -> None:
-    """Cache ``made`` (the folded copy, or why there is none) for ``model`` in the state ``sig`` and ``dtype``."""
+def _kept_fold(model: nn.Module, kept: Optional[tuple], at: tuple) -> Any:
+    """The process's copy (or why none) at ``at`` when made for ``model`` as it is now (``kept``), else None."""
     with _lock:
-        _folded[(id(model), dtype)] = (weakref.ref(model), sig, made)
-        _folded.move_to_end((id(model), dtype))
+        hit = _folded.get(at)
+        if hit is not None and hit[0]() is model and kept is not None and hit[1] == kept:
+            _folded.move_to_end(at)
+            return hit[2]
+    return None
+
+
+def _remember_fold(model: nn.Module, sig: Optional[tuple], made: Any, dtype: Optional[torch.dtype] = None,
+                   passes: Optional[torch.dtype] = None) -> None:
+    """Cache ``made`` (the folded copy, or why there is none) for ``model`` in the state ``sig`` (its
+    :func:`~salience._core.fingerprint._fold_key`; its :func:`settings` read here) and ``dtype`` (``passes``: a
+    float32 copy for passes under that autocast only, :func:`folded_model`)."""
+    kept, at = kept_for(model, sig), (id(model), dtype) if passes is None else (id(model), None, passes)
+    with _lock:
+        _folded[at] = (weakref.ref(model), kept, made)
+        _folded.move_to_end(at)
         while len(_folded) > _FOLDED_KEEP:
             _folded.popitem(last=False)
 

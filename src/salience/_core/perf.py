@@ -552,7 +552,9 @@ class Run:
         # not under bf16-mixed's fp32 islands (islands.py): their convolutions ran the float32 fold's weights unrounded
         self._fold_dtype = self.dtype if self.options.backend is None and not self._islands() else None
         if self.options.fold_batchnorm:
-            self._folded, why = folded_model(model, self._fold_key, self._fold_dtype)
+            # bf16-mixed's float32 copy runs under its autocast only: a block of the forward at that dtype is served
+            passes = self.dtype if self.options.backend is None and self._islands() else None
+            self._folded, why = folded_model(model, self._fold_key, self._fold_dtype, passes)
             if self._folded is None:
                 warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=user_stacklevel())
 

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from salience.attention import PRODUCTS, SOFTMAXES, KeysFirst, attention_order, ambiguous_keys_first, operands, \
-    product_labels, softmax_input
+from salience.attention import CASTS, PRODUCTS, SOFTMAXES, KeysFirst, attention_order, ambiguous_keys_first, \
+    operands, product_labels, softmax_input
 
 __all__: list[str] = []  # private to the methods (the default-layer search)
 
-_COPIES = frozenset({Tensor.contiguous, Tensor.clone, torch.clone})  # the keys copied: the same dims, other memory
+# the keys copied: the same dims, other memory (a cast too, ``.to(dtype)``, ``.float()``: session 46)
+_COPIES = frozenset({Tensor.contiguous, Tensor.clone, torch.clone, *CASTS})
 
 
 def _softmax_over_tokens(args: tuple, kwargs: dict) -> bool:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import functools
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
@@ -28,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience._core.folding import fx_traced
+from salience._core.folding import fx_traced, kept_for
+from salience._core.perf import ModelCache
 
 log = logging.getLogger("salience.occlusion")
 
@@ -120,6 +123,72 @@ def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
     if hooked is not None:
         return f"the model has hooks ({hooked})"
     return fx_traced(model, dtype)  # a tracing failure: its reason, full passes
+
+
+class _Traces(ModelCache):
+    """The traces kept (:func:`_analysed`): a :class:`~salience._core.perf.ModelCache` whose entry goes when its model
+    dies (a trace holds the model's modules, so their weights: a plain entry kept them until evicted)."""
+
+    def put(self, model: nn.Module, key: tuple, fingerprint: tuple, value: Any) -> None:
+        k = (id(model), key)
+        with self._lock:
+            self._entries[k] = (weakref.ref(model, functools.partial(_gone, self._entries, k)), fingerprint, value)
+            self._entries.move_to_end(k)
+            while len(self._entries) > self.keep:
+                self._entries.popitem(last=False)
+
+
+def _gone(entries: dict, k: tuple, ref: weakref.ref) -> None:
+    """A model's death: its entry dropped (unless another took its place); no lock (a collection may run this while
+    the cache's lock is held)."""
+    hit = entries.get(k)
+    if hit is not None and hit[0] is ref:
+        entries.pop(k, None)
+
+
+# Session 46: each call traced the model twice (fx_traced), uncached. A trace shares the model's modules; its nodes'
+# meta (the shapes, written by the FLOPs' propagation) is written before it is kept and only read after, so threads
+# share it. perf.clear_cache empties it.
+_TRACES = _Traces(4)
+
+
+def _analysed(model: nn.Module, x: Tensor, dtype: Optional[torch.dtype]) -> Any:
+    """``(gm, fields, cuts, cost)`` of ``model`` (its trace, :func:`_trace`, each local node's field, the cuts and the
+    FLOPs per node on one image of ``x``'s shape), or why none (a string): kept for the model's structure, weights'
+    state and plain attributes (:func:`salience._core.folding.kept_for`, as the folded copy is), the passes'
+    ``dtype`` and the image's shape, dtype and device; hooks are looked at every call."""
+    from salience._core.compiled import weights_key
+    from salience._core.fingerprint import own_hooks
+
+    if isinstance(model, torch.jit.ScriptModule):
+        return _analyse(model, x, dtype)
+    hooked = own_hooks(model)
+    if hooked is not None:
+        return f"the model has hooks ({hooked})"
+    key, kept = (dtype, tuple(x.shape[1:]), x.dtype, x.device), kept_for(model, weights_key(model))
+    made = _TRACES.get(model, key, kept) if kept is not None else None
+    if made is None:
+        made = _analyse(model, x, dtype)
+        if kept is not None:
+            _TRACES.put(model, key, kept, made)
+    return made
+
+
+def _analyse(model: nn.Module, x: Tensor, dtype: Optional[torch.dtype]) -> Any:
+    """:func:`_analysed`, made."""
+    gm = _trace(model, dtype)
+    if isinstance(gm, str):
+        return gm
+    fields = _fields(gm)
+    cuts = _cuts(gm, fields)
+    if not cuts:
+        return "the model has no local prefix (its first layer is not a convolution, pooling or elementwise)"
+    try:
+        with torch.no_grad():
+            cost = _flops(gm, x[:1].clone())  # copies: an in-place first layer must not write the user's x
+    except Exception as e:  # noqa: BLE001
+        return f"its shapes could not be propagated ({type(e).__name__})"
+    return gm, fields, cuts, cost
 
 
 def _fields(gm: Any) -> dict:
@@ -294,19 +363,11 @@ def plan(model: nn.Module, x: Tensor, window: tuple[int, int], stride: tuple[int
     for float32; ``batch``: images per pass of the check, all where ``None``), or a :class:`Plan` with ``why``."""
     if x.dim() != 4:
         return Plan(why="the input is not a batch of images")
-    gm = _trace(model, dtype)
-    if isinstance(gm, str):
-        return Plan(why=gm)
-    fields = _fields(gm)
-    cuts = _cuts(gm, fields)
-    if not cuts:
-        return Plan(why="the model has no local prefix (its first layer is not a convolution, pooling or elementwise)")
+    analysed = _analysed(model, x, dtype)
+    if isinstance(analysed, str):
+        return Plan(why=analysed)
+    gm, fields, cuts, cost = analysed
     h, w = int(x.shape[-2]), int(x.shape[-1])
-    try:
-        with torch.no_grad():
-            cost = _flops(gm, x[:1].clone())  # copies: an in-place first layer must not write the user's x
-    except Exception as e:  # noqa: BLE001
-        return Plan(why=f"its shapes could not be propagated ({type(e).__name__})")
     nodes = list(gm.graph.nodes)
     total = sum(cost.values()) or 1.0
     n_along = [math.ceil((s - k) / st) + 1 for s, k, st in zip((h, w), window, stride)]

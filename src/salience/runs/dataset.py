@@ -764,10 +764,32 @@ def _forkserver_ready() -> bool:
     preload = list(getattr(server, "_preload_modules", ["__main__"]))
     forkserver.set_forkserver_preload(preload + [m for m in ("salience.runs.dataset",) if m not in preload])
     try:
-        forkserver.ensure_running()
+        with _sigint_ignored():
+            forkserver.ensure_running()
     except OSError:  # no process or socket to be had: this run's workers fork, as the first run's did
         return False
     return getattr(server, "_forkserver_pid", None) is not None
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while the forkserver is started (its process starts with SIGINT ignored, which Python then
+    leaves as it is, and so do the workers it forks): a Ctrl-C while the server imported its modules (``__main__``,
+    torch, salience: seconds) printed its ``KeyboardInterrupt`` traceback, harmless but alarming (session 46). A
+    signal's mask would not do: the server's imports unblock it. The workers are stopped by the run's process (the
+    DataLoader's shutdown as the Ctrl-C leaves the run). A Ctrl-C in the run's own process during the start itself
+    (a fork and exec: milliseconds) is lost. Only in the main thread (elsewhere Python sets no handler): else as
+    before."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def _run_shards(run: Job, shards: list[list[int]], show: bool, png: bool) -> None:
