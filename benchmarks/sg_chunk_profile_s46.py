@@ -31,6 +31,7 @@ import importlib
 _sg = importlib.import_module("salience.methods.smoothgrad")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import frozen_copy  # noqa: E402
 from engine_speed import bare  # noqa: E402
 
 PIECES: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
@@ -53,6 +54,8 @@ def _wrap(owner, name: str, label: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--method", choices=["smoothgrad", "integrated_gradients"], default="smoothgrad")
     ap.add_argument("--samples", type=int, default=16)
@@ -63,13 +66,10 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).eval()
-    frozen = torchvision.models.resnet50(weights=None).eval()
-    frozen.load_state_dict(model.state_dict())
-    for p in frozen.parameters():
-        p.requires_grad_(False)
+    model = getattr(torchvision.models, args.model)(weights=None).eval()
+    frozen = frozen_copy(model)
     b = args.images
-    x = torch.rand(b, 3, 224, 224, generator=torch.Generator().manual_seed(b))
+    x = torch.rand(b, 3, args.size, args.size, generator=torch.Generator().manual_seed(b))
     with torch.no_grad():
         target = model(x).argmax(1)
     n = args.samples if args.method == "smoothgrad" else args.steps
@@ -81,6 +81,7 @@ def main() -> int:
     _wrap(_ag, "_forward", "forward")
     _wrap(_ag, "_walk_back", "backward")
     _wrap(_sg.NoisyCopies, "__call__", "noisy copies")
+    _wrap(importlib.import_module("salience.methods.integrated").PathPoints, "__call__", "path points")
     _wrap(_engine._Adder, "add", "sums")
     call()  # the first call (probe)
     modes = {f"bare {k}": (lambda k=k: bare(frozen, items, tgt, k)) for k in args.bare}
@@ -107,14 +108,14 @@ def main() -> int:
     rep = {"args": vars(args), "times_s": times, "minflt": faults, "salience_pieces": pieces, "load": loads,
            "torch": torch.__version__}
     Path(args.out + ".json").write_text(json.dumps(rep, indent=2))
-    lines = [f"# {args.method} at {b} images, resnet50 224 fp32, one thread: salience's pieces vs bare passes", "",
+    lines = [f"# {args.method} at {b} images, {args.model} {args.size} fp32, one thread: salience's pieces vs bare passes", "",
              f"`python benchmarks/sg_chunk_profile_s46.py {' '.join(sys.argv[1:])}`; 1-min load per round {loads}", "",
              "| mode | per round s | minor faults per round |", "|---|---|---|"]
     for k in names:
         lines.append(f"| {k} | {', '.join(f'{t:.3f}' for t in times[k])} | {', '.join(map(str, faults[k]))} |")
     lines += ["", "| salience piece | per round s | minor faults |", "|---|---|---|"]
-    for p in pieces[0]:
-        lines.append(f"| {p} | {', '.join(f'{q[p][0]:.3f}' for q in pieces)} | {', '.join(str(q[p][1]) for q in pieces)} |")
+    for p in sorted({p for q in pieces for p in q}):
+        lines.append(f"| {p} | {', '.join(f'{q.get(p, (0.0, 0))[0]:.3f}' for q in pieces)} | {', '.join(str(q.get(p, (0.0, 0))[1]) for q in pieces)} |")
     rest = [t - sum(v[0] for v in q.values()) for t, q in zip(times["salience"], pieces)]
     lines.append("| rest of the call (salience's bookkeeping) | " + ", ".join(f"{t:.3f}" for t in rest) + " | |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
