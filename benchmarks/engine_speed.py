@@ -51,6 +51,13 @@ mode, ratios of medians, and the load average before and after each round are wr
 ``benchmarks/engine_speed.json`` and a table to ``benchmarks/engine_speed.md``, with, per mode, its time per
 round over that round's best bare pass and the medians of CPU seconds and minor page faults per timed call.
 
+``--bare 1 4 8 16 32`` sets the sizes of the bare peers (default 8; B always; a size larger than the call's items is
+left out); the best bare pass is the fastest of them. ``--bare-items K`` (session 46) times each bare peer on the
+call's first K items only and multiplies its times (wall and CPU) by items / K: a bare pass costs the same per item
+whichever items it runs, and the peers of a 512-item call would otherwise take six calls' time a round.
+
+    python benchmarks/engine_speed.py --threads 1 --images 4 --methods smoothgrad --modes contiguous --bare 1 4 8 16 32 --bare-items 32
+
 ``--allocator reuse`` runs the whole process (bare passes too) with ``salience.set_performance(allocator="reuse")``
 and glibc's mmap and trim thresholds fixed before the first pass (docs/performance.md, session 38); compare it with a
 run without it (alternating runs: the setting cannot be undone within a process).
@@ -129,6 +136,7 @@ def _job(model, frozen, x, method: str, args) -> dict:
     """The rounds of one method at one batch size (``x``: ``(B, C, H, W)`` on the benchmark's device)."""
     b = x.shape[0]
     device = x.device
+    scale: list[float] = [1.0]  # the bare peers' times are multiplied by it (--bare-items)
     with torch.no_grad():
         target = model(x).argmax(1)
     # IG (trapezoid): ``steps`` points per image, both ends included, each a gradient pass. Runs made
@@ -139,9 +147,14 @@ def _job(model, frozen, x, method: str, args) -> dict:
     call = (lambda **kw: salience.smoothgrad(model, x, target, samples=args.samples, reduce=None, **kw)) \
         if method == "smoothgrad" else \
         (lambda **kw: salience.integrated_gradients(model, x, target, steps=args.steps, reduce=None, **kw))
-    modes: dict[str, Callable[[], object]] = {f"bare {b}": lambda: bare(frozen, items, tgt, b)}
-    if b != 8:
-        modes["bare 8"] = lambda: bare(frozen, items, tgt, 8)
+    # the bare peers: B and 8 items a pass (or --bare's sizes, B always among them; none larger than the items);
+    # with --bare-items K each runs over the first K items only, its times scaled by items / K (_scaled)
+    sizes = sorted({b, *(args.bare or [8])})
+    sizes = [s for s in sizes if s <= items.shape[0] or s == b]
+    part = items.shape[0] if not args.bare_items else min(args.bare_items, items.shape[0])
+    scale[:] = [items.shape[0] / part]
+    modes: dict[str, Callable[[], object]] = {
+        f"bare {s}": (lambda s: lambda: bare(frozen, items[:part], tgt[:part], s))(s) for s in sizes}
     # the bare passes of each reduced precision among the modes, B at a time, under the same autocast
     for prec in sorted({MODES[m].get("precision", "fp32") for m in args.modes} - {"fp32", "bf16-mixed"}):
         modes[f"bare {b} {prec}"] = (lambda dt: lambda: bare(frozen, items, tgt, b, dt))(_DTYPES[prec])
@@ -188,8 +201,10 @@ def _job(model, frozen, x, method: str, args) -> dict:
                 ru0 = resource.getrusage(resource.RUSAGE_SELF)
                 wall, peak, _ = _timed(modes[k], device)
                 ru1 = resource.getrusage(resource.RUSAGE_SELF)
-                usage[k].append((ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime,
-                                 ru1.ru_minflt - ru0.ru_minflt))
+                f = scale[0] if k.startswith("bare") else 1.0  # a bare peer on K items: its time for all the items
+                wall *= f
+                usage[k].append((f * (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime),
+                                 round(f * (ru1.ru_minflt - ru0.ru_minflt))))
                 taken[k].append(wall)
                 if peak is not None:
                     peak_r[k].append(peak)
@@ -206,7 +221,7 @@ def _job(model, frozen, x, method: str, args) -> dict:
     decisions = [{"layout": rec.layout, "size": rec.size} for k, rec in _perf._records.items()
                  if rec.model() is model and k[5] == "auto" and k[1].startswith(tag) and k[2] == tuple(x.shape[1:])]
     peak_mib = {k: max(v) for k, v in peaks.items() if v and v[0] is not None}
-    return {"method": method, "images": b, "items": n * b, "first_call_s": first, "times_s": times,
+    return {"method": method, "images": b, "items": n * b, "bare_items": part, "first_call_s": first, "times_s": times,
             "repeats_s": every, "cpu_s_minflt": usage, "load_1min_before_after": loads, "auto_decisions": decisions,
             "peak_mib": peak_mib, "first_call_peak_mib": first_peak if peak_mib else {}, "check": check}
 
@@ -298,6 +313,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1,
                     help="sweeps over every mode per round (the order rotating); a round keeps each mode's fastest")
+    ap.add_argument("--bare", type=int, nargs="+", default=None,
+                    help="items per bare pass of the peers (default: 8; the call's B images always), e.g. 1 4 8 16 32")
+    ap.add_argument("--bare-items", type=int, default=0,
+                    help="time each bare peer on the call's first K items only, scaled by items / K (K a multiple "
+                         "of every --bare size; 0: all the items)")
     ap.add_argument("--compile", action="store_true", help="add the compile mode to the default modes")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
                     help="salience's modes to time (default: contiguous throughput auto auto+throughput)")
@@ -315,6 +335,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be 1 or more")
+    if args.bare is not None and min(args.bare) < 1 or args.bare_items < 0:
+        ap.error("--bare sizes must be 1 or more, --bare-items 0 or more")
     if args.modes is None:
         args.modes = ["contiguous", "throughput", "auto", "auto+throughput"] + (["compile"] if args.compile else [])
     device = pick_device(args.device)
@@ -369,6 +391,9 @@ def _write(report: dict, args, command: str, wall: float) -> str:
           f"{where}torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs. 1-minute load "
           f"average {report['loadavg_start'][0]:.1f} at the start, {report['loadavg_end'][0]:.1f} at the end "
           f"(per round in the .json). {wall:.0f} s in all. `{command}`", "",
+          *([f"Bare peers timed on the first {', '.join(str(j['bare_items']) for j in report['jobs'])} items of "
+             "each job (--bare-items), times scaled to the job's items.", ""]
+            if any(j.get("bare_items", j["items"]) < j["items"] for j in report["jobs"]) else []),
           _table(report["jobs"], args), "",
           _usage_lines(report["jobs"]), "",
           "Decisions of the auto probe (layout True = channels-last, size = items per pass): "
