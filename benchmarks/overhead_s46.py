@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         report["sizes"][size] = times
     report["loadavg_end"] = os.getloadavg()
     Path(args.out + ".json").write_text(json.dumps(report, indent=2))
-    lines = [f"# Fixed cost of a salience call on the demo CNN (issue 19)", "",
+    lines = ["# Fixed cost of a salience call on the demo CNN (issue 19)", "",
              f"{report['cpu']}, 1 thread on cores {report['affinity']}, fp32, torch {torch.__version__}; load "
              f"{tuple(round(v, 2) for v in report['loadavg_start'])} -> {tuple(round(v, 2) for v in report['loadavg_end'])}; "
              f"{args.rounds} rounds of {args.calls} calls each. `{command}`", "",
