@@ -42,38 +42,14 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_name  # noqa: E402
+from auto_declines_s44 import build, chunk_sizes  # noqa: E402
 from engine_speed import bare  # noqa: E402
 
 import salience  # noqa: E402
 from salience._core import perf  # noqa: E402
-
-
-def build(name: str, size: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if name in ("shapes", "shapes-regression", "shapes-cue", "shapes-vit"):
-        from salience.demo.zoo import load_demo
-        return load_demo(name).eval()
-    kw = {"image_size": size} if name.startswith("vit_") else {}
-    return getattr(torchvision.models, name)(weights=None, **kw).eval()
-
-
-def chunk_sizes(model: torch.nn.Module, call) -> list[int]:
-    """The batch sizes of the model's forward passes in a warm call of ``call(model)`` (the second call on a copy,
-    read by a forward pre-hook; the first call's memory probe runs one item per image first)."""
-    twin = copy.deepcopy(model)
-    seen: list[int] = []
-    h = twin.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
-    try:
-        call(twin)
-        seen.clear()
-        call(twin)
-    finally:
-        h.remove()
-    return seen
 
 
 def _faults() -> int:

@@ -15,20 +15,10 @@ import torchvision
 import salience
 from salience._core import engine as _engine
 from salience._core import perf as _perf
+import test_s45_chunks as _s45
 
 
-@pytest.fixture
-def sums_seen(monkeypatch):
-    """The :class:`~salience._core.engine.Sums` of every ``accumulate`` a method runs, in call order."""
-    seen: list[_engine.Sums] = []
-    real = _engine.accumulate
-
-    def kept(*args, **kwargs):
-        seen.append(real(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(_engine, "accumulate", kept)
-    return seen
+sums_seen = _s45.sums_seen  # the fixture: the Sums of every accumulate a method runs, in call order
 
 
 def _probed_bytes(model: torch.nn.Module, size: int) -> int:
