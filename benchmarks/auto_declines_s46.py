@@ -21,7 +21,8 @@ Unlike the s44 script, a unit that takes less than ``--min-round`` seconds (1.0)
 round (``reps`` fixed before the rounds from an untimed call of each unit, the same in every round), and every
 figure is seconds per call (the round's total over ``reps``): a one-call round of a 0.05 s call was mostly timer
 and scheduler noise. ``defaults``/``auto`` repeat clear-cache + cold + warm as a whole, cold and warm timed apart.
-Each unit also records the minor page faults per call (``getrusage``'s ``ru_minflt``): memory a pass takes from
+Each unit also records the process's CPU seconds per call (``time.process_time``: on a loaded machine the wall
+time counts the other processes' turns on the core, the CPU time does not) and the minor page faults per call (``getrusage``'s ``ru_minflt``): memory a pass takes from
 the kernel anew (the allocator gave it back after an earlier pass).
 
 ``--allocator reuse`` fixes glibc's mmap and trim thresholds first (:func:`salience._core.malloc.keep_freed_memory`,
@@ -76,14 +77,14 @@ def job(model, frozen, x, method: str, args) -> dict:
             single[f"chunk {c}"] = lambda c=c: call(model, chunk=c)
     opts = {"defaults": {}, "auto": {"memory_format": "auto"}}
 
-    def pair(k):  # clear, cold, warm: ((cold s, cold faults), (warm s, warm faults))
+    def pair(k):  # clear, cold, warm: ((cold s, cold faults, cold CPU s), (warm ...))
         perf.clear_cache()
         out = []
         with salience.performance(**opts[k]):
             for _ in ("cold", "warm"):
-                f0, t0 = _faults(), time.perf_counter()
+                f0, c0, t0 = _faults(), time.process_time(), time.perf_counter()
                 call(model)
-                out.append((time.perf_counter() - t0, _faults() - f0))
+                out.append((time.perf_counter() - t0, _faults() - f0, time.process_time() - c0))
         return out
 
     reps = {}
@@ -98,6 +99,7 @@ def job(model, frozen, x, method: str, args) -> dict:
     keys = list(single) + [f"{m} {w}" for m in opts for w in ("cold", "warm")]
     times = {k: [] for k in keys}
     faults = {k: [] for k in keys}
+    cpu = {k: [] for k in keys}
     loads = []
     names = list(single) + list(opts)
     for r in range(args.rounds):
@@ -105,21 +107,23 @@ def job(model, frozen, x, method: str, args) -> dict:
         s0 = r % len(names)
         for k in names[s0:] + names[:s0]:
             if k in single:
-                f0, t0 = _faults(), time.perf_counter()
+                f0, c0, t0 = _faults(), time.process_time(), time.perf_counter()
                 for _ in range(reps[k]):
                     single[k]()
                 times[k].append((time.perf_counter() - t0) / reps[k])
                 faults[k].append((_faults() - f0) / reps[k])
+                cpu[k].append((time.process_time() - c0) / reps[k])
                 continue
             got = [pair(k) for _ in range(reps[k])]
             for i, w in enumerate(("cold", "warm")):
                 times[f"{k} {w}"].append(sum(g[i][0] for g in got) / reps[k])
                 faults[f"{k} {w}"].append(sum(g[i][1] for g in got) / reps[k])
+                cpu[f"{k} {w}"].append(sum(g[i][2] for g in got) / reps[k])
         loads.append((load0, os.getloadavg()))
         print(f"  {method} B={b} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.4f}s" for k, v in times.items())
               + f" (load {load0[0]:.2f})", flush=True)
     return {"method": method, "images": b, "items": n * b, "defaults_chunks": chunks, "bare_sizes": sizes,
-            "reps_per_round": reps, "times_s_per_call": times, "minor_faults_per_call": faults,
+            "reps_per_round": reps, "times_s_per_call": times, "minor_faults_per_call": faults, "cpu_s_per_call": cpu,
             "loadavg_before_after": loads}
 
 
@@ -130,12 +134,14 @@ def stats(v):
 def table(jobs) -> str:
     lines = ["| method | images | unit | calls a round | min s/call | median s/call | max s/call | minor faults/call "
              "(median) | per round / that round's best bare | per round / that round's bare B | met (every round "
-             "<= 1.00 of best bare) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "<= 1.00 of best bare) | CPU per round / that round's best bare CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for j in jobs:
-        t, fl = j["times_s_per_call"], j["minor_faults_per_call"]
+        t, fl, cpu = j["times_s_per_call"], j["minor_faults_per_call"], j.get("cpu_s_per_call")
         bares = [k for k in t if k.startswith("bare")]
         best = [min(r) for r in zip(*(t[k] for k in bares))]
         bb = t[f"bare {j['images']}"]
+        best_cpu = [min(r) for r in zip(*(cpu[k] for k in bares))] if cpu else []
         for k, v in t.items():
             lo, med, hi = stats(v)
             rb = [a / c for a, c in zip(v, best)]
@@ -144,7 +150,8 @@ def table(jobs) -> str:
             reps = j["reps_per_round"][k.rsplit(" ", 1)[0] if k.endswith(("cold", "warm")) else k]
             lines.append(f"| {j['method']} | {j['images']} | {k} | {reps} | {lo:.4f} | {med:.4f} | {hi:.4f} | "
                          f"{statistics.median(fl[k]):.0f} | {', '.join(f'{x:.3f}' for x in rb)} | "
-                         f"{', '.join(f'{x:.3f}' for x in rB)} | {met} |")
+                         f"{', '.join(f'{x:.3f}' for x in rB)} | {met} | "
+                         f"{', '.join(f'{a / c:.3f}' for a, c in zip(cpu[k], best_cpu)) if cpu else ''} |")
     return "\n".join(lines)
 
 
