@@ -5,7 +5,6 @@ no lock): the CPU time is the call's own work, the wall time adds the other proc
     PYTHONPATH=src taskset -c 0 python benchmarks/warm_cold_cpu_s46.py > benchmarks/warm-cold-cpu-s46.txt
 """
 import resource
-import sys
 import time
 
 import torch
