@@ -66,7 +66,8 @@ def test_planned_chunk_under_a_limit(total, cap, limit, size):
 @pytest.mark.parametrize("name, size, cap", [
     ("resnet18", 64, 32),   # 46.8 MB of weights, 1.9 MB an item
     ("resnet50", 224, 16),  # 102 MB of weights, 87 MB an item
-    ("shapes", 64, 16),     # the demo CNN: 0.1 MB of weights, 1.4 MB an item
+    ("vit_b_16", 112, 32),  # 346 MB of weights, 20.2 MB an item
+    ("shapes", 64, 16),     # the demo CNN: 0.2 MB of weights, 1.4 MB an item
 ])
 def test_the_rule_on_the_models_measured(name, size, cap):
     """The cap each model of session 46's table gets, from its real probe (the sizes the benchmark timed)."""
@@ -75,7 +76,8 @@ def test_the_rule_on_the_models_measured(name, size, cap):
         from salience.demo.zoo import load_demo
         model = load_demo("shapes").eval()
     else:
-        model = getattr(torchvision.models, name)().eval()
+        kw = {"image_size": size} if name.startswith("vit_") else {}
+        model = getattr(torchvision.models, name)(**kw).eval()
     assert _engine.gradient_chunk_cap(_probed_bytes(model, size), _engine.weight_bytes(model)) == cap
 
 

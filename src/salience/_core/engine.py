@@ -555,8 +555,10 @@ CPU_GRADIENT_CHUNK = 16
 # ... and this many where the model's parameters weigh at least CPU_GRADIENT_CHUNK items' bytes by the memory probe
 # (:func:`gradient_chunk_cap`): every pass reads all the weights (forward, and backward through each layer), so where
 # they outweigh the activations of 16 items a bigger pass spreads that read over more items (session 46,
-# benchmarks/auto-declines-s46-*.md: resnet18 at 64 px, 46.8 MB of weights against 1.9 MB an item, ran integrated
-# gradients' 32 items in one pass 4-8 % faster than in 16 + 16 in every round).
+# benchmarks/auto-declines-s46-*.md, a loaded machine: integrated gradients' 32 items of one image in one pass against
+# 16 + 16, per round, resnet18 at 64 px (46.8 MB of weights, 1.9 MB an item) 0.960, 0.922, 0.934 and in a second run
+# 0.952, 0.839, 1.128; vit_b_16 at 112 px (346 MB, 20.2 MB) 0.855, 0.974, 0.930; on resnet50 at 224 px (102 MB,
+# 87 MB an item: the rule keeps 16) one pass of 32 was 1.04-1.23 times the budget's 4 x 8).
 CPU_GRADIENT_CHUNK_WEIGHTY = 32
 
 
