@@ -17,7 +17,8 @@ belongs to image ``j % B``. :func:`accumulate`
   then every call, cold or warm, runs the same chunks from item 0, so a seeded call gives the same
   bits every time, and no call runs a small first chunk (session 45: SmoothGrad 16 of one image ran
   1 + 15 items before, 16 now). On a CPU a gradient pass takes at most :data:`CPU_GRADIENT_CHUNK`
-  items and the items are split evenly (:func:`planned_chunk`); on CUDA, and for gradient-free passes,
+  items (:data:`CPU_GRADIENT_CHUNK_WEIGHTY` where the model's parameters outweigh that many items by the probe:
+  :func:`gradient_chunk_cap`) and the items are split evenly (:func:`planned_chunk`); on CUDA, and for gradient-free passes,
   the budget's size. Without a run, or with ``chunks="throughput"``, the probe's pass is the call's
   first chunk (real work). ``chunk=`` fixes the size, ``max_memory=`` sets the budget (default:
   :func:`default_budget`);
@@ -77,6 +78,9 @@ __all__ = [
     "discarded",
     "planned_chunk",
     "CPU_GRADIENT_CHUNK",
+    "CPU_GRADIENT_CHUNK_WEIGHTY",
+    "gradient_chunk_cap",
+    "weight_bytes",
 ]
 
 _GiB = 1 << 30
@@ -486,7 +490,8 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
                 # budget's cap, one chunk of 32 for IG 32 at one image where the other calls ran 16 + 16 (session 45's
                 # last read); a bounded batch (limit) is the cap the plan splits evenly (it split 16 under 12 as 12 + 4)
                 assert run is not None
-                cap = planned_chunk(total, cap if limit is None else min(cap, limit), run.device, inference)
+                cap = planned_chunk(total, cap if limit is None else min(cap, limit), run.device, inference,
+                                    gradient_chunk_cap(per_item, weight_bytes(run.model)))
         else:
             cap = chunk
         if limit is not None:
@@ -547,19 +552,49 @@ def _probe_apart(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tenso
 # with 64 items ran 16 a pass in 0.098 s, 32 in 0.137 s, 60 in 0.158 s. AVX-512 holds 16 float32: sizes that are
 # not a multiple of 8 ran 10-29 % slower per item than the multiple next to them (15 against 16).
 CPU_GRADIENT_CHUNK = 16
+# ... and this many where the model's parameters weigh at least CPU_GRADIENT_CHUNK items' bytes by the memory probe
+# (:func:`gradient_chunk_cap`): every pass reads all the weights (forward, and backward through each layer), so where
+# they outweigh the activations of 16 items a bigger pass spreads that read over more items (session 46,
+# benchmarks/auto-declines-s46-*.md, a loaded machine: integrated gradients' 32 items of one image in one pass against
+# 16 + 16, per round, resnet18 at 64 px (46.8 MB of weights, 1.9 MB an item) 0.960, 0.922, 0.934 and in a second run
+# 0.952, 0.839, 1.128; vit_b_16 at 112 px (346 MB, 20.2 MB) 0.855, 0.974, 0.930; on resnet50 at 224 px (102 MB,
+# 87 MB an item: the rule keeps 16) one pass of 32 was 1.04-1.23 times the budget's 4 x 8).
+CPU_GRADIENT_CHUNK_WEIGHTY = 32
 
 
-def planned_chunk(total: int, cap: int, device: torch.device, inference: bool) -> int:
+def weight_bytes(model: nn.Module) -> int:
+    """The bytes of ``model``'s parameters (each counted once): what every pass reads. The same in every process for
+    the same model (unlike a timing), so a chunk size chosen from it keeps a seeded call's bits."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def gradient_chunk_cap(per_item: Optional[int], weights: int) -> int:
+    """The most items a CPU gradient pass takes: :data:`CPU_GRADIENT_CHUNK_WEIGHTY` where the model's parameters
+    (``weights`` bytes, :func:`weight_bytes`) weigh at least :data:`CPU_GRADIENT_CHUNK` items of ``per_item`` bytes
+    (the memory probe's), else :data:`CPU_GRADIENT_CHUNK`. Both numbers are the same in every process, so the
+    choice is too (a timing probe's would not be: ``chunks="throughput"`` is that, opt-in)."""
+    if per_item is not None and weights >= CPU_GRADIENT_CHUNK * per_item:
+        return CPU_GRADIENT_CHUNK_WEIGHTY
+    return CPU_GRADIENT_CHUNK
+
+
+def planned_chunk(total: int, cap: int, device: torch.device, inference: bool, limit: int = CPU_GRADIENT_CHUNK) -> int:
     """The size of every chunk of ``total`` items (the last may be shorter) where the memory budget allows ``cap``:
     on a CUDA device ``cap`` (bigger passes are faster there), and for gradient-free passes (``inference``: their
-    CPU budget, :data:`CPU_INFERENCE_BUDGET`, is the measured one). A CPU's gradient passes: at most
-    :data:`CPU_GRADIENT_CHUNK` items, and the items split evenly over as few chunks as that size needs (16 items
-    under a cap of 12: 8 + 8, not 12 + 4), rounded up to a multiple of 8 where that needs no more chunks and leaves
-    the last at least half a chunk (60 under 16: 16, 16, 16, 12, not 15 x 4: oneDNN's 15-item pass is slower than
-    its 16-item one)."""
+    CPU budget, :data:`CPU_INFERENCE_BUDGET`, is the measured one). A CPU's gradient passes: at most ``limit`` items
+    (:data:`CPU_GRADIENT_CHUNK`, or :func:`gradient_chunk_cap`'s for the model), and the items split evenly over as
+    few chunks as that size needs (16 items under a cap of 12: 8 + 8, not 12 + 4), rounded up to a multiple of 8
+    where that needs no more chunks and leaves the last at least half a chunk (60 under 16: 16, 16, 16, 12, not
+    15 x 4: oneDNN's 15-item pass is slower than its 16-item one)."""
     if device.type != "cpu" or inference:
         return cap
-    cap = min(cap, CPU_GRADIENT_CHUNK)
+    cap = min(cap, limit)
     n = -(-total // cap)
     if n == 1:
         return total
