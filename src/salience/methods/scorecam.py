@@ -619,9 +619,8 @@ def ablationcam(
         # no compiled nor folded passes: a hook replaces the layer's output in each (_WHY_ABLATION_PASSES_SKIP)
         run = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False),
                         tag=f"ablationcam:{probs}:{strip_softmax}:{value}")
-        with run.casts_kept():  # its parts (batch images each) share one bf16 cast of each weight
-            clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already,
-                                 batch=batch)  # (B, K), as the clean output's parts
+        with run.casts_kept():  # (B, K) in the clean output's parts, which share one bf16 cast of each weight
+            clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, batch=batch)
         _check_nonzero(clean, resolved, probs)
 
         def score(inputs: Tensor, owner: Tensor) -> Tensor:
@@ -636,8 +635,7 @@ def ablationcam(
         # has the patches only: a channel at value on them and not on the class token changes the score)
         axis = 1 if layout.kind == "channels_first" else native.dim() - 1
         alive = (native != value).movedim(axis, 1).flatten(2).any(2)  # (B, D)
-        # image by image (item j = channel j // B of image j % B): a chunk's items of one image share the layers
-        # before the layer (_Ablated: once per run of an image's items, on its one row)
+        # image by image: a chunk's items of one image share the layers before the layer (_Ablated: on its one row)
         at = alive.flatten().nonzero().flatten()
         live = (at % alive.shape[1]) * b + at // alive.shape[1]
 
