@@ -88,7 +88,10 @@ class CastCache:
             return hit[2]
         with torch.inference_mode(False), torch.no_grad():
             source = p.detach()
-            fmt = torch.channels_last if self.channels_last and p.dim() == 4 else torch.preserve_format
+            # the strides a cast of the weight set_layout made channels-last had (a 1x1 kernel's already was: as it
+            # is; its channels-last strides instead changed oneDNN's rounding of occlusion's bf16 maps, session 46)
+            cl = self.channels_last and p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last)
+            fmt = torch.channels_last if cl else torch.preserve_format
             copy = source.to(self.dtype, memory_format=fmt)
         self.copies[id(p)] = (weakref.ref(p, functools.partial(_drop, self.copies, id(p))), key, copy, source)
         self.made += 1
