@@ -164,7 +164,12 @@ class InPlaceAfter(nn.Module):
 @pytest.mark.parametrize("batch", [None, 2])
 def test_capture_of_an_output_changed_in_place_is_the_layers(batch):
     model, x = InPlaceAfter().eval(), _x(4, 12)
+    seen: list = []
+    h = model.conv.register_forward_pre_hook(lambda m, a: seen.append(int(a[0].shape[0])))
     acts, out = _capture(model, x, model.conv, True, batch)
+    h.remove()
+    # the first part's pass again with the copy, the next parts with it at once
+    assert seen == ([4, 4] if batch is None else [2, 2, 2]), seen
     with torch.no_grad():
         ref = model.conv(x)
         y = model(x)

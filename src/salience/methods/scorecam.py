@@ -111,6 +111,7 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
     acts: list[Tensor] = []
     outs: list[Tensor] = []
     i = part = 0
+    copied = False  # a part's pass changed the layer's output in place: the next parts copy it at once
     while part < len(sizes):
         n = sizes[part]
         xb = x[i:i + n]
@@ -124,7 +125,7 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
                 seen[:] = [final_softmax(model)]
             return o
 
-        store, out = _captured(mod, scored)
+        store, out, copied = _captured(mod, scored, copied)
         if not store or not isinstance(store[0], Tensor):
             raise layer_not_captured(model, mod, store)
         a = store[0]
@@ -143,15 +144,16 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
     return (acts[0], outs[0]) if len(acts) == 1 else (torch.cat(acts), torch.cat(outs))
 
 
-def _captured(mod: nn.Module, run: Callable[[], Any]) -> tuple[list, Any]:
+def _captured(mod: nn.Module, run: Callable[[], Any], copy: bool = False) -> tuple[list, Any, bool]:
     """:func:`~salience._core.autograd.captured_pass` without its copy of the layer's output where none is needed:
     the output kept as the layer returned it, with its version counter; where the rest of the pass changed it in
     place (the counter moved: a resnet block's ``out += identity`` after ``bn3``) the pass runs again under
     ``captured_pass``, which copies the values when the layer returns. The copy, alive through the rest of the
     clean pass, was Ablation-CAM's peak (6.1 MiB over a plain loop's at resnet50's ``layer1.0.conv1``, 8 images at
-    224 px, session 45). Under ``torch.inference_mode`` (no version counter) ``captured_pass`` at once."""
-    if torch.is_inference_mode_enabled():
-        return captured_pass(mod, run)
+    224 px, session 45). Under ``torch.inference_mode`` (no version counter), or with ``copy`` (an earlier part's
+    pass changed it), ``captured_pass`` at once. Returns ``(store, run's result, whether it copied)``."""
+    if copy or torch.is_inference_mode_enabled():
+        return (*captured_pass(mod, run), True)
     store: list[Any] = []
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -167,8 +169,8 @@ def _captured(mod: nn.Module, run: Callable[[], Any]) -> tuple[list, Any]:
         handle.remove()
     if store and isinstance(store[0], Tensor) and (store[1] is None or store[0]._version != store[1]):
         del store, result
-        return captured_pass(mod, run)  # changed in place after the layer (or no counter to tell): with the copy
-    return store[:1], result
+        return (*captured_pass(mod, run), True)  # changed in place after the layer (or no counter): with the copy
+    return store[:1], result, False
 
 
 def _grid(method: str, model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor, grid: Any,
