@@ -7,9 +7,11 @@ and other caches, oneDNN's primitives, glibc's heap growth) show as the differen
     CHUNKS=16 PYTHONPATH=src taskset -c 0 python benchmarks/perturbation_rss_s45.py scorecam salience "dict()"
     CHUNKS=16 PYTHONPATH=src taskset -c 0 python benchmarks/perturbation_rss_s45.py scorecam loop "dict()"
 
-argv: method (scorecam: layer1.0.conv1; rise: 16 masks), ``salience`` or ``loop``, salience.performance options
-(the loop runs under the same bf16 autocast where they ask bf16, contiguous). CHUNKS: the calls stop after this many
-chunks (salience) / passes (the loop). resnet50, 8 images at 224 px, one thread. One JSON line.
+argv: method (scorecam, ablationcam (session 46; its loop: a hook setting channel k to 0): layer1.0.conv1; rise: 16
+masks), ``salience`` or ``loop``, salience.performance options (``dict(allocator="reuse")`` too; the loop runs
+under the same bf16 autocast where they ask bf16, contiguous). CHUNKS: the calls stop after this many chunks
+(salience) / passes (the loop); CALLS (default 2; session 46: 1, a fresh process's one call) the calls.
+resnet50, 8 images at 224 px, one thread. One JSON line.
 """
 import ctypes
 import json
@@ -85,7 +87,8 @@ layer = model.get_submodule("layer1.0.conv1")
 def call() -> None:
     count[0] = 0
     if impl == "salience":
-        opts = {"scorecam": dict(layer="layer1.0.conv1"), "rise": dict(masks=CHUNKS)}[method]
+        opts = {"scorecam": dict(layer="layer1.0.conv1"), "ablationcam": dict(layer="layer1.0.conv1"),
+                "rise": dict(masks=CHUNKS)}[method]
         try:
             with salience.performance(**perf):
                 getattr(salience, method)(model, x, target, **opts)
@@ -106,6 +109,15 @@ def call() -> None:
             h.remove()
             acts = store[0]
             for k in range(CHUNKS):
+                if method == "ablationcam":  # session 46: a hook setting channel k to 0, 8 images a pass
+                    def zero(mod, i, o, k=k):
+                        o = o.clone()
+                        o[:, k] = 0
+                        return o
+                    h = layer.register_forward_hook(zero)
+                    model(x).softmax(1)[rows, target]
+                    h.remove()
+                    continue
                 lo, hi = acts[:, k:k + 1].amin((2, 3), keepdim=True), acts[:, k:k + 1].amax((2, 3), keepdim=True)
                 m = torch.nn.functional.interpolate(acts[:, k:k + 1], size=(224, 224), mode="bilinear")
                 m = (m - lo) / (hi - lo).clamp(min=1e-30)
@@ -116,7 +128,7 @@ before = status()
 mods = set(sys.modules)
 result = {"method": method, "impl": impl, "perf": sys.argv[3] if len(sys.argv) > 3 else "", "chunks": CHUNKS,
           "rss_before_mib": round(before["VmRSS"] / 1024, 1), "threads_before": before["Threads"]}
-for i in (1, 2):
+for i in range(1, int(os.environ.get("CALLS", 2)) + 1):  # session 46: CALLS=1, a fresh process's one call
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     start = status()["VmRSS"]

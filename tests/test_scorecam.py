@@ -114,8 +114,8 @@ def test_scorecam_scores_an_empty_mask_once_per_call():
     model.images[0] = 0
     ours = salience.scorecam(model, x, torch.tensor([[0, 1]] * 3), layer="act", softmax="channels")
     # the capture pass (3 images), the memory probe's pass of its own (3: one item per image, thrown away, in a
-    # model's first call only: session 45), one per live (image, channel), the zero image once (3)
-    assert live <= 12 and model.images[0] == 3 + 3 + live + 3
+    # model's first call only: session 45), one per live (image, channel), one zero image for all (session 46: 3)
+    assert live <= 12 and model.images[0] == 3 + 3 + live + 1
     for k in range(2):  # several targets == one at a time (the dead channels weigh in the softmax)
         torch.testing.assert_close(ours[:, k], salience.scorecam(model, x, k, layer="act", softmax="channels"))
 
@@ -134,8 +134,9 @@ def test_scorecam_runs_every_full_chunk_at_one_batch_size():
     for chunk, before in ((4, 2), (None, 3)):
         model.sizes.clear()
         ours = salience.scorecam(model, x, 1, layer="act", softmax="none", chunk=chunk)
-        passes = model.sizes[before:]  # after the layer's capture (3 images), the zero image (3) and the probe (3)
-        assert model.sizes[:before] == [3] * before and sum(passes) == live, model.sizes
+        # after the layer's capture (3 images), the zero image (one for all: session 46) and the probe (3)
+        passes = model.sizes[before:]
+        assert model.sizes[:before] == [3, 1, 3][:before] and sum(passes) == live, model.sizes
         assert len(set(passes[:-1])) <= 1 and passes[0] >= passes[-1] and (chunk is None or passes[0] == chunk)
     assert chunk is None and passes == [live]  # the budget fits them in one pass
     with torch.no_grad():  # the weights: the score of each masked image (zeros for a dead channel)

@@ -111,12 +111,14 @@ class CastCache:
     entries held them). ``source``: ``p``'s values the copy was made of, so that their storage's address is not reused
     while the entry lives (a tensor swapped in for a pass, ``p.data = w * mask``, then the original put back, freed the
     swapped one's storage, and the next pass's swapped tensor, made at that address, was served the stale copy).
-    ``made`` counts the copies made (for tests and reports)."""
+    ``made`` counts the copies made (for tests and reports). ``channels_last``: 4-D copies are made channels-last (the
+    run's channels-last chunks, whose model parameters served here stay contiguous: ``Run.set_layout``)."""
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
         self.dtype = dtype
         self.copies: dict[int, tuple[weakref.ref, tuple, Tensor, Tensor]] = {}
         self.made = 0
+        self.channels_last = False
 
     def clear(self) -> None:
         self.copies.clear()
@@ -129,7 +131,11 @@ class CastCache:
             return hit[2]
         with torch.inference_mode(False), torch.no_grad():
             source = p.detach()
-            copy = source.to(self.dtype)
+            # the strides a cast of the weight set_layout made channels-last had (a 1x1 kernel's already was: as it
+            # is; its channels-last strides instead changed oneDNN's rounding of occlusion's bf16 maps, session 46)
+            cl = self.channels_last and p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last)
+            fmt = torch.channels_last if cl else torch.preserve_format
+            copy = source.to(self.dtype, memory_format=fmt)
         self.copies[id(p)] = (weakref.ref(p, functools.partial(_drop, self.copies, id(p))), key, copy, source)
         self.made += 1
         return copy
@@ -140,6 +146,11 @@ def _drop(copies: dict, key: int, ref: weakref.ref) -> None:
     hit = copies.get(key)
     if hit is not None and hit[0] is ref:
         copies.pop(key, None)
+
+
+def served(p: Any) -> bool:
+    """Whether :class:`WeightCasts` hands a cached copy for ``p`` (where a function it serves takes ``p``)."""
+    return _eligible(p)
 
 
 def _eligible(a: Any) -> bool:

@@ -91,7 +91,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core.calm import calmly
-from salience._core.casts import CastCache, WeightCasts
+from salience._core.casts import CastCache, WeightCasts, served
 from salience._core.cpu import native_bf16, warn_bf16_without_native
 from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _compile_failed, _compiled,
                                      _compiled_model, _freezing_on, _Frozen, _frozen_gradient, _frozen_model,
@@ -594,14 +594,23 @@ class Run:
         per dataset run: :func:`salience._core.layouts.open_copies`). The folded copy's, salience's own, are
         converted in place outside a dataset run (and back at the end): keeping its contiguous weights beside
         them held a third copy of the weights (94 MB on resnet50). With ``plain_passes``, once the folded copy runs
-        the passes the model's own stay as they are (their channels-last copies were one more)."""
+        the passes the model's own stay as they are (their channels-last copies were one more). Inside
+        :meth:`casts_kept` the model's parameters that the call's bf16 casts serve stay as they are too: the casts are
+        made channels-last (Ablation-CAM's hooked passes under bf16: float32 channels-last copies of resnet50's 3x3
+        convolution weights, 40.5 MiB, were held beside the user's contiguous ones and the casts, session 46)."""
         if channels_last == self.channels_last:
             return
+        if self._casts is not None:
+            self._casts.clear()  # its copies have the old layout
+            self._casts.channels_last = channels_last
         if channels_last:
             own = tuple(self.model.parameters())
             folded = tuple(self._folded.parameters()) if self._folded is not None else ()
             made, in_place = copies_made(), not keeping(self.model)
+            cast = self._casts is not None and not self._islands()  # bf16-mixed's fp32 convolutions read them
             for p in (*(() if self._folded_runs() else own), *folded):
+                if cast and served(p) and not any(p is q for q in folded):
+                    continue  # its cast is made channels-last (CastCache.channels_last)
                 if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
                     data = p.data
                     if in_place and any(p is q for q in folded):
@@ -616,8 +625,6 @@ class Run:
         else:
             self._restore()
         self.channels_last = channels_last
-        if self._casts is not None:  # its copies have the old layout (a changed data pointer makes them again anyway)
-            self._casts.clear()
 
     @contextmanager
     def casts_kept(self) -> Iterator[None]:

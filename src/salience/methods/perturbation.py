@@ -367,7 +367,8 @@ def occlusion(
     items = _Occluded(x, base, corners, win)
     b = x.shape[0]
     with model_guard(model):
-        batch = clean_batch(x, perf, chunk)  # as Score-CAM's / RISE's (all B at once in float32: the bf16 call's peak)
+        # as Score-CAM's / RISE's (all B at once in float32: the bf16 call's peak), within max_memory
+        batch = clean_batch(x, perf, chunk, budget, model, strip_softmax)
         out = forward_scores(model, x, strip_softmax=strip_softmax, batch_size=batch)
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
@@ -576,17 +577,30 @@ def _held_elsewhere(buffer: Tensor) -> bool:
     return count(buffer.untyped_storage()._cdata) > 2
 
 
-def clean_batch(x: Tensor, perf: _perf.Performance, chunk: Optional[int] = None) -> int:
+def clean_batch(x: Tensor, perf: _perf.Performance, chunk: Optional[int] = None, budget: Optional[int] = None,
+                model: Optional[nn.Module] = None, strip_softmax: bool = True) -> int:
     """The images per float32 clean pass of a many-pass call on ``x`` ``(B, ...)``: all ``B``, but half of them (at
     least one) where the passes run under a 16-bit autocast (``precision``), and at most ``chunk`` (the caller's
     items per pass: a clean image costs what an item of the passes costs, in float32 more). The engine's chunks are
     sized for the passes' 16-bit activations, about ``B`` items a chunk on resnet50 at 224 px: the clean pass, in
     float32 (the map's scale, the targets, the layer's output), held twice a chunk's activations at once, the call's
     peak (92 MiB of tensors against 46-60 MiB a chunk on 8 images, session 44). Images are independent in an
-    eval-mode pass: the same values up to the rounding of a kernel's choice per batch size."""
+    eval-mode pass: the same values up to the rounding of a kernel's choice per batch size.
+
+    ``budget``: the call's ``max_memory`` in bytes (``None``: not given), which bounds the clean passes as it bounds
+    the engine's chunks (80 % of it, :func:`~salience._core.engine.chunk_size`): the bytes of one image's float32
+    pass of ``model`` measured by a pass of the first image under :class:`~salience._core.engine.MemoryProbe` (one
+    pass more; before session 46 ``max_memory`` left the clean passes at all ``B`` images)."""
     b = int(x.shape[0])
     n = b if perf.precision == "fp32" else max(1, -(-b // 2))  # the others are 16-bit autocasts (perf.PRECISIONS)
-    return n if chunk is None else max(1, min(n, int(chunk)))
+    if chunk is not None:
+        n = max(1, min(n, int(chunk)))
+    if budget is not None and model is not None and n > 1:
+        probe = _engine.MemoryProbe()
+        with probe:
+            forward_scores(model, x[:1], strip_softmax=strip_softmax)
+        n = max(1, min(n, int(0.8 * budget) // max(1, probe.peak)))
+    return n
 
 
 def softmax_known(run: _perf.Run, known: Optional[bool]) -> _perf.Run:
@@ -656,27 +670,55 @@ def rise(
     b = x.shape[0]
     size = (int(x.shape[-2]), int(x.shape[-1]))
     with model_guard(model):
-        out = forward_scores(model, x, strip_softmax=strip_softmax, batch_size=clean_batch(x, perf, chunk))
+        out = forward_scores(model, x, strip_softmax=strip_softmax,
+                             batch_size=clean_batch(x, perf, chunk, budget, model, strip_softmax))
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
 
         inputs = _Reused(x, model)
+        total = torch.zeros((b, len(resolved)) + size, dtype=_rise_sum_dtype(x), device=x.device)
 
         def compute(start: int, stop: int) -> Tensor:
             first, last = start // b, (stop - 1) // b
             m = rise_masks(first, last + 1, size, cell=cell, p=p, seed=seed, device=x.device, dtype=x.dtype)
-            idx = torch.arange(start, stop, device=x.device)
-            owner, mi = idx % b, idx // b - first
-            mm = m[mi].unsqueeze(1)  # (n, 1, H, W)
-            s = score_items(model, inputs.rows(owner).mul_(mm), [t.for_items(owner) for t in resolved], probs,
-                            strip_softmax, already=already)
-            return s[:, :, None, None] * mm  # (n, K, H, W)
+            owner = torch.arange(start, stop, device=x.device) % b
+            runs = _mask_runs(start, stop, b)
+            xs = inputs.rows(owner)
+            for r, lo, hi, _ in runs:  # each mask on its items' rows (a view each: no (n, H, W) gather of the masks)
+                xs[lo:hi].mul_(m[r - first])
+            s = score_items(model, xs, [t.for_items(owner) for t in resolved], probs, strip_softmax, already=already)
+            if not _engine.discarded():  # the engine's thrown-away memory probe adds nothing
+                for r, lo, hi, image in runs:  # mask by mask, in mask order: the same sums whatever the chunking
+                    total[image:image + hi - lo].addcmul_(s[lo:hi, :, None, None], m[r - first])
+            return s  # (n, K): the engine's sums of them are unused (small)
 
-        sums = _engine.accumulate(compute, n_masks * b, b, chunk=chunk, max_memory=budget, progress=progress,
-                                  desc="rise", device=x.device, inference=True,
-                                  run=softmax_known(_perf.Run(model, x, perf, tag=f"rise:{probs}:{strip_softmax}",
-                                                              plain_passes=True, strip_softmax=strip_softmax),
-                                                final_softmax(model)))
-    maps = (sums.total / (n_masks * p)).to(x.dtype)
+        _engine.accumulate(compute, n_masks * b, b, chunk=chunk, max_memory=budget, progress=progress,
+                           desc="rise", device=x.device, inference=True,
+                           run=softmax_known(_perf.Run(model, x, perf, tag=f"rise:{probs}:{strip_softmax}",
+                                                       plain_passes=True, strip_softmax=strip_softmax),
+                                             final_softmax(model)))
+    maps = total.div_(n_masks * p).to(x.dtype)
     return maps if multi else maps[:, 0]
+
+
+def _rise_sum_dtype(x: Tensor) -> torch.dtype:
+    """RISE's running sums' dtype: ``x``'s, at least float32. Summed mask by mask in mask order (float32 for float32
+    images, as a plain loop's map), not the engine's float64 sums (twice the bytes, held through every pass: the
+    call's live tensors then were 1.5 MiB over the loop's for 8 images at 224 px, session 46). The rounding of 8,000
+    masks summed in float32 is about 1e-6 of the map (benchmarks/perturbation-resnet50-8images-s46-mem.md), far below
+    the Monte Carlo spread of the estimate itself (about 1/sqrt(masks): 1e-2)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _mask_runs(start: int, stop: int, b: int) -> list[tuple[int, int, int, int]]:
+    """The items ``start..stop-1`` (item ``j``: mask ``j // b`` on image ``j % b``) as runs of one mask:
+    ``(mask, lo, hi, first image)``, ``lo:hi`` the run's positions in the chunk (its images consecutive)."""
+    runs = []
+    j = start
+    while j < stop:
+        r = j // b
+        end = min(stop, (r + 1) * b)
+        runs.append((r, j - start, end - start, j % b))
+        j = end
+    return runs

@@ -47,7 +47,7 @@ from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import (captured_pass, check_input, final_softmax, forward_scores, layer_not_captured,
-                                    this_thread)
+                                    layer_value, this_thread)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
@@ -56,7 +56,8 @@ from salience.methods._multi import several_targets, warn_unapplied
 from salience.methods._tokens import Layout, one_model
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
 from salience.methods.perturbation import (SOFTMAX, _Reused, check_perturbation_targets, check_softmax, clean_batch,
-                                           clean_scores, judge, score_items, softmax_known, use_probabilities)
+                                           clean_scores, judge, score_items, scores_of, softmax_known,
+                                           use_probabilities)
 from salience.targets import Classes, Target, resolve, split
 
 __all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
@@ -110,6 +111,7 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
     acts: list[Tensor] = []
     outs: list[Tensor] = []
     i = part = 0
+    copied = False  # a part's pass changed the layer's output in place: the next parts copy it at once
     while part < len(sizes):
         n = sizes[part]
         xb = x[i:i + n]
@@ -123,7 +125,7 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
                 seen[:] = [final_softmax(model)]
             return o
 
-        store, out = captured_pass(mod, scored)
+        store, out, copied = _captured(mod, scored, copied)
         if not store or not isinstance(store[0], Tensor):
             raise layer_not_captured(model, mod, store)
         a = store[0]
@@ -140,6 +142,35 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
         del acts, outs
         return _capture(model, x, mod, strip_softmax, seen=seen)
     return (acts[0], outs[0]) if len(acts) == 1 else (torch.cat(acts), torch.cat(outs))
+
+
+def _captured(mod: nn.Module, run: Callable[[], Any], copy: bool = False) -> tuple[list, Any, bool]:
+    """:func:`~salience._core.autograd.captured_pass` without its copy of the layer's output where none is needed:
+    the output kept as the layer returned it, with its version counter; where the rest of the pass changed it in
+    place (the counter moved: a resnet block's ``out += identity`` after ``bn3``) the pass runs again under
+    ``captured_pass``, which copies the values when the layer returns. The copy, alive through the rest of the
+    clean pass, was Ablation-CAM's peak (6.1 MiB over a plain loop's at resnet50's ``layer1.0.conv1``, 8 images at
+    224 px, session 45). Under ``torch.inference_mode`` (no version counter), or with ``copy`` (an earlier part's
+    pass changed it), ``captured_pass`` at once. Returns ``(store, run's result, whether it copied)``."""
+    if copy or torch.is_inference_mode_enabled():
+        return (*captured_pass(mod, run), True)
+    store: list[Any] = []
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        if not store:  # the first call of a reused module only
+            value = layer_value(output)
+            store.append(value)
+            store.append(value._version if isinstance(value, Tensor) and not value.is_inference() else None)
+
+    handle = mod.register_forward_hook(this_thread(hook))
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    if store and isinstance(store[0], Tensor) and (store[1] is None or store[0]._version != store[1]):
+        del store, result
+        return (*captured_pass(mod, run), True)  # changed in place after the layer (or no counter): with the copy
+    return store[:1], result, False
 
 
 def _grid(method: str, model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor, grid: Any,
@@ -190,7 +221,7 @@ class _ChannelMasks:
 
     def __init__(self, x: Tensor, acts: Tensor, align_corners: bool, model: Optional[nn.Module] = None) -> None:
         self.x, self.acts, self.align_corners = x, acts, align_corners
-        self._buffer: Optional[Tensor] = None  # the chunks' upsampled channels, reused by every chunk
+        self._buffer: Optional[Tensor] = None  # one item's upsampled channel, reused by every item
         self._inputs = _Reused(x, model)  # the chunks' masked images, in one buffer (in the chunk's layout)
 
     def _upsampled(self, items: Tensor, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -260,21 +291,27 @@ class _ChannelMasks:
 
     def masked(self, items: Tensor) -> tuple[Tensor, Tensor]:
         """``(images (n, C, H, W), owner (n,))``: the live items' images times their masks, in a buffer that the next
-        call overwrites (:class:`~salience.methods.perturbation._Reused`, as :meth:`__call__`'s masks: a fresh one a
-        chunk grew glibc's heap by about its size a chunk, 300 MB over the 64 chunks of resnet50's ``layer1.0.conv1``
-        on 8 images at 224 px, session 42)."""
-        mask, owner = self(items)
-        return self._inputs.rows(owner).mul_(mask), owner
+        call overwrites (:class:`~salience.methods.perturbation._Reused`: a fresh one a chunk grew glibc's heap by about
+        its size a chunk, 300 MB over the 64 chunks of resnet50's ``layer1.0.conv1`` on 8 images at 224 px, session
+        42). Item by item: each mask (:meth:`mask`, one ``(1, 1, H, W)`` buffer) times its image, written into the
+        item's row of the buffer; the chunk's masks ``(n, 1, H, W)`` held in a buffer of their own through the pass were
+        1.5 MiB of the call's live tensors over a plain loop's for 8 images at 224 px (session 46)."""
+        owner = items % self.x.shape[0]
+        out = self._inputs.rows(owner)
+        for i in range(len(items)):  # no read of the items on the host (no device synchronization)
+            out[i:i + 1].mul_(self.mask(items[i:i + 1]))
+        return out, owner
 
-    def __call__(self, items: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mask (n, 1, H, W), owner (n,))`` of live items (the same values :meth:`live` tested). The
-        mask is a view of a buffer that the next call overwrites: a fresh ``(n, 1, H, W)`` per chunk
-        was one more block of freed memory that the allocator kept (docs/methods-perturbation.md)."""
-        n = len(items)
-        if self._buffer is None or self._buffer.shape[0] < n:
-            self._buffer = None  # the smaller one (the probe's) goes first
-            self._buffer = torch.empty((n, 1) + tuple(self.x.shape[-2:]), dtype=self.x.dtype, device=self.x.device)
-        up, lo, span, owner = self._upsampled(items, self._buffer[:n])
+    def mask(self, item: Tensor) -> Tensor:
+        """The mask ``(1, 1, H, W)`` of one live item ``item`` ``(1,)``, in a buffer that the next call overwrites."""
+        if self._buffer is None:
+            self._buffer = torch.empty((1, 1) + tuple(self.x.shape[-2:]), dtype=self.x.dtype, device=self.x.device)
+        return self(item, self._buffer)[0]
+
+    def __call__(self, items: Tensor, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """``(mask (n, 1, H, W), owner (n,))`` of live items (the same values :meth:`live` tested), into ``out`` where
+        given."""
+        up, lo, span, owner = self._upsampled(items, out)
         return up.sub_(lo).div_(span.clamp(min=torch.finfo(up.dtype).tiny)), owner
 
 
@@ -324,7 +361,8 @@ def scorecam(
     b = x.shape[0]
     with model_guard(model):
         seen: list = [None]  # what the capture's pass showed of a final softmax, for the run
-        acts, out = _capture(model, x, mod, strip_softmax, clean_batch(x, perf, chunk), seen)
+        acts, out = _capture(model, x, mod, strip_softmax, clean_batch(x, perf, chunk, budget, model, strip_softmax),
+                             seen)
         _, acts = _grid("Score-CAM", model, mod, acts, x, grid, prefix_tokens)
         _check_channel_passes("Score-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
@@ -350,8 +388,9 @@ def scorecam(
         with _derived.run_scope():  # the blank images' scores are checked with the passes' (NaN: a refusal naming them)
             if len(live) < total:  # each image's scores of an all-zero mask (B, K), computed once, as the passes run
                 blank = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False))  # its autocast only
-                with torch.inference_mode(), blank.autocast():
-                    empty = score_items(model, torch.zeros_like(x), resolved, probs, strip_softmax, already=already)
+                with torch.inference_mode(), blank.autocast():  # one blank image: every image's is the same
+                    out0 = forward_scores(model, torch.zeros_like(x[:1]), strip_softmax=strip_softmax)
+                    empty = scores_of(out0.expand((b,) + tuple(out0.shape[1:])), resolved, probs, already=already)
                 scores[:] = empty[torch.arange(total, device=x.device) % b]
             if len(live):  # one pass per distinct mask of an image; the items of the same mask share its score
                 # the run (its folded copy) made after the blank images' pass, which ran the model itself under the
@@ -572,7 +611,8 @@ def ablationcam(
     warn_unapplied("ablationcam", model, ("compile", "fold_batchnorm"), perf, why=_WHY_ABLATION_PASSES_SKIP)
     b = x.shape[0]
     with model_guard(model):
-        native, out = _capture(model, x, mod, strip_softmax, clean_batch(x, perf, chunk))
+        batch = clean_batch(x, perf, chunk, budget, model, strip_softmax)  # images a clean pass, within max_memory
+        native, out = _capture(model, x, mod, strip_softmax, batch)
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
         _check_channel_passes("Ablation-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
@@ -581,7 +621,8 @@ def ablationcam(
         # no compiled nor folded passes: a hook replaces the layer's output in each (_WHY_ABLATION_PASSES_SKIP)
         run = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False),
                         tag=f"ablationcam:{probs}:{strip_softmax}:{value}")
-        clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already)  # (B, K)
+        with run.casts_kept():  # (B, K) in the clean output's parts, which share one bf16 cast of each weight
+            clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, batch=batch)
         _check_nonzero(clean, resolved, probs)
 
         def score(inputs: Tensor, owner: Tensor) -> Tensor:
@@ -596,8 +637,7 @@ def ablationcam(
         # has the patches only: a channel at value on them and not on the class token changes the score)
         axis = 1 if layout.kind == "channels_first" else native.dim() - 1
         alive = (native != value).movedim(axis, 1).flatten(2).any(2)  # (B, D)
-        # image by image (item j = channel j // B of image j % B): a chunk's items of one image share the layers
-        # before the layer (_Ablated: once per run of an image's items, on its one row)
+        # image by image: a chunk's items of one image share the layers before the layer (_Ablated: on its one row)
         at = alive.flatten().nonzero().flatten()
         live = (at % alive.shape[1]) * b + at // alive.shape[1]
 
