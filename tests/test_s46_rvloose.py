@@ -49,3 +49,68 @@ def test_an_einsum_that_only_views_a_weight_keeps_its_fp32_bits(equation):
         ref = _ig(model, x)
     assert torch.equal(first, ref)
     assert torch.equal(again, ref), float((again - ref).abs().max())
+
+
+# 2. The folded copy (and occlusion's kept trace, keyed the same way: folding.kept_for) was kept for the weights'
+# state and the modules' plain numbers, flags and strings, not for a tensor that is no parameter or buffer
+# (``self.shift = torch.tensor(...)``, a trace's constant: the copy holds its own copy of it), a function the
+# forward calls (``self.act = torch.tanh``) or a list (swin's ``shift_size``): one replaced or changed in place, the
+# folded copy ran the old one (RISE's map off by 10 % of its range), and occlusion's kept trace failed its check and
+# ran full passes for good. The references: the same call unfolded; occlusion's log of its region-limited passes.
+class Shifted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn.running_mean.uniform_(-0.5, 0.5)
+        self.shift, self.act, self.roll = torch.tensor(0.0), torch.relu, [0, 0]
+        self.head = nn.Linear(8 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.c2(self.act(self.bn(self.c1(x))) + self.shift))
+        y = torch.roll(nn.functional.adaptive_avg_pool2d(y, 2), self.roll, (2, 3))
+        return self.head(y.flatten(1))
+
+
+CHANGES = {
+    "tensor replaced": lambda m: setattr(m, "shift", torch.tensor(0.5)),
+    "tensor in place": lambda m: m.shift.add_(0.5),
+    "function replaced": lambda m: setattr(m, "act", torch.tanh),
+    "list in place": lambda m: m.roll.__setitem__(0, 1),  # swin's shift_size: a list the forward reads
+}
+
+
+def _rise(model: nn.Module, x: torch.Tensor, fold: bool) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with salience.performance(fold_batchnorm=fold):
+            return salience.rise(model, x, 1, masks=16, seed=0)
+
+
+@pytest.mark.usefixtures("fresh_perf_state")
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_the_folded_copy_follows_a_constant_tensor_or_function_of_the_forward(change):
+    model, x = Shifted().eval(), torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    before = _rise(model, x, True)  # the folded copy made, kept for the model
+    torch.testing.assert_close(before, _rise(model, x, False), rtol=0, atol=1e-5)
+    CHANGES[change](model)
+    after, ref = _rise(model, x, True), _rise(model, x, False)
+    assert (ref - before).abs().max() > 1e-3  # the change changes the map
+    torch.testing.assert_close(after, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.usefixtures("fresh_perf_state")
+@pytest.mark.parametrize("change", ["tensor replaced", "function replaced"])
+def test_occlusion_traces_again_after_a_constant_tensor_or_function_changed(change, caplog):
+    model, x = Shifted().eval(), torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(3))
+
+    def occlusion() -> list[str]:
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="salience.occlusion"):
+            salience.occlusion(model, x, 2, window=6, stride=4, reduce=None)
+        return [r.getMessage() for r in caplog.records if r.name == "salience.occlusion"]
+
+    assert any("region-limited passes" in m for m in occlusion()), caplog.text
+    CHANGES[change](model)
+    said = occlusion()
+    assert any("region-limited passes" in m for m in said), said  # was: full passes, the kept trace's check failing
