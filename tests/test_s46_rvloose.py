@@ -114,3 +114,86 @@ def test_occlusion_traces_again_after_a_constant_tensor_or_function_changed(chan
     CHANGES[change](model)
     said = occlusion()
     assert any("region-limited passes" in m for m in said), said  # was: full passes, the kept trace's check failing
+
+
+# 3. A dataset run whose workers start from the forkserver, its process killed (SIGKILL, an out-of-memory kill): the
+# workers are the server's children, so torch's watchdog (the worker's parent changed) never fired, and the server,
+# which ends when its last client does, waited for them (each child of the server holds its "alive" pipe): the server
+# and the workers stayed for good (also before session 46). Each such worker now ends with the run's process.
+SLOW = """
+import time, torch
+from torch.utils.data import Dataset
+
+
+class Slow(Dataset):
+    def __len__(self):
+        return 400
+
+    def __getitem__(self, i):
+        time.sleep(0.3)  # a slow decoding
+        return torch.rand(3, 32, 32)
+"""
+KILLED = """
+import os, signal, sys, threading, time, warnings
+warnings.simplefilter("ignore")
+from multiprocessing import forkserver
+import salience
+import salience.runs.dataset as d
+from slow import Slow
+
+if __name__ == "__main__":
+    d._SERVER_ASKED = 1  # a second large-heap run of the process: it starts the server
+    assert d._forkserver_ready()
+    d.loader_context = lambda device, workers, dataset=None: "forkserver"
+
+    def kill():
+        time.sleep(6)  # the workers decode
+        server = forkserver._forkserver._forkserver_pid
+        print(server, *os.popen(f"pgrep -P {server}").read().split(), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=kill, daemon=True).start()
+    salience.explain_dataset(salience.load_model("demo:shapes"), Slow(), ["vanilla"], sys.argv[1], batch_size=4,
+                             workers=2)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "pidfd_open") or __import__("sys").platform != "linux",
+                    reason="Linux's forkserver and /proc")
+def test_a_killed_runs_forkserver_workers_end_with_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    (tmp_path / "slow.py").write_text(SLOW)
+    (tmp_path / "killed.py").write_text(KILLED)
+    src = str(Path(salience.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    # the output to files: a pipe would be held open by the workers that outlive the script
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        code = subprocess.run([sys.executable, str(tmp_path / "killed.py"), str(tmp_path / "out")], stdout=out,
+                              stderr=err, timeout=120, env=env, cwd=tmp_path, start_new_session=True).returncode
+    said = (tmp_path / "stdout").read_text()
+    server, *workers = [int(p) for p in said.split()] or [0]
+    try:
+        assert code == -signal.SIGKILL, (tmp_path / "stderr").read_text()
+        assert len(workers) == 2, said
+        end = time.monotonic() + 15
+        while any(_running(p) for p in (server, *workers)) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert [p for p in (server, *workers) if _running(p)] == []  # was: all three, for good
+    finally:
+        for p in (*workers, server):  # this test's own processes, by their ids
+            if p and _running(p):
+                os.kill(p, signal.SIGKILL)
