@@ -147,9 +147,14 @@ if __name__ == "__main__":
     d.loader_context = lambda device, workers, dataset=None: "forkserver"
 
     def kill():
-        time.sleep(6)  # the workers decode
-        server = forkserver._forkserver._forkserver_pid
-        print(server, *os.popen(f"pgrep -P {server}").read().split(), flush=True)
+        server, end = forkserver._forkserver._forkserver_pid, time.monotonic() + 90
+        while time.monotonic() < end:  # until both workers decode (the server's imports first: seconds)
+            workers = os.popen(f"pgrep -P {server}").read().split()
+            if len(workers) == 2:
+                break
+            time.sleep(0.5)
+        time.sleep(1)
+        print(server, *workers, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=kill, daemon=True).start()
