@@ -34,7 +34,7 @@ autocast casts: a view of a weight, so autocast's cache never held it), or as ``
 dtype when nothing is contracted or a label is summed out of one operand alone. A bf16 copy handed to the latter
 would round the weight where autocast does not (other bits), so a weight is served only where einsum, run once for
 that equation and those shapes and strides (:data:`_EINSUM_SEEN`), took nothing of it but views and autocast's cast
-to bf16: seen by a dispatch mode (:class:`_WeightUse`) on the pass that first meets the signature, which runs as
+to bf16, and cast it (an einsum that only views it, ``"ij->ji"``, returns its fp32 values): seen by a dispatch mode (:class:`_WeightUse`) on the pass that first meets the signature, which runs as
 before (autocast casting).
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ _ATTENTION_WEIGHTS = frozenset({5, 6, 11, 12, "in_proj_weight", "in_proj_bias", 
 
 
 _EINSUM = torch.functional.einsum
-#: einsum signature (equation, each operand's shape, strides, dtype and eligibility, opt_einsum's setting) -> the
+#: einsum signature (equation, the copies' dtype, each operand's shape, strides, dtype and eligibility, opt_einsum's setting) -> the
 #: positions of the eligible operands that einsum took only as views cast to bf16 (a process-wide memo; its size capped)
 _EINSUM_SEEN: dict[tuple, frozenset] = {}
 _EINSUM_LOCK = threading.Lock()
@@ -85,21 +85,21 @@ class _WeightUse(TorchDispatchMode):
 
     def __init__(self, storages: dict[int, int], dtype: torch.dtype) -> None:
         super().__init__()
-        self.storages, self.dtype, self.other = storages, dtype, set()
+        self.storages, self.dtype, self.other, self.cast = storages, dtype, set(), set()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         cast = func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == self.dtype
-        if not cast and not func.is_view:
+        if not func.is_view:
             for a in torch.utils._pytree.tree_leaves((args, kwargs)):
                 if isinstance(a, Tensor) and a.untyped_storage().data_ptr() in self.storages:
-                    self.other.add(a.untyped_storage().data_ptr())
+                    (self.cast if cast else self.other).add(a.untyped_storage().data_ptr())
         return func(*args, **kwargs)
 
 
-def _einsum_key(equation: str, operands: Sequence[Any]) -> tuple:
+def _einsum_key(equation: str, operands: Sequence[Any], dtype: torch.dtype) -> tuple:
     from torch.backends import opt_einsum
-    return (equation, opt_einsum.enabled, opt_einsum.strategy if len(operands) > 2 else None,
+    return (equation, dtype, opt_einsum.enabled, opt_einsum.strategy if len(operands) > 2 else None,
             tuple((tuple(o.shape), o.stride(), o.dtype, _eligible(o)) if isinstance(o, Tensor) else type(o)
                   for o in operands))
 
@@ -203,13 +203,15 @@ class WeightCasts(TorchFunctionMode):
         eligible = [i for i, o in enumerate(operands) if _eligible(o)]
         if not eligible:
             return func(*args)
-        key = _einsum_key(equation, operands)
+        key = _einsum_key(equation, operands, self.cache.dtype)
         served = _EINSUM_SEEN.get(key)
         if served is None:  # first met: run it as autocast does, watching what einsum does with each weight
             storages = {operands[i].untyped_storage().data_ptr(): i for i in eligible}
             with _WeightUse(storages, self.cache.dtype) as use:
                 out = func(*args)
-            served = frozenset(i for p, i in storages.items() if p not in use.other)
+            # only views and a cast, and a cast seen: an einsum that only views a weight (``"ij->ji"``, ``"i->i"``)
+            # returns a view of its fp32 values, which a bf16 copy would have rounded (session 46's review)
+            served = frozenset(i for p, i in storages.items() if p in use.cast and p not in use.other)
             with _EINSUM_LOCK:
                 if len(_EINSUM_SEEN) >= _EINSUM_CAP:
                     _EINSUM_SEEN.clear()

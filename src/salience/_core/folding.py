@@ -6,7 +6,9 @@ and caching it is a job of its own; it imports :mod:`~salience._core.fingerprint
 """
 from __future__ import annotations
 
+import functools
 import threading
+import types
 import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Optional
@@ -244,23 +246,41 @@ def _fuse(traced: Any, dtype: Optional[torch.dtype]) -> nn.Module:
 
 
 _PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype})
+# the functions a module may hold as a plain attribute and its forward call (a trace records the one it met)
+_CALLED = frozenset({types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial})
+_HELD = frozenset({OrderedDict, dict, set})  # a module's own dicts (parameters, buffers, hooks) and sets: skipped fast
 
 
 def settings(model: nn.Module) -> tuple:
-    """The plain attributes of ``model``'s modules (booleans, numbers, strings, dtypes and tuples of them: a flag
-    ``self.probs`` the forward reads, a temperature), which a ``torch.fx`` trace bakes in (the branch taken, the
-    constant) and :func:`~salience._core.fingerprint.structure` does not see: what a trace is kept for besides the
-    structure and the weights (session 46: a folded copy traced with a softmax flag off ran the logits after the flag
-    was turned on, with ``strip_softmax=False``). Not ``training``: a copy is traced in eval mode whatever the model's
-    mode (salience's passes run it so; the guard puts it back). About 1 ms on resnet50 (151 modules; AMD EPYC, session 46)."""
+    """The plain attributes of ``model``'s modules (booleans, numbers, strings, dtypes and tuples or lists of them: a
+    flag ``self.probs`` the forward reads, a temperature, swin's ``shift_size`` list), which a ``torch.fx`` trace bakes
+    in (the branch taken, the constant) and :func:`~salience._core.fingerprint.structure` does not see: what a trace
+    is kept for besides the structure and the weights (session 46: a folded copy traced with a softmax flag off ran
+    the logits after the flag was turned on, with ``strip_softmax=False``). A tensor that is no parameter or buffer
+    (``self.shift = torch.tensor(0.5)``: a trace's constant, which the folded copy holds a copy of) counts by its
+    identity and version, a function (``self.act = torch.tanh``: a trace's call) by its identity (session 46's
+    review: either replaced, the copy ran the old one). Not ``training``: a copy is traced in eval mode whatever the
+    model's mode (salience's passes run it so; the guard puts it back). About 1 ms on resnet50 (151 modules; AMD
+    EPYC, session 46)."""
     out: list = []
-    add, plain = out.append, _PLAIN
+    add, plain, called, held = out.append, _PLAIN, _CALLED, _HELD
     for m in model.modules():
         for k, v in m.__dict__.items():
             t = type(v)
-            if k != "training" and (t in plain or (t is tuple and plain.issuperset(map(type, v)))):
+            if t in held or k == "training":
+                continue
+            if t in plain or (t is tuple and plain.issuperset(map(type, v))):
                 add(k)
                 add(v)
+            elif t is list and plain.issuperset(map(type, v)):
+                add(k)
+                add((list, *v))
+            elif t in called:
+                add(k)
+                add((t, id(v)))
+            elif issubclass(t, torch.Tensor):
+                add(k)
+                add((torch.Tensor, id(v), v._version if not v.is_inference() else v.data_ptr()))
         add(None)  # the module's end
     return tuple(out)
 

@@ -849,8 +849,8 @@ def _loader(run: Job, plan_batches: list[tuple[int, list[int]]]) -> DataLoader:
         context = loader_context(model_device(run.model), run.workers, dataset if user is None else (dataset, user))
     forks = _forks(context)
     # salience's own start bound now (sent pickled to a forkserver's worker, which imports sources afresh)
-    init = functools.partial(_worker_start, forks, user, sources.worker_init, None if forks else dict(os.environ)) \
-        if run.workers else None
+    init = functools.partial(_worker_start, forks, user, sources.worker_init, None if forks else dict(os.environ),
+                             parent=None if forks else os.getpid()) if run.workers else None
     return DataLoader(dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
                       collate_fn=sources.collate, worker_init_fn=init, persistent_workers=False,
                       multiprocessing_context=context)
@@ -867,20 +867,56 @@ def _forks(context: Any) -> bool:
 
 
 def _worker_start(forked: bool, user: Optional[Callable[[int], None]], own: Optional[Callable[[int], None]] = None,
-                  env: Optional[dict[str, str]] = None, worker_id: int = 0) -> None:
+                  env: Optional[dict[str, str]] = None, worker_id: int = 0, parent: Optional[int] = None) -> None:
     """A decoding worker's start: a ``forked`` one first gives back the heap's free pages it shares with the run's
     process (:func:`salience._core.malloc.release_shared_heap`, under ``allocator="reuse"``); one started afresh (a
     forkserver's, spawn's) takes ``env``, the run's environment when its DataLoader was made (a forkserver has the
-    one it started with); then salience's own start (``own``: :func:`sources.worker_init` as it was then), then
-    ``user``, the ``worker_init_fn`` of the DataLoader the run was given."""
+    one it started with) and watches the run's process ``parent`` (:func:`_end_with`); then salience's own start
+    (``own``: :func:`sources.worker_init` as it was then), then ``user``, the ``worker_init_fn`` of the DataLoader the
+    run was given."""
     if forked:
         release_shared_heap()
+    if parent is not None:
+        _end_with(parent)
     if env is not None and env != os.environ:
         os.environ.clear()
         os.environ.update(env)
     (own or sources.worker_init)(worker_id)
     if user is not None:
         user(worker_id)
+
+
+def _end_with(pid: int) -> None:
+    """End this worker (``os._exit``) when the run's process ``pid`` ends, whatever way. A forkserver's worker is the
+    server's child, not the run's: torch's watchdog (the worker's parent changed) never fires, and the server, which
+    ends when its last client does, waits for the workers (each holds its "alive" pipe, as every child of the server
+    does): a run's process killed (``SIGKILL``, an out-of-memory kill) left the server and its workers for good
+    (session 46's review, so before the Ctrl-C change too; the Ctrl-C ignored by those workers since then leaves the
+    run's process alone to stop them). A thread waits on a pidfd (Linux 5.3; else polls the pid each second)."""
+    import select
+
+    try:
+        fd: Optional[int] = os.pidfd_open(pid)  # type: ignore[attr-defined]
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])  # readable when the process has ended
+        else:
+            while True:
+                time.sleep(1.0)
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                except OSError:
+                    pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="salience-run-parent", daemon=True).start()
 
 
 class _Writer:
