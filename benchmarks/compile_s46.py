@@ -33,10 +33,9 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compile_s45 import _layouts, cpu_name  # noqa: E402  (records each call's chunks: engine.accumulate wrapped)
+from compile_s45 import _layouts, cpu_name, models, workload  # noqa: E402  (_layouts: each call's chunks)
 from engine_speed import bare  # noqa: E402  (the bare eager passes, default layout)
 
 import salience  # noqa: E402
@@ -87,12 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "compile-s46"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).eval()
-    frozen = torchvision.models.resnet50(weights=None).eval()
-    frozen.load_state_dict(model.state_dict())
-    for p in frozen.parameters():
-        p.requires_grad_(False)
+    model, frozen = models()
     command = " ".join(["python benchmarks/compile_s46.py", *(sys.argv[1:] if argv is None else argv)])
     for method in args.methods:
         for b in args.images:
@@ -103,17 +97,7 @@ def main(argv=None) -> int:
 def cell(model, frozen, method: str, b: int, args, command: str) -> None:
     """One method at ``b`` images: the compiles (core 0), then the rounds under the lock (core 1)."""
     on_core(args.compile_core)
-    x = torch.rand(b, 3, args.size, args.size, generator=torch.Generator().manual_seed(b))
-    with torch.no_grad():
-        target = model(x).argmax(1)
-    n = 16 if method == "smoothgrad" else 32
-    items, tgt = x.repeat(n, 1, 1, 1), target.repeat(n)
-    if method == "smoothgrad":
-        def call():
-            return salience.smoothgrad(model, x, target, samples=16, reduce=None, seed=0)
-    else:
-        def call():
-            return salience.integrated_gradients(model, x, target, steps=32, reduce=None)
+    n, items, tgt, call = workload(model, method, b, args.size)
 
     def under(options):
         def run():
