@@ -83,12 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "compile-s45"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).eval()
-    frozen = torchvision.models.resnet50(weights=None).eval()
-    frozen.load_state_dict(model.state_dict())
-    for p in frozen.parameters():
-        p.requires_grad_(False)
+    model, frozen = models()
     command = " ".join(["python benchmarks/compile_s45.py", *(sys.argv[1:] if argv is None else argv)])
     for method in args.methods:
         for b in args.images:
@@ -96,19 +91,37 @@ def main(argv=None) -> int:
     return 0
 
 
-def cell(model, frozen, method: str, b: int, args, command: str) -> None:
-    """One method at ``b`` images: first calls, then the interleaved rounds; OUT-METHOD-B.json / .md."""
-    x = torch.rand(b, 3, args.size, args.size, generator=torch.Generator().manual_seed(b))
+def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """resnet50 (random weights, seeded, eval) and a copy with the same weights frozen (the bare passes')."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval()
+    frozen = torchvision.models.resnet50(weights=None).eval()
+    frozen.load_state_dict(model.state_dict())
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return model, frozen
+
+
+def workload(model, method: str, b: int, size: int):
+    """One cell's work: ``(n, items, targets, call)``: ``b`` seeded images of ``size`` px and their predicted
+    classes repeated ``n`` times (16 SmoothGrad samples / 32 IG steps: the bare passes' items), and the salience
+    call (SmoothGrad 16 / IG 32, ``reduce=None``)."""
+    x = torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(b))
     with torch.no_grad():
         target = model(x).argmax(1)
     n = 16 if method == "smoothgrad" else 32
-    items, tgt = x.repeat(n, 1, 1, 1), target.repeat(n)
     if method == "smoothgrad":
         def call():
             return salience.smoothgrad(model, x, target, samples=16, reduce=None, seed=0)
     else:
         def call():
             return salience.integrated_gradients(model, x, target, steps=32, reduce=None)
+    return n, x.repeat(n, 1, 1, 1), target.repeat(n), call
+
+
+def cell(model, frozen, method: str, b: int, args, command: str) -> None:
+    """One method at ``b`` images: first calls, then the interleaved rounds; OUT-METHOD-B.json / .md."""
+    n, items, tgt, call = workload(model, method, b, args.size)
     modes = {f"bare {k}": (lambda k=k: bare(frozen, items, tgt, k)) for k in dict.fromkeys((b, *args.bare))}
 
     def under(options):
