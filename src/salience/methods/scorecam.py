@@ -151,9 +151,13 @@ def _captured(mod: nn.Module, run: Callable[[], Any], copy: bool = False) -> tup
     ``captured_pass``, which copies the values when the layer returns. The copy, alive through the rest of the
     clean pass, was Ablation-CAM's peak (6.1 MiB over a plain loop's at resnet50's ``layer1.0.conv1``, 8 images at
     224 px, session 45). Under ``torch.inference_mode`` (no version counter), or with ``copy`` (an earlier part's
-    pass changed it), ``captured_pass`` at once. Returns ``(store, run's result, whether it copied)``."""
+    pass changed it), ``captured_pass`` at once. The rerun starts from the random generators' states the first pass
+    found (a model that draws noise in its forward gets one pass's values, as a plain loop's capture; the review of
+    session 46: the rerun drew new ones); what else a pass changes (the user's hooks and counters, an input the model
+    changes in place) sees two passes. Returns ``(store, run's result, whether it copied)``."""
     if copy or torch.is_inference_mode_enabled():
         return (*captured_pass(mod, run), True)
+    rng = _rng_states()  # the rerun draws what this pass drew: the values and random numbers of one pass
     store: list[Any] = []
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -169,8 +173,22 @@ def _captured(mod: nn.Module, run: Callable[[], Any], copy: bool = False) -> tup
         handle.remove()
     if store and isinstance(store[0], Tensor) and (store[1] is None or store[0]._version != store[1]):
         del store, result
+        _set_rng_states(rng)  # a model with noise in its forward: the rerun's draws are the first pass's (session 46)
         return (*captured_pass(mod, run), True)  # changed in place after the layer (or no counter): with the copy
     return store[:1], result, False
+
+
+def _rng_states() -> tuple[Tensor, Optional[list[Tensor]]]:
+    """The CPU generator's state and, where CUDA is initialized, every CUDA device's (for :func:`_set_rng_states`)."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+
+def _set_rng_states(states: tuple[Tensor, Optional[list[Tensor]]]) -> None:
+    """Put back the generators' states :func:`_rng_states` read: a pass run again draws the same random numbers."""
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _grid(method: str, model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor, grid: Any,
