@@ -54,3 +54,38 @@ def test_clean_batch_memory_probe_leaves_the_generators_as_they_were():
     before = torch.get_rng_state()
     assert clean_batch(x, _perf.Performance(), None, 10 ** 9, model, True) == 2  # a budget that fits both images
     assert torch.equal(torch.get_rng_state(), before)  # the merge: the probe's pass drew from them
+
+
+def test_scorecam_blank_channels_take_a_target_that_changes_its_output_in_place():
+    """The blank channels' scores (one zero image for all, session 46) were read off an expanded view of its output,
+    where a target's in-place operation raised torch's RuntimeError: each image's row is its own again. Against the
+    paper's formula, one row per channel (zeros for a constant channel's mask), softmax over the channels."""
+    import torch.nn.functional as F
+
+    import salience
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 5)).eval()
+    with torch.no_grad():
+        model[0].weight[0] = 0
+        model[0].bias[0] = -1  # channel 0 is 0 after the ReLU on every image: a blank mask
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def target(out: torch.Tensor) -> torch.Tensor:
+        out.mul_(2).add_(1)  # changes the rows it is given
+        return out[:, 1]
+
+    ours = salience.scorecam(model, x, target, layer=model[1], softmax="channels")
+    with torch.no_grad():
+        acts = model[1](model[0](x))
+        ref = []
+        for b in range(2):
+            up = F.interpolate(acts[b].unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            lo, hi = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+            masks = torch.where(hi > lo, (up - lo) / (hi - lo), torch.zeros_like(up))
+            assert not bool((hi > lo)[0]) and bool((hi > lo)[1:].all())  # channel 0 blank, the rest live
+            s = model(x[b:b + 1] * masks)[:, 1] * 2 + 1
+            ref.append(torch.einsum("k,khw->hw", s.softmax(0), F.interpolate(
+                acts[b:b + 1], size=x.shape[-2:], mode="bilinear", align_corners=False)[0]).clamp(min=0))
+    torch.testing.assert_close(ours, torch.stack(ref), rtol=1e-5, atol=1e-6)

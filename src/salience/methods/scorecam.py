@@ -408,7 +408,9 @@ def scorecam(
                 blank = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False))  # its autocast only
                 with torch.inference_mode(), blank.autocast():  # one blank image: every image's is the same
                     out0 = forward_scores(model, torch.zeros_like(x[:1]), strip_softmax=strip_softmax)
-                    empty = scores_of(out0.expand((b,) + tuple(out0.shape[1:])), resolved, probs, already=already)
+                    # each image's own rows (a target may change its output in place: an expanded view refused it)
+                    rows = out0.expand((b,) + tuple(out0.shape[1:])).contiguous()
+                    empty = scores_of(rows, resolved, probs, already=already)
                 scores[:] = empty[torch.arange(total, device=x.device) % b]
             if len(live):  # one pass per distinct mask of an image; the items of the same mask share its score
                 # the run (its folded copy) made after the blank images' pass, which ran the model itself under the
