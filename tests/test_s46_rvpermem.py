@@ -89,3 +89,39 @@ def test_scorecam_blank_channels_take_a_target_that_changes_its_output_in_place(
             ref.append(torch.einsum("k,khw->hw", s.softmax(0), F.interpolate(
                 acts[b:b + 1], size=x.shape[-2:], mode="bilinear", align_corners=False)[0]).clamp(min=0))
     torch.testing.assert_close(ours, torch.stack(ref), rtol=1e-5, atol=1e-6)
+
+
+class _ShiftsItsInput(nn.Module):
+    """Changes its input in place in its forward (``x -= 0.5``), an in-place ReLU after ``conv``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.sub_(0.5)
+        return self.head(self.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_capture_refuses_to_run_again_on_an_input_the_model_changed_in_place():
+    """The capture's rerun (its layer's output changed in place after it) ran on the input the first pass had changed:
+    the layer's values of ``x - 1``, not ``x - 0.5`` (a plain loop's), and the user's ``x`` shifted twice."""
+    import pytest
+
+    from salience import SalienceError
+
+    torch.manual_seed(0)
+    model, x = _ShiftsItsInput().eval(), torch.rand(2, 3, 8, 8)
+    mine = x.clone()
+    with pytest.raises(SalienceError, match="changed its input in place"):
+        _capture(model, mine, model.conv, True)
+    assert torch.equal(mine, x - 0.5)  # one pass's change, as a plain loop's
+    # the layer's own output, not changed after it: no rerun, the values of one pass
+    torch.manual_seed(0)
+    model, x = _ShiftsItsInput().eval(), torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model.relu(model.conv(x - 0.5))
+    acts, _ = _capture(model, x.clone(), model.relu, True)
+    assert torch.equal(acts, ref)

@@ -125,7 +125,7 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
                 seen[:] = [final_softmax(model)]
             return o
 
-        store, out, copied = _captured(mod, scored, copied)
+        store, out, copied = _captured(mod, scored, copied, xb)
         if not store or not isinstance(store[0], Tensor):
             raise layer_not_captured(model, mod, store)
         a = store[0]
@@ -144,7 +144,8 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
     return (acts[0], outs[0]) if len(acts) == 1 else (torch.cat(acts), torch.cat(outs))
 
 
-def _captured(mod: nn.Module, run: Callable[[], Any], copy: bool = False) -> tuple[list, Any, bool]:
+def _captured(mod: nn.Module, run: Callable[[], Any], copy: bool = False,
+              inputs: Optional[Tensor] = None) -> tuple[list, Any, bool]:
     """:func:`~salience._core.autograd.captured_pass` without its copy of the layer's output where none is needed:
     the output kept as the layer returned it, with its version counter; where the rest of the pass changed it in
     place (the counter moved: a resnet block's ``out += identity`` after ``bn3``) the pass runs again under
@@ -154,10 +155,13 @@ def _captured(mod: nn.Module, run: Callable[[], Any], copy: bool = False) -> tup
     pass changed it), ``captured_pass`` at once. The rerun starts from the random generators' states the first pass
     found (a model that draws noise in its forward gets one pass's values, as a plain loop's capture; the review of
     session 46: the rerun drew new ones); what else a pass changes (the user's hooks and counters, an input the model
-    changes in place) sees two passes. Returns ``(store, run's result, whether it copied)``."""
+    changes in place) sees two passes. ``inputs``: the pass's input; a model that changed it in place (``x -= mean``
+    in its forward) would run again on other values, a :class:`SalienceError` (the review of session 46: the maps of
+    an input changed twice). Returns ``(store, run's result, whether it copied)``."""
     if copy or torch.is_inference_mode_enabled():
         return (*captured_pass(mod, run), True)
     rng = _rng_states()  # the rerun draws what this pass drew: the values and random numbers of one pass
+    version = inputs._version if inputs is not None and not inputs.is_inference() else None
     store: list[Any] = []
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -173,6 +177,13 @@ def _captured(mod: nn.Module, run: Callable[[], Any], copy: bool = False) -> tup
         handle.remove()
     if store and isinstance(store[0], Tensor) and (store[1] is None or store[0]._version != store[1]):
         del store, result
+        if version is not None and inputs is not None and inputs._version != version:
+            raise SalienceError(
+                f"the model changed its input in place in its forward (x -= ..., an in-place first layer) and the "
+                f"layer {type(mod).__name__}'s output was changed in place after the layer: its values as the layer "
+                "returned them need the pass again, on an input that is no longer the same. Pass a model that leaves "
+                "its input as it is (clone it first in its forward), or choose a layer whose output nothing changes in "
+                "place after it (the in-place activation after it, or the block it is in)")
         _set_rng_states(rng)  # a model with noise in its forward: the rerun's draws are the first pass's (session 46)
         return (*captured_pass(mod, run), True)  # changed in place after the layer (or no counter): with the copy
     return store[:1], result, False
