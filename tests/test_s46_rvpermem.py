@@ -91,14 +91,8 @@ def test_scorecam_blank_channels_take_a_target_that_changes_its_output_in_place(
     torch.testing.assert_close(ours, torch.stack(ref), rtol=1e-5, atol=1e-6)
 
 
-class _ShiftsItsInput(nn.Module):
-    """Changes its input in place in its forward (``x -= 0.5``), an in-place ReLU after ``conv``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.relu = nn.ReLU(inplace=True)
-        self.head = nn.Linear(4, 5)
+class _ShiftsItsInput(_Noisy):
+    """Changes its input in place in its forward (``x -= 0.5``, no noise), an in-place ReLU after ``conv``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x.sub_(0.5)
