@@ -590,14 +590,17 @@ def clean_batch(x: Tensor, perf: _perf.Performance, chunk: Optional[int] = None,
     ``budget``: the call's ``max_memory`` in bytes (``None``: not given), which bounds the clean passes as it bounds
     the engine's chunks (80 % of it, :func:`~salience._core.engine.chunk_size`): the bytes of one image's float32
     pass of ``model`` measured by a pass of the first image under :class:`~salience._core.engine.MemoryProbe` (one
-    pass more; before session 46 ``max_memory`` left the clean passes at all ``B`` images)."""
+    pass more in every call with ``max_memory`` and more than one image a pass, which the model's hooks see; the random
+    generators are left as it found them; before session 46 ``max_memory`` left the clean passes at all ``B`` images)."""
     b = int(x.shape[0])
     n = b if perf.precision == "fp32" else max(1, -(-b // 2))  # the others are 16-bit autocasts (perf.PRECISIONS)
     if chunk is not None:
         n = max(1, min(n, int(chunk)))
     if budget is not None and model is not None and n > 1:
         probe = _engine.MemoryProbe()
-        with probe:
+        # the generators as they were after it (a model with noise in its forward: the call's random numbers the same
+        # with max_memory as without, as the engine's own probe pass keeps them; the review of session 46)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), probe:
             forward_scores(model, x[:1], strip_softmax=strip_softmax)
         n = max(1, min(n, int(0.8 * budget) // max(1, probe.peak)))
     return n

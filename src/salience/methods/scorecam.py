@@ -125,7 +125,7 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
                 seen[:] = [final_softmax(model)]
             return o
 
-        store, out, copied = _captured(mod, scored, copied)
+        store, out, copied = _captured(mod, scored, copied, xb)
         if not store or not isinstance(store[0], Tensor):
             raise layer_not_captured(model, mod, store)
         a = store[0]
@@ -144,16 +144,24 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
     return (acts[0], outs[0]) if len(acts) == 1 else (torch.cat(acts), torch.cat(outs))
 
 
-def _captured(mod: nn.Module, run: Callable[[], Any], copy: bool = False) -> tuple[list, Any, bool]:
+def _captured(mod: nn.Module, run: Callable[[], Any], copy: bool = False,
+              inputs: Optional[Tensor] = None) -> tuple[list, Any, bool]:
     """:func:`~salience._core.autograd.captured_pass` without its copy of the layer's output where none is needed:
     the output kept as the layer returned it, with its version counter; where the rest of the pass changed it in
     place (the counter moved: a resnet block's ``out += identity`` after ``bn3``) the pass runs again under
     ``captured_pass``, which copies the values when the layer returns. The copy, alive through the rest of the
     clean pass, was Ablation-CAM's peak (6.1 MiB over a plain loop's at resnet50's ``layer1.0.conv1``, 8 images at
     224 px, session 45). Under ``torch.inference_mode`` (no version counter), or with ``copy`` (an earlier part's
-    pass changed it), ``captured_pass`` at once. Returns ``(store, run's result, whether it copied)``."""
+    pass changed it), ``captured_pass`` at once. The rerun starts from the random generators' states the first pass
+    found (a model that draws noise in its forward gets one pass's values, as a plain loop's capture; the review of
+    session 46: the rerun drew new ones); what else a pass changes (the user's hooks and counters, an input the model
+    changes in place) sees two passes. ``inputs``: the pass's input; a model that changed it in place (``x -= mean``
+    in its forward) would run again on other values, a :class:`SalienceError` (the review of session 46: the maps of
+    an input changed twice). Returns ``(store, run's result, whether it copied)``."""
     if copy or torch.is_inference_mode_enabled():
         return (*captured_pass(mod, run), True)
+    rng = _rng_states()  # the rerun draws what this pass drew: the values and random numbers of one pass
+    version = inputs._version if inputs is not None and not inputs.is_inference() else None
     store: list[Any] = []
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -169,8 +177,29 @@ def _captured(mod: nn.Module, run: Callable[[], Any], copy: bool = False) -> tup
         handle.remove()
     if store and isinstance(store[0], Tensor) and (store[1] is None or store[0]._version != store[1]):
         del store, result
+        if version is not None and inputs is not None and inputs._version != version:
+            raise SalienceError(
+                f"the model changed its input in place in its forward (x -= ..., an in-place first layer) and the "
+                f"layer {type(mod).__name__}'s output was changed in place after the layer: its values as the layer "
+                "returned them need the pass again, on an input that is no longer the same. Pass a model that leaves "
+                "its input as it is (clone it first in its forward), or choose a layer whose output nothing changes in "
+                "place after it (the in-place activation after it, or the block it is in)")
+        _set_rng_states(rng)  # a model with noise in its forward: the rerun's draws are the first pass's (session 46)
         return (*captured_pass(mod, run), True)  # changed in place after the layer (or no counter): with the copy
     return store[:1], result, False
+
+
+def _rng_states() -> tuple[Tensor, Optional[list[Tensor]]]:
+    """The CPU generator's state and, where CUDA is initialized, every CUDA device's (for :func:`_set_rng_states`)."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+
+def _set_rng_states(states: tuple[Tensor, Optional[list[Tensor]]]) -> None:
+    """Put back the generators' states :func:`_rng_states` read: a pass run again draws the same random numbers."""
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _grid(method: str, model: nn.Module, mod: nn.Module, acts: Tensor, x: Tensor, grid: Any,
@@ -390,7 +419,9 @@ def scorecam(
                 blank = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False))  # its autocast only
                 with torch.inference_mode(), blank.autocast():  # one blank image: every image's is the same
                     out0 = forward_scores(model, torch.zeros_like(x[:1]), strip_softmax=strip_softmax)
-                    empty = scores_of(out0.expand((b,) + tuple(out0.shape[1:])), resolved, probs, already=already)
+                    # each image's own rows (a target may change its output in place: an expanded view refused it)
+                    rows = out0.expand((b,) + tuple(out0.shape[1:])).contiguous()
+                    empty = scores_of(rows, resolved, probs, already=already)
                 scores[:] = empty[torch.arange(total, device=x.device) % b]
             if len(live):  # one pass per distinct mask of an image; the items of the same mask share its score
                 # the run (its folded copy) made after the blank images' pass, which ran the model itself under the
