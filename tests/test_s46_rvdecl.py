@@ -1,0 +1,54 @@
+"""Review of session 46's chunk rule (wt-declines-s46: ``engine.gradient_chunk_cap`` / ``engine.weight_bytes``).
+
+The rule picks a CPU gradient pass's size from the memory probe's bytes per item and the model's parameter bytes:
+numbers that must be the same in every process, so that a seeded call gives the same bits in two fresh processes
+(not only cold and warm in one).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from salience._core import engine as _engine
+
+_SCRIPT = textwrap.dedent("""
+    import hashlib, json, torch, torchvision, salience
+    from salience._core import engine as E
+    seen = []
+    real = E.accumulate
+    def kept(*a, **k):
+        seen.append(real(*a, **k)); return seen[-1]
+    E.accumulate = kept
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    maps = [salience.integrated_gradients(model, x, 7, steps=32, reduce=None) for _ in range(2)]
+    print(json.dumps({"chunks": [s.chunks for s in seen],
+                      "bits": [hashlib.sha256(m.numpy().tobytes()).hexdigest() for m in maps]}))
+""")
+
+
+def _fresh() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_two_fresh_processes_plan_the_same_chunks_and_give_the_same_bits():
+    """resnet18 at 64 px, integrated gradients' 32 steps of one image, cold then warm, in two fresh processes: one chunk
+    of 32 (the rule's) in all four calls, and the same bits in all four."""
+    a, b = _fresh(), _fresh()
+    assert a["chunks"] == b["chunks"] == [[32], [32]], (a, b)
+    assert len(set(a["bits"] + b["bits"])) == 1, (a, b)
+
+
+def test_a_model_without_parameters_keeps_16():
+    """No parameters: 0 bytes, never 16 items' worth (the probe's bytes per item are at least 1): 16, no division."""
+    assert _engine.weight_bytes(torch.nn.ReLU()) == 0
+    assert _engine.gradient_chunk_cap(1, 0) == _engine.CPU_GRADIENT_CHUNK
