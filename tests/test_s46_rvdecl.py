@@ -52,3 +52,32 @@ def test_a_model_without_parameters_keeps_16():
     """No parameters: 0 bytes, never 16 items' worth (the probe's bytes per item are at least 1): 16, no division."""
     assert _engine.weight_bytes(torch.nn.ReLU()) == 0
     assert _engine.gradient_chunk_cap(1, 0) == _engine.CPU_GRADIENT_CHUNK
+
+
+# ---- benchmarks/engine_speed.py --bare-items (wt-sgig-s46): a scaled peer must time what its name says
+
+
+def test_a_reduced_precision_peer_is_scaled_from_the_items_it_ran(monkeypatch):
+    """--modes bf16 adds the peer "bare B bf16"; with --bare-items K every peer's time is multiplied by items / K, so
+    that peer must run the first K items too (old code: it ran all 32 items and its time was still multiplied by 4)."""
+    import test_s46_sgig as _sgig
+
+    job, calls = _sgig._run_job(monkeypatch, "integrated_gradients", 4, modes=["contiguous", "bf16"],
+                                bare=[4, 8], bare_items=8)
+    t = job["times_s"]
+    assert "bare 4 bf16" in t
+    # every bare call ran 8 items (what the 4x scaling assumes), so every scaled peer reads 4 s
+    assert {n for n, _ in calls} == {8}, calls
+    assert t["bare 4 bf16"] == t["bare 4"] == [4.0, 4.0]
+
+
+def test_a_peer_larger_than_k_times_passes_of_its_own_size(monkeypatch):
+    """--bare 16 32 --bare-items 8 on 32 items: "bare 32" must time one pass of 32 items (scaled by 1), "bare 16" two
+    of 16 (scaled by 2); old code ran both on the first 8 items, one pass of 8 each, and labelled it 16 and 32."""
+    import test_s46_sgig as _sgig
+
+    job, calls = _sgig._run_job(monkeypatch, "integrated_gradients", 4, bare=[16, 32], bare_items=8)
+    t = job["times_s"]
+    ran = {p: n for n, p in calls}
+    assert ran[32] == 32 and ran[16] == 16 and ran[4] == 8, calls
+    assert t["bare 32"] == [1.0, 1.0] and t["bare 16"] == [2.0, 2.0] and t["bare 4"] == [4.0, 4.0]
