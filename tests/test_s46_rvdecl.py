@@ -81,3 +81,20 @@ def test_a_peer_larger_than_k_times_passes_of_its_own_size(monkeypatch):
     ran = {p: n for n, p in calls}
     assert ran[32] == 32 and ran[16] == 16 and ran[4] == 8, calls
     assert t["bare 32"] == [1.0, 1.0] and t["bare 16"] == [2.0, 2.0] and t["bare 4"] == [4.0, 4.0]
+
+
+def test_a_sparse_parameter_counts_the_bytes_it_holds():
+    """A sparse parameter's bytes are its values' and indices' (what a pass reads), not its dense shape's: a COO
+    identity of 2,000 x 2,000 holds 2,000 float32 values and 2 x 2,000 int64 indices, 40,000 bytes (old code: 4 x 4 M,
+    16 MB); a CSR one 2,000 values, 2,001 row pointers and 2,000 column indices, 40,008 bytes."""
+    eye = torch.eye(2000)
+    coo = torch.nn.Module()
+    coo.w = torch.nn.Parameter(eye.to_sparse())
+    assert _engine.weight_bytes(coo) == 2000 * 4 + 2 * 2000 * 8
+    csr = torch.nn.Module()
+    csr.w = torch.nn.Parameter(eye.to_sparse_csr())
+    assert _engine.weight_bytes(csr) == 2000 * 4 + 2001 * 8 + 2000 * 8
+    # beside a dense layer: both counted
+    both = torch.nn.Sequential(torch.nn.Linear(10, 10))
+    both.w = torch.nn.Parameter(eye.to_sparse())
+    assert _engine.weight_bytes(both) == 4 * 110 + 40_000
