@@ -53,7 +53,8 @@ round over that round's best bare pass and the medians of CPU seconds and minor 
 
 ``--bare 1 4 8 16 32`` sets the sizes of the bare peers (default 8; B always; a size larger than the call's items is
 left out); the best bare pass is the fastest of them. ``--bare-items K`` (session 46) times each bare peer on the
-call's first K items only and multiplies its times (wall and CPU) by items / K: a bare pass costs the same per item
+call's first K items only (rounded up to whole passes of its size: a peer of 32 on K = 8 runs 32 items) and multiplies
+its times (wall and CPU) by items / the items it ran (``bare_scale`` in the .json): a bare pass costs the same per item
 whichever items it runs, and the peers of a 512-item call would otherwise take six calls' time a round.
 
     python benchmarks/engine_speed.py --threads 1 --images 4 --methods smoothgrad --modes contiguous --bare 1 4 8 16 32 --bare-items 32
@@ -136,7 +137,7 @@ def _job(model, frozen, x, method: str, args) -> dict:
     """The rounds of one method at one batch size (``x``: ``(B, C, H, W)`` on the benchmark's device)."""
     b = x.shape[0]
     device = x.device
-    scale: list[float] = [1.0]  # the bare peers' times are multiplied by it (--bare-items)
+    scale: dict[str, float] = {}  # per bare peer, its times are multiplied by it (--bare-items)
     with torch.no_grad():
         target = model(x).argmax(1)
     # IG (trapezoid): ``steps`` points per image, both ends included, each a gradient pass. Runs made
@@ -148,16 +149,29 @@ def _job(model, frozen, x, method: str, args) -> dict:
         if method == "smoothgrad" else \
         (lambda **kw: salience.integrated_gradients(model, x, target, steps=args.steps, reduce=None, **kw))
     # the bare peers: B and 8 items a pass (or --bare's sizes, B always among them; none larger than the items);
-    # with --bare-items K each runs over the first K items only, its times scaled by items / K (_scaled)
+    # with --bare-items K each runs over the first K items only (whole passes), its times scaled (timed_items)
     sizes = sorted({b, *(args.bare or [8])})
     sizes = [s for s in sizes if s <= items.shape[0] or s == b]
     part = items.shape[0] if not args.bare_items else min(args.bare_items, items.shape[0])
-    scale[:] = [items.shape[0] / part]
-    modes: dict[str, Callable[[], object]] = {
-        f"bare {s}": (lambda s: lambda: bare(frozen, items[:part], tgt[:part], s))(s) for s in sizes}
-    # the bare passes of each reduced precision among the modes, B at a time, under the same autocast
+
+    def timed_items(s: int) -> int:
+        """The items a peer of ``s`` a pass runs: K rounded up to whole passes of ``s`` (at most all the items), so
+        that it times passes of the size its name says (review of session 46: a "bare 32" on K = 8 items ran one
+        pass of 8)."""
+        return min(items.shape[0], -(-part // s) * s)
+
+    modes: dict[str, Callable[[], object]] = {}
+    for s in sizes:
+        n_s = timed_items(s)
+        scale[f"bare {s}"] = items.shape[0] / n_s
+        modes[f"bare {s}"] = (lambda s, n_s: lambda: bare(frozen, items[:n_s], tgt[:n_s], s))(s, n_s)
+    # the bare passes of each reduced precision among the modes, B at a time, under the same autocast, on the same
+    # items as "bare B" and scaled the same (review of session 46: it ran all the items and was scaled as well)
     for prec in sorted({MODES[m].get("precision", "fp32") for m in args.modes} - {"fp32", "bf16-mixed"}):
-        modes[f"bare {b} {prec}"] = (lambda dt: lambda: bare(frozen, items, tgt, b, dt))(_DTYPES[prec])
+        n_b = timed_items(b)
+        scale[f"bare {b} {prec}"] = items.shape[0] / n_b
+        modes[f"bare {b} {prec}"] = (lambda dt, n_b: lambda: bare(frozen, items[:n_b], tgt[:n_b], b, dt))(
+            _DTYPES[prec], n_b)
     def under(options: dict) -> Callable[[], object]:
         def run() -> object:
             with salience.performance(**options):
@@ -201,7 +215,7 @@ def _job(model, frozen, x, method: str, args) -> dict:
                 ru0 = resource.getrusage(resource.RUSAGE_SELF)
                 wall, peak, _ = _timed(modes[k], device)
                 ru1 = resource.getrusage(resource.RUSAGE_SELF)
-                f = scale[0] if k.startswith("bare") else 1.0  # a bare peer on K items: its time for all the items
+                f = scale.get(k, 1.0)  # a bare peer on part of the items: its time for all the items
                 wall *= f
                 usage[k].append((f * (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime),
                                  round(f * (ru1.ru_minflt - ru0.ru_minflt))))
@@ -221,7 +235,7 @@ def _job(model, frozen, x, method: str, args) -> dict:
     decisions = [{"layout": rec.layout, "size": rec.size} for k, rec in _perf._records.items()
                  if rec.model() is model and k[5] == "auto" and k[1].startswith(tag) and k[2] == tuple(x.shape[1:])]
     peak_mib = {k: max(v) for k, v in peaks.items() if v and v[0] is not None}
-    return {"method": method, "images": b, "items": n * b, "bare_items": part, "first_call_s": first, "times_s": times,
+    return {"method": method, "images": b, "items": n * b, "bare_items": part, "bare_scale": scale, "first_call_s": first, "times_s": times,
             "repeats_s": every, "cpu_s_minflt": usage, "load_1min_before_after": loads, "auto_decisions": decisions,
             "peak_mib": peak_mib, "first_call_peak_mib": first_peak if peak_mib else {}, "check": check}
 
@@ -316,8 +330,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bare", type=int, nargs="+", default=None,
                     help="items per bare pass of the peers (default: 8; the call's B images always), e.g. 1 4 8 16 32")
     ap.add_argument("--bare-items", type=int, default=0,
-                    help="time each bare peer on the call's first K items only, scaled by items / K (K a multiple "
-                         "of every --bare size; 0: all the items)")
+                    help="time each bare peer on the call's first K items only (rounded up to whole passes of its "
+                         "size), scaled by items / the items it ran (0: all the items)")
     ap.add_argument("--compile", action="store_true", help="add the compile mode to the default modes")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
                     help="salience's modes to time (default: contiguous throughput auto auto+throughput)")

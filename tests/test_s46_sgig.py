@@ -58,17 +58,18 @@ def test_default_peers_are_b_and_8(monkeypatch):
 
 
 def test_bare_sizes_scaled_from_k_items(monkeypatch):
-    """--bare 1 4 8 16 32 --bare-items 8 on IG with 8 steps at 4 images (32 items): every peer runs the first 8
-    items only, B (4) among them, 16 and 32 too (no larger than the items), and each peer's time is 32 / 8 times
-    what it took; salience's call is not scaled."""
+    """--bare 1 4 8 16 32 --bare-items 8 on IG with 8 steps at 4 images (32 items): every peer of at most 8 items a
+    pass runs the first 8 items only, B (4) among them, and its time is 32 / 8 times what it took; 16 and 32 (no
+    larger than the items) run whole passes of their size, 16 and 32 items, scaled by 2 and 1 (review of session 46:
+    they ran one pass of 8); salience's call is not scaled."""
     job, calls = _run_job(monkeypatch, "integrated_gradients", 4, bare=[1, 8, 16, 32], bare_items=8)
     t = job["times_s"]
     assert sorted((int(k.split()[1]) for k in t if k.startswith("bare"))) == [1, 4, 8, 16, 32]
     assert job["items"] == 32 and job["bare_items"] == 8
-    assert {n for n, _ in calls} == {8}
-    assert {p for _, p in calls} == {1, 4, 8, 16, 32}
-    for k in ("bare 1", "bare 4", "bare 32"):
+    assert {p: n for n, p in calls} == {1: 8, 4: 8, 8: 8, 16: 16, 32: 32}
+    for k in ("bare 1", "bare 4", "bare 8"):
         assert t[k] == [4.0, 4.0]
+    assert t["bare 16"] == [2.0, 2.0] and t["bare 32"] == [1.0, 1.0]
     assert t["contiguous"] == [1.0, 1.0]
 
 
