@@ -43,7 +43,9 @@ def _call(method: str, max_memory):
 
 @pytest.mark.parametrize("method", ["rise", "occlusion", "scorecam", "ablationcam"])
 def test_max_memory_probe_does_not_change_the_users_images(method):
-    # reference: the same call without max_memory (no probe pass); both images then were changed once per clean pass
+    # max_memory sizes the clean passes only (chunk fixes the passes' chunks): the reference is the same call without
+    # it, which runs no probe pass (a model changing its input in place changes the user's x in the clean passes of
+    # either call, the same number of times)
     plain, x_plain = _call(method, None)
     probed, x_probed = _call(method, 1 << 30)
     assert torch.equal(x_probed, x_plain)  # main: image 0 shifted twice (the probe's pass and the clean one)
