@@ -50,3 +50,38 @@ def test_max_memory_probe_does_not_change_the_users_images(method):
     probed, x_probed = _call(method, 1 << 30)
     assert torch.equal(x_probed, x_plain)  # main: image 0 shifted twice (the probe's pass and the clean one)
     assert torch.allclose(probed, plain, rtol=0, atol=1e-6)
+
+
+# Score-CAM's blank channels (an all-zero mask: the image blanked) under precision="bf16": their one pass of a zero
+# image ran inside the run's autocast block but through forward_scores, whose model_guard turns a caller's autocast
+# off: float32 scores beside the live channels' bf16 ones (the permem merge's "one blank image" kept it so). A model
+# whose output is a constant (its head's weights zero, its bias 0.3, which bf16 rounds to 0.30078125) scores every
+# masked image alike at one precision: with softmax="channels" each of its D channels weighs 1/D, so the map is
+# ReLU(mean_d A_d) exactly; a blank score in float32 beside the bf16 ones moved the weights by about 2e-4.
+class _ConstantHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(2, 3)
+        with torch.no_grad():
+            self.conv.weight[1].zero_()
+            self.conv.bias[1] = -1.0  # channel 1 dead after the ReLU: its mask all zeros, a blank image
+            self.head.weight.zero_()
+            self.head.bias.fill_(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:precision='bf16'")
+def test_scorecam_blank_channels_scored_at_the_passes_precision():
+    torch.manual_seed(0)
+    model = _ConstantHead().eval()
+    x = torch.randn(2, 3, 8, 8)
+    got = salience.scorecam(model, x, target=0, layer=model.relu, softmax="channels", precision="bf16")
+    with torch.no_grad():
+        acts = model.relu(model.conv(x))
+    assert bool((acts[:, 1] == 0).all()) and bool((acts[:, 0] > 0).any())
+    ref = acts.mean(1).clamp(min=0)  # each channel's weight 1/2
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
