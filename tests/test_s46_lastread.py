@@ -74,12 +74,13 @@ class _ConstantHead(nn.Module):
         return self.head(self.relu(self.conv(x)).mean((2, 3)))
 
 
-@pytest.mark.filterwarnings("ignore:precision='bf16'")
-def test_scorecam_blank_channels_scored_at_the_passes_precision():
+@pytest.mark.filterwarnings("ignore:precision=")
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+def test_scorecam_blank_channels_scored_at_the_passes_precision(precision):
     torch.manual_seed(0)
     model = _ConstantHead().eval()
     x = torch.randn(2, 3, 8, 8)
-    got = salience.scorecam(model, x, target=0, layer=model.relu, softmax="channels", precision="bf16")
+    got = salience.scorecam(model, x, target=0, layer=model.relu, softmax="channels", precision=precision)
     with torch.no_grad():
         acts = model.relu(model.conv(x))
     assert bool((acts[:, 1] == 0).all()) and bool((acts[:, 0] > 0).any())
