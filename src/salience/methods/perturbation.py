@@ -600,8 +600,13 @@ def clean_batch(x: Tensor, perf: _perf.Performance, chunk: Optional[int] = None,
         probe = _engine.MemoryProbe()
         # the generators as they were after it (a model with noise in its forward: the call's random numbers the same
         # with max_memory as without, as the engine's own probe pass keeps them; the review of session 46)
+        # a copy, made outside the probe: a model that changes its input in place (x -= mean) wrote the user's first
+        # image once more than the others, and the call's maps with max_memory were not those without it (session
+        # 46's last read)
+        first = x[:1].clone()
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), probe:
-            forward_scores(model, x[:1], strip_softmax=strip_softmax)
+            forward_scores(model, first, strip_softmax=strip_softmax)
+        del first
         n = max(1, min(n, int(0.8 * budget) // max(1, probe.peak)))
     return n
 

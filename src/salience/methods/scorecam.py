@@ -417,7 +417,10 @@ def scorecam(
         with _derived.run_scope():  # the blank images' scores are checked with the passes' (NaN: a refusal naming them)
             if len(live) < total:  # each image's scores of an all-zero mask (B, K), computed once, as the passes run
                 blank = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False))  # its autocast only
-                with torch.inference_mode(), blank.autocast():  # one blank image: every image's is the same
+                # one blank image: every image's is the same. Inside the run (forward_scores enters its autocast), not
+                # in its autocast block: forward_scores' model_guard turns a caller's autocast off, and the blank
+                # scores were float32 beside the passes' bf16 ones (session 46's last read)
+                with torch.inference_mode(), _perf.inside(blank):
                     out0 = forward_scores(model, torch.zeros_like(x[:1]), strip_softmax=strip_softmax)
                     # each image's own rows (a target may change its output in place: an expanded view refused it)
                     rows = out0.expand((b,) + tuple(out0.shape[1:])).contiguous()
