@@ -179,13 +179,21 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    out = args.out or str(Path(__file__).resolve().parent / f"auto-declines-s44-{args.model}-{args.size}")
+    return run_and_write(args, argv, "s44", job, table, probe_lines)
+
+
+def run_and_write(args, argv, session: str, job, table, footer, unit_note: str = "") -> int:
+    """Build the model, run ``job`` per method and image count, write ``<out>.json`` and ``<out>.md``.
+
+    Shared by the session-44 and session-46 scripts (``session`` names the script and the default output); ``table``
+    and ``footer`` render the jobs; ``unit_note`` says what a row's seconds are."""
+    out = args.out or str(Path(__file__).resolve().parent / f"auto-declines-{session}-{args.model}-{args.size}")
     torch.set_num_threads(1)
     model = build(args.model, args.size)
     frozen = copy.deepcopy(model)
     for p in frozen.parameters():
         p.requires_grad_(False)
-    command = "python benchmarks/auto_declines_s44.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = f"python benchmarks/auto_declines_{session}.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {"command": command, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "affinity": sorted(os.sched_getaffinity(0)), "loadavg_start": os.getloadavg(), "jobs": []}
     t0 = time.time()
@@ -200,8 +208,8 @@ def main(argv=None) -> int:
         f"{report['cpu']}, 1 thread on cores {report['affinity']}, fp32, torch {torch.__version__}. Load average "
         f"{tuple(round(v, 2) for v in report['loadavg_start'])} at the start, "
         f"{tuple(round(v, 2) for v in report['loadavg_end'])} at the end (per round in the .json). "
-        f"{report['wall_s']:.0f} s. `{command}`", "",
-        table(report["jobs"]), "", probe_lines(report["jobs"]), ""])
+        f"{report['wall_s']:.0f} s. {unit_note}`{command}`", "",
+        table(report["jobs"]), "", footer(report["jobs"]), ""])
     Path(out + ".md").write_text(md)
     print(md)
     return 0

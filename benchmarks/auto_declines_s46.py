@@ -32,8 +32,6 @@ cost the units. Writes ``OUT.json`` and ``OUT.md`` (CPU, load per round, the com
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import math
 import os
 import resource
@@ -45,8 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_name  # noqa: E402
-from auto_declines_s44 import build, chunk_sizes  # noqa: E402
+from auto_declines_s44 import chunk_sizes, run_and_write  # noqa: E402
 from engine_speed import bare  # noqa: E402
 
 import salience  # noqa: E402
@@ -185,32 +182,8 @@ def main(argv=None) -> int:
     if args.allocator == "reuse":
         from salience._core.malloc import keep_freed_memory
         keep_freed_memory()
-    out = args.out or str(Path(__file__).resolve().parent / f"auto-declines-s46-{args.model}-{args.size}")
-    torch.set_num_threads(1)
-    model = build(args.model, args.size)
-    frozen = copy.deepcopy(model)
-    for p in frozen.parameters():
-        p.requires_grad_(False)
-    command = "python benchmarks/auto_declines_s46.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = {"command": command, "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "affinity": sorted(os.sched_getaffinity(0)), "loadavg_start": os.getloadavg(), "jobs": []}
-    t0 = time.time()
-    for method in args.methods:
-        for b in args.images:
-            x = torch.rand(b, 3, args.size, args.size, generator=torch.Generator().manual_seed(b))
-            report["jobs"].append(job(model, frozen, x, method, args))
-    report["loadavg_end"], report["wall_s"] = os.getloadavg(), time.time() - t0
-    Path(out + ".json").write_text(json.dumps(report, indent=2, default=str))
-    md = "\n".join([
-        f"# {args.model}, {args.size} px: defaults and auto against the bare passes, {args.rounds} rounds", "",
-        f"{report['cpu']}, 1 thread on cores {report['affinity']}, fp32, torch {torch.__version__}. Load average "
-        f"{tuple(round(v, 2) for v in report['loadavg_start'])} at the start, "
-        f"{tuple(round(v, 2) for v in report['loadavg_end'])} at the end (per round in the .json). "
-        f"{report['wall_s']:.0f} s. Seconds per call (a round's calls over their number). `{command}`", "",
-        table(report["jobs"]), "", notes(report["jobs"]), ""])
-    Path(out + ".md").write_text(md)
-    print(md)
-    return 0
+    return run_and_write(args, argv, "s46", job, table, notes,
+                         "Seconds per call (a round's calls over their number). ")
 
 
 if __name__ == "__main__":
