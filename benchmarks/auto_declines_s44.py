@@ -169,15 +169,7 @@ def probe_lines(jobs) -> str:
 
 
 def main(argv=None) -> int:
-    ap = parser(__doc__)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    return run_and_write(args, argv, "s44", job, table, probe_lines)
-
-
-def parser(doc: str) -> argparse.ArgumentParser:
-    """The options both auto-declines scripts take (model, size, images, methods, samples, steps, rounds)."""
-    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="vit_b_16")
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--images", type=int, nargs="+", default=[1])
@@ -185,7 +177,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
-    return ap
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    return run_and_write(args, argv, "s44", job, table, probe_lines)
 
 
 def run_and_write(args, argv, session: str, job, table, footer, unit_note: str = "") -> int:

@@ -31,6 +31,7 @@ cost the units. Writes ``OUT.json`` and ``OUT.md`` (CPU, load per round, the com
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import resource
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from auto_declines_s44 import chunk_sizes, parser, run_and_write, stats  # noqa: E402
+from auto_declines_s44 import chunk_sizes, run_and_write  # noqa: E402
 from engine_speed import bare  # noqa: E402
 
 import salience  # noqa: E402
@@ -123,6 +124,10 @@ def job(model, frozen, x, method: str, args) -> dict:
             "loadavg_before_after": loads}
 
 
+def stats(v):
+    return min(v), statistics.median(v), max(v)
+
+
 def table(jobs) -> str:
     lines = ["| method | images | unit | calls a round | min s/call | median s/call | max s/call | minor faults/call "
              "(median) | per round / that round's best bare | per round / that round's bare B | met (every round "
@@ -160,7 +165,14 @@ def notes(jobs) -> str:
 
 
 def main(argv=None) -> int:
-    ap = parser(__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="vit_b_16")
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--images", type=int, nargs="+", default=[1])
+    ap.add_argument("--methods", nargs="+", default=["smoothgrad", "integrated_gradients"])
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--chunks", type=int, nargs="*", default=[], help="also time the defaults with chunk=N")
     ap.add_argument("--min-round", type=float, default=1.0, help="repeat a unit in a round up to this many seconds")
     ap.add_argument("--allocator", default="default", choices=["default", "reuse"],
