@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CastCache", "WeightCasts", "CAST_FUNCTIONS"]
+__all__ = ["CastCache", "WeightCasts", "CAST_FUNCTIONS", "drop_entry", "served"]
 
 #: The functions (as torch hands them to a mode) whose fp32 parameter arguments are served bf16 copies: those of
 #: torch's CPU autocast lower-precision list that take a weight or bias. ``torch.linalg.matmul`` is not on the list
@@ -136,16 +136,18 @@ class CastCache:
             cl = self.channels_last and p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last)
             fmt = torch.channels_last if cl else torch.preserve_format
             copy = source.to(self.dtype, memory_format=fmt)
-        self.copies[id(p)] = (weakref.ref(p, functools.partial(_drop, self.copies, id(p))), key, copy, source)
+        self.copies[id(p)] = (weakref.ref(p, functools.partial(drop_entry, self.copies, id(p))), key, copy, source)
         self.made += 1
         return copy
 
 
-def _drop(copies: dict, key: int, ref: weakref.ref) -> None:
-    """A parameter's death: its entry dropped (unless another one took its place)."""
-    hit = copies.get(key)
+def drop_entry(entries: dict, key: Any, ref: weakref.ref) -> None:
+    """The callback of the weak reference ``ref`` kept first in ``entries[key]`` (a parameter's here, a model's in
+    :class:`~salience._core.perf.ModelCache`): at its object's death the entry is dropped, unless another took its
+    place. No lock: a collection may run it while the cache's own lock is held."""
+    hit = entries.get(key)
     if hit is not None and hit[0] is ref:
-        copies.pop(key, None)
+        entries.pop(key, None)
 
 
 def served(p: Any) -> bool:

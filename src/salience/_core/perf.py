@@ -81,6 +81,7 @@ import math
 import threading
 import time
 import warnings
+import functools
 import weakref
 from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
@@ -91,7 +92,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core.calm import calmly
-from salience._core.casts import CastCache, WeightCasts, served
+from salience._core.casts import CastCache, WeightCasts, drop_entry, served
 from salience._core.cpu import native_bf16, warn_bf16_without_native
 from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _compile_failed, _compiled,
                                      _compiled_model, _freezing_on, _Frozen, _frozen_gradient, _frozen_model,
@@ -317,8 +318,8 @@ class ModelCache:
     :func:`salience.methods.gradcam.default_layer`): one value per ``(model, key)`` (``key``: what else it
     depends on, e.g. the input's item shape), good for the model's :func:`structure` it was found for (a module
     replaced, appended or hooked since: :meth:`get` misses, and the caller works it out again). The model is
-    held by a weak reference, never kept alive (an entry whose model was freed never answers: its id may be
-    another model's now); the least recently used entries go past ``keep``. Thread-safe (a lock of its own);
+    held by a weak reference, never kept alive, and its entry goes when it dies (an entry's value may hold its
+    modules, so their weights; the id may be another model's then); the least recently used entries go past ``keep``. Thread-safe (a lock of its own);
     :func:`clear_cache` empties it."""
 
     def __init__(self, keep: int) -> None:
@@ -342,7 +343,8 @@ class ModelCache:
         for another state."""
         k = (id(model), key)
         with self._lock:
-            self._entries[k] = (weakref.ref(model), fingerprint, value)
+            ref = weakref.ref(model, functools.partial(drop_entry, self._entries, k))  # gone with its model
+            self._entries[k] = (ref, fingerprint, value)
             self._entries.move_to_end(k)
             while len(self._entries) > self.keep:
                 self._entries.popitem(last=False)

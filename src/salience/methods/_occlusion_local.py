@@ -21,8 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import operator
-import functools
-import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
@@ -125,31 +123,10 @@ def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
     return fx_traced(model, dtype)  # a tracing failure: its reason, full passes
 
 
-class _Traces(ModelCache):
-    """The traces kept (:func:`_analysed`): a :class:`~salience._core.perf.ModelCache` whose entry goes when its model
-    dies (a trace holds the model's modules, so their weights: a plain entry kept them until evicted)."""
-
-    def put(self, model: nn.Module, key: tuple, fingerprint: tuple, value: Any) -> None:
-        k = (id(model), key)
-        with self._lock:
-            self._entries[k] = (weakref.ref(model, functools.partial(_gone, self._entries, k)), fingerprint, value)
-            self._entries.move_to_end(k)
-            while len(self._entries) > self.keep:
-                self._entries.popitem(last=False)
-
-
-def _gone(entries: dict, k: tuple, ref: weakref.ref) -> None:
-    """A model's death: its entry dropped (unless another took its place); no lock (a collection may run this while
-    the cache's lock is held)."""
-    hit = entries.get(k)
-    if hit is not None and hit[0] is ref:
-        entries.pop(k, None)
-
-
 # Session 46: each call traced the model twice (fx_traced), uncached. A trace shares the model's modules; its nodes'
 # meta (the shapes, written by the FLOPs' propagation) is written before it is kept and only read after, so threads
 # share it. perf.clear_cache empties it.
-_TRACES = _Traces(4)
+_TRACES = ModelCache(4)  # an entry goes when its model dies: a trace holds the model's modules, so their weights
 
 
 def _analysed(model: nn.Module, x: Tensor, dtype: Optional[torch.dtype]) -> Any:
