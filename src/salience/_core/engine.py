@@ -564,14 +564,9 @@ CPU_GRADIENT_CHUNK_WEIGHTY = 32
 
 def weight_bytes(model: nn.Module) -> int:
     """The bytes of ``model``'s parameters (each counted once): what every pass reads. The same in every process for
-    the same model (unlike a timing), so a chunk size chosen from it keeps a seeded call's bits."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += _stored_bytes(p)
-    return total
+    the same model (unlike a timing), so a chunk size chosen from it keeps a seeded call's bits. A tied parameter
+    once: ``parameters()`` yields each once."""
+    return sum(_stored_bytes(p) for p in model.parameters())
 
 
 def _stored_bytes(t: Tensor) -> int:
