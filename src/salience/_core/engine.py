@@ -81,6 +81,7 @@ __all__ = [
     "CPU_GRADIENT_CHUNK_WEIGHTY",
     "gradient_chunk_cap",
     "weight_bytes",
+    "generators_kept",
 ]
 
 _GiB = 1 << 30
@@ -521,6 +522,13 @@ def discarded() -> bool:
     return _DISCARDED.get()
 
 
+def generators_kept(device: Optional[torch.device]) -> Any:
+    """A block after which the random generators are as it found them (the CPU's, and ``device``'s where it is a CUDA
+    device): for a pass whose result is thrown away (a memory probe), so that a model drawing noise in its forward
+    sees the same stream whether or not the probe ran."""
+    return torch.random.fork_rng(devices=[device] if getattr(device, "type", "cpu") == "cuda" else [])
+
+
 def _probe_apart(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]], first: int, n_images: int,
                  weights: Optional[Sequence[float]], squares: bool, run: _perf.Run) -> int:
     """The memory probe as a pass of its own: items ``0..first-1`` (one per image) under :class:`MemoryProbe`, summed
@@ -532,9 +540,8 @@ def _probe_apart(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tenso
     kept = len(run.layouts)
     # a model that draws random numbers in its forward (dropout-like noise, stochastic depth) must see the same
     # stream in a first call as in a later one, which runs no probe: the pass leaves the generators as it found them
-    rng_devices = [run.device] if getattr(run.device, "type", "cpu") == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=rng_devices), run.chunk(run.probe_layout(), False), probe:
+        with generators_kept(run.device), run.chunk(run.probe_layout(), False), probe:
             scratch.add(0, compute(0, first))
     finally:
         _DISCARDED.reset(token)

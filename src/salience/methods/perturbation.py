@@ -604,7 +604,7 @@ def clean_batch(x: Tensor, perf: _perf.Performance, chunk: Optional[int] = None,
         # image once more than the others, and the call's maps with max_memory were not those without it (session
         # 46's last read)
         first = x[:1].clone()
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), probe:
+        with _engine.generators_kept(x.device), probe:
             forward_scores(model, first, strip_softmax=strip_softmax)
         del first
         n = max(1, min(n, int(0.8 * budget) // max(1, probe.peak)))
