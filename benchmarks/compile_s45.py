@@ -156,18 +156,7 @@ def cell(model, frozen, method: str, b: int, args, command: str) -> None:
     if args.warm_only:
         return
     names = list(modes)
-    times = {k: [] for k in names}
-    loads = []
-    for r in range(args.rounds):
-        load0 = Path("/proc/loadavg").read_text().split()[:3]
-        s = r % len(names)
-        for k in names[s:] + names[:s]:
-            t0 = time.perf_counter()
-            modes[k]()
-            times[k].append(time.perf_counter() - t0)
-        loads.append((load0, Path("/proc/loadavg").read_text().split()[:3]))
-        print(f"{method} {b} round {r + 1}: " + ", ".join(f"{k} {times[k][-1]:.3f}" for k in names)
-              + f" (load {load0})", flush=True)
+    times, loads = interleaved(modes, args.rounds, f"{method} {b}")
     best = [min(times[k][r] for k in names if k.startswith("bare")) for r in range(args.rounds)]
     report.update(times_s=times, best_bare_s=best, loadavg_before_after=loads)
     out = f"{args.out}-{'sg' if method == 'smoothgrad' else 'ig'}-{b}"
@@ -187,6 +176,25 @@ def cell(model, frozen, method: str, b: int, args, command: str) -> None:
                      f"{diff.get(k, float('nan')):.1e} | {', '.join(layouts.get(k, []))} |")
     Path(out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
+
+
+def interleaved(modes: dict, rounds: int, label: str) -> tuple[dict, list]:
+    """``rounds`` rounds of one call of each of ``modes`` (name -> call), each round starting one mode later:
+    ``(seconds per mode per round, the load average before and after each round)``, a line printed per round."""
+    names = list(modes)
+    times: dict = {k: [] for k in names}
+    loads = []
+    for r in range(rounds):
+        load0 = Path("/proc/loadavg").read_text().split()[:3]
+        s = r % len(names)
+        for k in names[s:] + names[:s]:
+            t0 = time.perf_counter()
+            modes[k]()
+            times[k].append(time.perf_counter() - t0)
+        loads.append((load0, Path("/proc/loadavg").read_text().split()[:3]))
+        print(f"{label} round {r + 1}: " + ", ".join(f"{k} {times[k][-1]:.3f}" for k in names)
+              + f" (load {load0})", flush=True)
+    return times, loads
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compile_s45 import _layouts, cpu_name, models, workload  # noqa: E402  (_layouts: each call's chunks)
+from compile_s45 import _layouts, cpu_name, interleaved, models, workload  # noqa: E402  (_layouts: each call's chunks)
 from engine_speed import bare  # noqa: E402  (the bare eager passes, default layout)
 
 import salience  # noqa: E402
@@ -127,8 +127,6 @@ def cell(model, frozen, method: str, b: int, args, command: str) -> None:
         print(f"{method} {b}: {k}: calls {', '.join(f'{s:.1f}' for s in calls[k])} s, graphs {compiles[k]}, "
               f"diff {diff[k]:.2e}, chunks {layouts[k]}", flush=True)
     names = list(modes)
-    times = {k: [] for k in names}
-    loads = []
     with open(args.lock, "a") as lock:
         t_wait = time.perf_counter()
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -136,16 +134,7 @@ def cell(model, frozen, method: str, b: int, args, command: str) -> None:
         on_core(args.time_core)
         g_rounds = graphs()
         t_hold = time.perf_counter()
-        for r in range(args.rounds):
-            load0 = Path("/proc/loadavg").read_text().split()[:3]
-            s = r % len(names)
-            for k in names[s:] + names[:s]:
-                t0 = time.perf_counter()
-                modes[k]()
-                times[k].append(time.perf_counter() - t0)
-            loads.append((load0, Path("/proc/loadavg").read_text().split()[:3]))
-            print(f"{method} {b} round {r + 1}: " + ", ".join(f"{k} {times[k][-1]:.3f}" for k in names)
-                  + f" (load {load0})", flush=True)
+        times, loads = interleaved(modes, args.rounds, f"{method} {b}")
         held = time.perf_counter() - t_hold
         in_rounds = graphs() - g_rounds
         fcntl.flock(lock, fcntl.LOCK_UN)
