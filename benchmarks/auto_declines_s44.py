@@ -131,20 +131,28 @@ def stats(v):
     return min(v), statistics.median(v), max(v)
 
 
+def ratio_rows(t: dict, images: int) -> list[tuple]:
+    """Per unit of ``t`` (unit -> seconds per round; the bare passes' units start with "bare"): ``(unit, (min, median,
+    max), per round over that round's best bare, per round over that round's bare pass of the call's ``images``,
+    "met" / "not met" (every round <= 1.00 of the best bare; "" for the bare passes and cold calls))``."""
+    bares = [k for k in t if k.startswith("bare")]
+    best = [min(r) for r in zip(*(t[k] for k in bares))]
+    bb = t[f"bare {images}"]
+    rows = []
+    for k, v in t.items():
+        rb = [a / c for a, c in zip(v, best)]
+        rB = [a / c for a, c in zip(v, bb)]
+        met = "" if k.startswith("bare") or k.endswith("cold") else ("met" if max(rb) <= 1.0 else "not met")
+        rows.append((k, stats(v), rb, rB, met))
+    return rows
+
+
 def table(jobs) -> str:
     lines = ["| method | images | mode | min s | median s | max s | per round / that round's best bare | "
              "per round / that round's bare B | met (every round <= 1.00 of best bare) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for j in jobs:
-        t = j["times_s"]
-        bares = [k for k in t if k.startswith("bare")]
-        best = [min(r) for r in zip(*(t[k] for k in bares))]
-        bb = t[f"bare {j['images']}"]
-        for k, v in t.items():
-            lo, med, hi = stats(v)
-            rb = [a / c for a, c in zip(v, best)]
-            rB = [a / c for a, c in zip(v, bb)]
-            met = "" if k.startswith("bare") or k.endswith("cold") else ("met" if max(rb) <= 1.0 else "not met")
+        for k, (lo, med, hi), rb, rB, met in ratio_rows(j["times_s"], j["images"]):
             lines.append(f"| {j['method']} | {j['images']} | {k} | {lo:.3f} | {med:.3f} | {hi:.3f} | "
                          f"{', '.join(f'{x:.3f}' for x in rb)} | {', '.join(f'{x:.3f}' for x in rB)} | {met} |")
     return "\n".join(lines)

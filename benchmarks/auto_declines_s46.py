@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from auto_declines_s44 import chunk_sizes, run_and_write  # noqa: E402
+from auto_declines_s44 import chunk_sizes, ratio_rows, run_and_write  # noqa: E402
 from engine_speed import bare  # noqa: E402
 
 import salience  # noqa: E402
@@ -124,10 +124,6 @@ def job(model, frozen, x, method: str, args) -> dict:
             "loadavg_before_after": loads}
 
 
-def stats(v):
-    return min(v), statistics.median(v), max(v)
-
-
 def table(jobs) -> str:
     lines = ["| method | images | unit | calls a round | min s/call | median s/call | max s/call | minor faults/call "
              "(median) | per round / that round's best bare | per round / that round's bare B | met (every round "
@@ -136,14 +132,8 @@ def table(jobs) -> str:
     for j in jobs:
         t, fl, cpu = j["times_s_per_call"], j["minor_faults_per_call"], j.get("cpu_s_per_call")
         bares = [k for k in t if k.startswith("bare")]
-        best = [min(r) for r in zip(*(t[k] for k in bares))]
-        bb = t[f"bare {j['images']}"]
         best_cpu = [min(r) for r in zip(*(cpu[k] for k in bares))] if cpu else []
-        for k, v in t.items():
-            lo, med, hi = stats(v)
-            rb = [a / c for a, c in zip(v, best)]
-            rB = [a / c for a, c in zip(v, bb)]
-            met = "" if k.startswith("bare") or k.endswith("cold") else ("met" if max(rb) <= 1.0 else "not met")
+        for k, (lo, med, hi), rb, rB, met in ratio_rows(t, j["images"]):
             reps = j["reps_per_round"][k.rsplit(" ", 1)[0] if k.endswith(("cold", "warm")) else k]
             lines.append(f"| {j['method']} | {j['images']} | {k} | {reps} | {lo:.4f} | {med:.4f} | {hi:.4f} | "
                          f"{statistics.median(fl[k]):.0f} | {', '.join(f'{x:.3f}' for x in rb)} | "
