@@ -454,14 +454,16 @@ def layer_value(output: Any) -> Any:
     return output
 
 
-def capture_hook(store: list, stop: bool):
+def capture_hook(store: list, stop: bool, copy: bool = True):
     """A forward hook that keeps a module's first output (:func:`layer_value`: a tuple's first tensor) in
     ``store`` (and ends the pass with ``stop``). The rest of the forward runs on the layer's own output, as the
     model computes it; an in-place operation there (a ResNet block's ``out += identity`` and in-place ReLU after
     its ``bn3``, DenseNet's in-place ReLU after a norm, or one on a tensor the output aliases: the input that an
     ``Identity`` or an eval-mode ``Dropout`` returns) would change what ``store`` holds, so a tensor's values are
     also copied when the layer returns, with its version counter and gradient edge (:class:`_Kept`);
-    :func:`settle` picks, after the pass, the tensor itself (unchanged) or the copy and the edge."""
+    :func:`settle` picks, after the pass, the tensor itself (unchanged) or the copy and the edge. Without ``copy``
+    only the tensor's version counter is kept beside it (``None`` for an inference tensor, which has none): a caller
+    that runs the pass again where it moved (Score-CAM's capture, which spares the copy)."""
     def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
         if store:  # the first call of a reused module only
             return None
@@ -470,7 +472,7 @@ def capture_hook(store: list, stop: bool):
         if stop:
             raise _StopForward(output)
         if isinstance(value, Tensor):
-            store.append(_Kept(value))
+            store.append(_Kept(value) if copy else (None if value.is_inference() else value._version))
         return None
 
     return hook

@@ -46,8 +46,8 @@ from torch import Tensor, nn
 from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
-from salience._core.autograd import (captured_pass, check_input, final_softmax, forward_scores, layer_not_captured,
-                                    layer_value, this_thread)
+from salience._core.autograd import (capture_hook, captured_pass, check_input, final_softmax, forward_scores,
+                                    layer_not_captured, this_thread)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
@@ -163,14 +163,7 @@ def _captured(mod: nn.Module, run: Callable[[], Any], copy: bool = False,
     rng = _rng_states()  # the rerun draws what this pass drew: the values and random numbers of one pass
     version = inputs._version if inputs is not None and not inputs.is_inference() else None
     store: list[Any] = []
-
-    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        if not store:  # the first call of a reused module only
-            value = layer_value(output)
-            store.append(value)
-            store.append(value._version if isinstance(value, Tensor) and not value.is_inference() else None)
-
-    handle = mod.register_forward_hook(this_thread(hook))
+    handle = mod.register_forward_hook(this_thread(capture_hook(store, False, copy=False)))
     try:
         result = run()
     finally:
