@@ -105,7 +105,7 @@ from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, st
 from salience._core.layouts import channels_last_data, copies_made, keep_only, keeping
 from salience._core.malloc import keep_freed_memory, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
-from salience._core.folding import _described, _folded, _remember_fold, folded_model
+from salience._core.folding import _described, _folded, fold_failed, folded_model
 
 __all__ = ["Performance", "Run", "close_run", "set_performance", "performance", "plain", "current", "resolve", "active", "inside",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
@@ -847,7 +847,7 @@ class Run:
             self.compile_failed(error)
             return
         why = f"the folded copy failed ({_described(error)})"
-        _remember_fold(self.model, self._fold_key, why, self._fold_dtype)
+        fold_failed(self.model, self._folded, why)  # in its own entry (bf16-mixed's float32 copy has one)
         warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=user_stacklevel())
         self._folded = None
 
