@@ -237,3 +237,74 @@ def test_a_folded_copy_goes_with_its_model():
 
     gc.collect()
     assert len(folding._folded) == n - 1  # session 46: kept (a copy of its weights) until two other folds
+
+
+# 3. A compiled call (``compile=True``, ``"freeze"``, a backend) took the last memory probe of ANY number of images,
+# while the chunks depend on the probe's bytes per item (gradient_chunk_cap compares them with the model's weights:
+# 32 items a CPU gradient pass where the weights weigh 16 items' bytes, else 16). A model whose weights lie between
+# 16 items' bytes by a 1-image probe and by a 4-image one ran a 4-image call in chunks of 32 in a fresh process and of
+# 16 after a 1-image call: other bits for the same call. The probe is now reused for the same number of images only.
+# The reference: the chunk sizes and bits of the call in a fresh state; integrated gradients by hand.
+from salience._core import engine as _engine  # noqa: E402
+from salience._core import perf as _perf  # noqa: E402
+
+
+class Padded(nn.Module):
+    """A small conv net whose parameters weigh ``pad`` float32 values more (unused by the forward)."""
+
+    def __init__(self, pad: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c, self.h = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 16 * 16, 3)
+        self.pad = nn.Parameter(torch.zeros(max(pad, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(torch.tanh(self.c(x)).flatten(1))
+
+
+def _per_item(model: nn.Module, n: int) -> int:
+    _perf.clear_cache()
+    salience.integrated_gradients(model, torch.rand(n, 3, 16, 16), 1, steps=32)
+    (rec,) = [r for r in _perf._records.values() if r.probes]
+    return rec.probes[n]
+
+
+def test_a_compiled_call_takes_a_probe_of_its_own_number_of_images(monkeypatch):
+    p1, p4 = _per_item(Padded(0), 1), _per_item(Padded(0), 4)
+    assert p1 > p4  # a pass's fixed temporaries weigh more per item in a 1-item probe
+    base = _engine.weight_bytes(Padded(0)) - 4
+    model = Padded((8 * (p1 + p4) - base) // 4).eval()  # the weights between 16 items' bytes of each probe
+    assert (_per_item(model, 1), _per_item(model, 4)) == (p1, p4)  # unused weights: the same probes
+    assert _engine.gradient_chunk_cap(p4, _engine.weight_bytes(model)) == 32
+    assert _engine.gradient_chunk_cap(p1, _engine.weight_bytes(model)) == 16
+    sizes: list[int] = []
+    real = _engine.planned_chunk
+    monkeypatch.setattr(_engine, "planned_chunk", lambda *a, **kw: sizes.append(real(*a, **kw)) or sizes[-1])
+    x4, x1 = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.rand(1, 3, 16, 16)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return salience.integrated_gradients(model, x, 1, steps=32, baseline=torch.zeros_like(x), reduce=None,
+                                                 compile="eager")
+
+    torch._dynamo.reset()
+    _perf.clear_cache()
+    fresh = call(x4)
+    fresh_sizes = sizes[-1]
+    _perf.clear_cache()
+    call(x1)  # another history: a 1-image call probes first
+    call(x1)
+    after = call(x4)
+    assert sizes[-1] == fresh_sizes == 32, sizes  # session 46: 16 after the 1-image call
+    assert torch.equal(after, fresh)
+    # and the map is integrated gradients (trapezoid, 32 steps from zeros) by hand
+    ref = []
+    for b in range(4):
+        a = torch.linspace(0, 1, 32).view(-1, 1, 1, 1)
+        xs = (a * x4[b]).requires_grad_(True)
+        g = torch.autograd.grad(model(xs)[:, 1].sum(), xs)[0]
+        w = torch.full((32, 1, 1, 1), 1 / 31)
+        w[0] = w[-1] = 0.5 / 31
+        ref.append(x4[b] * (w * g).sum(0))
+    torch.testing.assert_close(fresh, torch.stack(ref), rtol=1e-4, atol=1e-5 * float(fresh.abs().max()))

@@ -12,7 +12,9 @@ import threading
 import types
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -38,12 +40,11 @@ _REASONS_KEEP = 16
 _CAST_BY_AUTOCAST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None, passes: Optional[torch.dtype] = None,
-          written: Optional[set] = None) -> Any:
+def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None, passes: Optional[torch.dtype] = None) -> Any:
     """A copy of ``model`` (eval mode, parameters frozen) with each BatchNorm after a convolution
     folded into it, or the reason there is none (a string). ``passes``: the autocast dtype its passes run under, when
-    only that (:func:`fx_traced`; ``dtype`` implies it). ``written``: filled with the attributes the forward rewrites
-    (:func:`fx_traced`), by ``(module index, name)`` in ``model.modules()``'s order (the copy's is the model's). ``dtype`` (bf16 / fp16: the passes' autocast): the
+    only that (:func:`fx_traced`; ``dtype`` implies it). The attributes its forward writes go to the set of the
+    enclosing :func:`_noting_writes` (:func:`fx_traced`; the copy's modules are the model's, in the same order). ``dtype`` (bf16 / fp16: the passes' autocast): the
     convolutions' and linear layers' weights are held in it (the autocast's own cast of the float32 fold, so the
     same values), folded one layer at a time from the model's float32 tensors: no float32 copy of all the weights
     is ever held (on resnet50, 98 MiB, plus the autocast's 49 MiB of casts of it, against 49 MiB now)."""
@@ -65,7 +66,7 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None, passes: Optiona
                 hooks = m.__dict__.get(name)
                 if hooks:
                     hooks.clear()
-        traced = fx_traced(clone, dtype, passes, written)
+        traced = fx_traced(clone, dtype, passes, _WRITES.get())
         if isinstance(traced, str):
             return traced
         folded = _fuse(traced, dtype)
@@ -204,6 +205,20 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
 
 
 _MISSING = object()
+# the set the attributes a forward writes go to in a fold (_noting_writes): not an argument of _fold, which tests
+# replace with a function of (model, dtype)
+_WRITES: ContextVar[Optional[set]] = ContextVar("salience_fold_writes", default=None)
+
+
+@contextmanager
+def _noting_writes() -> Iterator[set]:
+    """A set that :func:`_fold` in the block fills with the attributes the forward writes (:func:`fx_traced`)."""
+    written: set = set()
+    token = _WRITES.set(written)
+    try:
+        yield written
+    finally:
+        _WRITES.reset(token)
 
 
 def _attributes(model: nn.Module) -> list[tuple[nn.Module, dict]]:
@@ -381,14 +396,14 @@ def folded_model(model: nn.Module, key: Optional[tuple] = None, dtype: Optional[
     sig = key if key is not None else _fold_key(model)
     made = _kept_fold(model, sig, (id(model), dtype))
     if made is None:
-        written: set = set()
-        made = _fold(model, dtype, written=written)
+        with _noting_writes() as written:
+            made = _fold(model, dtype)
         _remember_fold(model, sig, made, dtype, skip=frozenset(written))
     if isinstance(made, str) and made.startswith(_IN_BLOCK) and passes is not None and dtype is None:
         made = _kept_fold(model, sig, (id(model), None, passes))
         if made is None:
-            written = set()
-            made = _fold(model, None, passes, written)
+            with _noting_writes() as written:
+                made = _fold(model, None, passes)
             _remember_fold(model, sig, made, None, passes, frozenset(written))
     return (made, "") if isinstance(made, nn.Module) else (None, made)
 

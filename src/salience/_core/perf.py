@@ -15,7 +15,7 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   backend callable. The compiled model is cached for the process; every chunk of the one fixed
   size runs compiled, a chunk of another size (the last; the first, probing one under ``chunks="throughput"``;
   the memory probe's own pass) eagerly, so nothing recompiles
-  across chunks (with ``compile``, a later call on the same model, shape and method takes an earlier call's
+  across chunks (with ``compile``, a later call on the same model, shape, method and number of images takes an earlier call's
   probe, no probe's pass, its chunks the plan's as in every call: :meth:`Run.reused_probe`; with :data:`FREEZE` a
   last, shorter chunk whose size recurs runs frozen graphs of its own size: :meth:`Run._frozen_tail`); single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
   most :data:`ONE_PASS_SIZES`. Where compilation is unavailable or fails, a warning says why and the
@@ -382,8 +382,7 @@ class _Record:
     compiled: list[int] = field(default_factory=list)  # the one-pass sizes compiled (on _ONE_PASS's record)
     refused: bool = False  # a recurring size was refused for the cap (warned once; on _ONE_PASS's record)
     # the engine's memory probe: bytes per item of an eager chunk, per number of images of the call
-    # (Run.known_probe), in the order measured: the last, for any number of images, is what FREEZE reuses
-    # (Run.reused_probe)
+    # (Run.known_probe, Run.reused_probe)
     probes: dict[int, int] = field(default_factory=dict)
     tails: dict[int, Any] = field(default_factory=dict)  # FREEZE: per size of a last, shorter chunk, the weights_key of its last call
     frozen_tails: list[int] = field(default_factory=list)  # FREEZE: the tail sizes that run frozen (FROZEN_TAILS)
@@ -676,22 +675,21 @@ class Run:
         if self.softmax_checked:  # kept for the model's structure (Run.__init__ forgets it when it changed)
             self.record.softmax = self.softmax_stripped
 
-    def reused_probe(self) -> Optional[int]:
+    def reused_probe(self, n_images: int) -> Optional[int]:
         """The bytes per item an earlier call's memory probe (its pass, eager) measured for this
-        model, tag, item shape and options, for any number of images, when this run may skip its own
+        model, tag, item shape, options and number of images, when this run may skip its own
         probe: with ``compile`` (``True``, :data:`FREEZE`, a backend) only, once the final softmax is known too (``None``: probe).
         Then every chunk is one of the fixed size and runs the compiled model (the frozen graphs):
         SmoothGrad's 64 items at 4 images ran 9 chunks (4 eager, 7 x 8 frozen, 4 eager), now 8 x 8
         frozen; with ``compile=True`` (session 45) SmoothGrad 16 at 1 image ran 1 eager, 8 compiled, 7
-        eager in every call, now 8, 8 compiled. Kept per :func:`structure` with the softmax answer; the
-        eager options take only a probe of the same number of images (:meth:`known_probe`: their chunks, and so
-        their bits, the same in every call)."""
+        eager in every call, now 8, 8 compiled. Kept per :func:`structure` with the softmax answer. Only a probe of
+        the same number of images, as the eager options' (:meth:`known_probe`): the bytes per item, and so the
+        chunks (:func:`~salience._core.engine.gradient_chunk_cap` compares them with the weights) and the bits,
+        depend on it; the last probe of any number of images (before session 47) gave a call other chunks after
+        another call history."""
         if self.options.backend is None or not self.softmax_checked:
             return None
-        # one C call copies the values (no thread switch inside it): another run's probed() may change the dict
-        # between any two instructions of this read, where an iterator over it would raise
-        measured = tuple(self.record.probes.values())
-        return measured[-1] if measured else None
+        return self.record.probes.get(n_images)
 
     def known_probe(self, n_images: int) -> Optional[int]:
         """The bytes per item that an earlier call's memory probe measured for this model, tag, item shape,
@@ -705,8 +703,7 @@ class Run:
 
     def probed(self, per_item: int, n_images: int) -> None:
         """Record what this run's memory probe measured (bytes per item) for a call of ``n_images``
-        images, for :meth:`reused_probe` (the last measured) and :meth:`known_probe`."""
-        self.record.probes.pop(n_images, None)  # measured again: now the last
+        images, for :meth:`reused_probe` and :meth:`known_probe`."""
         self.record.probes[n_images] = per_item
 
     # ---- what a chunk runs under
