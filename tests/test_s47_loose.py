@@ -308,3 +308,82 @@ def test_a_compiled_call_takes_a_probe_of_its_own_number_of_images(monkeypatch):
         w[0] = w[-1] = 0.5 / 31
         ref.append(x4[b] * (w * g).sum(0))
     torch.testing.assert_close(fresh, torch.stack(ref), rtol=1e-4, atol=1e-5 * float(fresh.abs().max()))
+
+
+# 2. The compiled path and plain attributes. A compiled graph (``compile=True``, ``"freeze"``) follows a flag of the
+# forward by dynamo's own guards (the graph is traced again: a guard, passes on session 46's code too), and a softmax a
+# flag turns on is seen by the first compiled output (session 45). A softmax a flag turned OFF was not: the record's
+# answer "stripped" was kept for the structure, and every later ``compile`` / ``fold_batchnorm`` call ran eagerly
+# (right maps, the option unused). The first eager pass of a call now says the answer anew. The reference: the
+# logits' input gradient by hand; the frozen graph's runs and the model's own eager forwards counted.
+import copy  # noqa: E402
+
+from salience._core import compiled as _compiled_mod  # noqa: E402
+from test_s45_rvchunks import _Flagged, _model as _flagged, _smoothgrad_by_hand  # noqa: E402
+
+
+@pytest.fixture
+def frozen_runs(monkeypatch):
+    """A cheap stand-in for inductor's freezing (the graph copied when compiled); counts the frozen graphs' runs."""
+    torch._dynamo.reset()
+    runs: list = []
+
+    def snapshot(gm, inputs):
+        graph = copy.deepcopy(gm)
+
+        def run(*args):
+            runs.append(1)
+            return graph.forward(*args)
+        return run
+
+    monkeypatch.setattr(_compiled_mod, "_freeze_compile", snapshot)
+    yield runs
+    torch._dynamo.reset()
+
+
+class _Counted(_Flagged):
+    """The flagged model, its eager forwards counted (a list the forward appends to: a folded copy's trace does not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eager: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.eager.append(1)
+        return super().forward(x)
+
+
+def _counted() -> _Counted:
+    m = _Counted()
+    m.load_state_dict(_flagged().state_dict())
+    return m.eval()
+
+
+@pytest.mark.parametrize("option", ["freeze", "fold"])
+@pytest.mark.parametrize("first", [True, False], ids=["turned-off", "turned-on"])
+def test_a_softmax_flag_changed_between_compiled_or_folded_calls(frozen_runs, option, first):
+    m, x, cls = _counted(), torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), 1
+    m.probs = first
+    kw = {"compile": "freeze"} if option == "freeze" else {}
+
+    def call() -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with salience.performance(fold_batchnorm=option == "fold"):
+                return salience.smoothgrad(m, x, cls, samples=8, noise=0.1, seed=[3, 4], reduce=None, **kw)
+
+    call()
+    call()
+    m.probs = not first
+    call()  # its first eager pass sees the softmax gone (or the compiled output shows it)
+    del frozen_runs[:], m.eager[:]
+    got = call()
+    frozen, eager = len(frozen_runs), len(m.eager)
+    ref = _smoothgrad_by_hand(m, x, cls, [3, 4], 8, 0.1)  # the logits' gradient (strip_softmax)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    if not first:  # a softmax now: the passes run the model itself, to strip it
+        assert eager and not frozen
+    elif option == "freeze":
+        assert frozen, (frozen, eager)  # session 46: no frozen run, the model eagerly (dynamo replays the append)
+    else:
+        assert not eager, eager  # the folded copy ran (session 46: the model, eagerly)

@@ -518,6 +518,8 @@ class Run:
         self.softmax_reused = (self.options.backend is not None or self.options.fold_batchnorm) and rec.softmax is not None
         if rec.softmax is not None:
             self.softmax_checked, self.softmax_stripped = True, rec.softmax
+        # the answer is an earlier call's: the first eager pass of this one that looks says it anew (note_softmax)
+        self._softmax_taken = rec.softmax is not None
         # A pass without gradients (a prediction pass) that runs the compiled model as a gradient pass
         # does, so that the two share one graph (set by one_pass(gradient_graph=True)).
         self.gradient_graph = False
@@ -849,8 +851,17 @@ class Run:
         self._folded = None
 
     def note_softmax(self, stripped: bool) -> None:
+        """An eager pass stripped a final softmax (or found none to strip). The first such note of a run that took an
+        earlier call's answer replaces it: a softmax a flag of the forward turned off since (no change of
+        :func:`structure`) left the answer "stripped" for good before session 47, and every later ``compile`` or
+        ``fold_batchnorm`` call ran eagerly (:meth:`forward_fn`; the maps right, the options unused). One turned on is
+        seen by the copy's or graph's first output (:func:`~salience._core.autograd.softmax_appeared`)."""
+        if self._softmax_taken:
+            self._softmax_taken = False
+            self.softmax_stripped = stripped
+        else:
+            self.softmax_stripped = self.softmax_stripped or stripped
         self.softmax_checked = True
-        self.softmax_stripped = self.softmax_stripped or stripped
 
     def compile_failed(self, error: BaseException) -> None:
         why = f"torch.compile failed on this model ({_described(error)})"
