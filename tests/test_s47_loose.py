@@ -387,3 +387,43 @@ def test_a_softmax_flag_changed_between_compiled_or_folded_calls(frozen_runs, op
         assert frozen, (frozen, eager)  # session 46: no frozen run, the model eagerly (dynamo replays the append)
     else:
         assert not eager, eager  # the folded copy ran (session 46: the model, eagerly)
+
+
+# 6. With ``max_memory``, the clean passes of a perturbation method are sized by a one-image probe pass of the model,
+# which ran in every call (uncached): it is now kept per model (structure), item shape, dtype and device, as the
+# engine's probes are. The reference: the model's forwards counted by batch size; the maps those of the first call.
+class Sized(nn.Module):
+    """A small conv net that notes each forward's batch size (a list the forward appends to)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c, self.h, self.batches = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 3), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return self.h(torch.relu(self.c(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["rise", "occlusion", "scorecam"])
+def test_the_clean_passes_probe_runs_once_per_model_and_shape(method):
+    model, x = Sized().eval(), torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+
+    def call(xs: torch.Tensor) -> torch.Tensor:
+        model.batches.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if method == "rise":
+                return salience.rise(model, xs, 1, masks=8, seed=0, max_memory=2**30)
+            if method == "occlusion":
+                return salience.occlusion(model, xs, 1, window=8, stride=8, max_memory=2**30)
+            return salience.scorecam(model, xs, 1, layer="c", max_memory=2**30)
+
+    first = call(x)
+    probes = model.batches.count(1)
+    assert probes >= 1  # the probe's one-image pass (the chunks' passes are of more items)
+    again = call(x)
+    assert model.batches.count(1) == probes - 1, model.batches  # session 46: the probe again
+    assert torch.equal(again, first)
+    call(x[:, :, :8, :8])  # another image shape: probed
+    assert model.batches.count(1) == probes, model.batches
