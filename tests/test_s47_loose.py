@@ -427,3 +427,43 @@ def test_the_clean_passes_probe_runs_once_per_model_and_shape(method):
     assert torch.equal(again, first)
     call(x[:, :, :8, :8])  # another image shape: probed
     assert model.batches.count(1) == probes, model.batches
+
+
+# 5. Run.casts_kept entered with the run already channels-last (no caller does so today): set_layout had converted
+# every 4-D weight, and inside the block returned at once (the same layout), so the float32 channels-last copies of
+# the weights the casts serve stayed beside the casts (what session 46 removed for a contiguous entry). Now the block
+# puts them back and sets the layout through the cache. The reference: the user's own tensors; the pass's output
+# against torch's own bf16 autocast of the model (no salience).
+class Convs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.h = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+
+def test_casts_kept_entered_channels_last_keeps_the_users_weights():
+    model, x = Convs().eval().requires_grad_(False), torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x.contiguous(memory_format=torch.channels_last)).float()
+    weights = {n: (p, p.data_ptr()) for n, p in model.named_parameters() if p.dim() == 4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = _perf.Run(model, x, _perf.resolve(precision="bf16"), tag="s47-cl")
+    try:
+        run.set_layout(True)  # entered channels-last
+        with run.casts_kept():
+            for name, (p, ptr) in weights.items():  # session 46: channels-last float32 copies
+                assert p.data_ptr() == ptr and p.is_contiguous(), name
+            with run.chunk(True, False), run.autocast():
+                out = model(run.prepare(x)).float()
+            for name, (p, _) in weights.items():
+                copy = run._casts.copies[id(p)][2]
+                assert copy.dtype == torch.bfloat16 and copy.is_contiguous(memory_format=torch.channels_last), name
+        assert not run.channels_last and all(p.data_ptr() == ptr for p, ptr in weights.values())
+    finally:
+        _perf.close_run(run)
+    assert all(p.data_ptr() == ptr and p.is_contiguous() for p, ptr in weights.values())
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-2 * float(ref.abs().max()))  # bf16 rounding

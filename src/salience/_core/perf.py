@@ -642,12 +642,23 @@ class Run:
         if self._casts is not None or not _caches_casts(self):
             yield
             return
+        # entered channels-last (no caller does today): the parameters set_layout converted without a cache are put
+        # back first, then the layout is set again through the cache (the served ones stay as they are, their casts
+        # channels-last), as if entered contiguous; before session 47 the converted float32 copies stayed beside the
+        # casts (set_layout returned at once: the same layout)
+        cl = self.channels_last
+        if cl:
+            self.set_layout(False)
         cache = self._casts = CastCache(self.dtype)
         try:
+            if cl:
+                self.set_layout(True)
             yield
         finally:
             self._casts = None
             cache.clear()  # a traceback the caller keeps holds the passes' modes, and so this cache
+            if self.channels_last:  # left channels-last: the served parameters are the user's, as they were; the next
+                self.set_layout(False)  # chunk's layout (Run.chunk) converts them, with no cache to serve them
 
     def _folded_runs(self) -> bool:
         """Whether every pass from now on runs the folded copy (:meth:`forward_fn`): ``plain_passes``, and no final
