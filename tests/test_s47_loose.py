@@ -41,9 +41,8 @@ def _scaled(k: float):
     return lambda t: torch.tanh(t) * k
 
 
-class Settable(nn.Module):
-    """conv + BatchNorm + conv and a head; the forward reads an enum flag, an IntEnum, a tuple of enums, a function
-    and a constant tensor (none a parameter or buffer)."""
+class _Stem(nn.Module):
+    """conv + BatchNorm + conv (a BatchNorm to fold) and a head, seeded."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,9 +50,17 @@ class Settable(nn.Module):
         self.c1, self.bn, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
         with torch.no_grad():
             self.bn.running_mean.uniform_(-0.5, 0.5)
+        self.head = nn.Linear(8 * 4, 3)
+
+
+class Settable(_Stem):
+    """The stem; the forward reads an enum flag, an IntEnum, a tuple of enums, a function and a constant tensor (none
+    a parameter or buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.mode, self.level, self.modes = Mode.RELU, Level.LOW, (Mode.RELU,)
         self.act, self.shift = _scaled(1.0), torch.tensor(0.0)
-        self.head = nn.Linear(8 * 4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(self.c1(x))
@@ -113,17 +120,13 @@ def test_the_folded_copy_follows_enums_and_objects_made_at_a_dead_ones_id(change
     torch.testing.assert_close(after, ref, rtol=0, atol=1e-5)  # session 46: the old copy's map, 0.016-0.099 off
 
 
-class Writes(nn.Module):
-    """conv + BatchNorm + conv whose forward keeps its last activation and counts its calls (``self.last = y``,
-    ``self.calls += 1``), and appends to a list."""
+class Writes(_Stem):
+    """The stem; its forward keeps its last activation and counts its calls (``self.last = y``, ``self.calls += 1``),
+    and appends to a list."""
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.c1, self.bn, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
-        with torch.no_grad():
-            self.bn.running_mean.uniform_(-0.5, 0.5)
-        self.head, self.last, self.calls, self.sizes = nn.Linear(8 * 4, 3), None, 0, [0]
+        self.last, self.calls, self.sizes = None, 0, [0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.c2(torch.relu(self.bn(self.c1(x)))))
@@ -133,18 +136,9 @@ class Writes(nn.Module):
         return self.head(F.adaptive_avg_pool2d(y, 2).flatten(1))
 
 
-@pytest.fixture
-def traces(monkeypatch):
-    """The torch.fx traces made, counted (every trace of salience goes through this tracer class)."""
-    seen = []
-    real = folding._AutocastSeeingTracer.trace
+import test_s46_loose  # noqa: E402
 
-    def counted(self, *a, **kw):
-        seen.append(1)
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(folding._AutocastSeeingTracer, "trace", counted)
-    return seen
+traces = test_s46_loose.traces  # a fixture: the torch.fx traces made, counted
 
 
 def test_attributes_the_forward_writes_do_not_fold_again(traces):
