@@ -433,8 +433,10 @@ def _remember_fold(model: nn.Module, sig: Optional[tuple], made: Any, dtype: Opt
     with _lock:
         _folded[at] = (weakref.ref(model, functools.partial(drop_entry, _folded, at)), kept, made, skip)
         _folded.move_to_end(at)
-        copies = [k for k in tuple(_folded) if isinstance(_folded[k][2], nn.Module)]
-        reasons = [k for k in tuple(_folded) if not isinstance(_folded[k][2], nn.Module)]
+        # .get: a dead model's entry may go at any allocation (drop_entry, the weak reference's callback, takes no lock)
+        entries = [(k, _folded.get(k)) for k in tuple(_folded)]
+        copies = [k for k, e in entries if e is not None and isinstance(e[2], nn.Module)]
+        reasons = [k for k, e in entries if e is not None and not isinstance(e[2], nn.Module)]
         for k in copies[:-_FOLDED_KEEP] + reasons[:-_REASONS_KEEP]:
             _folded.pop(k, None)
 

@@ -483,6 +483,7 @@ class Run:
     """
 
     _casts: Optional[CastCache] = None  # inside casts_kept: the call's bf16 copies of the weights
+    _softmax_taken = False  # the final-softmax answer is an earlier call's, not yet said anew (note_softmax)
 
     def __init__(self, model: nn.Module, x: Tensor, options: Optional[Performance] = None, *, tag: str = "",
                  plain_passes: bool = False, strip_softmax: bool = True) -> None:
@@ -516,10 +517,8 @@ class Run:
         # model (no eager probing chunk since session 45); their output is looked at once (softmax_appeared: a fold
         # made after a flag turned a softmax on holds it; before the review of session 45 the folded copy's was not)
         self.softmax_reused = (self.options.backend is not None or self.options.fold_batchnorm) and rec.softmax is not None
-        if rec.softmax is not None:
-            self.softmax_checked, self.softmax_stripped = True, rec.softmax
-        # the answer is an earlier call's: the first eager pass of this one that looks says it anew (note_softmax)
-        self._softmax_taken = rec.softmax is not None
+        if rec.softmax is not None:  # an earlier call's answer, which this call's first eager look renews (note_softmax)
+            self.softmax_checked, self.softmax_stripped, self._softmax_taken = True, rec.softmax, True
         # A pass without gradients (a prediction pass) that runs the compiled model as a gradient pass
         # does, so that the two share one graph (set by one_pass(gradient_graph=True)).
         self.gradient_graph = False
