@@ -517,7 +517,7 @@ class Run:
         # model (no eager probing chunk since session 45); their output is looked at once (softmax_appeared: a fold
         # made after a flag turned a softmax on holds it; before the review of session 45 the folded copy's was not)
         self.softmax_reused = (self.options.backend is not None or self.options.fold_batchnorm) and rec.softmax is not None
-        if rec.softmax is not None:  # an earlier call's answer, which this call's first eager look renews (note_softmax)
+        if rec.softmax is not None:  # an earlier call's answer, renewed by this call's first eager look (note_softmax)
             self.softmax_checked, self.softmax_stripped, self._softmax_taken = True, rec.softmax, True
         # A pass without gradients (a prediction pass) that runs the compiled model as a gradient pass
         # does, so that the two share one graph (set by one_pass(gradient_graph=True)).
