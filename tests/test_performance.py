@@ -629,7 +629,7 @@ def test_the_reused_probe_is_read_while_another_thread_records_one():
     before = sys.gettrace()
     sys.settrace(calls)
     try:
-        got = reader.reused_probe()
+        got = reader.reused_probe(1)
     finally:
         sys.settrace(before)
     assert len(written) > 3 and got in written

@@ -458,7 +458,7 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
     with _progress(total, desc, enabled=progress) as bar:
         start = 0
         per_item: Optional[int] = None
-        reused = run.reused_probe() if (run is not None and chunk is None) else None
+        reused = run.reused_probe(n_images) if (run is not None and chunk is None) else None
         # chunks="memory" under a run: the memory probe is a pass of its own, its result thrown away, in the
         # first call only (cached); every call then runs the same plan from item 0 (the same bits, cold and warm)
         apart = run is not None and run.options.chunks == "memory"

@@ -6,25 +6,35 @@ and caching it is a job of its own; it imports :mod:`~salience._core.fingerprint
 """
 from __future__ import annotations
 
+import enum
 import functools
 import threading
 import types
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
+from salience._core.casts import drop_entry
 from salience._core.fingerprint import _HOOK_DICTS, _fold_key, _lock, own_hooks
 from salience._core.tensors import copy_model
 
-__all__ = ["folded_model", "fx_traced", "kept_for", "settings", "ThisThreadTracer"]
+__all__ = ["fold_failed", "folded_model", "fx_traced", "kept_for", "settings", "ThisThreadTracer"]
 
-# (id(model), dtype) -> (weak reference to the model, what it is kept for, the copy or why none); a float32 copy for
-# passes under one autocast only (bf16-mixed's) is kept at (id(model), None, that dtype): folded_model
-_folded: "OrderedDict[tuple, tuple[Any, tuple, Any]]" = OrderedDict()
+# (id(model), dtype) -> (weak reference to the model, what it is kept for, the copy or why none, the attributes its
+# forward rewrites: settings' skip); a float32 copy for passes under one autocast only (bf16-mixed's) is kept at
+# (id(model), None, that dtype): folded_model. An entry goes when its model dies (the weak reference's callback).
+_folded: "OrderedDict[tuple, tuple[Any, tuple, Any, frozenset]]" = OrderedDict()
 _FOLDED_KEEP = 2  # folded copies kept for the process (each holds a copy of its model's weights)
+# reasons why a model has no copy kept besides (a string each): they hold nothing of the model, and a model whose
+# float32 copy is refused for an autocast block keeps that refusal beside bf16-mixed's own copy (two such models
+# explained in turn evicted each other's entries when the reasons counted towards _FOLDED_KEEP: every call folded
+# again; session 47)
+_REASONS_KEEP = 16
 # the modules whose weight and bias every pass under an autocast casts to its dtype (F.conv*d, F.linear: autocast's
 # lower-precision list): a low-precision folded copy holds them in that dtype, the rest in float32
 _CAST_BY_AUTOCAST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -33,7 +43,8 @@ _CAST_BY_AUTOCAST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None, passes: Optional[torch.dtype] = None) -> Any:
     """A copy of ``model`` (eval mode, parameters frozen) with each BatchNorm after a convolution
     folded into it, or the reason there is none (a string). ``passes``: the autocast dtype its passes run under, when
-    only that (:func:`fx_traced`; ``dtype`` implies it). ``dtype`` (bf16 / fp16: the passes' autocast): the
+    only that (:func:`fx_traced`; ``dtype`` implies it). The attributes its forward writes go to the set of the
+    enclosing :func:`_noting_writes` (:func:`fx_traced`; the copy's modules are the model's, in the same order). ``dtype`` (bf16 / fp16: the passes' autocast): the
     convolutions' and linear layers' weights are held in it (the autocast's own cast of the float32 fold, so the
     same values), folded one layer at a time from the model's float32 tensors: no float32 copy of all the weights
     is ever held (on resnet50, 98 MiB, plus the autocast's 49 MiB of casts of it, against 49 MiB now)."""
@@ -55,7 +66,7 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None, passes: Optiona
                 hooks = m.__dict__.get(name)
                 if hooks:
                     hooks.clear()
-        traced = fx_traced(clone, dtype, passes)
+        traced = fx_traced(clone, dtype, passes, _WRITES.get())
         if isinstance(traced, str):
             return traced
         folded = _fuse(traced, dtype)
@@ -142,7 +153,8 @@ _IN_BLOCK = "its forward runs "  # the start of the refusal of an operation in a
 _TRACING = threading.Lock()
 
 
-def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Optional[torch.dtype] = None) -> Any:
+def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Optional[torch.dtype] = None,
+              written: Optional[set] = None) -> Any:
     """``clone`` traced by ``torch.fx`` (a ``GraphModule``), or why the trace cannot stand for the model (a string): a
     tracing error (``"torch.fx cannot trace it (...)"``), an operation run in an autocast block of its forward
     (:class:`_AutocastSeeingTracer`). The folded copy's trace and
@@ -160,12 +172,19 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
     (a float32 copy may run with or without an autocast: ``"fp32"``, ``"bf16-mixed"``, compiled passes), every block
     is refused. ``passes_dtype``: a float32 copy (``dtype`` None) whose passes run under that autocast only
     (``"bf16-mixed"``'s eager passes, whose float32 islands turn the autocast off themselves, inside a block or not:
-    session 46), traced as for a copy in that dtype."""
+    session 46), traced as for a copy in that dtype.
+
+    A plain attribute the forward sets (``self.last = attn``, a counter) is put back as the trace found it (a trace of
+    the model itself, occlusion's, left a ``Proxy`` there); ``written`` (a set) is filled with each one, by ``(module
+    index, name)`` in ``clone.modules()``'s order: the trace does not depend on it, so the copy is not kept for it
+    (:func:`settings`' ``skip``; session 47: a tensor the forward stored every call refolded every call once the user
+    had run the model)."""
     device = next((t.device.type for t in (*clone.parameters(), *clone.buffers())), "cpu")
     graphs, passes, autocast = [], None, dtype or passes_dtype
     if autocast is not None:  # the autocast settings of the copy's passes, the only ones it runs under
         with torch.autocast(device, dtype=autocast):
             passes = _autocast_state()[1:]
+    before = _attributes(clone)
     for under in (False, True):
         try:
             with _TRACING, torch.autocast(device, dtype=autocast or torch.get_autocast_dtype(device), enabled=under):
@@ -173,6 +192,8 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
                 graph = tracer.trace(clone)
         except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
             return f"torch.fx cannot trace it ({_described(e, 200)})"
+        finally:
+            _put_back(clone, before, written)
         if tracer.changed:
             return (f"{_IN_BLOCK}{tracer.changed!r} in a torch.autocast block, which torch.fx does not record "
                     "(the copy would run it under the passes' autocast)")
@@ -181,6 +202,50 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
         return ("its forward reads the autocast (another graph under torch.autocast), which torch.fx does not record "
                 "(the copy would run one branch under any autocast)")
     return torch.fx.GraphModule(tracer.root, graphs[0], type(clone).__name__)
+
+
+_MISSING = object()
+# the set the attributes a forward writes go to in a fold (_noting_writes): not an argument of _fold, which tests
+# replace with a function of (model, dtype)
+_WRITES: ContextVar[Optional[set]] = ContextVar("salience_fold_writes", default=None)
+
+
+@contextmanager
+def _noting_writes() -> Iterator[set]:
+    """A set that :func:`_fold` in the block fills with the attributes the forward writes (:func:`fx_traced`)."""
+    written: set = set()
+    token = _WRITES.set(written)
+    try:
+        yield written
+    finally:
+        _WRITES.reset(token)
+
+
+def _attributes(model: nn.Module) -> list[tuple[nn.Module, dict]]:
+    """Each module of ``model`` and a shallow copy of its plain attributes (``__dict__`` but its dicts and sets: the
+    parameters, buffers, submodules and hooks), a list's contents copied too (a forward may append to it)."""
+    return [(m, {k: (v, list(v) if type(v) is list else None) for k, v in m.__dict__.items() if type(v) not in _HELD})
+            for m in model.modules()]
+
+
+def _put_back(model: nn.Module, before: list[tuple[nn.Module, dict]], written: Optional[set]) -> None:
+    """The plain attributes of ``model``'s modules as in ``before`` (:func:`_attributes`), each one that a trace set,
+    added, deleted or changed in place (a list) noted in ``written`` (``(module index, name)``) when given."""
+    for i, (m, was) in enumerate(before):
+        now = m.__dict__
+        for k in [k for k, v in now.items() if type(v) not in _HELD and k not in was]:  # added
+            del now[k]
+            if written is not None:
+                written.add((i, k))
+        for k, (v, items) in was.items():
+            cur = now.get(k, _MISSING)
+            same = cur is v and (items is None or (len(items) == len(v) and all(a is b for a, b in zip(items, v))))
+            if not same:
+                now[k] = v
+                if items is not None:
+                    v[:] = items
+                if written is not None:
+                    written.add((i, k))
 
 
 def _own_tensors(folded: nn.Module, shared: tuple, dtype: torch.dtype) -> None:
@@ -251,23 +316,43 @@ _CALLED = frozenset({types.FunctionType, types.BuiltinFunctionType, types.Method
 _HELD = frozenset({OrderedDict, dict, set})  # a module's own dicts (parameters, buffers, hooks) and sets: skipped fast
 
 
-def settings(model: nn.Module) -> tuple:
-    """The plain attributes of ``model``'s modules (booleans, numbers, strings, dtypes and tuples or lists of them: a
-    flag ``self.probs`` the forward reads, a temperature, swin's ``shift_size`` list), which a ``torch.fx`` trace bakes
+def _plain(v: Any) -> bool:
+    """A plain value or an enum member (:func:`settings`' slow path: a tuple or list that is not all plain values)."""
+    return type(v) in _PLAIN or isinstance(v, enum.Enum)
+
+
+def _alive(v: Any) -> Any:
+    """``v``'s identity as a key that no later object takes over: ``id`` and a weak reference (the same reference
+    object while ``v`` lives, so two keys of one live object compare by identity; once ``v`` is gone its reference
+    equals no other). An ``id`` alone was taken by a new function or tensor made where the old one had died, and the
+    folded copy of the old one ran (session 47). A strong reference where ``v`` takes no weak one."""
+    try:
+        return id(v), weakref.ref(v)
+    except TypeError:
+        return id(v), v
+
+
+def settings(model: nn.Module, skip: frozenset = frozenset()) -> tuple:
+    """The plain attributes of ``model``'s modules (booleans, numbers, strings, dtypes, enum members and tuples or
+    lists of them: a flag ``self.probs`` the forward reads, a temperature, swin's ``shift_size`` list, a mode
+    ``self.mode = Mode.PROBS``), which a ``torch.fx`` trace bakes
     in (the branch taken, the constant) and :func:`~salience._core.fingerprint.structure` does not see: what a trace
     is kept for besides the structure and the weights (session 46: a folded copy traced with a softmax flag off ran
     the logits after the flag was turned on, with ``strip_softmax=False``). A tensor that is no parameter or buffer
     (``self.shift = torch.tensor(0.5)``: a trace's constant, which the folded copy holds a copy of) counts by its
     identity and version, a function (``self.act = torch.tanh``: a trace's call) by its identity (session 46's
-    review: either replaced, the copy ran the old one). Not ``training``: a copy is traced in eval mode whatever the
+    review: either replaced, the copy ran the old one); an identity that a new object cannot take over once the old one
+    died (:func:`_alive`; session 47). ``skip``: ``(module index, name)`` in ``model.modules()``'s order of the
+    attributes the forward itself writes (:func:`fx_traced`'s ``written``; the trace does not depend on them). Not
+    ``training``: a copy is traced in eval mode whatever the
     model's mode (salience's passes run it so; the guard puts it back). About 1 ms on resnet50 (151 modules; AMD
     EPYC, session 46)."""
     out: list = []
     add, plain, called, held = out.append, _PLAIN, _CALLED, _HELD
-    for m in model.modules():
+    for i, m in enumerate(model.modules()):
         for k, v in m.__dict__.items():
             t = type(v)
-            if t in held or k == "training":
+            if t in held or k == "training" or (skip and (i, k) in skip):
                 continue
             if t in plain or (t is tuple and plain.issuperset(map(type, v))):
                 add(k)
@@ -277,17 +362,21 @@ def settings(model: nn.Module) -> tuple:
                 add((list, *v))
             elif t in called:
                 add(k)
-                add((t, id(v)))
+                add((t, *_alive(v)))
             elif issubclass(t, torch.Tensor):
                 add(k)
-                add((torch.Tensor, id(v), v._version if not v.is_inference() else v.data_ptr()))
+                add((torch.Tensor, v._version if not v.is_inference() else v.data_ptr(), *_alive(v)))
+            elif isinstance(v, enum.Enum) or ((t is tuple or t is list) and all(map(_plain, v))):
+                add(k)
+                add((t, v) if t is not list else (list, *v))  # an enum member's class too (IntEnum == int)
         add(None)  # the module's end
     return tuple(out)
 
 
-def kept_for(model: nn.Module, sig: Optional[tuple]) -> Optional[tuple]:
-    """What a folded copy is kept for: the weights' state ``sig`` and the plain attributes (``None``: not comparable)."""
-    return None if sig is None else (sig, settings(model))
+def kept_for(model: nn.Module, sig: Optional[tuple], skip: frozenset = frozenset()) -> Optional[tuple]:
+    """What a folded copy is kept for: the weights' state ``sig`` and the plain attributes (``None``: not comparable)
+    but ``skip`` (:func:`settings`)."""
+    return None if sig is None else (sig, settings(model, skip))
 
 
 def folded_model(model: nn.Module, key: Optional[tuple] = None, dtype: Optional[torch.dtype] = None,
@@ -295,7 +384,8 @@ def folded_model(model: nn.Module, key: Optional[tuple] = None, dtype: Optional[
     """The process's BatchNorm-folded copy of ``model`` (made again when the model's structure, see
     :func:`~salience._core.fingerprint.structure`, or its parameters or buffers changed since: ``key``,
     its :func:`~salience._core.fingerprint._fold_key`, when the caller has it, or a plain attribute of a module,
-    :func:`settings`), or ``(None, why)`` when folding does not apply. ``dtype``: the copy for passes under an
+    :func:`settings`, but those its forward writes), or ``(None, why)`` when folding does not apply. ``dtype``: the
+    copy for passes under an
     autocast to it (:func:`_fold`), one of its own. ``passes`` (with ``dtype`` None: ``"bf16-mixed"``'s float32
     copy, whose passes run under that autocast only): where the float32 copy the float32 runs share is refused for
     an autocast block of the forward, a float32 copy of its own traced for those passes (a block at their dtype
@@ -304,40 +394,64 @@ def folded_model(model: nn.Module, key: Optional[tuple] = None, dtype: Optional[
     if why is not None:
         return None, why
     sig = key if key is not None else _fold_key(model)
-    kept = kept_for(model, sig)
-    made = _kept_fold(model, kept, (id(model), dtype))
+    made = _kept_fold(model, sig, (id(model), dtype))
     if made is None:
-        made = _fold(model, dtype)
-        _remember_fold(model, sig, made, dtype)
+        with _noting_writes() as written:
+            made = _fold(model, dtype)
+        _remember_fold(model, sig, made, dtype, skip=frozenset(written))
     if isinstance(made, str) and made.startswith(_IN_BLOCK) and passes is not None and dtype is None:
-        made = _kept_fold(model, kept, (id(model), None, passes))
+        made = _kept_fold(model, sig, (id(model), None, passes))
         if made is None:
-            made = _fold(model, None, passes)
-            _remember_fold(model, sig, made, None, passes)
+            with _noting_writes() as written:
+                made = _fold(model, None, passes)
+            _remember_fold(model, sig, made, None, passes, frozenset(written))
     return (made, "") if isinstance(made, nn.Module) else (None, made)
 
 
-def _kept_fold(model: nn.Module, kept: Optional[tuple], at: tuple) -> Any:
-    """The process's copy (or why none) at ``at`` when made for ``model`` as it is now (``kept``), else None."""
+def _kept_fold(model: nn.Module, sig: Optional[tuple], at: tuple) -> Any:
+    """The process's copy (or why none) at ``at`` when made for ``model`` as it is now (its weights' state ``sig``
+    and :func:`settings`, but the attributes the entry's trace saw the forward write), else None."""
+    if sig is None:
+        return None
     with _lock:
         hit = _folded.get(at)
-        if hit is not None and hit[0]() is model and kept is not None and hit[1] == kept:
+    if hit is None or hit[0]() is not model or hit[1] != kept_for(model, sig, hit[3]):
+        return None
+    with _lock:
+        if _folded.get(at) is hit:
             _folded.move_to_end(at)
-            return hit[2]
-    return None
+    return hit[2]
 
 
 def _remember_fold(model: nn.Module, sig: Optional[tuple], made: Any, dtype: Optional[torch.dtype] = None,
-                   passes: Optional[torch.dtype] = None) -> None:
+                   passes: Optional[torch.dtype] = None, skip: frozenset = frozenset()) -> None:
     """Cache ``made`` (the folded copy, or why there is none) for ``model`` in the state ``sig`` (its
-    :func:`~salience._core.fingerprint._fold_key`; its :func:`settings` read here) and ``dtype`` (``passes``: a
-    float32 copy for passes under that autocast only, :func:`folded_model`)."""
-    kept, at = kept_for(model, sig), (id(model), dtype) if passes is None else (id(model), None, passes)
+    :func:`~salience._core.fingerprint._fold_key`; its :func:`settings` but ``skip`` read here) and ``dtype``
+    (``passes``: a float32 copy for passes under that autocast only, :func:`folded_model`). At most
+    :data:`_FOLDED_KEEP` copies and :data:`_REASONS_KEEP` reasons are kept (the least recently used go)."""
+    kept, at = kept_for(model, sig, skip), (id(model), dtype) if passes is None else (id(model), None, passes)
     with _lock:
-        _folded[at] = (weakref.ref(model), kept, made)
+        _folded[at] = (weakref.ref(model, functools.partial(drop_entry, _folded, at)), kept, made, skip)
         _folded.move_to_end(at)
-        while len(_folded) > _FOLDED_KEEP:
-            _folded.popitem(last=False)
+        # .get: a dead model's entry may go at any allocation (drop_entry, the weak reference's callback, takes no lock)
+        entries = [(k, _folded.get(k)) for k in tuple(_folded)]
+        copies = [k for k, e in entries if e is not None and isinstance(e[2], nn.Module)]
+        reasons = [k for k, e in entries if e is not None and not isinstance(e[2], nn.Module)]
+        for k in copies[:-_FOLDED_KEEP] + reasons[:-_REASONS_KEEP]:
+            _folded.pop(k, None)
+
+
+def fold_failed(model: nn.Module, copy: nn.Module, why: str) -> None:
+    """The folded ``copy`` of ``model`` failed in a pass: ``why`` is kept in its own entry (that of its dtype, or
+    bf16-mixed's own float32 copy's), for the state it was made for. Before (session 47), bf16-mixed's own copy's
+    failure was written in the float32 copy's entry, so a float32 run was told of bf16-mixed's failure instead of why
+    its copy was refused, and the failing copy was taken again."""
+    with _lock:
+        for at in tuple(_folded):
+            hit = _folded.get(at)
+            if hit is not None and hit[2] is copy and hit[0]() is model:
+                _folded[at] = (hit[0], hit[1], why, hit[3])
+                return
 
 
 def _described(error: BaseException, limit: int = 300) -> str:

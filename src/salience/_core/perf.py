@@ -15,7 +15,7 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   backend callable. The compiled model is cached for the process; every chunk of the one fixed
   size runs compiled, a chunk of another size (the last; the first, probing one under ``chunks="throughput"``;
   the memory probe's own pass) eagerly, so nothing recompiles
-  across chunks (with ``compile``, a later call on the same model, shape and method takes an earlier call's
+  across chunks (with ``compile``, a later call on the same model, shape, method and number of images takes an earlier call's
   probe, no probe's pass, its chunks the plan's as in every call: :meth:`Run.reused_probe`; with :data:`FREEZE` a
   last, shorter chunk whose size recurs runs frozen graphs of its own size: :meth:`Run._frozen_tail`); single passes (:func:`one_pass`) run compiled at the batch sizes that recur, at
   most :data:`ONE_PASS_SIZES`. Where compilation is unavailable or fails, a warning says why and the
@@ -105,7 +105,7 @@ from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, st
 from salience._core.layouts import channels_last_data, copies_made, keep_only, keeping
 from salience._core.malloc import keep_freed_memory, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
-from salience._core.folding import _described, _folded, _remember_fold, folded_model
+from salience._core.folding import _described, _folded, fold_failed, folded_model
 
 __all__ = ["Performance", "Run", "close_run", "set_performance", "performance", "plain", "current", "resolve", "active", "inside",
            "MEMORY_FORMATS", "PRECISIONS", "CHUNKING", "SMALL_ITEM_BYTES", "ONE_PASS_SIZES", "clear_cache", "compile_unavailable", "folded_model",
@@ -382,8 +382,7 @@ class _Record:
     compiled: list[int] = field(default_factory=list)  # the one-pass sizes compiled (on _ONE_PASS's record)
     refused: bool = False  # a recurring size was refused for the cap (warned once; on _ONE_PASS's record)
     # the engine's memory probe: bytes per item of an eager chunk, per number of images of the call
-    # (Run.known_probe), in the order measured: the last, for any number of images, is what FREEZE reuses
-    # (Run.reused_probe)
+    # (Run.known_probe, Run.reused_probe)
     probes: dict[int, int] = field(default_factory=dict)
     tails: dict[int, Any] = field(default_factory=dict)  # FREEZE: per size of a last, shorter chunk, the weights_key of its last call
     frozen_tails: list[int] = field(default_factory=list)  # FREEZE: the tail sizes that run frozen (FROZEN_TAILS)
@@ -484,6 +483,7 @@ class Run:
     """
 
     _casts: Optional[CastCache] = None  # inside casts_kept: the call's bf16 copies of the weights
+    _softmax_taken = False  # the final-softmax answer is an earlier call's, not yet said anew (note_softmax)
 
     def __init__(self, model: nn.Module, x: Tensor, options: Optional[Performance] = None, *, tag: str = "",
                  plain_passes: bool = False, strip_softmax: bool = True) -> None:
@@ -517,8 +517,8 @@ class Run:
         # model (no eager probing chunk since session 45); their output is looked at once (softmax_appeared: a fold
         # made after a flag turned a softmax on holds it; before the review of session 45 the folded copy's was not)
         self.softmax_reused = (self.options.backend is not None or self.options.fold_batchnorm) and rec.softmax is not None
-        if rec.softmax is not None:
-            self.softmax_checked, self.softmax_stripped = True, rec.softmax
+        if rec.softmax is not None:  # an earlier call's answer, renewed by this call's first eager look (note_softmax)
+            self.softmax_checked, self.softmax_stripped, self._softmax_taken = True, rec.softmax, True
         # A pass without gradients (a prediction pass) that runs the compiled model as a gradient pass
         # does, so that the two share one graph (set by one_pass(gradient_graph=True)).
         self.gradient_graph = False
@@ -641,12 +641,23 @@ class Run:
         if self._casts is not None or not _caches_casts(self):
             yield
             return
+        # entered channels-last (no caller does today): the parameters set_layout converted without a cache are put
+        # back first, then the layout is set again through the cache (the served ones stay as they are, their casts
+        # channels-last), as if entered contiguous; before session 47 the converted float32 copies stayed beside the
+        # casts (set_layout returned at once: the same layout)
+        cl = self.channels_last
+        if cl:
+            self.set_layout(False)
         cache = self._casts = CastCache(self.dtype)
         try:
+            if cl:
+                self.set_layout(True)
             yield
         finally:
             self._casts = None
             cache.clear()  # a traceback the caller keeps holds the passes' modes, and so this cache
+            if self.channels_last:  # left channels-last: the served parameters are the user's, as they were; the next
+                self.set_layout(False)  # chunk's layout (Run.chunk) converts them, with no cache to serve them
 
     def _folded_runs(self) -> bool:
         """Whether every pass from now on runs the folded copy (:meth:`forward_fn`): ``plain_passes``, and no final
@@ -676,22 +687,21 @@ class Run:
         if self.softmax_checked:  # kept for the model's structure (Run.__init__ forgets it when it changed)
             self.record.softmax = self.softmax_stripped
 
-    def reused_probe(self) -> Optional[int]:
+    def reused_probe(self, n_images: int) -> Optional[int]:
         """The bytes per item an earlier call's memory probe (its pass, eager) measured for this
-        model, tag, item shape and options, for any number of images, when this run may skip its own
+        model, tag, item shape, options and number of images, when this run may skip its own
         probe: with ``compile`` (``True``, :data:`FREEZE`, a backend) only, once the final softmax is known too (``None``: probe).
         Then every chunk is one of the fixed size and runs the compiled model (the frozen graphs):
         SmoothGrad's 64 items at 4 images ran 9 chunks (4 eager, 7 x 8 frozen, 4 eager), now 8 x 8
         frozen; with ``compile=True`` (session 45) SmoothGrad 16 at 1 image ran 1 eager, 8 compiled, 7
-        eager in every call, now 8, 8 compiled. Kept per :func:`structure` with the softmax answer; the
-        eager options take only a probe of the same number of images (:meth:`known_probe`: their chunks, and so
-        their bits, the same in every call)."""
+        eager in every call, now 8, 8 compiled. Kept per :func:`structure` with the softmax answer. Only a probe of
+        the same number of images, as the eager options' (:meth:`known_probe`): the bytes per item, and so the
+        chunks (:func:`~salience._core.engine.gradient_chunk_cap` compares them with the weights) and the bits,
+        depend on it; the last probe of any number of images (before session 47) gave a call other chunks after
+        another call history."""
         if self.options.backend is None or not self.softmax_checked:
             return None
-        # one C call copies the values (no thread switch inside it): another run's probed() may change the dict
-        # between any two instructions of this read, where an iterator over it would raise
-        measured = tuple(self.record.probes.values())
-        return measured[-1] if measured else None
+        return self.record.probes.get(n_images)
 
     def known_probe(self, n_images: int) -> Optional[int]:
         """The bytes per item that an earlier call's memory probe measured for this model, tag, item shape,
@@ -705,8 +715,7 @@ class Run:
 
     def probed(self, per_item: int, n_images: int) -> None:
         """Record what this run's memory probe measured (bytes per item) for a call of ``n_images``
-        images, for :meth:`reused_probe` (the last measured) and :meth:`known_probe`."""
-        self.record.probes.pop(n_images, None)  # measured again: now the last
+        images, for :meth:`reused_probe` and :meth:`known_probe`."""
         self.record.probes[n_images] = per_item
 
     # ---- what a chunk runs under
@@ -847,13 +856,22 @@ class Run:
             self.compile_failed(error)
             return
         why = f"the folded copy failed ({_described(error)})"
-        _remember_fold(self.model, self._fold_key, why, self._fold_dtype)
+        fold_failed(self.model, self._folded, why)  # in its own entry (bf16-mixed's float32 copy has one)
         warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=user_stacklevel())
         self._folded = None
 
     def note_softmax(self, stripped: bool) -> None:
+        """An eager pass stripped a final softmax (or found none to strip). The first such note of a run that took an
+        earlier call's answer replaces it: a softmax a flag of the forward turned off since (no change of
+        :func:`structure`) left the answer "stripped" for good before session 47, and every later ``compile`` or
+        ``fold_batchnorm`` call ran eagerly (:meth:`forward_fn`; the maps right, the options unused). One turned on is
+        seen by the copy's or graph's first output (:func:`~salience._core.autograd.softmax_appeared`)."""
+        if self._softmax_taken:
+            self._softmax_taken = False
+            self.softmax_stripped = stripped
+        else:
+            self.softmax_stripped = self.softmax_stripped or stripped
         self.softmax_checked = True
-        self.softmax_stripped = self.softmax_stripped or stripped
 
     def compile_failed(self, error: BaseException) -> None:
         why = f"torch.compile failed on this model ({_described(error)})"

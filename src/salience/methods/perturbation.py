@@ -577,6 +577,11 @@ def _held_elsewhere(buffer: Tensor) -> bool:
     return count(buffer.untyped_storage()._cdata) > 2
 
 
+# clean_batch's probe: bytes of one image's float32 clean pass, per model (its structure), item shape, dtype, device
+# and strip_softmax, as the engine keeps its memory probes (perf.Run.known_probe)
+_CLEAN_PROBES = _perf.ModelCache(16)
+
+
 def clean_batch(x: Tensor, perf: _perf.Performance, chunk: Optional[int] = None, budget: Optional[int] = None,
                 model: Optional[nn.Module] = None, strip_softmax: bool = True) -> int:
     """The images per float32 clean pass of a many-pass call on ``x`` ``(B, ...)``: all ``B``, but half of them (at
@@ -589,25 +594,33 @@ def clean_batch(x: Tensor, perf: _perf.Performance, chunk: Optional[int] = None,
 
     ``budget``: the call's ``max_memory`` in bytes (``None``: not given), which bounds the clean passes as it bounds
     the engine's chunks (80 % of it, :func:`~salience._core.engine.chunk_size`): the bytes of one image's float32
-    pass of ``model`` measured by a pass of the first image under :class:`~salience._core.engine.MemoryProbe` (one
-    pass more in every call with ``max_memory`` and more than one image a pass, which the model's hooks see; the random
-    generators are left as it found them; before session 46 ``max_memory`` left the clean passes at all ``B`` images)."""
+    pass of ``model`` measured by a pass of the first image under :class:`~salience._core.engine.MemoryProbe`, in the
+    first call with ``max_memory`` and more than one image a pass per model (its
+    :func:`~salience._core.fingerprint.structure`), item shape, dtype, device and ``strip_softmax``, kept for the
+    later ones (``_CLEAN_PROBES``: the same measure, so the same passes; before session 47 every call ran it, a pass
+    more that the model's hooks saw); the random generators are left as it found them (before session 46
+    ``max_memory`` left the clean passes at all ``B`` images)."""
     b = int(x.shape[0])
     n = b if perf.precision == "fp32" else max(1, -(-b // 2))  # the others are 16-bit autocasts (perf.PRECISIONS)
     if chunk is not None:
         n = max(1, min(n, int(chunk)))
     if budget is not None and model is not None and n > 1:
-        probe = _engine.MemoryProbe()
-        # the generators as they were after it (a model with noise in its forward: the call's random numbers the same
-        # with max_memory as without, as the engine's own probe pass keeps them; the review of session 46)
-        # a copy, made outside the probe: a model that changes its input in place (x -= mean) wrote the user's first
-        # image once more than the others, and the call's maps with max_memory were not those without it (session
-        # 46's last read)
-        first = x[:1].clone()
-        with _engine.generators_kept(x.device), probe:
-            forward_scores(model, first, strip_softmax=strip_softmax)
-        del first
-        n = max(1, min(n, int(0.8 * budget) // max(1, probe.peak)))
+        key, shape = (tuple(x.shape[1:]), x.dtype, str(x.device), strip_softmax), _perf.structure(model)
+        peak = _CLEAN_PROBES.get(model, key, shape)
+        if peak is None:
+            probe = _engine.MemoryProbe()
+            # the generators as they were after it (a model with noise in its forward: the call's random numbers the
+            # same with max_memory as without, as the engine's own probe pass keeps them; the review of session 46)
+            # a copy, made outside the probe: a model that changes its input in place (x -= mean) wrote the user's
+            # first image once more than the others, and the call's maps with max_memory were not those without it
+            # (session 46's last read)
+            first = x[:1].clone()
+            with _engine.generators_kept(x.device), probe:
+                forward_scores(model, first, strip_softmax=strip_softmax)
+            del first
+            peak = probe.peak
+            _CLEAN_PROBES.put(model, key, shape, peak)
+        n = max(1, min(n, int(0.8 * budget) // max(1, peak)))
     return n
 
 
