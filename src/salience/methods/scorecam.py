@@ -564,6 +564,16 @@ class _Ablated:
         return torch.cat(parts)[torch.cat(at).argsort()]
 
 
+def _clean_parts(batch: int, perf: _perf.Performance) -> int:
+    """Ablation-CAM's images a clean pass: :func:`~salience.methods.perturbation.clean_batch`'s ``batch``, halved (at
+    least one) in float32, as ``clean_batch`` halves it under a 16-bit autocast. Its passes run an image's items with
+    the layers before the layer on that image's one row, so a chunk of ``B`` items holds less than a clean pass of
+    ``B`` images, which also keeps the layer's output it captures: in float32 that pass was the call's peak, its live
+    tensors a plain loop's pass plus the model guard's copies of the BatchNorm buffers (0.2 MiB over the loop's,
+    resnet50 at ``layer1.0.conv1``, 8 images at 224 px, session 47)."""
+    return max(1, -(-int(batch) // 2)) if perf.precision == "fp32" else int(batch)
+
+
 def _check_precision(model: nn.Module, x: Tensor, run: _perf.Run) -> Any:
     """The precision of Ablation-CAM's sharing check (:meth:`_Ablated.check`): fp32 where the model and ``x`` are (a
     bf16 autocast's rounding is most of the drops ``S - S_k`` the check compares), else the passes' autocast."""
@@ -638,7 +648,7 @@ def ablationcam(
     warn_unapplied("ablationcam", model, ("compile", "fold_batchnorm"), perf, why=_WHY_ABLATION_PASSES_SKIP)
     b = x.shape[0]
     with model_guard(model):
-        batch = clean_batch(x, perf, chunk, budget, model, strip_softmax)  # images a clean pass, within max_memory
+        batch = _clean_parts(clean_batch(x, perf, chunk, budget, model, strip_softmax), perf)  # images a clean pass
         native, out = _capture(model, x, mod, strip_softmax, batch)
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
         _check_channel_passes("Ablation-CAM", int(acts.shape[1]))  # before the channels' passes
