@@ -13,14 +13,12 @@ KiB), live tensors at the call's peak by
   a loop's pass plus the guard's copies. It runs in halves now; the peak is the chunks' passes, which run an image's
   items with the layers before the layer on that image's one row.
 """
-import warnings
-
 import torch
 import torchvision
 
 import salience
-from salience._core import engine
 from salience.methods.perturbation import rise_masks
+from test_s46_permem import _peak  # live tensors at the peak of a call (MemoryProbe)
 
 
 def _resnet18() -> torch.nn.Module:
@@ -35,14 +33,6 @@ def _resnet18() -> torch.nn.Module:
 
 def _x(b: int, s: int) -> torch.Tensor:
     return torch.rand(b, 3, s, s, generator=torch.Generator().manual_seed(1))
-
-
-def _peak(fn) -> tuple[int, object]:
-    probe = engine.MemoryProbe()
-    with warnings.catch_warnings(), probe:
-        warnings.simplefilter("ignore")
-        out = fn()
-    return probe.peak, out
 
 
 def _buffer_bytes(model: torch.nn.Module) -> int:
