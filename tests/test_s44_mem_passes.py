@@ -65,8 +65,7 @@ def test_folded_passes_never_cast_the_models_weights(name):
 def test_float32_clean_pass_takes_half_the_images_under_bf16(name):
     """Under a 16-bit autocast the float32 clean pass (the targets, the map's scale, the layer's output) runs half
     the images at a time: the chunks are sized for 16-bit activations, and a float32 pass of all the images held
-    twice a chunk's. In float32 the clean pass is one pass of all of them, as before (the same bits); Ablation-CAM's in
-    halves since session 47."""
+    twice a chunk's. In float32 the clean pass is one pass of all of them, as before (the same bits)."""
     model, x = _model(), _x()
     seen: list[tuple[int, torch.dtype]] = []  # each pass's images and the first convolution's output dtype
     h = model[0].register_forward_hook(lambda mod, args, out: seen.append((out.shape[0], out.dtype)))
@@ -78,9 +77,7 @@ def test_float32_clean_pass_takes_half_the_images_under_bf16(name):
             assert max(fp32) == math.ceil(B / 2), seen
         seen.clear()
         _quiet(CALLS[name], model, x, chunk=B)
-        # Ablation-CAM's float32 capture in halves too since session 47 (its chunks share the layers before the
-        # layer: the clean pass of all B images was its fp32 peak, tests/test_s47_permem.py)
-        assert seen[0][0] == (math.ceil(B / 2) if name == "ablationcam" else B)
+        assert seen[0][0] == B
     finally:
         h.remove()
 

@@ -13,6 +13,7 @@ KiB), live tensors at the call's peak by
   a loop's pass plus the guard's copies. It runs in halves now; the peak is the chunks' passes, which run an image's
   items with the layers before the layer on that image's one row.
 """
+import pytest
 import torch
 import torchvision
 
@@ -135,13 +136,34 @@ def test_ablationcam_fp32_live_tensors_under_the_loops_with_the_guards_copies():
     torch.testing.assert_close(ours / scale, ref / scale, rtol=1e-4, atol=1e-4)
 
 
-def test_ablationcam_clean_pass_in_halves_in_fp32_only():
-    """fp32: the clean pass (the layer's output and S) in halves; under bf16 ``clean_batch``'s halves as they were."""
+def test_ablationcam_fp32_clean_pass_keeps_no_layer_output_through_the_layers_after_it():
+    """fp32, all B images a clean pass: the model's output from a pass of its own, then the layer's output from a
+    pass of the layers before it only (stopped at the layer); before, one pass kept the layer's output through the
+    rest of the model."""
     model, x = _resnet18(), _x(5, 32)
-    seen: list = []
-    h = model.conv1.register_forward_pre_hook(lambda m, a: seen.append(int(a[0].shape[0])))
+    events: list = []
+    hooks = [model.conv1.register_forward_pre_hook(lambda m, a: events.append(("conv1", int(a[0].shape[0])))),
+             model.fc.register_forward_pre_hook(lambda m, a: events.append(("fc", int(a[0].shape[0]))))]
     try:
         salience.ablationcam(model, x, 1, layer="layer4.1.conv2")
     finally:
-        h.remove()
-    assert seen[:2] == [3, 2], seen  # the capture: 3 + 2 images (all 5 before)
+        for h in hooks:
+            h.remove()
+    assert events[:3] == [("conv1", 5), ("fc", 5), ("conv1", 5)], events[:6]
+    assert events[3] != ("fc", 5), events[:6]  # the second pass stopped at the layer
+
+
+class InPlaceInput(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x -= 0.5
+        return self.head(self.conv(x).relu().mean((2, 3)))
+
+
+def test_ablationcam_refuses_a_model_that_changes_its_input_in_place():
+    with pytest.raises(salience.SalienceError, match="changed its input in place"):
+        salience.ablationcam(InPlaceInput().eval(), _x(2, 8), 1, layer="conv")

@@ -46,8 +46,8 @@ from torch import Tensor, nn
 from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
-from salience._core.autograd import (capture_hook, captured_pass, check_input, final_softmax, forward_scores,
-                                    layer_not_captured, this_thread)
+from salience._core.autograd import (_StopForward, capture_hook, captured_pass, check_input, final_softmax,
+                                    forward_scores, layer_not_captured, this_thread)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
@@ -564,14 +564,38 @@ class _Ablated:
         return torch.cat(parts)[torch.cat(at).argsort()]
 
 
-def _clean_parts(batch: int, perf: _perf.Performance) -> int:
-    """Ablation-CAM's images a clean pass: :func:`~salience.methods.perturbation.clean_batch`'s ``batch``, halved (at
-    least one) in float32, as ``clean_batch`` halves it under a 16-bit autocast. Its passes run an image's items with
-    the layers before the layer on that image's one row, so a chunk of ``B`` items holds less than a clean pass of
-    ``B`` images, which also keeps the layer's output it captures: in float32 that pass was the call's peak, its live
-    tensors a plain loop's pass plus the model guard's copies of the BatchNorm buffers (0.2 MiB over the loop's,
-    resnet50 at ``layer1.0.conv1``, 8 images at 224 px, session 47)."""
-    return max(1, -(-int(batch) // 2)) if perf.precision == "fp32" else int(batch)
+def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
+    """Ablation-CAM's float32 clean pass of all ``B`` images as two: the model's output (``S``) from a pass that keeps
+    nothing of the layer, then the layer's output from a pass stopped when the layer returns (the layers before only),
+    the random generators put back between them, so both passes draw one pass's numbers and the stream after them
+    is one pass's. ``(layer output, model output)``, the values of :func:`_capture`'s one pass (the same kernels on
+    the same batch; nothing after the layer runs on the kept output, so no in-place change reaches it). The one pass
+    kept the layer's output through the layers after it, the call's peak: in float32 a plain loop's pass plus the
+    model guard's copies of the BatchNorm buffers, 0.2 MiB over the loop's on resnet50 at ``layer1.0.conv1`` with 8
+    images at 224 px (session 47: 5.1 MiB under it now, the chunks' passes the peak). A model that changes its input
+    in place in its forward (``x -= mean``) would run the second pass on other values: a :class:`SalienceError` (its
+    item passes, which read rows of ``x``, changed it again anyway)."""
+    before, version = _rng_states(), (None if x.is_inference() else x._version)
+    out = forward_scores(model, x, strip_softmax=strip_softmax)
+    if version is not None and x._version != version:
+        raise SalienceError(
+            "the model changed its input in place in its forward (x -= ..., an in-place first layer): Ablation-CAM "
+            "reads the layer's output and the score of the same images in passes of their own and its ablated passes "
+            "read the images again. Pass a model that leaves its input as it is (clone it first in its forward)")
+    after = _rng_states()
+    _set_rng_states(before)  # the layers before draw what the first pass drew
+    store: list[Any] = []
+    handle = mod.register_forward_hook(this_thread(capture_hook(store, True)))
+    try:
+        forward_scores(model, x, strip_softmax=strip_softmax)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+        _set_rng_states(after)
+    if not store or not isinstance(store[0], Tensor):
+        raise layer_not_captured(model, mod, store)
+    return store[0].detach(), out
 
 
 def _check_precision(model: nn.Module, x: Tensor, run: _perf.Run) -> Any:
@@ -648,8 +672,11 @@ def ablationcam(
     warn_unapplied("ablationcam", model, ("compile", "fold_batchnorm"), perf, why=_WHY_ABLATION_PASSES_SKIP)
     b = x.shape[0]
     with model_guard(model):
-        batch = _clean_parts(clean_batch(x, perf, chunk, budget, model, strip_softmax), perf)  # images a clean pass
-        native, out = _capture(model, x, mod, strip_softmax, batch)
+        batch = clean_batch(x, perf, chunk, budget, model, strip_softmax)  # images a clean pass, within max_memory
+        if perf.precision == "fp32" and batch >= b:  # one pass of all B images: as two, the layer's output not kept
+            native, out = _clean_apart(model, x, mod, strip_softmax)  # through the layers after it (session 47)
+        else:
+            native, out = _capture(model, x, mod, strip_softmax, batch)
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
         _check_channel_passes("Ablation-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
