@@ -46,8 +46,8 @@ from torch import Tensor, nn
 from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
-from salience._core.autograd import (_StopForward, capture_hook, captured_pass, check_input, final_softmax,
-                                    forward_scores, layer_not_captured, this_thread)
+from salience._core.autograd import (capture_hook, captured_pass, check_input, final_softmax, forward_scores,
+                                    layer_not_captured, layer_value, this_thread)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
@@ -564,6 +564,20 @@ class _Ablated:
         return torch.cat(parts)[torch.cat(at).argsort()]
 
 
+class _LayerReached(Exception):
+    """Ends a pass when the layer returned (:func:`_clean_apart`'s second pass: the layers after it do not run)."""
+
+
+def _ablation_clean(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, perf: _perf.Performance,
+                    batch: int) -> tuple[Tensor, Tensor]:
+    """Ablation-CAM's ``(layer output, model output)`` of the clean images, ``batch`` images a pass
+    (:func:`~salience.methods.perturbation.clean_batch`): a float32 pass of all of them as two (:func:`_clean_apart`),
+    else :func:`_capture`'s passes."""
+    if perf.precision == "fp32" and batch >= x.shape[0]:
+        return _clean_apart(model, x, mod, strip_softmax)
+    return _capture(model, x, mod, strip_softmax, batch)
+
+
 def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
     """Ablation-CAM's float32 clean pass of all ``B`` images as two: the model's output (``S``) from a pass that keeps
     nothing of the layer, then the layer's output from a pass stopped when the layer returns (the layers before only),
@@ -585,10 +599,16 @@ def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: boo
     after = _rng_states()
     _set_rng_states(before)  # the layers before draw what the first pass drew
     store: list[Any] = []
-    handle = mod.register_forward_hook(this_thread(capture_hook(store, True)))
+
+    def reached(module: nn.Module, inputs: Any, output: Any) -> None:  # a reused module: its first call is the layer's
+        if not store:
+            store.append(layer_value(output))
+            raise _LayerReached
+
+    handle = mod.register_forward_hook(this_thread(reached))
     try:
         forward_scores(model, x, strip_softmax=strip_softmax)
-    except _StopForward:
+    except _LayerReached:
         pass
     finally:
         handle.remove()
@@ -673,10 +693,7 @@ def ablationcam(
     b = x.shape[0]
     with model_guard(model):
         batch = clean_batch(x, perf, chunk, budget, model, strip_softmax)  # images a clean pass, within max_memory
-        if perf.precision == "fp32" and batch >= b:  # one pass of all B images: as two, the layer's output not kept
-            native, out = _clean_apart(model, x, mod, strip_softmax)  # through the layers after it (session 47)
-        else:
-            native, out = _capture(model, x, mod, strip_softmax, batch)
+        native, out = _ablation_clean(model, x, mod, strip_softmax, perf, batch)
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
         _check_channel_passes("Ablation-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
