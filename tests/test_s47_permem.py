@@ -13,7 +13,6 @@ KiB), live tensors at the call's peak by
   a loop's pass plus the guard's copies. It runs in halves now; the peak is the chunks' passes, which run an image's
   items with the layers before the layer on that image's one row.
 """
-import pytest
 import torch
 import torchvision
 
@@ -164,6 +163,24 @@ class InPlaceInput(torch.nn.Module):
         return self.head(self.conv(x).relu().mean((2, 3)))
 
 
-def test_ablationcam_refuses_a_model_that_changes_its_input_in_place():
-    with pytest.raises(salience.SalienceError, match="changed its input in place"):
-        salience.ablationcam(InPlaceInput().eval(), _x(2, 8), 1, layer="conv")
+def test_ablationcam_of_a_model_that_changes_its_input_in_place_takes_both_from_one_pass():
+    """``x -= 0.5`` in the forward: the layer's output and S from one pass (the second, on the input the first pass
+    changed), not from two passes on different inputs: the layer's output is the conv of that pass's input, and the
+    map is finite (session 46's tests/test_s46_lastread.py runs such a model with and without max_memory)."""
+    model, x = InPlaceInput().eval(), _x(2, 8)
+    seen: list = []
+    hooks = [model.conv.register_forward_pre_hook(lambda m, a: seen.append(("in", a[0].clone()))),
+             model.conv.register_forward_hook(lambda m, a, o: seen.append(("out", o.detach().clone()))),
+             model.head.register_forward_pre_hook(lambda m, a: seen.append(("head", None)))]
+    try:
+        maps = salience.ablationcam(model, x, 1, layer="conv", upsample=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    kinds = [k for k, _ in seen]
+    assert kinds[:6] == ["in", "out", "head", "in", "out", "head"], kinds[:8]  # two full passes, neither stopped
+    assert seen[0][1].shape[0] == seen[3][1].shape[0] == 2  # both of the two images (not the sharing check's row)
+    assert torch.isfinite(maps).all()
+    with torch.no_grad():
+        acts = model.conv(seen[3][1])  # the second pass's input: its conv output is the captured layer output
+    assert torch.equal(acts, seen[4][1])

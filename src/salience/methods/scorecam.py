@@ -586,16 +586,16 @@ def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: boo
     the same batch; nothing after the layer runs on the kept output, so no in-place change reaches it). The one pass
     kept the layer's output through the layers after it, the call's peak: in float32 a plain loop's pass plus the
     model guard's copies of the BatchNorm buffers, 0.2 MiB over the loop's on resnet50 at ``layer1.0.conv1`` with 8
-    images at 224 px (session 47: 5.1 MiB under it now, the chunks' passes the peak). A model that changes its input
-    in place in its forward (``x -= mean``) would run the second pass on other values: a :class:`SalienceError` (its
-    item passes, which read rows of ``x``, changed it again anyway)."""
+    images at 224 px (session 47: 5.1 MiB under it now, the chunks' passes the peak). A model that changed its input
+    in place in that first pass (``x -= mean`` in its forward) would run the second on other values: then
+    :func:`_capture`'s one pass gives both, its generators as the first found them (the input changed once more; its
+    item passes, which read rows of ``x``, change it again anyway, as they did before)."""
     before, version = _rng_states(), (None if x.is_inference() else x._version)
     out = forward_scores(model, x, strip_softmax=strip_softmax)
     if version is not None and x._version != version:
-        raise SalienceError(
-            "the model changed its input in place in its forward (x -= ..., an in-place first layer): Ablation-CAM "
-            "reads the layer's output and the score of the same images in passes of their own and its ablated passes "
-            "read the images again. Pass a model that leaves its input as it is (clone it first in its forward)")
+        del out
+        _set_rng_states(before)
+        return _capture(model, x, mod, strip_softmax, x.shape[0])
     after = _rng_states()
     _set_rng_states(before)  # the layers before draw what the first pass drew
     store: list[Any] = []
