@@ -10,8 +10,9 @@ KiB), live tensors at the call's peak by
 * RISE held the chunk's masks ``(n, H, W)`` (and the clean output ``(B, classes)``) through each pass: the masks are
   made again after the pass now (each from its own seed: the same values), the clean output dropped.
 * Ablation-CAM's float32 clean pass of all ``B`` images, which also keeps the layer's output, was the call's peak:
-  a loop's pass plus the guard's copies. It runs in halves now; the peak is the chunks' passes, which run an image's
-  items with the layers before the layer on that image's one row.
+  a loop's pass plus the guard's copies. It runs as two now (S from a pass keeping nothing of the layer, the layer's
+  output from a pass stopped at the layer: the same bits); the peak is the chunks' passes, which run an image's items
+  with the layers before the layer on that image's one row.
 """
 import torch
 import torchvision
