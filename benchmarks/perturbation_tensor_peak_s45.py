@@ -31,6 +31,7 @@ B = int(os.environ.get("B", 8))
 S = int(os.environ.get("S", 224))
 CHUNKS = int(os.environ.get("CHUNKS", 3))
 MIN_KIB = int(os.environ.get("MIN_KIB", 256))  # the listing's smallest group (session 46: 64 or 8)
+BYTES = bool(os.environ.get("BYTES"))  # session 47: sizes in bytes (every group with MIN_KIB=0), the peak too
 torch.manual_seed(0)
 model = getattr(torchvision.models, os.environ.get("M", "resnet50"))().eval()
 x = torch.rand(B, 3, S, S, generator=torch.Generator().manual_seed(1))
@@ -78,7 +79,7 @@ def summary(listing: list) -> list:
         groups[key][0] += n
         groups[key][1] += 1
     rows = sorted(groups.items(), key=lambda kv: -kv[1][0])
-    return [(round(v[0] / 2 ** 20, 2), v[1], k) for k, v in rows if v[0] >= MIN_KIB << 10]
+    return [(v[0] if BYTES else round(v[0] / 2 ** 20, 2), v[1], k) for k, v in rows if v[0] >= MIN_KIB << 10]
 
 
 P = Listing()
@@ -104,7 +105,7 @@ except Stop:
     pass
 engine._run = orig
 result = {"method": method, "opts": sys.argv[2] if len(sys.argv) > 2 else "", "perf": sys.argv[3] if len(sys.argv) > 3 else "",
-          "peak_mib": round(P.peak / 2 ** 20, 2), "peak_phase": P.peak_phase, "chunks": chunks,
+          "peak_mib": round(P.peak / 2 ** 20, 2), "peak_bytes": P.peak, "peak_phase": P.peak_phase, "chunks": chunks,
           "at_peak": summary(P.at_peak)}
 print(json.dumps(result))
 
@@ -149,4 +150,4 @@ if os.environ.get("LOOP"):
                     model(x)
                     h.remove()
     print(json.dumps({"method": method, "loop": True, "perf": sys.argv[3] if len(sys.argv) > 3 else "",
-                      "peak_mib": round(L.peak / 2 ** 20, 2), "peak_phase": L.peak_phase, "at_peak": summary(L.at_peak)}))
+                      "peak_mib": round(L.peak / 2 ** 20, 2), "peak_bytes": L.peak, "peak_phase": L.peak_phase, "at_peak": summary(L.at_peak)}))

@@ -47,7 +47,7 @@ from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import (capture_hook, captured_pass, check_input, final_softmax, forward_scores,
-                                    layer_not_captured, this_thread)
+                                    layer_not_captured, layer_value, this_thread)
 from salience._core.errors import SalienceError
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
@@ -564,6 +564,60 @@ class _Ablated:
         return torch.cat(parts)[torch.cat(at).argsort()]
 
 
+class _LayerReached(Exception):
+    """Ends a pass when the layer returned (:func:`_clean_apart`'s second pass: the layers after it do not run)."""
+
+
+def _ablation_clean(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, perf: _perf.Performance,
+                    batch: int) -> tuple[Tensor, Tensor]:
+    """Ablation-CAM's ``(layer output, model output)`` of the clean images, ``batch`` images a pass
+    (:func:`~salience.methods.perturbation.clean_batch`): a float32 pass of all of them as two (:func:`_clean_apart`),
+    else :func:`_capture`'s passes."""
+    if perf.precision == "fp32" and batch >= x.shape[0]:
+        return _clean_apart(model, x, mod, strip_softmax)
+    return _capture(model, x, mod, strip_softmax, batch)
+
+
+def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
+    """Ablation-CAM's float32 clean pass of all ``B`` images as two: the model's output (``S``) from a pass that keeps
+    nothing of the layer, then the layer's output from a pass stopped when the layer returns (the layers before only),
+    the random generators put back between them, so both passes draw one pass's numbers and the stream after them
+    is one pass's. ``(layer output, model output)``, the values of :func:`_capture`'s one pass (the same kernels on
+    the same batch; nothing after the layer runs on the kept output, so no in-place change reaches it). The one pass
+    kept the layer's output through the layers after it, the call's peak: in float32 a plain loop's pass plus the
+    model guard's copies of the BatchNorm buffers, 0.2 MiB over the loop's on resnet50 at ``layer1.0.conv1`` with 8
+    images at 224 px (session 47: 5.1 MiB under it now, the chunks' passes the peak). A model that changed its input
+    in place in that first pass (``x -= mean`` in its forward) would run the second on other values: then
+    :func:`_capture`'s one pass gives both, its generators as the first found them (the input changed once more; its
+    item passes, which read rows of ``x``, change it again anyway, as they did before)."""
+    before, version = _rng_states(), (None if x.is_inference() else x._version)
+    out = forward_scores(model, x, strip_softmax=strip_softmax)
+    if version is not None and x._version != version:
+        del out
+        _set_rng_states(before)
+        return _capture(model, x, mod, strip_softmax, x.shape[0])
+    after = _rng_states()
+    _set_rng_states(before)  # the layers before draw what the first pass drew
+    store: list[Any] = []
+
+    def reached(module: nn.Module, inputs: Any, output: Any) -> None:  # a reused module: its first call is the layer's
+        if not store:
+            store.append(layer_value(output))
+            raise _LayerReached
+
+    handle = mod.register_forward_hook(this_thread(reached))
+    try:
+        forward_scores(model, x, strip_softmax=strip_softmax)
+    except _LayerReached:
+        pass
+    finally:
+        handle.remove()
+        _set_rng_states(after)
+    if not store or not isinstance(store[0], Tensor):
+        raise layer_not_captured(model, mod, store)
+    return store[0].detach(), out
+
+
 def _check_precision(model: nn.Module, x: Tensor, run: _perf.Run) -> Any:
     """The precision of Ablation-CAM's sharing check (:meth:`_Ablated.check`): fp32 where the model and ``x`` are (a
     bf16 autocast's rounding is most of the drops ``S - S_k`` the check compares), else the passes' autocast."""
@@ -639,7 +693,7 @@ def ablationcam(
     b = x.shape[0]
     with model_guard(model):
         batch = clean_batch(x, perf, chunk, budget, model, strip_softmax)  # images a clean pass, within max_memory
-        native, out = _capture(model, x, mod, strip_softmax, batch)
+        native, out = _ablation_clean(model, x, mod, strip_softmax, perf, batch)
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
         _check_channel_passes("Ablation-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
