@@ -184,7 +184,7 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
     if autocast is not None:  # the autocast settings of the copy's passes, the only ones it runs under
         with torch.autocast(device, dtype=autocast):
             passes = _autocast_state()[1:]
-    before = _attributes(clone)
+    before, after = _attributes(clone), {}
     for under in (False, True):
         try:
             with _TRACING, torch.autocast(device, dtype=autocast or torch.get_autocast_dtype(device), enabled=under):
@@ -193,7 +193,7 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
         except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
             return f"torch.fx cannot trace it ({_described(e, 200)})"
         finally:
-            _put_back(clone, before, written)
+            _put_back(clone, before, written, after)
         if tracer.changed:
             return (f"{_IN_BLOCK}{tracer.changed!r} in a torch.autocast block, which torch.fx does not record "
                     "(the copy would run it under the passes' autocast)")
@@ -201,6 +201,9 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
     if str(graphs[0]) != str(graphs[1]):
         return ("its forward reads the autocast (another graph under torch.autocast), which torch.fx does not record "
                 "(the copy would run one branch under any autocast)")
+    if written:
+        _keep_read(clone, before, str(graphs[0]), after, written, lambda: torch.autocast(
+            device, dtype=autocast or torch.get_autocast_dtype(device), enabled=False))
     return torch.fx.GraphModule(tracer.root, graphs[0], type(clone).__name__)
 
 
@@ -228,12 +231,16 @@ def _attributes(model: nn.Module) -> list[tuple[nn.Module, dict]]:
             for m in model.modules()]
 
 
-def _put_back(model: nn.Module, before: list[tuple[nn.Module, dict]], written: Optional[set]) -> None:
+def _put_back(model: nn.Module, before: list[tuple[nn.Module, dict]], written: Optional[set],
+              after: Optional[dict] = None) -> None:
     """The plain attributes of ``model``'s modules as in ``before`` (:func:`_attributes`), each one that a trace set,
-    added, deleted or changed in place (a list) noted in ``written`` (``(module index, name)``) when given."""
+    added, deleted or changed in place (a list) noted in ``written`` (``(module index, name)``) when given, and the
+    value the trace left there in ``after`` (a list's contents copied; :data:`_MISSING`: deleted)."""
     for i, (m, was) in enumerate(before):
         now = m.__dict__
         for k in [k for k, v in now.items() if type(v) not in _HELD and k not in was]:  # added
+            if after is not None:
+                after[(i, k)] = now[k]
             del now[k]
             if written is not None:
                 written.add((i, k))
@@ -241,11 +248,55 @@ def _put_back(model: nn.Module, before: list[tuple[nn.Module, dict]], written: O
             cur = now.get(k, _MISSING)
             same = cur is v and (items is None or (len(items) == len(v) and all(a is b for a, b in zip(items, v))))
             if not same:
+                if after is not None:
+                    after[(i, k)] = list(cur) if type(cur) is list else cur
                 now[k] = v
                 if items is not None:
                     v[:] = items
                 if written is not None:
                     written.add((i, k))
+
+
+def _has_proxy(v: Any) -> bool:
+    """Whether ``v`` (a value a trace left in an attribute) is or holds a ``torch.fx`` proxy: an activation stored."""
+    return isinstance(v, torch.fx.Proxy) or (type(v) in (list, tuple) and any(isinstance(a, torch.fx.Proxy) for a in v))
+
+
+def _bumped(v: Any) -> Any:
+    """Another value of ``v``'s kind (a bool, an int, a float), or :data:`_MISSING`: :func:`_keep_read`'s probe."""
+    t = type(v)
+    return (not v) if t is bool else v * 2 + 1 if t in (int, float) else _MISSING
+
+
+def _keep_read(clone: nn.Module, before: list, graph: str, after: dict, written: set,
+               autocast: Callable[[], Any]) -> None:
+    """Take out of ``written`` the attributes the forward writes that the trace also reads: ``clone`` traced again
+    with the values the trace left (a counter one up, ``self.warmed = True``) and with other ones (a bool flipped, a
+    number changed): a graph other than ``graph`` (that of the attributes as found) means the trace bakes one in (a
+    first-call branch, a lazily set constant ``self.scale``), and the folded copy stays kept for them (review of
+    session 47: a copy traced before the user's first call, or before the user set ``scale``, ran that state's
+    branch or constant for good). An activation stored (a proxy) is not looked at: it has no value to trace with."""
+    values = {at: v for at, v in after.items() if at in written and not _has_proxy(v)}
+    if not values:
+        return
+    bumped = {at: b for at, v in values.items() if (b := _bumped(v)) is not _MISSING}
+    modules = [m for m, _ in before]
+    for state in (values, {**values, **bumped}) if bumped else (values,):
+        try:
+            for (i, k), v in state.items():
+                if v is _MISSING:
+                    modules[i].__dict__.pop(k, None)
+                else:
+                    modules[i].__dict__[k] = list(v) if type(v) is list else v
+            with _TRACING, autocast():
+                same = str(ThisThreadTracer().trace(clone)) == graph  # the graph only (not a fold's trace)
+        except Exception:  # noqa: BLE001 - another state cannot be traced: the trace depends on it
+            same = False
+        finally:
+            _put_back(clone, before, None)
+        if not same:
+            written.difference_update(values)
+            return
 
 
 def _own_tensors(folded: nn.Module, shared: tuple, dtype: torch.dtype) -> None:
