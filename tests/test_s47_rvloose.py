@@ -87,3 +87,38 @@ def test_a_written_attribute_the_trace_does_not_read_is_still_skipped():
     model = FirstCall().eval()
     assert isinstance(folding.fx_traced(model, None, written=written), torch.fx.GraphModule)
     assert written == set() and model.warmed is False
+
+
+class Stores(_Stem):
+    """The stem; its forward stores its activation in a dict it holds and in a new dict attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats = {"n": 0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c2(torch.relu(self.bn(self.c1(x)))))
+        self.stats["last"] = y
+        self.feats = {"y": y}
+        return self.head(F.adaptive_avg_pool2d(y, 2).flatten(1))
+
+
+def test_a_trace_of_the_users_model_puts_back_its_dicts():
+    """2. Occlusion traces the user's model itself (``fx_traced``): a dict the forward writes into kept a ``Proxy``
+    (b36ecb9: ``model.stats["last"]`` a Proxy, after ``salience.occlusion`` too), and a dict attribute it set stayed."""
+    import warnings
+
+    import salience
+
+    model = Stores().eval()
+    stats = model.stats
+    gm = folding.fx_traced(model, None)
+    assert isinstance(gm, torch.fx.GraphModule)
+    assert model.stats is stats and stats == {"n": 0} and "feats" not in model.__dict__
+    torch.testing.assert_close(gm(X), model(X), rtol=0, atol=0)
+    model = Stores().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        salience.occlusion(model, X, 1, window=4, stride=4)
+    # the eager passes' own writes (real tensors) are the guard's matter; no trace's Proxy is left
+    assert not any(isinstance(v, torch.fx.Proxy) for v in model.stats.values()), model.stats

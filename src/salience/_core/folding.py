@@ -224,21 +224,43 @@ def _noting_writes() -> Iterator[set]:
         _WRITES.reset(token)
 
 
+# nn.Module's own dicts and sets (parameters, buffers, submodules, hooks): not a forward's to write
+_MODULE_OWN = frozenset(k for k, v in nn.Module().__dict__.items() if type(v) in (OrderedDict, dict, set))
+
+
+def _contents(v: Any) -> Any:
+    """A copy of a list's, dict's or set's contents (a forward may change them in place), else None."""
+    t = type(v)
+    return list(v) if t is list else dict(v) if t is dict or t is OrderedDict else set(v) if t is set else None
+
+
+def _same_contents(items: Any, v: Any) -> bool:
+    """Whether the container ``v`` holds ``items`` (:func:`_contents`), each the same object."""
+    if type(items) is list:
+        return len(items) == len(v) and all(a is b for a, b in zip(items, v))
+    if type(items) is dict:
+        return len(items) == len(v) and all(k in v and v[k] is x for k, x in items.items())
+    return items == v
+
+
 def _attributes(model: nn.Module) -> list[tuple[nn.Module, dict]]:
-    """Each module of ``model`` and a shallow copy of its plain attributes (``__dict__`` but its dicts and sets: the
-    parameters, buffers, submodules and hooks), a list's contents copied too (a forward may append to it)."""
-    return [(m, {k: (v, list(v) if type(v) is list else None) for k, v in m.__dict__.items() if type(v) not in _HELD})
+    """Each module of ``model`` and a shallow copy of its plain attributes (``__dict__`` but nn.Module's own dicts and
+    sets: the parameters, buffers, submodules and hooks), a list's, dict's or set's contents copied too (a forward may
+    append to it, or store an activation in it: ``self.stats["last"] = y``)."""
+    return [(m, {k: (v, _contents(v)) for k, v in m.__dict__.items() if k not in _MODULE_OWN})
             for m in model.modules()]
 
 
 def _put_back(model: nn.Module, before: list[tuple[nn.Module, dict]], written: Optional[set],
               after: Optional[dict] = None) -> None:
     """The plain attributes of ``model``'s modules as in ``before`` (:func:`_attributes`), each one that a trace set,
-    added, deleted or changed in place (a list) noted in ``written`` (``(module index, name)``) when given, and the
-    value the trace left there in ``after`` (a list's contents copied; :data:`_MISSING`: deleted)."""
+    added, deleted or changed in place (a list, a dict, a set) noted in ``written`` (``(module index, name)``) when
+    given, and the value the trace left there in ``after`` (a container's contents copied; :data:`_MISSING`:
+    deleted). Before the review of session 47 a dict or set was not looked at: occlusion's trace of the user's model
+    left a ``Proxy`` in ``self.stats["last"]``."""
     for i, (m, was) in enumerate(before):
         now = m.__dict__
-        for k in [k for k, v in now.items() if type(v) not in _HELD and k not in was]:  # added
+        for k in [k for k in now if k not in _MODULE_OWN and k not in was]:  # added
             if after is not None:
                 after[(i, k)] = now[k]
             del now[k]
@@ -246,20 +268,28 @@ def _put_back(model: nn.Module, before: list[tuple[nn.Module, dict]], written: O
                 written.add((i, k))
         for k, (v, items) in was.items():
             cur = now.get(k, _MISSING)
-            same = cur is v and (items is None or (len(items) == len(v) and all(a is b for a, b in zip(items, v))))
-            if not same:
-                if after is not None:
-                    after[(i, k)] = list(cur) if type(cur) is list else cur
-                now[k] = v
-                if items is not None:
-                    v[:] = items
-                if written is not None:
-                    written.add((i, k))
+            if cur is v and (items is None or _same_contents(items, v)):
+                continue
+            if after is not None:
+                after[(i, k)] = c if (c := _contents(cur)) is not None else cur
+            now[k] = v
+            if items is not None:
+                v.clear()
+                if type(v) is list:
+                    v.extend(items)
+                else:
+                    v.update(items)
+            if written is not None:
+                written.add((i, k))
 
 
 def _has_proxy(v: Any) -> bool:
     """Whether ``v`` (a value a trace left in an attribute) is or holds a ``torch.fx`` proxy: an activation stored."""
-    return isinstance(v, torch.fx.Proxy) or (type(v) in (list, tuple) and any(isinstance(a, torch.fx.Proxy) for a in v))
+    if type(v) in (dict, OrderedDict):
+        v = v.values()
+    elif type(v) not in (list, tuple, set):
+        return isinstance(v, torch.fx.Proxy)
+    return any(isinstance(a, torch.fx.Proxy) for a in v)
 
 
 def _bumped(v: Any) -> Any:
@@ -287,7 +317,7 @@ def _keep_read(clone: nn.Module, before: list, graph: str, after: dict, written:
                 if v is _MISSING:
                     modules[i].__dict__.pop(k, None)
                 else:
-                    modules[i].__dict__[k] = list(v) if type(v) is list else v
+                    modules[i].__dict__[k] = c if (c := _contents(v)) is not None else v
             with _TRACING, autocast():
                 same = str(ThisThreadTracer().trace(clone)) == graph  # the graph only (not a fold's trace)
         except Exception:  # noqa: BLE001 - another state cannot be traced: the trace depends on it
