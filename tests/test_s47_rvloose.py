@@ -122,3 +122,48 @@ def test_a_trace_of_the_users_model_puts_back_its_dicts():
         salience.occlusion(model, X, 1, window=4, stride=4)
     # the eager passes' own writes (real tensors) are the guard's matter; no trace's Proxy is left
     assert not any(isinstance(v, torch.fx.Proxy) for v in model.stats.values()), model.stats
+
+
+class MadeConstant(_Stem):
+    """The stem; its forward makes a tensor (``torch.tensor(0.5)``: torch.fx keeps it as ``_tensor_constant0``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c2(torch.relu(self.bn(self.c1(x))))) + torch.tensor(0.5)
+        return self.head(F.adaptive_avg_pool2d(y, 2).flatten(1))
+
+
+class HeldConstant(_Stem):
+    """:class:`MadeConstant` with its 0.5 a buffer (the same function; the reference)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c2(torch.relu(self.bn(self.c1(x))))) + self.offset
+        return self.head(F.adaptive_avg_pool2d(y, 2).flatten(1))
+
+
+def test_a_tensor_the_forward_makes_is_traced_folded_and_occluded():
+    """3. The trace put back fx's ``_tensor_constant0`` (an attribute it added) before the ``GraphModule`` copied it:
+    b36ecb9 refused such a model's fold (``AttributeError``) and ``salience.occlusion`` raised ``AttributeError``."""
+    import warnings
+
+    import salience
+
+    model = MadeConstant().eval()
+    names = set(model.__dict__)
+    gm = folding.fx_traced(model, None)
+    assert isinstance(gm, torch.fx.GraphModule), gm
+    assert set(model.__dict__) == names  # no constant left on the user's model
+    copy, why = folding.folded_model(model)
+    assert copy is not None, why
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X), model(X), rtol=0, atol=0)
+        torch.testing.assert_close(copy(X), model(X), rtol=0, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = salience.occlusion(model, X, 1, window=4, stride=4)
+        ref = salience.occlusion(HeldConstant().eval(), X, 1, window=4, stride=4)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert set(model.__dict__) == names

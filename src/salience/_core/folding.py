@@ -184,16 +184,22 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
     if autocast is not None:  # the autocast settings of the copy's passes, the only ones it runs under
         with torch.autocast(device, dtype=autocast):
             passes = _autocast_state()[1:]
-    before, after = _attributes(clone), {}
+    before, after, consts = _attributes(clone), {}, {}
     for under in (False, True):
+        made: dict = {}
         try:
             with _TRACING, torch.autocast(device, dtype=autocast or torch.get_autocast_dtype(device), enabled=under):
                 tracer = _AutocastSeeingTracer(passes)
                 graph = tracer.trace(clone)
+            made = _constants(clone, graph, before)
         except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
             return f"torch.fx cannot trace it ({_described(e, 200)})"
         finally:
+            for k in made:
+                del clone.__dict__[k]
             _put_back(clone, before, written, after)
+        if not under:
+            consts = made
         if tracer.changed:
             return (f"{_IN_BLOCK}{tracer.changed!r} in a torch.autocast block, which torch.fx does not record "
                     "(the copy would run it under the passes' autocast)")
@@ -204,7 +210,25 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
     if written:
         _keep_read(clone, before, str(graphs[0]), after, written, lambda: torch.autocast(
             device, dtype=autocast or torch.get_autocast_dtype(device), enabled=False))
-    return torch.fx.GraphModule(tracer.root, graphs[0], type(clone).__name__)
+    # fx's constants are the GraphModule's (it copies them from the root), never left on the model
+    clone.__dict__.update(consts)
+    try:
+        return torch.fx.GraphModule(tracer.root, graphs[0], type(clone).__name__)
+    finally:
+        for k in consts:
+            clone.__dict__.pop(k, None)
+
+
+def _constants(root: nn.Module, graph: torch.fx.Graph, before: list) -> dict:
+    """The constants ``torch.fx`` set on ``root`` in tracing ``graph`` (``_tensor_constant0``: a tensor the forward
+    made, ``torch.tensor(0.5)``), by name: the attributes of ``root`` that ``graph`` reads and ``before``
+    (:func:`_attributes`) has not. Put back as attributes the forward added, they were gone when the ``GraphModule``
+    copied them (b36ecb9: every such model refused by ``fold_batchnorm``, and ``salience.occlusion`` raised
+    ``AttributeError``); left there, the second trace's were other names (``_tensor_constant1``) and the model was
+    refused for "reading the autocast" (before session 47)."""
+    was, own = before[0][1], root.__dict__
+    return {n.target: own[n.target] for n in graph.nodes
+            if n.op == "get_attr" and n.target in own and n.target not in was and n.target not in _MODULE_OWN}
 
 
 _MISSING = object()
