@@ -184,16 +184,22 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
     if autocast is not None:  # the autocast settings of the copy's passes, the only ones it runs under
         with torch.autocast(device, dtype=autocast):
             passes = _autocast_state()[1:]
-    before = _attributes(clone)
+    before, after, consts = _attributes(clone), {}, {}
     for under in (False, True):
+        made: dict = {}
         try:
             with _TRACING, torch.autocast(device, dtype=autocast or torch.get_autocast_dtype(device), enabled=under):
                 tracer = _AutocastSeeingTracer(passes)
                 graph = tracer.trace(clone)
+            made = _constants(clone, graph, before)
         except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
             return f"torch.fx cannot trace it ({_described(e, 200)})"
         finally:
-            _put_back(clone, before, written)
+            for k in made:
+                del clone.__dict__[k]
+            _put_back(clone, before, written, after)
+        if not under:
+            consts = made
         if tracer.changed:
             return (f"{_IN_BLOCK}{tracer.changed!r} in a torch.autocast block, which torch.fx does not record "
                     "(the copy would run it under the passes' autocast)")
@@ -201,7 +207,28 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
     if str(graphs[0]) != str(graphs[1]):
         return ("its forward reads the autocast (another graph under torch.autocast), which torch.fx does not record "
                 "(the copy would run one branch under any autocast)")
-    return torch.fx.GraphModule(tracer.root, graphs[0], type(clone).__name__)
+    if written:
+        _keep_read(clone, before, str(graphs[0]), after, written, lambda: torch.autocast(
+            device, dtype=autocast or torch.get_autocast_dtype(device), enabled=False))
+    # fx's constants are the GraphModule's (it copies them from the root), never left on the model
+    clone.__dict__.update(consts)
+    try:
+        return torch.fx.GraphModule(tracer.root, graphs[0], type(clone).__name__)
+    finally:
+        for k in consts:
+            clone.__dict__.pop(k, None)
+
+
+def _constants(root: nn.Module, graph: torch.fx.Graph, before: list) -> dict:
+    """The constants ``torch.fx`` set on ``root`` in tracing ``graph`` (``_tensor_constant0``: a tensor the forward
+    made, ``torch.tensor(0.5)``), by name: the attributes of ``root`` that ``graph`` reads and ``before``
+    (:func:`_attributes`) has not. Put back as attributes the forward added, they were gone when the ``GraphModule``
+    copied them (b36ecb9: every such model refused by ``fold_batchnorm``, and ``salience.occlusion`` raised
+    ``AttributeError``); left there, the second trace's were other names (``_tensor_constant1``) and the model was
+    refused for "reading the autocast" (before session 47)."""
+    was, own = before[0][1], root.__dict__
+    return {n.target: own[n.target] for n in graph.nodes
+            if n.op == "get_attr" and n.target in own and n.target not in was and n.target not in _MODULE_OWN}
 
 
 _MISSING = object()
@@ -221,31 +248,109 @@ def _noting_writes() -> Iterator[set]:
         _WRITES.reset(token)
 
 
+# nn.Module's own dicts and sets (parameters, buffers, submodules, hooks): not a forward's to write
+_MODULE_OWN = frozenset(k for k, v in nn.Module().__dict__.items() if type(v) in (OrderedDict, dict, set))
+
+
+def _contents(v: Any) -> Any:
+    """A copy of a list's, dict's or set's contents (a forward may change them in place), else None."""
+    t = type(v)
+    return list(v) if t is list else dict(v) if t is dict or t is OrderedDict else set(v) if t is set else None
+
+
+def _same_contents(items: Any, v: Any) -> bool:
+    """Whether the container ``v`` holds ``items`` (:func:`_contents`), each the same object."""
+    if type(items) is list:
+        return len(items) == len(v) and all(a is b for a, b in zip(items, v))
+    if type(items) is dict:
+        return len(items) == len(v) and all(k in v and v[k] is x for k, x in items.items())
+    return items == v
+
+
 def _attributes(model: nn.Module) -> list[tuple[nn.Module, dict]]:
-    """Each module of ``model`` and a shallow copy of its plain attributes (``__dict__`` but its dicts and sets: the
-    parameters, buffers, submodules and hooks), a list's contents copied too (a forward may append to it)."""
-    return [(m, {k: (v, list(v) if type(v) is list else None) for k, v in m.__dict__.items() if type(v) not in _HELD})
+    """Each module of ``model`` and a shallow copy of its plain attributes (``__dict__`` but nn.Module's own dicts and
+    sets: the parameters, buffers, submodules and hooks), a list's, dict's or set's contents copied too (a forward may
+    append to it, or store an activation in it: ``self.stats["last"] = y``)."""
+    return [(m, {k: (v, _contents(v)) for k, v in m.__dict__.items() if k not in _MODULE_OWN})
             for m in model.modules()]
 
 
-def _put_back(model: nn.Module, before: list[tuple[nn.Module, dict]], written: Optional[set]) -> None:
+def _put_back(model: nn.Module, before: list[tuple[nn.Module, dict]], written: Optional[set],
+              after: Optional[dict] = None) -> None:
     """The plain attributes of ``model``'s modules as in ``before`` (:func:`_attributes`), each one that a trace set,
-    added, deleted or changed in place (a list) noted in ``written`` (``(module index, name)``) when given."""
+    added, deleted or changed in place (a list, a dict, a set) noted in ``written`` (``(module index, name)``) when
+    given, and the value the trace left there in ``after`` (a container's contents copied; :data:`_MISSING`:
+    deleted). Before the review of session 47 a dict or set was not looked at: occlusion's trace of the user's model
+    left a ``Proxy`` in ``self.stats["last"]``."""
     for i, (m, was) in enumerate(before):
         now = m.__dict__
-        for k in [k for k, v in now.items() if type(v) not in _HELD and k not in was]:  # added
+        for k in [k for k in now if k not in _MODULE_OWN and k not in was]:  # added
+            if after is not None:
+                after[(i, k)] = now[k]
             del now[k]
             if written is not None:
                 written.add((i, k))
         for k, (v, items) in was.items():
             cur = now.get(k, _MISSING)
-            same = cur is v and (items is None or (len(items) == len(v) and all(a is b for a, b in zip(items, v))))
-            if not same:
-                now[k] = v
-                if items is not None:
-                    v[:] = items
-                if written is not None:
-                    written.add((i, k))
+            if cur is v and (items is None or _same_contents(items, v)):
+                continue
+            if after is not None:
+                after[(i, k)] = c if (c := _contents(cur)) is not None else cur
+            now[k] = v
+            if items is not None:
+                v.clear()
+                if type(v) is list:
+                    v.extend(items)
+                else:
+                    v.update(items)
+            if written is not None:
+                written.add((i, k))
+
+
+def _has_proxy(v: Any) -> bool:
+    """Whether ``v`` (a value a trace left in an attribute) is or holds a ``torch.fx`` proxy: an activation stored."""
+    if type(v) in (dict, OrderedDict):
+        v = v.values()
+    elif type(v) not in (list, tuple, set):
+        return isinstance(v, torch.fx.Proxy)
+    return any(isinstance(a, torch.fx.Proxy) for a in v)
+
+
+def _bumped(v: Any) -> Any:
+    """Another value of ``v``'s kind (a bool, an int, a float), or :data:`_MISSING`: :func:`_keep_read`'s probe."""
+    t = type(v)
+    return (not v) if t is bool else v * 2 + 1 if t in (int, float) else _MISSING
+
+
+def _keep_read(clone: nn.Module, before: list, graph: str, after: dict, written: set,
+               autocast: Callable[[], Any]) -> None:
+    """Take out of ``written`` the attributes the forward writes that the trace also reads: ``clone`` traced again
+    with the values the trace left (a counter one up, ``self.warmed = True``) and with other ones (a bool flipped, a
+    number changed): a graph other than ``graph`` (that of the attributes as found) means the trace bakes one in (a
+    first-call branch, a lazily set constant ``self.scale``), and the folded copy stays kept for them (review of
+    session 47: a copy traced before the user's first call, or before the user set ``scale``, ran that state's
+    branch or constant for good). An activation stored (a proxy) is not looked at: it has no value to trace with."""
+    values = {at: v for at, v in after.items() if at in written and not _has_proxy(v)}
+    if not values:
+        return
+    bumped = {at: b for at, v in values.items() if (b := _bumped(v)) is not _MISSING}
+    modules = [m for m, _ in before]
+    for state in (values, {**values, **bumped}) if bumped else (values,):
+        try:
+            for (i, k), v in state.items():
+                if v is _MISSING:
+                    modules[i].__dict__.pop(k, None)
+                else:
+                    modules[i].__dict__[k] = c if (c := _contents(v)) is not None else v
+            with _TRACING, autocast():
+                same = str(ThisThreadTracer().trace(clone)) == graph  # the graph only (not a fold's trace)
+        except Exception:  # noqa: BLE001 - another state cannot be traced: the trace depends on it
+            same = False
+        finally:
+            _put_back(clone, before, None)
+        if not same:
+            written.difference_update(values)
+            return
 
 
 def _own_tensors(folded: nn.Module, shared: tuple, dtype: torch.dtype) -> None:
