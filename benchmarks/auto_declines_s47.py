@@ -219,6 +219,7 @@ def main(argv=None) -> int:
         ap.error("--old-src is required (e.g. /tmp/old-fixed/src from `git -C /work/main archive HEAD src`)")
     sys.path.insert(0, str(HERE))
     from _common import cpu_name
+    from auto_declines_s44 import write_report
 
     command = "python benchmarks/auto_declines_s47.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {"command": command, "cpu": cpu_name(), "affinity": sorted(os.sched_getaffinity(0)),
@@ -233,17 +234,9 @@ def main(argv=None) -> int:
             w.close()
     report["loadavg_end"], report["wall_s"] = os.getloadavg(), time.time() - t0
     out = args.out or str(HERE / "auto-declines-s47")
-    Path(out + ".json").write_text(json.dumps(report, indent=2, default=str))
-    md = "\n".join([
-        f"# Warm defaults against the bare passes, this branch (new) and {args.old_src} (old) interleaved, "
-        f"{args.rounds} rounds", "",
-        f"{report['cpu']}, 1 thread per worker on cores {report['affinity']}, fp32. Load average "
-        f"{tuple(round(v, 2) for v in report['loadavg_start'])} at the start, "
-        f"{tuple(round(v, 2) for v in report['loadavg_end'])} at the end (per round in the .json). "
-        f"{report['wall_s']:.0f} s. Seconds per call. `{command}`", "",
-        table(report["jobs"]), "", notes(report["jobs"]), ""])
-    Path(out + ".md").write_text(md)
-    print(md)
+    write_report(out, report, f"Warm defaults against the bare passes, this branch (new) and {args.old_src} (old) "
+                 f"interleaved, {args.rounds} rounds", f"1 thread per worker on cores {report['affinity']}, fp32",
+                 "Seconds per call. ", table(report["jobs"]), notes(report["jobs"]))
     return 0
 
 

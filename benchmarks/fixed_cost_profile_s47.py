@@ -1,6 +1,6 @@
 """Session 47: salience's own per-call work in one warm call (cProfile), by function, in ms per call.
 
-    taskset -c 0 python benchmarks/fixed_cost_profile_s47.py --old-src /tmp/old-fixed/src \
+    PYTHONPATH=src taskset -c 1 python benchmarks/fixed_cost_profile_s47.py --old-src /tmp/old-fixed/src \
         --out benchmarks/fixed-cost-profile-s47.txt
 
 Cases: SmoothGrad 16 and vanilla of one image on resnet18 at 64 px and on the demo CNN (``shapes``, 64 px). Each case
