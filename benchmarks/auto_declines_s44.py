@@ -210,17 +210,25 @@ def run_and_write(args, argv, session: str, job, table, footer, unit_note: str =
             x = torch.rand(b, 3, args.size, args.size, generator=torch.Generator().manual_seed(b))
             report["jobs"].append(job(model, frozen, x, method, args))
     report["loadavg_end"], report["wall_s"] = os.getloadavg(), time.time() - t0
+    write_report(out, report, f"{args.model}, {args.size} px: defaults and auto against the bare passes, {args.rounds} "
+                 f"rounds", f"1 thread on cores {report['affinity']}, fp32, torch {torch.__version__}", unit_note,
+                 table(report["jobs"]), footer(report["jobs"]))
+    return 0
+
+
+def write_report(out: str, report: dict, title: str, setup: str, unit_note: str, table_md: str, footer_md: str) -> None:
+    """``<out>.json`` (``report``) and ``<out>.md``: the title, the CPU and ``setup``, the loads at the start and the
+    end, the run's seconds, ``unit_note`` and the command, then the table and its footer (printed too)."""
     Path(out + ".json").write_text(json.dumps(report, indent=2, default=str))
     md = "\n".join([
-        f"# {args.model}, {args.size} px: defaults and auto against the bare passes, {args.rounds} rounds", "",
-        f"{report['cpu']}, 1 thread on cores {report['affinity']}, fp32, torch {torch.__version__}. Load average "
+        f"# {title}", "",
+        f"{report['cpu']}, {setup}. Load average "
         f"{tuple(round(v, 2) for v in report['loadavg_start'])} at the start, "
         f"{tuple(round(v, 2) for v in report['loadavg_end'])} at the end (per round in the .json). "
-        f"{report['wall_s']:.0f} s. {unit_note}`{command}`", "",
-        table(report["jobs"]), "", footer(report["jobs"]), ""])
+        f"{report['wall_s']:.0f} s. {unit_note}`{report['command']}`", "",
+        table_md, "", footer_md, ""])
     Path(out + ".md").write_text(md)
     print(md)
-    return 0
 
 
 if __name__ == "__main__":

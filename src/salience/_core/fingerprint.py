@@ -10,6 +10,7 @@ this one, and this one imports none of them.
 """
 from __future__ import annotations
 
+import operator
 import threading
 from typing import Any, Callable, Optional
 
@@ -51,19 +52,23 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
     """:func:`structure`; with ``tensors``, each module's parameters' and buffers' ``(data_ptr,
     _version, shape, stride)`` too (``w.data = w.data.t()`` keeps the address and the version counter of
     the storage it views: only the strides say it changed). One walk over the modules' own dicts (``model.parameters()`` costs more than
-    reading the tensors)."""
+    reading the tensors), in ``model.modules()``'s order from one stack (:func:`_modules`), the hook dicts of a
+    module looked at in C (session 47: 61 -> 44 us on resnet18, 137 -> 97 us on resnet50, the same tuple)."""
     out: list = []
     add = out.append
     me = threading.get_ident()
-    for m in model.modules():
+    for m in _modules(model):
         d = m.__dict__
         f = d.get("forward")
         if f is not None and getattr(f, "salience_thread", me) != me:  # another thread's pass's (attention._NativeMHA)
             f = None
         mods = d.get("_modules")  # a traced module (torch.jit.trace, not loaded) keeps them behind __getattr__
         add((id(m), type(m), tuple((m._modules if mods is None else mods).keys()), None if f is None else id(f)))
-        if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks") or \
-                d.get("_backward_pre_hooks"):
+        try:  # the four hook dicts at once, in C (most modules: all empty)
+            hooked = any(_HOOKS_OF(d))
+        except KeyError:  # a module made without nn.Module.__init__ (a dict missing)
+            hooked = True
+        if hooked:
             # each hook dict copied at once (in C, under the GIL) before getattr runs Python per hook: another
             # thread adding or removing its hook meanwhile raised "OrderedDict mutated during iteration"
             own = tuple(tuple(k for k, h in tuple((d.get(name) or {}).items())
@@ -79,6 +84,40 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
                 if t is not None:
                     add((t.data_ptr(), t._version, t.shape, t.stride()))
     return tuple(out)
+
+
+_HOOKS_OF = operator.itemgetter(*_HOOK_DICTS)
+_M = nn.Module
+
+
+def _modules(model: nn.Module) -> Any:
+    """``model.modules()``: the same modules in the same order (depth first, each where it is first reached, a
+    ``None`` child skipped), from one stack over the ``_modules`` dicts (the generator builds every module's dotted
+    name: half of :func:`structure`'s time on resnet18), unless a class changes how modules are listed (then the
+    generator itself)."""
+    root = type(model)
+    if root.modules is not _M.modules or "modules" in model.__dict__:
+        return model.modules()
+    found: list = []
+    seen: set = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if m in seen:  # named_modules' memo: a set of the modules (their own hash)
+            continue
+        d = m.__dict__
+        if type(m).named_modules is not _M.named_modules or "named_modules" in d:
+            return model.modules()
+        mods = d.get("_modules")
+        if mods is None:  # a traced module keeps them behind __getattr__: as the generator reads them
+            return model.modules()
+        seen.add(m)
+        found.append(m)
+        if mods:
+            children = [c for c in mods.values() if c is not None]
+            children.reverse()
+            stack += children
+    return found
 
 
 def observer(hook: Callable) -> Callable:
