@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import salience
+from test_s47_permem import InPlaceInput, _ablation_reference  # x -= 0.5 in its forward
 
 
 def _x(b: int = 3, s: int = 8) -> torch.Tensor:
@@ -22,24 +23,8 @@ def _x(b: int = 3, s: int = 8) -> torch.Tensor:
 
 
 def _reference(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
-    """The paper's formula by hand, ``(B, h, w)`` (no upsampling): w_k = (S - S_k) / S, S_k with channel k of the
-    layer's output set to 0, the map ReLU(sum_k w_k A_k); A the layer's output copied when the layer returns."""
-    store: list = []
-    with torch.no_grad():
-        h = layer.register_forward_hook(lambda m, i, o: store.append(o.clone()))
-        y = model(x.clone())[:, target]
-        h.remove()
-        acts = store[0]
-        w = []
-        for k in range(acts.shape[1]):
-            def zero(mod, i, o, k=k):
-                o = o.clone()
-                o[:, k] = 0
-                return o
-            h = layer.register_forward_hook(zero)
-            w.append((y - model(x.clone())[:, target]) / y)
-            h.remove()
-        return torch.einsum("kb,bkhw->bhw", torch.stack(w), acts).clamp(min=0)
+    """The paper's formula by hand (tests/test_s47_permem.py), ``(B, H, W)``, the layer's output as it returned it."""
+    return _ablation_reference(model, layer, x, torch.full((x.shape[0],), target), copy=True)
 
 
 class RaisesItsOwn(nn.Module):
@@ -62,7 +47,7 @@ def test_ablationcam_of_a_model_that_raises_errors_as_its_own_is_the_papers_map(
     """05888f1: RuntimeError("the model failed on this batch") out of the stopped pass (the one pass ran)."""
     model, x = RaisesItsOwn().eval(), _x()
     hooks = len(model.net[2]._forward_hooks)
-    got = salience.ablationcam(model, x, 1, layer="net.2", upsample=False)
+    got = salience.ablationcam(model, x, 1, layer="net.2")
     assert len(model.net[2]._forward_hooks) == hooks  # the stop's hook taken off
     ref = _reference(model, model.net[2], x, 1)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
@@ -93,21 +78,10 @@ def test_ablationcam_of_a_model_that_swallows_the_stop_reads_the_layers_own_outp
     """05888f1: the stop swallowed, the pass went on and doubled the kept output in place: a map of twice the
     activations (0.34 off)."""
     model, x = SwallowsErrors().eval(), _x()
-    got = salience.ablationcam(model, x, 1, layer="act", upsample=False)
+    got = salience.ablationcam(model, x, 1, layer="act")
     assert not model.act._forward_hooks
     ref = _reference(model, model.act, x, 1)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
-
-
-class InPlaceInput(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x -= 0.5
-        return self.head(self.conv(x).relu().mean((2, 3)))
 
 
 def test_ablationcam_under_inference_mode_of_a_model_that_changes_its_input_takes_both_from_one_pass():
