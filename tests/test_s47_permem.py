@@ -89,13 +89,14 @@ def test_rise_masks_made_again_are_the_same_values():
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-7)
 
 
-def _ablation_reference(model, layer, x, target):
+def _ablation_reference(model, layer, x, target, copy=False):
     """The paper's formula by hand: w_k = (S - S_k) / S, S_k with channel k of the layer's output set to 0 (all
-    images a pass), the map ReLU(sum_k w_k A_k) upsampled bilinearly; also the loop whose memory is compared."""
+    images a pass), the map ReLU(sum_k w_k A_k) upsampled bilinearly; also the loop whose memory is compared.
+    ``copy``: A copied when the layer returns (a model that changes it in place after; not the loop's memory)."""
     store: list = []
     rows = torch.arange(x.shape[0])
     with torch.no_grad():
-        h = layer.register_forward_hook(lambda m, i, o: store.append(o))
+        h = layer.register_forward_hook(lambda m, i, o: store.append(o.clone() if copy else o))
         y = model(x)[rows, target]
         h.remove()
         acts = store.pop()

@@ -589,10 +589,16 @@ def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: boo
     images at 224 px (session 47: 5.1 MiB under it now, the chunks' passes the peak). A model that changed its input
     in place in that first pass (``x -= mean`` in its forward) would run the second on other values: then
     :func:`_capture`'s one pass gives both, its generators as the first found them (the input changed once more; its
-    item passes, which read rows of ``x``, change it again anyway, as they did before)."""
-    before, version = _rng_states(), (None if x.is_inference() else x._version)
+    item passes, which read rows of ``x``, change it again anyway, as they did before). So does an inference tensor
+    ``x``, whose in-place change cannot be told (it keeps no version counter), and a stop that did not come back as
+    raised: caught in the model's forward (its ``except Exception``) and swallowed (the layers after ran on the kept
+    output, which they may change in place) or raised as another error (the review of session 47: a
+    ``RuntimeError`` where the one pass ran)."""
+    if x.is_inference():
+        return _capture(model, x, mod, strip_softmax, x.shape[0])
+    before, version = _rng_states(), x._version
     out = forward_scores(model, x, strip_softmax=strip_softmax)
-    if version is not None and x._version != version:
+    if x._version != version:
         del out
         _set_rng_states(before)
         return _capture(model, x, mod, strip_softmax, x.shape[0])
@@ -606,13 +612,21 @@ def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: boo
             raise _LayerReached
 
     handle = mod.register_forward_hook(this_thread(reached))
+    stopped = False
     try:
         forward_scores(model, x, strip_softmax=strip_softmax)
     except _LayerReached:
-        pass
+        stopped = True
+    except Exception:
+        if not store:  # the model's own error, before the layer
+            raise
     finally:
         handle.remove()
         _set_rng_states(after)
+    if store and not stopped:  # the model's forward caught the stop: the one pass (from the first pass's generators)
+        del store, out
+        _set_rng_states(before)
+        return _capture(model, x, mod, strip_softmax, x.shape[0])
     if not store or not isinstance(store[0], Tensor):
         raise layer_not_captured(model, mod, store)
     return store[0].detach(), out
