@@ -53,17 +53,30 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
     _version, shape, stride)`` too (``w.data = w.data.t()`` keeps the address and the version counter of
     the storage it views: only the strides say it changed). One walk over the modules' own dicts (``model.parameters()`` costs more than
     reading the tensors), in ``model.modules()``'s order from one stack (:func:`_modules`), the hook dicts of a
-    module looked at in C (session 47: 61 -> 44 us on resnet18, 137 -> 97 us on resnet50, the same tuple)."""
+    module looked at in C (session 47: 61 -> 44 us on resnet18, 137 -> 97 us on resnet50, the same tuple).
+
+    Where the ``_modules`` slots of the modules walked are not one module of its own each (a module reached twice, a
+    ``None`` child, the root again), the ids each slot holds close the tuple: the walk and the children's names
+    alone were the same for ``a = Sequential(b1, b1)`` before and after ``a[1] = c`` (b2), and the folded copy of
+    the old wiring ran the new one (review of session 47). In a plain tree the order and the names' counts already
+    say which module sits where (a depth-first order and each node's count of children give one tree)."""
     out: list = []
     add = out.append
     me = threading.get_ident()
+    slots = []  # each module's _modules, for the children's ids where the modules are no plain tree
+    n = 0
     for m in _modules(model):
         d = m.__dict__
         f = d.get("forward")
         if f is not None and getattr(f, "salience_thread", me) != me:  # another thread's pass's (attention._NativeMHA)
             f = None
         mods = d.get("_modules")  # a traced module (torch.jit.trace, not loaded) keeps them behind __getattr__
-        add((id(m), type(m), tuple((m._modules if mods is None else mods).keys()), None if f is None else id(f)))
+        if mods is None:
+            mods = m._modules
+        slots.append(mods)
+        names = tuple(mods.keys())
+        n += len(names)
+        add((id(m), type(m), names, None if f is None else id(f)))
         try:  # the four hook dicts at once, in C (most modules: all empty)
             hooked = any(_HOOKS_OF(d))
         except KeyError:  # a module made without nn.Module.__init__ (a dict missing)
@@ -83,6 +96,8 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
             for t in d.get("_buffers", m._buffers).values():
                 if t is not None:
                     add((t.data_ptr(), t._version, t.shape, t.stride()))
+    if n != len(slots) - 1:  # a slot shared, None, or the root: say which module each slot holds
+        add(tuple(tuple(map(id, mods.values())) for mods in slots))
     return tuple(out)
 
 
