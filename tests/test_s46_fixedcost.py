@@ -81,7 +81,7 @@ def test_a_chunk_of_noisy_copies_is_one_multiply_and_one_add(b, seed):
     copies = NoisyCopies(x, 0.15, seed)
     with _Ops() as ops:
         copies(0, 16 * b)
-    muls = sum(n for op, n in ops.seen.items() if op.startswith("aten.mul."))
+    muls = sum(n for op, n in ops.seen.items() if op.startswith(("aten.mul.", "aten.mul_.")))  # in place too
     adds = sum(n for op, n in ops.seen.items() if op.startswith("aten.add"))
     stacks = sum(n for op, n in ops.seen.items() if op.startswith("aten.stack") or op.startswith("aten.cat"))
     draws = sum(n for op, n in ops.seen.items() if op.startswith("aten.randn") or op.startswith("aten.normal"))
