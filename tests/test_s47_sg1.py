@@ -10,33 +10,12 @@ elementwise ``x + sigma * N(0, 1)`` and the kept last draw are unchanged: the sa
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from salience.methods.smoothgrad import NoisyCopies
-
-
-def _reference(x: torch.Tensor, noise: float, seed, start: int, stop: int) -> torch.Tensor:
-    """Items ``start..stop-1`` copy by copy, by the documented stream: item ``j`` is copy ``j // B`` of image ``j % B``,
-    ``x_b + sigma_b * N(0, 1)`` with ``sigma_b = noise * (max - min)`` of image ``b``; an int seed: one float32 draw of
-    the batch's shape per copy; a list: one float32 draw of ``(C, H, W)`` per copy from image ``b``'s own generator;
-    each draw cast to ``x``'s dtype."""
-    b = x.shape[0]
-    sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
-    copies = (stop - 1) // b + 1
-    if isinstance(seed, int):
-        gen = torch.Generator().manual_seed(seed)
-        draws = [torch.randn(tuple(x.shape), generator=gen).to(x.dtype) for _ in range(copies)]
-        return torch.stack([x[j % b] + sigma[j % b] * draws[j // b][j % b] for j in range(start, stop)])
-    gens = [torch.Generator().manual_seed(s) for s in seed]
-    per = [[torch.randn(tuple(x.shape[1:]), generator=g).to(x.dtype) for _ in range(copies)] for g in gens]
-    return torch.stack([x[j % b] + sigma[j % b] * per[j % b][j // b] for j in range(start, stop)])
+from test_s46_fixedcost import _reference, saved_by_old_and_new  # the copy-by-copy formula of the stream
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -134,19 +113,7 @@ def test_maps_and_probes_keep_the_bits_of_main_before_the_change(tmp_path):
     than its copies and sums: cold (the memory probe's pass first) and warm calls, each the same bits as the code of
     main before this change (``git archive`` of it, run in a fresh process), cold equal to warm, and the memory probe's
     bytes per item the same (the chunk plan reads them)."""
-    repo = Path(__file__).resolve().parents[1]
-    old = tmp_path / "old"
-    old.mkdir()
-    try:
-        tar = subprocess.run(["git", "-C", str(repo), "archive", _BASE, "src"], capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip(f"no git or no commit {_BASE} here: the archive of main before the change")
-    subprocess.run(["tar", "-x", "-C", str(old)], input=tar, check=True)
-    got = {}
-    for name, src in (("old", old / "src"), ("new", repo / "src")):
-        env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, "-c", _MAPS, str(tmp_path / f"{name}.pt")], env=env, check=True)
-        got[name] = torch.load(tmp_path / f"{name}.pt")
+    got = saved_by_old_and_new(_BASE, _MAPS, tmp_path)
     assert got["old"].keys() == got["new"].keys()
     for key, want in got["old"].items():
         have = got["new"][key]
