@@ -6,6 +6,8 @@ One process, one thread, resnet18 (random weights, seed 0) at 64 px, one image (
 timed interleaved in a rotating order (``time.thread_time`` and wall, minor page faults, per call):
 
 - ``bare16``: ``engine_speed.bare`` (forward + ``torch.autograd.grad`` w.r.t. the input, parameters frozen), 16 items;
+- ``bare16_noisy``: the same bare pass on SmoothGrad's 16 noisy copies (``xs``, ready) instead of 16 copies of the
+  clean image (``max_pool2d_with_indices`` takes longer on the noisy copies: the data, not salience);
 - ``vanilla16``: ``salience.vanilla(model, xs, targets, reduce=None)`` on 16 ready noisy copies (the inner method's
   pass as SmoothGrad runs it, with its own guard and checks, without SmoothGrad's);
 - ``sg16``: ``salience.smoothgrad(model, x, target, samples=16, reduce=None)`` (the benchmark's call);
@@ -52,6 +54,7 @@ def main() -> int:
     xs = NoisyCopies(x, 0.15, [0])(0, 16)[0].clone()
     units = {
         "bare16": lambda: bare(frozen, items, tgt, 16),
+        "bare16_noisy": lambda: bare(frozen, xs, tgt, 16),
         "vanilla16": lambda: salience.vanilla(model, xs, tgt, reduce=None),
         "sg16": lambda: salience.smoothgrad(model, x, target, samples=16, reduce=None),
         "sg16_noise0": lambda: salience.smoothgrad(model, x, target, samples=16, noise=0.0, reduce=None),
