@@ -81,7 +81,7 @@ def test_a_chunk_of_noisy_copies_is_one_multiply_and_one_add(b, seed):
     copies = NoisyCopies(x, 0.15, seed)
     with _Ops() as ops:
         copies(0, 16 * b)
-    muls = sum(n for op, n in ops.seen.items() if op.startswith("aten.mul."))
+    muls = sum(n for op, n in ops.seen.items() if op.startswith(("aten.mul.", "aten.mul_.")))  # in place too
     adds = sum(n for op, n in ops.seen.items() if op.startswith("aten.add"))
     stacks = sum(n for op, n in ops.seen.items() if op.startswith("aten.stack") or op.startswith("aten.cat"))
     draws = sum(n for op, n in ops.seen.items() if op.startswith("aten.randn") or op.startswith("aten.normal"))
@@ -113,6 +113,16 @@ def test_maps_keep_the_bits_of_main_before_the_change(tmp_path):
     """SmoothGrad (int seed, per-image seeds with chunks across copies, one image's vargrad), integrated gradients and
     vanilla gradients on a small convolutional network with smooth activations: the same bits as the code of main before this change (``git archive`` of
     it, run in a fresh process), in this process's own fresh process too."""
+    got = saved_by_old_and_new(_BASE, _MAPS, tmp_path)
+    assert got["old"].keys() == got["new"].keys()
+    for key in got["old"]:
+        assert torch.equal(got["old"][key], got["new"][key]), key
+
+
+def saved_by_old_and_new(base: str, script: str, tmp_path) -> dict:
+    """What ``script`` (Python run with the path of a file to ``torch.save`` to) saves under the code of commit ``base``
+    (``git archive`` of its ``src``) and under this checkout's ``src``, each in a fresh process with one thread:
+    ``{"old": ..., "new": ...}`` (skips where there is no git or no such commit)."""
     import os
     import subprocess
     import sys
@@ -122,15 +132,13 @@ def test_maps_keep_the_bits_of_main_before_the_change(tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     try:
-        tar = subprocess.run(["git", "-C", str(repo), "archive", _BASE, "src"], capture_output=True, check=True).stdout
+        tar = subprocess.run(["git", "-C", str(repo), "archive", base, "src"], capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        pytest.skip(f"no git or no commit {_BASE} here: the archive of main before the change")
+        pytest.skip(f"no git or no commit {base} here: the archive of main before the change")
     subprocess.run(["tar", "-x", "-C", str(old)], input=tar, check=True)
     got = {}
     for name, src in (("old", old / "src"), ("new", repo / "src")):
         env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, "-c", _MAPS, str(tmp_path / f"{name}.pt")], env=env, check=True)
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{name}.pt")], env=env, check=True)
         got[name] = torch.load(tmp_path / f"{name}.pt")
-    assert got["old"].keys() == got["new"].keys()
-    for key in got["old"]:
-        assert torch.equal(got["old"][key], got["new"][key]), key
+    return got

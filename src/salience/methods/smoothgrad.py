@@ -379,6 +379,8 @@ class NoisyCopies:
         self._shape = tuple(x.shape) if isinstance(seed, int) else tuple(x.shape[1:])
 
     def _stream(self, s: int, rep: int) -> Tensor:
+        """Stream ``s``'s draw of copy ``rep`` in ``x``'s dtype (``rep`` at least the last one drawn: that one is
+        kept)."""
         if rep < self._reps[s]:
             raise RuntimeError(f"noisy copy {rep} asked for after copy {self._reps[s]}: copies are a stream")
         while self._reps[s] < rep:
@@ -398,9 +400,18 @@ class NoisyCopies:
         if self.noise == 0:
             parts = [self.x[lo:hi] for _, lo, hi in spans]
             xs = parts[0] if len(parts) == 1 else torch.cat(parts)
-        else:  # the chunk's noise gathered first, then one multiply and one add for all its copies (not 3 ops a copy):
-            # the same elementwise sigma * noise + x, so the same bits as copy by copy; the add in place (the noise
-            # and the products are not held at once with a third chunk-sized tensor)
+        elif self.x.dtype is torch.float32:
+            # the chunk's noise drawn into one buffer, then made into the copies in place: sigma * noise + x, the
+            # same elementwise multiply and add as copy by copy, so the same bits. Where the chunk is whole copies of
+            # the batch, sigma and x broadcast over them (no gathered sigma[owner], x[owner] of the chunk's size).
+            xs = self._drawn_into_one(spans, stop - start)
+            if start % b == 0 and (stop - start) % b == 0:
+                xs.view(((stop - start) // b,) + tuple(self.x.shape)).mul_(self.sigma).add_(self.x)
+            else:
+                xs.mul_(self.sigma[owner]).add_(self.x[owner])
+        else:  # the chunk's noise gathered first (cast draws), then one multiply and one add for all its copies: the
+            # same elementwise sigma * noise + x, so the same bits as copy by copy; the add in place. Other dtypes than
+            # float32 keep this: their draws are cast tensors of their own, and the memory probe measured this path
             xs = (self.sigma[owner] * self._chunk_noise(spans)).add_(self.x[owner])
         # made from the method's checked x: not tested again in each pass (their finiteness at the end of the call)
         return _derived.derived(xs, "SmoothGrad's noisy copies"), owner
@@ -411,6 +422,33 @@ class NoisyCopies:
             parts = [self._stream(0, rep)[lo:hi] for rep, lo, hi in spans]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
         return torch.stack([self._stream(i, rep) for rep, lo, hi in spans for i in range(lo, hi)])
+
+    def _drawn_into_one(self, spans: list[tuple[int, int, int]], n: int) -> Tensor:
+        """:meth:`_chunk_noise` for a float32 ``x``, in a buffer ``(n, C, H, W)`` of the chunk's own (the caller makes
+        the copies in it, in place). A draw that is the next of its stream goes straight into the buffer's rows
+        (``normal_`` on the same generator: ``torch.randn``'s kernel, the same numbers), not into a tensor of its own
+        then stacked. The last draw of each stream is kept as before (a copy of its rows, as large as the draw it
+        stands for, so the memory probe measures the same), since the next chunk may ask for it again (the engine's
+        memory probe, a chunk that ends inside a copy)."""
+        buf = torch.empty((n,) + tuple(self.x.shape[1:]), dtype=torch.float32, device=self.x.device)
+        batch = len(self._gens) == 1 and len(self._shape) == 4  # one stream for the batch: one draw a copy
+        kept: dict[int, tuple[int, int, int]] = {}  # stream -> its draw's first row in buf, rows, copy
+        i = 0
+        for rep, lo, hi in spans:
+            for s in (0,) if batch else range(lo, hi):
+                rows = hi - lo if batch else 1
+                if rep == self._reps[s] + 1 and (not batch or rows == self._shape[0]):
+                    buf[i:i + rows].normal_(generator=self._gens[s])  # the stream's next draw, in place
+                    self._reps[s] = rep
+                    kept[s] = (i, rows, rep)
+                else:  # a draw asked for again, one a partial copy needs whole, or one after a skipped draw
+                    draw = self._stream(s, rep)
+                    buf[i:i + rows] = draw[lo:hi] if batch else draw
+                i += rows
+        for s, (at, rows, rep) in kept.items():
+            if self._reps[s] == rep:  # still the stream's last draw
+                self._draws[s] = buf[at:at + rows].clone() if batch else buf[at].clone()
+        return buf
 
 
 def _finish(maps: Tensor, mod: Optional[GradModifier], red: Optional[Reduction], multi: bool,
