@@ -49,7 +49,7 @@ from salience._core import perf as _perf
 from salience._core.autograd import (capture_hook, captured_pass, check_input, final_softmax, forward_scores,
                                     layer_not_captured, layer_value, this_thread)
 from salience._core.errors import SalienceError
-from salience._core.guard import model_guard
+from salience._core.guard import _own_hook, model_guard
 from salience._core.layers import LayerSpec
 from salience._core.tensors import autocast_off, check_number, check_flag
 from salience.methods._multi import several_targets, warn_unapplied
@@ -573,9 +573,92 @@ def _ablation_clean(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: 
     """Ablation-CAM's ``(layer output, model output)`` of the clean images, ``batch`` images a pass
     (:func:`~salience.methods.perturbation.clean_batch`): a float32 pass of all of them as two (:func:`_clean_apart`),
     else :func:`_capture`'s passes."""
-    if perf.precision == "fp32" and batch >= x.shape[0]:
+    if perf.precision == "fp32" and batch >= x.shape[0] and _split_pays(model, mod) and _split_same(model):
         return _clean_apart(model, x, mod, strip_softmax)
     return _capture(model, x, mod, strip_softmax, batch)
+
+
+# the split runs where the layer's first parameterised leaf is within the first 1/_EARLY of the model's (session 47)
+_EARLY = 8
+
+
+def _split_pays(model: nn.Module, mod: nn.Module) -> bool:
+    """Whether :func:`_clean_apart`'s two passes can lower the clean pass's peak: where the layer is early in the
+    model (its first leaf module with parameters within the first eighth of the model's, in ``modules()`` order), so
+    that its kept output would live through the big activations after it. Measured on resnet50, 8 images at 224 px
+    (docs/performance.md, session 47 "split"): at ``layer1.0.conv1`` (leaf 2 of 107) the split lowers the call's
+    peak by 5.3 MiB; at ``layer2.0.conv1`` (22), ``layer3.5.conv3`` and ``layer4`` (the default) the peak is the
+    same either way (a chunk's pass), and the split only adds a pass of the layers before the layer."""
+    leaves = [m for m in model.modules() if next(m.children(), None) is None and next(m.parameters(False), None) is not None]
+    mine = {id(m) for m in mod.modules()}
+    at = next((i for i, m in enumerate(leaves) if id(m) in mine), None)
+    return at is not None and at * _EARLY < len(leaves)
+
+
+def _split_same(model: nn.Module) -> bool:
+    """Whether the two passes can be the one pass twice as far as the model's own code goes: no user forward hook
+    or pre-hook (on a module of the model or torch's global ones: the stopped pass would fire a pre-hook without its
+    hook) and no ``torch.Generator`` among the modules' attributes (its numbers are not put back between the passes,
+    as the process's generators are). A model that writes its own state in forward is told after the first pass
+    (:func:`_own_state`)."""
+    import torch.nn.modules.module as _module
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks"):
+        if getattr(_module, name, None):
+            return False
+    for m in model.modules():
+        if any(not _own_hook(h) for h in m._forward_hooks.values()) or \
+                any(not _own_hook(h) for h in m._forward_pre_hooks.values()):
+            return False
+        if any(isinstance(v, torch.Generator) for v in vars(m).values()):
+            return False
+    return True
+
+
+def _own_state(model: nn.Module) -> Optional[list]:
+    """What the model's own code may write in a forward: every buffer and its version counter, with a copy of the
+    values of those of modules not from ``torch.nn`` (whose layers write no buffer in eval mode, where the model
+    guard put them), and those modules' plain attributes (one level); ``None`` where a buffer is an inference tensor
+    (no version counter)."""
+    state: list = []
+    for m in model.modules():
+        user = not type(m).__module__.startswith("torch.nn.")
+        for name, b in m._buffers.items():
+            if b is None:
+                continue
+            if b.is_inference():
+                return None
+            state.append((m, name, b, b._version, b.detach().clone() if user else None))
+        if user:
+            state.append((m, None, dict(vars(m)), None, None))
+    return state
+
+
+def _state_moved(state: list) -> bool:
+    """Whether a forward changed what :func:`_own_state` recorded (a buffer written in place or replaced, a plain
+    attribute set)."""
+    for m, name, held, version, _ in state:
+        if name is None:
+            now = vars(m)
+            if now.keys() != held.keys() or any(now[k] is not v for k, v in held.items()):
+                return True
+        elif m._buffers.get(name) is not held or held._version != version:
+            return True
+    return False
+
+
+def _put_back(state: list) -> None:
+    """The state :func:`_own_state` recorded, put back (the values of the buffers it copied, the attributes)."""
+    for m, name, held, _, values in state:
+        if name is None:
+            now = vars(m)
+            for k in [k for k in now if k not in held]:
+                del now[k]
+            now.update(held)
+        else:
+            m._buffers[name] = held
+            if values is not None:
+                with torch.no_grad():
+                    held.copy_(values)
 
 
 def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
@@ -596,11 +679,15 @@ def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: boo
     ``RuntimeError`` where the one pass ran)."""
     if x.is_inference():
         return _capture(model, x, mod, strip_softmax, x.shape[0])
+    state = _own_state(model)
+    if state is None:
+        return _capture(model, x, mod, strip_softmax, x.shape[0])
     before, version = _rng_states(), x._version
     out = forward_scores(model, x, strip_softmax=strip_softmax)
-    if x._version != version:
+    if x._version != version or _state_moved(state):
         del out
         _set_rng_states(before)
+        _put_back(state)
         return _capture(model, x, mod, strip_softmax, x.shape[0])
     after = _rng_states()
     _set_rng_states(before)  # the layers before draw what the first pass drew
