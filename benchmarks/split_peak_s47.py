@@ -9,7 +9,6 @@ import os
 import runpy
 import sys
 
-import salience  # noqa: F401  (the same module objects the s45 script imports)
 import importlib
 
 scorecam = importlib.import_module("salience.methods.scorecam")

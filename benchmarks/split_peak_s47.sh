@@ -11,12 +11,3 @@ for layer in layer1.0.conv1 layer2.0.conv1 layer3.5.conv3 layer4; do
     echo "}"
   done
 done
-# the clean pass's own peak where a chunk's pass is smaller (chunk=1: one item a pass): does the split lower it there?
-for layer in ${CHUNK1_LAYERS:-layer2.0.conv1 layer3.5.conv3}; do
-  for s in 1 0; do
-    echo -n "{\"layer\": \"$layer\", \"split\": \"$s\", \"chunk\": 1, \"run\": "
-    SPLIT=$s BYTES=1 MIN_KIB=262144 M=resnet50 S=224 B=8 CHUNKS=3 PYTHONPATH="$PWD"/src taskset -c 0 \
-      ${PYTHON:-/work/main/.venv/bin/python} benchmarks/split_peak_s47.py "dict(layer='$layer', chunk=1)" | tr -d '\n'
-    echo "}"
-  done
-done
