@@ -49,7 +49,8 @@ from salience._core import perf as _perf
 from salience._core.autograd import (capture_hook, captured_pass, check_input, final_softmax, forward_scores,
                                     layer_not_captured, layer_value, this_thread)
 from salience._core.errors import SalienceError
-from salience._core.guard import _own_hook, model_guard
+from salience._core.fingerprint import own_hooks
+from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
 from salience._core.tensors import autocast_off, check_number, check_flag
 from salience.methods._multi import several_targets, warn_unapplied
@@ -604,24 +605,15 @@ def _split_pays(model: nn.Module, mod: nn.Module) -> bool:
 
 
 def _split_same(model: nn.Module) -> bool:
-    """Whether the two passes can be the one pass twice as far as the model's own code goes: no user forward hook
-    or pre-hook (on a module of the model or torch's global ones: the stopped pass would fire a pre-hook without its
-    hook) and no ``torch.Generator`` among the modules' attributes (its numbers are not put back between the passes,
-    as the process's generators are). A model that writes its own state in forward is told after the first pass
-    (:func:`_own_state`)."""
-    import torch.nn.modules.module as _module
-    for name in ("_global_forward_hooks", "_global_forward_pre_hooks"):
-        if getattr(_module, name, None):
-            return False
+    """Whether the two passes can be the one pass twice as far as the model's own code goes: no hook of the user's
+    (:func:`~salience._core.fingerprint.own_hooks`: on a module of the model or torch's global ones; the stopped pass
+    would fire a forward pre-hook without its hook) and no ``torch.Generator`` among the modules' attributes (its
+    numbers are not put back between the passes, as the process's generators are). A model that writes its own
+    state in forward is told after the first pass (:func:`_own_state`)."""
+    if own_hooks(model) is not None:
+        return False
     generator = torch.Generator
-    for m in model.modules():
-        d = m.__dict__
-        if (d["_forward_hooks"] or d["_forward_pre_hooks"]) and not all(
-                map(_own_hook, (*d["_forward_hooks"].values(), *d["_forward_pre_hooks"].values()))):
-            return False
-        if generator in map(type, d.values()):  # its exact type (in C: about 1 us a module)
-            return False
-    return True
+    return not any(generator in map(type, m.__dict__.values()) for m in model.modules())  # its exact type, in C
 
 
 def _own_state(model: nn.Module) -> Optional[list]:
