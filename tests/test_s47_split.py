@@ -181,3 +181,20 @@ def test_the_split_runs_only_early_in_the_model(monkeypatch):
         calls.clear()
         salience.ablationcam(model, x, 1, layer=layer, chunk=64)
         assert calls == (["apart"] if split else []), layer
+
+
+def test_a_model_that_writes_nothing_keeps_the_split(split_here, monkeypatch):
+    """The checks do not fall back for nothing: a plain model (no hook, no generator, no state written) gets the two
+    passes, no one pass after them, and the paper's map."""
+    model, x = _Net(nn.Identity()).eval(), _x()
+    calls: list = []
+    capture = scorecam._capture
+
+    def spy(*a, **k):
+        calls.append("capture")
+        return capture(*a, **k)
+    monkeypatch.setattr(scorecam, "_capture", spy)
+    apart = _spied(monkeypatch)
+    got = salience.ablationcam(model, x, 1, layer="conv")
+    assert apart == ["apart"] and calls == []
+    torch.testing.assert_close(got, _reference(model, model.conv, x, 1), rtol=1e-4, atol=1e-6)
