@@ -49,6 +49,7 @@ from salience._core import perf as _perf
 from salience._core.autograd import (capture_hook, captured_pass, check_input, final_softmax, forward_scores,
                                     layer_not_captured, layer_value, this_thread)
 from salience._core.errors import SalienceError
+from salience._core.fingerprint import own_hooks
 from salience._core.guard import model_guard
 from salience._core.layers import LayerSpec
 from salience._core.tensors import autocast_off, check_number, check_flag
@@ -573,9 +574,93 @@ def _ablation_clean(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: 
     """Ablation-CAM's ``(layer output, model output)`` of the clean images, ``batch`` images a pass
     (:func:`~salience.methods.perturbation.clean_batch`): a float32 pass of all of them as two (:func:`_clean_apart`),
     else :func:`_capture`'s passes."""
-    if perf.precision == "fp32" and batch >= x.shape[0]:
+    if perf.precision == "fp32" and batch >= x.shape[0] and _split_pays(model, mod) and _split_same(model):
         return _clean_apart(model, x, mod, strip_softmax)
     return _capture(model, x, mod, strip_softmax, batch)
+
+
+# the split runs where the layer's first parameterised leaf is within the first 1/_EARLY of the model's (session 47)
+_EARLY = 8
+
+
+def _split_pays(model: nn.Module, mod: nn.Module) -> bool:
+    """Whether :func:`_clean_apart`'s two passes can lower the clean pass's peak: where the layer is early in the
+    model (its first leaf module with parameters within the first eighth of the model's, in ``modules()`` order), so
+    that its kept output would live through the big activations after it. Measured on resnet50, 8 images at 224 px
+    (docs/performance.md, session 47 "split"): at ``layer1.0.conv1`` (leaf 2 of 107) the split lowers the call's
+    peak by 5.3 MiB; at ``layer2.0.conv1`` (leaf 22) and ``layer3.5.conv3`` the peak is a chunk's pass either way,
+    and at ``layer4`` (the default) the split's is 32,000 bytes higher (the clean output through the second pass):
+    there the split only added a pass of the layers before the layer. A heuristic of the order of the modules (a
+    stem, then stages of falling resolution), not a measure of the pass."""
+    mine = {id(m) for m in mod.modules()}
+    leaves, at = 0, None
+    for m in model.modules():
+        d = m.__dict__
+        params = d["_parameters"]
+        if not d["_modules"] and params and any(p is not None for p in params.values()):  # a leaf with a parameter
+            if at is None and id(m) in mine:
+                at = leaves
+            leaves += 1
+    return at is not None and at * _EARLY < leaves
+
+
+def _split_same(model: nn.Module) -> bool:
+    """Whether the two passes can be the one pass twice as far as the model's own code goes: no hook of the user's
+    (:func:`~salience._core.fingerprint.own_hooks`: on a module of the model or torch's global ones; the stopped pass
+    would fire a forward pre-hook without its hook) and no ``torch.Generator`` among the modules' attributes (its
+    numbers are not put back between the passes, as the process's generators are). A model that writes its own
+    state in forward is told after the first pass (:func:`_own_state`)."""
+    if own_hooks(model) is not None:
+        return False
+    generator = torch.Generator
+    return not any(generator in map(type, m.__dict__.values()) for m in model.modules())  # its exact type, in C
+
+
+def _own_state(model: nn.Module) -> Optional[list]:
+    """What the model's own code may write in a forward: every buffer and its version counter, with a copy of the
+    values of those of modules not from ``torch.nn`` (whose layers write no buffer in eval mode, where the model
+    guard put them), and those modules' plain attributes (one level); ``None`` where a buffer is an inference tensor
+    (no version counter)."""
+    state: list = []
+    for m in model.modules():
+        user = not type(m).__module__.startswith("torch.nn.")
+        for name, b in m._buffers.items():
+            if b is None:
+                continue
+            if b.is_inference():
+                return None
+            state.append((m, name, b, b._version, b.detach().clone() if user else None))
+        if user:
+            state.append((m, None, dict(vars(m)), None, None))
+    return state
+
+
+def _state_moved(state: list) -> bool:
+    """Whether a forward changed what :func:`_own_state` recorded (a buffer written in place or replaced, a plain
+    attribute set)."""
+    for m, name, held, version, _ in state:
+        if name is None:
+            now = vars(m)
+            if now.keys() != held.keys() or any(now[k] is not v for k, v in held.items()):
+                return True
+        elif m._buffers.get(name) is not held or held._version != version:
+            return True
+    return False
+
+
+def _put_back(state: list) -> None:
+    """The state :func:`_own_state` recorded, put back (the values of the buffers it copied, the attributes)."""
+    for m, name, held, _, values in state:
+        if name is None:
+            now = vars(m)
+            for k in [k for k in now if k not in held]:
+                del now[k]
+            now.update(held)
+        else:
+            m._buffers[name] = held
+            if values is not None:
+                with torch.no_grad():
+                    held.copy_(values)
 
 
 def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
@@ -593,14 +678,22 @@ def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: boo
     ``x``, whose in-place change cannot be told (it keeps no version counter), and a stop that did not come back as
     raised: caught in the model's forward (its ``except Exception``) and swallowed (the layers after ran on the kept
     output, which they may change in place) or raised as another error (the review of session 47: a
-    ``RuntimeError`` where the one pass ran)."""
+    ``RuntimeError`` where the one pass ran). The caller runs the two only where they can lower the peak
+    (:func:`_split_pays`) and the model's own code cannot tell them from one pass (:func:`_split_same`: no user
+    forward hook, no generator of a module's own); a model that wrote its own state in the first pass (a buffer, a
+    plain attribute of a module not from torch.nn: :func:`_own_state`) gets that state put back and the one pass (the
+    review of session 47: the stopped pass saw the state after the first, the map 0.014 off)."""
     if x.is_inference():
+        return _capture(model, x, mod, strip_softmax, x.shape[0])
+    state = _own_state(model)
+    if state is None:
         return _capture(model, x, mod, strip_softmax, x.shape[0])
     before, version = _rng_states(), x._version
     out = forward_scores(model, x, strip_softmax=strip_softmax)
-    if x._version != version:
+    if x._version != version or _state_moved(state):
         del out
         _set_rng_states(before)
+        _put_back(state)
         return _capture(model, x, mod, strip_softmax, x.shape[0])
     after = _rng_states()
     _set_rng_states(before)  # the layers before draw what the first pass drew
