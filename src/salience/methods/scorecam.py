@@ -617,25 +617,25 @@ def _split_same(model: nn.Module) -> bool:
 
 
 def _own_state(model: nn.Module) -> Optional[list]:
-    """What the model's own code may write in a forward: every buffer, its version counter and a copy of its values
-    (also a ``torch.nn`` layer's, which the user's code may write: test-time BatchNorm adaptation; the review of
-    session 47 "lastread"), and the plain attributes (one level) of the modules not from ``torch.nn``, with the version
-    counter and a copy of each tensor among them (``self.seen.fill_(1)``, ``self.steps += 1`` keep the object: its
-    identity alone did not tell); ``None`` where such a tensor is an inference tensor (no version counter)."""
+    """What the model's own code may write in a forward: every buffer and its version counter, with a copy of the
+    values of those of modules not from ``torch.nn`` (whose layers write no buffer in eval mode, where the model
+    guard put them; a copy of theirs too cost the split its lower peak: tests/test_s47_permem.py), and those modules'
+    plain attributes (one level), each tensor among them with its version counter and a copy (``self.seen.fill_(1)``,
+    ``self.steps += 1`` keep the object: its identity alone did not tell; the review of session 47 "lastread");
+    ``None`` where such a tensor is an inference tensor (no version counter)."""
     state: list = []
     for m in model.modules():
-        tensors = [b for b in m._buffers.values() if b is not None]
-        if not type(m).__module__.startswith("torch.nn."):
+        user = not type(m).__module__.startswith("torch.nn.")
+        tensors = [(name, b) for name, b in m._buffers.items() if b is not None]
+        if user:
             attrs = dict(vars(m))
             state.append((m, None, attrs, None, None))
-            tensors += [t for t in attrs.values() if isinstance(t, Tensor)]
-        for name, b in m._buffers.items():
-            if b is not None:
-                state.append((m, name, b, None, None))
-        for t in tensors:
+            tensors += [(None, t) for t in attrs.values() if isinstance(t, Tensor)]
+        for name, t in tensors:
             if t.is_inference():
                 return None
-            state.append((None, None, t, t._version, t.detach().clone()))
+            state.append((m if name is not None else None, name, t, t._version,
+                          t.detach().clone() if user else None))
     return state
 
 
@@ -643,31 +643,29 @@ def _state_moved(state: list) -> bool:
     """Whether a forward changed what :func:`_own_state` recorded (a buffer or a tensor attribute written in place,
     a buffer replaced, a plain attribute set)."""
     for m, name, held, version, _ in state:
-        if m is None:
-            if held._version != version:
-                return True
-        elif name is None:
+        if name is None and m is not None:
             now = vars(m)
             if now.keys() != held.keys() or any(now[k] is not v for k, v in held.items()):
                 return True
-        elif m._buffers.get(name) is not held:
+        elif held._version != version or m is not None and m._buffers.get(name) is not held:
             return True
     return False
 
 
 def _put_back(state: list) -> None:
-    """The state :func:`_own_state` recorded, put back (the buffers and attributes, the tensors' values)."""
+    """The state :func:`_own_state` recorded, put back (the buffers, the attributes, the values it copied)."""
     for m, name, held, _, values in state:
-        if m is None:
-            with torch.no_grad():
-                held.copy_(values)
-        elif name is None:
+        if name is None and m is not None:
             now = vars(m)
             for k in [k for k in now if k not in held]:
                 del now[k]
             now.update(held)
         else:
-            m._buffers[name] = held
+            if m is not None:
+                m._buffers[name] = held
+            if values is not None:
+                with torch.no_grad():
+                    held.copy_(values)
 
 
 def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
