@@ -619,45 +619,50 @@ def _split_same(model: nn.Module) -> bool:
 def _own_state(model: nn.Module) -> Optional[list]:
     """What the model's own code may write in a forward: every buffer and its version counter, with a copy of the
     values of those of modules not from ``torch.nn`` (whose layers write no buffer in eval mode, where the model
-    guard put them), and those modules' plain attributes (one level); ``None`` where a buffer is an inference tensor
-    (no version counter)."""
+    guard put them; a copy of theirs too cost the split its lower peak: tests/test_s47_permem.py), and those modules'
+    plain attributes (one level), each tensor among them with its version counter and a copy (``self.seen.fill_(1)``,
+    ``self.steps += 1`` keep the object: its identity alone did not tell; the review of session 47 "lastread");
+    ``None`` where such a tensor is an inference tensor (no version counter)."""
     state: list = []
     for m in model.modules():
         user = not type(m).__module__.startswith("torch.nn.")
-        for name, b in m._buffers.items():
-            if b is None:
-                continue
-            if b.is_inference():
-                return None
-            state.append((m, name, b, b._version, b.detach().clone() if user else None))
+        tensors = [(name, b) for name, b in m._buffers.items() if b is not None]
         if user:
-            state.append((m, None, dict(vars(m)), None, None))
+            attrs = dict(vars(m))
+            state.append((m, None, attrs, None, None))
+            tensors += [(None, t) for t in attrs.values() if isinstance(t, Tensor)]
+        for name, t in tensors:
+            if t.is_inference():
+                return None
+            state.append((m if name is not None else None, name, t, t._version,
+                          t.detach().clone() if user else None))
     return state
 
 
 def _state_moved(state: list) -> bool:
-    """Whether a forward changed what :func:`_own_state` recorded (a buffer written in place or replaced, a plain
-    attribute set)."""
+    """Whether a forward changed what :func:`_own_state` recorded (a buffer or a tensor attribute written in place,
+    a buffer replaced, a plain attribute set)."""
     for m, name, held, version, _ in state:
-        if name is None:
+        if name is None and m is not None:
             now = vars(m)
             if now.keys() != held.keys() or any(now[k] is not v for k, v in held.items()):
                 return True
-        elif m._buffers.get(name) is not held or held._version != version:
+        elif held._version != version or m is not None and m._buffers.get(name) is not held:
             return True
     return False
 
 
 def _put_back(state: list) -> None:
-    """The state :func:`_own_state` recorded, put back (the values of the buffers it copied, the attributes)."""
+    """The state :func:`_own_state` recorded, put back (the buffers, the attributes, the values it copied)."""
     for m, name, held, _, values in state:
-        if name is None:
+        if name is None and m is not None:
             now = vars(m)
             for k in [k for k in now if k not in held]:
                 del now[k]
             now.update(held)
         else:
-            m._buffers[name] = held
+            if m is not None:
+                m._buffers[name] = held
             if values is not None:
                 with torch.no_grad():
                     held.copy_(values)
