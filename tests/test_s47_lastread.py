@@ -6,8 +6,9 @@ ran on the state the first pass left, not the state the call found (the map off)
 * a plain tensor attribute written in place (``self.seen.fill_(1)``, ``self.steps += 1`` on a tensor: the same
   object, so the attribute's identity alone does not tell);
 * a buffer of a ``torch.nn`` layer written by the user's own forward (test-time BatchNorm adaptation writing
-  ``self.bn.running_mean``): told, but its values are not copied, so not put back before the one pass. NOT fixed
-  (a strict xfail): copying every buffer broke the split's peak goal in tests/test_s47_permem.py.
+  ``self.bn.running_mean``): told, but its values were not copied, so not put back before the one pass (copying
+  every buffer broke the split's peak goal in tests/test_s47_permem.py): now put back from the model guard's own copy
+  (``guard.held_values``; the lead, after the last read).
 The maps are the paper's formula by hand (tests/test_s47_permem.py's reference) on a fresh copy of the model.
 """
 import importlib
@@ -55,13 +56,10 @@ class AdaptBN(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("state", [SeenAttr, pytest.param(AdaptBN, marks=pytest.mark.xfail(strict=True, reason=(
-    "NOT fixed: a torch.nn layer's buffer written by the user's forward is told but not put back before the one "
-    "pass (its values are not copied: a copy of every BatchNorm buffer cost the split its lower peak, "
-    "tests/test_s47_permem.py); the lead decides (e.g. the model guard's own copies)")))])
+@pytest.mark.parametrize("state", [SeenAttr, AdaptBN])
 def test_state_written_in_forward_is_put_back_before_the_layers_pass(split_here, state):
     """784dd23: SeenAttr's write was not told (the stopped pass saw ``seen`` = 1); AdaptBN's was told but its
-    values not put back (the one pass saw the mean 0.5). Both maps were off from the paper's."""
+    values not put back (the one pass saw the mean 0.5; until 9715a11). Both maps were off from the paper's."""
     model, x = _Net(state()).eval(), _x()
     got = salience.ablationcam(model, x, 1, layer="conv")
     fresh = _Net(state()).eval()

@@ -111,7 +111,7 @@ from salience._core.errors import SalienceError
 from salience._core.tensors import autocast_off
 
 __all__ = ["model_guard", "run_guard", "ModuleState", "ParamState", "check_python_model", "modules_of", "parameters_of",
-           "train_mode_op"]
+           "train_mode_op", "held_values"]
 
 
 class _Entry:
@@ -480,6 +480,20 @@ _threads: dict[tuple[int, int], list] = {}
 # ids of the modules a hold left while a model_guard still held them, the hook counter moved in its block: their
 # hooks are swept when they are put back, whatever the hold putting them back saw (see _unhook)
 _stale: set[int] = set()
+
+
+def held_values(module: nn.Module, name: str, buf: torch.Tensor, version: int) -> Optional[torch.Tensor]:
+    """The copy a guard holding ``module`` took of its buffer ``name`` when it entered, where that buffer is still
+    ``buf`` and was at ``version`` then (so the copy has the values ``buf`` had at ``version``); else ``None``. For a
+    pass run again that must start from the state the first found (Ablation-CAM's split clean pass: a buffer of a
+    ``torch.nn`` layer the user's forward wrote), without a copy of its own."""
+    entry = _held.get(id(module))
+    if entry is None or type(entry) is not ModuleState or not entry.captured:
+        return None
+    for slot, held, at, values, _ in entry.buffers:
+        if slot == name and held is buf and at == version:
+            return values
+    return None
 
 
 def _hold(objects: list, held: list, new: list) -> None:

@@ -50,7 +50,7 @@ from salience._core.autograd import (capture_hook, captured_pass, check_input, f
                                     layer_not_captured, layer_value, this_thread)
 from salience._core.errors import SalienceError
 from salience._core.fingerprint import own_hooks
-from salience._core.guard import model_guard
+from salience._core.guard import held_values, model_guard
 from salience._core.layers import LayerSpec
 from salience._core.tensors import autocast_off, check_number, check_flag
 from salience.methods._multi import several_targets, warn_unapplied
@@ -653,8 +653,11 @@ def _state_moved(state: list) -> bool:
 
 
 def _put_back(state: list) -> None:
-    """The state :func:`_own_state` recorded, put back (the buffers, the attributes, the values it copied)."""
-    for m, name, held, _, values in state:
+    """The state :func:`_own_state` recorded, put back (the buffers, the attributes, the values it copied). A
+    ``torch.nn`` layer's buffer, of which it copied nothing, that the forward wrote (test-time BatchNorm adaptation)
+    gets the values of the model guard's copy where that copy is of the same version (:func:`guard.held_values`; the
+    last read of session 47: the one pass ran on the written mean, the map 0.48 off); else it stays as written."""
+    for m, name, held, version, values in state:
         if name is None and m is not None:
             now = vars(m)
             for k in [k for k in now if k not in held]:
@@ -663,6 +666,8 @@ def _put_back(state: list) -> None:
         else:
             if m is not None:
                 m._buffers[name] = held
+                if values is None and held._version != version:
+                    values = held_values(m, name, held, version)
             if values is not None:
                 with torch.no_grad():
                     held.copy_(values)
