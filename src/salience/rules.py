@@ -403,7 +403,7 @@ class BackpropRule(TorchFunctionMode):
 
     def __exit__(self, exc_type, exc, tb):  # type: ignore[override]
         result = super().__exit__(exc_type, exc, tb)
-        if self.unsupported == "warn" and self.unsupported_seen and (exc_type is None or exc_type.__name__ == "_StopForward") \
+        if self.unsupported == "warn" and self.unsupported_seen and (exc_type is None or exc_type.__name__ == "StopForward") \
                 and _first_in_call(("rules:unsupported", self.name)):
             what = ", ".join(f"{n} x{c}" for n, c in sorted(self.unsupported_seen.items()))
             warnings.warn(
@@ -412,7 +412,7 @@ class BackpropRule(TorchFunctionMode):
                 stacklevel=user_stacklevel(),
             )
         # a pass that ended: at the model's output, or stopped at a target's inner layer (the rest never ran)
-        self.stopped = exc_type is not None and exc_type.__name__ == "_StopForward"
+        self.stopped = exc_type is not None and exc_type.__name__ == "StopForward"
         self.ran_through = exc_type is None or self.stopped
         return result
 
@@ -437,7 +437,7 @@ class BackpropRule(TorchFunctionMode):
         """After the pass: a forward pass without a rectifier the rule took over (a model without ReLUs, or with
         ReLUs written as arithmetic) gives the plain gradient, vanilla's map. Refused (``"error"``) or said
         (``"warn"``; not again after the warning of unsupported activations); the methods returned it silently as
-        the rule's. A pass stopped at a target's inner layer (``_StopForward``) is checked alike: the rule met no
+        the rule's. A pass stopped at a target's inner layer (``StopForward``) is checked alike: the rule met no
         ReLU before that layer, and the layers after it never ran, so the map is vanilla's all the same.
         ``since``: the rectifiers taken over before the part of the pass the gradient goes through (a gradient
         w.r.t. a layer's output: those before the layer act on nothing), ``part`` says that part."""

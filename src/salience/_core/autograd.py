@@ -33,7 +33,7 @@ from salience._core.info import max_batch, model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, first_tensor, model_device
 
-__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "captured_pass", "settle", "grad_input", "layer_grad", "layer_value", "layer_output", "seeing_output", "check_input", "model_call", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
+__all__ = ["Gradients", "Pass", "TargetLike", "backward", "gradients", "capture_hook", "StopForward", "captured_pass", "settle", "grad_input", "layer_grad", "layer_value", "layer_output", "seeing_output", "check_input", "model_call", "check_scores", "forward_scores", "predicted_classes", "unwrap_output", "describe_output", "layer_not_captured",
            "looks_like_probabilities"]
 
 
@@ -280,7 +280,7 @@ class _SoftmaxTap(TorchFunctionMode):
         return out
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by a hook to end the forward pass at the target's layer."""
 
     def __init__(self, value: Tensor):
@@ -470,7 +470,7 @@ def capture_hook(store: list, stop: bool, copy: bool = True):
         value = layer_value(output)
         store.append(value)
         if stop:
-            raise _StopForward(output)
+            raise StopForward(output)
         if isinstance(value, Tensor):
             store.append(_Kept(value) if copy else (None if value.is_inference() else value._version))
         return None
@@ -601,7 +601,7 @@ def layer_output(model: nn.Module, x: Tensor, layer: LayerSpec) -> Tensor:
                     out = model(x)
                 if seen is not None:
                     seen.append(out)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()
@@ -746,7 +746,7 @@ def _hooked_pass(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpe
                 if run is not None:
                     modes.enter_context(run.autocast())
                 out = model(x_in)
-        except _StopForward as stop:
+        except StopForward as stop:
             out = stop.value
     finally:
         for h in handles:

@@ -46,8 +46,8 @@ from torch import Tensor, nn
 from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
-from salience._core.autograd import (capture_hook, captured_pass, check_input, final_softmax, forward_scores,
-                                    layer_not_captured, layer_value, this_thread)
+from salience._core.autograd import (StopForward, capture_hook, captured_pass, check_input, final_softmax,
+                                    forward_scores, layer_not_captured, this_thread)
 from salience._core.errors import SalienceError
 from salience._core.fingerprint import own_hooks
 from salience._core.guard import held_values, model_guard
@@ -565,10 +565,6 @@ class _Ablated:
         return torch.cat(parts)[torch.cat(at).argsort()]
 
 
-class _LayerReached(Exception):
-    """Ends a pass when the layer returned (:func:`_clean_apart`'s second pass: the layers after it do not run)."""
-
-
 def _ablation_clean(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, perf: _perf.Performance,
                     batch: int) -> tuple[Tensor, Tensor]:
     """Ablation-CAM's ``(layer output, model output)`` of the clean images, ``batch`` images a pass
@@ -708,17 +704,12 @@ def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: boo
     after = _rng_states()
     _set_rng_states(before)  # the layers before draw what the first pass drew
     store: list[Any] = []
-
-    def reached(module: nn.Module, inputs: Any, output: Any) -> None:  # a reused module: its first call is the layer's
-        if not store:
-            store.append(layer_value(output))
-            raise _LayerReached
-
-    handle = mod.register_forward_hook(this_thread(reached))
+    # the layer's first output kept and the pass ended there (a reused module: its first call is the layer's)
+    handle = mod.register_forward_hook(this_thread(capture_hook(store, True)))
     stopped = False
     try:
         forward_scores(model, x, strip_softmax=strip_softmax)
-    except _LayerReached:
+    except StopForward:
         stopped = True
     except Exception:
         if not store:  # the model's own error, before the layer
