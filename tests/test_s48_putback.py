@@ -190,7 +190,7 @@ def test_trace_writes_nothing_of_the_model():
     written: set = set()
     traced = folding.fx_traced(model, None, written=written)
     assert isinstance(traced, torch.fx.GraphModule), traced
-    assert seen_during == [(0.0, 0, None), (0.0, 0, None)]
+    assert len(seen_during) >= 2 and set(seen_during) == {(0.0, 0, None)}  # the two traces (and _keep_read's)
     assert float(model.seen) == 0.0 and model.hist == [] and model.last is None
     names = {k for _, k in written}
     assert {"hist", "last"} <= names  # the writes noted (for the fold's settings, session 47)
