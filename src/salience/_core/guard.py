@@ -26,7 +26,9 @@ for, integrated gradients 32) comes back too (session 36, ``tests/test_guard_gap
 in order (a slot registered as ``None`` that the forward fills, a cache; a buffer registered, replaced or deleted;
 the non-persistent names); its plain attributes one level deep (a copy of each module's ``__dict__``: a call
 counter, the last shape, a tensor it caches, which held salience's batch and its graph; an attribute added or
-deleted); its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
+deleted), each plain tensor among them by its version counter with a copy (``self.seen.fill_(1)``, ``self.steps += 1``
+on a tensor: the same object written in place, which its identity did not tell: session 48, ``tests/test_s48_putback.py``);
+its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
 compared with the module's dict in C (``==``, each value by identity first) and put back by identity where it
 differs. The copies are not made for torch.nn's own layers that have neither a hook nor an instance ``forward``
 (:func:`_plain_classes`: their forward sets and registers nothing; a user's hook may, so a layer with one is
@@ -56,7 +58,9 @@ where the counter moved (Grad-CAM's own hook, a full backward hook's per-pass ha
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
-stays); the contents of an attribute changed in place (a list appended to, a dict filled: one level only); a hook
+stays); the contents of a list, dict or set attribute changed in place (a list appended to, a dict filled: one level
+only; the record below can copy them, the guard does not, for its cost per call); an inference tensor among the plain
+attributes (no version counter: put back by identity only); a hook
 on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
 to it (``==``: a number, a string, a one-element tensor or parameter of the same value; a parameter of several
@@ -70,6 +74,19 @@ hooks whose key another process gave (pickled), once this process's counter reac
 are the process's, not the model's, and are left alone, one a forward registers too: any thread registers them
 (a profiler's ``ModuleTracker``, ``FlopCounterMode``, for its block), and sweeping those registered anywhere during
 a call took another thread's (``tests/test_guard_hooks.py``).
+
+One record of a model's state serves the three pieces of salience that put a model back (session 48):
+:func:`record_state` ("record these modules' state here": buffers by version counter, with a copy where asked, plain
+attributes one level deep, each plain tensor among them by version counter with a copy, containers' contents where
+asked), :func:`state_changes` ("what changed since", by module and name) and :func:`put_back_state` ("put it back", in
+place). The guard's own records (:class:`ModuleState`, one light object per module for its cost per call) are made and
+put back by the same pieces (:func:`_tensor_records`, :func:`_put_back_tensors`, :func:`_restore_mapping`,
+:func:`_restore_buffers`); Ablation-CAM's split clean pass (``methods.scorecam._own_state``) records the modules not
+from torch.nn, containers too, tells a first pass's writes and puts them back before its one pass (a torch.nn layer's
+buffer, recorded without a copy, from the guard's own copy: :func:`held_values`); the fx trace
+(:func:`salience._core.folding.fx_traced`) runs on a shadow of the model's modules and records the shadow, to tell what
+the forward writes without writing, or putting back, anything of the model (another thread's writes of that moment
+stay).
 
 A dataset run holds the model for the whole run (:func:`run_guard`): the full save and restore
 (about 1.7 ms on resnet50 on one CPU core, 5 ms before the records were made light) is paid once per
@@ -677,7 +694,8 @@ def held_values(module: nn.Module, name: str, buf: torch.Tensor, version: int) -
     """The copy a guard holding ``module`` took of its buffer ``name`` when it entered, where that buffer is still
     ``buf`` and was at ``version`` then (so the copy has the values ``buf`` had at ``version``); else ``None``. For a
     pass run again that must start from the state the first found (Ablation-CAM's split clean pass: a buffer of a
-    ``torch.nn`` layer the user's forward wrote), without a copy of its own."""
+    ``torch.nn`` layer the user's forward wrote), without a copy of its own: :func:`put_back_state` of a record that
+    took no copy of that buffer."""
     entry = _held.get(id(module))
     if entry is None or type(entry) is not ModuleState or not entry.captured:
         return None
