@@ -418,7 +418,10 @@ def _tensor_records(attrs: dict, refuse: bool = False) -> Any:
     out, or ``None`` returned where ``refuse`` (Ablation-CAM's split then runs its one pass). The types are looked at
     first, in C (most modules hold no tensor: 1 us a module)."""
     tensor = torch.Tensor
-    for t in set(map(type, attrs.values())):
+    kinds = set(map(type, attrs.values()))
+    if kinds <= _NO_TENSOR_KINDS:  # in C: a module's usual dicts, flags and numbers
+        return _NO_TENSORS
+    for t in kinds:
         if issubclass(t, tensor):
             break
     else:
@@ -476,13 +479,14 @@ def _put_back_contents(v: Any, items: Any) -> None:
 
 
 class ModuleRecord:
-    """One module's state in a :func:`record_state` record: ``attrs`` (a copy of its plain attributes, nn.Module's own
-    dicts and sets left out where asked, or ``None``: not recorded), ``tensors`` (:func:`_tensor_records`),
-    ``contents`` (``(name, container, its items)``: a list, dict or set attribute, changed in place by a forward,
-    ``self.hist.append(y)``) and ``buffers`` (``(name, buffer, version, copy or None, its Python attributes)`` each, in
-    order, as :class:`ModuleState`'s)."""
+    """One module's state in a :func:`record_state` record: ``index`` (its place in the modules given), ``attrs`` (a
+    copy of its plain attributes, nn.Module's own dicts and sets left out where asked, or ``None``: not recorded),
+    ``tensors`` (:func:`_tensor_records`), ``contents`` (``(name, container, its items)``: a list, dict or set
+    attribute, changed in place by a forward, ``self.hist.append(y)``), ``buffers`` (``(name, buffer, version, copy or
+    None, its Python attributes)`` each, in order, as :class:`ModuleState`'s; ``None``: not recorded) and ``quiet`` (its
+    non-persistent buffer names)."""
 
-    __slots__ = ("module", "attrs", "tensors", "contents", "buffers", "quiet")
+    __slots__ = ("index", "module", "attrs", "tensors", "contents", "buffers", "quiet")
 
 
 def record_state(modules: Any, attributes: Any = None, containers: bool = False, buffers: bool = True,
@@ -491,20 +495,25 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
     name in order, with its version counter and a copy of its values where ``copies(module)`` says so, default all),
     and where ``attributes(module)`` says so (default all) its plain attributes one level deep (a copy of its
     ``__dict__``, nn.Module's own dicts and sets too unless ``own_dicts`` is False), each plain tensor among them with
-    its version counter and a copy, and with ``containers`` a copy of each list's, dict's and set's contents.
-    ``None`` where such a tensor is an inference tensor (no version counter to tell a write by). :func:`state_changes`
-    says what changed since, :func:`put_back_state` puts it back.
+    its version counter and a copy, and with ``containers`` a copy of each list's, dict's and set's contents. A module
+    with neither (no attributes asked, no buffer) has no record. ``None`` where such a tensor or a buffer is an
+    inference tensor (no version counter to tell a write by). :func:`state_changes` says what changed since,
+    :func:`put_back_state` puts it back.
 
     The model guard's records of each module (:class:`ModuleState`) are made of the same pieces, with no container
     copied (its limit: a forward that appends to a list). Ablation-CAM's split clean pass records the modules not from
     torch.nn, whose layers in eval mode write nothing (the buffers of those unrecorded are put back from the guard's
     own copy); the fx trace records the shadow it traces (:mod:`salience._core.folding`), no buffer."""
     record = []
-    for m in modules:
-        r = ModuleRecord()
-        r.module, r.attrs, r.tensors, r.contents, r.buffers, r.quiet = m, None, _NO_TENSORS, (), None, None
+    for index, m in enumerate(modules):
         d = m.__dict__
-        if attributes is None or attributes(m):
+        asked = attributes is None or attributes(m)
+        held = d.get("_buffers") if buffers else None
+        if not asked and not held:
+            continue
+        r = ModuleRecord()
+        r.index, r.module, r.attrs, r.tensors, r.contents, r.buffers, r.quiet = index, m, None, _NO_TENSORS, (), None, None
+        if asked:
             attrs = d.copy() if own_dicts else {k: v for k, v in d.items() if k not in _MODULE_OWN}
             tensors = _tensor_records(attrs, refuse=True)
             if tensors is None:
@@ -516,9 +525,9 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
         if buffers:
             copy = copies is None or copies(m)
             try:  # an inference tensor keeps no version counter
-                    r.buffers = tuple((name, b, b._version, (b.detach().clone() if copy else None), _attributes(b))
+                r.buffers = tuple((name, b, b._version, (b.detach().clone() if copy else None), _attributes(b))
                                   if b is not None else (name, None, 0, None, _NO_ATTRIBUTES)
-                                  for name, b in (d.get("_buffers") or _EMPTY).items())
+                                  for name, b in (held or _EMPTY).items())
             except RuntimeError:
                 return None
             quiet = d.get("_non_persistent_buffers_set")
@@ -528,25 +537,35 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
 
 
 def state_changes(record: list) -> list:
-    """What changed in the modules of ``record`` (:func:`record_state`) since: ``(index in the record, name)`` of each
-    plain attribute added, deleted, replaced (by identity), a tensor among them written in place, a container's
-    contents changed, and of each buffer registered, deleted, replaced or written in place."""
+    """What changed in the modules of ``record`` (:func:`record_state`) since: ``(index of the module among those
+    recorded, name)`` of each plain attribute added, deleted, replaced (by identity), a tensor among them written in
+    place, a container's contents changed, and of each buffer registered, deleted, replaced or written in place. An
+    empty list where nothing did, told in C for most modules (the dict compared with its copy, each value by identity
+    first, as the guard's)."""
     changed = []
-    for i, r in enumerate(record):
-        d = r.module.__dict__
-        saved = r.attrs
+    for r in record:
+        i, d, saved = r.index, r.module.__dict__, r.attrs
         if saved is not None:
-            own = "_buffers" in saved
-            for k in [k for k in d if k not in saved and (own or k not in _MODULE_OWN)]:
-                changed.append((i, k))
-            changed += [(i, k) for k, v in saved.items() if d.get(k, _MISSING) is not v]
-            changed += [(i, k) for k, t, version, _ in r.tensors if t._version != version and (i, k) not in changed]
-            changed += [(i, k) for k, v, items in r.contents if not _same_contents(items, v) and (i, k) not in changed]
-        if r.buffers is not None:
+            try:
+                same = "_buffers" in saved and d == saved
+            except Exception:  # a value whose == raises (a tensor's, an array's): changed
+                same = False
+            if not same:
+                own = "_buffers" in saved
+                changed += [(i, k) for k in d if k not in saved and (own or k not in _MODULE_OWN)]
+                changed += [(i, k) for k, v in saved.items() if d.get(k, _MISSING) is not v]
+            if r.tensors:
+                changed += [(i, k) for k, t, version, _ in r.tensors if t._version != version and (i, k) not in changed]
+            if r.contents:
+                changed += [(i, k) for k, v, items in r.contents
+                            if not _same_contents(items, v) and (i, k) not in changed]
+        records = r.buffers
+        if records is not None:
             now = d.get("_buffers") or _EMPTY
-            names = {name for name, *_ in r.buffers}
-            changed += [(i, k) for k in now if k not in names]
-            changed += [(i, name) for name, b, version, _, _ in r.buffers
+            if len(now) != len(records):
+                names = {name for name, *_ in records}
+                changed += [(i, k) for k in now if k not in names]
+            changed += [(i, name) for name, b, version, _, _ in records
                         if now.get(name, _MISSING) is not b or b is not None and b._version != version]
     return changed
 
@@ -615,6 +634,9 @@ def _restore_buffers(module: nn.Module, records: Any, saved: Optional[dict], qui
 
 
 _NO_TENSORS: tuple = ()
+# the types of a module's attributes that are no tensors, looked at first (:func:`_tensor_records`)
+_NO_TENSOR_KINDS = frozenset({bool, int, float, str, type(None), dict, OrderedDict, set, tuple, list, torch.dtype,
+                              torch.device})
 # nn.Module's own dicts and sets (parameters, buffers, submodules, hooks): not a forward's plain attributes
 _MODULE_OWN = frozenset(k for k, v in nn.Module().__dict__.items() if type(v) in (OrderedDict, dict, set))
 
