@@ -27,7 +27,8 @@ in order (a slot registered as ``None`` that the forward fills, a cache; a buffe
 the non-persistent names); its plain attributes one level deep (a copy of each module's ``__dict__``: a call
 counter, the last shape, a tensor it caches, which held salience's batch and its graph; an attribute added or
 deleted), each plain tensor among them by its version counter with a copy (``self.seen.fill_(1)``, ``self.steps += 1``
-on a tensor: the same object written in place, which its identity did not tell: session 48, ``tests/test_s48_putback.py``);
+on a tensor: the same object written in place, which its identity did not tell: session 48, ``tests/test_s48_putback.py``;
+a copy of each per call, as of the buffers, where a module not of torch.nn holds one);
 its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
 compared with the module's dict in C (``==``, each value by identity first) and put back by identity where it
 differs. The copies are not made for torch.nn's own layers that have neither a hook nor an instance ``forward``
@@ -594,7 +595,7 @@ def put_back_state(record: list) -> None:
                 if not _same_contents(items, v):
                     _put_back_contents(v, items)
         if r.buffers is not None:
-            _restore_buffers(m, r.buffers, None, r.quiet)
+            _restore_buffers(m, r.buffers, saved if saved is not None and "_buffers" in saved else None, r.quiet)
             if any(b is not None and b._version != version for _, b, version, _, _ in r.buffers):  # copied back
                 r.buffers = tuple((name, b, b._version if b is not None else 0, copy, attrs)
                                   for name, b, _, copy, attrs in r.buffers)
