@@ -21,6 +21,7 @@ from torch import nn
 
 from salience._core.casts import drop_entry
 from salience._core.fingerprint import _HOOK_DICTS, _fold_key, _lock, own_hooks
+from salience._core.guard import _MODULE_OWN, _contents, record_state, state_changes
 from salience._core.tensors import copy_model
 
 __all__ = ["fold_failed", "folded_model", "fx_traced", "kept_for", "settings", "ThisThreadTracer"]
@@ -174,8 +175,11 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
     (``"bf16-mixed"``'s eager passes, whose float32 islands turn the autocast off themselves, inside a block or not:
     session 46), traced as for a copy in that dtype.
 
-    A plain attribute the forward sets (``self.last = attn``, a counter) is put back as the trace found it (a trace of
-    the model itself, occlusion's, left a ``Proxy`` there); ``written`` (a set) is filled with each one, by ``(module
+    Each trace runs on a shadow of ``clone``'s modules (:func:`_shadow`): what the forward writes (``self.last = attn``,
+    a counter, a list appended to, a tensor written in place) lands there, and nothing of ``clone`` changes, not even
+    for the trace's moment (session 48: the trace ran on the model itself and put back what it found changed, another
+    thread's writes of that moment too). What it wrote is told by :func:`~salience._core.guard.record_state`'s record
+    of the shadow; ``written`` (a set) is filled with each one, by ``(module
     index, name)`` in ``clone.modules()``'s order: the trace does not depend on it, so the copy is not kept for it
     (:func:`settings`' ``skip``; session 47: a tensor the forward stored every call refolded every call once the user
     had run the model)."""
@@ -184,20 +188,21 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
     if autocast is not None:  # the autocast settings of the copy's passes, the only ones it runs under
         with torch.autocast(device, dtype=autocast):
             passes = _autocast_state()[1:]
-    before, after, consts = _attributes(clone), {}, {}
+    after: dict = {}
+    consts: dict = {}
     for under in (False, True):
-        made: dict = {}
         try:
+            root, shadows = _shadow(clone)
+            record = record_state(shadows, containers=True, buffers=False, own_dicts=False)
+            if record is None:
+                return "a plain tensor attribute of the model is an inference tensor (no version counter)"
             with _TRACING, torch.autocast(device, dtype=autocast or torch.get_autocast_dtype(device), enabled=under):
                 tracer = _AutocastSeeingTracer(passes)
-                graph = tracer.trace(clone)
-            made = _constants(clone, graph, before)
+                graph = tracer.trace(root)
+            made = _constants(root, graph, record[0].attrs)
         except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
             return f"torch.fx cannot trace it ({_described(e, 200)})"
-        finally:
-            for k in made:
-                del clone.__dict__[k]
-            _put_back(clone, before, written, after)
+        _note_writes(record, made, written, after)
         if not under:
             consts = made
         if tracer.changed:
@@ -208,25 +213,21 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
         return ("its forward reads the autocast (another graph under torch.autocast), which torch.fx does not record "
                 "(the copy would run one branch under any autocast)")
     if written:
-        _keep_read(clone, before, str(graphs[0]), after, written, lambda: torch.autocast(
+        _keep_read(clone, str(graphs[0]), after, written, lambda: torch.autocast(
             device, dtype=autocast or torch.get_autocast_dtype(device), enabled=False))
-    # fx's constants are the GraphModule's (it copies them from the root), never left on the model
-    clone.__dict__.update(consts)
-    try:
-        return torch.fx.GraphModule(tracer.root, graphs[0], type(clone).__name__)
-    finally:
-        for k in consts:
-            clone.__dict__.pop(k, None)
+    # the GraphModule takes its modules, parameters and buffers from the model (by the nodes' names, as fx would from
+    # the traced root), and fx's constants from the shadow's root: a view of the model's root with them added
+    return torch.fx.GraphModule(_root_view(clone, consts), graphs[0], type(clone).__name__)
 
 
-def _constants(root: nn.Module, graph: torch.fx.Graph, before: list) -> dict:
+def _constants(root: nn.Module, graph: torch.fx.Graph, was: dict) -> dict:
     """The constants ``torch.fx`` set on ``root`` in tracing ``graph`` (``_tensor_constant0``: a tensor the forward
-    made, ``torch.tensor(0.5)``), by name: the attributes of ``root`` that ``graph`` reads and ``before``
-    (:func:`_attributes`) has not. Put back as attributes the forward added, they were gone when the ``GraphModule``
+    made, ``torch.tensor(0.5)``), by name: the attributes of ``root`` that ``graph`` reads and ``was``
+    (the root's plain attributes as recorded before the trace) has not. Put back as attributes the forward added, they were gone when the ``GraphModule``
     copied them (b36ecb9: every such model refused by ``fold_batchnorm``, and ``salience.occlusion`` raised
     ``AttributeError``); left there, the second trace's were other names (``_tensor_constant1``) and the model was
     refused for "reading the autocast" (before session 47)."""
-    was, own = before[0][1], root.__dict__
+    own = root.__dict__
     return {n.target: own[n.target] for n in graph.nodes
             if n.op == "get_attr" and n.target in own and n.target not in was and n.target not in _MODULE_OWN}
 
@@ -248,63 +249,70 @@ def _noting_writes() -> Iterator[set]:
         _WRITES.reset(token)
 
 
-# nn.Module's own dicts and sets (parameters, buffers, submodules, hooks): not a forward's to write
-_MODULE_OWN = frozenset(k for k, v in nn.Module().__dict__.items() if type(v) in (OrderedDict, dict, set))
+def _shadow(model: nn.Module) -> tuple[nn.Module, list]:
+    """A shadow of ``model``'s modules for a trace to run on: ``(its root, its modules in model.modules()'s order)``.
+    Each module a new object of its class whose ``__dict__`` is a copy of the module's, with the shadows of its
+    submodules, its parameters (the same tensors: fx records them by name and proxies them, a write in place is a
+    node), its buffers and plain tensor attributes cloned (fx reads those as they are, and a write in place,
+    ``self.seen.fill_(1)``, ran on the model's own tensor), each list, tuple, dict or set copied with the shadows of the
+    modules in it, a method bound to a module bound to its shadow. The forward's writes in a trace land in the shadow
+    (an fx proxy in ``self.last``, a counter, a list appended to), never in the model: before session 48 the trace ran
+    on the model and put back what it found changed, another thread's writes of that moment too (its own forward's
+    counter), and that thread's forward could meet the trace's proxies. The shadow holds no state of its own once the
+    trace is made: the GraphModule takes the model's modules (:func:`_root_view`)."""
+    modules = list(model.modules())
+    shadows = {id(m): type(m).__new__(type(m)) for m in modules}
+    clones: dict = {}  # id -> clone: a tensor held twice (a buffer and an attribute) stays one
+
+    def cloned(t: torch.Tensor) -> torch.Tensor:
+        c = clones.get(id(t))
+        if c is None:
+            c = clones[id(t)] = t.detach().clone()
+        return c
+
+    def shadowed(v: Any) -> Any:
+        t = type(v)
+        if isinstance(v, nn.Module):
+            return shadows.get(id(v), v)
+        if isinstance(v, torch.Tensor):
+            return v if isinstance(v, nn.Parameter) else cloned(v)
+        if t is types.MethodType and isinstance(v.__self__, nn.Module) and id(v.__self__) in shadows:
+            return types.MethodType(v.__func__, shadows[id(v.__self__)])
+        if t in (list, tuple, set):
+            return t(map(shadowed, v))
+        if t is dict or t is OrderedDict:
+            return t((k, shadowed(x)) for k, x in v.items())
+        return v
+
+    for m in modules:
+        d = {k: shadowed(v) for k, v in m.__dict__.items()}
+        d["_parameters"] = dict(m._parameters)
+        d["_buffers"] = {k: cloned(b) if b is not None else None for k, b in m._buffers.items()}
+        shadows[id(m)].__dict__.update(d)
+    return shadows[id(model)], [shadows[id(m)] for m in modules]
 
 
-def _contents(v: Any) -> Any:
-    """A copy of a list's, dict's or set's contents (a forward may change them in place), else None."""
-    t = type(v)
-    return list(v) if t is list else dict(v) if t is dict or t is OrderedDict else set(v) if t is set else None
+def _root_view(model: nn.Module, consts: dict) -> nn.Module:
+    """``model``'s root as a GraphModule takes the nodes' targets from (``_modules``, ``_parameters``, ``_buffers`` the
+    model's own dicts), with fx's constants (``consts``) added: a new object of its class, nothing written on the
+    model (before session 48 they were set on it for that moment)."""
+    view = type(model).__new__(type(model))
+    view.__dict__.update(model.__dict__)
+    view.__dict__.update(consts)
+    return view
 
 
-def _same_contents(items: Any, v: Any) -> bool:
-    """Whether the container ``v`` holds ``items`` (:func:`_contents`), each the same object."""
-    if type(items) is list:
-        return len(items) == len(v) and all(a is b for a, b in zip(items, v))
-    if type(items) is dict:
-        return len(items) == len(v) and all(k in v and v[k] is x for k, x in items.items())
-    return items == v
-
-
-def _attributes(model: nn.Module) -> list[tuple[nn.Module, dict]]:
-    """Each module of ``model`` and a shallow copy of its plain attributes (``__dict__`` but nn.Module's own dicts and
-    sets: the parameters, buffers, submodules and hooks), a list's, dict's or set's contents copied too (a forward may
-    append to it, or store an activation in it: ``self.stats["last"] = y``)."""
-    return [(m, {k: (v, _contents(v)) for k, v in m.__dict__.items() if k not in _MODULE_OWN})
-            for m in model.modules()]
-
-
-def _put_back(model: nn.Module, before: list[tuple[nn.Module, dict]], written: Optional[set],
-              after: Optional[dict] = None) -> None:
-    """The plain attributes of ``model``'s modules as in ``before`` (:func:`_attributes`), each one that a trace set,
-    added, deleted or changed in place (a list, a dict, a set) noted in ``written`` (``(module index, name)``) when
-    given, and the value the trace left there in ``after`` (a container's contents copied; :data:`_MISSING`:
-    deleted). Before the review of session 47 a dict or set was not looked at: occlusion's trace of the user's model
-    left a ``Proxy`` in ``self.stats["last"]``."""
-    for i, (m, was) in enumerate(before):
-        now = m.__dict__
-        for k in [k for k in now if k not in _MODULE_OWN and k not in was]:  # added
-            if after is not None:
-                after[(i, k)] = now[k]
-            del now[k]
-            if written is not None:
-                written.add((i, k))
-        for k, (v, items) in was.items():
-            cur = now.get(k, _MISSING)
-            if cur is v and (items is None or _same_contents(items, v)):
-                continue
-            if after is not None:
-                after[(i, k)] = c if (c := _contents(cur)) is not None else cur
-            now[k] = v
-            if items is not None:
-                v.clear()
-                if type(v) is list:
-                    v.extend(items)
-                else:
-                    v.update(items)
-            if written is not None:
-                written.add((i, k))
+def _note_writes(record: list, made: dict, written: Optional[set], after: dict) -> None:
+    """The plain attributes a trace wrote in its shadow (``record``, :func:`~salience._core.guard.record_state`'s of the
+    shadow's modules, but fx's constants ``made`` on its root) noted in ``written`` (``(module index, name)``) when
+    given, and the value left there in ``after`` (a container's contents copied; :data:`_MISSING`: deleted)."""
+    for i, k in state_changes(record):
+        if i == 0 and k in made:
+            continue
+        if written is not None:
+            written.add((i, k))
+        cur = record[i].module.__dict__.get(k, _MISSING)
+        after[(i, k)] = c if (c := _contents(cur)) is not None else cur
 
 
 def _has_proxy(v: Any) -> bool:
@@ -322,8 +330,7 @@ def _bumped(v: Any) -> Any:
     return (not v) if t is bool else v * 2 + 1 if t in (int, float) else _MISSING
 
 
-def _keep_read(clone: nn.Module, before: list, graph: str, after: dict, written: set,
-               autocast: Callable[[], Any]) -> None:
+def _keep_read(clone: nn.Module, graph: str, after: dict, written: set, autocast: Callable[[], Any]) -> None:
     """Take out of ``written`` the attributes the forward writes that the trace also reads: ``clone`` traced again
     with the values the trace left (a counter one up, ``self.warmed = True``) and with other ones (a bool flipped, a
     number changed): a graph other than ``graph`` (that of the attributes as found) means the trace bakes one in (a
@@ -334,20 +341,18 @@ def _keep_read(clone: nn.Module, before: list, graph: str, after: dict, written:
     if not values:
         return
     bumped = {at: b for at, v in values.items() if (b := _bumped(v)) is not _MISSING}
-    modules = [m for m, _ in before]
     for state in (values, {**values, **bumped}) if bumped else (values,):
-        try:
+        try:  # on a shadow of its own (:func:`_shadow`), which the values are set on
+            root, modules = _shadow(clone)
             for (i, k), v in state.items():
                 if v is _MISSING:
                     modules[i].__dict__.pop(k, None)
                 else:
                     modules[i].__dict__[k] = c if (c := _contents(v)) is not None else v
             with _TRACING, autocast():
-                same = str(ThisThreadTracer().trace(clone)) == graph  # the graph only (not a fold's trace)
+                same = str(ThisThreadTracer().trace(root)) == graph  # the graph only (not a fold's trace)
         except Exception:  # noqa: BLE001 - another state cannot be traced: the trace depends on it
             same = False
-        finally:
-            _put_back(clone, before, None)
         if not same:
             written.difference_update(values)
             return

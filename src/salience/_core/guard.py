@@ -26,7 +26,10 @@ for, integrated gradients 32) comes back too (session 36, ``tests/test_guard_gap
 in order (a slot registered as ``None`` that the forward fills, a cache; a buffer registered, replaced or deleted;
 the non-persistent names); its plain attributes one level deep (a copy of each module's ``__dict__``: a call
 counter, the last shape, a tensor it caches, which held salience's batch and its graph; an attribute added or
-deleted); its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
+deleted), each plain tensor among them by its version counter with a copy (``self.seen.fill_(1)``, ``self.steps += 1``
+on a tensor: the same object written in place, which its identity did not tell: session 48, ``tests/test_s48_putback.py``;
+a copy of each per call, as of the buffers, where a module not of torch.nn holds one);
+its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
 compared with the module's dict in C (``==``, each value by identity first) and put back by identity where it
 differs. The copies are not made for torch.nn's own layers that have neither a hook nor an instance ``forward``
 (:func:`_plain_classes`: their forward sets and registers nothing; a user's hook may, so a layer with one is
@@ -56,7 +59,9 @@ where the counter moved (Grad-CAM's own hook, a full backward hook's per-pass ha
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
-stays); the contents of an attribute changed in place (a list appended to, a dict filled: one level only); a hook
+stays); the contents of a list, dict or set attribute changed in place (a list appended to, a dict filled: one level
+only; the record below can copy them, the guard does not, for its cost per call); an inference tensor among the plain
+attributes (no version counter: put back by identity only); a hook
 on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
 to it (``==``: a number, a string, a one-element tensor or parameter of the same value; a parameter of several
@@ -70,6 +75,22 @@ hooks whose key another process gave (pickled), once this process's counter reac
 are the process's, not the model's, and are left alone, one a forward registers too: any thread registers them
 (a profiler's ``ModuleTracker``, ``FlopCounterMode``, for its block), and sweeping those registered anywhere during
 a call took another thread's (``tests/test_guard_hooks.py``).
+
+One record of a model's state serves the three pieces of salience that put a model back (session 48):
+:func:`record_state` ("record these modules' state here": buffers by version counter, with a copy where asked, plain
+attributes one level deep, each plain tensor among them by version counter with a copy, containers' contents where
+asked), :func:`state_changes` ("what changed since", by module and name) and :func:`put_back_state` ("put it back", in
+place). The guard's own records (:class:`ModuleState`, one light object per module for its cost per call) are made and
+put back by the same pieces (:func:`_tensor_records`, :func:`_put_back_tensors`, :func:`_restore_mapping`,
+:func:`_restore_buffers`); Ablation-CAM's split clean pass (``methods.scorecam._own_state``) records the modules not
+from torch.nn, containers too, tells a first pass's writes and puts them back before its one pass (a torch.nn layer's
+buffer, recorded without a copy, from the guard's own copy: :func:`held_values`); the fx trace
+(:func:`salience._core.folding.fx_traced`) runs on a shadow of the model's modules and records the shadow, to tell what
+the forward writes without writing, or putting back, anything of the model (another thread's writes of that moment
+stay). The guard alone on resnet18 (64 px, one thread; AMD EPYC, core 1, 7 interleaved rounds of a process per tree,
+min / median / max): 0.532 / 0.545 / 0.568 ms before, 0.550 / 0.557 / 0.566 after; with four plain tensor
+attributes of 64 floats on its root, which it now copies, 0.526 / 0.547 / 0.561 before, 0.568 / 0.576 / 0.603 after
+(``benchmarks/guard_s48.py``, ``benchmarks/guard-s48.json``).
 
 A dataset run holds the model for the whole run (:func:`run_guard`): the full save and restore
 (about 1.7 ms on resnet50 on one CPU core, 5 ms before the records were made light) is paid once per
@@ -96,6 +117,7 @@ from __future__ import annotations
 import operator
 import sys
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from itertools import compress
 from types import MappingProxyType
@@ -112,7 +134,7 @@ from salience._core.fingerprint import _modules
 from salience._core.tensors import autocast_off
 
 __all__ = ["model_guard", "run_guard", "ModuleState", "ParamState", "check_python_model", "modules_of", "parameters_of",
-           "train_mode_op", "held_values"]
+           "train_mode_op", "held_values", "ModuleRecord", "record_state", "state_changes", "put_back_state"]
 
 
 class _Entry:
@@ -149,7 +171,7 @@ class ModuleState(_Entry):
     the buffers' clones), and putting them back 0.52 ms, now 0.22 ms."""
 
     __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since",
-                 "foreign")
+                 "foreign", "tensors")
 
     def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
         self.take(module, wrapper)
@@ -192,8 +214,11 @@ class ModuleState(_Entry):
         if plain:
             self.attrs = None  # params and children are read only with attrs
             self.foreign = _NO_KEYS  # no forward or backward hook (a state-dict hook's key is not looked at)
+            self.tensors = _NO_TENSORS
         else:
             self.attrs = attrs.copy()
+            # the plain tensors among them, by version counter with a copy: one written in place keeps its identity
+            self.tensors = _tensor_records(self.attrs)
             self.foreign = _foreign(attrs, self.since)
             # copies (the shared _EMPTY for an empty one), or None for what is no plain dict (TorchScript's wrapper)
             slot = attrs.get("_parameters")
@@ -243,28 +268,10 @@ class ModuleState(_Entry):
                 same = False
             if not same:
                 _restore_mapping(saved["_modules"], self.children)
+            if self.tensors:  # a plain tensor written in place (session 48): its values, from the copy
+                self.tensors = _put_back_tensors(self.tensors)
         if self.buffers:
-            buffers = module._buffers
-            missing = False
-            for name, buf, version, copy, attrs in self.buffers:
-                # TorchScript modules' _buffers is a mapping without .get()
-                if name in buffers:
-                    if buffers[name] is not buf:
-                        buffers[name] = buf
-                else:
-                    missing = True
-                if buf is None:
-                    continue
-                if buf._version != version:
-                    with torch.no_grad():
-                        buf.copy_(copy)
-                _restore_attributes(buf, attrs)
-            # deleted or registered since: the names, in order; or the same names, one registered again persistent or
-            # not (``register_buffer``'s default, persistent: the user's state dict gained or lost a key; a plain
-            # torch.nn layer's forward registers none)
-            if missing or len(buffers) != len(self.buffers) or saved is not None and \
-                    module.__dict__.get("_non_persistent_buffers_set", _NO_NAMES) != (self.quiet or _NO_NAMES):
-                _restore_buffer_names(module, self.buffers, self.quiet)
+            _restore_buffers(module, self.buffers, saved, self.quiet)
         elif saved is not None and saved.get("_buffers"):  # registered in the block (a module without buffers;
             _restore_buffer_names(module, (), None)  # not a plain torch.nn layer, whose forward registers none)
 
@@ -401,6 +408,243 @@ def _restore_attributes(tensor: torch.Tensor, saved: Any) -> None:
             now[k] = v
 
 
+# The model's state, one record for its three users: "record these modules' state here" (:func:`record_state`), "what
+# changed since" (:func:`state_changes`), "put it back" (:func:`put_back_state`). The model guard's records
+# (:class:`ModuleState`) are made and put back by the same pieces (:func:`_tensor_records`, :func:`_put_back_tensors`,
+# :func:`_restore_mapping`, :func:`_restore_buffers`), kept in their own light form for the guard's speed; Ablation-CAM's
+# split clean pass (``methods.scorecam``) and the fx trace (:mod:`salience._core.folding`) take the record whole.
+
+def _tensor_records(attrs: dict, refuse: bool = False) -> Any:
+    """The plain tensors among a module's attributes ``attrs`` (its ``__dict__``, or a copy: its parameters and buffers
+    live in their own dicts), each ``(name, tensor, version, copy)``, or :data:`_NO_TENSORS`. A forward that writes one
+    in place (``self.seen.fill_(1)``, ``self.steps += 1`` on a tensor) keeps the object, so its identity does not tell;
+    the version counter does, and the copy puts the values back. An inference tensor keeps no version counter: left
+    out, or ``None`` returned where ``refuse`` (Ablation-CAM's split then runs its one pass). The types are looked at
+    first, in C (most modules hold no tensor: 1 us a module)."""
+    tensor = torch.Tensor
+    kinds = set(map(type, attrs.values()))
+    if kinds <= _NO_TENSOR_KINDS:  # in C: a module's usual dicts, flags and numbers
+        return _NO_TENSORS
+    for t in kinds:
+        if issubclass(t, tensor):
+            break
+    else:
+        return _NO_TENSORS
+    found = []
+    for k, v in attrs.items():
+        if isinstance(v, tensor) and not isinstance(v, nn.Parameter):
+            try:  # an inference tensor (or a subclass without one) has no version counter
+                found.append((k, v, v._version, v.detach().clone()))
+            except Exception:
+                if refuse:
+                    return None
+    return tuple(found) or _NO_TENSORS
+
+
+def _tensors_moved(records: Any) -> bool:
+    """Whether a tensor of :func:`_tensor_records`' ``records`` was written in place since."""
+    return any(t._version != version for _, t, version, _ in records)
+
+
+def _put_back_tensors(records: Any) -> Any:
+    """The values of each tensor of ``records`` (:func:`_tensor_records`) written in place since, put back in place;
+    the records with the versions after that (the same object where none was written), for a record put back again."""
+    if not _tensors_moved(records):
+        return records
+    with torch.no_grad():
+        for _, t, version, copy in records:
+            if t._version != version:
+                t.copy_(copy)
+    return tuple((k, t, t._version, copy) for k, t, _, copy in records)
+
+
+def _contents(v: Any) -> Any:
+    """A copy of a list's, dict's or set's contents (a forward may change them in place), else ``None``."""
+    t = type(v)
+    return list(v) if t is list else dict(v) if t is dict or t is OrderedDict else set(v) if t is set else None
+
+
+def _same_contents(items: Any, v: Any) -> bool:
+    """Whether the container ``v`` holds ``items`` (:func:`_contents`), each the same object."""
+    if type(items) is list:
+        return len(items) == len(v) and all(map(operator.is_, items, v))
+    if type(items) is dict:
+        return len(items) == len(v) and all(k in v and v[k] is x for k, x in items.items())
+    return items == v
+
+
+def _put_back_contents(v: Any, items: Any) -> None:
+    """The container ``v`` holding ``items`` (:func:`_contents`) again, in place (the object stays the user's)."""
+    v.clear()
+    if type(v) is list:
+        v.extend(items)
+    else:
+        v.update(items)
+
+
+class ModuleRecord:
+    """One module's state in a :func:`record_state` record: ``index`` (its place in the modules given), ``attrs`` (a
+    copy of its plain attributes, nn.Module's own dicts and sets left out where asked, or ``None``: not recorded),
+    ``tensors`` (:func:`_tensor_records`), ``contents`` (``(name, container, its items)``: a list, dict or set
+    attribute, changed in place by a forward, ``self.hist.append(y)``), ``buffers`` (``(name, buffer, version, copy or
+    None, its Python attributes)`` each, in order, as :class:`ModuleState`'s; ``None``: not recorded) and ``quiet`` (its
+    non-persistent buffer names)."""
+
+    __slots__ = ("index", "module", "attrs", "tensors", "contents", "buffers", "quiet")
+
+
+def record_state(modules: Any, attributes: Any = None, containers: bool = False, buffers: bool = True,
+                 copies: Any = None, own_dicts: bool = True) -> Optional[list]:
+    """A record of the state of ``modules`` (in order; each one's own state, not its children's): its buffers (each
+    name in order, with its version counter and a copy of its values where ``copies(module)`` says so, default all),
+    and where ``attributes(module)`` says so (default all) its plain attributes one level deep (a copy of its
+    ``__dict__``, nn.Module's own dicts and sets too unless ``own_dicts`` is False), each plain tensor among them with
+    its version counter and a copy, and with ``containers`` a copy of each list's, dict's and set's contents. A module
+    with neither (no attributes asked, no buffer) has no record. ``None`` where such a tensor or a buffer is an
+    inference tensor (no version counter to tell a write by). :func:`state_changes` says what changed since,
+    :func:`put_back_state` puts it back.
+
+    The model guard's records of each module (:class:`ModuleState`) are made of the same pieces, with no container
+    copied (its limit: a forward that appends to a list). Ablation-CAM's split clean pass records the modules not from
+    torch.nn, whose layers in eval mode write nothing (the buffers of those unrecorded are put back from the guard's
+    own copy); the fx trace records the shadow it traces (:mod:`salience._core.folding`), no buffer."""
+    record = []
+    for index, m in enumerate(modules):
+        d = m.__dict__
+        asked = attributes is None or attributes(m)
+        held = d.get("_buffers") if buffers else None
+        if not asked and not held:
+            continue
+        r = ModuleRecord()
+        r.index, r.module, r.attrs, r.tensors, r.contents, r.buffers, r.quiet = index, m, None, _NO_TENSORS, (), None, None
+        if asked:
+            attrs = d.copy() if own_dicts else {k: v for k, v in d.items() if k not in _MODULE_OWN}
+            tensors = _tensor_records(attrs, refuse=True)
+            if tensors is None:
+                return None
+            r.attrs, r.tensors = attrs, tensors
+            if containers:
+                r.contents = tuple((k, v, c) for k, v in attrs.items()
+                                   if k not in _MODULE_OWN and (c := _contents(v)) is not None)
+        if buffers:
+            copy = copies is None or copies(m)
+            try:  # an inference tensor keeps no version counter
+                r.buffers = tuple((name, b, b._version, (b.detach().clone() if copy else None), _attributes(b))
+                                  if b is not None else (name, None, 0, None, _NO_ATTRIBUTES)
+                                  for name, b in (held or _EMPTY).items())
+            except RuntimeError:
+                return None
+            quiet = d.get("_non_persistent_buffers_set")
+            r.quiet = frozenset(quiet) if quiet else None
+        record.append(r)
+    return record
+
+
+def state_changes(record: list) -> list:
+    """What changed in the modules of ``record`` (:func:`record_state`) since: ``(index of the module among those
+    recorded, name)`` of each plain attribute added, deleted, replaced (by identity), a tensor among them written in
+    place, a container's contents changed, and of each buffer registered, deleted, replaced or written in place. An
+    empty list where nothing did, told in C for most modules (the dict compared with its copy, each value by identity
+    first, as the guard's)."""
+    changed = []
+    for r in record:
+        i, d, saved = r.index, r.module.__dict__, r.attrs
+        if saved is not None:
+            try:
+                same = "_buffers" in saved and d == saved
+            except Exception:  # a value whose == raises (a tensor's, an array's): changed
+                same = False
+            if not same:
+                own = "_buffers" in saved
+                changed += [(i, k) for k in d if k not in saved and (own or k not in _MODULE_OWN)]
+                changed += [(i, k) for k, v in saved.items() if d.get(k, _MISSING) is not v]
+            if r.tensors:
+                changed += [(i, k) for k, t, version, _ in r.tensors if t._version != version and (i, k) not in changed]
+            if r.contents:
+                changed += [(i, k) for k, v, items in r.contents
+                            if not _same_contents(items, v) and (i, k) not in changed]
+        records = r.buffers
+        if records is not None:
+            now = d.get("_buffers") or _EMPTY
+            if len(now) != len(records):
+                names = {name for name, *_ in records}
+                changed += [(i, k) for k in now if k not in names]
+            changed += [(i, name) for name, b, version, _, _ in records
+                        if now.get(name, _MISSING) is not b or b is not None and b._version != version]
+    return changed
+
+
+def put_back_state(record: list) -> None:
+    """The modules of ``record`` (:func:`record_state`) put back as recorded: the plain attributes (in place, a name
+    both have never missing meanwhile: :func:`_restore_mapping`), each tensor among them written in place from its copy,
+    the containers' contents, the buffers by name and in order, each written in place from its copy; one recorded
+    without a copy (a torch.nn layer's, in Ablation-CAM's split) from the model guard's own copy where that copy is of
+    the same version (:func:`held_values`), else it stays as written."""
+    for r in record:
+        m, saved = r.module, r.attrs
+        if saved is not None:
+            d = m.__dict__
+            now = d if "_buffers" in saved else {k: v for k, v in d.items() if k not in _MODULE_OWN}
+            if now is d:
+                _restore_mapping(d, saved)
+            else:
+                for k in [k for k in now if k not in saved]:
+                    d.pop(k, None)
+                for k, v in saved.items():
+                    if d.get(k, _MISSING) is not v:
+                        d[k] = v
+            r.tensors = _put_back_tensors(r.tensors)
+            for k, v, items in r.contents:
+                if not _same_contents(items, v):
+                    _put_back_contents(v, items)
+        if r.buffers is not None:
+            _restore_buffers(m, r.buffers, saved if saved is not None and "_buffers" in saved else None, r.quiet)
+            if any(b is not None and b._version != version for _, b, version, _, _ in r.buffers):  # copied back
+                r.buffers = tuple((name, b, b._version if b is not None else 0, copy, attrs)
+                                  for name, b, _, copy, attrs in r.buffers)
+
+
+def _restore_buffers(module: nn.Module, records: Any, saved: Optional[dict], quiet: Any) -> None:
+    """``module``'s buffers put back to ``records`` (``(name, buffer, version, copy, attributes)`` each, in order, as
+    :class:`ModuleState` and :func:`record_state` take them): each one replaced since put back by identity, each one
+    written in place since copied back from its copy (from the model guard's copy, :func:`held_values`, where the
+    record has none), its Python attributes put back; the names registered or deleted since, in order, and the
+    non-persistent names (``quiet``). ``saved``: the module's recorded ``__dict__`` (``None``: a torch.nn layer's,
+    whose forward registers no buffer)."""
+    buffers = module._buffers
+    missing = False
+    for name, buf, version, copy, attrs in records:
+        # TorchScript modules' _buffers is a mapping without .get()
+        if name in buffers:
+            if buffers[name] is not buf:
+                buffers[name] = buf
+        else:
+            missing = True
+        if buf is None:
+            continue
+        if buf._version != version:
+            if copy is None:
+                copy = held_values(module, name, buf, version)
+            if copy is not None:
+                with torch.no_grad():
+                    buf.copy_(copy)
+        _restore_attributes(buf, attrs)
+    # deleted or registered since: the names, in order; or the same names, one registered again persistent or not
+    # (``register_buffer``'s default, persistent: the user's state dict gained or lost a key; a plain torch.nn layer's
+    # forward registers none)
+    if missing or len(buffers) != len(records) or saved is not None and \
+            module.__dict__.get("_non_persistent_buffers_set", _NO_NAMES) != (quiet or _NO_NAMES):
+        _restore_buffer_names(module, records, quiet)
+
+
+_NO_TENSORS: tuple = ()
+# the types of a module's attributes that are no tensors, looked at first (:func:`_tensor_records`)
+_NO_TENSOR_KINDS = frozenset({bool, int, float, str, type(None), dict, OrderedDict, set, tuple, list, torch.dtype,
+                              torch.device})
+# nn.Module's own dicts and sets (parameters, buffers, submodules, hooks): not a forward's plain attributes
+_MODULE_OWN = frozenset(k for k, v in nn.Module().__dict__.items() if type(v) in (OrderedDict, dict, set))
+
+
 _NO_FORWARD = object()
 _NOT_COMPILED = object()
 _MISSING = object()
@@ -476,7 +720,8 @@ def held_values(module: nn.Module, name: str, buf: torch.Tensor, version: int) -
     """The copy a guard holding ``module`` took of its buffer ``name`` when it entered, where that buffer is still
     ``buf`` and was at ``version`` then (so the copy has the values ``buf`` had at ``version``); else ``None``. For a
     pass run again that must start from the state the first found (Ablation-CAM's split clean pass: a buffer of a
-    ``torch.nn`` layer the user's forward wrote), without a copy of its own."""
+    ``torch.nn`` layer the user's forward wrote), without a copy of its own: :func:`put_back_state` of a record that
+    took no copy of that buffer."""
     entry = _held.get(id(module))
     if entry is None or type(entry) is not ModuleState or not entry.captured:
         return None

@@ -50,7 +50,7 @@ from salience._core.autograd import (StopForward, capture_hook, captured_pass, c
                                     forward_scores, layer_not_captured, this_thread)
 from salience._core.errors import SalienceError
 from salience._core.fingerprint import own_hooks
-from salience._core.guard import held_values, model_guard
+from salience._core.guard import model_guard, put_back_state, record_state, state_changes
 from salience._core.layers import LayerSpec
 from salience._core.tensors import autocast_off, check_number, check_flag
 from salience.methods._multi import several_targets, warn_unapplied
@@ -612,61 +612,20 @@ def _split_same(model: nn.Module) -> bool:
     return not any(generator in map(type, m.__dict__.values()) for m in model.modules())  # its exact type, in C
 
 
+def _user_module(m: nn.Module) -> bool:
+    """Whether ``m`` is no layer of ``torch.nn`` (whose layers in eval mode write no state in a forward)."""
+    return not type(m).__module__.startswith("torch.nn.")
+
+
 def _own_state(model: nn.Module) -> Optional[list]:
-    """What the model's own code may write in a forward: every buffer and its version counter, with a copy of the
-    values of those of modules not from ``torch.nn`` (whose layers write no buffer in eval mode, where the model
-    guard put them; a copy of theirs too cost the split its lower peak: tests/test_s47_permem.py), and those modules'
-    plain attributes (one level), each tensor among them with its version counter and a copy (``self.seen.fill_(1)``,
-    ``self.steps += 1`` keep the object: its identity alone did not tell; the review of session 47 "lastread");
-    ``None`` where such a tensor is an inference tensor (no version counter)."""
-    state: list = []
-    for m in model.modules():
-        user = not type(m).__module__.startswith("torch.nn.")
-        tensors = [(name, b) for name, b in m._buffers.items() if b is not None]
-        if user:
-            attrs = dict(vars(m))
-            state.append((m, None, attrs, None, None))
-            tensors += [(None, t) for t in attrs.values() if isinstance(t, Tensor)]
-        for name, t in tensors:
-            if t.is_inference():
-                return None
-            state.append((m if name is not None else None, name, t, t._version,
-                          t.detach().clone() if user else None))
-    return state
-
-
-def _state_moved(state: list) -> bool:
-    """Whether a forward changed what :func:`_own_state` recorded (a buffer or a tensor attribute written in place,
-    a buffer replaced, a plain attribute set)."""
-    for m, name, held, version, _ in state:
-        if name is None and m is not None:
-            now = vars(m)
-            if now.keys() != held.keys() or any(now[k] is not v for k, v in held.items()):
-                return True
-        elif held._version != version or m is not None and m._buffers.get(name) is not held:
-            return True
-    return False
-
-
-def _put_back(state: list) -> None:
-    """The state :func:`_own_state` recorded, put back (the buffers, the attributes, the values it copied). A
-    ``torch.nn`` layer's buffer, of which it copied nothing, that the forward wrote (test-time BatchNorm adaptation)
-    gets the values of the model guard's copy where that copy is of the same version (:func:`guard.held_values`; the
-    last read of session 47: the one pass ran on the written mean, the map 0.48 off); else it stays as written."""
-    for m, name, held, version, values in state:
-        if name is None and m is not None:
-            now = vars(m)
-            for k in [k for k in now if k not in held]:
-                del now[k]
-            now.update(held)
-        else:
-            if m is not None:
-                m._buffers[name] = held
-                if values is None and held._version != version:
-                    values = held_values(m, name, held, version)
-            if values is not None:
-                with torch.no_grad():
-                    held.copy_(values)
+    """What the model's own code may write in a forward (:func:`guard.record_state`): every buffer and its version
+    counter, with a copy of the values of those of modules not from ``torch.nn`` (whose layers write no buffer in eval
+    mode, where the model guard put them; a copy of theirs too cost the split its lower peak: tests/test_s47_permem.py;
+    one such buffer the user's forward writes is put back from the guard's own copy), and those modules' plain
+    attributes (one level), each tensor among them with its version counter and a copy (``self.seen.fill_(1)``; the
+    review of session 47 "lastread") and each list, dict or set with its contents (``self.hist.append(y)``: session
+    48); ``None`` where such a tensor is an inference tensor (no version counter)."""
+    return record_state(model.modules(), attributes=_user_module, containers=True, copies=_user_module)
 
 
 def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
@@ -696,10 +655,10 @@ def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: boo
         return _capture(model, x, mod, strip_softmax, x.shape[0])
     before, version = _rng_states(), x._version
     out = forward_scores(model, x, strip_softmax=strip_softmax)
-    if x._version != version or _state_moved(state):
+    if x._version != version or state_changes(state):
         del out
         _set_rng_states(before)
-        _put_back(state)
+        put_back_state(state)
         return _capture(model, x, mod, strip_softmax, x.shape[0])
     after = _rng_states()
     _set_rng_states(before)  # the layers before draw what the first pass drew
