@@ -28,8 +28,9 @@ import salience
 from salience._core import fingerprint, folding
 from salience.methods import _occlusion_local as local
 from salience.methods.perturbation import occlusion_windows
-from test_s46_loose import traces  # noqa: F401  (a fixture: the torch.fx traces made, counted)
-from test_s47_loose import X, Writes, _Stem
+from test_s47_loose import X, Writes, _Stem, traces as _traces
+
+traces = _traces  # a fixture (test_s46_loose's): the torch.fx traces made, counted
 
 pytestmark = pytest.mark.usefixtures("fresh_perf_state")
 
@@ -200,39 +201,6 @@ def test_a_recurrent_state_keys_occlusions_kept_trace():
         with torch.no_grad():
             close(p.suffix(p.prefix(X.clone())), out)
         user_runs(model, state)
-
-
-class Fresh(_Stem):
-    """The stem; the state is taken from the clean images' activation, before it is read: after the user's call on the
-    same images, each occluded pass sees the same state (a well defined occlusion of a stateful model)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.h = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = torch.relu(self.bn(self.c1(x)))
-        y = a if self.h is None else a + self.h
-        if x.shape[0] == X.shape[0] and bool((x == X).all()):
-            self.h = a.detach().mean(0, keepdim=True)
-        y = torch.relu(self.c2(y))
-        return self.head(F.adaptive_avg_pool2d(y, 2).flatten(1))
-
-
-def test_a_stateful_models_occlusion_is_the_occlusion_of_its_state():
-    """Not a session 47 failure: the maps of a model whose state the forward writes and reads, after the user's calls,
-    are the hand-written loop's with the state the user left (salience's guard puts back its own passes' writes)."""
-    model = Fresh().eval()
-    for _ in range(2):
-        user_runs(model, X)
-        h = model.h
-
-        def state() -> None:
-            model.h = h
-
-        got = occ(model)
-        assert model.h is h
-        close(got, by_hand(model, X, state))
 
 
 # 3. -------------------------------------------------------------------------------------------------------------

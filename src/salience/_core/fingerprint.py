@@ -31,8 +31,10 @@ def structure(model: nn.Module) -> tuple:
     each (not :func:`observer` hooks, which a dataset run adds batch after batch, nor the hooks and instance
     ``forward`` salience holds for another thread's pass, :func:`~salience._core.autograd.this_thread`, which never
     run in this thread's). It changes when a module is replaced, added or removed (``model.fc =
-    nn.Sequential(model.fc, nn.Softmax(1))``), a class or a ``forward`` is swapped, or a hook is added or removed;
-    not when a plain attribute of a module (a number its ``forward`` reads) changes. What
+    nn.Sequential(model.fc, nn.Softmax(1))``), a class or a ``forward`` is swapped, or a hook is added or removed,
+    also where the new module or ``forward`` was made at the address of the old one, freed (``model.act = None;
+    model.act = Act(cfg)``: by ``id`` alone it matched before session 48, and the folded copy of the old one ran; the
+    weak references hold nothing alive, and a live object's is the same object each walk); not when a plain attribute of a module (a number its ``forward`` reads) changes. What
     :func:`~salience._core.perf.one_pass` remembers per model (a final softmax found), the compiled model and the
     CAMs' default layer (:class:`~salience._core.perf.ModelCache`) are kept for one structure, the folded copy for
     one :func:`_fold_key`. About 0.2 ms on resnet50 (0.3 ms with the tensors; docs/performance.md)."""
