@@ -26,15 +26,16 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 
 
 def structure(model: nn.Module) -> tuple:
-    """A cheap fingerprint of ``model``'s structure: every module of the tree (its id and a weak reference to it, its
-    class, its children's names, a ``forward`` set on the instance, the same way) and the keys of the hooks of its own on
-    each (not :func:`observer` hooks, which a dataset run adds batch after batch, nor the hooks and instance
-    ``forward`` salience holds for another thread's pass, :func:`~salience._core.autograd.this_thread`, which never
-    run in this thread's). It changes when a module is replaced, added or removed (``model.fc =
+    """A cheap fingerprint of ``model``'s structure: every module of the tree (its id and a weak reference to it,
+    its class, its children's names, a ``forward`` set on the instance, the same way) and the keys of the hooks of
+    its own on each (not :func:`observer` hooks, which a dataset run adds batch after batch, nor the hooks and
+    instance ``forward`` salience holds for another thread's pass, :func:`~salience._core.autograd.this_thread`, which
+    never run in this thread's). It changes when a module is replaced, added or removed (``model.fc =
     nn.Sequential(model.fc, nn.Softmax(1))``), a class or a ``forward`` is swapped, or a hook is added or removed,
     also where the new module or ``forward`` was made at the address of the old one, freed (``model.act = None;
     model.act = Act(cfg)``: by ``id`` alone it matched before session 48, and the folded copy of the old one ran; the
-    weak references hold nothing alive, and a live object's is the same object each walk); not when a plain attribute of a module (a number its ``forward`` reads) changes. What
+    weak references hold nothing alive, and a live object's is the same object each walk); not when a plain
+    attribute of a module (a number its ``forward`` reads) changes. What
     :func:`~salience._core.perf.one_pass` remembers per model (a final softmax found), the compiled model and the
     CAMs' default layer (:class:`~salience._core.perf.ModelCache`) are kept for one structure, the folded copy for
     one :func:`_fold_key`. About 0.2 ms on resnet50 (0.3 ms with the tensors; docs/performance.md)."""

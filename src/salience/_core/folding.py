@@ -27,7 +27,8 @@ __all__ = ["fold_failed", "folded_model", "fx_traced", "kept_for", "settings", "
 
 # (id(model), dtype) -> (weak reference to the model, what it is kept for, the copy or why none, the attributes its
 # forward rewrites: settings' skip); a float32 copy for passes under one autocast only (bf16-mixed's) is kept at
-# (id(model), None, that dtype): folded_model; a copy's failure also at its key and _FAILED. An entry goes when its model dies (the weak reference's callback).
+# (id(model), None, that dtype): folded_model; a copy's failure also at its key and _FAILED. An entry goes when its
+# model dies (the weak reference's callback).
 _folded: "OrderedDict[tuple, tuple[Any, tuple, Any, frozenset]]" = OrderedDict()
 _FOLDED_KEEP = 2  # folded copies kept for the process (each holds a copy of its model's weights)
 # reasons why a model has no copy kept besides (a string each): they hold nothing of the model, and a model whose
