@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import weakref
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def _reference_structure(model: nn.Module, tensors: bool = False) -> tuple:
     """The fingerprint by its definition before session 47: ``model.modules()``'s order, each module's id, class,
     children's names and instance ``forward`` (this thread's), then its own hooks' keys per hook dict (observers and
     other threads' left out) where any, then with ``tensors`` each parameter's and buffer's address, version, shape
-    and strides."""
+    and strides. Since session 48 a module and an instance ``forward`` by their id and a weak reference."""
     out: list = []
     me = threading.get_ident()
     for m in model.modules():
@@ -42,7 +43,8 @@ def _reference_structure(model: nn.Module, tensors: bool = False) -> tuple:
         f = d.get("forward")
         if f is not None and getattr(f, "salience_thread", me) != me:
             f = None
-        out.append((id(m), type(m), tuple(m._modules.keys()), None if f is None else id(f)))
+        forward = None if f is None else (id(f), weakref.ref(f))
+        out.append((id(m), weakref.ref(m), type(m), tuple(m._modules.keys()), forward))
         own = tuple(tuple(k for k, h in (d.get(name) or {}).items()
                           if not getattr(h, "salience_observer", False) and getattr(h, "salience_thread", me) == me)
                     for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))

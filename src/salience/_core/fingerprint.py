@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import operator
 import threading
+import weakref
 from typing import Any, Callable, Optional
 
 from torch import nn
@@ -25,13 +26,16 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 
 
 def structure(model: nn.Module) -> tuple:
-    """A cheap fingerprint of ``model``'s structure: every module of the tree (its id, its class,
-    its children's names, a ``forward`` set on the instance) and the keys of the hooks of its own on
-    each (not :func:`observer` hooks, which a dataset run adds batch after batch, nor the hooks and instance
-    ``forward`` salience holds for another thread's pass, :func:`~salience._core.autograd.this_thread`, which never
-    run in this thread's). It changes when a module is replaced, added or removed (``model.fc =
-    nn.Sequential(model.fc, nn.Softmax(1))``), a class or a ``forward`` is swapped, or a hook is added or removed;
-    not when a plain attribute of a module (a number its ``forward`` reads) changes. What
+    """A cheap fingerprint of ``model``'s structure: every module of the tree (its id and a weak reference to it,
+    its class, its children's names, a ``forward`` set on the instance, the same way) and the keys of the hooks of
+    its own on each (not :func:`observer` hooks, which a dataset run adds batch after batch, nor the hooks and
+    instance ``forward`` salience holds for another thread's pass, :func:`~salience._core.autograd.this_thread`, which
+    never run in this thread's). It changes when a module is replaced, added or removed (``model.fc =
+    nn.Sequential(model.fc, nn.Softmax(1))``), a class or a ``forward`` is swapped, or a hook is added or removed,
+    also where the new module or ``forward`` was made at the address of the old one, freed (``model.act = None;
+    model.act = Act(cfg)``: by ``id`` alone it matched before session 48, and the folded copy of the old one ran; the
+    weak references hold nothing alive, and a live object's is the same object each walk); not when a plain
+    attribute of a module (a number its ``forward`` reads) changes. What
     :func:`~salience._core.perf.one_pass` remembers per model (a final softmax found), the compiled model and the
     CAMs' default layer (:class:`~salience._core.perf.ModelCache`) are kept for one structure, the folded copy for
     one :func:`_fold_key`. About 0.2 ms on resnet50 (0.3 ms with the tensors; docs/performance.md)."""
@@ -61,7 +65,7 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
     the old wiring ran the new one (review of session 47). In a plain tree the order and the names' counts already
     say which module sits where (a depth-first order and each node's count of children give one tree)."""
     out: list = []
-    add = out.append
+    add, ref = out.append, weakref.ref
     me = threading.get_ident()
     slots = []  # each module's _modules, for the children's ids where the modules are no plain tree
     n = 0
@@ -76,7 +80,7 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
         slots.append(mods)
         names = tuple(mods.keys())
         n += len(names)
-        add((id(m), type(m), names, None if f is None else id(f)))
+        add((id(m), ref(m), type(m), names, None if f is None else _alive(f)))
         try:  # the four hook dicts at once, in C (most modules: all empty)
             hooked = any(_HOOKS_OF(d))
         except KeyError:  # a module made without nn.Module.__init__ (a dict missing)
@@ -99,6 +103,16 @@ def _walk(model: nn.Module, tensors: bool) -> tuple:
     if n != len(slots) - 1:  # a slot shared, None, or the root: say which module each slot holds
         add(tuple(tuple(map(id, mods.values())) for mods in slots))
     return tuple(out)
+
+
+def _alive(f: Any) -> Any:
+    """An instance ``forward``'s identity that a later object at its address does not take over: its ``id`` and a weak
+    reference (the ``id`` alone where it takes none; never a strong reference, which a bound method's module would
+    keep alive in every cache kept for it)."""
+    try:
+        return id(f), weakref.ref(f)
+    except TypeError:
+        return id(f)
 
 
 _HOOKS_OF = operator.itemgetter(*_HOOK_DICTS)

@@ -28,7 +28,8 @@ __all__ = ["fold_failed", "folded_model", "fx_traced", "kept_for", "settings", "
 
 # (id(model), dtype) -> (weak reference to the model, what it is kept for, the copy or why none, the attributes its
 # forward rewrites: settings' skip); a float32 copy for passes under one autocast only (bf16-mixed's) is kept at
-# (id(model), None, that dtype): folded_model. An entry goes when its model dies (the weak reference's callback).
+# (id(model), None, that dtype): folded_model; a copy's failure also at its key and _FAILED. An entry goes when its
+# model dies (the weak reference's callback).
 _folded: "OrderedDict[tuple, tuple[Any, tuple, Any, frozenset]]" = OrderedDict()
 _FOLDED_KEEP = 2  # folded copies kept for the process (each holds a copy of its model's weights)
 # reasons why a model has no copy kept besides (a string each): they hold nothing of the model, and a model whose
@@ -36,6 +37,10 @@ _FOLDED_KEEP = 2  # folded copies kept for the process (each holds a copy of its
 # explained in turn evicted each other's entries when the reasons counted towards _FOLDED_KEEP: every call folded
 # again; session 47)
 _REASONS_KEEP = 16
+# failures of copies in a pass (fold_failed), kept at their entry's key and _FAILED apart from the reasons: a model
+# whose copy failed is not folded again for the same state once its entry went (session 48); they hold nothing of it
+_FAILED_KEEP = 64
+_FAILED = "failed"
 # the modules whose weight and bias every pass under an autocast casts to its dtype (F.conv*d, F.linear: autocast's
 # lower-precision list): a low-precision folded copy holds them in that dtype, the rest in float32
 _CAST_BY_AUTOCAST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -330,18 +335,46 @@ def _bumped(v: Any) -> Any:
     return (not v) if t is bool else v * 2 + 1 if t in (int, float) else _MISSING
 
 
+class _Unread:
+    """:func:`_keep_read`'s stand-in for an activation the forward stored (a ``Proxy`` in the trace): any use of it
+    fails (no arithmetic, no attribute, not ``None``), so a trace that reads it does not give the same graph."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<an activation the forward stored>"
+
+
+_UNREAD = _Unread()
+
+
+def _unread(v: Any) -> Any:
+    """``v`` (an activation stored, :func:`_has_proxy`) with each proxy in it :data:`_UNREAD` (a dict's or list's
+    other items kept: ``self.stats["last"] = y`` beside ``self.stats["n"]``)."""
+    t = type(v)
+    if t in (dict, OrderedDict):
+        return t((k, _UNREAD if isinstance(a, torch.fx.Proxy) else a) for k, a in v.items())
+    if t in (list, tuple, set):
+        return t(_UNREAD if isinstance(a, torch.fx.Proxy) else a for a in v)
+    return _UNREAD
+
+
 def _keep_read(clone: nn.Module, graph: str, after: dict, written: set, autocast: Callable[[], Any]) -> None:
     """Take out of ``written`` the attributes the forward writes that the trace also reads: ``clone`` traced again
     with the values the trace left (a counter one up, ``self.warmed = True``) and with other ones (a bool flipped, a
     number changed): a graph other than ``graph`` (that of the attributes as found) means the trace bakes one in (a
     first-call branch, a lazily set constant ``self.scale``), and the folded copy stays kept for them (review of
     session 47: a copy traced before the user's first call, or before the user set ``scale``, ran that state's
-    branch or constant for good). An activation stored (a proxy) is not looked at: it has no value to trace with."""
+    branch or constant for good). An activation stored (a proxy: ``self.h = y``) is traced as :data:`_UNREAD`, which
+    fails any use: a recurrent state the next call reads (``y = y + self.h``, or a branch on ``self.h is None``)
+    stays counted (session 48: skipped, the copy and occlusion's kept trace ran the state the trace found for good);
+    one only written (``self.last = y``) is still skipped."""
     values = {at: v for at, v in after.items() if at in written and not _has_proxy(v)}
-    if not values:
+    stored = {at: _unread(v) for at, v in after.items() if at in written and _has_proxy(v)}
+    if not values and not stored:
         return
     bumped = {at: b for at, v in values.items() if (b := _bumped(v)) is not _MISSING}
-    for state in (values, {**values, **bumped}) if bumped else (values,):
+    for state in ({**values, **stored}, {**values, **bumped, **stored}) if bumped else ({**values, **stored},):
         try:  # on a shadow of its own (:func:`_shadow`), which the values are set on
             root, modules = _shadow(clone)
             for (i, k), v in state.items():
@@ -355,6 +388,7 @@ def _keep_read(clone: nn.Module, graph: str, after: dict, written: set, autocast
             same = False
         if not same:
             written.difference_update(values)
+            written.difference_update(stored)
             return
 
 
@@ -520,17 +554,20 @@ def folded_model(model: nn.Module, key: Optional[tuple] = None, dtype: Optional[
 
 def _kept_fold(model: nn.Module, sig: Optional[tuple], at: tuple) -> Any:
     """The process's copy (or why none) at ``at`` when made for ``model`` as it is now (its weights' state ``sig``
-    and :func:`settings`, but the attributes the entry's trace saw the forward write), else None."""
+    and :func:`settings`, but the attributes the entry's trace saw the forward write), else None; a copy's failure
+    (:func:`fold_failed`) from its own entry where the copy's is gone."""
     if sig is None:
         return None
-    with _lock:
-        hit = _folded.get(at)
-    if hit is None or hit[0]() is not model or hit[1] != kept_for(model, sig, hit[3]):
-        return None
-    with _lock:
-        if _folded.get(at) is hit:
-            _folded.move_to_end(at)
-    return hit[2]
+    for k in (at, at + (_FAILED,)):
+        with _lock:
+            hit = _folded.get(k)
+        if hit is None or hit[0]() is not model or hit[1] != kept_for(model, sig, hit[3]):
+            continue
+        with _lock:
+            if _folded.get(k) is hit:
+                _folded.move_to_end(k)
+        return hit[2]
+    return None
 
 
 def _remember_fold(model: nn.Module, sig: Optional[tuple], made: Any, dtype: Optional[torch.dtype] = None,
@@ -538,30 +575,41 @@ def _remember_fold(model: nn.Module, sig: Optional[tuple], made: Any, dtype: Opt
     """Cache ``made`` (the folded copy, or why there is none) for ``model`` in the state ``sig`` (its
     :func:`~salience._core.fingerprint._fold_key`; its :func:`settings` but ``skip`` read here) and ``dtype``
     (``passes``: a float32 copy for passes under that autocast only, :func:`folded_model`). At most
-    :data:`_FOLDED_KEEP` copies and :data:`_REASONS_KEEP` reasons are kept (the least recently used go)."""
-    kept, at = kept_for(model, sig, skip), (id(model), dtype) if passes is None else (id(model), None, passes)
+    :data:`_FOLDED_KEEP` copies, :data:`_REASONS_KEEP` reasons and :data:`_FAILED_KEEP` failures
+    (:func:`fold_failed`'s) are kept (the least recently used go)."""
+    at = (id(model), dtype) if passes is None else (id(model), None, passes)
+    _keep(model, at, (kept_for(model, sig, skip), made, skip))
+
+
+def _keep(model: nn.Module, at: tuple, entry: tuple) -> None:
+    """``_folded[at]``: ``model``'s weak reference and ``entry`` (what it is kept for, the copy or why none, the skip);
+    the least recently used copies, reasons and failures past their counts dropped."""
     with _lock:
-        _folded[at] = (weakref.ref(model, functools.partial(drop_entry, _folded, at)), kept, made, skip)
+        _folded[at] = (weakref.ref(model, functools.partial(drop_entry, _folded, at)), *entry)
         _folded.move_to_end(at)
         # .get: a dead model's entry may go at any allocation (drop_entry, the weak reference's callback, takes no lock)
         entries = [(k, _folded.get(k)) for k in tuple(_folded)]
         copies = [k for k, e in entries if e is not None and isinstance(e[2], nn.Module)]
-        reasons = [k for k, e in entries if e is not None and not isinstance(e[2], nn.Module)]
-        for k in copies[:-_FOLDED_KEEP] + reasons[:-_REASONS_KEEP]:
+        failed = [k for k, e in entries if e is not None and k[-1] is _FAILED]
+        reasons = [k for k, e in entries if e is not None and not isinstance(e[2], nn.Module) and k[-1] is not _FAILED]
+        for k in copies[:-_FOLDED_KEEP] + reasons[:-_REASONS_KEEP] + failed[:-_FAILED_KEEP]:
             _folded.pop(k, None)
 
 
 def fold_failed(model: nn.Module, copy: nn.Module, why: str) -> None:
     """The folded ``copy`` of ``model`` failed in a pass: ``why`` is kept in its own entry (that of its dtype, or
-    bf16-mixed's own float32 copy's), for the state it was made for. Before (session 47), bf16-mixed's own copy's
+    bf16-mixed's own float32 copy's), for the state it was made for, and in an entry of failures beside it, which
+    the copies and reasons of other models do not push out (session 48: once the entry went, the model was folded
+    again, two traces, and its copy failed again). Before (session 47), bf16-mixed's own copy's
     failure was written in the float32 copy's entry, so a float32 run was told of bf16-mixed's failure instead of why
     its copy was refused, and the failing copy was taken again."""
     with _lock:
-        for at in tuple(_folded):
-            hit = _folded.get(at)
-            if hit is not None and hit[2] is copy and hit[0]() is model:
-                _folded[at] = (hit[0], hit[1], why, hit[3])
-                return
+        found = next(((at, hit) for at in tuple(_folded) if (hit := _folded.get(at)) is not None
+                      and hit[2] is copy and hit[0]() is model), None)
+        if found is not None:
+            _folded[found[0]] = (found[1][0], found[1][1], why, found[1][3])
+    if found is not None:
+        _keep(model, found[0] + (_FAILED,), (found[1][1], why, found[1][3]))
 
 
 def _described(error: BaseException, limit: int = 300) -> str:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from salience._core.folding import fx_traced, kept_for
+from salience._core.folding import fx_traced, settings
 from salience._core.perf import ModelCache
 
 log = logging.getLogger("salience.occlusion")
@@ -111,16 +111,43 @@ class Plan:
     clean: Optional[Tensor] = None  # the prefix's float32 output on the clean images (the check's)
 
 
-def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Any:
+def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None, written: Optional[set] = None) -> Any:
     """``model`` traced as the folded copy is (:func:`salience._core.folding.fx_traced`, under the passes' autocast
-    ``dtype`` too: a forward's own autocast block, which fx does not record, is refused), or why not (a string)."""
+    ``dtype`` too: a forward's own autocast block, which fx does not record, is refused), or why not (a string).
+    ``written``: filled with the plain attributes the forward writes that the trace does not read (``fx_traced``'s).
+    The user's model itself is traced: a submodule, parameter or buffer its forward adds or replaces meanwhile
+    (``self.extra = nn.Conv2d(...)`` made on the first call) is put back as the trace found it (:func:`_held`;
+    ``fx_traced`` puts back the plain attributes; before session 48 such a module stayed on the user's model)."""
     if isinstance(model, torch.jit.ScriptModule):
         return "a TorchScript model cannot be traced by torch.fx"
     from salience._core.fingerprint import own_hooks
     hooked = own_hooks(model)
     if hooked is not None:
         return f"the model has hooks ({hooked})"
-    return fx_traced(model, dtype)  # a tracing failure: its reason, full passes
+    held = _held(model)
+    try:
+        return fx_traced(model, dtype, written=written)  # a tracing failure: its reason, full passes
+    finally:
+        _put_back_held(held)
+
+
+_HELD_DICTS = ("_modules", "_parameters", "_buffers")
+
+
+def _held(model: nn.Module) -> list:
+    """Each module of ``model`` and shallow copies of its submodules', parameters' and buffers' dicts."""
+    return [(m, tuple(dict(m.__dict__.get(name) or {}) for name in _HELD_DICTS)) for m in model.modules()]
+
+
+def _put_back_held(held: list) -> None:
+    """The dicts of :func:`_held` as they were (each entry by identity; the dict objects themselves kept)."""
+    for m, dicts in held:
+        for name, was in zip(_HELD_DICTS, dicts):
+            now = m.__dict__.get(name)
+            if now is None or (len(now) == len(was) and all(now.get(k, was) is v for k, v in was.items())):
+                continue
+            now.clear()
+            now.update(was)
 
 
 # Session 46: each call traced the model twice (fx_traced), uncached. A trace shares the model's modules; its nodes'
@@ -132,8 +159,10 @@ _TRACES = ModelCache(4)  # an entry goes when its model dies: a trace holds the 
 def _analysed(model: nn.Module, x: Tensor, dtype: Optional[torch.dtype]) -> Any:
     """``(gm, fields, cuts, cost)`` of ``model`` (its trace, :func:`_trace`, each local node's field, the cuts and the
     FLOPs per node on one image of ``x``'s shape), or why none (a string): kept for the model's structure, weights'
-    state and plain attributes (:func:`salience._core.folding.kept_for`, as the folded copy is), the passes'
-    ``dtype`` and the image's shape, dtype and device; hooks are looked at every call."""
+    state and plain attributes (:func:`salience._core.folding.settings`, as the folded copy is) but those its forward
+    writes and the trace does not read (``self.last = y``, a call counter: session 48; before, a user's call between
+    two of salience's traced the model again, two traces and the shapes' propagation), the passes' ``dtype`` and the
+    image's shape, dtype and device; hooks are looked at every call."""
     from salience._core.compiled import weights_key
     from salience._core.fingerprint import own_hooks
 
@@ -142,18 +171,22 @@ def _analysed(model: nn.Module, x: Tensor, dtype: Optional[torch.dtype]) -> Any:
     hooked = own_hooks(model)
     if hooked is not None:
         return f"the model has hooks ({hooked})"
-    key, kept = (dtype, tuple(x.shape[1:]), x.dtype, x.device), kept_for(model, weights_key(model))
-    made = _TRACES.get(model, key, kept) if kept is not None else None
-    if made is None:
-        made = _analyse(model, x, dtype)
-        if kept is not None:
-            _TRACES.put(model, key, kept, made)
+    key, sig = (dtype, tuple(x.shape[1:]), x.dtype, x.device), weights_key(model)
+    hit = _TRACES.get(model, key, sig) if sig is not None else None
+    # hit: (the skip, the settings but it, the trace): good while the settings but the skip are the same
+    if hit is not None and settings(model, hit[0]) == hit[1]:
+        return hit[2]
+    written: set = set()
+    made = _analyse(model, x, dtype, written)
+    if sig is not None:
+        skip = frozenset(written)
+        _TRACES.put(model, key, sig, (skip, settings(model, skip), made))
     return made
 
 
-def _analyse(model: nn.Module, x: Tensor, dtype: Optional[torch.dtype]) -> Any:
-    """:func:`_analysed`, made."""
-    gm = _trace(model, dtype)
+def _analyse(model: nn.Module, x: Tensor, dtype: Optional[torch.dtype], written: Optional[set] = None) -> Any:
+    """:func:`_analysed`, made (``written``: :func:`_trace`'s)."""
+    gm = _trace(model, dtype, written)
     if isinstance(gm, str):
         return gm
     fields = _fields(gm)
