@@ -236,10 +236,9 @@ def test_occlusions_trace_leaves_no_module_the_forward_made(called):
     p = local.plan(model, X, (WINDOW, WINDOW), (STRIDE, STRIDE), corners, False, out, lambda o: o)
     assert dict(model.named_children()) == children and "gain" not in model._parameters  # session 47: post, gain
     assert as_found(model) == found
-    # refused, full passes: a module made in the trace cannot be called; made by the first of fx_traced's two traces
-    # and read by the second, the graphs differ (the layers are put back after both: folding's put back is not
-    # session 48's octrace's to change)
-    assert p.why.startswith("torch.fx cannot trace it (NameError" if called else "its forward reads the autocast")
+    # refused, full passes: a module made in the trace cannot be called; one whose weights the graph reads is made on
+    # the trace's shadow only (session 48's putback), which the model does not have
+    assert p.why.startswith("torch.fx cannot trace it (NameError" if called else "its forward makes what the trace reads")
     # the public call: the loop's maps, and the model as found (the guard's part: not a session 47 failure)
     model = Grows(called).eval()
     found = as_found(model, contents=False)

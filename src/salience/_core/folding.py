@@ -222,7 +222,11 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
             device, dtype=autocast or torch.get_autocast_dtype(device), enabled=False))
     # the GraphModule takes its modules, parameters and buffers from the model (by the nodes' names, as fx would from
     # the traced root), and fx's constants from the shadow's root: a view of the model's root with them added
-    return torch.fx.GraphModule(_root_view(clone, consts), graphs[0], type(clone).__name__)
+    try:
+        return torch.fx.GraphModule(_root_view(clone, consts), graphs[0], type(clone).__name__)
+    except AttributeError as e:  # the graph reads what the forward made on the shadow: the model does not have it
+        return (f"its forward makes what the trace reads ({_described(e, 200)}): a module, parameter or buffer it adds "
+                "on a call; run the model once first")
 
 
 def _constants(root: nn.Module, graph: torch.fx.Graph, was: dict) -> dict:
