@@ -103,7 +103,7 @@ from salience._core.islands import HighResolutionFp32
 from salience._core.strided import ContiguousAttention, holds_attention
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
 from salience._core.layouts import channels_last_data, copies_made, keep_only, keeping
-from salience._core.malloc import keep_freed_memory, thresholds_fixed
+from salience._core.malloc import keep_freed_memory, raise_dynamic_threshold, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
 from salience._core.folding import _described, _folded, fold_failed, folded_model
 
@@ -1163,10 +1163,17 @@ def _observers_aside(model: nn.Module) -> Iterator[tuple[list, list]]:
 
 
 def _allocator(options: Performance, device: Any) -> None:
-    """``allocator="reuse"`` before a pass on a CPU: glibc's thresholds fixed, once per process and not undone
-    (:func:`salience._core.malloc.keep_freed_memory`; docs/performance.md)."""
-    if options.allocator == "reuse" and getattr(device, "type", None) == "cpu":
+    """Before a pass on a CPU, once per process: ``allocator="reuse"`` fixes glibc's thresholds, not undone
+    (:func:`salience._core.malloc.keep_freed_memory`); ``"default"`` raises glibc's dynamic mmap threshold as the
+    process's first free of a large block would, thresholds left adjusting
+    (:func:`salience._core.malloc.raise_dynamic_threshold`; docs/performance.md, session 48). Nothing elsewhere than
+    glibc."""
+    if getattr(device, "type", None) != "cpu":
+        return
+    if options.allocator == "reuse":
         keep_freed_memory()
+    else:
+        raise_dynamic_threshold()
 
 
 def before_pass(x: Any) -> None:
