@@ -133,27 +133,28 @@ def test_thresholds_are_not_fixed_large_blocks_and_a_large_free_top_still_go_bac
 
 
 def test_nothing_is_done_elsewhere_than_glibc_nor_after_reuse(monkeypatch):
-    """Elsewhere than glibc (macOS, musl, a library without ``mallopt``) the default asks for nothing: no block, no
-    warning, ``False``; nor once ``allocator="reuse"`` fixed the thresholds (they no longer move), nor a second time."""
-    calls = []
+    """Elsewhere than glibc (macOS, musl, ``platform.libc_ver`` failing) the default asks for nothing: no C library
+    opened, no block, no warning, ``False``; nor once ``allocator="reuse"`` fixed the thresholds (they no longer move),
+    nor a second time in a process."""
+    opened = []
+    monkeypatch.setattr(_malloc.ctypes, "CDLL", lambda *a, **k: opened.append(a))
 
-    class Libc:
-        def malloc(self, n):
-            calls.append(("malloc", n))
-            return 0
+    def fails(*_):
+        raise OSError("[Errno 2] No such file or directory: '/gone/python'")
 
-        free = mallinfo2 = malloc
-
-    for glibc, fixed in (((None, "Darwin with a C library other than glibc"), False), ((Libc(), "glibc 2.36"), True)):
+    for system, libc_ver, fixed in (("Darwin", None, False), ("Linux", lambda *a, **k: ("", ""), False),
+                                    ("Linux", fails, False), ("Linux", lambda *a, **k: ("glibc", "2.36"), True)):
         monkeypatch.setattr(_malloc, "_raise_tried", False)
         monkeypatch.setattr(_malloc, "_raised", False)
         monkeypatch.setattr(_malloc, "_fixed", fixed)
-        monkeypatch.setattr(_malloc, "_glibc", lambda g=glibc: g)
+        monkeypatch.setattr(_malloc.platform, "system", lambda s=system: s)
+        if libc_ver is not None:
+            monkeypatch.setattr(_malloc.platform, "libc_ver", libc_ver)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert _malloc.raise_dynamic_threshold() is False
             assert _malloc.raise_dynamic_threshold() is False
-        assert calls == [] and _malloc._raised is False
+        assert opened == [] and _malloc._raised is False, (system, fixed)
     # the engine's wiring: a CPU pass under the default asks for the lever, under "reuse" for the fixed thresholds
     asked = []
     monkeypatch.setattr(_perf, "raise_dynamic_threshold", lambda: asked.append("raise"))

@@ -20,6 +20,15 @@ decoding workers) shares that kept heap copy-on-write with the child, and every 
 write is copied at a fault: the child gives the free pages back (:func:`release_shared_heap`), and a dataset run
 whose process keeps much of it (:func:`kept_free_bytes`) starts its workers from a forkserver instead of forking. Elsewhere (macOS, Windows, musl, a C library without
 ``mallopt``) it sets nothing and warns once; it never raises.
+
+Under the default (``allocator="default"``), :func:`raise_dynamic_threshold` puts the *dynamic* thresholds, once per
+process before its first CPU pass, where glibc itself puts them at the free of a mapped block just under 32 MiB: the
+mmap threshold at that size, the trim threshold at twice it (64 MiB), by mapping and freeing one such block (no
+``mallopt``; the thresholds still adjust, larger blocks are still mapped and given back, a free heap top over 64 MiB
+is still trimmed). Without it, where those thresholds stand depends on the largest block the process happened to free
+before, and a pass's freed activations were given back and faulted in again in some processes and not in others (0 to
+8,700 minor faults a warm call of resnet18 at 64 px, SmoothGrad 16 or integrated gradients 32 of one image, in fresh
+processes of the same code: docs/performance.md, session 48). Elsewhere than glibc it does nothing, silently.
 """
 from __future__ import annotations
 
@@ -61,15 +70,24 @@ class _Mallinfo(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in _FIELDS]
 
 
+def _not_glibc() -> Optional[str]:
+    """What the C library is where it is not glibc on Linux (for the warning), ``None`` where it is. Never raises:
+    ``platform.libc_ver`` reads the interpreter's file where ``confstr`` does not say (musl), and can fail (an
+    unreadable ``sys.executable``)."""
+    system = platform.system()
+    kind = platform.libc_ver()[0] if system == "Linux" else ""
+    return None if system == "Linux" and kind == "glibc" else f"{system or 'this system'} with " \
+        f"{kind or 'a C library other than glibc'}"
+
+
 def _glibc() -> tuple[Optional[Any], str]:
     """The process's C library when it is glibc and has ``mallopt``, else ``None``; and what it is (for the
-    warning). Never raises: ``platform.libc_ver`` reads the interpreter's file where ``confstr`` does not say
-    (musl), and can fail (an unreadable ``sys.executable``); a library without ``mallopt`` is not glibc's."""
+    warning). Never raises (:func:`_not_glibc`); a library without ``mallopt`` is not glibc's."""
     try:
-        system = platform.system()
-        kind, version = platform.libc_ver() if system == "Linux" else ("", "")
-        if system != "Linux" or kind != "glibc":
-            return None, f"{system or 'this system'} with {kind or 'a C library other than glibc'}"
+        other = _not_glibc()
+        if other is not None:
+            return None, other
+        version = platform.libc_ver()[1]
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError, ValueError) as e:
@@ -124,11 +142,14 @@ def raise_dynamic_threshold() -> bool:
         if _raise_tried:
             return False
         _raise_tried = True
-        libc = None if _fixed else _glibc()[0]
-        info = _info_function(libc)
-        if info is None:
-            return False
         try:
+            # the process's own symbols (dlopen of NULL): no look-up (find_library runs ldconfig as a process), and the
+            # malloc the passes use, glibc's or a preloaded one's (whose blocks glibc's mallinfo does not count: then
+            # nothing is done)
+            libc = None if _fixed or _not_glibc() is not None else ctypes.CDLL(None)
+            info = _info_function(libc)
+            if info is None:
+                return False
             malloc, free = libc.malloc, libc.free
             malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
             free.restype, free.argtypes = None, [ctypes.c_void_p]
@@ -138,7 +159,7 @@ def raise_dynamic_threshold() -> bool:
                 return False
             mapped = info().hblks > before  # served by mmap: only then does its free move the thresholds
             free(block)
-        except (AttributeError, OSError):
+        except (AttributeError, OSError, ValueError):
             return False
         _raised = mapped
         return mapped
