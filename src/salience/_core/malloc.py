@@ -129,10 +129,11 @@ def raise_dynamic_threshold() -> bool:
     threshold to twice that (64 MiB), as it does at the free of any mapped block up to 32 MiB. No ``mallopt``: the
     thresholds still adjust, a block over 32 MiB is still mapped and given back at its free, and the heap's free top
     is still given back past 64 MiB. Why: in a process that has not yet freed such a block (the threshold at 128 KiB,
-    or at the size of the largest block it freed), the activations a pass frees are given back (unmapped, or trimmed
-    off the heap's top past twice that size) and the next pass faults every page of them in again; which state a
-    process is in depends on its history, and moved a SmoothGrad call of one image on resnet18 at 64 px by several
-    per cent from process to process (docs/performance.md, session 48). Here the block stands for that history.
+    or at the size of the largest block it freed), more of the activations a pass frees are given back (unmapped, or
+    trimmed off the heap's top past twice that size) and the next pass faults them in again; how many depends on the
+    process's history (0 to 8,700 faults a warm call of the same code in fresh processes), and moved a SmoothGrad call
+    of one image on resnet18 at 64 px by 3-10 % (docs/performance.md, session 48). Here the block stands for that
+    history.
 
     Nothing where the C library is not glibc (no warning: nobody asked for it), where :func:`keep_freed_memory`
     already fixed the thresholds (they no longer adjust), or where glibc served the block from its heap (a process
