@@ -76,8 +76,10 @@ def test_explain_runs_under_reuse_and_allocator_default_opts_out(tmp_path):
     explain = ["explain", "a.png", "--model", "demo:shapes", "--method", "vanilla", "--out", "out"]
     reuse, plain = _commands(tmp_path, explain, [*explain[:-1], "out2", "--allocator", "default"])
     assert reuse["rc"] == 0 and plain["rc"] == 0, (reuse, plain)
-    # --allocator default: glibc as it is, every round's blocks faulted in and given back
-    assert all(f > 0 and r < 32 * MIB for f, r in plain["rounds"]), plain
+    # --allocator default: every round's blocks faulted in and given back, but for the free top glibc keeps under its
+    # trim threshold (at most 64 MiB; since session 48 the default raises the dynamic threshold to just under 32 MiB
+    # before the first CPU pass, so 48 MiB of the 192 stay: tests/test_s48_heap.py)
+    assert all(f > 0 and r <= 64 * MIB for f, r in plain["rounds"]), plain
     # the command's own default: kept resident from the first round on, the later rounds fault (almost) never
     assert reuse["rounds"][0][1] > 160 * MIB, reuse
     least = min(f for f, _ in plain["rounds"])

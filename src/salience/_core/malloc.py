@@ -20,6 +20,15 @@ decoding workers) shares that kept heap copy-on-write with the child, and every 
 write is copied at a fault: the child gives the free pages back (:func:`release_shared_heap`), and a dataset run
 whose process keeps much of it (:func:`kept_free_bytes`) starts its workers from a forkserver instead of forking. Elsewhere (macOS, Windows, musl, a C library without
 ``mallopt``) it sets nothing and warns once; it never raises.
+
+Under the default (``allocator="default"``), :func:`raise_dynamic_threshold` puts the *dynamic* thresholds, once per
+process before its first CPU pass, where glibc itself puts them at the free of a mapped block just under 32 MiB: the
+mmap threshold at that size, the trim threshold at twice it (64 MiB), by mapping and freeing one such block (no
+``mallopt``; the thresholds still adjust, larger blocks are still mapped and given back, a free heap top over 64 MiB
+is still trimmed). Without it, where those thresholds stand depends on the largest block the process happened to free
+before, and a pass's freed activations were given back and faulted in again in some processes and not in others (0 to
+8,700 minor faults a warm call of resnet18 at 64 px, SmoothGrad 16 or integrated gradients 32 of one image, in fresh
+processes of the same code: docs/performance.md, session 48). Elsewhere than glibc it does nothing, silently.
 """
 from __future__ import annotations
 
@@ -30,28 +39,55 @@ import threading
 import warnings
 from typing import Any, Optional
 
-__all__ = ["keep_freed_memory", "thresholds_fixed", "release_shared_heap", "kept_free_bytes", "MMAP_THRESHOLD",
-           "TRIM_THRESHOLD"]
+__all__ = ["keep_freed_memory", "thresholds_fixed", "raise_dynamic_threshold", "release_shared_heap", "kept_free_bytes",
+           "MMAP_THRESHOLD", "TRIM_THRESHOLD", "RAISING_BLOCK"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 MMAP_THRESHOLD = 32 << 20  # the highest glibc takes (HEAP_MAX_SIZE / 2 on 64-bit)
 TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int
+# raise_dynamic_threshold's block: just under DEFAULT_MMAP_THRESHOLD_MAX, so its chunk (the request, a header, rounded
+# up to pages) is at most 32 MiB, the largest size whose free still raises glibc's dynamic thresholds
+RAISING_BLOCK = MMAP_THRESHOLD - (64 << 10)
 
 _done = False
 _fixed = False  # a mallopt of keep_freed_memory took: glibc's thresholds are this process's for good
 _libc: Optional[Any] = None  # the glibc keep_freed_memory set them in: a forked worker's release looks nothing up
+_raise_tried = False  # raise_dynamic_threshold ran (once per process, whatever it found)
+_raised = False  # ... and its block's free raised glibc's dynamic thresholds
 _lock = threading.Lock()
+_FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+
+
+class _Mallinfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (2.33 and later): every field a ``size_t``."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in _FIELDS]
+
+
+class _Mallinfo(ctypes.Structure):
+    """glibc's ``struct mallinfo`` (before 2.33): every field an ``int``."""
+
+    _fields_ = [(name, ctypes.c_int) for name in _FIELDS]
+
+
+def _not_glibc() -> Optional[str]:
+    """What the C library is where it is not glibc on Linux (for the warning), ``None`` where it is. Never raises:
+    ``platform.libc_ver`` reads the interpreter's file where ``confstr`` does not say (musl), and can fail (an
+    unreadable ``sys.executable``)."""
+    system = platform.system()
+    kind = platform.libc_ver()[0] if system == "Linux" else ""
+    return None if system == "Linux" and kind == "glibc" else f"{system or 'this system'} with " \
+        f"{kind or 'a C library other than glibc'}"
 
 
 def _glibc() -> tuple[Optional[Any], str]:
     """The process's C library when it is glibc and has ``mallopt``, else ``None``; and what it is (for the
-    warning). Never raises: ``platform.libc_ver`` reads the interpreter's file where ``confstr`` does not say
-    (musl), and can fail (an unreadable ``sys.executable``); a library without ``mallopt`` is not glibc's."""
+    warning). Never raises (:func:`_not_glibc`); a library without ``mallopt`` is not glibc's."""
     try:
-        system = platform.system()
-        kind, version = platform.libc_ver() if system == "Linux" else ("", "")
-        if system != "Linux" or kind != "glibc":
-            return None, f"{system or 'this system'} with {kind or 'a C library other than glibc'}"
+        other = _not_glibc()
+        if other is not None:
+            return None, other
+        version = platform.libc_ver()[1]
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError, ValueError) as e:
@@ -82,6 +118,65 @@ def keep_freed_memory() -> bool:
         _fixed = mmap or trim
         _libc = libc if _fixed else None
         return mmap and trim
+
+
+def raise_dynamic_threshold() -> bool:
+    """Put glibc's *dynamic* mmap threshold where a process's first free of a large block would (once per process,
+    before its first CPU pass: ``allocator="default"``, :func:`salience._core.perf._allocator`); ``True`` when it did.
+
+    One block of :data:`RAISING_BLOCK` (just under 32 MiB) is allocated, which glibc serves by ``mmap`` (untouched:
+    no page of it becomes resident), and freed: glibc raises its mmap threshold to the block's size and its trim
+    threshold to twice that (64 MiB), as it does at the free of any mapped block up to 32 MiB. No ``mallopt``: the
+    thresholds still adjust, a block over 32 MiB is still mapped and given back at its free, and the heap's free top
+    is still given back past 64 MiB. Why: in a process that has not yet freed such a block (the threshold at 128 KiB,
+    or at the size of the largest block it freed), more of the activations a pass frees are given back (unmapped, or
+    trimmed off the heap's top past twice that size) and the next pass faults them in again; how many depends on the
+    process's history (0 to 8,700 faults a warm call of the same code in fresh processes), and moved a SmoothGrad call
+    of one image on resnet18 at 64 px by 3-10 % (docs/performance.md, session 48). Here the block stands for that
+    history.
+
+    Nothing where the C library is not glibc (no warning: nobody asked for it), where :func:`keep_freed_memory`
+    already fixed the thresholds (they no longer adjust), or where glibc served the block from its heap (a process
+    with that much free heap already: its free raises nothing); never raises."""
+    global _raise_tried, _raised
+    with _lock:
+        if _raise_tried:
+            return False
+        _raise_tried = True
+        try:
+            # the process's own symbols (dlopen of NULL): no look-up (find_library runs ldconfig as a process), and the
+            # malloc the passes use, glibc's or a preloaded one's (whose blocks glibc's mallinfo does not count: then
+            # nothing is done)
+            libc = None if _fixed or _not_glibc() is not None else ctypes.CDLL(None)
+            info = _info_function(libc)
+            if info is None:
+                return False
+            malloc, free = libc.malloc, libc.free
+            malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+            free.restype, free.argtypes = None, [ctypes.c_void_p]
+            before = info().hblks
+            block = malloc(RAISING_BLOCK)
+            if not block:
+                return False
+            mapped = info().hblks > before  # served by mmap: only then does its free move the thresholds
+            free(block)
+        except (AttributeError, OSError, ValueError):
+            return False
+        _raised = mapped
+        return mapped
+
+
+def _info_function(libc: Optional[Any]) -> Optional[Any]:
+    """``mallinfo2`` of ``libc`` (glibc 2.33 and later), or ``mallinfo`` before (its ``int`` fields count blocks
+    right), typed; ``None`` where ``libc`` is ``None`` or has neither."""
+    if libc is None:
+        return None
+    for name, struct in (("mallinfo2", _Mallinfo2), ("mallinfo", _Mallinfo)):
+        fn = getattr(libc, name, None)
+        if fn is not None:
+            fn.restype, fn.argtypes = struct, []
+            return fn
+    return None
 
 
 def available() -> bool:
@@ -133,11 +228,6 @@ def _fixed_libc_function(name: str, restype: Any, argtypes: list) -> Optional[An
     return fn
 
 
-class _Mallinfo2(ctypes.Structure):
-    """glibc's ``struct mallinfo2`` (2.33 and later): every field a ``size_t``."""
-
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def kept_free_bytes() -> int:

@@ -46,9 +46,11 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   when a parameter or buffer of the model or its :func:`structure` changes; it costs one copy of
   the weights (for eager passes under a bf16 / fp16 ``precision``, but ``bf16-mixed`` on images, its convolutions'
   and linear layers' weights held in that dtype: :func:`salience._core.folding.folded_model`).
-- ``allocator``: ``"default"`` (the C allocator as it is) or ``"reuse"``: before the first pass of a model on a
-  CPU under it (:func:`before_pass`, from :func:`salience._core.autograd.model_call`; a :class:`Run` before its
-  probes), glibc's mmap and trim thresholds are fixed high, once for the process
+- ``allocator``: ``"default"`` (glibc's dynamic mmap threshold raised once, before the first CPU pass, as the
+  process's first free of a block just under 32 MiB would: :func:`salience._core.malloc.raise_dynamic_threshold`,
+  the thresholds left adjusting; elsewhere than glibc the C allocator as it is) or ``"reuse"``: before the first
+  pass of a model on a CPU under it (:func:`before_pass`, from :func:`salience._core.autograd.model_call`; a
+  :class:`Run` before its probes), glibc's mmap and trim thresholds are fixed high, once for the process
   (:func:`salience._core.malloc.keep_freed_memory`), so the activations a pass frees are kept for the
   next instead of being given back and faulted in again. Process-wide and not undone (the process keeps the
   memory it freed), hence opt-in; elsewhere than glibc nothing, and a warning. The maps are the same bits.
@@ -103,7 +105,7 @@ from salience._core.islands import HighResolutionFp32
 from salience._core.strided import ContiguousAttention, holds_attention
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
 from salience._core.layouts import channels_last_data, copies_made, keep_only, keeping
-from salience._core.malloc import keep_freed_memory, thresholds_fixed
+from salience._core.malloc import keep_freed_memory, raise_dynamic_threshold, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
 from salience._core.folding import _described, _folded, fold_failed, folded_model
 
@@ -115,7 +117,8 @@ __all__ = ["Performance", "Run", "close_run", "set_performance", "performance", 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "bf16-mixed", "fp16")
 CHUNKING = ("throughput", "memory")
-# allocator: "default" leaves the C allocator as it is; "reuse" (glibc) fixes its mmap and trim thresholds high
+# allocator: "default" raises glibc's dynamic mmap threshold once, as a free of a 32 MiB block would (thresholds still
+# adjusting; elsewhere nothing); "reuse" (glibc) fixes its mmap and trim thresholds high
 # once, so the activations a CPU pass frees are kept for the next (salience._core.malloc)
 ALLOCATORS = ("default", "reuse")
 # A pass that needs less than this per item (measured by the engine's memory probe) is too small
@@ -1163,10 +1166,17 @@ def _observers_aside(model: nn.Module) -> Iterator[tuple[list, list]]:
 
 
 def _allocator(options: Performance, device: Any) -> None:
-    """``allocator="reuse"`` before a pass on a CPU: glibc's thresholds fixed, once per process and not undone
-    (:func:`salience._core.malloc.keep_freed_memory`; docs/performance.md)."""
-    if options.allocator == "reuse" and getattr(device, "type", None) == "cpu":
+    """Before a pass on a CPU, once per process: ``allocator="reuse"`` fixes glibc's thresholds, not undone
+    (:func:`salience._core.malloc.keep_freed_memory`); ``"default"`` raises glibc's dynamic mmap threshold as the
+    process's first free of a large block would, thresholds left adjusting
+    (:func:`salience._core.malloc.raise_dynamic_threshold`; docs/performance.md, session 48). Nothing elsewhere than
+    glibc."""
+    if getattr(device, "type", None) != "cpu":
+        return
+    if options.allocator == "reuse":
         keep_freed_memory()
+    else:
+        raise_dynamic_threshold()
 
 
 def before_pass(x: Any) -> None:

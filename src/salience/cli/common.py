@@ -253,7 +253,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="reuse: on a CPU with glibc, malloc's mmap and trim thresholds fixed high before the "
                         "first pass, so the memory a pass frees is kept for the next (fewer page faults: about half for "
                         "explain DIR, measured; the process keeps its peak memory); the default of explain and evaluate run as the "
-                        "salience command. default: the C allocator as it is (the other commands' default)")
+                        "salience command. default: glibc's thresholds left adjusting (the other commands' default)")
 
 
 OWN_PROCESS_ALLOCATOR = {"explain": "reuse", "evaluate": "reuse"}
