@@ -6,7 +6,10 @@ a) the guard copied every plain tensor attribute of a user module on every call:
    a call that writes it in place is told (a warning naming it), after everything else was put back;
 b) the trace on a shadow refused a model whose forward calls one of its modules other than through its attributes (a
    closure, a global, ``functools.partial``: "module is not installed as a submodule"; a6129eb traced it), and the
-   ``partial``'s module ran on the model itself: its counter moved for good. Now such a call is traced as the shadow.
+   ``partial``'s module ran on the model itself: its counter moved for good. Now such a call is traced as the shadow;
+c) the shadow made each module by its class's ``__new__``: fx's GraphModule makes another class there, without the
+   forward, so a model that is or holds a GraphModule (``symbolic_trace``, ``create_feature_extractor``) was neither
+   traced nor folded (tests/test_s44_occlusion_local.py failed on eef6d44); now ``object.__new__``.
 The references: plain autograd on the model, the model's own output, the model's state before the call.
 """
 import functools
@@ -167,3 +170,50 @@ def test_trace_reaches_the_models_modules_other_than_by_attribute():
         torch.testing.assert_close(traced(x), ref)
     names = [n for n, _ in model.named_modules()]
     assert {(names.index("a"), "calls"), (names.index("b"), "calls"), (names.index("a"), "last")} <= written
+
+
+class _Block(nn.Module):
+    """conv -> BatchNorm -> ReLU (a BatchNorm to fold)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn.running_mean.normal_()
+        self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _Head(nn.Module):
+    """A ``torch.fx.GraphModule`` inside (torchvision's ``create_feature_extractor`` makes one) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.fx.symbolic_trace(_Block().eval())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("which", ["graph module", "inside"])
+def test_trace_and_fold_of_a_graph_module(which):
+    """(c) A model that is or holds an fx ``GraphModule`` (``symbolic_trace``, ``create_feature_extractor``): eef6d44's
+    shadow made each module by its class's ``__new__``, and GraphModule's makes another class, without the forward
+    (a6129eb traced and folded it; so did tests/test_s44_occlusion_local.py's folded copy, which failed). Traced and
+    folded, the outputs the model's."""
+    model = (torch.fx.symbolic_trace(_Block().eval()) if which == "graph module" else _Head()).eval()
+    x = _x()
+    with torch.no_grad():
+        ref = model(x)
+    traced = folding.fx_traced(model, None)
+    assert not isinstance(traced, str), traced
+    folded = folding._fold(model)
+    assert not isinstance(folded, str), folded
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), ref, rtol=0, atol=0)
+        torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)

@@ -270,7 +270,8 @@ def _shadow(model: nn.Module) -> tuple[nn.Module, list]:
     counter), and that thread's forward could meet the trace's proxies. The shadow holds no state of its own once the
     trace is made: the GraphModule takes the model's modules (:func:`_root_view`)."""
     modules = list(model.modules())
-    shadows = {id(m): type(m).__new__(type(m)) for m in modules}
+    # object.__new__: a class's own __new__ may make another class (fx's GraphModule: one without the forward)
+    shadows = {id(m): object.__new__(type(m)) for m in modules}
     clones: dict = {}  # id -> clone: a tensor held twice (a buffer and an attribute) stays one
 
     def cloned(t: torch.Tensor) -> torch.Tensor:
@@ -312,7 +313,7 @@ def _root_view(model: nn.Module, consts: dict) -> nn.Module:
     """``model``'s root as a GraphModule takes the nodes' targets from (``_modules``, ``_parameters``, ``_buffers`` the
     model's own dicts), with fx's constants (``consts``) added: a new object of its class, nothing written on the
     model (before session 48 they were set on it for that moment)."""
-    view = type(model).__new__(type(model))
+    view = object.__new__(type(model))  # as the shadows (:func:`_shadow`)
     view.__dict__.update(model.__dict__)
     view.__dict__.update(consts)
     return view
