@@ -28,7 +28,9 @@ the non-persistent names); its plain attributes one level deep (a copy of each m
 counter, the last shape, a tensor it caches, which held salience's batch and its graph; an attribute added or
 deleted), each plain tensor among them by its version counter with a copy (``self.seen.fill_(1)``, ``self.steps += 1``
 on a tensor: the same object written in place, which its identity did not tell: session 48, ``tests/test_s48_putback.py``;
-a copy of each per call, as of the buffers, where a module not of torch.nn holds one);
+a copy of each per call, as of the buffers, where a module not of torch.nn holds one; none of one over
+``_COPY_LIMIT``, 1 MiB: a 100 MiB lookup table cost each call 350 ms and 100 MiB, review of session 48, and a call
+that writes such a one in place says so, a warning naming it, as it stays written);
 its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
 compared with the module's dict in C (``==``, each value by identity first) and put back by identity where it
 differs. The copies are not made for torch.nn's own layers that have neither a hook nor an instance ``forward``
@@ -61,7 +63,8 @@ What remains a limit (not put back): what a forward sets or registers on a torch
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
 stays); the contents of a list, dict or set attribute changed in place (a list appended to, a dict filled: one level
 only; the record below can copy them, the guard does not, for its cost per call); an inference tensor among the plain
-attributes (no version counter: put back by identity only); a hook
+attributes (no version counter: put back by identity only); a plain tensor attribute over 1 MiB written in place
+(told: a warning); a hook
 on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
 to it (``==``: a number, a string, a one-element tensor or parameter of the same value; a parameter of several
