@@ -2,8 +2,9 @@
 trace on a shadow of the model). Each test fails on eef6d44:
 
 a) the guard copied every plain tensor attribute of a user module on every call: a 100 MiB lookup table cost each
-   ``salience.vanilla`` call 350 ms and 100 MiB (1 ms before); now one over ``guard._COPY_LIMIT`` is not copied, and
-   a call that writes it in place is told (a warning naming it), after everything else was put back;
+   ``salience.vanilla`` call about 60 ms and 100 MiB (0.8 ms without; benchmarks/guard-big-attr-s48.txt); now one
+   over ``guard._COPY_LIMIT`` is not copied, and a call that writes it in place is told (a warning naming it), after
+   everything else was put back;
 b) the trace on a shadow refused a model whose forward calls one of its modules other than through its attributes (a
    closure, a global, ``functools.partial``: "module is not installed as a submodule"; a6129eb traced it), and the
    ``partial``'s module ran on the model itself: its counter moved for good. Now such a call is traced as the shadow;
@@ -152,8 +153,8 @@ class Reached(nn.Module):
 
 def test_trace_reaches_the_models_modules_other_than_by_attribute():
     """(b) Traced (eef6d44: refused, "module is not installed as a submodule"; a6129eb traced it), the graph's output
-    the model's, and the model as it was: no counter moved, ``last`` still the reference's input (eef6d44: the ``partial``'s counter
-    moved on the model), the writes noted."""
+    the model's, and the model as it was: no counter moved, ``last`` still the reference's input (eef6d44: the
+    ``partial``'s counter moved on the model), the writes noted."""
     model = Reached().eval()
     model.norm.running_mean.normal_()
     x = torch.randn(3, 4)

@@ -29,8 +29,9 @@ counter, the last shape, a tensor it caches, which held salience's batch and its
 deleted), each plain tensor among them by its version counter with a copy (``self.seen.fill_(1)``, ``self.steps += 1``
 on a tensor: the same object written in place, which its identity did not tell: session 48, ``tests/test_s48_putback.py``;
 a copy of each per call, as of the buffers, where a module not of torch.nn holds one; none of one over
-``_COPY_LIMIT``, 1 MiB: a 100 MiB lookup table cost each call 350 ms and 100 MiB, review of session 48, and a call
-that writes such a one in place says so, a warning naming it, as it stays written);
+``_COPY_LIMIT``, 1 MiB: a 100 MiB lookup table cost each vanilla call 60 ms and 100 MiB, 0.8 ms without, on an AMD
+EPYC, ``benchmarks/guard-big-attr-s48.txt``; a call that writes such a one in place says so, a warning naming it, as
+it stays written);
 its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
 compared with the module's dict in C (``==``, each value by identity first) and put back by identity where it
 differs. The copies are not made for torch.nn's own layers that have neither a hook nor an instance ``forward``
@@ -427,7 +428,7 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True) -> Any
     the version counter does, and the copy puts the values back. An inference tensor keeps no version counter: left
     out, or ``None`` returned where ``refuse`` (Ablation-CAM's split then runs its one pass). The types are looked at
     first, in C (most modules hold no tensor: 1 us a module). No copy (``None``) of one over :data:`_COPY_LIMIT` bytes
-    (a lookup table: a 100 MiB one cost each call 350 ms and 100 MiB, session 48 review), nor of any without ``copy``
+    (a lookup table: a 100 MiB one cost each call 60 ms and 100 MiB: session 48 review), nor of any without ``copy``
     (the fx trace's record of its shadow, thrown away after): one written in place is told (:func:`_not_put_back`)."""
     tensor = torch.Tensor
     kinds = set(map(type, attrs.values()))
