@@ -1,5 +1,5 @@
 """fx_traced (folding) on three models, min of 3 traces, one tree per process (PYTHONPATH); rounds interleaved across a6129eb, eef6d44 and this tree (benchmarks/trace-shadow-s48.txt)."""
-import sys, time, torch, warnings, timm, torchvision.models as tvm
+import sys, time, warnings, timm, torchvision.models as tvm
 warnings.filterwarnings("ignore")
 from salience._core import folding
 res = {}
