@@ -23,6 +23,7 @@ from salience._core.casts import drop_entry
 from salience._core.fingerprint import _HOOK_DICTS, _fold_key, _lock, own_hooks
 from salience._core.guard import _MODULE_OWN, _contents, record_state, state_changes
 from salience._core.tensors import copy_model
+from torch.fx._symbolic_trace import _orig_module_call  # nn.Module.__call__ as it was before fx patched it
 
 __all__ = ["fold_failed", "folded_model", "fx_traced", "kept_for", "settings", "ThisThreadTracer"]
 
@@ -102,15 +103,22 @@ class ThisThreadTracer(torch.fx.Tracer):
     ``nn.Module.__getattr__`` for the whole process, so another thread's model call in that time raised ``NameError``
     (a model not under the traced root) or got proxies back (the same model's parameters). Calls and attribute reads
     of other threads pass through as they are. Every fx trace of salience uses it (:func:`fx_traced`, the folded
-    copy's and occlusion's region-limited passes')."""
+    copy's and occlusion's region-limited passes'). ``shadows``: ``{id(module): its shadow}`` (:func:`_shadow`) for a
+    trace of a shadow: a module of the model that its forward calls other than through the shadow's attributes (a
+    closure, a global, ``functools.partial``) is traced as its shadow (the review of session 48: such a model was
+    refused, "module is not installed as a submodule", and its writes landed on the model)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shadows: Optional[dict] = None) -> None:
         super().__init__()
         self._thread = threading.get_ident()
+        self._shadows = shadows or {}
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if threading.get_ident() != self._thread:
             return forward(*args, **kwargs)
+        shadow = self._shadows.get(id(m))
+        if shadow is not None:
+            m, forward = shadow, functools.partial(_orig_module_call, shadow)
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
@@ -133,8 +141,8 @@ class _AutocastSeeingTracer(ThisThreadTracer):
     at the speed of no fold). Grad-mode blocks (``torch.no_grad()``) are not recorded either, but change no value of a
     forward pass, and the copy runs only plain passes (no backward)."""
 
-    def __init__(self, passes: Optional[tuple] = None) -> None:
-        super().__init__()
+    def __init__(self, passes: Optional[tuple] = None, shadows: Optional[dict] = None) -> None:
+        super().__init__(shadows)
         self._start, self._passes = _autocast_state(), passes
         self.changed = ""
 
@@ -198,11 +206,12 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
     for under in (False, True):
         try:
             root, shadows = _shadow(clone)
-            record = record_state(shadows, containers=True, buffers=False, own_dicts=False)
+            # what the forward writes in the shadow, told by version counters (the shadow goes: no copies)
+            record = record_state(shadows, containers=True, buffers=False, own_dicts=False, tensor_copies=False)
             if record is None:
                 return "a plain tensor attribute of the model is an inference tensor (no version counter)"
             with _TRACING, torch.autocast(device, dtype=autocast or torch.get_autocast_dtype(device), enabled=under):
-                tracer = _AutocastSeeingTracer(passes)
+                tracer = _AutocastSeeingTracer(passes, _shadow_map(clone, shadows))
                 graph = tracer.trace(root)
             made = _constants(root, graph, record[0].attrs)
         except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
@@ -289,6 +298,8 @@ def _shadow(model: nn.Module) -> tuple[nn.Module, list]:
             return v if isinstance(v, nn.Parameter) else cloned(v)
         if t is types.MethodType and isinstance(v.__self__, nn.Module) and id(v.__self__) in shadows:
             return types.MethodType(v.__func__, shadows[id(v.__self__)])
+        if t is functools.partial:  # functools.partial(self.block.forward, ...)
+            return t(shadowed(v.func), *map(shadowed, v.args), **{k: shadowed(x) for k, x in v.keywords.items()})
         if t in (list, tuple, set):
             return t(map(shadowed, v))
         if t is dict or t is OrderedDict:
@@ -301,6 +312,11 @@ def _shadow(model: nn.Module) -> tuple[nn.Module, list]:
         d["_buffers"] = {k: cloned(b) if b is not None else None for k, b in m._buffers.items()}
         shadows[id(m)].__dict__.update(d)
     return shadows[id(model)], [shadows[id(m)] for m in modules]
+
+
+def _shadow_map(model: nn.Module, shadows: list) -> dict:
+    """``{id(module): its shadow}`` for ``model``'s modules and their shadows (:func:`_shadow`'s, in the same order)."""
+    return dict(zip(map(id, model.modules()), shadows))
 
 
 def _root_view(model: nn.Module, consts: dict) -> nn.Module:
@@ -389,7 +405,7 @@ def _keep_read(clone: nn.Module, graph: str, after: dict, written: set, autocast
                 else:
                     modules[i].__dict__[k] = c if (c := _contents(v)) is not None else v
             with _TRACING, autocast():
-                same = str(ThisThreadTracer().trace(root)) == graph  # the graph only (not a fold's trace)
+                same = str(ThisThreadTracer(_shadow_map(clone, modules)).trace(root)) == graph  # the graph only (not a fold's trace)
         except Exception:  # noqa: BLE001 - another state cannot be traced: the trace depends on it
             same = False
         if not same:

@@ -28,7 +28,10 @@ the non-persistent names); its plain attributes one level deep (a copy of each m
 counter, the last shape, a tensor it caches, which held salience's batch and its graph; an attribute added or
 deleted), each plain tensor among them by its version counter with a copy (``self.seen.fill_(1)``, ``self.steps += 1``
 on a tensor: the same object written in place, which its identity did not tell: session 48, ``tests/test_s48_putback.py``;
-a copy of each per call, as of the buffers, where a module not of torch.nn holds one);
+a copy of each per call, as of the buffers, where a module not of torch.nn holds one; none of one over
+``_COPY_LIMIT``, 1 MiB: a 100 MiB lookup table cost each vanilla call 60 ms and 100 MiB, 0.8 ms without, on an AMD
+EPYC, ``benchmarks/guard-big-attr-s48.txt``; a call that writes such a one in place says so, a warning naming it, as
+it stays written);
 its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
 compared with the module's dict in C (``==``, each value by identity first) and put back by identity where it
 differs. The copies are not made for torch.nn's own layers that have neither a hook nor an instance ``forward``
@@ -61,7 +64,8 @@ What remains a limit (not put back): what a forward sets or registers on a torch
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
 stays); the contents of a list, dict or set attribute changed in place (a list appended to, a dict filled: one level
 only; the record below can copy them, the guard does not, for its cost per call); an inference tensor among the plain
-attributes (no version counter: put back by identity only); a hook
+attributes (no version counter: put back by identity only); a plain tensor attribute over 1 MiB written in place
+(told: a warning); a hook
 on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
 to it (``==``: a number, a string, a one-element tensor or parameter of the same value; a parameter of several
@@ -246,7 +250,7 @@ class ModuleState(_Entry):
             module.__dict__["forward"] = self.forward
         if module.training != self.training:  # nn.Module.__setattr__ costs: about half of a restore on resnet50
             module.training = self.training
-        saved = self.attrs
+        saved, lost = self.attrs, ()
         if saved is not None:
             now = module.__dict__
             try:  # compared in C, each value by identity first (see _restore_mapping): 0.16 us for a Linear's 19
@@ -269,11 +273,14 @@ class ModuleState(_Entry):
             if not same:
                 _restore_mapping(saved["_modules"], self.children)
             if self.tensors:  # a plain tensor written in place (session 48): its values, from the copy
+                lost = _not_put_back(self.tensors)
                 self.tensors = _put_back_tensors(self.tensors)
         if self.buffers:
             _restore_buffers(module, self.buffers, saved, self.quiet)
         elif saved is not None and saved.get("_buffers"):  # registered in the block (a module without buffers;
             _restore_buffer_names(module, (), None)  # not a plain torch.nn layer, whose forward registers none)
+        if lost:  # last: a warning made an error raises (run once more)
+            _tell_not_put_back(module, lost)
 
     def put_back(self) -> None:
         """:meth:`restore`, then the buffers' version counters taken again (a buffer put back by a copy has
@@ -414,13 +421,15 @@ def _restore_attributes(tensor: torch.Tensor, saved: Any) -> None:
 # :func:`_restore_mapping`, :func:`_restore_buffers`), kept in their own light form for the guard's speed; Ablation-CAM's
 # split clean pass (``methods.scorecam``) and the fx trace (:mod:`salience._core.folding`) take the record whole.
 
-def _tensor_records(attrs: dict, refuse: bool = False) -> Any:
+def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True) -> Any:
     """The plain tensors among a module's attributes ``attrs`` (its ``__dict__``, or a copy: its parameters and buffers
     live in their own dicts), each ``(name, tensor, version, copy)``, or :data:`_NO_TENSORS`. A forward that writes one
     in place (``self.seen.fill_(1)``, ``self.steps += 1`` on a tensor) keeps the object, so its identity does not tell;
     the version counter does, and the copy puts the values back. An inference tensor keeps no version counter: left
     out, or ``None`` returned where ``refuse`` (Ablation-CAM's split then runs its one pass). The types are looked at
-    first, in C (most modules hold no tensor: 1 us a module)."""
+    first, in C (most modules hold no tensor: 1 us a module). No copy (``None``) of one over :data:`_COPY_LIMIT` bytes
+    (a lookup table: a 100 MiB one cost each call 60 ms and 100 MiB: session 48 review), nor of any without ``copy``
+    (the fx trace's record of its shadow, thrown away after): one written in place is told (:func:`_not_put_back`)."""
     tensor = torch.Tensor
     kinds = set(map(type, attrs.values()))
     if kinds <= _NO_TENSOR_KINDS:  # in C: a module's usual dicts, flags and numbers
@@ -434,7 +443,8 @@ def _tensor_records(attrs: dict, refuse: bool = False) -> Any:
     for k, v in attrs.items():
         if isinstance(v, tensor) and not isinstance(v, nn.Parameter):
             try:  # an inference tensor (or a subclass without one) has no version counter
-                found.append((k, v, v._version, v.detach().clone()))
+                small = copy and v.numel() * v.element_size() <= _COPY_LIMIT
+                found.append((k, v, v._version, v.detach().clone() if small else None))
             except Exception:
                 if refuse:
                     return None
@@ -447,15 +457,36 @@ def _tensors_moved(records: Any) -> bool:
 
 
 def _put_back_tensors(records: Any) -> Any:
-    """The values of each tensor of ``records`` (:func:`_tensor_records`) written in place since, put back in place;
-    the records with the versions after that (the same object where none was written), for a record put back again."""
+    """The values of each tensor of ``records`` (:func:`_tensor_records`) written in place since, put back in place
+    from its copy (one without a copy stays as written: :func:`_not_put_back`); the records with the versions after
+    that (the same object where none was written), for a record put back again."""
     if not _tensors_moved(records):
         return records
     with torch.no_grad():
         for _, t, version, copy in records:
-            if t._version != version:
+            if t._version != version and copy is not None:
                 t.copy_(copy)
     return tuple((k, t, t._version, copy) for k, t, _, copy in records)
+
+
+def _not_put_back(records: Any) -> list:
+    """The names and tensors of ``records`` (:func:`_tensor_records`) written in place since that have no copy."""
+    return [(k, t) for k, t, version, copy in records if copy is None and t._version != version]
+
+
+def _tell_not_put_back(module: nn.Module, lost: list) -> None:
+    """A warning naming the plain tensor attributes of ``module`` (``lost``: :func:`_not_put_back`) that a call wrote
+    in place and the guard could not put back (no copy: over :data:`_COPY_LIMIT` bytes)."""
+    import warnings
+
+    from salience._core.errors import user_stacklevel
+
+    names = ", ".join(f"{k!r} ({t.numel() * t.element_size() / 2 ** 20:.1f} MiB)" for k, t in lost)
+    warnings.warn(f"the model's forward wrote in place the plain tensor attribute {names} of a "
+                  f"{type(module).__name__} during salience's passes, and it keeps those values: salience copies such "
+                  f"an attribute to put it back only up to {_COPY_LIMIT // 2 ** 20} MiB (its cost per call); register "
+                  "it as a buffer (module.register_buffer: copied and put back), or save and restore it yourself",
+                  stacklevel=user_stacklevel())
 
 
 def _contents(v: Any) -> Any:
@@ -494,13 +525,13 @@ class ModuleRecord:
 
 
 def record_state(modules: Any, attributes: Any = None, containers: bool = False, buffers: bool = True,
-                 copies: Any = None, own_dicts: bool = True) -> Optional[list]:
+                 copies: Any = None, own_dicts: bool = True, tensor_copies: bool = True) -> Optional[list]:
     """A record of the state of ``modules`` (in order; each one's own state, not its children's): its buffers (each
     name in order, with its version counter and a copy of its values where ``copies(module)`` says so, default all),
     and where ``attributes(module)`` says so (default all) its plain attributes one level deep (a copy of its
     ``__dict__``, nn.Module's own dicts and sets too unless ``own_dicts`` is False), each plain tensor among them with
-    its version counter and a copy, and with ``containers`` a copy of each list's, dict's and set's contents. A module
-    with neither (no attributes asked, no buffer) has no record. ``None`` where such a tensor or a buffer is an
+    its version counter and a copy (none over :data:`_COPY_LIMIT` bytes, nor any without ``tensor_copies``), and with
+    ``containers`` a copy of each list's, dict's and set's contents. A module with neither (no attributes asked, no buffer) has no record. ``None`` where such a tensor or a buffer is an
     inference tensor (no version counter to tell a write by). :func:`state_changes` says what changed since,
     :func:`put_back_state` puts it back.
 
@@ -519,7 +550,7 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
         r.index, r.module, r.attrs, r.tensors, r.contents, r.buffers, r.quiet = index, m, None, _NO_TENSORS, (), None, None
         if asked:
             attrs = d.copy() if own_dicts else {k: v for k, v in d.items() if k not in _MODULE_OWN}
-            tensors = _tensor_records(attrs, refuse=True)
+            tensors = _tensor_records(attrs, refuse=True, copy=tensor_copies)
             if tensors is None:
                 return None
             r.attrs, r.tensors = attrs, tensors
@@ -638,6 +669,8 @@ def _restore_buffers(module: nn.Module, records: Any, saved: Optional[dict], qui
 
 
 _NO_TENSORS: tuple = ()
+# the largest plain tensor attribute (bytes) the records copy (:func:`_tensor_records`)
+_COPY_LIMIT = 1 << 20
 # the types of a module's attributes that are no tensors, looked at first (:func:`_tensor_records`)
 _NO_TENSOR_KINDS = frozenset({bool, int, float, str, type(None), dict, OrderedDict, set, tuple, list, torch.dtype,
                               torch.device})
