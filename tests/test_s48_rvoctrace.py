@@ -74,6 +74,20 @@ def test_a_recurrent_state_in_a_dict_keys_occlusions_kept_trace():
     kept_trace_follows_the_state(DictState().eval(), output_now)
 
 
+def test_containers_items_compare_safely():
+    """Not a main failure (main read no dict): a dict keyed by tensors (``==`` elementwise) compares without raising,
+    and a new key (a tuple) or a tensor replaced is told."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1))
+    model[0].table, model[0].cfg = {torch.randn(3): 1.0}, {("a", 1): 2}
+    before = folding.settings(model)
+    assert folding.settings(model) == before
+    model[0].cfg[("a", 2)] = 2
+    assert folding.settings(model) != before
+    before = folding.settings(model)
+    model[0].table = {torch.randn(3): 1.0}
+    assert folding.settings(model) != before
+
+
 # 2. -------------------------------------------------------------------------------------------------------------
 class AutocastCount(_Stem):
     """The stem; from its second call on, under an autocast only, its activation doubled (a counter the forward

@@ -493,7 +493,7 @@ def _item_key(v: Any) -> Any:
     it is, a tensor by its version and identity, a function or module by its identity (:func:`_alive`), a container
     in it or anything else by its class only (as :func:`settings` leaves such attributes out)."""
     t = type(v)
-    if t in _PLAIN:
+    if t in _PLAIN or (t is tuple and _PLAIN.issuperset(map(type, v))):
         return v
     if isinstance(v, enum.Enum):
         return (t, v)
@@ -508,7 +508,8 @@ def _held_key(v: Any) -> tuple:
     """A dict's, set's, list's or tuple's items as :func:`settings` counts them (:func:`_item_key`: one level)."""
     t = type(v)
     if t is dict or t is OrderedDict:
-        return (t, *((k, _item_key(x)) for k, x in tuple(v.items())))
+        # a key by _item_key too: a tensor's == is elementwise (two keys compared, ``bool`` of it raised)
+        return (t, *((k if type(k) in _PLAIN else _item_key(k), _item_key(x)) for k, x in tuple(v.items())))
     items = tuple(map(_item_key, tuple(v)))
     if t is set:
         try:
