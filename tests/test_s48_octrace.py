@@ -171,7 +171,12 @@ def user_runs(model: nn.Module, x: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("first_state", ["none", "a state"])
 def test_a_recurrent_state_keys_the_folded_copy(first_state):
-    model = Recurrent().eval()
+    copy_follows_the_state(Recurrent().eval(), output_now, first_state)
+
+
+def copy_follows_the_state(model: nn.Module, output_now, first_state: str) -> None:
+    """The folded copy gives the model's output in the state a user's call leaves, the first state ``"none"`` (as
+    made) or ``"a state"`` (a call's); also test_s48_rvoctrace's, a state held in a dict."""
     if first_state == "a state":
         user_runs(model, X.flip(0))
     with torch.no_grad():
@@ -191,7 +196,12 @@ def test_a_recurrent_state_keys_occlusions_kept_trace():
     """The split checked against the model's output in its state now: with the state left out of the key (session
     48's key without the probe of stored activations), the kept trace of the first state failed the check, and
     occlusion ran full passes for good. (Session 47 keyed every attribute: not a failure there.)"""
-    model = Recurrent().eval()
+    kept_trace_follows_the_state(Recurrent().eval(), output_now)
+
+
+def kept_trace_follows_the_state(model: nn.Module, output_now) -> None:
+    """``_local.plan``'s split gives the model's output in each state the user's calls leave (``output_now``: the
+    output in the state now, the state left as it was); also test_s48_rvoctrace's, a state held in a dict."""
     corners, _ = occlusion_windows((16, 16), (WINDOW, WINDOW), (STRIDE, STRIDE))
     user_runs(model, X.flip(0))
     for state in (X * 0.5, X + 1):

@@ -396,7 +396,13 @@ def _keep_read(clone: nn.Module, graph: str, after: dict, written: set, autocast
     if not values and not stored:
         return
     bumped = {at: b for at, v in values.items() if (b := _bumped(v)) is not _MISSING}
-    for state in ({**values, **stored}, {**values, **bumped, **stored}) if bumped else ({**values, **stored},):
+    off = autocast()
+    on = torch.autocast(off.device, dtype=off.fast_dtype, enabled=True)
+    # each state traced as it is and under the passes' autocast (fx_traced's two traces gave ``graph`` both ways): a
+    # forward that reads a written value under an autocast only (``if torch.is_autocast_enabled() and self.calls``)
+    # showed the first trace nothing (review of session 48: the bf16 copy ran the first call's branch for good)
+    states = ({**values, **stored}, {**values, **bumped, **stored}) if bumped else ({**values, **stored},)
+    for state, under in ((s, u) for s in states for u in (off, on)):
         try:  # on a shadow of its own (:func:`_shadow`), which the values are set on
             root, modules = _shadow(clone)
             for (i, k), v in state.items():
@@ -404,8 +410,8 @@ def _keep_read(clone: nn.Module, graph: str, after: dict, written: set, autocast
                     modules[i].__dict__.pop(k, None)
                 else:
                     modules[i].__dict__[k] = c if (c := _contents(v)) is not None else v
-            with _TRACING, autocast():
-                same = str(ThisThreadTracer(_shadow_map(clone, modules)).trace(root)) == graph  # the graph only (not a fold's trace)
+            with _TRACING, under:
+                same = str(ThisThreadTracer(_shadow_map(clone, modules)).trace(root)) == graph  # the graph only
         except Exception:  # noqa: BLE001 - another state cannot be traced: the trace depends on it
             same = False
         if not same:
@@ -498,6 +504,37 @@ def _alive(v: Any) -> Any:
         return id(v), v
 
 
+def _item_key(v: Any) -> Any:
+    """An item of a dict, set, list or tuple attribute as :func:`settings` counts it: a plain value or enum member as
+    it is, a tensor by its version and identity, a function or module by its identity (:func:`_alive`), a container
+    in it or anything else by its class only (as :func:`settings` leaves such attributes out)."""
+    t = type(v)
+    if t in _PLAIN or (t is tuple and _PLAIN.issuperset(map(type, v))):
+        return v
+    if isinstance(v, enum.Enum):
+        return (t, v)
+    if issubclass(t, torch.Tensor):
+        return (torch.Tensor, v._version if not v.is_inference() else v.data_ptr(), *_alive(v))
+    if t in _CALLED or isinstance(v, nn.Module):
+        return (t, *_alive(v))
+    return t
+
+
+def _held_key(v: Any) -> tuple:
+    """A dict's, set's, list's or tuple's items as :func:`settings` counts them (:func:`_item_key`: one level)."""
+    t = type(v)
+    if t is dict or t is OrderedDict:
+        # a key by _item_key too: a tensor's == is elementwise (two keys compared, ``bool`` of it raised)
+        return (t, *((k if type(k) in _PLAIN else _item_key(k), _item_key(x)) for k, x in tuple(v.items())))
+    items = tuple(map(_item_key, tuple(v)))
+    if t is set:
+        try:
+            return (t, frozenset(items))
+        except TypeError:  # an unhashable key of an item (its class's __eq__ without __hash__)
+            return (t, *items)
+    return (t, *items)
+
+
 def settings(model: nn.Module, skip: frozenset = frozenset()) -> tuple:
     """The plain attributes of ``model``'s modules (booleans, numbers, strings, dtypes, enum members and tuples or
     lists of them: a flag ``self.probs`` the forward reads, a temperature, swin's ``shift_size`` list, a mode
@@ -508,17 +545,25 @@ def settings(model: nn.Module, skip: frozenset = frozenset()) -> tuple:
     (``self.shift = torch.tensor(0.5)``: a trace's constant, which the folded copy holds a copy of) counts by its
     identity and version, a function (``self.act = torch.tanh``: a trace's call) by its identity (session 46's
     review: either replaced, the copy ran the old one); an identity that a new object cannot take over once the old one
-    died (:func:`_alive`; session 47). ``skip``: ``(module index, name)`` in ``model.modules()``'s order of the
+    died (:func:`_alive`; session 47). A dict, set, list or tuple of the user's counts by its items, one level
+    (:func:`_held_key`: a setting ``self.cfg["k"]`` changed in place, a recurrent state ``self.state["h"] = y``, a
+    list of tensors; review of session 48: left out, the copy of the first one ran for good); a module's own dicts
+    (``_parameters``, the hooks) are not read. ``skip``: ``(module index, name)`` in ``model.modules()``'s order of the
     attributes the forward itself writes (:func:`fx_traced`'s ``written``; the trace does not depend on them). Not
     ``training``: a copy is traced in eval mode whatever the
-    model's mode (salience's passes run it so; the guard puts it back). About 1 ms on resnet50 (151 modules; AMD
-    EPYC, session 46)."""
+    model's mode (salience's passes run it so; the guard puts it back). About 0.41 ms on resnet50, 0.35 before the
+    containers were read (one thread, AMD EPYC core 1; benchmarks/rvoctrace-s48.md)."""
     out: list = []
-    add, plain, called, held = out.append, _PLAIN, _CALLED, _HELD
+    add, plain, called, held, own = out.append, _PLAIN, _CALLED, _HELD, _MODULE_OWN
     for i, m in enumerate(model.modules()):
         for k, v in m.__dict__.items():
             t = type(v)
-            if t in held or k == "training" or (skip and (i, k) in skip):
+            if k == "training" or (skip and (i, k) in skip):
+                continue
+            if t in held:
+                if k not in own:  # a dict or set of the user's: a setting in it (``self.cfg["k"]``), a state
+                    add(k)
+                    add(_held_key(v))
                 continue
             if t in plain or (t is tuple and plain.issuperset(map(type, v))):
                 add(k)
@@ -535,6 +580,9 @@ def settings(model: nn.Module, skip: frozenset = frozenset()) -> tuple:
             elif isinstance(v, enum.Enum) or ((t is tuple or t is list) and all(map(_plain, v))):
                 add(k)
                 add((t, v) if t is not list else (list, *v))  # an enum member's class too (IntEnum == int)
+            elif t is tuple or t is list:  # tensors or functions in it (anchors, a state list): each by identity
+                add(k)
+                add((t, *map(_item_key, v)))
         add(None)  # the module's end
     return tuple(out)
 

@@ -115,39 +115,17 @@ def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None, written: Optio
     """``model`` traced as the folded copy is (:func:`salience._core.folding.fx_traced`, under the passes' autocast
     ``dtype`` too: a forward's own autocast block, which fx does not record, is refused), or why not (a string).
     ``written``: filled with the plain attributes the forward writes that the trace does not read (``fx_traced``'s).
-    The user's model itself is traced: a submodule, parameter or buffer its forward adds or replaces meanwhile
-    (``self.extra = nn.Conv2d(...)`` made on the first call) is put back as the trace found it (:func:`_held`;
-    ``fx_traced`` puts back the plain attributes; before session 48 such a module stayed on the user's model)."""
+    Nothing of the user's model changes: ``fx_traced`` traces a shadow of its modules (a submodule, parameter or buffer
+    its forward makes, ``self.extra = nn.Conv2d(...)`` on the first call, is made there). Session 48's ``_held`` /
+    ``_put_back_held`` around the trace, from before the shadow, are gone: they copied every module's three dicts per
+    trace, and put back, so dropped, a module another thread added to the model meanwhile (review of session 48)."""
     if isinstance(model, torch.jit.ScriptModule):
         return "a TorchScript model cannot be traced by torch.fx"
     from salience._core.fingerprint import own_hooks
     hooked = own_hooks(model)
     if hooked is not None:
         return f"the model has hooks ({hooked})"
-    held = _held(model)
-    try:
-        return fx_traced(model, dtype, written=written)  # a tracing failure: its reason, full passes
-    finally:
-        _put_back_held(held)
-
-
-_HELD_DICTS = ("_modules", "_parameters", "_buffers")
-
-
-def _held(model: nn.Module) -> list:
-    """Each module of ``model`` and shallow copies of its submodules', parameters' and buffers' dicts."""
-    return [(m, tuple(dict(m.__dict__.get(name) or {}) for name in _HELD_DICTS)) for m in model.modules()]
-
-
-def _put_back_held(held: list) -> None:
-    """The dicts of :func:`_held` as they were (each entry by identity; the dict objects themselves kept)."""
-    for m, dicts in held:
-        for name, was in zip(_HELD_DICTS, dicts):
-            now = m.__dict__.get(name)
-            if now is None or (len(now) == len(was) and all(now.get(k, was) is v for k, v in was.items())):
-                continue
-            now.clear()
-            now.update(was)
+    return fx_traced(model, dtype, written=written)  # a tracing failure: its reason, full passes
 
 
 # Session 46: each call traced the model twice (fx_traced), uncached. A trace shares the model's modules; its nodes'
