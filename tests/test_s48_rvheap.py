@@ -9,7 +9,8 @@ Two defects, each test failing on the merged code (b2db0e7) and passing after th
 - a dataset run's forked decoding worker gave back the free heap it shares with the run's process only under
   ``allocator="reuse"``; under the default the process holds much free heap too (free chunks below live ones, and
   the lever's 64 MiB trim threshold keeps up to that much free top): resnet50 at 224 px, SmoothGrad 16, a forked
-  child's private dirty memory after the parent's next 3 calls 734 MiB (lever off) / 892 (on) / 94 (on, released).
+  child's private dirty memory after the parent's next 3 calls 734-814 MiB (lever off) / 828-892 (on) / 94 (on,
+  released; benchmarks/heap-fork-s48.txt).
   ``release_shared_heap`` now trims through the process's own glibc the lever found.
 """
 from __future__ import annotations

@@ -214,8 +214,8 @@ def release_shared_heap() -> bool:
     DataLoader worker), give back the free pages of the heap it shares with its parent (glibc's ``malloc_trim(0)``);
     ``True`` when it did. Under the default too the parent's heap holds much free memory (free chunks below live
     ones, which no trim threshold gives back, and up to 64 MiB of free top): resnet50 at 224 px, SmoothGrad 16 of one
-    image, a forked child's private dirty memory after the parent's next 3 calls 734 MiB as glibc is and 892 with the
-    raised threshold, 94 with this release (one process each; docs/performance.md, session 48's review).
+    image, a forked child's private dirty memory after the parent's next 3 calls 734-814 MiB as glibc is, 828-892 with
+    the raised threshold, 94 with this release (one process each; docs/performance.md, session 48).
 
     A fork shares every resident page copy-on-write: under ``allocator="reuse"`` the parent's heap keeps the
     activations its passes freed, its next passes write them again, and while the child maps a page each write copies
