@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 import threading
 import warnings
@@ -54,8 +55,21 @@ _fixed = False  # a mallopt of keep_freed_memory took: glibc's thresholds are th
 _libc: Optional[Any] = None  # the glibc keep_freed_memory set them in: a forked worker's release looks nothing up
 _raise_tried = False  # raise_dynamic_threshold ran (once per process, whatever it found)
 _raised = False  # ... and its block's free raised glibc's dynamic thresholds
+_own_trim: Optional[Any] = None  # glibc's malloc_trim where raise_dynamic_threshold found glibc's malloc (typed)
 _lock = threading.Lock()
 _FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+
+
+def _new_lock() -> None:
+    """A forked child's own lock: a fork while another thread held it (inside :func:`raise_dynamic_threshold`'s
+    block, before any process's first CPU pass, or :func:`keep_freed_memory`) left the child's copy held for good,
+    and its first CPU pass waited on it forever (session 48's review)."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock)
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -138,7 +152,7 @@ def raise_dynamic_threshold() -> bool:
     Nothing where the C library is not glibc (no warning: nobody asked for it), where :func:`keep_freed_memory`
     already fixed the thresholds (they no longer adjust), or where glibc served the block from its heap (a process
     with that much free heap already: its free raises nothing); never raises."""
-    global _raise_tried, _raised
+    global _raise_tried, _raised, _own_trim
     with _lock:
         if _raise_tried:
             return False
@@ -151,6 +165,8 @@ def raise_dynamic_threshold() -> bool:
             info = _info_function(libc)
             if info is None:
                 return False
+            _own_trim = _typed(libc, "malloc_trim", ctypes.c_int, [ctypes.c_size_t])  # for release_shared_heap:
+            # looked up here, so a forked worker looks nothing up
             malloc, free = libc.malloc, libc.free
             malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
             free.restype, free.argtypes = None, [ctypes.c_void_p]
@@ -193,9 +209,13 @@ def thresholds_fixed() -> bool:
 
 
 def release_shared_heap() -> bool:
-    """In a process just forked from one where :func:`keep_freed_memory` fixed the thresholds (a dataset run's
+    """In a process just forked from one where :func:`keep_freed_memory` fixed the thresholds, or where
+    :func:`raise_dynamic_threshold` found glibc's malloc (the default, since session 48's review) (a dataset run's
     DataLoader worker), give back the free pages of the heap it shares with its parent (glibc's ``malloc_trim(0)``);
-    ``True`` when it did.
+    ``True`` when it did. Under the default too the parent's heap holds much free memory (free chunks below live
+    ones, which no trim threshold gives back, and up to 64 MiB of free top): resnet50 at 224 px, SmoothGrad 16 of one
+    image, a forked child's private dirty memory after the parent's next 3 calls 734-814 MiB as glibc is, 828-892 with
+    the raised threshold, 94 with this release (one process each; docs/performance.md, session 48).
 
     A fork shares every resident page copy-on-write: under ``allocator="reuse"`` the parent's heap keeps the
     activations its passes freed, its next passes write them again, and while the child maps a page each write copies
@@ -206,8 +226,11 @@ def release_shared_heap() -> bool:
     ``_fixed``); the parent is not touched. It calls the C library :func:`keep_freed_memory` found in the parent
     (inherited too): no lookup in the worker (``ctypes.util.find_library`` runs ``ldconfig -p`` as a process, and a
     ``dlopen`` in a process forked from a threaded one can wait on a lock no thread will release). Elsewhere (no
-    thresholds fixed, a C library without ``malloc_trim``) it does nothing and never raises."""
+    thresholds fixed nor glibc found by the default's first CPU pass, a C library without ``malloc_trim``) it does
+    nothing and never raises."""
     trim = _fixed_libc_function("malloc_trim", ctypes.c_int, [ctypes.c_size_t])
+    if trim is None:  # the default's (session 48's review): glibc found before the first CPU pass
+        trim = _own_trim
     if trim is None:
         return False
     trim(0)
@@ -217,14 +240,14 @@ def release_shared_heap() -> bool:
 def _fixed_libc_function(name: str, restype: Any, argtypes: list) -> Optional[Any]:
     """The function ``name`` of the C library :func:`keep_freed_memory` fixed the thresholds in (typed), or ``None``
     where it fixed none or the library lacks it (an older glibc)."""
-    libc = _libc
-    if not _fixed or libc is None:
-        return None
-    try:
-        fn = getattr(libc, name)
-    except AttributeError:
-        return None
-    fn.restype, fn.argtypes = restype, argtypes
+    return _typed(_libc, name, restype, argtypes) if _fixed else None
+
+
+def _typed(libc: Optional[Any], name: str, restype: Any, argtypes: list) -> Optional[Any]:
+    """The function ``name`` of ``libc``, typed; ``None`` where ``libc`` is ``None`` or lacks it."""
+    fn = getattr(libc, name, None) if libc is not None else None
+    if fn is not None:
+        fn.restype, fn.argtypes = restype, argtypes
     return fn
 
 

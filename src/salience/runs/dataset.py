@@ -869,7 +869,7 @@ def _forks(context: Any) -> bool:
 def _worker_start(forked: bool, user: Optional[Callable[[int], None]], own: Optional[Callable[[int], None]] = None,
                   env: Optional[dict[str, str]] = None, worker_id: int = 0, parent: Optional[int] = None) -> None:
     """A decoding worker's start: a ``forked`` one first gives back the heap's free pages it shares with the run's
-    process (:func:`salience._core.malloc.release_shared_heap`, under ``allocator="reuse"``); one started afresh (a
+    process (:func:`salience._core.malloc.release_shared_heap`, on glibc); one started afresh (a
     forkserver's, spawn's) takes ``env``, the run's environment when its DataLoader was made (a forkserver has the
     one it started with) and watches the run's process ``parent`` (:func:`_end_with`); then salience's own start
     (``own``: :func:`sources.worker_init` as it was then), then ``user``, the ``worker_init_fn`` of the DataLoader the
