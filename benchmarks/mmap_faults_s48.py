@@ -117,10 +117,15 @@ def main() -> None:
         lb = r["largest_block"]
         lines.append(f"{a.model} {a.size} px, bare passes of {k} items: largest block {lb:,} bytes "
                      f"({lb / k:,.0f} a item, {lb / mib:.3f} x 32 MiB); minor faults per pass {r['faults_per_pass']}")
+    report(lines, a.out)
+
+
+def report(lines: list[str], out: str | None) -> None:
+    """Print ``lines`` and write them to ``out`` (when given)."""
     text = "\n".join(lines)
     print(text)
-    if a.out:
-        with open(a.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text + "\n")
 
 

@@ -16,6 +16,7 @@ import time
 
 import torch
 import torchvision
+from mmap_faults_s48 import report
 
 
 def main() -> None:
@@ -63,11 +64,7 @@ def main() -> None:
         lines.append(f"passes of {per:2d}: wall s {', '.join(f'{v:.2f}' for v in w)}; over the round's best "
                      f"{', '.join(f'{v / b:.3f}' for v, b in zip(w, best))}; CPU s "
                      f"{', '.join(f'{t[1]:.2f}' for t in res[per])}; minor faults {', '.join(f'{t[2]:,}' for t in res[per])}")
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    report(lines, a.out)
 
 
 if __name__ == "__main__":

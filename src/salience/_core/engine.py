@@ -18,7 +18,9 @@ belongs to image ``j % B``. :func:`accumulate`
   bits every time, and no call runs a small first chunk (session 45: SmoothGrad 16 of one image ran
   1 + 15 items before, 16 now). On a CPU a gradient pass takes at most :data:`CPU_GRADIENT_CHUNK`
   items (:data:`CPU_GRADIENT_CHUNK_WEIGHTY` where the model's parameters outweigh that many items by the probe:
-  :func:`gradient_chunk_cap`) and the items are split evenly (:func:`planned_chunk`); on CUDA, and for gradient-free passes,
+  :func:`gradient_chunk_cap`), where the C library is glibc at most as many as keep its largest single block under
+  glibc's 32 MiB mmap threshold (:func:`mmap_chunk_cap`, the probe's :attr:`MemoryProbe.largest`; session 48),
+  and the items are split evenly (:func:`planned_chunk`); on CUDA, and for gradient-free passes,
   the budget's size. Without a run, or with ``chunks="throughput"``, the probe's pass is the call's
   first chunk (real work). ``chunk=`` fixes the size, ``max_memory=`` sets the budget (default:
   :func:`default_budget`);
@@ -585,7 +587,9 @@ CPU_GRADIENT_CHUNK = 16
 # benchmarks/auto-declines-s46-*.md, a loaded machine: integrated gradients' 32 items of one image in one pass against
 # 16 + 16, per round, resnet18 at 64 px (46.8 MB of weights, 1.9 MB an item) 0.960, 0.922, 0.934 and in a second run
 # 0.952, 0.839, 1.128; vit_b_16 at 112 px (346 MB, 20.2 MB) 0.855, 0.974, 0.930; on resnet50 at 224 px (102 MB,
-# 87 MB an item: the rule keeps 16) one pass of 32 was 1.04-1.23 times the budget's 4 x 8).
+# 87 MB an item: the rule keeps 16) one pass of 32 was 1.04-1.23 times the budget's 4 x 8). Both are bounded by
+# mmap_chunk_cap where a pass's largest block per item is large (session 48: vgg11 at 112 px, weighty, 3.2 MB an
+# item, passes of 32 items 1.06-1.09x of passes of 8 in every round, benchmarks/vgg-chunk-s48-112.txt).
 CPU_GRADIENT_CHUNK_WEIGHTY = 32
 
 
