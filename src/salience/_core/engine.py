@@ -18,7 +18,9 @@ belongs to image ``j % B``. :func:`accumulate`
   bits every time, and no call runs a small first chunk (session 45: SmoothGrad 16 of one image ran
   1 + 15 items before, 16 now). On a CPU a gradient pass takes at most :data:`CPU_GRADIENT_CHUNK`
   items (:data:`CPU_GRADIENT_CHUNK_WEIGHTY` where the model's parameters outweigh that many items by the probe:
-  :func:`gradient_chunk_cap`) and the items are split evenly (:func:`planned_chunk`); on CUDA, and for gradient-free passes,
+  :func:`gradient_chunk_cap`), where the C library is glibc at most as many as keep its largest single block under
+  glibc's 32 MiB mmap threshold (:func:`mmap_chunk_cap`, the probe's :attr:`MemoryProbe.largest`; session 48),
+  and the items are split evenly (:func:`planned_chunk`); on CUDA, and for gradient-free passes,
   the budget's size. Without a run, or with ``chunks="throughput"``, the probe's pass is the call's
   first chunk (real work). ``chunk=`` fixes the size, ``max_memory=`` sets the budget (default:
   :func:`default_budget`);
@@ -39,6 +41,7 @@ import contextlib
 import functools
 import inspect
 import os
+import platform
 from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -54,6 +57,7 @@ from salience._core.autograd import TargetLike, backward
 from salience._core.errors import SalienceError
 from salience._core.guard import parameters_of
 from salience._core.info import max_batch
+from salience._core.malloc import MMAP_THRESHOLD as _MMAP_THRESHOLD_MAX
 from salience._core.progress import progress as _progress
 
 __all__ = [
@@ -81,6 +85,7 @@ __all__ = [
     "CPU_GRADIENT_CHUNK",
     "CPU_GRADIENT_CHUNK_WEIGHTY",
     "gradient_chunk_cap",
+    "mmap_chunk_cap",
     "weight_bytes",
     "generators_kept",
 ]
@@ -205,10 +210,18 @@ class MemoryProbe(TorchDispatchMode):
     ``peak`` is the largest total alive at any operator. Storages that existed before (the
     model's parameters, the caller's tensors) and views of them are not counted. Backward
     operators are seen too (autograd runs them under the same dispatch modes).
+
+    ``largest``: the bytes of the largest single storage created under the mode by a tensor whose first dimension is
+    ``items`` (the pass's items: its activations and their gradients, not a weight's cast), ``None`` where none was
+    (or ``items`` was not given): what one ``malloc`` of the pass asks for at most, for
+    :func:`mmap_chunk_cap`. A model whose activations do not lead with the items (a sequence-first attention) is
+    not seen there.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, items: Optional[int] = None) -> None:
         super().__init__()
+        self.items = items
+        self.largest: Optional[int] = None
         from torch.multiprocessing.reductions import StorageWeakRef
 
         self._ref = StorageWeakRef
@@ -254,6 +267,8 @@ class MemoryProbe(TorchDispatchMode):
                 if n:
                     self._live[key] = (self._ref(st), n)
                     self.current += n
+                    if self.items is not None and t.dim() and t.shape[0] == self.items and n > (self.largest or 0):
+                        self.largest = n
         self.peak = max(self.peak, self.current)
         return out
 
@@ -476,7 +491,7 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
                     per_item = known if known is not None else _probe_apart(compute, first, n_images, weights,
                                                                             squares, run)
                 else:  # the first chunk is the probe's, real work (chunks="throughput"; no run)
-                    probe = MemoryProbe() if known is None else None
+                    probe = MemoryProbe(first) if known is None else None
                     ctx = run.chunk(run.probe_layout(), False) if run is not None else nullcontext()
                     with ctx, (probe if probe is not None else nullcontext()):  # the sums' own temporaries count too
                         sums.add(0, compute(0, first))
@@ -485,7 +500,7 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
                     start = first
                     per_item = known if probe is None else max(1, -(-probe.peak // first))
                     if run is not None and probe is not None:
-                        run.probed(per_item, n_images)
+                        run.probed(per_item, n_images, _per_item(probe.largest, first))
             cap = chunk_size(per_item, _budget(max_memory, device, inference, run), n_images)
             if apart:
                 # the plan's size, also where a compiled call took an earlier call's probe (reused): it ran the
@@ -493,7 +508,8 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
                 # last read); a bounded batch (limit) is the cap the plan splits evenly (it split 16 under 12 as 12 + 4)
                 assert run is not None
                 cap = planned_chunk(total, cap if limit is None else min(cap, limit), run.device, inference,
-                                    gradient_chunk_cap(per_item, weight_bytes(run.model)))
+                                    gradient_chunk_cap(per_item, weight_bytes(run.model),
+                                                       run.probed_block(n_images)))
         else:
             cap = chunk
         if limit is not None:
@@ -536,7 +552,7 @@ def _probe_apart(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tenso
     into sums of their own (their temporaries count too), all thrown away; returns the bytes per item and records
     them in ``run`` (:meth:`salience._core.perf.Run.probed`). Its chunk is not one of the call's (``run.layouts``
     keeps no entry for it)."""
-    probe, scratch = MemoryProbe(), _Adder(n_images, weights, squares)
+    probe, scratch = MemoryProbe(first), _Adder(n_images, weights, squares)
     token = _DISCARDED.set(True)
     kept = len(run.layouts)
     # a model that draws random numbers in its forward (dropout-like noise, stochastic depth) must see the same
@@ -548,8 +564,13 @@ def _probe_apart(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tenso
         _DISCARDED.reset(token)
         del run.layouts[kept:]
     per_item = max(1, -(-probe.peak // first))
-    run.probed(per_item, n_images)
+    run.probed(per_item, n_images, _per_item(probe.largest, first))
     return per_item
+
+
+def _per_item(largest: Optional[int], items: int) -> Optional[int]:
+    """A probe's largest block (:attr:`MemoryProbe.largest`, of a pass of ``items`` items) per item, rounded up."""
+    return None if largest is None else -(-largest // items)
 
 
 # Gradient passes on a CPU: at most this many items a pass (fp32, one thread, the AMD EPYC of session 44, bare
@@ -566,7 +587,9 @@ CPU_GRADIENT_CHUNK = 16
 # benchmarks/auto-declines-s46-*.md, a loaded machine: integrated gradients' 32 items of one image in one pass against
 # 16 + 16, per round, resnet18 at 64 px (46.8 MB of weights, 1.9 MB an item) 0.960, 0.922, 0.934 and in a second run
 # 0.952, 0.839, 1.128; vit_b_16 at 112 px (346 MB, 20.2 MB) 0.855, 0.974, 0.930; on resnet50 at 224 px (102 MB,
-# 87 MB an item: the rule keeps 16) one pass of 32 was 1.04-1.23 times the budget's 4 x 8).
+# 87 MB an item: the rule keeps 16) one pass of 32 was 1.04-1.23 times the budget's 4 x 8). Both are bounded by
+# mmap_chunk_cap where a pass's largest block per item is large (session 48: vgg11 at 112 px, weighty, 3.2 MB an
+# item, passes of 32 items 1.06-1.09x of passes of 8 in every round, benchmarks/vgg-chunk-s48-112.txt).
 CPU_GRADIENT_CHUNK_WEIGHTY = 32
 
 
@@ -596,14 +619,51 @@ def _stored_bytes(t: Tensor) -> int:
     return sum(q.numel() * q.element_size() for q in parts)
 
 
-def gradient_chunk_cap(per_item: Optional[int], weights: int) -> int:
+def gradient_chunk_cap(per_item: Optional[int], weights: int, block: Optional[int] = None) -> int:
     """The most items a CPU gradient pass takes: :data:`CPU_GRADIENT_CHUNK_WEIGHTY` where the model's parameters
     (``weights`` bytes, :func:`weight_bytes`) weigh at least :data:`CPU_GRADIENT_CHUNK` items of ``per_item`` bytes
-    (the memory probe's), else :data:`CPU_GRADIENT_CHUNK`. Both numbers are the same in every process, so the
-    choice is too (a timing probe's would not be: ``chunks="throughput"`` is that, opt-in)."""
-    if per_item is not None and weights >= CPU_GRADIENT_CHUNK * per_item:
-        return CPU_GRADIENT_CHUNK_WEIGHTY
-    return CPU_GRADIENT_CHUNK
+    (the memory probe's), else :data:`CPU_GRADIENT_CHUNK`; and at most :func:`mmap_chunk_cap`'s for ``block``, the
+    largest single block a pass allocates per item (the memory probe's :attr:`MemoryProbe.largest`), so that no
+    block of a pass passes glibc's mmap threshold. All are the same in every process for the same model, item shape
+    and options, so the choice is too (a timing probe's would not be: ``chunks="throughput"`` is that, opt-in)."""
+    cap = CPU_GRADIENT_CHUNK_WEIGHTY if per_item is not None and weights >= CPU_GRADIENT_CHUNK * per_item \
+        else CPU_GRADIENT_CHUNK
+    under = mmap_chunk_cap(block)
+    return cap if under is None else min(cap, under)
+
+
+# What glibc's malloc adds to a block before it compares it with the mmap threshold: its chunk header and
+# posix_memalign's padding (torch's CPU allocator asks for 64-byte alignment: 64 + 32 bytes more); a page, to be safe
+_MALLOC_SLACK = 4096
+
+
+@functools.lru_cache(maxsize=None)
+def _glibc_heap() -> bool:
+    """Whether this process's C library is glibc, whose malloc serves a block of at least its mmap threshold (at most
+    :data:`salience._core.malloc.MMAP_THRESHOLD`, 32 MiB on 64-bit) with a fresh ``mmap``. Never raises."""
+    try:
+        return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    except (OSError, ValueError):
+        return False
+
+
+def mmap_chunk_cap(block: Optional[int]) -> Optional[int]:
+    """The most items a CPU gradient pass may take so that its largest block, ``block`` bytes per item, stays under
+    glibc's largest mmap threshold (``None``: no bound, where ``block`` is unknown or the C library is not glibc).
+
+    glibc serves a block of at least its mmap threshold with a fresh ``mmap`` and unmaps it when freed; the threshold
+    rises to the size of each such block freed, but only up to 32 MiB (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit;
+    ``allocator="reuse"`` fixes it there, the same bound). A bigger block is mapped afresh in every pass, and the
+    kernel zeroes its pages at a fault each: resnet50 at 224 px (3.2 MB an item in its first convolution's output
+    and layer1's) faulted about 17,000 pages an item in bare passes of 12 and 16 items, 1,600-3,100 in passes of 8
+    and 10 (session 48, docs/performance.md). The size is rounded down to a multiple of 8 where it is at least 8
+    (oneDNN's fast sizes, :data:`CPU_GRADIENT_CHUNK`), never under 1: resnet50 at 224 px, 10 -> 8."""
+    if block is None or block < 1 or not _glibc_heap():
+        return None
+    n = (_MMAP_THRESHOLD_MAX - _MALLOC_SLACK) // block
+    if n >= 8:
+        n -= n % 8
+    return max(1, n)
 
 
 def planned_chunk(total: int, cap: int, device: torch.device, inference: bool, limit: int = CPU_GRADIENT_CHUNK) -> int:

@@ -387,6 +387,8 @@ class _Record:
     # the engine's memory probe: bytes per item of an eager chunk, per number of images of the call
     # (Run.known_probe, Run.reused_probe)
     probes: dict[int, int] = field(default_factory=dict)
+    # ... and the largest single block a pass allocated per item (engine.mmap_chunk_cap; None: none seen), the same keys
+    blocks: dict[int, Optional[int]] = field(default_factory=dict)
     tails: dict[int, Any] = field(default_factory=dict)  # FREEZE: per size of a last, shorter chunk, the weights_key of its last call
     frozen_tails: list[int] = field(default_factory=list)  # FREEZE: the tail sizes that run frozen (FROZEN_TAILS)
 
@@ -573,7 +575,7 @@ class Run:
         ``self.convolutional``, kept in ``rec`` with the structure it was found for (its modules' classes are in it)."""
         self.structure = structure(model)
         if rec.structure != self.structure:  # a module, a forward or a hook changed: found again
-            rec.softmax, rec.probes, rec.structure = None, {}, self.structure
+            rec.softmax, rec.probes, rec.blocks, rec.structure = None, {}, {}, self.structure
         conv = rec.convolutional
         if conv is None or conv[0] != self.structure:
             conv = rec.convolutional = (self.structure, _is_convolutional(model))
@@ -716,10 +718,18 @@ class Run:
         CPU; on a GPU, where a pass costs its kernels' launches, more). Kept per :func:`structure`."""
         return self.record.probes.get(n_images)
 
-    def probed(self, per_item: int, n_images: int) -> None:
-        """Record what this run's memory probe measured (bytes per item) for a call of ``n_images``
-        images, for :meth:`reused_probe` and :meth:`known_probe`."""
+    def probed(self, per_item: int, n_images: int, block: Optional[int] = None) -> None:
+        """Record what this run's memory probe measured (bytes per item; ``block``: the largest single block a pass
+        allocated per item, :meth:`probed_block`) for a call of ``n_images`` images, for :meth:`reused_probe` and
+        :meth:`known_probe`."""
+        self.record.blocks[n_images] = block
         self.record.probes[n_images] = per_item
+
+    def probed_block(self, n_images: int) -> Optional[int]:
+        """The largest single block per item the memory probe of :meth:`known_probe` (or :meth:`reused_probe`) saw
+        (``None``: none recorded): the engine keeps a CPU gradient chunk's blocks under glibc's mmap threshold
+        (:func:`~salience._core.engine.mmap_chunk_cap`), so a call that reuses the probe plans the same chunks."""
+        return self.record.blocks.get(n_images)
 
     # ---- what a chunk runs under
 
