@@ -57,7 +57,7 @@ from salience._core.autograd import TargetLike, backward
 from salience._core.errors import SalienceError
 from salience._core.guard import parameters_of
 from salience._core.info import max_batch
-from salience._core.malloc import MMAP_THRESHOLD as _MMAP_THRESHOLD_MAX
+from salience._core.malloc import HEAP_BLOCK_MAX as _HEAP_BLOCK_MAX
 from salience._core.progress import progress as _progress
 
 __all__ = [
@@ -211,11 +211,11 @@ class MemoryProbe(TorchDispatchMode):
     model's parameters, the caller's tensors) and views of them are not counted. Backward
     operators are seen too (autograd runs them under the same dispatch modes).
 
-    ``largest``: the bytes of the largest single storage created under the mode by a tensor whose first dimension is
-    ``items`` (the pass's items: its activations and their gradients, not a weight's cast), ``None`` where none was
-    (or ``items`` was not given): what one ``malloc`` of the pass asks for at most, for
-    :func:`mmap_chunk_cap`. A model whose activations do not lead with the items (a sequence-first attention) is
-    not seen there.
+    ``largest``: the bytes of the largest single storage created under the mode that holds the items: a tensor whose
+    first dimension is ``items`` (the pass's items: its activations and their gradients, not a weight's cast), or one
+    an operator made from such a storage (a sequence-first attention's ``(N, B, D)``, a model that flattens items x
+    tokens: they lead with other sizes; session 48's review: they were not seen); ``None`` where none was (or ``items``
+    was not given): what one ``malloc`` of the pass asks for at most, for :func:`mmap_chunk_cap`.
     """
 
     def __init__(self, items: Optional[int] = None) -> None:
@@ -230,6 +230,7 @@ class MemoryProbe(TorchDispatchMode):
         # reused by a storage made under the mode is that new storage's, counted (a plain set of addresses
         # left it uncounted, the peak as low as the allocator's reuse made it)
         self._external: dict[int, Any] = {}
+        self._items_held: set[int] = set()  # the live storages that hold the items (``largest``), by address
         self.current = 0
         self.peak = 0
 
@@ -247,14 +248,17 @@ class MemoryProbe(TorchDispatchMode):
         dead = [k for k, (ref, _) in self._live.items() if ref.expired()]
         for k in dead:
             self.current -= self._live.pop(k)[1]
+            self._items_held.discard(k)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         flat_in = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        from_items = False  # an input holds the items: so does what the operator makes
         for t in flat_in:
             if isinstance(t, Tensor):
                 key = _storage_key(t)
                 if key is not None and key not in self._live and not self._is_external(key):
                     self._external[key] = self._ref(t.untyped_storage())
+                from_items = from_items or key in self._items_held
         out = func(*args, **(kwargs or {}))
         self._prune()
         for t in torch.utils._pytree.tree_leaves(out):
@@ -267,8 +271,10 @@ class MemoryProbe(TorchDispatchMode):
                 if n:
                     self._live[key] = (self._ref(st), n)
                     self.current += n
-                    if self.items is not None and t.dim() and t.shape[0] == self.items and n > (self.largest or 0):
-                        self.largest = n
+                    if self.items is not None and (from_items or (t.dim() and t.shape[0] == self.items)):
+                        self._items_held.add(key)
+                        if n > (self.largest or 0):
+                            self.largest = n
         self.peak = max(self.peak, self.current)
         return out
 
@@ -632,11 +638,6 @@ def gradient_chunk_cap(per_item: Optional[int], weights: int, block: Optional[in
     return cap if under is None else min(cap, under)
 
 
-# What glibc's malloc adds to a block before it compares it with the mmap threshold: its chunk header and
-# posix_memalign's padding (torch's CPU allocator asks for 64-byte alignment: 64 + 32 bytes more); a page, to be safe
-_MALLOC_SLACK = 4096
-
-
 @functools.lru_cache(maxsize=None)
 def _glibc_heap() -> bool:
     """Whether this process's C library is glibc, whose malloc serves a block of at least its mmap threshold (at most
@@ -649,7 +650,10 @@ def _glibc_heap() -> bool:
 
 def mmap_chunk_cap(block: Optional[int]) -> Optional[int]:
     """The most items a CPU gradient pass may take so that its largest block, ``block`` bytes per item, stays under
-    glibc's largest mmap threshold (``None``: no bound, where ``block`` is unknown or the C library is not glibc).
+    glibc's largest mmap threshold (``None``: no bound, where ``block`` is unknown or the C library is not glibc): at
+    most :data:`salience._core.malloc.HEAP_BLOCK_MAX` bytes, which come from the heap both where
+    :func:`~salience._core.malloc.raise_dynamic_threshold` put the threshold (just under 32 MiB) and under
+    ``allocator="reuse"`` (32 MiB).
 
     glibc serves a block of at least its mmap threshold with a fresh ``mmap`` and unmaps it when freed; the threshold
     rises to the size of each such block freed, but only up to 32 MiB (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit;
@@ -660,7 +664,7 @@ def mmap_chunk_cap(block: Optional[int]) -> Optional[int]:
     (oneDNN's fast sizes, :data:`CPU_GRADIENT_CHUNK`), never under 1: resnet50 at 224 px, 10 -> 8."""
     if block is None or block < 1 or not _glibc_heap():
         return None
-    n = (_MMAP_THRESHOLD_MAX - _MALLOC_SLACK) // block
+    n = _HEAP_BLOCK_MAX // block
     if n >= 8:
         n -= n % 8
     return max(1, n)

@@ -41,7 +41,7 @@ import warnings
 from typing import Any, Optional
 
 __all__ = ["keep_freed_memory", "thresholds_fixed", "raise_dynamic_threshold", "release_shared_heap", "kept_free_bytes",
-           "MMAP_THRESHOLD", "TRIM_THRESHOLD", "RAISING_BLOCK"]
+           "MMAP_THRESHOLD", "TRIM_THRESHOLD", "RAISING_BLOCK", "HEAP_BLOCK_MAX"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 MMAP_THRESHOLD = 32 << 20  # the highest glibc takes (HEAP_MAX_SIZE / 2 on 64-bit)
@@ -49,6 +49,12 @@ TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int
 # raise_dynamic_threshold's block: just under DEFAULT_MMAP_THRESHOLD_MAX, so its chunk (the request, a header, rounded
 # up to pages) is at most 32 MiB, the largest size whose free still raises glibc's dynamic thresholds
 RAISING_BLOCK = MMAP_THRESHOLD - (64 << 10)
+# the largest block a CPU pass may ask for and still get from the heap (engine.mmap_chunk_cap), under the default
+# (the threshold raise_dynamic_threshold leaves: RAISING_BLOCK's chunk, a page over it) and under allocator="reuse"
+# (MMAP_THRESHOLD) alike; posix_memalign's padding and glibc's header (about 120 bytes) fit in that page. One bound:
+# the engine's was 32 MiB - 4096, and a block between the two was mapped afresh (and then faulted in on the heap) in
+# a process under the default (session 48's review)
+HEAP_BLOCK_MAX = RAISING_BLOCK
 
 _done = False
 _fixed = False  # a mallopt of keep_freed_memory took: glibc's thresholds are this process's for good
