@@ -1,0 +1,50 @@
+"""Session 48 "lastread": the last read of the session's merges (putback, octrace, heap) for their interactions.
+
+* The guard's 1 MiB copy limit (review of putback: ``guard._COPY_LIMIT``) reached Ablation-CAM's split clean pass
+  through the shared record (``guard.record_state``): a plain tensor attribute over 1 MiB that the user's forward
+  writes in place was told by the split but not put back (no copy), so the one pass it falls back to ran on the
+  written values (the map off from the paper's). Session 47's ``_own_state`` copied every such tensor.
+"""
+import importlib
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import salience
+from test_s47_split import _Net, _reference, _x
+
+scorecam = importlib.import_module("salience.methods.scorecam")
+guard = importlib.import_module("salience._core.guard")
+
+
+@pytest.fixture
+def split_here(monkeypatch):
+    """The split allowed at any layer (these small models' layers are not early enough for ``_split_pays``)."""
+    monkeypatch.setattr(scorecam, "_split_pays", lambda *a, **k: True)
+
+
+class BigSeen(nn.Module):
+    """A plain tensor attribute over the guard's copy limit, 0 until the first pass, set to 1 in place after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = torch.zeros(guard._COPY_LIMIT // 4 + 1024)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = h + self.seen[0]
+        self.seen.fill_(1.0)
+        return out
+
+
+def test_split_puts_back_a_large_tensor_attribute(split_here):
+    """main fb59664: the split told the write but put nothing back (the limit's ``None`` copy): the map ran the clean
+    pass on ``seen`` = 1 and was off from the paper's formula on a fresh model."""
+    model, x = _Net(BigSeen()).eval(), _x()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the guard's own warning: it does not put ``seen`` back after the call
+        got = salience.ablationcam(model, x, 1, layer="conv")
+    fresh = _Net(BigSeen()).eval()
+    ref = _reference(fresh, fresh.conv, x, 1)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
