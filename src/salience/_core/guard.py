@@ -87,8 +87,10 @@ asked), :func:`state_changes` ("what changed since", by module and name) and :fu
 place). The guard's own records (:class:`ModuleState`, one light object per module for its cost per call) are made and
 put back by the same pieces (:func:`_tensor_records`, :func:`_put_back_tensors`, :func:`_restore_mapping`,
 :func:`_restore_buffers`); Ablation-CAM's split clean pass (``methods.scorecam._own_state``) records the modules not
-from torch.nn, containers too, tells a first pass's writes and puts them back before its one pass (a torch.nn layer's
-buffer, recorded without a copy, from the guard's own copy: :func:`held_values`); the fx trace
+from torch.nn, containers too, each plain tensor with a copy whatever its size (``large_copies``: over the guard's
+limit its one pass ran on the first pass's writes, last read of session 48), tells a first pass's writes and puts
+them back before its one pass (a torch.nn layer's buffer, recorded without a copy, from the guard's own copy:
+:func:`held_values`); the fx trace
 (:func:`salience._core.folding.fx_traced`) runs on a shadow of the model's modules and records the shadow, to tell what
 the forward writes without writing, or putting back, anything of the model (another thread's writes of that moment
 stay). The guard alone on resnet18 (64 px, one thread; AMD EPYC, core 1, 7 interleaved rounds of a process per tree,
