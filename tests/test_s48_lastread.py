@@ -4,6 +4,11 @@
   through the shared record (``guard.record_state``): a plain tensor attribute over 1 MiB that the user's forward
   writes in place was told by the split but not put back (no copy), so the one pass it falls back to ran on the
   written values (the map off from the paper's). Session 47's ``_own_state`` copied every such tensor.
+* The shadow every fx trace runs on (putback: ``folding._shadow``) cloned the model's tensors in the caller's mode:
+  under the user's ``torch.inference_mode()`` the clones were inference tensors, which the shadow's record
+  (``guard.record_state``) refuses (no version counter), so every model with a plain tensor attribute lost its folded
+  copy and occlusion's region-limited passes, told "a plain tensor attribute of the model is an inference tensor",
+  which it was not (a6129eb, tracing the model itself, folded it).
 """
 import importlib
 import warnings
@@ -16,6 +21,7 @@ import salience
 from test_s47_split import _Net, _reference, _x
 
 scorecam = importlib.import_module("salience.methods.scorecam")
+folding = importlib.import_module("salience._core.folding")
 guard = importlib.import_module("salience._core.guard")
 
 
@@ -48,3 +54,33 @@ def test_split_puts_back_a_large_tensor_attribute(split_here):
     fresh = _Net(BigSeen()).eval()
     ref = _reference(fresh, fresh.conv, x, 1)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+
+
+class ShiftNet(nn.Module):
+    """A convolution, its BatchNorm and a plain tensor attribute ``shift`` the forward adds (a constant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+        self.shift = torch.tensor(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((self.bn(self.conv(x)) + self.shift).mean((2, 3)))
+
+
+def test_fold_under_the_callers_inference_mode():
+    """main fb59664: under ``torch.inference_mode()`` the copy was refused ("... is an inference tensor"). The copy
+    is checked against the model itself (BatchNorm's statistics set away from their defaults, so the fold matters)."""
+    torch.manual_seed(0)
+    model = ShiftNet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.inference_mode():
+        copy, why = folding.folded_model(model)
+        assert why == "" and copy is not None, why
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in copy.modules())  # folded
+        torch.testing.assert_close(copy(x), model(x), rtol=1e-5, atol=1e-6)
