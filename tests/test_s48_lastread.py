@@ -13,22 +13,16 @@
 import importlib
 import warnings
 
-import pytest
 import torch
 import torch.nn as nn
 
 import salience
+import test_s47_lastread
 from test_s47_split import _Net, _reference, _x
 
-scorecam = importlib.import_module("salience.methods.scorecam")
 folding = importlib.import_module("salience._core.folding")
 guard = importlib.import_module("salience._core.guard")
-
-
-@pytest.fixture
-def split_here(monkeypatch):
-    """The split allowed at any layer (these small models' layers are not early enough for ``_split_pays``)."""
-    monkeypatch.setattr(scorecam, "_split_pays", lambda *a, **k: True)
+split_here = test_s47_lastread.split_here  # the fixture: the split allowed at any layer
 
 
 class BigSeen(nn.Module):
