@@ -2,6 +2,10 @@
 _own_state + _state_moved) on resnet50, microseconds a call, 5 rounds of 200 calls each (min / median / max).
 
     flock /tmp/bench.lock taskset -c 1 /work/main/.venv/bin/python benchmarks/split_checks_s47.py
+
+Since session 48 the state check is ``guard.state_changes`` (``_state_moved`` removed: the putback merge); the last
+row times whichever the tree has, so the script runs on both (session 47's figures in docs/performance.md are of
+``_state_moved``; benchmarks/guard_s48.py compares the two).
 """
 import importlib
 import statistics
@@ -12,12 +16,14 @@ import torchvision
 
 torch.set_num_threads(1)
 sc = importlib.import_module("salience.methods.scorecam")
+guard = importlib.import_module("salience._core.guard")
+moved = getattr(sc, "_state_moved", None) or guard.state_changes  # session 47's name, or session 48's
 model = torchvision.models.resnet50().eval()
 mod = model.get_submodule("layer1.0.conv1")
 checks = {
     "_split_pays": lambda: sc._split_pays(model, mod),
     "_split_same": lambda: sc._split_same(model),
-    "_own_state+_state_moved": lambda: sc._state_moved(sc._own_state(model)),
+    f"_own_state+{moved.__name__}": lambda: moved(sc._own_state(model)),
 }
 rounds: dict = {k: [] for k in checks}
 for _ in range(5):

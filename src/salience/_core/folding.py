@@ -287,7 +287,11 @@ def _shadow(model: nn.Module) -> tuple[nn.Module, list]:
     def cloned(t: torch.Tensor) -> torch.Tensor:
         c = clones.get(id(t))
         if c is None:
-            c = clones[id(t)] = t.detach().clone()
+            # outside the caller's inference mode: a clone made in it is an inference tensor, which the shadow's record
+            # refuses (no version counter; last read of session 48: under the user's torch.inference_mode() every
+            # model with a plain tensor attribute lost its fold and occlusion's trace)
+            with torch.inference_mode(False):
+                c = clones[id(t)] = t.detach().clone()
         return c
 
     def shadowed(v: Any) -> Any:

@@ -87,8 +87,10 @@ asked), :func:`state_changes` ("what changed since", by module and name) and :fu
 place). The guard's own records (:class:`ModuleState`, one light object per module for its cost per call) are made and
 put back by the same pieces (:func:`_tensor_records`, :func:`_put_back_tensors`, :func:`_restore_mapping`,
 :func:`_restore_buffers`); Ablation-CAM's split clean pass (``methods.scorecam._own_state``) records the modules not
-from torch.nn, containers too, tells a first pass's writes and puts them back before its one pass (a torch.nn layer's
-buffer, recorded without a copy, from the guard's own copy: :func:`held_values`); the fx trace
+from torch.nn, containers too, each plain tensor with a copy whatever its size (``large_copies``: over the guard's
+limit its one pass ran on the first pass's writes, last read of session 48), tells a first pass's writes and puts
+them back before its one pass (a torch.nn layer's buffer, recorded without a copy, from the guard's own copy:
+:func:`held_values`); the fx trace
 (:func:`salience._core.folding.fx_traced`) runs on a shadow of the model's modules and records the shadow, to tell what
 the forward writes without writing, or putting back, anything of the model (another thread's writes of that moment
 stay). The guard alone on resnet18 (64 px, one thread; AMD EPYC, core 1, 7 interleaved rounds of a process per tree,
@@ -421,7 +423,7 @@ def _restore_attributes(tensor: torch.Tensor, saved: Any) -> None:
 # :func:`_restore_mapping`, :func:`_restore_buffers`), kept in their own light form for the guard's speed; Ablation-CAM's
 # split clean pass (``methods.scorecam``) and the fx trace (:mod:`salience._core.folding`) take the record whole.
 
-def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True) -> Any:
+def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every: bool = False) -> Any:
     """The plain tensors among a module's attributes ``attrs`` (its ``__dict__``, or a copy: its parameters and buffers
     live in their own dicts), each ``(name, tensor, version, copy)``, or :data:`_NO_TENSORS`. A forward that writes one
     in place (``self.seen.fill_(1)``, ``self.steps += 1`` on a tensor) keeps the object, so its identity does not tell;
@@ -429,7 +431,9 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True) -> Any
     out, or ``None`` returned where ``refuse`` (Ablation-CAM's split then runs its one pass). The types are looked at
     first, in C (most modules hold no tensor: 1 us a module). No copy (``None``) of one over :data:`_COPY_LIMIT` bytes
     (a lookup table: a 100 MiB one cost each call 60 ms and 100 MiB: session 48 review), nor of any without ``copy``
-    (the fx trace's record of its shadow, thrown away after): one written in place is told (:func:`_not_put_back`)."""
+    (the fx trace's record of its shadow, thrown away after): one written in place is told (:func:`_not_put_back`);
+    with ``every``, a copy of each whatever its size (Ablation-CAM's split: its one pass must start from the values
+    the call found; the last read of session 48: over the limit, the pass ran on the first pass's writes)."""
     tensor = torch.Tensor
     kinds = set(map(type, attrs.values()))
     if kinds <= _NO_TENSOR_KINDS:  # in C: a module's usual dicts, flags and numbers
@@ -443,7 +447,7 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True) -> Any
     for k, v in attrs.items():
         if isinstance(v, tensor) and not isinstance(v, nn.Parameter):
             try:  # an inference tensor (or a subclass without one) has no version counter
-                small = copy and v.numel() * v.element_size() <= _COPY_LIMIT
+                small = copy and (every or v.numel() * v.element_size() <= _COPY_LIMIT)
                 found.append((k, v, v._version, v.detach().clone() if small else None))
             except Exception:
                 if refuse:
@@ -525,12 +529,14 @@ class ModuleRecord:
 
 
 def record_state(modules: Any, attributes: Any = None, containers: bool = False, buffers: bool = True,
-                 copies: Any = None, own_dicts: bool = True, tensor_copies: bool = True) -> Optional[list]:
+                 copies: Any = None, own_dicts: bool = True, tensor_copies: bool = True,
+                 large_copies: bool = False) -> Optional[list]:
     """A record of the state of ``modules`` (in order; each one's own state, not its children's): its buffers (each
     name in order, with its version counter and a copy of its values where ``copies(module)`` says so, default all),
     and where ``attributes(module)`` says so (default all) its plain attributes one level deep (a copy of its
     ``__dict__``, nn.Module's own dicts and sets too unless ``own_dicts`` is False), each plain tensor among them with
-    its version counter and a copy (none over :data:`_COPY_LIMIT` bytes, nor any without ``tensor_copies``), and with
+    its version counter and a copy (none over :data:`_COPY_LIMIT` bytes unless ``large_copies``, nor any without
+    ``tensor_copies``), and with
     ``containers`` a copy of each list's, dict's and set's contents. A module with neither (no attributes asked, no buffer) has no record. ``None`` where such a tensor or a buffer is an
     inference tensor (no version counter to tell a write by). :func:`state_changes` says what changed since,
     :func:`put_back_state` puts it back.
@@ -550,7 +556,7 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
         r.index, r.module, r.attrs, r.tensors, r.contents, r.buffers, r.quiet = index, m, None, _NO_TENSORS, (), None, None
         if asked:
             attrs = d.copy() if own_dicts else {k: v for k, v in d.items() if k not in _MODULE_OWN}
-            tensors = _tensor_records(attrs, refuse=True, copy=tensor_copies)
+            tensors = _tensor_records(attrs, refuse=True, copy=tensor_copies, every=large_copies)
             if tensors is None:
                 return None
             r.attrs, r.tensors = attrs, tensors

@@ -1192,7 +1192,8 @@ def _allocator(options: Performance, device: Any) -> None:
 def before_pass(x: Any) -> None:
     """What the options in force ask before any pass of a model on ``x`` (:func:`salience._core.autograd.model_call`,
     which every pass salience runs goes through: one-pass methods, the CAMs', a dataset run's prediction, the
-    metrics'): ``allocator="reuse"`` on a CPU."""
+    metrics'): on a CPU, ``allocator="reuse"``'s fixed thresholds, or under the default glibc's dynamic threshold
+    raised once per process (session 48; :func:`_allocator`)."""
     _allocator(current(), getattr(x, "device", None))
 
 

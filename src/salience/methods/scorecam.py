@@ -623,9 +623,11 @@ def _own_state(model: nn.Module) -> Optional[list]:
     mode, where the model guard put them; a copy of theirs too cost the split its lower peak: tests/test_s47_permem.py;
     one such buffer the user's forward writes is put back from the guard's own copy), and those modules' plain
     attributes (one level), each tensor among them with its version counter and a copy (``self.seen.fill_(1)``; the
-    review of session 47 "lastread") and each list, dict or set with its contents (``self.hist.append(y)``: session
-    48); ``None`` where such a tensor is an inference tensor (no version counter)."""
-    return record_state(model.modules(), attributes=_user_module, containers=True, copies=_user_module)
+    review of session 47 "lastread"; whatever its size, unlike the model guard's: over its 1 MiB limit the one pass ran
+    on the first pass's writes, last read of session 48) and each list, dict or set with its contents
+    (``self.hist.append(y)``: session 48); ``None`` where such a tensor is an inference tensor (no version counter)."""
+    return record_state(model.modules(), attributes=_user_module, containers=True, copies=_user_module,
+                        large_copies=True)
 
 
 def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
