@@ -209,7 +209,9 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
             # what the forward writes in the shadow, told by version counters (the shadow goes: no copies)
             record = record_state(shadows, containers=True, buffers=False, own_dicts=False, tensor_copies=False)
             if record is None:
-                return "a plain tensor attribute of the model is an inference tensor (no version counter)"
+                return ("a plain tensor attribute of the model is an inference tensor (no version counter): for the "
+                        "folded copy or region-limited passes, make it outside torch.inference_mode() (or .clone() it "
+                        "there)")
             with _TRACING, torch.autocast(device, dtype=autocast or torch.get_autocast_dtype(device), enabled=under):
                 tracer = _AutocastSeeingTracer(passes, _shadow_map(clone, shadows))
                 graph = tracer.trace(root)
