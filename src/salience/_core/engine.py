@@ -41,7 +41,6 @@ import contextlib
 import functools
 import inspect
 import os
-import platform
 from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from salience._core.errors import SalienceError
 from salience._core.guard import parameters_of
 from salience._core.info import max_batch
 from salience._core.malloc import HEAP_BLOCK_MAX as _HEAP_BLOCK_MAX
+from salience._core.malloc import _not_glibc as _malloc_not_glibc
 from salience._core.progress import progress as _progress
 
 __all__ = [
@@ -643,7 +643,7 @@ def _glibc_heap() -> bool:
     """Whether this process's C library is glibc, whose malloc serves a block of at least its mmap threshold (at most
     :data:`salience._core.malloc.MMAP_THRESHOLD`, 32 MiB on 64-bit) with a fresh ``mmap``. Never raises."""
     try:
-        return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+        return _malloc_not_glibc() is None  # malloc's own check, which its warning and the heap lever go by
     except (OSError, ValueError):
         return False
 
