@@ -121,13 +121,16 @@ def user_tuned(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     By default the environment the process started with (``/proc/self/environ``: what glibc read) and ``os.environ``
     (Python's copy of it: the one left where a process title overwrote the first); a setting in either counts, so
     the lever errs towards doing nothing. A variable counts whatever its value (an empty or unparsable one is glibc's
-    to read, and may still fix the threshold); never raises."""
+    to read, and may still fix the threshold: glibc 2.36 takes both, and its thresholds stop adjusting). A tunable counts as glibc's
+    ``parse_tunables`` matches it: its exact name, then ``=`` (glibc skips ``" glibc.malloc.mmap_threshold=1"`` and a
+    name without ``=``, and its thresholds still adjust: session 49's review); never raises."""
     for env in (_start_environment(), os.environ) if environ is None else (environ,):
         for name in TUNING_VARIABLES:
             if name in env:
                 return f"{name}={env[name]}"
         for item in env.get("GLIBC_TUNABLES", "").split(":"):
-            if item.split("=", 1)[0].strip() in TUNING_TUNABLES:
+            name, eq, _ = item.partition("=")
+            if eq and name in TUNING_TUNABLES:
                 return f"GLIBC_TUNABLES={item}"
     return None
 

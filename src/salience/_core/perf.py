@@ -295,14 +295,17 @@ def plain() -> Iterator[None]:
 
 def _allocator_kept(before: Performance, after: Performance) -> None:
     """A warning where a setter changes ``allocator`` after what the first one set in this process cannot be undone:
-    ``"reuse"``'s ``mallopt`` (glibc's thresholds stay fixed: turned into ``"default"`` or ``"system"``), or the
+    ``"reuse"``'s ``mallopt`` (glibc's thresholds stay fixed: turned into ``"default"``, or into ``"system"`` from any
+    setting), or the
     default's raised dynamic threshold (turned into ``"system"``: the thresholds still adjust, but from where the
     raise put them). A warning, not an error: the call sets what it names, and ``set_performance(**vars(prev))``
     restores the other options. A block that names the setting in force (a dataset run's
     ``performance(**vars(current()))``) changes nothing and says nothing; nor does anything before a CPU pass."""
     if before.allocator == after.allocator:
         return
-    if before.allocator == "reuse" and thresholds_fixed():
+    # "system" after thresholds "reuse" fixed, whatever came between ("reuse" -> "default" -> "system"): the reuse
+    # warning, not the default's (whose "still adjusts" mallopt made false; session 49's review)
+    if thresholds_fixed() and (before.allocator == "reuse" or after.allocator == "system"):
         warnings.warn(f"allocator={after.allocator!r} cannot undo allocator='reuse' in this process: glibc's mmap and "
                       "trim thresholds, fixed by mallopt before its first CPU pass, stay as they are (there is no way "
                       f"back; the process keeps the memory it frees). The option now says {after.allocator!r} and "
