@@ -177,7 +177,7 @@ class ModuleState(_Entry):
     the buffers' clones), and putting them back 0.52 ms, now 0.22 ms."""
 
     __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since",
-                 "foreign", "tensors")
+                 "foreign", "tensors", "contents")
 
     def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
         self.take(module, wrapper)
@@ -220,11 +220,15 @@ class ModuleState(_Entry):
         if plain:
             self.attrs = None  # params and children are read only with attrs
             self.foreign = _NO_KEYS  # no forward or backward hook (a state-dict hook's key is not looked at)
-            self.tensors = _NO_TENSORS
+            self.tensors = self.contents = _NO_TENSORS
         else:
             self.attrs = attrs.copy()
             # the plain tensors among them, by version counter with a copy: one written in place keeps its identity
             self.tensors = _tensor_records(self.attrs)
+            # a module not from torch.nn: its lists, dicts and sets with their contents (up to _CONTENTS_LIMIT items;
+            # ``self.history.append(y)``, session 49); torch.nn's own layers with a hook keep none a forward fills
+            self.contents = _NO_TENSORS if type(module).__module__.startswith("torch.nn.") else \
+                _container_records(self.attrs)
             self.foreign = _foreign(attrs, self.since)
             # copies (the shared _EMPTY for an empty one), or None for what is no plain dict (TorchScript's wrapper)
             slot = attrs.get("_parameters")
@@ -277,6 +281,9 @@ class ModuleState(_Entry):
             if self.tensors:  # a plain tensor written in place (session 48): its values, from the copy
                 lost = _not_put_back(self.tensors)
                 self.tensors = _put_back_tensors(self.tensors)
+            if self.contents:  # a list, dict or set changed in place (session 49): its contents, from the copy
+                self.contents, more = _put_back_containers(self.contents)
+                lost = lost + more if lost else more
         if self.buffers:
             _restore_buffers(module, self.buffers, saved, self.quiet)
         elif saved is not None and saved.get("_buffers"):  # registered in the block (a module without buffers;
@@ -433,7 +440,9 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every:
     (a lookup table: a 100 MiB one cost each call 60 ms and 100 MiB: session 48 review), nor of any without ``copy``
     (the fx trace's record of its shadow, thrown away after): one written in place is told (:func:`_not_put_back`);
     with ``every``, a copy of each whatever its size (Ablation-CAM's split: its one pass must start from the values
-    the call found; the last read of session 48: over the limit, the pass ran on the first pass's writes)."""
+    the call found; the last read of session 48: over the limit, the pass ran on the first pass's writes). Without
+    ``refuse`` (the model guard), an inference tensor is recorded with the version ``None`` and a copy (up to the
+    limit): written in place (a forward under ``torch.inference_mode()``), it is told by its values (session 49)."""
     tensor = torch.Tensor
     kinds = set(map(type, attrs.values()))
     if kinds <= _NO_TENSOR_KINDS:  # in C: a module's usual dicts, flags and numbers
@@ -446,18 +455,27 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every:
     found = []
     for k, v in attrs.items():
         if isinstance(v, tensor) and not isinstance(v, nn.Parameter):
+            small = copy and (every or v.numel() * v.element_size() <= _COPY_LIMIT)
             try:  # an inference tensor (or a subclass without one) has no version counter
-                small = copy and (every or v.numel() * v.element_size() <= _COPY_LIMIT)
                 found.append((k, v, v._version, v.detach().clone() if small else None))
             except Exception:
                 if refuse:
                     return None
+                if small and v.is_inference():  # told by its values (no copy over the limit: it stays as written)
+                    found.append((k, v, None, v.clone()))
     return tuple(found) or _NO_TENSORS
 
 
 def _tensors_moved(records: Any) -> bool:
     """Whether a tensor of :func:`_tensor_records`' ``records`` was written in place since."""
-    return any(t._version != version for _, t, version, _ in records)
+    return any(t._version != version if version is not None else _values_moved(t, copy)
+               for _, t, version, copy in records)
+
+
+def _values_moved(t: torch.Tensor, copy: Any) -> bool:
+    """Whether the inference tensor ``t`` (no version counter) no longer holds the values of ``copy`` (its copy when
+    recorded, or ``None``: not told)."""
+    return copy is not None and not (t.shape == copy.shape and torch.equal(t, copy))
 
 
 def _put_back_tensors(records: Any) -> Any:
@@ -468,28 +486,35 @@ def _put_back_tensors(records: Any) -> Any:
         return records
     with torch.no_grad():
         for _, t, version, copy in records:
-            if t._version != version and copy is not None:
+            if version is None:  # an inference tensor: written in place only in inference mode
+                if _values_moved(t, copy):
+                    with torch.inference_mode():
+                        t.copy_(copy)
+            elif t._version != version and copy is not None:
                 t.copy_(copy)
-    return tuple((k, t, t._version, copy) for k, t, _, copy in records)
+    return tuple((k, t, t._version if version is not None else None, copy) for k, t, version, copy in records)
 
 
 def _not_put_back(records: Any) -> list:
     """The names and tensors of ``records`` (:func:`_tensor_records`) written in place since that have no copy."""
-    return [(k, t) for k, t, version, copy in records if copy is None and t._version != version]
+    return [(k, t) for k, t, version, copy in records if copy is None and version is not None and t._version != version]
 
 
 def _tell_not_put_back(module: nn.Module, lost: list) -> None:
-    """A warning naming the plain tensor attributes of ``module`` (``lost``: :func:`_not_put_back`) that a call wrote
-    in place and the guard could not put back (no copy: over :data:`_COPY_LIMIT` bytes)."""
+    """A warning naming the plain attributes of ``module`` (``lost``: ``(name, value)`` each, :func:`_not_put_back`'s
+    tensors and :func:`_put_back_containers`' lists, dicts and sets) that a call changed in place and the guard could
+    not put back (no copy: a tensor over :data:`_COPY_LIMIT` bytes, a container over :data:`_CONTENTS_LIMIT` items)."""
     import warnings
 
     from salience._core.errors import user_stacklevel
 
-    names = ", ".join(f"{k!r} ({t.numel() * t.element_size() / 2 ** 20:.1f} MiB)" for k, t in lost)
-    warnings.warn(f"the model's forward wrote in place the plain tensor attribute {names} of a "
+    names = ", ".join(f"{k!r} ({t.numel() * t.element_size() / 2 ** 20:.1f} MiB)" if isinstance(t, torch.Tensor) else
+                      f"{k!r} (a {type(t).__name__} of {len(t)} items)" for k, t in lost)
+    warnings.warn(f"the model's forward changed in place the plain attribute {names} of a "
                   f"{type(module).__name__} during salience's passes, and it keeps those values: salience copies such "
-                  f"an attribute to put it back only up to {_COPY_LIMIT // 2 ** 20} MiB (its cost per call); register "
-                  "it as a buffer (module.register_buffer: copied and put back), or save and restore it yourself",
+                  f"an attribute to put it back only up to {_COPY_LIMIT // 2 ** 20} MiB for a tensor and "
+                  f"{_CONTENTS_LIMIT} items for a list, dict or set (its cost per call); register a tensor as a buffer "
+                  "(module.register_buffer: copied and put back), or save and restore it yourself",
                   stacklevel=user_stacklevel())
 
 
@@ -500,7 +525,10 @@ def _contents(v: Any) -> Any:
 
 
 def _same_contents(items: Any, v: Any) -> bool:
-    """Whether the container ``v`` holds ``items`` (:func:`_contents`), each the same object."""
+    """Whether the container ``v`` holds ``items`` (:func:`_contents`), each the same object; ``items`` an int (a
+    container over :data:`_CONTENTS_LIMIT` items, not copied): whether it still has that many."""
+    if type(items) is int:
+        return len(v) == items
     if type(items) is list:
         return len(items) == len(v) and all(map(operator.is_, items, v))
     if type(items) is dict:
@@ -515,6 +543,36 @@ def _put_back_contents(v: Any, items: Any) -> None:
         v.extend(items)
     else:
         v.update(items)
+
+
+def _container_records(attrs: dict, every: bool = False) -> Any:
+    """The lists, dicts and sets among a module's plain attributes ``attrs`` (its ``__dict__`` or a copy; nn.Module's
+    own dicts left out), each ``(name, container, a copy of its contents)``, or :data:`_NO_TENSORS`. Over
+    :data:`_CONTENTS_LIMIT` items, unless ``every``, the length instead of a copy (its cost per call): a change of
+    length is told (:func:`_put_back_containers`), the contents stay. The names past nn.Module's own found in C first
+    (most modules: a few numbers)."""
+    found = []
+    for k in attrs.keys() - _MODULE_KEYS:
+        v = attrs[k]
+        if type(v) in _CONTAINERS:
+            found.append((k, v, _contents(v) if every or len(v) <= _CONTENTS_LIMIT else len(v)))
+    return tuple(found) or _NO_TENSORS
+
+
+def _put_back_containers(records: Any) -> tuple[Any, list]:
+    """The containers of ``records`` (:func:`_container_records`) changed in place since, their contents put back;
+    ``(the records, with the lengths now of those not copied, the (name, container) of each such one that changed)``:
+    a container over the limit keeps what the call did to it, told (:func:`_tell_not_put_back`)."""
+    lost = []
+    for k, v, items in records:
+        if not _same_contents(items, v):
+            if type(items) is int:
+                lost.append((k, v))
+            else:
+                _put_back_contents(v, items)
+    if lost:
+        records = tuple((k, v, len(v) if type(items) is int else items) for k, v, items in records)
+    return records, lost
 
 
 class ModuleRecord:
@@ -561,8 +619,7 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
                 return None
             r.attrs, r.tensors = attrs, tensors
             if containers:
-                r.contents = tuple((k, v, c) for k, v in attrs.items()
-                                   if k not in _MODULE_OWN and (c := _contents(v)) is not None)
+                r.contents = _container_records(attrs, every=True)
         if buffers:
             copy = copies is None or copies(m)
             try:  # an inference tensor keeps no version counter
@@ -596,7 +653,8 @@ def state_changes(record: list) -> list:
                 changed += [(i, k) for k in d if k not in saved and (own or k not in _MODULE_OWN)]
                 changed += [(i, k) for k, v in saved.items() if d.get(k, _MISSING) is not v]
             if r.tensors:
-                changed += [(i, k) for k, t, version, _ in r.tensors if t._version != version and (i, k) not in changed]
+                changed += [(i, k) for k, t, version, copy in r.tensors if (i, k) not in changed and (
+                    t._version != version if version is not None else _values_moved(t, copy))]
             if r.contents:
                 changed += [(i, k) for k, v, items in r.contents
                             if not _same_contents(items, v) and (i, k) not in changed]
@@ -616,26 +674,19 @@ def put_back_state(record: list) -> None:
     both have never missing meanwhile: :func:`_restore_mapping`), each tensor among them written in place from its copy,
     the containers' contents, the buffers by name and in order, each written in place from its copy; one recorded
     without a copy (a torch.nn layer's, in Ablation-CAM's split) from the model guard's own copy where that copy is of
-    the same version (:func:`held_values`), else it stays as written."""
+    the same version (:func:`held_values`), else it stays as written. A record made without nn.Module's own dicts
+    (``own_dicts=False``: the fx trace's, which only asks :func:`state_changes`) is refused: it cannot say which
+    parameters, buffers, submodules and hooks the module had (a ``ValueError``, salience's own misuse)."""
+    if any(r.attrs is not None and "_buffers" not in r.attrs and "_buffers" in r.module.__dict__ for r in record):
+        raise ValueError("put_back_state needs a record made with own_dicts=True (nn.Module's own dicts recorded)")
     for r in record:
         m, saved = r.module, r.attrs
         if saved is not None:
-            d = m.__dict__
-            now = d if "_buffers" in saved else {k: v for k, v in d.items() if k not in _MODULE_OWN}
-            if now is d:
-                _restore_mapping(d, saved)
-            else:
-                for k in [k for k in now if k not in saved]:
-                    d.pop(k, None)
-                for k, v in saved.items():
-                    if d.get(k, _MISSING) is not v:
-                        d[k] = v
+            _restore_mapping(m.__dict__, saved)
             r.tensors = _put_back_tensors(r.tensors)
-            for k, v, items in r.contents:
-                if not _same_contents(items, v):
-                    _put_back_contents(v, items)
+            r.contents = _put_back_containers(r.contents)[0]
         if r.buffers is not None:
-            _restore_buffers(m, r.buffers, saved if saved is not None and "_buffers" in saved else None, r.quiet)
+            _restore_buffers(m, r.buffers, saved, r.quiet)
             if any(b is not None and b._version != version for _, b, version, _, _ in r.buffers):  # copied back
                 r.buffers = tuple((name, b, b._version if b is not None else 0, copy, attrs)
                                   for name, b, _, copy, attrs in r.buffers)
@@ -682,6 +733,11 @@ _NO_TENSOR_KINDS = frozenset({bool, int, float, str, type(None), dict, OrderedDi
                               torch.device})
 # nn.Module's own dicts and sets (parameters, buffers, submodules, hooks): not a forward's plain attributes
 _MODULE_OWN = frozenset(k for k, v in nn.Module().__dict__.items() if type(v) in (OrderedDict, dict, set))
+_MODULE_KEYS = frozenset(nn.Module().__dict__)  # every attribute nn.Module.__init__ sets
+# the containers whose contents the records copy (:func:`_contents`), and the most items the model guard copies of one
+# (a shallow copy: 1024 items of a list cost about 3 us a call, of a dict about 10)
+_CONTAINERS = frozenset({list, dict, OrderedDict, set})
+_CONTENTS_LIMIT = 1024
 
 
 _NO_FORWARD = object()
