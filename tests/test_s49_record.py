@@ -25,6 +25,16 @@ from salience._core import folding, guard
 from test_s47_split import _Net, _x
 
 
+class ForwardLog(list):
+    """A list a test model's forward appends to, to count its passes, that the model guard leaves as the passes left
+    it: not exactly a list (the guard copies and puts back the contents of a ``list``, ``dict`` or ``set`` attribute
+    of a module not from torch.nn, by its exact type: the user's own log of the passes came back empty)."""
+
+
+class ForwardNotes(dict):
+    """A dict a test model's forward writes to, to note its passes, left as the passes left it (:class:`ForwardLog`)."""
+
+
 class Containers(nn.Module):
     """A list, a dict and a set its forward changes in place: the first pass adds nothing to the output, every later
     pass adds 1 (each read of its state)."""
@@ -100,6 +110,14 @@ def test_guard_tells_a_container_over_the_limit():
         warnings.simplefilter("error")
         with salience.model_guard(model):
             pass
+
+
+def test_a_forward_log_is_left_as_the_passes_left_it():
+    """(a) The tests' :class:`ForwardLog` (a list subclass) is not put back: the count of the passes stays."""
+    model = _Net(Containers()).eval()
+    model.pre.hist = ForwardLog()
+    salience.vanilla(model, _x(), 1)
+    assert model.pre.hist == [0] and model.pre.stats == {} and model.pre.tags == set()
 
 
 def test_guard_leaves_torch_nn_layers_alone():

@@ -6,6 +6,7 @@ and caching it is a job of its own; it imports :mod:`~salience._core.fingerprint
 """
 from __future__ import annotations
 
+import copy
 import enum
 import functools
 import threading
@@ -358,6 +359,11 @@ def _shadow(model: nn.Module) -> tuple[nn.Module, list]:
             return t(map(shadowed, v))
         if t is dict or t is OrderedDict:
             return t((k, shadowed(x)) for k, x in v.items())
+        if isinstance(v, (list, dict, set)):  # a subclass (a log of the user's): a shallow copy, its items the same
+            try:
+                return copy.copy(v)
+            except Exception:  # noqa: BLE001 - one that cannot be copied stays the model's
+                return v
         return v
 
     for m in modules:

@@ -513,8 +513,8 @@ def _tell_not_put_back(module: nn.Module, lost: list) -> None:
     warnings.warn(f"the model's forward changed in place the plain attribute {names} of a "
                   f"{type(module).__name__} during salience's passes, and it keeps those values: salience copies such "
                   f"an attribute to put it back only up to {_COPY_LIMIT // 2 ** 20} MiB for a tensor and "
-                  f"{_CONTENTS_LIMIT} items for a list, dict or set (its cost per call); register a tensor as a buffer "
-                  "(module.register_buffer: copied and put back), or save and restore it yourself",
+                  f"{_CONTENTS_LIMIT} items for a list, dict or set (its cost per call); a tensor: register it as a "
+                  "buffer (module.register_buffer: copied and put back); or save and restore it yourself",
                   stacklevel=user_stacklevel())
 
 
