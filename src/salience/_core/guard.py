@@ -140,7 +140,7 @@ from salience._core.fingerprint import _modules
 from salience._core.tensors import autocast_off
 
 __all__ = ["model_guard", "run_guard", "ModuleState", "ParamState", "check_python_model", "modules_of", "parameters_of",
-           "train_mode_op", "held_values", "ModuleRecord", "record_state", "state_changes", "put_back_state"]
+           "train_mode_op", "held_values", "record_state", "state_changes", "put_back_state"]
 
 
 class _Entry:
@@ -169,7 +169,13 @@ class ModuleState(_Entry):
     ``torch.compile`` wrapper (its compiled callable), its buffers (each name in order, ``None`` slots too,
     with its version counter, a copy of its values and a copy of its Python attributes) and non-persistent
     names, and a copy of its ``__dict__`` (``attrs``; ``None`` for a torch.nn layer without hooks, see the
-    module's docstring); :meth:`restore` puts them back.
+    module's docstring), the plain tensors among them (``tensors``) and, for a module not from torch.nn, its lists,
+    dicts and sets with their contents (``contents``); :meth:`restore` puts them back.
+
+    The same class is one module's state in a :func:`record_state` record (session 49: it was a class of its own,
+    ``ModuleRecord``, of the same data): ``index`` (its place among the modules given), ``attrs`` as asked (nn.Module's
+    own dicts left out where asked; ``None``: not recorded), ``buffers`` ``None`` where not recorded, no parameters or
+    submodules compared (``params`` / ``children`` ``None``), and none of the guard's hold counts.
 
     One small record per module and one per parameter (:class:`ParamState`), each held and put back on
     its own (modules are shared between models and threads); plain slots and tuples, not a dataclass of
@@ -177,7 +183,7 @@ class ModuleState(_Entry):
     the buffers' clones), and putting them back 0.52 ms, now 0.22 ms."""
 
     __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since",
-                 "foreign", "tensors", "contents")
+                 "foreign", "tensors", "contents", "index")
 
     def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
         self.take(module, wrapper)
@@ -286,8 +292,9 @@ class ModuleState(_Entry):
                 lost = lost + more if lost else more
         if self.buffers:
             _restore_buffers(module, self.buffers, saved, self.quiet)
-        elif saved is not None and saved.get("_buffers"):  # registered in the block (a module without buffers;
-            _restore_buffer_names(module, (), None)  # not a plain torch.nn layer, whose forward registers none)
+        elif saved is not None and self.buffers is not None and saved.get("_buffers"):  # registered in the block (a
+            _restore_buffer_names(module, (), None)  # module without buffers; not a plain torch.nn layer: none; a
+            # record_state record's None: not recorded)
         if lost:  # last: a warning made an error raises (run once more)
             _tell_not_put_back(module, lost)
 
@@ -295,7 +302,7 @@ class ModuleState(_Entry):
         """:meth:`restore`, then the buffers' version counters taken again (a buffer put back by a copy has
         a new version; the next :meth:`put_back` copies only what was written since)."""
         self.restore()
-        if any(buf is not None and buf._version != version for _, buf, version, _, _ in self.buffers):
+        if self.buffers and any(buf is not None and buf._version != version for _, buf, version, _, _ in self.buffers):
             self.buffers = [(name, buf, buf._version if buf is not None else 0, copy, attrs)
                             for name, buf, _, copy, attrs in self.buffers]
 
@@ -575,17 +582,6 @@ def _put_back_containers(records: Any) -> tuple[Any, list]:
     return records, lost
 
 
-class ModuleRecord:
-    """One module's state in a :func:`record_state` record: ``index`` (its place in the modules given), ``attrs`` (a
-    copy of its plain attributes, nn.Module's own dicts and sets left out where asked, or ``None``: not recorded),
-    ``tensors`` (:func:`_tensor_records`), ``contents`` (``(name, container, its items)``: a list, dict or set
-    attribute, changed in place by a forward, ``self.hist.append(y)``), ``buffers`` (``(name, buffer, version, copy or
-    None, its Python attributes)`` each, in order, as :class:`ModuleState`'s; ``None``: not recorded) and ``quiet`` (its
-    non-persistent buffer names)."""
-
-    __slots__ = ("index", "module", "attrs", "tensors", "contents", "buffers", "quiet")
-
-
 def record_state(modules: Any, attributes: Any = None, containers: bool = False, buffers: bool = True,
                  copies: Any = None, own_dicts: bool = True, tensor_copies: bool = True,
                  large_copies: bool = False) -> Optional[list]:
@@ -599,8 +595,9 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
     inference tensor (no version counter to tell a write by). :func:`state_changes` says what changed since,
     :func:`put_back_state` puts it back.
 
-    The model guard's records of each module (:class:`ModuleState`) are made of the same pieces, with no container
-    copied (its limit: a forward that appends to a list). Ablation-CAM's split clean pass records the modules not from
+    Each module's record is a :class:`ModuleState`, the model guard's own class, made here without its hold counts
+    (the guard copies a container up to :data:`_CONTENTS_LIMIT` items; here every one, as every tensor with
+    ``large_copies``). Ablation-CAM's split clean pass records the modules not from
     torch.nn, whose layers in eval mode write nothing (the buffers of those unrecorded are put back from the guard's
     own copy); the fx trace records the shadow it traces (:mod:`salience._core.folding`), no buffer."""
     record = []
@@ -610,8 +607,9 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
         held = d.get("_buffers") if buffers else None
         if not asked and not held:
             continue
-        r = ModuleRecord()
+        r = ModuleState.__new__(ModuleState)
         r.index, r.module, r.attrs, r.tensors, r.contents, r.buffers, r.quiet = index, m, None, _NO_TENSORS, (), None, None
+        r.training, r.forward, r.handles, r.params, r.children = m.training, _NOT_COMPILED, (), None, None
         if asked:
             attrs = d.copy() if own_dicts else {k: v for k, v in d.items() if k not in _MODULE_OWN}
             tensors = _tensor_records(attrs, refuse=True, copy=tensor_copies, every=large_copies)
@@ -680,16 +678,7 @@ def put_back_state(record: list) -> None:
     if any(r.attrs is not None and "_buffers" not in r.attrs and "_buffers" in r.module.__dict__ for r in record):
         raise ValueError("put_back_state needs a record made with own_dicts=True (nn.Module's own dicts recorded)")
     for r in record:
-        m, saved = r.module, r.attrs
-        if saved is not None:
-            _restore_mapping(m.__dict__, saved)
-            r.tensors = _put_back_tensors(r.tensors)
-            r.contents = _put_back_containers(r.contents)[0]
-        if r.buffers is not None:
-            _restore_buffers(m, r.buffers, saved, r.quiet)
-            if any(b is not None and b._version != version for _, b, version, _, _ in r.buffers):  # copied back
-                r.buffers = tuple((name, b, b._version if b is not None else 0, copy, attrs)
-                                  for name, b, _, copy, attrs in r.buffers)
+        r.put_back()  # the guard's own put-back (ModuleState.restore), the versions taken again
 
 
 def _restore_buffers(module: nn.Module, records: Any, saved: Optional[dict], quiet: Any) -> None:
