@@ -324,7 +324,8 @@ def _shadow(model: nn.Module) -> tuple[nn.Module, list]:
     submodules, its parameters (the same tensors: fx records them by name and proxies them, a write in place is a
     node), its buffers and plain tensor attributes cloned (fx reads those as they are, and a write in place,
     ``self.seen.fill_(1)``, ran on the model's own tensor), each list, tuple, dict or set copied with the shadows of the
-    modules in it, a method bound to a module bound to its shadow. The forward's writes in a trace land in the shadow
+    modules in it (a subclass of one, a log of the user's, copied as it is: session 49), a method bound to a module
+    bound to its shadow (one held elsewhere, a closure's, and a direct ``module.forward(x)``: :func:`_on_shadows`). The forward's writes in a trace land in the shadow
     (an fx proxy in ``self.last``, a counter, a list appended to), never in the model: before session 48 the trace ran
     on the model and put back what it found changed, another thread's writes of that moment too (its own forward's
     counter), and that thread's forward could meet the trace's proxies. The shadow holds no state of its own once the

@@ -31,7 +31,13 @@ on a tensor: the same object written in place, which its identity did not tell: 
 a copy of each per call, as of the buffers, where a module not of torch.nn holds one; none of one over
 ``_COPY_LIMIT``, 1 MiB: a 100 MiB lookup table cost each vanilla call 60 ms and 100 MiB, 0.8 ms without, on an AMD
 EPYC, ``benchmarks/guard-big-attr-s48.txt``; a call that writes such a one in place says so, a warning naming it, as
-it stays written);
+it stays written; an inference tensor among them, which keeps no version counter, by its values: a copy up to the
+same limit, compared with ``torch.equal`` and written back under inference mode, session 49);
+the contents of each list, dict and set attribute of a module not from torch.nn (``self.history.append(y)``,
+``self.cfg["k"] = v``; session 49, ``tests/test_s49_record.py``): a shallow copy of each, by its exact type (a
+subclass is not copied), up to ``_CONTENTS_LIMIT`` (1024) items, compared item by item by identity and put back in
+place (the user's object stays); one over the limit keeps only its length, and a call that changes the length says
+so, a warning naming it, as it stays changed;
 its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
 compared with the module's dict in C (``==``, each value by identity first) and put back by identity where it
 differs. The copies are not made for torch.nn's own layers that have neither a hook nor an instance ``forward``
@@ -62,9 +68,9 @@ where the counter moved (Grad-CAM's own hook, a full backward hook's per-pass ha
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
-stays); the contents of a list, dict or set attribute changed in place (a list appended to, a dict filled: one level
-only; the record below can copy them, the guard does not, for its cost per call); an inference tensor among the plain
-attributes (no version counter: put back by identity only); a plain tensor attribute over 1 MiB written in place
+stays); a list, dict or set over 1024 items changed in place (told where its length changed: a warning; one level
+only: a list inside a dict is not copied), one of a torch.nn layer, a subclass of one; an inference tensor attribute
+over 1 MiB written in place (not told: no version counter); a plain tensor attribute over 1 MiB written in place
 (told: a warning); a hook
 on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
@@ -84,9 +90,9 @@ One record of a model's state serves the three pieces of salience that put a mod
 :func:`record_state` ("record these modules' state here": buffers by version counter, with a copy where asked, plain
 attributes one level deep, each plain tensor among them by version counter with a copy, containers' contents where
 asked), :func:`state_changes` ("what changed since", by module and name) and :func:`put_back_state` ("put it back", in
-place). The guard's own records (:class:`ModuleState`, one light object per module for its cost per call) are made and
-put back by the same pieces (:func:`_tensor_records`, :func:`_put_back_tensors`, :func:`_restore_mapping`,
-:func:`_restore_buffers`); Ablation-CAM's split clean pass (``methods.scorecam._own_state``) records the modules not
+place). Its records are the guard's own (:class:`ModuleState`, one light object per module for its cost per call; one
+class since session 49, ``ModuleRecord`` gone), made of the same pieces (:func:`_tensor_records`,
+:func:`_container_records`) and put back by the guard's own :meth:`ModuleState.put_back`; Ablation-CAM's split clean pass (``methods.scorecam._own_state``) records the modules not
 from torch.nn, containers too, each plain tensor with a copy whatever its size (``large_copies``: over the guard's
 limit its one pass ran on the first pass's writes, last read of session 48), tells a first pass's writes and puts
 them back before its one pass (a torch.nn layer's buffer, recorded without a copy, from the guard's own copy:
@@ -96,7 +102,8 @@ the forward writes without writing, or putting back, anything of the model (anot
 stay). The guard alone on resnet18 (64 px, one thread; AMD EPYC, core 1, 7 interleaved rounds of a process per tree,
 min / median / max): 0.532 / 0.545 / 0.568 ms before, 0.550 / 0.557 / 0.566 after; with four plain tensor
 attributes of 64 floats on its root, which it now copies, 0.526 / 0.547 / 0.561 before, 0.568 / 0.576 / 0.603 after
-(``benchmarks/guard_s48.py``, ``benchmarks/guard-s48.json``).
+(``benchmarks/guard_s48.py``, ``benchmarks/guard-s48.json``). Session 49's containers and inference tensors:
+``benchmarks/guard_s49.py``, ``benchmarks/guard-s49.md``.
 
 A dataset run holds the model for the whole run (:func:`run_guard`): the full save and restore
 (about 1.7 ms on resnet50 on one CPU core, 5 ms before the records were made light) is paid once per
