@@ -14,7 +14,9 @@ d) ``guard.put_back_state`` of a record made with ``own_dicts=False`` ran a half
    refused.
 The maps are plain autograd on a fresh copy of the model.
 """
+import contextlib
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -64,6 +66,17 @@ def _state(m: Containers) -> tuple:
     return list(m.hist), dict(m.stats), set(m.tags)
 
 
+def _two_calls(model: nn.Module, x: torch.Tensor, run: bool, between: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two vanilla maps of ``model`` at class 1, in one run guard (``run``, ``between()`` checking its baseline put
+    back after the first) or each under a guard of its own."""
+    with guard.run_guard(model) if run else contextlib.nullcontext():
+        first = salience.vanilla(model, x, 1, reduce=None)
+        if run:
+            between()
+        second = salience.vanilla(model, x, 1, reduce=None)
+    return first, second
+
+
 @pytest.mark.parametrize("run", [False, True])
 def test_guard_puts_back_containers_changed_in_place(run):
     """(a) On 9707fe5 the list, dict and set kept the call's items, and the second call's map was of that state."""
@@ -73,28 +86,27 @@ def test_guard_puts_back_containers_changed_in_place(run):
     fresh = _Net(Containers()).eval()
     fresh.pre.hist.append(5)
     ref = _vanilla_by_hand(fresh, x, 1)
-    if run:
-        with guard.run_guard(model):
-            first = salience.vanilla(model, x, 1, reduce=None)
-            assert _state(model.pre) == ([5], {}, set()), "the run's baseline put back after the call"
-            second = salience.vanilla(model, x, 1, reduce=None)
-    else:
-        first = salience.vanilla(model, x, 1, reduce=None)
-        second = salience.vanilla(model, x, 1, reduce=None)
+    def between() -> None:
+        assert _state(model.pre) == ([5], {}, set()), "the run's baseline put back after the call"
+
+    first, second = _two_calls(model, x, run, between)
     torch.testing.assert_close(first, ref)
     torch.testing.assert_close(second, ref)
     assert _state(model.pre) == ([5], {}, set())
     assert model.pre.hist is hist and model.pre.stats is stats and model.pre.tags is tags  # the user's objects
 
 
-def test_guard_puts_back_containers_after_an_exception():
-    """(a) Also when the block raises."""
-    model = Containers()
-    with pytest.raises(RuntimeError, match="boom"):
+@pytest.mark.parametrize("kind", ["containers", "inference tensor"])
+def test_guard_puts_back_after_an_exception(kind):
+    """(a, b) Also when the block raises."""
+    model = Containers() if kind == "containers" else InferenceSeen()
+    try:
         with salience.model_guard(model):
             model(torch.ones(2))
-            raise RuntimeError("boom")
-    assert _state(model) == ([], {}, set())
+            raise KeyError("the user's error")
+    except KeyError:
+        pass
+    assert (_state(model) == ([], {}, set())) if kind == "containers" else float(model.seen) == 0.0
 
 
 def test_guard_tells_a_container_over_the_limit():
@@ -153,14 +165,10 @@ def test_guard_puts_back_an_inference_tensor_attribute(run):
     model, x = _Net(InferenceSeen()).eval(), _x()
     seen = model.pre.seen
     ref = _vanilla_by_hand(_Net(InferenceSeen()).eval(), x, 1)
-    if run:
-        with guard.run_guard(model):
-            first = salience.vanilla(model, x, 1, reduce=None)
-            assert float(model.pre.seen) == 0.0, "the run's baseline put back after the call"
-            second = salience.vanilla(model, x, 1, reduce=None)
-    else:
-        first = salience.vanilla(model, x, 1, reduce=None)
-        second = salience.vanilla(model, x, 1, reduce=None)
+    def between() -> None:
+        assert float(model.pre.seen) == 0.0, "the run's baseline put back after the call"
+
+    first, second = _two_calls(model, x, run, between)
     torch.testing.assert_close(first, ref)
     torch.testing.assert_close(second, ref)
     assert model.pre.seen is seen and float(seen) == 0.0 and seen.is_inference()
