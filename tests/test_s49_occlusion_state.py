@@ -218,3 +218,65 @@ def test_state_over_the_copy_limit_is_refused():
     with pytest.warns(UserWarning, match="table"):  # the guard's own warning: it cannot put it back either
         with pytest.raises(SalienceError, match="'table'.*in place.*register it as a buffer"):
             salience.occlusion(m, x, 1, window=4, stride=4, local=False)
+
+
+def _layer_output(m, x, state):
+    store = []
+    handle = m.conv2.register_forward_hook(lambda mod, i, o: store.append(o.detach()))
+    with torch.no_grad():
+        m.set_state(state)
+        m(x)
+    handle.remove()
+    return store[0]  # (B, 8, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("cls", [Replaced, InPlace])
+def test_scorecam_recurrent_state(cls):
+    """Score-CAM (Wang et al.): relu(sum_k p(x * mask_k) A_k), mask_k the min-max scaled channel, the class
+    probability of each masked image taken with the state put back before its forward."""
+    m, x = _model(cls)
+    state = m.get_state()
+    target = torch.tensor([1, 3])
+    rows = torch.arange(len(x))
+    acts = _layer_output(m, x, state)
+    want = torch.zeros(len(x), SIZE, SIZE)
+    with torch.no_grad():
+        for k in range(acts.shape[1]):
+            up = acts[:, k:k + 1]
+            lo, hi = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+            mask = torch.where(hi > lo, (up - lo) / (hi - lo), torch.zeros_like(up))
+            m.set_state(state)
+            want += m(x * mask).softmax(1)[rows, target][:, None, None] * acts[:, k]
+    m.set_state(state)
+    got = salience.scorecam(m, x, target, layer="conv2", upsample=False, chunk=3)
+    torch.testing.assert_close(got, want.clamp(min=0), rtol=1e-4, atol=1e-5)
+    _same_state(m, state)
+
+
+@pytest.mark.parametrize("cls", [Replaced, InPlace])
+def test_ablationcam_recurrent_state(cls):
+    """Ablation-CAM (Desai & Ramaswamy): relu(sum_k (y - y_k) / y A_k), y_k the score with channel k of the layer
+    set to 0, each forward with the state put back before it."""
+    m, x = _model(cls)
+    state = m.get_state()
+    target = torch.tensor([1, 3])
+    rows = torch.arange(len(x))
+    acts = _layer_output(m, x, state)
+    want = torch.zeros(len(x), SIZE, SIZE)
+    with torch.no_grad():
+        m.set_state(state)
+        y = m(x)[rows, target]
+        for k in range(acts.shape[1]):
+            def zero(mod, i, o, k=k):
+                o = o.clone()
+                o[:, k] = 0
+                return o
+            handle = m.conv2.register_forward_hook(zero)
+            m.set_state(state)
+            yk = m(x)[rows, target]
+            handle.remove()
+            want += ((y - yk) / y)[:, None, None] * acts[:, k]
+    m.set_state(state)
+    got = salience.ablationcam(m, x, target, layer="conv2", upsample=False, chunk=3)
+    torch.testing.assert_close(got, want.clamp(min=0), rtol=1e-4, atol=1e-5)
+    _same_state(m, state)
