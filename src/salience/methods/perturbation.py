@@ -188,19 +188,22 @@ def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Tar
 
 class Found:
     """The model's own state as the call found it (what a forward may keep for its next call: a recurrent
-    ``self.h = ...``, a counter, a list it appends to, a buffer it writes), put back before each of the call's
-    passes (:meth:`before_pass`) and when the call's passes end (a context manager, also on an exception: the model
-    guard puts back neither a list's contents nor a torch.nn layer's buffer twice), so that every perturbed copy is scored by the model the user called, not by the
+    ``self.h = ...``, a counter, a tensor or a buffer it writes in place), put back before each of the call's
+    passes (:meth:`before_pass`) and when the call's passes end (a context manager, also on an exception), so that
+    every perturbed copy is scored by the model the user called, not by the
     state the call's previous pass left (session 49: occlusion's window ``k`` saw window ``k - 1``'s pass's state; the
     model guard puts the user's state back only when the call ends).
 
     Recorded right after the call's :func:`~salience._core.guard.model_guard` is entered (eval mode set), by
-    :func:`~salience._core.guard.record_state`: the plain attributes (one level deep), lists, dicts and sets, and
-    buffers of the modules not from ``torch.nn`` (whose layers in eval mode write nothing), each plain tensor among
+    :func:`~salience._core.guard.record_state`: the plain attributes (one level deep) and buffers of the modules not
+    from ``torch.nn`` (whose layers in eval mode write nothing), each plain tensor among
     the attributes up to the guard's 1 MiB with a copy, each such buffer with a copy; a buffer of a ``torch.nn`` layer
-    that the model's own code writes is put back from the guard's copy once (:func:`~salience._core.guard.held_values`).
-    What cannot be put back (a tensor attribute over 1 MiB, or such a layer's buffer written again, in place) is
-    refused with a :class:`SalienceError` before the next pass. A module holding an inference tensor as an attribute
+    that the model's own code writes is put back from the guard's copy (:func:`~salience._core.guard.held_values`).
+    What the model guard puts back after a call is put back here before each pass, and its limits are these: the
+    contents of a list, dict or set changed in place (``self.hist.append(y)``) are not put back (a forward that reads
+    them sees the passes before; a list that counts the passes counts them all, as tests here do). What cannot be
+    put back (a tensor attribute over 1 MiB written in place, or a torch.nn layer's buffer the guard holds no copy of)
+    is refused with a :class:`SalienceError` before the next pass. A module holding an inference tensor as an attribute
     (no version counter: the model was run under ``torch.inference_mode()``) is recorded by identity only: a value
     replaced (``self.h = ...``) is put back, one written in place is not seen. Cost on resnet50 (17 modules of its own,
     159 torch.nn buffers; AMD EPYC, load 7 on 2 cores): the record 0.26 ms a call, 44 us a pass where nothing changed
@@ -215,7 +218,7 @@ class Found:
                     layers.append(m)
             else:
                 (held if _inference_attribute(m) else plain).append(m)
-        self.record = record_state(plain, containers=True) if plain else []
+        self.record = record_state(plain) if plain else []  # no container's contents: as the model guard
         self.shallow = [(m, {k: v for k, v in m.__dict__.items() if k not in _OWN}) for m in held]
         # each torch.nn layer's buffers: (module, name, buffer, its version as found, its version now); looked at
         # as a whole first (the dicts by identity in C, the versions' sum: they only grow), one by one where it moved
