@@ -520,8 +520,7 @@ def occlusion(
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
-        found.before_pass()  # the trace reads a stored state as a constant: the state the call found
-        split_plan = _split(model, x, win, st, corners, strip_softmax, out, perf, batch) if local else None
+        split_plan = _split(model, x, win, st, corners, strip_softmax, out, perf, batch, found) if local else None
         tag = f"occlusion{'-local' if split_plan is not None else ''}:{win}:{st}:{probs}:{strip_softmax}"
         # region-limited passes never run the model's forward: with a folded copy the run makes channels-last weights
         # of that copy only (the model's float32 ones, 40.5 MiB on resnet50, were held through the passes: session 45)
@@ -562,11 +561,14 @@ def occlusion(
 
 
 def _split(model: nn.Module, x: Tensor, win: tuple[int, int], st: tuple[int, int], corners: Tensor,
-           strip_softmax: bool, out: Tensor, perf: _perf.Performance, batch: Optional[int] = None
-           ) -> Optional[tuple[Any, Tensor]]:
+           strip_softmax: bool, out: Tensor, perf: _perf.Performance, batch: Optional[int] = None,
+           found: Optional[Found] = None) -> Optional[tuple[Any, Tensor]]:
     """The region-limited passes' plan and each window's spans (:func:`salience.methods._occlusion_local.spans`), or
     ``None`` (full passes; a debug log line says why). ``batch``: images a pass of the plan's check on the clean
-    images."""
+    images; ``found``: the model's state, put back first (the trace reads a stored state as a constant: the one the
+    call found, not the clean pass's)."""
+    if found is not None:
+        found.before_pass()
     why = ""
     if perf.backend is not None:
         why = "compile runs the whole model compiled"

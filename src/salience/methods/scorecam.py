@@ -57,8 +57,8 @@ from salience.methods._multi import several_targets, warn_unapplied
 from salience.methods._tokens import Layout, one_model
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
 from salience.methods.perturbation import (SOFTMAX, Found, _Reused, check_perturbation_targets, check_softmax,
-                                           clean_batch, clean_scores, judge, score_items, scores_of, softmax_known,
-                                           use_probabilities)
+                                           clean_batch, clean_passes, clean_scores, judge, score_items, scores_of,
+                                           softmax_known, use_probabilities)
 from salience.targets import Classes, Target, resolve, split
 
 __all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
@@ -419,8 +419,7 @@ def scorecam(
                 # in its autocast block: forward_scores' model_guard turns a caller's autocast off, and the blank
                 # scores were float32 beside the passes' bf16 ones (session 46's last read)
                 with torch.inference_mode(), _perf.inside(blank):
-                    found.before_pass()
-                    out0 = forward_scores(model, torch.zeros_like(x[:1]), strip_softmax=strip_softmax)
+                    out0 = clean_passes(model, torch.zeros_like(x[:1]), strip_softmax, None, found)
                     # each image's own rows (a target may change its output in place: an expanded view refused it)
                     rows = out0.expand((b,) + tuple(out0.shape[1:])).contiguous()
                     empty = scores_of(rows, resolved, probs, already=already)
@@ -574,7 +573,9 @@ def _ablation_clean(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: 
                     batch: int, found: Optional[Found] = None) -> tuple[Tensor, Tensor]:
     """Ablation-CAM's ``(layer output, model output)`` of the clean images, ``batch`` images a pass
     (:func:`~salience.methods.perturbation.clean_batch`): a float32 pass of all of them as two (:func:`_clean_apart`),
-    else :func:`_capture`'s passes (``found``'s state put back before each)."""
+    else :func:`_capture`'s passes (``found``'s state put back before each: the first too, after a probe's pass)."""
+    if found is not None:
+        found.before_pass()
     if perf.precision == "fp32" and batch >= x.shape[0] and _split_pays(model, mod) and _split_same(model):
         return _clean_apart(model, x, mod, strip_softmax)
     return _capture(model, x, mod, strip_softmax, batch, found=found)
@@ -767,16 +768,14 @@ def ablationcam(
     b = x.shape[0]
     with model_guard(model), Found(model) as found:  # the model's own state, put back before each pass (session 49)
         batch = clean_batch(x, perf, chunk, budget, model, strip_softmax)  # images a clean pass, within max_memory
-        found.before_pass()
         native, out = _ablation_clean(model, x, mod, strip_softmax, perf, batch, found)
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
         _check_channel_passes("Ablation-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
-        # no compiled nor folded passes: a hook replaces the layer's output in each (_WHY_ABLATION_PASSES_SKIP)
-        run = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False),
-                        tag=f"ablationcam:{probs}:{strip_softmax}:{value}")
+        run = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False),  # _WHY_ABLATION_PASSES_SKIP:
+                        tag=f"ablationcam:{probs}:{strip_softmax}:{value}")  # a hook replaces the layer's output
         with run.casts_kept():  # (B, K) in the clean output's parts, which share one bf16 cast of each weight
             clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, batch=batch,
                                  found=found)
@@ -798,7 +797,6 @@ def ablationcam(
         # image by image: a chunk's items of one image share the layers before the layer (_Ablated: on its one row)
         at = alive.flatten().nonzero().flatten()
         live = (at % alive.shape[1]) * b + at // alive.shape[1]
-
         owners = (live % b).tolist()  # each item's image, read once: the chunks split their items by image
         if chunk is None or chunk > 1:  # chunk=1: no pass shares
             with torch.inference_mode(), _check_precision(model, x, run):  # outside the first chunk's probe
