@@ -197,13 +197,14 @@ class Found:
     Recorded right after the call's :func:`~salience._core.guard.model_guard` is entered (eval mode set), by
     :func:`~salience._core.guard.record_state`: the plain attributes (one level deep) and buffers of the modules not
     from ``torch.nn`` (whose layers in eval mode write nothing), each plain tensor among
-    the attributes up to the guard's 1 MiB with a copy, each such buffer with a copy; a buffer of a ``torch.nn`` layer
+    the attributes with a copy whatever its size (the guard's stops at 1 MiB; as Ablation-CAM's split, session 48: a
+    large constant table costs its copy a call), each such buffer with a copy; a buffer of a ``torch.nn`` layer
     that the model's own code writes is put back from the guard's copy (:func:`~salience._core.guard.held_values`).
     What the model guard puts back after a call is put back here before each pass, and its limits are these: the
     contents of a list, dict or set changed in place (``self.hist.append(y)``) are not put back (a forward that reads
     them sees the passes before; a list that counts the passes counts them all, as tests here do). What cannot be
-    put back (a tensor attribute over 1 MiB written in place, or a torch.nn layer's buffer the guard holds no copy of)
-    is refused with a :class:`SalienceError` before the next pass. A module holding an inference tensor as an attribute
+    put back (a torch.nn layer's buffer the guard holds no copy of) is refused with a :class:`SalienceError` before the
+    next pass. A module holding an inference tensor as an attribute
     (no version counter: the model was run under ``torch.inference_mode()``) is recorded by identity only: a value
     replaced (``self.h = ...``) is put back, one written in place is not seen. Cost on resnet50 (17 modules of its own,
     159 torch.nn buffers; AMD EPYC, load 7 on 2 cores): the record 0.26 ms a call, 44 us a pass where nothing changed
@@ -218,7 +219,8 @@ class Found:
                     layers.append(m)
             else:
                 (held if _inference_attribute(m) else plain).append(m)
-        self.record = record_state(plain) if plain else []  # no container's contents: as the model guard
+        # no container's contents (as the model guard); each tensor copied whatever its size (as Ablation-CAM's split)
+        self.record = record_state(plain, large_copies=True) if plain else []
         self.shallow = [(m, {k: v for k, v in m.__dict__.items() if k not in _OWN}) for m in held]
         # each torch.nn layer's buffers: (module, name, buffer, its version as found, its version now); looked at
         # as a whole first (the dicts by identity in C, the versions' sum: they only grow), one by one where it moved
@@ -238,8 +240,6 @@ class Found:
         """The state as the call found it, put back where a pass changed it (or refused where it cannot be)."""
         if self.record:
             if state_changes(self.record):
-                if refuse:
-                    self._check()
                 put_back_state(self.record)
         for m, saved in self.shallow:
             d = m.__dict__
@@ -263,18 +263,6 @@ class Found:
         except Exception:  # a buffer replaced by another: a tensor's == has no truth value
             return False
         return sum(b._version for b in self.buffers) == self.versions
-
-    def _check(self) -> None:
-        """Refuse a change the record cannot put back: a plain tensor attribute without a copy written in place."""
-        for r in self.record:
-            for k, t, version, copy in r.tensors:
-                if copy is None and t._version != version:
-                    raise SalienceError(
-                        f"the model's forward writes its plain tensor attribute {k!r} of a {type(r.module).__name__} "
-                        f"in place ({t.numel() * t.element_size() / 2 ** 20:.1f} MiB): each of this method's passes "
-                        "must see the state the model had when it was called, and salience copies such an attribute "
-                        "to put it back only up to 1 MiB; register it as a buffer (module.register_buffer), or "
-                        "assign a new tensor in the forward (self.h = ...) instead of writing it in place")
 
     @staticmethod
     def _layer_buffer(entry: list, refuse: bool) -> None:
