@@ -232,25 +232,24 @@ def test_state_over_the_guards_copy_limit():
     _same_state(m, state)
 
 
-def _layer_output(m, x, state):
+def _cam_case(cls):
+    """A warm model of ``cls``, its images, the user's state, the targets, the rows, the layer's output ``conv2``."""
+    m, x = _model(cls)
+    state = m.get_state()
     store = []
     handle = m.conv2.register_forward_hook(lambda mod, i, o: store.append(o.detach()))
     with torch.no_grad():
         m.set_state(state)
         m(x)
     handle.remove()
-    return store[0]  # (B, 8, SIZE, SIZE)
+    return m, x, state, torch.tensor([1, 3]), torch.arange(len(x)), store[0]  # acts (B, 8, SIZE, SIZE)
 
 
 @pytest.mark.parametrize("cls", [Replaced, InPlace])
 def test_scorecam_recurrent_state(cls):
     """Score-CAM (Wang et al.): relu(sum_k p(x * mask_k) A_k), mask_k the min-max scaled channel, the class
     probability of each masked image taken with the state put back before its forward."""
-    m, x = _model(cls)
-    state = m.get_state()
-    target = torch.tensor([1, 3])
-    rows = torch.arange(len(x))
-    acts = _layer_output(m, x, state)
+    m, x, state, target, rows, acts = _cam_case(cls)
     want = torch.zeros(len(x), SIZE, SIZE)
     with torch.no_grad():
         for k in range(acts.shape[1]):
@@ -269,11 +268,7 @@ def test_scorecam_recurrent_state(cls):
 def test_ablationcam_recurrent_state(cls):
     """Ablation-CAM (Desai & Ramaswamy): relu(sum_k (y - y_k) / y A_k), y_k the score with channel k of the layer
     set to 0, each forward with the state put back before it."""
-    m, x = _model(cls)
-    state = m.get_state()
-    target = torch.tensor([1, 3])
-    rows = torch.arange(len(x))
-    acts = _layer_output(m, x, state)
+    m, x, state, target, rows, acts = _cam_case(cls)
     want = torch.zeros(len(x), SIZE, SIZE)
     with torch.no_grad():
         m.set_state(state)

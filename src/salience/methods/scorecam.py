@@ -56,9 +56,9 @@ from salience._core.tensors import autocast_off, check_number, check_flag
 from salience.methods._multi import several_targets, warn_unapplied
 from salience.methods._tokens import Layout, one_model
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
-from salience.methods.perturbation import (SOFTMAX, Found, _Reused, check_perturbation_targets, check_softmax,
-                                           clean_batch, clean_passes, clean_scores, judge, score_items, scores_of,
-                                           softmax_known, use_probabilities)
+from salience.methods.perturbation import (SOFTMAX, Found, _Reused, _user_module, check_perturbation_targets,
+                                           check_softmax, clean_batch, clean_passes, clean_scores, judge, score_items,
+                                           scores_of, softmax_known, use_probabilities)
 from salience.targets import Classes, Target, resolve, split
 
 __all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
@@ -616,11 +616,6 @@ def _split_same(model: nn.Module) -> bool:
         return False
     generator = torch.Generator
     return not any(generator in map(type, m.__dict__.values()) for m in model.modules())  # its exact type, in C
-
-
-def _user_module(m: nn.Module) -> bool:
-    """Whether ``m`` is no layer of ``torch.nn`` (whose layers in eval mode write no state in a forward)."""
-    return not type(m).__module__.startswith("torch.nn.")
 
 
 def _own_state(model: nn.Module) -> Optional[list]:
