@@ -10,6 +10,7 @@
   copy and occlusion's region-limited passes, told "a plain tensor attribute of the model is an inference tensor",
   which it was not (a6129eb, tracing the model itself, folded it).
 """
+import copy
 import importlib
 import warnings
 
@@ -46,8 +47,13 @@ def test_split_puts_back_a_large_tensor_attribute(split_here):
         warnings.simplefilter("ignore")  # the guard's own warning: it does not put ``seen`` back after the call
         got = salience.ablationcam(model, x, 1, layer="conv")
     fresh = _Net(BigSeen()).eval()
+    # session 49: every pass sees the state the call found (perturbation.Found, each tensor attribute copied whatever
+    # its size), so the reference's S_k too: ``pre`` as made before each forward
+    made = copy.deepcopy(fresh.pre)
+    fresh.register_forward_pre_hook(lambda m, a: setattr(m, "pre", copy.deepcopy(made)))
     ref = _reference(fresh, fresh.conv, x, 1)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    assert not model.pre.seen.any()  # and back after the call (the model guard alone does not copy it)
 
 
 class ShiftNet(nn.Module):

@@ -56,9 +56,9 @@ from salience._core.tensors import autocast_off, check_number, check_flag
 from salience.methods._multi import several_targets, warn_unapplied
 from salience.methods._tokens import Layout, one_model
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
-from salience.methods.perturbation import (SOFTMAX, _Reused, check_perturbation_targets, check_softmax, clean_batch,
-                                           clean_scores, judge, score_items, scores_of, softmax_known,
-                                           use_probabilities)
+from salience.methods.perturbation import (SOFTMAX, Found, _Reused, _user_module, check_perturbation_targets,
+                                           check_softmax, clean_batch, clean_passes, clean_scores, judge, score_items,
+                                           scores_of, softmax_known, use_probabilities)
 from salience.targets import Classes, Target, resolve, split
 
 __all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
@@ -96,7 +96,7 @@ def _sizes(b: int, step: int) -> list[int]:
 
 
 def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, batch: Optional[int] = None,
-             seen: Optional[list] = None) -> tuple[Tensor, Tensor]:
+             seen: Optional[list] = None, found: Optional[Found] = None) -> tuple[Tensor, Tensor]:
     """The layer's output (as the layer gives it) and the model's output for ``x``: one forward pass, or one per
     ``batch`` images (:func:`~salience.methods.perturbation.clean_batch`) where the layer's output is ``(n, ...)`` for
     ``n`` images, its other axes the same in every part (else the one pass of all: a layer with another first axis, a
@@ -105,7 +105,8 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
     where another axis of the first part is ``n`` too and the parts would all be ``n`` images, the rest are split
     unevenly (8 images: 4, 3, 1), and a first axis that does not follow the part's size is the one pass of all.
     ``seen``: given, gets what the pass showed of a final softmax (:func:`final_softmax`, read while the capture
-    hook, which changes no output, is on: the structure it was recorded for)."""
+    hook, which changes no output, is on: the structure it was recorded for). ``found``: the model's own state put
+    back before each pass (:class:`~salience.methods.perturbation.Found`)."""
     b = x.shape[0]
     step = b if batch is None else max(1, min(int(batch), b))
     sizes = _sizes(b, step)
@@ -121,6 +122,8 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
 
         # the first output of a reused module; the layer's own, not as an in-place operation after it left it
         def scored(xb: Tensor = xb) -> Tensor:
+            if found is not None:
+                found.before_pass()
             o = forward_scores(model, xb, strip_softmax=strip_softmax)
             if seen is not None:
                 seen[:] = [final_softmax(model)]
@@ -382,10 +385,10 @@ def scorecam(
     budget = _engine.check_memory_options(chunk, max_memory)
     perf = _perf.resolve(memory_format, compile, precision)
     b = x.shape[0]
-    with model_guard(model):
+    with model_guard(model), Found(model) as found:  # the model's own state, put back before each pass (session 49)
         seen: list = [None]  # what the capture's pass showed of a final softmax, for the run
         acts, out = _capture(model, x, mod, strip_softmax, clean_batch(x, perf, chunk, budget, model, strip_softmax),
-                             seen)
+                             seen, found)
         _, acts = _grid("Score-CAM", model, mod, acts, x, grid, prefix_tokens)
         _check_channel_passes("Score-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
@@ -401,6 +404,7 @@ def scorecam(
 
         def compute(start: int, stop: int) -> Tensor:
             masked, owner = items.masked(first[start:stop])
+            found.before_pass()
             s = score_items(model, masked, [t.for_items(owner) for t in resolved], probs, strip_softmax,
                             already=already, owner=owner)  # the live items: not the chunk's items in order
             got[start:stop] = s
@@ -415,7 +419,7 @@ def scorecam(
                 # in its autocast block: forward_scores' model_guard turns a caller's autocast off, and the blank
                 # scores were float32 beside the passes' bf16 ones (session 46's last read)
                 with torch.inference_mode(), _perf.inside(blank):
-                    out0 = forward_scores(model, torch.zeros_like(x[:1]), strip_softmax=strip_softmax)
+                    out0 = clean_passes(model, torch.zeros_like(x[:1]), strip_softmax, None, found)
                     # each image's own rows (a target may change its output in place: an expanded view refused it)
                     rows = out0.expand((b,) + tuple(out0.shape[1:])).contiguous()
                     empty = scores_of(rows, resolved, probs, already=already)
@@ -566,13 +570,15 @@ class _Ablated:
 
 
 def _ablation_clean(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, perf: _perf.Performance,
-                    batch: int) -> tuple[Tensor, Tensor]:
+                    batch: int, found: Optional[Found] = None) -> tuple[Tensor, Tensor]:
     """Ablation-CAM's ``(layer output, model output)`` of the clean images, ``batch`` images a pass
     (:func:`~salience.methods.perturbation.clean_batch`): a float32 pass of all of them as two (:func:`_clean_apart`),
-    else :func:`_capture`'s passes."""
+    else :func:`_capture`'s passes (``found``'s state put back before each: the first too, after a probe's pass)."""
+    if found is not None:
+        found.before_pass()
     if perf.precision == "fp32" and batch >= x.shape[0] and _split_pays(model, mod) and _split_same(model):
         return _clean_apart(model, x, mod, strip_softmax)
-    return _capture(model, x, mod, strip_softmax, batch)
+    return _capture(model, x, mod, strip_softmax, batch, found=found)
 
 
 # the split runs where the layer's first parameterised leaf is within the first 1/_EARLY of the model's (session 47)
@@ -610,11 +616,6 @@ def _split_same(model: nn.Module) -> bool:
         return False
     generator = torch.Generator
     return not any(generator in map(type, m.__dict__.values()) for m in model.modules())  # its exact type, in C
-
-
-def _user_module(m: nn.Module) -> bool:
-    """Whether ``m`` is no layer of ``torch.nn`` (whose layers in eval mode write no state in a forward)."""
-    return not type(m).__module__.startswith("torch.nn.")
 
 
 def _own_state(model: nn.Module) -> Optional[list]:
@@ -760,22 +761,23 @@ def ablationcam(
     perf = _perf.resolve(memory_format, compile, precision)
     warn_unapplied("ablationcam", model, ("compile", "fold_batchnorm"), perf, why=_WHY_ABLATION_PASSES_SKIP)
     b = x.shape[0]
-    with model_guard(model):
+    with model_guard(model), Found(model) as found:  # the model's own state, put back before each pass (session 49)
         batch = clean_batch(x, perf, chunk, budget, model, strip_softmax)  # images a clean pass, within max_memory
-        native, out = _ablation_clean(model, x, mod, strip_softmax, perf, batch)
+        native, out = _ablation_clean(model, x, mod, strip_softmax, perf, batch, found)
         layout, acts = _grid("Ablation-CAM", model, mod, native, x, grid, prefix_tokens)
         _check_channel_passes("Ablation-CAM", int(acts.shape[1]))  # before the channels' passes
         resolved = resolve(targets, model, x, strip_softmax=strip_softmax, output=out)
         probs = use_probabilities(softmax, resolved, out)
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
-        # no compiled nor folded passes: a hook replaces the layer's output in each (_WHY_ABLATION_PASSES_SKIP)
-        run = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False),
-                        tag=f"ablationcam:{probs}:{strip_softmax}:{value}")
+        run = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False),  # _WHY_ABLATION_PASSES_SKIP:
+                        tag=f"ablationcam:{probs}:{strip_softmax}:{value}")  # a hook replaces the layer's output
         with run.casts_kept():  # (B, K) in the clean output's parts, which share one bf16 cast of each weight
-            clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, batch=batch)
+            clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, batch=batch,
+                                 found=found)
         _check_nonzero(clean, resolved, probs)
 
         def score(inputs: Tensor, owner: Tensor) -> Tensor:
+            found.before_pass()
             return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax,
                                already=already, plain=False, owner=owner)  # the live items: not in order
 
@@ -790,7 +792,6 @@ def ablationcam(
         # image by image: a chunk's items of one image share the layers before the layer (_Ablated: on its one row)
         at = alive.flatten().nonzero().flatten()
         live = (at % alive.shape[1]) * b + at // alive.shape[1]
-
         owners = (live % b).tolist()  # each item's image, read once: the chunks split their items by image
         if chunk is None or chunk > 1:  # chunk=1: no pass shares
             with torch.inference_mode(), _check_precision(model, x, run):  # outside the first chunk's probe
