@@ -107,7 +107,10 @@ def main() -> int:
         return salience.smoothgrad(twin, x, t, samples=n, noise=0.15, reduce=None)
 
     chunks = {}
+    skip = [k for k in args.skip.split(";") if k]
     for name, t in (("target given", target), ("target=None", None)):
+        if any(f"salience, {name}".startswith(q) for q in skip):
+            continue
         on_twin(t)
         seen.clear()
         on_twin(t)
@@ -179,7 +182,6 @@ def main() -> int:
         units[f"bare {n * b} a pass"] = lambda: bare(n * b)
     if given == [b] * len(given):
         del units[f"bare {b} a pass"]  # the same passes as the defaults' chunks
-    skip = [k for k in args.skip.split(";") if k]
     units = {k: f for k, f in units.items() if not any(k.startswith(q) for q in skip)}
     for f in units.values():  # warm
         f()

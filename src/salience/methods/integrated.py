@@ -29,7 +29,6 @@ from salience._core.tensors import baseline_tensor, check_int, gaussian_blur, ch
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.targets import Classes, Predicted, Target, layers_tag, split
-from salience.targets import _class_scores as class_scores  # a target's reading of the output as (B, K) scores
 from salience.methods._multi import several_targets, finish, input_gradient_maps, refuse_fp16_overflow
 
 __all__ = ["integrated_gradients", "input_x_gradient", "quadrature", "RULES", "IGResult", "CompletenessWarning",
@@ -404,7 +403,7 @@ class _PredictedOnPath:
     def __init__(self, b: int) -> None:
         self.b = b
         self.classes: Optional[Tensor] = None
-        self.outputs = 0  # the number of classes of the output the classes were read from
+        self.outputs: Optional[int] = None  # the number of classes of the output they were read from
 
     def items(self, start: int, owner: Tensor) -> Target:
         """The target of items ``start..start + len(owner) - 1`` (images ``owner``)."""
@@ -426,18 +425,19 @@ class _PathPredicted(Target):
         self.top, self.start, self.owner = top, start, owner
 
     def __call__(self, output: Tensor) -> Tensor:
-        scores = class_scores(output)
         top = self.top
-        fresh = max(0, min(scores.shape[0], top.b - self.start))  # rows of x itself: items start.. below B
-        if fresh:
-            found = scores.detach()[:fresh].argmax(dim=1)
-            if top.classes is None or top.classes.device != found.device:
-                top.classes = torch.zeros(top.b, dtype=torch.long, device=found.device)
-            top.classes[self.start:self.start + fresh] = found
-            top.outputs = scores.shape[1]
+        fresh = max(0, min(output.shape[0], top.b - self.start))  # rows of x itself: items start.. below B, first
+        if fresh:  # their classes, as Predicted reads them (its checks of the output too)
+            found = Predicted().resolved(output[:fresh])
+            assert isinstance(found, Classes) and isinstance(found.index, Tensor)
+            if top.classes is None or top.classes.device != found.index.device:
+                top.classes = torch.zeros(top.b, dtype=torch.long, device=found.index.device)
+            top.classes[self.start:self.start + fresh] = found.index
+            top.outputs = found._fits
         assert top.classes is not None, "x's items run first"
-        idx = top.classes[self.owner.to(top.classes.device)]
-        return scores.gather(1, idx.view(-1, 1)).squeeze(1)
+        items = Classes(top.classes[self.owner.to(top.classes.device)])
+        items._fits = top.outputs  # argmaxes of the output's classes: in range, not checked in each pass
+        return items(output)
 
 
 class PathPoints:
