@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from auto_declines_s47 import Worker as Worker47  # this folder is sys.path[0] (run as python benchmarks/NAME.py)
+
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 TREES = ("new", "old")
@@ -111,29 +113,13 @@ def worker() -> None:
         sys.stdout.flush()
 
 
-class Worker:
-    """A worker process on the tree ``src``."""
+class Worker(Worker47):
+    """Session 47's worker process (its ``ask`` and ``close``) on the tree ``src``, serving this file's worker."""
 
     def __init__(self, src: str) -> None:
         env = dict(os.environ, PYTHONPATH=src)
         self.p = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=env, cwd=str(HERE.parent))
-
-    def ask(self, req: dict) -> dict:
-        assert self.p.stdin is not None and self.p.stdout is not None
-        self.p.stdin.write(json.dumps(req) + "\n")
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker died (request {req})")
-        return json.loads(line)
-
-    def close(self) -> None:
-        try:
-            self.ask({"cmd": "quit"})
-        except Exception:
-            pass
-        self.p.wait(timeout=30)
 
 
 def run_round(case: str, r: int, args) -> dict:

@@ -136,10 +136,11 @@ def main() -> int:
                 torch.autograd.grad(out.gather(1, tgt[s0:s0 + s].view(-1, 1)).sum(), xi)
             s0 += s
 
-    if ig:
-        igm = ca.IntegratedGradients(model)
-        cap_acc = {"t": 0.0}
-        gf = igm.gradient_func
+    cap_acc = {"t": 0.0}
+
+    def timed_gradients(attr):
+        """Captum's ``attr`` with its ``gradient_func`` (the passes) timed into ``cap_acc``."""
+        gf = attr.gradient_func
 
         def timed_gf(*a, **k):
             t0 = time.perf_counter()
@@ -147,23 +148,16 @@ def main() -> int:
                 return gf(*a, **k)
             finally:
                 cap_acc["t"] += time.perf_counter() - t0
-        igm.gradient_func = timed_gf
+        attr.gradient_func = timed_gf
+        return attr
+
+    if ig:
+        igm = timed_gradients(ca.IntegratedGradients(model))
 
         def captum():
             return igm.attribute(x, target=target, n_steps=n, method="riemann_trapezoid", internal_batch_size=b)
     else:
-        sal_c = ca.Saliency(model)
-        cap_acc = {"t": 0.0}
-        gf = sal_c.gradient_func
-
-        def timed_gf(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return gf(*a, **k)
-            finally:
-                cap_acc["t"] += time.perf_counter() - t0
-        sal_c.gradient_func = timed_gf
-        tunnel = ca.NoiseTunnel(sal_c)
+        tunnel = ca.NoiseTunnel(timed_gradients(ca.Saliency(model)))
         stdevs = 0.15 * float(x.max() - x.min())
 
         def captum():
