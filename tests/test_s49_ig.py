@@ -121,3 +121,17 @@ def test_rules_without_x_still_fix_the_class_on_x():
         top = model(x).argmax(1)
     torch.testing.assert_close(salience.integrated_gradients(model, x, steps=9, rule="left", reduce=None),
                                salience.integrated_gradients(model, x, top, steps=9, rule="left", reduce=None))
+
+
+def test_output_without_classes_is_refused_from_the_path():
+    """``target=None`` on a model whose output is not ``(B, K)``: the class targets' SalienceError, now raised in the
+    path's first pass, and the model comes back as it was (eval mode, parameters and their requires_grad)."""
+    from salience._core.errors import SalienceError
+
+    model = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1)).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(SalienceError, match=r"class targets need a model output of shape \(B, K\)"):
+        salience.integrated_gradients(model, _images(2), steps=4)
+    assert model.training
+    for n, p in model.named_parameters():
+        assert p.requires_grad and torch.equal(p, before[n])
