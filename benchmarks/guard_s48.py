@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
@@ -78,6 +79,12 @@ def child(repeats: int) -> dict:
         "bare16": (lambda: bare(frozen, x, tgt, 16), 1),
         "split_state": (lambda: moved(sc._own_state(r50)), 20),
     }
+    return timed(units, repeats, salience.__file__)
+
+
+def timed(units: dict, repeats: int, tree: str) -> dict:
+    """Each of ``units`` (name -> (function, calls per repeat)) warmed, then timed ``repeats`` times interleaved in a
+    rotating order (``time.thread_time``): the median ms per call of each, and ``tree`` (the salience imported)."""
     for f, n in units.values():  # warm
         for _ in range(n):
             f()
@@ -91,12 +98,17 @@ def child(repeats: int) -> dict:
                 f()
             times[k].append((time.thread_time() - t0) / n * 1e3)
     times = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    times["salience"] = str(Path(salience.__file__).resolve())
+    times["salience"] = str(Path(tree).resolve())
     return times
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+UNITS = ("guard", "guard_tensors", "vanilla16", "bare16", "split_state")
+
+
+def main(file: str = __file__, run_child: Any = child, units: tuple = UNITS, doc: str = __doc__) -> int:
+    """Rounds of one process per tree (``file --child``, which prints ``run_child(repeats)``), a table of ``units``
+    (session 49's benchmarks/guard_s49.py runs its own units through it)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--old", help="the old tree's src folder")
     ap.add_argument("--new", help="the new tree's src folder")
     ap.add_argument("--rounds", type=int, default=7)
@@ -105,7 +117,7 @@ def main() -> int:
     ap.add_argument("--child", action="store_true")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.repeats)))
+        print(json.dumps(run_child(args.repeats)))
         return 0
     trees = {"old": args.old, "new": args.new}
     load = open("/proc/loadavg").read().split()[:3]
@@ -113,20 +125,20 @@ def main() -> int:
     for r in range(args.rounds):
         for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
             env = dict(os.environ, PYTHONPATH=str(Path(trees[name]).resolve()))
-            out = subprocess.run([sys.executable, __file__, "--child", "--repeats", str(args.repeats)], env=env,
+            out = subprocess.run([sys.executable, file, "--child", "--repeats", str(args.repeats)], env=env,
                                  check=True, capture_output=True, text=True).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
     table: dict = {"cpu": "AMD EPYC (AVX512-BF16, no AMX), core 1, one thread", "loadavg_before": load,
                    "loadavg_after": open("/proc/loadavg").read().split()[:3], "rounds": args.rounds, "units_ms": {}}
     print(f"load before {load}; ms per call, min / median / max over {args.rounds} rounds (each a median of "
           f"{args.repeats})")
-    for unit in ("guard", "guard_tensors", "vanilla16", "bare16", "split_state"):
+    for unit in units:
         row = {}
         for name in ("old", "new"):
             v = sorted(run[unit] for run in runs[name])
             row[name] = {"min": v[0], "median": v[len(v) // 2], "max": v[-1], "all": v}
         table["units_ms"][unit] = row
-        print(f"{unit:14s} old {row['old']['min']:.3f} / {row['old']['median']:.3f} / {row['old']['max']:.3f}   "
+        print(f"{unit:16s} old {row['old']['min']:.3f} / {row['old']['median']:.3f} / {row['old']['max']:.3f}   "
               f"new {row['new']['min']:.3f} / {row['new']['median']:.3f} / {row['new']['max']:.3f}")
     table["trees"] = {name: runs[name][0]["salience"] for name in runs}
     print(f"load after {table['loadavg_after']}; trees {table['trees']}")

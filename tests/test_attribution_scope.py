@@ -18,6 +18,7 @@ from salience.attention import AttentionCapture, attention_maps
 
 from conftest import unchanged
 from test_attention_scope import MODELS, _tiny
+from test_s49_record import ForwardNotes
 
 NAMES = ["torchvision MHA", "fused SDPA", "explicit softmax", "nn.TransformerEncoder"]
 
@@ -28,7 +29,8 @@ class Outside(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model, self.n = model, {"inside": False, "hits": 0, "runs": 0}  # a dict: the pass's changes kept
+        # a ForwardNotes: the pass's changes kept (the guard puts back a plain dict's contents)
+        self.model, self.n = model, ForwardNotes({"inside": False, "hits": 0, "runs": 0})
 
     @property
     def hits(self) -> int:

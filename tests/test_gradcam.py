@@ -18,6 +18,7 @@ from salience.methods.gradcam import default_layer
 from nets import CamNet
 from conftest import unchanged
 from hand_cams import assert_each_varies
+from test_s49_record import ForwardLog
 
 
 
@@ -42,7 +43,7 @@ class VggLike(nn.Module):
         self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                       nn.Conv2d(4, 6, 3, padding=1), nn.ReLU())
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(6 * 4 * 4, 10), nn.ReLU(), nn.Linear(10, 3))
-        self.calls: list = []  # one per pass, appended to: the guard puts back a counter it reassigns
+        self.calls: list = ForwardLog()  # one per pass, appended to: the guard puts back a counter and a plain list
 
     def forward(self, x):
         self.calls.append(1)

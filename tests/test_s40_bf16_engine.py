@@ -18,6 +18,7 @@ from torch import nn
 import salience
 from salience._core import cpu as _cpu
 from salience._core import perf as _perf
+from test_s49_record import ForwardLog
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +45,7 @@ class _TimedNet(nn.Module):
         self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
                                   nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
         self.head = nn.Linear(4, 3)
-        self.seen: list[tuple[bool, bool]] = []
+        self.seen: list[tuple[bool, bool]] = ForwardLog()  # the guard puts back a plain list
 
     def forward(self, x):
         bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

@@ -22,6 +22,7 @@ import salience
 
 from conftest import unchanged
 from test_scorecam import _acts, _peer_cam  # the layer's output; pytorch-grad-cam's CAM before its scaling
+from test_s49_record import ForwardLog
 
 
 class DeadAndTwins(nn.Module):
@@ -41,7 +42,7 @@ class DeadAndTwins(nn.Module):
         self.act = nn.ReLU()
         self.mix = nn.Sequential(nn.Conv2d(6, 5, 3, padding=1), nn.ReLU())
         self.head = nn.Linear(5, 4)
-        self.rows = [0]  # changed in place: the guard puts back an attribute the forward reassigns
+        self.rows = ForwardLog([0])  # changed in place: the guard puts back a reassigned attribute and a plain list
         self.head.register_forward_hook(lambda m, i, o: self.rows.__setitem__(0, self.rows[0] + o.shape[0]))
 
     def forward(self, x):

@@ -12,6 +12,7 @@ from torch import nn
 
 import salience
 from salience._core.islands import HighResolutionFp32
+from test_s49_record import ForwardNotes
 
 pytestmark = pytest.mark.usefixtures("fresh_perf_state")
 
@@ -29,7 +30,7 @@ class _Biased(nn.Module):
         self.pos = nn.Parameter(torch.randn(64, 4))
         self.bias = nn.Linear(4, 64)
         self.fc = nn.Linear(8, 3)
-        self.seen = {}
+        self.seen = ForwardNotes()  # the guard puts back a plain dict
 
     def forward(self, x):
         n = x.shape[0]

@@ -20,6 +20,7 @@ from torch import nn
 
 import salience
 from salience._core import folding
+from test_s49_record import ForwardLog
 
 pytestmark = pytest.mark.usefixtures("fresh_perf_state")
 
@@ -336,11 +337,12 @@ def frozen_runs(monkeypatch):
 
 
 class _Counted(_Flagged):
-    """The flagged model, its eager forwards counted (a list the forward appends to: a folded copy's trace does not)."""
+    """The flagged model, its eager forwards counted (a list the forward appends to: a folded copy's trace does not;
+    a :class:`ForwardLog`, which the model guard leaves as the passes left it)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.eager: list = []
+        self.eager: list = ForwardLog()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.eager.append(1)
@@ -387,12 +389,12 @@ def test_a_softmax_flag_changed_between_compiled_or_folded_calls(frozen_runs, op
 # which ran in every call (uncached): it is now kept per model (structure), item shape, dtype and device, as the
 # engine's probes are. The reference: the model's forwards counted by batch size; the maps those of the first call.
 class Sized(nn.Module):
-    """A small conv net that notes each forward's batch size (a list the forward appends to)."""
+    """A small conv net that notes each forward's batch size (a list the forward appends to: a :class:`ForwardLog`)."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.c, self.h, self.batches = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 3), []
+        self.c, self.h, self.batches = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 3), ForwardLog()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.batches.append(x.shape[0])

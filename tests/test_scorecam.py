@@ -15,6 +15,7 @@ import salience
 from salience import SalienceError
 
 from conftest import unchanged
+from test_s49_record import ForwardLog
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +98,8 @@ class DeadChannels(nn.Module):
             self.conv.bias[:2] = -1
         self.act = nn.ReLU()
         self.head = nn.Linear(6, 4)
-        self.images = [0]  # changed in place: the guard puts back an attribute the forward reassigns
-        self.sizes = []  # the batch size of every forward pass
+        self.images = ForwardLog([0])  # changed in place: the guard puts back a reassigned attribute and a plain list
+        self.sizes = ForwardLog()  # the batch size of every forward pass (the guard puts back a plain list)
 
     def forward(self, x):
         self.images[0] += x.shape[0]

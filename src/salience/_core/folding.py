@@ -6,6 +6,7 @@ and caching it is a job of its own; it imports :mod:`~salience._core.fingerprint
 """
 from __future__ import annotations
 
+import copy
 import enum
 import functools
 import threading
@@ -73,7 +74,7 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None, passes: Optiona
                 hooks = m.__dict__.get(name)
                 if hooks:
                     hooks.clear()
-        traced = fx_traced(clone, dtype, passes, _WRITES.get())
+        traced = fx_traced(clone, dtype, passes, _WRITES.get(), source=model)
         if isinstance(traced, str):
             return traced
         folded = _fuse(traced, dtype)
@@ -106,12 +107,20 @@ class ThisThreadTracer(torch.fx.Tracer):
     copy's and occlusion's region-limited passes'). ``shadows``: ``{id(module): its shadow}`` (:func:`_shadow`) for a
     trace of a shadow: a module of the model that its forward calls other than through the shadow's attributes (a
     closure, a global, ``functools.partial``) is traced as its shadow (the review of session 48: such a model was
-    refused, "module is not installed as a submodule", and its writes landed on the model)."""
+    refused, "module is not installed as a submodule", and its writes landed on the model); and every attribute read,
+    write and delete of a module of the model in this thread goes to its shadow for the trace (:func:`_on_shadows`: a
+    closure calling ``block.forward(x)`` directly, which no ``__call__`` sees, ran on the model: session 49)."""
 
     def __init__(self, shadows: Optional[dict] = None) -> None:
         super().__init__()
         self._thread = threading.get_ident()
         self._shadows = shadows or {}
+
+    def trace(self, root: Any, concrete_args: Optional[dict] = None) -> torch.fx.Graph:
+        if not self._shadows:
+            return super().trace(root, concrete_args)
+        with _on_shadows(self._shadows, self._thread):
+            return super().trace(root, concrete_args)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if threading.get_ident() != self._thread:
@@ -125,6 +134,45 @@ class ThisThreadTracer(torch.fx.Tracer):
         if threading.get_ident() != self._thread:
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+@contextmanager
+def _on_shadows(shadows: dict, thread: int) -> Iterator[None]:
+    """In the block, an attribute read, write or delete of a module of the model (a key of ``shadows``, ``{id(module):
+    its shadow}``) in ``thread`` acts on its shadow: a forward reached other than through ``module(...)`` (a closure or
+    a global calling ``block.forward(x)``, a bound ``forward`` taken before) reads the shadow's state and writes there,
+    as the shadow's own forward does; the model is not touched (session 49: its count, list and tensor were written,
+    an fx proxy left in it). ``nn.Module``'s ``__getattribute__``, ``__setattr__`` and ``__delattr__`` are replaced
+    for the block, as fx replaces ``__call__`` and ``__getattr__`` for the trace; other threads and other modules go
+    through with an id look-up (the trace holds :data:`_TRACING`: one at a time). A class that defines its own
+    ``__getattribute__`` / ``__setattr__`` is not redirected (a limit)."""
+    get, put, drop = object.__getattribute__, nn.Module.__setattr__, nn.Module.__delattr__
+    ident = threading.get_ident
+    had = "__getattribute__" in nn.Module.__dict__
+
+    def getattribute(self: Any, name: str) -> Any:
+        shadow = shadows.get(id(self))
+        return get(self if shadow is None or ident() != thread else shadow, name)
+
+    def setattr(self: Any, name: str, value: Any) -> None:
+        shadow = shadows.get(id(self))
+        put(self if shadow is None or ident() != thread else shadow, name, value)
+
+    def delattr(self: Any, name: str) -> None:
+        shadow = shadows.get(id(self))
+        drop(self if shadow is None or ident() != thread else shadow, name)
+
+    if had:  # another tool's replacement: left alone, no redirect
+        yield
+        return
+    nn.Module.__getattribute__ = getattribute  # type: ignore[method-assign]
+    try:
+        nn.Module.__setattr__ = setattr  # type: ignore[method-assign]
+        nn.Module.__delattr__ = delattr  # type: ignore[method-assign]
+        yield
+    finally:
+        nn.Module.__setattr__, nn.Module.__delattr__ = put, drop  # type: ignore[method-assign]
+        del nn.Module.__getattribute__
 
 
 class _AutocastSeeingTracer(ThisThreadTracer):
@@ -168,7 +216,7 @@ _TRACING = threading.Lock()
 
 
 def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Optional[torch.dtype] = None,
-              written: Optional[set] = None) -> Any:
+              written: Optional[set] = None, source: Optional[nn.Module] = None) -> Any:
     """``clone`` traced by ``torch.fx`` (a ``GraphModule``), or why the trace cannot stand for the model (a string): a
     tracing error (``"torch.fx cannot trace it (...)"``), an operation run in an autocast block of its forward
     (:class:`_AutocastSeeingTracer`). The folded copy's trace and
@@ -195,7 +243,8 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
     of the shadow; ``written`` (a set) is filled with each one, by ``(module
     index, name)`` in ``clone.modules()``'s order: the trace does not depend on it, so the copy is not kept for it
     (:func:`settings`' ``skip``; session 47: a tensor the forward stored every call refolded every call once the user
-    had run the model)."""
+    had run the model). ``source``: the model ``clone`` was copied from (:func:`_fold`'s), whose modules (in the same
+    order) stand for the shadows too: a closure of its forward holds the model's modules, not the copy's."""
     device = next((t.device.type for t in (*clone.parameters(), *clone.buffers())), "cpu")
     graphs, passes, autocast = [], None, dtype or passes_dtype
     if autocast is not None:  # the autocast settings of the copy's passes, the only ones it runs under
@@ -213,7 +262,7 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
                         "folded copy or region-limited passes, make it outside torch.inference_mode() (or .clone() it "
                         "there)")
             with _TRACING, torch.autocast(device, dtype=autocast or torch.get_autocast_dtype(device), enabled=under):
-                tracer = _AutocastSeeingTracer(passes, _shadow_map(clone, shadows))
+                tracer = _AutocastSeeingTracer(passes, _shadow_map(clone, shadows, source))
                 graph = tracer.trace(root)
             made = _constants(root, graph, record[0].attrs)
         except Exception as e:  # noqa: BLE001 - any tracing failure means: run the model as it is
@@ -230,7 +279,7 @@ def fx_traced(clone: nn.Module, dtype: Optional[torch.dtype], passes_dtype: Opti
                 "(the copy would run one branch under any autocast)")
     if written:
         _keep_read(clone, str(graphs[0]), after, written, lambda: torch.autocast(
-            device, dtype=autocast or torch.get_autocast_dtype(device), enabled=False))
+            device, dtype=autocast or torch.get_autocast_dtype(device), enabled=False), source)
     # the GraphModule takes its modules, parameters and buffers from the model (by the nodes' names, as fx would from
     # the traced root), and fx's constants from the shadow's root: a view of the model's root with them added
     try:
@@ -275,7 +324,8 @@ def _shadow(model: nn.Module) -> tuple[nn.Module, list]:
     submodules, its parameters (the same tensors: fx records them by name and proxies them, a write in place is a
     node), its buffers and plain tensor attributes cloned (fx reads those as they are, and a write in place,
     ``self.seen.fill_(1)``, ran on the model's own tensor), each list, tuple, dict or set copied with the shadows of the
-    modules in it, a method bound to a module bound to its shadow. The forward's writes in a trace land in the shadow
+    modules in it (a subclass of one, a log of the user's, copied as it is: session 49), a method bound to a module
+    bound to its shadow (one held elsewhere, a closure's, and a direct ``module.forward(x)``: :func:`_on_shadows`). The forward's writes in a trace land in the shadow
     (an fx proxy in ``self.last``, a counter, a list appended to), never in the model: before session 48 the trace ran
     on the model and put back what it found changed, another thread's writes of that moment too (its own forward's
     counter), and that thread's forward could meet the trace's proxies. The shadow holds no state of its own once the
@@ -310,6 +360,11 @@ def _shadow(model: nn.Module) -> tuple[nn.Module, list]:
             return t(map(shadowed, v))
         if t is dict or t is OrderedDict:
             return t((k, shadowed(x)) for k, x in v.items())
+        if isinstance(v, (list, dict, set)):  # a subclass (a log of the user's): a shallow copy, its items the same
+            try:
+                return copy.copy(v)
+            except Exception:  # noqa: BLE001 - one that cannot be copied stays the model's
+                return v
         return v
 
     for m in modules:
@@ -320,9 +375,15 @@ def _shadow(model: nn.Module) -> tuple[nn.Module, list]:
     return shadows[id(model)], [shadows[id(m)] for m in modules]
 
 
-def _shadow_map(model: nn.Module, shadows: list) -> dict:
-    """``{id(module): its shadow}`` for ``model``'s modules and their shadows (:func:`_shadow`'s, in the same order)."""
-    return dict(zip(map(id, model.modules()), shadows))
+def _shadow_map(model: nn.Module, shadows: list, source: Optional[nn.Module] = None) -> dict:
+    """``{id(module): its shadow}`` for ``model``'s modules and their shadows (:func:`_shadow`'s, in the same order),
+    and for ``source``'s (the model ``model`` was copied from: :func:`fx_traced`) where it has as many."""
+    found = dict(zip(map(id, model.modules()), shadows))
+    if source is not None and source is not model:
+        modules = list(source.modules())
+        if len(modules) == len(shadows):
+            found.update(zip(map(id, modules), shadows))
+    return found
 
 
 def _root_view(model: nn.Module, consts: dict) -> nn.Module:
@@ -387,7 +448,8 @@ def _unread(v: Any) -> Any:
     return _UNREAD
 
 
-def _keep_read(clone: nn.Module, graph: str, after: dict, written: set, autocast: Callable[[], Any]) -> None:
+def _keep_read(clone: nn.Module, graph: str, after: dict, written: set, autocast: Callable[[], Any],
+               source: Optional[nn.Module] = None) -> None:
     """Take out of ``written`` the attributes the forward writes that the trace also reads: ``clone`` traced again
     with the values the trace left (a counter one up, ``self.warmed = True``) and with other ones (a bool flipped, a
     number changed): a graph other than ``graph`` (that of the attributes as found) means the trace bakes one in (a
@@ -417,7 +479,7 @@ def _keep_read(clone: nn.Module, graph: str, after: dict, written: set, autocast
                 else:
                     modules[i].__dict__[k] = c if (c := _contents(v)) is not None else v
             with _TRACING, under:
-                same = str(ThisThreadTracer(_shadow_map(clone, modules)).trace(root)) == graph  # the graph only
+                same = str(ThisThreadTracer(_shadow_map(clone, modules, source)).trace(root)) == graph  # the graph only
         except Exception:  # noqa: BLE001 - another state cannot be traced: the trace depends on it
             same = False
         if not same:

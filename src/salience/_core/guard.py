@@ -31,7 +31,13 @@ on a tensor: the same object written in place, which its identity did not tell: 
 a copy of each per call, as of the buffers, where a module not of torch.nn holds one; none of one over
 ``_COPY_LIMIT``, 1 MiB: a 100 MiB lookup table cost each vanilla call 60 ms and 100 MiB, 0.8 ms without, on an AMD
 EPYC, ``benchmarks/guard-big-attr-s48.txt``; a call that writes such a one in place says so, a warning naming it, as
-it stays written);
+it stays written; an inference tensor among them, which keeps no version counter, by its values: a copy up to the
+same limit, compared with ``torch.equal`` and written back under inference mode, session 49);
+the contents of each list, dict and set attribute of a module not from torch.nn (``self.history.append(y)``,
+``self.cfg["k"] = v``; session 49, ``tests/test_s49_record.py``): a shallow copy of each, by its exact type (a
+subclass is not copied), up to ``_CONTENTS_LIMIT`` (1024) items, compared item by item by identity and put back in
+place (the user's object stays); one over the limit keeps only its length, and a call that changes the length says
+so, a warning naming it, as it stays changed;
 its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
 compared with the module's dict in C (``==``, each value by identity first) and put back by identity where it
 differs. The copies are not made for torch.nn's own layers that have neither a hook nor an instance ``forward``
@@ -62,9 +68,9 @@ where the counter moved (Grad-CAM's own hook, a full backward hook's per-pass ha
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
-stays); the contents of a list, dict or set attribute changed in place (a list appended to, a dict filled: one level
-only; the record below can copy them, the guard does not, for its cost per call); an inference tensor among the plain
-attributes (no version counter: put back by identity only); a plain tensor attribute over 1 MiB written in place
+stays); a list, dict or set over 1024 items changed in place (told where its length changed: a warning; one level
+only: a list inside a dict is not copied), one of a torch.nn layer, a subclass of one; an inference tensor attribute
+over 1 MiB written in place (not told: no version counter); a plain tensor attribute over 1 MiB written in place
 (told: a warning); a hook
 on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
@@ -84,9 +90,9 @@ One record of a model's state serves the three pieces of salience that put a mod
 :func:`record_state` ("record these modules' state here": buffers by version counter, with a copy where asked, plain
 attributes one level deep, each plain tensor among them by version counter with a copy, containers' contents where
 asked), :func:`state_changes` ("what changed since", by module and name) and :func:`put_back_state` ("put it back", in
-place). The guard's own records (:class:`ModuleState`, one light object per module for its cost per call) are made and
-put back by the same pieces (:func:`_tensor_records`, :func:`_put_back_tensors`, :func:`_restore_mapping`,
-:func:`_restore_buffers`); Ablation-CAM's split clean pass (``methods.scorecam._own_state``) records the modules not
+place). Its records are the guard's own (:class:`ModuleState`, one light object per module for its cost per call; one
+class since session 49, ``ModuleRecord`` gone), made of the same pieces (:func:`_tensor_records`,
+:func:`_container_records`) and put back by the guard's own :meth:`ModuleState.put_back`; Ablation-CAM's split clean pass (``methods.scorecam._own_state``) records the modules not
 from torch.nn, containers too, each plain tensor with a copy whatever its size (``large_copies``: over the guard's
 limit its one pass ran on the first pass's writes, last read of session 48), tells a first pass's writes and puts
 them back before its one pass (a torch.nn layer's buffer, recorded without a copy, from the guard's own copy:
@@ -96,7 +102,8 @@ the forward writes without writing, or putting back, anything of the model (anot
 stay). The guard alone on resnet18 (64 px, one thread; AMD EPYC, core 1, 7 interleaved rounds of a process per tree,
 min / median / max): 0.532 / 0.545 / 0.568 ms before, 0.550 / 0.557 / 0.566 after; with four plain tensor
 attributes of 64 floats on its root, which it now copies, 0.526 / 0.547 / 0.561 before, 0.568 / 0.576 / 0.603 after
-(``benchmarks/guard_s48.py``, ``benchmarks/guard-s48.json``).
+(``benchmarks/guard_s48.py``, ``benchmarks/guard-s48.json``). Session 49's containers and inference tensors:
+``benchmarks/guard_s49.py``, ``benchmarks/guard-s49.md``.
 
 A dataset run holds the model for the whole run (:func:`run_guard`): the full save and restore
 (about 1.7 ms on resnet50 on one CPU core, 5 ms before the records were made light) is paid once per
@@ -140,7 +147,7 @@ from salience._core.fingerprint import _modules
 from salience._core.tensors import autocast_off
 
 __all__ = ["model_guard", "run_guard", "ModuleState", "ParamState", "check_python_model", "modules_of", "parameters_of",
-           "train_mode_op", "held_values", "ModuleRecord", "record_state", "state_changes", "put_back_state"]
+           "train_mode_op", "held_values", "record_state", "state_changes", "put_back_state"]
 
 
 class _Entry:
@@ -169,7 +176,13 @@ class ModuleState(_Entry):
     ``torch.compile`` wrapper (its compiled callable), its buffers (each name in order, ``None`` slots too,
     with its version counter, a copy of its values and a copy of its Python attributes) and non-persistent
     names, and a copy of its ``__dict__`` (``attrs``; ``None`` for a torch.nn layer without hooks, see the
-    module's docstring); :meth:`restore` puts them back.
+    module's docstring), the plain tensors among them (``tensors``) and, for a module not from torch.nn, its lists,
+    dicts and sets with their contents (``contents``); :meth:`restore` puts them back.
+
+    The same class is one module's state in a :func:`record_state` record (session 49: it was a class of its own,
+    ``ModuleRecord``, of the same data): ``index`` (its place among the modules given), ``attrs`` as asked (nn.Module's
+    own dicts left out where asked; ``None``: not recorded), ``buffers`` ``None`` where not recorded, no parameters or
+    submodules compared (``params`` / ``children`` ``None``), and none of the guard's hold counts.
 
     One small record per module and one per parameter (:class:`ParamState`), each held and put back on
     its own (modules are shared between models and threads); plain slots and tuples, not a dataclass of
@@ -177,7 +190,7 @@ class ModuleState(_Entry):
     the buffers' clones), and putting them back 0.52 ms, now 0.22 ms."""
 
     __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since",
-                 "foreign", "tensors")
+                 "foreign", "tensors", "contents", "index")
 
     def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
         self.take(module, wrapper)
@@ -220,11 +233,15 @@ class ModuleState(_Entry):
         if plain:
             self.attrs = None  # params and children are read only with attrs
             self.foreign = _NO_KEYS  # no forward or backward hook (a state-dict hook's key is not looked at)
-            self.tensors = _NO_TENSORS
+            self.tensors = self.contents = _NO_TENSORS
         else:
             self.attrs = attrs.copy()
             # the plain tensors among them, by version counter with a copy: one written in place keeps its identity
             self.tensors = _tensor_records(self.attrs)
+            # a module not from torch.nn: its lists, dicts and sets with their contents (up to _CONTENTS_LIMIT items;
+            # ``self.history.append(y)``, session 49); torch.nn's own layers with a hook keep none a forward fills
+            self.contents = _NO_TENSORS if type(module).__module__.startswith("torch.nn.") else \
+                _container_records(self.attrs)
             self.foreign = _foreign(attrs, self.since)
             # copies (the shared _EMPTY for an empty one), or None for what is no plain dict (TorchScript's wrapper)
             slot = attrs.get("_parameters")
@@ -277,10 +294,14 @@ class ModuleState(_Entry):
             if self.tensors:  # a plain tensor written in place (session 48): its values, from the copy
                 lost = _not_put_back(self.tensors)
                 self.tensors = _put_back_tensors(self.tensors)
+            if self.contents:  # a list, dict or set changed in place (session 49): its contents, from the copy
+                self.contents, more = _put_back_containers(self.contents)
+                lost = lost + more if lost else more
         if self.buffers:
             _restore_buffers(module, self.buffers, saved, self.quiet)
-        elif saved is not None and saved.get("_buffers"):  # registered in the block (a module without buffers;
-            _restore_buffer_names(module, (), None)  # not a plain torch.nn layer, whose forward registers none)
+        elif saved is not None and self.buffers is not None and saved.get("_buffers"):  # registered in the block (a
+            _restore_buffer_names(module, (), None)  # module without buffers; not a plain torch.nn layer: none; a
+            # record_state record's None: not recorded)
         if lost:  # last: a warning made an error raises (run once more)
             _tell_not_put_back(module, lost)
 
@@ -288,7 +309,7 @@ class ModuleState(_Entry):
         """:meth:`restore`, then the buffers' version counters taken again (a buffer put back by a copy has
         a new version; the next :meth:`put_back` copies only what was written since)."""
         self.restore()
-        if any(buf is not None and buf._version != version for _, buf, version, _, _ in self.buffers):
+        if self.buffers and any(buf is not None and buf._version != version for _, buf, version, _, _ in self.buffers):
             self.buffers = [(name, buf, buf._version if buf is not None else 0, copy, attrs)
                             for name, buf, _, copy, attrs in self.buffers]
 
@@ -433,7 +454,9 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every:
     (a lookup table: a 100 MiB one cost each call 60 ms and 100 MiB: session 48 review), nor of any without ``copy``
     (the fx trace's record of its shadow, thrown away after): one written in place is told (:func:`_not_put_back`);
     with ``every``, a copy of each whatever its size (Ablation-CAM's split: its one pass must start from the values
-    the call found; the last read of session 48: over the limit, the pass ran on the first pass's writes)."""
+    the call found; the last read of session 48: over the limit, the pass ran on the first pass's writes). Without
+    ``refuse`` (the model guard), an inference tensor is recorded with the version ``None`` and a copy (up to the
+    limit): written in place (a forward under ``torch.inference_mode()``), it is told by its values (session 49)."""
     tensor = torch.Tensor
     kinds = set(map(type, attrs.values()))
     if kinds <= _NO_TENSOR_KINDS:  # in C: a module's usual dicts, flags and numbers
@@ -446,18 +469,27 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every:
     found = []
     for k, v in attrs.items():
         if isinstance(v, tensor) and not isinstance(v, nn.Parameter):
+            small = copy and (every or v.numel() * v.element_size() <= _COPY_LIMIT)
             try:  # an inference tensor (or a subclass without one) has no version counter
-                small = copy and (every or v.numel() * v.element_size() <= _COPY_LIMIT)
                 found.append((k, v, v._version, v.detach().clone() if small else None))
             except Exception:
                 if refuse:
                     return None
+                if small and v.is_inference():  # told by its values (no copy over the limit: it stays as written)
+                    found.append((k, v, None, v.clone()))
     return tuple(found) or _NO_TENSORS
 
 
 def _tensors_moved(records: Any) -> bool:
     """Whether a tensor of :func:`_tensor_records`' ``records`` was written in place since."""
-    return any(t._version != version for _, t, version, _ in records)
+    return any(t._version != version if version is not None else _values_moved(t, copy)
+               for _, t, version, copy in records)
+
+
+def _values_moved(t: torch.Tensor, copy: Any) -> bool:
+    """Whether the inference tensor ``t`` (no version counter) no longer holds the values of ``copy`` (its copy when
+    recorded, or ``None``: not told)."""
+    return copy is not None and not (t.shape == copy.shape and torch.equal(t, copy))
 
 
 def _put_back_tensors(records: Any) -> Any:
@@ -468,28 +500,35 @@ def _put_back_tensors(records: Any) -> Any:
         return records
     with torch.no_grad():
         for _, t, version, copy in records:
-            if t._version != version and copy is not None:
+            if version is None:  # an inference tensor: written in place only in inference mode
+                if _values_moved(t, copy):
+                    with torch.inference_mode():
+                        t.copy_(copy)
+            elif t._version != version and copy is not None:
                 t.copy_(copy)
-    return tuple((k, t, t._version, copy) for k, t, _, copy in records)
+    return tuple((k, t, t._version if version is not None else None, copy) for k, t, version, copy in records)
 
 
 def _not_put_back(records: Any) -> list:
     """The names and tensors of ``records`` (:func:`_tensor_records`) written in place since that have no copy."""
-    return [(k, t) for k, t, version, copy in records if copy is None and t._version != version]
+    return [(k, t) for k, t, version, copy in records if copy is None and version is not None and t._version != version]
 
 
 def _tell_not_put_back(module: nn.Module, lost: list) -> None:
-    """A warning naming the plain tensor attributes of ``module`` (``lost``: :func:`_not_put_back`) that a call wrote
-    in place and the guard could not put back (no copy: over :data:`_COPY_LIMIT` bytes)."""
+    """A warning naming the plain attributes of ``module`` (``lost``: ``(name, value)`` each, :func:`_not_put_back`'s
+    tensors and :func:`_put_back_containers`' lists, dicts and sets) that a call changed in place and the guard could
+    not put back (no copy: a tensor over :data:`_COPY_LIMIT` bytes, a container over :data:`_CONTENTS_LIMIT` items)."""
     import warnings
 
     from salience._core.errors import user_stacklevel
 
-    names = ", ".join(f"{k!r} ({t.numel() * t.element_size() / 2 ** 20:.1f} MiB)" for k, t in lost)
-    warnings.warn(f"the model's forward wrote in place the plain tensor attribute {names} of a "
+    names = ", ".join(f"{k!r} ({t.numel() * t.element_size() / 2 ** 20:.1f} MiB)" if isinstance(t, torch.Tensor) else
+                      f"{k!r} (a {type(t).__name__} of {len(t)} items)" for k, t in lost)
+    warnings.warn(f"the model's forward changed in place the plain attribute {names} of a "
                   f"{type(module).__name__} during salience's passes, and it keeps those values: salience copies such "
-                  f"an attribute to put it back only up to {_COPY_LIMIT // 2 ** 20} MiB (its cost per call); register "
-                  "it as a buffer (module.register_buffer: copied and put back), or save and restore it yourself",
+                  f"an attribute to put it back only up to {_COPY_LIMIT // 2 ** 20} MiB for a tensor and "
+                  f"{_CONTENTS_LIMIT} items for a list, dict or set (its cost per call); a tensor: register it as a "
+                  "buffer (module.register_buffer: copied and put back); or save and restore it yourself",
                   stacklevel=user_stacklevel())
 
 
@@ -500,7 +539,10 @@ def _contents(v: Any) -> Any:
 
 
 def _same_contents(items: Any, v: Any) -> bool:
-    """Whether the container ``v`` holds ``items`` (:func:`_contents`), each the same object."""
+    """Whether the container ``v`` holds ``items`` (:func:`_contents`), each the same object; ``items`` an int (a
+    container over :data:`_CONTENTS_LIMIT` items, not copied): whether it still has that many."""
+    if type(items) is int:
+        return len(v) == items
     if type(items) is list:
         return len(items) == len(v) and all(map(operator.is_, items, v))
     if type(items) is dict:
@@ -517,15 +559,34 @@ def _put_back_contents(v: Any, items: Any) -> None:
         v.update(items)
 
 
-class ModuleRecord:
-    """One module's state in a :func:`record_state` record: ``index`` (its place in the modules given), ``attrs`` (a
-    copy of its plain attributes, nn.Module's own dicts and sets left out where asked, or ``None``: not recorded),
-    ``tensors`` (:func:`_tensor_records`), ``contents`` (``(name, container, its items)``: a list, dict or set
-    attribute, changed in place by a forward, ``self.hist.append(y)``), ``buffers`` (``(name, buffer, version, copy or
-    None, its Python attributes)`` each, in order, as :class:`ModuleState`'s; ``None``: not recorded) and ``quiet`` (its
-    non-persistent buffer names)."""
+def _container_records(attrs: dict, every: bool = False) -> Any:
+    """The lists, dicts and sets among a module's plain attributes ``attrs`` (its ``__dict__`` or a copy; nn.Module's
+    own dicts left out), each ``(name, container, a copy of its contents)``, or :data:`_NO_TENSORS`. Over
+    :data:`_CONTENTS_LIMIT` items, unless ``every``, the length instead of a copy (its cost per call): a change of
+    length is told (:func:`_put_back_containers`), the contents stay. The names past nn.Module's own found in C first
+    (most modules: a few numbers)."""
+    found = []
+    for k in attrs.keys() - _MODULE_KEYS:
+        v = attrs[k]
+        if type(v) in _CONTAINERS:
+            found.append((k, v, _contents(v) if every or len(v) <= _CONTENTS_LIMIT else len(v)))
+    return tuple(found) or _NO_TENSORS
 
-    __slots__ = ("index", "module", "attrs", "tensors", "contents", "buffers", "quiet")
+
+def _put_back_containers(records: Any) -> tuple[Any, list]:
+    """The containers of ``records`` (:func:`_container_records`) changed in place since, their contents put back;
+    ``(the records, with the lengths now of those not copied, the (name, container) of each such one that changed)``:
+    a container over the limit keeps what the call did to it, told (:func:`_tell_not_put_back`)."""
+    lost = []
+    for k, v, items in records:
+        if not _same_contents(items, v):
+            if type(items) is int:
+                lost.append((k, v))
+            else:
+                _put_back_contents(v, items)
+    if lost:
+        records = tuple((k, v, len(v) if type(items) is int else items) for k, v, items in records)
+    return records, lost
 
 
 def record_state(modules: Any, attributes: Any = None, containers: bool = False, buffers: bool = True,
@@ -541,8 +602,9 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
     inference tensor (no version counter to tell a write by). :func:`state_changes` says what changed since,
     :func:`put_back_state` puts it back.
 
-    The model guard's records of each module (:class:`ModuleState`) are made of the same pieces, with no container
-    copied (its limit: a forward that appends to a list). Ablation-CAM's split clean pass records the modules not from
+    Each module's record is a :class:`ModuleState`, the model guard's own class, made here without its hold counts
+    (the guard copies a container up to :data:`_CONTENTS_LIMIT` items; here every one, as every tensor with
+    ``large_copies``). Ablation-CAM's split clean pass records the modules not from
     torch.nn, whose layers in eval mode write nothing (the buffers of those unrecorded are put back from the guard's
     own copy); the fx trace records the shadow it traces (:mod:`salience._core.folding`), no buffer."""
     record = []
@@ -552,8 +614,9 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
         held = d.get("_buffers") if buffers else None
         if not asked and not held:
             continue
-        r = ModuleRecord()
+        r = ModuleState.__new__(ModuleState)
         r.index, r.module, r.attrs, r.tensors, r.contents, r.buffers, r.quiet = index, m, None, _NO_TENSORS, (), None, None
+        r.training, r.forward, r.handles, r.params, r.children = m.training, _NOT_COMPILED, (), None, None
         if asked:
             attrs = d.copy() if own_dicts else {k: v for k, v in d.items() if k not in _MODULE_OWN}
             tensors = _tensor_records(attrs, refuse=True, copy=tensor_copies, every=large_copies)
@@ -561,8 +624,7 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
                 return None
             r.attrs, r.tensors = attrs, tensors
             if containers:
-                r.contents = tuple((k, v, c) for k, v in attrs.items()
-                                   if k not in _MODULE_OWN and (c := _contents(v)) is not None)
+                r.contents = _container_records(attrs, every=True)
         if buffers:
             copy = copies is None or copies(m)
             try:  # an inference tensor keeps no version counter
@@ -596,7 +658,8 @@ def state_changes(record: list) -> list:
                 changed += [(i, k) for k in d if k not in saved and (own or k not in _MODULE_OWN)]
                 changed += [(i, k) for k, v in saved.items() if d.get(k, _MISSING) is not v]
             if r.tensors:
-                changed += [(i, k) for k, t, version, _ in r.tensors if t._version != version and (i, k) not in changed]
+                changed += [(i, k) for k, t, version, copy in r.tensors if (i, k) not in changed and (
+                    t._version != version if version is not None else _values_moved(t, copy))]
             if r.contents:
                 changed += [(i, k) for k, v, items in r.contents
                             if not _same_contents(items, v) and (i, k) not in changed]
@@ -616,29 +679,13 @@ def put_back_state(record: list) -> None:
     both have never missing meanwhile: :func:`_restore_mapping`), each tensor among them written in place from its copy,
     the containers' contents, the buffers by name and in order, each written in place from its copy; one recorded
     without a copy (a torch.nn layer's, in Ablation-CAM's split) from the model guard's own copy where that copy is of
-    the same version (:func:`held_values`), else it stays as written."""
+    the same version (:func:`held_values`), else it stays as written. A record made without nn.Module's own dicts
+    (``own_dicts=False``: the fx trace's, which only asks :func:`state_changes`) is refused: it cannot say which
+    parameters, buffers, submodules and hooks the module had (a ``ValueError``, salience's own misuse)."""
+    if any(r.attrs is not None and "_buffers" not in r.attrs and "_buffers" in r.module.__dict__ for r in record):
+        raise ValueError("put_back_state needs a record made with own_dicts=True (nn.Module's own dicts recorded)")
     for r in record:
-        m, saved = r.module, r.attrs
-        if saved is not None:
-            d = m.__dict__
-            now = d if "_buffers" in saved else {k: v for k, v in d.items() if k not in _MODULE_OWN}
-            if now is d:
-                _restore_mapping(d, saved)
-            else:
-                for k in [k for k in now if k not in saved]:
-                    d.pop(k, None)
-                for k, v in saved.items():
-                    if d.get(k, _MISSING) is not v:
-                        d[k] = v
-            r.tensors = _put_back_tensors(r.tensors)
-            for k, v, items in r.contents:
-                if not _same_contents(items, v):
-                    _put_back_contents(v, items)
-        if r.buffers is not None:
-            _restore_buffers(m, r.buffers, saved if saved is not None and "_buffers" in saved else None, r.quiet)
-            if any(b is not None and b._version != version for _, b, version, _, _ in r.buffers):  # copied back
-                r.buffers = tuple((name, b, b._version if b is not None else 0, copy, attrs)
-                                  for name, b, _, copy, attrs in r.buffers)
+        r.put_back()  # the guard's own put-back (ModuleState.restore), the versions taken again
 
 
 def _restore_buffers(module: nn.Module, records: Any, saved: Optional[dict], quiet: Any) -> None:
@@ -682,6 +729,11 @@ _NO_TENSOR_KINDS = frozenset({bool, int, float, str, type(None), dict, OrderedDi
                               torch.device})
 # nn.Module's own dicts and sets (parameters, buffers, submodules, hooks): not a forward's plain attributes
 _MODULE_OWN = frozenset(k for k, v in nn.Module().__dict__.items() if type(v) in (OrderedDict, dict, set))
+_MODULE_KEYS = frozenset(nn.Module().__dict__)  # every attribute nn.Module.__init__ sets
+# the containers whose contents the records copy (:func:`_contents`), and the most items the model guard copies of one
+# (a shallow copy: 1024 items of a list cost about 3 us a call, of a dict about 10)
+_CONTAINERS = frozenset({list, dict, OrderedDict, set})
+_CONTENTS_LIMIT = 1024
 
 
 _NO_FORWARD = object()

@@ -28,7 +28,14 @@ mmap threshold at that size, the trim threshold at twice it (64 MiB), by mapping
 is still trimmed). Without it, where those thresholds stand depends on the largest block the process happened to free
 before, and a pass's freed activations were given back and faulted in again in some processes and not in others (0 to
 8,700 minor faults a warm call of resnet18 at 64 px, SmoothGrad 16 or integrated gradients 32 of one image, in fresh
-processes of the same code: docs/performance.md, session 48). Elsewhere than glibc it does nothing, silently.
+processes of the same code: docs/performance.md, session 48). Elsewhere than glibc it does nothing, silently. Nor
+where the process started with one of glibc's settings that fix those thresholds in its environment
+(:data:`TUNING_VARIABLES`, :data:`TUNING_TUNABLES`: :func:`user_tuned`): the user's settings are heeded, and the lever
+says it did nothing.
+
+Under ``allocator="system"`` salience does nothing to the C allocator at all: no block mapped and freed, no
+``mallopt``, no look-up of glibc (the off switch, for a server embedding salience, a memory profiler, a process tuned
+with ``mallopt`` in its own code, which no environment shows: glibc has no way to read its thresholds back).
 """
 from __future__ import annotations
 
@@ -38,10 +45,11 @@ import os
 import platform
 import threading
 import warnings
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-__all__ = ["keep_freed_memory", "thresholds_fixed", "raise_dynamic_threshold", "release_shared_heap", "kept_free_bytes",
-           "MMAP_THRESHOLD", "TRIM_THRESHOLD", "RAISING_BLOCK", "HEAP_BLOCK_MAX"]
+__all__ = ["keep_freed_memory", "thresholds_fixed", "raise_dynamic_threshold", "dynamic_threshold_raised", "user_tuned",
+           "release_shared_heap", "kept_free_bytes", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "RAISING_BLOCK",
+           "HEAP_BLOCK_MAX", "TUNING_VARIABLES", "TUNING_TUNABLES"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 MMAP_THRESHOLD = 32 << 20  # the highest glibc takes (HEAP_MAX_SIZE / 2 on 64-bit)
@@ -55,6 +63,13 @@ RAISING_BLOCK = MMAP_THRESHOLD - (64 << 10)
 # the engine's was 32 MiB - 4096, and a block between the two was mapped afresh (and then faulted in on the heap) in
 # a process under the default (session 48's review)
 HEAP_BLOCK_MAX = RAISING_BLOCK
+# glibc's settings that fix its thresholds for the process: setting any of M_MMAP_THRESHOLD, M_TRIM_THRESHOLD,
+# M_TOP_PAD, M_MMAP_MAX turns the dynamic adjustment off (malloc.c's do_set_* set mp_.no_dyn_threshold; the manual's
+# "Malloc Tunable Parameters": "If the parameter is set, the dynamic adjustment is disabled"), and glibc reads them
+# at the process's start from these environment variables (aliases of the tunables below) or GLIBC_TUNABLES
+TUNING_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+TUNING_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold", "glibc.malloc.top_pad",
+                   "glibc.malloc.mmap_max")
 
 _done = False
 _fixed = False  # a mallopt of keep_freed_memory took: glibc's thresholds are this process's for good
@@ -98,6 +113,37 @@ def _not_glibc() -> Optional[str]:
     kind = platform.libc_ver()[0] if system == "Linux" else ""
     return None if system == "Linux" and kind == "glibc" else f"{system or 'this system'} with " \
         f"{kind or 'a C library other than glibc'}"
+
+
+def user_tuned(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The first of glibc's settings that fix its malloc thresholds (:data:`TUNING_VARIABLES`, or
+    :data:`TUNING_TUNABLES` in ``GLIBC_TUNABLES``) in ``environ``, as ``NAME=VALUE``; ``None`` where there is none.
+    By default the environment the process started with (``/proc/self/environ``: what glibc read) and ``os.environ``
+    (Python's copy of it: the one left where a process title overwrote the first); a setting in either counts, so
+    the lever errs towards doing nothing. A variable counts whatever its value (an empty or unparsable one is glibc's
+    to read, and may still fix the threshold: glibc 2.36 takes both, and its thresholds stop adjusting). A tunable counts as glibc's
+    ``parse_tunables`` matches it: its exact name, then ``=`` (glibc skips ``" glibc.malloc.mmap_threshold=1"`` and a
+    name without ``=``, and its thresholds still adjust: session 49's review); never raises."""
+    for env in (_start_environment(), os.environ) if environ is None else (environ,):
+        for name in TUNING_VARIABLES:
+            if name in env:
+                return f"{name}={env[name]}"
+        for item in env.get("GLIBC_TUNABLES", "").split(":"):
+            name, eq, _ = item.partition("=")
+            if eq and name in TUNING_TUNABLES:
+                return f"GLIBC_TUNABLES={item}"
+    return None
+
+
+def _start_environment() -> Mapping[str, str]:
+    """The environment the process started with (Linux's ``/proc/self/environ``); empty where it cannot be read."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return {}
+    pairs = (item.decode("utf-8", "replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k: v for k, v in pairs}
 
 
 def _glibc() -> tuple[Optional[Any], str]:
@@ -156,8 +202,10 @@ def raise_dynamic_threshold() -> bool:
     history.
 
     Nothing where the C library is not glibc (no warning: nobody asked for it), where :func:`keep_freed_memory`
-    already fixed the thresholds (they no longer adjust), or where glibc served the block from its heap (a process
-    with that much free heap already: its free raises nothing); never raises."""
+    already fixed the thresholds (they no longer adjust), where the process started with glibc's settings that fix
+    them (:func:`user_tuned`: ``MALLOC_MMAP_THRESHOLD_`` and the like; their free would raise nothing, and the user's
+    settings are heeded: no block, ``False``), or where glibc served the block from its heap (a process with that
+    much free heap already: its free raises nothing); never raises. ``allocator="system"`` never calls it."""
     global _raise_tried, _raised, _own_trim
     with _lock:
         if _raise_tried:
@@ -167,7 +215,7 @@ def raise_dynamic_threshold() -> bool:
             # the process's own symbols (dlopen of NULL): no look-up (find_library runs ldconfig as a process), and the
             # malloc the passes use, glibc's or a preloaded one's (whose blocks glibc's mallinfo does not count: then
             # nothing is done)
-            libc = None if _fixed or _not_glibc() is not None else ctypes.CDLL(None)
+            libc = None if _fixed or _not_glibc() is not None or user_tuned() is not None else ctypes.CDLL(None)
             info = _info_function(libc)
             if info is None:
                 return False
@@ -206,6 +254,12 @@ def available() -> bool:
     (the command line's, ``salience.cli.common``) picks it only here, so elsewhere no warning is said about an
     option nobody set."""
     return _glibc()[0] is not None
+
+
+def dynamic_threshold_raised() -> bool:
+    """Whether :func:`raise_dynamic_threshold` raised glibc's dynamic thresholds in this process (nothing undoes it:
+    ``allocator="system"`` afterwards says so, ``salience._core.perf``)."""
+    return _raised
 
 
 def thresholds_fixed() -> bool:

@@ -48,7 +48,11 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   and linear layers' weights held in that dtype: :func:`salience._core.folding.folded_model`).
 - ``allocator``: ``"default"`` (glibc's dynamic mmap threshold raised once, before the first CPU pass, as the
   process's first free of a block just under 32 MiB would: :func:`salience._core.malloc.raise_dynamic_threshold`,
-  the thresholds left adjusting; elsewhere than glibc the C allocator as it is) or ``"reuse"``: before the first
+  the thresholds left adjusting; nothing where the process started with glibc's own threshold settings in its
+  environment, ``MALLOC_MMAP_THRESHOLD_`` and the like: :func:`salience._core.malloc.user_tuned`; elsewhere than glibc
+  the C allocator as it is), ``"system"`` (the C allocator exactly as the process has it: salience maps, frees and
+  sets nothing for it; the off switch for a server embedding salience, a memory profiler, a process that tuned glibc
+  itself) or ``"reuse"``: before the first
   pass of a model on a CPU under it (:func:`before_pass`, from :func:`salience._core.autograd.model_call`; a
   :class:`Run` before its probes), glibc's mmap and trim thresholds are fixed high, once for the process
   (:func:`salience._core.malloc.keep_freed_memory`), so the activations a pass frees are kept for the
@@ -105,7 +109,7 @@ from salience._core.islands import HighResolutionFp32
 from salience._core.strided import ContiguousAttention, holds_attention
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
 from salience._core.layouts import channels_last_data, copies_made, keep_only, keeping
-from salience._core.malloc import keep_freed_memory, raise_dynamic_threshold, thresholds_fixed
+from salience._core.malloc import dynamic_threshold_raised, keep_freed_memory, raise_dynamic_threshold, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
 from salience._core.folding import _described, _folded, fold_failed, folded_model
 
@@ -118,9 +122,10 @@ MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 PRECISIONS = ("fp32", "bf16", "bf16-mixed", "fp16")
 CHUNKING = ("throughput", "memory")
 # allocator: "default" raises glibc's dynamic mmap threshold once, as a free of a 32 MiB block would (thresholds still
-# adjusting; elsewhere nothing); "reuse" (glibc) fixes its mmap and trim thresholds high
-# once, so the activations a CPU pass frees are kept for the next (salience._core.malloc)
-ALLOCATORS = ("default", "reuse")
+# adjusting; nothing where the environment set glibc's thresholds, nor elsewhere); "reuse" (glibc) fixes its mmap and
+# trim thresholds high once, so the activations a CPU pass frees are kept for the next; "system" does nothing to the
+# C allocator (salience._core.malloc)
+ALLOCATORS = ("default", "reuse", "system")
 # A pass that needs less than this per item (measured by the engine's memory probe) is too small
 # for the layout to matter against the noise of timing it: auto leaves such models contiguous.
 SMALL_ITEM_BYTES = 4 << 20
@@ -226,10 +231,10 @@ _plain: contextvars.ContextVar[bool] = contextvars.ContextVar("salience_perf_pla
 
 
 def current() -> Performance:
-    """The settings in force here: the defaults inside :func:`plain`, else the options the innermost
-    :func:`performance` blocks name over the process's."""
+    """The settings in force here: the defaults inside :func:`plain` (:func:`_plain_options`), else the options the
+    innermost :func:`performance` blocks name over the process's."""
     if _plain.get():
-        return Performance()
+        return _plain_options()
     o = _override.get()
     return replace(_process, **o) if o else _process
 
@@ -262,9 +267,22 @@ def performance(**options: Any) -> Iterator[Performance]:
         _override.reset(token)
 
 
+def _plain_options() -> Performance:
+    """The options of :func:`plain`'s passes: the defaults, but ``allocator="system"`` where it is in force (the off
+    switch holds for every pass: a dataset run's batch-size probe under the defaults' allocator ran the lever on the
+    allocator of a process that had said ``"system"``). ``"reuse"`` is not kept: its thresholds are fixed at the
+    run's own first pass, after the run's DataLoader is made (docs/performance.md, session 43)."""
+    o = _override.get()
+    return _PLAIN_SYSTEM if (o or {}).get("allocator", _process.allocator) == "system" else _PLAIN
+
+
+_PLAIN, _PLAIN_SYSTEM = Performance(), Performance(allocator="system")
+
+
 @contextmanager
 def plain() -> Iterator[None]:
-    """Every pass in the block runs with the default options (``Performance()``), whatever the settings
+    """Every pass in the block runs with the default options (``Performance()``; ``allocator="system"`` kept where
+    it is in force: :func:`_plain_options`), whatever the settings
     in force and whatever a method's own keywords say (``compile=``, ``memory_format=``,
     ``precision=``: :func:`resolve` checks them, then gives the defaults); for a measure that must not
     depend on how the passes run (a dataset run's batch-size probe, :func:`salience.runs.job.choose_batch`)."""
@@ -276,16 +294,29 @@ def plain() -> Iterator[None]:
 
 
 def _allocator_kept(before: Performance, after: Performance) -> None:
-    """A warning where a setter turns ``allocator="reuse"`` into ``"default"`` after the first one fixed glibc's
-    thresholds: ``mallopt`` has no way back, so the process keeps them (a warning, not an error: the call sets
-    what it names, and ``set_performance(**vars(prev))`` restores the other options). A block that names the
-    setting in force (a dataset run's ``performance(**vars(current()))``) changes nothing and says nothing."""
-    if before.allocator == "reuse" and after.allocator == "default" and thresholds_fixed():
-        warnings.warn("allocator='default' cannot undo allocator='reuse' in this process: glibc's mmap and trim "
-                      "thresholds, fixed by mallopt before its first CPU pass, stay as they are (there is no way "
-                      "back; the process keeps the memory it frees). The option now says 'default' and salience "
-                      "sets nothing more; for the C allocator as it is, start a new Python process",
-                      stacklevel=user_stacklevel())
+    """A warning where a setter changes ``allocator`` after what the first one set in this process cannot be undone:
+    ``"reuse"``'s ``mallopt`` (glibc's thresholds stay fixed: turned into ``"default"``, or into ``"system"`` from any
+    setting), or the
+    default's raised dynamic threshold (turned into ``"system"``: the thresholds still adjust, but from where the
+    raise put them). A warning, not an error: the call sets what it names, and ``set_performance(**vars(prev))``
+    restores the other options. A block that names the setting in force (a dataset run's
+    ``performance(**vars(current()))``) changes nothing and says nothing; nor does anything before a CPU pass."""
+    if before.allocator == after.allocator:
+        return
+    # "system" after thresholds "reuse" fixed, whatever came between ("reuse" -> "default" -> "system"): the reuse
+    # warning, not the default's (whose "still adjusts" mallopt made false; session 49's review)
+    if thresholds_fixed() and (before.allocator == "reuse" or after.allocator == "system"):
+        warnings.warn(f"allocator={after.allocator!r} cannot undo allocator='reuse' in this process: glibc's mmap and "
+                      "trim thresholds, fixed by mallopt before its first CPU pass, stay as they are (there is no way "
+                      f"back; the process keeps the memory it frees). The option now says {after.allocator!r} and "
+                      "salience sets nothing more; for the C allocator as it is, start a new Python process "
+                      "(allocator='system' before its first CPU pass)", stacklevel=user_stacklevel())
+    elif after.allocator == "system" and dynamic_threshold_raised():
+        warnings.warn("allocator='system' cannot undo what allocator='default' did before this process's first CPU "
+                      "pass: glibc's dynamic mmap threshold was raised (one block just under 32 MiB mapped and freed), "
+                      "and it still adjusts from there. salience does nothing more to the C allocator; for it exactly "
+                      "as the process has it, set allocator='system' before the first CPU pass (or start a new Python "
+                      "process)", stacklevel=user_stacklevel())
 
 
 def _replace(base: Performance, options: dict) -> Performance:
@@ -310,7 +341,7 @@ def resolve(memory_format: Optional[str] = None, compile: Any = None, precision:
     :func:`plain` (the keywords checked all the same)."""
     options = _replace(current(), dict(memory_format=memory_format, compile=compile, precision=precision,
                                        fold_batchnorm=fold_batchnorm))
-    return Performance() if _plain.get() else options
+    return _plain_options() if _plain.get() else options
 
 
 # --------------------------------------------------------------------------- per-model results
@@ -1178,14 +1209,14 @@ def _observers_aside(model: nn.Module) -> Iterator[tuple[list, list]]:
 def _allocator(options: Performance, device: Any) -> None:
     """Before a pass on a CPU, once per process: ``allocator="reuse"`` fixes glibc's thresholds, not undone
     (:func:`salience._core.malloc.keep_freed_memory`); ``"default"`` raises glibc's dynamic mmap threshold as the
-    process's first free of a large block would, thresholds left adjusting
-    (:func:`salience._core.malloc.raise_dynamic_threshold`; docs/performance.md, session 48). Nothing elsewhere than
-    glibc."""
+    process's first free of a large block would, thresholds left adjusting, unless the process started with glibc's
+    own threshold settings (:func:`salience._core.malloc.raise_dynamic_threshold`; docs/performance.md, session 48);
+    ``"system"`` nothing (the C allocator exactly as the process has it). Nothing elsewhere than glibc."""
     if getattr(device, "type", None) != "cpu":
         return
     if options.allocator == "reuse":
         keep_freed_memory()
-    else:
+    elif options.allocator == "default":
         raise_dynamic_threshold()
 
 
@@ -1193,7 +1224,7 @@ def before_pass(x: Any) -> None:
     """What the options in force ask before any pass of a model on ``x`` (:func:`salience._core.autograd.model_call`,
     which every pass salience runs goes through: one-pass methods, the CAMs', a dataset run's prediction, the
     metrics'): on a CPU, ``allocator="reuse"``'s fixed thresholds, or under the default glibc's dynamic threshold
-    raised once per process (session 48; :func:`_allocator`)."""
+    raised once per process (session 48; :func:`_allocator`); nothing under ``"system"``."""
     _allocator(current(), getattr(x, "device", None))
 
 

@@ -58,7 +58,8 @@ def main(argv: Optional[Sequence[str]] = None, *, owns_process: Optional[bool] =
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code. ``owns_process``
     (default: ``argv is None``, as the ``salience`` command and ``python -m salience`` call it): the process
     ends with the command, so ``explain`` and ``evaluate`` run with ``allocator="reuse"`` unless
-    ``--allocator`` says otherwise (:data:`salience.cli.common.OWN_PROCESS_ALLOCATOR`)."""
+    ``--allocator`` says otherwise or the environment sets glibc's thresholds
+    (:data:`salience.cli.common.OWN_PROCESS_ALLOCATOR`)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

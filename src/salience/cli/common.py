@@ -15,7 +15,7 @@ from salience._core.autograd import forward_scores, class_probabilities
 from salience._core.errors import SalienceError, suggest
 from salience._core.files import make_folder
 from salience._core.perf import ALLOCATORS, FREEZE, MEMORY_FORMATS, PRECISIONS, performance
-from salience._core.malloc import available as malloc_available
+from salience._core.malloc import available as malloc_available, user_tuned as malloc_user_tuned
 from salience.loading import load_model
 from salience.loading.models import MODEL_SPECS
 from salience.methods import METHODS
@@ -253,7 +253,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="reuse: on a CPU with glibc, malloc's mmap and trim thresholds fixed high before the "
                         "first pass, so the memory a pass frees is kept for the next (fewer page faults: about half for "
                         "explain DIR, measured; the process keeps its peak memory); the default of explain and evaluate run as the "
-                        "salience command. default: glibc's thresholds left adjusting (the other commands' default)")
+                        "salience command (unless the environment sets glibc's thresholds: MALLOC_MMAP_THRESHOLD_, "
+                        "MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_, MALLOC_MMAP_MAX_, GLIBC_TUNABLES). default: glibc's "
+                        "thresholds left adjusting, the mmap threshold raised once before the first CPU pass (not where "
+                        "the environment sets them; the other commands' default). system: the C allocator exactly as "
+                        "the process has it, nothing done")
 
 
 OWN_PROCESS_ALLOCATOR = {"explain": "reuse", "evaluate": "reuse"}
@@ -261,14 +265,19 @@ OWN_PROCESS_ALLOCATOR = {"explain": "reuse", "evaluate": "reuse"}
 salience``), no ``--allocator`` says otherwise and the C library is glibc (elsewhere the option does nothing and
 would warn): their CPU passes fault far fewer pages afresh (about half a dataset command's: docs/performance.md,
 session 39); the setting is process-wide and not undone, which a process that ends with the command can afford, and
-:func:`salience.cli.main` called with an ``argv`` from a user's process (a notebook, a test) cannot."""
+:func:`salience.cli.main` called with an ``argv`` from a user's process (a notebook, a test) cannot. Not where the
+process started with glibc's own threshold settings in its environment (``MALLOC_MMAP_THRESHOLD_`` and the like:
+:func:`salience._core.malloc.user_tuned`): the user's settings are heeded, and the command runs under the library's
+default (which then does nothing to the allocator either)."""
 
 
 def performance_from_args(args: argparse.Namespace, owns_process: bool = False) -> ContextManager[Any]:
     """The performance options a command's flags give, in force for the command (this thread); with
-    ``owns_process``, :data:`OWN_PROCESS_ALLOCATOR`'s allocator where ``--allocator`` is not given."""
+    ``owns_process``, :data:`OWN_PROCESS_ALLOCATOR`'s allocator where ``--allocator`` is not given (on glibc, in a
+    process whose environment sets none of glibc's thresholds)."""
     allocator = getattr(args, "allocator", None)
-    if allocator is None and owns_process and malloc_available():  # elsewhere than glibc: not a default to warn of
+    # elsewhere than glibc: not a default to warn of; the user's own thresholds: not a default to override them with
+    if allocator is None and owns_process and malloc_available() and malloc_user_tuned() is None:
         allocator = OWN_PROCESS_ALLOCATOR.get(getattr(args, "command", None) or "")
     return performance(memory_format=getattr(args, "memory_format", None), compile=getattr(args, "compile", None),
                        precision=getattr(args, "precision", None),

@@ -848,8 +848,11 @@ def _loader(run: Job, plan_batches: list[tuple[int, list[int]]]) -> DataLoader:
     if context is None:
         context = loader_context(model_device(run.model), run.workers, dataset if user is None else (dataset, user))
     forks = _forks(context)
-    # salience's own start bound now (sent pickled to a forkserver's worker, which imports sources afresh)
-    init = functools.partial(_worker_start, forks, user, sources.worker_init, None if forks else dict(os.environ),
+    # salience's own start bound now (sent pickled to a forkserver's worker, which imports sources afresh); under
+    # allocator="system" a forked worker gives nothing back either (its malloc_trim is the C allocator touched, after
+    # an earlier pass under the default or "reuse" found glibc: session 49's review)
+    release = forks and _perf.current().allocator != "system"
+    init = functools.partial(_worker_start, release, user, sources.worker_init, None if forks else dict(os.environ),
                              parent=None if forks else os.getpid()) if run.workers else None
     return DataLoader(dataset, batch_sampler=[b for _, b in plan_batches], num_workers=run.workers,
                       collate_fn=sources.collate, worker_init_fn=init, persistent_workers=False,
@@ -869,7 +872,8 @@ def _forks(context: Any) -> bool:
 def _worker_start(forked: bool, user: Optional[Callable[[int], None]], own: Optional[Callable[[int], None]] = None,
                   env: Optional[dict[str, str]] = None, worker_id: int = 0, parent: Optional[int] = None) -> None:
     """A decoding worker's start: a ``forked`` one first gives back the heap's free pages it shares with the run's
-    process (:func:`salience._core.malloc.release_shared_heap`, on glibc); one started afresh (a
+    process (:func:`salience._core.malloc.release_shared_heap`, on glibc; ``forked`` is ``False`` under
+    ``allocator="system"``, :func:`_loader`); one started afresh (a
     forkserver's, spawn's) takes ``env``, the run's environment when its DataLoader was made (a forkserver has the
     one it started with) and watches the run's process ``parent`` (:func:`_end_with`); then salience's own start
     (``own``: :func:`sources.worker_init` as it was then), then ``user``, the ``worker_init_fn`` of the DataLoader the
