@@ -545,18 +545,24 @@ def _same_contents(items: Any, v: Any) -> bool:
         return len(v) == items
     if type(items) is list:
         return len(items) == len(v) and all(map(operator.is_, items, v))
-    if type(items) is dict:
-        return len(items) == len(v) and all(k in v and v[k] is x for k, x in items.items())
+    if type(items) is dict:  # its order too (an LRU cache's move_to_end, ``d[k] = d.pop(k)``: session 49 review)
+        return len(items) == len(v) and all(map(operator.is_, items, v)) and \
+            all(map(operator.is_, items.values(), v.values()))
     return items == v
 
 
 def _put_back_contents(v: Any, items: Any) -> None:
-    """The container ``v`` holding ``items`` (:func:`_contents`) again, in place (the object stays the user's)."""
-    v.clear()
+    """The container ``v`` holding ``items`` (:func:`_contents`) again, in place (the object stays the user's), an
+    item both have never missing meanwhile: ``clear()`` then refilling left it empty for that moment, and the user's
+    other thread reading it (its own forward) failed (session 49 review); a dict's order put back too
+    (:func:`_restore_mapping`)."""
     if type(v) is list:
-        v.extend(items)
-    else:
+        v[:] = items
+    elif type(v) is set:
+        v.intersection_update(items)
         v.update(items)
+    else:
+        _restore_mapping(v, items)
 
 
 def _container_records(attrs: dict, every: bool = False) -> Any:
