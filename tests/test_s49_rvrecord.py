@@ -156,7 +156,7 @@ def test_an_error_in_a_traced_forward_leaves_nn_module_as_torch_made_it():
 
         def forward(self, x):
             inner.append(torch.fx.symbolic_trace(nn.Sequential(nn.ReLU())))  # a trace inside the trace
-            y = block.forward(x)
+            block.forward(x)
             raise RuntimeError("the user's")
 
     why = folding.fx_traced(Raises(), None)
