@@ -544,8 +544,8 @@ def _same_contents(items: Any, v: Any, identity: bool = False) -> bool:
     container over :data:`_CONTENTS_LIMIT` items, not copied): whether it still has that many. Compared in C, each
     item by identity first, as the attributes are (an item replaced by one equal to it, ``==``, stays; one whose
     ``==`` raises, a tensor's, is changed): item by item in Python (``operator.is_``, a generator) a module's record
-    and put-back with 1024 items cost 52 us more a call for a list and 190 for a dict, now 7 and 65 (AMD EPYC, core 0;
-    session 49 review, ``tests/test_s49_rvrecord.py``'s docstring). ``identity``: each item by identity, no ``==``
+    and put-back with 1024 items cost 37 us more a call for a list, 100 for a dict, now 2.5 and 22 (AMD EPYC, core 0;
+    session 49 review, ``benchmarks/guard-containers-rvrecord-s49.txt``). ``identity``: each item by identity, no ``==``
     called (:func:`state_changes`: the fx trace's record of its shadow may hold proxies)."""
     if type(items) is int:
         return len(v) == items
@@ -750,8 +750,8 @@ _NO_TENSOR_KINDS = frozenset({bool, int, float, str, type(None), dict, OrderedDi
 _MODULE_OWN = frozenset(k for k, v in nn.Module().__dict__.items() if type(v) in (OrderedDict, dict, set))
 _MODULE_KEYS = frozenset(nn.Module().__dict__)  # every attribute nn.Module.__init__ sets
 # the containers whose contents the records copy (:func:`_contents`), and the most items the model guard copies of one
-# (a shallow copy and a comparison in C: 1024 items cost a module's record and put-back about 7 us more a call for a
-# list, 25 for a set, 65 for a dict, its order compared too: AMD EPYC, core 0 under load; session 49 review)
+# (a shallow copy and a comparison in C: 1024 items cost a module's record and put-back about 2.5 us more a call for a
+# list, 8 for a set, 22 for a dict, its order compared too: AMD EPYC, core 0, benchmarks/guard-containers-rvrecord-s49.txt)
 _CONTAINERS = frozenset({list, dict, OrderedDict, set})
 _CONTENTS_LIMIT = 1024
 
