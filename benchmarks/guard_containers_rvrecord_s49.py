@@ -2,7 +2,7 @@
 1024-item list, dict or set attribute, or none; min / median of 5 rounds of 5000. Run per source tree:
 PYTHONPATH=<tree>/src taskset -c 0 python benchmarks/guard_containers_rvrecord_s49.py <label>
 (output: benchmarks/guard-containers-rvrecord-s49.txt)."""
-import sys, timeit, operator
+import sys, timeit
 import torch.nn as nn
 from salience._core import guard
 class M(nn.Module):
