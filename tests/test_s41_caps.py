@@ -15,6 +15,8 @@ from salience._core import engine
 from salience.evidence import evaluate, faithfulness, image_seeds
 from salience.methods import options
 
+from test_s49_record import ForwardLog
+
 smoothgrad_module = importlib.import_module("salience.methods.smoothgrad")  # the attribute is the function
 
 
@@ -31,7 +33,7 @@ class _Counted(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.fc = nn.Linear(8, 4)
-        self.calls = [0]
+        self.calls = ForwardLog([0])  # the guard puts back a plain list: the count would read 0 after a call
         self.limit = limit
 
     def forward(self, x):

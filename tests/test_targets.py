@@ -9,6 +9,8 @@ from torch import nn
 import salience
 from salience import SalienceError, targets
 
+from test_s49_record import ForwardLog
+
 
 def linear(k=5, seed=0):
     torch.manual_seed(seed)
@@ -75,7 +77,9 @@ class TwoConv(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 4, 1, bias=False)
         self.block = nn.Sequential(nn.Conv2d(4, 5, 1, bias=False))
-        self.calls_after: list = []  # appended to in place: the guard puts back a counter it reassigns
+        # appended to in place: a ForwardLog, which the guard leaves as the passes left it (it puts back a plain
+        # list's contents: the assertion that the forward stops at the target could not fail)
+        self.calls_after: list = ForwardLog()
         self.head = nn.Linear(5, 2)
 
     def forward(self, x):

@@ -117,10 +117,26 @@ class ThisThreadTracer(torch.fx.Tracer):
         self._shadows = shadows or {}
 
     def trace(self, root: Any, concrete_args: Optional[dict] = None) -> torch.fx.Graph:
-        if not self._shadows:
+        if not self._shadows or "__getattribute__" in nn.Module.__dict__:  # another tool's replacement: no redirect
             return super().trace(root, concrete_args)
-        with _on_shadows(self._shadows, self._thread):
-            return super().trace(root, concrete_args)
+        get, put, drop = _on_shadows(self._shadows, self._thread)
+        setattr_, delattr_ = nn.Module.__setattr__, nn.Module.__delattr__
+        # installed inside the try and taken off in the finally with no call (no point where Python runs a Ctrl-C's
+        # handler): a generator's context manager left them in place for good on a Ctrl-C in its __enter__ while
+        # the traceback was kept (a REPL's sys.last_traceback; session 49 review)
+        try:
+            nn.Module.__getattribute__ = get  # type: ignore[method-assign]
+            nn.Module.__setattr__ = put  # type: ignore[method-assign]
+            nn.Module.__delattr__ = drop  # type: ignore[method-assign]
+            graph = super().trace(root, concrete_args)  # the point after the call still inside the try
+        finally:
+            if nn.Module.__delattr__ is drop:
+                nn.Module.__delattr__ = delattr_  # type: ignore[method-assign]
+            if nn.Module.__setattr__ is put:
+                nn.Module.__setattr__ = setattr_  # type: ignore[method-assign]
+            if nn.Module.__getattribute__ is get:
+                del nn.Module.__getattribute__
+        return graph
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if threading.get_ident() != self._thread:
@@ -136,19 +152,18 @@ class ThisThreadTracer(torch.fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
-@contextmanager
-def _on_shadows(shadows: dict, thread: int) -> Iterator[None]:
-    """In the block, an attribute read, write or delete of a module of the model (a key of ``shadows``, ``{id(module):
-    its shadow}``) in ``thread`` acts on its shadow: a forward reached other than through ``module(...)`` (a closure or
-    a global calling ``block.forward(x)``, a bound ``forward`` taken before) reads the shadow's state and writes there,
-    as the shadow's own forward does; the model is not touched (session 49: its count, list and tensor were written,
-    an fx proxy left in it). ``nn.Module``'s ``__getattribute__``, ``__setattr__`` and ``__delattr__`` are replaced
-    for the block, as fx replaces ``__call__`` and ``__getattr__`` for the trace; other threads and other modules go
-    through with an id look-up (the trace holds :data:`_TRACING`: one at a time). A class that defines its own
-    ``__getattribute__`` / ``__setattr__`` is not redirected (a limit)."""
+def _on_shadows(shadows: dict, thread: int) -> tuple[Callable[..., Any], Callable[..., None], Callable[..., None]]:
+    """``nn.Module``'s ``__getattribute__``, ``__setattr__`` and ``__delattr__`` for a trace
+    (:meth:`ThisThreadTracer.trace` installs them for the trace and takes them off): an attribute read, write or delete
+    of a module of the model (a key of ``shadows``, ``{id(module): its shadow}``) in ``thread`` acts on its shadow: a
+    forward reached other than through ``module(...)`` (a closure or a global calling ``block.forward(x)``, a bound
+    ``forward`` taken before) reads the shadow's state and writes there, as the shadow's own forward does; the model is
+    not touched (session 49: its count, list and tensor were written, an fx proxy left in it). Replaced for the trace
+    as fx replaces ``__call__`` and ``__getattr__``; other threads and other modules go through with an id look-up
+    (the trace holds :data:`_TRACING`: one at a time). A class that defines its own ``__getattribute__`` /
+    ``__setattr__`` is not redirected (a limit)."""
     get, put, drop = object.__getattribute__, nn.Module.__setattr__, nn.Module.__delattr__
     ident = threading.get_ident
-    had = "__getattribute__" in nn.Module.__dict__
 
     def getattribute(self: Any, name: str) -> Any:
         shadow = shadows.get(id(self))
@@ -162,17 +177,7 @@ def _on_shadows(shadows: dict, thread: int) -> Iterator[None]:
         shadow = shadows.get(id(self))
         drop(self if shadow is None or ident() != thread else shadow, name)
 
-    if had:  # another tool's replacement: left alone, no redirect
-        yield
-        return
-    nn.Module.__getattribute__ = getattribute  # type: ignore[method-assign]
-    try:
-        nn.Module.__setattr__ = setattr  # type: ignore[method-assign]
-        nn.Module.__delattr__ = delattr  # type: ignore[method-assign]
-        yield
-    finally:
-        nn.Module.__setattr__, nn.Module.__delattr__ = put, drop  # type: ignore[method-assign]
-        del nn.Module.__getattribute__
+    return getattribute, setattr, delattr
 
 
 class _AutocastSeeingTracer(ThisThreadTracer):

@@ -35,8 +35,9 @@ it stays written; an inference tensor among them, which keeps no version counter
 same limit, compared with ``torch.equal`` and written back under inference mode, session 49);
 the contents of each list, dict and set attribute of a module not from torch.nn (``self.history.append(y)``,
 ``self.cfg["k"] = v``; session 49, ``tests/test_s49_record.py``): a shallow copy of each, by its exact type (a
-subclass is not copied), up to ``_CONTENTS_LIMIT`` (1024) items, compared item by item by identity and put back in
-place (the user's object stays); one over the limit keeps only its length, and a call that changes the length says
+subclass is not copied), up to ``_CONTENTS_LIMIT`` (1024) items, compared in C, each item by identity first (one
+replaced by an equal one stays, as an attribute does), a dict's order too, and put back in place (the user's object
+stays, an item both have never missing meanwhile: session 49 review); one over the limit keeps only its length, and a call that changes the length says
 so, a warning naming it, as it stays changed;
 its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
 compared with the module's dict in C (``==``, each value by identity first) and put back by identity where it
@@ -538,25 +539,43 @@ def _contents(v: Any) -> Any:
     return list(v) if t is list else dict(v) if t is dict or t is OrderedDict else set(v) if t is set else None
 
 
-def _same_contents(items: Any, v: Any) -> bool:
-    """Whether the container ``v`` holds ``items`` (:func:`_contents`), each the same object; ``items`` an int (a
-    container over :data:`_CONTENTS_LIMIT` items, not copied): whether it still has that many."""
+def _same_contents(items: Any, v: Any, identity: bool = False) -> bool:
+    """Whether the container ``v`` holds ``items`` (:func:`_contents`), a dict in the same order; ``items`` an int (a
+    container over :data:`_CONTENTS_LIMIT` items, not copied): whether it still has that many. Compared in C, each
+    item by identity first, as the attributes are (an item replaced by one equal to it, ``==``, stays; one whose
+    ``==`` raises, a tensor's, is changed): item by item in Python (``operator.is_``, a generator) a module's record
+    and put-back with 1024 items cost 37 us more a call for a list, 100 for a dict, now 2.5 and 22 (AMD EPYC, core 0;
+    session 49 review, ``benchmarks/guard-containers-rvrecord-s49.txt``). ``identity``: each item by identity, no ``==``
+    called (:func:`state_changes`: the fx trace's record of its shadow may hold proxies)."""
     if type(items) is int:
         return len(v) == items
-    if type(items) is list:
-        return len(items) == len(v) and all(map(operator.is_, items, v))
-    if type(items) is dict:
-        return len(items) == len(v) and all(k in v and v[k] is x for k, x in items.items())
-    return items == v
+    if identity:  # no == called on an item (a trace's record of its shadow: an fx proxy's == adds a node to the graph)
+        if type(items) is dict:
+            return len(items) == len(v) and all(map(operator.is_, items, v)) and \
+                all(map(operator.is_, items.values(), v.values()))
+        if type(items) is list:
+            return len(items) == len(v) and all(map(operator.is_, items, v))
+        return items == v  # a set: by hash (an fx proxy cannot be in one)
+    try:
+        if type(items) is dict:  # its keys in order (an LRU cache's move_to_end, ``d[k] = d.pop(k)``: session 49 review)
+            return len(items) == len(v) and list(items) == list(v) and list(items.values()) == list(v.values())
+        return items == v
+    except Exception:  # noqa: BLE001 - an item's == raised (a tensor put in another's place): changed
+        return False
 
 
 def _put_back_contents(v: Any, items: Any) -> None:
-    """The container ``v`` holding ``items`` (:func:`_contents`) again, in place (the object stays the user's)."""
-    v.clear()
+    """The container ``v`` holding ``items`` (:func:`_contents`) again, in place (the object stays the user's), an
+    item both have never missing meanwhile: ``clear()`` then refilling left it empty for that moment, and the user's
+    other thread reading it (its own forward) failed (session 49 review); a dict's order put back too
+    (:func:`_restore_mapping`)."""
     if type(v) is list:
-        v.extend(items)
-    else:
+        v[:] = items
+    elif type(v) is set:
+        v.intersection_update(items)
         v.update(items)
+    else:
+        _restore_mapping(v, items)
 
 
 def _container_records(attrs: dict, every: bool = False) -> Any:
@@ -662,7 +681,7 @@ def state_changes(record: list) -> list:
                     t._version != version if version is not None else _values_moved(t, copy))]
             if r.contents:
                 changed += [(i, k) for k, v, items in r.contents
-                            if not _same_contents(items, v) and (i, k) not in changed]
+                            if not _same_contents(items, v, identity=True) and (i, k) not in changed]
         records = r.buffers
         if records is not None:
             now = d.get("_buffers") or _EMPTY
@@ -731,7 +750,8 @@ _NO_TENSOR_KINDS = frozenset({bool, int, float, str, type(None), dict, OrderedDi
 _MODULE_OWN = frozenset(k for k, v in nn.Module().__dict__.items() if type(v) in (OrderedDict, dict, set))
 _MODULE_KEYS = frozenset(nn.Module().__dict__)  # every attribute nn.Module.__init__ sets
 # the containers whose contents the records copy (:func:`_contents`), and the most items the model guard copies of one
-# (a shallow copy: 1024 items of a list cost about 3 us a call, of a dict about 10)
+# (a shallow copy and a comparison in C: 1024 items cost a module's record and put-back about 2.5 us more a call for a
+# list, 8 for a set, 22 for a dict, its order compared too: AMD EPYC, core 0, benchmarks/guard-containers-rvrecord-s49.txt)
 _CONTAINERS = frozenset({list, dict, OrderedDict, set})
 _CONTENTS_LIMIT = 1024
 
