@@ -51,3 +51,26 @@ def test_near_tie_keeps_the_class_of_model_x():
     assert not torch.allclose(zero, one)  # the two classes' maps differ
     torch.testing.assert_close(none, zero, rtol=1e-5, atol=1e-7)
     assert none.equal(zero)  # the same passes as the class given (the path in one chunk)
+
+
+def test_a_dataset_run_stores_the_map_of_the_class_its_row_names(tmp_path):
+    """A dataset run's first method with the predicted class (``runs.job._first_pass``) records the class of the model's
+    output at ``x`` in its row; the merged code stored class 1's map (all zeros here) under ``targets: [0]``."""
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    model = _tie(x)
+
+    class One(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return x[0]
+
+    run = salience.explain_dataset(model, One(), ("integrated_gradients",), tmp_path / "run", batch_size=1, workers=0,
+                                   method_options={"integrated_gradients": {"steps": STEPS}})
+    row = run.row(0)
+    assert row["predicted"] == 0 and row["targets"] == [0]
+    stored = torch.as_tensor(run.map(0, "integrated_gradients")).float().squeeze()
+    zero = salience.integrated_gradients(model, x, 0, steps=STEPS)[0]
+    assert zero.abs().max() > 1e-4
+    torch.testing.assert_close(stored, zero, rtol=2e-3, atol=1e-7)  # float16 storage
