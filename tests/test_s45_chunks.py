@@ -70,13 +70,13 @@ def test_cold_and_warm_calls_give_the_same_bits_and_chunks(resnet, sums_seen, me
 
 def test_smoothgrad_of_one_image_runs_one_chunk_of_16(resnet, sums_seen):
     """SmoothGrad 16 of one image: one pass of 16 items (old code: 1 + 15, oneDNN's 15 slower than its 16);
-    integrated gradients' 31 path points (the end point at 1 runs first, for the predicted class): one chunk of 31
-    (session 46: resnet18's weights outweigh 16 items at 32 px, so a pass takes up to 32, engine.gradient_chunk_cap;
-    16 + 15 in session 45)."""
+    integrated gradients' 32 path points: one chunk of 32 (session 49: the predicted class from a forward pass of x,
+    not a gradient pass of the end point at 1 that left 31; session 46: resnet18's weights outweigh 16 items at 32 px,
+    so a pass takes up to 32, engine.gradient_chunk_cap; 16 + 15 in session 45)."""
     _perf.clear_cache()
     salience.smoothgrad(resnet, _x(1), samples=16, seed=1)
     salience.integrated_gradients(resnet, _x(1), steps=32)
-    assert [s.chunks for s in sums_seen] == [[16], [31]]
+    assert [s.chunks for s in sums_seen] == [[16], [32]]
 
 
 def test_the_probe_is_a_pass_of_its_own_in_the_first_call_only(resnet):

@@ -1,5 +1,7 @@
-"""Session 49: integrated gradients fixes the predicted class (``target=None``) in the path's own first pass, whose
-first items are ``x`` itself, not in a pass of ``B`` images of its own that split the path's chunks."""
+"""Session 49: integrated gradients with ``target=None`` no longer splits the path's chunks: the predicted class is
+fixed on ``x`` in a forward pass of its own (the review of session 49: not read off the path's first chunk, whose
+rounding could break a near tie the other way, tests/test_s49_rvig.py) and the path runs the chunks of the classes
+given."""
 from __future__ import annotations
 
 import pytest
@@ -74,26 +76,26 @@ def test_predicted_class_on_the_path_is_the_papers_map(b, chunk):
 
 
 @pytest.mark.parametrize("b,chunk", [(1, 8), (3, 4), (2, 6)])
-def test_no_pass_of_its_own_for_the_predicted_class(b, chunk):
-    """The same passes (batch sizes) with ``target=None`` as with the classes given: the old code ran x's B images
-    first in a pass of their own (``[1, 8, 8, 8, 7]`` for 32 steps of 1 image in chunks of 8, not ``[8, 8, 8, 8]``)."""
+def test_the_path_is_not_split_for_the_predicted_class(b, chunk):
+    """With ``target=None`` x's forward pass of B images, then the passes (batch sizes) of the classes given: main's
+    gradient pass of x split the path (``[1, 8, 8, 8, 7]`` for 32 steps of 1 image in chunks of 8, not ``[8, 8, 8, 8]``)."""
     model, x = _model(), _images(b)
     with torch.no_grad():
         top = model(x).argmax(1)
     none = _passes(model, lambda: salience.integrated_gradients(model, x, steps=32, chunk=chunk))
     given = _passes(model, lambda: salience.integrated_gradients(model, x, top, steps=32, chunk=chunk))
-    assert none == given
-    assert sum(none) == 32 * b
+    assert none == [b] + given
+    assert sum(given) == 32 * b
 
 
 def test_completeness_check_takes_no_pass_more():
     """``return_gap=True`` with ``target=None`` (trapezoid: both ends on the path): the gap from the path's own
-    scores, no forward pass added, and ``sum(IG) - gap`` equals ``f(x) - f(x')`` of the top class."""
+    scores, no forward pass added to x's (the class's), and ``sum(IG) - gap`` equals ``f(x) - f(x')`` of the top class."""
     model, x = _model(), _images(2)
     out: list = []
     seen = _passes(model, lambda: out.append(salience.integrated_gradients(model, x, steps=16, chunk=8,
                                                                            reduce=None, return_gap=True)))
-    assert seen == [8, 8, 8, 8]
+    assert seen == [2, 8, 8, 8, 8]
     res = out[0]
     with torch.no_grad():
         f = model(x)

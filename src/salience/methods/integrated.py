@@ -28,7 +28,7 @@ from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.tensors import baseline_tensor, check_int, gaussian_blur, check_flag
 from salience._core.guard import model_guard
 from salience.reduce import GradModifier, Reduction
-from salience.targets import Classes, Predicted, Target, layers_tag, split
+from salience.targets import Predicted, Target, layers_tag, split
 from salience.methods._multi import several_targets, finish, input_gradient_maps, refuse_fp16_overflow
 
 __all__ = ["integrated_gradients", "input_x_gradient", "quadrature", "RULES", "IGResult", "CompletenessWarning",
@@ -271,9 +271,8 @@ def integrated_gradients(
     ``(B, H, W)``); ``None`` gives the signed ``(B, C, H, W)`` attributions, whose sum is
     ``f(x) - f(x')``. With ``return_gap=True``, an :class:`IGResult` ``(attributions, gap)`` where
     ``gap = sum(IG) - (f(x) - f(x'))`` per image. ``target`` as in :func:`salience.vanilla`, resolved
-    on ``x``: where the rule has ``a = 1`` (the trapezoid, ``"right"``) and the path runs in fp32
-    without ``compile``, in the path's own first pass, whose first items are ``x`` itself; else ``x``
-    runs first, in a forward pass of its own. An end point the rule lacks runs a forward pass of its
+    on ``x``: ``x`` runs first, in a plain fp32 forward pass of its own (the class is the argmax of
+    ``model(x)``, whatever the path's chunks, layout or precision). An end point the rule lacks runs a forward pass of its
     own for the gap. Several targets per image (``(B, K)`` or a list) give ``(B, K, ...)``,
     one forward and K backward passes per chunk. ``chunk``, ``max_memory``, ``progress``,
     ``memory_format``, ``compile``, ``precision`` as in :func:`salience.smoothgrad` (they apply to
@@ -295,24 +294,19 @@ def integrated_gradients(
     targets, multi = split(target, x.shape[0])
     b = x.shape[0]
     ends = _Ends(model, strip_softmax, dict(zip(alphas, weights)))
-    # The predicted class is fixed on x. Where the rule has x itself (a = 1) and the path runs in fp32 eagerly, x's
-    # points are the path's first items and the pass that computes them reads the class off their output
-    # (_PredictedOnPath): no pass of B images of its own, which split the path (resnet18 at 64 px, 1 image, 32
-    # steps: a pass of 1 and one of 31 items, not one of 32; session 49). Else x's pass runs first, explicitly (a
-    # forward pass; the class from an fp32 eager pass, as the maps' other end points).
-    on_path = 1.0 in ends.weights and perf.precision == "fp32" and perf.compile is False
-    predicted = [isinstance(t, Predicted) for t in targets]
-
+    # The predicted class is fixed on x in a forward pass of x's B images of their own: plain, eager and fp32, so each
+    # class is the argmax of model(x) as the caller sees it (and vanilla's, SmoothGrad's). Read off x's rows of the
+    # path's own chunk (session 49's _PredictedOnPath) it followed that chunk's rounding: another batch size, layout
+    # or folded copy broke a near tie the other way and explained the other class (review of session 49).
     with model_guard(model):
-        if any(predicted) and not on_path:
+        if any(isinstance(t, Predicted) for t in targets):
             targets = ends.at(x, 1.0, targets)
-        tops = {i: _PredictedOnPath(b) for i, p in enumerate(predicted) if p and on_path}
-        rest = sorted(alphas, key=lambda a: a != 1.0) if tops else list(alphas)  # x's points first (stable)
+        rest = list(alphas)
         path = PathPoints(x, x0, rest)
 
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
             xs, owner = path(start, stop)
-            items = [tops[i].items(start, owner) if i in tops else t.for_items(owner) for i, t in enumerate(targets)]
+            items = [t.for_items(owner) for t in targets]
             grads, scores, _ = _engine.input_gradients(model, xs, items, strip_softmax=strip_softmax)
             refuse_fp16_overflow(model, grads)  # fp16 past 65504: refused at the call's end, not a NaN map
             return grads.transpose(0, 1), scores.t()  # (n, K, C, H, W), (n, K)
@@ -323,7 +317,6 @@ def integrated_gradients(
             # K targets: K gradients per item; a target on a layer: its pass stops there (layers_tag)
             run=_perf.Run(model, x, perf, tag=f"ig:{strip_softmax}:{len(targets)}:{layers_tag(targets)}"),
         )
-        targets = [tops[i].target() if i in tops else t for i, t in enumerate(targets)]
         # The targets' scores at the end points of the path, where the path has them.
         assert sums.scores is not None
         for a in (1.0, 0.0):
@@ -380,7 +373,7 @@ def _check_gap(rel: Tensor, steps: int, rule: str) -> None:
 class _Ends:
     """The path's end points where the path lacks them: the target scores ``f`` there ``(B, K)`` by ``alpha``, from
     a forward pass of their own (the completeness check's), and the targets fixed on ``x`` (the predicted class
-    becomes a class) where the path cannot fix them (:class:`_PredictedOnPath`). ``weights``: the rule's, by node."""
+    becomes a class, read off a plain fp32 eager pass of ``x``). ``weights``: the rule's, by node."""
 
     def __init__(self, model: nn.Module, strip_softmax: bool, weights: dict[float, float]) -> None:
         self.model, self.strip_softmax, self.weights = model, strip_softmax, weights
@@ -390,54 +383,6 @@ class _Ends:
         g = backward(self.model, point, targets, input_grad=False, strip_softmax=self.strip_softmax)
         self.scores[alpha] = g.score_matrix(point.shape[0]).t().to(torch.float64)
         return [t.resolved(g.output) for t in targets]
-
-
-class _PredictedOnPath:
-    """Each image's predicted class (:class:`~salience.targets.Predicted`, the argmax of its output at ``x``) read in
-    the path's own passes: the path's first ``B`` items are ``x`` itself (``a = 1``), and chunks run in item order, so
-    the pass that computes item ``i < B`` reads image ``i``'s class off that item's output before any item of the
-    image at another point needs it (the items of one pass: x's rows first). Saves integrated gradients the pass of
-    ``B`` images of its own that fixed the class first (a pass of 1 image and one of 31 items at 32 steps, in place
-    of one of 32). ``classes`` ``(B,)`` long, once its items have run."""
-
-    def __init__(self, b: int) -> None:
-        self.b = b
-        self.classes: Optional[Tensor] = None
-        self.outputs: Optional[int] = None  # the number of classes of the output they were read from
-
-    def items(self, start: int, owner: Tensor) -> Target:
-        """The target of items ``start..start + len(owner) - 1`` (images ``owner``)."""
-        return _PathPredicted(self, start, owner)
-
-    def target(self) -> Target:
-        """The classes found, as a class target (:meth:`salience.targets.Predicted.resolved`'s)."""
-        assert self.classes is not None, "the path's first items did not run"
-        top = Classes(self.classes)
-        top._fits = self.outputs  # an argmax of the classes: in range
-        return top
-
-
-class _PathPredicted(Target):
-    """:class:`_PredictedOnPath`'s target for one pass: the score of each item's image's predicted class, the
-    classes of x's items in the pass (its first rows) read off their own output first."""
-
-    def __init__(self, top: _PredictedOnPath, start: int, owner: Tensor) -> None:
-        self.top, self.start, self.owner = top, start, owner
-
-    def __call__(self, output: Tensor) -> Tensor:
-        top = self.top
-        fresh = max(0, min(output.shape[0], top.b - self.start))  # rows of x itself: items start.. below B, first
-        if fresh:  # their classes, as Predicted reads them (its checks of the output too)
-            found = Predicted().resolved(output[:fresh])
-            assert isinstance(found, Classes) and isinstance(found.index, Tensor)
-            if top.classes is None or top.classes.device != found.index.device:
-                top.classes = torch.zeros(top.b, dtype=torch.long, device=found.index.device)
-            top.classes[self.start:self.start + fresh] = found.index
-            top.outputs = found._fits
-        assert top.classes is not None, "x's items run first"
-        items = Classes(top.classes[self.owner.to(top.classes.device)])
-        items._fits = top.outputs  # argmaxes of the output's classes: in range, not checked in each pass
-        return items(output)
 
 
 class PathPoints:
