@@ -41,8 +41,8 @@ class Replaced(nn.Module):
 
 
 class InPlace(Replaced):
-    """The same state as a buffer written in place, and a counter besides (a list's contents changed in place are not
-    put back, as the model guard does not put them back: a list counting the passes counts them all)."""
+    """The same state as a buffer written in place, and a counter besides (a list's, dict's or set's contents changed
+    in place are put back too, as the model guard puts them back: tests/test_s49_rvoccl.py)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -217,9 +217,9 @@ class Big(Replaced):
         return out
 
 
-# the model guard's own warning (it tells a write by the version counter, and says the values stay: they do not,
-# perturbation.Found put them back; guard.py's, not changed here)
-@pytest.mark.filterwarnings("ignore:the model's forward wrote in place")
+# the model guard's own warning (it tells a write by the version counter and says the values stay): none, Found put
+# them back and tells the guard so (guard.settled, session 49 review)
+@pytest.mark.filterwarnings("error:the model's forward changed in place")
 def test_state_over_the_guards_copy_limit():
     """Copied whatever its size (as Ablation-CAM's split since session 48), so put back before every pass and after."""
     m, x = _model(Big, warm=False)

@@ -1,0 +1,125 @@
+"""Session 49 review of ``perturbation.Found`` (the model's own state put back before each pass of occlusion, RISE,
+Score-CAM and Ablation-CAM), after the model guard learnt (same session, "record49") to put back the contents of list,
+dict and set attributes and inference-tensor attributes written in place. Each test fails on main before this review:
+
+a) Found recorded no container's contents: occlusion's window ``k`` saw the list window ``k - 1``'s pass appended to,
+   which the call's end then undid (the guard's own put-back);
+b) Found recorded an inference-tensor attribute by identity only: one written in place under inference mode was seen
+   by the next pass;
+c) a plain tensor attribute over the guard's 1 MiB, which Found copies and put back, drew the guard's warning that
+   "it keeps those values" (it did not).
+
+References are hand-written Zeiler & Fergus occlusion (test_s49_occlusion_state) with the state put back by hand
+before every forward.
+"""
+import warnings
+
+import pytest
+import torch
+
+import salience
+from test_s49_occlusion_state import SIZE, Big, Replaced, _model, _occlusion_reference, _same_state
+
+
+class Listed(Replaced):
+    """The state in a list and a dict changed in place (``self.hist.append``): every pass after the first adds 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hist: list = []
+        self.notes: dict = {}
+
+    def get_state(self):
+        return torch.tensor([float(len(self.hist)), float(len(self.notes))])
+
+    def set_state(self, s):
+        del self.hist[int(s[0]):]
+        self.notes.clear()
+        self.notes.update({i: i for i in range(int(s[1]))})
+
+    def forward(self, x):
+        z = torch.relu(self.conv2(torch.relu(self.conv(x)))).mean((2, 3)) + len(self.hist) + 0.5 * len(self.notes)
+        self.hist.append(0)
+        self.notes[len(self.notes)] = 0
+        return self.fc(z)
+
+
+class InferenceInPlace(Replaced):
+    """The state an inference tensor (the user ran the model under ``torch.inference_mode()``) written in place,
+    under inference mode, by each forward."""
+
+    def get_state(self):
+        return self.h.clone()
+
+    def set_state(self, s):
+        with torch.inference_mode():
+            self.h.copy_(s)
+
+    def forward(self, x):
+        z = torch.relu(self.conv2(torch.relu(self.conv(x)))).mean((2, 3)) + 3 * self.h
+        if self.h.is_inference():
+            with torch.inference_mode():
+                self.h.copy_(z.detach().mean(0))
+        return self.fc(z)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_occlusion_container_state(local):
+    m, x = _model(Listed)
+    hist, notes = m.hist, m.notes
+    state = m.get_state()
+    target = torch.tensor([1, 2])
+    want = _occlusion_reference(m, x, target, 4, 4, state)
+    m.set_state(state)
+    got = salience.occlusion(m, x, target, window=4, stride=4, chunk=5, local=local)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _same_state(m, state)
+    assert m.hist is hist and m.notes is notes  # the user's objects, put back in place
+
+
+def test_rise_container_state():
+    """RISE (Petsiuk et al.): sum_i S(x * M_i) M_i / (N p), S the class probability, the state put back before each."""
+    from salience.methods.perturbation import rise_masks
+    m, x = _model(Listed)
+    state = m.get_state()
+    target = torch.tensor([1, 3])
+    n, p = 8, 0.5
+    rows = torch.arange(len(x))
+    want = torch.zeros(len(x), SIZE, SIZE)
+    with torch.no_grad():
+        for i in range(n):
+            mask = rise_masks(i, i + 1, (SIZE, SIZE), cell=4, p=p, seed=3)[0]
+            m.set_state(state)
+            want += m(x * mask).softmax(1)[rows, target][:, None, None] * mask
+    want /= n * p
+    m.set_state(state)
+    got = salience.rise(m, x, target, masks=n, cell=4, p=p, seed=3, chunk=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _same_state(m, state)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_occlusion_inference_state_written_in_place(local):
+    m, x = _model(InferenceInPlace, warm=False)
+    with torch.inference_mode():
+        m.h = torch.zeros(8)
+        m(torch.randn(2, 3, SIZE, SIZE))
+    h = m.h
+    assert h.is_inference() and h.abs().sum() > 0
+    state = h.clone()
+    target = torch.tensor([1, 2])
+    want = _occlusion_reference(m, x, target, 4, 4, state)
+    m.set_state(state)
+    got = salience.occlusion(m, x, target, window=4, stride=4, chunk=4, local=local)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert m.h is h and torch.equal(h, state)
+
+
+def test_no_warning_for_a_large_tensor_put_back():
+    """The guard copies no tensor over 1 MiB and would say it stays written; Found put it back: no warning."""
+    m, x = _model(Big, warm=False)
+    state = m.get_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        salience.occlusion(m, x, torch.tensor([1, 2]), window=4, stride=4, local=False, chunk=5)
+    _same_state(m, state)
