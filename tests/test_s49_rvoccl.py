@@ -123,3 +123,45 @@ def test_no_warning_for_a_large_tensor_put_back():
         warnings.simplefilter("error")
         salience.occlusion(m, x, torch.tensor([1, 2]), window=4, stride=4, local=False, chunk=5)
     _same_state(m, state)
+
+
+class Folded(Replaced):
+    """:class:`Replaced` with a batch norm after its first convolution (``fold_batchnorm`` folds it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(8)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        z = torch.relu(self.conv2(torch.relu(self.bn(self.conv(x))))).mean((2, 3)) + 3 * self.h
+        self.h = z.detach().mean(0)
+        return self.fc(z)
+
+
+def test_fold_batchnorm_traces_the_state_found():
+    """The folded copy (a trace, which bakes the state it reads in) was made after the clean pass, with the state that
+    pass left: every pass of occlusion's full passes and RISE ran that state."""
+    from salience.methods.perturbation import rise_masks
+    m, x = _model(Folded)
+    h, state = m.h, m.h.clone()
+    target = torch.tensor([1, 2])
+    want = _occlusion_reference(m, x, target, 4, 4, state)
+    n, p, rows = 6, 0.5, torch.arange(len(x))
+    rise_want = torch.zeros(len(x), SIZE, SIZE)
+    with torch.no_grad():
+        for i in range(n):
+            mask = rise_masks(i, i + 1, (SIZE, SIZE), cell=4, p=p, seed=3)[0]
+            m.set_state(state)
+            rise_want += m(x * mask).softmax(1)[rows, target][:, None, None] * mask
+    rise_want /= n * p
+    m.h = h
+    with salience.performance(fold_batchnorm=True):
+        got = salience.occlusion(m, x, target, window=4, stride=4, chunk=5, local=False)
+        _same_state(m, state, h)
+        rise_got = salience.rise(m, x, target, masks=n, cell=4, p=p, seed=3, chunk=4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rise_got, rise_want, rtol=1e-4, atol=1e-5)
+    _same_state(m, state, h)

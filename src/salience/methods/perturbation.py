@@ -498,6 +498,7 @@ def occlusion(
         tag = f"occlusion{'-local' if split_plan is not None else ''}:{win}:{st}:{probs}:{strip_softmax}"
         # region-limited passes never run the model's forward: with a folded copy the run makes channels-last weights
         # of that copy only (the model's float32 ones, 40.5 MiB on resnet50, were held through the passes: session 45)
+        found.before_pass()  # the folded copy (fold_batchnorm) traced with the state found, not the clean pass's
         run = _perf.Run(model, x, perf, tag=tag, **({"plain_passes": True, "strip_softmax": False} if split_plan else {}))
         if split_plan is None:
             clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, plain=True,
@@ -847,6 +848,7 @@ def rise(
                     total[image:image + hi - lo].addcmul_(s[lo:hi, :, None, None], m[r - first])
             return s  # (n, K): the engine's sums of them are unused (small)
 
+        found.before_pass()  # the folded copy (fold_batchnorm, made by the run) traced with the state the call found
         _engine.accumulate(compute, n_masks * b, b, chunk=chunk, max_memory=budget, progress=progress,
                            desc="rise", device=x.device, inference=True,
                            run=softmax_known(_perf.Run(model, x, perf, tag=f"rise:{probs}:{strip_softmax}",
