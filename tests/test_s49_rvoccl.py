@@ -165,3 +165,33 @@ def test_fold_batchnorm_traces_the_state_found():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(rise_got, rise_want, rtol=1e-4, atol=1e-5)
     _same_state(m, state, h)
+
+
+class Raises(Replaced):
+    """A list over the guard's 1024 items that each forward appends to, and a failure on its fourth forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hist = list(range(2000))
+
+    forwards = [0]  # on the class: no state of the model's (nothing puts it back)
+
+    def forward(self, x):
+        self.hist.append(len(self.hist))
+        self.forwards[0] += 1
+        if self.forwards[0] == 4:
+            raise RuntimeError("the fourth forward fails")
+        return super().forward(x) + len(self.hist)
+
+
+def test_exception_mid_call_puts_back_a_large_list():
+    """The call fails part way: the model comes back with the user's state, a list over the model guard's 1024 items
+    too (Found copies every container, as every tensor; the guard alone keeps its length only and says it stays)."""
+    m, x = _model(Raises, warm=False)
+    Raises.forwards[0] = 0
+    hist, h = m.hist, m.h
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="fourth forward"):
+            salience.occlusion(m, x, torch.tensor([1, 2]), window=4, stride=4, local=False, chunk=1)
+    assert m.hist is hist and hist == list(range(2000)) and m.h is h
