@@ -42,8 +42,7 @@ from salience._core.autograd import (check_input, class_probabilities, final_sof
                                      looks_like_probabilities, unwrap_output)
 from salience._core.errors import SalienceError
 from salience._core.info import max_batch
-from salience._core.guard import (_COPY_LIMIT, held_values, model_guard, put_back_state, record_state, settled,
-                                  state_changes)
+from salience._core.guard import held_values, model_guard, put_back_state, record_state, settled, state_changes
 from salience._core.tensors import baseline_tensor, check_int, check_number, gaussian_blur, check_flag, fresh_seed
 from salience.methods import _occlusion_local as _local
 from salience.methods._multi import several_targets
@@ -219,9 +218,9 @@ class Found:
             elif m._buffers:
                 layers.append(m)
         self.record = record_state(own, containers=True, large_copies=True, inference=True) if own else []
-        # the tensors over the guard's copy limit (which the guard records without a copy): told put back at the end
-        self.large = [(r.module, t, version) for r in self.record for _, t, version, _ in r.tensors
-                      if version is not None and t.numel() * t.element_size() > _COPY_LIMIT]
+        # the tensors (one over the guard's copy limit the guard records without a copy): told put back at the end
+        self.tensors = [(r.module, t, version) for r in self.record for _, t, version, _ in r.tensors
+                        if version is not None]
         # each torch.nn layer's buffers: (module, name, buffer, its version as found, its version now); looked at
         # as a whole first (the dicts by identity in C, the versions' sum: they only grow), one by one where it moved
         self.torch_nn = [[m, k, b, b._version, b._version] for m in layers for k, b in m._buffers.items()
@@ -235,7 +234,7 @@ class Found:
 
     def __exit__(self, *exc: Any) -> None:
         self.before_pass(refuse=False)  # what cannot be put back stays
-        for m, t, version in self.large:  # put back from this record's copy: the guard's warning would say it stays
+        for m, t, version in self.tensors:  # put back from this record's copy: the guard's warning would say it stays
             if t._version != version:
                 settled(m, t, version)
 
@@ -497,8 +496,7 @@ def occlusion(
         split_plan = _split(model, x, win, st, corners, strip_softmax, out, perf, batch, found) if local else None
         tag = f"occlusion{'-local' if split_plan is not None else ''}:{win}:{st}:{probs}:{strip_softmax}"
         # region-limited passes never run the model's forward: with a folded copy the run makes channels-last weights
-        # of that copy only (the model's float32 ones, 40.5 MiB on resnet50, were held through the passes: session 45)
-        found.before_pass()  # the folded copy (fold_batchnorm) traced with the state found, not the clean pass's
+        found.before_pass()  # of that copy only (session 45); the copy traced with the state found, not the clean pass's
         run = _perf.Run(model, x, perf, tag=tag, **({"plain_passes": True, "strip_softmax": False} if split_plan else {}))
         if split_plan is None:
             clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, plain=True,
