@@ -175,6 +175,19 @@ def test_occlusion_state_of_an_inference_mode_call():
     assert m.h is h and torch.equal(h, state)
 
 
+def _rise_reference(m, x, target, n, p, state):
+    """RISE with cells of 4 and seed 3: sum_i S(x * M_i) M_i / (N p), S the class probability, the state put back
+    before each masked forward; ``(B, SIZE, SIZE)``."""
+    rows = torch.arange(len(x))
+    want = torch.zeros(len(x), SIZE, SIZE)
+    with torch.no_grad():
+        for i in range(n):
+            mask = rise_masks(i, i + 1, (SIZE, SIZE), cell=4, p=p, seed=3)[0]
+            m.set_state(state)
+            want += m(x * mask).softmax(1)[rows, target][:, None, None] * mask
+    return want / (n * p)
+
+
 def test_rise_recurrent_state():
     """RISE (Petsiuk et al.): sum_i S(x * M_i) M_i / (N p), S the class probability, the state put back before each
     masked forward."""
@@ -182,15 +195,7 @@ def test_rise_recurrent_state():
     h, state = m.h, m.h.clone()
     target = torch.tensor([1, 3])
     n, p = 12, 0.5
-    rows = torch.arange(len(x))
-    want = torch.zeros(len(x), SIZE, SIZE)
-    with torch.no_grad():
-        for i in range(n):
-            mask = rise_masks(i, i + 1, (SIZE, SIZE), cell=4, p=p, seed=3)[0]
-            m.set_state(state)
-            s = m(x * mask).softmax(1)[rows, target]
-            want += s[:, None, None] * mask
-    want /= n * p
+    want = _rise_reference(m, x, target, n, p, state)
     m.h = h
     got = salience.rise(m, x, target, masks=n, cell=4, p=p, seed=3, chunk=5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

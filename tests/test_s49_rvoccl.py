@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import salience
-from test_s49_occlusion_state import SIZE, Big, Replaced, _model, _occlusion_reference, _same_state
+from test_s49_occlusion_state import SIZE, Big, Replaced, _model, _occlusion_reference, _rise_reference, _same_state
 
 
 class Listed(Replaced):
@@ -63,35 +63,32 @@ class InferenceInPlace(Replaced):
         return self.fc(z)
 
 
+def _check_occlusion(m, x, state, local, chunk):
+    """Occlusion (window 4, stride 4) at classes 1 and 2 against Zeiler & Fergus with the state put back by hand."""
+    target = torch.tensor([1, 2])
+    want = _occlusion_reference(m, x, target, 4, 4, state)
+    m.set_state(state)
+    got = salience.occlusion(m, x, target, window=4, stride=4, chunk=chunk, local=local)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("local", [True, False])
 def test_occlusion_container_state(local):
     m, x = _model(Listed)
     hist, notes = m.hist, m.notes
     state = m.get_state()
-    target = torch.tensor([1, 2])
-    want = _occlusion_reference(m, x, target, 4, 4, state)
-    m.set_state(state)
-    got = salience.occlusion(m, x, target, window=4, stride=4, chunk=5, local=local)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _check_occlusion(m, x, state, local, 5)
     _same_state(m, state)
     assert m.hist is hist and m.notes is notes  # the user's objects, put back in place
 
 
 def test_rise_container_state():
     """RISE (Petsiuk et al.): sum_i S(x * M_i) M_i / (N p), S the class probability, the state put back before each."""
-    from salience.methods.perturbation import rise_masks
     m, x = _model(Listed)
     state = m.get_state()
     target = torch.tensor([1, 3])
     n, p = 8, 0.5
-    rows = torch.arange(len(x))
-    want = torch.zeros(len(x), SIZE, SIZE)
-    with torch.no_grad():
-        for i in range(n):
-            mask = rise_masks(i, i + 1, (SIZE, SIZE), cell=4, p=p, seed=3)[0]
-            m.set_state(state)
-            want += m(x * mask).softmax(1)[rows, target][:, None, None] * mask
-    want /= n * p
+    want = _rise_reference(m, x, target, n, p, state)
     m.set_state(state)
     got = salience.rise(m, x, target, masks=n, cell=4, p=p, seed=3, chunk=3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -107,11 +104,7 @@ def test_occlusion_inference_state_written_in_place(local):
     h = m.h
     assert h.is_inference() and h.abs().sum() > 0
     state = h.clone()
-    target = torch.tensor([1, 2])
-    want = _occlusion_reference(m, x, target, 4, 4, state)
-    m.set_state(state)
-    got = salience.occlusion(m, x, target, window=4, stride=4, chunk=4, local=local)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _check_occlusion(m, x, state, local, 4)
     assert m.h is h and torch.equal(h, state)
 
 
@@ -144,19 +137,12 @@ class Folded(Replaced):
 def test_fold_batchnorm_traces_the_state_found():
     """The folded copy (a trace, which bakes the state it reads in) was made after the clean pass, with the state that
     pass left: every pass of occlusion's full passes and RISE ran that state."""
-    from salience.methods.perturbation import rise_masks
     m, x = _model(Folded)
     h, state = m.h, m.h.clone()
     target = torch.tensor([1, 2])
     want = _occlusion_reference(m, x, target, 4, 4, state)
-    n, p, rows = 6, 0.5, torch.arange(len(x))
-    rise_want = torch.zeros(len(x), SIZE, SIZE)
-    with torch.no_grad():
-        for i in range(n):
-            mask = rise_masks(i, i + 1, (SIZE, SIZE), cell=4, p=p, seed=3)[0]
-            m.set_state(state)
-            rise_want += m(x * mask).softmax(1)[rows, target][:, None, None] * mask
-    rise_want /= n * p
+    n, p = 6, 0.5
+    rise_want = _rise_reference(m, x, target, n, p, state)
     m.h = h
     with salience.performance(fold_batchnorm=True):
         got = salience.occlusion(m, x, target, window=4, stride=4, chunk=5, local=False)
