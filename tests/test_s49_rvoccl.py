@@ -181,3 +181,15 @@ def test_exception_mid_call_puts_back_a_large_list():
         with pytest.raises(RuntimeError, match="fourth forward"):
             salience.occlusion(m, x, torch.tensor([1, 2]), window=4, stride=4, local=False, chunk=1)
     assert m.hist is hist and hist == list(range(2000)) and m.h is h
+
+
+def test_a_loaded_torchscript_model(tmp_path):
+    """A model loaded with torch.jit.load (its buffers behind TorchScript's wrappers, no plain dicts): RISE failed with
+    "'OrderedDictWrapper' object has no attribute 'get'" (Found's record of it); now as an eager copy's map."""
+    m, x = _model(Folded, warm=False)
+    plain = torch.nn.Sequential(m.conv, m.bn, torch.nn.ReLU(), m.conv2, torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), m.fc).eval()
+    torch.jit.save(torch.jit.script(plain), str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    got = salience.rise(loaded, x, 1, masks=4, cell=4, seed=3)
+    torch.testing.assert_close(got, salience.rise(plain, x, 1, masks=4, cell=4, seed=3), rtol=1e-5, atol=1e-6)

@@ -213,6 +213,8 @@ class Found:
     def __init__(self, model: nn.Module) -> None:
         own, layers = [], []
         for m in model.modules():  # one walk: the model's own modules; torch.nn's layers holding buffers
+            if isinstance(m, torch.jit.ScriptModule):  # TorchScript's: no plain dicts to record (not put back)
+                continue
             if _user_module(m):
                 own.append(m)
             elif m._buffers:
