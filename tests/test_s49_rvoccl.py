@@ -193,3 +193,37 @@ def test_a_loaded_torchscript_model(tmp_path):
     loaded = torch.jit.load(str(tmp_path / "m.pt"))
     got = salience.rise(loaded, x, 1, masks=4, cell=4, seed=3)
     torch.testing.assert_close(got, salience.rise(plain, x, 1, masks=4, cell=4, seed=3), rtol=1e-5, atol=1e-6)
+
+
+def test_state_a_hook_sets_on_a_torch_nn_layer():
+    """A forward hook on a torch.nn layer that keeps a count on the layer and adds it to the output: the model guard
+    puts the layer's attributes back after the call, so each pass must see them as found (window k saw k - 1's)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+
+    def hook(m, i, o):
+        n = m.__dict__.get("count", 0)
+        m.count = n + 1
+        return o + n
+
+    handle = net[4].register_forward_hook(hook)
+    x = torch.randn(1, 3, 8, 8)
+
+    def score(xx):  # Zeiler & Fergus's score, the count as found (none) before every forward
+        net[4].__dict__.pop("count", None)
+        return net(xx)[0, 1]
+
+    with torch.no_grad():
+        s, want = score(x), torch.zeros(8, 8)
+        for y0, x0 in ((0, 0), (0, 4), (4, 0), (4, 4)):
+            xo = x.clone()
+            xo[:, :, y0:y0 + 4, x0:x0 + 4] = 0
+            want[y0:y0 + 4, x0:x0 + 4] = s - score(xo)
+    net[4].__dict__.pop("count", None)
+    try:
+        got = salience.occlusion(net, x, 1, window=4, stride=4, local=False)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
+    assert "count" not in net[4].__dict__

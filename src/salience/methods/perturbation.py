@@ -215,7 +215,7 @@ class Found:
         for m in model.modules():  # one walk: the model's own modules; torch.nn's layers holding buffers
             if isinstance(m, torch.jit.ScriptModule):  # TorchScript's: no plain dicts to record (not put back)
                 continue
-            if _user_module(m):
+            if _user_module(m) or _hooked(m):  # a torch.nn layer with a hook too: the hook may set its attributes
                 own.append(m)
             elif m._buffers:
                 layers.append(m)
@@ -281,6 +281,13 @@ class Found:
             with torch.no_grad():
                 b.copy_(copy)
         entry[4] = b._version
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether ``m`` has a forward hook or pre-hook or an instance ``forward`` (whose attributes the model guard
+    records even for a torch.nn layer: a hook may set them, ``m.count = n + 1``)."""
+    d = m.__dict__
+    return "forward" in d or bool(d.get("_forward_hooks") or d.get("_forward_pre_hooks"))
 
 
 def _user_module(m: nn.Module) -> bool:
