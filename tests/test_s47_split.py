@@ -10,6 +10,7 @@ On main at b54e0e2 the split ran for every float32 clean pass of all images; it 
 Each is now :func:`salience.methods.scorecam._capture`'s one pass. The maps are the paper's formula by hand: A and S
 from one pass, S_k with the layer's output replaced by A with channel k set to 0, w_k = (S - S_k) / S.
 """
+import copy
 import importlib
 
 import torch
@@ -100,6 +101,10 @@ def test_a_model_that_writes_its_state_in_forward_gets_one_passs_map_and_state(s
     got = salience.ablationcam(model, x, 1, layer="conv")
     assert float(getattr(model.pre, "seen", 0.0)) == 0.0 and not getattr(model.pre, "warm", False)  # as it was
     fresh = _Net(state()).eval()
+    # session 49: every pass sees the state the call found (perturbation.Found), the reference's S_k passes too:
+    # ``pre`` as made before each forward (tests/test_s47_lastread.py's)
+    made = copy.deepcopy(fresh.pre)
+    fresh.register_forward_pre_hook(lambda m, a: setattr(m, "pre", copy.deepcopy(made)))
     ref = _reference(fresh, fresh.conv, x, 1)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
 

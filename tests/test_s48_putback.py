@@ -11,6 +11,7 @@ c) the fx trace of the user's model put back every plain attribute it found chan
    of the model.
 The maps are the paper's formula by hand (tests/test_s47_permem.py's reference) or plain autograd on a fresh copy.
 """
+import copy
 import importlib
 import threading
 
@@ -117,6 +118,10 @@ def test_split_tells_a_container_changed_in_place(split_here, state):
     model, x = _Net(state()).eval(), _x()
     got = salience.ablationcam(model, x, 1, layer="conv")
     fresh = _Net(state()).eval()
+    # session 49: every pass sees the state the call found (perturbation.Found), the reference's S_k passes too:
+    # ``pre`` as made before each forward (tests/test_s47_lastread.py's)
+    made = copy.deepcopy(fresh.pre)
+    fresh.register_forward_pre_hook(lambda m, a: setattr(m, "pre", copy.deepcopy(made)))
     ref = _reference(fresh, fresh.conv, x, 1)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
 

@@ -41,8 +41,8 @@ class Replaced(nn.Module):
 
 
 class InPlace(Replaced):
-    """The same state as a buffer written in place, and a counter besides (a list's contents changed in place are not
-    put back, as the model guard does not put them back: a list counting the passes counts them all)."""
+    """The same state as a buffer written in place, and a counter besides (a list's, dict's or set's contents changed
+    in place are put back too, as the model guard puts them back: tests/test_s49_rvoccl.py)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -175,6 +175,19 @@ def test_occlusion_state_of_an_inference_mode_call():
     assert m.h is h and torch.equal(h, state)
 
 
+def _rise_reference(m, x, target, n, p, state):
+    """RISE with cells of 4 and seed 3: sum_i S(x * M_i) M_i / (N p), S the class probability, the state put back
+    before each masked forward; ``(B, SIZE, SIZE)``."""
+    rows = torch.arange(len(x))
+    want = torch.zeros(len(x), SIZE, SIZE)
+    with torch.no_grad():
+        for i in range(n):
+            mask = rise_masks(i, i + 1, (SIZE, SIZE), cell=4, p=p, seed=3)[0]
+            m.set_state(state)
+            want += m(x * mask).softmax(1)[rows, target][:, None, None] * mask
+    return want / (n * p)
+
+
 def test_rise_recurrent_state():
     """RISE (Petsiuk et al.): sum_i S(x * M_i) M_i / (N p), S the class probability, the state put back before each
     masked forward."""
@@ -182,15 +195,7 @@ def test_rise_recurrent_state():
     h, state = m.h, m.h.clone()
     target = torch.tensor([1, 3])
     n, p = 12, 0.5
-    rows = torch.arange(len(x))
-    want = torch.zeros(len(x), SIZE, SIZE)
-    with torch.no_grad():
-        for i in range(n):
-            mask = rise_masks(i, i + 1, (SIZE, SIZE), cell=4, p=p, seed=3)[0]
-            m.set_state(state)
-            s = m(x * mask).softmax(1)[rows, target]
-            want += s[:, None, None] * mask
-    want /= n * p
+    want = _rise_reference(m, x, target, n, p, state)
     m.h = h
     got = salience.rise(m, x, target, masks=n, cell=4, p=p, seed=3, chunk=5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -217,9 +222,9 @@ class Big(Replaced):
         return out
 
 
-# the model guard's own warning (it tells a write by the version counter, and says the values stay: they do not,
-# perturbation.Found put them back; guard.py's, not changed here)
-@pytest.mark.filterwarnings("ignore:the model's forward wrote in place")
+# the model guard's own warning (it tells a write by the version counter and says the values stay): none, Found put
+# them back and tells the guard so (guard.settled, session 49 review)
+@pytest.mark.filterwarnings("error:the model's forward changed in place")
 def test_state_over_the_guards_copy_limit():
     """Copied whatever its size (as Ablation-CAM's split since session 48), so put back before every pass and after."""
     m, x = _model(Big, warm=False)

@@ -148,7 +148,7 @@ from salience._core.fingerprint import _modules
 from salience._core.tensors import autocast_off
 
 __all__ = ["model_guard", "run_guard", "ModuleState", "ParamState", "check_python_model", "modules_of", "parameters_of",
-           "train_mode_op", "held_values", "record_state", "state_changes", "put_back_state"]
+           "train_mode_op", "held_values", "settled", "record_state", "state_changes", "put_back_state"]
 
 
 class _Entry:
@@ -610,7 +610,7 @@ def _put_back_containers(records: Any) -> tuple[Any, list]:
 
 def record_state(modules: Any, attributes: Any = None, containers: bool = False, buffers: bool = True,
                  copies: Any = None, own_dicts: bool = True, tensor_copies: bool = True,
-                 large_copies: bool = False) -> Optional[list]:
+                 large_copies: bool = False, inference: bool = False) -> Optional[list]:
     """A record of the state of ``modules`` (in order; each one's own state, not its children's): its buffers (each
     name in order, with its version counter and a copy of its values where ``copies(module)`` says so, default all),
     and where ``attributes(module)`` says so (default all) its plain attributes one level deep (a copy of its
@@ -618,7 +618,8 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
     its version counter and a copy (none over :data:`_COPY_LIMIT` bytes unless ``large_copies``, nor any without
     ``tensor_copies``), and with
     ``containers`` a copy of each list's, dict's and set's contents. A module with neither (no attributes asked, no buffer) has no record. ``None`` where such a tensor or a buffer is an
-    inference tensor (no version counter to tell a write by). :func:`state_changes` says what changed since,
+    inference tensor (no version counter to tell a write by), unless ``inference``: such a tensor attribute is then
+    recorded as the model guard records it, by its values (a copy; none over the limit unless ``large_copies``). :func:`state_changes` says what changed since,
     :func:`put_back_state` puts it back.
 
     Each module's record is a :class:`ModuleState`, the model guard's own class, made here without its hold counts
@@ -638,7 +639,7 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
         r.training, r.forward, r.handles, r.params, r.children = m.training, _NOT_COMPILED, (), None, None
         if asked:
             attrs = d.copy() if own_dicts else {k: v for k, v in d.items() if k not in _MODULE_OWN}
-            tensors = _tensor_records(attrs, refuse=True, copy=tensor_copies, every=large_copies)
+            tensors = _tensor_records(attrs, refuse=not inference, copy=tensor_copies, every=large_copies)
             if tensors is None:
                 return None
             r.attrs, r.tensors = attrs, tensors
@@ -840,6 +841,17 @@ def held_values(module: nn.Module, name: str, buf: torch.Tensor, version: int) -
         if slot == name and held is buf and at == version:
             return values
     return None
+
+
+def settled(module: nn.Module, t: torch.Tensor, version: int) -> None:
+    """The plain tensor attribute ``t`` of ``module``, which the caller recorded at ``version`` with a copy of its own
+    and has put back to those values, taken as put back by a guard holding ``module`` that recorded it at the same
+    version without a copy (over :data:`_COPY_LIMIT`): no warning that it stays written (perturbation.Found)."""
+    entry = _held.get(id(module))
+    if entry is None or type(entry) is not ModuleState or not entry.captured or not entry.tensors:
+        return
+    entry.tensors = tuple((k, v, v._version if v is t and at == version and copy is None else at, copy)
+                          for k, v, at, copy in entry.tensors)
 
 
 def _hold(objects: list, held: list, new: list) -> None:

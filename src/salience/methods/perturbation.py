@@ -42,7 +42,7 @@ from salience._core.autograd import (check_input, class_probabilities, final_sof
                                      looks_like_probabilities, unwrap_output)
 from salience._core.errors import SalienceError
 from salience._core.info import max_batch
-from salience._core.guard import held_values, model_guard, put_back_state, record_state, state_changes
+from salience._core.guard import held_values, model_guard, put_back_state, record_state, settled, state_changes
 from salience._core.tensors import baseline_tensor, check_int, check_number, gaussian_blur, check_flag, fresh_seed
 from salience.methods import _occlusion_local as _local
 from salience.methods._multi import several_targets
@@ -194,34 +194,35 @@ class Found:
     state the call's previous pass left (session 49: occlusion's window ``k`` saw window ``k - 1``'s pass's state; the
     model guard puts the user's state back only when the call ends).
 
-    Recorded right after the call's :func:`~salience._core.guard.model_guard` is entered (eval mode set), by
-    :func:`~salience._core.guard.record_state`: the plain attributes (one level deep) and buffers of the modules not
-    from ``torch.nn`` (whose layers in eval mode write nothing), each plain tensor among
-    the attributes with a copy whatever its size (the guard's stops at 1 MiB; as Ablation-CAM's split, session 48: a
-    large constant table costs its copy a call), each such buffer with a copy; a buffer of a ``torch.nn`` layer
-    that the model's own code writes is put back from the guard's copy (:func:`~salience._core.guard.held_values`).
-    What the model guard puts back after a call is put back here before each pass, and its limits are these: the
-    contents of a list, dict or set changed in place (``self.hist.append(y)``) are not put back (a forward that reads
-    them sees the passes before; a list that counts the passes counts them all, as tests here do). What cannot be
-    put back (a torch.nn layer's buffer the guard holds no copy of) is refused with a :class:`SalienceError` before the
-    next pass. A module holding an inference tensor as an attribute
-    (no version counter: the model was run under ``torch.inference_mode()``) is recorded by identity only: a value
-    replaced (``self.h = ...``) is put back, one written in place is not seen. Cost on resnet50 (17 modules of its own,
-    159 torch.nn buffers; AMD EPYC, load 7 on 2 cores): the record 0.26 ms a call, 44 us a pass where nothing changed
-    (the attributes compared in C, the layers' buffer dicts by identity and their versions' sum), against a pass of
-    about 100 ms an image."""
+    Recorded right after the call's :func:`~salience._core.guard.model_guard` is entered (eval mode set), by the
+    guard's own record (:func:`~salience._core.guard.record_state`, put back by the guard's own
+    ``ModuleState.put_back``): the plain attributes (one level deep) and buffers of the modules not from ``torch.nn``
+    (whose layers in eval mode write nothing), as the model guard puts them back after a call: the contents of each
+    list, dict and set (exactly those types, ``self.hist.append(y)``; a subclass, a test's log of the passes, is not
+    copied), each plain tensor among the attributes written in place, an inference tensor (no version counter: a
+    forward under ``torch.inference_mode()``) by its values; here each copied whatever its size (the guard's stop at
+    1 MiB and 1024 items; as Ablation-CAM's split, session 48: a large constant table costs its copy a call), so that
+    no pass sees what a pass before left that the call's end would undo (session 49 review). A buffer of a
+    ``torch.nn`` layer that the model's own code writes is put back from the guard's copy
+    (:func:`~salience._core.guard.held_values`). What cannot be put back (a torch.nn layer's buffer the guard holds
+    no copy of) is refused with a :class:`SalienceError` before the next pass. Cost on resnet50 (17 modules of its
+    own, 159 torch.nn buffers; AMD EPYC, load 7 on 2 cores): the record 0.26 ms a call, 44 us a pass where nothing
+    changed (the attributes compared in C, the layers' buffer dicts by identity and their versions' sum), against a
+    pass of about 100 ms an image."""
 
     def __init__(self, model: nn.Module) -> None:
-        plain, held, layers = [], [], []
-        for m in model.modules():  # one walk: the model's own modules, recorded by identity only where they hold an
-            if not _user_module(m):  # inference tensor; torch.nn's layers holding buffers
-                if m._buffers:
-                    layers.append(m)
-            else:
-                (held if _inference_attribute(m) else plain).append(m)
-        # no container's contents (as the model guard); each tensor copied whatever its size (as Ablation-CAM's split)
-        self.record = record_state(plain, large_copies=True) if plain else []
-        self.shallow = [(m, {k: v for k, v in m.__dict__.items() if k not in _OWN}) for m in held]
+        own, layers = [], []
+        for m in model.modules():  # one walk: the model's own modules; torch.nn's layers holding buffers
+            if isinstance(m, torch.jit.ScriptModule):  # TorchScript's: no plain dicts to record (not put back)
+                continue
+            if _user_module(m) or _hooked(m):  # a torch.nn layer with a hook too: the hook may set its attributes
+                own.append(m)
+            elif m._buffers:
+                layers.append(m)
+        self.record = record_state(own, containers=True, large_copies=True, inference=True) if own else []
+        # the tensors (one over the guard's copy limit the guard records without a copy): told put back at the end
+        self.tensors = [(r.module, t, version) for r in self.record for _, t, version, _ in r.tensors
+                        if version is not None]
         # each torch.nn layer's buffers: (module, name, buffer, its version as found, its version now); looked at
         # as a whole first (the dicts by identity in C, the versions' sum: they only grow), one by one where it moved
         self.torch_nn = [[m, k, b, b._version, b._version] for m in layers for k, b in m._buffers.items()
@@ -234,20 +235,16 @@ class Found:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.before_pass(refuse=False)  # what cannot be put back stays (the guard's warning names a large tensor)
+        self.before_pass(refuse=False)  # what cannot be put back stays
+        for m, t, version in self.tensors:  # put back from this record's copy: the guard's warning would say it stays
+            if t._version != version:
+                settled(m, t, version)
 
     def before_pass(self, refuse: bool = True) -> None:
         """The state as the call found it, put back where a pass changed it (or refused where it cannot be)."""
         if self.record:
             if state_changes(self.record):
                 put_back_state(self.record)
-        for m, saved in self.shallow:
-            d = m.__dict__
-            for k in [k for k in d if k not in _OWN and k not in saved]:
-                del d[k]
-            for k, v in saved.items():
-                if d.get(k, _GONE) is not v:
-                    d[k] = v
         if self.torch_nn and not self._layers_same():
             for entry in self.torch_nn:
                 m, k, b, _, now = entry
@@ -286,19 +283,16 @@ class Found:
         entry[4] = b._version
 
 
+def _hooked(m: nn.Module) -> bool:
+    """Whether ``m`` has a forward hook or pre-hook or an instance ``forward`` (whose attributes the model guard
+    records even for a torch.nn layer: a hook may set them, ``m.count = n + 1``)."""
+    d = m.__dict__
+    return "forward" in d or bool(d.get("_forward_hooks") or d.get("_forward_pre_hooks"))
+
+
 def _user_module(m: nn.Module) -> bool:
     """Whether ``m`` is no layer of ``torch.nn`` (whose layers in eval mode write no state in a forward)."""
     return not type(m).__module__.startswith("torch.nn.")
-
-
-def _inference_attribute(m: nn.Module) -> bool:
-    """Whether a plain tensor attribute of ``m`` is an inference tensor (no version counter)."""
-    return any(isinstance(v, Tensor) and not isinstance(v, nn.Parameter) and v.is_inference()
-               for v in m.__dict__.values())
-
-
-_OWN = frozenset(k for k, v in nn.Module().__dict__.items() if isinstance(v, (dict, set)))  # nn.Module's own dicts
-_GONE = object()
 
 
 def clean_passes(model: nn.Module, x: Tensor, strip_softmax: bool, batch: Optional[int], found: Optional[Found],
@@ -511,7 +505,7 @@ def occlusion(
         split_plan = _split(model, x, win, st, corners, strip_softmax, out, perf, batch, found) if local else None
         tag = f"occlusion{'-local' if split_plan is not None else ''}:{win}:{st}:{probs}:{strip_softmax}"
         # region-limited passes never run the model's forward: with a folded copy the run makes channels-last weights
-        # of that copy only (the model's float32 ones, 40.5 MiB on resnet50, were held through the passes: session 45)
+        found.before_pass()  # of that copy only (session 45); the copy traced with the state found, not the clean pass's
         run = _perf.Run(model, x, perf, tag=tag, **({"plain_passes": True, "strip_softmax": False} if split_plan else {}))
         if split_plan is None:
             clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, plain=True,
@@ -861,6 +855,7 @@ def rise(
                     total[image:image + hi - lo].addcmul_(s[lo:hi, :, None, None], m[r - first])
             return s  # (n, K): the engine's sums of them are unused (small)
 
+        found.before_pass()  # the folded copy (fold_batchnorm, made by the run) traced with the state the call found
         _engine.accumulate(compute, n_masks * b, b, chunk=chunk, max_memory=budget, progress=progress,
                            desc="rise", device=x.device, inference=True,
                            run=softmax_known(_perf.Run(model, x, perf, tag=f"rise:{probs}:{strip_softmax}",

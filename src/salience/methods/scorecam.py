@@ -426,7 +426,7 @@ def scorecam(
                 scores[:] = empty[torch.arange(total, device=x.device) % b]
             if len(live):  # one pass per distinct mask of an image; the items of the same mask share its score
                 # the run (its folded copy) made after the blank images' pass, which ran the model itself under the
-                # autocast with its casts of the weights (session 44: both held at once were the call's peak)
+                found.before_pass()  # autocast (session 44); the copy traced with the state found, not the blank's
                 run = softmax_known(_perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}", plain_passes=True,
                                               strip_softmax=strip_softmax), seen[0])
                 _engine.accumulate(compute, len(first), b, chunk=chunk, max_memory=budget, progress=progress,
