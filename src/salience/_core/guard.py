@@ -131,7 +131,7 @@ from __future__ import annotations
 import operator
 import sys
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict, defaultdict, deque
 from contextlib import contextmanager
 from itertools import compress
 from types import MappingProxyType
@@ -534,9 +534,16 @@ def _tell_not_put_back(module: nn.Module, lost: list) -> None:
 
 
 def _contents(v: Any) -> Any:
-    """A copy of a list's, dict's or set's contents (a forward may change them in place), else ``None``."""
+    """A copy of a list's, dict's or set's contents, or of ``collections``' ``deque`` (its ``maxlen`` too),
+    ``defaultdict`` (its ``default_factory`` too), ``Counter`` or ``OrderedDict`` (a forward may change them in place;
+    ``self.recent.append(y)`` on a running window: session 49 "stdc"), of the same exact type; else ``None`` (a
+    subclass of one: a log of the user's, not copied)."""
     t = type(v)
-    return list(v) if t is list else dict(v) if t is dict or t is OrderedDict else set(v) if t is set else None
+    if t in _PLAIN_CONTAINERS:  # list, dict, set, OrderedDict, Counter (Counter(v): dict.update, in C)
+        return t(v)
+    if t is deque:
+        return deque(v, v.maxlen)
+    return defaultdict(v.default_factory, v) if t is defaultdict else None
 
 
 def _same_contents(items: Any, v: Any, identity: bool = False) -> bool:
@@ -549,17 +556,21 @@ def _same_contents(items: Any, v: Any, identity: bool = False) -> bool:
     called (:func:`state_changes`: the fx trace's record of its shadow may hold proxies)."""
     if type(items) is int:
         return len(v) == items
-    if identity:  # no == called on an item (a trace's record of its shadow: an fx proxy's == adds a node to the graph)
-        if type(items) is dict:
+    if isinstance(items, dict):  # a dict, OrderedDict, Counter (its == counts a missing key as 0) or defaultdict
+        if type(items) is defaultdict and items.default_factory is not v.default_factory:
+            return False
+        if identity:  # no == called on an item (a trace's record of its shadow: an fx proxy's == adds a node)
             return len(items) == len(v) and all(map(operator.is_, items, v)) and \
                 all(map(operator.is_, items.values(), v.values()))
-        if type(items) is list:
-            return len(items) == len(v) and all(map(operator.is_, items, v))
-        return items == v  # a set: by hash (an fx proxy cannot be in one)
+    elif identity:
+        if type(items) is set:
+            return items == v  # by hash (an fx proxy cannot be in one)
+        return len(items) == len(v) and all(map(operator.is_, items, v))  # a list, a deque
     try:
-        if type(items) is dict:  # its keys in order (an LRU cache's move_to_end, ``d[k] = d.pop(k)``: session 49 review)
+        if isinstance(items, dict):  # its keys in order (an LRU cache's move_to_end, ``d[k] = d.pop(k)``: session 49
+            # review), by lists: in C, and a Counter's own == (Python, a key of 0 counted missing) not called
             return len(items) == len(v) and list(items) == list(v) and list(items.values()) == list(v.values())
-        return items == v
+        return items == v  # a list's, set's, deque's: in C
     except Exception:  # noqa: BLE001 - an item's == raised (a tensor put in another's place): changed
         return False
 
@@ -568,14 +579,22 @@ def _put_back_contents(v: Any, items: Any) -> None:
     """The container ``v`` holding ``items`` (:func:`_contents`) again, in place (the object stays the user's), an
     item both have never missing meanwhile: ``clear()`` then refilling left it empty for that moment, and the user's
     other thread reading it (its own forward) failed (session 49 review); a dict's order put back too
-    (:func:`_restore_mapping`)."""
-    if type(v) is list:
+    (:func:`_restore_mapping`); a deque's (its ``maxlen`` stays the object's) by adding the items at its right then
+    dropping those before them, a defaultdict's ``default_factory`` too."""
+    t = type(v)
+    if t is list:
         v[:] = items
-    elif type(v) is set:
+    elif t is set:
         v.intersection_update(items)
         v.update(items)
+    elif t is deque:
+        v.extend(items)  # in C; over its maxlen the oldest go at once
+        for _ in range(len(v) - len(items)):
+            v.popleft()
     else:
         _restore_mapping(v, items)
+        if t is defaultdict and v.default_factory is not items.default_factory:
+            v.default_factory = items.default_factory
 
 
 def _container_records(attrs: dict, every: bool = False) -> Any:
@@ -746,14 +765,17 @@ _NO_TENSORS: tuple = ()
 _COPY_LIMIT = 1 << 20
 # the types of a module's attributes that are no tensors, looked at first (:func:`_tensor_records`)
 _NO_TENSOR_KINDS = frozenset({bool, int, float, str, type(None), dict, OrderedDict, set, tuple, list, torch.dtype,
-                              torch.device})
+                              torch.device, deque, defaultdict, Counter})
 # nn.Module's own dicts and sets (parameters, buffers, submodules, hooks): not a forward's plain attributes
 _MODULE_OWN = frozenset(k for k, v in nn.Module().__dict__.items() if type(v) in (OrderedDict, dict, set))
 _MODULE_KEYS = frozenset(nn.Module().__dict__)  # every attribute nn.Module.__init__ sets
 # the containers whose contents the records copy (:func:`_contents`), and the most items the model guard copies of one
 # (a shallow copy and a comparison in C: 1024 items cost a module's record and put-back about 2.5 us more a call for a
 # list, 8 for a set, 22 for a dict, its order compared too: AMD EPYC, core 0, benchmarks/guard-containers-rvrecord-s49.txt)
-_CONTAINERS = frozenset({list, dict, OrderedDict, set})
+# collections' deque, defaultdict and Counter too, by their exact types (session 49 "stdc": a forward's
+# ``self.recent.append(y)`` on a deque stayed, silently); a subclass of any is not copied (a log of the user's)
+_PLAIN_CONTAINERS = frozenset({list, dict, OrderedDict, set, Counter})
+_CONTAINERS = _PLAIN_CONTAINERS | {deque, defaultdict}
 _CONTENTS_LIMIT = 1024
 
 
