@@ -12,7 +12,7 @@ import functools
 import threading
 import types
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator, Optional
@@ -365,7 +365,10 @@ def _shadow(model: nn.Module) -> tuple[nn.Module, list]:
             return t(map(shadowed, v))
         if t is dict or t is OrderedDict:
             return t((k, shadowed(x)) for k, x in v.items())
-        if isinstance(v, (list, dict, set)):  # a subclass (a log of the user's): a shallow copy, its items the same
+        if t is deque:  # a running window, its maxlen kept (session 49 "stdc": the trace appended to the model's)
+            return deque(map(shadowed, v), v.maxlen)
+        if isinstance(v, (list, dict, set)):  # a subclass (a log of the user's; collections' defaultdict, Counter): a
+            # shallow copy, its items the same
             try:
                 return copy.copy(v)
             except Exception:  # noqa: BLE001 - one that cannot be copied stays the model's
@@ -418,7 +421,7 @@ def _has_proxy(v: Any) -> bool:
     """Whether ``v`` (a value a trace left in an attribute) is or holds a ``torch.fx`` proxy: an activation stored."""
     if type(v) in (dict, OrderedDict):
         v = v.values()
-    elif type(v) not in (list, tuple, set):
+    elif type(v) not in (list, tuple, set, deque):
         return isinstance(v, torch.fx.Proxy)
     return any(isinstance(a, torch.fx.Proxy) for a in v)
 
@@ -450,6 +453,8 @@ def _unread(v: Any) -> Any:
         return t((k, _UNREAD if isinstance(a, torch.fx.Proxy) else a) for k, a in v.items())
     if t in (list, tuple, set):
         return t(_UNREAD if isinstance(a, torch.fx.Proxy) else a for a in v)
+    if t is deque:
+        return deque((_UNREAD if isinstance(a, torch.fx.Proxy) else a for a in v), v.maxlen)
     return _UNREAD
 
 

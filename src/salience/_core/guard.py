@@ -34,8 +34,10 @@ EPYC, ``benchmarks/guard-big-attr-s48.txt``; a call that writes such a one in pl
 it stays written; an inference tensor among them, which keeps no version counter, by its values: a copy up to the
 same limit, compared with ``torch.equal`` and written back under inference mode, session 49);
 the contents of each list, dict and set attribute of a module not from torch.nn (``self.history.append(y)``,
-``self.cfg["k"] = v``; session 49, ``tests/test_s49_record.py``): a shallow copy of each, by its exact type (a
-subclass is not copied), up to ``_CONTENTS_LIMIT`` (1024) items, compared in C, each item by identity first (one
+``self.cfg["k"] = v``; session 49, ``tests/test_s49_record.py``), and of each ``collections.deque`` (its ``maxlen``
+stays the object's), ``defaultdict`` (its ``default_factory`` put back too), ``Counter`` and ``OrderedDict`` (a
+running window's ``self.recent.append(y)`` stayed, silently: session 49 "stdc", ``tests/test_s49_stdc.py``): a
+shallow copy of each, by its exact type (a subclass is not copied), up to ``_CONTENTS_LIMIT`` (1024) items, compared in C, each item by identity first (one
 replaced by an equal one stays, as an attribute does), a dict's order too, and put back in place (the user's object
 stays, an item both have never missing meanwhile: session 49 review); one over the limit keeps only its length, and a call that changes the length says
 so, a warning naming it, as it stays changed;
@@ -69,7 +71,7 @@ where the counter moved (Grad-CAM's own hook, a full backward hook's per-pass ha
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
-stays); a list, dict or set over 1024 items changed in place (told where its length changed: a warning; one level
+stays); a list, dict, set or deque (``collections``' too) over 1024 items changed in place (told where its length changed: a warning; one level
 only: a list inside a dict is not copied), one of a torch.nn layer, a subclass of one; an inference tensor attribute
 over 1 MiB written in place (not told: no version counter); a plain tensor attribute over 1 MiB written in place
 (told: a warning); a hook
@@ -131,7 +133,7 @@ from __future__ import annotations
 import operator
 import sys
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict, defaultdict, deque
 from contextlib import contextmanager
 from itertools import compress
 from types import MappingProxyType
@@ -239,8 +241,8 @@ class ModuleState(_Entry):
             self.attrs = attrs.copy()
             # the plain tensors among them, by version counter with a copy: one written in place keeps its identity
             self.tensors = _tensor_records(self.attrs)
-            # a module not from torch.nn: its lists, dicts and sets with their contents (up to _CONTENTS_LIMIT items;
-            # ``self.history.append(y)``, session 49); torch.nn's own layers with a hook keep none a forward fills
+            # a module not from torch.nn: its lists, dicts, sets, deques (_CONTAINERS) with their contents (up to
+            # _CONTENTS_LIMIT items; ``self.history.append(y)``, session 49); torch.nn's own layers with a hook keep none a forward fills
             self.contents = _NO_TENSORS if type(module).__module__.startswith("torch.nn.") else \
                 _container_records(self.attrs)
             self.foreign = _foreign(attrs, self.since)
@@ -517,8 +519,8 @@ def _not_put_back(records: Any) -> list:
 
 def _tell_not_put_back(module: nn.Module, lost: list) -> None:
     """A warning naming the plain attributes of ``module`` (``lost``: ``(name, value)`` each, :func:`_not_put_back`'s
-    tensors and :func:`_put_back_containers`' lists, dicts and sets) that a call changed in place and the guard could
-    not put back (no copy: a tensor over :data:`_COPY_LIMIT` bytes, a container over :data:`_CONTENTS_LIMIT` items)."""
+    tensors and :func:`_put_back_containers`' lists, dicts, sets and deques) that a call changed in place and the
+    guard could not put back (no copy: a tensor over :data:`_COPY_LIMIT` bytes, a container over :data:`_CONTENTS_LIMIT` items)."""
     import warnings
 
     from salience._core.errors import user_stacklevel
@@ -528,15 +530,24 @@ def _tell_not_put_back(module: nn.Module, lost: list) -> None:
     warnings.warn(f"the model's forward changed in place the plain attribute {names} of a "
                   f"{type(module).__name__} during salience's passes, and it keeps those values: salience copies such "
                   f"an attribute to put it back only up to {_COPY_LIMIT // 2 ** 20} MiB for a tensor and "
-                  f"{_CONTENTS_LIMIT} items for a list, dict or set (its cost per call); a tensor: register it as a "
-                  "buffer (module.register_buffer: copied and put back); or save and restore it yourself",
+                  f"{_CONTENTS_LIMIT} items for a list, dict, set or deque (its cost per call); a tensor: register it "
+                  "as a buffer (module.register_buffer: copied and put back); or save and restore it yourself",
                   stacklevel=user_stacklevel())
 
 
 def _contents(v: Any) -> Any:
-    """A copy of a list's, dict's or set's contents (a forward may change them in place), else ``None``."""
+    """A copy of a list's, dict's or set's contents, or of ``collections``' ``deque`` (its ``maxlen`` too),
+    ``defaultdict`` (its ``default_factory`` too), ``Counter`` or ``OrderedDict`` (a forward may change them in place;
+    ``self.recent.append(y)`` on a running window: session 49 "stdc"), of the same exact type (an OrderedDict's as a
+    dict); else ``None`` (a subclass of one: a log of the user's, not copied)."""
     t = type(v)
-    return list(v) if t is list else dict(v) if t is dict or t is OrderedDict else set(v) if t is set else None
+    if t in _PLAIN_CONTAINERS:  # list, dict, set, Counter (Counter(v): dict.update, in C)
+        return t(v)
+    if t is OrderedDict:  # a plain dict: an OrderedDict's copy and comparison cost 40 us more at 1024 items
+        return dict(v)
+    if t is deque:
+        return deque(v, v.maxlen)
+    return defaultdict(v.default_factory, v) if t is defaultdict else None
 
 
 def _same_contents(items: Any, v: Any, identity: bool = False) -> bool:
@@ -549,17 +560,21 @@ def _same_contents(items: Any, v: Any, identity: bool = False) -> bool:
     called (:func:`state_changes`: the fx trace's record of its shadow may hold proxies)."""
     if type(items) is int:
         return len(v) == items
-    if identity:  # no == called on an item (a trace's record of its shadow: an fx proxy's == adds a node to the graph)
-        if type(items) is dict:
+    if isinstance(items, dict):  # a dict, OrderedDict, Counter (its == counts a missing key as 0) or defaultdict
+        if type(items) is defaultdict and items.default_factory is not v.default_factory:
+            return False
+        if identity:  # no == called on an item (a trace's record of its shadow: an fx proxy's == adds a node)
             return len(items) == len(v) and all(map(operator.is_, items, v)) and \
                 all(map(operator.is_, items.values(), v.values()))
-        if type(items) is list:
-            return len(items) == len(v) and all(map(operator.is_, items, v))
-        return items == v  # a set: by hash (an fx proxy cannot be in one)
+    elif identity:
+        if type(items) is set:
+            return items == v  # by hash (an fx proxy cannot be in one)
+        return len(items) == len(v) and all(map(operator.is_, items, v))  # a list, a deque
     try:
-        if type(items) is dict:  # its keys in order (an LRU cache's move_to_end, ``d[k] = d.pop(k)``: session 49 review)
+        if isinstance(items, dict):  # its keys in order (an LRU cache's move_to_end, ``d[k] = d.pop(k)``: session 49
+            # review), by lists: in C, and a Counter's own == (Python, a key of 0 counted missing) not called
             return len(items) == len(v) and list(items) == list(v) and list(items.values()) == list(v.values())
-        return items == v
+        return items == v  # a list's, set's, deque's: in C
     except Exception:  # noqa: BLE001 - an item's == raised (a tensor put in another's place): changed
         return False
 
@@ -568,19 +583,27 @@ def _put_back_contents(v: Any, items: Any) -> None:
     """The container ``v`` holding ``items`` (:func:`_contents`) again, in place (the object stays the user's), an
     item both have never missing meanwhile: ``clear()`` then refilling left it empty for that moment, and the user's
     other thread reading it (its own forward) failed (session 49 review); a dict's order put back too
-    (:func:`_restore_mapping`)."""
-    if type(v) is list:
+    (:func:`_restore_mapping`); a deque's (its ``maxlen`` stays the object's) by adding the items at its right then
+    dropping those before them, a defaultdict's ``default_factory`` too."""
+    t = type(v)
+    if t is list:
         v[:] = items
-    elif type(v) is set:
+    elif t is set:
         v.intersection_update(items)
         v.update(items)
+    elif t is deque:
+        v.extend(items)  # in C; over its maxlen the oldest go at once
+        for _ in range(len(v) - len(items)):
+            v.popleft()
     else:
         _restore_mapping(v, items)
+        if t is defaultdict and v.default_factory is not items.default_factory:
+            v.default_factory = items.default_factory
 
 
 def _container_records(attrs: dict, every: bool = False) -> Any:
-    """The lists, dicts and sets among a module's plain attributes ``attrs`` (its ``__dict__`` or a copy; nn.Module's
-    own dicts left out), each ``(name, container, a copy of its contents)``, or :data:`_NO_TENSORS`. Over
+    """The lists, dicts, sets and ``collections``' deques, defaultdicts, Counters and OrderedDicts (:data:`_CONTAINERS`,
+    exact types) among a module's plain attributes ``attrs`` (its ``__dict__`` or a copy; nn.Module's own dicts left out), each ``(name, container, a copy of its contents)``, or :data:`_NO_TENSORS`. Over
     :data:`_CONTENTS_LIMIT` items, unless ``every``, the length instead of a copy (its cost per call): a change of
     length is told (:func:`_put_back_containers`), the contents stay. The names past nn.Module's own found in C first
     (most modules: a few numbers)."""
@@ -617,7 +640,7 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
     ``__dict__``, nn.Module's own dicts and sets too unless ``own_dicts`` is False), each plain tensor among them with
     its version counter and a copy (none over :data:`_COPY_LIMIT` bytes unless ``large_copies``, nor any without
     ``tensor_copies``), and with
-    ``containers`` a copy of each list's, dict's and set's contents. A module with neither (no attributes asked, no buffer) has no record. ``None`` where such a tensor or a buffer is an
+    ``containers`` a copy of each list's, dict's, set's, deque's, defaultdict's, Counter's and OrderedDict's contents. A module with neither (no attributes asked, no buffer) has no record. ``None`` where such a tensor or a buffer is an
     inference tensor (no version counter to tell a write by), unless ``inference``: such a tensor attribute is then
     recorded as the model guard records it, by its values (a copy; none over the limit unless ``large_copies``). :func:`state_changes` says what changed since,
     :func:`put_back_state` puts it back.
@@ -746,14 +769,19 @@ _NO_TENSORS: tuple = ()
 _COPY_LIMIT = 1 << 20
 # the types of a module's attributes that are no tensors, looked at first (:func:`_tensor_records`)
 _NO_TENSOR_KINDS = frozenset({bool, int, float, str, type(None), dict, OrderedDict, set, tuple, list, torch.dtype,
-                              torch.device})
+                              torch.device, deque, defaultdict, Counter})
 # nn.Module's own dicts and sets (parameters, buffers, submodules, hooks): not a forward's plain attributes
 _MODULE_OWN = frozenset(k for k, v in nn.Module().__dict__.items() if type(v) in (OrderedDict, dict, set))
 _MODULE_KEYS = frozenset(nn.Module().__dict__)  # every attribute nn.Module.__init__ sets
 # the containers whose contents the records copy (:func:`_contents`), and the most items the model guard copies of one
 # (a shallow copy and a comparison in C: 1024 items cost a module's record and put-back about 2.5 us more a call for a
 # list, 8 for a set, 22 for a dict, its order compared too: AMD EPYC, core 0, benchmarks/guard-containers-rvrecord-s49.txt)
-_CONTAINERS = frozenset({list, dict, OrderedDict, set})
+# collections' deque, defaultdict and Counter too, by their exact types (session 49 "stdc": a forward's
+# ``self.recent.append(y)`` on a deque stayed, silently); a subclass of any is not copied (a log of the user's). A
+# deque of 1024 costs 14 us more a call unchanged (its == and copy; a list's 2.5), defaultdict and Counter as a dict's
+# (AMD EPYC, core 0, benchmarks/guard-containers-stdc-s49.txt)
+_PLAIN_CONTAINERS = frozenset({list, dict, set, Counter})
+_CONTAINERS = _PLAIN_CONTAINERS | {OrderedDict, deque, defaultdict}
 _CONTENTS_LIMIT = 1024
 
 
