@@ -198,8 +198,9 @@ class Found:
     guard's own record (:func:`~salience._core.guard.record_state`, put back by the guard's own
     ``ModuleState.put_back``): the plain attributes (one level deep) and buffers of the modules not from ``torch.nn``
     (whose layers in eval mode write nothing), as the model guard puts them back after a call: the contents of each
-    list, dict and set (exactly those types, ``self.hist.append(y)``; a subclass, a test's log of the passes, is not
-    copied), each plain tensor among the attributes written in place, an inference tensor (no version counter: a
+    list, dict, set, ``collections`` deque, defaultdict and Counter (exactly those types, ``self.hist.append(y)``;
+    a subclass, a test's log of the passes, is not copied), each plain tensor among the attributes written in place,
+    an inference tensor (no version counter: a
     forward under ``torch.inference_mode()``) by its values; here each copied whatever its size (the guard's stop at
     1 MiB and 1024 items; as Ablation-CAM's split, session 48: a large constant table costs its copy a call), so that
     no pass sees what a pass before left that the call's end would undo (session 49 review). A buffer of a

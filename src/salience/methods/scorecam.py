@@ -625,7 +625,7 @@ def _own_state(model: nn.Module) -> Optional[list]:
     one such buffer the user's forward writes is put back from the guard's own copy), and those modules' plain
     attributes (one level), each tensor among them with its version counter and a copy (``self.seen.fill_(1)``; the
     review of session 47 "lastread"; whatever its size, unlike the model guard's: over its 1 MiB limit the one pass ran
-    on the first pass's writes, last read of session 48) and each list, dict or set with its contents
+    on the first pass's writes, last read of session 48) and each list, dict, set, deque, defaultdict or Counter with its contents
     (``self.hist.append(y)``: session 48); ``None`` where such a tensor is an inference tensor (no version counter)."""
     return record_state(model.modules(), attributes=_user_module, containers=True, copies=_user_module,
                         large_copies=True)
