@@ -50,3 +50,35 @@ def test_a_large_tensor_not_put_back_in_a_dataset_run_still_warns() -> None:
         with run_guard(model):
             salience.vanilla(model, x, 0)
     assert [w for w in caught if "keeps those values" in str(w.message)]
+
+
+class _Counter(nn.Module):
+    """A stateful model: each forward counts itself, and the count scales the output (a closed form: the scores of a
+    pass are ``fc(x) * (1 + count)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 3)
+        self.n = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.n += 1
+        return self.fc(x.flatten(1)) * (1.0 + self.n)
+
+
+def test_ig_predicted_class_pass_does_not_leave_its_state_to_the_path() -> None:
+    """Integrated gradients with target=None runs a plain forward of x for the class first; its write of the model's
+    own state (``self.n += 1``) was left for the path, whose passes then scored a model the call did not find: the map
+    differed from the one with that class given (each model's first call, same weights, so both run the engine's probe
+    alike). The class pass's state is put back (Found), and the model comes back as it was."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 2, 2)
+    given, predicted = _Counter(), _Counter()
+    predicted.load_state_dict(given.state_dict())
+    with torch.no_grad():
+        cls = int(given(x).argmax())
+    given.n = 0
+    a = salience.integrated_gradients(predicted, x, None, steps=4, reduce=None)
+    b = salience.integrated_gradients(given, x, cls, steps=4, reduce=None)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert predicted.n == 0 and given.n == 0
