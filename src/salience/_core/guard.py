@@ -874,12 +874,16 @@ def held_values(module: nn.Module, name: str, buf: torch.Tensor, version: int) -
 def settled(module: nn.Module, t: torch.Tensor, version: int) -> None:
     """The plain tensor attribute ``t`` of ``module``, which the caller recorded at ``version`` with a copy of its own
     and has put back to those values, taken as put back by a guard holding ``module`` that recorded it at the same
-    version without a copy (over :data:`_COPY_LIMIT`): no warning that it stays written (perturbation.Found)."""
+    version without a copy (over :data:`_COPY_LIMIT`): no warning that it stays written (perturbation.Found). A dataset
+    run's baseline (:func:`run_guard`, put back after each call) is told too: it warned after every call of the run
+    (session 49 last read)."""
     entry = _held.get(id(module))
-    if entry is None or type(entry) is not ModuleState or not entry.captured or not entry.tensors:
+    if entry is None or type(entry) is not ModuleState or not entry.captured:
         return
-    entry.tensors = tuple((k, v, v._version if v is t and at == version and copy is None else at, copy)
-                          for k, v, at, copy in entry.tensors)
+    for record in (entry, entry.baseline):
+        if type(record) is ModuleState and record.tensors:
+            record.tensors = tuple((k, v, v._version if v is t and at == version and copy is None else at, copy)
+                                   for k, v, at, copy in record.tensors)
 
 
 def _hold(objects: list, held: list, new: list) -> None:

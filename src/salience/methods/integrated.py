@@ -27,6 +27,7 @@ from salience._core.autograd import backward, check_input
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.tensors import baseline_tensor, check_int, gaussian_blur, check_flag
 from salience._core.guard import model_guard
+from salience.methods.perturbation import Found
 from salience.reduce import GradModifier, Reduction
 from salience.targets import Predicted, Target, layers_tag, split
 from salience.methods._multi import several_targets, finish, input_gradient_maps, refuse_fp16_overflow
@@ -272,7 +273,8 @@ def integrated_gradients(
     ``f(x) - f(x')``. With ``return_gap=True``, an :class:`IGResult` ``(attributions, gap)`` where
     ``gap = sum(IG) - (f(x) - f(x'))`` per image. ``target`` as in :func:`salience.vanilla`, resolved
     on ``x``: ``x`` runs first, in a plain fp32 forward pass of its own (the class is the argmax of
-    ``model(x)``, whatever the path's chunks, layout or precision). An end point the rule lacks runs a forward pass of its
+    ``model(x)``, whatever the path's chunks, layout or precision; what that pass writes of the model's own state,
+    a counter, a list, is put back before the path). An end point the rule lacks runs a forward pass of its
     own for the gap. Several targets per image (``(B, K)`` or a list) give ``(B, K, ...)``,
     one forward and K backward passes per chunk. ``chunk``, ``max_memory``, ``progress``,
     ``memory_format``, ``compile``, ``precision`` as in :func:`salience.smoothgrad` (they apply to
@@ -300,7 +302,8 @@ def integrated_gradients(
     # or folded copy broke a near tie the other way and explained the other class (review of session 49).
     with model_guard(model):
         if any(isinstance(t, Predicted) for t in targets):
-            targets = ends.at(x, 1.0, targets)
+            with Found(model):  # the class pass's writes of the model's own state put back: the path starts from the
+                targets = ends.at(x, 1.0, targets)  # state the call found, as with the class given (session 49 last read)
         rest = list(alphas)
         path = PathPoints(x, x0, rest)
 
