@@ -26,8 +26,7 @@ from salience._core import perf as _perf
 from salience._core.autograd import backward, check_input
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.tensors import baseline_tensor, check_int, gaussian_blur, check_flag
-from salience._core.guard import model_guard
-from salience.methods.perturbation import Found
+from salience._core.guard import Found, model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.targets import Predicted, Target, layers_tag, split
 from salience.methods._multi import several_targets, finish, input_gradient_maps, refuse_fp16_overflow

@@ -42,7 +42,7 @@ from salience._core.autograd import (check_input, class_probabilities, final_sof
                                      looks_like_probabilities, unwrap_output)
 from salience._core.errors import SalienceError
 from salience._core.info import max_batch
-from salience._core.guard import held_values, model_guard, put_back_state, record_state, settled, state_changes
+from salience._core.guard import Found, model_guard
 from salience._core.tensors import baseline_tensor, check_int, check_number, gaussian_blur, check_flag, fresh_seed
 from salience.methods import _occlusion_local as _local
 from salience.methods._multi import several_targets
@@ -184,116 +184,6 @@ def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Tar
     with _perf.inside(run):
         low = clean_passes(model, x, strip_softmax, batch, found, compiled=plain)
     return scores_of(low.to(out.dtype), targets, probabilities, already=already)
-
-
-class Found:
-    """The model's own state as the call found it (what a forward may keep for its next call: a recurrent
-    ``self.h = ...``, a counter, a tensor or a buffer it writes in place), put back before each of the call's
-    passes (:meth:`before_pass`) and when the call's passes end (a context manager, also on an exception), so that
-    every perturbed copy is scored by the model the user called, not by the
-    state the call's previous pass left (session 49: occlusion's window ``k`` saw window ``k - 1``'s pass's state; the
-    model guard puts the user's state back only when the call ends).
-
-    Recorded right after the call's :func:`~salience._core.guard.model_guard` is entered (eval mode set), by the
-    guard's own record (:func:`~salience._core.guard.record_state`, put back by the guard's own
-    ``ModuleState.put_back``): the plain attributes (one level deep) and buffers of the modules not from ``torch.nn``
-    (whose layers in eval mode write nothing), as the model guard puts them back after a call: the contents of each
-    list, dict, set, ``collections`` deque, defaultdict and Counter (exactly those types, ``self.hist.append(y)``;
-    a subclass, a test's log of the passes, is not copied), each plain tensor among the attributes written in place,
-    an inference tensor (no version counter: a
-    forward under ``torch.inference_mode()``) by its values; here each copied whatever its size (the guard's stop at
-    1 MiB and 1024 items; as Ablation-CAM's split, session 48: a large constant table costs its copy a call), so that
-    no pass sees what a pass before left that the call's end would undo (session 49 review). A buffer of a
-    ``torch.nn`` layer that the model's own code writes is put back from the guard's copy
-    (:func:`~salience._core.guard.held_values`). What cannot be put back (a torch.nn layer's buffer the guard holds
-    no copy of) is refused with a :class:`SalienceError` before the next pass. Cost on resnet50 (17 modules of its
-    own, 159 torch.nn buffers; AMD EPYC, load 7 on 2 cores): the record 0.26 ms a call, 44 us a pass where nothing
-    changed (the attributes compared in C, the layers' buffer dicts by identity and their versions' sum), against a
-    pass of about 100 ms an image."""
-
-    def __init__(self, model: nn.Module) -> None:
-        own, layers = [], []
-        for m in model.modules():  # one walk: the model's own modules; torch.nn's layers holding buffers
-            if isinstance(m, torch.jit.ScriptModule):  # TorchScript's: no plain dicts to record (not put back)
-                continue
-            if _user_module(m) or _hooked(m):  # a torch.nn layer with a hook too: the hook may set its attributes
-                own.append(m)
-            elif m._buffers:
-                layers.append(m)
-        self.record = record_state(own, containers=True, large_copies=True, inference=True) if own else []
-        # the tensors (one over the guard's copy limit the guard records without a copy): told put back at the end
-        self.tensors = [(r.module, t, version) for r in self.record for _, t, version, _ in r.tensors
-                        if version is not None]
-        # each torch.nn layer's buffers: (module, name, buffer, its version as found, its version now); looked at
-        # as a whole first (the dicts by identity in C, the versions' sum: they only grow), one by one where it moved
-        self.torch_nn = [[m, k, b, b._version, b._version] for m in layers for k, b in m._buffers.items()
-                         if b is not None]
-        self.layers = [(m._buffers, dict(m._buffers)) for m in layers]
-        self.buffers = [e[2] for e in self.torch_nn]
-        self.versions = sum(b._version for b in self.buffers)
-
-    def __enter__(self) -> "Found":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.before_pass(refuse=False)  # what cannot be put back stays
-        for m, t, version in self.tensors:  # put back from this record's copy: the guard's warning would say it stays
-            if t._version != version:
-                settled(m, t, version)
-
-    def before_pass(self, refuse: bool = True) -> None:
-        """The state as the call found it, put back where a pass changed it (or refused where it cannot be)."""
-        if self.record:
-            if state_changes(self.record):
-                put_back_state(self.record)
-        if self.torch_nn and not self._layers_same():
-            for entry in self.torch_nn:
-                m, k, b, _, now = entry
-                if m._buffers.get(k) is not b or b._version != now:
-                    self._layer_buffer(entry, refuse)
-            self.versions = sum(b._version for b in self.buffers)
-
-    def _layers_same(self) -> bool:
-        """Whether no torch.nn layer's buffer was replaced or written since (the common case, told at once)."""
-        try:
-            if not all(now == saved for now, saved in self.layers):
-                return False
-        except Exception:  # a buffer replaced by another: a tensor's == has no truth value
-            return False
-        return sum(b._version for b in self.buffers) == self.versions
-
-    @staticmethod
-    def _layer_buffer(entry: list, refuse: bool) -> None:
-        """A buffer of a ``torch.nn`` layer the model's own code replaced or wrote in place (``entry``: one of
-        ``torch_nn``'s): the object put back, its values from the guard's copy."""
-        m, k, b, found, _ = entry
-        if m._buffers.get(k) is not b:
-            m._buffers[k] = b
-        copy = held_values(m, k, b, found) if b._version != found else b
-        if copy is None and not refuse:
-            return
-        if copy is None:
-            raise SalienceError(
-                f"the model's forward writes the buffer {k!r} of its {type(m).__name__} layer in place, and "
-                "salience cannot put it back before each pass: each of this method's passes must see the state the "
-                "model had when it was called; keep that state in a buffer of a module of your own (copied and put "
-                "back), or leave the layer's buffers as they are in eval mode")
-        if copy is not b:
-            with torch.no_grad():
-                b.copy_(copy)
-        entry[4] = b._version
-
-
-def _hooked(m: nn.Module) -> bool:
-    """Whether ``m`` has a forward hook or pre-hook or an instance ``forward`` (whose attributes the model guard
-    records even for a torch.nn layer: a hook may set them, ``m.count = n + 1``)."""
-    d = m.__dict__
-    return "forward" in d or bool(d.get("_forward_hooks") or d.get("_forward_pre_hooks"))
-
-
-def _user_module(m: nn.Module) -> bool:
-    """Whether ``m`` is no layer of ``torch.nn`` (whose layers in eval mode write no state in a forward)."""
-    return not type(m).__module__.startswith("torch.nn.")
 
 
 def clean_passes(model: nn.Module, x: Tensor, strip_softmax: bool, batch: Optional[int], found: Optional[Found],

@@ -50,15 +50,15 @@ from salience._core.autograd import (StopForward, capture_hook, captured_pass, c
                                     forward_scores, layer_not_captured, this_thread)
 from salience._core.errors import SalienceError
 from salience._core.fingerprint import own_hooks
-from salience._core.guard import model_guard, put_back_state, record_state, state_changes
+from salience._core.guard import Found, user_module, model_guard, put_back_state, record_state, state_changes
 from salience._core.layers import LayerSpec
 from salience._core.tensors import autocast_off, check_number, check_flag
 from salience.methods._multi import several_targets, warn_unapplied
 from salience.methods._tokens import Layout, one_model
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
-from salience.methods.perturbation import (SOFTMAX, Found, _Reused, _user_module, check_perturbation_targets,
-                                           check_softmax, clean_batch, clean_passes, clean_scores, judge, score_items,
-                                           scores_of, softmax_known, use_probabilities)
+from salience.methods.perturbation import (SOFTMAX, _Reused, check_perturbation_targets, check_softmax, clean_batch,
+                                           clean_passes, clean_scores, judge, score_items, scores_of, softmax_known,
+                                           use_probabilities)
 from salience.targets import Classes, Target, resolve, split
 
 __all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
@@ -106,7 +106,7 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
     unevenly (8 images: 4, 3, 1), and a first axis that does not follow the part's size is the one pass of all.
     ``seen``: given, gets what the pass showed of a final softmax (:func:`final_softmax`, read while the capture
     hook, which changes no output, is on: the structure it was recorded for). ``found``: the model's own state put
-    back before each pass (:class:`~salience.methods.perturbation.Found`)."""
+    back before each pass (:class:`~salience._core.guard.Found`)."""
     b = x.shape[0]
     step = b if batch is None else max(1, min(int(batch), b))
     sizes = _sizes(b, step)
@@ -627,7 +627,7 @@ def _own_state(model: nn.Module) -> Optional[list]:
     review of session 47 "lastread"; whatever its size, unlike the model guard's: over its 1 MiB limit the one pass ran
     on the first pass's writes, last read of session 48) and each list, dict, set, deque, defaultdict or Counter with its contents
     (``self.hist.append(y)``: session 48); ``None`` where such a tensor is an inference tensor (no version counter)."""
-    return record_state(model.modules(), attributes=_user_module, containers=True, copies=_user_module,
+    return record_state(model.modules(), attributes=user_module, containers=True, copies=user_module,
                         large_copies=True)
 
 
