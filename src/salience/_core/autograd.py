@@ -996,7 +996,8 @@ def class_probabilities(out: Tensor, already: Optional[bool] = None) -> Tensor:
 
 
 def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
-                   batch_size: Optional[int] = None, compiled: bool = False) -> Tensor:
+                   batch_size: Optional[int] = None, compiled: bool = False,
+                   before_pass: Optional[Callable[[], None]] = None) -> Tensor:
     """The model's scores for ``x`` ``(B, C, H, W)``, detached: one forward pass, no gradient.
 
     Under :func:`model_guard` (eval mode, everything restored), the output unwrapped to a tensor
@@ -1005,7 +1006,10 @@ def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
     :func:`~salience._core.info.max_batch`). Inside an engine run
     (:class:`salience._core.perf.Run`) the pass takes the run's layout and autocast; with
     ``compiled=True`` (the caller's promise that no hook of its own is on the model: a plain pass)
-    a chunk the run marks as compiled runs the compiled model.
+    a chunk the run marks as compiled runs the compiled model. ``before_pass``: called before each chunk's pass (the
+    perturbation methods put the model's own state back as the call found it,
+    :meth:`~salience._core.guard.Found.before_pass`: each chunk scored by the model the user called, not by the state
+    the chunk before left).
     """
     strip_softmax = check_flag(strip_softmax, "strip_softmax")
     step = x.shape[0] if batch_size is None else max(1, int(batch_size))
@@ -1019,6 +1023,8 @@ def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
             xb = x[i:i + step]
             if run is not None:
                 xb = run.prepare(xb)
+            if before_pass is not None:
+                before_pass()
             with model_call(model, xb):
                 out = _scores_pass(model, xb, run, strip_softmax, compiled)
             outs.append(out.detach() if run is None or run.dtype is None else out.detach().to(x.dtype))
