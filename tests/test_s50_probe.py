@@ -206,3 +206,61 @@ def test_forward_scores_calls_before_pass_before_each_chunk() -> None:
     with model_guard(model):
         plain = _autograd.forward_scores(model, x, batch_size=2)  # no hook: each pass reads the last one's count
     torch.testing.assert_close(plain, torch.cat([expected[:2], expected[2:4] * 1.5, expected[4:] * 2]))
+
+
+class _CountingCNN(nn.Module):
+    """``fc(mean(relu(conv(x)))) * (1 + n)``, ``n`` its count of forwards: as handed each forward scores twice the
+    logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+        self.n = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.n += 1
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3))) * (1.0 + self.n)
+
+
+def _gradcam_by_hand(model: _CountingCNN, x: torch.Tensor, target: int) -> torch.Tensor:
+    """Selvaraju et al.'s Grad-CAM at the convolution, the model as handed (score ``2 * fc(...)``): the channels'
+    mean gradients weigh the activations, then ReLU; the layer keeps the input's size (padding 1)."""
+    a = model.conv(x).detach().requires_grad_(True)
+    (2.0 * model.fc(torch.relu(a).mean((2, 3))))[:, target].sum().backward()
+    return torch.relu((a.grad.mean((2, 3), keepdim=True) * a).sum(1)).detach()
+
+
+def test_smoothgrad_around_gradcam_first_call_with_its_layer_search() -> None:
+    """Grad-CAM's first call on a model runs a layer search pass (no ``layer``), cached after. Inside SmoothGrad's
+    guard that pass's count stayed for the Grad-CAM pass of the same chunk: chunks of one copy, noise 0, the first
+    chunk scored ``3 * fc``. Each pass of a method within a chunk now starts from the state found."""
+    torch.manual_seed(0)
+    model, x = _CountingCNN(), torch.randn(2, 3, 6, 6)
+    ref = _gradcam_by_hand(model, x, 1)
+    for _ in range(2):  # the first call (the search's pass) and a second (cached)
+        out = salience.smoothgrad(model, x, 1, method=salience.gradcam, samples=2, noise=0.0, chunk=1)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
+        assert model.n == 0
+
+
+def test_smoothgrad_around_guided_gradcam_each_pass_sees_the_state_found() -> None:
+    """Guided Grad-CAM runs two passes (guided backprop, then Grad-CAM). Called alone each is in a guard block of its
+    own, which puts the state back; inside SmoothGrad's guard the Grad-CAM pass scored the guided pass's count: 50 %
+    off (noise 0: SmoothGrad is the method itself). Now equal to the method alone and to a stateless model scoring
+    ``2 * fc`` with the same weights (the counting model as handed)."""
+    torch.manual_seed(0)
+    model, x = _CountingCNN(), torch.randn(2, 3, 6, 6)
+
+    class _Twice(_CountingCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3))) * 2.0
+
+    twin = _Twice()
+    twin.load_state_dict(model.state_dict())
+    alone = salience.guided_gradcam(twin, x, 1)
+    torch.testing.assert_close(salience.guided_gradcam(model, x, 1), alone, rtol=0, atol=0)
+    for chunk in (1, None):
+        out = salience.smoothgrad(model, x, 1, method=salience.guided_gradcam, samples=2, noise=0.0, chunk=chunk)
+        torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-9)
+        assert model.n == 0

@@ -123,6 +123,26 @@ _SHAPE_FAILURE = re.compile(
 _CONV_CHANNELS = re.compile(r"to have (\d+) channels, but got (\d+) channels")
 
 
+# The put-back of the model's own state as the call found it, called before every pass of the model in the block
+# (:func:`each_pass_from`; the engine's chunks of SmoothGrad and integrated gradients): None outside one.
+_EACH_PASS: ContextVar[Optional[Callable[[], None]]] = ContextVar("salience_each_pass", default=None)
+
+
+@contextmanager
+def each_pass_from(put_back: Callable[[], None]) -> Iterator[None]:
+    """Every pass of a model in the block (:func:`model_call`) starts with ``put_back()`` (the call's
+    :meth:`~salience._core.guard.Found.before_pass`): a method that runs passes of its own inside another's chunk
+    (Guided Grad-CAM's guided and Grad-CAM passes, Grad-CAM's first call's layer search, a pass run again for a softmax)
+    has each of them see the state the outer call found, as each does when the method is called alone (its guard
+    blocks are then outermost and put the state back as they leave; nested in the outer call's guard they do not).
+    Session 50: SmoothGrad around Guided Grad-CAM on a model counting its calls was 50 % off."""
+    token = _EACH_PASS.set(put_back)
+    try:
+        yield
+    finally:
+        _EACH_PASS.reset(token)
+
+
 @contextmanager
 def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
     """The block runs ``model`` on ``x`` ``(B, C, H, W)``: a failure of the model that says the input
@@ -134,7 +154,11 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
     missing 1 required positional argument", TorchScript's and torch.export's own words: :func:`_needs_more_inputs`).
     Any other error propagates as it is (a bug in the model keeps its
     traceback). Before the pass, the options in force that concern every pass (:func:`salience._core.perf.before_pass`:
-    ``allocator="reuse"`` on a CPU)."""
+    ``allocator="reuse"`` on a CPU), and in an :func:`each_pass_from` block the model's own state put back as the
+    call found it."""
+    put_back = _EACH_PASS.get()
+    if put_back is not None:
+        put_back()
     _perf.before_pass(x)
     try:
         yield

@@ -52,7 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from salience._core import derived as _derived
 from salience._core import perf as _perf
-from salience._core.autograd import TargetLike, backward
+from salience._core.autograd import TargetLike, backward, each_pass_from
 from salience._core.errors import SalienceError
 from salience._core.guard import Found, parameters_of
 from salience._core.info import max_batch
@@ -788,11 +788,14 @@ def _run(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]], st
     """``compute(start, stop)``, under ``torch.inference_mode()`` when ``inference``; the inputs it marks as derived
     (:func:`salience._core.derived.derived`) are the chunk's only; its items are ``start..stop-1`` of ``images``
     images (:func:`salience._core.derived.chunk_items`: a refusal of their scores names the images). ``before``: called
-    first (the call's found state put back, :meth:`~salience._core.guard.Found.before_pass`)."""
+    first (the call's found state put back, :meth:`~salience._core.guard.Found.before_pass`), and before every pass of
+    a model within the chunk (:func:`~salience._core.autograd.each_pass_from`: a method's several passes in one chunk
+    of SmoothGrad)."""
     if before is not None:
         before()
     mode = torch.inference_mode() if inference else contextlib.nullcontext()
-    with mode, _derived.chunk_inputs(), _derived.chunk_items(start, images):
+    each = each_pass_from(before) if before is not None else contextlib.nullcontext()
+    with mode, each, _derived.chunk_inputs(), _derived.chunk_items(start, images):
         return compute(start, stop)
 
 
