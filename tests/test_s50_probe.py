@@ -264,3 +264,40 @@ def test_smoothgrad_around_guided_gradcam_each_pass_sees_the_state_found() -> No
         out = salience.smoothgrad(model, x, 1, method=salience.guided_gradcam, samples=2, noise=0.0, chunk=chunk)
         torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-9)
         assert model.n == 0
+
+
+class _Flagged(_Counting):
+    """The linear counting model whose output becomes a softmax's when the user sets ``soft`` between calls (the
+    structure showed no final softmax before: the pass that shows one is run again under salience's tap)."""
+
+    def __init__(self) -> None:
+        super().__init__("int")
+        self.soft = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return torch.softmax(out, 1) if self.soft else out
+
+
+def test_a_gradient_pass_run_again_for_a_softmax_starts_from_the_state_found() -> None:
+    """A pass run again within one pass (a softmax appeared since the structure showed none) scored the count the
+    thrown-away run left: integrated gradients' path scored ``3 * fc``. Closed form of the model as handed (``2 * fc``,
+    the softmax stripped), zero baseline: ``x * 2 W[t]``."""
+    model, x = _Flagged(), torch.randn(2, 3, 2, 2)
+    salience.integrated_gradients(model, x, 1, steps=4)  # the structure: no final softmax
+    model.soft = True
+    ig = salience.integrated_gradients(model, x, 1, steps=4, reduce=None)
+    torch.testing.assert_close(ig, x * _grad_as_handed(model, 1), rtol=1e-5, atol=1e-6)
+    assert model.as_found()
+
+
+def test_a_pass_without_gradients_run_again_for_a_softmax_starts_from_the_state_found() -> None:
+    """The same in occlusion's clean pass (``forward_scores``, its ``before_pass`` hook): the clean scores were
+    ``3 * fc``. Closed form with one window over the whole image and a zero baseline: ``2 W[t] . x`` at every pixel."""
+    model, x = _Flagged(), torch.randn(2, 3, 2, 2)
+    salience.occlusion(model, x, 1, window=2, stride=2)  # the structure: no final softmax
+    model.soft = True
+    occ = salience.occlusion(model, x, 1, window=2, stride=2, reduce=None)  # (B, C, H, W)
+    drop = 2.0 * (x.flatten(1) @ model.fc.weight[1].detach())
+    torch.testing.assert_close(occ, drop[:, None, None, None].expand_as(x), rtol=1e-5, atol=1e-6)
+    assert model.as_found()
