@@ -117,9 +117,7 @@ def smoothgrad(
     _check_inner_passes(method, samples, options, x, calls)
 
     gaps = _CopyGaps(x.shape[0])
-    # the model's own state as the call found it, put back before every chunk by the engine (session 50): each noisy
-    # copy is scored by the model the user called, not by the state the class pass or the chunk before left
-    with model_guard(model), Found(model) as found:
+    with model_guard(model), Found(model) as found:  # the state found: the engine puts it back before each pass
         resolved = targets if free else resolve(targets, model, x, strip_softmax=strip_softmax)
 
         @gaps.watch
@@ -143,9 +141,7 @@ def smoothgrad(
             sums = _engine.accumulate(
                 compute, samples * x.shape[0], x.shape[0], squares=variant != "mean", chunk=chunk,
                 max_memory=budget, progress=progress, desc="smoothgrad", device=x.device,
-                run=_perf.Run(model, x, perf, tag=_tag(method, targets, reduce, reduce_each, raw_options)),
-                found=found,
-            )
+                run=_perf.Run(model, x, perf, tag=_tag(method, targets, reduce, reduce_each, raw_options)), found=found)
     gaps.report()
     mean = sums.total / samples
     if variant == "mean":
