@@ -299,7 +299,7 @@ def integrated_gradients(
     # class is the argmax of model(x) as the caller sees it (and vanilla's, SmoothGrad's). Read off x's rows of the
     # path's own chunk (session 49's _PredictedOnPath) it followed that chunk's rounding: another batch size, layout
     # or folded copy broke a near tie the other way and explained the other class (review of session 49).
-    with model_guard(model):
+    with model_guard(model), Found(model) as found:  # put back before every chunk (the engine) and end pass (session 50)
         if any(isinstance(t, Predicted) for t in targets):
             with Found(model):  # the class pass's writes of the model's own state put back: the path starts from the
                 targets = ends.at(x, 1.0, targets)  # state the call found, as with the class given (session 49 last read)
@@ -318,6 +318,7 @@ def integrated_gradients(
             max_memory=budget, progress=progress, desc="integrated gradients", device=x.device,
             # K targets: K gradients per item; a target on a layer: its pass stops there (layers_tag)
             run=_perf.Run(model, x, perf, tag=f"ig:{strip_softmax}:{len(targets)}:{layers_tag(targets)}"),
+            found=found,
         )
         # The targets' scores at the end points of the path, where the path has them.
         assert sums.scores is not None
@@ -327,6 +328,7 @@ def integrated_gradients(
         missing = [(point, a) for point, a in ((x, 1.0), (x0, 0.0)) if a not in ends.scores]
         if return_gap or len(missing) == 1:  # the completeness check costs at most one forward pass of B images
             for point, a in missing:
+                found.before_pass()
                 ends.at(point, a, targets)  # a forward pass: the rule lacks the point
     total = sums.total
     # (B, K, C, H, W), float64; detached: an x (or baseline) that requires grad must not put the map on its graph
