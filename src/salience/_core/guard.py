@@ -1460,12 +1460,17 @@ class Found:
 
     def __init__(self, model: nn.Module) -> None:
         own, layers, scripts = [], [], []
-        for m in model.modules():  # one walk: the model's own modules; torch.nn's layers holding buffers; TorchScript's
-            if isinstance(m, torch.jit.ScriptModule):  # no plain dicts: its attributes through TorchScript (_Scripted)
-                scripts.append(m)
-                continue
-            if user_module(m) or _hooked(m):  # a torch.nn layer with a hook too: the hook may set its attributes
+        kinds: dict = {}  # each class's kind, told once a call (0.2 us a module: a third of the record's cost on timm)
+        # one walk (the guard's quick one: 0.11 ms on timm's vit_small, model.modules() 0.16): the model's own
+        # modules; torch.nn's layers holding buffers; TorchScript's (no plain dicts: read through TorchScript)
+        for m in modules_of(model):
+            kind = kinds.get(type(m))
+            if kind is None:
+                kind = kinds[type(m)] = 2 if isinstance(m, torch.jit.ScriptModule) else int(user_module(m))
+            if kind == 1 or kind == 0 and _hooked(m):  # a torch.nn layer with a hook too: the hook may set attributes
                 own.append(m)
+            elif kind == 2:
+                scripts.append(m)
             elif m._buffers:
                 layers.append(m)
         self.record = record_state(own, containers=True, large_copies=True, inference=True) if own else []
