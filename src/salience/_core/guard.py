@@ -41,6 +41,9 @@ shallow copy of each, by its exact type (a subclass is not copied), up to ``_CON
 replaced by an equal one stays, as an attribute does), a dict's order too, and put back in place (the user's object
 stays, an item both have never missing meanwhile: session 49 review); one over the limit keeps only its length, and a call that changes the length says
 so, a warning naming it, as it stays changed;
+the containers inside one of them (a deque of a running window in a dict, a list of lists), one level more, by the same
+records, where their items and the parent's fit in the 1024 (session 50, ``tests/test_s50_found.py``; a change inside
+one stayed: the parent compares its items by identity);
 its parameters and submodules by name (``self.w = nn.Parameter(...)`` in a forward). Each copy is
 compared with the module's dict in C (``==``, each value by identity first) and put back by identity where it
 differs. The copies are not made for torch.nn's own layers that have neither a hook nor an instance ``forward``
@@ -71,15 +74,17 @@ where the counter moved (Grad-CAM's own hook, a full backward hook's per-pass ha
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
-stays); a list, dict, set or deque (``collections``' too) over 1024 items changed in place (told where its length changed: a warning; one level
-only: a list inside a dict is not copied), one of a torch.nn layer, a subclass of one; an inference tensor attribute
+stays); a list, dict, set or deque (``collections``' too) over 1024 items changed in place (told where its length changed: a warning; two levels
+only: a list in a list in a dict is not copied, nor one in a dict past the 1024 items), one of a torch.nn layer, a subclass of one; an inference tensor attribute
 over 1 MiB written in place (not told: no version counter); a plain tensor attribute over 1 MiB written in place
 (told: a warning); a hook
 on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
 to it (``==``: a number, a string, a one-element tensor or parameter of the same value; a parameter of several
 elements compares by identity, its ``==`` raising) keeps the new object; an attribute a global module hook
-(``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own. What another thread of
+(``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own. A TorchScript module's attributes
+other than its buffers (``self.calls += 1`` in a scripted forward: :class:`Found` puts them back between a
+perturbation call's passes and at its end, session 50, not the guard after a gradient method's call). What another thread of
 the user's sets on the model while salience's call runs (its own forward's counter) is put back with salience's:
 the guard cannot tell whose it is; the dicts are put back in place, never emptied meanwhile, so that thread's
 forward does not fail (``_restore_mapping``). So are the hooks it registers meanwhile on the modules put back
