@@ -11,7 +11,7 @@
 """
 import warnings
 from collections import Counter, OrderedDict, defaultdict, deque
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch
@@ -19,30 +19,23 @@ from torch import nn
 
 import salience
 from salience._core.guard import Found, model_guard
-from salience.methods.perturbation import occlusion_windows
+from test_s49_occlusion_state import SIZE, _occlusion_reference as occlusion_reference
 
-SIZE = 16
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning",
                                         "ignore:`torch.jit.trace` is deprecated:FutureWarning")
 
 
 def _occlusion_reference(m, x, target, win, st, reset):
-    """Zeiler & Fergus: each window's score drop, the state reset before every forward; mean over the windows."""
-    corners, cover = occlusion_windows((SIZE, SIZE), (win, win), (st, st))
-    rows = torch.arange(len(x))
+    """Zeiler & Fergus's occlusion written out (tests/test_s49_occlusion_state.py's), ``reset()`` before every
+    forward."""
+    class Reset:
+        def set_state(self, _):
+            reset()
 
-    def score(xx):
-        reset()
-        return m(xx)[rows, target]
+        def __call__(self, xx):
+            return m(xx)
 
-    with torch.no_grad():
-        s = score(x)
-        total = torch.zeros(len(x), SIZE, SIZE)
-        for y0, x0 in corners.tolist():
-            xo = x.clone()
-            xo[:, :, y0:y0 + win, x0:x0 + win] = 0
-            total[:, y0:y0 + win, x0:x0 + win] += (s - score(xo))[:, None, None]
-    return total / cover.clamp(min=1)
+    return occlusion_reference(Reset(), x, target, win, st, None)
 
 
 class Scripted(nn.Module):
