@@ -23,6 +23,7 @@ Prints a table (min / median / max over the rounds, per tree) and writes it as J
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -107,5 +108,19 @@ UNITS = tuple(f"{u}_{m}" for m in ("hfvit", "timm", "r50") for u in ("pass", "fo
     ("pass_many", "found_many", "pass_many_c", "found_many_c", "guard_list1024", "pass_script_r50",
      "found_script_r50")
 
+def _check_flags() -> None:
+    """This script's flags, checked before the rounds start (the harness's, benchmarks/guard_s48.py's ``main``, which
+    parses them itself)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--old", help="the old tree's src folder")
+    ap.add_argument("--new", help="the new tree's src folder")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--out", help="the JSON written")
+    ap.add_argument("--child", action="store_true", help="one process's units (the harness's)")
+    ap.parse_args()
+
+
 if __name__ == "__main__":
+    _check_flags()
     sys.exit(guard_s48.main(__file__, child, UNITS, __doc__))
