@@ -74,7 +74,8 @@ def small_resnetv2() -> nn.Module:
 
 class Functional(nn.Module):
     """Own code with functional layers only: a weight normalised in the forward, zero padding given positionally and
-    by keyword, F.pad, max / average pooling, a residual sum, torch.relu; then a global maximum (not local)."""
+    by keyword, F.pad with a constant (a crop's own padding lies in its margin), max / average pooling, a residual
+    sum, torch.relu; then a global maximum (not local)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,7 +90,7 @@ class Functional(nn.Module):
         w1 = self.w1 / self.w1.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # from parameters alone
         y = F.relu(F.conv2d(x, w1, self.b1, stride=1, padding=2))
         y = F.max_pool2d(y, kernel_size=3, stride=2, padding=1)
-        y = y + torch.relu(torch.conv2d(F.pad(y, (1, 1, 1, 1)), self.w2, None, 1, 0, 1, 1))
+        y = y + torch.relu(torch.conv2d(F.pad(y, (1, 1, 1, 1), value=0.5), self.w2, None, 1, 0, 1, 1))
         y = F.avg_pool2d(y, 2)
         y = torch.relu(F.conv2d(y, self.w3, padding=(1, 1), dilation=1))
         return self.head(y.amax((2, 3)))

@@ -522,9 +522,14 @@ def _once(g: Any, dtype: Optional[torch.dtype]) -> Any:
     if not roots:
         return g
     device = next((t.device.type for t in (*g.parameters(), *g.buffers())), "cpu")
-    with torch.autocast(device, dtype=dtype or torch.get_autocast_dtype(device), enabled=dtype is not None):
-        values = _evaluated(g, roots)
+    try:
+        with torch.autocast(device, dtype=dtype or torch.get_autocast_dtype(device), enabled=dtype is not None):
+            values = _evaluated(g, roots)
+    except Exception:  # noqa: BLE001 - a constant that cannot be made apart: made each pass, as the model does
+        return g
     for i, (n, v) in enumerate(zip(roots, values)):
+        if not isinstance(v, Tensor):
+            continue  # a size or a number read from a weight: a node, as it was
         name = f"_salience_constant_{i}"
         g.register_buffer(name, v, persistent=False)  # not in a state dict: made from the weights
         with g.graph.inserting_before(n):
