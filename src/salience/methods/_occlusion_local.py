@@ -477,7 +477,7 @@ def _subgraphs(gm: Any, cut: Any, strip_softmax: bool, dtype: Optional[torch.dty
     node (:func:`_constants`: a weight computed from parameters alone) is made in each where used; the prefix's,
     which runs once per chunk of crops, computed here once (under the passes' autocast ``dtype``, ``None``: none) and
     read as a tensor (:func:`_once`); the suffix's computed as the model does, each pass (held once, every
-    standardised weight of a BiT would be a second copy of the model's weights: 98 MiB on resnetv2_50x1_bit)."""
+    standardised weight of a BiT would be a second copy of its convolutions' weights: 89 MiB on resnetv2_50x1_bit)."""
     from torch.fx import Graph, GraphModule
     nodes = list(gm.graph.nodes)
     at = nodes.index(cut)
