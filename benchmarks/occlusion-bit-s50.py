@@ -1,8 +1,8 @@
-"""Session 50: occlusion on timm's BiT (``resnetv2_50x1_bit``, random weights, ``pretrained=False``: no download), one
-224 px image, the default window / stride (28 / 14: 225 windows), fp32, one thread: this branch (region-limited passes
-where the model allows them), main (``--main-src``: a snapshot of main's ``src``) and Captum's ``Occlusion`` at
-``perturbations_per_eval`` 1, 4, 16 and 64 (round 1: 16 and 64 only). Each measurement a fresh process (model built, one forward, then the call
-timed); interleaved rounds; each round appends to the JSON, so rounds may run in separate lock holds.
+"""Session 50: occlusion on timm's BiT (``resnetv2_50x1_bit``; ``--model``: another timm model, nf_resnet50), random
+weights (``pretrained=False``: no download), one 224 px image, the default window / stride (28 / 14: 225 windows), fp32,
+one thread: this branch (region-limited passes where the model allows them), main (``--main-src``: a snapshot of main's
+``src``) and Captum's ``Occlusion`` at ``perturbations_per_eval`` 1, 4, 16 and 64 (BiT's round 1: 16 and 64 only).
+Each measurement a fresh process (model built, one forward, then the call timed); interleaved rounds; each round appends to the JSON, so rounds may run in separate lock holds.
 
 Run as (one round a lock hold):
   flock /tmp/bench.lock taskset -c 1 python benchmarks/occlusion-bit-s50.py --main-src /tmp/old-stdconv50/src --rounds 1
@@ -27,7 +27,7 @@ SRC = os.path.join(os.path.dirname(HERE), "src")
 CONFIGS = ("branch", "main", "cap1", "cap4", "cap16", "cap64")
 
 
-def one(config: str, save: str) -> dict:
+def one(config: str, save: str, model: str = "resnetv2_50x1_bit") -> dict:
     """One measurement in this process: the call's seconds, what the log said, the map saved to ``save``."""
     import logging
     import warnings
@@ -38,7 +38,7 @@ def one(config: str, save: str) -> dict:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    m = timm.create_model("resnetv2_50x1_bit", pretrained=False).eval()
+    m = timm.create_model(model, pretrained=False).eval()
     x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         t = int(m(x).argmax(1))
@@ -76,7 +76,8 @@ def run_round(args: argparse.Namespace, configs: list, rnd: int) -> list:
             src = args.main_src if c == "main" else SRC
             env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1")
             save = os.path.join(tmp, f"{c}.pt")
-            done = subprocess.run([sys.executable, __file__, "--one", c, "--save", save], capture_output=True,
+            done = subprocess.run([sys.executable, __file__, "--one", c, "--save", save, "--model", args.model],
+                                  capture_output=True,
                                   text=True, env=env, timeout=1200)
             if done.returncode != 0:
                 raise SystemExit(done.stderr[-3000:])
@@ -103,7 +104,7 @@ def report(path: str) -> None:
         by.setdefault(r["config"], []).append(r["seconds"])
     best_cap = min((c for c in by if c.startswith("cap")), key=lambda c: statistics.median(by[c]))
     lines = [
-        "# Occlusion on timm BiT (resnetv2_50x1_bit), session 50",
+        f"# Occlusion on timm {data.get('model', 'resnetv2_50x1_bit')}, session 50",
         "",
         f"CPU: {data['cpu']} (the session-50 machine: AMD EPYC, AVX512-BF16, no AMX), one thread on core 1, under "
         "/tmp/bench.lock. torch " + data["torch"] + ", timm " + data["timm"] + ", captum " + data["captum"] + ".",
@@ -143,11 +144,12 @@ def main() -> None:
     ap.add_argument("--main-label", default="", help="which commit of main the snapshot is (git rev-parse)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--model", default="resnetv2_50x1_bit", help="a timm model (random weights)")
     ap.add_argument("--out", default=os.path.join(HERE, "occlusion-bit-s50.json"))
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.save)))
+        print(json.dumps(one(args.one, args.save, args.model)))
         return
     if args.report:
         report(args.out)
@@ -160,7 +162,8 @@ def main() -> None:
     import torch
     data = json.load(open(args.out)) if os.path.exists(args.out) else {
         "rows": [], "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "timm": timm.__version__, "captum": captum.__version__, "command": " ".join(["python"] + sys.argv),
+        "timm": timm.__version__, "captum": captum.__version__, "model": args.model,
+        "command": " ".join(["python"] + sys.argv),
         "main": ""}
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))

@@ -126,7 +126,8 @@ def test_timm_scaled_stdconv_sequence(caplog):
     from timm.layers import ScaledStdConv2d
     torch.manual_seed(7)
     m = nn.Sequential(ScaledStdConv2d(3, 8, 3), nn.ReLU(), ScaledStdConv2d(8, 8, 3, stride=2), nn.ReLU(),
-                      ScaledStdConv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+                      ScaledStdConv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(8, 3)).eval()
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 1 and p.shape[0] == 8:

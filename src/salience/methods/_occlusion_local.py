@@ -4,8 +4,8 @@ An occluded image differs from the clean one only inside its window, so the outp
 layers (convolutions, eval-mode batch norm, elementwise activations, max / average pooling, constant padding, the
 sum or channel concatenation of two local branches; modules or their functions, ``F.conv2d`` / ``F.max_pool2d`` /
 ``F.avg_pool2d`` / ``F.pad``, so a convolution that computes its weight first, timm's ``StdConv2d`` and
-``ScaledStdConv2d``, too: the nodes computing a weight from parameters alone are constants) differs from the clean activation only inside the window grown by their
-receptive field. :func:`plan` traces the model with ``torch.fx``, follows each node's receptive field per axis
+``ScaledStdConv2d``, too: the nodes computing a weight from parameters alone are constants) differs from the clean
+activation only inside the window grown by their receptive field. :func:`plan` traces the model with ``torch.fx``, follows each node's receptive field per axis
 (output index ``i`` reads input rows ``[i * S - A, i * S + E]``), and picks the *cut*: a local node that every later
 node depends on alone, where the FLOPs saved are largest. Each pass then runs the prefix (input to cut) on a crop of
 the occluded image only (the affected region plus the margin its receptive field reads; crops start on multiples of
@@ -139,7 +139,8 @@ def _bound(n: Any, names: tuple, defaults: dict) -> Optional[dict]:
 
 def _ints(v: Any) -> bool:
     """Whether ``v`` is an int or a pair of ints (not a node: a stride computed from the input's shape)."""
-    return isinstance(v, int) or (isinstance(v, (tuple, list)) and len(v) in (1, 2) and all(isinstance(i, int) for i in v))
+    return isinstance(v, int) or (isinstance(v, (tuple, list)) and len(v) in (1, 2)
+                                  and all(isinstance(i, int) for i in v))
 
 
 def _function_field(n: Any, f: _Field, consts: set, kernel: Callable[[Any], Optional[tuple]]
