@@ -106,7 +106,7 @@ class SharedWeight(nn.Module):
         self.stem = nn.Parameter(torch.randn(6, 3, 3, 3) * 0.3)
 
     def forward(self, x):
-        w = self.w - self.w.mean((1, 2, 3), keepdim=True)
+        w = F.normalize(self.w - self.w.mean((1, 2, 3), keepdim=True), dim=1)
         y = torch.relu(F.conv2d(x, self.stem, padding=1))
         y = torch.relu(F.conv2d(y, w, padding=1))
         y = y - y.mean((2, 3), keepdim=True)  # global: the cut is before it
@@ -205,6 +205,18 @@ class WeightFromInput(nn.Module):
         return torch.relu(F.conv2d(x, self.w * (20.0 / x.size(-1)), padding=1)).mean((2, 3))
 
 
+class RandomWeight(nn.Module):
+    """A weight drawn each pass (times 0: the maps are well defined): no constant, so not local."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+    def forward(self, x):
+        return torch.relu(F.conv2d(x, self.w + 0 * torch.randn_like(self.w), padding=1)).mean((2, 3))
+
+
 class SamePadding(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -221,6 +233,7 @@ class SamePadding(nn.Module):
                            nn.AdaptiveAvgPool2d(1), nn.Flatten()), "padding_mode='reflect'"),
     (WeightFromInput, "no local prefix (its first layer is not a convolution, pooling or elementwise: size"),
     (SamePadding, "'same'"),
+    (RandomWeight, "conv2d (its weight not a constant (from the input, or drawn at random)"),
 ])
 def test_not_local_falls_back_with_reason(caplog, model, reason):
     m = model().eval()

@@ -61,8 +61,9 @@ _AVG_ARGS = (("kernel_size", "stride", "padding", "ceil_mode", "count_include_pa
 _WINDOW_FUNCTIONS: dict = {F.conv2d: _CONV_ARGS, torch.conv2d: _CONV_ARGS, F.max_pool2d: _MAX_ARGS,
                            torch.max_pool2d: _MAX_ARGS, F.avg_pool2d: _AVG_ARGS}
 _PAD_ARGS = (("pad", "mode", "value"), {"mode": "constant", "value": None})
-# what a node computing a constant (from parameters alone) must not be: drawn at random, or written in place
-_NOT_CONSTANT = ("rand", "normal", "bernoulli", "dropout", "multinomial", "poisson", "uniform", "exponential")
+# what a node computing a constant (from parameters alone) must not be: drawn at random (rand*, *dropout*, these), or
+# written in place (a name ending in "_")
+_RANDOM = {"normal", "bernoulli", "multinomial", "poisson", "native_dropout"}
 
 
 @dataclass(frozen=True)
@@ -278,8 +279,8 @@ def _constants(gm: Any) -> set:
         elif n.op in ("call_function", "call_method") and n.all_input_nodes and all(
                 a in consts for a in n.all_input_nodes):
             name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-            if not (name.endswith("_") or any(w in name for w in _NOT_CONSTANT) or n.kwargs.get("inplace")
-                    or n.is_impure()):
+            random = name.startswith("rand") or "dropout" in name or name in _RANDOM
+            if not (name.endswith("_") or random or n.kwargs.get("inplace") or n.is_impure()):
                 consts.add(n)
     return consts
 
@@ -303,12 +304,13 @@ def _evaluated(gm: Any, nodes: list) -> list:
 
 
 def _first_not_local(gm: Any, fields: dict, consts: set) -> str:
-    """The first node reading the input that is not local, told (why full passes: ``F.pad`` in ``"reflect"`` mode,
-    a convolution whose weight is computed from the input)."""
+    """The first node reading a local node (the input) that is not local, told (why full passes: ``F.pad`` in
+    ``"reflect"`` mode, a convolution whose weight is computed from the input)."""
     mods = dict(gm.named_modules())
     for n in gm.graph.nodes:
-        if n.op in ("placeholder", "output") or n in consts or n in fields:
-            continue
+        if n.op in ("placeholder", "output") or n in consts or n in fields or not any(
+                a in fields for a in n.all_input_nodes):
+            continue  # local, constant, or past the first that is not (or reads none of the image: a random draw)
         if n.op == "call_module":
             m = mods[n.target]
             extra = f", padding_mode={m.padding_mode!r}" if isinstance(m, nn.Conv2d) else ""
@@ -316,7 +318,8 @@ def _first_not_local(gm: Any, fields: dict, consts: set) -> str:
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
         if n.op == "call_function" and (n.target in _WINDOW_FUNCTIONS or n.target is F.pad):
             said = {k: v for k, v in n.kwargs.items() if not isinstance(v, Node)}
-            return f"{name} ({'its weight is computed from the input, or ' if 'conv' in name else ''}arguments {said})"
+            weight = "its weight not a constant (from the input, or drawn at random), or " if "conv" in name else ""
+            return f"{name} ({weight}arguments {said})"
         return f"{name}"
     return "none"
 
