@@ -196,6 +196,7 @@ class Plan:
     cut: str = ""
     why: str = ""
     clean: Optional[Tensor] = None  # the prefix's float32 output on the clean images (the check's)
+    dtype: Optional[torch.dtype] = None  # the passes' autocast, under which the prefix's constants are made
 
 
 def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None, written: Optional[set] = None) -> Any:
@@ -586,7 +587,8 @@ def plan(model: nn.Module, x: Tensor, window: tuple[int, int], stride: tuple[int
         # saved: the prefix on the rest of the image, less the copy of the clean activation (its size, twice)
         saved = (prefix * (1 - ratio) - 2 * math.prod(shape[1:])) / total
         if best is None or saved > best.saved:
-            best = Plan(field=f, cut_shape=shape, crop=crop, saved=saved, cut=c.name)  # type: ignore[arg-type]
+            best = Plan(field=f, cut_shape=shape, crop=crop, saved=saved, cut=c.name,  # type: ignore[arg-type]
+                        dtype=dtype)
     if best is None or best.saved < 0.05:
         return Plan(why="no cut saves 5 % of a pass (the windows' fields cover most of the image)")
     cut = next(n for n in nodes if n.name == best.cut)
@@ -597,16 +599,16 @@ def plan(model: nn.Module, x: Tensor, window: tuple[int, int], stride: tuple[int
     return best
 
 
-def moved(p: Plan, gm: Any, strip_softmax: bool, dtype: Optional[torch.dtype] = None) -> Optional[Plan]:
+def moved(p: Plan, gm: Any, strip_softmax: bool) -> Optional[Plan]:
     """``p``'s split (found and checked on the model's own trace) on ``gm``, a ``GraphModule`` of the same model with
     its BatchNorm layers folded (the low-precision copy the passes run, :func:`salience._core.folding.folded_model`):
     the same cut, field and crops (a BatchNorm is elementwise: folding it changes no receptive field), its prefix and
     suffix on ``gm``'s modules; ``None`` where the cut is no cut of ``gm`` (a BatchNorm folded away, or a node named
-    otherwise). ``dtype``: the passes' autocast (the prefix's constants are computed under it)."""
+    otherwise). The prefix's constants are made under ``p.dtype``, the passes' autocast."""
     node = next((n for n in gm.graph.nodes if n.name == p.cut), None)
     if node is None or node not in _cuts(gm, _fields(gm)):
         return None
-    prefix, suffix = _subgraphs(gm, node, strip_softmax, dtype)
+    prefix, suffix = _subgraphs(gm, node, strip_softmax, p.dtype)
     return replace(p, prefix=prefix, suffix=suffix, clean=None)
 
 

@@ -462,7 +462,7 @@ def _split(model: nn.Module, x: Tensor, win: tuple[int, int], st: tuple[int, int
         if not why and perf.fold_batchnorm and dtype is not None:
             low = _perf.folded_model(model, dtype=dtype)[0]  # the run's copy (cached: perf.Run takes the same)
             if low is not None:
-                moved = _local.moved(plan, low, strip_softmax, dtype)
+                moved = _local.moved(plan, low, strip_softmax)
                 if moved is None:  # the cut is not a node of the folded graph (a folded BatchNorm): as before
                     plan = planned(_perf.folded_model(model)[0])
                     why = plan.why
