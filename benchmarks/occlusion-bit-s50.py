@@ -126,9 +126,9 @@ def report(path: str) -> None:
         name = {"branch": "salience, this branch", "main": "salience, main (full passes)"}.get(
             c, f"Captum Occlusion, perturbations_per_eval={c[3:]}" + (" (best)" if c == best_cap else ""))
         diff = max(x["max_abs_diff_vs_captum"] for x in rows if x["config"] == c)
-        path = "; ".join(m.replace("|", "/") for m in r["log"]) or "-"
+        said = "; ".join(m.replace("|", "/") for m in r["log"]) or "-"
         lines.append(f"| {name} | {min(v):.1f} | {statistics.median(v):.1f} | {max(v):.1f} | "
-                     f"{statistics.median(v) / med_b:.2f} | {diff:.2e} ({r['map_scale']:.2e}) | {path} |")
+                     f"{statistics.median(v) / med_b:.2f} | {diff:.2e} ({r['map_scale']:.2e}) | {said} |")
     lines += ["", "Load average (1, 5, 15 min) at each measurement: "
               + ", ".join(f"{r['config']} r{r['round']}: {' '.join(r['loadavg'])}" for r in rows) + "."]
     with open(path[:-5] + ".md.tmp", "w") as f:
