@@ -1457,9 +1457,10 @@ class Found:
     1 MiB and 1024 items; as Ablation-CAM's split, session 48: a large constant table costs its copy a call), so that
     no pass sees what a pass before left that the call's end would undo (session 49 review). A buffer of a
     ``torch.nn`` layer that the model's own code writes is put back from the guard's copy
-    (:func:`~salience._core.guard.held_values`). What cannot be put back (a torch.nn layer's buffer the guard holds
-    no copy of) is refused with a :class:`SalienceError` before the next pass. A TorchScript module's attributes and
-    buffers are read and put back through TorchScript (:class:`_Scripted`, session 50; before, skipped).
+    (:func:`~salience._core.guard.held_values`), or from a copy of the record's own where the guard's is not of the
+    state found (a call nested in another's guard, SmoothGrad's chunks or the user's block, finds it written since:
+    the outer call's put-back is a write too; session 50 review: refused before). A TorchScript module's attributes
+    and buffers are read and put back through TorchScript (:class:`_Scripted`, session 50; before, skipped).
 
     Each pass the record is compared as whole lists in C (:meth:`_moved`: the modules' dicts with their copies, the
     tensors' version counters, the containers with theirs, the buffers by name and identity; session 50), and only
@@ -1494,6 +1495,10 @@ class Found:
         self.layers = [m._buffers for m in layers]
         self.layer_copies = [dict(d) for d in self.layers]
         self.buffers = [e[2] for e in self.torch_nn]
+        # a buffer written since the guard took its copy (a call nested in another's guard: the outer call's put-back
+        # is a write too; a pass of the user's in their own guard block): a copy of its own, of the state found
+        self.copies = {id(e[2]): e[2].detach().clone() for e in self.torch_nn
+                       if held_values(e[0], e[1], e[2], e[3]) is None}
         self.versions = sum(map(_VERSION, self.buffers))
         self.scripted = _Scripted(scripts) if scripts else None
         self._flat()
@@ -1623,14 +1628,15 @@ class Found:
             return False
         return sum(map(_VERSION, self.buffers)) == self.versions
 
-    @staticmethod
-    def _layer_buffer(entry: list, refuse: bool) -> None:
+    def _layer_buffer(self, entry: list, refuse: bool) -> None:
         """A buffer of a ``torch.nn`` layer the model's own code replaced or wrote in place (``entry``: one of
         ``torch_nn``'s): the object put back, its values from the guard's copy."""
         m, k, b, found, _ = entry
         if m._buffers.get(k) is not b:
             m._buffers[k] = b
         copy = held_values(m, k, b, found) if b._version != found else b
+        if copy is None:
+            copy = self.copies.get(id(b))
         if copy is None and not refuse:
             return
         if copy is None:
