@@ -1484,6 +1484,9 @@ class Found:
             elif m._buffers:
                 layers.append(m)
         self.record = record_state(own, containers=True, large_copies=True, inference=True) if own else []
+        for r in self.record:  # its parameters and submodules by name, as the model guard's (``self.w = nn.Parameter``,
+            # a submodule added on a first call or swapped: session 50 review; record_state's records compare none)
+            r.params, r.children = dict(r.attrs["_parameters"]), dict(r.attrs["_modules"])
         # the tensors (one over the guard's copy limit the guard records without a copy): told put back at the end
         self.tensors = [(r.module, t, version) for r in self.record for _, t, version, _ in r.tensors
                         if version is not None]
@@ -1504,6 +1507,10 @@ class Found:
         record's own :func:`state_changes` told a change as before). ``owners``: each piece's module, by its index
         in the record, for the modules put back where one differs."""
         self.dicts, self.saved = [r.module.__dict__ for r in self.record], [r.attrs for r in self.record]
+        # the dicts of parameters and submodules (the same objects in both: compared with copies of their own)
+        self.owned = [r.attrs[k] for r in self.record for k in ("_parameters", "_modules")]
+        self.owned_copies = [c for r in self.record for c in (r.params, r.children)]
+        self.owned_owners = [i for i in range(len(self.record)) for _ in range(2)]
         tensors, versions, seqs, seq_copies, maps, map_copies, counts, count_copies = ([] for _ in range(8))
         held, names, held_values, bufs, buf_versions, factories, slow = ([] for _ in range(7))
         owners: dict = {"tensors": [], "seqs": [], "maps": [], "counts": [], "held": [], "bufs": [], "factories": []}
@@ -1586,12 +1593,16 @@ class Found:
          factories) = self.flat
         owners, moved = self.owners, set()
         _differ(self.dicts, self.saved, range(len(self.dicts)), moved)
+        _differ(self.owned, self.owned_copies, self.owned_owners, moved)
         if tensors and list(map(_VERSION, tensors)) != versions:
             moved.update(compress(owners["tensors"], map(operator.ne, map(_VERSION, tensors), versions)))
         if seqs:
             _differ(seqs, seq_copies, owners["seqs"], moved)
         if counts:
-            same = list(map(_dict_eq, counts, count_copies))
+            try:
+                same = list(map(_dict_eq, counts, count_copies))
+            except Exception:  # noqa: BLE001 - a count's == raised (a tensor, an array as a count): one by one
+                same = list(map(_same_contents, count_copies, counts))
             if not all(same):
                 moved.update(i for i, s in zip(owners["counts"], same) if not s)
         if maps:
