@@ -1471,9 +1471,11 @@ class Found:
     def __init__(self, model: nn.Module) -> None:
         own, layers, scripts = [], [], []
         kinds: dict = {}  # each class's kind, told once a call (0.2 us a module: a third of the record's cost on timm)
-        # one walk (the guard's quick one: 0.11 ms on timm's vit_small, model.modules() 0.16): the model's own
-        # modules; torch.nn's layers holding buffers; TorchScript's (no plain dicts: read through TorchScript)
-        for m in modules_of(model):
+        # one walk of the modules alone (the guard's quick one, fingerprint._modules: 0.07 ms on timm's vit_small,
+        # model.modules() 0.15; modules_of walks the parameters too: 0.36 ms on a scripted resnet50, its wrappers'
+        # dicts slow, session 50 review): the model's own modules; torch.nn's layers holding buffers; TorchScript's (no
+        # plain dicts: read through TorchScript)
+        for m in _modules(model):
             kind = kinds.get(type(m))
             if kind is None:
                 kind = kinds[type(m)] = 2 if isinstance(m, torch.jit.ScriptModule) else int(user_module(m))
@@ -1683,7 +1685,8 @@ class _Scripted:
     attributes, not in a ``__dict__`` (session 50: :class:`Found` skipped them, so each perturbation pass saw the one
     before's writes, and the call's end left them; the model guard puts back only their buffers). Read and written
     through the module's ``_c`` (``getattr`` / ``setattr``; 0.2 us a read): each tensor attribute and buffer (by
-    identity, version counter and a copy; an inference tensor by its values), each list, dict or tuple (a read gives a
+    identity, version counter and a copy: a buffer's the model guard's own where it holds one of the same version,
+    :func:`held_values`, session 50 review; an inference tensor by its values), each list, dict or tuple (a read gives a
     fresh copy of the whole, nested ones too: compared with ``==``, put back by ``setattr``, which gives the module a new
     list), and each other attribute (a number, a flag, a string, ``None``) that some method of the model assigns
     (``prim::SetAttr`` in its graphs); the parameters and submodules are the model guard's. What TorchScript keeps as an
@@ -1702,7 +1705,11 @@ class _Scripted:
                         version = t._version
                     except Exception:  # noqa: BLE001 - an inference tensor: no version counter
                         version = None
-                    self.tensors.append([c, name, t, version, t.detach().clone(), name in assigned])
+                    # a buffer the model guard holds a copy of at this version (a BatchNorm's: 159 on resnet50):
+                    # that copy (held_values, while the guard holds the module), not one more (0.8 ms a call)
+                    copy = None if version is not None and held_values(m, name, t, version) is not None else \
+                        t.detach().clone()
+                    self.tensors.append([c, name, t, version, copy, name in assigned, m, version])
                 elif kind == "mutable" or name in assigned:
                     self.values.append((c, name, c.getattr(name)))
             if objects and m not in _SCRIPT_TOLD:
@@ -1719,7 +1726,7 @@ class _Scripted:
     def put_back(self) -> None:
         """Each attribute put back where it differs from the record (a tensor replaced, or written in place)."""
         for entry in self.tensors:
-            c, name, t, version, copy, assigned = entry
+            c, name, t, version, copy, assigned, m, found = entry
             if assigned and c.getattr(name) is not t:
                 c.setattr(name, t)
             if version is None:
@@ -1728,7 +1735,7 @@ class _Scripted:
                         t.copy_(copy)
             elif t._version != version:
                 with torch.no_grad():
-                    t.copy_(copy)
+                    t.copy_(copy if copy is not None else held_values(m, name, t, found))
                 entry[3] = t._version
         for c, name, v in self.values:
             now = c.getattr(name)
