@@ -9,9 +9,14 @@ changed modules alone put back).
   layer made on the first call) stayed between the passes (session 49's record compared neither, nor does the merged
   one): each pass saw what the pass before left, which the model guard puts back only when the call ends. ``Found``
   now keeps them by name as the model guard does.
+- A TorchScript module's number, flag or string attribute assigned by a method TorchScript leaves to Python
+  (``@torch.jit.ignore``: no ``prim::SetAttr`` in any graph) was not read (only the assigned names were): each pass
+  saw the count the pass before left, and the call left it. Every such attribute is now read where a method calls
+  Python (``prim::PythonOp``).
 
 Each checked against Zeiler & Fergus's occlusion written out with the state put back before every forward.
 """
+import warnings
 from collections import Counter
 
 import torch
@@ -121,3 +126,44 @@ def test_parameters_and_submodules_put_back_before_each_pass():
             change()
             found.before_pass()
             same()
+
+
+class Calls(nn.Module):
+    """A scripted forward that counts its calls in a method TorchScript leaves to Python (``@torch.jit.ignore``: no
+    ``prim::SetAttr`` in any graph, the write made from Python), the count read by the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        self.calls = 0
+
+    @torch.jit.ignore
+    def count(self) -> int:
+        self.calls = self.calls + 1
+        return self.calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc(z + 0.25 * float(self.count()))
+
+
+def test_scripted_attribute_written_from_python_put_back_before_each_pass():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation
+        m = torch.jit.script(Calls().eval())
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        m(x)  # the user's own call: a count of their own
+    calls = m.calls
+
+    def reset():
+        m.calls = calls
+
+    target = torch.tensor([1, 2])
+    want = _occlusion_reference(m, x, target, 4, 4, reset)
+    reset()
+    got = salience.occlusion(m, x, target, window=4, stride=4, chunk=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert m.calls == calls

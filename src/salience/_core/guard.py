@@ -1689,14 +1689,17 @@ class _Scripted:
     :func:`held_values`, session 50 review; an inference tensor by its values), each list, dict or tuple (a read gives a
     fresh copy of the whole, nested ones too: compared with ``==``, put back by ``setattr``, which gives the module a new
     list), and each other attribute (a number, a flag, a string, ``None``) that some method of the model assigns
-    (``prim::SetAttr`` in its graphs); the parameters and submodules are the model guard's. What TorchScript keeps as an
+    (``prim::SetAttr`` in its graphs; every one where a method calls Python, ``@torch.jit.ignore``); the parameters and submodules are the model guard's. What TorchScript keeps as an
     object of a scripted class cannot be copied: named in a warning, once per module."""
 
     def __init__(self, modules: list) -> None:
         plans = [_script_plan(m) for m in modules]
         assigned = set().union(*(p[1] for p in plans))  # any module's method may assign another's (by name: safe side)
+        # a method left to Python (``@torch.jit.ignore``: ``prim::PythonOp``) may assign any attribute of any module
+        # without a prim::SetAttr (``self.calls = self.calls + 1``: session 50 review): then every one is read
+        python = any(p[3] for p in plans)
         self.tensors, self.values = [], []
-        for m, (names, _, objects) in zip(modules, plans):
+        for m, (names, _, objects, _) in zip(modules, plans):
             c = m._c
             for name, kind in names:
                 if kind == "tensor":
@@ -1709,8 +1712,8 @@ class _Scripted:
                     # that copy (held_values, while the guard holds the module), not one more (0.8 ms a call)
                     copy = None if version is not None and held_values(m, name, t, version) is not None else \
                         t.detach().clone()
-                    self.tensors.append([c, name, t, version, copy, name in assigned, m, version])
-                elif kind == "mutable" or name in assigned:
+                    self.tensors.append([c, name, t, version, copy, python or name in assigned, m, version])
+                elif kind == "mutable" or python or name in assigned:
                     self.values.append((c, name, c.getattr(name)))
             if objects and m not in _SCRIPT_TOLD:
                 _SCRIPT_TOLD.add(m)
@@ -1750,7 +1753,8 @@ class _Scripted:
 def _script_plan(m: nn.Module) -> tuple:
     """What :class:`_Scripted` reads of the TorchScript module ``m``: ``(name, "tensor" / "mutable" / "other")`` of each
     attribute not a parameter or submodule, the names its methods assign (``prim::SetAttr``), the names of the scripted
-    class objects it holds (not copied). Made once per module (TorchScript's attributes and methods are fixed once
+    class objects it holds (not copied), whether a method calls Python (``prim::PythonOp``: an ignored method, which
+    may assign any attribute). Made once per module (TorchScript's attributes and methods are fixed once
     compiled): about 0.1 ms a module."""
     plan = _SCRIPT_PLANS.get(m)
     if plan is None:
@@ -1758,7 +1762,7 @@ def _script_plan(m: nn.Module) -> tuple:
         try:  # torch's own reading of a scripted module's attributes (private: refused if it goes)
             found = torch._C._jit_debug_module_iterators(c)
         except Exception:  # noqa: BLE001
-            return (), frozenset(), ("the attributes (this torch cannot list them)",)
+            return (), frozenset(), ("the attributes (this torch cannot list them)",), False
         skip = {n for n, _ in found["named_parameters"]} | {n for n, _ in found["named_children"]}
         names, objects = [], []
         for name, v in found["named_attributes"]:
@@ -1772,9 +1776,10 @@ def _script_plan(m: nn.Module) -> tuple:
                 names.append((name, "other"))
             else:  # an object of a scripted class (its own attributes written in place: ``self.box.n += 1``)
                 objects.append(f"the scripted class object {name!r}")
-        assigned = {node.s("name") for method in c._method_names()
-                    for node in c._get_method(method).graph.findAllNodes("prim::SetAttr")}
-        plan = _SCRIPT_PLANS[m] = (tuple(names), frozenset(assigned), tuple(objects))
+        graphs = [c._get_method(method).graph for method in c._method_names()]
+        assigned = {node.s("name") for graph in graphs for node in graph.findAllNodes("prim::SetAttr")}
+        python = any(graph.findAllNodes("prim::PythonOp") for graph in graphs)
+        plan = _SCRIPT_PLANS[m] = (tuple(names), frozenset(assigned), tuple(objects), python)
     return plan
 
 
