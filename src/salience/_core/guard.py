@@ -1448,7 +1448,8 @@ class Found:
 
     Recorded right after the call's :func:`~salience._core.guard.model_guard` is entered (eval mode set), by the
     guard's own record (:func:`~salience._core.guard.record_state`, put back by the guard's own
-    ``ModuleState.put_back``): the plain attributes (one level deep) and buffers of the modules not from ``torch.nn``
+    ``ModuleState.put_back``): the plain attributes (one level deep), parameters and submodules by name (session 50
+    review: a head swapped, a layer made on a first call) and buffers of the modules not from ``torch.nn``
     (whose layers in eval mode write nothing), as the model guard puts them back after a call: the contents of each
     list, dict, set, ``collections`` deque, defaultdict and Counter (exactly those types, ``self.hist.append(y)``;
     a subclass, a test's log of the passes, is not copied), each plain tensor among the attributes written in place,
