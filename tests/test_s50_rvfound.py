@@ -24,19 +24,8 @@ from torch import nn
 
 import salience
 from salience._core.guard import Found, model_guard
-from test_s49_occlusion_state import SIZE, _occlusion_reference as occlusion_reference
-
-
-def _occlusion_reference(m, x, target, win, st, reset):
-    """Zeiler & Fergus's occlusion (tests/test_s49_occlusion_state.py's), ``reset()`` before every forward."""
-    class Reset:
-        def set_state(self, _):
-            reset()
-
-        def __call__(self, xx):
-            return m(xx)
-
-    return occlusion_reference(Reset(), x, target, win, st, None)
+from test_s49_occlusion_state import SIZE
+from test_s50_found import _occlusion_reference  # Zeiler & Fergus's, reset() before every forward
 
 
 class Totals(nn.Module):
