@@ -1448,7 +1448,8 @@ class Found:
 
     Recorded right after the call's :func:`~salience._core.guard.model_guard` is entered (eval mode set), by the
     guard's own record (:func:`~salience._core.guard.record_state`, put back by the guard's own
-    ``ModuleState.put_back``): the plain attributes (one level deep) and buffers of the modules not from ``torch.nn``
+    ``ModuleState.put_back``): the plain attributes (one level deep), parameters and submodules by name (session 50
+    review: a head swapped, a layer made on a first call) and buffers of the modules not from ``torch.nn``
     (whose layers in eval mode write nothing), as the model guard puts them back after a call: the contents of each
     list, dict, set, ``collections`` deque, defaultdict and Counter (exactly those types, ``self.hist.append(y)``;
     a subclass, a test's log of the passes, is not copied), each plain tensor among the attributes written in place,
@@ -1472,9 +1473,11 @@ class Found:
     def __init__(self, model: nn.Module) -> None:
         own, layers, scripts = [], [], []
         kinds: dict = {}  # each class's kind, told once a call (0.2 us a module: a third of the record's cost on timm)
-        # one walk (the guard's quick one: 0.11 ms on timm's vit_small, model.modules() 0.16): the model's own
-        # modules; torch.nn's layers holding buffers; TorchScript's (no plain dicts: read through TorchScript)
-        for m in modules_of(model):
+        # one walk of the modules alone (the guard's quick one, fingerprint._modules: 0.07 ms on timm's vit_small,
+        # model.modules() 0.15; modules_of walks the parameters too: 0.36 ms on a scripted resnet50, its wrappers'
+        # dicts slow, session 50 review): the model's own modules; torch.nn's layers holding buffers; TorchScript's (no
+        # plain dicts: read through TorchScript)
+        for m in _modules(model):
             kind = kinds.get(type(m))
             if kind is None:
                 kind = kinds[type(m)] = 2 if isinstance(m, torch.jit.ScriptModule) else int(user_module(m))
@@ -1485,6 +1488,9 @@ class Found:
             elif m._buffers:
                 layers.append(m)
         self.record = record_state(own, containers=True, large_copies=True, inference=True) if own else []
+        for r in self.record:  # its parameters and submodules by name, as the model guard's (``self.w = nn.Parameter``,
+            # a submodule added on a first call or swapped: session 50 review; record_state's records compare none)
+            r.params, r.children = dict(r.attrs["_parameters"]), dict(r.attrs["_modules"])
         # the tensors (one over the guard's copy limit the guard records without a copy): told put back at the end
         self.tensors = [(r.module, t, version) for r in self.record for _, t, version, _ in r.tensors
                         if version is not None]
@@ -1509,6 +1515,10 @@ class Found:
         record's own :func:`state_changes` told a change as before). ``owners``: each piece's module, by its index
         in the record, for the modules put back where one differs."""
         self.dicts, self.saved = [r.module.__dict__ for r in self.record], [r.attrs for r in self.record]
+        # the dicts of parameters and submodules (the same objects in both: compared with copies of their own)
+        self.owned = [r.attrs[k] for r in self.record for k in ("_parameters", "_modules")]
+        self.owned_copies = [c for r in self.record for c in (r.params, r.children)]
+        self.owned_owners = [i for i in range(len(self.record)) for _ in range(2)]
         tensors, versions, seqs, seq_copies, maps, map_copies, counts, count_copies = ([] for _ in range(8))
         held, names, held_values, bufs, buf_versions, factories, slow = ([] for _ in range(7))
         owners: dict = {"tensors": [], "seqs": [], "maps": [], "counts": [], "held": [], "bufs": [], "factories": []}
@@ -1591,12 +1601,16 @@ class Found:
          factories) = self.flat
         owners, moved = self.owners, set()
         _differ(self.dicts, self.saved, range(len(self.dicts)), moved)
+        _differ(self.owned, self.owned_copies, self.owned_owners, moved)
         if tensors and list(map(_VERSION, tensors)) != versions:
             moved.update(compress(owners["tensors"], map(operator.ne, map(_VERSION, tensors), versions)))
         if seqs:
             _differ(seqs, seq_copies, owners["seqs"], moved)
         if counts:
-            same = list(map(_dict_eq, counts, count_copies))
+            try:
+                same = list(map(_dict_eq, counts, count_copies))
+            except Exception:  # noqa: BLE001 - a count's == raised (a tensor, an array as a count): one by one
+                same = list(map(_same_contents, count_copies, counts))
             if not all(same):
                 moved.update(i for i, s in zip(owners["counts"], same) if not s)
         if maps:
@@ -1678,17 +1692,21 @@ class _Scripted:
     attributes, not in a ``__dict__`` (session 50: :class:`Found` skipped them, so each perturbation pass saw the one
     before's writes, and the call's end left them; the model guard puts back only their buffers). Read and written
     through the module's ``_c`` (``getattr`` / ``setattr``; 0.2 us a read): each tensor attribute and buffer (by
-    identity, version counter and a copy; an inference tensor by its values), each list, dict or tuple (a read gives a
+    identity, version counter and a copy: a buffer's the model guard's own where it holds one of the same version,
+    :func:`held_values`, session 50 review; an inference tensor by its values), each list, dict or tuple (a read gives a
     fresh copy of the whole, nested ones too: compared with ``==``, put back by ``setattr``, which gives the module a new
     list), and each other attribute (a number, a flag, a string, ``None``) that some method of the model assigns
-    (``prim::SetAttr`` in its graphs); the parameters and submodules are the model guard's. What TorchScript keeps as an
+    (``prim::SetAttr`` in its graphs; every one where a method calls Python, ``@torch.jit.ignore``); the parameters and submodules are the model guard's. What TorchScript keeps as an
     object of a scripted class cannot be copied: named in a warning, once per module."""
 
     def __init__(self, modules: list) -> None:
         plans = [_script_plan(m) for m in modules]
         assigned = set().union(*(p[1] for p in plans))  # any module's method may assign another's (by name: safe side)
+        # a method left to Python (``@torch.jit.ignore``: ``prim::PythonOp``) may assign any attribute of any module
+        # without a prim::SetAttr (``self.calls = self.calls + 1``: session 50 review): then every one is read
+        python = any(p[3] for p in plans)
         self.tensors, self.values = [], []
-        for m, (names, _, objects) in zip(modules, plans):
+        for m, (names, _, objects, _) in zip(modules, plans):
             c = m._c
             for name, kind in names:
                 if kind == "tensor":
@@ -1697,8 +1715,12 @@ class _Scripted:
                         version = t._version
                     except Exception:  # noqa: BLE001 - an inference tensor: no version counter
                         version = None
-                    self.tensors.append([c, name, t, version, t.detach().clone(), name in assigned])
-                elif kind == "mutable" or name in assigned:
+                    # a buffer the model guard holds a copy of at this version (a BatchNorm's: 159 on resnet50):
+                    # that copy (held_values, while the guard holds the module), not one more (0.8 ms a call)
+                    copy = None if version is not None and held_values(m, name, t, version) is not None else \
+                        t.detach().clone()
+                    self.tensors.append([c, name, t, version, copy, python or name in assigned, m, version])
+                elif kind == "mutable" or python or name in assigned:
                     self.values.append((c, name, c.getattr(name)))
             if objects and m not in _SCRIPT_TOLD:
                 _SCRIPT_TOLD.add(m)
@@ -1714,7 +1736,7 @@ class _Scripted:
     def put_back(self) -> None:
         """Each attribute put back where it differs from the record (a tensor replaced, or written in place)."""
         for entry in self.tensors:
-            c, name, t, version, copy, assigned = entry
+            c, name, t, version, copy, assigned, m, found = entry
             if assigned and c.getattr(name) is not t:
                 c.setattr(name, t)
             if version is None:
@@ -1723,7 +1745,7 @@ class _Scripted:
                         t.copy_(copy)
             elif t._version != version:
                 with torch.no_grad():
-                    t.copy_(copy)
+                    t.copy_(copy if copy is not None else held_values(m, name, t, found))
                 entry[3] = t._version
         for c, name, v in self.values:
             now = c.getattr(name)
@@ -1738,7 +1760,8 @@ class _Scripted:
 def _script_plan(m: nn.Module) -> tuple:
     """What :class:`_Scripted` reads of the TorchScript module ``m``: ``(name, "tensor" / "mutable" / "other")`` of each
     attribute not a parameter or submodule, the names its methods assign (``prim::SetAttr``), the names of the scripted
-    class objects it holds (not copied). Made once per module (TorchScript's attributes and methods are fixed once
+    class objects it holds (not copied), whether a method calls Python (``prim::PythonOp``: an ignored method, which
+    may assign any attribute). Made once per module (TorchScript's attributes and methods are fixed once
     compiled): about 0.1 ms a module."""
     plan = _SCRIPT_PLANS.get(m)
     if plan is None:
@@ -1746,7 +1769,7 @@ def _script_plan(m: nn.Module) -> tuple:
         try:  # torch's own reading of a scripted module's attributes (private: refused if it goes)
             found = torch._C._jit_debug_module_iterators(c)
         except Exception:  # noqa: BLE001
-            return (), frozenset(), ("the attributes (this torch cannot list them)",)
+            return (), frozenset(), ("the attributes (this torch cannot list them)",), False
         skip = {n for n, _ in found["named_parameters"]} | {n for n, _ in found["named_children"]}
         names, objects = [], []
         for name, v in found["named_attributes"]:
@@ -1760,9 +1783,10 @@ def _script_plan(m: nn.Module) -> tuple:
                 names.append((name, "other"))
             else:  # an object of a scripted class (its own attributes written in place: ``self.box.n += 1``)
                 objects.append(f"the scripted class object {name!r}")
-        assigned = {node.s("name") for method in c._method_names()
-                    for node in c._get_method(method).graph.findAllNodes("prim::SetAttr")}
-        plan = _SCRIPT_PLANS[m] = (tuple(names), frozenset(assigned), tuple(objects))
+        graphs = [c._get_method(method).graph for method in c._method_names()]
+        assigned = {node.s("name") for graph in graphs for node in graph.findAllNodes("prim::SetAttr")}
+        python = any(graph.findAllNodes("prim::PythonOp") for graph in graphs)
+        plan = _SCRIPT_PLANS[m] = (tuple(names), frozenset(assigned), tuple(objects), python)
     return plan
 
 
