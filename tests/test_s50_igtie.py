@@ -13,6 +13,8 @@ from torch import nn
 
 import salience
 from salience.methods import integrated
+from test_s49_ig import _passes
+from test_s49_rvig import _tie as _tie49
 
 TIE_BOUND = getattr(integrated, "TIE_BOUND", 1e-3)  # so that these tests run (and fail where they should) on main's
 
@@ -27,17 +29,6 @@ def _cnn(classes: int = 5) -> nn.Module:
 
 def _images(b: int, size: int = 16) -> torch.Tensor:
     return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(b))
-
-
-def _passes(model: nn.Module, call) -> list[int]:
-    """The batch sizes of ``model``'s forward passes in ``call()``."""
-    seen: list[int] = []
-    h = model.register_forward_pre_hook(lambda mod, a: seen.append(a[0].shape[0]))
-    try:
-        call()
-    finally:
-        h.remove()
-    return seen
 
 
 def _top(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -137,26 +128,11 @@ def test_a_margin_under_the_bound_runs_the_pass_and_keeps_model_x_class():
 
 def _tie(x: torch.Tensor, counter: bool = False) -> nn.Module:
     """tests/test_s49_rvig.py's tie: two logits equal in a pass of ``x`` alone (class 0, the first maximum), class
-    0's lower in the path's chunk (float rounding of another batch size), so the chunk alone would say class 1.
-    ``counter``: a module of its own that counts its calls and scales the logits by ``1 + n / 100`` (a stateful
-    model: each chunk's gradient depends on the calls before it; the tie stays exact)."""
-    torch.manual_seed(0)
-    body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
-    with torch.no_grad():
-        alone = body(x)[0]
-        batched = body(torch.cat([x] + [a * x for a in torch.linspace(0, 1, STEPS)[:-1].tolist()]))[0]
-    lower = (batched < alone).nonzero().flatten()
-    if lower.numel() == 0:
-        pytest.skip("no feature of x rounds lower in the path's batch on this machine")
-    k = int(lower[0])
-    head = nn.Linear(16, 2)
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-        head.weight[0, k] = 1.0
-        head.bias[1] = alone[k]
-    return nn.Sequential(body, head, _Counter()).eval() if counter else nn.Sequential(body, head).eval()
+    0's lower in the path's chunk of 32 (float rounding of another batch size), so the chunk alone would say class 1.
+    ``counter``: a module of its own after it that counts its calls and scales the logits by ``1 + n / 100`` (a
+    stateful model: each chunk's gradient depends on the calls before it; the tie stays exact)."""
+    model = _tie49(x)
+    return nn.Sequential(*model, _Counter()).eval() if counter else model
 
 
 class _Counter(nn.Module):

@@ -272,9 +272,11 @@ def integrated_gradients(
     ``(B, H, W)``); ``None`` gives the signed ``(B, C, H, W)`` attributions, whose sum is
     ``f(x) - f(x')``. With ``return_gap=True``, an :class:`IGResult` ``(attributions, gap)`` where
     ``gap = sum(IG) - (f(x) - f(x'))`` per image. ``target`` as in :func:`salience.vanilla`, resolved
-    on ``x``: ``x`` runs first, in a plain fp32 forward pass of its own (the class is the argmax of
-    ``model(x)``, whatever the path's chunks, layout or precision; what that pass writes of the model's own state,
-    a counter, a list, is put back before the path). An end point the rule lacks runs a forward pass of its
+    on ``x`` (the class is the argmax of ``model(x)``, whatever the path's chunks, layout or precision): ``x`` is the
+    path's first point, and each image's class is read off its row of the first chunk where the two top scores there
+    are more than :data:`TIE_BOUND` apart (fp32 eager on a CPU, a rule with ``a = 1``); else ``x`` runs first in a
+    plain fp32 forward pass of its own (what that pass, or a first chunk thrown away for a near tie, writes of the
+    model's own state, a counter, a list, is put back before the path). An end point the rule lacks runs a forward pass of its
     own for the gap. Several targets per image (``(B, K)`` or a list) give ``(B, K, ...)``,
     one forward and K backward passes per chunk. ``chunk``, ``max_memory``, ``progress``,
     ``memory_format``, ``compile``, ``precision`` as in :func:`salience.smoothgrad` (they apply to
@@ -417,8 +419,9 @@ the path's first chunk must be for integrated gradients' ``target=None`` to take
 (:class:`_ClassOnPath`); closer, ``x`` runs a plain eager fp32 forward of its own, as before session 50. Measured
 (benchmarks/ig-tie-bound-s50.md, AMD EPYC, torch 2.14.1): x's rows in the path's chunks of 8 to 256 items, contiguous,
 channels-last and the BatchNorm-folded copy, with gradients on or off, differ from a plain ``model(x)`` by at most
-7e-7 of the row's largest score on resnet18, resnet50, torchvision's ViT-B/16 and the demo models, 1,400 times
-under the bound."""
+1.0e-6 of the row's largest score (resnet50, channels-last) on resnet18, resnet50, torchvision's ViT-B/16 and the
+demo models: the bound is about 1,000 times that. Relative to the output's scale: a model whose output is a small
+difference of large activations may round more than these did."""
 
 
 class _Undecided(Exception):
