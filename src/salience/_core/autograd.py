@@ -14,7 +14,7 @@ import re
 import threading
 import traceback
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
@@ -123,6 +123,35 @@ _SHAPE_FAILURE = re.compile(
 _CONV_CHANNELS = re.compile(r"to have (\d+) channels, but got (\d+) channels")
 
 
+# The put-back of the model's own state as the call found it, called before every pass of the model in the block
+# (:func:`each_pass_from`; the engine's chunks of SmoothGrad and integrated gradients): None outside one.
+_EACH_PASS: ContextVar[Optional[Callable[[], None]]] = ContextVar("salience_each_pass", default=None)
+
+
+@contextmanager
+def each_pass_from(put_back: Callable[[], None]) -> Iterator[None]:
+    """Every pass of a model in the block (:func:`model_call`) starts with ``put_back()`` (the call's
+    :meth:`~salience._core.guard.Found.before_pass`): a method that runs passes of its own inside another's chunk
+    (Guided Grad-CAM's guided and Grad-CAM passes, Grad-CAM's first call's layer search, a pass run again for a softmax)
+    has each of them see the state the outer call found, as each does when the method is called alone (its guard
+    blocks are then outermost and put the state back as they leave; nested in the outer call's guard they do not).
+    Session 50: SmoothGrad around Guided Grad-CAM on a model counting its calls was 50 % off."""
+    token = _EACH_PASS.set(put_back)
+    try:
+        yield
+    finally:
+        _EACH_PASS.reset(token)
+
+
+def _again() -> None:
+    """Before a pass run again within one :func:`model_call` (a compiled pass after which a softmax appeared, an
+    untapped pass whose output came from a softmax): the model's own state put back where an :func:`each_pass_from`
+    block is open, so the pass that counts does not see the thrown-away one's writes."""
+    put_back = _EACH_PASS.get()
+    if put_back is not None:
+        put_back()
+
+
 @contextmanager
 def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
     """The block runs ``model`` on ``x`` ``(B, C, H, W)``: a failure of the model that says the input
@@ -134,7 +163,11 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
     missing 1 required positional argument", TorchScript's and torch.export's own words: :func:`_needs_more_inputs`).
     Any other error propagates as it is (a bug in the model keeps its
     traceback). Before the pass, the options in force that concern every pass (:func:`salience._core.perf.before_pass`:
-    ``allocator="reuse"`` on a CPU)."""
+    ``allocator="reuse"`` on a CPU), and in an :func:`each_pass_from` block the model's own state put back as the
+    call found it."""
+    put_back = _EACH_PASS.get()
+    if put_back is not None:
+        put_back()
     _perf.before_pass(x)
     try:
         yield
@@ -679,6 +712,7 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
                 if not softmax_appeared(run, out, strip_softmax):
                     return out, captured
                 del out  # a softmax appeared since the answer was found: the pass runs eagerly, as below
+                _again()
     # the tap (every torch call of the forward through Python) runs until a pass of the model's structure
     # showed whether it ends in a softmax; after one that showed none, a softmax's gradient function on the
     # output says that it now does (the pass is then run again with the tap)
@@ -688,6 +722,7 @@ def _forward(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpec], 
     if softmax is not None and softmax.untapped_softmax(out):
         softmax.record(True)  # known now: the pass under the tap records nothing again
         del out, captured  # the first pass's graph freed before the second is built
+        _again()
         out, captured = _hooked_pass(model, x_in, target_layer, layers, extra_modes, run, softmax.tap_again())
     if softmax is not None:
         out, stripped = softmax.strip(out)
@@ -996,7 +1031,8 @@ def class_probabilities(out: Tensor, already: Optional[bool] = None) -> Tensor:
 
 
 def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
-                   batch_size: Optional[int] = None, compiled: bool = False) -> Tensor:
+                   batch_size: Optional[int] = None, compiled: bool = False,
+                   before_pass: Optional[Callable[[], None]] = None) -> Tensor:
     """The model's scores for ``x`` ``(B, C, H, W)``, detached: one forward pass, no gradient.
 
     Under :func:`model_guard` (eval mode, everything restored), the output unwrapped to a tensor
@@ -1005,7 +1041,10 @@ def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
     :func:`~salience._core.info.max_batch`). Inside an engine run
     (:class:`salience._core.perf.Run`) the pass takes the run's layout and autocast; with
     ``compiled=True`` (the caller's promise that no hook of its own is on the model: a plain pass)
-    a chunk the run marks as compiled runs the compiled model.
+    a chunk the run marks as compiled runs the compiled model. ``before_pass``: called before each chunk's pass, and
+    before a pass run again within it (a softmax that appeared: :func:`_again`) (the perturbation methods put the
+    model's own state back as the call found it, :meth:`~salience._core.guard.Found.before_pass`: each chunk scored by
+    the model the user called, not by the state the chunk before left).
     """
     strip_softmax = check_flag(strip_softmax, "strip_softmax")
     step = x.shape[0] if batch_size is None else max(1, int(batch_size))
@@ -1014,7 +1053,8 @@ def forward_scores(model: nn.Module, x: Tensor, *, strip_softmax: bool = True,
         step = min(step, limit)
     outs = []
     run = _perf.active(model)
-    with model_guard(model), torch.no_grad():
+    each = each_pass_from(before_pass) if before_pass is not None else nullcontext()
+    with model_guard(model), torch.no_grad(), each:  # before_pass: called by model_call before each chunk's pass
         for i in range(0, x.shape[0], step):
             xb = x[i:i + step]
             if run is not None:
@@ -1041,11 +1081,13 @@ def _scores_pass(model: nn.Module, xb: Tensor, run: Optional[_perf.Run], strip_s
     # an output of probabilities (or their logarithms) does, and the pass runs again under the tap
     softmax = _SoftmaxPass(model, run) if strip_softmax else None
     if softmax is not None and appeared:  # the compiled pass's output looked: straight under the tap
+        _again()
         return softmax.strip(_tapped_pass(model, xb, run, softmax.tap_again()))[0]
     out = _tapped_pass(model, xb, run, softmax.tap if softmax is not None else None)
     if softmax is None:
         return out
     if softmax.untapped_probabilities(out):
+        _again()
         out = _tapped_pass(model, xb, run, softmax.tap_again())
     return softmax.strip(out)[0]
 

@@ -52,9 +52,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from salience._core import derived as _derived
 from salience._core import perf as _perf
-from salience._core.autograd import TargetLike, backward
+from salience._core.autograd import TargetLike, backward, each_pass_from
 from salience._core.errors import SalienceError
-from salience._core.guard import parameters_of
+from salience._core.guard import Found, parameters_of
 from salience._core.info import max_batch
 from salience._core.malloc import HEAP_BLOCK_MAX as _HEAP_BLOCK_MAX
 from salience._core.malloc import _not_glibc as _malloc_not_glibc
@@ -430,6 +430,7 @@ def accumulate(
     device: Optional[torch.device] = None,
     inference: bool = False,
     run: Optional[_perf.Run] = None,
+    found: Optional[Found] = None,
 ) -> Sums:
     """Run ``compute(start, stop) -> maps (stop - start, ...)`` over all items in chunks and sum.
 
@@ -459,20 +460,31 @@ def accumulate(
     from the method's checked ``x`` (:func:`~salience._core.derived.derived`) is not checked again in each pass,
     and the checks of each pass are deferred to one synchronization at the end (no host-device
     synchronization per chunk).
+
+    ``found`` (the model's own state as the call found it, :class:`~salience._core.guard.Found`, recorded by the
+    caller right after its guard is entered): put back before every chunk, the memory probe's pass included, so that
+    each chunk's items are scored by the model the user called, not by the state the chunk before left (a forward
+    that counts its calls, appends to a list, writes a buffer in place: session 50); the items of one chunk share
+    one pass and see what that pass does. SmoothGrad and integrated gradients pass theirs (their copies and path
+    points are independent samples of one function); the perturbation methods put theirs back in their own
+    ``compute``. Without ``found``, the thrown-away memory probe still leaves the model's own state as it found it
+    (a :class:`~salience._core.guard.Found` of its own around it, first call only).
     """
     if total < 1:
         raise SalienceError("nothing to compute (0 items)")
     kept = run.casts_kept() if run is not None else contextlib.nullcontext()
+    before = found.before_pass if found is not None else None
     with _derived.run_scope(), kept:
-        return _accumulate(functools.partial(_run, compute, inference=inference, images=n_images), total,
-                           n_images, weights, squares, chunk, max_memory, progress, desc, device, inference, run)
+        return _accumulate(functools.partial(_run, compute, inference=inference, images=n_images, before=before),
+                           total, n_images, weights, squares, chunk, max_memory, progress, desc, device, inference,
+                           run, found is not None)
 
 
 def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]], total: int, n_images: int,
                 weights: Optional[Sequence[float]], squares: bool, chunk: Optional[int], max_memory: Optional[int],
                 progress: bool, desc: str, device: Optional[torch.device], inference: bool,
-                run: Optional[_perf.Run]) -> Sums:
-    """:func:`accumulate` in its scope."""
+                run: Optional[_perf.Run], put_back: bool = False) -> Sums:
+    """:func:`accumulate` in its scope (``put_back``: ``compute`` puts the model's found state back itself)."""
     sums = _Adder(n_images, weights, squares)
     limit = max_batch(run.model) if run is not None else None  # a program exported with a bounded batch
     if limit is not None:
@@ -495,7 +507,7 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
                 known = run.known_probe(n_images) if run is not None else None
                 if apart:
                     per_item = known if known is not None else _probe_apart(compute, first, n_images, weights,
-                                                                            squares, run)
+                                                                            squares, run, put_back)
                 else:  # the first chunk is the probe's, real work (chunks="throughput"; no run)
                     probe = MemoryProbe(first) if known is None else None
                     ctx = run.chunk(run.probe_layout(), False) if run is not None else nullcontext()
@@ -553,18 +565,22 @@ def generators_kept(device: Optional[torch.device]) -> Any:
 
 
 def _probe_apart(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]], first: int, n_images: int,
-                 weights: Optional[Sequence[float]], squares: bool, run: _perf.Run) -> int:
+                 weights: Optional[Sequence[float]], squares: bool, run: _perf.Run, put_back: bool = False) -> int:
     """The memory probe as a pass of its own: items ``0..first-1`` (one per image) under :class:`MemoryProbe`, summed
     into sums of their own (their temporaries count too), all thrown away; returns the bytes per item and records
     them in ``run`` (:meth:`salience._core.perf.Run.probed`). Its chunk is not one of the call's (``run.layouts``
-    keeps no entry for it)."""
+    keeps no entry for it). What it writes of the model's own state is put back: by the next chunk's put-back where
+    ``compute`` puts the call's found state back before each chunk (``put_back``), else by a
+    :class:`~salience._core.guard.Found` of its own around it (session 50: a forward counting its calls made a first
+    call's chunks see one count more than a later call's, which runs no probe: integrated gradients 1.5x)."""
     probe, scratch = MemoryProbe(first), _Adder(n_images, weights, squares)
     token = _DISCARDED.set(True)
     kept = len(run.layouts)
     # a model that draws random numbers in its forward (dropout-like noise, stochastic depth) must see the same
     # stream in a first call as in a later one, which runs no probe: the pass leaves the generators as it found them
     try:
-        with generators_kept(run.device), run.chunk(run.probe_layout(), False), probe:
+        with generators_kept(run.device), (nullcontext() if put_back else Found(run.model)), \
+                run.chunk(run.probe_layout(), False), probe:
             scratch.add(0, compute(0, first))
     finally:
         _DISCARDED.reset(token)
@@ -767,12 +783,19 @@ class _Adder:
 
 
 def _run(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor]]], start: int, stop: int,
-         inference: bool, images: int) -> Union[Tensor, tuple[Tensor, Tensor]]:
+         inference: bool, images: int, before: Optional[Callable[[], None]] = None
+         ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``compute(start, stop)``, under ``torch.inference_mode()`` when ``inference``; the inputs it marks as derived
     (:func:`salience._core.derived.derived`) are the chunk's only; its items are ``start..stop-1`` of ``images``
-    images (:func:`salience._core.derived.chunk_items`: a refusal of their scores names the images)."""
+    images (:func:`salience._core.derived.chunk_items`: a refusal of their scores names the images). ``before``: called
+    first (the call's found state put back, :meth:`~salience._core.guard.Found.before_pass`), and before every pass of
+    a model within the chunk (:func:`~salience._core.autograd.each_pass_from`: a method's several passes in one chunk
+    of SmoothGrad)."""
+    if before is not None:
+        before()
     mode = torch.inference_mode() if inference else contextlib.nullcontext()
-    with mode, _derived.chunk_inputs(), _derived.chunk_items(start, images):
+    each = each_pass_from(before) if before is not None else contextlib.nullcontext()
+    with mode, each, _derived.chunk_inputs(), _derived.chunk_items(start, images):
         return compute(start, stop)
 
 

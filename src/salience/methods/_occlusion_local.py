@@ -1,9 +1,11 @@
 """Occlusion's region-limited passes: the model's leading *local* layers run on a crop around each window.
 
 An occluded image differs from the clean one only inside its window, so the output of the model's leading local
-layers (convolutions, eval-mode batch norm, elementwise activations, max / average pooling, the sum or channel
-concatenation of two local branches) differs from the clean activation only inside the window grown by their
-receptive field. :func:`plan` traces the model with ``torch.fx``, follows each node's receptive field per axis
+layers (convolutions, eval-mode batch norm, elementwise activations, max / average pooling, constant padding, the
+sum or channel concatenation of two local branches; modules or their functions, ``F.conv2d`` / ``F.max_pool2d`` /
+``F.avg_pool2d`` / ``F.pad``, so a convolution that computes its weight first, timm's ``StdConv2d`` and
+``ScaledStdConv2d``, too: the nodes computing a weight from parameters alone are constants) differs from the clean
+activation only inside the window grown by their receptive field. :func:`plan` traces the model with ``torch.fx``, follows each node's receptive field per axis
 (output index ``i`` reads input rows ``[i * S - A, i * S + E]``), and picks the *cut*: a local node that every later
 node depends on alone, where the FLOPs saved are largest. Each pass then runs the prefix (input to cut) on a crop of
 the occluded image only (the affected region plus the margin its receptive field reads; crops start on multiples of
@@ -27,6 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx import Node
 
 from salience._core.folding import fx_traced, settings
 from salience._core.perf import ModelCache
@@ -45,6 +48,22 @@ _SUMS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, to
 _SUM_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
 _SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 _SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax)
+# functional window ops, each with its parameters' names in order after the input (positional or keyword) and their
+# defaults: a node of one is local where its input is, every other argument a constant (a weight, a bias: parameters
+# or nodes computed from them alone) and its padding a zero one (session 50: timm's StdConv2d is an nn.Conv2d whose
+# forward standardises the weight and calls F.conv2d, which fx traces into)
+_CONV_ARGS = (("weight", "bias", "stride", "padding", "dilation", "groups"), {"bias": None, "stride": 1, "padding": 0,
+                                                                            "dilation": 1, "groups": 1})
+_MAX_ARGS = (("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+             {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
+_AVG_ARGS = (("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+             {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None})
+_WINDOW_FUNCTIONS: dict = {F.conv2d: _CONV_ARGS, torch.conv2d: _CONV_ARGS, F.max_pool2d: _MAX_ARGS,
+                           torch.max_pool2d: _MAX_ARGS, F.avg_pool2d: _AVG_ARGS}
+_PAD_ARGS = (("pad", "mode", "value"), {"mode": "constant", "value": None})
+# what a node computing a constant (from parameters alone) must not be: drawn at random (rand*, *dropout*, these), or
+# written in place (a name ending in "_")
+_RANDOM = {"normal", "bernoulli", "multinomial", "poisson", "native_dropout"}
 
 
 @dataclass(frozen=True)
@@ -68,7 +87,9 @@ class _Field:
 
 
 def _two(v: Any) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[-1]))  # (k,): both axes
+    return (int(v), int(v))
 
 
 def _module_field(m: nn.Module, f: _Field) -> Optional[_Field]:
@@ -86,11 +107,77 @@ def _module_field(m: nn.Module, f: _Field) -> Optional[_Field]:
         return f.then(k, stride, _two(m.padding), d)
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return f if (not m.training and m.running_mean is not None) else None
+    if isinstance(m, (nn.ConstantPad2d, nn.ZeroPad2d)):
+        return _pad_field(f, m.padding)
     if isinstance(m, nn.Dropout):
         return f if not m.training else None
     if isinstance(m, _ELEMENTWISE_MODULES):
         return f
     return None
+
+
+def _pad_field(f: _Field, pad: Any) -> Optional[_Field]:
+    """The field after a constant padding ``pad`` (``F.pad``'s ``(left, right, top, bottom)``, or an int): output row
+    ``i`` reads input row ``i - top`` (the value padded is read nowhere: a crop's own padding falls in its margin, and
+    a crop clamped at a border is padded as the image)."""
+    if isinstance(pad, int):
+        pad = (pad,) * 4
+    if not isinstance(pad, (tuple, list)) or len(pad) != 4 or not all(isinstance(v, int) and v >= 0 for v in pad):
+        return None  # a padding of more or fewer axes, or a negative one (a crop)
+    return f.then((1, 1), (1, 1), (pad[2], pad[0]), (1, 1))
+
+
+def _bound(n: Any, names: tuple, defaults: dict) -> Optional[dict]:
+    """``n``'s arguments after the input by name (positional or keyword, ``defaults`` for those not given), or
+    ``None`` where it has others."""
+    if len(n.args) - 1 > len(names) or set(n.kwargs) - set(names) or not n.args:
+        return None
+    got = dict(defaults)
+    got.update(zip(names, n.args[1:]))
+    got.update(n.kwargs)
+    return got if set(got) >= set(names) else None
+
+
+def _ints(v: Any) -> bool:
+    """Whether ``v`` is an int or a pair of ints (not a node: a stride computed from the input's shape)."""
+    return isinstance(v, int) or (isinstance(v, (tuple, list)) and len(v) in (1, 2)
+                                  and all(isinstance(i, int) for i in v))
+
+
+def _function_field(n: Any, f: _Field, consts: set, kernel: Callable[[Any], Optional[tuple]]
+                    ) -> Optional[_Field]:
+    """The field after a functional window op ``n`` (``F.conv2d``, ``F.max_pool2d``, ``F.avg_pool2d``, a constant
+    ``F.pad``; its input's field ``f``), or ``None`` where ``n`` is none of them with constant arguments and a zero
+    padding (``padding="same"``, a weight computed from the input, ``ceil_mode``, ``return_indices``). ``kernel``: a
+    constant weight node's kernel size ``(kh, kw)``."""
+    if n.target is F.pad:
+        got = _bound(n, *_PAD_ARGS)
+        if got is None or got["mode"] != "constant" or not isinstance(got["value"], (int, float, type(None))):
+            return None
+        return _pad_field(f, got["pad"])
+    got = _bound(n, *_WINDOW_FUNCTIONS[n.target])
+    if got is None:
+        return None
+    if "weight" in got:  # a convolution: weight and bias constants (parameters, or computed from them alone)
+        if not all(v is None or (hasattr(v, "op") and v in consts) for v in (got["weight"], got["bias"])) or (
+                got["weight"] is None):
+            return None
+        if got["padding"] == "valid":
+            got["padding"] = 0
+        if not all(_ints(got[k]) for k in ("stride", "padding", "dilation")) or not isinstance(got["groups"], int):
+            return None  # padding="same" (its split depends on the kernel), or a node
+        k = kernel(got["weight"])
+        if k is None:
+            return None
+        return f.then(_two(k), _two(got["stride"]), _two(got["padding"]), _two(got["dilation"]))
+    if got.get("ceil_mode") or got.get("return_indices"):
+        return None
+    stride = got["stride"] if got["stride"] not in (None, [], ()) else got["kernel_size"]
+    if not all(_ints(v) for v in (got["kernel_size"], stride, got["padding"], got.get("dilation", 1))):
+        return None
+    if isinstance(got.get("divisor_override"), Node):
+        return None
+    return f.then(_two(got["kernel_size"]), _two(stride), _two(got["padding"]), _two(got.get("dilation", 1)))
 
 
 @dataclass
@@ -109,6 +196,7 @@ class Plan:
     cut: str = ""
     why: str = ""
     clean: Optional[Tensor] = None  # the prefix's float32 output on the clean images (the check's)
+    dtype: Optional[torch.dtype] = None  # the passes' autocast, under which the prefix's constants are made
 
 
 def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None, written: Optional[set] = None) -> Any:
@@ -167,10 +255,12 @@ def _analyse(model: nn.Module, x: Tensor, dtype: Optional[torch.dtype], written:
     gm = _trace(model, dtype, written)
     if isinstance(gm, str):
         return gm
-    fields = _fields(gm)
-    cuts = _cuts(gm, fields)
+    consts = _constants(gm)
+    fields = _fields(gm, consts)
+    cuts = _cuts(gm, fields, consts)
     if not cuts:
-        return "the model has no local prefix (its first layer is not a convolution, pooling or elementwise)"
+        return ("the model has no local prefix (its first layer is not a convolution, pooling or elementwise: "
+                f"{_first_not_local(gm, fields, consts)})")
     try:
         with torch.no_grad():
             cost = _flops(gm, x[:1].clone())  # copies: an in-place first layer must not write the user's x
@@ -179,25 +269,100 @@ def _analyse(model: nn.Module, x: Tensor, dtype: Optional[torch.dtype], written:
     return gm, fields, cuts, cost
 
 
-def _fields(gm: Any) -> dict:
-    """Each local node's field (the placeholder's is the identity); nodes missing are not local."""
+def _constants(gm: Any) -> set:
+    """The nodes of ``gm`` that compute a value from its parameters and buffers alone (no path from the input): its
+    ``get_attr`` nodes and the functions and methods of them only (timm's ``StdConv2d`` standardising its weight,
+    ``w / w.norm()``), not one drawn at random or written in place (a call of a module: not either)."""
+    consts: set = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            consts.add(n)
+        elif n.op in ("call_function", "call_method") and n.all_input_nodes and all(
+                a in consts for a in n.all_input_nodes):
+            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+            random = name.startswith("rand") or "dropout" in name or name in _RANDOM
+            if not (name.endswith("_") or random or n.kwargs.get("inplace") or n.is_impure()):
+                consts.add(n)
+    return consts
+
+
+def _evaluated(gm: Any, nodes: list) -> list:
+    """The values of constant ``nodes`` of ``gm`` (:func:`_constants`), computed once: a graph of them and what they
+    read, on ``gm``'s modules."""
+    from torch.fx import Graph, GraphModule
+    g, env = Graph(), {}
+
+    def copy(a: Any) -> Any:
+        if a not in env:
+            for b in a.all_input_nodes:
+                copy(b)
+            env[a] = g.node_copy(a, lambda b: env[b])
+        return env[a]
+
+    g.output(tuple(copy(n) for n in nodes))
+    with torch.no_grad():
+        return list(GraphModule(gm, g).forward())
+
+
+def _first_not_local(gm: Any, fields: dict, consts: set) -> str:
+    """The first node reading a local node (the input) that is not local, told (why full passes: ``F.pad`` in
+    ``"reflect"`` mode, a convolution whose weight is computed from the input)."""
+    mods = dict(gm.named_modules())
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "output") or n in consts or n in fields or not any(
+                a in fields for a in n.all_input_nodes):
+            continue  # local, constant, or past the first that is not (or reads none of the image: a random draw)
+        if n.op == "call_module":
+            m = mods[n.target]
+            extra = f", padding_mode={m.padding_mode!r}" if isinstance(m, nn.Conv2d) else ""
+            return f"{type(m).__name__} {n.target!r}{extra}"
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        if n.op == "call_function" and (n.target in _WINDOW_FUNCTIONS or n.target is F.pad):
+            said = {k: v for k, v in n.kwargs.items() if not isinstance(v, Node)}
+            weight = "its weight not a constant (from the input, or drawn at random), or " if "conv" in name else ""
+            return f"{name} ({weight}arguments {said})"
+        return f"{name}"
+    return "none"
+
+
+def _fields(gm: Any, consts: Optional[set] = None) -> dict:
+    """Each local node's field (the placeholder's is the identity); nodes missing are not local. ``consts``: the
+    constant nodes (:func:`_constants`, made where ``None``)."""
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     fields: dict = {}
     if len(placeholders) != 1:
         return fields
+    consts = _constants(gm) if consts is None else consts
     fields[placeholders[0]] = _Field((1, 1), (0, 0), (0, 0))
     mods = dict(gm.named_modules())
+    sizes: dict = {}
+
+    def kernel(w: Any) -> Optional[tuple]:  # a constant weight's (kh, kw): the shapes' propagation's, else its value's
+        if w not in sizes:
+            meta = w.meta.get("tensor_meta")
+            shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+            if shape is None:
+                try:
+                    shape = tuple(_evaluated(gm, [w])[0].shape)
+                except Exception:  # noqa: BLE001 - a weight that cannot be computed: not local
+                    shape = ()
+            sizes[w] = tuple(int(v) for v in shape[2:]) if len(shape) == 4 else None
+        return sizes[w]
+
     for n in nodes:
-        if n.op == "placeholder" or n.op == "output" or n.op == "get_attr":
+        if n.op == "placeholder" or n.op == "output" or n in consts:
             continue
-        data = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        data = [a for a in n.all_input_nodes if a not in consts]
         if not data or any(a not in fields for a in data):
             continue  # reads a non-local node (or nothing of the image): not local
         f = None
         if n.op == "call_module":
             if len(data) == 1 and len(n.args) == 1 and not n.kwargs:
                 f = _module_field(mods[n.target], fields[data[0]])
+        elif n.op == "call_function" and (n.target in _WINDOW_FUNCTIONS or n.target is F.pad):
+            if len(data) == 1 and n.args and n.args[0] is data[0]:
+                f = _function_field(n, fields[data[0]], consts, kernel)
         elif n.op == "call_function" and n.target in _ELEMENTWISE_FUNCTIONS or (
                 n.op == "call_method" and n.target in _ELEMENTWISE_METHODS):
             if len(data) == 1 and n.args and n.args[0] is data[0]:
@@ -220,8 +385,10 @@ def _fields(gm: Any) -> dict:
     return fields
 
 
-def _cuts(gm: Any, fields: dict) -> list:
-    """The local nodes that every later node depends on alone (in graph order)."""
+def _cuts(gm: Any, fields: dict, consts: Optional[set] = None) -> list:
+    """The local nodes that every later node depends on alone (in graph order; the constant nodes, ``consts``, are
+    made again where used: :func:`_subgraphs`)."""
+    consts = _constants(gm) if consts is None else consts
     nodes = list(gm.graph.nodes)
     last_use = {}
     for i, n in enumerate(nodes):
@@ -232,7 +399,7 @@ def _cuts(gm: Any, fields: dict) -> list:
     for i, n in enumerate(nodes):
         if n.op == "output":
             break
-        if n.op != "get_attr":
+        if n not in consts:
             live.add(n)
         live = {m for m in live if last_use.get(m, -1) > i}
         if n in fields and n.op != "placeholder" and live == {n}:
@@ -244,6 +411,7 @@ def _flops(gm: Any, x: Tensor) -> dict:
     """Multiply-adds of each node on ``x`` (convolutions and linear layers; others their output's size)."""
     from torch.fx.passes.shape_prop import ShapeProp
     ShapeProp(gm).propagate(x)
+    consts = _constants(gm)
     mods = dict(gm.named_modules())
     cost = {}
     for n in gm.graph.nodes:
@@ -257,6 +425,12 @@ def _flops(gm: Any, x: Tensor) -> dict:
                 c = numel * (m.in_channels // m.groups) * math.prod(_two(m.kernel_size))
             elif isinstance(m, nn.Linear):
                 c = numel * m.in_features
+        elif n.op == "call_function" and n.target in (F.conv2d, torch.conv2d) and len(n.args) > 1:
+            w = getattr(n.args[1], "meta", {}).get("tensor_meta")  # (out, in / groups, kh, kw)
+            if w is not None and hasattr(w, "shape") and len(w.shape) == 4:
+                c = numel * math.prod(int(v) for v in w.shape[1:])
+        elif n in consts:
+            c = 0.0  # a weight computed once (the prefix's) or as the model does it (the suffix's)
         cost[n] = c
     return cost
 
@@ -302,26 +476,36 @@ def spans(p: Plan, corners: Tensor, window: tuple[int, int], size: tuple[int, in
     return torch.tensor(rows, dtype=torch.long)
 
 
-def _subgraphs(gm: Any, cut: Any, strip_softmax: bool) -> tuple[nn.Module, nn.Module]:
-    """``(prefix, suffix)`` GraphModules sharing ``gm``'s modules: input -> ``cut``, ``cut`` -> output."""
+def _subgraphs(gm: Any, cut: Any, strip_softmax: bool, dtype: Optional[torch.dtype] = None
+               ) -> tuple[nn.Module, nn.Module]:
+    """``(prefix, suffix)`` GraphModules sharing ``gm``'s modules: input -> ``cut``, ``cut`` -> output. A constant
+    node (:func:`_constants`: a weight computed from parameters alone) is made in each where used; the prefix's,
+    which runs once per chunk of crops, computed here once (under the passes' autocast ``dtype``, ``None``: none) and
+    read as a tensor (:func:`_once`); the suffix's computed as the model does, each pass (held once, every
+    standardised weight of a BiT would be a second copy of its convolutions' weights: 89 MiB on resnetv2_50x1_bit)."""
     from torch.fx import Graph, GraphModule
     nodes = list(gm.graph.nodes)
     at = nodes.index(cut)
+    consts = _constants(gm)
+
+    def copier(graph: Any, env: dict) -> Callable[[Any], Any]:
+        def lookup(a: Any) -> Any:  # a constant node made where first read, after what it reads
+            if a not in env and a in consts:
+                env[a] = graph.node_copy(a, lookup)
+            return env[a]
+        return lookup
+
     pre, post = Graph(), Graph()
     env_pre: dict = {}
+    lookup_pre = copier(pre, env_pre)
     for n in nodes[:at + 1]:
-        env_pre[n] = pre.node_copy(n, lambda a: env_pre[a])
+        if n not in consts:
+            env_pre[n] = pre.node_copy(n, lookup_pre)
     pre.output(env_pre[cut])
     env: dict = {cut: post.placeholder("cut")}
-    attrs = {n for n in nodes if n.op == "get_attr"}
-
-    def lookup(a: Any) -> Any:
-        if a not in env and a in attrs:
-            env[a] = post.node_copy(a, lambda b: env[b])
-        return env[a]
-
+    lookup = copier(post, env)
     for n in nodes[at + 1:]:
-        if n.op == "get_attr":
+        if n in consts:
             continue
         if n.op == "output":
             result = n.args[0]
@@ -330,7 +514,37 @@ def _subgraphs(gm: Any, cut: Any, strip_softmax: bool) -> tuple[nn.Module, nn.Mo
             post.output(torch.fx.node.map_arg(result, lookup))
             break
         env[n] = post.node_copy(n, lookup)
-    return GraphModule(gm, pre), GraphModule(gm, post)
+    return _once(GraphModule(gm, pre), dtype), GraphModule(gm, post)
+
+
+def _once(g: Any, dtype: Optional[torch.dtype]) -> Any:
+    """``g`` (a prefix) with each computed constant that its other nodes read (:func:`_constants`: timm's
+    standardised weights) computed now, under the autocast ``dtype`` (the passes'; ``None``: none) on ``g``'s
+    device, and read as a tensor attribute: the same values, made once a call instead of once a chunk."""
+    consts = _constants(g)
+    roots = [n for n in g.graph.nodes if n in consts and n.op != "get_attr"
+             and any(u not in consts for u in n.users)]
+    if not roots:
+        return g
+    device = next((t.device.type for t in (*g.parameters(), *g.buffers())), "cpu")
+    try:
+        with torch.autocast(device, dtype=dtype or torch.get_autocast_dtype(device), enabled=dtype is not None):
+            values = _evaluated(g, roots)
+    except Exception:  # noqa: BLE001 - a constant that cannot be made apart: made each pass, as the model does
+        return g
+    for i, (n, v) in enumerate(zip(roots, values)):
+        if not isinstance(v, Tensor):
+            continue  # a size or a number read from a weight: a node, as it was
+        name = f"_salience_constant_{i}"
+        g.register_buffer(name, v, persistent=False)  # not in a state dict: made from the weights
+        with g.graph.inserting_before(n):
+            read = g.graph.get_attr(name)
+        n.replace_all_uses_with(read, delete_user_cb=lambda u: u not in consts)
+    for n in reversed(list(g.graph.nodes)):  # the chains no node reads now
+        if n in consts and not n.users:
+            g.graph.erase_node(n)
+    g.recompile()
+    return g
 
 
 def _is_softmax(gm: Any, n: Any) -> bool:
@@ -373,11 +587,12 @@ def plan(model: nn.Module, x: Tensor, window: tuple[int, int], stride: tuple[int
         # saved: the prefix on the rest of the image, less the copy of the clean activation (its size, twice)
         saved = (prefix * (1 - ratio) - 2 * math.prod(shape[1:])) / total
         if best is None or saved > best.saved:
-            best = Plan(field=f, cut_shape=shape, crop=crop, saved=saved, cut=c.name)  # type: ignore[arg-type]
+            best = Plan(field=f, cut_shape=shape, crop=crop, saved=saved, cut=c.name,  # type: ignore[arg-type]
+                        dtype=dtype)
     if best is None or best.saved < 0.05:
         return Plan(why="no cut saves 5 % of a pass (the windows' fields cover most of the image)")
     cut = next(n for n in nodes if n.name == best.cut)
-    best.prefix, best.suffix = _subgraphs(gm, cut, strip_softmax)
+    best.prefix, best.suffix = _subgraphs(gm, cut, strip_softmax, dtype)
     why = _check(best, x, window, corners, out, unwrap, batch)
     if why:
         return Plan(why=why)
@@ -389,11 +604,11 @@ def moved(p: Plan, gm: Any, strip_softmax: bool) -> Optional[Plan]:
     its BatchNorm layers folded (the low-precision copy the passes run, :func:`salience._core.folding.folded_model`):
     the same cut, field and crops (a BatchNorm is elementwise: folding it changes no receptive field), its prefix and
     suffix on ``gm``'s modules; ``None`` where the cut is no cut of ``gm`` (a BatchNorm folded away, or a node named
-    otherwise)."""
+    otherwise). The prefix's constants are made under ``p.dtype``, the passes' autocast."""
     node = next((n for n in gm.graph.nodes if n.name == p.cut), None)
     if node is None or node not in _cuts(gm, _fields(gm)):
         return None
-    prefix, suffix = _subgraphs(gm, node, strip_softmax)
+    prefix, suffix = _subgraphs(gm, node, strip_softmax, p.dtype)
     return replace(p, prefix=prefix, suffix=suffix, clean=None)
 
 

@@ -29,7 +29,6 @@ from salience._core.tensors import baseline_tensor, check_int, gaussian_blur, ch
 from salience._core.guard import Found, model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.targets import Classes, Predicted, Target, layers_tag, split
-from salience.targets import _class_scores as class_scores
 from salience.methods._multi import several_targets, finish, input_gradient_maps, refuse_fp16_overflow
 
 __all__ = ["integrated_gradients", "input_x_gradient", "quadrature", "RULES", "IGResult", "CompletenessWarning",
@@ -318,33 +317,14 @@ def integrated_gradients(
         try:
             return _engine.accumulate(compute, len(rest) * b, b, weights=[ends.weights[a] for a in rest], chunk=chunk,
                                       max_memory=budget, progress=progress, desc="integrated gradients",
-                                      device=x.device, run=run)
+                                      device=x.device, run=run, found=found)
         except _Undecided:  # left from the probe's pass or the first chunk: the layout put back before the class pass
             _perf.close_run(run)
             raise
 
-    on_path = _ClassOnPath.applies(targets, rest, x, perf)
-    with model_guard(model):
-        if on_path:
-            found = Found(model)  # the state as found: put back if the class cannot be told on the path
-            rng = torch.get_rng_state()  # a model drawing noise: the path sees the stream it sees with the class given
-            on = _ClassOnPath(b, x.device)
-            try:
-                sums = run_path([on.target if isinstance(t, Predicted) else t for t in targets])
-                targets = [on.resolved(t) for t in targets]
-            except _Undecided:  # a near tie in x's rows: model(x)'s class from a pass of its own, the path again
-                with found:  # the aborted chunk's and the class pass's writes of the model's own state put back
-                    torch.set_rng_state(rng)
-                    targets = ends.at(x, 1.0, targets)
-                torch.set_rng_state(rng)
-                sums = run_path(targets)
-        else:
-            # The class fixed on x in a forward pass of x's B images of their own: plain, eager and fp32, so each
-            # class is the argmax of model(x) as the caller sees it (and vanilla's, SmoothGrad's).
-            if any(isinstance(t, Predicted) for t in targets):
-                with Found(model):  # the class pass's writes of the model's own state put back: the path starts from
-                    targets = ends.at(x, 1.0, targets)  # the state the call found, as with the class given
-            sums = run_path(targets)
+    with model_guard(model), Found(model) as found:  # put back before every chunk (the engine) and end pass (session 50)
+        sums, targets = _class_and_path(model, x, targets, ends, run_path, found,
+                                        _ClassOnPath.applies(targets, rest, x, perf))
         # The targets' scores at the end points of the path, where the path has them.
         assert sums.scores is not None
         for a in (1.0, 0.0):
@@ -353,12 +333,38 @@ def integrated_gradients(
         missing = [(point, a) for point, a in ((x, 1.0), (x0, 0.0)) if a not in ends.scores]
         if return_gap or len(missing) == 1:  # the completeness check costs at most one forward pass of B images
             for point, a in missing:
+                found.before_pass()
                 ends.at(point, a, targets)  # a forward pass: the rule lacks the point
     total = sums.total
     # (B, K, C, H, W), float64; detached: an x (or baseline) that requires grad must not put the map on its graph
     attr = total * (x.detach() - x0.detach()).unsqueeze(1).to(total.dtype)
     out = finish(attr.to(x.dtype), grad_modifier, reduce, multi, targets)
     return _checked(out, attr, ends.scores, steps, rule, return_gap, multi, x.dtype)
+
+
+def _class_and_path(model: nn.Module, x: Tensor, targets: list[Target], ends: "_Ends",
+                    run_path: Callable[[list[Any]], _engine.Sums], found: Found,
+                    on_path: bool) -> tuple[_engine.Sums, list[Target]]:
+    """The path's sums and the targets with each predicted class fixed on ``x``, the argmax of ``model(x)``: read off
+    ``x``'s rows of the path's first chunk where ``on_path`` (:class:`_ClassOnPath`); else, and in a near tie there (the
+    chunk thrown away, what it wrote of the model's own state and its draws from the CPU generator put back), from a
+    plain fp32 eager pass of ``x`` of its own first (``ends.at``). Read off every row of the path's chunk (session
+    49), its rounding broke a near tie the other way (another batch size, layout or folded copy)."""
+    rng = torch.get_rng_state() if on_path else None
+    if on_path:
+        on = _ClassOnPath(x.shape[0], x.device)
+        try:
+            sums = run_path([on.target if isinstance(t, Predicted) else t for t in targets])
+            return sums, [on.resolved(t) for t in targets]
+        except _Undecided:
+            found.before_pass()  # x's pass sees the state the call found, not the thrown-away chunk's
+            torch.set_rng_state(rng)
+    if any(isinstance(t, Predicted) for t in targets):
+        with Found(model):  # the class pass's writes of the model's own state put back: the path starts from the
+            targets = ends.at(x, 1.0, targets)  # state the call found, as with the class given (session 49 last read)
+    if rng is not None:
+        torch.set_rng_state(rng)  # a model drawing noise: the path sees the stream it sees with the class given
+    return run_path(targets), targets
 
 
 def _checked(out: Tensor, attr: Tensor, scores: dict[float, Tensor], steps: int, rule: str, return_gap: bool,
@@ -479,9 +485,11 @@ class _OnPath(Target):
         self.on, self.start, self.owner = on, start, owner
 
     def __call__(self, output: Tensor) -> Tensor:
-        scores = class_scores(output)
-        self.on.read(scores, self.start)
-        return scores.gather(1, self.on.classes[self.owner].view(-1, 1)).squeeze(1)
+        if output.dim() <= 2:  # (n, K) scores, or one per item (one class); another shape: Classes' error below
+            self.on.read(output.reshape(output.shape[0], -1), self.start)
+        top = Classes(self.on.classes[self.owner])
+        top._fits = self.on.width  # an argmax of the classes: in range
+        return top(output)
 
 
 class PathPoints:

@@ -41,7 +41,6 @@ from salience._core import perf as _perf
 from salience._core.autograd import (check_input, class_probabilities, final_softmax, forward_scores,
                                      looks_like_probabilities, unwrap_output)
 from salience._core.errors import SalienceError
-from salience._core.info import max_batch
 from salience._core.guard import Found, model_guard
 from salience._core.tensors import baseline_tensor, check_int, check_number, gaussian_blur, check_flag, fresh_seed
 from salience.methods import _occlusion_local as _local
@@ -189,19 +188,10 @@ def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Tar
 def clean_passes(model: nn.Module, x: Tensor, strip_softmax: bool, batch: Optional[int], found: Optional[Found],
                  compiled: bool = False) -> Tensor:
     """:func:`~salience._core.autograd.forward_scores` of ``x``, ``batch`` images a pass (``None``: all), with
-    ``found``'s state (:class:`Found`) put back before each pass: a clean pass in parts scored each part on the state
-    the part before left (``found`` ``None``: one call of ``forward_scores``, as before)."""
-    if found is None:
-        return forward_scores(model, x, strip_softmax=strip_softmax, compiled=compiled, batch_size=batch)
-    b = int(x.shape[0])
-    step = b if batch is None else max(1, int(batch))
-    limit = max_batch(model)
-    step = step if limit is None else max(1, min(step, limit))
-    outs = []
-    for i in range(0, b, step):
-        found.before_pass()
-        outs.append(forward_scores(model, x[i:i + step], strip_softmax=strip_softmax, compiled=compiled))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    ``found``'s state (:class:`Found`) put back before each pass (its ``before_pass`` hook): a clean pass in parts
+    scored each part on the state the part before left."""
+    return forward_scores(model, x, strip_softmax=strip_softmax, compiled=compiled, batch_size=batch,
+                          before_pass=found.before_pass if found is not None else None)
 
 
 def _pair(value: Any, name: str, what: str) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from salience._core import perf as _perf
 from salience._core.autograd import check_input
 from salience._core.errors import SalienceError, suggest
 from salience._core.tensors import check_int, check_number, check_flag, fresh_seed
-from salience._core.guard import model_guard
+from salience._core.guard import Found, model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.methods import perturbation
 from salience.methods._multi import as_method, free_maps, is_target_free, takes_several_targets
@@ -117,7 +117,7 @@ def smoothgrad(
     _check_inner_passes(method, samples, options, x, calls)
 
     gaps = _CopyGaps(x.shape[0])
-    with model_guard(model):
+    with model_guard(model), Found(model) as found:  # the state found: the engine puts it back before each pass
         resolved = targets if free else resolve(targets, model, x, strip_softmax=strip_softmax)
 
         @gaps.watch
@@ -141,8 +141,7 @@ def smoothgrad(
             sums = _engine.accumulate(
                 compute, samples * x.shape[0], x.shape[0], squares=variant != "mean", chunk=chunk,
                 max_memory=budget, progress=progress, desc="smoothgrad", device=x.device,
-                run=_perf.Run(model, x, perf, tag=_tag(method, targets, reduce, reduce_each, raw_options)),
-            )
+                run=_perf.Run(model, x, perf, tag=_tag(method, targets, reduce, reduce_each, raw_options)), found=found)
     gaps.report()
     mean = sums.total / samples
     if variant == "mean":
