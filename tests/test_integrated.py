@@ -125,7 +125,8 @@ def test_default_target_is_the_clean_prediction_and_no_pass_is_repeated(small_cn
         res = salience.integrated_gradients(small_cnn, x, steps=5, reduce=None, return_gap=True, chunk=3)
     finally:
         h.remove()
-    assert calls == [3, 3, 3, 3, 3, 3]  # the class: x's forward pass; 15 path points in chunks of 3 (f(x), f(x'))
+    # 15 path points in chunks of 3 (f(x), f(x')), x's first: the class read off them, no pass of its own (session 50)
+    assert calls == [3, 3, 3, 3, 3]
     torch.testing.assert_close(res.attributions, salience.integrated_gradients(small_cnn, x, pred, steps=5, reduce=None))
     calls, h = _counting(small_cnn)
     try:

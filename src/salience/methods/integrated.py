@@ -28,7 +28,7 @@ from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.tensors import baseline_tensor, check_int, gaussian_blur, check_flag
 from salience._core.guard import Found, model_guard
 from salience.reduce import GradModifier, Reduction
-from salience.targets import Predicted, Target, layers_tag, split
+from salience.targets import Classes, Predicted, Target, layers_tag, split
 from salience.methods._multi import several_targets, finish, input_gradient_maps, refuse_fp16_overflow
 
 __all__ = ["integrated_gradients", "input_x_gradient", "quadrature", "RULES", "IGResult", "CompletenessWarning",
@@ -271,9 +271,11 @@ def integrated_gradients(
     ``(B, H, W)``); ``None`` gives the signed ``(B, C, H, W)`` attributions, whose sum is
     ``f(x) - f(x')``. With ``return_gap=True``, an :class:`IGResult` ``(attributions, gap)`` where
     ``gap = sum(IG) - (f(x) - f(x'))`` per image. ``target`` as in :func:`salience.vanilla`, resolved
-    on ``x``: ``x`` runs first, in a plain fp32 forward pass of its own (the class is the argmax of
-    ``model(x)``, whatever the path's chunks, layout or precision; what that pass writes of the model's own state,
-    a counter, a list, is put back before the path). An end point the rule lacks runs a forward pass of its
+    on ``x`` (the class is the argmax of ``model(x)``, whatever the path's chunks, layout or precision): ``x`` is the
+    path's first point, and each image's class is read off its row of the first chunk where the two top scores there
+    are more than :data:`TIE_BOUND` apart (fp32 eager on a CPU, a rule with ``a = 1``); else ``x`` runs first in a
+    plain fp32 forward pass of its own (what that pass, or a first chunk thrown away for a near tie, writes of the
+    model's own state, a counter, a list, is put back before the path). An end point the rule lacks runs a forward pass of its
     own for the gap. Several targets per image (``(B, K)`` or a list) give ``(B, K, ...)``,
     one forward and K backward passes per chunk. ``chunk``, ``max_memory``, ``progress``,
     ``memory_format``, ``compile``, ``precision`` as in :func:`salience.smoothgrad` (they apply to
@@ -295,31 +297,34 @@ def integrated_gradients(
     targets, multi = split(target, x.shape[0])
     b = x.shape[0]
     ends = _Ends(model, strip_softmax, dict(zip(alphas, weights)))
-    # The predicted class is fixed on x in a forward pass of x's B images of their own: plain, eager and fp32, so each
-    # class is the argmax of model(x) as the caller sees it (and vanilla's, SmoothGrad's). Read off x's rows of the
-    # path's own chunk (session 49's _PredictedOnPath) it followed that chunk's rounding: another batch size, layout
-    # or folded copy broke a near tie the other way and explained the other class (review of session 49).
-    with model_guard(model), Found(model) as found:  # put back before every chunk (the engine) and end pass (session 50)
-        if any(isinstance(t, Predicted) for t in targets):
-            with Found(model):  # the class pass's writes of the model's own state put back: the path starts from the
-                targets = ends.at(x, 1.0, targets)  # state the call found, as with the class given (session 49 last read)
-        rest = list(alphas)
-        path = PathPoints(x, x0, rest)
+    # x (a = 1) first on the path, whatever the target: its rows are items 0..B-1, in the first chunk (the same passes
+    # with the class given or not). The predicted class is read off them where that chunk gives model(x)'s own class
+    # for sure (_ClassOnPath); else, and where it cannot tell, x runs a plain fp32 eager forward of its own first.
+    rest = sorted(alphas, key=lambda a: a != 1.0)
+    path = PathPoints(x, x0, rest)
+    tag = f"ig:{strip_softmax}:{len(targets)}:{layers_tag(targets)}"  # K targets: K gradients per item; a layer's stops
 
+    def run_path(chosen: list[Any]) -> _engine.Sums:
+        """The path's passes for the targets ``chosen``: each a ``Target``, or :meth:`_ClassOnPath.target`."""
         def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
             xs, owner = path(start, stop)
-            items = [t.for_items(owner) for t in targets]
+            items = [t.for_items(owner) if isinstance(t, Target) else t(start, stop, owner) for t in chosen]
             grads, scores, _ = _engine.input_gradients(model, xs, items, strip_softmax=strip_softmax)
             refuse_fp16_overflow(model, grads)  # fp16 past 65504: refused at the call's end, not a NaN map
             return grads.transpose(0, 1), scores.t()  # (n, K, C, H, W), (n, K)
 
-        sums = _engine.accumulate(
-            compute, len(rest) * b, b, weights=[ends.weights[a] for a in rest], chunk=chunk,
-            max_memory=budget, progress=progress, desc="integrated gradients", device=x.device,
-            # K targets: K gradients per item; a target on a layer: its pass stops there (layers_tag)
-            run=_perf.Run(model, x, perf, tag=f"ig:{strip_softmax}:{len(targets)}:{layers_tag(targets)}"),
-            found=found,
-        )
+        run = _perf.Run(model, x, perf, tag=tag)
+        try:
+            return _engine.accumulate(compute, len(rest) * b, b, weights=[ends.weights[a] for a in rest], chunk=chunk,
+                                      max_memory=budget, progress=progress, desc="integrated gradients",
+                                      device=x.device, run=run, found=found)
+        except _Undecided:  # left from the probe's pass or the first chunk: the layout put back before the class pass
+            _perf.close_run(run)
+            raise
+
+    with model_guard(model), Found(model) as found:  # put back before every chunk (the engine) and end pass (session 50)
+        sums, targets = _class_and_path(model, x, targets, ends, run_path, found,
+                                        _ClassOnPath.applies(targets, rest, x, perf))
         # The targets' scores at the end points of the path, where the path has them.
         assert sums.scores is not None
         for a in (1.0, 0.0):
@@ -335,6 +340,31 @@ def integrated_gradients(
     attr = total * (x.detach() - x0.detach()).unsqueeze(1).to(total.dtype)
     out = finish(attr.to(x.dtype), grad_modifier, reduce, multi, targets)
     return _checked(out, attr, ends.scores, steps, rule, return_gap, multi, x.dtype)
+
+
+def _class_and_path(model: nn.Module, x: Tensor, targets: list[Target], ends: "_Ends",
+                    run_path: Callable[[list[Any]], _engine.Sums], found: Found,
+                    on_path: bool) -> tuple[_engine.Sums, list[Target]]:
+    """The path's sums and the targets with each predicted class fixed on ``x``, the argmax of ``model(x)``: read off
+    ``x``'s rows of the path's first chunk where ``on_path`` (:class:`_ClassOnPath`); else, and in a near tie there (the
+    chunk thrown away, what it wrote of the model's own state and its draws from the CPU generator put back), from a
+    plain fp32 eager pass of ``x`` of its own first (``ends.at``). Read off every row of the path's chunk (session
+    49), its rounding broke a near tie the other way (another batch size, layout or folded copy)."""
+    rng = torch.get_rng_state() if on_path else None
+    if on_path:
+        on = _ClassOnPath(x.shape[0], x.device)
+        try:
+            sums = run_path([on.target if isinstance(t, Predicted) else t for t in targets])
+            return sums, [on.resolved(t) for t in targets]
+        except _Undecided:
+            found.before_pass()  # x's pass sees the state the call found, not the thrown-away chunk's
+            torch.set_rng_state(rng)
+    if any(isinstance(t, Predicted) for t in targets):
+        with Found(model):  # the class pass's writes of the model's own state put back: the path starts from the
+            targets = ends.at(x, 1.0, targets)  # state the call found, as with the class given (session 49 last read)
+    if rng is not None:
+        torch.set_rng_state(rng)  # a model drawing noise: the path sees the stream it sees with the class given
+    return run_path(targets), targets
 
 
 def _checked(out: Tensor, attr: Tensor, scores: dict[float, Tensor], steps: int, rule: str, return_gap: bool,
@@ -387,6 +417,79 @@ class _Ends:
         g = backward(self.model, point, targets, input_grad=False, strip_softmax=self.strip_softmax)
         self.scores[alpha] = g.score_matrix(point.shape[0]).t().to(torch.float64)
         return [t.resolved(g.output) for t in targets]
+
+
+TIE_BOUND = 1e-3
+"""How far apart, relative to the row's largest score ``max |f_k(x)|``, an image's two top scores in ``x``'s row of
+the path's first chunk must be for integrated gradients' ``target=None`` to take that row's class as ``model(x)``'s
+(:class:`_ClassOnPath`); closer, ``x`` runs a plain eager fp32 forward of its own, as before session 50. Measured
+(benchmarks/ig-tie-bound-s50.md, AMD EPYC, torch 2.14.1): x's rows in the path's chunks of 8 to 256 items, contiguous,
+channels-last and the BatchNorm-folded copy, with gradients on or off, differ from a plain ``model(x)`` by at most
+1.0e-6 of the row's largest score (resnet50, channels-last) on resnet18, resnet50, torchvision's ViT-B/16 and the
+demo models: the bound is about 1,000 times that. Relative to the output's scale: a model whose output is a small
+difference of large activations may round more than these did."""
+
+
+class _Undecided(Exception):
+    """Internal: an image's two top scores in ``x``'s row of the path's chunk are within :data:`TIE_BOUND`."""
+
+
+class _ClassOnPath:
+    """Each image's predicted class read off ``x``'s row in the path's first chunk (x is items ``0..B-1``), before
+    that chunk's backward pass: ``model(x)``'s own class where the row's two top scores are more than
+    :data:`TIE_BOUND` apart (more than the chunk's rounding, another batch size, layout or folded copy, can move
+    them against a plain eager fp32 ``model(x)``), else :class:`_Undecided` is raised (the call runs that pass).
+    ``classes`` ``(B,)``: the classes of images ``0..known-1``."""
+
+    def __init__(self, b: int, device: torch.device) -> None:
+        self.classes = torch.zeros(b, dtype=torch.long, device=device)
+        self.known, self.width = 0, 0
+
+    @staticmethod
+    def applies(targets: Sequence[Target], alphas: Sequence[float], x: Tensor, perf: _perf.Performance) -> bool:
+        """Whether the class can be read on the path: a predicted class asked, ``x`` on it (``a = 1``: the
+        trapezoid's and the right Riemann sum's), eager float32 passes on a CPU (where the bound was measured)."""
+        return (any(isinstance(t, Predicted) for t in targets) and 1.0 in alphas and x.dtype == torch.float32
+                and x.device.type == "cpu" and perf.compile is False and _perf.autocast_dtype(perf) is None)
+
+    def target(self, start: int, stop: int, owner: Tensor) -> Target:  # noqa: ARG002 (compute's call)
+        """The target of items ``start..stop-1`` (images ``owner``): each image's class, read here if not yet."""
+        return _OnPath(self, start, owner)
+
+    def read(self, scores: Tensor, start: int) -> None:
+        """Decide the classes of the images whose ``x`` rows are among ``scores`` ``(n, K)`` (items from ``start``)."""
+        lo, hi = max(start, self.known), min(start + scores.shape[0], self.classes.shape[0])
+        if hi <= lo:
+            return
+        rows = scores[lo - start:hi - start].detach()
+        if rows.shape[1] > 1:
+            top = rows.topk(2, dim=1).values
+            if not bool(((top[:, 0] - top[:, 1]) > TIE_BOUND * rows.abs().amax(1)).all()):  # NaN: not told either
+                raise _Undecided
+        self.classes[lo:hi] = rows.argmax(1)
+        self.known, self.width = hi, rows.shape[1]
+
+    def resolved(self, t: Target) -> Target:
+        """``t`` with the predicted class fixed (as :meth:`Predicted.resolved` fixes it on a pass of ``x``)."""
+        if not isinstance(t, Predicted):
+            return t
+        top = Classes(self.classes)
+        top._fits = self.width  # an argmax of the classes: in range
+        return top
+
+
+class _OnPath(Target):
+    """One chunk's predicted-class target (:meth:`_ClassOnPath.target`): the score of each item's image's class."""
+
+    def __init__(self, on: _ClassOnPath, start: int, owner: Tensor) -> None:
+        self.on, self.start, self.owner = on, start, owner
+
+    def __call__(self, output: Tensor) -> Tensor:
+        if output.dim() <= 2:  # (n, K) scores, or one per item (one class); another shape: Classes' error below
+            self.on.read(output.reshape(output.shape[0], -1), self.start)
+        top = Classes(self.on.classes[self.owner])
+        top._fits = self.on.width  # an argmax of the classes: in range
+        return top(output)
 
 
 class PathPoints:
