@@ -64,6 +64,9 @@ _PAD_ARGS = (("pad", "mode", "value"), {"mode": "constant", "value": None})
 # what a node computing a constant (from parameters alone) must not be: drawn at random (rand*, *dropout*, these), or
 # written in place (a name ending in "_")
 _RANDOM = {"normal", "bernoulli", "multinomial", "poisson", "native_dropout"}
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+                      operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                      operator.irshift, operator.setitem}
 
 
 @dataclass(frozen=True)
@@ -283,7 +286,33 @@ def _constants(gm: Any) -> set:
             random = name.startswith("rand") or "dropout" in name or name in _RANDOM
             if not (name.endswith("_") or random or n.kwargs.get("inplace") or n.is_impure()):
                 consts.add(n)
+    # a value the forward writes in place (``w = self.w * 1; w.add_(d)``, ``w[0].mul_(2)``, ``inplace=True``,
+    # ``out=``) is none: held as a tensor, the write ran on it once per chunk (w + k * d after k chunks), and a view's
+    # write changes its base. Not constant: what any such write reads from the parameters, nor what is computed from it
+    written = [a for n in gm.graph.nodes if _writes(n)
+               for a in (*n.args[:1], n.kwargs.get("out")) if isinstance(a, Node) and a in consts]
+    if written:
+        tainted, stack = set(), list(written)
+        while stack:  # the written values' constant inputs, down to the parameters
+            a = stack.pop()
+            if a not in tainted:
+                tainted.add(a)
+                stack.extend(b for b in a.all_input_nodes if b in consts)
+        for n in gm.graph.nodes:  # and all computed from them (graph order: inputs first)
+            if n in consts and any(a in tainted for a in n.all_input_nodes):
+                tainted.add(n)
+        consts -= {n for n in tainted if n.op != "get_attr"}  # a parameter is read as it is when read
     return consts
+
+
+def _writes(n: Any) -> bool:
+    """Whether node ``n`` writes its first argument (or its ``out=``) in place: a method or function named ``*_``
+    (``add_``, ``torch.relu_``), ``inplace=True``, an ``operator.i*`` on a tensor, ``operator.setitem``."""
+    if n.op not in ("call_function", "call_method"):
+        return False
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return (name.endswith("_") or bool(n.kwargs.get("inplace")) or n.kwargs.get("out") is not None
+            or n.target in _INPLACE_OPERATORS)
 
 
 def _evaluated(gm: Any, nodes: list) -> list:
