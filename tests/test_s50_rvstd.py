@@ -80,3 +80,44 @@ def test_weight_written_in_place_is_no_constant(how, chunk):
     assert float((a - ref).abs().max()) <= 1e-5 * (1 + s), float((a - ref).abs().max())
     full = salience.occlusion(m, x, 0, window=4, stride=4, reduce=None, baseline=base, chunk=chunk, local=False)
     assert float((a - full).abs().max()) <= 1e-5 * (1 + s), float((a - full).abs().max())
+
+
+class LowRankWeight(nn.Module):
+    """A convolution's weight computed by a matrix product of parameters (a low-rank factorisation): under a bf16
+    autocast the product is bf16, as in the model's own bf16 passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a = nn.Parameter(torch.randn(16, 27) * 0.3)
+        self.b = nn.Parameter(torch.randn(27, 27) * 0.3)
+        self.w3 = nn.Parameter(torch.randn(8, 16, 3, 3) * 0.2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        w = (self.a @ self.b).view(16, 3, 3, 3)
+        y = torch.relu(F.conv2d(x, w, padding=1))
+        y = torch.relu(F.conv2d(y, self.w3, padding=1))
+        return self.head(y.amax((2, 3)))
+
+
+def test_bf16_constant_from_a_matmul_takes_region_limited_passes(caplog):
+    """precision="bf16": the prefix's weight, a matrix product, made once under the passes' autocast is bf16; the
+    split's check on the clean images runs in float32 and failed on it ("expected scalar type Float but found
+    BFloat16": full passes, the region-limited passes' saving lost). The map: the full passes' at the same
+    precision (the same bf16 weight each pass) to float rounding, and float32 Captum's to bf16 rounding."""
+    import logging
+    m = LowRankWeight().eval()
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 32, 32)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="salience.occlusion"):
+        a = salience.occlusion(m, x, 1, window=8, stride=4, reduce=None, precision="bf16")
+    log = " ".join(r.getMessage() for r in caplog.records if r.name == "salience.occlusion")
+    assert "region-limited passes" in log, log
+    full = salience.occlusion(m, x, 1, window=8, stride=4, reduce=None, precision="bf16", local=False)
+    with torch.no_grad():
+        s = float(m(x).abs().max())
+    assert float((a - full).abs().max()) <= 1e-5 * (1 + s), float((a - full).abs().max())
+    ref = captum_map(m, x, 1, 8, 4, 0.0)
+    assert float((a - ref).abs().max()) <= 0.05 * float(ref.abs().max()), (float((a - ref).abs().max()), ref.abs().max())
