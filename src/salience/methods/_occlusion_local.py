@@ -621,10 +621,15 @@ def plan(model: nn.Module, x: Tensor, window: tuple[int, int], stride: tuple[int
     if best is None or best.saved < 0.05:
         return Plan(why="no cut saves 5 % of a pass (the windows' fields cover most of the image)")
     cut = next(n for n in nodes if n.name == best.cut)
-    best.prefix, best.suffix = _subgraphs(gm, cut, strip_softmax, dtype)
+    # checked in float32, as ``out`` is: its constants made so (made under a bf16 autocast, one computed by a matmul
+    # or a convolution was bf16, and the float32 check failed on it: full passes); then the passes' prefix, with its
+    # constants made under their autocast
+    best.prefix, best.suffix = _subgraphs(gm, cut, strip_softmax)
     why = _check(best, x, window, corners, out, unwrap, batch)
     if why:
         return Plan(why=why)
+    if dtype is not None:
+        best.prefix = _subgraphs(gm, cut, strip_softmax, dtype)[0]
     return best
 
 
