@@ -121,3 +121,33 @@ def test_bf16_constant_from_a_matmul_takes_region_limited_passes(caplog):
     assert float((a - full).abs().max()) <= 1e-5 * (1 + s), float((a - full).abs().max())
     ref = captum_map(m, x, 1, 8, 4, 0.0)
     assert float((a - ref).abs().max()) <= 0.05 * float(ref.abs().max()), (float((a - ref).abs().max()), ref.abs().max())
+
+
+class KeywordWeight(nn.Module):
+    """``F.conv2d(x, weight=w)``: the weight by keyword (``_bound`` reads it so: the convolution is local)."""
+
+    def __init__(self, keyword: bool) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.keyword = keyword
+        self.w = nn.Parameter(torch.randn(8, 3, 5, 5))
+
+    def forward(self, x):
+        w = self.w / self.w.norm()
+        y = F.conv2d(x, weight=w, padding=2) if self.keyword else F.conv2d(x, w, padding=2)
+        return torch.relu(y).amax((2, 3))
+
+
+def test_flops_of_a_convolution_whose_weight_is_a_keyword():
+    """Its multiply-adds, ``H * W * C_out * C_in * kh * kw`` (32 * 32 * 8 * 3 * 25 = 614,400), counted as the
+    positional one's (on e5d3d22: only its output's size, 8,192, so a prefix of such convolutions looked 75 times
+    cheaper than it is and a cut worth taking could fall under the 5 % it must save)."""
+    from salience.methods import _occlusion_local as L
+    x = torch.randn(1, 3, 32, 32)
+    for keyword in (False, True):
+        made = L._analysed(KeywordWeight(keyword).eval(), x, None)
+        assert not isinstance(made, str), made
+        gm, _, cuts, cost = made
+        conv = next(n for n in gm.graph.nodes if n.target is F.conv2d)
+        assert conv in cuts
+        assert cost[conv] == 32 * 32 * 8 * 3 * 25, (keyword, cost[conv])
