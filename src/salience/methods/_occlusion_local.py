@@ -454,8 +454,9 @@ def _flops(gm: Any, x: Tensor) -> dict:
                 c = numel * (m.in_channels // m.groups) * math.prod(_two(m.kernel_size))
             elif isinstance(m, nn.Linear):
                 c = numel * m.in_features
-        elif n.op == "call_function" and n.target in (F.conv2d, torch.conv2d) and len(n.args) > 1:
-            w = getattr(n.args[1], "meta", {}).get("tensor_meta")  # (out, in / groups, kh, kw)
+        elif n.op == "call_function" and n.target in (F.conv2d, torch.conv2d):
+            weight = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")  # positional or keyword
+            w = getattr(weight, "meta", {}).get("tensor_meta")  # (out, in / groups, kh, kw)
             if w is not None and hasattr(w, "shape") and len(w.shape) == 4:
                 c = numel * math.prod(int(v) for v in w.shape[1:])
         elif n in consts:
