@@ -64,6 +64,9 @@ _PAD_ARGS = (("pad", "mode", "value"), {"mode": "constant", "value": None})
 # what a node computing a constant (from parameters alone) must not be: drawn at random (rand*, *dropout*, these), or
 # written in place (a name ending in "_")
 _RANDOM = {"normal", "bernoulli", "multinomial", "poisson", "native_dropout"}
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+                      operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                      operator.irshift, operator.setitem}
 
 
 @dataclass(frozen=True)
@@ -283,7 +286,33 @@ def _constants(gm: Any) -> set:
             random = name.startswith("rand") or "dropout" in name or name in _RANDOM
             if not (name.endswith("_") or random or n.kwargs.get("inplace") or n.is_impure()):
                 consts.add(n)
+    # a value the forward writes in place (``w = self.w * 1; w.add_(d)``, ``w[0].mul_(2)``, ``inplace=True``,
+    # ``out=``) is none: held as a tensor, the write ran on it once per chunk (w + k * d after k chunks), and a view's
+    # write changes its base. Not constant: what any such write reads from the parameters, nor what is computed from it
+    written = [a for n in gm.graph.nodes if _writes(n)
+               for a in (*n.args[:1], n.kwargs.get("out")) if isinstance(a, Node) and a in consts]
+    if written:
+        tainted, stack = set(), list(written)
+        while stack:  # the written values' constant inputs, down to the parameters
+            a = stack.pop()
+            if a not in tainted:
+                tainted.add(a)
+                stack.extend(b for b in a.all_input_nodes if b in consts)
+        for n in gm.graph.nodes:  # and all computed from them (graph order: inputs first)
+            if n in consts and any(a in tainted for a in n.all_input_nodes):
+                tainted.add(n)
+        consts -= {n for n in tainted if n.op != "get_attr"}  # a parameter is read as it is when read
     return consts
+
+
+def _writes(n: Any) -> bool:
+    """Whether node ``n`` writes its first argument (or its ``out=``) in place: a method or function named ``*_``
+    (``add_``, ``torch.relu_``), ``inplace=True``, an ``operator.i*`` on a tensor, ``operator.setitem``."""
+    if n.op not in ("call_function", "call_method"):
+        return False
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return (name.endswith("_") or bool(n.kwargs.get("inplace")) or n.kwargs.get("out") is not None
+            or n.target in _INPLACE_OPERATORS)
 
 
 def _evaluated(gm: Any, nodes: list) -> list:
@@ -425,8 +454,9 @@ def _flops(gm: Any, x: Tensor) -> dict:
                 c = numel * (m.in_channels // m.groups) * math.prod(_two(m.kernel_size))
             elif isinstance(m, nn.Linear):
                 c = numel * m.in_features
-        elif n.op == "call_function" and n.target in (F.conv2d, torch.conv2d) and len(n.args) > 1:
-            w = getattr(n.args[1], "meta", {}).get("tensor_meta")  # (out, in / groups, kh, kw)
+        elif n.op == "call_function" and n.target in (F.conv2d, torch.conv2d):
+            weight = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")  # positional or keyword
+            w = getattr(weight, "meta", {}).get("tensor_meta")  # (out, in / groups, kh, kw)
             if w is not None and hasattr(w, "shape") and len(w.shape) == 4:
                 c = numel * math.prod(int(v) for v in w.shape[1:])
         elif n in consts:
@@ -592,10 +622,15 @@ def plan(model: nn.Module, x: Tensor, window: tuple[int, int], stride: tuple[int
     if best is None or best.saved < 0.05:
         return Plan(why="no cut saves 5 % of a pass (the windows' fields cover most of the image)")
     cut = next(n for n in nodes if n.name == best.cut)
-    best.prefix, best.suffix = _subgraphs(gm, cut, strip_softmax, dtype)
+    # checked in float32, as ``out`` is: its constants made so (made under a bf16 autocast, one computed by a matmul
+    # or a convolution was bf16, and the float32 check failed on it: full passes); then the passes' prefix, with its
+    # constants made under their autocast
+    best.prefix, best.suffix = _subgraphs(gm, cut, strip_softmax)
     why = _check(best, x, window, corners, out, unwrap, batch)
     if why:
         return Plan(why=why)
+    if dtype is not None:
+        best.prefix = _subgraphs(gm, cut, strip_softmax, dtype)[0]
     return best
 
 
