@@ -357,6 +357,9 @@ def _class_and_path(model: nn.Module, x: Tensor, targets: list[Target], ends: "_
             sums = run_path([on.target if isinstance(t, Predicted) else t for t in targets])
             return sums, [on.resolved(t) for t in targets]
         except _Undecided:
+            told = _thrown_away.get()
+            if told is not None:  # a dataset run forgets the chunk's output it kept as model(x)'s (runs.job)
+                told()
             found.before_pass()  # x's pass sees the state the call found, not the thrown-away chunk's
             torch.set_rng_state(rng)
     if any(isinstance(t, Predicted) for t in targets):
@@ -428,6 +431,23 @@ channels-last and the BatchNorm-folded copy, with gradients on or off, differ fr
 1.0e-6 of the row's largest score (resnet50, channels-last) on resnet18, resnet50, torchvision's ViT-B/16 and the
 demo models: the bound is about 1,000 times that. Relative to the output's scale: a model whose output is a small
 difference of large activations may round more than these did."""
+
+
+_thrown_away: contextvars.ContextVar[Optional[Callable[[], None]]] = contextvars.ContextVar("salience_ig_thrown_away",
+                                                                                           default=None)
+"""Called when a near tie throws the path's first chunk away (:func:`thrown_away`)."""
+
+
+@contextmanager
+def thrown_away(told: Callable[[], None]) -> Iterator[None]:
+    """Inside it, ``told()`` is called each time :func:`integrated_gradients` throws the path's first chunk away (a
+    near tie): an observer of the model's passes that kept that chunk's output as ``model(x)``'s (a dataset run's
+    first pass, :func:`salience.runs.job._first_pass`) forgets it; the plain pass of ``x`` follows."""
+    token = _thrown_away.set(told)
+    try:
+        yield
+    finally:
+        _thrown_away.reset(token)
 
 
 class _Undecided(Exception):
