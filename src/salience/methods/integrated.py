@@ -273,7 +273,8 @@ def integrated_gradients(
     ``gap = sum(IG) - (f(x) - f(x'))`` per image. ``target`` as in :func:`salience.vanilla`, resolved
     on ``x`` (the class is the argmax of ``model(x)``, whatever the path's chunks, layout or precision): ``x`` is the
     path's first point, and each image's class is read off its row of the first chunk where the two top scores there
-    are more than :data:`TIE_BOUND` apart (fp32 eager on a CPU, a rule with ``a = 1``); else ``x`` runs first in a
+    are more than :data:`TIE_BOUND` apart (fp32 eager on a CPU, a rule with ``a = 1``; scores that are a small
+    difference of far larger activations can round by more than that: give their class); else ``x`` runs first in a
     plain fp32 forward pass of its own (what that pass, or a first chunk thrown away for a near tie, writes of the
     model's own state, a counter, a list, is put back before the path). An end point the rule lacks runs a forward pass of its
     own for the gap. Several targets per image (``(B, K)`` or a list) give ``(B, K, ...)``,
