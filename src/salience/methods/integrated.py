@@ -273,7 +273,8 @@ def integrated_gradients(
     ``gap = sum(IG) - (f(x) - f(x'))`` per image. ``target`` as in :func:`salience.vanilla`, resolved
     on ``x`` (the class is the argmax of ``model(x)``, whatever the path's chunks, layout or precision): ``x`` is the
     path's first point, and each image's class is read off its row of the first chunk where the two top scores there
-    are more than :data:`TIE_BOUND` apart (fp32 eager on a CPU, a rule with ``a = 1``); else ``x`` runs first in a
+    are more than :data:`TIE_BOUND` apart (fp32 eager on a CPU, a rule with ``a = 1``; scores that are a small
+    difference of far larger activations can round by more than that: give their class); else ``x`` runs first in a
     plain fp32 forward pass of its own (what that pass, or a first chunk thrown away for a near tie, writes of the
     model's own state, a counter, a list, is put back before the path). An end point the rule lacks runs a forward pass of its
     own for the gap. Several targets per image (``(B, K)`` or a list) give ``(B, K, ...)``,
@@ -357,6 +358,9 @@ def _class_and_path(model: nn.Module, x: Tensor, targets: list[Target], ends: "_
             sums = run_path([on.target if isinstance(t, Predicted) else t for t in targets])
             return sums, [on.resolved(t) for t in targets]
         except _Undecided:
+            told = _thrown_away.get()
+            if told is not None:  # a dataset run forgets the chunk's output it kept as model(x)'s (runs.job)
+                told()
             found.before_pass()  # x's pass sees the state the call found, not the thrown-away chunk's
             torch.set_rng_state(rng)
     if any(isinstance(t, Predicted) for t in targets):
@@ -428,6 +432,23 @@ channels-last and the BatchNorm-folded copy, with gradients on or off, differ fr
 1.0e-6 of the row's largest score (resnet50, channels-last) on resnet18, resnet50, torchvision's ViT-B/16 and the
 demo models: the bound is about 1,000 times that. Relative to the output's scale: a model whose output is a small
 difference of large activations may round more than these did."""
+
+
+_thrown_away: contextvars.ContextVar[Optional[Callable[[], None]]] = contextvars.ContextVar("salience_ig_thrown_away",
+                                                                                           default=None)
+"""Called when a near tie throws the path's first chunk away (:func:`thrown_away`)."""
+
+
+@contextmanager
+def thrown_away(told: Callable[[], None]) -> Iterator[None]:
+    """Inside it, ``told()`` is called each time :func:`integrated_gradients` throws the path's first chunk away (a
+    near tie): an observer of the model's passes that kept that chunk's output as ``model(x)``'s (a dataset run's
+    first pass, :func:`salience.runs.job._first_pass`) forgets it; the plain pass of ``x`` follows."""
+    token = _thrown_away.set(told)
+    try:
+        yield
+    finally:
+        _thrown_away.reset(token)
 
 
 class _Undecided(Exception):

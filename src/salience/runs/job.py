@@ -27,7 +27,7 @@ from salience._core.tensors import model_device
 from salience.evidence.faithfulness import deletion, image_names, insertion
 from salience.evidence.localization import energy_in_mask, pointing_game
 from salience.loading.images import unnormalize
-from salience.methods.integrated import CompletenessWarning, GapReport, collect_gaps, report_gaps
+from salience.methods.integrated import CompletenessWarning, GapReport, collect_gaps, report_gaps, thrown_away
 from salience.render import viz
 from salience.runs.sources import Item
 from salience.runs.store import (GIVEN_LABELS_ADVICE, error_column, given_label_difference, label_text,
@@ -267,8 +267,9 @@ def _first_pass(plan: Plan, model: nn.Module, x: Tensor,
     # compiled / folded passes may skip it; a TorchScript model takes no hook (the second forward reads its output)
     handle = (None if isinstance(model, torch.jit.ScriptModule)
               else model.register_forward_hook(_perf.observer(this_thread(keep))))
-    try:
-        m = call_method(fn, model, x, plan.regression(), indices, plan.seed).detach().float().cpu().unsqueeze(1)
+    try:  # IG's first chunk, x's B rows, thrown away for a near tie: its output is not the class's (the plain pass)
+        with thrown_away(seen.clear):
+            m = call_method(fn, model, x, plan.regression(), indices, plan.seed).detach().float().cpu().unsqueeze(1)
     finally:
         if handle is not None:
             handle.remove()
