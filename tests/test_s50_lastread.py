@@ -10,9 +10,16 @@ the call found (the model's own state put back by hand), on a model whose forwar
   (the guard's copy is not of the state found, and only ``Found`` keeps one then: session 50 review): the map 0.38 off.
 - Ablation-CAM in chunks of one image at a layer with an axis of 1 (a global pool): ``_capture``'s retry of all the
   images at once ran without the call's ``Found``, on the state the parts' passes left: the map 0.35 off.
+- Not fixed here (``methods/_occlusion_local.py``, another reviewer's): occlusion's region-limited passes on a model
+  whose forward writes a buffer from its input and then computes a convolution's weight from it
+  (``self.s.copy_(x.mean()); F.conv2d(x, self.w * self.s)``): the trace's second read of ``s`` (another ``get_attr``)
+  is taken for a constant and computed once, from the state found; after the user's own pass of the same images
+  (``s`` already their mean) the split's check on the clean images passes and every occluded pass uses the clean
+  images' ``s``: the map 0.22 off on the test's image. A strict xfail until that file takes such a buffer for no constant.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -177,3 +184,38 @@ def test_ablationcam_one_image_a_pass_at_a_pooled_layer_sees_the_state_found():
     got = salience.ablationcam(m, x, 1, layer="pool", chunk=1)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     assert float(m.n) == 1.0
+
+
+class KeepsMean(nn.Module):
+    """Keeps its input's mean in a buffer and scales its first convolution's weight by it (functional convolutions:
+    occlusion's region-limited passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.3)
+        self.w2 = nn.Parameter(torch.randn(4, 4, 3, 3) * 0.3)
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("s", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.s.copy_(x.mean())
+        y = torch.relu(F.conv2d(x, self.w * self.s, padding=1))
+        y = F.conv2d(torch.relu(F.conv2d(y, self.w2, padding=1)), self.w2, padding=1)
+        return self.fc(y.amax(dim=(2, 3)))
+
+
+@pytest.mark.xfail(strict=True, reason="occlusion's region-limited passes take a weight computed from a buffer the "
+                   "forward writes from its input for a constant (methods/_occlusion_local.py: reported, not fixed)")
+def test_region_limited_occlusion_of_a_weight_from_a_buffer_written_from_the_input():
+    """One image a pass (``chunk=1``: the buffer is the mean of one image), after the user's own pass of ``x``."""
+    m = KeepsMean().eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4)) + 0.5
+    with torch.no_grad():
+        m(x)  # the user's own pass: s is x's mean, so the split's check on the clean image holds
+    f = passes_from_found(m, ("s",))
+    want = occlusion_reference(f, x, 1, 8, 8)
+    full = salience.occlusion(m, x, 1, window=8, stride=8, chunk=1, local=False)
+    torch.testing.assert_close(full.double(), want, rtol=1e-5, atol=1e-5)  # the full passes: the formula
+    got = salience.occlusion(m, x, 1, window=8, stride=8, chunk=1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
