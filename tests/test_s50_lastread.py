@@ -15,7 +15,8 @@ the call found (the model's own state put back by hand), on a model whose forwar
   (``self.s.copy_(x.mean()); F.conv2d(x, self.w * self.s)``): the trace's second read of ``s`` (another ``get_attr``)
   is taken for a constant and computed once, from the state found; after the user's own pass of the same images
   (``s`` already their mean) the split's check on the clean images passes and every occluded pass uses the clean
-  images' ``s``: the map 0.22 off on the test's image. A strict xfail until that file takes such a buffer for no constant.
+  images' ``s``: the map 0.22 off on the test's image. A strict xfail until that file takes such a buffer for no
+  constant.
 """
 from __future__ import annotations
 

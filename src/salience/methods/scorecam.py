@@ -136,7 +136,8 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
         if len(sizes) > 1 and (a.dim() == 0 or a.shape[0] != n or out.dim() == 0 or out.shape[0] != n
                                or (acts and a.shape[1:] != acts[0].shape[1:])):
             del acts, outs, store, out, a
-            return _capture(model, x, mod, strip_softmax, seen=seen, found=found)  # not image by image along its first axis: all at once
+            # not image by image along its first axis: all at once, from the state found (session 50 last read)
+            return _capture(model, x, mod, strip_softmax, seen=seen, found=found)
         if not acts and n > 1 and len(sizes) > 1 and n in a.shape[1:] and len(set(sizes)) == 1:
             sizes[1:] = _sizes(b - n, n - 1)  # parts of two sizes tell the batch axis from another of n
         acts.append(a.detach())
