@@ -187,16 +187,12 @@ def test_ablationcam_one_image_a_pass_at_a_pooled_layer_sees_the_state_found():
     assert float(m.n) == 1.0
 
 
-class KeepsMean(nn.Module):
-    """Keeps its input's mean in a buffer and scales its first convolution's weight by it (functional convolutions:
-    occlusion's region-limited passes)."""
+class KeepsMean(Stateful):
+    """:class:`Stateful`'s layers; keeps its input's mean in a buffer and scales its first convolution's weight by it
+    (functional convolutions: occlusion's region-limited passes)."""
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.w = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.3)
-        self.w2 = nn.Parameter(torch.randn(4, 4, 3, 3) * 0.3)
-        self.fc = nn.Linear(4, 3)
         self.register_buffer("s", torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
