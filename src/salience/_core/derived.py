@@ -193,8 +193,12 @@ class _Noted:
         end = self.n + bad.shape[0]
         if end > self.bad.shape[0]:
             cap = max(end, 2 * self.bad.shape[0], 64)
-            self.bad, self.img, self.cls = (torch.cat([t[:self.n], t.new_zeros((cap - self.n,) + t.shape[1:])])
-                                            for t in (self.bad, self.img, self.cls))
+            # grown as normal tensors even in a pass under inference mode (occlusion's, RISE's chunks): the call's
+            # next pass outside it (a clean pass of the next occlusion nested in SmoothGrad's chunk) writes them too,
+            # and an inference tensor refuses that (session 50 last read)
+            with torch.inference_mode(False):
+                self.bad, self.img, self.cls = (torch.cat([t[:self.n], t.new_zeros((cap - self.n,) + t.shape[1:])])
+                                                for t in (self.bad, self.img, self.cls))
         self.bad[self.n:end], self.img[self.n:end], self.cls[self.n:end] = bad, img, cls
         self.n, self.batch = end, batch
 

@@ -136,7 +136,8 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
         if len(sizes) > 1 and (a.dim() == 0 or a.shape[0] != n or out.dim() == 0 or out.shape[0] != n
                                or (acts and a.shape[1:] != acts[0].shape[1:])):
             del acts, outs, store, out, a
-            return _capture(model, x, mod, strip_softmax, seen=seen)  # not image by image along its first axis: all at once
+            # not image by image along its first axis: all at once, from the state found (session 50 last read)
+            return _capture(model, x, mod, strip_softmax, seen=seen, found=found)
         if not acts and n > 1 and len(sizes) > 1 and n in a.shape[1:] and len(set(sizes)) == 1:
             sizes[1:] = _sizes(b - n, n - 1)  # parts of two sizes tell the batch axis from another of n
         acts.append(a.detach())
@@ -144,7 +145,7 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
         del store, out, a
     if len(sizes) > 1 and len(set(sizes)) == 1 and sizes[0] in acts[0].shape[1:]:  # one size (1), on another axis too
         del acts, outs
-        return _capture(model, x, mod, strip_softmax, seen=seen)
+        return _capture(model, x, mod, strip_softmax, seen=seen, found=found)
     return (acts[0], outs[0]) if len(acts) == 1 else (torch.cat(acts), torch.cat(outs))
 
 
@@ -577,7 +578,7 @@ def _ablation_clean(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: 
     if found is not None:
         found.before_pass()
     if perf.precision == "fp32" and batch >= x.shape[0] and _split_pays(model, mod) and _split_same(model):
-        return _clean_apart(model, x, mod, strip_softmax)
+        return _clean_apart(model, x, mod, strip_softmax, found)
     return _capture(model, x, mod, strip_softmax, batch, found=found)
 
 
@@ -631,7 +632,8 @@ def _own_state(model: nn.Module) -> Optional[list]:
                         large_copies=True)
 
 
-def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool) -> tuple[Tensor, Tensor]:
+def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool,
+                 found: Optional[Found] = None) -> tuple[Tensor, Tensor]:
     """Ablation-CAM's float32 clean pass of all ``B`` images as two: the model's output (``S``) from a pass that keeps
     nothing of the layer, then the layer's output from a pass stopped when the layer returns (the layers before only),
     the random generators put back between them, so both passes draw one pass's numbers and the stream after them
@@ -650,19 +652,22 @@ def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: boo
     (:func:`_split_pays`) and the model's own code cannot tell them from one pass (:func:`_split_same`: no user
     forward hook, no generator of a module's own); a model that wrote its own state in the first pass (a buffer, a
     plain attribute of a module not from torch.nn: :func:`_own_state`) gets that state put back and the one pass (the
-    review of session 47: the stopped pass saw the state after the first, the map 0.014 off)."""
+    review of session 47: the stopped pass saw the state after the first, the map 0.014 off). ``found``: the call's
+    :class:`~salience._core.guard.Found`, which puts back before the one pass what ``_own_state``'s record cannot (a
+    buffer of a ``torch.nn`` layer the model's own code wrote, where the guard's copy is not of the state found: a
+    dataset run's second call, a call in the user's guard after a pass; session 50 last read: the map 0.38 off)."""
     if x.is_inference():
-        return _capture(model, x, mod, strip_softmax, x.shape[0])
+        return _capture(model, x, mod, strip_softmax, x.shape[0], found=found)
     state = _own_state(model)
     if state is None:
-        return _capture(model, x, mod, strip_softmax, x.shape[0])
+        return _capture(model, x, mod, strip_softmax, x.shape[0], found=found)
     before, version = _rng_states(), x._version
     out = forward_scores(model, x, strip_softmax=strip_softmax)
     if x._version != version or state_changes(state):
         del out
         _set_rng_states(before)
         put_back_state(state)
-        return _capture(model, x, mod, strip_softmax, x.shape[0])
+        return _capture(model, x, mod, strip_softmax, x.shape[0], found=found)
     after = _rng_states()
     _set_rng_states(before)  # the layers before draw what the first pass drew
     store: list[Any] = []
@@ -682,7 +687,7 @@ def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: boo
     if store and not stopped:  # the model's forward caught the stop: the one pass (from the first pass's generators)
         del store, out
         _set_rng_states(before)
-        return _capture(model, x, mod, strip_softmax, x.shape[0])
+        return _capture(model, x, mod, strip_softmax, x.shape[0], found=found)
     if not store or not isinstance(store[0], Tensor):
         raise layer_not_captured(model, mod, store)
     return store[0].detach(), out
