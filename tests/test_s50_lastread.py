@@ -10,17 +10,16 @@ the call found (the model's own state put back by hand), on a model whose forwar
   (the guard's copy is not of the state found, and only ``Found`` keeps one then: session 50 review): the map 0.38 off.
 - Ablation-CAM in chunks of one image at a layer with an axis of 1 (a global pool): ``_capture``'s retry of all the
   images at once ran without the call's ``Found``, on the state the parts' passes left: the map 0.35 off.
-- Not fixed here (``methods/_occlusion_local.py``, another reviewer's): occlusion's region-limited passes on a model
+- Fixed by the lead at the merge (``methods/_occlusion_local.py`` ``_constants``): occlusion's region-limited passes on a model
   whose forward writes a buffer from its input and then computes a convolution's weight from it
   (``self.s.copy_(x.mean()); F.conv2d(x, self.w * self.s)``): the trace's second read of ``s`` (another ``get_attr``)
   is taken for a constant and computed once, from the state found; after the user's own pass of the same images
   (``s`` already their mean) the split's check on the clean images passes and every occluded pass uses the clean
-  images' ``s``: the map 0.22 off on the test's image. A strict xfail until that file takes such a buffer for no
+  images' ``s``: the map 0.22 off on the test's image. Now every read of an attribute the forward writes is no
   constant.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -202,8 +201,6 @@ class KeepsMean(Stateful):
         return self.fc(y.amax(dim=(2, 3)))
 
 
-@pytest.mark.xfail(strict=True, reason="occlusion's region-limited passes take a weight computed from a buffer the "
-                   "forward writes from its input for a constant (methods/_occlusion_local.py: reported, not fixed)")
 def test_region_limited_occlusion_of_a_weight_from_a_buffer_written_from_the_input():
     """One image a pass (``chunk=1``: the buffer is the mean of one image), after the user's own pass of ``x``."""
     m = KeepsMean().eval()

@@ -298,6 +298,11 @@ def _constants(gm: Any) -> set:
             if a not in tainted:
                 tainted.add(a)
                 stack.extend(b for b in a.all_input_nodes if b in consts)
+        # the same attribute read again is another get_attr node (``self.s.copy_(x.mean())``, then ``self.w *
+        # self.s``: ``s_1``): every read of a written attribute is tainted (session 50 last read: held from the call's
+        # start, the clean images' ``s`` scored every occluded pass, 0.22 off)
+        targets = {a.target for a in tainted if a.op == "get_attr"}
+        tainted |= {n for n in consts if n.op == "get_attr" and n.target in targets}
         for n in gm.graph.nodes:  # and all computed from them (graph order: inputs first)
             if n in consts and any(a in tainted for a in n.all_input_nodes):
                 tainted.add(n)
