@@ -463,7 +463,8 @@ class _ClassOnPath:
     ``classes`` ``(B,)``: the classes of images ``0..known-1``."""
 
     def __init__(self, b: int, device: torch.device) -> None:
-        self.classes = torch.zeros(b, dtype=torch.long, device=device)
+        with torch.inference_mode(False):  # written in the path's passes, outside a caller's inference mode
+            self.classes = torch.zeros(b, dtype=torch.long, device=device)
         self.known, self.width = 0, 0
 
     @staticmethod
