@@ -465,9 +465,9 @@ def accumulate(
     caller right after its guard is entered): put back before every chunk, the memory probe's pass included, so that
     each chunk's items are scored by the model the user called, not by the state the chunk before left (a forward
     that counts its calls, appends to a list, writes a buffer in place: session 50); the items of one chunk share
-    one pass and see what that pass does. SmoothGrad and integrated gradients pass theirs (their copies and path
-    points are independent samples of one function); the perturbation methods put theirs back in their own
-    ``compute``. Without ``found``, the thrown-away memory probe still leaves the model's own state as it found it
+    one pass and see what that pass does. SmoothGrad, integrated gradients, occlusion, RISE and Score-CAM pass
+    theirs (their copies, path points, windows, masks and channels are independent samples of one function);
+    Ablation-CAM puts its back in its own passes (several a chunk, and its check's outside the engine). Without ``found``, the thrown-away memory probe still leaves the model's own state as it found it
     (a :class:`~salience._core.guard.Found` of its own around it, first call only).
     """
     if total < 1:

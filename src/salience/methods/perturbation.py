@@ -396,8 +396,7 @@ def occlusion(
             spans_host = spans.tolist()  # (windows, 2, 3) as lists: the pastes' slices, read once
             clean_cut, clean = _local_clean(plan, x, out, run, model, batch, resolved, probs, already)  # (B, .), (B, K)
 
-        def compute(start: int, stop: int) -> Tensor:
-            found.before_pass()
+        def compute(start: int, stop: int) -> Tensor:  # the found state put back before each: the engine's (found=)
             if split_plan is None:
                 xs, owner, m = items(start, stop)
                 scores = None
@@ -416,7 +415,8 @@ def occlusion(
             return drop[:, :, None, None] * m  # (n, K, H, W)
 
         sums = _engine.accumulate(compute, len(corners) * b, b, chunk=chunk, max_memory=budget,
-                                  progress=progress, desc="occlusion", device=x.device, inference=True, run=run)
+                                  progress=progress, desc="occlusion", device=x.device, inference=True, run=run,
+                                  found=found)
     cov = cover.to(device=x.device, dtype=sums.total.dtype).clamp(min=1)
     maps = (sums.total / cov).to(x.dtype)  # (B, K, H, W)
     maps = maps.unsqueeze(2).expand(-1, -1, x.shape[1], -1, -1)  # (B, K, C, H, W)
@@ -722,7 +722,6 @@ def rise(
             owner = torch.arange(start, stop, device=x.device) % b
             runs = _mask_runs(start, stop, b)
             xs = inputs.rows(owner)
-            found.before_pass()
             m = masks()
             for r, lo, hi, _ in runs:  # each mask on its items' rows (a view each: no (n, H, W) gather of the masks)
                 xs[lo:hi].mul_(m[r - first])
@@ -741,7 +740,7 @@ def rise(
                            desc="rise", device=x.device, inference=True,
                            run=softmax_known(_perf.Run(model, x, perf, tag=f"rise:{probs}:{strip_softmax}",
                                                        plain_passes=True, strip_softmax=strip_softmax),
-                                             final_softmax(model)))
+                                             final_softmax(model)), found=found)  # put back before each chunk
     maps = total.div_(n_masks * p).to(x.dtype)
     return maps if multi else maps[:, 0]
 

@@ -122,9 +122,7 @@ def _capture(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool, b
 
         # the first output of a reused module; the layer's own, not as an in-place operation after it left it
         def scored(xb: Tensor = xb) -> Tensor:
-            if found is not None:
-                found.before_pass()
-            o = forward_scores(model, xb, strip_softmax=strip_softmax)
+            o = clean_passes(model, xb, strip_softmax, None, found)  # found's state put back first (and before a rerun)
             if seen is not None:
                 seen[:] = [final_softmax(model)]
             return o
@@ -405,7 +403,6 @@ def scorecam(
 
         def compute(start: int, stop: int) -> Tensor:
             masked, owner = items.masked(first[start:stop])
-            found.before_pass()
             s = score_items(model, masked, [t.for_items(owner) for t in resolved], probs, strip_softmax,
                             already=already, owner=owner)  # the live items: not the chunk's items in order
             got[start:stop] = s
@@ -431,7 +428,7 @@ def scorecam(
                 run = softmax_known(_perf.Run(model, x, perf, tag=f"scorecam:{probs}:{strip_softmax}", plain_passes=True,
                                               strip_softmax=strip_softmax), seen[0])
                 _engine.accumulate(compute, len(first), b, chunk=chunk, max_memory=budget, progress=progress,
-                                   desc="scorecam", device=x.device, inference=True, run=run)
+                                   desc="scorecam", device=x.device, inference=True, run=run, found=found)
                 scores[live] = got[source]
     w = _per_image(scores, b)  # (B, K, D)
     if softmax == "channels":
