@@ -1582,9 +1582,9 @@ class Found:
             if moved:
                 for i in sorted(moved):  # the guard's own put-back (ModuleState.restore), the versions taken again
                     self.record[i].put_back()
-                flat = self.flat
-                flat[1][:] = map(_VERSION, flat[0])
-                flat[11][:] = map(_VERSION, flat[10])
+                tensors, versions, *_, bufs, buf_versions, _ = self.flat  # the versions taken again, in place
+                versions[:] = map(_VERSION, tensors)
+                buf_versions[:] = map(_VERSION, bufs)
         if self.scripted is not None:
             self.scripted.put_back()
         if self.torch_nn and not self._layers_same():
