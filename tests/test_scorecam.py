@@ -3,6 +3,8 @@ before their min-max scaling, the papers' formulas written out here, where we di
 the dead-channel shortcut, the repeated-image fallback, several targets, chunking, bad input."""
 from __future__ import annotations
 
+import copy
+
 import warnings
 
 import numpy as np
@@ -149,14 +151,27 @@ def test_scorecam_runs_every_full_chunk_at_one_batch_size():
 
 
 def test_ablationcam_equals_pytorch_grad_cam(resnet):
+    """In float64, so that the comparison is not of two float32 roundings (on an AVX2-only CPU, session 51, the two
+    float32 maps differed by 6e-5 at a map peak of 1.0: each weight is a difference of close scores, and the batch
+    size of the ablated passes changes their rounding): ours equals the paper's formula by hand to float64 rounding;
+    pytorch-grad-cam rounds the scores and the weights to float32 (``np.float32`` in its ``AblationCAM``), so each of
+    its weights is off by at most about ``3 * 2**-24`` (two scores of size ``|y|`` rounded, then their difference over
+    ``y``, then the weight; the factor 2 for ``|y_k| / |y|``), a pixel by that times ``sum_k |A_k|`` (the peer's
+    largest difference was 0.12 of the bound, 5.8e-7; ours 1.9e-14 off the reference)."""
     AblationCAM = pytest.importorskip("pytorch_grad_cam").AblationCAM
 
     torch.manual_seed(1)
     x = torch.rand(2, 3, 16, 16)
     t = torch.tensor([3, 5])
-    ref = _peer_cam(AblationCAM, resnet, resnet.layer1, x, t, batch_size=64)
-    ours = salience.ablationcam(resnet, x, t, layer="layer1", upsample=False)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    model = copy.deepcopy(resnet).double()
+    ref = _ablation_reference(model, model.layer1, x.double(), t)
+    mass = _acts(model, model.layer1, x.double()).abs().sum(1)
+    ours = salience.ablationcam(model, x.double(), t, layer="layer1", upsample=False)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
+    peer = _peer_cam(AblationCAM, model, model.layer1, x.double(), t, batch_size=64)
+    bound = 6 * 2.0 ** -24 * mass  # 3 roundings of 2**-24 each, times |y_k| / |y| < 2
+    assert bool(((peer - ref).abs() <= bound + 1e-12).all()), float(((peer - ref).abs() / bound).max())
+    assert float((peer - ref).abs().max()) > 0  # the peer's float32 rounding is there: the bound is the one that holds
     both = salience.ablationcam(resnet, x, torch.stack([t, t.flip(0)], 1), layer="layer1", chunk=7)
     torch.testing.assert_close(both[:, 0], salience.ablationcam(resnet, x, t, layer="layer1"), atol=1e-5, rtol=1e-4)
 
@@ -274,22 +289,23 @@ class ReadsOnlyTheLayer(nn.Module):
 
 
 def _ablation_reference(model, layer, x, cls):
-    """Desai & Ramaswamy 2020, one image and one channel at a time: ``w_k = (y - y_k) / y``, ``y_k`` the score
+    """Desai & Ramaswamy 2020 (``cls``: an int, or a tensor of each image's class), one image and one channel at a time: ``w_k = (y - y_k) / y``, ``y_k`` the score
     with channel ``k`` of the layer's output set to 0; the map ``ReLU(sum_k w_k A_k)`` at the layer's size."""
     maps = []
     with torch.no_grad():
         for i in range(x.shape[0]):
             xi = x[i:i + 1]
             a = _acts(model, layer, xi)[0]
-            y = model(xi)[0, cls]
-            cam = torch.zeros(a.shape[1:])
+            c = int(cls[i]) if isinstance(cls, torch.Tensor) else cls  # one class, or each image's
+            y = model(xi)[0, c]
+            cam = torch.zeros(a.shape[1:], dtype=a.dtype)
             for k in range(a.shape[0]):
                 def zero(m, inp, o, k=k):
                     o = o.clone()
                     o[:, k] = 0
                     return o
                 h = layer.register_forward_hook(zero)
-                yk = model(xi)[0, cls]
+                yk = model(xi)[0, c]
                 h.remove()
                 cam += (y - yk) / y * a[k]
             maps.append(cam.clamp(min=0))
