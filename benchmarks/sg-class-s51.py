@@ -198,14 +198,27 @@ def pieces(case: str, rounds: int) -> dict:
             t0 = time.thread_time()
             f()
             got[k].append(time.thread_time() - t0)
-    return {k: {"min": min(v), "median": statistics.median(v), "all": v} for k, v in got.items()}
+    out = {k: {"min": min(v), "median": statistics.median(v), "all": v} for k, v in got.items()}
+    out["kernels"] = {f"batch {k * b}": _conv_kernels(lambda k=k: forward(k)) for k in (1, 2)}
+    return out
+
+
+def _conv_kernels(fn) -> dict:
+    """How many of one forward's convolutions ran PyTorch's im2col kernel and how many oneDNN's (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    return {"im2col (aten::_slow_conv2d_forward)": counts.get("aten::_slow_conv2d_forward", 0),
+            "oneDNN (aten::mkldnn_convolution)": counts.get("aten::mkldnn_convolution", 0)}
 
 
 def pieces_table(res: dict) -> str:
     lines = ["| case | class pass (B), ms | x twice (2B), ms | chunk of 16, ms | + the B clean rows, ms | "
              "extra rows' cost - class pass, ms |", "|---|---|---|---|---|---|"]
     for case, r in res.items():
-        m = {k: v["min"] * 1e3 for k, v in r.items()}
+        m = {k: v["min"] * 1e3 for k, v in r.items() if k != "kernels"}
         extra = m["chunk of 16 + the B clean rows"] - m["chunk of 16"]
         lines.append(f"| {case} | {m['class pass (B)']:.1f} | {m['x twice (2B)']:.1f} | {m['chunk of 16']:.1f} | "
                      f"{m['chunk of 16 + the B clean rows']:.1f} (+{extra:.1f}) | {extra - m['class pass (B)']:+.1f} |")
@@ -241,7 +254,8 @@ def main(argv=None) -> int:
         report["loadavg_end"], report["wall_s"] = os.getloadavg(), time.time() - t0
         write_report(args.out, report, "SmoothGrad's predicted class: its own pass and the alternatives",
                      "1 thread, this branch, fp32", "Thread CPU milliseconds, the minimum of the rounds. ",
-                     pieces_table(report["pieces"]), "")
+                     pieces_table(report["pieces"]), "Convolution kernels of one forward of x (and of x twice): "
+                     + "; ".join(f"{c} {r['kernels']}" for c, r in report["pieces"].items()))
         return 0
     report["jobs"] = {}
     for c in args.case:  # the report written after each case: a run cut short keeps the cases it finished
