@@ -216,9 +216,7 @@ class Predicted(Target):
 
     def resolved(self, output: Tensor) -> Target:
         scores = _class_scores(output.detach())
-        top = Classes(scores.argmax(dim=1))
-        top._fits = scores.shape[1]  # an argmax of the classes: in range, not checked in each pass
-        return top
+        return Classes.known(scores.argmax(dim=1), outputs=scores.shape[1])  # in range: not checked in each pass
 
     def for_items(self, owner: Tensor) -> Target:
         raise SalienceError("internal: resolve the predicted class (Target.resolved) before expanding targets")
@@ -245,6 +243,18 @@ class Classes(_Indexed):
                     "for several classes per sample use salience.targets.multilabel"
                 )
             self.index = int(t) if t.dim() == 0 else t.long()
+
+    @classmethod
+    def known(cls, values: Tensor, *, outputs: int) -> "Classes":
+        """One class per item ``(B,)`` (long) known to fit a model of ``outputs`` outputs, e.g. an argmax of its
+        scores (:meth:`Predicted.resolved`): their range is not checked against an output of ``outputs`` classes in
+        each pass (a synchronization per pass), but still against an output of any other width."""
+        if values.dim() != 1 or values.dtype != torch.long:
+            raise SalienceError(f"internal: known classes are a (B,) long tensor, got {tuple(values.shape)} "
+                                f"{values.dtype}")
+        made = cls(values)
+        made._fits = int(outputs)
+        return made
 
     def __call__(self, output: Tensor) -> Tensor:
         scores = _class_scores(output)

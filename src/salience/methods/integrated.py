@@ -493,11 +493,7 @@ class _ClassOnPath:
 
     def resolved(self, t: Target) -> Target:
         """``t`` with the predicted class fixed (as :meth:`Predicted.resolved` fixes it on a pass of ``x``)."""
-        if not isinstance(t, Predicted):
-            return t
-        top = Classes(self.classes)
-        top._fits = self.width  # an argmax of the classes: in range
-        return top
+        return Classes.known(self.classes, outputs=self.width) if isinstance(t, Predicted) else t  # argmax: in range
 
 
 class _OnPath(Target):
@@ -509,9 +505,7 @@ class _OnPath(Target):
     def __call__(self, output: Tensor) -> Tensor:
         if output.dim() <= 2:  # (n, K) scores, or one per item (one class); another shape: Classes' error below
             self.on.read(output.reshape(output.shape[0], -1), self.start)
-        top = Classes(self.on.classes[self.owner])
-        top._fits = self.on.width  # an argmax of the classes: in range
-        return top(output)
+        return Classes.known(self.on.classes[self.owner], outputs=self.on.width)(output)  # an argmax: in range
 
 
 class PathPoints:
