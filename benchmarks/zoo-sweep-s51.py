@@ -40,7 +40,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -53,7 +53,6 @@ from _common import machine_line  # noqa: E402
 from default_layers import _first_line, _layout, _write  # noqa: E402
 from conftest import assert_same_snapshot, model_snapshot  # noqa: E402
 
-import salience  # noqa: E402
 from salience import SalienceError  # noqa: E402
 from salience.methods import METHODS, default_methods  # noqa: E402
 from salience.methods._layer_search import _pick_default  # noqa: E402
@@ -191,10 +190,12 @@ def build_timm(arch: str) -> tuple[torch.nn.Module, list[int]]:
     torch.manual_seed(0)
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=5, img_size=64)
-        return model, [64]
+        if _forward_ok(model.eval(), torch.rand(1, 3, 64, 64)) is not None:
+            return model, [64]
     except Exception:  # noqa: BLE001 - an arch without img_size (most CNNs), or that cannot be that small
-        torch.manual_seed(0)
-        model = timm.create_model(arch, pretrained=False, num_classes=5)
+        pass
+    torch.manual_seed(0)  # takes img_size but not at 64 px (EfficientFormer's attention biases): its native size
+    model = timm.create_model(arch, pretrained=False, num_classes=5)
     native = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
     return model, [s for s in (64, 96, 128) if s < native] + [native]
 
@@ -328,13 +329,22 @@ def sweep_one(key: str, images: int, timeout: int) -> dict:
         return row
     row["input"] = list(x.shape)
     row["notes"] = redraw_zero_head(model, x, logits)
+    after = _forward_ok(model, x)
+    if after is not None and len(x) > 1 and torch.equal(after[0], after[1]):
+        row["notes"].append("the two images give the same logits: at this random init the output does not depend "
+                            "on the input, so every map is 0 or constant (not the method's fault)")
     row.update(default_info(model, x))
     row["methods"] = {m: run_method(model, x, m, timeout) for m in METHODS}
-    promised = set(row.get("default_methods", []))
-    row["default_but_refused"] = [m for m, r in row["methods"].items() if m in promised and r["status"] != "ok"]
+    row["default_but_refused"] = promised_but_refused(row)
     row["status"] = "ok"
     row["total_s"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def promised_but_refused(row: dict) -> list[str]:
+    """The methods in the row's ``default_methods`` (those the defaults say run) that raised."""
+    promised = set(row.get("default_methods", []))
+    return [m for m, r in row.get("methods", {}).items() if m in promised and r["status"] in ("refused", "BUG")]
 
 
 def family_of(key: str) -> str:
@@ -351,12 +361,24 @@ def all_keys() -> list[str]:
 SHORT = {"ok": "ok", "refused": "R", "BUG": "**BUG**", "NaN": "**NaN**", "zero": "zero", "timeout": "T"}
 
 
+def _mark(row: dict, name: str) -> str:
+    """Method ``name``'s mark in ``row``: ``0-`` for a map that is 0 after the ReLU but not without it (every value
+    negative: random weights, not a defect; guided Grad-CAM, Grad-CAM's map times guided backprop's, where
+    Grad-CAM's is), else :data:`SHORT`'s."""
+    cell = row["methods"][name]
+    if cell["status"] == "zero" and ("relu=False: ok" in cell["detail"] or (
+            name == "guided_gradcam" and "relu=False: ok" in row["methods"]["gradcam"]["detail"])):
+        return "0-"
+    return SHORT[cell["status"]]
+
+
 def counts(rows: list[dict]) -> dict[str, int]:
     """How many (model, method) cells have each status (``changed`` counted apart)."""
     c: dict[str, int] = {}
     for r in rows:
-        for cell in r.get("methods", {}).values():
-            c[cell["status"]] = c.get(cell["status"], 0) + 1
+        for n, cell in r.get("methods", {}).items():
+            mark = _mark(r, n).strip("*")
+            c[mark] = c.get(mark, 0) + 1
             if "changed" in cell:
                 c["changed"] = c.get("changed", 0) + 1
     return c
@@ -375,8 +397,8 @@ def table(rows: list[dict]) -> str:
         cells = []
         for n in names:
             cell = r["methods"][n]
-            mark = SHORT[cell["status"]] + (" **changed**" if "changed" in cell else "")
-            cells.append(mark + (" (!)" if n in r["default_but_refused"] else ""))
+            mark = _mark(r, n) + (" **changed**" if "changed" in cell else "")
+            cells.append(mark + (" (!)" if n in promised_but_refused(r) else ""))
         lines.append(f"| `{r['model']}` | {r['input'][-1]} | {layer} | {str(r.get('layout', '-'))[:60]} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -388,14 +410,15 @@ def findings(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         for n, cell in r.get("methods", {}).items():
-            if cell["status"] not in ("ok", "refused") or "changed" in cell:
+            if _mark(r, n) not in ("ok", "R", "0-", "T") or "changed" in cell:
                 out.append(f"- `{r['model']}` {n}: {cell['status']}: {cell['detail']}"
                            + (f"; model changed: {cell['changed']}" if "changed" in cell else ""))
-            elif n in r["default_but_refused"]:
+            elif n in promised_but_refused(r):
                 out.append(f"- `{r['model']}` {n}: in default_methods but refused: {cell['detail']}")
         for k in ("error", "default_methods_error"):
             if k in r:
                 out.append(f"- `{r['model']}` {k}: {r[k]}")
+        out += [f"- `{r['model']}` (note): {note}" for note in r.get("notes", [])]
     return out
 
 
@@ -412,15 +435,18 @@ def refusals(rows: list[dict]) -> list[str]:
 def report(rows: list[dict], argv: list[str], seconds: float, load: tuple) -> str:
     c = counts(rows)
     n_ok = sum(1 for r in rows if r.get("status") == "ok")
-    head = [f"# Every method on the model zoo (timm and Hugging Face families, random weights): session 51",
+    head = ["# Every method on the model zoo (timm and Hugging Face families, random weights): session 51",
             "",
-            f"`python benchmarks/zoo-sweep-s51.py {' '.join(argv)}`: {machine_line(*load)}; {seconds:.0f} s.",
+            f"`python benchmarks/zoo-sweep-s51.py {' '.join(argv)}`: {machine_line(*load)}; {seconds:.0f} s "
+            "(the rows' times added up: rows kept with --resume may come from other runs of the same list).",
             "",
-            f"{len(rows)} models, {n_ok} built and run; {sum(c.get(k, 0) for k in SHORT)} (model, method) cells: "
+            f"{len(rows)} models, {n_ok} built and run; {sum(v for k, v in c.items() if k != 'changed')} (model, "
+            "method) cells: "
             + ", ".join(f"{k} {v}" for k, v in sorted(c.items())) + ".",
             "",
             "Cells: ok; R = refused with a `SalienceError` (messages below); **BUG** = another exception; **NaN**; "
-            "zero = an all-zero map (random weights: often a ReLU'd CAM, not a defect by itself); T = over the call "
+            "0- = 0 after the ReLU, a map below 0 everywhere with relu=False (random weights: not a defect); zero = an "
+            "all-zero map otherwise (see Findings); T = over the call "
             "timeout; **changed** = the model differed after the call; (!) = in `default_methods` but not ok.",
             "Options: SmoothGrad samples=2, integrated gradients steps=2, RISE masks=4 cell=2, occlusion window=16 "
             "stride=16; the rest default. "
@@ -451,7 +477,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     done: dict[str, dict] = {}
     if args.resume and jsonl.exists():
         done = {r["model"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
-    t0, load0 = time.perf_counter(), os.getloadavg()
+    load0 = os.getloadavg()
     with jsonl.open("a" if args.resume else "w") as f:
         for key in keys:
             if key in done:
@@ -466,7 +492,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             gc.collect()
     rows = [done[k] for k in keys if k in done]
     _write(out.with_suffix(".json"), json.dumps(rows, indent=1))
-    _write(out.with_suffix(".md"), report(rows, argv, time.perf_counter() - t0, (load0, os.getloadavg())))
+    _write(out.with_suffix(".md"), report(rows, argv, sum(r.get("total_s", 0.0) for r in rows), (load0, os.getloadavg())))
     return 0
 
 
