@@ -176,12 +176,12 @@ def _alarm(_sig, _frame):
 
 def _forward_ok(model: torch.nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The logits of ``x`` (a Hugging Face output's ``logits``), or None when the model does not take it."""
-    try:
-        with torch.no_grad():
+    with torch.no_grad():
+        try:
             out = model(x)
-    except Exception:  # noqa: BLE001 - a size the model does not take, whatever it raises
-        return None
-    out = getattr(out, "logits", out)
+            out = out.logits if hasattr(out, "logits") else out
+        except Exception:  # noqa: BLE001 - a size the model does not take, whatever it raises
+            return None
     return out if isinstance(out, torch.Tensor) and out.dim() == 2 else None
 
 
