@@ -319,6 +319,22 @@ def _global_attention(c: _Call, grid: Optional[tuple[int, int]], weighing: set[s
     return grid is None or out.shape[1] >= grid[0] * grid[1] or int(out.shape[1]) in whole.get(c.name, ())
 
 
+def _class_token_stage(model: nn.Module, x: Tensor, c: _Call) -> bool:
+    """Whether attention call ``c`` (:func:`_global_attention` but for its length) attends over a later stage's whole
+    token sequence with a class token: ``(1, N, D)``, fewer tokens than the first embedding's grid, read as prefix
+    token(s) + that stage's own grid (Hugging Face PVT v1, whose class token joins in the last stage, on a grid a
+    quarter the size of the one before): after it only the class token reaches the head, as in a ViT. A Swin's
+    single window reads as patches alone (no prefix), a class attention's output is one token: neither counts."""
+    out = _first_tensor(c.output)
+    if out.shape[1] < 2:
+        return False
+    try:
+        layout = layer_layout(model, c.module, out.shape, x.shape, what=f"layer {c.name!r}")
+    except SalienceError:
+        return False
+    return layout.prefix > 0 and layout.grid is not None
+
+
 def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
                            attending: Sequence[tuple[str, Any]] = (),
                            factorized: Sequence[tuple[str, int]] = ()) -> Optional[str]:
@@ -347,8 +363,13 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
     at = [i for i, c in enumerate(calls) if _global_attention(c, grid, weighing, whole)]
     if not at:
         return None
-    att = calls[at[-1]]
+    # a hierarchical ViT's later stages attend over fewer tokens than the first grid's cells: the last of them
+    # with a class token is the last global attention (a refusal of parallel streams looks at the first rule's)
+    later = [i for i, c in enumerate(calls[at[-1] + 1:], at[-1] + 1)
+             if _global_attention(c, None, weighing, whole) and _class_token_stage(model, x, c)]
     _refuse_parallel_streams(model, x, calls, at)
+    at += later
+    att = calls[at[-1]]
     shape = _first_tensor(att.output).shape
     if grid is None and (shape[1] == 1 or _all_patches(model, x, _Call(att.name, att.module, _first_tensor(att.output)),
                                                         shape)):
