@@ -4,10 +4,15 @@ An occluded image differs from the clean one only inside its window, so the outp
 layers (convolutions, eval-mode batch norm, elementwise activations, max / average pooling, constant padding, the
 sum or channel concatenation of two local branches; modules or their functions, ``F.conv2d`` / ``F.max_pool2d`` /
 ``F.avg_pool2d`` / ``F.pad``, so a convolution that computes its weight first, timm's ``StdConv2d`` and
-``ScaledStdConv2d``, too: the nodes computing a weight from parameters alone are constants) differs from the clean
-activation only inside the window grown by their receptive field. :func:`plan` traces the model with ``torch.fx``, follows each node's receptive field per axis
-(output index ``i`` reads input rows ``[i * S - A, i * S + E]``), and picks the *cut*: a local node that every later
-node depends on alone, where the FLOPs saved are largest. Each pass then runs the prefix (input to cut) on a crop of
+``ScaledStdConv2d``, too: the nodes computing a weight from parameters alone are constants; since session 51 the
+per-position ops of ConvNeXt's blocks: ``permute``, ``LayerNorm`` / ``F.layer_norm`` over channels only, ``Linear`` /
+``F.linear`` on channels, elementwise sums and products with constants that vary along channels only, torchvision's
+``stochastic_depth`` in eval mode; and ``padding="same"`` convolutions) differs from the clean activation only inside
+the window grown by their receptive field. :func:`plan` traces the model with ``torch.fx``, follows each node's
+receptive field per image axis (output index ``i`` reads input rows ``[i * S - A, i * S + E]``) and the role of each
+of its axes (images, channels, rows, columns: a norm over the last axis is local after ``permute(0, 2, 3, 1)``, not
+before), and picks the *cut*: an NCHW local node that every later node depends on alone, where the FLOPs saved are
+largest. Each pass then runs the prefix (input to cut) on a crop of
 the occluded image only (the affected region plus the margin its receptive field reads; crops start on multiples of
 ``S``, so the crop's grid is the image's, and a crop clamped at a border ends on it, so its padding is the image's),
 pastes the exact part into a copy of the clean activation and runs the rest of the model from the cut (the
@@ -489,7 +494,7 @@ def _sum_field(n: Any, data: list, fields: dict, consts: set, shape: Callable[[A
     ``(C,)`` on NHWC: ConvNeXt's layer scale); ``None`` where a constant varies along the images or their rows or
     columns (another value at another position: a crop would read the wrong one), or ``n`` writes in place into a
     constant."""
-    if len(data) > 2 or (_writes(n) and not (n.args and n.args[0] in data)):
+    if len(data) > 2 or n.kwargs.get("out") is not None or (_writes(n) and not (n.args and n.args[0] in data)):
         return None
     f: Optional[_Field] = fields[data[0]]
     for a in data[1:]:
@@ -583,10 +588,10 @@ def _flops(gm: Any, x: Tensor) -> dict:
                 c = numel * (m.in_channels // m.groups) * math.prod(_two(m.kernel_size))
             elif isinstance(m, nn.Linear):
                 c = numel * m.in_features
-        elif n.op == "call_function" and n.target in (F.conv2d, torch.conv2d):
+        elif n.op == "call_function" and n.target in (F.conv2d, torch.conv2d, F.linear):
             weight = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")  # positional or keyword
-            w = getattr(weight, "meta", {}).get("tensor_meta")  # (out, in / groups, kh, kw)
-            if w is not None and hasattr(w, "shape") and len(w.shape) == 4:
+            w = getattr(weight, "meta", {}).get("tensor_meta")  # (out, in / groups, kh, kw) or (out, in)
+            if w is not None and hasattr(w, "shape") and len(w.shape) in (2, 4):
                 c = numel * math.prod(int(v) for v in w.shape[1:])
         elif n in consts:
             c = 0.0  # a weight computed once (the prefix's) or as the model does it (the suffix's)
