@@ -1,14 +1,15 @@
 """Session 51: occlusion on torchvision's ``convnext_tiny``, random weights (no download), 1 image 224 px, window 16 /
 stride 8 (27 x 27 = 729 windows), fp32, one thread: salience's region-limited passes (this branch, ``local=True``, the
 default), salience's full passes forced (this branch, ``local=False``) and Captum's ``Occlusion`` at its best
-``perturbations_per_eval`` (``--probe``: 1, 4 and 16 timed once on stride 16, 169 windows, to pick it).
+``perturbations_per_eval`` (``--probe``: 1, 4 and 16 timed once on stride 16, 196 windows, to pick it; or all three
+in the rounds, ``--captum 1,4,16``).
 Each measurement a fresh process (model built, one forward, then the call timed); interleaved rounds (each round the
 other order); each round appends to the JSON, so rounds may run in separate lock holds. ``--main-src``: main's path
 on this model (its plan only, untimed: where it cuts or why full passes).
 
-Run as (one round a lock hold):
+Run as (as many rounds a lock hold as fit in --hold seconds; session 51: stride 16, see the .md):
   flock /tmp/bench.lock taskset -c 1 python benchmarks/occlusion-convnext-s51.py --probe
-  flock /tmp/bench.lock taskset -c 1 python benchmarks/occlusion-convnext-s51.py --rounds 1 --captum 4
+  flock /tmp/bench.lock taskset -c 1 python benchmarks/occlusion-convnext-s51.py --rounds 3 --captum 16 --stride 16
 then ``--report`` writes the .md from the JSON. The maps are compared with Captum's (max |a - b|), and salience's path
 (region-limited or full passes, the cut) is read from the debug log of ``salience.occlusion``.
 """
@@ -110,7 +111,7 @@ def run_round(args: argparse.Namespace, configs: list, rnd: int) -> list:
             row["stride"] = args.stride
             out.append(row)
         maps = {c: torch.load(os.path.join(tmp, f"{c}.pt")) for c in configs}
-        ref = maps[next(c for c in configs if c.startswith("cap"))]
+        ref = maps[max((c for c in configs if c.startswith("cap")), key=lambda c: int(c[3:]))]
         scale = float(ref.abs().max())
         for row in out:
             row["max_abs_diff_vs_captum"] = float((maps[row["config"]] - ref).abs().max())
@@ -119,7 +120,7 @@ def run_round(args: argparse.Namespace, configs: list, rnd: int) -> list:
 
 
 def probe(args: argparse.Namespace, data: dict) -> None:
-    """Captum at perturbations_per_eval 1, 4, 16, once each on stride 16 (169 windows): the best one for the rounds."""
+    """Captum at perturbations_per_eval 1, 4, 16, once each on stride 16 (196 windows): the best one for the rounds."""
     with tempfile.TemporaryDirectory() as tmp:
         for c in ("cap1", "cap4", "cap16"):
             row = _measure(c, os.path.join(tmp, f"{c}.pt"), args, 16)
@@ -144,9 +145,9 @@ def report(path: str) -> None:
         f"Random weights, {rows[0]['images']} image(s) 224 px, window {WINDOW} / stride {rows[0]['stride']} "
         f"({(math.ceil((224 - WINDOW) / rows[0]['stride']) + 1) ** 2} windows), fp32, "
         "`reduce=None`; each measurement a fresh process (model built, one forward, then the call timed); "
-        f"{len(by['local'])} interleaved rounds, one round a lock hold.",
+        f"{len(by['local'])} interleaved rounds (each round the other order).",
         "Commands: " + "; ".join(f"`{c}`" for c in data["commands"]) + ", then `--report`. Data: "
-        "benchmarks/occlusion-convnext-s51.json.",
+        f"benchmarks/{os.path.basename(path)}.",
         "",
         "| run | min s | median s | max s | x region-limited (median) | max abs diff vs Captum (map scale) | "
         "path (debug log) |",
@@ -154,10 +155,12 @@ def report(path: str) -> None:
     ]
     med = statistics.median(by["local"])
     names = {"local": "salience region-limited (`local=True`, default)", "full": "salience full passes (`local=False`)"}
-    for c in by:
+    caps = [c for c in by if c.startswith("cap")]
+    best = min(caps, key=lambda c: statistics.median(by[c]))
+    for c in sorted(by, key=lambda c: (c.startswith("cap"), int(c[3:]) if c.startswith("cap") else 0)):
         v = by[c]
         r = next(r for r in rows if r["config"] == c)
-        name = names.get(c, f"Captum Occlusion, perturbations_per_eval={c[3:]} (best of the probe)")
+        name = names.get(c, f"Captum Occlusion, perturbations_per_eval={c[3:]}" + (" (best)" if c == best else ""))
         diff = max(x["max_abs_diff_vs_captum"] for x in rows if x["config"] == c)
         said = "; ".join(m.replace("|", "/") for m in r["log"]) or "-"
         lines.append(f"| {name} | {min(v):.1f} | {statistics.median(v):.1f} | {max(v):.1f} | "
@@ -166,12 +169,13 @@ def report(path: str) -> None:
         f"r{k}: " + ", ".join(f"{r['config']} {r['seconds']:.1f}" for r in rows if r["round"] == k)
         for k in sorted({r["round"] for r in rows})) + "."]
     if data.get("probe"):
-        lines += ["", "Captum probe (stride 16, 169 windows, once each): " + ", ".join(
+        lines += ["", "Captum probe (stride 16, 196 windows, once each, under the load shown): " + ", ".join(
             f"perturbations_per_eval={r['config'][3:]} {r['seconds']:.1f} s (load {' '.join(r['loadavg'])})"
             for r in data["probe"]) + "."]
     if data.get("main_plan"):
         lines += ["", f"main ({data.get('main', '')}) on this model and windows, its plan (untimed): "
                   + "; ".join(data["main_plan"]["log"]) + "."]
+    lines += ["", data["notes"]] if data.get("notes") else []
     lines += ["", "Load average (1, 5, 15 min) at each measurement: "
               + ", ".join(f"{r['config']} r{r['round']}: {' '.join(r['loadavg'])}" for r in rows) + "."]
     with open(path[:-5] + ".md.tmp", "w") as f:
@@ -203,12 +207,14 @@ def main() -> None:
     ap.add_argument("--one", default=None)
     ap.add_argument("--save", default=None)
     ap.add_argument("--images", type=int, default=1)
-    ap.add_argument("--stride", type=int, default=STRIDE, help="the windows' stride (8: 729 windows; 16: 169)")
+    ap.add_argument("--stride", type=int, default=STRIDE, help="the windows' stride (8: 729 windows; 16: 196)")
     ap.add_argument("--probe", action="store_true", help="Captum at perturbations_per_eval 1, 4, 16 once (stride 16)")
     ap.add_argument("--main-src", default=None, help="a snapshot of main's src: its plan on this model (untimed)")
     ap.add_argument("--main-label", default="", help="which commit of main the snapshot is (git rev-parse)")
-    ap.add_argument("--captum", type=int, default=4, help="Captum's perturbations_per_eval in the rounds")
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--captum", default="1,4,16", help="Captum's perturbations_per_eval in the rounds (a list)")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds in this run, as many as fit in --hold seconds")
+    ap.add_argument("--upto", type=int, default=3, help="the last round number of the table")
+    ap.add_argument("--hold", type=float, default=840.0, help="seconds a lock hold may take (rules: 15 min)")
     ap.add_argument("--src", default=SRC, help="salience's src to time (default this checkout's; a snapshot of it)")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--report", action="store_true")
@@ -222,13 +228,20 @@ def main() -> None:
     data = _data(args)
     if args.probe:
         probe(args, data)
-    configs = ["local", "full", f"cap{args.captum}"]
+    configs = ["local", "full"] + [f"cap{p}" for p in str(args.captum).split(",")]
     start = max((r["round"] for r in data["rows"]), default=0) + 1
+    began = time.perf_counter()
     for k in range(args.rounds if not args.probe else 0):
         rnd = start + k
+        if rnd > args.upto:
+            break
+        t0 = time.perf_counter()
         order = configs if rnd % 2 else configs[::-1]  # interleaved: each round the other order
         data["rows"] += run_round(args, order, rnd)
         _write(args.out, data)
+        took = time.perf_counter() - t0
+        if time.perf_counter() - began + 1.15 * took > args.hold:
+            break  # another round would pass the lock hold's limit: the next hold runs it
     _write(args.out, data)
 
 
