@@ -17,8 +17,6 @@ full passes'. ``padding="same"`` convolutions (module and ``F.conv2d``, an even 
 """
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,35 +24,16 @@ from torch import nn
 
 import salience
 from salience.methods import _occlusion_local as L
+from test_s50_stdconv import close, said, scale  # the same tolerance and the log read as session 50's tests
 
 pytest.importorskip("captum")
-
-LOG = "salience.occlusion"
-
-
-def scale(model, x) -> float:
-    with torch.no_grad():
-        return float(model(x).abs().max())
-
-
-def close(a: torch.Tensor, b: torch.Tensor, s: float) -> None:
-    assert a.shape == b.shape
-    assert float((a - b).abs().max()) <= 1e-5 * (1 + s), float((a - b).abs().max())
 
 
 def captum_map(model, x, target, window, stride, baseline=0.0):
     from captum.attr import Occlusion
-    c = x.shape[1]
+    c = x.shape[1]  # perturbations_per_eval=16: the same map as 1, in fewer passes
     return Occlusion(model).attribute(x, sliding_window_shapes=(c, window, window), strides=(c, stride, stride),
                                       target=target, baselines=baseline, perturbations_per_eval=16)
-
-
-def said(caplog, model, x, target, **kw) -> tuple[torch.Tensor, str]:
-    """The map (``reduce=None``: Captum's shape) and what the debug log of ``salience.occlusion`` said."""
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger=LOG):
-        a = salience.occlusion(model, x, target, reduce=None, **kw)
-    return a, " ".join(r.getMessage() for r in caplog.records if r.name == LOG)
 
 
 def equals_captum_and_full(caplog, model, x, target, window, stride, **kw) -> str:
