@@ -4,10 +4,15 @@ An occluded image differs from the clean one only inside its window, so the outp
 layers (convolutions, eval-mode batch norm, elementwise activations, max / average pooling, constant padding, the
 sum or channel concatenation of two local branches; modules or their functions, ``F.conv2d`` / ``F.max_pool2d`` /
 ``F.avg_pool2d`` / ``F.pad``, so a convolution that computes its weight first, timm's ``StdConv2d`` and
-``ScaledStdConv2d``, too: the nodes computing a weight from parameters alone are constants) differs from the clean
-activation only inside the window grown by their receptive field. :func:`plan` traces the model with ``torch.fx``, follows each node's receptive field per axis
-(output index ``i`` reads input rows ``[i * S - A, i * S + E]``), and picks the *cut*: a local node that every later
-node depends on alone, where the FLOPs saved are largest. Each pass then runs the prefix (input to cut) on a crop of
+``ScaledStdConv2d``, too: the nodes computing a weight from parameters alone are constants; since session 51 the
+per-position ops of ConvNeXt's blocks: ``permute``, ``LayerNorm`` / ``F.layer_norm`` over channels only, ``Linear`` /
+``F.linear`` on channels, elementwise sums and products with constants that vary along channels only, torchvision's
+``stochastic_depth`` in eval mode; and ``padding="same"`` convolutions) differs from the clean activation only inside
+the window grown by their receptive field. :func:`plan` traces the model with ``torch.fx``, follows each node's
+receptive field per image axis (output index ``i`` reads input rows ``[i * S - A, i * S + E]``) and the role of each
+of its axes (images, channels, rows, columns: a norm over the last axis is local after ``permute(0, 2, 3, 1)``, not
+before), and picks the *cut*: an NCHW local node that every later node depends on alone, where the FLOPs saved are
+largest. Each pass then runs the prefix (input to cut) on a crop of
 the occluded image only (the affected region plus the margin its receptive field reads; crops start on multiples of
 ``S``, so the crop's grid is the image's, and a crop clamped at a border ends on it, so its padding is the image's),
 pastes the exact part into a copy of the clean activation and runs the rest of the model from the cut (the
@@ -44,8 +49,14 @@ _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Si
 _ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, torch.sigmoid, F.sigmoid,
                           torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.elu, F.mish, F.hardtanh, torch.relu_}
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clamp", "clamp_"}
-_SUMS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul, operator.sub, torch.sub}
-_SUM_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
+_SUMS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul, operator.sub, torch.sub,
+         operator.isub, operator.truediv, operator.itruediv, torch.div}
+_SUM_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
+# per-position functions (session 51: ConvNeXt's channels-last blocks), their parameters after the input and defaults:
+# local where the axes they read are channels only (:meth:`_Field.per_position`)
+_PER_POSITION_FUNCTIONS: dict = {
+    F.layer_norm: (("normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5}),
+    F.linear: (("weight", "bias"), {"bias": None})}
 _SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 _SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax)
 # functional window ops, each with its parameters' names in order after the input (positional or keyword) and their
@@ -69,24 +80,38 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
                       operator.irshift, operator.setitem}
 
 
+# the roles of a local node's axes: "n" the images, "c" channels (a value per position), "h" / "w" the image's rows
+# and columns; the input's, and every cut's, are NCHW (session 51: ConvNeXt's blocks permute to NHWC and back)
+_NCHW = ("n", "c", "h", "w")
+
+
 @dataclass(frozen=True)
 class _Field:
-    """A 4-D local node's receptive field per axis: output row ``i`` reads input rows ``[i*S - A, i*S + E]``."""
+    """A local node's receptive field per image axis: output row ``i`` reads input rows ``[i*S - A, i*S + E]``;
+    ``dims``: the role of each of its axes (``_NCHW``, or permuted: ``("n", "h", "w", "c")`` after
+    ``x.permute(0, 2, 3, 1)``)."""
     s: tuple[int, int]
     a: tuple[int, int]
     e: tuple[int, int]
+    dims: tuple[str, ...] = _NCHW
 
     def then(self, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int], d: tuple[int, int]) -> "_Field":
-        """This field followed by a window op of kernel ``k``, stride ``s``, padding ``p``, dilation ``d``."""
+        """This field followed by a window op of kernel ``k``, stride ``s``, padding ``p`` (before the first row),
+        dilation ``d`` (an NCHW field)."""
         return _Field(tuple(self.s[i] * s[i] for i in range(2)),  # type: ignore[arg-type]
                       tuple(p[i] * self.s[i] + self.a[i] for i in range(2)),  # type: ignore[arg-type]
                       tuple((d[i] * (k[i] - 1) - p[i]) * self.s[i] + self.e[i] for i in range(2)))  # type: ignore
 
     def union(self, other: "_Field") -> Optional["_Field"]:
-        if self.s != other.s:
+        if self.s != other.s or self.dims != other.dims:
             return None
         return _Field(self.s, tuple(max(a, b) for a, b in zip(self.a, other.a)),  # type: ignore[arg-type]
-                      tuple(max(a, b) for a, b in zip(self.e, other.e)))  # type: ignore[arg-type]
+                      tuple(max(a, b) for a, b in zip(self.e, other.e)), self.dims)  # type: ignore[arg-type]
+
+    def per_position(self, k: int) -> bool:
+        """Whether the last ``k`` axes are all channels (a ``LayerNorm`` over them, a ``Linear`` on the last: one
+        position's values only)."""
+        return 0 < k <= len(self.dims) and all(r == "c" for r in self.dims[len(self.dims) - k:])
 
 
 def _two(v: Any) -> tuple[int, int]:
@@ -97,10 +122,22 @@ def _two(v: Any) -> tuple[int, int]:
 
 def _module_field(m: nn.Module, f: _Field) -> Optional[_Field]:
     """The field after module ``m`` (its input's field ``f``), or ``None`` where ``m`` is not local."""
+    if isinstance(m, _ELEMENTWISE_MODULES) and not isinstance(m, nn.PReLU):
+        return f  # in any layout (a PReLU's weights are per axis 1: NCHW only)
+    if isinstance(m, nn.LayerNorm):  # over the last axes: local where they are channels (NHWC), not over H or W
+        return f if f.per_position(len(m.normalized_shape)) else None
+    if isinstance(m, nn.Linear):
+        return f if f.per_position(1) else None
+    if isinstance(m, nn.Dropout) and not m.training:
+        return f
+    if f.dims != _NCHW:
+        return None  # a window op, batch norm or PReLU on a permuted tensor: its axes are not the image's
     if isinstance(m, nn.Conv2d):
-        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+        if m.padding_mode != "zeros":
             return None
-        return f.then(_two(m.kernel_size), _two(m.stride), _two(m.padding), _two(m.dilation))
+        pad = _same(m.kernel_size, m.dilation) if m.padding == "same" else (0, 0) if m.padding == "valid" else (
+            _two(m.padding))
+        return f.then(_two(m.kernel_size), _two(m.stride), pad, _two(m.dilation))
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
         if m.ceil_mode:
             return None
@@ -112,11 +149,16 @@ def _module_field(m: nn.Module, f: _Field) -> Optional[_Field]:
         return f if (not m.training and m.running_mean is not None) else None
     if isinstance(m, (nn.ConstantPad2d, nn.ZeroPad2d)):
         return _pad_field(f, m.padding)
-    if isinstance(m, nn.Dropout):
-        return f if not m.training else None
-    if isinstance(m, _ELEMENTWISE_MODULES):
+    if isinstance(m, nn.PReLU):
         return f
     return None
+
+
+def _same(kernel: Any, dilation: Any) -> tuple[int, int]:
+    """``padding="same"``'s padding before the first row and column (stride 1): ``d * (k - 1) // 2``, the rest after
+    (as PyTorch pads an even kernel: the field's ``E`` is ``d * (k - 1)`` less it)."""
+    k, d = _two(kernel), _two(dilation)
+    return (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
 
 
 def _pad_field(f: _Field, pad: Any) -> Optional[_Field]:
@@ -151,8 +193,9 @@ def _function_field(n: Any, f: _Field, consts: set, kernel: Callable[[Any], Opti
                     ) -> Optional[_Field]:
     """The field after a functional window op ``n`` (``F.conv2d``, ``F.max_pool2d``, ``F.avg_pool2d``, a constant
     ``F.pad``; its input's field ``f``), or ``None`` where ``n`` is none of them with constant arguments and a zero
-    padding (``padding="same"``, a weight computed from the input, ``ceil_mode``, ``return_indices``). ``kernel``: a
-    constant weight node's kernel size ``(kh, kw)``."""
+    padding (a weight computed from the input, ``ceil_mode``, ``return_indices``; ``padding="same"`` is local since
+    session 51: its split is the kernel's, :func:`_same`). ``kernel``: a constant weight node's kernel size
+    ``(kh, kw)``."""
     if n.target is F.pad:
         got = _bound(n, *_PAD_ARGS)
         if got is None or got["mode"] != "constant" or not isinstance(got["value"], (int, float, type(None))):
@@ -167,11 +210,14 @@ def _function_field(n: Any, f: _Field, consts: set, kernel: Callable[[Any], Opti
             return None
         if got["padding"] == "valid":
             got["padding"] = 0
-        if not all(_ints(got[k]) for k in ("stride", "padding", "dilation")) or not isinstance(got["groups"], int):
-            return None  # padding="same" (its split depends on the kernel), or a node
         k = kernel(got["weight"])
         if k is None:
             return None
+        if got["padding"] == "same" and _ints(got["dilation"]) and _two(got["stride"] if _ints(got["stride"]) else 0
+                                                                       ) == (1, 1):
+            got["padding"] = _same(k, got["dilation"])  # stride 1 (PyTorch's condition): the kernel's own split
+        if not all(_ints(got[k]) for k in ("stride", "padding", "dilation")) or not isinstance(got["groups"], int):
+            return None  # a node (a stride read from the input's shape)
         return f.then(_two(k), _two(got["stride"]), _two(got["padding"]), _two(got["dilation"]))
     if got.get("ceil_mode") or got.get("return_indices"):
         return None
@@ -355,6 +401,8 @@ def _first_not_local(gm: Any, fields: dict, consts: set) -> str:
             said = {k: v for k, v in n.kwargs.items() if not isinstance(v, Node)}
             weight = "its weight not a constant (from the input, or drawn at random), or " if "conv" in name else ""
             return f"{name} ({weight}arguments {said})"
+        if n.op == "call_function" and n.target in _PER_POSITION_FUNCTIONS:
+            return f"{name} (over an axis of the image, not channels only, or its weight not a constant)"
         return f"{name}"
     return "none"
 
@@ -372,16 +420,17 @@ def _fields(gm: Any, consts: Optional[set] = None) -> dict:
     mods = dict(gm.named_modules())
     sizes: dict = {}
 
-    def kernel(w: Any) -> Optional[tuple]:  # a constant weight's (kh, kw): the shapes' propagation's, else its value's
+    def shape(w: Any) -> Optional[tuple]:  # a constant's shape: the shapes' propagation's, else its value's
         if w not in sizes:
             meta = w.meta.get("tensor_meta")
-            shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-            if shape is None:
+            got = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+            if got is None:
                 try:
-                    shape = tuple(_evaluated(gm, [w])[0].shape)
-                except Exception:  # noqa: BLE001 - a weight that cannot be computed: not local
-                    shape = ()
-            sizes[w] = tuple(int(v) for v in shape[2:]) if len(shape) == 4 else None
+                    value = _evaluated(gm, [w])[0]
+                    got = tuple(value.shape) if isinstance(value, Tensor) else None
+                except Exception:  # noqa: BLE001 - a constant that cannot be computed: not local
+                    got = None
+            sizes[w] = None if got is None else tuple(int(v) for v in got)
         return sizes[w]
 
     for n in nodes:
@@ -390,33 +439,113 @@ def _fields(gm: Any, consts: Optional[set] = None) -> dict:
         data = [a for a in n.all_input_nodes if a not in consts]
         if not data or any(a not in fields for a in data):
             continue  # reads a non-local node (or nothing of the image): not local
-        f = None
-        if n.op == "call_module":
-            if len(data) == 1 and len(n.args) == 1 and not n.kwargs:
-                f = _module_field(mods[n.target], fields[data[0]])
-        elif n.op == "call_function" and (n.target in _WINDOW_FUNCTIONS or n.target is F.pad):
-            if len(data) == 1 and n.args and n.args[0] is data[0]:
-                f = _function_field(n, fields[data[0]], consts, kernel)
-        elif n.op == "call_function" and n.target in _ELEMENTWISE_FUNCTIONS or (
-                n.op == "call_method" and n.target in _ELEMENTWISE_METHODS):
-            if len(data) == 1 and n.args and n.args[0] is data[0]:
-                f = fields[data[0]]
-        elif (n.op == "call_function" and n.target in _SUMS) or (n.op == "call_method" and n.target in _SUM_METHODS):
-            others = [a for a in list(n.args) + list(n.kwargs.values()) if a not in data]
-            if len(data) <= 2 and all(isinstance(o, (int, float)) for o in others):
-                f = fields[data[0]]
-                for a in data[1:]:
-                    f = f.union(fields[a]) if f is not None else None
-        elif n.op == "call_function" and n.target is torch.cat:
-            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
-            seq = n.args[0] if n.args else n.kwargs.get("tensors")
-            if dim == 1 and isinstance(seq, (list, tuple)) and all(a in fields for a in seq):
-                f = fields[seq[0]]
-                for a in seq[1:]:
-                    f = f.union(fields[a]) if f is not None else None
+        f = _node_field(n, data, fields, mods, consts, shape)
         if f is not None:
             fields[n] = f
     return fields
+
+
+def _node_field(n: Any, data: list, fields: dict, mods: dict, consts: set, shape: Callable[[Any], Optional[tuple]]
+                ) -> Optional[_Field]:
+    """The field of node ``n`` reading the local nodes ``data`` (their ``fields``), or ``None`` where it is not
+    local. ``shape``: a constant node's shape."""
+    one = len(data) == 1 and bool(n.args) and n.args[0] is data[0]  # reads one local node, as its first argument
+    f = fields[data[0]]
+    if n.op == "call_module":
+        return _module_field(mods[n.target], f) if len(data) == 1 and len(n.args) == 1 and not n.kwargs else None
+    if n.op == "call_function" and (n.target in _WINDOW_FUNCTIONS or n.target is F.pad):
+        if not one or f.dims != _NCHW:
+            return None
+        return _function_field(n, f, consts, lambda w: _kernel(shape(w)))
+    if (n.op == "call_function" and n.target in _ELEMENTWISE_FUNCTIONS) or (
+            n.op == "call_method" and n.target in _ELEMENTWISE_METHODS):
+        return f if one else None
+    if (n.op == "call_function" and n.target in _SUMS) or (n.op == "call_method" and n.target in _SUM_METHODS):
+        return _sum_field(n, data, fields, consts, shape)
+    if n.op == "call_function" and n.target is torch.cat:
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+        seq = n.args[0] if n.args else n.kwargs.get("tensors")
+        if not (isinstance(dim, int) and -len(f.dims) <= dim < len(f.dims) and f.dims[dim] == "c"
+                and isinstance(seq, (list, tuple)) and all(a in fields for a in seq)):
+            return None
+        for a in seq[1:]:
+            f = f.union(fields[a]) if f is not None else None
+        return f
+    if one and ((n.op == "call_method" and n.target == "permute") or (
+            n.op == "call_function" and n.target is torch.permute)):
+        return _permuted(n, f)
+    if one and n.op == "call_function" and n.target in _PER_POSITION_FUNCTIONS:
+        return _per_position_field(n, f, consts)
+    if one and n.op == "call_function" and _is_stochastic_depth(n.target):
+        got = _bound(n, ("p", "mode", "training"), {"training": True})
+        return f if got is not None and (got["training"] is False or got["p"] == 0) else None
+    return None
+
+
+def _kernel(shape: Optional[tuple]) -> Optional[tuple]:
+    """A 4-D weight's ``(kh, kw)``, or ``None``."""
+    return shape[2:] if shape is not None and len(shape) == 4 else None
+
+
+def _sum_field(n: Any, data: list, fields: dict, consts: set, shape: Callable[[Any], Optional[tuple]]
+               ) -> Optional[_Field]:
+    """The field of an elementwise sum, difference, product or quotient of one or two local nodes, numbers and
+    constants whose shape varies along channels only (``x * gamma``, ``gamma`` of shape ``(C, 1, 1)`` on NCHW or
+    ``(C,)`` on NHWC: ConvNeXt's layer scale); ``None`` where a constant varies along the images or their rows or
+    columns (another value at another position: a crop would read the wrong one), or ``n`` writes in place into a
+    constant."""
+    if len(data) > 2 or n.kwargs.get("out") is not None or (_writes(n) and not (n.args and n.args[0] in data)):
+        return None
+    f: Optional[_Field] = fields[data[0]]
+    for a in data[1:]:
+        f = f.union(fields[a]) if f is not None else None
+    if f is None:
+        return None
+    for o in list(n.args) + list(n.kwargs.values()):
+        if o in data or isinstance(o, (int, float)):
+            continue
+        size = shape(o) if isinstance(o, Node) and o in consts else None
+        if size is None or len(size) > len(f.dims) or any(
+                v != 1 and r != "c" for r, v in zip(f.dims[len(f.dims) - len(size):], size)):
+            return None
+    return f
+
+
+def _permuted(n: Any, f: _Field) -> Optional[_Field]:
+    """The field after ``x.permute(...)`` / ``torch.permute(x, dims)``: the axes' roles reordered, the field kept."""
+    order = list(n.args[1:]) + ([n.kwargs["dims"]] if "dims" in n.kwargs else [])
+    if len(order) == 1 and isinstance(order[0], (list, tuple)):
+        order = list(order[0])
+    rank = len(f.dims)
+    if len(order) != rank or not all(isinstance(i, int) for i in order) or sorted(i % rank for i in order) != list(
+            range(rank)) or len(n.kwargs) > ("dims" in n.kwargs):
+        return None
+    return replace(f, dims=tuple(f.dims[i % rank] for i in order))
+
+
+def _per_position_field(n: Any, f: _Field, consts: set) -> Optional[_Field]:
+    """The field after ``F.layer_norm`` over the last axes or ``F.linear``, local where those axes are channels
+    (NHWC) and their weights constants; ``None`` over an axis of the image (a norm over W mixes a row)."""
+    names, defaults = _PER_POSITION_FUNCTIONS[n.target]
+    got = _bound(n, names, defaults)
+    if got is None or not all(got[k] is None or (isinstance(got[k], Node) and got[k] in consts)
+                              for k in ("weight", "bias")):
+        return None
+    if "normalized_shape" not in got:  # F.linear: over the last axis
+        return f if got["weight"] is not None and f.per_position(1) else None
+    shape = got["normalized_shape"]
+    shape = [shape] if isinstance(shape, int) else shape
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(v, int) or (isinstance(v, Node) and v in consts)
+                                                       for v in shape) or not isinstance(got["eps"], (int, float)):
+        return None  # a size read from the input (a size read from a weight is a constant: only its count matters)
+    return f if f.per_position(len(shape)) else None
+
+
+def _is_stochastic_depth(target: Any) -> bool:
+    """Whether ``target`` is torchvision's ``stochastic_depth`` (fx-wrapped: a node of its own, the identity when
+    ``training`` is ``False``, as in eval mode, or ``p`` is 0)."""
+    return getattr(target, "__name__", "") == "stochastic_depth" and getattr(target, "__module__", "") == (
+        "torchvision.ops.stochastic_depth")
 
 
 def _cuts(gm: Any, fields: dict, consts: Optional[set] = None) -> list:
@@ -436,7 +565,7 @@ def _cuts(gm: Any, fields: dict, consts: Optional[set] = None) -> list:
         if n not in consts:
             live.add(n)
         live = {m for m in live if last_use.get(m, -1) > i}
-        if n in fields and n.op != "placeholder" and live == {n}:
+        if n in fields and n.op != "placeholder" and live == {n} and fields[n].dims == _NCHW:
             out.append(n)
     return out
 
@@ -459,10 +588,10 @@ def _flops(gm: Any, x: Tensor) -> dict:
                 c = numel * (m.in_channels // m.groups) * math.prod(_two(m.kernel_size))
             elif isinstance(m, nn.Linear):
                 c = numel * m.in_features
-        elif n.op == "call_function" and n.target in (F.conv2d, torch.conv2d):
+        elif n.op == "call_function" and n.target in (F.conv2d, torch.conv2d, F.linear):
             weight = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")  # positional or keyword
-            w = getattr(weight, "meta", {}).get("tensor_meta")  # (out, in / groups, kh, kw)
-            if w is not None and hasattr(w, "shape") and len(w.shape) == 4:
+            w = getattr(weight, "meta", {}).get("tensor_meta")  # (out, in / groups, kh, kw) or (out, in)
+            if w is not None and hasattr(w, "shape") and len(w.shape) in (2, 4):
                 c = numel * math.prod(int(v) for v in w.shape[1:])
         elif n in consts:
             c = 0.0  # a weight computed once (the prefix's) or as the model does it (the suffix's)
