@@ -4,8 +4,8 @@
 region-limited path must be taken (the debug log of ``salience.occlusion`` says so; before session 50 these models ran
 full passes: "no local prefix") and the map must equal Captum's ``Occlusion`` (same window, stride, baseline) and the
 full passes' (``local=False``) to float32 rounding, ``|a - b| <= 1e-5 * (1 + max |model(x)|)`` as in
-tests/test_s44_occlusion_local.py. What is not local (reflect padding, a weight computed from the input,
-``padding="same"``) falls back to full passes with its reason."""
+tests/test_s44_occlusion_local.py. What is not local (reflect padding, a weight computed from the input) falls back
+to full passes with its reason (``padding="same"`` is local since session 51: tests/test_s51_occl.py)."""
 from __future__ import annotations
 
 import logging
@@ -217,22 +217,11 @@ class RandomWeight(nn.Module):
         return torch.relu(F.conv2d(x, self.w + 0 * torch.randn_like(self.w), padding=1)).mean((2, 3))
 
 
-class SamePadding(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(10)
-        self.w = nn.Parameter(torch.randn(4, 3, 4, 4))
-
-    def forward(self, x):
-        return torch.relu(F.conv2d(x, self.w, padding="same")).mean((2, 3))
-
-
 @pytest.mark.parametrize("model,reason", [
     (ReflectPad, "'reflect'"),
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
                            nn.AdaptiveAvgPool2d(1), nn.Flatten()), "padding_mode='reflect'"),
     (WeightFromInput, "no local prefix (its first layer is not a convolution, pooling or elementwise: size"),
-    (SamePadding, "'same'"),
     (RandomWeight, "conv2d (its weight not a constant (from the input, or drawn at random)"),
 ])
 def test_not_local_falls_back_with_reason(caplog, model, reason):
