@@ -147,10 +147,17 @@ class GapReport:
         listed = ", ".join(f"{n} ({g:.3g})" for n, g in list(zip(names, self.relative_gaps))[:shown])
         more = f" and {len(names) - shown} more" if len(names) > shown else ""
         seen = f" (on {self.copies} of SmoothGrad's noisy copies)" if self.copies else ""
+        why = "the gradient is probably very steep near the baseline"
+        more_steps = "more steps (steps=256, --steps 256), "
+        if not all(math.isfinite(g) for g in self.relative_gaps):
+            # a NaN / infinite map: the model's own gradient (or score) is not finite on the path, often at the baseline
+            # itself (timm's pvt_v2 at random init, x' = 0: session 51's zoo sweep); more steps do not help there
+            why, more_steps = ("the attributions or the scores are NaN or infinite: the model's input gradient is not "
+                               "finite at some point of the path, often at the baseline itself"), ""
         return (f"integrated_gradients: the attributions do not sum to f(x) - f(x') by far: relative gap "
                 f"|sum(IG) - (f(x) - f(x'))| / |f(x) - f(x')| of {listed}{more}{seen} with steps={self.steps} "
-                f"(rule {self.rule!r}), above {GAP_WARNING:g}; these maps cannot be trusted (the gradient is "
-                "probably very steep near the baseline). Use more steps (steps=256, --steps 256), another "
+                f"(rule {self.rule!r}), above {GAP_WARNING:g}; these maps cannot be trusted ({why}). "
+                f"Use {more_steps}another "
                 "baseline (baseline='blur' or the data's mean as a number or tensor; --baseline blur), or "
                 "rule='gausslegendre' (--rule gausslegendre), which does not take the gradient at the baseline "
                 "itself; return_gap=True gives the gaps")
