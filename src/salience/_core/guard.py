@@ -199,7 +199,7 @@ class ModuleState(_Entry):
     the buffers' clones), and putting them back 0.52 ms, now 0.22 ms."""
 
     __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since",
-                 "foreign", "tensors", "contents", "index")
+                 "foreign", "tensors", "contents", "index", "script")
 
     def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
         self.take(module, wrapper)
@@ -240,10 +240,13 @@ class ModuleState(_Entry):
         except Exception:  # a module made without nn.Module.__init__; TorchScript's forward descriptor
             plain = False
         if plain:
-            self.attrs = None  # params and children are read only with attrs
+            self.attrs = self.script = None  # params and children are read only with attrs
             self.foreign = _NO_KEYS  # no forward or backward hook (a state-dict hook's key is not looked at)
             self.tensors = self.contents = _NO_TENSORS
         else:
+            # a TorchScript module keeps its attributes in TorchScript, not in its __dict__ (``self.calls += 1`` in a
+            # scripted forward stayed after a gradient method's call: session 51): read through TorchScript
+            self.script = _Scripted([module], guard=True) if isinstance(module, _SCRIPT_MODULE) else None
             self.attrs = attrs.copy()
             # the plain tensors among them, by version counter with a copy: one written in place keeps its identity
             self.tensors = _tensor_records(self.attrs)
@@ -311,6 +314,8 @@ class ModuleState(_Entry):
         elif saved is not None and self.buffers is not None and saved.get("_buffers"):  # registered in the block (a
             _restore_buffer_names(module, (), None)  # module without buffers; not a plain torch.nn layer: none; a
             # record_state record's None: not recorded)
+        if self.script is not None:  # a TorchScript module's attributes other than its buffers (session 51)
+            self.script.put_back()
         if lost:  # last: a warning made an error raises (run once more)
             _tell_not_put_back(module, lost)
 
@@ -662,7 +667,7 @@ def _put_back_containers(records: Any) -> tuple[Any, list]:
 
 def record_state(modules: Any, attributes: Any = None, containers: bool = False, buffers: bool = True,
                  copies: Any = None, own_dicts: bool = True, tensor_copies: bool = True,
-                 large_copies: bool = False, inference: bool = False) -> Optional[list]:
+                 large_copies: bool = False, inference: bool = False, named: bool = False) -> Optional[list]:
     """A record of the state of ``modules`` (in order; each one's own state, not its children's): its buffers (each
     name in order, with its version counter and a copy of its values where ``copies(module)`` says so, default all),
     and where ``attributes(module)`` says so (default all) its plain attributes one level deep (a copy of its
@@ -671,8 +676,11 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
     ``tensor_copies``), and with
     ``containers`` a copy of each list's, dict's, set's, deque's, defaultdict's, Counter's and OrderedDict's contents. A module with neither (no attributes asked, no buffer) has no record. ``None`` where such a tensor or a buffer is an
     inference tensor (no version counter to tell a write by), unless ``inference``: such a tensor attribute is then
-    recorded as the model guard records it, by its values (a copy; none over the limit unless ``large_copies``). :func:`state_changes` says what changed since,
-    :func:`put_back_state` puts it back.
+    recorded as the model guard records it, by its values (a copy; none over the limit unless ``large_copies``). With
+    ``named`` (and the attributes asked), its parameters and submodules by name too, as the model guard's own record
+    (``self.w = nn.Parameter(...)``, a head swapped in a forward: both write nn.Module's own dicts in place, which the
+    copy of the ``__dict__`` holds by identity; Ablation-CAM's split missed them, session 51). :func:`state_changes`
+    says what changed since, :func:`put_back_state` puts it back.
 
     Each module's record is a :class:`ModuleState`, the model guard's own class, made here without its hold counts
     (the guard copies a container up to :data:`_CONTENTS_LIMIT` items; here every one, as every tensor with
@@ -688,7 +696,7 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
             continue
         r = ModuleState.__new__(ModuleState)
         r.index, r.module, r.attrs, r.tensors, r.contents, r.buffers, r.quiet = index, m, None, _NO_TENSORS, (), None, None
-        r.training, r.forward, r.handles, r.params, r.children = m.training, _NOT_COMPILED, (), None, None
+        r.training, r.forward, r.handles, r.params, r.children, r.script = m.training, _NOT_COMPILED, (), None, None, None
         if asked:
             attrs = d.copy() if own_dicts else {k: v for k, v in d.items() if k not in _MODULE_OWN}
             tensors = _tensor_records(attrs, refuse=not inference, copy=tensor_copies, every=large_copies)
@@ -697,6 +705,8 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
             r.attrs, r.tensors = attrs, tensors
             if containers:
                 r.contents = _container_records(attrs, every=True)
+            if named and "_parameters" in attrs:
+                r.params, r.children = dict(attrs["_parameters"]), dict(attrs["_modules"])
         if buffers:
             copy = copies is None or copies(m)
             try:  # an inference tensor keeps no version counter
@@ -735,6 +745,9 @@ def state_changes(record: list) -> list:
             if r.contents:
                 changed += [(i, k) for k, v, items in r.contents
                             if not _same_contents(items, v, identity=True) and (i, k) not in changed]
+            if r.params is not None:  # recorded by name (``named``): a parameter or submodule replaced, added, deleted
+                changed += [(i, k) for k in _named_changes(d.get("_parameters", _EMPTY), r.params) +
+                            _named_changes(d.get("_modules", _EMPTY), r.children) if (i, k) not in changed]
         records = r.buffers
         if records is not None:
             now = d.get("_buffers") or _EMPTY
@@ -744,6 +757,18 @@ def state_changes(record: list) -> list:
             changed += [(i, name) for name, b, version, _, _ in records
                         if now.get(name, _MISSING) is not b or b is not None and b._version != version]
     return changed
+
+
+def _named_changes(now: dict, saved: dict) -> list:
+    """The names whose entries differ between a module's ``_parameters`` or ``_modules`` ``now`` and ``saved`` (its copy):
+    added, deleted or replaced (by identity); compared in C first (a parameter's ``==`` raises unless it has one
+    element: then by identity)."""
+    try:
+        if now == saved:
+            return []
+    except Exception:  # noqa: BLE001 - a parameter's == (several elements) raised: by identity
+        pass
+    return [k for k in now.keys() | saved.keys() if now.get(k, _MISSING) is not saved.get(k, _MISSING)]
 
 
 def put_back_state(record: list) -> None:
@@ -1487,10 +1512,9 @@ class Found:
                 scripts.append(m)
             elif m._buffers:
                 layers.append(m)
-        self.record = record_state(own, containers=True, large_copies=True, inference=True) if own else []
-        for r in self.record:  # its parameters and submodules by name, as the model guard's (``self.w = nn.Parameter``,
-            # a submodule added on a first call or swapped: session 50 review; record_state's records compare none)
-            r.params, r.children = dict(r.attrs["_parameters"]), dict(r.attrs["_modules"])
+        # its parameters and submodules by name too, as the model guard's (``self.w = nn.Parameter``, a submodule
+        # added on a first call or swapped: session 50 review)
+        self.record = record_state(own, containers=True, large_copies=True, inference=True, named=True) if own else []
         # the tensors (one over the guard's copy limit the guard records without a copy): told put back at the end
         self.tensors = [(r.module, t, version) for r in self.record for _, t, version, _ in r.tensors
                         if version is not None]
@@ -1699,7 +1723,7 @@ class _Scripted:
     (``prim::SetAttr`` in its graphs; every one where a method calls Python, ``@torch.jit.ignore``); the parameters and submodules are the model guard's. What TorchScript keeps as an
     object of a scripted class cannot be copied: named in a warning, once per module."""
 
-    def __init__(self, modules: list) -> None:
+    def __init__(self, modules: list, guard: bool = False) -> None:
         plans = [_script_plan(m) for m in modules]
         assigned = set().union(*(p[1] for p in plans))  # any module's method may assign another's (by name: safe side)
         # a method left to Python (``@torch.jit.ignore``: ``prim::PythonOp``) may assign any attribute of any module
@@ -1709,17 +1733,10 @@ class _Scripted:
         for m, (names, _, objects, _) in zip(modules, plans):
             c = m._c
             for name, kind in names:
-                if kind == "tensor":
-                    t = c.getattr(name)
-                    try:
-                        version = t._version
-                    except Exception:  # noqa: BLE001 - an inference tensor: no version counter
-                        version = None
-                    # a buffer the model guard holds a copy of at this version (a BatchNorm's: 159 on resnet50):
-                    # that copy (held_values, while the guard holds the module), not one more (0.8 ms a call)
-                    copy = None if version is not None and held_values(m, name, t, version) is not None else \
-                        t.detach().clone()
-                    self.tensors.append([c, name, t, version, copy, python or name in assigned, m, version])
+                if kind == "buffer" and guard:  # the model guard's own record of the module's buffers puts them back
+                    continue
+                if kind != "other" and kind != "mutable":
+                    self.tensors.append(_script_tensor(c, name, m, python or name in assigned, guard))
                 elif kind == "mutable" or python or name in assigned:
                     self.values.append((c, name, c.getattr(name)))
             if objects and m not in _SCRIPT_TOLD:
@@ -1734,7 +1751,10 @@ class _Scripted:
                               stacklevel=user_stacklevel())
 
     def put_back(self) -> None:
-        """Each attribute put back where it differs from the record (a tensor replaced, or written in place)."""
+        """Each attribute put back where it differs from the record (a tensor replaced, or written in place); one
+        written in place without a copy (the model guard's record of a tensor over :data:`_COPY_LIMIT`) told, as it
+        stays written (:func:`_tell_not_put_back`)."""
+        lost: list = []
         for entry in self.tensors:
             c, name, t, version, copy, assigned, m, found = entry
             if assigned and c.getattr(name) is not t:
@@ -1744,9 +1764,19 @@ class _Scripted:
                     with torch.inference_mode():
                         t.copy_(copy)
             elif t._version != version:
+                copy = copy if copy is not None else held_values(m, name, t, found)
+                if copy is None:
+                    lost.append((m, name, t))
+                    continue
                 with torch.no_grad():
-                    t.copy_(copy if copy is not None else held_values(m, name, t, found))
+                    t.copy_(copy)
                 entry[3] = t._version
+        self._put_back_values()
+        for m, name, t in lost:  # last: a warning made an error raises
+            _tell_not_put_back(m, [(name, t)])
+
+    def _put_back_values(self) -> None:
+        """Each attribute other than a tensor put back where it differs from the record (``==`` and its type)."""
         for c, name, v in self.values:
             now = c.getattr(name)
             try:
@@ -1757,9 +1787,27 @@ class _Scripted:
                 c.setattr(name, v)
 
 
+def _script_tensor(c: Any, name: str, m: nn.Module, assigned: bool, guard: bool) -> list:
+    """:class:`_Scripted`'s record of the tensor attribute ``name`` of the TorchScript module ``m`` (``c``, its
+    ``_c``): ``[c, name, tensor, version, copy, assigned, m, version]``. No copy of a buffer the model guard holds a
+    copy of at this version (a BatchNorm's: 159 on resnet50; that copy, :func:`held_values`, not one more: 0.8 ms a
+    call); for the model guard itself (``guard``), none over :data:`_COPY_LIMIT` bytes, as its other records (one
+    written in place is told)."""
+    t = c.getattr(name)
+    try:
+        version = t._version
+    except Exception:  # noqa: BLE001 - an inference tensor: no version counter
+        version = None
+    if guard:
+        copy = t.detach().clone() if t.numel() * t.element_size() <= _COPY_LIMIT else None
+    else:
+        copy = None if version is not None and held_values(m, name, t, version) is not None else t.detach().clone()
+    return [c, name, t, version, copy, assigned, m, version]
+
+
 def _script_plan(m: nn.Module) -> tuple:
-    """What :class:`_Scripted` reads of the TorchScript module ``m``: ``(name, "tensor" / "mutable" / "other")`` of each
-    attribute not a parameter or submodule, the names its methods assign (``prim::SetAttr``), the names of the scripted
+    """What :class:`_Scripted` reads of the TorchScript module ``m``: ``(name, "buffer" / "tensor" / "mutable" /
+    "other")`` of each attribute not a parameter or submodule, the names its methods assign (``prim::SetAttr``), the names of the scripted
     class objects it holds (not copied), whether a method calls Python (``prim::PythonOp``: an ignored method, which
     may assign any attribute). Made once per module (TorchScript's attributes and methods are fixed once
     compiled): about 0.1 ms a module."""
@@ -1771,12 +1819,13 @@ def _script_plan(m: nn.Module) -> tuple:
         except Exception:  # noqa: BLE001
             return (), frozenset(), ("the attributes (this torch cannot list them)",), False
         skip = {n for n, _ in found["named_parameters"]} | {n for n, _ in found["named_children"]}
+        buffers = {n for n, _ in found["named_buffers"]}
         names, objects = [], []
         for name, v in found["named_attributes"]:
             if name in skip:
                 continue
             if isinstance(v, torch.Tensor):
-                names.append((name, "tensor"))
+                names.append((name, "buffer" if name in buffers else "tensor"))
             elif isinstance(v, (list, dict)):
                 names.append((name, "mutable"))
             elif v is None or isinstance(v, _SCRIPT_VALUES):  # changed by an assignment only (a tuple too)
@@ -1790,6 +1839,7 @@ def _script_plan(m: nn.Module) -> tuple:
     return plan
 
 
+_SCRIPT_MODULE = torch.jit.ScriptModule
 _SCRIPT_VALUES = (bool, int, float, complex, str, tuple, torch.device, torch.dtype, torch.layout, torch.memory_format)
 _SCRIPT_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _SCRIPT_TOLD: "weakref.WeakSet" = weakref.WeakSet()  # the modules whose scripted class objects a warning named
