@@ -156,7 +156,7 @@ from salience._core.fingerprint import _modules
 from salience._core.tensors import autocast_off
 
 __all__ = ["model_guard", "run_guard", "ModuleState", "ParamState", "check_python_model", "modules_of", "parameters_of",
-           "train_mode_op", "held_values", "settled", "record_state", "state_changes", "put_back_state"]
+           "train_mode_op", "held_values", "settled", "record_state", "state_changes", "put_back_state", "forget_copies"]
 
 
 class _Entry:
@@ -483,15 +483,74 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every:
     found = []
     for k, v in attrs.items():
         if isinstance(v, tensor) and not isinstance(v, nn.Parameter):
-            small = copy and (every or v.numel() * v.element_size() <= _COPY_LIMIT)
+            large = v.numel() * v.element_size() > _COPY_LIMIT
+            small = copy and (every or not large)
             try:  # an inference tensor (or a subclass without one) has no version counter
-                found.append((k, v, v._version, v.detach().clone() if small else None))
+                version = v._version
+                found.append((k, v, version, (_kept(v, version) if large else v.detach().clone()) if small else None))
             except Exception:
                 if refuse:
                     return None
                 if small and v.is_inference():  # told by its values (no copy over the limit: it stays as written)
                     found.append((k, v, None, v.clone()))
     return tuple(found) or _NO_TENSORS
+
+
+def _kept(t: torch.Tensor, version: int) -> torch.Tensor:
+    """A copy of the values of ``t`` (a plain tensor attribute over :data:`_COPY_LIMIT` bytes, at ``version``), kept
+    across calls while ``t`` lives and holds them: :class:`Found` and Ablation-CAM's split copy every such tensor once a
+    call (a pass that writes it must still see the values found), and a 100 MiB constant lookup table cost each call of
+    SmoothGrad or integrated gradients 50 ms and 100 MiB (session 50: 55.5 against 5.1 ms a call; session 51). The copy
+    is taken again where ``t``'s version counter, storage, shape or dtype moved since (the user wrote it between the
+    calls); one put back from it is taken as holding it again (:func:`_put_back_tensors`). Up to :data:`_KEEP_LIMIT`
+    bytes in all (then a copy per call, as before), dropped with ``t`` (a weak reference) or by :func:`forget_copies`.
+    A write that moves no version counter (through ``.data``, a NumPy view of the tensor) between two calls is not
+    seen: the kept copy stays, and a pass that then writes the tensor gets the older values back."""
+    global _kept_bytes
+    key, ptr = id(t), t.data_ptr()
+    entry = _KEPT.get(key)
+    if entry is not None:
+        ref, at, where, values = entry
+        if ref() is t and at == version and where == ptr and values.shape == t.shape and values.dtype == t.dtype:
+            return values
+    values = t.detach().clone()
+    size = values.numel() * values.element_size()
+    with _kept_lock:
+        old = _KEPT.pop(key, None)
+        if old is not None:
+            _kept_bytes -= old[3].numel() * old[3].element_size()
+        if _kept_bytes + size <= _KEEP_LIMIT:
+            try:  # dropped with the tensor (a subclass without weak references: not kept)
+                _KEPT[key] = (weakref.ref(t, lambda _, key=key: _forget(key)), version, ptr, values)
+            except TypeError:
+                return values
+            _kept_bytes += size
+    return values
+
+
+def _forget(key: int) -> None:
+    """The kept copy of the tensor of id ``key`` (:func:`_kept`) dropped: the tensor is gone."""
+    global _kept_bytes
+    with _kept_lock:
+        old = _KEPT.pop(key, None)
+        if old is not None:
+            _kept_bytes -= old[3].numel() * old[3].element_size()
+
+
+def _kept_again(t: torch.Tensor, copy: torch.Tensor) -> None:
+    """``t`` put back from ``copy``: where that copy is the one kept for ``t`` (:func:`_kept`), its version is ``t``'s
+    now (it holds the kept values again; the next call takes no copy)."""
+    entry = _KEPT.get(id(t))
+    if entry is not None and entry[3] is copy and entry[0]() is t:
+        _KEPT[id(t)] = (entry[0], t._version, t.data_ptr(), copy)
+
+
+def forget_copies() -> None:
+    """Drop every copy kept across calls (:func:`_kept`): the memory they hold, at once."""
+    global _kept_bytes
+    with _kept_lock:
+        _KEPT.clear()
+        _kept_bytes = 0
 
 
 def _tensors_moved(records: Any) -> bool:
@@ -520,6 +579,8 @@ def _put_back_tensors(records: Any) -> Any:
                         t.copy_(copy)
             elif t._version != version and copy is not None:
                 t.copy_(copy)
+                if _KEPT:
+                    _kept_again(t, copy)
     return tuple((k, t, t._version if version is not None else None, copy) for k, t, version, copy in records)
 
 
@@ -821,6 +882,12 @@ def _restore_buffers(module: nn.Module, records: Any, saved: Optional[dict], qui
 _NO_TENSORS: tuple = ()
 # the largest plain tensor attribute (bytes) the records copy (:func:`_tensor_records`)
 _COPY_LIMIT = 1 << 20
+# the copies of larger ones kept across calls (:func:`_kept`): id -> (weak reference, version, data_ptr, copy), and
+# the most bytes they may hold in all
+_KEPT: dict = {}
+_KEEP_LIMIT = 1 << 30
+_kept_bytes = 0
+_kept_lock = threading.Lock()
 # the types of a module's attributes that are no tensors, looked at first (:func:`_tensor_records`)
 _NO_TENSOR_KINDS = frozenset({bool, int, float, str, type(None), dict, OrderedDict, set, tuple, list, torch.dtype,
                               torch.device, deque, defaultdict, Counter})
