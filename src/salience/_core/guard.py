@@ -246,7 +246,8 @@ class ModuleState(_Entry):
         else:
             # a TorchScript module keeps its attributes in TorchScript, not in its __dict__ (``self.calls += 1`` in a
             # scripted forward stayed after a gradient method's call: session 51): read through TorchScript
-            self.script = _Scripted([module], guard=True) if isinstance(module, _SCRIPT_MODULE) else None
+            self.script = _Scripted([module], guard=True) if isinstance(module, _SCRIPT_MODULE) and (
+                _guard_names(module) or _script_plan(module)[2]) else None
             self.attrs = attrs.copy()
             # the plain tensors among them, by version counter with a copy: one written in place keeps its identity
             self.tensors = _tensor_records(self.attrs)
@@ -1797,11 +1798,9 @@ class _Scripted:
         # without a prim::SetAttr (``self.calls = self.calls + 1``: session 50 review): then every one is read
         python = any(p[3] for p in plans)
         self.tensors, self.values = [], []
-        for m, (names, _, objects, _) in zip(modules, plans):
+        for m, (names, _, objects, _, _) in zip(modules, plans):
             c = m._c
-            for name, kind in names:
-                if kind == "buffer" and guard:  # the model guard's own record of the module's buffers puts them back
-                    continue
+            for name, kind in names if not guard else _guard_names(m):
                 if kind != "other" and kind != "mutable":
                     self.tensors.append(_script_tensor(c, name, m, python or name in assigned, guard))
                 elif kind == "mutable" or python or name in assigned:
@@ -1884,7 +1883,7 @@ def _script_plan(m: nn.Module) -> tuple:
         try:  # torch's own reading of a scripted module's attributes (private: refused if it goes)
             found = torch._C._jit_debug_module_iterators(c)
         except Exception:  # noqa: BLE001
-            return (), frozenset(), ("the attributes (this torch cannot list them)",), False
+            return (), frozenset(), ("the attributes (this torch cannot list them)",), False, frozenset()
         skip = {n for n, _ in found["named_parameters"]} | {n for n, _ in found["named_children"]}
         buffers = {n for n, _ in found["named_buffers"]}
         names, objects = [], []
@@ -1902,11 +1901,48 @@ def _script_plan(m: nn.Module) -> tuple:
         graphs = [c._get_method(method).graph for method in c._method_names()]
         assigned = {node.s("name") for graph in graphs for node in graph.findAllNodes("prim::SetAttr")}
         python = any(graph.findAllNodes("prim::PythonOp") for graph in graphs)
-        plan = _SCRIPT_PLANS[m] = (tuple(names), frozenset(assigned), tuple(objects), python)
+        # the lists and dicts a method may change in place: read, then given to anything but a read (``append``,
+        # ``_set_item``, a function call)
+        mutated = {node.s("name") for graph in graphs for node in graph.findAllNodes("prim::GetAttr")
+                   if any(use.user.kind() not in _SCRIPT_READS for use in node.output().uses())}
+        plan = _SCRIPT_PLANS[m] = (tuple(names), frozenset(assigned), tuple(objects), python, frozenset(mutated))
+        global _script_epoch
+        _SCRIPT_SEEN[0].update(assigned)
+        _SCRIPT_SEEN[1].update(mutated)
+        _SCRIPT_SEEN[2] = _SCRIPT_SEEN[2] or python
+        _script_epoch += 1
     return plan
 
 
+def _guard_names(m: nn.Module) -> tuple:
+    """The attributes of the TorchScript module ``m`` the model guard reads and puts back (:class:`_Scripted` with
+    ``guard``): each tensor that is no buffer (the guard's own record puts the buffers back), each number, flag,
+    string or tuple some method of a TorchScript module planned in the process assigns (``prim::SetAttr``: a parent's
+    method may assign its child's; the parent is planned first, its modules taken in order), each list or dict some
+    method may change (``append``, an item set, given to a call); every one once a method calls Python. Not each list
+    and dict of every module (resnet50's 53 convolutions' ``_reversed_padding_repeated_twice``: fresh copies each
+    read, 2 ms a call of the guard's on a scripted resnet50). Kept per module while no new plan was made."""
+    kept = _GUARD_NAMES.get(m)
+    if kept is not None and kept[0] == _script_epoch:
+        return kept[1]
+    plan = _script_plan(m)[0]  # first: a new plan adds to what the process has seen
+    assigned, mutated, python = _SCRIPT_SEEN
+    names = tuple((name, kind) for name, kind in plan if kind == "tensor" or kind != "buffer" and (
+        python or (name in mutated if kind == "mutable" else name in assigned)))
+    _GUARD_NAMES[m] = (_script_epoch, names)
+    return names
+
+
 _SCRIPT_MODULE = torch.jit.ScriptModule
+# the uses of a list or dict attribute that leave it as it is (:func:`_script_plan`); any other (``aten::append``,
+# ``aten::_set_item``, ``prim::CallFunction``, an item read that may be a list changed in turn) may change it
+_SCRIPT_READS = frozenset({"aten::len", "aten::__contains__", "aten::eq", "aten::ne", "aten::format", "prim::Print",
+                           "aten::str", "aten::__is__", "aten::__isnot__"})
+# every plan's assigned names, changed lists and dicts, and whether a method calls Python (:func:`_guard_names`), and
+# how many plans were made (the guard's choice of names per module is kept while it holds)
+_SCRIPT_SEEN: list = [set(), set(), False]
+_script_epoch = 0
+_GUARD_NAMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _SCRIPT_VALUES = (bool, int, float, complex, str, tuple, torch.device, torch.dtype, torch.layout, torch.memory_format)
 _SCRIPT_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _SCRIPT_TOLD: "weakref.WeakSet" = weakref.WeakSet()  # the modules whose scripted class objects a warning named
