@@ -12,6 +12,7 @@ import copy
 import warnings
 from typing import List
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -268,3 +269,54 @@ def test_a_kept_copy_goes_with_its_table():
     del m
     gc.collect()
     assert key not in guard._KEPT
+
+
+class Held(nn.Module):
+    """A forward that writes in place tensors held in containers (a list, a dict, a list inside a dict) and a NumPy
+    array (``self.hist[0] += 1``), each read by the next call; it logs what it read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+        self.cache = [torch.zeros(4), 5]
+        self.named = {"a": torch.zeros(4)}
+        self.nest = {"x": [torch.zeros(2)]}
+        self.hist = np.zeros(4)
+        self.seen = Seen()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        read = (float(self.cache[0][0]), float(self.named["a"][1]), float(self.nest["x"][0][0]), float(self.hist[0]))
+        self.seen.append(read)
+        y = self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)) + sum(read))
+        self.cache[0].add_(1)
+        self.named["a"].add_(1)
+        self.nest["x"][0].add_(1)
+        self.hist[0] += 1
+        return y
+
+
+def _held_state(m: Held) -> tuple:
+    return m.cache[0], m.named["a"], m.nest["x"][0], m.hist
+
+
+@pytest.mark.parametrize("method", ["vanilla", "gradcam", "smoothgrad", "integrated_gradients", "occlusion", "rise",
+                                    "ablationcam"])
+def test_tensors_in_containers_and_arrays_come_back_and_each_pass_sees_them_as_found(method):
+    """Tensors inside a list, a dict and a list in a dict, and a NumPy array, written in place by the forward: the
+    container's copy held the same objects and the array had no record, so the writes stayed after the call and each
+    pass of a many-pass method saw the last pass's. Now each pass reads the values found (the log) and the model comes
+    back with the same objects holding the same values (a deep copy taken before)."""
+    torch.manual_seed(0)
+    m = Held().eval()
+    x = torch.randn(2, 3, 8, 8)
+    objects, was = _held_state(m), copy.deepcopy(_held_state(m))
+    kw = dict(CHEAP.get(method, {}), **({"chunk": 1} if method in ("smoothgrad", "integrated_gradients") else {}))
+    if method in salience.methods.LAYER_METHODS:
+        kw["layer"] = "conv1"
+    salience.METHODS[method](m, x, 1, **kw)
+    assert set(m.seen) == {(0.0, 0.0, 0.0, 0.0)}, sorted(set(m.seen))
+    now = _held_state(m)
+    assert all(a is b for a, b in zip(now, objects)) and m.cache[1] == 5
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(now, was))

@@ -253,8 +253,11 @@ class ModuleState(_Entry):
             self.tensors = _tensor_records(self.attrs)
             # a module not from torch.nn: its lists, dicts, sets, deques (_CONTAINERS) with their contents (up to
             # _CONTENTS_LIMIT items; ``self.history.append(y)``, session 49); torch.nn's own layers with a hook keep none a forward fills
+            items: dict = {}
             self.contents = _NO_TENSORS if not user_module(module) else \
-                _container_records(self.attrs)
+                _container_records(self.attrs, items=items)
+            if items:  # the tensors among the containers' items (``self.cache[0].add_(1)``: session 51)
+                self.tensors += _tensor_records(items)
             self.foreign = _foreign(attrs, self.since)
             # copies (the shared _EMPTY for an empty one), or None for what is no plain dict (TorchScript's wrapper)
             slot = attrs.get("_parameters")
@@ -476,14 +479,18 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every:
     kinds = set(map(type, attrs.values()))
     if kinds <= _NO_TENSOR_KINDS:  # in C: a module's usual dicts, flags and numbers
         return _NO_TENSORS
+    array = _ndarray()
     for t in kinds:
-        if issubclass(t, tensor):
+        if issubclass(t, tensor) or t is array:
             break
     else:
         return _NO_TENSORS
     found = []
     for k, v in attrs.items():
-        if isinstance(v, tensor) and not isinstance(v, nn.Parameter):
+        if type(v) is array:  # a NumPy array: no version counter, told by its values (up to the copy limit)
+            if copy and v.nbytes <= _COPY_LIMIT and v.dtype.kind != "O":
+                found.append((k, v, None, v.copy()))
+        elif isinstance(v, tensor) and not isinstance(v, nn.Parameter):
             large = v.numel() * v.element_size() > _COPY_LIMIT
             small = copy and (every or not large)
             try:  # an inference tensor (or a subclass without one) has no version counter
@@ -560,10 +567,23 @@ def _tensors_moved(records: Any) -> bool:
                for _, t, version, copy in records)
 
 
-def _values_moved(t: torch.Tensor, copy: Any) -> bool:
-    """Whether the inference tensor ``t`` (no version counter) no longer holds the values of ``copy`` (its copy when
-    recorded, or ``None``: not told)."""
-    return copy is not None and not (t.shape == copy.shape and torch.equal(t, copy))
+def _values_moved(t: Any, copy: Any) -> bool:
+    """Whether the inference tensor or NumPy array ``t`` (no version counter) no longer holds the values of ``copy``
+    (its copy when recorded, or ``None``: not told); NaN equal to NaN in an array (a table's missing values)."""
+    if copy is None:
+        return False
+    if type(t) is not _ndarray():
+        return not (t.shape == copy.shape and torch.equal(t, copy))
+    import numpy
+
+    return not (t.shape == copy.shape and t.dtype == copy.dtype and
+                numpy.array_equal(t, copy, equal_nan=t.dtype.kind in "fc"))
+
+
+def _ndarray() -> Optional[type]:
+    """NumPy's array type, where NumPy was imported (else no array can be among a module's attributes)."""
+    numpy = sys.modules.get("numpy")
+    return None if numpy is None else numpy.ndarray
 
 
 def _put_back_tensors(records: Any) -> Any:
@@ -574,10 +594,14 @@ def _put_back_tensors(records: Any) -> Any:
         return records
     with torch.no_grad():
         for _, t, version, copy in records:
-            if version is None:  # an inference tensor: written in place only in inference mode
-                if _values_moved(t, copy):
-                    with torch.inference_mode():
-                        t.copy_(copy)
+            if version is None:  # an inference tensor (written in place only in inference mode) or an array
+                if not _values_moved(t, copy):
+                    continue
+                if type(t) is _ndarray():
+                    t[...] = copy
+                    continue
+                with torch.inference_mode():
+                    t.copy_(copy)
             elif t._version != version and copy is not None:
                 t.copy_(copy)
                 if _KEPT:
@@ -674,12 +698,14 @@ def _put_back_contents(v: Any, items: Any) -> None:
             v.default_factory = items.default_factory
 
 
-def _container_records(attrs: dict, every: bool = False) -> Any:
+def _container_records(attrs: dict, every: bool = False, items: Optional[dict] = None) -> Any:
     """The lists, dicts, sets and ``collections``' deques, defaultdicts, Counters and OrderedDicts (:data:`_CONTAINERS`,
-    exact types) among a module's plain attributes ``attrs`` (its ``__dict__`` or a copy; nn.Module's own dicts left out), each ``(name, container, a copy of its contents)``, or :data:`_NO_TENSORS`. Over
-    :data:`_CONTENTS_LIMIT` items, unless ``every``, the length instead of a copy (its cost per call): a change of
-    length is told (:func:`_put_back_containers`), the contents stay. The names past nn.Module's own found in C first
-    (most modules: a few numbers)."""
+    exact types) among a module's plain attributes ``attrs`` (its ``__dict__`` or a copy; nn.Module's own dicts left
+    out), each ``(name, container, a copy of its contents)``, or :data:`_NO_TENSORS`. Over :data:`_CONTENTS_LIMIT`
+    items, unless ``every``, the length instead of a copy (its cost per call): a change of length is told
+    (:func:`_put_back_containers`), the contents stay. The names past nn.Module's own found in C first (most modules: a
+    few numbers). ``items``: filled with the tensors among the items of the containers copied (not a set's), by the
+    name ``"name[index]"`` / ``"name[key]"`` (:func:`_item_tensors`)."""
     found = []
     for k in attrs.keys() - _MODULE_KEYS:
         v = attrs[k]
@@ -690,11 +716,23 @@ def _container_records(attrs: dict, every: bool = False) -> Any:
                 continue
             found.append((k, v, _contents(v)))
             if n and type(v) is not set:  # a set holds no container (unhashable)
-                found += _inner_records(k, v, every, _CONTENTS_LIMIT - n)
+                found += _inner_records(k, v, every, _CONTENTS_LIMIT - n, items)
     return tuple(found) or _NO_TENSORS
 
 
-def _inner_records(k: str, v: Any, every: bool, room: int) -> list:
+def _item_tensors(k: str, v: Any, kinds: set, into: Optional[dict]) -> None:
+    """The plain tensors among the items of the container ``v`` (the attribute ``k``; ``kinds``, its items' types) put in
+    ``into`` by the names ``"k[index]"`` / ``"k[key]"``: a forward that writes one in place (``self.cache[0].add_(1)``)
+    keeps the object, which the container's copy compares by identity (session 51); recorded as the attributes' tensors
+    (:func:`_tensor_records`: version counter and copy)."""
+    array = _ndarray()
+    if into is None or not any(issubclass(t, torch.Tensor) or t is array for t in kinds):
+        return
+    pairs = v.items() if isinstance(v, dict) else enumerate(v)
+    into.update((f"{k}[{key!r}]", u) for key, u in pairs if isinstance(u, torch.Tensor) or type(u) is array)
+
+
+def _inner_records(k: str, v: Any, every: bool, room: int, tensors: Optional[dict] = None) -> list:
     """The containers (:data:`_CONTAINERS`) among the items of the container ``v`` (the attribute ``k``; a dict's
     values), one level more (a deque of a running window inside a dict, ``self.state["recent"].append(y)``: session 50;
     its dict compared its items by identity, so a change inside one stayed), each ``(k, container, a copy of its
@@ -703,11 +741,17 @@ def _inner_records(k: str, v: Any, every: bool, room: int) -> list:
     level as before. Looking at the items' types costs about 65 ns an item (67 us for 1024 on an AMD EPYC, core 0,
     against 1.3 us for the parent's copy), paid where the parent is copied."""
     items = v.values() if isinstance(v, dict) else v
-    if _CONTAINERS.isdisjoint(map(type, items)):  # in C: most containers hold numbers, strings, tensors
+    kinds = set(map(type, items))  # in C: most containers hold numbers, strings, tensors
+    _item_tensors(k, v, kinds, tensors)
+    if _CONTAINERS.isdisjoint(kinds):
         return []
     inner = [u for u in items if type(u) in _CONTAINERS]
     if not every and sum(map(len, inner)) > room:
         return []
+    if tensors is not None:  # the tensors among an inner container's items (``self.state["cache"][0].add_(1)``)
+        for key, u in v.items() if isinstance(v, dict) else enumerate(v):
+            if type(u) in _CONTAINERS and type(u) is not set:
+                _item_tensors(f"{k}[{key!r}]", u, set(map(type, u.values() if isinstance(u, dict) else u)), tensors)
     return [(k, u, _contents(u)) for u in inner]
 
 
@@ -766,7 +810,13 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
                 return None
             r.attrs, r.tensors = attrs, tensors
             if containers:
-                r.contents = _container_records(attrs, every=True)
+                items: dict = {}
+                r.contents = _container_records(attrs, every=True, items=items)
+                more = _tensor_records(items, refuse=not inference, copy=tensor_copies, every=large_copies) \
+                    if items else _NO_TENSORS
+                if more is None:
+                    return None
+                r.tensors += more
             if named and "_parameters" in attrs:
                 r.params, r.children = dict(attrs["_parameters"]), dict(attrs["_modules"])
         if buffers:
@@ -801,9 +851,9 @@ def state_changes(record: list) -> list:
                 own = "_buffers" in saved
                 changed += [(i, k) for k in d if k not in saved and (own or k not in _MODULE_OWN)]
                 changed += [(i, k) for k, v in saved.items() if d.get(k, _MISSING) is not v]
-            if r.tensors:
-                changed += [(i, k) for k, t, version, copy in r.tensors if (i, k) not in changed and (
-                    t._version != version if version is not None else _values_moved(t, copy))]
+            if r.tensors:  # a container's item by the container's name (``"cache[0]"``: ``"cache"``)
+                changed += [(i, k) for k in dict.fromkeys(k.partition("[")[0] for k, t, version, copy in r.tensors if (
+                    t._version != version if version is not None else _values_moved(t, copy))) if (i, k) not in changed]
             if r.contents:
                 changed += [(i, k) for k, v, items in r.contents
                             if not _same_contents(items, v, identity=True) and (i, k) not in changed]
