@@ -320,3 +320,50 @@ def test_tensors_in_containers_and_arrays_come_back_and_each_pass_sees_them_as_f
     now = _held_state(m)
     assert all(a is b for a, b in zip(now, objects)) and m.cache[1] == 5
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(now, was))
+
+
+class Swapped(nn.Module):
+    """A forward that swaps the storage under a buffer and a plain tensor attribute (``.data = t``, which moves no
+    version counter, or ``.set_(t)``); each logs what it read."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("buf", torch.zeros(4))
+        self.t = torch.zeros(4)
+        self.how = how
+        self.seen = Seen()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        read = (float(self.buf[0]), float(self.t[0]))
+        self.seen.append(read)
+        y = self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)) + sum(read))
+        with torch.no_grad():
+            for v in (self.buf, self.t):
+                if self.how == "data":
+                    v.data = v + 1
+                else:
+                    v.set_(torch.cat([v + 1, v]))
+        return y
+
+
+@pytest.mark.parametrize("how", ["data", "set_"])
+@pytest.mark.parametrize("method", ["vanilla", "smoothgrad", "occlusion", "ablationcam"])
+def test_a_storage_swapped_under_a_tensor_comes_back(method, how):
+    """``self.buf.data = t`` kept the buffer object and its version (its new values stayed, silently); ``.set_(t)``
+    got its values back (a larger size failed) but not its storage: a view the user holds of it no longer followed it.
+    Now each pass reads the values found, and the buffer and the attribute come back on their own storage (a view
+    taken before follows them)."""
+    torch.manual_seed(0)
+    m = Swapped(how).eval()
+    views = (m.buf[:2], m.t[:2])
+    kw = dict(CHEAP.get(method, {}), **({"chunk": 1} if method == "smoothgrad" else {}))
+    if method in salience.methods.LAYER_METHODS:
+        kw["layer"] = "conv1"
+    salience.METHODS[method](m, torch.randn(2, 3, 8, 8), 1, **kw)
+    assert set(m.seen) == {(0.0, 0.0)}, sorted(set(m.seen))
+    for v, view in zip((m.buf, m.t), views):
+        assert v.shape == (4,) and torch.equal(v, torch.zeros(4))
+        assert v.data_ptr() == view.data_ptr() and v.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()

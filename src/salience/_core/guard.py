@@ -199,7 +199,7 @@ class ModuleState(_Entry):
     the buffers' clones), and putting them back 0.52 ms, now 0.22 ms."""
 
     __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since",
-                 "foreign", "tensors", "contents", "index", "script")
+                 "foreign", "tensors", "contents", "index", "script", "storages")
 
     def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
         self.take(module, wrapper)
@@ -242,32 +242,38 @@ class ModuleState(_Entry):
         if plain:
             self.attrs = self.script = None  # params and children are read only with attrs
             self.foreign = _NO_KEYS  # no forward or backward hook (a state-dict hook's key is not looked at)
-            self.tensors = self.contents = _NO_TENSORS
+            self.tensors = self.contents = self.storages = _NO_TENSORS
         else:
-            # a TorchScript module keeps its attributes in TorchScript, not in its __dict__ (``self.calls += 1`` in a
-            # scripted forward stayed after a gradient method's call: session 51): read through TorchScript
-            self.script = _Scripted([module], guard=True) if isinstance(module, _SCRIPT_MODULE) and (
-                _guard_names(module) or _script_plan(module)[2]) else None
-            self.attrs = attrs.copy()
-            # the plain tensors among them, by version counter with a copy: one written in place keeps its identity
-            self.tensors = _tensor_records(self.attrs)
-            # a module not from torch.nn: its lists, dicts, sets, deques (_CONTAINERS) with their contents (up to
-            # _CONTENTS_LIMIT items; ``self.history.append(y)``, session 49); torch.nn's own layers with a hook keep none a forward fills
-            items: dict = {}
-            self.contents = _NO_TENSORS if not user_module(module) else \
-                _container_records(self.attrs, items=items)
-            if items:  # the tensors among the containers' items (``self.cache[0].add_(1)``: session 51)
-                self.tensors += _tensor_records(items)
-            self.foreign = _foreign(attrs, self.since)
-            # copies (the shared _EMPTY for an empty one), or None for what is no plain dict (TorchScript's wrapper)
-            slot = attrs.get("_parameters")
-            self.params = (slot.copy() if slot else _EMPTY) if type(slot) is dict else None
-            slot = attrs.get("_modules")
-            self.children = (slot.copy() if slot else _EMPTY) if type(slot) is dict else None
+            self._take_attrs(module, attrs)
         # hooks the guard put on the module for the block (see _refuse_mixed_batches), removed first; a list once
         # there is one (an empty list per module and call was a third of the Python objects a call held)
         self.handles: Any = ()
         self.captured = True
+
+    def _take_attrs(self, module: nn.Module, attrs: dict) -> None:
+        """The attributes of a module not plain (:meth:`take`): a copy of its ``__dict__``, the tensors, containers,
+        storages among them, its parameters and submodules by name, its hooks' keys, a TorchScript module's own."""
+        # a TorchScript module keeps its attributes in TorchScript, not in its __dict__ (``self.calls += 1`` in a
+        # scripted forward stayed after a gradient method's call: session 51): read through TorchScript
+        self.script = _Scripted([module], guard=True) if isinstance(module, _SCRIPT_MODULE) and (
+            _guard_names(module) or _script_plan(module)[2]) else None
+        self.attrs = attrs.copy()
+        # the plain tensors among them, by version counter with a copy: one written in place keeps its identity
+        self.tensors = _tensor_records(self.attrs)
+        # a module not from torch.nn: its lists, dicts, sets, deques (_CONTAINERS) with their contents (up to
+        # _CONTENTS_LIMIT items; ``self.history.append(y)``, session 49); torch.nn's own layers with a hook keep none a forward fills
+        items: dict = {}
+        self.contents = _NO_TENSORS if not user_module(module) else \
+            _container_records(self.attrs, items=items)
+        if items:  # the tensors among the containers' items (``self.cache[0].add_(1)``: session 51)
+            self.tensors += _tensor_records(items)
+        self.storages = _storages(self.buffers, self.tensors)
+        self.foreign = _foreign(attrs, self.since)
+        # copies (the shared _EMPTY for an empty one), or None for what is no plain dict (TorchScript's wrapper)
+        slot = attrs.get("_parameters")
+        self.params = (slot.copy() if slot else _EMPTY) if type(slot) is dict else None
+        slot = attrs.get("_modules")
+        self.children = (slot.copy() if slot else _EMPTY) if type(slot) is dict else None
 
     def run_eagerly(self) -> None:
         """A ``torch.compile`` wrapper calls its original module, hooks and all, until :meth:`restore`."""
@@ -307,6 +313,8 @@ class ModuleState(_Entry):
                 same = False
             if not same:
                 _restore_mapping(saved["_modules"], self.children)
+            if self.storages:  # a storage swapped under a tensor (``self.buf.data = t``, ``.set_(t)``: session 51)
+                _put_back_storages(self.storages)
             if self.tensors:  # a plain tensor written in place (session 48): its values, from the copy
                 lost = _not_put_back(self.tensors)
                 self.tensors = _put_back_tensors(self.tensors)
@@ -561,6 +569,37 @@ def forget_copies() -> None:
         _kept_bytes = 0
 
 
+def _storages(buffers: Any, tensors: Any) -> Any:
+    """``(name, tensor, alias)`` of each buffer of ``buffers`` and plain tensor of ``tensors`` (the records of
+    :class:`ModuleState`), ``alias`` a view of its storage as recorded (``detach()``: its storage, offset, sizes and
+    strides), or :data:`_NO_TENSORS`. A forward that swaps the storage under the object (``self.buf.data = t``, which
+    moves no version counter; ``self.buf.set_(t)``) kept the object, its name and perhaps its values: its new storage
+    stayed, silently (session 51). Taken for the modules whose dicts are recorded (about 1 us a tensor)."""
+    found = [(k, b, b.detach()) for k, b, *_ in buffers if b is not None] if buffers else []
+    if tensors:
+        found += [(k, t, t.detach()) for k, t, version, _ in tensors if version is not None]
+    return tuple(found) or _NO_TENSORS
+
+
+def _same_storage(t: torch.Tensor, alias: torch.Tensor) -> bool:
+    """Whether ``t`` still views the storage, offset, sizes and strides of ``alias`` (:func:`_storages`); a tensor
+    without that kernel (meta, sparse) is taken as the same."""
+    try:
+        return t.is_set_to(alias)
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _put_back_storages(storages: Any) -> None:
+    """Each tensor of ``storages`` (:func:`_storages`) set back to its storage, offset, sizes and strides where a
+    forward swapped them (its values then those of its storage; a write in place besides is put back after, from its
+    copy: the set moves its version counter)."""
+    for _, t, alias in storages:
+        if not _same_storage(t, alias):
+            with torch.no_grad():
+                t.set_(alias)
+
+
 def _tensors_moved(records: Any) -> bool:
     """Whether a tensor of :func:`_tensor_records`' ``records`` was written in place since."""
     return any(t._version != version if version is not None else _values_moved(t, copy)
@@ -803,6 +842,7 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
         r = ModuleState.__new__(ModuleState)
         r.index, r.module, r.attrs, r.tensors, r.contents, r.buffers, r.quiet = index, m, None, _NO_TENSORS, (), None, None
         r.training, r.forward, r.handles, r.params, r.children, r.script = m.training, _NOT_COMPILED, (), None, None, None
+        r.storages = _NO_TENSORS
         if asked:
             attrs = d.copy() if own_dicts else {k: v for k, v in d.items() if k not in _MODULE_OWN}
             tensors = _tensor_records(attrs, refuse=not inference, copy=tensor_copies, every=large_copies)
@@ -829,6 +869,8 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
                 return None
             quiet = d.get("_non_persistent_buffers_set")
             r.quiet = frozenset(quiet) if quiet else None
+        if tensor_copies:  # each tensor's storage (``self.buf.data = t``: session 51), the buffers' where copied
+            r.storages = _storages(r.buffers if buffers and (copies is None or copies(m)) else None, r.tensors)
         record.append(r)
     return record
 
@@ -860,6 +902,8 @@ def state_changes(record: list) -> list:
             if r.params is not None:  # recorded by name (``named``): a parameter or submodule replaced, added, deleted
                 changed += [(i, k) for k in _named_changes(d.get("_parameters", _EMPTY), r.params) +
                             _named_changes(d.get("_modules", _EMPTY), r.children) if (i, k) not in changed]
+        if r.storages:
+            changed += [(i, k) for k, t, alias in r.storages if (i, k) not in changed and not _same_storage(t, alias)]
         records = r.buffers
         if records is not None:
             now = d.get("_buffers") or _EMPTY
@@ -1661,6 +1705,8 @@ class Found:
         self.owned = [r.attrs[k] for r in self.record for k in ("_parameters", "_modules")]
         self.owned_copies = [c for r in self.record for c in (r.params, r.children)]
         self.owned_owners = [i for i in range(len(self.record)) for _ in range(2)]
+        # each tensor's storage (``self.buf.data = t`` moves no version counter: session 51)
+        self.stored = [(t, alias, i) for i, r in enumerate(self.record) for _, t, alias in r.storages]
         tensors, versions, seqs, seq_copies, maps, map_copies, counts, count_copies = ([] for _ in range(8))
         held, names, held_values, bufs, buf_versions, factories, slow = ([] for _ in range(7))
         owners: dict = {"tensors": [], "seqs": [], "maps": [], "counts": [], "held": [], "bufs": [], "factories": []}
@@ -1770,6 +1816,8 @@ class Found:
                     map(operator.is_, d.values(), (b for _, b, *_ in self.record[i].buffers))))
             if bufs and list(map(_VERSION, bufs)) != buf_versions:
                 moved.update(compress(owners["bufs"], map(operator.ne, map(_VERSION, bufs), buf_versions)))
+        if self.stored and not all(_same_storage(t, alias) for t, alias, _ in self.stored):
+            moved.update(i for t, alias, i in self.stored if not _same_storage(t, alias))
         for i in self.slow:
             if i not in moved and state_changes([self.record[i]]):
                 moved.add(i)
