@@ -71,20 +71,34 @@ holds notes them (``_stale``): the hold putting them back sweeps them even if it
 looks at every hook dict of the modules put back (:func:`_drop_hooks`): tens of microseconds on resnet50, paid
 where the counter moved (Grad-CAM's own hook, a full backward hook's per-pass handles; docs/performance.md).
 
+Session 51 (``tests/test_s51_guard.py``): a TorchScript module's attributes other than its buffers (``self.calls +=
+1`` on an int, a float or a tensor attribute replaced, a plain tensor written in place, a list appended to: put back
+by :class:`Found` between a perturbation call's passes since session 50, but not by the guard after a gradient
+method's call) are read and put back through TorchScript (:class:`_Scripted` with ``guard``): those some method may
+change (:func:`_guard_names`: assigned by a ``prim::SetAttr``, a list or dict given to anything but a read, every
+tensor that is no buffer; all once a method calls Python), a tensor over 1 MiB written in place told; resnet50
+scripted, 8.3 ms a guard before and after (``benchmarks/found-s51.md``). The tensors among a container attribute's
+items (``self.cache[0].add_(1)``; a container inside one too) are recorded as the attributes' tensors, by version
+counter with a copy (their container's copy held the same objects: the writes stayed). A NumPy array among the
+attributes or a container's items (``self.hist[0] += 1``) by its values, a copy up to 1 MiB. Each recorded tensor's
+storage, offset, sizes and strides (a detached view, :func:`_storages`): ``self.buf.data = t`` moves no version
+counter, and ``.set_(t)`` gave the values back on the new storage (a view the user holds no longer followed it).
+
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
 stays); a list, dict, set or deque (``collections``' too) over 1024 items changed in place (told where its length changed: a warning; two levels
 only: a list in a list in a dict is not copied, nor one in a dict past the 1024 items), one of a torch.nn layer, a subclass of one; an inference tensor attribute
-over 1 MiB written in place (not told: no version counter); a plain tensor attribute over 1 MiB written in place
-(told: a warning); a hook
+over 1 MiB written in place (not told: no version counter), and so a NumPy array over 1 MiB (session 51: one up to
+1 MiB is copied and compared by its values, an object array not at all); a plain tensor attribute over 1 MiB written
+in place, a tensor in a container too (told: a warning); a tensor in a tuple attribute (a tuple is not looked into); a
+hook
 on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
 to it (``==``: a number, a string, a one-element tensor or parameter of the same value; a parameter of several
 elements compares by identity, its ``==`` raising) keeps the new object; an attribute a global module hook
-(``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own. A TorchScript module's attributes
-other than its buffers (``self.calls += 1`` in a scripted forward: :class:`Found` puts them back between a
-perturbation call's passes and at its end, session 50, not the guard after a gradient method's call). What another thread of
+(``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own; what TorchScript keeps as an
+object of a scripted class (told: a warning). What another thread of
 the user's sets on the model while salience's call runs (its own forward's counter) is put back with salience's:
 the guard cannot tell whose it is; the dicts are put back in place, never emptied meanwhile, so that thread's
 forward does not fail (``_restore_mapping``). So are the hooks it registers meanwhile on the modules put back
@@ -1642,8 +1656,12 @@ class Found:
     a subclass, a test's log of the passes, is not copied), each plain tensor among the attributes written in place,
     an inference tensor (no version counter: a
     forward under ``torch.inference_mode()``) by its values; here each copied whatever its size (the guard's stop at
-    1 MiB and 1024 items; as Ablation-CAM's split, session 48: a large constant table costs its copy a call), so that
-    no pass sees what a pass before left that the call's end would undo (session 49 review). A buffer of a
+    1 MiB and 1024 items; as Ablation-CAM's split, session 48), so that no pass sees what a pass before left that the
+    call's end would undo (session 49 review). A copy over 1 MiB is kept across calls while its tensor holds its values
+    (:func:`_kept`, session 51: a constant lookup table of 100 MiB cost each SmoothGrad call its copy, 76 ms of a
+    78 ms call on an AMD EPYC, 3 ms now, ``benchmarks/found-s51.md``; it holds that memory while the table lives). The
+    tensors among the containers' items, NumPy arrays and each tensor's storage as the model guard records them
+    (session 51). A buffer of a
     ``torch.nn`` layer that the model's own code writes is put back from the guard's copy
     (:func:`~salience._core.guard.held_values`), or from a copy of the record's own where the guard's is not of the
     state found (a call nested in another's guard, SmoothGrad's chunks or the user's block, finds it written since:
