@@ -3,7 +3,7 @@
 scripted module's attributes.
 
     flock /tmp/bench.lock taskset -c 1 python benchmarks/found-s51.py --old /tmp/old-guard/src --new src \
-        --rounds 5 --repeats 7 --out benchmarks/found-s51.json
+        --rounds 3 --repeats 5 --out benchmarks/found-s51.json
     taskset -c 0 python benchmarks/found-s51.py --memory --old /tmp/old-guard/src --new src
 
 The harness is benchmarks/guard_s48.py's, as benchmarks/found_s50.py's (each round one process per salience tree, the
@@ -11,12 +11,12 @@ order turned every round, one thread; each process times its units interleaved i
 ``time.thread_time``, the median of its repeats). Models, random weights, eval mode: ``table`` a small CNN (conv 3->8,
 ReLU, mean pool, linear 8->10; 32 px, one image) holding a 100 MiB float tensor (``self.table``, 26,214,400 floats) its
 forward reads (``self.table[:10]`` added to the logits) and never writes; ``plain`` the same without the table;
-``r50`` torchvision's resnet50, ``script_r50`` ``torch.jit.script`` of it. The units:
+``r50`` torchvision's resnet50, ``script_r18`` ``torch.jit.script`` of its resnet18. The units:
 
 - ``sg_table`` / ``sg_plain``: ``salience.smoothgrad(model, x, 1, samples=4)``, a call;
 - ``ig_table`` / ``ig_plain``: ``salience.integrated_gradients(model, x, 1, steps=4)``, a call;
 - ``found_table``: ``Found(model)`` and its exit, the record once a call;
-- ``guard_r50`` / ``guard_script_r50``: ``with model_guard(model): pass``, the guard alone per call.
+- ``guard_r50`` / ``guard_script_r18``: ``with model_guard(model): pass``, the guard alone per call.
 
 ``--memory``: one fresh process per tree, the resident set (``/proc/self/statm``) after building the table model,
 then after each of 3 SmoothGrad calls, and the peak (``ru_maxrss``), MiB.
@@ -68,7 +68,7 @@ def child(repeats: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r50 = torchvision.models.resnet50().eval()
-        script = torch.jit.script(torchvision.models.resnet50().eval())
+        script = torch.jit.script(torchvision.models.resnet18().eval())
 
     def guard_only(m) -> None:
         with model_guard(m):
@@ -85,12 +85,12 @@ def child(repeats: int) -> dict:
         "ig_plain": (lambda: salience.integrated_gradients(plain, x, 1, steps=4), 3),
         "found_table": (lambda: found_call(table), 3),
         "guard_r50": (lambda: guard_only(r50), 20),
-        "guard_script_r50": (lambda: guard_only(script), 20),
+        "guard_script_r18": (lambda: guard_only(script), 20),
     }
     return guard_s48.timed(units, repeats, salience.__file__)
 
 
-UNITS = ("sg_table", "sg_plain", "ig_table", "ig_plain", "found_table", "guard_r50", "guard_script_r50")
+UNITS = ("sg_table", "sg_plain", "ig_table", "ig_plain", "found_table", "guard_r50", "guard_script_r18")
 
 
 def memory_child() -> None:
