@@ -71,20 +71,34 @@ holds notes them (``_stale``): the hold putting them back sweeps them even if it
 looks at every hook dict of the modules put back (:func:`_drop_hooks`): tens of microseconds on resnet50, paid
 where the counter moved (Grad-CAM's own hook, a full backward hook's per-pass handles; docs/performance.md).
 
+Session 51 (``tests/test_s51_guard.py``): a TorchScript module's attributes other than its buffers (``self.calls +=
+1`` on an int, a float or a tensor attribute replaced, a plain tensor written in place, a list appended to: put back
+by :class:`Found` between a perturbation call's passes since session 50, but not by the guard after a gradient
+method's call) are read and put back through TorchScript (:class:`_Scripted` with ``guard``): those some method may
+change (:func:`_guard_names`: assigned by a ``prim::SetAttr``, a list or dict given to anything but a read, every
+tensor that is no buffer; all once a method calls Python), a tensor over 1 MiB written in place told; resnet50
+scripted, 8.3 ms a guard before and after (``benchmarks/found-s51.md``). The tensors among a container attribute's
+items (``self.cache[0].add_(1)``; a container inside one too) are recorded as the attributes' tensors, by version
+counter with a copy (their container's copy held the same objects: the writes stayed). A NumPy array among the
+attributes or a container's items (``self.hist[0] += 1``) by its values, a copy up to 1 MiB. Each recorded tensor's
+storage, offset, sizes and strides (a detached view, :func:`_storages`): ``self.buf.data = t`` moves no version
+counter, and ``.set_(t)`` gave the values back on the new storage (a view the user holds no longer followed it).
+
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
 stays); a list, dict, set or deque (``collections``' too) over 1024 items changed in place (told where its length changed: a warning; two levels
 only: a list in a list in a dict is not copied, nor one in a dict past the 1024 items), one of a torch.nn layer, a subclass of one; an inference tensor attribute
-over 1 MiB written in place (not told: no version counter); a plain tensor attribute over 1 MiB written in place
-(told: a warning); a hook
+over 1 MiB written in place (not told: no version counter), and so a NumPy array over 1 MiB (session 51: one up to
+1 MiB is copied and compared by its values, an object array not at all); a plain tensor attribute over 1 MiB written
+in place, a tensor in a container too (told: a warning); a tensor in a tuple attribute (a tuple is not looked into); a
+hook
 on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
 to it (``==``: a number, a string, a one-element tensor or parameter of the same value; a parameter of several
 elements compares by identity, its ``==`` raising) keeps the new object; an attribute a global module hook
-(``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own. A TorchScript module's attributes
-other than its buffers (``self.calls += 1`` in a scripted forward: :class:`Found` puts them back between a
-perturbation call's passes and at its end, session 50, not the guard after a gradient method's call). What another thread of
+(``register_module_forward_hook``) sets on a torch.nn layer without a hook of its own; what TorchScript keeps as an
+object of a scripted class (told: a warning). What another thread of
 the user's sets on the model while salience's call runs (its own forward's counter) is put back with salience's:
 the guard cannot tell whose it is; the dicts are put back in place, never emptied meanwhile, so that thread's
 forward does not fail (``_restore_mapping``). So are the hooks it registers meanwhile on the modules put back
@@ -156,7 +170,7 @@ from salience._core.fingerprint import _modules
 from salience._core.tensors import autocast_off
 
 __all__ = ["model_guard", "run_guard", "ModuleState", "ParamState", "check_python_model", "modules_of", "parameters_of",
-           "train_mode_op", "held_values", "settled", "record_state", "state_changes", "put_back_state"]
+           "train_mode_op", "held_values", "settled", "record_state", "state_changes", "put_back_state", "forget_copies"]
 
 
 class _Entry:
@@ -199,7 +213,7 @@ class ModuleState(_Entry):
     the buffers' clones), and putting them back 0.52 ms, now 0.22 ms."""
 
     __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since",
-                 "foreign", "tensors", "contents", "index")
+                 "foreign", "tensors", "contents", "index", "script", "storages")
 
     def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
         self.take(module, wrapper)
@@ -240,27 +254,40 @@ class ModuleState(_Entry):
         except Exception:  # a module made without nn.Module.__init__; TorchScript's forward descriptor
             plain = False
         if plain:
-            self.attrs = None  # params and children are read only with attrs
+            self.attrs = self.script = None  # params and children are read only with attrs
             self.foreign = _NO_KEYS  # no forward or backward hook (a state-dict hook's key is not looked at)
-            self.tensors = self.contents = _NO_TENSORS
+            self.tensors = self.contents = self.storages = _NO_TENSORS
         else:
-            self.attrs = attrs.copy()
-            # the plain tensors among them, by version counter with a copy: one written in place keeps its identity
-            self.tensors = _tensor_records(self.attrs)
-            # a module not from torch.nn: its lists, dicts, sets, deques (_CONTAINERS) with their contents (up to
-            # _CONTENTS_LIMIT items; ``self.history.append(y)``, session 49); torch.nn's own layers with a hook keep none a forward fills
-            self.contents = _NO_TENSORS if not user_module(module) else \
-                _container_records(self.attrs)
-            self.foreign = _foreign(attrs, self.since)
-            # copies (the shared _EMPTY for an empty one), or None for what is no plain dict (TorchScript's wrapper)
-            slot = attrs.get("_parameters")
-            self.params = (slot.copy() if slot else _EMPTY) if type(slot) is dict else None
-            slot = attrs.get("_modules")
-            self.children = (slot.copy() if slot else _EMPTY) if type(slot) is dict else None
+            self._take_attrs(module, attrs)
         # hooks the guard put on the module for the block (see _refuse_mixed_batches), removed first; a list once
         # there is one (an empty list per module and call was a third of the Python objects a call held)
         self.handles: Any = ()
         self.captured = True
+
+    def _take_attrs(self, module: nn.Module, attrs: dict) -> None:
+        """The attributes of a module not plain (:meth:`take`): a copy of its ``__dict__``, the tensors, containers,
+        storages among them, its parameters and submodules by name, its hooks' keys, a TorchScript module's own."""
+        # a TorchScript module keeps its attributes in TorchScript, not in its __dict__ (``self.calls += 1`` in a
+        # scripted forward stayed after a gradient method's call: session 51): read through TorchScript
+        self.script = _Scripted([module], guard=True) if isinstance(module, _SCRIPT_MODULE) and (
+            _guard_names(module) or _script_plan(module)[2]) else None
+        self.attrs = attrs.copy()
+        # the plain tensors among them, by version counter with a copy: one written in place keeps its identity
+        self.tensors = _tensor_records(self.attrs)
+        # a module not from torch.nn: its lists, dicts, sets, deques (_CONTAINERS) with their contents (up to
+        # _CONTENTS_LIMIT items; ``self.history.append(y)``, session 49); torch.nn's own layers with a hook keep none a forward fills
+        items: dict = {}
+        self.contents = _NO_TENSORS if not user_module(module) else \
+            _container_records(self.attrs, items=items)
+        if items:  # the tensors among the containers' items (``self.cache[0].add_(1)``: session 51)
+            self.tensors += _tensor_records(items)
+        self.storages = _storages(self.buffers, self.tensors)
+        self.foreign = _foreign(attrs, self.since)
+        # copies (the shared _EMPTY for an empty one), or None for what is no plain dict (TorchScript's wrapper)
+        slot = attrs.get("_parameters")
+        self.params = (slot.copy() if slot else _EMPTY) if type(slot) is dict else None
+        slot = attrs.get("_modules")
+        self.children = (slot.copy() if slot else _EMPTY) if type(slot) is dict else None
 
     def run_eagerly(self) -> None:
         """A ``torch.compile`` wrapper calls its original module, hooks and all, until :meth:`restore`."""
@@ -300,6 +327,8 @@ class ModuleState(_Entry):
                 same = False
             if not same:
                 _restore_mapping(saved["_modules"], self.children)
+            if self.storages:  # a storage swapped under a tensor (``self.buf.data = t``, ``.set_(t)``: session 51)
+                _put_back_storages(self.storages)
             if self.tensors:  # a plain tensor written in place (session 48): its values, from the copy
                 lost = _not_put_back(self.tensors)
                 self.tensors = _put_back_tensors(self.tensors)
@@ -311,6 +340,8 @@ class ModuleState(_Entry):
         elif saved is not None and self.buffers is not None and saved.get("_buffers"):  # registered in the block (a
             _restore_buffer_names(module, (), None)  # module without buffers; not a plain torch.nn layer: none; a
             # record_state record's None: not recorded)
+        if self.script is not None:  # a TorchScript module's attributes other than its buffers (session 51)
+            self.script.put_back()
         if lost:  # last: a warning made an error raises (run once more)
             _tell_not_put_back(module, lost)
 
@@ -470,17 +501,23 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every:
     kinds = set(map(type, attrs.values()))
     if kinds <= _NO_TENSOR_KINDS:  # in C: a module's usual dicts, flags and numbers
         return _NO_TENSORS
+    array = _ndarray()
     for t in kinds:
-        if issubclass(t, tensor):
+        if issubclass(t, tensor) or t is array:
             break
     else:
         return _NO_TENSORS
     found = []
     for k, v in attrs.items():
-        if isinstance(v, tensor) and not isinstance(v, nn.Parameter):
-            small = copy and (every or v.numel() * v.element_size() <= _COPY_LIMIT)
+        if type(v) is array:  # a NumPy array: no version counter, told by its values (up to the copy limit)
+            if copy and v.nbytes <= _COPY_LIMIT and v.dtype.kind != "O":
+                found.append((k, v, None, v.copy()))
+        elif isinstance(v, tensor) and not isinstance(v, nn.Parameter):
+            large = v.numel() * v.element_size() > _COPY_LIMIT
+            small = copy and (every or not large)
             try:  # an inference tensor (or a subclass without one) has no version counter
-                found.append((k, v, v._version, v.detach().clone() if small else None))
+                version = v._version
+                found.append((k, v, version, (_kept(v, version) if large else v.detach().clone()) if small else None))
             except Exception:
                 if refuse:
                     return None
@@ -489,16 +526,117 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every:
     return tuple(found) or _NO_TENSORS
 
 
+def _kept(t: torch.Tensor, version: int) -> torch.Tensor:
+    """A copy of the values of ``t`` (a plain tensor attribute over :data:`_COPY_LIMIT` bytes, at ``version``), kept
+    across calls while ``t`` lives and holds them: :class:`Found` and Ablation-CAM's split copy every such tensor once a
+    call (a pass that writes it must still see the values found), and a 100 MiB constant lookup table cost each call of
+    SmoothGrad or integrated gradients 50 ms and 100 MiB (session 50: 55.5 against 5.1 ms a call; session 51). The copy
+    is taken again where ``t``'s version counter, storage, shape or dtype moved since (the user wrote it between the
+    calls); one put back from it is taken as holding it again (:func:`_put_back_tensors`). Up to :data:`_KEEP_LIMIT`
+    bytes in all (then a copy per call, as before), dropped with ``t`` (a weak reference) or by :func:`forget_copies`.
+    A write that moves no version counter (through ``.data``, a NumPy view of the tensor) between two calls is not
+    seen: the kept copy stays, and a pass that then writes the tensor gets the older values back."""
+    global _kept_bytes
+    key, ptr = id(t), t.data_ptr()
+    entry = _KEPT.get(key)
+    if entry is not None:
+        ref, at, where, values = entry
+        if ref() is t and at == version and where == ptr and values.shape == t.shape and values.dtype == t.dtype:
+            return values
+    values = t.detach().clone()
+    size = values.numel() * values.element_size()
+    with _kept_lock:
+        old = _KEPT.pop(key, None)
+        if old is not None:
+            _kept_bytes -= old[3].numel() * old[3].element_size()
+        if _kept_bytes + size <= _KEEP_LIMIT:
+            try:  # dropped with the tensor (a subclass without weak references: not kept)
+                _KEPT[key] = (weakref.ref(t, lambda _, key=key: _forget(key)), version, ptr, values)
+            except TypeError:
+                return values
+            _kept_bytes += size
+    return values
+
+
+def _forget(key: int) -> None:
+    """The kept copy of the tensor of id ``key`` (:func:`_kept`) dropped: the tensor is gone."""
+    global _kept_bytes
+    with _kept_lock:
+        old = _KEPT.pop(key, None)
+        if old is not None:
+            _kept_bytes -= old[3].numel() * old[3].element_size()
+
+
+def _kept_again(t: torch.Tensor, copy: torch.Tensor) -> None:
+    """``t`` put back from ``copy``: where that copy is the one kept for ``t`` (:func:`_kept`), its version is ``t``'s
+    now (it holds the kept values again; the next call takes no copy)."""
+    entry = _KEPT.get(id(t))
+    if entry is not None and entry[3] is copy and entry[0]() is t:
+        _KEPT[id(t)] = (entry[0], t._version, t.data_ptr(), copy)
+
+
+def forget_copies() -> None:
+    """Drop every copy kept across calls (:func:`_kept`): the memory they hold, at once."""
+    global _kept_bytes
+    with _kept_lock:
+        _KEPT.clear()
+        _kept_bytes = 0
+
+
+def _storages(buffers: Any, tensors: Any) -> Any:
+    """``(name, tensor, alias)`` of each buffer of ``buffers`` and plain tensor of ``tensors`` (the records of
+    :class:`ModuleState`), ``alias`` a view of its storage as recorded (``detach()``: its storage, offset, sizes and
+    strides), or :data:`_NO_TENSORS`. A forward that swaps the storage under the object (``self.buf.data = t``, which
+    moves no version counter; ``self.buf.set_(t)``) kept the object, its name and perhaps its values: its new storage
+    stayed, silently (session 51). Taken for the modules whose dicts are recorded (about 1 us a tensor)."""
+    found = [(k, b, b.detach()) for k, b, *_ in buffers if b is not None] if buffers else []
+    if tensors:
+        found += [(k, t, t.detach()) for k, t, version, _ in tensors if version is not None]
+    return tuple(found) or _NO_TENSORS
+
+
+def _same_storage(t: torch.Tensor, alias: torch.Tensor) -> bool:
+    """Whether ``t`` still views the storage, offset, sizes and strides of ``alias`` (:func:`_storages`); a tensor
+    without that kernel (meta, sparse) is taken as the same."""
+    try:
+        return t.is_set_to(alias)
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _put_back_storages(storages: Any) -> None:
+    """Each tensor of ``storages`` (:func:`_storages`) set back to its storage, offset, sizes and strides where a
+    forward swapped them (its values then those of its storage; a write in place besides is put back after, from its
+    copy: the set moves its version counter)."""
+    for _, t, alias in storages:
+        if not _same_storage(t, alias):
+            with torch.no_grad():
+                t.set_(alias)
+
+
 def _tensors_moved(records: Any) -> bool:
     """Whether a tensor of :func:`_tensor_records`' ``records`` was written in place since."""
     return any(t._version != version if version is not None else _values_moved(t, copy)
                for _, t, version, copy in records)
 
 
-def _values_moved(t: torch.Tensor, copy: Any) -> bool:
-    """Whether the inference tensor ``t`` (no version counter) no longer holds the values of ``copy`` (its copy when
-    recorded, or ``None``: not told)."""
-    return copy is not None and not (t.shape == copy.shape and torch.equal(t, copy))
+def _values_moved(t: Any, copy: Any) -> bool:
+    """Whether the inference tensor or NumPy array ``t`` (no version counter) no longer holds the values of ``copy``
+    (its copy when recorded, or ``None``: not told); NaN equal to NaN in an array (a table's missing values)."""
+    if copy is None:
+        return False
+    if type(t) is not _ndarray():
+        return not (t.shape == copy.shape and torch.equal(t, copy))
+    import numpy
+
+    return not (t.shape == copy.shape and t.dtype == copy.dtype and
+                numpy.array_equal(t, copy, equal_nan=t.dtype.kind in "fc"))
+
+
+def _ndarray() -> Optional[type]:
+    """NumPy's array type, where NumPy was imported (else no array can be among a module's attributes)."""
+    numpy = sys.modules.get("numpy")
+    return None if numpy is None else numpy.ndarray
 
 
 def _put_back_tensors(records: Any) -> Any:
@@ -509,12 +647,18 @@ def _put_back_tensors(records: Any) -> Any:
         return records
     with torch.no_grad():
         for _, t, version, copy in records:
-            if version is None:  # an inference tensor: written in place only in inference mode
-                if _values_moved(t, copy):
-                    with torch.inference_mode():
-                        t.copy_(copy)
+            if version is None:  # an inference tensor (written in place only in inference mode) or an array
+                if not _values_moved(t, copy):
+                    continue
+                if type(t) is _ndarray():
+                    t[...] = copy
+                    continue
+                with torch.inference_mode():
+                    t.copy_(copy)
             elif t._version != version and copy is not None:
                 t.copy_(copy)
+                if _KEPT:
+                    _kept_again(t, copy)
     return tuple((k, t, t._version if version is not None else None, copy) for k, t, version, copy in records)
 
 
@@ -607,12 +751,14 @@ def _put_back_contents(v: Any, items: Any) -> None:
             v.default_factory = items.default_factory
 
 
-def _container_records(attrs: dict, every: bool = False) -> Any:
+def _container_records(attrs: dict, every: bool = False, items: Optional[dict] = None) -> Any:
     """The lists, dicts, sets and ``collections``' deques, defaultdicts, Counters and OrderedDicts (:data:`_CONTAINERS`,
-    exact types) among a module's plain attributes ``attrs`` (its ``__dict__`` or a copy; nn.Module's own dicts left out), each ``(name, container, a copy of its contents)``, or :data:`_NO_TENSORS`. Over
-    :data:`_CONTENTS_LIMIT` items, unless ``every``, the length instead of a copy (its cost per call): a change of
-    length is told (:func:`_put_back_containers`), the contents stay. The names past nn.Module's own found in C first
-    (most modules: a few numbers)."""
+    exact types) among a module's plain attributes ``attrs`` (its ``__dict__`` or a copy; nn.Module's own dicts left
+    out), each ``(name, container, a copy of its contents)``, or :data:`_NO_TENSORS`. Over :data:`_CONTENTS_LIMIT`
+    items, unless ``every``, the length instead of a copy (its cost per call): a change of length is told
+    (:func:`_put_back_containers`), the contents stay. The names past nn.Module's own found in C first (most modules: a
+    few numbers). ``items``: filled with the tensors among the items of the containers copied (not a set's), by the
+    name ``"name[index]"`` / ``"name[key]"`` (:func:`_item_tensors`)."""
     found = []
     for k in attrs.keys() - _MODULE_KEYS:
         v = attrs[k]
@@ -623,11 +769,23 @@ def _container_records(attrs: dict, every: bool = False) -> Any:
                 continue
             found.append((k, v, _contents(v)))
             if n and type(v) is not set:  # a set holds no container (unhashable)
-                found += _inner_records(k, v, every, _CONTENTS_LIMIT - n)
+                found += _inner_records(k, v, every, _CONTENTS_LIMIT - n, items)
     return tuple(found) or _NO_TENSORS
 
 
-def _inner_records(k: str, v: Any, every: bool, room: int) -> list:
+def _item_tensors(k: str, v: Any, kinds: set, into: Optional[dict]) -> None:
+    """The plain tensors among the items of the container ``v`` (the attribute ``k``; ``kinds``, its items' types) put in
+    ``into`` by the names ``"k[index]"`` / ``"k[key]"``: a forward that writes one in place (``self.cache[0].add_(1)``)
+    keeps the object, which the container's copy compares by identity (session 51); recorded as the attributes' tensors
+    (:func:`_tensor_records`: version counter and copy)."""
+    array = _ndarray()
+    if into is None or not any(issubclass(t, torch.Tensor) or t is array for t in kinds):
+        return
+    pairs = v.items() if isinstance(v, dict) else enumerate(v)
+    into.update((f"{k}[{key!r}]", u) for key, u in pairs if isinstance(u, torch.Tensor) or type(u) is array)
+
+
+def _inner_records(k: str, v: Any, every: bool, room: int, tensors: Optional[dict] = None) -> list:
     """The containers (:data:`_CONTAINERS`) among the items of the container ``v`` (the attribute ``k``; a dict's
     values), one level more (a deque of a running window inside a dict, ``self.state["recent"].append(y)``: session 50;
     its dict compared its items by identity, so a change inside one stayed), each ``(k, container, a copy of its
@@ -636,11 +794,17 @@ def _inner_records(k: str, v: Any, every: bool, room: int) -> list:
     level as before. Looking at the items' types costs about 65 ns an item (67 us for 1024 on an AMD EPYC, core 0,
     against 1.3 us for the parent's copy), paid where the parent is copied."""
     items = v.values() if isinstance(v, dict) else v
-    if _CONTAINERS.isdisjoint(map(type, items)):  # in C: most containers hold numbers, strings, tensors
+    kinds = set(map(type, items))  # in C: most containers hold numbers, strings, tensors
+    _item_tensors(k, v, kinds, tensors)
+    if _CONTAINERS.isdisjoint(kinds):
         return []
     inner = [u for u in items if type(u) in _CONTAINERS]
     if not every and sum(map(len, inner)) > room:
         return []
+    if tensors is not None:  # the tensors among an inner container's items (``self.state["cache"][0].add_(1)``)
+        for key, u in v.items() if isinstance(v, dict) else enumerate(v):
+            if type(u) in _CONTAINERS and type(u) is not set:
+                _item_tensors(f"{k}[{key!r}]", u, set(map(type, u.values() if isinstance(u, dict) else u)), tensors)
     return [(k, u, _contents(u)) for u in inner]
 
 
@@ -662,7 +826,7 @@ def _put_back_containers(records: Any) -> tuple[Any, list]:
 
 def record_state(modules: Any, attributes: Any = None, containers: bool = False, buffers: bool = True,
                  copies: Any = None, own_dicts: bool = True, tensor_copies: bool = True,
-                 large_copies: bool = False, inference: bool = False) -> Optional[list]:
+                 large_copies: bool = False, inference: bool = False, named: bool = False) -> Optional[list]:
     """A record of the state of ``modules`` (in order; each one's own state, not its children's): its buffers (each
     name in order, with its version counter and a copy of its values where ``copies(module)`` says so, default all),
     and where ``attributes(module)`` says so (default all) its plain attributes one level deep (a copy of its
@@ -671,8 +835,11 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
     ``tensor_copies``), and with
     ``containers`` a copy of each list's, dict's, set's, deque's, defaultdict's, Counter's and OrderedDict's contents. A module with neither (no attributes asked, no buffer) has no record. ``None`` where such a tensor or a buffer is an
     inference tensor (no version counter to tell a write by), unless ``inference``: such a tensor attribute is then
-    recorded as the model guard records it, by its values (a copy; none over the limit unless ``large_copies``). :func:`state_changes` says what changed since,
-    :func:`put_back_state` puts it back.
+    recorded as the model guard records it, by its values (a copy; none over the limit unless ``large_copies``). With
+    ``named`` (and the attributes asked), its parameters and submodules by name too, as the model guard's own record
+    (``self.w = nn.Parameter(...)``, a head swapped in a forward: both write nn.Module's own dicts in place, which the
+    copy of the ``__dict__`` holds by identity; Ablation-CAM's split missed them, session 51). :func:`state_changes`
+    says what changed since, :func:`put_back_state` puts it back.
 
     Each module's record is a :class:`ModuleState`, the model guard's own class, made here without its hold counts
     (the guard copies a container up to :data:`_CONTENTS_LIMIT` items; here every one, as every tensor with
@@ -688,7 +855,8 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
             continue
         r = ModuleState.__new__(ModuleState)
         r.index, r.module, r.attrs, r.tensors, r.contents, r.buffers, r.quiet = index, m, None, _NO_TENSORS, (), None, None
-        r.training, r.forward, r.handles, r.params, r.children = m.training, _NOT_COMPILED, (), None, None
+        r.training, r.forward, r.handles, r.params, r.children, r.script = m.training, _NOT_COMPILED, (), None, None, None
+        r.storages = _NO_TENSORS
         if asked:
             attrs = d.copy() if own_dicts else {k: v for k, v in d.items() if k not in _MODULE_OWN}
             tensors = _tensor_records(attrs, refuse=not inference, copy=tensor_copies, every=large_copies)
@@ -696,7 +864,15 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
                 return None
             r.attrs, r.tensors = attrs, tensors
             if containers:
-                r.contents = _container_records(attrs, every=True)
+                items: dict = {}
+                r.contents = _container_records(attrs, every=True, items=items)
+                more = _tensor_records(items, refuse=not inference, copy=tensor_copies, every=large_copies) \
+                    if items else _NO_TENSORS
+                if more is None:
+                    return None
+                r.tensors += more
+            if named and "_parameters" in attrs:
+                r.params, r.children = dict(attrs["_parameters"]), dict(attrs["_modules"])
         if buffers:
             copy = copies is None or copies(m)
             try:  # an inference tensor keeps no version counter
@@ -707,6 +883,8 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
                 return None
             quiet = d.get("_non_persistent_buffers_set")
             r.quiet = frozenset(quiet) if quiet else None
+        if tensor_copies:  # each tensor's storage (``self.buf.data = t``: session 51), the buffers' where copied
+            r.storages = _storages(r.buffers if buffers and (copies is None or copies(m)) else None, r.tensors)
         record.append(r)
     return record
 
@@ -729,12 +907,17 @@ def state_changes(record: list) -> list:
                 own = "_buffers" in saved
                 changed += [(i, k) for k in d if k not in saved and (own or k not in _MODULE_OWN)]
                 changed += [(i, k) for k, v in saved.items() if d.get(k, _MISSING) is not v]
-            if r.tensors:
-                changed += [(i, k) for k, t, version, copy in r.tensors if (i, k) not in changed and (
-                    t._version != version if version is not None else _values_moved(t, copy))]
+            if r.tensors:  # a container's item by the container's name (``"cache[0]"``: ``"cache"``)
+                changed += [(i, k) for k in dict.fromkeys(k.partition("[")[0] for k, t, version, copy in r.tensors if (
+                    t._version != version if version is not None else _values_moved(t, copy))) if (i, k) not in changed]
             if r.contents:
                 changed += [(i, k) for k, v, items in r.contents
                             if not _same_contents(items, v, identity=True) and (i, k) not in changed]
+            if r.params is not None:  # recorded by name (``named``): a parameter or submodule replaced, added, deleted
+                changed += [(i, k) for k in _named_changes(d.get("_parameters", _EMPTY), r.params) +
+                            _named_changes(d.get("_modules", _EMPTY), r.children) if (i, k) not in changed]
+        if r.storages:
+            changed += [(i, k) for k, t, alias in r.storages if (i, k) not in changed and not _same_storage(t, alias)]
         records = r.buffers
         if records is not None:
             now = d.get("_buffers") or _EMPTY
@@ -744,6 +927,18 @@ def state_changes(record: list) -> list:
             changed += [(i, name) for name, b, version, _, _ in records
                         if now.get(name, _MISSING) is not b or b is not None and b._version != version]
     return changed
+
+
+def _named_changes(now: dict, saved: dict) -> list:
+    """The names whose entries differ between a module's ``_parameters`` or ``_modules`` ``now`` and ``saved`` (its copy):
+    added, deleted or replaced (by identity); compared in C first (a parameter's ``==`` raises unless it has one
+    element: then by identity)."""
+    try:
+        if now == saved:
+            return []
+    except Exception:  # noqa: BLE001 - a parameter's == (several elements) raised: by identity
+        pass
+    return [k for k in now.keys() | saved.keys() if now.get(k, _MISSING) is not saved.get(k, _MISSING)]
 
 
 def put_back_state(record: list) -> None:
@@ -796,6 +991,12 @@ def _restore_buffers(module: nn.Module, records: Any, saved: Optional[dict], qui
 _NO_TENSORS: tuple = ()
 # the largest plain tensor attribute (bytes) the records copy (:func:`_tensor_records`)
 _COPY_LIMIT = 1 << 20
+# the copies of larger ones kept across calls (:func:`_kept`): id -> (weak reference, version, data_ptr, copy), and
+# the most bytes they may hold in all
+_KEPT: dict = {}
+_KEEP_LIMIT = 1 << 30
+_kept_bytes = 0
+_kept_lock = threading.Lock()
 # the types of a module's attributes that are no tensors, looked at first (:func:`_tensor_records`)
 _NO_TENSOR_KINDS = frozenset({bool, int, float, str, type(None), dict, OrderedDict, set, tuple, list, torch.dtype,
                               torch.device, deque, defaultdict, Counter})
@@ -1455,8 +1656,12 @@ class Found:
     a subclass, a test's log of the passes, is not copied), each plain tensor among the attributes written in place,
     an inference tensor (no version counter: a
     forward under ``torch.inference_mode()``) by its values; here each copied whatever its size (the guard's stop at
-    1 MiB and 1024 items; as Ablation-CAM's split, session 48: a large constant table costs its copy a call), so that
-    no pass sees what a pass before left that the call's end would undo (session 49 review). A buffer of a
+    1 MiB and 1024 items; as Ablation-CAM's split, session 48), so that no pass sees what a pass before left that the
+    call's end would undo (session 49 review). A copy over 1 MiB is kept across calls while its tensor holds its values
+    (:func:`_kept`, session 51: a constant lookup table of 100 MiB cost each SmoothGrad call its copy, 76 ms of a
+    78 ms call on an AMD EPYC, 3 ms now, ``benchmarks/found-s51.md``; it holds that memory while the table lives). The
+    tensors among the containers' items, NumPy arrays and each tensor's storage as the model guard records them
+    (session 51). A buffer of a
     ``torch.nn`` layer that the model's own code writes is put back from the guard's copy
     (:func:`~salience._core.guard.held_values`), or from a copy of the record's own where the guard's is not of the
     state found (a call nested in another's guard, SmoothGrad's chunks or the user's block, finds it written since:
@@ -1487,10 +1692,9 @@ class Found:
                 scripts.append(m)
             elif m._buffers:
                 layers.append(m)
-        self.record = record_state(own, containers=True, large_copies=True, inference=True) if own else []
-        for r in self.record:  # its parameters and submodules by name, as the model guard's (``self.w = nn.Parameter``,
-            # a submodule added on a first call or swapped: session 50 review; record_state's records compare none)
-            r.params, r.children = dict(r.attrs["_parameters"]), dict(r.attrs["_modules"])
+        # its parameters and submodules by name too, as the model guard's (``self.w = nn.Parameter``, a submodule
+        # added on a first call or swapped: session 50 review)
+        self.record = record_state(own, containers=True, large_copies=True, inference=True, named=True) if own else []
         # the tensors (one over the guard's copy limit the guard records without a copy): told put back at the end
         self.tensors = [(r.module, t, version) for r in self.record for _, t, version, _ in r.tensors
                         if version is not None]
@@ -1519,6 +1723,8 @@ class Found:
         self.owned = [r.attrs[k] for r in self.record for k in ("_parameters", "_modules")]
         self.owned_copies = [c for r in self.record for c in (r.params, r.children)]
         self.owned_owners = [i for i in range(len(self.record)) for _ in range(2)]
+        # each tensor's storage (``self.buf.data = t`` moves no version counter: session 51)
+        self.stored = [(t, alias, i) for i, r in enumerate(self.record) for _, t, alias in r.storages]
         tensors, versions, seqs, seq_copies, maps, map_copies, counts, count_copies = ([] for _ in range(8))
         held, names, held_values, bufs, buf_versions, factories, slow = ([] for _ in range(7))
         owners: dict = {"tensors": [], "seqs": [], "maps": [], "counts": [], "held": [], "bufs": [], "factories": []}
@@ -1628,6 +1834,8 @@ class Found:
                     map(operator.is_, d.values(), (b for _, b, *_ in self.record[i].buffers))))
             if bufs and list(map(_VERSION, bufs)) != buf_versions:
                 moved.update(compress(owners["bufs"], map(operator.ne, map(_VERSION, bufs), buf_versions)))
+        if self.stored and not all(_same_storage(t, alias) for t, alias, _ in self.stored):
+            moved.update(i for t, alias, i in self.stored if not _same_storage(t, alias))
         for i in self.slow:
             if i not in moved and state_changes([self.record[i]]):
                 moved.add(i)
@@ -1699,27 +1907,18 @@ class _Scripted:
     (``prim::SetAttr`` in its graphs; every one where a method calls Python, ``@torch.jit.ignore``); the parameters and submodules are the model guard's. What TorchScript keeps as an
     object of a scripted class cannot be copied: named in a warning, once per module."""
 
-    def __init__(self, modules: list) -> None:
+    def __init__(self, modules: list, guard: bool = False) -> None:
         plans = [_script_plan(m) for m in modules]
         assigned = set().union(*(p[1] for p in plans))  # any module's method may assign another's (by name: safe side)
         # a method left to Python (``@torch.jit.ignore``: ``prim::PythonOp``) may assign any attribute of any module
         # without a prim::SetAttr (``self.calls = self.calls + 1``: session 50 review): then every one is read
         python = any(p[3] for p in plans)
         self.tensors, self.values = [], []
-        for m, (names, _, objects, _) in zip(modules, plans):
+        for m, (names, _, objects, _, _) in zip(modules, plans):
             c = m._c
-            for name, kind in names:
-                if kind == "tensor":
-                    t = c.getattr(name)
-                    try:
-                        version = t._version
-                    except Exception:  # noqa: BLE001 - an inference tensor: no version counter
-                        version = None
-                    # a buffer the model guard holds a copy of at this version (a BatchNorm's: 159 on resnet50):
-                    # that copy (held_values, while the guard holds the module), not one more (0.8 ms a call)
-                    copy = None if version is not None and held_values(m, name, t, version) is not None else \
-                        t.detach().clone()
-                    self.tensors.append([c, name, t, version, copy, python or name in assigned, m, version])
+            for name, kind in names if not guard else _guard_names(m):
+                if kind != "other" and kind != "mutable":
+                    self.tensors.append(_script_tensor(c, name, m, python or name in assigned, guard))
                 elif kind == "mutable" or python or name in assigned:
                     self.values.append((c, name, c.getattr(name)))
             if objects and m not in _SCRIPT_TOLD:
@@ -1734,7 +1933,10 @@ class _Scripted:
                               stacklevel=user_stacklevel())
 
     def put_back(self) -> None:
-        """Each attribute put back where it differs from the record (a tensor replaced, or written in place)."""
+        """Each attribute put back where it differs from the record (a tensor replaced, or written in place); one
+        written in place without a copy (the model guard's record of a tensor over :data:`_COPY_LIMIT`) told, as it
+        stays written (:func:`_tell_not_put_back`)."""
+        lost: list = []
         for entry in self.tensors:
             c, name, t, version, copy, assigned, m, found = entry
             if assigned and c.getattr(name) is not t:
@@ -1744,9 +1946,19 @@ class _Scripted:
                     with torch.inference_mode():
                         t.copy_(copy)
             elif t._version != version:
+                copy = copy if copy is not None else held_values(m, name, t, found)
+                if copy is None:
+                    lost.append((m, name, t))
+                    continue
                 with torch.no_grad():
-                    t.copy_(copy if copy is not None else held_values(m, name, t, found))
+                    t.copy_(copy)
                 entry[3] = t._version
+        self._put_back_values()
+        for m, name, t in lost:  # last: a warning made an error raises
+            _tell_not_put_back(m, [(name, t)])
+
+    def _put_back_values(self) -> None:
+        """Each attribute other than a tensor put back where it differs from the record (``==`` and its type)."""
         for c, name, v in self.values:
             now = c.getattr(name)
             try:
@@ -1757,9 +1969,27 @@ class _Scripted:
                 c.setattr(name, v)
 
 
+def _script_tensor(c: Any, name: str, m: nn.Module, assigned: bool, guard: bool) -> list:
+    """:class:`_Scripted`'s record of the tensor attribute ``name`` of the TorchScript module ``m`` (``c``, its
+    ``_c``): ``[c, name, tensor, version, copy, assigned, m, version]``. No copy of a buffer the model guard holds a
+    copy of at this version (a BatchNorm's: 159 on resnet50; that copy, :func:`held_values`, not one more: 0.8 ms a
+    call); for the model guard itself (``guard``), none over :data:`_COPY_LIMIT` bytes, as its other records (one
+    written in place is told)."""
+    t = c.getattr(name)
+    try:
+        version = t._version
+    except Exception:  # noqa: BLE001 - an inference tensor: no version counter
+        version = None
+    if guard:
+        copy = t.detach().clone() if t.numel() * t.element_size() <= _COPY_LIMIT else None
+    else:
+        copy = None if version is not None and held_values(m, name, t, version) is not None else t.detach().clone()
+    return [c, name, t, version, copy, assigned, m, version]
+
+
 def _script_plan(m: nn.Module) -> tuple:
-    """What :class:`_Scripted` reads of the TorchScript module ``m``: ``(name, "tensor" / "mutable" / "other")`` of each
-    attribute not a parameter or submodule, the names its methods assign (``prim::SetAttr``), the names of the scripted
+    """What :class:`_Scripted` reads of the TorchScript module ``m``: ``(name, "buffer" / "tensor" / "mutable" /
+    "other")`` of each attribute not a parameter or submodule, the names its methods assign (``prim::SetAttr``), the names of the scripted
     class objects it holds (not copied), whether a method calls Python (``prim::PythonOp``: an ignored method, which
     may assign any attribute). Made once per module (TorchScript's attributes and methods are fixed once
     compiled): about 0.1 ms a module."""
@@ -1769,14 +1999,15 @@ def _script_plan(m: nn.Module) -> tuple:
         try:  # torch's own reading of a scripted module's attributes (private: refused if it goes)
             found = torch._C._jit_debug_module_iterators(c)
         except Exception:  # noqa: BLE001
-            return (), frozenset(), ("the attributes (this torch cannot list them)",), False
+            return (), frozenset(), ("the attributes (this torch cannot list them)",), False, frozenset()
         skip = {n for n, _ in found["named_parameters"]} | {n for n, _ in found["named_children"]}
+        buffers = {n for n, _ in found["named_buffers"]}
         names, objects = [], []
         for name, v in found["named_attributes"]:
             if name in skip:
                 continue
             if isinstance(v, torch.Tensor):
-                names.append((name, "tensor"))
+                names.append((name, "buffer" if name in buffers else "tensor"))
             elif isinstance(v, (list, dict)):
                 names.append((name, "mutable"))
             elif v is None or isinstance(v, _SCRIPT_VALUES):  # changed by an assignment only (a tuple too)
@@ -1786,10 +2017,48 @@ def _script_plan(m: nn.Module) -> tuple:
         graphs = [c._get_method(method).graph for method in c._method_names()]
         assigned = {node.s("name") for graph in graphs for node in graph.findAllNodes("prim::SetAttr")}
         python = any(graph.findAllNodes("prim::PythonOp") for graph in graphs)
-        plan = _SCRIPT_PLANS[m] = (tuple(names), frozenset(assigned), tuple(objects), python)
+        # the lists and dicts a method may change in place: read, then given to anything but a read (``append``,
+        # ``_set_item``, a function call)
+        mutated = {node.s("name") for graph in graphs for node in graph.findAllNodes("prim::GetAttr")
+                   if any(use.user.kind() not in _SCRIPT_READS for use in node.output().uses())}
+        plan = _SCRIPT_PLANS[m] = (tuple(names), frozenset(assigned), tuple(objects), python, frozenset(mutated))
+        global _script_epoch
+        _SCRIPT_SEEN[0].update(assigned)
+        _SCRIPT_SEEN[1].update(mutated)
+        _SCRIPT_SEEN[2] = _SCRIPT_SEEN[2] or python
+        _script_epoch += 1
     return plan
 
 
+def _guard_names(m: nn.Module) -> tuple:
+    """The attributes of the TorchScript module ``m`` the model guard reads and puts back (:class:`_Scripted` with
+    ``guard``): each tensor that is no buffer (the guard's own record puts the buffers back), each number, flag,
+    string or tuple some method of a TorchScript module planned in the process assigns (``prim::SetAttr``: a parent's
+    method may assign its child's; the parent is planned first, its modules taken in order), each list or dict some
+    method may change (``append``, an item set, given to a call); every one once a method calls Python. Not each list
+    and dict of every module (resnet50's 53 convolutions' ``_reversed_padding_repeated_twice``: fresh copies each
+    read, 2 ms a call of the guard's on a scripted resnet50). Kept per module while no new plan was made."""
+    kept = _GUARD_NAMES.get(m)
+    if kept is not None and kept[0] == _script_epoch:
+        return kept[1]
+    plan = _script_plan(m)[0]  # first: a new plan adds to what the process has seen
+    assigned, mutated, python = _SCRIPT_SEEN
+    names = tuple((name, kind) for name, kind in plan if kind == "tensor" or kind != "buffer" and (
+        python or (name in mutated if kind == "mutable" else name in assigned)))
+    _GUARD_NAMES[m] = (_script_epoch, names)
+    return names
+
+
+_SCRIPT_MODULE = torch.jit.ScriptModule
+# the uses of a list or dict attribute that leave it as it is (:func:`_script_plan`); any other (``aten::append``,
+# ``aten::_set_item``, ``prim::CallFunction``, an item read that may be a list changed in turn) may change it
+_SCRIPT_READS = frozenset({"aten::len", "aten::__contains__", "aten::eq", "aten::ne", "aten::format", "prim::Print",
+                           "aten::str", "aten::__is__", "aten::__isnot__"})
+# every plan's assigned names, changed lists and dicts, and whether a method calls Python (:func:`_guard_names`), and
+# how many plans were made (the guard's choice of names per module is kept while it holds)
+_SCRIPT_SEEN: list = [set(), set(), False]
+_script_epoch = 0
+_GUARD_NAMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _SCRIPT_VALUES = (bool, int, float, complex, str, tuple, torch.device, torch.dtype, torch.layout, torch.memory_format)
 _SCRIPT_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _SCRIPT_TOLD: "weakref.WeakSet" = weakref.WeakSet()  # the modules whose scripted class objects a warning named

@@ -624,9 +624,16 @@ def _own_state(model: nn.Module) -> Optional[list]:
     attributes (one level), each tensor among them with its version counter and a copy (``self.seen.fill_(1)``; the
     review of session 47 "lastread"; whatever its size, unlike the model guard's: over its 1 MiB limit the one pass ran
     on the first pass's writes, last read of session 48) and each list, dict, set, deque, defaultdict or Counter with its contents
-    (``self.hist.append(y)``: session 48); ``None`` where such a tensor is an inference tensor (no version counter)."""
-    return record_state(model.modules(), attributes=user_module, containers=True, copies=user_module,
-                        large_copies=True)
+    (``self.hist.append(y)``: session 48), and their parameters and submodules by name (``self.w = nn.Parameter(...)``,
+    a head swapped: nn.Module's own dicts written in place, missed before session 51, as :class:`Found` records them);
+    ``None`` where such a tensor is an inference tensor (no version counter), and where a module is TorchScript (its
+    state lives in TorchScript, not in dicts this record reads: a raw AttributeError before session 51; the one pass
+    then, with :class:`~salience._core.guard.Found`'s record of it)."""
+    modules = list(model.modules())
+    if any(isinstance(m, torch.jit.ScriptModule) for m in modules):
+        return None
+    return record_state(modules, attributes=user_module, containers=True, copies=user_module,
+                        large_copies=True, named=True)
 
 
 def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool,
