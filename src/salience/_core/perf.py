@@ -105,6 +105,7 @@ from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _co
                                      _release_graphs, _shared_setting, _store, compile_unavailable, weights_key)
 from salience._core.derived import target_classes
 from salience._core.errors import SalienceError, user_stacklevel
+from salience._core.guard import forget_copies
 from salience._core.islands import HighResolutionFp32
 from salience._core.strided import ContiguousAttention, holds_attention
 from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
@@ -454,7 +455,8 @@ def clear_cache() -> None:
     """Forget every measured choice, compiled model, folded copy and :class:`ModelCache` entry (the CAMs' default
     layers), and where attention rollout found each model's attention (``salience.attention._SCOPES``) (tests, or
     after changing a plain attribute a model's ``forward`` reads: :func:`structure` sees
-    modules, hooks and weights only)."""
+    modules, hooks and weights only); and the copies of large tensor attributes kept across calls
+    (:func:`~salience._core.guard.forget_copies`, session 51)."""
     with _lock:
         _records.clear()
         _model_tails.clear()
@@ -464,6 +466,7 @@ def clear_cache() -> None:
         _folded.clear()
     for cache in _model_caches:
         cache.clear()
+    forget_copies()
 
 
 def _is_convolutional(model: nn.Module) -> bool:
