@@ -155,13 +155,14 @@ def test_classes_known_skips_the_range_check_for_its_width(monkeypatch: pytest.M
     real = _targets._check_range
     monkeypatch.setattr(_targets, "_check_range", lambda idx, k: (calls.append(k), real(idx, k))[1])
     out = torch.randn(2, 3)
-    known = Classes.known(torch.tensor([2, 0]), outputs=3)
+    known = Classes.known(torch.tensor([2, 0]), outputs=3)  # checked once, when made (review of session 51)
+    assert calls == [3]
     torch.testing.assert_close(known(out), out[[0, 1], [2, 0]])
     item = known.for_items(torch.tensor([1, 0, 1]))  # the targets of items (copies) derived from it skip it too
     torch.testing.assert_close(item(out.repeat(2, 1)[:3]), out.repeat(2, 1)[:3][[0, 1, 2], [0, 2, 0]])
-    assert calls == []
-    Classes(torch.tensor([2, 0]))(out)  # made the plain way: checked
     assert calls == [3]
+    Classes(torch.tensor([2, 0]))(out)  # made the plain way: checked
+    assert calls == [3, 3]
 
 
 def test_classes_made_the_plain_way_still_refuse_a_class_out_of_range() -> None:

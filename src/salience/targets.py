@@ -216,7 +216,7 @@ class Predicted(Target):
 
     def resolved(self, output: Tensor) -> Target:
         scores = _class_scores(output.detach())
-        return Classes.known(scores.argmax(dim=1), outputs=scores.shape[1])  # in range: not checked in each pass
+        return Classes._fitting(scores.argmax(dim=1), scores.shape[1])  # an argmax: in range, not checked
 
     def for_items(self, owner: Tensor) -> Target:
         raise SalienceError("internal: resolve the predicted class (Target.resolved) before expanding targets")
@@ -246,14 +246,23 @@ class Classes(_Indexed):
 
     @classmethod
     def known(cls, values: Tensor, *, outputs: int) -> "Classes":
-        """One class per item ``(B,)`` (long) known to fit a model of ``outputs`` outputs, e.g. an argmax of its
-        scores (:meth:`Predicted.resolved`): their range is not checked against an output of ``outputs`` classes in
-        each pass (a synchronization per pass), but still against an output of any other width."""
+        """One class per item ``(B,)`` (long) for a model of ``outputs`` outputs, checked here once to be in
+        ``0..outputs-1`` (a synchronization where ``values`` are on an accelerator), so not again in each pass
+        against an output of ``outputs`` classes (still against an output of any other width). An out-of-range
+        class was trusted: a raw index error in the pass (a device-side assert on CUDA) instead of this error."""
         if values.dim() != 1 or values.dtype != torch.long:
             raise SalienceError(f"internal: known classes are a (B,) long tensor, got {tuple(values.shape)} "
                                 f"{values.dtype}")
+        k = check_int(outputs, "Classes.known's outputs", minimum=1, what="the model's number of classes")
+        _check_range(values, k)
+        return cls._fitting(values, k)
+
+    @classmethod
+    def _fitting(cls, values: Tensor, outputs: int) -> "Classes":
+        """Classes ``(B,)`` known to be in ``0..outputs-1``, not checked: :meth:`known`'s, checked there, and
+        :meth:`Predicted.resolved`'s argmax, in range by construction (no synchronization on an accelerator)."""
         made = cls(values)
-        made._fits = int(outputs)
+        made._fits = outputs
         return made
 
     def __call__(self, output: Tensor) -> Tensor:

@@ -510,9 +510,12 @@ class _OnPath(Target):
         self.on, self.start, self.owner = on, start, owner
 
     def __call__(self, output: Tensor) -> Tensor:
-        if output.dim() <= 2:  # (n, K) scores, or one per item (one class); another shape: Classes' error below
+        if 1 <= output.dim() <= 2:  # (n, K) scores, or one per item (one class); another shape: Classes' error below
             self.on.read(output.reshape(output.shape[0], -1), self.start)
-        return Classes.known(self.on.classes[self.owner], outputs=self.on.width)(output)  # an argmax: in range
+        classes = self.on.classes[self.owner]
+        if not self.on.width:  # nothing read (not class scores): Classes' error for the output's shape
+            return Classes(classes)(output)
+        return Classes.known(classes, outputs=self.on.width)(output)  # an argmax: in range (checked on the CPU)
 
 
 class PathPoints:
