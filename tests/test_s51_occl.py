@@ -216,8 +216,7 @@ def test_not_local_stops_the_plan(caplog, name):
     cuts = [c.name for c in made[2]]
     # the cuts stop before the op (an identity permute before it may be one): never the convolution after it
     assert "conv" not in cuts and names.index(cuts[-1]) < names.index("conv") - 1, cuts
-    p = the_plan(m, x, 4, 4)
-    assert p.why or p.cut in cuts, (p.cut, log)
+    assert "cut at conv" not in log and "cut at relu_1" not in log, log  # the passes ran no cut past the op
 
 
 @pytest.mark.parametrize("name", list(LOCAL))
