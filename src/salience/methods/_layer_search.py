@@ -319,12 +319,15 @@ def _global_attention(c: _Call, grid: Optional[tuple[int, int]], weighing: set[s
     return grid is None or out.shape[1] >= grid[0] * grid[1] or int(out.shape[1]) in whole.get(c.name, ())
 
 
-def _class_token_stage(model: nn.Module, x: Tensor, c: _Call) -> bool:
+def _class_token_stage(model: nn.Module, x: Tensor, c: _Call, between: Sequence[_Call]) -> bool:
     """Whether attention call ``c`` (:func:`_global_attention` but for its length) attends over a later stage's whole
     token sequence with a class token: ``(1, N, D)``, fewer tokens than the first embedding's grid, read as prefix
     token(s) + that stage's own grid (Hugging Face PVT v1, whose class token joins in the last stage, on a grid a
     quarter the size of the one before): after it only the class token reaches the head, as in a ViT. A Swin's
-    single window reads as patches alone (no prefix), a class attention's output is one token: neither counts."""
+    single window reads as patches alone (no prefix), a class attention's output is one token: neither counts.
+    ``between``: the calls since the last attention over the first grid; one of them must give that stage's grid as a
+    map ``(..., h, w)`` (PVT's patch embedding of the stage): tokens a ViT kept of its patches (EViT, DynamicViT),
+    or a decoder's queries, are no grid even where their count fits one."""
     out = _first_tensor(c.output)
     if out.shape[1] < 2:
         return False
@@ -332,7 +335,9 @@ def _class_token_stage(model: nn.Module, x: Tensor, c: _Call) -> bool:
         layout = layer_layout(model, c.module, out.shape, x.shape, what=f"layer {c.name!r}")
     except SalienceError:
         return False
-    return layout.prefix > 0 and layout.grid is not None
+    return layout.prefix > 0 and layout.grid is not None and any(
+        isinstance(b.output, Tensor) and b.output.dim() == 4 and tuple(b.output.shape[-2:]) == tuple(layout.grid)
+        and not _attention_weights(b.output) for b in between)
 
 
 def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
@@ -349,7 +354,8 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
     ``(1, heads, N, S)`` or ``(1, N, S)``, ``N`` more than the patch grid's cells, ``S > 1`` keys (sub-sampled
     or not): what the rule is for (after it only the class token reaches the head). Not Twins' attention over
     patches alone, nor CaiT's self-attention over patches alone (its class token comes in later, and its class
-    attention, one query, reads every patch: the map rule).
+    attention, one query, reads every patch: the map rule). A later stage's attention over fewer tokens, a class
+    token among them, counts too where a map of its grid was made after that one (:func:`_class_token_stage`).
     ``factorized``: ``(module name, N)`` of the factorized attentions seen (:func:`_global_attention`)."""
     grid = patch_grid(model, x.shape)
     cells = None if grid is None else grid[0] * grid[1]
@@ -366,7 +372,7 @@ def _before_last_attention(model: nn.Module, x: Tensor, calls: list[_Call],
     # a hierarchical ViT's later stages attend over fewer tokens than the first grid's cells: the last of them
     # with a class token is the last global attention (a refusal of parallel streams looks at the first rule's)
     later = [i for i, c in enumerate(calls[at[-1] + 1:], at[-1] + 1)
-             if _global_attention(c, None, weighing, whole) and _class_token_stage(model, x, c)]
+             if _global_attention(c, None, weighing, whole) and _class_token_stage(model, x, c, calls[at[-1] + 1:i])]
     _refuse_parallel_streams(model, x, calls, at)
     at += later
     att = calls[at[-1]]
