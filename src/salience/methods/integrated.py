@@ -473,6 +473,7 @@ class _ClassOnPath:
         with torch.inference_mode(False):  # written in the path's passes, outside a caller's inference mode
             self.classes = torch.zeros(b, dtype=torch.long, device=device)
         self.known, self.width = 0, 0
+        self._checked: Optional[tuple[int, Classes]] = None  # (known then, the classes checked then)
 
     @staticmethod
     def applies(targets: Sequence[Target], alphas: Sequence[float], x: Tensor, perf: _perf.Performance) -> bool:
@@ -500,7 +501,16 @@ class _ClassOnPath:
 
     def resolved(self, t: Target) -> Target:
         """``t`` with the predicted class fixed (as :meth:`Predicted.resolved` fixes it on a pass of ``x``)."""
-        return Classes.known(self.classes, outputs=self.width) if isinstance(t, Predicted) else t  # argmax: in range
+        return self.checked() if isinstance(t, Predicted) else t
+
+    def checked(self) -> Classes:
+        """The classes read so far as one :class:`Classes` checked in range once (:meth:`Classes.known`) each time
+        rows were read (once a call where the first chunk holds ``x``'s rows), whose items' targets
+        (:meth:`Classes.for_items`) skip the check in each pass (session 51: a check per chunk read a tensor per
+        chunk, tests/test_syncs.py)."""
+        if self._checked is None or self._checked[0] != self.known:
+            self._checked = (self.known, Classes.known(self.classes, outputs=self.width))
+        return self._checked[1]
 
 
 class _OnPath(Target):
@@ -512,10 +522,9 @@ class _OnPath(Target):
     def __call__(self, output: Tensor) -> Tensor:
         if 1 <= output.dim() <= 2:  # (n, K) scores, or one per item (one class); another shape: Classes' error below
             self.on.read(output.reshape(output.shape[0], -1), self.start)
-        classes = self.on.classes[self.owner]
         if not self.on.width:  # nothing read (not class scores): Classes' error for the output's shape
-            return Classes(classes)(output)
-        return Classes.known(classes, outputs=self.on.width)(output)  # an argmax: in range (checked on the CPU)
+            return Classes(self.on.classes[self.owner])(output)
+        return self.on.checked().for_items(self.owner)(output)  # an argmax, checked once
 
 
 class PathPoints:
