@@ -76,9 +76,9 @@ Session 51 (``tests/test_s51_guard.py``): a TorchScript module's attributes othe
 by :class:`Found` between a perturbation call's passes since session 50, but not by the guard after a gradient
 method's call) are read and put back through TorchScript (:class:`_Scripted` with ``guard``): those some method may
 change (:func:`_guard_names`: assigned by a ``prim::SetAttr``, a list or dict given to anything but a read, every
-tensor that is no buffer; all once a method calls Python), a tensor over 1 MiB written in place told; resnet50
-scripted, 8.3 ms a guard before and after (``benchmarks/found-s51.md``). The tensors among a container attribute's
-items (``self.cache[0].add_(1)``; a container inside one too) are recorded as the attributes' tensors, by version
+tensor that is no buffer; all once a method calls Python), a tensor over 1 MiB written in place told; the guard
+on a scripted resnet18 dearer, 2.80 -> 3.59 ms (medians, a loaded machine, ``benchmarks/found-s51.md``). The tensors
+among a container attribute's items (``self.cache[0].add_(1)``; a container inside one too) are recorded as the attributes' tensors, by version
 counter with a copy (their container's copy held the same objects: the writes stayed). A NumPy array among the
 attributes or a container's items (``self.hist[0] += 1``) by its values, a copy up to 1 MiB. Each recorded tensor's
 storage, offset, sizes and strides (a detached view, :func:`_storages`): ``self.buf.data = t`` moves no version
@@ -327,10 +327,12 @@ class ModuleState(_Entry):
                 same = False
             if not same:
                 _restore_mapping(saved["_modules"], self.children)
+            # those written in place without a copy, read before the storages are set back (the set moves the
+            # version counter: a large tensor whose storage alone was swapped, put back, was told lost; review)
+            lost = _not_put_back(self.tensors) if self.tensors else ()
             if self.storages:  # a storage swapped under a tensor (``self.buf.data = t``, ``.set_(t)``: session 51)
                 _put_back_storages(self.storages)
             if self.tensors:  # a plain tensor written in place (session 48): its values, from the copy
-                lost = _not_put_back(self.tensors)
                 self.tensors = _put_back_tensors(self.tensors)
             if self.contents:  # a list, dict or set changed in place (session 49): its contents, from the copy
                 self.contents, more = _put_back_containers(self.contents)
@@ -534,14 +536,17 @@ def _kept(t: torch.Tensor, version: int) -> torch.Tensor:
     is taken again where ``t``'s version counter, storage, shape or dtype moved since (the user wrote it between the
     calls); one put back from it is taken as holding it again (:func:`_put_back_tensors`). Up to :data:`_KEEP_LIMIT`
     bytes in all (then a copy per call, as before), dropped with ``t`` (a weak reference) or by :func:`forget_copies`.
-    A write that moves no version counter (through ``.data``, a NumPy view of the tensor) between two calls is not
-    seen: the kept copy stays, and a pass that then writes the tensor gets the older values back."""
+    A write that moves no version counter (through ``.data``, a NumPy view of the tensor) between two calls is told
+    only where it changed one of :data:`_KEPT_SAMPLES` values spread evenly over the tensor (:func:`_samples_same`,
+    review of session 51: the copy stayed, and a pass that then wrote the tensor put the older values back, the user's
+    write lost); a write of a few values between them is not seen."""
     global _kept_bytes
     key, ptr = id(t), t.data_ptr()
     entry = _KEPT.get(key)
     if entry is not None:
         ref, at, where, values = entry
-        if ref() is t and at == version and where == ptr and values.shape == t.shape and values.dtype == t.dtype:
+        if ref() is t and at == version and where == ptr and values.shape == t.shape and values.dtype == t.dtype \
+                and _samples_same(t, values):
             return values
     values = t.detach().clone()
     size = values.numel() * values.element_size()
@@ -558,6 +563,21 @@ def _kept(t: torch.Tensor, version: int) -> torch.Tensor:
     return values
 
 
+def _samples_same(t: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether ``t`` holds the values of its kept copy ``values`` at :data:`_KEPT_SAMPLES` places spread evenly over
+    it (the first and the last among them; NaN equal to NaN): a write that moves no version counter between two calls
+    (``t.data[...] = v``, ``t.numpy()[...] = v``) that reaches one of them is told (about 0.2 ms on a 100 MiB tensor, each
+    sampled place a cache miss; AMD EPYC, core 0, loaded: against 84 ms for its copy, ``benchmarks/found-s51.md``)."""
+    n = t.numel()
+    k = min(n, _KEPT_SAMPLES)  # in integers (a float's linspace rounds an index past the end over 2 ** 24 values)
+    at = torch.arange(k, device=t.device) * (n - 1) // max(k - 1, 1)
+    now, kept = torch.take(t.detach(), at), torch.take(values, at)
+    if torch.equal(now, kept):
+        return True
+    return bool(((now == kept) | (now.isnan() & kept.isnan())).all()) if now.is_floating_point() or \
+        now.is_complex() else False
+
+
 def _forget(key: int) -> None:
     """The kept copy of the tensor of id ``key`` (:func:`_kept`) dropped: the tensor is gone."""
     global _kept_bytes
@@ -570,9 +590,10 @@ def _forget(key: int) -> None:
 def _kept_again(t: torch.Tensor, copy: torch.Tensor) -> None:
     """``t`` put back from ``copy``: where that copy is the one kept for ``t`` (:func:`_kept`), its version is ``t``'s
     now (it holds the kept values again; the next call takes no copy)."""
-    entry = _KEPT.get(id(t))
-    if entry is not None and entry[3] is copy and entry[0]() is t:
-        _KEPT[id(t)] = (entry[0], t._version, t.data_ptr(), copy)
+    with _kept_lock:  # not between another thread's pop and put of the entry (:func:`_kept`)
+        entry = _KEPT.get(id(t))
+        if entry is not None and entry[3] is copy and entry[0]() is t:
+            _KEPT[id(t)] = (entry[0], t._version, t.data_ptr(), copy)
 
 
 def forget_copies() -> None:
@@ -996,7 +1017,11 @@ _COPY_LIMIT = 1 << 20
 _KEPT: dict = {}
 _KEEP_LIMIT = 1 << 30
 _kept_bytes = 0
-_kept_lock = threading.Lock()
+# re-entrant: a tensor that dies while its thread holds it (the garbage collector, run by any allocation inside it,
+# frees a model in a reference cycle) calls :func:`_forget`, which takes it again (review of session 51: a deadlock)
+_kept_lock = threading.RLock()
+# the values of a kept copy compared with its tensor's at each call (:func:`_samples_same`)
+_KEPT_SAMPLES = 1024
 # the types of a module's attributes that are no tensors, looked at first (:func:`_tensor_records`)
 _NO_TENSOR_KINDS = frozenset({bool, int, float, str, type(None), dict, OrderedDict, set, tuple, list, torch.dtype,
                               torch.device, deque, defaultdict, Counter})
@@ -1658,8 +1683,8 @@ class Found:
     forward under ``torch.inference_mode()``) by its values; here each copied whatever its size (the guard's stop at
     1 MiB and 1024 items; as Ablation-CAM's split, session 48), so that no pass sees what a pass before left that the
     call's end would undo (session 49 review). A copy over 1 MiB is kept across calls while its tensor holds its values
-    (:func:`_kept`, session 51: a constant lookup table of 100 MiB cost each SmoothGrad call its copy, 76 ms of a
-    78 ms call on an AMD EPYC, 3 ms now, ``benchmarks/found-s51.md``; it holds that memory while the table lives). The
+    (:func:`_kept`, session 51: a constant lookup table of 100 MiB cost each SmoothGrad call its copy, 84 ms of an
+    88.5 ms call on an AMD EPYC (medians), 3.66 ms now, ``benchmarks/found-s51.md``; it holds that memory while the table lives). The
     tensors among the containers' items, NumPy arrays and each tensor's storage as the model guard records them
     (session 51). A buffer of a
     ``torch.nn`` layer that the model's own code writes is put back from the guard's copy
