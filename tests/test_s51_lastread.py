@@ -11,8 +11,8 @@
   ``requires_grad=True`` on an inference tensor: a raw ``RuntimeError`` and the parameter left with the forward's
   data (an older defect than session 51, found by this read).
 
-Both fixes are in ``_core/guard.py`` (under review this session): each test is ``xfail(strict=True)`` until the fix
-lands there (the report of task lastread51 gives it), and then fails as XPASS until its mark is taken off.
+Both fixed in ``_core/guard.py`` by the lead after the guard's review merged (the read-only array not recorded;
+``ParamState.restore`` puts the data back before ``requires_grad``); each test failed on the merged code.
 """
 import numpy as np
 import pytest
@@ -20,9 +20,6 @@ import torch
 from torch import nn
 
 import salience
-
-GUARD_FIX = "fix in _core/guard.py (task lastread51's report): under review-guard's ownership this session"
-
 
 class ReadOnlyView(nn.Module):
     """Keeps a read-only view of a table its forward writes through the table (not an attribute)."""
@@ -41,7 +38,6 @@ class ReadOnlyView(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=GUARD_FIX)
 @pytest.mark.parametrize("method", ["vanilla", "occlusion"])
 def test_read_only_numpy_view_is_no_error(method: str) -> None:
     """Every method runs; the model comes back in train mode with its parameters' requires_grad (the guard's record of
@@ -71,7 +67,6 @@ class SwapsData(nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=GUARD_FIX)
 def test_parameter_data_replaced_under_ablationcam_is_put_back() -> None:
     """Ablation-CAM runs; the head's weight comes back: the same object, its own storage and values, requires_grad."""
     torch.manual_seed(0)

@@ -90,7 +90,10 @@ hook it registers on the layer is taken off, but ``register_full_backward_hook``
 stays); a list, dict, set or deque (``collections``' too) over 1024 items changed in place (told where its length changed: a warning; two levels
 only: a list in a list in a dict is not copied, nor one in a dict past the 1024 items), one of a torch.nn layer, a subclass of one; an inference tensor attribute
 over 1 MiB written in place (not told: no version counter), and so a NumPy array over 1 MiB (session 51: one up to
-1 MiB is copied and compared by its values, an object array not at all); a plain tensor attribute over 1 MiB written
+1 MiB is copied and compared by its values, an object array not at all, nor a read-only one: it cannot be written
+through the attribute, and its writable base, where that is an attribute, is recorded itself; the last read of session
+51: its values moved through a base out of reach and the put-back raised NumPy's "assignment destination is
+read-only"); a ``numpy.memmap`` (a subclass: not looked at); a plain tensor attribute over 1 MiB written
 in place, a tensor in a container too (told: a warning); a tensor in a tuple attribute (a tuple is not looked into); a
 hook
 on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
@@ -380,16 +383,16 @@ class ParamState(_Entry):
 
     def restore(self) -> None:
         param, data = self.param, self.data
-        if param.requires_grad != self.requires_grad:
-            param.requires_grad_(self.requires_grad)
-        if param.grad is not self.grad:
-            param.grad = self.grad
-        try:
+        try:  # the data first: data set by a forward in inference mode refuses requires_grad=True (session 51)
             same = param.is_set_to(data)  # the same storage, offset, sizes and strides (half the time of comparing them)
         except Exception:  # no kernel for meta and sparse tensors (nor some tensor subclasses): put the data back
             same = False
         if not same:
             param.data = data
+        if param.requires_grad != self.requires_grad:
+            param.requires_grad_(self.requires_grad)
+        if param.grad is not self.grad:
+            param.grad = self.grad
         _restore_attributes(param, self.attrs)
 
     put_back = restore
@@ -512,7 +515,7 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every:
     found = []
     for k, v in attrs.items():
         if type(v) is array:  # a NumPy array: no version counter, told by its values (up to the copy limit)
-            if copy and v.nbytes <= _COPY_LIMIT and v.dtype.kind != "O":
+            if copy and v.nbytes <= _COPY_LIMIT and v.dtype.kind != "O" and v.flags.writeable:
                 found.append((k, v, None, v.copy()))
         elif isinstance(v, tensor) and not isinstance(v, nn.Parameter):
             large = v.numel() * v.element_size() > _COPY_LIMIT
