@@ -554,9 +554,7 @@ def _kept(t: torch.Tensor, version: int) -> torch.Tensor:
     values = t.detach().clone()
     size = values.numel() * values.element_size()
     with _kept_lock:
-        old = _KEPT.pop(key, None)
-        if old is not None:
-            _kept_bytes -= old[3].numel() * old[3].element_size()
+        _forget(key)  # the stale entry, if any (the lock is re-entrant)
         if _kept_bytes + size <= _KEEP_LIMIT:
             try:  # dropped with the tensor (a subclass without weak references: not kept)
                 _KEPT[key] = (weakref.ref(t, lambda _, key=key: _forget(key)), version, ptr, values)
