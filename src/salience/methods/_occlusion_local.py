@@ -29,7 +29,7 @@ import logging
 import math
 import operator
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -468,9 +468,7 @@ def _node_field(n: Any, data: list, fields: dict, mods: dict, consts: set, shape
         if not (isinstance(dim, int) and -len(f.dims) <= dim < len(f.dims) and f.dims[dim] == "c"
                 and isinstance(seq, (list, tuple)) and all(a in fields for a in seq)):
             return None
-        for a in seq[1:]:
-            f = f.union(fields[a]) if f is not None else None
-        return f
+        return _joined(fields, seq)
     if one and ((n.op == "call_method" and n.target == "permute") or (
             n.op == "call_function" and n.target is torch.permute)):
         return _permuted(n, f)
@@ -480,6 +478,15 @@ def _node_field(n: Any, data: list, fields: dict, mods: dict, consts: set, shape
         got = _bound(n, ("p", "mode", "training"), {"training": True})
         return f if got is not None and (got["training"] is False or got["p"] == 0) else None
     return None
+
+
+def _joined(fields: dict, nodes: Sequence[Any]) -> Optional[_Field]:
+    """The union (:meth:`_Field.union`) of the fields of ``nodes`` (a sum's operands, a concatenation's tensors), or
+    ``None`` where two differ in stride or axes."""
+    f: Optional[_Field] = fields[nodes[0]]
+    for a in nodes[1:]:
+        f = f.union(fields[a]) if f is not None else None
+    return f
 
 
 def _kernel(shape: Optional[tuple]) -> Optional[tuple]:
@@ -496,9 +503,7 @@ def _sum_field(n: Any, data: list, fields: dict, consts: set, shape: Callable[[A
     constant."""
     if len(data) > 2 or n.kwargs.get("out") is not None or (_writes(n) and not (n.args and n.args[0] in data)):
         return None
-    f: Optional[_Field] = fields[data[0]]
-    for a in data[1:]:
-        f = f.union(fields[a]) if f is not None else None
+    f = _joined(fields, data)
     if f is None:
         return None
     for o in list(n.args) + list(n.kwargs.values()):
