@@ -84,17 +84,35 @@ attributes or a container's items (``self.hist[0] += 1``) by its values, a copy 
 storage, offset, sizes and strides (a detached view, :func:`_storages`): ``self.buf.data = t`` moves no version
 counter, and ``.set_(t)`` gave the values back on the new storage (a view the user holds no longer followed it).
 
+Session 52 (``tests/test_s52_guard.py``): a NumPy array attribute over 1 MiB and an inference tensor attribute over
+1 MiB (no version counter: written in place, they stayed as written, silently) are put back from a copy kept across
+calls (:func:`_kept_values`, in :data:`_KEPT` with the plain tensors' copies, within the same cap), compared whole at
+each call's start and end, bit for bit in chunks (:func:`_same_bits`): a sampled check at the start would miss the
+user's own write of a value between two calls (``model.table[5] = 1``), and the stale copy would undo it. That costs
+each call two passes over the values and the copy: on an AMD EPYC core, idle, about 10 ms each for 100 MiB (25-35 ms
+with the other core busy; ``benchmarks/guard-s52.md``). An object array up to 1024 items is copied (shallow) and its
+items compared by identity; a ``numpy.memmap`` (a write to it writes the user's file; a copy would read a file of any
+size each call) and an object array over 1024 items are sampled (:class:`_Sampled`, 1024 places spread evenly) and a
+write that reaches a sampled place is told (a warning naming the attribute, and the memmap's file). The items of a
+tuple or namedtuple attribute, and of a tuple among a container's items, are looked into as a list's
+(``self.pair[0].add_(1)``, ``self.cache["kv"][0].add_(1)``, a list in a tuple appended to), within the same 1024 items.
+Past the kept copies' cap (:data:`_KEEP_LIMIT`, 1 GiB) the least recently used are dropped to make room (:func:`_keep`;
+before, nothing more was kept and every call copied anew, the copies of models no longer used holding the room).
+
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
 stays); a list, dict, set or deque (``collections``' too) over 1024 items changed in place (told where its length changed: a warning; two levels
-only: a list in a list in a dict is not copied, nor one in a dict past the 1024 items), one of a torch.nn layer, a subclass of one; an inference tensor attribute
-over 1 MiB written in place (not told: no version counter), and so a NumPy array over 1 MiB (session 51: one up to
-1 MiB is copied and compared by its values, an object array not at all, nor a read-only one: it cannot be written
-through the attribute, and its writable base, where that is an attribute, is recorded itself; the last read of session
-51: its values moved through a base out of reach and the put-back raised NumPy's "assignment destination is
-read-only"); a ``numpy.memmap`` (a subclass: not looked at); a plain tensor attribute over 1 MiB written
-in place, a tensor in a container too (told: a warning); a tensor in a tuple attribute (a tuple is not looked into); a
+only: a list in a list in a dict is not copied, nor one in a dict past the 1024 items; a tuple likewise: a tensor in
+a tuple in a tuple in a dict is not looked at), one of a torch.nn layer, a subclass of one; a read-only NumPy array (it
+cannot be written through the attribute, and its writable base, where that is an attribute, is recorded itself; the
+last read of session 51: its values moved through a base out of reach and the put-back raised NumPy's "assignment
+destination is read-only"), a subclass of ndarray other than ``numpy.memmap`` (a masked array: not looked at); a
+``numpy.memmap`` or an object array over 1024 items written in place (told where a write reaches a sampled place,
+session 52; a write of a few values elsewhere not); a NumPy array or inference tensor past the kept copies' cap (one
+over 1 GiB: copied per call, as the cap leaves no room); a plain tensor attribute over 1 MiB written
+in place, a tensor in a container too (told: a warning; the guard keeps no copy of it, Found and Ablation-CAM's split
+do: :func:`_kept`); a
 hook
 on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
@@ -501,7 +519,9 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every:
     with ``every``, a copy of each whatever its size (Ablation-CAM's split: its one pass must start from the values
     the call found; the last read of session 48: over the limit, the pass ran on the first pass's writes). Without
     ``refuse`` (the model guard), an inference tensor is recorded with the version ``None`` and a copy (up to the
-    limit): written in place (a forward under ``torch.inference_mode()``), it is told by its values (session 49)."""
+    limit, kept across calls over it: :func:`_kept_values`, session 52): written in place (a forward under
+    ``torch.inference_mode()``), it is told and put back by its values (session 49); a writeable NumPy array too, by
+    :func:`_array_record`'s copy (none without ``copy``)."""
     tensor = torch.Tensor
     kinds = set(map(type, attrs.values()))
     if kinds <= _NO_TENSOR_KINDS:  # in C: a module's usual dicts, flags and numbers
