@@ -878,7 +878,8 @@ def _described(k: str, t: Any) -> str:
     if isinstance(t, torch.Tensor):
         return f"{k!r} ({t.numel() * t.element_size() / 2 ** 20:.1f} MiB)"
     if type(t) is not _ndarray() and type(t) in _array_types():
-        return f"{k!r} (a numpy.memmap of {t.filename!r}, {t.nbytes / 2 ** 20:.1f} MiB: its file was written)"
+        written = "copy-on-write: its file not written" if t.mode == "c" else "its file written too"
+        return f"{k!r} (a numpy.memmap of {t.filename!r}, {t.nbytes / 2 ** 20:.1f} MiB: {written})"
     if type(t) is _ndarray():
         return f"{k!r} (an object array of {t.size} items)"
     return f"{k!r} (a {type(t).__name__} of {len(t)} items)"
