@@ -89,8 +89,9 @@ Session 52 (``tests/test_s52_guard.py``): a NumPy array attribute over 1 MiB and
 calls (:func:`_kept_values`, in :data:`_KEPT` with the plain tensors' copies, within the same cap), compared whole at
 each call's start and end, bit for bit in chunks (:func:`_same_bits`): a sampled check at the start would miss the
 user's own write of a value between two calls (``model.table[5] = 1``), and the stale copy would undo it. That costs
-each call two passes over the values and the copy: on an AMD EPYC core, idle, about 10 ms each for 100 MiB (25-35 ms
-with the other core busy; ``benchmarks/guard-s52.md``). An object array up to 1024 items is copied (shallow) and its
+each call two passes over the values and the copy: a 100 MiB array, the guard alone 1.1 -> 24-40 ms a call, an
+inference tensor 1.1 -> 29-47 (AMD EPYC, core 1, a loaded machine; a comparison about 10 ms on an idle core;
+``benchmarks/guard-s52.md``), the model without one as before. An object array up to 1024 items is copied (shallow) and its
 items compared by identity; a ``numpy.memmap`` (a write to it writes the user's file; a copy would read a file of any
 size each call) and an object array over 1024 items are sampled (:class:`_Sampled`, 1024 places spread evenly) and a
 write that reaches a sampled place is told (a warning naming the attribute, and the memmap's file). The items of a
