@@ -84,17 +84,36 @@ attributes or a container's items (``self.hist[0] += 1``) by its values, a copy 
 storage, offset, sizes and strides (a detached view, :func:`_storages`): ``self.buf.data = t`` moves no version
 counter, and ``.set_(t)`` gave the values back on the new storage (a view the user holds no longer followed it).
 
+Session 52 (``tests/test_s52_guard.py``): a NumPy array attribute over 1 MiB and an inference tensor attribute over
+1 MiB (no version counter: written in place, they stayed as written, silently) are put back from a copy kept across
+calls (:func:`_kept_values`, in :data:`_KEPT` with the plain tensors' copies, within the same cap), compared whole at
+each call's start and end, bit for bit in chunks (:func:`_same_bits`): a sampled check at the start would miss the
+user's own write of a value between two calls (``model.table[5] = 1``), and the stale copy would undo it. That costs
+each call two passes over the values and the copy: a 100 MiB array, the guard alone 1.1 -> 24-40 ms a call, an
+inference tensor 1.1 -> 29-47 (AMD EPYC, core 1, a loaded machine; a comparison about 10 ms on an idle core;
+``benchmarks/guard-s52.md``), the model without one as before. An object array up to 1024 items is copied (shallow) and its
+items compared by identity; a ``numpy.memmap`` (a write to it writes the user's file; a copy would read a file of any
+size each call) and an object array over 1024 items are sampled (:class:`_Sampled`, 1024 places spread evenly) and a
+write that reaches a sampled place is told (a warning naming the attribute, and the memmap's file). The items of a
+tuple or namedtuple attribute, and of a tuple among a container's items, are looked into as a list's
+(``self.pair[0].add_(1)``, ``self.cache["kv"][0].add_(1)``, a list in a tuple appended to), within the same 1024 items.
+Past the kept copies' cap (:data:`_KEEP_LIMIT`, 1 GiB) the least recently used are dropped to make room (:func:`_keep`;
+before, nothing more was kept and every call copied anew, the copies of models no longer used holding the room).
+
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
 stays); a list, dict, set or deque (``collections``' too) over 1024 items changed in place (told where its length changed: a warning; two levels
-only: a list in a list in a dict is not copied, nor one in a dict past the 1024 items), one of a torch.nn layer, a subclass of one; an inference tensor attribute
-over 1 MiB written in place (not told: no version counter), and so a NumPy array over 1 MiB (session 51: one up to
-1 MiB is copied and compared by its values, an object array not at all, nor a read-only one: it cannot be written
-through the attribute, and its writable base, where that is an attribute, is recorded itself; the last read of session
-51: its values moved through a base out of reach and the put-back raised NumPy's "assignment destination is
-read-only"); a ``numpy.memmap`` (a subclass: not looked at); a plain tensor attribute over 1 MiB written
-in place, a tensor in a container too (told: a warning); a tensor in a tuple attribute (a tuple is not looked into); a
+only: a list in a list in a dict is not copied, nor one in a dict past the 1024 items; a tuple likewise: a tensor in
+a tuple in a tuple in a dict is not looked at), one of a torch.nn layer, a subclass of one; a read-only NumPy array (it
+cannot be written through the attribute, and its writable base, where that is an attribute, is recorded itself; the
+last read of session 51: its values moved through a base out of reach and the put-back raised NumPy's "assignment
+destination is read-only"), a subclass of ndarray other than ``numpy.memmap`` (a masked array: not looked at); a
+``numpy.memmap`` or an object array over 1024 items written in place (told where a write reaches a sampled place,
+session 52; a write of a few values elsewhere not); a NumPy array or inference tensor past the kept copies' cap (one
+over 1 GiB: copied per call, as the cap leaves no room); a plain tensor attribute over 1 MiB written
+in place, a tensor in a container too (told: a warning; the guard keeps no copy of it, Found and Ablation-CAM's split
+do: :func:`_kept`); a
 hook
 on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
@@ -501,22 +520,24 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every:
     with ``every``, a copy of each whatever its size (Ablation-CAM's split: its one pass must start from the values
     the call found; the last read of session 48: over the limit, the pass ran on the first pass's writes). Without
     ``refuse`` (the model guard), an inference tensor is recorded with the version ``None`` and a copy (up to the
-    limit): written in place (a forward under ``torch.inference_mode()``), it is told by its values (session 49)."""
+    limit, kept across calls over it: :func:`_kept_values`, session 52): written in place (a forward under
+    ``torch.inference_mode()``), it is told and put back by its values (session 49); a writeable NumPy array too, by
+    :func:`_array_record`'s copy (none without ``copy``)."""
     tensor = torch.Tensor
     kinds = set(map(type, attrs.values()))
     if kinds <= _NO_TENSOR_KINDS:  # in C: a module's usual dicts, flags and numbers
         return _NO_TENSORS
-    array = _ndarray()
+    arrays = _array_types()
     for t in kinds:
-        if issubclass(t, tensor) or t is array:
+        if issubclass(t, tensor) or t in arrays:
             break
     else:
         return _NO_TENSORS
     found = []
     for k, v in attrs.items():
-        if type(v) is array:  # a NumPy array: no version counter, told by its values (up to the copy limit)
-            if copy and v.nbytes <= _COPY_LIMIT and v.dtype.kind != "O" and v.flags.writeable:
-                found.append((k, v, None, v.copy()))
+        if type(v) in arrays:  # a NumPy array or memmap, no version counter: by its values (:func:`_array_record`)
+            if copy and v.flags.writeable and v.size:
+                found.append((k, v, None, _array_record(v)))
         elif isinstance(v, tensor) and not isinstance(v, nn.Parameter):
             large = v.numel() * v.element_size() > _COPY_LIMIT
             small = copy and (every or not large)
@@ -526,9 +547,23 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every:
             except Exception:
                 if refuse:
                     return None
-                if small and v.is_inference():  # told by its values (no copy over the limit: it stays as written)
-                    found.append((k, v, None, v.clone()))
+                if copy and v.is_inference():  # told by its values, a copy kept across calls over the limit
+                    found.append((k, v, None, _kept_values(v) if large else v.clone()))
     return tuple(found) or _NO_TENSORS
+
+
+def _array_record(v: Any) -> Any:
+    """The copy a record holds of the writeable NumPy array ``v`` (an attribute, or a container's item), told and
+    put back by its values (no version counter): a copy up to :data:`_COPY_LIMIT` bytes, a copy kept across calls over
+    it (:func:`_kept_values`, session 52: a 100 MiB table written in place stayed as written, silently); an object array
+    a shallow copy up to :data:`_CONTENTS_LIMIT` items (its items compared by identity); a ``numpy.memmap`` (a write
+    to it writes the user's file; a copy of a file of any size would read it all each call) and a larger object array
+    only sampled (:class:`_Sampled`): told if changed, not put back."""
+    if type(v) is not _ndarray() or v.dtype.hasobject and v.size > _CONTENTS_LIMIT:
+        return _Sampled(v)
+    if v.dtype.hasobject or v.nbytes <= _COPY_LIMIT:
+        return v.copy()
+    return _kept_values(v)
 
 
 def _kept(t: torch.Tensor, version: int) -> torch.Tensor:
@@ -538,30 +573,69 @@ def _kept(t: torch.Tensor, version: int) -> torch.Tensor:
     SmoothGrad or integrated gradients 50 ms and 100 MiB (session 50: 55.5 against 5.1 ms a call; session 51). The copy
     is taken again where ``t``'s version counter, storage, shape or dtype moved since (the user wrote it between the
     calls); one put back from it is taken as holding it again (:func:`_put_back_tensors`). Up to :data:`_KEEP_LIMIT`
-    bytes in all (then a copy per call, as before), dropped with ``t`` (a weak reference) or by :func:`forget_copies`.
+    bytes in all, the least recently used dropped first past it (:func:`_keep`), dropped with ``t`` (a weak reference)
+    or by :func:`forget_copies`.
     A write that moves no version counter (through ``.data``, a NumPy view of the tensor) between two calls is told
     only where it changed one of :data:`_KEPT_SAMPLES` values spread evenly over the tensor (:func:`_samples_same`,
     review of session 51: the copy stayed, and a pass that then wrote the tensor put the older values back, the user's
     write lost); a write of a few values between them is not seen."""
-    global _kept_bytes
     key, ptr = id(t), t.data_ptr()
     entry = _KEPT.get(key)
     if entry is not None:
         ref, at, where, values = entry
         if ref() is t and at == version and where == ptr and values.shape == t.shape and values.dtype == t.dtype \
                 and _samples_same(t, values):
+            _used(key, entry)
             return values
-    values = t.detach().clone()
-    size = values.numel() * values.element_size()
+    return _keep(t, version, ptr, t.detach().clone())
+
+
+def _kept_values(v: Any) -> Any:
+    """A copy of the values of ``v`` (a NumPy array or an inference tensor over :data:`_COPY_LIMIT` bytes: no version
+    counter), kept across calls while ``v`` lives and holds them (session 52: such an attribute written in place was
+    neither put back nor told). Without a version counter only a comparison of every value tells whether the user wrote
+    ``v`` between two calls (``model.table[5] = 1``: a sampled check misses it, and the kept copy, stale, would undo
+    that write at the next call's put-back): each reuse compares the whole (:func:`_same_bits`, bit for bit, in chunks
+    of 256 KiB; about 10 ms for 100 MiB on an AMD EPYC core, against 39 ms for a new copy of it, which its memory's
+    first writes make dear); a copy taken again where it differs."""
+    key = id(v)
+    entry = _KEPT.get(key)
+    if entry is not None:
+        values = entry[3]
+        if entry[0]() is v and entry[1] is None and _same_bits(v, values):
+            _used(key, entry)
+            return values
+    return _keep(v, None, 0, v.copy() if type(v) is _ndarray() else v.clone())
+
+
+def _keep(t: Any, version: Optional[int], ptr: int, values: Any) -> Any:
+    """``values``, a copy of ``t`` taken at ``version`` (``None``: compared by values), kept in :data:`_KEPT` where it
+    fits in :data:`_KEEP_LIMIT` bytes with the others, the least recently used dropped first to make room (session 52:
+    past the cap each call copied anew the tensors of models long gone but not yet collected, in a reference cycle, or
+    no longer used); one larger than the cap, or of an object without weak references, not kept."""
+    global _kept_bytes
+    key, size = id(t), values.nbytes
     with _kept_lock:
         _forget(key)  # the stale entry, if any (the lock is re-entrant)
-        if _kept_bytes + size <= _KEEP_LIMIT:
-            try:  # dropped with the tensor (a subclass without weak references: not kept)
-                _KEPT[key] = (weakref.ref(t, lambda _, key=key: _forget(key)), version, ptr, values)
-            except TypeError:
-                return values
-            _kept_bytes += size
+        if size > _KEEP_LIMIT:
+            return values
+        while _KEPT and _kept_bytes + size > _KEEP_LIMIT:
+            _forget(next(iter(_KEPT)))  # the least recently used first (:func:`_used` moves an entry last)
+        try:  # dropped with the tensor (a subclass without weak references: not kept)
+            _KEPT[key] = (weakref.ref(t, lambda _, key=key: _forget(key)), version, ptr, values)
+        except TypeError:
+            return values
+        _kept_bytes += size
     return values
+
+
+def _used(key: int, entry: tuple) -> None:
+    """The kept copy ``entry`` of the object of id ``key`` reused: moved last in :data:`_KEPT`'s order (the most
+    recently used; :func:`_keep` drops from the first)."""
+    with _kept_lock:
+        if _KEPT.get(key) is entry:
+            del _KEPT[key]
+            _KEPT[key] = entry
 
 
 def _samples_same(t: torch.Tensor, values: torch.Tensor) -> bool:
@@ -572,11 +646,7 @@ def _samples_same(t: torch.Tensor, values: torch.Tensor) -> bool:
     n = t.numel()
     k = min(n, _KEPT_SAMPLES)  # in integers (a float's linspace rounds an index past the end over 2 ** 24 values)
     at = torch.arange(k, device=t.device) * (n - 1) // max(k - 1, 1)
-    now, kept = torch.take(t.detach(), at), torch.take(values, at)
-    if torch.equal(now, kept):
-        return True
-    return bool(((now == kept) | (now.isnan() & kept.isnan())).all()) if now.is_floating_point() or \
-        now.is_complex() else False
+    return _equal_nan(torch.take(t.detach(), at), torch.take(values, at))
 
 
 def _forget(key: int) -> None:
@@ -585,7 +655,7 @@ def _forget(key: int) -> None:
     with _kept_lock:
         old = _KEPT.pop(key, None)
         if old is not None:
-            _kept_bytes -= old[3].numel() * old[3].element_size()
+            _kept_bytes -= old[3].nbytes
 
 
 def _kept_again(t: torch.Tensor, copy: torch.Tensor) -> None:
@@ -594,6 +664,7 @@ def _kept_again(t: torch.Tensor, copy: torch.Tensor) -> None:
     with _kept_lock:  # not between another thread's pop and put of the entry (:func:`_kept`)
         entry = _KEPT.get(id(t))
         if entry is not None and entry[3] is copy and entry[0]() is t:
+            del _KEPT[id(t)]  # the most recently used (:func:`_used`)
             _KEPT[id(t)] = (entry[0], t._version, t.data_ptr(), copy)
 
 
@@ -644,21 +715,114 @@ def _tensors_moved(records: Any) -> bool:
 
 def _values_moved(t: Any, copy: Any) -> bool:
     """Whether the inference tensor or NumPy array ``t`` (no version counter) no longer holds the values of ``copy``
-    (its copy when recorded, or ``None``: not told); NaN equal to NaN in an array (a table's missing values)."""
+    (its copy when recorded, bit for bit: :func:`_same_bits`; its sampled values, :class:`_Sampled`; or ``None``: not
+    told)."""
     if copy is None:
         return False
-    if type(t) is not _ndarray():
-        return not (t.shape == copy.shape and torch.equal(t, copy))
+    if type(copy) is _Sampled:
+        return not copy.same(t)
+    return not _same_bits(t, copy)
+
+
+def _same_bits(a: Any, b: Any) -> bool:
+    """Whether ``a`` holds the values of its copy ``b`` (two NumPy arrays or two tensors of one shape and dtype): bit for
+    bit where both lie in one contiguous block of CPU memory (a NaN equal to itself, -0.0 not 0.0), compared as unsigned
+    integers in chunks of :data:`_CHUNK` items (a comparison of 100 MiB at once made a 25 MiB mask: 31 ms, against 10 in
+    chunks; ``torch.equal`` 58: AMD EPYC, one core, session 52); else by value, NaN equal to NaN
+    (:func:`_same_values`); an object array's items by identity."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    x, y = _bits(a), _bits(b)
+    if x is None or y is None:
+        return _same_values(a, b)
     import numpy
 
-    return not (t.shape == copy.shape and t.dtype == copy.dtype and
-                numpy.array_equal(t, copy, equal_nan=t.dtype.kind in "fc"))
+    if x.size <= _CHUNK:
+        return bool(numpy.array_equal(x, y))
+    out = numpy.empty(_CHUNK, bool)
+    for i in range(0, x.size, _CHUNK):
+        part = out[:min(_CHUNK, x.size - i)]
+        numpy.equal(x[i:i + _CHUNK], y[i:i + _CHUNK], out=part)
+        if not part.all():
+            return False
+    return True
+
+
+def _bits(v: Any) -> Any:
+    """The values of ``v`` (a NumPy array or a tensor) as a flat NumPy array of unsigned integers of their size (bytes
+    where no such integer exists) viewing its memory, or ``None`` where it is not one contiguous block in CPU memory (a
+    view with strides, a device's tensor, an object array, a tensor with a lazy conjugation or negation)."""
+    if isinstance(v, torch.Tensor):
+        if v.device.type != "cpu" or not v.is_contiguous() or v.is_conj() or v.is_neg():
+            return None
+        try:
+            return v.detach().reshape(-1).view(_TORCH_UINTS.get(v.element_size(), torch.uint8)).numpy()
+        except Exception:  # noqa: BLE001 - a subclass, a layout without a NumPy view: compared by value
+            return None
+    if v.dtype.hasobject or not v.flags.c_contiguous:
+        return None
+    return v.reshape(-1).view(_UINTS.get(v.itemsize, "u1"))
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """:func:`_same_bits` by value, where no view of the bits exists: tensors by ``torch.equal``, NaN equal to NaN; NumPy
+    arrays by ``numpy.array_equal`` (NaN equal to NaN), an object array's items by identity (as a container's)."""
+    if isinstance(a, torch.Tensor):
+        return _equal_nan(a, b)
+    import numpy
+
+    if a.dtype.hasobject:
+        return all(map(operator.is_, a.flat, b.flat))
+    return bool(numpy.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+
+
+def _equal_nan(now: torch.Tensor, kept: torch.Tensor) -> bool:
+    """Whether two tensors of one shape hold the same values, NaN equal to NaN."""
+    if torch.equal(now, kept):
+        return True
+    return bool(((now == kept) | (now.isnan() & kept.isnan())).all()) if now.is_floating_point() or \
+        now.is_complex() else False
+
+
+class _Sampled:
+    """:data:`_KEPT_SAMPLES` values of a NumPy array spread evenly over it (the first and the last among them), for one
+    not copied (:func:`_array_record`: a ``numpy.memmap``, whose file a copy would read whole each call; an object
+    array over :data:`_CONTENTS_LIMIT` items, compared by identity): a write in place that reaches one of them is told,
+    as it stays (:func:`_not_put_back`)."""
+
+    __slots__ = ("at", "values")
+
+    def __init__(self, v: Any) -> None:
+        import numpy
+
+        n = v.size
+        k = min(n, _KEPT_SAMPLES)
+        flat = numpy.arange(k, dtype=numpy.int64) * (n - 1) // max(k - 1, 1)
+        self.at = numpy.unravel_index(flat, v.shape) if v.ndim else ()
+        self.values = numpy.array(v[self.at])  # a plain array (a memmap's fancy index is one too, without its file)
+
+    def same(self, v: Any) -> bool:
+        """Whether ``v`` still holds the sampled values."""
+        import numpy
+
+        try:
+            now = numpy.array(v[self.at])
+        except IndexError:  # resized in place (``ndarray.resize``)
+            return False
+        return _same_bits(now, self.values)
 
 
 def _ndarray() -> Optional[type]:
     """NumPy's array type, where NumPy was imported (else no array can be among a module's attributes)."""
     numpy = sys.modules.get("numpy")
     return None if numpy is None else numpy.ndarray
+
+
+def _array_types() -> tuple:
+    """NumPy's array and memmap types (exact types: another subclass, a masked array, is not looked at), where NumPy
+    was imported; else none."""
+    numpy = sys.modules.get("numpy")
+    return () if numpy is None else (numpy.ndarray, numpy.memmap)
 
 
 def _put_back_tensors(records: Any) -> Any:
@@ -670,7 +834,7 @@ def _put_back_tensors(records: Any) -> Any:
     with torch.no_grad():
         for _, t, version, copy in records:
             if version is None:  # an inference tensor (written in place only in inference mode) or an array
-                if not _values_moved(t, copy):
+                if type(copy) is _Sampled or not _values_moved(t, copy):  # sampled: told (_not_put_back), not put back
                     continue
                 if type(t) is _ndarray():
                     t[...] = copy
@@ -681,12 +845,15 @@ def _put_back_tensors(records: Any) -> Any:
                 t.copy_(copy)
                 if _KEPT:
                     _kept_again(t, copy)
-    return tuple((k, t, t._version if version is not None else None, copy) for k, t, version, copy in records)
+    return tuple((k, t, t._version if version is not None else None, _Sampled(t) if type(copy) is _Sampled else copy)
+                 for k, t, version, copy in records)
 
 
 def _not_put_back(records: Any) -> list:
-    """The names and tensors of ``records`` (:func:`_tensor_records`) written in place since that have no copy."""
-    return [(k, t) for k, t, version, copy in records if copy is None and version is not None and t._version != version]
+    """The names and tensors of ``records`` (:func:`_tensor_records`) written in place since that have no copy: a tensor
+    by its version counter, a NumPy array only sampled (:class:`_Sampled`) by its sampled values."""
+    return [(k, t) for k, t, version, copy in records if copy is None and version is not None and t._version != version
+            or type(copy) is _Sampled and not copy.same(t)]
 
 
 def _tell_not_put_back(module: nn.Module, lost: list) -> None:
@@ -697,14 +864,26 @@ def _tell_not_put_back(module: nn.Module, lost: list) -> None:
 
     from salience._core.errors import user_stacklevel
 
-    names = ", ".join(f"{k!r} ({t.numel() * t.element_size() / 2 ** 20:.1f} MiB)" if isinstance(t, torch.Tensor) else
-                      f"{k!r} (a {type(t).__name__} of {len(t)} items)" for k, t in lost)
+    names = ", ".join(_described(k, t) for k, t in lost)
     warnings.warn(f"the model's forward changed in place the plain attribute {names} of a "
                   f"{type(module).__name__} during salience's passes, and it keeps those values: salience copies such "
-                  f"an attribute to put it back only up to {_COPY_LIMIT // 2 ** 20} MiB for a tensor and "
-                  f"{_CONTENTS_LIMIT} items for a list, dict, set or deque (its cost per call); a tensor: register it "
-                  "as a buffer (module.register_buffer: copied and put back); or save and restore it yourself",
-                  stacklevel=user_stacklevel())
+                  f"an attribute to put it back only up to {_COPY_LIMIT // 2 ** 20} MiB for a tensor, "
+                  f"{_CONTENTS_LIMIT} items for a list, dict, set, deque or object array, and never a numpy.memmap "
+                  "(its file may be of any size; a write to it writes the file: open it with mode='r' or 'c' if the "
+                  "forward must not); a tensor: register it as a buffer (module.register_buffer: copied and put back); "
+                  "or save and restore it yourself", stacklevel=user_stacklevel())
+
+
+def _described(k: str, t: Any) -> str:
+    """The attribute ``k`` of value ``t`` as :func:`_tell_not_put_back` names it."""
+    if isinstance(t, torch.Tensor):
+        return f"{k!r} ({t.numel() * t.element_size() / 2 ** 20:.1f} MiB)"
+    if type(t) is not _ndarray() and type(t) in _array_types():
+        written = "copy-on-write: its file not written" if t.mode == "c" else "its file written too"
+        return f"{k!r} (a numpy.memmap of {t.filename!r}, {t.nbytes / 2 ** 20:.1f} MiB: {written})"
+    if type(t) is _ndarray():
+        return f"{k!r} (an object array of {t.size} items)"
+    return f"{k!r} (a {type(t).__name__} of {len(t)} items)"
 
 
 def _contents(v: Any) -> Any:
@@ -780,7 +959,9 @@ def _container_records(attrs: dict, every: bool = False, items: Optional[dict] =
     items, unless ``every``, the length instead of a copy (its cost per call): a change of length is told
     (:func:`_put_back_containers`), the contents stay. The names past nn.Module's own found in C first (most modules: a
     few numbers). ``items``: filled with the tensors among the items of the containers copied (not a set's), by the
-    name ``"name[index]"`` / ``"name[key]"`` (:func:`_item_tensors`)."""
+    name ``"name[index]"`` / ``"name[key]"`` (:func:`_item_tensors`). A tuple (a namedtuple too) has no record of its
+    own (its items cannot change), but its items are looked into as a list's (session 52: ``self.pair[0].add_(1)``,
+    and a list in a tuple appended to, stayed), within the same item limit."""
     found = []
     for k in attrs.keys() - _MODULE_KEYS:
         v = attrs[k]
@@ -792,6 +973,8 @@ def _container_records(attrs: dict, every: bool = False, items: Optional[dict] =
             found.append((k, v, _contents(v)))
             if n and type(v) is not set:  # a set holds no container (unhashable)
                 found += _inner_records(k, v, every, _CONTENTS_LIMIT - n, items)
+        elif isinstance(v, tuple) and v and (every or len(v) <= _CONTENTS_LIMIT):
+            found += _inner_records(k, v, every, _CONTENTS_LIMIT - len(v), items)
     return tuple(found) or _NO_TENSORS
 
 
@@ -800,11 +983,11 @@ def _item_tensors(k: str, v: Any, kinds: set, into: Optional[dict]) -> None:
     ``into`` by the names ``"k[index]"`` / ``"k[key]"``: a forward that writes one in place (``self.cache[0].add_(1)``)
     keeps the object, which the container's copy compares by identity (session 51); recorded as the attributes' tensors
     (:func:`_tensor_records`: version counter and copy)."""
-    array = _ndarray()
-    if into is None or not any(issubclass(t, torch.Tensor) or t is array for t in kinds):
+    arrays = _array_types()
+    if into is None or not any(issubclass(t, torch.Tensor) or t in arrays for t in kinds):
         return
     pairs = v.items() if isinstance(v, dict) else enumerate(v)
-    into.update((f"{k}[{key!r}]", u) for key, u in pairs if isinstance(u, torch.Tensor) or type(u) is array)
+    into.update((f"{k}[{key!r}]", u) for key, u in pairs if isinstance(u, torch.Tensor) or type(u) in arrays)
 
 
 def _inner_records(k: str, v: Any, every: bool, room: int, tensors: Optional[dict] = None) -> list:
@@ -818,16 +1001,22 @@ def _inner_records(k: str, v: Any, every: bool, room: int, tensors: Optional[dic
     items = v.values() if isinstance(v, dict) else v
     kinds = set(map(type, items))  # in C: most containers hold numbers, strings, tensors
     _item_tensors(k, v, kinds, tensors)
-    if _CONTAINERS.isdisjoint(kinds):
+    tuples = not all(map(_not_tuple, kinds))  # a tuple's tensors (``self.cache["kv"] = (k, v)``: session 52)
+    if _CONTAINERS.isdisjoint(kinds) and not tuples:
         return []
     inner = [u for u in items if type(u) in _CONTAINERS]
-    if not every and sum(map(len, inner)) > room:
+    if not every and sum(map(len, inner)) + (sum(len(u) for u in items if isinstance(u, tuple)) if tuples else 0) > room:
         return []
     if tensors is not None:  # the tensors among an inner container's items (``self.state["cache"][0].add_(1)``)
         for key, u in v.items() if isinstance(v, dict) else enumerate(v):
-            if type(u) in _CONTAINERS and type(u) is not set:
+            if type(u) in _CONTAINERS and type(u) is not set or isinstance(u, tuple):
                 _item_tensors(f"{k}[{key!r}]", u, set(map(type, u.values() if isinstance(u, dict) else u)), tensors)
     return [(k, u, _contents(u)) for u in inner]
+
+
+def _not_tuple(t: type) -> bool:
+    """Whether the type ``t`` is no tuple (a namedtuple is one)."""
+    return not issubclass(t, tuple)
 
 
 def _put_back_containers(records: Any) -> tuple[Any, list]:
@@ -1023,6 +1212,11 @@ _kept_bytes = 0
 _kept_lock = threading.RLock()
 # the values of a kept copy compared with its tensor's at each call (:func:`_samples_same`)
 _KEPT_SAMPLES = 1024
+# the items compared at once by :func:`_same_bits` (256 KiB of 4-byte values), and the unsigned integers it views
+# values of each size as
+_CHUNK = 1 << 16
+_UINTS = {1: "u1", 2: "u2", 4: "u4", 8: "u8"}
+_TORCH_UINTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # the types of a module's attributes that are no tensors, looked at first (:func:`_tensor_records`)
 _NO_TENSOR_KINDS = frozenset({bool, int, float, str, type(None), dict, OrderedDict, set, tuple, list, torch.dtype,
                               torch.device, deque, defaultdict, Counter})
