@@ -104,13 +104,11 @@ def report(path: str) -> None:
         lines.append(f"| {names.get(c, f'Captum Occlusion, perturbations_per_eval={c[3:]}')} | {min(v):.1f} | "
                      f"{statistics.median(v):.1f} | {max(v):.1f} | {statistics.median(v) / med:.2f} | {diff:.2e} "
                      f"({r['map_scale']:.2e}) | {said} |")
-    lines += ["", "Per round (s): " + "; ".join(
-        f"r{k}: " + ", ".join(f"{r['config']} {r['seconds']:.1f}" for r in rows if r["round"] == k)
-        for k in sorted({r["round"] for r in rows})) + "."]
-    lines += ["", data["notes"]] if data.get("notes") else []
+    lines += ["", "Each measurement (in run order; load average 1 / 5 / 15 min at its end):", "",
+              "| round | run | s | load |", "|---|---|---|---|"]
+    lines += [f"| {r['round']} | {r['config']} | {r['seconds']:.1f} | {' '.join(r['loadavg'])} |" for r in rows]
     lines += ["", "`uptime` before each run of rounds: " + "; ".join(data.get("uptime", [])) + "."]
-    lines += ["", "Load average (1, 5, 15 min) at the end of each measurement: "
-              + ", ".join(f"{r['config']} r{r['round']}: {' '.join(r['loadavg'])}" for r in rows) + "."]
+    lines += ["", data["notes"]] if data.get("notes") else []
     with open(path[:-5] + ".md.tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(path[:-5] + ".md.tmp", path[:-5] + ".md")
