@@ -19,6 +19,10 @@ pastes the exact part into a copy of the clean activation and runs the rest of t
 suffix). The maps are those of full passes up to the convolutions' own rounding (another input size may sum in
 another order: about 1e-6 of a score in float32).
 
+A forward that fx cannot trace, or whose trace has several inputs, is traced as the call ``model(x)`` with the
+images' channel count known (:func:`_trace`, session 52: Hugging Face's ``ConvNextForImageClassification``, whose
+``**kwargs`` and channel check stopped fx).
+
 Where the model cannot be traced, has hooks, no local prefix that saves work, or fails the check on the clean
 images (the split model must give the model's output, and a crop's exact part the clean activation),
 :func:`plan` says why (``Plan.why``) and occlusion runs full passes (a debug log line says so).
