@@ -117,6 +117,8 @@ def report(path: str) -> None:
 def _data(args: argparse.Namespace) -> dict:
     data = _s51_data(args)
     data["model"] = os.environ["S52_MODEL"]
+    said = data["commands"][-1].replace("--captum  ", '--captum "" ')  # main() took --model out of sys.argv
+    data["commands"][-1] = said.replace(".py ", f".py --model {data['model']} ", 1)
     data.setdefault("uptime", []).append(s51.subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     return data
 
