@@ -329,7 +329,7 @@ class _KnownChannels(torch.fx.Proxy):
 
 class _Sizes:
     """``x.shape`` of :class:`_KnownChannels`: index 1 (or -3) the channel count, any other index (or a slice) the
-    proxy's; unpacked as four sizes."""
+    proxy's; unpacked as four sizes; compared and anything else as the proxy's."""
 
     def __init__(self, shape: Any, channels: int) -> None:
         self._shape = shape
@@ -343,6 +343,17 @@ class _Sizes:
 
     def __iter__(self) -> Any:
         return iter([self[i] for i in range(4)])
+
+    def __eq__(self, other: object) -> Any:  # the proxy's: a branch on it cannot be traced (not a silent False)
+        return self._shape == other
+
+    def __ne__(self, other: object) -> Any:
+        return self._shape != other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __getattr__(self, k: str) -> Any:  # ``x.shape.numel()``: the proxy's
+        return getattr(self._shape, k)
 
 
 # Session 46: each call traced the model twice (fx_traced), uncached. A trace shares the model's modules; its nodes'
