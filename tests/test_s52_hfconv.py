@@ -19,6 +19,7 @@ from torch import nn
 
 import salience
 from salience._core.autograd import unwrap_output
+from salience._core.folding import fx_traced
 from salience.methods import _occlusion_local as L
 from test_s44_occlusion_local import Shapes  # F.conv2d's input shapes and multiply-adds
 
@@ -182,3 +183,34 @@ class Branchy(nn.Module):
 def test_untraceable_call_still_full_passes(caplog, on):
     log = checked_plain(caplog, Branchy(on).eval(), torch.randn(1, 3, 32, 32), 2)
     assert "full passes" in log and "torch.fx cannot trace it" in log, log
+
+
+class Counting(nn.Module):
+    """``**kwargs`` unpacked (traced as the call) and a counter the forward writes on the root (module 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+        self.calls = 0
+
+    def forward(self, x, **kwargs):
+        self.calls += 1
+        return self.head(self.conv2(self.conv(x, **kwargs).relu()).relu().mean((2, 3)))
+
+
+def test_a_counter_written_through_the_call_keeps_the_trace(caplog, monkeypatch):
+    """The attributes the forward writes are told by the model's module indices (the wrapper's, shifted by one): a
+    user's call between two of salience's, which moves the counter, does not trace the model again (session 48's
+    rule); the counter is the user's alone."""
+    traced = []
+    monkeypatch.setattr(L, "fx_traced", lambda m, *a, **k: traced.append(type(m).__name__) or fx_traced(m, *a, **k))
+    m = Counting().eval()
+    x = torch.randn(1, 3, 32, 32)
+    for _ in range(3):
+        assert "region-limited passes" in checked_plain(caplog, m, x, 1)
+        m(x)
+    assert traced == ["Counting", "_Called"], traced
+    assert m.calls == 6  # the test's own calls: 3 here, 3 for the scale in checked_plain; none of salience's
