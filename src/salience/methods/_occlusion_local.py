@@ -19,6 +19,10 @@ pastes the exact part into a copy of the clean activation and runs the rest of t
 suffix). The maps are those of full passes up to the convolutions' own rounding (another input size may sum in
 another order: about 1e-6 of a score in float32).
 
+A forward that fx cannot trace, or whose trace has several inputs, is traced as the call ``model(x)`` with the
+images' channel count known (:func:`_trace`, session 52: Hugging Face's ``ConvNextForImageClassification``, whose
+``**kwargs`` and channel check stopped fx).
+
 Where the model cannot be traced, has hooks, no local prefix that saves work, or fails the check on the clean
 images (the split model must give the model's output, and a crop's exact part the clean activation),
 :func:`plan` says why (``Plan.why``) and occlusion runs full passes (a debug log line says so).
@@ -248,21 +252,108 @@ class Plan:
     dtype: Optional[torch.dtype] = None  # the passes' autocast, under which the prefix's constants are made
 
 
-def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None, written: Optional[set] = None) -> Any:
+def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None, written: Optional[set] = None,
+           channels: Optional[int] = None) -> Any:
     """``model`` traced as the folded copy is (:func:`salience._core.folding.fx_traced`, under the passes' autocast
     ``dtype`` too: a forward's own autocast block, which fx does not record, is refused), or why not (a string).
     ``written``: filled with the plain attributes the forward writes that the trace does not read (``fx_traced``'s).
     Nothing of the user's model changes: ``fx_traced`` traces a shadow of its modules (a submodule, parameter or buffer
     its forward makes, ``self.extra = nn.Conv2d(...)`` on the first call, is made there). Session 48's ``_held`` /
     ``_put_back_held`` around the trace, from before the shadow, are gone: they copied every module's three dicts per
-    trace, and put back, so dropped, a module another thread added to the model meanwhile (review of session 48)."""
+    trace, and put back, so dropped, a module another thread added to the model meanwhile (review of session 48).
+
+    Where the forward itself cannot be traced, or its trace has several inputs (``forward(x, mask=None)``: fx makes
+    ``mask`` a proxy, so ``if mask is not None`` took the branch salience's calls never take), the call salience makes,
+    ``model(x)`` with ``x`` of ``channels`` channels, is traced instead (:class:`_Called`; session 52: Hugging Face's
+    ``ConvNextForImageClassification``, whose ``**kwargs`` fx made a proxy that the forward unpacks, and whose
+    embeddings compare ``x.shape[1]`` with the configured channels)."""
     if isinstance(model, torch.jit.ScriptModule):
         return "a TorchScript model cannot be traced by torch.fx"
     from salience._core.fingerprint import own_hooks
     hooked = own_hooks(model)
     if hooked is not None:
         return f"the model has hooks ({hooked})"
-    return fx_traced(model, dtype, written=written)  # a tracing failure: its reason, full passes
+    seen: set = set()
+    gm = fx_traced(model, dtype, written=seen)  # a tracing failure: its reason, full passes
+    if isinstance(gm, str) and not gm.startswith("torch.fx cannot trace it") or (
+            not isinstance(gm, str) and sum(n.op == "placeholder" for n in gm.graph.nodes) == 1):
+        if written is not None:
+            written.update(seen)
+        return gm
+    through: set = set()
+    called = fx_traced(_Called(model, channels), dtype, written=through)
+    if isinstance(called, str):  # the forward's own reason told (the call's is the same or follows from it)
+        called = gm
+    else:  # by (module index, name) in the model's modules(): the wrapper is index 0
+        seen = {(i - 1, k) for i, k in through if i > 0}
+    if written is not None:
+        written.update(seen)
+    return called
+
+
+class _Called(nn.Module):
+    """``model(x)`` as a module of one input, for :func:`_trace`: the forward's other parameters take their defaults
+    (``labels=None``, no ``**kwargs``: fx would make proxies of them), and ``x.shape[1]`` / ``x.size(1)`` is the
+    images' channel count ``channels`` (:class:`_KnownChannels`), the same on the crops; a check of it traces."""
+
+    def __init__(self, model: nn.Module, channels: Optional[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.channels = channels
+
+    def forward(self, x: Tensor) -> Any:
+        if self.channels is not None and isinstance(x, torch.fx.Proxy):
+            x = _KnownChannels(x.node, x.tracer, self.channels)
+        return self.model(x)
+
+
+class _KnownChannels(torch.fx.Proxy):
+    """The traced input ``(N, C, H, W)`` whose channel count ``C`` is a number (``x.shape[1]``, ``x.shape[-3]``,
+    ``x.size(1)``); its other sizes stay proxies, so a crop's own sizes are read where the model reads them."""
+
+    def __init__(self, node: Node, tracer: Any, channels: int) -> None:
+        super().__init__(node, tracer)
+        self._channels = channels
+
+    def __getattr__(self, k: str) -> Any:
+        if k == "shape":
+            return _Sizes(super().__getattr__("shape"), self._channels)
+        return super().__getattr__(k)
+
+    def size(self, dim: Optional[int] = None) -> Any:
+        if dim in (1, -3):
+            return self._channels
+        sizes = super().__getattr__("size")
+        return sizes() if dim is None else sizes(dim)
+
+
+class _Sizes:
+    """``x.shape`` of :class:`_KnownChannels`: index 1 (or -3) the channel count, any other index (or a slice) the
+    proxy's; unpacked as four sizes; compared and anything else as the proxy's."""
+
+    def __init__(self, shape: Any, channels: int) -> None:
+        self._shape = shape
+        self._channels = channels
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._channels if isinstance(i, int) and i in (1, -3) else self._shape[i]
+
+    def __len__(self) -> int:
+        return 4
+
+    def __iter__(self) -> Any:
+        return iter([self[i] for i in range(4)])
+
+    def __eq__(self, other: object) -> Any:  # the proxy's: a branch on it cannot be traced (not a silent False)
+        return self._shape == other
+
+    def __ne__(self, other: object) -> Any:
+        return self._shape != other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __getattr__(self, k: str) -> Any:  # ``x.shape.numel()``: the proxy's
+        return getattr(self._shape, k)
 
 
 # Session 46: each call traced the model twice (fx_traced), uncached. A trace shares the model's modules; its nodes'
@@ -301,7 +392,7 @@ def _analysed(model: nn.Module, x: Tensor, dtype: Optional[torch.dtype]) -> Any:
 
 def _analyse(model: nn.Module, x: Tensor, dtype: Optional[torch.dtype], written: Optional[set] = None) -> Any:
     """:func:`_analysed`, made (``written``: :func:`_trace`'s)."""
-    gm = _trace(model, dtype, written)
+    gm = _trace(model, dtype, written, int(x.shape[1]) if x.dim() == 4 else None)
     if isinstance(gm, str):
         return gm
     consts = _constants(gm)
